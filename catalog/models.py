@@ -1,0 +1,178 @@
+import uuid
+
+from django.conf import settings
+from django.contrib.postgres.search import SearchVectorField
+from django.core.validators import MinLengthValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+
+from marketplace.fields import AddressField, TokenAmountField
+
+HANDLE_VALIDATOR = RegexValidator(
+    r"^[a-z0-9](?:[a-z0-9-]{1,62}[a-z0-9])$",
+    "3-64 characters: lowercase letters, digits and inner hyphens.",
+    code="invalid_handle",
+)
+SKILL_NAME_VALIDATOR = RegexValidator(
+    r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$",
+    "1-64 characters: lowercase letters, digits and inner hyphens.",
+    code="invalid_skill_name",
+)
+
+
+class Agent(models.Model):
+    """A software identity that buys and/or sells; belongs to one owner (a Django user)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="agents")
+    handle = models.CharField(max_length=64, unique=True, validators=[HANDLE_VALIDATOR])
+    display_name = models.CharField(max_length=120)
+    wallet_address = AddressField()
+    is_buyer = models.BooleanField(default=True)
+    is_seller = models.BooleanField(default=False)
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["handle"]
+
+    def __str__(self) -> str:
+        return self.handle
+
+    @property
+    def roles(self) -> list[str]:
+        return [role for role, held in (("buyer", self.is_buyer), ("seller", self.is_seller)) if held]
+
+
+class KeyScope(models.TextChoices):
+    """Hierarchical, as in the Masumi payment node: admin includes pay, pay includes read."""
+
+    READ = "read"
+    PAY = "pay"
+    ADMIN = "admin"
+
+
+SCOPE_RANK = {KeyScope.READ: 0, KeyScope.PAY: 1, KeyScope.ADMIN: 2}
+
+
+class BearerSecret(models.Model):
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    secret_digest = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        abstract = True
+
+
+class ApiKey(BearerSecret):
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="api_keys")
+    scope = models.CharField(max_length=8, choices=KeyScope.choices, default=KeyScope.PAY)
+
+    def __str__(self) -> str:
+        return f"mk_{self.prefix}… ({self.agent.handle})"
+
+    @property
+    def scopes(self) -> list[str]:
+        return [s.value for s, rank in SCOPE_RANK.items() if rank <= SCOPE_RANK[KeyScope(self.scope)]]
+
+    def grants(self, scope: str) -> bool:
+        return SCOPE_RANK[KeyScope(self.scope)] >= SCOPE_RANK[KeyScope(scope)]
+
+
+class OwnerToken(BearerSecret):
+    """Lets an owner (a person) act through the API: policies, approvals."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="owner_tokens")
+
+    def __str__(self) -> str:
+        return f"ot_{self.prefix}… ({self.owner})"
+
+
+class Tag(models.Model):
+    name = models.CharField(max_length=50, unique=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class PricingType(models.TextChoices):
+    PER_CALL = "per_call"
+    PER_UNIT = "per_unit"
+
+
+class UpstreamProtocol(models.TextChoices):
+    HTTP = "http"
+    MASUMI = "masumi"
+
+
+class ServiceState(models.TextChoices):
+    REGISTERED = "registered"
+    DEREGISTERED = "deregistered"
+
+
+class Service(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    seller = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="services")
+    name = models.CharField(max_length=250)
+    description = models.TextField(max_length=5000, blank=True)
+    tags = models.ManyToManyField(Tag, related_name="services")
+    capability_name = models.CharField(max_length=250)
+    capability_version = models.CharField(max_length=100)
+    author = models.JSONField(default=dict, blank=True)
+    legal = models.JSONField(default=dict, blank=True)
+    example_outputs = models.JSONField(default=list, blank=True)
+    pricing_type = models.CharField(max_length=10, choices=PricingType.choices)
+    unit_name = models.CharField(max_length=50, default="call")
+    unit_price = TokenAmountField()
+    token = models.CharField(max_length=16, default="USDC")
+    upstream_base_url = models.URLField(max_length=500)
+    upstream_protocol = models.CharField(max_length=10, choices=UpstreamProtocol.choices,
+                                         default=UpstreamProtocol.HTTP)
+    state = models.CharField(max_length=16, choices=ServiceState.choices, default=ServiceState.REGISTERED)
+    # Denormalised for search; kept current by catalog.services on every write.
+    keywords = models.TextField(blank=True, editable=False)
+    search_vector = SearchVectorField(null=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    deregistered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["state", "-created_at"], name="service_state_created_idx"),
+            models.Index(fields=["state", "unit_price"], name="service_state_price_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(unit_price__gte=0), name="service_unit_price_non_negative"),
+            models.CheckConstraint(condition=Q(state__in=ServiceState.values), name="service_state_valid"),
+            models.CheckConstraint(condition=Q(pricing_type__in=PricingType.values), name="service_pricing_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Skill(models.Model):
+    """A callable capability of a service, invoked at `POST /agents/{handle}/{skill}`."""
+
+    service = models.ForeignKey(Service, on_delete=models.CASCADE, related_name="skills")
+    name = models.CharField(max_length=64, validators=[SKILL_NAME_VALIDATOR, MinLengthValidator(1)])
+    description = models.CharField(max_length=500, blank=True)
+    # None: the service's unit price.
+    price = TokenAmountField(null=True, blank=True)
+    path = models.CharField(max_length=200, blank=True, help_text="Upstream path; defaults to /<skill name>.")
+    is_async = models.BooleanField(default=False)
+    timeout_seconds = models.PositiveIntegerField(default=60)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["service", "name"], name="skill_unique_per_service")]
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name

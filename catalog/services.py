@@ -1,0 +1,213 @@
+"""Writes of the catalog: agents, credentials, services. Every rule about them lives here."""
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.postgres.search import SearchVector
+from django.db import connection, transaction
+from django.utils import timezone
+
+from catalog.models import Agent, ApiKey, KeyScope, OwnerToken, Service, ServiceState, Skill, Tag
+from marketplace.errors import Conflict, Forbidden, InvalidInput
+from marketplace.fields import checksum_address
+from marketplace.keys import issue_secret
+
+# Path segments that routes under /agents/ already use, so they cannot be handles or skill names.
+RESERVED_HANDLES = frozenset({"services", "me"})
+RESERVED_SKILL_NAMES = frozenset({"policies", "approvals", "api-keys", "services"})
+
+
+@dataclass(frozen=True)
+class IssuedCredential:
+    credential: ApiKey | OwnerToken
+    secret: str  # Shown once; only its digest is stored.
+
+
+def agent_create(
+    *,
+    owner: AbstractBaseUser,
+    handle: str,
+    display_name: str,
+    wallet_address: str,
+    is_buyer: bool = True,
+    is_seller: bool = False,
+) -> Agent:
+    if handle in RESERVED_HANDLES:
+        raise InvalidInput(f"The handle {handle!r} is reserved.", code="handle_reserved")
+    if not (is_buyer or is_seller):
+        raise InvalidInput("An agent must be a buyer, a seller or both.", code="no_role")
+    with transaction.atomic():
+        if Agent.objects.select_for_update().filter(handle=handle).exists():
+            raise Conflict(f"The handle {handle!r} is taken.", code="handle_taken")
+        return Agent.objects.create(
+            owner=owner,
+            handle=handle,
+            display_name=display_name,
+            wallet_address=checksum_address(wallet_address),
+            is_buyer=is_buyer,
+            is_seller=is_seller,
+        )
+
+
+def api_key_issue(*, agent: Agent, scope: str = KeyScope.PAY, name: str = "",
+                  expires_at: datetime | None = None) -> IssuedCredential:
+    if expires_at is not None and expires_at <= timezone.now():
+        raise InvalidInput("expires_at must be in the future.", code="expiry_in_past")
+    issued = issue_secret("mk")
+    key = ApiKey.objects.create(
+        agent=agent, scope=scope, name=name, expires_at=expires_at, prefix=issued.prefix,
+        secret_digest=issued.digest,
+    )
+    return IssuedCredential(credential=key, secret=issued.plaintext)
+
+
+def owner_token_issue(*, owner: AbstractBaseUser, name: str = "", expires_at: datetime | None = None
+                      ) -> IssuedCredential:
+    issued = issue_secret("ot")
+    token = OwnerToken.objects.create(
+        owner=owner, name=name, expires_at=expires_at, prefix=issued.prefix, secret_digest=issued.digest
+    )
+    return IssuedCredential(credential=token, secret=issued.plaintext)
+
+
+def credential_revoke(*, credential: ApiKey | OwnerToken) -> ApiKey | OwnerToken:
+    """Idempotent: revoking twice keeps the first revocation time."""
+    type(credential).objects.filter(pk=credential.pk, revoked_at=None).update(revoked_at=timezone.now())
+    credential.refresh_from_db(fields=["revoked_at"])
+    return credential
+
+
+def api_keys_expire(*, now: datetime | None = None) -> int:
+    """Revoke keys and tokens past their expiry so lists and the admin show them as dead. Safe to run twice."""
+    now = now or timezone.now()
+    revoked = 0
+    for model in (ApiKey, OwnerToken):
+        revoked += model.objects.filter(revoked_at=None, expires_at__lte=now).update(revoked_at=now)
+    return revoked
+
+
+# --- services ------------------------------------------------------------------------------------------------
+
+def _require_seller(agent: Agent) -> None:
+    if not agent.is_seller:
+        raise Forbidden("Only agents with the seller role can list services.", code="not_a_seller")
+
+
+def _require_owner(service: Service, agent: Agent) -> None:
+    if service.seller_id != agent.pk:
+        raise Forbidden("Only the seller that listed this service may change it.", code="not_service_owner")
+
+
+def _check_skill_names(seller: Agent, skills: list[dict], exclude_service: Service | None) -> None:
+    names = [skill["name"] for skill in skills]
+    reserved = sorted(set(names) & RESERVED_SKILL_NAMES)
+    if reserved:
+        raise InvalidInput(f"Reserved skill names: {', '.join(reserved)}.", code="skill_name_reserved")
+    if len(names) != len(set(names)):
+        raise InvalidInput("Skill names must be unique within a service.", code="duplicate_skill")
+    # A skill is invoked as /agents/{handle}/{skill}: the name must be unique across the seller's live services.
+    taken = Skill.objects.filter(
+        service__seller=seller, service__state=ServiceState.REGISTERED, name__in=names
+    )
+    if exclude_service is not None:
+        taken = taken.exclude(service=exclude_service)
+    clash = sorted(taken.values_list("name", flat=True))
+    if clash:
+        raise Conflict(f"Skill names already used by another of your services: {', '.join(clash)}.",
+                       code="skill_name_taken")
+
+
+def _apply_fields(service: Service, data: dict) -> None:
+    simple = ("name", "description", "author", "legal", "example_outputs", "upstream_base_url", "upstream_protocol")
+    for field in simple:
+        if field in data:
+            setattr(service, field, data[field])
+    if "capability" in data:
+        service.capability_name = data["capability"]["name"]
+        service.capability_version = data["capability"]["version"]
+    if "pricing" in data:
+        pricing = data["pricing"]
+        service.pricing_type = pricing["type"]
+        service.unit_name = pricing.get("unit_name") or ("call" if pricing["type"] == "per_call" else "unit")
+        service.unit_price = pricing["unit_price_atomic"]
+        service.token = pricing.get("token", "USDC")
+
+
+def _replace_tags(service: Service, names: list[str]) -> None:
+    existing = {tag.name: tag for tag in Tag.objects.filter(name__in=names)}
+    missing = [Tag(name=name) for name in names if name not in existing]
+    if missing:
+        Tag.objects.bulk_create(missing, ignore_conflicts=True)
+        existing = {tag.name: tag for tag in Tag.objects.filter(name__in=names)}
+    service.tags.set([existing[name] for name in names])
+
+
+def _replace_skills(service: Service, skills: list[dict]) -> None:
+    service.skills.all().delete()
+    Skill.objects.bulk_create([Skill(service=service, **skill) for skill in skills])
+
+
+def _refresh_search_fields(service: Service) -> None:
+    tags = sorted(service.tags.values_list("name", flat=True))
+    skills = sorted(service.skills.values_list("name", flat=True))
+    keywords = " ".join([*tags, service.capability_name, *skills]).replace("-", " ")
+    Service.objects.filter(pk=service.pk).update(keywords=keywords)
+    if connection.vendor == "postgresql":
+        Service.objects.filter(pk=service.pk).update(search_vector=search_vector_expression())
+    service.keywords = keywords
+
+
+def search_vector_expression():
+    """Name weighs most, then tags/capability/skills, then the description."""
+    return (
+        SearchVector("name", weight="A", config="english")
+        + SearchVector("keywords", weight="B", config="english")
+        + SearchVector("description", weight="C", config="english")
+    )
+
+
+def service_register(*, seller: Agent, data: dict) -> Service:
+    _require_seller(seller)
+    skills = data.get("skills", [])
+    with transaction.atomic():
+        Agent.objects.select_for_update().get(pk=seller.pk)  # serialise skill-name checks per seller
+        _check_skill_names(seller, skills, exclude_service=None)
+        service = Service(seller=seller)
+        _apply_fields(service, data)
+        service.save()
+        _replace_tags(service, data["tags"])
+        _replace_skills(service, skills)
+        _refresh_search_fields(service)
+    return service
+
+
+def service_update(*, service: Service, actor: Agent, data: dict) -> Service:
+    _require_owner(service, actor)
+    with transaction.atomic():
+        Agent.objects.select_for_update().get(pk=actor.pk)
+        service = Service.objects.select_for_update().get(pk=service.pk)
+        if service.state == ServiceState.DEREGISTERED:
+            raise Conflict("A deregistered service cannot be changed.", code="service_deregistered",
+                           details={"state": service.state})
+        if "skills" in data:
+            _check_skill_names(actor, data["skills"], exclude_service=service)
+        _apply_fields(service, data)
+        service.save()
+        if "tags" in data:
+            _replace_tags(service, data["tags"])
+        if "skills" in data:
+            _replace_skills(service, data["skills"])
+        _refresh_search_fields(service)
+    return service
+
+
+def service_deregister(*, service: Service, actor: Agent | None) -> Service:
+    """Hide a service from search; the row stays for agreements and history. Idempotent. `actor` None: operator."""
+    if actor is not None:
+        _require_owner(service, actor)
+    Service.objects.filter(pk=service.pk, state=ServiceState.REGISTERED).update(
+        state=ServiceState.DEREGISTERED, deregistered_at=timezone.now(), updated_at=timezone.now()
+    )
+    service.refresh_from_db()
+    return service

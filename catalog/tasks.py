@@ -1,0 +1,8 @@
+from celery import shared_task
+
+from catalog import services
+
+
+@shared_task
+def expire_api_keys() -> int:
+    return services.api_keys_expire()

@@ -1,0 +1,211 @@
+from drf_spectacular.utils import OpenApiExample, extend_schema
+from rest_framework import status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from catalog import selectors, services
+from catalog.authentication import IsOwner, agent_scope, calling_agent
+from catalog.models import KeyScope
+from catalog.serializers import (
+    AgentCreateSerializer,
+    AgentSerializer,
+    ApiKeyCreateSerializer,
+    ApiKeyIssuedSerializer,
+    ApiKeySerializer,
+    OwnServiceSerializer,
+    ServiceSearchResultSerializer,
+    ServiceSearchSerializer,
+    ServiceSerializer,
+    ServiceWriteSerializer,
+)
+from marketplace.idempotency import idempotent
+from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
+from marketplace.serializers import error_responses
+
+OWNER = [{"OwnerToken": []}]
+
+SERVICE_EXAMPLE = OpenApiExample(
+    "translation service",
+    request_only=True,
+    value={
+        "name": "Fast translator",
+        "description": "Translates text between 40 languages.",
+        "tags": ["translation", "nlp"],
+        "capability": {"name": "translate", "version": "1.2.0"},
+        "author": {"name": "Ada", "organization": "Acme", "contact_email": "ada@example.com"},
+        "legal": {"terms": "https://example.com/terms"},
+        "example_outputs": [{"name": "sample", "url": "https://example.com/out.json", "mime_type": "application/json"}],
+        "pricing": {"type": "per_call", "unit_name": "call", "unit_price_atomic": 20000, "token": "USDC"},
+        "upstream_base_url": "https://translator.example.com/api",
+        "upstream_protocol": "http",
+        "skills": [{"name": "translate", "description": "Translate a text", "price_atomic": 20000}],
+    },
+)
+
+
+def _agent_payload(agent) -> dict:
+    return AgentSerializer(
+        {**{f: getattr(agent, f) for f in ("id", "handle", "display_name", "wallet_address", "is_active",
+                                           "created_at")}, "roles": agent.roles}
+    ).data
+
+
+def _key_payload(key, secret: str | None = None) -> dict:
+    fields = ("id", "name", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at")
+    data = {f: getattr(key, f) for f in fields}
+    if secret is None:
+        return ApiKeySerializer(data).data
+    return ApiKeyIssuedSerializer({**data, "secret": secret}).data
+
+
+class MyAgentView(APIView):
+    permission_classes = [agent_scope(KeyScope.READ)]
+
+    @extend_schema(operation_id="agent_me", summary="The agent the API key belongs to",
+                   responses={200: AgentSerializer, **error_responses()}, tags=["agents"])
+    def get(self, request):
+        return Response(_agent_payload(calling_agent(request)))
+
+
+class OwnerAgentsView(APIView):
+    permission_classes = [IsOwner]
+
+    @extend_schema(operation_id="agents_list", summary="Your agents (owner)", responses={
+        200: AgentSerializer(many=True), **error_responses()}, tags=["agents"], auth=OWNER)
+    def get(self, request):
+        return Response([_agent_payload(a) for a in selectors.agents_of_owner(owner=request.user)])
+
+    @extend_schema(operation_id="agents_create", summary="Create an agent (owner)", request=AgentCreateSerializer,
+                   responses={201: AgentSerializer, **error_responses(409, 422)}, tags=["agents"], auth=OWNER)
+    @idempotent()
+    def post(self, request):
+        body = AgentCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        roles = body.validated_data.pop("roles")
+        agent = services.agent_create(owner=request.user, is_buyer="buyer" in roles, is_seller="seller" in roles,
+                                      **body.validated_data)
+        return Response(_agent_payload(agent), status=status.HTTP_201_CREATED)
+
+
+class AgentApiKeysView(APIView):
+    permission_classes = [IsOwner]
+
+    @extend_schema(operation_id="api_keys_list", summary="An agent's API keys (owner)",
+                   responses={200: ApiKeySerializer(many=True), **error_responses(404)}, tags=["agents"], auth=OWNER)
+    def get(self, request, agent_id):
+        agent = selectors.agent_get(agent_id=agent_id, owner=request.user)
+        return Response([_key_payload(k) for k in selectors.api_keys_of_agent(agent=agent)])
+
+    @extend_schema(operation_id="api_keys_issue", summary="Issue an API key for an agent (owner); shown once",
+                   request=ApiKeyCreateSerializer,
+                   responses={201: ApiKeyIssuedSerializer, **error_responses(404, 422)}, tags=["agents"], auth=OWNER)
+    @idempotent()
+    def post(self, request, agent_id):
+        agent = selectors.agent_get(agent_id=agent_id, owner=request.user)
+        body = ApiKeyCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        issued = services.api_key_issue(agent=agent, **body.validated_data)
+        return Response(_key_payload(issued.credential, issued.secret), status=status.HTTP_201_CREATED)
+
+
+class AgentApiKeyRevokeView(APIView):
+    permission_classes = [IsOwner]
+
+    @extend_schema(operation_id="api_keys_revoke", summary="Revoke an API key (owner); idempotent", request=None,
+                   responses={200: ApiKeySerializer, **error_responses(404)}, tags=["agents"], auth=OWNER)
+    def post(self, request, agent_id, key_id):
+        agent = selectors.agent_get(agent_id=agent_id, owner=request.user)
+        key = selectors.api_key_get(agent=agent, key_id=key_id)
+        return Response(_key_payload(services.credential_revoke(credential=key)))
+
+
+class ServicesView(APIView):
+    def get_permissions(self):
+        scope = KeyScope.READ if self.request.method == "GET" else KeyScope.PAY
+        return [agent_scope(scope)()]
+
+    @extend_schema(operation_id="services_list_own", summary="The calling seller's services, in any state",
+                   parameters=[PageQuerySerializer],
+                   responses={200: page_serializer(OwnServiceSerializer, "OwnServicePage"), **error_responses()},
+                   tags=["catalog"])
+    def get(self, request):
+        query = PageQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        rows, next_cursor = paginate(
+            selectors.services_of_seller(seller=calling_agent(request)), ordering=["-created_at", "id"],
+            cursor=query.validated_data.get("cursor"), limit=query.validated_data["limit"],
+        )
+        return Response({"results": OwnServiceSerializer(rows, many=True).data, "next_cursor": next_cursor})
+
+    @extend_schema(operation_id="services_register", summary="Register a service for the calling seller agent",
+                   request=ServiceWriteSerializer, examples=[SERVICE_EXAMPLE],
+                   responses={201: OwnServiceSerializer, **error_responses(409, 422)}, tags=["catalog"])
+    @idempotent()
+    def post(self, request):
+        body = ServiceWriteSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        service = services.service_register(seller=calling_agent(request), data=body.validated_data)
+        service = selectors.service_get(service_id=service.pk, viewer=calling_agent(request))
+        return Response(OwnServiceSerializer(service).data, status=status.HTTP_201_CREATED)
+
+
+class ServiceDetailView(APIView):
+    def get_permissions(self):
+        scope = KeyScope.READ if self.request.method == "GET" else KeyScope.PAY
+        return [agent_scope(scope)()]
+
+    def _serialize(self, request, service):
+        own = service.seller_id == calling_agent(request).pk
+        return (OwnServiceSerializer if own else ServiceSerializer)(service).data
+
+    @extend_schema(operation_id="services_get", summary="A service (registered, or your own in any state)",
+                   responses={200: ServiceSerializer, **error_responses(404)}, tags=["catalog"])
+    def get(self, request, service_id):
+        service = selectors.service_get(service_id=service_id, viewer=calling_agent(request))
+        return Response(self._serialize(request, service))
+
+    @extend_schema(operation_id="services_update", summary="Change your service (fields given are replaced)",
+                   request=ServiceWriteSerializer(partial=True),
+                   responses={200: OwnServiceSerializer, **error_responses(404, 409)}, tags=["catalog"])
+    def patch(self, request, service_id):
+        agent = calling_agent(request)
+        service = selectors.service_get(service_id=service_id, viewer=agent)
+        body = ServiceWriteSerializer(data=request.data, partial=True)
+        body.is_valid(raise_exception=True)
+        services.service_update(service=service, actor=agent, data=body.validated_data)
+        return Response(self._serialize(request, selectors.service_get(service_id=service_id, viewer=agent)))
+
+    @extend_schema(operation_id="services_deregister",
+                   summary="Deregister your service: hidden from search, kept for history; idempotent",
+                   responses={200: OwnServiceSerializer, **error_responses(404)}, tags=["catalog"])
+    def delete(self, request, service_id):
+        agent = calling_agent(request)
+        service = selectors.service_get(service_id=service_id, viewer=agent)
+        services.service_deregister(service=service, actor=agent)
+        return Response(self._serialize(request, selectors.service_get(service_id=service_id, viewer=agent)))
+
+
+class CatalogSearchView(APIView):
+    permission_classes = [agent_scope(KeyScope.READ)]
+
+    @extend_schema(
+        operation_id="catalog_search",
+        summary="Search registered services",
+        request=ServiceSearchSerializer,
+        examples=[OpenApiExample("translation under 0.05 USDC", request_only=True, value={
+            "q": "translate german", "tags_any": ["translation"], "max_unit_price_atomic": 50000,
+            "order_by": "relevance", "limit": 20})],
+        responses={200: page_serializer(ServiceSearchResultSerializer, "ServiceSearchPage"), **error_responses()},
+        tags=["catalog"],
+    )
+    def post(self, request):
+        body = ServiceSearchSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        params = dict(body.validated_data)
+        cursor, limit = params.pop("cursor", None), params.pop("limit")
+        search = selectors.ServiceSearch(
+            text=params.pop("q"), max_unit_price=params.pop("max_unit_price_atomic"), **params
+        )
+        rows, next_cursor = selectors.service_search(search=search, cursor=cursor, limit=limit)
+        return Response({"results": ServiceSearchResultSerializer(rows, many=True).data, "next_cursor": next_cursor})
+

@@ -1,0 +1,92 @@
+"""Model fields for chain values: token amounts as exact integers, EVM addresses checksummed, 32-byte hashes."""
+
+from decimal import Decimal
+
+from django.core.exceptions import ValidationError
+from django.db import models
+import re
+
+from eth_utils import is_checksum_address, to_checksum_address
+
+
+class TokenAmountField(models.DecimalField):
+    """An unsigned integer amount in token base units (uint256 fits numeric(78,0)); Python sees an int."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("max_digits", 78)
+        kwargs.setdefault("decimal_places", 0)
+        super().__init__(*args, **kwargs)
+
+    def deconstruct(self):
+        name, path, args, kwargs = super().deconstruct()
+        kwargs.pop("max_digits", None)
+        kwargs.pop("decimal_places", None)
+        return name, path, args, kwargs
+
+    def from_db_value(self, value, expression, connection):
+        return None if value is None else int(value)
+
+    def to_python(self, value):
+        value = super().to_python(value)
+        return None if value is None else int(value)
+
+    def get_db_prep_save(self, value, connection):
+        if isinstance(value, int):
+            value = Decimal(value)
+        return super().get_db_prep_save(value, connection)
+
+
+_HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+
+def is_address(value) -> bool:
+    """Lower/upper-case hex, or mixed case only with a valid EIP-55 checksum (a typo must not pass)."""
+    if not isinstance(value, str) or not _HEX_ADDRESS.match(value):
+        return False
+    body = value[2:]
+    return body == body.lower() or body == body.upper() or is_checksum_address(value)
+
+
+def validate_address(value: str) -> None:
+    if not is_address(value):
+        raise ValidationError("Not an EVM address (0x followed by 40 hex digits, valid checksum if mixed case).",
+                              code="invalid_address")
+
+
+def checksum_address(value: str) -> str:
+    validate_address(value)
+    return to_checksum_address(value)
+
+
+class AddressField(models.CharField):
+    """An EVM address, always stored in EIP-55 checksummed form."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["max_length"] = 42
+        kwargs.setdefault("validators", [validate_address])
+        super().__init__(*args, **kwargs)
+
+    def deconstruct(self):
+        name, path, args, kwargs = super().deconstruct()
+        kwargs.pop("max_length", None)
+        kwargs.pop("validators", None)
+        return name, path, args, kwargs
+
+    def get_prep_value(self, value):
+        value = super().get_prep_value(value)
+        if value and is_address(value):
+            return to_checksum_address(value)
+        return value
+
+
+class Bytes32Field(models.CharField):
+    """A 32-byte value (hash, agreement id on-chain) as 0x-prefixed lowercase hex."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["max_length"] = 66
+        super().__init__(*args, **kwargs)
+
+    def deconstruct(self):
+        name, path, args, kwargs = super().deconstruct()
+        kwargs.pop("max_length", None)
+        return name, path, args, kwargs

@@ -1,0 +1,103 @@
+"""`Idempotency-Key` for POSTs, as Stripe does it.
+
+The first request claims the key (a committed row), then runs inside one database transaction together with
+saving its response, so either both the effect and the stored response exist or neither does. A retry with the
+same key and body gets the stored response (`Idempotent-Replayed: true`); the same key with another body is 422;
+a retry while the first is still running is 409. Responses of 5xx are not stored: the key is released.
+"""
+
+import functools
+import hashlib
+import json
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from rest_framework.response import Response
+
+from marketplace.errors import Conflict, InvalidInput, Unprocessable
+from marketplace.models import IdempotencyRecord
+
+HEADER = "Idempotency-Key"
+MAX_KEY_LENGTH = 255
+
+
+def _fingerprint(request) -> str:
+    body = request._request.body
+    try:
+        canonical = json.dumps(json.loads(body or b"null"), sort_keys=True, separators=(",", ":")).encode()
+    except ValueError:
+        canonical = body
+    return hashlib.sha256(request.method.encode() + b" " + request.path.encode() + b"\n" + canonical).hexdigest()
+
+
+def _scope(request) -> str:
+    agent = getattr(request.auth, "agent", None)
+    return f"agent:{agent.pk}" if agent is not None else f"owner:{request.user.pk}"
+
+
+def _claim(scope: str, key: str, fingerprint: str) -> IdempotencyRecord | Response:
+    """Either a fresh claim on the key, or the response to give instead of running the request."""
+    try:
+        with transaction.atomic():
+            return IdempotencyRecord.objects.create(scope=scope, key=key, request_fingerprint=fingerprint)
+    except IntegrityError:
+        pass
+    record = IdempotencyRecord.objects.get(scope=scope, key=key)
+    if record.request_fingerprint != fingerprint:
+        raise Unprocessable(
+            "This Idempotency-Key was used with a different request.", code="idempotency_key_reused",
+        )
+    if record.response_status is not None:
+        return Response(record.response_body, status=record.response_status, headers={"Idempotent-Replayed": "true"})
+    stale_before = timezone.now() - settings.IDEMPOTENCY_STALE_CLAIM
+    # A claim left by a process that died mid-request: its transaction rolled back, so it is safe to take over.
+    taken = IdempotencyRecord.objects.filter(pk=record.pk, response_status=None, created_at__lt=stale_before).update(
+        created_at=timezone.now()
+    )
+    if taken:
+        return record
+    raise Conflict("A request with this Idempotency-Key is still in progress.", code="idempotency_in_progress")
+
+
+def idempotent(required: bool = False):
+    """Decorates a DRF view handler (post/put) so it honours `Idempotency-Key`."""
+
+    def decorator(handler):
+        @functools.wraps(handler)
+        def wrapper(view, request, *args, **kwargs):
+            key = request.headers.get(HEADER)
+            if key is None:
+                if required:
+                    raise InvalidInput(f"The {HEADER} header is required here.", code="idempotency_key_required")
+                return handler(view, request, *args, **kwargs)
+            if not key or len(key) > MAX_KEY_LENGTH:
+                raise InvalidInput(f"{HEADER} must be 1-{MAX_KEY_LENGTH} characters.", code="invalid_idempotency_key")
+            claim = _claim(_scope(request), key, _fingerprint(request))
+            if isinstance(claim, Response):
+                return claim
+            try:
+                with transaction.atomic():
+                    response = handler(view, request, *args, **kwargs)
+                    if response.status_code >= 500:
+                        raise _DoNotStore(response)
+                    IdempotencyRecord.objects.filter(pk=claim.pk).update(
+                        response_status=response.status_code, response_body=response.data
+                    )
+                    return response
+            except _DoNotStore as failed:
+                claim.delete()
+                return failed.response
+            except Exception:
+                # The effects rolled back with the transaction: release the key so a corrected retry can run.
+                claim.delete()
+                raise
+
+        return wrapper
+
+    return decorator
+
+
+class _DoNotStore(Exception):
+    def __init__(self, response):
+        self.response = response

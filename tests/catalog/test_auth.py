@@ -1,0 +1,92 @@
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from catalog import services
+from catalog.models import ApiKey
+from tests.catalog.factories import issue_key
+from tests.conftest import Api, error_code
+
+pytestmark = pytest.mark.django_db
+
+
+def test_missing_credentials_is_401(anon):
+    response = anon.get("/agents/me")
+    assert response.status_code == 401
+    assert error_code(response) == "not_authenticated"
+    assert response["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("secret", ["garbage", "mk_short_x", "mk_0123456789_wrongsecret", "zz_0123456789_abc"])
+def test_bad_credentials_are_401(secret):
+    response = Api(secret).get("/agents/me")
+    assert response.status_code == 401
+    assert error_code(response) == "invalid_credentials"
+
+
+def test_valid_key_identifies_the_agent(buyer, buyer_api):
+    response = buyer_api.get("/agents/me")
+    assert response.status_code == 200
+    assert response.json()["handle"] == buyer.handle
+    assert response["X-Request-Id"].startswith("req_")
+
+
+def test_masumi_token_header_is_accepted(buyer):
+    client = Api()
+    response = client.client.get("/agents/me", HTTP_TOKEN=issue_key(buyer))
+    assert response.status_code == 200
+
+
+def test_revoked_key_is_rejected(buyer):
+    secret = issue_key(buyer)
+    services.credential_revoke(credential=ApiKey.objects.get(agent=buyer))
+    response = Api(secret).get("/agents/me")
+    assert response.status_code == 401
+    assert error_code(response) == "credentials_revoked"
+
+
+def test_expired_key_is_rejected_and_swept_by_the_periodic_task(buyer):
+    issued = services.api_key_issue(agent=buyer, expires_at=timezone.now() + timedelta(seconds=30))
+    ApiKey.objects.filter(pk=issued.credential.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    response = Api(issued.secret).get("/agents/me")
+    assert response.status_code == 401
+    assert error_code(response) == "credentials_expired"
+
+    from catalog.tasks import expire_api_keys
+
+    assert expire_api_keys() == 1
+    assert ApiKey.objects.get(pk=issued.credential.pk).revoked_at is not None
+    assert expire_api_keys() == 0  # safe to run twice
+
+
+def test_inactive_agent_is_rejected(buyer, buyer_api):
+    buyer.is_active = False
+    buyer.save()
+    response = buyer_api.get("/agents/me")
+    assert response.status_code == 401
+    assert error_code(response) == "agent_inactive"
+
+
+def test_read_scope_cannot_register_services(seller):
+    response = Api(issue_key(seller, scope="read")).post("/agents/services", {})
+    assert response.status_code == 403
+    assert error_code(response) == "insufficient_scope"
+
+
+def test_owner_token_cannot_act_as_an_agent(owner_api):
+    response = owner_api.get("/agents/me")
+    assert response.status_code == 403
+    assert error_code(response) == "agent_key_required"
+
+
+def test_agent_key_cannot_act_as_owner(buyer_api):
+    response = buyer_api.get("/agents")
+    assert response.status_code == 403
+    assert error_code(response) == "owner_credentials_required"
+
+
+def test_last_used_is_recorded(buyer):
+    secret = issue_key(buyer)
+    Api(secret).get("/agents/me")
+    assert ApiKey.objects.get(agent=buyer).last_used_at is not None

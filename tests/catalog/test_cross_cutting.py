@@ -1,0 +1,79 @@
+import pytest
+from django.core.management import call_command
+
+from catalog.models import Service
+from tests.catalog.factories import AgentFactory, issue_key, service_data
+from tests.conftest import Api, error_code
+
+pytestmark = pytest.mark.django_db
+
+
+def test_unknown_url_is_json_404(anon):
+    response = anon.get("/no/such/thing")
+    assert response.status_code == 404
+    assert error_code(response) == "not_found"
+
+
+def test_wrong_method_is_json_405(buyer_api):
+    response = buyer_api.put("/catalog/search", {})
+    assert response.status_code == 405
+    assert error_code(response) == "method_not_allowed"
+
+
+def test_request_id_is_echoed_when_well_formed(buyer_api):
+    response = buyer_api.get("/agents/me", headers={"X-Request-Id": "abc-123"})
+    assert response["X-Request-Id"] == "abc-123"
+    response = buyer_api.get("/agents/me", headers={"X-Request-Id": "bad id with spaces"})
+    assert response["X-Request-Id"].startswith("req_")
+
+
+def test_idempotent_replay_conflict_and_scoping(seller_api):
+    headers = {"Idempotency-Key": "reg-1"}
+    first = seller_api.post("/agents/services", service_data(), headers=headers)
+    assert first.status_code == 201
+    replay = seller_api.post("/agents/services", service_data(), headers=headers)
+    assert replay.status_code == 201
+    assert replay.json() == first.json()
+    assert replay["Idempotent-Replayed"] == "true"
+    assert Service.objects.count() == 1
+
+    other_body = seller_api.post("/agents/services", service_data(name="Other"), headers=headers)
+    assert other_body.status_code == 422
+    assert error_code(other_body) == "idempotency_key_reused"
+
+    # Keys are scoped per agent: another seller may use the same key.
+    other_seller = Api(issue_key(AgentFactory(is_seller=True)))
+    assert other_seller.post("/agents/services", service_data(name="Theirs"), headers=headers).status_code == 201
+    assert Service.objects.count() == 2
+
+
+def test_failed_request_releases_the_idempotency_key(seller_api):
+    headers = {"Idempotency-Key": "reg-2"}
+    bad = seller_api.post("/agents/services", service_data(tags=[]), headers=headers)
+    assert bad.status_code == 400
+    good = seller_api.post("/agents/services", service_data(tags=[]), headers=headers)
+    assert good.status_code == 400  # rerun, not replayed
+    assert "Idempotent-Replayed" not in good
+
+
+def test_over_long_idempotency_key(seller_api):
+    response = seller_api.post("/agents/services", service_data(), headers={"Idempotency-Key": "k" * 256})
+    assert response.status_code == 400 and error_code(response) == "invalid_idempotency_key"
+
+
+def test_openapi_schema_validates_without_warnings(tmp_path):
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
+    assert "/catalog/search" in (tmp_path / "schema.yaml").read_text()
+
+
+def test_schema_and_docs_are_served(anon):
+    assert anon.get("/api/schema/").status_code == 200
+    assert anon.get("/api/docs/").status_code == 200
+
+
+def test_seed_demo_is_idempotent(capsys):
+    call_command("seed_demo")
+    assert "Buyer key" in capsys.readouterr().out
+    call_command("seed_demo")
+    assert "already present" in capsys.readouterr().out
+    assert Service.objects.count() == 3

@@ -1,0 +1,146 @@
+import pytest
+
+from catalog.models import Service, ServiceState
+from tests.catalog.factories import AgentFactory, issue_key, register_service, service_data
+from tests.conftest import Api, codes_at, error_code
+
+pytestmark = pytest.mark.django_db
+
+
+def test_register_returns_the_service(seller, seller_api):
+    response = seller_api.post("/agents/services", service_data())
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["seller"]["handle"] == seller.handle
+    assert body["pricing"] == {"type": "per_call", "unit_name": "call", "unit_price_atomic": 20000, "token": "USDC"}
+    assert body["tags"] == ["nlp", "translation"]
+    assert body["state"] == "registered"
+    assert body["upstream_base_url"] == "https://translator.example.com/api"
+    assert body["skills"][0]["name"] == "translate"
+
+
+def test_price_accepts_a_digit_string(seller_api):
+    response = seller_api.post("/agents/services", service_data(
+        pricing={"type": "per_unit", "unit_name": "page", "unit_price_atomic": "5000"}))
+    assert response.status_code == 201
+    assert response.json()["pricing"]["unit_price_atomic"] == 5000
+
+
+@pytest.mark.parametrize(("overrides", "path", "code"), [
+    ({"tags": []}, ("tags",), "min_length"),
+    ({"tags": [f"t{i}" for i in range(16)]}, ("tags",), "max_length"),
+    ({"tags": ["  "]}, ("tags",), "blank"),
+    ({"tags": "translation"}, ("tags",), "not_a_list"),
+    ({"name": "x" * 251}, ("name",), "max_length"),
+    ({"name": 12}, None, None),  # numbers are coerced to strings by DRF: accepted
+    ({"name": None}, ("name",), "null"),
+    ({"upstream_base_url": "not a url"}, ("upstream_base_url",), "invalid"),
+    ({"upstream_base_url": "ftp://example.com"}, ("upstream_base_url",), "invalid_url_scheme"),
+    ({"upstream_protocol": "grpc"}, ("upstream_protocol",), "invalid_choice"),
+    ({"capability": {"name": "x"}}, ("capability", "version"), "required"),
+    ({"bogus": True}, ("bogus",), "unknown_field"),
+    ({"pricing": {"type": "per_call", "unit_price_atomic": -1}}, ("pricing", "unit_price_atomic"), "negative"),
+    ({"pricing": {"type": "per_call", "unit_price_atomic": 1.5}}, ("pricing", "unit_price_atomic"), "invalid"),
+    ({"pricing": {"type": "per_call", "unit_price_atomic": "1.5"}}, ("pricing", "unit_price_atomic"), "invalid"),
+    ({"pricing": {"type": "per_call", "unit_price_atomic": True}}, ("pricing", "unit_price_atomic"), "invalid"),
+    ({"pricing": {"type": "per_call", "unit_price_atomic": "-3"}}, ("pricing", "unit_price_atomic"), "negative"),
+    ({"pricing": {"type": "per_call", "unit_price_atomic": 1, "token": "DOGE"}}, ("pricing", "token"),
+     "unsupported_token"),
+    ({"pricing": {"type": "flat", "unit_price_atomic": 1}}, ("pricing", "type"), "invalid_choice"),
+    ({"skills": [{"name": "Bad Name"}]}, ("skills", 0, "name"), "invalid_skill_name"),
+    ({"example_outputs": [{"name": "a", "url": "nope", "mime_type": "x"}]}, ("example_outputs", 0, "url"),
+     "invalid"),
+])
+def test_bad_input_is_a_400_with_a_code_and_creates_nothing(seller_api, overrides, path, code):
+    response = seller_api.post("/agents/services", service_data(**overrides))
+    if path is None:
+        assert response.status_code == 201
+        return
+    assert code in codes_at(response, *path)
+    assert not Service.objects.exists()
+
+
+def test_malformed_json_is_400(seller_api):
+    response = seller_api.client.post("/agents/services", data="{not json", content_type="application/json")
+    assert response.status_code == 400
+    assert error_code(response) == "malformed_json"
+    assert not Service.objects.exists()
+
+
+def test_non_object_body_is_400(seller_api):
+    response = seller_api.post("/agents/services", ["a", "list"])
+    assert response.status_code == 400
+    assert error_code(response) == "validation_error"
+
+
+def test_wrong_content_type_is_415(seller_api):
+    response = seller_api.client.post("/agents/services", data="name=x", content_type="text/plain")
+    assert response.status_code == 415
+    assert error_code(response) == "unsupported_media_type"
+
+
+def test_buyer_only_agent_cannot_list_services(buyer):
+    response = Api(issue_key(buyer)).post("/agents/services", service_data())
+    assert response.status_code == 403
+    assert error_code(response) == "not_a_seller"
+
+
+def test_reserved_and_duplicate_skill_names(seller_api):
+    reserved = seller_api.post("/agents/services", service_data(skills=[{"name": "policies"}]))
+    assert error_code(reserved) == "skill_name_reserved"
+    assert seller_api.post("/agents/services", service_data()).status_code == 201
+    clash = seller_api.post("/agents/services", service_data(name="Other"))
+    assert clash.status_code == 409 and error_code(clash) == "skill_name_taken"
+    assert Service.objects.count() == 1
+
+
+def test_get_patch_delete_lifecycle(seller, seller_api, buyer_api):
+    service = register_service(seller)
+    url = f"/agents/services/{service.pk}"
+
+    seen_by_buyer = buyer_api.get(url).json()
+    assert "upstream_base_url" not in seen_by_buyer  # where calls go is the seller's business
+
+    patched = seller_api.patch(url, {"description": "Now with glossaries.", "tags": ["translation", "glossary"]})
+    assert patched.status_code == 200, patched.content
+    assert patched.json()["description"] == "Now with glossaries."
+    assert patched.json()["tags"] == ["glossary", "translation"]
+    assert patched.json()["name"] == "Fast translator"
+
+    deleted = seller_api.delete(url)
+    assert deleted.status_code == 200 and deleted.json()["state"] == "deregistered"
+    assert seller_api.delete(url).json()["state"] == "deregistered"  # idempotent
+    assert Service.objects.get(pk=service.pk).state == ServiceState.DEREGISTERED  # the row stays
+
+    assert buyer_api.get(url).status_code == 404
+    assert seller_api.get(url).status_code == 200  # the seller still sees its own
+    frozen = seller_api.patch(url, {"description": "x"})
+    assert frozen.status_code == 409 and error_code(frozen) == "service_deregistered"
+
+
+def test_only_the_listing_seller_may_change_a_service(seller):
+    service = register_service(seller)
+    other = Api(issue_key(AgentFactory(is_seller=True)))
+    response = other.patch(f"/agents/services/{service.pk}", {"name": "Hijacked"})
+    assert response.status_code == 403 and error_code(response) == "not_service_owner"
+    assert other.delete(f"/agents/services/{service.pk}").status_code == 403
+    assert Service.objects.get(pk=service.pk).name == "Fast translator"
+
+
+def test_unknown_service_is_404(seller_api):
+    response = seller_api.get("/agents/services/00000000-0000-0000-0000-000000000000")
+    assert response.status_code == 404 and error_code(response) == "service_not_found"
+
+
+def test_list_own_services_paginates(seller, seller_api):
+    for i in range(5):
+        register_service(seller, name=f"Service {i}", skills=[])
+    first = seller_api.get("/agents/services", {"limit": 2}).json()
+    assert len(first["results"]) == 2 and first["next_cursor"]
+    names = [s["name"] for s in first["results"]]
+    cursor = first["next_cursor"]
+    while cursor:
+        page = seller_api.get("/agents/services", {"limit": 2, "cursor": cursor}).json()
+        names += [s["name"] for s in page["results"]]
+        cursor = page["next_cursor"]
+    assert sorted(names) == [f"Service {i}" for i in range(5)]

@@ -1,0 +1,104 @@
+import pytest
+from rest_framework.test import APIClient
+
+from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token
+
+
+class Api:
+    """An HTTP client for the public API, authenticated as one principal (or none)."""
+
+    def __init__(self, secret: str | None = None):
+        self.client = APIClient()
+        self.secret = secret
+        if secret:
+            self.client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+
+    def as_(self, secret: str | None) -> "Api":
+        return Api(secret)
+
+    def _call(self, method, path, data=None, headers=None, **kwargs):
+        extra = {f"HTTP_{k.upper().replace('-', '_')}": v for k, v in (headers or {}).items()}
+        return getattr(self.client, method)(path, data=data, format="json", **extra, **kwargs)
+
+    def get(self, path, params=None, headers=None):
+        extra = {f"HTTP_{k.upper().replace('-', '_')}": v for k, v in (headers or {}).items()}
+        return self.client.get(path, params or {}, **extra)
+
+    def post(self, path, data=None, headers=None):
+        return self._call("post", path, data, headers)
+
+    def put(self, path, data=None, headers=None):
+        return self._call("put", path, data, headers)
+
+    def patch(self, path, data=None, headers=None):
+        return self._call("patch", path, data, headers)
+
+    def delete(self, path, data=None, headers=None):
+        return self._call("delete", path, data, headers)
+
+
+@pytest.fixture
+def anon():
+    return Api()
+
+
+@pytest.fixture
+def owner(db):
+    return UserFactory()
+
+
+@pytest.fixture
+def owner_api(owner):
+    return Api(issue_owner_token(owner))
+
+
+@pytest.fixture
+def buyer(owner):
+    return AgentFactory(owner=owner, handle="buyer-one", is_buyer=True, is_seller=False)
+
+
+@pytest.fixture
+def seller(db):
+    return AgentFactory(handle="seller-one", is_buyer=False, is_seller=True)
+
+
+@pytest.fixture
+def buyer_api(buyer):
+    return Api(issue_key(buyer))
+
+
+@pytest.fixture
+def seller_api(seller):
+    return Api(issue_key(seller, scope="admin"))
+
+
+def error_code(response) -> str:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    return body["error"]["code"]
+
+
+def field_codes(response) -> dict:
+    assert response.status_code == 400, response.content
+    body = response.json()["error"]
+    assert body["code"] == "validation_error", body
+    return body["details"]["fields"]
+
+
+def codes_at(response, *path) -> set[str]:
+    """Every error code under `path` in a validation error's fields (list indexes may be ints)."""
+    node = field_codes(response)
+    for step in path:
+        node = node[step] if isinstance(node, list) else node[str(step)] if str(step) in node else node[step]
+
+    def walk(value):
+        if isinstance(value, dict) and set(value) == {"code", "message"}:
+            yield value["code"]
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from walk(item)
+
+    return set(walk(node))
