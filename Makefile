@@ -22,7 +22,7 @@ run: install
 	$(VENV)/bin/honcho start -f Procfile.dev
 
 test: install
-	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} CELERY_TASK_ALWAYS_EAGER=true \
+	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} \
 		$(PY) -m pytest -n $(PYTEST_WORKERS) -q $(PYTEST_ARGS)
 
 # Fails when the committed OpenAPI description would change or warn.

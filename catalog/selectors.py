@@ -61,6 +61,14 @@ def service_get(*, service_id, viewer: Agent | None = None) -> Service:
     return service
 
 
+def service_get_any_state(*, service_id) -> Service:
+    """A service whatever its state, for rules that must say why it cannot be used (e.g. deregistered)."""
+    service = _with_relations(Service.objects.filter(pk=service_id)).first()
+    if service is None:
+        raise NotFound("No such service.", code="service_not_found")
+    return service
+
+
 def services_of_seller(*, seller: Agent) -> QuerySet[Service]:
     return _with_relations(Service.objects.filter(seller=seller))
 

@@ -120,6 +120,10 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "PricingTypeEnum": "catalog.models.PricingType",
         "UpstreamProtocolEnum": "catalog.models.UpstreamProtocol",
+        "AgreementStatusEnum": "agreements.models.AgreementStatus",
+        "ApprovalStatusEnum": "policies.models.ApprovalStatus",
+        "DeliveryStatusEnum": "agreements.models.DeliveryStatus",
+        "MasumiResponseStatusEnum": ["success"],
     },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
@@ -175,3 +179,29 @@ if not DEBUG:
 SUPPORTED_TOKENS = env.list("SUPPORTED_TOKENS", default=["USDC"])
 # The Masumi network name this deployment answers to on the Masumi-compatible endpoints.
 MASUMI_NETWORK = env.str("MASUMI_NETWORK", default="Preprod")
+
+# --- Agreements and policies ----------------------------------------------------------------------------------
+APPROVAL_TTL = timedelta(hours=env.int("APPROVAL_TTL_HOURS", default=24))
+PROPOSAL_TTL = timedelta(hours=env.int("PROPOSAL_TTL_HOURS", default=72))
+AGREEMENT_DEFAULT_DURATION = timedelta(days=env.int("AGREEMENT_DEFAULT_DAYS", default=7))
+AGREEMENT_MAX_DURATION = timedelta(days=env.int("AGREEMENT_MAX_DAYS", default=365))
+# Largest deposit one agreement may hold, in token base units (default 1,000,000 USDC).
+AGREEMENT_MAX_AMOUNT = env.int("AGREEMENT_MAX_AMOUNT", default=1_000_000 * 10**6)
+CHALLENGE_WINDOW_DEFAULT = env.int("CHALLENGE_WINDOW_SECONDS", default=3600)
+CHALLENGE_WINDOW_MIN = env.int("CHALLENGE_WINDOW_MIN_SECONDS", default=60)
+CHALLENGE_WINDOW_MAX = env.int("CHALLENGE_WINDOW_MAX_SECONDS", default=7 * 24 * 3600)
+WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
+WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)
+CELERY_BEAT_SCHEDULE.update({
+    "expire-proposals": {"task": "agreements.tasks.expire_proposals", "schedule": timedelta(minutes=1)},
+    "expire-approvals": {"task": "policies.tasks.expire_approvals", "schedule": timedelta(minutes=1)},
+    "retry-webhooks": {"task": "agreements.tasks.retry_due_webhooks", "schedule": timedelta(seconds=30)},
+})
+# Receives platform fees unless the fee schedule in the admin names another address.
+FEE_RECIPIENT = env.str("FEE_RECIPIENT", default="0x90F79bf6EB2c4f870365E785982E1f101E93b906")
+
+# --- Chain ----------------------------------------------------------------------------------------------------
+CHAIN_RPC_URL = env.str("CHAIN_RPC_URL", default="http://127.0.0.1:8545")
+# Anvil's public development key #0; only ever a default while DEBUG is on. Production sets its own.
+_ANVIL_DEV_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+RELAYER_PRIVATE_KEY = env.str("RELAYER_PRIVATE_KEY", default=_ANVIL_DEV_KEY if DEBUG else "")

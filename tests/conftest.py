@@ -37,6 +37,16 @@ class Api:
         return self._call("delete", path, data, headers)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def celery_runs_tasks_inline():
+    """Tasks run in-process by default; tests of the real worker and broker switch this off themselves."""
+    from marketplace.celery import app
+
+    app.conf.task_always_eager = True
+    app.conf.task_eager_propagates = True
+    yield
+
+
 @pytest.fixture
 def anon():
     return Api()
@@ -102,3 +112,12 @@ def codes_at(response, *path) -> set[str]:
                 yield from walk(item)
 
     return set(walk(node))
+
+
+@pytest.fixture
+def http_server():
+    from tests.support.http_server import RecordingServer
+
+    server = RecordingServer().start()
+    yield server
+    server.stop()

@@ -1,0 +1,197 @@
+import uuid
+
+from django.db import models
+from django.db.models import F, Q
+
+from catalog.models import Agent, Service
+from marketplace.fields import AddressField, Bytes32Field, TokenAmountField
+
+
+class FeeSchedule(models.Model):
+    """The platform fee: max(ceil(amount * percent_bps / 10_000) + fixed, minimum), in token base units.
+
+    One row (pk=1), editable in the admin; agreements freeze the fee they were proposed with.
+    """
+
+    percent_bps = models.PositiveIntegerField(default=200, help_text="Basis points: 200 = 2%.")
+    fixed_atomic = TokenAmountField(default=3_000, help_text="Added to the percentage (3000 = $0.003).")
+    minimum_atomic = TokenAmountField(default=100_000, help_text="Floor of the fee (100000 = $0.10).")
+    fee_recipient = AddressField(blank=True, help_text="Receives fees; defaults to the FEE_RECIPIENT setting.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=Q(percent_bps__lte=10_000), name="fee_percent_at_most_100")]
+
+    def __str__(self) -> str:
+        return f"{self.percent_bps / 100:g}% + {self.fixed_atomic} (min {self.minimum_atomic})"
+
+
+class SettlementModel(models.TextChoices):
+    ESCROW = "escrow"
+    DIRECT_PAYMENT = "direct_payment"
+
+
+class AgreementStatus(models.TextChoices):
+    PENDING_APPROVAL = "pending_approval"
+    PROPOSED = "proposed"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    SUBMITTING = "submitting"
+    ACTIVE = "active"
+    ACTIVATION_FAILED = "activation_failed"
+    IN_CHALLENGE = "in_challenge"
+    SETTLING = "settling"
+    SETTLED = "settled"
+    DISPUTED = "disputed"
+    REFUNDED = "refunded"
+    PAYING = "paying"
+    PAID = "paid"
+    PAYMENT_FAILED = "payment_failed"
+
+
+class UsageAgreement(models.Model):
+    """Terms a buyer and a seller agreed on, frozen at proposal, and how far they have got."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    buyer = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="agreements_as_buyer")
+    seller = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="agreements_as_seller")
+    service = models.ForeignKey(Service, on_delete=models.PROTECT, related_name="agreements")
+    settlement_model = models.CharField(max_length=16, choices=SettlementModel.choices,
+                                        default=SettlementModel.ESCROW)
+    status = models.CharField(max_length=20, choices=AgreementStatus.choices)
+    status_reason = models.CharField(max_length=500, blank=True)
+
+    # Terms, frozen at proposal.
+    pricing_type = models.CharField(max_length=10)
+    unit_name = models.CharField(max_length=50)
+    price_per_unit = TokenAmountField()
+    quantity = models.PositiveBigIntegerField()
+    deposit_amount = TokenAmountField(help_text="The most the buyer can be charged: quantity × unit price.")
+    infra_fee = TokenAmountField()
+    token = models.CharField(max_length=16)
+    token_address = AddressField(blank=True)
+    chain_id = models.PositiveBigIntegerField()
+    challenge_window_seconds = models.PositiveIntegerField()
+    expires_at = models.DateTimeField(help_text="When the agreement ends; unused escrow is reclaimable after.")
+    proposal_expires_at = models.DateTimeField(help_text="The seller must accept before this.")
+    buyer_wallet_address = AddressField()
+    seller_wallet_address = AddressField()
+    fee_recipient = AddressField(blank=True)
+    terms_hash = Bytes32Field(help_text="keccak256 of the canonical terms; the buyer signs it on-chain.")
+    note = models.CharField(max_length=1000, blank=True)
+
+    # Counters, changed only by conditional UPDATEs in agreements.services.
+    used = TokenAmountField(default=0)
+    reserved = TokenAmountField(default=0)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    closed_at = models.DateTimeField(null=True, blank=True, help_text="Rejected, cancelled or expired.")
+    activated_at = models.DateTimeField(null=True, blank=True)
+    settled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=AgreementStatus.values), name="agreement_status_valid"),
+            models.CheckConstraint(condition=Q(settlement_model__in=SettlementModel.values),
+                                   name="agreement_settlement_model_valid"),
+            models.CheckConstraint(condition=Q(used__gte=0) & Q(reserved__gte=0) & Q(infra_fee__gte=0),
+                                   name="agreement_amounts_non_negative"),
+            models.CheckConstraint(condition=Q(deposit_amount__gt=0), name="agreement_deposit_positive"),
+            models.CheckConstraint(condition=Q(used__lte=F("deposit_amount") - F("reserved")),
+                                   name="agreement_used_plus_reserved_within_deposit"),
+            models.CheckConstraint(condition=~Q(buyer=F("seller")), name="agreement_parties_distinct"),
+        ]
+        indexes = [
+            models.Index(fields=["buyer", "status", "-created_at"], name="agreement_buyer_status_idx"),
+            models.Index(fields=["seller", "status", "-created_at"], name="agreement_seller_status_idx"),
+            models.Index(fields=["status", "proposal_expires_at"], name="agreement_status_proposal_idx"),
+            models.Index(fields=["status", "expires_at"], name="agreement_status_expiry_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.buyer} → {self.seller}: {self.service} ({self.status})"
+
+    @property
+    def remaining(self) -> int:
+        return self.deposit_amount - self.used - self.reserved
+
+    @property
+    def onchain_id(self) -> str:
+        """The agreement's bytes32 id in the escrow contract: its UUID, left-padded."""
+        return "0x" + self.id.hex.rjust(64, "0")
+
+
+class AgreementEvent(models.Model):
+    """Audit row for every status transition (and nothing else)."""
+
+    class ActorKind(models.TextChoices):
+        BUYER = "buyer"
+        SELLER = "seller"
+        OWNER = "owner"
+        OPERATOR = "operator"
+        SYSTEM = "system"
+
+    id = models.BigAutoField(primary_key=True)
+    agreement = models.ForeignKey(UsageAgreement, on_delete=models.CASCADE, related_name="events")
+    actor_kind = models.CharField(max_length=10, choices=ActorKind.choices)
+    actor_label = models.CharField(max_length=150, blank=True, help_text="Agent handle or username.")
+    from_status = models.CharField(max_length=20, blank=True)
+    to_status = models.CharField(max_length=20)
+    reason = models.CharField(max_length=500, blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.from_status or '∅'} → {self.to_status}"
+
+
+class WebhookSubscription(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="webhook_subscriptions")
+    url = models.URLField(max_length=500)
+    # Kept in clear: HMAC signing needs it. Shown to the agent once, at creation.
+    secret = models.CharField(max_length=100, editable=False)
+    event_types = models.JSONField(default=list, blank=True, help_text="Empty: every event type.")
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.agent} → {self.url}"
+
+
+class DeliveryStatus(models.TextChoices):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class WebhookDelivery(models.Model):
+    """One event for one subscription: written with the event (outbox), sent after commit, retried with backoff."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    subscription = models.ForeignKey(WebhookSubscription, on_delete=models.CASCADE, related_name="deliveries")
+    event_type = models.CharField(max_length=60)
+    payload = models.JSONField()
+    status = models.CharField(max_length=10, choices=DeliveryStatus.choices, default=DeliveryStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField()
+    last_status_code = models.PositiveIntegerField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "next_attempt_at"], name="delivery_due_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} → {self.subscription.url} ({self.status})"
+

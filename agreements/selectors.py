@@ -1,0 +1,47 @@
+from django.db.models import Q, QuerySet
+
+from agreements.models import AgreementEvent, UsageAgreement, WebhookDelivery, WebhookSubscription
+from catalog.models import Agent
+from marketplace.errors import NotFound
+
+
+def _with_relations(agreements: QuerySet[UsageAgreement]) -> QuerySet[UsageAgreement]:
+    return agreements.select_related("buyer", "seller", "service")
+
+
+def agreements_of_agent(*, agent: Agent, role: str | None = None, status: str | None = None
+                        ) -> QuerySet[UsageAgreement]:
+    parties = {"buyer": Q(buyer=agent), "seller": Q(seller=agent)}
+    visible = parties[role] if role else parties["buyer"] | parties["seller"]
+    agreements = UsageAgreement.objects.filter(visible)
+    if status:
+        agreements = agreements.filter(status=status)
+    return _with_relations(agreements)
+
+
+def agreement_get(*, agreement_id, agent: Agent | None) -> UsageAgreement:
+    """An agreement the agent is party to (404 otherwise, so existence does not leak); any when agent is None."""
+    agreements = UsageAgreement.objects.all() if agent is None else agreements_of_agent(agent=agent)
+    agreement = _with_relations(agreements).filter(pk=agreement_id).first()
+    if agreement is None:
+        raise NotFound("No such agreement.", code="agreement_not_found")
+    return agreement
+
+
+def agreement_events(*, agreement: UsageAgreement) -> QuerySet[AgreementEvent]:
+    return agreement.events.all()
+
+
+def webhook_subscriptions_of(*, agent: Agent) -> QuerySet[WebhookSubscription]:
+    return agent.webhook_subscriptions.filter(is_active=True).order_by("-created_at")
+
+
+def webhook_subscription_get(*, agent: Agent, subscription_id) -> WebhookSubscription:
+    subscription = webhook_subscriptions_of(agent=agent).filter(pk=subscription_id).first()
+    if subscription is None:
+        raise NotFound("No such webhook subscription.", code="webhook_not_found")
+    return subscription
+
+
+def webhook_deliveries(*, subscription: WebhookSubscription) -> QuerySet[WebhookDelivery]:
+    return subscription.deliveries.all()

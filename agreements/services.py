@@ -1,0 +1,310 @@
+"""Writes of usage agreements: proposal (with policy and approval), every status transition, fees, webhooks.
+
+Every status change goes through `_transition`, under a row lock, checked against `TRANSITIONS`, and writes one
+`AgreementEvent` (plus webhook deliveries, sent after commit). A repeated identical request is a no-op.
+"""
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Case, F, Sum, Value, When
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+from eth_utils import keccak
+
+from agreements import webhooks
+from agreements.models import (
+    AgreementEvent,
+    AgreementStatus,
+    FeeSchedule,
+    SettlementModel,
+    UsageAgreement,
+)
+from catalog.models import Agent, Service, ServiceState
+from marketplace.errors import Conflict, Forbidden, InvalidInput, NotFound
+from marketplace.fields import TokenAmountField
+from policies import selectors as policy_selectors
+from policies import services as policy_services
+from policies.evaluation import Outcome, Purchase, Spend, evaluate
+
+S = AgreementStatus
+
+# The one table of legal status changes (DESIGN section 4).
+TRANSITIONS: dict[str, set[str]] = {
+    S.PENDING_APPROVAL: {S.PROPOSED, S.REJECTED, S.CANCELLED, S.EXPIRED},
+    S.PROPOSED: {S.ACCEPTED, S.REJECTED, S.CANCELLED, S.EXPIRED},
+    S.ACCEPTED: {S.SUBMITTING, S.PAYING, S.CANCELLED, S.EXPIRED},
+    S.ACTIVATION_FAILED: {S.SUBMITTING, S.CANCELLED, S.EXPIRED},
+    S.SUBMITTING: {S.ACTIVE, S.ACTIVATION_FAILED},
+    S.ACTIVE: {S.IN_CHALLENGE, S.REFUNDED},
+    S.IN_CHALLENGE: {S.SETTLING, S.DISPUTED},
+    S.DISPUTED: {S.SETTLING},
+    S.SETTLING: {S.SETTLED},
+    S.PAYING: {S.PAID, S.PAYMENT_FAILED},
+}
+_TIMESTAMPS = {
+    S.ACCEPTED: "accepted_at",
+    S.REJECTED: "closed_at",
+    S.CANCELLED: "closed_at",
+    S.EXPIRED: "closed_at",
+    S.ACTIVE: "activated_at",
+    S.SETTLED: "settled_at",
+    S.REFUNDED: "settled_at",
+    S.PAID: "settled_at",
+}
+# What an agreement in each status counts against the buyer's spend caps (see `_committed_spend`).
+NOTHING_COMMITTED = (S.REJECTED, S.CANCELLED, S.EXPIRED, S.ACTIVATION_FAILED, S.PAYMENT_FAILED)
+APPROVAL_SUBJECT = "usage_agreement"
+
+
+@dataclass(frozen=True)
+class Actor:
+    kind: str  # AgreementEvent.ActorKind
+    label: str = ""
+
+    @classmethod
+    def agent(cls, agent: Agent, role: str) -> "Actor":
+        return cls(role, agent.handle)
+
+    @classmethod
+    def person(cls, user, kind: str = AgreementEvent.ActorKind.OWNER) -> "Actor":
+        return cls(kind, getattr(user, "username", "") if user else "")
+
+
+SYSTEM = Actor(AgreementEvent.ActorKind.SYSTEM, "system")
+
+
+# --- fees ----------------------------------------------------------------------------------------------------
+
+def fee_schedule_current() -> FeeSchedule:
+    schedule, _ = FeeSchedule.objects.get_or_create(pk=1)
+    return schedule
+
+
+def fee_for(*, amount: int, schedule: FeeSchedule | None = None) -> int:
+    """max(ceil(amount × bps / 10 000) + fixed, minimum): rounding always up, in the platform's favour by < 1 unit."""
+    schedule = schedule or fee_schedule_current()
+    percent = -(-amount * schedule.percent_bps // 10_000)  # integer ceiling: exact for any amount
+    return max(percent + schedule.fixed_atomic, schedule.minimum_atomic)
+
+
+def fee_recipient(schedule: FeeSchedule | None = None) -> str:
+    schedule = schedule or fee_schedule_current()
+    return schedule.fee_recipient or settings.FEE_RECIPIENT
+
+
+# --- transitions ---------------------------------------------------------------------------------------------
+
+def _lock(agreement_id) -> UsageAgreement:
+    agreement = UsageAgreement.objects.select_for_update().filter(pk=agreement_id).first()
+    if agreement is None:
+        raise NotFound("No such agreement.", code="agreement_not_found")
+    return agreement
+
+
+def _record_event(agreement: UsageAgreement, *, actor: Actor, from_status: str, reason: str, data: dict) -> None:
+    event = AgreementEvent.objects.create(
+        agreement=agreement, actor_kind=actor.kind, actor_label=actor.label, from_status=from_status,
+        to_status=agreement.status, reason=reason, data=data,
+    )
+    webhooks.queue_for_event(agreement, event)
+
+
+def _transition(agreement_id, *, to: str, actor: Actor, reason: str = "", data: dict | None = None,
+                changes: dict | None = None) -> UsageAgreement:
+    """Move the agreement to `to` under a row lock; a no-op when it is already there. Call inside atomic()."""
+    agreement = _lock(agreement_id)
+    if agreement.status == to:
+        return agreement
+    if to not in TRANSITIONS.get(agreement.status, set()):
+        raise Conflict(
+            f"Cannot move an agreement from {agreement.status} to {to}.", code="invalid_transition",
+            details={"status": agreement.status, "requested": to},
+        )
+    from_status = agreement.status
+    agreement.status = to
+    agreement.status_reason = reason[:500]
+    fields = ["status", "status_reason", "updated_at"]
+    if to in _TIMESTAMPS:
+        setattr(agreement, _TIMESTAMPS[to], timezone.now())
+        fields.append(_TIMESTAMPS[to])
+    for name, value in (changes or {}).items():
+        setattr(agreement, name, value)
+        fields.append(name)
+    agreement.save(update_fields=fields)
+    _record_event(agreement, actor=actor, from_status=from_status, reason=reason, data=data or {})
+    return agreement
+
+
+def _require_party(agreement: UsageAgreement, agent: Agent, role: str) -> None:
+    party_id = agreement.buyer_id if role == "buyer" else agreement.seller_id
+    if agent.pk == party_id:
+        return
+    if agent.pk in (agreement.buyer_id, agreement.seller_id):
+        raise Forbidden(f"Only the {role} may do this.", code=f"{role}_only")
+    raise NotFound("No such agreement.", code="agreement_not_found")
+
+
+# --- proposal ------------------------------------------------------------------------------------------------
+
+def _terms_hash(terms: dict) -> str:
+    canonical = json.dumps(terms, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return "0x" + keccak(canonical).hex()
+
+
+def _committed_spend(buyer: Agent, since: datetime) -> int:
+    """What the buyer's agreements since `since` commit: fee plus deposit, or plus what was used once settled."""
+    committed = Case(
+        When(status__in=NOTHING_COMMITTED, then=Value(0)),
+        When(status=S.REFUNDED, then=F("infra_fee")),
+        When(status=S.SETTLED, then=F("infra_fee") + F("used")),
+        default=F("infra_fee") + F("deposit_amount"),
+        output_field=TokenAmountField(),
+    )
+    total = UsageAgreement.objects.filter(buyer=buyer, created_at__gte=since).aggregate(
+        total=Coalesce(Sum(committed), Value(0), output_field=TokenAmountField())
+    )["total"]
+    return int(total)
+
+
+def agreement_propose(
+    *,
+    buyer: Agent,
+    service: Service,
+    quantity: int,
+    settlement_model: str = SettlementModel.ESCROW,
+    token: str | None = None,
+    buyer_wallet_address: str | None = None,
+    expires_at: datetime | None = None,
+    challenge_window_seconds: int | None = None,
+    note: str = "",
+) -> UsageAgreement:
+    if not buyer.is_buyer:
+        raise Forbidden("Only agents with the buyer role can propose agreements.", code="not_a_buyer")
+    if service.seller_id == buyer.pk:
+        raise InvalidInput("An agent cannot buy its own service.", code="own_service")
+    if service.state != ServiceState.REGISTERED:
+        raise InvalidInput("This service is deregistered.", code="service_deregistered")
+    token = token or service.token
+    if token != service.token:
+        raise InvalidInput(f"This service is priced in {service.token}.", code="token_not_accepted",
+                           details={"accepted": [service.token]})
+    now = timezone.now()
+    expires_at = expires_at or now + settings.AGREEMENT_DEFAULT_DURATION
+    if expires_at <= now:
+        raise InvalidInput("expires_at is in the past.", code="expiry_in_past")
+    if expires_at > now + settings.AGREEMENT_MAX_DURATION:
+        raise InvalidInput("expires_at is too far in the future.", code="expiry_too_far",
+                           details={"max_days": settings.AGREEMENT_MAX_DURATION.days})
+    deposit = quantity * service.unit_price
+    if deposit <= 0:
+        raise InvalidInput("The agreement's amount must be positive.", code="amount_zero")
+    if deposit > settings.AGREEMENT_MAX_AMOUNT:
+        raise InvalidInput("The agreement's amount is above the platform limit.", code="amount_too_large",
+                           details={"max_amount_atomic": settings.AGREEMENT_MAX_AMOUNT})
+    schedule = fee_schedule_current()
+    fee = fee_for(amount=deposit, schedule=schedule)
+    window = challenge_window_seconds or settings.CHALLENGE_WINDOW_DEFAULT
+    terms = {
+        "service_id": str(service.pk), "settlement_model": settlement_model, "pricing_type": service.pricing_type,
+        "unit_name": service.unit_name, "price_per_unit": service.unit_price, "quantity": quantity,
+        "deposit_amount": deposit, "infra_fee": fee, "token": token, "token_address": settings.USDC_ADDRESS,
+        "chain_id": settings.CHAIN_ID, "challenge_window_seconds": window,
+        "expires_at": int(expires_at.timestamp()),
+        "buyer_wallet_address": buyer_wallet_address or buyer.wallet_address,
+        "seller_wallet_address": service.seller.wallet_address, "fee_recipient": fee_recipient(schedule),
+    }
+
+    with transaction.atomic():
+        # Serialises this buyer's proposals and policy edits, so two proposals cannot both slip under a cap.
+        Agent.objects.select_for_update().get(pk=buyer.pk)
+        decision = evaluate(
+            policy_selectors.policy_of(agent=buyer),
+            Purchase(seller_handle=service.seller.handle, service_id=str(service.pk),
+                     tags=frozenset(service.tags.values_list("name", flat=True)), token=token, amount=deposit + fee),
+            Spend(last_day=_committed_spend(buyer, now - timedelta(days=1)),
+                  last_month=_committed_spend(buyer, now - timedelta(days=30))),
+        )
+        if decision.outcome == Outcome.DENY:
+            raise Forbidden(decision.message, code="policy_denied", details={"rule": decision.rule,
+                                                                              **decision.details})
+        status = S.PENDING_APPROVAL if decision.outcome == Outcome.NEEDS_APPROVAL else S.PROPOSED
+        agreement = UsageAgreement.objects.create(
+            buyer=buyer, seller=service.seller, service=service, status=status, settlement_model=settlement_model,
+            pricing_type=terms["pricing_type"], unit_name=terms["unit_name"], price_per_unit=service.unit_price,
+            quantity=quantity, deposit_amount=deposit, infra_fee=fee, token=token,
+            token_address=terms["token_address"], chain_id=terms["chain_id"], challenge_window_seconds=window,
+            expires_at=expires_at, proposal_expires_at=now + settings.PROPOSAL_TTL,
+            buyer_wallet_address=terms["buyer_wallet_address"], seller_wallet_address=terms["seller_wallet_address"],
+            fee_recipient=terms["fee_recipient"], terms_hash=_terms_hash(terms), note=note,
+        )
+        if status == S.PENDING_APPROVAL:
+            policy_services.approval_request_create(
+                agent=buyer, subject_type=APPROVAL_SUBJECT, subject_id=agreement.pk, amount=deposit + fee,
+                rule=decision.rule,
+                summary={"service": service.name, "seller": service.seller.handle, "deposit_atomic": deposit,
+                         "infra_fee_atomic": fee, "token": token},
+            )
+        _record_event(agreement, actor=Actor.agent(buyer, "buyer"), from_status="", reason=decision.rule,
+                      data={"policy": decision.outcome.value})
+    return agreement
+
+
+# --- party actions -------------------------------------------------------------------------------------------
+
+def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreement:
+    _require_party(agreement, seller, "seller")
+    with transaction.atomic():
+        current = _lock(agreement.pk)
+        if not (current.status == S.PROPOSED and current.proposal_expires_at <= timezone.now()):
+            return _transition(agreement.pk, to=S.ACCEPTED, actor=Actor.agent(seller, "seller"))
+        # Committed before answering, so the seller's late accept leaves the agreement visibly expired.
+        _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
+    raise Conflict("The proposal expired.", code="proposal_expired", details={"status": S.EXPIRED})
+
+
+def agreement_reject(*, agreement: UsageAgreement, seller: Agent, reason: str = "") -> UsageAgreement:
+    _require_party(agreement, seller, "seller")
+    with transaction.atomic():
+        current = _lock(agreement.pk)
+        if current.status == S.PENDING_APPROVAL:
+            raise Conflict("The buyer's owner has not approved this proposal yet.", code="invalid_transition",
+                           details={"status": current.status, "requested": S.REJECTED})
+        return _transition(agreement.pk, to=S.REJECTED, actor=Actor.agent(seller, "seller"), reason=reason)
+
+
+def agreement_cancel(*, agreement: UsageAgreement, buyer: Agent, reason: str = "") -> UsageAgreement:
+    _require_party(agreement, buyer, "buyer")
+    with transaction.atomic():
+        return _transition(agreement.pk, to=S.CANCELLED, actor=Actor.agent(buyer, "buyer"), reason=reason)
+
+
+def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
+    to = {"approved": S.PROPOSED, "rejected": S.REJECTED, "expired": S.EXPIRED}[outcome]
+    who = Actor.person(actor) if actor else SYSTEM
+    agreement = _lock(subject_id)
+    if agreement.status != S.PENDING_APPROVAL:
+        return  # cancelled by the buyer meanwhile: nothing left to decide
+    changes = {"proposal_expires_at": timezone.now() + settings.PROPOSAL_TTL} if to == S.PROPOSED else None
+    _transition(subject_id, to=to, actor=who, reason=note or f"owner {outcome}", changes=changes)
+
+
+policy_services.approval_handler_register(subject_type=APPROVAL_SUBJECT, handler=_on_approval_decided)
+
+
+def agreements_expire_proposals(*, now: datetime | None = None) -> int:
+    """Proposals the seller did not answer in time become `expired`. Each in its own transaction; safe twice."""
+    now = now or timezone.now()
+    due = UsageAgreement.objects.filter(status=S.PROPOSED, proposal_expires_at__lte=now).values_list("pk", flat=True)
+    expired = 0
+    for pk in list(due[:1000]):
+        with transaction.atomic():
+            agreement = UsageAgreement.objects.select_for_update(skip_locked=True).filter(
+                pk=pk, status=S.PROPOSED).first()
+            if agreement is not None:
+                _transition(pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
+                expired += 1
+    return expired

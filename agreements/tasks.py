@@ -1,0 +1,18 @@
+from celery import shared_task
+
+from agreements import services, webhooks
+
+
+@shared_task
+def expire_proposals() -> int:
+    return services.agreements_expire_proposals()
+
+
+@shared_task
+def deliver_webhook(delivery_id: str) -> None:
+    webhooks.delivery_attempt(delivery_id=delivery_id)
+
+
+@shared_task
+def retry_due_webhooks() -> int:
+    return webhooks.deliveries_retry_due()

@@ -1,0 +1,216 @@
+from django.conf import settings
+from drf_spectacular.utils import OpenApiExample, extend_schema
+from rest_framework import status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from agreements import selectors, services, webhooks
+from agreements.serializers import (
+    AgreementEventSerializer,
+    AgreementListQuery,
+    AgreementSerializer,
+    PaymentRequirementsQuery,
+    PaymentRequirementsSerializer,
+    ProposalSerializer,
+    ReasonSerializer,
+    WebhookCreatedSerializer,
+    WebhookCreateSerializer,
+    WebhookDeliverySerializer,
+    WebhookSerializer,
+)
+from catalog import selectors as catalog_selectors
+from catalog.authentication import agent_scope, calling_agent
+from catalog.models import KeyScope
+from marketplace.chainconfig import relayer_address
+from marketplace.idempotency import idempotent
+from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
+from marketplace.serializers import error_responses
+from policies import selectors as policy_selectors
+
+TAGS = ["usage agreements"]
+
+
+def agreement_payload(agreement, *, many: bool = False):
+    rows = agreement if many else [agreement]
+    approvals = policy_selectors.approvals_for_subjects(
+        subject_type=services.APPROVAL_SUBJECT, subject_ids=[row.pk for row in rows]
+    )
+    return AgreementSerializer(agreement, many=many, context={"approvals": approvals}).data
+
+
+class AgreementsView(APIView):
+    def get_permissions(self):
+        return [agent_scope(KeyScope.READ if self.request.method == "GET" else KeyScope.PAY)()]
+
+    @extend_schema(operation_id="agreements_list", summary="Your agreements, as buyer or seller",
+                   parameters=[AgreementListQuery], tags=TAGS,
+                   responses={200: page_serializer(AgreementSerializer, "AgreementPage"), **error_responses()})
+    def get(self, request):
+        query = AgreementListQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        agreements = selectors.agreements_of_agent(
+            agent=calling_agent(request), role=query.validated_data.get("role"),
+            status=query.validated_data.get("status"),
+        )
+        rows, next_cursor = paginate(agreements, ordering=["-created_at", "id"],
+                                     cursor=query.validated_data.get("cursor"), limit=query.validated_data["limit"])
+        return Response({"results": agreement_payload(rows, many=True), "next_cursor": next_cursor})
+
+    @extend_schema(
+        operation_id="agreements_propose",
+        summary="Propose an agreement to a seller (buyer). 201 as `proposed`, or `pending_approval` when the "
+                "owner's policy wants a human decision; 403 `policy_denied` with the rule that denied it.",
+        request=ProposalSerializer, tags=TAGS,
+        examples=[OpenApiExample("escrow proposal", request_only=True, value={
+            "service_id": "7c3f0b0e-9f1c-4d43-9a59-5c1d8c0e2a11", "settlement_model": "escrow", "quantity": 100,
+            "buyer_wallet_address": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8",
+            "expires_at": "2026-12-31T00:00:00Z", "challenge_window_seconds": 3600})],
+        responses={201: AgreementSerializer, **error_responses(404, 409, 422)},
+    )
+    @idempotent()
+    def post(self, request):
+        body = ProposalSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = dict(body.validated_data)
+        service = catalog_selectors.service_get_any_state(service_id=data.pop("service_id"))
+        agreement = services.agreement_propose(buyer=calling_agent(request), service=service, **data)
+        agreement = selectors.agreement_get(agreement_id=agreement.pk, agent=calling_agent(request))
+        return Response(agreement_payload(agreement), status=status.HTTP_201_CREATED)
+
+
+class AgreementDetailView(APIView):
+    permission_classes = [agent_scope(KeyScope.READ)]
+
+    @extend_schema(operation_id="agreements_get", summary="One of your agreements", tags=TAGS,
+                   responses={200: AgreementSerializer, **error_responses(404)})
+    def get(self, request, agreement_id):
+        return Response(agreement_payload(selectors.agreement_get(agreement_id=agreement_id,
+                                                                  agent=calling_agent(request))))
+
+
+class AgreementEventsView(APIView):
+    permission_classes = [agent_scope(KeyScope.READ)]
+
+    @extend_schema(operation_id="agreements_events", summary="The agreement's audit trail, oldest first",
+                   parameters=[PageQuerySerializer], tags=TAGS,
+                   responses={200: page_serializer(AgreementEventSerializer, "AgreementEventPage"),
+                              **error_responses(404)})
+    def get(self, request, agreement_id):
+        query = PageQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
+        rows, next_cursor = paginate(selectors.agreement_events(agreement=agreement), ordering=["id"],
+                                     cursor=query.validated_data.get("cursor"), limit=query.validated_data["limit"])
+        return Response({"results": AgreementEventSerializer(rows, many=True).data, "next_cursor": next_cursor})
+
+
+def _transition_view(*, operation_id: str, summary: str, action, with_reason: bool, method: str):
+    """A view for one party action (accept, reject, cancel): 200 with the agreement, 409 when illegal."""
+
+    def handler(self, request, agreement_id):
+        agent = calling_agent(request)
+        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        kwargs = {}
+        if with_reason:
+            body = ReasonSerializer(data=request.data or {})
+            body.is_valid(raise_exception=True)
+            kwargs["reason"] = body.validated_data["reason"]
+        action(agreement=agreement, agent=agent, **kwargs)
+        return Response(agreement_payload(selectors.agreement_get(agreement_id=agreement_id, agent=agent)))
+
+    handler = extend_schema(operation_id=operation_id, summary=summary, tags=TAGS,
+                            request=ReasonSerializer if with_reason else None,
+                            responses={200: AgreementSerializer, **error_responses(404, 409)})(handler)
+    return type(f"{operation_id.title().replace('_', '')}View", (APIView,), {
+        "permission_classes": [agent_scope(KeyScope.PAY)], method: handler,
+    })
+
+
+AcceptView = _transition_view(
+    operation_id="agreements_accept", summary="Accept a proposal (seller); repeating it is harmless",
+    action=lambda agreement, agent: services.agreement_accept(agreement=agreement, seller=agent),
+    with_reason=False, method="put")
+RejectView = _transition_view(
+    operation_id="agreements_reject", summary="Reject a proposal (seller)",
+    action=lambda agreement, agent, reason: services.agreement_reject(agreement=agreement, seller=agent,
+                                                                      reason=reason),
+    with_reason=True, method="put")
+CancelView = _transition_view(
+    operation_id="agreements_cancel", summary="Cancel before activation (buyer)",
+    action=lambda agreement, agent, reason: services.agreement_cancel(agreement=agreement, buyer=agent,
+                                                                      reason=reason),
+    with_reason=True, method="post")
+
+
+class PaymentRequirementsView(APIView):
+    permission_classes = [agent_scope(KeyScope.READ)]
+
+    @extend_schema(operation_id="payment_requirements", tags=["payments"], parameters=[PaymentRequirementsQuery],
+                   summary="Fee, total and where to pay for an amount (2% + $0.003, minimum $0.10 by default)",
+                   responses={200: PaymentRequirementsSerializer, **error_responses()})
+    def get(self, request):
+        query = PaymentRequirementsQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        cents = query.validated_data.get("amount_cents")
+        amount = query.validated_data.get("amount_atomic") or cents * 10_000  # USDC: 6 decimals, 1 cent = 10^4
+        schedule = services.fee_schedule_current()
+        fee = services.fee_for(amount=amount, schedule=schedule)
+        return Response(PaymentRequirementsSerializer({
+            "rail": query.validated_data["rail"], "amount_atomic": amount, "fee_atomic": fee,
+            "total_atomic": amount + fee, "amount_cents": cents, "fee_cents": -(-fee // 10_000),
+            "token": {"symbol": "USDC", "address": settings.USDC_ADDRESS, "decimals": 6},
+            "chain_id": settings.CHAIN_ID, "network": settings.CHAIN_NETWORK,
+            "fee_recipient": services.fee_recipient(schedule), "gas_wallet_address": relayer_address(),
+            "fee_schedule": {"percent_bps": schedule.percent_bps, "fixed_atomic": schedule.fixed_atomic,
+                             "minimum_atomic": schedule.minimum_atomic},
+        }).data)
+
+
+class WebhooksView(APIView):
+    permission_classes = [agent_scope(KeyScope.ADMIN)]
+
+    @extend_schema(operation_id="webhooks_list", summary="Your webhook subscriptions", tags=["webhooks"],
+                   responses={200: WebhookSerializer(many=True), **error_responses()})
+    def get(self, request):
+        return Response(WebhookSerializer(selectors.webhook_subscriptions_of(agent=calling_agent(request)),
+                                          many=True).data)
+
+    @extend_schema(operation_id="webhooks_create", tags=["webhooks"], request=WebhookCreateSerializer,
+                   summary="Subscribe a URL to agreement events; the signing secret is shown once",
+                   responses={201: WebhookCreatedSerializer, **error_responses(422)})
+    @idempotent()
+    def post(self, request):
+        body = WebhookCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        subscription = webhooks.subscription_create(agent=calling_agent(request), **body.validated_data)
+        return Response(WebhookCreatedSerializer(subscription).data, status=status.HTTP_201_CREATED)
+
+
+class WebhookDetailView(APIView):
+    permission_classes = [agent_scope(KeyScope.ADMIN)]
+
+    @extend_schema(operation_id="webhooks_delete", summary="Unsubscribe", tags=["webhooks"],
+                   responses={204: None, **error_responses(404)})
+    def delete(self, request, subscription_id):
+        subscription = selectors.webhook_subscription_get(agent=calling_agent(request),
+                                                          subscription_id=subscription_id)
+        webhooks.subscription_delete(subscription=subscription)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class WebhookDeliveriesView(APIView):
+    permission_classes = [agent_scope(KeyScope.ADMIN)]
+
+    @extend_schema(operation_id="webhooks_deliveries", summary="Delivery log of a subscription, newest first",
+                   tags=["webhooks"], parameters=[PageQuerySerializer],
+                   responses={200: page_serializer(WebhookDeliverySerializer, "WebhookDeliveryPage"),
+                              **error_responses(404)})
+    def get(self, request, subscription_id):
+        query = PageQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        subscription = selectors.webhook_subscription_get(agent=calling_agent(request),
+                                                          subscription_id=subscription_id)
+        rows, next_cursor = paginate(selectors.webhook_deliveries(subscription=subscription),
+                                     ordering=["-created_at", "id"], cursor=query.validated_data.get("cursor"),
+                                     limit=query.validated_data["limit"])
+        return Response({"results": WebhookDeliverySerializer(rows, many=True).data, "next_cursor": next_cursor})

@@ -1,0 +1,153 @@
+"""Signed webhooks for agreement events.
+
+Deliveries are written in the transaction that records the event (an outbox) and sent by a Celery task after
+commit; failures are retried with exponential backoff, and a beat task picks up anything whose message was lost.
+Signature header, like Stripe's: `Marketplace-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">`;
+receivers should reject timestamps older than 300 s and dedupe on `Marketplace-Event-Id`.
+"""
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from datetime import datetime, timedelta
+
+import httpx
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import transaction
+from django.utils import timezone
+
+from agreements.models import AgreementEvent, DeliveryStatus, UsageAgreement, WebhookDelivery, WebhookSubscription
+from catalog.models import Agent
+
+SIGNATURE_HEADER = "Marketplace-Signature"
+SIGNATURE_TOLERANCE_SECONDS = 300
+_BACKOFF_BASE_SECONDS = 10
+
+
+def subscription_create(*, agent: Agent, url: str, event_types: list[str]) -> WebhookSubscription:
+    return WebhookSubscription.objects.create(
+        agent=agent, url=url, event_types=event_types, secret=f"whsec_{secrets.token_urlsafe(32)}"
+    )
+
+
+def subscription_delete(*, subscription: WebhookSubscription) -> None:
+    WebhookSubscription.objects.filter(pk=subscription.pk).update(is_active=False)
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify(secret: str, body: bytes, header: str, *, now: float | None = None) -> bool:
+    """What a receiver does; used by the tests and the SDK."""
+    try:
+        parts = dict(item.split("=", 1) for item in header.replace(" ", "").split(","))
+        timestamp = int(parts["t"])
+    except (ValueError, KeyError):
+        return False
+    if abs((now or time.time()) - timestamp) > SIGNATURE_TOLERANCE_SECONDS:
+        return False
+    return hmac.compare_digest(sign(secret, body, timestamp), f"t={timestamp},v1={parts.get('v1', '')}")
+
+
+def event_payload(agreement: UsageAgreement, event: AgreementEvent, event_type: str) -> dict:
+    return {
+        "id": f"evt_{event.pk}",
+        "type": event_type,
+        "created_at": event.created_at.isoformat(),
+        "data": {
+            "agreement_id": str(agreement.pk),
+            "status": agreement.status,
+            "from_status": event.from_status,
+            "reason": event.reason,
+            "buyer": agreement.buyer.handle,
+            "seller": agreement.seller.handle,
+            "service_id": str(agreement.service_id),
+        },
+    }
+
+
+def queue_for_event(agreement: UsageAgreement, event: AgreementEvent) -> None:
+    event_type = f"agreement.{event.to_status}"
+    subscriptions = WebhookSubscription.objects.filter(
+        agent_id__in=[agreement.buyer_id, agreement.seller_id], is_active=True
+    )
+    payload = event_payload(agreement, event, event_type)
+    for subscription in subscriptions:
+        if subscription.event_types and event_type not in subscription.event_types:
+            continue
+        delivery = WebhookDelivery.objects.create(
+            subscription=subscription, event_type=event_type, payload=payload, next_attempt_at=timezone.now()
+        )
+        _send_after_commit(delivery.pk)
+
+
+def _send_after_commit(delivery_id, countdown: float = 0) -> None:
+    from agreements.tasks import deliver_webhook
+
+    transaction.on_commit(lambda: deliver_webhook.apply_async((str(delivery_id),), countdown=countdown))
+
+
+def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
+    """Send one delivery if it is due. Holds the row lock while sending so two workers never send it twice."""
+    with transaction.atomic():
+        delivery = (
+            WebhookDelivery.objects.select_for_update(skip_locked=True).select_related("subscription")
+            .filter(pk=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=timezone.now()).first()
+        )
+        if delivery is None:
+            return None
+        body = json.dumps(delivery.payload, cls=DjangoJSONEncoder, separators=(",", ":")).encode()
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(delivery.subscription.secret, body, int(time.time())),
+            "Marketplace-Event-Id": delivery.payload["id"],
+            "Marketplace-Event-Type": delivery.event_type,
+            "User-Agent": "agent-escrow-marketplace-webhooks/1",
+        }
+        delivery.attempts += 1
+        try:
+            response = httpx.post(delivery.subscription.url, content=body, headers=headers,
+                                  timeout=settings.WEBHOOK_TIMEOUT_SECONDS)
+            delivery.last_status_code = response.status_code
+            ok, error = response.is_success, "" if response.is_success else f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            ok, error = False, f"{type(exc).__name__}: {exc}"[:500]
+        delivery.last_error = error
+        if ok:
+            delivery.status = DeliveryStatus.DELIVERED
+            delivery.delivered_at = timezone.now()
+        elif delivery.attempts >= settings.WEBHOOK_MAX_ATTEMPTS:
+            delivery.status = DeliveryStatus.FAILED
+        else:
+            delay = _BACKOFF_BASE_SECONDS * 2 ** (delivery.attempts - 1)
+            delivery.next_attempt_at = timezone.now() + timedelta(seconds=delay)
+            _send_after_commit(delivery.pk, countdown=delay)
+        delivery.save()
+        return delivery
+
+
+def deliveries_retry_due(*, now: datetime | None = None) -> int:
+    """Re-enqueue due deliveries whose task message was lost (worker killed, broker restarted)."""
+    now = now or timezone.now()
+    due = list(WebhookDelivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
+               .values_list("pk", flat=True)[:500])
+    from agreements.tasks import deliver_webhook
+
+    for pk in due:
+        deliver_webhook.delay(str(pk))
+    return len(due)
+
+
+def delivery_redeliver(*, delivery: WebhookDelivery) -> WebhookDelivery:
+    """Operator or agent asks to send a delivered or failed event again."""
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(
+        status=DeliveryStatus.PENDING, next_attempt_at=timezone.now(), attempts=0
+    )
+    _send_after_commit(delivery.pk)
+    delivery.refresh_from_db()
+    return delivery

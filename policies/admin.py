@@ -1,0 +1,57 @@
+from django.contrib import admin, messages
+
+from marketplace.errors import ApplicationError
+from policies import services
+from policies.models import ApprovalRequest, Policy
+
+
+@admin.register(Policy)
+class PolicyAdmin(admin.ModelAdmin):
+    list_display = ("agent", "max_per_agreement", "daily_cap", "monthly_cap", "approval_threshold", "updated_at",
+                    "updated_by")
+    search_fields = ("agent__handle",)
+    readonly_fields = ("updated_at", "updated_by")
+    list_select_related = ("agent", "updated_by")
+
+    def save_model(self, request, obj, form, change):
+        # Through the service, which takes the lock proposals take, so a cap never changes under a proposal.
+        data = {name: form.cleaned_data.get(name, getattr(obj, name)) for name in services.POLICY_FIELDS}
+        services.policy_set(agent=obj.agent, actor=request.user, data=data)
+
+
+def _decide(modeladmin, request, queryset, approve: bool):
+    decided = 0
+    for approval in queryset:
+        try:
+            services.approval_decide(approval=approval, actor=request.user, approve=approve, note="decided in admin")
+            decided += 1
+        except ApplicationError as error:
+            messages.warning(request, f"{approval.pk}: {error.message}")
+    messages.success(request, f"{'Approved' if approve else 'Rejected'} {decided} request(s).")
+
+
+@admin.action(description="Approve selected requests")
+def approve_requests(modeladmin, request, queryset):
+    _decide(modeladmin, request, queryset, approve=True)
+
+
+@admin.action(description="Reject selected requests")
+def reject_requests(modeladmin, request, queryset):
+    _decide(modeladmin, request, queryset, approve=False)
+
+
+@admin.register(ApprovalRequest)
+class ApprovalRequestAdmin(admin.ModelAdmin):
+    list_display = ("id", "agent", "amount", "rule", "status", "created_at", "expires_at", "decided_by")
+    list_filter = ("status", "rule")
+    search_fields = ("id", "subject_id", "agent__handle")
+    list_select_related = ("agent", "decided_by")
+    actions = [approve_requests, reject_requests]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in ApprovalRequest._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+

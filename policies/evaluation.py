@@ -1,0 +1,76 @@
+"""The policy decision, as a pure function: no database, no clock. Tested rule by rule."""
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from policies.models import Policy
+
+
+class Outcome(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    NEEDS_APPROVAL = "needs_approval"
+
+
+@dataclass(frozen=True)
+class Purchase:
+    seller_handle: str
+    service_id: str
+    tags: frozenset[str]
+    token: str
+    amount: int  # the commitment: everything that can leave the buyer's wallet (max amount + fee)
+
+
+@dataclass(frozen=True)
+class Spend:
+    last_day: int
+    last_month: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    rule: str = ""
+    message: str = ""
+    details: dict = field(default_factory=dict)
+
+
+ALLOW = Decision(Outcome.ALLOW)
+
+
+def evaluate(policy: Policy | None, purchase: Purchase, spend: Spend) -> Decision:
+    """Deny rules first (lists, token, limits, caps), then the approval threshold."""
+    if policy is None:
+        return ALLOW
+
+    def deny(rule: str, message: str, **details) -> Decision:
+        return Decision(Outcome.DENY, rule, message, details)
+
+    if purchase.seller_handle in policy.blocked_sellers:
+        return deny("blocked_sellers", "The seller is blocked by policy.", seller=purchase.seller_handle)
+    if policy.allowed_sellers and purchase.seller_handle not in policy.allowed_sellers:
+        return deny("allowed_sellers", "The seller is not on the allowed list.", seller=purchase.seller_handle)
+    if purchase.service_id in policy.blocked_services:
+        return deny("blocked_services", "The service is blocked by policy.", service=purchase.service_id)
+    if policy.allowed_services and purchase.service_id not in policy.allowed_services:
+        return deny("allowed_services", "The service is not on the allowed list.", service=purchase.service_id)
+    blocked_tags = sorted(purchase.tags & set(policy.blocked_tags))
+    if blocked_tags:
+        return deny("blocked_tags", "The service has a blocked tag.", tags=blocked_tags)
+    if policy.allowed_tags and not purchase.tags & set(policy.allowed_tags):
+        return deny("allowed_tags", "The service has none of the allowed tags.")
+    if policy.allowed_tokens and purchase.token not in policy.allowed_tokens:
+        return deny("allowed_tokens", "The token is not allowed by policy.", token=purchase.token)
+    if policy.max_per_agreement is not None and purchase.amount > policy.max_per_agreement:
+        return deny("max_per_agreement", "The commitment exceeds the maximum per agreement.",
+                    amount=purchase.amount, limit=policy.max_per_agreement)
+    if policy.daily_cap is not None and spend.last_day + purchase.amount > policy.daily_cap:
+        return deny("daily_cap", "The commitment would exceed the daily spend cap.",
+                    spent=spend.last_day, amount=purchase.amount, limit=policy.daily_cap)
+    if policy.monthly_cap is not None and spend.last_month + purchase.amount > policy.monthly_cap:
+        return deny("monthly_cap", "The commitment would exceed the monthly spend cap.",
+                    spent=spend.last_month, amount=purchase.amount, limit=policy.monthly_cap)
+    if policy.approval_threshold is not None and purchase.amount >= policy.approval_threshold:
+        return Decision(Outcome.NEEDS_APPROVAL, "approval_threshold", "The owner must approve this commitment.",
+                        {"amount": purchase.amount, "threshold": policy.approval_threshold})
+    return ALLOW

@@ -1,0 +1,25 @@
+from catalog.models import Agent
+from marketplace.errors import NotFound
+from policies.models import ApprovalRequest, Policy
+
+
+def policy_of(*, agent: Agent) -> Policy | None:
+    return Policy.objects.filter(agent=agent).first()
+
+
+def approvals_of_agent(*, agent: Agent, status: str | None = None):
+    approvals = ApprovalRequest.objects.filter(agent=agent)
+    return approvals.filter(status=status) if status else approvals
+
+
+def approval_get(*, agent: Agent, approval_id) -> ApprovalRequest:
+    approval = ApprovalRequest.objects.filter(agent=agent, pk=approval_id).first()
+    if approval is None:
+        raise NotFound("No such approval request.", code="approval_not_found")
+    return approval
+
+
+def approvals_for_subjects(*, subject_type: str, subject_ids: list) -> dict:
+    """{subject id: its approval request} for the subjects that have one, in one query."""
+    requests = ApprovalRequest.objects.filter(subject_type=subject_type, subject_id__in=subject_ids)
+    return {request.subject_id: request for request in requests}

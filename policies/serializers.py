@@ -1,0 +1,85 @@
+from django.conf import settings
+from rest_framework import serializers
+
+from catalog.models import HANDLE_VALIDATOR
+from catalog.serializers import TagListField
+from marketplace.pagination import PageQuerySerializer
+from marketplace.serializers import AtomicAmountField, StrictSerializer
+from policies.models import ApprovalStatus
+
+_LIMITS = {
+    "max_per_agreement": "Largest commitment (max amount + fee) of one agreement.",
+    "daily_cap": "Commitments in any rolling 24 hours.",
+    "monthly_cap": "Commitments in any rolling 30 days.",
+    "approval_threshold": "Commitments of at least this much wait for the owner's approval.",
+}
+
+
+def _limit_field(help_text: str):
+    return AtomicAmountField(required=False, allow_null=True, default=None, help_text=f"{help_text} Null: none.")
+
+
+class PolicySerializer(StrictSerializer):
+    """The whole policy: a PUT replaces it; a field left out means 'no limit' / 'empty list'."""
+
+    max_per_agreement_atomic = _limit_field(_LIMITS["max_per_agreement"])
+    daily_cap_atomic = _limit_field(_LIMITS["daily_cap"])
+    monthly_cap_atomic = _limit_field(_LIMITS["monthly_cap"])
+    approval_threshold_atomic = _limit_field(_LIMITS["approval_threshold"])
+    allowed_sellers = serializers.ListField(child=serializers.CharField(max_length=64, validators=[HANDLE_VALIDATOR]),
+                                           required=False, default=list, max_length=500)
+    blocked_sellers = serializers.ListField(child=serializers.CharField(max_length=64, validators=[HANDLE_VALIDATOR]),
+                                           required=False, default=list, max_length=500)
+    allowed_services = serializers.ListField(child=serializers.UUIDField(format="hex_verbose"), required=False,
+                                             default=list, max_length=500)
+    blocked_services = serializers.ListField(child=serializers.UUIDField(format="hex_verbose"), required=False,
+                                             default=list, max_length=500)
+    allowed_tags = TagListField(required=False, min_length=0, max_length=500, default=list)
+    blocked_tags = TagListField(required=False, min_length=0, max_length=500, default=list)
+    allowed_tokens = serializers.ListField(child=serializers.ChoiceField(choices=settings.SUPPORTED_TOKENS),
+                                           required=False, default=list)
+    updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        for name in _LIMITS:
+            value[name] = value.pop(f"{name}_atomic")
+        for name in ("allowed_services", "blocked_services"):
+            value[name] = [str(service_id) for service_id in value[name]]
+        return value
+
+    def to_representation(self, policy):
+        if policy is None:
+            return {**{f"{name}_atomic": None for name in _LIMITS},
+                    **{name: [] for name in ("allowed_sellers", "blocked_sellers", "allowed_services",
+                                             "blocked_services", "allowed_tags", "blocked_tags", "allowed_tokens")},
+                    "updated_at": None}
+        return {
+            **{f"{name}_atomic": getattr(policy, name) for name in _LIMITS},
+            **{name: getattr(policy, name) for name in ("allowed_sellers", "blocked_sellers", "allowed_services",
+                                                        "blocked_services", "allowed_tags", "blocked_tags",
+                                                        "allowed_tokens")},
+            "updated_at": policy.updated_at,
+        }
+
+
+class ApprovalListQuery(StrictSerializer, PageQuerySerializer):
+    status = serializers.ChoiceField(choices=ApprovalStatus.choices, required=False)
+
+
+class DecisionSerializer(StrictSerializer):
+    note = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+
+
+class ApprovalSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    subject_type = serializers.CharField()
+    subject_id = serializers.UUIDField(help_text="The agreement waiting for the decision.")
+    amount_atomic = AtomicAmountField(source="amount")
+    rule = serializers.CharField()
+    summary = serializers.JSONField()
+    status = serializers.ChoiceField(choices=ApprovalStatus.choices)
+    created_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField()
+    decided_at = serializers.DateTimeField(allow_null=True)
+    decision_note = serializers.CharField()

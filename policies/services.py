@@ -1,0 +1,91 @@
+"""Writes of policies and approvals.
+
+Approvals hold something another app owns (a usage agreement). That app registers a decision handler for its
+subject type at start-up, so the decision is carried out in the same transaction without policies importing it.
+"""
+
+from collections.abc import Callable
+from datetime import datetime
+from uuid import UUID
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from catalog.models import Agent
+from marketplace.errors import Conflict
+from policies.models import ApprovalRequest, ApprovalStatus, Policy
+
+DecisionHandler = Callable[..., None]  # (subject_id=, outcome=, actor=, note=) -> None
+_handlers: dict[str, DecisionHandler] = {}
+
+POLICY_FIELDS = (
+    "max_per_agreement", "daily_cap", "monthly_cap", "approval_threshold", "allowed_sellers", "blocked_sellers",
+    "allowed_services", "blocked_services", "allowed_tags", "blocked_tags", "allowed_tokens",
+)
+
+
+def approval_handler_register(*, subject_type: str, handler: DecisionHandler) -> None:
+    _handlers[subject_type] = handler
+
+
+def policy_set(*, agent: Agent, actor, data: dict) -> Policy:
+    """Replace the agent's policy with `data` (fields left out are reset to 'no limit')."""
+    with transaction.atomic():
+        Agent.objects.select_for_update().get(pk=agent.pk)  # the same lock proposals take: no race with a cap
+        policy, _ = Policy.objects.get_or_create(agent=agent)
+        for name in POLICY_FIELDS:
+            setattr(policy, name, data.get(name, Policy._meta.get_field(name).get_default()))
+        policy.updated_by = actor
+        policy.save()
+    return policy
+
+
+def approval_request_create(*, agent: Agent, subject_type: str, subject_id: UUID, amount: int, rule: str,
+                            summary: dict) -> ApprovalRequest:
+    return ApprovalRequest.objects.create(
+        agent=agent, subject_type=subject_type, subject_id=subject_id, amount=amount, rule=rule, summary=summary,
+        expires_at=timezone.now() + settings.APPROVAL_TTL,
+    )
+
+
+def _decide(request: ApprovalRequest, *, status: str, actor, note: str) -> ApprovalRequest:
+    request.status = status
+    request.decided_at = timezone.now()
+    request.decided_by = actor
+    request.decision_note = note
+    request.save(update_fields=["status", "decided_at", "decided_by", "decision_note"])
+    _handlers[request.subject_type](subject_id=request.subject_id, outcome=status, actor=actor, note=note)
+    return request
+
+
+def approval_decide(*, approval: ApprovalRequest, actor, approve: bool, note: str = "") -> ApprovalRequest:
+    """Approve or reject; repeating the same decision is a no-op, reversing one (or deciding too late) is 409."""
+    wanted = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
+    with transaction.atomic():
+        approval = ApprovalRequest.objects.select_for_update().get(pk=approval.pk)
+        if approval.status == wanted:
+            return approval
+        if approval.status == ApprovalStatus.PENDING and approval.expires_at > timezone.now():
+            return _decide(approval, status=wanted, actor=actor, note=note)
+        if approval.status == ApprovalStatus.PENDING:
+            # Committed before answering: a late decision leaves the request (and its subject) visibly expired.
+            _decide(approval, status=ApprovalStatus.EXPIRED, actor=None, note="expired before the decision")
+    raise Conflict(f"This approval request is already {approval.status}.", code="approval_already_decided",
+                   details={"status": approval.status})
+
+
+def approvals_expire(*, now: datetime | None = None) -> int:
+    """Expire pending requests past their deadline, each in its own transaction. Safe to run twice."""
+    now = now or timezone.now()
+    expired = 0
+    due = ApprovalRequest.objects.filter(status=ApprovalStatus.PENDING, expires_at__lte=now).values_list("pk",
+                                                                                                          flat=True)
+    for pk in list(due[:1000]):
+        with transaction.atomic():
+            approval = ApprovalRequest.objects.select_for_update(skip_locked=True).filter(
+                pk=pk, status=ApprovalStatus.PENDING).first()
+            if approval is not None:
+                _decide(approval, status=ApprovalStatus.EXPIRED, actor=None, note="expired")
+                expired += 1
+    return expired

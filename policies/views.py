@@ -1,0 +1,77 @@
+from drf_spectacular.utils import extend_schema
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from catalog import selectors as catalog_selectors
+from catalog.authentication import IsOwner
+from marketplace.pagination import page_serializer, paginate
+from marketplace.serializers import error_responses
+from policies import selectors, services
+from policies.serializers import ApprovalListQuery, ApprovalSerializer, DecisionSerializer, PolicySerializer
+
+OWNER = [{"OwnerToken": []}]
+TAGS = ["policies and approvals"]
+
+
+def _owned_agent(request, agent_id):
+    """The agent, if the caller owns it; 404 otherwise (an owner never learns about others' agents)."""
+    return catalog_selectors.agent_get(agent_id=agent_id, owner=request.user)
+
+
+class PolicyView(APIView):
+    permission_classes = [IsOwner]
+
+    @extend_schema(operation_id="policies_get", summary="The agent's policy (owner)", tags=TAGS, auth=OWNER,
+                   responses={200: PolicySerializer, **error_responses(404)})
+    def get(self, request, agent_id):
+        agent = _owned_agent(request, agent_id)
+        return Response(PolicySerializer(selectors.policy_of(agent=agent)).data)
+
+    @extend_schema(operation_id="policies_put", summary="Replace the agent's policy (owner)", tags=TAGS, auth=OWNER,
+                   request=PolicySerializer, responses={200: PolicySerializer, **error_responses(404)})
+    def put(self, request, agent_id):
+        agent = _owned_agent(request, agent_id)
+        body = PolicySerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        policy = services.policy_set(agent=agent, actor=request.user, data=body.validated_data)
+        return Response(PolicySerializer(policy).data)
+
+
+class ApprovalsView(APIView):
+    permission_classes = [IsOwner]
+
+    @extend_schema(operation_id="approvals_list", summary="Approval requests of the agent, newest first (owner)",
+                   tags=TAGS, auth=OWNER, parameters=[ApprovalListQuery],
+                   responses={200: page_serializer(ApprovalSerializer, "ApprovalPage"), **error_responses(404)})
+    def get(self, request, agent_id):
+        agent = _owned_agent(request, agent_id)
+        query = ApprovalListQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        rows, next_cursor = paginate(
+            selectors.approvals_of_agent(agent=agent, status=query.validated_data.get("status")),
+            ordering=["-created_at", "id"], cursor=query.validated_data.get("cursor"),
+            limit=query.validated_data["limit"],
+        )
+        return Response({"results": ApprovalSerializer(rows, many=True).data, "next_cursor": next_cursor})
+
+
+def _decision_view(approve: bool):
+    verb = "approve" if approve else "reject"
+
+    @extend_schema(operation_id=f"approvals_{verb}", tags=TAGS, auth=OWNER, request=DecisionSerializer,
+                   summary=f"{verb.title()} a held purchase (owner, not the agent); repeating it is harmless",
+                   responses={200: ApprovalSerializer, **error_responses(404, 409)})
+    def post(self, request, agent_id, request_id):
+        agent = _owned_agent(request, agent_id)
+        body = DecisionSerializer(data=request.data or {})
+        body.is_valid(raise_exception=True)
+        approval = selectors.approval_get(agent=agent, approval_id=request_id)
+        approval = services.approval_decide(approval=approval, actor=request.user, approve=approve,
+                                            note=body.validated_data["note"])
+        return Response(ApprovalSerializer(approval).data)
+
+    return type(f"Approval{verb.title()}View", (APIView,), {"permission_classes": [IsOwner], "post": post})
+
+
+ApproveView = _decision_view(approve=True)
+RejectView = _decision_view(approve=False)

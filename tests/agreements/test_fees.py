@@ -1,0 +1,50 @@
+import pytest
+
+from agreements.models import FeeSchedule
+from agreements.services import fee_for
+from tests.conftest import codes_at
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.mark.parametrize(("amount", "fee"), [
+    (1, 100_000),                  # the minimum
+    (4_849_999, 100_000),          # 96_999.98 → 97_000 + 3_000 = 100_000
+    (4_850_000, 100_000),          # exactly at the minimum
+    (4_850_001, 100_001),          # first amount above it: the 2% rounds up
+    (5_000_000, 103_000),          # the seed's $5: 2% = 0.10 + 0.003
+    (1_000_000_000_000, 20_000_003_000),
+])
+def test_fee_formula_boundaries(amount, fee):
+    assert fee_for(amount=amount) == fee
+
+
+def test_fee_schedule_is_editable():
+    FeeSchedule.objects.update_or_create(pk=1, defaults={"percent_bps": 100, "fixed_atomic": 0,
+                                                         "minimum_atomic": 0})
+    assert fee_for(amount=1_000_001) == 10_001
+
+
+def test_payment_requirements(buyer_api, settings):
+    response = buyer_api.get("/payment-requirements", {"amount_cents": 500, "rail": "stablecoin"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["amount_atomic"] == 5_000_000
+    assert body["fee_atomic"] == 103_000
+    assert body["total_atomic"] == 5_103_000
+    assert body["fee_cents"] == 11
+    assert body["token"]["symbol"] == "USDC" and body["token"]["decimals"] == 6
+    assert body["chain_id"] == settings.CHAIN_ID
+    assert body["fee_recipient"] == settings.FEE_RECIPIENT
+    assert body["gas_wallet_address"].startswith("0x")
+
+
+@pytest.mark.parametrize(("params", "field", "code"), [
+    ({}, "non_field_errors", "amount_required"),
+    ({"amount_cents": 5, "amount_atomic": 5}, "non_field_errors", "amount_required"),
+    ({"amount_cents": -1}, "amount_cents", "min_value"),
+    ({"amount_cents": "x"}, "amount_cents", "invalid"),
+    ({"amount_cents": 5, "rail": "card"}, "rail", "invalid_choice"),
+])
+def test_payment_requirements_validation(buyer_api, params, field, code):
+    assert code in codes_at(buyer_api.get("/payment-requirements", params), field)

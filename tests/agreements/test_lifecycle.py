@@ -1,0 +1,192 @@
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from agreements.models import AgreementEvent, UsageAgreement
+from catalog.models import ServiceState
+from tests.agreements.helpers import propose, proposal
+from tests.catalog.factories import AgentFactory, issue_key, register_service
+from tests.conftest import Api, codes_at, error_code
+
+pytestmark = pytest.mark.django_db
+
+
+def statuses(agreement_id) -> list[tuple[str, str]]:
+    return list(AgreementEvent.objects.filter(agreement_id=agreement_id).values_list("from_status", "to_status"))
+
+
+def test_propose_freezes_terms(buyer, buyer_api, service):
+    agreement = propose(buyer_api, service, quantity=50)
+    assert agreement["status"] == "proposed"
+    assert agreement["deposit_amount_atomic"] == 50 * 20_000
+    assert agreement["infra_fee_atomic"] == 100_000  # the minimum fee applies to 1 USDC
+    assert agreement["price_per_unit_atomic"] == 20_000
+    assert agreement["buyer_wallet_address"] == buyer.wallet_address
+    assert agreement["seller_wallet_address"] == service.seller.wallet_address
+    assert agreement["terms_hash"].startswith("0x") and len(agreement["terms_hash"]) == 66
+    assert agreement["onchain_id"] == "0x" + agreement["id"].replace("-", "").rjust(64, "0")
+    assert agreement["used_atomic"] == 0 and agreement["remaining_atomic"] == 1_000_000
+    assert agreement["approval"] is None
+
+    # A later price change does not touch the agreement.
+    Api(issue_key(service.seller)).patch(f"/agents/services/{service.pk}",
+                                         {"pricing": {"type": "per_call", "unit_price_atomic": 99}})
+    assert buyer_api.get(f"/usage-agreements/{agreement['id']}").json()["price_per_unit_atomic"] == 20_000
+
+
+def test_accept_is_idempotent_and_audited(buyer_api, seller_api, service):
+    agreement = propose(buyer_api, service)
+    url = f"/usage-agreements/{agreement['id']}/accept"
+    first = seller_api.put(url)
+    assert first.status_code == 200 and first.json()["status"] == "accepted"
+    assert first.json()["accepted_at"]
+    again = seller_api.put(url)
+    assert again.status_code == 200 and again.json()["accepted_at"] == first.json()["accepted_at"]
+    assert statuses(agreement["id"]) == [("", "proposed"), ("proposed", "accepted")]
+
+    events = seller_api.get(f"/usage-agreements/{agreement['id']}/events").json()["results"]
+    assert [(e["from_status"], e["to_status"], e["actor_kind"]) for e in events] == [
+        ("", "proposed", "buyer"), ("proposed", "accepted", "seller")]
+
+
+def test_reject_with_reason(buyer_api, seller_api, service):
+    agreement = propose(buyer_api, service)
+    response = seller_api.put(f"/usage-agreements/{agreement['id']}/reject", {"reason": "fully booked"})
+    assert response.json()["status"] == "rejected"
+    assert response.json()["status_reason"] == "fully booked"
+    accept = seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+    assert accept.status_code == 409
+    assert error_code(accept) == "invalid_transition"
+    assert accept.json()["error"]["details"]["status"] == "rejected"
+    assert len(statuses(agreement["id"])) == 2
+
+
+def test_buyer_cancels_before_activation_but_not_after(buyer_api, seller_api, service):
+    agreement = propose(buyer_api, service)
+    seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+    cancelled = buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel", {"reason": "changed my mind"})
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+
+    active = propose(buyer_api, service)
+    UsageAgreement.objects.filter(pk=active["id"]).update(status="active")  # activation is the escrow's job
+    response = buyer_api.post(f"/usage-agreements/{active['id']}/cancel")
+    assert response.status_code == 409 and error_code(response) == "invalid_transition"
+    assert UsageAgreement.objects.get(pk=active["id"]).status == "active"
+
+
+def test_roles_are_enforced(buyer_api, seller_api, service):
+    agreement = propose(buyer_api, service)
+    as_buyer = buyer_api.put(f"/usage-agreements/{agreement['id']}/accept")
+    assert as_buyer.status_code == 403 and error_code(as_buyer) == "seller_only"
+    as_seller = seller_api.post(f"/usage-agreements/{agreement['id']}/cancel")
+    assert as_seller.status_code == 403 and error_code(as_seller) == "buyer_only"
+    assert UsageAgreement.objects.get(pk=agreement["id"]).status == "proposed"
+
+
+def test_strangers_get_404_not_403(buyer_api, service):
+    agreement = propose(buyer_api, service)
+    stranger = Api(issue_key(AgentFactory()))
+    for response in (
+        stranger.get(f"/usage-agreements/{agreement['id']}"),
+        stranger.get(f"/usage-agreements/{agreement['id']}/events"),
+        stranger.put(f"/usage-agreements/{agreement['id']}/accept"),
+        stranger.post(f"/usage-agreements/{agreement['id']}/cancel"),
+    ):
+        assert response.status_code == 404 and error_code(response) == "agreement_not_found"
+
+
+def test_list_filters_by_role_and_status(buyer, buyer_api, seller_api, service):
+    first = propose(buyer_api, service)
+    propose(buyer_api, service)
+    seller_api.put(f"/usage-agreements/{first['id']}/accept")
+    mine = buyer_api.get("/usage-agreements", {"role": "buyer"}).json()["results"]
+    assert len(mine) == 2
+    assert buyer_api.get("/usage-agreements", {"role": "seller"}).json()["results"] == []
+    accepted = seller_api.get("/usage-agreements", {"status": "accepted"}).json()["results"]
+    assert [a["id"] for a in accepted] == [first["id"]]
+    bad = buyer_api.get("/usage-agreements", {"status": "nope"})
+    assert bad.status_code == 400
+
+
+@pytest.mark.parametrize(("overrides", "code"), [
+    ({"quantity": 0}, "min_value"),
+    ({"quantity": -5}, "min_value"),
+    ({"quantity": "ten"}, "invalid"),
+    ({"expires_at": "yesterday"}, "invalid"),
+    ({"buyer_wallet_address": "0xnope"}, "invalid_address"),
+    ({"challenge_window_seconds": 1}, "min_value"),
+    ({"surprise": 1}, "unknown_field"),
+])
+def test_proposal_validation(buyer_api, service, overrides, code):
+    response = buyer_api.post("/usage-agreements", proposal(service, **overrides))
+    assert code in codes_at(response)
+    assert not UsageAgreement.objects.exists()
+
+
+def test_proposal_rules(buyer, buyer_api, seller, service, settings):
+    own = register_service(buyer_seller := AgentFactory(is_buyer=True, is_seller=True), skills=[])
+    response = Api(issue_key(buyer_seller)).post("/usage-agreements", proposal(own))
+    assert response.status_code == 400 and error_code(response) == "own_service"
+
+    past = buyer_api.post("/usage-agreements", proposal(service, expires_at=(
+        timezone.now() - timedelta(minutes=1)).isoformat()))
+    assert error_code(past) == "expiry_in_past"
+
+    token = buyer_api.post("/usage-agreements", proposal(service, token="EURC"))
+    assert error_code(token) == "token_not_accepted"
+
+    settings.AGREEMENT_MAX_AMOUNT = 1_000_000
+    too_much = buyer_api.post("/usage-agreements", proposal(service, quantity=51))
+    assert error_code(too_much) == "amount_too_large"
+
+    free = register_service(seller, name="Free", skills=[], pricing={"type": "per_call", "unit_price_atomic": 0})
+    assert error_code(buyer_api.post("/usage-agreements", proposal(free))) == "amount_zero"
+
+    service.state = ServiceState.DEREGISTERED
+    service.save()
+    gone = buyer_api.post("/usage-agreements", proposal(service))
+    assert error_code(gone) == "service_deregistered"
+    assert not UsageAgreement.objects.exists()
+
+
+def test_seller_only_agents_cannot_buy(seller_api, service):
+    other_service = register_service(AgentFactory(is_seller=True), skills=[])
+    response = seller_api.post("/usage-agreements", proposal(other_service))
+    assert response.status_code == 403 and error_code(response) == "not_a_buyer"
+
+
+def test_unanswered_proposals_expire(buyer_api, seller_api, service):
+    stale = propose(buyer_api, service)
+    fresh = propose(buyer_api, service)
+    UsageAgreement.objects.filter(pk=stale["id"]).update(proposal_expires_at=timezone.now() - timedelta(seconds=1))
+
+    from agreements.tasks import expire_proposals
+
+    assert expire_proposals() == 1
+    assert expire_proposals() == 0
+    assert UsageAgreement.objects.get(pk=stale["id"]).status == "expired"
+    assert UsageAgreement.objects.get(pk=fresh["id"]).status == "proposed"
+    late = seller_api.put(f"/usage-agreements/{stale['id']}/accept")
+    assert late.status_code == 409
+
+
+def test_accepting_a_proposal_past_its_ttl_expires_it(buyer_api, seller_api, service):
+    agreement = propose(buyer_api, service)
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(
+        proposal_expires_at=timezone.now() - timedelta(seconds=1))
+    response = seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+    assert response.status_code == 409 and error_code(response) == "proposal_expired"
+    assert UsageAgreement.objects.get(pk=agreement["id"]).status == "expired"
+
+
+def test_idempotent_proposal(buyer_api, service):
+    headers = {"Idempotency-Key": "p-1"}
+    first = buyer_api.post("/usage-agreements", proposal(service, expires_at=None) | {"quantity": 3},
+                           headers=headers)
+    assert first.status_code == 400  # expires_at null is invalid: the key is released
+    body = {"service_id": str(service.pk), "quantity": 3}
+    one = buyer_api.post("/usage-agreements", body, headers=headers)
+    two = buyer_api.post("/usage-agreements", body, headers=headers)
+    assert one.status_code == two.status_code == 201 and one.json()["id"] == two.json()["id"]
+    assert UsageAgreement.objects.count() == 1

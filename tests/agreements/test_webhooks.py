@@ -1,0 +1,100 @@
+import json
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from agreements import webhooks
+from agreements.models import DeliveryStatus, WebhookDelivery
+from agreements.tasks import retry_due_webhooks
+from tests.agreements.helpers import proposal
+from tests.conftest import codes_at
+
+pytestmark = pytest.mark.django_db
+
+
+def subscribe(api, url, **extra) -> dict:
+    response = api.post("/webhooks", {"url": url, **extra})
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+def test_events_are_delivered_signed_after_commit(buyer_api, seller_api, service, http_server,
+                                                  django_capture_on_commit_callbacks):
+    subscription = subscribe(seller_api, f"{http_server.url}/hooks")
+    assert subscription["secret"].startswith("whsec_")
+    assert "secret" not in seller_api.get("/webhooks").json()[0]
+
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        agreement = buyer_api.post("/usage-agreements", proposal(service)).json()
+        assert http_server.requests == []  # nothing leaves before the transaction commits
+    assert callbacks
+
+    [request] = http_server.requests
+    body = json.loads(request.body)
+    assert body["type"] == "agreement.proposed"
+    assert body["data"]["agreement_id"] == agreement["id"]
+    assert request.headers["Marketplace-Event-Id"] == body["id"]
+    assert webhooks.verify(subscription["secret"], request.body, request.headers["Marketplace-Signature"])
+    assert not webhooks.verify("whsec_wrong", request.body, request.headers["Marketplace-Signature"])
+    assert not webhooks.verify(subscription["secret"], request.body + b" ", request.headers["Marketplace-Signature"])
+    stale_time = int(request.headers["Marketplace-Signature"].split(",")[0][2:]) + 301
+    assert not webhooks.verify(subscription["secret"], request.body, request.headers["Marketplace-Signature"],
+                               now=stale_time)
+
+    log = seller_api.get(f"/webhooks/{subscription['id']}/deliveries").json()["results"]
+    assert log[0]["status"] == "delivered" and log[0]["attempts"] == 1
+
+
+def test_failed_deliveries_are_retried_with_backoff(buyer_api, seller_api, service, http_server,
+                                                    django_capture_on_commit_callbacks):
+    subscribe(seller_api, http_server.url, event_types=["agreement.proposed"])
+    http_server.responses.extend([(500, {}), (503, {})])
+    with django_capture_on_commit_callbacks(execute=True):
+        buyer_api.post("/usage-agreements", proposal(service))
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.status, delivery.attempts, delivery.last_status_code) == (DeliveryStatus.PENDING, 1, 500)
+    assert delivery.next_attempt_at > timezone.now() + timedelta(seconds=5)
+
+    assert retry_due_webhooks() == 0  # not due yet
+    for expected_attempts in (2, 3):
+        WebhookDelivery.objects.update(next_attempt_at=timezone.now())
+        with django_capture_on_commit_callbacks(execute=True):
+            retry_due_webhooks()
+        delivery.refresh_from_db()
+        assert delivery.attempts == expected_attempts
+    assert delivery.status == DeliveryStatus.DELIVERED
+    assert len(http_server.requests) == 3
+    assert len({r.headers["Marketplace-Event-Id"] for r in http_server.requests}) == 1  # receivers can dedupe
+
+
+def test_delivery_gives_up_after_max_attempts(buyer_api, seller_api, service, settings,
+                                              django_capture_on_commit_callbacks):
+    settings.WEBHOOK_MAX_ATTEMPTS = 2
+    subscribe(seller_api, "http://127.0.0.1:9/unreachable")
+    with django_capture_on_commit_callbacks(execute=True):
+        buyer_api.post("/usage-agreements", proposal(service))
+    WebhookDelivery.objects.update(next_attempt_at=timezone.now())
+    with django_capture_on_commit_callbacks(execute=True):
+        retry_due_webhooks()
+    delivery = WebhookDelivery.objects.get()
+    assert delivery.status == DeliveryStatus.FAILED and delivery.attempts == 2
+    assert "ConnectError" in delivery.last_error
+
+
+def test_event_type_filter_and_unsubscribe(buyer_api, seller_api, service, http_server,
+                                           django_capture_on_commit_callbacks):
+    subscription = subscribe(seller_api, http_server.url, event_types=["agreement.accepted"])
+    with django_capture_on_commit_callbacks(execute=True):
+        agreement = buyer_api.post("/usage-agreements", proposal(service)).json()
+        seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+    assert [json.loads(r.body)["type"] for r in http_server.requests] == ["agreement.accepted"]
+    assert seller_api.delete(f"/webhooks/{subscription['id']}").status_code == 204
+    assert seller_api.get("/webhooks").json() == []
+
+
+def test_webhook_validation(seller_api, buyer_api):
+    assert "invalid" in codes_at(seller_api.post("/webhooks", {"url": "nope"}), "url")
+    assert "invalid_choice" in codes_at(seller_api.post("/webhooks", {"url": "https://x.io",
+                                                                     "event_types": ["bogus"]}), "event_types")
+    assert buyer_api.post("/webhooks", {"url": "https://x.io"}).status_code == 403  # needs the admin scope

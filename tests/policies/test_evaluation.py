@@ -1,0 +1,58 @@
+"""The pure policy decision, rule by rule."""
+
+import pytest
+
+from policies.evaluation import Outcome, Purchase, Spend, evaluate
+from policies.models import Policy
+
+PURCHASE = Purchase(seller_handle="acme", service_id="svc-1", tags=frozenset({"nlp", "translation"}), token="USDC",
+                    amount=1_000)
+NO_SPEND = Spend(last_day=0, last_month=0)
+
+
+def decide(purchase=PURCHASE, spend=NO_SPEND, **policy):
+    return evaluate(Policy(**policy), purchase, spend)
+
+
+def test_no_policy_allows():
+    assert evaluate(None, PURCHASE, NO_SPEND).outcome == Outcome.ALLOW
+    assert decide().outcome == Outcome.ALLOW
+
+
+@pytest.mark.parametrize(("policy", "rule"), [
+    ({"blocked_sellers": ["acme"]}, "blocked_sellers"),
+    ({"allowed_sellers": ["other"]}, "allowed_sellers"),
+    ({"blocked_services": ["svc-1"]}, "blocked_services"),
+    ({"allowed_services": ["svc-2"]}, "allowed_services"),
+    ({"blocked_tags": ["nlp"]}, "blocked_tags"),
+    ({"allowed_tags": ["images"]}, "allowed_tags"),
+    ({"allowed_tokens": ["EURC"]}, "allowed_tokens"),
+    ({"max_per_agreement": 999}, "max_per_agreement"),
+])
+def test_each_deny_rule(policy, rule):
+    decision = decide(**policy)
+    assert (decision.outcome, decision.rule) == (Outcome.DENY, rule)
+
+
+@pytest.mark.parametrize("policy", [
+    {"allowed_sellers": ["acme"]}, {"allowed_services": ["svc-1"]}, {"allowed_tags": ["nlp", "x"]},
+    {"allowed_tokens": ["USDC"]}, {"max_per_agreement": 1_000}, {"blocked_sellers": ["other"]},
+])
+def test_allow_lists_and_limits_that_admit(policy):
+    assert decide(**policy).outcome == Outcome.ALLOW
+
+
+def test_daily_and_monthly_caps_count_what_was_already_committed():
+    assert decide(spend=Spend(last_day=9_000, last_month=9_000), daily_cap=10_000).outcome == Outcome.ALLOW
+    over_day = decide(spend=Spend(last_day=9_001, last_month=9_001), daily_cap=10_000)
+    assert (over_day.outcome, over_day.rule) == (Outcome.DENY, "daily_cap")
+    assert over_day.details == {"spent": 9_001, "amount": 1_000, "limit": 10_000}
+    over_month = decide(spend=Spend(last_day=0, last_month=50_000), daily_cap=10_000, monthly_cap=50_500)
+    assert (over_month.outcome, over_month.rule) == (Outcome.DENY, "monthly_cap")
+
+
+def test_approval_threshold_is_inclusive_and_comes_after_denials():
+    assert decide(approval_threshold=1_001).outcome == Outcome.ALLOW
+    held = decide(approval_threshold=1_000)
+    assert (held.outcome, held.rule) == (Outcome.NEEDS_APPROVAL, "approval_threshold")
+    assert decide(approval_threshold=1, blocked_sellers=["acme"]).outcome == Outcome.DENY

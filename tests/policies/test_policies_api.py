@@ -1,0 +1,139 @@
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from agreements.models import UsageAgreement
+from policies.models import ApprovalRequest
+from tests.agreements.helpers import proposal, propose
+from tests.catalog.factories import UserFactory, issue_owner_token, register_service
+from tests.conftest import Api, codes_at, error_code
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def service(seller):
+    return register_service(seller)  # 0.02 USDC per call
+
+
+def test_get_default_and_put_policy(owner_api, buyer):
+    url = f"/agents/{buyer.pk}/policies"
+    assert owner_api.get(url).json()["daily_cap_atomic"] is None
+    body = {"daily_cap_atomic": 5_000_000, "blocked_tags": ["Gambling"], "allowed_tokens": ["USDC"]}
+    response = owner_api.put(url, body)
+    assert response.status_code == 200, response.content
+    assert response.json()["daily_cap_atomic"] == 5_000_000
+    assert response.json()["blocked_tags"] == ["gambling"]
+    # PUT replaces: what is left out is reset.
+    assert owner_api.put(url, {"monthly_cap_atomic": 1}).json()["daily_cap_atomic"] is None
+
+
+@pytest.mark.parametrize(("body", "field", "code"), [
+    ({"daily_cap_atomic": -1}, "daily_cap_atomic", "negative"),
+    ({"daily_cap_atomic": 1.5}, "daily_cap_atomic", "invalid"),
+    ({"allowed_services": ["not-a-uuid"]}, "allowed_services", "invalid"),
+    ({"allowed_sellers": ["Bad Handle"]}, "allowed_sellers", "invalid_handle"),
+    ({"allowed_tokens": ["DOGE"]}, "allowed_tokens", "invalid_choice"),
+    ({"max_spend": 1}, "max_spend", "unknown_field"),
+])
+def test_policy_validation(owner_api, buyer, body, field, code):
+    assert code in codes_at(owner_api.put(f"/agents/{buyer.pk}/policies", body), field)
+
+
+def test_only_the_owner_reaches_policies(buyer, buyer_api):
+    agent_key = buyer_api.get(f"/agents/{buyer.pk}/policies")
+    assert agent_key.status_code == 403 and error_code(agent_key) == "owner_credentials_required"
+    stranger = Api(issue_owner_token(UserFactory()))
+    assert stranger.get(f"/agents/{buyer.pk}/policies").status_code == 404
+
+
+def test_denied_proposal_names_the_rule_and_creates_nothing(owner_api, buyer, buyer_api, service):
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"blocked_sellers": [service.seller.handle]})
+    response = buyer_api.post("/usage-agreements", proposal(service))
+    assert response.status_code == 403
+    assert error_code(response) == "policy_denied"
+    assert response.json()["error"]["details"]["rule"] == "blocked_sellers"
+    assert not UsageAgreement.objects.exists()
+
+
+def test_daily_cap_counts_live_commitments_and_ignores_released_ones(owner_api, buyer, buyer_api, seller_api,
+                                                                      service):
+    # Each proposal of 10 calls commits 200_000 + the 100_000 minimum fee.
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"daily_cap_atomic": 600_000})
+    first = propose(buyer_api, service)
+    propose(buyer_api, service)
+    third = buyer_api.post("/usage-agreements", proposal(service))
+    assert third.status_code == 403 and third.json()["error"]["details"]["rule"] == "daily_cap"
+    buyer_api.post(f"/usage-agreements/{first['id']}/cancel")  # released commitments no longer count
+    propose(buyer_api, service)
+
+
+def test_approval_flow(owner_api, buyer, buyer_api, seller_api, service):
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 250_000})
+    small = buyer_api.post("/usage-agreements", proposal(service, quantity=1)).json()
+    assert small["status"] == "proposed"
+    held = propose(buyer_api, service, quantity=10)
+    assert held["status"] == "pending_approval"
+    assert held["approval"]["status"] == "pending"
+
+    # Not yet visible to the seller as acceptable.
+    early = seller_api.put(f"/usage-agreements/{held['id']}/accept")
+    assert early.status_code == 409
+
+    approvals = owner_api.get(f"/agents/{buyer.pk}/approvals", {"status": "pending"}).json()["results"]
+    assert [a["subject_id"] for a in approvals] == [held["id"]]
+    assert approvals[0]["amount_atomic"] == 300_000 and approvals[0]["rule"] == "approval_threshold"
+    url = f"/agents/{buyer.pk}/approvals/{approvals[0]['id']}"
+
+    # The agent cannot approve its own purchase.
+    agent_try = buyer_api.post(f"{url}/approve")
+    assert agent_try.status_code == 403 and error_code(agent_try) == "owner_credentials_required"
+
+    approved = owner_api.post(f"{url}/approve", {"note": "ok for this week"})
+    assert approved.status_code == 200 and approved.json()["status"] == "approved"
+    assert owner_api.post(f"{url}/approve").status_code == 200  # idempotent
+    reverse = owner_api.post(f"{url}/reject")
+    assert reverse.status_code == 409 and error_code(reverse) == "approval_already_decided"
+
+    agreement = buyer_api.get(f"/usage-agreements/{held['id']}").json()
+    assert agreement["status"] == "proposed" and agreement["approval"]["status"] == "approved"
+    assert seller_api.put(f"/usage-agreements/{held['id']}/accept").json()["status"] == "accepted"
+
+
+def test_rejected_approval_rejects_the_agreement(owner_api, buyer, buyer_api, service):
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    response = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/reject", {"note": "too pricey"})
+    assert response.json()["status"] == "rejected"
+    agreement = buyer_api.get(f"/usage-agreements/{held['id']}").json()
+    assert agreement["status"] == "rejected" and agreement["status_reason"] == "too pricey"
+
+
+def test_approvals_expire(owner_api, buyer, buyer_api, service):
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    ApprovalRequest.objects.filter(pk=approval.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+
+    late = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
+    assert late.status_code == 409 and late.json()["error"]["details"]["status"] == "expired"
+    assert UsageAgreement.objects.get(pk=held["id"]).status == "expired"
+
+    other = propose(buyer_api, service)
+    ApprovalRequest.objects.filter(subject_id=other["id"]).update(expires_at=timezone.now() - timedelta(seconds=1))
+    from policies.tasks import expire_approvals
+
+    assert expire_approvals() == 1
+    assert expire_approvals() == 0
+    assert UsageAgreement.objects.get(pk=other["id"]).status == "expired"
+
+
+def test_buyer_may_cancel_while_waiting_for_approval(owner_api, buyer, buyer_api, service):
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service)
+    assert buyer_api.post(f"/usage-agreements/{held['id']}/cancel").json()["status"] == "cancelled"
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
+    assert UsageAgreement.objects.get(pk=held["id"]).status == "cancelled"  # a late approval changes nothing
