@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/marketplace
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run test check schema migrations-check demo clean bench
+.PHONY: install run test check schema migrations-check contracts contracts-check clean bench
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,10 +13,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(VENV)/.installed node_modules/.installed
+
+# Recompile the Solidity contracts into the committed artifacts (escrow/contracts/build/).
+contracts: node_modules/.installed
+	node escrow/contracts/compile.js
+
+# Fails when the committed artifacts are not what the sources compile to.
+contracts-check: node_modules/.installed
+	node escrow/contracts/compile.js --check
 
 run: install
-	mkdir -p var
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
 	$(VENV)/bin/honcho start -f Procfile.dev
@@ -32,7 +43,7 @@ schema: install
 migrations-check: install
 	$(PY) manage.py makemigrations --check --dry-run
 
-check: schema migrations-check
+check: schema migrations-check contracts-check
 
 clean:
 	rm -rf $(VENV) var node_modules

@@ -82,6 +82,8 @@ class UsageAgreement(models.Model):
     terms_hash = Bytes32Field(help_text="keccak256 of the canonical terms; the buyer signs it on-chain.")
     note = models.CharField(max_length=1000, blank=True)
 
+    activation_tx_hash = Bytes32Field(blank=True, help_text="Hash of the activation transaction once signed.")
+
     # Counters, changed only by conditional UPDATEs in agreements.services.
     used = TokenAmountField(default=0)
     reserved = TokenAmountField(default=0)

@@ -24,6 +24,7 @@ from agreements.models import (
     UsageAgreement,
 )
 from catalog.models import Agent, Service, ServiceState
+from marketplace import chainconfig
 from marketplace.errors import Conflict, Forbidden, InvalidInput, NotFound
 from marketplace.fields import TokenAmountField
 from policies import selectors as policy_selectors
@@ -211,7 +212,7 @@ def agreement_propose(
     terms = {
         "service_id": str(service.pk), "settlement_model": settlement_model, "pricing_type": service.pricing_type,
         "unit_name": service.unit_name, "price_per_unit": service.unit_price, "quantity": quantity,
-        "deposit_amount": deposit, "infra_fee": fee, "token": token, "token_address": settings.USDC_ADDRESS,
+        "deposit_amount": deposit, "infra_fee": fee, "token": token, "token_address": chainconfig.usdc_address(),
         "chain_id": settings.CHAIN_ID, "challenge_window_seconds": window,
         "expires_at": int(expires_at.timestamp()),
         "buyer_wallet_address": buyer_wallet_address or buyer.wallet_address,
@@ -280,6 +281,43 @@ def agreement_cancel(*, agreement: UsageAgreement, buyer: Agent, reason: str = "
     _require_party(agreement, buyer, "buyer")
     with transaction.atomic():
         return _transition(agreement.pk, to=S.CANCELLED, actor=Actor.agent(buyer, "buyer"), reason=reason)
+
+
+# --- escrow activation (called by the escrow app) ----------------------------------------------------------
+
+def agreement_activation_begin(*, agreement_id, buyer: Agent) -> UsageAgreement:
+    """accepted | activation_failed -> submitting. Call inside the transaction that queues the chain work.
+
+    Unlike other transitions a repeat is 409, not a no-op: the caller must not queue a second transaction.
+    """
+    agreement = _lock(agreement_id)
+    _require_party(agreement, buyer, "buyer")
+    if agreement.settlement_model != SettlementModel.ESCROW:
+        raise Conflict("Only escrow agreements are activated.", code="not_an_escrow_agreement")
+    if agreement.status not in (S.ACCEPTED, S.ACTIVATION_FAILED):
+        code = "activation_in_progress" if agreement.status == S.SUBMITTING else "invalid_transition"
+        raise Conflict(f"Cannot activate an agreement that is {agreement.status}.", code=code,
+                       details={"status": agreement.status, "requested": S.SUBMITTING})
+    if agreement.expires_at <= timezone.now():
+        raise Conflict("The agreement has expired.", code="agreement_expired", details={"status": agreement.status})
+    return _transition(agreement_id, to=S.SUBMITTING, actor=Actor.agent(buyer, "buyer"),
+                       changes={"activation_tx_hash": ""})
+
+
+def agreement_activation_signed(*, agreement_id, tx_hash: str) -> None:
+    UsageAgreement.objects.filter(pk=agreement_id).update(activation_tx_hash=tx_hash)
+
+
+def agreement_activation_confirmed(*, agreement_id, tx_hash: str) -> UsageAgreement:
+    agreement = _lock(agreement_id)
+    if agreement.status == S.ACTIVATION_FAILED:  # an operator retried a failed activation and it went through
+        _transition(agreement_id, to=S.SUBMITTING, actor=SYSTEM, reason="activation retried")
+    return _transition(agreement_id, to=S.ACTIVE, actor=SYSTEM, reason="escrow funded on-chain",
+                       data={"tx_hash": tx_hash}, changes={"activation_tx_hash": tx_hash})
+
+
+def agreement_activation_failed(*, agreement_id, reason: str) -> UsageAgreement:
+    return _transition(agreement_id, to=S.ACTIVATION_FAILED, actor=SYSTEM, reason=reason)
 
 
 def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:

@@ -21,6 +21,7 @@ from agreements.serializers import (
 from catalog import selectors as catalog_selectors
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import KeyScope
+from marketplace import chainconfig
 from marketplace.chainconfig import relayer_address
 from marketplace.idempotency import idempotent
 from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
@@ -158,7 +159,7 @@ class PaymentRequirementsView(APIView):
         return Response(PaymentRequirementsSerializer({
             "rail": query.validated_data["rail"], "amount_atomic": amount, "fee_atomic": fee,
             "total_atomic": amount + fee, "amount_cents": cents, "fee_cents": -(-fee // 10_000),
-            "token": {"symbol": "USDC", "address": settings.USDC_ADDRESS, "decimals": 6},
+            "token": {"symbol": "USDC", "address": chainconfig.usdc_address(), "decimals": 6},
             "chain_id": settings.CHAIN_ID, "network": settings.CHAIN_NETWORK,
             "fee_recipient": services.fee_recipient(schedule), "gas_wallet_address": relayer_address(),
             "fee_schedule": {"percent_bps": schedule.percent_bps, "fixed_atomic": schedule.fixed_atomic,

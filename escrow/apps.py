@@ -3,3 +3,7 @@ from django.apps import AppConfig
 
 class EscrowConfig(AppConfig):
     name = "escrow"
+
+    def ready(self):
+        # Registers the relayer outcome handlers of escrow transactions.
+        from escrow import services  # noqa: F401

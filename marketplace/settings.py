@@ -160,7 +160,11 @@ API_KEY_LAST_USED_RESOLUTION = timedelta(seconds=60)
 # Tokens services may be priced in; the chain address is filled in by deployment settings below.
 CHAIN_ID = env.int("CHAIN_ID", default=31337)
 CHAIN_NETWORK = env.str("CHAIN_NETWORK", default="anvil")
+# Contract addresses: from the environment, else from the file `manage.py devchain` / `deploy_contracts` write
+# (read through marketplace.chainconfig, never directly).
+CHAIN_DEPLOYMENT_FILE = Path(env.str("CHAIN_DEPLOYMENT_FILE", default=str(VAR_DIR / "deployment.json")))
 USDC_ADDRESS = env.str("USDC_ADDRESS", default="")
+USAGE_ESCROW_ADDRESS = env.str("USAGE_ESCROW_ADDRESS", default="")
 
 LOGGING = {
     "version": 1,
@@ -205,3 +209,19 @@ CHAIN_RPC_URL = env.str("CHAIN_RPC_URL", default="http://127.0.0.1:8545")
 # Anvil's public development key #0; only ever a default while DEBUG is on. Production sets its own.
 _ANVIL_DEV_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
 RELAYER_PRIVATE_KEY = env.str("RELAYER_PRIVATE_KEY", default=_ANVIL_DEV_KEY if DEBUG else "")
+# Signs usage receipts (the buyer names its address in the activation intent). Anvil dev key #9 by default.
+_ANVIL_DEV_KEY_9 = "0x2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6"
+RECEIPT_SIGNER_PRIVATE_KEY = env.str("RECEIPT_SIGNER_PRIVATE_KEY", default=_ANVIL_DEV_KEY_9 if DEBUG else "")
+CHAIN_RPC_TIMEOUT = env.float("CHAIN_RPC_TIMEOUT", default=10.0)
+CHAIN_CONFIRMATIONS = env.int("CHAIN_CONFIRMATIONS", default=1)
+CHAIN_MIN_PRIORITY_FEE = env.int("CHAIN_MIN_PRIORITY_FEE_WEI", default=1_000_000)  # 0.001 gwei
+CHAIN_MAX_FEE_PER_GAS = env.int("CHAIN_MAX_FEE_PER_GAS_WEI", default=500 * 10**9)
+CHAIN_FEE_BUMP_PERCENT = 13  # nodes accept a replacement at >= +10%; 12.5% rounded up
+CHAIN_REBROADCAST_AFTER = timedelta(seconds=env.int("CHAIN_REBROADCAST_AFTER_SECONDS", default=30))
+CHAIN_REPLACE_AFTER = timedelta(seconds=env.int("CHAIN_REPLACE_AFTER_SECONDS", default=120))
+ACTIVATION_SIGNATURE_TTL = env.int("ACTIVATION_SIGNATURE_TTL_SECONDS", default=3600)
+CELERY_BEAT_SCHEDULE.update({
+    "poll-confirmations": {"task": "escrow.tasks.poll_confirmations",
+                           "schedule": timedelta(seconds=env.int("CHAIN_POLL_SECONDS", default=3))},
+    "sweep-queued-transactions": {"task": "escrow.tasks.sweep_queued", "schedule": timedelta(seconds=30)},
+})

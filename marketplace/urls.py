@@ -14,4 +14,5 @@ urlpatterns = [
     path("", include("catalog.urls")),
     path("", include("policies.urls")),
     path("", include("agreements.urls")),
+    path("", include("escrow.urls")),
 ]

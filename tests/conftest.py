@@ -3,6 +3,8 @@ from rest_framework.test import APIClient
 
 from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token
 
+pytest_plugins = ["tests.chain_fixtures"]
+
 
 class Api:
     """An HTTP client for the public API, authenticated as one principal (or none)."""
@@ -121,3 +123,17 @@ def http_server():
     server = RecordingServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def escrow_chain(chain, settings):
+    """The test chain (snapshot/revert per test) wired into the marketplace's settings."""
+    accounts = chain.accounts
+    settings.CHAIN_RPC_URL = chain.node.rpc_url
+    settings.CHAIN_ID = chain.chain_id
+    settings.USDC_ADDRESS = chain.addresses["usdc"]
+    settings.USAGE_ESCROW_ADDRESS = chain.addresses["escrow"]
+    settings.RELAYER_PRIVATE_KEY = accounts.deployer.key  # the deployment's operator
+    settings.RECEIPT_SIGNER_PRIVATE_KEY = accounts.receipt_signer.key
+    settings.FEE_RECIPIENT = accounts.fee_recipient.address
+    return chain

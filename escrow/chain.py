@@ -1,0 +1,269 @@
+"""The chain gateway: the only module that builds a web3 client, loads contracts and talks JSON-RPC.
+
+Node errors are mapped to typed exceptions in one table (`_ERROR_PATTERNS`), so callers decide on meaning
+("this nonce is used", "the node already has it", "the RPC is down") rather than on message strings.
+"""
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import requests
+from django.conf import settings
+from eth_account import Account
+from eth_utils import to_checksum_address
+from web3 import Web3
+from web3.contract import Contract
+from web3.exceptions import ContractCustomError, ContractLogicError, TransactionNotFound, Web3RPCError
+
+from escrow import artifacts
+from marketplace import chainconfig
+
+
+class ChainError(Exception):
+    """Anything the chain or the node refused."""
+
+
+class RpcUnavailable(ChainError):
+    """The node could not be reached or timed out: retry later, nothing was decided."""
+
+
+class NonceTooLow(ChainError):
+    """The nonce is already used on-chain: look for a receipt of our hashes rather than send again."""
+
+
+class AlreadyKnown(ChainError):
+    """The node already has this exact transaction in its mempool: not an error for us."""
+
+
+class ReplacementUnderpriced(ChainError):
+    """A transaction with this nonce is pending at higher fees: bump more."""
+
+
+class InsufficientFunds(ChainError):
+    """The relayer cannot pay for gas: an operator must top it up."""
+
+
+class Reverted(ChainError):
+    """Execution reverts; `reason` is the decoded custom error or revert string."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+_ERROR_PATTERNS: list[tuple[str, type[ChainError]]] = [
+    ("nonce too low", NonceTooLow),
+    ("nonce has already been used", NonceTooLow),
+    ("already known", AlreadyKnown),
+    ("known transaction", AlreadyKnown),
+    ("replacement transaction underpriced", ReplacementUnderpriced),
+    ("transaction underpriced", ReplacementUnderpriced),
+    ("insufficient funds", InsufficientFunds),
+]
+
+
+@cache
+def _error_selectors() -> dict[str, str]:
+    """4-byte selector -> custom error name, for every error in our contracts' ABIs."""
+    selectors = {}
+    for name in artifacts.CONTRACT_NAMES:
+        for item in artifacts.abi(name):
+            if item["type"] == "error":
+                signature = f"{item['name']}({','.join(i['type'] for i in item['inputs'])})"
+                selectors["0x" + Web3.keccak(text=signature)[:4].hex().removeprefix("0x")] = item["name"]
+    return selectors
+
+
+def decode_revert(data: Any) -> str:
+    if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
+        return _error_selectors().get(data[:10].lower(), f"custom error {data[:10]}")
+    return str(data)
+
+
+def classify(exc: Exception) -> ChainError:
+    """Map anything web3 or the transport raised to one of our typed errors."""
+    if isinstance(exc, ChainError):
+        return exc
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return RpcUnavailable(str(exc))
+    if isinstance(exc, ContractCustomError):
+        return Reverted(decode_revert(exc.data))
+    if isinstance(exc, ContractLogicError):
+        return Reverted(exc.message or str(exc))
+    message = str(exc).lower()
+    for pattern, error in _ERROR_PATTERNS:
+        if pattern in message:
+            return error(str(exc))
+    if isinstance(exc, Web3RPCError):
+        return ChainError(str(exc))
+    return ChainError(f"{type(exc).__name__}: {exc}")
+
+
+@cache
+def _client(rpc_url: str) -> Web3:
+    return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": settings.CHAIN_RPC_TIMEOUT}))
+
+
+def w3() -> Web3:
+    return _client(settings.CHAIN_RPC_URL)
+
+
+def escrow_address() -> str:
+    return chainconfig.escrow_address()
+
+
+def token_address() -> str:
+    return chainconfig.usdc_address()
+
+
+def escrow_contract() -> Contract:
+    return w3().eth.contract(address=to_checksum_address(escrow_address()), abi=artifacts.abi(artifacts.USAGE_ESCROW))
+
+
+def token_contract(address: str | None = None) -> Contract:
+    return w3().eth.contract(address=to_checksum_address(address or token_address()),
+                             abi=artifacts.abi(artifacts.MOCK_USDC))
+
+
+def call(fn) -> Any:
+    """A contract read, with errors mapped."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - mapped to a typed error right here
+        raise classify(exc) from exc
+
+
+# --- transactions --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Fees:
+    max_fee_per_gas: int
+    max_priority_fee_per_gas: int
+
+    def bumped(self, percent: int, cap: int) -> "Fees":
+        """Both fees raised by at least `percent` (nodes require >= 10%, we use 12.5), capped."""
+        def bump(value):
+            return min(cap, value * (100 + percent) // 100 + 1)
+        return Fees(bump(self.max_fee_per_gas), bump(self.max_priority_fee_per_gas))
+
+
+def current_fees() -> Fees:
+    client = w3()
+    try:
+        base = client.eth.get_block("latest")["baseFeePerGas"]
+        tip = client.eth.max_priority_fee
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+    tip = max(tip, settings.CHAIN_MIN_PRIORITY_FEE)
+    return Fees(max_fee_per_gas=min(2 * base + tip, settings.CHAIN_MAX_FEE_PER_GAS), max_priority_fee_per_gas=tip)
+
+
+def relayer_account():
+    return Account.from_key(settings.RELAYER_PRIVATE_KEY)
+
+
+def pending_nonce(address: str) -> int:
+    try:
+        return w3().eth.get_transaction_count(to_checksum_address(address), "pending")
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+
+
+def simulate(*, sender: str, to: str, data: str) -> int:
+    """eth_call + estimateGas of a transaction; returns the gas estimate or raises Reverted."""
+    tx = {"from": to_checksum_address(sender), "to": to_checksum_address(to), "data": data}
+    try:
+        w3().eth.call(tx)
+        return w3().eth.estimate_gas(tx)
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+
+
+@dataclass(frozen=True)
+class SignedTx:
+    tx_hash: str
+    raw: str
+
+
+def sign(*, to: str, data: str, nonce: int, gas: int, fees: Fees) -> SignedTx:
+    tx = {
+        "type": 2,
+        "chainId": settings.CHAIN_ID,
+        "to": to_checksum_address(to),
+        "data": data,
+        "value": 0,
+        "nonce": nonce,
+        "gas": gas,
+        "maxFeePerGas": fees.max_fee_per_gas,
+        "maxPriorityFeePerGas": fees.max_priority_fee_per_gas,
+    }
+    signed = relayer_account().sign_transaction(tx)
+    return SignedTx(tx_hash="0x" + signed.hash.hex().removeprefix("0x"),
+                    raw="0x" + signed.raw_transaction.hex().removeprefix("0x"))
+
+
+def broadcast(raw: str) -> None:
+    """Send a signed transaction; 'already known' is success (the node has it)."""
+    try:
+        w3().eth.send_raw_transaction(raw)
+    except Exception as exc:  # noqa: BLE001
+        error = classify(exc)
+        if not isinstance(error, AlreadyKnown):
+            raise error from exc
+
+
+@dataclass(frozen=True)
+class Receipt:
+    block_number: int
+    block_hash: str
+    status: int
+    gas_used: int
+    logs: list
+
+
+def receipt(tx_hash: str) -> Receipt | None:
+    try:
+        found = w3().eth.get_transaction_receipt(tx_hash)
+    except TransactionNotFound:
+        return None
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+    if found is None or found.get("blockNumber") is None:
+        return None
+    return Receipt(block_number=found["blockNumber"], block_hash="0x" + found["blockHash"].hex().removeprefix("0x"),
+                   status=found["status"], gas_used=found["gasUsed"], logs=list(found["logs"]))
+
+
+def latest_block_number() -> int:
+    try:
+        return w3().eth.block_number
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+
+
+def canonical_block_hash(number: int) -> str | None:
+    try:
+        block = w3().eth.get_block(number)
+    except Exception as exc:  # noqa: BLE001
+        error = classify(exc)
+        if isinstance(error, RpcUnavailable):
+            raise error from exc
+        return None
+    return "0x" + block["hash"].hex().removeprefix("0x")
+
+
+def revert_reason(*, sender: str, to: str, data: str, block_number: int) -> str:
+    """Why a mined transaction reverted: replay it as a call at its block."""
+    tx = {"from": to_checksum_address(sender), "to": to_checksum_address(to), "data": data}
+    try:
+        w3().eth.call(tx, block_identifier=block_number)
+    except Exception as exc:  # noqa: BLE001
+        return classify(exc).args[0] if classify(exc).args else "reverted"
+    return "reverted (no reason)"
+
+
+def to_json(value: Any) -> Any:
+    """Contract return values (bytes, tuples) as JSON-friendly values."""
+    return json.loads(Web3.to_json(value))

@@ -1,0 +1,570 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
+import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
+import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
+
+/**
+ * @title UsageEscrow
+ * @notice Escrow for metered usage agreements between a buyer agent and a seller agent, paid in an ERC-20
+ * stablecoin (USDC). The buyer deposits the agreement's maximum amount; the seller is paid what signed usage
+ * receipts say was used, the buyer gets the rest back.
+ *
+ * Lifecycle of one escrow, keyed by the marketplace's `agreementId` (each id is used once, ever):
+ *
+ *     None --activate--> Active --proposeSettlement--> Proposed --(window over) finalize--> Settled
+ *                          |                             |  ^ re-proposal with a higher seq (window restarts)
+ *                          |                             +--challenge / challengeWithSig--> Disputed
+ *                          |                                          Disputed --resolve--> Resolved --finalize--> Settled
+ *                          +--reclaim (after expiresAt + reclaimGrace, nothing proposed)--> Reclaimed
+ *
+ * Roles (OpenZeppelin AccessControl):
+ * - DEFAULT_ADMIN_ROLE: grants roles, sets the fee recipient, the reclaim grace and the token allowlist.
+ * - OPERATOR_ROLE: the platform relayer(s); may propose settlements (the escrow's seller may too).
+ * - ARBITER_ROLE: decides disputes with `resolve`.
+ *
+ * Design decisions (see also each function):
+ * - Intent nonces are unordered: `nonce` is any uint256 the buyer has not used or cancelled
+ *   (`intentNonceUsed(buyer, nonce)`), so one buyer's activations for different agreements can be signed and
+ *   submitted concurrently and in any order. A signed but unsubmitted intent is revoked with
+ *   `cancelIntentNonce`.
+ * - `depositAmount` must equal `quantity * pricePerUnit` (the agreement's maximum amount).
+ * - Both permits name this contract as spender; the contract pulls the deposit into itself and sends the
+ *   infra fee straight from the buyer to `feeRecipient`. Order: escrow permit, pull deposit, fee permit, pull
+ *   fee. A permit whose `deadline` is 0 is "absent" and skipped; a permit that reverts (typically because a
+ *   front-runner already submitted it) is ignored and the allowance is checked instead. The most
+ *   front-running-robust form is ONE escrow permit for `depositAmount + infraFee` and an absent fee permit;
+ *   with two permits (token nonces n and n+1) a front-runner who submits both in order leaves an allowance
+ *   of only the fee, and activation fails (funds stay with the buyer; the relayer must get new signatures).
+ * - The infra fee is paid at activation and never refunded by this contract (a reclaim returns the deposit).
+ * - Settlement proposals: only an operator or the escrow's seller (never the buyer, who could otherwise
+ *   submit an old, lower receipt). The first proposal must come before `reclaimAfter`
+ *   (= expiresAt + reclaimGrace at activation), so proposal and reclaim never race. While the window is
+ *   open a receipt with a strictly higher `seq` replaces the proposal and restarts the window.
+ * - Window boundaries: a challenge is accepted while `block.timestamp < challengeDeadline`; finalize from
+ *   `block.timestamp >= challengeDeadline` on.
+ * - Payouts are pushed to each party with a non-reverting transfer; a failed transfer (e.g. a USDC-blacklisted
+ *   address) credits that party's `claimable` and emits {PayoutDeferred}, and never blocks the other party.
+ *   `withdraw(id)` (callable by anyone: the money only ever goes to the party's own address) retries.
+ *   Credits are never redirected to another address, so a token's blacklist is not circumvented.
+ * - Only allowlisted tokens can be escrowed, so payout transfers only ever call known token contracts.
+ * - Signatures are checked with SignatureChecker: EOAs (ECDSA, low-s only) and ERC-1271 contract wallets.
+ */
+contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
+    using SafeERC20 for IERC20;
+
+    // ---------------------------------------------------------------- types
+
+    enum State {
+        None,
+        Active,
+        Proposed,
+        Disputed,
+        Resolved,
+        Settled,
+        Reclaimed
+    }
+
+    /// @notice What the buyer signs (EIP-712, domain {name: "UsageEscrow", version: "1"}).
+    struct ActivationIntent {
+        bytes32 agreementId;
+        address buyer;
+        address seller;
+        address token;
+        uint256 quantity;
+        uint256 pricePerUnit;
+        uint256 depositAmount;
+        uint256 infraFee;
+        address receiptSigner;
+        uint64 challengeWindow;
+        uint64 expiresAt;
+        bytes32 termsHash;
+        uint256 nonce;
+        uint256 deadline;
+    }
+
+    /// @notice An EIP-2612 permit signed by the buyer with this contract as spender. `deadline == 0`: absent.
+    struct Permit {
+        uint256 value;
+        uint256 deadline;
+        uint8 v;
+        bytes32 r;
+        bytes32 s;
+    }
+
+    struct Escrow {
+        address buyer;
+        State state;
+        uint64 challengeWindow;
+        address seller;
+        uint64 expiresAt;
+        address token;
+        uint64 reclaimAfter;
+        address receiptSigner;
+        uint64 challengeDeadline;
+        uint256 depositAmount;
+        uint256 infraFee;
+        /// @dev Seller's amount: the proposed cumulative amount, then the arbiter's decision if disputed.
+        uint256 settledAmount;
+        uint256 lastSeq;
+        bytes32 usageDigest;
+        bytes32 termsHash;
+        /// @dev Amounts credited but not yet transferred (push failed); paid by `withdraw`.
+        uint256 buyerClaimable;
+        uint256 sellerClaimable;
+    }
+
+    // ---------------------------------------------------------------- constants
+
+    bytes32 public constant OPERATOR_ROLE = keccak256("OPERATOR_ROLE");
+    bytes32 public constant ARBITER_ROLE = keccak256("ARBITER_ROLE");
+
+    bytes32 public constant ACTIVATION_INTENT_TYPEHASH = keccak256(
+        "ActivationIntent(bytes32 agreementId,address buyer,address seller,address token,uint256 quantity,uint256 pricePerUnit,uint256 depositAmount,uint256 infraFee,address receiptSigner,uint64 challengeWindow,uint64 expiresAt,bytes32 termsHash,uint256 nonce,uint256 deadline)"
+    );
+    bytes32 public constant USAGE_RECEIPT_TYPEHASH =
+        keccak256("UsageReceipt(bytes32 agreementId,uint256 seq,uint256 cumulativeAmount,bytes32 usageDigest)");
+    bytes32 public constant CHALLENGE_TYPEHASH = keccak256("Challenge(bytes32 agreementId,uint256 deadline)");
+
+    /// @notice Upper bound of an intent's challenge window (a longer one would lock funds for too long).
+    uint64 public constant MAX_CHALLENGE_WINDOW = 30 days;
+    /// @notice Upper bound of the reclaim grace the admin can set.
+    uint64 public constant MAX_RECLAIM_GRACE = 90 days;
+
+    // ---------------------------------------------------------------- storage
+
+    mapping(bytes32 agreementId => Escrow) private _escrows;
+    mapping(address buyer => mapping(uint256 nonce => bool used)) private _intentNonces;
+
+    /// @notice Whether a token may be escrowed.
+    mapping(address token => bool allowed) public isTokenAllowed;
+    /// @notice Receives the infra fee of every activation.
+    address public feeRecipient;
+    /// @notice Seconds after an escrow's `expiresAt` from which an unproposed escrow can be reclaimed.
+    /// Snapshotted into each escrow at activation (`reclaimAfter`); changing it affects new escrows only.
+    uint64 public reclaimGrace;
+
+    // ---------------------------------------------------------------- events
+
+    event Activated(
+        bytes32 indexed agreementId,
+        address indexed buyer,
+        address indexed seller,
+        address token,
+        uint256 depositAmount,
+        uint256 infraFee,
+        address receiptSigner,
+        bytes32 termsHash,
+        uint64 expiresAt,
+        uint64 reclaimAfter,
+        uint64 challengeWindow,
+        uint256 nonce
+    );
+    event SettlementProposed(
+        bytes32 indexed agreementId, uint256 seq, uint256 cumulativeAmount, bytes32 usageDigest, uint64 challengeDeadline
+    );
+    event Challenged(bytes32 indexed agreementId, address indexed buyer);
+    event Resolved(bytes32 indexed agreementId, address indexed arbiter, uint256 sellerAmount, uint256 buyerAmount);
+    event Settled(bytes32 indexed agreementId, uint256 sellerAmount, uint256 buyerAmount);
+    event Reclaimed(bytes32 indexed agreementId, address indexed buyer, uint256 amount);
+    /// @notice A push payout failed; `amount` stays claimable by `party` through `withdraw`.
+    event PayoutDeferred(bytes32 indexed agreementId, address indexed party, uint256 amount);
+    event Withdrawn(bytes32 indexed agreementId, address indexed party, uint256 amount);
+    event IntentNonceCancelled(address indexed buyer, uint256 nonce);
+    event FeeRecipientUpdated(address feeRecipient);
+    event ReclaimGraceUpdated(uint64 reclaimGrace);
+    event TokenAllowed(address indexed token, bool allowed);
+
+    // ---------------------------------------------------------------- errors
+
+    error ZeroAddress();
+    error TokenNotAllowed(address token);
+    error InvalidDeposit(uint256 quantity, uint256 pricePerUnit, uint256 depositAmount);
+    error InvalidChallengeWindow(uint64 challengeWindow);
+    error InvalidExpiry(uint64 expiresAt);
+    error InvalidReclaimGrace(uint64 reclaimGrace);
+    error IntentExpired(uint256 deadline);
+    error IntentNonceUsed(address buyer, uint256 nonce);
+    error InvalidBuyerSignature();
+    error InvalidReceiptSignature();
+    error InsufficientAllowance(uint256 required, uint256 allowance);
+    error AgreementExists(bytes32 agreementId);
+    error InvalidState(bytes32 agreementId, State state);
+    error NotBuyer(address caller);
+    error NotOperatorOrSeller(address caller);
+    error ProposalPeriodOver(uint64 reclaimAfter);
+    error StaleReceipt(uint256 seq, uint256 lastSeq);
+    error AmountExceedsDeposit(uint256 amount, uint256 depositAmount);
+    error ChallengeWindowClosed(uint64 challengeDeadline);
+    error ChallengeWindowOpen(uint64 challengeDeadline);
+    error SignatureExpired(uint256 deadline);
+    error ReclaimNotYetAllowed(uint64 reclaimAfter);
+    error NothingToWithdraw(bytes32 agreementId);
+    error PayoutFailed(bytes32 agreementId);
+    error InsufficientGasForPayout();
+
+    // ---------------------------------------------------------------- setup
+
+    /**
+     * @param admin Holder of DEFAULT_ADMIN_ROLE.
+     * @param operator First holder of OPERATOR_ROLE (the relayer); may be the zero address to grant later.
+     * @param arbiter First holder of ARBITER_ROLE; may be the zero address to grant later.
+     * @param feeRecipient_ Receives infra fees.
+     * @param reclaimGrace_ Seconds after `expiresAt` before an unproposed escrow can be reclaimed.
+     */
+    constructor(address admin, address operator, address arbiter, address feeRecipient_, uint64 reclaimGrace_)
+        EIP712("UsageEscrow", "1")
+    {
+        if (admin == address(0)) revert ZeroAddress();
+        _grantRole(DEFAULT_ADMIN_ROLE, admin);
+        if (operator != address(0)) _grantRole(OPERATOR_ROLE, operator);
+        if (arbiter != address(0)) _grantRole(ARBITER_ROLE, arbiter);
+        _setFeeRecipient(feeRecipient_);
+        _setReclaimGrace(reclaimGrace_);
+    }
+
+    function setFeeRecipient(address feeRecipient_) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        _setFeeRecipient(feeRecipient_);
+    }
+
+    function setReclaimGrace(uint64 reclaimGrace_) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        _setReclaimGrace(reclaimGrace_);
+    }
+
+    function setTokenAllowed(address token, bool allowed) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        if (token == address(0)) revert ZeroAddress();
+        isTokenAllowed[token] = allowed;
+        emit TokenAllowed(token, allowed);
+    }
+
+    function _setFeeRecipient(address feeRecipient_) private {
+        if (feeRecipient_ == address(0)) revert ZeroAddress();
+        feeRecipient = feeRecipient_;
+        emit FeeRecipientUpdated(feeRecipient_);
+    }
+
+    function _setReclaimGrace(uint64 reclaimGrace_) private {
+        if (reclaimGrace_ > MAX_RECLAIM_GRACE) revert InvalidReclaimGrace(reclaimGrace_);
+        reclaimGrace = reclaimGrace_;
+        emit ReclaimGraceUpdated(reclaimGrace_);
+    }
+
+    // ---------------------------------------------------------------- activation
+
+    /**
+     * @notice Open the escrow for `intent.agreementId`. Callable by anyone (normally the platform relayer):
+     * the buyer's signature over the intent is the authorization.
+     * @dev Reverts: AgreementExists (id used before, by anyone), IntentExpired (`block.timestamp > deadline`),
+     * IntentNonceUsed, ZeroAddress (buyer, seller or receiptSigner), TokenNotAllowed, InvalidDeposit
+     * (`depositAmount == 0` or `!= quantity * pricePerUnit`), InvalidChallengeWindow (0 or over the max),
+     * InvalidExpiry (`expiresAt <= block.timestamp`), InvalidBuyerSignature, InsufficientAllowance (after
+     * the permits were tried), and the token's own errors (e.g. balance).
+     * Note: agreement ids are global, so the relayer should treat AgreementExists for an escrow that is not
+     * its buyer's as a failed activation (an id is only learnt from a submitted intent).
+     * @param intent The terms the buyer signed.
+     * @param buyerSig The buyer's EIP-712 signature over `intent` (65-byte ECDSA or ERC-1271).
+     * @param escrowPermit EIP-2612 permit for at least `depositAmount` (or `depositAmount + infraFee`), or absent.
+     * @param feePermit EIP-2612 permit for the infra fee, or absent; ignored when `infraFee == 0`.
+     */
+    function activate(
+        ActivationIntent calldata intent,
+        bytes calldata buyerSig,
+        Permit calldata escrowPermit,
+        Permit calldata feePermit
+    ) external nonReentrant {
+        bytes32 id = intent.agreementId;
+        if (_escrows[id].state != State.None) revert AgreementExists(id);
+        if (block.timestamp > intent.deadline) revert IntentExpired(intent.deadline);
+        if (_intentNonces[intent.buyer][intent.nonce]) revert IntentNonceUsed(intent.buyer, intent.nonce);
+        if (intent.buyer == address(0) || intent.seller == address(0) || intent.receiptSigner == address(0)) {
+            revert ZeroAddress();
+        }
+        if (!isTokenAllowed[intent.token]) revert TokenNotAllowed(intent.token);
+        if (
+            intent.depositAmount == 0 || intent.pricePerUnit == 0
+                || intent.depositAmount / intent.pricePerUnit != intent.quantity
+                || intent.depositAmount % intent.pricePerUnit != 0
+        ) {
+            revert InvalidDeposit(intent.quantity, intent.pricePerUnit, intent.depositAmount);
+        }
+        if (intent.challengeWindow == 0 || intent.challengeWindow > MAX_CHALLENGE_WINDOW) {
+            revert InvalidChallengeWindow(intent.challengeWindow);
+        }
+        if (intent.expiresAt <= block.timestamp) revert InvalidExpiry(intent.expiresAt);
+        if (!SignatureChecker.isValidSignatureNow(intent.buyer, activationIntentDigest(intent), buyerSig)) {
+            revert InvalidBuyerSignature();
+        }
+
+        _intentNonces[intent.buyer][intent.nonce] = true;
+        uint64 reclaimAfter = SafeCast.toUint64(uint256(intent.expiresAt) + reclaimGrace);
+        Escrow storage e = _escrows[id];
+        e.buyer = intent.buyer;
+        e.state = State.Active;
+        e.challengeWindow = intent.challengeWindow;
+        e.seller = intent.seller;
+        e.expiresAt = intent.expiresAt;
+        e.token = intent.token;
+        e.reclaimAfter = reclaimAfter;
+        e.receiptSigner = intent.receiptSigner;
+        e.depositAmount = intent.depositAmount;
+        e.infraFee = intent.infraFee;
+        e.termsHash = intent.termsHash;
+
+        IERC20 token = IERC20(intent.token);
+        _pull(token, intent.buyer, address(this), intent.depositAmount, escrowPermit);
+        if (intent.infraFee > 0) _pull(token, intent.buyer, feeRecipient, intent.infraFee, feePermit);
+
+        _emitActivated(intent, reclaimAfter);
+    }
+
+    function _emitActivated(ActivationIntent calldata intent, uint64 reclaimAfter) private {
+        emit Activated(
+            intent.agreementId,
+            intent.buyer,
+            intent.seller,
+            intent.token,
+            intent.depositAmount,
+            intent.infraFee,
+            intent.receiptSigner,
+            intent.termsHash,
+            intent.expiresAt,
+            reclaimAfter,
+            intent.challengeWindow,
+            intent.nonce
+        );
+    }
+
+    /// @dev Run the permit if present, tolerating a revert (front-run or stale), then move `amount` from
+    /// `from` to `to` with this contract's allowance.
+    function _pull(IERC20 token, address from, address to, uint256 amount, Permit calldata p) private {
+        if (p.deadline != 0) {
+            try IERC20Permit(address(token)).permit(from, address(this), p.value, p.deadline, p.v, p.r, p.s) {}
+                catch {}
+        }
+        uint256 allowance = token.allowance(from, address(this));
+        if (allowance < amount) revert InsufficientAllowance(amount, allowance);
+        token.safeTransferFrom(from, to, amount);
+    }
+
+    /// @notice Revoke a signed intent nonce that has not been used yet (the caller is the buyer).
+    function cancelIntentNonce(uint256 nonce) external {
+        if (_intentNonces[msg.sender][nonce]) revert IntentNonceUsed(msg.sender, nonce);
+        _intentNonces[msg.sender][nonce] = true;
+        emit IntentNonceCancelled(msg.sender, nonce);
+    }
+
+    // ---------------------------------------------------------------- settlement
+
+    /**
+     * @notice Propose the seller's amount from a usage receipt signed by the escrow's `receiptSigner`:
+     * `UsageReceipt{agreementId, seq, cumulativeAmount, usageDigest}`. Starts (or restarts) the challenge
+     * window: `challengeDeadline = block.timestamp + challengeWindow`.
+     * @dev Caller: OPERATOR_ROLE or the escrow's seller. Allowed when Active and `block.timestamp <
+     * reclaimAfter` (else ProposalPeriodOver), or when Proposed, the window still open (else
+     * ChallengeWindowClosed) and `seq > lastSeq` (else StaleReceipt). Reverts AmountExceedsDeposit when
+     * `cumulativeAmount > depositAmount`, InvalidReceiptSignature when not signed by `receiptSigner`.
+     */
+    function proposeSettlement(
+        bytes32 id,
+        uint256 seq,
+        uint256 cumulativeAmount,
+        bytes32 usageDigest,
+        bytes calldata receiptSig
+    ) external {
+        Escrow storage e = _escrows[id];
+        State state = e.state;
+        if (state == State.Active) {
+            if (block.timestamp >= e.reclaimAfter) revert ProposalPeriodOver(e.reclaimAfter);
+        } else if (state == State.Proposed) {
+            if (block.timestamp >= e.challengeDeadline) revert ChallengeWindowClosed(e.challengeDeadline);
+            if (seq <= e.lastSeq) revert StaleReceipt(seq, e.lastSeq);
+        } else {
+            revert InvalidState(id, state);
+        }
+        if (msg.sender != e.seller && !hasRole(OPERATOR_ROLE, msg.sender)) revert NotOperatorOrSeller(msg.sender);
+        if (cumulativeAmount > e.depositAmount) revert AmountExceedsDeposit(cumulativeAmount, e.depositAmount);
+        bytes32 digest = usageReceiptDigest(id, seq, cumulativeAmount, usageDigest);
+        if (!SignatureChecker.isValidSignatureNow(e.receiptSigner, digest, receiptSig)) {
+            revert InvalidReceiptSignature();
+        }
+
+        uint64 deadline = SafeCast.toUint64(block.timestamp + e.challengeWindow);
+        e.state = State.Proposed;
+        e.lastSeq = seq;
+        e.settledAmount = cumulativeAmount;
+        e.usageDigest = usageDigest;
+        e.challengeDeadline = deadline;
+        emit SettlementProposed(id, seq, cumulativeAmount, usageDigest, deadline);
+    }
+
+    /// @notice The buyer disputes the proposed settlement while the window is open. Proposed -> Disputed.
+    function challenge(bytes32 id) external {
+        Escrow storage e = _escrows[id];
+        if (msg.sender != e.buyer) revert NotBuyer(msg.sender);
+        _challenge(id, e);
+    }
+
+    /**
+     * @notice Submit the buyer's signed `Challenge{agreementId, deadline}` (EIP-712) on the buyer's behalf;
+     * anyone may submit it. Proposed -> Disputed. Reverts SignatureExpired when `block.timestamp > deadline`,
+     * InvalidBuyerSignature when not signed by the escrow's buyer. The signature names the escrow, not one
+     * proposal: it disputes whatever is proposed when it is submitted, and is spent by the state change.
+     */
+    function challengeWithSig(bytes32 id, uint256 deadline, bytes calldata buyerSig) external {
+        Escrow storage e = _escrows[id];
+        if (block.timestamp > deadline) revert SignatureExpired(deadline);
+        if (e.state == State.None) revert InvalidState(id, State.None);
+        if (!SignatureChecker.isValidSignatureNow(e.buyer, challengeDigest(id, deadline), buyerSig)) {
+            revert InvalidBuyerSignature();
+        }
+        _challenge(id, e);
+    }
+
+    function _challenge(bytes32 id, Escrow storage e) private {
+        if (e.state != State.Proposed) revert InvalidState(id, e.state);
+        if (block.timestamp >= e.challengeDeadline) revert ChallengeWindowClosed(e.challengeDeadline);
+        e.state = State.Disputed;
+        emit Challenged(id, e.buyer);
+    }
+
+    /// @notice The arbiter decides a dispute: the seller gets `sellerAmount`, the buyer the rest of the
+    /// deposit. Disputed -> Resolved; `finalize` then pays out. Reverts AmountExceedsDeposit.
+    function resolve(bytes32 id, uint256 sellerAmount) external onlyRole(ARBITER_ROLE) {
+        Escrow storage e = _escrows[id];
+        if (e.state != State.Disputed) revert InvalidState(id, e.state);
+        if (sellerAmount > e.depositAmount) revert AmountExceedsDeposit(sellerAmount, e.depositAmount);
+        e.state = State.Resolved;
+        e.settledAmount = sellerAmount;
+        emit Resolved(id, msg.sender, sellerAmount, e.depositAmount - sellerAmount);
+    }
+
+    /**
+     * @notice Settle: the seller gets `settledAmount`, the buyer `depositAmount - settledAmount`. Anyone may
+     * call it once the window is over (Proposed and `block.timestamp >= challengeDeadline`) or after a
+     * resolution (Resolved). -> Settled, exactly once. Each party is paid in its own transfer; one that fails
+     * is credited to that party (PayoutDeferred) and can be collected later with `withdraw`.
+     */
+    function finalize(bytes32 id) external nonReentrant {
+        Escrow storage e = _escrows[id];
+        State state = e.state;
+        if (state == State.Proposed) {
+            if (block.timestamp < e.challengeDeadline) revert ChallengeWindowOpen(e.challengeDeadline);
+        } else if (state != State.Resolved) {
+            revert InvalidState(id, state);
+        }
+        uint256 sellerAmount = e.settledAmount;
+        uint256 buyerAmount = e.depositAmount - sellerAmount;
+        e.state = State.Settled;
+        emit Settled(id, sellerAmount, buyerAmount);
+
+        IERC20 token = IERC20(e.token);
+        if (!_tryPay(token, e.seller, sellerAmount)) {
+            e.sellerClaimable = sellerAmount;
+            emit PayoutDeferred(id, e.seller, sellerAmount);
+        }
+        if (!_tryPay(token, e.buyer, buyerAmount)) {
+            e.buyerClaimable = buyerAmount;
+            emit PayoutDeferred(id, e.buyer, buyerAmount);
+        }
+    }
+
+    /**
+     * @notice Return the whole deposit to the buyer of an escrow on which nothing was proposed, from
+     * `reclaimAfter` (= expiresAt + reclaimGrace) on. Anyone may call it (the relayer, for the buyer).
+     * Active -> Reclaimed. Push with pull fallback as in `finalize`.
+     */
+    function reclaim(bytes32 id) external nonReentrant {
+        Escrow storage e = _escrows[id];
+        if (e.state != State.Active) revert InvalidState(id, e.state);
+        if (block.timestamp < e.reclaimAfter) revert ReclaimNotYetAllowed(e.reclaimAfter);
+        uint256 amount = e.depositAmount;
+        e.state = State.Reclaimed;
+        emit Reclaimed(id, e.buyer, amount);
+        if (!_tryPay(IERC20(e.token), e.buyer, amount)) {
+            e.buyerClaimable = amount;
+            emit PayoutDeferred(id, e.buyer, amount);
+        }
+    }
+
+    /**
+     * @notice Pay out what `finalize` / `reclaim` credited but could not transfer, each party to its own
+     * address. Anyone may call it. A party whose transfer still fails keeps its credit. Reverts
+     * NothingToWithdraw when nothing is credited, PayoutFailed when nothing could be paid.
+     */
+    function withdraw(bytes32 id) external nonReentrant {
+        Escrow storage e = _escrows[id];
+        uint256 sellerAmount = e.sellerClaimable;
+        uint256 buyerAmount = e.buyerClaimable;
+        if (sellerAmount == 0 && buyerAmount == 0) revert NothingToWithdraw(id);
+        IERC20 token = IERC20(e.token);
+        bool paid;
+        if (sellerAmount > 0) {
+            e.sellerClaimable = 0;
+            if (_tryPay(token, e.seller, sellerAmount)) {
+                paid = true;
+                emit Withdrawn(id, e.seller, sellerAmount);
+            } else {
+                e.sellerClaimable = sellerAmount;
+            }
+        }
+        if (buyerAmount > 0) {
+            e.buyerClaimable = 0;
+            if (_tryPay(token, e.buyer, buyerAmount)) {
+                paid = true;
+                emit Withdrawn(id, e.buyer, buyerAmount);
+            } else {
+                e.buyerClaimable = buyerAmount;
+            }
+        }
+        if (!paid) revert PayoutFailed(id);
+    }
+
+    /// @dev A transfer that returns false instead of reverting. Refuses to count an out-of-gas failure
+    /// caused by a caller who sent too little gas (which would otherwise defer a payable party on purpose).
+    function _tryPay(IERC20 token, address to, uint256 amount) private returns (bool ok) {
+        if (amount == 0) return true;
+        uint256 gasBefore = gasleft();
+        ok = token.trySafeTransfer(to, amount);
+        if (!ok && gasleft() <= gasBefore / 63) revert InsufficientGasForPayout();
+    }
+
+    // ---------------------------------------------------------------- views
+
+    function getEscrow(bytes32 id) external view returns (Escrow memory) {
+        return _escrows[id];
+    }
+
+    function intentNonceUsed(address buyer, uint256 nonce) external view returns (bool) {
+        return _intentNonces[buyer][nonce];
+    }
+
+    // solhint-disable-next-line func-name-mixedcase
+    function DOMAIN_SEPARATOR() external view returns (bytes32) {
+        return _domainSeparatorV4();
+    }
+
+    /// @notice The EIP-712 digest the buyer signs for `intent`.
+    function activationIntentDigest(ActivationIntent calldata intent) public view returns (bytes32) {
+        return _hashTypedDataV4(keccak256(abi.encode(ACTIVATION_INTENT_TYPEHASH, intent)));
+    }
+
+    /// @notice The EIP-712 digest the receipt signer signs for a usage receipt.
+    function usageReceiptDigest(bytes32 id, uint256 seq, uint256 cumulativeAmount, bytes32 usageDigest)
+        public
+        view
+        returns (bytes32)
+    {
+        return _hashTypedDataV4(keccak256(abi.encode(USAGE_RECEIPT_TYPEHASH, id, seq, cumulativeAmount, usageDigest)));
+    }
+
+    /// @notice The EIP-712 digest the buyer signs for `challengeWithSig`.
+    function challengeDigest(bytes32 id, uint256 deadline) public view returns (bytes32) {
+        return _hashTypedDataV4(keccak256(abi.encode(CHALLENGE_TYPEHASH, id, deadline)));
+    }
+}

@@ -1,0 +1,87 @@
+from rest_framework import serializers
+
+from marketplace.serializers import AtomicAmountField, StrictSerializer
+
+
+
+def _signature():
+    return serializers.RegexField(r"^0x[0-9a-fA-F]{130}$", help_text="65-byte signature, 0x-hex (r ‖ s ‖ v).")
+
+
+class TypedDataSerializer(serializers.Serializer):
+    types = serializers.DictField()
+    primaryType = serializers.CharField()
+    domain = serializers.DictField()
+    message = serializers.DictField()
+
+
+class ActivationPackageSerializer(serializers.Serializer):
+    agreement_id = serializers.UUIDField()
+    onchain_id = serializers.CharField()
+    chain_id = serializers.IntegerField()
+    escrow_contract = serializers.CharField()
+    token_address = serializers.CharField()
+    deposit_amount_atomic = AtomicAmountField()
+    infra_fee_atomic = AtomicAmountField()
+    fee_pending = serializers.BooleanField(help_text="True when the fee permit must be signed too.")
+    deadline = serializers.IntegerField(help_text="Unix time (chain clock) until which the signatures are valid.")
+    intent = TypedDataSerializer(help_text="EIP-712 ActivationIntent to sign with the buyer wallet.")
+    escrow_permit = TypedDataSerializer(help_text="EIP-2612 permit for the deposit.")
+    fee_permit = TypedDataSerializer(allow_null=True, help_text="EIP-2612 permit for the infra fee (token nonce + 1).")
+
+
+class SignedPermitSerializer(StrictSerializer):
+    value = AtomicAmountField()
+    nonce = serializers.IntegerField(min_value=0)
+    deadline = serializers.IntegerField(min_value=0)
+    signature = _signature()
+
+
+class ActivateEscrowSerializer(StrictSerializer):
+    intent_signature = _signature()
+    deadline = serializers.IntegerField(min_value=0, help_text="The `deadline` of the package that was signed.")
+    escrow_permit = SignedPermitSerializer()
+    fee_permit = SignedPermitSerializer(required=False, allow_null=True, default=None)
+
+
+class ChainTransactionSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    purpose = serializers.CharField()
+    status = serializers.CharField()
+    nonce = serializers.IntegerField(allow_null=True)
+    tx_hash = serializers.CharField(allow_blank=True, help_text="The mined hash, else the latest attempt's.")
+    tx_hashes = serializers.ListField(child=serializers.CharField(), help_text="Every hash ever broadcast.")
+    block_number = serializers.IntegerField(allow_null=True)
+    confirmations = serializers.IntegerField()
+    confirmations_required = serializers.IntegerField()
+    failure_reason = serializers.CharField(allow_blank=True)
+    created_at = serializers.DateTimeField()
+
+
+class ActivationAcceptedSerializer(serializers.Serializer):
+    agreement_id = serializers.UUIDField()
+    status = serializers.CharField()
+    transaction = ChainTransactionSerializer()
+
+
+class EscrowStatusSerializer(serializers.Serializer):
+    agreement_id = serializers.UUIDField()
+    onchain_id = serializers.CharField()
+    status = serializers.CharField()
+    escrow_contract = serializers.CharField()
+    deposit_amount_atomic = AtomicAmountField()
+    deposited_atomic = AtomicAmountField(help_text="What the escrow holds for this agreement per our records.")
+    used_atomic = AtomicAmountField()
+    reserved_atomic = AtomicAmountField()
+    remaining_atomic = AtomicAmountField()
+    infra_fee_atomic = AtomicAmountField()
+    activation_tx_hash = serializers.CharField(allow_blank=True)
+    challenge_deadline = serializers.DateTimeField(allow_null=True)
+    transactions = ChainTransactionSerializer(many=True)
+    backend_fault = serializers.BooleanField(help_text="Submitting without a transaction hash for too long.")
+    onchain = serializers.DictField(allow_null=True, help_text="The contract's record, with ?verify=true.")
+
+
+class EscrowStatusQuery(StrictSerializer):
+    verify = serializers.BooleanField(required=False, default=False,
+                                      help_text="Also read the escrow from the contract.")

@@ -1,0 +1,20 @@
+"""Thin Celery wrappers around the relayer. Tasks pass ids only and are safe to run twice."""
+
+from celery import shared_task
+
+from escrow import chain, relayer
+
+
+@shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=2, retry_backoff_max=300, max_retries=20)
+def submit_transaction(transaction_id: str) -> None:
+    relayer.transaction_submit(transaction_id=transaction_id)
+
+
+@shared_task
+def poll_confirmations() -> int:
+    return relayer.transactions_poll()
+
+
+@shared_task
+def sweep_queued() -> int:
+    return relayer.transactions_sweep_queued()

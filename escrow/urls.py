@@ -1,0 +1,9 @@
+from django.urls import path
+
+from escrow import views
+
+urlpatterns = [
+    path("usage-agreements/<uuid:agreement_id>/activation-package", views.ActivationPackageView.as_view()),
+    path("usage-agreements/<uuid:agreement_id>/activate-escrow", views.ActivateEscrowView.as_view()),
+    path("usage-agreements/<uuid:agreement_id>/escrow-status", views.EscrowStatusView.as_view()),
+]

@@ -1,0 +1,1 @@
+"""Python client and signing helpers for the marketplace (no Django import)."""

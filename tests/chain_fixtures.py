@@ -1,0 +1,167 @@
+"""Pytest plugin: an Anvil dev chain with the escrow contracts, reset between tests.
+
+Register it once in the root conftest (``pytest_plugins = ["tests.chain_fixtures"]``). Fixtures:
+
+- ``anvil`` (session): one Anvil node per pytest session / xdist worker, on a free port, stopped at the end.
+- ``deployed`` (session): MockUSDC + UsageEscrow deployed on it (:class:`Deployed`).
+- ``chain`` (function): snapshots the chain before the test and reverts after it (:class:`Chain`), so each
+  test starts from the freshly deployed state; it also carries everything ``deployed`` has.
+
+None of them touches the Django database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pytest
+from web3 import Web3
+from web3.contract import Contract
+
+from escrow import devchain
+
+# Seconds after an escrow's expiresAt before it can be reclaimed, on the test deployment.
+TEST_RECLAIM_GRACE = 3600
+
+
+@dataclass(frozen=True)
+class DevAccount:
+    """One of Anvil's funded dev accounts (unlocked on the node, so ``transact({"from": address})`` works)."""
+
+    address: str
+    key: str
+
+
+@dataclass(frozen=True)
+class DevAccounts:
+    """Anvil's 10 dev accounts by the role they play in the test deployment."""
+
+    deployer: DevAccount  # escrow admin + operator (relayer), MockUSDC owner (mint, blacklist)
+    arbiter: DevAccount
+    fee_recipient: DevAccount
+    buyer: DevAccount
+    seller: DevAccount
+    receipt_signer: DevAccount
+    stranger: DevAccount  # holds no role; for "wrong caller" tests
+    buyer2: DevAccount
+    seller2: DevAccount
+    spare: DevAccount
+
+    @property
+    def operator(self) -> DevAccount:
+        return self.deployer
+
+    @classmethod
+    def from_anvil(cls) -> DevAccounts:
+        accounts = [DevAccount(a, k) for a, k in zip(devchain.DEV_ADDRESSES, devchain.DEV_PRIVATE_KEYS)]
+        return cls(*accounts)
+
+
+@dataclass
+class Deployed:
+    """The session's chain with MockUSDC and UsageEscrow deployed (the escrow allows the token)."""
+
+    node: devchain.AnvilProcess
+    w3: Web3
+    chain_id: int
+    addresses: dict[str, str]  # {"usdc": ..., "escrow": ...}
+    usdc: Contract
+    escrow: Contract
+    accounts: DevAccounts
+    reclaim_grace: int
+
+
+class Chain:
+    """Per-test handle on the chain: time travel, mining and explicit snapshots, plus the deployment."""
+
+    def __init__(self, deployed: Deployed):
+        self.deployed = deployed
+        self.node = deployed.node
+        self.w3 = deployed.w3
+        self.chain_id = deployed.chain_id
+        self.addresses = deployed.addresses
+        self.usdc = deployed.usdc
+        self.escrow = deployed.escrow
+        self.accounts = deployed.accounts
+        self.reclaim_grace = deployed.reclaim_grace
+
+    def rpc(self, method: str, params: list | None = None) -> Any:
+        response = self.w3.provider.make_request(method, params or [])
+        if response.get("error"):
+            raise RuntimeError(f"{method}: {response['error']}")
+        return response.get("result")
+
+    def snapshot(self) -> str:
+        """Take an EVM snapshot; returns its id (a snapshot can be reverted to once)."""
+        return self.rpc("evm_snapshot")
+
+    def revert(self, snapshot_id: str) -> None:
+        if not self.rpc("evm_revert", [snapshot_id]):
+            raise RuntimeError(f"evm_revert({snapshot_id}) failed")
+
+    def mine(self, blocks: int = 1) -> None:
+        """Mine ``blocks`` empty blocks."""
+        self.rpc("anvil_mine", [hex(blocks)])
+
+    def increase_time(self, seconds: int) -> int:
+        """Advance the chain clock by ``seconds`` and mine a block; returns the new block's timestamp."""
+        self.rpc("evm_increaseTime", [int(seconds)])
+        self.mine()
+        return self.now()
+
+    def set_next_timestamp(self, timestamp: int) -> None:
+        """The next mined block (e.g. the next transaction's) gets exactly ``timestamp``."""
+        self.rpc("evm_setNextBlockTimestamp", [int(timestamp)])
+
+    def now(self) -> int:
+        """The latest block's timestamp (use it, not the wall clock, as the base of deadlines)."""
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def block_number(self) -> int:
+        return int(self.w3.eth.block_number)
+
+
+@pytest.fixture(scope="session")
+def anvil() -> Iterator[devchain.AnvilProcess]:
+    """One Anvil node for this session (or xdist worker)."""
+    node = devchain.start_anvil()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def deployed(anvil: devchain.AnvilProcess) -> Deployed:
+    """MockUSDC + UsageEscrow deployed once per session; tests must use ``chain`` to get a clean state."""
+    accounts = DevAccounts.from_anvil()
+    w3 = anvil.w3()
+    addresses = devchain.deploy_contracts(
+        w3,
+        accounts.deployer.key,
+        fee_recipient=accounts.fee_recipient.address,
+        arbiter=accounts.arbiter.address,
+        reclaim_grace=TEST_RECLAIM_GRACE,
+    )
+    return Deployed(
+        node=anvil,
+        w3=w3,
+        chain_id=anvil.chain_id,
+        addresses=addresses,
+        usdc=devchain.usdc_contract(w3, addresses["usdc"]),
+        escrow=devchain.escrow_contract(w3, addresses["escrow"]),
+        accounts=accounts,
+        reclaim_grace=TEST_RECLAIM_GRACE,
+    )
+
+
+@pytest.fixture
+def chain(deployed: Deployed) -> Iterator[Chain]:
+    """The deployed chain, reverted to its state before the test once the test ends."""
+    handle = Chain(deployed)
+    snapshot_id = handle.snapshot()
+    try:
+        yield handle
+    finally:
+        handle.revert(snapshot_id)

@@ -1,0 +1,61 @@
+"""Drive agreements to on-chain states through the public API (shared by escrow and metering tests)."""
+
+from escrow import devchain, relayer
+from sdk.activation import sign_activation_package
+from tests.agreements.helpers import propose
+from tests.catalog.factories import AgentFactory, issue_key, register_service
+from tests.conftest import Api
+
+USDC = 10**6
+
+
+def usdc_balance(chain, address: str) -> int:
+    return chain.usdc.functions.balanceOf(address).call()
+
+
+def fund(chain, address: str, amount: int) -> None:
+    devchain.mint_usdc(chain.w3, chain.addresses["usdc"], chain.accounts.deployer.key, address, amount)
+
+
+class Parties:
+    """A buyer and a seller agent whose wallets are the chain's dev accounts, with API clients."""
+
+    def __init__(self, chain, *, buyer_funds: int = 100 * USDC, **service_overrides):
+        self.chain = chain
+        self.buyer_account = chain.accounts.buyer
+        self.seller_account = chain.accounts.seller
+        self.buyer = AgentFactory(is_buyer=True, is_seller=False, wallet_address=self.buyer_account.address)
+        self.seller = AgentFactory(is_buyer=False, is_seller=True, wallet_address=self.seller_account.address)
+        self.buyer_api = Api(issue_key(self.buyer))
+        self.seller_api = Api(issue_key(self.seller, scope="admin"))
+        self.service = register_service(self.seller, **service_overrides)
+        if buyer_funds:
+            fund(chain, self.buyer_account.address, buyer_funds)
+
+    def accepted_agreement(self, **overrides) -> dict:
+        agreement = propose(self.buyer_api, self.service, **overrides)
+        response = self.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+        assert response.status_code == 200, response.content
+        return response.json()
+
+    def signed_activation(self, agreement_id: str, key: str | None = None) -> dict:
+        package = self.buyer_api.get(f"/usage-agreements/{agreement_id}/activation-package")
+        assert package.status_code == 200, package.content
+        return sign_activation_package(package.json(), key or self.buyer_account.key)
+
+    def activate(self, agreement_id: str, capture, body: dict | None = None):
+        """POST activate-escrow with after-commit work run, then let the relayer confirm. Returns the 202 response."""
+        body = body or self.signed_activation(agreement_id)
+        with capture(execute=True):
+            response = self.buyer_api.post(f"/usage-agreements/{agreement_id}/activate-escrow", body)
+        confirm_all(capture)
+        return response
+
+    def agreement(self, agreement_id: str) -> dict:
+        return self.buyer_api.get(f"/usage-agreements/{agreement_id}").json()
+
+
+def confirm_all(capture) -> None:
+    """One poll of the relayer, running whatever it queues after commit."""
+    with capture(execute=True):
+        relayer.transactions_poll()
