@@ -84,6 +84,17 @@ class UsageAgreement(models.Model):
 
     activation_tx_hash = Bytes32Field(blank=True, help_text="Hash of the activation transaction once signed.")
 
+    # Metering: the head of the usage event chain (see sdk.receipts) and proxy call numbering.
+    usage_seq = models.PositiveBigIntegerField(default=0)
+    usage_digest = Bytes32Field(default="0x" + "00" * 32)
+    call_counter = models.PositiveBigIntegerField(default=0, help_text="Proxied calls started (with releases).")
+    completion_requested_at = models.DateTimeField(
+        null=True, blank=True, help_text="No new charges after this; settlement is proposed once nothing is reserved.")
+    completion_reason = models.CharField(max_length=100, blank=True)
+    challenge_deadline = models.DateTimeField(null=True, blank=True)
+    seller_payout = TokenAmountField(null=True, blank=True)
+    buyer_refund = TokenAmountField(null=True, blank=True)
+
     # Counters, changed only by conditional UPDATEs in agreements.services.
     used = TokenAmountField(default=0)
     reserved = TokenAmountField(default=0)
@@ -126,6 +137,61 @@ class UsageAgreement(models.Model):
     def onchain_id(self) -> str:
         """The agreement's bytes32 id in the escrow contract: its UUID, left-padded."""
         return "0x" + self.id.hex.rjust(64, "0")
+
+
+class UsageSource(models.TextChoices):
+    PROXY = "proxy"
+    SELLER_REPORT = "seller_report"
+
+
+class UsageEvent(models.Model):
+    """One charge against an agreement: gap-free `seq`, chained digest, and (for the last of a batch and every
+    proxied call) the platform-signed EIP-712 UsageReceipt for the cumulative amount."""
+
+    id = models.BigAutoField(primary_key=True)
+    agreement = models.ForeignKey(UsageAgreement, on_delete=models.PROTECT, related_name="usage_events")
+    seq = models.PositiveBigIntegerField()
+    source = models.CharField(max_length=16, choices=UsageSource.choices)
+    units = models.PositiveBigIntegerField()
+    cost = TokenAmountField()
+    cumulative = TokenAmountField()
+    usage_digest = Bytes32Field()
+    receipt_signature = models.CharField(max_length=132, blank=True)
+    request_id = models.CharField(max_length=128)
+    request_nonce = models.CharField(max_length=128, blank=True, help_text="The buyer's X-Request-Nonce, if any.")
+    description = models.CharField(max_length=500, blank=True)
+    method = models.CharField(max_length=10, blank=True)
+    path = models.CharField(max_length=500, blank=True)
+    upstream_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["agreement", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["agreement", "seq"], name="usage_event_gap_free_seq"),
+            models.UniqueConstraint(fields=["agreement", "request_nonce"], condition=~Q(request_nonce=""),
+                                    name="usage_event_one_per_request_nonce"),
+            models.CheckConstraint(condition=Q(cost__gte=0) & Q(cumulative__gte=F("cost")),
+                                   name="usage_event_amounts_consistent"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.seq} {self.cost}"
+
+
+class ProxyReplay(models.Model):
+    """The answer to a proxied call made with X-Request-Nonce, so a retry is answered without a new charge."""
+
+    agreement = models.ForeignKey(UsageAgreement, on_delete=models.CASCADE, related_name="+")
+    request_nonce = models.CharField(max_length=128)
+    status_code = models.PositiveSmallIntegerField(null=True, help_text="Null while the first call is running.")
+    headers = models.JSONField(default=dict)
+    body = models.BinaryField(default=b"")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["agreement", "request_nonce"], name="proxy_replay_unique")]
 
 
 class AgreementEvent(models.Model):

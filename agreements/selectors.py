@@ -1,6 +1,13 @@
 from django.db.models import Q, QuerySet
 
-from agreements.models import AgreementEvent, UsageAgreement, WebhookDelivery, WebhookSubscription
+from agreements.models import (
+    AgreementEvent,
+    AgreementStatus,
+    UsageAgreement,
+    UsageEvent,
+    WebhookDelivery,
+    WebhookSubscription,
+)
 from catalog.models import Agent
 from marketplace.errors import NotFound
 
@@ -45,3 +52,25 @@ def webhook_subscription_get(*, agent: Agent, subscription_id) -> WebhookSubscri
 
 def webhook_deliveries(*, subscription: WebhookSubscription) -> QuerySet[WebhookDelivery]:
     return subscription.deliveries.all()
+
+
+def usage_events(*, agreement: UsageAgreement):
+    return agreement.usage_events.all()
+
+
+def last_usage_event(*, agreement: UsageAgreement) -> UsageEvent | None:
+    return agreement.usage_events.order_by("-seq").first()
+
+
+def agreements_ready_to_propose(*, stale_reservation_before):
+    """Active agreements asked to complete, with no call in flight (or only reservations older than any call)."""
+    return UsageAgreement.objects.filter(status=AgreementStatus.ACTIVE, completion_requested_at__isnull=False).filter(
+        Q(reserved=0) | Q(completion_requested_at__lt=stale_reservation_before))
+
+
+def agreements_past_expiry(*, now):
+    return UsageAgreement.objects.filter(status=AgreementStatus.ACTIVE, expires_at__lte=now)
+
+
+def agreements_in_status(*, status: str):
+    return UsageAgreement.objects.filter(status=status)

@@ -73,6 +73,12 @@ class AgreementSerializer(serializers.Serializer):
     reserved_atomic = AtomicAmountField(source="reserved")
     remaining_atomic = AtomicAmountField(source="remaining")
     approval = serializers.SerializerMethodField()
+    activation_tx_hash = serializers.CharField(allow_blank=True)
+    completion_requested_at = serializers.DateTimeField(allow_null=True)
+    completion_reason = serializers.CharField(allow_blank=True)
+    challenge_deadline = serializers.DateTimeField(allow_null=True)
+    seller_payout_atomic = AtomicAmountField(source="seller_payout", allow_null=True)
+    buyer_refund_atomic = AtomicAmountField(source="buyer_refund", allow_null=True)
     created_at = serializers.DateTimeField()
     accepted_at = serializers.DateTimeField(allow_null=True)
     closed_at = serializers.DateTimeField(allow_null=True)
@@ -153,3 +159,56 @@ class WebhookDeliverySerializer(serializers.Serializer):
     delivered_at = serializers.DateTimeField(allow_null=True)
     created_at = serializers.DateTimeField()
     payload = serializers.JSONField()
+
+
+class UsageEventSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    seq = serializers.IntegerField()
+    source = serializers.CharField()
+    units = serializers.IntegerField()
+    cost_atomic = AtomicAmountField(source="cost")
+    cumulative_atomic = AtomicAmountField(source="cumulative")
+    usage_digest = serializers.CharField(help_text="keccak256(previous digest ‖ event hash); see sdk.receipts.")
+    receipt_signature = serializers.CharField(
+        allow_blank=True, help_text="EIP-712 UsageReceipt{agreementId, seq, cumulativeAmount, usageDigest} signed by "
+                                    "the receipt signer; on every proxied call and the last event of a batch.")
+    request_id = serializers.CharField()
+    description = serializers.CharField(allow_blank=True)
+    method = serializers.CharField(allow_blank=True)
+    path = serializers.CharField(allow_blank=True)
+    upstream_status = serializers.IntegerField(allow_null=True)
+    latency_ms = serializers.IntegerField(allow_null=True)
+    created_at = serializers.DateTimeField()
+
+
+class UsageEntrySerializer(StrictSerializer):
+    units = serializers.IntegerField(min_value=1, max_value=10**12)
+    description = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+
+
+class RecordUsageSerializer(StrictSerializer):
+    """One entry (`units`, `description`) or a batch (`events`, up to 100), all-or-nothing against the cap."""
+
+    units = serializers.IntegerField(min_value=1, max_value=10**12, required=False)
+    description = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+    events = UsageEntrySerializer(many=True, required=False, min_length=1, max_length=100)
+
+    def validate(self, attrs):
+        if ("units" in attrs) == ("events" in attrs):
+            raise serializers.ValidationError("Give either units (one event) or events (a batch).",
+                                              code="units_or_events")
+        return attrs
+
+    def entries(self) -> list[dict]:
+        data = self.validated_data
+        return data["events"] if "events" in data else [{"units": data["units"], "description": data["description"]}]
+
+
+class RecordedUsageSerializer(serializers.Serializer):
+    events = UsageEventSerializer(many=True)
+    used_atomic = AtomicAmountField()
+    remaining_atomic = AtomicAmountField()
+
+
+class CompleteSerializer(StrictSerializer):
+    reason = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")

@@ -320,6 +320,37 @@ def agreement_activation_failed(*, agreement_id, reason: str) -> UsageAgreement:
     return _transition(agreement_id, to=S.ACTIVATION_FAILED, actor=SYSTEM, reason=reason)
 
 
+# --- settlement (called by the escrow app when chain transactions confirm) ---------------------------------
+
+def agreement_settlement_proposed(*, agreement_id, challenge_deadline: datetime, amount: int, seq: int,
+                                  tx_hash: str) -> UsageAgreement:
+    return _transition(agreement_id, to=S.IN_CHALLENGE, actor=SYSTEM, reason="settlement proposed on-chain",
+                       data={"amount_atomic": amount, "seq": seq, "tx_hash": tx_hash},
+                       changes={"challenge_deadline": challenge_deadline})
+
+
+def agreement_disputed(*, agreement_id, reason: str, tx_hash: str) -> UsageAgreement:
+    return _transition(agreement_id, to=S.DISPUTED, actor=Actor(AgreementEvent.ActorKind.BUYER, "buyer"),
+                       reason=reason, data={"tx_hash": tx_hash})
+
+
+def agreement_settling(*, agreement_id, reason: str, data: dict | None = None) -> UsageAgreement:
+    return _transition(agreement_id, to=S.SETTLING, actor=SYSTEM, reason=reason, data=data)
+
+
+def agreement_settled(*, agreement_id, seller_payout: int, buyer_refund: int, tx_hash: str) -> UsageAgreement:
+    return _transition(agreement_id, to=S.SETTLED, actor=SYSTEM, reason="escrow paid out on-chain",
+                       data={"seller_payout_atomic": seller_payout, "buyer_refund_atomic": buyer_refund,
+                             "tx_hash": tx_hash},
+                       changes={"seller_payout": seller_payout, "buyer_refund": buyer_refund})
+
+
+def agreement_refunded(*, agreement_id, amount: int, tx_hash: str) -> UsageAgreement:
+    return _transition(agreement_id, to=S.REFUNDED, actor=SYSTEM, reason="expired unused: deposit reclaimed",
+                       data={"buyer_refund_atomic": amount, "tx_hash": tx_hash},
+                       changes={"seller_payout": 0, "buyer_refund": amount})
+
+
 def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
     to = {"approved": S.PROPOSED, "rejected": S.REJECTED, "expired": S.EXPIRED}[outcome]
     who = Actor.person(actor) if actor else SYSTEM

@@ -1,6 +1,6 @@
-from django.urls import path
+from django.urls import path, re_path
 
-from agreements import views
+from agreements import proxy, views
 
 urlpatterns = [
     path("usage-agreements", views.AgreementsView.as_view()),
@@ -9,6 +9,10 @@ urlpatterns = [
     path("usage-agreements/<uuid:agreement_id>/accept", views.AcceptView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/reject", views.RejectView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/cancel", views.CancelView.as_view()),
+    path("usage-agreements/<uuid:agreement_id>/usage", views.UsageView.as_view()),
+    path("usage-agreements/<uuid:agreement_id>/record-usage", views.RecordUsageView.as_view()),
+    path("usage-agreements/<uuid:agreement_id>/complete", views.CompleteView.as_view()),
+    re_path(r"^metered-proxy/(?P<agreement_id>[0-9a-f-]{36})/(?P<path>.*)$", proxy.MeteredProxyView.as_view()),
     path("payment-requirements", views.PaymentRequirementsView.as_view()),
     path("webhooks", views.WebhooksView.as_view()),
     path("webhooks/<uuid:subscription_id>", views.WebhookDetailView.as_view()),

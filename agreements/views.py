@@ -4,9 +4,13 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from agreements import selectors, services, webhooks
+from agreements import metering, selectors, services, webhooks
 from agreements.serializers import (
     AgreementEventSerializer,
+    CompleteSerializer,
+    RecordedUsageSerializer,
+    RecordUsageSerializer,
+    UsageEventSerializer,
     AgreementListQuery,
     AgreementSerializer,
     PaymentRequirementsQuery,
@@ -215,3 +219,56 @@ class WebhookDeliveriesView(APIView):
                                      ordering=["-created_at", "id"], cursor=query.validated_data.get("cursor"),
                                      limit=query.validated_data["limit"])
         return Response({"results": WebhookDeliverySerializer(rows, many=True).data, "next_cursor": next_cursor})
+
+
+class UsageView(APIView):
+    permission_classes = [agent_scope(KeyScope.READ)]
+
+    @extend_schema(operation_id="agreements_usage", tags=["metering"], parameters=[PageQuerySerializer],
+                   summary="Usage events, oldest first, each verifiable with sdk.receipts.verify_usage",
+                   responses={200: page_serializer(UsageEventSerializer, "UsageEventPage"), **error_responses(404)})
+    def get(self, request, agreement_id):
+        query = PageQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
+        rows, next_cursor = paginate(selectors.usage_events(agreement=agreement), ordering=["seq"],
+                                     cursor=query.validated_data.get("cursor"), limit=query.validated_data["limit"])
+        return Response({"results": UsageEventSerializer(rows, many=True).data, "next_cursor": next_cursor})
+
+
+class RecordUsageView(APIView):
+    permission_classes = [agent_scope(KeyScope.PAY)]
+
+    @extend_schema(operation_id="agreements_record_usage", tags=["metering"], request=RecordUsageSerializer,
+                   summary="Seller reports usage (Idempotency-Key required); a batch is all-or-nothing",
+                   responses={201: RecordedUsageSerializer, **error_responses(402, 404, 409, 422)})
+    @idempotent(required=True)
+    def post(self, request, agreement_id):
+        agent = calling_agent(request)
+        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        body = RecordUsageSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        events = metering.usage_record(agreement=agreement, seller=agent, entries=body.entries(),
+                                       request_id=request._request.request_id)
+        used = events[-1].cumulative
+        return Response(RecordedUsageSerializer({"events": events, "used_atomic": used,
+                                                 "remaining_atomic": agreement.deposit_amount - used}).data,
+                        status=status.HTTP_201_CREATED)
+
+
+class CompleteView(APIView):
+    permission_classes = [agent_scope(KeyScope.PAY)]
+
+    @extend_schema(operation_id="agreements_complete", tags=["metering"], request=CompleteSerializer,
+                   summary="End an active agreement (buyer or seller): no new charges; the settlement with the "
+                           "used amount is proposed on-chain and the challenge window starts",
+                   responses={200: AgreementSerializer, **error_responses(404, 409)})
+    def post(self, request, agreement_id):
+        agent = calling_agent(request)
+        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        body = CompleteSerializer(data=request.data or {})
+        body.is_valid(raise_exception=True)
+        role = "buyer" if agreement.buyer_id == agent.pk else "seller"
+        metering.completion_request(agreement=agreement,
+                                    reason=body.validated_data["reason"] or f"completed by the {role}")
+        return Response(agreement_payload(selectors.agreement_get(agreement_id=agreement_id, agent=agent)))

@@ -1,7 +1,56 @@
+"""The operators' view of the catalog: agents, credentials, services, skills, tags.
+
+Writes with rules behind them go through catalog.services (revoking, deregistering); the admin only picks rows.
+Secrets are never shown: a credential's digest stays out of the pages, its prefix identifies it.
+"""
+
 from django.contrib import admin, messages
+from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
 
 from catalog import services
-from catalog.models import Agent, ApiKey, OwnerToken, Service, Skill, Tag
+from catalog.models import Agent, ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
+
+CREDENTIAL_FIELDS = ("name", "prefix", "created_at", "expires_at", "revoked_at", "last_used_at")
+
+
+class CredentialStatusFilter(admin.SimpleListFilter):
+    """Live, revoked or expired (an expired credential may not have been swept into `revoked_at` yet)."""
+
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request, model_admin):
+        return [("live", "Live"), ("revoked", "Revoked"), ("expired", "Expired")]
+
+    def queryset(self, request, queryset):
+        now = timezone.now()
+        not_expired = Q(expires_at=None) | Q(expires_at__gt=now)
+        if self.value() == "live":
+            return queryset.filter(not_expired, revoked_at=None)
+        if self.value() == "revoked":
+            return queryset.exclude(revoked_at=None)
+        if self.value() == "expired":
+            return queryset.filter(revoked_at=None, expires_at__lte=now)
+        return queryset
+
+
+def _revoke(request, credentials) -> None:
+    count = 0
+    for credential in credentials:
+        services.credential_revoke(credential=credential)
+        count += 1
+    messages.success(request, f"Revoked {count} credential(s); they stop working at once.")
+
+
+@admin.action(description="Revoke selected credentials")
+def revoke_credentials(modeladmin, request, queryset):
+    _revoke(request, queryset.filter(revoked_at=None))
+
+
+@admin.action(description="Revoke every API key of the selected agents")
+def revoke_agent_keys(modeladmin, request, queryset):
+    _revoke(request, ApiKey.objects.filter(agent__in=queryset, revoked_at=None))
 
 
 class ApiKeyInline(admin.TabularInline):
@@ -10,6 +59,7 @@ class ApiKeyInline(admin.TabularInline):
     can_delete = False
     fields = ("name", "prefix", "scope", "created_at", "expires_at", "revoked_at", "last_used_at")
     readonly_fields = fields
+    show_change_link = True
 
     def has_add_permission(self, request, obj=None):
         return False  # Keys are issued through the API or `manage.py issue_api_key`, which show the secret once.
@@ -18,24 +68,27 @@ class ApiKeyInline(admin.TabularInline):
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
     list_display = ("handle", "display_name", "owner", "wallet_address", "is_buyer", "is_seller", "is_active",
-                    "created_at")
+                    "service_count", "created_at")
     list_filter = ("is_active", "is_buyer", "is_seller")
     search_fields = ("handle", "display_name", "wallet_address", "owner__username", "owner__email")
     readonly_fields = ("id", "created_at")
+    list_select_related = ("owner",)
+    autocomplete_fields = ("owner",)
     inlines = [ApiKeyInline]
+    actions = [revoke_agent_keys]
 
+    def get_queryset(self, request) -> QuerySet[Agent]:
+        return super().get_queryset(request).annotate(_service_count=Count("services"))
 
-@admin.action(description="Revoke selected credentials")
-def revoke_credentials(modeladmin, request, queryset):
-    for credential in queryset:
-        services.credential_revoke(credential=credential)
-    messages.success(request, f"Revoked {queryset.count()} credential(s).")
+    @admin.display(description="services", ordering="_service_count")
+    def service_count(self, agent) -> int:
+        return agent._service_count
 
 
 class CredentialAdmin(admin.ModelAdmin):
-    readonly_fields = ("prefix", "secret_digest", "created_at", "last_used_at", "revoked_at")
-    list_filter = ("revoked_at",)
+    list_filter = (CredentialStatusFilter,)
     actions = [revoke_credentials]
+    date_hierarchy = "created_at"
 
     def has_add_permission(self, request):
         return False  # The secret must be shown once at creation, which the API and commands do.
@@ -44,16 +97,21 @@ class CredentialAdmin(admin.ModelAdmin):
 @admin.register(ApiKey)
 class ApiKeyAdmin(CredentialAdmin):
     list_display = ("prefix", "agent", "name", "scope", "created_at", "expires_at", "revoked_at", "last_used_at")
-    list_filter = ("scope", "revoked_at")
+    list_filter = (CredentialStatusFilter, "scope")
     search_fields = ("prefix", "name", "agent__handle")
     list_select_related = ("agent",)
+    fields = ("agent", "scope", *CREDENTIAL_FIELDS)
+    # A key stays with the agent it was issued to; revoking is the action above, not an edit of `revoked_at`.
+    readonly_fields = ("agent", "prefix", "created_at", "revoked_at", "last_used_at")
 
 
 @admin.register(OwnerToken)
 class OwnerTokenAdmin(CredentialAdmin):
     list_display = ("prefix", "owner", "name", "created_at", "expires_at", "revoked_at", "last_used_at")
-    search_fields = ("prefix", "name", "owner__username")
+    search_fields = ("prefix", "name", "owner__username", "owner__email")
     list_select_related = ("owner",)
+    fields = ("owner", *CREDENTIAL_FIELDS)
+    readonly_fields = ("owner", "prefix", "created_at", "revoked_at", "last_used_at")
 
 
 class SkillInline(admin.TabularInline):
@@ -66,23 +124,28 @@ class SkillInline(admin.TabularInline):
         return False
 
 
-@admin.action(description="Deregister selected services")
+@admin.action(description="Deregister selected services (hidden from search, kept for history)")
 def deregister_services(modeladmin, request, queryset):
-    for service in queryset:
+    count = 0
+    for service in queryset.filter(state=ServiceState.REGISTERED):
         services.service_deregister(service=service, actor=None)
-    messages.success(request, f"Deregistered {queryset.count()} service(s).")
+        count += 1
+    messages.success(request, f"Deregistered {count} service(s).")
 
 
 @admin.register(Service)
 class ServiceAdmin(admin.ModelAdmin):
     list_display = ("name", "seller", "state", "pricing_type", "unit_price", "token", "upstream_protocol",
                     "created_at")
-    list_filter = ("state", "pricing_type", "upstream_protocol", "token")
+    list_filter = ("state", "pricing_type", "upstream_protocol", "token", "seller__is_active")
     search_fields = ("name", "description", "keywords", "seller__handle", "id")
     exclude = ("search_vector",)
     list_select_related = ("seller",)
+    date_hierarchy = "created_at"
     inlines = [SkillInline]
     actions = [deregister_services]
+    # The change list of 100,000 services must not count them all on every page view.
+    show_full_result_count = False
 
     # Services change through the API (catalog.services keeps search data in step); operators read and deregister.
     def get_readonly_fields(self, request, obj=None):
@@ -92,6 +155,37 @@ class ServiceAdmin(admin.ModelAdmin):
         return False
 
 
+@admin.register(Skill)
+class SkillAdmin(admin.ModelAdmin):
+    list_display = ("name", "service", "seller", "price", "is_async", "timeout_seconds")
+    list_filter = ("is_async", "service__state")
+    search_fields = ("name", "description", "service__name", "service__seller__handle")
+    list_select_related = ("service", "service__seller")
+
+    @admin.display(description="seller", ordering="service__seller__handle")
+    def seller(self, skill) -> Agent:
+        return skill.service.seller
+
+    # Skills are part of their service's listing and change with it, through the API.
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in Skill._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(Tag)
 class TagAdmin(admin.ModelAdmin):
+    list_display = ("name", "service_count")
     search_fields = ("name",)
+
+    def get_queryset(self, request) -> QuerySet[Tag]:
+        return super().get_queryset(request).annotate(
+            _service_count=Count("services", filter=Q(services__state=ServiceState.REGISTERED)))
+
+    @admin.display(description="registered services", ordering="_service_count")
+    def service_count(self, tag) -> int:
+        return tag._service_count

@@ -4,6 +4,8 @@ Field names, casing and the `{"status": "success", "data": ...}` envelope follow
 `network` is the Masumi network name this deployment answers to (MASUMI_NETWORK) or the chain's own name.
 """
 
+import datetime
+
 from django.conf import settings
 from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework import serializers
@@ -13,10 +15,11 @@ from rest_framework.views import APIView
 from catalog import selectors, services
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import KeyScope, PricingType, Service, ServiceState
-from catalog.serializers import TagListField
+from catalog.serializers import TagListField, http_base_url
 from marketplace.errors import InvalidInput
+from marketplace.idempotency import idempotent
 from marketplace.pagination import MAX_LIMIT, paginate
-from marketplace.serializers import AddressSerializerField, StrictSerializer, error_responses
+from marketplace.serializers import MAX_AMOUNT, AddressSerializerField, StrictSerializer, error_responses
 
 _STATES = {ServiceState.REGISTERED: "RegistrationConfirmed", ServiceState.DEREGISTERED: "DeregistrationConfirmed"}
 
@@ -62,6 +65,12 @@ class MasumiPrice(StrictSerializer):
                                  help_text='Token symbol or address; "" means USDC.')
     amount = serializers.RegexField(r"^[0-9]{1,78}$", help_text="Base units, as a string of digits.")
 
+    def validate_amount(self, value):
+        # 78 digits also spell numbers above uint256, which no token amount (nor the escrow contract) can hold.
+        if int(value) > MAX_AMOUNT:
+            raise serializers.ValidationError("Too large.", code="too_large")
+        return value
+
 
 class MasumiPricing(StrictSerializer):
     pricingType = serializers.ChoiceField(choices=["Fixed", "Free"])
@@ -85,6 +94,9 @@ class RegistryRegisterSerializer(StrictSerializer):
     Legal = MasumiLegal(required=False)
     Capability = MasumiCapability()
     AgentPricing = MasumiPricing()
+
+    def validate_apiBaseUrl(self, value):
+        return http_base_url(value)
 
     def validate_AgentPricing(self, value):
         prices = value.get("Pricing") or []
@@ -138,6 +150,14 @@ AssetListEnvelope = _envelope("MasumiAssetListEnvelope", type(
 AssetEnvelope = _envelope("MasumiAssetEnvelope", MasumiAsset())
 
 
+def _timestamp(moment: datetime.datetime | None) -> str | None:
+    """As Masumi (JavaScript's Date.toISOString) writes it: UTC, milliseconds, Z. A string here rather than a datetime
+    left to the renderer, so an idempotent replay (stored as JSON) answers byte for byte what the first call did."""
+    if moment is None:
+        return None
+    return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def asset(service: Service) -> dict:
     author = service.author or {}
     legal = service.legal or {}
@@ -162,8 +182,8 @@ def asset(service: Service) -> dict:
         "SmartContractWallet": {"walletVkey": service.seller.wallet_address,
                                 "walletAddress": service.seller.wallet_address},
         "CurrentTransaction": None,
-        "createdAt": service.created_at,
-        "updatedAt": service.updated_at,
+        "createdAt": _timestamp(service.created_at),
+        "updatedAt": _timestamp(service.updated_at),
         "lastCheckedAt": None,
     }
 
@@ -172,6 +192,7 @@ def _catalog_data(body: dict) -> dict:
     """A Masumi registration as the catalog's own service data."""
     author, legal = body["Author"], body.get("Legal") or {}
     prices = body["AgentPricing"].get("Pricing") or [{"unit": "", "amount": "0"}]
+    free = body["AgentPricing"]["pricingType"] == "Free"
     return {
         "name": body["name"],
         "description": body["description"],
@@ -185,9 +206,9 @@ def _catalog_data(body: dict) -> dict:
         "example_outputs": [{"name": o["name"], "url": o["url"], "mime_type": o["mimeType"]}
                             for o in body.get("ExampleOutputs", [])],
         "pricing": {"type": PricingType.PER_CALL, "unit_name": "call",
-                    "unit_price_atomic": 0 if body["AgentPricing"]["pricingType"] == "Free" else int(prices[0]["amount"]),
+                    "unit_price_atomic": 0 if free else int(prices[0]["amount"]),
                     "token": prices[0]["unit"] or "USDC"},
-        "upstream_base_url": body["apiBaseUrl"].rstrip("/"),
+        "upstream_base_url": body["apiBaseUrl"],
         "upstream_protocol": "masumi",
     }
 
@@ -228,6 +249,7 @@ class RegistryView(APIView):
     @extend_schema(operation_id="masumi_registry_register", summary="Masumi: register an agentic service",
                    request=RegistryRegisterSerializer, examples=[REGISTER_EXAMPLE], tags=["masumi registry"],
                    responses={200: AssetEnvelope, **error_responses(409, 422)})
+    @idempotent()  # as POST /agents/services: a retried registration must not list the service twice
     def post(self, request):
         body = RegistryRegisterSerializer(data=request.data)
         body.is_valid(raise_exception=True)

@@ -1,3 +1,4 @@
+import secrets
 import uuid
 
 from django.conf import settings
@@ -7,6 +8,10 @@ from django.db import models
 from django.db.models import Q
 
 from marketplace.fields import AddressField, TokenAmountField
+
+def new_proxy_secret() -> str:
+    return f"psk_{secrets.token_urlsafe(32)}"
+
 
 HANDLE_VALIDATOR = RegexValidator(
     r"^[a-z0-9](?:[a-z0-9-]{1,62}[a-z0-9])$",
@@ -136,6 +141,8 @@ class Service(models.Model):
     upstream_protocol = models.CharField(max_length=10, choices=UpstreamProtocol.choices,
                                          default=UpstreamProtocol.HTTP)
     state = models.CharField(max_length=16, choices=ServiceState.choices, default=ServiceState.REGISTERED)
+    # The seller verifies X-Marketplace-Signature on proxied calls with it (see sdk.proxy_signature).
+    proxy_secret = models.CharField(max_length=64, default=new_proxy_secret, editable=False)
     # Denormalised for search; kept current by catalog.services on every write.
     keywords = models.TextField(blank=True, editable=False)
     search_vector = SearchVectorField(null=True, editable=False)

@@ -1,19 +1,18 @@
 """Reads of the catalog."""
 
+import re
 from dataclasses import dataclass, field
 from functools import reduce
 from operator import and_
 
-from django.contrib.postgres.search import SearchQuery, SearchRank, TrigramSimilarity
-from django.db import connection
-from django.db.models import Case, F, FloatField, Q, QuerySet, Value, When
+from django.contrib.postgres.search import SearchQuery, SearchRank, TrigramSimilarity, TrigramWordSimilarity
+from django.db import connection, transaction
+from django.db.models import Case, Exists, F, FloatField, OuterRef, Q, QuerySet, Value, When
+from django.db.models.functions import Cast
 
-from catalog.models import Agent, ApiKey, Service, ServiceState, Skill
+from catalog.models import Agent, ApiKey, Service, ServiceState, Skill, Tag
 from marketplace.errors import NotFound
 from marketplace.pagination import paginate
-
-# Trigram similarity of the name adds fuzzy matching ("translte" finds "translate"); it weighs less than FTS.
-_TRIGRAM_WEIGHT = 0.5
 
 
 def agent_get(*, agent_id, owner=None) -> Agent:
@@ -105,32 +104,67 @@ _ORDERINGS = {
     "price": ["unit_price", "-created_at", "id"],
     "newest": ["-created_at", "id"],
 }
+# Typo-tolerant results are ranked by name similarity, a scale unlike ts_rank's: their own sort key, so a cursor
+# issued for one kind of result is refused (invalid_cursor) by the other instead of cutting the list in odd places.
+_FUZZY_RELEVANCE = ["-name_similarity", "-created_at", "id"]
+
+FUZZY_WORD_SIMILARITY_THRESHOLD = 0.5
+# Quoted phrases, -exclusions and `or` (PostgreSQL's websearch syntax) ask for exactly that: no fuzzy matching then.
+_WEBSEARCH_SYNTAX = re.compile(r'"|(?:^|\s)-\S|(?:^|\s)or(?:\s|$)', re.IGNORECASE)
 
 
-def _match_text(queryset: QuerySet[Service], text: str) -> QuerySet[Service]:
-    if connection.vendor == "postgresql":
-        query = SearchQuery(text, search_type="websearch", config="english")
-        return queryset.annotate(
-            relevance=SearchRank(F("search_vector"), query) + _TRIGRAM_WEIGHT * TrigramSimilarity("name", text)
-        ).filter(Q(search_vector=query) | Q(name__trigram_similar=text))
-    # The embedded SQLite default: every word must appear somewhere; name hits rank first.
-    words = text.split()
-    matches = [Q(name__icontains=w) | Q(keywords__icontains=w) | Q(description__icontains=w) for w in words]
-    return queryset.filter(reduce(and_, matches)).annotate(
-        relevance=Case(When(name__icontains=text, then=Value(2.0)), default=Value(1.0), output_field=FloatField())
-    )
+def _exact_double(score) -> Cast:
+    """A real (float4) score as double precision. Cursors carry the relevance of the last row; PostgreSQL prints a
+    real in its shortest form (0.06079271), which read back as a double is not the value it compares against, so
+    rows tied on relevance were served again and again. A double round-trips exactly through the cursor."""
+    return Cast(score, FloatField())
+
+
+def _match_text(queryset: QuerySet[Service], text: str) -> tuple[QuerySet[Service], bool]:
+    """Services matching `text`, annotated with their relevance (`name_similarity` for the fuzzy fallback), and
+    whether the match is that fallback."""
+    if connection.vendor != "postgresql":
+        # The embedded SQLite default: every word must appear somewhere; name hits rank first.
+        words = text.split()
+        matches = [Q(name__icontains=w) | Q(keywords__icontains=w) | Q(description__icontains=w) for w in words]
+        return queryset.filter(reduce(and_, matches)).annotate(
+            relevance=Case(When(name__icontains=text, then=Value(2.0)), default=Value(1.0),
+                           output_field=FloatField())
+        ), False
+    query = SearchQuery(text, search_type="websearch", config="english")
+    # Full-text match over the weighted vector (name A, tags/capability/skills B, description C) through its GIN
+    # index; ts_rank therefore puts a name match above a description-only one.
+    rank = _exact_double(SearchRank(F("search_vector"), query))
+    exact = queryset.filter(search_vector=query).annotate(relevance=rank)
+    if _WEBSEARCH_SYNTAX.search(text) or exact.exists():
+        return exact, False
+    # Nothing matches every word: probably a misspelling. Fall back to names containing something spelt alike:
+    # pg_trgm word similarity (`%>`, served by the trigram GIN index), so one misspelt word finds a long name too.
+    # Only as a fallback: OR-ing fuzzy matches into every query made common queries ~7x slower at 100k services
+    # (similarity rechecked on thousands of rows) and let them slip past quoted phrases and -exclusions.
+    # Ranked by the mean of word similarity and whole-name similarity, so the tightest name comes first.
+    similarity = _exact_double((TrigramWordSimilarity(text, "name") + TrigramSimilarity("name", text)) / 2)
+    return queryset.filter(name__trigram_word_similar=text).annotate(name_similarity=similarity), True
+
+
+def _with_tag(tag_ids: list[int]) -> Exists:
+    return Exists(Service.tags.through.objects.filter(service_id=OuterRef("pk"), tag_id__in=tag_ids))
 
 
 def service_search(*, search: ServiceSearch, cursor: str | None, limit: int) -> tuple[list[Service], str | None]:
     services = Service.objects.filter(state=ServiceState.REGISTERED, seller__is_active=True)
-    text = search.text.strip()
-    if text:
-        services = _match_text(services, text)
+    # Tag names to ids first (one small query): a tag nobody uses means no results, and the filters below become
+    # semi-joins on the (service, tag) index instead of joins through the tag table.
+    tag_names = {*search.tags_all, *search.tags_any}
+    tag_ids = dict(Tag.objects.filter(name__in=tag_names).values_list("name", "id")) if tag_names else {}
+    if any(tag not in tag_ids for tag in search.tags_all):
+        services = services.none()
     for tag in search.tags_all:
-        services = services.filter(tags__name=tag)
+        if tag in tag_ids:
+            services = services.filter(_with_tag([tag_ids[tag]]))
     if search.tags_any:
-        services = services.filter(pk__in=Service.tags.through.objects.filter(
-            tag__name__in=search.tags_any).values("service_id"))
+        known = [tag_ids[t] for t in search.tags_any if t in tag_ids]
+        services = services.filter(_with_tag(known)) if known else services.none()
     if search.capability:
         services = services.filter(capability_name__iexact=search.capability)
     if search.max_unit_price is not None:
@@ -140,12 +174,29 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int) -> 
     if search.protocol:
         services = services.filter(upstream_protocol=search.protocol)
     if search.skill:
-        services = services.filter(skills__name=search.skill)
+        services = services.filter(Exists(Skill.objects.filter(service_id=OuterRef("pk"), name=search.skill)))
     if search.token:
         services = services.filter(token=search.token)
     if search.pricing_type:
         services = services.filter(pricing_type=search.pricing_type)
+    text = search.text.strip()
+    fuzzy = False
+    if text:
+        # After the filters, so "nothing matches exactly" means nothing within them.
+        services, fuzzy = _match_text(services, text)
     order_by = search.order_by or ("relevance" if text else "newest")
     if order_by == "relevance" and not text:
         order_by = "newest"
-    return paginate(_with_relations(services), ordering=_ORDERINGS[order_by], cursor=cursor, limit=limit)
+    ordering = _FUZZY_RELEVANCE if fuzzy and order_by == "relevance" else _ORDERINGS[order_by]
+    services = _with_relations(services).defer("search_vector", "keywords")  # never shown; the vector is large
+    if not fuzzy:
+        return paginate(services, ordering=ordering, cursor=cursor, limit=limit)
+    with transaction.atomic(), connection.cursor() as db:
+        # For this transaction only: pg_trgm's default word-similarity threshold (0.6) misses a single typo in a
+        # short word ("invoce", "wether"); 0.5 catches those and still keeps unrelated names out.
+        db.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)",
+                   [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
+        rows, next_cursor = paginate(services, ordering=ordering, cursor=cursor, limit=limit)
+    for row in rows:
+        row.relevance = row.name_similarity  # not a second SQL column: each is computed per candidate row
+    return rows, next_cursor

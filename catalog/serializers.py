@@ -128,6 +128,13 @@ class TagListField(serializers.ListField):
         return list(dict.fromkeys(tag.strip().lower() for tag in tags))
 
 
+def http_base_url(value: str) -> str:
+    """An upstream the metered proxy can call: http(s) only (URLField also lets ftp through), no trailing slash."""
+    if not value.lower().startswith(("http://", "https://")):
+        raise serializers.ValidationError("Must be an http(s) URL.", code="invalid_url_scheme")
+    return value.rstrip("/")
+
+
 class ServiceWriteSerializer(StrictSerializer):
     name = serializers.CharField(max_length=250)
     description = serializers.CharField(max_length=5000, required=False, allow_blank=True, default="")
@@ -142,9 +149,7 @@ class ServiceWriteSerializer(StrictSerializer):
     skills = SkillSerializer(many=True, required=False, max_length=50)
 
     def validate_upstream_base_url(self, value):
-        if not value.lower().startswith(("http://", "https://")):
-            raise serializers.ValidationError("Must be an http(s) URL.", code="invalid_url_scheme")
-        return value.rstrip("/")
+        return http_base_url(value)
 
 
 class ServiceSerializer(serializers.Serializer):
@@ -186,11 +191,20 @@ class OwnServiceSerializer(ServiceSerializer):
     """What the listing seller sees: also where calls are forwarded."""
 
     upstream_base_url = serializers.CharField()
+    proxy_secret = serializers.CharField(help_text="Verifies X-Marketplace-Signature on proxied calls.")
 
 
 class ServiceSearchSerializer(StrictSerializer, PageQuerySerializer):
-    q = serializers.CharField(max_length=500, required=False, allow_blank=True, default="",
-                              help_text="Free text over name, description, tags, capability and skills.")
+    q = serializers.CharField(
+        max_length=500, required=False, allow_blank=True, default="",
+        help_text=(
+            "Free text over name, description, tags, capability and skills, in web-search syntax: every word must "
+            'match (in any form: "translating" finds "translation"), `"a phrase"` in order, `-word` excluded, '
+            "`a or b` either. A name match ranks above a tag or capability match, which ranks above a description "
+            "match. When nothing matches every word (a typo), services whose name is spelt alike are returned, "
+            "ranked by similarity; a cursor from one kind of result is not valid for the other."
+        ),
+    )
     tags_all = TagListField(required=False, min_length=0, default=list, help_text="Services having every tag.")
     tags_any = TagListField(required=False, min_length=0, default=list, help_text="Services having any tag.")
     capability = serializers.CharField(max_length=250, required=False, allow_blank=True, default="")

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import requests
 from eth_account import Account
 from web3 import Web3
 from web3.contract import Contract
@@ -188,10 +189,13 @@ class AnvilProcess:
     def w3(self, request_timeout: float = 30.0) -> Web3:
         """A Web3 client for this node (one per AnvilProcess, created on first use)."""
         if self._w3 is None:
+            session = requests.Session()
+            session.trust_env = False  # a local node: no proxies from the environment (and no lookup per call)
             self._w3 = Web3(
                 Web3.HTTPProvider(
                     self.rpc_url,
                     request_kwargs={"timeout": request_timeout},
+                    session=session,
                     # only the chain id is cached: blocks and receipts change under evm_revert
                     cache_allowed_requests=True,
                     cacheable_requests={"eth_chainId"},
@@ -232,13 +236,16 @@ def start_anvil(
     host: str = "127.0.0.1",
     timeout: float = 30.0,
     extra_args: tuple[str, ...] = (),
+    die_with_parent: bool = True,
 ) -> AnvilProcess:
     """Start Anvil (``--silent``) and wait until it answers JSON-RPC.
 
     ``port=None`` picks a free port (retried if another process grabs it first). ``block_time=None`` mines a
     block per transaction (automine); a number mines on that interval instead. The node has Anvil's 10 default
-    dev accounts (:data:`DEV_PRIVATE_KEYS`), each with 10,000 ETH. Raises :class:`AnvilNotFound` or
-    :class:`AnvilStartError`.
+    dev accounts (:data:`DEV_PRIVATE_KEYS`), each with 10,000 ETH. ``extra_args`` go to Anvil as they are
+    (e.g. ``("--state", path)``). With ``die_with_parent`` (Linux) the kernel terminates Anvil when the
+    thread that started it exits, so a crashed test run leaves no node behind; pass False to start a node
+    from a short-lived thread. Raises :class:`AnvilNotFound` or :class:`AnvilStartError`.
     """
     binary = find_anvil_binary()
     attempts = 3 if port is None else 1
@@ -273,7 +280,7 @@ def start_anvil(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_die_with_parent if die_with_parent and sys.platform.startswith("linux") else None,
         )
         log.close()
         node = AnvilProcess(process=process, host=host, port=chosen, chain_id=chain_id, log_path=log_path)

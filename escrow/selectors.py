@@ -23,3 +23,39 @@ def confirmations(*, tx: ChainTransaction, latest_block: int | None) -> int:
     if tx.mined_block_number is None or latest_block is None:
         return 0
     return max(0, latest_block - tx.mined_block_number + 1)
+
+
+# What the contract must say for each marketplace status (several when a transaction may be in flight).
+_EXPECTED_STATES = {
+    "active": {"active"},
+    "in_challenge": {"proposed"},
+    "disputed": {"disputed", "resolved"},
+    "settling": {"proposed", "resolved", "settled"},
+    "settled": {"settled"},
+    "refunded": {"reclaimed"},
+}
+
+
+def reconciliation_mismatches(*, agreements) -> list[str]:
+    """Every difference between our records and the escrow contract, as readable lines (empty: consistent)."""
+    mismatches = []
+    for agreement in agreements:
+        expected = _EXPECTED_STATES.get(agreement.status)
+        if expected is None:
+            continue
+        onchain = onchain_escrow(onchain_id=agreement.onchain_id)
+        label = f"agreement {agreement.pk} ({agreement.status})"
+        if onchain["state"] not in expected:
+            mismatches.append(f"{label}: contract state {onchain['state']}, expected {sorted(expected)}")
+            continue
+        if int(onchain["depositAmount"]) != agreement.deposit_amount:
+            mismatches.append(f"{label}: deposit {onchain['depositAmount']} on-chain, {agreement.deposit_amount} here")
+        if agreement.status == "in_challenge" and int(onchain["settledAmount"]) != agreement.used:
+            mismatches.append(f"{label}: proposed amount {onchain['settledAmount']} on-chain, used {agreement.used}")
+        if agreement.status == "settled" and int(onchain["settledAmount"]) != agreement.seller_payout:
+            mismatches.append(f"{label}: seller payout {agreement.seller_payout} here, "
+                              f"{onchain['settledAmount']} on-chain")
+        if agreement.status in ("settled", "refunded") and (agreement.seller_payout or 0) + (
+                agreement.buyer_refund or 0) != agreement.deposit_amount:
+            mismatches.append(f"{label}: payout + refund != deposit")
+    return mismatches

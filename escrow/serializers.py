@@ -85,3 +85,20 @@ class EscrowStatusSerializer(serializers.Serializer):
 class EscrowStatusQuery(StrictSerializer):
     verify = serializers.BooleanField(required=False, default=False,
                                       help_text="Also read the escrow from the contract.")
+
+
+class ChallengePackageSerializer(serializers.Serializer):
+    deadline = serializers.IntegerField()
+    challenge = TypedDataSerializer(help_text="EIP-712 Challenge{agreementId, deadline} to sign with the buyer wallet.")
+    challenge_deadline = serializers.DateTimeField(help_text="End of the challenge window.")
+
+
+class ChallengeSerializer(StrictSerializer):
+    reason = serializers.CharField(max_length=500)
+    evidence = serializers.CharField(max_length=5000, required=False, allow_blank=True, default="")
+    deadline = serializers.IntegerField(min_value=0)
+    signature = _signature()
+
+
+class ResolveSerializer(StrictSerializer):
+    seller_amount_atomic = AtomicAmountField(help_text="What the seller receives; the buyer gets the rest.")

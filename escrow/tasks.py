@@ -2,7 +2,7 @@
 
 from celery import shared_task
 
-from escrow import chain, relayer
+from escrow import chain, relayer, settlement
 
 
 @shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=2, retry_backoff_max=300, max_retries=20)
@@ -18,3 +18,8 @@ def poll_confirmations() -> int:
 @shared_task
 def sweep_queued() -> int:
     return relayer.transactions_sweep_queued()
+
+
+@shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=5, max_retries=3)
+def settlement_tick() -> dict:
+    return settlement.settlement_tick()

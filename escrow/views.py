@@ -9,16 +9,21 @@ from rest_framework.views import APIView
 from agreements import selectors as agreement_selectors
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import KeyScope
-from escrow import chain, selectors, services
+from catalog.authentication import IsOperator
+from escrow import chain, selectors, services, settlement
 from escrow.serializers import (
     ActivateEscrowSerializer,
     ActivationAcceptedSerializer,
     ActivationPackageSerializer,
+    ChainTransactionSerializer,
+    ChallengePackageSerializer,
+    ChallengeSerializer,
+    ResolveSerializer,
     EscrowStatusQuery,
     EscrowStatusSerializer,
 )
 from marketplace import chainconfig
-from marketplace.errors import DependencyUnavailable
+from marketplace.errors import Conflict, DependencyUnavailable
 from marketplace.idempotency import idempotent
 from marketplace.serializers import error_responses
 
@@ -108,6 +113,59 @@ class EscrowStatusView(APIView):
             "deposited_atomic": agreement.deposit_amount if funded else 0, "used_atomic": agreement.used,
             "reserved_atomic": agreement.reserved, "remaining_atomic": agreement.remaining,
             "infra_fee_atomic": agreement.infra_fee, "activation_tx_hash": agreement.activation_tx_hash,
-            "challenge_deadline": None, "transactions": [transaction_payload(tx, latest) for tx in transactions],
+            "challenge_deadline": agreement.challenge_deadline, "transactions": [transaction_payload(tx, latest) for tx in transactions],
             "backend_fault": stuck, "onchain": onchain,
         }).data)
+
+
+class ChallengePackageView(APIView):
+    permission_classes = [agent_scope(KeyScope.PAY)]
+
+    @extend_schema(operation_id="escrow_challenge_package", tags=TAGS,
+                   summary="What the buyer signs to dispute the proposed settlement",
+                   responses={200: ChallengePackageSerializer, **error_responses(404, 409)})
+    def get(self, request, agreement_id):
+        agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
+        if agreement.status != "in_challenge":
+            raise Conflict("Nothing to challenge now.", code="invalid_transition",
+                           details={"status": agreement.status})
+        deadline = int(agreement.challenge_deadline.timestamp())
+        return Response(ChallengePackageSerializer({
+            "deadline": deadline, "challenge_deadline": agreement.challenge_deadline,
+            "challenge": settlement.challenge_typed_data(agreement=agreement, deadline=deadline),
+        }).data)
+
+
+class ChallengeView(APIView):
+    permission_classes = [agent_scope(KeyScope.PAY)]
+
+    @extend_schema(operation_id="escrow_challenge", tags=TAGS, request=ChallengeSerializer,
+                   summary="Dispute the proposed settlement (buyer, within the window); submitted on-chain with "
+                           "challengeWithSig. 202; the agreement becomes `disputed` once confirmed",
+                   responses={202: ChainTransactionSerializer, **error_responses(404, 409, 422)})
+    @idempotent()
+    def post(self, request, agreement_id):
+        agent = calling_agent(request)
+        agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        body = ChallengeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        tx = settlement.settlement_challenge(agreement=agreement, buyer=agent, **body.validated_data)
+        return Response(ChainTransactionSerializer(transaction_payload(tx, None)).data,
+                        status=status.HTTP_202_ACCEPTED)
+
+
+class ResolveView(APIView):
+    permission_classes = [IsOperator]
+
+    @extend_schema(operation_id="escrow_resolve", tags=TAGS, request=ResolveSerializer, auth=[{"OwnerToken": []}],
+                   summary="Decide a dispute (operators): the seller's amount; then the escrow is paid out",
+                   responses={202: ChainTransactionSerializer, **error_responses(404, 409, 422)})
+    @idempotent()
+    def post(self, request, agreement_id):
+        agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=None)
+        body = ResolveSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        tx = settlement.settlement_resolve(agreement=agreement, operator=request.user,
+                                           seller_amount=body.validated_data["seller_amount_atomic"])
+        return Response(ChainTransactionSerializer(transaction_payload(tx, None)).data,
+                        status=status.HTTP_202_ACCEPTED)

@@ -224,4 +224,13 @@ CELERY_BEAT_SCHEDULE.update({
     "poll-confirmations": {"task": "escrow.tasks.poll_confirmations",
                            "schedule": timedelta(seconds=env.int("CHAIN_POLL_SECONDS", default=3))},
     "sweep-queued-transactions": {"task": "escrow.tasks.sweep_queued", "schedule": timedelta(seconds=30)},
+    "settlement-tick": {"task": "escrow.tasks.settlement_tick",
+                        "schedule": timedelta(seconds=env.int("SETTLEMENT_TICK_SECONDS", default=10))},
 })
+
+# --- Metered proxy --------------------------------------------------------------------------------------------
+PROXY_CONNECT_TIMEOUT = env.float("PROXY_CONNECT_TIMEOUT_SECONDS", default=5.0)
+PROXY_TIMEOUT = env.float("PROXY_TIMEOUT_SECONDS", default=60.0)
+PROXY_MAX_UNITS_PER_CALL = env.int("PROXY_MAX_UNITS_PER_CALL", default=1_000_000)
+# Replies stored for X-Request-Nonce retries are capped; larger ones are refused rather than half-stored.
+PROXY_REPLAY_MAX_BYTES = env.int("PROXY_REPLAY_MAX_BYTES", default=10 * 1024 * 1024)

@@ -136,4 +136,8 @@ def escrow_chain(chain, settings):
     settings.RELAYER_PRIVATE_KEY = accounts.deployer.key  # the deployment's operator
     settings.RECEIPT_SIGNER_PRIVATE_KEY = accounts.receipt_signer.key
     settings.FEE_RECIPIENT = accounts.fee_recipient.address
+    # The relayer also arbitrates disputes here (production may use a separate arbiter key through the same role).
+    arbiter_role = chain.escrow.functions.ARBITER_ROLE().call()
+    chain.escrow.functions.grantRole(arbiter_role, accounts.deployer.address).transact(
+        {"from": accounts.deployer.address})
     return chain

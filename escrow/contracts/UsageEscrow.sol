@@ -55,6 +55,10 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
  *   Credits are never redirected to another address, so a token's blacklist is not circumvented.
  * - Only allowlisted tokens can be escrowed, so payout transfers only ever call known token contracts.
  * - Signatures are checked with SignatureChecker: EOAs (ECDSA, low-s only) and ERC-1271 contract wallets.
+ *
+ * Known limits: a Disputed escrow waits for the arbiter (there is no dispute timeout); agreement ids are
+ * global, so a third party who learns an id before its activation is mined could take it first with an
+ * escrow of its own (the real activation then reverts AgreementExists and needs a new id; no funds move).
  */
 contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
     using SafeERC20 for IERC20;

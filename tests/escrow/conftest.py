@@ -76,6 +76,9 @@ class Escrows:
         by ``chain.set_next_timestamp`` (Anvil estimates against the latest block)."""
         address = sender.address if hasattr(sender, "address") else sender
         params.setdefault("gas", 3_000_000)
+        if "gasPrice" not in params:  # fixed fees: no fee-estimation round trips
+            params.setdefault("maxFeePerGas", 100 * 10**9)
+            params.setdefault("maxPriorityFeePerGas", 1)
         tx_hash = fn.transact({"from": address, **params})
         receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, poll_latency=0.01)
         assert receipt["status"] == 1, receipt
@@ -202,9 +205,10 @@ class Escrows:
 
     def activate(self, typed: dict | None = None, *, buyer=None, signature: str | None = None,
                  escrow_permit: tuple | None = None, fee_permit: tuple | None = None, fund: bool = True,
-                 sender=None, **intent_overrides):
+                 sender=None, two_permits: bool = False, **intent_overrides):
         """Sign (as the buyer) and submit an activation; by default mints the buyer what it needs and signs
-        two permits (deposit, then fee). Returns (typed, receipt)."""
+        one permit for deposit + fee (``two_permits=True``: a deposit permit, then a fee permit).
+        Returns (typed, receipt)."""
         buyer = buyer or self.acc.buyer
         if typed is None:
             intent_overrides.setdefault("buyer", buyer.address)
@@ -213,16 +217,17 @@ class Escrows:
         deposit, fee = message["depositAmount"], message["infraFee"]
         if fund:
             self.mint(buyer, deposit + fee)
+        deadline = message["deadline"]
         if escrow_permit is None:
-            escrow_permit = self.permit(buyer, deposit)
-        if fee_permit is None:
-            if fee:
-                nonce = self.usdc.functions.nonces(buyer.address).call()
-                if escrow_permit != td.EMPTY_PERMIT:
-                    nonce += 1
-                fee_permit = self.permit(buyer, fee, nonce=nonce)
+            nonce = self.usdc.functions.nonces(buyer.address).call()
+            if two_permits:
+                escrow_permit = self.permit(buyer, deposit, deadline=deadline, nonce=nonce)
+                if fee_permit is None and fee:
+                    fee_permit = self.permit(buyer, fee, deadline=deadline, nonce=nonce + 1)
             else:
-                fee_permit = td.EMPTY_PERMIT
+                escrow_permit = self.permit(buyer, deposit + fee, deadline=deadline, nonce=nonce)
+        if fee_permit is None:
+            fee_permit = td.EMPTY_PERMIT
         signature = signature or self.sign(typed, buyer)
         fn = self.escrow.functions.activate(td.message_tuple(typed), signature, escrow_permit, fee_permit)
         return typed, self.tx(fn, sender or self.acc.operator)

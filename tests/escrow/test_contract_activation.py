@@ -15,7 +15,7 @@ def test_activate_pulls_deposit_and_pays_fee(esc):
     msg = typed["message"]
     esc.mint(acc.buyer, msg["depositAmount"] + msg["infraFee"] + 5)
 
-    _, receipt = esc.activate(typed, fund=False)
+    _, receipt = esc.activate(typed, fund=False, two_permits=True)
 
     assert esc.balance(acc.buyer) == 5
     assert esc.balance(esc.escrow.address) == msg["depositAmount"]

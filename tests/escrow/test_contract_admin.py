@@ -120,8 +120,9 @@ def test_operator_cannot_administer(esc):
     acc = esc.acc
     role = esc.escrow.functions.OPERATOR_ROLE().call()
     esc.tx(esc.escrow.functions.grantRole(role, acc.spare.address), acc.deployer)
-    esc.reverts(esc.escrow.functions.setFeeRecipient(acc.spare.address), acc.spare, "AccessControlUnauthorizedAccount")
-    esc.reverts(esc.escrow.functions.grantRole(role, acc.stranger.address), acc.spare, "AccessControlUnauthorizedAccount")
+    denied = "AccessControlUnauthorizedAccount"
+    esc.reverts(esc.escrow.functions.setFeeRecipient(acc.spare.address), acc.spare, denied)
+    esc.reverts(esc.escrow.functions.grantRole(role, acc.stranger.address), acc.spare, denied)
 
 
 def test_revoked_operator_cannot_propose(esc):

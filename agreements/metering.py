@@ -1,0 +1,154 @@
+"""Writes of metering: reserve → commit | release for proxied calls, seller-reported usage, completion.
+
+Overspend is impossible by construction: a reservation is one conditional UPDATE
+(`used + reserved + cost <= deposit_amount`), so concurrent calls never commit more than the deposit, and the
+database's CHECK constraint says the same. Commits take the agreement's row lock only to extend the gap-free
+usage chain (seq, digest, signed receipt) — never while waiting for the upstream.
+"""
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from agreements.models import AgreementStatus, UsageAgreement, UsageEvent, UsageSource
+from marketplace import chainconfig
+from marketplace.errors import Conflict, PaymentRequired
+from sdk import receipts
+
+S = AgreementStatus
+BUDGET_USED_UP = "budget_used_up"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    agreement_id: uuid.UUID
+    amount: int
+    call_seq: int
+
+
+def _not_chargeable(agreement: UsageAgreement) -> Conflict:
+    return Conflict(f"The agreement is {agreement.status}; calls are billed only while it is active.",
+                    code="agreement_not_active", details={"status": agreement.status})
+
+
+def reservation_take(*, agreement: UsageAgreement, amount: int) -> Reservation:
+    """Hold `amount` of the budget for one call, or 402 when it would exceed the deposit."""
+    table = UsageAgreement._meta.db_table
+    pk = UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET reserved = reserved + %s, call_counter = call_counter + 1 "  # noqa: S608
+            "WHERE id = %s AND status = %s AND completion_requested_at IS NULL AND expires_at > %s "
+            "AND used + reserved + %s <= deposit_amount RETURNING call_counter",
+            [amount, pk, S.ACTIVE, timezone.now(), amount],
+        )
+        row = cursor.fetchone()
+    if row is not None:
+        return Reservation(agreement_id=agreement.pk, amount=amount, call_seq=row[0])
+    current = UsageAgreement.objects.get(pk=agreement.pk)
+    if current.status != S.ACTIVE:
+        raise _not_chargeable(current)
+    exhausted = current.completion_reason == BUDGET_USED_UP or current.remaining < amount
+    if not exhausted and (current.completion_requested_at is not None or current.expires_at <= timezone.now()):
+        raise Conflict("The agreement is completing; no new calls are billed.", code="agreement_completing",
+                       details={"status": current.status})
+    raise PaymentRequired("The escrow's remaining budget does not cover this call.", code="budget_exhausted",
+                          details={"remaining_atomic": current.remaining, "cost_atomic": amount})
+
+
+def reservation_release(*, reservation: Reservation) -> None:
+    UsageAgreement.objects.filter(pk=reservation.agreement_id).update(reserved=F("reserved") - reservation.amount)
+
+
+def reservations_drop_stale(*, agreement: UsageAgreement) -> None:
+    """Free reservations of calls that can no longer finish (their process died): the caller has checked that
+    every live call has timed out. Holding them would block the settlement forever."""
+    UsageAgreement.objects.filter(pk=agreement.pk, completion_requested_at__isnull=False).update(reserved=0)
+    agreement.reserved = 0
+
+
+def _append_events(agreement: UsageAgreement, charges: list[dict], *, source: str) -> list[UsageEvent]:
+    """Extend the usage chain under the row lock the caller holds; the last event gets a signed receipt."""
+    events, seq, cumulative, digest = [], agreement.usage_seq, agreement.used, agreement.usage_digest
+    for index, charge in enumerate(charges):
+        seq += 1
+        cumulative += charge["cost"]
+        digest = receipts.next_usage_digest(digest, receipts.usage_event_hash(
+            agreement_id=agreement.onchain_id, seq=seq, units=charge["units"], cost=charge["cost"],
+            cumulative_amount=cumulative, request_id=charge["request_id"]))
+        signature = ""
+        if index == len(charges) - 1:
+            signature = receipts.sign_receipt(settings.RECEIPT_SIGNER_PRIVATE_KEY, receipts.usage_receipt_digest(
+                chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
+                agreement_id=agreement.onchain_id, seq=seq, cumulative_amount=cumulative, usage_digest=digest))
+        events.append(UsageEvent(
+            agreement=agreement, seq=seq, source=source, cumulative=cumulative, usage_digest=digest,
+            receipt_signature=signature, **charge,
+        ))
+    UsageEvent.objects.bulk_create(events)
+    agreement.usage_seq, agreement.used, agreement.usage_digest = seq, cumulative, digest
+    return events
+
+
+def _complete_if_used_up(agreement: UsageAgreement, fields: list[str]) -> None:
+    if agreement.used + agreement.reserved >= agreement.deposit_amount and agreement.completion_requested_at is None:
+        agreement.completion_requested_at = timezone.now()
+        agreement.completion_reason = BUDGET_USED_UP
+        fields += ["completion_requested_at", "completion_reason"]
+
+
+def reservation_commit(*, reservation: Reservation, units: int, cost: int, request_id: str, request_nonce: str,
+                       method: str, path: str, upstream_status: int, latency_ms: int) -> UsageEvent:
+    """Turn a reservation into a usage event charging `cost` (<= the reservation); the rest is released."""
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=reservation.agreement_id)
+        [event] = _append_events(agreement, [{
+            "units": units, "cost": cost, "request_id": request_id, "request_nonce": request_nonce,
+            "method": method, "path": path[:500], "upstream_status": upstream_status, "latency_ms": latency_ms,
+        }], source=UsageSource.PROXY)
+        agreement.reserved -= reservation.amount
+        fields = ["usage_seq", "used", "usage_digest", "reserved"]
+        _complete_if_used_up(agreement, fields)
+        agreement.save(update_fields=fields)
+    return event
+
+
+def usage_record(*, agreement: UsageAgreement, seller, entries: list[dict], request_id: str) -> list[UsageEvent]:
+    """Seller-reported usage: all entries or none, under the same cap and receipt chain as proxied calls."""
+    if agreement.seller_id != seller.pk:
+        raise Conflict("Only the seller reports usage.", code="seller_only")
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
+        if agreement.status != S.ACTIVE:
+            raise _not_chargeable(agreement)
+        if agreement.completion_requested_at is not None:
+            raise Conflict("The agreement is completing; usage can no longer be added.", code="agreement_completing",
+                           details={"status": agreement.status})
+        charges = [{"units": entry["units"], "cost": entry["units"] * agreement.price_per_unit,
+                    "description": entry.get("description", ""), "request_id": f"{request_id}:{index}"}
+                   for index, entry in enumerate(entries)]
+        total = sum(charge["cost"] for charge in charges)
+        if agreement.used + agreement.reserved + total > agreement.deposit_amount:
+            raise PaymentRequired("The usage exceeds the escrow's remaining budget; nothing was recorded.",
+                                  code="budget_exhausted",
+                                  details={"remaining_atomic": agreement.remaining, "cost_atomic": total})
+        events = _append_events(agreement, charges, source=UsageSource.SELLER_REPORT)
+        fields = ["usage_seq", "used", "usage_digest"]
+        _complete_if_used_up(agreement, fields)
+        agreement.save(update_fields=fields)
+    return events
+
+
+def completion_request(*, agreement: UsageAgreement, reason: str, now: datetime | None = None) -> UsageAgreement:
+    """Stop new charges; the settlement is proposed as soon as no call is in flight. Idempotent."""
+    UsageAgreement.objects.filter(pk=agreement.pk, status=S.ACTIVE, completion_requested_at=None).update(
+        completion_requested_at=now or timezone.now(), completion_reason=reason[:100])
+    agreement.refresh_from_db()
+    if agreement.status != S.ACTIVE and agreement.completion_requested_at is None:
+        raise _not_chargeable(agreement)
+    return agreement

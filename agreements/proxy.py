@@ -1,0 +1,235 @@
+"""`ANY /metered-proxy/{agreement_id}/{path}`: forward a buyer's call to the seller and bill it to the escrow.
+
+Reserve the price (one conditional UPDATE) → forward with httpx (pooled, timeouts, streamed) → commit the charge
+when the upstream answered below 500, release it on 5xx, timeout or connection error. Pricing: per call, or per
+unit where the upstream reports the units it served in `X-Usage-Units` (capped by the buyer's `X-Max-Units`,
+default 1, which is what is reserved). A retry carrying the same `X-Request-Nonce` gets the first answer again
+and is charged once.
+"""
+
+import json
+import logging
+import time
+
+import httpx
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.http import HttpResponse, StreamingHttpResponse
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework.views import APIView
+
+from agreements import metering, selectors
+from agreements.models import ProxyReplay, UsageAgreement
+from catalog.authentication import agent_scope, calling_agent
+from catalog.models import KeyScope, PricingType
+from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, error_body
+from marketplace.serializers import error_responses
+from sdk import proxy_signature
+
+logger = logging.getLogger(__name__)
+
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+               "trailers", "transfer-encoding", "upgrade", "host"}
+# Never forwarded upstream: the buyer's credentials and our own control headers.
+_REQUEST_DROPPED = _HOP_BY_HOP | {"authorization", "token", "cookie", "x-request-nonce", "x-max-units",
+                                  "idempotency-key"}
+UNITS_HEADER = "X-Usage-Units"
+
+_client = httpx.Client(
+    timeout=httpx.Timeout(settings.PROXY_TIMEOUT, connect=settings.PROXY_CONNECT_TIMEOUT),
+    limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+    follow_redirects=False,
+)
+
+
+class UpstreamFailed(ApplicationError):
+    status_code = 502
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamFailed):
+    status_code = 504
+    code = "upstream_timeout"
+
+
+def _forward_headers(request, agreement: UsageAgreement, reservation, max_units: int, path: str) -> dict:
+    # WSGI servers present absent CONTENT_LENGTH/CONTENT_TYPE as empty strings: those are not headers.
+    headers = {key: value for key, value in request.headers.items()
+               if value and key.lower() not in _REQUEST_DROPPED and not key.lower().startswith("x-marketplace-")}
+    timestamp = int(time.time())
+    headers.update({
+        "X-Marketplace-Agreement": str(agreement.pk),
+        "X-Marketplace-Call-Seq": str(reservation.call_seq),
+        "X-Marketplace-Timestamp": str(timestamp),
+        "X-Marketplace-Buyer": agreement.buyer.handle,
+        "X-Marketplace-Max-Units": str(max_units),
+        "X-Marketplace-Request-Id": request._request.request_id,
+        "X-Marketplace-Signature": proxy_signature.sign(
+            agreement.service.proxy_secret, agreement_id=str(agreement.pk), call_seq=reservation.call_seq,
+            timestamp=timestamp, method=request.method, path=path),
+    })
+    return headers
+
+
+def _requested_units(request, agreement: UsageAgreement) -> int:
+    if agreement.pricing_type != PricingType.PER_UNIT:
+        return 1
+    raw = request.headers.get("X-Max-Units", "1")
+    if not raw.isdigit() or not 1 <= int(raw) <= settings.PROXY_MAX_UNITS_PER_CALL:
+        raise InvalidInput(f"X-Max-Units must be a whole number from 1 to {settings.PROXY_MAX_UNITS_PER_CALL}.",
+                           code="invalid_max_units")
+    return int(raw)
+
+
+def _served_units(upstream: httpx.Response, agreement: UsageAgreement, max_units: int) -> int:
+    if agreement.pricing_type != PricingType.PER_UNIT:
+        return 1
+    raw = upstream.headers.get(UNITS_HEADER, "1")
+    units = int(raw) if raw.isdigit() else 1
+    return min(units, max_units)  # never more than the buyer agreed to pay for this call
+
+
+def _claim_nonce(agreement: UsageAgreement, nonce: str) -> HttpResponse | None:
+    """None when this call may run; else the stored answer (or 409 while the first call is running)."""
+    if len(nonce) > 128:
+        raise InvalidInput("X-Request-Nonce is at most 128 characters.", code="invalid_request_nonce")
+    try:
+        with transaction.atomic():
+            ProxyReplay.objects.create(agreement=agreement, request_nonce=nonce)
+        return None
+    except IntegrityError:
+        replay = ProxyReplay.objects.get(agreement=agreement, request_nonce=nonce)
+    if replay.status_code is None:
+        raise Conflict("A call with this X-Request-Nonce is still running.", code="request_in_progress")
+    response = HttpResponse(bytes(replay.body), status=replay.status_code)
+    for key, value in replay.headers.items():
+        response[key] = value
+    response["X-Replayed"] = "true"
+    return response
+
+
+def _proxy_method(method: str):
+    def handler(self, request, agreement_id, path=""):
+        return self.dispatch_proxy(request, agreement_id, path)
+
+    return extend_schema(
+        operation_id=f"metered_proxy_{method}", tags=["metered proxy"],
+        summary="Call the seller's service through the marketplace; each call is billed to the escrow",
+        description=__doc__,
+        parameters=[
+            OpenApiParameter("X-Request-Nonce", str, OpenApiParameter.HEADER,
+                             description="Retry key: a repeat gets the first answer and is charged once."),
+            OpenApiParameter("X-Max-Units", int, OpenApiParameter.HEADER,
+                             description="Per-unit services: most units this call may be charged (default 1)."),
+        ],
+        request=None,
+        responses={
+            (200, "*/*"): OpenApiResponse(description="The upstream's answer, with X-Usage-Cost, "
+                                                      "X-Escrow-Remaining and X-Usage-Event-Id."),
+            **error_responses(402, 404, 409), 502: error_responses(503)[503], 504: error_responses(503)[503],
+        },
+    )(handler)
+
+
+class MeteredProxyView(APIView):
+    permission_classes = [agent_scope(KeyScope.PAY)]
+    parser_classes = []  # the body is streamed upstream untouched
+
+    def dispatch_proxy(self, request, agreement_id, path=""):
+        agent = calling_agent(request)
+        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        if agreement.buyer_id != agent.pk:
+            raise Forbidden("Only the buyer calls through the proxy.", code="buyer_only")
+        nonce = request.headers.get("X-Request-Nonce", "")
+        if nonce and (replayed := _claim_nonce(agreement, nonce)) is not None:
+            return replayed
+        try:
+            response = self._forward(request, agreement, path, nonce)
+        except BaseException:
+            if nonce:
+                ProxyReplay.objects.filter(agreement=agreement, request_nonce=nonce, status_code=None).delete()
+            raise
+        return response
+
+    get = _proxy_method("get")
+    post = _proxy_method("post")
+    put = _proxy_method("put")
+    patch = _proxy_method("patch")
+    delete = _proxy_method("delete")
+
+    def _forward(self, request, agreement: UsageAgreement, path: str, nonce: str):
+        max_units = _requested_units(request, agreement)
+        reservation = metering.reservation_take(agreement=agreement, amount=max_units * agreement.price_per_unit)
+        query = request._request.META.get("QUERY_STRING", "")
+        upstream_path = "/" + path + (f"?{query}" if query else "")
+        url = agreement.service.upstream_base_url + upstream_path
+        has_body = request._request.META.get("CONTENT_LENGTH") not in (None, "", "0")
+        started = time.monotonic()
+        try:
+            upstream = _client.send(_client.build_request(
+                request.method, url, headers=_forward_headers(request, agreement, reservation, max_units,
+                                                              upstream_path),
+                content=iter(lambda: request._request.read(65536), b"") if has_body else None,
+            ), stream=True)
+        except httpx.TimeoutException as exc:
+            metering.reservation_release(reservation=reservation)
+            raise UpstreamTimeout("The seller's service did not answer in time; nothing was charged.") from exc
+        except httpx.HTTPError as exc:
+            metering.reservation_release(reservation=reservation)
+            logger.warning("upstream unreachable", extra={"agreement_id": str(agreement.pk), "error": repr(exc)})
+            raise UpstreamFailed("The seller's service could not be reached; nothing was charged.") from exc
+        latency_ms = int((time.monotonic() - started) * 1000)
+        if upstream.status_code >= 500:
+            metering.reservation_release(reservation=reservation)
+            cost, event = 0, None
+        else:
+            units = _served_units(upstream, agreement, max_units)
+            cost = units * agreement.price_per_unit
+            try:
+                event = metering.reservation_commit(
+                    reservation=reservation, units=units, cost=cost, request_id=request._request.request_id,
+                    request_nonce=nonce, method=request.method, path=upstream_path, upstream_status=upstream.status_code,
+                    latency_ms=latency_ms)
+            except BaseException:
+                upstream.close()
+                metering.reservation_release(reservation=reservation)
+                raise
+        # Bodies pass through as raw bytes, so Content-Encoding and Content-Length stay true.
+        headers = {key: value for key, value in upstream.headers.items() if key.lower() not in _HOP_BY_HOP}
+        headers["X-Usage-Cost"] = str(cost)
+        headers["X-Escrow-Remaining"] = str(agreement.deposit_amount - (event.cumulative if event else agreement.used))
+        if event is not None:
+            headers["X-Usage-Event-Id"] = str(event.pk)
+            headers["X-Usage-Seq"] = str(event.seq)
+        if nonce:
+            return self._stored_reply(agreement, nonce, upstream, headers)
+        response = StreamingHttpResponse(_stream(upstream), status=upstream.status_code)
+        for key, value in headers.items():
+            response[key] = value
+        return response
+
+    def _stored_reply(self, agreement, nonce, upstream: httpx.Response, headers: dict) -> HttpResponse:
+        try:
+            body = b"".join(upstream.iter_raw())
+        finally:
+            upstream.close()
+        if len(body) > settings.PROXY_REPLAY_MAX_BYTES:
+            # Answered once in full; a replay gets this note instead of a half-stored body.
+            stored = json.dumps(error_body("reply_too_large_to_store", "The reply was charged but is too large "
+                                           "to store for X-Request-Nonce replays.")).encode()
+        else:
+            stored = body
+        ProxyReplay.objects.filter(agreement=agreement, request_nonce=nonce).update(
+            status_code=upstream.status_code, headers=headers, body=stored)
+        response = HttpResponse(body, status=upstream.status_code)
+        for key, value in headers.items():
+            response[key] = value
+        return response
+
+
+def _stream(upstream: httpx.Response):
+    try:
+        yield from upstream.iter_raw(65536)
+    finally:
+        upstream.close()
+

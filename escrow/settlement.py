@@ -1,0 +1,241 @@
+"""Settlement on-chain: propose (with the last signed usage receipt), challenge, resolve, finalize, reclaim.
+
+`settlement_tick` (a beat task) moves every agreement that is due; the relayer's outcome handlers move the
+agreement when each transaction confirms. Deadlines are compared with the chain's clock, which is the one
+the contract enforces.
+"""
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from web3 import Web3
+from web3.logs import DISCARD
+
+from agreements import metering
+from agreements import selectors as agreement_selectors
+from agreements import services as agreement_services
+from agreements.models import UsageAgreement
+from catalog.models import Agent
+from escrow import chain, relayer
+from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from marketplace import chainconfig
+from marketplace.errors import Conflict, InvalidInput
+from sdk import receipts, typed_data
+
+logger = logging.getLogger(__name__)
+
+
+def chain_now() -> int:
+    return int(chain.w3().eth.get_block("latest")["timestamp"])
+
+
+def _live_tx(agreement_id, purpose: str) -> ChainTransaction | None:
+    return ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=purpose).exclude(
+        status=TxStatus.FAILED).first()
+
+
+def _enqueue(agreement: UsageAgreement, purpose: str, fn_name: str, args: list, context: dict | None = None):
+    data = chain.escrow_contract().encode_abi(fn_name, args=args)
+    return relayer.transaction_enqueue(purpose=purpose, to=chainconfig.escrow_address(), data=data,
+                                       agreement_id=agreement.pk, context=context or {})
+
+
+# --- propose -------------------------------------------------------------------------------------------------
+
+def _final_receipt(agreement: UsageAgreement) -> tuple[int, int, str, str]:
+    """(seq, cumulative, usage digest, signature) of the agreement's last usage event, or a zero receipt."""
+    last = agreement_selectors.last_usage_event(agreement=agreement)
+    if last is not None:
+        return last.seq, last.cumulative, last.usage_digest, last.receipt_signature
+    digest = receipts.usage_receipt_digest(chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
+                                           agreement_id=agreement.onchain_id, seq=0, cumulative_amount=0,
+                                           usage_digest=receipts.ZERO_DIGEST)
+    return 0, 0, receipts.ZERO_DIGEST, receipts.sign_receipt(settings.RECEIPT_SIGNER_PRIVATE_KEY, digest)
+
+
+def settlement_propose(*, agreement_id) -> ChainTransaction | None:
+    """Queue proposeSettlement with the last receipt, once no call is in flight. Safe to call repeatedly."""
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
+        if agreement.status != "active" or agreement.completion_requested_at is None:
+            return None
+        if _live_tx(agreement.pk, TxPurpose.PROPOSE_SETTLEMENT) or _live_tx(agreement.pk, TxPurpose.RECLAIM):
+            return None
+        if agreement.reserved:
+            # Only reservations of calls that died with their process survive a full proxy timeout.
+            metering.reservations_drop_stale(agreement=agreement)
+        seq, cumulative, digest, signature = _final_receipt(agreement)
+        return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
+                        [agreement.onchain_id, seq, cumulative, digest, signature],
+                        {"seq": seq, "cumulative": cumulative})
+
+
+def _proposal_outcome(tx: ChainTransaction) -> None:
+    if tx.status != TxStatus.CONFIRMED:
+        logger.error("settlement proposal failed", extra={"agreement_id": str(tx.agreement_id),
+                                                          "reason": tx.failure_reason})
+        return  # stays active with completion requested; an operator retries from the admin
+    record = chain.call(chain.escrow_contract().functions.getEscrow(tx.agreement.onchain_id).call)
+    deadline = datetime.fromtimestamp(record[8], tz=UTC)  # challengeDeadline
+    agreement_services.agreement_settlement_proposed(
+        agreement_id=tx.agreement_id, challenge_deadline=deadline, amount=tx.context["cumulative"],
+        seq=tx.context["seq"], tx_hash=tx.mined_tx_hash)
+
+
+# --- challenge and resolve -----------------------------------------------------------------------------------
+
+def challenge_typed_data(*, agreement: UsageAgreement, deadline: int) -> dict:
+    return typed_data.challenge(chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
+                                agreement_id=agreement.onchain_id, deadline=deadline)
+
+
+def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: str, deadline: int,
+                         reason: str, evidence: str = "") -> ChainTransaction:
+    """The buyer disputes the proposed amount within the window; submitted on-chain with its signature."""
+    if agreement.buyer_id != buyer.pk:
+        raise Conflict("Only the buyer challenges a settlement.", code="buyer_only")
+    now = chain_now()
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
+        if agreement.status != "in_challenge":
+            raise Conflict(f"Nothing to challenge while the agreement is {agreement.status}.",
+                           code="invalid_transition", details={"status": agreement.status})
+        if agreement.challenge_deadline and agreement.challenge_deadline.timestamp() <= now:
+            raise Conflict("The challenge window has closed.", code="challenge_window_closed",
+                           details={"challenge_deadline": agreement.challenge_deadline.isoformat()})
+        if deadline <= now:
+            raise InvalidInput("The signature's deadline has passed.", code="signature_expired")
+        try:
+            signer = typed_data.recover_typed_data_signer(challenge_typed_data(agreement=agreement,
+                                                                               deadline=deadline), signature)
+        except Exception as exc:  # noqa: BLE001 - malformed signature
+            raise InvalidInput("Not a valid 65-byte signature.", code="invalid_signature") from exc
+        if signer.lower() != agreement.buyer_wallet_address.lower():
+            raise InvalidInput("The challenge must be signed by the buyer's wallet.", code="wrong_signer",
+                               details={"signer": signer, "expected": agreement.buyer_wallet_address})
+        if _live_tx(agreement.pk, TxPurpose.CHALLENGE):
+            raise Conflict("A challenge is already being submitted.", code="challenge_in_progress")
+        return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig",
+                        [agreement.onchain_id, deadline, signature], {"reason": reason, "evidence": evidence})
+
+
+def _challenge_outcome(tx: ChainTransaction) -> None:
+    if tx.status == TxStatus.CONFIRMED:
+        agreement_services.agreement_disputed(agreement_id=tx.agreement_id,
+                                              reason=tx.context.get("reason", "challenged"), tx_hash=tx.mined_tx_hash)
+
+
+def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operator) -> ChainTransaction:
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
+        if agreement.status != "disputed":
+            raise Conflict(f"Only a disputed agreement is resolved; this one is {agreement.status}.",
+                           code="invalid_transition", details={"status": agreement.status})
+        if seller_amount > agreement.deposit_amount:
+            raise InvalidInput("The seller amount exceeds the deposit.", code="amount_exceeds_deposit")
+        if _live_tx(agreement.pk, TxPurpose.RESOLVE):
+            raise Conflict("A resolution is already being submitted.", code="resolution_in_progress")
+        return _enqueue(agreement, TxPurpose.RESOLVE, "resolve", [agreement.onchain_id, seller_amount],
+                        {"seller_amount": seller_amount, "operator": getattr(operator, "username", "")})
+
+
+def _resolve_outcome(tx: ChainTransaction) -> None:
+    if tx.status != TxStatus.CONFIRMED:
+        return
+    agreement_services.agreement_settling(
+        agreement_id=tx.agreement_id, reason=f"arbiter resolved: {tx.context['seller_amount']} to the seller",
+        data={"tx_hash": tx.mined_tx_hash, "operator": tx.context.get("operator", "")})
+    _enqueue(tx.agreement, TxPurpose.FINALIZE, "finalize", [tx.agreement.onchain_id])
+
+
+# --- finalize and reclaim ------------------------------------------------------------------------------------
+
+def _payouts(tx: ChainTransaction) -> tuple[int, int, bool]:
+    """(seller amount, buyer amount, whether the token transfers in the receipt account for them)."""
+    receipt = chain.w3().eth.get_transaction_receipt(tx.mined_tx_hash)
+    escrow, token = chain.escrow_contract(), chain.token_contract(tx.agreement.token_address or None)
+    [settled] = escrow.events.Settled().process_receipt(receipt, errors=DISCARD)
+    seller_amount, buyer_amount = settled["args"]["sellerAmount"], settled["args"]["buyerAmount"]
+    moved = {}
+    for transfer in token.events.Transfer().process_receipt(receipt, errors=DISCARD):
+        if transfer["args"]["from"] == escrow.address:
+            moved[transfer["args"]["to"]] = moved.get(transfer["args"]["to"], 0) + transfer["args"]["value"]
+    for deferred in escrow.events.PayoutDeferred().process_receipt(receipt, errors=DISCARD):
+        party = deferred["args"]["party"]
+        moved[party] = moved.get(party, 0) + deferred["args"]["amount"]
+    seller = Web3.to_checksum_address(tx.agreement.seller_wallet_address)
+    buyer = Web3.to_checksum_address(tx.agreement.buyer_wallet_address)
+    consistent = moved.get(seller, 0) == seller_amount and moved.get(buyer, 0) == buyer_amount
+    return seller_amount, buyer_amount, consistent
+
+
+def _finalize_outcome(tx: ChainTransaction) -> None:
+    if tx.status != TxStatus.CONFIRMED:
+        logger.error("finalize failed", extra={"agreement_id": str(tx.agreement_id), "reason": tx.failure_reason})
+        return
+    seller_amount, buyer_amount, consistent = _payouts(tx)
+    if not consistent:
+        logger.error("payout transfers do not match the Settled event", extra={"agreement_id": str(tx.agreement_id)})
+    agreement_services.agreement_settled(agreement_id=tx.agreement_id, seller_payout=seller_amount,
+                                         buyer_refund=buyer_amount, tx_hash=tx.mined_tx_hash)
+
+
+def _reclaim_outcome(tx: ChainTransaction) -> None:
+    if tx.status == TxStatus.CONFIRMED:
+        agreement_services.agreement_refunded(agreement_id=tx.agreement_id, amount=tx.agreement.deposit_amount,
+                                              tx_hash=tx.mined_tx_hash)
+
+
+def settlement_tick(*, now: int | None = None) -> dict[str, int]:
+    """Everything due, in one pass (the beat task). Each step is idempotent and safe to run concurrently."""
+    now = now if now is not None else chain_now()
+    now_dt = datetime.fromtimestamp(now, tz=UTC)
+    done = {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
+    # Active agreements past their end: used ones complete; unused ones wait for the reclaim window.
+    for agreement in agreement_selectors.agreements_past_expiry(now=now_dt).filter(completion_requested_at=None):
+        if agreement.used or agreement.reserved:
+            metering.completion_request(agreement=agreement, reason="expired")
+            done["expired"] += 1
+        elif agreement.expires_at.timestamp() + _reclaim_grace() <= now and _reclaim(agreement):
+            done["reclaiming"] += 1
+    stale = timezone.now() - timedelta(seconds=settings.PROXY_TIMEOUT + 30)
+    for agreement in agreement_selectors.agreements_ready_to_propose(stale_reservation_before=stale):
+        if settlement_propose(agreement_id=agreement.pk):
+            done["proposed"] += 1
+    for agreement in agreement_selectors.agreements_in_status(status="in_challenge").filter(
+            challenge_deadline__lte=now_dt):
+        if _finalize(agreement):
+            done["finalizing"] += 1
+    return done
+
+
+def _reclaim_grace() -> int:
+    return chain.call(chain.escrow_contract().functions.reclaimGrace().call)
+
+
+def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
+        if agreement.status != "active" or agreement.used or _live_tx(agreement.pk, TxPurpose.RECLAIM):
+            return None
+        metering.completion_request(agreement=agreement, reason="expired unused")
+        return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id])
+
+
+def _finalize(agreement: UsageAgreement) -> ChainTransaction | None:
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
+        if agreement.status != "in_challenge" or _live_tx(agreement.pk, TxPurpose.CHALLENGE):
+            return None
+        agreement_services.agreement_settling(agreement_id=agreement.pk, reason="challenge window over")
+        return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])
+
+
+relayer.outcome_handler_register(purpose=TxPurpose.PROPOSE_SETTLEMENT, on_outcome=_proposal_outcome)
+relayer.outcome_handler_register(purpose=TxPurpose.CHALLENGE, on_outcome=_challenge_outcome)
+relayer.outcome_handler_register(purpose=TxPurpose.RESOLVE, on_outcome=_resolve_outcome)
+relayer.outcome_handler_register(purpose=TxPurpose.FINALIZE, on_outcome=_finalize_outcome)
+relayer.outcome_handler_register(purpose=TxPurpose.RECLAIM, on_outcome=_reclaim_outcome)

@@ -1,0 +1,156 @@
+"""The metered proxy and seller-reported usage, against a real upstream HTTP server and the escrow on Anvil."""
+
+import json
+
+import pytest
+
+from agreements.models import UsageAgreement, UsageEvent
+from sdk import proxy_signature, receipts
+from tests.conftest import error_code
+from tests.escrow.flow import Parties
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+
+@pytest.fixture
+def active(escrow_chain, http_server, django_capture_on_commit_callbacks):
+    """An active agreement for 5 calls at 0.02 USDC to a service whose upstream is `http_server`."""
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url + "/api")
+    agreement = parties.accepted_agreement(quantity=5)
+    assert parties.activate(agreement["id"], django_capture_on_commit_callbacks).status_code == 202
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    parties.agreement_id = agreement["id"]
+    parties.proxy = f"/metered-proxy/{agreement['id']}"
+    return parties
+
+
+def test_a_proxied_call_is_forwarded_signed_and_billed(active, http_server, escrow_chain):
+    http_server.responses.append((200, {"translated": "hallo"}))
+    response = active.buyer_api.client.post(f"{active.proxy}/translate?lang=de", data=json.dumps({"text": "hi"}),
+                                            content_type="application/json",
+                                            HTTP_AUTHORIZATION=f"Bearer {active.buyer_api.secret}",
+                                            HTTP_X_CUSTOM="kept")
+    assert response.status_code == 200
+    assert json.loads(b"".join(response.streaming_content)) == {"translated": "hallo"}
+    assert response["X-Usage-Cost"] == "20000"
+    assert response["X-Escrow-Remaining"] == str(5 * 20_000 - 20_000)
+    assert response["X-Usage-Seq"] == "1"
+
+    [forwarded] = http_server.requests
+    assert (forwarded.method, forwarded.path) == ("POST", "/api/translate?lang=de")
+    assert json.loads(forwarded.body) == {"text": "hi"}
+    assert forwarded.headers["X-Custom"] == "kept"
+    assert "Authorization" not in forwarded.headers  # the buyer's key never reaches the seller
+    assert proxy_signature.verify(active.service.proxy_secret, forwarded.headers, method="POST",
+                                  path="/api/translate?lang=de".removeprefix("/api"))
+    assert not proxy_signature.verify("psk_wrong", forwarded.headers, method="POST", path="/translate?lang=de")
+
+    usage = active.buyer_api.get(f"/usage-agreements/{active.agreement_id}/usage").json()["results"]
+    assert [(e["seq"], e["cost_atomic"], e["cumulative_atomic"]) for e in usage] == [(1, 20_000, 20_000)]
+    verified = receipts.verify_usage(usage, agreement_id=usage and UsageAgreement.objects.get(
+        pk=active.agreement_id).onchain_id, chain_id=escrow_chain.chain_id,
+        escrow_address=escrow_chain.addresses["escrow"], receipt_signer=escrow_chain.accounts.receipt_signer.address,
+        price_per_unit=20_000)
+    assert verified.cumulative_amount == 20_000
+    # The contract computes the same receipt digest.
+    onchain = escrow_chain.escrow.functions.usageReceiptDigest(
+        UsageAgreement.objects.get(pk=active.agreement_id).onchain_id, 1, 20_000, usage[0]["usage_digest"]).call()
+    assert onchain == receipts.usage_receipt_digest(
+        chain_id=escrow_chain.chain_id, escrow_address=escrow_chain.addresses["escrow"],
+        agreement_id=UsageAgreement.objects.get(pk=active.agreement_id).onchain_id, seq=1, cumulative_amount=20_000,
+        usage_digest=usage[0]["usage_digest"])
+
+
+def test_budget_exhaustion_is_402_and_nothing_more_is_charged(active, http_server):
+    for _ in range(5):
+        assert active.buyer_api.get(f"{active.proxy}/x").status_code == 200
+    refused = active.buyer_api.get(f"{active.proxy}/x")
+    assert refused.status_code == 402 and error_code(refused) == "budget_exhausted"
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+    assert agreement.used == agreement.deposit_amount and agreement.reserved == 0
+    assert agreement.completion_reason == "budget_used_up"
+    assert len(http_server.requests) == 5
+
+
+def test_a_call_that_does_not_fit_the_remaining_budget_is_402(escrow_chain, http_server,
+                                                               django_capture_on_commit_callbacks):
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url,
+                      pricing={"type": "per_unit", "unit_name": "page", "unit_price_atomic": 10_000})
+    agreement = parties.accepted_agreement(quantity=10)
+    parties.activate(agreement["id"], django_capture_on_commit_callbacks)
+    proxy = f"/metered-proxy/{agreement['id']}/pages"
+    too_many = parties.buyer_api.get(proxy, headers={"X-Max-Units": "11"})
+    assert too_many.status_code == 402 and error_code(too_many) == "budget_exhausted"
+    assert http_server.requests == []
+
+    http_server.responses.append((200, {}))
+    http_server.responses[-1] = (200, {})
+    ok = parties.buyer_api.get(proxy, headers={"X-Max-Units": "4"})
+    assert ok.status_code == 200 and ok["X-Usage-Cost"] == "10000"  # no X-Usage-Units header: one unit
+    bad = parties.buyer_api.get(proxy, headers={"X-Max-Units": "zero"})
+    assert bad.status_code == 400 and error_code(bad) == "invalid_max_units"
+
+
+def test_upstream_failures_release_the_reservation(active, http_server):
+    http_server.responses.append((503, {"error": "overloaded"}))
+    failed = active.buyer_api.get(f"{active.proxy}/x")
+    assert failed.status_code == 503 and failed["X-Usage-Cost"] == "0"
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+    assert (agreement.used, agreement.reserved) == (0, 0)
+    assert not UsageEvent.objects.exists()
+
+    http_server.stop()
+    unreachable = active.buyer_api.get(f"{active.proxy}/x")
+    assert unreachable.status_code == 502 and error_code(unreachable) == "upstream_unavailable"
+    agreement.refresh_from_db()
+    assert (agreement.used, agreement.reserved) == (0, 0)
+    http_server.start()  # the fixture stops it again
+
+
+def test_request_nonce_replays_without_a_second_charge(active, http_server):
+    http_server.responses.append((200, {"n": 1}))
+    first = active.buyer_api.post(f"{active.proxy}/x", {"a": 1}, headers={"X-Request-Nonce": "retry-1"})
+    second = active.buyer_api.post(f"{active.proxy}/x", {"a": 1}, headers={"X-Request-Nonce": "retry-1"})
+    assert first.status_code == second.status_code == 200
+    assert first.content == second.content and second["X-Replayed"] == "true"
+    assert second["X-Usage-Event-Id"] == first["X-Usage-Event-Id"]
+    assert len(http_server.requests) == 1
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == 20_000
+
+
+def test_only_the_buyer_uses_the_proxy(active):
+    response = active.seller_api.get(f"{active.proxy}/x")
+    assert response.status_code == 403 and error_code(response) == "buyer_only"
+
+
+def test_seller_records_usage_all_or_nothing(active, escrow_chain):
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    missing_key = active.seller_api.post(url, {"units": 1})
+    assert missing_key.status_code == 400 and error_code(missing_key) == "idempotency_key_required"
+
+    batch = {"events": [{"units": 1, "description": f"job {i}"} for i in range(3)]}
+    recorded = active.seller_api.post(url, batch, headers={"Idempotency-Key": "b1"})
+    assert recorded.status_code == 201, recorded.content
+    assert recorded.json()["used_atomic"] == 60_000
+    replay = active.seller_api.post(url, batch, headers={"Idempotency-Key": "b1"})
+    assert replay.json() == recorded.json()
+
+    too_much = active.seller_api.post(url, {"events": [{"units": 1}] * 3}, headers={"Idempotency-Key": "b2"})
+    assert too_much.status_code == 402 and error_code(too_much) == "budget_exhausted"
+    assert UsageEvent.objects.count() == 3
+
+    buyer_try = active.buyer_api.post(url, {"units": 1}, headers={"Idempotency-Key": "b3"})
+    assert buyer_try.status_code == 409 and error_code(buyer_try) == "seller_only"
+
+    usage = active.buyer_api.get(f"/usage-agreements/{active.agreement_id}/usage").json()["results"]
+    assert [bool(e["receipt_signature"]) for e in usage] == [False, False, True]  # one receipt per batch
+    receipts.verify_usage(usage, agreement_id=UsageAgreement.objects.get(pk=active.agreement_id).onchain_id,
+                          chain_id=escrow_chain.chain_id, escrow_address=escrow_chain.addresses["escrow"],
+                          receipt_signer=escrow_chain.accounts.receipt_signer.address, price_per_unit=20_000)
+
+
+def test_calls_before_activation_are_409(escrow_chain, http_server):
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement()
+    response = parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/x")
+    assert response.status_code == 409 and error_code(response) == "agreement_not_active"

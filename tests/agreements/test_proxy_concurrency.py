@@ -1,0 +1,41 @@
+"""No overspend: many concurrent proxied calls through a real HTTP server against a budget for fewer."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from django.db import connection
+
+from agreements.models import UsageAgreement, UsageEvent
+from escrow import relayer
+from tests.escrow.flow import Parties
+
+pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+
+def test_concurrent_calls_charge_exactly_the_budget(escrow_chain, http_server, live_server):
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL")
+    budget_calls, attempts = 7, 40
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=budget_calls)
+    response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                      parties.signed_activation(agreement["id"]))
+    assert response.status_code == 202
+    relayer.transactions_poll()
+    assert parties.agreement(agreement["id"])["status"] == "active"
+
+    url = f"{live_server.url}/metered-proxy/{agreement['id']}/work"
+    headers = {"Authorization": f"Bearer {parties.buyer_api.secret}"}
+    with httpx.Client(timeout=30) as client, ThreadPoolExecutor(max_workers=12) as pool:
+        responses = list(pool.map(lambda _: client.get(url, headers=headers), range(attempts)))
+    statuses = [r.status_code for r in responses]
+
+    assert statuses.count(200) == budget_calls, responses[0].text
+    assert statuses.count(402) == attempts - budget_calls
+    agreement_row = UsageAgreement.objects.get(pk=agreement["id"])
+    events = UsageEvent.objects.filter(agreement=agreement_row).order_by("seq")
+    assert agreement_row.used == agreement_row.deposit_amount == sum(e.cost for e in events)
+    assert agreement_row.reserved == 0
+    assert [e.seq for e in events] == list(range(1, budget_calls + 1))  # gap-free
+    assert len(http_server.requests) == budget_calls  # refused calls never reached the seller

@@ -1,0 +1,198 @@
+"""The Django admin for the catalog, as an operator uses it: logged in as a superuser through the test client."""
+
+import pytest
+from django.contrib import admin
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.auth import get_user_model
+from django.test import Client
+from django.urls import reverse
+
+from catalog.models import ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
+from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token, register_service
+from tests.conftest import Api, error_code
+
+pytestmark = pytest.mark.django_db
+
+CATALOG_MODELS = sorted((m for m in admin.site._registry if m._meta.app_label == "catalog"),
+                        key=lambda m: m._meta.model_name)
+
+
+@pytest.fixture
+def operator(db, settings) -> Client:
+    # A real password login, hashed cheaply: the production hasher spends a second per hash by design.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    get_user_model().objects.create_superuser("operator", "operator@example.com", "operator-password")
+    client = Client()
+    assert client.login(username="operator", password="operator-password")
+    return client
+
+
+@pytest.fixture
+def catalog(seller, owner):
+    """At least one row of every catalog model, and a second of each kind to tell search results apart."""
+    translator = register_service(seller, name="Fast translator", tags=["translation", "nlp"])
+    extractor = register_service(AgentFactory(handle="paper-works", is_seller=True), name="Invoice extractor",
+                                 tags=["ocr"], skills=[{"name": "extract"}])
+    keys = {"seller": issue_key(seller), "other": issue_key(extractor.seller)}
+    tokens = {"owner": issue_owner_token(owner), "other": issue_owner_token(UserFactory(username="someone"))}
+    return {"translator": translator, "extractor": extractor, "keys": keys, "tokens": tokens}
+
+
+def _url(model, view: str, *args) -> str:
+    return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_{view}", args=args)
+
+
+def test_every_catalog_model_has_an_admin():
+    assert {m.__name__ for m in CATALOG_MODELS} == {"Agent", "ApiKey", "OwnerToken", "Service", "Skill", "Tag"}
+
+
+@pytest.mark.parametrize("model", CATALOG_MODELS, ids=lambda m: m.__name__)
+def test_changelist_and_change_page_render_with_data(operator, catalog, model):
+    rows = model.objects.all()
+    assert rows.count() >= 2
+
+    changelist = operator.get(_url(model, "changelist"))
+    assert changelist.status_code == 200
+    assert set(changelist.context["cl"].result_list) == set(rows)
+
+    for row in rows:
+        assert operator.get(_url(model, "change", row.pk)).status_code == 200
+
+
+@pytest.mark.parametrize("model", CATALOG_MODELS, ids=lambda m: m.__name__)
+def test_every_list_filter_and_column_sort_renders(operator, catalog, model):
+    model_admin = admin.site._registry[model]
+    changelist = _url(model, "changelist")
+    for index in range(len(model_admin.list_display)):
+        assert operator.get(changelist, {"o": str(index + 1)}).status_code == 200
+    response = operator.get(changelist)
+    for spec in response.context["cl"].filter_specs:
+        for choice in spec.choices(response.context["cl"]):
+            assert operator.get(changelist + choice["query_string"]).status_code == 200
+
+
+@pytest.mark.parametrize(("model", "term", "found", "not_found"), [
+    (Service, "invoice", "Invoice extractor", "Fast translator"),
+    (Service, "paper-works", "Invoice extractor", "Fast translator"),  # by seller handle
+    (Service, "translation", "Fast translator", "Invoice extractor"),  # by tag (keywords)
+    (Skill, "extract", "extract", "translate"),
+    (Tag, "ocr", "ocr", "translation"),
+])
+def test_search_finds_the_matching_rows(operator, catalog, model, term, found, not_found):
+    response = operator.get(_url(model, "changelist"), {"q": term})
+
+    assert response.status_code == 200
+    shown = [str(row) for row in response.context["cl"].result_list]
+    assert found in shown and not_found not in shown
+
+
+def test_services_can_be_found_by_id(operator, catalog):
+    service = catalog["extractor"]
+
+    response = operator.get(_url(Service, "changelist"), {"q": str(service.pk)})
+
+    assert list(response.context["cl"].result_list) == [service]
+
+
+def test_agents_and_keys_can_be_found_by_handle_and_prefix(operator, catalog, seller):
+    agents = operator.get(_url(type(seller), "changelist"), {"q": "paper"}).context["cl"].result_list
+    assert [a.handle for a in agents] == ["paper-works"]
+
+    key = ApiKey.objects.get(agent=seller)
+    keys = operator.get(_url(ApiKey, "changelist"), {"q": key.prefix}).context["cl"].result_list
+    assert list(keys) == [key]
+
+
+def test_secrets_are_never_shown_nor_editable(operator, catalog, seller):
+    key = ApiKey.objects.get(agent=seller)
+    page = operator.get(_url(ApiKey, "change", key.pk)).content.decode()
+
+    assert key.secret_digest not in page
+    assert catalog["keys"]["seller"] not in page
+    assert 'name="prefix"' not in page and 'name="secret_digest"' not in page
+    assert 'name="agent"' not in page  # a key stays with the agent it was issued to
+
+    token = OwnerToken.objects.get(owner__username="someone")
+    assert token.secret_digest not in operator.get(_url(OwnerToken, "change", token.pk)).content.decode()
+
+
+@pytest.mark.parametrize("model", [ApiKey, OwnerToken, Service, Skill], ids=lambda m: m.__name__)
+def test_credentials_and_listings_cannot_be_added_in_the_admin(operator, model):
+    # Secrets are shown once by the API that issues them; services are listed by their sellers through the API.
+    assert operator.get(_url(model, "add")).status_code == 403
+
+
+def test_service_fields_are_read_only(operator, catalog):
+    service = catalog["translator"]
+    page = operator.get(_url(Service, "change", service.pk)).content.decode()
+
+    assert 'name="name"' not in page and 'name="unit_price"' not in page
+    assert "Fast translator" in page
+
+
+def _run_action(operator: Client, model, action: str, rows) -> None:
+    response = operator.post(_url(model, "changelist"),
+                             {"action": action, ACTION_CHECKBOX_NAME: [str(row.pk) for row in rows]})
+    assert response.status_code == 302, response.content
+
+
+def test_revoking_keys_stops_them_at_once(operator, catalog, seller):
+    seller_key = ApiKey.objects.get(agent=seller)
+    assert Api(catalog["keys"]["seller"]).get("/agents/me").status_code == 200
+
+    _run_action(operator, ApiKey, "revoke_credentials", [seller_key])
+
+    seller_key.refresh_from_db()
+    assert seller_key.revoked_at is not None
+    response = Api(catalog["keys"]["seller"]).get("/agents/me")
+    assert response.status_code == 401 and error_code(response) == "credentials_revoked"
+    assert Api(catalog["keys"]["other"]).get("/agents/me").status_code == 200  # not selected: untouched
+    revoked = operator.get(_url(ApiKey, "changelist"), {"status": "revoked"}).context["cl"].result_list
+    assert list(revoked) == [seller_key]
+
+
+def test_revoking_twice_keeps_the_first_revocation_time(operator, catalog, seller):
+    key = ApiKey.objects.get(agent=seller)
+    _run_action(operator, ApiKey, "revoke_credentials", [key])
+    first = ApiKey.objects.get(pk=key.pk).revoked_at
+
+    _run_action(operator, ApiKey, "revoke_credentials", [key])
+
+    assert ApiKey.objects.get(pk=key.pk).revoked_at == first
+
+
+def test_revoking_owner_tokens(operator, catalog, owner):
+    token = OwnerToken.objects.get(owner=owner)
+
+    _run_action(operator, OwnerToken, "revoke_credentials", [token])
+
+    response = Api(catalog["tokens"]["owner"]).get("/agents")
+    assert response.status_code == 401 and error_code(response) == "credentials_revoked"
+    assert Api(catalog["tokens"]["other"]).get("/agents").status_code == 200
+
+
+def test_revoking_every_key_of_an_agent(operator, catalog, seller):
+    second_key = issue_key(seller, scope="read")
+
+    _run_action(operator, type(seller), "revoke_agent_keys", [seller])
+
+    for secret in (catalog["keys"]["seller"], second_key):
+        assert Api(secret).get("/agents/me").status_code == 401
+    assert Api(catalog["keys"]["other"]).get("/agents/me").status_code == 200
+
+
+def test_deregistering_services_hides_them_from_search(operator, catalog, buyer_api):
+    _run_action(operator, Service, "deregister_services", [catalog["translator"]])
+
+    assert Service.objects.get(pk=catalog["translator"].pk).state == ServiceState.DEREGISTERED
+    assert Service.objects.get(pk=catalog["extractor"].pk).state == ServiceState.REGISTERED
+    found = buyer_api.post("/catalog/search", {}).json()["results"]
+    assert [s["name"] for s in found] == ["Invoice extractor"]
+    deregistered = operator.get(_url(Service, "changelist"), {"state__exact": "deregistered"})
+    assert list(deregistered.context["cl"].result_list) == [catalog["translator"]]
+
+
+def test_the_admin_needs_a_staff_login(catalog):
+    response = Client().get(_url(Service, "changelist"))
+
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]

@@ -1,0 +1,543 @@
+"""POST /catalog/search through the HTTP API: relevance, filters, orderings, keyset pagination, bad input.
+
+Tests marked `postgres` need PostgreSQL's full-text search and pg_trgm; on the embedded SQLite default they skip.
+"""
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from catalog.models import Service
+from catalog.services import search_vector_expression
+from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service
+from tests.conftest import Api, codes_at, error_code
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _skip_postgres_only_tests_elsewhere(request):
+    if request.node.get_closest_marker("postgres") and connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL (full-text search, pg_trgm)")
+
+
+def listing(seller, name, *, description="A dependable service.", tags=("misc",), capability="general",
+            price=10_000, **overrides) -> Service:
+    """A registered service whose searchable text is only what the test says (no default skills or tags)."""
+    overrides.setdefault("skills", [])
+    return register_service(
+        seller, name=name, description=description, tags=list(tags),
+        capability={"name": capability, "version": "1.0.0"},
+        pricing={"type": overrides.pop("pricing_type", "per_call"), "unit_price_atomic": price}, **overrides,
+    )
+
+
+def search(api: Api, **body) -> dict:
+    response = api.post("/catalog/search", body)
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def names(api: Api, **body) -> list[str]:
+    return [service["name"] for service in search(api, **body)["results"]]
+
+
+def walk(api: Api, *, limit: int, **body) -> list[str]:
+    """Every id of a search, page after page as a client follows `next_cursor`."""
+    ids, cursor = [], None
+    for _ in range(100):
+        page = search(api, limit=limit, **body, **({"cursor": cursor} if cursor else {}))
+        assert len(page["results"]) <= limit
+        ids += [service["id"] for service in page["results"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return ids
+    raise AssertionError("pagination did not end")
+
+
+@pytest.fixture
+def other_seller(db):
+    return AgentFactory(handle="seller-two", is_buyer=False, is_seller=True)
+
+
+# --- relevance and text matching (PostgreSQL full-text search) ------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_a_name_match_outranks_a_description_only_match(seller, buyer_api):
+    listing(seller, "Invoice extractor", description="Reads documents and returns JSON.")
+    # Registered later, so "newest first" would put it on top: only relevance can order these two this way.
+    listing(seller, "Document reader", description="Reads every invoice you upload.")
+    listing(seller, "Weather forecaster", description="Forecasts rain.")
+
+    results = search(buyer_api, q="invoice")["results"]
+
+    assert [s["name"] for s in results] == ["Invoice extractor", "Document reader"]
+    assert results[0]["relevance"] > results[1]["relevance"] > 0
+
+
+@pytest.mark.postgres
+def test_a_tag_match_outranks_a_description_only_match(seller, buyer_api):
+    listing(seller, "Receipt reader", tags=["ocr"], description="Reads receipts.")
+    listing(seller, "Scanner helper", description="Works well after OCR.")
+
+    assert names(buyer_api, q="ocr") == ["Receipt reader", "Scanner helper"]
+
+
+@pytest.mark.postgres
+def test_stemming_finds_other_forms_of_a_word(seller, buyer_api):
+    listing(seller, "Legal document translation")
+    listing(seller, "Weather forecaster")
+
+    assert names(buyer_api, q="translating") == ["Legal document translation"]
+    assert names(buyer_api, q="translations") == ["Legal document translation"]
+
+
+@pytest.mark.postgres
+def test_text_matches_tags_capability_and_skills(seller, buyer_api):
+    listing(seller, "Paper cruncher", tags=["ocr"], capability="extract-invoice",
+            skills=[{"name": "parse-receipt"}])
+    listing(seller, "Weather forecaster")
+
+    for text in ("ocr", "invoice", "extract invoice", "receipt", "parse receipt"):
+        assert names(buyer_api, q=text) == ["Paper cruncher"], text
+
+
+@pytest.mark.postgres
+def test_every_word_must_match(seller, buyer_api):
+    listing(seller, "German translator")
+    listing(seller, "German weather forecaster")
+
+    assert names(buyer_api, q="german translator") == ["German translator"]
+
+
+@pytest.mark.postgres
+def test_a_quoted_phrase_needs_the_words_next_to_each_other(seller, buyer_api):
+    listing(seller, "Neural machine translation")
+    listing(seller, "Translation of machine manuals")
+
+    assert names(buyer_api, q='"machine translation"') == ["Neural machine translation"]
+    assert set(names(buyer_api, q="machine translation")) == {"Neural machine translation",
+                                                             "Translation of machine manuals"}
+
+
+@pytest.mark.postgres
+def test_a_minus_excludes_a_word(seller, buyer_api):
+    # The excluded name is otherwise the closest possible match: a fuzzy name match must not bring it back.
+    listing(seller, "German translator")
+    listing(seller, "French translator")
+
+    assert names(buyer_api, q="translator -german") == ["French translator"]
+
+
+@pytest.mark.postgres
+def test_or_matches_either_word(seller, buyer_api):
+    listing(seller, "Invoice extractor")
+    listing(seller, "Weather forecaster")
+    listing(seller, "Code reviewer")
+
+    assert set(names(buyer_api, q="invoice or weather")) == {"Invoice extractor", "Weather forecaster"}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("misspelt", ["invoce extracter", "Invoise extractor", "wether forcaster"])
+def test_a_misspelt_name_still_finds_the_service(seller, buyer_api, misspelt):
+    listing(seller, "Invoice extractor")
+    listing(seller, "Weather forecaster")
+    listing(seller, "Code reviewer")
+
+    results = search(buyer_api, q=misspelt)["results"]
+
+    expected = "Weather forecaster" if misspelt.startswith("wether") else "Invoice extractor"
+    assert [s["name"] for s in results] == [expected]
+    assert 0 < results[0]["relevance"] <= 1
+
+
+@pytest.mark.postgres
+def test_fuzzy_name_matching_is_only_a_fallback_for_no_exact_match(seller, buyer_api):
+    listing(seller, "Weather forecaster")
+    listing(seller, "Leather forecaster")  # one letter away from the query
+
+    assert names(buyer_api, q="weather forecaster") == ["Weather forecaster"]
+
+
+@pytest.mark.postgres
+def test_fuzzy_results_are_ranked_by_name_similarity_and_paginate(seller, buyer_api):
+    listing(seller, "Invoice extractor")
+    listing(seller, "Invoice extractor pro")
+    listing(seller, "Invoice extractor for large PDF archives")
+
+    one_page = search(buyer_api, q="invoce extracter")["results"]
+    assert [s["name"] for s in one_page] == ["Invoice extractor", "Invoice extractor pro",
+                                             "Invoice extractor for large PDF archives"]
+    assert walk(buyer_api, limit=1, q="invoce extracter") == [s["id"] for s in one_page]
+
+
+@pytest.mark.parametrize("text", ["!!!", "&|:*", "'", '"', "-", "or", "a & b | !c", "()", "\\", "%", "_", "😀",
+                                  "translation:*", "<->", "the and of", '"unclosed', "--x", "a" * 500])
+def test_any_text_is_answered_never_a_500(seller, buyer_api, text):
+    listing(seller, "Invoice extractor")
+
+    assert buyer_api.post("/catalog/search", {"q": text}).status_code == 200
+
+
+def test_without_text_every_visible_service_is_listed_newest_first(seller, buyer_api):
+    for name in ("First", "Second", "Third"):
+        listing(seller, name)
+
+    page = search(buyer_api)
+    assert [s["name"] for s in page["results"]] == ["Third", "Second", "First"]
+    assert page["next_cursor"] is None
+    assert "relevance" not in page["results"][0]  # only text searches are ranked
+
+
+def test_a_result_is_the_public_view_of_a_service(seller, buyer_api):
+    service = register_service(seller)
+
+    result = search(buyer_api, q="translator")["results"][0]
+
+    assert result["id"] == str(service.pk)
+    assert result["seller"]["handle"] == seller.handle
+    assert result["pricing"] == {"type": "per_call", "unit_name": "call", "unit_price_atomic": 20000,
+                                 "token": "USDC"}
+    assert result["skills"][0]["name"] == "translate"
+    assert "upstream_base_url" not in result  # where calls go is the seller's business
+
+
+# --- filters ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def catalog(seller, other_seller):
+    """Four services across two sellers, differing in every filterable attribute."""
+    listing(seller, "Alpha translator", tags=["translation", "nlp"], capability="translate", price=20_000,
+            skills=[{"name": "translate-text"}])
+    listing(seller, "Beta extractor", tags=["documents", "ocr"], capability="extract-invoice", price=5_000,
+            pricing_type="per_unit", upstream_protocol="masumi", skills=[{"name": "extract"}])
+    listing(other_seller, "Gamma summarizer", tags=["nlp", "summarization"], capability="summarize",
+            price=1_500_000, skills=[{"name": "summarize"}])
+    listing(other_seller, "Delta translator", tags=["translation"], capability="Translate", price=50_000,
+            upstream_protocol="masumi", skills=[{"name": "translate-text"}])
+
+
+@pytest.mark.parametrize(("filters", "expected"), [
+    ({"tags_all": ["translation", "nlp"]}, {"Alpha translator"}),
+    ({"tags_all": ["Translation"]}, {"Alpha translator", "Delta translator"}),  # tags are matched lower-cased
+    ({"tags_all": ["translation", "no-such-tag"]}, set()),
+    ({"tags_all": []}, {"Alpha translator", "Beta extractor", "Gamma summarizer", "Delta translator"}),
+    ({"tags_any": ["ocr", "summarization"]}, {"Beta extractor", "Gamma summarizer"}),
+    ({"tags_any": ["ocr", "no-such-tag"]}, {"Beta extractor"}),
+    ({"tags_any": ["no-such-tag"]}, set()),
+    ({"capability": "translate"}, {"Alpha translator", "Delta translator"}),
+    ({"capability": "TRANSLATE"}, {"Alpha translator", "Delta translator"}),
+    ({"capability": "transl"}, set()),  # the whole capability name, not a part of it
+    ({"max_unit_price_atomic": 20_000}, {"Alpha translator", "Beta extractor"}),  # the bound is included
+    ({"max_unit_price_atomic": "19999"}, {"Beta extractor"}),
+    ({"max_unit_price_atomic": 0}, set()),
+    ({"seller": "seller-two"}, {"Gamma summarizer", "Delta translator"}),
+    ({"seller": "nobody"}, set()),
+    ({"protocol": "masumi"}, {"Beta extractor", "Delta translator"}),
+    ({"protocol": "http"}, {"Alpha translator", "Gamma summarizer"}),
+    ({"skill": "translate-text"}, {"Alpha translator", "Delta translator"}),
+    ({"skill": "extract"}, {"Beta extractor"}),
+    ({"pricing_type": "per_unit"}, {"Beta extractor"}),
+    ({"token": "USDC"}, {"Alpha translator", "Beta extractor", "Gamma summarizer", "Delta translator"}),
+    ({"token": "EURC"}, set()),
+])
+def test_each_filter_alone(catalog, buyer_api, filters, expected):
+    assert set(names(buyer_api, **filters)) == expected
+
+
+@pytest.mark.parametrize(("filters", "expected"), [
+    ({"tags_all": ["nlp"], "tags_any": ["translation", "documents"]}, {"Alpha translator"}),
+    ({"tags_any": ["translation", "nlp"], "protocol": "http", "max_unit_price_atomic": 100_000},
+     {"Alpha translator"}),
+    ({"capability": "translate", "seller": "seller-two"}, {"Delta translator"}),
+    ({"skill": "translate-text", "protocol": "masumi", "tags_all": ["translation"]}, {"Delta translator"}),
+    ({"q": "translator", "seller": "seller-two"}, {"Delta translator"}),
+    ({"q": "translator", "max_unit_price_atomic": 20_000, "token": "USDC"}, {"Alpha translator"}),
+    ({"q": "translator", "pricing_type": "per_unit"}, set()),
+])
+def test_filters_combine_with_each_other_and_with_text(catalog, buyer_api, filters, expected):
+    assert set(names(buyer_api, **filters)) == expected
+
+
+def test_deregistered_services_and_inactive_sellers_are_hidden(seller, seller_api, buyer_api):
+    visible = listing(seller, "Visible translator")
+    withdrawn = listing(seller, "Withdrawn translator")
+    assert seller_api.delete(f"/agents/services/{withdrawn.pk}").status_code == 200
+    listing(AgentFactory(is_active=False), "Deactivated seller translator")
+
+    assert names(buyer_api, q="translator") == ["Visible translator"]
+    assert names(buyer_api) == ["Visible translator"]
+    assert names(seller_api, q="withdrawn") == []  # search is the public catalog, even for the owner
+    assert search(buyer_api, seller=seller.handle)["results"][0]["id"] == str(visible.pk)
+
+
+# --- orderings --------------------------------------------------------------------------------------------------
+
+
+def test_order_by_price_is_cheapest_first_then_newest(seller, buyer_api):
+    for name, price in [("Thirty", 30), ("Ten old", 10), ("Twenty", 20), ("Ten new", 10)]:
+        listing(seller, name, price=price)
+
+    assert names(buyer_api, order_by="price") == ["Ten new", "Ten old", "Twenty", "Thirty"]
+
+
+def test_order_by_newest_ignores_relevance(seller, buyer_api):
+    listing(seller, "Translator", description="Translates.")
+    listing(seller, "Helper", description="Also a translator.")
+
+    assert names(buyer_api, q="translator", order_by="newest") == ["Helper", "Translator"]
+
+
+@pytest.mark.postgres
+def test_relevance_is_the_default_order_with_text(seller, buyer_api):
+    listing(seller, "Translator", description="Translates.")
+    listing(seller, "Helper", description="Also a translator.")
+
+    assert names(buyer_api, q="translator") == ["Translator", "Helper"]
+    assert names(buyer_api, q="translator", order_by="relevance") == ["Translator", "Helper"]
+
+
+def test_relevance_without_text_falls_back_to_newest(seller, buyer_api):
+    listing(seller, "Older")
+    listing(seller, "Newer")
+
+    assert names(buyer_api, order_by="relevance") == ["Newer", "Older"]
+
+
+# --- pagination -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def twins(seller):
+    """Ten services that tie on relevance, price and creation time (and two that do not): only the id separates
+    the twins, so a keyset cursor that mishandled ties would repeat or skip some."""
+    same = [listing(seller, "Twin widget", description="Identical twin.", price=10_000) for _ in range(10)]
+    Service.objects.filter(pk__in=[s.pk for s in same]).update(created_at=timezone.now())
+    listing(seller, "Twin widget deluxe", description="Identical twin widget, deluxe.", price=5_000)
+    listing(seller, "Twin widget basic", description="A twin widget.", price=50_000)
+    return same
+
+
+@pytest.mark.parametrize("order_by", ["relevance", "price", "newest"])
+@pytest.mark.parametrize("limit", [1, 3, 5])
+def test_walking_every_page_returns_each_service_once_in_order(twins, buyer_api, order_by, limit):
+    in_one_page = [s["id"] for s in search(buyer_api, q="twin widget", order_by=order_by, limit=100)["results"]]
+    assert len(in_one_page) == 12
+
+    walked = walk(buyer_api, limit=limit, q="twin widget", order_by=order_by)
+
+    assert walked == in_one_page  # no duplicate, no gap, same order
+
+
+def test_full_walk_without_text(twins, buyer_api):
+    assert len(set(walk(buyer_api, limit=5))) == 12
+
+
+def test_a_walk_is_not_disturbed_by_services_listed_meanwhile(seller, buyer_api):
+    originals = [listing(seller, f"Service {i}") for i in range(4)]
+    first = search(buyer_api, limit=2)
+
+    listing(seller, "Listed while paging")
+    rest = search(buyer_api, limit=10, cursor=first["next_cursor"])
+
+    seen = [s["id"] for s in first["results"] + rest["results"]]
+    assert seen == [str(s.pk) for s in reversed(originals)]
+
+
+def test_the_last_page_has_no_cursor_and_limit_is_respected(seller, buyer_api):
+    for i in range(3):
+        listing(seller, f"Service {i}")
+
+    assert search(buyer_api, limit=3)["next_cursor"] is None
+    page = search(buyer_api, limit=2)
+    assert len(page["results"]) == 2 and page["next_cursor"]
+
+
+# --- bad input: 4xx with a specific code, never a 500 -----------------------------------------------------------
+
+
+@pytest.fixture
+def cursor(seller, buyer_api) -> str:
+    for i in range(3):
+        listing(seller, f"Service {i}", price=i)
+    return search(buyer_api, limit=1, order_by="price")["next_cursor"]
+
+
+def _tamper(cursor: str, position: int) -> str:
+    replacement = "A" if cursor[position] != "A" else "B"
+    return cursor[:position] + replacement + cursor[position + 1:]
+
+
+@pytest.mark.parametrize("position", [0, 5, -3, -1])
+def test_a_tampered_cursor_is_invalid_cursor(cursor, buyer_api, position):
+    response = buyer_api.post("/catalog/search", {"order_by": "price", "cursor": _tamper(cursor, position)})
+    assert response.status_code == 400
+    assert error_code(response) == "invalid_cursor"
+
+
+@pytest.mark.parametrize("garbage", ["not-a-cursor", "e30:abc", ":", "0", 5, "x" * 2000])
+def test_a_made_up_cursor_is_invalid_cursor(cursor, buyer_api, garbage):
+    response = buyer_api.post("/catalog/search", {"order_by": "price", "cursor": garbage})
+    assert response.status_code == 400
+    assert error_code(response) == "invalid_cursor"
+
+
+def test_a_cursor_from_another_ordering_is_invalid_cursor(cursor, buyer_api):
+    assert search(buyer_api, order_by="price", cursor=cursor)["results"]  # fine where it came from
+
+    for other in ({"order_by": "newest"}, {"q": "service"}, {"q": "service", "order_by": "relevance"}):
+        response = buyer_api.post("/catalog/search", {**other, "cursor": cursor})
+        assert response.status_code == 400, other
+        assert error_code(response) == "invalid_cursor"
+
+
+@pytest.mark.postgres
+def test_a_cursor_of_exact_results_is_refused_for_fuzzy_results(seller, buyer_api):
+    for _ in range(2):
+        listing(seller, "Invoice extractor")
+    exact_cursor = search(buyer_api, q="invoice extractor", limit=1)["next_cursor"]
+
+    response = buyer_api.post("/catalog/search", {"q": "invoce extracter", "cursor": exact_cursor})
+
+    assert response.status_code == 400
+    assert error_code(response) == "invalid_cursor"
+
+
+@pytest.mark.parametrize("field", ["tags", "filters", "max_price", "Q", "sort", "offset", "page"])
+def test_an_unknown_field_is_rejected_not_ignored(buyer_api, field):
+    response = buyer_api.post("/catalog/search", {"q": "translator", field: "x"})
+    assert response.status_code == 400
+    assert codes_at(response, field) == {"unknown_field"}
+
+
+@pytest.mark.parametrize(("limit", "code"), [(0, "min_value"), (-1, "min_value"), (101, "max_value"),
+                                             ("ten", "invalid"), (1.5, "invalid"), (None, "null")])
+def test_limit_out_of_range_or_not_a_number(buyer_api, limit, code):
+    response = buyer_api.post("/catalog/search", {"limit": limit})
+    assert codes_at(response, "limit") == {code}
+
+
+@pytest.mark.parametrize(("body", "path", "code"), [
+    ({"q": ["translator"]}, ("q",), "invalid"),
+    ({"q": {"text": "translator"}}, ("q",), "invalid"),
+    ({"q": None}, ("q",), "null"),
+    ({"q": "x" * 501}, ("q",), "max_length"),
+    ({"q": "a\x00b"}, ("q",), "null_characters_not_allowed"),
+    ({"tags_any": "nlp"}, ("tags_any",), "not_a_list"),
+    ({"tags_all": {"name": "nlp"}}, ("tags_all",), "not_a_list"),
+    ({"tags_all": [["nlp"]]}, ("tags_all",), "invalid"),
+    ({"tags_any": [f"t{i}" for i in range(16)]}, ("tags_any",), "max_length"),
+    ({"tags_any": ["x" * 51]}, ("tags_any",), "max_length"),
+    ({"max_unit_price_atomic": -1}, ("max_unit_price_atomic",), "negative"),
+    ({"max_unit_price_atomic": "12.5"}, ("max_unit_price_atomic",), "invalid"),
+    ({"max_unit_price_atomic": 1.5}, ("max_unit_price_atomic",), "invalid"),
+    ({"max_unit_price_atomic": True}, ("max_unit_price_atomic",), "invalid"),
+    ({"max_unit_price_atomic": 2**256}, ("max_unit_price_atomic",), "too_large"),
+    ({"order_by": "popularity"}, ("order_by",), "invalid_choice"),
+    ({"order_by": ["price"]}, ("order_by",), "invalid_choice"),
+    ({"protocol": "grpc"}, ("protocol",), "invalid_choice"),
+    ({"pricing_type": "flat"}, ("pricing_type",), "invalid_choice"),
+    ({"seller": "x" * 65}, ("seller",), "max_length"),
+    ({"capability": 42.5}, None, None),  # numbers are read as text by DRF: accepted
+    ({"cursor": ["abc"]}, ("cursor",), "invalid"),
+])
+def test_a_bad_type_or_value_is_a_400_naming_the_field(buyer_api, body, path, code):
+    response = buyer_api.post("/catalog/search", body)
+    if path is None:
+        assert response.status_code == 200
+        return
+    assert code in codes_at(response, *path)
+
+
+def test_a_body_that_is_not_a_json_object_is_a_400(buyer_api):
+    as_list = buyer_api.post("/catalog/search", ["translator"])
+    assert as_list.status_code == 400 and error_code(as_list) == "validation_error"
+    malformed = buyer_api.client.post("/catalog/search", data="{nope", content_type="application/json")
+    assert malformed.status_code == 400 and error_code(malformed) == "malformed_json"
+    form = buyer_api.client.post("/catalog/search", data="q=translator",
+                                 content_type="application/x-www-form-urlencoded")
+    assert form.status_code == 415 and error_code(form) == "unsupported_media_type"
+
+
+def test_search_needs_an_agent_key(seller, anon, owner):
+    listing(seller, "Translator")
+
+    anonymous = anon.post("/catalog/search", {})
+    assert anonymous.status_code == 401 and error_code(anonymous) == "not_authenticated"
+    as_owner = Api(issue_owner_token(owner)).post("/catalog/search", {})
+    assert as_owner.status_code == 403 and error_code(as_owner) == "agent_key_required"
+    read_only = Api(issue_key(AgentFactory(), scope="read"))
+    assert names(read_only) == ["Translator"]  # reading the catalog needs only the read scope
+
+
+# --- the indexes behind it (PostgreSQL) -------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_the_search_indexes_exist():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'catalog_service'")
+        indexes = dict(cursor.fetchall())
+
+    assert "USING gin (search_vector)" in indexes["service_search_vector_gin"]
+    assert "USING gin (name gin_trgm_ops)" in indexes["service_name_trgm_gin"]
+    assert "upper((capability_name)::text)" in indexes["service_capability_upper_idx"]
+
+
+def _bulk_services(seller, count: int) -> None:
+    """Many services at once, written like catalog.services writes them (same search vector)."""
+    words = ["weather", "invoice", "code", "image", "speech", "data", "legal", "market", "support", "geo"]
+    Service.objects.bulk_create([
+        Service(seller=seller, name=f"{words[i % 10].title()} agent {i}", description=f"Handles {words[i % 7]} jobs.",
+                capability_name=words[i % 10], capability_version="1.0.0", pricing_type="per_call",
+                unit_price=1_000 + i, upstream_base_url="https://example.com", keywords=words[i % 10])
+        for i in range(count)
+    ])
+    Service.objects.update(search_vector=search_vector_expression())
+    with connection.cursor() as cursor:
+        # What autovacuum does in time: move the new GIN entries out of the pending list into the index proper
+        # (a long pending list makes every GIN lookup look costly to the planner), then gather statistics.
+        cursor.execute("SELECT gin_clean_pending_list('service_search_vector_gin'::regclass),"
+                       " gin_clean_pending_list('service_name_trgm_gin'::regclass)")
+        cursor.execute("ANALYZE catalog_service")
+
+
+def _plan_of_search(api: Api, **body) -> str:
+    """PostgreSQL's plan for the statement a search request runs to select its services.
+
+    Whole-table scans (sequential, or a full walk of an unrelated b-tree) are priced out: a few thousand rows are
+    cheap to read whole, and the question here is whether the statement can use the index at all; a query shape that
+    defeated the index would still plan a Seq Scan.
+    bench/catalog_search.py --explain shows the plans PostgreSQL picks by itself at 100,000 services."""
+    with CaptureQueriesContext(connection) as captured:
+        search(api, **body)
+    statements = [q["sql"] for q in captured.captured_queries
+                  if q["sql"].startswith("SELECT") and 'FROM "catalog_service"' in q["sql"] and "ORDER BY" in q["sql"]]
+    assert len(statements) == 1, statements
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")  # SET LOCAL: the test's transaction ends both
+        cursor.execute("SET LOCAL enable_indexscan = off")
+        cursor.execute("EXPLAIN " + statements[0])
+        return "\n".join(row[0] for row in cursor.fetchall())
+
+
+@pytest.mark.postgres
+def test_text_fuzzy_and_capability_searches_read_their_indexes(seller, buyer_api):
+    _bulk_services(seller, 2_000)
+    listing(seller, "Zanzibar ferry booker", capability="book-ferry")
+
+    assert names(buyer_api, q="zanzibar") == ["Zanzibar ferry booker"]
+    plan = _plan_of_search(buyer_api, q="zanzibar")
+    assert "Bitmap Index Scan on service_search_vector_gin" in plan, plan
+
+    assert names(buyer_api, q="zanzibr ferri") == ["Zanzibar ferry booker"]  # misspelt: the fuzzy fallback
+    plan = _plan_of_search(buyer_api, q="zanzibr ferri")
+    assert "Bitmap Index Scan on service_name_trgm_gin" in plan, plan
+
+    assert names(buyer_api, capability="Book-Ferry") == ["Zanzibar ferry booker"]
+    plan = _plan_of_search(buyer_api, capability="Book-Ferry")
+    assert "Bitmap Index Scan on service_capability_upper_idx" in plan, plan

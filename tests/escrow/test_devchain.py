@@ -1,0 +1,101 @@
+"""escrow.devchain and escrow.artifacts: finding and running Anvil, deploying, minting."""
+
+import json
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+
+from escrow import artifacts, devchain
+
+pytestmark = pytest.mark.chain
+
+
+def test_dev_keys_match_addresses():
+    assert [Account.from_key(k).address for k in devchain.DEV_PRIVATE_KEYS] == list(devchain.DEV_ADDRESSES)
+
+
+def test_find_anvil_binary():
+    path = devchain.find_anvil_binary()
+    assert path.name == "anvil" and path.is_file()
+    assert "@foundry-rs/anvil-linux-amd64" in str(path)
+
+
+def test_missing_anvil_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.delenv("ANVIL_BIN", raising=False)
+    monkeypatch.setattr(devchain, "REPO_ROOT", tmp_path)
+    with pytest.raises(devchain.AnvilNotFound, match=r"make node_modules.*npm ci"):
+        devchain.find_anvil_binary()
+    monkeypatch.setenv("ANVIL_BIN", str(tmp_path / "nope"))
+    with pytest.raises(devchain.AnvilNotFound, match="ANVIL_BIN"):
+        devchain.find_anvil_binary()
+
+
+def test_start_deploy_mint_and_stop():
+    with devchain.start_anvil(chain_id=4242) as node:
+        assert node.running
+        w3 = node.w3()
+        assert w3.eth.chain_id == 4242
+        keys, addrs = devchain.DEV_PRIVATE_KEYS, devchain.DEV_ADDRESSES
+        deployed = devchain.deploy_contracts(
+            w3, keys[0], fee_recipient=addrs[2], arbiter=addrs[1], reclaim_grace=120
+        )
+        assert set(deployed) == {"usdc", "escrow"}
+        receipt = devchain.mint_usdc(w3, deployed["usdc"], keys[0], addrs[3], 5_000_000)
+        assert receipt["status"] == 1
+        usdc = devchain.usdc_contract(w3, deployed["usdc"])
+        assert usdc.functions.balanceOf(addrs[3]).call() == 5_000_000
+        escrow = devchain.escrow_contract(w3, deployed["escrow"])
+        assert escrow.functions.reclaimGrace().call() == 120
+        # only the token owner mints
+        with pytest.raises(Exception):
+            devchain.mint_usdc(w3, deployed["usdc"], keys[5], addrs[5], 1)
+    assert not node.running
+    node.stop()  # idempotent
+
+
+def test_block_time_and_fixed_port():
+    port = devchain.free_port()
+    node = devchain.start_anvil(port=port, block_time=1)
+    try:
+        assert node.port == port and node.rpc_url.endswith(f":{port}")
+        # a second node on the same port cannot start
+        with pytest.raises(devchain.AnvilStartError, match="in use"):
+            devchain.start_anvil(port=port, timeout=5)
+    finally:
+        node.stop()
+
+
+def test_send_transaction_reports_onchain_revert(chain):
+    acc = chain.accounts
+    # skip estimation with an explicit gas limit so the revert happens on-chain
+    tx = chain.usdc.functions.mint(acc.stranger.address, 1).build_transaction(
+        {"from": acc.stranger.address, "gas": 100_000}
+    )
+    with pytest.raises(devchain.TransactionFailed) as info:
+        devchain.send_transaction(chain.w3, acc.stranger.key, tx)
+    assert info.value.receipt["status"] == 0
+
+
+def test_artifacts():
+    for name in artifacts.CONTRACT_NAMES:
+        artifact = artifacts.load_artifact(name)
+        assert artifact["contractName"] == name
+        assert artifact["bytecode"].startswith("0x6") and len(artifact["bytecode"]) > 1000
+        assert artifact["sourceHash"].startswith("0x") and len(artifact["sourceHash"]) == 66
+        assert artifacts.abi(name) == artifact["abi"]
+        assert artifacts.bytecode(name) == artifact["bytecode"]
+        assert artifacts.deployed_bytecode(name) == artifact["deployedBytecode"]
+        assert artifacts.source_hash(name) == artifact["sourceHash"]
+        # files are pretty-printed JSON with a trailing newline
+        text = (artifacts.BUILD_DIR / f"{name}.json").read_text()
+        assert text.endswith("}\n") and json.loads(text) == artifact
+    # callers get copies: the cache cannot be altered through them
+    artifacts.abi("UsageEscrow").clear()
+    assert artifacts.abi("UsageEscrow")
+    with pytest.raises(artifacts.ArtifactNotFound, match="compile.js"):
+        artifacts.load_artifact("Nope")
+
+
+def test_artifacts_are_in_the_package():
+    assert artifacts.BUILD_DIR == Path(artifacts.__file__).parent / "contracts" / "build"

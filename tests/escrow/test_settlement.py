@@ -1,0 +1,140 @@
+"""Metering to money: complete → challenge window → settled; a dispute; a reclaim — balances checked on-chain."""
+
+import pytest
+from django.core.management import call_command
+
+from agreements.models import UsageAgreement
+from escrow import settlement
+from sdk.typed_data import sign_typed_data
+from tests.catalog.factories import UserFactory, issue_owner_token
+from tests.conftest import Api, error_code
+from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+
+def tick(capture):
+    with capture(execute=True):
+        result = settlement.settlement_tick()
+    confirm_all(capture)
+    return result
+
+
+@pytest.fixture
+def funded(escrow_chain, http_server, django_capture_on_commit_callbacks):
+    """Active: 100 calls at 0.02 USDC (deposit 2 USDC, fee 0.10) to a real upstream."""
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=100)
+    parties.activate(agreement["id"], django_capture_on_commit_callbacks)
+    parties.agreement_id = agreement["id"]
+    parties.balances = {name: usdc_balance(escrow_chain, address) for name, address in {
+        "buyer": parties.buyer_account.address, "seller": parties.seller_account.address,
+        "fee": escrow_chain.accounts.fee_recipient.address}.items()}
+    return parties
+
+
+def call_n(parties, n):
+    for _ in range(n):
+        response = parties.buyer_api.get(f"/metered-proxy/{parties.agreement_id}/work")
+        assert response.status_code == 200, response.content
+
+
+def test_complete_challenge_window_settle(funded, escrow_chain, django_capture_on_commit_callbacks):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 20)
+    completed = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
+    assert completed.status_code == 200 and completed.json()["completion_requested_at"]
+    assert funded.buyer_api.get(f"/metered-proxy/{funded.agreement_id}/work").status_code == 409
+
+    assert tick(capture)["proposed"] == 1
+    agreement = funded.agreement(funded.agreement_id)
+    assert agreement["status"] == "in_challenge" and agreement["challenge_deadline"]
+    status = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/escrow-status",
+                                  {"verify": "true"}).json()
+    assert status["onchain"]["state"] == "proposed" and int(status["onchain"]["settledAmount"]) == 400_000
+    assert tick(capture)["finalizing"] == 0  # the window is still open
+
+    chain.increase_time(3601)
+    assert tick(capture)["finalizing"] == 1
+    settled = funded.agreement(funded.agreement_id)
+    assert settled["status"] == "settled"
+    assert (settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (400_000, 1_600_000)
+    assert usdc_balance(chain, funded.seller_account.address) == funded.balances["seller"] + 400_000
+    assert usdc_balance(chain, funded.buyer_account.address) == funded.balances["buyer"] + 1_600_000
+    assert usdc_balance(chain, chain.accounts.fee_recipient.address) == funded.balances["fee"]  # fee taken once
+    assert usdc_balance(chain, chain.addresses["escrow"]) == 0
+    assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
+    call_command("reconcile")
+
+
+def test_dispute_resolved_by_an_operator(funded, escrow_chain, django_capture_on_commit_callbacks):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 10)
+    funded.seller_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
+    tick(capture)
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    body = {"reason": "half of the answers were empty", "evidence": "call ids 3-7",
+            "deadline": package["deadline"],
+            "signature": sign_typed_data(funded.buyer_account.key, package["challenge"])}
+    wrong = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge",
+                                  {**body, "signature": sign_typed_data(chain.accounts.stranger.key,
+                                                                        package["challenge"])})
+    assert wrong.status_code == 400 and error_code(wrong) == "wrong_signer"
+    with capture(execute=True):
+        assert funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge",
+                                     body).status_code == 202
+    confirm_all(capture)
+    disputed = funded.agreement(funded.agreement_id)
+    assert disputed["status"] == "disputed" and disputed["status_reason"] == "half of the answers were empty"
+
+    chain.increase_time(3601)
+    assert tick(capture)["finalizing"] == 0  # a dispute is not finalized by the clock
+
+    not_operator = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/resolve",
+                                         {"seller_amount_atomic": 100_000})
+    assert not_operator.status_code == 403
+    operator = Api(issue_owner_token(UserFactory(is_staff=True)))
+    too_much = operator.post(f"/usage-agreements/{funded.agreement_id}/resolve",
+                             {"seller_amount_atomic": 3 * USDC})
+    assert too_much.status_code == 400 and error_code(too_much) == "amount_exceeds_deposit"
+    with capture(execute=True):
+        assert operator.post(f"/usage-agreements/{funded.agreement_id}/resolve",
+                             {"seller_amount_atomic": 100_000}).status_code == 202
+    confirm_all(capture)  # resolve confirmed -> settling, finalize queued
+    confirm_all(capture)  # finalize confirmed -> settled
+    settled = funded.agreement(funded.agreement_id)
+    assert settled["status"] == "settled"
+    assert (settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (100_000, 1_900_000)
+    assert usdc_balance(chain, funded.seller_account.address) == funded.balances["seller"] + 100_000
+    assert usdc_balance(chain, funded.buyer_account.address) == funded.balances["buyer"] + 1_900_000
+    assert usdc_balance(chain, chain.addresses["escrow"]) == 0
+    call_command("reconcile")
+
+
+def test_unused_expired_escrow_is_reclaimed_for_the_buyer(funded, escrow_chain, django_capture_on_commit_callbacks):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    chain.increase_time(int(agreement.expires_at.timestamp()) - chain.now() + 10)
+    assert tick(capture)["reclaiming"] == 0  # expired, but the reclaim grace is still running
+    chain.increase_time(chain.reclaim_grace)
+    assert tick(capture)["reclaiming"] == 1
+    refunded = funded.agreement(funded.agreement_id)
+    assert refunded["status"] == "refunded" and refunded["buyer_refund_atomic"] == 2 * USDC
+    assert usdc_balance(chain, funded.buyer_account.address) == funded.balances["buyer"] + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.fee_recipient.address) == funded.balances["fee"]
+    assert usdc_balance(chain, chain.addresses["escrow"]) == 0
+    call_command("reconcile")
+
+
+def test_used_escrow_is_settled_automatically_at_expiry(funded, escrow_chain, django_capture_on_commit_callbacks):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    chain.increase_time(int(agreement.expires_at.timestamp()) - chain.now() + 10)
+    result = tick(capture)
+    assert result["expired"] == 1
+    tick(capture)  # the proposal once nothing is in flight
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    chain.increase_time(3601)
+    tick(capture)
+    assert funded.agreement(funded.agreement_id)["seller_payout_atomic"] == 60_000

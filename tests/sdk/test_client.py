@@ -1,0 +1,177 @@
+"""The SDK client against the real API: a live HTTP server, the Anvil chain and the relayer.
+
+`live_server` serves the API from a thread over a transactional test database, so `transaction.on_commit` fires
+for real: activate-escrow's `submit_transaction` runs inline (Celery is eager in tests) and broadcasts to Anvil.
+Confirmations need the relayer's poll, which `relayer_polling` runs in a background thread, as beat would.
+"""
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from django.db import connections
+from django.utils import timezone
+
+from escrow import relayer
+from sdk import MarketplaceClient, MarketplaceError
+from tests.catalog.factories import AgentFactory, issue_key, service_data
+from tests.escrow.flow import USDC, fund, usdc_balance
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def agent_client(base_url: str, *, wallet: str | None = None, buyer: bool = True, seller: bool = False,
+                 **client_options) -> MarketplaceClient:
+    """A new agent (committed: the server thread sees it) and a client holding its API key."""
+    agent = AgentFactory(is_buyer=buyer, is_seller=seller, **({"wallet_address": wallet} if wallet else {}))
+    return MarketplaceClient(base_url, issue_key(agent), timeout=15, **client_options)
+
+
+@contextmanager
+def relayer_polling(interval: float = 0.2):
+    """Run the relayer's confirmation poll every `interval` seconds in a thread while the block runs."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            while not stop.is_set():
+                relayer.transactions_poll()
+                stop.wait(interval)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread below
+            errors.append(exc)
+        finally:
+            connections.close_all()  # this thread's connection would block the test database's flush
+
+    thread = threading.Thread(target=poll, name="relayer-poll", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        if errors:
+            raise RuntimeError("the relayer poll failed") from errors[0]
+
+
+@pytest.mark.chain
+def test_propose_accept_activate_and_wait_until_active(live_server, escrow_chain):
+    chain = escrow_chain
+    buyer_wallet, seller_wallet = chain.accounts.buyer, chain.accounts.seller
+    fee_recipient, escrow_address = chain.accounts.fee_recipient.address, chain.addresses["escrow"]
+    fund(chain, buyer_wallet.address, 10 * USDC)
+
+    with agent_client(live_server.url, wallet=buyer_wallet.address) as buyer, \
+            agent_client(live_server.url, wallet=seller_wallet.address, buyer=False, seller=True) as seller:
+        service = seller.register_service(**service_data())  # 0.02 USDC per call
+        assert [found["id"] for found in buyer.search_services("translator")] == [service["id"]]
+        proposed = buyer.propose_agreement(service["id"], 100, expires_at=timezone.now() + timedelta(days=2))
+        assert proposed["status"] == "proposed"
+        assert proposed["deposit_amount_atomic"] == 2 * USDC and proposed["infra_fee_atomic"] == 100_000
+        assert seller.accept_agreement(proposed["id"])["status"] == "accepted"
+        before = [usdc_balance(chain, a) for a in (buyer_wallet.address, fee_recipient, escrow_address)]
+
+        with relayer_polling():
+            submitted = buyer.activate_escrow(proposed["id"], buyer_wallet.key)
+            assert submitted["status"] == "submitting"
+            active = buyer.wait_until(proposed["id"], timeout=60, poll_interval=0.2)
+
+        assert active["status"] == "active" and active["activated_at"]
+        assert seller.get_agreement(proposed["id"])["status"] == "active"
+        status = buyer.escrow_status(proposed["id"], verify=True)
+        assert status["onchain"]["state"] == "active"
+        assert int(status["onchain"]["depositAmount"]) == 2 * USDC
+        assert [tx["status"] for tx in status["transactions"]] == ["confirmed"]
+        assert status["activation_tx_hash"] == status["transactions"][0]["tx_hash"]
+    after = [usdc_balance(chain, a) for a in (buyer_wallet.address, fee_recipient, escrow_address)]
+    assert after == [before[0] - 2 * USDC - 100_000, before[1] + 100_000, before[2] + 2 * USDC]
+
+
+def test_api_errors_raise_marketplace_error_with_the_api_code(live_server):
+    with agent_client(live_server.url) as buyer, \
+            agent_client(live_server.url, buyer=False, seller=True) as seller:
+        service = seller.register_service(**service_data())
+        proposed = buyer.propose_agreement(service["id"], 10)
+        seller.reject_agreement(proposed["id"], "not now")
+
+        with pytest.raises(MarketplaceError) as illegal:
+            seller.accept_agreement(proposed["id"])
+        assert (illegal.value.status, illegal.value.code) == (409, "invalid_transition")
+        assert illegal.value.details == {"status": "rejected", "requested": "accepted"}
+
+        with pytest.raises(MarketplaceError) as missing:
+            buyer.get_agreement(uuid.uuid4())
+        assert (missing.value.status, missing.value.code) == (404, "agreement_not_found")
+
+        with pytest.raises(MarketplaceError) as invalid:
+            buyer.propose_agreement(service["id"], 0)
+        assert (invalid.value.status, invalid.value.code) == (400, "validation_error")
+        assert "quantity" in invalid.value.details["fields"]
+
+    with MarketplaceClient(live_server.url, "mk_not_a_key") as stranger, pytest.raises(MarketplaceError) as denied:
+        stranger.me()
+    assert denied.value.status == 401 and denied.value.code == "invalid_credentials"
+
+
+def test_list_agreements_follows_cursors_lazily(live_server):
+    with agent_client(live_server.url) as buyer, \
+            agent_client(live_server.url, buyer=False, seller=True) as seller:
+        service = seller.register_service(**service_data())
+        proposed = [buyer.propose_agreement(service["id"], quantity)["id"] for quantity in range(1, 6)]
+        seller.reject_agreement(proposed[0])
+
+        newest_first = list(reversed(proposed))
+        assert [a["id"] for a in buyer.list_agreements(page_size=2)] == newest_first
+        assert [a["id"] for a in seller.list_agreements(role="seller", page_size=1)] == newest_first
+        assert [a["id"] for a in buyer.list_agreements(status="rejected")] == [proposed[0]]
+        assert list(seller.list_agreements(role="buyer")) == []
+
+        assert buyer.me()["roles"] == ["buyer"]
+        requirements = buyer.payment_requirements(amount_cents=500)
+        assert (requirements["amount_atomic"], requirements["fee_atomic"]) == (5 * USDC, 103_000)  # 2% + 0.003
+
+
+def test_transient_failures_are_retried_with_the_same_idempotency_key(http_server):
+    unavailable = {"error": {"code": "chain_unavailable", "message": "The chain RPC is unavailable.", "details": {}}}
+    http_server.responses.extend([(503, unavailable), (503, unavailable), (201, {"id": "a1", "status": "proposed"})])
+    with MarketplaceClient(http_server.url, "mk_key", retry_backoff=0) as client:
+        assert client.propose_agreement("s1", 3)["id"] == "a1"
+    keys = {request.headers["Idempotency-Key"] for request in http_server.requests}
+    assert len(http_server.requests) == 3 and len(keys) == 1
+
+    http_server.requests.clear()
+    http_server.responses.extend([(503, unavailable)] * 3)
+    with MarketplaceClient(http_server.url, "mk_key", retry_backoff=0) as client, \
+            pytest.raises(MarketplaceError) as gave_up:
+        client.get_agreement("a1")
+    assert (gave_up.value.status, gave_up.value.code, len(http_server.requests)) == (503, "chain_unavailable", 3)
+
+    http_server.requests.clear()
+    http_server.responses.append((409, {"error": {"code": "invalid_transition", "message": "no", "details": {}}}))
+    with MarketplaceClient(http_server.url, "mk_key", retry_backoff=0) as client, pytest.raises(MarketplaceError):
+        client.accept_agreement("a1")
+    assert len(http_server.requests) == 1  # a decision, not a hiccup: never retried
+
+
+def test_an_unreachable_server_raises_the_transport_error_after_retries():
+    from escrow.devchain import free_port
+
+    with MarketplaceClient(f"http://127.0.0.1:{free_port()}", "mk_key", retry_backoff=0) as client, \
+            pytest.raises(httpx.ConnectError):
+        client.me()
+
+
+def test_the_sdk_imports_without_django():
+    # Django made unimportable first: any `import django` under sdk/ fails the import.
+    code = "import sys; sys.modules['django'] = None; import sdk, sdk.client, sdk.activation, sdk.typed_data"
+    environment = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=environment, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
