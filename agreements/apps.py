@@ -6,4 +6,4 @@ class AgreementsConfig(AppConfig):
 
     def ready(self):
         # Registers the approval-decision handler for usage agreements with the policies app.
-        from agreements import services  # noqa: F401
+        from agreements import monitoring, services  # noqa: F401

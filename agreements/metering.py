@@ -15,6 +15,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from agreements import monitoring
 from agreements.models import AgreementStatus, UsageAgreement, UsageEvent, UsageSource
 from marketplace import chainconfig
 from marketplace.errors import Conflict, PaymentRequired
@@ -102,6 +103,12 @@ def _complete_if_used_up(agreement: UsageAgreement, fields: list[str]) -> None:
         fields += ["completion_requested_at", "completion_reason"]
 
 
+def _observe_after_commit(agreement: UsageAgreement, events: list[UsageEvent], *, source: str) -> None:
+    amount = sum(event.cost for event in events)
+    transaction.on_commit(lambda: monitoring.charges_observe(source=source, token=agreement.token,
+                                                             events=len(events), amount=amount))
+
+
 def reservation_commit(*, reservation: Reservation, units: int, cost: int, request_id: str, request_nonce: str,
                        method: str, path: str, upstream_status: int, latency_ms: int) -> UsageEvent:
     """Turn a reservation into a usage event charging `cost` (<= the reservation); the rest is released."""
@@ -115,6 +122,7 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
         fields = ["usage_seq", "used", "usage_digest", "reserved"]
         _complete_if_used_up(agreement, fields)
         agreement.save(update_fields=fields)
+        _observe_after_commit(agreement, [event], source=UsageSource.PROXY)
     return event
 
 
@@ -141,6 +149,7 @@ def usage_record(*, agreement: UsageAgreement, seller, entries: list[dict], requ
         fields = ["usage_seq", "used", "usage_digest"]
         _complete_if_used_up(agreement, fields)
         agreement.save(update_fields=fields)
+        _observe_after_commit(agreement, events, source=UsageSource.SELLER_REPORT)
     return events
 
 

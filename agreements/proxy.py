@@ -18,10 +18,12 @@ from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.views import APIView
 
-from agreements import metering, selectors
+from agreements import metering, monitoring, selectors
 from agreements.models import ProxyReplay, UsageAgreement
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import KeyScope, PricingType
+from marketplace import outbound
+from marketplace.logging import agreement_id_var
 from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, error_body
 from marketplace.serializers import error_responses
 from sdk import proxy_signature
@@ -35,16 +37,19 @@ _REQUEST_DROPPED = _HOP_BY_HOP | {"authorization", "token", "cookie", "x-request
                                   "idempotency-key"}
 UNITS_HEADER = "X-Usage-Units"
 
-_client = httpx.Client(
+_client = outbound.guarded_client(
     timeout=httpx.Timeout(settings.PROXY_TIMEOUT, connect=settings.PROXY_CONNECT_TIMEOUT),
     limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-    follow_redirects=False,
 )
 
 
 class UpstreamFailed(ApplicationError):
     status_code = 502
     code = "upstream_unavailable"
+
+
+class UpstreamNotAllowed(UpstreamFailed):
+    code = "upstream_address_not_allowed"
 
 
 class UpstreamTimeout(UpstreamFailed):
@@ -69,6 +74,12 @@ def _forward_headers(request, agreement: UsageAgreement, reservation, max_units:
             timestamp=timestamp, method=request.method, path=path),
     })
     return headers
+
+
+def _observe_upstream(outcome: str, started: float) -> float:
+    seconds = time.monotonic() - started
+    monitoring.PROXY_UPSTREAM_SECONDS.labels(outcome=outcome).observe(seconds)
+    return seconds
 
 
 def _requested_units(request, agreement: UsageAgreement) -> int:
@@ -126,16 +137,19 @@ def _proxy_method(method: str):
         responses={
             (200, "*/*"): OpenApiResponse(description="The upstream's answer, with X-Usage-Cost, "
                                                       "X-Escrow-Remaining and X-Usage-Event-Id."),
-            **error_responses(402, 404, 409), 502: error_responses(503)[503], 504: error_responses(503)[503],
+            **error_responses(402, 404, 409, 429), 502: error_responses(503)[503], 504: error_responses(503)[503],
         },
     )(handler)
 
 
 class MeteredProxyView(APIView):
     permission_classes = [agent_scope(KeyScope.PAY)]
+    throttle_scope = "proxy"
     parser_classes = []  # the body is streamed upstream untouched
 
     def dispatch_proxy(self, request, agreement_id, path=""):
+        # Not reset here: django.request logs a failed call after the view returns; the middleware clears it.
+        agreement_id_var.set(str(agreement_id))
         agent = calling_agent(request)
         agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
         if agreement.buyer_id != agent.pk:
@@ -173,12 +187,18 @@ class MeteredProxyView(APIView):
             ), stream=True)
         except httpx.TimeoutException as exc:
             metering.reservation_release(reservation=reservation)
+            _observe_upstream("timeout", started)
             raise UpstreamTimeout("The seller's service did not answer in time; nothing was charged.") from exc
         except httpx.HTTPError as exc:
             metering.reservation_release(reservation=reservation)
+            _observe_upstream("blocked" if outbound.blocked(exc) else "unreachable", started)
+            if outbound.blocked(exc):
+                logger.warning("upstream address not allowed", extra={"error": str(exc)})
+                raise UpstreamNotAllowed("The seller's service resolves to an address the marketplace does not "
+                                         "call; nothing was charged.") from exc
             logger.warning("upstream unreachable", extra={"agreement_id": str(agreement.pk), "error": repr(exc)})
             raise UpstreamFailed("The seller's service could not be reached; nothing was charged.") from exc
-        latency_ms = int((time.monotonic() - started) * 1000)
+        latency_ms = int(_observe_upstream("error" if upstream.status_code >= 500 else "ok", started) * 1000)
         if upstream.status_code >= 500:
             metering.reservation_release(reservation=reservation)
             cost, event = 0, None

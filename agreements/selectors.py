@@ -1,8 +1,9 @@
-from django.db.models import Q, QuerySet
+from django.db.models import Count, Q, QuerySet
 
 from agreements.models import (
     AgreementEvent,
     AgreementStatus,
+    DeliveryStatus,
     UsageAgreement,
     UsageEvent,
     WebhookDelivery,
@@ -74,3 +75,17 @@ def agreements_past_expiry(*, now):
 
 def agreements_in_status(*, status: str):
     return UsageAgreement.objects.filter(status=status)
+
+
+def agreement_counts_by_status() -> dict[str, int]:
+    return dict(UsageAgreement.objects.order_by().values_list("status").annotate(count=Count("pk")))
+
+
+def agreements_failed_recently(*, limit: int) -> QuerySet[UsageAgreement]:
+    failed = [AgreementStatus.ACTIVATION_FAILED, AgreementStatus.PAYMENT_FAILED]
+    return UsageAgreement.objects.filter(status__in=failed).order_by("-updated_at")[:limit]
+
+
+def webhook_deliveries_failed_recently(*, limit: int) -> QuerySet[WebhookDelivery]:
+    return (WebhookDelivery.objects.filter(status=DeliveryStatus.FAILED).select_related("subscription")
+            .order_by("-created_at")[:limit])

@@ -44,6 +44,8 @@ def agreement_payload(agreement, *, many: bool = False):
 
 
 class AgreementsView(APIView):
+    throttle_scope = {"POST": "payments"}
+
     def get_permissions(self):
         return [agent_scope(KeyScope.READ if self.request.method == "GET" else KeyScope.PAY)()]
 
@@ -70,7 +72,7 @@ class AgreementsView(APIView):
             "service_id": "7c3f0b0e-9f1c-4d43-9a59-5c1d8c0e2a11", "settlement_model": "escrow", "quantity": 100,
             "buyer_wallet_address": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8",
             "expires_at": "2026-12-31T00:00:00Z", "challenge_window_seconds": 3600})],
-        responses={201: AgreementSerializer, **error_responses(404, 409, 422)},
+        responses={201: AgreementSerializer, **error_responses(404, 409, 422, 429)},
     )
     @idempotent()
     def post(self, request):
@@ -238,10 +240,11 @@ class UsageView(APIView):
 
 class RecordUsageView(APIView):
     permission_classes = [agent_scope(KeyScope.PAY)]
+    throttle_scope = "payments"
 
     @extend_schema(operation_id="agreements_record_usage", tags=["metering"], request=RecordUsageSerializer,
                    summary="Seller reports usage (Idempotency-Key required); a batch is all-or-nothing",
-                   responses={201: RecordedUsageSerializer, **error_responses(402, 404, 409, 422)})
+                   responses={201: RecordedUsageSerializer, **error_responses(402, 404, 409, 422, 429)})
     @idempotent(required=True)
     def post(self, request, agreement_id):
         agent = calling_agent(request)

@@ -21,13 +21,16 @@ from django.utils import timezone
 
 from agreements.models import AgreementEvent, DeliveryStatus, UsageAgreement, WebhookDelivery, WebhookSubscription
 from catalog.models import Agent
+from marketplace import outbound
 
 SIGNATURE_HEADER = "Marketplace-Signature"
 SIGNATURE_TOLERANCE_SECONDS = 300
 _BACKOFF_BASE_SECONDS = 10
+_client = outbound.guarded_client(timeout=httpx.Timeout(10.0))  # each post passes WEBHOOK_TIMEOUT_SECONDS
 
 
 def subscription_create(*, agent: Agent, url: str, event_types: list[str]) -> WebhookSubscription:
+    outbound.url_check(url)
     return WebhookSubscription.objects.create(
         agent=agent, url=url, event_types=event_types, secret=f"whsec_{secrets.token_urlsafe(32)}"
     )
@@ -111,8 +114,8 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
         }
         delivery.attempts += 1
         try:
-            response = httpx.post(delivery.subscription.url, content=body, headers=headers,
-                                  timeout=settings.WEBHOOK_TIMEOUT_SECONDS)
+            response = _client.post(delivery.subscription.url, content=body, headers=headers,
+                                    timeout=settings.WEBHOOK_TIMEOUT_SECONDS)
             delivery.last_status_code = response.status_code
             ok, error = response.is_success, "" if response.is_success else f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:

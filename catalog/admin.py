@@ -139,7 +139,8 @@ class ServiceAdmin(admin.ModelAdmin):
                     "created_at")
     list_filter = ("state", "pricing_type", "upstream_protocol", "token", "seller__is_active")
     search_fields = ("name", "description", "keywords", "seller__handle", "id")
-    exclude = ("search_vector",)
+    _hidden = ("search_vector", "proxy_secret")  # the HMAC key sellers verify proxied calls with stays secret
+    exclude = _hidden
     list_select_related = ("seller",)
     date_hierarchy = "created_at"
     inlines = [SkillInline]
@@ -149,7 +150,7 @@ class ServiceAdmin(admin.ModelAdmin):
 
     # Services change through the API (catalog.services keeps search data in step); operators read and deregister.
     def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in Service._meta.fields if f.name != "search_vector"] + ["tags"]
+        return [f.name for f in Service._meta.fields if f.name not in self._hidden] + ["tags"]
 
     def has_add_permission(self, request):
         return False

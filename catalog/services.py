@@ -9,6 +9,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from catalog.models import Agent, ApiKey, KeyScope, OwnerToken, Service, ServiceState, Skill, Tag
+from marketplace import outbound
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.fields import checksum_address
 from marketplace.keys import issue_secret
@@ -169,6 +170,7 @@ def search_vector_expression():
 
 def service_register(*, seller: Agent, data: dict) -> Service:
     _require_seller(seller)
+    outbound.url_check(data["upstream_base_url"])  # resolves DNS: before any lock is taken
     skills = data.get("skills", [])
     with transaction.atomic():
         Agent.objects.select_for_update().get(pk=seller.pk)  # serialise skill-name checks per seller
@@ -184,6 +186,8 @@ def service_register(*, seller: Agent, data: dict) -> Service:
 
 def service_update(*, service: Service, actor: Agent, data: dict) -> Service:
     _require_owner(service, actor)
+    if "upstream_base_url" in data:
+        outbound.url_check(data["upstream_base_url"])  # resolves DNS: before any lock is taken
     with transaction.atomic():
         Agent.objects.select_for_update().get(pk=actor.pk)
         service = Service.objects.select_for_update().get(pk=service.pk)

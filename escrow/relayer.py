@@ -9,6 +9,7 @@
   replaces stuck ones with the same nonce and bumped fees. Final outcomes go to the domain exactly once.
 """
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from django.utils import timezone
 
 from escrow import chain
 from escrow.models import ChainTransaction, RelayerAccount, TxAttempt, TxStatus
+from marketplace.logging import agreement_context
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,19 @@ def _broadcast(attempt: TxAttempt) -> None:
     TxAttempt.objects.filter(pk=attempt.pk).update(broadcast_at=timezone.now(), broadcast_error="")
 
 
+def _logs_name_the_agreement(function):
+    """Log records of work on one transaction carry its agreement's id."""
+    @functools.wraps(function)
+    def wrapper(*, transaction_id):
+        agreement_id = (ChainTransaction.objects.filter(pk=transaction_id)
+                        .values_list("agreement_id", flat=True).first())
+        with agreement_context(agreement_id):
+            return function(transaction_id=transaction_id)
+
+    return wrapper
+
+
+@_logs_name_the_agreement
 def transaction_submit(*, transaction_id) -> ChainTransaction | None:
     """Queued -> submitted. A no-op for any other status, so it is safe to run twice."""
     with transaction.atomic():
@@ -176,6 +191,7 @@ def _resync_nonce(tx: ChainTransaction) -> None:
     _submit_after_commit(tx.pk)
 
 
+@_logs_name_the_agreement
 def transaction_check(*, transaction_id) -> ChainTransaction | None:
     """Advance a submitted or mined transaction by what the chain says now. Safe to run twice or concurrently."""
     with transaction.atomic():

@@ -1,5 +1,7 @@
+from django.db.models import Count
+
 from escrow import chain
-from escrow.models import ChainTransaction
+from escrow.models import ChainTransaction, TxStatus
 
 
 def transactions_of_agreement(*, agreement_id):
@@ -59,3 +61,12 @@ def reconciliation_mismatches(*, agreements) -> list[str]:
                 agreement.buyer_refund or 0) != agreement.deposit_amount:
             mismatches.append(f"{label}: payout + refund != deposit")
     return mismatches
+
+
+def transaction_counts_by_purpose_and_status() -> dict[tuple[str, str], int]:
+    rows = ChainTransaction.objects.order_by().values_list("purpose", "status").annotate(count=Count("pk"))
+    return {(purpose, status): count for purpose, status, count in rows}
+
+
+def transactions_failed_recently(*, limit: int):
+    return ChainTransaction.objects.filter(status=TxStatus.FAILED).order_by("-updated_at")[:limit]

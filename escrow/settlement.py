@@ -23,6 +23,7 @@ from escrow import chain, relayer
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.errors import Conflict, InvalidInput
+from marketplace.logging import agreement_context, logs_name_the_agreement
 from sdk import receipts, typed_data
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def _final_receipt(agreement: UsageAgreement) -> tuple[int, int, str, str]:
     return 0, 0, receipts.ZERO_DIGEST, receipts.sign_receipt(settings.RECEIPT_SIGNER_PRIVATE_KEY, digest)
 
 
+@logs_name_the_agreement
 def settlement_propose(*, agreement_id) -> ChainTransaction | None:
     """Queue proposeSettlement with the last receipt, once no call is in flight. Safe to call repeatedly."""
     with transaction.atomic():
@@ -92,6 +94,7 @@ def challenge_typed_data(*, agreement: UsageAgreement, deadline: int) -> dict:
                                 agreement_id=agreement.onchain_id, deadline=deadline)
 
 
+@logs_name_the_agreement
 def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: str, deadline: int,
                          reason: str, evidence: str = "") -> ChainTransaction:
     """The buyer disputes the proposed amount within the window; submitted on-chain with its signature."""
@@ -128,6 +131,7 @@ def _challenge_outcome(tx: ChainTransaction) -> None:
                                               reason=tx.context.get("reason", "challenged"), tx_hash=tx.mined_tx_hash)
 
 
+@logs_name_the_agreement
 def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operator) -> ChainTransaction:
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
@@ -196,19 +200,21 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     done = {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
     # Active agreements past their end: used ones complete; unused ones wait for the reclaim window.
     for agreement in agreement_selectors.agreements_past_expiry(now=now_dt).filter(completion_requested_at=None):
-        if agreement.used or agreement.reserved:
-            metering.completion_request(agreement=agreement, reason="expired")
-            done["expired"] += 1
-        elif agreement.expires_at.timestamp() + _reclaim_grace() <= now and _reclaim(agreement):
-            done["reclaiming"] += 1
+        with agreement_context(agreement.pk):
+            if agreement.used or agreement.reserved:
+                metering.completion_request(agreement=agreement, reason="expired")
+                done["expired"] += 1
+            elif agreement.expires_at.timestamp() + _reclaim_grace() <= now and _reclaim(agreement):
+                done["reclaiming"] += 1
     stale = timezone.now() - timedelta(seconds=settings.PROXY_TIMEOUT + 30)
     for agreement in agreement_selectors.agreements_ready_to_propose(stale_reservation_before=stale):
         if settlement_propose(agreement_id=agreement.pk):
             done["proposed"] += 1
     for agreement in agreement_selectors.agreements_in_status(status="in_challenge").filter(
             challenge_deadline__lte=now_dt):
-        if _finalize(agreement):
-            done["finalizing"] += 1
+        with agreement_context(agreement.pk):
+            if _finalize(agreement):
+                done["finalizing"] += 1
     return done
 
 

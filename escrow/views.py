@@ -66,12 +66,13 @@ class ActivationPackageView(APIView):
 
 class ActivateEscrowView(APIView):
     permission_classes = [agent_scope(KeyScope.PAY)]
+    throttle_scope = "payments"
 
     @extend_schema(
         operation_id="escrow_activate", tags=TAGS, request=ActivateEscrowSerializer,
         summary="Submit the signed package. 202: queued for the relayer; poll the agreement or escrow-status "
                 "until `active` (or `activation_failed` with the reason).",
-        responses={202: ActivationAcceptedSerializer, **error_responses(402, 404, 409, 422, 503)},
+        responses={202: ActivationAcceptedSerializer, **error_responses(402, 404, 409, 422, 429, 503)},
     )
     @idempotent()
     def post(self, request, agreement_id):

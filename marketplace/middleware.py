@@ -1,7 +1,7 @@
 import re
 import uuid
 
-from marketplace.logging import request_id_var
+from marketplace.logging import agreement_id_var, request_id_var
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -18,6 +18,7 @@ class RequestIdMiddleware:
         request.request_id = request_id
         # Not reset afterwards: Django logs the finished request (django.request) after middleware returns.
         request_id_var.set(request_id)
+        agreement_id_var.set(None)  # set by the views that work on one agreement
         response = self.get_response(request)
         response["X-Request-Id"] = request_id
         return response

@@ -234,3 +234,21 @@ PROXY_TIMEOUT = env.float("PROXY_TIMEOUT_SECONDS", default=60.0)
 PROXY_MAX_UNITS_PER_CALL = env.int("PROXY_MAX_UNITS_PER_CALL", default=1_000_000)
 # Replies stored for X-Request-Nonce retries are capped; larger ones are refused rather than half-stored.
 PROXY_REPLAY_MAX_BYTES = env.int("PROXY_REPLAY_MAX_BYTES", default=10 * 1024 * 1024)
+
+# --- Operations and security (SECURITY.md) -------------------------------------------------------------------
+# Seller upstreams and webhooks on loopback/private addresses: for development and tests only (on while DEBUG).
+ALLOW_PRIVATE_UPSTREAMS = env.bool("ALLOW_PRIVATE_UPSTREAMS", default=DEBUG)
+# Rate-limit counters live here: Redis in production (CACHE_URL=redis://host:6379/2) so every process shares them.
+CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://")}
+REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["marketplace.throttling.CredentialRateThrottle"]
+REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"].update({
+    "proxy": env.str("RATE_LIMIT_PROXY", default="6000/min"),  # per API key, metered-proxy calls
+    "payments": env.str("RATE_LIMIT_PAYMENTS", default="600/min"),  # per API key, purchases and payments
+})
+# /metrics answers a staff session, or a scraper sending `Authorization: Bearer <METRICS_TOKEN>`.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+READINESS_TIMEOUT_SECONDS = env.float("READINESS_TIMEOUT_SECONDS", default=2.0)
+INSTALLED_APPS.append("django_prometheus")
+MIDDLEWARE = ["django_prometheus.middleware.PrometheusBeforeMiddleware", *MIDDLEWARE,
+              "django_prometheus.middleware.PrometheusAfterMiddleware"]
+LOGGING["loggers"].update({"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}})

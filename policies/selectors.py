@@ -1,3 +1,5 @@
+from django.db.models import Count
+
 from catalog.models import Agent
 from marketplace.errors import NotFound
 from policies.models import ApprovalRequest, Policy
@@ -23,3 +25,7 @@ def approvals_for_subjects(*, subject_type: str, subject_ids: list) -> dict:
     """{subject id: its approval request} for the subjects that have one, in one query."""
     requests = ApprovalRequest.objects.filter(subject_type=subject_type, subject_id__in=subject_ids)
     return {request.subject_id: request for request in requests}
+
+
+def approval_counts_by_status() -> dict[str, int]:
+    return dict(ApprovalRequest.objects.order_by().values_list("status").annotate(count=Count("pk")))

@@ -49,6 +49,12 @@ def celery_runs_tasks_inline():
     yield
 
 
+@pytest.fixture(autouse=True)
+def private_upstreams_allowed(settings):
+    """Test upstreams and webhook receivers run on loopback; tests of the SSRF guard switch it back on."""
+    settings.ALLOW_PRIVATE_UPSTREAMS = True
+
+
 @pytest.fixture
 def anon():
     return Api()

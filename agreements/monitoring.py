@@ -1,0 +1,43 @@
+"""What operators watch of agreements: Prometheus metrics and the admin dashboard's panels."""
+
+from django.urls import reverse
+from prometheus_client import Counter, Histogram
+
+from agreements import selectors
+from marketplace import dashboard, metrics
+
+PROXY_UPSTREAM_SECONDS = Histogram(
+    "marketplace_proxy_upstream_seconds", "Time the seller's upstream took to answer a proxied call (headers), "
+    "by outcome: ok (< 500), error (5xx), timeout, unreachable, blocked (address not allowed).", ["outcome"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+CHARGES = Counter("marketplace_charges_total", "Usage events charged to escrows, by source (proxy or "
+                  "seller_report).", ["source"])
+CHARGED = Counter("marketplace_charged_base_units_total", "Amount charged to escrows in token base units "
+                  "(USDC: 1000000 = 1 USDC), by source and token.", ["source", "token"])
+
+
+def charges_observe(*, source: str, token: str, events: int, amount: int) -> None:
+    """Call once the charge is committed."""
+    CHARGES.labels(source=source).inc(events)
+    CHARGED.labels(source=source, token=token).inc(amount)
+
+
+def _failures(limit: int) -> list[dashboard.Failure]:
+    failures = [dashboard.Failure(at=agreement.updated_at, kind=f"agreement {agreement.status}",
+                                  subject=str(agreement.pk), reason=agreement.status_reason,
+                                  admin_url=reverse("admin:agreements_usageagreement_change", args=[agreement.pk]))
+                for agreement in selectors.agreements_failed_recently(limit=limit)]
+    failures += [dashboard.Failure(at=delivery.created_at, kind="webhook delivery failed",
+                                   subject=f"{delivery.event_type} → {delivery.subscription.url}",
+                                   reason=delivery.last_error,
+                                   admin_url=reverse("admin:agreements_webhookdelivery_change", args=[delivery.pk]))
+                 for delivery in selectors.webhook_deliveries_failed_recently(limit=limit)]
+    return failures
+
+
+metrics.scrape_collector_register(
+    name="marketplace_agreements", documentation="Usage agreements by status (counted at scrape time).",
+    labels=("status",),
+    counts=lambda: {(status,): count for status, count in selectors.agreement_counts_by_status().items()})
+dashboard.counts_register(title="Agreements by status", counts=selectors.agreement_counts_by_status)
+dashboard.failures_register(recent=_failures)

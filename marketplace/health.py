@@ -1,0 +1,110 @@
+"""`/healthz` (liveness: the process answers, no dependency is touched) and `/readyz` (readiness: the database,
+the Celery broker and the chain RPC answer, each within READINESS_TIMEOUT_SECONDS, checked in parallel).
+
+A load balancer stops routing to an instance whose `/readyz` is 503; an orchestrator restarts one whose
+`/healthz` does not answer. The 503 names the dependencies that failed (details go to the log, not to the
+unauthenticated caller). Apps add their own dependencies with `readiness_check_register` (escrow: the chain).
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from django.conf import settings
+from django.db import connections
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import serializers
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from marketplace.errors import error_body
+from marketplace.serializers import ErrorSerializer
+
+logger = logging.getLogger(__name__)
+
+Check = Callable[[float], None]  # raises when the dependency is not usable; gets the timeout in seconds
+_checks: dict[str, Check] = {}
+
+
+def readiness_check_register(*, name: str, check: Check) -> None:
+    _checks[name] = check
+
+
+def _database(timeout: float) -> None:
+    connection = connections["default"]
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    finally:
+        connection.close()  # this thread's own connection
+
+
+def _broker(timeout: float) -> None:
+    from marketplace.celery import app
+
+    with app.connection_for_write(url=settings.CELERY_BROKER_URL, connect_timeout=timeout) as connection:
+        connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+
+
+readiness_check_register(name="database", check=_database)
+readiness_check_register(name="broker", check=_broker)
+
+
+def readiness() -> dict[str, str]:
+    """{dependency: "ok" | "failed" | "timeout"}; never waits much longer than the timeout."""
+    timeout = settings.READINESS_TIMEOUT_SECONDS
+    results: dict[str, str] = {}
+
+    def run(name: str, check: Check) -> None:
+        try:
+            check(timeout)
+            results[name] = "ok"
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            logger.warning("readiness check failed", extra={"dependency": name, "error": repr(exc)[:500]})
+            results[name] = "failed"
+
+    # Daemon threads: a dependency that hangs past its own timeouts cannot hold the answer or the process.
+    threads = [threading.Thread(target=run, args=item, daemon=True) for item in _checks.items()]
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return {name: results.get(name, "timeout") for name in _checks}
+
+
+_status = inline_serializer("Liveness", {"status": serializers.ChoiceField(choices=["ok"])})
+_ready = inline_serializer("Readiness", {
+    "status": serializers.ChoiceField(choices=["ready"]),
+    "checks": serializers.DictField(child=serializers.ChoiceField(choices=["ok", "failed", "timeout"])),
+})
+
+
+class HealthzView(APIView):
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(operation_id="healthz", tags=["operations"], auth=[],
+                   summary="Liveness: 200 while the process serves requests; touches no dependency",
+                   responses={200: _status})
+    def get(self, request):
+        return Response({"status": "ok"})
+
+
+class ReadyzView(APIView):
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(operation_id="readyz", tags=["operations"], auth=[],
+                   summary="Readiness: database, broker and chain RPC answer; 503 `not_ready` names the failed ones",
+                   responses={200: _ready, 503: OpenApiResponse(ErrorSerializer, description="A dependency is down; "
+                                                                "`details.checks` says which.")})
+    def get(self, request):
+        checks = readiness()
+        failed = sorted(name for name, result in checks.items() if result != "ok")
+        if failed:
+            return Response(error_body("not_ready", f"Not ready: {', '.join(failed)} unavailable.",
+                                       {"checks": checks, "failed": failed}), status=503)
+        return Response({"status": "ready", "checks": checks})

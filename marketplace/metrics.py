@@ -1,0 +1,94 @@
+"""Prometheus metrics: the `/metrics` endpoint, scrape-time counts from the database, Celery task failures.
+
+Request latency by route and status comes from django-prometheus' middleware
+(`django_http_requests_latency_seconds_by_view_method`, `django_http_responses_total_by_status_view_method`);
+each app defines its own domain metrics (agreements: proxy upstream latency and charges) and registers
+collectors that count its rows by status when Prometheus scrapes (`scrape_collector_register`), so those numbers
+are exact whichever process changed the rows.
+
+Several processes (gunicorn workers, Celery workers): set `PROMETHEUS_MULTIPROC_DIR` to one empty directory for
+all of them on a host (see marketplace/gunicorn_conf.py); `/metrics` then adds up every process's counters.
+
+`/metrics` is for operators: a staff session, or `Authorization: Bearer <METRICS_TOKEN>` for a scraper.
+"""
+
+import hmac
+import logging
+import os
+from collections.abc import Callable, Iterable
+
+from celery.signals import task_failure
+from django.conf import settings
+from django.db import DatabaseError
+from django.http import HttpResponse, JsonResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from marketplace.errors import error_body
+
+logger = logging.getLogger(__name__)
+
+TASK_FAILURES = Counter("marketplace_celery_task_failures_total", "Celery tasks that raised (after any retries "
+                        "they were allowed), by task name.", ["task"])
+
+
+@task_failure.connect
+def _count_task_failure(sender=None, **kwargs) -> None:
+    TASK_FAILURES.labels(task=getattr(sender, "name", "unknown")).inc()
+
+
+# --- scrape-time counts --------------------------------------------------------------------------------------
+
+CountsByLabel = Callable[[], dict[tuple[str, ...], int]]
+_gauges: list[tuple[str, str, tuple[str, ...], CountsByLabel]] = []
+
+
+def scrape_collector_register(*, name: str, documentation: str, labels: tuple[str, ...],
+                              counts: CountsByLabel) -> None:
+    """Export `name{labels...}` as a gauge, computed by `counts()` (label values -> count) at each scrape."""
+    _gauges.append((name, documentation, labels, counts))
+
+
+class _DatabaseCounts:
+    def collect(self) -> Iterable[Metric]:
+        for name, documentation, labels, counts in _gauges:
+            try:
+                rows = counts()
+            except DatabaseError:
+                logger.warning("metrics: database unavailable", extra={"metric": name})
+                continue
+            gauge = GaugeMetricFamily(name, documentation, labels=labels)
+            for values, count in sorted(rows.items()):
+                gauge.add_metric(list(values), count)
+            yield gauge
+
+
+class _ThisProcess:
+    def collect(self) -> Iterable[Metric]:
+        return REGISTRY.collect()
+
+
+def _registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    else:
+        registry.register(_ThisProcess())
+    registry.register(_DatabaseCounts())
+    return registry
+
+
+def _authorized(request) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if settings.METRICS_TOKEN and scheme.lower() == "bearer":
+        return hmac.compare_digest(token.strip().encode(), settings.METRICS_TOKEN.encode())
+    return request.user.is_authenticated and request.user.is_staff
+
+
+def metrics_view(request):
+    if not _authorized(request):
+        return JsonResponse(error_body("operator_required", "Metrics are for operators: a staff session or "
+                                       "`Authorization: Bearer <METRICS_TOKEN>`."), status=403)
+    return HttpResponse(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)

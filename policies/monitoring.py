@@ -1,0 +1,10 @@
+"""What operators watch of policies: approval requests (pending ones wait for an owner)."""
+
+from marketplace import dashboard, metrics
+from policies import selectors
+
+metrics.scrape_collector_register(
+    name="marketplace_approval_requests", documentation="Approval requests by status (counted at scrape time).",
+    labels=("status",),
+    counts=lambda: {(status,): count for status, count in selectors.approval_counts_by_status().items()})
+dashboard.counts_register(title="Approval requests by status", counts=selectors.approval_counts_by_status)

@@ -1,0 +1,100 @@
+"""The SSRF guard: seller upstreams and webhook URLs may not point inside the platform's network."""
+
+import pytest
+
+from agreements.models import UsageAgreement, WebhookDelivery
+from tests.agreements.helpers import proposal
+from tests.catalog.factories import register_service, service_data
+from tests.catalog.test_registry import registration
+from tests.conftest import error_code
+from tests.marketplace.conftest import active_agreement
+
+pytestmark = pytest.mark.django_db
+
+INTERNAL = [
+    "http://127.0.0.1:8080",  # loopback
+    "http://localhost:6379",  # loopback by name
+    "http://api.localhost",
+    "http://10.1.2.3/api",  # private
+    "http://192.168.0.10",
+    "http://172.16.5.4",
+    "http://169.254.169.254/latest/meta-data",  # link-local: cloud metadata
+    "http://100.64.0.1",  # shared address space (carrier-grade NAT)
+    "http://0.0.0.0:8000",  # unspecified
+    "http://224.0.0.1",  # multicast
+    "http://240.0.0.1",  # reserved
+    "http://[::1]:8000",
+    "http://[fe80::1]",
+    "http://[fd00::1]",
+    "http://[::ffff:127.0.0.1]",  # IPv4-mapped loopback
+]
+
+
+@pytest.mark.parametrize("url", INTERNAL)
+def test_a_service_cannot_point_its_upstream_inside_the_platform(guard_on, seller_api, url):
+    response = seller_api.post("/agents/services", service_data(upstream_base_url=url))
+    assert response.status_code == 400, response.content
+    assert error_code(response) == "address_not_allowed"
+
+
+@pytest.mark.parametrize("url", ["https://93.184.215.14/api", "https://translator.example.com/api"])
+def test_public_and_not_yet_resolvable_upstreams_are_accepted(guard_on, seller_api, url):
+    # A name that does not resolve yet is accepted: every connection is checked again when it is made.
+    response = seller_api.post("/agents/services", service_data(upstream_base_url=url))
+    assert response.status_code == 201, response.content
+
+
+def test_an_update_cannot_move_the_upstream_inside(guard_on, seller_api):
+    service = seller_api.post("/agents/services", service_data()).json()
+    response = seller_api.patch(f"/agents/services/{service['id']}", {"upstream_base_url": "http://10.0.0.7"})
+    assert response.status_code == 400
+    assert error_code(response) == "address_not_allowed"
+
+
+def test_a_masumi_registration_cannot_point_inside(guard_on, seller, seller_api):
+    response = seller_api.post("/registry", registration(seller, apiBaseUrl="http://127.0.0.1:3001"))
+    assert response.status_code == 400
+    assert error_code(response) == "address_not_allowed"
+
+
+def test_a_webhook_cannot_point_inside(guard_on, seller_api):
+    response = seller_api.post("/webhooks", {"url": "http://169.254.169.254/hook"})
+    assert response.status_code == 400
+    assert error_code(response) == "address_not_allowed"
+
+
+def test_the_dev_setting_allows_loopback(seller_api):
+    response = seller_api.post("/agents/services", service_data(upstream_base_url="http://127.0.0.1:8080"))
+    assert response.status_code == 201, response.content
+
+
+def test_webhook_deliveries_are_checked_when_they_connect(settings, seller, seller_api, buyer_api, http_server,
+                                                          django_capture_on_commit_callbacks):
+    service = register_service(seller)
+    # Saved while allowed (or while its name resolved elsewhere); now the name resolves to loopback.
+    url = http_server.url.replace("127.0.0.1", "localhost") + "/hooks"
+    assert seller_api.post("/webhooks", {"url": url}).status_code == 201
+    settings.ALLOW_PRIVATE_UPSTREAMS = False
+    with django_capture_on_commit_callbacks(execute=True):
+        assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+    assert http_server.requests == []
+    [delivery] = WebhookDelivery.objects.all()
+    assert "not allowed" in delivery.last_error and delivery.status == "pending"  # retried later, like any failure
+
+
+@pytest.mark.chain
+def test_the_proxy_checks_the_address_on_every_connection(escrow_chain, http_server, settings,
+                                                          django_capture_on_commit_callbacks):
+    # Registered by name while it resolved publicly (here: while allowed); DNS now answers with loopback.
+    active = active_agreement(escrow_chain, django_capture_on_commit_callbacks,
+                              http_server.url.replace("127.0.0.1", "localhost") + "/api")
+    settings.ALLOW_PRIVATE_UPSTREAMS = False
+    response = active.buyer_api.get(f"{active.proxy}/translate")
+    assert response.status_code == 502
+    assert error_code(response) == "upstream_address_not_allowed"
+    assert http_server.requests == []
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+    assert (agreement.used, agreement.reserved) == (0, 0)  # nothing charged, nothing held
+
+    settings.ALLOW_PRIVATE_UPSTREAMS = True
+    assert active.buyer_api.get(f"{active.proxy}/translate").status_code == 200
