@@ -5,5 +5,5 @@ class EscrowConfig(AppConfig):
     name = "escrow"
 
     def ready(self):
-        # Registers the relayer outcome handlers of escrow transactions.
+        # Registers the relayer outcome handlers, the chain readiness check, the metrics and dashboard panels.
         from escrow import monitoring, services, settlement  # noqa: F401

@@ -6,6 +6,7 @@ A load balancer stops routing to an instance whose `/readyz` is 503; an orchestr
 unauthenticated caller). Apps add their own dependencies with `readiness_check_register` (escrow: the chain).
 """
 
+import contextvars
 import logging
 import threading
 import time
@@ -66,7 +67,8 @@ def readiness() -> dict[str, str]:
             results[name] = "failed"
 
     # Daemon threads: a dependency that hangs past its own timeouts cannot hold the answer or the process.
-    threads = [threading.Thread(target=run, args=item, daemon=True) for item in _checks.items()]
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(run, *item), daemon=True)
+               for item in _checks.items()]  # each in a copy of this context: its log lines keep the request id
     deadline = time.monotonic() + timeout
     for thread in threads:
         thread.start()
