@@ -19,6 +19,7 @@ from agreements import monitoring
 from agreements.models import AgreementStatus, UsageAgreement, UsageEvent, UsageSource
 from marketplace import chainconfig
 from marketplace.errors import Conflict, PaymentRequired
+from marketplace.logging import logs_name_the_agreement
 from sdk import receipts
 
 S = AgreementStatus
@@ -126,6 +127,7 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
     return event
 
 
+@logs_name_the_agreement
 def usage_record(*, agreement: UsageAgreement, seller, entries: list[dict], request_id: str) -> list[UsageEvent]:
     """Seller-reported usage: all entries or none, under the same cap and receipt chain as proxied calls."""
     if agreement.seller_id != seller.pk:
@@ -153,6 +155,7 @@ def usage_record(*, agreement: UsageAgreement, seller, entries: list[dict], requ
     return events
 
 
+@logs_name_the_agreement
 def completion_request(*, agreement: UsageAgreement, reason: str, now: datetime | None = None) -> UsageAgreement:
     """Stop new charges; the settlement is proposed as soon as no call is in flight. Idempotent."""
     UsageAgreement.objects.filter(pk=agreement.pk, status=S.ACTIVE, completion_requested_at=None).update(

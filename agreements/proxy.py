@@ -23,8 +23,8 @@ from agreements.models import ProxyReplay, UsageAgreement
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import KeyScope, PricingType
 from marketplace import outbound
-from marketplace.logging import agreement_id_var
 from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, error_body
+from marketplace.logging import agreement_id_var
 from marketplace.serializers import error_responses
 from sdk import proxy_signature
 

@@ -18,6 +18,7 @@ from escrow.models import ChainTransaction, TxPurpose
 from marketplace import chainconfig
 from marketplace.chainconfig import receipt_signer_address
 from marketplace.errors import Conflict, DependencyUnavailable, InvalidInput, PaymentRequired
+from marketplace.logging import logs_name_the_agreement
 from sdk import typed_data
 
 
@@ -110,6 +111,7 @@ def _check_signer(typed: dict, signature: str, expected: str, field: str) -> Non
                            code="wrong_signer", details={"field": field, "signer": signer, "expected": expected})
 
 
+@logs_name_the_agreement
 def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signature: str, deadline: int,
                       escrow_permit: dict, fee_permit: dict | None) -> ChainTransaction:
     """Verify the buyer's signatures off-chain, move to `submitting` and queue `activate` for the relayer."""

@@ -31,12 +31,10 @@ class CredentialRateThrottle(ScopedRateThrottle):
         window = int(now // self.duration)
         self.window_ends = (window + 1) * self.duration - now
         key = f"{self.get_cache_key(request, view)}:{window}"
-        cache.add(key, 0, timeout=self.duration + 1)
         try:
             count = cache.incr(key)
-        except ValueError:  # expired between add and incr
-            cache.add(key, 1, timeout=self.duration + 1)
-            count = 1
+        except ValueError:  # the window's first request (add is atomic: a concurrent first one then increments)
+            count = 1 if cache.add(key, 1, timeout=self.duration + 1) else cache.incr(key)
         return count <= self.num_requests
 
     def wait(self):

@@ -1,5 +1,7 @@
 """Structured JSON logs: every record names its request, and the agreement when one is being worked on."""
 
+import logging
+
 import pytest
 
 from tests.escrow.flow import Parties, confirm_all
@@ -39,3 +41,21 @@ def test_relayer_records_carry_the_agreement_id(escrow_chain, json_logs, django_
     assert chain_calls, "expected the chain client's debug records"
     submission_and_confirmation = [r for r in chain_calls if r.get("agreement_id") == agreement["id"]]
     assert len(submission_and_confirmation) >= 2
+
+
+def test_worker_records_carry_the_task_id(json_logs):
+    from celery.signals import task_prerun
+
+    from agreements.tasks import deliver_webhook
+    from marketplace.logging import agreement_id_var, request_id_var
+
+    request_token, agreement_token = request_id_var.set("-"), agreement_id_var.set("stale-agreement")
+    try:
+        # What a worker does before running a task it received from the broker (not eagerly).
+        task_prerun.send(sender=deliver_webhook, task_id="8c1f", task=deliver_webhook, args=(), kwargs={})
+        logging.getLogger("agreements.tasks").warning("from inside the task")
+    finally:
+        request_id_var.reset(request_token)
+        agreement_id_var.reset(agreement_token)
+    [record] = [r for r in parsed(json_logs) if r["message"] == "from inside the task"]
+    assert record["request_id"] == "task_8c1f" and "agreement_id" not in record
