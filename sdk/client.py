@@ -29,6 +29,8 @@ from typing import Any
 import httpx
 
 from sdk.activation import sign_activation_package
+from sdk.receipts import UsageVerificationError, VerifiedUsage, verify_usage
+from sdk.typed_data import sign_typed_data
 
 __all__ = ["AgreementFailed", "MarketplaceClient", "MarketplaceError"]
 
@@ -214,6 +216,61 @@ class MarketplaceClient:
                 raise TimeoutError(f"agreement {agreement_id} is still {agreement['status']} after {timeout:g} s, "
                                    f"waiting for {', '.join(sorted(statuses))}")
             time.sleep(min(poll_interval, remaining))
+
+    # --- metering and settlement ---------------------------------------------------------------------------------
+
+    def call_metered(self, agreement_id: AgreementId, path: str, *, method: str = "GET",
+                     **request: Any) -> httpx.Response:
+        """Call the seller through the metered proxy; `request` takes httpx's arguments (params, json, content,
+        headers). Returns the upstream's answer as is, with `X-Usage-Cost`, `X-Escrow-Remaining` and
+        `X-Usage-Event-Id` when the call was charged. A refusal by the marketplace itself (402 budget used up,
+        409 not active) raises `MarketplaceError`. Not retried: a proxied call is not idempotent upstream."""
+        response = self._http.request(method, f"/metered-proxy/{agreement_id}/{path.lstrip('/')}", **request)
+        if response.status_code in (401, 402, 403, 404, 409, 429) and "X-Usage-Event-Id" not in response.headers:
+            error = MarketplaceError.from_response(response)
+            if not error.code.startswith("http_"):
+                raise error
+        return response
+
+    def usage(self, agreement_id: AgreementId, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every usage event of the agreement, oldest first (lazy, page by page)."""
+        return self._pages("GET", f"/usage-agreements/{agreement_id}/usage", {"limit": page_size})
+
+    def verify_usage(self, agreement_id: AgreementId) -> VerifiedUsage:
+        """Check every charge: gap-free sequence, cumulative sums, the digest chain and the platform's receipt
+        signatures, against the receipt signer the escrow contract holds (read from the chain, not trusted from
+        the API). Once a settlement is proposed, the on-chain amount and usage digest must match the receipts.
+        Raises `UsageVerificationError` on the first discrepancy."""
+        agreement = self.get_agreement(agreement_id)
+        escrow = self.escrow_status(agreement_id, verify=True)
+        onchain = escrow["onchain"] or {}
+        verified = verify_usage(self.usage(agreement_id), agreement_id=escrow["onchain_id"],
+                                chain_id=int(agreement["chain_id"]), escrow_address=escrow["escrow_contract"],
+                                receipt_signer=onchain.get("receiptSigner", ""))
+        if onchain.get("state") in ("proposed", "settled") and int(onchain["settledAmount"]) != verified.cumulative_amount:
+            raise UsageVerificationError(f"on-chain amount {onchain['settledAmount']} != receipts "
+                                         f"{verified.cumulative_amount}")
+        return verified
+
+    def record_usage(self, agreement_id: AgreementId, events: Sequence[Mapping[str, Any]], *,
+                     idempotency_key: str | None = None) -> dict[str, Any]:
+        """Report usage as the seller: up to 100 events ({units, description}), all-or-nothing against the cap."""
+        return self._request("POST", f"/usage-agreements/{agreement_id}/record-usage",
+                             json={"events": [dict(event) for event in events]},
+                             idempotency_key=idempotency_key or _new_key())
+
+    def complete(self, agreement_id: AgreementId, reason: str = "") -> dict[str, Any]:
+        """End the agreement (buyer or seller): the relayer proposes the settlement and the window opens."""
+        return self._request("POST", f"/usage-agreements/{agreement_id}/complete", json={"reason": reason})
+
+    def challenge(self, agreement_id: AgreementId, private_key: str, reason: str, *, evidence: str = "",
+                  idempotency_key: str | None = None) -> dict[str, Any]:
+        """Dispute the proposed settlement within the window (buyer): signs the EIP-712 Challenge locally."""
+        package = self._request("GET", f"/usage-agreements/{agreement_id}/challenge-package")
+        body = {"reason": reason, "evidence": evidence, "deadline": package["deadline"],
+                "signature": sign_typed_data(private_key, package["challenge"])}
+        return self._request("POST", f"/usage-agreements/{agreement_id}/challenge", json=body,
+                             idempotency_key=idempotency_key or _new_key())
 
     # --- plumbing ------------------------------------------------------------------------------------------------
 
