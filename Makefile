@@ -41,7 +41,7 @@ schema: install
 	$(PY) manage.py spectacular --validate --fail-on-warn --file var/openapi.yaml
 
 migrations-check: install
-	$(PY) manage.py makemigrations --check --dry-run
+	DATABASE_URL=sqlite://:memory: $(PY) manage.py makemigrations --check --dry-run
 
 check: schema migrations-check contracts-check
 
