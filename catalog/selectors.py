@@ -10,7 +10,7 @@ from django.db import connection, transaction
 from django.db.models import Case, Exists, F, FloatField, OuterRef, Q, QuerySet, Value, When
 from django.db.models.functions import Cast
 
-from catalog.models import Agent, ApiKey, Availability, Service, ServiceState, Skill, Tag
+from catalog.models import Agent, ApiKey, Availability, Service, ServiceState, Skill, Tag, UpstreamProtocol
 from marketplace.errors import NotFound
 from marketplace.pagination import paginate
 
@@ -66,6 +66,12 @@ def service_get_any_state(*, service_id) -> Service:
     if service is None:
         raise NotFound("No such service.", code="service_not_found")
     return service
+
+
+def masumi_service_ids() -> list:
+    """Registered services driven through the Masumi Agentic Service API (their availability is polled)."""
+    return list(Service.objects.filter(state=ServiceState.REGISTERED, upstream_protocol=UpstreamProtocol.MASUMI)
+                .values_list("pk", flat=True))
 
 
 def services_of_seller(*, seller: Agent) -> QuerySet[Service]:

@@ -232,12 +232,11 @@ def service_availability_record(*, service_id, available: bool, message: str = "
         availability_message=message[:250], availability_checked_at=timezone.now())
 
 
-def services_availability_poll() -> int:
-    """Ask every registered `masumi` service whether it can take jobs (the beat task). Returns how many."""
-    due = Service.objects.filter(state=ServiceState.REGISTERED, upstream_protocol=UpstreamProtocol.MASUMI)
-    checked = 0
-    for service_id, base_url in due.values_list("pk", "upstream_base_url").iterator():
-        answer = agentic_service.availability(base_url=base_url)
-        service_availability_record(service_id=service_id, available=answer.available, message=answer.message)
-        checked += 1
-    return checked
+def service_availability_check(*, service_id) -> None:
+    """Ask one registered `masumi` service whether it can take jobs, and store the answer."""
+    service = Service.objects.filter(pk=service_id, state=ServiceState.REGISTERED,
+                                     upstream_protocol=UpstreamProtocol.MASUMI).first()
+    if service is None:
+        return
+    answer = agentic_service.availability(base_url=service.upstream_base_url)
+    service_availability_record(service_id=service.pk, available=answer.available, message=answer.message)

@@ -245,7 +245,10 @@ def purchase_job_poll(*, purchase_id, now: int) -> MasumiPurchase | None:
         return None
     MasumiPurchase.objects.filter(pk=purchase_id).update(job_status=status.status[:50], updated_at=timezone.now())
     if status.status == COMPLETED and status.result is not None:
-        return purchase_result_record(purchase_id=purchase_id, result=status.result)
+        try:
+            return purchase_result_record(purchase_id=purchase_id, result=status.result)
+        except ApplicationError as error:  # e.g. the agreement was used through the proxy meanwhile
+            _record_error(purchase_id, error)
     return purchase
 
 
@@ -274,7 +277,14 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     """Everything due on Masumi purchases, in one pass (the beat task). Each step is idempotent."""
     now = now if now is not None else _chain_now()
     now_dt = _moment(now)
-    done = {"started": 0, "results": 0, "disputed": 0, "released": 0}
+    done = {"expired": 0, "started": 0, "results": 0, "disputed": 0, "released": 0}
+    # Never funded by payByTime: the signed intent can no longer be mined, so the purchase is over.
+    unfunded = MasumiPurchase.objects.filter(agreement__status__in=[S.ACCEPTED, S.ACTIVATION_FAILED],
+                                             pay_by_time__lte=now_dt)
+    for agreement_id in list(unfunded.values_list("agreement_id", flat=True)[:500]):
+        if agreement_services.agreement_expire_unfunded(agreement_id=agreement_id,
+                                                        reason="payByTime passed before the funds were locked"):
+            done["expired"] += 1
     open_jobs = MasumiPurchase.objects.filter(agreement__status=S.ACTIVE, result_hash="",
                                               submit_result_time__gt=now_dt)
     for purchase_id in list(open_jobs.filter(job_id="").values_list("pk", flat=True)[:500]):
@@ -301,8 +311,11 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
                                                       "agreement"):
         if _live(purchase.agreement_id, TxPurpose.RESOLVE):
             continue
-        settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
-        done["released"] += 1
+        try:
+            settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
+            done["released"] += 1
+        except ApplicationError as error:
+            _record_error(purchase.pk, error)
     return done
 
 

@@ -122,7 +122,8 @@ def test_result_before_submit_time_pays_the_seller_after_unlock_time(
     assert onchain["state"] == "proposed" and onchain["usageDigest"] == "0x" + result_hash
     assert int(onchain["settledAmount"]) == PRICE
     assert int(onchain["challengeDeadline"]) >= purchase.timers["unlockTime"]
-    assert purchase.tick() == {"started": 0, "results": 0, "disputed": 0, "released": 0}  # nothing twice
+    assert purchase.tick() == {"expired": 0, "started": 0, "results": 0, "disputed": 0,
+                               "released": 0}  # nothing twice
 
     chain.increase_time(purchase.timers["unlockTime"] - chain.now() - 5)
     assert purchase.settle()["finalizing"] == 0  # before unlockTime the seller is not paid
@@ -251,6 +252,25 @@ def test_bad_purchases_are_refused(escrow_chain, seller_service, http_server):
     assert not_masumi.status_code == 400 and error_code(not_masumi) == "not_a_masumi_service"
     unknown = parties.buyer_api.get("/purchase", {"network": "Preprod", "blockchainIdentifier": "0x" + "ab" * 32})
     assert unknown.status_code == 404 and error_code(unknown) == "purchase_not_found"
+
+
+def test_purchase_never_funded_by_pay_by_time_expires(escrow_chain, seller_service,
+                                                      django_capture_on_commit_callbacks):
+    chain = escrow_chain
+    parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
+    created = parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
+                                                   "agentIdentifier": str(parties.service.pk)}).json()["data"]
+    assert created["NextAction"]["requestedAction"] == "FundsLockingRequested"
+    chain.increase_time(created["ActivationPackage"]["deadline"] - chain.now())
+    assert run(django_capture_on_commit_callbacks, purchases.purchases_tick)["expired"] == 1
+    signed = sign_activation_package(created["ActivationPackage"], parties.buyer_account.key)
+    late = parties.buyer_api.post("/purchase/lock-funds", {"network": "Preprod",
+                                                          "blockchainIdentifier": created["blockchainIdentifier"],
+                                                          **signed})
+    assert late.status_code in (400, 409), late.content
+    expired = parties.buyer_api.get("/purchase", {"network": "Preprod"}).json()["data"]["Purchases"][0]
+    assert expired["onChainState"] is None and expired["NextAction"]["errorType"] == "Closed"
+    assert seller_service.started == []
 
 
 def test_unavailable_service_drops_out_of_search_and_cannot_be_bought(escrow_chain, seller_service, anon,
