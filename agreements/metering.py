@@ -152,3 +152,33 @@ def completion_request(*, agreement: UsageAgreement, reason: str, now: datetime 
     if agreement.status != S.ACTIVE and agreement.completion_requested_at is None:
         raise _not_chargeable(agreement)
     return agreement
+
+
+def job_result_charge(*, agreement_id, result_hash: str, request_id: str) -> UsageEvent:
+    """A one-shot job (a Masumi purchase) delivered its result: charge the whole deposit as one usage event whose
+    digest is the result hash itself, and ask for completion. The settlement proposal then commits the result hash
+    on-chain as its `usageDigest` (as a Masumi node commits it in the escrow datum). Idempotent per agreement."""
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
+        existing = agreement.usage_events.filter(request_id=request_id).first()
+        if existing is not None:
+            return existing
+        if agreement.status != S.ACTIVE:
+            raise _not_chargeable(agreement)
+        if agreement.used or agreement.reserved or agreement.completion_requested_at is not None:
+            raise Conflict("The agreement already has other usage; a job result is its only charge.",
+                           code="agreement_already_used", details={"used_atomic": agreement.used})
+        signature = receipts.sign_receipt(settings.RECEIPT_SIGNER_PRIVATE_KEY, receipts.usage_receipt_digest(
+            chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
+            agreement_id=agreement.onchain_id, seq=1, cumulative_amount=agreement.deposit_amount,
+            usage_digest=result_hash))
+        event = UsageEvent.objects.create(
+            agreement=agreement, seq=1, source=UsageSource.SELLER_REPORT, units=agreement.quantity,
+            cost=agreement.deposit_amount, cumulative=agreement.deposit_amount, usage_digest=result_hash,
+            receipt_signature=signature, request_id=request_id, description="job result")
+        agreement.usage_seq, agreement.used, agreement.usage_digest = 1, agreement.deposit_amount, result_hash
+        agreement.completion_requested_at = timezone.now()
+        agreement.completion_reason = "job result submitted"
+        agreement.save(update_fields=["usage_seq", "used", "usage_digest", "completion_requested_at",
+                                      "completion_reason"])
+    return event

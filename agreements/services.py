@@ -377,3 +377,13 @@ def agreements_expire_proposals(*, now: datetime | None = None) -> int:
                 _transition(pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
                 expired += 1
     return expired
+
+
+def agreement_expire_unfunded(*, agreement_id, reason: str) -> UsageAgreement | None:
+    """An accepted agreement whose escrow was never funded in time becomes `expired` (e.g. a Masumi purchase
+    past its payByTime). A no-op once it is funded, being funded or closed."""
+    with transaction.atomic():
+        agreement = _lock(agreement_id)
+        if agreement.status not in (S.ACCEPTED, S.ACTIVATION_FAILED):
+            return None
+        return _transition(agreement_id, to=S.EXPIRED, actor=SYSTEM, reason=reason)

@@ -1,5 +1,6 @@
-from escrow import chain
-from escrow.models import ChainTransaction
+from escrow import chain, purchases
+from escrow.models import ChainTransaction, MasumiPurchase
+from marketplace.errors import NotFound
 
 
 def transactions_of_agreement(*, agreement_id):
@@ -59,3 +60,17 @@ def reconciliation_mismatches(*, agreements) -> list[str]:
                 agreement.buyer_refund or 0) != agreement.deposit_amount:
             mismatches.append(f"{label}: payout + refund != deposit")
     return mismatches
+
+
+def purchases_of_buyer(*, buyer):
+    return MasumiPurchase.objects.filter(agreement__buyer=buyer).select_related(
+        "agreement", "agreement__service", "agreement__seller")
+
+
+def purchase_get(*, buyer, blockchain_identifier: str) -> MasumiPurchase:
+    """The buyer's purchase with this blockchainIdentifier (the escrow's agreementId), else 404."""
+    purchase = purchases_of_buyer(buyer=buyer).filter(
+        agreement__pk=purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
+    if purchase is None:
+        raise NotFound("No such purchase.", code="purchase_not_found")
+    return purchase

@@ -183,6 +183,12 @@ if not DEBUG:
 SUPPORTED_TOKENS = env.list("SUPPORTED_TOKENS", default=["USDC"])
 # The Masumi network name this deployment answers to on the Masumi-compatible endpoints.
 MASUMI_NETWORK = env.str("MASUMI_NETWORK", default="Preprod")
+# Calls to a Masumi seller's own API (start_job, status, availability).
+MASUMI_SERVICE_TIMEOUT = env.float("MASUMI_SERVICE_TIMEOUT_SECONDS", default=10.0)
+CELERY_BEAT_SCHEDULE["poll-masumi-availability"] = {
+    "task": "catalog.tasks.poll_availability",
+    "schedule": timedelta(seconds=env.int("MASUMI_AVAILABILITY_POLL_SECONDS", default=60)),
+}
 
 # --- Agreements and policies ----------------------------------------------------------------------------------
 APPROVAL_TTL = timedelta(hours=env.int("APPROVAL_TTL_HOURS", default=24))
@@ -226,7 +232,14 @@ CELERY_BEAT_SCHEDULE.update({
     "sweep-queued-transactions": {"task": "escrow.tasks.sweep_queued", "schedule": timedelta(seconds=30)},
     "settlement-tick": {"task": "escrow.tasks.settlement_tick",
                         "schedule": timedelta(seconds=env.int("SETTLEMENT_TICK_SECONDS", default=10))},
+    "masumi-purchases-tick": {"task": "escrow.tasks.masumi_purchases_tick",
+                              "schedule": timedelta(seconds=env.int("MASUMI_PURCHASE_TICK_SECONDS", default=10))},
 })
+# Masumi purchases: timers a buyer leaves out, in seconds from the purchase (payByTime, then each from the last).
+MASUMI_PAY_BY_SECONDS = env.int("MASUMI_PAY_BY_SECONDS", default=600)
+MASUMI_SUBMIT_RESULT_SECONDS = env.int("MASUMI_SUBMIT_RESULT_SECONDS", default=3600)
+MASUMI_UNLOCK_SECONDS = env.int("MASUMI_UNLOCK_SECONDS", default=3600)
+MASUMI_EXTERNAL_DISPUTE_SECONDS = env.int("MASUMI_EXTERNAL_DISPUTE_SECONDS", default=24 * 3600)
 
 # --- Metered proxy --------------------------------------------------------------------------------------------
 PROXY_CONNECT_TIMEOUT = env.float("PROXY_CONNECT_TIMEOUT_SECONDS", default=5.0)

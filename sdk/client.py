@@ -272,6 +272,55 @@ class MarketplaceClient:
         return self._request("POST", f"/usage-agreements/{agreement_id}/challenge", json=body,
                              idempotency_key=idempotency_key or _new_key())
 
+    # --- Masumi jobs ---------------------------------------------------------------------------------------------
+
+    def purchase_masumi_job(self, agent_identifier: AgreementId, input_data: Any, private_key: str, *,
+                            network: str = "Preprod", idempotency_key: str | None = None,
+                            **purchase_fields: Any) -> dict[str, Any]:
+        """Buy one job of a `masumi` service: `POST /purchase`, sign the escrow package here with the buyer
+        wallet's key, `POST /purchase/lock-funds`. `purchase_fields` are Masumi's optional fields
+        (identifierFromPurchaser, metadata, payByTime, submitResultTime, unlockTime, externalDisputeUnlockTime:
+        unix milliseconds as strings). Returns the purchase (`onChainState` null until the relayer locked the
+        funds; the marketplace then starts the job on the seller). Follow with `wait_for_purchase`."""
+        key = idempotency_key or _new_key()
+        created = self._request("POST", "/purchase", json={
+            "network": network, "agentIdentifier": str(agent_identifier), "input_data": input_data,
+            **purchase_fields}, idempotency_key=key)["data"]
+        signed = sign_activation_package(created["ActivationPackage"], private_key)
+        locked = self._request("POST", "/purchase/lock-funds", json={
+            "network": network, "blockchainIdentifier": created["blockchainIdentifier"], **signed},
+            idempotency_key=f"{key}:lock-funds")
+        return locked["data"]
+
+    def get_purchase(self, blockchain_identifier: str, *, network: str = "Preprod") -> dict[str, Any]:
+        page = self._request("GET", "/purchase", params={"network": network,
+                                                         "blockchainIdentifier": blockchain_identifier})
+        return page["data"]["Purchases"][0]
+
+    def wait_for_purchase(self, blockchain_identifier: str, *,
+                          states: Collection[str] = frozenset({"ResultSubmitted"}), network: str = "Preprod",
+                          timeout: float = 300.0, poll_interval: float = 2.0) -> dict[str, Any]:
+        """Poll the purchase until its `onChainState` is one of `states` (e.g. ResultSubmitted: `result` holds the
+        job's output); `TimeoutError` after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            purchase = self.get_purchase(blockchain_identifier, network=network)
+            if purchase["onChainState"] in states:
+                return purchase
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"purchase {blockchain_identifier} is {purchase['onChainState']} after "
+                                   f"{timeout:g} s, waiting for {', '.join(sorted(states))}")
+            time.sleep(min(poll_interval, remaining))
+
+    def request_refund(self, blockchain_identifier: str, private_key: str, *,
+                       network: str = "Preprod") -> dict[str, Any]:
+        """`PATCH /purchase`: sign the purchase's refund request (EIP-712 Challenge) here and submit it."""
+        purchase = self.get_purchase(blockchain_identifier, network=network)
+        signature = sign_typed_data(private_key, purchase["refundRequestTypedData"])
+        return self._request("PATCH", "/purchase", json={
+            "network": network, "blockchainIdentifier": blockchain_identifier, "signature": signature})["data"]
+
     # --- plumbing ------------------------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
