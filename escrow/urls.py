@@ -9,4 +9,5 @@ urlpatterns = [
     path("usage-agreements/<uuid:agreement_id>/challenge-package", views.ChallengePackageView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/challenge", views.ChallengeView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/resolve", views.ResolveView.as_view()),
+    path("agents/<str:handle>/<str:skill>", views.SkillInvokeView.as_view()),
 ]

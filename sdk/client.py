@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from sdk.activation import sign_activation_package
+from sdk.x402_payments import sign_payment_required
 
 __all__ = ["AgreementFailed", "MarketplaceClient", "MarketplaceError"]
 
@@ -214,6 +215,49 @@ class MarketplaceClient:
                 raise TimeoutError(f"agreement {agreement_id} is still {agreement['status']} after {timeout:g} s, "
                                    f"waiting for {', '.join(sorted(statuses))}")
             time.sleep(min(poll_interval, remaining))
+
+    # --- skills (x402) -------------------------------------------------------------------------------------------
+
+    def invoke_skill(self, handle: str, skill: str, input: Mapping[str, Any], *, private_key: str,
+                     max_amount_atomic: int, wait: bool = True, timeout: float = 300.0,
+                     poll_interval: float = 1.0) -> dict[str, Any]:
+        """Call `POST /agents/{handle}/{skill}`, paying what its 402 asks with the wallet `private_key` (signed here
+        with x402, never above `max_amount_atomic` base units), and return the answer.
+
+        A sync skill answers `{"result", "payment"}`. An async one answers `{"invocation_id", ...}`; with `wait`
+        this polls `GET /services/{invocation_id}` until the invocation is completed, failed or timed out and
+        returns that. A refused payment raises `MarketplaceError` (status 402, its code).
+        """
+        path = f"/agents/{handle}/{skill}"
+        first = self._http.post(path, json={"input": dict(input)})
+        if first.status_code != 402:
+            return self._answer(first)
+        header = sign_payment_required(first.headers["PAYMENT-REQUIRED"], private_key,
+                                       max_amount_atomic=max_amount_atomic)
+        answer = self._answer(self._http.post(path, json={"input": dict(input)}, headers={"X-PAYMENT": header}))
+        if "invocation_id" in answer and "result" not in answer and wait:
+            return self.wait_for_invocation(answer["invocation_id"], timeout=timeout, poll_interval=poll_interval)
+        return answer
+
+    def get_invocation(self, invocation_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/services/{invocation_id}")
+
+    def wait_for_invocation(self, invocation_id: str, *, timeout: float = 300.0,
+                            poll_interval: float = 1.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            invocation = self.get_invocation(invocation_id)
+            if invocation["status"] in ("completed", "failed", "timeout"):
+                return invocation
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"invocation {invocation_id} is still {invocation['status']} after {timeout:g} s")
+            time.sleep(poll_interval)
+
+    @staticmethod
+    def _answer(response: httpx.Response) -> dict[str, Any]:
+        if not response.is_success:
+            raise MarketplaceError.from_response(response)
+        return response.json()
 
     # --- plumbing ------------------------------------------------------------------------------------------------
 
