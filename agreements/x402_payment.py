@@ -8,7 +8,6 @@ which simulates the transfer. Rejections carry our own stable codes (`REASON_COD
 """
 
 import binascii
-import json
 import time
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from x402.mechanisms.evm.verify import verify_eoa_signature
 
 from agreements.models import PaymentAuthorization
 from marketplace import chainconfig
+from marketplace.fields import is_address
 from sdk.typed_data import USDC_DOMAIN_NAME, USDC_DOMAIN_VERSION
 
 USDC_DECIMALS = 6
@@ -115,7 +115,7 @@ def decode(header: str) -> PaymentPayload:
     """x402's base64 JSON payment payload (v1 payloads are normalised to v2's shape)."""
     try:
         payload = decode_payment_signature_header(header)
-    except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError, ValidationError, ValueError) as exc:
+    except (binascii.Error, UnicodeDecodeError, ValidationError, ValueError, AttributeError, TypeError) as exc:
         raise InvalidPayment("malformed_payment", "The payment header is not a base64 x402 payment payload "
                                                   "(a bare signature cannot be executed: EIP-3009 needs the "
                                                   "authorization it signs).") from exc
@@ -135,17 +135,20 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, min_val
         raise _reject(evm.ERR_NETWORK_MISMATCH, f"Pay on {requirements.network}.")
     if payload.accepted.asset and payload.accepted.asset.lower() != requirements.asset.lower():
         raise InvalidPayment("wrong_asset", f"Pay in USDC at {requirements.asset}.")
-    evm_payload = ExactEIP3009Payload.from_dict(payload.payload)
-    authorization = evm_payload.authorization
     try:
+        evm_payload = ExactEIP3009Payload.from_dict(payload.payload)
+        authorization = evm_payload.authorization
         values = Authorization(
             payer=authorization.from_address, pay_to=authorization.to, amount=int(authorization.value),
             valid_after=int(authorization.valid_after), valid_before=int(authorization.valid_before),
             nonce=authorization.nonce.lower(), signature=evm_payload.signature or "",
         )
         nonce_length = len(hex_to_bytes(values.nonce))
-    except (TypeError, ValueError) as exc:
+        signature = hex_to_bytes(values.signature)
+    except (AttributeError, TypeError, ValueError) as exc:
         raise InvalidPayment("malformed_payment", "The authorization's fields are not valid numbers/hex.") from exc
+    if not (is_address(values.payer) and is_address(values.pay_to)):
+        raise InvalidPayment("malformed_payment", "The authorization's from/to are not addresses.")
     if nonce_length != 32 or not values.signature:
         raise InvalidPayment("malformed_payment", "The authorization needs a 32-byte nonce and a signature.")
     if values.pay_to.lower() != requirements.pay_to.lower():
@@ -162,8 +165,8 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, min_val
     try:
         digest = hash_eip3009_authorization(authorization, settings.CHAIN_ID, requirements.asset,
                                             USDC_DOMAIN_NAME, USDC_DOMAIN_VERSION)
-        signed = verify_eoa_signature(digest, hex_to_bytes(values.signature), values.payer)
-    except (TypeError, ValueError):
+        signed = verify_eoa_signature(digest, signature, values.payer)
+    except Exception:  # noqa: BLE001 - whatever a malformed signature raises, it is not the payer's
         signed = False
     if not signed:
         raise _reject(evm.ERR_INVALID_SIGNATURE, "The signature is not the payer's over this authorization.")

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from sdk.activation import sign_activation_package
-from sdk.x402_payments import sign_payment_required
+from sdk.x402_payments import build_direct_stablecoin_agreement, sign_payment_required
 
 __all__ = ["AgreementFailed", "MarketplaceClient", "MarketplaceError"]
 
@@ -167,6 +167,22 @@ class MarketplaceClient:
         """The platform fee, total and addresses for a payment of `amount_cents` (or `amount_atomic`)."""
         params = {"amount_cents": amount_cents, "amount_atomic": amount_atomic, "rail": rail}
         return self._request("GET", "/payment-requirements", params={k: v for k, v in params.items() if v is not None})
+
+    def propose_direct_purchase(self, service_id: AgreementId, quantity: int, *, private_key: str,
+                                permit_nonce: int, validity_seconds: int = 3600,
+                                idempotency_key: str | None = None) -> dict[str, Any]:
+        """Buy `quantity` units without an escrow: signs here (`build_direct_stablecoin_agreement`) the x402 payment
+        to the seller and the fee permit to the platform's gas wallet, then proposes. `permit_nonce` is the
+        token's `nonces(buyer wallet)`. Once the seller accepts, the platform collects the fee, then pays: follow
+        with `wait_until(id, statuses={"paid"}, failure={"payment_failed"})`."""
+        service = self._request("GET", f"/agents/services/{service_id}")
+        unit_price = service["pricing"]["unit_price_atomic"]
+        requirements = self.payment_requirements(amount_atomic=quantity * unit_price)
+        body = build_direct_stablecoin_agreement(
+            service_id=str(service_id), quantity=quantity, unit_price_atomic=unit_price,
+            seller_wallet_address=service["seller"]["wallet_address"], payment_requirements=requirements,
+            private_key=private_key, permit_nonce=permit_nonce, validity_seconds=validity_seconds)
+        return self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
 
     # --- escrow --------------------------------------------------------------------------------------------------
 

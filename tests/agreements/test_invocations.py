@@ -226,8 +226,19 @@ def test_an_authorization_without_funds_is_402_insufficient_balance(market):
     assert market.upstream.requests == [] and not ChainTransaction.objects.exists()
 
 
-def test_a_bare_signature_or_garbage_is_402_malformed(market):
-    response = market.call("translate", "0x" + "ab" * 65)
+def _encoded(value) -> str:
+    return base64.b64encode(json.dumps(value).encode()).decode()
+
+
+@pytest.mark.parametrize("payment", [
+    "0x" + "ab" * 65,  # a bare signature: EIP-3009 needs the authorization it signs
+    _encoded([1, 2]),
+    _encoded({"x402Version": 2, "payload": {"authorization": {"nonce": 5, "value": "x"}, "signature": 7},
+              "accepted": {"scheme": "exact", "network": "eip155:31337", "asset": "", "amount": "1", "payTo": "",
+                           "maxTimeoutSeconds": 1}}),
+])
+def test_malformed_payments_are_402_malformed(market, payment):
+    response = market.call("translate", payment)
 
     assert response.status_code == 402
     assert response.json()["error"]["code"] == "malformed_payment"
