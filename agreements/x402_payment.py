@@ -49,8 +49,8 @@ REASON_CODES = {
 class InvalidPayment(Exception):
     """A payment the platform will not execute; `code` is ours, `reason` x402's when it has one."""
 
-    def __init__(self, code: str, message: str, reason: str = ""):
-        self.code, self.message, self.reason = code, message, reason
+    def __init__(self, code: str, message: str, reason: str = "", details: dict | None = None):
+        self.code, self.message, self.reason, self.details = code, message, reason, details or {}
         super().__init__(message)
 
 
@@ -173,6 +173,25 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, min_val
     return values
 
 
+def _already_used(authorization: Authorization, seen: PaymentAuthorization | None) -> InvalidPayment:
+    details = {}
+    # Whoever holds this very signed payment may learn what it bought (a retry after a lost answer).
+    if seen is not None and seen.signature.lower() == authorization.signature.lower():
+        invocation = getattr(seen, "invocation", None)
+        if invocation is not None:
+            details["invocation_id"] = invocation.public_id
+    return InvalidPayment("authorization_already_used", "This authorization was already submitted; it is executed "
+                                                        "once.", evm.ERR_NONCE_ALREADY_USED, details)
+
+
+def authorization_refuse_replay(authorization: Authorization) -> None:
+    """Refuse an authorization the platform already took, before asking the chain anything."""
+    seen = PaymentAuthorization.objects.filter(token_address=chainconfig.usdc_address(), payer=authorization.payer,
+                                               nonce=authorization.nonce).first()
+    if seen is not None:
+        raise _already_used(authorization, seen)
+
+
 def authorization_record(authorization: Authorization) -> PaymentAuthorization:
     """Store the authorization; a nonce seen before (replay) is refused. Call inside the business transaction."""
     try:
@@ -183,6 +202,5 @@ def authorization_record(authorization: Authorization) -> PaymentAuthorization:
                 valid_before=authorization.valid_before, nonce=authorization.nonce,
                 signature=authorization.signature,
             )
-    except IntegrityError as exc:
-        raise InvalidPayment("authorization_already_used", "This authorization was already submitted.",
-                             evm.ERR_NONCE_ALREADY_USED) from exc
+    except IntegrityError as exc:  # a concurrent request with the same authorization won
+        raise _already_used(authorization, None) from exc

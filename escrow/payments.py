@@ -15,8 +15,8 @@ Every movement is one ChainTransaction; each is queued once, by the state change
 
 import logging
 import time
+from dataclasses import dataclass
 
-from django.conf import settings
 from django.db import transaction
 from eth_utils import to_checksum_address
 from x402.mechanisms.evm import constants as evm
@@ -119,8 +119,11 @@ def transaction_await(*, transaction_id, timeout: float) -> ChainTransaction:
     or `timeout` seconds pass. For a caller that answers when the money has moved."""
     deadline = time.monotonic() + timeout
     while True:
-        relayer.transaction_submit(transaction_id=transaction_id)
-        relayer.transaction_check(transaction_id=transaction_id)
+        try:
+            relayer.transaction_submit(transaction_id=transaction_id)
+            relayer.transaction_check(transaction_id=transaction_id)
+        except chain.RpcUnavailable:
+            pass  # the worker's submit task and the confirmation poll retry it
         tx = ChainTransaction.objects.get(pk=transaction_id)
         if tx.status in (TxStatus.CONFIRMED, TxStatus.FAILED) or time.monotonic() >= deadline:
             return tx
@@ -130,6 +133,7 @@ def transaction_await(*, transaction_id, timeout: float) -> ChainTransaction:
 # --- skill invocations -----------------------------------------------------------------------------------------
 
 def invocation_requirements(skill: Skill):
+    _require_chain()
     return x402_payment.payment_requirements(amount=invocations.invocation_price(skill),
                                              pay_to=chainconfig.relayer_address(),
                                              max_timeout_seconds=INVOCATION_AUTHORIZATION_SECONDS)
@@ -139,9 +143,9 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment_he
                    ) -> tuple[SkillInvocation, ChainTransaction]:
     """Check the signed payment (raises InvalidPayment, nothing recorded), record the invocation and queue the
     payment to the treasury."""
-    _require_chain()
     requirements = invocation_requirements(skill)
     authorization = x402_payment.check(x402_payment.decode(payment_header), requirements)
+    x402_payment.authorization_refuse_replay(authorization)
     simulate(authorization)
     with transaction.atomic():
         invocation = invocations.invocation_create(skill=skill, buyer=buyer, input=input,
@@ -150,6 +154,29 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment_he
             purpose=TxPurpose.INVOCATION_PAYMENT, to=chainconfig.usdc_address(),
             data=_transfer_with_authorization_data(authorization), context={"invocation_id": str(invocation.pk)})
     return invocation, tx
+
+
+@dataclass(frozen=True)
+class InvocationOutcome:
+    invocation: SkillInvocation
+    payment_failure: str = ""  # the payment did not execute (nothing was charged, the seller was not called)
+    in_background: bool = False  # a worker runs it: async skill, or a payment still confirming
+
+
+def invocation_invoke(*, skill: Skill, buyer: Agent | None, input: dict, payment_header: str,
+                      wait_seconds: float) -> InvocationOutcome:
+    """Pay (see `invocation_pay`), wait up to `wait_seconds` for the payment to confirm, then run a sync skill
+    here; an async skill, or a payment still confirming, is left to a worker."""
+    invocation, tx = invocation_pay(skill=skill, buyer=buyer, input=input, payment_header=payment_header)
+    tx = transaction_await(transaction_id=tx.pk, timeout=wait_seconds)
+    if tx.status == TxStatus.FAILED:
+        invocation.refresh_from_db()
+        return InvocationOutcome(invocation, payment_failure=tx.failure_reason or "reverted")
+    if tx.status != TxStatus.CONFIRMED or skill.is_async:
+        invocations.invocation_run_in_background(invocation_id=invocation.pk)
+        invocation.refresh_from_db()
+        return InvocationOutcome(invocation, in_background=True)
+    return InvocationOutcome(invocations.invocation_run(invocation_id=invocation.pk))
 
 
 def _invocation_id(tx: ChainTransaction):

@@ -23,7 +23,6 @@ from catalog.authentication import agent_scope, calling_agent
 from catalog.models import ApiKey, KeyScope
 from catalog.authentication import IsOperator
 from escrow import chain, payments, selectors, services, settlement
-from escrow.models import TxStatus
 from escrow.serializers import (
     ActivateEscrowSerializer,
     ActivationAcceptedSerializer,
@@ -184,12 +183,14 @@ class ResolveView(APIView):
                         status=status.HTTP_202_ACCEPTED)
 
 
-def _payment_required_response(request, skill, *, code: str, message: str, reason: str = "") -> Response:
+def _payment_required_response(request, skill, *, code: str, message: str, reason: str = "",
+                               details: dict | None = None) -> Response:
     requirements = payments.invocation_requirements(skill)
     required = x402_payment.payment_required(requirements=requirements, url=request.build_absolute_uri(),
                                              description=skill.description or skill.name, error=code)
     body = required.model_dump(mode="json", by_alias=True, exclude_none=True)
-    body["error"] = {"code": code, "message": message, "details": {"x402_reason": reason} if reason else {}}
+    body["error"] = {"code": code, "message": message,
+                     "details": {**({"x402_reason": reason} if reason else {}), **(details or {})}}
     return Response(body, status=status.HTTP_402_PAYMENT_REQUIRED,
                     headers=x402_payment.payment_required_headers(requirements=requirements, required=required))
 
@@ -209,16 +210,19 @@ class SkillInvokeView(APIView):
                     "invocation id for async skills, or when the payment takes long to confirm). The seller is "
                     "paid when the invocation completes; a failed or timed-out invocation is refunded. A refused "
                     "payment (replayed, wrong amount or recipient, expired, bad signature) is 402 with its code, "
-                    "and nothing is charged.",
+                    "and nothing is charged. The authorization's nonce is the idempotency key: a retry with the "
+                    "same signed payment is 402 `authorization_already_used` with the `invocation_id` it bought.",
         parameters=[OpenApiParameter(name, str, OpenApiParameter.HEADER, required=False,
                                      description="The signed x402 payment.")
                     for name in x402_payment.PAYMENT_HEADERS],
         responses={200: InvocationResultSerializer, 202: InvocationAcceptedSerializer,
                    402: X402PaymentRequiredSerializer, 502: ErrorSerializer, 504: ErrorSerializer,
-                   **error_responses(404, 503)},
+                   **error_responses(404, 409, 503)},
     )
     def post(self, request, handle, skill):
         skill = catalog_selectors.skill_get(handle=handle, skill_name=skill)
+        if not invocations.invocation_price(skill):
+            raise Conflict("This skill has no price: x402 pays positive amounts only.", code="skill_not_priced")
         body = InvokeSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         header = x402_payment.payment_header(request.headers)
@@ -227,27 +231,25 @@ class SkillInvokeView(APIView):
                                               message="Pay for this skill with x402 and retry.")
         buyer = request.auth.agent if isinstance(request.auth, ApiKey) else None
         try:
-            invocation, tx = payments.invocation_pay(skill=skill, buyer=buyer, input=body.validated_data["input"],
-                                                     payment_header=header)
+            outcome = payments.invocation_invoke(skill=skill, buyer=buyer, input=body.validated_data["input"],
+                                                 payment_header=header,
+                                                 wait_seconds=settings.INVOCATION_PAYMENT_WAIT_SECONDS)
         except x402_payment.InvalidPayment as invalid:
             return _payment_required_response(request, skill, code=invalid.code, message=invalid.message,
-                                              reason=invalid.reason)
-        tx = payments.transaction_await(transaction_id=tx.pk, timeout=settings.INVOCATION_PAYMENT_WAIT_SECONDS)
-        if tx.status == TxStatus.FAILED:
-            return _payment_required_response(request, skill, code="payment_failed",
-                                              message=f"The payment did not execute; nothing was charged: "
-                                                      f"{tx.failure_reason}")
-        if tx.status != TxStatus.CONFIRMED or skill.is_async:
-            invocations.invocation_run_in_background(invocation_id=invocation.pk)
-            invocation.refresh_from_db()
+                                              reason=invalid.reason, details=invalid.details)
+        invocation = outcome.invocation
+        if outcome.payment_failure:
+            return _payment_required_response(request, skill, code="payment_failed", message=(
+                f"The payment did not execute; nothing was charged: {outcome.payment_failure}"))
+        if outcome.in_background:
             return Response(InvocationAcceptedSerializer({
                 "invocation_id": invocation.public_id, "status": invocation.status,
                 "estimated_completion": invocation.deadline_at or timezone.now() + timedelta(
                     seconds=invocation.timeout_seconds)}).data, status=status.HTTP_202_ACCEPTED)
-        invocation = invocations.invocation_run(invocation_id=invocation.pk)
         if invocation.status == InvocationStatus.COMPLETED:
-            return Response(InvocationResultSerializer({
-                "invocation_id": invocation.public_id, "result": invocation.result, "payment": invocation_payment(invocation)}).data)
+            return Response(InvocationResultSerializer({"invocation_id": invocation.public_id,
+                                                        "result": invocation.result,
+                                                        "payment": invocation_payment(invocation)}).data)
         code, http = (("invocation_timeout", 504) if invocation.status == InvocationStatus.TIMEOUT
                       else ("invocation_failed", 502))
         return Response(error_body(code, f"The skill did not complete ({invocation.error}); the payment is being "

@@ -5,12 +5,12 @@ import json
 
 import pytest
 from django.utils import timezone
-from x402.http import decode_payment_required_header
+from x402.http import decode_payment_required_header, decode_payment_signature_header
 
 from agreements import invocations
 from agreements.models import SkillInvocation
 from escrow.models import ChainTransaction
-from sdk import proxy_signature
+from sdk import proxy_signature, typed_data
 from sdk.x402_payments import sign_authorization, sign_payment_required
 from tests.catalog.factories import AgentFactory, register_service
 from tests.conftest import Api
@@ -35,6 +35,7 @@ class Market:
             {"name": "translate", "price_atomic": PRICE},
             {"name": "render", "price_atomic": 50_000, "is_async": True, "timeout_seconds": 30},
             {"name": "slow", "price_atomic": PRICE, "timeout_seconds": 1},
+            {"name": "free", "price_atomic": 0},
         ])
         self.caller = Api()
         self.treasury = chain.accounts.deployer.address  # the relayer wallet
@@ -187,15 +188,35 @@ def test_a_replayed_authorization_is_refused_and_charged_once(market, django_cap
     payment = market.pay("translate")
     buyer = usdc_balance(market.chain, market.buyer.address)
     with django_capture_on_commit_callbacks(execute=True):
-        assert market.call("translate", payment).status_code == 200
+        first = market.call("translate", payment)
+    assert first.status_code == 200
 
     replay = market.call("translate", payment)
 
     assert replay.status_code == 402
     assert replay.json()["error"]["code"] == "authorization_already_used"
+    assert replay.json()["error"]["details"]["invocation_id"] == first.json()["invocation_id"]
     assert len(market.upstream.requests) == 1
     assert ChainTransaction.objects.filter(purpose="invocation_payment").count() == 1
     assert usdc_balance(market.chain, market.buyer.address) == buyer - PRICE
+
+
+def test_an_authorization_already_used_on_chain_is_refused_by_the_simulation(market):
+    payment = market.pay("translate")
+    nonce = decode_payment_signature_header(payment).payload["authorization"]["nonce"]
+    typed = typed_data.cancel_authorization(chain_id=market.chain.chain_id, token_address=market.chain.usdc.address,
+                                            authorizer=market.buyer.address, nonce=nonce)
+    market.chain.usdc.functions.cancelAuthorization(
+        market.buyer.address, bytes.fromhex(nonce[2:]),
+        bytes.fromhex(typed_data.sign_typed_data(market.buyer.key, typed)[2:])).transact(
+        {"from": market.buyer.address})
+
+    response = market.call("translate", payment)
+
+    assert response.status_code == 402
+    assert response.json()["error"]["code"] == "authorization_already_used"
+    assert response.json()["error"]["details"]["x402_reason"] == "invalid_exact_evm_nonce_already_used"
+    assert market.upstream.requests == [] and not ChainTransaction.objects.exists()
 
 
 @pytest.mark.parametrize("overrides, code", [
@@ -244,6 +265,7 @@ def test_malformed_payments_are_402_malformed(market, payment):
     assert response.json()["error"]["code"] == "malformed_payment"
 
 
-def test_unknown_skill_is_404(market):
+def test_unknown_skill_is_404_and_an_unpriced_one_409(market):
     assert market.caller.post("/agents/sol/nope", {"input": {}}).status_code == 404
     assert market.caller.get("/services/inv_nope").status_code == 404
+    assert market.call("free").status_code == 409
