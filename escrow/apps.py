@@ -6,4 +6,4 @@ class EscrowConfig(AppConfig):
 
     def ready(self):
         # Registers the relayer outcome handlers of escrow transactions.
-        from escrow import services, settlement  # noqa: F401
+        from escrow import payments, services, settlement  # noqa: F401

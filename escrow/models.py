@@ -30,6 +30,11 @@ class TxPurpose(models.TextChoices):
     RECLAIM = "reclaim"
     DIRECT_FEE = "direct_fee"
     DIRECT_PAYMENT = "direct_payment"
+    DIRECT_FEE_PERMIT = "direct_fee_permit"
+    DIRECT_FEE_REFUND = "direct_fee_refund"
+    INVOCATION_PAYMENT = "invocation_payment"
+    INVOCATION_PAYOUT = "invocation_payout"
+    INVOCATION_REFUND = "invocation_refund"
     NONCE_FILL = "nonce_fill"
 
 

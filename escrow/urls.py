@@ -11,4 +11,5 @@ urlpatterns = [
     path("usage-agreements/<uuid:agreement_id>/resolve", views.ResolveView.as_view()),
     path("purchase", masumi_api.PurchaseView.as_view()),
     path("purchase/lock-funds", masumi_api.PurchaseLockFundsView.as_view()),
+    path("agents/<str:handle>/<str:skill>", views.SkillInvokeView.as_view()),
 ]

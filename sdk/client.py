@@ -31,6 +31,7 @@ import httpx
 from sdk.activation import sign_activation_package
 from sdk.receipts import UsageVerificationError, VerifiedUsage, verify_usage
 from sdk.typed_data import sign_typed_data
+from sdk.x402_payments import build_direct_stablecoin_agreement, sign_payment_required
 
 __all__ = ["AgreementFailed", "MarketplaceClient", "MarketplaceError"]
 
@@ -168,6 +169,22 @@ class MarketplaceClient:
         """The platform fee, total and addresses for a payment of `amount_cents` (or `amount_atomic`)."""
         params = {"amount_cents": amount_cents, "amount_atomic": amount_atomic, "rail": rail}
         return self._request("GET", "/payment-requirements", params={k: v for k, v in params.items() if v is not None})
+
+    def propose_direct_purchase(self, service_id: AgreementId, quantity: int, *, private_key: str,
+                                permit_nonce: int, validity_seconds: int = 3600,
+                                idempotency_key: str | None = None) -> dict[str, Any]:
+        """Buy `quantity` units without an escrow: signs here (`build_direct_stablecoin_agreement`) the x402 payment
+        to the seller and the fee permit to the platform's gas wallet, then proposes. `permit_nonce` is the
+        token's `nonces(buyer wallet)`. Once the seller accepts, the platform collects the fee, then pays: follow
+        with `wait_until(id, statuses={"paid"}, failure={"payment_failed"})`."""
+        service = self._request("GET", f"/agents/services/{service_id}")
+        unit_price = service["pricing"]["unit_price_atomic"]
+        requirements = self.payment_requirements(amount_atomic=quantity * unit_price)
+        body = build_direct_stablecoin_agreement(
+            service_id=str(service_id), quantity=quantity, unit_price_atomic=unit_price,
+            seller_wallet_address=service["seller"]["wallet_address"], payment_requirements=requirements,
+            private_key=private_key, permit_nonce=permit_nonce, validity_seconds=validity_seconds)
+        return self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
 
     # --- escrow --------------------------------------------------------------------------------------------------
 
@@ -320,6 +337,48 @@ class MarketplaceClient:
         signature = sign_typed_data(private_key, purchase["refundRequestTypedData"])
         return self._request("PATCH", "/purchase", json={
             "network": network, "blockchainIdentifier": blockchain_identifier, "signature": signature})["data"]
+    # --- skills (x402) -------------------------------------------------------------------------------------------
+
+    def invoke_skill(self, handle: str, skill: str, input: Mapping[str, Any], *, private_key: str,
+                     max_amount_atomic: int, wait: bool = True, timeout: float = 300.0,
+                     poll_interval: float = 1.0) -> dict[str, Any]:
+        """Call `POST /agents/{handle}/{skill}`, paying what its 402 asks with the wallet `private_key` (signed here
+        with x402, never above `max_amount_atomic` base units), and return the answer.
+
+        A sync skill answers `{"result", "payment"}`. An async one answers `{"invocation_id", ...}`; with `wait`
+        this polls `GET /services/{invocation_id}` until the invocation is completed, failed or timed out and
+        returns that. A refused payment raises `MarketplaceError` (status 402, its code).
+        """
+        path = f"/agents/{handle}/{skill}"
+        first = self._http.post(path, json={"input": dict(input)})
+        if first.status_code != 402:
+            return self._answer(first)
+        header = sign_payment_required(first.headers["PAYMENT-REQUIRED"], private_key,
+                                       max_amount_atomic=max_amount_atomic)
+        answer = self._answer(self._http.post(path, json={"input": dict(input)}, headers={"X-PAYMENT": header}))
+        if "invocation_id" in answer and "result" not in answer and wait:
+            return self.wait_for_invocation(answer["invocation_id"], timeout=timeout, poll_interval=poll_interval)
+        return answer
+
+    def get_invocation(self, invocation_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/services/{invocation_id}")
+
+    def wait_for_invocation(self, invocation_id: str, *, timeout: float = 300.0,
+                            poll_interval: float = 1.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            invocation = self.get_invocation(invocation_id)
+            if invocation["status"] in ("completed", "failed", "timeout"):
+                return invocation
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"invocation {invocation_id} is still {invocation['status']} after {timeout:g} s")
+            time.sleep(poll_interval)
+
+    @staticmethod
+    def _answer(response: httpx.Response) -> dict[str, Any]:
+        if not response.is_success:
+            raise MarketplaceError.from_response(response)
+        return response.json()
 
     # --- plumbing ------------------------------------------------------------------------------------------------
 
