@@ -6,6 +6,7 @@ database's CHECK constraint says the same. Commits take the agreement's row lock
 usage chain (seq, digest, signed receipt) — never while waiting for the upstream.
 """
 
+import re
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from sdk import receipts
 
 S = AgreementStatus
 BUDGET_USED_UP = "budget_used_up"
+_BASE_TYPE = re.compile(r"\(.*\)")  # varchar(16) -> varchar, numeric(78, 0) -> numeric
 # What extending the usage chain reads under the row lock: no more, so the locked read stays short.
 _CHAIN_FIELDS = ("id", "chain_id", "deposit_amount", "used", "reserved", "usage_seq", "usage_digest",
                  "completion_requested_at")
@@ -114,9 +116,32 @@ def _append_events(agreement: UsageAgreement, charges: list[dict], *, source: st
             agreement=agreement, seq=seq, source=source, cumulative=cumulative, usage_digest=digest,
             receipt_signature=signature, **charge,
         ))
-    UsageEvent.objects.bulk_create(events)
+    _insert_events(events)
     agreement.usage_seq, agreement.used, agreement.usage_digest = seq, cumulative, digest
     return events
+
+
+def _insert_events(events: list[UsageEvent]) -> None:
+    """`UsageEvent.objects.bulk_create(events)` without Django's per-value preparation, which was most of a batch's
+    CPU: on PostgreSQL one `INSERT ... SELECT FROM unnest(<one array per column>) RETURNING id`. The arrays are of
+    the columns' base types (varchar, numeric), so lengths and precision are checked by the insert's assignment
+    casts, as for any INSERT; the values are the ones the chain code just computed, of the columns' Python types."""
+    if connection.vendor != "postgresql":
+        UsageEvent.objects.bulk_create(events)
+        return
+    now = timezone.now()
+    for event in events:
+        event.created_at = now
+    fields = [field for field in UsageEvent._meta.concrete_fields if not field.primary_key]
+    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
+    arrays = ", ".join(f"%s::{_BASE_TYPE.sub('', field.db_type(connection))}[]" for field in fields)
+    with connection.cursor() as cursor:
+        cursor.execute(f"INSERT INTO {UsageEvent._meta.db_table} ({columns}) "  # noqa: S608
+                       f"SELECT * FROM unnest({arrays}) RETURNING id",
+                       [[getattr(event, field.attname) for event in events] for field in fields])
+        for event, (pk,) in zip(events, cursor.fetchall(), strict=True):
+            event.pk = pk
+            event._state.adding, event._state.db = False, connection.alias
 
 
 def _complete_if_used_up(agreement: UsageAgreement, fields: list[str]) -> None:

@@ -10,13 +10,15 @@ What it does, in order:
    `delay_ms` (query parameter) of simulated service time spent waiting, not computing — as a model or a database
    behind a real service would.
 3. Creates a seller whose per-call service points at that upstream, a buyer with a `pay` key, and one active
-   agreement with a budget far above what the run can spend (made active through the services' transitions
-   without a chain: see bench/metering.py), then starts gunicorn (gthread, DEBUG off, PostgreSQL).
-4. For each upstream delay, after a warm-up, alternates `--rounds` times: `--seconds` of direct calls
-   (GET upstream/work) then `--seconds` of proxied calls (GET /metered-proxy/{agreement}/work, buyer key), from
-   `--clients` concurrent aiohttp clients in one asyncio loop (cheap, so the client does not eat the server's CPU).
-   Prints requests/s, p50 and p99 latency of both, the throughput ratio and the p50 added by the proxy.
-5. Checks exactness: the agreement's `used` equals the sum of its usage events and equals the proxied calls
+   agreement per client with a budget far above what the run can spend (made active through the services'
+   transitions without a chain: see bench/metering.py), then starts gunicorn (gthread, DEBUG off, PostgreSQL).
+4. For each upstream delay, after a warm-up, `--rounds` times `--seconds` each of: direct calls (GET
+   upstream/work); proxied calls all on one agreement (GET /metered-proxy/{agreement}/work, buyer key: every
+   charge waits for that agreement's row lock, the worst case); proxied calls with one agreement per client (many
+   buyers' escrows at once). From `--clients` concurrent aiohttp callers in one asyncio loop (cheap, so the client
+   does not eat the server's CPU). Prints requests/s, p50 and p99, the throughput ratio to direct calls and the
+   p50 the proxy adds.
+5. Checks exactness per agreement: `used` equals the sum of its usage events and equals its proxied calls
    answered 200 × the price; the sequence is gap-free, nothing stays reserved, and every receipt verifies with
    the SDK (sdk.receipts.verify_usage), as a buyer would check it.
 
@@ -32,6 +34,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,18 +95,18 @@ def wait_for_upstream(url: str, processes) -> None:
 class Sample:
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
-    ok: int = 0
+    ok: Counter = field(default_factory=Counter)  # url -> answers 200 (for proxied calls: charged calls)
     failures: list[str] = field(default_factory=list)
 
     def add(self, other: "Sample") -> None:
         self.latencies += other.latencies
         self.seconds += other.seconds
-        self.ok += other.ok
+        self.ok.update(other.ok)
         self.failures += other.failures
 
 
-async def fire(url: str, headers: dict, *, clients: int, seconds: float, expected_cost: str | None) -> Sample:
-    """`clients` concurrent keep-alive callers of `url` for `seconds`; every answer is counted."""
+async def fire(urls: list[str], headers: dict, *, clients: int, seconds: float, expected_cost: str | None) -> Sample:
+    """`clients` concurrent keep-alive callers for `seconds`, caller i calling urls[i % len(urls)]."""
     import aiohttp
 
     sample = Sample()
@@ -112,7 +115,7 @@ async def fire(url: str, headers: dict, *, clients: int, seconds: float, expecte
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         stop_at = time.perf_counter() + seconds
 
-        async def caller():
+        async def caller(url: str):
             while time.perf_counter() < stop_at:
                 started = time.perf_counter()
                 try:
@@ -123,16 +126,15 @@ async def fire(url: str, headers: dict, *, clients: int, seconds: float, expecte
                     sample.failures.append(f"{type(exc).__name__}: {exc}")
                     continue
                 sample.latencies.append(time.perf_counter() - started)
-                if status != 200:
-                    sample.failures.append(f"{status} {body[:300]!r}")
-                elif expected_cost is not None and cost != expected_cost:
-                    sample.failures.append(f"200 with X-Usage-Cost {cost!r}, expected {expected_cost}")
-                    sample.ok += 1  # charged all the same: counted for the totals check
+                if status == 200:
+                    sample.ok[url] += 1
+                    if expected_cost is not None and cost != expected_cost:
+                        sample.failures.append(f"200 with X-Usage-Cost {cost!r}, expected {expected_cost}")
                 else:
-                    sample.ok += 1
+                    sample.failures.append(f"{status} {body[:300]!r}")
 
         started = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(clients)))
+        await asyncio.gather(*(caller(urls[i % len(urls)]) for i in range(clients)))
         sample.seconds = time.perf_counter() - started
     return sample
 
@@ -160,7 +162,8 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     seller, service, _ = bench_metering.seller_with_service(handle="proxy-bench-seller",
                                                            upstream_base_url=upstream_url, unit_price=PRICE)
     buyer, buyer_key = bench_metering.buyer_with_key(handle="proxy-bench-buyer")
-    agreement = bench_metering.active_agreement(buyer=buyer, seller=seller, service=service, quantity=QUANTITY)
+    agreement_ids = [str(bench_metering.active_agreement(buyer=buyer, seller=seller, service=service,
+                                                         quantity=QUANTITY).pk) for _ in range(args.clients)]
     from django.db import connection
 
     connection.close()  # the server's workers open their own
@@ -169,59 +172,73 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     bench_metering.wait_for_server(base_url, buyer_key, processes)
 
     buyer_headers = {"Authorization": f"Bearer {buyer_key}"}
-    proxy_url = f"{base_url}/metered-proxy/{agreement.pk}/work"
     print(f"upstream: aiohttp, 1 process; marketplace: gunicorn {args.workers} workers x {args.threads} threads "
           f"(gthread), DEBUG off, PostgreSQL; client: {args.clients} concurrent aiohttp callers, one process")
-    print(f"{args.rounds} rounds of {args.seconds:g} s direct then {args.seconds:g} s proxied per upstream delay; "
-          f"one active agreement, {PRICE} atomic units per call")
+    print(f"per upstream delay, {args.rounds} x ({args.seconds:g} s direct, {args.seconds:g} s proxied on one "
+          f"agreement, {args.seconds:g} s proxied on one agreement per caller); {PRICE} atomic units per call")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
 
-    proxied = Sample()  # every proxied answer, warm-up included
+    proxied = Sample()  # every proxied answer, warm-up included: what the totals must add up to
+    failures: list[str] = []
     rows = []
     for delay in args.delays_ms:
         query = f"?delay_ms={delay}" if delay else ""
-        direct, proxy = Sample(), Sample()
-        warm = asyncio.run(fire(proxy_url + query, buyer_headers, clients=args.clients, seconds=WARMUP_SECONDS,
-                                expected_cost=str(PRICE)))
-        proxied.add(warm)
-        asyncio.run(fire(f"{upstream_url}/work{query}", {}, clients=args.clients, seconds=WARMUP_SECONDS,
-                         expected_cost=None))
+        targets = {
+            "direct": ([f"{upstream_url}/work{query}"], {}, None),
+            "proxy, 1 agreement": ([f"{base_url}/metered-proxy/{agreement_ids[0]}/work{query}"], buyer_headers,
+                                   str(PRICE)),
+            f"proxy, {args.clients} agreements": ([f"{base_url}/metered-proxy/{agreement_id}/work{query}"
+                                                   for agreement_id in agreement_ids], buyer_headers, str(PRICE)),
+        }
+        samples = {name: Sample() for name in targets}
+        for name, (urls, headers, cost) in targets.items():  # warm-up: connections, prepared statements
+            warm = asyncio.run(fire(urls, headers, clients=args.clients, seconds=WARMUP_SECONDS, expected_cost=cost))
+            failures += warm.failures
+            if cost is not None:
+                proxied.add(warm)
         for _ in range(args.rounds):
-            direct.add(asyncio.run(fire(f"{upstream_url}/work{query}", {}, clients=args.clients,
-                                        seconds=args.seconds, expected_cost=None)))
-            measured = asyncio.run(fire(proxy_url + query, buyer_headers, clients=args.clients,
-                                        seconds=args.seconds, expected_cost=str(PRICE)))
-            proxy.add(measured)
-            proxied.add(measured)
-        rows.append((delay, summary(direct), summary(proxy), direct.failures + proxy.failures))
+            for name, (urls, headers, cost) in targets.items():
+                measured = asyncio.run(fire(urls, headers, clients=args.clients, seconds=args.seconds,
+                                            expected_cost=cost))
+                samples[name].add(measured)
+                failures += measured.failures
+                if cost is not None:
+                    proxied.add(measured)
+        rows.append((delay, {name: summary(sample) for name, sample in samples.items()}))
 
-    header = (f"{'upstream delay':>14} {'path':>7} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'errors':>7}   {'proxy/direct':>12} {'added p50 ms':>12}")
+    header = (f"{'upstream delay':>14}  {'path':<22} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'errors':>7}  {'vs direct':>9} {'added p50 ms':>12}")
     print(header)
     print("-" * len(header))
-    for delay, direct, proxy, _ in rows:
-        for name, result in (("direct", direct), ("proxy", proxy)):
-            line = (f"{delay:>11} ms {name:>7} {result['requests']:>9} {result['rps']:>8.0f} {result['p50']:>8.2f} "
+    for delay, results in rows:
+        direct = results["direct"]
+        for name, result in results.items():
+            line = (f"{delay:>11} ms  {name:<22} {result['requests']:>9} {result['rps']:>8.0f} {result['p50']:>8.2f} "
                     f"{result['p99']:>8.2f} {result['failures']:>7}")
-            if name == "proxy":
-                ratio = proxy["rps"] / direct["rps"] if direct["rps"] else float("nan")
-                line += f"   {ratio:>11.0%} {proxy['p50'] - direct['p50']:>12.2f}"
+            if name != "direct":
+                ratio = result["rps"] / direct["rps"] if direct["rps"] else float("nan")
+                line += f"  {ratio:>9.0%} {result['p50'] - direct['p50']:>12.2f}"
             print(line)
-    failures = [failure for *_, row_failures in rows for failure in row_failures]
     for failure in failures[:5]:
         print(f"  e.g. {failure}")
 
     from agreements.models import UsageAgreement
 
     checking = time.perf_counter()
-    problems = bench_metering.check_usage_chain(agreement.pk)
-    used = UsageAgreement.objects.get(pk=agreement.pk).used
-    if used != proxied.ok * PRICE:
-        problems.append(f"used {used} != {proxied.ok} proxied calls answered 200 x {PRICE}")
-    print(f"\nexactness: {proxied.ok} proxied calls answered 200; used = {used} = sum of events "
-          f"{'= calls x price' if not problems else ''}; seq gap-free, receipts verified with the SDK "
-          f"({time.perf_counter() - checking:.1f} s): {'OK' if not problems else 'FAILED'}")
-    for problem in problems:
+    problems = []
+    charged = Counter()
+    for url, count in proxied.ok.items():
+        charged[url.split("/metered-proxy/")[1].split("/")[0]] += count
+    for agreement_id in agreement_ids:
+        problems += bench_metering.check_usage_chain(agreement_id)
+        used = UsageAgreement.objects.get(pk=agreement_id).used
+        if used != charged[agreement_id] * PRICE:
+            problems.append(f"agreement {agreement_id}: used {used} != {charged[agreement_id]} calls answered 200 "
+                            f"x {PRICE}")
+    print(f"\nexactness: {sum(charged.values())} proxied calls answered 200 over {len(agreement_ids)} agreements; "
+          f"per agreement used = sum of events = calls x price, seq gap-free, nothing reserved, receipts verified "
+          f"with the SDK ({time.perf_counter() - checking:.1f} s): {'OK' if not problems else 'FAILED'}")
+    for problem in problems[:20]:
         print(f"  {problem}")
     print(f"load average {os.getloadavg()[0]:.1f} after the run")
     return 1 if problems or failures else 0
