@@ -41,9 +41,17 @@ schema: install
 	$(PY) manage.py spectacular --validate --fail-on-warn --file var/openapi.yaml
 
 migrations-check: install
-	$(PY) manage.py makemigrations --check --dry-run
+	DATABASE_URL=sqlite://:memory: $(PY) manage.py makemigrations --check --dry-run
 
 check: schema migrations-check contracts-check
+
+# Every benchmark once with small sizes (a few minutes in all; each script's docstring gives its full-size run).
+# Needs PostgreSQL on 127.0.0.1:5432 (databases named *bench*, created when missing) and Redis for the relayer.
+bench: install
+	$(PY) bench/catalog_search.py --services 5000 --requests 50
+	$(PY) bench/proxy.py --seconds 2 --rounds 1
+	$(PY) bench/usage.py --seconds 2 --agreements 10
+	$(PY) bench/relayer.py --activations 20
 
 clean:
 	rm -rf $(VENV) var node_modules

@@ -1,7 +1,14 @@
 from django.contrib import admin, messages
 
 from agreements import webhooks
-from agreements.models import AgreementEvent, FeeSchedule, UsageAgreement, WebhookDelivery, WebhookSubscription
+from agreements.models import (
+    AgreementEvent,
+    FeeSchedule,
+    SkillInvocation,
+    UsageAgreement,
+    WebhookDelivery,
+    WebhookSubscription,
+)
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -93,4 +100,26 @@ class WebhookDeliveryAdmin(admin.ModelAdmin):
         return [f.name for f in WebhookDelivery._meta.fields]
 
     def has_add_permission(self, request):
+        return False
+
+
+@admin.register(SkillInvocation)
+class SkillInvocationAdmin(admin.ModelAdmin):
+    """Read-only: status and money move through agreements.invocations; a stuck payout or refund is retried from
+    its ChainTransaction (escrow admin)."""
+
+    list_display = ("id", "skill", "seller", "buyer", "status", "money", "amount", "created_at", "completed_at")
+    list_filter = ("status", "money", "is_async")
+    search_fields = ("id", "seller__handle", "buyer__handle", "skill__name", "payment_tx_hash",
+                     "settlement_tx_hash", "authorization__payer")
+    list_select_related = ("skill", "seller", "buyer")
+    date_hierarchy = "created_at"
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in SkillInvocation._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
         return False

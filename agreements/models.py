@@ -84,6 +84,14 @@ class UsageAgreement(models.Model):
 
     activation_tx_hash = Bytes32Field(blank=True, help_text="Hash of the activation transaction once signed.")
 
+    # Direct payments (settlement_model direct_payment): the buyer's signed x402 payment and fee permit.
+    payment_authorization = models.OneToOneField(
+        "PaymentAuthorization", null=True, blank=True, on_delete=models.PROTECT, related_name="agreement")
+    fee_permit = models.JSONField(default=dict, blank=True,
+                                  help_text="EIP-2612 permit {value, nonce, deadline, signature}; spender: the relayer.")
+    fee_tx_hash = Bytes32Field(blank=True, help_text="The transfer of the fee to the fee recipient.")
+    payment_tx_hash = Bytes32Field(blank=True, help_text="The x402 payment (transferWithAuthorization) to the seller.")
+
     # Metering: the head of the usage event chain (see sdk.receipts) and proxy call numbering.
     usage_seq = models.PositiveBigIntegerField(default=0)
     usage_digest = Bytes32Field(default="0x" + "00" * 32)
@@ -263,3 +271,97 @@ class WebhookDelivery(models.Model):
     def __str__(self) -> str:
         return f"{self.event_type} → {self.subscription.url} ({self.status})"
 
+
+
+class PaymentAuthorization(models.Model):
+    """A buyer's signed EIP-3009 `transferWithAuthorization` (x402 "exact" payment) the platform accepted.
+
+    One row per (token, payer, nonce): a replayed authorization is refused here, before any chain call, even
+    while the first one's transaction is still in flight.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    token_address = AddressField()
+    payer = AddressField()
+    pay_to = AddressField()
+    amount = TokenAmountField()
+    valid_after = models.PositiveBigIntegerField()
+    valid_before = models.PositiveBigIntegerField()
+    nonce = Bytes32Field()
+    signature = models.CharField(max_length=2000, help_text="0x-hex; longer than 65 bytes for smart wallets.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["token_address", "payer", "nonce"], name="payment_authorization_once"),
+            models.CheckConstraint(condition=Q(amount__gt=0), name="payment_authorization_amount_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.payer} → {self.pay_to}: {self.amount} ({self.nonce[:10]}…)"
+
+
+class InvocationStatus(models.TextChoices):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+
+
+class InvocationMoney(models.TextChoices):
+    """Where the buyer's payment is: see agreements.invocations for the flow."""
+
+    AUTHORIZED = "authorized"  # signed authorization accepted; its transaction is queued
+    HELD = "held"  # in the platform treasury
+    PAYMENT_FAILED = "payment_failed"  # the authorization did not execute: nothing was charged
+    PAYING_OUT = "paying_out"
+    PAID_OUT = "paid_out"  # forwarded to the seller
+    REFUNDING = "refunding"
+    REFUNDED = "refunded"  # returned to the buyer
+
+
+class SkillInvocation(models.Model):
+    """One paid call of a seller's skill (`POST /agents/{handle}/{skill}`)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    skill = models.ForeignKey("catalog.Skill", on_delete=models.PROTECT, related_name="invocations")
+    seller = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="invocations_as_seller")
+    buyer = models.ForeignKey(Agent, null=True, blank=True, on_delete=models.PROTECT,
+                              related_name="invocations_as_buyer", help_text="When the caller sent an API key.")
+    input = models.JSONField(default=dict)
+    status = models.CharField(max_length=12, choices=InvocationStatus.choices, default=InvocationStatus.PENDING)
+    money = models.CharField(max_length=16, choices=InvocationMoney.choices, default=InvocationMoney.AUTHORIZED)
+    authorization = models.OneToOneField(PaymentAuthorization, on_delete=models.PROTECT, related_name="invocation")
+    amount = TokenAmountField()
+    seller_wallet_address = AddressField(help_text="Paid on success, frozen at invocation.")
+    is_async = models.BooleanField()
+    run_in_background = models.BooleanField(
+        default=False, help_text="Run by a worker once paid (async skills, or a caller that stopped waiting).")
+    timeout_seconds = models.PositiveIntegerField()
+    payment_tx_hash = Bytes32Field(blank=True)
+    settlement_tx_hash = Bytes32Field(blank=True, help_text="The payout to the seller or the refund to the buyer.")
+    result = models.JSONField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    paid_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    deadline_at = models.DateTimeField(null=True, blank=True, help_text="started_at + timeout: timed out after.")
+    completed_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=InvocationStatus.values), name="invocation_status_valid"),
+            models.CheckConstraint(condition=Q(money__in=InvocationMoney.values), name="invocation_money_valid"),
+            models.CheckConstraint(condition=Q(amount__gt=0), name="invocation_amount_positive"),
+        ]
+        indexes = [models.Index(fields=["status", "deadline_at"], name="invocation_status_deadline_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.skill} ({self.status}, {self.money})"
+
+    @property
+    def public_id(self) -> str:
+        return f"inv_{self.id.hex}"

@@ -66,7 +66,7 @@ def _forward_headers(request, agreement: UsageAgreement, reservation, max_units:
         "X-Marketplace-Agreement": str(agreement.pk),
         "X-Marketplace-Call-Seq": str(reservation.call_seq),
         "X-Marketplace-Timestamp": str(timestamp),
-        "X-Marketplace-Buyer": agreement.buyer.handle,
+        "X-Marketplace-Buyer": request.auth.agent.handle,  # the caller: only the buyer gets this far
         "X-Marketplace-Max-Units": str(max_units),
         "X-Marketplace-Request-Id": request._request.request_id,
         "X-Marketplace-Signature": proxy_signature.sign(
@@ -151,7 +151,7 @@ class MeteredProxyView(APIView):
         # Not reset here: django.request logs a failed call after the view returns; the middleware clears it.
         agreement_id_var.set(str(agreement_id))
         agent = calling_agent(request)
-        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        agreement = selectors.agreement_for_call(agreement_id=agreement_id, agent=agent)
         if agreement.buyer_id != agent.pk:
             raise Forbidden("Only the buyer calls through the proxy.", code="buyer_only")
         nonce = request.headers.get("X-Request-Nonce", "")

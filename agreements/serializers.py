@@ -7,6 +7,16 @@ from marketplace.pagination import PageQuerySerializer
 from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictSerializer
 
 
+class FeePermitSerializer(StrictSerializer):
+    """The buyer's EIP-2612 permit of the fee to the platform relayer (`gas_wallet_address` of
+    /payment-requirements), signed under USDC's domain."""
+
+    value = AtomicAmountField(min_value=1)
+    nonce = serializers.IntegerField(min_value=0, help_text="The token's nonces(buyer).")
+    deadline = serializers.IntegerField(min_value=0, help_text="Unix time.")
+    signature = serializers.RegexField(r"^0x[0-9a-fA-F]{130}$", help_text="65-byte r‖s‖v, 0x-hex.")
+
+
 class ProposalSerializer(StrictSerializer):
     service_id = serializers.UUIDField()
     settlement_model = serializers.ChoiceField(choices=SettlementModel.choices, default=SettlementModel.ESCROW)
@@ -20,6 +30,22 @@ class ProposalSerializer(StrictSerializer):
         required=False, min_value=settings.CHALLENGE_WINDOW_MIN, max_value=settings.CHALLENGE_WINDOW_MAX
     )
     note = serializers.CharField(max_length=1000, required=False, allow_blank=True, default="")
+    payment_header = serializers.CharField(
+        max_length=8000, required=False,
+        help_text="direct_payment only: the signed x402 payment (base64 JSON PaymentPayload, scheme exact): an EIP-3009 "
+                  "transferWithAuthorization of quantity × unit price from the buyer's wallet to the seller's.")
+    fee_permit = FeePermitSerializer(required=False, help_text="direct_payment only: the fee permit.")
+
+    def validate(self, attrs):
+        direct = attrs.get("settlement_model") == SettlementModel.DIRECT_PAYMENT
+        for name in ("payment_header", "fee_permit"):
+            if direct and name not in attrs:
+                raise serializers.ValidationError({name: [serializers.ErrorDetail(
+                    "Required for direct_payment.", code="required")]})
+            if not direct and name in attrs:
+                raise serializers.ValidationError({name: [serializers.ErrorDetail(
+                    "Only for direct_payment.", code="direct_payment_only")]})
+        return attrs
 
 
 class ReasonSerializer(StrictSerializer):
@@ -74,6 +100,8 @@ class AgreementSerializer(serializers.Serializer):
     remaining_atomic = AtomicAmountField(source="remaining")
     approval = serializers.SerializerMethodField()
     activation_tx_hash = serializers.CharField(allow_blank=True)
+    fee_tx_hash = serializers.CharField(allow_blank=True, help_text="direct_payment: the fee's transfer.")
+    payment_tx_hash = serializers.CharField(allow_blank=True, help_text="direct_payment: the x402 payment.")
     completion_requested_at = serializers.DateTimeField(allow_null=True)
     completion_reason = serializers.CharField(allow_blank=True)
     challenge_deadline = serializers.DateTimeField(allow_null=True)
@@ -212,3 +240,70 @@ class RecordedUsageSerializer(serializers.Serializer):
 
 class CompleteSerializer(StrictSerializer):
     reason = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+
+
+class InvokeSerializer(StrictSerializer):
+    input = serializers.DictField(help_text="Passed to the seller's skill as is.")
+
+
+class InvocationPaymentSerializer(serializers.Serializer):
+    amount = serializers.CharField(help_text="In USDC, as the Services API shows it (\"0.02\").")
+    amount_atomic = AtomicAmountField()
+    currency = serializers.CharField()
+    tx_hash = serializers.CharField(allow_blank=True, help_text="The buyer's payment to the platform treasury.")
+    status = serializers.CharField(help_text="authorized, held, payment_failed, paying_out, paid_out, refunding, "
+                                             "refunded.")
+    settlement_tx_hash = serializers.CharField(allow_blank=True,
+                                               help_text="The payout to the seller, or the refund to the buyer.")
+
+
+class InvocationResultSerializer(serializers.Serializer):
+    invocation_id = serializers.CharField(help_text="GET /services/{invocation_id} shows where the payment went.")
+    result = serializers.JSONField(help_text="The seller's answer.")
+    payment = InvocationPaymentSerializer()
+
+
+class InvocationAcceptedSerializer(serializers.Serializer):
+    invocation_id = serializers.CharField()
+    status = serializers.CharField()
+    estimated_completion = serializers.DateTimeField(allow_null=True)
+
+
+class InvocationSerializer(serializers.Serializer):
+    invocation_id = serializers.CharField(source="public_id")
+    agent = serializers.CharField(source="seller.handle")
+    skill = serializers.CharField(source="skill.name")
+    status = serializers.CharField(help_text="pending, processing, completed, failed, timeout.")
+    result = serializers.JSONField(allow_null=True)
+    error = serializers.CharField(allow_blank=True)
+    payment = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    completed_at = serializers.DateTimeField(allow_null=True)
+    estimated_completion = serializers.DateTimeField(source="deadline_at", allow_null=True)
+
+    def get_payment(self, invocation) -> InvocationPaymentSerializer:
+        return invocation_payment(invocation)
+
+
+def invocation_payment(invocation) -> dict:
+    from x402.mechanisms.evm.utils import format_amount
+
+    return {"amount": format_amount(invocation.amount, 6), "amount_atomic": invocation.amount, "currency": "USDC",
+            "tx_hash": invocation.payment_tx_hash, "status": invocation.money,
+            "settlement_tx_hash": invocation.settlement_tx_hash}
+
+
+class X402PaymentRequiredSerializer(serializers.Serializer):
+    """x402's 402 body (`PaymentRequired`), with `error` in the marketplace's error shape; the same requirements
+    are in the PAYMENT-REQUIRED header (base64 JSON, x402 v2) and the X-Payment-* headers."""
+
+    x402Version = serializers.IntegerField()
+    accepts = serializers.ListField(child=serializers.DictField(),
+                                    help_text="x402 PaymentRequirements: scheme exact, network (CAIP-2), asset, "
+                                              "amount (base units), payTo, maxTimeoutSeconds, extra.")
+    resource = serializers.DictField()
+    error = serializers.DictField(help_text="{code, message, details}: `payment_required` when no payment was sent, "
+                                            "else why it was refused (authorization_already_used, wrong_amount, "
+                                            "wrong_recipient, authorization_expired, invalid_signature, "
+                                            "insufficient_balance, malformed_payment, ...).")

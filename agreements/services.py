@@ -5,8 +5,9 @@ Every status change goes through `_transition`, under a row lock, checked agains
 """
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -15,7 +16,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from eth_utils import keccak
 
-from agreements import webhooks
+from agreements import webhooks, x402_payment
 from agreements.models import (
     AgreementEvent,
     AgreementStatus,
@@ -25,7 +26,8 @@ from agreements.models import (
 )
 from catalog.models import Agent, Service, ServiceState
 from marketplace import chainconfig
-from marketplace.errors import Conflict, Forbidden, InvalidInput, NotFound
+from sdk import typed_data
+from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
 from marketplace.fields import TokenAmountField
 from policies import selectors as policy_selectors
 from policies import services as policy_services
@@ -182,6 +184,8 @@ def agreement_propose(
     expires_at: datetime | None = None,
     challenge_window_seconds: int | None = None,
     note: str = "",
+    payment_header: str = "",
+    fee_permit: dict | None = None,
 ) -> UsageAgreement:
     if not buyer.is_buyer:
         raise Forbidden("Only agents with the buyer role can propose agreements.", code="not_a_buyer")
@@ -219,6 +223,16 @@ def agreement_propose(
         "seller_wallet_address": service.seller.wallet_address, "fee_recipient": fee_recipient(schedule),
     }
 
+    proposal_expires_at = now + settings.PROPOSAL_TTL
+    direct = None
+    if settlement_model == SettlementModel.DIRECT_PAYMENT:
+        direct = _direct_payment_check(payment_header=payment_header, fee_permit=fee_permit or {}, amount=deposit,
+                                       fee=fee, payer=terms["buyer_wallet_address"],
+                                       seller=terms["seller_wallet_address"])
+        # The seller must accept while both signatures can still be executed.
+        valid_until = min(direct.valid_before, fee_permit["deadline"]) - settings.DIRECT_PAYMENT_MIN_VALIDITY // 2
+        proposal_expires_at = min(proposal_expires_at, datetime.fromtimestamp(valid_until, tz=UTC))
+
     with transaction.atomic():
         # Serialises this buyer's proposals and policy edits, so two proposals cannot both slip under a cap.
         Agent.objects.select_for_update().get(pk=buyer.pk)
@@ -238,9 +252,11 @@ def agreement_propose(
             pricing_type=terms["pricing_type"], unit_name=terms["unit_name"], price_per_unit=service.unit_price,
             quantity=quantity, deposit_amount=deposit, infra_fee=fee, token=token,
             token_address=terms["token_address"], chain_id=terms["chain_id"], challenge_window_seconds=window,
-            expires_at=expires_at, proposal_expires_at=now + settings.PROPOSAL_TTL,
+            expires_at=expires_at, proposal_expires_at=proposal_expires_at,
             buyer_wallet_address=terms["buyer_wallet_address"], seller_wallet_address=terms["seller_wallet_address"],
             fee_recipient=terms["fee_recipient"], terms_hash=_terms_hash(terms), note=note,
+            payment_authorization=_direct_authorization_record(direct) if direct else None,
+            fee_permit=fee_permit if direct else {},
         )
         if status == S.PENDING_APPROVAL:
             policy_services.approval_request_create(
@@ -254,14 +270,114 @@ def agreement_propose(
     return agreement
 
 
+# --- direct payments (settlement_model direct_payment) ------------------------------------------------------
+#
+# The buyer signs, at proposal, an x402 "exact" payment (EIP-3009 transferWithAuthorization of the price to the
+# seller) and an EIP-2612 permit of the fee to the platform relayer. Both are checked here, off-chain, with
+# precise codes. On accept the escrow app (registered below as the executor) first collects the fee (permit, then
+# transferFrom to the fee recipient), then executes the payment: accepted -> paying -> paid | payment_failed.
+#
+# A payment that fails leaves the buyer's fee with the buyer: the executor simulates the payment before taking
+# the fee, so a payment that cannot run fails with the fee never taken; if the payment still fails after the fee
+# was taken (the buyer spent or cancelled the authorization in between), the platform treasury refunds the fee
+# (`buyer_refund_atomic`).
+
+DirectPaymentExecutor = Callable[[UsageAgreement], str | None]
+_direct_payment_executor: list[DirectPaymentExecutor] = []
+
+
+def direct_payment_executor_register(*, executor: DirectPaymentExecutor) -> None:
+    """`executor(agreement)` runs inside the accept transaction: it queues the on-chain steps and returns None,
+    or returns why the payment cannot run (nothing has been taken then)."""
+    _direct_payment_executor[:] = [executor]
+
+
+def _direct_payment_check(*, payment_header: str, fee_permit: dict, amount: int, fee: int, payer: str,
+                          seller: str) -> x402_payment.Authorization:
+    requirements = x402_payment.payment_requirements(amount=amount, pay_to=seller,
+                                                     max_timeout_seconds=settings.DIRECT_PAYMENT_MIN_VALIDITY)
+    try:
+        authorization = x402_payment.check(x402_payment.decode(payment_header), requirements,
+                                           min_validity_seconds=settings.DIRECT_PAYMENT_MIN_VALIDITY)
+    except x402_payment.InvalidPayment as invalid:
+        raise InvalidInput(f"payment_header: {invalid.message}", code=invalid.code,
+                           details={"field": "payment_header", "x402_reason": invalid.reason}) from invalid
+    if authorization.payer.lower() != payer.lower():
+        raise InvalidInput(f"payment_header: the payment must come from the buyer's wallet {payer}.",
+                           code="wrong_payer", details={"field": "payment_header"})
+    if fee_permit["value"] < fee:
+        raise InvalidInput(f"fee_permit.value must be at least the fee, {fee}.", code="permit_value_too_low",
+                           details={"field": "fee_permit", "required": fee})
+    if fee_permit["deadline"] < timezone.now().timestamp() + settings.DIRECT_PAYMENT_MIN_VALIDITY:
+        raise InvalidInput(f"fee_permit.deadline must be at least {settings.DIRECT_PAYMENT_MIN_VALIDITY} s away.",
+                           code="signature_expired", details={"field": "fee_permit"})
+    typed = typed_data.erc2612_permit(
+        chain_id=settings.CHAIN_ID, token_address=chainconfig.usdc_address(), owner=payer,
+        spender=chainconfig.relayer_address(), value=fee_permit["value"], nonce=fee_permit["nonce"],
+        deadline=fee_permit["deadline"])
+    try:
+        signer = typed_data.recover_typed_data_signer(typed, fee_permit["signature"])
+    except Exception:  # noqa: BLE001 - any malformed signature is the caller's input error
+        signer = ""
+    if signer.lower() != payer.lower():
+        raise InvalidInput("fee_permit.signature is not the buyer's permit of the fee to the platform relayer "
+                           f"{chainconfig.relayer_address()}.", code="invalid_signature",
+                           details={"field": "fee_permit"})
+    return authorization
+
+
+def _direct_authorization_record(authorization: x402_payment.Authorization):
+    try:
+        return x402_payment.authorization_record(authorization)
+    except x402_payment.InvalidPayment as invalid:
+        raise Conflict(invalid.message, code=invalid.code, details={"field": "payment_header"}) from invalid
+
+
+def _direct_payment_start(agreement_id, seller: Agent) -> UsageAgreement:
+    if not _direct_payment_executor:
+        raise DependencyUnavailable("Direct payments are not available.", code="direct_payments_unavailable")
+    agreement = _transition(agreement_id, to=S.PAYING, actor=SYSTEM, reason="collecting the fee, then paying")
+    problem = _direct_payment_executor[0](agreement)
+    if problem:
+        return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM,
+                           reason=f"payment cannot run, nothing was charged: {problem}")
+    return agreement
+
+
+def agreement_direct_fee_collected(*, agreement_id, tx_hash: str) -> None:
+    UsageAgreement.objects.filter(pk=agreement_id).update(fee_tx_hash=tx_hash, updated_at=timezone.now())
+
+
+def agreement_direct_paid(*, agreement_id, tx_hash: str) -> UsageAgreement:
+    agreement = _lock(agreement_id)
+    return _transition(agreement_id, to=S.PAID, actor=SYSTEM, reason="x402 payment executed on-chain",
+                       data={"tx_hash": tx_hash}, changes={"payment_tx_hash": tx_hash,
+                                                           "seller_payout": agreement.deposit_amount,
+                                                           "used": agreement.deposit_amount})
+
+
+def agreement_direct_payment_failed(*, agreement_id, reason: str) -> UsageAgreement:
+    return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, reason=reason)
+
+
+def agreement_direct_fee_refunded(*, agreement_id, amount: int, tx_hash: str) -> None:
+    UsageAgreement.objects.filter(pk=agreement_id).update(buyer_refund=amount, updated_at=timezone.now())
+
+
 # --- party actions -------------------------------------------------------------------------------------------
 
 def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreement:
     _require_party(agreement, seller, "seller")
     with transaction.atomic():
         current = _lock(agreement.pk)
+        if current.settlement_model == SettlementModel.DIRECT_PAYMENT and current.status in (
+                S.PAYING, S.PAID, S.PAYMENT_FAILED):
+            return current  # a repeated accept: the payment already started
         if not (current.status == S.PROPOSED and current.proposal_expires_at <= timezone.now()):
-            return _transition(agreement.pk, to=S.ACCEPTED, actor=Actor.agent(seller, "seller"))
+            accepted = _transition(agreement.pk, to=S.ACCEPTED, actor=Actor.agent(seller, "seller"))
+            if accepted.settlement_model == SettlementModel.DIRECT_PAYMENT:
+                return _direct_payment_start(agreement.pk, seller)
+            return accepted
         # Committed before answering, so the seller's late accept leaves the agreement visibly expired.
         _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
     raise Conflict("The proposal expired.", code="proposal_expired", details={"status": S.EXPIRED})
@@ -377,3 +493,13 @@ def agreements_expire_proposals(*, now: datetime | None = None) -> int:
                 _transition(pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
                 expired += 1
     return expired
+
+
+def agreement_expire_unfunded(*, agreement_id, reason: str) -> UsageAgreement | None:
+    """An accepted agreement whose escrow was never funded in time becomes `expired` (e.g. a Masumi purchase
+    past its payByTime). A no-op once it is funded, being funded or closed."""
+    with transaction.atomic():
+        agreement = _lock(agreement_id)
+        if agreement.status not in (S.ACCEPTED, S.ACTIVATION_FAILED):
+            return None
+        return _transition(agreement_id, to=S.EXPIRED, actor=SYSTEM, reason=reason)

@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from agreements import services, webhooks
+from agreements import invocations, services, webhooks
 
 
 @shared_task
@@ -16,3 +16,13 @@ def deliver_webhook(delivery_id: str) -> None:
 @shared_task
 def retry_due_webhooks() -> int:
     return webhooks.deliveries_retry_due()
+
+
+@shared_task
+def run_invocation(invocation_id: str) -> None:
+    invocations.invocation_run(invocation_id=invocation_id)
+
+
+@shared_task
+def sweep_invocations() -> dict:
+    return invocations.invocations_sweep()

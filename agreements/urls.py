@@ -14,6 +14,7 @@ urlpatterns = [
     path("usage-agreements/<uuid:agreement_id>/complete", views.CompleteView.as_view()),
     re_path(r"^metered-proxy/(?P<agreement_id>[0-9a-f-]{36})/(?P<path>.*)$", proxy.MeteredProxyView.as_view()),
     path("payment-requirements", views.PaymentRequirementsView.as_view()),
+    path("services/<str:invocation_id>", views.InvocationView.as_view()),
     path("webhooks", views.WebhooksView.as_view()),
     path("webhooks/<uuid:subscription_id>", views.WebhookDetailView.as_view()),
     path("webhooks/<uuid:subscription_id>/deliveries", views.WebhookDeliveriesView.as_view()),

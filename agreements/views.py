@@ -1,11 +1,13 @@
 from django.conf import settings
 from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework import status
+from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from agreements import metering, selectors, services, webhooks
+from agreements import invocations, metering, selectors, services, webhooks
 from agreements.serializers import (
+    InvocationSerializer,
     AgreementEventSerializer,
     CompleteSerializer,
     RecordedUsageSerializer,
@@ -275,3 +277,15 @@ class CompleteView(APIView):
         metering.completion_request(agreement=agreement,
                                     reason=body.validated_data["reason"] or f"completed by the {role}")
         return Response(agreement_payload(selectors.agreement_get(agreement_id=agreement_id, agent=agent)))
+
+
+class InvocationView(APIView):
+    # The invocation id is an unguessable capability returned to whoever paid: no API key needed (x402 callers).
+    permission_classes = [AllowAny]
+
+    @extend_schema(operation_id="services_invocation_get", tags=["services"],
+                   summary="State of a skill invocation: pending, processing, completed, failed or timeout, with "
+                           "the result and where the payment went (paid out to the seller, or refunded)",
+                   responses={200: InvocationSerializer, **error_responses(404)})
+    def get(self, request, invocation_id):
+        return Response(InvocationSerializer(invocations.invocation_get(public_id=invocation_id)).data)

@@ -136,8 +136,8 @@ def deregister_services(modeladmin, request, queryset):
 @admin.register(Service)
 class ServiceAdmin(admin.ModelAdmin):
     list_display = ("name", "seller", "state", "pricing_type", "unit_price", "token", "upstream_protocol",
-                    "created_at")
-    list_filter = ("state", "pricing_type", "upstream_protocol", "token", "seller__is_active")
+                    "availability", "created_at")
+    list_filter = ("state", "pricing_type", "upstream_protocol", "availability", "token", "seller__is_active")
     search_fields = ("name", "description", "keywords", "seller__handle", "id")
     _hidden = ("search_vector", "proxy_secret")  # the HMAC key sellers verify proxied calls with stays secret
     exclude = _hidden

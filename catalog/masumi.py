@@ -4,8 +4,6 @@ Field names, casing and the `{"status": "success", "data": ...}` envelope follow
 `network` is the Masumi network name this deployment answers to (MASUMI_NETWORK) or the chain's own name.
 """
 
-import datetime
-
 from django.conf import settings
 from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework import serializers
@@ -18,22 +16,13 @@ from catalog.models import KeyScope, PricingType, Service, ServiceState
 from catalog.serializers import TagListField, http_base_url
 from marketplace.errors import InvalidInput
 from marketplace.idempotency import idempotent
+from marketplace.masumi_format import check_network as _check_network
+from marketplace.masumi_format import network_field as _network_field
+from marketplace.masumi_format import timestamp as _timestamp
 from marketplace.pagination import MAX_LIMIT, paginate
 from marketplace.serializers import MAX_AMOUNT, AddressSerializerField, StrictSerializer, error_responses
 
 _STATES = {ServiceState.REGISTERED: "RegistrationConfirmed", ServiceState.DEREGISTERED: "DeregistrationConfirmed"}
-
-
-def _network_field():
-    return serializers.CharField(max_length=50, help_text="`MASUMI_NETWORK` (e.g. Preprod) or the chain name.")
-
-
-def _check_network(network: str) -> None:
-    if network not in (settings.MASUMI_NETWORK, settings.CHAIN_NETWORK):
-        raise InvalidInput(
-            f"This marketplace runs on {settings.MASUMI_NETWORK!r} ({settings.CHAIN_NETWORK}).",
-            code="wrong_network",
-        )
 
 
 class MasumiCapability(StrictSerializer):
@@ -150,14 +139,6 @@ AssetListEnvelope = _envelope("MasumiAssetListEnvelope", type(
 AssetEnvelope = _envelope("MasumiAssetEnvelope", MasumiAsset())
 
 
-def _timestamp(moment: datetime.datetime | None) -> str | None:
-    """As Masumi (JavaScript's Date.toISOString) writes it: UTC, milliseconds, Z. A string here rather than a datetime
-    left to the renderer, so an idempotent replay (stored as JSON) answers byte for byte what the first call did."""
-    if moment is None:
-        return None
-    return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def asset(service: Service) -> dict:
     author = service.author or {}
     legal = service.legal or {}
@@ -184,7 +165,7 @@ def asset(service: Service) -> dict:
         "CurrentTransaction": None,
         "createdAt": _timestamp(service.created_at),
         "updatedAt": _timestamp(service.updated_at),
-        "lastCheckedAt": None,
+        "lastCheckedAt": _timestamp(service.availability_checked_at),
     }
 
 

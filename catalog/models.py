@@ -122,6 +122,14 @@ class ServiceState(models.TextChoices):
     DEREGISTERED = "deregistered"
 
 
+class Availability(models.TextChoices):
+    """What a Masumi agentic service last answered on `GET /availability` (plain HTTP services stay unknown)."""
+
+    UNKNOWN = "unknown"
+    AVAILABLE = "available"
+    UNAVAILABLE = "unavailable"
+
+
 class Service(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     seller = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="services")
@@ -149,6 +157,10 @@ class Service(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     deregistered_at = models.DateTimeField(null=True, blank=True)
+    # Polled by catalog.tasks.poll_availability for `masumi` services; unavailable ones drop out of search.
+    availability = models.CharField(max_length=12, choices=Availability.choices, default=Availability.UNKNOWN)
+    availability_message = models.CharField(max_length=250, blank=True)
+    availability_checked_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [
@@ -159,6 +171,8 @@ class Service(models.Model):
             models.CheckConstraint(condition=Q(unit_price__gte=0), name="service_unit_price_non_negative"),
             models.CheckConstraint(condition=Q(state__in=ServiceState.values), name="service_state_valid"),
             models.CheckConstraint(condition=Q(pricing_type__in=PricingType.values), name="service_pricing_valid"),
+            models.CheckConstraint(condition=Q(availability__in=Availability.values),
+                                   name="service_availability_valid"),
         ]
 
     def __str__(self) -> str:

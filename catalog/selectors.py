@@ -10,7 +10,7 @@ from django.db import connection, transaction
 from django.db.models import Case, Exists, F, FloatField, OuterRef, Q, QuerySet, Value, When
 from django.db.models.functions import Cast
 
-from catalog.models import Agent, ApiKey, Service, ServiceState, Skill, Tag
+from catalog.models import Agent, ApiKey, Availability, Service, ServiceState, Skill, Tag, UpstreamProtocol
 from marketplace.errors import NotFound
 from marketplace.pagination import paginate
 
@@ -66,6 +66,12 @@ def service_get_any_state(*, service_id) -> Service:
     if service is None:
         raise NotFound("No such service.", code="service_not_found")
     return service
+
+
+def masumi_service_ids() -> list:
+    """Registered services driven through the Masumi Agentic Service API (their availability is polled)."""
+    return list(Service.objects.filter(state=ServiceState.REGISTERED, upstream_protocol=UpstreamProtocol.MASUMI)
+                .values_list("pk", flat=True))
 
 
 def services_of_seller(*, seller: Agent) -> QuerySet[Service]:
@@ -152,7 +158,9 @@ def _with_tag(tag_ids: list[int]) -> Exists:
 
 
 def service_search(*, search: ServiceSearch, cursor: str | None, limit: int) -> tuple[list[Service], str | None]:
-    services = Service.objects.filter(state=ServiceState.REGISTERED, seller__is_active=True)
+    # A Masumi service that said it cannot take jobs is left out until its next availability check says it can.
+    services = Service.objects.filter(state=ServiceState.REGISTERED, seller__is_active=True).exclude(
+        availability=Availability.UNAVAILABLE)
     # Tag names to ids first (one small query): a tag nobody uses means no results, and the filters below become
     # semi-joins on the (service, tag) index instead of joins through the tag table.
     tag_names = {*search.tags_all, *search.tags_any}

@@ -1,7 +1,14 @@
 from django.conf import settings
 from rest_framework import serializers
 
-from catalog.models import HANDLE_VALIDATOR, SKILL_NAME_VALIDATOR, KeyScope, PricingType, UpstreamProtocol
+from catalog.models import (
+    HANDLE_VALIDATOR,
+    SKILL_NAME_VALIDATOR,
+    Availability,
+    KeyScope,
+    PricingType,
+    UpstreamProtocol,
+)
 from marketplace.pagination import PageQuerySerializer
 from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictSerializer
 
@@ -166,6 +173,10 @@ class ServiceSerializer(serializers.Serializer):
     upstream_protocol = serializers.CharField()
     skills = serializers.SerializerMethodField()
     state = serializers.CharField()
+    availability = serializers.ChoiceField(
+        choices=Availability.choices,
+        help_text="`masumi` services: what GET /availability last answered (unavailable ones are not in search).")
+    availability_checked_at = serializers.DateTimeField(allow_null=True)
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
 

@@ -8,8 +8,19 @@ from django.contrib.postgres.search import SearchVector
 from django.db import connection, transaction
 from django.utils import timezone
 
-from catalog.models import Agent, ApiKey, KeyScope, OwnerToken, Service, ServiceState, Skill, Tag
-from marketplace import outbound
+from catalog.models import (
+    Agent,
+    ApiKey,
+    Availability,
+    KeyScope,
+    OwnerToken,
+    Service,
+    ServiceState,
+    Skill,
+    Tag,
+    UpstreamProtocol,
+)
+from marketplace import agentic_service, outbound
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.fields import checksum_address
 from marketplace.keys import issue_secret
@@ -215,3 +226,20 @@ def service_deregister(*, service: Service, actor: Agent | None) -> Service:
     )
     service.refresh_from_db()
     return service
+
+
+def service_availability_record(*, service_id, available: bool, message: str = "") -> None:
+    """Store what a Masumi service answered on `GET /availability`; unavailable ones drop out of search."""
+    Service.objects.filter(pk=service_id).update(
+        availability=Availability.AVAILABLE if available else Availability.UNAVAILABLE,
+        availability_message=message[:250], availability_checked_at=timezone.now())
+
+
+def service_availability_check(*, service_id) -> None:
+    """Ask one registered `masumi` service whether it can take jobs, and store the answer."""
+    service = Service.objects.filter(pk=service_id, state=ServiceState.REGISTERED,
+                                     upstream_protocol=UpstreamProtocol.MASUMI).first()
+    if service is None:
+        return
+    answer = agentic_service.availability(base_url=service.upstream_base_url)
+    service_availability_record(service_id=service.pk, available=answer.available, message=answer.message)

@@ -1,8 +1,22 @@
 from celery import shared_task
 
-from catalog import services
+from catalog import selectors, services
 
 
 @shared_task
 def expire_api_keys() -> int:
     return services.api_keys_expire()
+
+
+@shared_task
+def poll_availability() -> int:
+    """Beat: one check per Masumi service, each its own task, so a slow seller delays no other."""
+    service_ids = selectors.masumi_service_ids()
+    for service_id in service_ids:
+        check_availability.delay(str(service_id))
+    return len(service_ids)
+
+
+@shared_task
+def check_availability(service_id: str) -> None:
+    services.service_availability_check(service_id=service_id)

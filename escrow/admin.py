@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 
-from escrow import relayer
-from escrow.models import ChainTransaction, RelayerAccount, TxAttempt, TxStatus
+from escrow import purchases, relayer
+from escrow.models import ChainTransaction, MasumiPurchase, RelayerAccount, TxAttempt, TxStatus
 
 
 class TxAttemptInline(admin.TabularInline):
@@ -46,6 +46,31 @@ class ChainTransactionAdmin(admin.ModelAdmin):
 class RelayerAccountAdmin(admin.ModelAdmin):
     list_display = ("address", "chain_id", "next_nonce", "created_at")
     readonly_fields = ("address", "chain_id", "next_nonce", "created_at")
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(MasumiPurchase)
+class MasumiPurchaseAdmin(admin.ModelAdmin):
+    """Read-only: purchases move through escrow.purchases. A dispute is decided on its agreement (resolve)."""
+
+    list_display = ("id", "agreement", "agreement_status", "onchain_state", "job_id", "job_status",
+                    "submit_result_time", "unlock_time", "refund_requested_at", "created_at")
+    list_filter = ("agreement__status",)
+    search_fields = ("id", "agreement__id", "job_id", "payment_id", "input_hash", "result_hash")
+    list_select_related = ("agreement",)
+
+    @admin.display(description="agreement status", ordering="agreement__status")
+    def agreement_status(self, purchase) -> str:
+        return purchase.agreement.status
+
+    @admin.display(description="on-chain state (Masumi)")
+    def onchain_state(self, purchase) -> str:
+        return purchases.purchase_onchain_state(purchase) or "-"
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in MasumiPurchase._meta.fields]
 
     def has_add_permission(self, request):
         return False

@@ -30,6 +30,11 @@ class TxPurpose(models.TextChoices):
     RECLAIM = "reclaim"
     DIRECT_FEE = "direct_fee"
     DIRECT_PAYMENT = "direct_payment"
+    DIRECT_FEE_PERMIT = "direct_fee_permit"
+    DIRECT_FEE_REFUND = "direct_fee_refund"
+    INVOCATION_PAYMENT = "invocation_payment"
+    INVOCATION_PAYOUT = "invocation_payout"
+    INVOCATION_REFUND = "invocation_refund"
     NONCE_FILL = "nonce_fill"
 
 
@@ -103,3 +108,57 @@ class TxAttempt(models.Model):
 
     def __str__(self) -> str:
         return self.tx_hash
+
+
+class MasumiPurchase(models.Model):
+    """A buyer's purchase of one job of a `masumi` service, paid through its own escrow agreement.
+
+    The money and its state live on the agreement (one escrow, activated, settled or reclaimed like any other);
+    this row holds what Masumi adds: the job on the seller, the input and result hashes and the four timers.
+    See escrow.purchases for how the timers map onto the contract.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    agreement = models.OneToOneField("agreements.UsageAgreement", on_delete=models.PROTECT,
+                                     related_name="masumi_purchase")
+    identifier_from_purchaser = models.CharField(max_length=250, blank=True)
+    metadata = models.CharField(max_length=1000, blank=True)
+    input_data = models.JSONField(help_text="Sent to the seller's POST /start_job once the funds are locked.")
+    input_hash = models.CharField(max_length=64, help_text="sha256 (hex) of the canonical JSON of input_data.")
+    pay_by_time = models.DateTimeField()
+    submit_result_time = models.DateTimeField()
+    unlock_time = models.DateTimeField()
+    external_dispute_unlock_time = models.DateTimeField()
+    created_chain_time = models.DateTimeField(help_text="The chain's clock when the purchase was made.")
+    job_id = models.CharField(max_length=250, blank=True)
+    payment_id = models.CharField(max_length=250, blank=True)
+    job_status = models.CharField(max_length=50, blank=True, help_text="What the seller's GET /status last said.")
+    job_start_claimed_at = models.DateTimeField(null=True, blank=True,
+                                                help_text="Set before calling start_job, so only one call is made.")
+    result = models.TextField(blank=True)
+    result_hash = models.CharField(max_length=64, blank=True, help_text="sha256 (hex) of the result.")
+    result_submitted_at = models.DateTimeField(null=True, blank=True)
+    refund_requested_at = models.DateTimeField(null=True, blank=True)
+    refund_signature = models.CharField(max_length=132, blank=True,
+                                        help_text="The buyer's EIP-712 Challenge{agreementId, unlockTime}.")
+    last_error = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(created_chain_time__lt=models.F("pay_by_time"))
+                & Q(pay_by_time__lt=models.F("submit_result_time"))
+                & Q(submit_result_time__lt=models.F("unlock_time"))
+                & Q(unlock_time__lt=models.F("external_dispute_unlock_time")),
+                name="masumi_purchase_timers_ordered"),
+            models.CheckConstraint(condition=Q(result_hash="") | Q(result_submitted_at__isnull=False),
+                                   name="masumi_purchase_result_has_time"),
+        ]
+        indexes = [models.Index(fields=["result_submitted_at", "submit_result_time"],
+                                name="masumi_purchase_pending_idx")]
+
+    def __str__(self) -> str:
+        return f"purchase {self.pk} ({self.job_id or 'job not started'})"

@@ -1,7 +1,8 @@
 from django.db.models import Count
 
-from escrow import chain
-from escrow.models import ChainTransaction, TxStatus
+from escrow import chain, purchases
+from escrow.models import ChainTransaction, MasumiPurchase, TxStatus
+from marketplace.errors import NotFound
 
 
 def transactions_of_agreement(*, agreement_id):
@@ -61,6 +62,20 @@ def reconciliation_mismatches(*, agreements) -> list[str]:
                 agreement.buyer_refund or 0) != agreement.deposit_amount:
             mismatches.append(f"{label}: payout + refund != deposit")
     return mismatches
+
+
+def purchases_of_buyer(*, buyer):
+    return MasumiPurchase.objects.filter(agreement__buyer=buyer).select_related(
+        "agreement", "agreement__service", "agreement__seller")
+
+
+def purchase_get(*, buyer, blockchain_identifier: str) -> MasumiPurchase:
+    """The buyer's purchase with this blockchainIdentifier (the escrow's agreementId), else 404."""
+    purchase = purchases_of_buyer(buyer=buyer).filter(
+        agreement__pk=purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
+    if purchase is None:
+        raise NotFound("No such purchase.", code="purchase_not_found")
+    return purchase
 
 
 def transaction_counts_by_purpose_and_status() -> dict[tuple[str, str], int]:

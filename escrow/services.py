@@ -68,15 +68,17 @@ def _permit_nonce(agreement: UsageAgreement) -> int:
         raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
 
 
-def activation_package(*, agreement: UsageAgreement, buyer: Agent) -> dict:
-    """Everything the buyer signs to activate: the intent and EIP-2612 permits for the deposit and the fee."""
+def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int | None = None) -> dict:
+    """Everything the buyer signs to activate: the intent and EIP-2612 permits for the deposit and the fee.
+
+    `deadline` (unix time) overrides the default signature lifetime, e.g. a Masumi purchase's payByTime."""
     _require_chain()
     if agreement.buyer_id != buyer.pk:
         raise Conflict("Only the buyer activates the escrow.", code="buyer_only")
     if agreement.status not in ("accepted", "activation_failed"):
         raise Conflict(f"Nothing to sign while the agreement is {agreement.status}.", code="invalid_transition",
                        details={"status": agreement.status})
-    deadline = _chain_now() + settings.ACTIVATION_SIGNATURE_TTL
+    deadline = deadline or _chain_now() + settings.ACTIVATION_SIGNATURE_TTL
     nonce = _permit_nonce(agreement)
     fee_pending = agreement.infra_fee > 0
     return {

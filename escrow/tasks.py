@@ -2,7 +2,7 @@
 
 from celery import shared_task
 
-from escrow import chain, relayer, settlement
+from escrow import chain, purchases, relayer, settlement
 
 
 @shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=2, retry_backoff_max=300, max_retries=20)
@@ -23,3 +23,8 @@ def sweep_queued() -> int:
 @shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=5, max_retries=3)
 def settlement_tick() -> dict:
     return settlement.settlement_tick()
+
+
+@shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=5, max_retries=3)
+def masumi_purchases_tick() -> dict:
+    return purchases.purchases_tick()

@@ -1,16 +1,28 @@
 from datetime import timedelta
 
+from django.conf import settings
 from django.utils import timezone
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
+from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from agreements import invocations, x402_payment
 from agreements import selectors as agreement_selectors
+from agreements.models import InvocationStatus
+from agreements.serializers import (
+    InvocationAcceptedSerializer,
+    InvocationResultSerializer,
+    InvokeSerializer,
+    X402PaymentRequiredSerializer,
+    invocation_payment,
+)
+from catalog import selectors as catalog_selectors
 from catalog.authentication import agent_scope, calling_agent
-from catalog.models import KeyScope
+from catalog.models import ApiKey, KeyScope
 from catalog.authentication import IsOperator
-from escrow import chain, selectors, services, settlement
+from escrow import chain, payments, selectors, services, settlement
 from escrow.serializers import (
     ActivateEscrowSerializer,
     ActivationAcceptedSerializer,
@@ -23,9 +35,9 @@ from escrow.serializers import (
     EscrowStatusSerializer,
 )
 from marketplace import chainconfig
-from marketplace.errors import Conflict, DependencyUnavailable
+from marketplace.errors import Conflict, DependencyUnavailable, error_body
 from marketplace.idempotency import idempotent
-from marketplace.serializers import error_responses
+from marketplace.serializers import ErrorSerializer, error_responses
 
 TAGS = ["escrow"]
 # Submitting without a signed transaction for this long is a backend fault, not chain latency.
@@ -170,3 +182,77 @@ class ResolveView(APIView):
                                            seller_amount=body.validated_data["seller_amount_atomic"])
         return Response(ChainTransactionSerializer(transaction_payload(tx, None)).data,
                         status=status.HTTP_202_ACCEPTED)
+
+
+def _payment_required_response(request, skill, *, code: str, message: str, reason: str = "",
+                               details: dict | None = None) -> Response:
+    requirements = payments.invocation_requirements(skill)
+    required = x402_payment.payment_required(requirements=requirements, url=request.build_absolute_uri(),
+                                             description=skill.description or skill.name, error=code)
+    body = required.model_dump(mode="json", by_alias=True, exclude_none=True)
+    body["error"] = {"code": code, "message": message,
+                     "details": {**({"x402_reason": reason} if reason else {}), **(details or {})}}
+    return Response(body, status=status.HTTP_402_PAYMENT_REQUIRED,
+                    headers=x402_payment.payment_required_headers(requirements=requirements, required=required))
+
+
+class SkillInvokeView(APIView):
+    # x402: the signed payment is the credential. An agent API key, when sent, names the buyer.
+    permission_classes = [AllowAny]
+    throttle_scope = "payments"  # per key, else per client address
+
+    @extend_schema(
+        operation_id="services_invoke", tags=["services"], request=InvokeSerializer,
+        summary="Invoke a seller's skill, paid with x402",
+        description="Without a payment: 402 with X-Payment-Amount/Currency/Address/Chain headers, x402's "
+                    "PAYMENT-REQUIRED header and body. Retry with the signed payment (x402 base64 PaymentPayload, "
+                    "scheme exact: an EIP-3009 authorization of the skill's price to X-Payment-Address) in "
+                    "`X-Payment-Signature`, `X-PAYMENT` or `PAYMENT-SIGNATURE`. The payment is executed on-chain "
+                    "to the platform treasury, then the seller is called: 200 with the result (202 with an "
+                    "invocation id for async skills, or when the payment takes long to confirm). The seller is "
+                    "paid when the invocation completes; a failed or timed-out invocation is refunded. A refused "
+                    "payment (replayed, wrong amount or recipient, expired, bad signature) is 402 with its code, "
+                    "and nothing is charged. The authorization's nonce is the idempotency key: a retry with the "
+                    "same signed payment is 402 `authorization_already_used` with the `invocation_id` it bought.",
+        parameters=[OpenApiParameter(name, str, OpenApiParameter.HEADER, required=False,
+                                     description="The signed x402 payment.")
+                    for name in x402_payment.PAYMENT_HEADERS],
+        responses={200: InvocationResultSerializer, 202: InvocationAcceptedSerializer,
+                   402: X402PaymentRequiredSerializer, 502: ErrorSerializer, 504: ErrorSerializer,
+                   **error_responses(404, 409, 429, 503)},
+    )
+    def post(self, request, handle, skill):
+        skill = catalog_selectors.skill_get(handle=handle, skill_name=skill)
+        if not invocations.invocation_price(skill):
+            raise Conflict("This skill has no price: x402 pays positive amounts only.", code="skill_not_priced")
+        body = InvokeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        header = x402_payment.payment_header(request.headers)
+        if not header:
+            return _payment_required_response(request, skill, code="payment_required",
+                                              message="Pay for this skill with x402 and retry.")
+        buyer = request.auth.agent if isinstance(request.auth, ApiKey) else None
+        try:
+            outcome = payments.invocation_invoke(skill=skill, buyer=buyer, input=body.validated_data["input"],
+                                                 payment_header=header,
+                                                 wait_seconds=settings.INVOCATION_PAYMENT_WAIT_SECONDS)
+        except x402_payment.InvalidPayment as invalid:
+            return _payment_required_response(request, skill, code=invalid.code, message=invalid.message,
+                                              reason=invalid.reason, details=invalid.details)
+        invocation = outcome.invocation
+        if outcome.payment_failure:
+            return _payment_required_response(request, skill, code="payment_failed", message=(
+                f"The payment did not execute; nothing was charged: {outcome.payment_failure}"))
+        if outcome.in_background:
+            return Response(InvocationAcceptedSerializer({
+                "invocation_id": invocation.public_id, "status": invocation.status,
+                "estimated_completion": invocation.deadline_at or timezone.now() + timedelta(
+                    seconds=invocation.timeout_seconds)}).data, status=status.HTTP_202_ACCEPTED)
+        if invocation.status == InvocationStatus.COMPLETED:
+            return Response(InvocationResultSerializer({"invocation_id": invocation.public_id,
+                                                        "result": invocation.result,
+                                                        "payment": invocation_payment(invocation)}).data)
+        code, http = (("invocation_timeout", 504) if invocation.status == InvocationStatus.TIMEOUT
+                      else ("invocation_failed", 502))
+        return Response(error_body(code, f"The skill did not complete ({invocation.error}); the payment is being "
+                                         "refunded.", {"invocation_id": invocation.public_id}), status=http)

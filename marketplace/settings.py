@@ -183,6 +183,12 @@ if not DEBUG:
 SUPPORTED_TOKENS = env.list("SUPPORTED_TOKENS", default=["USDC"])
 # The Masumi network name this deployment answers to on the Masumi-compatible endpoints.
 MASUMI_NETWORK = env.str("MASUMI_NETWORK", default="Preprod")
+# Calls to a Masumi seller's own API (start_job, status, availability).
+MASUMI_SERVICE_TIMEOUT = env.float("MASUMI_SERVICE_TIMEOUT_SECONDS", default=10.0)
+CELERY_BEAT_SCHEDULE["poll-masumi-availability"] = {
+    "task": "catalog.tasks.poll_availability",
+    "schedule": timedelta(seconds=env.int("MASUMI_AVAILABILITY_POLL_SECONDS", default=60)),
+}
 
 # --- Agreements and policies ----------------------------------------------------------------------------------
 APPROVAL_TTL = timedelta(hours=env.int("APPROVAL_TTL_HOURS", default=24))
@@ -194,12 +200,21 @@ AGREEMENT_MAX_AMOUNT = env.int("AGREEMENT_MAX_AMOUNT", default=1_000_000 * 10**6
 CHALLENGE_WINDOW_DEFAULT = env.int("CHALLENGE_WINDOW_SECONDS", default=3600)
 CHALLENGE_WINDOW_MIN = env.int("CHALLENGE_WINDOW_MIN_SECONDS", default=60)
 CHALLENGE_WINDOW_MAX = env.int("CHALLENGE_WINDOW_MAX_SECONDS", default=7 * 24 * 3600)
+# A direct payment's signatures (x402 authorization, fee permit) must stay valid at least this long after
+# proposal, so the seller has time to accept; the proposal expires before they do.
+DIRECT_PAYMENT_MIN_VALIDITY = env.int("DIRECT_PAYMENT_MIN_VALIDITY_SECONDS", default=600)
+# Skill invocations (POST /agents/{handle}/{skill}): how long the request waits for the buyer's payment to be
+# confirmed before answering 202 with an invocation id; how long a paid, still pending invocation waits for its
+# caller before a worker runs it.
+INVOCATION_PAYMENT_WAIT_SECONDS = env.float("INVOCATION_PAYMENT_WAIT_SECONDS", default=20.0)
+INVOCATION_ORPHAN_AFTER = timedelta(seconds=env.int("INVOCATION_ORPHAN_AFTER_SECONDS", default=60))
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
 WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)
 CELERY_BEAT_SCHEDULE.update({
     "expire-proposals": {"task": "agreements.tasks.expire_proposals", "schedule": timedelta(minutes=1)},
     "expire-approvals": {"task": "policies.tasks.expire_approvals", "schedule": timedelta(minutes=1)},
     "retry-webhooks": {"task": "agreements.tasks.retry_due_webhooks", "schedule": timedelta(seconds=30)},
+    "sweep-invocations": {"task": "agreements.tasks.sweep_invocations", "schedule": timedelta(seconds=15)},
 })
 # Receives platform fees unless the fee schedule in the admin names another address.
 FEE_RECIPIENT = env.str("FEE_RECIPIENT", default="0x90F79bf6EB2c4f870365E785982E1f101E93b906")
@@ -226,7 +241,14 @@ CELERY_BEAT_SCHEDULE.update({
     "sweep-queued-transactions": {"task": "escrow.tasks.sweep_queued", "schedule": timedelta(seconds=30)},
     "settlement-tick": {"task": "escrow.tasks.settlement_tick",
                         "schedule": timedelta(seconds=env.int("SETTLEMENT_TICK_SECONDS", default=10))},
+    "masumi-purchases-tick": {"task": "escrow.tasks.masumi_purchases_tick",
+                              "schedule": timedelta(seconds=env.int("MASUMI_PURCHASE_TICK_SECONDS", default=10))},
 })
+# Masumi purchases: timers a buyer leaves out, in seconds from the purchase (payByTime, then each from the last).
+MASUMI_PAY_BY_SECONDS = env.int("MASUMI_PAY_BY_SECONDS", default=600)
+MASUMI_SUBMIT_RESULT_SECONDS = env.int("MASUMI_SUBMIT_RESULT_SECONDS", default=3600)
+MASUMI_UNLOCK_SECONDS = env.int("MASUMI_UNLOCK_SECONDS", default=3600)
+MASUMI_EXTERNAL_DISPUTE_SECONDS = env.int("MASUMI_EXTERNAL_DISPUTE_SECONDS", default=24 * 3600)
 
 # --- Metered proxy --------------------------------------------------------------------------------------------
 PROXY_CONNECT_TIMEOUT = env.float("PROXY_CONNECT_TIMEOUT_SECONDS", default=5.0)

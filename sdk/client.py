@@ -29,6 +29,9 @@ from typing import Any
 import httpx
 
 from sdk.activation import sign_activation_package
+from sdk.receipts import UsageVerificationError, VerifiedUsage, verify_usage
+from sdk.typed_data import sign_typed_data
+from sdk.x402_payments import build_direct_stablecoin_agreement, sign_payment_required
 
 __all__ = ["AgreementFailed", "MarketplaceClient", "MarketplaceError"]
 
@@ -167,6 +170,22 @@ class MarketplaceClient:
         params = {"amount_cents": amount_cents, "amount_atomic": amount_atomic, "rail": rail}
         return self._request("GET", "/payment-requirements", params={k: v for k, v in params.items() if v is not None})
 
+    def propose_direct_purchase(self, service_id: AgreementId, quantity: int, *, private_key: str,
+                                permit_nonce: int, validity_seconds: int = 3600,
+                                idempotency_key: str | None = None) -> dict[str, Any]:
+        """Buy `quantity` units without an escrow: signs here (`build_direct_stablecoin_agreement`) the x402 payment
+        to the seller and the fee permit to the platform's gas wallet, then proposes. `permit_nonce` is the
+        token's `nonces(buyer wallet)`. Once the seller accepts, the platform collects the fee, then pays: follow
+        with `wait_until(id, statuses={"paid"}, failure={"payment_failed"})`."""
+        service = self._request("GET", f"/agents/services/{service_id}")
+        unit_price = service["pricing"]["unit_price_atomic"]
+        requirements = self.payment_requirements(amount_atomic=quantity * unit_price)
+        body = build_direct_stablecoin_agreement(
+            service_id=str(service_id), quantity=quantity, unit_price_atomic=unit_price,
+            seller_wallet_address=service["seller"]["wallet_address"], payment_requirements=requirements,
+            private_key=private_key, permit_nonce=permit_nonce, validity_seconds=validity_seconds)
+        return self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
+
     # --- escrow --------------------------------------------------------------------------------------------------
 
     def activation_package(self, agreement_id: AgreementId) -> dict[str, Any]:
@@ -214,6 +233,152 @@ class MarketplaceClient:
                 raise TimeoutError(f"agreement {agreement_id} is still {agreement['status']} after {timeout:g} s, "
                                    f"waiting for {', '.join(sorted(statuses))}")
             time.sleep(min(poll_interval, remaining))
+
+    # --- metering and settlement ---------------------------------------------------------------------------------
+
+    def call_metered(self, agreement_id: AgreementId, path: str, *, method: str = "GET",
+                     **request: Any) -> httpx.Response:
+        """Call the seller through the metered proxy; `request` takes httpx's arguments (params, json, content,
+        headers). Returns the upstream's answer as is, with `X-Usage-Cost`, `X-Escrow-Remaining` and
+        `X-Usage-Event-Id` when the call was charged. A refusal by the marketplace itself (402 budget used up,
+        409 not active) raises `MarketplaceError`. Not retried: a proxied call is not idempotent upstream."""
+        response = self._http.request(method, f"/metered-proxy/{agreement_id}/{path.lstrip('/')}", **request)
+        if response.status_code in (401, 402, 403, 404, 409, 429) and "X-Usage-Event-Id" not in response.headers:
+            error = MarketplaceError.from_response(response)
+            if not error.code.startswith("http_"):
+                raise error
+        return response
+
+    def usage(self, agreement_id: AgreementId, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every usage event of the agreement, oldest first (lazy, page by page)."""
+        return self._pages("GET", f"/usage-agreements/{agreement_id}/usage", {"limit": page_size})
+
+    def verify_usage(self, agreement_id: AgreementId) -> VerifiedUsage:
+        """Check every charge: gap-free sequence, cumulative sums, the digest chain and the platform's receipt
+        signatures, against the receipt signer the escrow contract holds (read from the chain, not trusted from
+        the API). Once a settlement is proposed, the on-chain amount and usage digest must match the receipts.
+        Raises `UsageVerificationError` on the first discrepancy."""
+        agreement = self.get_agreement(agreement_id)
+        escrow = self.escrow_status(agreement_id, verify=True)
+        onchain = escrow["onchain"] or {}
+        verified = verify_usage(self.usage(agreement_id), agreement_id=escrow["onchain_id"],
+                                chain_id=int(agreement["chain_id"]), escrow_address=escrow["escrow_contract"],
+                                receipt_signer=onchain.get("receiptSigner", ""))
+        if onchain.get("state") in ("proposed", "settled") and int(onchain["settledAmount"]) != verified.cumulative_amount:
+            raise UsageVerificationError(f"on-chain amount {onchain['settledAmount']} != receipts "
+                                         f"{verified.cumulative_amount}")
+        return verified
+
+    def record_usage(self, agreement_id: AgreementId, events: Sequence[Mapping[str, Any]], *,
+                     idempotency_key: str | None = None) -> dict[str, Any]:
+        """Report usage as the seller: up to 100 events ({units, description}), all-or-nothing against the cap."""
+        return self._request("POST", f"/usage-agreements/{agreement_id}/record-usage",
+                             json={"events": [dict(event) for event in events]},
+                             idempotency_key=idempotency_key or _new_key())
+
+    def complete(self, agreement_id: AgreementId, reason: str = "") -> dict[str, Any]:
+        """End the agreement (buyer or seller): the relayer proposes the settlement and the window opens."""
+        return self._request("POST", f"/usage-agreements/{agreement_id}/complete", json={"reason": reason})
+
+    def challenge(self, agreement_id: AgreementId, private_key: str, reason: str, *, evidence: str = "",
+                  idempotency_key: str | None = None) -> dict[str, Any]:
+        """Dispute the proposed settlement within the window (buyer): signs the EIP-712 Challenge locally."""
+        package = self._request("GET", f"/usage-agreements/{agreement_id}/challenge-package")
+        body = {"reason": reason, "evidence": evidence, "deadline": package["deadline"],
+                "signature": sign_typed_data(private_key, package["challenge"])}
+        return self._request("POST", f"/usage-agreements/{agreement_id}/challenge", json=body,
+                             idempotency_key=idempotency_key or _new_key())
+
+    # --- Masumi jobs ---------------------------------------------------------------------------------------------
+
+    def purchase_masumi_job(self, agent_identifier: AgreementId, input_data: Any, private_key: str, *,
+                            network: str = "Preprod", idempotency_key: str | None = None,
+                            **purchase_fields: Any) -> dict[str, Any]:
+        """Buy one job of a `masumi` service: `POST /purchase`, sign the escrow package here with the buyer
+        wallet's key, `POST /purchase/lock-funds`. `purchase_fields` are Masumi's optional fields
+        (identifierFromPurchaser, metadata, payByTime, submitResultTime, unlockTime, externalDisputeUnlockTime:
+        unix milliseconds as strings). Returns the purchase (`onChainState` null until the relayer locked the
+        funds; the marketplace then starts the job on the seller). Follow with `wait_for_purchase`."""
+        key = idempotency_key or _new_key()
+        created = self._request("POST", "/purchase", json={
+            "network": network, "agentIdentifier": str(agent_identifier), "input_data": input_data,
+            **purchase_fields}, idempotency_key=key)["data"]
+        signed = sign_activation_package(created["ActivationPackage"], private_key)
+        locked = self._request("POST", "/purchase/lock-funds", json={
+            "network": network, "blockchainIdentifier": created["blockchainIdentifier"], **signed},
+            idempotency_key=f"{key}:lock-funds")
+        return locked["data"]
+
+    def get_purchase(self, blockchain_identifier: str, *, network: str = "Preprod") -> dict[str, Any]:
+        page = self._request("GET", "/purchase", params={"network": network,
+                                                         "blockchainIdentifier": blockchain_identifier})
+        return page["data"]["Purchases"][0]
+
+    def wait_for_purchase(self, blockchain_identifier: str, *,
+                          states: Collection[str] = frozenset({"ResultSubmitted"}), network: str = "Preprod",
+                          timeout: float = 300.0, poll_interval: float = 2.0) -> dict[str, Any]:
+        """Poll the purchase until its `onChainState` is one of `states` (e.g. ResultSubmitted: `result` holds the
+        job's output); `TimeoutError` after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            purchase = self.get_purchase(blockchain_identifier, network=network)
+            if purchase["onChainState"] in states:
+                return purchase
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"purchase {blockchain_identifier} is {purchase['onChainState']} after "
+                                   f"{timeout:g} s, waiting for {', '.join(sorted(states))}")
+            time.sleep(min(poll_interval, remaining))
+
+    def request_refund(self, blockchain_identifier: str, private_key: str, *,
+                       network: str = "Preprod") -> dict[str, Any]:
+        """`PATCH /purchase`: sign the purchase's refund request (EIP-712 Challenge) here and submit it."""
+        purchase = self.get_purchase(blockchain_identifier, network=network)
+        signature = sign_typed_data(private_key, purchase["refundRequestTypedData"])
+        return self._request("PATCH", "/purchase", json={
+            "network": network, "blockchainIdentifier": blockchain_identifier, "signature": signature})["data"]
+    # --- skills (x402) -------------------------------------------------------------------------------------------
+
+    def invoke_skill(self, handle: str, skill: str, input: Mapping[str, Any], *, private_key: str,
+                     max_amount_atomic: int, wait: bool = True, timeout: float = 300.0,
+                     poll_interval: float = 1.0) -> dict[str, Any]:
+        """Call `POST /agents/{handle}/{skill}`, paying what its 402 asks with the wallet `private_key` (signed here
+        with x402, never above `max_amount_atomic` base units), and return the answer.
+
+        A sync skill answers `{"result", "payment"}`. An async one answers `{"invocation_id", ...}`; with `wait`
+        this polls `GET /services/{invocation_id}` until the invocation is completed, failed or timed out and
+        returns that. A refused payment raises `MarketplaceError` (status 402, its code).
+        """
+        path = f"/agents/{handle}/{skill}"
+        first = self._http.post(path, json={"input": dict(input)})
+        if first.status_code != 402:
+            return self._answer(first)
+        header = sign_payment_required(first.headers["PAYMENT-REQUIRED"], private_key,
+                                       max_amount_atomic=max_amount_atomic)
+        answer = self._answer(self._http.post(path, json={"input": dict(input)}, headers={"X-PAYMENT": header}))
+        if "invocation_id" in answer and "result" not in answer and wait:
+            return self.wait_for_invocation(answer["invocation_id"], timeout=timeout, poll_interval=poll_interval)
+        return answer
+
+    def get_invocation(self, invocation_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/services/{invocation_id}")
+
+    def wait_for_invocation(self, invocation_id: str, *, timeout: float = 300.0,
+                            poll_interval: float = 1.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            invocation = self.get_invocation(invocation_id)
+            if invocation["status"] in ("completed", "failed", "timeout"):
+                return invocation
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"invocation {invocation_id} is still {invocation['status']} after {timeout:g} s")
+            time.sleep(poll_interval)
+
+    @staticmethod
+    def _answer(response: httpx.Response) -> dict[str, Any]:
+        if not response.is_success:
+            raise MarketplaceError.from_response(response)
+        return response.json()
 
     # --- plumbing ------------------------------------------------------------------------------------------------
 

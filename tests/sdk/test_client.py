@@ -19,7 +19,7 @@ import pytest
 from django.db import connections
 from django.utils import timezone
 
-from escrow import relayer
+from escrow import relayer, settlement
 from sdk import MarketplaceClient, MarketplaceError
 from tests.catalog.factories import AgentFactory, issue_key, service_data
 from tests.escrow.flow import USDC, fund, usdc_balance
@@ -175,3 +175,43 @@ def test_the_sdk_imports_without_django():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=environment, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.chain
+def test_metered_calls_verified_receipts_completion_and_challenge(live_server, escrow_chain, http_server):
+    chain = escrow_chain
+    buyer_wallet, seller_wallet = chain.accounts.buyer, chain.accounts.seller
+    fund(chain, buyer_wallet.address, 10 * USDC)
+
+    with agent_client(live_server.url, wallet=buyer_wallet.address) as buyer, \
+            agent_client(live_server.url, wallet=seller_wallet.address, buyer=False, seller=True) as seller:
+        service = seller.register_service(**{**service_data(), "upstream_base_url": http_server.url})
+        agreement_id = buyer.propose_agreement(service["id"], 10)["id"]  # 10 calls at 0.02 USDC
+        seller.accept_agreement(agreement_id)
+        with relayer_polling():
+            buyer.activate_escrow(agreement_id, buyer_wallet.key)
+            buyer.wait_until(agreement_id, timeout=60, poll_interval=0.2)
+
+            answers = [buyer.call_metered(agreement_id, "translate", method="POST", json={"text": str(n)})
+                       for n in range(3)]
+            assert [a.status_code for a in answers] == [200, 200, 200]
+            assert [a.headers["X-Escrow-Remaining"] for a in answers] == ["180000", "160000", "140000"]
+            seller.record_usage(agreement_id, [{"units": 1, "description": "offline job"}] * 2)
+            verified = buyer.verify_usage(agreement_id)
+            assert (verified.events, verified.cumulative_amount) == (5, 100_000)
+
+            buyer.complete(agreement_id)
+            with pytest.raises(MarketplaceError) as closed:
+                buyer.call_metered(agreement_id, "translate")
+            assert (closed.value.status, closed.value.code) == (409, "agreement_completing")
+            settlement.settlement_tick()
+            buyer.wait_until(agreement_id, statuses={"in_challenge"}, timeout=60, poll_interval=0.2)
+            assert buyer.verify_usage(agreement_id).usage_digest == buyer.escrow_status(
+                agreement_id, verify=True)["onchain"]["usageDigest"]
+
+            buyer.challenge(agreement_id, buyer_wallet.key, "two offline jobs never arrived")
+            assert buyer.wait_until(agreement_id, statuses={"disputed"}, timeout=60, poll_interval=0.2)
+
+        with pytest.raises(MarketplaceError) as wrong_key:
+            seller.challenge(agreement_id, seller_wallet.key, "not mine to dispute")
+        assert wrong_key.value.status in (403, 404, 409)

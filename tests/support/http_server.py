@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +19,8 @@ class Recorded:
 @dataclass
 class RecordingServer:
     requests: list[Recorded] = field(default_factory=list)
-    responses: deque = field(default_factory=deque)  # (status, body dict) to answer, in order; then 200 {}
+    # (status, body dict[, delay seconds]) to answer, in order; then 200 {}
+    responses: deque = field(default_factory=deque)
     server: ThreadingHTTPServer | None = None
 
     @property
@@ -34,7 +36,9 @@ class RecordingServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 recorder.requests.append(Recorded(self.command, self.path, dict(self.headers),
                                                   self.rfile.read(length)))
-                status, body = recorder.responses.popleft() if recorder.responses else (200, {})
+                status, body, *delay = recorder.responses.popleft() if recorder.responses else (200, {})
+                if delay:
+                    time.sleep(delay[0])
                 payload = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

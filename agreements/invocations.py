@@ -1,0 +1,214 @@
+"""Skill invocations: `POST /agents/{handle}/{skill}` paid with x402, read back at `GET /services/{invocation_id}`.
+
+Where the money goes (the escrow app moves it; see escrow.payments): the buyer's EIP-3009 authorization pays the
+platform treasury (the relayer wallet, `payTo` of the 402), not the seller. The treasury forwards the price to
+the seller once the invocation completed, and refunds the buyer when it failed or timed out; each movement is
+its own relayer ChainTransaction. So a failed call is refunded without the seller's cooperation, and a seller is
+paid only for work delivered.
+
+    money:  authorized -> held -> paying_out -> paid_out
+                               -> refunding  -> refunded
+            authorized -> payment_failed            (the authorization did not execute: nothing charged)
+    status: pending -> processing -> completed | failed | timeout
+            pending -> failed                        (payment failed; the seller is never called)
+
+Never twice: the authorization's nonce is unique in the database (a replay is refused before any chain call);
+`status` and `money` change only under a row lock from the expected value; the seller is called only by whoever
+moves pending -> processing (one conditional UPDATE); a payout or refund is queued only on the single
+held -> paying_out | refunding change.
+"""
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import httpx
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from agreements import x402_payment
+from agreements.models import InvocationMoney, InvocationStatus, SkillInvocation
+from catalog.models import Agent, Skill
+from marketplace import outbound
+from marketplace.errors import NotFound
+from sdk import proxy_signature
+
+logger = logging.getLogger(__name__)
+
+Status, Money = InvocationStatus, InvocationMoney
+SettlementHandler = Callable[[SkillInvocation], None]
+_settlement_handler: list[SettlementHandler] = []
+
+# Seller URLs are chosen by sellers: every connection passes the SSRF guard. Each call passes the skill's timeout.
+_client = outbound.guarded_client(timeout=httpx.Timeout(30.0, connect=5.0),
+                                  limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
+
+
+def settlement_handler_register(*, handler: SettlementHandler) -> None:
+    """`handler(invocation)` queues the payout (money paying_out) or refund (refunding), inside the transaction
+    that made the change. Registered by the escrow app."""
+    _settlement_handler[:] = [handler]
+
+
+def invocation_price(skill: Skill) -> int:
+    return skill.price if skill.price is not None else skill.service.unit_price
+
+
+def invocation_get(*, public_id: str) -> SkillInvocation:
+    """By its public id `inv_<hex>` (unguessable: whoever holds it may read the invocation)."""
+    try:
+        pk = uuid.UUID(public_id.removeprefix("inv_"))
+    except ValueError:
+        pk = None
+    invocation = SkillInvocation.objects.select_related("skill").filter(pk=pk).first() if pk else None
+    if invocation is None:
+        raise NotFound("No such invocation.", code="invocation_not_found")
+    return invocation
+
+
+def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict,
+                      authorization: x402_payment.Authorization) -> SkillInvocation:
+    """Record the invocation and its authorization (a replayed nonce raises InvalidPayment). Call inside the
+    transaction that queues the payment."""
+    record = x402_payment.authorization_record(authorization)
+    return SkillInvocation.objects.create(
+        skill=skill, seller=skill.service.seller, buyer=buyer, input=input, authorization=record,
+        amount=authorization.amount, seller_wallet_address=skill.service.seller.wallet_address,
+        is_async=skill.is_async, run_in_background=skill.is_async, timeout_seconds=skill.timeout_seconds,
+    )
+
+
+def _lock(invocation_id) -> SkillInvocation:
+    return SkillInvocation.objects.select_for_update().select_related("authorization").get(pk=invocation_id)
+
+
+def _run_after_commit(invocation_id) -> None:
+    from agreements.tasks import run_invocation
+
+    transaction.on_commit(lambda: run_invocation.delay(str(invocation_id)))
+
+
+# --- payment outcomes (called by the escrow app) -------------------------------------------------------------
+
+def invocation_payment_confirmed(*, invocation_id, tx_hash: str) -> None:
+    invocation = _lock(invocation_id)
+    if invocation.money != Money.AUTHORIZED:
+        return
+    invocation.money, invocation.paid_at, invocation.payment_tx_hash = Money.HELD, timezone.now(), tx_hash
+    invocation.save(update_fields=["money", "paid_at", "payment_tx_hash", "updated_at"])
+    if invocation.run_in_background:
+        _run_after_commit(invocation.pk)
+
+
+def invocation_payment_failed(*, invocation_id, reason: str) -> None:
+    invocation = _lock(invocation_id)
+    if invocation.money != Money.AUTHORIZED:
+        return
+    invocation.money, invocation.status = Money.PAYMENT_FAILED, Status.FAILED
+    invocation.error = f"payment failed, nothing was charged: {reason}"[:500]
+    invocation.completed_at = timezone.now()
+    invocation.save(update_fields=["money", "status", "error", "completed_at", "updated_at"])
+
+
+def invocation_run_in_background(*, invocation_id) -> None:
+    """The caller stopped waiting for the payment: a worker runs the invocation once it is paid."""
+    with transaction.atomic():
+        invocation = _lock(invocation_id)
+        invocation.run_in_background = True
+        invocation.save(update_fields=["run_in_background", "updated_at"])
+        if invocation.money == Money.HELD and invocation.status == Status.PENDING:
+            _run_after_commit(invocation.pk)
+
+
+def invocation_paid_out(*, invocation_id, tx_hash: str) -> None:
+    SkillInvocation.objects.filter(pk=invocation_id, money=Money.PAYING_OUT).update(
+        money=Money.PAID_OUT, settlement_tx_hash=tx_hash, updated_at=timezone.now())
+
+
+def invocation_refunded(*, invocation_id, tx_hash: str) -> None:
+    SkillInvocation.objects.filter(pk=invocation_id, money=Money.REFUNDING).update(
+        money=Money.REFUNDED, settlement_tx_hash=tx_hash, updated_at=timezone.now())
+
+
+# --- running ---------------------------------------------------------------------------------------------------
+
+def _upstream_request(invocation: SkillInvocation) -> tuple[str, dict]:
+    service = invocation.skill.service
+    path = invocation.skill.path or f"/{invocation.skill.name}"
+    timestamp = int(time.time())
+    headers = {
+        # Signed as the metered proxy signs its calls (sdk.proxy_signature), with the invocation id in place of
+        # the agreement id, so the seller can check the call came from the marketplace and was paid.
+        "X-Marketplace-Agreement": invocation.public_id,
+        "X-Marketplace-Invocation": invocation.public_id,
+        "X-Marketplace-Call-Seq": "1",
+        "X-Marketplace-Timestamp": str(timestamp),
+        "X-Marketplace-Signature": proxy_signature.sign(
+            service.proxy_secret, agreement_id=invocation.public_id, call_seq=1, timestamp=timestamp,
+            method="POST", path=path),
+    }
+    if invocation.buyer_id:
+        headers["X-Marketplace-Buyer"] = invocation.buyer.handle
+    return service.upstream_base_url.rstrip("/") + path, headers
+
+
+def invocation_run(*, invocation_id) -> SkillInvocation:
+    """pending -> processing, call the seller, then completed | failed | timeout. A no-op unless this call is the
+    one that moved it to processing, so it is safe to run twice and concurrently."""
+    now = timezone.now()
+    invocation = SkillInvocation.objects.select_related("skill__service", "buyer").get(pk=invocation_id)
+    claimed = SkillInvocation.objects.filter(pk=invocation_id, status=Status.PENDING, money=Money.HELD).update(
+        status=Status.PROCESSING, started_at=now, deadline_at=now + timedelta(seconds=invocation.timeout_seconds),
+        updated_at=now)
+    if not claimed:
+        return SkillInvocation.objects.get(pk=invocation_id)
+    url, headers = _upstream_request(invocation)
+    try:
+        response = _client.post(url, json={"input": invocation.input}, headers=headers,
+                                timeout=httpx.Timeout(invocation.timeout_seconds, connect=5.0))
+    except httpx.TimeoutException:
+        return _finish(invocation_id, to=Status.TIMEOUT, error="the seller did not answer in time")
+    except httpx.HTTPError as error:
+        return _finish(invocation_id, to=Status.FAILED, error=f"the seller is unreachable: {type(error).__name__}")
+    if response.status_code >= 300:
+        return _finish(invocation_id, to=Status.FAILED, error=f"the seller answered {response.status_code}")
+    try:
+        result = response.json()
+    except ValueError:
+        return _finish(invocation_id, to=Status.FAILED, error="the seller's answer is not JSON")
+    return _finish(invocation_id, to=Status.COMPLETED, result=result)
+
+
+def _finish(invocation_id, *, to: str, result=None, error: str = "") -> SkillInvocation:
+    """processing -> `to`, and queue the payout (completed) or the refund (otherwise) of the held payment."""
+    with transaction.atomic():
+        invocation = _lock(invocation_id)
+        if invocation.status != Status.PROCESSING:
+            return invocation  # timed out meanwhile: the late answer is dropped, the buyer is being refunded
+        invocation.status, invocation.result, invocation.error = to, result, error[:500]
+        invocation.completed_at = timezone.now()
+        invocation.money = Money.PAYING_OUT if to == Status.COMPLETED else Money.REFUNDING
+        invocation.save(update_fields=["status", "result", "error", "completed_at", "money", "updated_at"])
+        _settlement_handler[0](invocation)
+    return invocation
+
+
+def invocations_sweep(*, now: datetime | None = None) -> dict:
+    """The beat task: time out invocations past their deadline (refunded), and have a worker run paid ones whose
+    caller went away before running them."""
+    now = now or timezone.now()
+    overdue = SkillInvocation.objects.filter(status=Status.PROCESSING, deadline_at__lte=now)
+    timed_out = [invocation.pk for invocation in overdue[:500]
+                 if _finish(invocation.pk, to=Status.TIMEOUT, error="exceeded the skill's time limit").status
+                 == Status.TIMEOUT]
+    orphans = list(SkillInvocation.objects.filter(
+        status=Status.PENDING, money=Money.HELD, paid_at__lte=now - settings.INVOCATION_ORPHAN_AFTER,
+    ).values_list("pk", flat=True)[:500])
+    from agreements.tasks import run_invocation
+
+    for pk in orphans:
+        run_invocation.delay(str(pk))
+    return {"timed_out": len(timed_out), "orphans": len(orphans)}

@@ -1,0 +1,289 @@
+"""Metered proxy overhead: direct calls to an upstream vs the same calls through `/metered-proxy/...`, side by side.
+
+    .venv/bin/python bench/proxy.py [--clients 16] [--seconds 5] [--rounds 2] [--delays-ms 0,20]
+
+What it does, in order:
+1. Uses its own database (BENCH_DATABASE_URL, default postgres://postgres@127.0.0.1:5432/marketplace_bench_proxy):
+   created when missing, migrated, then flushed (the totals are checked exactly). Refuses a database whose name
+   does not contain "bench".
+2. Starts the upstream: an aiohttp server in its own process answering any path with a small JSON body, after
+   `delay_ms` (query parameter) of simulated service time spent waiting, not computing — as a model or a database
+   behind a real service would.
+3. Creates a seller whose per-call service points at that upstream, a buyer with a `pay` key, and one active
+   agreement per client with a budget far above what the run can spend (made active through the services'
+   transitions without a chain: see bench/metering.py), then starts gunicorn (gthread, DEBUG off, PostgreSQL).
+4. For each upstream delay, after a warm-up, `--rounds` times `--seconds` each of: direct calls (GET
+   upstream/work); proxied calls all on one agreement (GET /metered-proxy/{agreement}/work, buyer key: every
+   charge waits for that agreement's row lock, the worst case); proxied calls with one agreement per client (many
+   buyers' escrows at once). From `--clients` concurrent aiohttp callers in one asyncio loop (cheap, so the client
+   does not eat the server's CPU). Prints requests/s, p50 and p99, the throughput ratio to direct calls and the
+   p50 the proxy adds.
+5. Checks exactness per agreement: `used` equals the sum of its usage events and equals its proxied calls
+   answered 200 × the price; the sequence is gap-free, nothing stays reserved, and every receipt verifies with
+   the SDK (sdk.receipts.verify_usage), as a buyer would check it.
+
+Exit status: 0 when every call was answered 200 and the totals are exact; 1 otherwise; 2 when the set-up failed or
+the global `--timeout` (default 300 s) passed. Loopback only; every process it starts is stopped on exit.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import metering as bench_metering  # noqa: E402
+
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench_proxy"
+PRICE = 1_000  # 0.001 USDC per call
+QUANTITY = 10_000_000  # a 10,000 USDC budget: never the limit in this bench
+REQUEST_TIMEOUT = 30.0
+WARMUP_SECONDS = 1.0
+
+
+class HardTimeout(BaseException):
+    """The global timeout fired (SIGALRM): give up wherever we are, cleanup still runs."""
+
+
+# --- the upstream (its own process: `bench/proxy.py --serve-upstream PORT`) ---------------------------------------
+
+
+def serve_upstream(port: int) -> None:
+    from aiohttp import web
+
+    body = b'{"ok": true, "result": "bench"}'
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        delay_ms = int(request.query.get("delay_ms", "0"))
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000)
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def wait_for_upstream(url: str, processes) -> None:
+    import httpx
+
+    deadline = time.monotonic() + bench_metering.STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        processes.check_alive()
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise bench_metering.SetupFailed(f"the upstream did not answer:\n{processes.log_tail('upstream')}")
+
+
+# --- the load -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    ok: Counter = field(default_factory=Counter)  # url -> answers 200 (for proxied calls: charged calls)
+    failures: list[str] = field(default_factory=list)
+
+    def add(self, other: "Sample") -> None:
+        self.latencies += other.latencies
+        self.seconds += other.seconds
+        self.ok.update(other.ok)
+        self.failures += other.failures
+
+
+async def fire(urls: list[str], headers: dict, *, clients: int, seconds: float, expected_cost: str | None) -> Sample:
+    """`clients` concurrent keep-alive callers for `seconds`, caller i calling urls[i % len(urls)]."""
+    import aiohttp
+
+    sample = Sample()
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
+        stop_at = time.perf_counter() + seconds
+
+        async def caller(url: str):
+            while time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                try:
+                    async with session.get(url) as response:
+                        body = await response.read()
+                        status, cost = response.status, response.headers.get("X-Usage-Cost")
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    sample.failures.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                sample.latencies.append(time.perf_counter() - started)
+                if status == 200:
+                    sample.ok[url] += 1
+                    if expected_cost is not None and cost != expected_cost:
+                        sample.failures.append(f"200 with X-Usage-Cost {cost!r}, expected {expected_cost}")
+                else:
+                    sample.failures.append(f"{status} {body[:300]!r}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(urls[i % len(urls)]) for i in range(clients)))
+        sample.seconds = time.perf_counter() - started
+    return sample
+
+
+def summary(sample: Sample) -> dict:
+    latencies = sorted(sample.latencies)
+    return {"requests": len(latencies), "rps": len(latencies) / sample.seconds if sample.seconds else 0.0,
+            "p50": bench_metering.percentile(latencies, 0.50) * 1000,
+            "p99": bench_metering.percentile(latencies, 0.99) * 1000, "failures": len(sample.failures)}
+
+
+# --- main ---------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack) -> int:
+    env = bench_metering.setup_django(database_url)
+    from escrow import devchain
+
+    processes = bench_metering.Processes(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="proxy-bench-"))))
+    stack.callback(processes.stop_all)
+    upstream_port = devchain.free_port()
+    upstream_url = f"http://127.0.0.1:{upstream_port}"
+    processes.start("upstream", [sys.executable, str(Path(__file__).resolve()), "--serve-upstream",
+                                 str(upstream_port)], env)
+    seller, service, _ = bench_metering.seller_with_service(handle="proxy-bench-seller",
+                                                           upstream_base_url=upstream_url, unit_price=PRICE)
+    buyer, buyer_key = bench_metering.buyer_with_key(handle="proxy-bench-buyer")
+    agreement_ids = [str(bench_metering.active_agreement(buyer=buyer, seller=seller, service=service,
+                                                         quantity=QUANTITY).pk) for _ in range(args.clients)]
+    from django.db import connection
+
+    connection.close()  # the server's workers open their own
+    base_url = bench_metering.start_gunicorn(processes, env, workers=args.workers, threads=args.threads)
+    wait_for_upstream(f"{upstream_url}/ready", processes)
+    bench_metering.wait_for_server(base_url, buyer_key, processes)
+
+    buyer_headers = {"Authorization": f"Bearer {buyer_key}"}
+    print(f"upstream: aiohttp, 1 process; marketplace: gunicorn {args.workers} workers x {args.threads} threads "
+          f"(gthread), DEBUG off, PostgreSQL; client: {args.clients} concurrent aiohttp callers, one process")
+    print(f"per upstream delay, {args.rounds} x ({args.seconds:g} s direct, {args.seconds:g} s proxied on one "
+          f"agreement, {args.seconds:g} s proxied on one agreement per caller); {PRICE} atomic units per call")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
+
+    proxied = Sample()  # every proxied answer, warm-up included: what the totals must add up to
+    failures: list[str] = []
+    rows = []
+    for delay in args.delays_ms:
+        query = f"?delay_ms={delay}" if delay else ""
+        targets = {
+            "direct": ([f"{upstream_url}/work{query}"], {}, None),
+            "proxy, 1 agreement": ([f"{base_url}/metered-proxy/{agreement_ids[0]}/work{query}"], buyer_headers,
+                                   str(PRICE)),
+            f"proxy, {args.clients} agreements": ([f"{base_url}/metered-proxy/{agreement_id}/work{query}"
+                                                   for agreement_id in agreement_ids], buyer_headers, str(PRICE)),
+        }
+        samples = {name: Sample() for name in targets}
+        for name, (urls, headers, cost) in targets.items():  # warm-up: connections, prepared statements
+            warm = asyncio.run(fire(urls, headers, clients=args.clients, seconds=WARMUP_SECONDS, expected_cost=cost))
+            failures += warm.failures
+            if cost is not None:
+                proxied.add(warm)
+        for _ in range(args.rounds):
+            for name, (urls, headers, cost) in targets.items():
+                measured = asyncio.run(fire(urls, headers, clients=args.clients, seconds=args.seconds,
+                                            expected_cost=cost))
+                samples[name].add(measured)
+                failures += measured.failures
+                if cost is not None:
+                    proxied.add(measured)
+        rows.append((delay, {name: summary(sample) for name, sample in samples.items()}))
+
+    header = (f"{'upstream delay':>14}  {'path':<22} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'errors':>7}  {'vs direct':>9} {'added p50 ms':>12}")
+    print(header)
+    print("-" * len(header))
+    for delay, results in rows:
+        direct = results["direct"]
+        for name, result in results.items():
+            line = (f"{delay:>11} ms  {name:<22} {result['requests']:>9} {result['rps']:>8.0f} {result['p50']:>8.2f} "
+                    f"{result['p99']:>8.2f} {result['failures']:>7}")
+            if name != "direct":
+                ratio = result["rps"] / direct["rps"] if direct["rps"] else float("nan")
+                line += f"  {ratio:>9.0%} {result['p50'] - direct['p50']:>12.2f}"
+            print(line)
+    for failure in failures[:5]:
+        print(f"  e.g. {failure}")
+
+    from agreements.models import UsageAgreement
+
+    checking = time.perf_counter()
+    problems = []
+    charged = Counter()
+    for url, count in proxied.ok.items():
+        charged[url.split("/metered-proxy/")[1].split("/")[0]] += count
+    for agreement_id in agreement_ids:
+        problems += bench_metering.check_usage_chain(agreement_id)
+        used = UsageAgreement.objects.get(pk=agreement_id).used
+        if used != charged[agreement_id] * PRICE:
+            problems.append(f"agreement {agreement_id}: used {used} != {charged[agreement_id]} calls answered 200 "
+                            f"x {PRICE}")
+    print(f"\nexactness: {sum(charged.values())} proxied calls answered 200 over {len(agreement_ids)} agreements; "
+          f"per agreement used = sum of events = calls x price, seq gap-free, nothing reserved, receipts verified "
+          f"with the SDK ({time.perf_counter() - checking:.1f} s): {'OK' if not problems else 'FAILED'}")
+    for problem in problems[:20]:
+        print(f"  {problem}")
+    print(f"load average {os.getloadavg()[0]:.1f} after the run")
+    return 1 if problems or failures else 0
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve-upstream":
+        serve_upstream(int(sys.argv[2]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=16, help="concurrent callers (default 16)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of one measured phase (default 5)")
+    parser.add_argument("--rounds", type=int, default=2, help="direct/proxy alternations per delay (default 2)")
+    parser.add_argument("--delays-ms", type=lambda text: [int(part) for part in text.split(",")], default=[0, 20],
+                        help="upstream service times to measure, comma-separated (default 0,20)")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn worker processes (default 4)")
+    parser.add_argument("--threads", type=int, default=8, help="threads per gunicorn worker (default 8)")
+    parser.add_argument("--timeout", type=int, default=300, help="global limit in seconds (default 300)")
+    args = parser.parse_args()
+    if not (1 <= args.clients <= 256 and 0.5 <= args.seconds <= 120 and 1 <= args.rounds <= 10
+            and all(0 <= d <= 5000 for d in args.delays_ms) and 1 <= args.workers <= 16
+            and 1 <= args.threads <= 64 and 30 <= args.timeout <= 3600):
+        parser.error("--clients 1..256, --seconds 0.5..120, --rounds 1..10, --delays-ms 0..5000 each, "
+                     "--workers 1..16, --threads 1..64, --timeout 30..3600")
+    database_url, error = bench_metering.database_url_or_error(DEFAULT_DATABASE_URL)
+    if error:
+        parser.error(error)
+
+    def give_up(signum, frame):
+        raise HardTimeout(f"the global timeout of {args.timeout} s passed")
+
+    signal.signal(signal.SIGALRM, give_up)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.alarm(args.timeout)
+    with contextlib.ExitStack() as stack:  # stops the upstream and the server whatever happens
+        stack.callback(signal.alarm, 0)  # no timeout in the middle of the cleanup
+        try:
+            return run(args, database_url, stack)
+        except (bench_metering.SetupFailed, HardTimeout) as exc:
+            print(f"\nbench failed: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""x402 payments on-chain: checks against the chain, execution through the relayer, and the treasury's payouts.
+
+- Checks: agreements.x402_payment does everything that needs no chain; here the authorization's transfer is
+  simulated (`eth_call` of `transferWithAuthorization` from the relayer) with the x402 package's facilitator
+  helpers, which name the failure (nonce already used, balance too low, expired).
+- Skill invocations (see agreements.invocations for the flow): the authorization pays the treasury (the relayer
+  wallet); `invocation_pay` records it and queues `invocation_payment`; a confirmed payment lets the invocation
+  run; its end queues `invocation_payout` (token.transfer to the seller) or `invocation_refund` (to the payer).
+- Direct payments (see agreements.services): on accept, a simulation first (a payment that cannot run fails with
+  nothing taken), then `direct_fee_permit` (the buyer's EIP-2612 permit, spender the relayer), `direct_fee`
+  (transferFrom buyer -> fee recipient), `direct_payment` (the x402 authorization, buyer -> seller). When the
+  payment fails after the fee was taken, `direct_fee_refund` returns the fee from the treasury.
+Every movement is one ChainTransaction; each is queued once, by the state change that calls for it.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+
+from django.db import transaction
+from eth_utils import to_checksum_address
+from x402.mechanisms.evm import constants as evm
+from x402.mechanisms.evm.erc6492 import parse_erc6492_signature
+from x402.mechanisms.evm.exact.eip3009_utils import (
+    ParsedEIP3009Authorization,
+    parse_eip3009_transfer_error,
+    simulate_eip3009_transfer_result,
+)
+from x402.mechanisms.evm.utils import hex_to_bytes
+
+from agreements import invocations, x402_payment
+from agreements import selectors as agreement_selectors
+from agreements import services as agreement_services
+from agreements.models import InvocationMoney, SkillInvocation, UsageAgreement
+from catalog.models import Agent, Skill
+from escrow import chain, relayer
+from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from marketplace import chainconfig
+from marketplace.errors import DependencyUnavailable
+from sdk import typed_data
+
+logger = logging.getLogger(__name__)
+
+# How long an invocation's authorization must stay valid: time to get it mined, with room to spare.
+INVOCATION_AUTHORIZATION_SECONDS = 300
+
+
+class ChainReader:
+    """The read side of x402's `FacilitatorEvmSigner` over our chain gateway; the platform never lets x402 send
+    transactions (the relayer does, exactly once)."""
+
+    def get_addresses(self) -> list[str]:
+        return [chainconfig.relayer_address()]
+
+    def read_contract(self, address: str, abi: list, function_name: str, *args):
+        contract = chain.w3().eth.contract(address=to_checksum_address(address), abi=abi)
+        call = getattr(contract.functions, function_name)(*args).call
+        try:
+            return chain.call(lambda: call({"from": chainconfig.relayer_address()}))
+        except chain.Reverted as reverted:
+            # x402 recognises reverts by this wording, and the failure by the reason after it.
+            raise RuntimeError(f"execution reverted: {reverted.reason}") from reverted
+
+    def get_code(self, address: str) -> bytes:
+        return bytes(chain.call(lambda: chain.w3().eth.get_code(to_checksum_address(address))))
+
+
+def _require_chain() -> None:
+    if not (chainconfig.usdc_address() and chainconfig.relayer_address()):
+        raise DependencyUnavailable("No token or relayer is configured on this marketplace.",
+                                    code="chain_not_configured")
+
+
+def simulate(authorization: x402_payment.Authorization) -> None:
+    """Raise InvalidPayment when `transferWithAuthorization` would revert now (used nonce, low balance, ...)."""
+    parsed = ParsedEIP3009Authorization(
+        from_address=to_checksum_address(authorization.payer), to=to_checksum_address(authorization.pay_to),
+        value=authorization.amount, valid_after=authorization.valid_after, valid_before=authorization.valid_before,
+        nonce=hex_to_bytes(authorization.nonce))
+    try:
+        ok, error = simulate_eip3009_transfer_result(ChainReader(), chainconfig.usdc_address(), parsed,
+                                                     parse_erc6492_signature(hex_to_bytes(authorization.signature)))
+    except chain.RpcUnavailable as unavailable:
+        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from unavailable
+    if ok:
+        return
+    if isinstance(error, chain.RpcUnavailable) or isinstance(error.__cause__, chain.RpcUnavailable):
+        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
+    reason = parse_eip3009_transfer_error(error)
+    if reason == evm.ERR_TRANSACTION_FAILED:
+        reason = evm.ERR_TRANSACTION_SIMULATION_FAILED
+    raise x402_payment.InvalidPayment(x402_payment.REASON_CODES.get(reason, "payment_simulation_failed"),
+                                      f"The payment would not execute: {error}", reason)
+
+
+# --- calldata ------------------------------------------------------------------------------------------------
+
+def _transfer_with_authorization_data(authorization) -> str:
+    v, r, s = typed_data.split_signature(authorization.signature)
+    return chain.token_contract().encode_abi("transferWithAuthorization", args=[
+        to_checksum_address(authorization.payer), to_checksum_address(authorization.pay_to),
+        int(authorization.amount), int(authorization.valid_after), int(authorization.valid_before),
+        hex_to_bytes(authorization.nonce), v, hex_to_bytes(r), hex_to_bytes(s)])
+
+
+def _transfer_data(to: str, amount: int) -> str:
+    return chain.token_contract().encode_abi("transfer", args=[to_checksum_address(to), amount])
+
+
+def _enqueue_transfer_from_treasury(*, purpose: str, to: str, amount: int, agreement_id=None,
+                                    context: dict | None = None) -> ChainTransaction:
+    return relayer.transaction_enqueue(purpose=purpose, to=chainconfig.usdc_address(),
+                                       data=_transfer_data(to, amount), agreement_id=agreement_id,
+                                       context={"to": to, "amount": amount, **(context or {})})
+
+
+def transaction_await(*, transaction_id, timeout: float) -> ChainTransaction:
+    """Submit now (a no-op if a worker already did) and follow the transaction until it is confirmed or failed,
+    or `timeout` seconds pass. For a caller that answers when the money has moved."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            relayer.transaction_submit(transaction_id=transaction_id)
+            relayer.transaction_check(transaction_id=transaction_id)
+        except chain.RpcUnavailable:
+            pass  # the worker's submit task and the confirmation poll retry it
+        tx = ChainTransaction.objects.get(pk=transaction_id)
+        if tx.status in (TxStatus.CONFIRMED, TxStatus.FAILED) or time.monotonic() >= deadline:
+            return tx
+        time.sleep(0.2)
+
+
+# --- skill invocations -----------------------------------------------------------------------------------------
+
+def invocation_requirements(skill: Skill):
+    _require_chain()
+    return x402_payment.payment_requirements(amount=invocations.invocation_price(skill),
+                                             pay_to=chainconfig.relayer_address(),
+                                             max_timeout_seconds=INVOCATION_AUTHORIZATION_SECONDS)
+
+
+def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment_header: str
+                   ) -> tuple[SkillInvocation, ChainTransaction]:
+    """Check the signed payment (raises InvalidPayment, nothing recorded), record the invocation and queue the
+    payment to the treasury."""
+    requirements = invocation_requirements(skill)
+    authorization = x402_payment.check(x402_payment.decode(payment_header), requirements)
+    x402_payment.authorization_refuse_replay(authorization)
+    simulate(authorization)
+    with transaction.atomic():
+        invocation = invocations.invocation_create(skill=skill, buyer=buyer, input=input,
+                                                   authorization=authorization)
+        tx = relayer.transaction_enqueue(
+            purpose=TxPurpose.INVOCATION_PAYMENT, to=chainconfig.usdc_address(),
+            data=_transfer_with_authorization_data(authorization), context={"invocation_id": str(invocation.pk)})
+    return invocation, tx
+
+
+@dataclass(frozen=True)
+class InvocationOutcome:
+    invocation: SkillInvocation
+    payment_failure: str = ""  # the payment did not execute (nothing was charged, the seller was not called)
+    in_background: bool = False  # a worker runs it: async skill, or a payment still confirming
+
+
+def invocation_invoke(*, skill: Skill, buyer: Agent | None, input: dict, payment_header: str,
+                      wait_seconds: float) -> InvocationOutcome:
+    """Pay (see `invocation_pay`), wait up to `wait_seconds` for the payment to confirm, then run a sync skill
+    here; an async skill, or a payment still confirming, is left to a worker."""
+    invocation, tx = invocation_pay(skill=skill, buyer=buyer, input=input, payment_header=payment_header)
+    tx = transaction_await(transaction_id=tx.pk, timeout=wait_seconds)
+    if tx.status == TxStatus.FAILED:
+        invocation.refresh_from_db()
+        return InvocationOutcome(invocation, payment_failure=tx.failure_reason or "reverted")
+    if tx.status != TxStatus.CONFIRMED or skill.is_async:
+        invocations.invocation_run_in_background(invocation_id=invocation.pk)
+        invocation.refresh_from_db()
+        return InvocationOutcome(invocation, in_background=True)
+    return InvocationOutcome(invocations.invocation_run(invocation_id=invocation.pk))
+
+
+def _invocation_id(tx: ChainTransaction):
+    return tx.context["invocation_id"]
+
+
+def _invocation_payment_outcome(tx: ChainTransaction) -> None:
+    if tx.status == TxStatus.CONFIRMED:
+        invocations.invocation_payment_confirmed(invocation_id=_invocation_id(tx), tx_hash=tx.mined_tx_hash)
+    else:
+        invocations.invocation_payment_failed(invocation_id=_invocation_id(tx), reason=tx.failure_reason)
+
+
+def _invocation_settle(invocation: SkillInvocation) -> None:
+    payout = invocation.money == InvocationMoney.PAYING_OUT
+    _enqueue_transfer_from_treasury(
+        purpose=TxPurpose.INVOCATION_PAYOUT if payout else TxPurpose.INVOCATION_REFUND,
+        to=invocation.seller_wallet_address if payout else invocation.authorization.payer,
+        amount=invocation.amount, context={"invocation_id": str(invocation.pk)})
+
+
+def _settlement_outcome(record):
+    def outcome(tx: ChainTransaction) -> None:
+        if tx.status == TxStatus.CONFIRMED:
+            record(invocation_id=_invocation_id(tx), tx_hash=tx.mined_tx_hash)
+        else:  # the treasury could not pay (e.g. out of gas money): an operator retries it from the admin
+            logger.error("treasury transfer failed", extra={"tx_id": str(tx.pk), "purpose": tx.purpose,
+                                                            "reason": tx.failure_reason})
+    return outcome
+
+
+# --- direct payments -----------------------------------------------------------------------------------------
+
+def _stored_authorization(agreement: UsageAgreement) -> x402_payment.Authorization:
+    record = agreement.payment_authorization
+    return x402_payment.Authorization(
+        payer=record.payer, pay_to=record.pay_to, amount=record.amount, valid_after=record.valid_after,
+        valid_before=record.valid_before, nonce=record.nonce, signature=record.signature)
+
+
+def _direct_payment_execute(agreement: UsageAgreement) -> str | None:
+    """Executor of accepted direct payments (registered with agreements): check, then queue the fee permit."""
+    _require_chain()
+    buyer = to_checksum_address(agreement.buyer_wallet_address)
+    token = chain.token_contract()
+    try:
+        simulate(_stored_authorization(agreement))
+    except x402_payment.InvalidPayment as invalid:
+        return f"{invalid.code}: {invalid.message}"
+    permit = agreement.fee_permit
+    nonce = chain.call(token.functions.nonces(buyer).call)
+    if permit["nonce"] != nonce:
+        return f"fee_permit_stale: the fee permit's nonce is {permit['nonce']}, the token's is now {nonce}"
+    balance = chain.call(token.functions.balanceOf(buyer).call)
+    if balance < agreement.deposit_amount + agreement.infra_fee:
+        return f"insufficient_balance: the buyer holds {balance}, needs {agreement.deposit_amount + agreement.infra_fee}"
+    v, r, s = typed_data.split_signature(permit["signature"])
+    data = token.encode_abi("permit", args=[buyer, to_checksum_address(chainconfig.relayer_address()),
+                                            permit["value"], permit["deadline"], v, hex_to_bytes(r),
+                                            hex_to_bytes(s)])
+    relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_FEE_PERMIT, to=chainconfig.usdc_address(), data=data,
+                                agreement_id=agreement.pk)
+    return None
+
+
+def _agreement(tx: ChainTransaction) -> UsageAgreement:
+    return agreement_selectors.agreement_get(agreement_id=tx.agreement_id, agent=None)
+
+
+def _direct_fee_permit_outcome(tx: ChainTransaction) -> None:
+    if tx.status != TxStatus.CONFIRMED:
+        agreement_services.agreement_direct_payment_failed(
+            agreement_id=tx.agreement_id, reason=f"fee permit reverted, nothing was charged: {tx.failure_reason}")
+        return
+    agreement = _agreement(tx)
+    data = chain.token_contract().encode_abi("transferFrom", args=[
+        to_checksum_address(agreement.buyer_wallet_address), to_checksum_address(agreement.fee_recipient),
+        agreement.infra_fee])
+    relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_FEE, to=chainconfig.usdc_address(), data=data,
+                                agreement_id=agreement.pk)
+
+
+def _direct_fee_outcome(tx: ChainTransaction) -> None:
+    if tx.status != TxStatus.CONFIRMED:
+        agreement_services.agreement_direct_payment_failed(
+            agreement_id=tx.agreement_id, reason=f"fee collection reverted, nothing was charged: {tx.failure_reason}")
+        return
+    agreement_services.agreement_direct_fee_collected(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
+    agreement = _agreement(tx)
+    relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_PAYMENT, to=chainconfig.usdc_address(),
+                                data=_transfer_with_authorization_data(agreement.payment_authorization),
+                                agreement_id=agreement.pk)
+
+
+def _direct_payment_outcome(tx: ChainTransaction) -> None:
+    if tx.status == TxStatus.CONFIRMED:
+        agreement_services.agreement_direct_paid(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
+        return
+    agreement = agreement_services.agreement_direct_payment_failed(
+        agreement_id=tx.agreement_id, reason=f"x402 payment reverted; the fee is refunded: {tx.failure_reason}")
+    _enqueue_transfer_from_treasury(purpose=TxPurpose.DIRECT_FEE_REFUND, to=agreement.buyer_wallet_address,
+                                    amount=agreement.infra_fee, agreement_id=agreement.pk)
+
+
+def _direct_fee_refund_outcome(tx: ChainTransaction) -> None:
+    if tx.status == TxStatus.CONFIRMED:
+        agreement_services.agreement_direct_fee_refunded(agreement_id=tx.agreement_id,
+                                                         amount=tx.context["amount"], tx_hash=tx.mined_tx_hash)
+    else:
+        logger.error("fee refund failed", extra={"tx_id": str(tx.pk), "reason": tx.failure_reason})
+
+
+invocations.settlement_handler_register(handler=_invocation_settle)
+agreement_services.direct_payment_executor_register(executor=_direct_payment_execute)
+relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome)
+relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYOUT,
+                                 on_outcome=_settlement_outcome(invocations.invocation_paid_out))
+relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_REFUND,
+                                 on_outcome=_settlement_outcome(invocations.invocation_refunded))
+relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome)
+relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome)
+relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome)
+relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome)

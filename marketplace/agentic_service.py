@@ -1,0 +1,88 @@
+"""Client of the Masumi Agentic Service API that `masumi` sellers implement on their base URL.
+
+`POST /start_job` {"input_data"} -> {"job_id", "payment_id"}; `GET /status?job_id=` -> {"job_id", "status",
+"result"?}; `GET /availability` -> {"status": "available" | "unavailable", "uptime"?, "message"?}.
+Every failure (network, timeout, non-2xx, a body that is not the documented shape) is one `AgenticServiceError`,
+so callers decide what to retry without knowing httpx.
+"""
+
+from dataclasses import dataclass
+
+import httpx
+from django.conf import settings
+
+from marketplace import outbound
+
+
+_client = outbound.guarded_client(timeout=httpx.Timeout(10.0))  # each request passes MASUMI_SERVICE_TIMEOUT
+
+
+class AgenticServiceError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class StartedJob:
+    job_id: str
+    payment_id: str
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    status: str
+    result: str | None
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    message: str
+
+
+def _request(method: str, base_url: str, path: str, **kwargs) -> dict:
+    url = base_url.rstrip("/") + path
+    try:
+        response = _client.request(method, url, timeout=settings.MASUMI_SERVICE_TIMEOUT, **kwargs)
+    except httpx.HTTPError as error:
+        raise AgenticServiceError(f"{method} {path}: {type(error).__name__}: {error}") from error
+    if response.status_code >= 300:
+        raise AgenticServiceError(f"{method} {path}: HTTP {response.status_code}")
+    try:
+        body = response.json()
+    except ValueError as error:
+        raise AgenticServiceError(f"{method} {path}: the answer is not JSON") from error
+    if not isinstance(body, dict):
+        raise AgenticServiceError(f"{method} {path}: the answer is not a JSON object")
+    return body
+
+
+def _text(body: dict, name: str, path: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value or len(value) > 250:
+        raise AgenticServiceError(f"{path}: `{name}` missing or not a string of 1-250 characters")
+    return value
+
+
+def start_job(*, base_url: str, input_data) -> StartedJob:
+    body = _request("POST", base_url, "/start_job", json={"input_data": input_data})
+    return StartedJob(job_id=_text(body, "job_id", "/start_job"), payment_id=_text(body, "payment_id", "/start_job"))
+
+
+def job_status(*, base_url: str, job_id: str) -> JobStatus:
+    body = _request("GET", base_url, "/status", params={"job_id": job_id})
+    result = body.get("result")
+    if result is not None and not isinstance(result, str):
+        raise AgenticServiceError("/status: `result` is not a string")
+    return JobStatus(job_id=job_id, status=_text(body, "status", "/status"), result=result)
+
+
+def availability(*, base_url: str) -> Availability:
+    """An error or any status but "available" counts as unavailable (the seed: 500 when it cannot serve)."""
+    try:
+        body = _request("GET", base_url, "/availability")
+    except AgenticServiceError as error:
+        return Availability(available=False, message=str(error)[:250])
+    message = body.get("message")
+    return Availability(available=body.get("status") == "available",
+                        message=message[:250] if isinstance(message, str) else "")

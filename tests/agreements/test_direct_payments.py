@@ -1,0 +1,157 @@
+"""Direct stablecoin purchases (x402 payment + EIP-2612 fee permit), end to end on Anvil through the relayer."""
+
+import pytest
+from x402.http import decode_payment_signature_header
+
+from agreements.models import AgreementEvent
+from escrow.models import ChainTransaction
+from sdk import typed_data
+from sdk.x402_payments import build_direct_stablecoin_agreement
+from tests.escrow.flow import USDC, Parties, confirm_all, fund, usdc_balance
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+QUANTITY = 500  # × 0.02 USDC = 10 USDC
+AMOUNT = 10 * USDC
+FEE = 203_000  # ceil(10 USDC × 2%) + 0.003 USDC = 0.203 USDC, above the 0.10 minimum
+
+
+class Purchase:
+    def __init__(self, chain):
+        self.chain = chain
+        self.parties = Parties(chain, buyer_funds=20 * USDC)
+        self.buyer = self.parties.buyer_account
+        self.fee_recipient = chain.accounts.fee_recipient.address
+        self.treasury = chain.accounts.deployer.address
+
+    def body(self, **overrides) -> dict:
+        requirements = self.parties.buyer_api.get("/payment-requirements", {"amount_atomic": AMOUNT}).json()
+        arguments = dict(
+            service_id=str(self.parties.service.pk), quantity=QUANTITY, unit_price_atomic=20_000,
+            seller_wallet_address=self.parties.seller_account.address, payment_requirements=requirements,
+            private_key=self.buyer.key, permit_nonce=self.chain.usdc.functions.nonces(self.buyer.address).call(),
+            now=self.chain.now())
+        arguments.update(overrides)
+        return build_direct_stablecoin_agreement(**arguments)
+
+    def propose(self, body: dict | None = None) -> dict:
+        response = self.parties.buyer_api.post("/usage-agreements", body or self.body())
+        assert response.status_code == 201, response.content
+        return response.json()
+
+    def accept(self, agreement_id: str, capture) -> dict:
+        with capture(execute=True):
+            response = self.parties.seller_api.put(f"/usage-agreements/{agreement_id}/accept")
+        assert response.status_code == 200, response.content
+        return response.json()
+
+    def balances(self) -> tuple[int, int, int, int]:
+        return tuple(usdc_balance(self.chain, a) for a in (
+            self.buyer.address, self.parties.seller_account.address, self.fee_recipient, self.treasury))
+
+    def cancel_authorization(self, body: dict) -> None:
+        nonce = decode_payment_signature_header(body["payment_header"]).payload["authorization"]["nonce"]
+        typed = typed_data.cancel_authorization(chain_id=self.chain.chain_id, token_address=self.chain.usdc.address,
+                                                authorizer=self.buyer.address, nonce=nonce)
+        signature = typed_data.sign_typed_data(self.buyer.key, typed)
+        self.chain.usdc.functions.cancelAuthorization(self.buyer.address, bytes.fromhex(nonce[2:]),
+                                                      bytes.fromhex(signature[2:])).transact(
+            {"from": self.chain.accounts.stranger.address})
+
+
+@pytest.fixture
+def purchase(escrow_chain):
+    return Purchase(escrow_chain)
+
+
+def test_direct_purchase_collects_the_fee_then_pays_the_seller(purchase, django_capture_on_commit_callbacks):
+    agreement = purchase.propose()
+    assert agreement["status"] == "proposed" and agreement["settlement_model"] == "direct_payment"
+    assert agreement["deposit_amount_atomic"] == AMOUNT and agreement["infra_fee_atomic"] == FEE
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+
+    accepted = purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
+    assert accepted["status"] == "paying"
+    for _ in range(3):  # fee permit, fee transfer, x402 payment: each queued when the previous one confirms
+        confirm_all(django_capture_on_commit_callbacks)
+
+    paid = purchase.parties.agreement(agreement["id"])
+    assert paid["status"] == "paid"
+    assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
+    txs = {tx.purpose: tx for tx in ChainTransaction.objects.filter(agreement_id=agreement["id"])}
+    assert sorted(txs) == ["direct_fee", "direct_fee_permit", "direct_payment"]
+    assert all(tx.status == "confirmed" for tx in txs.values())
+    assert paid["fee_tx_hash"] == txs["direct_fee"].mined_tx_hash
+    assert paid["payment_tx_hash"] == txs["direct_payment"].mined_tx_hash
+    assert list(AgreementEvent.objects.filter(agreement_id=agreement["id"]).values_list("to_status", flat=True)) == [
+        "proposed", "accepted", "paying", "paid"]
+
+
+def test_a_payment_that_cannot_run_fails_at_accept_with_the_fee_never_taken(
+        purchase, django_capture_on_commit_callbacks):
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    purchase.cancel_authorization(body)  # the buyer withdraws the x402 authorization before the seller accepts
+    before = purchase.balances()
+
+    failed = purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
+
+    assert failed["status"] == "payment_failed"
+    assert "authorization_already_used" in failed["status_reason"]
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+    assert purchase.balances() == before
+
+
+def test_a_payment_failing_after_the_fee_was_taken_gets_the_fee_refunded(
+        purchase, django_capture_on_commit_callbacks):
+    fund(purchase.chain, purchase.treasury, USDC)  # the platform treasury's float for refunds
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
+    confirm_all(django_capture_on_commit_callbacks)  # permit confirmed; the fee transfer is sent
+    purchase.cancel_authorization(body)  # ... and the buyer cancels the payment before it runs
+
+    for _ in range(2):  # fee confirmed -> the payment reverts in simulation -> the treasury refunds the fee
+        confirm_all(django_capture_on_commit_callbacks)
+
+    failed = purchase.parties.agreement(agreement["id"])
+    assert failed["status"] == "payment_failed"
+    assert failed["buyer_refund_atomic"] == FEE
+    assert purchase.balances() == (buyer, seller, fee_recipient + FEE, treasury - FEE)
+    assert ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_payment").status == "failed"
+
+
+@pytest.mark.parametrize("change, status, code", [
+    (lambda p: p.body(seller_wallet_address=p.chain.accounts.stranger.address), 400, "wrong_recipient"),
+    (lambda p: {**p.body(), "quantity": QUANTITY + 1}, 400, "wrong_amount"),
+    (lambda p: p.body(validity_seconds=60), 400, "authorization_expired"),
+    (lambda p: {**p.body(private_key=p.chain.accounts.stranger.key), "buyer_wallet_address": p.buyer.address},
+     400, "wrong_payer"),
+    (lambda p: {**p.body(), "fee_permit": {**p.body()["fee_permit"], "value": FEE - 1}}, 400,
+     "permit_value_too_low"),
+    (lambda p: {**p.body(), "fee_permit": {**p.body()["fee_permit"], "nonce": 7}}, 400, "invalid_signature"),
+])
+def test_bad_direct_payments_are_refused_at_proposal(purchase, change, status, code):
+    response = purchase.parties.buyer_api.post("/usage-agreements", change(purchase))
+
+    assert response.status_code == status, response.content
+    assert response.json()["error"]["code"] == code
+
+
+def test_a_replayed_payment_header_is_refused(purchase):
+    body = purchase.body()
+    purchase.propose(body)
+
+    response = purchase.parties.buyer_api.post("/usage-agreements", body)
+
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "authorization_already_used"
+
+
+def test_direct_payment_needs_its_signatures_and_escrow_refuses_them(purchase):
+    body = purchase.body()
+    missing = {k: v for k, v in body.items() if k != "fee_permit"}
+    assert purchase.parties.buyer_api.post("/usage-agreements", missing).status_code == 400
+    escrow = {**body, "settlement_model": "escrow"}
+    assert purchase.parties.buyer_api.post("/usage-agreements", escrow).status_code == 400

@@ -1,0 +1,271 @@
+"""Skill invocations paid with x402, end to end: Anvil, the relayer and a real seller upstream."""
+
+import base64
+import json
+
+import pytest
+from django.utils import timezone
+from x402.http import decode_payment_required_header, decode_payment_signature_header
+
+from agreements import invocations
+from agreements.models import SkillInvocation
+from escrow.models import ChainTransaction
+from sdk import proxy_signature, typed_data
+from sdk.x402_payments import sign_authorization, sign_payment_required
+from tests.catalog.factories import AgentFactory, register_service
+from tests.conftest import Api
+from tests.escrow.flow import USDC, confirm_all, fund, usdc_balance
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+PRICE = 20_000  # 0.02 USDC
+
+
+class Market:
+    """A seller with a sync and an async skill served by `http_server`, a funded buyer wallet, an anonymous
+    x402 caller (no API key: the payment is the credential)."""
+
+    def __init__(self, chain, http_server):
+        self.chain = chain
+        self.upstream = http_server
+        self.buyer = chain.accounts.buyer
+        self.seller = AgentFactory(handle="sol", is_buyer=False, is_seller=True,
+                                   wallet_address=chain.accounts.seller.address)
+        self.service = register_service(self.seller, upstream_base_url=http_server.url + "/api", skills=[
+            {"name": "translate", "price_atomic": PRICE},
+            {"name": "render", "price_atomic": 50_000, "is_async": True, "timeout_seconds": 30},
+            {"name": "slow", "price_atomic": PRICE, "timeout_seconds": 1},
+            {"name": "free", "price_atomic": 0},
+        ])
+        self.caller = Api()
+        self.treasury = chain.accounts.deployer.address  # the relayer wallet
+        fund(chain, self.buyer.address, 10 * USDC)
+
+    def balances(self) -> tuple[int, int, int]:
+        return tuple(usdc_balance(self.chain, a) for a in
+                     (self.buyer.address, self.seller.wallet_address, self.treasury))
+
+    def call(self, skill: str, payment: str | None = None, header: str = "X-Payment-Signature"):
+        return self.caller.post(f"/agents/sol/{skill}", {"input": {"text": "hello"}},
+                                headers={header: payment} if payment else None)
+
+    def pay(self, skill: str, **overrides) -> str:
+        """Sign what the skill's 402 asks for (with `overrides` applied to its x402 requirements when given)."""
+        required_header = self.call(skill)["PAYMENT-REQUIRED"]
+        if not overrides:
+            return sign_payment_required(required_header, self.buyer.key, max_amount_atomic=USDC)
+        requirements = decode_payment_required_header(required_header).accepts[0]
+        valid_before = overrides.pop("valid_before", self.chain.now() + 300)
+        return sign_authorization(requirements.model_copy(update=overrides), self.buyer.key,
+                                  valid_before=valid_before)
+
+
+@pytest.fixture
+def market(escrow_chain, http_server):
+    return Market(escrow_chain, http_server)
+
+
+def test_unpaid_call_is_402_with_the_x402_requirements_and_never_reaches_the_seller(market, settings):
+    response = market.call("translate")
+
+    assert response.status_code == 402
+    assert response["X-Payment-Amount"] == "0.02"
+    assert response["X-Payment-Currency"] == "USDC"
+    assert response["X-Payment-Address"] == market.treasury
+    assert response["X-Payment-Chain"] == settings.CHAIN_NETWORK
+    body = response.json()
+    assert body["error"]["code"] == "payment_required"
+    assert body["x402Version"] == 2
+    [accepts] = body["accepts"]
+    assert accepts == {"scheme": "exact", "network": f"eip155:{settings.CHAIN_ID}",
+                       "asset": settings.USDC_ADDRESS, "amount": str(PRICE), "payTo": market.treasury,
+                       "maxTimeoutSeconds": 300, "extra": {"name": "USD Coin", "version": "2"}}
+    assert json.loads(base64.b64decode(response["PAYMENT-REQUIRED"]))["accepts"] == [accepts]
+    assert market.upstream.requests == []
+
+
+@pytest.mark.parametrize("header", ["X-Payment-Signature", "X-PAYMENT"])
+def test_paid_call_returns_the_result_and_the_seller_is_paid_on_chain(
+        market, header, django_capture_on_commit_callbacks):
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    buyer, seller, treasury = market.balances()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = market.call("translate", payment, header=header)
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["result"] == {"translation": "bonjour"}
+    assert body["payment"]["amount"] == "0.02" and body["payment"]["currency"] == "USDC"
+    payment_tx = ChainTransaction.objects.get(purpose="invocation_payment")
+    assert body["payment"]["tx_hash"] == payment_tx.mined_tx_hash
+    [request] = market.upstream.requests
+    assert request.path == "/api/translate" and json.loads(request.body) == {"input": {"text": "hello"}}
+    assert proxy_signature.verify(market.service.proxy_secret, request.headers, method="POST", path="/translate")
+
+    confirm_all(django_capture_on_commit_callbacks)  # the treasury's payout to the seller
+    assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)
+    invocation = market.caller.get(f"/services/{body['invocation_id']}").json()
+    assert invocation["status"] == "completed"
+    assert invocation["payment"]["status"] == "paid_out"
+    assert invocation["payment"]["settlement_tx_hash"] == ChainTransaction.objects.get(
+        purpose="invocation_payout").mined_tx_hash
+
+
+def test_async_invocation_is_202_then_completed(market, django_capture_on_commit_callbacks):
+    market.upstream.responses.append((200, {"url": "https://cdn.example/1.png"}))
+    payment = market.pay("render")
+    buyer, seller, _ = market.balances()
+
+    with django_capture_on_commit_callbacks(execute=True):  # the worker's run, inline (Celery is eager)
+        response = market.call("render", payment)
+
+    assert response.status_code == 202, response.content
+    invocation_id = response.json()["invocation_id"]
+    assert invocation_id.startswith("inv_") and response.json()["status"] == "pending"
+    confirm_all(django_capture_on_commit_callbacks)
+    invocation = market.caller.get(f"/services/{invocation_id}").json()
+    assert invocation["status"] == "completed"
+    assert invocation["result"] == {"url": "https://cdn.example/1.png"}
+    assert invocation["created_at"] <= invocation["started_at"] <= invocation["completed_at"]
+    assert invocation["payment"]["status"] == "paid_out"
+    assert market.balances()[:2] == (buyer - 50_000, seller + 50_000)
+
+
+def test_an_invocation_that_times_out_is_refunded_on_chain(market, django_capture_on_commit_callbacks):
+    market.upstream.responses.append((200, {"late": True}, 2))  # answers after the skill's 1 s limit
+    payment = market.pay("slow")
+    before = market.balances()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = market.call("slow", payment)
+
+    assert response.status_code == 504, response.content
+    assert response.json()["error"]["code"] == "invocation_timeout"
+    confirm_all(django_capture_on_commit_callbacks)  # the treasury's refund
+    refund = ChainTransaction.objects.get(purpose="invocation_refund")
+    assert refund.status == "confirmed" and refund.context["to"] == market.buyer.address
+    assert market.balances() == before
+    invocation = market.caller.get(f"/services/{response.json()['error']['details']['invocation_id']}").json()
+    assert invocation["status"] == "timeout" and invocation["payment"]["status"] == "refunded"
+    assert invocation["payment"]["settlement_tx_hash"] == refund.mined_tx_hash
+
+
+def test_a_failed_async_invocation_is_refunded(market, django_capture_on_commit_callbacks):
+    market.upstream.responses.append((500, {"error": "model crashed"}))
+    payment = market.pay("render")
+    before = market.balances()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        invocation_id = market.call("render", payment).json()["invocation_id"]
+    confirm_all(django_capture_on_commit_callbacks)
+
+    invocation = market.caller.get(f"/services/{invocation_id}").json()
+    assert invocation["status"] == "failed" and invocation["payment"]["status"] == "refunded"
+    assert market.balances() == before
+
+
+def test_the_sweeper_times_out_an_invocation_whose_worker_died_and_refunds_it(
+        market, django_capture_on_commit_callbacks):
+    payment = market.pay("render")
+    before = market.balances()
+    invocation_id = market.call("render", payment).json()["invocation_id"]  # its worker never runs
+    # The worker took it and died mid-call.
+    SkillInvocation.objects.filter(pk=invocation_id.removeprefix("inv_")).update(
+        status="processing", started_at=timezone.now(), deadline_at=timezone.now())
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert invocations.invocations_sweep()["timed_out"] == 1
+    confirm_all(django_capture_on_commit_callbacks)
+
+    assert market.caller.get(f"/services/{invocation_id}").json()["status"] == "timeout"
+    assert market.balances() == before
+    assert market.upstream.requests == []
+
+
+def test_a_replayed_authorization_is_refused_and_charged_once(market, django_capture_on_commit_callbacks):
+    payment = market.pay("translate")
+    buyer = usdc_balance(market.chain, market.buyer.address)
+    with django_capture_on_commit_callbacks(execute=True):
+        first = market.call("translate", payment)
+    assert first.status_code == 200
+
+    replay = market.call("translate", payment)
+
+    assert replay.status_code == 402
+    assert replay.json()["error"]["code"] == "authorization_already_used"
+    assert replay.json()["error"]["details"]["invocation_id"] == first.json()["invocation_id"]
+    assert len(market.upstream.requests) == 1
+    assert ChainTransaction.objects.filter(purpose="invocation_payment").count() == 1
+    assert usdc_balance(market.chain, market.buyer.address) == buyer - PRICE
+
+
+def test_an_authorization_already_used_on_chain_is_refused_by_the_simulation(market):
+    payment = market.pay("translate")
+    nonce = decode_payment_signature_header(payment).payload["authorization"]["nonce"]
+    typed = typed_data.cancel_authorization(chain_id=market.chain.chain_id, token_address=market.chain.usdc.address,
+                                            authorizer=market.buyer.address, nonce=nonce)
+    market.chain.usdc.functions.cancelAuthorization(
+        market.buyer.address, bytes.fromhex(nonce[2:]),
+        bytes.fromhex(typed_data.sign_typed_data(market.buyer.key, typed)[2:])).transact(
+        {"from": market.buyer.address})
+
+    response = market.call("translate", payment)
+
+    assert response.status_code == 402
+    assert response.json()["error"]["code"] == "authorization_already_used"
+    assert response.json()["error"]["details"]["x402_reason"] == "invalid_exact_evm_nonce_already_used"
+    assert market.upstream.requests == [] and not ChainTransaction.objects.exists()
+
+
+@pytest.mark.parametrize("overrides, code", [
+    ({"amount": str(PRICE - 1)}, "wrong_amount"),
+    ({"pay_to": "0x000000000000000000000000000000000000dEaD"}, "wrong_recipient"),
+    ({"valid_before": 1}, "authorization_expired"),
+])
+def test_bad_payments_are_402_with_their_code_and_move_nothing(market, overrides, code):
+    payment = market.pay("translate", **overrides)
+    before = market.balances()
+
+    response = market.call("translate", payment)
+
+    assert response.status_code == 402, response.content
+    assert response.json()["error"]["code"] == code
+    assert response["X-Payment-Amount"] == "0.02"
+    assert market.upstream.requests == []
+    assert not SkillInvocation.objects.exists() and not ChainTransaction.objects.exists()
+    assert market.balances() == before
+
+
+def test_an_authorization_without_funds_is_402_insufficient_balance(market):
+    market.buyer = market.chain.accounts.stranger  # holds no USDC
+    response = market.call("translate", market.pay("translate"))
+
+    assert response.status_code == 402
+    assert response.json()["error"]["code"] == "insufficient_balance"
+    assert market.upstream.requests == [] and not ChainTransaction.objects.exists()
+
+
+def _encoded(value) -> str:
+    return base64.b64encode(json.dumps(value).encode()).decode()
+
+
+@pytest.mark.parametrize("payment", [
+    "0x" + "ab" * 65,  # a bare signature: EIP-3009 needs the authorization it signs
+    _encoded([1, 2]),
+    _encoded({"x402Version": 2, "payload": {"authorization": {"nonce": 5, "value": "x"}, "signature": 7},
+              "accepted": {"scheme": "exact", "network": "eip155:31337", "asset": "", "amount": "1", "payTo": "",
+                           "maxTimeoutSeconds": 1}}),
+])
+def test_malformed_payments_are_402_malformed(market, payment):
+    response = market.call("translate", payment)
+
+    assert response.status_code == 402
+    assert response.json()["error"]["code"] == "malformed_payment"
+
+
+def test_unknown_skill_is_404_and_an_unpriced_one_409(market):
+    assert market.caller.post("/agents/sol/nope", {"input": {}}).status_code == 404
+    assert market.caller.get("/services/inv_nope").status_code == 404
+    assert market.call("free").status_code == 409

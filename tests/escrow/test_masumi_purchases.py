@@ -1,0 +1,306 @@
+"""Masumi purchases end to end on Anvil, against a real Masumi-style seller service started by the test."""
+
+import hashlib
+
+import pytest
+from django.core.management import call_command
+
+from escrow import purchases, settlement
+from sdk.activation import sign_activation_package
+from sdk.typed_data import sign_typed_data
+from tests.catalog.factories import UserFactory, issue_owner_token
+from tests.conftest import Api, error_code
+from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
+from tests.support.masumi_service import MasumiService, result_for
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+PRICE = 5 * USDC
+FEE = 103_000  # max(ceil(5 USDC × 2%) + 0.003, 0.10) USDC
+INPUT = {"text": "the quarterly report", "language": "en"}
+
+
+@pytest.fixture
+def seller_service():
+    service = MasumiService().start()
+    yield service
+    service.stop()
+
+
+def run(capture, fn, **kwargs):
+    """A beat task's service, with its after-commit work, then one relayer poll."""
+    with capture(execute=True):
+        result = fn(**kwargs)
+    confirm_all(capture)
+    return result
+
+
+class Purchase:
+    """A buyer who bought one job from the Masumi service and got the funds locked."""
+
+    def __init__(self, chain, capture, seller_service, **timers):
+        self.chain, self.capture = chain, capture
+        self.parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi",
+                               pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE,
+                                        "token": "USDC"}, skills=[])
+        now = chain.now()
+        self.timers = {"payByTime": now + 600, "submitResultTime": now + 1200, "unlockTime": now + 2400,
+                       "externalDisputeUnlockTime": now + 4800, **timers}
+        self.balances = self.read_balances()
+        created = self.parties.buyer_api.post("/purchase", {
+            "network": "Preprod", "agentIdentifier": str(self.parties.service.pk), "input_data": INPUT,
+            "identifierFromPurchaser": "order-17",
+            **{name: str(seconds * 1000) for name, seconds in self.timers.items()}})
+        assert created.status_code == 201, created.content
+        self.created = created.json()["data"]
+        self.id = self.created["blockchainIdentifier"]
+        signed = sign_activation_package(self.created["ActivationPackage"], self.parties.buyer_account.key)
+        with capture(execute=True):
+            locked = self.parties.buyer_api.post("/purchase/lock-funds", {
+                "network": "Preprod", "blockchainIdentifier": self.id, **signed})
+        assert locked.status_code == 202, locked.content
+        confirm_all(capture)
+
+    def read_balances(self) -> dict:
+        return {name: usdc_balance(self.chain, address) for name, address in {
+            "buyer": self.parties.buyer_account.address, "seller": self.parties.seller_account.address,
+            "fee": self.chain.accounts.fee_recipient.address, "escrow": self.chain.addresses["escrow"]}.items()}
+
+    def get(self) -> dict:
+        response = self.parties.buyer_api.get("/purchase", {"network": "Preprod", "blockchainIdentifier": self.id})
+        assert response.status_code == 200, response.content
+        [purchase] = response.json()["data"]["Purchases"]
+        return purchase
+
+    def onchain(self) -> dict:
+        return self.parties.buyer_api.get(f"/usage-agreements/{self.created['agreementId']}/escrow-status",
+                                          {"verify": "true"}).json()["onchain"]
+
+    def tick(self) -> dict:
+        return run(self.capture, purchases.purchases_tick)
+
+    def settle(self) -> dict:
+        return run(self.capture, settlement.settlement_tick)
+
+    def assert_moved(self, *, seller: int, buyer: int) -> None:
+        """On-chain balances against the ones before the purchase: the fee is taken once, the escrow is empty."""
+        after = self.read_balances()
+        assert after["seller"] - self.balances["seller"] == seller
+        assert after["buyer"] - self.balances["buyer"] == buyer - PRICE - FEE
+        assert after["fee"] - self.balances["fee"] == FEE
+        assert after["escrow"] == self.balances["escrow"] == 0
+
+
+def test_result_before_submit_time_pays_the_seller_after_unlock_time(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    chain = escrow_chain
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.created["onChainState"] is None
+    assert purchase.created["inputHash"] == hashlib.sha256(
+        b'{"language":"en","text":"the quarterly report"}').hexdigest()
+    assert purchase.created["PaidFunds"] == [{"amount": str(PRICE), "unit": "USDC"}]
+    assert purchase.created["ActivationPackage"]["deadline"] == purchase.timers["payByTime"]
+    assert purchase.created["submitResultTime"] == str(purchase.timers["submitResultTime"] * 1000)
+    locked = purchase.get()
+    assert locked["onChainState"] == "FundsLocked" and locked["jobId"] is None
+    onchain = purchase.onchain()
+    assert onchain["state"] == "active" and int(onchain["depositAmount"]) == PRICE
+    assert int(onchain["expiresAt"]) == purchase.timers["submitResultTime"]
+
+    assert purchase.tick()["started"] == 1  # start_job, then a first status check: still running
+    assert seller_service.started == [INPUT]
+    running = purchase.get()
+    assert running["jobId"] and running["paymentId"] == f"pay-{running['jobId']}"
+    assert running["jobStatus"] == "running" and running["onChainState"] == "FundsLocked"
+
+    assert purchase.tick()["results"] == 1
+    submitted = purchase.get()
+    result_hash = hashlib.sha256(result_for(INPUT).encode()).hexdigest()
+    assert submitted["onChainState"] == "ResultSubmitted"
+    assert (submitted["result"], submitted["resultHash"]) == (result_for(INPUT), result_hash)
+    onchain = purchase.onchain()
+    assert onchain["state"] == "proposed" and onchain["usageDigest"] == "0x" + result_hash
+    assert int(onchain["settledAmount"]) == PRICE
+    assert int(onchain["challengeDeadline"]) >= purchase.timers["unlockTime"]
+    assert purchase.tick() == {"expired": 0, "started": 0, "results": 0, "disputed": 0,
+                               "released": 0}  # nothing twice
+
+    chain.increase_time(purchase.timers["unlockTime"] - chain.now() - 5)
+    assert purchase.settle()["finalizing"] == 0  # before unlockTime the seller is not paid
+    chain.increase_time(int(onchain["challengeDeadline"]) - chain.now())
+    assert purchase.settle()["finalizing"] == 1
+    assert purchase.get()["onChainState"] == "Withdrawn"
+    purchase.assert_moved(seller=PRICE, buyer=0)
+    late = purchase.parties.buyer_api.patch("/purchase", {
+        "network": "Preprod", "blockchainIdentifier": purchase.id,
+        "signature": sign_typed_data(purchase.parties.buyer_account.key, submitted["refundRequestTypedData"])})
+    assert late.status_code == 409 and error_code(late) == "refund_not_possible"
+    call_command("reconcile")
+
+
+def test_no_result_by_submit_time_refunds_the_buyer(escrow_chain, seller_service,
+                                                     django_capture_on_commit_callbacks):
+    chain = escrow_chain
+    seller_service.mode = "never"
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    assert purchase.tick()["results"] == 0
+    assert purchase.get()["jobStatus"] == "running"
+
+    chain.increase_time(purchase.timers["submitResultTime"] - chain.now())
+    seller_service.mode = "result"  # too late: a result after submitResultTime is not taken
+    assert purchase.tick()["results"] == 0
+    assert purchase.settle()["reclaiming"] == 0  # the contract's reclaim grace is still running
+    chain.increase_time(chain.reclaim_grace)
+    assert purchase.settle()["reclaiming"] == 1
+    refunded = purchase.get()
+    assert refunded["onChainState"] == "RefundWithdrawn" and refunded["resultHash"] is None
+    assert purchase.onchain()["state"] == "reclaimed"
+    purchase.assert_moved(seller=0, buyer=PRICE)
+    call_command("reconcile")
+
+
+def dispute(purchase) -> dict:
+    assert purchase.tick()["started"] == 1
+    assert purchase.tick()["results"] == 1
+    submitted = purchase.get()
+    body = {"network": "Preprod", "blockchainIdentifier": purchase.id,
+            "signature": sign_typed_data(purchase.parties.buyer_account.key, submitted["refundRequestTypedData"])}
+    stranger = purchase.parties.buyer_api.patch("/purchase", {
+        **body, "signature": sign_typed_data(purchase.chain.accounts.stranger.key,
+                                             submitted["refundRequestTypedData"])})
+    assert stranger.status_code == 400 and error_code(stranger) == "wrong_signer"
+    with purchase.capture(execute=True):
+        requested = purchase.parties.buyer_api.patch("/purchase", body)
+    assert requested.status_code == 200, requested.content
+    assert requested.json()["data"]["onChainState"] == "RefundRequested"
+    confirm_all(purchase.capture)
+    disputed = purchase.get()
+    assert disputed["onChainState"] == "Disputed"
+    assert disputed["NextAction"]["requestedAction"] == "WaitingForExternalAction"
+    assert purchase.onchain()["state"] == "disputed"
+    return disputed
+
+
+def test_refund_requested_after_a_result_is_disputed_and_resolved_by_an_operator(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain, capture, seller_service)
+    disputed = dispute(purchase)
+    chain.increase_time(purchase.timers["unlockTime"] - chain.now() + 3600)
+    assert purchase.settle()["finalizing"] == 0  # a dispute waits for a decision
+
+    operator = Api(issue_owner_token(UserFactory(is_staff=True)))
+    with capture(execute=True):
+        resolved = operator.post(f"/usage-agreements/{disputed['agreementId']}/resolve",
+                                 {"seller_amount_atomic": 2 * USDC})
+    assert resolved.status_code == 202, resolved.content
+    confirm_all(capture)  # resolve confirmed -> finalize queued
+    confirm_all(capture)  # finalize confirmed
+    assert purchase.get()["onChainState"] == "DisputedWithdrawn"
+    purchase.assert_moved(seller=2 * USDC, buyer=3 * USDC)
+    call_command("reconcile")
+
+
+def test_unresolved_dispute_refunds_the_buyer_after_external_dispute_unlock_time(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    chain = escrow_chain
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    dispute(purchase)
+    chain.increase_time(purchase.timers["externalDisputeUnlockTime"] - chain.now() - 10)
+    assert purchase.tick()["released"] == 0
+    chain.increase_time(10)
+    assert purchase.tick()["released"] == 1
+    confirm_all(purchase.capture)  # finalize after the resolution
+    assert purchase.get()["onChainState"] == "DisputedWithdrawn"
+    purchase.assert_moved(seller=0, buyer=PRICE)
+    call_command("reconcile")
+
+
+def test_refund_requested_before_the_result_disputes_a_late_result(escrow_chain, seller_service,
+                                                                   django_capture_on_commit_callbacks):
+    chain = escrow_chain
+    seller_service.mode = "never"
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    purchase.tick()
+    typed = purchase.get()["refundRequestTypedData"]
+    requested = purchase.parties.buyer_api.patch("/purchase", {
+        "network": "Preprod", "blockchainIdentifier": purchase.id,
+        "signature": sign_typed_data(purchase.parties.buyer_account.key, typed)})
+    assert requested.json()["data"]["onChainState"] == "RefundRequested"
+    seller_service.mode = "result"
+    assert purchase.tick()["results"] == 1  # proposal confirmed by the relayer poll
+    assert purchase.tick()["disputed"] == 1
+    assert purchase.get()["onChainState"] == "Disputed"
+    call_command("reconcile")
+
+
+def test_bad_purchases_are_refused(escrow_chain, seller_service, http_server):
+    chain = escrow_chain
+    parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
+    now = chain.now()
+    body = {"network": "Preprod", "agentIdentifier": str(parties.service.pk), "input_data": INPUT}
+    disordered = parties.buyer_api.post("/purchase", {**body, "submitResultTime": str((now + 60) * 1000),
+                                                      "unlockTime": str((now + 30) * 1000)})
+    assert disordered.status_code == 400 and error_code(disordered) == "invalid_timers"
+    wrong_hash = parties.buyer_api.post("/purchase", {**body, "inputHash": "0" * 64})
+    assert wrong_hash.status_code == 400 and error_code(wrong_hash) == "input_hash_mismatch"
+    wrong_network = parties.buyer_api.post("/purchase", {**body, "network": "Mainnet"})
+    assert wrong_network.status_code == 400 and error_code(wrong_network) == "wrong_network"
+    plain = Parties(chain, buyer_funds=0, upstream_base_url=http_server.url)
+    not_masumi = plain.buyer_api.post("/purchase", {**body, "agentIdentifier": str(plain.service.pk)})
+    assert not_masumi.status_code == 400 and error_code(not_masumi) == "not_a_masumi_service"
+    unknown = parties.buyer_api.get("/purchase", {"network": "Preprod", "blockchainIdentifier": "0x" + "ab" * 32})
+    assert unknown.status_code == 404 and error_code(unknown) == "purchase_not_found"
+
+
+def test_purchase_never_funded_by_pay_by_time_expires(escrow_chain, seller_service,
+                                                      django_capture_on_commit_callbacks):
+    chain = escrow_chain
+    parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
+    created = parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
+                                                   "agentIdentifier": str(parties.service.pk)}).json()["data"]
+    assert created["NextAction"]["requestedAction"] == "FundsLockingRequested"
+    chain.increase_time(created["ActivationPackage"]["deadline"] - chain.now())
+    assert run(django_capture_on_commit_callbacks, purchases.purchases_tick)["expired"] == 1
+    signed = sign_activation_package(created["ActivationPackage"], parties.buyer_account.key)
+    late = parties.buyer_api.post("/purchase/lock-funds", {"network": "Preprod",
+                                                          "blockchainIdentifier": created["blockchainIdentifier"],
+                                                          **signed})
+    assert late.status_code in (400, 409), late.content
+    expired = parties.buyer_api.get("/purchase", {"network": "Preprod"}).json()["data"]["Purchases"][0]
+    assert expired["onChainState"] is None and expired["NextAction"]["errorType"] == "Closed"
+    assert seller_service.started == []
+
+
+def test_unavailable_service_drops_out_of_search_and_cannot_be_bought(escrow_chain, seller_service, anon,
+                                                                       django_capture_on_commit_callbacks):
+    parties = Parties(escrow_chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[],
+                      name="Quarterly report summarizer")
+
+    def found() -> list[str]:
+        response = parties.buyer_api.post("/catalog/search", {"q": "summarizer"})
+        assert response.status_code == 200, response.content
+        return [service["id"] for service in response.json()["results"]]
+
+    def availability() -> str:
+        return parties.buyer_api.get(f"/agents/services/{parties.service.pk}").json()["availability"]
+
+    assert found() == [str(parties.service.pk)] and availability() == "unknown"
+    seller_service.mode = "unavailable"
+    call_command_poll = run(django_capture_on_commit_callbacks, catalog_poll)
+    assert call_command_poll == 1
+    assert found() == [] and availability() == "unavailable"
+    refused = parties.buyer_api.post("/purchase", {"network": "Preprod", "agentIdentifier": str(parties.service.pk),
+                                                   "input_data": INPUT})
+    assert refused.status_code == 409 and error_code(refused) == "service_unavailable"
+
+    seller_service.mode = "result"
+    run(django_capture_on_commit_callbacks, catalog_poll)
+    assert found() == [str(parties.service.pk)] and availability() == "available"
+
+
+def catalog_poll() -> int:
+    from catalog.tasks import poll_availability
+
+    return poll_availability.delay().get()

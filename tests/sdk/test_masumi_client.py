@@ -1,0 +1,59 @@
+"""The SDK buys a Masumi job through the marketplace and follows it, over the real API (in-process WSGI), the
+Anvil chain, the relayer and a real Masumi-style seller service."""
+
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from django.core.signals import request_finished, request_started
+from django.core.wsgi import get_wsgi_application
+from django.db import close_old_connections
+
+from escrow import purchases
+from sdk import MarketplaceClient
+from tests.catalog.factories import issue_key
+from tests.escrow.flow import USDC, Parties, confirm_all
+from tests.support.masumi_service import MasumiService, result_for
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+
+@contextmanager
+def in_process_api(api_key: str):
+    """A client whose requests are served in this thread, inside the test's transaction (as Django's test client
+    does, the per-request connection cleanup is off: it would close the connection holding that transaction)."""
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    client = MarketplaceClient("http://testserver", api_key, retries=0,
+                               transport=httpx.WSGITransport(app=get_wsgi_application()))
+    try:
+        yield client
+    finally:
+        client.close()
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
+
+
+def test_sdk_buys_a_masumi_job_and_gets_its_result(escrow_chain, django_capture_on_commit_callbacks):
+    capture = django_capture_on_commit_callbacks
+    seller_service = MasumiService().start()
+    try:
+        parties = Parties(escrow_chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[],
+                          pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": USDC,
+                                   "token": "USDC"})
+        with in_process_api(issue_key(parties.buyer)) as buyer:
+            with capture(execute=True):
+                purchase = buyer.purchase_masumi_job(parties.service.pk, {"text": "hi"},
+                                                     parties.buyer_account.key, identifierFromPurchaser="sdk-1")
+            assert purchase["NextAction"]["requestedAction"] == "FundsLockingInitiated"
+            confirm_all(capture)
+            assert buyer.get_purchase(purchase["blockchainIdentifier"])["onChainState"] == "FundsLocked"
+            for _ in range(2):  # start_job, then the completed status
+                with capture(execute=True):
+                    purchases.purchases_tick()
+            done = buyer.wait_for_purchase(purchase["blockchainIdentifier"], timeout=5, poll_interval=0.1)
+            assert done["result"] == result_for({"text": "hi"}) and done["identifierFromPurchaser"] == "sdk-1"
+            refund = buyer.request_refund(purchase["blockchainIdentifier"], parties.buyer_account.key)
+            assert refund["onChainState"] == "RefundRequested" and refund["refundRequestedAt"]
+    finally:
+        seller_service.stop()

@@ -1,0 +1,72 @@
+"""The SDK's x402 flows against the live API, Anvil and a real seller upstream: invoke a skill (402, sign, retry)
+and a direct stablecoin purchase."""
+
+import pytest
+from x402.schemas import PaymentError
+
+from tests.catalog.factories import service_data
+from tests.escrow.flow import USDC, fund, usdc_balance
+from tests.sdk.test_client import agent_client, relayer_polling
+
+pytestmark = pytest.mark.chain
+
+
+@pytest.fixture
+def seller_and_buyer(live_server, escrow_chain, http_server):
+    chain = escrow_chain
+    fund(chain, chain.accounts.buyer.address, 20 * USDC)
+    seller = agent_client(live_server.url, wallet=chain.accounts.seller.address, buyer=False, seller=True)
+    buyer = agent_client(live_server.url, wallet=chain.accounts.buyer.address)
+    service = seller.register_service(**service_data(upstream_base_url=http_server.url, skills=[
+        {"name": "translate", "price_atomic": 20_000},
+        {"name": "render", "price_atomic": 50_000, "is_async": True},
+    ]))
+    with seller, buyer:
+        yield seller, buyer, service
+
+
+def test_invoke_skill_pays_the_402_and_returns_the_result(seller_and_buyer, escrow_chain, http_server):
+    seller, buyer, _ = seller_and_buyer
+    handle = seller.me()["handle"]
+    http_server.responses.extend([(200, {"translation": "bonjour"}), (200, {"url": "https://cdn.example/1.png"})])
+    key = escrow_chain.accounts.buyer.key
+    before = usdc_balance(escrow_chain, escrow_chain.accounts.buyer.address)
+
+    with relayer_polling():
+        answer = buyer.invoke_skill(handle, "translate", {"text": "hello"}, private_key=key, max_amount_atomic=USDC)
+        rendered = buyer.invoke_skill(handle, "render", {"prompt": "sunset"}, private_key=key,
+                                      max_amount_atomic=USDC, timeout=30, poll_interval=0.2)
+
+    assert answer["result"] == {"translation": "bonjour"}
+    assert answer["payment"]["amount"] == "0.02" and answer["payment"]["tx_hash"].startswith("0x")
+    assert rendered["status"] == "completed" and rendered["result"] == {"url": "https://cdn.example/1.png"}
+    assert usdc_balance(escrow_chain, escrow_chain.accounts.buyer.address) == before - 70_000
+    assert len(http_server.requests) == 2
+
+
+def test_invoke_skill_never_signs_above_the_callers_cap(seller_and_buyer, escrow_chain, http_server):
+    seller, buyer, _ = seller_and_buyer
+
+    with pytest.raises(PaymentError):
+        buyer.invoke_skill(seller.me()["handle"], "translate", {"text": "hi"},
+                           private_key=escrow_chain.accounts.buyer.key, max_amount_atomic=19_999)
+    assert http_server.requests == []
+
+
+def test_propose_direct_purchase_signs_both_and_gets_paid(seller_and_buyer, escrow_chain):
+    seller, buyer, service = seller_and_buyer
+    chain = escrow_chain
+    wallet = chain.accounts.buyer
+    nonce = chain.usdc.functions.nonces(wallet.address).call()
+
+    proposed = buyer.propose_direct_purchase(service["id"], 100, private_key=wallet.key, permit_nonce=nonce)
+    assert proposed["status"] == "proposed" and proposed["infra_fee_atomic"] == 100_000  # the 0.10 minimum
+    before = usdc_balance(chain, wallet.address)
+    with relayer_polling():
+        seller.accept_agreement(proposed["id"])
+        paid = buyer.wait_until(proposed["id"], statuses={"paid"}, failure={"payment_failed"}, timeout=60,
+                                poll_interval=0.2)
+
+    assert paid["payment_tx_hash"] and paid["fee_tx_hash"]
+    assert usdc_balance(chain, wallet.address) == before - 2 * USDC - 100_000
+
