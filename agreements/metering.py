@@ -94,6 +94,17 @@ def reservation_release(*, reservation: Reservation) -> None:
         UsageAgreement.objects.filter(pk=reservation.agreement_id).update(reserved=F("reserved") - reservation.amount)
 
 
+def reservation_resolve_unknown_commit(*, reservation: Reservation, request_id: str) -> UsageEvent | None:
+    """After a commit whose outcome is unknown (the database connection was lost): the call's event when the commit
+    went through, else None with the reservation released — never both, never neither."""
+    with transaction.atomic():
+        UsageAgreement.objects.select_for_update().filter(pk=reservation.agreement_id).first()
+        event = UsageEvent.objects.filter(agreement_id=reservation.agreement_id, request_id=request_id).first()
+        if event is None:
+            reservation_release(reservation=reservation)
+    return event
+
+
 def reservations_drop_stale(*, agreement: UsageAgreement) -> None:
     """Free reservations of calls that can no longer finish (their process died): the caller has checked that
     every live call has timed out. Holding them would block the settlement forever."""

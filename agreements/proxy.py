@@ -10,10 +10,11 @@ and is charged once.
 import json
 import logging
 import time
+from urllib.parse import quote
 
 import httpx
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.views import APIView
@@ -23,7 +24,8 @@ from agreements.models import ProxyReplay, UsageAgreement
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import KeyScope, PricingType
 from marketplace import outbound
-from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, error_body
+from marketplace.errors import (ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput,
+                                 error_body)
 from marketplace.logging import agreement_id_var
 from marketplace.serializers import error_responses
 from sdk import proxy_signature
@@ -36,6 +38,7 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriz
 _REQUEST_DROPPED = _HOP_BY_HOP | {"authorization", "token", "cookie", "x-request-nonce", "x-max-units",
                                   "idempotency-key"}
 UNITS_HEADER = "X-Usage-Units"
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": kept as they are; everything else is escaped
 
 _client = outbound.guarded_client(
     timeout=httpx.Timeout(settings.PROXY_TIMEOUT, connect=settings.PROXY_CONNECT_TIMEOUT),
@@ -137,7 +140,7 @@ def _proxy_method(method: str):
         responses={
             (200, "*/*"): OpenApiResponse(description="The upstream's answer, with X-Usage-Cost, "
                                                       "X-Escrow-Remaining and X-Usage-Event-Id."),
-            **error_responses(402, 404, 409, 429), 502: error_responses(503)[503], 504: error_responses(503)[503],
+            **error_responses(402, 404, 409, 429, 503), 502: error_responses(503)[503], 504: error_responses(503)[503],
         },
     )(handler)
 
@@ -175,7 +178,9 @@ class MeteredProxyView(APIView):
         max_units = _requested_units(request, agreement)
         reservation = metering.reservation_take(agreement=agreement, amount=max_units * agreement.price_per_unit)
         query = request._request.META.get("QUERY_STRING", "")
-        upstream_path = "/" + path + (f"?{query}" if query else "")
+        # Django hands the path over percent-decoded: encode it again, or an escaped "?" or "#" would change
+        # what is called and a control character would make no URL at all.
+        upstream_path = "/" + quote(path, safe=_PATH_SAFE) + (f"?{query}" if query else "")
         url = agreement.service.upstream_base_url + upstream_path
         has_body = request._request.META.get("CONTENT_LENGTH") not in (None, "", "0")
         started = time.monotonic()
@@ -198,6 +203,9 @@ class MeteredProxyView(APIView):
                                          "call; nothing was charged.") from exc
             logger.warning("upstream unreachable", extra={"agreement_id": str(agreement.pk), "error": repr(exc)})
             raise UpstreamFailed("The seller's service could not be reached; nothing was charged.") from exc
+        except BaseException:
+            metering.reservation_release(reservation=reservation)  # nothing was served: the hold must not leak
+            raise
         latency_ms = int(_observe_upstream("error" if upstream.status_code >= 500 else "ok", started) * 1000)
         if upstream.status_code >= 500:
             metering.reservation_release(reservation=reservation)
@@ -210,6 +218,14 @@ class MeteredProxyView(APIView):
                     reservation=reservation, units=units, cost=cost, request_id=request._request.request_id,
                     request_nonce=nonce, method=request.method, path=upstream_path, upstream_status=upstream.status_code,
                     latency_ms=latency_ms)
+            except (OperationalError, InterfaceError):
+                connection.close()  # the database dropped it; the next query opens a new connection
+                event = metering.reservation_resolve_unknown_commit(reservation=reservation,
+                                                                    request_id=request._request.request_id)
+                if event is None:
+                    upstream.close()
+                    raise DependencyUnavailable("The call could not be recorded; nothing was charged.",
+                                                code="database_unavailable") from None
             except BaseException:
                 upstream.close()
                 metering.reservation_release(reservation=reservation)

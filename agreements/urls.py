@@ -1,4 +1,5 @@
 from django.urls import path, re_path
+from django.urls.converters import UUIDConverter
 
 from agreements import proxy, views
 
@@ -12,7 +13,8 @@ urlpatterns = [
     path("usage-agreements/<uuid:agreement_id>/usage", views.UsageView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/record-usage", views.RecordUsageView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/complete", views.CompleteView.as_view()),
-    re_path(r"^metered-proxy/(?P<agreement_id>[0-9a-f-]{36})/(?P<path>.*)$", proxy.MeteredProxyView.as_view()),
+    # The path may be empty, which <path:> does not allow; the id is matched as strictly as <uuid:> does.
+    re_path(rf"^metered-proxy/(?P<agreement_id>{UUIDConverter.regex})/(?P<path>.*)$", proxy.MeteredProxyView.as_view()),
     path("payment-requirements", views.PaymentRequirementsView.as_view()),
     path("services/<str:invocation_id>", views.InvocationView.as_view()),
     path("webhooks", views.WebhooksView.as_view()),

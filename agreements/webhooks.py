@@ -92,7 +92,8 @@ def queue_for_event(agreement: UsageAgreement, event: AgreementEvent) -> None:
 def _send_after_commit(delivery_id, countdown: float = 0) -> None:
     from agreements.tasks import deliver_webhook
 
-    transaction.on_commit(lambda: deliver_webhook.apply_async((str(delivery_id),), countdown=countdown))
+    # robust: with the broker down the delivery stays pending and the retry sweep sends it.
+    transaction.on_commit(lambda: deliver_webhook.apply_async((str(delivery_id),), countdown=countdown), robust=True)
 
 
 def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:

@@ -1,3 +1,6 @@
+import copy
+from collections.abc import Mapping
+
 from django.conf import settings
 from rest_framework import serializers
 
@@ -107,7 +110,9 @@ class SkillSerializer(StrictSerializer):
     description = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
     price_atomic = AtomicAmountField(required=False, allow_null=True, default=None,
                                      help_text="Price of one invocation; the service's unit price when absent.")
-    path = serializers.RegexField(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]*)*$", max_length=200, required=False,
+    # Blank is allowed by allow_blank; the pattern matches only non-blank paths, so the documented
+    # "pattern or blank" alternatives never both match.
+    path = serializers.RegexField(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]*)+$", max_length=200, required=False,
                                   allow_blank=True, default="")
     is_async = serializers.BooleanField(required=False, default=False)
     timeout_seconds = serializers.IntegerField(min_value=1, max_value=3600, required=False, default=60)
@@ -157,6 +162,27 @@ class ServiceWriteSerializer(StrictSerializer):
 
     def validate_upstream_base_url(self, value):
         return http_base_url(value)
+
+    def to_internal_value(self, data):
+        if not self.partial or not isinstance(data, Mapping):
+            return super().to_internal_value(data)
+        # A PATCH replaces each field it gives whole, so nested objects are validated as complete ones (DRF would
+        # let `partial` reach them and accept e.g. a pricing without its type).
+        whole = {name: copy.deepcopy(field) for name, field in self.fields.items()
+                 if isinstance(field, serializers.BaseSerializer) and name in data}
+        value, errors = {}, {}
+        try:
+            value = super().to_internal_value({key: item for key, item in data.items() if key not in whole})
+        except serializers.ValidationError as exc:
+            errors.update(exc.detail)
+        for name, field in whole.items():
+            try:
+                value[name] = field.run_validation(data[name])
+            except serializers.ValidationError as exc:
+                errors[name] = exc.detail
+        if errors:
+            raise serializers.ValidationError(errors)
+        return value
 
 
 class ServiceSerializer(serializers.Serializer):

@@ -52,7 +52,8 @@ def transaction_enqueue(*, purpose: str, to: str, data: str, agreement_id=None, 
 def _submit_after_commit(tx_id) -> None:
     from escrow.tasks import submit_transaction
 
-    transaction.on_commit(lambda: submit_transaction.delay(str(tx_id)))
+    # robust: with the broker down the request still succeeds; the row stays queued and the sweeper sends it.
+    transaction.on_commit(lambda: submit_transaction.delay(str(tx_id)), robust=True)
 
 
 def _relayer_locked() -> RelayerAccount:
@@ -248,11 +249,11 @@ def transactions_poll() -> int:
     return len(pending)
 
 
-def transactions_sweep_queued(*, older_than_seconds: int = 30) -> int:
-    """Re-enqueue rows stuck in queued (their task message was lost)."""
+def transactions_sweep_queued() -> int:
+    """Re-enqueue rows stuck in queued (their task message was lost, or never sent while the broker was down)."""
     from escrow.tasks import submit_transaction
 
-    cutoff = timezone.now() - timezone.timedelta(seconds=older_than_seconds)
+    cutoff = timezone.now() - settings.CHAIN_SWEEP_AFTER
     stuck = list(ChainTransaction.objects.filter(status=TxStatus.QUEUED, updated_at__lt=cutoff)
                  .values_list("pk", flat=True)[:500])
     for tx_id in stuck:

@@ -1,6 +1,13 @@
-from django.urls import path
+from django.urls import path, re_path
 
+from catalog.services import RESERVED_HANDLES, RESERVED_SKILL_NAMES
 from escrow import masumi_api, views
+
+
+# Only well-formed names that registration allows: anything else under /agents/ (a malformed id under
+# /agents/services/ or /agents/{id}/policies) is that route's 404, not this one's 405.
+HANDLE = rf"(?!(?:{'|'.join(sorted(RESERVED_HANDLES))})/)[a-z0-9][a-z0-9-]{{1,62}}[a-z0-9]"
+SKILL = rf"(?!(?:{'|'.join(sorted(RESERVED_SKILL_NAMES))})$)[a-z0-9](?:[a-z0-9-]{{0,62}}[a-z0-9])?"
 
 urlpatterns = [
     path("usage-agreements/<uuid:agreement_id>/activation-package", views.ActivationPackageView.as_view()),
@@ -11,5 +18,5 @@ urlpatterns = [
     path("usage-agreements/<uuid:agreement_id>/resolve", views.ResolveView.as_view()),
     path("purchase", masumi_api.PurchaseView.as_view()),
     path("purchase/lock-funds", masumi_api.PurchaseLockFundsView.as_view()),
-    path("agents/<str:handle>/<str:skill>", views.SkillInvokeView.as_view()),
+    re_path(rf"^agents/(?P<handle>{HANDLE})/(?P<skill>{SKILL})$", views.SkillInvokeView.as_view()),
 ]

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.db import InterfaceError, OperationalError
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import status
@@ -92,6 +93,9 @@ _DRF_CODES = {
 
 
 def api_exception_handler(exc: Exception, context: dict) -> Response:
+    if isinstance(exc, (OperationalError, InterfaceError)):  # the connection was lost, the database is restarting
+        logger.warning("database unavailable", exc_info=exc)
+        exc = DependencyUnavailable("The database is unavailable; retry later.", code="database_unavailable")
     if isinstance(exc, ApplicationError):
         return Response(error_body(exc.code, exc.message, exc.details), status=exc.status_code)
     if isinstance(exc, Http404):

@@ -119,6 +119,7 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     "ENUM_NAME_OVERRIDES": {
         "PricingTypeEnum": "catalog.models.PricingType",
+        "MasumiPricingTypeEnum": ["Fixed", "Free"],
         "UpstreamProtocolEnum": "catalog.models.UpstreamProtocol",
         "AgreementStatusEnum": "agreements.models.AgreementStatus",
         "ApprovalStatusEnum": "policies.models.ApprovalStatus",
@@ -234,11 +235,14 @@ CHAIN_MAX_FEE_PER_GAS = env.int("CHAIN_MAX_FEE_PER_GAS_WEI", default=500 * 10**9
 CHAIN_FEE_BUMP_PERCENT = 13  # nodes accept a replacement at >= +10%; 12.5% rounded up
 CHAIN_REBROADCAST_AFTER = timedelta(seconds=env.int("CHAIN_REBROADCAST_AFTER_SECONDS", default=30))
 CHAIN_REPLACE_AFTER = timedelta(seconds=env.int("CHAIN_REPLACE_AFTER_SECONDS", default=120))
+# A transaction still queued this long after its last change lost its task message; the sweeper sends it again.
+CHAIN_SWEEP_AFTER = timedelta(seconds=env.int("CHAIN_SWEEP_AFTER_SECONDS", default=30))
 ACTIVATION_SIGNATURE_TTL = env.int("ACTIVATION_SIGNATURE_TTL_SECONDS", default=3600)
 CELERY_BEAT_SCHEDULE.update({
     "poll-confirmations": {"task": "escrow.tasks.poll_confirmations",
                            "schedule": timedelta(seconds=env.int("CHAIN_POLL_SECONDS", default=3))},
-    "sweep-queued-transactions": {"task": "escrow.tasks.sweep_queued", "schedule": timedelta(seconds=30)},
+    "sweep-queued-transactions": {"task": "escrow.tasks.sweep_queued",
+                                  "schedule": timedelta(seconds=env.int("CHAIN_SWEEP_SECONDS", default=30))},
     "settlement-tick": {"task": "escrow.tasks.settlement_tick",
                         "schedule": timedelta(seconds=env.int("SETTLEMENT_TICK_SECONDS", default=10))},
     "masumi-purchases-tick": {"task": "escrow.tasks.masumi_purchases_tick",

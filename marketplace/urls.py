@@ -1,8 +1,9 @@
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularSwaggerView
 
 from marketplace import dashboard, health, metrics
+from marketplace.openapi import SchemaView
 
 handler400 = "marketplace.errors.handler400"
 handler403 = "marketplace.errors.handler403"
@@ -15,7 +16,7 @@ urlpatterns = [
     path("healthz", health.HealthzView.as_view()),
     path("readyz", health.ReadyzView.as_view()),
     path("metrics", metrics.metrics_view),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/schema/", SchemaView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("", include("catalog.urls")),
     path("", include("policies.urls")),

@@ -25,7 +25,8 @@ class PolicyView(APIView):
                    responses={200: PolicySerializer, **error_responses(404)})
     def get(self, request, agent_id):
         agent = _owned_agent(request, agent_id)
-        return Response(PolicySerializer(selectors.policy_of(agent=agent)).data)
+        # to_representation, not .data: DRF's .data ignores an instance of None (no policy yet).
+        return Response(PolicySerializer().to_representation(selectors.policy_of(agent=agent)))
 
     @extend_schema(operation_id="policies_put", summary="Replace the agent's policy (owner)", tags=TAGS, auth=OWNER,
                    request=PolicySerializer, responses={200: PolicySerializer, **error_responses(404)})

@@ -154,3 +154,23 @@ def test_calls_before_activation_are_409(escrow_chain, http_server):
     agreement = parties.accepted_agreement()
     response = parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/x")
     assert response.status_code == 409 and error_code(response) == "agreement_not_active"
+
+
+@pytest.mark.parametrize("method", ["get", "post", "put", "patch", "delete"])
+def test_an_id_shaped_like_no_uuid_is_404_not_500(buyer_api, method):
+    """Found by schemathesis: 36 hex digits without dashes matched the proxy route and crashed the lookup."""
+    response = getattr(buyer_api.client, method)("/metered-proxy/" + "0" * 36 + "/work")
+    assert response.status_code == 404
+    assert error_code(response) == "not_found"
+
+
+def test_an_escaped_path_reaches_the_seller_escaped(active, http_server):
+    """Found by schemathesis: the decoded path was forwarded as is (an escaped "?" split it; a control character
+    made no URL, a 500 that also kept the call's budget reserved)."""
+    response = active.buyer_api.client.get(f"{active.proxy}/a%3Fb/%06%C3%A9",
+                                           HTTP_AUTHORIZATION=f"Bearer {active.buyer_api.secret}")
+    assert response.status_code == 200
+    [forwarded] = http_server.requests
+    assert forwarded.path == "/api/a%3Fb/%06%C3%A9"
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+    assert (agreement.used, agreement.reserved) == (20_000, 0)

@@ -12,6 +12,7 @@ from catalog.models import Service
 from catalog.services import search_vector_expression
 from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service
 from tests.conftest import Api, codes_at, error_code
+from tests.support.openapi import assert_documented
 
 pytestmark = pytest.mark.django_db
 
@@ -541,3 +542,9 @@ def test_text_fuzzy_and_capability_searches_read_their_indexes(seller, buyer_api
     assert names(buyer_api, capability="Book-Ferry") == ["Zanzibar ferry booker"]
     plan = _plan_of_search(buyer_api, capability="Book-Ferry")
     assert "Bitmap Index Scan on service_capability_upper_idx" in plan, plan
+
+
+def test_results_match_the_documented_schema(seller, buyer_api):
+    """Found by schemathesis: the per-call pricing type and a blank skill path broke the documented schema."""
+    listing(seller, "Documented listing", skills=[{"name": "run", "path": ""}, {"name": "other", "path": "/x"}])
+    assert_documented(buyer_api.post("/catalog/search", {}), "post", "/catalog/search")

@@ -144,3 +144,23 @@ def test_list_own_services_paginates(seller, seller_api):
         names += [s["name"] for s in page["results"]]
         cursor = page["next_cursor"]
     assert sorted(names) == [f"Service {i}" for i in range(5)]
+
+
+def test_patch_validates_the_nested_objects_it_replaces_whole(seller, seller_api):
+    """Found by schemathesis: PATCH let `partial` reach nested objects, and a skill without its optional
+    fields (or a pricing without its type) was a 500."""
+    service = seller_api.post("/agents/services", service_data()).json()
+    path = f"/agents/services/{service['id']}"
+    assert codes_at(seller_api.patch(path, {"pricing": {}}), "pricing") == {"required"}
+    response = seller_api.patch(path, {"skills": [{"name": "summarize"}]})
+    assert response.status_code == 200, response.content
+    assert response.json()["skills"] == [{"name": "summarize", "description": "", "price_atomic": None, "path": "",
+                                          "is_async": False, "timeout_seconds": 60}]
+
+
+@pytest.mark.parametrize("path", ["/agents/services/not-a-uuid", "/agents/services/%0A",
+                                  "/agents/not-a-uuid/policies", "/agents/.exe/policies"])
+def test_malformed_ids_under_agents_are_404_not_a_skill_invocation(seller_api, path):
+    """Found by schemathesis: the skill route POST /agents/{handle}/{skill} caught these and answered 405."""
+    for method in (seller_api.get, seller_api.delete):
+        assert method(path).status_code == 404

@@ -8,6 +8,7 @@ from policies.models import ApprovalRequest
 from tests.agreements.helpers import proposal, propose
 from tests.catalog.factories import UserFactory, issue_owner_token, register_service
 from tests.conftest import Api, codes_at, error_code
+from tests.support.openapi import assert_documented
 
 pytestmark = pytest.mark.django_db
 
@@ -27,6 +28,13 @@ def test_get_default_and_put_policy(owner_api, buyer):
     assert response.json()["blocked_tags"] == ["gambling"]
     # PUT replaces: what is left out is reset.
     assert owner_api.put(url, {"monthly_cap_atomic": 1}).json()["daily_cap_atomic"] is None
+
+
+def test_the_default_policy_has_every_documented_field(owner_api, buyer):
+    """Found by schemathesis: with no policy yet, `updated_at` was missing from the answer."""
+    response = owner_api.get(f"/agents/{buyer.pk}/policies")
+    assert response.json()["updated_at"] is None
+    assert_documented(response, "get", "/agents/{agent_id}/policies")
 
 
 @pytest.mark.parametrize(("body", "field", "code"), [

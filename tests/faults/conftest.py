@@ -1,0 +1,146 @@
+"""The fault suite's stack: web server, Celery worker + beat, a private Redis and a relay in front of Anvil, all
+real processes on the test database (transactional tests, so what one process commits the others see)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from django.core.management import call_command
+from django.db import connection
+from django.db.models import Sum
+
+from agreements.models import UsageAgreement, UsageEvent
+from escrow.models import ChainTransaction, TxAttempt
+from tests.escrow.flow import Parties
+from tests.faults.processes import (ChainRelay, RedisServer, Service, Upstream, celery_worker, free_port,
+                                    wait_until, web_server)
+
+
+@pytest.fixture(autouse=True)
+def _needs_postgresql():
+    if connection.vendor != "postgresql":
+        pytest.skip("the fault suite runs the stack on PostgreSQL")
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def chain_relay(escrow_chain):
+    relay = ChainRelay(escrow_chain.node.rpc_url).start()
+    yield relay
+    relay.release()
+    relay.stop()
+
+
+def database_url(application_name: str) -> str:
+    db = connection.settings_dict
+    password = f":{db['PASSWORD']}" if db["PASSWORD"] else ""
+    return (f"postgres://{db['USER']}{password}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+            f"?application_name={application_name}")
+
+
+@dataclass
+class Stack:
+    chain: object
+    redis: RedisServer
+    relay: ChainRelay
+    web: Service
+    worker: Service
+    url: str
+
+    def api(self, secret: str) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+
+    def start_worker(self) -> None:
+        self.worker.start()
+        wait_until(lambda: "ready." in self.worker.log(), timeout=60, what="the Celery worker")
+
+    def relayer_nonce(self) -> int:
+        """Transactions the relayer has sent, as the chain counts them."""
+        return self.chain.w3.eth.get_transaction_count(self.chain.accounts.deployer.address)
+
+    def status(self, agreement_id) -> str:
+        return UsageAgreement.objects.get(pk=agreement_id).status
+
+    def wait_for_status(self, agreement_id, status: str, timeout: float = 60) -> None:
+        wait_until(lambda: self.status(agreement_id) == status, timeout=timeout,
+                   what=f"agreement {agreement_id} to be {status} (is {self.status(agreement_id)})\n"
+                        f"--- worker log tail ---\n{self.worker.log()[-3000:]}")
+
+
+@pytest.fixture
+def stack(escrow_chain, redis_server, chain_relay, settings, tmp_path: Path):
+    port = free_port()
+    common = {
+        **os.environ, "DEBUG": "false", "SECRET_KEY": "fault-suite", "CELERY_TASK_ALWAYS_EAGER": "false",
+        "CELERY_BROKER_URL": redis_server.url, "CELERY_VISIBILITY_TIMEOUT": "5",
+        "CHAIN_RPC_URL": chain_relay.url, "CHAIN_ID": str(escrow_chain.chain_id), "CHAIN_RPC_TIMEOUT": "5",
+        "USDC_ADDRESS": settings.USDC_ADDRESS, "USAGE_ESCROW_ADDRESS": settings.USAGE_ESCROW_ADDRESS,
+        "RELAYER_PRIVATE_KEY": settings.RELAYER_PRIVATE_KEY,
+        "RECEIPT_SIGNER_PRIVATE_KEY": settings.RECEIPT_SIGNER_PRIVATE_KEY, "FEE_RECIPIENT": settings.FEE_RECIPIENT,
+        "CHAIN_POLL_SECONDS": "1", "SETTLEMENT_TICK_SECONDS": "1", "CHAIN_SWEEP_SECONDS": "2",
+        "CHAIN_SWEEP_AFTER_SECONDS": "3", "PROXY_TIMEOUT_SECONDS": "3", "PROXY_CONNECT_TIMEOUT_SECONDS": "2",
+        "ALLOW_PRIVATE_UPSTREAMS": "true",  # the test upstream listens on loopback
+    }
+    web = web_server({**common, "DATABASE_URL": database_url("faults-web")}, tmp_path, port)
+    worker = celery_worker({**common, "DATABASE_URL": database_url("faults-worker")}, tmp_path)
+    stack = Stack(chain=escrow_chain, redis=redis_server, relay=chain_relay, web=web, worker=worker,
+                  url=f"http://127.0.0.1:{port}")
+    web.start()
+    wait_until(lambda: _answers(stack.url), timeout=30, what="the web server")
+    stack.start_worker()
+    yield stack
+    worker.stop()
+    web.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/agents/me", timeout=1).status_code == 401
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture
+def upstream():
+    server = Upstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def parties(escrow_chain, upstream):
+    return Parties(escrow_chain, upstream_base_url=upstream.url)
+
+
+def assert_books_balance(agreement_id) -> None:
+    """No lost and no double-counted usage: the agreement's counters are the sum of its gap-free events."""
+    agreement = UsageAgreement.objects.get(pk=agreement_id)
+    events = UsageEvent.objects.filter(agreement=agreement).order_by("seq")
+    assert agreement.reserved == 0
+    assert agreement.used == (events.aggregate(total=Sum("cost"))["total"] or 0)
+    assert [event.seq for event in events] == list(range(1, events.count() + 1))
+    if events:
+        assert events.last().cumulative == agreement.used
+
+
+def assert_each_transaction_sent_once(agreement_id, purposes: list[str]) -> None:
+    """One logical chain transaction per purpose, confirmed, every attempt of it sharing one nonce."""
+    transactions = ChainTransaction.objects.filter(agreement_id=agreement_id).order_by("created_at")
+    assert [tx.purpose for tx in transactions] == purposes
+    for tx in transactions:
+        assert tx.status == "confirmed", (tx.purpose, tx.status, tx.failure_reason)
+        assert set(TxAttempt.objects.filter(transaction=tx).values_list("nonce", flat=True)) == {tx.nonce}
+
+
+def assert_reconciled() -> None:
+    call_command("reconcile")  # raises CommandError on any difference between the database and the chain

@@ -1,0 +1,240 @@
+"""Real processes for the fault suite, each with a way to break it: Redis, a JSON-RPC relay in front of Anvil,
+the web server (gunicorn, production settings) and a Celery worker with its beat, all on free loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(predicate, *, timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class RedisServer:
+    """A private redis-server (no persistence) that can be stopped and started again on the same port."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._answers, timeout=10, what="redis-server")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+class ChainRelay:
+    """An HTTP relay in front of the Anvil node that the worker talks to, so the test can cut the chain off
+    (connections refused) or let a call reach the node while its answer never comes back (`hold`)."""
+
+    def __init__(self, upstream_url: str):
+        self.upstream_url = upstream_url
+        self.port = free_port()
+        self.hold_methods: set[str] = set()
+        self.holding = threading.Event()  # set while a held answer is being kept back
+        self._release = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ChainRelay:
+        relay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                request = urllib.request.Request(relay.upstream_url, data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    payload = answer.read()
+                calls = json.loads(body)
+                methods = {call.get("method") for call in (calls if isinstance(calls, list) else [calls])}
+                if methods & relay.hold_methods:
+                    relay.holding.set()
+                    relay._release.wait()  # the node has done the work; the caller never hears back
+                    self.close_connection = True
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Unreachable: new connections are refused until `start()`."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def hold(self, *methods: str) -> None:
+        self._release.clear()
+        self.holding.clear()
+        self.hold_methods = set(methods)
+
+    def release(self) -> None:
+        self.hold_methods = set()
+        self._release.set()
+
+
+class Service:
+    """A subprocess with its output in a log file; `kill()` is SIGKILL to its whole process group."""
+
+    def __init__(self, name: str, command: list[str], env: dict, log_dir: Path):
+        self.name, self.command, self.env = name, command, env
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Service:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        log.close()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def web_server(env: dict, log_dir: Path, port: int) -> Service:
+    return Service("web", [str(BIN / "gunicorn"), "marketplace.wsgi", "--bind", f"127.0.0.1:{port}",
+                           "--workers", "1", "--threads", "4", "--timeout", "60", "--log-level", "warning"],
+                   env, log_dir)
+
+
+def celery_worker(env: dict, log_dir: Path) -> Service:
+    """One worker process (solo pool) with the beat schedule embedded: what `make run` runs, in one process."""
+    return Service("worker", [str(BIN / "celery"), "-A", "marketplace", "worker", "--beat", "--pool", "solo",
+                              "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "info",
+                              "--schedule", str(log_dir / "beat-schedule")], env, log_dir)
+
+
+class Upstream:
+    """The seller's service: answers 200, or hangs (until released), or resets the connection, as told."""
+
+    def __init__(self):
+        self.mode = "ok"
+        self.served = 0  # calls answered 200
+        self.arrived = threading.Event()  # set when a call reaches a hanging or resetting upstream
+        self._release = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def set_mode(self, mode: str) -> None:
+        self.arrived.clear()
+        self._release.clear()
+        self.mode = mode
+
+    def release(self) -> None:
+        self._release.set()
+
+    def start(self) -> Upstream:
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _handle(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                mode = upstream.mode
+                if mode != "ok":
+                    upstream.arrived.set()
+                if mode == "reset":  # RST instead of an answer
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.connection.close()
+                    self.close_connection = True
+                    return
+                if mode == "hang":
+                    upstream._release.wait(timeout=60)
+                payload = b'{"ok": true}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                upstream.served += 1
+
+            do_GET = do_POST = _handle
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._release.set()
+        self._server.shutdown()
+        self._server.server_close()
