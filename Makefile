@@ -58,6 +58,7 @@ bench: install
 	$(PY) bench/proxy.py --seconds 2 --rounds 1
 	$(PY) bench/usage.py --seconds 2 --agreements 10
 	$(PY) bench/relayer.py --activations 20
+	$(PY) bench/load.py --duration 10 --services 100
 
 clean:
 	rm -rf $(VENV) var node_modules
