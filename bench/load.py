@@ -253,6 +253,8 @@ def run(args, database_url: str, stack: contextlib.ExitStack) -> int:
         "DJANGO_SETTINGS_MODULE": "marketplace.settings", "DATABASE_URL": database_url, "DEBUG": "false",
         "SECRET_KEY": secrets.token_urlsafe(50), "ALLOWED_HOSTS": "127.0.0.1,localhost",
         "API_RATE_LIMIT": "10000000/min", "LOG_LEVEL": "WARNING", "CELERY_BROKER_URL": BROKER_URL,
+        # Eight buyer keys drive the whole load, and the seller's upstream listens on loopback.
+        "RATE_LIMIT_PROXY": "10000000/min", "RATE_LIMIT_PAYMENTS": "10000000/min", "ALLOW_PRIVATE_UPSTREAMS": "true",
         "CHAIN_RPC_URL": node.rpc_url, "CHAIN_ID": str(node.chain_id), "USDC_ADDRESS": addresses["usdc"],
         "USAGE_ESCROW_ADDRESS": addresses["escrow"], "RELAYER_PRIVATE_KEY": devchain.DEV_PRIVATE_KEYS[0],
         "RECEIPT_SIGNER_PRIVATE_KEY": devchain.DEV_PRIVATE_KEYS[9], "FEE_RECIPIENT": devchain.DEV_ADDRESSES[2],
