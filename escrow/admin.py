@@ -1,7 +1,15 @@
+from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html
 
-from escrow import purchases, relayer
-from escrow.models import ChainTransaction, MasumiPurchase, RelayerAccount, TxAttempt, TxStatus
+from agreements.models import AgreementStatus
+from escrow import purchases, relayer, settlement
+from escrow.models import ChainTransaction, Dispute, MasumiPurchase, RelayerAccount, TxAttempt, TxPurpose, TxStatus
+from marketplace.errors import ApplicationError
 
 
 class TxAttemptInline(admin.TabularInline):
@@ -74,3 +82,76 @@ class MasumiPurchaseAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+
+class ResolveForm(forms.Form):
+    seller_amount_atomic = forms.IntegerField(
+        min_value=0, label="Seller amount (base units)",
+        help_text="What the seller is paid out of the deposit; the buyer gets the rest back. 1 USDC = 1000000.")
+
+    def __init__(self, *args, deposit: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["seller_amount_atomic"].widget.attrs["max"] = deposit
+        self.deposit = deposit
+
+    def clean_seller_amount_atomic(self):
+        amount = self.cleaned_data["seller_amount_atomic"]
+        if amount > self.deposit:
+            raise forms.ValidationError(f"At most the deposit, {self.deposit}.")
+        return amount
+
+
+@admin.register(Dispute)
+class DisputeAdmin(admin.ModelAdmin):
+    """Disputed agreements, oldest first, each with a form that decides it: the same resolution as
+    `POST /usage-agreements/{id}/resolve` (on-chain `resolve`, then `finalize`), recorded with the operator's name."""
+
+    list_display = ("id", "buyer", "seller", "service", "deposit_amount", "used", "status_reason", "updated_at",
+                    "decision")
+    search_fields = ("id", "buyer__handle", "seller__handle", "service__name")
+    list_select_related = ("buyer", "seller", "service")
+    ordering = ("updated_at",)
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).filter(status=AgreementStatus.DISPUTED)
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in Dispute._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="decision")
+    def decision(self, dispute) -> str:
+        if ChainTransaction.objects.filter(agreement_id=dispute.pk, purpose=TxPurpose.RESOLVE).exclude(
+                status=TxStatus.FAILED).exists():
+            return "resolution submitted"
+        return format_html('<a class="button" href="{}">Resolve</a>',
+                           reverse("admin:escrow_dispute_resolve", args=[dispute.pk]))
+
+    def get_urls(self):
+        return [path("<uuid:agreement_id>/resolve/", self.admin_site.admin_view(self.resolve_view),
+                     name="escrow_dispute_resolve"), *super().get_urls()]
+
+    def resolve_view(self, request, agreement_id):
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        dispute = get_object_or_404(self.get_queryset(request), pk=agreement_id)
+        form = ResolveForm(request.POST or None, deposit=dispute.deposit_amount)
+        if request.method == "POST" and form.is_valid():
+            amount = form.cleaned_data["seller_amount_atomic"]
+            try:
+                settlement.settlement_resolve(agreement=dispute, seller_amount=amount, operator=request.user)
+            except ApplicationError as exc:
+                form.add_error(None, f"{exc.message} ({exc.code})")
+            else:
+                messages.success(request, f"Resolution submitted: {amount} to the seller, "
+                                          f"{dispute.deposit_amount - amount} back to the buyer.")
+                return redirect("admin:escrow_dispute_changelist")
+        context = {**self.admin_site.each_context(request), "opts": self.model._meta, "dispute": dispute,
+                   "form": form, "title": f"Resolve dispute {dispute.pk}",
+                   "events": dispute.events.order_by("id")}
+        return TemplateResponse(request, "admin/escrow/dispute/resolve.html", context)

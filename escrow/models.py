@@ -3,6 +3,7 @@ import uuid
 from django.db import models
 from django.db.models import Q
 
+from agreements.models import UsageAgreement
 from marketplace.fields import AddressField, Bytes32Field, TokenAmountField
 
 
@@ -162,3 +163,11 @@ class MasumiPurchase(models.Model):
 
     def __str__(self) -> str:
         return f"purchase {self.pk} ({self.job_id or 'job not started'})"
+
+
+class Dispute(UsageAgreement):
+    """Disputed agreements as the operators' work queue in the admin, where they are resolved (escrow.admin)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "dispute"

@@ -67,8 +67,8 @@ def test_complete_challenge_window_settle(funded, escrow_chain, django_capture_o
     call_command("reconcile")
 
 
-def test_dispute_resolved_by_an_operator(funded, escrow_chain, django_capture_on_commit_callbacks):
-    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+def dispute(funded, chain, capture) -> None:
+    """10 calls, completed by the seller, then challenged by the buyer with a signed challenge: `disputed`."""
     call_n(funded, 10)
     funded.seller_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
     tick(capture)
@@ -86,6 +86,11 @@ def test_dispute_resolved_by_an_operator(funded, escrow_chain, django_capture_on
     confirm_all(capture)
     disputed = funded.agreement(funded.agreement_id)
     assert disputed["status"] == "disputed" and disputed["status_reason"] == "half of the answers were empty"
+
+
+def test_dispute_resolved_by_an_operator(funded, escrow_chain, django_capture_on_commit_callbacks):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    dispute(funded, chain, capture)
 
     chain.increase_time(3601)
     assert tick(capture)["finalizing"] == 0  # a dispute is not finalized by the clock
@@ -138,3 +143,35 @@ def test_used_escrow_is_settled_automatically_at_expiry(funded, escrow_chain, dj
     chain.increase_time(3601)
     tick(capture)
     assert funded.agreement(funded.agreement_id)["seller_payout_atomic"] == 60_000
+
+
+def test_dispute_resolved_in_the_admin(funded, escrow_chain, django_capture_on_commit_callbacks, admin_client):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    dispute(funded, chain, capture)
+    queue = admin_client.get("/admin/escrow/dispute/")
+    assert queue.status_code == 200 and funded.agreement_id in queue.content.decode()
+    form_url = f"/admin/escrow/dispute/{funded.agreement_id}/resolve/"
+    page = admin_client.get(form_url)
+    assert page.status_code == 200 and "half of the answers were empty" in page.content.decode()
+
+    too_much = admin_client.post(form_url, {"seller_amount_atomic": 2 * USDC + 1})
+    assert too_much.status_code == 200 and "At most the deposit" in too_much.content.decode()
+    with capture(execute=True):
+        decided = admin_client.post(form_url, {"seller_amount_atomic": 150_000})
+    assert decided.status_code == 302
+    assert "resolution submitted" in admin_client.get("/admin/escrow/dispute/").content.decode()
+    with capture(execute=True):
+        again = admin_client.post(form_url, {"seller_amount_atomic": 0})
+    assert again.status_code == 200 and "resolution_in_progress" in again.content.decode()
+
+    confirm_all(capture)  # resolve confirmed -> settling, finalize queued
+    confirm_all(capture)  # finalize confirmed -> settled
+    settled = funded.agreement(funded.agreement_id)
+    assert (settled["status"], settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (
+        "settled", 150_000, 1_850_000)
+    assert usdc_balance(chain, funded.seller_account.address) == funded.balances["seller"] + 150_000
+    assert usdc_balance(chain, funded.buyer_account.address) == funded.balances["buyer"] + 1_850_000
+    assert admin_client.get(form_url).status_code == 404  # no longer disputed
+    events = funded.seller_api.get(f"/usage-agreements/{funded.agreement_id}/events").json()["results"]
+    assert any("arbiter resolved: 150000" in event["reason"] for event in events)
+    call_command("reconcile")
