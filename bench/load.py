@@ -26,19 +26,18 @@ import contextlib
 import os
 import random
 import secrets
-import signal
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.relayer import Processes, SetupFailed, ensure_database, percentile  # noqa: E402
+from bench.harness import SetupFailed, bench_database_url, run_bounded  # noqa: E402
+from bench.relayer import Processes, ensure_database, percentile  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench_load"
 BROKER_URL = "redis://127.0.0.1:6379/9"  # nothing is queued by the mix; the server just has a broker configured
@@ -321,28 +320,12 @@ def main() -> int:
             and 1 <= args.services <= 10_000 and 1 <= args.server_workers <= 16 and 1 <= args.threads <= 32):
         parser.error("--duration 1..600, --users 1..256, --buyers 1..50, --services 1..10000, "
                      "--server-workers 1..16, --threads 1..32")
-    database_url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
-    parts = urlsplit(database_url)
-    if parts.scheme not in ("postgres", "postgresql") or "bench" not in parts.path:
-        parser.error("BENCH_DATABASE_URL must be a PostgreSQL database whose name contains 'bench' (it is flushed)")
+    database_url, error = bench_database_url(DEFAULT_DATABASE_URL)
+    if error:
+        parser.error(error)
     timeout = int(args.duration + WARMUP + 240)
 
-    def give_up(signum, frame):
-        raise SetupFailed(f"the global timeout of {timeout} s passed")
-
-    signal.signal(signal.SIGALRM, give_up)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    signal.alarm(timeout)
-    with contextlib.ExitStack() as stack:  # stops Anvil, the upstream and the server whatever happens
-        stack.callback(signal.alarm, 0)
-        try:
-            return run(args, database_url, stack)
-        except SetupFailed as exc:
-            print(f"\nbench failed: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("\ninterrupted", file=sys.stderr)
-            return 130
+    return run_bounded(lambda stack: run(args, database_url, stack), timeout)
 
 
 if __name__ == "__main__":

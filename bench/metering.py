@@ -12,12 +12,12 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.relayer import Processes, SetupFailed, ensure_database, percentile  # noqa: E402
+from bench.harness import SetupFailed  # noqa: E402
+from bench.relayer import Processes, ensure_database, percentile  # noqa: E402
 
 __all__ = ["Processes", "SetupFailed", "ensure_database", "percentile"]
 
@@ -26,14 +26,6 @@ BROKER_URL = "redis://127.0.0.1:6379/13"  # nothing is queued on these paths; ne
 PLACEHOLDER_ESCROW = "0x" + "e5" * 20
 PLACEHOLDER_USDC = "0x" + "05" * 20
 STARTUP_TIMEOUT = 60.0
-
-
-def database_url_or_error(default: str) -> tuple[str, str | None]:
-    url = os.environ.get("BENCH_DATABASE_URL", default)
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql") or "bench" not in parts.path:
-        return url, "BENCH_DATABASE_URL must be a PostgreSQL database whose name contains 'bench' (it is flushed)"
-    return url, None
 
 
 def django_environment(database_url: str) -> dict[str, str]:

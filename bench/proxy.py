@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
 from bench import metering as bench_metering  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench_proxy"
@@ -48,10 +48,6 @@ PRICE = 1_000  # 0.001 USDC per call
 QUANTITY = 10_000_000  # a 10,000 USDC budget: never the limit in this bench
 REQUEST_TIMEOUT = 30.0
 WARMUP_SECONDS = 1.0
-
-
-class HardTimeout(BaseException):
-    """The global timeout fired (SIGALRM): give up wherever we are, cleanup still runs."""
 
 
 # --- the upstream (its own process: `bench/proxy.py --serve-upstream PORT`) ---------------------------------------
@@ -85,7 +81,7 @@ def wait_for_upstream(url: str, processes) -> None:
                 return
         except httpx.HTTPError:
             time.sleep(0.1)
-    raise bench_metering.SetupFailed(f"the upstream did not answer:\n{processes.log_tail('upstream')}")
+    raise harness.SetupFailed(f"the upstream did not answer:\n{processes.log_tail('upstream')}")
 
 
 # --- the load -----------------------------------------------------------------------------------------------------
@@ -263,26 +259,11 @@ def main() -> int:
             and 1 <= args.threads <= 64 and 30 <= args.timeout <= 3600):
         parser.error("--clients 1..256, --seconds 0.5..120, --rounds 1..10, --delays-ms 0..5000 each, "
                      "--workers 1..16, --threads 1..64, --timeout 30..3600")
-    database_url, error = bench_metering.database_url_or_error(DEFAULT_DATABASE_URL)
+    database_url, error = harness.bench_database_url(DEFAULT_DATABASE_URL)
     if error:
         parser.error(error)
 
-    def give_up(signum, frame):
-        raise HardTimeout(f"the global timeout of {args.timeout} s passed")
-
-    signal.signal(signal.SIGALRM, give_up)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    signal.alarm(args.timeout)
-    with contextlib.ExitStack() as stack:  # stops the upstream and the server whatever happens
-        stack.callback(signal.alarm, 0)  # no timeout in the middle of the cleanup
-        try:
-            return run(args, database_url, stack)
-        except (bench_metering.SetupFailed, HardTimeout) as exc:
-            print(f"\nbench failed: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("\ninterrupted", file=sys.stderr)
-            return 130
+    return harness.run_bounded(lambda stack: run(args, database_url, stack), args.timeout)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ from urllib.parse import urlsplit, urlunsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import SetupFailed, bench_database_url, run_bounded  # noqa: E402
+
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench_relayer"
 BROKER_URL = "redis://127.0.0.1:6379/14"
 USDC = 10**6
@@ -56,14 +58,6 @@ STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 # Time kept back from --timeout to check the nonces and print the report.
 REPORT_MARGIN = 30.0
-
-
-class SetupFailed(RuntimeError):
-    """The bench could not get to the measured part."""
-
-
-class HardTimeout(BaseException):
-    """The global timeout fired (SIGALRM): give up wherever we are, cleanup still runs."""
 
 
 @dataclass(frozen=True)
@@ -516,27 +510,11 @@ def main() -> int:
             and 1 <= args.clients <= 64 and 0.05 <= args.poll_interval <= 10 and 60 <= args.timeout <= 3600):
         parser.error("--activations 1..2000, --workers 1..8, --concurrency 1..16, --clients 1..64, "
                      "--poll-interval 0.05..10, --timeout 60..3600")
-    database_url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
-    parts = urlsplit(database_url)
-    if parts.scheme not in ("postgres", "postgresql") or "bench" not in parts.path:
-        parser.error("BENCH_DATABASE_URL must be a PostgreSQL database whose name contains 'bench' (it is flushed)")
+    database_url, error = bench_database_url(DEFAULT_DATABASE_URL)
+    if error:
+        parser.error(error)
 
-    def give_up(signum, frame):
-        raise HardTimeout(f"the global timeout of {args.timeout} s passed")
-
-    signal.signal(signal.SIGALRM, give_up)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    signal.alarm(args.timeout)
-    with contextlib.ExitStack() as stack:  # stops Anvil, the workers and the server whatever happens
-        stack.callback(signal.alarm, 0)  # no timeout in the middle of the cleanup
-        try:
-            return run(args, database_url, stack)
-        except (SetupFailed, HardTimeout) as exc:
-            print(f"\nbench failed: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("\ninterrupted", file=sys.stderr)
-            return 130
+    return run_bounded(lambda stack: run(args, database_url, stack), args.timeout)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
 from bench import metering as bench_metering  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench_usage"
@@ -44,10 +44,6 @@ PRICE = 10  # atomic units per unit of usage
 QUANTITY = 10**11  # a 1,000,000 USDC budget per agreement: never the limit in this bench
 BATCH = 100
 REQUEST_TIMEOUT = 30.0
-
-
-class HardTimeout(BaseException):
-    """The global timeout fired (SIGALRM): give up wherever we are, cleanup still runs."""
 
 
 @dataclass
@@ -187,26 +183,11 @@ def main() -> int:
             and 1 <= args.workers <= 16 and 1 <= args.threads <= 64 and 30 <= args.timeout <= 3600):
         parser.error("--clients 1..256, --seconds 0.5..120, --agreements 1..1000, --workers 1..16, "
                      "--threads 1..64, --timeout 30..3600")
-    database_url, error = bench_metering.database_url_or_error(DEFAULT_DATABASE_URL)
+    database_url, error = harness.bench_database_url(DEFAULT_DATABASE_URL)
     if error:
         parser.error(error)
 
-    def give_up(signum, frame):
-        raise HardTimeout(f"the global timeout of {args.timeout} s passed")
-
-    signal.signal(signal.SIGALRM, give_up)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    signal.alarm(args.timeout)
-    with contextlib.ExitStack() as stack:  # stops the server whatever happens
-        stack.callback(signal.alarm, 0)  # no timeout in the middle of the cleanup
-        try:
-            return run(args, database_url, stack)
-        except (bench_metering.SetupFailed, HardTimeout) as exc:
-            print(f"\nbench failed: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("\ninterrupted", file=sys.stderr)
-            return 130
+    return harness.run_bounded(lambda stack: run(args, database_url, stack), args.timeout)
 
 
 if __name__ == "__main__":

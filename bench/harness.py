@@ -1,0 +1,48 @@
+"""What every bench's `main()` shares: its own database's URL, and a run bounded by a global timeout with its
+processes always stopped."""
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+
+class SetupFailed(RuntimeError):
+    """The bench could not get to the measured part."""
+
+
+class HardTimeout(BaseException):
+    """The global timeout fired (SIGALRM): give up wherever we are, cleanup still runs."""
+
+
+def bench_database_url(default: str) -> tuple[str, str | None]:
+    """BENCH_DATABASE_URL or the default, and an error when it is not a PostgreSQL database named *bench*."""
+    url = os.environ.get("BENCH_DATABASE_URL", default)
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql") or "bench" not in parts.path:
+        return url, "BENCH_DATABASE_URL must be a PostgreSQL database whose name contains 'bench' (it is flushed)"
+    return url, None
+
+
+def run_bounded(run: Callable[[contextlib.ExitStack], int], timeout: int) -> int:
+    """`run(stack)` under a global timeout; whatever it registered on the stack (processes to stop) runs at the end,
+    on success, error, timeout or Ctrl-C. Exit status: run's own, 2 when the set-up failed or time ran out, 130."""
+
+    def give_up(signum, frame):
+        raise HardTimeout(f"the global timeout of {timeout} s passed")
+
+    signal.signal(signal.SIGALRM, give_up)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.alarm(timeout)
+    with contextlib.ExitStack() as stack:
+        stack.callback(signal.alarm, 0)  # no timeout in the middle of the cleanup
+        try:
+            return run(stack)
+        except (SetupFailed, HardTimeout) as exc:
+            print(f"\nbench failed: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
