@@ -51,7 +51,7 @@ check: schema migrations-check contracts-check
 # Needs PostgreSQL on 127.0.0.1:5432 (databases named *bench*, created when missing) and Redis for the relayer.
 bench: install
 	$(PY) bench/catalog_search.py --services 5000 --requests 50
-	$(PY) bench/proxy.py --seconds 2 --rounds 1
+	$(PY) bench/proxy.py --seconds 2 --rounds 1 --clients 1,8
 	$(PY) bench/usage.py --seconds 2 --agreements 10
 	$(PY) bench/relayer.py --activations 20
 	$(PY) bench/load.py --duration 10 --services 100

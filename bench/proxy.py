@@ -1,6 +1,6 @@
 """Metered proxy overhead: direct calls to an upstream vs the same calls through `/metered-proxy/...`, side by side.
 
-    .venv/bin/python bench/proxy.py [--clients 16] [--seconds 5] [--rounds 2] [--delays-ms 0,20]
+    .venv/bin/python bench/proxy.py [--clients 1,16] [--seconds 5] [--rounds 2] [--delays-ms 0,20]
 
 What it does, in order:
 1. Uses its own database (BENCH_DATABASE_URL, default postgres://postgres@127.0.0.1:5432/marketplace_bench_proxy):
@@ -10,14 +10,15 @@ What it does, in order:
    `delay_ms` (query parameter) of simulated service time spent waiting, not computing — as a model or a database
    behind a real service would.
 3. Creates a seller whose per-call service points at that upstream, a buyer with a `pay` key, and one active
-   agreement per client with a budget far above what the run can spend (made active through the services'
+   agreement per caller (of the largest --clients) with a budget far above what the run can spend (made active through the services'
    transitions without a chain: see bench/metering.py), then starts gunicorn (gthread, DEBUG off, PostgreSQL).
-4. For each upstream delay, after a warm-up, `--rounds` times `--seconds` each of: direct calls (GET
-   upstream/work); proxied calls all on one agreement (GET /metered-proxy/{agreement}/work, buyer key: every
-   charge waits for that agreement's row lock, the worst case); proxied calls with one agreement per client (many
-   buyers' escrows at once). From `--clients` concurrent aiohttp callers in one asyncio loop (cheap, so the client
-   does not eat the server's CPU). Prints requests/s, p50 and p99, the throughput ratio to direct calls and the
-   p50 the proxy adds.
+4. For each caller count in `--clients` (one caller first: the latency the proxy adds to a call; then many: the
+   throughput it keeps under load) and each upstream delay, after a warm-up, `--rounds` times `--seconds` each of:
+   direct calls (GET upstream/work); proxied calls all on one agreement (GET /metered-proxy/{agreement}/work,
+   buyer key: every charge waits for that agreement's row lock, the worst case); proxied calls with one agreement
+   per caller (many buyers' escrows at once). Callers are aiohttp coroutines in one asyncio loop (cheap, so the
+   client does not eat the server's CPU). Prints requests/s, p50 and p99, the throughput ratio to direct calls and
+   the p50 the proxy adds.
 5. Checks exactness per agreement: `used` equals the sum of its usage events and equals its proxied calls
    answered 200 × the price; the sequence is gap-free, nothing stays reserved, and every receipt verifies with
    the SDK (sdk.receipts.verify_usage), as a buyer would check it.
@@ -29,6 +30,7 @@ the global `--timeout` (default 300 s) passed. Loopback only; every process it s
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import sys
 import tempfile
@@ -159,7 +161,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
                                                            upstream_base_url=upstream_url, unit_price=PRICE)
     buyer, buyer_key = bench_metering.buyer_with_key(handle="proxy-bench-buyer")
     agreement_ids = [str(bench_metering.active_agreement(buyer=buyer, seller=seller, service=service,
-                                                         quantity=QUANTITY).pk) for _ in range(args.clients)]
+                                                         quantity=QUANTITY).pk) for _ in range(max(args.clients))]
     from django.db import connection
 
     connection.close()  # the server's workers open their own
@@ -169,48 +171,53 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
 
     buyer_headers = {"Authorization": f"Bearer {buyer_key}"}
     print(f"upstream: aiohttp, 1 process; marketplace: gunicorn {args.workers} workers x {args.threads} threads "
-          f"(gthread), DEBUG off, PostgreSQL; client: {args.clients} concurrent aiohttp callers, one process")
-    print(f"per upstream delay, {args.rounds} x ({args.seconds:g} s direct, {args.seconds:g} s proxied on one "
-          f"agreement, {args.seconds:g} s proxied on one agreement per caller); {PRICE} atomic units per call")
+          f"(gthread), DEBUG off, PostgreSQL; client: aiohttp, one process, "
+          f"{' then '.join(map(str, args.clients))} concurrent callers")
+    print(f"per caller count and upstream delay, {args.rounds} x ({args.seconds:g} s direct, {args.seconds:g} s "
+          f"proxied on one agreement, {args.seconds:g} s proxied on one agreement per caller); {PRICE} atomic units "
+          f"per call")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
 
     proxied = Sample()  # every proxied answer, warm-up included: what the totals must add up to
     failures: list[str] = []
     rows = []
-    for delay in args.delays_ms:
+    # One caller first: the latency the proxy adds to a call; then many: the throughput it keeps under load.
+    for clients, delay in itertools.product(args.clients, args.delays_ms):
         query = f"?delay_ms={delay}" if delay else ""
         targets = {
             "direct": ([f"{upstream_url}/work{query}"], {}, None),
             "proxy, 1 agreement": ([f"{base_url}/metered-proxy/{agreement_ids[0]}/work{query}"], buyer_headers,
                                    str(PRICE)),
-            f"proxy, {args.clients} agreements": ([f"{base_url}/metered-proxy/{agreement_id}/work{query}"
-                                                   for agreement_id in agreement_ids], buyer_headers, str(PRICE)),
         }
+        if clients > 1:
+            targets[f"proxy, {clients} agreements"] = ([f"{base_url}/metered-proxy/{agreement_id}/work{query}"
+                                                        for agreement_id in agreement_ids[:clients]],
+                                                       buyer_headers, str(PRICE))
         samples = {name: Sample() for name in targets}
         for name, (urls, headers, cost) in targets.items():  # warm-up: connections, prepared statements
-            warm = asyncio.run(fire(urls, headers, clients=args.clients, seconds=WARMUP_SECONDS, expected_cost=cost))
+            warm = asyncio.run(fire(urls, headers, clients=clients, seconds=WARMUP_SECONDS, expected_cost=cost))
             failures += warm.failures
             if cost is not None:
                 proxied.add(warm)
         for _ in range(args.rounds):
             for name, (urls, headers, cost) in targets.items():
-                measured = asyncio.run(fire(urls, headers, clients=args.clients, seconds=args.seconds,
+                measured = asyncio.run(fire(urls, headers, clients=clients, seconds=args.seconds,
                                             expected_cost=cost))
                 samples[name].add(measured)
                 failures += measured.failures
                 if cost is not None:
                     proxied.add(measured)
-        rows.append((delay, {name: summary(sample) for name, sample in samples.items()}))
+        rows.append((clients, delay, {name: summary(sample) for name, sample in samples.items()}))
 
-    header = (f"{'upstream delay':>14}  {'path':<22} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'errors':>7}  {'vs direct':>9} {'added p50 ms':>12}")
+    header = (f"{'callers':>7} {'upstream delay':>14}  {'path':<22} {'requests':>9} {'req/s':>8} {'p50 ms':>8} "
+              f"{'p99 ms':>8} {'errors':>7}  {'vs direct':>9} {'added p50 ms':>12}")
     print(header)
     print("-" * len(header))
-    for delay, results in rows:
+    for clients, delay, results in rows:
         direct = results["direct"]
         for name, result in results.items():
-            line = (f"{delay:>11} ms  {name:<22} {result['requests']:>9} {result['rps']:>8.0f} {result['p50']:>8.2f} "
-                    f"{result['p99']:>8.2f} {result['failures']:>7}")
+            line = (f"{clients:>7} {delay:>11} ms  {name:<22} {result['requests']:>9} {result['rps']:>8.0f} "
+                    f"{result['p50']:>8.2f} {result['p99']:>8.2f} {result['failures']:>7}")
             if name != "direct":
                 ratio = result["rps"] / direct["rps"] if direct["rps"] else float("nan")
                 line += f"  {ratio:>9.0%} {result['p50'] - direct['p50']:>12.2f}"
@@ -245,7 +252,8 @@ def main() -> int:
         serve_upstream(int(sys.argv[2]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=16, help="concurrent callers (default 16)")
+    parser.add_argument("--clients", type=lambda text: [int(part) for part in text.split(",")], default=[1, 16],
+                        help="concurrent callers, comma-separated: each count is measured in turn (default 1,16)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one measured phase (default 5)")
     parser.add_argument("--rounds", type=int, default=2, help="direct/proxy alternations per delay (default 2)")
     parser.add_argument("--delays-ms", type=lambda text: [int(part) for part in text.split(",")], default=[0, 20],
@@ -254,10 +262,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=8, help="threads per gunicorn worker (default 8)")
     parser.add_argument("--timeout", type=int, default=300, help="global limit in seconds (default 300)")
     args = parser.parse_args()
-    if not (1 <= args.clients <= 256 and 0.5 <= args.seconds <= 120 and 1 <= args.rounds <= 10
-            and all(0 <= d <= 5000 for d in args.delays_ms) and 1 <= args.workers <= 16
+    if not (all(1 <= clients <= 256 for clients in args.clients) and 0.5 <= args.seconds <= 120
+            and 1 <= args.rounds <= 10 and all(0 <= d <= 5000 for d in args.delays_ms) and 1 <= args.workers <= 16
             and 1 <= args.threads <= 64 and 30 <= args.timeout <= 3600):
-        parser.error("--clients 1..256, --seconds 0.5..120, --rounds 1..10, --delays-ms 0..5000 each, "
+        parser.error("--clients 1..256 each, --seconds 0.5..120, --rounds 1..10, --delays-ms 0..5000 each, "
                      "--workers 1..16, --threads 1..64, --timeout 30..3600")
     database_url, error = harness.bench_database_url(DEFAULT_DATABASE_URL)
     if error:
