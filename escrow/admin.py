@@ -1,6 +1,7 @@
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db.models import Exists, OuterRef
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -113,7 +114,10 @@ class DisputeAdmin(admin.ModelAdmin):
     ordering = ("updated_at",)
 
     def get_queryset(self, request):
-        return super().get_queryset(request).filter(status=AgreementStatus.DISPUTED)
+        resolving = ChainTransaction.objects.filter(agreement_id=OuterRef("pk"), purpose=TxPurpose.RESOLVE).exclude(
+            status=TxStatus.FAILED)
+        return super().get_queryset(request).filter(status=AgreementStatus.DISPUTED).annotate(
+            resolving=Exists(resolving))
 
     def get_readonly_fields(self, request, obj=None):
         return [f.name for f in Dispute._meta.fields]
@@ -126,8 +130,7 @@ class DisputeAdmin(admin.ModelAdmin):
 
     @admin.display(description="decision")
     def decision(self, dispute) -> str:
-        if ChainTransaction.objects.filter(agreement_id=dispute.pk, purpose=TxPurpose.RESOLVE).exclude(
-                status=TxStatus.FAILED).exists():
+        if dispute.resolving:
             return "resolution submitted"
         return format_html('<a class="button" href="{}">Resolve</a>',
                            reverse("admin:escrow_dispute_resolve", args=[dispute.pk]))
