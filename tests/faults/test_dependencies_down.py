@@ -14,23 +14,28 @@ from tests.faults.processes import wait_until
 pytestmark = [pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 
-def activation_body(parties, agreement_id) -> dict:
-    return parties.signed_activation(agreement_id)
+def activate(api, parties, agreement_id):
+    return api.post(f"/usage-agreements/{agreement_id}/activate-escrow", json=parties.signed_activation(agreement_id))
+
+
+def active_agreement(stack, api, parties, quantity: int = 20) -> dict:
+    """An agreement activated through the running stack: its web server, broker, worker and chain relay."""
+    agreement = parties.accepted_agreement(quantity=quantity)
+    response = activate(api, parties, agreement["id"])
+    assert response.status_code == 202, response.text
+    stack.wait_for_status(agreement["id"], "active")
+    return agreement
 
 
 def test_broker_stopped_and_restarted_while_requests_arrive(stack, parties, upstream):
-    running = parties.accepted_agreement(quantity=20)
     waiting = parties.accepted_agreement()
     with stack.api(parties.buyer_api.secret) as api:
-        assert api.post(f"/usage-agreements/{running['id']}/activate-escrow",
-                        json=activation_body(parties, running["id"])).status_code == 202
-        stack.wait_for_status(running["id"], "active")
+        running = active_agreement(stack, api, parties)
 
         stack.redis.stop()
         # Activation is accepted while the broker is down: the transaction row is committed and the sweeper
         # sends it once the broker is back. Proxied calls need no broker at all.
-        response = api.post(f"/usage-agreements/{waiting['id']}/activate-escrow",
-                            json=activation_body(parties, waiting["id"]))
+        response = activate(api, parties, waiting["id"])
         assert response.status_code == 202, response.text
         for _ in range(3):
             assert api.get(f"/metered-proxy/{running['id']}/work").status_code == 200
@@ -51,15 +56,13 @@ def test_chain_unreachable_for_a_while(stack, parties):
     sent_before = stack.relayer_nonce()
     stack.worker.stop()
     with stack.api(parties.buyer_api.secret) as api:
-        assert api.post(f"/usage-agreements/{queued['id']}/activate-escrow",
-                        json=activation_body(parties, queued["id"])).status_code == 202
+        assert activate(api, parties, queued["id"]).status_code == 202
         stack.relay.stop()  # the node is unreachable for the worker and the web server alike
         stack.start_worker()
         wait_until(lambda: "RpcUnavailable" in stack.worker.log(), timeout=30,
                    what="the worker to meet the unreachable chain")
         # The API checks the chain before accepting an activation: a clear 503, nothing half-written.
-        response = api.post(f"/usage-agreements/{refused['id']}/activate-escrow",
-                            json=activation_body(parties, refused["id"]))
+        response = activate(api, parties, refused["id"])
         assert (response.status_code, response.json()["error"]["code"]) == (503, "chain_unavailable")
         assert stack.status(refused["id"]) == "accepted"
         verified = api.get(f"/usage-agreements/{queued['id']}/escrow-status", params={"verify": "true"})
@@ -68,8 +71,7 @@ def test_chain_unreachable_for_a_while(stack, parties):
         stack.relay.start()
 
         stack.wait_for_status(queued["id"], "active", timeout=90)
-        assert api.post(f"/usage-agreements/{refused['id']}/activate-escrow",
-                        json=activation_body(parties, refused["id"])).status_code == 202
+        assert activate(api, parties, refused["id"]).status_code == 202
         stack.wait_for_status(refused["id"], "active")
     assert stack.relayer_nonce() == sent_before + 2
     assert_each_transaction_sent_once(queued["id"], ["activate"])
@@ -87,11 +89,8 @@ def _terminate_backends(application_name: str) -> int:
 
 
 def test_database_connection_dropped_during_a_proxied_call(stack, parties, upstream):
-    agreement = parties.accepted_agreement(quantity=20)
     with stack.api(parties.buyer_api.secret) as api:
-        assert api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
-                        json=activation_body(parties, agreement["id"])).status_code == 202
-        stack.wait_for_status(agreement["id"], "active")
+        agreement = active_agreement(stack, api, parties)
         assert api.get(f"/metered-proxy/{agreement['id']}/work").status_code == 200
 
         upstream.set_mode("hang")
@@ -118,11 +117,8 @@ def test_database_connection_dropped_during_a_proxied_call(stack, parties, upstr
 
 
 def test_upstream_hanging_or_resetting_charges_nothing(stack, parties, upstream):
-    agreement = parties.accepted_agreement(quantity=20)
     with stack.api(parties.buyer_api.secret) as api:
-        assert api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
-                        json=activation_body(parties, agreement["id"])).status_code == 202
-        stack.wait_for_status(agreement["id"], "active")
+        agreement = active_agreement(stack, api, parties)
         url = f"/metered-proxy/{agreement['id']}/work"
 
         upstream.set_mode("hang")  # longer than the proxy's timeout (3 s in this stack)
