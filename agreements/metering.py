@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from agreements import monitoring
 from agreements.models import AgreementStatus, UsageAgreement, UsageEvent, UsageSource
 from marketplace import chainconfig
-from marketplace.errors import Conflict, PaymentRequired
+from marketplace.errors import Conflict, DependencyUnavailable, PaymentRequired
 from marketplace.logging import logs_name_the_agreement
 from sdk import receipts
 
@@ -94,9 +94,10 @@ def reservation_release(*, reservation: Reservation) -> None:
         UsageAgreement.objects.filter(pk=reservation.agreement_id).update(reserved=F("reserved") - reservation.amount)
 
 
-def reservation_resolve_unknown_commit(*, reservation: Reservation, request_id: str) -> UsageEvent | None:
+def _resolve_unknown_commit(*, reservation: Reservation, request_id: str) -> UsageEvent | None:
     """After a commit whose outcome is unknown (the database connection was lost): the call's event when the commit
     went through, else None with the reservation released — never both, never neither."""
+    connection.close()  # the database dropped it; the next query opens a new connection
     with transaction.atomic():
         UsageAgreement.objects.select_for_update().filter(pk=reservation.agreement_id).first()
         event = UsageEvent.objects.filter(agreement_id=reservation.agreement_id, request_id=request_id).first()
@@ -173,18 +174,30 @@ def _observe_after_commit(agreement: UsageAgreement, events: list[UsageEvent], *
 
 def reservation_commit(*, reservation: Reservation, units: int, cost: int, request_id: str, request_nonce: str,
                        method: str, path: str, upstream_status: int, latency_ms: int) -> UsageEvent:
-    """Turn a reservation into a usage event charging `cost` (<= the reservation); the rest is released."""
-    with transaction.atomic():
-        agreement = UsageAgreement.objects.select_for_update().only(*_CHAIN_FIELDS).get(pk=reservation.agreement_id)
-        [event] = _append_events(agreement, [{
-            "units": units, "cost": cost, "request_id": request_id, "request_nonce": request_nonce,
-            "method": method, "path": path[:500], "upstream_status": upstream_status, "latency_ms": latency_ms,
-        }], source=UsageSource.PROXY)
-        agreement.reserved -= reservation.amount
-        fields = ["usage_seq", "used", "usage_digest", "reserved"]
-        _complete_if_used_up(agreement, fields)
-        agreement.save(update_fields=fields)
-        _observe_after_commit(agreement, [event], source=UsageSource.PROXY)
+    """Turn a reservation into a usage event charging `cost` (<= the reservation); the rest is released. When the
+    charge cannot be written the whole reservation is released instead (503 `database_unavailable` when the
+    database went away), so a failed commit never leaves budget held."""
+    try:
+        with transaction.atomic():
+            agreement = UsageAgreement.objects.select_for_update().only(*_CHAIN_FIELDS).get(
+                pk=reservation.agreement_id)
+            [event] = _append_events(agreement, [{
+                "units": units, "cost": cost, "request_id": request_id, "request_nonce": request_nonce,
+                "method": method, "path": path[:500], "upstream_status": upstream_status, "latency_ms": latency_ms,
+            }], source=UsageSource.PROXY)
+            agreement.reserved -= reservation.amount
+            fields = ["usage_seq", "used", "usage_digest", "reserved"]
+            _complete_if_used_up(agreement, fields)
+            agreement.save(update_fields=fields)
+            _observe_after_commit(agreement, [event], source=UsageSource.PROXY)
+    except (OperationalError, InterfaceError):
+        event = _resolve_unknown_commit(reservation=reservation, request_id=request_id)
+        if event is None:
+            raise DependencyUnavailable("The call could not be recorded; nothing was charged.",
+                                        code="database_unavailable") from None
+    except BaseException:
+        reservation_release(reservation=reservation)
+        raise
     return event
 
 

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 from django.conf import settings
-from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.views import APIView
@@ -24,8 +24,7 @@ from agreements.models import ProxyReplay, UsageAgreement
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import KeyScope, PricingType
 from marketplace import outbound
-from marketplace.errors import (ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput,
-                                 error_body)
+from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, error_body
 from marketplace.logging import agreement_id_var
 from marketplace.serializers import error_responses
 from sdk import proxy_signature
@@ -218,17 +217,8 @@ class MeteredProxyView(APIView):
                     reservation=reservation, units=units, cost=cost, request_id=request._request.request_id,
                     request_nonce=nonce, method=request.method, path=upstream_path, upstream_status=upstream.status_code,
                     latency_ms=latency_ms)
-            except (OperationalError, InterfaceError):
-                connection.close()  # the database dropped it; the next query opens a new connection
-                event = metering.reservation_resolve_unknown_commit(reservation=reservation,
-                                                                    request_id=request._request.request_id)
-                if event is None:
-                    upstream.close()
-                    raise DependencyUnavailable("The call could not be recorded; nothing was charged.",
-                                                code="database_unavailable") from None
-            except BaseException:
+            except BaseException:  # the reservation is already released (or the charge found) by the commit
                 upstream.close()
-                metering.reservation_release(reservation=reservation)
                 raise
         # Bodies pass through as raw bytes, so Content-Encoding and Content-Length stay true.
         headers = {key: value for key, value in upstream.headers.items() if key.lower() not in _HOP_BY_HOP}

@@ -13,13 +13,15 @@ def new_proxy_secret() -> str:
     return f"psk_{secrets.token_urlsafe(32)}"
 
 
+HANDLE_PATTERN = r"[a-z0-9](?:[a-z0-9-]{1,62}[a-z0-9])"  # also the skill route's (escrow/urls.py)
+SKILL_NAME_PATTERN = r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?"
 HANDLE_VALIDATOR = RegexValidator(
-    r"^[a-z0-9](?:[a-z0-9-]{1,62}[a-z0-9])$",
+    rf"^{HANDLE_PATTERN}$",
     "3-64 characters: lowercase letters, digits and inner hyphens.",
     code="invalid_handle",
 )
 SKILL_NAME_VALIDATOR = RegexValidator(
-    r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$",
+    rf"^{SKILL_NAME_PATTERN}$",
     "1-64 characters: lowercase letters, digits and inner hyphens.",
     code="invalid_skill_name",
 )

@@ -1,15 +1,13 @@
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Exists, OuterRef
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from agreements.models import AgreementStatus
-from escrow import purchases, relayer, settlement
-from escrow.models import ChainTransaction, Dispute, MasumiPurchase, RelayerAccount, TxAttempt, TxPurpose, TxStatus
+from escrow import purchases, relayer, selectors, settlement
+from escrow.models import ChainTransaction, Dispute, MasumiPurchase, RelayerAccount, TxAttempt, TxStatus
 from marketplace.errors import ApplicationError
 
 
@@ -92,14 +90,7 @@ class ResolveForm(forms.Form):
 
     def __init__(self, *args, deposit: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["seller_amount_atomic"].widget.attrs["max"] = deposit
-        self.deposit = deposit
-
-    def clean_seller_amount_atomic(self):
-        amount = self.cleaned_data["seller_amount_atomic"]
-        if amount > self.deposit:
-            raise forms.ValidationError(f"At most the deposit, {self.deposit}.")
-        return amount
+        self.fields["seller_amount_atomic"].widget.attrs["max"] = deposit  # a hint; settlement_resolve decides
 
 
 @admin.register(Dispute)
@@ -114,10 +105,7 @@ class DisputeAdmin(admin.ModelAdmin):
     ordering = ("updated_at",)
 
     def get_queryset(self, request):
-        resolving = ChainTransaction.objects.filter(agreement_id=OuterRef("pk"), purpose=TxPurpose.RESOLVE).exclude(
-            status=TxStatus.FAILED)
-        return super().get_queryset(request).filter(status=AgreementStatus.DISPUTED).annotate(
-            resolving=Exists(resolving))
+        return selectors.disputes()
 
     def get_readonly_fields(self, request, obj=None):
         return [f.name for f in Dispute._meta.fields]

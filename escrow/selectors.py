@@ -1,8 +1,20 @@
-from django.db.models import Count
+from django.db.models import Count, Exists, OuterRef
 
+from agreements.models import AgreementStatus
 from escrow import chain, purchases
-from escrow.models import ChainTransaction, MasumiPurchase, TxStatus
+from escrow.models import ChainTransaction, Dispute, MasumiPurchase, TxPurpose, TxStatus
 from marketplace.errors import NotFound
+
+
+def live_transactions(*, purpose: str):
+    """Transactions of `purpose` under way or done, i.e. not failed: an agreement has at most one."""
+    return ChainTransaction.objects.filter(purpose=purpose).exclude(status=TxStatus.FAILED)
+
+
+def disputes():
+    """Disputed agreements, each with `resolving`: whether a resolution has been submitted already."""
+    resolution = live_transactions(purpose=TxPurpose.RESOLVE).filter(agreement_id=OuterRef("pk"))
+    return Dispute.objects.filter(status=AgreementStatus.DISPUTED).annotate(resolving=Exists(resolution))
 
 
 def transactions_of_agreement(*, agreement_id):

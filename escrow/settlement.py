@@ -19,7 +19,7 @@ from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
 from agreements.models import UsageAgreement
 from catalog.models import Agent
-from escrow import chain, relayer
+from escrow import chain, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.errors import Conflict, InvalidInput
@@ -34,8 +34,7 @@ def chain_now() -> int:
 
 
 def _live_tx(agreement_id, purpose: str) -> ChainTransaction | None:
-    return ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=purpose).exclude(
-        status=TxStatus.FAILED).first()
+    return selectors.live_transactions(purpose=purpose).filter(agreement_id=agreement_id).first()
 
 
 def _enqueue(agreement: UsageAgreement, purpose: str, fn_name: str, args: list, context: dict | None = None):

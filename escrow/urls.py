@@ -1,13 +1,14 @@
 from django.urls import path, re_path
 
+from catalog.models import HANDLE_PATTERN, SKILL_NAME_PATTERN
 from catalog.services import RESERVED_HANDLES, RESERVED_SKILL_NAMES
 from escrow import masumi_api, views
 
 
 # Only well-formed names that registration allows: anything else under /agents/ (a malformed id under
 # /agents/services/ or /agents/{id}/policies) is that route's 404, not this one's 405.
-HANDLE = rf"(?!(?:{'|'.join(sorted(RESERVED_HANDLES))})/)[a-z0-9][a-z0-9-]{{1,62}}[a-z0-9]"
-SKILL = rf"(?!(?:{'|'.join(sorted(RESERVED_SKILL_NAMES))})$)[a-z0-9](?:[a-z0-9-]{{0,62}}[a-z0-9])?"
+HANDLE = rf"(?!(?:{'|'.join(sorted(RESERVED_HANDLES))})/){HANDLE_PATTERN}"
+SKILL = rf"(?!(?:{'|'.join(sorted(RESERVED_SKILL_NAMES))})$){SKILL_NAME_PATTERN}"
 
 urlpatterns = [
     path("usage-agreements/<uuid:agreement_id>/activation-package", views.ActivationPackageView.as_view()),

@@ -155,7 +155,7 @@ def test_dispute_resolved_in_the_admin(funded, escrow_chain, django_capture_on_c
     assert page.status_code == 200 and "half of the answers were empty" in page.content.decode()
 
     too_much = admin_client.post(form_url, {"seller_amount_atomic": 2 * USDC + 1})
-    assert too_much.status_code == 200 and "At most the deposit" in too_much.content.decode()
+    assert too_much.status_code == 200 and "amount_exceeds_deposit" in too_much.content.decode()
     with capture(execute=True):
         decided = admin_client.post(form_url, {"seller_amount_atomic": 150_000})
     assert decided.status_code == 302
