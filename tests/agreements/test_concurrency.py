@@ -3,7 +3,7 @@
 import threading
 
 import pytest
-from django.db import connection, connections
+from django.db import connections
 
 from agreements.models import UsageAgreement
 from catalog.models import Agent, Service
@@ -15,8 +15,6 @@ pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 
 def test_concurrent_proposals_cannot_both_slip_under_a_cap():
-    if connection.vendor != "postgresql":
-        pytest.skip("needs PostgreSQL row locks")
     owner = UserFactory()
     buyer = AgentFactory(owner=owner, is_buyer=True, is_seller=False)
     service = register_service(AgentFactory(is_seller=True))  # 10 calls: 200_000 + 100_000 fee each

@@ -4,7 +4,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from django.db import connection
 
 from agreements.models import UsageAgreement, UsageEvent
 from escrow import relayer
@@ -14,8 +13,6 @@ pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(tra
 
 
 def test_concurrent_calls_charge_exactly_the_budget(escrow_chain, http_server, live_server):
-    if connection.vendor != "postgresql":
-        pytest.skip("needs PostgreSQL")
     budget_calls, attempts = 7, 40
     parties = Parties(escrow_chain, upstream_base_url=http_server.url)
     agreement = parties.accepted_agreement(quantity=budget_calls)

@@ -4,7 +4,6 @@ real processes on the test database (transactional tests, so what one process co
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +18,6 @@ from escrow.models import ChainTransaction, TxAttempt
 from tests.escrow.flow import Parties
 from tests.faults.processes import (ChainRelay, RedisServer, Service, Upstream, celery_worker, free_port,
                                     wait_until, web_server)
-
-
-@pytest.fixture(autouse=True)
-def _needs_postgresql_and_redis_server():
-    if connection.vendor != "postgresql":
-        pytest.skip("the fault suite runs the stack on PostgreSQL")
-    if shutil.which("redis-server") is None:
-        pytest.skip("the fault suite starts its own redis-server, which is not installed")
 
 
 @pytest.fixture
