@@ -9,7 +9,8 @@ What it does, in order:
    the database already holds exactly this seed (same seed version and service count): then it is reused.
 3. Starts gunicorn on a free loopback port with DEBUG off, fires each query `--requests` times from `--concurrency`
    threads (httpx, one keep-alive client per thread) after a short warm-up, and prints p50/p99 latency and
-   requests/s per query. Exits 1 if any response was not 200, 2 if the set-up failed.
+   requests/s per query. Exits 1 if any answer was not a 200 with the query's number of results (or a query found
+   nothing), 2 if the set-up failed.
 
 `--explain` also prints PostgreSQL's plan (EXPLAIN ANALYZE) of each query's main SQL statement.
 Bounded: at most `--requests` requests per query, a 30 s timeout per request, loopback only.
@@ -343,7 +344,8 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[max(0, math.ceil(fraction * len(sorted_values)) - 1)]
 
 
-def fire(base_url: str, headers: dict, body: dict, *, requests: int, concurrency: int) -> dict:
+def fire(base_url: str, headers: dict, body: dict, *, requests: int, concurrency: int, results: int) -> dict:
+    """Send `body` `requests` times; an answer that is not 200 with exactly `results` results counts as a failure."""
     import httpx
 
     latencies: list[float] = []
@@ -360,7 +362,7 @@ def fire(base_url: str, headers: dict, body: dict, *, requests: int, concurrency
                 started = time.perf_counter()
                 try:
                     response = client.post("/catalog/search", json=body)
-                    outcome = None if response.status_code == 200 else f"{response.status_code} {response.text[:300]}"
+                    outcome = _unexpected(response, results)
                 except httpx.HTTPError as exc:
                     outcome = f"{type(exc).__name__}: {exc}"
                 elapsed = time.perf_counter() - started
@@ -379,6 +381,15 @@ def fire(base_url: str, headers: dict, body: dict, *, requests: int, concurrency
     latencies.sort()
     return {"p50": percentile(latencies, 0.50) * 1000, "p99": percentile(latencies, 0.99) * 1000,
             "rps": len(latencies) / wall, "failures": failures}
+
+
+def _unexpected(response, results: int) -> str | None:
+    """Why `response` is not the page the query should give (a 200 with the wrong number of results is a failure too:
+    an empty answer is fast and must not pass as a result), or None."""
+    if response.status_code != 200:
+        return f"{response.status_code} {response.text[:300]}"
+    got = len(response.json()["results"])
+    return None if got == results else f"{got} results instead of {results}"
 
 
 def deep_cursor(client, body: dict, pages: int) -> tuple[str | None, int]:
@@ -496,15 +507,18 @@ def main() -> int:
             print(header)
             print("-" * len(header))
             failed = False
-            for (label, body), first in zip(queries, first_pages):
+            for (label, body), first in zip(queries, first_pages, strict=True):
                 page = len(first.json().get("results", [])) if first.status_code == 200 else 0
-                fire(base_url, headers, body, requests=10, concurrency=1)  # warm-up: connections, caches
-                result = fire(base_url, headers, body, requests=args.requests, concurrency=args.concurrency)
+                # Every query is built to match: an empty first page means the search is broken, not fast.
+                first_failure = _unexpected(first, page) if page else f"no results: {first.text[:300]}"
+                fire(base_url, headers, body, requests=10, concurrency=1, results=page)  # warm-up: connections
+                result = fire(base_url, headers, body, requests=args.requests, concurrency=args.concurrency,
+                              results=page)
                 print(f"{label:<66} {page:>5} {result['p50']:>8.1f} {result['p99']:>8.1f} {result['rps']:>8.1f}")
-                if result["failures"] or first.status_code != 200:
+                if result["failures"] or first_failure:
                     failed = True
-                    print(f"    {len(result['failures'])} non-200 responses, e.g. "
-                          f"{(result['failures'] or [first.text[:300]])[0]}")
+                    print(f"    {len(result['failures'])} wrong answers, e.g. "
+                          f"{(result['failures'] or [first_failure])[0]}")
         finally:
             stop_server(server)
     if args.explain:
