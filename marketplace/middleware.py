@@ -1,6 +1,7 @@
 import re
 import uuid
 
+from marketplace.errors import handler404
 from marketplace.logging import agreement_id_var, request_id_var
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -22,3 +23,30 @@ class RequestIdMiddleware:
         response = self.get_response(request)
         response["X-Request-Id"] = request_id
         return response
+
+
+class ApiPathMiddleware:
+    """Routes the API as clients write paths: `/usage-agreements/` is `/usage-agreements` (the published Masumi and
+    Pægents clients add the slash), and a path that matches no route answers 404 in the one error shape even with
+    DEBUG on (Django's debug page is HTML). The admin, the schema pages and static files keep Django's own rules.
+
+    It acts only after a request matched no route (Django leaves `resolver_match` unset then), so a routed request
+    pays nothing for it."""
+
+    _DJANGO_PREFIXES = ("/admin", "/api/", "/static/")
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        path = request.path_info
+        if request.resolver_match is not None or response.status_code != 404 or path.startswith(self._DJANGO_PREFIXES):
+            return response
+        trimmed = path.rstrip("/")
+        if trimmed and trimmed != path:
+            request.path_info = trimmed  # no view ran: routing it again under the trimmed path is safe
+            response = self.get_response(request)
+            if request.resolver_match is not None:
+                return response
+        return handler404(request)
