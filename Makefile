@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/marketplace
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run test check schema migrations-check contracts contracts-check clean bench
+.PHONY: install run test check lint schema migrations-check contracts contracts-check clean bench
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ schema: install
 
 migrations-check: install
 	DATABASE_URL=sqlite://:memory: $(PY) manage.py makemigrations --check --dry-run
+
+# ruff, and the import contracts in pyproject.toml (the apps' layers; the SDK imports no Django).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 check: schema migrations-check contracts-check
 
