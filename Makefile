@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/marketplace
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run test check lint schema migrations-check contracts contracts-check clean bench
+.PHONY: install run demo test check lint schema migrations-check contracts contracts-check clean bench
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ run: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
 	$(VENV)/bin/honcho start -f Procfile.dev
+
+# Against the running `make run` stack (another terminal): the money path as two agents play it, step by step.
+demo: install
+	$(PY) manage.py demo
 
 # The whole suite, schemathesis and the fault suite included (`-m ""` lifts pyproject's default of leaving those
 # two out of a bare `pytest`, for quick local runs).

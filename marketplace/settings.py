@@ -160,7 +160,8 @@ IDEMPOTENCY_STALE_CLAIM = timedelta(seconds=env.int("IDEMPOTENCY_STALE_CLAIM_SEC
 API_KEY_LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 # Tokens services may be priced in; the chain address is filled in by deployment settings below.
-CHAIN_ID = env.int("CHAIN_ID", default=31337)
+DEV_CHAIN_ID = 31337  # Anvil's
+CHAIN_ID = env.int("CHAIN_ID", default=DEV_CHAIN_ID)
 CHAIN_NETWORK = env.str("CHAIN_NETWORK", default="anvil")
 # Contract addresses: from the environment, else from the file `manage.py devchain` / `deploy_contracts` write
 # (read through marketplace.chainconfig, never directly).
@@ -200,7 +201,9 @@ AGREEMENT_MAX_DURATION = timedelta(days=env.int("AGREEMENT_MAX_DAYS", default=36
 # Largest deposit one agreement may hold, in token base units (default 1,000,000 USDC).
 AGREEMENT_MAX_AMOUNT = env.int("AGREEMENT_MAX_AMOUNT", default=1_000_000 * 10**6)
 CHALLENGE_WINDOW_DEFAULT = env.int("CHALLENGE_WINDOW_SECONDS", default=3600)
-CHALLENGE_WINDOW_MIN = env.int("CHALLENGE_WINDOW_MIN_SECONDS", default=60)
+# A buyer needs time to check the receipts before the window closes; a dev chain allows 10 s so `make demo` settles
+# within a minute of starting.
+CHALLENGE_WINDOW_MIN = env.int("CHALLENGE_WINDOW_MIN_SECONDS", default=10 if CHAIN_ID == DEV_CHAIN_ID else 60)
 CHALLENGE_WINDOW_MAX = env.int("CHALLENGE_WINDOW_MAX_SECONDS", default=7 * 24 * 3600)
 # A direct payment's signatures (x402 authorization, fee permit) must stay valid at least this long after
 # proposal, so the seller has time to accept; the proposal expires before they do.

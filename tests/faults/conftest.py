@@ -50,6 +50,7 @@ class Stack:
     web: Service
     worker: Service
     url: str
+    env: dict  # what the stack's processes run with: for a client command run against it
 
     def api(self, secret: str) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
@@ -72,7 +73,13 @@ class Stack:
 
 
 @pytest.fixture
-def stack(escrow_chain, redis_server, chain_relay, settings, tmp_path: Path):
+def stack_env() -> dict:
+    """Extra environment for the stack's processes; a test overrides it to change their settings."""
+    return {}
+
+
+@pytest.fixture
+def stack(escrow_chain, redis_server, chain_relay, settings, tmp_path: Path, stack_env):
     port = free_port()
     common = {
         **os.environ, "DEBUG": "false", "SECRET_KEY": "fault-suite", "CELERY_TASK_ALWAYS_EAGER": "false",
@@ -84,11 +91,12 @@ def stack(escrow_chain, redis_server, chain_relay, settings, tmp_path: Path):
         "CHAIN_POLL_SECONDS": "1", "SETTLEMENT_TICK_SECONDS": "1", "CHAIN_SWEEP_SECONDS": "2",
         "CHAIN_SWEEP_AFTER_SECONDS": "3", "PROXY_TIMEOUT_SECONDS": "3", "PROXY_CONNECT_TIMEOUT_SECONDS": "2",
         "ALLOW_PRIVATE_UPSTREAMS": "true",  # the test upstream listens on loopback
+        **stack_env,
     }
     web = web_server({**common, "DATABASE_URL": database_url("faults-web")}, tmp_path, port)
     worker = celery_worker({**common, "DATABASE_URL": database_url("faults-worker")}, tmp_path)
     stack = Stack(chain=escrow_chain, redis=redis_server, relay=chain_relay, web=web, worker=worker,
-                  url=f"http://127.0.0.1:{port}")
+                  url=f"http://127.0.0.1:{port}", env={**common, "DATABASE_URL": database_url("faults-client")})
     web.start()
     wait_until(lambda: _answers(stack.url), timeout=30, what="the web server")
     stack.start_worker()
