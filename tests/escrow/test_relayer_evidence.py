@@ -11,11 +11,12 @@ from django.test import Client
 from django.urls import reverse
 
 from escrow import chain as gateway
-from escrow import relayer
+from escrow import relayer, settlement
 from escrow.models import ChainTransaction, TxAttempt, TxStatus
 from tests.escrow.conftest import Escrows
 from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
 from tests.marketplace.conftest import scrape
+from tests.support.db_activity import backend_pid, session_state
 from tests.support.rpc_relay import RpcRelay
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -216,3 +217,32 @@ def test_the_confirmation_depth_defaults_per_chain():
 
     assert defaults.CHAIN_CONFIRMATIONS_BY_CHAIN[31337] == 1
     assert defaults.CHAIN_CONFIRMATIONS_BY_CHAIN[8453] >= 10 and defaults.CHAIN_CONFIRMATIONS_BY_CHAIN[84532] >= 10
+
+
+@pytest.mark.django_db(transaction=True)
+def test_no_chain_call_is_made_inside_a_database_transaction(escrow_chain, rpc_relay, http_server):
+    """Activation (with an Idempotency-Key), submission, confirmation, proposal and payout: while the node is
+    asked anything, our database session holds no transaction (so no row lock waits on the node)."""
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    body = parties.signed_activation(agreement["id"])
+    pid = backend_pid()
+    asked_inside_a_transaction = []
+    rpc_relay.observers.append(lambda call: session_state(pid) == "idle in transaction"
+                               and asked_inside_a_transaction.append(call["method"]))
+
+    response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", body,
+                                      headers={"Idempotency-Key": "activate-once"})
+    assert response.status_code == 202, response.content
+    relayer.transactions_poll()
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/work").status_code == 200
+    assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/complete").status_code == 200
+    settlement.settlement_tick()
+    relayer.transactions_poll()
+    assert parties.agreement(agreement["id"])["status"] == "in_challenge"
+    escrow_chain.increase_time(3601)
+    settlement.settlement_tick()
+    relayer.transactions_poll()
+    assert parties.agreement(agreement["id"])["status"] == "settled"
+    assert asked_inside_a_transaction == []

@@ -18,6 +18,7 @@ class RpcRelay:
         self.throttled: Callable[[Call], bool] = lambda call: False
         self.throttled_count = 0
         self._before: list[tuple[Callable[[Call], bool], Callable[[], None]]] = []
+        self.observers: list[Callable[[Call], None]] = []
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -51,6 +52,9 @@ class RpcRelay:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 parsed = json.loads(body)
                 calls = parsed if isinstance(parsed, list) else [parsed]
+                for observer in relay.observers:
+                    for call in calls:
+                        observer(call)
                 if any(relay.throttled(call) for call in calls):
                     relay.throttled_count += 1
                     self._answer(429, b'{"error": "rate limited"}')
