@@ -34,13 +34,17 @@ def retry_failed(modeladmin, request, queryset):
 
 @admin.register(ChainTransaction)
 class ChainTransactionAdmin(admin.ModelAdmin):
-    list_display = ("id", "purpose", "status", "agreement", "nonce", "mined_block_number", "failure_reason",
-                    "created_at", "updated_at")
-    list_filter = ("status", "purpose")
+    list_display = ("id", "purpose", "status", "stuck_at_fee_cap", "agreement", "nonce", "mined_block_number",
+                    "failure_reason", "created_at", "updated_at")
+    list_filter = ("status", "purpose", ("fee_cap_reached_at", admin.EmptyFieldListFilter))
     search_fields = ("id", "agreement__id", "mined_tx_hash", "attempts__tx_hash")
     list_select_related = ("agreement",)
     inlines = [TxAttemptInline]
     actions = [retry_failed]
+
+    @admin.display(boolean=True, description="stuck at fee cap")
+    def stuck_at_fee_cap(self, tx) -> bool:
+        return tx.stuck_at_fee_cap
 
     def get_readonly_fields(self, request, obj=None):
         return [f.name for f in ChainTransaction._meta.fields]

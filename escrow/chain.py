@@ -16,6 +16,7 @@ from eth_utils import to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import ContractCustomError, ContractLogicError, TransactionNotFound, Web3RPCError
+from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
 from escrow import artifacts
 from marketplace import chainconfig
@@ -26,7 +27,11 @@ class ChainError(Exception):
 
 
 class RpcUnavailable(ChainError):
-    """The node could not be reached or timed out: retry later, nothing was decided."""
+    """The node timed out or answered 429 / 5xx (after the per-call retries): retry later, nothing was decided."""
+
+
+class RpcUnreachable(RpcUnavailable):
+    """Nothing answers at CHAIN_RPC_URL (connection refused): every other call would fail the same way."""
 
 
 class NonceTooLow(ChainError):
@@ -86,8 +91,13 @@ def classify(exc: Exception) -> ChainError:
     """Map anything web3 or the transport raised to one of our typed errors."""
     if isinstance(exc, ChainError):
         return exc
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+    if isinstance(exc, requests.Timeout | TimeoutError):
         return RpcUnavailable(str(exc))
+    if isinstance(exc, requests.ConnectionError | ConnectionError):
+        return RpcUnreachable(str(exc))
+    if isinstance(exc, requests.HTTPError) and exc.response is not None and (
+            exc.response.status_code == 429 or exc.response.status_code >= 500):
+        return RpcUnavailable(f"HTTP {exc.response.status_code} from the RPC")
     if isinstance(exc, ContractCustomError):
         return Reverted(decode_revert(exc.data))
     if isinstance(exc, ContractLogicError):
@@ -102,12 +112,18 @@ def classify(exc: Exception) -> ChainError:
 
 
 @cache
-def _client(rpc_url: str) -> Web3:
-    return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": settings.CHAIN_RPC_TIMEOUT}))
+def _client(rpc_url: str, timeout: float, retries: int, backoff: float) -> Web3:
+    # Transient failures (timeouts, 429, 5xx, a dropped connection) are retried per call with exponential backoff
+    # (backoff, 2x, 4x ...); what is left after that is classified above and handled per transaction.
+    transient = ExceptionRetryConfiguration(errors=(requests.ConnectionError, requests.HTTPError, requests.Timeout),
+                                            retries=retries, backoff_factor=backoff)
+    return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout},
+                                  exception_retry_configuration=transient))
 
 
 def w3() -> Web3:
-    return _client(settings.CHAIN_RPC_URL)
+    return _client(settings.CHAIN_RPC_URL, settings.CHAIN_RPC_TIMEOUT, settings.CHAIN_RPC_RETRIES,
+                   settings.CHAIN_RPC_RETRY_BACKOFF)
 
 
 def escrow_address() -> str:
@@ -165,8 +181,13 @@ def relayer_account():
 
 
 def pending_nonce(address: str) -> int:
+    return nonce_at(address, "pending")
+
+
+def nonce_at(address: str, block: int | str) -> int:
+    """How many transactions of `address` the chain holds at `block` (a number, "latest" or "pending")."""
     try:
-        return w3().eth.get_transaction_count(to_checksum_address(address), "pending")
+        return w3().eth.get_transaction_count(to_checksum_address(address), block)
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
 
@@ -239,6 +260,14 @@ def receipt(tx_hash: str) -> Receipt | None:
 def latest_block_number() -> int:
     try:
         return w3().eth.block_number
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+
+
+def latest_block_timestamp() -> int:
+    """The chain's clock: the latest block's timestamp, the `block.timestamp` the contract last saw."""
+    try:
+        return int(w3().eth.get_block("latest")["timestamp"])
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
 

@@ -272,7 +272,7 @@ class PurchaseLockFundsView(APIView):
                    summary="Submit the signed ActivationPackage; 202, the escrow is funded by the relayer "
                            "(onChainState FundsLocked once confirmed)",
                    responses={202: PurchaseEnvelope, **error_responses(402, 404, 409, 422, 429, 503)})
-    @idempotent()
+    @idempotent(atomic=False)  # verifies against the chain before it writes
     def post(self, request):
         body = PurchaseLockFundsSerializer(data=request.data)
         body.is_valid(raise_exception=True)

@@ -70,6 +70,11 @@ class ChainTransaction(models.Model):
     receipt_status = models.PositiveSmallIntegerField(null=True, blank=True)
     failure_reason = models.CharField(max_length=500, blank=True)
     outcome_applied = models.BooleanField(default=False, help_text="The domain was told of the final status.")
+    outcome_evidence = models.JSONField(default=dict, blank=True,
+                                        help_text="What the chain said that the outcome was decided on.")
+    fee_cap_reached_at = models.DateTimeField(
+        null=True, blank=True, help_text="Fees reached CHAIN_MAX_FEE_PER_GAS: the same bytes are rebroadcast "
+                                         "until they are mined (a top-up of the relayer, lower base fees).")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     confirmed_at = models.DateTimeField(null=True, blank=True)
@@ -89,6 +94,10 @@ class ChainTransaction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.purpose} {self.status} (nonce {self.nonce})"
+
+    @property
+    def stuck_at_fee_cap(self) -> bool:
+        return self.status == TxStatus.SUBMITTED and self.fee_cap_reached_at is not None
 
 
 class TxAttempt(models.Model):

@@ -30,6 +30,11 @@ metrics.scrape_collector_register(
     name="marketplace_chain_transactions",
     documentation="Relayer chain transactions by purpose and status (counted at scrape time).",
     labels=("purpose", "status"), counts=selectors.transaction_counts_by_purpose_and_status)
+metrics.scrape_collector_register(
+    name="marketplace_chain_transactions_stuck_at_fee_cap",
+    documentation="Submitted chain transactions whose fees reached CHAIN_MAX_FEE_PER_GAS_WEI: the same bytes are "
+                  "rebroadcast until mined (top the relayer up, or wait for lower base fees).",
+    labels=("purpose",), counts=selectors.transaction_counts_stuck_at_fee_cap)
 dashboard.counts_register(title="Chain transactions by status", counts=_by_status)
 dashboard.failures_register(recent=_failures)
 health.readiness_check_register(name="chain", check=_chain_answers)

@@ -95,5 +95,12 @@ def transaction_counts_by_purpose_and_status() -> dict[tuple[str, str], int]:
     return {(purpose, status): count for purpose, status, count in rows}
 
 
+def transaction_counts_stuck_at_fee_cap() -> dict[tuple[str], int]:
+    """In-flight transactions whose fees reached the cap, by purpose (their bytes are being rebroadcast)."""
+    rows = (ChainTransaction.objects.filter(status=TxStatus.SUBMITTED, fee_cap_reached_at__isnull=False)
+            .order_by().values_list("purpose").annotate(count=Count("pk")))
+    return {(purpose,): count for purpose, count in rows}
+
+
 def transactions_failed_recently(*, limit: int):
     return ChainTransaction.objects.filter(status=TxStatus.FAILED).order_by("-updated_at")[:limit]

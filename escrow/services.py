@@ -5,6 +5,8 @@ Activation intent nonce: the contract's intent nonces are unordered, so the plat
 `activation_failed` reuses it, and no two agreements can collide.
 """
 
+import time
+
 from django.conf import settings
 from django.db import transaction
 from eth_utils import keccak
@@ -13,8 +15,8 @@ from web3 import Web3
 from agreements import services as agreement_services
 from agreements.models import UsageAgreement
 from catalog.models import Agent
-from escrow import chain, relayer
-from escrow.models import ChainTransaction, TxPurpose
+from escrow import chain, relayer, selectors
+from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.chainconfig import receipt_signer_address
 from marketplace.errors import Conflict, DependencyUnavailable, InvalidInput, PaymentRequired
@@ -28,12 +30,14 @@ def _require_chain() -> None:
                                     code="chain_not_configured")
 
 
-def _chain_now() -> int:
-    """The chain's clock (deadlines are checked against block time, which may run ahead of ours on a dev chain)."""
+def _next_block_time() -> int:
+    """The earliest `block.timestamp` a transaction sent now can be mined with: our clock, or the chain's when it
+    runs ahead (a dev chain moved forward). Signature deadlines count from here, never from the latest block
+    alone: on an idle chain that block may be minutes old, and a deadline from it would be expired on arrival."""
     try:
-        return int(chain.w3().eth.get_block("latest")["timestamp"])
-    except Exception as exc:  # noqa: BLE001
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from exc
+        return max(int(time.time()), chain.latest_block_timestamp() + 1)
+    except chain.ChainError as error:
+        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
 
 
 def intent_nonce(agreement: UsageAgreement) -> int:
@@ -78,7 +82,7 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
     if agreement.status not in ("accepted", "activation_failed"):
         raise Conflict(f"Nothing to sign while the agreement is {agreement.status}.", code="invalid_transition",
                        details={"status": agreement.status})
-    deadline = deadline or _chain_now() + settings.ACTIVATION_SIGNATURE_TTL
+    deadline = deadline or _next_block_time() + settings.ACTIVATION_SIGNATURE_TTL
     nonce = _permit_nonce(agreement)
     fee_pending = agreement.infra_fee > 0
     return {
@@ -118,7 +122,7 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
                       escrow_permit: dict, fee_permit: dict | None) -> ChainTransaction:
     """Verify the buyer's signatures off-chain, move to `submitting` and queue `activate` for the relayer."""
     _require_chain()
-    now = _chain_now()
+    now = _next_block_time()
     for field, permit_deadline in (("deadline", deadline), ("escrow_permit.deadline", escrow_permit["deadline"]),
                                    ("fee_permit.deadline", (fee_permit or {}).get("deadline", now + 1))):
         if permit_deadline <= now:
@@ -168,17 +172,46 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
 
 def _activation_signed(tx: ChainTransaction) -> None:
     agreement_services.agreement_activation_signed(agreement_id=tx.agreement_id,
-                                                   tx_hash=tx.attempts.first().tx_hash)
+                                                   tx_hash=tx.attempts.order_by("created_at", "pk").last().tx_hash)
+
+
+def _intent_differences(agreement: UsageAgreement, onchain: dict) -> list[str]:
+    """The fields in which the escrow on-chain differs from the intent this agreement's buyer signs."""
+    expected = {
+        "buyer": agreement.buyer_wallet_address, "seller": agreement.seller_wallet_address,
+        "token": agreement.token_address or chainconfig.usdc_address(), "receiptSigner": receipt_signer_address(),
+        "depositAmount": agreement.deposit_amount, "infraFee": agreement.infra_fee,
+        "challengeWindow": agreement.challenge_window_seconds, "expiresAt": int(agreement.expires_at.timestamp()),
+        "termsHash": agreement.terms_hash,
+    }
+    return [field for field, value in expected.items() if str(onchain[field]).lower() != str(value).lower()]
+
+
+def _activation_evidence(tx: ChainTransaction) -> dict:
+    """An activation that meets AgreementExists: is the escrow under this id the one this buyer signed for (an
+    earlier attempt mined, or anyone relaying the buyer's signed intent)? Read from the contract."""
+    if tx.status != TxStatus.FAILED or "AgreementExists" not in tx.failure_reason:
+        return {}
+    onchain = selectors.onchain_escrow(onchain_id=tx.agreement.onchain_id)
+    return {"agreement_exists": {"state": onchain["state"],
+                                 "differences": _intent_differences(tx.agreement, onchain)}}
 
 
 def _activation_outcome(tx: ChainTransaction) -> None:
-    if tx.status == "confirmed":
-        agreement_services.agreement_activation_confirmed(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
+    existing = tx.outcome_evidence.get("agreement_exists")
+    if tx.status == TxStatus.CONFIRMED or (existing is not None and not existing["differences"]):
+        agreement_services.agreement_activation_confirmed(agreement_id=tx.agreement_id,
+                                                          tx_hash=tx.mined_tx_hash or tx.agreement.activation_tx_hash)
+    elif existing is not None:
+        agreement_services.agreement_activation_failed(
+            agreement_id=tx.agreement_id,
+            reason=f"another escrow holds this agreement id on-chain (it differs in: "
+                   f"{', '.join(existing['differences'])})")
     else:
         agreement_services.agreement_activation_failed(agreement_id=tx.agreement_id,
                                                        reason=f"activation reverted: {tx.failure_reason}")
 
 
 relayer.outcome_handler_register(purpose=TxPurpose.ACTIVATE, on_outcome=_activation_outcome,
-                                 on_submitted=_activation_signed)
+                                 on_submitted=_activation_signed, read_evidence=_activation_evidence)
 

@@ -86,7 +86,7 @@ class ActivateEscrowView(APIView):
                 "until `active` (or `activation_failed` with the reason).",
         responses={202: ActivationAcceptedSerializer, **error_responses(402, 404, 409, 422, 429, 503)},
     )
-    @idempotent()
+    @idempotent(atomic=False)  # verifies against the chain before it writes
     def post(self, request, agreement_id):
         agent = calling_agent(request)
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
@@ -156,7 +156,7 @@ class ChallengeView(APIView):
                    summary="Dispute the proposed settlement (buyer, within the window); submitted on-chain with "
                            "challengeWithSig. 202; the agreement becomes `disputed` once confirmed",
                    responses={202: ChainTransactionSerializer, **error_responses(404, 409, 422)})
-    @idempotent()
+    @idempotent(atomic=False)  # reads the chain's clock before it writes
     def post(self, request, agreement_id):
         agent = calling_agent(request)
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)

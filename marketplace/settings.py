@@ -233,7 +233,15 @@ RELAYER_PRIVATE_KEY = env.str("RELAYER_PRIVATE_KEY", default=_ANVIL_DEV_KEY if D
 _ANVIL_DEV_KEY_9 = "0x2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6"
 RECEIPT_SIGNER_PRIVATE_KEY = env.str("RECEIPT_SIGNER_PRIVATE_KEY", default=_ANVIL_DEV_KEY_9 if DEBUG else "")
 CHAIN_RPC_TIMEOUT = env.float("CHAIN_RPC_TIMEOUT", default=10.0)
-CHAIN_CONFIRMATIONS = env.int("CHAIN_CONFIRMATIONS", default=1)
+# Each RPC call is tried this many times on a timeout, 429 or 5xx, waiting backoff, 2x, 4x ... seconds in between.
+CHAIN_RPC_RETRIES = env.int("CHAIN_RPC_RETRIES", default=3)
+CHAIN_RPC_RETRY_BACKOFF = env.float("CHAIN_RPC_RETRY_BACKOFF_SECONDS", default=0.25)
+# Blocks on top of a transaction's block (its own included) before its outcome counts. A dev chain does not
+# reorganise: 1. Base and Base Sepolia (OP stack, 2 s blocks) can only reorganise blocks the sequencer has not
+# yet posted to L1; 10 blocks (20 s) covers a sequencer hiccup, and any other chain gets the same until
+# configured. Finality (L1 finalized) is ~15 min on Base: set CHAIN_CONFIRMATIONS higher where that matters.
+CHAIN_CONFIRMATIONS_BY_CHAIN = {31337: 1, 8453: 10, 84532: 10}
+CHAIN_CONFIRMATIONS = env.int("CHAIN_CONFIRMATIONS", default=CHAIN_CONFIRMATIONS_BY_CHAIN.get(CHAIN_ID, 10))
 CHAIN_MIN_PRIORITY_FEE = env.int("CHAIN_MIN_PRIORITY_FEE_WEI", default=1_000_000)  # 0.001 gwei
 CHAIN_MAX_FEE_PER_GAS = env.int("CHAIN_MAX_FEE_PER_GAS_WEI", default=500 * 10**9)
 CHAIN_FEE_BUMP_PERCENT = 13  # nodes accept a replacement at >= +10%; 12.5% rounded up
@@ -242,6 +250,8 @@ CHAIN_REPLACE_AFTER = timedelta(seconds=env.int("CHAIN_REPLACE_AFTER_SECONDS", d
 # A transaction still queued this long after its last change lost its task message; the sweeper sends it again.
 CHAIN_SWEEP_AFTER = timedelta(seconds=env.int("CHAIN_SWEEP_AFTER_SECONDS", default=30))
 ACTIVATION_SIGNATURE_TTL = env.int("ACTIVATION_SIGNATURE_TTL_SECONDS", default=3600)
+# The chain's clock is stalled when its latest block is older than this (see README, "stalled chain").
+CHAIN_STALL_SECONDS = env.int("CHAIN_STALL_SECONDS", default=60)
 CELERY_BEAT_SCHEDULE.update({
     "poll-confirmations": {"task": "escrow.tasks.poll_confirmations",
                            "schedule": timedelta(seconds=env.int("CHAIN_POLL_SECONDS", default=3))},

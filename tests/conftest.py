@@ -168,6 +168,11 @@ def http_server():
 @pytest.fixture
 def escrow_chain(chain, settings):
     """The test chain (snapshot/revert per test) wired into the marketplace's settings."""
+    return wire_marketplace(chain, settings)
+
+
+def wire_marketplace(chain, settings):
+    """Point the marketplace's settings at `chain` (a tests.chain_fixtures.Chain) and its deployment."""
     accounts = chain.accounts
     settings.CHAIN_RPC_URL = chain.node.rpc_url
     settings.CHAIN_ID = chain.chain_id

@@ -24,13 +24,14 @@ class Command(BaseCommand):
     help = "Start Anvil on CHAIN_RPC_URL's port, deploy the contracts if needed, fund the demo buyer; stay up."
 
     def add_arguments(self, parser):
-        parser.add_argument("--block-time", type=float, default=None, help="Seconds per block (default: automine).")
+        parser.add_argument("--block-time", type=float, default=devchain.DEV_BLOCK_TIME,
+                            help="Seconds between blocks while idle; every transaction is mined at once as well "
+                                 f"(default: {devchain.DEV_BLOCK_TIME}, Base's block time).")
 
     def handle(self, *args, block_time, **options):
         port = urlparse(settings.CHAIN_RPC_URL).port or 8545
         state = settings.VAR_DIR / "anvil-state.json"
-        node = devchain.start_anvil(port=port, chain_id=settings.CHAIN_ID, block_time=block_time,
-                                    extra_args=("--state", str(state)))
+        node = devchain.start_dev_chain(port=port, chain_id=settings.CHAIN_ID, state=state, block_time=block_time)
         self.stdout.write(f"Anvil listening on {node.rpc_url} (chain id {settings.CHAIN_ID})")
         try:
             w3 = Web3(Web3.HTTPProvider(node.rpc_url))
