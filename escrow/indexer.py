@@ -254,8 +254,9 @@ def _store_and_apply(cursor: IndexerCursor, log) -> None:
 
 
 def _error_text(error: Exception) -> str:
-    message = error.message if isinstance(error, ApplicationError) else str(error)
-    return f"{type(error).__name__}: {message}"[:500]
+    if isinstance(error, ApplicationError):
+        return f"{error.code}: {error.message}"[:500]
+    return f"{type(error).__name__}: {error}"[:500]
 
 
 def _apply(event: ChainEvent) -> None:

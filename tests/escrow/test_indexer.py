@@ -1,8 +1,13 @@
 """The chain indexer: contract calls made by anyone (not the platform's relayer) move the agreements, relayer
 receipts and indexed events converge on one transition, and a reorg rolls back what it removed."""
 
+import io
+
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.test import Client
+from django.urls import reverse
 
 from agreements.models import AgreementEvent, UsageAgreement
 from escrow import indexer
@@ -154,3 +159,49 @@ def test_reorg_removing_a_proposal_rolls_back_and_applies_the_canonical_events(
     assert int(live.args["cumulativeAmount"]) == older["cumulative_atomic"] == 40_000
     assert statuses(funded.agreement_id)[-3:] == [("active", "in_challenge"), ("in_challenge", "active"),
                                                   ("active", "in_challenge")]
+
+
+# --- visibility: unapplied events, lag in reconcile, /readyz and the Prometheus gauge ----------------------------
+
+def test_an_event_that_cannot_be_applied_is_kept_with_its_error(escrow_chain, http_server, esc,
+                                                                django_capture_on_commit_callbacks, admin_client):
+    """Someone opens an escrow of their own under an accepted agreement's id: not the buyer's intent."""
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    onchain_id = UsageAgreement.objects.get(pk=agreement["id"]).onchain_id
+    esc.activate(agreement_id=onchain_id, buyer=escrow_chain.accounts.buyer2)
+
+    index(django_capture_on_commit_callbacks)
+    assert parties.agreement(agreement["id"])["status"] == "accepted"
+    failed = ChainEvent.objects.get(name="Activated")
+    assert failed.effect == EventEffect.FAILED
+    assert failed.error == ("escrow_mismatch: The escrow under this agreement's id is not its buyer's intent "
+                            "(buyer, depositAmount, termsHash differ).")
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+    page = admin_client.get(reverse("admin:escrow_chainevent_changelist") + "?effect=failed")
+    assert page.status_code == 200 and "Activated" in page.content.decode()
+    assert admin_client.get(reverse("admin:escrow_chainevent_change", args=[failed.pk])).status_code == 200
+    assert admin_client.get(reverse("admin:escrow_chainevent_add")).status_code == 403
+
+
+@pytest.mark.django_db(transaction=True)  # /readyz checks on connections of their own
+def test_lag_in_reconcile_readyz_and_metrics(escrow_chain, settings, admin_client):
+    settings.INDEXER_MAX_LAG_BLOCKS = 5
+    escrow_chain.mine(10)
+    out = io.StringIO()
+    call_command("reconcile", stdout=out)
+    head = escrow_chain.block_number()
+    behind = head - escrow_chain.addresses["escrow_block"] + 1
+    assert f"chain head {head}: {behind} block(s) behind" in out.getvalue()
+    not_ready = Client().get("/readyz")
+    assert not_ready.status_code == 503
+    assert not_ready.json()["error"]["details"]["failed"] == ["indexer"]
+    assert f"marketplace_indexer_lag_blocks {behind}.0" in admin_client.get("/metrics").content.decode()
+
+    indexer.index_pass()
+    out = io.StringIO()
+    call_command("reconcile", stdout=out)
+    assert f"applied up to block {head}, chain head {head}: 0 block(s) behind" in out.getvalue()
+    assert Client().get("/readyz").status_code == 200
+    assert "marketplace_indexer_lag_blocks 0.0" in admin_client.get("/metrics").content.decode()
