@@ -7,7 +7,8 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from escrow import purchases, relayer, selectors, settlement
-from escrow.models import ChainTransaction, Dispute, MasumiPurchase, RelayerAccount, TxAttempt, TxStatus
+from escrow.models import (ChainEvent, ChainTransaction, Dispute, IndexerCursor, MasumiPurchase, RelayerAccount,
+                           TxAttempt, TxStatus)
 from marketplace.errors import ApplicationError
 
 
@@ -51,6 +52,34 @@ class ChainTransactionAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """What the chain says is not edited by hand."""
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in self.model._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(ChainEvent)
+class ChainEventAdmin(ReadOnlyAdmin):
+    list_display = ("name", "block_number", "log_index", "agreement", "effect", "from_status", "to_status", "error",
+                    "removed_at")
+    list_filter = ("effect", "name", ("removed_at", admin.EmptyFieldListFilter))
+    search_fields = ("tx_hash", "block_hash", "agreement__id")
+    list_select_related = ("agreement",)
+
+
+@admin.register(IndexerCursor)
+class IndexerCursorAdmin(ReadOnlyAdmin):
+    list_display = ("escrow_address", "chain_id", "start_block", "last_block", "head_block", "head_seen_at",
+                    "last_error")
 
 
 @admin.register(RelayerAccount)

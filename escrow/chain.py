@@ -296,3 +296,15 @@ def revert_reason(*, sender: str, to: str, data: str, block_number: int) -> str:
 def to_json(value: Any) -> Any:
     """Contract return values (bytes, tuples) as JSON-friendly values."""
     return json.loads(Web3.to_json(value))
+
+
+def logs(*, address: str, from_block: int, to_block: int, topics: list | None = None) -> list:
+    """eth_getLogs of one contract over [from_block, to_block], both included (keep the range bounded: nodes
+    refuse or time out on large ones)."""
+    query = {"address": to_checksum_address(address), "fromBlock": from_block, "toBlock": to_block}
+    if topics:
+        query["topics"] = topics
+    try:
+        return list(w3().eth.get_logs(query))
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc

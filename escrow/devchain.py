@@ -385,11 +385,16 @@ def _call_tx(w3: Web3, private_key: str, fn: Any) -> Any:
 
 def deploy_contract(w3: Web3, private_key: str, name: str, *constructor_args: Any) -> str:
     """Deploy the compiled contract ``name`` (from escrow/contracts/build) and return its checksummed address."""
+    return _deploy(w3, private_key, name, *constructor_args)["contractAddress"]
+
+
+def _deploy(w3: Web3, private_key: str, name: str, *constructor_args: Any) -> dict[str, Any]:
     factory = w3.eth.contract(abi=artifacts.abi(name), bytecode=artifacts.bytecode(name))
     sender = Account.from_key(private_key).address
     tx = factory.constructor(*constructor_args).build_transaction({"from": sender})
     receipt = send_transaction(w3, private_key, tx)
-    return Web3.to_checksum_address(receipt["contractAddress"])
+    return {"contractAddress": Web3.to_checksum_address(receipt["contractAddress"]),
+            "blockNumber": receipt["blockNumber"]}
 
 
 def deploy_contracts(
@@ -401,17 +406,18 @@ def deploy_contracts(
     reclaim_grace: int,
     operator: str | None = None,
     usdc_address: str | None = None,
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """Deploy UsageEscrow (and MockUSDC unless ``usdc_address`` is given) and allow the token in the escrow.
 
     The deployer becomes the escrow's admin and, unless ``operator`` is given, its operator (relayer); it also
-    owns MockUSDC (so it can mint and blacklist). Returns ``{"usdc": address, "escrow": address}``.
+    owns MockUSDC (so it can mint and blacklist). Returns ``{"usdc": address, "escrow": address,
+    "escrow_block": n}`` (the escrow's deployment block: where the chain indexer starts reading its events).
     """
     deployer = Account.from_key(deployer_key).address
     if usdc_address is None:
         usdc_address = deploy_contract(w3, deployer_key, artifacts.MOCK_USDC, deployer)
     usdc_address = Web3.to_checksum_address(usdc_address)
-    escrow_address = deploy_contract(
+    escrow = _deploy(
         w3,
         deployer_key,
         artifacts.USAGE_ESCROW,
@@ -421,8 +427,9 @@ def deploy_contracts(
         Web3.to_checksum_address(fee_recipient),
         int(reclaim_grace),
     )
+    escrow_address = escrow["contractAddress"]
     _call_tx(w3, deployer_key, escrow_contract(w3, escrow_address).functions.setTokenAllowed(usdc_address, True))
-    return {"usdc": usdc_address, "escrow": escrow_address}
+    return {"usdc": usdc_address, "escrow": escrow_address, "escrow_block": escrow["blockNumber"]}
 
 
 def mint_usdc(w3: Web3, token_address: str, minter_key: str, to: str, amount: int) -> Any:

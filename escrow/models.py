@@ -180,3 +180,87 @@ class Dispute(UsageAgreement):
     class Meta:
         proxy = True
         verbose_name = "dispute"
+
+
+class IndexerCursor(models.Model):
+    """How far the chain indexer has applied one escrow deployment's events: a block number and its hash."""
+
+    chain_id = models.PositiveBigIntegerField()
+    escrow_address = AddressField()
+    start_block = models.PositiveBigIntegerField(help_text="The deployment block: indexing starts here.")
+    last_block = models.PositiveBigIntegerField(null=True, blank=True, help_text="Every event up to here is applied.")
+    last_block_hash = Bytes32Field(blank=True)
+    head_block = models.PositiveBigIntegerField(null=True, blank=True, help_text="The chain head at the last pass.")
+    head_seen_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["chain_id", "escrow_address"],
+                                               name="indexer_cursor_one_per_deployment")]
+
+    def __str__(self) -> str:
+        return f"{self.escrow_address} on {self.chain_id}: block {self.last_block}"
+
+    @property
+    def next_block(self) -> int:
+        return self.start_block if self.last_block is None else self.last_block + 1
+
+
+class IndexedBlock(models.Model):
+    """A block the indexer read, by number and hash (range ends and blocks with events): a reorg is a stored
+    hash that is no longer canonical, and the newest stored block still canonical is the fork point."""
+
+    cursor = models.ForeignKey(IndexerCursor, on_delete=models.CASCADE, related_name="blocks")
+    number = models.PositiveBigIntegerField()
+    hash = Bytes32Field()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["cursor", "number"], name="indexed_block_unique_number")]
+
+    def __str__(self) -> str:
+        return f"{self.number} {self.hash}"
+
+
+class EventEffect(models.TextChoices):
+    APPLIED = "applied", "moved the agreement"
+    ALREADY = "already", "the agreement was already there (the relayer's receipt came first)"
+    RECORDED = "recorded", "recorded, no agreement state to change"
+    FAILED = "failed", "could not be applied"
+
+
+class ChainEvent(models.Model):
+    """One log the indexer read (escrow events, and token transfers touching the escrow, the treasury or the fee
+    recipient), what applying it did, and whether a reorg removed it since."""
+
+    cursor = models.ForeignKey(IndexerCursor, on_delete=models.CASCADE, related_name="events")
+    block_number = models.PositiveBigIntegerField()
+    block_hash = Bytes32Field()
+    tx_hash = Bytes32Field()
+    log_index = models.PositiveIntegerField()
+    contract = AddressField()
+    name = models.CharField(max_length=50)
+    args = models.JSONField(default=dict)
+    agreement = models.ForeignKey("agreements.UsageAgreement", null=True, blank=True, on_delete=models.PROTECT,
+                                  related_name="chain_events")
+    effect = models.CharField(max_length=10, choices=EventEffect.choices)
+    from_status = models.CharField(max_length=20, blank=True,
+                                   help_text="Where the agreement was before this event (restored on a reorg).")
+    to_status = models.CharField(max_length=20, blank=True, help_text="The status this event stands for.")
+    error = models.CharField(max_length=500, blank=True)
+    removed_at = models.DateTimeField(null=True, blank=True, help_text="A reorg took the event off the chain.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-block_number", "-log_index"]
+        constraints = [
+            models.CheckConstraint(condition=Q(effect__in=EventEffect.values), name="chain_event_effect_valid"),
+            models.UniqueConstraint(fields=["block_hash", "log_index"], name="chain_event_unique_log"),
+        ]
+        indexes = [
+            models.Index(fields=["agreement", "block_number", "log_index"], name="chain_event_agreement_idx"),
+            models.Index(fields=["effect"], condition=Q(removed_at=None), name="chain_event_live_effect_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} in block {self.block_number} ({self.effect})"

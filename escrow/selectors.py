@@ -1,8 +1,14 @@
+from dataclasses import dataclass
+
+from django.conf import settings
 from django.db.models import Count, Exists, OuterRef
+from web3 import Web3
 
 from agreements.models import AgreementStatus
 from escrow import chain, purchases
-from escrow.models import ChainTransaction, Dispute, MasumiPurchase, TxPurpose, TxStatus
+from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPurchase,
+                           TxPurpose, TxStatus)
+from marketplace import chainconfig
 from marketplace.errors import NotFound
 
 
@@ -104,3 +110,39 @@ def transaction_counts_stuck_at_fee_cap() -> dict[tuple[str], int]:
 
 def transactions_failed_recently(*, limit: int):
     return ChainTransaction.objects.filter(status=TxStatus.FAILED).order_by("-updated_at")[:limit]
+
+
+# --- the chain indexer ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IndexerLag:
+    head: int  # the chain head (or, when the node cannot be asked, the head the indexer last saw)
+    indexed_to: int  # every event up to this block is applied
+    lag: int  # blocks behind the head
+
+
+def indexer_lag(*, ask_chain: bool = True) -> IndexerLag | None:
+    """How far the indexer is behind the chain head; None when no escrow is configured (or no head is known).
+    Raises chain.ChainError when `ask_chain` and the node does not answer."""
+    if not chainconfig.escrow_address():
+        return None
+    cursor = IndexerCursor.objects.filter(
+        chain_id=settings.CHAIN_ID, escrow_address=Web3.to_checksum_address(chainconfig.escrow_address())).first()
+    head = chain.latest_block_number() if ask_chain else (cursor.head_block if cursor else None)
+    if head is None:
+        return None
+    if cursor is not None and cursor.last_block is not None:
+        indexed_to = cursor.last_block
+    else:  # never indexed: everything since the deployment is still to read
+        indexed_to = (cursor.start_block if cursor else chainconfig.escrow_deployment_block()) - 1
+    return IndexerLag(head=head, indexed_to=indexed_to, lag=max(0, head - indexed_to))
+
+
+def indexer_unapplied_events():
+    """Indexed events (still canonical) the indexer could not apply, oldest first, each with its error."""
+    return ChainEvent.objects.filter(effect=EventEffect.FAILED, removed_at=None).order_by("block_number", "log_index")
+
+
+def indexer_event_counts_by_effect() -> dict[str, int]:
+    rows = ChainEvent.objects.filter(removed_at=None).order_by().values_list("effect").annotate(count=Count("pk"))
+    return dict(rows)

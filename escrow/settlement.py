@@ -169,13 +169,20 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
                         {"seller_amount": seller_amount, "operator": getattr(operator, "username", "")})
 
 
+def settlement_resolved(*, agreement_id, seller_amount: int, tx_hash: str, operator: str = "") -> None:
+    """The arbiter's resolution is on-chain (our relayer's or anyone's): settling, and finalize queued once.
+    Call inside a DB transaction."""
+    agreement = agreement_services.agreement_settling(
+        agreement_id=agreement_id, reason=f"arbiter resolved: {seller_amount} to the seller",
+        data={"tx_hash": tx_hash, "operator": operator})
+    if agreement.status == "settling" and not _live_tx(agreement_id, TxPurpose.FINALIZE):
+        _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])
+
+
 def _resolve_outcome(tx: ChainTransaction) -> None:
-    if tx.status != TxStatus.CONFIRMED:
-        return
-    agreement_services.agreement_settling(
-        agreement_id=tx.agreement_id, reason=f"arbiter resolved: {tx.context['seller_amount']} to the seller",
-        data={"tx_hash": tx.mined_tx_hash, "operator": tx.context.get("operator", "")})
-    _enqueue(tx.agreement, TxPurpose.FINALIZE, "finalize", [tx.agreement.onchain_id])
+    if tx.status == TxStatus.CONFIRMED:
+        settlement_resolved(agreement_id=tx.agreement_id, seller_amount=tx.context["seller_amount"],
+                            tx_hash=tx.mined_tx_hash, operator=tx.context.get("operator", ""))
 
 
 # --- finalize and reclaim ------------------------------------------------------------------------------------

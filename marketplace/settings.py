@@ -262,6 +262,16 @@ CELERY_BEAT_SCHEDULE.update({
     "masumi-purchases-tick": {"task": "escrow.tasks.masumi_purchases_tick",
                               "schedule": timedelta(seconds=env.int("MASUMI_PURCHASE_TICK_SECONDS", default=10))},
 })
+# The chain indexer (escrow.indexer): follows the escrow's events from its deployment block (recorded in the
+# deployment file by `deploy_contracts`; ESCROW_DEPLOYMENT_BLOCK overrides it) up to CHAIN_CONFIRMATIONS deep.
+ESCROW_DEPLOYMENT_BLOCK = env.int("ESCROW_DEPLOYMENT_BLOCK", default=None)
+INDEXER_BLOCK_RANGE = env.int("INDEXER_BLOCK_RANGE", default=1000)  # blocks per eth_getLogs call
+INDEXER_REORG_WINDOW_BLOCKS = env.int("INDEXER_REORG_WINDOW_BLOCKS", default=2000)  # block hashes kept
+# /readyz fails when the indexer is further behind the chain head than this (it must exceed the depth).
+INDEXER_MAX_LAG_BLOCKS = env.int("INDEXER_MAX_LAG_BLOCKS", default=100)
+INDEXER_POLL_SECONDS = env.float("INDEXER_POLL_SECONDS", default=2.0)
+CELERY_BEAT_SCHEDULE["index-chain"] = {"task": "escrow.tasks.index_chain",
+                                       "schedule": timedelta(seconds=INDEXER_POLL_SECONDS)}
 # Masumi purchases: timers a buyer leaves out, in seconds from the purchase (payByTime, then each from the last).
 MASUMI_PAY_BY_SECONDS = env.int("MASUMI_PAY_BY_SECONDS", default=600)
 MASUMI_SUBMIT_RESULT_SECONDS = env.int("MASUMI_SUBMIT_RESULT_SECONDS", default=3600)

@@ -178,6 +178,7 @@ def wire_marketplace(chain, settings):
     settings.CHAIN_ID = chain.chain_id
     settings.USDC_ADDRESS = chain.addresses["usdc"]
     settings.USAGE_ESCROW_ADDRESS = chain.addresses["escrow"]
+    settings.ESCROW_DEPLOYMENT_BLOCK = chain.addresses["escrow_block"]
     settings.RELAYER_PRIVATE_KEY = accounts.deployer.key  # the deployment's operator
     settings.RECEIPT_SIGNER_PRIVATE_KEY = accounts.receipt_signer.key
     settings.FEE_RECIPIENT = accounts.fee_recipient.address

@@ -86,6 +86,7 @@ def stack(escrow_chain, redis_server, chain_relay, settings, tmp_path: Path, sta
         "CELERY_BROKER_URL": redis_server.url, "CELERY_VISIBILITY_TIMEOUT": "5",
         "CHAIN_RPC_URL": chain_relay.url, "CHAIN_ID": str(escrow_chain.chain_id), "CHAIN_RPC_TIMEOUT": "5",
         "USDC_ADDRESS": settings.USDC_ADDRESS, "USAGE_ESCROW_ADDRESS": settings.USAGE_ESCROW_ADDRESS,
+        "ESCROW_DEPLOYMENT_BLOCK": str(settings.ESCROW_DEPLOYMENT_BLOCK), "INDEXER_POLL_SECONDS": "1",
         "RELAYER_PRIVATE_KEY": settings.RELAYER_PRIVATE_KEY,
         "RECEIPT_SIGNER_PRIVATE_KEY": settings.RECEIPT_SIGNER_PRIVATE_KEY, "FEE_RECIPIENT": settings.FEE_RECIPIENT,
         "CHAIN_POLL_SECONDS": "1", "SETTLEMENT_TICK_SECONDS": "1", "CHAIN_SWEEP_SECONDS": "2",

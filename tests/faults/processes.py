@@ -77,6 +77,8 @@ class ChainRelay:
         self.hold_methods: set[str] = set()
         self.holding = threading.Event()  # set while a held answer is being kept back
         self._release = threading.Event()
+        self._let_through = 0  # matching calls still answered before the holding starts
+        self._count_lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -95,7 +97,7 @@ class ChainRelay:
                     payload = answer.read()
                 calls = json.loads(body)
                 methods = {call.get("method") for call in (calls if isinstance(calls, list) else [calls])}
-                if methods & relay.hold_methods:
+                if methods & relay.hold_methods and relay._hold_this_one():
                     relay.holding.set()
                     relay._release.wait()  # the node has done the work; the caller never hears back
                     self.close_connection = True
@@ -122,10 +124,19 @@ class ChainRelay:
             self._server.server_close()
             self._server = None
 
-    def hold(self, *methods: str) -> None:
+    def hold(self, *methods: str, after: int = 0) -> None:
+        """Keep back the answers to calls of `methods` (until `release`), once `after` of them went through."""
         self._release.clear()
         self.holding.clear()
+        self._let_through = after
         self.hold_methods = set(methods)
+
+    def _hold_this_one(self) -> bool:
+        with self._count_lock:
+            if self._let_through > 0:
+                self._let_through -= 1
+                return False
+            return True
 
     def release(self) -> None:
         self.hold_methods = set()
