@@ -18,7 +18,7 @@ from web3.contract import Contract
 from web3.exceptions import ContractCustomError, ContractLogicError, TransactionNotFound, Web3RPCError
 
 from escrow import artifacts
-from marketplace import chainconfig
+from marketplace import bounded_json, chainconfig
 
 
 class ChainError(Exception):
@@ -101,9 +101,17 @@ def classify(exc: Exception) -> ChainError:
     return ChainError(f"{type(exc).__name__}: {exc}")
 
 
+class _BoundedJsonProvider(Web3.HTTPProvider):
+    """Node answers are parsed like every other JSON the platform reads (marketplace.bounded_json)."""
+
+    @staticmethod
+    def decode_rpc_response(raw_response: bytes):
+        return bounded_json.loads(raw_response)
+
+
 @cache
 def _client(rpc_url: str) -> Web3:
-    return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": settings.CHAIN_RPC_TIMEOUT}))
+    return Web3(_BoundedJsonProvider(rpc_url, request_kwargs={"timeout": settings.CHAIN_RPC_TIMEOUT}))
 
 
 def w3() -> Web3:
