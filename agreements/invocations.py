@@ -32,7 +32,7 @@ from django.utils import timezone
 from agreements import x402_payment
 from agreements.models import InvocationMoney, InvocationStatus, SkillInvocation
 from catalog.models import Agent, Skill
-from marketplace import outbound
+from marketplace import bounded_json, outbound
 from marketplace.errors import NotFound
 from sdk import proxy_signature
 
@@ -167,18 +167,17 @@ def invocation_run(*, invocation_id) -> SkillInvocation:
         return SkillInvocation.objects.get(pk=invocation_id)
     url, headers = _upstream_request(invocation)
     try:
-        response = _client.post(url, json={"input": invocation.input}, headers=headers,
-                                timeout=httpx.Timeout(invocation.timeout_seconds, connect=5.0))
+        with _client.stream("POST", url, json={"input": invocation.input}, headers=headers,
+                            timeout=httpx.Timeout(invocation.timeout_seconds, connect=5.0)) as response:
+            if response.status_code >= 300:
+                return _finish(invocation_id, to=Status.FAILED, error=f"the seller answered {response.status_code}")
+            result = outbound.json_answer(response, max_bytes=settings.UPSTREAM_ANSWER_MAX_BYTES)
     except httpx.TimeoutException:
         return _finish(invocation_id, to=Status.TIMEOUT, error="the seller did not answer in time")
     except httpx.HTTPError as error:
         return _finish(invocation_id, to=Status.FAILED, error=f"the seller is unreachable: {type(error).__name__}")
-    if response.status_code >= 300:
-        return _finish(invocation_id, to=Status.FAILED, error=f"the seller answered {response.status_code}")
-    try:
-        result = response.json()
-    except ValueError:
-        return _finish(invocation_id, to=Status.FAILED, error="the seller's answer is not JSON")
+    except bounded_json.InvalidJSON as error:
+        return _finish(invocation_id, to=Status.FAILED, error=f"the seller's answer is not usable JSON: {error}")
     return _finish(invocation_id, to=Status.COMPLETED, result=result)
 
 

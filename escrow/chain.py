@@ -19,7 +19,7 @@ from web3.exceptions import ContractCustomError, ContractLogicError, Transaction
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
 from escrow import artifacts
-from marketplace import chainconfig
+from marketplace import bounded_json, chainconfig
 
 
 class ChainError(Exception):
@@ -111,14 +111,22 @@ def classify(exc: Exception) -> ChainError:
     return ChainError(f"{type(exc).__name__}: {exc}")
 
 
+class _BoundedJsonProvider(Web3.HTTPProvider):
+    """Node answers are parsed like every other JSON the platform reads (marketplace.bounded_json)."""
+
+    @staticmethod
+    def decode_rpc_response(raw_response: bytes):
+        return bounded_json.loads(raw_response)
+
+
 @cache
 def _client(rpc_url: str, timeout: float, retries: int, backoff: float) -> Web3:
     # Transient failures (timeouts, 429, 5xx, a dropped connection) are retried per call with exponential backoff
     # (backoff, 2x, 4x ...); what is left after that is classified above and handled per transaction.
     transient = ExceptionRetryConfiguration(errors=(requests.ConnectionError, requests.HTTPError, requests.Timeout),
                                             retries=retries, backoff_factor=backoff)
-    return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout},
-                                  exception_retry_configuration=transient))
+    return Web3(_BoundedJsonProvider(rpc_url, request_kwargs={"timeout": timeout},
+                                     exception_retry_configuration=transient))
 
 
 def w3() -> Web3:

@@ -85,7 +85,7 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
             return None
         if agreement.reserved:
             # Only reservations of calls that died with their process survive a full proxy timeout.
-            metering.reservations_drop_stale(agreement=agreement)
+            metering.reservations_settle_stale(agreement=agreement)
         seq, cumulative, digest, signature = _final_receipt(agreement)
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
                         [agreement.onchain_id, seq, cumulative, digest, signature],

@@ -2,7 +2,7 @@
 
 `POST /start_job` {"input_data"} -> {"job_id", "payment_id"}; `GET /status?job_id=` -> {"job_id", "status",
 "result"?}; `GET /availability` -> {"status": "available" | "unavailable", "uptime"?, "message"?}.
-Every failure (network, timeout, non-2xx, a body that is not the documented shape) is one `AgenticServiceError`,
+Every failure (network, timeout, non-2xx, a body that is not the documented shape, too large or nested too deep) is one `AgenticServiceError`,
 so callers decide what to retry without knowing httpx.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import httpx
 from django.conf import settings
 
-from marketplace import outbound
+from marketplace import bounded_json, outbound
 
 
 _client = outbound.guarded_client(timeout=httpx.Timeout(10.0))  # each request passes MASUMI_SERVICE_TIMEOUT
@@ -43,15 +43,14 @@ class Availability:
 def _request(method: str, base_url: str, path: str, **kwargs) -> dict:
     url = base_url.rstrip("/") + path
     try:
-        response = _client.request(method, url, timeout=settings.MASUMI_SERVICE_TIMEOUT, **kwargs)
+        with _client.stream(method, url, timeout=settings.MASUMI_SERVICE_TIMEOUT, **kwargs) as response:
+            if response.status_code >= 300:
+                raise AgenticServiceError(f"{method} {path}: HTTP {response.status_code}")
+            body = outbound.json_answer(response, max_bytes=settings.UPSTREAM_ANSWER_MAX_BYTES)
     except httpx.HTTPError as error:
         raise AgenticServiceError(f"{method} {path}: {type(error).__name__}: {error}") from error
-    if response.status_code >= 300:
-        raise AgenticServiceError(f"{method} {path}: HTTP {response.status_code}")
-    try:
-        body = response.json()
-    except ValueError as error:
-        raise AgenticServiceError(f"{method} {path}: the answer is not JSON") from error
+    except bounded_json.InvalidJSON as error:
+        raise AgenticServiceError(f"{method} {path}: the answer is not usable JSON ({error.reason})") from error
     if not isinstance(body, dict):
         raise AgenticServiceError(f"{method} {path}: the answer is not a JSON object")
     return body

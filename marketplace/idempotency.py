@@ -22,6 +22,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from rest_framework.response import Response
 
+from marketplace import bounded_json
 from marketplace.errors import Conflict, InvalidInput, Unprocessable
 from marketplace.models import IdempotencyRecord
 
@@ -32,8 +33,8 @@ MAX_KEY_LENGTH = 255
 def _fingerprint(request) -> str:
     body = request._request.body
     try:
-        canonical = json.dumps(json.loads(body or b"null"), sort_keys=True, separators=(",", ":")).encode()
-    except ValueError:
+        canonical = json.dumps(bounded_json.loads(body or b"null"), sort_keys=True, separators=(",", ":")).encode()
+    except bounded_json.InvalidJSON:  # the parser refuses it with its own error when the view reads it
         canonical = body
     return hashlib.sha256(request.method.encode() + b" " + request.path.encode() + b"\n" + canonical).hexdigest()
 

@@ -22,6 +22,7 @@ import httpcore
 import httpx
 from django.conf import settings
 
+from marketplace import bounded_json
 from marketplace.errors import InvalidInput
 
 
@@ -96,3 +97,15 @@ def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits = httpx.Limit
 def blocked(exc: BaseException) -> bool:
     """Whether an httpx error was the guard refusing an address."""
     return isinstance(exc.__cause__, AddressNotAllowed)
+
+
+def json_answer(response: httpx.Response, *, max_bytes: int):
+    """The JSON body of a streamed answer, read up to `max_bytes` (decoded) and parsed by `bounded_json`: a seller's
+    answer can neither exhaust memory nor the parser. Raises `bounded_json.InvalidJSON`."""
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > max_bytes:
+            raise bounded_json.InvalidJSON(f"The answer is larger than {max_bytes} bytes.", reason="too_large")
+        chunks.append(chunk)
+    return bounded_json.loads(b"".join(chunks))

@@ -99,7 +99,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["marketplace.parsers.BoundedJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "marketplace.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -302,3 +302,18 @@ INSTALLED_APPS.append("django_prometheus")
 MIDDLEWARE = ["django_prometheus.middleware.PrometheusBeforeMiddleware", *MIDDLEWARE,
               "django_prometheus.middleware.PrometheusAfterMiddleware"]
 LOGGING["loggers"].update({"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}})
+
+# --- Hostile input (SECURITY.md, "Hostile input") -------------------------------------------------------------
+# Deepest nesting of arrays and objects accepted in any JSON the platform parses (requests and answers alike).
+JSON_MAX_DEPTH = env.int("JSON_MAX_DEPTH", default=64)
+# Largest answer read from a seller's skill or Masumi API; a larger one fails the call (and is refunded).
+UPSTREAM_ANSWER_MAX_BYTES = env.int("UPSTREAM_ANSWER_MAX_BYTES", default=2 * 1024 * 1024)
+# A proxied call's intent still open this long after the proxy's timeout belongs to a process that died: the reaper
+# settles it (agreements.metering).
+PROXY_INTENT_GRACE_SECONDS = env.int("PROXY_INTENT_GRACE_SECONDS", default=30)
+# Largest request body the metered proxy forwards (Content-Length or chunked); larger is 413.
+PROXY_MAX_REQUEST_BYTES = env.int("PROXY_MAX_REQUEST_BYTES", default=2_621_440)
+CELERY_BEAT_SCHEDULE["reap-call-intents"] = {
+    "task": "agreements.tasks.reap_call_intents",
+    "schedule": timedelta(seconds=env.int("PROXY_INTENT_REAP_SECONDS", default=30)),
+}

@@ -1,0 +1,28 @@
+"""The request-body parser of every API view: JSON through `marketplace.bounded_json`, at most
+DATA_UPLOAD_MAX_MEMORY_SIZE bytes."""
+
+from django.conf import settings
+from rest_framework.parsers import JSONParser
+
+from marketplace import bounded_json
+from marketplace.errors import ApplicationError, InvalidInput, PayloadTooLarge
+
+
+def json_refusal(error: bounded_json.InvalidJSON) -> ApplicationError:
+    """The API error for JSON a caller sent that `bounded_json` refused."""
+    if error.reason == "too_large":
+        return PayloadTooLarge(f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.",
+                               details={"max_bytes": settings.DATA_UPLOAD_MAX_MEMORY_SIZE})
+    if error.reason == "malformed":
+        return InvalidInput(str(error), code="malformed_json")
+    details = {"max_depth": settings.JSON_MAX_DEPTH} if error.reason == "too_deep" else {}
+    return InvalidInput(str(error), code="invalid_json", details=details)
+
+
+class BoundedJSONParser(JSONParser):
+    def parse(self, stream, media_type=None, parser_context=None):
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        try:
+            return bounded_json.loads(stream.read(limit + 1), max_bytes=limit)
+        except bounded_json.InvalidJSON as error:
+            raise json_refusal(error) from None
