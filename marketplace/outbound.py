@@ -10,8 +10,13 @@ A seller could point its upstream or webhook at the platform's own network (the 
   host name), so a DNS answer that changes after registration (DNS rebinding) cannot reach inside.
 
 Allowed means globally routable unicast: no loopback, private, link-local, shared (CGNAT), multicast,
-reserved or unspecified address, also when written as IPv4-mapped IPv6. `ALLOW_PRIVATE_UPSTREAMS` turns both
-checks off for development and tests, whose upstreams run on loopback.
+reserved or unspecified address. An IPv6 address that carries an IPv4 one (IPv4-mapped `::ffff:a.b.c.d`,
+IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`, 6to4 `2002:aabb:ccdd::`) is judged by the IPv4 address it
+reaches; local-use NAT64 (64:ff9b:1::/48) is refused. `ALLOW_PRIVATE_UPSTREAMS` turns both checks off for
+development and tests, whose upstreams run on loopback.
+
+What a failed call tells the agent who chose the URL (`failure`) is its kind only: never the addresses a name
+resolved to or the resolver's answer, which map the platform's network.
 """
 
 import ipaddress
@@ -25,14 +30,30 @@ from django.conf import settings
 from marketplace.errors import InvalidInput
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
 class AddressNotAllowed(httpcore.ConnectError):
     """Raised while connecting; httpx re-raises it as `httpx.ConnectError` with this as `__cause__`."""
 
 
+def _reached(ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
+    """The address a connection to `ip` ends up at: the IPv4 address an IPv6 one embeds, else `ip`."""
+    if ip.version == 4:
+        return ip
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if int(ip) >> 32 == 0 or ip in _NAT64:  # IPv4-compatible (:: and ::1 included), NAT64
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.sixtofour or ip
+
+
 def address_allowed(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if ip in _LOCAL_NAT64:
+        return False
+    ip = _reached(ip)
     return ip.is_global and not ip.is_multicast
 
 
@@ -96,3 +117,14 @@ def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits = httpx.Limit
 def blocked(exc: BaseException) -> bool:
     """Whether an httpx error was the guard refusing an address."""
     return isinstance(exc.__cause__, AddressNotAllowed)
+
+
+def failure(exc: httpx.HTTPError) -> str:
+    """What an agent may be told of its URL's failed call: the kind of failure, no address or resolver answer."""
+    if blocked(exc):
+        return "the address is not allowed"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(exc, httpx.ConnectError):
+        return "could not connect"
+    return f"the connection failed ({type(exc).__name__})"
