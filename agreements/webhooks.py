@@ -120,7 +120,7 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
             delivery.last_status_code = response.status_code
             ok, error = response.is_success, "" if response.is_success else f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
-            ok, error = False, outbound.failure(exc)
+            ok, error = False, f"{type(exc).__name__}: {exc}"[:500]
         delivery.last_error = error
         if ok:
             delivery.status = DeliveryStatus.DELIVERED

@@ -45,7 +45,7 @@ def _request(method: str, base_url: str, path: str, **kwargs) -> dict:
     try:
         response = _client.request(method, url, timeout=settings.MASUMI_SERVICE_TIMEOUT, **kwargs)
     except httpx.HTTPError as error:
-        raise AgenticServiceError(f"{method} {path}: {outbound.failure(error)}") from error
+        raise AgenticServiceError(f"{method} {path}: {type(error).__name__}: {error}") from error
     if response.status_code >= 300:
         raise AgenticServiceError(f"{method} {path}: HTTP {response.status_code}")
     try:

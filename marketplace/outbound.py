@@ -15,11 +15,13 @@ IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`, 6to4 `2002:aabb:ccdd::`) 
 reaches; local-use NAT64 (64:ff9b:1::/48) is refused. `ALLOW_PRIVATE_UPSTREAMS` turns both checks off for
 development and tests, whose upstreams run on loopback.
 
-What a failed call tells the agent who chose the URL (`failure`) is its kind only: never the addresses a name
-resolved to or the resolver's answer, which map the platform's network.
+The guard's errors reach the agent who chose the URL (a webhook's delivery log, a purchase's error): they name
+the host only, never the addresses it resolved to or the resolver's answer, which would map how the platform
+resolves names; those go to the operator's log.
 """
 
 import ipaddress
+import logging
 import socket
 from urllib.parse import urlsplit
 
@@ -28,6 +30,8 @@ import httpx
 from django.conf import settings
 
 from marketplace.errors import InvalidInput
+
+logger = logging.getLogger(__name__)
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -96,10 +100,12 @@ class _GuardedBackend(httpcore.SyncBackend):
             try:
                 addresses = _resolve(host, port)
             except (OSError, UnicodeError) as exc:
-                raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+                logger.warning("outbound host not resolved", extra={"host": host, "error": str(exc)})
+                raise httpcore.ConnectError(f"cannot resolve {host}") from None
             refused = [address for address in addresses if not address_allowed(address)]
             if refused:
-                raise AddressNotAllowed(f"{host} resolves to an address that is not allowed: {refused[0]}")
+                logger.warning("outbound address refused", extra={"host": host, "address": refused[0]})
+                raise AddressNotAllowed(f"{host} resolves to an address that is not allowed")
             host = addresses[0]  # connect to the address we checked, not to a fresh lookup
         return super().connect_tcp(host, port, timeout=timeout, local_address=local_address,
                                    socket_options=socket_options)
@@ -118,13 +124,3 @@ def blocked(exc: BaseException) -> bool:
     """Whether an httpx error was the guard refusing an address."""
     return isinstance(exc.__cause__, AddressNotAllowed)
 
-
-def failure(exc: httpx.HTTPError) -> str:
-    """What an agent may be told of its URL's failed call: the kind of failure, no address or resolver answer."""
-    if blocked(exc):
-        return "the address is not allowed"
-    if isinstance(exc, httpx.TimeoutException):
-        return "timed out"
-    if isinstance(exc, httpx.ConnectError):
-        return "could not connect"
-    return f"the connection failed ({type(exc).__name__})"

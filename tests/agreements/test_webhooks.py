@@ -79,7 +79,7 @@ def test_delivery_gives_up_after_max_attempts(buyer_api, seller_api, service, se
         retry_due_webhooks()
     delivery = WebhookDelivery.objects.get()
     assert delivery.status == DeliveryStatus.FAILED and delivery.attempts == 2
-    assert delivery.last_error == "could not connect"
+    assert "ConnectError" in delivery.last_error
 
 
 def test_event_type_filter_and_unsubscribe(buyer_api, seller_api, service, http_server,
