@@ -57,6 +57,11 @@ def invocation_price(skill: Skill) -> int:
     return skill.price if skill.price is not None else skill.service.unit_price
 
 
+def invocation_resource(skill: Skill) -> str:
+    """The skill's x402 resource: the path it is invoked at, which its payments are bound to."""
+    return f"/agents/{skill.service.seller.handle}/{skill.name}"
+
+
 def invocation_get(*, public_id: str) -> SkillInvocation:
     """By its public id `inv_<hex>` (unguessable: whoever holds it may read the invocation)."""
     try:

@@ -4,7 +4,7 @@ from rest_framework import serializers
 from agreements.models import AgreementEvent, AgreementStatus, SettlementModel
 from catalog.serializers import AgentSummarySerializer
 from marketplace.pagination import PageQuerySerializer
-from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictSerializer
+from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictIntegerField, StrictSerializer
 
 
 class FeePermitSerializer(StrictSerializer):
@@ -12,21 +12,21 @@ class FeePermitSerializer(StrictSerializer):
     /payment-requirements), signed under USDC's domain."""
 
     value = AtomicAmountField(min_value=1)
-    nonce = serializers.IntegerField(min_value=0, help_text="The token's nonces(buyer).")
-    deadline = serializers.IntegerField(min_value=0, help_text="Unix time.")
+    nonce = StrictIntegerField(min_value=0, help_text="The token's nonces(buyer).")
+    deadline = StrictIntegerField(min_value=0, help_text="Unix time.")
     signature = serializers.RegexField(r"^0x[0-9a-fA-F]{130}$", help_text="65-byte r‖s‖v, 0x-hex.")
 
 
 class ProposalSerializer(StrictSerializer):
     service_id = serializers.UUIDField()
     settlement_model = serializers.ChoiceField(choices=SettlementModel.choices, default=SettlementModel.ESCROW)
-    quantity = serializers.IntegerField(min_value=1, max_value=10**18,
+    quantity = StrictIntegerField(min_value=1, max_value=10**18,
                                         help_text="Units bought; the deposit is quantity × unit price.")
     token = serializers.CharField(max_length=16, required=False, help_text="Defaults to the service's token.")
     buyer_wallet_address = AddressSerializerField(required=False,
                                                   help_text="Wallet that funds the escrow; the agent's by default.")
     expires_at = serializers.DateTimeField(required=False, help_text="When the agreement ends.")
-    challenge_window_seconds = serializers.IntegerField(
+    challenge_window_seconds = StrictIntegerField(
         required=False, min_value=settings.CHALLENGE_WINDOW_MIN, max_value=settings.CHALLENGE_WINDOW_MAX
     )
     note = serializers.CharField(max_length=1000, required=False, allow_blank=True, default="")
@@ -80,14 +80,14 @@ class AgreementSerializer(serializers.Serializer):
     pricing_type = serializers.CharField()
     unit_name = serializers.CharField()
     price_per_unit_atomic = AtomicAmountField(source="price_per_unit")
-    quantity = serializers.IntegerField()
+    quantity = StrictIntegerField()
     deposit_amount_atomic = AtomicAmountField(source="deposit_amount",
                                               help_text="The agreement's max amount: quantity × unit price.")
     infra_fee_atomic = AtomicAmountField(source="infra_fee")
     token = serializers.CharField()
     token_address = serializers.CharField()
-    chain_id = serializers.IntegerField()
-    challenge_window_seconds = serializers.IntegerField()
+    chain_id = StrictIntegerField()
+    challenge_window_seconds = StrictIntegerField()
     expires_at = serializers.DateTimeField()
     proposal_expires_at = serializers.DateTimeField()
     buyer_wallet_address = serializers.CharField()
@@ -127,7 +127,7 @@ class AgreementEventSerializer(serializers.ModelSerializer):
 
 
 class PaymentRequirementsQuery(StrictSerializer):
-    amount_cents = serializers.IntegerField(required=False, min_value=1, max_value=10**12)
+    amount_cents = StrictIntegerField(required=False, min_value=1, max_value=10**12)
     amount_atomic = AtomicAmountField(required=False, min_value=1)
     rail = serializers.ChoiceField(choices=["stablecoin"], default="stablecoin")
 
@@ -141,7 +141,7 @@ class PaymentRequirementsQuery(StrictSerializer):
 class TokenInfoSerializer(serializers.Serializer):
     symbol = serializers.CharField()
     address = serializers.CharField()
-    decimals = serializers.IntegerField()
+    decimals = StrictIntegerField()
 
 
 class PaymentRequirementsSerializer(serializers.Serializer):
@@ -149,10 +149,10 @@ class PaymentRequirementsSerializer(serializers.Serializer):
     amount_atomic = AtomicAmountField()
     fee_atomic = AtomicAmountField()
     total_atomic = AtomicAmountField()
-    amount_cents = serializers.IntegerField(allow_null=True)
-    fee_cents = serializers.IntegerField(help_text="The fee in cents, rounded up.")
+    amount_cents = StrictIntegerField(allow_null=True)
+    fee_cents = StrictIntegerField(help_text="The fee in cents, rounded up.")
     token = TokenInfoSerializer()
-    chain_id = serializers.IntegerField()
+    chain_id = StrictIntegerField()
     network = serializers.CharField()
     fee_recipient = serializers.CharField()
     gas_wallet_address = serializers.CharField(help_text="The platform relayer that submits the buyer's signatures.")
@@ -180,8 +180,8 @@ class WebhookDeliverySerializer(serializers.Serializer):
     id = serializers.UUIDField()
     event_type = serializers.CharField()
     status = serializers.CharField()
-    attempts = serializers.IntegerField()
-    last_status_code = serializers.IntegerField(allow_null=True)
+    attempts = StrictIntegerField()
+    last_status_code = StrictIntegerField(allow_null=True)
     last_error = serializers.CharField()
     next_attempt_at = serializers.DateTimeField()
     delivered_at = serializers.DateTimeField(allow_null=True)
@@ -190,10 +190,10 @@ class WebhookDeliverySerializer(serializers.Serializer):
 
 
 class UsageEventSerializer(serializers.Serializer):
-    id = serializers.IntegerField()
-    seq = serializers.IntegerField()
+    id = StrictIntegerField()
+    seq = StrictIntegerField()
     source = serializers.CharField()
-    units = serializers.IntegerField()
+    units = StrictIntegerField()
     cost_atomic = AtomicAmountField(source="cost")
     cumulative_atomic = AtomicAmountField(source="cumulative")
     usage_digest = serializers.CharField(help_text="keccak256(previous digest ‖ event hash); see sdk.receipts.")
@@ -204,20 +204,20 @@ class UsageEventSerializer(serializers.Serializer):
     description = serializers.CharField(allow_blank=True)
     method = serializers.CharField(allow_blank=True)
     path = serializers.CharField(allow_blank=True)
-    upstream_status = serializers.IntegerField(allow_null=True)
-    latency_ms = serializers.IntegerField(allow_null=True)
+    upstream_status = StrictIntegerField(allow_null=True)
+    latency_ms = StrictIntegerField(allow_null=True)
     created_at = serializers.DateTimeField()
 
 
 class UsageEntrySerializer(StrictSerializer):
-    units = serializers.IntegerField(min_value=1, max_value=10**12)
+    units = StrictIntegerField(min_value=1, max_value=10**12)
     description = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
 
 
 class RecordUsageSerializer(StrictSerializer):
     """One entry (`units`, `description`) or a batch (`events`, up to 100), all-or-nothing against the cap."""
 
-    units = serializers.IntegerField(min_value=1, max_value=10**12, required=False)
+    units = StrictIntegerField(min_value=1, max_value=10**12, required=False)
     description = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
     events = UsageEntrySerializer(many=True, required=False, min_length=1, max_length=100)
 
@@ -298,7 +298,7 @@ class X402PaymentRequiredSerializer(serializers.Serializer):
     """x402's 402 body (`PaymentRequired`), with `error` in the marketplace's error shape; the same requirements
     are in the PAYMENT-REQUIRED header (base64 JSON, x402 v2) and the X-Payment-* headers."""
 
-    x402Version = serializers.IntegerField()
+    x402Version = StrictIntegerField()
     accepts = serializers.ListField(child=serializers.DictField(),
                                     help_text="x402 PaymentRequirements: scheme exact, network (CAIP-2), asset, "
                                               "amount (base units), payTo, maxTimeoutSeconds, extra.")

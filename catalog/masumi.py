@@ -20,7 +20,13 @@ from marketplace.masumi_format import check_network as _check_network
 from marketplace.masumi_format import network_field as _network_field
 from marketplace.masumi_format import timestamp as _timestamp
 from marketplace.pagination import MAX_LIMIT, paginate
-from marketplace.serializers import MAX_AMOUNT, AddressSerializerField, StrictSerializer, error_responses
+from marketplace.serializers import (
+    MAX_AMOUNT,
+    AddressSerializerField,
+    StrictIntegerField,
+    StrictSerializer,
+    error_responses,
+)
 
 _STATES = {ServiceState.REGISTERED: "RegistrationConfirmed", ServiceState.DEREGISTERED: "DeregistrationConfirmed"}
 
@@ -105,7 +111,7 @@ class RegistryDeregisterSerializer(StrictSerializer):
 class RegistryListQuery(StrictSerializer):
     network = _network_field()
     cursorId = serializers.UUIDField(required=False, help_text="Id of the last asset of the previous page.")
-    limit = serializers.IntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=10)
+    limit = StrictIntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=10)
 
 
 class MasumiAsset(serializers.Serializer):

@@ -13,7 +13,7 @@ from catalog.models import (
     UpstreamProtocol,
 )
 from marketplace.pagination import PageQuerySerializer
-from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictSerializer
+from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictIntegerField, StrictSerializer
 
 # --- agents and keys -----------------------------------------------------------------------------------------
 
@@ -49,7 +49,7 @@ class ApiKeyCreateSerializer(StrictSerializer):
 
 
 class ApiKeySerializer(serializers.Serializer):
-    id = serializers.IntegerField()
+    id = StrictIntegerField()
     name = serializers.CharField()
     prefix = serializers.CharField()
     scopes = serializers.ListField(child=serializers.CharField())
@@ -115,7 +115,7 @@ class SkillSerializer(StrictSerializer):
     path = serializers.RegexField(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]*)+$", max_length=200, required=False,
                                   allow_blank=True, default="")
     is_async = serializers.BooleanField(required=False, default=False)
-    timeout_seconds = serializers.IntegerField(min_value=1, max_value=3600, required=False, default=60)
+    timeout_seconds = StrictIntegerField(min_value=1, max_value=3600, required=False, default=60)
 
     def to_internal_value(self, data):
         value = super().to_internal_value(data)

@@ -26,7 +26,7 @@ from marketplace.masumi_format import check_network as _check_network
 from marketplace.masumi_format import network_field as _network_field
 from marketplace.masumi_format import timestamp as _timestamp
 from marketplace.pagination import MAX_LIMIT, paginate
-from marketplace.serializers import StrictSerializer, error_responses
+from marketplace.serializers import StrictIntegerField, StrictSerializer, error_responses
 
 TAGS = ["masumi purchases"]
 PAYMENT_TYPE = "EVMUsageEscrowV1"
@@ -70,7 +70,7 @@ class PurchaseListQuery(StrictSerializer):
     network = _network_field()
     blockchainIdentifier = _blockchain_identifier_field(required=False)
     cursorId = serializers.UUIDField(required=False, help_text="Id of the last purchase of the previous page.")
-    limit = serializers.IntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=10)
+    limit = StrictIntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=10)
 
 
 class FundsSerializer(serializers.Serializer):

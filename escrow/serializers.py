@@ -1,6 +1,6 @@
 from rest_framework import serializers
 
-from marketplace.serializers import AtomicAmountField, StrictSerializer
+from marketplace.serializers import AtomicAmountField, StrictIntegerField, StrictSerializer
 
 
 
@@ -18,13 +18,13 @@ class TypedDataSerializer(serializers.Serializer):
 class ActivationPackageSerializer(serializers.Serializer):
     agreement_id = serializers.UUIDField()
     onchain_id = serializers.CharField()
-    chain_id = serializers.IntegerField()
+    chain_id = StrictIntegerField()
     escrow_contract = serializers.CharField()
     token_address = serializers.CharField()
     deposit_amount_atomic = AtomicAmountField()
     infra_fee_atomic = AtomicAmountField()
     fee_pending = serializers.BooleanField(help_text="True when the fee permit must be signed too.")
-    deadline = serializers.IntegerField(help_text="Unix time (chain clock) until which the signatures are valid.")
+    deadline = StrictIntegerField(help_text="Unix time (chain clock) until which the signatures are valid.")
     intent = TypedDataSerializer(help_text="EIP-712 ActivationIntent to sign with the buyer wallet.")
     escrow_permit = TypedDataSerializer(help_text="EIP-2612 permit for the deposit.")
     fee_permit = TypedDataSerializer(allow_null=True, help_text="EIP-2612 permit for the infra fee (token nonce + 1).")
@@ -32,14 +32,14 @@ class ActivationPackageSerializer(serializers.Serializer):
 
 class SignedPermitSerializer(StrictSerializer):
     value = AtomicAmountField()
-    nonce = serializers.IntegerField(min_value=0)
-    deadline = serializers.IntegerField(min_value=0)
+    nonce = StrictIntegerField(min_value=0)
+    deadline = StrictIntegerField(min_value=0)
     signature = _signature()
 
 
 class ActivateEscrowSerializer(StrictSerializer):
     intent_signature = _signature()
-    deadline = serializers.IntegerField(min_value=0, help_text="The `deadline` of the package that was signed.")
+    deadline = StrictIntegerField(min_value=0, help_text="The `deadline` of the package that was signed.")
     escrow_permit = SignedPermitSerializer()
     fee_permit = SignedPermitSerializer(required=False, allow_null=True, default=None)
 
@@ -48,12 +48,12 @@ class ChainTransactionSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     purpose = serializers.CharField()
     status = serializers.CharField()
-    nonce = serializers.IntegerField(allow_null=True)
+    nonce = StrictIntegerField(allow_null=True)
     tx_hash = serializers.CharField(allow_blank=True, help_text="The mined hash, else the latest attempt's.")
     tx_hashes = serializers.ListField(child=serializers.CharField(), help_text="Every hash ever broadcast.")
-    block_number = serializers.IntegerField(allow_null=True)
-    confirmations = serializers.IntegerField()
-    confirmations_required = serializers.IntegerField()
+    block_number = StrictIntegerField(allow_null=True)
+    confirmations = StrictIntegerField()
+    confirmations_required = StrictIntegerField()
     failure_reason = serializers.CharField(allow_blank=True)
     created_at = serializers.DateTimeField()
 
@@ -88,7 +88,7 @@ class EscrowStatusQuery(StrictSerializer):
 
 
 class ChallengePackageSerializer(serializers.Serializer):
-    deadline = serializers.IntegerField()
+    deadline = StrictIntegerField()
     challenge = TypedDataSerializer(help_text="EIP-712 Challenge{agreementId, deadline} to sign with the buyer wallet.")
     challenge_deadline = serializers.DateTimeField(help_text="End of the challenge window.")
 
@@ -96,7 +96,7 @@ class ChallengePackageSerializer(serializers.Serializer):
 class ChallengeSerializer(StrictSerializer):
     reason = serializers.CharField(max_length=500)
     evidence = serializers.CharField(max_length=5000, required=False, allow_blank=True, default="")
-    deadline = serializers.IntegerField(min_value=0)
+    deadline = StrictIntegerField(min_value=0)
     signature = _signature()
 
 

@@ -187,7 +187,8 @@ class ResolveView(APIView):
 def _payment_required_response(request, skill, *, code: str, message: str, reason: str = "",
                                details: dict | None = None) -> Response:
     requirements = payments.invocation_requirements(skill)
-    required = x402_payment.payment_required(requirements=requirements, url=request.build_absolute_uri(),
+    required = x402_payment.payment_required(requirements=requirements,
+                                             url=request.build_absolute_uri(requirements.extra["resource"]),
                                              description=skill.description or skill.name, error=code)
     body = required.model_dump(mode="json", by_alias=True, exclude_none=True)
     body["error"] = {"code": code, "message": message,

@@ -1,5 +1,10 @@
-"""The request-body parser of every API view: JSON through `marketplace.bounded_json`, at most
-DATA_UPLOAD_MAX_MEMORY_SIZE bytes."""
+"""The request-body parser of every API view: a JSON object, read through `marketplace.bounded_json`, at most
+DATA_UPLOAD_MAX_MEMORY_SIZE bytes.
+
+Every endpoint's body is an object of named fields; anything else (`false`, `[]`, `"x"`) is a client that means
+something we would not read, so it is refused here, once, rather than coerced to "no fields" view by view. The
+metered proxy forwards bodies as they are and never parses them.
+"""
 
 from django.conf import settings
 from rest_framework.parsers import JSONParser
@@ -23,6 +28,16 @@ class BoundedJSONParser(JSONParser):
     def parse(self, stream, media_type=None, parser_context=None):
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         try:
-            return bounded_json.loads(stream.read(limit + 1), max_bytes=limit)
+            data = bounded_json.loads(stream.read(limit + 1), max_bytes=limit)
         except bounded_json.InvalidJSON as error:
             raise json_refusal(error) from None
+        if not isinstance(data, dict):
+            kind = _json_type(data)
+            raise InvalidInput(f"The request body must be a JSON object, not {kind}.", code="body_not_object",
+                               details={"type": kind})
+        return data
+
+
+def _json_type(value) -> str:
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+            type(None): "null"}.get(type(value), "unknown")

@@ -103,7 +103,6 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "marketplace.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
-    "DEFAULT_THROTTLE_RATES": {"agent": env.str("API_RATE_LIMIT", default="6000/min")},
 }
 
 SPECTACULAR_SETTINGS = {
@@ -290,11 +289,17 @@ PROXY_REPLAY_MAX_BYTES = env.int("PROXY_REPLAY_MAX_BYTES", default=10 * 1024 * 1
 ALLOW_PRIVATE_UPSTREAMS = env.bool("ALLOW_PRIVATE_UPSTREAMS", default=DEBUG)
 # Rate-limit counters live here: Redis in production (CACHE_URL=redis://host:6379/2) so every process shares them.
 CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://")}
-REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["marketplace.throttling.CredentialRateThrottle"]
-REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"].update({
+REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["marketplace.throttling.ApiRateThrottle",
+                                              "marketplace.throttling.CredentialRateThrottle"]
+REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {
+    "api": env.str("API_RATE_LIMIT", default="6000/min"),  # per API key or owner token, every authenticated call
     "proxy": env.str("RATE_LIMIT_PROXY", default="6000/min"),  # per API key, metered-proxy calls
     "payments": env.str("RATE_LIMIT_PAYMENTS", default="600/min"),  # per API key, purchases and payments
-})
+}
+# Reverse proxies in front of the app that append the client's address to X-Forwarded-For. Unauthenticated
+# limits count per client address: the one the outermost trusted proxy saw, or with 0 (the default) the
+# socket's peer, X-Forwarded-For ignored (a client writes what it likes there).
+REST_FRAMEWORK["NUM_PROXIES"] = env.int("TRUSTED_PROXY_COUNT", default=0)
 # /metrics answers a staff session, or a scraper sending `Authorization: Bearer <METRICS_TOKEN>`.
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 READINESS_TIMEOUT_SECONDS = env.float("READINESS_TIMEOUT_SECONDS", default=2.0)
