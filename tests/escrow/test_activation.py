@@ -23,7 +23,8 @@ def test_proposal_to_active_moves_usdc_on_chain(parties, escrow_chain, django_ca
 
     package = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/activation-package").json()
     assert package["intent"]["message"]["depositAmount"] == 2 * USDC
-    assert package["fee_pending"] is True and package["fee_permit"]["message"]["value"] == 100_000
+    # One permit covers the deposit and the fee (the contract's front-running-robust path).
+    assert package["escrow_permit"]["message"]["value"] == 2 * USDC + 100_000 and "fee_permit" not in package
 
     response = parties.activate(agreement["id"], django_capture_on_commit_callbacks)
     assert response.status_code == 202, response.content
@@ -53,11 +54,10 @@ def test_bad_signatures_are_refused_before_anything_is_queued(parties, escrow_ch
     agreement = parties.accepted_agreement()
     url = f"/usage-agreements/{agreement['id']}/activate-escrow"
     stranger_signed = parties.signed_activation(agreement["id"])
-    from sdk.activation import sign_activation_package
+    from sdk.typed_data import sign_typed_data
 
     package = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/activation-package").json()
-    package["intent"]["message"]["buyer"] = escrow_chain.accounts.stranger.address
-    wrong = sign_activation_package(package, escrow_chain.accounts.stranger.key)
+    wrong = {"intent_signature": sign_typed_data(escrow_chain.accounts.stranger.key, package["intent"])}
 
     cases = [
         ({**stranger_signed, "intent_signature": wrong["intent_signature"]}, "wrong_signer"),
@@ -67,7 +67,7 @@ def test_bad_signatures_are_refused_before_anything_is_queued(parties, escrow_ch
         ({**stranger_signed, "escrow_permit": {**stranger_signed["escrow_permit"], "nonce": 7}}, "wrong_permit_nonce"),
         ({**stranger_signed, "escrow_permit": {**stranger_signed["escrow_permit"], "value": 1}},
          "permit_value_too_low"),
-        ({**stranger_signed, "fee_permit": None}, "fee_permit_required"),
+        ({**stranger_signed, "fee_permit": stranger_signed["escrow_permit"]}, "validation_error"),  # one permit
     ]
     for body, code in cases:
         response = parties.buyer_api.post(url, body)
