@@ -5,7 +5,7 @@ import pytest
 from agreements.models import AgreementEvent, UsageAgreement
 from escrow.models import ChainTransaction, TxStatus
 from tests.conftest import codes_at, error_code
-from tests.escrow.flow import USDC, Parties, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -141,3 +141,55 @@ def test_reverted_activation_fails_with_reason_and_can_be_signed_again(parties, 
     retry = parties.activate(agreement["id"], django_capture_on_commit_callbacks)
     assert retry.status_code == 202
     assert parties.agreement(agreement["id"])["status"] == "active"
+
+
+def _front_run(chain, signed: dict) -> None:
+    """A third party submits the buyer's signed permit to the token before the relayer's activation."""
+    from sdk.typed_data import split_signature
+
+    permit = signed["escrow_permit"]
+    v, r, s = split_signature(permit["signature"])
+    chain.usdc.functions.permit(chain.accounts.buyer.address, chain.addresses["escrow"], permit["value"],
+                                permit["deadline"], v, r, s).transact({"from": chain.accounts.stranger.address})
+
+
+def test_a_permit_front_run_before_submission_still_activates(parties, escrow_chain,
+                                                                django_capture_on_commit_callbacks):
+    agreement = parties.accepted_agreement(quantity=100)
+    body = parties.signed_activation(agreement["id"])
+    _front_run(escrow_chain, body)  # the token's nonce has moved on; the allowance covers deposit + fee
+
+    response = parties.activate(agreement["id"], django_capture_on_commit_callbacks, body)
+    assert response.status_code == 202, response.content
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert usdc_balance(escrow_chain, escrow_chain.addresses["escrow"]) == 2 * USDC
+
+
+def test_a_permit_front_run_while_the_activation_is_in_flight_still_activates(parties, escrow_chain,
+                                                                               django_capture_on_commit_callbacks):
+    chain = escrow_chain
+    agreement = parties.accepted_agreement(quantity=100)
+    fee_before = usdc_balance(chain, chain.accounts.fee_recipient.address)
+    body = parties.signed_activation(agreement["id"])
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", body)
+    assert response.status_code == 202, response.content
+    _front_run(chain, body)  # between the API's checks and the relayer's transaction
+    with django_capture_on_commit_callbacks(execute=True):
+        for callback in callbacks:
+            callback()
+    confirm_all(django_capture_on_commit_callbacks)
+
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert usdc_balance(chain, chain.addresses["escrow"]) == 2 * USDC
+    assert usdc_balance(chain, chain.accounts.fee_recipient.address) == fee_before + 100_000
+
+
+def test_a_spent_permit_without_the_allowance_is_refused(parties, escrow_chain):
+    chain = escrow_chain
+    agreement = parties.accepted_agreement(quantity=100)
+    body = parties.signed_activation(agreement["id"])
+    _front_run(chain, body)
+    chain.usdc.functions.approve(chain.addresses["escrow"], 0).transact({"from": parties.buyer_account.address})
+    response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", body)
+    assert response.status_code == 400 and error_code(response) == "wrong_permit_nonce"
