@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/marketplace
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run demo test check lint schema migrations-check contracts contracts-check clean bench
+.PHONY: install run demo test check lint schema migrations-check contracts contracts-check typecheck clean bench
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,7 +54,11 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-check: schema migrations-check contracts-check
+# The SDK ships typed (sdk/py.typed); its mypy configuration is in sdk/pyproject.toml.
+typecheck: install
+	$(VENV)/bin/mypy sdk/
+
+check: schema migrations-check contracts-check typecheck
 
 # Every benchmark once with small sizes (a few minutes in all; each script's docstring gives its full-size run).
 # Needs PostgreSQL on 127.0.0.1:5432 (databases named *bench*, created when missing) and Redis for the relayer.

@@ -3,6 +3,7 @@ from rest_framework import serializers
 
 from agreements.models import AgreementEvent, AgreementStatus, SettlementModel
 from catalog.serializers import AgentSummarySerializer
+from marketplace.chainconfig import receipt_signer_address
 from marketplace.pagination import PageQuerySerializer
 from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictIntegerField, StrictSerializer
 
@@ -200,6 +201,9 @@ class UsageEventSerializer(serializers.Serializer):
     receipt_signature = serializers.CharField(
         allow_blank=True, help_text="EIP-712 UsageReceipt{agreementId, seq, cumulativeAmount, usageDigest} signed by "
                                     "the receipt signer; on every proxied call and the last event of a batch.")
+    receipt_signer = serializers.SerializerMethodField(
+        help_text="The address that signed the receipt, as the marketplace says; a buyer checks the receipt against "
+                  "the escrow's on-chain receipt signer (sdk.receipts.verify_usage), never against this.")
     request_id = serializers.CharField()
     description = serializers.CharField(allow_blank=True)
     method = serializers.CharField(allow_blank=True)
@@ -207,6 +211,10 @@ class UsageEventSerializer(serializers.Serializer):
     upstream_status = StrictIntegerField(allow_null=True)
     latency_ms = StrictIntegerField(allow_null=True)
     created_at = serializers.DateTimeField()
+
+
+    def get_receipt_signer(self, event) -> str:
+        return receipt_signer_address() if event.receipt_signature else ""
 
 
 class UsageEntrySerializer(StrictSerializer):

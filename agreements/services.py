@@ -4,7 +4,6 @@ Every status change goes through `_transition`, under a row lock, checked agains
 `AgreementEvent` (plus webhook deliveries, sent after commit). A repeated identical request is a no-op.
 """
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -14,7 +13,6 @@ from django.db import transaction
 from django.db.models import Case, F, Sum, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
-from eth_utils import keccak
 
 from agreements import webhooks, x402_payment
 from agreements.models import (
@@ -27,6 +25,7 @@ from agreements.models import (
 from catalog.models import Agent, Service, ServiceState
 from marketplace import chainconfig
 from sdk import typed_data
+from sdk.terms import terms_hash
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
 from marketplace.fields import TokenAmountField
 from policies import selectors as policy_selectors
@@ -153,11 +152,6 @@ def _require_party(agreement: UsageAgreement, agent: Agent, role: str) -> None:
 
 # --- proposal ------------------------------------------------------------------------------------------------
 
-def _terms_hash(terms: dict) -> str:
-    canonical = json.dumps(terms, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return "0x" + keccak(canonical).hex()
-
-
 def _committed_spend(buyer: Agent, since: datetime) -> int:
     """What the buyer's agreements since `since` commit: fee plus deposit, or plus what was used once settled."""
     committed = Case(
@@ -254,7 +248,7 @@ def agreement_propose(
             token_address=terms["token_address"], chain_id=terms["chain_id"], challenge_window_seconds=window,
             expires_at=expires_at, proposal_expires_at=proposal_expires_at,
             buyer_wallet_address=terms["buyer_wallet_address"], seller_wallet_address=terms["seller_wallet_address"],
-            fee_recipient=terms["fee_recipient"], terms_hash=_terms_hash(terms), note=note,
+            fee_recipient=terms["fee_recipient"], terms_hash=terms_hash(terms), note=note,
             payment_authorization=_direct_authorization_record(direct) if direct else None,
             fee_permit=fee_permit if direct else {},
         )

@@ -5,7 +5,7 @@ A purchase is an escrow agreement for quantity 1 × the service's price, propose
 on the seller's behalf (a listed Masumi service is a standing offer). Flow:
 
 1. `POST /purchase` (buyer, `input_data`): the marketplace records the input hash and the timers and answers with
-   the activation package (EIP-712 ActivationIntent + EIP-2612 permits, deadline = payByTime) to sign.
+   the activation package (EIP-712 ActivationIntent + one EIP-2612 permit, deadline = payByTime) to sign.
 2. `POST /purchase/lock-funds` (the signed package): the relayer submits `activate`; the agreement becomes active.
 3. `masumi_purchases_tick` (beat): starts the job on the seller (`POST /start_job` with the input) once the funds
    are locked, polls `GET /status`, and records a completed job's result before submitResultTime; that charges the
@@ -19,7 +19,7 @@ Masumi field ↔ contract:
 - inputHash / resultHash: sha256 (hex) of the canonical JSON of the input (sorted keys, no spaces) / of the result
   string as the seller's /status returned it. The result hash is committed on-chain as the `usageDigest` of
   `proposeSettlement(id, seq 1, price, 0x‖resultHash, receipt signature)`.
-- payByTime: `ActivationIntent.deadline` (and the permits' deadline): `activate` reverts after it.
+- payByTime: `ActivationIntent.deadline` (and the permit's deadline): `activate` reverts after it.
 - submitResultTime: `ActivationIntent.expiresAt`. A result is accepted only before it. Without one the buyer is
   refunded by `reclaim`, which the contract allows from expiresAt + reclaimGrace: the grace lets a result that
   arrived just before submitResultTime still be proposed (the contract never lets proposal and reclaim race).
@@ -151,13 +151,13 @@ def purchase_create(*, buyer: Agent, service: Service, input_data, input_hash: s
 
 
 def purchase_lock_funds(*, purchase: MasumiPurchase, buyer: Agent, intent_signature: str, deadline: int,
-                        escrow_permit: dict, fee_permit: dict | None) -> ChainTransaction:
+                        escrow_permit: dict) -> ChainTransaction:
     """Submit the signed package: the relayer activates the escrow (FundsLocked once confirmed)."""
     if deadline != _unix(purchase.pay_by_time):
         raise InvalidInput("deadline must be the purchase's payByTime.", code="deadline_mismatch",
                            details={"expected": _unix(purchase.pay_by_time)})
     return services.activation_submit(agreement=purchase.agreement, buyer=buyer, intent_signature=intent_signature,
-                                      deadline=deadline, escrow_permit=escrow_permit, fee_permit=fee_permit)
+                                      deadline=deadline, escrow_permit=escrow_permit)
 
 
 def refund_request_typed_data(*, purchase: MasumiPurchase) -> dict:

@@ -4,12 +4,29 @@ from django.conf import settings
 from django.db.models import Count, Exists, OuterRef
 from web3 import Web3
 
+from agreements import services as agreement_services
 from agreements.models import AgreementStatus
 from escrow import chain, purchases
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPurchase,
                            TxPurpose, TxStatus)
 from marketplace import chainconfig
-from marketplace.errors import NotFound
+from marketplace.errors import DependencyUnavailable, NotFound
+
+
+def network_config() -> dict:
+    """What an SDK on a dev chain may pin (`NetworkConfig.from_marketplace(url, trust_server=True)`)."""
+    try:
+        name, version = chain.token_domain()
+    except chain.ChainError as error:
+        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
+    schedule = agreement_services.fee_schedule_current()
+    return {
+        "chain_id": settings.CHAIN_ID, "escrow_address": chainconfig.escrow_address(),
+        "token_address": chainconfig.usdc_address(), "token_domain": {"name": name, "version": version},
+        "receipt_signer": chainconfig.receipt_signer_address(), "gas_wallet": chainconfig.relayer_address(),
+        "fee_schedule": {"percent_bps": schedule.percent_bps, "fixed_atomic": schedule.fixed_atomic,
+                         "minimum_atomic": schedule.minimum_atomic},
+    }
 
 
 def live_transactions(*, purpose: str):

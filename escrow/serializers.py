@@ -15,6 +15,27 @@ class TypedDataSerializer(serializers.Serializer):
     message = serializers.DictField()
 
 
+class TokenDomainSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    version = serializers.CharField()
+
+
+class FeeScheduleSerializer(serializers.Serializer):
+    percent_bps = serializers.IntegerField()
+    fixed_atomic = AtomicAmountField()
+    minimum_atomic = AtomicAmountField()
+
+
+class NetworkConfigSerializer(serializers.Serializer):
+    chain_id = serializers.IntegerField()
+    escrow_address = serializers.CharField()
+    token_address = serializers.CharField()
+    token_domain = TokenDomainSerializer(help_text="The token's EIP-712 domain, read from the token (EIP-5267).")
+    receipt_signer = serializers.CharField(help_text="The key that signs usage receipts.")
+    gas_wallet = serializers.CharField(help_text="The relayer: spender of a direct purchase's fee permit.")
+    fee_schedule = FeeScheduleSerializer()
+
+
 class ActivationPackageSerializer(serializers.Serializer):
     agreement_id = serializers.UUIDField()
     onchain_id = serializers.CharField()
@@ -23,11 +44,9 @@ class ActivationPackageSerializer(serializers.Serializer):
     token_address = serializers.CharField()
     deposit_amount_atomic = AtomicAmountField()
     infra_fee_atomic = AtomicAmountField()
-    fee_pending = serializers.BooleanField(help_text="True when the fee permit must be signed too.")
     deadline = StrictIntegerField(help_text="Unix time (chain clock) until which the signatures are valid.")
     intent = TypedDataSerializer(help_text="EIP-712 ActivationIntent to sign with the buyer wallet.")
-    escrow_permit = TypedDataSerializer(help_text="EIP-2612 permit for the deposit.")
-    fee_permit = TypedDataSerializer(allow_null=True, help_text="EIP-2612 permit for the infra fee (token nonce + 1).")
+    escrow_permit = TypedDataSerializer(help_text="The one EIP-2612 permit, for the deposit plus the infra fee.")
 
 
 class SignedPermitSerializer(StrictSerializer):
@@ -40,8 +59,7 @@ class SignedPermitSerializer(StrictSerializer):
 class ActivateEscrowSerializer(StrictSerializer):
     intent_signature = _signature()
     deadline = StrictIntegerField(min_value=0, help_text="The `deadline` of the package that was signed.")
-    escrow_permit = SignedPermitSerializer()
-    fee_permit = SignedPermitSerializer(required=False, allow_null=True, default=None)
+    escrow_permit = SignedPermitSerializer(help_text="The signed permit of the deposit plus the infra fee.")
 
 
 class ChainTransactionSerializer(serializers.Serializer):

@@ -11,6 +11,7 @@ HANDLE = rf"(?!(?:{'|'.join(sorted(RESERVED_HANDLES))})/){HANDLE_PATTERN}"
 SKILL = rf"(?!(?:{'|'.join(sorted(RESERVED_SKILL_NAMES))})$){SKILL_NAME_PATTERN}"
 
 urlpatterns = [
+    path("network-config", views.NetworkConfigView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/activation-package", views.ActivationPackageView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/activate-escrow", views.ActivateEscrowView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/escrow-status", views.EscrowStatusView.as_view()),

@@ -33,6 +33,7 @@ from escrow.serializers import (
     ResolveSerializer,
     EscrowStatusQuery,
     EscrowStatusSerializer,
+    NetworkConfigSerializer,
 )
 from marketplace import chainconfig
 from marketplace.errors import Conflict, DependencyUnavailable, error_body
@@ -61,6 +62,18 @@ def transaction_payload(tx, latest_block: int | None) -> dict:
         "confirmations_required": tx.confirmations_required, "failure_reason": tx.failure_reason,
         "created_at": tx.created_at,
     }
+
+
+class NetworkConfigView(APIView):
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(operation_id="network_config", tags=TAGS,
+                   summary="Chain, escrow contract, token and its EIP-712 domain, receipt signer, gas wallet and fee "
+                           "schedule. For dev chains: an SDK on a public network pins these instead of trusting them.",
+                   responses={200: NetworkConfigSerializer, **error_responses(503)})
+    def get(self, request):
+        return Response(NetworkConfigSerializer(selectors.network_config()).data)
 
 
 class ActivationPackageView(APIView):

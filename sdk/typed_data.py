@@ -156,7 +156,7 @@ def _uint(value: int, field: str, bits: int = 256) -> int:
     return value
 
 
-def _full(primary: str, fields: list[dict[str, str]], domain: dict[str, Any], message: dict[str, Any]) -> dict:
+def _full(primary: str, fields: list[dict[str, str]], domain: dict[str, Any], message: dict[str, Any]) -> dict[str, Any]:
     return {
         "types": {"EIP712Domain": [dict(f) for f in _DOMAIN_TYPE], primary: [dict(f) for f in fields]},
         "primaryType": primary,
@@ -436,7 +436,7 @@ def split_signature(signature: str | bytes) -> tuple[int, str, str]:
     return v, "0x" + raw[:32].hex(), "0x" + raw[32:64].hex()
 
 
-def message_tuple(typed: dict[str, Any]) -> tuple:
+def message_tuple(typed: dict[str, Any]) -> tuple[Any, ...]:
     """The message's values in the struct's field order, as a contract call takes a struct argument
     (e.g. the ``intent`` of ``UsageEscrow.activate``)."""
     fields = typed["types"][typed["primaryType"]]

@@ -14,7 +14,7 @@ from sdk import proxy_signature, typed_data
 from sdk.x402_payments import sign_authorization, sign_payment_required
 from tests.catalog.factories import AgentFactory, register_service
 from tests.conftest import Api
-from tests.escrow.flow import USDC, confirm_all, fund, usdc_balance
+from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -53,7 +53,9 @@ class Market:
         """Sign what the skill's 402 asks for (with `overrides` applied to its x402 requirements when given)."""
         required_header = self.call(skill)["PAYMENT-REQUIRED"]
         if not overrides:
-            return sign_payment_required(required_header, self.buyer.key, max_amount_atomic=USDC)
+            network = network_of(self.chain)
+            return sign_payment_required(required_header, self.buyer.key, max_amount_atomic=USDC, network=network,
+                                         token_domain=network.token_domain)
         requirements = decode_payment_required_header(required_header).accepts[0]
         valid_before = overrides.pop("valid_before", self.chain.now() + 300)
         return sign_authorization(requirements.model_copy(update=overrides), self.buyer.key,

@@ -6,11 +6,10 @@ import pytest
 from django.core.management import call_command
 
 from escrow import purchases, settlement
-from sdk.activation import sign_activation_package
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import UserFactory, issue_owner_token
 from tests.conftest import Api, error_code
-from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, sign_activation, usdc_balance
 from tests.support.masumi_service import MasumiService, result_for
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -54,7 +53,8 @@ class Purchase:
         assert created.status_code == 201, created.content
         self.created = created.json()["data"]
         self.id = self.created["blockchainIdentifier"]
-        signed = sign_activation_package(self.created["ActivationPackage"], self.parties.buyer_account.key)
+        signed = sign_activation(chain, self.created["ActivationPackage"],
+                                 self.parties.agreement(self.created["agreementId"]), self.parties.buyer_account.key)
         with capture(execute=True):
             locked = self.parties.buyer_api.post("/purchase/lock-funds", {
                 "network": "Preprod", "blockchainIdentifier": self.id, **signed})
@@ -261,9 +261,10 @@ def test_purchase_never_funded_by_pay_by_time_expires(escrow_chain, seller_servi
     created = parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
                                                    "agentIdentifier": str(parties.service.pk)}).json()["data"]
     assert created["NextAction"]["requestedAction"] == "FundsLockingRequested"
+    signed = sign_activation(chain, created["ActivationPackage"], parties.agreement(created["agreementId"]),
+                             parties.buyer_account.key)
     chain.increase_time(created["ActivationPackage"]["deadline"] - chain.now())
     assert run(django_capture_on_commit_callbacks, purchases.purchases_tick)["expired"] == 1
-    signed = sign_activation_package(created["ActivationPackage"], parties.buyer_account.key)
     late = parties.buyer_api.post("/purchase/lock-funds", {"network": "Preprod",
                                                           "blockchainIdentifier": created["blockchainIdentifier"],
                                                           **signed})
