@@ -1,8 +1,9 @@
 from django.db.models import Count, Exists, OuterRef
 
-from agreements.models import AgreementStatus
+from agreements.models import AgreementStatus, SkillInvocation
 from escrow import chain, purchases
-from escrow.models import ChainTransaction, Dispute, MasumiPurchase, TxPurpose, TxStatus
+from escrow.models import ChainTransaction, Dispute, MasumiPurchase, TxAttempt, TxPurpose, TxStatus
+from marketplace import chainconfig
 from marketplace.errors import NotFound
 
 
@@ -97,3 +98,33 @@ def transaction_counts_by_purpose_and_status() -> dict[tuple[str, str], int]:
 
 def transactions_failed_recently(*, limit: int):
     return ChainTransaction.objects.filter(status=TxStatus.FAILED).order_by("-updated_at")[:limit]
+
+
+def invocation_of_transaction(*, tx: ChainTransaction):
+    """The skill invocation a payment, payout or refund transaction is for (named in its context), if any."""
+    invocation_id = (tx.context or {}).get("invocation_id")
+    if not invocation_id:
+        return None
+    return SkillInvocation.objects.select_related("skill", "seller").filter(pk=invocation_id).first()
+
+
+def transactions_unconfirmed_since(*, before):
+    """Queued, submitted or mined, with no change since before `before`."""
+    return (ChainTransaction.objects.filter(status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED],
+                                            updated_at__lt=before).order_by("updated_at"))
+
+
+def transactions_at_fee_cap(*, max_fee_per_gas: int):
+    """Submitted transactions whose latest attempt already bids the fee cap: the relayer only rebroadcasts them
+    now, and an operator decides (raise the cap, wait for fees to fall)."""
+    at_cap = TxAttempt.objects.filter(transaction=OuterRef("pk"), max_fee_per_gas__gte=max_fee_per_gas)
+    return (ChainTransaction.objects.filter(status=TxStatus.SUBMITTED).filter(Exists(at_cap))
+            .order_by("updated_at"))
+
+
+def platform_wallet_balances() -> dict[str, int]:
+    """The relayer's gas (wei) and the treasury's USDC (base units); the relayer wallet is the treasury
+    (invocation payments land there; payouts, refunds and returned fees leave from it). Raises chain.ChainError."""
+    address = chainconfig.relayer_address()
+    return {"gas_wei": chain.call(lambda: chain.w3().eth.get_balance(address)),
+            "usdc": chain.call(chain.token_contract().functions.balanceOf(address).call)}
