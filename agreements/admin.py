@@ -110,7 +110,7 @@ class UsageAgreementAdmin(MoneyRecordAdmin):
         ("Chain", {"fields": ("chain_id", "onchain_id", "token_address_display", "buyer_wallet_display",
                               "seller_wallet_display", "fee_recipient_display", "terms_hash_display",
                               "activation_tx_display", "fee_tx_display", "payment_tx_display",
-                              "usage_seq", "usage_digest")}),
+                              "usage_seq", "usage_digest_display")}),
         ("Times", {"fields": ("created_at", "proposal_expires_at", "accepted_at", "activated_at",
                               "completion_requested_at", "challenge_window_seconds", "challenge_deadline",
                               "expires_at", "settled_at", "closed_at", "updated_at")}),
@@ -142,6 +142,10 @@ class UsageAgreementAdmin(MoneyRecordAdmin):
     @admin.display(description="quantity")
     def quantity_text(self, agreement) -> str:
         return f"{agreement.quantity} {agreement.unit_name}"
+
+    @admin.display(description="usage digest (head of the chain)")
+    def usage_digest_display(self, agreement):
+        return short_hex_html(agreement.usage_digest, head=10, tail=6)
 
     @admin.display(description="on-chain id")
     def onchain_id(self, agreement):

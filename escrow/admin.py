@@ -31,6 +31,7 @@ from marketplace.admin import (
     may_operate,
     short_hex_html,
     short_id_column,
+    short_id_html,
     tx_hash_column,
     tx_hash_html,
 )
@@ -127,7 +128,7 @@ class ChainTransactionAdmin(MoneyRecordAdmin):
 
 
 class ChainTransactionInline(MoneyRecordInline):
-    """An agreement's chain transactions, on the agreement's page."""
+    """An agreement's chain transactions, on the agreement's page (the id links to the transaction's page)."""
 
     model = ChainTransaction
     fk_name = "agreement"
@@ -135,10 +136,12 @@ class ChainTransactionInline(MoneyRecordInline):
               "created_at", "confirmed_at")
     readonly_fields = fields
     ordering = ("created_at",)
-    show_change_link = True
 
-    short_id = short_id_column()
     mined_tx_display = tx_hash_column("mined_tx_hash", description="mined transaction")
+
+    @admin.display(description="id")
+    def short_id(self, tx):
+        return short_id_html(tx.pk, url=reverse("admin:escrow_chaintransaction_change", args=[tx.pk]))
 
 
 # The escrow states worth reading live: from activation on (before it the contract has no record).

@@ -17,6 +17,7 @@ from marketplace import explorer, money
 admin.site.site_header = "Agent Escrow Marketplace"
 admin.site.site_title = "Agent Escrow Marketplace"
 admin.site.index_title = "Operations"
+admin.site.enable_nav_sidebar = False  # its width pushed the lists of money records into sideways scrolling
 
 
 class MoneyRecordAdmin(admin.ModelAdmin):
@@ -60,7 +61,7 @@ def amount_html(amount: int | None, token: str = "USDC"):
     """"1.00 USDC  1000000": the token units, and the base units the system keeps, in grey."""
     if amount is None:
         return "-"
-    return format_html('<span class="amount">{}</span> <span class="base-units" title="base units">{}</span>',
+    return format_html('<span class="amount">{} <span class="base-units" title="base units">{}</span></span>',
                        money.token_units(amount, token), amount)
 
 

@@ -114,7 +114,7 @@ def chart_svg(*, title: str, points: list[tuple[datetime, int]], unit: Callable[
     first and last bucket written on the axes."""
     peak = max((value for _, value in points), default=0)
     slot = CHART_WIDTH / max(len(points), 1)
-    label_format = "%m-%d" if step >= timedelta(days=1) else "%H:%M"
+    label_format = "%m-%d" if step >= timedelta(days=1) else "%m-%d %H:%M"
     bars = format_html_join("", '<rect x="{}" y="{}" width="{}" height="{}" class="bar">'
                                 '<title>{}: {}</title></rect>', (
         (f"{i * slot + 1:.1f}", f"{CHART_TOP + CHART_HEIGHT - height:.1f}", f"{max(slot - 2, 1):.1f}", f"{height:.1f}",
