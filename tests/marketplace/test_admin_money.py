@@ -11,6 +11,7 @@ from django.utils import timezone
 from agreements.models import AgreementStatus, PaymentAuthorization, SkillInvocation, UsageAgreement, UsageEvent
 from escrow.models import ChainTransaction, Dispute, MasumiPurchase, RelayerAccount, TxAttempt, TxPurpose, TxStatus
 from marketplace import money
+from policies.models import ApprovalRequest
 from tests.agreements.helpers import propose
 from tests.agreements.test_invocations import Market
 from tests.catalog.factories import register_service
@@ -206,3 +207,23 @@ def test_the_dashboard_charts_usage_and_volume_and_shows_the_wallets(
     settings.TREASURY_USDC_WARN_ATOMIC = 10**30
     low = {gauge.label: gauge for gauge in operator.get("/admin/dashboard/?period=30d").context["gauges"]}
     assert low["Treasury USDC float"].ok is False and low["Treasury USDC float"].value.endswith("USDC")
+
+
+def test_read_only_pages_have_no_save_button_and_their_actions_still_work(operator, owner_api, buyer, buyer_api,
+                                                                          seller):
+    service = register_service(seller)
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    proposal = propose(buyer_api, service, quantity=1)
+    approval = ApprovalRequest.objects.get(subject_id=proposal["id"])
+    for url in (f"/admin/catalog/service/{service.pk}/change/",
+                f"/admin/catalog/skill/{service.skills.first().pk}/change/",
+                f"/admin/policies/approvalrequest/{approval.pk}/change/"):
+        page = operator.get(url)
+        assert page.status_code == 200 and 'name="_save"' not in page.content.decode(), url
+
+    response = operator.post("/admin/policies/approvalrequest/",
+                             {"action": "approve_requests", "_selected_action": [str(approval.pk)]})
+    assert response.status_code == 302
+    approval.refresh_from_db()
+    assert approval.status == "approved"
+    assert buyer_api.get(f"/usage-agreements/{proposal['id']}").json()["status"] == "proposed"
