@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/marketplace
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run demo test check lint schema migrations-check contracts contracts-check typecheck clean bench
+.PHONY: install run demo test check lint schema migrations-check contracts contracts-check typecheck clean bench browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 install: $(VENV)/.installed node_modules/.installed
+
+# Headless Chromium and its driver from Debian, for the admin's browser test (tests/browser); needs root.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
 
 # Recompile the Solidity contracts into the committed artifacts (escrow/contracts/build/).
 contracts: node_modules/.installed

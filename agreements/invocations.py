@@ -62,6 +62,23 @@ def invocation_resource(skill: Skill) -> str:
     return f"/agents/{skill.service.seller.handle}/{skill.name}"
 
 
+def invocation_fee(*, amount: int) -> int:
+    """The platform's take on a skill invocation: none; the seller is paid the whole price the buyer paid.
+
+    Why: a skill call is a micro-payment (the demo's cost 0.02 USDC) and the fee schedule's minimum (0.10 USDC)
+    would be several times the price; the x402 "exact" payment moves exactly the price the skill lists, so a fee
+    could only be cut from the seller's payout, unseen by the buyer. The platform earns on escrow agreements (the
+    infra fee) and direct purchases (the fee the buyer permits), and pays the gas of an invocation's two
+    transactions itself. `GET /payment-requirements?purpose=skill_invocation` quotes this, and the payout is the
+    price less this."""
+    return 0
+
+
+def invocation_seller_share(invocation: SkillInvocation) -> int:
+    """What the treasury forwards to the seller once the invocation completed."""
+    return invocation.amount - invocation_fee(amount=invocation.amount)
+
+
 def invocation_get(*, public_id: str) -> SkillInvocation:
     """By its public id `inv_<hex>` (unguessable: whoever holds it may read the invocation)."""
     try:

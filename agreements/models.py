@@ -258,6 +258,13 @@ class AgreementEvent(models.Model):
     def __str__(self) -> str:
         return f"{self.from_status or '∅'} → {self.to_status}"
 
+    @property
+    def actor(self) -> str:
+        """"buyer-one (buyer)", or just "system" when the label says no more than the kind."""
+        if not self.actor_label or self.actor_label == self.actor_kind:
+            return self.actor_kind
+        return f"{self.actor_label} ({self.actor_kind})"
+
 
 class WebhookSubscription(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -296,6 +303,7 @@ class WebhookDelivery(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        verbose_name_plural = "webhook deliveries"
         indexes = [models.Index(fields=["status", "next_attempt_at"], name="delivery_due_idx")]
 
     def __str__(self) -> str:

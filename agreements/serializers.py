@@ -131,6 +131,10 @@ class PaymentRequirementsQuery(StrictSerializer):
     amount_cents = StrictIntegerField(required=False, min_value=1, max_value=10**12)
     amount_atomic = AtomicAmountField(required=False, min_value=1)
     rail = serializers.ChoiceField(choices=["stablecoin"], default="stablecoin")
+    purpose = serializers.ChoiceField(
+        choices=["direct_purchase", "skill_invocation"], default="direct_purchase",
+        help_text="What the amount pays for: a direct purchase (the fee schedule's fee on top) or a skill "
+                  "invocation (no platform fee: the seller is paid the whole price).")
 
     def validate(self, attrs):
         if ("amount_cents" in attrs) == ("amount_atomic" in attrs):
@@ -147,6 +151,7 @@ class TokenInfoSerializer(serializers.Serializer):
 
 class PaymentRequirementsSerializer(serializers.Serializer):
     rail = serializers.CharField()
+    purpose = serializers.CharField()
     amount_atomic = AtomicAmountField()
     fee_atomic = AtomicAmountField()
     total_atomic = AtomicAmountField()

@@ -79,6 +79,9 @@ class ApiKey(BearerSecret):
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="api_keys")
     scope = models.CharField(max_length=8, choices=KeyScope.choices, default=KeyScope.PAY)
 
+    class Meta:
+        verbose_name = "API key"
+
     def __str__(self) -> str:
         return f"mk_{self.prefix}… ({self.agent.handle})"
 

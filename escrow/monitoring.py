@@ -6,7 +6,7 @@ from django.conf import settings
 from django.urls import reverse
 
 from escrow import chain, selectors
-from marketplace import dashboard, health, metrics
+from marketplace import dashboard, health, metrics, money
 
 
 def _by_status() -> dict[str, int]:
@@ -67,5 +67,48 @@ metrics.scrape_collector_register(
     labels=("effect",), counts=lambda: {(effect,): n for effect, n in selectors.indexer_event_counts_by_effect().items()})
 dashboard.counts_register(title="Chain transactions by status", counts=_by_status)
 dashboard.failures_register(recent=_failures)
+
+
+def _tx_url(tx) -> str:
+    return reverse("admin:escrow_chaintransaction_change", args=[tx.pk])
+
+
+def _overdue(now) -> list[dashboard.Overdue]:
+    """Transactions unconfirmed for too long, and those stuck at the fee cap."""
+    at_cap = list(selectors.transactions_at_fee_cap()
+                  [:dashboard.OVERDUE_LIMIT])
+    items = [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} stuck at the fee cap",
+                               subject=str(tx.agreement_id or tx.pk),
+                               detail=f"bids the cap of {settings.CHAIN_MAX_FEE_PER_GAS / 10**9:g} gwei; "
+                                      f"rebroadcast only", admin_url=_tx_url(tx)) for tx in at_cap]
+    capped = {tx.pk for tx in at_cap}
+    items += [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} {tx.status}, not confirmed",
+                                subject=str(tx.agreement_id or tx.pk),
+                                detail=f"nonce {tx.nonce}" if tx.nonce is not None else "no nonce yet",
+                                admin_url=_tx_url(tx))
+              for tx in selectors.transactions_unconfirmed_since(before=now - settings.OVERDUE_SUBMITTING_AFTER)
+              [:dashboard.OVERDUE_LIMIT] if tx.pk not in capped]
+    return items
+
+
+def _gauges() -> list[dashboard.Gauge]:
+    gas_warn = money.native_units(settings.RELAYER_GAS_WARN_WEI)
+    float_warn = money.token_units(settings.TREASURY_USDC_WARN_ATOMIC)
+    try:
+        balances = selectors.platform_wallet_balances()
+    except (chain.ChainError, ValueError) as exc:
+        return [dashboard.Gauge("Relayer gas", "-", gas_warn, None, f"chain unreachable: {exc}"),
+                dashboard.Gauge("Treasury USDC float", "-", float_warn, None, f"chain unreachable: {exc}")]
+    return [
+        dashboard.Gauge("Relayer gas", money.native_units(balances["gas_wei"]), gas_warn,
+                        balances["gas_wei"] >= settings.RELAYER_GAS_WARN_WEI, "pays for every transaction"),
+        dashboard.Gauge("Treasury USDC float", money.token_units(balances["usdc"]), float_warn,
+                        balances["usdc"] >= settings.TREASURY_USDC_WARN_ATOMIC,
+                        "pays invocation payouts, refunds and returned fees"),
+    ]
+
+
+dashboard.overdue_register(overdue=_overdue)
+dashboard.gauges_register(gauges=_gauges)
 health.readiness_check_register(name="chain", check=_chain_answers)
 health.readiness_check_register(name="indexer", check=_indexer_keeps_up)

@@ -197,7 +197,8 @@ def _invocation_settle(invocation: SkillInvocation) -> None:
     _enqueue_transfer_from_treasury(
         purpose=TxPurpose.INVOCATION_PAYOUT if payout else TxPurpose.INVOCATION_REFUND,
         to=invocation.seller_wallet_address if payout else invocation.authorization.payer,
-        amount=invocation.amount, context={"invocation_id": str(invocation.pk)})
+        amount=invocations.invocation_seller_share(invocation) if payout else invocation.amount,
+        context={"invocation_id": str(invocation.pk)})
 
 
 def _settlement_outcome(record):

@@ -5,7 +5,7 @@ from django.db.models import Count, Exists, OuterRef
 from web3 import Web3
 
 from agreements import services as agreement_services
-from agreements.models import AgreementStatus
+from agreements.models import AgreementStatus, SkillInvocation
 from escrow import chain, purchases
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPurchase,
                            TxPurpose, TxStatus)
@@ -163,3 +163,32 @@ def indexer_unapplied_events():
 def indexer_event_counts_by_effect() -> dict[str, int]:
     rows = ChainEvent.objects.filter(removed_at=None).order_by().values_list("effect").annotate(count=Count("pk"))
     return dict(rows)
+
+
+def invocation_of_transaction(*, tx: ChainTransaction):
+    """The skill invocation a payment, payout or refund transaction is for (named in its context), if any."""
+    invocation_id = (tx.context or {}).get("invocation_id")
+    if not invocation_id:
+        return None
+    return SkillInvocation.objects.select_related("skill", "seller").filter(pk=invocation_id).first()
+
+
+def transactions_unconfirmed_since(*, before):
+    """Queued, submitted or mined, with no change since before `before`."""
+    return (ChainTransaction.objects.filter(status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED],
+                                            updated_at__lt=before).order_by("updated_at"))
+
+
+def transactions_at_fee_cap():
+    """Submitted transactions whose fees reached the cap: the relayer only rebroadcasts them now, and an operator
+    decides (top the relayer up, raise the cap, wait for fees to fall)."""
+    return (ChainTransaction.objects.filter(status=TxStatus.SUBMITTED, fee_cap_reached_at__isnull=False)
+            .order_by("fee_cap_reached_at"))
+
+
+def platform_wallet_balances() -> dict[str, int]:
+    """The relayer's gas (wei) and the treasury's USDC (base units); the relayer wallet is the treasury
+    (invocation payments land there; payouts, refunds and returned fees leave from it). Raises chain.ChainError."""
+    address = chainconfig.relayer_address()
+    return {"gas_wei": chain.call(lambda: chain.w3().eth.get_balance(address)),
+            "usdc": chain.call(chain.token_contract().functions.balanceOf(address).call)}

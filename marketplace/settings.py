@@ -322,3 +322,19 @@ CELERY_BEAT_SCHEDULE["reap-call-intents"] = {
     "task": "agreements.tasks.reap_call_intents",
     "schedule": timedelta(seconds=env.int("PROXY_INTENT_REAP_SECONDS", default=30)),
 }
+
+# --- Admin (operators) -----------------------------------------------------------------------------------------
+# The product's admin frame (branding, styles for shortened chain values) over django.contrib.admin's.
+TEMPLATES[0]["DIRS"] = [BASE_DIR / "marketplace" / "templates" / "site"]
+# Times to the second with the timezone (marketplace/formats/en/formats.py).
+FORMAT_MODULE_PATH = ["marketplace.formats"]
+# Block explorer for transaction and address links; empty: Base's and Base Sepolia's by CHAIN_ID, none on Anvil.
+CHAIN_EXPLORER_URL = env.str("CHAIN_EXPLORER_URL", default="")
+# The dashboard warns below these: the relayer's gas (wei) and the treasury's USDC float (base units) that pays
+# invocation payouts, refunds and returned fees.
+RELAYER_GAS_WARN_WEI = env.int("RELAYER_GAS_WARN_WEI", default=5 * 10**16)  # 0.05 ETH
+TREASURY_USDC_WARN_ATOMIC = env.int("TREASURY_USDC_WARN_ATOMIC", default=50 * 10**6)  # 50 USDC
+# The dashboard lists as overdue: a transaction unconfirmed, or an agreement in submitting, for longer than this;
+# an agreement still in_challenge this long after its challenge deadline (the settlement tick finalizes it).
+OVERDUE_SUBMITTING_AFTER = timedelta(seconds=env.int("OVERDUE_SUBMITTING_AFTER_SECONDS", default=300))
+OVERDUE_FINALIZE_AFTER = timedelta(seconds=env.int("OVERDUE_FINALIZE_AFTER_SECONDS", default=120))

@@ -1,4 +1,4 @@
-"""Run a local Anvil chain for development: deploy the contracts, fund the demo buyer, keep running.
+"""Run a local Anvil chain for development: deploy the contracts, fund the demo buyer and the treasury, keep running.
 
 The chain's state is saved to var/anvil-state.json on exit and loaded on the next start, so agreements in the
 local database keep matching the chain across restarts.
@@ -18,6 +18,8 @@ from escrow import devchain
 from marketplace import chainconfig
 
 DEMO_BUYER_USDC = 10_000 * 10**6
+# The treasury (the relayer wallet) pays invocation payouts, refunds and returned fees from its USDC float.
+DEMO_TREASURY_USDC = 1_000 * 10**6
 
 
 class Command(BaseCommand):
@@ -41,6 +43,10 @@ class Command(BaseCommand):
                 devchain.mint_usdc(w3, chainconfig.usdc_address(), settings.RELAYER_PRIVATE_KEY, DEMO_BUYER_WALLET,
                                    DEMO_BUYER_USDC)
                 self.stdout.write(f"Minted {DEMO_BUYER_USDC / 10**6:,.0f} USDC to the demo buyer {DEMO_BUYER_WALLET}")
+                devchain.mint_usdc(w3, chainconfig.usdc_address(), settings.RELAYER_PRIVATE_KEY,
+                                   chainconfig.relayer_address(), DEMO_TREASURY_USDC)
+                self.stdout.write(f"Minted {DEMO_TREASURY_USDC / 10**6:,.0f} USDC to the treasury "
+                                  f"{chainconfig.relayer_address()} (its float for payouts and refunds)")
             else:
                 self.stdout.write(f"Reusing the deployment in {settings.CHAIN_DEPLOYMENT_FILE}")
             stop = []
