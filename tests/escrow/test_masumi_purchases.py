@@ -162,6 +162,37 @@ def test_no_result_by_submit_time_refunds_the_buyer(escrow_chain, seller_service
     call_command("reconcile")
 
 
+def test_refund_requested_and_no_result_by_submit_time_pays_the_buyer_back_by_the_purchases_timers(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """The connect seed: no result by submitResultTime, refund requested -> the buyer is paid back before unlockTime,
+    not after the contract's reclaim grace (a day on the dev deployment)."""
+    chain = escrow_chain
+    seller_service.mode = "never"
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    typed = purchase.get()["refundRequestTypedData"]
+    with purchase.capture(execute=True):
+        requested = purchase.parties.buyer_api.patch("/purchase/", {
+            "network": "Preprod", "blockchainIdentifier": purchase.id,
+            "signature": sign_typed_data(purchase.parties.buyer_account.key, typed)})
+    assert requested.status_code == 200, requested.content
+    assert requested.json()["data"]["onChainState"] == "RefundRequested"
+    assert purchase.tick()["refunding"] == 0  # the seller still has until submitResultTime
+
+    chain.increase_time(purchase.timers["submitResultTime"] - chain.now())
+    assert purchase.tick()["refunding"] == 1  # a zero proposal, confirmed by the relayer poll
+    assert purchase.tick()["disputed"] == 1  # the buyer's signed request challenges it
+    assert purchase.tick()["released"] == 1  # no result at all: the arbiter resolves it wholly to the buyer
+    confirm_all(purchase.capture)  # finalize after the resolution
+    refunded = purchase.get()
+    assert refunded["onChainState"] == "RefundWithdrawn" and refunded["resultHash"] is None
+    assert chain.now() < purchase.timers["unlockTime"]
+    purchase.assert_moved(seller=0, buyer=PRICE)
+    assert purchase.tick() == {"expired": 0, "started": 0, "results": 0, "disputed": 0, "released": 0,
+                               "refunding": 0}
+    call_command("reconcile")
+
+
 def dispute(purchase) -> dict:
     assert purchase.tick()["started"] == 1
     assert purchase.tick()["results"] == 1
