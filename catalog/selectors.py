@@ -61,6 +61,15 @@ def service_get(*, service_id, viewer: Agent | None = None) -> Service:
     return service
 
 
+def registry_services(*, viewer: Agent, seller_wallet: str | None = None) -> QuerySet[Service]:
+    """The Masumi registry: every registered service of the network, and the viewer's own deregistered ones;
+    `seller_wallet` narrows it to one seller's (an agent's own registrations: its wallet)."""
+    services = Service.objects.filter(Q(state=ServiceState.REGISTERED) | Q(seller=viewer))
+    if seller_wallet is not None:
+        services = services.filter(seller__wallet_address__iexact=seller_wallet)
+    return _with_relations(services)
+
+
 def service_get_any_state(*, service_id) -> Service:
     """A service whatever its state, for rules that must say why it cannot be used (e.g. deregistered)."""
     service = _with_relations(Service.objects.filter(pk=service_id)).first()

@@ -9,6 +9,7 @@ from catalog.models import (
     SKILL_NAME_VALIDATOR,
     Availability,
     KeyScope,
+    MasumiProtocolVersion,
     PricingType,
     UpstreamProtocol,
 )
@@ -158,6 +159,9 @@ class ServiceWriteSerializer(StrictSerializer):
     pricing = PricingSerializer()
     upstream_base_url = serializers.URLField(max_length=500)
     upstream_protocol = serializers.ChoiceField(choices=UpstreamProtocol.choices, default=UpstreamProtocol.HTTP)
+    masumi_protocol_version = serializers.ChoiceField(
+        choices=MasumiProtocolVersion.choices, default=MasumiProtocolVersion.SEED,
+        help_text="`masumi` services: the MIP-003 its /start_job speaks.")
     skills = SkillSerializer(many=True, required=False, max_length=50)
 
     def validate_upstream_base_url(self, value):
@@ -197,6 +201,7 @@ class ServiceSerializer(serializers.Serializer):
     example_outputs = serializers.JSONField()
     pricing = serializers.SerializerMethodField()
     upstream_protocol = serializers.CharField()
+    masumi_protocol_version = serializers.ChoiceField(choices=MasumiProtocolVersion.choices)
     skills = serializers.SerializerMethodField()
     state = serializers.CharField()
     availability = serializers.ChoiceField(

@@ -131,7 +131,8 @@ def _check_skill_names(seller: Agent, skills: list[dict], exclude_service: Servi
 
 
 def _apply_fields(service: Service, data: dict) -> None:
-    simple = ("name", "description", "author", "legal", "example_outputs", "upstream_base_url", "upstream_protocol")
+    simple = ("name", "description", "author", "legal", "example_outputs", "upstream_base_url", "upstream_protocol",
+              "masumi_protocol_version")
     for field in simple:
         if field in data:
             setattr(service, field, data[field])

@@ -120,6 +120,37 @@ class TxAttempt(models.Model):
         return self.tx_hash
 
 
+class MasumiPaymentRequest(models.Model):
+    """A seller's payment request (Masumi's `POST /payment`, which a masumi seller sends from its /start_job): the job
+    a buyer is to pay for, before any buyer is known. The seller hands the buyer its blockchainIdentifier
+    (0x + this id as 32 bytes); the buyer's `POST /purchase` with it opens the escrow that pays it (escrow.purchases).
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    service = models.ForeignKey("catalog.Service", on_delete=models.PROTECT, related_name="masumi_payment_requests")
+    identifier_from_purchaser = models.CharField(max_length=250)
+    input_hash = models.CharField(max_length=64, blank=True, help_text="MIP-004 input hash, if the seller sent it.")
+    metadata = models.CharField(max_length=1000, blank=True)
+    pay_by_time = models.DateTimeField()
+    submit_result_time = models.DateTimeField()
+    unlock_time = models.DateTimeField()
+    external_dispute_unlock_time = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(pay_by_time__lt=models.F("submit_result_time"))
+                & Q(submit_result_time__lt=models.F("unlock_time"))
+                & Q(unlock_time__lt=models.F("external_dispute_unlock_time")),
+                name="masumi_payment_request_timers_ordered"),
+        ]
+
+    def __str__(self) -> str:
+        return f"payment request {self.pk}"
+
+
 class MasumiPurchase(models.Model):
     """A buyer's purchase of one job of a `masumi` service, paid through its own escrow agreement.
 
@@ -131,10 +162,15 @@ class MasumiPurchase(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     agreement = models.OneToOneField("agreements.UsageAgreement", on_delete=models.PROTECT,
                                      related_name="masumi_purchase")
+    payment_request = models.OneToOneField(
+        MasumiPaymentRequest, on_delete=models.PROTECT, null=True, blank=True, related_name="purchase",
+        help_text="The seller's payment request this purchase pays (the buyer started the job itself).")
     identifier_from_purchaser = models.CharField(max_length=250, blank=True)
     metadata = models.CharField(max_length=1000, blank=True)
-    input_data = models.JSONField(help_text="Sent to the seller's POST /start_job once the funds are locked.")
-    input_hash = models.CharField(max_length=64, help_text="sha256 (hex) of the canonical JSON of input_data.")
+    input_data = models.JSONField(null=True, blank=True,
+                                  help_text="Sent to the seller's POST /start_job once the funds are locked; none "
+                                            "when the buyer started the job itself (payment_request).")
+    input_hash = models.CharField(max_length=64, help_text="MIP-004: sha256 of `identifierFromPurchaser;JCS(input)`.")
     pay_by_time = models.DateTimeField()
     submit_result_time = models.DateTimeField()
     unlock_time = models.DateTimeField()
@@ -146,7 +182,8 @@ class MasumiPurchase(models.Model):
     job_start_claimed_at = models.DateTimeField(null=True, blank=True,
                                                 help_text="Set before calling start_job, so only one call is made.")
     result = models.TextField(blank=True)
-    result_hash = models.CharField(max_length=64, blank=True, help_text="sha256 (hex) of the result.")
+    result_hash = models.CharField(max_length=64, blank=True,
+                                   help_text="MIP-004: sha256 of `identifierFromPurchaser;result` (JSON-escaped).")
     result_submitted_at = models.DateTimeField(null=True, blank=True)
     refund_requested_at = models.DateTimeField(null=True, blank=True)
     refund_signature = models.CharField(max_length=132, blank=True,

@@ -1,14 +1,14 @@
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db.models import Count, Exists, OuterRef
+from django.db.models import Count, Exists, OuterRef, Q
 from web3 import Web3
 
 from agreements import services as agreement_services
 from agreements.models import AgreementStatus, SkillInvocation
 from escrow import chain, purchases
-from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPurchase,
-                           TxPurpose, TxStatus)
+from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPaymentRequest,
+                           MasumiPurchase, TxPurpose, TxStatus)
 from marketplace import chainconfig
 from marketplace.errors import DependencyUnavailable, NotFound
 
@@ -104,13 +104,54 @@ def purchases_of_buyer(*, buyer):
         "agreement", "agreement__service", "agreement__seller")
 
 
+def _by_blockchain_identifier(blockchain_identifier: str) -> Q:
+    """A purchase's blockchainIdentifier: its escrow's agreementId, or the seller's payment request it pays."""
+    uid = purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)
+    return Q(agreement__pk=uid) | Q(payment_request__pk=uid)
+
+
 def purchase_get(*, buyer, blockchain_identifier: str) -> MasumiPurchase:
-    """The buyer's purchase with this blockchainIdentifier (the escrow's agreementId), else 404."""
-    purchase = purchases_of_buyer(buyer=buyer).filter(
-        agreement__pk=purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
+    """The buyer's purchase with this blockchainIdentifier, else 404."""
+    purchase = purchases_of_buyer(buyer=buyer).filter(_by_blockchain_identifier(blockchain_identifier)).first()
     if purchase is None:
         raise NotFound("No such purchase.", code="purchase_not_found")
     return purchase
+
+
+def purchase_get_by_id(*, buyer, purchase_id) -> MasumiPurchase:
+    purchase = purchases_of_buyer(buyer=buyer).filter(pk=purchase_id).first()
+    if purchase is None:
+        raise NotFound("No such purchase.", code="purchase_not_found")
+    return purchase
+
+
+def payment_request_get(*, blockchain_identifier: str) -> MasumiPaymentRequest:
+    """A seller's payment request, for the buyer who pays it (anyone holding its blockchainIdentifier)."""
+    request = MasumiPaymentRequest.objects.select_related("service", "service__seller").filter(
+        pk=purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
+    if request is None:
+        raise NotFound("No payment request of this marketplace has this blockchainIdentifier.",
+                       code="payment_not_found")
+    return request
+
+
+def payments_of_seller(*, seller):
+    """The seller's side: its purchased jobs (as MasumiPurchase) and its unpaid payment requests."""
+    paid = MasumiPurchase.objects.filter(agreement__seller=seller).select_related(
+        "agreement", "agreement__service", "payment_request")
+    unpaid = MasumiPaymentRequest.objects.filter(service__seller=seller, purchase__isnull=True).select_related(
+        "service", "service__seller")
+    return paid, unpaid
+
+
+def payment_get(*, seller, blockchain_identifier: str) -> MasumiPurchase | MasumiPaymentRequest:
+    """The seller's payment with this blockchainIdentifier: the purchase paying it, else the unpaid request."""
+    paid, unpaid = payments_of_seller(seller=seller)
+    found = paid.filter(_by_blockchain_identifier(blockchain_identifier)).first() or unpaid.filter(
+        pk=purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
+    if found is None:
+        raise NotFound("No such payment.", code="payment_not_found")
+    return found
 
 
 def transaction_counts_by_purpose_and_status() -> dict[tuple[str, str], int]:

@@ -4,6 +4,7 @@ import hashlib
 
 import pytest
 from django.core.management import call_command
+from masumi import create_masumi_input_hash, create_masumi_output_hash
 
 from escrow import purchases, settlement
 from sdk.typed_data import sign_typed_data
@@ -50,7 +51,7 @@ class Purchase:
             "network": "Preprod", "agentIdentifier": str(self.parties.service.pk), "input_data": INPUT,
             "identifierFromPurchaser": "order-17",
             **{name: str(seconds * 1000) for name, seconds in self.timers.items()}})
-        assert created.status_code == 201, created.content
+        assert created.status_code == 200, created.content
         self.created = created.json()["data"]
         self.id = self.created["blockchainIdentifier"]
         signed = sign_activation(chain, self.created["ActivationPackage"],
@@ -96,8 +97,9 @@ def test_result_before_submit_time_pays_the_seller_after_unlock_time(
     chain = escrow_chain
     purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
     assert purchase.created["onChainState"] is None
-    assert purchase.created["inputHash"] == hashlib.sha256(
-        b'{"language":"en","text":"the quarterly report"}').hexdigest()
+    # MIP-004, as the masumi library computes it: sha256("order-17;" + JCS(input)).
+    assert purchase.created["inputHash"] == create_masumi_input_hash(INPUT, "order-17") == hashlib.sha256(
+        b'order-17;{"language":"en","text":"the quarterly report"}').hexdigest()
     assert purchase.created["PaidFunds"] == [{"amount": str(PRICE), "unit": "USDC"}]
     assert purchase.created["ActivationPackage"]["deadline"] == purchase.timers["payByTime"]
     assert purchase.created["submitResultTime"] == str(purchase.timers["submitResultTime"] * 1000)
@@ -115,7 +117,7 @@ def test_result_before_submit_time_pays_the_seller_after_unlock_time(
 
     assert purchase.tick()["results"] == 1
     submitted = purchase.get()
-    result_hash = hashlib.sha256(result_for(INPUT).encode()).hexdigest()
+    result_hash = create_masumi_output_hash(result_for(INPUT), "order-17")
     assert submitted["onChainState"] == "ResultSubmitted"
     assert (submitted["result"], submitted["resultHash"]) == (result_for(INPUT), result_hash)
     onchain = purchase.onchain()
@@ -123,7 +125,7 @@ def test_result_before_submit_time_pays_the_seller_after_unlock_time(
     assert int(onchain["settledAmount"]) == PRICE
     assert int(onchain["challengeDeadline"]) >= purchase.timers["unlockTime"]
     assert purchase.tick() == {"expired": 0, "started": 0, "results": 0, "disputed": 0,
-                               "released": 0}  # nothing twice
+                               "released": 0, "refunding": 0}  # nothing twice
 
     chain.increase_time(purchase.timers["unlockTime"] - chain.now() - 5)
     assert purchase.settle()["finalizing"] == 0  # before unlockTime the seller is not paid
@@ -157,6 +159,37 @@ def test_no_result_by_submit_time_refunds_the_buyer(escrow_chain, seller_service
     assert refunded["onChainState"] == "RefundWithdrawn" and refunded["resultHash"] is None
     assert purchase.onchain()["state"] == "reclaimed"
     purchase.assert_moved(seller=0, buyer=PRICE)
+    call_command("reconcile")
+
+
+def test_refund_requested_and_no_result_by_submit_time_pays_the_buyer_back_by_the_purchases_timers(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """The connect seed: no result by submitResultTime, refund requested -> the buyer is paid back before unlockTime,
+    not after the contract's reclaim grace (a day on the dev deployment)."""
+    chain = escrow_chain
+    seller_service.mode = "never"
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    typed = purchase.get()["refundRequestTypedData"]
+    with purchase.capture(execute=True):
+        requested = purchase.parties.buyer_api.patch("/purchase/", {
+            "network": "Preprod", "blockchainIdentifier": purchase.id,
+            "signature": sign_typed_data(purchase.parties.buyer_account.key, typed)})
+    assert requested.status_code == 200, requested.content
+    assert requested.json()["data"]["onChainState"] == "RefundRequested"
+    assert purchase.tick()["refunding"] == 0  # the seller still has until submitResultTime
+
+    chain.increase_time(purchase.timers["submitResultTime"] - chain.now())
+    assert purchase.tick()["refunding"] == 1  # a zero proposal, confirmed by the relayer poll
+    assert purchase.tick()["disputed"] == 1  # the buyer's signed request challenges it
+    assert purchase.tick()["released"] == 1  # no result at all: the arbiter resolves it wholly to the buyer
+    confirm_all(purchase.capture)  # finalize after the resolution
+    refunded = purchase.get()
+    assert refunded["onChainState"] == "RefundWithdrawn" and refunded["resultHash"] is None
+    assert chain.now() < purchase.timers["unlockTime"]
+    purchase.assert_moved(seller=0, buyer=PRICE)
+    assert purchase.tick() == {"expired": 0, "started": 0, "results": 0, "disputed": 0, "released": 0,
+                               "refunding": 0}
     call_command("reconcile")
 
 
