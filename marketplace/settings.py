@@ -248,7 +248,9 @@ CHAIN_REBROADCAST_AFTER = timedelta(seconds=env.int("CHAIN_REBROADCAST_AFTER_SEC
 CHAIN_REPLACE_AFTER = timedelta(seconds=env.int("CHAIN_REPLACE_AFTER_SECONDS", default=120))
 # A transaction still queued this long after its last change lost its task message; the sweeper sends it again.
 CHAIN_SWEEP_AFTER = timedelta(seconds=env.int("CHAIN_SWEEP_AFTER_SECONDS", default=30))
-ACTIVATION_SIGNATURE_TTL = env.int("ACTIVATION_SIGNATURE_TTL_SECONDS", default=3600)
+# How long an activation package's signatures stay valid. Well inside the SDK's bound (it refuses deadlines more
+# than 1 h away), with room for the difference between our clock and the buyer's.
+ACTIVATION_SIGNATURE_TTL = env.int("ACTIVATION_SIGNATURE_TTL_SECONDS", default=1800)
 # The chain's clock is stalled when its latest block is older than this (see README, "stalled chain").
 CHAIN_STALL_SECONDS = env.int("CHAIN_STALL_SECONDS", default=60)
 CELERY_BEAT_SCHEDULE.update({

@@ -154,8 +154,10 @@ class MarketplaceClient:
         return self.network.token_domain
 
     def _now(self) -> int:
-        """The chain's clock when the RPC is known (deadlines are block times), else this machine's."""
-        return self._chain.now() if self._chain is not None else int(time.time())
+        """When the next block can be mined: this machine's clock, or the chain's when it runs ahead (deadlines are
+        block times). An idle chain's latest block may be minutes old, so the chain's clock alone would run late."""
+        wall = int(time.time())
+        return max(wall, self._chain.now()) if self._chain is not None else wall
 
     def __enter__(self) -> MarketplaceClient:
         return self

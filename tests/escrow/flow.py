@@ -1,5 +1,7 @@
 """Drive agreements to on-chain states through the public API (shared by escrow and metering tests)."""
 
+import time
+
 from escrow import devchain, relayer
 from sdk import AgreedTerms, NetworkConfig, TokenDomain
 from sdk.activation import sign_activation_package
@@ -22,7 +24,8 @@ def sign_activation(chain, package: dict, agreement: dict, key: str, **options) 
     """The SDK's checked signing of an activation package, for the agreement the buyer holds."""
     network = network_of(chain)
     return sign_activation_package(package, key, terms=AgreedTerms.from_agreement(agreement, network),
-                                   network=network, token_domain=network.token_domain, now=chain.now(), **options)
+                                   network=network, token_domain=network.token_domain,
+                                   now=max(int(time.time()), chain.now()), **options)
 
 
 def onchain_escrow(chain, onchain_id: str) -> OnchainEscrow:

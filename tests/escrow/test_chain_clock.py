@@ -6,6 +6,7 @@ import time
 import pytest
 
 from escrow import devchain, settlement
+from sdk import typed_data
 from tests.chain_fixtures import TEST_RECLAIM_GRACE, Chain, Deployed, DevAccounts
 from tests.conftest import wire_marketplace
 from tests.escrow.flow import Parties, confirm_all
@@ -74,6 +75,14 @@ def test_activation_signatures_handed_out_on_an_idle_chain_are_not_already_expir
     parties = Parties(automine_only_chain)
     agreement = parties.accepted_agreement()
     time.sleep(7)  # no block since: the latest one is older than the signatures' lifetime
-    response = parties.activate(agreement["id"], django_capture_on_commit_callbacks)
+    package = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/activation-package").json()
+    assert package["deadline"] >= int(time.time()) + 5 - 1  # counted from now, not from the idle chain's last block
+    # Signed as handed out, by the raw key: the SDK itself refuses deadlines under 60 s away (its own bound).
+    key = parties.buyer_account.key
+    permit = package["escrow_permit"]["message"]
+    body = {"intent_signature": typed_data.sign_typed_data(key, package["intent"]), "deadline": package["deadline"],
+            "escrow_permit": {"value": permit["value"], "nonce": permit["nonce"], "deadline": permit["deadline"],
+                              "signature": typed_data.sign_typed_data(key, package["escrow_permit"])}}
+    response = parties.activate(agreement["id"], django_capture_on_commit_callbacks, body=body)
     assert response.status_code == 202, response.content
     assert parties.agreement(agreement["id"])["status"] == "active"

@@ -174,7 +174,7 @@ def test_the_dashboard_lists_what_is_overdue(operator, buyer_api, seller, settin
     UsageAgreement.objects.filter(pk=stuck["id"]).update(status=AgreementStatus.SUBMITTING, updated_at=long_ago)
     capped = ChainTransaction.objects.create(purpose=TxPurpose.FINALIZE, agreement_id=late["id"],
                                              to_address="0x" + "11" * 20, data="0x", chain_id=31337, nonce=7,
-                                             status=TxStatus.SUBMITTED)
+                                             status=TxStatus.SUBMITTED, fee_cap_reached_at=long_ago)
     TxAttempt.objects.create(transaction=capped, tx_hash="0x" + "cd" * 32, raw_transaction="0x", nonce=7,
                              max_fee_per_gas=settings.CHAIN_MAX_FEE_PER_GAS, max_priority_fee_per_gas=1)
 

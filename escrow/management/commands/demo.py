@@ -21,7 +21,7 @@ from catalog import services as catalog_services
 from catalog.models import Agent, ApiKey, KeyScope
 from escrow import chain, devchain
 from marketplace import chainconfig
-from sdk import MarketplaceClient
+from sdk import MarketplaceClient, NetworkConfig
 
 DEMO_KEY_NAME = "make-demo"
 USDC = 10**6
@@ -49,7 +49,10 @@ class Command(BaseCommand):
         self.timeout = timeout
         logging.getLogger("x402").setLevel(logging.WARNING)  # its signer logs every signature at INFO
         buyer_key, seller_key = self._demo_keys()
-        self.buyer = MarketplaceClient(url, buyer_key)
+        # The buyer's SDK checks everything it signs against this configuration. On a dev chain it may be read from
+        # the marketplace, by explicit trust; a production agent pins it (README, "Wallet safety").
+        network = NetworkConfig.from_marketplace(url, trust_server=True)
+        self.buyer = MarketplaceClient(url, buyer_key, network=network, rpc_url=settings.CHAIN_RPC_URL)
         self.seller = MarketplaceClient(url, seller_key)
         buyer_wallet = self.buyer.me()["wallet_address"]
         self.buyer_private_key = _dev_key_of(buyer_wallet)
@@ -87,7 +90,7 @@ class Command(BaseCommand):
         self._say(f"status {self.seller.accept_agreement(agreement_id)['status']}")
 
         self._step("3. The buyer signs the escrow intent and permit with its wallet; the relayer activates on-chain")
-        self.buyer.activate_escrow(agreement_id, self.buyer_private_key)
+        self.buyer.activate_escrow(agreement, self.buyer_private_key)
         active = self.buyer.wait_until(agreement_id, timeout=self.timeout, poll_interval=0.5)
         self._say(f"status {active['status']}, activation tx {active.get('activation_tx_hash') or '-'}")
 
@@ -97,7 +100,7 @@ class Command(BaseCommand):
                                              json={"text": f"hola {number}"})
             self._say(f"call {number}: HTTP {answer.status_code}, cost {_usdc(int(answer.headers['X-Usage-Cost']))}, "
                       f"escrow remaining {_usdc(int(answer.headers['X-Escrow-Remaining']))}")
-        verified = self.buyer.verify_usage(agreement_id)
+        verified = self.buyer.verify_usage(agreement)
         self._say(f"the buyer verified {verified.events} receipts against the on-chain receipt signer: "
                   f"{_usdc(verified.cumulative_amount)} used")
 
@@ -119,10 +122,8 @@ class Command(BaseCommand):
     def _direct_purchase(self) -> None:
         self._step("7. A direct one-off purchase (x402 authorization + fee permit, no escrow); the seller accepts")
         service = next(self.buyer.search_services("translator"))
-        permit_nonce = chain.call(
-            lambda: chain.token_contract().functions.nonces(self.wallets[0].address).call())
-        proposed = self.buyer.propose_direct_purchase(service["id"], 1, private_key=self.buyer_private_key,
-                                                      permit_nonce=permit_nonce)
+        proposed = self.buyer.propose_direct_purchase(service["id"], 1, wallet=self.buyer_private_key,
+                                                      max_unit_price_atomic=service["pricing"]["unit_price_atomic"])
         self.seller.accept_agreement(proposed["id"])
         paid = self.buyer.wait_until(proposed["id"], statuses={"paid"}, failure={"payment_failed"},
                                      timeout=self.timeout, poll_interval=0.5)
