@@ -158,7 +158,7 @@ def test_at_the_fee_cap_the_same_bytes_go_out_until_the_wallet_is_topped_up(
     settings.CHAIN_REPLACE_AFTER = settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
     escrow_chain.rpc("anvil_setBalance", [relayer_address, "0x0"])  # the gas wallet ran dry
     run(callbacks, capture)
-    for _ in range(30):
+    for _ in range(100):
         confirm_all(capture)  # bumps, then rebroadcasts the capped bytes; never an IntegrityError
         tx.refresh_from_db()
         if tx.fee_cap_reached_at is not None:
