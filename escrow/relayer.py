@@ -35,7 +35,7 @@ _outcome_handlers: dict[str, OutcomeHandler] = {}
 _submitted_handlers: dict[str, OutcomeHandler] = {}
 _evidence_readers: dict[str, EvidenceReader] = {}
 _GAS_HEADROOM_PERCENT = 25
-# A poll stops early when this many transactions in a row could not be checked for want of the RPC.
+# A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
 _POLL_GIVES_UP_AFTER = 5
 
 
@@ -329,22 +329,23 @@ def _after_nonce_too_low(tx: ChainTransaction) -> ChainTransaction | None:
 def transactions_poll() -> int:
     """Check every in-flight transaction (the beat task). Returns how many were looked at.
 
-    An RPC failure on one transaction (timeout, 429, 5xx after the per-call retries) skips only that one; the
-    poll stops early when the node is unreachable or several transactions in a row failed that way."""
+    An RPC failure on one transaction (timeout, 429, 5xx after the per-call retries) skips only that one. The poll
+    stops early only when the node is unreachable, or when the first several checks all failed (a node that
+    answers nothing is not asked about every row)."""
     pending = list(ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED])
                    .order_by("updated_at").values_list("pk", flat=True)[:500])
-    failed_in_a_row = 0
+    checked = failed = 0
     for tx_id in pending:
+        checked += 1
         try:
             transaction_check(transaction_id=tx_id)
-            failed_in_a_row = 0
         except chain.RpcUnreachable:
             logger.warning("chain RPC unreachable while polling; will retry")
             break
         except chain.ChainError as error:
             logger.warning("chain transaction not checked", extra={"tx_id": str(tx_id), "error": str(error)})
-            failed_in_a_row += 1
-            if failed_in_a_row >= _POLL_GIVES_UP_AFTER:
+            failed += 1
+            if failed == checked == _POLL_GIVES_UP_AFTER:
                 break
     return len(pending)
 

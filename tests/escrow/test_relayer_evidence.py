@@ -13,8 +13,9 @@ from django.urls import reverse
 from escrow import chain as gateway
 from escrow import relayer, settlement
 from escrow.models import ChainTransaction, TxAttempt, TxStatus
+from tests.agreements.test_invocations import PRICE, Market
 from tests.escrow.conftest import Escrows
-from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, fund, usdc_balance
 from tests.marketplace.conftest import scrape
 from tests.support.db_activity import backend_pid, session_state
 from tests.support.rpc_relay import RpcRelay
@@ -88,6 +89,40 @@ def test_an_attempt_mined_just_before_its_rebroadcast_is_found_not_sent_again(
     assert usdc_balance(escrow_chain, parties.buyer_account.address) == buyer_before - funded
 
 
+def test_a_payout_mined_just_before_its_rebroadcast_pays_the_seller_once(
+        escrow_chain, http_server, rpc_relay, settings, django_capture_on_commit_callbacks):
+    capture = django_capture_on_commit_callbacks
+    market = Market(escrow_chain, http_server)
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    fund(escrow_chain, market.treasury, 10 * USDC)  # the treasury's float: a second payout would go through
+    payment = market.pay("translate")
+    buyer, seller, treasury = market.balances()
+    sends = []
+
+    def payout_broadcast(call) -> bool:  # the second transaction: the buyer's payment is the first
+        sends.extend([call] if is_send(call) else [])
+        return is_send(call) and len(sends) == 2
+
+    rpc_relay.before_once(payout_broadcast, lambda: rpc_relay.node("evm_setAutomine", [False]))
+    try:
+        with capture(execute=True):
+            response = market.call("translate", payment)
+        assert response.status_code == 200, response.content
+        payout = ChainTransaction.objects.get(purpose="invocation_payout")
+        assert payout.status == TxStatus.SUBMITTED  # waiting in the mempool
+        settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+        rpc_relay.before_once(is_send, lambda: rpc_relay.node("evm_mine"))
+        confirm_all(capture)  # no receipt yet; mined just before the rebroadcast arrives: "nonce too low"
+    finally:
+        rpc_relay.node("evm_setAutomine", [True])
+    confirm_all(capture)
+    confirm_all(capture)
+
+    payout.refresh_from_db()
+    assert payout.status == TxStatus.CONFIRMED and payout.attempts.count() == 1
+    assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)  # the seller paid once
+
+
 def test_a_nonce_used_by_someone_else_is_sent_again_under_a_new_nonce(
         parties, escrow_chain, settings, django_capture_on_commit_callbacks):
     capture = django_capture_on_commit_callbacks
@@ -123,7 +158,7 @@ def test_at_the_fee_cap_the_same_bytes_go_out_until_the_wallet_is_topped_up(
     settings.CHAIN_REPLACE_AFTER = settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
     escrow_chain.rpc("anvil_setBalance", [relayer_address, "0x0"])  # the gas wallet ran dry
     run(callbacks, capture)
-    for _ in range(30):
+    for _ in range(100):
         confirm_all(capture)  # bumps, then rebroadcasts the capped bytes; never an IntegrityError
         tx.refresh_from_db()
         if tx.fee_cap_reached_at is not None:
