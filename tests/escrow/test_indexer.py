@@ -114,6 +114,24 @@ def test_buyer_reclaims_directly_after_expiry(funded, escrow_chain, django_captu
     call_command("reconcile")
 
 
+def test_anyone_finalizes_after_the_window(funded, escrow_chain, django_capture_on_commit_callbacks):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 5)
+    seller_proposes_directly(funded, chain)
+    index(capture)
+    chain.increase_time(3601)
+    mined(chain, chain.escrow.functions.finalize(funded.onchain_id).transact({"from": chain.accounts.stranger.address}))
+
+    index(capture)
+    settled = funded.agreement(funded.agreement_id)
+    assert settled["status"] == "settled"
+    assert (settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (100_000, 1_900_000)
+    assert statuses(funded.agreement_id)[-3:] == [("active", "in_challenge"), ("in_challenge", "settling"),
+                                                  ("settling", "settled")]
+    assert ChainEvent.objects.get(name="Settled").from_status == "in_challenge"
+    call_command("reconcile", stdout=io.StringIO())
+
+
 def test_activation_relayed_by_someone_else_and_the_relayer_receipt_converge(
         escrow_chain, http_server, django_capture_on_commit_callbacks):
     """The indexer sees the activation before the relayer polls its receipt: one transition, whichever first."""
