@@ -2,7 +2,8 @@
 
 The relayer only knows its own transactions; anyone may call the contract (the seller's `proposeSettlement`, the
 buyer's `reclaim`, anyone's `finalize`). `index_pass` reads, with `eth_getLogs` in ranges of at most
-INDEXER_BLOCK_RANGE blocks, from the escrow's deployment block up to the block CHAIN_CONFIRMATIONS deep:
+INDEXER_BLOCK_RANGE blocks, from the escrow's deployment block up to the block CHAIN_CONFIRMATIONS deep (and
+no newer than the node's `safe` or `finalized` block when INDEXER_HEAD_TAG names one):
 
 - every escrow event, and every token `Transfer` from or to the escrow, the treasury (relayer) or the fee
   recipient, stored once as a `ChainEvent` (unique by block hash and log index);
@@ -110,8 +111,12 @@ def _cursor() -> IndexerCursor:
 
 
 def _safe_head(head: int) -> int:
-    """The newest block at the confirmation depth (depth 1: the head itself)."""
-    return head - max(settings.CHAIN_CONFIRMATIONS, 1) + 1
+    """The newest block at the confirmation depth (depth 1: the head itself), and no newer than the node's
+    INDEXER_HEAD_TAG block (`safe` or `finalized`) where the chain has one."""
+    safe = head - max(settings.CHAIN_CONFIRMATIONS, 1) + 1
+    if settings.INDEXER_HEAD_TAG:
+        safe = min(safe, chain.tagged_block_number(settings.INDEXER_HEAD_TAG))
+    return safe
 
 
 # --- the pass --------------------------------------------------------------------------------------------------

@@ -271,3 +271,15 @@ def test_lag_in_reconcile_readyz_and_metrics(escrow_chain, settings, admin_clien
     assert f"applied up to block {head}, chain head {head}: 0 block(s) behind" in out.getvalue()
     assert Client().get("/readyz").status_code == 200
     assert "marketplace_indexer_lag_blocks 0.0" in admin_client.get("/metrics").content.decode()
+
+
+def test_indexing_stops_at_the_confirmation_depth_and_the_tagged_block(escrow_chain, settings):
+    escrow_chain.mine(80)
+    head = escrow_chain.block_number()
+    settings.INDEXER_HEAD_TAG = "finalized"  # Anvil: 64 blocks behind the head
+    finalized = escrow_chain.w3.eth.get_block("finalized")["number"]
+    assert finalized < head - 2
+    assert indexer.index_pass().indexed_to == finalized
+    settings.INDEXER_HEAD_TAG = ""
+    settings.CHAIN_CONFIRMATIONS = 3
+    assert indexer.index_pass().indexed_to == head - 2
