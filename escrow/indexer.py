@@ -163,9 +163,8 @@ def _fetch(cursor: IndexerCursor, start: int, end: int) -> tuple[str, list] | No
     end_hash = chain.canonical_block_hash(end)
     escrow = chainconfig.escrow_address()
     logs = chain.logs(address=escrow, from_block=start, to_block=end)
-    transfer_topic = _TRANSFER_TOPIC
     watched = [_address_topic(address) for address in _watched_addresses()]
-    for topics in ([transfer_topic, watched], [transfer_topic, None, watched]):
+    for topics in ([_TRANSFER_TOPIC, watched], [_TRANSFER_TOPIC, None, watched]):
         logs += chain.logs(address=chainconfig.usdc_address(), from_block=start, to_block=end, topics=topics)
     if end_hash is None or chain.canonical_block_hash(end) != end_hash:
         return None
