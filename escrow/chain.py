@@ -296,6 +296,14 @@ def latest_block_timestamp() -> int:
         raise classify(exc) from exc
 
 
+def tagged_block_number(tag: str) -> int:
+    """The number of the node's `safe` or `finalized` block."""
+    try:
+        return int(w3().eth.get_block(tag)["number"])
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+
+
 def canonical_block_hash(number: int) -> str | None:
     try:
         block = w3().eth.get_block(number)

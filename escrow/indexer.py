@@ -2,7 +2,8 @@
 
 The relayer only knows its own transactions; anyone may call the contract (the seller's `proposeSettlement`, the
 buyer's `reclaim`, anyone's `finalize`). `index_pass` reads, with `eth_getLogs` in ranges of at most
-INDEXER_BLOCK_RANGE blocks, from the escrow's deployment block up to the block CHAIN_CONFIRMATIONS deep:
+INDEXER_BLOCK_RANGE blocks, from the escrow's deployment block up to the block CHAIN_CONFIRMATIONS deep (and
+no newer than the node's `safe` or `finalized` block when INDEXER_HEAD_TAG names one):
 
 - every escrow event, and every token `Transfer` from or to the escrow, the treasury (relayer) or the fee
   recipient, stored once as a `ChainEvent` (unique by block hash and log index);
@@ -110,8 +111,12 @@ def _cursor() -> IndexerCursor:
 
 
 def _safe_head(head: int) -> int:
-    """The newest block at the confirmation depth (depth 1: the head itself)."""
-    return head - max(settings.CHAIN_CONFIRMATIONS, 1) + 1
+    """The newest block at the confirmation depth (depth 1: the head itself), and no newer than the node's
+    INDEXER_HEAD_TAG block (`safe` or `finalized`) where the chain has one."""
+    safe = head - max(settings.CHAIN_CONFIRMATIONS, 1) + 1
+    if settings.INDEXER_HEAD_TAG:
+        safe = min(safe, chain.tagged_block_number(settings.INDEXER_HEAD_TAG))
+    return safe
 
 
 # --- the pass --------------------------------------------------------------------------------------------------
@@ -137,7 +142,7 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
                     break
                 start = cursor.next_block
                 end = min(start + settings.INDEXER_BLOCK_RANGE - 1, safe)
-                fetched = _fetch(start, end)
+                fetched = _fetch(cursor, start, end)
                 if fetched is None:
                     break  # the chain changed while we read: the next pass starts with the reorg check
                 end_hash, logs = fetched
@@ -152,16 +157,18 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
     return result
 
 
-def _fetch(start: int, end: int) -> tuple[str, list] | None:
-    """The logs of [start, end] and the hash of `end`; None when `end` changed while we read (a reorg)."""
+def _fetch(cursor: IndexerCursor, start: int, end: int) -> tuple[str, list] | None:
+    """The logs of [start, end] and the hash of `end`; None when the chain changed while we read (a reorg):
+    `end` must keep its hash across the reads, and the cursor's block must still be canonical after them."""
     end_hash = chain.canonical_block_hash(end)
     escrow = chainconfig.escrow_address()
     logs = chain.logs(address=escrow, from_block=start, to_block=end)
-    transfer_topic = _TRANSFER_TOPIC
     watched = [_address_topic(address) for address in _watched_addresses()]
-    for topics in ([transfer_topic, watched], [transfer_topic, None, watched]):
+    for topics in ([_TRANSFER_TOPIC, watched], [_TRANSFER_TOPIC, None, watched]):
         logs += chain.logs(address=chainconfig.usdc_address(), from_block=start, to_block=end, topics=topics)
     if end_hash is None or chain.canonical_block_hash(end) != end_hash:
+        return None
+    if cursor.last_block is not None and chain.canonical_block_hash(cursor.last_block) != cursor.last_block_hash:
         return None
     unique = {(_hex(log["blockHash"]), log["logIndex"]): log for log in logs}  # a transfer may match both queries
     return end_hash, sorted(unique.values(), key=lambda log: (log["blockNumber"], log["logIndex"]))
@@ -229,7 +236,9 @@ def _agreement_id(args: dict):
 
 def _store_and_apply(cursor: IndexerCursor, log) -> None:
     block_hash, tx_hash = _hex(log["blockHash"]), _hex(log["transactionHash"])
-    if ChainEvent.objects.filter(block_hash=block_hash, log_index=log["logIndex"]).exists():
+    same_log = ChainEvent.objects.filter(block_hash=block_hash, log_index=log["logIndex"])
+    same_log.exclude(removed_at=None).delete()  # its block was reorged out and is canonical again: apply anew
+    if same_log.exists():
         return
     decoded = _decode(log)
     if decoded is None:

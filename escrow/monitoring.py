@@ -64,7 +64,8 @@ metrics.scrape_collector_register(
     name="marketplace_indexer_events",
     documentation="Contract events the chain indexer holds (reorged ones left out), by effect: applied, already "
                   "(the relayer's receipt came first), recorded (no state to change), failed (not applied).",
-    labels=("effect",), counts=lambda: {(effect,): n for effect, n in selectors.indexer_event_counts_by_effect().items()})
+    labels=("effect",),
+    counts=lambda: {(effect,): count for effect, count in selectors.indexer_event_counts_by_effect().items()})
 dashboard.counts_register(title="Chain transactions by status", counts=_by_status)
 dashboard.failures_register(recent=_failures)
 

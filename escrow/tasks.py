@@ -1,8 +1,12 @@
 """Thin Celery wrappers around the relayer. Tasks pass ids only and are safe to run twice."""
 
+import logging
+
 from celery import shared_task
 
 from escrow import chain, indexer, purchases, relayer, settlement
+
+logger = logging.getLogger(__name__)
 
 
 @shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=2, retry_backoff_max=300, max_retries=20)
@@ -34,6 +38,10 @@ def masumi_purchases_tick() -> dict:
 INDEX_RANGES_PER_TASK = 20
 
 
-@shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=2, max_retries=3)
+@shared_task
 def index_chain() -> dict:
-    return indexer.index_pass(max_ranges=INDEX_RANGES_PER_TASK).as_dict()
+    try:
+        return indexer.index_pass(max_ranges=INDEX_RANGES_PER_TASK).as_dict()
+    except chain.RpcUnavailable as error:  # the beat runs it again shortly; the cursor shows the error meanwhile
+        logger.warning("chain RPC unavailable while indexing; will retry", extra={"error": str(error)})
+        return {"error": str(error)}

@@ -4,7 +4,8 @@ chain indexer is at most INDEXER_MAX_LAG_BLOCKS behind the chain head).
 
 A load balancer stops routing to an instance whose `/readyz` is 503; an orchestrator restarts one whose
 `/healthz` does not answer. The 503 names the dependencies that failed (details go to the log, not to the
-unauthenticated caller). Apps add their own dependencies with `readiness_check_register` (escrow: the chain and the indexer's lag).
+unauthenticated caller). Apps add their own dependencies with `readiness_check_register` (escrow: the chain
+and the indexer's lag).
 """
 
 import contextvars

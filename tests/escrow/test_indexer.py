@@ -11,7 +11,9 @@ from django.urls import reverse
 
 from agreements.models import AgreementEvent, UsageAgreement
 from escrow import indexer
-from escrow.models import ChainEvent, EventEffect
+from escrow.models import ChainEvent, ChainTransaction, EventEffect
+from sdk import typed_data as td
+from sdk.activation import sign_activation_package
 from sdk.typed_data import sign_typed_data
 from tests.conftest import error_code
 from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
@@ -114,6 +116,24 @@ def test_buyer_reclaims_directly_after_expiry(funded, escrow_chain, django_captu
     call_command("reconcile")
 
 
+def test_anyone_finalizes_after_the_window(funded, escrow_chain, django_capture_on_commit_callbacks):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 5)
+    seller_proposes_directly(funded, chain)
+    index(capture)
+    chain.increase_time(3601)
+    mined(chain, chain.escrow.functions.finalize(funded.onchain_id).transact({"from": chain.accounts.stranger.address}))
+
+    index(capture)
+    settled = funded.agreement(funded.agreement_id)
+    assert settled["status"] == "settled"
+    assert (settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (100_000, 1_900_000)
+    assert statuses(funded.agreement_id)[-3:] == [("active", "in_challenge"), ("in_challenge", "settling"),
+                                                  ("settling", "settled")]
+    assert ChainEvent.objects.get(name="Settled").from_status == "in_challenge"
+    call_command("reconcile", stdout=io.StringIO())
+
+
 def test_activation_relayed_by_someone_else_and_the_relayer_receipt_converge(
         escrow_chain, http_server, django_capture_on_commit_callbacks):
     """The indexer sees the activation before the relayer polls its receipt: one transition, whichever first."""
@@ -130,6 +150,52 @@ def test_activation_relayed_by_someone_else_and_the_relayer_receipt_converge(
     confirm_all(capture)
     assert parties.agreement(agreement["id"])["status"] == "active"
     assert [to for _, to in statuses(agreement["id"])].count("active") == 1
+
+
+def test_relayer_receipt_after_the_agreement_moved_on_is_a_no_op(escrow_chain, http_server,
+                                                                 django_capture_on_commit_callbacks):
+    """The indexer applied the activation and the seller's proposal before the relayer polled its activation
+    receipt: the late receipt must not try to move the agreement back (it used to raise invalid_transition)."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    parties.agreement_id = agreement["id"]
+    parties.onchain_id = UsageAgreement.objects.get(pk=agreement["id"]).onchain_id
+    with capture(execute=True):
+        parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                               parties.signed_activation(agreement["id"]))
+    mined(chain, UsageAgreement.objects.get(pk=agreement["id"]).activation_tx_hash)
+    index(capture)
+    call_n(parties, 2)
+    seller_proposes_directly(parties, chain)
+    index(capture)
+    confirm_all(capture)  # the activation receipt, late
+    assert parties.agreement(agreement["id"])["status"] == "in_challenge"
+    assert ChainTransaction.objects.get(agreement_id=agreement["id"]).status == "confirmed"
+
+
+def test_buyer_intent_relayed_by_someone_else_activates(escrow_chain, http_server,
+                                                        django_capture_on_commit_callbacks):
+    """The buyer's signed package is sent to the contract by someone else, never through activate-escrow."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    package = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/activation-package").json()
+    signed = sign_activation_package(package, parties.buyer_account.key)
+    permit = signed["escrow_permit"]
+    fee = signed["fee_permit"]
+    mined(chain, chain.escrow.functions.activate(
+        td.message_tuple(package["intent"]), signed["intent_signature"],
+        td.onchain_permit(value=permit["value"], deadline=permit["deadline"], signature=permit["signature"]),
+        td.onchain_permit(value=fee["value"], deadline=fee["deadline"], signature=fee["signature"]),
+    ).transact({"from": chain.accounts.stranger.address, "gas": 1_000_000}))
+
+    index(capture)
+    active = parties.agreement(agreement["id"])
+    assert active["status"] == "active"
+    assert statuses(agreement["id"])[-2:] == [("accepted", "submitting"), ("submitting", "active")]
+    assert parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/work").status_code == 200
+    call_command("reconcile", stdout=io.StringIO())
 
 
 def test_reorg_removing_a_proposal_rolls_back_and_applies_the_canonical_events(
@@ -205,3 +271,15 @@ def test_lag_in_reconcile_readyz_and_metrics(escrow_chain, settings, admin_clien
     assert f"applied up to block {head}, chain head {head}: 0 block(s) behind" in out.getvalue()
     assert Client().get("/readyz").status_code == 200
     assert "marketplace_indexer_lag_blocks 0.0" in admin_client.get("/metrics").content.decode()
+
+
+def test_indexing_stops_at_the_confirmation_depth_and_the_tagged_block(escrow_chain, settings):
+    escrow_chain.mine(80)
+    head = escrow_chain.block_number()
+    settings.INDEXER_HEAD_TAG = "finalized"  # Anvil: 64 blocks behind the head
+    finalized = escrow_chain.w3.eth.get_block("finalized")["number"]
+    assert finalized < head - 2
+    assert indexer.index_pass().indexed_to == finalized
+    settings.INDEXER_HEAD_TAG = ""
+    settings.CHAIN_CONFIRMATIONS = 3
+    assert indexer.index_pass().indexed_to == head - 2

@@ -137,8 +137,12 @@ def assert_books_balance(agreement_id) -> None:
 
 
 def assert_each_transaction_sent_once(agreement_id, purposes: list[str]) -> None:
-    """One logical chain transaction per purpose, confirmed, every attempt of it sharing one nonce."""
-    transactions = ChainTransaction.objects.filter(agreement_id=agreement_id).order_by("created_at")
+    """One logical chain transaction per purpose, confirmed, every attempt of it sharing one nonce. (The indexer
+    may have moved the agreement on the transaction's event before the relayer polled its receipt.)"""
+    rows = ChainTransaction.objects.filter(agreement_id=agreement_id)
+    wait_until(lambda: not rows.filter(status__in=["queued", "submitted", "mined"]).exists(), timeout=30,
+               what=f"the relayer to confirm {purposes}")
+    transactions = rows.order_by("created_at")
     assert [tx.purpose for tx in transactions] == purposes
     for tx in transactions:
         assert tx.status == "confirmed", (tx.purpose, tx.status, tx.failure_reason)
