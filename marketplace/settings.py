@@ -293,3 +293,5 @@ CELERY_BEAT_SCHEDULE["reap-call-intents"] = {
     "task": "agreements.tasks.reap_call_intents",
     "schedule": timedelta(seconds=env.int("PROXY_INTENT_REAP_SECONDS", default=30)),
 }
+# A task message redelivered this many times because its process died is then a dead letter (marketplace.dead_letters).
+TASK_MAX_REDELIVERIES = env.int("TASK_MAX_REDELIVERIES", default=3)

@@ -11,7 +11,7 @@ import pytest
 
 from marketplace import bounded_json
 from tests.catalog.factories import AgentFactory, issue_key, register_service
-from tests.conftest import Api, error_code
+from tests.conftest import Api, codes_at, error_code
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PACKAGES = ["marketplace", "catalog", "policies", "agreements", "escrow", "sdk"]
@@ -63,6 +63,9 @@ def test_the_parser_refuses_what_it_must_not_parse(settings):
         assert refused.value.reason == reason
     assert bounded_json.loads(b'["\\\\u0000"]') == ["\\u0000"]  # an escaped backslash, then "u0000": no NUL
     with pytest.raises(bounded_json.InvalidJSON) as refused:
+        bounded_json.loads(b'{"a": [1, {"b": "\\u0000"}]}')
+    assert refused.value.path == ("a", 1, "b")
+    with pytest.raises(bounded_json.InvalidJSON) as refused:
         bounded_json.loads(b"[1, 2]", max_bytes=5)
     assert refused.value.reason == "too_large"
 
@@ -91,9 +94,12 @@ def test_deep_json_to_the_search_is_400(db):
     assert response.status_code == 400 and error_code(response) == "invalid_json"
 
 
-def test_a_nul_character_in_a_json_field_is_400_not_500(skill_route, caplog):
-    response = post_raw(Api(), skill_route, json.dumps({"input": {"text": "a\u0000b"}}).encode())
-    assert response.status_code == 400 and error_code(response) == "invalid_json"
+def test_a_nul_character_in_a_json_field_is_400_naming_the_field_not_500(skill_route, caplog):
+    """PostgreSQL stores no NUL in text or jsonb: the skill's input (a JSON field) failed the insert with a 500."""
+    response = post_raw(Api(), skill_route, json.dumps({"input": {"items": ["ok", {"text": "a\u0000b"}]}}).encode())
+    assert codes_at(response, "input", "items", 1, "text") == {"null_characters_not_allowed"}
+    in_a_key = post_raw(Api(), skill_route, json.dumps({"input": {"a\u0000": 1}}).encode())
+    assert codes_at(in_a_key, "input") == {"null_characters_not_allowed"}
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
