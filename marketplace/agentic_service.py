@@ -2,8 +2,8 @@
 
 `POST /start_job` {"input_data"} -> {"job_id", "payment_id"}; `GET /status?job_id=` -> {"job_id", "status",
 "result"?}; `GET /availability` -> {"status": "available" | "unavailable", "uptime"?, "message"?}.
-Every failure (network, timeout, non-2xx, a body that is not the documented shape, too large or nested too deep) is one `AgenticServiceError`,
-so callers decide what to retry without knowing httpx.
+Every failure (network, timeout, non-2xx, a body that is not the documented shape, too large or nested too deep)
+is one `AgenticServiceError`, so callers decide what to retry without knowing httpx.
 """
 
 from dataclasses import dataclass

@@ -189,7 +189,7 @@ def test_a_task_that_kills_its_process_is_dead_lettered(stack, tmp_path: Path, s
     stack.worker = celery_worker(stack.worker.env, stack.log_dir, pool="prefork", include="tests.faults.poison_tasks")
     stack.start_worker()
     runs = tmp_path / "runs"
-    with Celery(broker=stack.redis.url) as client:
+    with Celery(broker=stack.redis.url, set_as_current=False) as client:  # the suite's own app stays current
         sent = client.send_task("tests.faults.poison_tasks.crash_the_process", args=[str(runs)])
 
     wait_until(lambda: RedeliveredTask.objects.filter(task_id=sent.id, dead_lettered_at__isnull=False).exists(),

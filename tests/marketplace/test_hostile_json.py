@@ -1,6 +1,7 @@
 """Hostile JSON: nesting deep enough to exhaust the parser's recursion, a NUL character PostgreSQL cannot store,
 a body larger than the platform reads. Each is a 4xx in the error shape, never a 500 or a dead process."""
 
+import base64
 import json
 import logging
 import subprocess
@@ -110,3 +111,13 @@ def test_a_body_over_the_upload_limit_is_413_without_a_traceback(skill_route, se
         assert response.status_code == 413, response.content
         assert error_code(response) == "request_too_large"
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@pytest.mark.chain
+def test_a_deep_payment_header_is_a_malformed_payment(escrow_chain, skill_route):
+    """The x402 payment header is base64 JSON, parsed by the x402 library with the unbounded json.loads."""
+    header = base64.b64encode(b'{"x402Version": 2, "payload": ' + deep(5_000) + b"}").decode()
+    response = Api().client.post(skill_route, data=json.dumps({"input": {"text": "hi"}}),
+                                 content_type="application/json", HTTP_X_PAYMENT_SIGNATURE=header)
+    assert response.status_code == 402, response.content
+    assert response.json()["error"]["code"] == "malformed_payment"
