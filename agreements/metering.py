@@ -74,27 +74,44 @@ def _transaction_without_flush_wait():
         yield
 
 
+_RESERVE = ("UPDATE {agreements} SET reserved = reserved + %s, call_counter = call_counter + 1 "
+            "WHERE id = %s AND status = %s AND completion_requested_at IS NULL AND expires_at > %s "
+            "AND used + reserved + %s <= deposit_amount RETURNING id, call_counter")
+_INTENT_COLUMNS = "agreement_id, call_seq, amount, request_id, request_nonce, method, path, created_at"
+
+
 def reservation_take(*, agreement: UsageAgreement, amount: int, request_id: str, request_nonce: str, method: str,
                      path: str) -> Reservation:
     """Hold `amount` of the budget for one call and record the call's intent with it, or 402 when it would exceed
     the deposit."""
-    table = UsageAgreement._meta.db_table
-    pk = UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection)
-    with _transaction_without_flush_wait(), connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {table} SET reserved = reserved + %s, call_counter = call_counter + 1 "  # noqa: S608
-            "WHERE id = %s AND status = %s AND completion_requested_at IS NULL AND expires_at > %s "
-            "AND used + reserved + %s <= deposit_amount RETURNING call_counter",
-            [amount, pk, S.ACTIVE, timezone.now(), amount],
-        )
-        row = cursor.fetchone()
-        if row is not None:
-            cursor.execute(
-                f"INSERT INTO {CallIntent._meta.db_table} (agreement_id, amount, call_seq, request_id, "  # noqa: S608
-                "request_nonce, method, path, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                [pk, amount, row[0], request_id, request_nonce, method, path[:500], timezone.now()])
-            return Reservation(agreement_id=agreement.pk, amount=amount, call_seq=row[0],
-                               intent_id=cursor.fetchone()[0])
+    now = timezone.now()
+    reserve = _RESERVE.format(agreements=UsageAgreement._meta.db_table)
+    reserve_params = [amount, UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection), S.ACTIVE, now,
+                      amount]
+    intent = [amount, request_id, request_nonce, method, path[:500], now]
+    insert = f"INSERT INTO {CallIntent._meta.db_table} ({_INTENT_COLUMNS}) "
+    if connection.vendor == "postgresql":
+        # One statement, so one round trip: reserve, record the intent and (outside a caller's transaction) commit
+        # without waiting for the WAL flush, as _transaction_without_flush_wait explains.
+        flush = "" if connection.in_atomic_block else \
+            "flush AS (SELECT set_config('synchronous_commit', 'off', true)), "
+        with connection.cursor() as cursor:
+            cursor.execute(f"WITH {flush}taken AS ({reserve}) {insert}"  # noqa: S608
+                           f"SELECT taken.id, taken.call_counter, %s, %s, %s, %s, %s, %s "
+                           f"FROM taken{', flush' if flush else ''} RETURNING call_seq, id",
+                           reserve_params + intent)
+            row = cursor.fetchone()
+    else:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(reserve, reserve_params)
+            taken = cursor.fetchone()
+            row = None
+            if taken is not None:
+                cursor.execute(f"{insert}VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING call_seq, id",  # noqa: S608
+                               [*taken, *intent])
+                row = cursor.fetchone()
+    if row is not None:
+        return Reservation(agreement_id=agreement.pk, amount=amount, call_seq=row[0], intent_id=row[1])
     current = UsageAgreement.objects.get(pk=agreement.pk)
     if current.status != S.ACTIVE:
         raise _not_chargeable(current)
@@ -120,13 +137,16 @@ def reservation_answered(*, reservation: Reservation, units: int, cost: int, ups
     written, the reaper charges the call from this record."""
     # One statement, its own transaction; on PostgreSQL set_config(..., true) lets its commit skip the flush wait.
     skip_flush_wait = connection.vendor == "postgresql" and not connection.in_atomic_block
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {CallIntent._meta.db_table} SET answered_at = %s, units = %s, cost = %s, "  # noqa: S608
-            "upstream_status = %s, latency_ms = %s "
-            + ("FROM (SELECT set_config('synchronous_commit', 'off', true)) AS flush " if skip_flush_wait else "")
-            + "WHERE id = %s",
-            [timezone.now(), units, cost, upstream_status, latency_ms, reservation.intent_id])
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {CallIntent._meta.db_table} SET answered_at = %s, units = %s, cost = %s, "  # noqa: S608
+                "upstream_status = %s, latency_ms = %s "
+                + ("FROM (SELECT set_config('synchronous_commit', 'off', true)) AS flush " if skip_flush_wait else "")
+                + "WHERE id = %s",
+                [timezone.now(), units, cost, upstream_status, latency_ms, reservation.intent_id])
+    except (OperationalError, InterfaceError):
+        pass  # the database went away: the charge that follows finds out, and settles the call by itself
 
 
 def reservation_release(*, reservation: Reservation) -> None:

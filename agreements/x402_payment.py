@@ -23,6 +23,7 @@ from django.db import IntegrityError, transaction
 from pydantic import ValidationError
 from x402 import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo
 from x402.http import decode_payment_signature_header, encode_payment_required_header
+from x402.http.utils import safe_base64_decode
 from x402.mechanisms.evm import constants as evm
 from x402.mechanisms.evm.eip712 import hash_eip3009_authorization
 from x402.mechanisms.evm.types import ExactEIP3009Payload
@@ -30,7 +31,7 @@ from x402.mechanisms.evm.utils import format_amount, hex_to_bytes
 from x402.mechanisms.evm.verify import verify_eoa_signature
 
 from agreements.models import PaymentAuthorization
-from marketplace import chainconfig
+from marketplace import bounded_json, chainconfig
 from marketplace.fields import is_address
 from sdk.typed_data import USDC_DOMAIN_NAME, USDC_DOMAIN_VERSION
 
@@ -125,6 +126,7 @@ def payment_header(headers) -> str | None:
 def decode(header: str) -> PaymentPayload:
     """x402's base64 JSON payment payload (v1 payloads are normalised to v2's shape)."""
     try:
+        bounded_json.loads(safe_base64_decode(header))  # x402 parses it with json.loads, which has no depth limit
         payload = decode_payment_signature_header(header)
     except (binascii.Error, UnicodeDecodeError, ValidationError, ValueError, AttributeError, TypeError) as exc:
         raise InvalidPayment("malformed_payment", "The payment header is not a base64 x402 payment payload "

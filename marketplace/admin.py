@@ -13,6 +13,7 @@ from django.contrib import admin
 from django.utils.html import format_html
 
 from marketplace import explorer, money
+from marketplace.models import RedeliveredTask
 
 admin.site.site_header = "Agent Escrow Marketplace"
 admin.site.site_title = "Agent Escrow Marketplace"
@@ -144,3 +145,30 @@ def short_id_column(field: str = "pk", *, description: str = "id"):
 
     column.__name__ = f"short_{field}"
     return column
+
+
+# --- poison messages ---------------------------------------------------------------------------------------------
+
+class DeadLetteredFilter(admin.SimpleListFilter):
+    title = "dead letter"
+    parameter_name = "dead"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Dead letters"), ("no", "Still being retried")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(dead_lettered_at__isnull=self.value() == "no")
+        return queryset
+
+
+@admin.register(RedeliveredTask)
+class RedeliveredTaskAdmin(MoneyRecordAdmin):
+    """Poison messages (marketplace.dead_letters), view only: a dead letter is re-run by hand once its cause is
+    fixed."""
+
+    list_display = ("task_name", "task_id", "redeliveries", "dead_lettered_at", "updated_at")
+    list_filter = (DeadLetteredFilter, "task_name")
+    search_fields = ("task_id", "task_name")
+    readonly_fields = ("task_id", "task_name", "args", "kwargs", "redeliveries", "dead_lettered_at", "created_at",
+                       "updated_at")

@@ -7,8 +7,7 @@ Two versions of `POST /start_job`, chosen per service (catalog's `masumi_protoco
 Both: `GET /status?job_id=` -> {"status", "result"?, ...}; `GET /availability` -> {"status": "available" |
 "unavailable", "uptime"?, "message"?}.
 Every failure (network, timeout, non-2xx, a body that is not the documented shape, too large or nested too
-deep) is one `AgenticServiceError`,
-so callers decide what to retry without knowing httpx.
+deep) is one `AgenticServiceError`, so callers decide what to retry without knowing httpx.
 """
 
 from dataclasses import dataclass

@@ -22,10 +22,11 @@ _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 class InvalidJSON(ValueError):
-    """Not JSON, nested deeper than allowed, larger than allowed, or holding a NUL character. `reason` says which."""
+    """Not JSON, nested deeper than allowed, larger than allowed, or holding a NUL character. `reason` says which;
+    `path` (keys and indexes) where the NUL character is."""
 
-    def __init__(self, message: str, *, reason: str):
-        self.reason = reason
+    def __init__(self, message: str, *, reason: str, path: tuple = ()):
+        self.reason, self.path = reason, path
         super().__init__(message)
 
 
@@ -35,19 +36,21 @@ def depth(text: str) -> int:
     return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
-def _holds_nul(value) -> bool:
-    pending = [value]
+def _nul_path(value) -> tuple | None:
+    """Where the first string holding a NUL character is (a key holding one: its object), or None."""
+    pending = [((), value)]
     while pending:
-        item = pending.pop()
+        path, item = pending.pop()
         if isinstance(item, str):
             if "\x00" in item:
-                return True
+                return path
         elif isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
+            if any("\x00" in key for key in item):
+                return path
+            pending.extend(((*path, key), child) for key, child in item.items())
         elif isinstance(item, list):
-            pending.extend(item)
-    return False
+            pending.extend(((*path, index), child) for index, child in enumerate(item))
+    return None
 
 
 def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int | None = None):
@@ -66,6 +69,7 @@ def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int | N
         value = json.loads(text)
     except (ValueError, RecursionError) as error:
         raise InvalidJSON(f"The JSON is malformed: {error}", reason="malformed") from None
-    if "\\u0000" in text and _holds_nul(value):
-        raise InvalidJSON("The JSON holds a NUL character (\\u0000), which is not stored.", reason="nul_character")
+    if "\\u0000" in text and (path := _nul_path(value)) is not None:
+        raise InvalidJSON("The JSON holds a NUL character (\\u0000), which is not stored.", reason="nul_character",
+                          path=path)
     return value

@@ -7,21 +7,27 @@ metered proxy forwards bodies as they are and never parses them.
 """
 
 from django.conf import settings
+from rest_framework.exceptions import ErrorDetail, ValidationError
 from rest_framework.parsers import JSONParser
 
 from marketplace import bounded_json
 from marketplace.errors import ApplicationError, InvalidInput, PayloadTooLarge
 
 
-def json_refusal(error: bounded_json.InvalidJSON) -> ApplicationError:
-    """The API error for JSON a caller sent that `bounded_json` refused."""
+def json_refusal(error: bounded_json.InvalidJSON) -> ApplicationError | ValidationError:
+    """The API error for JSON a caller sent that `bounded_json` refused: a NUL character is a validation error
+    naming the field, as DRF's own check of text fields gives."""
     if error.reason == "too_large":
         return PayloadTooLarge(f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.",
                                details={"max_bytes": settings.DATA_UPLOAD_MAX_MEMORY_SIZE})
     if error.reason == "malformed":
         return InvalidInput(str(error), code="malformed_json")
-    details = {"max_depth": settings.JSON_MAX_DEPTH} if error.reason == "too_deep" else {}
-    return InvalidInput(str(error), code="invalid_json", details=details)
+    if error.reason == "nul_character":
+        detail = [ErrorDetail("Null characters are not allowed.", code="null_characters_not_allowed")]
+        for step in reversed(error.path or ("non_field_errors",)):
+            detail = {step: detail}
+        return ValidationError(detail)
+    return InvalidInput(str(error), code="invalid_json", details={"max_depth": settings.JSON_MAX_DEPTH})
 
 
 class BoundedJSONParser(JSONParser):

@@ -342,3 +342,5 @@ TREASURY_USDC_WARN_ATOMIC = env.int("TREASURY_USDC_WARN_ATOMIC", default=50 * 10
 # an agreement still in_challenge this long after its challenge deadline (the settlement tick finalizes it).
 OVERDUE_SUBMITTING_AFTER = timedelta(seconds=env.int("OVERDUE_SUBMITTING_AFTER_SECONDS", default=300))
 OVERDUE_FINALIZE_AFTER = timedelta(seconds=env.int("OVERDUE_FINALIZE_AFTER_SECONDS", default=120))
+# A task message redelivered this many times because its process died is then a dead letter (marketplace.dead_letters).
+TASK_MAX_REDELIVERIES = env.int("TASK_MAX_REDELIVERIES", default=3)

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from agreements import metering, proxy
 from agreements.models import CallIntent, ProxyReplay, UsageAgreement, UsageEvent
+from marketplace.errors import DependencyUnavailable
 from tests.conftest import error_code
 from tests.escrow.flow import Parties
 
@@ -183,11 +184,11 @@ def test_the_reaper_settles_calls_whose_process_died(active, settings):
     assert not ProxyReplay.objects.filter(request_nonce="forwarding").exists()  # free to be used again
 
     # A process that comes back late finds its call settled: charged once, never twice.
-    with pytest.raises(Exception) as late:
+    with pytest.raises(DependencyUnavailable) as late:
         metering.reservation_commit(reservation=forwarding, units=1, cost=PRICE, request_id="req-forwarding",
                                     request_nonce="forwarding", method="GET", path="/work", upstream_status=200,
                                     latency_ms=5)
-    assert getattr(late.value, "code", None) == "call_expired"
+    assert late.value.code == "call_expired"
     assert metering.reservation_commit(reservation=answered, units=1, cost=PRICE, request_id="req-answered",
                                        request_nonce="answered", method="GET", path="/work", upstream_status=200,
                                        latency_ms=5) == event

@@ -50,6 +50,7 @@ class Stack:
     web: Service
     worker: Service
     url: str
+    log_dir: Path
     env: dict  # what the stack's processes run with: for a client command run against it
 
     def api(self, secret: str) -> httpx.Client:
@@ -58,6 +59,10 @@ class Stack:
     def start_worker(self) -> None:
         self.worker.start()
         wait_until(lambda: "ready." in self.worker.log(), timeout=60, what="the Celery worker")
+
+    def start_web(self) -> None:
+        self.web.start()
+        wait_until(lambda: _answers(self.url), timeout=30, what="the web server")
 
     def relayer_nonce(self) -> int:
         """Transactions the relayer has sent, as the chain counts them."""
@@ -74,7 +79,7 @@ class Stack:
 
 @pytest.fixture
 def stack_env() -> dict:
-    """Extra environment for the stack's processes; a test overrides it to change their settings."""
+    """Settings a test module gives its stack on top of the suite's (override the fixture)."""
     return {}
 
 
@@ -91,19 +96,20 @@ def stack(escrow_chain, redis_server, chain_relay, settings, tmp_path: Path, sta
         "RECEIPT_SIGNER_PRIVATE_KEY": settings.RECEIPT_SIGNER_PRIVATE_KEY, "FEE_RECIPIENT": settings.FEE_RECIPIENT,
         "CHAIN_POLL_SECONDS": "1", "SETTLEMENT_TICK_SECONDS": "1", "CHAIN_SWEEP_SECONDS": "2",
         "CHAIN_SWEEP_AFTER_SECONDS": "3", "PROXY_TIMEOUT_SECONDS": "3", "PROXY_CONNECT_TIMEOUT_SECONDS": "2",
+        "PROXY_INTENT_GRACE_SECONDS": "2", "PROXY_INTENT_REAP_SECONDS": "1", "MASUMI_AVAILABILITY_POLL_SECONDS": "1",
         "ALLOW_PRIVATE_UPSTREAMS": "true",  # the test upstream listens on loopback
         **stack_env,
     }
     web = web_server({**common, "DATABASE_URL": database_url("faults-web")}, tmp_path, port)
     worker = celery_worker({**common, "DATABASE_URL": database_url("faults-worker")}, tmp_path)
     stack = Stack(chain=escrow_chain, redis=redis_server, relay=chain_relay, web=web, worker=worker,
-                  url=f"http://127.0.0.1:{port}", env={**common, "DATABASE_URL": database_url("faults-client")})
-    web.start()
-    wait_until(lambda: _answers(stack.url), timeout=30, what="the web server")
+                  url=f"http://127.0.0.1:{port}", log_dir=tmp_path,
+                  env={**common, "DATABASE_URL": database_url("faults-client")})
+    stack.start_web()
     stack.start_worker()
     yield stack
-    worker.stop()
-    web.stop()
+    stack.worker.stop()
+    stack.web.stop()
 
 
 def _answers(url: str) -> bool:

@@ -1,6 +1,7 @@
 """Hostile JSON: nesting deep enough to exhaust the parser's recursion, a NUL character PostgreSQL cannot store,
 a body larger than the platform reads. Each is a 4xx in the error shape, never a 500 or a dead process."""
 
+import base64
 import json
 import logging
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 
 from marketplace import bounded_json
 from tests.catalog.factories import AgentFactory, issue_key, register_service
-from tests.conftest import Api, error_code
+from tests.conftest import Api, codes_at, error_code
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PACKAGES = ["marketplace", "catalog", "policies", "agreements", "escrow", "sdk"]
@@ -63,6 +64,9 @@ def test_the_parser_refuses_what_it_must_not_parse(settings):
         assert refused.value.reason == reason
     assert bounded_json.loads(b'["\\\\u0000"]') == ["\\u0000"]  # an escaped backslash, then "u0000": no NUL
     with pytest.raises(bounded_json.InvalidJSON) as refused:
+        bounded_json.loads(b'{"a": [1, {"b": "\\u0000"}]}')
+    assert refused.value.path == ("a", 1, "b")
+    with pytest.raises(bounded_json.InvalidJSON) as refused:
         bounded_json.loads(b"[1, 2]", max_bytes=5)
     assert refused.value.reason == "too_large"
 
@@ -91,9 +95,12 @@ def test_deep_json_to_the_search_is_400(db):
     assert response.status_code == 400 and error_code(response) == "invalid_json"
 
 
-def test_a_nul_character_in_a_json_field_is_400_not_500(skill_route, caplog):
-    response = post_raw(Api(), skill_route, json.dumps({"input": {"text": "a\u0000b"}}).encode())
-    assert response.status_code == 400 and error_code(response) == "invalid_json"
+def test_a_nul_character_in_a_json_field_is_400_naming_the_field_not_500(skill_route, caplog):
+    """PostgreSQL stores no NUL in text or jsonb: the skill's input (a JSON field) failed the insert with a 500."""
+    response = post_raw(Api(), skill_route, json.dumps({"input": {"items": ["ok", {"text": "a\u0000b"}]}}).encode())
+    assert codes_at(response, "input", "items", 1, "text") == {"null_characters_not_allowed"}
+    in_a_key = post_raw(Api(), skill_route, json.dumps({"input": {"a\u0000": 1}}).encode())
+    assert codes_at(in_a_key, "input") == {"null_characters_not_allowed"}
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
@@ -104,3 +111,13 @@ def test_a_body_over_the_upload_limit_is_413_without_a_traceback(skill_route, se
         assert response.status_code == 413, response.content
         assert error_code(response) == "request_too_large"
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@pytest.mark.chain
+def test_a_deep_payment_header_is_a_malformed_payment(escrow_chain, skill_route):
+    """The x402 payment header is base64 JSON, parsed by the x402 library with the unbounded json.loads."""
+    header = base64.b64encode(b'{"x402Version": 2, "payload": ' + deep(5_000) + b"}").decode()
+    response = Api().client.post(skill_route, data=json.dumps({"input": {"text": "hi"}}),
+                                 content_type="application/json", HTTP_X_PAYMENT_SIGNATURE=header)
+    assert response.status_code == 402, response.content
+    assert response.json()["error"]["code"] == "malformed_payment"
