@@ -80,7 +80,8 @@ class ActivationPackageView(APIView):
     permission_classes = [agent_scope(KeyScope.PAY)]
 
     @extend_schema(operation_id="escrow_activation_package", tags=TAGS,
-                   summary="What the buyer signs to fund the escrow (EIP-712 intent + EIP-2612 permits)",
+                   summary="What the buyer signs to fund the escrow: an EIP-712 intent and one EIP-2612 permit "
+                           "of deposit + fee",
                    responses={200: ActivationPackageSerializer, **error_responses(404, 409, 503)})
     def get(self, request, agreement_id):
         agent = calling_agent(request)

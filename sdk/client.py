@@ -251,7 +251,8 @@ class MarketplaceClient:
     # --- escrow --------------------------------------------------------------------------------------------------
 
     def activation_package(self, agreement_id: AgreementId) -> dict[str, Any]:
-        """What the buyer's wallet signs to fund the escrow: the EIP-712 intent and EIP-2612 permits."""
+        """What the buyer's wallet signs to fund the escrow: the EIP-712 intent and one EIP-2612 permit
+        (deposit + fee). Untrusted: `activate_escrow` only compares it with what the SDK builds."""
         return self._request("GET", f"/usage-agreements/{agreement_id}/activation-package")
 
     def submit_activation(self, agreement_id: AgreementId, signed: Mapping[str, Any], *,

@@ -17,7 +17,8 @@ from eth_account import Account
 from sdk import typed_data
 
 __all__ = ["DEADLINE_MAX_SECONDS", "DEADLINE_MIN_SECONDS", "DeadlineOutOfRange", "LocalWallet", "SigningRefused",
-           "Wallet", "as_wallet", "check_deadline", "check_same", "require_equal"]
+           "Wallet", "as_wallet", "check_deadline", "check_same", "check_typed_data", "require_equal",
+           "typed_message"]
 
 # An activation signature must stay usable long enough to be mined, and not lie around for a day.
 DEADLINE_MIN_SECONDS = 60
@@ -60,10 +61,6 @@ class LocalWallet:
     @property
     def address(self) -> str:
         return str(self._account.address)
-
-    @property
-    def private_key(self) -> str:
-        return "0x" + bytes(self._account.key).hex()
 
     def sign_typed_data(self, typed: dict[str, Any]) -> str:
         return typed_data.sign_typed_data(bytes(self._account.key), typed)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
@@ -49,3 +50,26 @@ def test_the_sdk_installs_and_imports_without_django(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environment, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_402_for_another_token_chain_or_domain_is_not_signed():
+    from x402 import PaymentRequired, PaymentRequirements
+    from x402.http import encode_payment_required_header
+
+    from sdk import SigningRefused, TokenDomain
+    from sdk.networks import BASE_SEPOLIA, NetworkConfig
+    from sdk.x402_payments import sign_payment_required
+
+    network = NetworkConfig.pinned(BASE_SEPOLIA, escrow_address=Account.create().address,
+                                   receipt_signer=Account.create().address, gas_wallet=Account.create().address)
+    honest = {"scheme": "exact", "network": "eip155:84532", "asset": BASE_SEPOLIA.token_address, "amount": "20000",
+              "pay_to": Account.create().address, "max_timeout_seconds": 300,
+              "extra": {"name": "USDC", "version": "2"}}
+    for field, value in (("network", "eip155:8453"), ("asset", Account.create().address),
+                         ("extra", {"name": "USD Coin", "version": "2"})):
+        header = encode_payment_required_header(PaymentRequired(
+            accepts=[PaymentRequirements(**{**honest, field: value})]))
+        with pytest.raises(SigningRefused) as refusal:
+            sign_payment_required(header, Account.create().key.hex(), max_amount_atomic=10**6, network=network,
+                                  token_domain=TokenDomain("USDC", "2"))
+        assert refusal.value.field.startswith(f"accepts[0].{field}")
