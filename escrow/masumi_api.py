@@ -17,7 +17,8 @@ this node has one payment source (the EVM escrow); any other unknown payment typ
 import datetime
 
 from django.conf import settings
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -43,6 +44,7 @@ PAYMENT_TYPE = "EVMUsageEscrowV1"
 CARDANO_PAYMENT_TYPE = "Web3CardanoV1"  # the masumi library's default: names the contract family, one source here
 
 
+@extend_schema_field(OpenApiTypes.STR)
 class MasumiTimeField(serializers.Field):
     """A Masumi timer: Unix milliseconds as a string of digits (or a number), or an ISO 8601 time (the masumi
     library's `POST /payment` sends those); the value is Unix seconds."""
@@ -76,6 +78,12 @@ def _payment_type_field():
                                  "(the masumi library's default) is accepted and ignored.")
 
 
+def _check_smart_contract(value: str | None) -> None:
+    if value is not None and value.lower() != chainconfig.escrow_address().lower():
+        raise InvalidInput("This node's payments go through its escrow contract.", code="wrong_smart_contract",
+                           details={"smartContractAddress": chainconfig.escrow_address()})
+
+
 def _check_payment_type(value: str | None) -> None:
     if value not in (None, PAYMENT_TYPE, CARDANO_PAYMENT_TYPE):
         raise InvalidInput(f"This node's payment type is {PAYMENT_TYPE}.", code="unsupported_payment_type",
@@ -96,6 +104,11 @@ def _input_hash_field():
                                   help_text="MIP-004: sha256 of `identifierFromPurchaser;JCS(input_data)`.")
 
 
+class FundsSerializer(serializers.Serializer):
+    amount = serializers.CharField(max_length=80)
+    unit = serializers.CharField(max_length=250, allow_blank=True)
+
+
 class PurchaseCreateSerializer(StrictSerializer):
     network = _network_field()
     agentIdentifier = serializers.UUIDField(help_text="The service's registry id.")
@@ -107,6 +120,10 @@ class PurchaseCreateSerializer(StrictSerializer):
     sellerVkey = serializers.CharField(max_length=250, required=False,
                                        help_text="With blockchainIdentifier: the seller's wallet address.")
     paymentType = _payment_type_field()
+    smartContractAddress = serializers.CharField(max_length=250, required=False,
+                                                 help_text="If given (masumi-crewai), must be this node's escrow.")
+    Amounts = FundsSerializer(many=True, required=False, max_length=1,
+                              help_text="masumi-crewai sends it: must be the listed price.")
     inputHash = _input_hash_field()
     identifierFromPurchaser = serializers.CharField(max_length=250, required=False, allow_blank=True, default="",
                                                     help_text="Generated (26 hex digits) when not given.")
@@ -150,11 +167,6 @@ class PurchaseListQuery(StrictSerializer):
     blockchainIdentifier = _blockchain_identifier_field(required=False)
     cursorId = serializers.UUIDField(required=False, help_text="Id of the last purchase of the previous page.")
     limit = serializers.IntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=10)
-
-
-class FundsSerializer(serializers.Serializer):
-    amount = serializers.CharField()
-    unit = serializers.CharField()
 
 
 class NextActionSerializer(serializers.Serializer):
@@ -457,7 +469,10 @@ class PurchaseView(APIView):
         data = body.validated_data
         _check_network(data["network"])
         _check_payment_type(data.get("paymentType"))
+        _check_smart_contract(data.get("smartContractAddress"))
         buyer = calling_agent(request)
+        service = catalog_selectors.service_get(service_id=data["agentIdentifier"])
+        purchases.check_listed_price(service=service, funds=data.get("Amounts"))
         if "blockchainIdentifier" in data:
             payment_request = selectors.payment_request_get(blockchain_identifier=data["blockchainIdentifier"])
             if payment_request.service_id != data["agentIdentifier"]:
@@ -468,7 +483,6 @@ class PurchaseView(APIView):
                 identifier_from_purchaser=data["identifierFromPurchaser"], input_hash=data.get("inputHash"),
                 metadata=data["metadata"], timers=_timer_arguments(data))
         else:
-            service = catalog_selectors.service_get(service_id=data["agentIdentifier"])
             purchase, package = purchases.purchase_create(
                 buyer=buyer, service=service, input_data=data["input_data"], input_hash=data.get("inputHash"),
                 identifier_from_purchaser=data["identifierFromPurchaser"], metadata=data["metadata"],

@@ -171,8 +171,6 @@ def purchase_create_for_payment(*, buyer: Agent, payment_request: MasumiPaymentR
     _check_purchasable(service)
     if service.state != ServiceState.REGISTERED:
         raise InvalidInput("This service is deregistered.", code="service_deregistered")
-    if hasattr(payment_request, "purchase"):
-        raise Conflict("This payment request is already being paid.", code="payment_already_purchased")
     expected = {"sellerVkey": service.seller.wallet_address.lower(),
                 "identifierFromPurchaser": payment_request.identifier_from_purchaser,
                 "inputHash": payment_request.input_hash or input_hash,
@@ -206,6 +204,10 @@ def _purchase_record(*, buyer: Agent, service: Service, now: int, at: dict[str, 
         raise InvalidInput("unlockTime may be at most 30 days ahead.", code="invalid_timers",
                            details={"timer": "unlock_time", "max_seconds": MAX_LOCK_SECONDS})
     with transaction.atomic():
+        if payment_request is not None:  # locked: two buyers paying one request, the second is told so
+            MasumiPaymentRequest.objects.select_for_update().get(pk=payment_request.pk)
+            if MasumiPurchase.objects.filter(payment_request=payment_request).exists():
+                raise Conflict("This payment request is already being paid.", code="payment_already_purchased")
         agreement = agreement_services.agreement_propose(
             buyer=buyer, service=service, quantity=1, expires_at=_moment(at["submit_result_time"]),
             challenge_window_seconds=at["unlock_time"] - now, note="masumi purchase")
@@ -307,6 +309,16 @@ def _dispute(purchase: MasumiPurchase) -> ChainTransaction:
 
 # --- seller actions (the /payment family: this marketplace as the seller's Masumi node) -------------------------
 
+def check_listed_price(*, service: Service, funds: list[dict] | None) -> None:
+    """Amounts a Masumi client names (masumi-crewai's RequestedFunds / Amounts) must be the listed price: one
+    amount, in the service's token ("" meaning it). Cardano units ("lovelace") cannot apply."""
+    if funds is not None and (len(funds) != 1 or funds[0]["amount"] != str(service.unit_price)
+                              or funds[0]["unit"] not in ("", service.token)):
+        raise InvalidInput("The amounts must be the service's listed price (one amount, in its token).",
+                           code="requested_funds_mismatch",
+                           details={"expected": [{"amount": str(service.unit_price), "unit": service.token}]})
+
+
 def payment_request_create(*, seller: Agent, service: Service, identifier_from_purchaser: str,
                            input_hash: str | None, metadata: str, timers: dict[str, int | None],
                            requested_funds: list[dict] | None) -> MasumiPurchase | MasumiPaymentRequest:
@@ -320,13 +332,7 @@ def payment_request_create(*, seller: Agent, service: Service, identifier_from_p
     if service.upstream_protocol != UpstreamProtocol.MASUMI or service.state != ServiceState.REGISTERED:
         raise InvalidInput("Payments are requested for registered masumi services only.",
                            code="not_a_masumi_service")
-    price = {"amount": str(service.unit_price), "units": ("", service.token)}
-    if requested_funds is not None and (len(requested_funds) != 1
-                                        or requested_funds[0]["amount"] != price["amount"]
-                                        or requested_funds[0]["unit"] not in price["units"]):
-        raise InvalidInput("RequestedFunds must be the service's listed price (one amount, in its token).",
-                           code="requested_funds_mismatch",
-                           details={"expected": [{"amount": price["amount"], "unit": service.token}]})
+    check_listed_price(service=service, funds=requested_funds)
     funded = MasumiPurchase.objects.filter(
         agreement__service=service, agreement__status=S.ACTIVE, identifier_from_purchaser=identifier_from_purchaser,
         payment_request__isnull=True, job_id="", job_start_claimed_at__isnull=False)
