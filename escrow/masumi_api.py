@@ -153,8 +153,8 @@ class PurchaseLockFundsSerializer(ActivateEscrowSerializer):
 class PurchaseRefundSerializer(StrictSerializer):
     network = _network_field()
     blockchainIdentifier = _blockchain_identifier_field()
-    signature = _signature_field(required=False, help_text="refundRequestTypedData signed by the buyer; without it, the "
-                                                     "one given at lock-funds.")
+    signature = _signature_field(required=False, help_text="refundRequestTypedData signed by the buyer; without "
+                                                           "it, the one given at lock-funds.")
 
 
 class PurchaseReferenceSerializer(StrictSerializer):
@@ -696,19 +696,19 @@ class PaymentInformationView(APIView):
         service = catalog_selectors.service_get(service_id=query.validated_data["agentIdentifier"])
         if service.upstream_protocol != UpstreamProtocol.MASUMI:
             raise InvalidInput("Only masumi services are paid through /purchase.", code="not_a_masumi_service")
+        after, default_timers = 0, {}
+        for masumi_name, seconds in [("payByTime", settings.MASUMI_PAY_BY_SECONDS),
+                                     ("submitResultTime", settings.MASUMI_SUBMIT_RESULT_SECONDS),
+                                     ("unlockTime", settings.MASUMI_UNLOCK_SECONDS),
+                                     ("externalDisputeUnlockTime", settings.MASUMI_EXTERNAL_DISPUTE_SECONDS)]:
+            after += seconds
+            default_timers[masumi_name] = after
         return _success({
             "agentIdentifier": str(service.pk), "name": service.name, "apiBaseUrl": service.upstream_base_url,
             "masumiProtocolVersion": service.masumi_protocol_version, "sellerVkey": service.seller.wallet_address,
             "AgentPricing": {"pricingType": "Fixed" if service.unit_price else "Free",
                              "Pricing": [{"unit": service.token, "amount": str(service.unit_price)}]},
-            "token": chainconfig.usdc_address() if service.token == "USDC" else service.token, "network": settings.MASUMI_NETWORK,
-            "chainId": settings.CHAIN_ID, "PaymentSource": _payment_source(),
-            "defaultTimers": {"payByTime": settings.MASUMI_PAY_BY_SECONDS,
-                              "submitResultTime": settings.MASUMI_PAY_BY_SECONDS + settings.MASUMI_SUBMIT_RESULT_SECONDS,
-                              "unlockTime": settings.MASUMI_PAY_BY_SECONDS + settings.MASUMI_SUBMIT_RESULT_SECONDS
-                              + settings.MASUMI_UNLOCK_SECONDS,
-                              "externalDisputeUnlockTime": settings.MASUMI_PAY_BY_SECONDS
-                              + settings.MASUMI_SUBMIT_RESULT_SECONDS + settings.MASUMI_UNLOCK_SECONDS
-                              + settings.MASUMI_EXTERNAL_DISPUTE_SECONDS},
-            "purchaseUrl": request.build_absolute_uri("/purchase"),
+            "token": chainconfig.usdc_address() if service.token == "USDC" else service.token,
+            "network": settings.MASUMI_NETWORK, "chainId": settings.CHAIN_ID, "PaymentSource": _payment_source(),
+            "defaultTimers": default_timers, "purchaseUrl": request.build_absolute_uri("/purchase"),
         })
