@@ -18,6 +18,7 @@ from sdk.activation import sign_activation_package
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import AgentFactory, issue_key
 from tests.compat.masumi_env import MasumiSeller, call, masumi_python
+from tests.conftest import Api
 from tests.escrow.flow import USDC, Parties, usdc_balance
 from tests.sdk.test_client import relayer_polling
 
@@ -200,6 +201,8 @@ def test_masumi_crewai_registers_and_finds_its_agent(masumi, live_server):
     registered = call(masumi, "registry_register", **registration)  # GET /payment-source/, POST /registry/
     assert registered["status"] == "success" and registered["data"]["state"] == "RegistrationConfirmed"
     assert registered["data"]["Author"]["contactOther"] == "ada@example.com"
+    info = Api(issue_key(AgentFactory())).get("/payment-information", {"agentIdentifier": registered["data"]["id"]})
+    assert info.json()["data"]["masumiProtocolVersion"] == "2"  # a masumi-library agent: the library's MIP-003
     listed = call(masumi, "registry_check", wallet=seller.wallet_address, **registration)  # GET /registry/
     assert [a["name"] for a in listed["data"]["Assets"]] == ["Report summarizer"]
     assert listed["data"]["Assets"][0]["AgentPricing"]["Pricing"] == [{"unit": "USDC", "amount": "2500000"}]

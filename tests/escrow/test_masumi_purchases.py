@@ -171,6 +171,10 @@ def test_refund_requested_and_no_result_by_submit_time_pays_the_buyer_back_by_th
     seller_service.mode = "never"
     purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
     assert purchase.tick()["started"] == 1
+    assert purchase.get()["jobStatus"] == "running"
+
+    # As the seed has it: the job is still pending when submitResultTime passes, so the buyer asks for a refund.
+    chain.increase_time(purchase.timers["submitResultTime"] - chain.now())
     typed = purchase.get()["refundRequestTypedData"]
     with purchase.capture(execute=True):
         requested = purchase.parties.buyer_api.patch("/purchase/", {
@@ -178,9 +182,6 @@ def test_refund_requested_and_no_result_by_submit_time_pays_the_buyer_back_by_th
             "signature": sign_typed_data(purchase.parties.buyer_account.key, typed)})
     assert requested.status_code == 200, requested.content
     assert requested.json()["data"]["onChainState"] == "RefundRequested"
-    assert purchase.tick()["refunding"] == 0  # the seller still has until submitResultTime
-
-    chain.increase_time(purchase.timers["submitResultTime"] - chain.now())
     assert purchase.tick()["refunding"] == 1  # a zero proposal, confirmed by the relayer poll
     assert purchase.tick()["disputed"] == 1  # the buyer's signed request challenges it
     assert purchase.tick()["released"] == 1  # no result at all: the arbiter resolves it wholly to the buyer
