@@ -44,6 +44,9 @@ PAYMENT_TYPE = "EVMUsageEscrowV1"
 CARDANO_PAYMENT_TYPE = "Web3CardanoV1"  # the masumi library's default: names the contract family, one source here
 
 
+LAST_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last moment a datetime holds
+
+
 @extend_schema_field(OpenApiTypes.STR)
 class MasumiTimeField(serializers.Field):
     """A Masumi timer: Unix milliseconds as a string of digits (or a number), or an ISO 8601 time (the masumi
@@ -52,18 +55,21 @@ class MasumiTimeField(serializers.Field):
     default_error_messages = {"invalid": "Unix time in milliseconds, or an ISO 8601 time."}
 
     def to_internal_value(self, data):
-        if isinstance(data, int) and not isinstance(data, bool) and 0 <= data < 10**16:
-            return data // 1000
-        if isinstance(data, str) and data.isascii() and data.isdigit() and len(data) <= 16:
-            return int(data) // 1000
-        if isinstance(data, str) and len(data) <= 40:
+        seconds = None
+        if isinstance(data, int) and not isinstance(data, bool) and data >= 0:
+            seconds = data // 1000
+        elif isinstance(data, str) and data.isascii() and data.isdigit() and len(data) <= 16:
+            seconds = int(data) // 1000
+        elif isinstance(data, str) and len(data) <= 40:
             try:
                 moment = datetime.datetime.fromisoformat(data.replace("Z", "+00:00"))
             except ValueError:
                 self.fail("invalid")
             if moment.tzinfo is not None:
-                return int(moment.timestamp())
-        self.fail("invalid")
+                seconds = int(moment.timestamp())
+        if seconds is None or seconds > LAST_TIMESTAMP:
+            self.fail("invalid")
+        return seconds
 
     def to_representation(self, value):
         return str(value * 1000)

@@ -21,7 +21,8 @@ on the seller's behalf (a listed Masumi service is a standing offer). Flow:
 
 Masumi field ↔ contract:
 
-- blockchainIdentifier: the escrow's bytes32 `agreementId`.
+- blockchainIdentifier: the escrow's bytes32 `agreementId`; for a purchase paying a seller's payment request, the
+  request's id as 32 bytes (both resolve to the purchase).
 - inputHash / resultHash (MIP-004, as the masumi library computes them): sha256 (hex) of
   `identifierFromPurchaser;JCS(input)` (sorted keys, no spaces, UTF-8) / of `identifierFromPurchaser;result` (the
   result string JSON-escaped, without quotes). The result hash is committed on-chain as the `usageDigest` of
@@ -118,6 +119,10 @@ def blockchain_identifier_to_agreement_id(blockchain_identifier: str) -> uuid.UU
     return uuid.UUID(int=value) if value < 2**128 else None
 
 
+TIMER_NAMES = {"pay_by_time": "payByTime", "submit_result_time": "submitResultTime", "unlock_time": "unlockTime",
+               "external_dispute_unlock_time": "externalDisputeUnlockTime"}
+
+
 def _timers(now: int, requested: dict[str, int | None]) -> dict[str, int]:
     """Unix seconds; a missing timer follows the previous one by its configured default."""
     defaults = [("pay_by_time", settings.MASUMI_PAY_BY_SECONDS),
@@ -132,6 +137,9 @@ def _timers(now: int, requested: dict[str, int | None]) -> dict[str, int]:
                                "unlockTime < externalDisputeUnlockTime.", code="invalid_timers",
                                details={"timer": name, "chain_time": now})
         timers[name] = previous = value
+    if timers["unlock_time"] - now > MAX_LOCK_SECONDS:
+        raise InvalidInput("unlockTime may be at most 30 days ahead.", code="invalid_timers",
+                           details={"timer": "unlock_time", "max_seconds": MAX_LOCK_SECONDS})
     return timers
 
 
@@ -192,17 +200,10 @@ def purchase_create_for_payment(*, buyer: Agent, payment_request: MasumiPaymentR
                             input_hash=given["inputHash"] or "", payment_request=payment_request)
 
 
-TIMER_NAMES = {"pay_by_time": "payByTime", "submit_result_time": "submitResultTime", "unlock_time": "unlockTime",
-               "external_dispute_unlock_time": "externalDisputeUnlockTime"}
-
-
 def _purchase_record(*, buyer: Agent, service: Service, now: int, at: dict[str, int], identifier_from_purchaser: str,
                      metadata: str, input_data, input_hash: str,
                      payment_request: MasumiPaymentRequest | None) -> tuple[MasumiPurchase, dict]:
     """The purchase and its escrow agreement (accepted: a listed Masumi service is a standing offer)."""
-    if at["unlock_time"] - now > MAX_LOCK_SECONDS:
-        raise InvalidInput("unlockTime may be at most 30 days ahead.", code="invalid_timers",
-                           details={"timer": "unlock_time", "max_seconds": MAX_LOCK_SECONDS})
     with transaction.atomic():
         if payment_request is not None:  # locked: two buyers paying one request, the second is told so
             MasumiPaymentRequest.objects.select_for_update().get(pk=payment_request.pk)
@@ -343,9 +344,6 @@ def payment_request_create(*, seller: Agent, service: Service, identifier_from_p
         return purchase
     now = _chain_now()
     at = _timers(now, timers)
-    if at["unlock_time"] - now > MAX_LOCK_SECONDS:
-        raise InvalidInput("unlockTime may be at most 30 days ahead.", code="invalid_timers",
-                           details={"timer": "unlock_time", "max_seconds": MAX_LOCK_SECONDS})
     return MasumiPaymentRequest.objects.create(
         service=service, identifier_from_purchaser=identifier_from_purchaser, input_hash=input_hash or "",
         metadata=metadata, **{name: _moment(value) for name, value in at.items()})

@@ -123,6 +123,9 @@ def test_a_refund_request_without_a_signature_is_recorded_and_can_be_withdrawn(p
     from sdk.activation import sign_activation_package
     from tests.escrow.flow import confirm_all
 
+    beyond = parties.buyer_api.post("/purchase", {"network": "Preprod", "agentIdentifier": str(parties.service.pk),
+                                                 "input_data": INPUT, "externalDisputeUnlockTime": "9" * 16})
+    assert beyond.status_code == 400, beyond.content  # past year 9999: was a 500
     created = parties.buyer_api.post("/purchase", {"network": "Preprod", "agentIdentifier": str(parties.service.pk),
                                                   "input_data": INPUT})
     assert created.status_code == 200, created.content
