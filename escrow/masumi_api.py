@@ -17,7 +17,8 @@ this node has one payment source (the EVM escrow); any other unknown payment typ
 import datetime
 
 from django.conf import settings
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -43,6 +44,10 @@ PAYMENT_TYPE = "EVMUsageEscrowV1"
 CARDANO_PAYMENT_TYPE = "Web3CardanoV1"  # the masumi library's default: names the contract family, one source here
 
 
+LAST_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last moment a datetime holds
+
+
+@extend_schema_field(OpenApiTypes.STR)
 class MasumiTimeField(serializers.Field):
     """A Masumi timer: Unix milliseconds as a string of digits (or a number), or an ISO 8601 time (the masumi
     library's `POST /payment` sends those); the value is Unix seconds."""
@@ -50,18 +55,21 @@ class MasumiTimeField(serializers.Field):
     default_error_messages = {"invalid": "Unix time in milliseconds, or an ISO 8601 time."}
 
     def to_internal_value(self, data):
-        if isinstance(data, int) and not isinstance(data, bool) and 0 <= data < 10**16:
-            return data // 1000
-        if isinstance(data, str) and data.isascii() and data.isdigit() and len(data) <= 16:
-            return int(data) // 1000
-        if isinstance(data, str) and len(data) <= 40:
+        seconds = None
+        if isinstance(data, int) and not isinstance(data, bool) and data >= 0:
+            seconds = data // 1000
+        elif isinstance(data, str) and data.isascii() and data.isdigit() and len(data) <= 16:
+            seconds = int(data) // 1000
+        elif isinstance(data, str) and len(data) <= 40:
             try:
                 moment = datetime.datetime.fromisoformat(data.replace("Z", "+00:00"))
             except ValueError:
                 self.fail("invalid")
             if moment.tzinfo is not None:
-                return int(moment.timestamp())
-        self.fail("invalid")
+                seconds = int(moment.timestamp())
+        if seconds is None or seconds > LAST_TIMESTAMP:
+            self.fail("invalid")
+        return seconds
 
     def to_representation(self, value):
         return str(value * 1000)
@@ -74,6 +82,12 @@ def _millis_field(**kwargs):
 def _payment_type_field():
     return serializers.CharField(max_length=50, required=False, help_text=f'"{PAYMENT_TYPE}"; "{CARDANO_PAYMENT_TYPE}" '
                                  "(the masumi library's default) is accepted and ignored.")
+
+
+def _check_smart_contract(value: str | None) -> None:
+    if value is not None and value.lower() != chainconfig.escrow_address().lower():
+        raise InvalidInput("This node's payments go through its escrow contract.", code="wrong_smart_contract",
+                           details={"smartContractAddress": chainconfig.escrow_address()})
 
 
 def _check_payment_type(value: str | None) -> None:
@@ -96,6 +110,11 @@ def _input_hash_field():
                                   help_text="MIP-004: sha256 of `identifierFromPurchaser;JCS(input_data)`.")
 
 
+class FundsSerializer(serializers.Serializer):
+    amount = serializers.CharField(max_length=80)
+    unit = serializers.CharField(max_length=250, allow_blank=True)
+
+
 class PurchaseCreateSerializer(StrictSerializer):
     network = _network_field()
     agentIdentifier = serializers.UUIDField(help_text="The service's registry id.")
@@ -107,6 +126,10 @@ class PurchaseCreateSerializer(StrictSerializer):
     sellerVkey = serializers.CharField(max_length=250, required=False,
                                        help_text="With blockchainIdentifier: the seller's wallet address.")
     paymentType = _payment_type_field()
+    smartContractAddress = serializers.CharField(max_length=250, required=False,
+                                                 help_text="If given (masumi-crewai), must be this node's escrow.")
+    Amounts = FundsSerializer(many=True, required=False, max_length=1,
+                              help_text="masumi-crewai sends it: must be the listed price.")
     inputHash = _input_hash_field()
     identifierFromPurchaser = serializers.CharField(max_length=250, required=False, allow_blank=True, default="",
                                                     help_text="Generated (26 hex digits) when not given.")
@@ -136,8 +159,8 @@ class PurchaseLockFundsSerializer(ActivateEscrowSerializer):
 class PurchaseRefundSerializer(StrictSerializer):
     network = _network_field()
     blockchainIdentifier = _blockchain_identifier_field()
-    signature = _signature_field(required=False, help_text="refundRequestTypedData signed by the buyer; without it, the "
-                                                     "one given at lock-funds.")
+    signature = _signature_field(required=False, help_text="refundRequestTypedData signed by the buyer; without "
+                                                           "it, the one given at lock-funds.")
 
 
 class PurchaseReferenceSerializer(StrictSerializer):
@@ -150,11 +173,6 @@ class PurchaseListQuery(StrictSerializer):
     blockchainIdentifier = _blockchain_identifier_field(required=False)
     cursorId = serializers.UUIDField(required=False, help_text="Id of the last purchase of the previous page.")
     limit = StrictIntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=10)
-
-
-class FundsSerializer(serializers.Serializer):
-    amount = serializers.CharField()
-    unit = serializers.CharField()
 
 
 class NextActionSerializer(serializers.Serializer):
@@ -457,7 +475,10 @@ class PurchaseView(APIView):
         data = body.validated_data
         _check_network(data["network"])
         _check_payment_type(data.get("paymentType"))
+        _check_smart_contract(data.get("smartContractAddress"))
         buyer = calling_agent(request)
+        service = catalog_selectors.service_get(service_id=data["agentIdentifier"])
+        purchases.check_listed_price(service=service, funds=data.get("Amounts"))
         if "blockchainIdentifier" in data:
             payment_request = selectors.payment_request_get(blockchain_identifier=data["blockchainIdentifier"])
             if payment_request.service_id != data["agentIdentifier"]:
@@ -468,7 +489,6 @@ class PurchaseView(APIView):
                 identifier_from_purchaser=data["identifierFromPurchaser"], input_hash=data.get("inputHash"),
                 metadata=data["metadata"], timers=_timer_arguments(data))
         else:
-            service = catalog_selectors.service_get(service_id=data["agentIdentifier"])
             purchase, package = purchases.purchase_create(
                 buyer=buyer, service=service, input_data=data["input_data"], input_hash=data.get("inputHash"),
                 identifier_from_purchaser=data["identifierFromPurchaser"], metadata=data["metadata"],
@@ -682,19 +702,19 @@ class PaymentInformationView(APIView):
         service = catalog_selectors.service_get(service_id=query.validated_data["agentIdentifier"])
         if service.upstream_protocol != UpstreamProtocol.MASUMI:
             raise InvalidInput("Only masumi services are paid through /purchase.", code="not_a_masumi_service")
+        after, default_timers = 0, {}
+        for masumi_name, seconds in [("payByTime", settings.MASUMI_PAY_BY_SECONDS),
+                                     ("submitResultTime", settings.MASUMI_SUBMIT_RESULT_SECONDS),
+                                     ("unlockTime", settings.MASUMI_UNLOCK_SECONDS),
+                                     ("externalDisputeUnlockTime", settings.MASUMI_EXTERNAL_DISPUTE_SECONDS)]:
+            after += seconds
+            default_timers[masumi_name] = after
         return _success({
             "agentIdentifier": str(service.pk), "name": service.name, "apiBaseUrl": service.upstream_base_url,
             "masumiProtocolVersion": service.masumi_protocol_version, "sellerVkey": service.seller.wallet_address,
             "AgentPricing": {"pricingType": "Fixed" if service.unit_price else "Free",
                              "Pricing": [{"unit": service.token, "amount": str(service.unit_price)}]},
-            "token": chainconfig.usdc_address() if service.token == "USDC" else service.token, "network": settings.MASUMI_NETWORK,
-            "chainId": settings.CHAIN_ID, "PaymentSource": _payment_source(),
-            "defaultTimers": {"payByTime": settings.MASUMI_PAY_BY_SECONDS,
-                              "submitResultTime": settings.MASUMI_PAY_BY_SECONDS + settings.MASUMI_SUBMIT_RESULT_SECONDS,
-                              "unlockTime": settings.MASUMI_PAY_BY_SECONDS + settings.MASUMI_SUBMIT_RESULT_SECONDS
-                              + settings.MASUMI_UNLOCK_SECONDS,
-                              "externalDisputeUnlockTime": settings.MASUMI_PAY_BY_SECONDS
-                              + settings.MASUMI_SUBMIT_RESULT_SECONDS + settings.MASUMI_UNLOCK_SECONDS
-                              + settings.MASUMI_EXTERNAL_DISPUTE_SECONDS},
-            "purchaseUrl": request.build_absolute_uri("/purchase"),
+            "token": chainconfig.usdc_address() if service.token == "USDC" else service.token,
+            "network": settings.MASUMI_NETWORK, "chainId": settings.CHAIN_ID, "PaymentSource": _payment_source(),
+            "defaultTimers": default_timers, "purchaseUrl": request.build_absolute_uri("/purchase"),
         })

@@ -21,7 +21,8 @@ on the seller's behalf (a listed Masumi service is a standing offer). Flow:
 
 Masumi field ↔ contract:
 
-- blockchainIdentifier: the escrow's bytes32 `agreementId`.
+- blockchainIdentifier: the escrow's bytes32 `agreementId`; for a purchase paying a seller's payment request, the
+  request's id as 32 bytes (both resolve to the purchase).
 - inputHash / resultHash (MIP-004, as the masumi library computes them): sha256 (hex) of
   `identifierFromPurchaser;JCS(input)` (sorted keys, no spaces, UTF-8) / of `identifierFromPurchaser;result` (the
   result string JSON-escaped, without quotes). The result hash is committed on-chain as the `usageDigest` of
@@ -118,6 +119,10 @@ def blockchain_identifier_to_agreement_id(blockchain_identifier: str) -> uuid.UU
     return uuid.UUID(int=value) if value < 2**128 else None
 
 
+TIMER_NAMES = {"pay_by_time": "payByTime", "submit_result_time": "submitResultTime", "unlock_time": "unlockTime",
+               "external_dispute_unlock_time": "externalDisputeUnlockTime"}
+
+
 def _timers(now: int, requested: dict[str, int | None]) -> dict[str, int]:
     """Unix seconds; a missing timer follows the previous one by its configured default."""
     defaults = [("pay_by_time", settings.MASUMI_PAY_BY_SECONDS),
@@ -132,6 +137,9 @@ def _timers(now: int, requested: dict[str, int | None]) -> dict[str, int]:
                                "unlockTime < externalDisputeUnlockTime.", code="invalid_timers",
                                details={"timer": name, "chain_time": now})
         timers[name] = previous = value
+    if timers["unlock_time"] - now > MAX_LOCK_SECONDS:
+        raise InvalidInput("unlockTime may be at most 30 days ahead.", code="invalid_timers",
+                           details={"timer": "unlock_time", "max_seconds": MAX_LOCK_SECONDS})
     return timers
 
 
@@ -171,8 +179,6 @@ def purchase_create_for_payment(*, buyer: Agent, payment_request: MasumiPaymentR
     _check_purchasable(service)
     if service.state != ServiceState.REGISTERED:
         raise InvalidInput("This service is deregistered.", code="service_deregistered")
-    if hasattr(payment_request, "purchase"):
-        raise Conflict("This payment request is already being paid.", code="payment_already_purchased")
     expected = {"sellerVkey": service.seller.wallet_address.lower(),
                 "identifierFromPurchaser": payment_request.identifier_from_purchaser,
                 "inputHash": payment_request.input_hash or input_hash,
@@ -194,18 +200,15 @@ def purchase_create_for_payment(*, buyer: Agent, payment_request: MasumiPaymentR
                             input_hash=given["inputHash"] or "", payment_request=payment_request)
 
 
-TIMER_NAMES = {"pay_by_time": "payByTime", "submit_result_time": "submitResultTime", "unlock_time": "unlockTime",
-               "external_dispute_unlock_time": "externalDisputeUnlockTime"}
-
-
 def _purchase_record(*, buyer: Agent, service: Service, now: int, at: dict[str, int], identifier_from_purchaser: str,
                      metadata: str, input_data, input_hash: str,
                      payment_request: MasumiPaymentRequest | None) -> tuple[MasumiPurchase, dict]:
     """The purchase and its escrow agreement (accepted: a listed Masumi service is a standing offer)."""
-    if at["unlock_time"] - now > MAX_LOCK_SECONDS:
-        raise InvalidInput("unlockTime may be at most 30 days ahead.", code="invalid_timers",
-                           details={"timer": "unlock_time", "max_seconds": MAX_LOCK_SECONDS})
     with transaction.atomic():
+        if payment_request is not None:  # locked: two buyers paying one request, the second is told so
+            MasumiPaymentRequest.objects.select_for_update().get(pk=payment_request.pk)
+            if MasumiPurchase.objects.filter(payment_request=payment_request).exists():
+                raise Conflict("This payment request is already being paid.", code="payment_already_purchased")
         agreement = agreement_services.agreement_propose(
             buyer=buyer, service=service, quantity=1, expires_at=_moment(at["submit_result_time"]),
             challenge_window_seconds=at["unlock_time"] - now, note="masumi purchase")
@@ -306,6 +309,16 @@ def _dispute(purchase: MasumiPurchase) -> ChainTransaction:
 
 # --- seller actions (the /payment family: this marketplace as the seller's Masumi node) -------------------------
 
+def check_listed_price(*, service: Service, funds: list[dict] | None) -> None:
+    """Amounts a Masumi client names (masumi-crewai's RequestedFunds / Amounts) must be the listed price: one
+    amount, in the service's token ("" meaning it). Cardano units ("lovelace") cannot apply."""
+    if funds is not None and (len(funds) != 1 or funds[0]["amount"] != str(service.unit_price)
+                              or funds[0]["unit"] not in ("", service.token)):
+        raise InvalidInput("The amounts must be the service's listed price (one amount, in its token).",
+                           code="requested_funds_mismatch",
+                           details={"expected": [{"amount": str(service.unit_price), "unit": service.token}]})
+
+
 def payment_request_create(*, seller: Agent, service: Service, identifier_from_purchaser: str,
                            input_hash: str | None, metadata: str, timers: dict[str, int | None],
                            requested_funds: list[dict] | None) -> MasumiPurchase | MasumiPaymentRequest:
@@ -319,13 +332,7 @@ def payment_request_create(*, seller: Agent, service: Service, identifier_from_p
     if service.upstream_protocol != UpstreamProtocol.MASUMI or service.state != ServiceState.REGISTERED:
         raise InvalidInput("Payments are requested for registered masumi services only.",
                            code="not_a_masumi_service")
-    price = {"amount": str(service.unit_price), "units": ("", service.token)}
-    if requested_funds is not None and (len(requested_funds) != 1
-                                        or requested_funds[0]["amount"] != price["amount"]
-                                        or requested_funds[0]["unit"] not in price["units"]):
-        raise InvalidInput("RequestedFunds must be the service's listed price (one amount, in its token).",
-                           code="requested_funds_mismatch",
-                           details={"expected": [{"amount": price["amount"], "unit": service.token}]})
+    check_listed_price(service=service, funds=requested_funds)
     funded = MasumiPurchase.objects.filter(
         agreement__service=service, agreement__status=S.ACTIVE, identifier_from_purchaser=identifier_from_purchaser,
         payment_request__isnull=True, job_id="", job_start_claimed_at__isnull=False)
@@ -336,9 +343,6 @@ def payment_request_create(*, seller: Agent, service: Service, identifier_from_p
         return purchase
     now = _chain_now()
     at = _timers(now, timers)
-    if at["unlock_time"] - now > MAX_LOCK_SECONDS:
-        raise InvalidInput("unlockTime may be at most 30 days ahead.", code="invalid_timers",
-                           details={"timer": "unlock_time", "max_seconds": MAX_LOCK_SECONDS})
     return MasumiPaymentRequest.objects.create(
         service=service, identifier_from_purchaser=identifier_from_purchaser, input_hash=input_hash or "",
         metadata=metadata, **{name: _moment(value) for name, value in at.items()})

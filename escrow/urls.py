@@ -8,7 +8,8 @@ from escrow import masumi_api, views
 # Only well-formed names that registration allows: anything else under /agents/ (a malformed id under
 # /agents/services/ or /agents/{id}/policies) is that route's 404, not this one's 405.
 HANDLE = rf"(?!(?:{'|'.join(sorted(RESERVED_HANDLES))})/){HANDLE_PATTERN}"
-PURCHASE_REF = r"0x[0-9a-fA-F]{64}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+# A purchase by its blockchainIdentifier or its id (the masumi library's GET /purchase/{id}).
+PURCHASE_REF = r"(?:0x[0-9a-fA-F]{64}|[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12})"
 SKILL = rf"(?!(?:{'|'.join(sorted(RESERVED_SKILL_NAMES))})$){SKILL_NAME_PATTERN}"
 
 urlpatterns = [
