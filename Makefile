@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/marketplace
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run test check schema migrations-check contracts contracts-check clean bench browser
+.PHONY: install run test check schema migrations-check contracts contracts-check clean bench browser demo
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ run: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
 	$(VENV)/bin/honcho start -f Procfile.dev
+
+# With `make run` up (another terminal): two agents play the whole money path, printing each transaction and the
+# USDC balances before and after.
+demo: install
+	$(PY) manage.py demo
 
 # The whole suite, schemathesis and the fault suite included (`-m ""` lifts pyproject's default of leaving those
 # two out of a bare `pytest`, for quick local runs).
