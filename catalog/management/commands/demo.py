@@ -66,7 +66,8 @@ class Command(BaseCommand):
                 services.api_key_issue(agent=seller, scope=KeyScope.ADMIN, name="make demo",
                                        expires_at=timezone.now() + timedelta(hours=1))]
         try:
-            with MarketplaceClient(url, keys[0].secret) as buyer_api, MarketplaceClient(url, keys[1].secret) as seller_api:
+            with (MarketplaceClient(url, keys[0].secret) as buyer_api,
+                  MarketplaceClient(url, keys[1].secret) as seller_api):
                 self.play(buyer_api, seller_api, service_name=service, calls=calls, window=challenge_window,
                           timeout=timeout)
         finally:
