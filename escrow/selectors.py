@@ -117,10 +117,10 @@ def transactions_unconfirmed_since(*, before):
 def transactions_at_fee_cap(*, max_fee_per_gas: int):
     """Transactions broadcast and not mined whose attempts already bid the fee cap: the relayer only rebroadcasts
     them now, and an operator decides (raise the cap, wait for fees to fall). Read from the attempts' fees, so a
-    status the relayer may give such transactions is covered too: every status but the settled ones counts."""
+    status the relayer may give such transactions is covered too: every status of a transaction in flight counts."""
     at_cap = TxAttempt.objects.filter(transaction=OuterRef("pk"), max_fee_per_gas__gte=max_fee_per_gas)
-    settled = [TxStatus.QUEUED, TxStatus.MINED, TxStatus.CONFIRMED, TxStatus.FAILED]
-    return ChainTransaction.objects.exclude(status__in=settled).filter(Exists(at_cap)).order_by("updated_at")
+    not_in_flight = [TxStatus.QUEUED, TxStatus.MINED, TxStatus.CONFIRMED, TxStatus.FAILED]
+    return ChainTransaction.objects.exclude(status__in=not_in_flight).filter(Exists(at_cap)).order_by("updated_at")
 
 
 def platform_wallet_balances() -> dict[str, int]:
