@@ -94,8 +94,8 @@ class UsageEventInline(MoneyRecordInline):
 class UsageAgreementAdmin(MoneyRecordAdmin):
     """Status and counters change only through agreements.services (each transition audited)."""
 
-    list_display = ("short_id", "status", "buyer", "seller", "service", "settlement_model", "deposit_display",
-                    "used_display", "created_at")
+    list_display = ("short_id", "status", "buyer", "seller", "service", "deposit_display", "used_display",
+                    "created_at")
     list_filter = ("status", "settlement_model", "token")
     search_fields = ("id", "buyer__handle", "seller__handle", "service__name", "terms_hash")
     list_select_related = ("buyer", "seller", "service")

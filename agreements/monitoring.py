@@ -49,20 +49,26 @@ def _agreement_url(agreement) -> str:
     return reverse("admin:agreements_usageagreement_change", args=[agreement.pk])
 
 
+def _stuck_detail(agreement) -> str:
+    if agreement.status == AgreementStatus.SETTLING:
+        return "finalize not confirmed"
+    if agreement.activation_tx_hash:
+        return f"activation transaction {agreement.activation_tx_hash}"
+    return "no transaction hash yet"
+
+
 def _overdue(now) -> list[dashboard.Overdue]:
     """Past the challenge deadline and not finalized; submitting or settling for too long."""
+    late = selectors.agreements_in_challenge_past_deadline(deadline_before=now - settings.OVERDUE_FINALIZE_AFTER)
     items = [dashboard.Overdue(since=agreement.challenge_deadline, kind="challenge window over, not finalized",
-                               subject=str(agreement.pk), detail=f"deadline passed; used "
-                               f"{money.token_units(agreement.used, agreement.token)}", admin_url=_agreement_url(agreement))
-             for agreement in selectors.agreements_in_challenge_past_deadline(
-                 deadline_before=now - settings.OVERDUE_FINALIZE_AFTER)[:dashboard.OVERDUE_LIMIT]]
+                               subject=str(agreement.pk),
+                               detail=f"deadline passed; used {money.token_units(agreement.used, agreement.token)}",
+                               admin_url=_agreement_url(agreement))
+             for agreement in late[:dashboard.OVERDUE_LIMIT]]
     stuck = selectors.agreements_unchanged_since(statuses=[AgreementStatus.SUBMITTING, AgreementStatus.SETTLING],
                                                  before=now - settings.OVERDUE_SUBMITTING_AFTER)
     items += [dashboard.Overdue(since=agreement.updated_at, kind=f"stuck {agreement.status}",
-                                subject=str(agreement.pk),
-                                detail=(f"activation transaction {agreement.activation_tx_hash}"
-                                        if agreement.activation_tx_hash else "no transaction hash yet"
-                                        ) if agreement.status == AgreementStatus.SUBMITTING else "finalize not confirmed",
+                                subject=str(agreement.pk), detail=_stuck_detail(agreement),
                                 admin_url=_agreement_url(agreement))
               for agreement in stuck[:dashboard.OVERDUE_LIMIT]]
     return items

@@ -17,7 +17,7 @@ from marketplace.models import RedeliveredTask
 
 admin.site.site_header = "Agent Escrow Marketplace"
 admin.site.site_title = "Agent Escrow Marketplace"
-admin.site.index_title = "Operations"
+admin.site.index_title = "Administration"
 admin.site.enable_nav_sidebar = False  # its width pushed the lists of money records into sideways scrolling
 
 

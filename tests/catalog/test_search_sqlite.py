@@ -31,9 +31,9 @@ def test_names_spelt_alike(text, name, alike):
 def test_sqlite_finds_sumarize_as_summarizer(seller, buyer_api, tmp_path):
     if connection.vendor != "sqlite":
         env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'search.sqlite3'}"}
+        this_test = f"{Path(__file__).relative_to(REPO)}::{test_sqlite_finds_sumarize_as_summarizer.__name__}"
         run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
-                              "-m", "", f"{Path(__file__).relative_to(REPO)}::{test_sqlite_finds_sumarize_as_summarizer.__name__}"],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                              "-m", "", this_test], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
         return
     listing(seller, "Summarizer", description="Summarizes long documents into five bullet points.",
