@@ -92,8 +92,8 @@ def paid_for_html(tx: ChainTransaction):
 
 @admin.register(ChainTransaction)
 class ChainTransactionAdmin(MoneyRecordAdmin):
-    list_display = ("short_id", "purpose", "status", "stuck_at_fee_cap", "paid_for", "amount", "nonce",
-                    "mined_tx_display", "mined_block_number", "failure_short", "updated_at")
+    list_display = ("short_id", "purpose", "status", "paid_for", "amount", "nonce", "mined_tx_display",
+                    "mined_block_number", "failure_short", "updated_at")
     list_filter = ("status", "purpose", ("fee_cap_reached_at", admin.EmptyFieldListFilter))
     search_fields = ("id", "agreement__id", "mined_tx_hash", "attempts__tx_hash")
     list_select_related = ("agreement",)
@@ -105,10 +105,6 @@ class ChainTransactionAdmin(MoneyRecordAdmin):
               "receipt_status", "failure_reason", "fee_cap_reached_at", "outcome_applied", "context", "data",
               "created_at", "updated_at", "confirmed_at")
     readonly_fields = fields
-
-    @admin.display(boolean=True, description="stuck at fee cap")
-    def stuck_at_fee_cap(self, tx) -> bool:
-        return tx.stuck_at_fee_cap
 
     short_id = short_id_column()
     has_retry_permission = _may_retry

@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from escrow import purchases, settlement
-from sdk.activation import sign_activation_package
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import AgentFactory, issue_key
 from tests.compat.masumi_env import MasumiSeller, call, masumi_python
@@ -93,7 +92,7 @@ def watched_purchase(parties, purchase_id: str) -> dict:
 
 def lock_funds(parties, created: dict) -> None:
     """The marketplace's addition: the buyer signs its escrow (and, for later, its refund request)."""
-    signed = sign_activation_package(created["ActivationPackage"], parties.buyer_account.key)
+    signed = parties.signed_purchase(created)
     refund = sign_typed_data(parties.buyer_account.key, created["refundRequestTypedData"])
     locked = httpx.post(f"{parties.node}/purchase/lock-funds/", headers={"token": parties.buyer_key}, timeout=30,
                         json={"network": "Preprod", "blockchainIdentifier": created["blockchainIdentifier"],

@@ -38,7 +38,10 @@ def moving_clock(escrow_chain):
     """Blocks every second with no traffic, as `make run`'s dev chain mines on an interval."""
     escrow_chain.node.rpc("evm_setIntervalMining", [1])
     yield
+    # Back to the session chain's mode for the tests after this one: a block per transaction (turning the interval
+    # off leaves Anvil mining nothing at all).
     escrow_chain.node.rpc("evm_setIntervalMining", [0])
+    escrow_chain.node.rpc("evm_setAutomine", [True])
 
 
 def test_make_demo_settles_and_its_balances_add_up(stack, demo_seller, moving_clock, escrow_chain):

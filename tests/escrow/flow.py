@@ -72,6 +72,14 @@ class Parties:
         return sign_activation(self.chain, package.json(), self.agreement(agreement_id),
                                self.buyer_account.key)
 
+    def signed_purchase(self, purchase: dict) -> dict:
+        """The SDK's checked signing of a Masumi purchase's escrow package, whose deadline is the purchase's payByTime
+        (as `MarketplaceClient.purchase_masumi_job` bounds it)."""
+        package = purchase["ActivationPackage"]
+        now = max(int(time.time()), self.chain.now())
+        return sign_activation(self.chain, package, self.agreement(purchase["agreementId"]), self.buyer_account.key,
+                               max_deadline_seconds=max(package["deadline"] - now, 0))
+
     def activate(self, agreement_id: str, capture, body: dict | None = None):
         """POST activate-escrow with after-commit work run, then let the relayer confirm. Returns the 202 response."""
         body = body or self.signed_activation(agreement_id)

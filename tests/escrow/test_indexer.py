@@ -13,10 +13,9 @@ from agreements.models import AgreementEvent, UsageAgreement
 from escrow import indexer
 from escrow.models import ChainEvent, ChainTransaction, EventEffect
 from sdk import typed_data as td
-from sdk.activation import sign_activation_package
 from sdk.typed_data import sign_typed_data
 from tests.conftest import error_code
-from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, sign_activation, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -181,13 +180,12 @@ def test_buyer_intent_relayed_by_someone_else_activates(escrow_chain, http_serve
     parties = Parties(chain, upstream_base_url=http_server.url)
     agreement = parties.accepted_agreement(quantity=10)
     package = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/activation-package").json()
-    signed = sign_activation_package(package, parties.buyer_account.key)
-    permit = signed["escrow_permit"]
-    fee = signed["fee_permit"]
+    signed = sign_activation(chain, package, parties.agreement(agreement["id"]), parties.buyer_account.key)
+    permit = signed["escrow_permit"]  # one permit: deposit + fee
     mined(chain, chain.escrow.functions.activate(
         td.message_tuple(package["intent"]), signed["intent_signature"],
         td.onchain_permit(value=permit["value"], deadline=permit["deadline"], signature=permit["signature"]),
-        td.onchain_permit(value=fee["value"], deadline=fee["deadline"], signature=fee["signature"]),
+        td.EMPTY_PERMIT,
     ).transact({"from": chain.accounts.stranger.address, "gas": 1_000_000}))
 
     index(capture)

@@ -120,7 +120,6 @@ def test_only_the_seller_requests_payments_for_its_service_at_its_price(parties)
 
 def test_a_refund_request_without_a_signature_is_recorded_and_can_be_withdrawn(parties, escrow_chain,
                                                                                django_capture_on_commit_callbacks):
-    from sdk.activation import sign_activation_package
     from tests.escrow.flow import confirm_all
 
     beyond = parties.buyer_api.post("/purchase", {"network": "Preprod", "agentIdentifier": str(parties.service.pk),
@@ -131,7 +130,7 @@ def test_a_refund_request_without_a_signature_is_recorded_and_can_be_withdrawn(p
     assert created.status_code == 200, created.content
     purchase = created.json()["data"]
     assert len(purchase["identifierFromPurchaser"]) == 26  # generated, as the masumi library's buyers do
-    signed = sign_activation_package(purchase["ActivationPackage"], parties.buyer_account.key)
+    signed = parties.signed_purchase(purchase)
     bad = sign_typed_data(escrow_chain.accounts.stranger.key, purchase["refundRequestTypedData"])
     body = {"network": "Preprod", "blockchainIdentifier": purchase["blockchainIdentifier"]}
     wrong = parties.buyer_api.post("/purchase/lock-funds", {**body, **signed, "refundSignature": bad})

@@ -18,7 +18,7 @@ from catalog.models import Service
 from marketplace.models import RedeliveredTask
 from sdk.x402_payments import sign_payment_required
 from tests.catalog.factories import AgentFactory, issue_key, register_service
-from tests.escrow.flow import USDC, fund, usdc_balance
+from tests.escrow.flow import USDC, fund, network_of, usdc_balance
 from tests.faults.conftest import assert_books_balance, assert_reconciled
 from tests.faults.processes import DEEP_JSON, celery_worker, wait_until
 from tests.faults.test_dependencies_down import active_agreement
@@ -101,7 +101,9 @@ def test_deep_json_answers_from_a_masumi_service_and_a_skill(stack, escrow_chain
     skill = f"{stack.url}/agents/{seller.handle}/render"
     required = httpx.post(skill, json={"input": {"text": "hello"}}, timeout=30)
     assert required.status_code == 402, required.text
-    payment = sign_payment_required(required.headers["PAYMENT-REQUIRED"], buyer.key, max_amount_atomic=USDC)
+    network = network_of(stack.chain)
+    payment = sign_payment_required(required.headers["PAYMENT-REQUIRED"], buyer.key, max_amount_atomic=USDC,
+                                    network=network, token_domain=network.token_domain)
     accepted = httpx.post(skill, json={"input": {"text": "hello"}}, headers={"X-Payment-Signature": payment},
                           timeout=60)
     assert accepted.status_code == 202, accepted.text
