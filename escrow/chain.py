@@ -304,6 +304,16 @@ def tagged_block_number(tag: str) -> int:
         raise classify(exc) from exc
 
 
+def next_block_timestamp() -> int:
+    """The `block.timestamp` a transaction sent now would get, as the node says (its pending block): about now on
+    an idle chain, whose latest block may be minutes old."""
+    try:
+        pending = int(w3().eth.get_block("pending")["timestamp"])
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+    return max(pending, latest_block_timestamp() + 1)
+
+
 def canonical_block_hash(number: int) -> str | None:
     try:
         block = w3().eth.get_block(number)

@@ -31,11 +31,10 @@ def _require_chain() -> None:
 
 
 def _next_block_time() -> int:
-    """The earliest `block.timestamp` a transaction sent now can be mined with: our clock, or the chain's when it
-    runs ahead (a dev chain moved forward). Signature deadlines count from here, never from the latest block
-    alone: on an idle chain that block may be minutes old, and a deadline from it would be expired on arrival."""
+    """When a transaction sent now would be mined: what signature deadlines are checked against (the contract
+    compares them with `block.timestamp`)."""
     try:
-        return max(int(time.time()), chain.latest_block_timestamp() + 1)
+        return chain.next_block_timestamp()
     except chain.ChainError as error:
         raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
 
@@ -89,7 +88,8 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
     if agreement.status not in ("accepted", "activation_failed"):
         raise Conflict(f"Nothing to sign while the agreement is {agreement.status}.", code="invalid_transition",
                        details={"status": agreement.status})
-    deadline = deadline or _next_block_time() + settings.ACTIVATION_SIGNATURE_TTL
+    # From our clock as well as the chain's: an idle chain's clock never shortens a signature's life.
+    deadline = deadline or max(_next_block_time(), int(time.time())) + settings.ACTIVATION_SIGNATURE_TTL
     return {
         "agreement_id": agreement.pk,
         "onchain_id": agreement.onchain_id,
