@@ -261,9 +261,10 @@ class MeteredProxyView(APIView):
         query = request._request.META.get("QUERY_STRING", "")
         call_path = upstream_path(path) + (f"?{query}" if query else "")
         nonce = request.headers.get("X-Request-Nonce", "")
-        fingerprint = request_fingerprint(request.method, call_path, body)
-        if nonce and (replayed := _claim_nonce(agreement, nonce, fingerprint)) is not None:
-            return replayed
+        if nonce:
+            replayed = _claim_nonce(agreement, nonce, request_fingerprint(request.method, call_path, body))
+            if replayed is not None:
+                return replayed
         try:
             response = self._forward(request, agreement, call_path, body, nonce)
         except BaseException:

@@ -214,6 +214,7 @@ class Upstream:
         self.mode = "ok"
         self.served = 0  # calls answered 200
         self.arrivals = 0  # calls that reached it
+        self.bodies: list[bytes] = []  # what they sent
         self._count = threading.Lock()
         self.arrived = threading.Event()  # set when a call reaches a hanging or resetting upstream
         self._release = threading.Event()
@@ -237,9 +238,10 @@ class Upstream:
 
         class Handler(BaseHTTPRequestHandler):
             def _handle(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with upstream._count:
                     upstream.arrivals += 1
+                    upstream.bodies.append(body)
                 mode = upstream.mode
                 if mode != "ok":
                     upstream.arrived.set()

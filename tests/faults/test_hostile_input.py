@@ -80,6 +80,19 @@ def test_deep_json_while_proxied_calls_are_in_flight(stack, parties, upstream):
     assert_reconciled()
 
 
+def test_a_chunked_body_through_the_server_is_forwarded_and_charged_once(stack, parties, upstream):
+    """It was dropped, and the call charged. gunicorn delimits a chunked body (wsgi.input_terminated)."""
+    body = b'{"text": "' + b"x" * 200_000 + b'"}'
+    with stack.api(parties.buyer_api.secret) as api:
+        agreement = active_agreement(stack, api, parties)
+        response = api.post(f"/metered-proxy/{agreement['id']}/work", content=iter([body[:1000], body[1000:]]),
+                            headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert upstream.bodies == [body]
+    assert UsageAgreement.objects.get(pk=agreement["id"]).used == parties.service.unit_price
+    assert_books_balance(agreement["id"])
+
+
 def test_deep_json_answers_from_a_masumi_service_and_a_skill(stack, escrow_chain, upstream):
     seller = AgentFactory(is_buyer=False, is_seller=True, wallet_address=escrow_chain.accounts.seller.address)
     masumi = register_service(seller, name="Deep Masumi", upstream_protocol="masumi", upstream_base_url=upstream.url)
