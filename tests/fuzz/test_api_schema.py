@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 from django.core.management import call_command
-from drf_spectacular.generators import SchemaGenerator
 from django.db.models import Sum
+from drf_spectacular.generators import SchemaGenerator
 
 from agreements.models import UsageAgreement, UsageEvent
 from escrow import relayer
