@@ -18,13 +18,13 @@ class TypedDataSerializer(serializers.Serializer):
 class ActivationPackageSerializer(serializers.Serializer):
     agreement_id = serializers.UUIDField()
     onchain_id = serializers.CharField()
-    chain_id = StrictIntegerField()
+    chain_id = serializers.IntegerField()
     escrow_contract = serializers.CharField()
     token_address = serializers.CharField()
     deposit_amount_atomic = AtomicAmountField()
     infra_fee_atomic = AtomicAmountField()
     fee_pending = serializers.BooleanField(help_text="True when the fee permit must be signed too.")
-    deadline = StrictIntegerField(help_text="Unix time (chain clock) until which the signatures are valid.")
+    deadline = serializers.IntegerField(help_text="Unix time (chain clock) until which the signatures are valid.")
     intent = TypedDataSerializer(help_text="EIP-712 ActivationIntent to sign with the buyer wallet.")
     escrow_permit = TypedDataSerializer(help_text="EIP-2612 permit for the deposit.")
     fee_permit = TypedDataSerializer(allow_null=True, help_text="EIP-2612 permit for the infra fee (token nonce + 1).")
@@ -48,12 +48,12 @@ class ChainTransactionSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     purpose = serializers.CharField()
     status = serializers.CharField()
-    nonce = StrictIntegerField(allow_null=True)
+    nonce = serializers.IntegerField(allow_null=True)
     tx_hash = serializers.CharField(allow_blank=True, help_text="The mined hash, else the latest attempt's.")
     tx_hashes = serializers.ListField(child=serializers.CharField(), help_text="Every hash ever broadcast.")
-    block_number = StrictIntegerField(allow_null=True)
-    confirmations = StrictIntegerField()
-    confirmations_required = StrictIntegerField()
+    block_number = serializers.IntegerField(allow_null=True)
+    confirmations = serializers.IntegerField()
+    confirmations_required = serializers.IntegerField()
     failure_reason = serializers.CharField(allow_blank=True)
     created_at = serializers.DateTimeField()
 
@@ -88,7 +88,7 @@ class EscrowStatusQuery(StrictSerializer):
 
 
 class ChallengePackageSerializer(serializers.Serializer):
-    deadline = StrictIntegerField()
+    deadline = serializers.IntegerField()
     challenge = TypedDataSerializer(help_text="EIP-712 Challenge{agreementId, deadline} to sign with the buyer wallet.")
     challenge_deadline = serializers.DateTimeField(help_text="End of the challenge window.")
 
