@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/marketplace
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run demo test check lint schema migrations-check contracts contracts-check typecheck clean bench browser
+.PHONY: install run demo test fuzz-wide check lint schema migrations-check contracts contracts-check typecheck clean bench \
+	browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +48,19 @@ demo: install
 test: install
 	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} \
 		$(PY) -m pytest -n $(PYTEST_WORKERS) -q -m "" $(PYTEST_ARGS)
+
+# Long schemathesis runs, one per seed, with the coverage phase: FUZZ_WIDE_EXAMPLES per operation and
+# FUZZ_WIDE_SCENARIOS stateful scenarios per principal; each run's time limit grows with them (tests/fuzz).
+# Every run ends with `reconcile` and the books check.
+FUZZ_WIDE_SEEDS ?= 1 2 3
+FUZZ_WIDE_EXAMPLES ?= 60
+FUZZ_WIDE_SCENARIOS ?= 300
+fuzz-wide: install
+	for seed in $(FUZZ_WIDE_SEEDS); do \
+		DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} FUZZ_SEED=$$seed FUZZ_COVERAGE=1 \
+		FUZZ_MAX_EXAMPLES=$(FUZZ_WIDE_EXAMPLES) FUZZ_SCENARIOS=$(FUZZ_WIDE_SCENARIOS) \
+		$(PY) -m pytest -q -p no:cacheprovider -m fuzz tests/fuzz $(PYTEST_ARGS) || exit 1; \
+	done
 
 # Fails when the committed OpenAPI description would change or warn.
 schema: install

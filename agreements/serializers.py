@@ -22,7 +22,7 @@ class ProposalSerializer(StrictSerializer):
     service_id = serializers.UUIDField()
     settlement_model = serializers.ChoiceField(choices=SettlementModel.choices, default=SettlementModel.ESCROW)
     quantity = StrictIntegerField(min_value=1, max_value=10**18,
-                                        help_text="Units bought; the deposit is quantity × unit price.")
+                                  help_text="Units bought; the deposit is quantity × unit price.")
     token = serializers.CharField(max_length=16, required=False, help_text="Defaults to the service's token.")
     buyer_wallet_address = AddressSerializerField(required=False,
                                                   help_text="Wallet that funds the escrow; the agent's by default.")
@@ -81,14 +81,14 @@ class AgreementSerializer(serializers.Serializer):
     pricing_type = serializers.CharField()
     unit_name = serializers.CharField()
     price_per_unit_atomic = AtomicAmountField(source="price_per_unit")
-    quantity = StrictIntegerField()
+    quantity = serializers.IntegerField()
     deposit_amount_atomic = AtomicAmountField(source="deposit_amount",
                                               help_text="The agreement's max amount: quantity × unit price.")
     infra_fee_atomic = AtomicAmountField(source="infra_fee")
     token = serializers.CharField()
     token_address = serializers.CharField()
-    chain_id = StrictIntegerField()
-    challenge_window_seconds = StrictIntegerField()
+    chain_id = serializers.IntegerField()
+    challenge_window_seconds = serializers.IntegerField()
     expires_at = serializers.DateTimeField()
     proposal_expires_at = serializers.DateTimeField()
     buyer_wallet_address = serializers.CharField()
@@ -146,7 +146,7 @@ class PaymentRequirementsQuery(StrictSerializer):
 class TokenInfoSerializer(serializers.Serializer):
     symbol = serializers.CharField()
     address = serializers.CharField()
-    decimals = StrictIntegerField()
+    decimals = serializers.IntegerField()
 
 
 class PaymentRequirementsSerializer(serializers.Serializer):
@@ -155,10 +155,10 @@ class PaymentRequirementsSerializer(serializers.Serializer):
     amount_atomic = AtomicAmountField()
     fee_atomic = AtomicAmountField()
     total_atomic = AtomicAmountField()
-    amount_cents = StrictIntegerField(allow_null=True)
-    fee_cents = StrictIntegerField(help_text="The fee in cents, rounded up.")
+    amount_cents = serializers.IntegerField(allow_null=True)
+    fee_cents = serializers.IntegerField(help_text="The fee in cents, rounded up.")
     token = TokenInfoSerializer()
-    chain_id = StrictIntegerField()
+    chain_id = serializers.IntegerField()
     network = serializers.CharField()
     fee_recipient = serializers.CharField()
     gas_wallet_address = serializers.CharField(help_text="The platform relayer that submits the buyer's signatures.")
@@ -186,8 +186,8 @@ class WebhookDeliverySerializer(serializers.Serializer):
     id = serializers.UUIDField()
     event_type = serializers.CharField()
     status = serializers.CharField()
-    attempts = StrictIntegerField()
-    last_status_code = StrictIntegerField(allow_null=True)
+    attempts = serializers.IntegerField()
+    last_status_code = serializers.IntegerField(allow_null=True)
     last_error = serializers.CharField()
     next_attempt_at = serializers.DateTimeField()
     delivered_at = serializers.DateTimeField(allow_null=True)
@@ -196,10 +196,10 @@ class WebhookDeliverySerializer(serializers.Serializer):
 
 
 class UsageEventSerializer(serializers.Serializer):
-    id = StrictIntegerField()
-    seq = StrictIntegerField()
+    id = serializers.IntegerField()
+    seq = serializers.IntegerField()
     source = serializers.CharField()
-    units = StrictIntegerField()
+    units = serializers.IntegerField()
     cost_atomic = AtomicAmountField(source="cost")
     cumulative_atomic = AtomicAmountField(source="cumulative")
     usage_digest = serializers.CharField(help_text="keccak256(previous digest ‖ event hash); see sdk.receipts.")
@@ -213,8 +213,8 @@ class UsageEventSerializer(serializers.Serializer):
     description = serializers.CharField(allow_blank=True)
     method = serializers.CharField(allow_blank=True)
     path = serializers.CharField(allow_blank=True)
-    upstream_status = StrictIntegerField(allow_null=True)
-    latency_ms = StrictIntegerField(allow_null=True)
+    upstream_status = serializers.IntegerField(allow_null=True)
+    latency_ms = serializers.IntegerField(allow_null=True)
     created_at = serializers.DateTimeField()
 
 
@@ -311,7 +311,7 @@ class X402PaymentRequiredSerializer(serializers.Serializer):
     """x402's 402 body (`PaymentRequired`), with `error` in the marketplace's error shape; the same requirements
     are in the PAYMENT-REQUIRED header (base64 JSON, x402 v2) and the X-Payment-* headers."""
 
-    x402Version = StrictIntegerField()
+    x402Version = serializers.IntegerField()
     accepts = serializers.ListField(child=serializers.DictField(),
                                     help_text="x402 PaymentRequirements: scheme exact, network (CAIP-2), asset, "
                                               "amount (base units), payTo, maxTimeoutSeconds, extra.")

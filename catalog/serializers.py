@@ -50,7 +50,7 @@ class ApiKeyCreateSerializer(StrictSerializer):
 
 
 class ApiKeySerializer(serializers.Serializer):
-    id = StrictIntegerField()
+    id = serializers.IntegerField()
     name = serializers.CharField()
     prefix = serializers.CharField()
     scopes = serializers.ListField(child=serializers.CharField())

@@ -39,7 +39,7 @@ class NetworkConfigSerializer(serializers.Serializer):
 class ActivationPackageSerializer(serializers.Serializer):
     agreement_id = serializers.UUIDField()
     onchain_id = serializers.CharField()
-    chain_id = StrictIntegerField()
+    chain_id = serializers.IntegerField()
     escrow_contract = serializers.CharField()
     token_address = serializers.CharField()
     deposit_amount_atomic = AtomicAmountField()
@@ -66,12 +66,12 @@ class ChainTransactionSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     purpose = serializers.CharField()
     status = serializers.CharField()
-    nonce = StrictIntegerField(allow_null=True)
+    nonce = serializers.IntegerField(allow_null=True)
     tx_hash = serializers.CharField(allow_blank=True, help_text="The mined hash, else the latest attempt's.")
     tx_hashes = serializers.ListField(child=serializers.CharField(), help_text="Every hash ever broadcast.")
-    block_number = StrictIntegerField(allow_null=True)
-    confirmations = StrictIntegerField()
-    confirmations_required = StrictIntegerField()
+    block_number = serializers.IntegerField(allow_null=True)
+    confirmations = serializers.IntegerField()
+    confirmations_required = serializers.IntegerField()
     failure_reason = serializers.CharField(allow_blank=True)
     created_at = serializers.DateTimeField()
 
@@ -106,7 +106,7 @@ class EscrowStatusQuery(StrictSerializer):
 
 
 class ChallengePackageSerializer(serializers.Serializer):
-    deadline = StrictIntegerField()
+    deadline = serializers.IntegerField()
     challenge = TypedDataSerializer(help_text="EIP-712 Challenge{agreementId, deadline} to sign with the buyer wallet.")
     challenge_deadline = serializers.DateTimeField(help_text="End of the challenge window.")
 

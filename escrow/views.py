@@ -225,8 +225,10 @@ class SkillInvokeView(APIView):
                     "`X-Payment-Signature`, `X-PAYMENT` or `PAYMENT-SIGNATURE`. The payment is executed on-chain "
                     "to the platform treasury, then the seller is called: 200 with the result (202 with an "
                     "invocation id for async skills, or when the payment takes long to confirm). The seller is "
-                    "paid when the invocation completes; a failed or timed-out invocation is refunded. A refused "
-                    "payment (replayed, wrong amount or recipient, expired, bad signature) is 402 with its code, "
+                    "paid when the invocation completes; a failed or timed-out invocation is refunded. A payment "
+                    "is bound to the skill whose 402 quoted it (`extra.resource`, the skill's path). A refused "
+                    "payment (replayed, quoted for another skill, wrong amount or recipient, expired, bad "
+                    "signature) is 402 with its code, "
                     "and nothing is charged. The authorization's nonce is the idempotency key: a retry with the "
                     "same signed payment is 402 `authorization_already_used` with the `invocation_id` it bought.",
         parameters=[OpenApiParameter(name, str, OpenApiParameter.HEADER, required=False,

@@ -17,3 +17,46 @@ class SchemaView(SpectacularAPIView):
     def get(self, request, *args, **kwargs):
         with self._generating:
             return super().get(request, *args, **kwargs)
+
+
+# OpenAPI links: which response gives the id another operation takes, so a client (and the schema-driven fuzzer's
+# stateful phase) can chain calls on real objects. Sources are listings (200 to a well-formed request), and a
+# link joins operations one credential may call both of (an owner's agents lead to owner operations); each link
+# names the target operation and where its path parameters come from.
+_AGREEMENT_OPERATIONS = [
+    "agreements_get", "agreements_accept", "agreements_reject", "agreements_cancel", "agreements_complete",
+    "agreements_events", "agreements_usage", "agreements_record_usage", "escrow_activate",
+    "escrow_activation_package", "escrow_challenge", "escrow_challenge_package", "escrow_status",
+    "metered_proxy_get", "metered_proxy_post", "metered_proxy_put", "metered_proxy_patch", "metered_proxy_delete",
+]
+_AGENT_OPERATIONS = ["api_keys_list", "api_keys_issue", "approvals_list", "policies_get", "policies_put"]
+LINKS: dict[str, dict[str, dict[str, str]]] = {
+    # source operation -> {target operation: {target path parameter: runtime expression}}
+    "agreements_list": {target: {"agreement_id": "$response.body#/results/0/id"} for target in _AGREEMENT_OPERATIONS},
+    "agents_list": {target: {"agent_id": "$response.body#/0/id"} for target in _AGENT_OPERATIONS},
+    "api_keys_list": {"api_keys_revoke": {"agent_id": "$request.path.agent_id", "key_id": "$response.body#/0/id"}},
+    "approvals_list": {
+        target: {"agent_id": "$request.path.agent_id", "request_id": "$response.body#/results/0/id"}
+        for target in ("approvals_approve", "approvals_reject")
+    },
+    "services_list_own": {
+        target: {"service_id": "$response.body#/results/0/id"}
+        for target in ("services_get", "services_update", "services_deregister")
+    },
+    "webhooks_list": {
+        target: {"subscription_id": "$response.body#/0/id"} for target in ("webhooks_delete", "webhooks_deliveries")
+    },
+}
+
+
+def add_links(result, generator, request, public):
+    """drf-spectacular postprocessing hook: `LINKS` on each source operation's 200 response."""
+    for item in result["paths"].values():
+        for operation in item.values():
+            targets = LINKS.get(operation.get("operationId") if isinstance(operation, dict) else None)
+            if targets:
+                operation["responses"]["200"]["links"] = {
+                    target: {"operationId": target, "parameters": parameters}
+                    for target, parameters in targets.items()
+                }
+    return result

@@ -4,10 +4,20 @@ One schemathesis run per principal (buyer agent, seller agent, owner), concurren
 and data: agreements in several states (one active on the test chain, with usage), a service, an approval
 request, a webhook subscription and API keys. Path parameters are drawn from those real ids most of the time
 (random ones the rest), so the fuzzer reaches the code behind the 404. Checks: no 5xx, and every status code,
-content type, header and body is the documented one. Stateful sequences follow the links schemathesis infers.
+content type, header and body is the documented one.
 
-Bounded for CI (FUZZ_MAX_EXAMPLES per operation, a fixed FUZZ_SEED); FUZZ_COVERAGE=1 adds schemathesis' coverage
-phase for a full run. Each principal's report is written next to its schemathesis.toml (pytest's tmp_path).
+Stateful phase: scenarios chain calls along the schema's own OpenAPI links (marketplace.openapi.LINKS; the links
+schemathesis would infer are off: most start at operations random input never gets a 2xx from, which is why
+none of them was ever followed). Each starts from a well-formed call (positive generation) to a listing. Every
+link must be followed at least once by one of the three principals.
+
+After the run the money must still add up: `reconcile` finds the database and the chain in agreement, and every
+agreement's books balance (nothing reserved, used = the sum of its gap-free usage events).
+
+Bounded for CI (FUZZ_MAX_EXAMPLES per operation, FUZZ_SCENARIOS stateful scenarios, a fixed FUZZ_SEED); each
+run's time limit grows with those counts. FUZZ_COVERAGE=1 adds schemathesis' coverage phase. `make fuzz-wide`
+runs long, seeded runs. Each principal's output and event log are written next to its schemathesis.toml
+(pytest's tmp_path).
 """
 
 import json
@@ -17,43 +27,85 @@ import sys
 from pathlib import Path
 
 import pytest
+from django.core.management import call_command
+from django.db.models import Sum
+from drf_spectacular.generators import SchemaGenerator
 
+from agreements.models import UsageAgreement, UsageEvent
 from escrow import relayer
-from tests.catalog.factories import issue_owner_token
+from tests.catalog.factories import issue_owner_token, register_service
 from tests.conftest import Api
 from tests.escrow.flow import Parties
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
-MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "8"))
+MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "2"))
+SCENARIOS = int(os.environ.get("FUZZ_SCENARIOS", "50"))
 SEED = os.environ.get("FUZZ_SEED", "7")
 # The coverage phase (boundary values of every parameter) takes ~5 minutes here: on for a full run only.
 COVERAGE = os.environ.get("FUZZ_COVERAGE", "") == "1"
+# Measured on 2 cores shared with other jobs: ~15 s per example (of every operation), ~1.5 s per scenario; with
+# room to spare, plus start-up and the coverage phase.
+TIME_LIMIT = 120 + 20 * MAX_EXAMPLES + 3 * SCENARIOS + (900 if COVERAGE else 0)
 CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_headers_conformance", "response_schema_conformance"]
 ST = Path(sys.executable).with_name("st")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _toml_list(values) -> str:
     return "[" + ", ".join(json.dumps(str(v)) for v in values) + "]"
 
 
-def schemathesis_config(ids: dict[str, list]) -> str:
-    """A schemathesis.toml drawing each path parameter from the real ids most of the time."""
+def schemathesis_config(ids: dict[str, list], *, not_stateful: list[str]) -> str:
+    """A schemathesis.toml drawing each path parameter from the real ids most of the time; the operations in
+    `not_stateful` (the principal may not call them) start and end no stateful scenario."""
     lines = [f"seed = {SEED}", "workers = 1", "[generation]", f"max-examples = {MAX_EXAMPLES}",
-             "[phases.coverage]", f"enabled = {str(COVERAGE).lower()}", "[checks]", "enabled = false"]
+             "[phases.coverage]", f"enabled = {str(COVERAGE).lower()}",
+             "[phases.stateful]", "max-steps = 10",
+             "[phases.stateful.generation]", f"max-examples = {SCENARIOS}", 'mode = "positive"',
+             "[phases.stateful.inference]", "algorithms = []",
+             "[checks]", "enabled = false"]
     lines += [f"{check}.enabled = true" for check in CHECKS]
     for name, values in ids.items():
         lines += [f"[dictionaries.{name}]", f"values = {_toml_list(values)}"]
     lines.append("[parameters]")
     lines += [f'"path.{name}" = {{ dictionary = "{name}", probability = 0.8 }}' for name in ids]
+    if not_stateful:
+        lines += ["[[operations]]", f"include-operation-id = {_toml_list(not_stateful)}",
+                  "phases.stateful.enabled = false"]
     return "\n".join(lines) + "\n"
+
+
+def _operations():
+    document = SchemaGenerator().get_schema(request=None, public=True)
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            yield f"{method.upper()} {path}", operation
+
+
+def operations_by_credential() -> dict[str, list[str]]:
+    """Operation ids an owner token alone may call ("owner"), and the rest ("agent")."""
+    split = {"owner": [], "agent": []}
+    for _, operation in _operations():
+        owner_only = operation.get("security") == [{"OwnerToken": []}]
+        split["owner" if owner_only else "agent"].append(operation["operationId"])
+    return split
+
+
+def schema_links() -> set[tuple[str, str]]:
+    """(source operation, link name) of every link the schema publishes."""
+    return {(label, name) for label, operation in _operations()
+            for response in operation["responses"].values() for name in response.get("links", {})}
 
 
 @pytest.fixture
 def marketplace_data(escrow_chain, http_server, settings):
     """Principals and objects for the fuzzer to find; returns (secrets by role, ids by path parameter)."""
     settings.WEBHOOK_TIMEOUT_SECONDS = 0.5  # fuzzed webhook URLs point nowhere; do not wait on them
+    # Each principal's run is one key: long runs must not meet the per-key API limit (tests/marketplace tests it).
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
+        **settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "api": "1000000/min"}}
     parties = Parties(escrow_chain, upstream_base_url=http_server.url)
     owner = parties.buyer.owner
     owner_api = Api(issue_owner_token(owner))
@@ -73,35 +125,73 @@ def marketplace_data(escrow_chain, http_server, settings):
         "service_id": str(parties.service.pk), "quantity": 2, "expires_at": active["expires_at"]}).json()
     assert pending["status"] == "pending_approval", pending
     approvals = owner_api.get(f"/agents/{parties.buyer.pk}/approvals").json()["results"]
-    webhook = parties.seller_api.post("/webhooks", {"url": "http://127.0.0.1:9/hook"}).json()
-    keys = [item["id"] for item in owner_api.get(f"/agents/{parties.buyer.pk}/api-keys").json()]
+    # Several, so links from the listings still find one after the fuzzer deleted some.
+    for _ in range(12):
+        register_service(parties.seller, upstream_base_url=http_server.url, skills=[])
+    webhooks = [parties.seller_api.post("/webhooks", {"url": f"http://127.0.0.1:9/hook{n}"}).json()
+                for n in range(12)]
+    # The owner fuzzes revocation on a spare key, newer than the buyer's (listings put it first): revoking the
+    # key the buyer's run uses would leave that run a series of 401s.
+    spare = owner_api.post(f"/agents/{parties.buyer.pk}/api-keys", {"name": "spare"})
+    assert spare.status_code == 201, spare.content
     secrets = {"buyer": parties.buyer_api.secret, "seller": parties.seller_api.secret, "owner": owner_api.secret}
     ids = {
         "agreement_id": [active["id"], accepted["id"], proposed["id"], pending["id"]],
         "agent_id": [parties.buyer.pk, parties.seller.pk],
         "service_id": [parties.service.pk],
         "request_id": [approval["id"] for approval in approvals],
-        "subscription_id": [webhook["id"]],
-        "key_id": keys,
+        "subscription_id": [webhooks[0]["id"]],
+        "key_id": [spare.json()["id"]],
     }
     return secrets, ids
 
 
 def test_api_matches_its_schema_for_every_principal(marketplace_data, live_server, tmp_path):
     secrets, ids = marketplace_data
-    config = tmp_path / "schemathesis.toml"
-    config.write_text(schemathesis_config(ids))
+    operations = operations_by_credential()
     schema_url = f"{live_server.url}/api/schema/?format=json"
     runs = {}
     for role, secret in secrets.items():
+        config = tmp_path / f"schemathesis-{role}.toml"
+        config.write_text(schemathesis_config(ids, not_stateful=operations["agent" if role == "owner" else "owner"]))
         command = [str(ST), "--config-file", str(config), "run", schema_url, "--url", live_server.url,
-                   "-H", f"Authorization: Bearer {secret}", "--warnings", "off", "--no-color"]
+                   "-H", f"Authorization: Bearer {secret}", "--warnings", "off", "--no-color",
+                   "--report", "ndjson", "--report-ndjson-path", str(tmp_path / f"events-{role}.ndjson")]
         runs[role] = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True)
+                                      text=True, env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz.st_hooks",
+                                                      "PYTHONPATH": str(REPO)})
     failed = {}
     for role, process in runs.items():
-        output, _ = process.communicate(timeout=600)
+        output, _ = process.communicate(timeout=TIME_LIMIT)
         (tmp_path / f"schemathesis-{role}.txt").write_text(output)
         if process.returncode != 0:
             failed[role] = output[output.find("FAILURES"):]
     assert not failed, "\n\n".join(f"===== as {role} =====\n{output}" for role, output in failed.items())
+
+    followed = set().union(*(links_followed(tmp_path / f"events-{role}.ndjson") for role in secrets))
+    assert schema_links() - followed == set(), "links no principal followed"
+    assert_money_adds_up()
+
+
+def links_followed(events: Path) -> set[tuple[str, str]]:
+    """(source operation, link name) of every link a stateful step followed, from a run's event log."""
+    followed = set()
+    for line in events.read_text().splitlines():
+        scenario = json.loads(line).get("ScenarioFinished") or {}
+        for case in scenario.get("recorder", {}).get("cases", {}).values():
+            transition = case.get("transition")
+            if transition and case.get("is_transition_applied"):
+                # "<source> -> [<status>] <link name> -> <target>"
+                source, rest = transition["id"].split(" -> [", 1)
+                followed.add((source, rest.split("] ", 1)[1].split(" -> ", 1)[0]))
+    return followed
+
+
+def assert_money_adds_up() -> None:
+    relayer.transactions_poll()  # confirm what the run queued
+    call_command("reconcile")  # raises CommandError on any difference between the database and the chain
+    for agreement in UsageAgreement.objects.all():
+        events = UsageEvent.objects.filter(agreement=agreement).order_by("seq")
+        assert agreement.reserved == 0, agreement.pk
+        assert agreement.used == (events.aggregate(total=Sum("cost"))["total"] or 0), agreement.pk
+        assert [event.seq for event in events] == list(range(1, events.count() + 1)), agreement.pk

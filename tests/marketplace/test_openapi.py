@@ -10,6 +10,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
 import django
 django.setup()
 from django.test import Client
+# One request first: the middleware's metrics are a process-wide singleton that concurrent first middleware
+# loads would race on (a test-client artefact; a server loads its middleware once).
+Client().get("/healthz")
 start, statuses = threading.Barrier(8), []
 def fetch():
     client = Client()
