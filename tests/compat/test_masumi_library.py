@@ -61,11 +61,13 @@ def stock_seller(masumi, live_server, escrow_chain):
     parties.seller_server = MasumiSeller(masumi, node_url=live_server.url, api_key=parties.seller_key,
                                          agent_identifier=str(parties.service.pk),
                                          seller_wallet=parties.seller_account.address).start()
-    moved = parties.seller_api.patch(f"/agents/services/{parties.service.pk}",
-                                     {"upstream_base_url": parties.seller_server.url})
-    assert moved.status_code == 200, moved.content
-    yield parties
-    parties.seller_server.stop()
+    try:
+        moved = parties.seller_api.patch(f"/agents/services/{parties.service.pk}",
+                                         {"upstream_base_url": parties.seller_server.url})
+        assert moved.status_code == 200, moved.content
+        yield parties
+    finally:
+        parties.seller_server.stop()
 
 
 def balances(parties) -> dict:
