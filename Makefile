@@ -78,7 +78,7 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy sdk/
 
-check: schema migrations-check contracts-check typecheck
+check: lint schema migrations-check contracts-check typecheck
 
 # Every benchmark once with small sizes (a few minutes in all; each script's docstring gives its full-size run).
 # Needs PostgreSQL on 127.0.0.1:5432 (databases named *bench*, created when missing) and Redis for the relayer.

@@ -120,7 +120,7 @@ async def fire(urls: list[str], headers: dict, *, clients: int, seconds: float, 
                     async with session.get(url) as response:
                         body = await response.read()
                         status, cost = response.status, response.headers.get("X-Usage-Cost")
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     sample.failures.append(f"{type(exc).__name__}: {exc}")
                     continue
                 sample.latencies.append(time.perf_counter() - started)
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
                                                         for agreement_id in agreement_ids[:clients]],
                                                        buyer_headers, str(PRICE))
         samples = {name: Sample() for name in targets}
-        for name, (urls, headers, cost) in targets.items():  # warm-up: connections, prepared statements
+        for urls, headers, cost in targets.values():  # warm-up: connections, prepared statements
             warm = asyncio.run(fire(urls, headers, clients=clients, seconds=WARMUP_SECONDS, expected_cost=cost))
             failures += warm.failures
             if cost is not None:

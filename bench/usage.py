@@ -85,7 +85,7 @@ async def record(base_url: str, seller_key: str, agreement_ids: list[str], *, ba
                                             headers={"Idempotency-Key": uuid.uuid4().hex}) as response:
                         text = await response.read()
                         status = response.status
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     outcome.failures.append(f"{type(exc).__name__}: {exc}")
                     continue
                 outcome.latencies.append(time.perf_counter() - started)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ class ArtifactNotFound(FileNotFoundError):
     """No compiled artifact for the contract: run ``node escrow/contracts/compile.js``."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(name: str) -> dict[str, Any]:
     path = BUILD_DIR / f"{name}.json"
     try:

@@ -52,7 +52,7 @@ def onchain_escrow(*, onchain_id: str) -> dict:
               "challengeDeadline", "depositAmount", "infraFee", "settledAmount", "lastSeq", "usageDigest",
               "termsHash", "buyerClaimable", "sellerClaimable")
     states = ("none", "active", "proposed", "disputed", "resolved", "settled", "reclaimed")
-    values = dict(zip(fields, chain.to_json(record)))
+    values = dict(zip(fields, chain.to_json(record), strict=True))
     values["state"] = states[int(values["state"])]
     return values
 

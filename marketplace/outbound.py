@@ -112,10 +112,10 @@ class _GuardedBackend(httpcore.SyncBackend):
                                    socket_options=socket_options)
 
 
-def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits = httpx.Limits(),
+def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None,
                    follow_redirects: bool = False) -> httpx.Client:
     """An httpx client whose every new connection goes through the address check."""
-    transport = httpx.HTTPTransport(limits=limits)
+    transport = httpx.HTTPTransport(limits=limits or httpx.Limits())
     # httpx does not expose httpcore's network_backend; set it on the pool the transport built.
     transport._pool._network_backend = _GuardedBackend()
     return httpx.Client(transport=transport, timeout=timeout, follow_redirects=follow_redirects, trust_env=False)

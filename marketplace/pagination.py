@@ -42,7 +42,7 @@ def _after(ordering: list[str], values: list) -> Q:
     clauses = []
     for i, field in enumerate(ordering):
         name = field.lstrip("-")
-        equal_before = {f.lstrip("-"): v for f, v in zip(ordering[:i], values[:i])}
+        equal_before = {f.lstrip("-"): v for f, v in zip(ordering[:i], values[:i], strict=True)}
         lookup = f"{name}__lt" if field.startswith("-") else f"{name}__gt"
         clauses.append(Q(**equal_before, **{lookup: values[i]}))
     return reduce(or_, clauses)

@@ -13,7 +13,8 @@ None of them touches the Django database.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 from web3 import Web3
@@ -54,7 +55,7 @@ class DevAccounts:
 
     @classmethod
     def from_anvil(cls) -> DevAccounts:
-        accounts = [DevAccount(a, k) for a, k in zip(devchain.DEV_ADDRESSES, devchain.DEV_PRIVATE_KEYS)]
+        accounts = [DevAccount(a, k) for a, k in zip(devchain.DEV_ADDRESSES, devchain.DEV_PRIVATE_KEYS, strict=True)]
         return cls(*accounts)
 
 

@@ -102,7 +102,7 @@ class Escrows:
                     name, types = self._errors[selector]
                     args = tuple(
                         Web3.to_checksum_address(v) if t == "address" else v
-                        for t, v in zip(types, abi_decode(types, bytes.fromhex(data[10:])))
+                        for t, v in zip(types, abi_decode(types, bytes.fromhex(data[10:])), strict=True)
                     )
                     return RevertInfo(name, args, message)
             return RevertInfo("", (), message)
@@ -262,7 +262,7 @@ class Escrows:
         """getEscrow as a dict (state as its name)."""
         raw = self.escrow.functions.getEscrow(agreement_id).call()
         values = raw.values() if isinstance(raw, dict) else raw
-        out = {c["name"]: v for c, v in zip(self._escrow_fields, values)}
+        out = {c["name"]: v for c, v in zip(self._escrow_fields, values, strict=True)}
         out["state"] = STATE_NAMES[out["state"]]
         return out
 

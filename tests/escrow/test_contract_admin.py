@@ -2,6 +2,7 @@
 
 import pytest
 from eth_utils import keccak
+from web3.exceptions import ContractLogicError
 
 from escrow import artifacts, devchain
 from sdk import typed_data as td
@@ -144,7 +145,7 @@ def test_constructor_validation(chain):
         (acc.deployer.address, acc.deployer.address, acc.arbiter.address, acc.fee_recipient.address, 91 * 86400),
     ]
     for args in cases:
-        with pytest.raises(Exception):
+        with pytest.raises(ContractLogicError):  # the constructor reverts
             factory.constructor(*args).estimate_gas(sender)
     # operator and arbiter may be left for later
     address = devchain.deploy_contract(

@@ -425,7 +425,7 @@ def _run(esc, chain, path: str, seller_amount: int):
         chain.set_next_timestamp(esc.get(agreement_id)["reclaimAfter"])
         esc.tx(esc.escrow.functions.reclaim(agreement_id), acc.stranger)
     after = [esc.balance(w) for w in watched]
-    deltas = [a - b for a, b in zip(after, before)]
+    deltas = [a - b for a, b in zip(after, before, strict=True)]
     return msg["depositAmount"], msg["infraFee"], deltas
 
 

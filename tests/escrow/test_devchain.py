@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from eth_account import Account
+from web3.exceptions import ContractLogicError
 
 from escrow import artifacts, devchain
 
@@ -50,7 +51,7 @@ def test_start_deploy_mint_and_stop():
         escrow = devchain.escrow_contract(w3, deployed["escrow"])
         assert escrow.functions.reclaimGrace().call() == 120
         # only the token owner mints
-        with pytest.raises(Exception):
+        with pytest.raises((ContractLogicError, devchain.TransactionFailed)):
             devchain.mint_usdc(w3, deployed["usdc"], keys[5], addrs[5], 1)
     assert not node.running
     node.stop()  # idempotent

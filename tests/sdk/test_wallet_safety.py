@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from escrow import settlement
-from sdk import DeadlineOutOfRange, LocalWallet, MarketplaceClient, NetworkConfig, NotConfigured, SigningRefused
+from sdk import LocalWallet, MarketplaceClient, NetworkConfig, NotConfigured, SigningRefused
 from sdk import receipts, typed_data
 from sdk.networks import UntrustedConfiguration
 from tests.catalog.factories import AgentFactory, issue_key, service_data
@@ -161,7 +161,8 @@ def test_altered_agreed_terms_are_refused(market, hostile, escrow_chain):
     seller.accept_agreement(agreement["id"])
     wallet = RecordingWallet(escrow_chain.accounts.buyer.key)
     for field, value in (("infra_fee_atomic", 10**12), ("deposit_amount_atomic", 10**12), ("chain_id", 1)):
-        refusal = refused(lambda: buyer.activate_escrow({**agreement, field: value}, wallet), wallet)
+        altered = {**agreement, field: value}
+        refusal = refused(lambda altered=altered: buyer.activate_escrow(altered, wallet), wallet)
         assert refusal.field == f"agreement.{field}"
 
 
