@@ -276,14 +276,16 @@ def agreement_propose(
 # was taken (the buyer spent or cancelled the authorization in between), the platform treasury refunds the fee
 # (`buyer_refund_atomic`).
 
-DirectPaymentExecutor = Callable[[UsageAgreement], str | None]
-_direct_payment_executor: list[DirectPaymentExecutor] = []
+DirectPaymentCheck = Callable[[UsageAgreement], str | None]
+DirectPaymentQueue = Callable[[UsageAgreement], None]
+_direct_payment_executor: list[tuple[DirectPaymentCheck, DirectPaymentQueue]] = []
 
 
-def direct_payment_executor_register(*, executor: DirectPaymentExecutor) -> None:
-    """`executor(agreement)` runs inside the accept transaction: it queues the on-chain steps and returns None,
-    or returns why the payment cannot run (nothing has been taken then)."""
-    _direct_payment_executor[:] = [executor]
+def direct_payment_executor_register(*, check: DirectPaymentCheck, queue: DirectPaymentQueue) -> None:
+    """`check(agreement)` asks the chain whether the payment can run (why not, or None); it runs before the accept
+    locks the agreement, never under the lock. `queue(agreement)` runs inside the accept transaction and only
+    writes: it queues the on-chain steps."""
+    _direct_payment_executor[:] = [(check, queue)]
 
 
 def _direct_payment_check(*, payment_header: str, fee_permit: dict, amount: int, fee: int, payer: str,
@@ -327,14 +329,25 @@ def _direct_authorization_record(authorization: x402_payment.Authorization):
         raise Conflict(invalid.message, code=invalid.code, details={"field": "payment_header"}) from invalid
 
 
-def _direct_payment_start(agreement_id, seller: Agent) -> UsageAgreement:
+def _direct_payment_precheck(agreement: UsageAgreement) -> str | None:
+    """Why a direct payment about to be accepted cannot run (None: it can), asked of the chain before the accept
+    takes its row lock. What it checks was fixed at proposal (the signed authorization and fee permit); a chain
+    that changes in between is caught by the relayer's simulation and the fee permit's outcome."""
+    if agreement.settlement_model != SettlementModel.DIRECT_PAYMENT or agreement.status != S.PROPOSED:
+        return None
     if not _direct_payment_executor:
         raise DependencyUnavailable("Direct payments are not available.", code="direct_payments_unavailable")
+    check, _queue = _direct_payment_executor[0]
+    return check(agreement)
+
+
+def _direct_payment_start(agreement_id, problem: str | None) -> UsageAgreement:
     agreement = _transition(agreement_id, to=S.PAYING, actor=SYSTEM, reason="collecting the fee, then paying")
-    problem = _direct_payment_executor[0](agreement)
     if problem:
         return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM,
                            reason=f"payment cannot run, nothing was charged: {problem}")
+    _check, queue = _direct_payment_executor[0]
+    queue(agreement)
     return agreement
 
 
@@ -362,6 +375,7 @@ def agreement_direct_fee_refunded(*, agreement_id, amount: int, tx_hash: str) ->
 
 def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreement:
     _require_party(agreement, seller, "seller")
+    problem = _direct_payment_precheck(agreement)  # the chain is asked first: never under the row lock
     with transaction.atomic():
         current = _lock(agreement.pk)
         if current.settlement_model == SettlementModel.DIRECT_PAYMENT and current.status in (
@@ -370,7 +384,7 @@ def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreem
         if not (current.status == S.PROPOSED and current.proposal_expires_at <= timezone.now()):
             accepted = _transition(agreement.pk, to=S.ACCEPTED, actor=Actor.agent(seller, "seller"))
             if accepted.settlement_model == SettlementModel.DIRECT_PAYMENT:
-                return _direct_payment_start(agreement.pk, seller)
+                return _direct_payment_start(agreement.pk, problem)
             return accepted
         # Committed before answering, so the seller's late accept leaves the agreement visibly expired.
         _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")

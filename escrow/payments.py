@@ -220,8 +220,9 @@ def _stored_authorization(agreement: UsageAgreement) -> x402_payment.Authorizati
         valid_before=record.valid_before, nonce=record.nonce, signature=record.signature)
 
 
-def _direct_payment_execute(agreement: UsageAgreement) -> str | None:
-    """Executor of accepted direct payments (registered with agreements): check, then queue the fee permit."""
+def _direct_payment_preflight(agreement: UsageAgreement) -> str | None:
+    """Whether an accepted direct payment can run, asked of the chain (registered with agreements, which calls it
+    before locking the agreement): the payment's simulation, the fee permit's nonce, the buyer's balance."""
     _require_chain()
     buyer = to_checksum_address(agreement.buyer_wallet_address)
     token = chain.token_contract()
@@ -236,13 +237,19 @@ def _direct_payment_execute(agreement: UsageAgreement) -> str | None:
     balance = chain.call(token.functions.balanceOf(buyer).call)
     if balance < agreement.deposit_amount + agreement.infra_fee:
         return f"insufficient_balance: the buyer holds {balance}, needs {agreement.deposit_amount + agreement.infra_fee}"
+    return None
+
+
+def _direct_payment_queue(agreement: UsageAgreement) -> None:
+    """Queue the fee permit, the first of a direct payment's transactions (in the accept's DB transaction)."""
+    buyer = to_checksum_address(agreement.buyer_wallet_address)
+    permit = agreement.fee_permit
     v, r, s = typed_data.split_signature(permit["signature"])
-    data = token.encode_abi("permit", args=[buyer, to_checksum_address(chainconfig.relayer_address()),
-                                            permit["value"], permit["deadline"], v, hex_to_bytes(r),
-                                            hex_to_bytes(s)])
+    data = chain.token_contract().encode_abi("permit", args=[
+        buyer, to_checksum_address(chainconfig.relayer_address()), permit["value"], permit["deadline"], v,
+        hex_to_bytes(r), hex_to_bytes(s)])
     relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_FEE_PERMIT, to=chainconfig.usdc_address(), data=data,
                                 agreement_id=agreement.pk)
-    return None
 
 
 def _agreement(tx: ChainTransaction) -> UsageAgreement:
@@ -293,7 +300,7 @@ def _direct_fee_refund_outcome(tx: ChainTransaction) -> None:
 
 
 invocations.settlement_handler_register(handler=_invocation_settle)
-agreement_services.direct_payment_executor_register(executor=_direct_payment_execute)
+agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
 relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome)
 relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYOUT,
                                  on_outcome=_settlement_outcome(invocations.invocation_paid_out))

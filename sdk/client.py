@@ -342,9 +342,18 @@ class MarketplaceClient:
                              json={"events": [dict(event) for event in events]},
                              idempotency_key=idempotency_key or _new_key())
 
-    def complete(self, agreement_id: AgreementId, reason: str = "") -> dict[str, Any]:
-        """End the agreement (buyer or seller): the relayer proposes the settlement and the window opens."""
-        return self._request("POST", f"/usage-agreements/{agreement_id}/complete", json={"reason": reason})
+    def complete(self, agreement_id: AgreementId, reason: str = "", *, wait: bool = False, timeout: float = 300.0,
+                 poll_interval: float = 2.0) -> dict[str, Any]:
+        """End the agreement (buyer or seller): the relayer proposes the settlement and the window opens.
+
+        The proposal goes on-chain after the answer, so the agreement comes back still `active` (completing); with
+        `wait=True` this polls until the proposal is on-chain and returns the agreement `in_challenge` (with its
+        `challenge_deadline`), or already past it."""
+        answer = self._request("POST", f"/usage-agreements/{agreement_id}/complete", json={"reason": reason})
+        if not wait:
+            return answer
+        return self.wait_until(agreement_id, statuses={"in_challenge", "disputed", "settling", "settled"},
+                               failure=frozenset(), timeout=timeout, poll_interval=poll_interval)
 
     def challenge(self, agreement: Mapping[str, Any], wallet: str | Wallet, reason: str, *, evidence: str = "",
                   idempotency_key: str | None = None) -> dict[str, Any]:

@@ -155,3 +155,27 @@ def test_direct_payment_needs_its_signatures_and_escrow_refuses_them(purchase):
     assert purchase.parties.buyer_api.post("/usage-agreements", missing).status_code == 400
     escrow = {**body, "settlement_model": "escrow"}
     assert purchase.parties.buyer_api.post("/usage-agreements", escrow).status_code == 400
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_accepting_asks_the_chain_with_no_database_transaction_open(escrow_chain, settings,
+                                                                    django_capture_on_commit_callbacks):
+    """The accept's checks against the chain (simulation, nonce, balance) run before the agreement's row is locked:
+    no row lock ever waits on the node."""
+    from tests.support.db_activity import backend_pid, session_state
+    from tests.support.rpc_relay import RpcRelay
+
+    relay = RpcRelay(escrow_chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    try:
+        purchase = Purchase(escrow_chain)
+        agreement = purchase.propose()
+        pid = backend_pid()
+        asked_inside_a_transaction = []
+        relay.observers.append(lambda call: session_state(pid) == "idle in transaction"
+                               and asked_inside_a_transaction.append(call["method"]))
+        assert purchase.accept(agreement["id"], django_capture_on_commit_callbacks)["status"] == "paying"
+        assert asked_inside_a_transaction == []
+    finally:
+        relay.stop()

@@ -105,9 +105,7 @@ class Command(BaseCommand):
                   f"{_usdc(verified.cumulative_amount)} used")
 
         self._step("5. The buyer completes; the relayer proposes the settlement and the challenge window opens")
-        self.buyer.complete(agreement_id)
-        in_challenge = self.buyer.wait_until(agreement_id, statuses={"in_challenge", "settling", "settled"},
-                                             failure=set(), timeout=self.timeout, poll_interval=0.5)
+        in_challenge = self.buyer.complete(agreement_id, wait=True, timeout=self.timeout, poll_interval=0.5)
         self._say(f"status {in_challenge['status']}, deadline {in_challenge.get('challenge_deadline') or '-'}")
 
         self._step("6. Nobody challenges: after the window the platform finalizes and pays both parties")
