@@ -5,6 +5,7 @@ Every status change goes through `_transition`, under a row lock, checked agains
 """
 
 import json
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -173,10 +174,31 @@ def _committed_spend(buyer: Agent, since: datetime) -> int:
     return int(total)
 
 
+@dataclass(frozen=True)
+class RestatedTerms:
+    """Terms a proposal may restate (the Pægents SDK does): each given one must be the service's own."""
+
+    seller_id: uuid.UUID | None = None
+    unit: str | None = None
+    price_per_unit: int | None = None  # base units
+
+    def check(self, service: Service) -> None:
+        if self.seller_id is not None and self.seller_id != service.seller_id:
+            raise InvalidInput("seller_agent_id is not the service's seller.", code="seller_mismatch",
+                               details={"seller_agent_id": str(service.seller_id)})
+        if self.unit is not None and self.unit != service.unit_name:
+            raise InvalidInput(f"The service is sold per {service.unit_name!r}.", code="unit_mismatch",
+                               details={"unit": service.unit_name})
+        if self.price_per_unit is not None and self.price_per_unit != service.unit_price:
+            raise InvalidInput("price_per_unit_cents is not the service's unit price.", code="price_mismatch",
+                               details={"price_per_unit_atomic": service.unit_price})
+
+
 def agreement_propose(
     *,
     buyer: Agent,
     service: Service,
+    restated: RestatedTerms = RestatedTerms(),
     quantity: int,
     settlement_model: str = SettlementModel.ESCROW,
     token: str | None = None,
@@ -193,6 +215,11 @@ def agreement_propose(
         raise InvalidInput("An agent cannot buy its own service.", code="own_service")
     if service.state != ServiceState.REGISTERED:
         raise InvalidInput("This service is deregistered.", code="service_deregistered")
+    restated.check(service)
+    if quantity < service.min_quantity or (service.max_quantity is not None and quantity > service.max_quantity):
+        raise InvalidInput("The quantity is outside what the service sells per agreement.",
+                           code="quantity_out_of_range",
+                           details={"min_quantity": service.min_quantity, "max_quantity": service.max_quantity})
     token = token or service.token
     if token != service.token:
         raise InvalidInput(f"This service is priced in {service.token}.", code="token_not_accepted",

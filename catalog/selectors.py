@@ -11,7 +11,7 @@ from django.db.models import Case, Exists, F, FloatField, OuterRef, Q, QuerySet,
 from django.db.models.functions import Cast
 
 from catalog.models import Agent, ApiKey, Availability, Service, ServiceState, Skill, Tag, UpstreamProtocol
-from marketplace.errors import NotFound
+from marketplace.errors import InvalidInput, NotFound
 from marketplace.pagination import paginate
 
 
@@ -60,6 +60,16 @@ def service_get(*, service_id, viewer: Agent | None = None) -> Service:
     return service
 
 
+def service_only_of_seller(*, seller_id) -> Service:
+    """The seller's one registered service, for a proposal that names only the seller (the Pægents SDK may)."""
+    found = list(_with_relations(Service.objects.filter(seller_id=seller_id, state=ServiceState.REGISTERED))[:2])
+    if not found:
+        raise NotFound("The seller has no registered service.", code="service_not_found")
+    if len(found) > 1:
+        raise InvalidInput("The seller has several services: give service_id.", code="service_id_required")
+    return found[0]
+
+
 def service_get_any_state(*, service_id) -> Service:
     """A service whatever its state, for rules that must say why it cannot be used (e.g. deregistered)."""
     service = _with_relations(Service.objects.filter(pk=service_id)).first()
@@ -97,6 +107,7 @@ class ServiceSearch:
     tags_any: list[str] = field(default_factory=list)
     capability: str = ""
     max_unit_price: int | None = None
+    min_unit_price: int | None = None
     seller: str = ""
     protocol: str = ""
     skill: str = ""
@@ -157,7 +168,17 @@ def _with_tag(tag_ids: list[int]) -> Exists:
     return Exists(Service.tags.through.objects.filter(service_id=OuterRef("pk"), tag_id__in=tag_ids))
 
 
-def service_search(*, search: ServiceSearch, cursor: str | None, limit: int) -> tuple[list[Service], str | None]:
+@dataclass(frozen=True)
+class OffsetPage:
+    rows: list[Service]
+    total: int
+    next_offset: int | None
+
+
+def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
+                   offset: int | None = None) -> tuple[list[Service], str | None] | OffsetPage:
+    """A page of matching services: after `cursor` (keyset), or from `offset` (the Pægents SDK's paging, with the
+    total count) when an offset is given."""
     # A Masumi service that said it cannot take jobs is left out until its next availability check says it can.
     services = Service.objects.filter(state=ServiceState.REGISTERED, seller__is_active=True).exclude(
         availability=Availability.UNAVAILABLE)
@@ -177,6 +198,8 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int) -> 
         services = services.filter(capability_name__iexact=search.capability)
     if search.max_unit_price is not None:
         services = services.filter(unit_price__lte=search.max_unit_price)
+    if search.min_unit_price is not None:
+        services = services.filter(unit_price__gte=search.min_unit_price)
     if search.seller:
         services = services.filter(seller__handle=search.seller)
     if search.protocol:
@@ -197,14 +220,22 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int) -> 
         order_by = "newest"
     ordering = _FUZZY_RELEVANCE if fuzzy and order_by == "relevance" else _ORDERINGS[order_by]
     services = _with_relations(services).defer("search_vector", "keywords")  # never shown; the vector is large
+
+    def page():
+        if offset is None:
+            return paginate(services, ordering=ordering, cursor=cursor, limit=limit)
+        rows = list(services.order_by(*ordering)[offset:offset + limit + 1])
+        more = len(rows) > limit
+        return OffsetPage(rows=rows[:limit], total=services.count(), next_offset=offset + limit if more else None)
+
     if not fuzzy:
-        return paginate(services, ordering=ordering, cursor=cursor, limit=limit)
+        return page()
     with transaction.atomic(), connection.cursor() as db:
         # For this transaction only: pg_trgm's default word-similarity threshold (0.6) misses a single typo in a
         # short word ("invoce", "wether"); 0.5 catches those and still keeps unrelated names out.
         db.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)",
                    [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
-        rows, next_cursor = paginate(services, ordering=ordering, cursor=cursor, limit=limit)
-    for row in rows:
+        result = page()
+    for row in (result.rows if isinstance(result, OffsetPage) else result[0]):
         row.relevance = row.name_similarity  # not a second SQL column: each is computed per candidate row
-    return rows, next_cursor
+    return result

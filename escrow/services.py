@@ -17,7 +17,7 @@ from escrow import chain, relayer
 from escrow.models import ChainTransaction, TxPurpose
 from marketplace import chainconfig
 from marketplace.chainconfig import receipt_signer_address
-from marketplace.errors import Conflict, DependencyUnavailable, InvalidInput, PaymentRequired
+from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, PaymentRequired
 from marketplace.logging import logs_name_the_agreement
 from sdk import typed_data
 
@@ -74,7 +74,7 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
     `deadline` (unix time) overrides the default signature lifetime, e.g. a Masumi purchase's payByTime."""
     _require_chain()
     if agreement.buyer_id != buyer.pk:
-        raise Conflict("Only the buyer activates the escrow.", code="buyer_only")
+        raise Forbidden("Only the buyer activates the escrow.", code="buyer_only")
     if agreement.status not in ("accepted", "activation_failed"):
         raise Conflict(f"Nothing to sign while the agreement is {agreement.status}.", code="invalid_transition",
                        details={"status": agreement.status})
