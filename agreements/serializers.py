@@ -5,9 +5,11 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from agreements.models import AgreementEvent, AgreementStatus, SettlementModel
+from agreements.services import APPROVAL_SUBJECT
 from catalog.serializers import AgentSummarySerializer, CentsField, cents_of
 from marketplace.pagination import PageQuerySerializer
 from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictSerializer
+from policies import selectors as policy_selectors
 
 
 class FeePermitSerializer(StrictSerializer):
@@ -49,6 +51,12 @@ class ProposalSerializer(StrictSerializer):
                                                   "as GET /usage-agreements/{id}/activation-package describes.")
     service_description = serializers.CharField(max_length=1000, required=False, allow_blank=True,
                                                 help_text="= note.")
+    buyer_infra_fee_permit_signature = serializers.RegexField(
+        r"^0x[0-9a-fA-F]{130}$", required=False,
+        help_text="direct_payment, the Pægents SDK's fee permit: its signature; with the deadline below it is "
+                  "`fee_permit` whose value is the fee and whose nonce is the token's current nonces(buyer).")
+    buyer_infra_fee_permit_deadline = serializers.IntegerField(min_value=0, required=False,
+                                                               help_text="With the signature above.")
     client_proposal_id = serializers.CharField(max_length=255, required=False,
                                                help_text="The Pægents SDK's idempotency key (it also sends it as "
                                                          "Idempotency-Key); not stored.")
@@ -86,6 +94,14 @@ class ProposalSerializer(StrictSerializer):
             attrs["payment_header"] = method["payment_header"]
         attrs.pop("activation_version", None)
         attrs.pop("client_proposal_id", None)
+        signed = [attrs.pop(name) for name in ("buyer_infra_fee_permit_signature", "buyer_infra_fee_permit_deadline")
+                  if name in attrs]
+        if signed:
+            if len(signed) != 2 or "fee_permit" in attrs:
+                raise serializers.ValidationError({"buyer_infra_fee_permit_signature": [serializers.ErrorDetail(
+                    "Give the fee permit's signature and deadline together, or fee_permit.", code="invalid_permit")]})
+            # value and nonce are the server's to fill in: the fee, and the token's nonce for the buyer.
+            attrs["fee_permit"] = {"signature": signed[0], "deadline": signed[1]}
         if "service_id" not in attrs and "seller_agent_id" not in attrs:
             raise serializers.ValidationError({"service_id": [serializers.ErrorDetail(
                 "Required (or seller_agent_id, when the seller has one service).", code="required")]})
@@ -222,6 +238,14 @@ class AgreementSerializer(serializers.Serializer):
         if approval is None:
             return None
         return {"id": approval.pk, "status": approval.status, "expires_at": approval.expires_at}
+
+
+def agreement_payload(agreement, *, many: bool = False, serializer=AgreementSerializer, **context):
+    """An agreement (or a list) as the API shows it, with the approvals it waits for."""
+    rows = agreement if many else [agreement]
+    approvals = policy_selectors.approvals_for_subjects(subject_type=APPROVAL_SUBJECT,
+                                                        subject_ids=[row.pk for row in rows])
+    return serializer(agreement, many=many, context={"approvals": approvals, **context}).data
 
 
 class AgreementEventSerializer(serializers.ModelSerializer):

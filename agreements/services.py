@@ -253,7 +253,8 @@ def agreement_propose(
     proposal_expires_at = now + settings.PROPOSAL_TTL
     direct = None
     if settlement_model == SettlementModel.DIRECT_PAYMENT:
-        direct = _direct_payment_check(payment_header=payment_header, fee_permit=fee_permit or {}, amount=deposit,
+        fee_permit = _fee_permit_completed(fee_permit or {}, fee=fee, payer=terms["buyer_wallet_address"])
+        direct = _direct_payment_check(payment_header=payment_header, fee_permit=fee_permit, amount=deposit,
                                        fee=fee, payer=terms["buyer_wallet_address"],
                                        seller=terms["seller_wallet_address"])
         # The seller must accept while both signatures can still be executed.
@@ -311,6 +312,25 @@ def agreement_propose(
 
 DirectPaymentExecutor = Callable[[UsageAgreement], str | None]
 _direct_payment_executor: list[DirectPaymentExecutor] = []
+
+
+PermitNonceReader = Callable[[str], int]
+_permit_nonce_reader: list[PermitNonceReader] = []
+
+
+def permit_nonce_reader_register(*, reader: PermitNonceReader) -> None:
+    """`reader(owner)` is the token's EIP-2612 `nonces(owner)`: the escrow app reads it from the chain."""
+    _permit_nonce_reader[:] = [reader]
+
+
+def _fee_permit_completed(fee_permit: dict, *, fee: int, payer: str) -> dict:
+    """A fee permit given as signature and deadline only (the Pægents SDK's form) signs the fee at the token's
+    current nonce: both filled in here, so the signature is checked against exactly that."""
+    if "value" in fee_permit:
+        return fee_permit
+    if not _permit_nonce_reader:
+        raise DependencyUnavailable("Direct payments are not available.", code="direct_payments_unavailable")
+    return {**fee_permit, "value": fee, "nonce": _permit_nonce_reader[0](payer)}
 
 
 def direct_payment_executor_register(*, executor: DirectPaymentExecutor) -> None:

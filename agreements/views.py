@@ -35,6 +35,7 @@ from agreements.serializers import (
     WebhookCreateSerializer,
     WebhookDeliverySerializer,
     WebhookSerializer,
+    agreement_payload,
     escrow_status_of,
 )
 from catalog import selectors as catalog_selectors
@@ -48,18 +49,9 @@ from marketplace.idempotency import HEADER as IDEMPOTENCY_HEADER
 from marketplace.idempotency import idempotent
 from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
 from marketplace.serializers import error_responses
-from policies import selectors as policy_selectors
 from sdk import receipts
 
 TAGS = ["usage agreements"]
-
-
-def agreement_payload(agreement, *, many: bool = False, serializer=AgreementSerializer, **context):
-    rows = agreement if many else [agreement]
-    approvals = policy_selectors.approvals_for_subjects(
-        subject_type=services.APPROVAL_SUBJECT, subject_ids=[row.pk for row in rows]
-    )
-    return serializer(agreement, many=many, context={"approvals": approvals, **context}).data
 
 
 class AgreementsView(APIView):

@@ -236,7 +236,8 @@ class ServiceWriteSerializer(StrictSerializer):
                 "The marketplace does not store sellers' upstream keys: verify X-Marketplace-Signature with the "
                 "service's proxy_secret instead.", code="upstream_api_key_unsupported")]})
         category = data.get("category")
-        if isinstance(category, str) and category.strip():
+        # At registration a category is also the tag (and capability) Pægents services have no other way to give.
+        if not self.partial and isinstance(category, str) and category.strip():
             if "tags" not in data:
                 data["tags"] = [category]
             if "capability" not in data:

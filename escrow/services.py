@@ -60,12 +60,17 @@ def _permit(agreement: UsageAgreement, *, value: int, nonce: int, deadline: int)
     )
 
 
-def _permit_nonce(agreement: UsageAgreement) -> int:
-    token = chain.token_contract(agreement.token_address or None)
+def _token_nonce(owner: str, token_address: str | None = None) -> int:
+    """The token's EIP-2612 `nonces(owner)`: the nonce the owner's next permit must carry."""
+    token = chain.token_contract(token_address)
     try:
-        return chain.call(token.functions.nonces(Web3.to_checksum_address(agreement.buyer_wallet_address)).call)
+        return chain.call(token.functions.nonces(Web3.to_checksum_address(owner)).call)
     except chain.ChainError as error:
         raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
+
+
+def _permit_nonce(agreement: UsageAgreement) -> int:
+    return _token_nonce(agreement.buyer_wallet_address, agreement.token_address or None)
 
 
 def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int | None = None) -> dict:
@@ -182,3 +187,6 @@ def _activation_outcome(tx: ChainTransaction) -> None:
 relayer.outcome_handler_register(purpose=TxPurpose.ACTIVATE, on_outcome=_activation_outcome,
                                  on_submitted=_activation_signed)
 
+
+# Fee permits given as signature and deadline only (the Pægents SDK's direct purchase) are read at this nonce.
+agreement_services.permit_nonce_reader_register(reader=_token_nonce)

@@ -17,10 +17,10 @@ from agreements.serializers import (
     InvokeSerializer,
     AgreementSerializer,
     X402PaymentRequiredSerializer,
+    agreement_payload,
     escrow_status_of,
     invocation_payment,
 )
-from agreements.views import agreement_payload
 from catalog import selectors as catalog_selectors
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import ApiKey, KeyScope
