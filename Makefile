@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/marketplace
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run test check schema migrations-check contracts contracts-check clean bench
+.PHONY: install run demo test check lint schema migrations-check contracts contracts-check typecheck clean bench browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 install: $(VENV)/.installed node_modules/.installed
+
+# Headless Chromium and its driver from Debian, for the admin's browser test (tests/browser); needs root.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
 
 # Recompile the Solidity contracts into the committed artifacts (escrow/contracts/build/).
 contracts: node_modules/.installed
@@ -32,6 +38,10 @@ run: install
 	$(PY) manage.py seed_demo
 	$(VENV)/bin/honcho start -f Procfile.dev
 
+# Against the running `make run` stack (another terminal): the money path as two agents play it, step by step.
+demo: install
+	$(PY) manage.py demo
+
 # The whole suite, schemathesis and the fault suite included (`-m ""` lifts pyproject's default of leaving those
 # two out of a bare `pytest`, for quick local runs).
 test: install
@@ -45,7 +55,16 @@ schema: install
 migrations-check: install
 	DATABASE_URL=sqlite://:memory: $(PY) manage.py makemigrations --check --dry-run
 
-check: schema migrations-check contracts-check
+# ruff, and the import contracts in pyproject.toml (the apps' layers; the SDK imports no Django).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+# The SDK ships typed (sdk/py.typed); its mypy configuration is in sdk/pyproject.toml.
+typecheck: install
+	$(VENV)/bin/mypy sdk/
+
+check: schema migrations-check contracts-check typecheck
 
 # Every benchmark once with small sizes (a few minutes in all; each script's docstring gives its full-size run).
 # Needs PostgreSQL on 127.0.0.1:5432 (databases named *bench*, created when missing) and Redis for the relayer.

@@ -1,58 +1,201 @@
-from django.contrib import admin, messages
+"""The operators' view of agreements, usage, payments and webhooks.
 
-from agreements import webhooks
+Agreements, their history, usage events (with their signed receipts), payment authorizations and skill
+invocations are records of money: view only (marketplace.admin.MoneyRecordAdmin). They change through
+agreements.services / agreements.invocations; the escrow app's admin adds the chain side of an agreement's page.
+"""
+
+from django.contrib import admin, messages
+from django.db.models import F
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+
+from agreements import selectors, webhooks
 from agreements.models import (
     AgreementEvent,
     FeeSchedule,
+    PaymentAuthorization,
     SkillInvocation,
     UsageAgreement,
+    UsageEvent,
     WebhookDelivery,
     WebhookSubscription,
 )
+from marketplace.admin import (
+    MoneyRecordAdmin,
+    MoneyRecordInline,
+    address_column,
+    amount_column,
+    may_operate,
+    short_hex_html,
+    short_id_column,
+    short_id_html,
+    tx_hash_column,
+)
+
+AGREEMENT_PAGE_DELIVERIES = 20
+AGREEMENT_PAGE_USAGE_EVENTS = 50
 
 
-class ReadOnlyInline(admin.TabularInline):
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
+def agreement_link(agreement_id):
+    if agreement_id is None:
+        return "-"
+    return short_id_html(agreement_id, url=reverse("admin:agreements_usageagreement_change", args=[agreement_id]))
 
 
-class AgreementEventInline(ReadOnlyInline):
+class AgreementEventInline(MoneyRecordInline):
     model = AgreementEvent
-    fields = ("created_at", "from_status", "to_status", "actor_kind", "actor_label", "reason")
+    verbose_name = "history entry"
+    verbose_name_plural = "history"
+    fields = ("created_at", "transition", "actor", "reason")
     readonly_fields = fields
     ordering = ("id",)
 
+    @admin.display(description="transition")
+    def transition(self, event) -> str:
+        return str(event)
+
+    @admin.display(description="by")
+    def actor(self, event) -> str:
+        return event.actor
+
+
+class UsageEventInline(MoneyRecordInline):
+    """The latest usage events: each charge with the platform-signed receipt for the cumulative amount."""
+
+    model = UsageEvent
+    verbose_name_plural = f"usage events (latest {AGREEMENT_PAGE_USAGE_EVENTS}; all under Usage events)"
+    fields = ("seq", "created_at", "source", "units", "cost_display", "cumulative_display", "request",
+              "digest", "receipt")
+    readonly_fields = fields
+    ordering = ("-seq",)
+
+    cost_display = amount_column("cost", token_attr="agreement.token")
+    cumulative_display = amount_column("cumulative")
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("agreement").filter(
+            seq__gt=F("agreement__usage_seq") - AGREEMENT_PAGE_USAGE_EVENTS)
+
+    @admin.display(description="request")
+    def request(self, event) -> str:
+        return f"{event.method} {event.path}".strip() or event.description or "-"
+
+    @admin.display(description="usage digest")
+    def digest(self, event):
+        return short_hex_html(event.usage_digest)
+
+    @admin.display(description="receipt (signature)")
+    def receipt(self, event):
+        return short_hex_html(event.receipt_signature) if event.receipt_signature else "-"
+
 
 @admin.register(UsageAgreement)
-class UsageAgreementAdmin(admin.ModelAdmin):
-    list_display = ("id", "buyer", "seller", "service", "settlement_model", "status", "deposit_amount", "used",
-                    "reserved", "created_at")
+class UsageAgreementAdmin(MoneyRecordAdmin):
+    """Status and counters change only through agreements.services (each transition audited)."""
+
+    list_display = ("short_id", "status", "buyer", "seller", "service", "deposit_display", "used_display",
+                    "created_at")
     list_filter = ("status", "settlement_model", "token")
     search_fields = ("id", "buyer__handle", "seller__handle", "service__name", "terms_hash")
     list_select_related = ("buyer", "seller", "service")
     date_hierarchy = "created_at"
-    inlines = [AgreementEventInline]
+    inlines = [AgreementEventInline, UsageEventInline]
+    fieldsets = [
+        (None, {"fields": ("id", "status", "status_reason", "settlement_model", "buyer", "seller", "service",
+                           "note")}),
+        ("Money", {"fields": ("deposit_display", "price_display", "quantity_text", "used_display",
+                              "reserved_display", "remaining_display", "infra_fee_display", "seller_payout_display",
+                              "buyer_refund_display")}),
+        ("Chain", {"fields": ("chain_id", "onchain_id", "token_address_display", "buyer_wallet_display",
+                              "seller_wallet_display", "fee_recipient_display", "terms_hash_display",
+                              "activation_tx_display", "fee_tx_display", "payment_tx_display",
+                              "usage_seq", "usage_digest_display")}),
+        ("Times", {"fields": ("created_at", "proposal_expires_at", "accepted_at", "activated_at",
+                              "completion_requested_at", "challenge_window_seconds", "challenge_deadline",
+                              "expires_at", "settled_at", "closed_at", "updated_at")}),
+        ("Webhook deliveries", {"fields": ("webhook_deliveries",)}),
+    ]
+    readonly_fields = [name for _title, options in fieldsets for name in options["fields"]]
 
-    # Status and counters change only through agreements.services (each transition audited).
-    def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in UsageAgreement._meta.fields]
+    short_id = short_id_column()
+    deposit_display = amount_column("deposit_amount", description="deposit (max amount)")
+    price_display = amount_column("price_per_unit", description="price per unit")
+    used_display = amount_column("used")
+    reserved_display = amount_column("reserved")
+    infra_fee_display = amount_column("infra_fee", description="platform fee")
+    seller_payout_display = amount_column("seller_payout")
+    buyer_refund_display = amount_column("buyer_refund")
+    token_address_display = address_column("token_address", description="token")
+    buyer_wallet_display = address_column("buyer_wallet_address", description="buyer wallet")
+    seller_wallet_display = address_column("seller_wallet_address", description="seller wallet")
+    fee_recipient_display = address_column("fee_recipient")
+    terms_hash_display = tx_hash_column("terms_hash", description="terms hash")  # a hash, not a transaction
+    activation_tx_display = tx_hash_column("activation_tx_hash", description="activation transaction")
+    fee_tx_display = tx_hash_column("fee_tx_hash", description="fee transaction")
+    payment_tx_display = tx_hash_column("payment_tx_hash", description="payment transaction")
 
-    def has_add_permission(self, request):
-        return False
+    @admin.display(description="remaining")
+    def remaining_display(self, agreement):
+        return amount_column("remaining")(self, agreement)
 
-    def has_delete_permission(self, request, obj=None):
-        return False
+    @admin.display(description="quantity")
+    def quantity_text(self, agreement) -> str:
+        return f"{agreement.quantity} {agreement.unit_name}"
+
+    @admin.display(description="usage digest (head of the chain)")
+    def usage_digest_display(self, agreement):
+        return short_hex_html(agreement.usage_digest, head=10, tail=6)
+
+    @admin.display(description="on-chain id")
+    def onchain_id(self, agreement):
+        return short_hex_html(agreement.onchain_id, head=10, tail=6)
+
+    @admin.display(description="latest deliveries")
+    def webhook_deliveries(self, agreement):
+        deliveries = selectors.webhook_deliveries_of_agreement(agreement_id=agreement.pk,
+                                                               limit=AGREEMENT_PAGE_DELIVERIES)
+        if not deliveries:
+            return "None."
+        rows = format_html_join("", '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td>'
+                                    '<td>{}</td><td>{}</td></tr>', (
+            (reverse("admin:agreements_webhookdelivery_change", args=[d.pk]), d.event_type,
+             d.subscription.agent.handle, d.subscription.url, d.status, d.attempts,
+             d.last_error or d.last_status_code or "") for d in deliveries))
+        return format_html('<table class="panel-table" id="agreement-webhook-deliveries"><tr><th>event</th>'
+                           '<th>to</th><th>url</th><th>status</th><th>attempts</th><th>last answer</th></tr>{}'
+                           '</table>', rows)
+
+
+@admin.register(UsageEvent)
+class UsageEventAdmin(MoneyRecordAdmin):
+    list_display = ("short_id", "agreement_short", "seq", "source", "units", "cost_display", "cumulative_display",
+                    "signed", "created_at")
+    list_filter = ("source",)
+    search_fields = ("agreement__id", "request_id", "request_nonce")
+    list_select_related = ("agreement",)
+    date_hierarchy = "created_at"
+    show_full_result_count = False
+
+    short_id = short_id_column()
+    cost_display = amount_column("cost", token_attr="agreement.token")
+    cumulative_display = amount_column("cumulative")
+
+    @admin.display(description="agreement", ordering="agreement")
+    def agreement_short(self, event):
+        return agreement_link(event.agreement_id)
+
+    @admin.display(description="receipt", boolean=True)
+    def signed(self, event) -> bool:
+        return bool(event.receipt_signature)
 
 
 @admin.register(FeeSchedule)
 class FeeScheduleAdmin(admin.ModelAdmin):
-    list_display = ("__str__", "percent_bps", "fixed_atomic", "minimum_atomic", "fee_recipient", "updated_at")
+    list_display = ("__str__", "percent_bps", "fixed_display", "minimum_display", "fee_recipient", "updated_at")
+
+    fixed_display = amount_column("fixed_atomic", description="fixed")
+    minimum_display = amount_column("minimum_atomic", description="minimum")
 
     def has_add_permission(self, request):
         return not FeeSchedule.objects.exists()
@@ -61,27 +204,34 @@ class FeeScheduleAdmin(admin.ModelAdmin):
         return False
 
 
-class DeliveryInline(ReadOnlyInline):
+class DeliveryInline(MoneyRecordInline):
     model = WebhookDelivery
     fields = ("created_at", "event_type", "status", "attempts", "last_status_code", "last_error", "delivered_at")
     readonly_fields = fields
+    show_change_link = True
 
 
 @admin.register(WebhookSubscription)
 class WebhookSubscriptionAdmin(admin.ModelAdmin):
-    list_display = ("id", "agent", "url", "is_active", "created_at")
+    list_display = ("short_id", "agent", "url", "is_active", "created_at")
     list_filter = ("is_active",)
     search_fields = ("url", "agent__handle")
     readonly_fields = ("secret_hint", "created_at")
     exclude = ("secret",)
     inlines = [DeliveryInline]
 
+    short_id = short_id_column()
+
     @admin.display(description="secret")
     def secret_hint(self, obj):
         return f"{obj.secret[:10]}…" if obj.secret else ""
 
 
-@admin.action(description="Send selected deliveries again")
+def _may_redeliver(modeladmin, request) -> bool:
+    return may_operate(request, WebhookDelivery)
+
+
+@admin.action(description="Send selected deliveries again", permissions=["redeliver"])
 def redeliver(modeladmin, request, queryset):
     for delivery in queryset:
         webhooks.delivery_redeliver(delivery=delivery)
@@ -89,37 +239,93 @@ def redeliver(modeladmin, request, queryset):
 
 
 @admin.register(WebhookDelivery)
-class WebhookDeliveryAdmin(admin.ModelAdmin):
-    list_display = ("id", "subscription", "event_type", "status", "attempts", "last_status_code", "created_at",
-                    "delivered_at")
+class WebhookDeliveryAdmin(MoneyRecordAdmin):
+    """A log of what was sent; sending again is the action, which writes a new attempt."""
+
+    list_display = ("short_id", "event_type", "agreement_short", "subscription_agent", "status", "attempts",
+                    "last_status_code", "created_at", "delivered_at")
     list_filter = ("status", "event_type")
     search_fields = ("id", "subscription__url", "subscription__agent__handle")
+    list_select_related = ("subscription", "subscription__agent")
     actions = [redeliver]
+    readonly_fields = [f.name for f in WebhookDelivery._meta.fields]
 
-    def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in WebhookDelivery._meta.fields]
+    short_id = short_id_column()
+    has_redeliver_permission = _may_redeliver
 
-    def has_add_permission(self, request):
-        return False
+    @admin.display(description="agreement")
+    def agreement_short(self, delivery):
+        return agreement_link((delivery.payload.get("data") or {}).get("agreement_id"))
+
+    @admin.display(description="to", ordering="subscription__agent__handle")
+    def subscription_agent(self, delivery) -> str:
+        return delivery.subscription.agent.handle
+
+
+@admin.register(PaymentAuthorization)
+class PaymentAuthorizationAdmin(MoneyRecordAdmin):
+    """Signed x402 payments (EIP-3009) the platform accepted, for direct purchases and skill invocations."""
+
+    list_display = ("id", "payer_display", "pay_to_display", "amount_display", "paid_for", "created_at")
+    search_fields = ("payer", "pay_to", "nonce")
+    date_hierarchy = "created_at"
+    fields = ("id", "paid_for", "amount_display", "payer_display", "pay_to_display", "token_address_display",
+              "valid_after", "valid_before", "nonce_display", "signature", "created_at")
+    readonly_fields = fields
+
+    amount_display = amount_column("amount")
+    payer_display = address_column("payer", description="payer")
+    pay_to_display = address_column("pay_to", description="pay to")
+    token_address_display = address_column("token_address", description="token")
+
+    @admin.display(description="nonce")
+    def nonce_display(self, authorization):
+        return short_hex_html(authorization.nonce, head=10, tail=6)
+
+    @admin.display(description="paid for")
+    def paid_for(self, authorization):
+        return paid_for_html(authorization)
+
+
+def paid_for_html(authorization: PaymentAuthorization):
+    """What a payment bought: a skill invocation (skill and seller) or a direct purchase (its agreement)."""
+    invocation = getattr(authorization, "invocation", None) if authorization else None
+    if invocation is not None:
+        return format_html('<a href="{}">skill {} of {}</a>',
+                           reverse("admin:agreements_skillinvocation_change", args=[invocation.pk]),
+                           invocation.skill.name, invocation.seller.handle)
+    agreement = getattr(authorization, "agreement", None) if authorization else None
+    if agreement is not None:
+        return format_html('<a href="{}">{} ({})</a>',
+                           reverse("admin:agreements_usageagreement_change", args=[agreement.pk]),
+                           agreement.service.name, agreement.seller.handle)
+    return "-"
 
 
 @admin.register(SkillInvocation)
-class SkillInvocationAdmin(admin.ModelAdmin):
-    """Read-only: status and money move through agreements.invocations; a stuck payout or refund is retried from
-    its ChainTransaction (escrow admin)."""
+class SkillInvocationAdmin(MoneyRecordAdmin):
+    """Status and money move through agreements.invocations; a stuck payout or refund is retried from its
+    ChainTransaction (escrow admin)."""
 
-    list_display = ("id", "skill", "seller", "buyer", "status", "money", "amount", "created_at", "completed_at")
+    list_display = ("short_id", "skill", "seller", "buyer", "status", "money", "amount_display", "created_at",
+                    "completed_at")
     list_filter = ("status", "money", "is_async")
     search_fields = ("id", "seller__handle", "buyer__handle", "skill__name", "payment_tx_hash",
                      "settlement_tx_hash", "authorization__payer")
     list_select_related = ("skill", "seller", "buyer")
     date_hierarchy = "created_at"
+    fields = ("id", "skill", "seller", "buyer", "status", "money", "amount_display", "payer_display",
+              "seller_wallet_display", "payment_tx_display", "settlement_tx_display", "is_async",
+              "run_in_background", "timeout_seconds", "input", "result", "error", "created_at", "paid_at",
+              "started_at", "deadline_at", "completed_at", "updated_at")
+    readonly_fields = fields
 
-    def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in SkillInvocation._meta.fields]
+    short_id = short_id_column()
+    amount_display = amount_column("amount")
+    seller_wallet_display = address_column("seller_wallet_address", description="seller wallet")
+    payment_tx_display = tx_hash_column("payment_tx_hash", description="payment transaction")
+    settlement_tx_display = tx_hash_column("settlement_tx_hash", description="payout or refund transaction")
 
-    def has_add_permission(self, request):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
+    @admin.display(description="payer")
+    def payer_display(self, invocation):
+        return address_column("payer")(self, invocation.authorization)

@@ -32,7 +32,7 @@ from django.utils import timezone
 from agreements import x402_payment
 from agreements.models import InvocationMoney, InvocationStatus, SkillInvocation
 from catalog.models import Agent, Skill
-from marketplace import outbound
+from marketplace import bounded_json, outbound
 from marketplace.errors import NotFound
 from sdk import proxy_signature
 
@@ -55,6 +55,28 @@ def settlement_handler_register(*, handler: SettlementHandler) -> None:
 
 def invocation_price(skill: Skill) -> int:
     return skill.price if skill.price is not None else skill.service.unit_price
+
+
+def invocation_resource(skill: Skill) -> str:
+    """The skill's x402 resource: the path it is invoked at, which its payments are bound to."""
+    return f"/agents/{skill.service.seller.handle}/{skill.name}"
+
+
+def invocation_fee(*, amount: int) -> int:
+    """The platform's take on a skill invocation: none; the seller is paid the whole price the buyer paid.
+
+    Why: a skill call is a micro-payment (the demo's cost 0.02 USDC) and the fee schedule's minimum (0.10 USDC)
+    would be several times the price; the x402 "exact" payment moves exactly the price the skill lists, so a fee
+    could only be cut from the seller's payout, unseen by the buyer. The platform earns on escrow agreements (the
+    infra fee) and direct purchases (the fee the buyer permits), and pays the gas of an invocation's two
+    transactions itself. `GET /payment-requirements?purpose=skill_invocation` quotes this, and the payout is the
+    price less this."""
+    return 0
+
+
+def invocation_seller_share(invocation: SkillInvocation) -> int:
+    """What the treasury forwards to the seller once the invocation completed."""
+    return invocation.amount - invocation_fee(amount=invocation.amount)
 
 
 def invocation_get(*, public_id: str) -> SkillInvocation:
@@ -167,18 +189,17 @@ def invocation_run(*, invocation_id) -> SkillInvocation:
         return SkillInvocation.objects.get(pk=invocation_id)
     url, headers = _upstream_request(invocation)
     try:
-        response = _client.post(url, json={"input": invocation.input}, headers=headers,
-                                timeout=httpx.Timeout(invocation.timeout_seconds, connect=5.0))
+        with _client.stream("POST", url, json={"input": invocation.input}, headers=headers,
+                            timeout=httpx.Timeout(invocation.timeout_seconds, connect=5.0)) as response:
+            if response.status_code >= 300:
+                return _finish(invocation_id, to=Status.FAILED, error=f"the seller answered {response.status_code}")
+            result = outbound.json_answer(response, max_bytes=settings.UPSTREAM_ANSWER_MAX_BYTES)
     except httpx.TimeoutException:
         return _finish(invocation_id, to=Status.TIMEOUT, error="the seller did not answer in time")
     except httpx.HTTPError as error:
         return _finish(invocation_id, to=Status.FAILED, error=f"the seller is unreachable: {type(error).__name__}")
-    if response.status_code >= 300:
-        return _finish(invocation_id, to=Status.FAILED, error=f"the seller answered {response.status_code}")
-    try:
-        result = response.json()
-    except ValueError:
-        return _finish(invocation_id, to=Status.FAILED, error="the seller's answer is not JSON")
+    except bounded_json.InvalidJSON as error:
+        return _finish(invocation_id, to=Status.FAILED, error=f"the seller's answer is not usable JSON: {error}")
     return _finish(invocation_id, to=Status.COMPLETED, result=result)
 
 

@@ -4,13 +4,23 @@ Overspend is impossible by construction: a reservation is one conditional UPDATE
 (`used + reserved + cost <= deposit_amount`), so concurrent calls never commit more than the deposit, and the
 database's CHECK constraint says the same. Commits take the agreement's row lock only to extend the gap-free
 usage chain (seq, digest, signed receipt) — never while waiting for the upstream.
+
+No served call is lost when a process dies: each reservation is written together with the call's intent
+(`CallIntent`), the upstream's answer is recorded on it before the charge, and the charge or the release deletes
+it. Only the transaction that deletes the intent changes the counters, so a call is settled once whoever settles
+it. `intents_reap` (a beat task) settles the intents of dead processes by one rule:
+
+    an intent older than the proxy's timeout plus PROXY_INTENT_GRACE_SECONDS belongs to a process that died;
+    when its answer was received and recorded, the call is charged as the proxy would have charged it;
+    otherwise its reservation is released (nothing was recorded as served, so nothing is charged).
 """
 
+import json
 import re
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
@@ -19,9 +29,9 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agreements import monitoring
-from agreements.models import AgreementStatus, UsageAgreement, UsageEvent, UsageSource
+from agreements.models import AgreementStatus, CallIntent, ProxyReplay, UsageAgreement, UsageEvent, UsageSource
 from marketplace import chainconfig
-from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, PaymentRequired
+from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, PaymentRequired, error_body
 from marketplace.logging import logs_name_the_agreement
 from sdk import receipts
 
@@ -39,6 +49,7 @@ class Reservation:
     agreement_id: uuid.UUID
     amount: int
     call_seq: int
+    intent_id: int
 
 
 def _not_chargeable(agreement: UsageAgreement) -> Conflict:
@@ -47,38 +58,61 @@ def _not_chargeable(agreement: UsageAgreement) -> Conflict:
 
 
 @contextmanager
-def _commit_without_flush_wait():
-    """Run a reservation change in its own transaction whose COMMIT does not wait for the WAL flush, so the
-    agreement's row lock is not held through an fsync (the hot path of every proxied call).
+def _transaction_without_flush_wait():
+    """One transaction for a reservation change whose COMMIT does not wait for the WAL flush, so the agreement's
+    row lock is not held through an fsync (the hot path of every proxied call).
 
     Safe because WAL is flushed in order: a charge's (synchronous) commit also makes durable every reservation
-    change before it; a crash can only lose a reservation whose call was never charged, or a release (leaving
-    budget held, never spent; see reservations_drop_stale). Inside a caller's transaction, or off PostgreSQL,
-    the caller's own commit decides.
+    change before it; a crash of the database can only lose a reservation (with its intent) whose call was never
+    charged, or a release (whose intent the reaper then settles again). Inside a caller's transaction, or off
+    PostgreSQL, the caller's own commit decides.
     """
-    if connection.in_atomic_block or connection.vendor != "postgresql":
-        yield
-        return
+    outermost = not connection.in_atomic_block
     with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        if outermost and connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
         yield
 
 
-def reservation_take(*, agreement: UsageAgreement, amount: int) -> Reservation:
-    """Hold `amount` of the budget for one call, or 402 when it would exceed the deposit."""
-    table = UsageAgreement._meta.db_table
-    pk = UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection)
-    with _commit_without_flush_wait(), connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {table} SET reserved = reserved + %s, call_counter = call_counter + 1 "  # noqa: S608
+_RESERVE = ("UPDATE {agreements} SET reserved = reserved + %s, call_counter = call_counter + 1 "
             "WHERE id = %s AND status = %s AND completion_requested_at IS NULL AND expires_at > %s "
-            "AND used + reserved + %s <= deposit_amount RETURNING call_counter",
-            [amount, pk, S.ACTIVE, timezone.now(), amount],
-        )
-        row = cursor.fetchone()
+            "AND used + reserved + %s <= deposit_amount RETURNING id, call_counter")
+_INTENT_COLUMNS = "agreement_id, call_seq, amount, request_id, request_nonce, method, path, created_at"
+
+
+def reservation_take(*, agreement: UsageAgreement, amount: int, request_id: str, request_nonce: str, method: str,
+                     path: str) -> Reservation:
+    """Hold `amount` of the budget for one call and record the call's intent with it, or 402 when it would exceed
+    the deposit."""
+    now = timezone.now()
+    reserve = _RESERVE.format(agreements=UsageAgreement._meta.db_table)
+    reserve_params = [amount, UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection), S.ACTIVE, now,
+                      amount]
+    intent = [amount, request_id, request_nonce, method, path[:500], now]
+    insert = f"INSERT INTO {CallIntent._meta.db_table} ({_INTENT_COLUMNS}) "
+    if connection.vendor == "postgresql":
+        # One statement, so one round trip: reserve, record the intent and (outside a caller's transaction) commit
+        # without waiting for the WAL flush, as _transaction_without_flush_wait explains.
+        flush = "" if connection.in_atomic_block else \
+            "flush AS (SELECT set_config('synchronous_commit', 'off', true)), "
+        with connection.cursor() as cursor:
+            cursor.execute(f"WITH {flush}taken AS ({reserve}) {insert}"  # noqa: S608
+                           f"SELECT taken.id, taken.call_counter, %s, %s, %s, %s, %s, %s "
+                           f"FROM taken{', flush' if flush else ''} RETURNING call_seq, id",
+                           reserve_params + intent)
+            row = cursor.fetchone()
+    else:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(reserve, reserve_params)
+            taken = cursor.fetchone()
+            row = None
+            if taken is not None:
+                cursor.execute(f"{insert}VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING call_seq, id",  # noqa: S608
+                               [*taken, *intent])
+                row = cursor.fetchone()
     if row is not None:
-        return Reservation(agreement_id=agreement.pk, amount=amount, call_seq=row[0])
+        return Reservation(agreement_id=agreement.pk, amount=amount, call_seq=row[0], intent_id=row[1])
     current = UsageAgreement.objects.get(pk=agreement.pk)
     if current.status != S.ACTIVE:
         raise _not_chargeable(current)
@@ -90,9 +124,37 @@ def reservation_take(*, agreement: UsageAgreement, amount: int) -> Reservation:
                           details={"remaining_atomic": current.remaining, "cost_atomic": amount})
 
 
+def _intent_close(reservation: Reservation) -> bool:
+    """Delete the call's intent; False when it is already gone (the reaper settled the call)."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"DELETE FROM {CallIntent._meta.db_table} WHERE id = %s",  # noqa: S608
+                       [reservation.intent_id])
+        return cursor.rowcount == 1
+
+
+def reservation_answered(*, reservation: Reservation, units: int, cost: int, upstream_status: int,
+                         latency_ms: int) -> None:
+    """Record what the upstream answered before charging it: should this process die before the charge is
+    written, the reaper charges the call from this record."""
+    # One statement, its own transaction; on PostgreSQL set_config(..., true) lets its commit skip the flush wait.
+    skip_flush_wait = connection.vendor == "postgresql" and not connection.in_atomic_block
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {CallIntent._meta.db_table} SET answered_at = %s, units = %s, cost = %s, "  # noqa: S608
+                "upstream_status = %s, latency_ms = %s "
+                + ("FROM (SELECT set_config('synchronous_commit', 'off', true)) AS flush " if skip_flush_wait else "")
+                + "WHERE id = %s",
+                [timezone.now(), units, cost, upstream_status, latency_ms, reservation.intent_id])
+    except (OperationalError, InterfaceError):
+        pass  # the database went away: the charge that follows finds out, and settles the call by itself
+
+
 def reservation_release(*, reservation: Reservation) -> None:
-    with _commit_without_flush_wait():
-        UsageAgreement.objects.filter(pk=reservation.agreement_id).update(reserved=F("reserved") - reservation.amount)
+    with _transaction_without_flush_wait():
+        if _intent_close(reservation):
+            UsageAgreement.objects.filter(pk=reservation.agreement_id).update(
+                reserved=F("reserved") - reservation.amount)
 
 
 def _resolve_unknown_commit(*, reservation: Reservation, request_id: str) -> UsageEvent | None:
@@ -105,13 +167,6 @@ def _resolve_unknown_commit(*, reservation: Reservation, request_id: str) -> Usa
         if event is None:
             reservation_release(reservation=reservation)
     return event
-
-
-def reservations_drop_stale(*, agreement: UsageAgreement) -> None:
-    """Free reservations of calls that can no longer finish (their process died): the caller has checked that
-    every live call has timed out. Holding them would block the settlement forever."""
-    UsageAgreement.objects.filter(pk=agreement.pk, completion_requested_at__isnull=False).update(reserved=0)
-    agreement.reserved = 0
 
 
 def _append_events(agreement: UsageAgreement, charges: list[dict], *, source: str) -> list[UsageEvent]:
@@ -173,6 +228,10 @@ def _observe_after_commit(agreement: UsageAgreement, events: list[UsageEvent], *
                                                              events=len(events), amount=amount))
 
 
+class _SettledByTheReaper(Exception):
+    pass
+
+
 def reservation_commit(*, reservation: Reservation, units: int, cost: int, request_id: str, request_nonce: str,
                        method: str, path: str, upstream_status: int, latency_ms: int) -> UsageEvent:
     """Turn a reservation into a usage event charging `cost` (<= the reservation); the rest is released. When the
@@ -182,6 +241,8 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
         with transaction.atomic():
             agreement = UsageAgreement.objects.select_for_update().only(*_CHAIN_FIELDS).get(
                 pk=reservation.agreement_id)
+            if not _intent_close(reservation):
+                raise _SettledByTheReaper
             [event] = _append_events(agreement, [{
                 "units": units, "cost": cost, "request_id": request_id, "request_nonce": request_nonce,
                 "method": method, "path": path[:500], "upstream_status": upstream_status, "latency_ms": latency_ms,
@@ -191,6 +252,11 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
             _complete_if_used_up(agreement, fields)
             agreement.save(update_fields=fields)
             _observe_after_commit(agreement, [event], source=UsageSource.PROXY)
+    except _SettledByTheReaper:
+        event = UsageEvent.objects.filter(agreement_id=reservation.agreement_id, request_id=request_id).first()
+        if event is None:
+            raise DependencyUnavailable("The call took too long to record and was released; nothing was charged.",
+                                        code="call_expired") from None
     except (OperationalError, InterfaceError):
         event = _resolve_unknown_commit(reservation=reservation, request_id=request_id)
         if event is None:
@@ -200,6 +266,74 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
         reservation_release(reservation=reservation)
         raise
     return event
+
+
+def _intents_settle(*, agreement_id, created_before: datetime) -> tuple[int, int]:
+    """Settle the agreement's intents created before `created_before` by the rule in this module's docstring:
+    (charged, released)."""
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().only(*_CHAIN_FIELDS).get(pk=agreement_id)
+        # Skipping locked rows: an intent being released right now is its releaser's to settle.
+        intents = list(CallIntent.objects.select_for_update(skip_locked=True)
+                       .filter(agreement_id=agreement_id, created_at__lt=created_before).order_by("id"))
+        if not intents:
+            return 0, 0
+        answered = [intent for intent in intents if intent.answered_at is not None]
+        fields = ["reserved"]
+        if answered:
+            events = _append_events(agreement, [{
+                "units": intent.units, "cost": intent.cost, "request_id": intent.request_id,
+                "request_nonce": intent.request_nonce, "method": intent.method, "path": intent.path,
+                "upstream_status": intent.upstream_status, "latency_ms": intent.latency_ms,
+                "description": "charged by the reaper: the server process died after the upstream answered",
+            } for intent in answered], source=UsageSource.PROXY)
+            fields += ["usage_seq", "used", "usage_digest"]
+            _observe_after_commit(agreement, events, source=UsageSource.PROXY)
+        agreement.reserved -= sum(intent.amount for intent in intents)
+        _complete_if_used_up(agreement, fields)
+        agreement.save(update_fields=fields)
+        CallIntent.objects.filter(pk__in=[intent.pk for intent in intents]).delete()
+    return len(answered), len(intents) - len(answered)
+
+
+def _replays_settle(*, created_before: datetime) -> int:
+    """X-Request-Nonce replays whose first call died unanswered: one that was charged stores a note saying so (its
+    answer is lost), any other is dropped so the nonce can be used again."""
+    settled = 0
+    for replay in ProxyReplay.objects.filter(status_code=None, created_at__lt=created_before)[:500]:
+        if CallIntent.objects.filter(agreement_id=replay.agreement_id, request_nonce=replay.request_nonce).exists():
+            continue  # its call is not settled yet
+        event = UsageEvent.objects.filter(agreement_id=replay.agreement_id,
+                                          request_nonce=replay.request_nonce).first()
+        if event is None:
+            settled += ProxyReplay.objects.filter(pk=replay.pk, status_code=None).delete()[0]
+            continue
+        body = error_body("reply_lost", "The call was served and charged, but the server process that forwarded "
+                          "it died before the answer was delivered.", {"usage_event_id": event.pk})
+        settled += ProxyReplay.objects.filter(pk=replay.pk, status_code=None).update(
+            status_code=502, headers={"Content-Type": "application/json", "X-Usage-Cost": str(event.cost),
+                                      "X-Usage-Event-Id": str(event.pk)},
+            body=json.dumps(body).encode())
+    return settled
+
+
+def intents_reap(*, now: datetime | None = None) -> dict:
+    """The beat task: settle what dead server processes left (intents, then their nonce replays). Idempotent."""
+    stale = (now or timezone.now()) - timedelta(
+        seconds=settings.PROXY_TIMEOUT + settings.PROXY_INTENT_GRACE_SECONDS)
+    charged = released = 0
+    agreement_ids = set(CallIntent.objects.filter(created_at__lt=stale).values_list("agreement_id", flat=True)[:500])
+    for agreement_id in agreement_ids:
+        done = _intents_settle(agreement_id=agreement_id, created_before=stale)
+        charged, released = charged + done[0], released + done[1]
+    return {"charged": charged, "released": released, "replays": _replays_settle(created_before=stale)}
+
+
+def reservations_settle_stale(*, agreement: UsageAgreement) -> None:
+    """Settle every call still reserved on an agreement whose completion waited out the proxy's timeout (their
+    processes died), by the reaper's rule: holding them would block the settlement forever."""
+    _intents_settle(agreement_id=agreement.pk, created_before=timezone.now())
+    agreement.refresh_from_db()
 
 
 @logs_name_the_agreement

@@ -193,6 +193,8 @@ class ProxyReplay(models.Model):
 
     agreement = models.ForeignKey(UsageAgreement, on_delete=models.CASCADE, related_name="+")
     request_nonce = models.CharField(max_length=128)
+    request_fingerprint = models.CharField(max_length=64, help_text="sha256 of the call's method, path and body: "
+                                                                     "the nonce is refused on any other call.")
     status_code = models.PositiveSmallIntegerField(null=True, help_text="Null while the first call is running.")
     headers = models.JSONField(default=dict)
     body = models.BinaryField(default=b"")
@@ -200,6 +202,34 @@ class ProxyReplay(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["agreement", "request_nonce"], name="proxy_replay_unique")]
+
+
+class CallIntent(models.Model):
+    """A proxied call between its reservation and its charge or release. Written in the reservation's transaction,
+    before the call is forwarded; the answer is recorded on it as soon as the upstream answered; the charge (or the
+    release) deletes it in its own transaction. One left behind belongs to a process that died: the reaper
+    (agreements.metering.intents_reap) settles it by the rule documented there."""
+
+    id = models.BigAutoField(primary_key=True)
+    agreement = models.ForeignKey(UsageAgreement, on_delete=models.PROTECT, related_name="+")
+    amount = TokenAmountField(help_text="Reserved for the call.")
+    call_seq = models.PositiveBigIntegerField()
+    request_id = models.CharField(max_length=128)
+    request_nonce = models.CharField(max_length=128, blank=True)
+    method = models.CharField(max_length=10)
+    path = models.CharField(max_length=500)
+    created_at = models.DateTimeField()
+    answered_at = models.DateTimeField(null=True, blank=True, help_text="The upstream answered (what to charge).")
+    units = models.PositiveBigIntegerField(null=True, blank=True)
+    cost = TokenAmountField(null=True, blank=True)
+    upstream_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["created_at"], name="call_intent_created_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path} ({'answered' if self.answered_at else 'forwarding'})"
 
 
 class AgreementEvent(models.Model):
@@ -227,6 +257,13 @@ class AgreementEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.from_status or '∅'} → {self.to_status}"
+
+    @property
+    def actor(self) -> str:
+        """"buyer-one (buyer)", or just "system" when the label says no more than the kind."""
+        if not self.actor_label or self.actor_label == self.actor_kind:
+            return self.actor_kind
+        return f"{self.actor_label} ({self.actor_kind})"
 
 
 class WebhookSubscription(models.Model):
@@ -279,6 +316,7 @@ class WebhookDelivery(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        verbose_name_plural = "webhook deliveries"
         indexes = [models.Index(fields=["status", "next_attempt_at"], name="delivery_due_idx")]
 
     def __str__(self) -> str:

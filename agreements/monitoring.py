@@ -1,10 +1,12 @@
 """What operators watch of agreements: Prometheus metrics and the admin dashboard's panels."""
 
+from django.conf import settings
 from django.urls import reverse
 from prometheus_client import Counter, Histogram
 
 from agreements import selectors
-from marketplace import dashboard, metrics
+from agreements.models import AgreementStatus
+from marketplace import dashboard, metrics, money
 
 PROXY_UPSTREAM_SECONDS = Histogram(
     "marketplace_proxy_upstream_seconds", "Time the seller's upstream took to answer a proxied call (headers), "
@@ -41,3 +43,45 @@ metrics.scrape_collector_register(
     counts=lambda: {(status,): count for status, count in selectors.agreement_counts_by_status().items()})
 dashboard.counts_register(title="Agreements by status", counts=selectors.agreement_counts_by_status)
 dashboard.failures_register(recent=_failures)
+
+
+def _agreement_url(agreement) -> str:
+    return reverse("admin:agreements_usageagreement_change", args=[agreement.pk])
+
+
+def _stuck_detail(agreement) -> str:
+    if agreement.status == AgreementStatus.SETTLING:
+        return "finalize not confirmed"
+    if agreement.activation_tx_hash:
+        return f"activation transaction {agreement.activation_tx_hash}"
+    return "no transaction hash yet"
+
+
+def _overdue(now) -> list[dashboard.Overdue]:
+    """Past the challenge deadline and not finalized; submitting or settling for too long."""
+    late = selectors.agreements_in_challenge_past_deadline(deadline_before=now - settings.OVERDUE_FINALIZE_AFTER)
+    items = [dashboard.Overdue(since=agreement.challenge_deadline, kind="challenge window over, not finalized",
+                               subject=str(agreement.pk),
+                               detail=f"deadline passed; used {money.token_units(agreement.used, agreement.token)}",
+                               admin_url=_agreement_url(agreement))
+             for agreement in late[:dashboard.OVERDUE_LIMIT]]
+    stuck = selectors.agreements_unchanged_since(statuses=[AgreementStatus.SUBMITTING, AgreementStatus.SETTLING],
+                                                 before=now - settings.OVERDUE_SUBMITTING_AFTER)
+    items += [dashboard.Overdue(since=agreement.updated_at, kind=f"stuck {agreement.status}",
+                                subject=str(agreement.pk), detail=_stuck_detail(agreement),
+                                admin_url=_agreement_url(agreement))
+              for agreement in stuck[:dashboard.OVERDUE_LIMIT]]
+    return items
+
+
+def _usdc(amount: int) -> str:
+    return money.token_units(amount, "USDC")
+
+
+dashboard.overdue_register(overdue=_overdue)
+dashboard.series_register(title="Metered calls (usage events)",
+                          series=lambda since, step: selectors.usage_calls_by_bucket(since=since, step=step))
+dashboard.series_register(title="Usage charged", unit=_usdc,
+                          series=lambda since, step: selectors.usage_charged_by_bucket(since=since, step=step))
+dashboard.series_register(title="Volume (escrow deposits, direct payments, skill invocations)", unit=_usdc,
+                          series=lambda since, step: selectors.volume_by_bucket(since=since, step=step))

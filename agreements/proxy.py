@@ -4,13 +4,21 @@ Reserve the price (one conditional UPDATE) → forward with httpx (pooled, timeo
 when the upstream answered below 500, release it on 5xx, timeout or connection error. Pricing: per call, or per
 unit where the upstream reports the units it served in `X-Usage-Units` (capped by the buyer's `X-Max-Units`,
 default 1, which is what is reserved). A retry carrying the same `X-Request-Nonce` gets the first answer again
-and is charged once.
+and is charged once; the nonce on any other call (method, path or body) is 422 `nonce_reused`.
+
+Bounds (SECURITY.md, "Hostile input"): the path is percent-decoded, its backslashes read as slashes and its dot
+segments resolved, and must stay under the service's base path (else 400 `invalid_upstream_path`); the body is
+read up to PROXY_MAX_REQUEST_BYTES (413 beyond), chunked or not, and forwarded with its length; integer headers
+are ASCII digits; headers named in `Connection:` are dropped both ways; the buyer's forwarding headers are
+replaced by the platform's own `X-Forwarded-For`; the upstream's `Set-Cookie` never reaches the buyer (the buyer
+talks to the marketplace, not to the seller's site, and a seller's cookie would be set on the marketplace's host).
 """
 
+import hashlib
 import json
 import logging
 import time
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import httpx
 from django.conf import settings
@@ -24,7 +32,8 @@ from agreements.models import ProxyReplay, UsageAgreement
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import KeyScope, PricingType
 from marketplace import outbound
-from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, error_body
+from marketplace.errors import (ApplicationError, Conflict, Forbidden, InvalidInput, PayloadTooLarge, Unprocessable,
+                                error_body)
 from marketplace.logging import agreement_id_var
 from marketplace.serializers import error_responses
 from sdk import proxy_signature
@@ -33,16 +42,27 @@ logger = logging.getLogger(__name__)
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                "trailers", "transfer-encoding", "upgrade", "host"}
-# Never forwarded upstream: the buyer's credentials and our own control headers.
-_REQUEST_DROPPED = _HOP_BY_HOP | {"authorization", "token", "cookie", "x-request-nonce", "x-max-units",
-                                  "idempotency-key"}
+# Who the client is, as the buyer claims it: replaced by what the platform saw.
+_FORWARDING = {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-port", "x-forwarded-proto",
+               "x-real-ip"}
+# Never forwarded upstream: the buyer's credentials, our own control headers, and the body's length (the body is
+# forwarded as bytes: httpx sets it).
+_REQUEST_DROPPED = _HOP_BY_HOP | _FORWARDING | {"authorization", "token", "cookie", "x-request-nonce", "x-max-units",
+                                                "idempotency-key", "content-length"}
+_RESPONSE_DROPPED = _HOP_BY_HOP | {"set-cookie"}
 UNITS_HEADER = "X-Usage-Units"
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": kept as they are; everything else is escaped
+_MAX_HEADER_DIGITS = 18  # any count or amount we accept in a header fits; longer is refused before int()
 
 _client = outbound.guarded_client(
     timeout=httpx.Timeout(settings.PROXY_TIMEOUT, connect=settings.PROXY_CONNECT_TIMEOUT),
     limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
 )
+
+
+class LengthRequired(ApplicationError):
+    status_code = 411
+    code = "length_required"
 
 
 class UpstreamFailed(ApplicationError):
@@ -59,12 +79,19 @@ class UpstreamTimeout(UpstreamFailed):
     code = "upstream_timeout"
 
 
+def _named_in_connection(headers) -> set[str]:
+    """Headers the sender declared hop-by-hop by naming them in `Connection:` (RFC 9110 7.6.1)."""
+    return {token.strip().lower() for token in headers.get("connection", "").split(",")} - {""}
+
+
 def _forward_headers(request, agreement: UsageAgreement, reservation, max_units: int, path: str) -> dict:
+    dropped = _REQUEST_DROPPED | _named_in_connection(request.headers)
     # WSGI servers present absent CONTENT_LENGTH/CONTENT_TYPE as empty strings: those are not headers.
     headers = {key: value for key, value in request.headers.items()
-               if value and key.lower() not in _REQUEST_DROPPED and not key.lower().startswith("x-marketplace-")}
+               if value and key.lower() not in dropped and not key.lower().startswith("x-marketplace-")}
     timestamp = int(time.time())
     headers.update({
+        "X-Forwarded-For": request._request.META.get("REMOTE_ADDR", ""),
         "X-Marketplace-Agreement": str(agreement.pk),
         "X-Marketplace-Call-Seq": str(reservation.call_seq),
         "X-Marketplace-Timestamp": str(timestamp),
@@ -84,34 +111,107 @@ def _observe_upstream(outcome: str, started: float) -> float:
     return seconds
 
 
+def header_integer(raw: str) -> int | None:
+    """A header's whole number: ASCII digits only ("²".isdigit() is true, and int() refuses it), bounded in length
+    (int() of thousands of digits is slow or refused). None when it is anything else."""
+    if raw.isascii() and raw.isdigit() and len(raw) <= _MAX_HEADER_DIGITS:
+        return int(raw)
+    return None
+
+
 def _requested_units(request, agreement: UsageAgreement) -> int:
     if agreement.pricing_type != PricingType.PER_UNIT:
         return 1
-    raw = request.headers.get("X-Max-Units", "1")
-    if not raw.isdigit() or not 1 <= int(raw) <= settings.PROXY_MAX_UNITS_PER_CALL:
+    units = header_integer(request.headers.get("X-Max-Units", "1"))
+    if units is None or not 1 <= units <= settings.PROXY_MAX_UNITS_PER_CALL:
         raise InvalidInput(f"X-Max-Units must be a whole number from 1 to {settings.PROXY_MAX_UNITS_PER_CALL}.",
                            code="invalid_max_units")
-    return int(raw)
+    return units
 
 
 def _served_units(upstream: httpx.Response, agreement: UsageAgreement, max_units: int) -> int:
     if agreement.pricing_type != PricingType.PER_UNIT:
         return 1
-    raw = upstream.headers.get(UNITS_HEADER, "1")
-    units = int(raw) if raw.isdigit() else 1
-    return min(units, max_units)  # never more than the buyer agreed to pay for this call
+    units = header_integer(upstream.headers.get(UNITS_HEADER, "1"))
+    return min(1 if units is None else units, max_units)  # never more than the buyer agreed to pay for this call
 
 
-def _claim_nonce(agreement: UsageAgreement, nonce: str) -> HttpResponse | None:
-    """None when this call may run; else the stored answer (or 409 while the first call is running)."""
+def _hides_a_dot_segment(segment: str) -> bool:
+    """Whether decoding the segment further, as the seller's server might, makes a `.` or `..` of it."""
+    for _ in range(3):
+        decoded = unquote(segment)
+        if decoded == segment:
+            return False
+        segment = decoded
+        if {".", ".."} & set(segment.replace("\\", "/").split("/")):
+            return True
+    return True  # still encoded after three decodings: no legitimate call looks like that
+
+
+def upstream_path(path: str) -> str:
+    """The path to call under the service's base URL, escaped, or 400 `invalid_upstream_path` when it would leave
+    the base path.
+
+    `path` arrives percent-decoded once (WSGI), so `%2e%2e` is `..` here. Backslashes count as slashes (as some
+    servers read them), dot segments are resolved (RFC 3986 5.2.4) and a `..` that would climb above the base path
+    is refused, as is a segment that becomes a dot segment only when decoded once more. The result is escaped
+    again, or an escaped "?" or "#" would change what is called and a control character would make no URL.
+    """
+    segments: list[str] = []
+    for segment in path.replace("\\", "/").split("/"):
+        if segment == "..":
+            if not segments:
+                raise InvalidInput("The path leaves the service's base path.", code="invalid_upstream_path")
+            segments.pop()
+        elif _hides_a_dot_segment(segment):
+            raise InvalidInput("The path holds an encoded dot segment.", code="invalid_upstream_path")
+        elif segment != ".":
+            segments.append(segment)
+    return "/" + quote("/".join(segments), safe=_PATH_SAFE)
+
+
+def request_body(request) -> bytes:
+    """The buyer's body, at most PROXY_MAX_REQUEST_BYTES (413 beyond), whether sent with a length or chunked."""
+    limit = settings.PROXY_MAX_REQUEST_BYTES
+    meta = request._request.META
+    if "chunked" in meta.get("HTTP_TRANSFER_ENCODING", "").lower():
+        if not meta.get("wsgi.input_terminated"):  # the server cannot tell where a chunked body ends
+            raise LengthRequired("This server cannot read a chunked body here: send it with a Content-Length.")
+        stream, chunks, size = meta["wsgi.input"], [], 0
+        while chunk := stream.read(65536):
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+    length = header_integer(meta.get("CONTENT_LENGTH") or "0")
+    if length is not None and length > limit:
+        raise _too_large(limit)
+    return request._request.body
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than {limit} bytes.", details={"max_bytes": limit})
+
+
+def request_fingerprint(method: str, path: str, body: bytes) -> str:
+    return hashlib.sha256(f"{method} {path}\n".encode() + body).hexdigest()
+
+
+def _claim_nonce(agreement: UsageAgreement, nonce: str, fingerprint: str) -> HttpResponse | None:
+    """None when this call may run; else the stored answer (or 409 while the first call is running, 422 when the
+    nonce was used on another call)."""
     if len(nonce) > 128:
         raise InvalidInput("X-Request-Nonce is at most 128 characters.", code="invalid_request_nonce")
     try:
         with transaction.atomic():
-            ProxyReplay.objects.create(agreement=agreement, request_nonce=nonce)
+            ProxyReplay.objects.create(agreement=agreement, request_nonce=nonce, request_fingerprint=fingerprint)
         return None
     except IntegrityError:
         replay = ProxyReplay.objects.get(agreement=agreement, request_nonce=nonce)
+    if replay.request_fingerprint != fingerprint:
+        raise Unprocessable("This X-Request-Nonce was used on another call (method, path or body).",
+                            code="nonce_reused")
     if replay.status_code is None:
         raise Conflict("A call with this X-Request-Nonce is still running.", code="request_in_progress")
     response = HttpResponse(bytes(replay.body), status=replay.status_code)
@@ -139,7 +239,8 @@ def _proxy_method(method: str):
         responses={
             (200, "*/*"): OpenApiResponse(description="The upstream's answer, with X-Usage-Cost, "
                                                       "X-Escrow-Remaining and X-Usage-Event-Id."),
-            **error_responses(402, 404, 409, 429, 503), 502: error_responses(503)[503], 504: error_responses(503)[503],
+            **error_responses(402, 404, 409, 413, 422, 429, 503), 502: error_responses(503)[503],
+            504: error_responses(503)[503],
         },
     )(handler)
 
@@ -147,7 +248,7 @@ def _proxy_method(method: str):
 class MeteredProxyView(APIView):
     permission_classes = [agent_scope(KeyScope.PAY)]
     throttle_scope = "proxy"
-    parser_classes = []  # the body is streamed upstream untouched
+    parser_classes = []  # the body is forwarded upstream untouched (request_body)
 
     def dispatch_proxy(self, request, agreement_id, path=""):
         # Not reset here: django.request logs a failed call after the view returns; the middleware clears it.
@@ -156,11 +257,15 @@ class MeteredProxyView(APIView):
         agreement = selectors.agreement_for_call(agreement_id=agreement_id, agent=agent)
         if agreement.buyer_id != agent.pk:
             raise Forbidden("Only the buyer calls through the proxy.", code="buyer_only")
+        body = request_body(request)
+        query = request._request.META.get("QUERY_STRING", "")
+        call_path = upstream_path(path) + (f"?{query}" if query else "")
         nonce = request.headers.get("X-Request-Nonce", "")
-        if nonce and (replayed := _claim_nonce(agreement, nonce)) is not None:
+        fingerprint = request_fingerprint(request.method, call_path, body)
+        if nonce and (replayed := _claim_nonce(agreement, nonce, fingerprint)) is not None:
             return replayed
         try:
-            response = self._forward(request, agreement, path, nonce)
+            response = self._forward(request, agreement, call_path, body, nonce)
         except BaseException:
             if nonce:
                 ProxyReplay.objects.filter(agreement=agreement, request_nonce=nonce, status_code=None).delete()
@@ -173,21 +278,19 @@ class MeteredProxyView(APIView):
     patch = _proxy_method("patch")
     delete = _proxy_method("delete")
 
-    def _forward(self, request, agreement: UsageAgreement, path: str, nonce: str):
+    def _forward(self, request, agreement: UsageAgreement, upstream_path: str, body: bytes, nonce: str):
         max_units = _requested_units(request, agreement)
-        reservation = metering.reservation_take(agreement=agreement, amount=max_units * agreement.price_per_unit)
-        query = request._request.META.get("QUERY_STRING", "")
-        # Django hands the path over percent-decoded: encode it again, or an escaped "?" or "#" would change
-        # what is called and a control character would make no URL at all.
-        upstream_path = "/" + quote(path, safe=_PATH_SAFE) + (f"?{query}" if query else "")
+        request_id = request._request.request_id
+        reservation = metering.reservation_take(
+            agreement=agreement, amount=max_units * agreement.price_per_unit, request_id=request_id,
+            request_nonce=nonce, method=request.method, path=upstream_path)
         url = agreement.service.upstream_base_url + upstream_path
-        has_body = request._request.META.get("CONTENT_LENGTH") not in (None, "", "0")
         started = time.monotonic()
         try:
             upstream = _client.send(_client.build_request(
                 request.method, url, headers=_forward_headers(request, agreement, reservation, max_units,
                                                               upstream_path),
-                content=iter(lambda: request._request.read(65536), b"") if has_body else None,
+                content=body or None,
             ), stream=True)
         except httpx.TimeoutException as exc:
             metering.reservation_release(reservation=reservation)
@@ -213,15 +316,18 @@ class MeteredProxyView(APIView):
             units = _served_units(upstream, agreement, max_units)
             cost = units * agreement.price_per_unit
             try:
+                metering.reservation_answered(reservation=reservation, units=units, cost=cost,
+                                              upstream_status=upstream.status_code, latency_ms=latency_ms)
                 event = metering.reservation_commit(
-                    reservation=reservation, units=units, cost=cost, request_id=request._request.request_id,
+                    reservation=reservation, units=units, cost=cost, request_id=request_id,
                     request_nonce=nonce, method=request.method, path=upstream_path, upstream_status=upstream.status_code,
                     latency_ms=latency_ms)
-            except BaseException:  # the reservation is already released (or the charge found) by the commit
+            except BaseException:  # released (or the charge found) by the commit, or left to the reaper
                 upstream.close()
                 raise
         # Bodies pass through as raw bytes, so Content-Encoding and Content-Length stay true.
-        headers = {key: value for key, value in upstream.headers.items() if key.lower() not in _HOP_BY_HOP}
+        dropped = _RESPONSE_DROPPED | _named_in_connection(upstream.headers)
+        headers = {key: value for key, value in upstream.headers.items() if key.lower() not in dropped}
         headers["X-Usage-Cost"] = str(cost)
         headers["X-Escrow-Remaining"] = str(agreement.deposit_amount - (event.cumulative if event else agreement.used))
         if event is not None:

@@ -1,10 +1,15 @@
-from django.db.models import Count, Exists, OuterRef, Q, QuerySet
+from datetime import UTC, timedelta
+
+from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
+from django.db.models.functions import TruncDay, TruncHour
 
 from agreements.models import (
     AgentEventAck,
     AgreementEvent,
     AgreementStatus,
     DeliveryStatus,
+    SettlementModel,
+    SkillInvocation,
     UsageAgreement,
     UsageEvent,
     WebhookDelivery,
@@ -103,6 +108,57 @@ def agreements_failed_recently(*, limit: int) -> QuerySet[UsageAgreement]:
 def webhook_deliveries_failed_recently(*, limit: int) -> QuerySet[WebhookDelivery]:
     return (WebhookDelivery.objects.filter(status=DeliveryStatus.FAILED).select_related("subscription")
             .order_by("-created_at")[:limit])
+
+
+def webhook_deliveries_of_agreement(*, agreement_id, limit: int) -> QuerySet[WebhookDelivery]:
+    """The latest webhook deliveries of the agreement's events (the payload names the agreement)."""
+    return (WebhookDelivery.objects.filter(payload__data__agreement_id=str(agreement_id))
+            .select_related("subscription", "subscription__agent").order_by("-created_at")[:limit])
+
+
+def agreements_in_challenge_past_deadline(*, deadline_before) -> QuerySet[UsageAgreement]:
+    """In the challenge window still, though the window closed before `deadline_before` (finalize is overdue)."""
+    return UsageAgreement.objects.filter(status=AgreementStatus.IN_CHALLENGE,
+                                         challenge_deadline__lt=deadline_before).order_by("challenge_deadline")
+
+
+def agreements_unchanged_since(*, statuses: list[str], before) -> QuerySet[UsageAgreement]:
+    """In one of `statuses` with no change since before `before` (submitting or settling for too long)."""
+    return UsageAgreement.objects.filter(status__in=statuses, updated_at__lt=before).order_by("updated_at")
+
+
+def _bucketed(queryset, *, field: str, since, step, value) -> dict:
+    trunc = TruncDay if step >= timedelta(days=1) else TruncHour
+    rows = (queryset.filter(**{f"{field}__gte": since}).order_by()
+            .annotate(bucket=trunc(field, tzinfo=UTC)).values("bucket").annotate(value=value)
+            .values_list("bucket", "value"))
+    return {bucket: int(total or 0) for bucket, total in rows}
+
+
+def usage_calls_by_bucket(*, since, step) -> dict:
+    """How many charges (usage events) were recorded, per bucket of `step` from `since`."""
+    return _bucketed(UsageEvent.objects.all(), field="created_at", since=since, step=step, value=Count("pk"))
+
+
+def usage_charged_by_bucket(*, since, step) -> dict:
+    """How much was charged to escrows (base units), per bucket."""
+    return _bucketed(UsageEvent.objects.all(), field="created_at", since=since, step=step, value=Sum("cost"))
+
+
+def volume_by_bucket(*, since, step) -> dict:
+    """Money committed through the platform (base units), per bucket: escrow deposits when activated, direct
+    payments when paid, skill invocations when their payment confirmed."""
+    escrow = _bucketed(UsageAgreement.objects.filter(settlement_model=SettlementModel.ESCROW),
+                       field="activated_at", since=since, step=step, value=Sum("deposit_amount"))
+    direct = _bucketed(UsageAgreement.objects.filter(settlement_model=SettlementModel.DIRECT_PAYMENT,
+                                                     status=AgreementStatus.PAID),
+                       field="settled_at", since=since, step=step, value=Sum("deposit_amount"))
+    invoked = _bucketed(SkillInvocation.objects.all(), field="paid_at", since=since, step=step, value=Sum("amount"))
+    totals: dict = {}
+    for part in (escrow, direct, invoked):
+        for bucket, amount in part.items():
+            totals[bucket] = totals.get(bucket, 0) + amount
+    return totals
 
 
 def webhook_deliveries_of_agent(*, agent: Agent, status: str | None = None) -> QuerySet[WebhookDelivery]:

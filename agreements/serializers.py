@@ -7,8 +7,9 @@ from rest_framework import serializers
 from agreements.models import AgreementEvent, AgreementStatus, SettlementModel
 from agreements.services import APPROVAL_SUBJECT
 from catalog.serializers import AgentSummarySerializer, CentsField, cents_of
+from marketplace.chainconfig import receipt_signer_address
 from marketplace.pagination import PageQuerySerializer
-from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictSerializer
+from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictIntegerField, StrictSerializer
 from policies import selectors as policy_selectors
 
 
@@ -17,8 +18,8 @@ class FeePermitSerializer(StrictSerializer):
     /payment-requirements), signed under USDC's domain."""
 
     value = AtomicAmountField(min_value=1)
-    nonce = serializers.IntegerField(min_value=0, help_text="The token's nonces(buyer).")
-    deadline = serializers.IntegerField(min_value=0, help_text="Unix time.")
+    nonce = StrictIntegerField(min_value=0, help_text="The token's nonces(buyer).")
+    deadline = StrictIntegerField(min_value=0, help_text="Unix time.")
     signature = serializers.RegexField(r"^0x[0-9a-fA-F]{130}$", help_text="65-byte r‖s‖v, 0x-hex.")
 
 
@@ -44,7 +45,7 @@ class ProposalSerializer(StrictSerializer):
                                                default=SettlementModel.ESCROW,
                                                help_text="`bilateral_escrow` (Pægents' name) is `escrow`.")
     payment_method = PaymentMethodSerializer(required=False, help_text="Pægents' wrapper of payment_header.")
-    expires_in_seconds = serializers.IntegerField(min_value=1, max_value=10**9, required=False,
+    expires_in_seconds = StrictIntegerField(min_value=1, max_value=10**9, required=False,
                                                   help_text="Sets expires_at to now + this.")
     activation_version = serializers.ChoiceField(
         choices=["v2"], required=False, help_text="Accepted as the Pægents SDK sends it; the escrow is activated "
@@ -55,18 +56,18 @@ class ProposalSerializer(StrictSerializer):
         r"^0x[0-9a-fA-F]{130}$", required=False,
         help_text="direct_payment, the Pægents SDK's fee permit: its signature; with the deadline below it is "
                   "`fee_permit` whose value is the fee and whose nonce is the token's current nonces(buyer).")
-    buyer_infra_fee_permit_deadline = serializers.IntegerField(min_value=0, required=False,
+    buyer_infra_fee_permit_deadline = StrictIntegerField(min_value=0, required=False,
                                                                help_text="With the signature above.")
     client_proposal_id = serializers.CharField(max_length=255, required=False,
                                                help_text="The Pægents SDK's idempotency key (it also sends it as "
                                                          "Idempotency-Key); not stored.")
-    quantity = serializers.IntegerField(min_value=1, max_value=10**18,
+    quantity = StrictIntegerField(min_value=1, max_value=10**18,
                                         help_text="Units bought; the deposit is quantity × unit price.")
     token = serializers.CharField(max_length=16, required=False, help_text="Defaults to the service's token.")
     buyer_wallet_address = AddressSerializerField(required=False,
                                                   help_text="Wallet that funds the escrow; the agent's by default.")
     expires_at = serializers.DateTimeField(required=False, help_text="When the agreement ends.")
-    challenge_window_seconds = serializers.IntegerField(
+    challenge_window_seconds = StrictIntegerField(
         required=False, min_value=settings.CHALLENGE_WINDOW_MIN, max_value=settings.CHALLENGE_WINDOW_MAX
     )
     note = serializers.CharField(max_length=1000, required=False, allow_blank=True, default="")
@@ -164,14 +165,14 @@ class AgreementSerializer(serializers.Serializer):
     pricing_type = serializers.CharField()
     unit_name = serializers.CharField()
     price_per_unit_atomic = AtomicAmountField(source="price_per_unit")
-    quantity = serializers.IntegerField()
+    quantity = StrictIntegerField()
     deposit_amount_atomic = AtomicAmountField(source="deposit_amount",
                                               help_text="The agreement's max amount: quantity × unit price.")
     infra_fee_atomic = AtomicAmountField(source="infra_fee")
     token = serializers.CharField()
     token_address = serializers.CharField()
-    chain_id = serializers.IntegerField()
-    challenge_window_seconds = serializers.IntegerField()
+    chain_id = StrictIntegerField()
+    challenge_window_seconds = StrictIntegerField()
     expires_at = serializers.DateTimeField()
     proposal_expires_at = serializers.DateTimeField()
     buyer_wallet_address = serializers.CharField()
@@ -255,9 +256,13 @@ class AgreementEventSerializer(serializers.ModelSerializer):
 
 
 class PaymentRequirementsQuery(StrictSerializer):
-    amount_cents = serializers.IntegerField(required=False, min_value=1, max_value=10**12)
+    amount_cents = StrictIntegerField(required=False, min_value=1, max_value=10**12)
     amount_atomic = AtomicAmountField(required=False, min_value=1)
     rail = serializers.ChoiceField(choices=["stablecoin"], default="stablecoin")
+    purpose = serializers.ChoiceField(
+        choices=["direct_purchase", "skill_invocation"], default="direct_purchase",
+        help_text="What the amount pays for: a direct purchase (the fee schedule's fee on top) or a skill "
+                  "invocation (no platform fee: the seller is paid the whole price).")
 
     def validate(self, attrs):
         if ("amount_cents" in attrs) == ("amount_atomic" in attrs):
@@ -269,18 +274,19 @@ class PaymentRequirementsQuery(StrictSerializer):
 class TokenInfoSerializer(serializers.Serializer):
     symbol = serializers.CharField()
     address = serializers.CharField()
-    decimals = serializers.IntegerField()
+    decimals = StrictIntegerField()
 
 
 class PaymentRequirementsSerializer(serializers.Serializer):
     rail = serializers.CharField()
+    purpose = serializers.CharField()
     amount_atomic = AtomicAmountField()
     fee_atomic = AtomicAmountField()
     total_atomic = AtomicAmountField()
-    amount_cents = serializers.IntegerField(allow_null=True)
-    fee_cents = serializers.IntegerField(help_text="The fee in cents, rounded up.")
+    amount_cents = StrictIntegerField(allow_null=True)
+    fee_cents = StrictIntegerField(help_text="The fee in cents, rounded up.")
     token = TokenInfoSerializer()
-    chain_id = serializers.IntegerField()
+    chain_id = StrictIntegerField()
     network = serializers.CharField()
     fee_recipient = serializers.CharField()
     gas_wallet_address = serializers.CharField(help_text="The platform relayer that submits the buyer's signatures.")
@@ -308,8 +314,8 @@ class WebhookDeliverySerializer(serializers.Serializer):
     id = serializers.UUIDField()
     event_type = serializers.CharField()
     status = serializers.CharField()
-    attempts = serializers.IntegerField()
-    last_status_code = serializers.IntegerField(allow_null=True)
+    attempts = StrictIntegerField()
+    last_status_code = StrictIntegerField(allow_null=True)
     last_error = serializers.CharField()
     next_attempt_at = serializers.DateTimeField()
     delivered_at = serializers.DateTimeField(allow_null=True)
@@ -318,27 +324,34 @@ class WebhookDeliverySerializer(serializers.Serializer):
 
 
 class UsageEventSerializer(serializers.Serializer):
-    id = serializers.IntegerField()
-    seq = serializers.IntegerField()
+    id = StrictIntegerField()
+    seq = StrictIntegerField()
     source = serializers.CharField()
-    units = serializers.IntegerField()
+    units = StrictIntegerField()
     cost_atomic = AtomicAmountField(source="cost")
     cumulative_atomic = AtomicAmountField(source="cumulative")
     usage_digest = serializers.CharField(help_text="keccak256(previous digest ‖ event hash); see sdk.receipts.")
     receipt_signature = serializers.CharField(
         allow_blank=True, help_text="EIP-712 UsageReceipt{agreementId, seq, cumulativeAmount, usageDigest} signed by "
                                     "the receipt signer; on every proxied call and the last event of a batch.")
+    receipt_signer = serializers.SerializerMethodField(
+        help_text="The address that signed the receipt, as the marketplace says; a buyer checks the receipt against "
+                  "the escrow's on-chain receipt signer (sdk.receipts.verify_usage), never against this.")
     request_id = serializers.CharField()
     description = serializers.CharField(allow_blank=True)
     method = serializers.CharField(allow_blank=True)
     path = serializers.CharField(allow_blank=True)
-    upstream_status = serializers.IntegerField(allow_null=True)
-    latency_ms = serializers.IntegerField(allow_null=True)
+    upstream_status = StrictIntegerField(allow_null=True)
+    latency_ms = StrictIntegerField(allow_null=True)
     created_at = serializers.DateTimeField()
 
 
+    def get_receipt_signer(self, event) -> str:
+        return receipt_signer_address() if event.receipt_signature else ""
+
+
 class UsageEntrySerializer(StrictSerializer):
-    units = serializers.IntegerField(min_value=1, max_value=10**12)
+    units = StrictIntegerField(min_value=1, max_value=10**12)
     description = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
 
 
@@ -346,10 +359,10 @@ class RecordUsageSerializer(StrictSerializer):
     """One entry (`units`, `description`) or a batch (`events`, up to 100), all-or-nothing against the cap, each
     with an Idempotency-Key; or the Pægents SDK's running total (`units_used`, `completed`), idempotent by itself."""
 
-    units = serializers.IntegerField(min_value=1, max_value=10**12, required=False)
+    units = StrictIntegerField(min_value=1, max_value=10**12, required=False)
     description = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
     events = UsageEntrySerializer(many=True, required=False, min_length=1, max_length=100)
-    units_used = serializers.IntegerField(
+    units_used = StrictIntegerField(
         min_value=0, max_value=10**12, required=False,
         help_text="All units the seller has reported so far (not counting proxied calls, which the marketplace "
                   "meters): the difference from the last total is charged; the same total again charges nothing.")
@@ -444,7 +457,7 @@ class X402PaymentRequiredSerializer(serializers.Serializer):
     """x402's 402 body (`PaymentRequired`), with `error` in the marketplace's error shape; the same requirements
     are in the PAYMENT-REQUIRED header (base64 JSON, x402 v2) and the X-Payment-* headers."""
 
-    x402Version = serializers.IntegerField()
+    x402Version = StrictIntegerField()
     accepts = serializers.ListField(child=serializers.DictField(),
                                     help_text="x402 PaymentRequirements: scheme exact, network (CAIP-2), asset, "
                                               "amount (base units), payTo, maxTimeoutSeconds, extra.")
@@ -549,7 +562,7 @@ class AgentWebhookDeliverySerializer(WebhookDeliverySerializer):
 
 
 class InboxQuery(StrictSerializer):
-    limit = serializers.IntegerField(min_value=1, max_value=100, default=50)
+    limit = StrictIntegerField(min_value=1, max_value=100, default=50)
     types = serializers.CharField(max_length=2000, required=False, allow_blank=True,
                                   help_text="Comma-separated event types, e.g. agreement.accepted,agreement.active.")
     after = serializers.RegexField(r"^evt_[0-9]{1,18}$", required=False, help_text="An event_id: events after it.")

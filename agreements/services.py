@@ -4,7 +4,6 @@ Every status change goes through `_transition`, under a row lock, checked agains
 `AgreementEvent` (plus webhook deliveries, sent after commit). A repeated identical request is a no-op.
 """
 
-import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ from django.db import transaction
 from django.db.models import Case, F, Sum, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
-from eth_utils import keccak
 
 from agreements import webhooks, x402_payment
 from agreements.models import (
@@ -28,6 +26,7 @@ from agreements.models import (
 from catalog.models import Agent, Service, ServiceState
 from marketplace import chainconfig
 from sdk import typed_data
+from sdk.terms import terms_hash
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
 from marketplace.fields import TokenAmountField
 from policies import selectors as policy_selectors
@@ -154,11 +153,6 @@ def _require_party(agreement: UsageAgreement, agent: Agent, role: str) -> None:
 
 # --- proposal ------------------------------------------------------------------------------------------------
 
-def _terms_hash(terms: dict) -> str:
-    canonical = json.dumps(terms, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return "0x" + keccak(canonical).hex()
-
-
 def _committed_spend(buyer: Agent, since: datetime) -> int:
     """What the buyer's agreements since `since` commit: fee plus deposit, or plus what was used once settled."""
     committed = Case(
@@ -282,7 +276,7 @@ def agreement_propose(
             token_address=terms["token_address"], chain_id=terms["chain_id"], challenge_window_seconds=window,
             expires_at=expires_at, proposal_expires_at=proposal_expires_at,
             buyer_wallet_address=terms["buyer_wallet_address"], seller_wallet_address=terms["seller_wallet_address"],
-            fee_recipient=terms["fee_recipient"], terms_hash=_terms_hash(terms), note=note,
+            fee_recipient=terms["fee_recipient"], terms_hash=terms_hash(terms), note=note,
             payment_authorization=_direct_authorization_record(direct) if direct else None,
             fee_permit=fee_permit if direct else {},
         )
@@ -471,47 +465,111 @@ def agreement_activation_signed(*, agreement_id, tx_hash: str) -> None:
     UsageAgreement.objects.filter(pk=agreement_id).update(activation_tx_hash=tx_hash)
 
 
+# --- chain outcomes (called by the escrow app: relayer receipts and indexed contract events) ---------------
+#
+# Two paths report the same on-chain fact: the relayer's receipt of its own transaction and the indexer's copy
+# of the contract event (which also sees what others sent). Whichever comes first moves the agreement; the
+# other finds it there, or already further along (`_chain_outcome`), and changes nothing.
+
+def _after(status: str) -> set[str]:
+    """Every status reachable from `status` through the transition table (escrow states have no cycles)."""
+    seen, todo = set(), [status]
+    while todo:
+        for successor in TRANSITIONS.get(todo.pop(), ()):
+            if successor not in seen:
+                seen.add(successor)
+                todo.append(successor)
+    return seen
+
+
+def _chain_outcome(agreement_id, *, to: str, **kwargs) -> UsageAgreement:
+    agreement = _lock(agreement_id)
+    if agreement.status in _after(to):
+        return agreement  # the other path got there first and the agreement has moved on since
+    return _transition(agreement_id, to=to, **kwargs)
+
+
 def agreement_activation_confirmed(*, agreement_id, tx_hash: str) -> UsageAgreement:
     agreement = _lock(agreement_id)
-    if agreement.status == S.ACTIVATION_FAILED:  # an operator retried a failed activation and it went through
-        _transition(agreement_id, to=S.SUBMITTING, actor=SYSTEM, reason="activation retried")
-    return _transition(agreement_id, to=S.ACTIVE, actor=SYSTEM, reason="escrow funded on-chain",
-                       data={"tx_hash": tx_hash}, changes={"activation_tx_hash": tx_hash})
+    if agreement.status in (S.ACCEPTED, S.ACTIVATION_FAILED):
+        # An operator retried a failed activation, or someone relayed the buyer's signed intent themselves.
+        _transition(agreement_id, to=S.SUBMITTING, actor=SYSTEM, reason="activation mined")
+    return _chain_outcome(agreement_id, to=S.ACTIVE, actor=SYSTEM, reason="escrow funded on-chain",
+                          data={"tx_hash": tx_hash}, changes={"activation_tx_hash": tx_hash})
 
 
 def agreement_activation_failed(*, agreement_id, reason: str) -> UsageAgreement:
+    agreement = _lock(agreement_id)
+    if agreement.status == S.ACTIVE or agreement.status in _after(S.ACTIVE):
+        return agreement  # the escrow is funded on-chain (another copy of the intent was mined): that wins
     return _transition(agreement_id, to=S.ACTIVATION_FAILED, actor=SYSTEM, reason=reason)
 
 
-# --- settlement (called by the escrow app when chain transactions confirm) ---------------------------------
-
 def agreement_settlement_proposed(*, agreement_id, challenge_deadline: datetime, amount: int, seq: int,
                                   tx_hash: str) -> UsageAgreement:
-    return _transition(agreement_id, to=S.IN_CHALLENGE, actor=SYSTEM, reason="settlement proposed on-chain",
-                       data={"amount_atomic": amount, "seq": seq, "tx_hash": tx_hash},
-                       changes={"challenge_deadline": challenge_deadline})
+    agreement = _lock(agreement_id)
+    data = {"amount_atomic": amount, "seq": seq, "tx_hash": tx_hash}
+    if agreement.status == S.IN_CHALLENGE and agreement.challenge_deadline != challenge_deadline:
+        # A receipt with a higher seq replaced the proposal: the contract restarted the window.
+        agreement.challenge_deadline = challenge_deadline
+        agreement.save(update_fields=["challenge_deadline", "updated_at"])
+        _record_event(agreement, actor=SYSTEM, from_status=S.IN_CHALLENGE, reason="settlement proposed again",
+                      data=data)
+        return agreement
+    return _chain_outcome(agreement_id, to=S.IN_CHALLENGE, actor=SYSTEM, reason="settlement proposed on-chain",
+                          data=data, changes={"challenge_deadline": challenge_deadline})
 
 
 def agreement_disputed(*, agreement_id, reason: str, tx_hash: str) -> UsageAgreement:
-    return _transition(agreement_id, to=S.DISPUTED, actor=Actor(AgreementEvent.ActorKind.BUYER, "buyer"),
-                       reason=reason, data={"tx_hash": tx_hash})
+    return _chain_outcome(agreement_id, to=S.DISPUTED, actor=Actor(AgreementEvent.ActorKind.BUYER, "buyer"),
+                          reason=reason, data={"tx_hash": tx_hash})
 
 
 def agreement_settling(*, agreement_id, reason: str, data: dict | None = None) -> UsageAgreement:
-    return _transition(agreement_id, to=S.SETTLING, actor=SYSTEM, reason=reason, data=data)
+    return _chain_outcome(agreement_id, to=S.SETTLING, actor=SYSTEM, reason=reason, data=data)
 
 
 def agreement_settled(*, agreement_id, seller_payout: int, buyer_refund: int, tx_hash: str) -> UsageAgreement:
-    return _transition(agreement_id, to=S.SETTLED, actor=SYSTEM, reason="escrow paid out on-chain",
-                       data={"seller_payout_atomic": seller_payout, "buyer_refund_atomic": buyer_refund,
-                             "tx_hash": tx_hash},
-                       changes={"seller_payout": seller_payout, "buyer_refund": buyer_refund})
+    if _lock(agreement_id).status == S.IN_CHALLENGE:  # someone else finalized once the window was over
+        _transition(agreement_id, to=S.SETTLING, actor=SYSTEM, reason="finalized on-chain")
+    return _chain_outcome(agreement_id, to=S.SETTLED, actor=SYSTEM, reason="escrow paid out on-chain",
+                          data={"seller_payout_atomic": seller_payout, "buyer_refund_atomic": buyer_refund,
+                                "tx_hash": tx_hash},
+                          changes={"seller_payout": seller_payout, "buyer_refund": buyer_refund})
 
 
 def agreement_refunded(*, agreement_id, amount: int, tx_hash: str) -> UsageAgreement:
-    return _transition(agreement_id, to=S.REFUNDED, actor=SYSTEM, reason="expired unused: deposit reclaimed",
-                       data={"buyer_refund_atomic": amount, "tx_hash": tx_hash},
-                       changes={"seller_payout": 0, "buyer_refund": amount})
+    return _chain_outcome(agreement_id, to=S.REFUNDED, actor=SYSTEM, reason="expired unused: deposit reclaimed",
+                          data={"buyer_refund_atomic": amount, "tx_hash": tx_hash},
+                          changes={"seller_payout": 0, "buyer_refund": amount})
+
+
+def agreement_chain_rollback(*, agreement_id, produced_by_removed: set[str], back_to: str, reason: str,
+                             changes: dict | None = None) -> UsageAgreement | None:
+    """A reorg took events off the chain: move the agreement back to `back_to` (what its remaining canonical
+    events say), outside the transition table, but only while its status is one a removed event produced, so
+    a step the marketplace took on its own since (a queued challenge, a finalize under way) is left alone.
+    Returns the agreement when it changed."""
+    agreement = _lock(agreement_id)
+    if agreement.status not in produced_by_removed:
+        return None
+    fields = {name: value for name, value in (changes or {}).items() if getattr(agreement, name) != value}
+    if back_to == S.ACTIVE:
+        fields["challenge_deadline"] = None
+    if agreement.status in (S.SETTLED, S.REFUNDED) and back_to not in (S.SETTLED, S.REFUNDED):
+        fields.update(seller_payout=None, buyer_refund=None, settled_at=None)
+    if agreement.status == S.ACTIVE and back_to != S.ACTIVE:
+        fields["activated_at"] = None
+    if agreement.status == back_to and not fields:
+        return None
+    from_status = agreement.status
+    agreement.status = back_to
+    agreement.status_reason = reason[:500]
+    for name, value in fields.items():
+        setattr(agreement, name, value)
+    agreement.save(update_fields=["status", "status_reason", "updated_at", *fields])
+    _record_event(agreement, actor=SYSTEM, from_status=from_status, reason=reason, data={"reorg": True})
+    return agreement
 
 
 def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:

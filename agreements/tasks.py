@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from agreements import invocations, services, webhooks
+from agreements import invocations, metering, services, webhooks
 
 
 @shared_task
@@ -26,3 +26,8 @@ def run_invocation(invocation_id: str) -> None:
 @shared_task
 def sweep_invocations() -> dict:
     return invocations.invocations_sweep()
+
+
+@shared_task
+def reap_call_intents() -> dict:
+    return metering.intents_reap()

@@ -172,7 +172,8 @@ class PaymentRequirementsView(APIView):
     permission_classes = [agent_scope(KeyScope.READ)]
 
     @extend_schema(operation_id="payment_requirements", tags=["payments"], parameters=[PaymentRequirementsQuery],
-                   summary="Fee, total and where to pay for an amount (2% + $0.003, minimum $0.10 by default)",
+                   summary="Fee, total and where to pay for an amount (direct purchases: 2% + $0.003, minimum $0.10 by "
+                           "default; skill invocations: no fee)",
                    responses={200: PaymentRequirementsSerializer, **error_responses()})
     def get(self, request):
         query = PaymentRequirementsQuery(data=request.query_params)
@@ -180,9 +181,11 @@ class PaymentRequirementsView(APIView):
         cents = query.validated_data.get("amount_cents")
         amount = query.validated_data.get("amount_atomic") or cents * 10_000  # USDC: 6 decimals, 1 cent = 10^4
         schedule = services.fee_schedule_current()
-        fee = services.fee_for(amount=amount, schedule=schedule)
+        purpose = query.validated_data["purpose"]
+        fee = (invocations.invocation_fee(amount=amount) if purpose == "skill_invocation"
+               else services.fee_for(amount=amount, schedule=schedule))
         return Response(PaymentRequirementsSerializer({
-            "rail": query.validated_data["rail"], "amount_atomic": amount, "fee_atomic": fee,
+            "rail": query.validated_data["rail"], "purpose": purpose, "amount_atomic": amount, "fee_atomic": fee,
             "total_atomic": amount + fee, "amount_cents": cents, "fee_cents": -(-fee // 10_000),
             "token": {"symbol": "USDC", "address": chainconfig.usdc_address(), "decimals": 6},
             "chain_id": settings.CHAIN_ID, "network": settings.CHAIN_NETWORK,

@@ -33,6 +33,7 @@ from marketplace import outbound
 SIGNATURE_HEADER = "Marketplace-Signature"
 SIGNATURE_TOLERANCE_SECONDS = 300
 _BACKOFF_BASE_SECONDS = 10
+_LEASE_MARGIN_SECONDS = 30  # a claimed delivery is not sent by anyone else for its post's timeout plus this
 _client = outbound.guarded_client(timeout=httpx.Timeout(10.0))  # each post passes WEBHOOK_TIMEOUT_SECONDS
 
 
@@ -143,30 +144,46 @@ def _send_after_commit(delivery_id, countdown: float = 0) -> None:
 
 
 def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
-    """Send one delivery if it is due. Holds the row lock while sending so two workers never send it twice."""
+    """Send one delivery if it is due, with no database lock or transaction held while posting.
+
+    The attempt is claimed first and committed: `attempts` counts it and `next_attempt_at` moves past the post's
+    timeout (a lease), so no other worker sends it meanwhile. The outcome is written only while that claim is
+    still the row's. A worker that dies mid-post leaves the lease to run out and the retry sweep sends again:
+    delivery is at least once, and receivers dedupe on `Marketplace-Event-Id`."""
+    now = timezone.now()
     with transaction.atomic():
         delivery = (
             WebhookDelivery.objects.select_for_update(skip_locked=True).select_related("subscription")
-            .filter(pk=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=timezone.now()).first()
+            .filter(pk=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now).first()
         )
         if delivery is None:
             return None
-        body = json.dumps(delivery.payload, cls=DjangoJSONEncoder, separators=(",", ":")).encode()
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(delivery.subscription.secret, body, int(time.time())),
-            "Marketplace-Event-Id": delivery.payload["id"],
-            "Marketplace-Event-Type": delivery.event_type,
-            "User-Agent": "agent-escrow-marketplace-webhooks/1",
-        }
         delivery.attempts += 1
-        try:
-            response = _client.post(delivery.subscription.url, content=body, headers=headers,
-                                    timeout=settings.WEBHOOK_TIMEOUT_SECONDS)
-            delivery.last_status_code = response.status_code
-            ok, error = response.is_success, "" if response.is_success else f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            ok, error = False, f"{type(exc).__name__}: {exc}"[:500]
+        delivery.next_attempt_at = now + timedelta(seconds=settings.WEBHOOK_TIMEOUT_SECONDS + _LEASE_MARGIN_SECONDS)
+        delivery.save(update_fields=["attempts", "next_attempt_at"])
+    body = json.dumps(delivery.payload, cls=DjangoJSONEncoder, separators=(",", ":")).encode()
+    headers = {
+        "Content-Type": "application/json",
+        SIGNATURE_HEADER: sign(delivery.subscription.secret, body, int(time.time())),
+        "Marketplace-Event-Id": delivery.payload["id"],
+        "Marketplace-Event-Type": delivery.event_type,
+        "User-Agent": "agent-escrow-marketplace-webhooks/1",
+    }
+    status_code = None
+    try:
+        response = _client.post(delivery.subscription.url, content=body, headers=headers,
+                                timeout=settings.WEBHOOK_TIMEOUT_SECONDS)
+        status_code = response.status_code
+        ok, error = response.is_success, "" if response.is_success else f"HTTP {response.status_code}"
+    except httpx.HTTPError as exc:
+        ok, error = False, f"{type(exc).__name__}: {exc}"[:500]
+    with transaction.atomic():
+        claimed = WebhookDelivery.objects.select_for_update().filter(
+            pk=delivery.pk, status=DeliveryStatus.PENDING, attempts=delivery.attempts,
+            next_attempt_at=delivery.next_attempt_at).exists()
+        if not claimed:
+            return None  # the lease ran out and another worker took over, or an operator asked to redeliver
+        delivery.last_status_code = status_code if status_code is not None else delivery.last_status_code
         delivery.last_error = error
         if ok:
             delivery.status = DeliveryStatus.DELIVERED
@@ -178,7 +195,7 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
             delivery.next_attempt_at = timezone.now() + timedelta(seconds=delay)
             _send_after_commit(delivery.pk, countdown=delay)
         delivery.save()
-        return delivery
+    return delivery
 
 
 def deliveries_retry_due(*, now: datetime | None = None) -> int:

@@ -5,17 +5,25 @@ Wire formats are the `x402` package's: requirements are `x402.PaymentRequirement
 `x402.PaymentRequired`, a payment header is x402's base64 JSON `PaymentPayload` (v2; v1 payloads are read too).
 The chain-side checks (the authorization's nonce unused, the payer's balance) are escrow's (escrow.payments),
 which simulates the transfer. Rejections carry our own stable codes (`REASON_CODES`) and x402's reason.
+
+Binding to a resource: every skill's payment goes to the same treasury, so payTo and amount alone would let an
+authorization quoted by one skill's 402 pay for any other skill of that price. A resource's requirements name it
+in `extra.resource` (its path, e.g. "/agents/sol/translate"); x402 clients echo the requirements they accepted
+(and the 402's `resource`) in the payload, and a payment whose echo names another resource is refused
+(`wrong_resource`), as x402 resource servers match `accepted` against their own requirements.
 """
 
 import binascii
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from pydantic import ValidationError
 from x402 import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo
 from x402.http import decode_payment_signature_header, encode_payment_required_header
+from x402.http.utils import safe_base64_decode
 from x402.mechanisms.evm import constants as evm
 from x402.mechanisms.evm.eip712 import hash_eip3009_authorization
 from x402.mechanisms.evm.types import ExactEIP3009Payload
@@ -23,7 +31,7 @@ from x402.mechanisms.evm.utils import format_amount, hex_to_bytes
 from x402.mechanisms.evm.verify import verify_eoa_signature
 
 from agreements.models import PaymentAuthorization
-from marketplace import chainconfig
+from marketplace import bounded_json, chainconfig
 from marketplace.fields import is_address
 from sdk.typed_data import USDC_DOMAIN_NAME, USDC_DOMAIN_VERSION
 
@@ -76,12 +84,16 @@ def network() -> str:
     return f"eip155:{settings.CHAIN_ID}"
 
 
-def payment_requirements(*, amount: int, pay_to: str, max_timeout_seconds: int) -> PaymentRequirements:
-    """x402 "exact" requirements for `amount` USDC base units paid to `pay_to`."""
+def payment_requirements(*, amount: int, pay_to: str, max_timeout_seconds: int,
+                         resource: str | None = None) -> PaymentRequirements:
+    """x402 "exact" requirements for `amount` USDC base units paid to `pay_to`; with `resource` (a path), only a
+    payment quoted for that resource meets them."""
+    extra = {"name": USDC_DOMAIN_NAME, "version": USDC_DOMAIN_VERSION}
+    if resource:
+        extra["resource"] = resource
     return PaymentRequirements(
         scheme=evm.SCHEME_EXACT, network=network(), asset=chainconfig.usdc_address(), amount=str(amount),
-        pay_to=pay_to, max_timeout_seconds=max_timeout_seconds,
-        extra={"name": USDC_DOMAIN_NAME, "version": USDC_DOMAIN_VERSION},
+        pay_to=pay_to, max_timeout_seconds=max_timeout_seconds, extra=extra,
     )
 
 
@@ -114,6 +126,7 @@ def payment_header(headers) -> str | None:
 def decode(header: str) -> PaymentPayload:
     """x402's base64 JSON payment payload (v1 payloads are normalised to v2's shape)."""
     try:
+        bounded_json.loads(safe_base64_decode(header))  # x402 parses it with json.loads, which has no depth limit
         payload = decode_payment_signature_header(header)
     except (binascii.Error, UnicodeDecodeError, ValidationError, ValueError, AttributeError, TypeError) as exc:
         raise InvalidPayment("malformed_payment", "The payment header is not a base64 x402 payment payload "
@@ -151,6 +164,8 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, min_val
         raise InvalidPayment("malformed_payment", "The authorization's from/to are not addresses.")
     if nonce_length != 32 or not values.signature:
         raise InvalidPayment("malformed_payment", "The authorization needs a 32-byte nonce and a signature.")
+    if requirements.extra.get("resource"):
+        _require_resource(payload, requirements.extra["resource"])
     if values.pay_to.lower() != requirements.pay_to.lower():
         raise _reject(evm.ERR_RECIPIENT_MISMATCH, f"The authorization must pay {requirements.pay_to}.")
     if values.amount != int(requirements.amount):
@@ -171,6 +186,17 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, min_val
     if not signed:
         raise _reject(evm.ERR_INVALID_SIGNATURE, "The signature is not the payer's over this authorization.")
     return values
+
+
+def _require_resource(payload: PaymentPayload, resource: str) -> None:
+    """The payload's accepted requirements, and its resource when it names one, must be `resource`'s (a v1
+    payload echoes neither, so it cannot pay for a bound resource)."""
+    quoted = (payload.accepted.extra or {}).get("resource")
+    named = urlsplit(payload.resource.url).path if payload.resource is not None else resource
+    if quoted != resource or named != resource:
+        raise InvalidPayment("wrong_resource", f"This payment was quoted for {quoted or named or 'no resource'}, "
+                                               f"not {resource}: sign what this resource's 402 asks for.",
+                             details={"resource": resource})
 
 
 def _already_used(authorization: Authorization, seen: PaymentAuthorization | None) -> InvalidPayment:

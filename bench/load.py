@@ -96,7 +96,9 @@ def seed(args, upstream_url: str, chain_node) -> dict:
     from catalog.serializers import ServiceWriteSerializer
     from escrow import devchain, relayer
     from escrow import services as escrow_services
-    from sdk import sign_activation_package
+    from agreements.serializers import AgreementSerializer
+    from escrow import selectors as escrow_selectors
+    from sdk import AgreedTerms, NetworkConfig, sign_activation_package
 
     def register(seller, name, tags, url, price):
         body = ServiceWriteSerializer(data={
@@ -119,6 +121,7 @@ def seed(args, upstream_url: str, chain_node) -> dict:
     for wallet in wallets:  # all minting first: the deployer is also the relayer, whose nonces the relayer owns
         devchain.mint_usdc(chain_node.w3(), os.environ["USDC_ADDRESS"], devchain.DEV_PRIVATE_KEYS[0], wallet.address,
                            QUANTITY * UNIT_PRICE * 2)
+    network = NetworkConfig.from_dict(escrow_selectors.network_config())  # the bench trusts its own server
     buyers = []
     for i, wallet in enumerate(wallets):
         buyer = catalog_services.agent_create(owner=owner, handle=f"load-buyer-{i}", display_name=f"Load buyer {i}",
@@ -127,7 +130,9 @@ def seed(args, upstream_url: str, chain_node) -> dict:
         agreement = agreement_services.agreement_propose(buyer=buyer, service=metered, quantity=QUANTITY)
         agreement = agreement_services.agreement_accept(agreement=agreement, seller=seller)
         package = escrow_services.activation_package(agreement=agreement, buyer=buyer)
-        signed = sign_activation_package(package, "0x" + bytes(wallet.key).hex())
+        signed = sign_activation_package(
+            package, "0x" + bytes(wallet.key).hex(), network=network, token_domain=network.token_domain,
+            terms=AgreedTerms.from_agreement(AgreementSerializer(agreement).data, network))
         escrow_services.activation_submit(agreement=agreement, buyer=buyer, **signed)  # the relayer runs inline
         buyers.append({"key": api_key, "agreement": str(agreement.pk)})
     deadline = time.monotonic() + 60

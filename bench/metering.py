@@ -151,6 +151,7 @@ def check_usage_chain(agreement_id) -> list[str]:
     from agreements.models import UsageAgreement, UsageEvent
     from marketplace import chainconfig
     from sdk import receipts
+    from sdk.onchain import OnchainEscrow
 
     agreement = UsageAgreement.objects.get(pk=agreement_id)
     rows = UsageEvent.objects.filter(agreement=agreement).order_by("seq").values(
@@ -167,9 +168,14 @@ def check_usage_chain(agreement_id) -> list[str]:
     if agreement.reserved != 0:
         problems.append(f"{agreement.reserved} still reserved")
     try:
-        verified = receipts.verify_usage(events, agreement_id=agreement.onchain_id, chain_id=agreement.chain_id,
-                                         escrow_address=chainconfig.escrow_address(),
-                                         receipt_signer=chainconfig.receipt_signer_address(),
+        # The escrow as the marketplace recorded it stands in for the chain's record: this checks the server.
+        escrow = OnchainEscrow(state="active", buyer=agreement.buyer_wallet_address,
+                               seller=agreement.seller_wallet_address,
+                               receipt_signer=chainconfig.receipt_signer_address(),
+                               deposit_amount=agreement.deposit_amount, settled_amount=0, last_seq=0,
+                               usage_digest=receipts.ZERO_DIGEST)
+        verified = receipts.verify_usage(events, escrow=escrow, agreement_id=agreement.onchain_id,
+                                         chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
                                          price_per_unit=agreement.price_per_unit)
     except receipts.UsageVerificationError as exc:
         problems.append(f"receipts: {exc}")

@@ -207,7 +207,9 @@ def seed(keys: list) -> list[Activation]:
     from catalog.serializers import ServiceWriteSerializer
     from escrow import devchain
     from escrow import services as escrow_services
-    from sdk import sign_activation_package
+    from agreements.serializers import AgreementSerializer
+    from escrow import selectors as escrow_selectors
+    from sdk import AgreedTerms, NetworkConfig, sign_activation_package
 
     owner = get_user_model().objects.create_user("relayer-bench-owner")
     seller = catalog_services.agent_create(owner=owner, handle="bench-seller", display_name="Bench seller",
@@ -218,6 +220,7 @@ def seed(keys: list) -> list[Activation]:
         "upstream_base_url": "https://upstream.invalid/api"})
     body.is_valid(raise_exception=True)
     service = catalog_services.service_register(seller=seller, data=body.validated_data)
+    network = NetworkConfig.from_dict(escrow_selectors.network_config())  # the bench trusts its own server
     activations = []
     for i, key in enumerate(keys):
         buyer = catalog_services.agent_create(owner=owner, handle=f"bench-buyer-{i:04d}",
@@ -226,7 +229,9 @@ def seed(keys: list) -> list[Activation]:
         agreement = agreement_services.agreement_propose(buyer=buyer, service=service, quantity=QUANTITY)
         agreement = agreement_services.agreement_accept(agreement=agreement, seller=seller)
         package = escrow_services.activation_package(agreement=agreement, buyer=buyer)
-        signed = sign_activation_package(package, "0x" + bytes(key.key).hex())
+        signed = sign_activation_package(
+            package, "0x" + bytes(key.key).hex(), network=network, token_domain=network.token_domain,
+            terms=AgreedTerms.from_agreement(AgreementSerializer(agreement).data, network))
         activations.append(Activation(agreement_id=str(agreement.pk), api_key=api_key, signed=signed))
     return activations
 

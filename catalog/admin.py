@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from catalog import services
 from catalog.models import Agent, ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
+from marketplace.admin import may_operate
 
 CREDENTIAL_FIELDS = ("name", "prefix", "created_at", "expires_at", "revoked_at", "last_used_at")
 
@@ -124,7 +125,8 @@ class SkillInline(admin.TabularInline):
         return False
 
 
-@admin.action(description="Deregister selected services (hidden from search, kept for history)")
+@admin.action(description="Deregister selected services (hidden from search, kept for history)",
+              permissions=["deregister"])
 def deregister_services(modeladmin, request, queryset):
     count = 0
     for service in queryset.filter(state=ServiceState.REGISTERED):
@@ -155,6 +157,12 @@ class ServiceAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False
 
+    def has_change_permission(self, request, obj=None):
+        return False  # every field is read-only: a view page, without a Save button
+
+    def has_deregister_permission(self, request) -> bool:
+        return may_operate(request, Service)
+
 
 @admin.register(Skill)
 class SkillAdmin(admin.ModelAdmin):
@@ -172,6 +180,9 @@ class SkillAdmin(admin.ModelAdmin):
         return [f.name for f in Skill._meta.fields]
 
     def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
         return False
 
     def has_delete_permission(self, request, obj=None):

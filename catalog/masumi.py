@@ -12,7 +12,7 @@ from rest_framework.views import APIView
 
 from catalog import selectors, services
 from catalog.authentication import agent_scope, calling_agent
-from catalog.models import KeyScope, PricingType, Service, ServiceState
+from catalog.models import KeyScope, MasumiProtocolVersion, PricingType, Service, ServiceState
 from catalog.serializers import TagListField, http_base_url
 from marketplace.errors import InvalidInput
 from marketplace.idempotency import idempotent
@@ -20,7 +20,13 @@ from marketplace.masumi_format import check_network as _check_network
 from marketplace.masumi_format import network_field as _network_field
 from marketplace.masumi_format import timestamp as _timestamp
 from marketplace.pagination import MAX_LIMIT, paginate
-from marketplace.serializers import MAX_AMOUNT, AddressSerializerField, StrictSerializer, error_responses
+from marketplace.serializers import (
+    MAX_AMOUNT,
+    AddressSerializerField,
+    StrictIntegerField,
+    StrictSerializer,
+    error_responses,
+)
 
 _STATES = {ServiceState.REGISTERED: "RegistrationConfirmed", ServiceState.DEREGISTERED: "DeregistrationConfirmed"}
 
@@ -32,6 +38,8 @@ class MasumiCapability(StrictSerializer):
 
 class MasumiAuthor(StrictSerializer):
     name = serializers.CharField(max_length=250)
+    contact = serializers.CharField(max_length=250, required=False, allow_blank=True, allow_null=True,
+                                    help_text="masumi-crewai's single contact field: kept as contactOther.")
     contactEmail = serializers.EmailField(max_length=250, required=False, allow_blank=True, allow_null=True)
     contactOther = serializers.CharField(max_length=250, required=False, allow_blank=True, allow_null=True)
     organization = serializers.CharField(max_length=250, required=False, allow_blank=True, allow_null=True)
@@ -83,6 +91,12 @@ class RegistryRegisterSerializer(StrictSerializer):
     Legal = MasumiLegal(required=False)
     Capability = MasumiCapability()
     AgentPricing = MasumiPricing()
+    requestsPerHour = serializers.CharField(max_length=30, required=False, allow_blank=True, allow_null=True,
+                                            help_text="masumi-crewai sends it; accepted and not enforced (the "
+                                                      "marketplace's own rate limits apply).")
+    masumiProtocolVersion = serializers.ChoiceField(
+        choices=MasumiProtocolVersion.choices, default=MasumiProtocolVersion.PURCHASER_ID,
+        help_text="The MIP-003 the agent's /start_job speaks; agents built with the masumi library speak 2.")
 
     def validate_apiBaseUrl(self, value):
         return http_base_url(value)
@@ -104,8 +118,10 @@ class RegistryDeregisterSerializer(StrictSerializer):
 
 class RegistryListQuery(StrictSerializer):
     network = _network_field()
+    walletVKey = AddressSerializerField(required=False, help_text="Only this seller wallet's registrations (your "
+                                                                  "own: your agent's wallet address).")
     cursorId = serializers.UUIDField(required=False, help_text="Id of the last asset of the previous page.")
-    limit = serializers.IntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=10)
+    limit = StrictIntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=10)
 
 
 class MasumiAsset(serializers.Serializer):
@@ -181,7 +197,8 @@ def _catalog_data(body: dict) -> dict:
         "capability": dict(body["Capability"]),
         "author": {k: v for k, v in {"name": author["name"], "organization": author.get("organization"),
                                      "contact_email": author.get("contactEmail"),
-                                     "contact_other": author.get("contactOther")}.items() if v},
+                                     "contact_other": author.get("contactOther") or author.get("contact")}.items()
+                   if v},
         "legal": {k: v for k, v in {"privacy_policy": legal.get("privacyPolicy"), "terms": legal.get("terms"),
                                     "other": legal.get("other")}.items() if v},
         "example_outputs": [{"name": o["name"], "url": o["url"], "mime_type": o["mimeType"]}
@@ -191,6 +208,7 @@ def _catalog_data(body: dict) -> dict:
                     "token": prices[0]["unit"] or "USDC"},
         "upstream_base_url": body["apiBaseUrl"],
         "upstream_protocol": "masumi",
+        "masumi_protocol_version": body["masumiProtocolVersion"],
     }
 
 
@@ -213,14 +231,16 @@ class RegistryView(APIView):
                                                                                          KeyScope.READ)
         return [agent_scope(scope)()]
 
-    @extend_schema(operation_id="masumi_registry_list", summary="Masumi: the calling agent's registrations",
+    @extend_schema(operation_id="masumi_registry_list",
+                   summary="Masumi: every agent registered on the network (the caller's own with walletVKey)",
                    parameters=[RegistryListQuery], tags=["masumi registry"],
                    responses={200: AssetListEnvelope, **error_responses()})
     def get(self, request):
         query = RegistryListQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
         _check_network(query.validated_data["network"])
-        services_qs = selectors.services_of_seller(seller=calling_agent(request))
+        services_qs = selectors.registry_services(viewer=calling_agent(request),
+                                                  seller_wallet=query.validated_data.get("walletVKey"))
         cursor_id = query.validated_data.get("cursorId")
         if cursor_id is not None:
             services_qs = services_qs.filter(pk__gt=cursor_id)

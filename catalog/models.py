@@ -79,6 +79,9 @@ class ApiKey(BearerSecret):
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="api_keys")
     scope = models.CharField(max_length=8, choices=KeyScope.choices, default=KeyScope.PAY)
 
+    class Meta:
+        verbose_name = "API key"
+
     def __str__(self) -> str:
         return f"mk_{self.prefix}… ({self.agent.handle})"
 
@@ -119,6 +122,13 @@ class UpstreamProtocol(models.TextChoices):
     MASUMI = "masumi"
 
 
+class MasumiProtocolVersion(models.TextChoices):
+    """Which MIP-003 a `masumi` seller speaks (escrow.purchases calls its /start_job and /status accordingly)."""
+    SEED = "1", "1: the seed's MIP-003, {input_data} -> {job_id, payment_id}"
+    PURCHASER_ID = "2", ("2: MIP-003 of the masumi library (>= 1.0), {identifier_from_purchaser, input_data} -> "
+                         "{id, blockchainIdentifier, ...}; MIP-004 input/result hashes")
+
+
 class ServiceState(models.TextChoices):
     REGISTERED = "registered"
     DEREGISTERED = "deregistered"
@@ -157,6 +167,8 @@ class Service(models.Model):
     upstream_base_url = models.URLField(max_length=500)
     upstream_protocol = models.CharField(max_length=10, choices=UpstreamProtocol.choices,
                                          default=UpstreamProtocol.HTTP)
+    masumi_protocol_version = models.CharField(max_length=2, choices=MasumiProtocolVersion.choices,
+                                               default=MasumiProtocolVersion.SEED)
     state = models.CharField(max_length=16, choices=ServiceState.choices, default=ServiceState.REGISTERED)
     # The seller verifies X-Marketplace-Signature on proxied calls with it (see sdk.proxy_signature).
     proxy_secret = models.CharField(max_length=64, default=new_proxy_secret, editable=False)

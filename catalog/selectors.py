@@ -2,6 +2,7 @@
 
 import re
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 from functools import reduce
 from operator import and_
 
@@ -68,6 +69,15 @@ def service_only_of_seller(*, seller_id) -> Service:
     if len(found) > 1:
         raise InvalidInput("The seller has several services: give service_id.", code="service_id_required")
     return found[0]
+
+
+def registry_services(*, viewer: Agent, seller_wallet: str | None = None) -> QuerySet[Service]:
+    """The Masumi registry: every registered service of the network, and the viewer's own deregistered ones;
+    `seller_wallet` narrows it to one seller's (an agent's own registrations: its wallet)."""
+    services = Service.objects.filter(Q(state=ServiceState.REGISTERED) | Q(seller=viewer))
+    if seller_wallet is not None:
+        services = services.filter(seller__wallet_address__iexact=seller_wallet)
+    return _with_relations(services)
 
 
 def service_get_any_state(*, service_id) -> Service:
@@ -144,10 +154,12 @@ def _match_text(queryset: QuerySet[Service], text: str) -> tuple[QuerySet[Servic
         # The embedded SQLite default: every word must appear somewhere; name hits rank first.
         words = text.split()
         matches = [Q(name__icontains=w) | Q(keywords__icontains=w) | Q(description__icontains=w) for w in words]
-        return queryset.filter(reduce(and_, matches)).annotate(
+        exact = queryset.filter(reduce(and_, matches)).annotate(
             relevance=Case(When(name__icontains=text, then=Value(2.0)), default=Value(1.0),
-                           output_field=FloatField())
-        ), False
+                           output_field=FloatField()))
+        if _WEBSEARCH_SYNTAX.search(text) or exact.exists():
+            return exact, False
+        return _names_spelt_alike_in_python(queryset, text), True
     query = SearchQuery(text, search_type="websearch", config="english")
     # Full-text match over the weighted vector (name A, tags/capability/skills B, description C) through its GIN
     # index; ts_rank therefore puts a name match above a description-only one.
@@ -162,6 +174,37 @@ def _match_text(queryset: QuerySet[Service], text: str) -> tuple[QuerySet[Servic
     # Ranked by the mean of word similarity and whole-name similarity, so the tightest name comes first.
     similarity = _exact_double((TrigramWordSimilarity(text, "name") + TrigramSimilarity("name", text)) / 2)
     return queryset.filter(name__trigram_word_similar=text).annotate(name_similarity=similarity), True
+
+
+# The fallback without pg_trgm (SQLite, `make run`'s default) reads at most this many names, newest first: a
+# development catalog fits whole; a large catalog belongs on PostgreSQL, whose trigram index has no such bound.
+SQLITE_FUZZY_CANDIDATES = 5000
+# difflib's ratio (2 × matching characters / total) is more generous than trigram similarity: "sumarize" and
+# "summarizer" score 0.89, unrelated words of similar length about 0.3-0.5.
+SQLITE_FUZZY_WORD_RATIO = 0.7
+
+
+def name_similarity(text: str, name: str) -> float:
+    """How alike `text` is to `name`, 0 to 1, as pg_trgm's ranking does it: the mean of word similarity (each word
+    of `text` against its closest word of `name`) and whole-name similarity; 0 when a word has no close match."""
+    words, name_words = text.lower().split(), name.lower().split()
+    if not words or not name_words:
+        return 0.0
+    best = [max(SequenceMatcher(None, word, candidate).ratio() for candidate in name_words) for word in words]
+    if min(best) < SQLITE_FUZZY_WORD_RATIO:
+        return 0.0
+    whole = SequenceMatcher(None, text.lower(), name.lower()).ratio()
+    return (sum(best) / len(best) + whole) / 2
+
+
+def _names_spelt_alike_in_python(queryset: QuerySet[Service], text: str) -> QuerySet[Service]:
+    """The typo-tolerant fallback where the database has no trigram matching: names compared in Python (difflib)
+    over the newest SQLITE_FUZZY_CANDIDATES candidates, annotated with `name_similarity` like PostgreSQL's."""
+    candidates = queryset.order_by("-created_at").values_list("pk", "name")[:SQLITE_FUZZY_CANDIDATES]
+    scores = {pk: score for pk, name in candidates if (score := name_similarity(text, name)) > 0}
+    return queryset.filter(pk__in=list(scores)).annotate(name_similarity=Case(
+        *[When(pk=pk, then=Value(score)) for pk, score in scores.items()], default=Value(0.0),
+        output_field=FloatField()))
 
 
 def _with_tag(tag_ids: list[int]) -> Exists:
@@ -230,12 +273,15 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
 
     if not fuzzy:
         return page()
-    with transaction.atomic(), connection.cursor() as db:
-        # For this transaction only: pg_trgm's default word-similarity threshold (0.6) misses a single typo in a
-        # short word ("invoce", "wether"); 0.5 catches those and still keeps unrelated names out.
-        db.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)",
-                   [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
+    if connection.vendor != "postgresql":
         result = page()
+    else:
+        with transaction.atomic(), connection.cursor() as db:
+            # For this transaction only: pg_trgm's default word-similarity threshold (0.6) misses a single typo in
+            # a short word ("invoce", "wether"); 0.5 catches those and still keeps unrelated names out.
+            db.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)",
+                       [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
+            result = page()
     for row in (result.rows if isinstance(result, OffsetPage) else result[0]):
         row.relevance = row.name_similarity  # not a second SQL column: each is computed per candidate row
     return result

@@ -9,11 +9,12 @@ from catalog.models import (
     SKILL_NAME_VALIDATOR,
     Availability,
     KeyScope,
+    MasumiProtocolVersion,
     PricingType,
     UpstreamProtocol,
 )
 from marketplace.pagination import PageQuerySerializer
-from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictSerializer
+from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictIntegerField, StrictSerializer
 
 # --- agents and keys -----------------------------------------------------------------------------------------
 
@@ -49,7 +50,7 @@ class ApiKeyCreateSerializer(StrictSerializer):
 
 
 class ApiKeySerializer(serializers.Serializer):
-    id = serializers.IntegerField()
+    id = StrictIntegerField()
     name = serializers.CharField()
     prefix = serializers.CharField()
     scopes = serializers.ListField(child=serializers.CharField())
@@ -115,7 +116,7 @@ class SkillSerializer(StrictSerializer):
     path = serializers.RegexField(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]*)+$", max_length=200, required=False,
                                   allow_blank=True, default="")
     is_async = serializers.BooleanField(required=False, default=False)
-    timeout_seconds = serializers.IntegerField(min_value=1, max_value=3600, required=False, default=60)
+    timeout_seconds = StrictIntegerField(min_value=1, max_value=3600, required=False, default=60)
 
     def to_internal_value(self, data):
         value = super().to_internal_value(data)
@@ -165,7 +166,7 @@ def _alias(data: dict, sdk_name: str, name: str, convert=lambda value: value) ->
     data[name] = convert(data.pop(sdk_name))
 
 
-class CentsField(serializers.IntegerField):
+class CentsField(StrictIntegerField):
     """A whole number of cents (Pægents' `_cents` fields), converted exactly to token base units."""
 
     default_error_messages = {"invalid": "Must be a whole number of cents (an integer, no fractions)."}
@@ -176,8 +177,6 @@ class CentsField(serializers.IntegerField):
         super().__init__(**kwargs)
 
     def to_internal_value(self, data):
-        if isinstance(data, bool) or not isinstance(data, (int, str)):  # 1.5 and 1.0 alike: cents are integers
-            self.fail("invalid")
         return super().to_internal_value(data) * CENTS
 
 
@@ -198,12 +197,15 @@ class ServiceWriteSerializer(StrictSerializer):
     pricing = PricingSerializer(required=False, help_text="Required unless price_model and base_price_cents are given.")
     upstream_base_url = serializers.URLField(max_length=500)
     upstream_protocol = serializers.ChoiceField(choices=UpstreamProtocol.choices, default=UpstreamProtocol.HTTP)
+    masumi_protocol_version = serializers.ChoiceField(
+        choices=MasumiProtocolVersion.choices, default=MasumiProtocolVersion.SEED,
+        help_text="`masumi` services: the MIP-003 its /start_job speaks.")
     skills = SkillSerializer(many=True, required=False, max_length=50)
     category = serializers.CharField(max_length=50, required=False, allow_blank=True,
                                      help_text="Also added to the tags, so search by tag finds it.")
-    min_quantity = serializers.IntegerField(min_value=1, max_value=10**18, required=False,
+    min_quantity = StrictIntegerField(min_value=1, max_value=10**18, required=False,
                                             help_text="Fewest units one agreement may buy (default 1).")
-    max_quantity = serializers.IntegerField(min_value=1, max_value=10**18, required=False, allow_null=True,
+    max_quantity = StrictIntegerField(min_value=1, max_value=10**18, required=False, allow_null=True,
                                             help_text="Most units one agreement may buy; null: no limit.")
     capabilities = serializers.DictField(required=False, help_text="Free-form, shown as given.")
     metadata = serializers.DictField(required=False, help_text="Free-form, shown as given.")
@@ -302,6 +304,7 @@ class ServiceSerializer(serializers.Serializer):
     example_outputs = serializers.JSONField()
     pricing = serializers.SerializerMethodField()
     upstream_protocol = serializers.CharField()
+    masumi_protocol_version = serializers.ChoiceField(choices=MasumiProtocolVersion.choices)
     skills = serializers.SerializerMethodField()
     state = serializers.CharField()
     availability = serializers.ChoiceField(
@@ -386,7 +389,7 @@ class ServiceSearchSerializer(StrictSerializer, PageQuerySerializer):
                                      help_text="Services with this category (a tag).")
     min_price = CentsField(required=False, help_text="Lowest unit price, in cents.")
     max_price = CentsField(required=False, help_text="Highest unit price, in cents.")
-    offset = serializers.IntegerField(min_value=0, max_value=10_000, required=False,
+    offset = StrictIntegerField(min_value=0, max_value=10_000, required=False,
                                       help_text="Page by offset instead of cursor: the answer then has `total`, "
                                                 "`has_more` and `next_offset`.")
 
@@ -424,7 +427,7 @@ class ServiceSearchPageSerializer(serializers.Serializer):
 
 
 class OwnServicesQuery(PageQuerySerializer, StrictSerializer):
-    offset = serializers.IntegerField(min_value=0, max_value=10_000, required=False,
+    offset = StrictIntegerField(min_value=0, max_value=10_000, required=False,
                                       help_text="Page by offset (the Pægents SDK) instead of cursor.")
 
 

@@ -132,7 +132,7 @@ def _check_skill_names(seller: Agent, skills: list[dict], exclude_service: Servi
 
 def _apply_fields(service: Service, data: dict) -> None:
     simple = ("name", "description", "author", "legal", "example_outputs", "upstream_base_url", "upstream_protocol",
-              "category", "min_quantity", "max_quantity", "capabilities", "metadata")
+              "masumi_protocol_version", "category", "min_quantity", "max_quantity", "capabilities", "metadata")
     for field in simple:
         if field in data:
             setattr(service, field, data[field])

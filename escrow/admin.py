@@ -1,29 +1,75 @@
+"""The operators' view of the chain side: transactions and their attempts, disputes, relayer accounts, Masumi
+purchases; and the chain panels of an agreement's page (its transactions, the live on-chain escrow, the dispute).
+
+Every row here records money and is view only (marketplace.admin.MoneyRecordAdmin). The two things an operator
+does to money are actions that call escrow's services: retrying a failed transaction (relayer.transaction_retry)
+and resolving a dispute (settlement.settlement_resolve); both need the model's change permission.
+"""
+
+from datetime import UTC, datetime
+
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
-from escrow import purchases, relayer, selectors, settlement
-from escrow.models import ChainTransaction, Dispute, MasumiPurchase, RelayerAccount, TxAttempt, TxStatus
+from agreements.admin import UsageAgreementAdmin, agreement_link
+from agreements.models import AgreementStatus, SettlementModel, UsageAgreement
+from escrow import chain, purchases, relayer, selectors, settlement
+from escrow.models import (ChainEvent, ChainTransaction, Dispute, IndexerCursor, MasumiPurchase, RelayerAccount,
+                           TxAttempt, TxStatus)
+from marketplace.admin import (
+    MoneyRecordAdmin,
+    MoneyRecordInline,
+    address_column,
+    address_html,
+    amount_column,
+    amount_html,
+    may_operate,
+    short_hex_html,
+    short_id_column,
+    short_id_html,
+    tx_hash_column,
+    tx_hash_html,
+)
 from marketplace.errors import ApplicationError
 
+GWEI = 10**9
 
-class TxAttemptInline(admin.TabularInline):
+
+def _gwei(wei: int | None) -> str:
+    return "-" if wei is None else f"{wei / GWEI:.4f} gwei"
+
+
+class TxAttemptInline(MoneyRecordInline):
     model = TxAttempt
-    extra = 0
-    can_delete = False
-    fields = ("tx_hash", "nonce", "max_fee_per_gas", "max_priority_fee_per_gas", "created_at", "broadcast_at",
+    verbose_name = "attempt"
+    fields = ("tx_hash_display", "nonce", "max_fee", "priority_fee", "created_at", "broadcast_at",
               "broadcast_error")
     readonly_fields = fields
 
-    def has_add_permission(self, request, obj=None):
-        return False
+    @admin.display(description="transaction hash")
+    def tx_hash_display(self, attempt):
+        return tx_hash_html(attempt.tx_hash, attempt.transaction.chain_id)
+
+    @admin.display(description="max fee per gas")
+    def max_fee(self, attempt) -> str:
+        return _gwei(attempt.max_fee_per_gas)
+
+    @admin.display(description="priority fee")
+    def priority_fee(self, attempt) -> str:
+        return _gwei(attempt.max_priority_fee_per_gas)
 
 
-@admin.action(description="Retry selected failed transactions (as new transactions)")
+def _may_retry(modeladmin, request) -> bool:
+    return may_operate(request, ChainTransaction)
+
+
+@admin.action(description="Retry selected failed transactions (as new transactions)", permissions=["retry"])
 def retry_failed(modeladmin, request, queryset):
     retried = 0
     for tx in queryset.filter(status=TxStatus.FAILED):
@@ -32,41 +78,192 @@ def retry_failed(modeladmin, request, queryset):
     messages.success(request, f"Queued {retried} transaction(s) again.")
 
 
+def paid_for_html(tx: ChainTransaction):
+    """What a transaction moves money for: its agreement, or the skill invocation named in its context."""
+    if tx.agreement_id:
+        return agreement_link(tx.agreement_id)
+    invocation = selectors.invocation_of_transaction(tx=tx)
+    if invocation is not None:
+        return format_html('<a href="{}" title="invocation {}">skill {} of {}</a>',
+                           reverse("admin:agreements_skillinvocation_change", args=[invocation.pk]),
+                           invocation.pk, invocation.skill.name, invocation.seller.handle)
+    return "-"
+
+
 @admin.register(ChainTransaction)
-class ChainTransactionAdmin(admin.ModelAdmin):
-    list_display = ("id", "purpose", "status", "agreement", "nonce", "mined_block_number", "failure_reason",
-                    "created_at", "updated_at")
-    list_filter = ("status", "purpose")
+class ChainTransactionAdmin(MoneyRecordAdmin):
+    list_display = ("short_id", "purpose", "status", "stuck_at_fee_cap", "paid_for", "amount", "nonce",
+                    "mined_tx_display", "mined_block_number", "failure_short", "updated_at")
+    list_filter = ("status", "purpose", ("fee_cap_reached_at", admin.EmptyFieldListFilter))
     search_fields = ("id", "agreement__id", "mined_tx_hash", "attempts__tx_hash")
     list_select_related = ("agreement",)
+    list_per_page = 50
     inlines = [TxAttemptInline]
     actions = [retry_failed]
+    fields = ("id", "purpose", "status", "paid_for", "amount", "chain_id", "to_display", "relayer", "nonce",
+              "gas_limit", "confirmations_required", "mined_tx_display", "mined_block_number", "mined_block_hash",
+              "receipt_status", "failure_reason", "fee_cap_reached_at", "outcome_applied", "context", "data",
+              "created_at", "updated_at", "confirmed_at")
+    readonly_fields = fields
 
-    def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in ChainTransaction._meta.fields]
+    @admin.display(boolean=True, description="stuck at fee cap")
+    def stuck_at_fee_cap(self, tx) -> bool:
+        return tx.stuck_at_fee_cap
 
-    def has_add_permission(self, request):
-        return False
+    short_id = short_id_column()
+    has_retry_permission = _may_retry
+    mined_tx_display = tx_hash_column("mined_tx_hash", description="mined transaction")
+    to_display = address_column("to_address", description="to")
+
+    @admin.display(description="for")
+    def paid_for(self, tx):
+        return paid_for_html(tx)
+
+    @admin.display(description="amount")
+    def amount(self, tx):
+        """Transfers from the treasury name their amount in the context; other purposes move what the
+        agreement says (see its page)."""
+        value = (tx.context or {}).get("amount")
+        return amount_html(int(value)) if value is not None else "-"
+
+    @admin.display(description="failure", ordering="failure_reason")
+    def failure_short(self, tx) -> str:
+        reason = tx.failure_reason
+        return reason if len(reason) <= 60 else f"{reason[:57]}…"
+
+
+class ChainTransactionInline(MoneyRecordInline):
+    """An agreement's chain transactions, on the agreement's page (the id links to the transaction's page)."""
+
+    model = ChainTransaction
+    fk_name = "agreement"
+    fields = ("short_id", "purpose", "status", "mined_tx_display", "mined_block_number", "failure_reason",
+              "created_at", "confirmed_at")
+    readonly_fields = fields
+    ordering = ("created_at",)
+
+    mined_tx_display = tx_hash_column("mined_tx_hash", description="mined transaction")
+
+    @admin.display(description="id")
+    def short_id(self, tx):
+        return short_id_html(tx.pk, url=reverse("admin:escrow_chaintransaction_change", args=[tx.pk]))
+
+
+# The escrow states worth reading live: from activation on (before it the contract has no record).
+_ONCHAIN_STATUSES = {AgreementStatus.SUBMITTING, AgreementStatus.ACTIVE, AgreementStatus.ACTIVATION_FAILED,
+                     AgreementStatus.IN_CHALLENGE, AgreementStatus.SETTLING, AgreementStatus.SETTLED,
+                     AgreementStatus.DISPUTED, AgreementStatus.REFUNDED}
+_ONCHAIN_AMOUNTS = ("depositAmount", "infraFee", "settledAmount", "buyerClaimable", "sellerClaimable")
+_ONCHAIN_TIMES = ("expiresAt", "reclaimAfter", "challengeDeadline")
+_ONCHAIN_ADDRESSES = ("buyer", "seller", "token", "receiptSigner")
+
+
+def _onchain_value(name: str, value, chain_id: int):
+    if name in _ONCHAIN_AMOUNTS:
+        return amount_html(int(value))
+    if name in _ONCHAIN_TIMES:
+        seconds = int(value)
+        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if seconds else "-"
+    if name in _ONCHAIN_ADDRESSES:
+        return address_html(value, chain_id)
+    if name == "challengeWindow":
+        return f"{int(value)} s"
+    if isinstance(value, str) and value.startswith("0x"):
+        return short_hex_html(value, head=10, tail=6)
+    return value
+
+
+class AgreementWithChainAdmin(UsageAgreementAdmin):
+    """The agreement's page with its chain side: the live escrow read from the contract, the dispute and how to
+    resolve it, and the chain transactions (agreements knows nothing of the chain, so escrow extends its admin)."""
+
+    inlines = [*UsageAgreementAdmin.inlines, ChainTransactionInline]
+    fieldsets = [
+        UsageAgreementAdmin.fieldsets[0],
+        ("On-chain escrow (read live from the contract)", {"fields": ("onchain_panel",)}),
+        ("Dispute", {"fields": ("dispute_panel",)}),
+        *UsageAgreementAdmin.fieldsets[1:],
+    ]
+    readonly_fields = [name for _title, options in fieldsets for name in options["fields"]]
+
+    @admin.display(description="escrow")
+    def onchain_panel(self, agreement):
+        if agreement.settlement_model != SettlementModel.ESCROW or agreement.status not in _ONCHAIN_STATUSES:
+            return "No escrow on-chain for this agreement."
+        try:
+            onchain = selectors.onchain_escrow(onchain_id=agreement.onchain_id)
+            mismatches = selectors.reconciliation_mismatches(agreements=[agreement])
+        except (chain.ChainError, ValueError) as exc:
+            return format_html('<span class="state-bad">The chain did not answer: {}</span>', exc)
+        rows = format_html_join("", '<tr><th scope="row">{}</th><td>{}</td></tr>', (
+            (name, _onchain_value(name, value, agreement.chain_id)) for name, value in onchain.items()))
+        verdict = (mark_safe('<span class="state-ok">matches our records</span>') if not mismatches else
+                   format_html('<span class="state-bad">{}</span>', "; ".join(mismatches)))
+        return format_html('<table class="panel-table" id="onchain-panel"><tr><th scope="row">reconciliation</th>'
+                           '<td>{}</td></tr>{}</table>', verdict, rows)
+
+    @admin.display(description="dispute")
+    def dispute_panel(self, agreement):
+        if agreement.status == AgreementStatus.DISPUTED:
+            dispute = selectors.disputes().filter(pk=agreement.pk).first()
+            if dispute is not None and dispute.resolving:
+                return format_html('<span id="dispute-panel" class="state-warn">Disputed: {}. A resolution has '
+                                   'been submitted.</span>', agreement.status_reason or "no reason given")
+            return format_html('<span id="dispute-panel" class="state-warn">Disputed: {}.</span> '
+                               '<a class="button" href="{}">Resolve</a>', agreement.status_reason or
+                               "no reason given", reverse("admin:escrow_dispute_resolve", args=[agreement.pk]))
+        resolution = agreement.events.filter(from_status=AgreementStatus.DISPUTED).first()
+        if resolution is not None:
+            return format_html('<span id="dispute-panel">Was disputed; {} by {} at {}: {}</span>',
+                               resolution.to_status, resolution.actor,
+                               resolution.created_at.strftime("%Y-%m-%d %H:%M:%S %Z"), resolution.reason)
+        return mark_safe('<span id="dispute-panel">Not disputed.</span>')
+
+
+admin.site.unregister(UsageAgreement)
+admin.site.register(UsageAgreement, AgreementWithChainAdmin)
+
+
+@admin.register(ChainEvent)
+class ChainEventAdmin(MoneyRecordAdmin):
+    list_display = ("name", "block_number", "log_index", "agreement", "effect", "from_status", "to_status", "error",
+                    "removed_at")
+    list_filter = ("effect", "name", ("removed_at", admin.EmptyFieldListFilter))
+    search_fields = ("tx_hash", "block_hash", "agreement__id")
+    list_select_related = ("agreement",)
+
+
+@admin.register(IndexerCursor)
+class IndexerCursorAdmin(MoneyRecordAdmin):
+    list_display = ("escrow_address", "chain_id", "start_block", "last_block", "head_block", "head_seen_at",
+                    "last_error")
 
 
 @admin.register(RelayerAccount)
-class RelayerAccountAdmin(admin.ModelAdmin):
-    list_display = ("address", "chain_id", "next_nonce", "created_at")
-    readonly_fields = ("address", "chain_id", "next_nonce", "created_at")
+class RelayerAccountAdmin(MoneyRecordAdmin):
+    list_display = ("address_display", "chain_id", "next_nonce", "created_at")
+    fields = ("address_display", "chain_id", "next_nonce", "created_at")
+    readonly_fields = fields
 
-    def has_add_permission(self, request):
-        return False
+    address_display = address_column("address", description="address")
 
 
 @admin.register(MasumiPurchase)
-class MasumiPurchaseAdmin(admin.ModelAdmin):
-    """Read-only: purchases move through escrow.purchases. A dispute is decided on its agreement (resolve)."""
+class MasumiPurchaseAdmin(MoneyRecordAdmin):
+    """Purchases move through escrow.purchases. A dispute is decided on its agreement (resolve)."""
 
-    list_display = ("id", "agreement", "agreement_status", "onchain_state", "job_id", "job_status",
-                    "submit_result_time", "unlock_time", "refund_requested_at", "created_at")
+    list_display = ("short_id", "agreement_short", "agreement_status", "onchain_state", "job_id", "job_status",
+                    "submit_result_time", "unlock_time", "created_at")
     list_filter = ("agreement__status",)
     search_fields = ("id", "agreement__id", "job_id", "payment_id", "input_hash", "result_hash")
     list_select_related = ("agreement",)
+    readonly_fields = [f.name for f in MasumiPurchase._meta.fields]
+
+    short_id = short_id_column()
+
+    @admin.display(description="agreement", ordering="agreement")
+    def agreement_short(self, purchase):
+        return agreement_link(purchase.agreement_id)
 
     @admin.display(description="agreement status", ordering="agreement__status")
     def agreement_status(self, purchase) -> str:
@@ -75,12 +272,6 @@ class MasumiPurchaseAdmin(admin.ModelAdmin):
     @admin.display(description="on-chain state (Masumi)")
     def onchain_state(self, purchase) -> str:
         return purchases.purchase_onchain_state(purchase) or "-"
-
-    def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in MasumiPurchase._meta.fields]
-
-    def has_add_permission(self, request):
-        return False
 
 
 class ResolveForm(forms.Form):
@@ -94,27 +285,23 @@ class ResolveForm(forms.Form):
 
 
 @admin.register(Dispute)
-class DisputeAdmin(admin.ModelAdmin):
+class DisputeAdmin(MoneyRecordAdmin):
     """Disputed agreements, oldest first, each with a form that decides it: the same resolution as
     `POST /usage-agreements/{id}/resolve` (on-chain `resolve`, then `finalize`), recorded with the operator's name."""
 
-    list_display = ("id", "buyer", "seller", "service", "deposit_amount", "used", "status_reason", "updated_at",
-                    "decision")
+    list_display = ("short_id", "buyer", "seller", "service", "deposit_display", "used_display", "status_reason",
+                    "updated_at", "decision")
     search_fields = ("id", "buyer__handle", "seller__handle", "service__name")
     list_select_related = ("buyer", "seller", "service")
     ordering = ("updated_at",)
+    readonly_fields = [f.name for f in Dispute._meta.fields]
+
+    short_id = short_id_column()
+    deposit_display = amount_column("deposit_amount", description="deposit")
+    used_display = amount_column("used")
 
     def get_queryset(self, request):
         return selectors.disputes()
-
-    def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in Dispute._meta.fields]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     @admin.display(description="decision")
     def decision(self, dispute) -> str:
@@ -128,7 +315,7 @@ class DisputeAdmin(admin.ModelAdmin):
                      name="escrow_dispute_resolve"), *super().get_urls()]
 
     def resolve_view(self, request, agreement_id):
-        if not self.has_change_permission(request):
+        if not may_operate(request, Dispute):
             raise PermissionDenied
         dispute = get_object_or_404(self.get_queryset(request), pk=agreement_id)
         form = ResolveForm(request.POST or None, deposit=dispute.deposit_amount)
@@ -139,10 +326,13 @@ class DisputeAdmin(admin.ModelAdmin):
             except ApplicationError as exc:
                 form.add_error(None, f"{exc.message} ({exc.code})")
             else:
-                messages.success(request, f"Resolution submitted: {amount} to the seller, "
-                                          f"{dispute.deposit_amount - amount} back to the buyer.")
+                messages.success(request, format_html(
+                    "Resolution submitted: {} to the seller, {} back to the buyer.", amount_html(amount, dispute.token),
+                    amount_html(dispute.deposit_amount - amount, dispute.token)))
                 return redirect("admin:escrow_dispute_changelist")
         context = {**self.admin_site.each_context(request), "opts": self.model._meta, "dispute": dispute,
-                   "form": form, "title": f"Resolve dispute {dispute.pk}",
+                   "form": form, "title": f"Resolve dispute {str(dispute.pk)[:8]}",
+                   "deposit": amount_html(dispute.deposit_amount, dispute.token),
+                   "used": amount_html(dispute.used, dispute.token),
                    "events": dispute.events.order_by("id")}
         return TemplateResponse(request, "admin/escrow/dispute/resolve.html", context)

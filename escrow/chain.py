@@ -16,9 +16,10 @@ from eth_utils import to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import ContractCustomError, ContractLogicError, TransactionNotFound, Web3RPCError
+from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
 from escrow import artifacts
-from marketplace import chainconfig
+from marketplace import bounded_json, chainconfig
 
 
 class ChainError(Exception):
@@ -26,7 +27,11 @@ class ChainError(Exception):
 
 
 class RpcUnavailable(ChainError):
-    """The node could not be reached or timed out: retry later, nothing was decided."""
+    """The node timed out or answered 429 / 5xx (after the per-call retries): retry later, nothing was decided."""
+
+
+class RpcUnreachable(RpcUnavailable):
+    """Nothing answers at CHAIN_RPC_URL (connection refused): every other call would fail the same way."""
 
 
 class NonceTooLow(ChainError):
@@ -86,8 +91,13 @@ def classify(exc: Exception) -> ChainError:
     """Map anything web3 or the transport raised to one of our typed errors."""
     if isinstance(exc, ChainError):
         return exc
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+    if isinstance(exc, requests.Timeout | TimeoutError):
         return RpcUnavailable(str(exc))
+    if isinstance(exc, requests.ConnectionError | ConnectionError):
+        return RpcUnreachable(str(exc))
+    if isinstance(exc, requests.HTTPError) and exc.response is not None and (
+            exc.response.status_code == 429 or exc.response.status_code >= 500):
+        return RpcUnavailable(f"HTTP {exc.response.status_code} from the RPC")
     if isinstance(exc, ContractCustomError):
         return Reverted(decode_revert(exc.data))
     if isinstance(exc, ContractLogicError):
@@ -101,13 +111,27 @@ def classify(exc: Exception) -> ChainError:
     return ChainError(f"{type(exc).__name__}: {exc}")
 
 
+class _BoundedJsonProvider(Web3.HTTPProvider):
+    """Node answers are parsed like every other JSON the platform reads (marketplace.bounded_json)."""
+
+    @staticmethod
+    def decode_rpc_response(raw_response: bytes):
+        return bounded_json.loads(raw_response)
+
+
 @cache
-def _client(rpc_url: str) -> Web3:
-    return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": settings.CHAIN_RPC_TIMEOUT}))
+def _client(rpc_url: str, timeout: float, retries: int, backoff: float) -> Web3:
+    # Transient failures (timeouts, 429, 5xx, a dropped connection) are retried per call with exponential backoff
+    # (backoff, 2x, 4x ...); what is left after that is classified above and handled per transaction.
+    transient = ExceptionRetryConfiguration(errors=(requests.ConnectionError, requests.HTTPError, requests.Timeout),
+                                            retries=retries, backoff_factor=backoff)
+    return Web3(_BoundedJsonProvider(rpc_url, request_kwargs={"timeout": timeout},
+                                     exception_retry_configuration=transient))
 
 
 def w3() -> Web3:
-    return _client(settings.CHAIN_RPC_URL)
+    return _client(settings.CHAIN_RPC_URL, settings.CHAIN_RPC_TIMEOUT, settings.CHAIN_RPC_RETRIES,
+                   settings.CHAIN_RPC_RETRY_BACKOFF)
 
 
 def escrow_address() -> str:
@@ -125,6 +149,22 @@ def escrow_contract() -> Contract:
 def token_contract(address: str | None = None) -> Contract:
     return w3().eth.contract(address=to_checksum_address(address or token_address()),
                              abi=artifacts.abi(artifacts.MOCK_USDC))
+
+
+@cache
+def _token_domain(rpc_url: str, address: str) -> tuple[str, str]:
+    token = token_contract(address)
+    try:
+        _, name, version, *_ = call(token.functions.eip712Domain().call)
+    except ChainError:  # a token without EIP-5267
+        name, version = call(token.functions.name().call), call(token.functions.version().call)
+    return name, version
+
+
+def token_domain(address: str | None = None) -> tuple[str, str]:
+    """The token's EIP-712 domain (name, version), read from the token: EIP-5267 `eip712Domain()`, else
+    `name()` / `version()`. Never hard-coded: Base's USDC is "USD Coin", Base Sepolia's "USDC"."""
+    return _token_domain(settings.CHAIN_RPC_URL, to_checksum_address(address or token_address()))
 
 
 def call(fn) -> Any:
@@ -165,8 +205,13 @@ def relayer_account():
 
 
 def pending_nonce(address: str) -> int:
+    return nonce_at(address, "pending")
+
+
+def nonce_at(address: str, block: int | str) -> int:
+    """How many transactions of `address` the chain holds at `block` (a number, "latest" or "pending")."""
     try:
-        return w3().eth.get_transaction_count(to_checksum_address(address), "pending")
+        return w3().eth.get_transaction_count(to_checksum_address(address), block)
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
 
@@ -243,6 +288,22 @@ def latest_block_number() -> int:
         raise classify(exc) from exc
 
 
+def latest_block_timestamp() -> int:
+    """The chain's clock: the latest block's timestamp, the `block.timestamp` the contract last saw."""
+    try:
+        return int(w3().eth.get_block("latest")["timestamp"])
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+
+
+def tagged_block_number(tag: str) -> int:
+    """The number of the node's `safe` or `finalized` block."""
+    try:
+        return int(w3().eth.get_block(tag)["number"])
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+
+
 def canonical_block_hash(number: int) -> str | None:
     try:
         block = w3().eth.get_block(number)
@@ -267,3 +328,15 @@ def revert_reason(*, sender: str, to: str, data: str, block_number: int) -> str:
 def to_json(value: Any) -> Any:
     """Contract return values (bytes, tuples) as JSON-friendly values."""
     return json.loads(Web3.to_json(value))
+
+
+def logs(*, address: str, from_block: int, to_block: int, topics: list | None = None) -> list:
+    """eth_getLogs of one contract over [from_block, to_block], both included (keep the range bounded: nodes
+    refuse or time out on large ones)."""
+    query = {"address": to_checksum_address(address), "fromBlock": from_block, "toBlock": to_block}
+    if topics:
+        query["topics"] = topics
+    try:
+        return list(w3().eth.get_logs(query))
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc

@@ -51,6 +51,8 @@ __all__ = [
     "find_anvil_binary",
     "free_port",
     "start_anvil",
+    "start_dev_chain",
+    "DEV_BLOCK_TIME",
     "deploy_contracts",
     "deploy_contract",
     "mint_usdc",
@@ -62,6 +64,9 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ANVIL_NPM_PACKAGE = "@foundry-rs/anvil-linux-amd64"
 DEFAULT_CHAIN_ID = 31337
+# `make run`'s chain mines a block this often (Base's block time) as well as one per transaction, so its clock
+# moves while idle: challenge windows close and expired escrows become reclaimable without any traffic.
+DEV_BLOCK_TIME = 2
 
 # Anvil's default dev accounts: well-known keys from the public test mnemonic, each funded with 10,000 ETH on
 # a fresh Anvil. FOR DEV CHAINS AND TESTS ONLY: anyone can spend from them on any real network.
@@ -233,6 +238,7 @@ def start_anvil(
     chain_id: int = DEFAULT_CHAIN_ID,
     block_time: float | None = None,
     *,
+    mine_each_transaction: bool = False,
     host: str = "127.0.0.1",
     timeout: float = 30.0,
     extra_args: tuple[str, ...] = (),
@@ -241,7 +247,8 @@ def start_anvil(
     """Start Anvil (``--silent``) and wait until it answers JSON-RPC.
 
     ``port=None`` picks a free port (retried if another process grabs it first). ``block_time=None`` mines a
-    block per transaction (automine); a number mines on that interval instead. The node has Anvil's 10 default
+    block per transaction (automine); a number mines on that interval instead, and on each transaction as well
+    with ``mine_each_transaction`` (Anvil's ``--mixed-mining``). The node has Anvil's 10 default
     dev accounts (:data:`DEV_PRIVATE_KEYS`), each with 10,000 ETH. ``extra_args`` go to Anvil as they are
     (e.g. ``("--state", path)``). With ``die_with_parent`` (Linux) the kernel terminates Anvil when the
     thread that started it exits, so a crashed test run leaves no node behind; pass False to start a node
@@ -272,6 +279,8 @@ def start_anvil(
         ]
         if block_time is not None:
             args += ["--block-time", str(block_time)]
+            if mine_each_transaction:
+                args.append("--mixed-mining")
         args += list(extra_args)
         log = tempfile.NamedTemporaryFile(prefix="anvil-", suffix=".log", delete=False)
         log_path = Path(log.name)
@@ -294,6 +303,15 @@ def start_anvil(
             last_error = exc
             node.stop()
     raise last_error or AnvilStartError("Anvil did not start")
+
+
+def start_dev_chain(*, port: int | None, chain_id: int = DEFAULT_CHAIN_ID, state: Path | None = None,
+                    block_time: float = DEV_BLOCK_TIME, die_with_parent: bool = True) -> AnvilProcess:
+    """The dev chain as ``manage.py devchain`` (``make run``) runs it: a block every ``block_time`` seconds and one
+    per transaction, the state kept in ``state`` across restarts."""
+    return start_anvil(port=port, chain_id=chain_id, block_time=block_time, mine_each_transaction=True,
+                       extra_args=("--state", str(state)) if state is not None else (),
+                       die_with_parent=die_with_parent)
 
 
 def _wait_until_ready(node: AnvilProcess, timeout: float) -> None:
@@ -367,11 +385,16 @@ def _call_tx(w3: Web3, private_key: str, fn: Any) -> Any:
 
 def deploy_contract(w3: Web3, private_key: str, name: str, *constructor_args: Any) -> str:
     """Deploy the compiled contract ``name`` (from escrow/contracts/build) and return its checksummed address."""
+    return _deploy(w3, private_key, name, *constructor_args)["contractAddress"]
+
+
+def _deploy(w3: Web3, private_key: str, name: str, *constructor_args: Any) -> dict[str, Any]:
     factory = w3.eth.contract(abi=artifacts.abi(name), bytecode=artifacts.bytecode(name))
     sender = Account.from_key(private_key).address
     tx = factory.constructor(*constructor_args).build_transaction({"from": sender})
     receipt = send_transaction(w3, private_key, tx)
-    return Web3.to_checksum_address(receipt["contractAddress"])
+    return {"contractAddress": Web3.to_checksum_address(receipt["contractAddress"]),
+            "blockNumber": receipt["blockNumber"]}
 
 
 def deploy_contracts(
@@ -383,17 +406,18 @@ def deploy_contracts(
     reclaim_grace: int,
     operator: str | None = None,
     usdc_address: str | None = None,
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """Deploy UsageEscrow (and MockUSDC unless ``usdc_address`` is given) and allow the token in the escrow.
 
     The deployer becomes the escrow's admin and, unless ``operator`` is given, its operator (relayer); it also
-    owns MockUSDC (so it can mint and blacklist). Returns ``{"usdc": address, "escrow": address}``.
+    owns MockUSDC (so it can mint and blacklist). Returns ``{"usdc": address, "escrow": address,
+    "escrow_block": n}`` (the escrow's deployment block: where the chain indexer starts reading its events).
     """
     deployer = Account.from_key(deployer_key).address
     if usdc_address is None:
         usdc_address = deploy_contract(w3, deployer_key, artifacts.MOCK_USDC, deployer)
     usdc_address = Web3.to_checksum_address(usdc_address)
-    escrow_address = deploy_contract(
+    escrow = _deploy(
         w3,
         deployer_key,
         artifacts.USAGE_ESCROW,
@@ -403,8 +427,9 @@ def deploy_contracts(
         Web3.to_checksum_address(fee_recipient),
         int(reclaim_grace),
     )
+    escrow_address = escrow["contractAddress"]
     _call_tx(w3, deployer_key, escrow_contract(w3, escrow_address).functions.setTokenAllowed(usdc_address, True))
-    return {"usdc": usdc_address, "escrow": escrow_address}
+    return {"usdc": usdc_address, "escrow": escrow_address, "escrow_block": escrow["blockNumber"]}
 
 
 def mint_usdc(w3: Web3, token_address: str, minter_key: str, to: str, amount: int) -> Any:

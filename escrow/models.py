@@ -70,6 +70,11 @@ class ChainTransaction(models.Model):
     receipt_status = models.PositiveSmallIntegerField(null=True, blank=True)
     failure_reason = models.CharField(max_length=500, blank=True)
     outcome_applied = models.BooleanField(default=False, help_text="The domain was told of the final status.")
+    outcome_evidence = models.JSONField(default=dict, blank=True,
+                                        help_text="What the chain said that the outcome was decided on.")
+    fee_cap_reached_at = models.DateTimeField(
+        null=True, blank=True, help_text="Fees reached CHAIN_MAX_FEE_PER_GAS: the same bytes are rebroadcast "
+                                         "until they are mined (a top-up of the relayer, lower base fees).")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     confirmed_at = models.DateTimeField(null=True, blank=True)
@@ -89,6 +94,10 @@ class ChainTransaction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.purpose} {self.status} (nonce {self.nonce})"
+
+    @property
+    def stuck_at_fee_cap(self) -> bool:
+        return self.status == TxStatus.SUBMITTED and self.fee_cap_reached_at is not None
 
 
 class TxAttempt(models.Model):
@@ -111,6 +120,37 @@ class TxAttempt(models.Model):
         return self.tx_hash
 
 
+class MasumiPaymentRequest(models.Model):
+    """A seller's payment request (Masumi's `POST /payment`, which a masumi seller sends from its /start_job): the job
+    a buyer is to pay for, before any buyer is known. The seller hands the buyer its blockchainIdentifier
+    (0x + this id as 32 bytes); the buyer's `POST /purchase` with it opens the escrow that pays it (escrow.purchases).
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    service = models.ForeignKey("catalog.Service", on_delete=models.PROTECT, related_name="masumi_payment_requests")
+    identifier_from_purchaser = models.CharField(max_length=250)
+    input_hash = models.CharField(max_length=64, blank=True, help_text="MIP-004 input hash, if the seller sent it.")
+    metadata = models.CharField(max_length=1000, blank=True)
+    pay_by_time = models.DateTimeField()
+    submit_result_time = models.DateTimeField()
+    unlock_time = models.DateTimeField()
+    external_dispute_unlock_time = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(pay_by_time__lt=models.F("submit_result_time"))
+                & Q(submit_result_time__lt=models.F("unlock_time"))
+                & Q(unlock_time__lt=models.F("external_dispute_unlock_time")),
+                name="masumi_payment_request_timers_ordered"),
+        ]
+
+    def __str__(self) -> str:
+        return f"payment request {self.pk}"
+
+
 class MasumiPurchase(models.Model):
     """A buyer's purchase of one job of a `masumi` service, paid through its own escrow agreement.
 
@@ -122,10 +162,15 @@ class MasumiPurchase(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     agreement = models.OneToOneField("agreements.UsageAgreement", on_delete=models.PROTECT,
                                      related_name="masumi_purchase")
+    payment_request = models.OneToOneField(
+        MasumiPaymentRequest, on_delete=models.PROTECT, null=True, blank=True, related_name="purchase",
+        help_text="The seller's payment request this purchase pays (the buyer started the job itself).")
     identifier_from_purchaser = models.CharField(max_length=250, blank=True)
     metadata = models.CharField(max_length=1000, blank=True)
-    input_data = models.JSONField(help_text="Sent to the seller's POST /start_job once the funds are locked.")
-    input_hash = models.CharField(max_length=64, help_text="sha256 (hex) of the canonical JSON of input_data.")
+    input_data = models.JSONField(null=True, blank=True,
+                                  help_text="Sent to the seller's POST /start_job once the funds are locked; none "
+                                            "when the buyer started the job itself (payment_request).")
+    input_hash = models.CharField(max_length=64, help_text="MIP-004: sha256 of `identifierFromPurchaser;JCS(input)`.")
     pay_by_time = models.DateTimeField()
     submit_result_time = models.DateTimeField()
     unlock_time = models.DateTimeField()
@@ -137,7 +182,8 @@ class MasumiPurchase(models.Model):
     job_start_claimed_at = models.DateTimeField(null=True, blank=True,
                                                 help_text="Set before calling start_job, so only one call is made.")
     result = models.TextField(blank=True)
-    result_hash = models.CharField(max_length=64, blank=True, help_text="sha256 (hex) of the result.")
+    result_hash = models.CharField(max_length=64, blank=True,
+                                   help_text="MIP-004: sha256 of `identifierFromPurchaser;result` (JSON-escaped).")
     result_submitted_at = models.DateTimeField(null=True, blank=True)
     refund_requested_at = models.DateTimeField(null=True, blank=True)
     refund_signature = models.CharField(max_length=132, blank=True,
@@ -171,3 +217,87 @@ class Dispute(UsageAgreement):
     class Meta:
         proxy = True
         verbose_name = "dispute"
+
+
+class IndexerCursor(models.Model):
+    """How far the chain indexer has applied one escrow deployment's events: a block number and its hash."""
+
+    chain_id = models.PositiveBigIntegerField()
+    escrow_address = AddressField()
+    start_block = models.PositiveBigIntegerField(help_text="The deployment block: indexing starts here.")
+    last_block = models.PositiveBigIntegerField(null=True, blank=True, help_text="Every event up to here is applied.")
+    last_block_hash = Bytes32Field(blank=True)
+    head_block = models.PositiveBigIntegerField(null=True, blank=True, help_text="The chain head at the last pass.")
+    head_seen_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["chain_id", "escrow_address"],
+                                               name="indexer_cursor_one_per_deployment")]
+
+    def __str__(self) -> str:
+        return f"{self.escrow_address} on {self.chain_id}: block {self.last_block}"
+
+    @property
+    def next_block(self) -> int:
+        return self.start_block if self.last_block is None else self.last_block + 1
+
+
+class IndexedBlock(models.Model):
+    """A block the indexer read, by number and hash (range ends and blocks with events): a reorg is a stored
+    hash that is no longer canonical, and the newest stored block still canonical is the fork point."""
+
+    cursor = models.ForeignKey(IndexerCursor, on_delete=models.CASCADE, related_name="blocks")
+    number = models.PositiveBigIntegerField()
+    hash = Bytes32Field()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["cursor", "number"], name="indexed_block_unique_number")]
+
+    def __str__(self) -> str:
+        return f"{self.number} {self.hash}"
+
+
+class EventEffect(models.TextChoices):
+    APPLIED = "applied", "moved the agreement"
+    ALREADY = "already", "the agreement was already there (the relayer's receipt came first)"
+    RECORDED = "recorded", "recorded, no agreement state to change"
+    FAILED = "failed", "could not be applied"
+
+
+class ChainEvent(models.Model):
+    """One log the indexer read (escrow events, and token transfers touching the escrow, the treasury or the fee
+    recipient), what applying it did, and whether a reorg removed it since."""
+
+    cursor = models.ForeignKey(IndexerCursor, on_delete=models.CASCADE, related_name="events")
+    block_number = models.PositiveBigIntegerField()
+    block_hash = Bytes32Field()
+    tx_hash = Bytes32Field()
+    log_index = models.PositiveIntegerField()
+    contract = AddressField()
+    name = models.CharField(max_length=50)
+    args = models.JSONField(default=dict)
+    agreement = models.ForeignKey("agreements.UsageAgreement", null=True, blank=True, on_delete=models.PROTECT,
+                                  related_name="chain_events")
+    effect = models.CharField(max_length=10, choices=EventEffect.choices)
+    from_status = models.CharField(max_length=20, blank=True,
+                                   help_text="Where the agreement was before this event (restored on a reorg).")
+    to_status = models.CharField(max_length=20, blank=True, help_text="The status this event stands for.")
+    error = models.CharField(max_length=500, blank=True)
+    removed_at = models.DateTimeField(null=True, blank=True, help_text="A reorg took the event off the chain.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-block_number", "-log_index"]
+        constraints = [
+            models.CheckConstraint(condition=Q(effect__in=EventEffect.values), name="chain_event_effect_valid"),
+            models.UniqueConstraint(fields=["block_hash", "log_index"], name="chain_event_unique_log"),
+        ]
+        indexes = [
+            models.Index(fields=["agreement", "block_number", "log_index"], name="chain_event_agreement_idx"),
+            models.Index(fields=["effect"], condition=Q(removed_at=None), name="chain_event_live_effect_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} in block {self.block_number} ({self.effect})"

@@ -2,10 +2,11 @@
 
 from collections import Counter
 
+from django.conf import settings
 from django.urls import reverse
 
 from escrow import chain, selectors
-from marketplace import dashboard, health, metrics
+from marketplace import dashboard, health, metrics, money
 
 
 def _by_status() -> dict[str, int]:
@@ -19,17 +20,96 @@ def _chain_answers(timeout: float) -> None:
     chain.latest_block_number()  # bounded by CHAIN_RPC_TIMEOUT; /readyz stops waiting after its own timeout
 
 
+def _indexer_keeps_up(timeout: float) -> None:
+    lag = selectors.indexer_lag()
+    if lag is not None and lag.lag > settings.INDEXER_MAX_LAG_BLOCKS:
+        raise RuntimeError(f"the chain indexer is {lag.lag} blocks behind (limit {settings.INDEXER_MAX_LAG_BLOCKS})")
+
+
+def _indexer_lag() -> dict[tuple, int]:
+    """At scrape time; when the node does not answer, against the head the indexer last saw."""
+    try:
+        lag = selectors.indexer_lag()
+    except chain.ChainError:
+        lag = selectors.indexer_lag(ask_chain=False)
+    return {} if lag is None else {(): lag.lag}
+
+
 def _failures(limit: int) -> list[dashboard.Failure]:
-    return [dashboard.Failure(at=tx.updated_at, kind=f"chain transaction {tx.purpose} failed",
-                              subject=str(tx.agreement_id or tx.pk), reason=tx.failure_reason,
-                              admin_url=reverse("admin:escrow_chaintransaction_change", args=[tx.pk]))
-            for tx in selectors.transactions_failed_recently(limit=limit)]
+    failures = [dashboard.Failure(at=tx.updated_at, kind=f"chain transaction {tx.purpose} failed",
+                                  subject=str(tx.agreement_id or tx.pk), reason=tx.failure_reason,
+                                  admin_url=reverse("admin:escrow_chaintransaction_change", args=[tx.pk]))
+                for tx in selectors.transactions_failed_recently(limit=limit)]
+    failures += [dashboard.Failure(at=event.created_at, kind=f"chain event {event.name} not applied",
+                                   subject=str(event.agreement_id or event.tx_hash), reason=event.error,
+                                   admin_url=reverse("admin:escrow_chainevent_change", args=[event.pk]))
+                 for event in selectors.indexer_unapplied_events().order_by("-created_at")[:limit]]
+    return failures
 
 
 metrics.scrape_collector_register(
     name="marketplace_chain_transactions",
     documentation="Relayer chain transactions by purpose and status (counted at scrape time).",
     labels=("purpose", "status"), counts=selectors.transaction_counts_by_purpose_and_status)
+metrics.scrape_collector_register(
+    name="marketplace_chain_transactions_stuck_at_fee_cap",
+    documentation="Submitted chain transactions whose fees reached CHAIN_MAX_FEE_PER_GAS_WEI: the same bytes are "
+                  "rebroadcast until mined (top the relayer up, or wait for lower base fees).",
+    labels=("purpose",), counts=selectors.transaction_counts_stuck_at_fee_cap)
+metrics.scrape_collector_register(
+    name="marketplace_indexer_lag_blocks",
+    documentation="Blocks between the chain head and the last block the chain indexer applied (at scrape time).",
+    labels=(), counts=_indexer_lag)
+metrics.scrape_collector_register(
+    name="marketplace_indexer_events",
+    documentation="Contract events the chain indexer holds (reorged ones left out), by effect: applied, already "
+                  "(the relayer's receipt came first), recorded (no state to change), failed (not applied).",
+    labels=("effect",),
+    counts=lambda: {(effect,): count for effect, count in selectors.indexer_event_counts_by_effect().items()})
 dashboard.counts_register(title="Chain transactions by status", counts=_by_status)
 dashboard.failures_register(recent=_failures)
+
+
+def _tx_url(tx) -> str:
+    return reverse("admin:escrow_chaintransaction_change", args=[tx.pk])
+
+
+def _overdue(now) -> list[dashboard.Overdue]:
+    """Transactions unconfirmed for too long, and those stuck at the fee cap."""
+    at_cap = list(selectors.transactions_at_fee_cap()
+                  [:dashboard.OVERDUE_LIMIT])
+    items = [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} stuck at the fee cap",
+                               subject=str(tx.agreement_id or tx.pk),
+                               detail=f"bids the cap of {settings.CHAIN_MAX_FEE_PER_GAS / 10**9:g} gwei; "
+                                      f"rebroadcast only", admin_url=_tx_url(tx)) for tx in at_cap]
+    capped = {tx.pk for tx in at_cap}
+    items += [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} {tx.status}, not confirmed",
+                                subject=str(tx.agreement_id or tx.pk),
+                                detail=f"nonce {tx.nonce}" if tx.nonce is not None else "no nonce yet",
+                                admin_url=_tx_url(tx))
+              for tx in selectors.transactions_unconfirmed_since(before=now - settings.OVERDUE_SUBMITTING_AFTER)
+              [:dashboard.OVERDUE_LIMIT] if tx.pk not in capped]
+    return items
+
+
+def _gauges() -> list[dashboard.Gauge]:
+    gas_warn = money.native_units(settings.RELAYER_GAS_WARN_WEI)
+    float_warn = money.token_units(settings.TREASURY_USDC_WARN_ATOMIC)
+    try:
+        balances = selectors.platform_wallet_balances()
+    except (chain.ChainError, ValueError) as exc:
+        return [dashboard.Gauge("Relayer gas", "-", gas_warn, None, f"chain unreachable: {exc}"),
+                dashboard.Gauge("Treasury USDC float", "-", float_warn, None, f"chain unreachable: {exc}")]
+    return [
+        dashboard.Gauge("Relayer gas", money.native_units(balances["gas_wei"]), gas_warn,
+                        balances["gas_wei"] >= settings.RELAYER_GAS_WARN_WEI, "pays for every transaction"),
+        dashboard.Gauge("Treasury USDC float", money.token_units(balances["usdc"]), float_warn,
+                        balances["usdc"] >= settings.TREASURY_USDC_WARN_ATOMIC,
+                        "pays invocation payouts, refunds and returned fees"),
+    ]
+
+
+dashboard.overdue_register(overdue=_overdue)
+dashboard.gauges_register(gauges=_gauges)
 health.readiness_check_register(name="chain", check=_chain_answers)
+health.readiness_check_register(name="indexer", check=_indexer_keeps_up)

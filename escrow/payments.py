@@ -133,10 +133,12 @@ def transaction_await(*, transaction_id, timeout: float) -> ChainTransaction:
 # --- skill invocations -----------------------------------------------------------------------------------------
 
 def invocation_requirements(skill: Skill):
+    """What the skill's 402 asks for, bound to the skill (every skill pays the same treasury)."""
     _require_chain()
     return x402_payment.payment_requirements(amount=invocations.invocation_price(skill),
                                              pay_to=chainconfig.relayer_address(),
-                                             max_timeout_seconds=INVOCATION_AUTHORIZATION_SECONDS)
+                                             max_timeout_seconds=INVOCATION_AUTHORIZATION_SECONDS,
+                                             resource=invocations.invocation_resource(skill))
 
 
 def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment_header: str
@@ -195,7 +197,8 @@ def _invocation_settle(invocation: SkillInvocation) -> None:
     _enqueue_transfer_from_treasury(
         purpose=TxPurpose.INVOCATION_PAYOUT if payout else TxPurpose.INVOCATION_REFUND,
         to=invocation.seller_wallet_address if payout else invocation.authorization.payer,
-        amount=invocation.amount, context={"invocation_id": str(invocation.pk)})
+        amount=invocations.invocation_seller_share(invocation) if payout else invocation.amount,
+        context={"invocation_id": str(invocation.pk)})
 
 
 def _settlement_outcome(record):

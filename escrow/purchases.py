@@ -4,22 +4,30 @@ the same UsageEscrow contract, relayer and agreement lifecycle as every other es
 A purchase is an escrow agreement for quantity 1 × the service's price, proposed by the buyer and accepted at once
 on the seller's behalf (a listed Masumi service is a standing offer). Flow:
 
-1. `POST /purchase` (buyer, `input_data`): the marketplace records the input hash and the timers and answers with
-   the activation package (EIP-712 ActivationIntent + EIP-2612 permits, deadline = payByTime) to sign.
+1. `POST /purchase` (buyer), either
+   - with `input_data`: the marketplace starts the job itself once the funds are locked (step 3), or
+   - with a seller's `blockchainIdentifier` (the masumi library's flow: the buyer called the seller's /start_job, the
+     seller asked this node for a payment with `POST /payment`): the purchase pays that payment request, and must
+     match it (service, identifierFromPurchaser, inputHash, timers, seller wallet).
+   The marketplace records the input hash and the timers and answers with the activation package (EIP-712
+   ActivationIntent + one EIP-2612 permit, deadline = payByTime) to sign.
 2. `POST /purchase/lock-funds` (the signed package): the relayer submits `activate`; the agreement becomes active.
-3. `masumi_purchases_tick` (beat): starts the job on the seller (`POST /start_job` with the input) once the funds
-   are locked, polls `GET /status`, and records a completed job's result before submitResultTime; that charges the
-   price as one usage event and proposes the settlement on-chain.
-4. `settlement_tick` (beat) pays out or refunds as for any agreement; this module adds refund requests, disputes
-   and the external-dispute release.
+3. `masumi_purchases_tick` (beat): starts the job on the seller (`POST /start_job` with the input, in the service's
+   MIP-003 version) once the funds are locked, polls `GET /status`, and records a completed job's result before
+   submitResultTime; that charges the price as one usage event and proposes the settlement on-chain. A seller whose
+   payment node is this marketplace may instead submit the result hash itself (`POST /payment/submit-result`).
+4. `settlement_tick` (beat) pays out or refunds as for any agreement; this module adds refund requests, disputes,
+   the refund by the purchase's own timers and the external-dispute release.
 
 Masumi field ↔ contract:
 
-- blockchainIdentifier: the escrow's bytes32 `agreementId`.
-- inputHash / resultHash: sha256 (hex) of the canonical JSON of the input (sorted keys, no spaces) / of the result
-  string as the seller's /status returned it. The result hash is committed on-chain as the `usageDigest` of
+- blockchainIdentifier: the escrow's bytes32 `agreementId`; for a purchase paying a seller's payment request, the
+  request's id as 32 bytes (both resolve to the purchase).
+- inputHash / resultHash (MIP-004, as the masumi library computes them): sha256 (hex) of
+  `identifierFromPurchaser;JCS(input)` (sorted keys, no spaces, UTF-8) / of `identifierFromPurchaser;result` (the
+  result string JSON-escaped, without quotes). The result hash is committed on-chain as the `usageDigest` of
   `proposeSettlement(id, seq 1, price, 0x‖resultHash, receipt signature)`.
-- payByTime: `ActivationIntent.deadline` (and the permits' deadline): `activate` reverts after it.
+- payByTime: `ActivationIntent.deadline` (and the permit's deadline): `activate` reverts after it.
 - submitResultTime: `ActivationIntent.expiresAt`. A result is accepted only before it. Without one the buyer is
   refunded by `reclaim`, which the contract allows from expiresAt + reclaimGrace: the grace lets a result that
   arrived just before submitResultTime still be proposed (the contract never lets proposal and reclaim race).
@@ -29,7 +37,12 @@ Masumi field ↔ contract:
   the chain while the window is open.
 - PATCH /purchase (refund request): the buyer's EIP-712 `Challenge{agreementId, deadline: unlockTime}`. After a
   result it is submitted at once with `challengeWithSig` (→ Disputed). Before a result it is kept: a result that
-  still arrives is proposed and then challenged with it (→ Disputed); no result → the reclaim refunds the buyer.
+  still arrives is proposed and then challenged with it (→ Disputed). No result by submitResultTime → the refund is
+  paid by the purchase's own timers, not the contract's reclaim grace: the platform proposes a zero settlement
+  (receipt seq 0), submits the buyer's challenge, and its arbiter resolves `resolve(id, 0)`, then `finalize`: the
+  buyer has everything back a few blocks after submitResultTime, before unlockTime. A request without the buyer's
+  signature (the masumi library's `request-refund` has none) uses the one given at lock-funds
+  (`refundSignature`); with neither, the buyer is refunded by `reclaim` after the contract's grace.
 - externalDisputeUnlockTime: a dispute no operator resolved by then is resolved for the buyer: the relayer (which
   must hold ARBITER_ROLE) sends `resolve(id, 0)` then `finalize`. Before it an operator decides through
   `POST /usage-agreements/{id}/resolve` (or the admin) with any split.
@@ -42,6 +55,7 @@ committed), RefundRequested (refund asked, not yet disputed), Disputed, Withdraw
 import hashlib
 import json
 import logging
+import secrets
 import uuid
 from datetime import UTC, datetime
 
@@ -53,11 +67,11 @@ from django.utils import timezone
 from agreements import metering
 from agreements import services as agreement_services
 from agreements.models import AgreementStatus, UsageAgreement
-from catalog.models import Agent, Availability, Service, UpstreamProtocol
+from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
 from escrow import services, settlement
-from escrow.models import ChainTransaction, MasumiPurchase, TxPurpose, TxStatus
+from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose, TxStatus
 from marketplace import agentic_service
-from marketplace.errors import ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput
+from marketplace.errors import ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
 from sdk import typed_data
 
 logger = logging.getLogger(__name__)
@@ -83,17 +97,30 @@ def _unix(moment: datetime) -> int:
     return int(moment.timestamp())
 
 
-def input_hash_of(input_data) -> str:
-    return hashlib.sha256(json.dumps(input_data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def input_hash_of(input_data, identifier_from_purchaser: str) -> str:
+    """MIP-004 (masumi.create_masumi_input_hash): sha256 of `identifier;JCS(input)`."""
+    canonical = json.dumps(input_data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"{identifier_from_purchaser};{canonical}".encode()).hexdigest()
 
 
-def result_hash_of(result: str) -> str:
-    return hashlib.sha256(result.encode()).hexdigest()
+def result_hash_of(result: str, identifier_from_purchaser: str) -> str:
+    """MIP-004 (masumi.create_masumi_output_hash): sha256 of `identifier;result`, the result JSON-escaped."""
+    escaped = json.dumps(result, ensure_ascii=False)[1:-1]
+    return hashlib.sha256(f"{identifier_from_purchaser};{escaped}".encode()).hexdigest()
+
+
+def new_identifier_from_purchaser() -> str:
+    """As the masumi library's buyers make them: 26 hex digits."""
+    return secrets.token_hex(13)
 
 
 def blockchain_identifier_to_agreement_id(blockchain_identifier: str) -> uuid.UUID | None:
     value = int(blockchain_identifier, 16)
     return uuid.UUID(int=value) if value < 2**128 else None
+
+
+TIMER_NAMES = {"pay_by_time": "payByTime", "submit_result_time": "submitResultTime", "unlock_time": "unlockTime",
+               "external_dispute_unlock_time": "externalDisputeUnlockTime"}
 
 
 def _timers(now: int, requested: dict[str, int | None]) -> dict[str, int]:
@@ -118,22 +145,70 @@ def _timers(now: int, requested: dict[str, int | None]) -> dict[str, int]:
 
 # --- buyer actions ---------------------------------------------------------------------------------------------
 
-def purchase_create(*, buyer: Agent, service: Service, input_data, input_hash: str | None = None,
-                    identifier_from_purchaser: str = "", metadata: str = "",
-                    timers: dict[str, int | None] | None = None) -> tuple[MasumiPurchase, dict]:
-    """Record the purchase and its escrow agreement (accepted); returns it with the package the buyer signs."""
+def _check_purchasable(service: Service) -> None:
     if service.upstream_protocol != UpstreamProtocol.MASUMI:
         raise InvalidInput("Only services with the masumi protocol are purchased here.", code="not_a_masumi_service")
     if service.availability == Availability.UNAVAILABLE:
         raise Conflict("The service reports it is unavailable.", code="service_unavailable",
                        details={"message": service.availability_message})
-    computed = input_hash_of(input_data)
+
+
+def purchase_create(*, buyer: Agent, service: Service, input_data, input_hash: str | None = None,
+                    identifier_from_purchaser: str = "", metadata: str = "",
+                    timers: dict[str, int | None] | None = None) -> tuple[MasumiPurchase, dict]:
+    """Buy a job the marketplace starts on the seller once the funds are locked. Returns the purchase and the
+    package the buyer signs."""
+    _check_purchasable(service)
+    identifier_from_purchaser = identifier_from_purchaser or new_identifier_from_purchaser()
+    computed = input_hash_of(input_data, identifier_from_purchaser)
     if input_hash is not None and input_hash != computed:
-        raise InvalidInput("inputHash is not the sha256 of the canonical JSON of input_data.",
+        raise InvalidInput("inputHash is not sha256(identifierFromPurchaser;JCS(input_data)) (MIP-004).",
                            code="input_hash_mismatch", details={"expected": computed})
     now = _chain_now()
-    at = _timers(now, timers or {})
+    return _purchase_record(buyer=buyer, service=service, now=now, at=_timers(now, timers or {}),
+                            identifier_from_purchaser=identifier_from_purchaser, metadata=metadata,
+                            input_data=input_data, input_hash=computed, payment_request=None)
+
+
+def purchase_create_for_payment(*, buyer: Agent, payment_request: MasumiPaymentRequest, seller_wallet: str,
+                                identifier_from_purchaser: str, input_hash: str | None, metadata: str = "",
+                                timers: dict[str, int | None]) -> tuple[MasumiPurchase, dict]:
+    """Pay a seller's payment request (the masumi library's flow). What the buyer sends must be what the seller
+    asked for: the buyer's library computed the input hash, the seller's library the one in the request."""
+    service = payment_request.service
+    _check_purchasable(service)
+    if service.state != ServiceState.REGISTERED:
+        raise InvalidInput("This service is deregistered.", code="service_deregistered")
+    expected = {"sellerVkey": service.seller.wallet_address.lower(),
+                "identifierFromPurchaser": payment_request.identifier_from_purchaser,
+                "inputHash": payment_request.input_hash or input_hash,
+                **{masumi_name: _unix(getattr(payment_request, name)) for name, masumi_name in TIMER_NAMES.items()}}
+    given = {"sellerVkey": seller_wallet.lower(), "identifierFromPurchaser": identifier_from_purchaser,
+             "inputHash": input_hash or payment_request.input_hash,
+             **{masumi_name: timers.get(name) or _unix(getattr(payment_request, name))
+                for name, masumi_name in TIMER_NAMES.items()}}
+    differ = sorted(name for name in expected if expected[name] != given[name])
+    if differ:
+        raise InvalidInput("The purchase does not match the seller's payment request.", code="payment_mismatch",
+                           details={"fields": differ})
+    now = _chain_now()
+    at = {name: _unix(getattr(payment_request, name)) for name in TIMER_NAMES}
+    if at["pay_by_time"] <= now:
+        raise Conflict("The payment request's payByTime has passed.", code="pay_by_time_passed")
+    return _purchase_record(buyer=buyer, service=service, now=now, at=at,
+                            identifier_from_purchaser=identifier_from_purchaser, metadata=metadata, input_data=None,
+                            input_hash=given["inputHash"] or "", payment_request=payment_request)
+
+
+def _purchase_record(*, buyer: Agent, service: Service, now: int, at: dict[str, int], identifier_from_purchaser: str,
+                     metadata: str, input_data, input_hash: str,
+                     payment_request: MasumiPaymentRequest | None) -> tuple[MasumiPurchase, dict]:
+    """The purchase and its escrow agreement (accepted: a listed Masumi service is a standing offer)."""
     with transaction.atomic():
+        if payment_request is not None:  # locked: two buyers paying one request, the second is told so
+            MasumiPaymentRequest.objects.select_for_update().get(pk=payment_request.pk)
+            if MasumiPurchase.objects.filter(payment_request=payment_request).exists():
+                raise Conflict("This payment request is already being paid.", code="payment_already_purchased")
         agreement = agreement_services.agreement_propose(
             buyer=buyer, service=service, quantity=1, expires_at=_moment(at["submit_result_time"]),
             challenge_window_seconds=at["unlock_time"] - now, note="masumi purchase")
@@ -143,29 +218,48 @@ def purchase_create(*, buyer: Agent, service: Service, input_data, input_hash: s
                             code="approval_required")
         agreement = agreement_services.agreement_accept(agreement=agreement, seller=service.seller)
         purchase = MasumiPurchase.objects.create(
-            agreement=agreement, identifier_from_purchaser=identifier_from_purchaser, metadata=metadata,
-            input_data=input_data, input_hash=computed, created_chain_time=_moment(now),
+            agreement=agreement, payment_request=payment_request, identifier_from_purchaser=identifier_from_purchaser,
+            metadata=metadata, input_data=input_data, input_hash=input_hash, created_chain_time=_moment(now),
             **{name: _moment(value) for name, value in at.items()})
         package = services.activation_package(agreement=agreement, buyer=buyer, deadline=at["pay_by_time"])
     return purchase, package
 
 
 def purchase_lock_funds(*, purchase: MasumiPurchase, buyer: Agent, intent_signature: str, deadline: int,
-                        escrow_permit: dict, fee_permit: dict | None) -> ChainTransaction:
-    """Submit the signed package: the relayer activates the escrow (FundsLocked once confirmed)."""
+                        escrow_permit: dict, refund_signature: str | None = None) -> ChainTransaction:
+    """Submit the signed package: the relayer activates the escrow (FundsLocked once confirmed).
+
+    `refund_signature` (optional): the buyer's signed refundRequestTypedData, kept for a later refund request that
+    comes without one (the masumi library's `request-refund`); it is used only when the buyer asks for a refund."""
     if deadline != _unix(purchase.pay_by_time):
         raise InvalidInput("deadline must be the purchase's payByTime.", code="deadline_mismatch",
                            details={"expected": _unix(purchase.pay_by_time)})
+    if refund_signature is not None:
+        _check_refund_signature(purchase, refund_signature)
+        MasumiPurchase.objects.filter(pk=purchase.pk).update(refund_signature=refund_signature,
+                                                             updated_at=timezone.now())
     return services.activation_submit(agreement=purchase.agreement, buyer=buyer, intent_signature=intent_signature,
-                                      deadline=deadline, escrow_permit=escrow_permit, fee_permit=fee_permit)
+                                      deadline=deadline, escrow_permit=escrow_permit)
 
 
 def refund_request_typed_data(*, purchase: MasumiPurchase) -> dict:
     return settlement.challenge_typed_data(agreement=purchase.agreement, deadline=_unix(purchase.unlock_time))
 
 
-def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature: str) -> MasumiPurchase:
-    """The buyer asks for its money back (before unlockTime). Idempotent."""
+def _check_refund_signature(purchase: MasumiPurchase, signature: str) -> None:
+    try:
+        signer = typed_data.recover_typed_data_signer(refund_request_typed_data(purchase=purchase), signature)
+    except Exception as exc:  # noqa: BLE001 - a malformed signature is the caller's input error
+        raise InvalidInput("Not a valid 65-byte signature.", code="invalid_signature") from exc
+    expected = purchase.agreement.buyer_wallet_address
+    if signer.lower() != expected.lower():
+        raise InvalidInput("The refund request must be signed by the buyer's wallet.", code="wrong_signer",
+                           details={"signer": signer, "expected": expected})
+
+
+def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature: str | None) -> MasumiPurchase:
+    """The buyer asks for its money back (before unlockTime). Idempotent. Without a signature, the one given at
+    lock-funds is used; with neither the request is recorded and the money comes back by reclaim."""
     now = _chain_now()
     with transaction.atomic():
         purchase = MasumiPurchase.objects.select_for_update().select_related("agreement").get(pk=purchase.pk)
@@ -180,18 +274,30 @@ def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature
         if now >= _unix(purchase.unlock_time):
             raise Conflict("unlockTime has passed; the seller's payment can no longer be disputed.",
                            code="unlock_time_passed")
-        try:
-            signer = typed_data.recover_typed_data_signer(refund_request_typed_data(purchase=purchase), signature)
-        except Exception as exc:  # noqa: BLE001 - a malformed signature is the caller's input error
-            raise InvalidInput("Not a valid 65-byte signature.", code="invalid_signature") from exc
-        if signer.lower() != agreement.buyer_wallet_address.lower():
-            raise InvalidInput("The refund request must be signed by the buyer's wallet.", code="wrong_signer",
-                               details={"signer": signer, "expected": agreement.buyer_wallet_address})
+        if signature is not None:
+            _check_refund_signature(purchase, signature)
+            purchase.refund_signature = signature
         purchase.refund_requested_at = timezone.now()
-        purchase.refund_signature = signature
         purchase.save(update_fields=["refund_requested_at", "refund_signature", "updated_at"])
-        if agreement.status == S.IN_CHALLENGE:
+        if agreement.status == S.IN_CHALLENGE and purchase.refund_signature:
             _dispute(purchase)
+    return purchase
+
+
+def purchase_cancel_refund_request(*, purchase: MasumiPurchase, buyer: Agent) -> MasumiPurchase:
+    """Withdraw a refund request that has not reached the chain yet (no challenge submitted)."""
+    with transaction.atomic():
+        purchase = MasumiPurchase.objects.select_for_update().select_related("agreement").get(pk=purchase.pk)
+        if purchase.agreement.buyer_id != buyer.pk:
+            raise Forbidden("Only the buyer cancels its refund request.", code="buyer_only")
+        if purchase.refund_requested_at is None:
+            return purchase
+        if purchase.agreement.status not in (S.ACTIVE, S.IN_CHALLENGE) or _live(purchase.agreement_id,
+                                                                                 TxPurpose.CHALLENGE):
+            raise Conflict("The refund request is already on-chain.", code="refund_already_submitted",
+                           details={"status": purchase.agreement.status})
+        purchase.refund_requested_at = None
+        purchase.save(update_fields=["refund_requested_at", "updated_at"])
     return purchase
 
 
@@ -199,6 +305,76 @@ def _dispute(purchase: MasumiPurchase) -> ChainTransaction:
     return settlement.settlement_challenge(
         agreement=purchase.agreement, buyer=purchase.agreement.buyer, signature=purchase.refund_signature,
         deadline=_unix(purchase.unlock_time), reason="refund requested after the result was submitted")
+
+
+# --- seller actions (the /payment family: this marketplace as the seller's Masumi node) -------------------------
+
+def check_listed_price(*, service: Service, funds: list[dict] | None) -> None:
+    """Amounts a Masumi client names (masumi-crewai's RequestedFunds / Amounts) must be the listed price: one
+    amount, in the service's token ("" meaning it). Cardano units ("lovelace") cannot apply."""
+    if funds is not None and (len(funds) != 1 or funds[0]["amount"] != str(service.unit_price)
+                              or funds[0]["unit"] not in ("", service.token)):
+        raise InvalidInput("The amounts must be the service's listed price (one amount, in its token).",
+                           code="requested_funds_mismatch",
+                           details={"expected": [{"amount": str(service.unit_price), "unit": service.token}]})
+
+
+def payment_request_create(*, seller: Agent, service: Service, identifier_from_purchaser: str,
+                           input_hash: str | None, metadata: str, timers: dict[str, int | None],
+                           requested_funds: list[dict] | None) -> MasumiPurchase | MasumiPaymentRequest:
+    """A seller's payment request for one job (sent by a masumi seller from its /start_job).
+
+    When the marketplace itself is starting that job for a purchase already funded (same service, purchaser
+    identifier and input hash), the answer is that purchase: the job is paid already. Otherwise a new request, which
+    the buyer pays with `POST /purchase` and its blockchainIdentifier."""
+    if service.seller_id != seller.pk:
+        raise NotFound("No such service of yours.", code="service_not_found")
+    if service.upstream_protocol != UpstreamProtocol.MASUMI or service.state != ServiceState.REGISTERED:
+        raise InvalidInput("Payments are requested for registered masumi services only.",
+                           code="not_a_masumi_service")
+    check_listed_price(service=service, funds=requested_funds)
+    funded = MasumiPurchase.objects.filter(
+        agreement__service=service, agreement__status=S.ACTIVE, identifier_from_purchaser=identifier_from_purchaser,
+        payment_request__isnull=True, job_id="", job_start_claimed_at__isnull=False)
+    if input_hash:
+        funded = funded.filter(input_hash=input_hash)
+    purchase = funded.select_related("agreement").order_by("created_at").first()
+    if purchase is not None:
+        return purchase
+    now = _chain_now()
+    at = _timers(now, timers)
+    return MasumiPaymentRequest.objects.create(
+        service=service, identifier_from_purchaser=identifier_from_purchaser, input_hash=input_hash or "",
+        metadata=metadata, **{name: _moment(value) for name, value in at.items()})
+
+
+def payment_submit_result(*, seller: Agent, purchase: MasumiPurchase, result_hash: str) -> MasumiPurchase:
+    """The seller commits its result's hash (MIP-004) before submitResultTime: charged and proposed on-chain."""
+    agreement = purchase.agreement
+    if agreement.seller_id != seller.pk:
+        raise NotFound("No such payment.", code="payment_not_found")
+    if purchase.result_hash:
+        if purchase.result_hash != result_hash:
+            raise Conflict("A different result hash was submitted already.", code="result_already_submitted")
+        return purchase
+    if agreement.status != S.ACTIVE:
+        raise Conflict(f"No result can be submitted while the escrow is {agreement.status}.",
+                       code="funds_not_locked", details={"status": agreement.status})
+    if _chain_now() >= _unix(purchase.submit_result_time):
+        raise Conflict("submitResultTime has passed.", code="submit_result_time_passed")
+    return purchase_result_record(purchase_id=purchase.pk, result_hash=result_hash)
+
+
+def payment_authorize_refund(*, seller: Agent, purchase: MasumiPurchase) -> MasumiPurchase:
+    """The seller agrees to refund a disputed purchase: the arbiter resolves it wholly to the buyer."""
+    if purchase.agreement.seller_id != seller.pk:
+        raise NotFound("No such payment.", code="payment_not_found")
+    if purchase.agreement.status != S.DISPUTED:
+        raise Conflict("Only a disputed payment (a refund requested after the result) is refunded by its seller.",
+                       code="no_refund_requested", details={"status": purchase.agreement.status})
+    if not _live(purchase.agreement_id, TxPurpose.RESOLVE):
+        settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
+    return purchase
 
 
 # --- the marketplace driving the seller's job (beat) -----------------------------------------------------------
@@ -222,7 +398,9 @@ def purchase_job_start(*, purchase_id) -> MasumiPurchase | None:
         return None
     purchase = MasumiPurchase.objects.select_related("agreement__service").get(pk=purchase_id)
     try:
-        job = agentic_service.start_job(base_url=_base_url(purchase), input_data=purchase.input_data)
+        job = agentic_service.start_job(
+            base_url=_base_url(purchase), protocol_version=purchase.agreement.service.masumi_protocol_version,
+            input_data=purchase.input_data, identifier_from_purchaser=purchase.identifier_from_purchaser)
     except agentic_service.AgenticServiceError as error:
         MasumiPurchase.objects.filter(pk=purchase_id).update(job_start_claimed_at=None)  # retried next tick
         _record_error(purchase_id, error)
@@ -234,9 +412,10 @@ def purchase_job_start(*, purchase_id) -> MasumiPurchase | None:
 
 
 def purchase_job_poll(*, purchase_id, now: int) -> MasumiPurchase | None:
-    """GET /status; a completed job's result is recorded while submitResultTime has not passed."""
+    """GET /status; a completed job's result is recorded while submitResultTime has not passed (fetched too when
+    the seller submitted only its hash)."""
     purchase = MasumiPurchase.objects.select_related("agreement__service").get(pk=purchase_id)
-    if not purchase.job_id or purchase.result_hash or now >= _unix(purchase.submit_result_time):
+    if not purchase.job_id or purchase.result or now >= _unix(purchase.submit_result_time):
         return None
     try:
         status = agentic_service.job_status(base_url=_base_url(purchase), job_id=purchase.job_id)
@@ -246,24 +425,34 @@ def purchase_job_poll(*, purchase_id, now: int) -> MasumiPurchase | None:
     MasumiPurchase.objects.filter(pk=purchase_id).update(job_status=status.status[:50], updated_at=timezone.now())
     if status.status == COMPLETED and status.result is not None:
         try:
-            return purchase_result_record(purchase_id=purchase_id, result=status.result)
+            return purchase_result_record(purchase_id=purchase_id, result=status.result,
+                                          result_hash=result_hash_of(status.result,
+                                                                     purchase.identifier_from_purchaser))
         except ApplicationError as error:  # e.g. the agreement was used through the proxy meanwhile
             _record_error(purchase_id, error)
     return purchase
 
 
-def purchase_result_record(*, purchase_id, result: str) -> MasumiPurchase:
-    """Keep the result and its hash, charge the price and propose the settlement that commits the hash."""
-    result_hash = result_hash_of(result)
+def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -> MasumiPurchase:
+    """Keep the result hash (and the result, when the marketplace fetched it), charge the price and propose the
+    settlement that commits the hash. A result whose hash differs from one already committed is kept aside as an
+    error (the buyer disputes it); the committed hash never changes."""
     with transaction.atomic():
         purchase = MasumiPurchase.objects.select_for_update().get(pk=purchase_id)
         if purchase.result_hash:
+            if result and not purchase.result:
+                if result_hash != purchase.result_hash:
+                    raise Conflict("The seller's result does not match the result hash it submitted.",
+                                   code="result_hash_mismatch", details={"submitted": purchase.result_hash,
+                                                                         "result": result_hash})
+                purchase.result = result
+                purchase.save(update_fields=["result", "updated_at"])
             return purchase
         purchase.result, purchase.result_hash, purchase.result_submitted_at = result, result_hash, timezone.now()
         purchase.last_error = ""
         purchase.save(update_fields=["result", "result_hash", "result_submitted_at", "last_error", "updated_at"])
         metering.job_result_charge(agreement_id=purchase.agreement_id, result_hash="0x" + result_hash,
-                                   request_id=f"masumi-job:{purchase.job_id}")
+                                   request_id=f"masumi-job:{purchase.job_id or purchase.pk}")
         settlement.settlement_propose(agreement_id=purchase.agreement_id)
     return purchase
 
@@ -277,7 +466,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     """Everything due on Masumi purchases, in one pass (the beat task). Each step is idempotent."""
     now = now if now is not None else _chain_now()
     now_dt = _moment(now)
-    done = {"expired": 0, "started": 0, "results": 0, "disputed": 0, "released": 0}
+    done = {"expired": 0, "started": 0, "results": 0, "disputed": 0, "released": 0, "refunding": 0}
     # Never funded by payByTime: the signed intent can no longer be mined, so the purchase is over.
     unfunded = MasumiPurchase.objects.filter(agreement__status__in=[S.ACCEPTED, S.ACTIVATION_FAILED],
                                              pay_by_time__lte=now_dt)
@@ -285,18 +474,29 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
         if agreement_services.agreement_expire_unfunded(agreement_id=agreement_id,
                                                         reason="payByTime passed before the funds were locked"):
             done["expired"] += 1
-    open_jobs = MasumiPurchase.objects.filter(agreement__status=S.ACTIVE, result_hash="",
-                                              submit_result_time__gt=now_dt)
-    for purchase_id in list(open_jobs.filter(job_id="").values_list("pk", flat=True)[:500]):
+    # Jobs the marketplace starts itself (a purchase paying a seller's payment request: the buyer started it).
+    to_start = MasumiPurchase.objects.filter(agreement__status=S.ACTIVE, result_hash="", job_id="",
+                                             payment_request__isnull=True, submit_result_time__gt=now_dt)
+    for purchase_id in list(to_start.values_list("pk", flat=True)[:500]):
         if purchase_job_start(purchase_id=purchase_id):
             done["started"] += 1
-    for purchase_id in list(open_jobs.exclude(job_id="").values_list("pk", flat=True)[:500]):
+    to_poll = MasumiPurchase.objects.filter(agreement__status__in=[S.ACTIVE, S.IN_CHALLENGE], result="",
+                                            submit_result_time__gt=now_dt).exclude(job_id="")
+    for purchase_id, had_hash in list(to_poll.values_list("pk", "result_hash")[:500]):
         polled = purchase_job_poll(purchase_id=purchase_id, now=now)
-        if polled is not None and polled.result_hash:
+        if polled is not None and polled.result_hash and not had_hash:
             done["results"] += 1
+    # A refund asked for and no result by submitResultTime: paid back now, by the purchase's own timers (a zero
+    # proposal the buyer's signed request challenges, then the arbiter's resolve(0)), not the reclaim grace.
+    unanswered = MasumiPurchase.objects.filter(
+        agreement__status=S.ACTIVE, result_hash="", refund_requested_at__isnull=False,
+        submit_result_time__lte=now_dt, unlock_time__gt=now_dt).exclude(refund_signature="")
+    for purchase in unanswered.select_related("agreement"):
+        if _zero_proposal(purchase):
+            done["refunding"] += 1
     # A refund asked for before the result: dispute the result once its proposal is on-chain.
-    for purchase in MasumiPurchase.objects.filter(refund_requested_at__isnull=False,
-                                                  agreement__status=S.IN_CHALLENGE).select_related("agreement"):
+    for purchase in MasumiPurchase.objects.filter(refund_requested_at__isnull=False, agreement__status=S.IN_CHALLENGE,
+                                                  ).exclude(refund_signature="").select_related("agreement"):
         if _live(purchase.agreement_id, TxPurpose.CHALLENGE):
             continue
         try:
@@ -305,10 +505,10 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
             done["disputed"] += 1
         except ApplicationError as error:
             _record_error(purchase.pk, error)
-    # Disputes nobody resolved by externalDisputeUnlockTime go to the buyer.
-    for purchase in MasumiPurchase.objects.filter(agreement__status=S.DISPUTED,
-                                                  external_dispute_unlock_time__lte=now_dt).select_related(
-                                                      "agreement"):
+    # Disputes nobody resolved by externalDisputeUnlockTime go to the buyer; so do disputes of no result at all.
+    for purchase in MasumiPurchase.objects.filter(
+            Q(external_dispute_unlock_time__lte=now_dt) | Q(result_hash=""),
+            agreement__status=S.DISPUTED).select_related("agreement"):
         if _live(purchase.agreement_id, TxPurpose.RESOLVE):
             continue
         try:
@@ -317,6 +517,16 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
         except ApplicationError as error:
             _record_error(purchase.pk, error)
     return done
+
+
+def _zero_proposal(purchase: MasumiPurchase) -> ChainTransaction | None:
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=purchase.agreement_id)
+        if agreement.status != S.ACTIVE or agreement.used:
+            return None
+        if agreement.completion_requested_at is None:
+            metering.completion_request(agreement=agreement, reason="no result by submitResultTime; refund requested")
+        return settlement.settlement_propose(agreement_id=agreement.pk)
 
 
 # --- reads -----------------------------------------------------------------------------------------------------
@@ -356,6 +566,9 @@ def purchase_next_action(purchase: MasumiPurchase) -> dict:
         action = "SetRefundRequestedInitiated" if purchase.result_hash else "WaitingForExternalAction"
     elif agreement.status in (S.EXPIRED, S.CANCELLED, S.REJECTED):
         error_type, note = "Closed", agreement.status_reason or agreement.status
+    if purchase.refund_requested_at is not None and not purchase.refund_signature and error_type is None:
+        error_type, note = "RefundSignatureMissing", ("Sign refundRequestTypedData and PATCH /purchase to be refunded "
+                                                      "by the purchase's timers; else by reclaim after the grace.")
     if purchase.last_error and error_type is None:
         error_type, note = "SellerServiceError", purchase.last_error
     return {"requestedAction": action, "errorType": error_type, "errorNote": note}

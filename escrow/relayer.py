@@ -1,12 +1,18 @@
 """The relayer: gets ChainTransactions mined exactly once, whatever fails in between.
 
 - `transaction_enqueue` writes the row in the caller's DB transaction and submits after commit.
-- `transaction_submit` simulates, allocates the nonce from the DB (row lock), signs, stores the attempt's hash
-  and raw bytes, commits, and only then broadcasts: a worker killed at any point leaves either nothing
+- `transaction_submit` simulates, then allocates the nonce from the DB (row lock), signs, stores the attempt's
+  hash and raw bytes, commits, and only then broadcasts: a worker killed at any point leaves either nothing
   (rolled back, the task runs again) or a stored attempt that `transaction_check` rebroadcasts.
 - `transaction_check` (driven by the `poll_confirmations` beat task) finds receipts of any attempt, counts
   confirmations, notices reorgs (the mined block is no longer canonical), rebroadcasts dropped transactions and
   replaces stuck ones with the same nonce and bumped fees. Final outcomes go to the domain exactly once.
+
+Evidence before action: every hash ever broadcast is kept and looked up; a transaction goes out under a new nonce
+only once its nonce is shown used, at the required depth, by a transaction that is none of its attempts. No
+chain call runs inside a DB transaction or under a row lock: read the row, ask the node, then lock the row again
+and write only if nobody changed it meanwhile (`updated_at` is the version), so two workers may check the same
+row at once and the slower one's write is dropped.
 """
 
 import functools
@@ -24,18 +30,27 @@ from marketplace.logging import agreement_context
 logger = logging.getLogger(__name__)
 
 OutcomeHandler = Callable[[ChainTransaction], None]
+EvidenceReader = Callable[[ChainTransaction], dict]
 _outcome_handlers: dict[str, OutcomeHandler] = {}
 _submitted_handlers: dict[str, OutcomeHandler] = {}
+_evidence_readers: dict[str, EvidenceReader] = {}
 _GAS_HEADROOM_PERCENT = 25
+# A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
+_POLL_GIVES_UP_AFTER = 5
 
 
 def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
-                             on_submitted: OutcomeHandler | None = None) -> None:
+                             on_submitted: OutcomeHandler | None = None,
+                             read_evidence: EvidenceReader | None = None) -> None:
     """`on_outcome(tx)` runs in the DB transaction that makes `tx` confirmed or failed; `on_submitted(tx)` in the
-    one that signs its first attempt (its hash is then known)."""
+    one that signs its first attempt (its hash is then known). `read_evidence(tx)` runs just before, outside any
+    DB transaction, and reads from the chain what the outcome depends on; `on_outcome` finds its answer in
+    `tx.outcome_evidence` (stored with the outcome, for the audit)."""
     _outcome_handlers[purpose] = on_outcome
     if on_submitted is not None:
         _submitted_handlers[purpose] = on_submitted
+    if read_evidence is not None:
+        _evidence_readers[purpose] = read_evidence
 
 
 def transaction_enqueue(*, purpose: str, to: str, data: str, agreement_id=None, context: dict | None = None,
@@ -56,25 +71,27 @@ def _submit_after_commit(tx_id) -> None:
     transaction.on_commit(lambda: submit_transaction.delay(str(tx_id)), robust=True)
 
 
-def _relayer_locked() -> RelayerAccount:
-    address = chain.relayer_account().address
-    relayer = RelayerAccount.objects.select_for_update().filter(address=address, chain_id=settings.CHAIN_ID).first()
-    if relayer is not None:
-        return relayer
+def _relayer_account_ensure(address: str) -> None:
+    """The relayer's row, created from the node's pending nonce the first time (asked before any lock)."""
+    if RelayerAccount.objects.filter(address=address, chain_id=settings.CHAIN_ID).exists():
+        return
+    first_nonce = chain.pending_nonce(address)
     try:
         with transaction.atomic():
-            RelayerAccount.objects.create(address=address, chain_id=settings.CHAIN_ID,
-                                          next_nonce=chain.pending_nonce(address))
+            RelayerAccount.objects.create(address=address, chain_id=settings.CHAIN_ID, next_nonce=first_nonce)
     except IntegrityError:
         pass  # created concurrently
-    return RelayerAccount.objects.select_for_update().get(address=address, chain_id=settings.CHAIN_ID)
 
 
-def _fail(tx: ChainTransaction, reason: str) -> None:
-    tx.status = TxStatus.FAILED
-    tx.failure_reason = reason[:500]
-    tx.save(update_fields=["status", "failure_reason", "updated_at"])
-    _apply_outcome(tx)
+def _locked_if_unchanged(tx: ChainTransaction) -> bool:
+    """Inside a DB transaction: lock `tx`'s row; True when nobody wrote it since `tx` was read."""
+    return ChainTransaction.objects.select_for_update(of=("self",)).filter(
+        pk=tx.pk, updated_at=tx.updated_at).exists()
+
+
+def _read_evidence(tx: ChainTransaction) -> None:
+    reader = _evidence_readers.get(tx.purpose)
+    tx.outcome_evidence = reader(tx) if reader is not None else {}
 
 
 def _apply_outcome(tx: ChainTransaction) -> None:
@@ -85,6 +102,25 @@ def _apply_outcome(tx: ChainTransaction) -> None:
         handler(tx)
     tx.outcome_applied = True
     tx.save(update_fields=["outcome_applied", "updated_at"])
+
+
+_OUTCOME_FIELDS = ["status", "failure_reason", "confirmed_at", "outcome_evidence", "mined_tx_hash",
+                   "mined_block_number", "mined_block_hash", "receipt_status", "updated_at"]
+
+
+def _conclude(tx: ChainTransaction, *, failure: str | None = None) -> ChainTransaction | None:
+    """Make `tx` confirmed (or failed with `failure`) and tell the domain, once: the evidence is read from the
+    chain first, then one locked write. None when another worker changed the row meanwhile."""
+    tx.status = TxStatus.FAILED if failure is not None else TxStatus.CONFIRMED
+    tx.failure_reason = (failure or "")[:500]
+    tx.confirmed_at = timezone.now() if failure is None else None
+    _read_evidence(tx)
+    with transaction.atomic():
+        if not _locked_if_unchanged(tx):
+            return None
+        tx.save(update_fields=_OUTCOME_FIELDS)
+        _apply_outcome(tx)
+    return tx
 
 
 def _new_attempt(tx: ChainTransaction, fees: chain.Fees) -> TxAttempt:
@@ -121,18 +157,21 @@ def _logs_name_the_agreement(function):
 @_logs_name_the_agreement
 def transaction_submit(*, transaction_id) -> ChainTransaction | None:
     """Queued -> submitted. A no-op for any other status, so it is safe to run twice."""
+    tx = ChainTransaction.objects.filter(pk=transaction_id, status=TxStatus.QUEUED).first()
+    if tx is None:
+        return None
+    sender = chain.relayer_account().address
+    try:
+        gas = chain.simulate(sender=sender, to=tx.to_address, data=tx.data)
+    except chain.Reverted as reverted:
+        return _conclude(tx, failure=reverted.reason)
+    fees = chain.current_fees()
+    _relayer_account_ensure(sender)
     with transaction.atomic():
         tx = ChainTransaction.objects.select_for_update().filter(pk=transaction_id, status=TxStatus.QUEUED).first()
         if tx is None:
-            return None
-        sender = chain.relayer_account().address
-        try:
-            gas = chain.simulate(sender=sender, to=tx.to_address, data=tx.data)
-        except chain.Reverted as reverted:
-            _fail(tx, reverted.reason)
-            return tx
-        fees = chain.current_fees()
-        relayer = _relayer_locked()
+            return None  # submitted by another worker meanwhile
+        relayer = RelayerAccount.objects.select_for_update().get(address=sender, chain_id=settings.CHAIN_ID)
         tx.relayer = relayer
         tx.nonce = relayer.next_nonce
         tx.gas_limit = gas * (100 + _GAS_HEADROOM_PERCENT) // 100
@@ -147,105 +186,167 @@ def transaction_submit(*, transaction_id) -> ChainTransaction | None:
     return tx
 
 
-def _record_mined(tx: ChainTransaction, attempt: TxAttempt, found: chain.Receipt) -> None:
+def _deep_enough(tx: ChainTransaction, *, block_number: int, latest: int) -> bool:
+    return latest - block_number + 1 >= tx.confirmations_required
+
+
+def _first_receipt(tx: ChainTransaction) -> tuple[TxAttempt, chain.Receipt] | None:
+    """A receipt of any attempt ever broadcast (a replaced one may be the one mined), read fresh from the DB."""
+    for attempt in tx.attempts.all():
+        found = chain.receipt(attempt.tx_hash)
+        if found is not None:
+            return attempt, found
+    return None
+
+
+def _record_receipt(tx: ChainTransaction, attempt: TxAttempt, found: chain.Receipt) -> ChainTransaction | None:
     tx.status = TxStatus.MINED
     tx.mined_tx_hash = attempt.tx_hash
     tx.mined_block_number = found.block_number
     tx.mined_block_hash = found.block_hash
     tx.receipt_status = found.status
-    tx.save(update_fields=["status", "mined_tx_hash", "mined_block_number", "mined_block_hash", "receipt_status",
-                           "updated_at"])
+    latest = max(chain.latest_block_number(), found.block_number)
+    if _deep_enough(tx, block_number=found.block_number, latest=latest):
+        return _conclude_mined(tx)
+    with transaction.atomic():
+        if not _locked_if_unchanged(tx):
+            return None
+        tx.save(update_fields=["status", "mined_tx_hash", "mined_block_number", "mined_block_hash", "receipt_status",
+                               "updated_at"])
+    return tx
+
+
+def _conclude_mined(tx: ChainTransaction) -> ChainTransaction | None:
+    if tx.receipt_status == 1:
+        return _conclude(tx)
+    return _conclude(tx, failure=chain.revert_reason(sender=tx.relayer.address, to=tx.to_address, data=tx.data,
+                                                     block_number=tx.mined_block_number))
 
 
 def _forget_mined(tx: ChainTransaction) -> None:
     logger.warning("reorg: mined block no longer canonical", extra={"tx_id": str(tx.pk),
                                                                      "block": tx.mined_block_number})
-    tx.status = TxStatus.SUBMITTED
-    tx.mined_tx_hash = tx.mined_block_hash = ""
-    tx.mined_block_number = tx.receipt_status = None
-    tx.save(update_fields=["status", "mined_tx_hash", "mined_block_number", "mined_block_hash", "receipt_status",
-                           "updated_at"])
-
-
-def _settle_if_deep_enough(tx: ChainTransaction, latest: int) -> None:
-    if latest - tx.mined_block_number + 1 < tx.confirmations_required:
-        return
-    if tx.receipt_status == 1:
-        tx.status = TxStatus.CONFIRMED
-        tx.confirmed_at = timezone.now()
-        tx.save(update_fields=["status", "confirmed_at", "updated_at"])
-        _apply_outcome(tx)
-    else:
-        _fail(tx, chain.revert_reason(sender=tx.relayer.address, to=tx.to_address, data=tx.data,
-                                      block_number=tx.mined_block_number))
-
-
-def _resync_nonce(tx: ChainTransaction) -> None:
-    """Our nonce was consumed by a transaction that is none of ours: take a fresh one."""
-    relayer = RelayerAccount.objects.select_for_update().get(pk=tx.relayer_id)
-    relayer.next_nonce = max(relayer.next_nonce, chain.pending_nonce(relayer.address))
-    relayer.save(update_fields=["next_nonce"])
-    # None of these hashes can ever be mined now (their nonce is spent), so they are not worth checking.
-    tx.attempts.all().delete()
-    tx.status, tx.nonce = TxStatus.QUEUED, None
-    tx.save(update_fields=["status", "nonce", "updated_at"])
-    _submit_after_commit(tx.pk)
+    with transaction.atomic():
+        if not _locked_if_unchanged(tx):
+            return
+        tx.status = TxStatus.SUBMITTED
+        tx.mined_tx_hash = tx.mined_block_hash = ""
+        tx.mined_block_number = tx.receipt_status = None
+        tx.save(update_fields=["status", "mined_tx_hash", "mined_block_number", "mined_block_hash",
+                               "receipt_status", "updated_at"])
 
 
 @_logs_name_the_agreement
 def transaction_check(*, transaction_id) -> ChainTransaction | None:
     """Advance a submitted or mined transaction by what the chain says now. Safe to run twice or concurrently."""
-    with transaction.atomic():
-        tx = (ChainTransaction.objects.select_for_update(skip_locked=True, of=("self",)).select_related("relayer")
-              .filter(pk=transaction_id, status__in=[TxStatus.SUBMITTED, TxStatus.MINED]).first())
-        if tx is None:
-            return None
-        latest = chain.latest_block_number()
-        if tx.status == TxStatus.MINED:
-            if chain.canonical_block_hash(tx.mined_block_number) == tx.mined_block_hash:
-                _settle_if_deep_enough(tx, latest)
-                return tx
-            _forget_mined(tx)
-        attempts = list(tx.attempts.all())
-        for attempt in attempts:
-            found = chain.receipt(attempt.tx_hash)
-            if found is not None:
-                _record_mined(tx, attempt, found)
-                _settle_if_deep_enough(tx, latest=max(latest, found.block_number))
-                return tx
-        last = attempts[-1]
-        now = timezone.now()
-        if now - last.created_at >= settings.CHAIN_REPLACE_AFTER:
-            fees = chain.Fees(last.max_fee_per_gas, last.max_priority_fee_per_gas).bumped(
-                settings.CHAIN_FEE_BUMP_PERCENT, settings.CHAIN_MAX_FEE_PER_GAS)
-            resend = _new_attempt(tx, fees)
-        elif last.broadcast_at is None or now - last.broadcast_at >= settings.CHAIN_REBROADCAST_AFTER:
-            resend = last
-        else:
+    tx = (ChainTransaction.objects.select_related("relayer")
+          .filter(pk=transaction_id, status__in=[TxStatus.SUBMITTED, TxStatus.MINED]).first())
+    if tx is None:
+        return None
+    if tx.status == TxStatus.MINED:
+        if chain.canonical_block_hash(tx.mined_block_number) == tx.mined_block_hash:
+            if _deep_enough(tx, block_number=tx.mined_block_number, latest=chain.latest_block_number()):
+                return _conclude_mined(tx)
             return tx
-        try:
-            chain.broadcast(resend.raw_transaction)
-        except chain.NonceTooLow:
-            # No receipt for any of our hashes, yet the nonce is used: someone else used this key's nonce.
-            _resync_nonce(tx)
-            return tx
-        except chain.ChainError as error:
-            TxAttempt.objects.filter(pk=resend.pk).update(broadcast_error=f"{type(error).__name__}: {error}"[:500])
-            return tx
-        TxAttempt.objects.filter(pk=resend.pk).update(broadcast_at=now, broadcast_error="")
+        _forget_mined(tx)
         return tx
+    mined = _first_receipt(tx)
+    if mined is not None:
+        return _record_receipt(tx, *mined)
+    return _resend_when_due(tx)
+
+
+def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
+    """No attempt has a receipt: rebroadcast the last one, or replace it with higher fees, when it is time."""
+    last = tx.attempts.order_by("-created_at", "-pk").first()
+    now = timezone.now()
+    last_fees = chain.Fees(int(last.max_fee_per_gas), int(last.max_priority_fee_per_gas))
+    resend = None
+    if now - last.created_at >= settings.CHAIN_REPLACE_AFTER:
+        fees = last_fees.bumped(settings.CHAIN_FEE_BUMP_PERCENT, settings.CHAIN_MAX_FEE_PER_GAS)
+        if fees != last_fees:
+            resend = _replacement(tx, last, fees)
+            if resend is None:
+                return None
+        elif tx.fee_cap_reached_at is None:
+            # A replacement would sign to the same bytes: keep sending these until the wallet or the fees allow.
+            logger.error("chain transaction stuck at the fee cap", extra={"tx_id": str(tx.pk),
+                                                                          "max_fee_per_gas": fees.max_fee_per_gas})
+            ChainTransaction.objects.filter(pk=tx.pk).update(fee_cap_reached_at=now)
+    if resend is None:
+        if last.broadcast_at is not None and now - last.broadcast_at < settings.CHAIN_REBROADCAST_AFTER:
+            return tx
+        resend = last
+    try:
+        chain.broadcast(resend.raw_transaction)
+    except chain.NonceTooLow:
+        return _after_nonce_too_low(tx)
+    except chain.RpcUnavailable:
+        raise
+    except chain.ChainError as error:
+        TxAttempt.objects.filter(pk=resend.pk).update(broadcast_error=f"{type(error).__name__}: {error}"[:500])
+        return tx
+    TxAttempt.objects.filter(pk=resend.pk).update(broadcast_at=now, broadcast_error="")
+    return tx
+
+
+def _replacement(tx: ChainTransaction, last: TxAttempt, fees: chain.Fees) -> TxAttempt | None:
+    """A new attempt with the same nonce and `fees`, unless another worker replaced `last` already."""
+    with transaction.atomic():
+        if not _locked_if_unchanged(tx) or tx.attempts.order_by("-created_at", "-pk").first().pk != last.pk:
+            return None
+        return _new_attempt(tx, fees)
+
+
+def _after_nonce_too_low(tx: ChainTransaction) -> ChainTransaction | None:
+    """The node says our nonce is used. Ours, unless proven otherwise: first the nonce is shown used at the
+    required depth, then every hash we ever broadcast is looked up again (one mined before that block has a
+    receipt now). Only with no receipt at all does the transaction go out again under a new nonce."""
+    address = tx.relayer.address
+    depth_block = max(0, chain.latest_block_number() - tx.confirmations_required + 1)
+    used_at_depth = chain.nonce_at(address, depth_block) > tx.nonce
+    mined = _first_receipt(tx)
+    if mined is not None:
+        return _record_receipt(tx, *mined)
+    if not used_at_depth:
+        return tx  # used by a transaction too recent to judge: look again at the next poll
+    next_free = chain.pending_nonce(address)
+    with transaction.atomic():
+        if not _locked_if_unchanged(tx):
+            return None
+        relayer = RelayerAccount.objects.select_for_update().get(pk=tx.relayer_id)
+        relayer.next_nonce = max(relayer.next_nonce, next_free)
+        relayer.save(update_fields=["next_nonce"])
+        logger.warning("nonce used by a transaction that is not ours: sending again under a new nonce",
+                       extra={"tx_id": str(tx.pk), "nonce": tx.nonce})
+        # The attempts stay: their hashes are still looked up at every check.
+        tx.status, tx.nonce = TxStatus.QUEUED, None
+        tx.save(update_fields=["status", "nonce", "updated_at"])
+        _submit_after_commit(tx.pk)
+    return tx
 
 
 def transactions_poll() -> int:
-    """Check every in-flight transaction (the beat task). Returns how many were looked at."""
+    """Check every in-flight transaction (the beat task). Returns how many were looked at.
+
+    An RPC failure on one transaction (timeout, 429, 5xx after the per-call retries) skips only that one. The poll
+    stops early only when the node is unreachable, or when the first several checks all failed (a node that
+    answers nothing is not asked about every row)."""
     pending = list(ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED])
                    .order_by("updated_at").values_list("pk", flat=True)[:500])
+    checked = failed = 0
     for tx_id in pending:
+        checked += 1
         try:
             transaction_check(transaction_id=tx_id)
-        except chain.RpcUnavailable:
-            logger.warning("chain RPC unavailable while polling; will retry")
+        except chain.RpcUnreachable:
+            logger.warning("chain RPC unreachable while polling; will retry")
             break
+        except chain.ChainError as error:
+            logger.warning("chain transaction not checked", extra={"tx_id": str(tx_id), "error": str(error)})
+            failed += 1
+            if failed == checked == _POLL_GIVES_UP_AFTER:
+                break
     return len(pending)
 
 

@@ -1,9 +1,32 @@
-from django.db.models import Count, Exists, OuterRef
+from dataclasses import dataclass
 
-from agreements.models import AgreementStatus
+from django.conf import settings
+from django.db.models import Count, Exists, OuterRef, Q
+from web3 import Web3
+
+from agreements import services as agreement_services
+from agreements.models import AgreementStatus, SkillInvocation
 from escrow import chain, purchases
-from escrow.models import ChainTransaction, Dispute, MasumiPurchase, TxPurpose, TxStatus
-from marketplace.errors import NotFound
+from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPaymentRequest,
+                           MasumiPurchase, TxPurpose, TxStatus)
+from marketplace import chainconfig
+from marketplace.errors import DependencyUnavailable, NotFound
+
+
+def network_config() -> dict:
+    """What an SDK on a dev chain may pin (`NetworkConfig.from_marketplace(url, trust_server=True)`)."""
+    try:
+        name, version = chain.token_domain()
+    except chain.ChainError as error:
+        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
+    schedule = agreement_services.fee_schedule_current()
+    return {
+        "chain_id": settings.CHAIN_ID, "escrow_address": chainconfig.escrow_address(),
+        "token_address": chainconfig.usdc_address(), "token_domain": {"name": name, "version": version},
+        "receipt_signer": chainconfig.receipt_signer_address(), "gas_wallet": chainconfig.relayer_address(),
+        "fee_schedule": {"percent_bps": schedule.percent_bps, "fixed_atomic": schedule.fixed_atomic,
+                         "minimum_atomic": schedule.minimum_atomic},
+    }
 
 
 def live_transactions(*, purpose: str):
@@ -81,13 +104,54 @@ def purchases_of_buyer(*, buyer):
         "agreement", "agreement__service", "agreement__seller")
 
 
+def _by_blockchain_identifier(blockchain_identifier: str) -> Q:
+    """A purchase's blockchainIdentifier: its escrow's agreementId, or the seller's payment request it pays."""
+    uid = purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)
+    return Q(agreement__pk=uid) | Q(payment_request__pk=uid)
+
+
 def purchase_get(*, buyer, blockchain_identifier: str) -> MasumiPurchase:
-    """The buyer's purchase with this blockchainIdentifier (the escrow's agreementId), else 404."""
-    purchase = purchases_of_buyer(buyer=buyer).filter(
-        agreement__pk=purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
+    """The buyer's purchase with this blockchainIdentifier, else 404."""
+    purchase = purchases_of_buyer(buyer=buyer).filter(_by_blockchain_identifier(blockchain_identifier)).first()
     if purchase is None:
         raise NotFound("No such purchase.", code="purchase_not_found")
     return purchase
+
+
+def purchase_get_by_id(*, buyer, purchase_id) -> MasumiPurchase:
+    purchase = purchases_of_buyer(buyer=buyer).filter(pk=purchase_id).first()
+    if purchase is None:
+        raise NotFound("No such purchase.", code="purchase_not_found")
+    return purchase
+
+
+def payment_request_get(*, blockchain_identifier: str) -> MasumiPaymentRequest:
+    """A seller's payment request, for the buyer who pays it (anyone holding its blockchainIdentifier)."""
+    request = MasumiPaymentRequest.objects.select_related("service", "service__seller").filter(
+        pk=purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
+    if request is None:
+        raise NotFound("No payment request of this marketplace has this blockchainIdentifier.",
+                       code="payment_not_found")
+    return request
+
+
+def payments_of_seller(*, seller):
+    """The seller's side: its purchased jobs (as MasumiPurchase) and its unpaid payment requests."""
+    paid = MasumiPurchase.objects.filter(agreement__seller=seller).select_related(
+        "agreement", "agreement__service", "payment_request")
+    unpaid = MasumiPaymentRequest.objects.filter(service__seller=seller, purchase__isnull=True).select_related(
+        "service", "service__seller")
+    return paid, unpaid
+
+
+def payment_get(*, seller, blockchain_identifier: str) -> MasumiPurchase | MasumiPaymentRequest:
+    """The seller's payment with this blockchainIdentifier: the purchase paying it, else the unpaid request."""
+    paid, unpaid = payments_of_seller(seller=seller)
+    found = paid.filter(_by_blockchain_identifier(blockchain_identifier)).first() or unpaid.filter(
+        pk=purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
+    if found is None:
+        raise NotFound("No such payment.", code="payment_not_found")
+    return found
 
 
 def transaction_counts_by_purpose_and_status() -> dict[tuple[str, str], int]:
@@ -95,5 +159,77 @@ def transaction_counts_by_purpose_and_status() -> dict[tuple[str, str], int]:
     return {(purpose, status): count for purpose, status, count in rows}
 
 
+def transaction_counts_stuck_at_fee_cap() -> dict[tuple[str], int]:
+    """In-flight transactions whose fees reached the cap, by purpose (their bytes are being rebroadcast)."""
+    rows = (ChainTransaction.objects.filter(status=TxStatus.SUBMITTED, fee_cap_reached_at__isnull=False)
+            .order_by().values_list("purpose").annotate(count=Count("pk")))
+    return {(purpose,): count for purpose, count in rows}
+
+
 def transactions_failed_recently(*, limit: int):
     return ChainTransaction.objects.filter(status=TxStatus.FAILED).order_by("-updated_at")[:limit]
+
+
+# --- the chain indexer ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IndexerLag:
+    head: int  # the chain head (or, when the node cannot be asked, the head the indexer last saw)
+    indexed_to: int  # every event up to this block is applied
+    lag: int  # blocks behind the head
+
+
+def indexer_lag(*, ask_chain: bool = True) -> IndexerLag | None:
+    """How far the indexer is behind the chain head; None when no escrow is configured (or no head is known).
+    Raises chain.ChainError when `ask_chain` and the node does not answer."""
+    if not chainconfig.escrow_address():
+        return None
+    cursor = IndexerCursor.objects.filter(
+        chain_id=settings.CHAIN_ID, escrow_address=Web3.to_checksum_address(chainconfig.escrow_address())).first()
+    head = chain.latest_block_number() if ask_chain else (cursor.head_block if cursor else None)
+    if head is None:
+        return None
+    if cursor is not None and cursor.last_block is not None:
+        indexed_to = cursor.last_block
+    else:  # never indexed: everything since the deployment is still to read
+        indexed_to = (cursor.start_block if cursor else chainconfig.escrow_deployment_block()) - 1
+    return IndexerLag(head=head, indexed_to=indexed_to, lag=max(0, head - indexed_to))
+
+
+def indexer_unapplied_events():
+    """Indexed events (still canonical) the indexer could not apply, oldest first, each with its error."""
+    return ChainEvent.objects.filter(effect=EventEffect.FAILED, removed_at=None).order_by("block_number", "log_index")
+
+
+def indexer_event_counts_by_effect() -> dict[str, int]:
+    rows = ChainEvent.objects.filter(removed_at=None).order_by().values_list("effect").annotate(count=Count("pk"))
+    return dict(rows)
+
+
+def invocation_of_transaction(*, tx: ChainTransaction):
+    """The skill invocation a payment, payout or refund transaction is for (named in its context), if any."""
+    invocation_id = (tx.context or {}).get("invocation_id")
+    if not invocation_id:
+        return None
+    return SkillInvocation.objects.select_related("skill", "seller").filter(pk=invocation_id).first()
+
+
+def transactions_unconfirmed_since(*, before):
+    """Queued, submitted or mined, with no change since before `before`."""
+    return (ChainTransaction.objects.filter(status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED],
+                                            updated_at__lt=before).order_by("updated_at"))
+
+
+def transactions_at_fee_cap():
+    """Submitted transactions whose fees reached the cap: the relayer only rebroadcasts them now, and an operator
+    decides (top the relayer up, raise the cap, wait for fees to fall)."""
+    return (ChainTransaction.objects.filter(status=TxStatus.SUBMITTED, fee_cap_reached_at__isnull=False)
+            .order_by("fee_cap_reached_at"))
+
+
+def platform_wallet_balances() -> dict[str, int]:
+    """The relayer's gas (wei) and the treasury's USDC (base units); the relayer wallet is the treasury
+    (invocation payments land there; payouts, refunds and returned fees leave from it). Raises chain.ChainError."""
+    address = chainconfig.relayer_address()
+    return {"gas_wei": chain.call(lambda: chain.w3().eth.get_balance(address)),
+            "usdc": chain.call(chain.token_contract().functions.balanceOf(address).call)}

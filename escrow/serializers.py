@@ -2,7 +2,7 @@ import json
 
 from rest_framework import serializers
 
-from marketplace.serializers import AtomicAmountField, StrictSerializer
+from marketplace.serializers import AtomicAmountField, StrictIntegerField, StrictSerializer
 
 
 
@@ -18,45 +18,63 @@ class TypedDataSerializer(serializers.Serializer):
     message = serializers.DictField()
 
 
+class TokenDomainSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    version = serializers.CharField()
+
+
+class FeeScheduleSerializer(serializers.Serializer):
+    percent_bps = serializers.IntegerField()
+    fixed_atomic = AtomicAmountField()
+    minimum_atomic = AtomicAmountField()
+
+
+class NetworkConfigSerializer(serializers.Serializer):
+    chain_id = serializers.IntegerField()
+    escrow_address = serializers.CharField()
+    token_address = serializers.CharField()
+    token_domain = TokenDomainSerializer(help_text="The token's EIP-712 domain, read from the token (EIP-5267).")
+    receipt_signer = serializers.CharField(help_text="The key that signs usage receipts.")
+    gas_wallet = serializers.CharField(help_text="The relayer: spender of a direct purchase's fee permit.")
+    fee_schedule = FeeScheduleSerializer()
+
+
 class ActivationPackageSerializer(serializers.Serializer):
     agreement_id = serializers.UUIDField()
     onchain_id = serializers.CharField()
-    chain_id = serializers.IntegerField()
+    chain_id = StrictIntegerField()
     escrow_contract = serializers.CharField()
     token_address = serializers.CharField()
     deposit_amount_atomic = AtomicAmountField()
     infra_fee_atomic = AtomicAmountField()
-    fee_pending = serializers.BooleanField(help_text="True when the fee permit must be signed too.")
-    deadline = serializers.IntegerField(help_text="Unix time (chain clock) until which the signatures are valid.")
+    deadline = StrictIntegerField(help_text="Unix time (chain clock) until which the signatures are valid.")
     intent = TypedDataSerializer(help_text="EIP-712 ActivationIntent to sign with the buyer wallet.")
-    escrow_permit = TypedDataSerializer(help_text="EIP-2612 permit for the deposit.")
-    fee_permit = TypedDataSerializer(allow_null=True, help_text="EIP-2612 permit for the infra fee (token nonce + 1).")
+    escrow_permit = TypedDataSerializer(help_text="The one EIP-2612 permit, for the deposit plus the infra fee.")
 
 
 class SignedPermitSerializer(StrictSerializer):
     value = AtomicAmountField()
-    nonce = serializers.IntegerField(min_value=0)
-    deadline = serializers.IntegerField(min_value=0)
+    nonce = StrictIntegerField(min_value=0)
+    deadline = StrictIntegerField(min_value=0)
     signature = _signature()
 
 
 class ActivateEscrowSerializer(StrictSerializer):
     intent_signature = _signature()
-    deadline = serializers.IntegerField(min_value=0, help_text="The `deadline` of the package that was signed.")
-    escrow_permit = SignedPermitSerializer()
-    fee_permit = SignedPermitSerializer(required=False, allow_null=True, default=None)
+    deadline = StrictIntegerField(min_value=0, help_text="The `deadline` of the package that was signed.")
+    escrow_permit = SignedPermitSerializer(help_text="The signed permit of the deposit plus the infra fee.")
 
 
 class ChainTransactionSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     purpose = serializers.CharField()
     status = serializers.CharField()
-    nonce = serializers.IntegerField(allow_null=True)
+    nonce = StrictIntegerField(allow_null=True)
     tx_hash = serializers.CharField(allow_blank=True, help_text="The mined hash, else the latest attempt's.")
     tx_hashes = serializers.ListField(child=serializers.CharField(), help_text="Every hash ever broadcast.")
-    block_number = serializers.IntegerField(allow_null=True)
-    confirmations = serializers.IntegerField()
-    confirmations_required = serializers.IntegerField()
+    block_number = StrictIntegerField(allow_null=True)
+    confirmations = StrictIntegerField()
+    confirmations_required = StrictIntegerField()
     failure_reason = serializers.CharField(allow_blank=True)
     created_at = serializers.DateTimeField()
 
@@ -95,7 +113,7 @@ class DisputeSerializer(StrictSerializer):
     reason = serializers.CharField(min_length=10, max_length=500)
     evidence = serializers.JSONField(required=False, help_text="Free-form (an object or a text); kept with the "
                                                                "dispute for the arbiter.")
-    deadline = serializers.IntegerField(min_value=0, required=False)
+    deadline = StrictIntegerField(min_value=0, required=False)
     signature = _signature(required=False)
 
     def validate_evidence(self, value):
@@ -139,7 +157,7 @@ class EscrowStatusQuery(StrictSerializer):
 
 
 class ChallengePackageSerializer(serializers.Serializer):
-    deadline = serializers.IntegerField()
+    deadline = StrictIntegerField()
     challenge = TypedDataSerializer(help_text="EIP-712 Challenge{agreementId, deadline} to sign with the buyer wallet.")
     challenge_deadline = serializers.DateTimeField(help_text="End of the challenge window.")
 
@@ -147,7 +165,7 @@ class ChallengePackageSerializer(serializers.Serializer):
 class ChallengeSerializer(StrictSerializer):
     reason = serializers.CharField(max_length=500)
     evidence = serializers.CharField(max_length=5000, required=False, allow_blank=True, default="")
-    deadline = serializers.IntegerField(min_value=0)
+    deadline = StrictIntegerField(min_value=0)
     signature = _signature()
 
 

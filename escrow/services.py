@@ -5,21 +5,23 @@ Activation intent nonce: the contract's intent nonces are unordered, so the plat
 `activation_failed` reuses it, and no two agreements can collide.
 """
 
+import time
+
 from django.conf import settings
 from django.db import transaction
-from eth_utils import keccak
 from web3 import Web3
 
 from agreements import services as agreement_services
 from agreements.models import UsageAgreement
 from catalog.models import Agent
-from escrow import chain, relayer
-from escrow.models import ChainTransaction, TxPurpose
+from escrow import chain, relayer, selectors
+from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.chainconfig import receipt_signer_address
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, PaymentRequired
 from marketplace.logging import logs_name_the_agreement
 from sdk import typed_data
+from sdk.activation import activation_intent_nonce
 
 
 def _require_chain() -> None:
@@ -28,16 +30,18 @@ def _require_chain() -> None:
                                     code="chain_not_configured")
 
 
-def _chain_now() -> int:
-    """The chain's clock (deadlines are checked against block time, which may run ahead of ours on a dev chain)."""
+def _next_block_time() -> int:
+    """The earliest `block.timestamp` a transaction sent now can be mined with: our clock, or the chain's when it
+    runs ahead (a dev chain moved forward). Signature deadlines count from here, never from the latest block
+    alone: on an idle chain that block may be minutes old, and a deadline from it would be expired on arrival."""
     try:
-        return int(chain.w3().eth.get_block("latest")["timestamp"])
-    except Exception as exc:  # noqa: BLE001
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from exc
+        return max(int(time.time()), chain.latest_block_timestamp() + 1)
+    except chain.ChainError as error:
+        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
 
 
 def intent_nonce(agreement: UsageAgreement) -> int:
-    return int.from_bytes(keccak(b"activation" + bytes.fromhex(agreement.onchain_id[2:])), "big")
+    return activation_intent_nonce(agreement.onchain_id)
 
 
 def _intent(agreement: UsageAgreement, deadline: int) -> dict:
@@ -53,10 +57,15 @@ def _intent(agreement: UsageAgreement, deadline: int) -> dict:
 
 
 def _permit(agreement: UsageAgreement, *, value: int, nonce: int, deadline: int) -> dict:
+    token = agreement.token_address or chainconfig.usdc_address()
+    try:
+        name, version = chain.token_domain(token)
+    except chain.ChainError as error:
+        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
     return typed_data.erc2612_permit(
-        chain_id=settings.CHAIN_ID, token_address=agreement.token_address or chainconfig.usdc_address(),
-        owner=agreement.buyer_wallet_address, spender=chainconfig.escrow_address(), value=value, nonce=nonce,
-        deadline=deadline,
+        chain_id=settings.CHAIN_ID, token_address=token, owner=agreement.buyer_wallet_address,
+        spender=chainconfig.escrow_address(), value=value, nonce=nonce, deadline=deadline, token_name=name,
+        token_version=version,
     )
 
 
@@ -74,7 +83,9 @@ def _permit_nonce(agreement: UsageAgreement) -> int:
 
 
 def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int | None = None) -> dict:
-    """Everything the buyer signs to activate: the intent and EIP-2612 permits for the deposit and the fee.
+    """Everything the buyer signs to activate: the intent and ONE EIP-2612 permit for the deposit plus the fee
+    (the contract's combined path: a front-runner who submits the permit only grants the allowance activation
+    uses, so it cannot make activation revert).
 
     `deadline` (unix time) overrides the default signature lifetime, e.g. a Masumi purchase's payByTime."""
     _require_chain()
@@ -83,9 +94,7 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
     if agreement.status not in ("accepted", "activation_failed"):
         raise Conflict(f"Nothing to sign while the agreement is {agreement.status}.", code="invalid_transition",
                        details={"status": agreement.status})
-    deadline = deadline or _chain_now() + settings.ACTIVATION_SIGNATURE_TTL
-    nonce = _permit_nonce(agreement)
-    fee_pending = agreement.infra_fee > 0
+    deadline = deadline or _next_block_time() + settings.ACTIVATION_SIGNATURE_TTL
     return {
         "agreement_id": agreement.pk,
         "onchain_id": agreement.onchain_id,
@@ -94,12 +103,10 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
         "token_address": agreement.token_address or chainconfig.usdc_address(),
         "deposit_amount_atomic": agreement.deposit_amount,
         "infra_fee_atomic": agreement.infra_fee,
-        "fee_pending": fee_pending,
         "deadline": deadline,
         "intent": _intent(agreement, deadline),
-        "escrow_permit": _permit(agreement, value=agreement.deposit_amount, nonce=nonce, deadline=deadline),
-        "fee_permit": _permit(agreement, value=agreement.infra_fee, nonce=nonce + 1, deadline=deadline)
-        if fee_pending else None,
+        "escrow_permit": _permit(agreement, value=agreement.deposit_amount + agreement.infra_fee,
+                                 nonce=_permit_nonce(agreement), deadline=deadline),
     }
 
 
@@ -118,51 +125,52 @@ def _check_signer(typed: dict, signature: str, expected: str, field: str) -> Non
                            code="wrong_signer", details={"field": field, "signer": signer, "expected": expected})
 
 
+def _allowance(agreement: UsageAgreement) -> int:
+    token = chain.token_contract(agreement.token_address or None)
+    return chain.call(token.functions.allowance(Web3.to_checksum_address(agreement.buyer_wallet_address),
+                                                Web3.to_checksum_address(chainconfig.escrow_address())).call)
+
+
 @logs_name_the_agreement
 def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signature: str, deadline: int,
-                      escrow_permit: dict, fee_permit: dict | None) -> ChainTransaction:
-    """Verify the buyer's signatures off-chain, move to `submitting` and queue `activate` for the relayer."""
+                      escrow_permit: dict) -> ChainTransaction:
+    """Verify the buyer's signatures off-chain, move to `submitting` and queue `activate` for the relayer.
+
+    One permit covers deposit + fee. A permit whose token nonce is already spent (a front-runner submitted it)
+    is accepted while the allowance it granted still covers both: the contract then skips it."""
     _require_chain()
-    now = _chain_now()
-    for field, permit_deadline in (("deadline", deadline), ("escrow_permit.deadline", escrow_permit["deadline"]),
-                                   ("fee_permit.deadline", (fee_permit or {}).get("deadline", now + 1))):
-        if permit_deadline <= now:
+    now = _next_block_time()
+    for field, signature_deadline in (("deadline", deadline), ("escrow_permit.deadline", escrow_permit["deadline"])):
+        if signature_deadline <= now:
             raise InvalidInput(f"{field} has passed.", code="signature_expired", details={"field": field})
     wallet = agreement.buyer_wallet_address
     intent = _intent(agreement, deadline)
     _check_signer(intent, intent_signature, wallet, "intent_signature")
 
+    required = agreement.deposit_amount + agreement.infra_fee
+    if escrow_permit["value"] < required:
+        raise InvalidInput(f"escrow_permit.value must be at least the deposit plus the fee, {required}.",
+                           code="permit_value_too_low", details={"field": "escrow_permit", "required": required})
     chain_nonce = _permit_nonce(agreement)
-    permits = [("escrow_permit", escrow_permit, agreement.deposit_amount, chain_nonce)]
-    if agreement.infra_fee > 0:
-        if fee_permit is None:
-            raise InvalidInput("The infra fee is pending: a fee_permit is required.", code="fee_permit_required")
-        permits.append(("fee_permit", fee_permit, agreement.infra_fee, chain_nonce + 1))
-    onchain_permits = []
-    for field, permit, needed, expected_nonce in permits:
-        if permit["nonce"] != expected_nonce:
-            raise InvalidInput(f"{field}.nonce must be {expected_nonce} (the token's current permit nonce"
-                               f"{' + 1' if field == 'fee_permit' else ''}).", code="wrong_permit_nonce",
-                               details={"field": field, "expected": expected_nonce})
-        if permit["value"] < needed:
-            raise InvalidInput(f"{field}.value must be at least {needed}.", code="permit_value_too_low",
-                               details={"field": field, "required": needed})
-        typed = _permit(agreement, value=permit["value"], nonce=permit["nonce"], deadline=permit["deadline"])
-        _check_signer(typed, permit["signature"], wallet, f"{field}.signature")
-        onchain_permits.append(typed_data.onchain_permit(value=permit["value"], deadline=permit["deadline"],
-                                                         signature=permit["signature"]))
-    if len(onchain_permits) == 1:
-        onchain_permits.append(typed_data.EMPTY_PERMIT)
+    front_run = escrow_permit["nonce"] < chain_nonce and _allowance(agreement) >= required
+    if escrow_permit["nonce"] != chain_nonce and not front_run:
+        raise InvalidInput(f"escrow_permit.nonce must be {chain_nonce} (the token's current permit nonce).",
+                           code="wrong_permit_nonce", details={"field": "escrow_permit", "expected": chain_nonce})
+    typed = _permit(agreement, value=escrow_permit["value"], nonce=escrow_permit["nonce"],
+                    deadline=escrow_permit["deadline"])
+    _check_signer(typed, escrow_permit["signature"], wallet, "escrow_permit.signature")
+    # A permit someone else already submitted granted the allowance: the contract is given none to run.
+    onchain_permit = typed_data.EMPTY_PERMIT if front_run else typed_data.onchain_permit(
+        value=escrow_permit["value"], deadline=escrow_permit["deadline"], signature=escrow_permit["signature"])
 
     balance = chain.call(chain.token_contract(agreement.token_address or None).functions.balanceOf(
         Web3.to_checksum_address(wallet)).call)
-    required = agreement.deposit_amount + agreement.infra_fee
     if balance < required:
         raise PaymentRequired("The buyer's wallet holds too little to fund the escrow and fee.",
                               code="insufficient_balance", details={"balance": balance, "required": required})
 
     data = chain.escrow_contract().encode_abi(
-        "activate", args=[typed_data.message_tuple(intent), intent_signature, *onchain_permits]
+        "activate", args=[typed_data.message_tuple(intent), intent_signature, onchain_permit, typed_data.EMPTY_PERMIT]
     )
     with transaction.atomic():
         agreement_services.agreement_activation_begin(agreement_id=agreement.pk, buyer=buyer)
@@ -173,19 +181,48 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
 
 def _activation_signed(tx: ChainTransaction) -> None:
     agreement_services.agreement_activation_signed(agreement_id=tx.agreement_id,
-                                                   tx_hash=tx.attempts.first().tx_hash)
+                                                   tx_hash=tx.attempts.order_by("created_at", "pk").last().tx_hash)
+
+
+def _intent_differences(agreement: UsageAgreement, onchain: dict) -> list[str]:
+    """The fields in which the escrow on-chain differs from the intent this agreement's buyer signs."""
+    expected = {
+        "buyer": agreement.buyer_wallet_address, "seller": agreement.seller_wallet_address,
+        "token": agreement.token_address or chainconfig.usdc_address(), "receiptSigner": receipt_signer_address(),
+        "depositAmount": agreement.deposit_amount, "infraFee": agreement.infra_fee,
+        "challengeWindow": agreement.challenge_window_seconds, "expiresAt": int(agreement.expires_at.timestamp()),
+        "termsHash": agreement.terms_hash,
+    }
+    return [field for field, value in expected.items() if str(onchain[field]).lower() != str(value).lower()]
+
+
+def _activation_evidence(tx: ChainTransaction) -> dict:
+    """An activation that meets AgreementExists: is the escrow under this id the one this buyer signed for (an
+    earlier attempt mined, or anyone relaying the buyer's signed intent)? Read from the contract."""
+    if tx.status != TxStatus.FAILED or "AgreementExists" not in tx.failure_reason:
+        return {}
+    onchain = selectors.onchain_escrow(onchain_id=tx.agreement.onchain_id)
+    return {"agreement_exists": {"state": onchain["state"],
+                                 "differences": _intent_differences(tx.agreement, onchain)}}
 
 
 def _activation_outcome(tx: ChainTransaction) -> None:
-    if tx.status == "confirmed":
-        agreement_services.agreement_activation_confirmed(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
+    existing = tx.outcome_evidence.get("agreement_exists")
+    if tx.status == TxStatus.CONFIRMED or (existing is not None and not existing["differences"]):
+        agreement_services.agreement_activation_confirmed(agreement_id=tx.agreement_id,
+                                                          tx_hash=tx.mined_tx_hash or tx.agreement.activation_tx_hash)
+    elif existing is not None:
+        agreement_services.agreement_activation_failed(
+            agreement_id=tx.agreement_id,
+            reason=f"another escrow holds this agreement id on-chain (it differs in: "
+                   f"{', '.join(existing['differences'])})")
     else:
         agreement_services.agreement_activation_failed(agreement_id=tx.agreement_id,
                                                        reason=f"activation reverted: {tx.failure_reason}")
 
 
 relayer.outcome_handler_register(purpose=TxPurpose.ACTIVATE, on_outcome=_activation_outcome,
-                                 on_submitted=_activation_signed)
+                                 on_submitted=_activation_signed, read_evidence=_activation_evidence)
 
 
 # Fee permits given as signature and deadline only (the Pægents SDK's direct purchase) are read at this nonce.

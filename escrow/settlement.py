@@ -2,15 +2,17 @@
 
 `settlement_tick` (a beat task) moves every agreement that is due; the relayer's outcome handlers move the
 agreement when each transaction confirms. Deadlines are compared with the chain's clock, which is the one
-the contract enforces.
+the contract enforces (see `chain_now` for a chain whose clock stalls).
 """
 
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from prometheus_client import Gauge
 from web3 import Web3
 from web3.logs import DISCARD
 
@@ -28,9 +30,25 @@ from sdk import receipts, typed_data
 
 logger = logging.getLogger(__name__)
 
+CHAIN_HEAD_AGE = Gauge("marketplace_chain_head_age_seconds", "Seconds since the latest block, as settlement last "
+                       "saw it (settlement and expiry follow the chain's clock).", multiprocess_mode="mostrecent")
+
 
 def chain_now() -> int:
-    return int(chain.w3().eth.get_block("latest")["timestamp"])
+    """The chain's clock: the latest block's timestamp. Settlement and expiry decide by it, never by ours: the
+    contract checks `block.timestamp`, and a finalize or reclaim sent before the chain's time allows it reverts.
+
+    A stalled chain (no block for CHAIN_STALL_SECONDS) keeps its own time: what falls due waits until blocks
+    come again and is never done early. `make run`'s chain mines every 2 s, so it does not stall; on Base a stall
+    is a sequencer outage, when nothing could be mined anyway. The age of the latest block is exported
+    (`marketplace_chain_head_age_seconds`) and a stall is logged."""
+    now = chain.latest_block_timestamp()
+    age = time.time() - now
+    CHAIN_HEAD_AGE.set(age)
+    if age > settings.CHAIN_STALL_SECONDS:
+        logger.warning("the chain's clock is stalled: settlement and expiry wait for new blocks",
+                       extra={"latest_block_age_seconds": int(age)})
+    return now
 
 
 def _live_tx(agreement_id, purpose: str) -> ChainTransaction | None:
@@ -67,11 +85,18 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
             return None
         if agreement.reserved:
             # Only reservations of calls that died with their process survive a full proxy timeout.
-            metering.reservations_drop_stale(agreement=agreement)
+            metering.reservations_settle_stale(agreement=agreement)
         seq, cumulative, digest, signature = _final_receipt(agreement)
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
                         [agreement.onchain_id, seq, cumulative, digest, signature],
                         {"seq": seq, "cumulative": cumulative})
+
+
+def _proposal_evidence(tx: ChainTransaction) -> dict:
+    if tx.status != TxStatus.CONFIRMED:
+        return {}
+    record = chain.call(chain.escrow_contract().functions.getEscrow(tx.agreement.onchain_id).call)
+    return {"challenge_deadline": record[8]}
 
 
 def _proposal_outcome(tx: ChainTransaction) -> None:
@@ -79,8 +104,7 @@ def _proposal_outcome(tx: ChainTransaction) -> None:
         logger.error("settlement proposal failed", extra={"agreement_id": str(tx.agreement_id),
                                                           "reason": tx.failure_reason})
         return  # stays active with completion requested; an operator retries from the admin
-    record = chain.call(chain.escrow_contract().functions.getEscrow(tx.agreement.onchain_id).call)
-    deadline = datetime.fromtimestamp(record[8], tz=UTC)  # challengeDeadline
+    deadline = datetime.fromtimestamp(tx.outcome_evidence["challenge_deadline"], tz=UTC)
     agreement_services.agreement_settlement_proposed(
         agreement_id=tx.agreement_id, challenge_deadline=deadline, amount=tx.context["cumulative"],
         seq=tx.context["seq"], tx_hash=tx.mined_tx_hash)
@@ -145,16 +169,31 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
                         {"seller_amount": seller_amount, "operator": getattr(operator, "username", "")})
 
 
+def settlement_resolved(*, agreement_id, seller_amount: int, tx_hash: str, operator: str = "") -> None:
+    """The arbiter's resolution is on-chain (our relayer's or anyone's): settling, and finalize queued once.
+    Call inside a DB transaction."""
+    agreement = agreement_services.agreement_settling(
+        agreement_id=agreement_id, reason=f"arbiter resolved: {seller_amount} to the seller",
+        data={"tx_hash": tx_hash, "operator": operator})
+    if agreement.status == "settling" and not _live_tx(agreement_id, TxPurpose.FINALIZE):
+        _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])
+
+
 def _resolve_outcome(tx: ChainTransaction) -> None:
-    if tx.status != TxStatus.CONFIRMED:
-        return
-    agreement_services.agreement_settling(
-        agreement_id=tx.agreement_id, reason=f"arbiter resolved: {tx.context['seller_amount']} to the seller",
-        data={"tx_hash": tx.mined_tx_hash, "operator": tx.context.get("operator", "")})
-    _enqueue(tx.agreement, TxPurpose.FINALIZE, "finalize", [tx.agreement.onchain_id])
+    if tx.status == TxStatus.CONFIRMED:
+        settlement_resolved(agreement_id=tx.agreement_id, seller_amount=tx.context["seller_amount"],
+                            tx_hash=tx.mined_tx_hash, operator=tx.context.get("operator", ""))
 
 
 # --- finalize and reclaim ------------------------------------------------------------------------------------
+
+def _finalize_evidence(tx: ChainTransaction) -> dict:
+    """The payouts, from the Settled event and the token transfers in the receipt."""
+    if tx.status != TxStatus.CONFIRMED:
+        return {}
+    seller_amount, buyer_amount, consistent = _payouts(tx)
+    return {"seller_amount": seller_amount, "buyer_amount": buyer_amount, "transfers_match": consistent}
+
 
 def _payouts(tx: ChainTransaction) -> tuple[int, int, bool]:
     """(seller amount, buyer amount, whether the token transfers in the receipt account for them)."""
@@ -179,11 +218,11 @@ def _finalize_outcome(tx: ChainTransaction) -> None:
     if tx.status != TxStatus.CONFIRMED:
         logger.error("finalize failed", extra={"agreement_id": str(tx.agreement_id), "reason": tx.failure_reason})
         return
-    seller_amount, buyer_amount, consistent = _payouts(tx)
-    if not consistent:
+    payouts = tx.outcome_evidence
+    if not payouts["transfers_match"]:
         logger.error("payout transfers do not match the Settled event", extra={"agreement_id": str(tx.agreement_id)})
-    agreement_services.agreement_settled(agreement_id=tx.agreement_id, seller_payout=seller_amount,
-                                         buyer_refund=buyer_amount, tx_hash=tx.mined_tx_hash)
+    agreement_services.agreement_settled(agreement_id=tx.agreement_id, seller_payout=payouts["seller_amount"],
+                                         buyer_refund=payouts["buyer_amount"], tx_hash=tx.mined_tx_hash)
 
 
 def _reclaim_outcome(tx: ChainTransaction) -> None:
@@ -239,8 +278,10 @@ def _finalize(agreement: UsageAgreement) -> ChainTransaction | None:
         return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])
 
 
-relayer.outcome_handler_register(purpose=TxPurpose.PROPOSE_SETTLEMENT, on_outcome=_proposal_outcome)
+relayer.outcome_handler_register(purpose=TxPurpose.PROPOSE_SETTLEMENT, on_outcome=_proposal_outcome,
+                                 read_evidence=_proposal_evidence)
 relayer.outcome_handler_register(purpose=TxPurpose.CHALLENGE, on_outcome=_challenge_outcome)
 relayer.outcome_handler_register(purpose=TxPurpose.RESOLVE, on_outcome=_resolve_outcome)
-relayer.outcome_handler_register(purpose=TxPurpose.FINALIZE, on_outcome=_finalize_outcome)
+relayer.outcome_handler_register(purpose=TxPurpose.FINALIZE, on_outcome=_finalize_outcome,
+                                 read_evidence=_finalize_evidence)
 relayer.outcome_handler_register(purpose=TxPurpose.RECLAIM, on_outcome=_reclaim_outcome)

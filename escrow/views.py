@@ -39,6 +39,7 @@ from escrow.serializers import (
     ResolveSerializer,
     EscrowStatusQuery,
     EscrowStatusSerializer,
+    NetworkConfigSerializer,
 )
 from marketplace import chainconfig
 from marketplace.errors import Conflict, DependencyUnavailable, InvalidInput, error_body
@@ -69,11 +70,24 @@ def transaction_payload(tx, latest_block: int | None) -> dict:
     }
 
 
+class NetworkConfigView(APIView):
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(operation_id="network_config", tags=TAGS,
+                   summary="Chain, escrow contract, token and its EIP-712 domain, receipt signer, gas wallet and fee "
+                           "schedule. For dev chains: an SDK on a public network pins these instead of trusting them.",
+                   responses={200: NetworkConfigSerializer, **error_responses(503)})
+    def get(self, request):
+        return Response(NetworkConfigSerializer(selectors.network_config()).data)
+
+
 class ActivationPackageView(APIView):
     permission_classes = [agent_scope(KeyScope.PAY)]
 
     @extend_schema(operation_id="escrow_activation_package", tags=TAGS,
-                   summary="What the buyer signs to fund the escrow (EIP-712 intent + EIP-2612 permits)",
+                   summary="What the buyer signs to fund the escrow: an EIP-712 intent and one EIP-2612 permit "
+                           "of deposit + fee",
                    responses={200: ActivationPackageSerializer, **error_responses(404, 409, 503)})
     def get(self, request, agreement_id):
         agent = calling_agent(request)
@@ -92,7 +106,7 @@ class ActivateEscrowView(APIView):
                 "until `active` (or `activation_failed` with the reason).",
         responses={202: ActivationAcceptedSerializer, **error_responses(402, 404, 409, 422, 429, 503)},
     )
-    @idempotent()
+    @idempotent(atomic=False)  # verifies against the chain before it writes
     def post(self, request, agreement_id):
         agent = calling_agent(request)
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
@@ -164,7 +178,7 @@ class ChallengeView(APIView):
                    summary="Dispute the proposed settlement (buyer, within the window); submitted on-chain with "
                            "challengeWithSig. 202; the agreement becomes `disputed` once confirmed",
                    responses={202: ChainTransactionSerializer, **error_responses(404, 409, 422)})
-    @idempotent()
+    @idempotent(atomic=False)  # reads the chain's clock before it writes
     def post(self, request, agreement_id):
         agent = calling_agent(request)
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
@@ -278,7 +292,8 @@ class ResolveView(APIView):
 def _payment_required_response(request, skill, *, code: str, message: str, reason: str = "",
                                details: dict | None = None) -> Response:
     requirements = payments.invocation_requirements(skill)
-    required = x402_payment.payment_required(requirements=requirements, url=request.build_absolute_uri(),
+    required = x402_payment.payment_required(requirements=requirements,
+                                             url=request.build_absolute_uri(requirements.extra["resource"]),
                                              description=skill.description or skill.name, error=code)
     body = required.model_dump(mode="json", by_alias=True, exclude_none=True)
     body["error"] = {"code": code, "message": message,

@@ -1,9 +1,13 @@
-"""Client of the Masumi Agentic Service API that `masumi` sellers implement on their base URL.
+"""Client of the Masumi Agentic Service API (MIP-003) that `masumi` sellers implement on their base URL.
 
-`POST /start_job` {"input_data"} -> {"job_id", "payment_id"}; `GET /status?job_id=` -> {"job_id", "status",
-"result"?}; `GET /availability` -> {"status": "available" | "unavailable", "uptime"?, "message"?}.
-Every failure (network, timeout, non-2xx, a body that is not the documented shape) is one `AgenticServiceError`,
-so callers decide what to retry without knowing httpx.
+Two versions of `POST /start_job`, chosen per service (catalog's `masumi_protocol_version`):
+- "1", the seed's: {"input_data"} -> {"job_id", "payment_id"};
+- "2", the masumi library's (>= 1.0): {"identifier_from_purchaser", "input_data"} -> {"id", "blockchainIdentifier",
+  "payByTime", ...}: the job id is `id`, the payment id `blockchainIdentifier` (the seller's payment request).
+Both: `GET /status?job_id=` -> {"status", "result"?, ...}; `GET /availability` -> {"status": "available" |
+"unavailable", "uptime"?, "message"?}.
+Every failure (network, timeout, non-2xx, a body that is not the documented shape, too large or nested too
+deep) is one `AgenticServiceError`, so callers decide what to retry without knowing httpx.
 """
 
 from dataclasses import dataclass
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 import httpx
 from django.conf import settings
 
-from marketplace import outbound
+from marketplace import bounded_json, outbound
 
 
 _client = outbound.guarded_client(timeout=httpx.Timeout(10.0))  # each request passes MASUMI_SERVICE_TIMEOUT
@@ -43,15 +47,14 @@ class Availability:
 def _request(method: str, base_url: str, path: str, **kwargs) -> dict:
     url = base_url.rstrip("/") + path
     try:
-        response = _client.request(method, url, timeout=settings.MASUMI_SERVICE_TIMEOUT, **kwargs)
+        with _client.stream(method, url, timeout=settings.MASUMI_SERVICE_TIMEOUT, **kwargs) as response:
+            if response.status_code >= 300:
+                raise AgenticServiceError(f"{method} {path}: HTTP {response.status_code}")
+            body = outbound.json_answer(response, max_bytes=settings.UPSTREAM_ANSWER_MAX_BYTES)
     except httpx.HTTPError as error:
         raise AgenticServiceError(f"{method} {path}: {type(error).__name__}: {error}") from error
-    if response.status_code >= 300:
-        raise AgenticServiceError(f"{method} {path}: HTTP {response.status_code}")
-    try:
-        body = response.json()
-    except ValueError as error:
-        raise AgenticServiceError(f"{method} {path}: the answer is not JSON") from error
+    except bounded_json.InvalidJSON as error:
+        raise AgenticServiceError(f"{method} {path}: the answer is not usable JSON ({error.reason})") from error
     if not isinstance(body, dict):
         raise AgenticServiceError(f"{method} {path}: the answer is not a JSON object")
     return body
@@ -64,9 +67,18 @@ def _text(body: dict, name: str, path: str) -> str:
     return value
 
 
-def start_job(*, base_url: str, input_data) -> StartedJob:
-    body = _request("POST", base_url, "/start_job", json={"input_data": input_data})
-    return StartedJob(job_id=_text(body, "job_id", "/start_job"), payment_id=_text(body, "payment_id", "/start_job"))
+SEED_PROTOCOL, PURCHASER_ID_PROTOCOL = "1", "2"
+
+
+def start_job(*, base_url: str, protocol_version: str, input_data, identifier_from_purchaser: str) -> StartedJob:
+    if protocol_version == SEED_PROTOCOL:
+        body = _request("POST", base_url, "/start_job", json={"input_data": input_data})
+        return StartedJob(job_id=_text(body, "job_id", "/start_job"),
+                          payment_id=_text(body, "payment_id", "/start_job"))
+    body = _request("POST", base_url, "/start_job",
+                    json={"identifier_from_purchaser": identifier_from_purchaser, "input_data": input_data})
+    return StartedJob(job_id=_text(body, "id", "/start_job"),
+                      payment_id=_text(body, "blockchainIdentifier", "/start_job"))
 
 
 def job_status(*, base_url: str, job_id: str) -> JobStatus:

@@ -6,9 +6,10 @@ class MarketplaceConfig(AppConfig):
     verbose_name = "Marketplace platform"
 
     def ready(self):
-        # Connects the Celery task-failure counter and the readiness checks of the platform's own dependencies.
+        # Connects the Celery task-failure counter, the dead-letter count and the readiness checks of the platform's
+        # own dependencies.
         from django.contrib import admin
 
-        from marketplace import health, metrics  # noqa: F401
+        from marketplace import dead_letters, health, metrics  # noqa: F401
 
         admin.site.index_template = "admin/marketplace_index.html"  # links the operators' dashboard

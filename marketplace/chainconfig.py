@@ -46,3 +46,10 @@ def usdc_address() -> str:
 
 def escrow_address() -> str:
     return settings.USAGE_ESCROW_ADDRESS or deployment().get("escrow", "")
+
+
+def escrow_deployment_block() -> int:
+    """The block the escrow was deployed in: the chain indexer reads its events from there on."""
+    if settings.ESCROW_DEPLOYMENT_BLOCK is not None:
+        return settings.ESCROW_DEPLOYMENT_BLOCK
+    return int(deployment().get("escrow_block", 0))

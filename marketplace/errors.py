@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
 from django.db import InterfaceError, OperationalError
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions as drf_exceptions
@@ -62,6 +63,12 @@ class Unprocessable(ApplicationError):
     code = "unprocessable"
 
 
+class PayloadTooLarge(ApplicationError):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    code = "request_too_large"
+    message = "The request body is too large."
+
+
 class DependencyUnavailable(ApplicationError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     code = "dependency_unavailable"
@@ -96,6 +103,8 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
     if isinstance(exc, (OperationalError, InterfaceError)):  # the connection was lost, the database is restarting
         logger.warning("database unavailable", exc_info=exc)
         exc = DependencyUnavailable("The database is unavailable; retry later.", code="database_unavailable")
+    if isinstance(exc, RequestDataTooBig):  # Django refused to read the body (DATA_UPLOAD_MAX_MEMORY_SIZE)
+        exc = PayloadTooLarge()
     if isinstance(exc, ApplicationError):
         return Response(error_body(exc.code, exc.message, exc.details), status=exc.status_code)
     if isinstance(exc, Http404):

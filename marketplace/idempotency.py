@@ -4,8 +4,15 @@ The first request claims the key (a committed row), then runs inside one databas
 saving its response, so either both the effect and the stored response exist or neither does. A retry with the
 same key and body gets the stored response (`Idempotent-Replayed: true`); the same key with another body is 422;
 a retry while the first is still running is 409. Responses of 5xx are not stored: the key is released.
+
+A handler that talks to the chain or another service before it writes is declared `atomic=False`: no
+transaction is held open across its network calls (its service commits its own writes), and the response is
+stored right after. A process that dies in between leaves the claim to go stale; the retry then runs the
+handler again, which its service makes safe (activation: the agreement has moved on from `accepted`, so the retry
+is answered 409 and no second transaction is queued).
 """
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -15,6 +22,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from rest_framework.response import Response
 
+from marketplace import bounded_json
 from marketplace.errors import Conflict, InvalidInput, Unprocessable
 from marketplace.models import IdempotencyRecord
 
@@ -25,8 +33,8 @@ MAX_KEY_LENGTH = 255
 def _fingerprint(request) -> str:
     body = request._request.body
     try:
-        canonical = json.dumps(json.loads(body or b"null"), sort_keys=True, separators=(",", ":")).encode()
-    except ValueError:
+        canonical = json.dumps(bounded_json.loads(body or b"null"), sort_keys=True, separators=(",", ":")).encode()
+    except bounded_json.InvalidJSON:  # the parser refuses it with its own error when the view reads it
         canonical = body
     return hashlib.sha256(request.method.encode() + b" " + request.path.encode() + b"\n" + canonical).hexdigest()
 
@@ -60,8 +68,9 @@ def _claim(scope: str, key: str, fingerprint: str) -> IdempotencyRecord | Respon
     raise Conflict("A request with this Idempotency-Key is still in progress.", code="idempotency_in_progress")
 
 
-def idempotent(required: bool = False):
-    """Decorates a DRF view handler (post/put) so it honours `Idempotency-Key`."""
+def idempotent(required: bool = False, atomic: bool = True):
+    """Decorates a DRF view handler (post/put) so it honours `Idempotency-Key`; `atomic=False` for a handler that
+    makes network calls (see the module's docstring)."""
 
     def decorator(handler):
         @functools.wraps(handler)
@@ -77,7 +86,7 @@ def idempotent(required: bool = False):
             if isinstance(claim, Response):
                 return claim
             try:
-                with transaction.atomic():
+                with transaction.atomic() if atomic else contextlib.nullcontext():
                     response = handler(view, request, *args, **kwargs)
                     if response.status_code >= 500:
                         raise _DoNotStore(response)

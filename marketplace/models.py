@@ -16,3 +16,24 @@ class IdempotencyRecord(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["scope", "key"], name="idempotency_unique_scope_key")]
         indexes = [models.Index(fields=["created_at"], name="idempotency_created_idx")]
+
+
+class RedeliveredTask(models.Model):
+    """A Celery task message delivered again because the worker process running it died (acks_late with
+    reject_on_worker_lost, or the broker's visibility timeout). Counted per task id; past TASK_MAX_REDELIVERIES it
+    becomes a dead letter: acknowledged without running, kept here for an operator (marketplace.dead_letters)."""
+
+    task_id = models.CharField(max_length=255, unique=True)
+    task_name = models.CharField(max_length=255)
+    args = models.JSONField(default=list, encoder=DjangoJSONEncoder)
+    kwargs = models.JSONField(default=dict, encoder=DjangoJSONEncoder)
+    redeliveries = models.PositiveIntegerField(default=0)
+    dead_lettered_at = models.DateTimeField(null=True, blank=True, help_text="Set when it stopped being run.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["dead_lettered_at"], name="redelivered_task_dead_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] ×{self.redeliveries}"

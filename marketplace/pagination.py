@@ -15,6 +15,7 @@ from django.db.models import Q, QuerySet
 from rest_framework import serializers
 
 from marketplace.errors import InvalidInput
+from marketplace.serializers import StrictIntegerField
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
@@ -23,7 +24,7 @@ _SALT = "marketplace.pagination"
 
 class PageQuerySerializer(serializers.Serializer):
     cursor = serializers.CharField(required=False, max_length=2000, help_text="`next_cursor` of the previous page.")
-    limit = serializers.IntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=DEFAULT_LIMIT)
+    limit = StrictIntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=DEFAULT_LIMIT)
 
 
 def _to_json(value):

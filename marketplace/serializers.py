@@ -1,11 +1,31 @@
-"""Serializer building blocks shared by every app: strict input, token amounts, addresses, the error shape."""
+"""Serializer building blocks shared by every app: strict input, token amounts, addresses, the error shape.
 
+Numbers are taken as the JSON type the schema documents: an integer field takes a JSON integer only (not "1",
+1000.0 or true), since a client that sends something else has another value in mind than we would read. A URL
+query string has only strings: there, ASCII digits.
+"""
+
+import re
+
+from django.http import QueryDict
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema_field
 from rest_framework import serializers
 
 from marketplace.fields import checksum_address
 
 MAX_AMOUNT = 2**256 - 1
+ZERO_ADDRESS = "0x" + "0" * 40
+_QUERY_INTEGER = re.compile(r"^-?[0-9]{1,78}$")
+
+
+def _integer_input(field: serializers.Field, data) -> int:
+    """`data` as an int when it is a JSON integer, or digits in a query string; else the field's `invalid`."""
+    if isinstance(data, str) and isinstance(getattr(field.root, "initial_data", None), QueryDict):
+        if _QUERY_INTEGER.match(data):
+            return int(data)
+    elif isinstance(data, int) and not isinstance(data, bool):
+        return data
+    field.fail("invalid")
 
 
 class StrictSerializer(serializers.Serializer):
@@ -21,10 +41,19 @@ class StrictSerializer(serializers.Serializer):
         return super().to_internal_value(data)
 
 
+class StrictIntegerField(serializers.IntegerField):
+    """An integer: a JSON integer in a body, digits in a query string."""
+
+    default_error_messages = {"invalid": "Must be an integer (a JSON number without a fraction, not a string)."}
+
+    def to_internal_value(self, data):
+        return super().to_internal_value(_integer_input(self, data))
+
+
 @extend_schema_field({"type": "integer", "minimum": 0, "example": 1000000,
                       "description": "Token base units (USDC: 6 decimals, 1 USDC = 1000000)."})
 class AtomicAmountField(serializers.Field):
-    """A non-negative integer amount in token base units; accepts a JSON integer or a string of digits."""
+    """A non-negative integer amount in token base units: a JSON integer (digits in a query string)."""
 
     default_error_messages = {
         "invalid": "Must be a whole number of token base units (an integer, no decimals).",
@@ -39,12 +68,7 @@ class AtomicAmountField(serializers.Field):
         super().__init__(**kwargs)
 
     def to_internal_value(self, data):
-        if isinstance(data, bool) or not isinstance(data, (int, str)):
-            self.fail("invalid")
-        if isinstance(data, str):
-            if not data.isdigit() or not data.isascii() or len(data) > 78:
-                self.fail("negative" if data.startswith("-") and data[1:].isdigit() else "invalid")
-            data = int(data)
+        data = _integer_input(self, data)
         if data < 0:
             self.fail("negative")
         if data < self.min_value:
@@ -60,7 +84,11 @@ class AtomicAmountField(serializers.Field):
 @extend_schema_field({"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$",
                       "example": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"})
 class AddressSerializerField(serializers.CharField):
-    default_error_messages = {"invalid_address": "Not an EVM address (0x + 40 hex digits, valid EIP-55 checksum)."}
+    """An EVM address, checksummed; never the zero address (tokens sent there are burnt, and no key signs for
+    it)."""
+
+    default_error_messages = {"invalid_address": "Not an EVM address (0x + 40 hex digits, valid EIP-55 checksum).",
+                              "zero_address": "The zero address is not an account."}
 
     def __init__(self, **kwargs):
         kwargs.setdefault("max_length", 42)
@@ -69,9 +97,12 @@ class AddressSerializerField(serializers.CharField):
     def to_internal_value(self, data):
         value = super().to_internal_value(data)
         try:
-            return checksum_address(value)
+            value = checksum_address(value)
         except Exception:
             self.fail("invalid_address")
+        if value == ZERO_ADDRESS:
+            self.fail("zero_address")
+        return value
 
 
 class ErrorDetailSerializer(serializers.Serializer):
@@ -91,6 +122,7 @@ _ERROR_DESCRIPTIONS = {
     403: ("Credentials lack the scope or ownership needed", "permission_denied"),
     404: ("No such object (or not visible to you)", "not_found"),
     409: ("Illegal in the object's current state", "invalid_transition"),
+    413: ("The request body is larger than the platform reads", "request_too_large"),
     422: ("Idempotency-Key reused with another request", "idempotency_key_reused"),
     429: ("Rate limit exceeded", "rate_limited"),
     503: ("A dependency is unavailable", "dependency_unavailable"),

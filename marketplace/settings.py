@@ -99,11 +99,10 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["marketplace.parsers.BoundedJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "marketplace.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
-    "DEFAULT_THROTTLE_RATES": {"agent": env.str("API_RATE_LIMIT", default="6000/min")},
 }
 
 SPECTACULAR_SETTINGS = {
@@ -162,7 +161,8 @@ IDEMPOTENCY_STALE_CLAIM = timedelta(seconds=env.int("IDEMPOTENCY_STALE_CLAIM_SEC
 API_KEY_LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 # Tokens services may be priced in; the chain address is filled in by deployment settings below.
-CHAIN_ID = env.int("CHAIN_ID", default=31337)
+DEV_CHAIN_ID = 31337  # Anvil's
+CHAIN_ID = env.int("CHAIN_ID", default=DEV_CHAIN_ID)
 CHAIN_NETWORK = env.str("CHAIN_NETWORK", default="anvil")
 # Contract addresses: from the environment, else from the file `manage.py devchain` / `deploy_contracts` write
 # (read through marketplace.chainconfig, never directly).
@@ -202,7 +202,9 @@ AGREEMENT_MAX_DURATION = timedelta(days=env.int("AGREEMENT_MAX_DAYS", default=36
 # Largest deposit one agreement may hold, in token base units (default 1,000,000 USDC).
 AGREEMENT_MAX_AMOUNT = env.int("AGREEMENT_MAX_AMOUNT", default=1_000_000 * 10**6)
 CHALLENGE_WINDOW_DEFAULT = env.int("CHALLENGE_WINDOW_SECONDS", default=3600)
-CHALLENGE_WINDOW_MIN = env.int("CHALLENGE_WINDOW_MIN_SECONDS", default=60)
+# A buyer needs time to check the receipts before the window closes; a dev chain allows 10 s so `make demo` settles
+# within a minute of starting.
+CHALLENGE_WINDOW_MIN = env.int("CHALLENGE_WINDOW_MIN_SECONDS", default=10 if CHAIN_ID == DEV_CHAIN_ID else 60)
 CHALLENGE_WINDOW_MAX = env.int("CHALLENGE_WINDOW_MAX_SECONDS", default=7 * 24 * 3600)
 # A direct payment's signatures (x402 authorization, fee permit) must stay valid at least this long after
 # proposal, so the seller has time to accept; the proposal expires before they do.
@@ -232,7 +234,15 @@ RELAYER_PRIVATE_KEY = env.str("RELAYER_PRIVATE_KEY", default=_ANVIL_DEV_KEY if D
 _ANVIL_DEV_KEY_9 = "0x2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6"
 RECEIPT_SIGNER_PRIVATE_KEY = env.str("RECEIPT_SIGNER_PRIVATE_KEY", default=_ANVIL_DEV_KEY_9 if DEBUG else "")
 CHAIN_RPC_TIMEOUT = env.float("CHAIN_RPC_TIMEOUT", default=10.0)
-CHAIN_CONFIRMATIONS = env.int("CHAIN_CONFIRMATIONS", default=1)
+# Each RPC call is tried this many times on a timeout, 429 or 5xx, waiting backoff, 2x, 4x ... seconds in between.
+CHAIN_RPC_RETRIES = env.int("CHAIN_RPC_RETRIES", default=3)
+CHAIN_RPC_RETRY_BACKOFF = env.float("CHAIN_RPC_RETRY_BACKOFF_SECONDS", default=0.25)
+# Blocks on top of a transaction's block (its own included) before its outcome counts. A dev chain does not
+# reorganise: 1. Base and Base Sepolia (OP stack, 2 s blocks) can only reorganise blocks the sequencer has not
+# yet posted to L1; 10 blocks (20 s) covers a sequencer hiccup, and any other chain gets the same until
+# configured. Finality (L1 finalized) is ~15 min on Base: set CHAIN_CONFIRMATIONS higher where that matters.
+CHAIN_CONFIRMATIONS_BY_CHAIN = {31337: 1, 8453: 10, 84532: 10}
+CHAIN_CONFIRMATIONS = env.int("CHAIN_CONFIRMATIONS", default=CHAIN_CONFIRMATIONS_BY_CHAIN.get(CHAIN_ID, 10))
 CHAIN_MIN_PRIORITY_FEE = env.int("CHAIN_MIN_PRIORITY_FEE_WEI", default=1_000_000)  # 0.001 gwei
 CHAIN_MAX_FEE_PER_GAS = env.int("CHAIN_MAX_FEE_PER_GAS_WEI", default=500 * 10**9)
 CHAIN_FEE_BUMP_PERCENT = 13  # nodes accept a replacement at >= +10%; 12.5% rounded up
@@ -240,7 +250,11 @@ CHAIN_REBROADCAST_AFTER = timedelta(seconds=env.int("CHAIN_REBROADCAST_AFTER_SEC
 CHAIN_REPLACE_AFTER = timedelta(seconds=env.int("CHAIN_REPLACE_AFTER_SECONDS", default=120))
 # A transaction still queued this long after its last change lost its task message; the sweeper sends it again.
 CHAIN_SWEEP_AFTER = timedelta(seconds=env.int("CHAIN_SWEEP_AFTER_SECONDS", default=30))
-ACTIVATION_SIGNATURE_TTL = env.int("ACTIVATION_SIGNATURE_TTL_SECONDS", default=3600)
+# How long an activation package's signatures stay valid. Well inside the SDK's bound (it refuses deadlines more
+# than 1 h away), with room for the difference between our clock and the buyer's.
+ACTIVATION_SIGNATURE_TTL = env.int("ACTIVATION_SIGNATURE_TTL_SECONDS", default=1800)
+# The chain's clock is stalled when its latest block is older than this (see README, "stalled chain").
+CHAIN_STALL_SECONDS = env.int("CHAIN_STALL_SECONDS", default=60)
 CELERY_BEAT_SCHEDULE.update({
     "poll-confirmations": {"task": "escrow.tasks.poll_confirmations",
                            "schedule": timedelta(seconds=env.int("CHAIN_POLL_SECONDS", default=3))},
@@ -251,6 +265,18 @@ CELERY_BEAT_SCHEDULE.update({
     "masumi-purchases-tick": {"task": "escrow.tasks.masumi_purchases_tick",
                               "schedule": timedelta(seconds=env.int("MASUMI_PURCHASE_TICK_SECONDS", default=10))},
 })
+# The chain indexer (escrow.indexer): follows the escrow's events from its deployment block (recorded in the
+# deployment file by `deploy_contracts`; ESCROW_DEPLOYMENT_BLOCK overrides it) up to CHAIN_CONFIRMATIONS deep.
+ESCROW_DEPLOYMENT_BLOCK = env.int("ESCROW_DEPLOYMENT_BLOCK", default=None)
+INDEXER_BLOCK_RANGE = env.int("INDEXER_BLOCK_RANGE", default=1000)  # blocks per eth_getLogs call
+# "safe" or "finalized": also wait for the node's tagged block, on chains that have one (empty: depth only).
+INDEXER_HEAD_TAG = env.str("INDEXER_HEAD_TAG", default="")
+INDEXER_REORG_WINDOW_BLOCKS = env.int("INDEXER_REORG_WINDOW_BLOCKS", default=2000)  # block hashes kept
+# /readyz fails when the indexer is further behind the chain head than this (it must exceed the depth).
+INDEXER_MAX_LAG_BLOCKS = env.int("INDEXER_MAX_LAG_BLOCKS", default=100)
+INDEXER_POLL_SECONDS = env.float("INDEXER_POLL_SECONDS", default=2.0)
+CELERY_BEAT_SCHEDULE["index-chain"] = {"task": "escrow.tasks.index_chain",
+                                       "schedule": timedelta(seconds=INDEXER_POLL_SECONDS)}
 # Masumi purchases: timers a buyer leaves out, in seconds from the purchase (payByTime, then each from the last).
 MASUMI_PAY_BY_SECONDS = env.int("MASUMI_PAY_BY_SECONDS", default=600)
 MASUMI_SUBMIT_RESULT_SECONDS = env.int("MASUMI_SUBMIT_RESULT_SECONDS", default=3600)
@@ -269,11 +295,17 @@ PROXY_REPLAY_MAX_BYTES = env.int("PROXY_REPLAY_MAX_BYTES", default=10 * 1024 * 1
 ALLOW_PRIVATE_UPSTREAMS = env.bool("ALLOW_PRIVATE_UPSTREAMS", default=DEBUG)
 # Rate-limit counters live here: Redis in production (CACHE_URL=redis://host:6379/2) so every process shares them.
 CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://")}
-REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["marketplace.throttling.CredentialRateThrottle"]
-REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"].update({
+REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["marketplace.throttling.ApiRateThrottle",
+                                              "marketplace.throttling.CredentialRateThrottle"]
+REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {
+    "api": env.str("API_RATE_LIMIT", default="6000/min"),  # per API key or owner token, every authenticated call
     "proxy": env.str("RATE_LIMIT_PROXY", default="6000/min"),  # per API key, metered-proxy calls
     "payments": env.str("RATE_LIMIT_PAYMENTS", default="600/min"),  # per API key, purchases and payments
-})
+}
+# Reverse proxies in front of the app that append the client's address to X-Forwarded-For. Unauthenticated
+# limits count per client address: the one the outermost trusted proxy saw, or with 0 (the default) the
+# socket's peer, X-Forwarded-For ignored (a client writes what it likes there).
+REST_FRAMEWORK["NUM_PROXIES"] = env.int("TRUSTED_PROXY_COUNT", default=0)
 # /metrics answers a staff session, or a scraper sending `Authorization: Bearer <METRICS_TOKEN>`.
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 READINESS_TIMEOUT_SECONDS = env.float("READINESS_TIMEOUT_SECONDS", default=2.0)
@@ -281,3 +313,36 @@ INSTALLED_APPS.append("django_prometheus")
 MIDDLEWARE = ["django_prometheus.middleware.PrometheusBeforeMiddleware", *MIDDLEWARE,
               "django_prometheus.middleware.PrometheusAfterMiddleware"]
 LOGGING["loggers"].update({"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}})
+
+# --- Hostile input (SECURITY.md, "Hostile input") -------------------------------------------------------------
+# Deepest nesting of arrays and objects accepted in any JSON the platform parses (requests and answers alike).
+JSON_MAX_DEPTH = env.int("JSON_MAX_DEPTH", default=64)
+# Largest answer read from a seller's skill or Masumi API; a larger one fails the call (and is refunded).
+UPSTREAM_ANSWER_MAX_BYTES = env.int("UPSTREAM_ANSWER_MAX_BYTES", default=2 * 1024 * 1024)
+# A proxied call's intent still open this long after the proxy's timeout belongs to a process that died: the reaper
+# settles it (agreements.metering).
+PROXY_INTENT_GRACE_SECONDS = env.int("PROXY_INTENT_GRACE_SECONDS", default=30)
+# Largest request body the metered proxy forwards (Content-Length or chunked); larger is 413.
+PROXY_MAX_REQUEST_BYTES = env.int("PROXY_MAX_REQUEST_BYTES", default=2_621_440)
+CELERY_BEAT_SCHEDULE["reap-call-intents"] = {
+    "task": "agreements.tasks.reap_call_intents",
+    "schedule": timedelta(seconds=env.int("PROXY_INTENT_REAP_SECONDS", default=30)),
+}
+
+# --- Admin (operators) -----------------------------------------------------------------------------------------
+# The product's admin frame (branding, styles for shortened chain values) over django.contrib.admin's.
+TEMPLATES[0]["DIRS"] = [BASE_DIR / "marketplace" / "templates" / "site"]
+# Times to the second with the timezone (marketplace/formats/en/formats.py).
+FORMAT_MODULE_PATH = ["marketplace.formats"]
+# Block explorer for transaction and address links; empty: Base's and Base Sepolia's by CHAIN_ID, none on Anvil.
+CHAIN_EXPLORER_URL = env.str("CHAIN_EXPLORER_URL", default="")
+# The dashboard warns below these: the relayer's gas (wei) and the treasury's USDC float (base units) that pays
+# invocation payouts, refunds and returned fees.
+RELAYER_GAS_WARN_WEI = env.int("RELAYER_GAS_WARN_WEI", default=5 * 10**16)  # 0.05 ETH
+TREASURY_USDC_WARN_ATOMIC = env.int("TREASURY_USDC_WARN_ATOMIC", default=50 * 10**6)  # 50 USDC
+# The dashboard lists as overdue: a transaction unconfirmed, or an agreement in submitting, for longer than this;
+# an agreement still in_challenge this long after its challenge deadline (the settlement tick finalizes it).
+OVERDUE_SUBMITTING_AFTER = timedelta(seconds=env.int("OVERDUE_SUBMITTING_AFTER_SECONDS", default=300))
+OVERDUE_FINALIZE_AFTER = timedelta(seconds=env.int("OVERDUE_FINALIZE_AFTER_SECONDS", default=120))
+# A task message redelivered this many times because its process died is then a dead letter (marketplace.dead_letters).
+TASK_MAX_REDELIVERIES = env.int("TASK_MAX_REDELIVERIES", default=3)

@@ -1,6 +1,7 @@
 """Rate limits per credential: each API key (or owner token) has its own budget per scope.
 
-A view opts in with `throttle_scope = "proxy"` (every method) or a mapping such as `{"POST": "payments"}`;
+Every authenticated request counts against its credential's `api` budget (API_RATE_LIMIT, `ApiRateThrottle`).
+On top of that, a view opts in to a narrower budget with `throttle_scope = "proxy"` (every method) or a mapping such as `{"POST": "payments"}`;
 rates come from `REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]`, read on each request so settings can change them.
 Counts live in the Django cache: set CACHE_URL to Redis in production so every process shares them. An exceeded
 limit is 429 `rate_limited` with Retry-After (marketplace.errors).
@@ -19,10 +20,12 @@ from rest_framework.throttling import ScopedRateThrottle
 
 
 class CredentialRateThrottle(ScopedRateThrottle):
-    def allow_request(self, request, view):
+    def scope_for(self, request, view) -> str | None:
         scope = getattr(view, self.scope_attr, None)
-        if isinstance(scope, dict):
-            scope = scope.get(request.method)
+        return scope.get(request.method) if isinstance(scope, dict) else scope
+
+    def allow_request(self, request, view):
+        scope = self.scope_for(request, view)
         if not scope:
             return True
         self.scope = scope
@@ -50,3 +53,11 @@ class CredentialRateThrottle(ScopedRateThrottle):
         else:
             ident = self.get_ident(request)
         return self.cache_format % {"scope": self.scope, "ident": ident}
+
+
+class ApiRateThrottle(CredentialRateThrottle):
+    """The `api` budget: every request that carries a credential, whatever the view (anonymous calls are limited
+    per client address by the views that allow them)."""
+
+    def scope_for(self, request, view) -> str | None:
+        return "api" if request.auth is not None or request.user.is_authenticated else None

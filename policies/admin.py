@@ -1,5 +1,6 @@
 from django.contrib import admin, messages
 
+from marketplace.admin import may_operate
 from marketplace.errors import ApplicationError
 from policies import services
 from policies.models import ApprovalRequest, Policy
@@ -30,12 +31,12 @@ def _decide(modeladmin, request, queryset, approve: bool):
     messages.success(request, f"{'Approved' if approve else 'Rejected'} {decided} request(s).")
 
 
-@admin.action(description="Approve selected requests")
+@admin.action(description="Approve selected requests", permissions=["decide"])
 def approve_requests(modeladmin, request, queryset):
     _decide(modeladmin, request, queryset, approve=True)
 
 
-@admin.action(description="Reject selected requests")
+@admin.action(description="Reject selected requests", permissions=["decide"])
 def reject_requests(modeladmin, request, queryset):
     _decide(modeladmin, request, queryset, approve=False)
 
@@ -53,5 +54,11 @@ class ApprovalRequestAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+    def has_change_permission(self, request, obj=None):
+        return False  # decided by the actions (policies.services), never edited
+
+    def has_decide_permission(self, request) -> bool:
+        return may_operate(request, ApprovalRequest)
 
 

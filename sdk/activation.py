@@ -1,32 +1,86 @@
-"""Sign an activation package (GET /usage-agreements/{id}/activation-package) with the buyer's wallet key.
+"""Sign an activation package (GET /usage-agreements/{id}/activation-package) with the buyer's wallet.
+
+The SDK builds the ActivationIntent and the one EIP-2612 permit itself, from the agreed terms and the pinned
+network configuration, and compares the server's package with them: any difference raises `SigningRefused`
+naming the field, before anything is signed. The permit covers the deposit and the fee together (the
+contract's combined path), so a front-runner who submits it only grants the allowance activation uses.
 
 The result is the body of POST /usage-agreements/{id}/activate-escrow. Nothing here talks to the network.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
 from typing import Any
 
-from eth_account import Account
+from eth_utils import keccak
 
-from sdk.typed_data import recover_typed_data_signer, sign_typed_data
+from sdk import typed_data
+from sdk.networks import NetworkConfig, TokenDomain
+from sdk.safety import (DEADLINE_MAX_SECONDS, SigningRefused, Wallet, as_wallet, check_deadline, check_same,
+                        check_typed_data, typed_message)
+from sdk.terms import AgreedTerms
+
+__all__ = ["activation_intent_nonce", "expected_activation", "sign_activation_package"]
+
+# The package's own fields; anything else is refused (it could be a second object someone hopes gets signed).
+_PACKAGE_FIELDS = frozenset({"agreement_id", "onchain_id", "chain_id", "escrow_contract", "token_address",
+                             "deposit_amount_atomic", "infra_fee_atomic", "deadline", "intent", "escrow_permit"})
 
 
-def _signed_permit(typed: dict[str, Any], private_key: str) -> dict[str, Any]:
-    message = typed["message"]
-    return {"value": int(message["value"]), "nonce": int(message["nonce"]), "deadline": int(message["deadline"]),
-            "signature": sign_typed_data(private_key, typed)}
+def activation_intent_nonce(agreement_id: str) -> int:
+    """The intent nonce of an agreement: `keccak256("activation" ‖ agreementId)` (unordered nonces, one per
+    agreement, reused when an activation is signed again after a failure)."""
+    return int.from_bytes(keccak(b"activation" + bytes.fromhex(agreement_id.removeprefix("0x"))), "big")
 
 
-def sign_activation_package(package: dict[str, Any], private_key: str) -> dict[str, Any]:
-    """Sign the intent and permits; refuses a package that is not for this key's address."""
-    wallet = Account.from_key(private_key).address
-    buyer = package["intent"]["message"]["buyer"]
-    if buyer.lower() != wallet.lower():
-        raise ValueError(f"The package is for the buyer wallet {buyer}, not {wallet}.")
-    body = {
-        "intent_signature": sign_typed_data(private_key, package["intent"]),
-        "deadline": int(package["deadline"]),
-        "escrow_permit": _signed_permit(package["escrow_permit"], private_key),
-        "fee_permit": _signed_permit(package["fee_permit"], private_key) if package.get("fee_permit") else None,
+def expected_activation(*, terms: AgreedTerms, network: NetworkConfig, token_domain: TokenDomain, deadline: int,
+                        permit_nonce: int) -> dict[str, Any]:
+    """The intent and the combined permit, as the buyer agreed to them."""
+    intent = typed_data.activation_intent(
+        chain_id=network.chain_id, escrow_address=network.escrow_address, agreement_id=terms.agreement_id,
+        buyer=terms.buyer, seller=terms.seller, token=network.token_address, quantity=terms.quantity,
+        price_per_unit=terms.price_per_unit, deposit_amount=terms.deposit_amount, infra_fee=terms.infra_fee,
+        receipt_signer=network.receipt_signer, challenge_window=terms.challenge_window,
+        expires_at=terms.expires_at, terms_hash=terms.terms_hash,
+        nonce=activation_intent_nonce(terms.agreement_id), deadline=deadline)
+    permit = typed_data.erc2612_permit(
+        chain_id=network.chain_id, token_address=network.token_address, owner=terms.buyer,
+        spender=network.escrow_address, value=terms.total, nonce=permit_nonce, deadline=deadline,
+        token_name=token_domain.name, token_version=token_domain.version)
+    return {"intent": intent, "escrow_permit": permit}
+
+
+def sign_activation_package(package: Mapping[str, Any], wallet: str | bytes | Wallet, *, terms: AgreedTerms,
+                            network: NetworkConfig, token_domain: TokenDomain, now: int | None = None,
+                            max_deadline_seconds: int = DEADLINE_MAX_SECONDS) -> dict[str, Any]:
+    """Check the package against the agreed terms and sign the SDK's own intent and permit.
+
+    `now` is the chain's time when known (else this machine's clock); the package's deadline must lie in
+    [now + 60 s, now + `max_deadline_seconds`]. The token's permit nonce is the one field taken from the server:
+    a wrong nonce only makes the permit invalid. Raises `SigningRefused` (with `.field`) on any difference."""
+    wallet = as_wallet(wallet)
+    if wallet.address.lower() != terms.buyer.lower():
+        raise SigningRefused("intent.message.buyer", wallet.address, terms.buyer, "not this wallet's agreement")
+    for name in package:
+        if name not in _PACKAGE_FIELDS:
+            raise SigningRefused(name, None, package[name], "unknown field")
+    intent_message = typed_message(package.get("intent"), "intent")
+    permit_message = typed_message(package.get("escrow_permit"), "escrow_permit")
+    deadline = check_deadline(intent_message.get("deadline"), "intent.message.deadline", now=now,
+                              max_seconds=max_deadline_seconds)
+    check_same(package.get("deadline"), deadline, "deadline")
+    nonce = permit_message.get("nonce")
+    if isinstance(nonce, bool) or not isinstance(nonce, int) or nonce < 0:
+        raise SigningRefused("escrow_permit.message.nonce", "the token's nonces(buyer)", nonce)
+    expected = expected_activation(terms=terms, network=network, token_domain=token_domain, deadline=deadline,
+                                   permit_nonce=nonce)
+    for name, typed in expected.items():
+        check_typed_data(package[name], typed, name)
+    permit = expected["escrow_permit"]["message"]
+    return {
+        "intent_signature": wallet.sign_typed_data(expected["intent"]),
+        "deadline": deadline,
+        "escrow_permit": {"value": permit["value"], "nonce": permit["nonce"], "deadline": permit["deadline"],
+                          "signature": wallet.sign_typed_data(expected["escrow_permit"])},
     }
-    assert recover_typed_data_signer(package["intent"], body["intent_signature"]) == wallet
-    return body

@@ -2,11 +2,20 @@
 
     from sdk import MarketplaceClient
 
-    with MarketplaceClient("https://marketplace.example", buyer_api_key) as buyer:
-        agreement = buyer.propose_agreement(service_id, quantity=100)
+    network = NetworkConfig.pinned(BASE, escrow_address=..., receipt_signer=..., gas_wallet=...)
+    with MarketplaceClient("https://marketplace.example", buyer_api_key, network=network,
+                           rpc_url="https://mainnet.base.org") as buyer:
+        agreement = buyer.propose_agreement(service_id, quantity=100)  # keep it: these are the agreed terms
         ...  # the seller accepts
-        buyer.activate_escrow(agreement["id"], buyer_wallet_key)  # signs locally; the key never leaves
-        agreement = buyer.wait_until(agreement["id"])              # "active": the deposit is in escrow
+        buyer.activate_escrow(agreement, buyer_wallet_key)  # built, checked and signed locally
+        buyer.wait_until(agreement["id"])                     # "active": the deposit is in escrow
+
+Signing: the client signs only what it builds itself from the agreed terms and the pinned `network`
+(`sdk.networks`); a server answer that differs raises `SigningRefused` naming the field, and nothing is
+signed. `rpc_url` (the buyer's own node) is where the token's EIP-712 domain, the chain's clock, permit nonces and
+the escrow's on-chain record (`verify_usage`) are read; without it the pinned domain and this machine's clock are
+used, and `verify_usage` is unavailable. A wallet is a private key or any object with `address` and
+`sign_typed_data(typed)` (`sdk.safety.Wallet`).
 
 Every method returns the API's JSON as plain dicts and lists. A refusal by the API raises `MarketplaceError` with
 the API's error code; a network failure that outlasts the retries raises httpx's `TransportError`.
@@ -28,12 +37,16 @@ from typing import Any
 
 import httpx
 
+from sdk import typed_data
 from sdk.activation import sign_activation_package
-from sdk.receipts import UsageVerificationError, VerifiedUsage, verify_usage
-from sdk.typed_data import sign_typed_data
+from sdk.networks import NetworkConfig, TokenDomain
+from sdk.onchain import ChainReader
+from sdk.receipts import VerifiedUsage, verify_usage
+from sdk.safety import SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data, require_equal
+from sdk.terms import AgreedTerms
 from sdk.x402_payments import build_direct_stablecoin_agreement, sign_payment_required
 
-__all__ = ["AgreementFailed", "MarketplaceClient", "MarketplaceError"]
+__all__ = ["AgreementFailed", "MarketplaceClient", "MarketplaceError", "NotConfigured"]
 
 AgreementId = str | uuid.UUID
 
@@ -68,6 +81,10 @@ class MarketplaceError(Exception):
         return self.status in _TRANSIENT_STATUSES or self.code in _TRANSIENT_CODES
 
 
+class NotConfigured(RuntimeError):
+    """A signing or verifying method needs the client's `network` (or `rpc_url`), which was not given."""
+
+
 class AgreementFailed(Exception):
     """`wait_until` saw the agreement reach one of the failure statuses (e.g. `activation_failed`)."""
 
@@ -93,17 +110,54 @@ class MarketplaceClient:
     threads; close it (or use it as a context manager) to release its connections.
     """
 
-    def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None, retries: int = 2, retry_backoff: float = 0.5):
+    def __init__(self, base_url: str, api_key: str, *, network: NetworkConfig | None = None,
+                 rpc_url: str | None = None, timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
+                 retries: int = 2, retry_backoff: float = 0.5):
         self._http = httpx.Client(
             base_url=base_url, timeout=timeout, transport=transport,
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json", "User-Agent": _USER_AGENT},
         )
         self._retries = retries
         self._retry_backoff = retry_backoff
+        self._network = network
+        self._chain = ChainReader(rpc_url, timeout=timeout) if rpc_url else None
+        self._token_domain_read: TokenDomain | None = None
 
     def close(self) -> None:
         self._http.close()
+        if self._chain is not None:
+            self._chain.close()
+
+    # --- what signing is checked against -------------------------------------------------------------------------
+
+    @property
+    def network(self) -> NetworkConfig:
+        if self._network is None:
+            raise NotConfigured("Signing needs the pinned network: MarketplaceClient(..., network=NetworkConfig...).")
+        return self._network
+
+    def _reader(self) -> ChainReader:
+        if self._chain is None:
+            raise NotConfigured("This needs the buyer's own RPC: MarketplaceClient(..., rpc_url=...).")
+        return self._chain
+
+    def token_domain(self) -> TokenDomain:
+        """The token's EIP-712 domain: read from the token through the RPC when there is one, else pinned."""
+        if self._chain is not None:
+            if self._token_domain_read is None:
+                if self._chain.chain_id() != self.network.chain_id:
+                    raise SigningRefused("rpc chain id", self.network.chain_id, self._chain.chain_id())
+                self._token_domain_read = self._chain.token_domain(self.network.token_address)
+            return self._token_domain_read
+        if self.network.token_domain is None:
+            raise NotConfigured("The token's EIP-712 domain is neither pinned nor readable (pass rpc_url).")
+        return self.network.token_domain
+
+    def _now(self) -> int:
+        """When the next block can be mined: this machine's clock, or the chain's when it runs ahead (deadlines are
+        block times). An idle chain's latest block may be minutes old, so the chain's clock alone would run late."""
+        wall = int(time.time())
+        return max(wall, self._chain.now()) if self._chain is not None else wall
 
     def __enter__(self) -> MarketplaceClient:
         return self
@@ -170,26 +224,35 @@ class MarketplaceClient:
         params = {"amount_cents": amount_cents, "amount_atomic": amount_atomic, "rail": rail}
         return self._request("GET", "/payment-requirements", params={k: v for k, v in params.items() if v is not None})
 
-    def propose_direct_purchase(self, service_id: AgreementId, quantity: int, *, private_key: str,
-                                permit_nonce: int, validity_seconds: int = 3600,
-                                idempotency_key: str | None = None) -> dict[str, Any]:
+    def propose_direct_purchase(self, service_id: AgreementId, quantity: int, *, wallet: str | Wallet,
+                                max_unit_price_atomic: int, permit_nonce: int | None = None,
+                                validity_seconds: int = 3600, idempotency_key: str | None = None) -> dict[str, Any]:
         """Buy `quantity` units without an escrow: signs here (`build_direct_stablecoin_agreement`) the x402 payment
-        to the seller and the fee permit to the platform's gas wallet, then proposes. `permit_nonce` is the
-        token's `nonces(buyer wallet)`. Once the seller accepts, the platform collects the fee, then pays: follow
-        with `wait_until(id, statuses={"paid"}, failure={"payment_failed"})`."""
+        to the seller and the fee permit to the platform's gas wallet, then proposes. The service's unit price
+        must be at most `max_unit_price_atomic` (what the buyer agreed to pay); the fee, chain, token and gas
+        wallet must be the pinned ones. `permit_nonce` is the token's `nonces(buyer wallet)`, read through the
+        RPC when omitted. Once the seller accepts, the platform collects the fee, then pays: follow with
+        `wait_until(id, statuses={"paid"}, failure={"payment_failed"})`."""
+        wallet = as_wallet(wallet)
         service = self._request("GET", f"/agents/services/{service_id}")
-        unit_price = service["pricing"]["unit_price_atomic"]
+        unit_price = int(service["pricing"]["unit_price_atomic"])
+        if unit_price > max_unit_price_atomic:
+            raise SigningRefused("pricing.unit_price_atomic", f"at most {max_unit_price_atomic}", unit_price)
         requirements = self.payment_requirements(amount_atomic=quantity * unit_price)
+        if permit_nonce is None:
+            permit_nonce = self._reader().permit_nonce(self.network.token_address, wallet.address)
         body = build_direct_stablecoin_agreement(
             service_id=str(service_id), quantity=quantity, unit_price_atomic=unit_price,
             seller_wallet_address=service["seller"]["wallet_address"], payment_requirements=requirements,
-            private_key=private_key, permit_nonce=permit_nonce, validity_seconds=validity_seconds)
+            wallet=wallet, permit_nonce=permit_nonce, network=self.network, token_domain=self.token_domain(),
+            validity_seconds=validity_seconds, now=self._now())
         return self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
 
     # --- escrow --------------------------------------------------------------------------------------------------
 
     def activation_package(self, agreement_id: AgreementId) -> dict[str, Any]:
-        """What the buyer's wallet signs to fund the escrow: the EIP-712 intent and EIP-2612 permits."""
+        """What the buyer's wallet signs to fund the escrow: the EIP-712 intent and one EIP-2612 permit
+        (deposit + fee). Untrusted: `activate_escrow` only compares it with what the SDK builds."""
         return self._request("GET", f"/usage-agreements/{agreement_id}/activation-package")
 
     def submit_activation(self, agreement_id: AgreementId, signed: Mapping[str, Any], *,
@@ -198,15 +261,22 @@ class MarketplaceClient:
         return self._request("POST", f"/usage-agreements/{agreement_id}/activate-escrow", json=dict(signed),
                              idempotency_key=idempotency_key or _new_key())
 
-    def activate_escrow(self, agreement_id: AgreementId, private_key: str, *,
+    def activate_escrow(self, agreement: Mapping[str, Any], wallet: str | Wallet, *,
                         idempotency_key: str | None = None) -> dict[str, Any]:
-        """Fetch the activation package, sign it here with the buyer wallet's key and submit it.
+        """Fetch the activation package, check it against the agreed terms, sign it here and submit it.
+
+        `agreement` is the agreement as the buyer proposed it (the `propose_agreement` answer): its quantity, unit
+        price, window and expiry, with the fee of the pinned schedule, are the terms the intent must carry. The
+        package must match the SDK's own intent and single permit (deposit + fee, spender the pinned escrow)
+        field by field, else `SigningRefused` names the field and nothing is signed.
 
         Returns the 202 body (`status: "submitting"`): the relayer still has to get the transaction mined, so
-        follow with `wait_until(agreement_id)`. The key is only used locally; refuses a package for another wallet.
+        follow with `wait_until(agreement["id"])`. The key is only used locally.
         """
-        signed = sign_activation_package(self.activation_package(agreement_id), private_key)
-        return self.submit_activation(agreement_id, signed, idempotency_key=idempotency_key)
+        terms = AgreedTerms.from_agreement(agreement, self.network)
+        signed = sign_activation_package(self.activation_package(agreement["id"]), wallet, terms=terms,
+                                         network=self.network, token_domain=self.token_domain(), now=self._now())
+        return self.submit_activation(agreement["id"], signed, idempotency_key=idempotency_key)
 
     def escrow_status(self, agreement_id: AgreementId, *, verify: bool = False) -> dict[str, Any]:
         """Amounts, chain transactions and confirmations; `verify=True` adds the contract's own view."""
@@ -253,21 +323,17 @@ class MarketplaceClient:
         """Every usage event of the agreement, oldest first (lazy, page by page)."""
         return self._pages("GET", f"/usage-agreements/{agreement_id}/usage", {"limit": page_size})
 
-    def verify_usage(self, agreement_id: AgreementId) -> VerifiedUsage:
-        """Check every charge: gap-free sequence, cumulative sums, the digest chain and the platform's receipt
-        signatures, against the receipt signer the escrow contract holds (read from the chain, not trusted from
-        the API). Once a settlement is proposed, the on-chain amount and usage digest must match the receipts.
-        Raises `UsageVerificationError` on the first discrepancy."""
-        agreement = self.get_agreement(agreement_id)
-        escrow = self.escrow_status(agreement_id, verify=True)
-        onchain = escrow["onchain"] or {}
-        verified = verify_usage(self.usage(agreement_id), agreement_id=escrow["onchain_id"],
-                                chain_id=int(agreement["chain_id"]), escrow_address=escrow["escrow_contract"],
-                                receipt_signer=onchain.get("receiptSigner", ""))
-        if onchain.get("state") in ("proposed", "settled") and int(onchain["settledAmount"]) != verified.cumulative_amount:
-            raise UsageVerificationError(f"on-chain amount {onchain['settledAmount']} != receipts "
-                                         f"{verified.cumulative_amount}")
-        return verified
+    def verify_usage(self, agreement: Mapping[str, Any]) -> VerifiedUsage:
+        """Check every charge against the chain, through the buyer's own RPC: the escrow's on-chain record
+        (deposit, receipt signer, proposed amount and digest, state), then the usage listing's gap-free sequence,
+        cumulative sums, digest chain (recomputed from the events' fields) and every receipt's signature against
+        the on-chain receipt signer; a proposed settlement must be the last receipt. Raises a subclass of
+        `sdk.receipts.UsageVerificationError` naming the first discrepancy."""
+        escrow = self._reader().escrow(self.network.escrow_address, agreement["onchain_id"])
+        require_equal(escrow.buyer, agreement["buyer_wallet_address"], "escrow.buyer")
+        return verify_usage(self.usage(agreement["id"]), escrow=escrow, agreement_id=agreement["onchain_id"],
+                            chain_id=self.network.chain_id, escrow_address=self.network.escrow_address,
+                            price_per_unit=int(agreement["price_per_unit_atomic"]))
 
     def record_usage(self, agreement_id: AgreementId, events: Sequence[Mapping[str, Any]], *,
                      idempotency_key: str | None = None) -> dict[str, Any]:
@@ -280,18 +346,29 @@ class MarketplaceClient:
         """End the agreement (buyer or seller): the relayer proposes the settlement and the window opens."""
         return self._request("POST", f"/usage-agreements/{agreement_id}/complete", json={"reason": reason})
 
-    def challenge(self, agreement_id: AgreementId, private_key: str, reason: str, *, evidence: str = "",
+    def challenge(self, agreement: Mapping[str, Any], wallet: str | Wallet, reason: str, *, evidence: str = "",
                   idempotency_key: str | None = None) -> dict[str, Any]:
-        """Dispute the proposed settlement within the window (buyer): signs the EIP-712 Challenge locally."""
-        package = self._request("GET", f"/usage-agreements/{agreement_id}/challenge-package")
-        body = {"reason": reason, "evidence": evidence, "deadline": package["deadline"],
-                "signature": sign_typed_data(private_key, package["challenge"])}
-        return self._request("POST", f"/usage-agreements/{agreement_id}/challenge", json=body,
+        """Dispute the proposed settlement within the window (buyer): builds the EIP-712 Challenge for this
+        agreement on the pinned escrow, checks the server's challenge package against it, signs it locally."""
+        package = self._request("GET", f"/usage-agreements/{agreement['id']}/challenge-package")
+        deadline = check_deadline(package.get("deadline"), "deadline", now=self._now(), min_seconds=0,
+                                  max_seconds=int(agreement["challenge_window_seconds"]))
+        signature = self._sign_challenge(package.get("challenge"), "challenge", wallet,
+                                         agreement_id=agreement["onchain_id"], deadline=deadline)
+        body = {"reason": reason, "evidence": evidence, "deadline": deadline, "signature": signature}
+        return self._request("POST", f"/usage-agreements/{agreement['id']}/challenge", json=body,
                              idempotency_key=idempotency_key or _new_key())
+
+    def _sign_challenge(self, received: Any, field: str, wallet: str | Wallet, *, agreement_id: str,
+                        deadline: int) -> str:
+        expected = typed_data.challenge(chain_id=self.network.chain_id, escrow_address=self.network.escrow_address,
+                                        agreement_id=agreement_id, deadline=deadline)
+        check_typed_data(received, expected, field)
+        return as_wallet(wallet).sign_typed_data(expected)
 
     # --- Masumi jobs ---------------------------------------------------------------------------------------------
 
-    def purchase_masumi_job(self, agent_identifier: AgreementId, input_data: Any, private_key: str, *,
+    def purchase_masumi_job(self, agent_identifier: AgreementId, input_data: Any, wallet: str | Wallet, *,
                             network: str = "Preprod", idempotency_key: str | None = None,
                             **purchase_fields: Any) -> dict[str, Any]:
         """Buy one job of a `masumi` service: `POST /purchase`, sign the escrow package here with the buyer
@@ -303,7 +380,15 @@ class MarketplaceClient:
         created = self._request("POST", "/purchase", json={
             "network": network, "agentIdentifier": str(agent_identifier), "input_data": input_data,
             **purchase_fields}, idempotency_key=key)["data"]
-        signed = sign_activation_package(created["ActivationPackage"], private_key)
+        agreement = self.get_agreement(created["agreementId"])
+        require_equal(agreement["service"]["id"], str(agent_identifier), "agreement.service.id")
+        require_equal(agreement["quantity"], 1, "agreement.quantity")
+        now = self._now()
+        pay_by = int(purchase_fields["payByTime"]) // 1000 if "payByTime" in purchase_fields else None
+        signed = sign_activation_package(
+            created["ActivationPackage"], wallet, terms=AgreedTerms.from_agreement(agreement, self.network),
+            network=self.network, token_domain=self.token_domain(), now=now,
+            max_deadline_seconds=max(pay_by - now, 0) if pay_by else 3600)
         locked = self._request("POST", "/purchase/lock-funds", json={
             "network": network, "blockchainIdentifier": created["blockchainIdentifier"], **signed},
             idempotency_key=f"{key}:lock-funds")
@@ -330,11 +415,14 @@ class MarketplaceClient:
                                    f"{timeout:g} s, waiting for {', '.join(sorted(states))}")
             time.sleep(min(poll_interval, remaining))
 
-    def request_refund(self, blockchain_identifier: str, private_key: str, *,
+    def request_refund(self, blockchain_identifier: str, wallet: str | Wallet, *,
                        network: str = "Preprod") -> dict[str, Any]:
-        """`PATCH /purchase`: sign the purchase's refund request (EIP-712 Challenge) here and submit it."""
+        """`PATCH /purchase`: build the purchase's refund request (EIP-712 Challenge of this escrow, valid until
+        its unlockTime), check the server's against it, sign it here and submit it."""
         purchase = self.get_purchase(blockchain_identifier, network=network)
-        signature = sign_typed_data(private_key, purchase["refundRequestTypedData"])
+        signature = self._sign_challenge(purchase.get("refundRequestTypedData"), "refundRequestTypedData", wallet,
+                                         agreement_id=blockchain_identifier,
+                                         deadline=int(purchase["unlockTime"]) // 1000)
         return self._request("PATCH", "/purchase", json={
             "network": network, "blockchainIdentifier": blockchain_identifier, "signature": signature})["data"]
     # --- skills (x402) -------------------------------------------------------------------------------------------
@@ -354,7 +442,8 @@ class MarketplaceClient:
         if first.status_code != 402:
             return self._answer(first)
         header = sign_payment_required(first.headers["PAYMENT-REQUIRED"], private_key,
-                                       max_amount_atomic=max_amount_atomic)
+                                       max_amount_atomic=max_amount_atomic, network=self.network,
+                                       token_domain=self.token_domain())
         answer = self._answer(self._http.post(path, json={"input": dict(input)}, headers={"X-PAYMENT": header}))
         if "invocation_id" in answer and "result" not in answer and wait:
             return self.wait_for_invocation(answer["invocation_id"], timeout=timeout, poll_interval=poll_interval)

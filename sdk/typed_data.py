@@ -11,8 +11,9 @@ integers are Python ints (range-checked for their Solidity type). Arguments are 
 
 Domains:
 - UsageEscrow: ``{name: "UsageEscrow", version: "1", chainId, verifyingContract: <escrow>}``
-- USDC (and MockUSDC): ``{name: "USD Coin", version: "2", chainId, verifyingContract: <token>}``; other
-  tokens' names/versions can be passed in.
+- A token: ``{name, version, chainId, verifyingContract: <token>}``. The defaults are Base mainnet USDC's
+  (``"USD Coin"``, ``"2"``, also MockUSDC's); the SDK's signing paths always pass the domain read from the token
+  or pinned in ``sdk.networks`` (Base Sepolia's USDC is named ``"USDC"``).
 
 Example::
 
@@ -156,7 +157,8 @@ def _uint(value: int, field: str, bits: int = 256) -> int:
     return value
 
 
-def _full(primary: str, fields: list[dict[str, str]], domain: dict[str, Any], message: dict[str, Any]) -> dict:
+def _full(primary: str, fields: list[dict[str, str]], domain: dict[str, Any],
+          message: dict[str, Any]) -> dict[str, Any]:
     return {
         "types": {"EIP712Domain": [dict(f) for f in _DOMAIN_TYPE], primary: [dict(f) for f in fields]},
         "primaryType": primary,
@@ -436,7 +438,7 @@ def split_signature(signature: str | bytes) -> tuple[int, str, str]:
     return v, "0x" + raw[:32].hex(), "0x" + raw[32:64].hex()
 
 
-def message_tuple(typed: dict[str, Any]) -> tuple:
+def message_tuple(typed: dict[str, Any]) -> tuple[Any, ...]:
     """The message's values in the struct's field order, as a contract call takes a struct argument
     (e.g. the ``intent`` of ``UsageEscrow.activate``)."""
     fields = typed["types"][typed["primaryType"]]

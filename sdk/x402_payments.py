@@ -25,40 +25,58 @@ from x402.mechanisms.evm.signers import EthAccountSigner
 from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload
 
 from sdk import typed_data
+from sdk.networks import NetworkConfig, TokenDomain
+from sdk.safety import SigningRefused, Wallet, as_wallet, require_equal
 
 __all__ = ["build_direct_stablecoin_agreement", "sign_payment_required", "sign_authorization"]
 
 
-def sign_payment_required(payment_required_header: str, private_key: str, *, max_amount_atomic: int) -> str:
+def _check_requirements(requirements: PaymentRequirements, field: str, network: NetworkConfig,
+                        token_domain: TokenDomain) -> None:
+    """A 402's payment requirement must be for the pinned chain and token, with the token's real domain."""
+    require_equal(requirements.network, f"eip155:{network.chain_id}", f"{field}.network")
+    require_equal(requirements.asset, network.token_address, f"{field}.asset")
+    extra = requirements.extra or {}
+    require_equal(extra.get("name"), token_domain.name, f"{field}.extra.name")
+    require_equal(extra.get("version"), token_domain.version, f"{field}.extra.version")
+
+
+def sign_payment_required(payment_required_header: str, private_key: str, *, max_amount_atomic: int,
+                          network: NetworkConfig, token_domain: TokenDomain) -> str:
     """The payment header (base64 x402 PaymentPayload) answering a 402's PAYMENT-REQUIRED header.
 
-    Refuses (x402's spend controls) to sign anything above `max_amount_atomic` token base units.
+    Refuses (`SigningRefused`) a requirement for another chain, token or token domain than the pinned ones, and
+    (x402's spend controls) anything above `max_amount_atomic` token base units.
     """
     required = decode_payment_required_header(payment_required_header)
+    for index, requirements in enumerate(required.accepts):
+        if not isinstance(requirements, PaymentRequirements):  # an x402 v1 shape: not what this SDK pays
+            raise SigningRefused(f"accepts[{index}]", "x402 v2 payment requirements", type(requirements).__name__)
+        _check_requirements(requirements, f"accepts[{index}]", network, token_domain)
     client = x402ClientSync()
-    for requirements in required.accepts:
-        client.register(requirements.network, ExactEvmScheme(EthAccountSigner(Account.from_key(private_key))))
+    client.register(f"eip155:{network.chain_id}", ExactEvmScheme(EthAccountSigner(Account.from_key(private_key))))
     client.set_spend_controls({"allowed_assets": [
         {"network": r.network, "asset": r.asset, "max_amount_per_payment": str(max_amount_atomic)}
         for r in required.accepts]})
     return encode_payment_signature_header(client.create_payment_payload(required))
 
 
-def sign_authorization(requirements: PaymentRequirements, private_key: str, *, valid_before: int) -> str:
+def sign_authorization(requirements: PaymentRequirements, wallet: str | bytes | Wallet, *, valid_before: int) -> str:
     """A payment header for `requirements` whose authorization stays valid until `valid_before` (unix time).
 
     For payments executed later than x402's usual minutes (a direct purchase waits for the seller's accept).
+    The caller has checked `requirements` (chain, token and its domain in `extra`, payee, amount).
     """
-    account = Account.from_key(private_key)
+    wallet = as_wallet(wallet)
     authorization = ExactEIP3009Authorization(
-        from_address=account.address, to=requirements.pay_to, value=requirements.amount, valid_after="0",
+        from_address=wallet.address, to=requirements.pay_to, value=requirements.amount, valid_after="0",
         valid_before=str(valid_before), nonce="0x" + secrets.token_hex(32))
     typed = typed_data.transfer_with_authorization(
         chain_id=int(requirements.network.split(":")[1]), token_address=requirements.asset,
-        from_address=account.address, to_address=requirements.pay_to, value=int(requirements.amount), valid_after=0,
-        valid_before=valid_before, nonce=authorization.nonce, token_name=requirements.extra["name"],
+        from_address=wallet.address, to_address=requirements.pay_to, value=int(requirements.amount),
+        valid_after=0, valid_before=valid_before, nonce=authorization.nonce, token_name=requirements.extra["name"],
         token_version=requirements.extra["version"])
-    signature = typed_data.sign_typed_data(private_key, typed)
+    signature = wallet.sign_typed_data(typed)
     payload = PaymentPayload(payload=ExactEIP3009Payload(authorization, signature).to_dict(), accepted=requirements)
     return encode_payment_signature_header(payload)
 
@@ -70,37 +88,47 @@ def build_direct_stablecoin_agreement(
     unit_price_atomic: int,
     seller_wallet_address: str,
     payment_requirements: Mapping[str, Any],
-    private_key: str,
+    wallet: str | bytes | Wallet,
     permit_nonce: int,
+    network: NetworkConfig,
+    token_domain: TokenDomain,
     validity_seconds: int = 3600,
     now: int | None = None,
 ) -> dict[str, Any]:
     """The body of `POST /usage-agreements` for a direct stablecoin purchase, both signatures made here.
 
-    `payment_requirements` is `GET /payment-requirements?amount_atomic=<quantity × unit price>` (fee, token,
-    chain and the gas wallet the fee permit is for); `permit_nonce` is the token's `nonces(buyer)`. The seller
-    must accept within `validity_seconds` (the proposal expires before the signatures do).
+    `payment_requirements` is `GET /payment-requirements?amount_atomic=<quantity × unit price>`; it is only
+    compared with what the SDK computes from the pinned `network` (chain, token, the fee from the published
+    schedule, the gas wallet the fee permit is for) and refused (`SigningRefused`) on any difference.
+    `permit_nonce` is the token's `nonces(buyer)`. The seller must accept within `validity_seconds`.
     """
+    wallet = as_wallet(wallet)
     amount = quantity * unit_price_atomic
-    if payment_requirements["amount_atomic"] != amount:
-        raise ValueError(f"payment_requirements are for {payment_requirements['amount_atomic']}, not {amount}")
-    token = payment_requirements["token"]["address"]
-    chain_id = payment_requirements["chain_id"]
+    fee = network.fee_schedule.fee_for(amount)
+    require_equal(payment_requirements["amount_atomic"], amount, "payment_requirements.amount_atomic")
+    require_equal(payment_requirements["fee_atomic"], fee, "payment_requirements.fee_atomic")
+    require_equal(payment_requirements["chain_id"], network.chain_id, "payment_requirements.chain_id")
+    require_equal(payment_requirements["token"]["address"], network.token_address,
+                  "payment_requirements.token.address")
+    require_equal(payment_requirements["gas_wallet_address"], network.gas_wallet,
+                  "payment_requirements.gas_wallet_address")
+    if not 0 < validity_seconds <= 24 * 3600:
+        raise SigningRefused("validity_seconds", "at most a day", validity_seconds)
     deadline = (now or int(time.time())) + validity_seconds
     requirements = PaymentRequirements(
-        scheme="exact", network=f"eip155:{chain_id}", asset=token, amount=str(amount), pay_to=seller_wallet_address,
-        max_timeout_seconds=validity_seconds,
-        extra={"name": typed_data.USDC_DOMAIN_NAME, "version": typed_data.USDC_DOMAIN_VERSION})
-    fee = payment_requirements["fee_atomic"]
+        scheme="exact", network=f"eip155:{network.chain_id}", asset=network.token_address, amount=str(amount),
+        pay_to=seller_wallet_address, max_timeout_seconds=validity_seconds,
+        extra={"name": token_domain.name, "version": token_domain.version})
     permit = typed_data.erc2612_permit(
-        chain_id=chain_id, token_address=token, owner=Account.from_key(private_key).address,
-        spender=payment_requirements["gas_wallet_address"], value=fee, nonce=permit_nonce, deadline=deadline)
+        chain_id=network.chain_id, token_address=network.token_address, owner=wallet.address,
+        spender=network.gas_wallet, value=fee, nonce=permit_nonce, deadline=deadline, token_name=token_domain.name,
+        token_version=token_domain.version)
     return {
         "service_id": str(service_id),
         "quantity": quantity,
         "settlement_model": "direct_payment",
-        "buyer_wallet_address": Account.from_key(private_key).address,
-        "payment_header": sign_authorization(requirements, private_key, valid_before=deadline),
+        "buyer_wallet_address": wallet.address,
+        "payment_header": sign_authorization(requirements, wallet, valid_before=deadline),
         "fee_permit": {"value": fee, "nonce": permit_nonce, "deadline": deadline,
-                       "signature": typed_data.sign_typed_data(private_key, permit)},
+                       "signature": wallet.sign_typed_data(permit)},
     }

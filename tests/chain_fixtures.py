@@ -65,7 +65,7 @@ class Deployed:
     node: devchain.AnvilProcess
     w3: Web3
     chain_id: int
-    addresses: dict[str, str]  # {"usdc": ..., "escrow": ...}
+    addresses: dict  # {"usdc": ..., "escrow": ..., "escrow_block": the escrow's deployment block}
     usdc: Contract
     escrow: Contract
     accounts: DevAccounts

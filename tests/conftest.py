@@ -168,11 +168,17 @@ def http_server():
 @pytest.fixture
 def escrow_chain(chain, settings):
     """The test chain (snapshot/revert per test) wired into the marketplace's settings."""
+    return wire_marketplace(chain, settings)
+
+
+def wire_marketplace(chain, settings):
+    """Point the marketplace's settings at `chain` (a tests.chain_fixtures.Chain) and its deployment."""
     accounts = chain.accounts
     settings.CHAIN_RPC_URL = chain.node.rpc_url
     settings.CHAIN_ID = chain.chain_id
     settings.USDC_ADDRESS = chain.addresses["usdc"]
     settings.USAGE_ESCROW_ADDRESS = chain.addresses["escrow"]
+    settings.ESCROW_DEPLOYMENT_BLOCK = chain.addresses["escrow_block"]
     settings.RELAYER_PRIVATE_KEY = accounts.deployer.key  # the deployment's operator
     settings.RECEIPT_SIGNER_PRIVATE_KEY = accounts.receipt_signer.key
     settings.FEE_RECIPIENT = accounts.fee_recipient.address

@@ -5,8 +5,8 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agreements', '0004_x402_payment_authorizations_and_skill_invocations'),
-        ('catalog', '0004_service_availability'),
+        ('agreements', '0006_admin_verbose_names'),
+        ('catalog', '0006_masumi_protocol_version'),
     ]
 
     operations = [

@@ -4,7 +4,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('catalog', '0004_service_availability'),
+        ('catalog', '0006_masumi_protocol_version'),
     ]
 
     operations = [

@@ -7,7 +7,7 @@ from agreements.models import AgreementEvent
 from escrow.models import ChainTransaction
 from sdk import typed_data
 from sdk.x402_payments import build_direct_stablecoin_agreement
-from tests.escrow.flow import USDC, Parties, confirm_all, fund, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, fund, network_of, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -29,8 +29,8 @@ class Purchase:
         arguments = dict(
             service_id=str(self.parties.service.pk), quantity=QUANTITY, unit_price_atomic=20_000,
             seller_wallet_address=self.parties.seller_account.address, payment_requirements=requirements,
-            private_key=self.buyer.key, permit_nonce=self.chain.usdc.functions.nonces(self.buyer.address).call(),
-            now=self.chain.now())
+            wallet=self.buyer.key, permit_nonce=self.chain.usdc.functions.nonces(self.buyer.address).call(),
+            network=network_of(self.chain), token_domain=network_of(self.chain).token_domain, now=self.chain.now())
         arguments.update(overrides)
         return build_direct_stablecoin_agreement(**arguments)
 
@@ -126,7 +126,7 @@ def test_a_payment_failing_after_the_fee_was_taken_gets_the_fee_refunded(
     (lambda p: p.body(seller_wallet_address=p.chain.accounts.stranger.address), 400, "wrong_recipient"),
     (lambda p: {**p.body(), "quantity": QUANTITY + 1}, 400, "wrong_amount"),
     (lambda p: p.body(validity_seconds=60), 400, "authorization_expired"),
-    (lambda p: {**p.body(private_key=p.chain.accounts.stranger.key), "buyer_wallet_address": p.buyer.address},
+    (lambda p: {**p.body(wallet=p.chain.accounts.stranger.key), "buyer_wallet_address": p.buyer.address},
      400, "wrong_payer"),
     (lambda p: {**p.body(), "fee_permit": {**p.body()["fee_permit"], "value": FEE - 1}}, 400,
      "permit_value_too_low"),

@@ -48,3 +48,33 @@ def test_payment_requirements(buyer_api, settings):
 ])
 def test_payment_requirements_validation(buyer_api, params, field, code):
     assert code in codes_at(buyer_api.get("/payment-requirements", params), field)
+
+
+def test_a_skill_invocation_is_quoted_without_a_platform_fee(buyer_api):
+    body = buyer_api.get("/payment-requirements", {"amount_atomic": 20_000, "purpose": "skill_invocation"}).json()
+    assert (body["purpose"], body["fee_atomic"], body["total_atomic"]) == ("skill_invocation", 0, 20_000)
+    direct = buyer_api.get("/payment-requirements", {"amount_atomic": 20_000}).json()
+    assert (direct["purpose"], direct["fee_atomic"]) == ("direct_purchase", 100_000)  # the fee schedule's minimum
+
+
+@pytest.mark.chain
+def test_what_a_skill_invocation_charges_is_what_payment_requirements_quotes(
+        buyer_api, escrow_chain, http_server, django_capture_on_commit_callbacks):
+    from tests.agreements.test_invocations import PRICE, Market
+    from tests.escrow.flow import confirm_all, usdc_balance
+
+    market = Market(escrow_chain, http_server)
+    quote = buyer_api.get("/payment-requirements", {"amount_atomic": PRICE, "purpose": "skill_invocation"}).json()
+    assert market.call("translate").json()["accepts"][0]["amount"] == str(quote["total_atomic"])
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    buyer, seller, treasury = market.balances()
+    fee_recipient = usdc_balance(escrow_chain, quote["fee_recipient"])
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert market.call("translate", payment).status_code == 200
+    confirm_all(django_capture_on_commit_callbacks)
+
+    assert market.balances() == (buyer - quote["total_atomic"], seller + quote["amount_atomic"] - quote["fee_atomic"],
+                                 treasury + quote["fee_atomic"])
+    assert usdc_balance(escrow_chain, quote["fee_recipient"]) == fee_recipient

@@ -14,7 +14,7 @@ from sdk import proxy_signature, typed_data
 from sdk.x402_payments import sign_authorization, sign_payment_required
 from tests.catalog.factories import AgentFactory, register_service
 from tests.conftest import Api
-from tests.escrow.flow import USDC, confirm_all, fund, usdc_balance
+from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -53,7 +53,9 @@ class Market:
         """Sign what the skill's 402 asks for (with `overrides` applied to its x402 requirements when given)."""
         required_header = self.call(skill)["PAYMENT-REQUIRED"]
         if not overrides:
-            return sign_payment_required(required_header, self.buyer.key, max_amount_atomic=USDC)
+            network = network_of(self.chain)
+            return sign_payment_required(required_header, self.buyer.key, max_amount_atomic=USDC, network=network,
+                                         token_domain=network.token_domain)
         requirements = decode_payment_required_header(required_header).accepts[0]
         valid_before = overrides.pop("valid_before", self.chain.now() + 300)
         return sign_authorization(requirements.model_copy(update=overrides), self.buyer.key,
@@ -79,7 +81,9 @@ def test_unpaid_call_is_402_with_the_x402_requirements_and_never_reaches_the_sel
     [accepts] = body["accepts"]
     assert accepts == {"scheme": "exact", "network": f"eip155:{settings.CHAIN_ID}",
                        "asset": settings.USDC_ADDRESS, "amount": str(PRICE), "payTo": market.treasury,
-                       "maxTimeoutSeconds": 300, "extra": {"name": "USD Coin", "version": "2"}}
+                       "maxTimeoutSeconds": 300,
+                       "extra": {"name": "USD Coin", "version": "2", "resource": "/agents/sol/translate"}}
+    assert body["resource"]["url"] == "http://testserver/agents/sol/translate"
     assert json.loads(base64.b64decode(response["PAYMENT-REQUIRED"]))["accepts"] == [accepts]
     assert market.upstream.requests == []
 
@@ -236,6 +240,28 @@ def test_bad_payments_are_402_with_their_code_and_move_nothing(market, overrides
     assert market.upstream.requests == []
     assert not SkillInvocation.objects.exists() and not ChainTransaction.objects.exists()
     assert market.balances() == before
+
+
+def test_a_payment_quoted_for_one_skill_does_not_pay_for_another_of_the_same_price(market):
+    other = AgentFactory(handle="mallory", is_buyer=False, is_seller=True,
+                         wallet_address=market.chain.accounts.stranger.address)
+    register_service(other, upstream_base_url=market.upstream.url + "/other",
+                     skills=[{"name": "echo", "price_atomic": PRICE}])
+    for payment in (market.pay("translate"),  # x402's client: echoes the 402's requirements and resource
+                    market.pay("translate", valid_before=market.chain.now() + 300)):  # requirements only
+        before = market.balances()
+
+        response = market.caller.post("/agents/mallory/echo", {"input": {}},
+                                      headers={"X-Payment-Signature": payment})
+
+        assert response.status_code == 402, response.content
+        assert response.json()["error"]["code"] == "wrong_resource"
+        assert response.json()["error"]["details"]["resource"] == "/agents/mallory/echo"
+        assert market.upstream.requests == [] and not ChainTransaction.objects.exists()
+        assert market.balances() == before
+    # Still good where it was quoted.
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    assert market.call("translate", payment).status_code == 200
 
 
 def test_an_authorization_without_funds_is_402_insufficient_balance(market):

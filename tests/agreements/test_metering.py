@@ -7,7 +7,7 @@ import pytest
 from agreements.models import UsageAgreement, UsageEvent
 from sdk import proxy_signature, receipts
 from tests.conftest import error_code
-from tests.escrow.flow import Parties
+from tests.escrow.flow import Parties, onchain_escrow
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -47,10 +47,10 @@ def test_a_proxied_call_is_forwarded_signed_and_billed(active, http_server, escr
 
     usage = active.buyer_api.get(f"/usage-agreements/{active.agreement_id}/usage").json()["results"]
     assert [(e["seq"], e["cost_atomic"], e["cumulative_atomic"]) for e in usage] == [(1, 20_000, 20_000)]
-    verified = receipts.verify_usage(usage, agreement_id=usage and UsageAgreement.objects.get(
-        pk=active.agreement_id).onchain_id, chain_id=escrow_chain.chain_id,
-        escrow_address=escrow_chain.addresses["escrow"], receipt_signer=escrow_chain.accounts.receipt_signer.address,
-        price_per_unit=20_000)
+    onchain_id = UsageAgreement.objects.get(pk=active.agreement_id).onchain_id
+    verified = receipts.verify_usage(usage, agreement_id=onchain_id, chain_id=escrow_chain.chain_id,
+                                     escrow_address=escrow_chain.addresses["escrow"],
+                                     escrow=onchain_escrow(escrow_chain, onchain_id), price_per_unit=20_000)
     assert verified.cumulative_amount == 20_000
     # The contract computes the same receipt digest.
     onchain = escrow_chain.escrow.functions.usageReceiptDigest(
@@ -144,9 +144,10 @@ def test_seller_records_usage_all_or_nothing(active, escrow_chain):
 
     usage = active.buyer_api.get(f"/usage-agreements/{active.agreement_id}/usage").json()["results"]
     assert [bool(e["receipt_signature"]) for e in usage] == [False, False, True]  # one receipt per batch
-    receipts.verify_usage(usage, agreement_id=UsageAgreement.objects.get(pk=active.agreement_id).onchain_id,
-                          chain_id=escrow_chain.chain_id, escrow_address=escrow_chain.addresses["escrow"],
-                          receipt_signer=escrow_chain.accounts.receipt_signer.address, price_per_unit=20_000)
+    onchain_id = UsageAgreement.objects.get(pk=active.agreement_id).onchain_id
+    receipts.verify_usage(usage, agreement_id=onchain_id, chain_id=escrow_chain.chain_id,
+                          escrow_address=escrow_chain.addresses["escrow"],
+                          escrow=onchain_escrow(escrow_chain, onchain_id), price_per_unit=20_000)
 
 
 def test_calls_before_activation_are_409(escrow_chain, http_server):

@@ -1,4 +1,6 @@
 import json
+import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -9,6 +11,7 @@ from agreements.models import DeliveryStatus, WebhookDelivery
 from agreements.tasks import retry_due_webhooks
 from tests.agreements.helpers import proposal
 from tests.conftest import codes_at
+from tests.support.db_activity import backend_pid, session_state
 
 pytestmark = pytest.mark.django_db
 
@@ -98,3 +101,24 @@ def test_webhook_validation(seller_api, buyer_api):
     assert "invalid_choice" in codes_at(seller_api.post("/webhooks", {"url": "https://x.io",
                                                                      "event_types": ["bogus"]}), "event_types")
     assert buyer_api.post("/webhooks", {"url": "https://x.io"}).status_code == 403  # needs the admin scope
+
+
+@pytest.mark.django_db(transaction=True)
+def test_no_lock_or_transaction_is_held_while_posting(buyer_api, seller_api, service, http_server):
+    subscribe(seller_api, http_server.url, event_types=["agreement.proposed"])
+    http_server.responses.append((200, {}, 1.0))  # a slow receiver
+    pid = backend_pid()
+    seen = []
+
+    def look_while_the_receiver_answers():
+        deadline = time.monotonic() + 10
+        while not http_server.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen.append(session_state(pid))
+
+    watcher = threading.Thread(target=look_while_the_receiver_answers)
+    watcher.start()
+    buyer_api.post("/usage-agreements", proposal(service))  # delivered after commit, in this process
+    watcher.join()
+    assert seen and seen[0] != "idle in transaction"
+    assert WebhookDelivery.objects.get().status == DeliveryStatus.DELIVERED

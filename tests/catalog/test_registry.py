@@ -291,13 +291,19 @@ def test_an_update_through_the_api_shows_in_the_registry(seller, seller_api):
 # --- GET /registry ----------------------------------------------------------------------------------------------
 
 
-def test_the_list_holds_only_the_calling_agents_registrations(seller, seller_api):
-    register(seller_api, seller, name="Mine")
+def test_the_list_holds_every_agent_of_the_network_and_the_callers_own_through_a_filter(seller, seller_api):
+    """The seed: "List every agent that is recorded in the Masumi Registry" (a buyer used to see none)."""
+    mine = register(seller_api, seller, name="Mine")
     other = AgentFactory(is_seller=True)
     register(Api(issue_key(other)), other, name="Theirs")
+    buyer_api = Api(issue_key(AgentFactory(is_seller=False)))
 
-    assert [a["name"] for a in assets(seller_api)] == ["Mine"]
-    assert assets(Api(issue_key(AgentFactory(is_seller=False)))) == []
+    assert sorted(a["name"] for a in assets(buyer_api)) == ["Mine", "Theirs"]
+    assert [a["name"] for a in assets(seller_api, walletVKey=seller.wallet_address)] == ["Mine"]
+    gone = seller_api.delete("/registry/", {"network": "Preprod", "agentIdentifier": mine["id"]})
+    assert gone.status_code == 200, gone.content
+    assert [a["name"] for a in assets(buyer_api)] == ["Theirs"]  # others no longer see a deregistered agent
+    assert [a["state"] for a in assets(seller_api, walletVKey=seller.wallet_address)] == ["DeregistrationConfirmed"]
 
 
 def test_cursor_id_pages_through_every_registration_once(seller, seller_api):

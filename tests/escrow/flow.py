@@ -1,12 +1,40 @@
 """Drive agreements to on-chain states through the public API (shared by escrow and metering tests)."""
 
+import time
+
 from escrow import devchain, relayer
+from sdk import AgreedTerms, NetworkConfig, TokenDomain
 from sdk.activation import sign_activation_package
+from sdk.onchain import ChainReader, OnchainEscrow
 from tests.agreements.helpers import propose
 from tests.catalog.factories import AgentFactory, issue_key, register_service
 from tests.conftest import Api
 
 USDC = 10**6
+
+
+def network_of(chain) -> NetworkConfig:
+    """What a buyer's SDK pins for the test deployment (MockUSDC has USDC's domain)."""
+    return NetworkConfig(chain_id=chain.chain_id, escrow_address=chain.addresses["escrow"],
+                         token_address=chain.addresses["usdc"], receipt_signer=chain.accounts.receipt_signer.address,
+                         gas_wallet=chain.accounts.deployer.address, token_domain=TokenDomain("USD Coin", "2"))
+
+
+def sign_activation(chain, package: dict, agreement: dict, key: str, **options) -> dict:
+    """The SDK's checked signing of an activation package, for the agreement the buyer holds."""
+    network = network_of(chain)
+    return sign_activation_package(package, key, terms=AgreedTerms.from_agreement(agreement, network),
+                                   network=network, token_domain=network.token_domain,
+                                   now=max(int(time.time()), chain.now()), **options)
+
+
+def onchain_escrow(chain, onchain_id: str) -> OnchainEscrow:
+    """The escrow as a buyer's SDK reads it through its own RPC."""
+    reader = ChainReader(chain.node.rpc_url)
+    try:
+        return reader.escrow(chain.addresses["escrow"], onchain_id)
+    finally:
+        reader.close()
 
 
 def usdc_balance(chain, address: str) -> int:
@@ -38,10 +66,11 @@ class Parties:
         assert response.status_code == 200, response.content
         return response.json()
 
-    def signed_activation(self, agreement_id: str, key: str | None = None) -> dict:
+    def signed_activation(self, agreement_id: str) -> dict:
         package = self.buyer_api.get(f"/usage-agreements/{agreement_id}/activation-package")
         assert package.status_code == 200, package.content
-        return sign_activation_package(package.json(), key or self.buyer_account.key)
+        return sign_activation(self.chain, package.json(), self.agreement(agreement_id),
+                               self.buyer_account.key)
 
     def activate(self, agreement_id: str, capture, body: dict | None = None):
         """POST activate-escrow with after-commit work run, then let the relayer confirm. Returns the 202 response."""

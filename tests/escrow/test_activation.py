@@ -5,7 +5,7 @@ import pytest
 from agreements.models import AgreementEvent, UsageAgreement
 from escrow.models import ChainTransaction, TxStatus
 from tests.conftest import codes_at, error_code
-from tests.escrow.flow import USDC, Parties, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -23,7 +23,8 @@ def test_proposal_to_active_moves_usdc_on_chain(parties, escrow_chain, django_ca
 
     package = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/activation-package").json()
     assert package["intent"]["message"]["depositAmount"] == 2 * USDC
-    assert package["fee_pending"] is True and package["fee_permit"]["message"]["value"] == 100_000
+    # One permit covers the deposit and the fee (the contract's front-running-robust path).
+    assert package["escrow_permit"]["message"]["value"] == 2 * USDC + 100_000 and "fee_permit" not in package
 
     response = parties.activate(agreement["id"], django_capture_on_commit_callbacks)
     assert response.status_code == 202, response.content
@@ -53,11 +54,10 @@ def test_bad_signatures_are_refused_before_anything_is_queued(parties, escrow_ch
     agreement = parties.accepted_agreement()
     url = f"/usage-agreements/{agreement['id']}/activate-escrow"
     stranger_signed = parties.signed_activation(agreement["id"])
-    from sdk.activation import sign_activation_package
+    from sdk.typed_data import sign_typed_data
 
     package = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/activation-package").json()
-    package["intent"]["message"]["buyer"] = escrow_chain.accounts.stranger.address
-    wrong = sign_activation_package(package, escrow_chain.accounts.stranger.key)
+    wrong = {"intent_signature": sign_typed_data(escrow_chain.accounts.stranger.key, package["intent"])}
 
     cases = [
         ({**stranger_signed, "intent_signature": wrong["intent_signature"]}, "wrong_signer"),
@@ -67,7 +67,7 @@ def test_bad_signatures_are_refused_before_anything_is_queued(parties, escrow_ch
         ({**stranger_signed, "escrow_permit": {**stranger_signed["escrow_permit"], "nonce": 7}}, "wrong_permit_nonce"),
         ({**stranger_signed, "escrow_permit": {**stranger_signed["escrow_permit"], "value": 1}},
          "permit_value_too_low"),
-        ({**stranger_signed, "fee_permit": None}, "fee_permit_required"),
+        ({**stranger_signed, "fee_permit": stranger_signed["escrow_permit"]}, "validation_error"),  # one permit
     ]
     for body, code in cases:
         response = parties.buyer_api.post(url, body)
@@ -141,3 +141,55 @@ def test_reverted_activation_fails_with_reason_and_can_be_signed_again(parties, 
     retry = parties.activate(agreement["id"], django_capture_on_commit_callbacks)
     assert retry.status_code == 202
     assert parties.agreement(agreement["id"])["status"] == "active"
+
+
+def _front_run(chain, signed: dict) -> None:
+    """A third party submits the buyer's signed permit to the token before the relayer's activation."""
+    from sdk.typed_data import split_signature
+
+    permit = signed["escrow_permit"]
+    v, r, s = split_signature(permit["signature"])
+    chain.usdc.functions.permit(chain.accounts.buyer.address, chain.addresses["escrow"], permit["value"],
+                                permit["deadline"], v, r, s).transact({"from": chain.accounts.stranger.address})
+
+
+def test_a_permit_front_run_before_submission_still_activates(parties, escrow_chain,
+                                                                django_capture_on_commit_callbacks):
+    agreement = parties.accepted_agreement(quantity=100)
+    body = parties.signed_activation(agreement["id"])
+    _front_run(escrow_chain, body)  # the token's nonce has moved on; the allowance covers deposit + fee
+
+    response = parties.activate(agreement["id"], django_capture_on_commit_callbacks, body)
+    assert response.status_code == 202, response.content
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert usdc_balance(escrow_chain, escrow_chain.addresses["escrow"]) == 2 * USDC
+
+
+def test_a_permit_front_run_while_the_activation_is_in_flight_still_activates(parties, escrow_chain,
+                                                                               django_capture_on_commit_callbacks):
+    chain = escrow_chain
+    agreement = parties.accepted_agreement(quantity=100)
+    fee_before = usdc_balance(chain, chain.accounts.fee_recipient.address)
+    body = parties.signed_activation(agreement["id"])
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", body)
+    assert response.status_code == 202, response.content
+    _front_run(chain, body)  # between the API's checks and the relayer's transaction
+    with django_capture_on_commit_callbacks(execute=True):
+        for callback in callbacks:
+            callback()
+    confirm_all(django_capture_on_commit_callbacks)
+
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert usdc_balance(chain, chain.addresses["escrow"]) == 2 * USDC
+    assert usdc_balance(chain, chain.accounts.fee_recipient.address) == fee_before + 100_000
+
+
+def test_a_spent_permit_without_the_allowance_is_refused(parties, escrow_chain):
+    chain = escrow_chain
+    agreement = parties.accepted_agreement(quantity=100)
+    body = parties.signed_activation(agreement["id"])
+    _front_run(chain, body)
+    chain.usdc.functions.approve(chain.addresses["escrow"], 0).transact({"from": parties.buyer_account.address})
+    response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", body)
+    assert response.status_code == 400 and error_code(response) == "wrong_permit_nonce"

@@ -40,7 +40,9 @@ def test_start_deploy_mint_and_stop():
         deployed = devchain.deploy_contracts(
             w3, keys[0], fee_recipient=addrs[2], arbiter=addrs[1], reclaim_grace=120
         )
-        assert set(deployed) == {"usdc", "escrow"}
+        assert set(deployed) == {"usdc", "escrow", "escrow_block"}
+        assert w3.eth.get_code(deployed["escrow"], deployed["escrow_block"]) != b""
+        assert w3.eth.get_code(deployed["escrow"], deployed["escrow_block"] - 1) == b""
         receipt = devchain.mint_usdc(w3, deployed["usdc"], keys[0], addrs[3], 5_000_000)
         assert receipt["status"] == 1
         usdc = devchain.usdc_contract(w3, deployed["usdc"])

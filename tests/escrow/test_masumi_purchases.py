@@ -1,16 +1,16 @@
 """Masumi purchases end to end on Anvil, against a real Masumi-style seller service started by the test."""
 
 import hashlib
+import json
 
 import pytest
 from django.core.management import call_command
 
 from escrow import purchases, settlement
-from sdk.activation import sign_activation_package
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import UserFactory, issue_owner_token
 from tests.conftest import Api, error_code
-from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, sign_activation, usdc_balance
 from tests.support.masumi_service import MasumiService, result_for
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -51,10 +51,11 @@ class Purchase:
             "network": "Preprod", "agentIdentifier": str(self.parties.service.pk), "input_data": INPUT,
             "identifierFromPurchaser": "order-17",
             **{name: str(seconds * 1000) for name, seconds in self.timers.items()}})
-        assert created.status_code == 201, created.content
+        assert created.status_code == 200, created.content
         self.created = created.json()["data"]
         self.id = self.created["blockchainIdentifier"]
-        signed = sign_activation_package(self.created["ActivationPackage"], self.parties.buyer_account.key)
+        signed = sign_activation(chain, self.created["ActivationPackage"],
+                                 self.parties.agreement(self.created["agreementId"]), self.parties.buyer_account.key)
         with capture(execute=True):
             locked = self.parties.buyer_api.post("/purchase/lock-funds", {
                 "network": "Preprod", "blockchainIdentifier": self.id, **signed})
@@ -96,8 +97,9 @@ def test_result_before_submit_time_pays_the_seller_after_unlock_time(
     chain = escrow_chain
     purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
     assert purchase.created["onChainState"] is None
+    # MIP-004, as the masumi library computes it (tests/compat checks against the library): sha256(id;JCS(input)).
     assert purchase.created["inputHash"] == hashlib.sha256(
-        b'{"language":"en","text":"the quarterly report"}').hexdigest()
+        b'order-17;{"language":"en","text":"the quarterly report"}').hexdigest()
     assert purchase.created["PaidFunds"] == [{"amount": str(PRICE), "unit": "USDC"}]
     assert purchase.created["ActivationPackage"]["deadline"] == purchase.timers["payByTime"]
     assert purchase.created["submitResultTime"] == str(purchase.timers["submitResultTime"] * 1000)
@@ -115,7 +117,8 @@ def test_result_before_submit_time_pays_the_seller_after_unlock_time(
 
     assert purchase.tick()["results"] == 1
     submitted = purchase.get()
-    result_hash = hashlib.sha256(result_for(INPUT).encode()).hexdigest()
+    # sha256(id;result), the result JSON-escaped (its quotes as \").
+    result_hash = hashlib.sha256(f"order-17;{json.dumps(result_for(INPUT))[1:-1]}".encode()).hexdigest()
     assert submitted["onChainState"] == "ResultSubmitted"
     assert (submitted["result"], submitted["resultHash"]) == (result_for(INPUT), result_hash)
     onchain = purchase.onchain()
@@ -123,7 +126,7 @@ def test_result_before_submit_time_pays_the_seller_after_unlock_time(
     assert int(onchain["settledAmount"]) == PRICE
     assert int(onchain["challengeDeadline"]) >= purchase.timers["unlockTime"]
     assert purchase.tick() == {"expired": 0, "started": 0, "results": 0, "disputed": 0,
-                               "released": 0}  # nothing twice
+                               "released": 0, "refunding": 0}  # nothing twice
 
     chain.increase_time(purchase.timers["unlockTime"] - chain.now() - 5)
     assert purchase.settle()["finalizing"] == 0  # before unlockTime the seller is not paid
@@ -157,6 +160,38 @@ def test_no_result_by_submit_time_refunds_the_buyer(escrow_chain, seller_service
     assert refunded["onChainState"] == "RefundWithdrawn" and refunded["resultHash"] is None
     assert purchase.onchain()["state"] == "reclaimed"
     purchase.assert_moved(seller=0, buyer=PRICE)
+    call_command("reconcile")
+
+
+def test_refund_requested_and_no_result_by_submit_time_pays_the_buyer_back_by_the_purchases_timers(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """The connect seed: no result by submitResultTime, refund requested -> the buyer is paid back before unlockTime,
+    not after the contract's reclaim grace (a day on the dev deployment)."""
+    chain = escrow_chain
+    seller_service.mode = "never"
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    assert purchase.get()["jobStatus"] == "running"
+
+    # As the seed has it: the job is still pending when submitResultTime passes, so the buyer asks for a refund.
+    chain.increase_time(purchase.timers["submitResultTime"] - chain.now())
+    typed = purchase.get()["refundRequestTypedData"]
+    with purchase.capture(execute=True):
+        requested = purchase.parties.buyer_api.patch("/purchase/", {
+            "network": "Preprod", "blockchainIdentifier": purchase.id,
+            "signature": sign_typed_data(purchase.parties.buyer_account.key, typed)})
+    assert requested.status_code == 200, requested.content
+    assert requested.json()["data"]["onChainState"] == "RefundRequested"
+    assert purchase.tick()["refunding"] == 1  # a zero proposal, confirmed by the relayer poll
+    assert purchase.tick()["disputed"] == 1  # the buyer's signed request challenges it
+    assert purchase.tick()["released"] == 1  # no result at all: the arbiter resolves it wholly to the buyer
+    confirm_all(purchase.capture)  # finalize after the resolution
+    refunded = purchase.get()
+    assert refunded["onChainState"] == "RefundWithdrawn" and refunded["resultHash"] is None
+    assert chain.now() < purchase.timers["unlockTime"]
+    purchase.assert_moved(seller=0, buyer=PRICE)
+    assert purchase.tick() == {"expired": 0, "started": 0, "results": 0, "disputed": 0, "released": 0,
+                               "refunding": 0}
     call_command("reconcile")
 
 
@@ -261,9 +296,10 @@ def test_purchase_never_funded_by_pay_by_time_expires(escrow_chain, seller_servi
     created = parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
                                                    "agentIdentifier": str(parties.service.pk)}).json()["data"]
     assert created["NextAction"]["requestedAction"] == "FundsLockingRequested"
+    signed = sign_activation(chain, created["ActivationPackage"], parties.agreement(created["agreementId"]),
+                             parties.buyer_account.key)
     chain.increase_time(created["ActivationPackage"]["deadline"] - chain.now())
     assert run(django_capture_on_commit_callbacks, purchases.purchases_tick)["expired"] == 1
-    signed = sign_activation_package(created["ActivationPackage"], parties.buyer_account.key)
     late = parties.buyer_api.post("/purchase/lock-funds", {"network": "Preprod",
                                                           "blockchainIdentifier": created["blockchainIdentifier"],
                                                           **signed})

@@ -50,6 +50,8 @@ class Stack:
     web: Service
     worker: Service
     url: str
+    log_dir: Path
+    env: dict  # what the stack's processes run with: for a client command run against it
 
     def api(self, secret: str) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
@@ -57,6 +59,10 @@ class Stack:
     def start_worker(self) -> None:
         self.worker.start()
         wait_until(lambda: "ready." in self.worker.log(), timeout=60, what="the Celery worker")
+
+    def start_web(self) -> None:
+        self.web.start()
+        wait_until(lambda: _answers(self.url), timeout=30, what="the web server")
 
     def relayer_nonce(self) -> int:
         """Transactions the relayer has sent, as the chain counts them."""
@@ -72,29 +78,38 @@ class Stack:
 
 
 @pytest.fixture
-def stack(escrow_chain, redis_server, chain_relay, settings, tmp_path: Path):
+def stack_env() -> dict:
+    """Settings a test module gives its stack on top of the suite's (override the fixture)."""
+    return {}
+
+
+@pytest.fixture
+def stack(escrow_chain, redis_server, chain_relay, settings, tmp_path: Path, stack_env):
     port = free_port()
     common = {
         **os.environ, "DEBUG": "false", "SECRET_KEY": "fault-suite", "CELERY_TASK_ALWAYS_EAGER": "false",
         "CELERY_BROKER_URL": redis_server.url, "CELERY_VISIBILITY_TIMEOUT": "5",
         "CHAIN_RPC_URL": chain_relay.url, "CHAIN_ID": str(escrow_chain.chain_id), "CHAIN_RPC_TIMEOUT": "5",
         "USDC_ADDRESS": settings.USDC_ADDRESS, "USAGE_ESCROW_ADDRESS": settings.USAGE_ESCROW_ADDRESS,
+        "ESCROW_DEPLOYMENT_BLOCK": str(settings.ESCROW_DEPLOYMENT_BLOCK), "INDEXER_POLL_SECONDS": "1",
         "RELAYER_PRIVATE_KEY": settings.RELAYER_PRIVATE_KEY,
         "RECEIPT_SIGNER_PRIVATE_KEY": settings.RECEIPT_SIGNER_PRIVATE_KEY, "FEE_RECIPIENT": settings.FEE_RECIPIENT,
         "CHAIN_POLL_SECONDS": "1", "SETTLEMENT_TICK_SECONDS": "1", "CHAIN_SWEEP_SECONDS": "2",
         "CHAIN_SWEEP_AFTER_SECONDS": "3", "PROXY_TIMEOUT_SECONDS": "3", "PROXY_CONNECT_TIMEOUT_SECONDS": "2",
+        "PROXY_INTENT_GRACE_SECONDS": "2", "PROXY_INTENT_REAP_SECONDS": "1", "MASUMI_AVAILABILITY_POLL_SECONDS": "1",
         "ALLOW_PRIVATE_UPSTREAMS": "true",  # the test upstream listens on loopback
+        **stack_env,
     }
     web = web_server({**common, "DATABASE_URL": database_url("faults-web")}, tmp_path, port)
     worker = celery_worker({**common, "DATABASE_URL": database_url("faults-worker")}, tmp_path)
     stack = Stack(chain=escrow_chain, redis=redis_server, relay=chain_relay, web=web, worker=worker,
-                  url=f"http://127.0.0.1:{port}")
-    web.start()
-    wait_until(lambda: _answers(stack.url), timeout=30, what="the web server")
+                  url=f"http://127.0.0.1:{port}", log_dir=tmp_path,
+                  env={**common, "DATABASE_URL": database_url("faults-client")})
+    stack.start_web()
     stack.start_worker()
     yield stack
-    worker.stop()
-    web.stop()
+    stack.worker.stop()
+    stack.web.stop()
 
 
 def _answers(url: str) -> bool:
@@ -128,8 +143,12 @@ def assert_books_balance(agreement_id) -> None:
 
 
 def assert_each_transaction_sent_once(agreement_id, purposes: list[str]) -> None:
-    """One logical chain transaction per purpose, confirmed, every attempt of it sharing one nonce."""
-    transactions = ChainTransaction.objects.filter(agreement_id=agreement_id).order_by("created_at")
+    """One logical chain transaction per purpose, confirmed, every attempt of it sharing one nonce. (The indexer
+    may have moved the agreement on the transaction's event before the relayer polled its receipt.)"""
+    rows = ChainTransaction.objects.filter(agreement_id=agreement_id)
+    wait_until(lambda: not rows.filter(status__in=["queued", "submitted", "mined"]).exists(), timeout=30,
+               what=f"the relayer to confirm {purposes}")
+    transactions = rows.order_by("created_at")
     assert [tx.purpose for tx in transactions] == purposes
     for tx in transactions:
         assert tx.status == "confirmed", (tx.purpose, tx.status, tx.failure_reason)

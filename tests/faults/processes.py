@@ -77,6 +77,8 @@ class ChainRelay:
         self.hold_methods: set[str] = set()
         self.holding = threading.Event()  # set while a held answer is being kept back
         self._release = threading.Event()
+        self._let_through = 0  # matching calls still answered before the holding starts
+        self._count_lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -95,7 +97,7 @@ class ChainRelay:
                     payload = answer.read()
                 calls = json.loads(body)
                 methods = {call.get("method") for call in (calls if isinstance(calls, list) else [calls])}
-                if methods & relay.hold_methods:
+                if methods & relay.hold_methods and relay._hold_this_one():
                     relay.holding.set()
                     relay._release.wait()  # the node has done the work; the caller never hears back
                     self.close_connection = True
@@ -122,10 +124,19 @@ class ChainRelay:
             self._server.server_close()
             self._server = None
 
-    def hold(self, *methods: str) -> None:
+    def hold(self, *methods: str, after: int = 0) -> None:
+        """Keep back the answers to calls of `methods` (until `release`), once `after` of them went through."""
         self._release.clear()
         self.holding.clear()
+        self._let_through = after
         self.hold_methods = set(methods)
+
+    def _hold_this_one(self) -> bool:
+        with self._count_lock:
+            if self._let_through > 0:
+                self._let_through -= 1
+                return False
+            return True
 
     def release(self) -> None:
         self.hold_methods = set()
@@ -147,6 +158,18 @@ class Service:
         log.close()
         return self
 
+    def children(self) -> set[int]:
+        """The ids of the processes it started (gunicorn's workers, a Celery pool's children)."""
+        found = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if self.process and parent == self.process.pid:
+                found.add(int(stat.parent.name))
+        return found
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -166,23 +189,32 @@ class Service:
 
 def web_server(env: dict, log_dir: Path, port: int) -> Service:
     return Service("web", [str(BIN / "gunicorn"), "marketplace.wsgi", "--bind", f"127.0.0.1:{port}",
-                           "--workers", "1", "--threads", "4", "--timeout", "60", "--log-level", "warning"],
+                           "--workers", "1", "--threads", "16", "--timeout", "60", "--log-level", "warning"],
                    env, log_dir)
 
 
-def celery_worker(env: dict, log_dir: Path) -> Service:
-    """One worker process (solo pool) with the beat schedule embedded: what `make run` runs, in one process."""
-    return Service("worker", [str(BIN / "celery"), "-A", "marketplace", "worker", "--beat", "--pool", "solo",
+def celery_worker(env: dict, log_dir: Path, *, pool: str = "solo", include: str = "") -> Service:
+    """One worker with the beat schedule embedded: by default one process (solo pool), what `make run` runs;
+    `pool="prefork"` runs tasks in a child process, as production does, so a task can crash its process alone."""
+    options = ["--concurrency", "1"] if pool == "prefork" else []
+    options += ["--include", include] if include else []
+    return Service("worker", [str(BIN / "celery"), "-A", "marketplace", "worker", "--beat", "--pool", pool, *options,
                               "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "info",
                               "--schedule", str(log_dir / "beat-schedule")], env, log_dir)
 
 
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000  # 200 kB nested 100,000 deep
+
+
 class Upstream:
-    """The seller's service: answers 200, or hangs (until released), or resets the connection, as told."""
+    """The seller's service: answers 200, or hangs (until released), or resets the connection, or answers JSON
+    nested 100,000 deep, as told."""
 
     def __init__(self):
         self.mode = "ok"
         self.served = 0  # calls answered 200
+        self.arrivals = 0  # calls that reached it
+        self._count = threading.Lock()
         self.arrived = threading.Event()  # set when a call reaches a hanging or resetting upstream
         self._release = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -206,6 +238,8 @@ class Upstream:
         class Handler(BaseHTTPRequestHandler):
             def _handle(self):
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with upstream._count:
+                    upstream.arrivals += 1
                 mode = upstream.mode
                 if mode != "ok":
                     upstream.arrived.set()
@@ -216,13 +250,14 @@ class Upstream:
                     return
                 if mode == "hang":
                     upstream._release.wait(timeout=60)
-                payload = b'{"ok": true}'
+                payload = DEEP_JSON if mode == "deep" else b'{"ok": true}'
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
-                upstream.served += 1
+                with upstream._count:
+                    upstream.served += 1
 
             do_GET = do_POST = _handle
 

@@ -59,7 +59,7 @@ def test_chain_unreachable_for_a_while(stack, parties):
         assert activate(api, parties, queued["id"]).status_code == 202
         stack.relay.stop()  # the node is unreachable for the worker and the web server alike
         stack.start_worker()
-        wait_until(lambda: "RpcUnavailable" in stack.worker.log(), timeout=30,
+        wait_until(lambda: "RpcUnreachable" in stack.worker.log(), timeout=30,
                    what="the worker to meet the unreachable chain")
         # The API checks the chain before accepting an activation: a clear 503, nothing half-written.
         response = activate(api, parties, refused["id"])

@@ -69,3 +69,20 @@ def test_killed_while_proposing_and_finalizing_the_settlement(stack, parties, up
     assert (settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (5 * price, 45 * price)
     assert stack.chain.usdc.functions.balanceOf(stack.chain.addresses["escrow"]).call() == 0
     assert_reconciled()
+
+
+def test_killed_between_the_attempt_being_mined_and_its_receipt_being_stored(stack, parties):
+    agreement = parties.accepted_agreement()
+    sent_before = stack.relayer_nonce()
+    # The poll has read the receipt of the mined activation; the next call (the chain's height, asked before the
+    # receipt is written) never answers, and the worker dies with the receipt in memory only.
+    stack.relay.hold("eth_blockNumber")
+    activate(stack, parties, agreement["id"])
+    kill_worker_while_holding(stack, "eth_blockNumber")
+
+    stack.wait_for_status(agreement["id"], "active")
+    assert stack.relayer_nonce() == sent_before + 1  # found again, not sent again
+    assert_each_transaction_sent_once(agreement["id"], ["activate"])
+    events = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/events").json()["results"]
+    assert [event["to_status"] for event in events].count("active") == 1
+    assert_reconciled()

@@ -25,19 +25,21 @@ def test_liveness_touches_no_dependency(settings):
 def test_ready_when_database_broker_and_chain_answer(escrow_chain):
     response = Client().get("/readyz")
     assert response.status_code == 200, response.content
-    assert response.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok", "chain": "ok"}}
+    assert response.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok", "chain": "ok",
+                                                             "indexer": "ok"}}
 
 
 @pytest.mark.django_db(transaction=True)
 def test_not_ready_names_what_failed(settings):
     settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
     settings.CHAIN_RPC_URL = CLOSED_PORT_URL
+    settings.USAGE_ESCROW_ADDRESS = "0x" + "11" * 20  # the indexer's lag cannot be known without the chain
     response = Client().get("/readyz")
     assert response.status_code == 503
     assert error_code(response) == "not_ready"
     details = response.json()["error"]["details"]
-    assert details["checks"] == {"database": "ok", "broker": "failed", "chain": "failed"}
-    assert details["failed"] == ["broker", "chain"]
+    assert details["checks"] == {"database": "ok", "broker": "failed", "chain": "failed", "indexer": "failed"}
+    assert details["failed"] == ["broker", "chain", "indexer"]
 
 
 @pytest.mark.django_db(transaction=True)

@@ -27,6 +27,13 @@ INTERNAL = [
     "http://[fe80::1]",
     "http://[fd00::1]",
     "http://[::ffff:127.0.0.1]",  # IPv4-mapped loopback
+    "http://[::127.0.0.1]:8000",  # IPv4-compatible loopback
+    "http://[::a9fe:a9fe]",  # IPv4-compatible metadata (169.254.169.254)
+    "http://[::ffff:a00:1]",  # IPv4-mapped private, in hex
+    "http://[64:ff9b::7f00:1]",  # NAT64 of loopback
+    "http://[64:ff9b::10.0.0.1]",  # NAT64 of a private address
+    "http://[64:ff9b:1::8.8.8.8]",  # local-use NAT64: a translator inside someone's network
+    "http://[2002:a9fe:a9fe::1]",  # 6to4 of the metadata address
 ]
 
 
@@ -37,7 +44,8 @@ def test_a_service_cannot_point_its_upstream_inside_the_platform(guard_on, selle
     assert error_code(response) == "address_not_allowed"
 
 
-@pytest.mark.parametrize("url", ["https://93.184.215.14/api", "https://translator.example.com/api"])
+@pytest.mark.parametrize("url", ["https://93.184.215.14/api", "https://translator.example.com/api",
+                                 "https://[64:ff9b::5db8:d70e]/api"])  # NAT64 of a public address
 def test_public_and_not_yet_resolvable_upstreams_are_accepted(guard_on, seller_api, url):
     # A name that does not resolve yet is accepted: every connection is checked again when it is made.
     response = seller_api.post("/agents/services", service_data(upstream_base_url=url))
@@ -98,3 +106,31 @@ def test_the_proxy_checks_the_address_on_every_connection(escrow_chain, http_ser
 
     settings.ALLOW_PRIVATE_UPSTREAMS = True
     assert active.buyer_api.get(f"{active.proxy}/translate").status_code == 200
+
+
+@pytest.mark.parametrize("host", ["[::127.0.0.1]", "[64:ff9b::127.0.0.1]", "localhost"])
+def test_webhook_connections_decode_embedded_addresses_and_tell_the_subscriber_nothing_of_them(
+        settings, seller, seller_api, buyer_api, http_server, django_capture_on_commit_callbacks, host):
+    service = register_service(seller)
+    port = http_server.url.rsplit(":", 1)[1]
+    subscription = seller_api.post("/webhooks", {"url": f"http://{host}:{port}/hooks"}).json()  # saved while allowed
+    settings.ALLOW_PRIVATE_UPSTREAMS = False
+    with django_capture_on_commit_callbacks(execute=True):
+        assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+
+    [delivery] = seller_api.get(f"/webhooks/{subscription['id']}/deliveries").json()["results"]
+    assert "resolves to an address that is not allowed" in delivery["last_error"]
+    assert "127.0.0.1" not in delivery["last_error"].replace(host.strip("[]"), "")  # not what the name resolved to
+    assert http_server.requests == []
+
+
+def test_a_webhook_that_cannot_be_resolved_shows_no_resolver_answer(
+        settings, seller, seller_api, buyer_api, django_capture_on_commit_callbacks):
+    service = register_service(seller)
+    subscription = seller_api.post("/webhooks", {"url": "http://hooks.invalid/x"}).json()
+    settings.ALLOW_PRIVATE_UPSTREAMS = False
+    with django_capture_on_commit_callbacks(execute=True):
+        assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+
+    [delivery] = seller_api.get(f"/webhooks/{subscription['id']}/deliveries").json()["results"]
+    assert delivery["last_error"] == "ConnectError: cannot resolve hooks.invalid"  # not the resolver's answer

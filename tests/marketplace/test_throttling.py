@@ -69,3 +69,32 @@ def test_proxied_calls_are_limited_and_a_refused_call_costs_nothing(limits, escr
     assert_rate_limited(active.buyer_api.get(f"{active.proxy}/translate"))
     assert len(http_server.requests) == 2
     assert UsageAgreement.objects.get(pk=active.agreement_id).used == 2 * 20_000
+
+
+def test_every_authenticated_view_is_limited_per_credential(limits, buyer, buyer_api, owner_api, seller_api):
+    limits(api="3/day")
+    for path in ("/agents/me", "/usage-agreements", "/services/inv_nope"):
+        assert buyer_api.get(path).status_code in (200, 404)
+    for path in ("/agents/me", "/usage-agreements", "/services/inv_nope"):  # one budget across every view
+        assert_rate_limited(buyer_api.get(path))
+    assert_rate_limited(buyer_api.post("/usage-agreements", {}))
+
+    # Each credential has its own budget, owner tokens included.
+    assert seller_api.get("/agents/me").status_code == 200
+    for _ in range(3):
+        assert owner_api.get(f"/agents/{buyer.pk}/policies").status_code == 200
+    assert_rate_limited(owner_api.get(f"/agents/{buyer.pk}/policies"))
+
+
+def test_x_forwarded_for_is_not_trusted_unless_proxies_are_configured(limits, anon, settings):
+    limits(payments="2/day")
+    url = "/agents/nobody/nothing"  # the unauthenticated skill route counts per client address
+    for n in range(2):
+        assert anon.post(url, {}, headers={"X-Forwarded-For": f"203.0.113.{n}"}).status_code == 404
+    assert_rate_limited(anon.post(url, {}, headers={"X-Forwarded-For": "203.0.113.99"}))
+
+    # Behind one trusted proxy the address it appended is the client's: each client has its own budget.
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "NUM_PROXIES": 1}
+    for client in ("203.0.113.1", "203.0.113.2", "198.51.100.7, 203.0.113.1"):  # the last hop is the proxy's
+        assert anon.post(url, {}, headers={"X-Forwarded-For": client}).status_code == 404
+    assert_rate_limited(anon.post(url, {}, headers={"X-Forwarded-For": "203.0.113.1"}))

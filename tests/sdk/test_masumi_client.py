@@ -12,20 +12,20 @@ from django.db import close_old_connections
 from escrow import purchases
 from sdk import MarketplaceClient
 from tests.catalog.factories import issue_key
-from tests.escrow.flow import USDC, Parties, confirm_all
+from tests.escrow.flow import USDC, Parties, confirm_all, network_of
 from tests.support.masumi_service import MasumiService, result_for
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
 
 @contextmanager
-def in_process_api(api_key: str):
+def in_process_api(api_key: str, chain):
     """A client whose requests are served in this thread, inside the test's transaction (as Django's test client
     does, the per-request connection cleanup is off: it would close the connection holding that transaction)."""
     request_started.disconnect(close_old_connections)
     request_finished.disconnect(close_old_connections)
-    client = MarketplaceClient("http://testserver", api_key, retries=0,
-                               transport=httpx.WSGITransport(app=get_wsgi_application()))
+    client = MarketplaceClient("http://testserver", api_key, retries=0, network=network_of(chain),
+                               rpc_url=chain.node.rpc_url, transport=httpx.WSGITransport(app=get_wsgi_application()))
     try:
         yield client
     finally:
@@ -41,7 +41,7 @@ def test_sdk_buys_a_masumi_job_and_gets_its_result(escrow_chain, django_capture_
         parties = Parties(escrow_chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[],
                           pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": USDC,
                                    "token": "USDC"})
-        with in_process_api(issue_key(parties.buyer)) as buyer:
+        with in_process_api(issue_key(parties.buyer), escrow_chain) as buyer:
             with capture(execute=True):
                 purchase = buyer.purchase_masumi_job(parties.service.pk, {"text": "hi"},
                                                      parties.buyer_account.key, identifierFromPurchaser="sdk-1")

@@ -16,7 +16,7 @@ from agreements.models import UsageAgreement, UsageEvent
 from catalog.models import Agent
 from sdk import MarketplaceClient
 from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token
-from tests.escrow.flow import USDC, fund
+from tests.escrow.flow import USDC, fund, network_of
 from tests.sdk.test_client import relayer_polling
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -139,8 +139,9 @@ def test_catalog_agreements_metered_calls_and_usage(paegents, live_server, escro
     assert [a["agreement_id"] for a in listed] == [cancelled, rejected, agreement_id]
 
     # Activation signs our escrow's typed data: not the SDK's (see README); done with the marketplace's SDK.
-    with MarketplaceClient(live_server.url, buyer_key, timeout=15) as client, relayer_polling():
-        client.activate_escrow(agreement_id, buyer_wallet.key)
+    with MarketplaceClient(live_server.url, buyer_key, timeout=15, network=network_of(chain),
+                           rpc_url=chain.node.rpc_url) as client, relayer_polling():
+        client.activate_escrow(client.get_agreement(agreement_id), buyer_wallet.key)
         client.wait_until(agreement_id, timeout=60, poll_interval=0.2)
 
     # Metered calls; the status sub-path is answered by the marketplace, never forwarded, never charged.

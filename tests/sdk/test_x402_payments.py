@@ -16,7 +16,7 @@ def seller_and_buyer(live_server, escrow_chain, http_server):
     chain = escrow_chain
     fund(chain, chain.accounts.buyer.address, 20 * USDC)
     seller = agent_client(live_server.url, wallet=chain.accounts.seller.address, buyer=False, seller=True)
-    buyer = agent_client(live_server.url, wallet=chain.accounts.buyer.address)
+    buyer = agent_client(live_server.url, wallet=chain.accounts.buyer.address, chain=chain)
     service = seller.register_service(**service_data(upstream_base_url=http_server.url, skills=[
         {"name": "translate", "price_atomic": 20_000},
         {"name": "render", "price_atomic": 50_000, "is_async": True},
@@ -57,9 +57,7 @@ def test_propose_direct_purchase_signs_both_and_gets_paid(seller_and_buyer, escr
     seller, buyer, service = seller_and_buyer
     chain = escrow_chain
     wallet = chain.accounts.buyer
-    nonce = chain.usdc.functions.nonces(wallet.address).call()
-
-    proposed = buyer.propose_direct_purchase(service["id"], 100, private_key=wallet.key, permit_nonce=nonce)
+    proposed = buyer.propose_direct_purchase(service["id"], 100, wallet=wallet.key, max_unit_price_atomic=20_000)
     assert proposed["status"] == "proposed" and proposed["infra_fee_atomic"] == 100_000  # the 0.10 minimum
     before = usdc_balance(chain, wallet.address)
     with relayer_polling():

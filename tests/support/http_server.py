@@ -19,7 +19,7 @@ class Recorded:
 @dataclass
 class RecordingServer:
     requests: list[Recorded] = field(default_factory=list)
-    # (status, body dict[, delay seconds]) to answer, in order; then 200 {}
+    # (status, body dict[, delay seconds[, headers]]) to answer, in order; then 200 {}
     responses: deque = field(default_factory=deque)
     server: ThreadingHTTPServer | None = None
 
@@ -36,12 +36,14 @@ class RecordingServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 recorder.requests.append(Recorded(self.command, self.path, dict(self.headers),
                                                   self.rfile.read(length)))
-                status, body, *delay = recorder.responses.popleft() if recorder.responses else (200, {})
-                if delay:
-                    time.sleep(delay[0])
+                status, body, *more = recorder.responses.popleft() if recorder.responses else (200, {})
+                delay, headers = (more + [0, {}][len(more):])[:2]
+                time.sleep(delay)
                 payload = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)

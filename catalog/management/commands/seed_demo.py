@@ -1,15 +1,47 @@
-"""Demo data for `make run`: an owner, a buyer and a seller agent with keys (printed once), a few services."""
+"""Demo data for `make run`: an owner, a buyer and a seller agent with keys, a few services.
 
+Secrets are stored hashed, so the keys are printed once, when made; `manage.py demo_keys --reissue` revokes them
+and prints new ones. On the local dev chain the seed also prints the demo wallets: Anvil's public development
+accounts, whose private keys every Anvil user knows (never use them on a real chain).
+"""
+
+from dataclasses import dataclass
+
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from catalog import services
-from catalog.models import Agent, KeyScope
+from catalog.models import Agent, ApiKey, KeyScope, OwnerToken
 
-# Anvil's well-known development accounts #1 and #2 (public test keys, funded only on local dev chains).
-DEMO_BUYER_WALLET = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
-DEMO_SELLER_WALLET = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"
+DEV_CHAIN_ID = 31337  # Anvil's default; the only chain whose wallets the seed prints
+
+
+@dataclass(frozen=True)
+class DemoWallet:
+    role: str
+    anvil_account: int
+    address: str
+    private_key: str
+
+
+# Anvil's well-known development accounts (mnemonic "test test … junk"), funded only on local dev chains.
+DEMO_WALLETS = [
+    DemoWallet("relayer, operator/arbiter, treasury", 0, "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266",
+               "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"),
+    DemoWallet("demo-buyer", 1, "0x70997970C51812dc3A010C7d01b50e0d17dc79C8",
+               "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"),
+    DemoWallet("demo-seller", 2, "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC",
+               "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a"),
+    DemoWallet("fee recipient", 3, "0x90F79bf6EB2c4f870365E785982E1f101E93b906",
+               "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6"),
+    DemoWallet("usage receipt signer", 9, "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720",
+               "0x2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6"),
+]
+DEMO_BUYER_WALLET = DEMO_WALLETS[1].address
+DEMO_SELLER_WALLET = DEMO_WALLETS[2].address
+DEMO_KEY_NAME = "demo"
 
 DEMO_SERVICES = [
     {
@@ -39,6 +71,42 @@ DEMO_SERVICES = [
 ]
 
 
+def demo_credentials_issue() -> list[tuple[str, str]]:
+    """Revoke the demo owner's and agents' live demo credentials and issue new ones: (label, secret) lines."""
+    owner = get_user_model().objects.get(username="demo")
+    buyer, seller = Agent.objects.get(handle="demo-buyer"), Agent.objects.get(handle="demo-seller")
+    for credential in [*ApiKey.objects.filter(agent__in=[buyer, seller], name=DEMO_KEY_NAME, revoked_at=None),
+                       *OwnerToken.objects.filter(owner=owner, name=DEMO_KEY_NAME, revoked_at=None)]:
+        services.credential_revoke(credential=credential)
+    return [
+        ("Admin login", "demo / demo-password  (http://127.0.0.1:8000/admin/)"),
+        ("Owner token", services.owner_token_issue(owner=owner, name=DEMO_KEY_NAME).secret),
+        ("Buyer key (demo-buyer)",
+         services.api_key_issue(agent=buyer, scope=KeyScope.PAY, name=DEMO_KEY_NAME).secret),
+        ("Seller key (demo-seller)",
+         services.api_key_issue(agent=seller, scope=KeyScope.ADMIN, name=DEMO_KEY_NAME).secret),
+    ]
+
+
+def demo_wallet_lines() -> list[str]:
+    """The demo wallets with their keys, on the local dev chain only (elsewhere nothing: real keys stay secret)."""
+    if settings.CHAIN_ID != DEV_CHAIN_ID:
+        return []
+    return [f"  Anvil #{w.anvil_account}  {w.address}  key {w.private_key}  {w.role}" for w in DEMO_WALLETS]
+
+
+def write_credentials(stdout, style, lines: list[tuple[str, str]]) -> None:
+    stdout.write(style.SUCCESS("Secrets are shown only now (`manage.py demo_keys --reissue` makes new ones):"))
+    for label, value in lines:
+        stdout.write(f"  {label:26} {value}")
+    wallets = demo_wallet_lines()
+    if wallets:
+        stdout.write(style.SUCCESS(f"Demo wallets on the local dev chain (chain id {DEV_CHAIN_ID}; Anvil's public "
+                                   "development keys, never for a real chain):"))
+        for line in wallets:
+            stdout.write(line)
+
+
 class Command(BaseCommand):
     help = "Create the demo owner, agents, keys and services (once; keys are printed only when created)."
 
@@ -48,23 +116,18 @@ class Command(BaseCommand):
     @transaction.atomic
     def handle(self, *args, upstream, **options):
         if Agent.objects.filter(handle="demo-buyer").exists():
-            self.stdout.write("Demo data already present (keys were printed when it was created).")
+            self.stdout.write("Demo data already present; its keys were printed when it was created. "
+                              "`manage.py demo_keys --reissue` revokes them and prints new ones.")
+            for line in demo_wallet_lines():
+                self.stdout.write(line)
             return
         user_model = get_user_model()
         owner = user_model.objects.create_superuser("demo", "demo@example.com", "demo-password")
-        buyer = services.agent_create(owner=owner, handle="demo-buyer", display_name="Demo buyer",
-                                      wallet_address=DEMO_BUYER_WALLET, is_buyer=True)
+        services.agent_create(owner=owner, handle="demo-buyer", display_name="Demo buyer",
+                              wallet_address=DEMO_BUYER_WALLET, is_buyer=True)
         seller = services.agent_create(owner=owner, handle="demo-seller", display_name="Demo seller",
                                        wallet_address=DEMO_SELLER_WALLET, is_buyer=False, is_seller=True)
         for data in DEMO_SERVICES:
             services.service_register(seller=seller, data={"upstream_base_url": upstream, **data})
-        lines = [
-            ("Admin login", "demo / demo-password  (http://127.0.0.1:8000/admin/)"),
-            ("Owner token", services.owner_token_issue(owner=owner, name="demo").secret),
-            ("Buyer key (demo-buyer)", services.api_key_issue(agent=buyer, scope=KeyScope.PAY, name="demo").secret),
-            ("Seller key (demo-seller)",
-             services.api_key_issue(agent=seller, scope=KeyScope.ADMIN, name="demo").secret),
-        ]
-        self.stdout.write(self.style.SUCCESS("Demo data created. Secrets are shown only now:"))
-        for label, value in lines:
-            self.stdout.write(f"  {label:26} {value}")
+        self.stdout.write(self.style.SUCCESS("Demo data created."))
+        write_credentials(self.stdout, self.style, demo_credentials_issue())

@@ -1,4 +1,4 @@
-"""Run a local Anvil chain for development: deploy the contracts, fund the demo buyer, keep running.
+"""Run a local Anvil chain for development: deploy the contracts, fund the demo buyer and the treasury, keep running.
 
 The chain's state is saved to var/anvil-state.json on exit and loaded on the next start, so agreements in the
 local database keep matching the chain across restarts.
@@ -18,19 +18,22 @@ from escrow import devchain
 from marketplace import chainconfig
 
 DEMO_BUYER_USDC = 10_000 * 10**6
+# The treasury (the relayer wallet) pays invocation payouts, refunds and returned fees from its USDC float.
+DEMO_TREASURY_USDC = 1_000 * 10**6
 
 
 class Command(BaseCommand):
     help = "Start Anvil on CHAIN_RPC_URL's port, deploy the contracts if needed, fund the demo buyer; stay up."
 
     def add_arguments(self, parser):
-        parser.add_argument("--block-time", type=float, default=None, help="Seconds per block (default: automine).")
+        parser.add_argument("--block-time", type=float, default=devchain.DEV_BLOCK_TIME,
+                            help="Seconds between blocks while idle; every transaction is mined at once as well "
+                                 f"(default: {devchain.DEV_BLOCK_TIME}, Base's block time).")
 
     def handle(self, *args, block_time, **options):
         port = urlparse(settings.CHAIN_RPC_URL).port or 8545
         state = settings.VAR_DIR / "anvil-state.json"
-        node = devchain.start_anvil(port=port, chain_id=settings.CHAIN_ID, block_time=block_time,
-                                    extra_args=("--state", str(state)))
+        node = devchain.start_dev_chain(port=port, chain_id=settings.CHAIN_ID, state=state, block_time=block_time)
         self.stdout.write(f"Anvil listening on {node.rpc_url} (chain id {settings.CHAIN_ID})")
         try:
             w3 = Web3(Web3.HTTPProvider(node.rpc_url))
@@ -40,6 +43,10 @@ class Command(BaseCommand):
                 devchain.mint_usdc(w3, chainconfig.usdc_address(), settings.RELAYER_PRIVATE_KEY, DEMO_BUYER_WALLET,
                                    DEMO_BUYER_USDC)
                 self.stdout.write(f"Minted {DEMO_BUYER_USDC / 10**6:,.0f} USDC to the demo buyer {DEMO_BUYER_WALLET}")
+                devchain.mint_usdc(w3, chainconfig.usdc_address(), settings.RELAYER_PRIVATE_KEY,
+                                   chainconfig.relayer_address(), DEMO_TREASURY_USDC)
+                self.stdout.write(f"Minted {DEMO_TREASURY_USDC / 10**6:,.0f} USDC to the treasury "
+                                  f"{chainconfig.relayer_address()} (its float for payouts and refunds)")
             else:
                 self.stdout.write(f"Reusing the deployment in {settings.CHAIN_DEPLOYMENT_FILE}")
             stop = []

@@ -1,0 +1,389 @@
+"""The chain indexer: the escrow contract's events, read continuously, drive the agreements whoever sent them.
+
+The relayer only knows its own transactions; anyone may call the contract (the seller's `proposeSettlement`, the
+buyer's `reclaim`, anyone's `finalize`). `index_pass` reads, with `eth_getLogs` in ranges of at most
+INDEXER_BLOCK_RANGE blocks, from the escrow's deployment block up to the block CHAIN_CONFIRMATIONS deep (and
+no newer than the node's `safe` or `finalized` block when INDEXER_HEAD_TAG names one):
+
+- every escrow event, and every token `Transfer` from or to the escrow, the treasury (relayer) or the fee
+  recipient, stored once as a `ChainEvent` (unique by block hash and log index);
+- each escrow event moves its agreement through agreements' services (`_TARGETS`): the same calls the relayer's
+  receipts make, so whichever of the two comes first applies the transition and the other is a no-op;
+- an event that cannot be applied (an illegal transition, an escrow that is not this agreement's intent) is
+  stored with `effect=failed` and its error, shown in the admin and by `reconcile`; the indexer goes on.
+
+One range is applied in one DB transaction that also moves the cursor, under the cursor's row lock and only if
+the cursor is still where this runner read it (compare-and-set): a runner killed anywhere leaves the range
+wholly applied or not at all, and two runners can never apply it twice. Chain calls happen before that
+transaction, never inside it. On PostgreSQL a session advisory lock also keeps a second runner from doing the
+same reads (it goes away with a killed process's connection).
+
+Reorgs: the indexer keeps the hash of every range's last block and of every block with an event. A pass first
+checks the cursor's block; when its hash is no longer canonical, the newest stored block that still is becomes
+the fork point: the events after it are marked removed, and each agreement they touched is moved back to what
+its remaining canonical events say (the target of its newest remaining event; with none left, the status it
+had before the first removed one) — only while its status is one a removed event produced, so a step the
+marketplace took on its own since is left alone. Indexing then resumes after the fork point and applies the
+canonical events. The relayer's own receipts are final at the confirmation depth; a deeper reorg that removes
+one of its transactions is repaired by its event coming back, or shows up in `reconcile`.
+"""
+
+import contextlib
+import logging
+import uuid
+import zlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, connection, transaction
+from django.utils import timezone
+from eth_utils import event_abi_to_log_topic
+from web3 import Web3
+
+from agreements import services as agreement_services
+from agreements.models import AgreementStatus, SettlementModel, UsageAgreement
+from escrow import chain, settlement
+from escrow.models import ChainEvent, EventEffect, IndexedBlock, IndexerCursor
+from marketplace import chainconfig
+from marketplace.errors import ApplicationError, Conflict
+
+logger = logging.getLogger(__name__)
+S = AgreementStatus
+
+# What each escrow event means for the agreement, and the status it normally comes from (restored by a reorg
+# when the relayer's receipt had applied the transition first).
+_TARGETS = {
+    "Activated": (S.ACTIVE, S.SUBMITTING),
+    "SettlementProposed": (S.IN_CHALLENGE, S.ACTIVE),
+    "Challenged": (S.DISPUTED, S.IN_CHALLENGE),
+    "Resolved": (S.SETTLING, S.DISPUTED),
+    "Settled": (S.SETTLED, S.SETTLING),
+    "Reclaimed": (S.REFUNDED, S.ACTIVE),
+}
+_TRANSFER = "Transfer"
+_TRANSFER_TOPIC = Web3.keccak(text="Transfer(address,address,uint256)").to_0x_hex()
+
+
+class ReorgTooDeep(chain.ChainError):
+    """No stored block is canonical any more: the reorg is deeper than INDEXER_REORG_WINDOW_BLOCKS."""
+
+
+@dataclass
+class PassResult:
+    head: int | None = None
+    indexed_to: int | None = None
+    ranges: int = 0
+    events: int = 0
+    rolled_back: int = 0
+    skipped: bool = False  # another runner holds the indexer
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# --- one runner at a time ------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _single_runner():
+    """PostgreSQL: a session advisory lock (no transaction held open, released when the process dies). Elsewhere
+    (the SQLite dev default) the cursor's compare-and-set alone keeps concurrent runners from applying twice."""
+    if connection.vendor != "postgresql":
+        yield True
+        return
+    key = zlib.crc32(f"escrow-indexer:{settings.CHAIN_ID}".encode())
+    with connection.cursor() as db:
+        db.execute("SELECT pg_try_advisory_lock(%s)", [key])
+        acquired = db.fetchone()[0]
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            with connection.cursor() as db:
+                db.execute("SELECT pg_advisory_unlock(%s)", [key])
+
+
+def _cursor() -> IndexerCursor:
+    cursor, _ = IndexerCursor.objects.get_or_create(
+        chain_id=settings.CHAIN_ID, escrow_address=Web3.to_checksum_address(chainconfig.escrow_address()),
+        defaults={"start_block": chainconfig.escrow_deployment_block()})
+    return cursor
+
+
+def _safe_head(head: int) -> int:
+    """The newest block at the confirmation depth (depth 1: the head itself), and no newer than the node's
+    INDEXER_HEAD_TAG block (`safe` or `finalized`) where the chain has one."""
+    safe = head - max(settings.CHAIN_CONFIRMATIONS, 1) + 1
+    if settings.INDEXER_HEAD_TAG:
+        safe = min(safe, chain.tagged_block_number(settings.INDEXER_HEAD_TAG))
+    return safe
+
+
+# --- the pass --------------------------------------------------------------------------------------------------
+
+def index_pass(*, max_ranges: int | None = None) -> PassResult:
+    """Check for a reorg, then apply every range up to the confirmation depth (at most `max_ranges`)."""
+    result = PassResult()
+    if not chainconfig.escrow_address():
+        return result
+    with _single_runner() as mine:
+        if not mine:
+            result.skipped = True
+            return result
+        cursor = _cursor()
+        cursor_pk = cursor.pk
+        result.head = chain.latest_block_number()
+        IndexerCursor.objects.filter(pk=cursor_pk).update(head_block=result.head, head_seen_at=timezone.now())
+        try:
+            cursor, result.rolled_back = _follow_reorg(cursor)
+            safe = _safe_head(result.head)
+            while cursor is not None and cursor.next_block <= safe:
+                if max_ranges is not None and result.ranges >= max_ranges:
+                    break
+                start = cursor.next_block
+                end = min(start + settings.INDEXER_BLOCK_RANGE - 1, safe)
+                fetched = _fetch(cursor, start, end)
+                if fetched is None:
+                    break  # the chain changed while we read: the next pass starts with the reorg check
+                end_hash, logs = fetched
+                cursor = _apply_range(cursor, end, end_hash, logs)
+                result.ranges += 1
+                result.events += len(logs)
+        except chain.ChainError as error:
+            IndexerCursor.objects.filter(pk=cursor_pk).update(last_error=f"{type(error).__name__}: {error}"[:500])
+            raise
+        IndexerCursor.objects.filter(pk=cursor_pk).exclude(last_error="").update(last_error="")
+        result.indexed_to = IndexerCursor.objects.values_list("last_block", flat=True).get(pk=cursor_pk)
+    return result
+
+
+def _fetch(cursor: IndexerCursor, start: int, end: int) -> tuple[str, list] | None:
+    """The logs of [start, end] and the hash of `end`; None when the chain changed while we read (a reorg):
+    `end` must keep its hash across the reads, and the cursor's block must still be canonical after them."""
+    end_hash = chain.canonical_block_hash(end)
+    escrow = chainconfig.escrow_address()
+    logs = chain.logs(address=escrow, from_block=start, to_block=end)
+    watched = [_address_topic(address) for address in _watched_addresses()]
+    for topics in ([_TRANSFER_TOPIC, watched], [_TRANSFER_TOPIC, None, watched]):
+        logs += chain.logs(address=chainconfig.usdc_address(), from_block=start, to_block=end, topics=topics)
+    if end_hash is None or chain.canonical_block_hash(end) != end_hash:
+        return None
+    if cursor.last_block is not None and chain.canonical_block_hash(cursor.last_block) != cursor.last_block_hash:
+        return None
+    unique = {(_hex(log["blockHash"]), log["logIndex"]): log for log in logs}  # a transfer may match both queries
+    return end_hash, sorted(unique.values(), key=lambda log: (log["blockNumber"], log["logIndex"]))
+
+
+def _watched_addresses() -> list[str]:
+    addresses = {chainconfig.escrow_address(), chainconfig.relayer_address(), settings.FEE_RECIPIENT,
+                 agreement_services.fee_recipient()}
+    return sorted(Web3.to_checksum_address(address) for address in addresses if address)
+
+
+def _topic(abi: dict) -> str:
+    return "0x" + event_abi_to_log_topic(abi).hex().removeprefix("0x")
+
+
+def _address_topic(address: str) -> str:
+    return "0x" + address[2:].lower().rjust(64, "0")
+
+
+def _hex(value) -> str:
+    return value if isinstance(value, str) else "0x" + bytes(value).hex()
+
+
+def _decode(log) -> tuple[str, dict] | None:
+    """(event name, JSON-friendly args) of an escrow event or a token Transfer; None for anything else."""
+    is_escrow = Web3.to_checksum_address(log["address"]) == Web3.to_checksum_address(chainconfig.escrow_address())
+    contract = chain.escrow_contract() if is_escrow else chain.token_contract()
+    topic0 = _hex(log["topics"][0]) if log["topics"] else ""
+    for abi in contract.abi:
+        if abi["type"] == "event" and _topic(abi) == topic0 and (is_escrow or abi["name"] == _TRANSFER):
+            decoded = contract.events[abi["name"]]().process_log(log)
+            return abi["name"], chain.to_json(dict(decoded["args"]))
+    return None
+
+
+# --- applying a range ------------------------------------------------------------------------------------------
+
+def _apply_range(cursor: IndexerCursor, end: int, end_hash: str, logs: list) -> IndexerCursor | None:
+    """Store and apply the range's events and move the cursor to `end`, all or nothing. None when another runner
+    moved the cursor meanwhile (its work stands; ours is dropped)."""
+    with transaction.atomic():
+        locked = IndexerCursor.objects.select_for_update().get(pk=cursor.pk)
+        if locked.last_block != cursor.last_block:
+            return None
+        for log in logs:
+            _store_and_apply(locked, log)
+        IndexedBlock.objects.update_or_create(cursor=locked, number=end, defaults={"hash": end_hash})
+        locked.last_block, locked.last_block_hash = end, end_hash
+        locked.save(update_fields=["last_block", "last_block_hash", "updated_at"])
+        IndexedBlock.objects.filter(cursor=locked, number__lt=end - settings.INDEXER_REORG_WINDOW_BLOCKS).delete()
+    return locked
+
+
+def _agreement_id(args: dict):
+    """The agreement an escrow event is about, when it is one of ours (its bytes32 id is our UUID)."""
+    raw = args.get("agreementId")
+    if not raw:
+        return None
+    value = int(raw, 16)
+    if value >= 2**128:
+        return None
+    return UsageAgreement.objects.filter(pk=uuid.UUID(int=value), settlement_model=SettlementModel.ESCROW).values_list(
+        "pk", flat=True).first()
+
+
+def _store_and_apply(cursor: IndexerCursor, log) -> None:
+    block_hash, tx_hash = _hex(log["blockHash"]), _hex(log["transactionHash"])
+    same_log = ChainEvent.objects.filter(block_hash=block_hash, log_index=log["logIndex"])
+    same_log.exclude(removed_at=None).delete()  # its block was reorged out and is canonical again: apply anew
+    if same_log.exists():
+        return
+    decoded = _decode(log)
+    if decoded is None:
+        return
+    name, args = decoded
+    IndexedBlock.objects.get_or_create(cursor=cursor, number=log["blockNumber"], defaults={"hash": block_hash})
+    event = ChainEvent(cursor=cursor, block_number=log["blockNumber"], block_hash=block_hash, tx_hash=tx_hash,
+                       log_index=log["logIndex"], contract=Web3.to_checksum_address(log["address"]), name=name,
+                       args=args, effect=EventEffect.RECORDED)
+    event.agreement_id = _agreement_id(args)
+    if event.agreement_id is not None and name in _TARGETS:
+        try:
+            with transaction.atomic():  # a savepoint: a failed event leaves nothing half-applied
+                _apply(event)
+        except (OperationalError, InterfaceError):
+            raise  # the database itself failed: the whole range is retried
+        except Exception as error:  # noqa: BLE001 - any event that cannot be applied is kept, visibly, not retried
+            event.effect, event.error = EventEffect.FAILED, _error_text(error)
+            logger.error("indexed event not applied", extra={"agreement_id": str(event.agreement_id),
+                                                             "event": name, "error": event.error})
+    event.save()
+
+
+def _error_text(error: Exception) -> str:
+    if isinstance(error, ApplicationError):
+        return f"{error.code}: {error.message}"[:500]
+    return f"{type(error).__name__}: {error}"[:500]
+
+
+def _apply(event: ChainEvent) -> None:
+    target, usual_predecessor = _TARGETS[event.name]
+    before = UsageAgreement.objects.select_for_update().values_list("status", flat=True).get(pk=event.agreement_id)
+    _HANDLERS[event.name](event.agreement_id, event.args, event.tx_hash)
+    after = UsageAgreement.objects.values_list("status", flat=True).get(pk=event.agreement_id)
+    event.to_status = target
+    if after != before:
+        event.effect, event.from_status = EventEffect.APPLIED, before
+    else:
+        event.effect, event.from_status = EventEffect.ALREADY, usual_predecessor
+
+
+def _moment(unix: int) -> datetime:
+    return datetime.fromtimestamp(int(unix), tz=UTC)
+
+
+def _on_activated(agreement_id, args: dict, tx_hash: str) -> None:
+    agreement = UsageAgreement.objects.get(pk=agreement_id)
+    differences = [field for field, onchain, ours in (
+        ("buyer", args["buyer"], agreement.buyer_wallet_address),
+        ("seller", args["seller"], agreement.seller_wallet_address),
+        ("token", args["token"], agreement.token_address or chainconfig.usdc_address()),
+        ("depositAmount", args["depositAmount"], agreement.deposit_amount),
+        ("termsHash", args["termsHash"], agreement.terms_hash),
+    ) if str(onchain).lower() != str(ours).lower()]
+    if differences:
+        raise Conflict(f"The escrow under this agreement's id is not its buyer's intent ({', '.join(differences)} "
+                       "differ).", code="escrow_mismatch")
+    agreement_services.agreement_activation_confirmed(agreement_id=agreement_id, tx_hash=tx_hash)
+
+
+def _on_settlement_proposed(agreement_id, args: dict, tx_hash: str) -> None:
+    agreement_services.agreement_settlement_proposed(
+        agreement_id=agreement_id, challenge_deadline=_moment(args["challengeDeadline"]),
+        amount=int(args["cumulativeAmount"]), seq=int(args["seq"]), tx_hash=tx_hash)
+
+
+def _on_challenged(agreement_id, args: dict, tx_hash: str) -> None:
+    agreement_services.agreement_disputed(agreement_id=agreement_id, reason="challenged on-chain by the buyer",
+                                          tx_hash=tx_hash)
+
+
+def _on_resolved(agreement_id, args: dict, tx_hash: str) -> None:
+    settlement.settlement_resolved(agreement_id=agreement_id, seller_amount=int(args["sellerAmount"]),
+                                   tx_hash=tx_hash, operator=args["arbiter"])
+
+
+def _on_settled(agreement_id, args: dict, tx_hash: str) -> None:
+    agreement_services.agreement_settled(agreement_id=agreement_id, seller_payout=int(args["sellerAmount"]),
+                                         buyer_refund=int(args["buyerAmount"]), tx_hash=tx_hash)
+
+
+def _on_reclaimed(agreement_id, args: dict, tx_hash: str) -> None:
+    agreement_services.agreement_refunded(agreement_id=agreement_id, amount=int(args["amount"]), tx_hash=tx_hash)
+
+
+_HANDLERS = {
+    "Activated": _on_activated,
+    "SettlementProposed": _on_settlement_proposed,
+    "Challenged": _on_challenged,
+    "Resolved": _on_resolved,
+    "Settled": _on_settled,
+    "Reclaimed": _on_reclaimed,
+}
+
+
+# --- reorgs ------------------------------------------------------------------------------------------------------
+
+def _follow_reorg(cursor: IndexerCursor) -> tuple[IndexerCursor | None, int]:
+    """(cursor, events rolled back): unchanged when the cursor's block is still canonical."""
+    if cursor.last_block is None or chain.canonical_block_hash(cursor.last_block) == cursor.last_block_hash:
+        return cursor, 0
+    fork = None
+    for block in IndexedBlock.objects.filter(cursor=cursor).order_by("-number"):
+        if chain.canonical_block_hash(block.number) == block.hash:
+            fork = block
+            break
+    if fork is None:
+        raise ReorgTooDeep(f"no block the indexer stored since {cursor.start_block} is canonical any more")
+    logger.warning("chain reorg: rolling the indexer back", extra={"from_block": cursor.last_block,
+                                                                    "fork_block": fork.number})
+    return _roll_back(cursor, fork)
+
+
+def _roll_back(cursor: IndexerCursor, fork: IndexedBlock) -> tuple[IndexerCursor | None, int]:
+    with transaction.atomic():
+        locked = IndexerCursor.objects.select_for_update().get(pk=cursor.pk)
+        if locked.last_block != cursor.last_block:
+            return None, 0
+        removed = list(ChainEvent.objects.filter(cursor=locked, block_number__gt=fork.number, removed_at=None)
+                       .order_by("block_number", "log_index"))
+        ChainEvent.objects.filter(pk__in=[event.pk for event in removed]).update(removed_at=timezone.now())
+        by_agreement: dict = {}
+        for event in removed:
+            if event.agreement_id and event.effect in (EventEffect.APPLIED, EventEffect.ALREADY):
+                by_agreement.setdefault(event.agreement_id, []).append(event)
+        for agreement_id, events in by_agreement.items():
+            _restore(agreement_id, events, fork.number)
+        IndexedBlock.objects.filter(cursor=locked, number__gt=fork.number).delete()
+        locked.last_block, locked.last_block_hash = fork.number, fork.hash
+        locked.save(update_fields=["last_block", "last_block_hash", "updated_at"])
+    return locked, len(removed)
+
+
+def _restore(agreement_id, removed: list[ChainEvent], fork_block: int) -> None:
+    remaining = (ChainEvent.objects.filter(agreement_id=agreement_id, removed_at=None, name__in=list(_TARGETS),
+                                           effect__in=[EventEffect.APPLIED, EventEffect.ALREADY])
+                 .order_by("-block_number", "-log_index").first())
+    changes = {}
+    if remaining is not None:
+        back_to = _TARGETS[remaining.name][0]
+        if remaining.name == "SettlementProposed":
+            changes["challenge_deadline"] = _moment(remaining.args["challengeDeadline"])
+    else:
+        back_to = removed[0].from_status
+    names = ", ".join(sorted({event.name for event in removed}))
+    agreement_services.agreement_chain_rollback(
+        agreement_id=agreement_id, produced_by_removed={event.to_status for event in removed}, back_to=back_to,
+        reason=f"chain reorg after block {fork_block} removed {names}", changes=changes)

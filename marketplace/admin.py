@@ -1,0 +1,174 @@
+"""What every app's admin shares: the product's branding, read-only money records, and how chain values show.
+
+- Money records (chain transactions and their attempts, usage events and receipts, agreement events, payments)
+  are never added, edited or deleted in the admin: `MoneyRecordAdmin` / `MoneyRecordInline` give view permission
+  only, so their pages have no Save or Delete button and their lists no "Delete selected". What an operator may
+  do to money (retry a failed transaction, resolve a dispute) is an action that calls the owning app's service.
+- Amounts show as token units with the symbol beside the exact base units (`marketplace.money`).
+- Hashes and addresses are shortened, with the whole value in a tooltip and a link to the chain's explorer when
+  the chain has one (`marketplace.explorer`); ids are shortened the same way, so list rows stay one line high.
+"""
+
+from django.contrib import admin
+from django.utils.html import format_html
+
+from marketplace import explorer, money
+from marketplace.models import RedeliveredTask
+
+admin.site.site_header = "Agent Escrow Marketplace"
+admin.site.site_title = "Agent Escrow Marketplace"
+admin.site.index_title = "Administration"
+admin.site.enable_nav_sidebar = False  # its width pushed the lists of money records into sideways scrolling
+
+
+class MoneyRecordAdmin(admin.ModelAdmin):
+    """View only: a record of money changes through its app's services, never by hand."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+class MoneyRecordInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+def may_operate(request, model) -> bool:
+    """Whether the user may run an operator action (a service call) on `model`'s rows: Django's change
+    permission for it, which the view-only pages no longer use for editing."""
+    opts = model._meta
+    return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
+
+
+# --- how values show -------------------------------------------------------------------------------------------
+
+def amount_html(amount: int | None, token: str = "USDC"):
+    """"1.00 USDC  1000000": the token units, and the base units the system keeps, in grey."""
+    if amount is None:
+        return "-"
+    return format_html('<span class="amount">{} <span class="base-units" title="base units">{}</span></span>',
+                       money.token_units(amount, token), amount)
+
+
+def short_hex_html(value: str, *, url: str = "", head: int = 6, tail: int = 4):
+    """0x1234…abcd, the whole value in the tooltip; a link when `url` is given."""
+    if not value:
+        return "-"
+    shown = value if len(value) <= head + tail + 1 else f"{value[:head]}…{value[-tail:]}"
+    if url:
+        return format_html('<a class="mono" href="{}" title="{}" target="_blank" rel="noopener">{}</a>',
+                           url, value, shown)
+    return format_html('<span class="mono" title="{}">{}</span>', value, shown)
+
+
+def tx_hash_html(tx_hash: str, chain_id: int | None = None):
+    return short_hex_html(tx_hash, url=explorer.transaction_url(tx_hash, chain_id), head=10, tail=6)
+
+
+def address_html(address: str, chain_id: int | None = None):
+    return short_hex_html(address, url=explorer.address_url(address, chain_id), head=8, tail=6)
+
+
+def short_id_html(value, *, url: str = ""):
+    """A UUID or other long id as its first 8 characters (the whole id in the tooltip)."""
+    if value is None or value == "":
+        return "-"
+    text = str(value)
+    shown = text if len(text) <= 9 else f"{text[:8]}…"
+    if url:
+        return format_html('<a class="mono" href="{}" title="{}">{}</a>', url, text, shown)
+    return format_html('<span class="mono" title="{}">{}</span>', text, shown)
+
+
+# --- columns and read-only fields, for list_display and fieldsets ----------------------------------------------
+
+def _chain_id(obj) -> int | None:
+    return getattr(obj, "chain_id", None)
+
+
+def _attr(obj, path: str):
+    """`obj.a.b` for "a.b" (None if a step is missing)."""
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+    return obj
+
+
+def amount_column(field: str, *, description: str = "", token_attr: str = "token", token: str = "USDC"):
+    """An admin method showing `obj.<field>` as "1.00 USDC 1000000" (the token from `obj.<token_attr>`)."""
+
+    @admin.display(description=description or field.replace("_", " "), ordering=field)
+    def column(self, obj):
+        return amount_html(getattr(obj, field), _attr(obj, token_attr) or token)
+
+    column.__name__ = f"{field}_display"
+    return column
+
+
+def tx_hash_column(field: str, *, description: str = ""):
+    @admin.display(description=description or field.replace("_", " "), ordering=field)
+    def column(self, obj):
+        return tx_hash_html(getattr(obj, field), _chain_id(obj))
+
+    column.__name__ = f"{field}_display"
+    return column
+
+
+def address_column(field: str, *, description: str = ""):
+    @admin.display(description=description or field.replace("_", " "), ordering=field)
+    def column(self, obj):
+        return address_html(getattr(obj, field), _chain_id(obj))
+
+    column.__name__ = f"{field}_display"
+    return column
+
+
+def short_id_column(field: str = "pk", *, description: str = "id"):
+    @admin.display(description=description, ordering=field)
+    def column(self, obj):
+        return short_id_html(getattr(obj, field))
+
+    column.__name__ = f"short_{field}"
+    return column
+
+
+# --- poison messages ---------------------------------------------------------------------------------------------
+
+class DeadLetteredFilter(admin.SimpleListFilter):
+    title = "dead letter"
+    parameter_name = "dead"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Dead letters"), ("no", "Still being retried")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(dead_lettered_at__isnull=self.value() == "no")
+        return queryset
+
+
+@admin.register(RedeliveredTask)
+class RedeliveredTaskAdmin(MoneyRecordAdmin):
+    """Poison messages (marketplace.dead_letters), view only: a dead letter is re-run by hand once its cause is
+    fixed."""
+
+    list_display = ("task_name", "task_id", "redeliveries", "dead_lettered_at", "updated_at")
+    list_filter = (DeadLetteredFilter, "task_name")
+    search_fields = ("task_id", "task_name")
+    readonly_fields = ("task_id", "task_name", "args", "kwargs", "redeliveries", "dead_lettered_at", "created_at",
+                       "updated_at")

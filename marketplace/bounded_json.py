@@ -1,0 +1,75 @@
+"""The one JSON parser for everything the platform reads from outside: request bodies, seller and agentic-service
+answers, chain-node answers.
+
+The standard library's C parser recurses once per nesting level. Deep input (a 200 kB body of 100,000 `[`) would
+exhaust the recursion limit at best, and overflow the C stack (SIGSEGV, the whole process gone) wherever that limit
+is raised (py_ecc raises it to 100,000; see marketplace/__init__.py). So the nesting depth is measured first without
+recursion, and anything deeper than `JSON_MAX_DEPTH` is refused before `json.loads` sees it. A NUL character in a
+string is refused too: PostgreSQL stores neither text nor jsonb with one, and would fail the write later.
+"""
+
+import json
+import re
+from itertools import accumulate
+
+from django.conf import settings
+
+# A JSON string as the parser reads it (escapes included); an unterminated one runs to the end, so every match
+# succeeds where it starts and the scan stays linear.
+_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+class InvalidJSON(ValueError):
+    """Not JSON, nested deeper than allowed, larger than allowed, or holding a NUL character. `reason` says which;
+    `path` (keys and indexes) where the NUL character is."""
+
+    def __init__(self, message: str, *, reason: str, path: tuple = ()):
+        self.reason, self.path = reason, path
+        super().__init__(message)
+
+
+def depth(text: str) -> int:
+    """How deeply arrays and objects nest in `text` (0 for a scalar), without recursion."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
+
+
+def _nul_path(value) -> tuple | None:
+    """Where the first string holding a NUL character is (a key holding one: its object), or None."""
+    pending = [((), value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return path
+        elif isinstance(item, dict):
+            if any("\x00" in key for key in item):
+                return path
+            pending.extend(((*path, key), child) for key, child in item.items())
+        elif isinstance(item, list):
+            pending.extend(((*path, index), child) for index, child in enumerate(item))
+    return None
+
+
+def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int | None = None):
+    """`json.loads` that raises `InvalidJSON` instead of recursing without bound."""
+    max_depth = settings.JSON_MAX_DEPTH if max_depth is None else max_depth
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InvalidJSON(f"The JSON is larger than {max_bytes} bytes.", reason="too_large")
+    try:
+        text = data.decode() if isinstance(data, bytes | bytearray) else data
+    except UnicodeDecodeError as error:
+        raise InvalidJSON("The JSON is not valid UTF-8.", reason="malformed") from error
+    # Fewer brackets than the limit cannot nest deeper than it: the common case costs two C-speed counts.
+    if text.count("[") + text.count("{") > max_depth and depth(text) > max_depth:
+        raise InvalidJSON(f"The JSON is nested deeper than {max_depth} levels.", reason="too_deep")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise InvalidJSON(f"The JSON is malformed: {error}", reason="malformed") from None
+    if "\\u0000" in text and (path := _nul_path(value)) is not None:
+        raise InvalidJSON("The JSON holds a NUL character (\\u0000), which is not stored.", reason="nul_character",
+                          path=path)
+    return value

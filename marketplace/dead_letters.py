@@ -1,0 +1,48 @@
+"""Poison messages never loop. A task whose process dies while running it (a segfault, the OOM killer) is
+delivered again (acks_late + reject_on_worker_lost); one that kills every process that runs it would loop forever.
+Each redelivery is counted in the database before the task runs (`RedeliveredTask`, committed first, so the count
+survives the crash it is counting); past TASK_MAX_REDELIVERIES the message is a dead letter: recorded, logged,
+acknowledged without running. Dead letters are listed in the admin and counted in the metrics
+(`marketplace_celery_dead_letters`); an operator re-runs one after fixing its cause.
+
+Only redeliveries are counted (the broker marks them: kombu's Redis transport sets `redelivered`), so a first
+delivery costs no write.
+"""
+
+import logging
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count
+from django.utils import timezone
+
+from marketplace import metrics
+from marketplace.models import RedeliveredTask
+
+logger = logging.getLogger(__name__)
+
+
+def redelivery_allowed(*, task_id: str, task_name: str, args, kwargs) -> bool:
+    """Count one more redelivery of the task: True when it may run again, False once it is a dead letter."""
+    with transaction.atomic():
+        record, _ = RedeliveredTask.objects.select_for_update().get_or_create(
+            task_id=task_id, defaults={"task_name": task_name, "args": list(args), "kwargs": dict(kwargs)})
+        if record.dead_lettered_at is None:
+            record.redeliveries += 1
+            if record.redeliveries > settings.TASK_MAX_REDELIVERIES:
+                record.dead_lettered_at = timezone.now()
+                logger.error("task dead-lettered: its process died on every delivery",
+                             extra={"task": task_name, "task_id": task_id, "redeliveries": record.redeliveries})
+            record.save(update_fields=["redeliveries", "dead_lettered_at", "updated_at"])
+    return record.dead_lettered_at is None
+
+
+def dead_letter_counts() -> dict[tuple[str], int]:
+    rows = (RedeliveredTask.objects.filter(dead_lettered_at__isnull=False).values("task_name")
+            .annotate(count=Count("id")))
+    return {(row["task_name"],): row["count"] for row in rows}
+
+
+metrics.scrape_collector_register(
+    name="marketplace_celery_dead_letters", labels=("task",), counts=dead_letter_counts,
+    documentation="Task messages acknowledged without running after their process died on every delivery, by task.")

@@ -1,0 +1,49 @@
+"""The request-body parser of every API view: a JSON object, read through `marketplace.bounded_json`, at most
+DATA_UPLOAD_MAX_MEMORY_SIZE bytes.
+
+Every endpoint's body is an object of named fields; anything else (`false`, `[]`, `"x"`) is a client that means
+something we would not read, so it is refused here, once, rather than coerced to "no fields" view by view. The
+metered proxy forwards bodies as they are and never parses them.
+"""
+
+from django.conf import settings
+from rest_framework.exceptions import ErrorDetail, ValidationError
+from rest_framework.parsers import JSONParser
+
+from marketplace import bounded_json
+from marketplace.errors import ApplicationError, InvalidInput, PayloadTooLarge
+
+
+def json_refusal(error: bounded_json.InvalidJSON) -> ApplicationError | ValidationError:
+    """The API error for JSON a caller sent that `bounded_json` refused: a NUL character is a validation error
+    naming the field, as DRF's own check of text fields gives."""
+    if error.reason == "too_large":
+        return PayloadTooLarge(f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.",
+                               details={"max_bytes": settings.DATA_UPLOAD_MAX_MEMORY_SIZE})
+    if error.reason == "malformed":
+        return InvalidInput(str(error), code="malformed_json")
+    if error.reason == "nul_character":
+        detail = [ErrorDetail("Null characters are not allowed.", code="null_characters_not_allowed")]
+        for step in reversed(error.path or ("non_field_errors",)):
+            detail = {step: detail}
+        return ValidationError(detail)
+    return InvalidInput(str(error), code="invalid_json", details={"max_depth": settings.JSON_MAX_DEPTH})
+
+
+class BoundedJSONParser(JSONParser):
+    def parse(self, stream, media_type=None, parser_context=None):
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        try:
+            data = bounded_json.loads(stream.read(limit + 1), max_bytes=limit)
+        except bounded_json.InvalidJSON as error:
+            raise json_refusal(error) from None
+        if not isinstance(data, dict):
+            kind = _json_type(data)
+            raise InvalidInput(f"The request body must be a JSON object, not {kind}.", code="body_not_object",
+                               details={"type": kind})
+        return data
+
+
+def _json_type(value) -> str:
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+            type(None): "null"}.get(type(value), "unknown")

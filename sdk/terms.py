@@ -1,0 +1,83 @@
+"""The terms a buyer agreed to, and their hash (the `termsHash` the buyer consents to on-chain).
+
+`terms_hash` is the one definition, used by the marketplace when it records a proposal and by the SDK when it
+checks an activation package.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from eth_utils import keccak, to_checksum_address
+
+from sdk.networks import NetworkConfig
+from sdk.safety import SigningRefused, require_equal
+
+__all__ = ["AgreedTerms", "terms_hash"]
+
+
+def terms_hash(terms: Mapping[str, Any]) -> str:
+    """keccak256 of the terms' canonical JSON (sorted keys, no spaces)."""
+    canonical = json.dumps(terms, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return "0x" + keccak(canonical).hex()
+
+
+def _unix(value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    return int(datetime.fromisoformat(str(value)).timestamp())
+
+
+@dataclass(frozen=True)
+class AgreedTerms:
+    """An escrow agreement's terms, as the buyer proposed them, checked against the pinned configuration."""
+
+    agreement_id: str  # the escrow contract's bytes32 id
+    buyer: str
+    seller: str
+    quantity: int
+    price_per_unit: int
+    deposit_amount: int
+    infra_fee: int
+    challenge_window: int
+    expires_at: int
+    terms_hash: str
+
+    @property
+    def total(self) -> int:
+        """What the buyer's single permit may move: the deposit plus the fee."""
+        return self.deposit_amount + self.infra_fee
+
+    @classmethod
+    def from_agreement(cls, agreement: Mapping[str, Any], network: NetworkConfig) -> AgreedTerms:
+        """From the agreement the buyer proposed (the `propose_agreement` answer it kept). The deposit must be
+        quantity × unit price, the fee the published schedule's, the token and chain the pinned ones; the terms
+        hash is recomputed here, so the intent binds the buyer to exactly these terms."""
+        quantity, price = int(agreement["quantity"]), int(agreement["price_per_unit_atomic"])
+        deposit = quantity * price
+        require_equal(agreement["deposit_amount_atomic"], deposit, "agreement.deposit_amount_atomic")
+        fee = network.fee_schedule.fee_for(deposit)
+        require_equal(agreement["infra_fee_atomic"], fee, "agreement.infra_fee_atomic")
+        require_equal(agreement["chain_id"], network.chain_id, "agreement.chain_id")
+        require_equal(agreement["token_address"], network.token_address, "agreement.token_address")
+        if agreement["settlement_model"] != "escrow":
+            raise SigningRefused("agreement.settlement_model", "escrow", agreement["settlement_model"])
+        expires_at = _unix(agreement["expires_at"])
+        terms = {
+            "service_id": str(agreement["service"]["id"]), "settlement_model": "escrow",
+            "pricing_type": agreement["pricing_type"], "unit_name": agreement["unit_name"],
+            "price_per_unit": price, "quantity": quantity, "deposit_amount": deposit, "infra_fee": fee,
+            "token": agreement["token"], "token_address": network.token_address, "chain_id": network.chain_id,
+            "challenge_window_seconds": int(agreement["challenge_window_seconds"]), "expires_at": expires_at,
+            "buyer_wallet_address": agreement["buyer_wallet_address"],
+            "seller_wallet_address": agreement["seller_wallet_address"], "fee_recipient": agreement["fee_recipient"],
+        }
+        return cls(agreement_id=agreement["onchain_id"], buyer=to_checksum_address(agreement["buyer_wallet_address"]),
+                   seller=to_checksum_address(agreement["seller_wallet_address"]), quantity=quantity,
+                   price_per_unit=price, deposit_amount=deposit, infra_fee=fee,
+                   challenge_window=int(agreement["challenge_window_seconds"]), expires_at=expires_at,
+                   terms_hash=terms_hash(terms))

@@ -1,0 +1,196 @@
+"""The metered proxy under hostile requests and hostile upstream answers: nothing escapes the seller's base path,
+no malformed header or body turns into a 500 or leaves budget reserved, no header crosses that should not."""
+
+import logging
+from datetime import timedelta
+from io import BytesIO
+
+import pytest
+from django.utils import timezone
+
+from agreements import metering, proxy
+from agreements.models import CallIntent, ProxyReplay, UsageAgreement, UsageEvent
+from marketplace.errors import DependencyUnavailable
+from tests.conftest import error_code
+from tests.escrow.flow import Parties
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+PRICE = 20_000
+
+
+def _active(escrow_chain, http_server, capture, **service):
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url + "/base", **service)
+    agreement = parties.accepted_agreement(quantity=5)
+    assert parties.activate(agreement["id"], capture).status_code == 202
+    parties.agreement_id = agreement["id"]
+    parties.proxy = f"/metered-proxy/{agreement['id']}"
+    return parties
+
+
+@pytest.fixture
+def active(escrow_chain, http_server, django_capture_on_commit_callbacks):
+    return _active(escrow_chain, http_server, django_capture_on_commit_callbacks)
+
+
+@pytest.fixture
+def per_unit(escrow_chain, http_server, django_capture_on_commit_callbacks):
+    return _active(escrow_chain, http_server, django_capture_on_commit_callbacks,
+                   pricing={"type": "per_unit", "unit_name": "page", "unit_price_atomic": 10_000})
+
+
+def raw(parties, method: str, path: str, **extra):
+    return getattr(parties.buyer_api.client, method)(path, HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}",
+                                                     **extra)
+
+
+def books(parties) -> tuple[int, int]:
+    agreement = UsageAgreement.objects.get(pk=parties.agreement_id)
+    return agreement.used, agreement.reserved
+
+
+def no_errors_logged(caplog) -> bool:
+    return not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("path", [
+    "%2e%2e/%2e%2e/internal/admin?x=1",  # the finding: reached /internal/admin, charged, signed
+    "..%5C..%5Cinternal%5Cadmin",
+    "a/../../internal",
+    "%252e%252e/internal",  # decoded once more by the seller's server
+    "a/%252E%252e%255Cinternal",
+])
+def test_a_path_that_leaves_the_base_path_is_400_and_never_forwarded(active, http_server, path, caplog):
+    response = raw(active, "get", f"{active.proxy}/{path}")
+    assert response.status_code == 400, response.content
+    assert error_code(response) == "invalid_upstream_path"
+    assert http_server.requests == []
+    assert books(active) == (0, 0) and not CallIntent.objects.exists()
+    assert no_errors_logged(caplog)
+
+
+def test_dot_segments_within_the_base_path_are_resolved(active, http_server):
+    assert raw(active, "get", f"{active.proxy}/a/./b/../c%5Cd?q=1").status_code == 200
+    [forwarded] = http_server.requests
+    assert forwarded.path == "/base/a/c/d?q=1"
+
+
+def test_a_non_ascii_digit_in_x_max_units_is_400_and_reserves_nothing(per_unit, http_server):
+    for value in ["²", "١", "9" * 5000]:
+        response = raw(per_unit, "get", f"{per_unit.proxy}/pages", HTTP_X_MAX_UNITS=value)
+        assert response.status_code == 400 and error_code(response) == "invalid_max_units"
+    assert http_server.requests == [] and books(per_unit) == (0, 0)
+
+
+def test_a_non_ascii_digit_in_x_usage_units_charges_one_unit(per_unit, http_server):
+    http_server.responses.append((200, {}, 0, {"X-Usage-Units": "²"}))
+    http_server.responses.append((200, {}, 0, {"X-Usage-Units": "3"}))
+    first = raw(per_unit, "get", f"{per_unit.proxy}/pages", HTTP_X_MAX_UNITS="4")
+    second = raw(per_unit, "get", f"{per_unit.proxy}/pages", HTTP_X_MAX_UNITS="4")
+    assert (first.status_code, first["X-Usage-Cost"]) == (200, "10000")
+    assert (second.status_code, second["X-Usage-Cost"]) == (200, "30000")
+    assert books(per_unit) == (40_000, 0)
+
+
+def test_a_chunked_body_is_forwarded_and_charged_once(active, http_server):
+    body = b'{"text": "' + b"x" * 100_000 + b'"}'
+    response = raw(active, "post", f"{active.proxy}/translate", data=b"", content_type="application/json",
+                   HTTP_TRANSFER_ENCODING="chunked", CONTENT_LENGTH="",
+                   **{"wsgi.input": BytesIO(body), "wsgi.input_terminated": True})
+    assert response.status_code == 200, response.content
+    [forwarded] = http_server.requests
+    assert forwarded.body == body and forwarded.headers["Content-Length"] == str(len(body))
+    assert books(active) == (PRICE, 0)
+
+
+def test_a_chunked_body_the_server_cannot_delimit_is_411(active, http_server):
+    response = raw(active, "post", f"{active.proxy}/translate", data=b"", content_type="application/json",
+                   HTTP_TRANSFER_ENCODING="chunked", CONTENT_LENGTH="", **{"wsgi.input": BytesIO(b"{}")})
+    assert response.status_code == 411 and error_code(response) == "length_required"
+    assert http_server.requests == [] and books(active) == (0, 0)
+
+
+def test_an_oversized_body_is_413_in_the_error_shape_without_a_traceback(active, http_server, settings, caplog):
+    body = b"x" * (settings.PROXY_MAX_REQUEST_BYTES + 1)
+    plain = raw(active, "post", f"{active.proxy}/upload", data=body, content_type="application/octet-stream")
+    chunked = raw(active, "post", f"{active.proxy}/upload", data=b"", content_type="application/octet-stream",
+                  HTTP_TRANSFER_ENCODING="chunked", CONTENT_LENGTH="",
+                  **{"wsgi.input": BytesIO(body), "wsgi.input_terminated": True})
+    for response in (plain, chunked):
+        assert response.status_code == 413, response.content
+        assert error_code(response) == "request_too_large"
+    assert http_server.requests == [] and books(active) == (0, 0)
+    assert no_errors_logged(caplog)
+
+
+def test_hop_by_hop_forwarding_and_cookie_headers_do_not_cross(active, http_server):
+    http_server.responses.append((200, {}, 0, {"Connection": "X-Upstream-Hop", "X-Upstream-Hop": "1",
+                                               "Set-Cookie": "session=seller; Path=/", "X-Kept": "1"}))
+    response = raw(active, "get", f"{active.proxy}/x", HTTP_CONNECTION="keep-alive, X-Buyer-Hop",
+                   HTTP_X_BUYER_HOP="1", HTTP_X_FORWARDED_FOR="6.6.6.6", HTTP_FORWARDED="for=6.6.6.6",
+                   HTTP_X_REAL_IP="6.6.6.6", HTTP_X_FORWARDED_HOST="evil.example", REMOTE_ADDR="198.51.100.7")
+    assert response.status_code == 200
+    [forwarded] = http_server.requests
+    names = {name.lower() for name in forwarded.headers}
+    assert not names & {"x-buyer-hop", "forwarded", "x-real-ip", "x-forwarded-host"}
+    assert forwarded.headers["X-Forwarded-For"] == "198.51.100.7"  # what the platform saw, not what was claimed
+    assert not response.has_header("Set-Cookie") and not response.has_header("X-Upstream-Hop")
+    assert response["X-Kept"] == "1"
+
+
+def test_a_nonce_reused_on_another_call_is_422(active, http_server):
+    nonce = {"HTTP_X_REQUEST_NONCE": "n-1"}
+    first = raw(active, "post", f"{active.proxy}/a", data=b'{"a": 1}', content_type="application/json", **nonce)
+    assert first.status_code == 200
+    others = [raw(active, "post", f"{active.proxy}/b", data=b'{"a": 1}', content_type="application/json", **nonce),
+              raw(active, "put", f"{active.proxy}/a", data=b'{"a": 1}', content_type="application/json", **nonce),
+              raw(active, "post", f"{active.proxy}/a", data=b'{"a": 2}', content_type="application/json", **nonce),
+              raw(active, "post", f"{active.proxy}/a?q=1", data=b'{"a": 1}', content_type="application/json",
+                  **nonce)]
+    for response in others:
+        assert response.status_code == 422, response.content
+        assert error_code(response) == "nonce_reused"
+    again = raw(active, "post", f"{active.proxy}/a", data=b'{"a": 1}', content_type="application/json", **nonce)
+    assert again.status_code == 200 and again["X-Replayed"] == "true"
+    assert len(http_server.requests) == 1 and books(active) == (PRICE, 0)
+
+
+def test_the_reaper_settles_calls_whose_process_died(active, settings):
+    """What a server process that died mid-call leaves: a reservation with its intent, the answer recorded or not,
+    a nonce claimed. The reaper charges the answered call, releases the other, and answers the nonces."""
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+
+    def dead_call(nonce: str):
+        ProxyReplay.objects.create(agreement=agreement, request_nonce=nonce,
+                                   request_fingerprint=proxy.request_fingerprint("GET", "/work", b""))
+        return metering.reservation_take(agreement=agreement, amount=PRICE, request_id=f"req-{nonce}",
+                                         request_nonce=nonce, method="GET", path="/work")
+
+    answered, forwarding = dead_call("answered"), dead_call("forwarding")
+    metering.reservation_answered(reservation=answered, units=1, cost=PRICE, upstream_status=200, latency_ms=5)
+    assert books(active) == (0, 2 * PRICE)
+
+    assert metering.intents_reap() == {"charged": 0, "released": 0, "replays": 0}  # not stale yet: maybe alive
+    later = timezone.now() + timedelta(seconds=settings.PROXY_TIMEOUT + settings.PROXY_INTENT_GRACE_SECONDS + 1)
+    assert metering.intents_reap(now=later) == {"charged": 1, "released": 1, "replays": 2}
+    assert metering.intents_reap(now=later) == {"charged": 0, "released": 0, "replays": 0}  # idempotent
+    assert books(active) == (PRICE, 0) and not CallIntent.objects.exists()
+    [event] = UsageEvent.objects.filter(agreement=agreement)
+    assert (event.request_id, event.request_nonce, event.cost, event.seq) == ("req-answered", "answered", PRICE, 1)
+    assert event.receipt_signature
+
+    replayed = raw(active, "get", f"{active.proxy}/work", HTTP_X_REQUEST_NONCE="answered")
+    assert (replayed.status_code, error_code(replayed)) == (502, "reply_lost")  # charged; the answer is lost
+    assert replayed["X-Usage-Event-Id"] == str(event.pk) and replayed["X-Replayed"] == "true"
+    assert not ProxyReplay.objects.filter(request_nonce="forwarding").exists()  # free to be used again
+
+    # A process that comes back late finds its call settled: charged once, never twice.
+    with pytest.raises(DependencyUnavailable) as late:
+        metering.reservation_commit(reservation=forwarding, units=1, cost=PRICE, request_id="req-forwarding",
+                                    request_nonce="forwarding", method="GET", path="/work", upstream_status=200,
+                                    latency_ms=5)
+    assert late.value.code == "call_expired"
+    assert metering.reservation_commit(reservation=answered, units=1, cost=PRICE, request_id="req-answered",
+                                       request_nonce="answered", method="GET", path="/work", upstream_status=200,
+                                       latency_ms=5) == event
+    metering.reservation_release(reservation=forwarding)
+    assert books(active) == (PRICE, 0)

@@ -1,0 +1,60 @@
+"""The demo's credentials: the seed prints the dev chain's demo wallets beside the keys; keys can be re-issued."""
+
+import re
+
+import pytest
+from django.core.management import CommandError, call_command
+from eth_account import Account
+
+from catalog.management.commands.seed_demo import DEMO_WALLETS
+from tests.conftest import Api
+
+pytestmark = pytest.mark.django_db
+
+
+def secrets_in(output: str) -> dict[str, str]:
+    return dict(re.findall(r"^\s+(Owner token|Buyer key \(demo-buyer\)|Seller key \(demo-seller\))\s+(\S+)$",
+                           output, re.MULTILINE))
+
+
+def test_the_demo_wallets_are_anvils_accounts_with_their_keys():
+    for wallet in DEMO_WALLETS:
+        assert Account.from_key(wallet.private_key).address == wallet.address, wallet
+
+
+def test_the_seed_prints_the_dev_chains_wallets_with_the_keys(capsys, settings):
+    settings.CHAIN_ID = 31337
+    call_command("seed_demo")
+    output = capsys.readouterr().out
+    assert set(secrets_in(output)) == {"Owner token", "Buyer key (demo-buyer)", "Seller key (demo-seller)"}
+    buyer = next(w for w in DEMO_WALLETS if w.role == "demo-buyer")
+    assert f"Anvil #1  {buyer.address}  key {buyer.private_key}  demo-buyer" in output
+    assert "treasury" in output and "fee recipient" in output
+
+    call_command("seed_demo")  # again, after a restart: no keys, but the way to get new ones and the wallets
+    again = capsys.readouterr().out
+    assert "demo_keys --reissue" in again and buyer.private_key in again and not secrets_in(again)
+
+
+def test_no_wallet_key_is_printed_off_the_dev_chain(capsys, settings):
+    settings.CHAIN_ID = 84532
+    call_command("seed_demo")
+    output = capsys.readouterr().out
+    assert secrets_in(output) and "Anvil #" not in output
+    assert not any(wallet.private_key in output for wallet in DEMO_WALLETS)
+
+
+def test_demo_keys_reissue_revokes_the_old_keys_and_prints_working_ones(capsys):
+    with pytest.raises(CommandError, match="seed_demo"):
+        call_command("demo_keys", "--reissue")
+    call_command("seed_demo")
+    old = secrets_in(capsys.readouterr().out)
+    call_command("demo_keys", "--reissue")
+    new = secrets_in(capsys.readouterr().out)
+
+    assert set(new) == set(old) and not set(new.values()) & set(old.values())
+    assert Api(old["Buyer key (demo-buyer)"]).get("/usage-agreements").status_code == 401
+    assert Api(new["Buyer key (demo-buyer)"]).get("/usage-agreements").status_code == 200
+    assert Api(new["Seller key (demo-seller)"]).get("/usage-agreements").status_code == 200
+    call_command("demo_keys")
+    assert not secrets_in(capsys.readouterr().out)

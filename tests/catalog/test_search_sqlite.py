@@ -1,0 +1,48 @@
+"""Search on the embedded SQLite default (`make run`): a misspelt name is found through the Python fallback.
+
+The suite runs on PostgreSQL; this test then runs itself again in a pytest subprocess on an SQLite database, so
+the fallback is exercised on the database it is for.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from catalog.selectors import name_similarity
+from tests.catalog.test_search import listing, names, search
+
+pytestmark = pytest.mark.django_db
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(("text", "name", "alike"), [
+    ("sumarize", "Summarizer", True), ("invoce extracter", "Invoice extractor", True),
+    ("zanzibr ferri", "Zanzibar ferry booker", True), ("sumarize", "Fast translator", False),
+    ("invoce extracter", "Market research crew", False), ("weather", "Leather goods", True)])
+def test_names_spelt_alike(text, name, alike):
+    assert (name_similarity(text, name) > 0) is alike
+
+
+def test_sqlite_finds_sumarize_as_summarizer(seller, buyer_api, tmp_path):
+    if connection.vendor != "sqlite":
+        env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'search.sqlite3'}"}
+        this_test = f"{Path(__file__).relative_to(REPO)}::{test_sqlite_finds_sumarize_as_summarizer.__name__}"
+        run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
+                              "-m", "", this_test], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
+        return
+    listing(seller, "Summarizer", description="Summarizes long documents into five bullet points.",
+            tags=["nlp", "summary"])
+    listing(seller, "Fast translator", tags=["nlp"])
+    listing(seller, "Summary archive", description="Old summaries.", tags=["archive"])
+
+    assert names(buyer_api, q="sumarize", tags_any=["nlp"], max_unit_price_atomic=50_000) == ["Summarizer"]
+    ranked = search(buyer_api, q="sumarize")["results"]
+    assert ranked[0]["name"] == "Summarizer" and 0 < ranked[0]["relevance"] <= 1
+    assert names(buyer_api, q="translator") == ["Fast translator"]  # an exact match: no fallback
+    assert names(buyer_api, q='"sumarize"') == []  # a quoted phrase asks for exactly that

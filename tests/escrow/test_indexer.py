@@ -1,0 +1,285 @@
+"""The chain indexer: contract calls made by anyone (not the platform's relayer) move the agreements, relayer
+receipts and indexed events converge on one transition, and a reorg rolls back what it removed."""
+
+import io
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.test import Client
+from django.urls import reverse
+
+from agreements.models import AgreementEvent, UsageAgreement
+from escrow import indexer
+from escrow.models import ChainEvent, ChainTransaction, EventEffect
+from sdk import typed_data as td
+from sdk.activation import sign_activation_package
+from sdk.typed_data import sign_typed_data
+from tests.conftest import error_code
+from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+
+@pytest.fixture
+def funded(escrow_chain, http_server, django_capture_on_commit_callbacks):
+    """Active: 100 calls at 0.02 USDC (deposit 2 USDC) to a real upstream, activated by the platform relayer."""
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=100)
+    parties.activate(agreement["id"], django_capture_on_commit_callbacks)
+    parties.agreement_id = agreement["id"]
+    parties.onchain_id = UsageAgreement.objects.get(pk=agreement["id"]).onchain_id
+    return parties
+
+
+def index(capture):
+    with capture(execute=True):
+        return indexer.index_pass()
+
+
+def call_n(parties, n):
+    for _ in range(n):
+        response = parties.buyer_api.get(f"/metered-proxy/{parties.agreement_id}/work")
+        assert response.status_code == 200, response.content
+
+
+def seller_proposes_directly(parties, chain, *, seq: int | None = None):
+    """The seller sends proposeSettlement itself, with a receipt the platform signed for the buyer's calls."""
+    events = parties.buyer_api.get(f"/usage-agreements/{parties.agreement_id}/usage").json()["results"]
+    last = max(events, key=lambda event: event["seq"]) if seq is None else next(
+        event for event in events if event["seq"] == seq)
+    mined(chain, chain.escrow.functions.proposeSettlement(
+        parties.onchain_id, last["seq"], last["cumulative_atomic"], last["usage_digest"], last["receipt_signature"],
+    ).transact({"from": parties.seller_account.address}))
+    return last
+
+
+def mined(chain, tx_hash) -> None:
+    assert chain.w3.eth.wait_for_transaction_receipt(tx_hash, poll_latency=0.01)["status"] == 1
+
+
+def statuses(agreement_id) -> list[tuple[str, str]]:
+    return list(AgreementEvent.objects.filter(agreement_id=agreement_id).order_by("created_at", "pk")
+                .values_list("from_status", "to_status"))
+
+
+def test_seller_proposes_directly_then_buyer_challenges_through_the_api(funded, escrow_chain,
+                                                                        django_capture_on_commit_callbacks):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    proposed = seller_proposes_directly(funded, chain)
+
+    result = index(capture)
+    assert result.events >= 1 and not result.skipped
+    agreement = funded.agreement(funded.agreement_id)
+    assert agreement["status"] == "in_challenge" and agreement["challenge_deadline"]
+    event = ChainEvent.objects.get(agreement_id=funded.agreement_id, name="SettlementProposed")
+    assert (event.effect, event.from_status, event.to_status) == (EventEffect.APPLIED, "active", "in_challenge")
+    assert int(event.args["cumulativeAmount"]) == proposed["cumulative_atomic"] == 60_000
+    # The metered proxy stops charging at once.
+    refused = funded.buyer_api.get(f"/metered-proxy/{funded.agreement_id}/work")
+    assert refused.status_code == 409 and error_code(refused) == "agreement_not_active"
+
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    body = {"reason": "I did not ask for the third call", "deadline": package["deadline"],
+            "signature": sign_typed_data(funded.buyer_account.key, package["challenge"])}
+    with capture(execute=True):
+        assert funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body).status_code == 202
+    confirm_all(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "disputed"
+    assert funded.buyer_api.get(f"/metered-proxy/{funded.agreement_id}/work").status_code == 409
+
+    # The indexer then sees the relayer's own Challenged: already applied, nothing moves twice.
+    index(capture)
+    challenged = ChainEvent.objects.get(agreement_id=funded.agreement_id, name="Challenged")
+    assert challenged.effect == EventEffect.ALREADY
+    assert statuses(funded.agreement_id)[-3:] == [("submitting", "active"), ("active", "in_challenge"),
+                                                  ("in_challenge", "disputed")]
+    assert index(capture).events == 0  # a pass with nothing new is a no-op
+    call_command("reconcile")
+
+
+def test_buyer_reclaims_directly_after_expiry(funded, escrow_chain, django_capture_on_commit_callbacks):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    balance = usdc_balance(chain, funded.buyer_account.address)
+    expires_at = int(UsageAgreement.objects.get(pk=funded.agreement_id).expires_at.timestamp())
+    chain.increase_time(expires_at + chain.reclaim_grace - chain.now() + 1)
+    mined(chain, chain.escrow.functions.reclaim(funded.onchain_id).transact({"from": funded.buyer_account.address}))
+
+    index(capture)
+    refunded = funded.agreement(funded.agreement_id)
+    assert refunded["status"] == "refunded" and refunded["buyer_refund_atomic"] == 2 * USDC
+    assert usdc_balance(chain, funded.buyer_account.address) == balance + 2 * USDC
+    # The token's transfer out of the escrow is indexed beside the escrow's event.
+    transfer = ChainEvent.objects.get(name="Transfer", args__to=funded.buyer_account.address)
+    assert int(transfer.args["value"]) == 2 * USDC and transfer.args["from"] == chain.addresses["escrow"]
+    call_command("reconcile")
+
+
+def test_anyone_finalizes_after_the_window(funded, escrow_chain, django_capture_on_commit_callbacks):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 5)
+    seller_proposes_directly(funded, chain)
+    index(capture)
+    chain.increase_time(3601)
+    mined(chain, chain.escrow.functions.finalize(funded.onchain_id).transact({"from": chain.accounts.stranger.address}))
+
+    index(capture)
+    settled = funded.agreement(funded.agreement_id)
+    assert settled["status"] == "settled"
+    assert (settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (100_000, 1_900_000)
+    assert statuses(funded.agreement_id)[-3:] == [("active", "in_challenge"), ("in_challenge", "settling"),
+                                                  ("settling", "settled")]
+    assert ChainEvent.objects.get(name="Settled").from_status == "in_challenge"
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_activation_relayed_by_someone_else_and_the_relayer_receipt_converge(
+        escrow_chain, http_server, django_capture_on_commit_callbacks):
+    """The indexer sees the activation before the relayer polls its receipt: one transition, whichever first."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    with capture(execute=True):
+        response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                          parties.signed_activation(agreement["id"]))
+    assert response.status_code == 202
+    mined(chain, UsageAgreement.objects.get(pk=agreement["id"]).activation_tx_hash)
+    index(capture)  # the relayer's transaction is mined, its receipt not polled yet
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    confirm_all(capture)
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert [to for _, to in statuses(agreement["id"])].count("active") == 1
+
+
+def test_relayer_receipt_after_the_agreement_moved_on_is_a_no_op(escrow_chain, http_server,
+                                                                 django_capture_on_commit_callbacks):
+    """The indexer applied the activation and the seller's proposal before the relayer polled its activation
+    receipt: the late receipt must not try to move the agreement back (it used to raise invalid_transition)."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    parties.agreement_id = agreement["id"]
+    parties.onchain_id = UsageAgreement.objects.get(pk=agreement["id"]).onchain_id
+    with capture(execute=True):
+        parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                               parties.signed_activation(agreement["id"]))
+    mined(chain, UsageAgreement.objects.get(pk=agreement["id"]).activation_tx_hash)
+    index(capture)
+    call_n(parties, 2)
+    seller_proposes_directly(parties, chain)
+    index(capture)
+    confirm_all(capture)  # the activation receipt, late
+    assert parties.agreement(agreement["id"])["status"] == "in_challenge"
+    assert ChainTransaction.objects.get(agreement_id=agreement["id"]).status == "confirmed"
+
+
+def test_buyer_intent_relayed_by_someone_else_activates(escrow_chain, http_server,
+                                                        django_capture_on_commit_callbacks):
+    """The buyer's signed package is sent to the contract by someone else, never through activate-escrow."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    package = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/activation-package").json()
+    signed = sign_activation_package(package, parties.buyer_account.key)
+    permit = signed["escrow_permit"]
+    fee = signed["fee_permit"]
+    mined(chain, chain.escrow.functions.activate(
+        td.message_tuple(package["intent"]), signed["intent_signature"],
+        td.onchain_permit(value=permit["value"], deadline=permit["deadline"], signature=permit["signature"]),
+        td.onchain_permit(value=fee["value"], deadline=fee["deadline"], signature=fee["signature"]),
+    ).transact({"from": chain.accounts.stranger.address, "gas": 1_000_000}))
+
+    index(capture)
+    active = parties.agreement(agreement["id"])
+    assert active["status"] == "active"
+    assert statuses(agreement["id"])[-2:] == [("accepted", "submitting"), ("submitting", "active")]
+    assert parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/work").status_code == 200
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_reorg_removing_a_proposal_rolls_back_and_applies_the_canonical_events(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 4)
+    before_proposal = chain.snapshot()
+    seller_proposes_directly(funded, chain)
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+
+    # A different history from the snapshot on: empty blocks, then the seller proposes an older receipt.
+    chain.revert(before_proposal)
+    chain.mine(3)
+    result = index(capture)
+    assert result.rolled_back == 1
+    agreement = funded.agreement(funded.agreement_id)
+    assert agreement["status"] == "active" and agreement["challenge_deadline"] is None
+    assert ChainEvent.objects.get(name="SettlementProposed").removed_at is not None
+    assert funded.buyer_api.get(f"/metered-proxy/{funded.agreement_id}/work").status_code == 200  # on-chain: Active
+
+    older = seller_proposes_directly(funded, chain, seq=2)
+    index(capture)
+    agreement = funded.agreement(funded.agreement_id)
+    assert agreement["status"] == "in_challenge"
+    live = ChainEvent.objects.get(name="SettlementProposed", removed_at=None)
+    assert int(live.args["cumulativeAmount"]) == older["cumulative_atomic"] == 40_000
+    assert statuses(funded.agreement_id)[-3:] == [("active", "in_challenge"), ("in_challenge", "active"),
+                                                  ("active", "in_challenge")]
+
+
+# --- visibility: unapplied events, lag in reconcile, /readyz and the Prometheus gauge ----------------------------
+
+def test_an_event_that_cannot_be_applied_is_kept_with_its_error(escrow_chain, http_server, esc,
+                                                                django_capture_on_commit_callbacks, admin_client):
+    """Someone opens an escrow of their own under an accepted agreement's id: not the buyer's intent."""
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    onchain_id = UsageAgreement.objects.get(pk=agreement["id"]).onchain_id
+    esc.activate(agreement_id=onchain_id, buyer=escrow_chain.accounts.buyer2)
+
+    index(django_capture_on_commit_callbacks)
+    assert parties.agreement(agreement["id"])["status"] == "accepted"
+    failed = ChainEvent.objects.get(name="Activated")
+    assert failed.effect == EventEffect.FAILED
+    assert failed.error == ("escrow_mismatch: The escrow under this agreement's id is not its buyer's intent "
+                            "(buyer, depositAmount, termsHash differ).")
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+    page = admin_client.get(reverse("admin:escrow_chainevent_changelist") + "?effect=failed")
+    assert page.status_code == 200 and "Activated" in page.content.decode()
+    assert admin_client.get(reverse("admin:escrow_chainevent_change", args=[failed.pk])).status_code == 200
+    assert admin_client.get(reverse("admin:escrow_chainevent_add")).status_code == 403
+
+
+@pytest.mark.django_db(transaction=True)  # /readyz checks on connections of their own
+def test_lag_in_reconcile_readyz_and_metrics(escrow_chain, settings, admin_client):
+    settings.INDEXER_MAX_LAG_BLOCKS = 5
+    escrow_chain.mine(10)
+    out = io.StringIO()
+    call_command("reconcile", stdout=out)
+    head = escrow_chain.block_number()
+    behind = head - escrow_chain.addresses["escrow_block"] + 1
+    assert f"chain head {head}: {behind} block(s) behind" in out.getvalue()
+    not_ready = Client().get("/readyz")
+    assert not_ready.status_code == 503
+    assert not_ready.json()["error"]["details"]["failed"] == ["indexer"]
+    assert f"marketplace_indexer_lag_blocks {behind}.0" in admin_client.get("/metrics").content.decode()
+
+    indexer.index_pass()
+    out = io.StringIO()
+    call_command("reconcile", stdout=out)
+    assert f"applied up to block {head}, chain head {head}: 0 block(s) behind" in out.getvalue()
+    assert Client().get("/readyz").status_code == 200
+    assert "marketplace_indexer_lag_blocks 0.0" in admin_client.get("/metrics").content.decode()
+
+
+def test_indexing_stops_at_the_confirmation_depth_and_the_tagged_block(escrow_chain, settings):
+    escrow_chain.mine(80)
+    head = escrow_chain.block_number()
+    settings.INDEXER_HEAD_TAG = "finalized"  # Anvil: 64 blocks behind the head
+    finalized = escrow_chain.w3.eth.get_block("finalized")["number"]
+    assert finalized < head - 2
+    assert indexer.index_pass().indexed_to == finalized
+    settings.INDEXER_HEAD_TAG = ""
+    settings.CHAIN_CONFIRMATIONS = 3
+    assert indexer.index_pass().indexed_to == head - 2

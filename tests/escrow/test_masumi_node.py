@@ -1,0 +1,154 @@
+"""The Masumi node endpoints' rules that need no seller server: the connect seed's payment information, the
+seller's payment requests and the checks on a purchase that pays one, Cardano-only fields, trailing slashes,
+refund requests without a signature. (The published clients drive the whole flows in tests/compat.)"""
+
+from datetime import UTC, datetime
+
+import pytest
+
+from sdk.typed_data import sign_typed_data
+from tests.conftest import Api, error_code
+from tests.escrow.flow import USDC, Parties
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+PRICE = 5 * USDC
+INPUT = {"text": "the quarterly report"}
+INPUT_HASH = "a" * 64
+
+
+@pytest.fixture
+def parties(escrow_chain):
+    return Parties(escrow_chain, upstream_base_url="http://127.0.0.1:9", upstream_protocol="masumi",
+                   masumi_protocol_version="2", skills=[],
+                   pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE, "token": "USDC"})
+
+
+def iso(unix: int) -> str:
+    return datetime.fromtimestamp(unix, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def payment_request(parties, pay_by: int, **overrides) -> dict:
+    """POST /payment/ as the masumi library's seller server sends it (ISO times, Cardano payment type)."""
+    response = parties.seller_api.post("/payment/", {
+        "agentIdentifier": str(parties.service.pk), "network": "Preprod", "paymentType": "Web3CardanoV1",
+        "payByTime": iso(pay_by), "submitResultTime": iso(pay_by + 3600),
+        "identifierFromPurchaser": "order-9", "inputHash": INPUT_HASH, **overrides})
+    assert response.status_code == 200, response.content
+    return response.json()["data"]
+
+
+def paying_body(parties, payment: dict, **overrides) -> dict:
+    """POST /purchase/ as the masumi library's Purchase sends it."""
+    return {"identifierFromPurchaser": "order-9", "network": "Preprod", "sellerVkey": payment["sellerVKey"],
+            "paymentType": "Web3CardanoV1", "blockchainIdentifier": payment["blockchainIdentifier"],
+            "agentIdentifier": str(parties.service.pk), "inputHash": INPUT_HASH,
+            **{name: payment[name] for name in ("payByTime", "submitResultTime", "unlockTime",
+                                                "externalDisputeUnlockTime")}, **overrides}
+
+
+def test_payment_information_answers_for_a_listed_service(parties, escrow_chain):
+    """The connect seed's step 1 (GET /payment-information), in this network's terms."""
+    response = parties.buyer_api.get("/payment-information", {"agentIdentifier": str(parties.service.pk)})
+    assert response.status_code == 200, response.content
+    info = response.json()["data"]
+    assert info["sellerVkey"] == parties.seller_account.address
+    assert info["AgentPricing"]["Pricing"] == [{"unit": "USDC", "amount": str(PRICE)}]
+    assert info["token"] == escrow_chain.addresses["usdc"]
+    assert info["PaymentSource"]["smartContractAddress"] == escrow_chain.addresses["escrow"]
+    assert info["masumiProtocolVersion"] == "2" and info["purchaseUrl"].endswith("/purchase")
+    plain = Parties(escrow_chain, buyer_funds=0, skills=[])
+    refused = parties.buyer_api.get("/payment-information/", {"agentIdentifier": str(plain.service.pk)})
+    assert refused.status_code == 400 and error_code(refused) == "not_a_masumi_service"
+
+
+def test_a_payment_request_is_paid_by_a_purchase_that_matches_it(parties, escrow_chain):
+    pay_by = escrow_chain.now() + 600
+    payment = payment_request(parties, pay_by)
+    assert payment["onChainState"] is None and payment["inputHash"] == INPUT_HASH
+    assert payment["payByTime"] == str(pay_by * 1000)  # ISO in, Masumi's milliseconds out
+    assert payment["RequestedFunds"] == [{"amount": str(PRICE), "unit": "USDC"}]
+
+    for field, value, code in [("identifierFromPurchaser", "someone-else", "payment_mismatch"),
+                               ("inputHash", "b" * 64, "payment_mismatch"),
+                               ("sellerVkey", parties.buyer_account.address, "payment_mismatch"),
+                               ("submitResultTime", str((pay_by + 3601) * 1000), "payment_mismatch"),
+                               ("paymentType", "Web3CardanoV2", "unsupported_payment_type"),
+                               ("smartContractAddress", "addr_test1wz", "wrong_smart_contract"),
+                               ("Amounts", [{"amount": "5000000", "unit": "lovelace"}], "requested_funds_mismatch")]:
+        refused = parties.buyer_api.post("/purchase/", paying_body(parties, payment, **{field: value}))
+        assert refused.status_code == 400 and error_code(refused) == code, (field, refused.content)
+    both = parties.buyer_api.post("/purchase/", paying_body(parties, payment, input_data=INPUT))
+    assert both.status_code == 400
+
+    created = parties.buyer_api.post("/purchase/", paying_body(parties, payment))
+    assert created.status_code == 200, created.content
+    purchase = created.json()["data"]
+    assert purchase["blockchainIdentifier"] == payment["blockchainIdentifier"] and purchase["inputHash"] == INPUT_HASH
+    assert purchase["ActivationPackage"]["deadline"] == pay_by
+    again = parties.buyer_api.post("/purchase/", paying_body(parties, payment))
+    assert again.status_code == 409 and error_code(again) == "payment_already_purchased"
+
+    seller_view = parties.seller_api.post("/payment/resolve-blockchain-identifier/", {
+        "network": "Preprod", "blockchainIdentifier": payment["blockchainIdentifier"], "includeHistory": "false"})
+    assert seller_view.status_code == 200 and seller_view.json()["data"]["id"] == purchase["id"]
+    early = parties.seller_api.post("/payment/submit-result", {
+        "network": "Preprod", "blockchainIdentifier": payment["blockchainIdentifier"], "submitResultHash": "c" * 64})
+    assert early.status_code == 409 and error_code(early) == "funds_not_locked"
+    listed = parties.seller_api.get("/payment/", {"network": "Preprod"})
+    assert [p["id"] for p in listed.json()["data"]["Payments"]] == [purchase["id"]]
+    by_id = parties.buyer_api.get(f"/purchase/{purchase['id']}/")
+    assert by_id.status_code == 200 and by_id.json()["data"]["blockchainIdentifier"] == payment["blockchainIdentifier"]
+
+
+def test_only_the_seller_requests_payments_for_its_service_at_its_price(parties):
+    stranger = parties.buyer_api.post("/payment/", {
+        "agentIdentifier": str(parties.service.pk), "network": "Preprod", "identifierFromPurchaser": "x"})
+    assert stranger.status_code == 404 and error_code(stranger) == "service_not_found"
+    lovelace = parties.seller_api.post("/payment/", {
+        "agentIdentifier": str(parties.service.pk), "network": "Preprod", "identifierFromPurchaser": "x",
+        "RequestedFunds": [{"amount": "10000000", "unit": "lovelace"}]})
+    assert lovelace.status_code == 400 and error_code(lovelace) == "requested_funds_mismatch"
+    unknown = parties.buyer_api.post("/payment/resolve-blockchain-identifier", {
+        "network": "Preprod", "blockchainIdentifier": "0x" + "1" * 64})
+    assert unknown.status_code == 404 and error_code(unknown) == "payment_not_found"
+    sources = parties.seller_api.get("/payment-source/", {"take": "10"})
+    assert sources.status_code == 200
+    [source] = sources.json()["data"]["PaymentSources"]
+    assert source["SellingWallets"][0]["walletVkey"] == parties.seller_account.address
+
+
+def test_a_refund_request_without_a_signature_is_recorded_and_can_be_withdrawn(parties, escrow_chain,
+                                                                               django_capture_on_commit_callbacks):
+    from sdk.activation import sign_activation_package
+    from tests.escrow.flow import confirm_all
+
+    beyond = parties.buyer_api.post("/purchase", {"network": "Preprod", "agentIdentifier": str(parties.service.pk),
+                                                 "input_data": INPUT, "externalDisputeUnlockTime": "9" * 16})
+    assert beyond.status_code == 400, beyond.content  # past year 9999: was a 500
+    created = parties.buyer_api.post("/purchase", {"network": "Preprod", "agentIdentifier": str(parties.service.pk),
+                                                  "input_data": INPUT})
+    assert created.status_code == 200, created.content
+    purchase = created.json()["data"]
+    assert len(purchase["identifierFromPurchaser"]) == 26  # generated, as the masumi library's buyers do
+    signed = sign_activation_package(purchase["ActivationPackage"], parties.buyer_account.key)
+    bad = sign_typed_data(escrow_chain.accounts.stranger.key, purchase["refundRequestTypedData"])
+    body = {"network": "Preprod", "blockchainIdentifier": purchase["blockchainIdentifier"]}
+    wrong = parties.buyer_api.post("/purchase/lock-funds", {**body, **signed, "refundSignature": bad})
+    assert wrong.status_code == 400 and error_code(wrong) == "wrong_signer"
+    with django_capture_on_commit_callbacks(execute=True):
+        locked = parties.buyer_api.post("/purchase/lock-funds", {**body, **signed})
+    assert locked.status_code == 202, locked.content
+    confirm_all(django_capture_on_commit_callbacks)
+
+    requested = parties.buyer_api.post("/purchase/request-refund/", body)
+    assert requested.status_code == 200, requested.content
+    recorded = requested.json()["data"]
+    assert recorded["onChainState"] == "RefundRequested"
+    assert recorded["NextAction"]["errorType"] == "RefundSignatureMissing"
+    stranger = Api(parties.seller_api.secret).post("/purchase/cancel-refund-request", body)
+    assert stranger.status_code == 404 and error_code(stranger) == "purchase_not_found"
+    withdrawn = parties.buyer_api.post("/purchase/cancel-refund-request/", body)
+    assert withdrawn.status_code == 200, withdrawn.content
+    assert withdrawn.json()["data"]["onChainState"] == "FundsLocked"
+    assert withdrawn.json()["data"]["refundRequestedAt"] is None

@@ -1,0 +1,229 @@
+"""The admin, for money: records of money are view only, amounts show in token units, times to the second with
+the timezone, chain values link to the explorer, an agreement's page shows its chain side."""
+
+import re
+from datetime import timedelta
+
+import pytest
+from django.contrib import admin
+from django.utils import timezone
+
+from agreements.models import AgreementStatus, PaymentAuthorization, SkillInvocation, UsageAgreement, UsageEvent
+from escrow.models import ChainTransaction, Dispute, MasumiPurchase, RelayerAccount, TxAttempt, TxPurpose, TxStatus
+from marketplace import money
+from policies.models import ApprovalRequest
+from tests.agreements.helpers import propose
+from tests.agreements.test_invocations import Market
+from tests.catalog.factories import register_service
+from tests.escrow.flow import confirm_all
+from tests.marketplace.conftest import active_agreement
+
+pytestmark = pytest.mark.django_db
+
+MONEY_RECORDS = [UsageAgreement, UsageEvent, PaymentAuthorization, SkillInvocation, ChainTransaction, Dispute,
+                 MasumiPurchase, RelayerAccount]
+SECONDS_AND_TIMEZONE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")
+
+
+@pytest.mark.parametrize(("amount", "shown"), [
+    (2_000_000, "2.00 USDC"), (0, "0.00 USDC"), (3_000, "0.003 USDC"), (100_000, "0.10 USDC"),
+    (1_234_567_891, "1,234.567891 USDC"), (1, "0.000001 USDC")])
+def test_token_units_keep_every_significant_decimal(amount, shown):
+    assert money.token_units(amount) == shown
+
+
+def test_every_money_record_is_view_only_in_the_admin(operator):
+    request = operator.get("/admin/").wsgi_request
+    for model in MONEY_RECORDS:
+        model_admin = admin.site._registry[model]
+        assert model_admin.has_view_permission(request), model
+        assert not model_admin.has_add_permission(request), model
+        assert not model_admin.has_change_permission(request), model
+        assert not model_admin.has_delete_permission(request), model
+        for inline in model_admin.get_inline_instances(request):
+            assert not inline.has_change_permission(request) and not inline.has_delete_permission(request)
+
+
+@pytest.mark.chain
+def test_a_confirmed_transaction_cannot_be_deleted_or_edited(
+        operator, escrow_chain, http_server, django_capture_on_commit_callbacks):
+    parties = active_agreement(escrow_chain, django_capture_on_commit_callbacks, http_server.url)
+    tx = ChainTransaction.objects.get(purpose=TxPurpose.ACTIVATE)
+    assert tx.status == TxStatus.CONFIRMED
+
+    listing = operator.get("/admin/escrow/chaintransaction/").content.decode()
+    assert "delete_selected" not in listing
+    page = operator.get(f"/admin/escrow/chaintransaction/{tx.pk}/change/").content.decode()
+    assert 'name="_save"' not in page and "deletelink" not in page
+    assert operator.post(f"/admin/escrow/chaintransaction/{tx.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert operator.post(f"/admin/escrow/chaintransaction/{tx.pk}/change/", {"status": "failed"}).status_code == 403
+    bulk = operator.post("/admin/escrow/chaintransaction/", {"action": "delete_selected", "_selected_action": [tx.pk],
+                                                             "post": "yes"})
+    assert bulk.status_code in (200, 302)
+    assert ChainTransaction.objects.filter(pk=tx.pk).exists() and TxAttempt.objects.filter(transaction=tx).exists()
+    agreement_page = operator.get(f"/admin/agreements/usageagreement/{parties.agreement_id}/change/")
+    assert 'name="_save"' not in agreement_page.content.decode()
+
+
+@pytest.mark.chain
+def test_the_agreement_page_shows_its_chain_side_in_token_units(
+        operator, escrow_chain, http_server, django_capture_on_commit_callbacks):
+    parties = active_agreement(escrow_chain, django_capture_on_commit_callbacks, http_server.url)
+    for _ in range(2):
+        assert parties.buyer_api.get(f"{parties.proxy}/work").status_code == 200
+    activation = ChainTransaction.objects.get(purpose=TxPurpose.ACTIVATE)
+
+    page = operator.get(f"/admin/agreements/usageagreement/{parties.agreement_id}/change/").content.decode()
+
+    assert "0.10 USDC" in page and "100000" in page  # deposit: 5 calls at 0.02
+    assert "0.04 USDC" in page  # used
+    assert 'id="onchain-panel"' in page and "matches our records" in page
+    onchain = page[page.index('id="onchain-panel"'):]
+    assert "active" in onchain[:3000]
+    assert activation.mined_tx_hash[:10] in page  # the chain transactions inline
+    assert "Usage events" in page or "usage events" in page
+    assert page.count('title="0x') >= 2  # receipts and digests, shortened with the whole value in the tooltip
+    assert "Not disputed." in page
+    assert 'id="agreement-webhook-deliveries"' in page or "None." in page
+    assert SECONDS_AND_TIMEZONE.search(page)
+    assert f"{parties.buyer.handle} (buyer)" in page  # the history's actor, once
+    assert "system system" not in page and "buyer buyer" not in page
+
+
+@pytest.mark.chain
+def test_the_agreement_page_says_when_the_chain_does_not_answer(
+        operator, escrow_chain, http_server, django_capture_on_commit_callbacks, settings):
+    parties = active_agreement(escrow_chain, django_capture_on_commit_callbacks, http_server.url)
+    settings.CHAIN_RPC_URL = "http://127.0.0.1:9"  # nothing listens there
+
+    page = operator.get(f"/admin/agreements/usageagreement/{parties.agreement_id}/change/")
+    assert page.status_code == 200
+    assert "The chain did not answer" in page.content.decode()
+
+
+@pytest.mark.chain
+def test_a_failed_transaction_is_retried_from_the_admin(
+        operator, escrow_chain, http_server, django_capture_on_commit_callbacks):
+    tx = ChainTransaction.objects.create(purpose=TxPurpose.NONCE_FILL, to_address=escrow_chain.accounts.buyer.address,
+                                         data="0x", chain_id=escrow_chain.chain_id, status=TxStatus.FAILED,
+                                         failure_reason="reverted")
+    with django_capture_on_commit_callbacks(execute=True):
+        response = operator.post("/admin/escrow/chaintransaction/",
+                                 {"action": "retry_failed", "_selected_action": [str(tx.pk)]}, follow=True)
+    assert "Queued 1 transaction(s) again." in response.content.decode()
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).count() == 2
+
+
+@pytest.mark.parametrize(("chain_id", "explorer", "expected"), [
+    (84532, "", "https://sepolia.basescan.org/tx/"),
+    (8453, "", "https://basescan.org/tx/"),
+    (31337, "", None),
+    (31337, "https://explorer.example.com/", "https://explorer.example.com/tx/"),
+])
+def test_transaction_hashes_link_to_the_chains_explorer(operator, settings, chain_id, explorer, expected):
+    settings.CHAIN_ID, settings.CHAIN_EXPLORER_URL = chain_id, explorer
+    tx = ChainTransaction.objects.create(purpose=TxPurpose.NONCE_FILL, to_address="0x" + "11" * 20, data="0x",
+                                         chain_id=chain_id, status=TxStatus.CONFIRMED, mined_tx_hash="0x" + "ab" * 32)
+    listing = operator.get("/admin/escrow/chaintransaction/").content.decode()
+    page = operator.get(f"/admin/escrow/chaintransaction/{tx.pk}/change/").content.decode()
+    if expected is None:
+        assert "/tx/0x" not in listing and "/tx/0x" not in page
+        assert 'title="0x' + "ab" * 32 + '"' in listing
+    else:
+        assert f'href="{expected}0x{"ab" * 32}"' in listing
+        assert f'href="{expected.replace("/tx/", "/address/")}0x{"11" * 20}"' in page
+
+
+@pytest.mark.chain
+def test_invocation_payments_show_what_they_paid_for(operator, escrow_chain, http_server,
+                                                     django_capture_on_commit_callbacks):
+    market = Market(escrow_chain, http_server)
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert market.call("translate", payment).status_code == 200
+    confirm_all(django_capture_on_commit_callbacks)
+
+    listing = operator.get("/admin/escrow/chaintransaction/").content.decode()
+    assert listing.count("skill translate of sol") == 2  # the payment and the payout
+    assert "0.02 USDC" in listing
+    authorizations = operator.get("/admin/agreements/paymentauthorization/").content.decode()
+    assert "skill translate of sol" in authorizations
+
+
+def test_branding_and_plurals(operator):
+    index = operator.get("/admin/").content.decode()
+    assert "Agent Escrow Marketplace" in index and "Django administration" not in index
+    assert "Webhook deliveries" in index and "deliverys" not in index
+
+
+def test_lists_show_short_ids(operator, buyer_api, seller):
+    agreement = propose(buyer_api, register_service(seller), quantity=1)
+    listing = operator.get("/admin/agreements/usageagreement/").content.decode()
+    assert f'title="{agreement["id"]}">{agreement["id"][:8]}…' in listing
+    assert "0.02 USDC" in listing
+
+
+def test_the_dashboard_lists_what_is_overdue(operator, buyer_api, seller, settings):
+    service = register_service(seller)
+    late = propose(buyer_api, service, quantity=1)
+    stuck = propose(buyer_api, service, quantity=1)
+    long_ago = timezone.now() - timedelta(hours=2)
+    UsageAgreement.objects.filter(pk=late["id"]).update(status=AgreementStatus.IN_CHALLENGE,
+                                                        challenge_deadline=long_ago)
+    UsageAgreement.objects.filter(pk=stuck["id"]).update(status=AgreementStatus.SUBMITTING, updated_at=long_ago)
+    capped = ChainTransaction.objects.create(purpose=TxPurpose.FINALIZE, agreement_id=late["id"],
+                                             to_address="0x" + "11" * 20, data="0x", chain_id=31337, nonce=7,
+                                             status=TxStatus.SUBMITTED, fee_cap_reached_at=long_ago)
+    TxAttempt.objects.create(transaction=capped, tx_hash="0x" + "cd" * 32, raw_transaction="0x", nonce=7,
+                             max_fee_per_gas=settings.CHAIN_MAX_FEE_PER_GAS, max_priority_fee_per_gas=1)
+
+    page = operator.get("/admin/dashboard/")
+    kinds = [item.kind for item in page.context["overdue"]]
+    assert "challenge window over, not finalized" in kinds
+    assert "stuck submitting" in kinds
+    assert "finalize stuck at the fee cap" in kinds
+    html = page.content.decode()
+    assert html.count('class="overdue-item"') == 3
+    assert f"/admin/escrow/chaintransaction/{capped.pk}/change/" in html
+
+
+@pytest.mark.chain
+def test_the_dashboard_charts_usage_and_volume_and_shows_the_wallets(
+        operator, escrow_chain, http_server, django_capture_on_commit_callbacks, settings):
+    parties = active_agreement(escrow_chain, django_capture_on_commit_callbacks, http_server.url)
+    for _ in range(3):
+        assert parties.buyer_api.get(f"{parties.proxy}/work").status_code == 200
+
+    page = operator.get("/admin/dashboard/")
+    html = page.content.decode()
+    charts = {chart["title"]: str(chart["svg"]) for chart in page.context["charts"]}
+    assert "Total: 3" in charts["Metered calls (usage events)"]
+    assert "Total: 0.06 USDC" in charts["Usage charged"]
+    assert "Total: 0.10 USDC" in charts["Volume (escrow deposits, direct payments, skill invocations)"]
+    assert html.count("<svg") >= 3 and not re.search(r'<(script|link)[^>]+(src|href)="(https?:)?//', html)
+    gauges = {gauge.label: gauge for gauge in page.context["gauges"]}
+    assert gauges["Relayer gas"].ok is True and gauges["Relayer gas"].value.endswith("ETH")
+    settings.TREASURY_USDC_WARN_ATOMIC = 10**30
+    low = {gauge.label: gauge for gauge in operator.get("/admin/dashboard/?period=30d").context["gauges"]}
+    assert low["Treasury USDC float"].ok is False and low["Treasury USDC float"].value.endswith("USDC")
+
+
+def test_read_only_pages_have_no_save_button_and_their_actions_still_work(operator, owner_api, buyer, buyer_api,
+                                                                          seller):
+    service = register_service(seller)
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    proposal = propose(buyer_api, service, quantity=1)
+    approval = ApprovalRequest.objects.get(subject_id=proposal["id"])
+    for url in (f"/admin/catalog/service/{service.pk}/change/",
+                f"/admin/catalog/skill/{service.skills.first().pk}/change/",
+                f"/admin/policies/approvalrequest/{approval.pk}/change/"):
+        page = operator.get(url)
+        assert page.status_code == 200 and 'name="_save"' not in page.content.decode(), url
+
+    response = operator.post("/admin/policies/approvalrequest/",
+                             {"action": "approve_requests", "_selected_action": [str(approval.pk)]})
+    assert response.status_code == 302
+    approval.refresh_from_db()
+    assert approval.status == "approved"
+    assert buyer_api.get(f"/usage-agreements/{proposal['id']}").json()["status"] == "proposed"

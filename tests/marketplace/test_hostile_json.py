@@ -1,0 +1,123 @@
+"""Hostile JSON: nesting deep enough to exhaust the parser's recursion, a NUL character PostgreSQL cannot store,
+a body larger than the platform reads. Each is a 4xx in the error shape, never a 500 or a dead process."""
+
+import base64
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from marketplace import bounded_json
+from tests.catalog.factories import AgentFactory, issue_key, register_service
+from tests.conftest import Api, codes_at, error_code
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT_PACKAGES = ["marketplace", "catalog", "policies", "agreements", "escrow", "sdk"]
+
+
+def deep(levels: int) -> bytes:
+    return b"[" * levels + b"]" * levels
+
+
+def test_no_import_leaves_the_recursion_limit_raised():
+    """py_ecc (under web3 and eth_account) raises it to 100,000 on import, which turns deep JSON into a SIGSEGV.
+    A fresh interpreter imports every project module and the chain and payment libraries: the limit is Python's."""
+    script = f"""
+import importlib, pkgutil, sys
+default = sys.getrecursionlimit()
+import django
+django.setup()
+for package in {PROJECT_PACKAGES!r}:
+    module = importlib.import_module(package)
+    for info in pkgutil.walk_packages(module.__path__, package + "."):
+        importlib.import_module(info.name)
+for name in ["web3", "eth_account", "x402", "x402.http", "py_ecc.bn128", "py_ecc.optimized_bn128"]:
+    importlib.import_module(name)
+print(default, sys.getrecursionlimit())
+"""
+    env = {"DJANGO_SETTINGS_MODULE": "marketplace.settings", "PATH": "/usr/bin:/bin", "HOME": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    default, after = result.stdout.split()
+    assert after == default == "1000"
+
+
+@pytest.mark.parametrize("text, depth", [
+    ("1", 0), ("[]", 1), ('{"a": [1, {"b": []}]}', 4), ('["[[[[", "]"]', 1), ('["\\"[[["]', 1), ('"[[[', 0),
+])
+def test_depth_is_measured_outside_strings(text, depth):
+    assert bounded_json.depth(text) == depth
+
+
+def test_the_parser_refuses_what_it_must_not_parse(settings):
+    settings.JSON_MAX_DEPTH = 3
+    assert bounded_json.loads(b'{"a": [[1]]}') == {"a": [[1]]}
+    refusals = {b'{"a": [[[1]]]}': "too_deep", deep(100_000): "too_deep", b'{"a": "x\\u0000"}': "nul_character",
+                b'{"a\\u0000": 1}': "nul_character", b"[1,": "malformed", b"\xff": "malformed"}
+    for body, reason in refusals.items():
+        with pytest.raises(bounded_json.InvalidJSON) as refused:
+            bounded_json.loads(body)
+        assert refused.value.reason == reason
+    assert bounded_json.loads(b'["\\\\u0000"]') == ["\\u0000"]  # an escaped backslash, then "u0000": no NUL
+    with pytest.raises(bounded_json.InvalidJSON) as refused:
+        bounded_json.loads(b'{"a": [1, {"b": "\\u0000"}]}')
+    assert refused.value.path == ("a", 1, "b")
+    with pytest.raises(bounded_json.InvalidJSON) as refused:
+        bounded_json.loads(b"[1, 2]", max_bytes=5)
+    assert refused.value.reason == "too_large"
+
+
+@pytest.fixture
+def skill_route(db):
+    seller = AgentFactory(handle="deep-seller", is_buyer=False, is_seller=True)
+    register_service(seller)
+    return "/agents/deep-seller/translate"
+
+
+def post_raw(api: Api, path: str, body: bytes):
+    return api.client.post(path, data=body, content_type="application/json")
+
+
+def test_deep_json_to_the_unauthenticated_skill_route_is_400(skill_route, caplog):
+    response = post_raw(Api(), skill_route, b'{"input": ' + deep(5_000) + b"}")
+    assert response.status_code == 400, response.content
+    assert error_code(response) == "invalid_json"
+    assert response.json()["error"]["details"] == {"max_depth": 64}
+
+
+def test_deep_json_to_the_search_is_400(db):
+    reader = Api(issue_key(AgentFactory(), scope="read"))
+    response = post_raw(reader, "/catalog/search", b'{"q": ' + deep(5_000) + b"}")
+    assert response.status_code == 400 and error_code(response) == "invalid_json"
+
+
+def test_a_nul_character_in_a_json_field_is_400_naming_the_field_not_500(skill_route, caplog):
+    """PostgreSQL stores no NUL in text or jsonb: the skill's input (a JSON field) failed the insert with a 500."""
+    response = post_raw(Api(), skill_route, json.dumps({"input": {"items": ["ok", {"text": "a\u0000b"}]}}).encode())
+    assert codes_at(response, "input", "items", 1, "text") == {"null_characters_not_allowed"}
+    in_a_key = post_raw(Api(), skill_route, json.dumps({"input": {"a\u0000": 1}}).encode())
+    assert codes_at(in_a_key, "input") == {"null_characters_not_allowed"}
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def test_a_body_over_the_upload_limit_is_413_without_a_traceback(skill_route, settings, caplog):
+    body = json.dumps({"input": {"text": "x" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 10)}}).encode()
+    for headers in ({}, {"HTTP_IDEMPOTENCY_KEY": "big-1"}):
+        response = Api().client.post(skill_route, data=body, content_type="application/json", **headers)
+        assert response.status_code == 413, response.content
+        assert error_code(response) == "request_too_large"
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@pytest.mark.chain
+def test_a_deep_payment_header_is_a_malformed_payment(escrow_chain, skill_route):
+    """The x402 payment header is base64 JSON, parsed by the x402 library with the unbounded json.loads."""
+    header = base64.b64encode(b'{"x402Version": 2, "payload": ' + deep(5_000) + b"}").decode()
+    response = Api().client.post(skill_route, data=json.dumps({"input": {"text": "hi"}}),
+                                 content_type="application/json", HTTP_X_PAYMENT_SIGNATURE=header)
+    assert response.status_code == 402, response.content
+    assert response.json()["error"]["code"] == "malformed_payment"

@@ -1,0 +1,47 @@
+"""Shared input fields, through the endpoints that use them: integers are JSON integers, addresses are accounts."""
+
+import pytest
+
+from agreements.models import UsageAgreement
+from catalog.models import Service
+from tests.agreements.helpers import proposal
+from tests.catalog.factories import register_service, service_data
+from tests.conftest import codes_at
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.mark.parametrize("quantity", ["1", 1000.0, 1.5, True, "1e3", None])
+def test_a_quantity_is_a_json_integer(buyer_api, seller, quantity):
+    service = register_service(seller)
+
+    response = buyer_api.post("/usage-agreements", proposal(service, quantity=quantity))
+
+    assert codes_at(response, "quantity") <= {"invalid", "null"} and codes_at(response, "quantity")
+    assert not UsageAgreement.objects.exists()
+
+
+@pytest.mark.parametrize("price", ["10", 10.0, False])
+def test_a_token_amount_is_a_json_integer(seller_api, price):
+    pricing = {"type": "per_call", "unit_name": "call", "unit_price_atomic": price, "token": "USDC"}
+
+    response = seller_api.post("/agents/services", service_data(pricing=pricing))
+
+    assert codes_at(response, "pricing", "unit_price_atomic") == {"invalid"}
+    assert not Service.objects.exists()
+
+
+@pytest.mark.parametrize("address", ["0x" + "0" * 40, "0X" + "0" * 40])
+def test_the_zero_address_is_not_a_wallet(buyer_api, seller, address):
+    service = register_service(seller)
+
+    response = buyer_api.post("/usage-agreements", proposal(service, buyer_wallet_address=address))
+
+    assert codes_at(response, "buyer_wallet_address") <= {"zero_address", "invalid_address"}
+    assert not UsageAgreement.objects.exists()
+
+
+def test_query_strings_still_take_digits(buyer_api):
+    assert buyer_api.get("/usage-agreements", {"limit": "5"}).status_code == 200
+    for limit in ("5.0", " 5", "５"):
+        assert codes_at(buyer_api.get("/usage-agreements", {"limit": limit}), "limit") == {"invalid"}
