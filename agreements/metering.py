@@ -24,13 +24,14 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
-from django.db.models import F
+from django.db.models import F, Sum
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agreements import monitoring
 from agreements.models import AgreementStatus, CallIntent, ProxyReplay, UsageAgreement, UsageEvent, UsageSource
 from marketplace import chainconfig
-from marketplace.errors import Conflict, DependencyUnavailable, PaymentRequired, error_body
+from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, PaymentRequired, error_body
 from marketplace.logging import logs_name_the_agreement
 from sdk import receipts
 
@@ -339,7 +340,7 @@ def reservations_settle_stale(*, agreement: UsageAgreement) -> None:
 def usage_record(*, agreement: UsageAgreement, seller, entries: list[dict], request_id: str) -> list[UsageEvent]:
     """Seller-reported usage: all entries or none, under the same cap and receipt chain as proxied calls."""
     if agreement.seller_id != seller.pk:
-        raise Conflict("Only the seller reports usage.", code="seller_only")
+        raise Forbidden("Only the seller reports usage.", code="seller_only")
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if agreement.status != S.ACTIVE:
@@ -402,3 +403,24 @@ def job_result_charge(*, agreement_id, result_hash: str, request_id: str) -> Usa
         agreement.save(update_fields=["usage_seq", "used", "usage_digest", "completion_requested_at",
                                       "completion_reason"])
     return event
+
+
+@logs_name_the_agreement
+def usage_record_running_total(*, agreement: UsageAgreement, seller, units_used: int,
+                               request_id: str) -> list[UsageEvent]:
+    """The seller's running total of reported units (the Pægents SDK's `units_used`): charges the units beyond the
+    total reported so far; the same total again charges nothing, so a retry is harmless without an
+    Idempotency-Key. A total below what was reported is refused: a charge is never taken back here."""
+    if agreement.seller_id != seller.pk:
+        raise Forbidden("Only the seller reports usage.", code="seller_only")
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
+        reported = agreement.usage_events.filter(source=UsageSource.SELLER_REPORT).aggregate(
+            units=Coalesce(Sum("units"), 0))["units"]
+        if units_used < reported:
+            raise Conflict(f"{reported} units were already reported; units_used is the running total.",
+                           code="usage_total_decreased", details={"units_reported": reported})
+        if units_used == reported:
+            return []
+        return usage_record(agreement=agreement, seller=seller, request_id=request_id, entries=[
+            {"units": units_used - reported, "description": f"running total {units_used} units"}])

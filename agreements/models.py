@@ -274,10 +274,23 @@ class WebhookSubscription(models.Model):
     secret = models.CharField(max_length=100, editable=False)
     event_types = models.JSONField(default=list, blank=True, help_text="Empty: every event type.")
     is_active = models.BooleanField(default=True)
+    paused_at = models.DateTimeField(null=True, blank=True,
+                                     help_text="Paused: events are not delivered (they stay in the agent's inbox).")
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
         return f"{self.agent} → {self.url}"
+
+
+class AgentEventAck(models.Model):
+    """An agent marked an agreement event of its inbox (`GET /agents/{id}/events`) as handled."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="+")
+    event = models.ForeignKey(AgreementEvent, on_delete=models.CASCADE, related_name="+")
+    acked_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["agent", "event"], name="agent_event_ack_once")]
 
 
 class DeliveryStatus(models.TextChoices):

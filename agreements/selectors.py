@@ -1,9 +1,10 @@
 from datetime import UTC, timedelta
 
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 from django.db.models.functions import TruncDay, TruncHour
 
 from agreements.models import (
+    AgentEventAck,
     AgreementEvent,
     AgreementStatus,
     DeliveryStatus,
@@ -158,3 +159,35 @@ def volume_by_bucket(*, since, step) -> dict:
         for bucket, amount in part.items():
             totals[bucket] = totals.get(bucket, 0) + amount
     return totals
+
+
+def webhook_deliveries_of_agent(*, agent: Agent, status: str | None = None) -> QuerySet[WebhookDelivery]:
+    deliveries = WebhookDelivery.objects.filter(subscription__agent=agent)
+    return deliveries.filter(status=status) if status else deliveries
+
+
+def webhook_delivery_get(*, agent: Agent, delivery_id) -> WebhookDelivery:
+    delivery = webhook_deliveries_of_agent(agent=agent).filter(pk=delivery_id).first()
+    if delivery is None:
+        raise NotFound("No such webhook delivery.", code="webhook_delivery_not_found")
+    return delivery
+
+
+def inbox_events(*, agent: Agent, types: list[str], after: int | None, limit: int) -> list[AgreementEvent]:
+    """The agent's inbox: events of agreements it is party to, oldest first, each with `acked` set."""
+    events = AgreementEvent.objects.filter(Q(agreement__buyer=agent) | Q(agreement__seller=agent))
+    if types:
+        events = events.filter(to_status__in=[t.removeprefix("agreement.") for t in types])
+    if after is not None:
+        events = events.filter(pk__gt=after)
+    acked = AgentEventAck.objects.filter(agent=agent, event=OuterRef("pk"))
+    return list(events.select_related("agreement__buyer", "agreement__seller").annotate(acked=Exists(acked))
+                .order_by("id")[:limit])
+
+
+def inbox_event_get(*, agent: Agent, event_id: int) -> AgreementEvent:
+    event = AgreementEvent.objects.filter(Q(agreement__buyer=agent) | Q(agreement__seller=agent),
+                                          pk=event_id).first()
+    if event is None:
+        raise NotFound("No such event.", code="event_not_found")
+    return event

@@ -1,11 +1,16 @@
+from datetime import timedelta
+
 from django.conf import settings
+from django.utils import timezone
 from rest_framework import serializers
 
 from agreements.models import AgreementEvent, AgreementStatus, SettlementModel
-from catalog.serializers import AgentSummarySerializer
+from agreements.services import APPROVAL_SUBJECT
+from catalog.serializers import AgentSummarySerializer, CentsField, cents_of
 from marketplace.chainconfig import receipt_signer_address
 from marketplace.pagination import PageQuerySerializer
 from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictIntegerField, StrictSerializer
+from policies import selectors as policy_selectors
 
 
 class FeePermitSerializer(StrictSerializer):
@@ -18,9 +23,44 @@ class FeePermitSerializer(StrictSerializer):
     signature = serializers.RegexField(r"^0x[0-9a-fA-F]{130}$", help_text="65-byte r‖s‖v, 0x-hex.")
 
 
+class PaymentMethodSerializer(StrictSerializer):
+    rail = serializers.ChoiceField(choices=["stablecoin"])
+    payment_header = serializers.CharField(max_length=8000, required=False, help_text="= payment_header.")
+
+
+# The Pægents SDK's settlement model names for ours.
+SETTLEMENT_MODEL_ALIASES = {"bilateral_escrow": SettlementModel.ESCROW}
+
+
 class ProposalSerializer(StrictSerializer):
-    service_id = serializers.UUIDField()
-    settlement_model = serializers.ChoiceField(choices=SettlementModel.choices, default=SettlementModel.ESCROW)
+    """Our fields, or the Pægents SDK's: `seller_agent_id`, `unit` and `price_per_unit_cents` restate the service's
+    terms (checked against them), `payment_method.payment_header` is `payment_header`, `expires_in_seconds` sets
+    `expires_at`, `service_description` is the `note`."""
+
+    service_id = serializers.UUIDField(required=False, help_text="Required unless the seller has exactly one service.")
+    seller_agent_id = serializers.UUIDField(required=False, help_text="The seller; must be the service's.")
+    unit = serializers.CharField(max_length=50, required=False, help_text="Must be the service's unit name.")
+    price_per_unit_cents = CentsField(required=False, help_text="Must be the service's unit price, in cents.")
+    settlement_model = serializers.ChoiceField(choices=[*SettlementModel.values, *SETTLEMENT_MODEL_ALIASES],
+                                               default=SettlementModel.ESCROW,
+                                               help_text="`bilateral_escrow` (Pægents' name) is `escrow`.")
+    payment_method = PaymentMethodSerializer(required=False, help_text="Pægents' wrapper of payment_header.")
+    expires_in_seconds = StrictIntegerField(min_value=1, max_value=10**9, required=False,
+                                                  help_text="Sets expires_at to now + this.")
+    activation_version = serializers.ChoiceField(
+        choices=["v2"], required=False, help_text="Accepted as the Pægents SDK sends it; the escrow is activated "
+                                                  "as GET /usage-agreements/{id}/activation-package describes.")
+    service_description = serializers.CharField(max_length=1000, required=False, allow_blank=True,
+                                                help_text="= note.")
+    buyer_infra_fee_permit_signature = serializers.RegexField(
+        r"^0x[0-9a-fA-F]{130}$", required=False,
+        help_text="direct_payment, the Pægents SDK's fee permit: its signature; with the deadline below it is "
+                  "`fee_permit` whose value is the fee and whose nonce is the token's current nonces(buyer).")
+    buyer_infra_fee_permit_deadline = StrictIntegerField(min_value=0, required=False,
+                                                               help_text="With the signature above.")
+    client_proposal_id = serializers.CharField(max_length=255, required=False,
+                                               help_text="The Pægents SDK's idempotency key (it also sends it as "
+                                                         "Idempotency-Key); not stored.")
     quantity = StrictIntegerField(min_value=1, max_value=10**18,
                                   help_text="Units bought; the deposit is quantity × unit price.")
     token = serializers.CharField(max_length=16, required=False, help_text="Defaults to the service's token.")
@@ -38,6 +78,34 @@ class ProposalSerializer(StrictSerializer):
     fee_permit = FeePermitSerializer(required=False, help_text="direct_payment only: the fee permit.")
 
     def validate(self, attrs):
+        attrs["settlement_model"] = SETTLEMENT_MODEL_ALIASES.get(attrs["settlement_model"], attrs["settlement_model"])
+        for ours, theirs in (("note", "service_description"), ("expires_at", "expires_in_seconds")):
+            if ours in self.initial_data and theirs in attrs:
+                raise serializers.ValidationError({theirs: [serializers.ErrorDetail(
+                    f"Give either {theirs} or {ours}, not both.", code="duplicate_field")]})
+        if "service_description" in attrs:
+            attrs["note"] = attrs.pop("service_description")
+        if "expires_in_seconds" in attrs:
+            attrs["expires_at"] = timezone.now() + timedelta(seconds=attrs.pop("expires_in_seconds"))
+        method = attrs.pop("payment_method", {})
+        if "payment_header" in method:
+            if "payment_header" in attrs:
+                raise serializers.ValidationError({"payment_method": [serializers.ErrorDetail(
+                    "Give payment_header once.", code="duplicate_field")]})
+            attrs["payment_header"] = method["payment_header"]
+        attrs.pop("activation_version", None)
+        attrs.pop("client_proposal_id", None)
+        signed = [attrs.pop(name) for name in ("buyer_infra_fee_permit_signature", "buyer_infra_fee_permit_deadline")
+                  if name in attrs]
+        if signed:
+            if len(signed) != 2 or "fee_permit" in attrs:
+                raise serializers.ValidationError({"buyer_infra_fee_permit_signature": [serializers.ErrorDetail(
+                    "Give the fee permit's signature and deadline together, or fee_permit.", code="invalid_permit")]})
+            # value and nonce are the server's to fill in: the fee, and the token's nonce for the buyer.
+            attrs["fee_permit"] = {"signature": signed[0], "deadline": signed[1]}
+        if "service_id" not in attrs and "seller_agent_id" not in attrs:
+            raise serializers.ValidationError({"service_id": [serializers.ErrorDetail(
+                "Required (or seller_agent_id, when the seller has one service).", code="required")]})
         direct = attrs.get("settlement_model") == SettlementModel.DIRECT_PAYMENT
         for name in ("payment_header", "fee_permit"):
             if direct and name not in attrs:
@@ -67,6 +135,22 @@ class ApprovalRefSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     status = serializers.CharField()
     expires_at = serializers.DateTimeField()
+
+
+ACTIVATION_VERSION = "usage-escrow-1"
+_ESCROW_STATUS = {
+    AgreementStatus.SUBMITTING: "funding", AgreementStatus.ACTIVATION_FAILED: "funding_failed",
+    AgreementStatus.ACTIVE: "funded", AgreementStatus.IN_CHALLENGE: "in_challenge",
+    AgreementStatus.DISPUTED: "disputed", AgreementStatus.SETTLING: "settling", AgreementStatus.SETTLED: "settled",
+    AgreementStatus.REFUNDED: "refunded",
+}
+
+
+def escrow_status_of(agreement) -> str:
+    """The Pægents SDK's `escrow_status`: where the agreement's money is, from its status."""
+    if agreement.settlement_model == SettlementModel.DIRECT_PAYMENT:
+        return "not_applicable"
+    return _ESCROW_STATUS.get(agreement.status, "not_funded")
 
 
 class AgreementSerializer(serializers.Serializer):
@@ -113,12 +197,56 @@ class AgreementSerializer(serializers.Serializer):
     closed_at = serializers.DateTimeField(allow_null=True)
     activated_at = serializers.DateTimeField(allow_null=True)
     settled_at = serializers.DateTimeField(allow_null=True)
+    escrow_status = serializers.SerializerMethodField(
+        help_text="Where the money is: not_funded, funding, funding_failed, funded, in_challenge, disputed, settling, "
+                  "settled, refunded; direct payments: not_applicable.")
+    units_used = serializers.SerializerMethodField(help_text="used_atomic in units of the agreement.")
+    activation_version = serializers.SerializerMethodField(
+        help_text="How the escrow is activated: `usage-escrow-1` (the activation package's typed data), not "
+                  "Pægents' v2 contract.")
+    payment_method = serializers.SerializerMethodField(help_text="Pægents' payment rail: always stablecoin.")
+    # The Pægents SDK's names for fields above (its UsageAgreement), kept beside ours.
+    agreement_id = serializers.UUIDField(source="id", help_text="= id (Pægents' name).")
+    buyer_agent_id = serializers.UUIDField(source="buyer_id", help_text="= buyer.id (Pægents' name).")
+    seller_agent_id = serializers.UUIDField(source="seller_id", help_text="= seller.id (Pægents' name).")
+    service_id = serializers.UUIDField(help_text="= service.id (Pægents' name).")
+    unit = serializers.CharField(source="unit_name", help_text="= unit_name (Pægents' name).")
+    price_per_unit_cents = serializers.SerializerMethodField(
+        help_text="price_per_unit_atomic in cents; null when not a whole number of cents.")
+    total_cents = serializers.SerializerMethodField(
+        help_text="deposit_amount_atomic in cents; null when not a whole number of cents.")
+
+    def get_escrow_status(self, agreement) -> str:
+        return escrow_status_of(agreement)
+
+    def get_units_used(self, agreement) -> int:
+        return agreement.used // agreement.price_per_unit if agreement.price_per_unit else 0
+
+    def get_activation_version(self, agreement) -> str:
+        return ACTIVATION_VERSION
+
+    def get_payment_method(self, agreement) -> PaymentMethodSerializer:
+        return {"rail": "stablecoin"}
+
+    def get_price_per_unit_cents(self, agreement) -> int | None:
+        return cents_of(agreement.price_per_unit)
+
+    def get_total_cents(self, agreement) -> int | None:
+        return cents_of(agreement.deposit_amount)
 
     def get_approval(self, agreement) -> ApprovalRefSerializer(allow_null=True):
         approval = self.context.get("approvals", {}).get(agreement.pk)
         if approval is None:
             return None
         return {"id": approval.pk, "status": approval.status, "expires_at": approval.expires_at}
+
+
+def agreement_payload(agreement, *, many: bool = False, serializer=AgreementSerializer, **context):
+    """An agreement (or a list) as the API shows it, with the approvals it waits for."""
+    rows = agreement if many else [agreement]
+    approvals = policy_selectors.approvals_for_subjects(subject_type=APPROVAL_SUBJECT,
+                                                        subject_ids=[row.pk for row in rows])
+    return serializer(agreement, many=many, context={"approvals": approvals, **context}).data
 
 
 class AgreementEventSerializer(serializers.ModelSerializer):
@@ -228,27 +356,45 @@ class UsageEntrySerializer(StrictSerializer):
 
 
 class RecordUsageSerializer(StrictSerializer):
-    """One entry (`units`, `description`) or a batch (`events`, up to 100), all-or-nothing against the cap."""
+    """One entry (`units`, `description`) or a batch (`events`, up to 100), all-or-nothing against the cap, each
+    with an Idempotency-Key; or the Pægents SDK's running total (`units_used`, `completed`), idempotent by itself."""
 
     units = StrictIntegerField(min_value=1, max_value=10**12, required=False)
     description = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
     events = UsageEntrySerializer(many=True, required=False, min_length=1, max_length=100)
+    units_used = StrictIntegerField(
+        min_value=0, max_value=10**12, required=False,
+        help_text="All units the seller has reported so far (not counting proxied calls, which the marketplace "
+                  "meters): the difference from the last total is charged; the same total again charges nothing.")
+    completed = serializers.BooleanField(required=False, default=False,
+                                         help_text="With units_used: end the agreement, as POST .../complete.")
 
     def validate(self, attrs):
-        if ("units" in attrs) == ("events" in attrs):
-            raise serializers.ValidationError("Give either units (one event) or events (a batch).",
-                                              code="units_or_events")
+        forms = ("units" in attrs) + ("events" in attrs) + ("units_used" in attrs)
+        if forms != 1:
+            raise serializers.ValidationError("Give one of units (one event), events (a batch) or units_used (the "
+                                              "running total).", code="units_or_events")
+        if attrs["completed"] and "units_used" not in attrs:
+            raise serializers.ValidationError({"completed": [serializers.ErrorDetail(
+                "Only with units_used; otherwise POST /usage-agreements/{id}/complete.", code="units_used_only")]})
         return attrs
+
+    @property
+    def is_running_total(self) -> bool:
+        return "units_used" in self.validated_data
 
     def entries(self) -> list[dict]:
         data = self.validated_data
         return data["events"] if "events" in data else [{"units": data["units"], "description": data["description"]}]
 
 
-class RecordedUsageSerializer(serializers.Serializer):
-    events = UsageEventSerializer(many=True)
-    used_atomic = AtomicAmountField()
-    remaining_atomic = AtomicAmountField()
+class RecordedUsageSerializer(AgreementSerializer):
+    """The agreement after the report, and the usage events it added (none for a running total already reported)."""
+
+    events = serializers.SerializerMethodField()
+
+    def get_events(self, agreement) -> UsageEventSerializer(many=True):
+        return UsageEventSerializer(self.context["events"], many=True).data
 
 
 class CompleteSerializer(StrictSerializer):
@@ -320,3 +466,117 @@ class X402PaymentRequiredSerializer(serializers.Serializer):
                                             "else why it was refused (authorization_already_used, wrong_amount, "
                                             "wrong_recipient, authorization_expired, invalid_signature, "
                                             "insufficient_balance, malformed_payment, ...).")
+
+
+# --- the Pægents SDK's read models -----------------------------------------------------------------------------
+
+
+class MeteredUsageStatusSerializer(serializers.Serializer):
+    """GET /metered-proxy/{id}/status: answered by the marketplace, never forwarded, never charged."""
+
+    agreement_id = serializers.UUIDField()
+    status = serializers.CharField()
+    escrow_status = serializers.CharField()
+    unit = serializers.CharField()
+    price_per_unit_cents = serializers.IntegerField(allow_null=True,
+                                                    help_text="Null when not a whole number of cents.")
+    price_per_unit_atomic = AtomicAmountField()
+    units_total = serializers.IntegerField(help_text="The quantity bought.")
+    units_used = serializers.IntegerField()
+    units_remaining = serializers.IntegerField(help_text="Units the unspent, unreserved budget still buys.")
+    used_atomic = AtomicAmountField()
+    reserved_atomic = AtomicAmountField()
+    remaining_atomic = AtomicAmountField()
+
+
+class ProofPageQuery(StrictSerializer, PageQuerySerializer):
+    direction = serializers.ChoiceField(choices=["asc", "desc"], default="desc", help_text="By sequence number.")
+
+
+class CallProofSerializer(serializers.Serializer):
+    """A usage event as the Pægents SDK's call proof: its place in the hash chain and the platform's receipt."""
+
+    proof_id = serializers.CharField(help_text="The usage event's id.")
+    agreement_id = serializers.UUIDField()
+    call_index = serializers.IntegerField(help_text="The event's gap-free sequence number.")
+    request_hash = serializers.CharField(help_text="keccak256 of the event (agreement, seq, units, cost, "
+                                                   "cumulative amount, request id): see sdk.receipts.")
+    response_hash = serializers.CharField(allow_null=True, help_text="Always null: upstream answers are not hashed.")
+    chain_hash = serializers.CharField(help_text="The usage digest after this event.")
+    signature = serializers.CharField(allow_blank=True, help_text="The EIP-712 UsageReceipt signature (blank for "
+                                                                  "events inside a batch but the last).")
+    cost_atomic = AtomicAmountField()
+    cumulative_amount_atomic = AtomicAmountField()
+    created_at = serializers.DateTimeField()
+
+
+class CallProofPageSerializer(serializers.Serializer):
+    items = CallProofSerializer(many=True)
+    cursor = serializers.CharField(allow_null=True, help_text="Pass back as `cursor` for the next page.")
+    has_more = serializers.BooleanField()
+
+
+class CumulativeReceiptSerializer(serializers.Serializer):
+    """A signed UsageReceipt{agreementId, seq, cumulativeAmount, usageDigest}: what settlement submits on-chain."""
+
+    receipt_id = serializers.CharField(help_text="The usage event's id.")
+    agreement_id = serializers.UUIDField()
+    cumulative_units = serializers.IntegerField(help_text="cumulative_amount_atomic / price per unit.")
+    cumulative_amount_atomic = AtomicAmountField()
+    price_per_unit_atomic = AtomicAmountField()
+    nonce = serializers.IntegerField(help_text="The receipt's seq.")
+    signature = serializers.CharField()
+    signer = serializers.CharField(help_text="The receipt signer the buyer named on-chain.")
+    proof_hash = serializers.CharField(help_text="The usage digest the receipt signs.")
+    created_at = serializers.DateTimeField()
+
+
+class CumulativeReceiptPageSerializer(serializers.Serializer):
+    items = CumulativeReceiptSerializer(many=True)
+    cursor = serializers.CharField(allow_null=True, help_text="Pass back as `cursor` for the next page.")
+    has_more = serializers.BooleanField()
+
+
+class AgentWebhookCreateSerializer(WebhookCreateSerializer):
+    secret = serializers.CharField(min_length=16, max_length=100, required=False,
+                                   help_text="Your own signing secret; a new one is made when absent.")
+
+
+class AgentWebhookSerializer(WebhookSerializer):
+    paused = serializers.SerializerMethodField()
+
+    def get_paused(self, subscription) -> bool:
+        return subscription.paused_at is not None
+
+
+class AgentWebhookSecretSerializer(AgentWebhookSerializer):
+    secret = serializers.CharField(help_text="Signing secret; shown only in this response.")
+
+
+class AgentDeliveryQuery(StrictSerializer, PageQuerySerializer):
+    status = serializers.ChoiceField(choices=["pending", "delivered", "failed"], required=False)
+
+
+class AgentWebhookDeliverySerializer(WebhookDeliverySerializer):
+    subscription_id = serializers.UUIDField()
+
+
+class InboxQuery(StrictSerializer):
+    limit = StrictIntegerField(min_value=1, max_value=100, default=50)
+    types = serializers.CharField(max_length=2000, required=False, allow_blank=True,
+                                  help_text="Comma-separated event types, e.g. agreement.accepted,agreement.active.")
+    after = serializers.RegexField(r"^evt_[0-9]{1,18}$", required=False, help_text="An event_id: events after it.")
+
+
+class InboxEventSerializer(serializers.Serializer):
+    event_id = serializers.CharField(help_text="evt_<n>, the same id as the webhook's event.")
+    type = serializers.CharField(help_text="agreement.<status>")
+    payload = serializers.DictField(help_text="The webhook event's `data`.")
+    status = serializers.ChoiceField(choices=["pending", "acked"])
+    created_at = serializers.DateTimeField()
+
+
+class EventAckSerializer(serializers.Serializer):
+    event_id = serializers.CharField()
+    status = serializers.CharField()
+    acked_at = serializers.DateTimeField()

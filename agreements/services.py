@@ -4,6 +4,7 @@ Every status change goes through `_transition`, under a row lock, checked agains
 `AgreementEvent` (plus webhook deliveries, sent after commit). A repeated identical request is a no-op.
 """
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -167,10 +168,31 @@ def _committed_spend(buyer: Agent, since: datetime) -> int:
     return int(total)
 
 
+@dataclass(frozen=True)
+class RestatedTerms:
+    """Terms a proposal may restate (the Pægents SDK does): each given one must be the service's own."""
+
+    seller_id: uuid.UUID | None = None
+    unit: str | None = None
+    price_per_unit: int | None = None  # base units
+
+    def check(self, service: Service) -> None:
+        if self.seller_id is not None and self.seller_id != service.seller_id:
+            raise InvalidInput("seller_agent_id is not the service's seller.", code="seller_mismatch",
+                               details={"seller_agent_id": str(service.seller_id)})
+        if self.unit is not None and self.unit != service.unit_name:
+            raise InvalidInput(f"The service is sold per {service.unit_name!r}.", code="unit_mismatch",
+                               details={"unit": service.unit_name})
+        if self.price_per_unit is not None and self.price_per_unit != service.unit_price:
+            raise InvalidInput("price_per_unit_cents is not the service's unit price.", code="price_mismatch",
+                               details={"price_per_unit_atomic": service.unit_price})
+
+
 def agreement_propose(
     *,
     buyer: Agent,
     service: Service,
+    restated: RestatedTerms = RestatedTerms(),
     quantity: int,
     settlement_model: str = SettlementModel.ESCROW,
     token: str | None = None,
@@ -187,6 +209,11 @@ def agreement_propose(
         raise InvalidInput("An agent cannot buy its own service.", code="own_service")
     if service.state != ServiceState.REGISTERED:
         raise InvalidInput("This service is deregistered.", code="service_deregistered")
+    restated.check(service)
+    if quantity < service.min_quantity or (service.max_quantity is not None and quantity > service.max_quantity):
+        raise InvalidInput("The quantity is outside what the service sells per agreement.",
+                           code="quantity_out_of_range",
+                           details={"min_quantity": service.min_quantity, "max_quantity": service.max_quantity})
     token = token or service.token
     if token != service.token:
         raise InvalidInput(f"This service is priced in {service.token}.", code="token_not_accepted",
@@ -220,7 +247,8 @@ def agreement_propose(
     proposal_expires_at = now + settings.PROPOSAL_TTL
     direct = None
     if settlement_model == SettlementModel.DIRECT_PAYMENT:
-        direct = _direct_payment_check(payment_header=payment_header, fee_permit=fee_permit or {}, amount=deposit,
+        fee_permit = _fee_permit_completed(fee_permit or {}, fee=fee, payer=terms["buyer_wallet_address"])
+        direct = _direct_payment_check(payment_header=payment_header, fee_permit=fee_permit, amount=deposit,
                                        fee=fee, payer=terms["buyer_wallet_address"],
                                        seller=terms["seller_wallet_address"])
         # The seller must accept while both signatures can still be executed.
@@ -279,6 +307,23 @@ def agreement_propose(
 DirectPaymentCheck = Callable[[UsageAgreement], str | None]
 DirectPaymentQueue = Callable[[UsageAgreement], None]
 _direct_payment_executor: list[tuple[DirectPaymentCheck, DirectPaymentQueue]] = []
+PermitNonceReader = Callable[[str], int]
+_permit_nonce_reader: list[PermitNonceReader] = []
+
+
+def permit_nonce_reader_register(*, reader: PermitNonceReader) -> None:
+    """`reader(owner)` is the token's EIP-2612 `nonces(owner)`: the escrow app reads it from the chain."""
+    _permit_nonce_reader[:] = [reader]
+
+
+def _fee_permit_completed(fee_permit: dict, *, fee: int, payer: str) -> dict:
+    """A fee permit given as signature and deadline only (the Pægents SDK's form) signs the fee at the token's
+    current nonce: both filled in here, so the signature is checked against exactly that."""
+    if "value" in fee_permit:
+        return fee_permit
+    if not _permit_nonce_reader:
+        raise DependencyUnavailable("Direct payments are not available.", code="direct_payments_unavailable")
+    return {**fee_permit, "value": fee, "nonce": _permit_nonce_reader[0](payer)}
 
 
 def direct_payment_executor_register(*, check: DirectPaymentCheck, queue: DirectPaymentQueue) -> None:

@@ -13,6 +13,12 @@ urlpatterns = [
     path("usage-agreements/<uuid:agreement_id>/usage", views.UsageView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/record-usage", views.RecordUsageView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/complete", views.CompleteView.as_view()),
+    path("usage-agreements/<uuid:agreement_id>/call-proofs", views.CallProofsView.as_view()),
+    path("usage-agreements/<uuid:agreement_id>/cumulative-receipts", views.CumulativeReceiptsView.as_view()),
+    path("usage-agreements/agents/<uuid:agent_id>/agreements", views.AgentAgreementsView.as_view()),
+    # The Pægents SDK's status of a metered agreement: the marketplace answers it, before the catch-all below
+    # would forward (and charge) it.
+    path("metered-proxy/<uuid:agreement_id>/status", views.MeteredStatusView.as_view()),
     # The path may be empty, which <path:> does not allow; the id is matched as strictly as <uuid:> does.
     re_path(rf"^metered-proxy/(?P<agreement_id>{UUIDConverter.regex})/(?P<path>.*)$", proxy.MeteredProxyView.as_view()),
     path("payment-requirements", views.PaymentRequirementsView.as_view()),
@@ -20,4 +26,15 @@ urlpatterns = [
     path("webhooks", views.WebhooksView.as_view()),
     path("webhooks/<uuid:subscription_id>", views.WebhookDetailView.as_view()),
     path("webhooks/<uuid:subscription_id>/deliveries", views.WebhookDeliveriesView.as_view()),
+    # The Pægents SDK's webhook and inbox routes, per agent (`webhooks` and `events` are reserved skill names).
+    path("agents/<uuid:agent_id>/webhooks", views.AgentWebhooksView.as_view()),
+    path("agents/<uuid:agent_id>/webhooks/test", views.AgentWebhookTestView.as_view()),
+    path("agents/<uuid:agent_id>/webhooks/deliveries", views.AgentWebhookDeliveriesView.as_view()),
+    path("agents/<uuid:agent_id>/webhooks/deliveries/<uuid:delivery_id>/replay",
+         views.AgentWebhookReplayView.as_view()),
+    path("agents/<uuid:agent_id>/webhooks/<uuid:subscription_id>/rotate", views.AgentWebhookRotateView.as_view()),
+    path("agents/<uuid:agent_id>/webhooks/<uuid:subscription_id>/pause", views.AgentWebhookPauseView.as_view()),
+    path("agents/<uuid:agent_id>/webhooks/<uuid:subscription_id>/resume", views.AgentWebhookResumeView.as_view()),
+    path("agents/<uuid:agent_id>/events", views.AgentEventsView.as_view()),
+    path("agents/<uuid:agent_id>/events/<str:event_id>/ack", views.AgentEventAckView.as_view()),
 ]

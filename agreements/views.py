@@ -7,6 +7,18 @@ from rest_framework.views import APIView
 
 from agreements import invocations, metering, selectors, services, webhooks
 from agreements.serializers import (
+    AgentDeliveryQuery,
+    AgentWebhookCreateSerializer,
+    AgentWebhookDeliverySerializer,
+    AgentWebhookSecretSerializer,
+    AgentWebhookSerializer,
+    CallProofPageSerializer,
+    CumulativeReceiptPageSerializer,
+    EventAckSerializer,
+    InboxEventSerializer,
+    InboxQuery,
+    MeteredUsageStatusSerializer,
+    ProofPageQuery,
     InvocationSerializer,
     AgreementEventSerializer,
     CompleteSerializer,
@@ -23,26 +35,23 @@ from agreements.serializers import (
     WebhookCreateSerializer,
     WebhookDeliverySerializer,
     WebhookSerializer,
+    agreement_payload,
+    escrow_status_of,
 )
 from catalog import selectors as catalog_selectors
-from catalog.authentication import agent_scope, calling_agent
+from catalog.serializers import cents_of
+from catalog.authentication import IsAgentOrOwner, acting_agent, agent_scope, calling_agent
 from catalog.models import KeyScope
 from marketplace import chainconfig
 from marketplace.chainconfig import relayer_address
+from marketplace.errors import InvalidInput, NotFound
+from marketplace.idempotency import HEADER as IDEMPOTENCY_HEADER
 from marketplace.idempotency import idempotent
 from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
 from marketplace.serializers import error_responses
-from policies import selectors as policy_selectors
+from sdk import receipts
 
 TAGS = ["usage agreements"]
-
-
-def agreement_payload(agreement, *, many: bool = False):
-    rows = agreement if many else [agreement]
-    approvals = policy_selectors.approvals_for_subjects(
-        subject_type=services.APPROVAL_SUBJECT, subject_ids=[row.pk for row in rows]
-    )
-    return AgreementSerializer(agreement, many=many, context={"approvals": approvals}).data
 
 
 class AgreementsView(APIView):
@@ -81,8 +90,16 @@ class AgreementsView(APIView):
         body = ProposalSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data = dict(body.validated_data)
-        service = catalog_selectors.service_get_any_state(service_id=data.pop("service_id"))
-        agreement = services.agreement_propose(buyer=calling_agent(request), service=service, **data)
+        seller_id = data.pop("seller_agent_id", None)
+        if "service_id" in data:
+            service = catalog_selectors.service_get_any_state(service_id=data.pop("service_id"))
+        else:
+            service = catalog_selectors.service_only_of_seller(seller_id=seller_id)
+        agreement = services.agreement_propose(
+            buyer=calling_agent(request), service=service,
+            restated=services.RestatedTerms(seller_id=seller_id, unit=data.pop("unit", None),
+                                            price_per_unit=data.pop("price_per_unit_cents", None)),
+            **data)
         agreement = selectors.agreement_get(agreement_id=agreement.pk, agent=calling_agent(request))
         return Response(agreement_payload(agreement), status=status.HTTP_201_CREATED)
 
@@ -248,19 +265,30 @@ class RecordUsageView(APIView):
     throttle_scope = "payments"
 
     @extend_schema(operation_id="agreements_record_usage", tags=["metering"], request=RecordUsageSerializer,
-                   summary="Seller reports usage (Idempotency-Key required); a batch is all-or-nothing",
+                   summary="Seller reports usage: events (Idempotency-Key required; a batch is all-or-nothing) or "
+                           "the running total `units_used` (idempotent by itself)",
                    responses={201: RecordedUsageSerializer, **error_responses(402, 404, 409, 422, 429)})
-    @idempotent(required=True)
+    @idempotent()
     def post(self, request, agreement_id):
         agent = calling_agent(request)
         agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
         body = RecordUsageSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        events = metering.usage_record(agreement=agreement, seller=agent, entries=body.entries(),
-                                       request_id=request._request.request_id)
-        used = events[-1].cumulative
-        return Response(RecordedUsageSerializer({"events": events, "used_atomic": used,
-                                                 "remaining_atomic": agreement.deposit_amount - used}).data,
+        request_id = request._request.request_id
+        if body.is_running_total:
+            events = metering.usage_record_running_total(agreement=agreement, seller=agent,
+                                                         units_used=body.validated_data["units_used"],
+                                                         request_id=request_id)
+            if body.validated_data["completed"]:
+                metering.completion_request(agreement=agreement, reason="completed by the seller")
+        else:
+            if IDEMPOTENCY_HEADER not in request.headers:
+                raise InvalidInput(f"The {IDEMPOTENCY_HEADER} header is required to report usage events.",
+                                   code="idempotency_key_required")
+            events = metering.usage_record(agreement=agreement, seller=agent, entries=body.entries(),
+                                           request_id=request_id)
+        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        return Response(agreement_payload(agreement, serializer=RecordedUsageSerializer, events=events),
                         status=status.HTTP_201_CREATED)
 
 
@@ -292,3 +320,247 @@ class InvocationView(APIView):
                    responses={200: InvocationSerializer, **error_responses(404)})
     def get(self, request, invocation_id):
         return Response(InvocationSerializer(invocations.invocation_get(public_id=invocation_id)).data)
+
+
+# --- the Pægents SDK's routes ----------------------------------------------------------------------------------
+
+
+class MeteredStatusView(APIView):
+    permission_classes = [agent_scope(KeyScope.READ)]
+
+    @extend_schema(operation_id="metered_proxy_status", tags=["metering"],
+                   summary="Usage of the agreement (the Pægents SDK's metered status): answered by the marketplace, "
+                           "never forwarded to the seller, never charged",
+                   responses={200: MeteredUsageStatusSerializer, **error_responses(404)})
+    def get(self, request, agreement_id):
+        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
+        price = agreement.price_per_unit
+        return Response(MeteredUsageStatusSerializer({
+            "agreement_id": agreement.pk, "status": agreement.status, "escrow_status": escrow_status_of(agreement),
+            "unit": agreement.unit_name, "price_per_unit_cents": cents_of(price), "price_per_unit_atomic": price,
+            "units_total": agreement.quantity, "units_used": agreement.used // price,
+            "units_remaining": agreement.remaining // price, "used_atomic": agreement.used,
+            "reserved_atomic": agreement.reserved, "remaining_atomic": agreement.remaining,
+        }).data)
+
+
+def _proof_page(request, agreement_id, *, signed_only: bool):
+    query = ProofPageQuery(data=request.query_params)
+    query.is_valid(raise_exception=True)
+    agreement = selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
+    events = selectors.usage_events(agreement=agreement)
+    if signed_only:
+        events = events.exclude(receipt_signature="")
+    ordering = ["seq"] if query.validated_data["direction"] == "asc" else ["-seq"]
+    rows, next_cursor = paginate(events, ordering=ordering, cursor=query.validated_data.get("cursor"),
+                                 limit=query.validated_data["limit"])
+    return agreement, rows, next_cursor
+
+
+class CallProofsView(APIView):
+    permission_classes = [agent_scope(KeyScope.READ)]
+
+    @extend_schema(operation_id="agreements_call_proofs", tags=["metering"], parameters=[ProofPageQuery],
+                   summary="Every usage event as a call proof of the hash chain (the Pægents SDK's shape)",
+                   responses={200: CallProofPageSerializer, **error_responses(404)})
+    def get(self, request, agreement_id):
+        agreement, rows, next_cursor = _proof_page(request, agreement_id, signed_only=False)
+        items = [{
+            "proof_id": str(event.pk), "agreement_id": agreement.pk, "call_index": event.seq,
+            "request_hash": receipts.usage_event_hash(
+                agreement_id=agreement.onchain_id, seq=event.seq, units=event.units, cost=event.cost,
+                cumulative_amount=event.cumulative, request_id=event.request_id),
+            "response_hash": None, "chain_hash": event.usage_digest, "signature": event.receipt_signature,
+            "cost_atomic": event.cost, "cumulative_amount_atomic": event.cumulative, "created_at": event.created_at,
+        } for event in rows]
+        return Response(CallProofPageSerializer({"items": items, "cursor": next_cursor,
+                                                 "has_more": next_cursor is not None}).data)
+
+
+class CumulativeReceiptsView(APIView):
+    permission_classes = [agent_scope(KeyScope.READ)]
+
+    @extend_schema(operation_id="agreements_cumulative_receipts", tags=["metering"], parameters=[ProofPageQuery],
+                   summary="The signed cumulative UsageReceipts (the Pægents SDK's shape); the latest is what "
+                           "settlement submits on-chain",
+                   responses={200: CumulativeReceiptPageSerializer, **error_responses(404)})
+    def get(self, request, agreement_id):
+        agreement, rows, next_cursor = _proof_page(request, agreement_id, signed_only=True)
+        signer = chainconfig.receipt_signer_address()
+        items = [{
+            "receipt_id": str(event.pk), "agreement_id": agreement.pk,
+            "cumulative_units": event.cumulative // agreement.price_per_unit,
+            "cumulative_amount_atomic": event.cumulative, "price_per_unit_atomic": agreement.price_per_unit,
+            "nonce": event.seq, "signature": event.receipt_signature, "signer": signer,
+            "proof_hash": event.usage_digest, "created_at": event.created_at,
+        } for event in rows]
+        return Response(CumulativeReceiptPageSerializer({"items": items, "cursor": next_cursor,
+                                                         "has_more": next_cursor is not None}).data)
+
+
+class AgentAgreementsView(APIView):
+    permission_classes = [agent_scope(KeyScope.READ)]
+
+    @extend_schema(operation_id="agreements_of_agent", tags=TAGS, parameters=[AgreementListQuery],
+                   summary="Your agreements as a plain list, newest first (the Pægents SDK's listing); "
+                           "GET /usage-agreements pages them",
+                   responses={200: AgreementSerializer(many=True), **error_responses(404)})
+    def get(self, request, agent_id):
+        agent = calling_agent(request)
+        if agent.pk != agent_id:
+            raise NotFound("No such agent.", code="agent_not_found")
+        query = AgreementListQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        agreements = selectors.agreements_of_agent(agent=agent, role=query.validated_data.get("role"),
+                                                   status=query.validated_data.get("status"))
+        rows, _ = paginate(agreements, ordering=["-created_at", "id"], cursor=query.validated_data.get("cursor"),
+                           limit=query.validated_data["limit"])
+        return Response(agreement_payload(rows, many=True))
+
+
+WEBHOOK_TAGS = ["webhooks"]
+EITHER = [{"AgentKey": []}, {"OwnerToken": []}]
+
+
+def _webhook_of(request, agent_id, subscription_id):
+    agent = acting_agent(request, agent_id, scope=KeyScope.ADMIN)
+    return selectors.webhook_subscription_get(agent=agent, subscription_id=subscription_id)
+
+
+class AgentWebhooksView(APIView):
+    permission_classes = [IsAgentOrOwner]
+
+    @extend_schema(operation_id="agent_webhooks_list", tags=WEBHOOK_TAGS, auth=EITHER,
+                   summary="The agent's webhook subscriptions (its admin key or its owner)",
+                   responses={200: AgentWebhookSerializer(many=True), **error_responses(404)})
+    def get(self, request, agent_id):
+        agent = acting_agent(request, agent_id, scope=KeyScope.ADMIN)
+        return Response(AgentWebhookSerializer(selectors.webhook_subscriptions_of(agent=agent), many=True).data)
+
+    @extend_schema(operation_id="agent_webhooks_create", tags=WEBHOOK_TAGS, auth=EITHER,
+                   request=AgentWebhookCreateSerializer,
+                   summary="Subscribe a URL to the agent's agreement events, optionally with your own secret",
+                   responses={201: AgentWebhookSecretSerializer, **error_responses(404, 422)})
+    @idempotent()
+    def post(self, request, agent_id):
+        agent = acting_agent(request, agent_id, scope=KeyScope.ADMIN)
+        body = AgentWebhookCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        subscription = webhooks.subscription_create(agent=agent, **body.validated_data)
+        return Response(AgentWebhookSecretSerializer(subscription).data, status=status.HTTP_201_CREATED)
+
+
+class AgentWebhookRotateView(APIView):
+    permission_classes = [IsAgentOrOwner]
+
+    @extend_schema(operation_id="agent_webhooks_rotate", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
+                   summary="A new signing secret for the subscription, shown once",
+                   responses={200: AgentWebhookSecretSerializer, **error_responses(404)})
+    def post(self, request, agent_id, subscription_id):
+        subscription = webhooks.subscription_rotate_secret(
+            subscription=_webhook_of(request, agent_id, subscription_id))
+        return Response(AgentWebhookSecretSerializer(subscription).data)
+
+
+def _pause_view(paused: bool):
+    verb = "pause" if paused else "resume"
+
+    @extend_schema(operation_id=f"agent_webhooks_{verb}", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
+                   summary=f"{verb.title()} deliveries to the subscription (events stay in the agent's inbox); "
+                           "idempotent",
+                   responses={200: AgentWebhookSerializer, **error_responses(404)})
+    def post(self, request, agent_id, subscription_id):
+        subscription = webhooks.subscription_pause(subscription=_webhook_of(request, agent_id, subscription_id),
+                                                   paused=paused)
+        return Response(AgentWebhookSerializer(subscription).data)
+
+    return type(f"AgentWebhook{verb.title()}View", (APIView,), {"permission_classes": [IsAgentOrOwner],
+                                                                  "post": post})
+
+
+AgentWebhookPauseView = _pause_view(paused=True)
+AgentWebhookResumeView = _pause_view(paused=False)
+
+
+class AgentWebhookTestView(APIView):
+    permission_classes = [IsAgentOrOwner]
+
+    @extend_schema(operation_id="agent_webhooks_test", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
+                   summary="Send a signed `webhook.test` event to each live subscription of the agent",
+                   responses={202: AgentWebhookDeliverySerializer(many=True), **error_responses(404)})
+    def post(self, request, agent_id):
+        agent = acting_agent(request, agent_id, scope=KeyScope.ADMIN)
+        deliveries = webhooks.test_event_send(agent=agent)
+        return Response(AgentWebhookDeliverySerializer(deliveries, many=True).data, status=status.HTTP_202_ACCEPTED)
+
+
+class AgentWebhookDeliveriesView(APIView):
+    permission_classes = [IsAgentOrOwner]
+
+    @extend_schema(operation_id="agent_webhooks_deliveries", tags=WEBHOOK_TAGS, auth=EITHER,
+                   parameters=[AgentDeliveryQuery], summary="Deliveries to all the agent's subscriptions, newest first",
+                   responses={200: page_serializer(AgentWebhookDeliverySerializer, "AgentWebhookDeliveryPage"),
+                              **error_responses(404)})
+    def get(self, request, agent_id):
+        agent = acting_agent(request, agent_id, scope=KeyScope.ADMIN)
+        query = AgentDeliveryQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        rows, next_cursor = paginate(
+            selectors.webhook_deliveries_of_agent(agent=agent, status=query.validated_data.get("status")),
+            ordering=["-created_at", "id"], cursor=query.validated_data.get("cursor"),
+            limit=query.validated_data["limit"])
+        return Response({"results": AgentWebhookDeliverySerializer(rows, many=True).data, "next_cursor": next_cursor})
+
+
+class AgentWebhookReplayView(APIView):
+    permission_classes = [IsAgentOrOwner]
+
+    @extend_schema(operation_id="agent_webhooks_replay", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
+                   summary="Send a delivered or failed event again", responses={
+                       202: AgentWebhookDeliverySerializer, **error_responses(404)})
+    def post(self, request, agent_id, delivery_id):
+        agent = acting_agent(request, agent_id, scope=KeyScope.ADMIN)
+        delivery = webhooks.delivery_redeliver(delivery=selectors.webhook_delivery_get(agent=agent,
+                                                                                       delivery_id=delivery_id))
+        return Response(AgentWebhookDeliverySerializer(delivery).data, status=status.HTTP_202_ACCEPTED)
+
+
+class AgentEventsView(APIView):
+    permission_classes = [IsAgentOrOwner]
+
+    @extend_schema(operation_id="agent_events", tags=WEBHOOK_TAGS, auth=EITHER, parameters=[InboxQuery],
+                   summary="The agent's inbox: events of its agreements, oldest first, whether or not webhooks "
+                           "delivered them (poll with `after`)",
+                   responses={200: InboxEventSerializer(many=True), **error_responses(404)})
+    def get(self, request, agent_id):
+        agent = acting_agent(request, agent_id, scope=KeyScope.READ)
+        query = InboxQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        after = query.validated_data.get("after")
+        types = [t.strip() for t in query.validated_data.get("types", "").split(",") if t.strip()]
+        events = selectors.inbox_events(agent=agent, types=types, after=int(after[4:]) if after else None,
+                                        limit=query.validated_data["limit"])
+        return Response(InboxEventSerializer([{
+            **_inbox_item(event), "status": "acked" if event.acked else "pending"} for event in events],
+            many=True).data)
+
+
+def _inbox_item(event) -> dict:
+    payload = webhooks.event_payload(event.agreement, event, f"agreement.{event.to_status}")
+    return {"event_id": payload["id"], "type": payload["type"], "payload": payload["data"],
+            "created_at": event.created_at}
+
+
+class AgentEventAckView(APIView):
+    permission_classes = [IsAgentOrOwner]
+
+    @extend_schema(operation_id="agent_events_ack", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
+                   summary="Mark an inbox event handled; idempotent",
+                   responses={200: EventAckSerializer, **error_responses(404)})
+    def post(self, request, agent_id, event_id):
+        agent = acting_agent(request, agent_id, scope=KeyScope.READ)
+        if not event_id.startswith("evt_") or not event_id[4:].isdigit() or len(event_id) > 22:
+            raise NotFound("No such event.", code="event_not_found")
+        ack = webhooks.event_ack(agent=agent, event=selectors.inbox_event_get(agent=agent,
+                                                                              event_id=int(event_id[4:])))
+        return Response(EventAckSerializer({"event_id": event_id, "status": "acked", "acked_at": ack.acked_at}).data)

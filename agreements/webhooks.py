@@ -19,7 +19,14 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
 from django.utils import timezone
 
-from agreements.models import AgreementEvent, DeliveryStatus, UsageAgreement, WebhookDelivery, WebhookSubscription
+from agreements.models import (
+    AgentEventAck,
+    AgreementEvent,
+    DeliveryStatus,
+    UsageAgreement,
+    WebhookDelivery,
+    WebhookSubscription,
+)
 from catalog.models import Agent
 from marketplace import outbound
 
@@ -30,11 +37,50 @@ _LEASE_MARGIN_SECONDS = 30  # a claimed delivery is not sent by anyone else for 
 _client = outbound.guarded_client(timeout=httpx.Timeout(10.0))  # each post passes WEBHOOK_TIMEOUT_SECONDS
 
 
-def subscription_create(*, agent: Agent, url: str, event_types: list[str]) -> WebhookSubscription:
+def _new_secret() -> str:
+    return f"whsec_{secrets.token_urlsafe(32)}"
+
+
+def subscription_create(*, agent: Agent, url: str, event_types: list[str], secret: str = "") -> WebhookSubscription:
+    """`secret`: the receiver's own signing secret (the Pægents SDK lets the caller choose it); else a new one."""
     outbound.url_check(url)
     return WebhookSubscription.objects.create(
-        agent=agent, url=url, event_types=event_types, secret=f"whsec_{secrets.token_urlsafe(32)}"
+        agent=agent, url=url, event_types=event_types, secret=secret or _new_secret()
     )
+
+
+def subscription_rotate_secret(*, subscription: WebhookSubscription) -> WebhookSubscription:
+    """A new signing secret, used from the next delivery on; the old one stops verifying."""
+    subscription.secret = _new_secret()
+    subscription.save(update_fields=["secret"])
+    return subscription
+
+
+def subscription_pause(*, subscription: WebhookSubscription, paused: bool) -> WebhookSubscription:
+    """Paused: events are not delivered (the agent's inbox, GET /agents/{id}/events, still has them). Idempotent."""
+    WebhookSubscription.objects.filter(pk=subscription.pk, paused_at__isnull=paused).update(
+        paused_at=timezone.now() if paused else None)
+    subscription.refresh_from_db()
+    return subscription
+
+
+def test_event_send(*, agent: Agent) -> list[WebhookDelivery]:
+    """Queue a `webhook.test` event to each of the agent's live subscriptions, signed like any other."""
+    payload = {"id": f"evt_test_{secrets.token_hex(8)}", "type": "webhook.test",
+               "created_at": timezone.now().isoformat(), "data": {"agent_id": str(agent.pk)}}
+    deliveries = []
+    for subscription in WebhookSubscription.objects.filter(agent=agent, is_active=True, paused_at=None):
+        delivery = WebhookDelivery.objects.create(subscription=subscription, event_type="webhook.test",
+                                                  payload=payload, next_attempt_at=timezone.now())
+        _send_after_commit(delivery.pk)
+        deliveries.append(delivery)
+    return deliveries
+
+
+def event_ack(*, agent: Agent, event: AgreementEvent) -> AgentEventAck:
+    """Mark an inbox event handled. Idempotent."""
+    ack, _ = AgentEventAck.objects.get_or_create(agent=agent, event=event)
+    return ack
 
 
 def subscription_delete(*, subscription: WebhookSubscription) -> None:
@@ -78,7 +124,7 @@ def event_payload(agreement: UsageAgreement, event: AgreementEvent, event_type: 
 def queue_for_event(agreement: UsageAgreement, event: AgreementEvent) -> None:
     event_type = f"agreement.{event.to_status}"
     subscriptions = WebhookSubscription.objects.filter(
-        agent_id__in=[agreement.buyer_id, agreement.seller_id], is_active=True
+        agent_id__in=[agreement.buyer_id, agreement.seller_id], is_active=True, paused_at=None
     )
     payload = event_payload(agreement, event, event_type)
     for subscription in subscriptions:

@@ -9,7 +9,9 @@ from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
+from catalog import selectors
 from catalog.models import ApiKey, OwnerToken
+from marketplace.errors import Forbidden, NotFound
 from marketplace.keys import parse_secret, secret_matches
 
 _KINDS = {"mk": ApiKey, "ot": OwnerToken}
@@ -94,6 +96,29 @@ class IsOwner(permissions.BasePermission):
         if isinstance(request.auth, OwnerToken):
             return True
         return request.auth is None and request.user.is_authenticated
+
+
+class IsAgentOrOwner(permissions.BasePermission):
+    """An agent API key or its owner's credentials, for routes under /agents/{agent_id}/ that either may use (the
+    Pægents SDK calls them with the agent's key, or with an owner token); `acting_agent` checks which agent."""
+
+    message = "This endpoint needs an agent API key or an owner token."
+    code = "not_authenticated"
+
+    def has_permission(self, request, view):
+        return isinstance(request.auth, ApiKey) or IsOwner().has_permission(request, view)
+
+
+def acting_agent(request, agent_id, *, scope: str):
+    """The agent `agent_id` when the caller is that agent (with `scope`) or owns it; 404 otherwise."""
+    if isinstance(request.auth, ApiKey):
+        if request.auth.agent_id != agent_id:
+            raise NotFound("No such agent.", code="agent_not_found")
+        if not request.auth.grants(scope):
+            raise Forbidden(f"This endpoint needs an agent API key with the `{scope}` scope.",
+                            code="insufficient_scope")
+        return request.auth.agent
+    return selectors.agent_get(agent_id=agent_id, owner=request.user)
 
 
 class IsOperator(permissions.BasePermission):

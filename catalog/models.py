@@ -5,7 +5,7 @@ from django.conf import settings
 from django.contrib.postgres.search import SearchVectorField
 from django.core.validators import MinLengthValidator, RegexValidator
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 
 from marketplace.fields import AddressField, TokenAmountField
 
@@ -157,6 +157,13 @@ class Service(models.Model):
     unit_name = models.CharField(max_length=50, default="call")
     unit_price = TokenAmountField()
     token = models.CharField(max_length=16, default="USDC")
+    # Pægents' catalog terms (the `paegents` SDK registers them): a category (also kept as a tag, so search finds
+    # it), the quantities one agreement may buy, and free-form capabilities and metadata shown as given.
+    category = models.CharField(max_length=50, blank=True)
+    min_quantity = models.PositiveBigIntegerField(default=1)
+    max_quantity = models.PositiveBigIntegerField(null=True, blank=True)
+    capabilities = models.JSONField(default=dict, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
     upstream_base_url = models.URLField(max_length=500)
     upstream_protocol = models.CharField(max_length=10, choices=UpstreamProtocol.choices,
                                          default=UpstreamProtocol.HTTP)
@@ -187,6 +194,8 @@ class Service(models.Model):
             models.CheckConstraint(condition=Q(pricing_type__in=PricingType.values), name="service_pricing_valid"),
             models.CheckConstraint(condition=Q(availability__in=Availability.values),
                                    name="service_availability_valid"),
+            models.CheckConstraint(condition=Q(min_quantity__gte=1) & (Q(max_quantity=None) | Q(
+                max_quantity__gte=F("min_quantity"))), name="service_quantity_bounds_valid"),
         ]
 
     def __str__(self) -> str:

@@ -12,7 +12,7 @@ from django.db.models import Case, Exists, F, FloatField, OuterRef, Q, QuerySet,
 from django.db.models.functions import Cast
 
 from catalog.models import Agent, ApiKey, Availability, Service, ServiceState, Skill, Tag, UpstreamProtocol
-from marketplace.errors import NotFound
+from marketplace.errors import InvalidInput, NotFound
 from marketplace.pagination import paginate
 
 
@@ -61,6 +61,16 @@ def service_get(*, service_id, viewer: Agent | None = None) -> Service:
     return service
 
 
+def service_only_of_seller(*, seller_id) -> Service:
+    """The seller's one registered service, for a proposal that names only the seller (the Pægents SDK may)."""
+    found = list(_with_relations(Service.objects.filter(seller_id=seller_id, state=ServiceState.REGISTERED))[:2])
+    if not found:
+        raise NotFound("The seller has no registered service.", code="service_not_found")
+    if len(found) > 1:
+        raise InvalidInput("The seller has several services: give service_id.", code="service_id_required")
+    return found[0]
+
+
 def registry_services(*, viewer: Agent, seller_wallet: str | None = None) -> QuerySet[Service]:
     """The Masumi registry: every registered service of the network, and the viewer's own deregistered ones;
     `seller_wallet` narrows it to one seller's (an agent's own registrations: its wallet)."""
@@ -107,6 +117,7 @@ class ServiceSearch:
     tags_any: list[str] = field(default_factory=list)
     capability: str = ""
     max_unit_price: int | None = None
+    min_unit_price: int | None = None
     seller: str = ""
     protocol: str = ""
     skill: str = ""
@@ -200,7 +211,17 @@ def _with_tag(tag_ids: list[int]) -> Exists:
     return Exists(Service.tags.through.objects.filter(service_id=OuterRef("pk"), tag_id__in=tag_ids))
 
 
-def service_search(*, search: ServiceSearch, cursor: str | None, limit: int) -> tuple[list[Service], str | None]:
+@dataclass(frozen=True)
+class OffsetPage:
+    rows: list[Service]
+    total: int
+    next_offset: int | None
+
+
+def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
+                   offset: int | None = None) -> tuple[list[Service], str | None] | OffsetPage:
+    """A page of matching services: after `cursor` (keyset), or from `offset` (the Pægents SDK's paging, with the
+    total count) when an offset is given."""
     # A Masumi service that said it cannot take jobs is left out until its next availability check says it can.
     services = Service.objects.filter(state=ServiceState.REGISTERED, seller__is_active=True).exclude(
         availability=Availability.UNAVAILABLE)
@@ -220,6 +241,8 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int) -> 
         services = services.filter(capability_name__iexact=search.capability)
     if search.max_unit_price is not None:
         services = services.filter(unit_price__lte=search.max_unit_price)
+    if search.min_unit_price is not None:
+        services = services.filter(unit_price__gte=search.min_unit_price)
     if search.seller:
         services = services.filter(seller__handle=search.seller)
     if search.protocol:
@@ -240,17 +263,25 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int) -> 
         order_by = "newest"
     ordering = _FUZZY_RELEVANCE if fuzzy and order_by == "relevance" else _ORDERINGS[order_by]
     services = _with_relations(services).defer("search_vector", "keywords")  # never shown; the vector is large
+
+    def page():
+        if offset is None:
+            return paginate(services, ordering=ordering, cursor=cursor, limit=limit)
+        rows = list(services.order_by(*ordering)[offset:offset + limit + 1])
+        more = len(rows) > limit
+        return OffsetPage(rows=rows[:limit], total=services.count(), next_offset=offset + limit if more else None)
+
     if not fuzzy:
-        return paginate(services, ordering=ordering, cursor=cursor, limit=limit)
+        return page()
     if connection.vendor != "postgresql":
-        rows, next_cursor = paginate(services, ordering=ordering, cursor=cursor, limit=limit)
+        result = page()
     else:
         with transaction.atomic(), connection.cursor() as db:
             # For this transaction only: pg_trgm's default word-similarity threshold (0.6) misses a single typo in
             # a short word ("invoce", "wether"); 0.5 catches those and still keeps unrelated names out.
             db.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)",
                        [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
-            rows, next_cursor = paginate(services, ordering=ordering, cursor=cursor, limit=limit)
-    for row in rows:
+            result = page()
+    for row in (result.rows if isinstance(result, OffsetPage) else result[0]):
         row.relevance = row.name_similarity  # not a second SQL column: each is computed per candidate row
-    return rows, next_cursor
+    return result

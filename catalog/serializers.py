@@ -148,7 +148,45 @@ def http_base_url(value: str) -> str:
     return value.rstrip("/")
 
 
+CENTS = 10_000  # token base units in one cent (USDC: 6 decimals)
+
+
+def cents_of(amount: int) -> int | None:
+    """An amount in whole cents, or None when it is not a whole number of cents (the `_atomic` field is exact)."""
+    return amount // CENTS if amount % CENTS == 0 else None
+
+
+def _alias(data: dict, sdk_name: str, name: str, convert=lambda value: value) -> None:
+    """Move the Pægents SDK's `sdk_name` onto our `name`; both at once is ambiguous."""
+    if sdk_name not in data:
+        return
+    if name in data:
+        raise serializers.ValidationError({sdk_name: [serializers.ErrorDetail(
+            f"Give either {sdk_name} or {name}, not both.", code="duplicate_field")]})
+    data[name] = convert(data.pop(sdk_name))
+
+
+class CentsField(StrictIntegerField):
+    """A whole number of cents (Pægents' `_cents` fields), converted exactly to token base units."""
+
+    default_error_messages = {"invalid": "Must be a whole number of cents (an integer, no fractions)."}
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("min_value", 0)
+        kwargs.setdefault("max_value", 10**24)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data):
+        return super().to_internal_value(data) * CENTS
+
+
+PAEGENTS_PRICE_MODELS = {"per_unit": PricingType.PER_UNIT, "per_call": PricingType.PER_CALL}
+
+
 class ServiceWriteSerializer(StrictSerializer):
+    """Our fields, or the Pægents SDK's (`service_name`, `category`, `price_model`, `base_price_cents`, `unit`,
+    `api_base_url`): both name the same things, and either may be given (not both for one thing)."""
+
     name = serializers.CharField(max_length=250)
     description = serializers.CharField(max_length=5000, required=False, allow_blank=True, default="")
     tags = TagListField()
@@ -156,18 +194,83 @@ class ServiceWriteSerializer(StrictSerializer):
     author = AuthorSerializer(required=False)
     legal = LegalSerializer(required=False)
     example_outputs = ExampleOutputSerializer(many=True, required=False, max_length=20)
-    pricing = PricingSerializer()
+    pricing = PricingSerializer(required=False, help_text="Required unless price_model and base_price_cents are given.")
     upstream_base_url = serializers.URLField(max_length=500)
     upstream_protocol = serializers.ChoiceField(choices=UpstreamProtocol.choices, default=UpstreamProtocol.HTTP)
     masumi_protocol_version = serializers.ChoiceField(
         choices=MasumiProtocolVersion.choices, default=MasumiProtocolVersion.SEED,
         help_text="`masumi` services: the MIP-003 its /start_job speaks.")
     skills = SkillSerializer(many=True, required=False, max_length=50)
+    category = serializers.CharField(max_length=50, required=False, allow_blank=True,
+                                     help_text="Also added to the tags, so search by tag finds it.")
+    min_quantity = StrictIntegerField(min_value=1, max_value=10**18, required=False,
+                                            help_text="Fewest units one agreement may buy (default 1).")
+    max_quantity = StrictIntegerField(min_value=1, max_value=10**18, required=False, allow_null=True,
+                                            help_text="Most units one agreement may buy; null: no limit.")
+    capabilities = serializers.DictField(required=False, help_text="Free-form, shown as given.")
+    metadata = serializers.DictField(required=False, help_text="Free-form, shown as given.")
+    api_auth_header = serializers.CharField(
+        max_length=100, required=False, write_only=True,
+        help_text="Accepted and ignored (the Pægents SDK always sends it): the marketplace never forwards a stored "
+                  "seller key; it signs every proxied call with X-Marketplace-Signature (see `proxy_secret`).")
+    price_model = serializers.ChoiceField(choices=["per_unit", "per_call", "subscription", "tiered"], required=False,
+                                          write_only=True, help_text="Pægents' name for `pricing.type`.")
+    base_price_cents = CentsField(required=False, write_only=True,
+                                  help_text="Pægents' unit price in cents (1 cent = 10000 base units).")
+    unit = serializers.CharField(max_length=50, required=False, write_only=True,
+                                 help_text="Pægents' name for `pricing.unit_name`.")
 
     def validate_upstream_base_url(self, value):
         return http_base_url(value)
 
+    def validate_price_model(self, value):
+        if value not in PAEGENTS_PRICE_MODELS:
+            raise serializers.ValidationError(f"{value} pricing is not offered; use per_unit or per_call.",
+                                              code="unsupported_price_model")
+        return PAEGENTS_PRICE_MODELS[value]
+
+    def _from_paegents(self, data: dict) -> dict:
+        data = dict(data)
+        _alias(data, "service_name", "name")
+        _alias(data, "api_base_url", "upstream_base_url")
+        if "api_key" in data:
+            raise serializers.ValidationError({"api_key": [serializers.ErrorDetail(
+                "The marketplace does not store sellers' upstream keys: verify X-Marketplace-Signature with the "
+                "service's proxy_secret instead.", code="upstream_api_key_unsupported")]})
+        category = data.get("category")
+        # At registration a category is also the tag (and capability) Pægents services have no other way to give.
+        if not self.partial and isinstance(category, str) and category.strip():
+            if "tags" not in data:
+                data["tags"] = [category]
+            if "capability" not in data:
+                data["capability"] = {"name": category, "version": "1"}
+        return data
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        price_fields = {"price_model", "base_price_cents", "unit"} & set(attrs)
+        if price_fields and "pricing" in attrs:
+            raise serializers.ValidationError({"pricing": [serializers.ErrorDetail(
+                "Give either pricing or price_model/base_price_cents/unit, not both.", code="duplicate_field")]})
+        if not self.partial and "pricing" not in attrs:
+            missing = [name for name in ("price_model", "base_price_cents") if name not in attrs]
+            if missing:
+                raise serializers.ValidationError({"pricing": [serializers.ErrorDetail(
+                    "Required (or price_model and base_price_cents).", code="required")]})
+        if "category" in attrs and attrs["category"] and "tags" in attrs:
+            tag = attrs["category"].strip().lower()
+            if tag not in attrs["tags"]:
+                attrs["tags"] = [*attrs["tags"], tag][:15]
+        attrs.pop("api_auth_header", None)
+        low, high = attrs.get("min_quantity"), attrs.get("max_quantity")
+        if low is not None and high is not None and high < low:
+            raise serializers.ValidationError({"max_quantity": [serializers.ErrorDetail(
+                "Must be at least min_quantity.", code="invalid_quantity_bounds")]})
+        return attrs
+
     def to_internal_value(self, data):
+        if isinstance(data, Mapping):
+            data = self._from_paegents(data)
         if not self.partial or not isinstance(data, Mapping):
             return super().to_internal_value(data)
         # A PATCH replaces each field it gives whole, so nested objects are validated as complete ones (DRF would
@@ -208,8 +311,28 @@ class ServiceSerializer(serializers.Serializer):
         choices=Availability.choices,
         help_text="`masumi` services: what GET /availability last answered (unavailable ones are not in search).")
     availability_checked_at = serializers.DateTimeField(allow_null=True)
+    category = serializers.CharField()
+    min_quantity = serializers.IntegerField()
+    max_quantity = serializers.IntegerField(allow_null=True)
+    capabilities = serializers.JSONField()
+    metadata = serializers.JSONField()
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
+    # The Pægents SDK's names for fields above (its ServiceDetails), kept beside ours.
+    service_id = serializers.UUIDField(source="id", help_text="= id (Pægents' name).")
+    agent_id = serializers.UUIDField(source="seller_id", help_text="= seller.id (Pægents' name).")
+    service_name = serializers.CharField(source="name", help_text="= name (Pægents' name).")
+    price_model = serializers.CharField(source="pricing_type", help_text="= pricing.type (Pægents' name).")
+    unit = serializers.CharField(source="unit_name", help_text="= pricing.unit_name (Pægents' name).")
+    base_price_cents = serializers.SerializerMethodField(
+        help_text="pricing.unit_price_atomic in cents; null when it is not a whole number of cents.")
+    is_active = serializers.SerializerMethodField(help_text="state is `registered`.")
+
+    def get_base_price_cents(self, service) -> int | None:
+        return cents_of(service.unit_price)
+
+    def get_is_active(self, service) -> bool:
+        return service.state == "registered"
 
     def get_tags(self, service) -> list[str]:
         return [tag.name for tag in service.tags.all()]
@@ -237,6 +360,8 @@ class OwnServiceSerializer(ServiceSerializer):
 
 
 class ServiceSearchSerializer(StrictSerializer, PageQuerySerializer):
+    """Our filters, or the Pægents SDK's (`query`, `category`, `min_price`/`max_price` in cents, `offset`)."""
+
     q = serializers.CharField(
         max_length=500, required=False, allow_blank=True, default="",
         help_text=(
@@ -260,7 +385,53 @@ class ServiceSearchSerializer(StrictSerializer, PageQuerySerializer):
     pricing_type = serializers.ChoiceField(choices=PricingType.choices, required=False, allow_blank=True, default="")
     order_by = serializers.ChoiceField(choices=["relevance", "price", "newest"], required=False, allow_blank=True,
                                        default="")
+    category = serializers.CharField(max_length=50, required=False, allow_blank=True,
+                                     help_text="Services with this category (a tag).")
+    min_price = CentsField(required=False, help_text="Lowest unit price, in cents.")
+    max_price = CentsField(required=False, help_text="Highest unit price, in cents.")
+    offset = StrictIntegerField(min_value=0, max_value=10_000, required=False,
+                                      help_text="Page by offset instead of cursor: the answer then has `total`, "
+                                                "`has_more` and `next_offset`.")
+
+    def to_internal_value(self, data):
+        if isinstance(data, Mapping):
+            data = dict(data)
+            _alias(data, "query", "q")
+        value = super().to_internal_value(data)
+        if "offset" in value and value.get("cursor"):
+            raise serializers.ValidationError({"offset": [serializers.ErrorDetail(
+                "Give either offset or cursor.", code="duplicate_field")]})
+        category = value.pop("category", "").strip().lower()
+        if category:
+            value["tags_all"] = [*value["tags_all"], category]
+        if "max_price" in value:
+            if value["max_unit_price_atomic"] is not None:
+                raise serializers.ValidationError({"max_price": [serializers.ErrorDetail(
+                    "Give either max_price or max_unit_price_atomic.", code="duplicate_field")]})
+            value["max_unit_price_atomic"] = value.pop("max_price")
+        value["min_unit_price"] = value.pop("min_price", None)
+        return value
 
 
 class ServiceSearchResultSerializer(ServiceSerializer):
     relevance = serializers.FloatField(required=False, help_text="Present when searching by text.")
+
+
+class ServiceSearchPageSerializer(serializers.Serializer):
+    results = ServiceSearchResultSerializer(many=True)
+    next_cursor = serializers.CharField(allow_null=True, help_text="Pass as `cursor` for the next page.")
+    total = serializers.IntegerField(required=False, help_text="Paging by offset: all matching services.")
+    has_more = serializers.BooleanField(required=False, help_text="Paging by offset.")
+    next_offset = serializers.IntegerField(required=False, allow_null=True, help_text="Paging by offset.")
+    query = serializers.DictField(required=False, help_text="Paging by offset: the search as understood.")
+
+
+class OwnServicesQuery(PageQuerySerializer, StrictSerializer):
+    offset = StrictIntegerField(min_value=0, max_value=10_000, required=False,
+                                      help_text="Page by offset (the Pægents SDK) instead of cursor.")
+
+
+class OwnServicePageSerializer(serializers.Serializer):
+    results = OwnServiceSerializer(many=True)
+    services = OwnServiceSerializer(many=True, help_text="= results (the Pægents SDK's name).")
+    next_cursor = serializers.CharField(allow_null=True, help_text="Pass as `cursor` for the next page.")

@@ -27,7 +27,7 @@ from marketplace.keys import issue_secret
 
 # Path segments that routes under /agents/ already use, so they cannot be handles or skill names.
 RESERVED_HANDLES = frozenset({"services", "me"})
-RESERVED_SKILL_NAMES = frozenset({"policies", "approvals", "api-keys", "services"})
+RESERVED_SKILL_NAMES = frozenset({"policies", "approvals", "api-keys", "services", "webhooks", "events"})
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def _check_skill_names(seller: Agent, skills: list[dict], exclude_service: Servi
 
 def _apply_fields(service: Service, data: dict) -> None:
     simple = ("name", "description", "author", "legal", "example_outputs", "upstream_base_url", "upstream_protocol",
-              "masumi_protocol_version")
+              "masumi_protocol_version", "category", "min_quantity", "max_quantity", "capabilities", "metadata")
     for field in simple:
         if field in data:
             setattr(service, field, data[field])
@@ -145,6 +145,15 @@ def _apply_fields(service: Service, data: dict) -> None:
         service.unit_name = pricing.get("unit_name") or ("call" if pricing["type"] == "per_call" else "unit")
         service.unit_price = pricing["unit_price_atomic"]
         service.token = pricing.get("token", "USDC")
+    # The Pægents SDK's flat pricing fields: each replaces its part of the pricing.
+    if "price_model" in data:
+        service.pricing_type = data["price_model"]
+    if "base_price_cents" in data:
+        service.unit_price = data["base_price_cents"]  # already in base units (the serializer converts exactly)
+    if "unit" in data:
+        service.unit_name = data["unit"]
+    if service.max_quantity is not None and service.max_quantity < service.min_quantity:
+        raise InvalidInput("max_quantity must be at least min_quantity.", code="invalid_quantity_bounds")
 
 
 def _replace_tags(service: Service, names: list[str]) -> None:

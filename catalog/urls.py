@@ -11,4 +11,6 @@ urlpatterns = [
     path("agents/<uuid:agent_id>/api-keys/<int:key_id>/revoke", views.AgentApiKeyRevokeView.as_view()),
     path("catalog/search", views.CatalogSearchView.as_view()),
     re_path(r"^registry/?$", masumi.RegistryView.as_view()),  # masumi-crewai calls `/registry/`
+    path("wallet/recovery-challenge", views.WalletRecoveryChallengeView.as_view()),
+    path("wallet/recover", views.WalletRecoverView.as_view()),
 ]

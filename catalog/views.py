@@ -1,5 +1,6 @@
 from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework import status
+from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -12,14 +13,18 @@ from catalog.serializers import (
     ApiKeyCreateSerializer,
     ApiKeyIssuedSerializer,
     ApiKeySerializer,
+    OwnServicePageSerializer,
     OwnServiceSerializer,
+    OwnServicesQuery,
+    ServiceSearchPageSerializer,
     ServiceSearchResultSerializer,
     ServiceSearchSerializer,
     ServiceSerializer,
     ServiceWriteSerializer,
 )
+from marketplace.errors import Forbidden
 from marketplace.idempotency import idempotent
-from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
+from marketplace.pagination import paginate
 from marketplace.serializers import error_responses
 
 OWNER = [{"OwnerToken": []}]
@@ -125,17 +130,21 @@ class ServicesView(APIView):
         return [agent_scope(scope)()]
 
     @extend_schema(operation_id="services_list_own", summary="The calling seller's services, in any state",
-                   parameters=[PageQuerySerializer],
-                   responses={200: page_serializer(OwnServiceSerializer, "OwnServicePage"), **error_responses()},
-                   tags=["catalog"])
+                   parameters=[OwnServicesQuery],
+                   responses={200: OwnServicePageSerializer, **error_responses()}, tags=["catalog"])
     def get(self, request):
-        query = PageQuerySerializer(data=request.query_params)
+        query = OwnServicesQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
-        rows, next_cursor = paginate(
-            selectors.services_of_seller(seller=calling_agent(request)), ordering=["-created_at", "id"],
-            cursor=query.validated_data.get("cursor"), limit=query.validated_data["limit"],
-        )
-        return Response({"results": OwnServiceSerializer(rows, many=True).data, "next_cursor": next_cursor})
+        own = selectors.services_of_seller(seller=calling_agent(request))
+        ordering, limit = ["-created_at", "id"], query.validated_data["limit"]
+        if "offset" in query.validated_data:
+            start = query.validated_data["offset"]
+            rows, next_cursor = list(own.order_by(*ordering)[start:start + limit]), None
+        else:
+            rows, next_cursor = paginate(own, ordering=ordering, cursor=query.validated_data.get("cursor"),
+                                         limit=limit)
+        services_data = OwnServiceSerializer(rows, many=True).data
+        return Response({"results": services_data, "services": services_data, "next_cursor": next_cursor})
 
     @extend_schema(operation_id="services_register", summary="Register a service for the calling seller agent",
                    request=ServiceWriteSerializer, examples=[SERVICE_EXAMPLE],
@@ -168,6 +177,17 @@ class ServiceDetailView(APIView):
                    request=ServiceWriteSerializer(partial=True),
                    responses={200: OwnServiceSerializer, **error_responses(404, 409)}, tags=["catalog"])
     def patch(self, request, service_id):
+        return self._update(request, service_id)
+
+    @extend_schema(operation_id="services_update_put",
+                   summary="Change your service, as PATCH does (the Pægents SDK updates with PUT): fields given are "
+                           "replaced, the others kept",
+                   request=ServiceWriteSerializer(partial=True),
+                   responses={200: OwnServiceSerializer, **error_responses(404, 409)}, tags=["catalog"])
+    def put(self, request, service_id):
+        return self._update(request, service_id)
+
+    def _update(self, request, service_id):
         agent = calling_agent(request)
         service = selectors.service_get(service_id=service_id, viewer=agent)
         body = ServiceWriteSerializer(data=request.data, partial=True)
@@ -195,17 +215,54 @@ class CatalogSearchView(APIView):
         examples=[OpenApiExample("translation under 0.05 USDC", request_only=True, value={
             "q": "translate german", "tags_any": ["translation"], "max_unit_price_atomic": 50000,
             "order_by": "relevance", "limit": 20})],
-        responses={200: page_serializer(ServiceSearchResultSerializer, "ServiceSearchPage"), **error_responses()},
+        responses={200: ServiceSearchPageSerializer, **error_responses()},
         tags=["catalog"],
     )
     def post(self, request):
         body = ServiceSearchSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         params = dict(body.validated_data)
-        cursor, limit = params.pop("cursor", None), params.pop("limit")
+        cursor, limit, offset = params.pop("cursor", None), params.pop("limit"), params.pop("offset", None)
         search = selectors.ServiceSearch(
             text=params.pop("q"), max_unit_price=params.pop("max_unit_price_atomic"), **params
         )
-        rows, next_cursor = selectors.service_search(search=search, cursor=cursor, limit=limit)
-        return Response({"results": ServiceSearchResultSerializer(rows, many=True).data, "next_cursor": next_cursor})
+        found = selectors.service_search(search=search, cursor=cursor, limit=limit, offset=offset)
+        if offset is None:
+            rows, next_cursor = found
+            return Response({"results": ServiceSearchResultSerializer(rows, many=True).data,
+                             "next_cursor": next_cursor})
+        return Response({
+            "results": ServiceSearchResultSerializer(found.rows, many=True).data, "next_cursor": None,
+            "total": found.total, "has_more": found.next_offset is not None, "next_offset": found.next_offset,
+            "query": {key: value for key, value in request.data.items() if key not in ("limit", "offset")},
+        })
 
+
+
+class WalletRecoveryChallengeView(APIView):
+    """The Pægents SDK's `recover_credentials` (a wallet signature buys a new API key) is not offered: keys are
+    issued by the agent's owner, and a wallet signature never mints a credential here."""
+
+    permission_classes = [AllowAny]
+    authentication_classes = []
+
+    @extend_schema(operation_id="wallet_recovery_challenge", summary="Not offered: API keys are issued by the "
+                   "agent's owner (POST /agents/{id}/api-keys); 403 `wallet_recovery_not_offered`",
+                   responses={**error_responses()}, tags=["agents"], auth=[])
+    def get(self, request):
+        raise _recovery_not_offered()
+
+
+class WalletRecoverView(APIView):
+    permission_classes = [AllowAny]
+    authentication_classes = []
+
+    @extend_schema(operation_id="wallet_recover", request=None, summary="Not offered; see GET "
+                   "/wallet/recovery-challenge", responses={**error_responses()}, tags=["agents"], auth=[])
+    def post(self, request):
+        raise _recovery_not_offered()
+
+
+def _recovery_not_offered() -> Forbidden:
+    return Forbidden("Credentials are not recovered by wallet signature: the agent's owner issues a new API key "
+                     "(POST /agents/{agent_id}/api-keys with an owner token).", code="wallet_recovery_not_offered")

@@ -1,11 +1,14 @@
+import json
+
 from rest_framework import serializers
 
 from marketplace.serializers import AtomicAmountField, StrictIntegerField, StrictSerializer
 
 
 
-def _signature():
-    return serializers.RegexField(r"^0x[0-9a-fA-F]{130}$", help_text="65-byte signature, 0x-hex (r ‖ s ‖ v).")
+def _signature(**kwargs):
+    return serializers.RegexField(r"^0x[0-9a-fA-F]{130}$", help_text="65-byte signature, 0x-hex (r ‖ s ‖ v).",
+                                  **kwargs)
 
 
 class TypedDataSerializer(serializers.Serializer):
@@ -86,6 +89,9 @@ class EscrowStatusSerializer(serializers.Serializer):
     agreement_id = serializers.UUIDField()
     onchain_id = serializers.CharField()
     status = serializers.CharField()
+    escrow_status = serializers.CharField(help_text="As on the agreement (the Pægents SDK reads it here).")
+    settlement_status = serializers.CharField(help_text="= status (the Pægents SDK polls it until `settled`).")
+    chain_id = serializers.IntegerField()
     escrow_contract = serializers.CharField()
     deposit_amount_atomic = AtomicAmountField()
     deposited_atomic = AtomicAmountField(help_text="What the escrow holds for this agreement per our records.")
@@ -98,6 +104,51 @@ class EscrowStatusSerializer(serializers.Serializer):
     transactions = ChainTransactionSerializer(many=True)
     backend_fault = serializers.BooleanField(help_text="Submitting without a transaction hash for too long.")
     onchain = serializers.DictField(allow_null=True, help_text="The contract's record, with ?verify=true.")
+
+
+class DisputeSerializer(StrictSerializer):
+    """The Pægents SDK's dispute (`reason`, `evidence`), plus what the on-chain challenge needs: the buyer wallet's
+    signature of the Challenge typed data (GET .../challenge-package)."""
+
+    reason = serializers.CharField(min_length=10, max_length=500)
+    evidence = serializers.JSONField(required=False, help_text="Free-form (an object or a text); kept with the "
+                                                               "dispute for the arbiter.")
+    deadline = StrictIntegerField(min_value=0, required=False)
+    signature = _signature(required=False)
+
+    def validate_evidence(self, value):
+        return value if isinstance(value, str) else json.dumps(value, sort_keys=True)[:5000]
+
+
+class DepositParamsSerializer(serializers.Serializer):
+    agreement_id = serializers.UUIDField()
+    chain_id = serializers.IntegerField()
+    usdc_address = serializers.CharField()
+    escrow_contract_address = serializers.CharField()
+    service_amount_atomic = AtomicAmountField(help_text="The deposit: quantity × unit price.")
+    infra_fee_amount_atomic = AtomicAmountField()
+    per_call_fee_amount_atomic = AtomicAmountField(help_text="Always 0: no fee per proxied call.")
+    onchain_agreement_id = serializers.CharField(help_text="bytes32 id of the agreement in the escrow contract.")
+    gas_wallet_address = serializers.CharField(help_text="The platform relayer: the fee permit's spender.")
+    buyer_wallet_address = serializers.CharField()
+    pricing_version = serializers.CharField(allow_null=True)
+
+
+class TransactionCalldataSerializer(serializers.Serializer):
+    to = serializers.CharField()
+    data = serializers.CharField()
+    value = serializers.CharField()
+
+
+class ClaimInstructionsSerializer(serializers.Serializer):
+    agreement_id = serializers.UUIDField()
+    onchain_agreement_id = serializers.CharField()
+    function = serializers.CharField(help_text="`withdraw(bytes32)`: finalize pays both parties out itself; only a "
+                                               "payout whose transfer failed waits to be withdrawn.")
+    claimable_atomic = AtomicAmountField(help_text="What withdraw would pay the calling party now.")
+    transaction = TransactionCalldataSerializer(allow_null=True, help_text="Unsigned; null when nothing is owed.")
+    chain_id = serializers.IntegerField()
+    closed = serializers.BooleanField(help_text="The escrow is paid out (settled or reclaimed).")
 
 
 class EscrowStatusQuery(StrictSerializer):

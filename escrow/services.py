@@ -18,7 +18,7 @@ from escrow import chain, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.chainconfig import receipt_signer_address
-from marketplace.errors import Conflict, DependencyUnavailable, InvalidInput, PaymentRequired
+from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, PaymentRequired
 from marketplace.logging import logs_name_the_agreement
 from sdk import typed_data
 from sdk.activation import activation_intent_nonce
@@ -68,12 +68,17 @@ def _permit(agreement: UsageAgreement, *, value: int, nonce: int, deadline: int)
     )
 
 
-def _permit_nonce(agreement: UsageAgreement) -> int:
-    token = chain.token_contract(agreement.token_address or None)
+def _token_nonce(owner: str, token_address: str | None = None) -> int:
+    """The token's EIP-2612 `nonces(owner)`: the nonce the owner's next permit must carry."""
+    token = chain.token_contract(token_address)
     try:
-        return chain.call(token.functions.nonces(Web3.to_checksum_address(agreement.buyer_wallet_address)).call)
+        return chain.call(token.functions.nonces(Web3.to_checksum_address(owner)).call)
     except chain.ChainError as error:
         raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
+
+
+def _permit_nonce(agreement: UsageAgreement) -> int:
+    return _token_nonce(agreement.buyer_wallet_address, agreement.token_address or None)
 
 
 def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int | None = None) -> dict:
@@ -84,7 +89,7 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
     `deadline` (unix time) overrides the default signature lifetime, e.g. a Masumi purchase's payByTime."""
     _require_chain()
     if agreement.buyer_id != buyer.pk:
-        raise Conflict("Only the buyer activates the escrow.", code="buyer_only")
+        raise Forbidden("Only the buyer activates the escrow.", code="buyer_only")
     if agreement.status not in ("accepted", "activation_failed"):
         raise Conflict(f"Nothing to sign while the agreement is {agreement.status}.", code="invalid_transition",
                        details={"status": agreement.status})
@@ -219,3 +224,6 @@ def _activation_outcome(tx: ChainTransaction) -> None:
 relayer.outcome_handler_register(purpose=TxPurpose.ACTIVATE, on_outcome=_activation_outcome,
                                  on_submitted=_activation_signed, read_evidence=_activation_evidence)
 
+
+# Fee permits given as signature and deadline only (the Pægents SDK's direct purchase) are read at this nonce.
+agreement_services.permit_nonce_reader_register(reader=_token_nonce)

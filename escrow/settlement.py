@@ -24,7 +24,7 @@ from catalog.models import Agent
 from escrow import chain, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
-from marketplace.errors import Conflict, InvalidInput
+from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.logging import agreement_context, logs_name_the_agreement
 from sdk import receipts, typed_data
 
@@ -122,7 +122,7 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
                          reason: str, evidence: str = "") -> ChainTransaction:
     """The buyer disputes the proposed amount within the window; submitted on-chain with its signature."""
     if agreement.buyer_id != buyer.pk:
-        raise Conflict("Only the buyer challenges a settlement.", code="buyer_only")
+        raise Forbidden("Only the buyer challenges a settlement.", code="buyer_only")
     now = chain_now()
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)

@@ -20,6 +20,9 @@ urlpatterns = [
     path("usage-agreements/<uuid:agreement_id>/challenge-package", views.ChallengePackageView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/challenge", views.ChallengeView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/resolve", views.ResolveView.as_view()),
+    path("usage-agreements/<uuid:agreement_id>/dispute", views.DisputeView.as_view()),
+    path("usage-agreements/<uuid:agreement_id>/deposit-params", views.DepositParamsView.as_view()),
+    path("usage-agreements/<uuid:agreement_id>/claim-instructions", views.ClaimInstructionsView.as_view()),
     # Masumi node paths answer with or without a trailing slash (the masumi library calls `/purchase/`).
     re_path(r"^purchase/?$", masumi_api.PurchaseView.as_view()),
     re_path(r"^purchase/lock-funds/?$", masumi_api.PurchaseLockFundsView.as_view()),

@@ -15,7 +15,10 @@ from agreements.serializers import (
     InvocationAcceptedSerializer,
     InvocationResultSerializer,
     InvokeSerializer,
+    AgreementSerializer,
     X402PaymentRequiredSerializer,
+    agreement_payload,
+    escrow_status_of,
     invocation_payment,
 )
 from catalog import selectors as catalog_selectors
@@ -30,13 +33,16 @@ from escrow.serializers import (
     ChainTransactionSerializer,
     ChallengePackageSerializer,
     ChallengeSerializer,
+    ClaimInstructionsSerializer,
+    DepositParamsSerializer,
+    DisputeSerializer,
     ResolveSerializer,
     EscrowStatusQuery,
     EscrowStatusSerializer,
     NetworkConfigSerializer,
 )
 from marketplace import chainconfig
-from marketplace.errors import Conflict, DependencyUnavailable, error_body
+from marketplace.errors import Conflict, DependencyUnavailable, InvalidInput, error_body
 from marketplace.idempotency import idempotent
 from marketplace.serializers import ErrorSerializer, error_responses
 
@@ -136,6 +142,8 @@ class EscrowStatusView(APIView):
                  and timezone.now() - agreement.updated_at > BACKEND_FAULT_AFTER)
         return Response(EscrowStatusSerializer({
             "agreement_id": agreement.pk, "onchain_id": agreement.onchain_id, "status": agreement.status,
+            "escrow_status": escrow_status_of(agreement), "settlement_status": agreement.status,
+            "chain_id": agreement.chain_id,
             "escrow_contract": chainconfig.escrow_address(), "deposit_amount_atomic": agreement.deposit_amount,
             "deposited_atomic": agreement.deposit_amount if funded else 0, "used_atomic": agreement.used,
             "reserved_atomic": agreement.reserved, "remaining_atomic": agreement.remaining,
@@ -179,6 +187,89 @@ class ChallengeView(APIView):
         tx = settlement.settlement_challenge(agreement=agreement, buyer=agent, **body.validated_data)
         return Response(ChainTransactionSerializer(transaction_payload(tx, None)).data,
                         status=status.HTTP_202_ACCEPTED)
+
+
+class DisputeView(APIView):
+    permission_classes = [agent_scope(KeyScope.PAY)]
+
+    @extend_schema(
+        operation_id="escrow_dispute", tags=TAGS, request=DisputeSerializer,
+        summary="Dispute the proposed settlement (buyer, within the window), in the Pægents SDK's shape. The escrow "
+                "contract takes a challenge only with the buyer wallet's signature: without `deadline` and "
+                "`signature` the answer is 400 `buyer_signature_required` carrying the typed data to sign. 202 with "
+                "the agreement; it becomes `disputed` once the challenge is confirmed",
+        responses={202: AgreementSerializer, **error_responses(404, 409, 422)})
+    @idempotent()
+    def post(self, request, agreement_id):
+        agent = calling_agent(request)
+        agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        body = DisputeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        if "signature" not in data or "deadline" not in data:
+            if agreement.status != "in_challenge":
+                raise Conflict(f"Nothing to dispute while the agreement is {agreement.status}: a dispute challenges "
+                               "the settlement proposed on-chain.", code="invalid_transition",
+                               details={"status": agreement.status})
+            deadline = int(agreement.challenge_deadline.timestamp())
+            raise InvalidInput(
+                "The escrow contract takes a dispute only with the buyer wallet's signature: sign `challenge` "
+                "(EIP-712) and send it as `signature` with this `deadline`.", code="buyer_signature_required",
+                details={"deadline": deadline,
+                         "challenge": settlement.challenge_typed_data(agreement=agreement, deadline=deadline)})
+        settlement.settlement_challenge(agreement=agreement, buyer=agent, reason=data["reason"],
+                                        evidence=data.get("evidence", ""), deadline=data["deadline"],
+                                        signature=data["signature"])
+        return Response(agreement_payload(agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)),
+                        status=status.HTTP_202_ACCEPTED)
+
+
+class DepositParamsView(APIView):
+    permission_classes = [agent_scope(KeyScope.READ)]
+
+    @extend_schema(operation_id="escrow_deposit_params", tags=TAGS,
+                   summary="Chain, token, escrow and amounts of the agreement (the Pægents SDK's deposit-params); "
+                           "what the buyer signs is in the activation package",
+                   responses={200: DepositParamsSerializer, **error_responses(404)})
+    def get(self, request, agreement_id):
+        agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
+        return Response(DepositParamsSerializer({
+            "agreement_id": agreement.pk, "chain_id": agreement.chain_id,
+            "usdc_address": agreement.token_address or chainconfig.usdc_address(),
+            "escrow_contract_address": chainconfig.escrow_address(), "service_amount_atomic": agreement.deposit_amount,
+            "infra_fee_amount_atomic": agreement.infra_fee, "per_call_fee_amount_atomic": 0,
+            "onchain_agreement_id": agreement.onchain_id, "gas_wallet_address": chainconfig.relayer_address(),
+            "buyer_wallet_address": agreement.buyer_wallet_address, "pricing_version": None,
+        }).data)
+
+
+class ClaimInstructionsView(APIView):
+    permission_classes = [agent_scope(KeyScope.READ)]
+
+    @extend_schema(operation_id="escrow_claim_instructions", tags=TAGS,
+                   summary="What the calling party can still withdraw from the escrow, with the unsigned "
+                           "withdraw(bytes32) call (finalize pays out by itself; this is for a failed transfer)",
+                   responses={200: ClaimInstructionsSerializer, **error_responses(404, 409, 503)})
+    def get(self, request, agreement_id):
+        agent = calling_agent(request)
+        agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        if agreement.settlement_model != "escrow":
+            raise Conflict("A direct payment has no escrow.", code="not_an_escrow")
+        try:
+            onchain = selectors.onchain_escrow(onchain_id=agreement.onchain_id)
+        except chain.ChainError as error:
+            raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
+        claimable = int(onchain["sellerClaimable" if agent.pk == agreement.seller_id else "buyerClaimable"])
+        call = None
+        if claimable:
+            contract = chain.escrow_contract()
+            call = {"to": contract.address, "value": "0",
+                    "data": contract.encode_abi("withdraw", args=[agreement.onchain_id])}
+        return Response(ClaimInstructionsSerializer({
+            "agreement_id": agreement.pk, "onchain_agreement_id": agreement.onchain_id,
+            "function": "withdraw(bytes32)", "claimable_atomic": claimable, "transaction": call,
+            "chain_id": agreement.chain_id, "closed": onchain["state"] in ("settled", "reclaimed"),
+        }).data)
 
 
 class ResolveView(APIView):

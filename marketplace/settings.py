@@ -125,6 +125,8 @@ SPECTACULAR_SETTINGS = {
         "ApprovalStatusEnum": "policies.models.ApprovalStatus",
         "DeliveryStatusEnum": "agreements.models.DeliveryStatus",
         "MasumiResponseStatusEnum": ["success"],
+        "SettlementModelEnum": "agreements.models.SettlementModel",
+        "ProposalSettlementModelEnum": ["escrow", "direct_payment", "bilateral_escrow"],
     },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",

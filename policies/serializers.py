@@ -71,6 +71,11 @@ class DecisionSerializer(StrictSerializer):
     note = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
 
 
+class DecisionQuery(StrictSerializer):
+    reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="",
+                                   help_text="The note, as the Pægents SDK sends a rejection's reason.")
+
+
 class ApprovalSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     subject_type = serializers.CharField()

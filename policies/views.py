@@ -4,10 +4,17 @@ from rest_framework.views import APIView
 
 from catalog import selectors as catalog_selectors
 from catalog.authentication import IsOwner
+from marketplace.errors import InvalidInput
 from marketplace.pagination import page_serializer, paginate
 from marketplace.serializers import error_responses
 from policies import selectors, services
-from policies.serializers import ApprovalListQuery, ApprovalSerializer, DecisionSerializer, PolicySerializer
+from policies.serializers import (
+    ApprovalListQuery,
+    ApprovalSerializer,
+    DecisionQuery,
+    DecisionSerializer,
+    PolicySerializer,
+)
 
 OWNER = [{"OwnerToken": []}]
 TAGS = ["policies and approvals"]
@@ -60,15 +67,22 @@ def _decision_view(approve: bool):
     verb = "approve" if approve else "reject"
 
     @extend_schema(operation_id=f"approvals_{verb}", tags=TAGS, auth=OWNER, request=DecisionSerializer,
+                   parameters=[DecisionQuery],
                    summary=f"{verb.title()} a held purchase (owner, not the agent); repeating it is harmless",
                    responses={200: ApprovalSerializer, **error_responses(404, 409)})
     def post(self, request, agent_id, request_id):
         agent = _owned_agent(request, agent_id)
         body = DecisionSerializer(data=request.data or {})
         body.is_valid(raise_exception=True)
+        query = DecisionQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        note, reason = body.validated_data["note"], query.validated_data["reason"]
+        if note and reason and note != reason:
+            raise InvalidInput("Give the note in the body or as ?reason=, not two different ones.",
+                               code="duplicate_field")
         approval = selectors.approval_get(agent=agent, approval_id=request_id)
         approval = services.approval_decide(approval=approval, actor=request.user, approve=approve,
-                                            note=body.validated_data["note"])
+                                            note=note or reason)
         return Response(ApprovalSerializer(approval).data)
 
     return type(f"Approval{verb.title()}View", (APIView,), {"permission_classes": [IsOwner], "post": post})

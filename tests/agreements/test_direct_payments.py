@@ -157,6 +157,41 @@ def test_direct_payment_needs_its_signatures_and_escrow_refuses_them(purchase):
     assert purchase.parties.buyer_api.post("/usage-agreements", escrow).status_code == 400
 
 
+def test_the_paegents_sdk_shape_pays_alike(purchase, django_capture_on_commit_callbacks):
+    """Pægents' body: the payment under payment_method, the fee permit as signature and deadline only (the server
+    fills in the fee and the token's nonce), the terms restated in cents."""
+    ours = purchase.body()
+    service = purchase.parties.service
+    body = {
+        "seller_agent_id": str(service.seller_id), "service_id": str(service.pk), "quantity": QUANTITY,
+        "unit": "call", "price_per_unit_cents": 2, "settlement_model": "direct_payment",
+        "payment_method": {"rail": "stablecoin", "payment_header": ours["payment_header"]},
+        "buyer_wallet_address": purchase.buyer.address, "activation_version": "v2", "expires_in_seconds": 86_400,
+        "buyer_infra_fee_permit_signature": ours["fee_permit"]["signature"],
+        "buyer_infra_fee_permit_deadline": ours["fee_permit"]["deadline"],
+    }
+    agreement = purchase.propose(body)
+    assert (agreement["infra_fee_atomic"], agreement["total_cents"], agreement["agreement_id"]) == (
+        FEE, 1000, agreement["id"])
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+
+    purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
+    assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
+
+
+def test_a_paegents_fee_permit_signed_at_another_nonce_is_refused(purchase):
+    ours = purchase.body(permit_nonce=purchase.chain.usdc.functions.nonces(purchase.buyer.address).call() + 1)
+    body = {key: value for key, value in ours.items() if key != "fee_permit"}
+    body.update(buyer_infra_fee_permit_signature=ours["fee_permit"]["signature"],
+                buyer_infra_fee_permit_deadline=ours["fee_permit"]["deadline"])
+    response = purchase.parties.buyer_api.post("/usage-agreements", body)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_signature"
+
+
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_accepting_asks_the_chain_with_no_database_transaction_open(escrow_chain, settings,

@@ -140,7 +140,7 @@ def test_seller_records_usage_all_or_nothing(active, escrow_chain):
     assert UsageEvent.objects.count() == 3
 
     buyer_try = active.buyer_api.post(url, {"units": 1}, headers={"Idempotency-Key": "b3"})
-    assert buyer_try.status_code == 409 and error_code(buyer_try) == "seller_only"
+    assert buyer_try.status_code == 403 and error_code(buyer_try) == "seller_only"  # as on accept
 
     usage = active.buyer_api.get(f"/usage-agreements/{active.agreement_id}/usage").json()["results"]
     assert [bool(e["receipt_signature"]) for e in usage] == [False, False, True]  # one receipt per batch

@@ -157,3 +157,45 @@ def test_malformed_ids_under_agents_are_404_not_a_skill_invocation(seller_api, p
     """Found by schemathesis: the skill route POST /agents/{handle}/{skill} caught these and answered 405."""
     for method in (seller_api.get, seller_api.delete):
         assert method(path).status_code == 404
+
+
+PAEGENTS_SERVICE = {
+    "service_name": "Fast translator", "description": "Translates.", "category": "translation",
+    "price_model": "per_unit", "base_price_cents": 2, "unit": "page", "min_quantity": 1,
+    "api_base_url": "https://translator.example.com/api", "api_auth_header": "X-API-Key",
+}
+
+
+def test_the_paegents_sdk_names_register_a_service_and_come_back_beside_ours(seller, seller_api):
+    response = seller_api.post("/agents/services", PAEGENTS_SERVICE)
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["pricing"] == {"type": "per_unit", "unit_name": "page", "unit_price_atomic": 20_000, "token": "USDC"}
+    assert (body["service_id"], body["name"], body["service_name"]) == (body["id"], "Fast translator",
+                                                                         "Fast translator")
+    assert (body["agent_id"], body["base_price_cents"], body["tags"]) == (str(seller.pk), 2, ["translation"])
+
+    updated = seller_api.put(f"/agents/services/{body['id']}", {"base_price_cents": 3, "max_quantity": 10})
+    assert updated.status_code == 200, updated.content
+    assert (updated.json()["pricing"]["unit_price_atomic"], updated.json()["max_quantity"]) == (30_000, 10)
+
+
+@pytest.mark.parametrize(("overrides", "field", "code"), [
+    ({"base_price_cents": 1.5}, "base_price_cents", "invalid"),  # cents convert exactly: no fractions
+    ({"base_price_cents": "2.5"}, "base_price_cents", "invalid"),
+    ({"name": "Other"}, "service_name", "duplicate_field"),
+    ({"price_model": "subscription"}, "price_model", "unsupported_price_model"),
+    ({"api_key": "sk_live_upstream"}, "api_key", "upstream_api_key_unsupported"),
+    ({"min_quantity": 5, "max_quantity": 2}, "max_quantity", "invalid_quantity_bounds"),
+])
+def test_paegents_fields_are_checked(seller_api, overrides, field, code):
+    response = seller_api.post("/agents/services", {**PAEGENTS_SERVICE, **overrides})
+    assert response.status_code == 400
+    assert codes_at(response, field) == {code}
+    assert not Service.objects.exists()
+
+
+@pytest.mark.parametrize("name", ["webhooks", "events"])
+def test_the_paegents_routes_under_an_agent_are_reserved_skill_names(seller_api, name):
+    response = seller_api.post("/agents/services", service_data(skills=[{"name": name}]))
+    assert response.status_code == 400 and error_code(response) == "skill_name_reserved"
