@@ -60,7 +60,7 @@ def main() -> int:
     def phase(name: str, since: float) -> float:
         now = time.monotonic()
         phases.append((name, now - since))
-        print(f"  {name:<44} {now - since:6.1f} s", flush=True)
+        print(f"  {name:<50} {now - since:6.1f} s", flush=True)
         return now
 
     stack, settled_at = None, 0.0
