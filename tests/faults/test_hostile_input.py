@@ -197,13 +197,15 @@ def test_web_server_killed_mid_call_is_settled_once_by_the_reaper(stack, parties
     assert_reconciled()
 
 
-def test_a_task_that_kills_its_process_is_dead_lettered(stack, tmp_path: Path, settings):
+def test_a_task_that_kills_its_process_is_dead_lettered(stack, tmp_path: Path, settings, monkeypatch):
     """A prefork worker, as in production: each delivery's pool process dies, the message comes back; after
     TASK_MAX_REDELIVERIES it is acknowledged without running, recorded, and the worker lives on."""
     stack.worker.stop()
     stack.worker = celery_worker(stack.worker.env, stack.log_dir, pool="prefork", include="tests.faults.poison_tasks")
     stack.start_worker()
     runs = tmp_path / "runs"
+    # Celery lets a CELERY_BROKER_URL in the environment (CI exports one) win over `broker=`: send to the stack's.
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
     with Celery(broker=stack.redis.url, set_as_current=False) as client:  # the suite's own app stays current
         sent = client.send_task("tests.faults.poison_tasks.crash_the_process", args=[str(runs)])
 
