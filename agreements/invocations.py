@@ -1,6 +1,6 @@
 """Skill invocations: `POST /agents/{handle}/{skill}` paid with x402, read back at `GET /services/{invocation_id}`.
 
-Where the money goes (the escrow app moves it; see escrow.payments): the buyer's EIP-3009 authorization pays the
+Where the money goes (the escrow app moves it; see escrow.x402_onchain): the buyer's EIP-3009 authorization pays the
 platform treasury (the relayer wallet, `payTo` of the 402), not the seller. The treasury forwards the price to
 the seller once the invocation completed, and refunds the buyer when it failed or timed out; each movement is
 its own relayer ChainTransaction. So a failed call is refunded without the seller's cooperation, and a seller is
@@ -29,7 +29,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from agreements import x402_payment
+from agreements import x402_protocol
 from agreements.models import InvocationMoney, InvocationStatus, SkillInvocation
 from catalog.models import Agent, Skill
 from marketplace import bounded_json, outbound
@@ -92,10 +92,10 @@ def invocation_get(*, public_id: str) -> SkillInvocation:
 
 
 def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict,
-                      authorization: x402_payment.Authorization) -> SkillInvocation:
+                      authorization: x402_protocol.Authorization) -> SkillInvocation:
     """Record the invocation and its authorization (a replayed nonce raises InvalidPayment). Call inside the
     transaction that queues the payment."""
-    record = x402_payment.authorization_record(authorization)
+    record = x402_protocol.authorization_record(authorization)
     return SkillInvocation.objects.create(
         skill=skill, seller=skill.service.seller, buyer=buyer, input=input, authorization=record,
         amount=authorization.amount, seller_wallet_address=skill.service.seller.wallet_address,

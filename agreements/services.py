@@ -15,7 +15,7 @@ from django.db.models import Case, F, Sum, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from agreements import webhooks, x402_payment
+from agreements import webhooks, x402_protocol
 from agreements.models import (
     AgreementEvent,
     AgreementStatus,
@@ -334,13 +334,13 @@ def direct_payment_executor_register(*, check: DirectPaymentCheck, queue: Direct
 
 
 def _direct_payment_check(*, payment_header: str, fee_permit: dict, amount: int, fee: int, payer: str,
-                          seller: str) -> x402_payment.Authorization:
-    requirements = x402_payment.payment_requirements(amount=amount, pay_to=seller,
+                          seller: str) -> x402_protocol.Authorization:
+    requirements = x402_protocol.payment_requirements(amount=amount, pay_to=seller,
                                                      max_timeout_seconds=settings.DIRECT_PAYMENT_MIN_VALIDITY)
     try:
-        authorization = x402_payment.check(x402_payment.decode(payment_header), requirements,
+        authorization = x402_protocol.check(x402_protocol.decode(payment_header), requirements,
                                            min_validity_seconds=settings.DIRECT_PAYMENT_MIN_VALIDITY)
-    except x402_payment.InvalidPayment as invalid:
+    except x402_protocol.InvalidPayment as invalid:
         raise InvalidInput(f"payment_header: {invalid.message}", code=invalid.code,
                            details={"field": "payment_header", "x402_reason": invalid.reason}) from invalid
     if authorization.payer.lower() != payer.lower():
@@ -367,10 +367,10 @@ def _direct_payment_check(*, payment_header: str, fee_permit: dict, amount: int,
     return authorization
 
 
-def _direct_authorization_record(authorization: x402_payment.Authorization):
+def _direct_authorization_record(authorization: x402_protocol.Authorization):
     try:
-        return x402_payment.authorization_record(authorization)
-    except x402_payment.InvalidPayment as invalid:
+        return x402_protocol.authorization_record(authorization)
+    except x402_protocol.InvalidPayment as invalid:
         raise Conflict(invalid.message, code=invalid.code, details={"field": "payment_header"}) from invalid
 
 

@@ -20,7 +20,7 @@ from catalog.models import (
     Tag,
     UpstreamProtocol,
 )
-from marketplace import agentic_service, outbound
+from marketplace import masumi_agentic_client, outbound
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.fields import checksum_address
 from marketplace.keys import issue_secret
@@ -251,5 +251,5 @@ def service_availability_check(*, service_id) -> None:
                                      upstream_protocol=UpstreamProtocol.MASUMI).first()
     if service is None:
         return
-    answer = agentic_service.availability(base_url=service.upstream_base_url)
+    answer = masumi_agentic_client.availability(base_url=service.upstream_base_url)
     service_availability_record(service_id=service.pk, available=answer.available, message=answer.message)

@@ -1,6 +1,6 @@
 from django.urls import path, re_path
 
-from catalog import masumi, views
+from catalog import masumi_registry, views
 
 urlpatterns = [
     path("agents", views.OwnerAgentsView.as_view()),
@@ -10,7 +10,7 @@ urlpatterns = [
     path("agents/<uuid:agent_id>/api-keys", views.AgentApiKeysView.as_view()),
     path("agents/<uuid:agent_id>/api-keys/<int:key_id>/revoke", views.AgentApiKeyRevokeView.as_view()),
     path("catalog/search", views.CatalogSearchView.as_view()),
-    re_path(r"^registry/?$", masumi.RegistryView.as_view()),  # masumi-crewai calls `/registry/`
+    re_path(r"^registry/?$", masumi_registry.RegistryView.as_view()),  # masumi-crewai calls `/registry/`
     path("wallet/recovery-challenge", views.WalletRecoveryChallengeView.as_view()),
     path("wallet/recover", views.WalletRecoverView.as_view()),
 ]

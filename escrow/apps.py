@@ -6,4 +6,4 @@ class EscrowConfig(AppConfig):
 
     def ready(self):
         # Registers the relayer outcome handlers, the chain readiness check, the metrics and dashboard panels.
-        from escrow import monitoring, payments, services, settlement  # noqa: F401
+        from escrow import monitoring, services, settlement, x402_onchain  # noqa: F401

@@ -70,7 +70,7 @@ from agreements.models import AgreementStatus, UsageAgreement
 from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
 from escrow import services, settlement
 from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose, TxStatus
-from marketplace import agentic_service
+from marketplace import masumi_agentic_client
 from marketplace.errors import ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
 from sdk import typed_data
 
@@ -398,10 +398,10 @@ def purchase_job_start(*, purchase_id) -> MasumiPurchase | None:
         return None
     purchase = MasumiPurchase.objects.select_related("agreement__service").get(pk=purchase_id)
     try:
-        job = agentic_service.start_job(
+        job = masumi_agentic_client.start_job(
             base_url=_base_url(purchase), protocol_version=purchase.agreement.service.masumi_protocol_version,
             input_data=purchase.input_data, identifier_from_purchaser=purchase.identifier_from_purchaser)
-    except agentic_service.AgenticServiceError as error:
+    except masumi_agentic_client.AgenticServiceError as error:
         MasumiPurchase.objects.filter(pk=purchase_id).update(job_start_claimed_at=None)  # retried next tick
         _record_error(purchase_id, error)
         return None
@@ -418,8 +418,8 @@ def purchase_job_poll(*, purchase_id, now: int) -> MasumiPurchase | None:
     if not purchase.job_id or purchase.result or now >= _unix(purchase.submit_result_time):
         return None
     try:
-        status = agentic_service.job_status(base_url=_base_url(purchase), job_id=purchase.job_id)
-    except agentic_service.AgenticServiceError as error:
+        status = masumi_agentic_client.job_status(base_url=_base_url(purchase), job_id=purchase.job_id)
+    except masumi_agentic_client.AgenticServiceError as error:
         _record_error(purchase_id, error)
         return None
     MasumiPurchase.objects.filter(pk=purchase_id).update(job_status=status.status[:50], updated_at=timezone.now())

@@ -2,7 +2,7 @@ from django.urls import path, re_path
 
 from catalog.models import HANDLE_PATTERN, SKILL_NAME_PATTERN
 from catalog.services import RESERVED_HANDLES, RESERVED_SKILL_NAMES
-from escrow import masumi_api, views
+from escrow import masumi_node, views
 
 
 # Only well-formed names that registration allows: anything else under /agents/ (a malformed id under
@@ -24,16 +24,16 @@ urlpatterns = [
     path("usage-agreements/<uuid:agreement_id>/deposit-params", views.DepositParamsView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/claim-instructions", views.ClaimInstructionsView.as_view()),
     # Masumi node paths answer with or without a trailing slash (the masumi library calls `/purchase/`).
-    re_path(r"^purchase/?$", masumi_api.PurchaseView.as_view()),
-    re_path(r"^purchase/lock-funds/?$", masumi_api.PurchaseLockFundsView.as_view()),
-    re_path(r"^purchase/request-refund/?$", masumi_api.PurchaseRequestRefundView.as_view()),
-    re_path(r"^purchase/cancel-refund-request/?$", masumi_api.PurchaseCancelRefundRequestView.as_view()),
-    re_path(rf"^purchase/(?P<purchase_ref>{PURCHASE_REF})/?$", masumi_api.PurchaseDetailView.as_view()),
-    re_path(r"^payment/?$", masumi_api.PaymentView.as_view()),
-    re_path(r"^payment/resolve-blockchain-identifier/?$", masumi_api.PaymentResolveView.as_view()),
-    re_path(r"^payment/submit-result/?$", masumi_api.PaymentSubmitResultView.as_view()),
-    re_path(r"^payment/authorize-refund/?$", masumi_api.PaymentAuthorizeRefundView.as_view()),
-    re_path(r"^payment-source/?$", masumi_api.PaymentSourceView.as_view()),
-    re_path(r"^payment-information/?$", masumi_api.PaymentInformationView.as_view()),
+    re_path(r"^purchase/?$", masumi_node.PurchaseView.as_view()),
+    re_path(r"^purchase/lock-funds/?$", masumi_node.PurchaseLockFundsView.as_view()),
+    re_path(r"^purchase/request-refund/?$", masumi_node.PurchaseRequestRefundView.as_view()),
+    re_path(r"^purchase/cancel-refund-request/?$", masumi_node.PurchaseCancelRefundRequestView.as_view()),
+    re_path(rf"^purchase/(?P<purchase_ref>{PURCHASE_REF})/?$", masumi_node.PurchaseDetailView.as_view()),
+    re_path(r"^payment/?$", masumi_node.PaymentView.as_view()),
+    re_path(r"^payment/resolve-blockchain-identifier/?$", masumi_node.PaymentResolveView.as_view()),
+    re_path(r"^payment/submit-result/?$", masumi_node.PaymentSubmitResultView.as_view()),
+    re_path(r"^payment/authorize-refund/?$", masumi_node.PaymentAuthorizeRefundView.as_view()),
+    re_path(r"^payment-source/?$", masumi_node.PaymentSourceView.as_view()),
+    re_path(r"^payment-information/?$", masumi_node.PaymentInformationView.as_view()),
     re_path(rf"^agents/(?P<handle>{HANDLE})/(?P<skill>{SKILL})$", views.SkillInvokeView.as_view()),
 ]

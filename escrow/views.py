@@ -8,7 +8,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from agreements import invocations, x402_payment
+from agreements import invocations, x402_protocol
 from agreements import selectors as agreement_selectors
 from agreements.models import InvocationStatus
 from agreements.serializers import (
@@ -25,7 +25,7 @@ from catalog import selectors as catalog_selectors
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import ApiKey, KeyScope
 from catalog.authentication import IsOperator
-from escrow import chain, payments, selectors, services, settlement
+from escrow import chain, selectors, services, settlement, x402_onchain
 from escrow.serializers import (
     ActivateEscrowSerializer,
     ActivationAcceptedSerializer,
@@ -291,15 +291,15 @@ class ResolveView(APIView):
 
 def _payment_required_response(request, skill, *, code: str, message: str, reason: str = "",
                                details: dict | None = None) -> Response:
-    requirements = payments.invocation_requirements(skill)
-    required = x402_payment.payment_required(requirements=requirements,
+    requirements = x402_onchain.invocation_requirements(skill)
+    required = x402_protocol.payment_required(requirements=requirements,
                                              url=request.build_absolute_uri(requirements.extra["resource"]),
                                              description=skill.description or skill.name, error=code)
     body = required.model_dump(mode="json", by_alias=True, exclude_none=True)
     body["error"] = {"code": code, "message": message,
                      "details": {**({"x402_reason": reason} if reason else {}), **(details or {})}}
     return Response(body, status=status.HTTP_402_PAYMENT_REQUIRED,
-                    headers=x402_payment.payment_required_headers(requirements=requirements, required=required))
+                    headers=x402_protocol.payment_required_headers(requirements=requirements, required=required))
 
 
 class SkillInvokeView(APIView):
@@ -324,7 +324,7 @@ class SkillInvokeView(APIView):
                     "same signed payment is 402 `authorization_already_used` with the `invocation_id` it bought.",
         parameters=[OpenApiParameter(name, str, OpenApiParameter.HEADER, required=False,
                                      description="The signed x402 payment.")
-                    for name in x402_payment.PAYMENT_HEADERS],
+                    for name in x402_protocol.PAYMENT_HEADERS],
         responses={200: InvocationResultSerializer, 202: InvocationAcceptedSerializer,
                    402: X402PaymentRequiredSerializer, 502: ErrorSerializer, 504: ErrorSerializer,
                    **error_responses(404, 409, 429, 503)},
@@ -335,16 +335,16 @@ class SkillInvokeView(APIView):
             raise Conflict("This skill has no price: x402 pays positive amounts only.", code="skill_not_priced")
         body = InvokeSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        header = x402_payment.payment_header(request.headers)
+        header = x402_protocol.payment_header(request.headers)
         if not header:
             return _payment_required_response(request, skill, code="payment_required",
                                               message="Pay for this skill with x402 and retry.")
         buyer = request.auth.agent if isinstance(request.auth, ApiKey) else None
         try:
-            outcome = payments.invocation_invoke(skill=skill, buyer=buyer, input=body.validated_data["input"],
+            outcome = x402_onchain.invocation_invoke(skill=skill, buyer=buyer, input=body.validated_data["input"],
                                                  payment_header=header,
                                                  wait_seconds=settings.INVOCATION_PAYMENT_WAIT_SECONDS)
-        except x402_payment.InvalidPayment as invalid:
+        except x402_protocol.InvalidPayment as invalid:
             return _payment_required_response(request, skill, code=invalid.code, message=invalid.message,
                                               reason=invalid.reason, details=invalid.details)
         invocation = outcome.invocation

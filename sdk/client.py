@@ -44,7 +44,7 @@ from sdk.onchain import ChainReader
 from sdk.receipts import VerifiedUsage, verify_usage
 from sdk.safety import SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data, require_equal
 from sdk.terms import AgreedTerms
-from sdk.x402_payments import build_direct_stablecoin_agreement, sign_payment_required
+from sdk.x402_signing import build_direct_stablecoin_agreement, sign_payment_required
 
 __all__ = ["AgreementFailed", "MarketplaceClient", "MarketplaceError", "NotConfigured"]
 

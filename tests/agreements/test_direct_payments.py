@@ -6,7 +6,7 @@ from x402.http import decode_payment_signature_header
 from agreements.models import AgreementEvent
 from escrow.models import ChainTransaction
 from sdk import typed_data
-from sdk.x402_payments import build_direct_stablecoin_agreement
+from sdk.x402_signing import build_direct_stablecoin_agreement
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, network_of, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]

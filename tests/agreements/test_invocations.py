@@ -11,7 +11,7 @@ from agreements import invocations
 from agreements.models import SkillInvocation
 from escrow.models import ChainTransaction
 from sdk import proxy_signature, typed_data
-from sdk.x402_payments import sign_authorization, sign_payment_required
+from sdk.x402_signing import sign_authorization, sign_payment_required
 from tests.catalog.factories import AgentFactory, register_service
 from tests.conftest import Api
 from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance

@@ -16,7 +16,7 @@ from django.db import connection
 from agreements.models import CallIntent, ProxyReplay, SkillInvocation, UsageAgreement, UsageEvent
 from catalog.models import Service
 from marketplace.models import RedeliveredTask
-from sdk.x402_payments import sign_payment_required
+from sdk.x402_signing import sign_payment_required
 from tests.catalog.factories import AgentFactory, issue_key, register_service
 from tests.escrow.flow import USDC, fund, network_of, usdc_balance
 from tests.faults.conftest import assert_books_balance, assert_reconciled

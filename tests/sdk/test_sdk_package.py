@@ -41,7 +41,7 @@ def test_the_sdk_installs_and_imports_without_django(tmp_path):
                     str(source)], check=True, capture_output=True, timeout=300)
     assert (target / "sdk" / "py.typed").exists()
     code = ("import sys; sys.modules['django'] = None\n"
-            "import sdk, sdk.client, sdk.activation, sdk.receipts, sdk.x402_payments, sdk.onchain\n"
+            "import sdk, sdk.client, sdk.activation, sdk.receipts, sdk.x402_signing, sdk.onchain\n"
             f"assert sdk.__file__.startswith({str(target)!r}), sdk.__file__\n"
             "from sdk import MarketplaceClient, NetworkConfig, BASE_SEPOLIA\n"
             "assert BASE_SEPOLIA.token_domain.name == 'USDC'\n")
@@ -58,7 +58,7 @@ def test_a_402_for_another_token_chain_or_domain_is_not_signed():
 
     from sdk import SigningRefused, TokenDomain
     from sdk.networks import BASE_SEPOLIA, NetworkConfig
-    from sdk.x402_payments import sign_payment_required
+    from sdk.x402_signing import sign_payment_required
 
     network = NetworkConfig.pinned(BASE_SEPOLIA, escrow_address=Account.create().address,
                                    receipt_signer=Account.create().address, gas_wallet=Account.create().address)

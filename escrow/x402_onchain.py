@@ -1,6 +1,6 @@
 """x402 payments on-chain: checks against the chain, execution through the relayer, and the treasury's payouts.
 
-- Checks: agreements.x402_payment does everything that needs no chain; here the authorization's transfer is
+- Checks: agreements.x402_protocol does everything that needs no chain; here the authorization's transfer is
   simulated (`eth_call` of `transferWithAuthorization` from the relayer) with the x402 package's facilitator
   helpers, which name the failure (nonce already used, balance too low, expired).
 - Skill invocations (see agreements.invocations for the flow): the authorization pays the treasury (the relayer
@@ -28,7 +28,7 @@ from x402.mechanisms.evm.exact.eip3009_utils import (
 )
 from x402.mechanisms.evm.utils import hex_to_bytes
 
-from agreements import invocations, x402_payment
+from agreements import invocations, x402_protocol
 from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
 from agreements.models import InvocationMoney, SkillInvocation, UsageAgreement
@@ -71,7 +71,7 @@ def _require_chain() -> None:
                                     code="chain_not_configured")
 
 
-def simulate(authorization: x402_payment.Authorization) -> None:
+def simulate(authorization: x402_protocol.Authorization) -> None:
     """Raise InvalidPayment when `transferWithAuthorization` would revert now (used nonce, low balance, ...)."""
     parsed = ParsedEIP3009Authorization(
         from_address=to_checksum_address(authorization.payer), to=to_checksum_address(authorization.pay_to),
@@ -89,7 +89,7 @@ def simulate(authorization: x402_payment.Authorization) -> None:
     reason = parse_eip3009_transfer_error(error)
     if reason == evm.ERR_TRANSACTION_FAILED:
         reason = evm.ERR_TRANSACTION_SIMULATION_FAILED
-    raise x402_payment.InvalidPayment(x402_payment.REASON_CODES.get(reason, "payment_simulation_failed"),
+    raise x402_protocol.InvalidPayment(x402_protocol.REASON_CODES.get(reason, "payment_simulation_failed"),
                                       f"The payment would not execute: {error}", reason)
 
 
@@ -135,7 +135,7 @@ def transaction_await(*, transaction_id, timeout: float) -> ChainTransaction:
 def invocation_requirements(skill: Skill):
     """What the skill's 402 asks for, bound to the skill (every skill pays the same treasury)."""
     _require_chain()
-    return x402_payment.payment_requirements(amount=invocations.invocation_price(skill),
+    return x402_protocol.payment_requirements(amount=invocations.invocation_price(skill),
                                              pay_to=chainconfig.relayer_address(),
                                              max_timeout_seconds=INVOCATION_AUTHORIZATION_SECONDS,
                                              resource=invocations.invocation_resource(skill))
@@ -146,8 +146,8 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment_he
     """Check the signed payment (raises InvalidPayment, nothing recorded), record the invocation and queue the
     payment to the treasury."""
     requirements = invocation_requirements(skill)
-    authorization = x402_payment.check(x402_payment.decode(payment_header), requirements)
-    x402_payment.authorization_refuse_replay(authorization)
+    authorization = x402_protocol.check(x402_protocol.decode(payment_header), requirements)
+    x402_protocol.authorization_refuse_replay(authorization)
     simulate(authorization)
     with transaction.atomic():
         invocation = invocations.invocation_create(skill=skill, buyer=buyer, input=input,
@@ -213,9 +213,9 @@ def _settlement_outcome(record):
 
 # --- direct payments -----------------------------------------------------------------------------------------
 
-def _stored_authorization(agreement: UsageAgreement) -> x402_payment.Authorization:
+def _stored_authorization(agreement: UsageAgreement) -> x402_protocol.Authorization:
     record = agreement.payment_authorization
-    return x402_payment.Authorization(
+    return x402_protocol.Authorization(
         payer=record.payer, pay_to=record.pay_to, amount=record.amount, valid_after=record.valid_after,
         valid_before=record.valid_before, nonce=record.nonce, signature=record.signature)
 
@@ -228,7 +228,7 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> str | None:
     token = chain.token_contract()
     try:
         simulate(_stored_authorization(agreement))
-    except x402_payment.InvalidPayment as invalid:
+    except x402_protocol.InvalidPayment as invalid:
         return f"{invalid.code}: {invalid.message}"
     permit = agreement.fee_permit
     nonce = chain.call(token.functions.nonces(buyer).call)

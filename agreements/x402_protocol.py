@@ -3,7 +3,7 @@ payment header, and every check that needs no chain.
 
 Wire formats are the `x402` package's: requirements are `x402.PaymentRequirements`, the 402 body is
 `x402.PaymentRequired`, a payment header is x402's base64 JSON `PaymentPayload` (v2; v1 payloads are read too).
-The chain-side checks (the authorization's nonce unused, the payer's balance) are escrow's (escrow.payments),
+The chain-side checks (the authorization's nonce unused, the payer's balance) are escrow's (escrow.x402_onchain),
 which simulates the transfer. Rejections carry our own stable codes (`REASON_CODES`) and x402's reason.
 
 Binding to a resource: every skill's payment goes to the same treasury, so payTo and amount alone would let an
