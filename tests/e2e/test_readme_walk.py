@@ -7,6 +7,7 @@ walk's `.venv/bin/python` is this interpreter, so it runs this checkout's code.
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,7 @@ def walk_dir(tmp_path: Path) -> Path:
 
 
 def test_readme_curl_walk_runs_as_written_to_settled(stack, demo_seller, moving_clock, escrow_chain, walk_dir):
+    assert shutil.which("curl"), "README's walk needs curl"
     call_command("seed_demo", upstream=demo_seller, stdout=open("/dev/null", "w"))
     fund(escrow_chain, DEMO_BUYER_WALLET, 1_000 * 10**6)
 
