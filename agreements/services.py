@@ -1,6 +1,6 @@
 """Writes of usage agreements: proposal (with policy and approval), every status transition, fees, webhooks.
 
-Every status change goes through `_transition`, under a row lock, checked against `TRANSITIONS`, and writes one
+Every status change goes through `_transition`, under a row lock, checked against `TRANSITIONS` (agreements.models), and writes one
 `AgreementEvent` (plus webhook deliveries, sent after commit). A repeated identical request is a no-op.
 """
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
+from django.core import checks
 from django.db import transaction
 from django.db.models import Case, F, Sum, Value, When
 from django.db.models.functions import Coalesce
@@ -17,11 +18,14 @@ from django.utils import timezone
 
 from agreements import webhooks, x402_protocol
 from agreements.models import (
+    TRANSITIONS,
     AgreementEvent,
     AgreementStatus,
     FeeSchedule,
     SettlementModel,
     UsageAgreement,
+    is_funded,
+    statuses_after,
 )
 from catalog.models import Agent, Service, ServiceState
 from marketplace import chainconfig
@@ -35,19 +39,6 @@ from policies.evaluation import Outcome, Purchase, Spend, evaluate
 
 S = AgreementStatus
 
-# The one table of legal status changes (DESIGN section 4).
-TRANSITIONS: dict[str, set[str]] = {
-    S.PENDING_APPROVAL: {S.PROPOSED, S.REJECTED, S.CANCELLED, S.EXPIRED},
-    S.PROPOSED: {S.ACCEPTED, S.REJECTED, S.CANCELLED, S.EXPIRED},
-    S.ACCEPTED: {S.SUBMITTING, S.PAYING, S.CANCELLED, S.EXPIRED},
-    S.ACTIVATION_FAILED: {S.SUBMITTING, S.CANCELLED, S.EXPIRED},
-    S.SUBMITTING: {S.ACTIVE, S.ACTIVATION_FAILED},
-    S.ACTIVE: {S.IN_CHALLENGE, S.REFUNDED},
-    S.IN_CHALLENGE: {S.SETTLING, S.DISPUTED},
-    S.DISPUTED: {S.SETTLING},
-    S.SETTLING: {S.SETTLED},
-    S.PAYING: {S.PAID, S.PAYMENT_FAILED},
-}
 _TIMESTAMPS = {
     S.ACCEPTED: "accepted_at",
     S.REJECTED: "closed_at",
@@ -483,20 +474,9 @@ def agreement_activation_signed(*, agreement_id, tx_hash: str) -> None:
 # of the contract event (which also sees what others sent). Whichever comes first moves the agreement; the
 # other finds it there, or already further along (`_chain_outcome`), and changes nothing.
 
-def _after(status: str) -> set[str]:
-    """Every status reachable from `status` through the transition table (escrow states have no cycles)."""
-    seen, todo = set(), [status]
-    while todo:
-        for successor in TRANSITIONS.get(todo.pop(), ()):
-            if successor not in seen:
-                seen.add(successor)
-                todo.append(successor)
-    return seen
-
-
 def _chain_outcome(agreement_id, *, to: str, **kwargs) -> UsageAgreement:
     agreement = _lock(agreement_id)
-    if agreement.status in _after(to):
+    if agreement.status in statuses_after(to):
         return agreement  # the other path got there first and the agreement has moved on since
     return _transition(agreement_id, to=to, **kwargs)
 
@@ -512,7 +492,7 @@ def agreement_activation_confirmed(*, agreement_id, tx_hash: str) -> UsageAgreem
 
 def agreement_activation_failed(*, agreement_id, reason: str) -> UsageAgreement:
     agreement = _lock(agreement_id)
-    if agreement.status == S.ACTIVE or agreement.status in _after(S.ACTIVE):
+    if is_funded(agreement):
         return agreement  # the escrow is funded on-chain (another copy of the intent was mined): that wins
     return _transition(agreement_id, to=S.ACTIVATION_FAILED, actor=SYSTEM, reason=reason)
 
@@ -594,7 +574,17 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
     _transition(subject_id, to=to, actor=who, reason=note or f"owner {outcome}", changes=changes)
 
 
-policy_services.approval_handler_register(subject_type=APPROVAL_SUBJECT, handler=_on_approval_decided)
+def handlers_register() -> None:
+    """Called once, from AgreementsConfig.ready()."""
+    policy_services.approval_handler_register(subject_type=APPROVAL_SUBJECT, handler=_on_approval_decided)
+
+
+def hooks_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """System check: what the escrow app registers for agreements (chain reads and execution) is there."""
+    hooks = {"direct payment executor": _direct_payment_executor, "permit nonce reader": _permit_nonce_reader}
+    return [checks.Error(f"No {name} is registered with agreements.", obj=__name__, id="agreements.E001",
+                         hint="The escrow app registers it in EscrowConfig.ready().")
+            for name, registered in hooks.items() if not registered]
 
 
 def agreements_expire_proposals(*, now: datetime | None = None) -> int:

@@ -56,7 +56,6 @@ import hashlib
 import json
 import logging
 import secrets
-import uuid
 from datetime import UTC, datetime
 
 from django.conf import settings
@@ -112,11 +111,6 @@ def result_hash_of(result: str, identifier_from_purchaser: str) -> str:
 def new_identifier_from_purchaser() -> str:
     """As the masumi library's buyers make them: 26 hex digits."""
     return secrets.token_hex(13)
-
-
-def blockchain_identifier_to_agreement_id(blockchain_identifier: str) -> uuid.UUID | None:
-    value = int(blockchain_identifier, 16)
-    return uuid.UUID(int=value) if value < 2**128 else None
 
 
 TIMER_NAMES = {"pay_by_time": "payByTime", "submit_result_time": "submitResultTime", "unlock_time": "unlockTime",
