@@ -83,12 +83,11 @@ def statuses_after(status: str) -> frozenset[str]:
 
 # The escrow holds, or has paid out, the buyer's deposit: activation was mined.
 FUNDED_STATUSES = frozenset({S.ACTIVE}) | statuses_after(S.ACTIVE)
-# Funded and not yet paid out: the escrow contract holds the deposit.
-LIVE_STATUSES = FUNDED_STATUSES - frozenset(status for status in FUNDED_STATUSES if status not in TRANSITIONS)
 # Statuses the escrow contract knows the agreement in: from the activation transaction's signing on.
 ONCHAIN_STATUSES = frozenset({S.SUBMITTING}) | statuses_after(S.SUBMITTING)
-# Ended before any money moved.
-CLOSED_UNFUNDED_STATUSES = frozenset({S.REJECTED, S.CANCELLED, S.EXPIRED})
+# Accepted, or its activation failed: waiting for the buyer to (again) sign and submit the escrow's funding.
+AWAITING_FUNDING_STATUSES = frozenset(status for status, successors in TRANSITIONS.items()
+                                      if S.SUBMITTING in successors)
 # Submitting without a signed transaction for this long is a backend fault, not chain latency.
 BACKEND_FAULT_AFTER = timedelta(minutes=2)
 
@@ -98,8 +97,7 @@ def can_transition(agreement: "UsageAgreement", *, to: str) -> bool:
 
 
 def can_activate(agreement: "UsageAgreement") -> bool:
-    """Accepted, or its activation failed: the buyer may (again) sign and submit the escrow's funding."""
-    return can_transition(agreement, to=S.SUBMITTING)
+    return agreement.status in AWAITING_FUNDING_STATUSES
 
 
 def can_propose_settlement(agreement: "UsageAgreement") -> bool:

@@ -17,6 +17,10 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agreements import webhooks, x402_protocol
+# Usage writes the escrow app drives (settlement, Masumi purchases), offered here with the other services.
+from agreements.metering import completion_request as completion_request
+from agreements.metering import job_result_charge as job_result_charge
+from agreements.metering import reservations_settle_stale as reservations_settle_stale
 from agreements.models import (
     TRANSITIONS,
     AgreementEvent,
@@ -24,6 +28,7 @@ from agreements.models import (
     FeeSchedule,
     SettlementModel,
     UsageAgreement,
+    can_activate,
     is_funded,
     statuses_after,
 )
@@ -454,7 +459,7 @@ def agreement_activation_begin(*, agreement_id, buyer: Agent) -> UsageAgreement:
     _require_party(agreement, buyer, "buyer")
     if agreement.settlement_model != SettlementModel.ESCROW:
         raise Conflict("Only escrow agreements are activated.", code="not_an_escrow_agreement")
-    if agreement.status not in (S.ACCEPTED, S.ACTIVATION_FAILED):
+    if not can_activate(agreement):
         code = "activation_in_progress" if agreement.status == S.SUBMITTING else "invalid_transition"
         raise Conflict(f"Cannot activate an agreement that is {agreement.status}.", code=code,
                        details={"status": agreement.status, "requested": S.SUBMITTING})
@@ -483,7 +488,7 @@ def _chain_outcome(agreement_id, *, to: str, **kwargs) -> UsageAgreement:
 
 def agreement_activation_confirmed(*, agreement_id, tx_hash: str) -> UsageAgreement:
     agreement = _lock(agreement_id)
-    if agreement.status in (S.ACCEPTED, S.ACTIVATION_FAILED):
+    if can_activate(agreement):
         # An operator retried a failed activation, or someone relayed the buyer's signed intent themselves.
         _transition(agreement_id, to=S.SUBMITTING, actor=SYSTEM, reason="activation mined")
     return _chain_outcome(agreement_id, to=S.ACTIVE, actor=SYSTEM, reason="escrow funded on-chain",
@@ -607,6 +612,6 @@ def agreement_expire_unfunded(*, agreement_id, reason: str) -> UsageAgreement | 
     past its payByTime). A no-op once it is funded, being funded or closed."""
     with transaction.atomic():
         agreement = _lock(agreement_id)
-        if agreement.status not in (S.ACCEPTED, S.ACTIVATION_FAILED):
+        if not can_activate(agreement):
             return None
         return _transition(agreement_id, to=S.EXPIRED, actor=SYSTEM, reason=reason)

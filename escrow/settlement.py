@@ -16,7 +16,6 @@ from prometheus_client import Gauge
 from web3 import Web3
 from web3.logs import DISCARD
 
-from agreements import metering
 from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
 from agreements.models import (
@@ -93,7 +92,7 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
             return None
         if agreement.reserved:
             # Only reservations of calls that died with their process survive a full proxy timeout.
-            metering.reservations_settle_stale(agreement=agreement)
+            agreement_services.reservations_settle_stale(agreement=agreement)
         seq, cumulative, digest, signature = _final_receipt(agreement)
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
                         [agreement.onchain_id, seq, cumulative, digest, signature],
@@ -248,7 +247,7 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     for agreement in agreement_selectors.agreements_past_expiry(now=now_dt).filter(completion_requested_at=None):
         with agreement_context(agreement.pk):
             if agreement.used or agreement.reserved:
-                metering.completion_request(agreement=agreement, reason="expired")
+                agreement_services.completion_request(agreement=agreement, reason="expired")
                 done["expired"] += 1
             elif agreement.expires_at.timestamp() + _reclaim_grace() <= now and _reclaim(agreement):
                 done["reclaiming"] += 1
@@ -273,7 +272,7 @@ def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if not can_reclaim(agreement) or agreement.used or _live_tx(agreement.pk, TxPurpose.RECLAIM):
             return None
-        metering.completion_request(agreement=agreement, reason="expired unused")
+        agreement_services.completion_request(agreement=agreement, reason="expired unused")
         return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id])
 
 
