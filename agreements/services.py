@@ -1,7 +1,8 @@
 """Writes of usage agreements: proposal (with policy and approval), every status transition, fees, webhooks.
 
-Every status change goes through `_transition`, under a row lock, checked against `TRANSITIONS` (agreements.models), and writes one
-`AgreementEvent` (plus webhook deliveries, sent after commit). A repeated identical request is a no-op.
+Every status change goes through `_transition`, under a row lock, checked against `TRANSITIONS` (in
+agreements.models), and writes one `AgreementEvent` (plus webhook deliveries, sent after commit). A repeated
+identical request is a no-op.
 """
 
 import uuid

@@ -119,7 +119,8 @@ class ActivateEscrowView(APIView):
         body.is_valid(raise_exception=True)
         tx = services.activation_submit(agreement=agreement, buyer=agent, **body.validated_data)
         return Response(ActivationAcceptedSerializer({
-            "agreement_id": agreement.pk, "status": AgreementStatus.SUBMITTING, "transaction": transaction_payload(tx, None),
+            "agreement_id": agreement.pk, "status": AgreementStatus.SUBMITTING,
+            "transaction": transaction_payload(tx, None),
         }).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -146,7 +147,8 @@ class EscrowStatusView(APIView):
             "escrow_status": escrow_status_of(agreement), "settlement_status": agreement.status,
             "chain_id": agreement.chain_id,
             "escrow_contract": chainconfig.escrow_address(), "deposit_amount_atomic": agreement.deposit_amount,
-            "deposited_atomic": agreement.deposit_amount if is_funded(agreement) else 0, "used_atomic": agreement.used,
+            "deposited_atomic": agreement.deposit_amount if is_funded(agreement) else 0,
+            "used_atomic": agreement.used,
             "reserved_atomic": agreement.reserved, "remaining_atomic": agreement.remaining,
             "infra_fee_atomic": agreement.infra_fee, "activation_tx_hash": agreement.activation_tx_hash,
             "challenge_deadline": agreement.challenge_deadline, "transactions": [transaction_payload(tx, latest) for tx in transactions],
