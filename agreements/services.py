@@ -1,7 +1,8 @@
 """Writes of usage agreements: proposal (with policy and approval), every status transition, fees, webhooks.
 
-Every status change goes through `_transition`, under a row lock, checked against `TRANSITIONS`, and writes one
-`AgreementEvent` (plus webhook deliveries, sent after commit). A repeated identical request is a no-op.
+Every status change goes through `_transition`, under a row lock, checked against `TRANSITIONS` (in
+agreements.models), and writes one `AgreementEvent` (plus webhook deliveries, sent after commit). A repeated
+identical request is a no-op.
 """
 
 import uuid
@@ -10,18 +11,27 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
+from django.core import checks
 from django.db import transaction
 from django.db.models import Case, F, Sum, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agreements import webhooks, x402_protocol
+# Usage writes the escrow app drives (settlement, Masumi purchases), offered here with the other services.
+from agreements.metering import completion_request as completion_request
+from agreements.metering import job_result_charge as job_result_charge
+from agreements.metering import reservations_settle_stale as reservations_settle_stale
 from agreements.models import (
+    TRANSITIONS,
     AgreementEvent,
     AgreementStatus,
     FeeSchedule,
     SettlementModel,
     UsageAgreement,
+    can_activate,
+    is_funded,
+    statuses_after,
 )
 from catalog.models import Agent, Service, ServiceState
 from marketplace import chainconfig
@@ -35,19 +45,6 @@ from policies.evaluation import Outcome, Purchase, Spend, evaluate
 
 S = AgreementStatus
 
-# The one table of legal status changes (DESIGN section 4).
-TRANSITIONS: dict[str, set[str]] = {
-    S.PENDING_APPROVAL: {S.PROPOSED, S.REJECTED, S.CANCELLED, S.EXPIRED},
-    S.PROPOSED: {S.ACCEPTED, S.REJECTED, S.CANCELLED, S.EXPIRED},
-    S.ACCEPTED: {S.SUBMITTING, S.PAYING, S.CANCELLED, S.EXPIRED},
-    S.ACTIVATION_FAILED: {S.SUBMITTING, S.CANCELLED, S.EXPIRED},
-    S.SUBMITTING: {S.ACTIVE, S.ACTIVATION_FAILED},
-    S.ACTIVE: {S.IN_CHALLENGE, S.REFUNDED},
-    S.IN_CHALLENGE: {S.SETTLING, S.DISPUTED},
-    S.DISPUTED: {S.SETTLING},
-    S.SETTLING: {S.SETTLED},
-    S.PAYING: {S.PAID, S.PAYMENT_FAILED},
-}
 _TIMESTAMPS = {
     S.ACCEPTED: "accepted_at",
     S.REJECTED: "closed_at",
@@ -463,7 +460,7 @@ def agreement_activation_begin(*, agreement_id, buyer: Agent) -> UsageAgreement:
     _require_party(agreement, buyer, "buyer")
     if agreement.settlement_model != SettlementModel.ESCROW:
         raise Conflict("Only escrow agreements are activated.", code="not_an_escrow_agreement")
-    if agreement.status not in (S.ACCEPTED, S.ACTIVATION_FAILED):
+    if not can_activate(agreement):
         code = "activation_in_progress" if agreement.status == S.SUBMITTING else "invalid_transition"
         raise Conflict(f"Cannot activate an agreement that is {agreement.status}.", code=code,
                        details={"status": agreement.status, "requested": S.SUBMITTING})
@@ -483,27 +480,16 @@ def agreement_activation_signed(*, agreement_id, tx_hash: str) -> None:
 # of the contract event (which also sees what others sent). Whichever comes first moves the agreement; the
 # other finds it there, or already further along (`_chain_outcome`), and changes nothing.
 
-def _after(status: str) -> set[str]:
-    """Every status reachable from `status` through the transition table (escrow states have no cycles)."""
-    seen, todo = set(), [status]
-    while todo:
-        for successor in TRANSITIONS.get(todo.pop(), ()):
-            if successor not in seen:
-                seen.add(successor)
-                todo.append(successor)
-    return seen
-
-
 def _chain_outcome(agreement_id, *, to: str, **kwargs) -> UsageAgreement:
     agreement = _lock(agreement_id)
-    if agreement.status in _after(to):
+    if agreement.status in statuses_after(to):
         return agreement  # the other path got there first and the agreement has moved on since
     return _transition(agreement_id, to=to, **kwargs)
 
 
 def agreement_activation_confirmed(*, agreement_id, tx_hash: str) -> UsageAgreement:
     agreement = _lock(agreement_id)
-    if agreement.status in (S.ACCEPTED, S.ACTIVATION_FAILED):
+    if can_activate(agreement):
         # An operator retried a failed activation, or someone relayed the buyer's signed intent themselves.
         _transition(agreement_id, to=S.SUBMITTING, actor=SYSTEM, reason="activation mined")
     return _chain_outcome(agreement_id, to=S.ACTIVE, actor=SYSTEM, reason="escrow funded on-chain",
@@ -512,7 +498,7 @@ def agreement_activation_confirmed(*, agreement_id, tx_hash: str) -> UsageAgreem
 
 def agreement_activation_failed(*, agreement_id, reason: str) -> UsageAgreement:
     agreement = _lock(agreement_id)
-    if agreement.status == S.ACTIVE or agreement.status in _after(S.ACTIVE):
+    if is_funded(agreement):
         return agreement  # the escrow is funded on-chain (another copy of the intent was mined): that wins
     return _transition(agreement_id, to=S.ACTIVATION_FAILED, actor=SYSTEM, reason=reason)
 
@@ -594,7 +580,17 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
     _transition(subject_id, to=to, actor=who, reason=note or f"owner {outcome}", changes=changes)
 
 
-policy_services.approval_handler_register(subject_type=APPROVAL_SUBJECT, handler=_on_approval_decided)
+def handlers_register() -> None:
+    """Called once, from AgreementsConfig.ready()."""
+    policy_services.approval_handler_register(subject_type=APPROVAL_SUBJECT, handler=_on_approval_decided)
+
+
+def hooks_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """System check: what the escrow app registers for agreements (chain reads and execution) is there."""
+    hooks = {"direct payment executor": _direct_payment_executor, "permit nonce reader": _permit_nonce_reader}
+    return [checks.Error(f"No {name} is registered with agreements.", obj=__name__, id="agreements.E001",
+                         hint="The escrow app registers it in EscrowConfig.ready().")
+            for name, registered in hooks.items() if not registered]
 
 
 def agreements_expire_proposals(*, now: datetime | None = None) -> int:
@@ -617,6 +613,6 @@ def agreement_expire_unfunded(*, agreement_id, reason: str) -> UsageAgreement | 
     past its payByTime). A no-op once it is funded, being funded or closed."""
     with transaction.atomic():
         agreement = _lock(agreement_id)
-        if agreement.status not in (S.ACCEPTED, S.ACTIVATION_FAILED):
+        if not can_activate(agreement):
             return None
         return _transition(agreement_id, to=S.EXPIRED, actor=SYSTEM, reason=reason)

@@ -18,7 +18,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from agreements.admin import UsageAgreementAdmin, agreement_link
-from agreements.models import AgreementStatus, SettlementModel, UsageAgreement
+from agreements.models import ONCHAIN_STATUSES, AgreementStatus, SettlementModel, UsageAgreement
 from escrow import chain, purchases, relayer, selectors, settlement
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, IndexerCursor, MasumiPurchase, RelayerAccount,
                            TxAttempt, TxStatus)
@@ -145,10 +145,6 @@ class ChainTransactionInline(MoneyRecordInline):
         return short_id_html(tx.pk, url=reverse("admin:escrow_chaintransaction_change", args=[tx.pk]))
 
 
-# The escrow states worth reading live: from activation on (before it the contract has no record).
-_ONCHAIN_STATUSES = {AgreementStatus.SUBMITTING, AgreementStatus.ACTIVE, AgreementStatus.ACTIVATION_FAILED,
-                     AgreementStatus.IN_CHALLENGE, AgreementStatus.SETTLING, AgreementStatus.SETTLED,
-                     AgreementStatus.DISPUTED, AgreementStatus.REFUNDED}
 _ONCHAIN_AMOUNTS = ("depositAmount", "infraFee", "settledAmount", "buyerClaimable", "sellerClaimable")
 _ONCHAIN_TIMES = ("expiresAt", "reclaimAfter", "challengeDeadline")
 _ONCHAIN_ADDRESSES = ("buyer", "seller", "token", "receiptSigner")
@@ -184,7 +180,7 @@ class AgreementWithChainAdmin(UsageAgreementAdmin):
 
     @admin.display(description="escrow")
     def onchain_panel(self, agreement):
-        if agreement.settlement_model != SettlementModel.ESCROW or agreement.status not in _ONCHAIN_STATUSES:
+        if agreement.settlement_model != SettlementModel.ESCROW or agreement.status not in ONCHAIN_STATUSES:
             return "No escrow on-chain for this agreement."
         try:
             onchain = selectors.onchain_escrow(onchain_id=agreement.onchain_id)

@@ -56,7 +56,6 @@ import hashlib
 import json
 import logging
 import secrets
-import uuid
 from datetime import UTC, datetime
 
 from django.conf import settings
@@ -64,9 +63,8 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from agreements import metering
 from agreements import services as agreement_services
-from agreements.models import AgreementStatus, UsageAgreement
+from agreements.models import AWAITING_FUNDING_STATUSES, AgreementStatus, UsageAgreement, can_activate
 from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
 from escrow import services, settlement
 from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose, TxStatus
@@ -112,11 +110,6 @@ def result_hash_of(result: str, identifier_from_purchaser: str) -> str:
 def new_identifier_from_purchaser() -> str:
     """As the masumi library's buyers make them: 26 hex digits."""
     return secrets.token_hex(13)
-
-
-def blockchain_identifier_to_agreement_id(blockchain_identifier: str) -> uuid.UUID | None:
-    value = int(blockchain_identifier, 16)
-    return uuid.UUID(int=value) if value < 2**128 else None
 
 
 TIMER_NAMES = {"pay_by_time": "payByTime", "submit_result_time": "submitResultTime", "unlock_time": "unlockTime",
@@ -451,8 +444,8 @@ def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -
         purchase.result, purchase.result_hash, purchase.result_submitted_at = result, result_hash, timezone.now()
         purchase.last_error = ""
         purchase.save(update_fields=["result", "result_hash", "result_submitted_at", "last_error", "updated_at"])
-        metering.job_result_charge(agreement_id=purchase.agreement_id, result_hash="0x" + result_hash,
-                                   request_id=f"masumi-job:{purchase.job_id or purchase.pk}")
+        agreement_services.job_result_charge(agreement_id=purchase.agreement_id, result_hash="0x" + result_hash,
+                                             request_id=f"masumi-job:{purchase.job_id or purchase.pk}")
         settlement.settlement_propose(agreement_id=purchase.agreement_id)
     return purchase
 
@@ -468,7 +461,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     now_dt = _moment(now)
     done = {"expired": 0, "started": 0, "results": 0, "disputed": 0, "released": 0, "refunding": 0}
     # Never funded by payByTime: the signed intent can no longer be mined, so the purchase is over.
-    unfunded = MasumiPurchase.objects.filter(agreement__status__in=[S.ACCEPTED, S.ACTIVATION_FAILED],
+    unfunded = MasumiPurchase.objects.filter(agreement__status__in=AWAITING_FUNDING_STATUSES,
                                              pay_by_time__lte=now_dt)
     for agreement_id in list(unfunded.values_list("agreement_id", flat=True)[:500]):
         if agreement_services.agreement_expire_unfunded(agreement_id=agreement_id,
@@ -525,7 +518,8 @@ def _zero_proposal(purchase: MasumiPurchase) -> ChainTransaction | None:
         if agreement.status != S.ACTIVE or agreement.used:
             return None
         if agreement.completion_requested_at is None:
-            metering.completion_request(agreement=agreement, reason="no result by submitResultTime; refund requested")
+            agreement_services.completion_request(agreement=agreement,
+                                                  reason="no result by submitResultTime; refund requested")
         return settlement.settlement_propose(agreement_id=agreement.pk)
 
 
@@ -552,7 +546,7 @@ def purchase_onchain_state(purchase: MasumiPurchase) -> str | None:
 def purchase_next_action(purchase: MasumiPurchase) -> dict:
     agreement = purchase.agreement
     action, error_type, note = "None", None, None
-    if agreement.status in (S.ACCEPTED, S.ACTIVATION_FAILED):
+    if can_activate(agreement):
         action = "FundsLockingRequested"
         if agreement.status == S.ACTIVATION_FAILED:
             error_type, note = "FundsLockingFailed", agreement.status_reason

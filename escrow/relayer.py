@@ -20,11 +20,13 @@ import logging
 from collections.abc import Callable
 
 from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from escrow import chain
-from escrow.models import ChainTransaction, RelayerAccount, TxAttempt, TxStatus
+from escrow.models import ChainTransaction, RelayerAccount, TxAttempt, TxPurpose, TxStatus
 from marketplace.logging import agreement_context
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,18 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
         _submitted_handlers[purpose] = on_submitted
     if read_evidence is not None:
         _evidence_readers[purpose] = read_evidence
+
+
+def no_outcome(tx: ChainTransaction) -> None:
+    """The outcome handler of a transaction whose outcome changes nothing outside the relayer (a nonce fill)."""
+
+
+def outcome_handlers_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """System check: every kind of chain transaction has an outcome handler, so none is concluded unapplied."""
+    return [checks.Error(f"No outcome handler for {purpose} chain transactions.",
+                         hint="Register one with relayer.outcome_handler_register in an AppConfig.ready().",
+                         obj=__name__, id="escrow.E001")
+            for purpose in TxPurpose.values if purpose not in _outcome_handlers]
 
 
 def transaction_enqueue(*, purpose: str, to: str, data: str, agreement_id=None, context: dict | None = None,
@@ -98,8 +112,11 @@ def _apply_outcome(tx: ChainTransaction) -> None:
     if tx.outcome_applied:
         return
     handler = _outcome_handlers.get(tx.purpose)
-    if handler is not None:
-        handler(tx)
+    if handler is None:
+        # Rolls back the conclusion: the transaction is concluded again, and applied, once a handler exists.
+        raise ImproperlyConfigured(f"No outcome handler for {tx.purpose} chain transactions: register one with "
+                                   "relayer.outcome_handler_register in an AppConfig.ready().")
+    handler(tx)
     tx.outcome_applied = True
     tx.save(update_fields=["outcome_applied", "updated_at"])
 

@@ -1,16 +1,25 @@
+import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 
 from django.conf import settings
 from django.db.models import Count, Exists, OuterRef, Q
 from web3 import Web3
 
 from agreements import services as agreement_services
-from agreements.models import AgreementStatus, SkillInvocation
-from escrow import chain, purchases
+from agreements.models import AgreementStatus, SkillInvocation, is_paid_out
+from escrow import chain
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPaymentRequest,
                            MasumiPurchase, TxPurpose, TxStatus)
 from marketplace import chainconfig
 from marketplace.errors import DependencyUnavailable, NotFound
+
+S = AgreementStatus
+
+
+def blockchain_identifier_to_agreement_id(blockchain_identifier: str) -> uuid.UUID | None:
+    value = int(blockchain_identifier, 16)
+    return uuid.UUID(int=value) if value < 2**128 else None
 
 
 def network_config() -> dict:
@@ -37,12 +46,27 @@ def live_transactions(*, purpose: str):
 def disputes():
     """Disputed agreements, each with `resolving`: whether a resolution has been submitted already."""
     resolution = live_transactions(purpose=TxPurpose.RESOLVE).filter(agreement_id=OuterRef("pk"))
-    return Dispute.objects.filter(status=AgreementStatus.DISPUTED).annotate(resolving=Exists(resolution))
+    return Dispute.objects.filter(status=S.DISPUTED).annotate(resolving=Exists(resolution))
 
 
 def transactions_of_agreement(*, agreement_id):
     return ChainTransaction.objects.filter(agreement_id=agreement_id).prefetch_related("attempts").order_by(
         "created_at")
+
+
+class EscrowState(StrEnum):
+    """The contract's `State` of an escrow, in its declaration order."""
+
+    NONE = "none"
+    ACTIVE = "active"
+    PROPOSED = "proposed"
+    DISPUTED = "disputed"
+    RESOLVED = "resolved"
+    SETTLED = "settled"
+    RECLAIMED = "reclaimed"
+
+
+ESCROW_CLOSED_STATES = frozenset({EscrowState.SETTLED, EscrowState.RECLAIMED})
 
 
 def onchain_escrow(*, onchain_id: str) -> dict:
@@ -51,9 +75,8 @@ def onchain_escrow(*, onchain_id: str) -> dict:
     fields = ("buyer", "state", "challengeWindow", "seller", "expiresAt", "token", "reclaimAfter", "receiptSigner",
               "challengeDeadline", "depositAmount", "infraFee", "settledAmount", "lastSeq", "usageDigest",
               "termsHash", "buyerClaimable", "sellerClaimable")
-    states = ("none", "active", "proposed", "disputed", "resolved", "settled", "reclaimed")
     values = dict(zip(fields, chain.to_json(record), strict=True))
-    values["state"] = states[int(values["state"])]
+    values["state"] = list(EscrowState)[int(values["state"])]
     return values
 
 
@@ -65,12 +88,12 @@ def confirmations(*, tx: ChainTransaction, latest_block: int | None) -> int:
 
 # What the contract must say for each marketplace status (several when a transaction may be in flight).
 _EXPECTED_STATES = {
-    "active": {"active"},
-    "in_challenge": {"proposed"},
-    "disputed": {"disputed", "resolved"},
-    "settling": {"proposed", "resolved", "settled"},
-    "settled": {"settled"},
-    "refunded": {"reclaimed"},
+    S.ACTIVE: {EscrowState.ACTIVE},
+    S.IN_CHALLENGE: {EscrowState.PROPOSED},
+    S.DISPUTED: {EscrowState.DISPUTED, EscrowState.RESOLVED},
+    S.SETTLING: {EscrowState.PROPOSED, EscrowState.RESOLVED, EscrowState.SETTLED},
+    S.SETTLED: {EscrowState.SETTLED},
+    S.REFUNDED: {EscrowState.RECLAIMED},
 }
 
 
@@ -88,12 +111,12 @@ def reconciliation_mismatches(*, agreements) -> list[str]:
             continue
         if int(onchain["depositAmount"]) != agreement.deposit_amount:
             mismatches.append(f"{label}: deposit {onchain['depositAmount']} on-chain, {agreement.deposit_amount} here")
-        if agreement.status == "in_challenge" and int(onchain["settledAmount"]) != agreement.used:
+        if agreement.status == S.IN_CHALLENGE and int(onchain["settledAmount"]) != agreement.used:
             mismatches.append(f"{label}: proposed amount {onchain['settledAmount']} on-chain, used {agreement.used}")
-        if agreement.status == "settled" and int(onchain["settledAmount"]) != agreement.seller_payout:
+        if agreement.status == S.SETTLED and int(onchain["settledAmount"]) != agreement.seller_payout:
             mismatches.append(f"{label}: seller payout {agreement.seller_payout} here, "
                               f"{onchain['settledAmount']} on-chain")
-        if agreement.status in ("settled", "refunded") and (agreement.seller_payout or 0) + (
+        if is_paid_out(agreement) and (agreement.seller_payout or 0) + (
                 agreement.buyer_refund or 0) != agreement.deposit_amount:
             mismatches.append(f"{label}: payout + refund != deposit")
     return mismatches
@@ -106,7 +129,7 @@ def purchases_of_buyer(*, buyer):
 
 def _by_blockchain_identifier(blockchain_identifier: str) -> Q:
     """A purchase's blockchainIdentifier: its escrow's agreementId, or the seller's payment request it pays."""
-    uid = purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)
+    uid = blockchain_identifier_to_agreement_id(blockchain_identifier)
     return Q(agreement__pk=uid) | Q(payment_request__pk=uid)
 
 
@@ -128,7 +151,7 @@ def purchase_get_by_id(*, buyer, purchase_id) -> MasumiPurchase:
 def payment_request_get(*, blockchain_identifier: str) -> MasumiPaymentRequest:
     """A seller's payment request, for the buyer who pays it (anyone holding its blockchainIdentifier)."""
     request = MasumiPaymentRequest.objects.select_related("service", "service__seller").filter(
-        pk=purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
+        pk=blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
     if request is None:
         raise NotFound("No payment request of this marketplace has this blockchainIdentifier.",
                        code="payment_not_found")
@@ -148,7 +171,7 @@ def payment_get(*, seller, blockchain_identifier: str) -> MasumiPurchase | Masum
     """The seller's payment with this blockchainIdentifier: the purchase paying it, else the unpaid request."""
     paid, unpaid = payments_of_seller(seller=seller)
     found = paid.filter(_by_blockchain_identifier(blockchain_identifier)).first() or unpaid.filter(
-        pk=purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
+        pk=blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
     if found is None:
         raise NotFound("No such payment.", code="payment_not_found")
     return found

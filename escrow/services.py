@@ -12,7 +12,7 @@ from django.db import transaction
 from web3 import Web3
 
 from agreements import services as agreement_services
-from agreements.models import UsageAgreement
+from agreements.models import UsageAgreement, can_activate
 from catalog.models import Agent
 from escrow import chain, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
@@ -90,7 +90,7 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
     _require_chain()
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer activates the escrow.", code="buyer_only")
-    if agreement.status not in ("accepted", "activation_failed"):
+    if not can_activate(agreement):
         raise Conflict(f"Nothing to sign while the agreement is {agreement.status}.", code="invalid_transition",
                        details={"status": agreement.status})
     # From our clock as well as the chain's: an idle chain's clock never shortens a signature's life.
@@ -221,9 +221,9 @@ def _activation_outcome(tx: ChainTransaction) -> None:
                                                        reason=f"activation reverted: {tx.failure_reason}")
 
 
-relayer.outcome_handler_register(purpose=TxPurpose.ACTIVATE, on_outcome=_activation_outcome,
-                                 on_submitted=_activation_signed, read_evidence=_activation_evidence)
-
-
-# Fee permits given as signature and deadline only (the Pægents SDK's direct purchase) are read at this nonce.
-agreement_services.permit_nonce_reader_register(reader=_token_nonce)
+def handlers_register() -> None:
+    """Called once, from EscrowConfig.ready()."""
+    relayer.outcome_handler_register(purpose=TxPurpose.ACTIVATE, on_outcome=_activation_outcome,
+                                     on_submitted=_activation_signed, read_evidence=_activation_evidence)
+    # Fee permits given as signature and deadline only (the Pægents SDK's direct purchase) are read at this nonce.
+    agreement_services.permit_nonce_reader_register(reader=_token_nonce)

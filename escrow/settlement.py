@@ -16,10 +16,17 @@ from prometheus_client import Gauge
 from web3 import Web3
 from web3.logs import DISCARD
 
-from agreements import metering
 from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
-from agreements.models import UsageAgreement
+from agreements.models import (
+    AgreementStatus,
+    UsageAgreement,
+    can_challenge,
+    can_propose_settlement,
+    can_reclaim,
+    can_resolve,
+    is_settling,
+)
 from catalog.models import Agent
 from escrow import chain, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
@@ -79,13 +86,13 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
     """Queue proposeSettlement with the last receipt, once no call is in flight. Safe to call repeatedly."""
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
-        if agreement.status != "active" or agreement.completion_requested_at is None:
+        if not can_propose_settlement(agreement) or agreement.completion_requested_at is None:
             return None
         if _live_tx(agreement.pk, TxPurpose.PROPOSE_SETTLEMENT) or _live_tx(agreement.pk, TxPurpose.RECLAIM):
             return None
         if agreement.reserved:
             # Only reservations of calls that died with their process survive a full proxy timeout.
-            metering.reservations_settle_stale(agreement=agreement)
+            agreement_services.reservations_settle_stale(agreement=agreement)
         seq, cumulative, digest, signature = _final_receipt(agreement)
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
                         [agreement.onchain_id, seq, cumulative, digest, signature],
@@ -126,7 +133,7 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
     now = chain_now()
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if agreement.status != "in_challenge":
+        if not can_challenge(agreement):
             raise Conflict(f"Nothing to challenge while the agreement is {agreement.status}.",
                            code="invalid_transition", details={"status": agreement.status})
         if agreement.challenge_deadline and agreement.challenge_deadline.timestamp() <= now:
@@ -158,7 +165,7 @@ def _challenge_outcome(tx: ChainTransaction) -> None:
 def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operator) -> ChainTransaction:
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if agreement.status != "disputed":
+        if not can_resolve(agreement):
             raise Conflict(f"Only a disputed agreement is resolved; this one is {agreement.status}.",
                            code="invalid_transition", details={"status": agreement.status})
         if seller_amount > agreement.deposit_amount:
@@ -175,7 +182,7 @@ def settlement_resolved(*, agreement_id, seller_amount: int, tx_hash: str, opera
     agreement = agreement_services.agreement_settling(
         agreement_id=agreement_id, reason=f"arbiter resolved: {seller_amount} to the seller",
         data={"tx_hash": tx_hash, "operator": operator})
-    if agreement.status == "settling" and not _live_tx(agreement_id, TxPurpose.FINALIZE):
+    if is_settling(agreement) and not _live_tx(agreement_id, TxPurpose.FINALIZE):
         _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])
 
 
@@ -240,7 +247,7 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     for agreement in agreement_selectors.agreements_past_expiry(now=now_dt).filter(completion_requested_at=None):
         with agreement_context(agreement.pk):
             if agreement.used or agreement.reserved:
-                metering.completion_request(agreement=agreement, reason="expired")
+                agreement_services.completion_request(agreement=agreement, reason="expired")
                 done["expired"] += 1
             elif agreement.expires_at.timestamp() + _reclaim_grace() <= now and _reclaim(agreement):
                 done["reclaiming"] += 1
@@ -248,7 +255,7 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     for agreement in agreement_selectors.agreements_ready_to_propose(stale_reservation_before=stale):
         if settlement_propose(agreement_id=agreement.pk):
             done["proposed"] += 1
-    for agreement in agreement_selectors.agreements_in_status(status="in_challenge").filter(
+    for agreement in agreement_selectors.agreements_in_status(status=AgreementStatus.IN_CHALLENGE).filter(
             challenge_deadline__lte=now_dt):
         with agreement_context(agreement.pk):
             if _finalize(agreement):
@@ -263,25 +270,27 @@ def _reclaim_grace() -> int:
 def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if agreement.status != "active" or agreement.used or _live_tx(agreement.pk, TxPurpose.RECLAIM):
+        if not can_reclaim(agreement) or agreement.used or _live_tx(agreement.pk, TxPurpose.RECLAIM):
             return None
-        metering.completion_request(agreement=agreement, reason="expired unused")
+        agreement_services.completion_request(agreement=agreement, reason="expired unused")
         return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id])
 
 
 def _finalize(agreement: UsageAgreement) -> ChainTransaction | None:
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if agreement.status != "in_challenge" or _live_tx(agreement.pk, TxPurpose.CHALLENGE):
+        if not can_challenge(agreement) or _live_tx(agreement.pk, TxPurpose.CHALLENGE):
             return None
         agreement_services.agreement_settling(agreement_id=agreement.pk, reason="challenge window over")
         return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])
 
 
-relayer.outcome_handler_register(purpose=TxPurpose.PROPOSE_SETTLEMENT, on_outcome=_proposal_outcome,
-                                 read_evidence=_proposal_evidence)
-relayer.outcome_handler_register(purpose=TxPurpose.CHALLENGE, on_outcome=_challenge_outcome)
-relayer.outcome_handler_register(purpose=TxPurpose.RESOLVE, on_outcome=_resolve_outcome)
-relayer.outcome_handler_register(purpose=TxPurpose.FINALIZE, on_outcome=_finalize_outcome,
-                                 read_evidence=_finalize_evidence)
-relayer.outcome_handler_register(purpose=TxPurpose.RECLAIM, on_outcome=_reclaim_outcome)
+def handlers_register() -> None:
+    """Called once, from EscrowConfig.ready()."""
+    relayer.outcome_handler_register(purpose=TxPurpose.PROPOSE_SETTLEMENT, on_outcome=_proposal_outcome,
+                                     read_evidence=_proposal_evidence)
+    relayer.outcome_handler_register(purpose=TxPurpose.CHALLENGE, on_outcome=_challenge_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.RESOLVE, on_outcome=_resolve_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.FINALIZE, on_outcome=_finalize_outcome,
+                                     read_evidence=_finalize_evidence)
+    relayer.outcome_handler_register(purpose=TxPurpose.RECLAIM, on_outcome=_reclaim_outcome)

@@ -10,7 +10,14 @@ from rest_framework.views import APIView
 
 from agreements import invocations, x402_protocol
 from agreements import selectors as agreement_selectors
-from agreements.models import InvocationStatus
+from agreements.models import (
+    AgreementStatus,
+    InvocationStatus,
+    SettlementModel,
+    can_challenge,
+    is_activation_stuck,
+    is_funded,
+)
 from agreements.serializers import (
     InvocationAcceptedSerializer,
     InvocationResultSerializer,
@@ -47,8 +54,6 @@ from marketplace.idempotency import idempotent
 from marketplace.serializers import ErrorSerializer, error_responses
 
 TAGS = ["escrow"]
-# Submitting without a signed transaction for this long is a backend fault, not chain latency.
-BACKEND_FAULT_AFTER = timedelta(minutes=2)
 
 
 def _latest_block() -> int | None:
@@ -114,7 +119,8 @@ class ActivateEscrowView(APIView):
         body.is_valid(raise_exception=True)
         tx = services.activation_submit(agreement=agreement, buyer=agent, **body.validated_data)
         return Response(ActivationAcceptedSerializer({
-            "agreement_id": agreement.pk, "status": "submitting", "transaction": transaction_payload(tx, None),
+            "agreement_id": agreement.pk, "status": AgreementStatus.SUBMITTING,
+            "transaction": transaction_payload(tx, None),
         }).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -130,26 +136,23 @@ class EscrowStatusView(APIView):
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
         latest = _latest_block()
         transactions = list(selectors.transactions_of_agreement(agreement_id=agreement.pk))
-        funded = agreement.status not in ("pending_approval", "proposed", "accepted", "rejected", "cancelled",
-                                          "expired", "submitting", "activation_failed")
         onchain = None
         if query.validated_data["verify"]:
             try:
                 onchain = selectors.onchain_escrow(onchain_id=agreement.onchain_id)
             except chain.ChainError as error:
                 raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
-        stuck = (agreement.status == "submitting" and not agreement.activation_tx_hash
-                 and timezone.now() - agreement.updated_at > BACKEND_FAULT_AFTER)
         return Response(EscrowStatusSerializer({
             "agreement_id": agreement.pk, "onchain_id": agreement.onchain_id, "status": agreement.status,
             "escrow_status": escrow_status_of(agreement), "settlement_status": agreement.status,
             "chain_id": agreement.chain_id,
             "escrow_contract": chainconfig.escrow_address(), "deposit_amount_atomic": agreement.deposit_amount,
-            "deposited_atomic": agreement.deposit_amount if funded else 0, "used_atomic": agreement.used,
+            "deposited_atomic": agreement.deposit_amount if is_funded(agreement) else 0,
+            "used_atomic": agreement.used,
             "reserved_atomic": agreement.reserved, "remaining_atomic": agreement.remaining,
             "infra_fee_atomic": agreement.infra_fee, "activation_tx_hash": agreement.activation_tx_hash,
             "challenge_deadline": agreement.challenge_deadline, "transactions": [transaction_payload(tx, latest) for tx in transactions],
-            "backend_fault": stuck, "onchain": onchain,
+            "backend_fault": is_activation_stuck(agreement, now=timezone.now()), "onchain": onchain,
         }).data)
 
 
@@ -161,7 +164,7 @@ class ChallengePackageView(APIView):
                    responses={200: ChallengePackageSerializer, **error_responses(404, 409)})
     def get(self, request, agreement_id):
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
-        if agreement.status != "in_challenge":
+        if not can_challenge(agreement):
             raise Conflict("Nothing to challenge now.", code="invalid_transition",
                            details={"status": agreement.status})
         deadline = int(agreement.challenge_deadline.timestamp())
@@ -207,7 +210,7 @@ class DisputeView(APIView):
         body.is_valid(raise_exception=True)
         data = body.validated_data
         if "signature" not in data or "deadline" not in data:
-            if agreement.status != "in_challenge":
+            if not can_challenge(agreement):
                 raise Conflict(f"Nothing to dispute while the agreement is {agreement.status}: a dispute challenges "
                                "the settlement proposed on-chain.", code="invalid_transition",
                                details={"status": agreement.status})
@@ -253,7 +256,7 @@ class ClaimInstructionsView(APIView):
     def get(self, request, agreement_id):
         agent = calling_agent(request)
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
-        if agreement.settlement_model != "escrow":
+        if agreement.settlement_model != SettlementModel.ESCROW:
             raise Conflict("A direct payment has no escrow.", code="not_an_escrow")
         try:
             onchain = selectors.onchain_escrow(onchain_id=agreement.onchain_id)
@@ -268,7 +271,7 @@ class ClaimInstructionsView(APIView):
         return Response(ClaimInstructionsSerializer({
             "agreement_id": agreement.pk, "onchain_agreement_id": agreement.onchain_id,
             "function": "withdraw(bytes32)", "claimable_atomic": claimable, "transaction": call,
-            "chain_id": agreement.chain_id, "closed": onchain["state"] in ("settled", "reclaimed"),
+            "chain_id": agreement.chain_id, "closed": onchain["state"] in selectors.ESCROW_CLOSED_STATES,
         }).data)
 
 

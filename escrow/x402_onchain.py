@@ -299,14 +299,16 @@ def _direct_fee_refund_outcome(tx: ChainTransaction) -> None:
         logger.error("fee refund failed", extra={"tx_id": str(tx.pk), "reason": tx.failure_reason})
 
 
-invocations.settlement_handler_register(handler=_invocation_settle)
-agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
-relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome)
-relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYOUT,
-                                 on_outcome=_settlement_outcome(invocations.invocation_paid_out))
-relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_REFUND,
-                                 on_outcome=_settlement_outcome(invocations.invocation_refunded))
-relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome)
-relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome)
-relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome)
-relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome)
+def handlers_register() -> None:
+    """Called once, from EscrowConfig.ready()."""
+    invocations.settlement_handler_register(handler=_invocation_settle)
+    agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
+    relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYOUT,
+                                     on_outcome=_settlement_outcome(invocations.invocation_paid_out))
+    relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_REFUND,
+                                     on_outcome=_settlement_outcome(invocations.invocation_refunded))
+    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome)

@@ -9,6 +9,7 @@ from datetime import datetime
 from uuid import UUID
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.utils import timezone
 
@@ -55,7 +56,11 @@ def _decide(request: ApprovalRequest, *, status: str, actor, note: str) -> Appro
     request.decided_by = actor
     request.decision_note = note
     request.save(update_fields=["status", "decided_at", "decided_by", "decision_note"])
-    _handlers[request.subject_type](subject_id=request.subject_id, outcome=status, actor=actor, note=note)
+    handler = _handlers.get(request.subject_type)
+    if handler is None:
+        raise ImproperlyConfigured(f"No approval handler for {request.subject_type}: the app that owns it registers "
+                                   "one in its AppConfig.ready().")
+    handler(subject_id=request.subject_id, outcome=status, actor=actor, note=note)
     return request
 
 

@@ -4,18 +4,15 @@ could not apply; exit 1 on any difference or unapplied event (the chain is the t
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from agreements.models import UsageAgreement
+from agreements.models import FUNDED_STATUSES, SettlementModel, UsageAgreement
 from escrow import selectors
-
-FUNDED = ["active", "in_challenge", "disputed", "settling", "settled", "refunded"]
-
 
 class Command(BaseCommand):
     help = ("Compare the database with the escrow contract for every funded agreement; report the chain indexer's "
             "lag and the contract events it could not apply.")
 
     def handle(self, *args, **options):
-        agreements = UsageAgreement.objects.filter(status__in=FUNDED, settlement_model="escrow")
+        agreements = UsageAgreement.objects.filter(status__in=FUNDED_STATUSES, settlement_model=SettlementModel.ESCROW)
         problems = selectors.reconciliation_mismatches(agreements=agreements.iterator())
         for event in selectors.indexer_unapplied_events():
             problems.append(f"event {event.name} in block {event.block_number} (tx {event.tx_hash}, log "
