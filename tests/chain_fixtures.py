@@ -3,9 +3,13 @@
 Register it once in the root conftest (``pytest_plugins = ["tests.chain_fixtures"]``). Fixtures:
 
 - ``anvil`` (session): one Anvil node per pytest session / xdist worker, on a free port, stopped at the end.
-- ``deployed`` (session): MockUSDC + UsageEscrow deployed on it (:class:`Deployed`).
+- ``deployed`` (session): MockUSDC + UsageEscrow deployed on it (:class:`Deployed`), the token named as Base's
+  USDC ("USD Coin"); ``deployed_base_sepolia_token`` (session, deployed on first use): a second deployment on the
+  same node whose token has Base Sepolia's name ("USDC"), so its EIP-712 domain differs.
 - ``chain`` (function): snapshots the chain before the test and reverts after it (:class:`Chain`), so each
-  test starts from the freshly deployed state; it also carries everything ``deployed`` has.
+  test starts from the freshly deployed state; it also carries everything ``deployed`` has. Parametrize it
+  indirectly with a token name to run a test against either deployment
+  (``@pytest.mark.parametrize("chain", TOKEN_NAMES, indirect=True)``).
 
 None of them touches the Django database.
 """
@@ -24,6 +28,8 @@ from escrow import devchain
 
 # Seconds after an escrow's expiresAt before it can be reclaimed, on the test deployment.
 TEST_RECLAIM_GRACE = 3600
+# The token names a test can run `chain` under: Base's USDC and Base Sepolia's.
+TOKEN_NAMES = (devchain.TOKEN_NAME_BASE, devchain.TOKEN_NAME_BASE_SEPOLIA)
 
 
 @dataclass(frozen=True)
@@ -133,9 +139,7 @@ def anvil() -> Iterator[devchain.AnvilProcess]:
         node.stop()
 
 
-@pytest.fixture(scope="session")
-def deployed(anvil: devchain.AnvilProcess) -> Deployed:
-    """MockUSDC + UsageEscrow deployed once per session; tests must use ``chain`` to get a clean state."""
+def _deploy(anvil: devchain.AnvilProcess, token_name: str) -> Deployed:
     accounts = DevAccounts.from_anvil()
     w3 = anvil.w3()
     addresses = devchain.deploy_contracts(
@@ -144,6 +148,7 @@ def deployed(anvil: devchain.AnvilProcess) -> Deployed:
         fee_recipient=accounts.fee_recipient.address,
         arbiter=accounts.arbiter.address,
         reclaim_grace=TEST_RECLAIM_GRACE,
+        token_name=token_name,
     )
     return Deployed(
         node=anvil,
@@ -157,10 +162,26 @@ def deployed(anvil: devchain.AnvilProcess) -> Deployed:
     )
 
 
+@pytest.fixture(scope="session")
+def deployed(anvil: devchain.AnvilProcess) -> Deployed:
+    """MockUSDC ("USD Coin") + UsageEscrow deployed once per session; tests must use ``chain`` to get a clean
+    state."""
+    return _deploy(anvil, devchain.TOKEN_NAME_BASE)
+
+
+@pytest.fixture(scope="session")
+def deployed_base_sepolia_token(anvil: devchain.AnvilProcess) -> Deployed:
+    """MockUSDC under Base Sepolia's name ("USDC") + its own UsageEscrow, on the same node."""
+    return _deploy(anvil, devchain.TOKEN_NAME_BASE_SEPOLIA)
+
+
 @pytest.fixture
-def chain(deployed: Deployed) -> Iterator[Chain]:
-    """The deployed chain, reverted to its state before the test once the test ends."""
-    handle = Chain(deployed)
+def chain(request: pytest.FixtureRequest) -> Iterator[Chain]:
+    """The deployed chain, reverted to its state before the test once the test ends. Its token is named
+    "USD Coin", or what the test parametrizes it with (one of TOKEN_NAMES)."""
+    token_name = getattr(request, "param", devchain.TOKEN_NAME_BASE)
+    handle = Chain(request.getfixturevalue(
+        "deployed" if token_name == devchain.TOKEN_NAME_BASE else "deployed_base_sepolia_token"))
     snapshot_id = handle.snapshot()
     try:
         yield handle
