@@ -16,6 +16,7 @@ None of them touches the Django database.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Iterator
@@ -180,10 +181,51 @@ def chain(request: pytest.FixtureRequest) -> Iterator[Chain]:
     """The deployed chain, reverted to its state before the test once the test ends. Its token is named
     "USD Coin", or what the test parametrizes it with (one of TOKEN_NAMES)."""
     token_name = getattr(request, "param", devchain.TOKEN_NAME_BASE)
-    handle = Chain(request.getfixturevalue(
-        "deployed" if token_name == devchain.TOKEN_NAME_BASE else "deployed_base_sepolia_token"))
+    with _reverted(request.getfixturevalue(
+            "deployed" if token_name == devchain.TOKEN_NAME_BASE else "deployed_base_sepolia_token")) as handle:
+        yield handle
+
+
+@contextmanager
+def _reverted(deployed: Deployed) -> Iterator[Chain]:
+    handle = Chain(deployed)
     snapshot_id = handle.snapshot()
     try:
         yield handle
     finally:
         handle.revert(snapshot_id)
+
+
+# Base Sepolia as x402's and the Pægents SDK's asset tables pin it: the chain id, and USDC's address and name.
+BASE_SEPOLIA_CHAIN_ID = 84532
+BASE_SEPOLIA_USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+
+
+@pytest.fixture(scope="session")
+def base_sepolia_deployed() -> Iterator[Deployed]:
+    """A node of its own with Base Sepolia's chain id, MockUSDC named "USDC" placed at Base Sepolia's USDC address
+    (its code, and the storage its constructor wrote: name, symbol, owner), and a UsageEscrow that allows it. For
+    clients that sign only for Base Sepolia's USDC (the Pægents SDK)."""
+    node = devchain.start_anvil(chain_id=BASE_SEPOLIA_CHAIN_ID)
+    try:
+        deployed = _deploy(node, devchain.TOKEN_NAME_BASE_SEPOLIA)
+        built = deployed.addresses["usdc"]
+        node.rpc("anvil_setCode", [BASE_SEPOLIA_USDC, "0x" + deployed.w3.eth.get_code(built).hex()])
+        for slot in range(32):  # the constructor's writes are in the first slots; its mappings are empty
+            value = deployed.w3.eth.get_storage_at(built, slot)
+            if any(value):
+                node.rpc("anvil_setStorageAt", [BASE_SEPOLIA_USDC, hex(slot), "0x" + value.hex().rjust(64, "0")])
+        deployed.escrow.functions.setTokenAllowed(BASE_SEPOLIA_USDC, True).transact(
+            {"from": deployed.accounts.deployer.address})
+        deployed.addresses = {**deployed.addresses, "usdc": BASE_SEPOLIA_USDC}
+        deployed.usdc = devchain.usdc_contract(deployed.w3, BASE_SEPOLIA_USDC)
+        yield deployed
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def base_sepolia_chain(base_sepolia_deployed: Deployed) -> Iterator[Chain]:
+    """`base_sepolia_deployed`, reverted after the test."""
+    with _reverted(base_sepolia_deployed) as handle:
+        yield handle
