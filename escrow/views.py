@@ -6,6 +6,7 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
+from rest_framework.throttling import BaseThrottle
 from rest_framework.views import APIView
 
 from agreements import invocations, x402_protocol
@@ -293,7 +294,7 @@ def _quote_holder(request) -> str:
     """Whom a 402's quoted authorization is kept for: the calling agent, else the client's address."""
     if isinstance(request.auth, ApiKey):
         return f"agent:{request.auth.agent_id}"
-    return f"address:{request.META.get('REMOTE_ADDR', '')}"
+    return f"address:{BaseThrottle().get_ident(request)}"  # as the rate limits count it (TRUSTED_PROXY_COUNT)
 
 
 def _payment_required_response(request, skill, *, code: str, message: str, reason: str = "",
