@@ -454,18 +454,23 @@ def invocation_payment(invocation) -> dict:
 
 
 class X402PaymentRequiredSerializer(serializers.Serializer):
-    """x402's 402 body (`PaymentRequired`), with `error` in the marketplace's error shape; the same requirements
-    are in the PAYMENT-REQUIRED header (base64 JSON, x402 v2) and the X-Payment-* headers."""
+    """x402 v2's 402 body (`PaymentRequired`, as the x402 package validates it): `error` is x402's error string,
+    here the marketplace's error code, with `message` and `details` beside it. The same requirements are in the
+    PAYMENT-REQUIRED header (base64 JSON) and the X-Payment-* headers."""
 
     x402Version = serializers.IntegerField()
     accepts = serializers.ListField(child=serializers.DictField(),
                                     help_text="x402 PaymentRequirements: scheme exact, network (CAIP-2), asset, "
-                                              "amount (base units), payTo, maxTimeoutSeconds, extra.")
+                                              "amount (base units), payTo, maxTimeoutSeconds, extra (the token's "
+                                              "EIP-712 name and version, the resource, and the quoted nonce, "
+                                              "validAfter and validBefore a bare signature signs).")
     resource = serializers.DictField()
-    error = serializers.DictField(help_text="{code, message, details}: `payment_required` when no payment was sent, "
-                                            "else why it was refused (authorization_already_used, wrong_amount, "
-                                            "wrong_recipient, authorization_expired, invalid_signature, "
-                                            "insufficient_balance, malformed_payment, ...).")
+    error = serializers.CharField(help_text="`payment_required` when no payment was sent, else why it was refused "
+                                            "(authorization_already_used, wrong_amount, wrong_recipient, "
+                                            "authorization_expired, invalid_signature, insufficient_balance, "
+                                            "malformed_payment, payer_unknown, no_quoted_authorization, ...).")
+    message = serializers.CharField()
+    details = serializers.DictField()
 
 
 # --- the Pægents SDK's read models -----------------------------------------------------------------------------

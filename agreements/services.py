@@ -349,10 +349,11 @@ def _direct_payment_check(*, payment_header: str, fee_permit: dict, amount: int,
     if fee_permit["deadline"] < timezone.now().timestamp() + settings.DIRECT_PAYMENT_MIN_VALIDITY:
         raise InvalidInput(f"fee_permit.deadline must be at least {settings.DIRECT_PAYMENT_MIN_VALIDITY} s away.",
                            code="signature_expired", details={"field": "fee_permit"})
+    token_name, token_version = x402_protocol.token_domain()
     typed = typed_data.erc2612_permit(
         chain_id=settings.CHAIN_ID, token_address=chainconfig.usdc_address(), owner=payer,
         spender=chainconfig.relayer_address(), value=fee_permit["value"], nonce=fee_permit["nonce"],
-        deadline=fee_permit["deadline"])
+        deadline=fee_permit["deadline"], token_name=token_name, token_version=token_version)
     try:
         signer = typed_data.recover_typed_data_signer(typed, fee_permit["signature"])
     except Exception:  # noqa: BLE001 - any malformed signature is the caller's input error
@@ -587,7 +588,8 @@ def handlers_register() -> None:
 
 def hooks_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     """System check: what the escrow app registers for agreements (chain reads and execution) is there."""
-    hooks = {"direct payment executor": _direct_payment_executor, "permit nonce reader": _permit_nonce_reader}
+    hooks = {"direct payment executor": _direct_payment_executor, "permit nonce reader": _permit_nonce_reader,
+             "token domain reader": x402_protocol.token_domain_reader_registered()}
     return [checks.Error(f"No {name} is registered with agreements.", obj=__name__, id="agreements.E001",
                          hint="The escrow app registers it in EscrowConfig.ready().")
             for name, registered in hooks.items() if not registered]

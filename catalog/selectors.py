@@ -1,6 +1,7 @@
 """Reads of the catalog."""
 
 import re
+import uuid
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from functools import reduce
@@ -99,12 +100,15 @@ def services_of_seller(*, seller: Agent) -> QuerySet[Service]:
 
 
 def skill_get(*, handle: str, skill_name: str) -> Skill:
-    skill = (
-        Skill.objects.select_related("service", "service__seller")
-        .filter(service__seller__handle=handle, service__seller__is_active=True, name=skill_name,
-                service__state=ServiceState.REGISTERED)
-        .first()
-    )
+    """A registered skill of an active agent named by its handle or, as the Services API seed allows, its ID."""
+    skills = Skill.objects.select_related("service", "service__seller").filter(
+        service__seller__is_active=True, name=skill_name, service__state=ServiceState.REGISTERED)
+    skill = skills.filter(service__seller__handle=handle).first()
+    if skill is None:
+        try:
+            skill = skills.filter(service__seller_id=uuid.UUID(handle)).first()
+        except ValueError:
+            pass
     if skill is None:
         raise NotFound("No such agent or skill.", code="skill_not_found")
     return skill

@@ -152,19 +152,22 @@ def token_contract(address: str | None = None) -> Contract:
 
 
 @cache
-def _token_domain(rpc_url: str, address: str) -> tuple[str, str]:
+def _token_domain(rpc_url: str, chain_id: int, address: str) -> tuple[str, str]:
     token = token_contract(address)
     try:
         _, name, version, *_ = call(token.functions.eip712Domain().call)
-    except ChainError:  # a token without EIP-5267
+    except RpcUnavailable:
+        raise
+    except ChainError:  # a token without EIP-5267 (Circle's FiatToken)
         name, version = call(token.functions.name().call), call(token.functions.version().call)
     return name, version
 
 
 def token_domain(address: str | None = None) -> tuple[str, str]:
     """The token's EIP-712 domain (name, version), read from the token: EIP-5267 `eip712Domain()`, else
-    `name()` / `version()`. Never hard-coded: Base's USDC is "USD Coin", Base Sepolia's "USDC"."""
-    return _token_domain(settings.CHAIN_RPC_URL, to_checksum_address(address or token_address()))
+    `name()` / `version()`. Never hard-coded: Base's USDC is "USD Coin", Base Sepolia's "USDC". Cached per chain
+    and token."""
+    return _token_domain(settings.CHAIN_RPC_URL, settings.CHAIN_ID, to_checksum_address(address or token_address()))
 
 
 def call(fn) -> Any:

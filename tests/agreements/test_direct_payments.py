@@ -7,6 +7,7 @@ from agreements.models import AgreementEvent
 from escrow.models import ChainTransaction
 from sdk import typed_data
 from sdk.x402_signing import build_direct_stablecoin_agreement
+from tests.chain_fixtures import TOKEN_NAMES
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, network_of, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -64,6 +65,7 @@ def purchase(escrow_chain):
     return Purchase(escrow_chain)
 
 
+@pytest.mark.parametrize("chain", TOKEN_NAMES, indirect=True)  # "USDC": Base Sepolia's name
 def test_direct_purchase_collects_the_fee_then_pays_the_seller(purchase, django_capture_on_commit_callbacks):
     agreement = purchase.propose()
     assert agreement["status"] == "proposed" and agreement["settlement_model"] == "direct_payment"
@@ -157,6 +159,7 @@ def test_direct_payment_needs_its_signatures_and_escrow_refuses_them(purchase):
     assert purchase.parties.buyer_api.post("/usage-agreements", escrow).status_code == 400
 
 
+@pytest.mark.parametrize("chain", TOKEN_NAMES, indirect=True)  # "USDC": Base Sepolia's name
 def test_the_paegents_sdk_shape_pays_alike(purchase, django_capture_on_commit_callbacks):
     """Pægents' body: the payment under payment_method, the fee permit as signature and deadline only (the server
     fills in the fee and the token's nonce), the terms restated in cents."""

@@ -14,10 +14,11 @@ USDC = 10**6
 
 
 def network_of(chain) -> NetworkConfig:
-    """What a buyer's SDK pins for the test deployment (MockUSDC has USDC's domain)."""
+    """What a buyer's SDK pins for the test deployment (its token's EIP-712 domain as the token states it)."""
+    _, name, version, *_ = chain.usdc.functions.eip712Domain().call()
     return NetworkConfig(chain_id=chain.chain_id, escrow_address=chain.addresses["escrow"],
                          token_address=chain.addresses["usdc"], receipt_signer=chain.accounts.receipt_signer.address,
-                         gas_wallet=chain.accounts.deployer.address, token_domain=TokenDomain("USD Coin", "2"))
+                         gas_wallet=chain.accounts.deployer.address, token_domain=TokenDomain(name, version))
 
 
 def sign_activation(chain, package: dict, agreement: dict, key: str, **options) -> dict:

@@ -6,6 +6,7 @@ from django.core.management import call_command
 from agreements.models import UsageAgreement
 from escrow import settlement
 from sdk.typed_data import sign_typed_data
+from tests.chain_fixtures import TOKEN_NAMES
 from tests.catalog.factories import UserFactory, issue_owner_token
 from tests.conftest import Api, error_code
 from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
@@ -39,6 +40,7 @@ def call_n(parties, n):
         assert response.status_code == 200, response.content
 
 
+@pytest.mark.parametrize("chain", TOKEN_NAMES, indirect=True)  # "USDC": Base Sepolia's name
 def test_complete_challenge_window_settle(funded, escrow_chain, django_capture_on_commit_callbacks):
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     call_n(funded, 20)

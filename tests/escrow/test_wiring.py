@@ -6,7 +6,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
-from agreements import invocations
+from agreements import invocations, x402_protocol
 from agreements import services as agreement_services
 from escrow import relayer
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
@@ -26,6 +26,7 @@ def test_start_up_check_fails_for_a_transaction_kind_without_outcome_handler(mon
 @pytest.mark.parametrize(("registry", "message"), [
     (agreement_services._direct_payment_executor, r"agreements\.E001.*No direct payment executor"),
     (agreement_services._permit_nonce_reader, r"agreements\.E001.*No permit nonce reader"),
+    (x402_protocol._token_domain_reader, r"agreements\.E001.*No token domain reader"),
     (invocations._settlement_handler, r"agreements\.E002.*No invocation settlement handler"),
 ])
 def test_start_up_check_fails_for_a_missing_agreements_hook(registry, message):
