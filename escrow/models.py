@@ -90,7 +90,10 @@ class ChainTransaction(models.Model):
             models.UniqueConstraint(fields=["agreement", "purpose"], condition=~Q(status="failed"),
                                     name="chaintx_one_live_per_agreement_purpose"),
         ]
-        indexes = [models.Index(fields=["status", "updated_at"], name="chaintx_status_updated_idx")]
+        indexes = [models.Index(fields=["status", "updated_at"], name="chaintx_status_updated_idx"),
+                   # each relayer poll asks for the newest block holding a confirmed transaction (deep reorgs)
+                   models.Index(fields=["mined_block_number"], condition=Q(status=TxStatus.CONFIRMED),
+                                name="chaintx_confirmed_block_idx")]
 
     def __str__(self) -> str:
         return f"{self.purpose} {self.status} (nonce {self.nonce})"

@@ -100,7 +100,7 @@ def test_masumi_timers_handed_out_on_an_idle_chain_are_not_already_past(
                           pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": USDC,
                                    "token": "USDC"})
         time.sleep(7)  # no block since: the latest one is older than payByTime's default lead
-        before = int(time.time())
+        before, chain_before = int(time.time()), automine_only_chain.now()
         created = parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": {"text": "hello"},
                                                        "agentIdentifier": str(parties.service.pk)})
         assert created.status_code == 200, created.content
@@ -108,6 +108,10 @@ def test_masumi_timers_handed_out_on_an_idle_chain_are_not_already_past(
         pay_by = int(purchase["payByTime"]) // 1000
         assert pay_by >= before + 5 and purchase["ActivationPackage"]["deadline"] == pay_by
         assert int(purchase["submitResultTime"]) // 1000 >= before + 5 + settings.MASUMI_SUBMIT_RESULT_SECONDS
+        # The challenge window runs from the chain's clock: a proposal (at a block after the purchase) opens it
+        # until unlockTime at the earliest, never earlier because the chain lagged ours.
+        window = parties.agreement(purchase["agreementId"])["challenge_window_seconds"]
+        assert window == int(purchase["unlockTime"]) // 1000 - chain_before
 
         package, key = purchase["ActivationPackage"], parties.buyer_account.key
         permit = package["escrow_permit"]["message"]  # signed by the raw key: the SDK refuses deadlines < 60 s away
