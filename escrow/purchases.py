@@ -31,7 +31,8 @@ Masumi field ↔ contract:
 - submitResultTime: `ActivationIntent.expiresAt`. A result is accepted only before it. Without one the buyer is
   refunded by `reclaim`, which the contract allows from expiresAt + reclaimGrace: the grace lets a result that
   arrived just before submitResultTime still be proposed (the contract never lets proposal and reclaim race).
-- unlockTime: `challengeWindow = unlockTime − purchase time` (chain clock). A proposal at time t ≥ purchase time
+- unlockTime: `challengeWindow = unlockTime − purchase time`, the purchase time by the chain's clock (a chain that
+  lags ours only lengthens the window). A proposal at time t ≥ purchase time
   opens the window until t + challengeWindow ≥ unlockTime, so the seller is paid by `finalize` never before
   unlockTime (at result time + challengeWindow), and a refund request, accepted until unlockTime, always reaches
   the chain while the window is open.
@@ -80,6 +81,9 @@ COMPLETED = "completed"
 START_CLAIM_STALE_SECONDS = 120
 
 
+# The timers handed out count from `services.deadline_clock()` (the later of our clock and the chain's next block:
+# an idle chain's old latest block would hand out a payByTime already past); the challenge window, and what falls
+# due, by the chain's clock, as the contract judges them.
 def _chain_now() -> int:
     try:
         return settlement.chain_now()
@@ -116,8 +120,9 @@ TIMER_NAMES = {"pay_by_time": "payByTime", "submit_result_time": "submitResultTi
                "external_dispute_unlock_time": "externalDisputeUnlockTime"}
 
 
-def _timers(now: int, requested: dict[str, int | None]) -> dict[str, int]:
-    """Unix seconds; a missing timer follows the previous one by its configured default."""
+def _timers(now: int, requested: dict[str, int | None], *, chain_now: int) -> dict[str, int]:
+    """Unix seconds after `now`; a missing timer follows the previous one by its configured default. unlockTime
+    bounds the challenge window, which runs from the chain's clock `chain_now`."""
     defaults = [("pay_by_time", settings.MASUMI_PAY_BY_SECONDS),
                 ("submit_result_time", settings.MASUMI_SUBMIT_RESULT_SECONDS),
                 ("unlock_time", settings.MASUMI_UNLOCK_SECONDS),
@@ -130,7 +135,7 @@ def _timers(now: int, requested: dict[str, int | None]) -> dict[str, int]:
                                "unlockTime < externalDisputeUnlockTime.", code="invalid_timers",
                                details={"timer": name, "chain_time": now})
         timers[name] = previous = value
-    if timers["unlock_time"] - now > MAX_LOCK_SECONDS:
+    if timers["unlock_time"] - chain_now > MAX_LOCK_SECONDS:
         raise InvalidInput("unlockTime may be at most 30 days ahead.", code="invalid_timers",
                            details={"timer": "unlock_time", "max_seconds": MAX_LOCK_SECONDS})
     return timers
@@ -157,8 +162,9 @@ def purchase_create(*, buyer: Agent, service: Service, input_data, input_hash: s
     if input_hash is not None and input_hash != computed:
         raise InvalidInput("inputHash is not sha256(identifierFromPurchaser;JCS(input_data)) (MIP-004).",
                            code="input_hash_mismatch", details={"expected": computed})
-    now = _chain_now()
-    return _purchase_record(buyer=buyer, service=service, now=now, at=_timers(now, timers or {}),
+    chain_now = _chain_now()
+    at = _timers(services.deadline_clock(), timers or {}, chain_now=chain_now)
+    return _purchase_record(buyer=buyer, service=service, chain_now=chain_now, at=at,
                             identifier_from_purchaser=identifier_from_purchaser, metadata=metadata,
                             input_data=input_data, input_hash=computed, payment_request=None)
 
@@ -184,17 +190,16 @@ def purchase_create_for_payment(*, buyer: Agent, payment_request: MasumiPaymentR
     if differ:
         raise InvalidInput("The purchase does not match the seller's payment request.", code="payment_mismatch",
                            details={"fields": differ})
-    now = _chain_now()
     at = {name: _unix(getattr(payment_request, name)) for name in TIMER_NAMES}
-    if at["pay_by_time"] <= now:
+    if at["pay_by_time"] <= services.deadline_clock():
         raise Conflict("The payment request's payByTime has passed.", code="pay_by_time_passed")
-    return _purchase_record(buyer=buyer, service=service, now=now, at=at,
+    return _purchase_record(buyer=buyer, service=service, chain_now=_chain_now(), at=at,
                             identifier_from_purchaser=identifier_from_purchaser, metadata=metadata, input_data=None,
                             input_hash=given["inputHash"] or "", payment_request=payment_request)
 
 
-def _purchase_record(*, buyer: Agent, service: Service, now: int, at: dict[str, int], identifier_from_purchaser: str,
-                     metadata: str, input_data, input_hash: str,
+def _purchase_record(*, buyer: Agent, service: Service, chain_now: int, at: dict[str, int],
+                     identifier_from_purchaser: str, metadata: str, input_data, input_hash: str,
                      payment_request: MasumiPaymentRequest | None) -> tuple[MasumiPurchase, dict]:
     """The purchase and its escrow agreement (accepted: a listed Masumi service is a standing offer)."""
     with transaction.atomic():
@@ -204,7 +209,7 @@ def _purchase_record(*, buyer: Agent, service: Service, now: int, at: dict[str, 
                 raise Conflict("This payment request is already being paid.", code="payment_already_purchased")
         agreement = agreement_services.agreement_propose(
             buyer=buyer, service=service, quantity=1, expires_at=_moment(at["submit_result_time"]),
-            challenge_window_seconds=at["unlock_time"] - now, note="masumi purchase")
+            challenge_window_seconds=at["unlock_time"] - chain_now, note="masumi purchase")
         if agreement.status != S.PROPOSED:
             # A purchase is paid at once; one that needs the owner's approval is refused (and not recorded).
             raise Forbidden("The buyer's policy requires an owner's approval for this purchase.",
@@ -212,7 +217,7 @@ def _purchase_record(*, buyer: Agent, service: Service, now: int, at: dict[str, 
         agreement = agreement_services.agreement_accept(agreement=agreement, seller=service.seller)
         purchase = MasumiPurchase.objects.create(
             agreement=agreement, payment_request=payment_request, identifier_from_purchaser=identifier_from_purchaser,
-            metadata=metadata, input_data=input_data, input_hash=input_hash, created_chain_time=_moment(now),
+            metadata=metadata, input_data=input_data, input_hash=input_hash, created_chain_time=_moment(chain_now),
             **{name: _moment(value) for name, value in at.items()})
         package = services.activation_package(agreement=agreement, buyer=buyer, deadline=at["pay_by_time"])
     return purchase, package
@@ -334,8 +339,7 @@ def payment_request_create(*, seller: Agent, service: Service, identifier_from_p
     purchase = funded.select_related("agreement").order_by("created_at").first()
     if purchase is not None:
         return purchase
-    now = _chain_now()
-    at = _timers(now, timers)
+    at = _timers(services.deadline_clock(), timers, chain_now=_chain_now())
     return MasumiPaymentRequest.objects.create(
         service=service, identifier_from_purchaser=identifier_from_purchaser, input_hash=input_hash or "",
         metadata=metadata, **{name: _moment(value) for name, value in at.items()})

@@ -219,9 +219,11 @@ def indexer_lag(*, ask_chain: bool = True) -> IndexerLag | None:
     return IndexerLag(head=head, indexed_to=indexed_to, lag=max(0, head - indexed_to))
 
 
-def indexer_unapplied_events():
-    """Indexed events (still canonical) the indexer could not apply, oldest first, each with its error."""
-    return ChainEvent.objects.filter(effect=EventEffect.FAILED, removed_at=None).order_by("block_number", "log_index")
+def indexer_unapplied_events(*, acknowledged: bool = False):
+    """Indexed events (still canonical) the indexer could not apply, oldest first, each with its error: those no
+    operator acknowledged yet, or (`acknowledged`) those one did."""
+    return ChainEvent.objects.filter(effect=EventEffect.FAILED, removed_at=None,
+                                     acknowledged_at__isnull=not acknowledged).order_by("block_number", "log_index")
 
 
 def indexer_event_counts_by_effect() -> dict[str, int]:

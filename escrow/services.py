@@ -39,6 +39,13 @@ def _next_block_time() -> int:
         raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
 
 
+def deadline_clock() -> int:
+    """Where the deadlines handed out to clients count from (activation signatures, a Masumi purchase's timers):
+    the later of our clock and the chain's next block. An idle chain (Anvil mining only on transactions) may have
+    a latest block minutes old; a deadline counted from it could be expired when handed out."""
+    return max(_next_block_time(), int(time.time()))
+
+
 def intent_nonce(agreement: UsageAgreement) -> int:
     return activation_intent_nonce(agreement.onchain_id)
 
@@ -93,8 +100,7 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
     if not can_activate(agreement):
         raise Conflict(f"Nothing to sign while the agreement is {agreement.status}.", code="invalid_transition",
                        details={"status": agreement.status})
-    # From our clock as well as the chain's: an idle chain's clock never shortens a signature's life.
-    deadline = deadline or max(_next_block_time(), int(time.time())) + settings.ACTIVATION_SIGNATURE_TTL
+    deadline = deadline or deadline_clock() + settings.ACTIVATION_SIGNATURE_TTL
     return {
         "agreement_id": agreement.pk,
         "onchain_id": agreement.onchain_id,

@@ -21,12 +21,18 @@ def network_of(chain) -> NetworkConfig:
                          gas_wallet=chain.accounts.deployer.address, token_domain=TokenDomain(name, version))
 
 
+def deadline_clock(chain) -> int:
+    """Where the marketplace counts the deadlines it hands out from (escrow.services.deadline_clock): the later of
+    the wall clock and the chain's, so deadlines a test computes from it are in the future for the marketplace."""
+    return max(int(time.time()), chain.now())
+
+
 def sign_activation(chain, package: dict, agreement: dict, key: str, **options) -> dict:
     """The SDK's checked signing of an activation package, for the agreement the buyer holds."""
     network = network_of(chain)
     return sign_activation_package(package, key, terms=AgreedTerms.from_agreement(agreement, network),
                                    network=network, token_domain=network.token_domain,
-                                   now=max(int(time.time()), chain.now()), **options)
+                                   now=deadline_clock(chain), **options)
 
 
 def onchain_escrow(chain, onchain_id: str) -> OnchainEscrow:
@@ -77,7 +83,7 @@ class Parties:
         """The SDK's checked signing of a Masumi purchase's escrow package, whose deadline is the purchase's payByTime
         (as `MarketplaceClient.purchase_masumi_job` bounds it)."""
         package = purchase["ActivationPackage"]
-        now = max(int(time.time()), self.chain.now())
+        now = deadline_clock(self.chain)
         return sign_activation(self.chain, package, self.agreement(purchase["agreementId"]), self.buyer_account.key,
                                max_deadline_seconds=max(package["deadline"] - now, 0))
 
