@@ -35,6 +35,8 @@ _outcome_handlers: dict[str, OutcomeHandler] = {}
 _submitted_handlers: dict[str, OutcomeHandler] = {}
 _evidence_readers: dict[str, EvidenceReader] = {}
 _GAS_HEADROOM_PERCENT = 25
+# The context key of an operator's retry: the failed transaction it sends again.
+OPERATOR_RETRY_OF = "operator_retry_of"
 # A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
 _POLL_GIVES_UP_AFTER = 5
 
@@ -363,8 +365,9 @@ def transactions_sweep_queued() -> int:
 
 
 def transaction_retry(*, tx: ChainTransaction) -> ChainTransaction:
-    """Operator action: a failed transaction is queued again as a new row (the failed one stays for history)."""
+    """Operator action: a failed transaction is queued again as a new row (the failed one stays for history),
+    whose context names the one it retries (`OPERATOR_RETRY_OF`)."""
     with transaction.atomic():
         return transaction_enqueue(purpose=tx.purpose, to=tx.to_address, data=tx.data,
-                                   agreement_id=tx.agreement_id, context=tx.context,
+                                   agreement_id=tx.agreement_id, context={**tx.context, OPERATOR_RETRY_OF: str(tx.pk)},
                                    confirmations=tx.confirmations_required)

@@ -83,6 +83,8 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
             return None
         if _live_tx(agreement.pk, TxPurpose.PROPOSE_SETTLEMENT) or _live_tx(agreement.pk, TxPurpose.RECLAIM):
             return None
+        if not _proposal_due(selectors.proposal_failures(agreement_id=agreement.pk)):
+            return None
         if agreement.reserved:
             # Only reservations of calls that died with their process survive a full proxy timeout.
             metering.reservations_settle_stale(agreement=agreement)
@@ -90,6 +92,17 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
                         [agreement.onchain_id, seq, cumulative, digest, signature],
                         {"seq": seq, "cumulative": cumulative})
+
+
+def _proposal_due(failures: list[ChainTransaction]) -> bool:
+    """After a failed proposal the next waits SETTLEMENT_PROPOSE_BACKOFF_SECONDS, doubling each time; after
+    SETTLEMENT_PROPOSE_MAX_ATTEMPTS failures none is sent until an operator retries (the dashboard lists it)."""
+    if not failures:
+        return True
+    if len(failures) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS:
+        return False
+    backoff = settings.SETTLEMENT_PROPOSE_BACKOFF_SECONDS * 2 ** (len(failures) - 1)
+    return timezone.now() >= failures[0].updated_at + timedelta(seconds=backoff)
 
 
 def _proposal_evidence(tx: ChainTransaction) -> dict:
@@ -103,7 +116,7 @@ def _proposal_outcome(tx: ChainTransaction) -> None:
     if tx.status != TxStatus.CONFIRMED:
         logger.error("settlement proposal failed", extra={"agreement_id": str(tx.agreement_id),
                                                           "reason": tx.failure_reason})
-        return  # stays active with completion requested; an operator retries from the admin
+        return  # stays active with completion requested: the tick tries again (`_proposal_due`)
     deadline = datetime.fromtimestamp(tx.outcome_evidence["challenge_deadline"], tz=UTC)
     agreement_services.agreement_settlement_proposed(
         agreement_id=tx.agreement_id, challenge_deadline=deadline, amount=tx.context["cumulative"],
