@@ -72,7 +72,7 @@ from escrow import services, settlement
 from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose, TxStatus
 from marketplace import masumi_agentic_client
 from marketplace.errors import ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
-from sdk import typed_data
+from marketplace.signatures import signer_require
 
 logger = logging.getLogger(__name__)
 S = AgreementStatus
@@ -247,14 +247,8 @@ def refund_request_typed_data(*, purchase: MasumiPurchase) -> dict:
 
 
 def _check_refund_signature(purchase: MasumiPurchase, signature: str) -> None:
-    try:
-        signer = typed_data.recover_typed_data_signer(refund_request_typed_data(purchase=purchase), signature)
-    except Exception as exc:  # noqa: BLE001 - a malformed signature is the caller's input error
-        raise InvalidInput("Not a valid 65-byte signature.", code="invalid_signature") from exc
-    expected = purchase.agreement.buyer_wallet_address
-    if signer.lower() != expected.lower():
-        raise InvalidInput("The refund request must be signed by the buyer's wallet.", code="wrong_signer",
-                           details={"signer": signer, "expected": expected})
+    signer_require(typed=refund_request_typed_data(purchase=purchase), signature=signature,
+                   expected=purchase.agreement.buyer_wallet_address, field="signature")
 
 
 def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature: str | None) -> MasumiPurchase:

@@ -20,6 +20,7 @@ from marketplace import chainconfig
 from marketplace.chainconfig import receipt_signer_address
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, PaymentRequired
 from marketplace.logging import logs_name_the_agreement
+from marketplace.signatures import signer_require
 from sdk import typed_data
 from sdk.activation import activation_intent_nonce
 
@@ -110,21 +111,6 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
     }
 
 
-def _recover(typed: dict, signature: str, field: str) -> str:
-    try:
-        return typed_data.recover_typed_data_signer(typed, signature)
-    except Exception as exc:  # noqa: BLE001 - any malformed signature is the caller's input error
-        raise InvalidInput(f"{field}: not a valid 65-byte signature.", code="invalid_signature",
-                           details={"field": field}) from exc
-
-
-def _check_signer(typed: dict, signature: str, expected: str, field: str) -> None:
-    signer = _recover(typed, signature, field)
-    if signer.lower() != expected.lower():
-        raise InvalidInput(f"{field} was signed by {signer}, not by the buyer's wallet {expected}.",
-                           code="wrong_signer", details={"field": field, "signer": signer, "expected": expected})
-
-
 def _allowance(agreement: UsageAgreement) -> int:
     token = chain.token_contract(agreement.token_address or None)
     return chain.call(token.functions.allowance(Web3.to_checksum_address(agreement.buyer_wallet_address),
@@ -145,7 +131,7 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
             raise InvalidInput(f"{field} has passed.", code="signature_expired", details={"field": field})
     wallet = agreement.buyer_wallet_address
     intent = _intent(agreement, deadline)
-    _check_signer(intent, intent_signature, wallet, "intent_signature")
+    signer_require(typed=intent, signature=intent_signature, expected=wallet, field="intent_signature")
 
     required = agreement.deposit_amount + agreement.infra_fee
     if escrow_permit["value"] < required:
@@ -158,7 +144,7 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
                            code="wrong_permit_nonce", details={"field": "escrow_permit", "expected": chain_nonce})
     typed = _permit(agreement, value=escrow_permit["value"], nonce=escrow_permit["nonce"],
                     deadline=escrow_permit["deadline"])
-    _check_signer(typed, escrow_permit["signature"], wallet, "escrow_permit.signature")
+    signer_require(typed=typed, signature=escrow_permit["signature"], expected=wallet, field="escrow_permit.signature")
     # A permit someone else already submitted granted the allowance: the contract is given none to run.
     onchain_permit = typed_data.EMPTY_PERMIT if front_run else typed_data.onchain_permit(
         value=escrow_permit["value"], deadline=escrow_permit["deadline"], signature=escrow_permit["signature"])

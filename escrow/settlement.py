@@ -26,6 +26,7 @@ from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.logging import agreement_context, logs_name_the_agreement
+from marketplace.signatures import signer_require
 from sdk import receipts, typed_data
 
 logger = logging.getLogger(__name__)
@@ -147,14 +148,8 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
                            details={"challenge_deadline": agreement.challenge_deadline.isoformat()})
         if deadline <= now:
             raise InvalidInput("The signature's deadline has passed.", code="signature_expired")
-        try:
-            signer = typed_data.recover_typed_data_signer(challenge_typed_data(agreement=agreement,
-                                                                               deadline=deadline), signature)
-        except Exception as exc:  # noqa: BLE001 - malformed signature
-            raise InvalidInput("Not a valid 65-byte signature.", code="invalid_signature") from exc
-        if signer.lower() != agreement.buyer_wallet_address.lower():
-            raise InvalidInput("The challenge must be signed by the buyer's wallet.", code="wrong_signer",
-                               details={"signer": signer, "expected": agreement.buyer_wallet_address})
+        signer_require(typed=challenge_typed_data(agreement=agreement, deadline=deadline), signature=signature,
+                       expected=agreement.buyer_wallet_address, field="signature")
         if _live_tx(agreement.pk, TxPurpose.CHALLENGE):
             raise Conflict("A challenge is already being submitted.", code="challenge_in_progress")
         return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig",
