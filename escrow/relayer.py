@@ -114,7 +114,7 @@ def _conclude(tx: ChainTransaction, *, failure: str | None = None) -> ChainTrans
     """Make `tx` confirmed (or failed with `failure`) and tell the domain, once: the evidence is read from the
     chain first, then one locked write. None when another worker changed the row meanwhile."""
     tx.status = TxStatus.FAILED if failure is not None else TxStatus.CONFIRMED
-    tx.failure_reason = (failure or "")[:500]
+    tx.failure_reason = (failure or "").replace("\x00", "")[:500]  # PostgreSQL stores no NUL character
     tx.confirmed_at = timezone.now() if failure is None else None
     _read_evidence(tx)
     with transaction.atomic():

@@ -244,3 +244,31 @@ def test_a_proposal_that_keeps_reverting_backs_off_stops_and_waits_for_an_operat
     assert (agreement["status"], agreement["used_atomic"]) == ("in_challenge", 100_000)
     assert not [item for item in admin_client.get("/admin/dashboard/").context["overdue"]
                 if item.subject == funded.agreement_id]
+
+
+def test_a_failed_finalize_leaves_the_agreement_settling_until_an_operator_retries(
+        funded, escrow_chain, django_capture_on_commit_callbacks, admin_client):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
+    tick(capture)
+    deadline = UsageAgreement.objects.get(pk=funded.agreement_id).challenge_deadline
+    with capture(execute=True):  # our side counts the window as over; the chain's clock does not yet
+        assert settlement.settlement_tick(now=int(deadline.timestamp()) + 1)["finalizing"] == 1
+    confirm_all(capture)
+    [finalize] = ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.FINALIZE)
+    assert finalize.status == TxStatus.FAILED and "ChallengeWindowOpen" in finalize.failure_reason
+    agreement = funded.agreement(funded.agreement_id)
+    assert agreement["status"] == "settling" and agreement["seller_payout_atomic"] is None
+    assert usdc_balance(chain, chain.addresses["escrow"]) == 2 * USDC  # nothing moved
+    assert tick(capture)["finalizing"] == 0  # the tick finalizes what is in_challenge only
+    failures = admin_client.get("/admin/dashboard/").context["failures"]
+    assert any(failure.kind == "chain transaction finalize failed" for failure in failures)
+
+    chain.increase_time(3601)
+    retry_in_admin(admin_client, capture, finalize)
+    confirm_all(capture)
+    settled = funded.agreement(funded.agreement_id)
+    assert (settled["status"], settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (
+        "settled", 60_000, 1_940_000)
+    call_command("reconcile")
