@@ -68,8 +68,8 @@ from agreements import metering
 from agreements import services as agreement_services
 from agreements.models import AgreementStatus, UsageAgreement
 from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
-from escrow import services, settlement
-from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose, TxStatus
+from escrow import selectors, services, settlement
+from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose
 from marketplace import masumi_agentic_client
 from marketplace.errors import ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
 from marketplace.signatures import signer_require
@@ -286,8 +286,8 @@ def purchase_cancel_refund_request(*, purchase: MasumiPurchase, buyer: Agent) ->
             raise Forbidden("Only the buyer cancels its refund request.", code="buyer_only")
         if purchase.refund_requested_at is None:
             return purchase
-        if purchase.agreement.status not in (S.ACTIVE, S.IN_CHALLENGE) or _live(purchase.agreement_id,
-                                                                                 TxPurpose.CHALLENGE):
+        if purchase.agreement.status not in (S.ACTIVE, S.IN_CHALLENGE) or selectors.live_transaction(
+                agreement_id=purchase.agreement_id, purpose=TxPurpose.CHALLENGE):
             raise Conflict("The refund request is already on-chain.", code="refund_already_submitted",
                            details={"status": purchase.agreement.status})
         purchase.refund_requested_at = None
@@ -366,7 +366,7 @@ def payment_authorize_refund(*, seller: Agent, purchase: MasumiPurchase) -> Masu
     if purchase.agreement.status != S.DISPUTED:
         raise Conflict("Only a disputed payment (a refund requested after the result) is refunded by its seller.",
                        code="no_refund_requested", details={"status": purchase.agreement.status})
-    if not _live(purchase.agreement_id, TxPurpose.RESOLVE):
+    if not selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
         settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
     return purchase
 
@@ -451,11 +451,6 @@ def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -
     return purchase
 
 
-def _live(agreement_id, purpose: str) -> bool:
-    return ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=purpose).exclude(
-        status=TxStatus.FAILED).exists()
-
-
 def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     """Everything due on Masumi purchases, in one pass (the beat task). Each step is idempotent."""
     now = now if now is not None else _chain_now()
@@ -491,7 +486,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     # A refund asked for before the result: dispute the result once its proposal is on-chain.
     for purchase in MasumiPurchase.objects.filter(refund_requested_at__isnull=False, agreement__status=S.IN_CHALLENGE,
                                                   ).exclude(refund_signature="").select_related("agreement"):
-        if _live(purchase.agreement_id, TxPurpose.CHALLENGE):
+        if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.CHALLENGE):
             continue
         try:
             with transaction.atomic():
@@ -503,7 +498,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     for purchase in MasumiPurchase.objects.filter(
             Q(external_dispute_unlock_time__lte=now_dt) | Q(result_hash=""),
             agreement__status=S.DISPUTED).select_related("agreement"):
-        if _live(purchase.agreement_id, TxPurpose.RESOLVE):
+        if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
             continue
         try:
             settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)

@@ -34,6 +34,11 @@ def live_transactions(*, purpose: str):
     return ChainTransaction.objects.filter(purpose=purpose).exclude(status=TxStatus.FAILED)
 
 
+def live_transaction(*, agreement_id, purpose: str) -> ChainTransaction | None:
+    """The agreement's transaction of `purpose` under way or done, if any."""
+    return live_transactions(purpose=purpose).filter(agreement_id=agreement_id).first()
+
+
 def proposal_failures(*, agreement_id) -> list[ChainTransaction]:
     """The agreement's failed settlement proposals since an operator last retried one (that retry included),
     newest first: the attempts the settlement tick counts against SETTLEMENT_PROPOSE_MAX_ATTEMPTS."""

@@ -52,10 +52,6 @@ def chain_now() -> int:
     return now
 
 
-def _live_tx(agreement_id, purpose: str) -> ChainTransaction | None:
-    return selectors.live_transactions(purpose=purpose).filter(agreement_id=agreement_id).first()
-
-
 def _enqueue(agreement: UsageAgreement, purpose: str, fn_name: str, args: list, context: dict | None = None):
     data = chain.escrow_contract().encode_abi(fn_name, args=args)
     return relayer.transaction_enqueue(purpose=purpose, to=chainconfig.escrow_address(), data=data,
@@ -82,7 +78,8 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
         if agreement.status != "active" or agreement.completion_requested_at is None:
             return None
-        if _live_tx(agreement.pk, TxPurpose.PROPOSE_SETTLEMENT) or _live_tx(agreement.pk, TxPurpose.RECLAIM):
+        if (selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT)
+                or selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM)):
             return None
         if not _proposal_due(selectors.proposal_failures(agreement_id=agreement.pk)):
             return None
@@ -150,7 +147,7 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
             raise InvalidInput("The signature's deadline has passed.", code="signature_expired")
         signer_require(typed=challenge_typed_data(agreement=agreement, deadline=deadline), signature=signature,
                        expected=agreement.buyer_wallet_address, field="signature")
-        if _live_tx(agreement.pk, TxPurpose.CHALLENGE):
+        if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE):
             raise Conflict("A challenge is already being submitted.", code="challenge_in_progress")
         return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig",
                         [agreement.onchain_id, deadline, signature], {"reason": reason, "evidence": evidence})
@@ -171,7 +168,7 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
                            code="invalid_transition", details={"status": agreement.status})
         if seller_amount > agreement.deposit_amount:
             raise InvalidInput("The seller amount exceeds the deposit.", code="amount_exceeds_deposit")
-        if _live_tx(agreement.pk, TxPurpose.RESOLVE):
+        if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RESOLVE):
             raise Conflict("A resolution is already being submitted.", code="resolution_in_progress")
         return _enqueue(agreement, TxPurpose.RESOLVE, "resolve", [agreement.onchain_id, seller_amount],
                         {"seller_amount": seller_amount, "operator": getattr(operator, "username", "")})
@@ -183,7 +180,8 @@ def settlement_resolved(*, agreement_id, seller_amount: int, tx_hash: str, opera
     agreement = agreement_services.agreement_settling(
         agreement_id=agreement_id, reason=f"arbiter resolved: {seller_amount} to the seller",
         data={"tx_hash": tx_hash, "operator": operator})
-    if agreement.status == "settling" and not _live_tx(agreement_id, TxPurpose.FINALIZE):
+    if agreement.status == "settling" and not selectors.live_transaction(agreement_id=agreement_id,
+                                                                         purpose=TxPurpose.FINALIZE):
         _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])
 
 
@@ -271,7 +269,8 @@ def _reclaim_grace() -> int:
 def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if agreement.status != "active" or agreement.used or _live_tx(agreement.pk, TxPurpose.RECLAIM):
+        if agreement.status != "active" or agreement.used or selectors.live_transaction(
+                agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM):
             return None
         metering.completion_request(agreement=agreement, reason="expired unused")
         return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id])
@@ -280,7 +279,8 @@ def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
 def _finalize(agreement: UsageAgreement) -> ChainTransaction | None:
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if agreement.status != "in_challenge" or _live_tx(agreement.pk, TxPurpose.CHALLENGE):
+        if agreement.status != "in_challenge" or selectors.live_transaction(agreement_id=agreement.pk,
+                                                                            purpose=TxPurpose.CHALLENGE):
             return None
         agreement_services.agreement_settling(agreement_id=agreement.pk, reason="challenge window over")
         return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])
