@@ -24,7 +24,7 @@ from agreements.models import (
     UsageAgreement,
 )
 from catalog.models import Agent, Service, ServiceState
-from marketplace import chainconfig
+from marketplace import chainconfig, sweeps
 from sdk import typed_data
 from sdk.terms import terms_hash
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
@@ -595,17 +595,10 @@ policy_services.approval_handler_register(subject_type=APPROVAL_SUBJECT, handler
 
 def agreements_expire_proposals(*, now: datetime | None = None) -> int:
     """Proposals the seller did not answer in time become `expired`. Each in its own transaction; safe twice."""
-    now = now or timezone.now()
-    due = UsageAgreement.objects.filter(status=S.PROPOSED, proposal_expires_at__lte=now).values_list("pk", flat=True)
-    expired = 0
-    for pk in list(due[:1000]):
-        with transaction.atomic():
-            agreement = UsageAgreement.objects.select_for_update(skip_locked=True).filter(
-                pk=pk, status=S.PROPOSED).first()
-            if agreement is not None:
-                _transition(pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
-                expired += 1
-    return expired
+    return sweeps.due_rows_apply(
+        due=UsageAgreement.objects.filter(status=S.PROPOSED, proposal_expires_at__lte=now or timezone.now()),
+        apply=lambda agreement: _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM,
+                                            reason="proposal expired before acceptance"))
 
 
 def agreement_expire_unfunded(*, agreement_id, reason: str) -> UsageAgreement | None:
