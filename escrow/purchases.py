@@ -68,10 +68,10 @@ from agreements import metering
 from agreements import services as agreement_services
 from agreements.models import AgreementStatus, UsageAgreement
 from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
-from escrow import selectors, services, settlement
+from escrow import chain_clock, selectors, services, settlement
 from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose
 from marketplace import masumi_agentic_client
-from marketplace.errors import ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
+from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, NotFound
 from marketplace.signatures import signer_require
 
 logger = logging.getLogger(__name__)
@@ -80,13 +80,6 @@ MAX_LOCK_SECONDS = 30 * 24 * 3600  # the contract's MAX_CHALLENGE_WINDOW bounds 
 COMPLETED = "completed"
 # A start_job call claimed longer ago than this died with its worker; the job may be started again.
 START_CLAIM_STALE_SECONDS = 120
-
-
-def _chain_now() -> int:
-    try:
-        return settlement.chain_now()
-    except Exception as exc:  # noqa: BLE001 - any RPC failure means the chain cannot be read now
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from exc
 
 
 def _moment(unix: int) -> datetime:
@@ -164,7 +157,7 @@ def purchase_create(*, buyer: Agent, service: Service, input_data, input_hash: s
     if input_hash is not None and input_hash != computed:
         raise InvalidInput("inputHash is not sha256(identifierFromPurchaser;JCS(input_data)) (MIP-004).",
                            code="input_hash_mismatch", details={"expected": computed})
-    now = _chain_now()
+    now = chain_clock.chain_now_for_request()
     return _purchase_record(buyer=buyer, service=service, now=now, at=_timers(now, timers or {}),
                             identifier_from_purchaser=identifier_from_purchaser, metadata=metadata,
                             input_data=input_data, input_hash=computed, payment_request=None)
@@ -191,7 +184,7 @@ def purchase_create_for_payment(*, buyer: Agent, payment_request: MasumiPaymentR
     if differ:
         raise InvalidInput("The purchase does not match the seller's payment request.", code="payment_mismatch",
                            details={"fields": differ})
-    now = _chain_now()
+    now = chain_clock.chain_now_for_request()
     at = {name: _unix(getattr(payment_request, name)) for name in TIMER_NAMES}
     if at["pay_by_time"] <= now:
         raise Conflict("The payment request's payByTime has passed.", code="pay_by_time_passed")
@@ -254,7 +247,7 @@ def _check_refund_signature(purchase: MasumiPurchase, signature: str) -> None:
 def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature: str | None) -> MasumiPurchase:
     """The buyer asks for its money back (before unlockTime). Idempotent. Without a signature, the one given at
     lock-funds is used; with neither the request is recorded and the money comes back by reclaim."""
-    now = _chain_now()
+    now = chain_clock.chain_now_for_request()
     with transaction.atomic():
         purchase = MasumiPurchase.objects.select_for_update().select_related("agreement").get(pk=purchase.pk)
         agreement = purchase.agreement
@@ -335,7 +328,7 @@ def payment_request_create(*, seller: Agent, service: Service, identifier_from_p
     purchase = funded.select_related("agreement").order_by("created_at").first()
     if purchase is not None:
         return purchase
-    now = _chain_now()
+    now = chain_clock.chain_now_for_request()
     at = _timers(now, timers)
     return MasumiPaymentRequest.objects.create(
         service=service, identifier_from_purchaser=identifier_from_purchaser, input_hash=input_hash or "",
@@ -354,7 +347,7 @@ def payment_submit_result(*, seller: Agent, purchase: MasumiPurchase, result_has
     if agreement.status != S.ACTIVE:
         raise Conflict(f"No result can be submitted while the escrow is {agreement.status}.",
                        code="funds_not_locked", details={"status": agreement.status})
-    if _chain_now() >= _unix(purchase.submit_result_time):
+    if chain_clock.chain_now_for_request() >= _unix(purchase.submit_result_time):
         raise Conflict("submitResultTime has passed.", code="submit_result_time_passed")
     return purchase_result_record(purchase_id=purchase.pk, result_hash=result_hash)
 
@@ -453,7 +446,7 @@ def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -
 
 def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     """Everything due on Masumi purchases, in one pass (the beat task). Each step is idempotent."""
-    now = now if now is not None else _chain_now()
+    now = now if now is not None else chain_clock.chain_now()
     now_dt = _moment(now)
     done = {"expired": 0, "started": 0, "results": 0, "disputed": 0, "released": 0, "refunding": 0}
     # Never funded by payByTime: the signed intent can no longer be mined, so the purchase is over.

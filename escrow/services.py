@@ -14,7 +14,7 @@ from web3 import Web3
 from agreements import services as agreement_services
 from agreements.models import UsageAgreement
 from catalog.models import Agent
-from escrow import chain, relayer, selectors
+from escrow import chain, chain_clock, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.chainconfig import receipt_signer_address
@@ -29,15 +29,6 @@ def _require_chain() -> None:
     if not (chainconfig.escrow_address() and chainconfig.usdc_address()):
         raise DependencyUnavailable("No escrow contract is configured on this marketplace.",
                                     code="chain_not_configured")
-
-
-def _next_block_time() -> int:
-    """When a transaction sent now would be mined: what signature deadlines are checked against (the contract
-    compares them with `block.timestamp`)."""
-    try:
-        return chain.next_block_timestamp()
-    except chain.ChainError as error:
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
 
 
 def intent_nonce(agreement: UsageAgreement) -> int:
@@ -95,7 +86,8 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
         raise Conflict(f"Nothing to sign while the agreement is {agreement.status}.", code="invalid_transition",
                        details={"status": agreement.status})
     # From our clock as well as the chain's: an idle chain's clock never shortens a signature's life.
-    deadline = deadline or max(_next_block_time(), int(time.time())) + settings.ACTIVATION_SIGNATURE_TTL
+    deadline = deadline or (max(chain_clock.chain_now_for_request(next_block=True), int(time.time()))
+                            + settings.ACTIVATION_SIGNATURE_TTL)
     return {
         "agreement_id": agreement.pk,
         "onchain_id": agreement.onchain_id,
@@ -125,7 +117,7 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
     One permit covers deposit + fee. A permit whose token nonce is already spent (a front-runner submitted it)
     is accepted while the allowance it granted still covers both: the contract then skips it."""
     _require_chain()
-    now = _next_block_time()
+    now = chain_clock.chain_now_for_request(next_block=True)
     for field, signature_deadline in (("deadline", deadline), ("escrow_permit.deadline", escrow_permit["deadline"])):
         if signature_deadline <= now:
             raise InvalidInput(f"{field} has passed.", code="signature_expired", details={"field": field})

@@ -2,17 +2,15 @@
 
 `settlement_tick` (a beat task) moves every agreement that is due; the relayer's outcome handlers move the
 agreement when each transaction confirms. Deadlines are compared with the chain's clock, which is the one
-the contract enforces (see `chain_now` for a chain whose clock stalls).
+the contract enforces (escrow.chain_clock).
 """
 
 import logging
-import time
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
-from prometheus_client import Gauge
 from web3 import Web3
 from web3.logs import DISCARD
 
@@ -21,7 +19,7 @@ from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
 from agreements.models import UsageAgreement
 from catalog.models import Agent
-from escrow import chain, relayer, selectors
+from escrow import chain, chain_clock, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.errors import Conflict, Forbidden, InvalidInput
@@ -30,27 +28,6 @@ from marketplace.signatures import signer_require
 from sdk import receipts, typed_data
 
 logger = logging.getLogger(__name__)
-
-CHAIN_HEAD_AGE = Gauge("marketplace_chain_head_age_seconds", "Seconds since the latest block, as settlement last "
-                       "saw it (settlement and expiry follow the chain's clock).", multiprocess_mode="mostrecent")
-
-
-def chain_now() -> int:
-    """The chain's clock: the latest block's timestamp. Settlement and expiry decide by it, never by ours: the
-    contract checks `block.timestamp`, and a finalize or reclaim sent before the chain's time allows it reverts.
-
-    A stalled chain (no block for CHAIN_STALL_SECONDS) keeps its own time: what falls due waits until blocks
-    come again and is never done early. `make run`'s chain mines every 2 s, so it does not stall; on Base a stall
-    is a sequencer outage, when nothing could be mined anyway. The age of the latest block is exported
-    (`marketplace_chain_head_age_seconds`) and a stall is logged."""
-    now = chain.latest_block_timestamp()
-    age = time.time() - now
-    CHAIN_HEAD_AGE.set(age)
-    if age > settings.CHAIN_STALL_SECONDS:
-        logger.warning("the chain's clock is stalled: settlement and expiry wait for new blocks",
-                       extra={"latest_block_age_seconds": int(age)})
-    return now
-
 
 def _enqueue(agreement: UsageAgreement, purpose: str, fn_name: str, args: list, context: dict | None = None):
     data = chain.escrow_contract().encode_abi(fn_name, args=args)
@@ -134,7 +111,7 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
     """The buyer disputes the proposed amount within the window; submitted on-chain with its signature."""
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer challenges a settlement.", code="buyer_only")
-    now = chain_now()
+    now = chain_clock.chain_now_for_request()
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if agreement.status != "in_challenge":
@@ -239,7 +216,7 @@ def _reclaim_outcome(tx: ChainTransaction) -> None:
 
 def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     """Everything due, in one pass (the beat task). Each step is idempotent and safe to run concurrently."""
-    now = now if now is not None else chain_now()
+    now = now if now is not None else chain_clock.chain_now()
     now_dt = datetime.fromtimestamp(now, tz=UTC)
     done = {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
     # Active agreements past their end: used ones complete; unused ones wait for the reclaim window.
