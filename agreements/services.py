@@ -34,11 +34,12 @@ from agreements.models import (
     statuses_after,
 )
 from catalog.models import Agent, Service, ServiceState
-from marketplace import chainconfig
+from marketplace import chainconfig, sweeps
 from sdk import typed_data
 from sdk.terms import terms_hash
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
 from marketplace.fields import TokenAmountField
+from marketplace.signatures import signer_require
 from policies import selectors as policy_selectors
 from policies import services as policy_services
 from policies.evaluation import Outcome, Purchase, Spend, evaluate
@@ -354,14 +355,8 @@ def _direct_payment_check(*, payment_header: str, fee_permit: dict, amount: int,
         chain_id=settings.CHAIN_ID, token_address=chainconfig.usdc_address(), owner=payer,
         spender=chainconfig.relayer_address(), value=fee_permit["value"], nonce=fee_permit["nonce"],
         deadline=fee_permit["deadline"], token_name=token_name, token_version=token_version)
-    try:
-        signer = typed_data.recover_typed_data_signer(typed, fee_permit["signature"])
-    except Exception:  # noqa: BLE001 - any malformed signature is the caller's input error
-        signer = ""
-    if signer.lower() != payer.lower():
-        raise InvalidInput("fee_permit.signature is not the buyer's permit of the fee to the platform relayer "
-                           f"{chainconfig.relayer_address()}.", code="invalid_signature",
-                           details={"field": "fee_permit"})
+    signer_require(typed=typed, signature=fee_permit["signature"], expected=payer, field="fee_permit.signature",
+                   mismatch_code="invalid_signature")
     return authorization
 
 
@@ -410,7 +405,8 @@ def agreement_direct_payment_failed(*, agreement_id, reason: str) -> UsageAgreem
     return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, reason=reason)
 
 
-def agreement_direct_fee_refunded(*, agreement_id, amount: int, tx_hash: str) -> None:
+def agreement_direct_fee_refunded(*, agreement_id, amount: int) -> None:
+    """The fee came back to the buyer (the refund's transaction is on the agreement's chain transactions)."""
     UsageAgreement.objects.filter(pk=agreement_id).update(buyer_refund=amount, updated_at=timezone.now())
 
 
@@ -597,17 +593,10 @@ def hooks_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
 
 def agreements_expire_proposals(*, now: datetime | None = None) -> int:
     """Proposals the seller did not answer in time become `expired`. Each in its own transaction; safe twice."""
-    now = now or timezone.now()
-    due = UsageAgreement.objects.filter(status=S.PROPOSED, proposal_expires_at__lte=now).values_list("pk", flat=True)
-    expired = 0
-    for pk in list(due[:1000]):
-        with transaction.atomic():
-            agreement = UsageAgreement.objects.select_for_update(skip_locked=True).filter(
-                pk=pk, status=S.PROPOSED).first()
-            if agreement is not None:
-                _transition(pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
-                expired += 1
-    return expired
+    return sweeps.due_rows_apply(
+        due=UsageAgreement.objects.filter(status=S.PROPOSED, proposal_expires_at__lte=now or timezone.now()),
+        apply=lambda agreement: _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM,
+                                            reason="proposal expired before acceptance"))
 
 
 def agreement_expire_unfunded(*, agreement_id, reason: str) -> UsageAgreement | None:

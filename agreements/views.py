@@ -274,7 +274,7 @@ class RecordUsageView(APIView):
         agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
         body = RecordUsageSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        request_id = request._request.request_id
+        request_id = request.request_id
         if body.is_running_total:
             events = metering.usage_record_running_total(agreement=agreement, seller=agent,
                                                          units_used=body.validated_data["units_used"],

@@ -116,7 +116,7 @@ class _BoundedJsonProvider(Web3.HTTPProvider):
 
     @staticmethod
     def decode_rpc_response(raw_response: bytes):
-        return bounded_json.loads(raw_response)
+        return bounded_json.loads(raw_response, nul_allowed=True)
 
 
 @cache

@@ -52,7 +52,7 @@ def _tx_url(tx) -> str:
 
 
 def _overdue(now) -> list[dashboard.Overdue]:
-    """Transactions unconfirmed for too long, and those stuck at the fee cap."""
+    """Transactions unconfirmed for too long, those stuck at the fee cap, and settlement proposals given up on."""
     at_cap = list(selectors.transactions_at_fee_cap()
                   [:dashboard.OVERDUE_LIMIT])
     items = [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} stuck at the fee cap",
@@ -66,6 +66,9 @@ def _overdue(now) -> list[dashboard.Overdue]:
                                 admin_url=_tx_url(tx))
               for tx in selectors.transactions_unconfirmed_since(before=now - settings.OVERDUE_SUBMITTING_AFTER)
               [:dashboard.OVERDUE_LIMIT] if tx.pk not in capped]
+    items += [dashboard.Overdue(since=tx.updated_at, kind=f"settlement proposal failed {failures} times, not retried",
+                                subject=str(tx.agreement_id), detail=tx.failure_reason, admin_url=_tx_url(tx))
+              for tx, failures in selectors.proposals_given_up(limit=dashboard.OVERDUE_LIMIT)]
     return items
 
 

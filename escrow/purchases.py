@@ -67,11 +67,11 @@ from django.utils import timezone
 from agreements import services as agreement_services
 from agreements.models import AWAITING_FUNDING_STATUSES, AgreementStatus, UsageAgreement, can_activate
 from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
-from escrow import services, settlement
-from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose, TxStatus
+from escrow import chain_clock, selectors, services, settlement
+from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose
 from marketplace import masumi_agentic_client
-from marketplace.errors import ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
-from sdk import typed_data
+from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, NotFound
+from marketplace.signatures import signer_require
 
 logger = logging.getLogger(__name__)
 S = AgreementStatus
@@ -81,16 +81,9 @@ COMPLETED = "completed"
 START_CLAIM_STALE_SECONDS = 120
 
 
-# The timers handed out count from `services.deadline_clock()` (the later of our clock and the chain's next block:
-# an idle chain's old latest block would hand out a payByTime already past); the challenge window, and what falls
-# due, by the chain's clock, as the contract judges them.
-def _chain_now() -> int:
-    try:
-        return settlement.chain_now()
-    except Exception as exc:  # noqa: BLE001 - any RPC failure means the chain cannot be read now
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from exc
-
-
+# The timers handed out count from `chain_clock.deadline_clock()` (the later of our clock and the chain's next
+# block: an idle chain's old latest block would hand out a payByTime already past); the challenge window, and
+# what falls due, by the chain's clock, as the contract judges them.
 def _moment(unix: int) -> datetime:
     return datetime.fromtimestamp(unix, tz=UTC)
 
@@ -162,8 +155,8 @@ def purchase_create(*, buyer: Agent, service: Service, input_data, input_hash: s
     if input_hash is not None and input_hash != computed:
         raise InvalidInput("inputHash is not sha256(identifierFromPurchaser;JCS(input_data)) (MIP-004).",
                            code="input_hash_mismatch", details={"expected": computed})
-    chain_now = _chain_now()
-    at = _timers(services.deadline_clock(), timers or {}, chain_now=chain_now)
+    chain_now = chain_clock.chain_now_for_request()
+    at = _timers(chain_clock.deadline_clock(), timers or {}, chain_now=chain_now)
     return _purchase_record(buyer=buyer, service=service, chain_now=chain_now, at=at,
                             identifier_from_purchaser=identifier_from_purchaser, metadata=metadata,
                             input_data=input_data, input_hash=computed, payment_request=None)
@@ -191,9 +184,9 @@ def purchase_create_for_payment(*, buyer: Agent, payment_request: MasumiPaymentR
         raise InvalidInput("The purchase does not match the seller's payment request.", code="payment_mismatch",
                            details={"fields": differ})
     at = {name: _unix(getattr(payment_request, name)) for name in TIMER_NAMES}
-    if at["pay_by_time"] <= services.deadline_clock():
+    if at["pay_by_time"] <= chain_clock.deadline_clock():
         raise Conflict("The payment request's payByTime has passed.", code="pay_by_time_passed")
-    return _purchase_record(buyer=buyer, service=service, chain_now=_chain_now(), at=at,
+    return _purchase_record(buyer=buyer, service=service, chain_now=chain_clock.chain_now_for_request(), at=at,
                             identifier_from_purchaser=identifier_from_purchaser, metadata=metadata, input_data=None,
                             input_hash=given["inputHash"] or "", payment_request=payment_request)
 
@@ -245,20 +238,14 @@ def refund_request_typed_data(*, purchase: MasumiPurchase) -> dict:
 
 
 def _check_refund_signature(purchase: MasumiPurchase, signature: str) -> None:
-    try:
-        signer = typed_data.recover_typed_data_signer(refund_request_typed_data(purchase=purchase), signature)
-    except Exception as exc:  # noqa: BLE001 - a malformed signature is the caller's input error
-        raise InvalidInput("Not a valid 65-byte signature.", code="invalid_signature") from exc
-    expected = purchase.agreement.buyer_wallet_address
-    if signer.lower() != expected.lower():
-        raise InvalidInput("The refund request must be signed by the buyer's wallet.", code="wrong_signer",
-                           details={"signer": signer, "expected": expected})
+    signer_require(typed=refund_request_typed_data(purchase=purchase), signature=signature,
+                   expected=purchase.agreement.buyer_wallet_address, field="signature")
 
 
 def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature: str | None) -> MasumiPurchase:
     """The buyer asks for its money back (before unlockTime). Idempotent. Without a signature, the one given at
     lock-funds is used; with neither the request is recorded and the money comes back by reclaim."""
-    now = _chain_now()
+    now = chain_clock.chain_now_for_request()
     with transaction.atomic():
         purchase = MasumiPurchase.objects.select_for_update().select_related("agreement").get(pk=purchase.pk)
         agreement = purchase.agreement
@@ -290,8 +277,8 @@ def purchase_cancel_refund_request(*, purchase: MasumiPurchase, buyer: Agent) ->
             raise Forbidden("Only the buyer cancels its refund request.", code="buyer_only")
         if purchase.refund_requested_at is None:
             return purchase
-        if purchase.agreement.status not in (S.ACTIVE, S.IN_CHALLENGE) or _live(purchase.agreement_id,
-                                                                                 TxPurpose.CHALLENGE):
+        if purchase.agreement.status not in (S.ACTIVE, S.IN_CHALLENGE) or selectors.live_transaction(
+                agreement_id=purchase.agreement_id, purpose=TxPurpose.CHALLENGE):
             raise Conflict("The refund request is already on-chain.", code="refund_already_submitted",
                            details={"status": purchase.agreement.status})
         purchase.refund_requested_at = None
@@ -339,7 +326,7 @@ def payment_request_create(*, seller: Agent, service: Service, identifier_from_p
     purchase = funded.select_related("agreement").order_by("created_at").first()
     if purchase is not None:
         return purchase
-    at = _timers(services.deadline_clock(), timers, chain_now=_chain_now())
+    at = _timers(chain_clock.deadline_clock(), timers, chain_now=chain_clock.chain_now_for_request())
     return MasumiPaymentRequest.objects.create(
         service=service, identifier_from_purchaser=identifier_from_purchaser, input_hash=input_hash or "",
         metadata=metadata, **{name: _moment(value) for name, value in at.items()})
@@ -357,7 +344,7 @@ def payment_submit_result(*, seller: Agent, purchase: MasumiPurchase, result_has
     if agreement.status != S.ACTIVE:
         raise Conflict(f"No result can be submitted while the escrow is {agreement.status}.",
                        code="funds_not_locked", details={"status": agreement.status})
-    if _chain_now() >= _unix(purchase.submit_result_time):
+    if chain_clock.chain_now_for_request() >= _unix(purchase.submit_result_time):
         raise Conflict("submitResultTime has passed.", code="submit_result_time_passed")
     return purchase_result_record(purchase_id=purchase.pk, result_hash=result_hash)
 
@@ -369,7 +356,7 @@ def payment_authorize_refund(*, seller: Agent, purchase: MasumiPurchase) -> Masu
     if purchase.agreement.status != S.DISPUTED:
         raise Conflict("Only a disputed payment (a refund requested after the result) is refunded by its seller.",
                        code="no_refund_requested", details={"status": purchase.agreement.status})
-    if not _live(purchase.agreement_id, TxPurpose.RESOLVE):
+    if not selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
         settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
     return purchase
 
@@ -454,14 +441,9 @@ def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -
     return purchase
 
 
-def _live(agreement_id, purpose: str) -> bool:
-    return ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=purpose).exclude(
-        status=TxStatus.FAILED).exists()
-
-
 def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     """Everything due on Masumi purchases, in one pass (the beat task). Each step is idempotent."""
-    now = now if now is not None else _chain_now()
+    now = now if now is not None else chain_clock.chain_now()
     now_dt = _moment(now)
     done = {"expired": 0, "started": 0, "results": 0, "disputed": 0, "released": 0, "refunding": 0}
     # Never funded by payByTime: the signed intent can no longer be mined, so the purchase is over.
@@ -494,7 +476,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     # A refund asked for before the result: dispute the result once its proposal is on-chain.
     for purchase in MasumiPurchase.objects.filter(refund_requested_at__isnull=False, agreement__status=S.IN_CHALLENGE,
                                                   ).exclude(refund_signature="").select_related("agreement"):
-        if _live(purchase.agreement_id, TxPurpose.CHALLENGE):
+        if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.CHALLENGE):
             continue
         try:
             with transaction.atomic():
@@ -506,7 +488,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     for purchase in MasumiPurchase.objects.filter(
             Q(external_dispute_unlock_time__lte=now_dt) | Q(result_hash=""),
             agreement__status=S.DISPUTED).select_related("agreement"):
-        if _live(purchase.agreement_id, TxPurpose.RESOLVE):
+        if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
             continue
         try:
             settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)

@@ -46,6 +46,8 @@ _outcome_handlers: dict[str, OutcomeHandler] = {}
 _submitted_handlers: dict[str, OutcomeHandler] = {}
 _evidence_readers: dict[str, EvidenceReader] = {}
 _GAS_HEADROOM_PERCENT = 25
+# The context key of an operator's retry: the failed transaction it sends again.
+OPERATOR_RETRY_OF = "operator_retry_of"
 # A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
 _POLL_GIVES_UP_AFTER = 5
 
@@ -138,7 +140,7 @@ def _conclude(tx: ChainTransaction, *, failure: str | None = None) -> ChainTrans
     """Make `tx` confirmed (or failed with `failure`) and tell the domain, once: the evidence is read from the
     chain first, then one locked write. None when another worker changed the row meanwhile."""
     tx.status = TxStatus.FAILED if failure is not None else TxStatus.CONFIRMED
-    tx.failure_reason = (failure or "")[:500]
+    tx.failure_reason = (failure or "").replace("\x00", "")[:500]  # PostgreSQL stores no NUL character
     tx.confirmed_at = timezone.now() if failure is None else None
     _read_evidence(tx)
     with transaction.atomic():
@@ -446,8 +448,9 @@ def transactions_sweep_queued() -> int:
 
 
 def transaction_retry(*, tx: ChainTransaction) -> ChainTransaction:
-    """Operator action: a failed transaction is queued again as a new row (the failed one stays for history)."""
+    """Operator action: a failed transaction is queued again as a new row (the failed one stays for history),
+    whose context names the one it retries (`OPERATOR_RETRY_OF`)."""
     with transaction.atomic():
         return transaction_enqueue(purpose=tx.purpose, to=tx.to_address, data=tx.data,
-                                   agreement_id=tx.agreement_id, context=tx.context,
+                                   agreement_id=tx.agreement_id, context={**tx.context, OPERATOR_RETRY_OF: str(tx.pk)},
                                    confirmations=tx.confirmations_required)

@@ -8,7 +8,7 @@ from web3 import Web3
 
 from agreements import services as agreement_services
 from agreements.models import AgreementStatus, SkillInvocation, is_paid_out
-from escrow import chain
+from escrow import chain, relayer
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPaymentRequest,
                            MasumiPurchase, TxPurpose, TxStatus)
 from marketplace import chainconfig
@@ -41,6 +41,36 @@ def network_config() -> dict:
 def live_transactions(*, purpose: str):
     """Transactions of `purpose` under way or done, i.e. not failed: an agreement has at most one."""
     return ChainTransaction.objects.filter(purpose=purpose).exclude(status=TxStatus.FAILED)
+
+
+def live_transaction(*, agreement_id, purpose: str) -> ChainTransaction | None:
+    """The agreement's transaction of `purpose` under way or done, if any."""
+    return live_transactions(purpose=purpose).filter(agreement_id=agreement_id).first()
+
+
+def proposal_failures(*, agreement_id) -> list[ChainTransaction]:
+    """The agreement's failed settlement proposals since an operator last retried one (that retry included),
+    newest first: the attempts the settlement tick counts against SETTLEMENT_PROPOSE_MAX_ATTEMPTS."""
+    proposals = ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=TxPurpose.PROPOSE_SETTLEMENT)
+    last_retry = proposals.filter(context__has_key=relayer.OPERATOR_RETRY_OF).order_by("-created_at").first()
+    if last_retry is not None:
+        proposals = proposals.filter(created_at__gte=last_retry.created_at)
+    return list(proposals.filter(status=TxStatus.FAILED).order_by("-created_at"))
+
+
+def proposals_given_up(*, limit: int) -> list[tuple[ChainTransaction, int]]:
+    """Settlement proposals the tick no longer tries (SETTLEMENT_PROPOSE_MAX_ATTEMPTS failed since an operator's
+    last retry): (the latest failed transaction, the failures) per active agreement, oldest first."""
+    live = live_transactions(purpose=TxPurpose.PROPOSE_SETTLEMENT).filter(agreement_id=OuterRef("agreement_id"))
+    candidates = (ChainTransaction.objects.filter(purpose=TxPurpose.PROPOSE_SETTLEMENT, status=TxStatus.FAILED,
+                                                  agreement__status=AgreementStatus.ACTIVE)
+                  .exclude(Exists(live)).order_by().values_list("agreement_id", flat=True).distinct())
+    given_up = []
+    for agreement_id in candidates:
+        failures = proposal_failures(agreement_id=agreement_id)
+        if len(failures) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS:
+            given_up.append((failures[0], len(failures)))
+    return sorted(given_up, key=lambda item: item[0].updated_at)[:limit]
 
 
 def disputes():

@@ -2,17 +2,15 @@
 
 `settlement_tick` (a beat task) moves every agreement that is due; the relayer's outcome handlers move the
 agreement when each transaction confirms. Deadlines are compared with the chain's clock, which is the one
-the contract enforces (see `chain_now` for a chain whose clock stalls).
+the contract enforces (escrow.chain_clock).
 """
 
 import logging
-import time
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
-from prometheus_client import Gauge
 from web3 import Web3
 from web3.logs import DISCARD
 
@@ -28,39 +26,15 @@ from agreements.models import (
     is_settling,
 )
 from catalog.models import Agent
-from escrow import chain, relayer, selectors
+from escrow import chain, chain_clock, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.logging import agreement_context, logs_name_the_agreement
+from marketplace.signatures import signer_require
 from sdk import receipts, typed_data
 
 logger = logging.getLogger(__name__)
-
-CHAIN_HEAD_AGE = Gauge("marketplace_chain_head_age_seconds", "Seconds since the latest block, as settlement last "
-                       "saw it (settlement and expiry follow the chain's clock).", multiprocess_mode="mostrecent")
-
-
-def chain_now() -> int:
-    """The chain's clock: the latest block's timestamp. Settlement and expiry decide by it, never by ours: the
-    contract checks `block.timestamp`, and a finalize or reclaim sent before the chain's time allows it reverts.
-
-    A stalled chain (no block for CHAIN_STALL_SECONDS) keeps its own time: what falls due waits until blocks
-    come again and is never done early. `make run`'s chain mines every 2 s, so it does not stall; on Base a stall
-    is a sequencer outage, when nothing could be mined anyway. The age of the latest block is exported
-    (`marketplace_chain_head_age_seconds`) and a stall is logged."""
-    now = chain.latest_block_timestamp()
-    age = time.time() - now
-    CHAIN_HEAD_AGE.set(age)
-    if age > settings.CHAIN_STALL_SECONDS:
-        logger.warning("the chain's clock is stalled: settlement and expiry wait for new blocks",
-                       extra={"latest_block_age_seconds": int(age)})
-    return now
-
-
-def _live_tx(agreement_id, purpose: str) -> ChainTransaction | None:
-    return selectors.live_transactions(purpose=purpose).filter(agreement_id=agreement_id).first()
-
 
 def _enqueue(agreement: UsageAgreement, purpose: str, fn_name: str, args: list, context: dict | None = None):
     data = chain.escrow_contract().encode_abi(fn_name, args=args)
@@ -88,7 +62,10 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
         if not can_propose_settlement(agreement) or agreement.completion_requested_at is None:
             return None
-        if _live_tx(agreement.pk, TxPurpose.PROPOSE_SETTLEMENT) or _live_tx(agreement.pk, TxPurpose.RECLAIM):
+        if (selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT)
+                or selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM)):
+            return None
+        if not _proposal_due(selectors.proposal_failures(agreement_id=agreement.pk)):
             return None
         if agreement.reserved:
             # Only reservations of calls that died with their process survive a full proxy timeout.
@@ -97,6 +74,17 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
                         [agreement.onchain_id, seq, cumulative, digest, signature],
                         {"seq": seq, "cumulative": cumulative})
+
+
+def _proposal_due(failures: list[ChainTransaction]) -> bool:
+    """After a failed proposal the next waits SETTLEMENT_PROPOSE_BACKOFF_SECONDS, doubling each time; after
+    SETTLEMENT_PROPOSE_MAX_ATTEMPTS failures none is sent until an operator retries (the dashboard lists it)."""
+    if not failures:
+        return True
+    if len(failures) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS:
+        return False
+    backoff = settings.SETTLEMENT_PROPOSE_BACKOFF_SECONDS * 2 ** (len(failures) - 1)
+    return timezone.now() >= failures[0].updated_at + timedelta(seconds=backoff)
 
 
 def _proposal_evidence(tx: ChainTransaction) -> dict:
@@ -110,7 +98,7 @@ def _proposal_outcome(tx: ChainTransaction) -> None:
     if tx.status != TxStatus.CONFIRMED:
         logger.error("settlement proposal failed", extra={"agreement_id": str(tx.agreement_id),
                                                           "reason": tx.failure_reason})
-        return  # stays active with completion requested; an operator retries from the admin
+        return  # stays active with completion requested: the tick tries again (`_proposal_due`)
     deadline = datetime.fromtimestamp(tx.outcome_evidence["challenge_deadline"], tz=UTC)
     agreement_services.agreement_settlement_proposed(
         agreement_id=tx.agreement_id, challenge_deadline=deadline, amount=tx.context["cumulative"],
@@ -130,7 +118,7 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
     """The buyer disputes the proposed amount within the window; submitted on-chain with its signature."""
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer challenges a settlement.", code="buyer_only")
-    now = chain_now()
+    now = chain_clock.chain_now_for_request()
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if not can_challenge(agreement):
@@ -141,15 +129,9 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
                            details={"challenge_deadline": agreement.challenge_deadline.isoformat()})
         if deadline <= now:
             raise InvalidInput("The signature's deadline has passed.", code="signature_expired")
-        try:
-            signer = typed_data.recover_typed_data_signer(challenge_typed_data(agreement=agreement,
-                                                                               deadline=deadline), signature)
-        except Exception as exc:  # noqa: BLE001 - malformed signature
-            raise InvalidInput("Not a valid 65-byte signature.", code="invalid_signature") from exc
-        if signer.lower() != agreement.buyer_wallet_address.lower():
-            raise InvalidInput("The challenge must be signed by the buyer's wallet.", code="wrong_signer",
-                               details={"signer": signer, "expected": agreement.buyer_wallet_address})
-        if _live_tx(agreement.pk, TxPurpose.CHALLENGE):
+        signer_require(typed=challenge_typed_data(agreement=agreement, deadline=deadline), signature=signature,
+                       expected=agreement.buyer_wallet_address, field="signature")
+        if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE):
             raise Conflict("A challenge is already being submitted.", code="challenge_in_progress")
         return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig",
                         [agreement.onchain_id, deadline, signature], {"reason": reason, "evidence": evidence})
@@ -170,7 +152,7 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
                            code="invalid_transition", details={"status": agreement.status})
         if seller_amount > agreement.deposit_amount:
             raise InvalidInput("The seller amount exceeds the deposit.", code="amount_exceeds_deposit")
-        if _live_tx(agreement.pk, TxPurpose.RESOLVE):
+        if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RESOLVE):
             raise Conflict("A resolution is already being submitted.", code="resolution_in_progress")
         return _enqueue(agreement, TxPurpose.RESOLVE, "resolve", [agreement.onchain_id, seller_amount],
                         {"seller_amount": seller_amount, "operator": getattr(operator, "username", "")})
@@ -182,7 +164,8 @@ def settlement_resolved(*, agreement_id, seller_amount: int, tx_hash: str, opera
     agreement = agreement_services.agreement_settling(
         agreement_id=agreement_id, reason=f"arbiter resolved: {seller_amount} to the seller",
         data={"tx_hash": tx_hash, "operator": operator})
-    if is_settling(agreement) and not _live_tx(agreement_id, TxPurpose.FINALIZE):
+    if is_settling(agreement) and not selectors.live_transaction(agreement_id=agreement_id,
+                                                                        purpose=TxPurpose.FINALIZE):
         _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])
 
 
@@ -240,7 +223,7 @@ def _reclaim_outcome(tx: ChainTransaction) -> None:
 
 def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     """Everything due, in one pass (the beat task). Each step is idempotent and safe to run concurrently."""
-    now = now if now is not None else chain_now()
+    now = now if now is not None else chain_clock.chain_now()
     now_dt = datetime.fromtimestamp(now, tz=UTC)
     done = {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
     # Active agreements past their end: used ones complete; unused ones wait for the reclaim window.
@@ -270,7 +253,8 @@ def _reclaim_grace() -> int:
 def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if not can_reclaim(agreement) or agreement.used or _live_tx(agreement.pk, TxPurpose.RECLAIM):
+        if not can_reclaim(agreement) or agreement.used or selectors.live_transaction(
+                agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM):
             return None
         agreement_services.completion_request(agreement=agreement, reason="expired unused")
         return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id])
@@ -279,7 +263,8 @@ def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
 def _finalize(agreement: UsageAgreement) -> ChainTransaction | None:
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if not can_challenge(agreement) or _live_tx(agreement.pk, TxPurpose.CHALLENGE):
+        if not can_challenge(agreement) or selectors.live_transaction(
+                agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE):
             return None
         agreement_services.agreement_settling(agreement_id=agreement.pk, reason="challenge window over")
         return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])

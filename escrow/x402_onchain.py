@@ -306,8 +306,7 @@ def _direct_payment_outcome(tx: ChainTransaction) -> None:
 
 def _direct_fee_refund_outcome(tx: ChainTransaction) -> None:
     if tx.status == TxStatus.CONFIRMED:
-        agreement_services.agreement_direct_fee_refunded(agreement_id=tx.agreement_id,
-                                                         amount=tx.context["amount"], tx_hash=tx.mined_tx_hash)
+        agreement_services.agreement_direct_fee_refunded(agreement_id=tx.agreement_id, amount=tx.context["amount"])
     else:
         logger.error("fee refund failed", extra={"tx_id": str(tx.pk), "reason": tx.failure_reason})
 

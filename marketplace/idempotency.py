@@ -31,7 +31,7 @@ MAX_KEY_LENGTH = 255
 
 
 def _fingerprint(request) -> str:
-    body = request._request.body
+    body = request.body
     try:
         canonical = json.dumps(bounded_json.loads(body or b"null"), sort_keys=True, separators=(",", ":")).encode()
     except bounded_json.InvalidJSON:  # the parser refuses it with its own error when the view reads it

@@ -14,6 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from catalog.models import Agent
+from marketplace import sweeps
 from marketplace.errors import Conflict
 from policies.models import ApprovalRequest, ApprovalStatus, Policy
 
@@ -82,15 +83,6 @@ def approval_decide(*, approval: ApprovalRequest, actor, approve: bool, note: st
 
 def approvals_expire(*, now: datetime | None = None) -> int:
     """Expire pending requests past their deadline, each in its own transaction. Safe to run twice."""
-    now = now or timezone.now()
-    expired = 0
-    due = ApprovalRequest.objects.filter(status=ApprovalStatus.PENDING, expires_at__lte=now).values_list("pk",
-                                                                                                          flat=True)
-    for pk in list(due[:1000]):
-        with transaction.atomic():
-            approval = ApprovalRequest.objects.select_for_update(skip_locked=True).filter(
-                pk=pk, status=ApprovalStatus.PENDING).first()
-            if approval is not None:
-                _decide(approval, status=ApprovalStatus.EXPIRED, actor=None, note="expired")
-                expired += 1
-    return expired
+    return sweeps.due_rows_apply(
+        due=ApprovalRequest.objects.filter(status=ApprovalStatus.PENDING, expires_at__lte=now or timezone.now()),
+        apply=lambda approval: _decide(approval, status=ApprovalStatus.EXPIRED, actor=None, note="expired"))

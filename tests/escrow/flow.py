@@ -22,7 +22,7 @@ def network_of(chain) -> NetworkConfig:
 
 
 def deadline_clock(chain) -> int:
-    """Where the marketplace counts the deadlines it hands out from (escrow.services.deadline_clock): the later of
+    """Where the marketplace counts the deadlines it hands out from (escrow.chain_clock.deadline_clock): the later of
     the wall clock and the chain's, so deadlines a test computes from it are in the future for the marketplace."""
     return max(int(time.time()), chain.now())
 
