@@ -11,18 +11,10 @@ from catalog.models import Agent
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import AgentFactory, issue_key, register_service
 from tests.conftest import Api, error_code
+from tests.faults.processes import wait_until
 from tests.support.db_activity import row_locked, sessions_waiting_for_a_lock
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
-
-
-def _wait_until(condition, what: str, attempts: int = 400) -> None:
-    """Poll `condition` (a bound on waiting, not on speed)."""
-    for _ in range(attempts):
-        if condition():
-            return
-        threading.Event().wait(0.05)
-    raise AssertionError(f"never happened: {what}")
 
 
 def test_a_retry_while_the_first_request_runs_is_409_and_then_replays_the_first_answer():
@@ -47,9 +39,9 @@ def test_a_retry_while_the_first_request_runs_is_409_and_then_replays_the_first_
     # proposal or policy edit holds it): it is in progress for as long as the test says.
     with row_locked(Agent, buyer.pk):
         first = post("first")
-        _wait_until(lambda: sessions_waiting_for_a_lock() == 1, "the first request waits for the lock")
+        wait_until(lambda: sessions_waiting_for_a_lock() == 1, timeout=60, what="the first request to wait for the lock")
         post("retry")
-        _wait_until(lambda: "retry" in answers, "the retry answered while the first request runs")
+        wait_until(lambda: "retry" in answers, timeout=60, what="the retry's answer while the first request runs")
 
         assert answers["retry"].status_code == 409 and error_code(answers["retry"]) == "idempotency_in_progress"
         assert "first" not in answers
