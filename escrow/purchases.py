@@ -200,9 +200,9 @@ def _purchase_record(*, buyer: Agent, service: Service, chain_now: int, at: dict
             MasumiPaymentRequest.objects.select_for_update().get(pk=payment_request.pk)
             if MasumiPurchase.objects.filter(payment_request=payment_request).exists():
                 raise Conflict("This payment request is already being paid.", code="payment_already_purchased")
-        agreement = agreement_services.agreement_propose(
+        agreement = agreement_services.agreement_propose(proposal=agreement_services.agreement_proposal_prepare(
             buyer=buyer, service=service, quantity=1, expires_at=_moment(at["submit_result_time"]),
-            challenge_window_seconds=at["unlock_time"] - chain_now, note="masumi purchase")
+            challenge_window_seconds=at["unlock_time"] - chain_now, note="masumi purchase"))
         if agreement.status != S.PROPOSED:
             # A purchase is paid at once; one that needs the owner's approval is refused (and not recorded).
             raise Forbidden("The buyer's policy requires an owner's approval for this purchase.",

@@ -217,3 +217,41 @@ def test_accepting_asks_the_chain_with_no_database_transaction_open(escrow_chain
         assert asked_inside_a_transaction == []
     finally:
         relay.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_proposing_with_a_paegents_fee_permit_asks_the_chain_with_no_database_transaction_open(escrow_chain,
+                                                                                             settings):
+    """The fee permit given as signature and deadline only is completed with the token's nonce, read from the
+    chain before the idempotent request's transaction opens; the replay answers the same without asking again."""
+    from tests.support.db_activity import backend_pid, session_state
+    from tests.support.rpc_relay import RpcRelay
+
+    relay = RpcRelay(escrow_chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    try:
+        purchase = Purchase(escrow_chain)
+        ours = purchase.body()
+        body = {key: value for key, value in ours.items() if key != "fee_permit"}
+        body.update(buyer_infra_fee_permit_signature=ours["fee_permit"]["signature"],
+                    buyer_infra_fee_permit_deadline=ours["fee_permit"]["deadline"])
+        headers = {"Idempotency-Key": "paegents-proposal-1"}
+        pid = backend_pid()
+        asked, asked_inside_a_transaction = [], []
+        relay.observers.append(lambda call: asked.append(call["method"]))
+        relay.observers.append(lambda call: session_state(pid) == "idle in transaction"
+                               and asked_inside_a_transaction.append(call["method"]))
+
+        first = purchase.parties.buyer_api.post("/usage-agreements", body, headers=headers)
+        assert first.status_code == 201, first.content
+        assert first.json()["infra_fee_atomic"] == FEE
+        assert asked and asked_inside_a_transaction == []
+
+        asked.clear()
+        replay = purchase.parties.buyer_api.post("/usage-agreements", body, headers=headers)
+        assert replay.status_code == 201 and replay["Idempotent-Replayed"] == "true"
+        assert replay.json() == first.json()
+        assert asked == []
+    finally:
+        relay.stop()
