@@ -293,7 +293,7 @@ class RecordUsageView(APIView):
                                    code="idempotency_key_required")
             events = metering.usage_record(agreement=agreement, seller=agent, entries=body.entries(),
                                            request_id=request_id)
-        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        agreement = selectors.agreement_refresh(agreement=agreement)
         return Response(agreement_payload(agreement, serializer=RecordedUsageSerializer, events=events),
                         status=status.HTTP_201_CREATED)
 
