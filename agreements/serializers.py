@@ -6,10 +6,17 @@ from rest_framework import serializers
 
 from agreements.models import AgreementEvent, AgreementStatus, SettlementModel
 from agreements.services import APPROVAL_SUBJECT
-from catalog.serializers import AgentSummarySerializer, CentsField, cents_of
 from marketplace.chainconfig import receipt_signer_address
 from marketplace.pagination import PageQuerySerializer
-from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictIntegerField, StrictSerializer
+from marketplace.serializers import (
+    AddressSerializerField,
+    AgentSummarySerializer,
+    AtomicAmountField,
+    CentsField,
+    StrictIntegerField,
+    StrictSerializer,
+    cents_of,
+)
 from policies import selectors as policy_selectors
 
 

@@ -42,7 +42,6 @@ from marketplace.fields import TokenAmountField
 from marketplace.signatures import signer_require
 from policies import selectors as policy_selectors
 from policies import services as policy_services
-from policies.evaluation import Decision, Outcome, Purchase, Spend, evaluate
 
 S = AgreementStatus
 
@@ -319,7 +318,7 @@ def agreement_propose(*, proposal: Proposal) -> UsageAgreement:
     caller's transaction."""
     with transaction.atomic():
         decision = _owner_policy_decision(proposal)
-        needs_approval = decision.outcome == Outcome.NEEDS_APPROVAL
+        needs_approval = decision.needs_approval
         agreement = _agreement_record(proposal, status=S.PENDING_APPROVAL if needs_approval else S.PROPOSED)
         if needs_approval:
             policy_services.approval_request_create(
@@ -334,21 +333,20 @@ def agreement_propose(*, proposal: Proposal) -> UsageAgreement:
     return agreement
 
 
-def _owner_policy_decision(proposal: Proposal) -> Decision:
+def _owner_policy_decision(proposal: Proposal) -> policy_selectors.Decision:
     """The owner's policy on this purchase (fee included), given what the buyer committed in the last day and
     month; a denial is 403 with the rule. Call inside the transaction that records the agreement."""
     buyer, service = proposal.buyer, proposal.service
     # Serialises this buyer's proposals and policy edits, so two proposals cannot both slip under a cap.
     Agent.objects.select_for_update().get(pk=buyer.pk)
-    decision = evaluate(
-        policy_selectors.policy_of(agent=buyer),
-        Purchase(seller_handle=service.seller.handle, service_id=str(service.pk),
-                 tags=frozenset(service.tags.values_list("name", flat=True)), token=proposal.token,
-                 amount=proposal.deposit + proposal.fee),
-        Spend(last_day=_committed_spend(buyer, proposal.proposed_at - timedelta(days=1)),
-              last_month=_committed_spend(buyer, proposal.proposed_at - timedelta(days=30))),
+    decision = policy_selectors.purchase_decision(
+        agent=buyer, seller_handle=service.seller.handle, service_id=str(service.pk),
+        tags=frozenset(service.tags.values_list("name", flat=True)), token=proposal.token,
+        amount=proposal.deposit + proposal.fee,
+        spent_last_day=_committed_spend(buyer, proposal.proposed_at - timedelta(days=1)),
+        spent_last_month=_committed_spend(buyer, proposal.proposed_at - timedelta(days=30)),
     )
-    if decision.outcome == Outcome.DENY:
+    if decision.denied:
         raise Forbidden(decision.message, code="policy_denied", details={"rule": decision.rule, **decision.details})
     return decision
 

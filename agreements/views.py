@@ -39,7 +39,6 @@ from agreements.serializers import (
     escrow_status_of,
 )
 from catalog import selectors as catalog_selectors
-from catalog.serializers import cents_of
 from catalog.authentication import IsAgentOrOwner, acting_agent, agent_scope, calling_agent
 from catalog.models import KeyScope
 from marketplace import chainconfig
@@ -48,7 +47,7 @@ from marketplace.errors import InvalidInput, NotFound
 from marketplace.idempotency import HEADER as IDEMPOTENCY_HEADER
 from marketplace.idempotency import idempotent
 from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
-from marketplace.serializers import error_responses
+from marketplace.serializers import cents_of, error_responses
 from sdk import receipts
 
 TAGS = ["usage agreements"]
