@@ -18,6 +18,16 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agreements import webhooks, x402_protocol
+# Skill invocations' and x402 payments' writes the escrow app drives (paying, settling), offered here as well.
+from agreements.invocations import invocation_create as invocation_create
+from agreements.invocations import invocation_paid_out as invocation_paid_out
+from agreements.invocations import invocation_payment_confirmed as invocation_payment_confirmed
+from agreements.invocations import invocation_payment_failed as invocation_payment_failed
+from agreements.invocations import invocation_payment_requirements as invocation_payment_requirements
+from agreements.invocations import invocation_refunded as invocation_refunded
+from agreements.invocations import invocation_run as invocation_run
+from agreements.invocations import invocation_run_in_background as invocation_run_in_background
+from agreements.invocations import settlement_handler_register as settlement_handler_register
 # Usage writes the escrow app drives (settlement, Masumi purchases), offered here with the other services.
 from agreements.metering import completion_request as completion_request
 from agreements.metering import job_result_charge as job_result_charge
@@ -33,6 +43,16 @@ from agreements.models import (
     is_funded,
     statuses_after,
 )
+from agreements.x402_protocol import PAYER_HEADER as PAYER_HEADER
+from agreements.x402_protocol import PAYMENT_HEADERS as PAYMENT_HEADERS
+from agreements.x402_protocol import Authorization as Authorization
+from agreements.x402_protocol import InvalidPayment as InvalidPayment
+from agreements.x402_protocol import payment_header as payment_header
+from agreements.x402_protocol import payment_required_quote as payment_required_quote
+from agreements.x402_protocol import payment_response_header as payment_response_header
+from agreements.x402_protocol import payment_verify as payment_verify
+from agreements.x402_protocol import simulation_rejection as simulation_rejection
+from agreements.x402_protocol import token_domain_reader_register as token_domain_reader_register
 from catalog.models import Agent, Service, ServiceState
 from marketplace import chainconfig, sweeps
 from sdk import typed_data

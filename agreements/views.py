@@ -36,7 +36,6 @@ from agreements.serializers import (
     WebhookDeliverySerializer,
     WebhookSerializer,
     agreement_payload,
-    escrow_status_of,
 )
 from catalog import selectors as catalog_selectors
 from catalog.authentication import IsAgentOrOwner, acting_agent, agent_scope, calling_agent
@@ -341,7 +340,7 @@ class MeteredStatusView(APIView):
         agreement = selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
         price = agreement.price_per_unit
         return Response(MeteredUsageStatusSerializer({
-            "agreement_id": agreement.pk, "status": agreement.status, "escrow_status": escrow_status_of(agreement),
+            "agreement_id": agreement.pk, "status": agreement.status, "escrow_status": selectors.escrow_status_of(agreement),
             "unit": agreement.unit_name, "price_per_unit_cents": cents_of(price), "price_per_unit_atomic": price,
             "units_total": agreement.quantity, "units_used": agreement.used // price,
             "units_remaining": agreement.remaining // price, "used_atomic": agreement.used,
