@@ -25,22 +25,16 @@ from marketplace.admin import (
     MoneyRecordAdmin,
     MoneyRecordInline,
     address_column,
+    agreement_link,
     amount_column,
     may_operate,
     short_hex_html,
     short_id_column,
-    short_id_html,
     tx_hash_column,
 )
 
 AGREEMENT_PAGE_DELIVERIES = 20
 AGREEMENT_PAGE_USAGE_EVENTS = 50
-
-
-def agreement_link(agreement_id):
-    if agreement_id is None:
-        return "-"
-    return short_id_html(agreement_id, url=reverse("admin:agreements_usageagreement_change", args=[agreement_id]))
 
 
 class AgreementEventInline(MoneyRecordInline):

@@ -72,6 +72,13 @@ def invocation_resource(skill: Skill) -> str:
     return f"/agents/{skill.service.seller.handle}/{skill.name}"
 
 
+def invocation_payment_requirements(skill: Skill, *, pay_to: str, max_timeout_seconds: int):
+    """What the skill's 402 asks for: its price, to `pay_to`, bound to the skill's resource."""
+    return x402_protocol.payment_requirements(amount=invocation_price(skill), pay_to=pay_to,
+                                             max_timeout_seconds=max_timeout_seconds,
+                                             resource=invocation_resource(skill))
+
+
 def invocation_fee(*, amount: int) -> int:
     """The platform's take on a skill invocation: none; the seller is paid the whole price the buyer paid.
 

@@ -3,6 +3,9 @@ from datetime import UTC, timedelta
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 from django.db.models.functions import TruncDay, TruncHour
 
+from agreements import x402_protocol
+from agreements.invocations import invocation_price as invocation_price
+from agreements.invocations import invocation_seller_share as invocation_seller_share
 from agreements.models import (
     AgentEventAck,
     AgreementEvent,
@@ -199,3 +202,26 @@ def inbox_event_get(*, agent: Agent, event_id: int) -> AgreementEvent:
     if event is None:
         raise NotFound("No such event.", code="event_not_found")
     return event
+
+
+def payment_authorization_of(*, agreement: UsageAgreement) -> x402_protocol.Authorization:
+    """A direct payment's stored x402 authorization, as the token's `transferWithAuthorization` takes it."""
+    record = agreement.payment_authorization
+    return x402_protocol.Authorization(
+        payer=record.payer, pay_to=record.pay_to, amount=record.amount, valid_after=record.valid_after,
+        valid_before=record.valid_before, nonce=record.nonce, signature=record.signature)
+
+
+_ESCROW_STATUS = {
+    AgreementStatus.SUBMITTING: "funding", AgreementStatus.ACTIVATION_FAILED: "funding_failed",
+    AgreementStatus.ACTIVE: "funded", AgreementStatus.IN_CHALLENGE: "in_challenge",
+    AgreementStatus.DISPUTED: "disputed", AgreementStatus.SETTLING: "settling", AgreementStatus.SETTLED: "settled",
+    AgreementStatus.REFUNDED: "refunded",
+}
+
+
+def escrow_status_of(agreement: UsageAgreement) -> str:
+    """The Pægents SDK's `escrow_status`: where the agreement's money is, from its status."""
+    if agreement.settlement_model == SettlementModel.DIRECT_PAYMENT:
+        return "not_applicable"
+    return _ESCROW_STATUS.get(agreement.status, "not_funded")

@@ -4,12 +4,20 @@ from django.conf import settings
 from django.utils import timezone
 from rest_framework import serializers
 
+from agreements import selectors
 from agreements.models import AgreementEvent, AgreementStatus, SettlementModel
 from agreements.services import APPROVAL_SUBJECT
-from catalog.serializers import AgentSummarySerializer, CentsField, cents_of
 from marketplace.chainconfig import receipt_signer_address
 from marketplace.pagination import PageQuerySerializer
-from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictIntegerField, StrictSerializer
+from marketplace.serializers import (
+    AddressSerializerField,
+    AgentSummarySerializer,
+    AtomicAmountField,
+    CentsField,
+    StrictIntegerField,
+    StrictSerializer,
+    cents_of,
+)
 from policies import selectors as policy_selectors
 
 
@@ -138,21 +146,6 @@ class ApprovalRefSerializer(serializers.Serializer):
 
 
 ACTIVATION_VERSION = "usage-escrow-1"
-_ESCROW_STATUS = {
-    AgreementStatus.SUBMITTING: "funding", AgreementStatus.ACTIVATION_FAILED: "funding_failed",
-    AgreementStatus.ACTIVE: "funded", AgreementStatus.IN_CHALLENGE: "in_challenge",
-    AgreementStatus.DISPUTED: "disputed", AgreementStatus.SETTLING: "settling", AgreementStatus.SETTLED: "settled",
-    AgreementStatus.REFUNDED: "refunded",
-}
-
-
-def escrow_status_of(agreement) -> str:
-    """The Pægents SDK's `escrow_status`: where the agreement's money is, from its status."""
-    if agreement.settlement_model == SettlementModel.DIRECT_PAYMENT:
-        return "not_applicable"
-    return _ESCROW_STATUS.get(agreement.status, "not_funded")
-
-
 class AgreementSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     onchain_id = serializers.CharField(help_text="bytes32 id of the agreement in the escrow contract.")
@@ -217,7 +210,7 @@ class AgreementSerializer(serializers.Serializer):
         help_text="deposit_amount_atomic in cents; null when not a whole number of cents.")
 
     def get_escrow_status(self, agreement) -> str:
-        return escrow_status_of(agreement)
+        return selectors.escrow_status_of(agreement)
 
     def get_units_used(self, agreement) -> int:
         return agreement.used // agreement.price_per_unit if agreement.price_per_unit else 0

@@ -18,6 +18,16 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agreements import webhooks, x402_protocol
+# Skill invocations' and x402 payments' writes the escrow app drives (paying, settling), offered here as well.
+from agreements.invocations import invocation_create as invocation_create
+from agreements.invocations import invocation_paid_out as invocation_paid_out
+from agreements.invocations import invocation_payment_confirmed as invocation_payment_confirmed
+from agreements.invocations import invocation_payment_failed as invocation_payment_failed
+from agreements.invocations import invocation_payment_requirements as invocation_payment_requirements
+from agreements.invocations import invocation_refunded as invocation_refunded
+from agreements.invocations import invocation_run as invocation_run
+from agreements.invocations import invocation_run_in_background as invocation_run_in_background
+from agreements.invocations import settlement_handler_register as settlement_handler_register
 # Usage writes the escrow app drives (settlement, Masumi purchases), offered here with the other services.
 from agreements.metering import completion_request as completion_request
 from agreements.metering import job_result_charge as job_result_charge
@@ -33,6 +43,16 @@ from agreements.models import (
     is_funded,
     statuses_after,
 )
+from agreements.x402_protocol import PAYER_HEADER as PAYER_HEADER
+from agreements.x402_protocol import PAYMENT_HEADERS as PAYMENT_HEADERS
+from agreements.x402_protocol import Authorization as Authorization
+from agreements.x402_protocol import InvalidPayment as InvalidPayment
+from agreements.x402_protocol import payment_header as payment_header
+from agreements.x402_protocol import payment_required_quote as payment_required_quote
+from agreements.x402_protocol import payment_response_header as payment_response_header
+from agreements.x402_protocol import payment_verify as payment_verify
+from agreements.x402_protocol import simulation_rejection as simulation_rejection
+from agreements.x402_protocol import token_domain_reader_register as token_domain_reader_register
 from catalog.models import Agent, Service, ServiceState
 from marketplace import chainconfig, sweeps
 from sdk import typed_data
@@ -42,7 +62,6 @@ from marketplace.fields import TokenAmountField
 from marketplace.signatures import signer_require
 from policies import selectors as policy_selectors
 from policies import services as policy_services
-from policies.evaluation import Decision, Outcome, Purchase, Spend, evaluate
 
 S = AgreementStatus
 
@@ -319,7 +338,7 @@ def agreement_propose(*, proposal: Proposal) -> UsageAgreement:
     caller's transaction."""
     with transaction.atomic():
         decision = _owner_policy_decision(proposal)
-        needs_approval = decision.outcome == Outcome.NEEDS_APPROVAL
+        needs_approval = decision.needs_approval
         agreement = _agreement_record(proposal, status=S.PENDING_APPROVAL if needs_approval else S.PROPOSED)
         if needs_approval:
             policy_services.approval_request_create(
@@ -334,21 +353,20 @@ def agreement_propose(*, proposal: Proposal) -> UsageAgreement:
     return agreement
 
 
-def _owner_policy_decision(proposal: Proposal) -> Decision:
+def _owner_policy_decision(proposal: Proposal) -> policy_selectors.Decision:
     """The owner's policy on this purchase (fee included), given what the buyer committed in the last day and
     month; a denial is 403 with the rule. Call inside the transaction that records the agreement."""
     buyer, service = proposal.buyer, proposal.service
     # Serialises this buyer's proposals and policy edits, so two proposals cannot both slip under a cap.
     Agent.objects.select_for_update().get(pk=buyer.pk)
-    decision = evaluate(
-        policy_selectors.policy_of(agent=buyer),
-        Purchase(seller_handle=service.seller.handle, service_id=str(service.pk),
-                 tags=frozenset(service.tags.values_list("name", flat=True)), token=proposal.token,
-                 amount=proposal.deposit + proposal.fee),
-        Spend(last_day=_committed_spend(buyer, proposal.proposed_at - timedelta(days=1)),
-              last_month=_committed_spend(buyer, proposal.proposed_at - timedelta(days=30))),
+    decision = policy_selectors.purchase_decision(
+        agent=buyer, seller_handle=service.seller.handle, service_id=str(service.pk),
+        tags=frozenset(service.tags.values_list("name", flat=True)), token=proposal.token,
+        amount=proposal.deposit + proposal.fee,
+        spent_last_day=_committed_spend(buyer, proposal.proposed_at - timedelta(days=1)),
+        spent_last_month=_committed_spend(buyer, proposal.proposed_at - timedelta(days=30)),
     )
-    if decision.outcome == Outcome.DENY:
+    if decision.denied:
         raise Forbidden(decision.message, code="policy_denied", details={"rule": decision.rule, **decision.details})
     return decision
 

@@ -36,10 +36,8 @@ from agreements.serializers import (
     WebhookDeliverySerializer,
     WebhookSerializer,
     agreement_payload,
-    escrow_status_of,
 )
 from catalog import selectors as catalog_selectors
-from catalog.serializers import cents_of
 from catalog.authentication import IsAgentOrOwner, acting_agent, agent_scope, calling_agent
 from catalog.models import KeyScope
 from marketplace import chainconfig
@@ -48,7 +46,7 @@ from marketplace.errors import InvalidInput, NotFound
 from marketplace.idempotency import HEADER as IDEMPOTENCY_HEADER
 from marketplace.idempotency import idempotent
 from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
-from marketplace.serializers import error_responses
+from marketplace.serializers import cents_of, error_responses
 from sdk import receipts
 
 TAGS = ["usage agreements"]
@@ -342,7 +340,7 @@ class MeteredStatusView(APIView):
         agreement = selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
         price = agreement.price_per_unit
         return Response(MeteredUsageStatusSerializer({
-            "agreement_id": agreement.pk, "status": agreement.status, "escrow_status": escrow_status_of(agreement),
+            "agreement_id": agreement.pk, "status": agreement.status, "escrow_status": selectors.escrow_status_of(agreement),
             "unit": agreement.unit_name, "price_per_unit_cents": cents_of(price), "price_per_unit_atomic": price,
             "units_total": agreement.quantity, "units_used": agreement.used // price,
             "units_remaining": agreement.remaining // price, "used_atomic": agreement.used,

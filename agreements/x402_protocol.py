@@ -89,6 +89,11 @@ def _reject(reason: str, message: str) -> InvalidPayment:
     return InvalidPayment(REASON_CODES.get(reason, "payment_invalid"), message, reason)
 
 
+def simulation_rejection(reason: str, message: str) -> InvalidPayment:
+    """The refusal of a payment whose simulated transfer reverted, for x402's `reason`."""
+    return InvalidPayment(REASON_CODES.get(reason, "payment_simulation_failed"), message, reason)
+
+
 @dataclass(frozen=True)
 class Authorization:
     """A decoded EIP-3009 authorization with its signature (values as the contract takes them)."""
@@ -174,6 +179,15 @@ def payment_response_header(authorization: Authorization, *, tx_hash: str) -> di
     return {"PAYMENT-RESPONSE": encode_payment_response_header(settled)}
 
 
+def payment_required_quote(requirements: PaymentRequirements, *, holder: str, url: str, description: str,
+                           error: str) -> tuple[PaymentRequired, dict[str, str]]:
+    """x402's 402 for `requirements`, with an authorization quoted for `holder` (`quote_issue`): its
+    `PaymentRequired` body and headers."""
+    quoted = quote_issue(requirements, holder=holder)
+    required = payment_required(requirements=quoted, url=url, description=description, error=error)
+    return required, payment_required_headers(requirements=quoted, required=required)
+
+
 def payment_header(headers) -> str | None:
     """The signed payment a request carries, from whichever of `PAYMENT_HEADERS` it used."""
     for name in PAYMENT_HEADERS:
@@ -221,6 +235,19 @@ def quoted_authorization(signature: str, requirements: PaymentRequirements, *, p
                                                     "this resource quoted you: sign the 402's nonce and window "
                                                     "(X-Payment-Nonce, -Valid-After, -Valid-Before), from the "
                                                     "same caller.", evm.ERR_INVALID_SIGNATURE)
+
+
+def payment_verify(header: str, requirements: PaymentRequirements, *, payer: str | None,
+                   holder: str) -> Authorization:
+    """The authorization a signed payment carries, checked against `requirements` without the chain: an x402
+    payment payload, or a bare signature of an authorization quoted to `holder` from `payer`. An authorization
+    the platform already took is refused. Raises InvalidPayment."""
+    if is_bare_signature(header):
+        authorization = quoted_authorization(header, requirements, payer=payer, holder=holder)
+    else:
+        authorization = check(decode(header), requirements)
+    authorization_refuse_replay(authorization)
+    return authorization
 
 
 def decode(header: str) -> PaymentPayload:

@@ -13,7 +13,7 @@ from rest_framework.views import APIView
 from catalog import selectors, services
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import KeyScope, MasumiProtocolVersion, PricingType, Service, ServiceState
-from catalog.serializers import TagListField, http_base_url
+from catalog.serializers import http_base_url
 from marketplace.errors import InvalidInput
 from marketplace.idempotency import idempotent
 from marketplace.masumi_format import check_network as _check_network
@@ -25,6 +25,7 @@ from marketplace.serializers import (
     AddressSerializerField,
     StrictIntegerField,
     StrictSerializer,
+    TagListField,
     error_responses,
 )
 

@@ -14,7 +14,16 @@ from catalog.models import (
     UpstreamProtocol,
 )
 from marketplace.pagination import PageQuerySerializer
-from marketplace.serializers import AddressSerializerField, AtomicAmountField, StrictIntegerField, StrictSerializer
+from marketplace.serializers import (
+    AddressSerializerField,
+    AgentSummarySerializer,
+    AtomicAmountField,
+    CentsField,
+    StrictIntegerField,
+    StrictSerializer,
+    TagListField,
+    cents_of,
+)
 
 # --- agents and keys -----------------------------------------------------------------------------------------
 
@@ -34,13 +43,6 @@ class AgentSerializer(serializers.Serializer):
     roles = serializers.ListField(child=serializers.ChoiceField(choices=["buyer", "seller"]))
     is_active = serializers.BooleanField()
     created_at = serializers.DateTimeField()
-
-
-class AgentSummarySerializer(serializers.Serializer):
-    id = serializers.UUIDField()
-    handle = serializers.CharField()
-    display_name = serializers.CharField()
-    wallet_address = serializers.CharField()
 
 
 class ApiKeyCreateSerializer(StrictSerializer):
@@ -124,36 +126,11 @@ class SkillSerializer(StrictSerializer):
         return value
 
 
-class TagListField(serializers.ListField):
-    child = serializers.CharField(max_length=50)
-    default_error_messages = {
-        "min_length": "At least one tag is required.",
-        "max_length": "At most 15 tags are allowed.",
-    }
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("min_length", 1)
-        kwargs.setdefault("max_length", 15)
-        super().__init__(**kwargs)
-
-    def to_internal_value(self, data):
-        tags = super().to_internal_value(data)
-        return list(dict.fromkeys(tag.strip().lower() for tag in tags))
-
-
 def http_base_url(value: str) -> str:
     """An upstream the metered proxy can call: http(s) only (URLField also lets ftp through), no trailing slash."""
     if not value.lower().startswith(("http://", "https://")):
         raise serializers.ValidationError("Must be an http(s) URL.", code="invalid_url_scheme")
     return value.rstrip("/")
-
-
-CENTS = 10_000  # token base units in one cent (USDC: 6 decimals)
-
-
-def cents_of(amount: int) -> int | None:
-    """An amount in whole cents, or None when it is not a whole number of cents (the `_atomic` field is exact)."""
-    return amount // CENTS if amount % CENTS == 0 else None
 
 
 def _alias(data: dict, sdk_name: str, name: str, convert=lambda value: value) -> None:
@@ -164,20 +141,6 @@ def _alias(data: dict, sdk_name: str, name: str, convert=lambda value: value) ->
         raise serializers.ValidationError({sdk_name: [serializers.ErrorDetail(
             f"Give either {sdk_name} or {name}, not both.", code="duplicate_field")]})
     data[name] = convert(data.pop(sdk_name))
-
-
-class CentsField(StrictIntegerField):
-    """A whole number of cents (Pægents' `_cents` fields), converted exactly to token base units."""
-
-    default_error_messages = {"invalid": "Must be a whole number of cents (an integer, no fractions)."}
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("min_value", 0)
-        kwargs.setdefault("max_value", 10**24)
-        super().__init__(**kwargs)
-
-    def to_internal_value(self, data):
-        return super().to_internal_value(data) * CENTS
 
 
 PAEGENTS_PRICE_MODELS = {"per_unit": PricingType.PER_UNIT, "per_call": PricingType.PER_CALL}

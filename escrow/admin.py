@@ -18,7 +18,6 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from agreements.admin import UsageAgreementAdmin, agreement_link
 from agreements.models import ONCHAIN_STATUSES, AgreementStatus, SettlementModel, UsageAgreement
 from escrow import chain, indexer, purchases, relayer, selectors, settlement
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPurchase,
@@ -28,6 +27,7 @@ from marketplace.admin import (
     MoneyRecordInline,
     address_column,
     address_html,
+    agreement_link,
     amount_column,
     amount_html,
     may_operate,
@@ -164,6 +164,10 @@ def _onchain_value(name: str, value, chain_id: int):
     if isinstance(value, str) and value.startswith("0x"):
         return short_hex_html(value, head=10, tail=6)
     return value
+
+
+# The admin agreements registered (its app comes first in INSTALLED_APPS, so its admin module is loaded first).
+UsageAgreementAdmin = type(admin.site.get_model_admin(UsageAgreement))
 
 
 class AgreementWithChainAdmin(UsageAgreementAdmin):

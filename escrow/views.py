@@ -9,8 +9,8 @@ from rest_framework.response import Response
 from rest_framework.throttling import BaseThrottle
 from rest_framework.views import APIView
 
-from agreements import invocations, x402_protocol
 from agreements import selectors as agreement_selectors
+from agreements import services as agreement_services
 from agreements.models import (
     AgreementStatus,
     InvocationStatus,
@@ -26,7 +26,6 @@ from agreements.serializers import (
     AgreementSerializer,
     X402PaymentRequiredSerializer,
     agreement_payload,
-    escrow_status_of,
     invocation_payment,
 )
 from catalog import selectors as catalog_selectors
@@ -145,7 +144,7 @@ class EscrowStatusView(APIView):
                 raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
         return Response(EscrowStatusSerializer({
             "agreement_id": agreement.pk, "onchain_id": agreement.onchain_id, "status": agreement.status,
-            "escrow_status": escrow_status_of(agreement), "settlement_status": agreement.status,
+            "escrow_status": agreement_selectors.escrow_status_of(agreement), "settlement_status": agreement.status,
             "chain_id": agreement.chain_id,
             "escrow_contract": chainconfig.escrow_address(), "deposit_amount_atomic": agreement.deposit_amount,
             "deposited_atomic": agreement.deposit_amount if is_funded(agreement) else 0,
@@ -304,22 +303,20 @@ def _payment_required_response(request, skill, *, code: str, message: str, reaso
                                details: dict | None = None) -> Response:
     """x402 v2's 402: its `PaymentRequired` body (`error` is our code, as x402's error string; `message` and
     `details` beside it) and PAYMENT-REQUIRED header, with an authorization quoted for a bare signature."""
-    requirements = x402_protocol.quote_issue(x402_onchain.invocation_requirements(skill),
-                                             holder=_quote_holder(request))
-    required = x402_protocol.payment_required(requirements=requirements,
-                                             url=request.build_absolute_uri(requirements.extra["resource"]),
-                                             description=skill.description or skill.name, error=code)
+    requirements = x402_onchain.invocation_requirements(skill)
+    required, headers = agreement_services.payment_required_quote(
+        requirements, holder=_quote_holder(request), url=request.build_absolute_uri(requirements.extra["resource"]),
+        description=skill.description or skill.name, error=code)
     body = {**required.model_dump(mode="json", by_alias=True, exclude_none=True), "message": message,
             "details": {**({"x402_reason": reason} if reason else {}), **(details or {})}}
-    return Response(body, status=status.HTTP_402_PAYMENT_REQUIRED,
-                    headers=x402_protocol.payment_required_headers(requirements=requirements, required=required))
+    return Response(body, status=status.HTTP_402_PAYMENT_REQUIRED, headers=headers)
 
 
 def _payment_response_headers(invocation) -> dict[str, str]:
     """PAYMENT-RESPONSE once the payment is on-chain."""
     if not invocation.payment_tx_hash:
         return {}
-    return x402_protocol.payment_response_header(invocation.authorization, tx_hash=invocation.payment_tx_hash)
+    return agreement_services.payment_response_header(invocation.authorization, tx_hash=invocation.payment_tx_hash)
 
 
 class SkillInvokeView(APIView):
@@ -349,8 +346,8 @@ class SkillInvokeView(APIView):
                     "same signed payment is 402 `authorization_already_used` with the `invocation_id` it bought.",
         parameters=[*(OpenApiParameter(name, str, OpenApiParameter.HEADER, required=False,
                                        description="The signed x402 payment.")
-                      for name in x402_protocol.PAYMENT_HEADERS),
-                    OpenApiParameter(x402_protocol.PAYER_HEADER, str, OpenApiParameter.HEADER, required=False,
+                      for name in agreement_services.PAYMENT_HEADERS),
+                    OpenApiParameter(agreement_services.PAYER_HEADER, str, OpenApiParameter.HEADER, required=False,
                                      description="The payer of a bare signature, for a caller without an agent "
                                                  "API key.")],
         responses={200: InvocationResultSerializer, 202: InvocationAcceptedSerializer,
@@ -359,23 +356,23 @@ class SkillInvokeView(APIView):
     )
     def post(self, request, handle, skill):
         skill = catalog_selectors.skill_get(handle=handle, skill_name=skill)
-        if not invocations.invocation_price(skill):
+        if not agreement_selectors.invocation_price(skill):
             raise Conflict("This skill has no price: x402 pays positive amounts only.", code="skill_not_priced")
         body = InvokeSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        header = x402_protocol.payment_header(request.headers)
+        header = agreement_services.payment_header(request.headers)
         if not header:
             return _payment_required_response(request, skill, code="payment_required",
                                               message="Pay for this skill with x402 and retry.")
         buyer = request.auth.agent if isinstance(request.auth, ApiKey) else None
         payment = x402_onchain.SignedPayment(
             header=header, holder=_quote_holder(request),
-            payer=buyer.wallet_address if buyer else request.headers.get(x402_protocol.PAYER_HEADER))
+            payer=buyer.wallet_address if buyer else request.headers.get(agreement_services.PAYER_HEADER))
         try:
             outcome = x402_onchain.invocation_invoke(skill=skill, buyer=buyer, input=body.validated_data["input"],
                                                      payment=payment,
                                                      wait_seconds=settings.INVOCATION_PAYMENT_WAIT_SECONDS)
-        except x402_protocol.InvalidPayment as invalid:
+        except agreement_services.InvalidPayment as invalid:
             return _payment_required_response(request, skill, code=invalid.code, message=invalid.message,
                                               reason=invalid.reason, details=invalid.details)
         invocation = outcome.invocation

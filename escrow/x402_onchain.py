@@ -28,7 +28,6 @@ from x402.mechanisms.evm.exact.eip3009_utils import (
 )
 from x402.mechanisms.evm.utils import hex_to_bytes
 
-from agreements import invocations, x402_protocol
 from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
 from agreements.models import InvocationMoney, SkillInvocation, UsageAgreement
@@ -71,7 +70,7 @@ def _require_chain() -> None:
                                     code="chain_not_configured")
 
 
-def simulate(authorization: x402_protocol.Authorization) -> None:
+def simulate(authorization: agreement_services.Authorization) -> None:
     """Raise InvalidPayment when `transferWithAuthorization` would revert now (used nonce, low balance, ...)."""
     parsed = ParsedEIP3009Authorization(
         from_address=to_checksum_address(authorization.payer), to=to_checksum_address(authorization.pay_to),
@@ -89,8 +88,7 @@ def simulate(authorization: x402_protocol.Authorization) -> None:
     reason = parse_eip3009_transfer_error(error)
     if reason == evm.ERR_TRANSACTION_FAILED:
         reason = evm.ERR_TRANSACTION_SIMULATION_FAILED
-    raise x402_protocol.InvalidPayment(x402_protocol.REASON_CODES.get(reason, "payment_simulation_failed"),
-                                      f"The payment would not execute: {error}", reason)
+    raise agreement_services.simulation_rejection(reason, f"The payment would not execute: {error}")
 
 
 # --- calldata ------------------------------------------------------------------------------------------------
@@ -135,10 +133,8 @@ def transaction_await(*, transaction_id, timeout: float) -> ChainTransaction:
 def invocation_requirements(skill: Skill):
     """What the skill's 402 asks for, bound to the skill (every skill pays the same treasury)."""
     _require_chain()
-    return x402_protocol.payment_requirements(amount=invocations.invocation_price(skill),
-                                             pay_to=chainconfig.relayer_address(),
-                                             max_timeout_seconds=INVOCATION_AUTHORIZATION_SECONDS,
-                                             resource=invocations.invocation_resource(skill))
+    return agreement_services.invocation_payment_requirements(
+        skill, pay_to=chainconfig.relayer_address(), max_timeout_seconds=INVOCATION_AUTHORIZATION_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -147,7 +143,7 @@ class SignedPayment:
 
     header: str
     payer: str | None = None  # the calling agent's wallet, else X-Payment-From
-    holder: str = ""  # whom the 402 quoted (x402_protocol.quote_issue)
+    holder: str = ""  # whom the 402 quoted (agreements' x402 quote)
 
 
 def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: SignedPayment
@@ -155,16 +151,12 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
     """Check the signed payment (raises InvalidPayment, nothing recorded), record the invocation and queue the
     payment to the treasury."""
     requirements = invocation_requirements(skill)
-    if x402_protocol.is_bare_signature(payment.header):
-        authorization = x402_protocol.quoted_authorization(payment.header, requirements, payer=payment.payer,
-                                                           holder=payment.holder)
-    else:
-        authorization = x402_protocol.check(x402_protocol.decode(payment.header), requirements)
-    x402_protocol.authorization_refuse_replay(authorization)
+    authorization = agreement_services.payment_verify(payment.header, requirements, payer=payment.payer,
+                                                      holder=payment.holder)
     simulate(authorization)
     with transaction.atomic():
-        invocation = invocations.invocation_create(skill=skill, buyer=buyer, input=input,
-                                                   authorization=authorization)
+        invocation = agreement_services.invocation_create(skill=skill, buyer=buyer, input=input,
+                                                          authorization=authorization)
         tx = relayer.transaction_enqueue(
             purpose=TxPurpose.INVOCATION_PAYMENT, to=chainconfig.usdc_address(),
             data=_transfer_with_authorization_data(authorization), context={"invocation_id": str(invocation.pk)})
@@ -188,10 +180,10 @@ def invocation_invoke(*, skill: Skill, buyer: Agent | None, input: dict, payment
         invocation.refresh_from_db()
         return InvocationOutcome(invocation, payment_failure=tx.failure_reason or "reverted")
     if tx.status != TxStatus.CONFIRMED or skill.is_async:
-        invocations.invocation_run_in_background(invocation_id=invocation.pk)
+        agreement_services.invocation_run_in_background(invocation_id=invocation.pk)
         invocation.refresh_from_db()
         return InvocationOutcome(invocation, in_background=True)
-    return InvocationOutcome(invocations.invocation_run(invocation_id=invocation.pk))
+    return InvocationOutcome(agreement_services.invocation_run(invocation_id=invocation.pk))
 
 
 def _invocation_id(tx: ChainTransaction):
@@ -200,9 +192,9 @@ def _invocation_id(tx: ChainTransaction):
 
 def _invocation_payment_outcome(tx: ChainTransaction) -> None:
     if tx.status == TxStatus.CONFIRMED:
-        invocations.invocation_payment_confirmed(invocation_id=_invocation_id(tx), tx_hash=tx.mined_tx_hash)
+        agreement_services.invocation_payment_confirmed(invocation_id=_invocation_id(tx), tx_hash=tx.mined_tx_hash)
     else:
-        invocations.invocation_payment_failed(invocation_id=_invocation_id(tx), reason=tx.failure_reason)
+        agreement_services.invocation_payment_failed(invocation_id=_invocation_id(tx), reason=tx.failure_reason)
 
 
 def _invocation_settle(invocation: SkillInvocation) -> None:
@@ -210,7 +202,7 @@ def _invocation_settle(invocation: SkillInvocation) -> None:
     _enqueue_transfer_from_treasury(
         purpose=TxPurpose.INVOCATION_PAYOUT if payout else TxPurpose.INVOCATION_REFUND,
         to=invocation.seller_wallet_address if payout else invocation.authorization.payer,
-        amount=invocations.invocation_seller_share(invocation) if payout else invocation.amount,
+        amount=agreement_selectors.invocation_seller_share(invocation) if payout else invocation.amount,
         context={"invocation_id": str(invocation.pk)})
 
 
@@ -226,13 +218,6 @@ def _settlement_outcome(record):
 
 # --- direct payments -----------------------------------------------------------------------------------------
 
-def _stored_authorization(agreement: UsageAgreement) -> x402_protocol.Authorization:
-    record = agreement.payment_authorization
-    return x402_protocol.Authorization(
-        payer=record.payer, pay_to=record.pay_to, amount=record.amount, valid_after=record.valid_after,
-        valid_before=record.valid_before, nonce=record.nonce, signature=record.signature)
-
-
 def _direct_payment_preflight(agreement: UsageAgreement) -> str | None:
     """Whether an accepted direct payment can run, asked of the chain (registered with agreements, which calls it
     before locking the agreement): the payment's simulation, the fee permit's nonce, the buyer's balance."""
@@ -240,8 +225,8 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> str | None:
     buyer = to_checksum_address(agreement.buyer_wallet_address)
     token = chain.token_contract()
     try:
-        simulate(_stored_authorization(agreement))
-    except x402_protocol.InvalidPayment as invalid:
+        simulate(agreement_selectors.payment_authorization_of(agreement=agreement))
+    except agreement_services.InvalidPayment as invalid:
         return f"{invalid.code}: {invalid.message}"
     permit = agreement.fee_permit
     nonce = chain.call(token.functions.nonces(buyer).call)
@@ -313,14 +298,14 @@ def _direct_fee_refund_outcome(tx: ChainTransaction) -> None:
 
 def handlers_register() -> None:
     """Called once, from EscrowConfig.ready()."""
-    x402_protocol.token_domain_reader_register(reader=chain.token_domain)
-    invocations.settlement_handler_register(handler=_invocation_settle)
+    agreement_services.token_domain_reader_register(reader=chain.token_domain)
+    agreement_services.settlement_handler_register(handler=_invocation_settle)
     agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome)
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYOUT,
-                                     on_outcome=_settlement_outcome(invocations.invocation_paid_out))
+                                     on_outcome=_settlement_outcome(agreement_services.invocation_paid_out))
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_REFUND,
-                                     on_outcome=_settlement_outcome(invocations.invocation_refunded))
+                                     on_outcome=_settlement_outcome(agreement_services.invocation_refunded))
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome)

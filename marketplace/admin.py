@@ -10,6 +10,7 @@
 """
 
 from django.contrib import admin
+from django.urls import reverse
 from django.utils.html import format_html
 
 from marketplace import explorer, money
@@ -94,6 +95,13 @@ def short_id_html(value, *, url: str = ""):
     if url:
         return format_html('<a class="mono" href="{}" title="{}">{}</a>', url, text, shown)
     return format_html('<span class="mono" title="{}">{}</span>', text, shown)
+
+
+def agreement_link(agreement_id):
+    """An agreement's id, linked to its admin page: the records of every app point at their agreement."""
+    if agreement_id is None:
+        return "-"
+    return short_id_html(agreement_id, url=reverse("admin:agreements_usageagreement_change", args=[agreement_id]))
 
 
 # --- columns and read-only fields, for list_display and fieldsets ----------------------------------------------

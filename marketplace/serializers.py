@@ -105,6 +105,52 @@ class AddressSerializerField(serializers.CharField):
         return value
 
 
+class AgentSummarySerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    handle = serializers.CharField()
+    display_name = serializers.CharField()
+    wallet_address = serializers.CharField()
+
+
+class TagListField(serializers.ListField):
+    child = serializers.CharField(max_length=50)
+    default_error_messages = {
+        "min_length": "At least one tag is required.",
+        "max_length": "At most 15 tags are allowed.",
+    }
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("min_length", 1)
+        kwargs.setdefault("max_length", 15)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data):
+        tags = super().to_internal_value(data)
+        return list(dict.fromkeys(tag.strip().lower() for tag in tags))
+
+
+CENTS = 10_000  # token base units in one cent (USDC: 6 decimals)
+
+
+def cents_of(amount: int) -> int | None:
+    """An amount in whole cents, or None when it is not a whole number of cents (the `_atomic` field is exact)."""
+    return amount // CENTS if amount % CENTS == 0 else None
+
+
+class CentsField(StrictIntegerField):
+    """A whole number of cents (Pægents' `_cents` fields), converted exactly to token base units."""
+
+    default_error_messages = {"invalid": "Must be a whole number of cents (an integer, no fractions)."}
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("min_value", 0)
+        kwargs.setdefault("max_value", 10**24)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data):
+        return super().to_internal_value(data) * CENTS
+
+
 class ErrorDetailSerializer(serializers.Serializer):
     code = serializers.CharField(help_text="Machine-readable error code, e.g. `validation_error`.")
     message = serializers.CharField()

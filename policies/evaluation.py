@@ -34,6 +34,14 @@ class Decision:
     message: str = ""
     details: dict = field(default_factory=dict)
 
+    @property
+    def denied(self) -> bool:
+        return self.outcome == Outcome.DENY
+
+    @property
+    def needs_approval(self) -> bool:
+        return self.outcome == Outcome.NEEDS_APPROVAL
+
 
 ALLOW = Decision(Outcome.ALLOW)
 

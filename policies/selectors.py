@@ -2,11 +2,21 @@ from django.db.models import Count
 
 from catalog.models import Agent
 from marketplace.errors import NotFound
+from policies.evaluation import Decision, Purchase, Spend, evaluate
 from policies.models import ApprovalRequest, Policy
 
 
 def policy_of(*, agent: Agent) -> Policy | None:
     return Policy.objects.filter(agent=agent).first()
+
+
+def purchase_decision(*, agent: Agent, seller_handle: str, service_id: str, tags: frozenset[str], token: str,
+                      amount: int, spent_last_day: int, spent_last_month: int) -> Decision:
+    """The agent's owner policy on a purchase of `amount` (everything that can leave the wallet), given what the
+    agent committed in the last day and month."""
+    return evaluate(policy_of(agent=agent),
+                    Purchase(seller_handle=seller_handle, service_id=service_id, tags=tags, token=token, amount=amount),
+                    Spend(last_day=spent_last_day, last_month=spent_last_month))
 
 
 def approvals_of_agent(*, agent: Agent, status: str | None = None):

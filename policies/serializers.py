@@ -2,9 +2,8 @@ from django.conf import settings
 from rest_framework import serializers
 
 from catalog.models import HANDLE_VALIDATOR
-from catalog.serializers import TagListField
 from marketplace.pagination import PageQuerySerializer
-from marketplace.serializers import AtomicAmountField, StrictSerializer
+from marketplace.serializers import AtomicAmountField, StrictSerializer, TagListField
 from policies.models import ApprovalStatus
 
 _LIMITS = {

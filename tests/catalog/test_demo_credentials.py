@@ -6,7 +6,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from eth_account import Account
 
-from catalog.management.commands.seed_demo import DEMO_WALLETS
+from marketplace.demo_wallets import DEMO_WALLETS
 from tests.conftest import Api
 
 pytestmark = pytest.mark.django_db

@@ -8,7 +8,7 @@ import pytest
 from django.core.management import call_command
 
 from agreements.models import UsageAgreement
-from catalog.management.commands.seed_demo import DEMO_BUYER_WALLET
+from marketplace.demo_wallets import DEMO_BUYER_WALLET
 from tests.escrow.flow import fund
 
 pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]

@@ -13,9 +13,9 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand
 from web3 import Web3
 
-from catalog.management.commands.seed_demo import DEMO_BUYER_WALLET
 from escrow import devchain
 from marketplace import chainconfig
+from marketplace.demo_wallets import DEMO_BUYER_WALLET
 
 DEMO_BUYER_USDC = 10_000 * 10**6
 # The treasury (the relayer wallet) pays invocation payouts, refunds and returned fees from its USDC float.
