@@ -88,6 +88,7 @@ bench: install
 	$(PY) bench/usage.py --seconds 2 --agreements 10
 	$(PY) bench/relayer.py --activations 20
 	$(PY) bench/load.py --duration 10 --services 100
+	$(PY) bench/gas.py
 
 clean:
 	rm -rf $(VENV) var node_modules
