@@ -114,17 +114,21 @@ def settle_one(d: Deployment, *, warm: bool) -> dict[str, int]:
                                                  escrow_permit, td.EMPTY_PERMIT))
     gas["activate"] = receipt["gasUsed"]
 
-    agreement_id = typed["message"]["agreementId"]
+    message = typed["message"]
+    agreement_id = message["agreementId"]
+    reclaim_after = message["expiresAt"] + RECLAIM_GRACE
+    terms = (message["buyer"], message["seller"], message["token"], message["receiptSigner"],
+             message["depositAmount"], message["challengeWindow"], reclaim_after, message["nonce"])
     amount, usage_digest = deposit * SELLER_SHARE // 100, "0x" + secrets.token_hex(32)
     receipt_typed = td.usage_receipt(chain_id=d.chain_id, escrow_address=d.escrow.address,
                                      agreement_id=agreement_id, seq=1, cumulative_amount=amount,
                                      usage_digest=usage_digest)
-    receipt = _tx(d, d.escrow.functions.proposeSettlement(agreement_id, 1, amount, usage_digest,
+    receipt = _tx(d, d.escrow.functions.proposeSettlement(agreement_id, terms, 1, amount, usage_digest,
                                                           td.sign_typed_data(signer.key, receipt_typed)))
     gas["proposeSettlement"] = receipt["gasUsed"]
 
     d.w3.provider.make_request("evm_increaseTime", [CHALLENGE_WINDOW])
-    receipt = _tx(d, d.escrow.functions.finalize(agreement_id))
+    receipt = _tx(d, d.escrow.functions.finalize(agreement_id, terms))
     gas["finalize"] = receipt["gasUsed"]
     if d.usdc.functions.balanceOf(seller.address).call() != amount + (1 if warm else 0):
         raise SetupFailed("the seller was not paid what the receipt says")
@@ -163,8 +167,9 @@ def run(stack: contextlib.ExitStack, args) -> int:
                                           arbiter=devchain.DEV_ADDRESSES[1], reclaim_grace=RECLAIM_GRACE)
     d = Deployment(w3, key, devchain.escrow_contract(w3, addresses["escrow"]),
                    devchain.usdc_contract(w3, addresses["usdc"]), w3.eth.chain_id)
-    # Steady state: the escrow already holds another agreement's deposit (its balance is not zero).
-    _mint(d, d.escrow.address, 1)
+    # Steady state: one agreement settled before the measured ones (the escrow's balance and its other
+    # bookkeeping are not zero any more).
+    settle_one(d, warm=True)
 
     print(f"UsageEscrow at {d.escrow.address}, MockUSDC at {d.usdc.address} (chain {d.chain_id}); "
           f"deposit {QUANTITY * UNIT_PRICE / USDC:.2f} USDC, fee {INFRA_FEE / USDC:.2f} USDC, "
