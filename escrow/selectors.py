@@ -47,14 +47,7 @@ def transactions_of_agreement(*, agreement_id):
 
 def onchain_escrow(*, onchain_id: str) -> dict:
     """The contract's record of the escrow (raises chain.ChainError when unreachable)."""
-    record = chain.call(chain.escrow_contract().functions.getEscrow(onchain_id).call)
-    fields = ("buyer", "state", "challengeWindow", "seller", "expiresAt", "token", "reclaimAfter", "receiptSigner",
-              "challengeDeadline", "depositAmount", "infraFee", "settledAmount", "lastSeq", "usageDigest",
-              "termsHash", "buyerClaimable", "sellerClaimable")
-    states = ("none", "active", "proposed", "disputed", "resolved", "settled", "reclaimed")
-    values = dict(zip(fields, chain.to_json(record), strict=True))
-    values["state"] = states[int(values["state"])]
-    return values
+    return chain.escrow_record(onchain_id)
 
 
 def confirmations(*, tx: ChainTransaction, latest_block: int | None) -> int:

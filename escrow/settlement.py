@@ -88,15 +88,15 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
             metering.reservations_settle_stale(agreement=agreement)
         seq, cumulative, digest, signature = _final_receipt(agreement)
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
-                        [agreement.onchain_id, seq, cumulative, digest, signature],
+                        [agreement.onchain_id, chain.escrow_terms(agreement.onchain_id), seq, cumulative, digest,
+                         signature],
                         {"seq": seq, "cumulative": cumulative})
 
 
 def _proposal_evidence(tx: ChainTransaction) -> dict:
     if tx.status != TxStatus.CONFIRMED:
         return {}
-    record = chain.call(chain.escrow_contract().functions.getEscrow(tx.agreement.onchain_id).call)
-    return {"challenge_deadline": record[8]}
+    return {"challenge_deadline": chain.escrow_record(tx.agreement.onchain_id)["challengeDeadline"]}
 
 
 def _proposal_outcome(tx: ChainTransaction) -> None:
@@ -145,7 +145,8 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
         if _live_tx(agreement.pk, TxPurpose.CHALLENGE):
             raise Conflict("A challenge is already being submitted.", code="challenge_in_progress")
         return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig",
-                        [agreement.onchain_id, deadline, signature], {"reason": reason, "evidence": evidence})
+                        [agreement.onchain_id, chain.escrow_terms(agreement.onchain_id), deadline, signature],
+                        {"reason": reason, "evidence": evidence})
 
 
 def _challenge_outcome(tx: ChainTransaction) -> None:
@@ -165,7 +166,8 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
             raise InvalidInput("The seller amount exceeds the deposit.", code="amount_exceeds_deposit")
         if _live_tx(agreement.pk, TxPurpose.RESOLVE):
             raise Conflict("A resolution is already being submitted.", code="resolution_in_progress")
-        return _enqueue(agreement, TxPurpose.RESOLVE, "resolve", [agreement.onchain_id, seller_amount],
+        return _enqueue(agreement, TxPurpose.RESOLVE, "resolve",
+                        [agreement.onchain_id, chain.escrow_terms(agreement.onchain_id), seller_amount],
                         {"seller_amount": seller_amount, "operator": getattr(operator, "username", "")})
 
 
@@ -176,7 +178,7 @@ def settlement_resolved(*, agreement_id, seller_amount: int, tx_hash: str, opera
         agreement_id=agreement_id, reason=f"arbiter resolved: {seller_amount} to the seller",
         data={"tx_hash": tx_hash, "operator": operator})
     if agreement.status == "settling" and not _live_tx(agreement_id, TxPurpose.FINALIZE):
-        _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])
+        _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, chain.escrow_terms(agreement.onchain_id)])
 
 
 def _resolve_outcome(tx: ChainTransaction) -> None:
@@ -266,7 +268,7 @@ def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
         if agreement.status != "active" or agreement.used or _live_tx(agreement.pk, TxPurpose.RECLAIM):
             return None
         metering.completion_request(agreement=agreement, reason="expired unused")
-        return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id])
+        return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id, chain.escrow_terms(agreement.onchain_id)])
 
 
 def _finalize(agreement: UsageAgreement) -> ChainTransaction | None:
@@ -275,7 +277,7 @@ def _finalize(agreement: UsageAgreement) -> ChainTransaction | None:
         if agreement.status != "in_challenge" or _live_tx(agreement.pk, TxPurpose.CHALLENGE):
             return None
         agreement_services.agreement_settling(agreement_id=agreement.pk, reason="challenge window over")
-        return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])
+        return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, chain.escrow_terms(agreement.onchain_id)])
 
 
 relayer.outcome_handler_register(purpose=TxPurpose.PROPOSE_SETTLEMENT, on_outcome=_proposal_outcome,
