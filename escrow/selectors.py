@@ -45,6 +45,17 @@ def transactions_of_agreement(*, agreement_id):
         "created_at")
 
 
+def escrow_terms(*, onchain_id: str) -> tuple:
+    """The `EscrowTerms` every escrow call after activation carries: from the indexed Activated event, else read
+    from the chain (a node call: make it outside any database transaction)."""
+    indexed = ChainEvent.objects.filter(
+        name="Activated", removed_at=None, contract=Web3.to_checksum_address(chainconfig.escrow_address()),
+        args__agreementId=onchain_id.lower()).order_by("-block_number").first()
+    if indexed is not None:
+        return chain.terms_of_activation(indexed.args)
+    return chain.escrow_terms(onchain_id)
+
+
 def onchain_escrow(*, onchain_id: str) -> dict:
     """The contract's record of the escrow (raises chain.ChainError when unreachable)."""
     return chain.escrow_record(onchain_id)

@@ -77,6 +77,10 @@ def _final_receipt(agreement: UsageAgreement) -> tuple[int, int, str, str]:
 @logs_name_the_agreement
 def settlement_propose(*, agreement_id) -> ChainTransaction | None:
     """Queue proposeSettlement with the last receipt, once no call is in flight. Safe to call repeatedly."""
+    agreement = UsageAgreement.objects.get(pk=agreement_id)
+    if agreement.status != "active" or agreement.completion_requested_at is None:
+        return None
+    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)  # a chain read: before the row lock
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
         if agreement.status != "active" or agreement.completion_requested_at is None:
@@ -88,8 +92,7 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
             metering.reservations_settle_stale(agreement=agreement)
         seq, cumulative, digest, signature = _final_receipt(agreement)
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
-                        [agreement.onchain_id, chain.escrow_terms(agreement.onchain_id), seq, cumulative, digest,
-                         signature],
+                        [agreement.onchain_id, terms, seq, cumulative, digest, signature],
                         {"seq": seq, "cumulative": cumulative})
 
 
@@ -124,6 +127,7 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer challenges a settlement.", code="buyer_only")
     now = chain_now()
+    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if agreement.status != "in_challenge":
@@ -145,7 +149,7 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
         if _live_tx(agreement.pk, TxPurpose.CHALLENGE):
             raise Conflict("A challenge is already being submitted.", code="challenge_in_progress")
         return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig",
-                        [agreement.onchain_id, chain.escrow_terms(agreement.onchain_id), deadline, signature],
+                        [agreement.onchain_id, terms, deadline, signature],
                         {"reason": reason, "evidence": evidence})
 
 
@@ -157,6 +161,7 @@ def _challenge_outcome(tx: ChainTransaction) -> None:
 
 @logs_name_the_agreement
 def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operator) -> ChainTransaction:
+    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if agreement.status != "disputed":
@@ -167,24 +172,31 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
         if _live_tx(agreement.pk, TxPurpose.RESOLVE):
             raise Conflict("A resolution is already being submitted.", code="resolution_in_progress")
         return _enqueue(agreement, TxPurpose.RESOLVE, "resolve",
-                        [agreement.onchain_id, chain.escrow_terms(agreement.onchain_id), seller_amount],
+                        [agreement.onchain_id, terms, seller_amount],
                         {"seller_amount": seller_amount, "operator": getattr(operator, "username", "")})
 
 
-def settlement_resolved(*, agreement_id, seller_amount: int, tx_hash: str, operator: str = "") -> None:
-    """The arbiter's resolution is on-chain (our relayer's or anyone's): settling, and finalize queued once.
-    Call inside a DB transaction."""
+def settlement_resolved(*, agreement_id, seller_amount: int, tx_hash: str, terms: tuple, operator: str = "") -> None:
+    """The arbiter's resolution is on-chain (our relayer's or anyone's): settling, and finalize queued once, with
+    the escrow's `terms` (read before: no chain call here). Call inside a DB transaction."""
     agreement = agreement_services.agreement_settling(
         agreement_id=agreement_id, reason=f"arbiter resolved: {seller_amount} to the seller",
         data={"tx_hash": tx_hash, "operator": operator})
     if agreement.status == "settling" and not _live_tx(agreement_id, TxPurpose.FINALIZE):
-        _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, chain.escrow_terms(agreement.onchain_id)])
+        _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
+
+
+def _resolve_evidence(tx: ChainTransaction) -> dict:
+    if tx.status != TxStatus.CONFIRMED:
+        return {}
+    return {"terms": chain.to_json(selectors.escrow_terms(onchain_id=tx.agreement.onchain_id))}
 
 
 def _resolve_outcome(tx: ChainTransaction) -> None:
     if tx.status == TxStatus.CONFIRMED:
         settlement_resolved(agreement_id=tx.agreement_id, seller_amount=tx.context["seller_amount"],
-                            tx_hash=tx.mined_tx_hash, operator=tx.context.get("operator", ""))
+                            tx_hash=tx.mined_tx_hash, terms=tuple(tx.outcome_evidence["terms"]),
+                            operator=tx.context.get("operator", ""))
 
 
 # --- finalize and reclaim ------------------------------------------------------------------------------------
@@ -263,27 +275,30 @@ def _reclaim_grace() -> int:
 
 
 def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
+    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if agreement.status != "active" or agreement.used or _live_tx(agreement.pk, TxPurpose.RECLAIM):
             return None
         metering.completion_request(agreement=agreement, reason="expired unused")
-        return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id, chain.escrow_terms(agreement.onchain_id)])
+        return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id, terms])
 
 
 def _finalize(agreement: UsageAgreement) -> ChainTransaction | None:
+    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if agreement.status != "in_challenge" or _live_tx(agreement.pk, TxPurpose.CHALLENGE):
             return None
         agreement_services.agreement_settling(agreement_id=agreement.pk, reason="challenge window over")
-        return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, chain.escrow_terms(agreement.onchain_id)])
+        return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
 
 
 relayer.outcome_handler_register(purpose=TxPurpose.PROPOSE_SETTLEMENT, on_outcome=_proposal_outcome,
                                  read_evidence=_proposal_evidence)
 relayer.outcome_handler_register(purpose=TxPurpose.CHALLENGE, on_outcome=_challenge_outcome)
-relayer.outcome_handler_register(purpose=TxPurpose.RESOLVE, on_outcome=_resolve_outcome)
+relayer.outcome_handler_register(purpose=TxPurpose.RESOLVE, on_outcome=_resolve_outcome,
+                                 read_evidence=_resolve_evidence)
 relayer.outcome_handler_register(purpose=TxPurpose.FINALIZE, on_outcome=_finalize_outcome,
                                  read_evidence=_finalize_evidence)
 relayer.outcome_handler_register(purpose=TxPurpose.RECLAIM, on_outcome=_reclaim_outcome)
