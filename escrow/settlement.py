@@ -126,6 +126,9 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
     """The buyer disputes the proposed amount within the window; submitted on-chain with its signature."""
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer challenges a settlement.", code="buyer_only")
+    if agreement.status != "in_challenge":  # checked again under the lock; first so that no terms are read for it
+        raise Conflict(f"Nothing to challenge while the agreement is {agreement.status}.",
+                       code="invalid_transition", details={"status": agreement.status})
     now = chain_now()
     terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
     with transaction.atomic():
