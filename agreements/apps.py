@@ -1,9 +1,15 @@
 from django.apps import AppConfig
+from django.core import checks
 
 
 class AgreementsConfig(AppConfig):
     name = "agreements"
 
     def ready(self):
-        # Registers the approval-decision handler with the policies app, and the metrics and dashboard panels.
-        from agreements import monitoring, services  # noqa: F401
+        from agreements import invocations, monitoring, services
+
+        services.handlers_register()  # carries out approval decisions (policies)
+        monitoring.panels_register()
+        # What escrow registers for agreements (its ready() runs after this one): checked once all apps are ready.
+        checks.register(services.hooks_check)
+        checks.register(invocations.settlement_handler_check)

@@ -26,6 +26,8 @@ from datetime import datetime, timedelta
 
 import httpx
 from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.utils import timezone
 
@@ -51,6 +53,14 @@ def settlement_handler_register(*, handler: SettlementHandler) -> None:
     """`handler(invocation)` queues the payout (money paying_out) or refund (refunding), inside the transaction
     that made the change. Registered by the escrow app."""
     _settlement_handler[:] = [handler]
+
+
+def settlement_handler_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """System check: a paid invocation's payout or refund has someone to queue it."""
+    if _settlement_handler:
+        return []
+    return [checks.Error("No invocation settlement handler is registered with agreements.", obj=__name__,
+                         id="agreements.E002", hint="The escrow app registers it in EscrowConfig.ready().")]
 
 
 def invocation_price(skill: Skill) -> int:
@@ -213,6 +223,9 @@ def _finish(invocation_id, *, to: str, result=None, error: str = "") -> SkillInv
         invocation.completed_at = timezone.now()
         invocation.money = Money.PAYING_OUT if to == Status.COMPLETED else Money.REFUNDING
         invocation.save(update_fields=["status", "result", "error", "completed_at", "money", "updated_at"])
+        if not _settlement_handler:
+            raise ImproperlyConfigured("No invocation settlement handler is registered: the escrow app registers "
+                                       "it in EscrowConfig.ready().")
         _settlement_handler[0](invocation)
     return invocation
 

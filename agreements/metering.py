@@ -194,9 +194,11 @@ def _append_events(agreement: UsageAgreement, charges: list[dict], *, source: st
 
 def _insert_events(events: list[UsageEvent]) -> None:
     """`UsageEvent.objects.bulk_create(events)` without Django's per-value preparation, which was most of a batch's
-    CPU: on PostgreSQL one `INSERT ... SELECT FROM unnest(<one array per column>) RETURNING id`. The arrays are of
-    the columns' base types (varchar, numeric), so lengths and precision are checked by the insert's assignment
-    casts, as for any INSERT; the values are the ones the chain code just computed, of the columns' Python types."""
+    CPU: on PostgreSQL one `INSERT ... SELECT FROM jsonb_to_recordset(<the rows as one JSON document>) RETURNING
+    id`. One JSON document (json.dumps, in C) costs a fraction of adapting one array per column value by value.
+    The record's columns are of the columns' base types (varchar, numeric), so lengths and precision are checked by
+    the insert's assignment casts, as for any INSERT; the values are the ones the chain code just computed, of the
+    columns' Python types (uuid, Decimal and datetime as their text forms)."""
     if connection.vendor != "postgresql":
         UsageEvent.objects.bulk_create(events)
         return
@@ -205,11 +207,14 @@ def _insert_events(events: list[UsageEvent]) -> None:
         event.created_at = now
     fields = [field for field in UsageEvent._meta.concrete_fields if not field.primary_key]
     columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
-    arrays = ", ".join(f"%s::{_BASE_TYPE.sub('', field.db_type(connection))}[]" for field in fields)
+    record = ", ".join(f"{connection.ops.quote_name(field.column)} {_BASE_TYPE.sub('', field.db_type(connection))}"
+                       for field in fields)
+    rows = json.dumps([{field.column: getattr(event, field.attname) for field in fields} for event in events],
+                      default=str, separators=(",", ":"))
     with connection.cursor() as cursor:
         cursor.execute(f"INSERT INTO {UsageEvent._meta.db_table} ({columns}) "  # noqa: S608
-                       f"SELECT * FROM unnest({arrays}) RETURNING id",
-                       [[getattr(event, field.attname) for event in events] for field in fields])
+                       f"SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS event({record}) RETURNING id",
+                       [rows])
         for event, (pk,) in zip(events, cursor.fetchall(), strict=True):
             event.pk = pk
             event._state.adding, event._state.db = False, connection.alias

@@ -1,4 +1,5 @@
 import uuid
+from datetime import datetime, timedelta
 
 from django.db import models
 from django.db.models import F, Q
@@ -49,6 +50,91 @@ class AgreementStatus(models.TextChoices):
     PAYING = "paying"
     PAID = "paid"
     PAYMENT_FAILED = "payment_failed"
+
+
+S = AgreementStatus
+
+# The one table of legal status changes (DESIGN section 4). `agreements.services._transition` applies it; the
+# status sets and predicates below are read from it, so other apps ask these instead of listing statuses.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    S.PENDING_APPROVAL: frozenset({S.PROPOSED, S.REJECTED, S.CANCELLED, S.EXPIRED}),
+    S.PROPOSED: frozenset({S.ACCEPTED, S.REJECTED, S.CANCELLED, S.EXPIRED}),
+    S.ACCEPTED: frozenset({S.SUBMITTING, S.PAYING, S.CANCELLED, S.EXPIRED}),
+    S.ACTIVATION_FAILED: frozenset({S.SUBMITTING, S.CANCELLED, S.EXPIRED}),
+    S.SUBMITTING: frozenset({S.ACTIVE, S.ACTIVATION_FAILED}),
+    S.ACTIVE: frozenset({S.IN_CHALLENGE, S.REFUNDED}),
+    S.IN_CHALLENGE: frozenset({S.SETTLING, S.DISPUTED}),
+    S.DISPUTED: frozenset({S.SETTLING}),
+    S.SETTLING: frozenset({S.SETTLED}),
+    S.PAYING: frozenset({S.PAID, S.PAYMENT_FAILED}),
+}
+
+
+def statuses_after(status: str) -> frozenset[str]:
+    """Every status reachable from `status` through the transition table (it has no cycles)."""
+    seen, todo = set(), [status]
+    while todo:
+        for successor in TRANSITIONS.get(todo.pop(), ()):
+            if successor not in seen:
+                seen.add(successor)
+                todo.append(successor)
+    return frozenset(seen)
+
+
+# The escrow holds, or has paid out, the buyer's deposit: activation was mined.
+FUNDED_STATUSES = frozenset({S.ACTIVE}) | statuses_after(S.ACTIVE)
+# Statuses the escrow contract knows the agreement in: from the activation transaction's signing on.
+ONCHAIN_STATUSES = frozenset({S.SUBMITTING}) | statuses_after(S.SUBMITTING)
+# Accepted, or its activation failed: waiting for the buyer to (again) sign and submit the escrow's funding.
+AWAITING_FUNDING_STATUSES = frozenset(status for status, successors in TRANSITIONS.items()
+                                      if S.SUBMITTING in successors)
+# Submitting without a signed transaction for this long is a backend fault, not chain latency.
+BACKEND_FAULT_AFTER = timedelta(minutes=2)
+
+
+def can_transition(agreement: "UsageAgreement", *, to: str) -> bool:
+    return to in TRANSITIONS.get(agreement.status, ())
+
+
+def can_activate(agreement: "UsageAgreement") -> bool:
+    return agreement.status in AWAITING_FUNDING_STATUSES
+
+
+def can_propose_settlement(agreement: "UsageAgreement") -> bool:
+    return can_transition(agreement, to=S.IN_CHALLENGE)
+
+
+def can_reclaim(agreement: "UsageAgreement") -> bool:
+    return can_transition(agreement, to=S.REFUNDED)
+
+
+def can_challenge(agreement: "UsageAgreement") -> bool:
+    """A settlement is proposed and its challenge window is the buyer's to use."""
+    return can_transition(agreement, to=S.DISPUTED)
+
+
+def can_resolve(agreement: "UsageAgreement") -> bool:
+    return agreement.status == S.DISPUTED
+
+
+def is_funded(agreement: "UsageAgreement") -> bool:
+    return agreement.status in FUNDED_STATUSES
+
+
+def is_settling(agreement: "UsageAgreement") -> bool:
+    """The payout is decided (window over or dispute resolved); finalize pays it out."""
+    return agreement.status == S.SETTLING
+
+
+def is_paid_out(agreement: "UsageAgreement") -> bool:
+    """The escrow is closed: settled or reclaimed."""
+    return agreement.status in FUNDED_STATUSES and agreement.status not in TRANSITIONS
+
+
+def is_activation_stuck(agreement: "UsageAgreement", *, now: datetime) -> bool:
+    """Submitting with no signed transaction for BACKEND_FAULT_AFTER: a backend fault, not chain latency."""
+    return (agreement.status == S.SUBMITTING and not agreement.activation_tx_hash
+            and now - agreement.updated_at > BACKEND_FAULT_AFTER)
 
 
 class UsageAgreement(models.Model):

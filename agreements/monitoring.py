@@ -37,14 +37,6 @@ def _failures(limit: int) -> list[dashboard.Failure]:
     return failures
 
 
-metrics.scrape_collector_register(
-    name="marketplace_agreements", documentation="Usage agreements by status (counted at scrape time).",
-    labels=("status",),
-    counts=lambda: {(status,): count for status, count in selectors.agreement_counts_by_status().items()})
-dashboard.counts_register(title="Agreements by status", counts=selectors.agreement_counts_by_status)
-dashboard.failures_register(recent=_failures)
-
-
 def _agreement_url(agreement) -> str:
     return reverse("admin:agreements_usageagreement_change", args=[agreement.pk])
 
@@ -78,10 +70,18 @@ def _usdc(amount: int) -> str:
     return money.token_units(amount, "USDC")
 
 
-dashboard.overdue_register(overdue=_overdue)
-dashboard.series_register(title="Metered calls (usage events)",
-                          series=lambda since, step: selectors.usage_calls_by_bucket(since=since, step=step))
-dashboard.series_register(title="Usage charged", unit=_usdc,
-                          series=lambda since, step: selectors.usage_charged_by_bucket(since=since, step=step))
-dashboard.series_register(title="Volume (escrow deposits, direct payments, skill invocations)", unit=_usdc,
-                          series=lambda since, step: selectors.volume_by_bucket(since=since, step=step))
+def panels_register() -> None:
+    """Called once, from the AppConfig.ready(): metrics, dashboard panels and readiness checks."""
+    metrics.scrape_collector_register(
+        name="marketplace_agreements", documentation="Usage agreements by status (counted at scrape time).",
+        labels=("status",),
+        counts=lambda: {(status,): count for status, count in selectors.agreement_counts_by_status().items()})
+    dashboard.counts_register(title="Agreements by status", counts=selectors.agreement_counts_by_status)
+    dashboard.failures_register(recent=_failures)
+    dashboard.overdue_register(overdue=_overdue)
+    dashboard.series_register(title="Metered calls (usage events)",
+                              series=lambda since, step: selectors.usage_calls_by_bucket(since=since, step=step))
+    dashboard.series_register(title="Usage charged", unit=_usdc,
+                              series=lambda since, step: selectors.usage_charged_by_bucket(since=since, step=step))
+    dashboard.series_register(title="Volume (escrow deposits, direct payments, skill invocations)", unit=_usdc,
+                              series=lambda since, step: selectors.volume_by_bucket(since=since, step=step))

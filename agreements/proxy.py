@@ -91,13 +91,13 @@ def _forward_headers(request, agreement: UsageAgreement, reservation, max_units:
                if value and key.lower() not in dropped and not key.lower().startswith("x-marketplace-")}
     timestamp = int(time.time())
     headers.update({
-        "X-Forwarded-For": request._request.META.get("REMOTE_ADDR", ""),
+        "X-Forwarded-For": request.META.get("REMOTE_ADDR", ""),
         "X-Marketplace-Agreement": str(agreement.pk),
         "X-Marketplace-Call-Seq": str(reservation.call_seq),
         "X-Marketplace-Timestamp": str(timestamp),
         "X-Marketplace-Buyer": request.auth.agent.handle,  # the caller: only the buyer gets this far
         "X-Marketplace-Max-Units": str(max_units),
-        "X-Marketplace-Request-Id": request._request.request_id,
+        "X-Marketplace-Request-Id": request.request_id,
         "X-Marketplace-Signature": proxy_signature.sign(
             agreement.service.proxy_secret, agreement_id=str(agreement.pk), call_seq=reservation.call_seq,
             timestamp=timestamp, method=request.method, path=path),
@@ -173,7 +173,7 @@ def upstream_path(path: str) -> str:
 def request_body(request) -> bytes:
     """The buyer's body, at most PROXY_MAX_REQUEST_BYTES (413 beyond), whether sent with a length or chunked."""
     limit = settings.PROXY_MAX_REQUEST_BYTES
-    meta = request._request.META
+    meta = request.META
     if "chunked" in meta.get("HTTP_TRANSFER_ENCODING", "").lower():
         if not meta.get("wsgi.input_terminated"):  # the server cannot tell where a chunked body ends
             raise LengthRequired("This server cannot read a chunked body here: send it with a Content-Length.")
@@ -187,7 +187,7 @@ def request_body(request) -> bytes:
     length = header_integer(meta.get("CONTENT_LENGTH") or "0")
     if length is not None and length > limit:
         raise _too_large(limit)
-    return request._request.body
+    return request.body
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -258,7 +258,7 @@ class MeteredProxyView(APIView):
         if agreement.buyer_id != agent.pk:
             raise Forbidden("Only the buyer calls through the proxy.", code="buyer_only")
         body = request_body(request)
-        query = request._request.META.get("QUERY_STRING", "")
+        query = request.META.get("QUERY_STRING", "")
         call_path = upstream_path(path) + (f"?{query}" if query else "")
         nonce = request.headers.get("X-Request-Nonce", "")
         if nonce:
@@ -281,7 +281,7 @@ class MeteredProxyView(APIView):
 
     def _forward(self, request, agreement: UsageAgreement, upstream_path: str, body: bytes, nonce: str):
         max_units = _requested_units(request, agreement)
-        request_id = request._request.request_id
+        request_id = request.request_id
         reservation = metering.reservation_take(
             agreement=agreement, amount=max_units * agreement.price_per_unit, request_id=request_id,
             request_nonce=nonce, method=request.method, path=upstream_path)

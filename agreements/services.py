@@ -1,53 +1,51 @@
 """Writes of usage agreements: proposal (with policy and approval), every status transition, fees, webhooks.
 
-Every status change goes through `_transition`, under a row lock, checked against `TRANSITIONS`, and writes one
-`AgreementEvent` (plus webhook deliveries, sent after commit). A repeated identical request is a no-op.
+Every status change goes through `_transition`, under a row lock, checked against `TRANSITIONS` (in
+agreements.models), and writes one `AgreementEvent` (plus webhook deliveries, sent after commit). A repeated
+identical request is a no-op.
 """
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
+from django.core import checks
 from django.db import transaction
 from django.db.models import Case, F, Sum, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agreements import webhooks, x402_protocol
+# Usage writes the escrow app drives (settlement, Masumi purchases), offered here with the other services.
+from agreements.metering import completion_request as completion_request
+from agreements.metering import job_result_charge as job_result_charge
+from agreements.metering import reservations_settle_stale as reservations_settle_stale
 from agreements.models import (
+    TRANSITIONS,
     AgreementEvent,
     AgreementStatus,
     FeeSchedule,
     SettlementModel,
     UsageAgreement,
+    can_activate,
+    is_funded,
+    statuses_after,
 )
 from catalog.models import Agent, Service, ServiceState
-from marketplace import chainconfig
+from marketplace import chainconfig, sweeps
 from sdk import typed_data
 from sdk.terms import terms_hash
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
 from marketplace.fields import TokenAmountField
+from marketplace.signatures import signer_require
 from policies import selectors as policy_selectors
 from policies import services as policy_services
-from policies.evaluation import Outcome, Purchase, Spend, evaluate
+from policies.evaluation import Decision, Outcome, Purchase, Spend, evaluate
 
 S = AgreementStatus
 
-# The one table of legal status changes (DESIGN section 4).
-TRANSITIONS: dict[str, set[str]] = {
-    S.PENDING_APPROVAL: {S.PROPOSED, S.REJECTED, S.CANCELLED, S.EXPIRED},
-    S.PROPOSED: {S.ACCEPTED, S.REJECTED, S.CANCELLED, S.EXPIRED},
-    S.ACCEPTED: {S.SUBMITTING, S.PAYING, S.CANCELLED, S.EXPIRED},
-    S.ACTIVATION_FAILED: {S.SUBMITTING, S.CANCELLED, S.EXPIRED},
-    S.SUBMITTING: {S.ACTIVE, S.ACTIVATION_FAILED},
-    S.ACTIVE: {S.IN_CHALLENGE, S.REFUNDED},
-    S.IN_CHALLENGE: {S.SETTLING, S.DISPUTED},
-    S.DISPUTED: {S.SETTLING},
-    S.SETTLING: {S.SETTLED},
-    S.PAYING: {S.PAID, S.PAYMENT_FAILED},
-}
 _TIMESTAMPS = {
     S.ACCEPTED: "accepted_at",
     S.REJECTED: "closed_at",
@@ -188,7 +186,29 @@ class RestatedTerms:
                                details={"price_per_unit_atomic": service.unit_price})
 
 
-def agreement_propose(
+@dataclass(frozen=True)
+class Proposal:
+    """A proposal checked and priced, with its direct payment's signatures checked (against the chain's permit
+    nonce where the buyer left it out): what `agreement_propose` puts to the owner's policy and records."""
+
+    buyer: Agent
+    service: Service
+    proposed_at: datetime
+    settlement_model: str
+    quantity: int
+    deposit: int  # base units, as the fee
+    fee: int
+    token: str
+    challenge_window_seconds: int
+    expires_at: datetime
+    proposal_expires_at: datetime
+    terms: dict  # what `terms_hash` commits to
+    note: str
+    direct: x402_protocol.Authorization | None = None
+    fee_permit: dict = field(default_factory=dict)
+
+
+def agreement_proposal_prepare(
     *,
     buyer: Agent,
     service: Service,
@@ -202,35 +222,16 @@ def agreement_propose(
     note: str = "",
     payment_header: str = "",
     fee_permit: dict | None = None,
-) -> UsageAgreement:
-    if not buyer.is_buyer:
-        raise Forbidden("Only agents with the buyer role can propose agreements.", code="not_a_buyer")
-    if service.seller_id == buyer.pk:
-        raise InvalidInput("An agent cannot buy its own service.", code="own_service")
-    if service.state != ServiceState.REGISTERED:
-        raise InvalidInput("This service is deregistered.", code="service_deregistered")
+) -> Proposal:
+    """Every check a proposal must pass before anything is written, and its priced terms. Records nothing; reads the
+    chain for a direct payment's fee permit given without its nonce, so call it with no database transaction open."""
+    _check_parties(buyer=buyer, service=service)
     restated.check(service)
-    if quantity < service.min_quantity or (service.max_quantity is not None and quantity > service.max_quantity):
-        raise InvalidInput("The quantity is outside what the service sells per agreement.",
-                           code="quantity_out_of_range",
-                           details={"min_quantity": service.min_quantity, "max_quantity": service.max_quantity})
-    token = token or service.token
-    if token != service.token:
-        raise InvalidInput(f"This service is priced in {service.token}.", code="token_not_accepted",
-                           details={"accepted": [service.token]})
+    _check_quantity(service=service, quantity=quantity)
+    token = _accepted_token(service=service, token=token)
     now = timezone.now()
-    expires_at = expires_at or now + settings.AGREEMENT_DEFAULT_DURATION
-    if expires_at <= now:
-        raise InvalidInput("expires_at is in the past.", code="expiry_in_past")
-    if expires_at > now + settings.AGREEMENT_MAX_DURATION:
-        raise InvalidInput("expires_at is too far in the future.", code="expiry_too_far",
-                           details={"max_days": settings.AGREEMENT_MAX_DURATION.days})
-    deposit = quantity * service.unit_price
-    if deposit <= 0:
-        raise InvalidInput("The agreement's amount must be positive.", code="amount_zero")
-    if deposit > settings.AGREEMENT_MAX_AMOUNT:
-        raise InvalidInput("The agreement's amount is above the platform limit.", code="amount_too_large",
-                           details={"max_amount_atomic": settings.AGREEMENT_MAX_AMOUNT})
+    expires_at = _agreement_expiry(expires_at=expires_at, now=now)
+    deposit = _deposit(service=service, quantity=quantity)
     schedule = fee_schedule_current()
     fee = fee_for(amount=deposit, schedule=schedule)
     window = challenge_window_seconds or settings.CHALLENGE_WINDOW_DEFAULT
@@ -243,53 +244,130 @@ def agreement_propose(
         "buyer_wallet_address": buyer_wallet_address or buyer.wallet_address,
         "seller_wallet_address": service.seller.wallet_address, "fee_recipient": fee_recipient(schedule),
     }
-
-    proposal_expires_at = now + settings.PROPOSAL_TTL
-    direct = None
+    proposal = Proposal(
+        buyer=buyer, service=service, proposed_at=now, settlement_model=settlement_model, quantity=quantity,
+        deposit=deposit, fee=fee, token=token, challenge_window_seconds=window, expires_at=expires_at,
+        proposal_expires_at=now + settings.PROPOSAL_TTL, terms=terms, note=note,
+    )
     if settlement_model == SettlementModel.DIRECT_PAYMENT:
-        fee_permit = _fee_permit_completed(fee_permit or {}, fee=fee, payer=terms["buyer_wallet_address"])
-        direct = _direct_payment_check(payment_header=payment_header, fee_permit=fee_permit, amount=deposit,
-                                       fee=fee, payer=terms["buyer_wallet_address"],
-                                       seller=terms["seller_wallet_address"])
-        # The seller must accept while both signatures can still be executed.
-        valid_until = min(direct.valid_before, fee_permit["deadline"]) - settings.DIRECT_PAYMENT_MIN_VALIDITY // 2
-        proposal_expires_at = min(proposal_expires_at, datetime.fromtimestamp(valid_until, tz=UTC))
+        return _with_direct_payment(proposal, payment_header=payment_header, fee_permit=fee_permit or {})
+    return proposal
 
+
+def _check_parties(*, buyer: Agent, service: Service) -> None:
+    """A buyer buys another agent's service, while it is registered."""
+    if not buyer.is_buyer:
+        raise Forbidden("Only agents with the buyer role can propose agreements.", code="not_a_buyer")
+    if service.seller_id == buyer.pk:
+        raise InvalidInput("An agent cannot buy its own service.", code="own_service")
+    if service.state != ServiceState.REGISTERED:
+        raise InvalidInput("This service is deregistered.", code="service_deregistered")
+
+
+def _check_quantity(*, service: Service, quantity: int) -> None:
+    if quantity < service.min_quantity or (service.max_quantity is not None and quantity > service.max_quantity):
+        raise InvalidInput("The quantity is outside what the service sells per agreement.",
+                           code="quantity_out_of_range",
+                           details={"min_quantity": service.min_quantity, "max_quantity": service.max_quantity})
+
+
+def _accepted_token(*, service: Service, token: str | None) -> str:
+    """The service's token: the only one it is priced in."""
+    token = token or service.token
+    if token != service.token:
+        raise InvalidInput(f"This service is priced in {service.token}.", code="token_not_accepted",
+                           details={"accepted": [service.token]})
+    return token
+
+
+def _agreement_expiry(*, expires_at: datetime | None, now: datetime) -> datetime:
+    """The default duration when none is asked; otherwise in the future and within the platform's maximum."""
+    expires_at = expires_at or now + settings.AGREEMENT_DEFAULT_DURATION
+    if expires_at <= now:
+        raise InvalidInput("expires_at is in the past.", code="expiry_in_past")
+    if expires_at > now + settings.AGREEMENT_MAX_DURATION:
+        raise InvalidInput("expires_at is too far in the future.", code="expiry_too_far",
+                           details={"max_days": settings.AGREEMENT_MAX_DURATION.days})
+    return expires_at
+
+
+def _deposit(*, service: Service, quantity: int) -> int:
+    """quantity × unit price: positive and within the platform's limit per agreement."""
+    deposit = quantity * service.unit_price
+    if deposit <= 0:
+        raise InvalidInput("The agreement's amount must be positive.", code="amount_zero")
+    if deposit > settings.AGREEMENT_MAX_AMOUNT:
+        raise InvalidInput("The agreement's amount is above the platform limit.", code="amount_too_large",
+                           details={"max_amount_atomic": settings.AGREEMENT_MAX_AMOUNT})
+    return deposit
+
+
+def _with_direct_payment(proposal: Proposal, *, payment_header: str, fee_permit: dict) -> Proposal:
+    """The buyer's payment and fee permit checked; the seller must accept while both can still be executed."""
+    payer = proposal.terms["buyer_wallet_address"]
+    fee_permit = _fee_permit_completed(fee_permit, fee=proposal.fee, payer=payer)
+    direct = _direct_payment_check(payment_header=payment_header, fee_permit=fee_permit, amount=proposal.deposit,
+                                   fee=proposal.fee, payer=payer, seller=proposal.terms["seller_wallet_address"])
+    valid_until = min(direct.valid_before, fee_permit["deadline"]) - settings.DIRECT_PAYMENT_MIN_VALIDITY // 2
+    return replace(proposal, direct=direct, fee_permit=fee_permit, proposal_expires_at=min(
+        proposal.proposal_expires_at, datetime.fromtimestamp(valid_until, tz=UTC)))
+
+
+def agreement_propose(*, proposal: Proposal) -> UsageAgreement:
+    """Record a prepared proposal (`agreement_proposal_prepare`) as the buyer's owner policy decides: `proposed`, or
+    `pending_approval` with an approval request. All or nothing; asks no other service, so it may run inside the
+    caller's transaction."""
     with transaction.atomic():
-        # Serialises this buyer's proposals and policy edits, so two proposals cannot both slip under a cap.
-        Agent.objects.select_for_update().get(pk=buyer.pk)
-        decision = evaluate(
-            policy_selectors.policy_of(agent=buyer),
-            Purchase(seller_handle=service.seller.handle, service_id=str(service.pk),
-                     tags=frozenset(service.tags.values_list("name", flat=True)), token=token, amount=deposit + fee),
-            Spend(last_day=_committed_spend(buyer, now - timedelta(days=1)),
-                  last_month=_committed_spend(buyer, now - timedelta(days=30))),
-        )
-        if decision.outcome == Outcome.DENY:
-            raise Forbidden(decision.message, code="policy_denied", details={"rule": decision.rule,
-                                                                              **decision.details})
-        status = S.PENDING_APPROVAL if decision.outcome == Outcome.NEEDS_APPROVAL else S.PROPOSED
-        agreement = UsageAgreement.objects.create(
-            buyer=buyer, seller=service.seller, service=service, status=status, settlement_model=settlement_model,
-            pricing_type=terms["pricing_type"], unit_name=terms["unit_name"], price_per_unit=service.unit_price,
-            quantity=quantity, deposit_amount=deposit, infra_fee=fee, token=token,
-            token_address=terms["token_address"], chain_id=terms["chain_id"], challenge_window_seconds=window,
-            expires_at=expires_at, proposal_expires_at=proposal_expires_at,
-            buyer_wallet_address=terms["buyer_wallet_address"], seller_wallet_address=terms["seller_wallet_address"],
-            fee_recipient=terms["fee_recipient"], terms_hash=terms_hash(terms), note=note,
-            payment_authorization=_direct_authorization_record(direct) if direct else None,
-            fee_permit=fee_permit if direct else {},
-        )
-        if status == S.PENDING_APPROVAL:
+        decision = _owner_policy_decision(proposal)
+        needs_approval = decision.outcome == Outcome.NEEDS_APPROVAL
+        agreement = _agreement_record(proposal, status=S.PENDING_APPROVAL if needs_approval else S.PROPOSED)
+        if needs_approval:
             policy_services.approval_request_create(
-                agent=buyer, subject_type=APPROVAL_SUBJECT, subject_id=agreement.pk, amount=deposit + fee,
-                rule=decision.rule,
-                summary={"service": service.name, "seller": service.seller.handle, "deposit_atomic": deposit,
-                         "infra_fee_atomic": fee, "token": token},
+                agent=proposal.buyer, subject_type=APPROVAL_SUBJECT, subject_id=agreement.pk,
+                amount=proposal.deposit + proposal.fee, rule=decision.rule,
+                summary={"service": proposal.service.name, "seller": proposal.service.seller.handle,
+                         "deposit_atomic": proposal.deposit, "infra_fee_atomic": proposal.fee,
+                         "token": proposal.token},
             )
-        _record_event(agreement, actor=Actor.agent(buyer, "buyer"), from_status="", reason=decision.rule,
+        _record_event(agreement, actor=Actor.agent(proposal.buyer, "buyer"), from_status="", reason=decision.rule,
                       data={"policy": decision.outcome.value})
     return agreement
+
+
+def _owner_policy_decision(proposal: Proposal) -> Decision:
+    """The owner's policy on this purchase (fee included), given what the buyer committed in the last day and
+    month; a denial is 403 with the rule. Call inside the transaction that records the agreement."""
+    buyer, service = proposal.buyer, proposal.service
+    # Serialises this buyer's proposals and policy edits, so two proposals cannot both slip under a cap.
+    Agent.objects.select_for_update().get(pk=buyer.pk)
+    decision = evaluate(
+        policy_selectors.policy_of(agent=buyer),
+        Purchase(seller_handle=service.seller.handle, service_id=str(service.pk),
+                 tags=frozenset(service.tags.values_list("name", flat=True)), token=proposal.token,
+                 amount=proposal.deposit + proposal.fee),
+        Spend(last_day=_committed_spend(buyer, proposal.proposed_at - timedelta(days=1)),
+              last_month=_committed_spend(buyer, proposal.proposed_at - timedelta(days=30))),
+    )
+    if decision.outcome == Outcome.DENY:
+        raise Forbidden(decision.message, code="policy_denied", details={"rule": decision.rule, **decision.details})
+    return decision
+
+
+def _agreement_record(proposal: Proposal, *, status: str) -> UsageAgreement:
+    terms = proposal.terms
+    return UsageAgreement.objects.create(
+        buyer=proposal.buyer, seller=proposal.service.seller, service=proposal.service, status=status,
+        settlement_model=proposal.settlement_model, pricing_type=terms["pricing_type"],
+        unit_name=terms["unit_name"], price_per_unit=terms["price_per_unit"], quantity=proposal.quantity,
+        deposit_amount=proposal.deposit, infra_fee=proposal.fee, token=proposal.token,
+        token_address=terms["token_address"], chain_id=terms["chain_id"],
+        challenge_window_seconds=proposal.challenge_window_seconds, expires_at=proposal.expires_at,
+        proposal_expires_at=proposal.proposal_expires_at, buyer_wallet_address=terms["buyer_wallet_address"],
+        seller_wallet_address=terms["seller_wallet_address"], fee_recipient=terms["fee_recipient"],
+        terms_hash=terms_hash(terms), note=proposal.note,
+        payment_authorization=_direct_authorization_record(proposal.direct) if proposal.direct else None,
+        fee_permit=proposal.fee_permit,
+    )
 
 
 # --- direct payments (settlement_model direct_payment) ------------------------------------------------------
@@ -352,18 +430,13 @@ def _direct_payment_check(*, payment_header: str, fee_permit: dict, amount: int,
     if fee_permit["deadline"] < timezone.now().timestamp() + settings.DIRECT_PAYMENT_MIN_VALIDITY:
         raise InvalidInput(f"fee_permit.deadline must be at least {settings.DIRECT_PAYMENT_MIN_VALIDITY} s away.",
                            code="signature_expired", details={"field": "fee_permit"})
+    token_name, token_version = x402_protocol.token_domain()
     typed = typed_data.erc2612_permit(
         chain_id=settings.CHAIN_ID, token_address=chainconfig.usdc_address(), owner=payer,
         spender=chainconfig.relayer_address(), value=fee_permit["value"], nonce=fee_permit["nonce"],
-        deadline=fee_permit["deadline"])
-    try:
-        signer = typed_data.recover_typed_data_signer(typed, fee_permit["signature"])
-    except Exception:  # noqa: BLE001 - any malformed signature is the caller's input error
-        signer = ""
-    if signer.lower() != payer.lower():
-        raise InvalidInput("fee_permit.signature is not the buyer's permit of the fee to the platform relayer "
-                           f"{chainconfig.relayer_address()}.", code="invalid_signature",
-                           details={"field": "fee_permit"})
+        deadline=fee_permit["deadline"], token_name=token_name, token_version=token_version)
+    signer_require(typed=typed, signature=fee_permit["signature"], expected=payer, field="fee_permit.signature",
+                   mismatch_code="invalid_signature")
     return authorization
 
 
@@ -412,7 +485,8 @@ def agreement_direct_payment_failed(*, agreement_id, reason: str) -> UsageAgreem
     return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, reason=reason)
 
 
-def agreement_direct_fee_refunded(*, agreement_id, amount: int, tx_hash: str) -> None:
+def agreement_direct_fee_refunded(*, agreement_id, amount: int) -> None:
+    """The fee came back to the buyer (the refund's transaction is on the agreement's chain transactions)."""
     UsageAgreement.objects.filter(pk=agreement_id).update(buyer_refund=amount, updated_at=timezone.now())
 
 
@@ -463,7 +537,7 @@ def agreement_activation_begin(*, agreement_id, buyer: Agent) -> UsageAgreement:
     _require_party(agreement, buyer, "buyer")
     if agreement.settlement_model != SettlementModel.ESCROW:
         raise Conflict("Only escrow agreements are activated.", code="not_an_escrow_agreement")
-    if agreement.status not in (S.ACCEPTED, S.ACTIVATION_FAILED):
+    if not can_activate(agreement):
         code = "activation_in_progress" if agreement.status == S.SUBMITTING else "invalid_transition"
         raise Conflict(f"Cannot activate an agreement that is {agreement.status}.", code=code,
                        details={"status": agreement.status, "requested": S.SUBMITTING})
@@ -483,27 +557,16 @@ def agreement_activation_signed(*, agreement_id, tx_hash: str) -> None:
 # of the contract event (which also sees what others sent). Whichever comes first moves the agreement; the
 # other finds it there, or already further along (`_chain_outcome`), and changes nothing.
 
-def _after(status: str) -> set[str]:
-    """Every status reachable from `status` through the transition table (escrow states have no cycles)."""
-    seen, todo = set(), [status]
-    while todo:
-        for successor in TRANSITIONS.get(todo.pop(), ()):
-            if successor not in seen:
-                seen.add(successor)
-                todo.append(successor)
-    return seen
-
-
 def _chain_outcome(agreement_id, *, to: str, **kwargs) -> UsageAgreement:
     agreement = _lock(agreement_id)
-    if agreement.status in _after(to):
+    if agreement.status in statuses_after(to):
         return agreement  # the other path got there first and the agreement has moved on since
     return _transition(agreement_id, to=to, **kwargs)
 
 
 def agreement_activation_confirmed(*, agreement_id, tx_hash: str) -> UsageAgreement:
     agreement = _lock(agreement_id)
-    if agreement.status in (S.ACCEPTED, S.ACTIVATION_FAILED):
+    if can_activate(agreement):
         # An operator retried a failed activation, or someone relayed the buyer's signed intent themselves.
         _transition(agreement_id, to=S.SUBMITTING, actor=SYSTEM, reason="activation mined")
     return _chain_outcome(agreement_id, to=S.ACTIVE, actor=SYSTEM, reason="escrow funded on-chain",
@@ -512,7 +575,7 @@ def agreement_activation_confirmed(*, agreement_id, tx_hash: str) -> UsageAgreem
 
 def agreement_activation_failed(*, agreement_id, reason: str) -> UsageAgreement:
     agreement = _lock(agreement_id)
-    if agreement.status == S.ACTIVE or agreement.status in _after(S.ACTIVE):
+    if is_funded(agreement):
         return agreement  # the escrow is funded on-chain (another copy of the intent was mined): that wins
     return _transition(agreement_id, to=S.ACTIVATION_FAILED, actor=SYSTEM, reason=reason)
 
@@ -594,22 +657,26 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
     _transition(subject_id, to=to, actor=who, reason=note or f"owner {outcome}", changes=changes)
 
 
-policy_services.approval_handler_register(subject_type=APPROVAL_SUBJECT, handler=_on_approval_decided)
+def handlers_register() -> None:
+    """Called once, from AgreementsConfig.ready()."""
+    policy_services.approval_handler_register(subject_type=APPROVAL_SUBJECT, handler=_on_approval_decided)
+
+
+def hooks_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """System check: what the escrow app registers for agreements (chain reads and execution) is there."""
+    hooks = {"direct payment executor": _direct_payment_executor, "permit nonce reader": _permit_nonce_reader,
+             "token domain reader": x402_protocol.token_domain_reader_registered()}
+    return [checks.Error(f"No {name} is registered with agreements.", obj=__name__, id="agreements.E001",
+                         hint="The escrow app registers it in EscrowConfig.ready().")
+            for name, registered in hooks.items() if not registered]
 
 
 def agreements_expire_proposals(*, now: datetime | None = None) -> int:
     """Proposals the seller did not answer in time become `expired`. Each in its own transaction; safe twice."""
-    now = now or timezone.now()
-    due = UsageAgreement.objects.filter(status=S.PROPOSED, proposal_expires_at__lte=now).values_list("pk", flat=True)
-    expired = 0
-    for pk in list(due[:1000]):
-        with transaction.atomic():
-            agreement = UsageAgreement.objects.select_for_update(skip_locked=True).filter(
-                pk=pk, status=S.PROPOSED).first()
-            if agreement is not None:
-                _transition(pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
-                expired += 1
-    return expired
+    return sweeps.due_rows_apply(
+        due=UsageAgreement.objects.filter(status=S.PROPOSED, proposal_expires_at__lte=now or timezone.now()),
+        apply=lambda agreement: _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM,
+                                            reason="proposal expired before acceptance"))
 
 
 def agreement_expire_unfunded(*, agreement_id, reason: str) -> UsageAgreement | None:
@@ -617,6 +684,6 @@ def agreement_expire_unfunded(*, agreement_id, reason: str) -> UsageAgreement | 
     past its payByTime). A no-op once it is funded, being funded or closed."""
     with transaction.atomic():
         agreement = _lock(agreement_id)
-        if agreement.status not in (S.ACCEPTED, S.ACTIVATION_FAILED):
+        if not can_activate(agreement):
             return None
         return _transition(agreement_id, to=S.EXPIRED, actor=SYSTEM, reason=reason)

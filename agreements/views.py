@@ -85,23 +85,29 @@ class AgreementsView(APIView):
             "expires_at": "2026-12-31T00:00:00Z", "challenge_window_seconds": 3600})],
         responses={201: AgreementSerializer, **error_responses(404, 409, 422, 429)},
     )
-    @idempotent()
-    def post(self, request):
-        body = ProposalSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        data = dict(body.validated_data)
-        seller_id = data.pop("seller_agent_id", None)
-        if "service_id" in data:
-            service = catalog_selectors.service_get_any_state(service_id=data.pop("service_id"))
-        else:
-            service = catalog_selectors.service_only_of_seller(seller_id=seller_id)
-        agreement = services.agreement_propose(
-            buyer=calling_agent(request), service=service,
-            restated=services.RestatedTerms(seller_id=seller_id, unit=data.pop("unit", None),
-                                            price_per_unit=data.pop("price_per_unit_cents", None)),
-            **data)
+    @idempotent(prepare=lambda view, request: _proposal_prepared(request))
+    def post(self, request, prepared: services.Proposal):
+        agreement = services.agreement_propose(proposal=prepared)
         agreement = selectors.agreement_get(agreement_id=agreement.pk, agent=calling_agent(request))
         return Response(agreement_payload(agreement), status=status.HTTP_201_CREATED)
+
+
+def _proposal_prepared(request) -> services.Proposal:
+    """The proposal checked and priced before the idempotent request's transaction opens: a direct payment's fee
+    permit may need the token's nonce from the chain."""
+    body = ProposalSerializer(data=request.data)
+    body.is_valid(raise_exception=True)
+    data = dict(body.validated_data)
+    seller_id = data.pop("seller_agent_id", None)
+    if "service_id" in data:
+        service = catalog_selectors.service_get_any_state(service_id=data.pop("service_id"))
+    else:
+        service = catalog_selectors.service_only_of_seller(seller_id=seller_id)
+    return services.agreement_proposal_prepare(
+        buyer=calling_agent(request), service=service,
+        restated=services.RestatedTerms(seller_id=seller_id, unit=data.pop("unit", None),
+                                        price_per_unit=data.pop("price_per_unit_cents", None)),
+        **data)
 
 
 class AgreementDetailView(APIView):
@@ -274,7 +280,7 @@ class RecordUsageView(APIView):
         agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
         body = RecordUsageSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        request_id = request._request.request_id
+        request_id = request.request_id
         if body.is_running_total:
             events = metering.usage_record_running_total(agreement=agreement, seller=agent,
                                                          units_used=body.validated_data["units_used"],
@@ -287,7 +293,7 @@ class RecordUsageView(APIView):
                                    code="idempotency_key_required")
             events = metering.usage_record(agreement=agreement, seller=agent, entries=body.entries(),
                                            request_id=request_id)
-        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        agreement = selectors.agreement_refresh(agreement=agreement)
         return Response(agreement_payload(agreement, serializer=RecordedUsageSerializer, events=events),
                         status=status.HTTP_201_CREATED)
 

@@ -11,33 +11,56 @@ authorization quoted by one skill's 402 pay for any other skill of that price. A
 in `extra.resource` (its path, e.g. "/agents/sol/translate"); x402 clients echo the requirements they accepted
 (and the 402's `resource`) in the payload, and a payment whose echo names another resource is refused
 (`wrong_resource`), as x402 resource servers match `accepted` against their own requirements.
+
+The token's EIP-712 domain (`extra.name`/`extra.version`, and every signature check) is read from the token
+contract by the escrow app, which registers the reader here (`token_domain_reader_register`): Base's USDC is
+"USD Coin", Base Sepolia's "USDC".
+
+A bare signature (the Services API seed's `X-Payment-Signature: 0x...`): EIP-3009 needs the authorization it
+signs, so a resource's 402 issues one (`quote_issue`: a random nonce and a validity window in `extra`, and the
+X-Payment-Nonce / -Valid-After / -Valid-Before headers), remembered for the caller for the window. A bare signature
+from a known payer (the calling agent's wallet, or `X-Payment-From`) is checked against the authorizations the
+same caller was quoted (`quoted_authorization`), newest first.
 """
 
 import binascii
+import re
+import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from django.conf import settings
+from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from pydantic import ValidationError
-from x402 import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo
-from x402.http import decode_payment_signature_header, encode_payment_required_header
+from x402 import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
+from x402.http import (
+    decode_payment_signature_header,
+    encode_payment_required_header,
+    encode_payment_response_header,
+)
 from x402.http.utils import safe_base64_decode
 from x402.mechanisms.evm import constants as evm
 from x402.mechanisms.evm.eip712 import hash_eip3009_authorization
-from x402.mechanisms.evm.types import ExactEIP3009Payload
+from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload
 from x402.mechanisms.evm.utils import format_amount, hex_to_bytes
 from x402.mechanisms.evm.verify import verify_eoa_signature
 
 from agreements.models import PaymentAuthorization
 from marketplace import bounded_json, chainconfig
+from marketplace.errors import DependencyUnavailable
 from marketplace.fields import is_address
-from sdk.typed_data import USDC_DOMAIN_NAME, USDC_DOMAIN_VERSION
 
 USDC_DECIMALS = 6
 # Headers a buyer may send its signed payment in: x402 v2, x402 v1, and the Services API seed's name.
 PAYMENT_HEADERS = ("PAYMENT-SIGNATURE", "X-PAYMENT", "X-Payment-Signature")
+# The payer of a bare signature, for a caller without an agent API key.
+PAYER_HEADER = "X-Payment-From"
+BARE_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
+# Authorizations quoted per caller and resource that a bare signature is checked against (newest first).
+QUOTES_KEPT = 16
 
 # x402's verification reasons -> our codes (the x402 reason is kept in the error's details).
 REASON_CODES = {
@@ -79,6 +102,27 @@ class Authorization:
     signature: str
 
 
+TokenDomainReader = Callable[[], tuple[str, str]]
+_token_domain_reader: list[TokenDomainReader] = []
+
+
+def token_domain_reader_register(*, reader: TokenDomainReader) -> None:
+    """`reader()` is the configured token's EIP-712 domain (name, version): the escrow app reads it from the token
+    contract (EIP-5267), cached per chain and token."""
+    _token_domain_reader[:] = [reader]
+
+
+def token_domain_reader_registered() -> bool:
+    return bool(_token_domain_reader)
+
+
+def token_domain() -> tuple[str, str]:
+    """The token's EIP-712 (name, version), as the token contract says."""
+    if not _token_domain_reader:
+        raise DependencyUnavailable("No token is configured on this marketplace.", code="chain_not_configured")
+    return _token_domain_reader[0]()
+
+
 def network() -> str:
     """This marketplace's chain as a CAIP-2 id, x402's network naming (e.g. "eip155:8453" for Base)."""
     return f"eip155:{settings.CHAIN_ID}"
@@ -88,7 +132,8 @@ def payment_requirements(*, amount: int, pay_to: str, max_timeout_seconds: int,
                          resource: str | None = None) -> PaymentRequirements:
     """x402 "exact" requirements for `amount` USDC base units paid to `pay_to`; with `resource` (a path), only a
     payment quoted for that resource meets them."""
-    extra = {"name": USDC_DOMAIN_NAME, "version": USDC_DOMAIN_VERSION}
+    name, version = token_domain()
+    extra = {"name": name, "version": version}
     if resource:
         extra["resource"] = resource
     return PaymentRequirements(
@@ -99,20 +144,34 @@ def payment_requirements(*, amount: int, pay_to: str, max_timeout_seconds: int,
 
 def payment_required(*, requirements: PaymentRequirements, url: str, description: str,
                      error: str | None = None) -> PaymentRequired:
+    """x402's 402 body; `error` is x402's string: our error code."""
     return PaymentRequired(error=error, resource=ResourceInfo(url=url, description=description,
                                                               mime_type="application/json"),
                            accepts=[requirements])
 
 
 def payment_required_headers(*, requirements: PaymentRequirements, required: PaymentRequired) -> dict[str, str]:
-    """The Services API seed's X-Payment-* headers and x402 v2's PAYMENT-REQUIRED header."""
-    return {
+    """The Services API seed's X-Payment-* headers (with the quoted authorization's nonce and window, which a bare
+    signature signs) and x402 v2's PAYMENT-REQUIRED header."""
+    headers = {
         "X-Payment-Amount": format_amount(int(requirements.amount), USDC_DECIMALS),
         "X-Payment-Currency": "USDC",
         "X-Payment-Address": requirements.pay_to,
         "X-Payment-Chain": settings.CHAIN_NETWORK,
         "PAYMENT-REQUIRED": encode_payment_required_header(required),
     }
+    extra = requirements.extra or {}
+    if "nonce" in extra:
+        headers.update({"X-Payment-Nonce": extra["nonce"], "X-Payment-Valid-After": str(extra["validAfter"]),
+                        "X-Payment-Valid-Before": str(extra["validBefore"])})
+    return headers
+
+
+def payment_response_header(authorization: Authorization, *, tx_hash: str) -> dict[str, str]:
+    """x402 v2's PAYMENT-RESPONSE header (its SettleResponse, base64): the payment's transaction, network, payer."""
+    settled = SettleResponse(success=True, transaction=tx_hash, network=network(), payer=authorization.payer,
+                             amount=str(authorization.amount))
+    return {"PAYMENT-RESPONSE": encode_payment_response_header(settled)}
 
 
 def payment_header(headers) -> str | None:
@@ -123,15 +182,55 @@ def payment_header(headers) -> str | None:
     return None
 
 
+def _quotes_key(resource: str, holder: str) -> str:
+    return f"x402-quotes:{resource}:{holder}"
+
+
+def quote_issue(requirements: PaymentRequirements, *, holder: str, now: int | None = None) -> PaymentRequirements:
+    """`requirements` with one authorization quoted in `extra` (`nonce`, `validAfter`, `validBefore`), kept for
+    `holder` (who asked: an agent, or a client address) so that a bare signature of it can be rebuilt. x402
+    clients ignore these and sign their own nonce."""
+    now = int(time.time()) if now is None else now
+    quote = {"nonce": "0x" + secrets.token_hex(32), "validAfter": 0, "validBefore": now + requirements.max_timeout_seconds}
+    key = _quotes_key(requirements.extra["resource"], holder)
+    kept = [q for q in cache.get(key, []) if q["validBefore"] > now][-(QUOTES_KEPT - 1):]
+    cache.set(key, [*kept, quote], timeout=requirements.max_timeout_seconds)
+    return requirements.model_copy(update={"extra": {**requirements.extra, **quote}})
+
+
+def is_bare_signature(header: str) -> bool:
+    return bool(BARE_SIGNATURE.match(header))
+
+
+def quoted_authorization(signature: str, requirements: PaymentRequirements, *, payer: str | None,
+                         holder: str) -> Authorization:
+    """The authorization a bare signature signs: one that this resource's 402 quoted `holder`, from `payer`."""
+    if not payer:
+        raise InvalidPayment("payer_unknown", f"A bare signature needs its payer: call with your agent's API key, "
+                                              f"or name the paying wallet in {PAYER_HEADER}.")
+    if not is_address(payer):
+        raise InvalidPayment("malformed_payment", f"{PAYER_HEADER} is not an address.")
+    for quote in reversed(cache.get(_quotes_key(requirements.extra["resource"], holder), [])):
+        authorization = ExactEIP3009Authorization(
+            from_address=payer, to=requirements.pay_to, value=requirements.amount,
+            valid_after=str(quote["validAfter"]), valid_before=str(quote["validBefore"]), nonce=quote["nonce"])
+        if _signed_by(authorization, signature, asset=requirements.asset):
+            return check(PaymentPayload(payload=ExactEIP3009Payload(authorization, signature).to_dict(),
+                                        accepted=requirements), requirements)
+    raise InvalidPayment("no_quoted_authorization", "This signature is not the payer's over any authorization "
+                                                    "this resource quoted you: sign the 402's nonce and window "
+                                                    "(X-Payment-Nonce, -Valid-After, -Valid-Before), from the "
+                                                    "same caller.", evm.ERR_INVALID_SIGNATURE)
+
+
 def decode(header: str) -> PaymentPayload:
     """x402's base64 JSON payment payload (v1 payloads are normalised to v2's shape)."""
     try:
         bounded_json.loads(safe_base64_decode(header))  # x402 parses it with json.loads, which has no depth limit
         payload = decode_payment_signature_header(header)
     except (binascii.Error, UnicodeDecodeError, ValidationError, ValueError, AttributeError, TypeError) as exc:
-        raise InvalidPayment("malformed_payment", "The payment header is not a base64 x402 payment payload "
-                                                  "(a bare signature cannot be executed: EIP-3009 needs the "
-                                                  "authorization it signs).") from exc
+        raise InvalidPayment("malformed_payment", "The payment header is neither a base64 x402 payment payload "
+                                                  "nor a bare 65-byte signature.") from exc
     if isinstance(payload, PaymentPayload):
         return payload
     # v1: scheme and network at the top level; the authorization is the same.
@@ -157,7 +256,7 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, min_val
             nonce=authorization.nonce.lower(), signature=evm_payload.signature or "",
         )
         nonce_length = len(hex_to_bytes(values.nonce))
-        signature = hex_to_bytes(values.signature)
+        hex_to_bytes(values.signature)
     except (AttributeError, TypeError, ValueError) as exc:
         raise InvalidPayment("malformed_payment", "The authorization's fields are not valid numbers/hex.") from exc
     if not (is_address(values.payer) and is_address(values.pay_to)):
@@ -177,15 +276,19 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, min_val
                       f"validBefore must be at least {min_validity_seconds} s in the future.")
     if values.valid_after > now:
         raise _reject(evm.ERR_VALID_AFTER_FUTURE, "validAfter is in the future.")
-    try:
-        digest = hash_eip3009_authorization(authorization, settings.CHAIN_ID, requirements.asset,
-                                            USDC_DOMAIN_NAME, USDC_DOMAIN_VERSION)
-        signed = verify_eoa_signature(digest, signature, values.payer)
-    except Exception:  # noqa: BLE001 - whatever a malformed signature raises, it is not the payer's
-        signed = False
-    if not signed:
+    if not _signed_by(authorization, values.signature, asset=requirements.asset):
         raise _reject(evm.ERR_INVALID_SIGNATURE, "The signature is not the payer's over this authorization.")
     return values
+
+
+def _signed_by(authorization: ExactEIP3009Authorization, signature: str, *, asset: str) -> bool:
+    """Whether `signature` is the authorization's payer's, under the token's EIP-712 domain."""
+    name, version = token_domain()
+    try:
+        digest = hash_eip3009_authorization(authorization, settings.CHAIN_ID, asset, name, version)
+        return verify_eoa_signature(digest, hex_to_bytes(signature), authorization.from_address)
+    except Exception:  # noqa: BLE001 - whatever a malformed signature raises, it is not the payer's
+        return False
 
 
 def _require_resource(payload: PaymentPayload, resource: str) -> None:

@@ -9,10 +9,10 @@ What it does, in order:
    the database already holds exactly this seed (same seed version and service count): then it is reused.
 3. Starts gunicorn on a free loopback port with DEBUG off, fires each query `--requests` times from `--concurrency`
    threads (httpx, one keep-alive client per thread) after a short warm-up, and prints p50/p99 latency and
-   requests/s per query. Exits 1 if any answer was not a 200 with the query's number of results (or a query found
-   nothing), 2 if the set-up failed.
-
-`--explain` also prints PostgreSQL's plan (EXPLAIN ANALYZE) of each query's main SQL statement.
+   requests/s per query, and the CPU time per request of the server's workers and of PostgreSQL's backends (read
+   from /proc: unlike latency, it does not grow while a process waits for a core on a loaded machine). Exits 1 if
+   any answer was not a 200 with a full page of results (every query is built to fill one), 2 if the set-up failed.
+4. Prints PostgreSQL's plan (EXPLAIN ANALYZE) of each query's main SQL statement (`--no-explain` to leave it out).
 Bounded: at most `--requests` requests per query, a 30 s timeout per request, loopback only.
 """
 
@@ -34,6 +34,10 @@ from random import Random
 from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import harness  # noqa: E402
+
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench"
 # Bump when the generated data changes, so an old seed is not silently reused.
 SEED_VERSION = 1
@@ -41,6 +45,7 @@ BENCH_OWNER = f"bench-owner-v{SEED_VERSION}"
 BUYER_HANDLE = "bench-buyer"
 SERVICES_PER_SELLER = 50
 REQUEST_TIMEOUT = 30.0
+PAGE_SIZE = 20  # the API's default limit
 SERVER_START_TIMEOUT = 60.0
 
 # --- what the seeded catalog looks like ---------------------------------------------------------------------------
@@ -185,7 +190,6 @@ def configure_django(database_url: str, secret_key: str) -> dict:
         "DJANGO_SETTINGS_MODULE": "marketplace.settings",
     }
     os.environ.update(env)
-    sys.path.insert(0, str(ROOT))
     import django
 
     django.setup()
@@ -339,6 +343,40 @@ def stop_server(process: subprocess.Popen) -> None:
             process.wait(timeout=5)
 
 
+class CpuMeter:
+    """CPU seconds spent by the server's workers and by the database's backends serving them, between two reads."""
+
+    def __init__(self, server: subprocess.Popen, database_url: str):
+        import psycopg
+
+        self.workers = harness.child_pids(server.pid)
+        self.database = psycopg.connect(database_url, autocommit=True)
+
+    def _backends(self) -> dict[int, float]:
+        pids = [pid for (pid,) in self.database.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")]
+        return {pid: cpu for pid in pids if (cpu := harness.cpu_seconds([pid])) is not None}
+
+    def read(self) -> tuple[float | None, dict[int, float]]:
+        return harness.cpu_seconds(self.workers), self._backends()
+
+    def since(self, start: tuple[float | None, dict[int, float]]) -> tuple[float | None, float | None]:
+        """(server, database) CPU seconds since `start`; a backend opened meanwhile counts from zero."""
+        server_start, backends_start = start
+        server_now, backends_now = self.read()
+        server = None if server_start is None or server_now is None else server_now - server_start
+        database = sum(cpu - backends_start.get(pid, 0.0) for pid, cpu in backends_now.items()) \
+            if backends_now else None
+        return server, database
+
+    def close(self) -> None:
+        self.database.close()
+
+
+def _per_request(seconds: float | None, requests: int) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000 / requests:.1f}"
+
+
 def percentile(sorted_values: list[float], fraction: float) -> float:
     """Nearest-rank percentile."""
     return sorted_values[max(0, math.ceil(fraction * len(sorted_values)) - 1)]
@@ -458,7 +496,8 @@ def main() -> int:
                         help="gunicorn worker processes (default: CPUs + 1)")
     parser.add_argument("--threads", type=int, default=2, help="threads per gunicorn worker (default 2)")
     parser.add_argument("--reseed", action="store_true", help="seed again even if the database matches")
-    parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE of each query")
+    parser.add_argument("--no-explain", dest="explain", action="store_false",
+                        help="leave out EXPLAIN ANALYZE of each query")
     args = parser.parse_args()
     if not (1 <= args.services <= 5_000_000 and 1 <= args.requests <= 100_000 and 1 <= args.concurrency <= 64):
         parser.error("--services 1..5000000, --requests 1..100000, --concurrency 1..64")
@@ -503,27 +542,35 @@ def main() -> int:
                   f"client: {args.concurrency} threads, {args.requests} requests per query after 10 warm-up")
             # Server, database and client share this machine: its load says how far the figures can be trusted.
             print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
-            header = f"{'query':<66} {'page':>5} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}"
+            meter = CpuMeter(server, database_url)
+            header = (f"{'query':<66} {'page':>5} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'server CPU':>11} "
+                      f"{'db CPU':>7}")
             print(header)
             print("-" * len(header))
             failed = False
             for (label, body), first in zip(queries, first_pages, strict=True):
-                page = len(first.json().get("results", [])) if first.status_code == 200 else 0
-                # Every query is built to match: an empty first page means the search is broken, not fast.
-                first_failure = _unexpected(first, page) if page else f"no results: {first.text[:300]}"
+                # Every query is built to fill its page (the seed guarantees it): a short or empty page means the
+                # search is broken, not fast.
+                page = body.get("limit", PAGE_SIZE)
+                first_failure = _unexpected(first, page)
                 fire(base_url, headers, body, requests=10, concurrency=1, results=page)  # warm-up: connections
+                cpu_start = meter.read()
                 result = fire(base_url, headers, body, requests=args.requests, concurrency=args.concurrency,
                               results=page)
-                print(f"{label:<66} {page:>5} {result['p50']:>8.1f} {result['p99']:>8.1f} {result['rps']:>8.1f}")
+                server_cpu, database_cpu = meter.since(cpu_start)
+                print(f"{label:<66} {page:>5} {result['p50']:>8.1f} {result['p99']:>8.1f} {result['rps']:>8.1f} "
+                      f"{_per_request(server_cpu, args.requests):>11} {_per_request(database_cpu, args.requests):>7}")
                 if result["failures"] or first_failure:
                     failed = True
                     print(f"    {len(result['failures'])} wrong answers, e.g. "
                           f"{(result['failures'] or [first_failure])[0]}")
+            meter.close()
         finally:
             stop_server(server)
     if args.explain:
         explain(queries, headers)
-    print(f"\n{args.services} services; 'page' = results on the first page (limit 20); "
+    print(f"\n{args.services} services; 'page' = results every answer must have; CPU in ms per request "
+          "(server: gunicorn's workers; db: PostgreSQL's backends); "
           f"load average {os.getloadavg()[0]:.1f} after the run.")
     return 1 if failed else 0
 

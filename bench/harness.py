@@ -46,3 +46,28 @@ def run_bounded(run: Callable[[contextlib.ExitStack], int], timeout: int) -> int
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)
             return 130
+
+
+def cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU time consumed so far by the processes `pids` (Linux /proc), or None where it cannot be
+    read (another OS, a database on another host). CPU time does not grow while a process waits for a core, so it
+    compares runs on a shared, loaded machine where latencies do not."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat(5))
+    return total / ticks
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of `pid` (e.g. gunicorn's workers), from /proc; [] where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(child) for child in children.read().split()]
+    except OSError:
+        return []

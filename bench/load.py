@@ -127,7 +127,8 @@ def seed(args, upstream_url: str, chain_node) -> dict:
         buyer = catalog_services.agent_create(owner=owner, handle=f"load-buyer-{i}", display_name=f"Load buyer {i}",
                                               wallet_address=wallet.address)
         api_key = catalog_services.api_key_issue(agent=buyer, scope=KeyScope.PAY).secret
-        agreement = agreement_services.agreement_propose(buyer=buyer, service=metered, quantity=QUANTITY)
+        agreement = agreement_services.agreement_propose(proposal=agreement_services.agreement_proposal_prepare(
+            buyer=buyer, service=metered, quantity=QUANTITY))
         agreement = agreement_services.agreement_accept(agreement=agreement, seller=seller)
         package = escrow_services.activation_package(agreement=agreement, buyer=buyer)
         signed = sign_activation_package(

@@ -109,7 +109,8 @@ def active_agreement(*, buyer, seller, service, quantity: int):
 
     from agreements import services as agreement_services
 
-    agreement = agreement_services.agreement_propose(buyer=buyer, service=service, quantity=quantity)
+    agreement = agreement_services.agreement_propose(proposal=agreement_services.agreement_proposal_prepare(
+        buyer=buyer, service=service, quantity=quantity))
     agreement = agreement_services.agreement_accept(agreement=agreement, seller=seller)
     with transaction.atomic():
         agreement_services.agreement_activation_begin(agreement_id=agreement.pk, buyer=buyer)

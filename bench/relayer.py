@@ -226,7 +226,8 @@ def seed(keys: list) -> list[Activation]:
         buyer = catalog_services.agent_create(owner=owner, handle=f"bench-buyer-{i:04d}",
                                               display_name=f"Bench buyer {i}", wallet_address=key.address)
         api_key = catalog_services.api_key_issue(agent=buyer, scope=KeyScope.PAY).secret
-        agreement = agreement_services.agreement_propose(buyer=buyer, service=service, quantity=QUANTITY)
+        agreement = agreement_services.agreement_propose(proposal=agreement_services.agreement_proposal_prepare(
+            buyer=buyer, service=service, quantity=QUANTITY))
         agreement = agreement_services.agreement_accept(agreement=agreement, seller=seller)
         package = escrow_services.activation_package(agreement=agreement, buyer=buyer)
         signed = sign_activation_package(

@@ -12,7 +12,11 @@ What it does, in order:
    request with its own Idempotency-Key: single events and batches of 100, spread over all the agreements and
    all on one hot agreement (every request then waits for the same row lock). Units vary (1, 2, 3) so the totals
    check is not a count.
-4. Prints requests/s, events/s and p50/p99 latency per scenario, then checks every agreement exactly: `used`
+   Before the server starts, 50 batches of 100 go through Django's test client in this process, one at a time,
+   to print the CPU per event (time.process_time: unlike a rate, it does not drop while a process waits for a core
+   on a shared machine) and the SQL statements per batch.
+4. Prints requests/s, events/s, p50/p99 latency and the server's CPU per event (its workers' CPU time from /proc)
+   per scenario, then checks every agreement exactly: `used`
    equals the sum of its events and the units the server acknowledged (201) × the price, the sequence is
    gap-free, nothing is reserved, and the digest chain and every receipt verify with the SDK.
 
@@ -43,7 +47,39 @@ DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench_usa
 PRICE = 10  # atomic units per unit of usage
 QUANTITY = 10**11  # a 1,000,000 USDC budget per agreement: never the limit in this bench
 BATCH = 100
+IN_PROCESS_BATCHES = 50
 REQUEST_TIMEOUT = 30.0
+
+
+def in_process_cost(agreement_id: str, seller_key: str, *, batches: int) -> tuple[float, float, int]:
+    """`batches` batches of BATCH events through Django's test client in this process, one at a time: the CPU per
+    event in microseconds (request handling, validation, chain extension, insert, answer; no network, no
+    concurrency), the SQL statements per batch, and the units recorded."""
+    import statistics
+
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext
+
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {seller_key}", HTTP_HOST="127.0.0.1")
+    body = {"events": [{"units": units_of(i), "description": "bench"} for i in range(BATCH)]}
+
+    def post() -> None:
+        response = client.post(f"/usage-agreements/{agreement_id}/record-usage", body,
+                               content_type="application/json", HTTP_IDEMPOTENCY_KEY=uuid.uuid4().hex)
+        if response.status_code != 201:
+            raise harness.SetupFailed(f"in-process batch: {response.status_code} {response.content[:300]!r}")
+
+    post()  # the first request's imports and prepared connection
+    with CaptureQueriesContext(connection) as captured:
+        post()
+    statements = len(captured.captured_queries)
+    cpu = []
+    for _ in range(batches):
+        started = time.process_time()
+        post()
+        cpu.append(time.process_time() - started)
+    return statistics.median(cpu) / BATCH * 1e6, statements, (batches + 2) * sum(map(units_of, range(BATCH)))
 
 
 @dataclass
@@ -109,6 +145,9 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     buyer, _ = bench_metering.buyer_with_key(handle="usage-bench-buyer")
     agreement_ids = [str(bench_metering.active_agreement(buyer=buyer, seller=seller, service=service,
                                                          quantity=QUANTITY).pk) for _ in range(args.agreements)]
+    in_process_id = str(bench_metering.active_agreement(buyer=buyer, seller=seller, service=service,
+                                                        quantity=QUANTITY).pk)
+    cpu_per_event, statements, in_process_units = in_process_cost(in_process_id, seller_key, batches=IN_PROCESS_BATCHES)
     from django.db import connection
 
     connection.close()  # the server's workers open their own
@@ -116,6 +155,9 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     stack.callback(processes.stop_all)
     base_url = bench_metering.start_gunicorn(processes, env, workers=args.workers, threads=args.threads)
     bench_metering.wait_for_server(base_url, seller_key, processes)
+    workers = harness.child_pids(next(process for name, process in processes.started if name == "gunicorn").pid)
+    print(f"in-process, one batch of {BATCH} at a time (test client, no network): {cpu_per_event:.0f} us of CPU per "
+          f"event (time.process_time), {statements} SQL statements per batch")
     print(f"marketplace: gunicorn {args.workers} workers x {args.threads} threads (gthread), DEBUG off, PostgreSQL; "
           f"client: {args.clients} concurrent aiohttp callers, one process; {args.seconds:g} s per scenario")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
@@ -123,6 +165,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     # Warm-up: every worker's connection, the statements psycopg prepares, the first requests' imports.
     warm = asyncio.run(record(base_url, seller_key, agreement_ids, batch=BATCH, clients=args.clients, seconds=1))
     acknowledged = Counter(warm.units)
+    acknowledged[in_process_id] += in_process_units
     failures = list(warm.failures)
     scenarios = [
         (f"single events, {args.agreements} agreements", 1, agreement_ids),
@@ -130,13 +173,18 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
         ("single events, one hot agreement", 1, agreement_ids[:1]),
         (f"batches of {BATCH}, one hot agreement", BATCH, agreement_ids[:1]),
     ]
-    header = f"{'scenario':<36} {'requests':>9} {'req/s':>8} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+    header = (f"{'scenario':<36} {'requests':>9} {'req/s':>8} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'us CPU/event':>13} {'errors':>7}")
     print(header)
     print("-" * len(header))
     best_batched = 0.0
     for label, batch, targets in scenarios:
+        cpu_start = harness.cpu_seconds(workers)
         outcome = asyncio.run(record(base_url, seller_key, targets, batch=batch, clients=args.clients,
                                      seconds=args.seconds))
+        cpu_end = harness.cpu_seconds(workers)
+        server_cpu = "n/a" if cpu_start is None or cpu_end is None or not outcome.events else \
+            f"{(cpu_end - cpu_start) / outcome.events * 1e6:.0f}"
         acknowledged.update(outcome.units)
         failures += outcome.failures
         latencies = sorted(outcome.latencies)
@@ -145,7 +193,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
             best_batched = max(best_batched, events_per_second)
         print(f"{label:<36} {len(latencies):>9} {len(latencies) / outcome.seconds:>8.0f} {events_per_second:>9.0f} "
               f"{bench_metering.percentile(latencies, .5) * 1000:>8.1f} "
-              f"{bench_metering.percentile(latencies, .99) * 1000:>8.1f} {len(outcome.failures):>7}")
+              f"{bench_metering.percentile(latencies, .99) * 1000:>8.1f} {server_cpu:>13} {len(outcome.failures):>7}")
     for failure in failures[:5]:
         print(f"  e.g. {failure}")
 
@@ -153,14 +201,14 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
 
     checking = time.perf_counter()
     problems = []
-    for agreement_id in agreement_ids:
+    for agreement_id in [*agreement_ids, in_process_id]:
         problems += bench_metering.check_usage_chain(agreement_id)
         used = UsageAgreement.objects.get(pk=agreement_id).used
         if used != acknowledged[agreement_id] * PRICE:
             problems.append(f"agreement {agreement_id}: used {used} != {acknowledged[agreement_id]} units "
                             f"acknowledged x {PRICE}")
     events = UsageEvent.objects.count()
-    print(f"\nexactness: {events} events in {len(agreement_ids)} agreements; per agreement used = sum of events = "
+    print(f"\nexactness: {events} events in {len(agreement_ids) + 1} agreements; per agreement used = sum of events = "
           f"units acknowledged x price, seq gap-free, receipts verified with the SDK "
           f"({time.perf_counter() - checking:.1f} s): {'OK' if not problems else 'FAILED'}")
     for problem in problems[:20]:

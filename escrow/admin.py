@@ -3,7 +3,8 @@ purchases; and the chain panels of an agreement's page (its transactions, the li
 
 Every row here records money and is view only (marketplace.admin.MoneyRecordAdmin). The two things an operator
 does to money are actions that call escrow's services: retrying a failed transaction (relayer.transaction_retry)
-and resolving a dispute (settlement.settlement_resolve); both need the model's change permission.
+and resolving a dispute (settlement.settlement_resolve); a third action acknowledges chain events the indexer could
+not apply (indexer.events_acknowledge). All need the model's change permission.
 """
 
 from datetime import UTC, datetime
@@ -18,10 +19,10 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from agreements.admin import UsageAgreementAdmin, agreement_link
-from agreements.models import AgreementStatus, SettlementModel, UsageAgreement
-from escrow import chain, purchases, relayer, selectors, settlement
-from escrow.models import (ChainEvent, ChainTransaction, Dispute, IndexerCursor, MasumiPurchase, RelayerAccount,
-                           TxAttempt, TxStatus)
+from agreements.models import ONCHAIN_STATUSES, AgreementStatus, SettlementModel, UsageAgreement
+from escrow import chain, indexer, purchases, relayer, selectors, settlement
+from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPurchase,
+                           RelayerAccount, TxAttempt, TxStatus)
 from marketplace.admin import (
     MoneyRecordAdmin,
     MoneyRecordInline,
@@ -145,10 +146,6 @@ class ChainTransactionInline(MoneyRecordInline):
         return short_id_html(tx.pk, url=reverse("admin:escrow_chaintransaction_change", args=[tx.pk]))
 
 
-# The escrow states worth reading live: from activation on (before it the contract has no record).
-_ONCHAIN_STATUSES = {AgreementStatus.SUBMITTING, AgreementStatus.ACTIVE, AgreementStatus.ACTIVATION_FAILED,
-                     AgreementStatus.IN_CHALLENGE, AgreementStatus.SETTLING, AgreementStatus.SETTLED,
-                     AgreementStatus.DISPUTED, AgreementStatus.REFUNDED}
 _ONCHAIN_AMOUNTS = ("depositAmount", "infraFee", "settledAmount", "buyerClaimable", "sellerClaimable")
 _ONCHAIN_TIMES = ("expiresAt", "reclaimAfter", "challengeDeadline")
 _ONCHAIN_ADDRESSES = ("buyer", "seller", "token", "receiptSigner")
@@ -184,7 +181,7 @@ class AgreementWithChainAdmin(UsageAgreementAdmin):
 
     @admin.display(description="escrow")
     def onchain_panel(self, agreement):
-        if agreement.settlement_model != SettlementModel.ESCROW or agreement.status not in _ONCHAIN_STATUSES:
+        if agreement.settlement_model != SettlementModel.ESCROW or agreement.status not in ONCHAIN_STATUSES:
             return "No escrow on-chain for this agreement."
         try:
             onchain = selectors.onchain_escrow(onchain_id=agreement.onchain_id)
@@ -220,13 +217,47 @@ admin.site.unregister(UsageAgreement)
 admin.site.register(UsageAgreement, AgreementWithChainAdmin)
 
 
+class AcknowledgeForm(forms.Form):
+    reason = forms.CharField(max_length=500, widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
+                             help_text="Why these events need no action (kept with your name and the time).")
+
+
+@admin.action(description="Acknowledge selected failed events (kept, no longer failing reconcile)",
+              permissions=["acknowledge"])
+def acknowledge_failed(modeladmin, request, queryset):
+    """A page asking why, then indexer.events_acknowledge."""
+    failed = queryset.filter(effect=EventEffect.FAILED, acknowledged_at=None)
+    form = AcknowledgeForm(request.POST if request.POST.get("confirm") else None)
+    if form.is_valid():
+        try:
+            count = indexer.events_acknowledge(events=failed, operator=request.user.get_username(),
+                                               reason=form.cleaned_data["reason"])
+        except ApplicationError as exc:
+            form.add_error(None, f"{exc.message} ({exc.code})")
+        else:
+            messages.success(request, f"Acknowledged {count} failed event(s).")
+            return None
+    context = {**modeladmin.admin_site.each_context(request), "opts": modeladmin.model._meta, "form": form,
+               "events": failed, "selected": queryset.values_list("pk", flat=True),
+               "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME, "title": "Acknowledge failed events"}
+    return TemplateResponse(request, "admin/escrow/chainevent/acknowledge.html", context)
+
+
 @admin.register(ChainEvent)
 class ChainEventAdmin(MoneyRecordAdmin):
+    """What the indexer read. A failed event an operator looked into is acknowledged (action): it stays here, with
+    who, when and why, and no longer fails `reconcile`."""
+
     list_display = ("name", "block_number", "log_index", "agreement", "effect", "from_status", "to_status", "error",
-                    "removed_at")
-    list_filter = ("effect", "name", ("removed_at", admin.EmptyFieldListFilter))
+                    "removed_at", "acknowledged_at", "acknowledged_by")
+    list_filter = ("effect", "name", ("removed_at", admin.EmptyFieldListFilter),
+                   ("acknowledged_at", admin.EmptyFieldListFilter))
     search_fields = ("tx_hash", "block_hash", "agreement__id")
     list_select_related = ("agreement",)
+    actions = [acknowledge_failed]
+
+    def has_acknowledge_permission(self, request) -> bool:
+        return may_operate(request, ChainEvent)
 
 
 @admin.register(IndexerCursor)

@@ -1,9 +1,17 @@
 from django.apps import AppConfig
+from django.core import checks
 
 
 class EscrowConfig(AppConfig):
     name = "escrow"
 
     def ready(self):
-        # Registers the relayer outcome handlers, the chain readiness check, the metrics and dashboard panels.
-        from escrow import monitoring, services, settlement, x402_onchain  # noqa: F401
+        from escrow import monitoring, relayer, services, settlement, x402_onchain
+        from escrow.models import TxPurpose
+
+        services.handlers_register()  # activation
+        settlement.handlers_register()  # propose, challenge, resolve, finalize, reclaim
+        x402_onchain.handlers_register()  # skill invocations and direct payments
+        relayer.outcome_handler_register(purpose=TxPurpose.NONCE_FILL, on_outcome=relayer.no_outcome)
+        monitoring.panels_register()
+        checks.register(relayer.outcome_handlers_check)

@@ -116,7 +116,7 @@ class _BoundedJsonProvider(Web3.HTTPProvider):
 
     @staticmethod
     def decode_rpc_response(raw_response: bytes):
-        return bounded_json.loads(raw_response)
+        return bounded_json.loads(raw_response, nul_allowed=True)
 
 
 @cache
@@ -152,19 +152,22 @@ def token_contract(address: str | None = None) -> Contract:
 
 
 @cache
-def _token_domain(rpc_url: str, address: str) -> tuple[str, str]:
+def _token_domain(rpc_url: str, chain_id: int, address: str) -> tuple[str, str]:
     token = token_contract(address)
     try:
         _, name, version, *_ = call(token.functions.eip712Domain().call)
-    except ChainError:  # a token without EIP-5267
+    except RpcUnavailable:
+        raise
+    except ChainError:  # a token without EIP-5267 (Circle's FiatToken)
         name, version = call(token.functions.name().call), call(token.functions.version().call)
     return name, version
 
 
 def token_domain(address: str | None = None) -> tuple[str, str]:
     """The token's EIP-712 domain (name, version), read from the token: EIP-5267 `eip712Domain()`, else
-    `name()` / `version()`. Never hard-coded: Base's USDC is "USD Coin", Base Sepolia's "USDC"."""
-    return _token_domain(settings.CHAIN_RPC_URL, to_checksum_address(address or token_address()))
+    `name()` / `version()`. Never hard-coded: Base's USDC is "USD Coin", Base Sepolia's "USDC". Cached per chain
+    and token."""
+    return _token_domain(settings.CHAIN_RPC_URL, settings.CHAIN_ID, to_checksum_address(address or token_address()))
 
 
 def call(fn) -> Any:
@@ -356,9 +359,6 @@ def logs(*, address: str, from_block: int, to_block: int, topics: list | None = 
 # The contract stores only a digest of an escrow's terms and its packed settlement state: every call after
 # activation carries the terms (`EscrowTerms`), read back here from the escrow's Activated event.
 
-ESCROW_STATES = ("none", "active", "proposed", "disputed", "resolved", "settled", "reclaimed")
-
-
 def _escrow_events(name: str, onchain_id: str) -> list[dict]:
     """The args of escrow event `name` for agreement `onchain_id` (indexed first topic), oldest first."""
     contract = escrow_contract()
@@ -390,12 +390,13 @@ def terms_of_activation(args: dict) -> tuple:
 
 def escrow_record(onchain_id: str) -> dict:
     """The escrow's full record, as JSON-friendly values: its terms (from the Activated event), its state (from
-    `getEscrow(id, terms)`, which checks the terms against the stored digest) and the last proposal's usage digest
-    (from its SettlementProposed event). State "none" and zero fields when the id was never activated."""
+    `getEscrow(id, terms)`, which checks the terms against the stored digest; the contract's `State` index) and the
+    last proposal's usage digest (from its SettlementProposed event). State 0 and zero fields when the id was never
+    activated."""
     activated = escrow_activation(onchain_id)
     if activated is None:
         zero_address, zero32 = "0x" + "00" * 20, "0x" + "00" * 32
-        return {"state": "none", "buyer": zero_address, "seller": zero_address, "token": zero_address,
+        return {"state": 0, "buyer": zero_address, "seller": zero_address, "token": zero_address,
                 "receiptSigner": zero_address, "depositAmount": 0, "infraFee": 0, "challengeWindow": 0,
                 "expiresAt": 0, "reclaimAfter": 0, "termsHash": zero32, "nonce": 0, "challengeDeadline": 0,
                 "lastSeq": 0, "settledAmount": 0, "usageDigest": zero32, "buyerClaimable": 0, "sellerClaimable": 0}
@@ -404,6 +405,6 @@ def escrow_record(onchain_id: str) -> dict:
     record = to_json({key: value for key, value in activated.items() if key != "agreementId"})
     record.update(dict(zip(("challengeDeadline", "lastSeq", "settledAmount", "buyerClaimable", "sellerClaimable"),
                            state[1:], strict=True)))
-    record["state"] = ESCROW_STATES[state[0]]
+    record["state"] = state[0]
     record["usageDigest"] = to_json(proposals[-1]["usageDigest"]) if proposals else "0x" + "00" * 32
     return record

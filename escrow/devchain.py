@@ -44,6 +44,8 @@ __all__ = [
     "DEV_PRIVATE_KEYS",
     "DEV_ADDRESSES",
     "DEFAULT_CHAIN_ID",
+    "TOKEN_NAME_BASE",
+    "TOKEN_NAME_BASE_SEPOLIA",
     "AnvilNotFound",
     "AnvilStartError",
     "TransactionFailed",
@@ -64,6 +66,10 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ANVIL_NPM_PACKAGE = "@foundry-rs/anvil-linux-amd64"
 DEFAULT_CHAIN_ID = 31337
+# MockUSDC's name, which is also its EIP-712 domain's: USDC's on Base, and on Base Sepolia (x402's and the
+# Pægents SDK's test network), whose signatures are valid only under that name.
+TOKEN_NAME_BASE = "USD Coin"
+TOKEN_NAME_BASE_SEPOLIA = "USDC"
 # `make run`'s chain mines a block this often (Base's block time) as well as one per transaction, so its clock
 # moves while idle: challenge windows close and expired escrows become reclaimable without any traffic.
 DEV_BLOCK_TIME = 2
@@ -406,8 +412,10 @@ def deploy_contracts(
     reclaim_grace: int,
     operator: str | None = None,
     usdc_address: str | None = None,
+    token_name: str = TOKEN_NAME_BASE,
 ) -> dict[str, Any]:
-    """Deploy UsageEscrow (and MockUSDC unless ``usdc_address`` is given) and allow the token in the escrow.
+    """Deploy UsageEscrow (and MockUSDC named ``token_name`` unless ``usdc_address`` is given) and allow the token
+    in the escrow.
 
     The deployer becomes the escrow's admin and, unless ``operator`` is given, its operator (relayer); it also
     owns MockUSDC (so it can mint and blacklist). Returns ``{"usdc": address, "escrow": address,
@@ -415,7 +423,7 @@ def deploy_contracts(
     """
     deployer = Account.from_key(deployer_key).address
     if usdc_address is None:
-        usdc_address = deploy_contract(w3, deployer_key, artifacts.MOCK_USDC, deployer)
+        usdc_address = deploy_contract(w3, deployer_key, artifacts.MOCK_USDC, deployer, token_name)
     usdc_address = Web3.to_checksum_address(usdc_address)
     escrow = _deploy(
         w3,

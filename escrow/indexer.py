@@ -24,8 +24,10 @@ the fork point: the events after it are marked removed, and each agreement they 
 its remaining canonical events say (the target of its newest remaining event; with none left, the status it
 had before the first removed one) — only while its status is one a removed event produced, so a step the
 marketplace took on its own since is left alone. Indexing then resumes after the fork point and applies the
-canonical events. The relayer's own receipts are final at the confirmation depth; a deeper reorg that removes
-one of its transactions is repaired by its event coming back, or shows up in `reconcile`.
+canonical events. A reorg deeper than the confirmation depth may also take one of the relayer's confirmed
+transactions off the chain: after a rollback the relayer is asked to reopen those
+(`relayer.transactions_reopen_reorged`; its poll does the same for blocks the indexer has not applied yet), so
+the transaction is mined again with the same signed bytes and its event comes back.
 """
 
 import contextlib
@@ -43,10 +45,10 @@ from web3 import Web3
 
 from agreements import services as agreement_services
 from agreements.models import AgreementStatus, SettlementModel, UsageAgreement
-from escrow import chain, selectors, settlement
+from escrow import chain, relayer, selectors, settlement
 from escrow.models import ChainEvent, EventEffect, IndexedBlock, IndexerCursor
 from marketplace import chainconfig
-from marketplace.errors import ApplicationError, Conflict
+from marketplace.errors import ApplicationError, Conflict, InvalidInput
 
 logger = logging.getLogger(__name__)
 S = AgreementStatus
@@ -135,7 +137,10 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
         result.head = chain.latest_block_number()
         IndexerCursor.objects.filter(pk=cursor_pk).update(head_block=result.head, head_seen_at=timezone.now())
         try:
+            before = cursor.last_block
             cursor, result.rolled_back = _follow_reorg(cursor)
+            if cursor is not None and cursor.last_block != before:
+                relayer.transactions_reopen_reorged()  # after the agreements are back: see the relayer
             safe = _safe_head(result.head)
             while cursor is not None and cursor.next_block <= safe:
                 if max_ranges is not None and result.ranges >= max_ranges:
@@ -334,6 +339,18 @@ _HANDLERS = {
     "Settled": _on_settled,
     "Reclaimed": _on_reclaimed,
 }
+
+
+def events_acknowledge(*, events, operator: str, reason: str) -> int:
+    """Operator action: failed events someone looked into and accepted (say, a stranger's escrow under an
+    agreement's id) are kept and stay visible, but no longer fail `reconcile` or the dashboard. Records who, when
+    and why; returns how many were acknowledged now (events not failed, or acknowledged already, are left)."""
+    reason = reason.strip()
+    if not reason:
+        raise InvalidInput("Say why the failed event is acknowledged.", code="reason_required")
+    return ChainEvent.objects.filter(pk__in=events.values("pk"), effect=EventEffect.FAILED,
+                                     acknowledged_at=None).update(
+        acknowledged_at=timezone.now(), acknowledged_by=operator[:150], acknowledgement_reason=reason[:500])
 
 
 # --- reorgs ------------------------------------------------------------------------------------------------------

@@ -90,7 +90,10 @@ class ChainTransaction(models.Model):
             models.UniqueConstraint(fields=["agreement", "purpose"], condition=~Q(status="failed"),
                                     name="chaintx_one_live_per_agreement_purpose"),
         ]
-        indexes = [models.Index(fields=["status", "updated_at"], name="chaintx_status_updated_idx")]
+        indexes = [models.Index(fields=["status", "updated_at"], name="chaintx_status_updated_idx"),
+                   # each relayer poll asks for the newest block holding a confirmed transaction (deep reorgs)
+                   models.Index(fields=["mined_block_number"], condition=Q(status=TxStatus.CONFIRMED),
+                                name="chaintx_confirmed_block_idx")]
 
     def __str__(self) -> str:
         return f"{self.purpose} {self.status} (nonce {self.nonce})"
@@ -286,12 +289,19 @@ class ChainEvent(models.Model):
     to_status = models.CharField(max_length=20, blank=True, help_text="The status this event stands for.")
     error = models.CharField(max_length=500, blank=True)
     removed_at = models.DateTimeField(null=True, blank=True, help_text="A reorg took the event off the chain.")
+    acknowledged_at = models.DateTimeField(null=True, blank=True,
+                                           help_text="An operator acknowledged the failed event: kept, no longer "
+                                                     "failing reconcile.")
+    acknowledged_by = models.CharField(max_length=150, blank=True)
+    acknowledgement_reason = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["-block_number", "-log_index"]
         constraints = [
             models.CheckConstraint(condition=Q(effect__in=EventEffect.values), name="chain_event_effect_valid"),
+            models.CheckConstraint(condition=Q(acknowledged_at=None) | Q(effect=EventEffect.FAILED),
+                                   name="chain_event_only_failed_acknowledged"),
             models.UniqueConstraint(fields=["block_hash", "log_index"], name="chain_event_unique_log"),
         ]
         indexes = [

@@ -47,35 +47,12 @@ def _failures(limit: int) -> list[dashboard.Failure]:
     return failures
 
 
-metrics.scrape_collector_register(
-    name="marketplace_chain_transactions",
-    documentation="Relayer chain transactions by purpose and status (counted at scrape time).",
-    labels=("purpose", "status"), counts=selectors.transaction_counts_by_purpose_and_status)
-metrics.scrape_collector_register(
-    name="marketplace_chain_transactions_stuck_at_fee_cap",
-    documentation="Submitted chain transactions whose fees reached CHAIN_MAX_FEE_PER_GAS_WEI: the same bytes are "
-                  "rebroadcast until mined (top the relayer up, or wait for lower base fees).",
-    labels=("purpose",), counts=selectors.transaction_counts_stuck_at_fee_cap)
-metrics.scrape_collector_register(
-    name="marketplace_indexer_lag_blocks",
-    documentation="Blocks between the chain head and the last block the chain indexer applied (at scrape time).",
-    labels=(), counts=_indexer_lag)
-metrics.scrape_collector_register(
-    name="marketplace_indexer_events",
-    documentation="Contract events the chain indexer holds (reorged ones left out), by effect: applied, already "
-                  "(the relayer's receipt came first), recorded (no state to change), failed (not applied).",
-    labels=("effect",),
-    counts=lambda: {(effect,): count for effect, count in selectors.indexer_event_counts_by_effect().items()})
-dashboard.counts_register(title="Chain transactions by status", counts=_by_status)
-dashboard.failures_register(recent=_failures)
-
-
 def _tx_url(tx) -> str:
     return reverse("admin:escrow_chaintransaction_change", args=[tx.pk])
 
 
 def _overdue(now) -> list[dashboard.Overdue]:
-    """Transactions unconfirmed for too long, and those stuck at the fee cap."""
+    """Transactions unconfirmed for too long, those stuck at the fee cap, and settlement proposals given up on."""
     at_cap = list(selectors.transactions_at_fee_cap()
                   [:dashboard.OVERDUE_LIMIT])
     items = [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} stuck at the fee cap",
@@ -89,6 +66,9 @@ def _overdue(now) -> list[dashboard.Overdue]:
                                 admin_url=_tx_url(tx))
               for tx in selectors.transactions_unconfirmed_since(before=now - settings.OVERDUE_SUBMITTING_AFTER)
               [:dashboard.OVERDUE_LIMIT] if tx.pk not in capped]
+    items += [dashboard.Overdue(since=tx.updated_at, kind=f"settlement proposal failed {failures} times, not retried",
+                                subject=str(tx.agreement_id), detail=tx.failure_reason, admin_url=_tx_url(tx))
+              for tx, failures in selectors.proposals_given_up(limit=dashboard.OVERDUE_LIMIT)]
     return items
 
 
@@ -109,7 +89,30 @@ def _gauges() -> list[dashboard.Gauge]:
     ]
 
 
-dashboard.overdue_register(overdue=_overdue)
-dashboard.gauges_register(gauges=_gauges)
-health.readiness_check_register(name="chain", check=_chain_answers)
-health.readiness_check_register(name="indexer", check=_indexer_keeps_up)
+def panels_register() -> None:
+    """Called once, from the AppConfig.ready(): metrics, dashboard panels and readiness checks."""
+    metrics.scrape_collector_register(
+        name="marketplace_chain_transactions",
+        documentation="Relayer chain transactions by purpose and status (counted at scrape time).",
+        labels=("purpose", "status"), counts=selectors.transaction_counts_by_purpose_and_status)
+    metrics.scrape_collector_register(
+        name="marketplace_chain_transactions_stuck_at_fee_cap",
+        documentation="Submitted chain transactions whose fees reached CHAIN_MAX_FEE_PER_GAS_WEI: the same bytes are "
+                      "rebroadcast until mined (top the relayer up, or wait for lower base fees).",
+        labels=("purpose",), counts=selectors.transaction_counts_stuck_at_fee_cap)
+    metrics.scrape_collector_register(
+        name="marketplace_indexer_lag_blocks",
+        documentation="Blocks between the chain head and the last block the chain indexer applied (at scrape time).",
+        labels=(), counts=_indexer_lag)
+    metrics.scrape_collector_register(
+        name="marketplace_indexer_events",
+        documentation="Contract events the chain indexer holds (reorged ones left out), by effect: applied, already "
+                      "(the relayer's receipt came first), recorded (no state to change), failed (not applied).",
+        labels=("effect",),
+        counts=lambda: {(effect,): count for effect, count in selectors.indexer_event_counts_by_effect().items()})
+    dashboard.counts_register(title="Chain transactions by status", counts=_by_status)
+    dashboard.failures_register(recent=_failures)
+    dashboard.overdue_register(overdue=_overdue)
+    dashboard.gauges_register(gauges=_gauges)
+    health.readiness_check_register(name="chain", check=_chain_answers)
+    health.readiness_check_register(name="indexer", check=_indexer_keeps_up)

@@ -31,7 +31,8 @@ Masumi field ↔ contract:
 - submitResultTime: `ActivationIntent.expiresAt`. A result is accepted only before it. Without one the buyer is
   refunded by `reclaim`, which the contract allows from expiresAt + reclaimGrace: the grace lets a result that
   arrived just before submitResultTime still be proposed (the contract never lets proposal and reclaim race).
-- unlockTime: `challengeWindow = unlockTime − purchase time` (chain clock). A proposal at time t ≥ purchase time
+- unlockTime: `challengeWindow = unlockTime − purchase time`, the purchase time by the chain's clock (a chain that
+  lags ours only lengthens the window). A proposal at time t ≥ purchase time
   opens the window until t + challengeWindow ≥ unlockTime, so the seller is paid by `finalize` never before
   unlockTime (at result time + challengeWindow), and a refund request, accepted until unlockTime, always reaches
   the chain while the window is open.
@@ -56,7 +57,6 @@ import hashlib
 import json
 import logging
 import secrets
-import uuid
 from datetime import UTC, datetime
 
 from django.conf import settings
@@ -64,15 +64,14 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from agreements import metering
 from agreements import services as agreement_services
-from agreements.models import AgreementStatus, UsageAgreement
+from agreements.models import AWAITING_FUNDING_STATUSES, AgreementStatus, UsageAgreement, can_activate
 from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
-from escrow import services, settlement
-from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose, TxStatus
+from escrow import chain_clock, selectors, services, settlement
+from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose
 from marketplace import masumi_agentic_client
-from marketplace.errors import ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
-from sdk import typed_data
+from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, NotFound
+from marketplace.signatures import signer_require
 
 logger = logging.getLogger(__name__)
 S = AgreementStatus
@@ -82,13 +81,9 @@ COMPLETED = "completed"
 START_CLAIM_STALE_SECONDS = 120
 
 
-def _chain_now() -> int:
-    try:
-        return settlement.chain_now()
-    except Exception as exc:  # noqa: BLE001 - any RPC failure means the chain cannot be read now
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from exc
-
-
+# The timers handed out count from `chain_clock.deadline_clock()` (the later of our clock and the chain's next
+# block: an idle chain's old latest block would hand out a payByTime already past); the challenge window, and
+# what falls due, by the chain's clock, as the contract judges them.
 def _moment(unix: int) -> datetime:
     return datetime.fromtimestamp(unix, tz=UTC)
 
@@ -114,17 +109,13 @@ def new_identifier_from_purchaser() -> str:
     return secrets.token_hex(13)
 
 
-def blockchain_identifier_to_agreement_id(blockchain_identifier: str) -> uuid.UUID | None:
-    value = int(blockchain_identifier, 16)
-    return uuid.UUID(int=value) if value < 2**128 else None
-
-
 TIMER_NAMES = {"pay_by_time": "payByTime", "submit_result_time": "submitResultTime", "unlock_time": "unlockTime",
                "external_dispute_unlock_time": "externalDisputeUnlockTime"}
 
 
-def _timers(now: int, requested: dict[str, int | None]) -> dict[str, int]:
-    """Unix seconds; a missing timer follows the previous one by its configured default."""
+def _timers(now: int, requested: dict[str, int | None], *, chain_now: int) -> dict[str, int]:
+    """Unix seconds after `now`; a missing timer follows the previous one by its configured default. unlockTime
+    bounds the challenge window, which runs from the chain's clock `chain_now`."""
     defaults = [("pay_by_time", settings.MASUMI_PAY_BY_SECONDS),
                 ("submit_result_time", settings.MASUMI_SUBMIT_RESULT_SECONDS),
                 ("unlock_time", settings.MASUMI_UNLOCK_SECONDS),
@@ -137,7 +128,7 @@ def _timers(now: int, requested: dict[str, int | None]) -> dict[str, int]:
                                "unlockTime < externalDisputeUnlockTime.", code="invalid_timers",
                                details={"timer": name, "chain_time": now})
         timers[name] = previous = value
-    if timers["unlock_time"] - now > MAX_LOCK_SECONDS:
+    if timers["unlock_time"] - chain_now > MAX_LOCK_SECONDS:
         raise InvalidInput("unlockTime may be at most 30 days ahead.", code="invalid_timers",
                            details={"timer": "unlock_time", "max_seconds": MAX_LOCK_SECONDS})
     return timers
@@ -164,8 +155,9 @@ def purchase_create(*, buyer: Agent, service: Service, input_data, input_hash: s
     if input_hash is not None and input_hash != computed:
         raise InvalidInput("inputHash is not sha256(identifierFromPurchaser;JCS(input_data)) (MIP-004).",
                            code="input_hash_mismatch", details={"expected": computed})
-    now = _chain_now()
-    return _purchase_record(buyer=buyer, service=service, now=now, at=_timers(now, timers or {}),
+    chain_now = chain_clock.chain_now_for_request()
+    at = _timers(chain_clock.deadline_clock(), timers or {}, chain_now=chain_now)
+    return _purchase_record(buyer=buyer, service=service, chain_now=chain_now, at=at,
                             identifier_from_purchaser=identifier_from_purchaser, metadata=metadata,
                             input_data=input_data, input_hash=computed, payment_request=None)
 
@@ -191,17 +183,16 @@ def purchase_create_for_payment(*, buyer: Agent, payment_request: MasumiPaymentR
     if differ:
         raise InvalidInput("The purchase does not match the seller's payment request.", code="payment_mismatch",
                            details={"fields": differ})
-    now = _chain_now()
     at = {name: _unix(getattr(payment_request, name)) for name in TIMER_NAMES}
-    if at["pay_by_time"] <= now:
+    if at["pay_by_time"] <= chain_clock.deadline_clock():
         raise Conflict("The payment request's payByTime has passed.", code="pay_by_time_passed")
-    return _purchase_record(buyer=buyer, service=service, now=now, at=at,
+    return _purchase_record(buyer=buyer, service=service, chain_now=chain_clock.chain_now_for_request(), at=at,
                             identifier_from_purchaser=identifier_from_purchaser, metadata=metadata, input_data=None,
                             input_hash=given["inputHash"] or "", payment_request=payment_request)
 
 
-def _purchase_record(*, buyer: Agent, service: Service, now: int, at: dict[str, int], identifier_from_purchaser: str,
-                     metadata: str, input_data, input_hash: str,
+def _purchase_record(*, buyer: Agent, service: Service, chain_now: int, at: dict[str, int],
+                     identifier_from_purchaser: str, metadata: str, input_data, input_hash: str,
                      payment_request: MasumiPaymentRequest | None) -> tuple[MasumiPurchase, dict]:
     """The purchase and its escrow agreement (accepted: a listed Masumi service is a standing offer)."""
     with transaction.atomic():
@@ -209,9 +200,9 @@ def _purchase_record(*, buyer: Agent, service: Service, now: int, at: dict[str, 
             MasumiPaymentRequest.objects.select_for_update().get(pk=payment_request.pk)
             if MasumiPurchase.objects.filter(payment_request=payment_request).exists():
                 raise Conflict("This payment request is already being paid.", code="payment_already_purchased")
-        agreement = agreement_services.agreement_propose(
+        agreement = agreement_services.agreement_propose(proposal=agreement_services.agreement_proposal_prepare(
             buyer=buyer, service=service, quantity=1, expires_at=_moment(at["submit_result_time"]),
-            challenge_window_seconds=at["unlock_time"] - now, note="masumi purchase")
+            challenge_window_seconds=at["unlock_time"] - chain_now, note="masumi purchase"))
         if agreement.status != S.PROPOSED:
             # A purchase is paid at once; one that needs the owner's approval is refused (and not recorded).
             raise Forbidden("The buyer's policy requires an owner's approval for this purchase.",
@@ -219,7 +210,7 @@ def _purchase_record(*, buyer: Agent, service: Service, now: int, at: dict[str, 
         agreement = agreement_services.agreement_accept(agreement=agreement, seller=service.seller)
         purchase = MasumiPurchase.objects.create(
             agreement=agreement, payment_request=payment_request, identifier_from_purchaser=identifier_from_purchaser,
-            metadata=metadata, input_data=input_data, input_hash=input_hash, created_chain_time=_moment(now),
+            metadata=metadata, input_data=input_data, input_hash=input_hash, created_chain_time=_moment(chain_now),
             **{name: _moment(value) for name, value in at.items()})
         package = services.activation_package(agreement=agreement, buyer=buyer, deadline=at["pay_by_time"])
     return purchase, package
@@ -247,20 +238,14 @@ def refund_request_typed_data(*, purchase: MasumiPurchase) -> dict:
 
 
 def _check_refund_signature(purchase: MasumiPurchase, signature: str) -> None:
-    try:
-        signer = typed_data.recover_typed_data_signer(refund_request_typed_data(purchase=purchase), signature)
-    except Exception as exc:  # noqa: BLE001 - a malformed signature is the caller's input error
-        raise InvalidInput("Not a valid 65-byte signature.", code="invalid_signature") from exc
-    expected = purchase.agreement.buyer_wallet_address
-    if signer.lower() != expected.lower():
-        raise InvalidInput("The refund request must be signed by the buyer's wallet.", code="wrong_signer",
-                           details={"signer": signer, "expected": expected})
+    signer_require(typed=refund_request_typed_data(purchase=purchase), signature=signature,
+                   expected=purchase.agreement.buyer_wallet_address, field="signature")
 
 
 def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature: str | None) -> MasumiPurchase:
     """The buyer asks for its money back (before unlockTime). Idempotent. Without a signature, the one given at
     lock-funds is used; with neither the request is recorded and the money comes back by reclaim."""
-    now = _chain_now()
+    now = chain_clock.chain_now_for_request()
     with transaction.atomic():
         purchase = MasumiPurchase.objects.select_for_update().select_related("agreement").get(pk=purchase.pk)
         agreement = purchase.agreement
@@ -292,8 +277,8 @@ def purchase_cancel_refund_request(*, purchase: MasumiPurchase, buyer: Agent) ->
             raise Forbidden("Only the buyer cancels its refund request.", code="buyer_only")
         if purchase.refund_requested_at is None:
             return purchase
-        if purchase.agreement.status not in (S.ACTIVE, S.IN_CHALLENGE) or _live(purchase.agreement_id,
-                                                                                 TxPurpose.CHALLENGE):
+        if purchase.agreement.status not in (S.ACTIVE, S.IN_CHALLENGE) or selectors.live_transaction(
+                agreement_id=purchase.agreement_id, purpose=TxPurpose.CHALLENGE):
             raise Conflict("The refund request is already on-chain.", code="refund_already_submitted",
                            details={"status": purchase.agreement.status})
         purchase.refund_requested_at = None
@@ -341,8 +326,7 @@ def payment_request_create(*, seller: Agent, service: Service, identifier_from_p
     purchase = funded.select_related("agreement").order_by("created_at").first()
     if purchase is not None:
         return purchase
-    now = _chain_now()
-    at = _timers(now, timers)
+    at = _timers(chain_clock.deadline_clock(), timers, chain_now=chain_clock.chain_now_for_request())
     return MasumiPaymentRequest.objects.create(
         service=service, identifier_from_purchaser=identifier_from_purchaser, input_hash=input_hash or "",
         metadata=metadata, **{name: _moment(value) for name, value in at.items()})
@@ -360,7 +344,7 @@ def payment_submit_result(*, seller: Agent, purchase: MasumiPurchase, result_has
     if agreement.status != S.ACTIVE:
         raise Conflict(f"No result can be submitted while the escrow is {agreement.status}.",
                        code="funds_not_locked", details={"status": agreement.status})
-    if _chain_now() >= _unix(purchase.submit_result_time):
+    if chain_clock.chain_now_for_request() >= _unix(purchase.submit_result_time):
         raise Conflict("submitResultTime has passed.", code="submit_result_time_passed")
     return purchase_result_record(purchase_id=purchase.pk, result_hash=result_hash)
 
@@ -372,7 +356,7 @@ def payment_authorize_refund(*, seller: Agent, purchase: MasumiPurchase) -> Masu
     if purchase.agreement.status != S.DISPUTED:
         raise Conflict("Only a disputed payment (a refund requested after the result) is refunded by its seller.",
                        code="no_refund_requested", details={"status": purchase.agreement.status})
-    if not _live(purchase.agreement_id, TxPurpose.RESOLVE):
+    if not selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
         settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
     return purchase
 
@@ -451,24 +435,19 @@ def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -
         purchase.result, purchase.result_hash, purchase.result_submitted_at = result, result_hash, timezone.now()
         purchase.last_error = ""
         purchase.save(update_fields=["result", "result_hash", "result_submitted_at", "last_error", "updated_at"])
-        metering.job_result_charge(agreement_id=purchase.agreement_id, result_hash="0x" + result_hash,
-                                   request_id=f"masumi-job:{purchase.job_id or purchase.pk}")
+        agreement_services.job_result_charge(agreement_id=purchase.agreement_id, result_hash="0x" + result_hash,
+                                             request_id=f"masumi-job:{purchase.job_id or purchase.pk}")
         settlement.settlement_propose(agreement_id=purchase.agreement_id)
     return purchase
 
 
-def _live(agreement_id, purpose: str) -> bool:
-    return ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=purpose).exclude(
-        status=TxStatus.FAILED).exists()
-
-
 def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     """Everything due on Masumi purchases, in one pass (the beat task). Each step is idempotent."""
-    now = now if now is not None else _chain_now()
+    now = now if now is not None else chain_clock.chain_now()
     now_dt = _moment(now)
     done = {"expired": 0, "started": 0, "results": 0, "disputed": 0, "released": 0, "refunding": 0}
     # Never funded by payByTime: the signed intent can no longer be mined, so the purchase is over.
-    unfunded = MasumiPurchase.objects.filter(agreement__status__in=[S.ACCEPTED, S.ACTIVATION_FAILED],
+    unfunded = MasumiPurchase.objects.filter(agreement__status__in=AWAITING_FUNDING_STATUSES,
                                              pay_by_time__lte=now_dt)
     for agreement_id in list(unfunded.values_list("agreement_id", flat=True)[:500]):
         if agreement_services.agreement_expire_unfunded(agreement_id=agreement_id,
@@ -497,7 +476,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     # A refund asked for before the result: dispute the result once its proposal is on-chain.
     for purchase in MasumiPurchase.objects.filter(refund_requested_at__isnull=False, agreement__status=S.IN_CHALLENGE,
                                                   ).exclude(refund_signature="").select_related("agreement"):
-        if _live(purchase.agreement_id, TxPurpose.CHALLENGE):
+        if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.CHALLENGE):
             continue
         try:
             with transaction.atomic():
@@ -509,7 +488,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     for purchase in MasumiPurchase.objects.filter(
             Q(external_dispute_unlock_time__lte=now_dt) | Q(result_hash=""),
             agreement__status=S.DISPUTED).select_related("agreement"):
-        if _live(purchase.agreement_id, TxPurpose.RESOLVE):
+        if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
             continue
         try:
             settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
@@ -525,7 +504,8 @@ def _zero_proposal(purchase: MasumiPurchase) -> ChainTransaction | None:
         if agreement.status != S.ACTIVE or agreement.used:
             return None
         if agreement.completion_requested_at is None:
-            metering.completion_request(agreement=agreement, reason="no result by submitResultTime; refund requested")
+            agreement_services.completion_request(agreement=agreement,
+                                                  reason="no result by submitResultTime; refund requested")
         return settlement.settlement_propose(agreement_id=agreement.pk)
 
 
@@ -552,7 +532,7 @@ def purchase_onchain_state(purchase: MasumiPurchase) -> str | None:
 def purchase_next_action(purchase: MasumiPurchase) -> dict:
     agreement = purchase.agreement
     action, error_type, note = "None", None, None
-    if agreement.status in (S.ACCEPTED, S.ACTIVATION_FAILED):
+    if can_activate(agreement):
         action = "FundsLockingRequested"
         if agreement.status == S.ACTIVATION_FAILED:
             error_type, note = "FundsLockingFailed", agreement.status_reason

@@ -6,7 +6,14 @@
   (rolled back, the task runs again) or a stored attempt that `transaction_check` rebroadcasts.
 - `transaction_check` (driven by the `poll_confirmations` beat task) finds receipts of any attempt, counts
   confirmations, notices reorgs (the mined block is no longer canonical), rebroadcasts dropped transactions and
-  replaces stuck ones with the same nonce and bumped fees. Final outcomes go to the domain exactly once.
+  replaces stuck ones with the same nonce and bumped fees. Final outcomes go to the domain once per time the
+  transaction is mined.
+- `transactions_reopen_reorged` notices a reorg deeper than the confirmation depth: a confirmed transaction whose
+  block is no longer canonical goes back to submitted, and is then found mined again, or rebroadcast with the
+  same signed bytes (same nonce: it cannot run twice), or, when the nonce turns out used by someone else, sent
+  again under a new nonce as the rules below say. The indexer runs it after rolling a reorg back (so the
+  agreements are back where the remaining events put them before the outcome is applied again); each poll runs
+  it for the blocks the indexer has not applied yet.
 
 Evidence before action: every hash ever broadcast is kept and looked up; a transaction goes out under a new nonce
 only once its nonce is shown used, at the required depth, by a transaction that is none of its attempts. No
@@ -20,11 +27,15 @@ import logging
 from collections.abc import Callable
 
 from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from web3 import Web3
 
 from escrow import chain
-from escrow.models import ChainTransaction, RelayerAccount, TxAttempt, TxStatus
+from escrow.models import ChainTransaction, IndexerCursor, RelayerAccount, TxAttempt, TxPurpose, TxStatus
+from marketplace import chainconfig
 from marketplace.logging import agreement_context
 
 logger = logging.getLogger(__name__)
@@ -35,6 +46,8 @@ _outcome_handlers: dict[str, OutcomeHandler] = {}
 _submitted_handlers: dict[str, OutcomeHandler] = {}
 _evidence_readers: dict[str, EvidenceReader] = {}
 _GAS_HEADROOM_PERCENT = 25
+# The context key of an operator's retry: the failed transaction it sends again.
+OPERATOR_RETRY_OF = "operator_retry_of"
 # A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
 _POLL_GIVES_UP_AFTER = 5
 
@@ -51,6 +64,18 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
         _submitted_handlers[purpose] = on_submitted
     if read_evidence is not None:
         _evidence_readers[purpose] = read_evidence
+
+
+def no_outcome(tx: ChainTransaction) -> None:
+    """The outcome handler of a transaction whose outcome changes nothing outside the relayer (a nonce fill)."""
+
+
+def outcome_handlers_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """System check: every kind of chain transaction has an outcome handler, so none is concluded unapplied."""
+    return [checks.Error(f"No outcome handler for {purpose} chain transactions.",
+                         hint="Register one with relayer.outcome_handler_register in an AppConfig.ready().",
+                         obj=__name__, id="escrow.E001")
+            for purpose in TxPurpose.values if purpose not in _outcome_handlers]
 
 
 def transaction_enqueue(*, purpose: str, to: str, data: str, agreement_id=None, context: dict | None = None,
@@ -98,8 +123,11 @@ def _apply_outcome(tx: ChainTransaction) -> None:
     if tx.outcome_applied:
         return
     handler = _outcome_handlers.get(tx.purpose)
-    if handler is not None:
-        handler(tx)
+    if handler is None:
+        # Rolls back the conclusion: the transaction is concluded again, and applied, once a handler exists.
+        raise ImproperlyConfigured(f"No outcome handler for {tx.purpose} chain transactions: register one with "
+                                   "relayer.outcome_handler_register in an AppConfig.ready().")
+    handler(tx)
     tx.outcome_applied = True
     tx.save(update_fields=["outcome_applied", "updated_at"])
 
@@ -112,7 +140,7 @@ def _conclude(tx: ChainTransaction, *, failure: str | None = None) -> ChainTrans
     """Make `tx` confirmed (or failed with `failure`) and tell the domain, once: the evidence is read from the
     chain first, then one locked write. None when another worker changed the row meanwhile."""
     tx.status = TxStatus.FAILED if failure is not None else TxStatus.CONFIRMED
-    tx.failure_reason = (failure or "")[:500]
+    tx.failure_reason = (failure or "").replace("\x00", "")[:500]  # PostgreSQL stores no NUL character
     tx.confirmed_at = timezone.now() if failure is None else None
     _read_evidence(tx)
     with transaction.atomic():
@@ -236,6 +264,47 @@ def _forget_mined(tx: ChainTransaction) -> None:
                                "receipt_status", "updated_at"])
 
 
+def transactions_reopen_reorged(*, after_block: int | None = None) -> int:
+    """Confirmed transactions (mined after `after_block`, when given) a reorg deeper than the confirmation depth
+    took off the chain go back to submitted; returns how many. A block still canonical means its ancestors are too,
+    so the newest block holding a confirmed transaction is asked first and, on the usual poll, alone (the walk
+    down goes back at most INDEXER_REORG_WINDOW_BLOCKS)."""
+    confirmed = ChainTransaction.objects.filter(status=TxStatus.CONFIRMED, mined_block_number__isnull=False)
+    if after_block is not None:
+        confirmed = confirmed.filter(mined_block_number__gt=after_block)
+    blocks = confirmed.order_by("-mined_block_number").values_list("mined_block_number", "mined_block_hash")
+    newest = blocks.first()
+    if newest is None or chain.canonical_block_hash(newest[0]) == newest[1]:
+        return 0
+    gone = []
+    for number, block_hash in blocks.filter(
+            mined_block_number__gte=newest[0] - settings.INDEXER_REORG_WINDOW_BLOCKS).distinct():
+        if chain.canonical_block_hash(number) == block_hash:
+            break
+        gone.append((number, block_hash))
+    reopened = 0
+    for number, block_hash in gone:
+        for tx in confirmed.filter(mined_block_number=number, mined_block_hash=block_hash):
+            reopened += _reopen(tx)
+    return reopened
+
+
+def _reopen(tx: ChainTransaction) -> bool:
+    """Back to submitted, its outcome to be applied again when it is mined again (the domain's transitions are
+    no-ops where the agreement already is, and a reorg the indexer saw moved the agreement back)."""
+    logger.warning("reorg below the confirmation depth: a confirmed transaction's block is no longer canonical",
+                   extra={"tx_id": str(tx.pk), "block": tx.mined_block_number, "tx_hash": tx.mined_tx_hash})
+    with transaction.atomic():
+        if not _locked_if_unchanged(tx):
+            return False
+        tx.status = TxStatus.SUBMITTED
+        tx.mined_tx_hash = tx.mined_block_hash = tx.failure_reason = ""
+        tx.mined_block_number = tx.receipt_status = tx.confirmed_at = None
+        tx.outcome_evidence, tx.outcome_applied = {}, False
+        tx.save(update_fields=[*_OUTCOME_FIELDS, "outcome_applied"])
+    return True
+
+
 @_logs_name_the_agreement
 def transaction_check(*, transaction_id) -> ChainTransaction | None:
     """Advance a submitted or mined transaction by what the chain says now. Safe to run twice or concurrently."""
@@ -332,6 +401,14 @@ def transactions_poll() -> int:
     An RPC failure on one transaction (timeout, 429, 5xx after the per-call retries) skips only that one. The poll
     stops early only when the node is unreachable, or when the first several checks all failed (a node that
     answers nothing is not asked about every row)."""
+    try:
+        # What the indexer applied, it checks itself: it reopens those after moving their agreements back.
+        transactions_reopen_reorged(after_block=_indexed_up_to())
+    except chain.RpcUnreachable:
+        logger.warning("chain RPC unreachable while polling; will retry")
+        return 0
+    except chain.ChainError as error:
+        logger.warning("confirmed transactions not checked for a reorg", extra={"error": str(error)})
     pending = list(ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED])
                    .order_by("updated_at").values_list("pk", flat=True)[:500])
     checked = failed = 0
@@ -350,6 +427,14 @@ def transactions_poll() -> int:
     return len(pending)
 
 
+def _indexed_up_to() -> int | None:
+    if not chainconfig.escrow_address():
+        return None
+    return (IndexerCursor.objects.filter(chain_id=settings.CHAIN_ID,
+                                         escrow_address=Web3.to_checksum_address(chainconfig.escrow_address()))
+            .values_list("last_block", flat=True).first())
+
+
 def transactions_sweep_queued() -> int:
     """Re-enqueue rows stuck in queued (their task message was lost, or never sent while the broker was down)."""
     from escrow.tasks import submit_transaction
@@ -363,8 +448,9 @@ def transactions_sweep_queued() -> int:
 
 
 def transaction_retry(*, tx: ChainTransaction) -> ChainTransaction:
-    """Operator action: a failed transaction is queued again as a new row (the failed one stays for history)."""
+    """Operator action: a failed transaction is queued again as a new row (the failed one stays for history),
+    whose context names the one it retries (`OPERATOR_RETRY_OF`)."""
     with transaction.atomic():
         return transaction_enqueue(purpose=tx.purpose, to=tx.to_address, data=tx.data,
-                                   agreement_id=tx.agreement_id, context=tx.context,
+                                   agreement_id=tx.agreement_id, context={**tx.context, OPERATOR_RETRY_OF: str(tx.pk)},
                                    confirmations=tx.confirmations_required)

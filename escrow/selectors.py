@@ -1,16 +1,25 @@
+import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 
 from django.conf import settings
 from django.db.models import Count, Exists, OuterRef, Q
 from web3 import Web3
 
 from agreements import services as agreement_services
-from agreements.models import AgreementStatus, SkillInvocation
-from escrow import chain, purchases
+from agreements.models import AgreementStatus, SkillInvocation, is_paid_out
+from escrow import chain, relayer
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPaymentRequest,
                            MasumiPurchase, TxPurpose, TxStatus)
 from marketplace import chainconfig
 from marketplace.errors import DependencyUnavailable, NotFound
+
+S = AgreementStatus
+
+
+def blockchain_identifier_to_agreement_id(blockchain_identifier: str) -> uuid.UUID | None:
+    value = int(blockchain_identifier, 16)
+    return uuid.UUID(int=value) if value < 2**128 else None
 
 
 def network_config() -> dict:
@@ -34,10 +43,40 @@ def live_transactions(*, purpose: str):
     return ChainTransaction.objects.filter(purpose=purpose).exclude(status=TxStatus.FAILED)
 
 
+def live_transaction(*, agreement_id, purpose: str) -> ChainTransaction | None:
+    """The agreement's transaction of `purpose` under way or done, if any."""
+    return live_transactions(purpose=purpose).filter(agreement_id=agreement_id).first()
+
+
+def proposal_failures(*, agreement_id) -> list[ChainTransaction]:
+    """The agreement's failed settlement proposals since an operator last retried one (that retry included),
+    newest first: the attempts the settlement tick counts against SETTLEMENT_PROPOSE_MAX_ATTEMPTS."""
+    proposals = ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=TxPurpose.PROPOSE_SETTLEMENT)
+    last_retry = proposals.filter(context__has_key=relayer.OPERATOR_RETRY_OF).order_by("-created_at").first()
+    if last_retry is not None:
+        proposals = proposals.filter(created_at__gte=last_retry.created_at)
+    return list(proposals.filter(status=TxStatus.FAILED).order_by("-created_at"))
+
+
+def proposals_given_up(*, limit: int) -> list[tuple[ChainTransaction, int]]:
+    """Settlement proposals the tick no longer tries (SETTLEMENT_PROPOSE_MAX_ATTEMPTS failed since an operator's
+    last retry): (the latest failed transaction, the failures) per active agreement, oldest first."""
+    live = live_transactions(purpose=TxPurpose.PROPOSE_SETTLEMENT).filter(agreement_id=OuterRef("agreement_id"))
+    candidates = (ChainTransaction.objects.filter(purpose=TxPurpose.PROPOSE_SETTLEMENT, status=TxStatus.FAILED,
+                                                  agreement__status=AgreementStatus.ACTIVE)
+                  .exclude(Exists(live)).order_by().values_list("agreement_id", flat=True).distinct())
+    given_up = []
+    for agreement_id in candidates:
+        failures = proposal_failures(agreement_id=agreement_id)
+        if len(failures) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS:
+            given_up.append((failures[0], len(failures)))
+    return sorted(given_up, key=lambda item: item[0].updated_at)[:limit]
+
+
 def disputes():
     """Disputed agreements, each with `resolving`: whether a resolution has been submitted already."""
     resolution = live_transactions(purpose=TxPurpose.RESOLVE).filter(agreement_id=OuterRef("pk"))
-    return Dispute.objects.filter(status=AgreementStatus.DISPUTED).annotate(resolving=Exists(resolution))
+    return Dispute.objects.filter(status=S.DISPUTED).annotate(resolving=Exists(resolution))
 
 
 def transactions_of_agreement(*, agreement_id):
@@ -56,9 +95,26 @@ def escrow_terms(*, onchain_id: str) -> tuple:
     return chain.escrow_terms(onchain_id)
 
 
+class EscrowState(StrEnum):
+    """The contract's `State` of an escrow, in its declaration order."""
+
+    NONE = "none"
+    ACTIVE = "active"
+    PROPOSED = "proposed"
+    DISPUTED = "disputed"
+    RESOLVED = "resolved"
+    SETTLED = "settled"
+    RECLAIMED = "reclaimed"
+
+
+ESCROW_CLOSED_STATES = frozenset({EscrowState.SETTLED, EscrowState.RECLAIMED})
+
+
 def onchain_escrow(*, onchain_id: str) -> dict:
     """The contract's record of the escrow (raises chain.ChainError when unreachable)."""
-    return chain.escrow_record(onchain_id)
+    record = chain.escrow_record(onchain_id)
+    record["state"] = list(EscrowState)[record["state"]]
+    return record
 
 
 def confirmations(*, tx: ChainTransaction, latest_block: int | None) -> int:
@@ -69,12 +125,12 @@ def confirmations(*, tx: ChainTransaction, latest_block: int | None) -> int:
 
 # What the contract must say for each marketplace status (several when a transaction may be in flight).
 _EXPECTED_STATES = {
-    "active": {"active"},
-    "in_challenge": {"proposed"},
-    "disputed": {"disputed", "resolved"},
-    "settling": {"proposed", "resolved", "settled"},
-    "settled": {"settled"},
-    "refunded": {"reclaimed"},
+    S.ACTIVE: {EscrowState.ACTIVE},
+    S.IN_CHALLENGE: {EscrowState.PROPOSED},
+    S.DISPUTED: {EscrowState.DISPUTED, EscrowState.RESOLVED},
+    S.SETTLING: {EscrowState.PROPOSED, EscrowState.RESOLVED, EscrowState.SETTLED},
+    S.SETTLED: {EscrowState.SETTLED},
+    S.REFUNDED: {EscrowState.RECLAIMED},
 }
 
 
@@ -92,12 +148,12 @@ def reconciliation_mismatches(*, agreements) -> list[str]:
             continue
         if int(onchain["depositAmount"]) != agreement.deposit_amount:
             mismatches.append(f"{label}: deposit {onchain['depositAmount']} on-chain, {agreement.deposit_amount} here")
-        if agreement.status == "in_challenge" and int(onchain["settledAmount"]) != agreement.used:
+        if agreement.status == S.IN_CHALLENGE and int(onchain["settledAmount"]) != agreement.used:
             mismatches.append(f"{label}: proposed amount {onchain['settledAmount']} on-chain, used {agreement.used}")
-        if agreement.status == "settled" and int(onchain["settledAmount"]) != agreement.seller_payout:
+        if agreement.status == S.SETTLED and int(onchain["settledAmount"]) != agreement.seller_payout:
             mismatches.append(f"{label}: seller payout {agreement.seller_payout} here, "
                               f"{onchain['settledAmount']} on-chain")
-        if agreement.status in ("settled", "refunded") and (agreement.seller_payout or 0) + (
+        if is_paid_out(agreement) and (agreement.seller_payout or 0) + (
                 agreement.buyer_refund or 0) != agreement.deposit_amount:
             mismatches.append(f"{label}: payout + refund != deposit")
     return mismatches
@@ -110,7 +166,7 @@ def purchases_of_buyer(*, buyer):
 
 def _by_blockchain_identifier(blockchain_identifier: str) -> Q:
     """A purchase's blockchainIdentifier: its escrow's agreementId, or the seller's payment request it pays."""
-    uid = purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)
+    uid = blockchain_identifier_to_agreement_id(blockchain_identifier)
     return Q(agreement__pk=uid) | Q(payment_request__pk=uid)
 
 
@@ -132,7 +188,7 @@ def purchase_get_by_id(*, buyer, purchase_id) -> MasumiPurchase:
 def payment_request_get(*, blockchain_identifier: str) -> MasumiPaymentRequest:
     """A seller's payment request, for the buyer who pays it (anyone holding its blockchainIdentifier)."""
     request = MasumiPaymentRequest.objects.select_related("service", "service__seller").filter(
-        pk=purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
+        pk=blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
     if request is None:
         raise NotFound("No payment request of this marketplace has this blockchainIdentifier.",
                        code="payment_not_found")
@@ -152,7 +208,7 @@ def payment_get(*, seller, blockchain_identifier: str) -> MasumiPurchase | Masum
     """The seller's payment with this blockchainIdentifier: the purchase paying it, else the unpaid request."""
     paid, unpaid = payments_of_seller(seller=seller)
     found = paid.filter(_by_blockchain_identifier(blockchain_identifier)).first() or unpaid.filter(
-        pk=purchases.blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
+        pk=blockchain_identifier_to_agreement_id(blockchain_identifier)).first()
     if found is None:
         raise NotFound("No such payment.", code="payment_not_found")
     return found
@@ -200,9 +256,11 @@ def indexer_lag(*, ask_chain: bool = True) -> IndexerLag | None:
     return IndexerLag(head=head, indexed_to=indexed_to, lag=max(0, head - indexed_to))
 
 
-def indexer_unapplied_events():
-    """Indexed events (still canonical) the indexer could not apply, oldest first, each with its error."""
-    return ChainEvent.objects.filter(effect=EventEffect.FAILED, removed_at=None).order_by("block_number", "log_index")
+def indexer_unapplied_events(*, acknowledged: bool = False):
+    """Indexed events (still canonical) the indexer could not apply, oldest first, each with its error: those no
+    operator acknowledged yet, or (`acknowledged`) those one did."""
+    return ChainEvent.objects.filter(effect=EventEffect.FAILED, removed_at=None,
+                                     acknowledged_at__isnull=not acknowledged).order_by("block_number", "log_index")
 
 
 def indexer_event_counts_by_effect() -> dict[str, int]:

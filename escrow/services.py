@@ -5,21 +5,21 @@ Activation intent nonce: the contract's intent nonces are unordered, so the plat
 `activation_failed` reuses it, and no two agreements can collide.
 """
 
-import time
 
 from django.conf import settings
 from django.db import transaction
 from web3 import Web3
 
 from agreements import services as agreement_services
-from agreements.models import UsageAgreement
+from agreements.models import UsageAgreement, can_activate
 from catalog.models import Agent
-from escrow import chain, relayer, selectors
+from escrow import chain, chain_clock, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.chainconfig import receipt_signer_address
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, PaymentRequired
 from marketplace.logging import logs_name_the_agreement
+from marketplace.signatures import signer_require
 from sdk import typed_data
 from sdk.activation import activation_intent_nonce
 
@@ -28,15 +28,6 @@ def _require_chain() -> None:
     if not (chainconfig.escrow_address() and chainconfig.usdc_address()):
         raise DependencyUnavailable("No escrow contract is configured on this marketplace.",
                                     code="chain_not_configured")
-
-
-def _next_block_time() -> int:
-    """When a transaction sent now would be mined: what signature deadlines are checked against (the contract
-    compares them with `block.timestamp`)."""
-    try:
-        return chain.next_block_timestamp()
-    except chain.ChainError as error:
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
 
 
 def intent_nonce(agreement: UsageAgreement) -> int:
@@ -90,11 +81,10 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
     _require_chain()
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer activates the escrow.", code="buyer_only")
-    if agreement.status not in ("accepted", "activation_failed"):
+    if not can_activate(agreement):
         raise Conflict(f"Nothing to sign while the agreement is {agreement.status}.", code="invalid_transition",
                        details={"status": agreement.status})
-    # From our clock as well as the chain's: an idle chain's clock never shortens a signature's life.
-    deadline = deadline or max(_next_block_time(), int(time.time())) + settings.ACTIVATION_SIGNATURE_TTL
+    deadline = deadline or chain_clock.deadline_clock() + settings.ACTIVATION_SIGNATURE_TTL
     return {
         "agreement_id": agreement.pk,
         "onchain_id": agreement.onchain_id,
@@ -108,21 +98,6 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
         "escrow_permit": _permit(agreement, value=agreement.deposit_amount + agreement.infra_fee,
                                  nonce=_permit_nonce(agreement), deadline=deadline),
     }
-
-
-def _recover(typed: dict, signature: str, field: str) -> str:
-    try:
-        return typed_data.recover_typed_data_signer(typed, signature)
-    except Exception as exc:  # noqa: BLE001 - any malformed signature is the caller's input error
-        raise InvalidInput(f"{field}: not a valid 65-byte signature.", code="invalid_signature",
-                           details={"field": field}) from exc
-
-
-def _check_signer(typed: dict, signature: str, expected: str, field: str) -> None:
-    signer = _recover(typed, signature, field)
-    if signer.lower() != expected.lower():
-        raise InvalidInput(f"{field} was signed by {signer}, not by the buyer's wallet {expected}.",
-                           code="wrong_signer", details={"field": field, "signer": signer, "expected": expected})
 
 
 def _allowance(agreement: UsageAgreement) -> int:
@@ -139,13 +114,13 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
     One permit covers deposit + fee. A permit whose token nonce is already spent (a front-runner submitted it)
     is accepted while the allowance it granted still covers both: the contract then skips it."""
     _require_chain()
-    now = _next_block_time()
+    now = chain_clock.chain_now_for_request(next_block=True)
     for field, signature_deadline in (("deadline", deadline), ("escrow_permit.deadline", escrow_permit["deadline"])):
         if signature_deadline <= now:
             raise InvalidInput(f"{field} has passed.", code="signature_expired", details={"field": field})
     wallet = agreement.buyer_wallet_address
     intent = _intent(agreement, deadline)
-    _check_signer(intent, intent_signature, wallet, "intent_signature")
+    signer_require(typed=intent, signature=intent_signature, expected=wallet, field="intent_signature")
 
     required = agreement.deposit_amount + agreement.infra_fee
     if escrow_permit["value"] < required:
@@ -158,7 +133,7 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
                            code="wrong_permit_nonce", details={"field": "escrow_permit", "expected": chain_nonce})
     typed = _permit(agreement, value=escrow_permit["value"], nonce=escrow_permit["nonce"],
                     deadline=escrow_permit["deadline"])
-    _check_signer(typed, escrow_permit["signature"], wallet, "escrow_permit.signature")
+    signer_require(typed=typed, signature=escrow_permit["signature"], expected=wallet, field="escrow_permit.signature")
     # A permit someone else already submitted granted the allowance: the contract is given none to run.
     onchain_permit = typed_data.EMPTY_PERMIT if front_run else typed_data.onchain_permit(
         value=escrow_permit["value"], deadline=escrow_permit["deadline"], signature=escrow_permit["signature"])
@@ -221,9 +196,9 @@ def _activation_outcome(tx: ChainTransaction) -> None:
                                                        reason=f"activation reverted: {tx.failure_reason}")
 
 
-relayer.outcome_handler_register(purpose=TxPurpose.ACTIVATE, on_outcome=_activation_outcome,
-                                 on_submitted=_activation_signed, read_evidence=_activation_evidence)
-
-
-# Fee permits given as signature and deadline only (the Pægents SDK's direct purchase) are read at this nonce.
-agreement_services.permit_nonce_reader_register(reader=_token_nonce)
+def handlers_register() -> None:
+    """Called once, from EscrowConfig.ready()."""
+    relayer.outcome_handler_register(purpose=TxPurpose.ACTIVATE, on_outcome=_activation_outcome,
+                                     on_submitted=_activation_signed, read_evidence=_activation_evidence)
+    # Fee permits given as signature and deadline only (the Pægents SDK's direct purchase) are read at this nonce.
+    agreement_services.permit_nonce_reader_register(reader=_token_nonce)

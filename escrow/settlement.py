@@ -2,58 +2,39 @@
 
 `settlement_tick` (a beat task) moves every agreement that is due; the relayer's outcome handlers move the
 agreement when each transaction confirms. Deadlines are compared with the chain's clock, which is the one
-the contract enforces (see `chain_now` for a chain whose clock stalls).
+the contract enforces (escrow.chain_clock).
 """
 
 import logging
-import time
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
-from prometheus_client import Gauge
 from web3 import Web3
 from web3.logs import DISCARD
 
-from agreements import metering
 from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
-from agreements.models import UsageAgreement
+from agreements.models import (
+    AgreementStatus,
+    UsageAgreement,
+    can_challenge,
+    can_propose_settlement,
+    can_reclaim,
+    can_resolve,
+    is_settling,
+)
 from catalog.models import Agent
-from escrow import chain, relayer, selectors
+from escrow import chain, chain_clock, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.logging import agreement_context, logs_name_the_agreement
+from marketplace.signatures import signer_require
 from sdk import receipts, typed_data
 
 logger = logging.getLogger(__name__)
-
-CHAIN_HEAD_AGE = Gauge("marketplace_chain_head_age_seconds", "Seconds since the latest block, as settlement last "
-                       "saw it (settlement and expiry follow the chain's clock).", multiprocess_mode="mostrecent")
-
-
-def chain_now() -> int:
-    """The chain's clock: the latest block's timestamp. Settlement and expiry decide by it, never by ours: the
-    contract checks `block.timestamp`, and a finalize or reclaim sent before the chain's time allows it reverts.
-
-    A stalled chain (no block for CHAIN_STALL_SECONDS) keeps its own time: what falls due waits until blocks
-    come again and is never done early. `make run`'s chain mines every 2 s, so it does not stall; on Base a stall
-    is a sequencer outage, when nothing could be mined anyway. The age of the latest block is exported
-    (`marketplace_chain_head_age_seconds`) and a stall is logged."""
-    now = chain.latest_block_timestamp()
-    age = time.time() - now
-    CHAIN_HEAD_AGE.set(age)
-    if age > settings.CHAIN_STALL_SECONDS:
-        logger.warning("the chain's clock is stalled: settlement and expiry wait for new blocks",
-                       extra={"latest_block_age_seconds": int(age)})
-    return now
-
-
-def _live_tx(agreement_id, purpose: str) -> ChainTransaction | None:
-    return selectors.live_transactions(purpose=purpose).filter(agreement_id=agreement_id).first()
-
 
 def _enqueue(agreement: UsageAgreement, purpose: str, fn_name: str, args: list, context: dict | None = None):
     data = chain.escrow_contract().encode_abi(fn_name, args=args)
@@ -78,22 +59,36 @@ def _final_receipt(agreement: UsageAgreement) -> tuple[int, int, str, str]:
 def settlement_propose(*, agreement_id) -> ChainTransaction | None:
     """Queue proposeSettlement with the last receipt, once no call is in flight. Safe to call repeatedly."""
     agreement = UsageAgreement.objects.get(pk=agreement_id)
-    if agreement.status != "active" or agreement.completion_requested_at is None:
+    if not can_propose_settlement(agreement) or agreement.completion_requested_at is None:
         return None
     terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)  # a chain read: before the row lock
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
-        if agreement.status != "active" or agreement.completion_requested_at is None:
+        if not can_propose_settlement(agreement) or agreement.completion_requested_at is None:
             return None
-        if _live_tx(agreement.pk, TxPurpose.PROPOSE_SETTLEMENT) or _live_tx(agreement.pk, TxPurpose.RECLAIM):
+        if (selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT)
+                or selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM)):
+            return None
+        if not _proposal_due(selectors.proposal_failures(agreement_id=agreement.pk)):
             return None
         if agreement.reserved:
             # Only reservations of calls that died with their process survive a full proxy timeout.
-            metering.reservations_settle_stale(agreement=agreement)
+            agreement_services.reservations_settle_stale(agreement=agreement)
         seq, cumulative, digest, signature = _final_receipt(agreement)
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
                         [agreement.onchain_id, terms, seq, cumulative, digest, signature],
                         {"seq": seq, "cumulative": cumulative})
+
+
+def _proposal_due(failures: list[ChainTransaction]) -> bool:
+    """After a failed proposal the next waits SETTLEMENT_PROPOSE_BACKOFF_SECONDS, doubling each time; after
+    SETTLEMENT_PROPOSE_MAX_ATTEMPTS failures none is sent until an operator retries (the dashboard lists it)."""
+    if not failures:
+        return True
+    if len(failures) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS:
+        return False
+    backoff = settings.SETTLEMENT_PROPOSE_BACKOFF_SECONDS * 2 ** (len(failures) - 1)
+    return timezone.now() >= failures[0].updated_at + timedelta(seconds=backoff)
 
 
 def _proposal_evidence(tx: ChainTransaction) -> dict:
@@ -106,7 +101,7 @@ def _proposal_outcome(tx: ChainTransaction) -> None:
     if tx.status != TxStatus.CONFIRMED:
         logger.error("settlement proposal failed", extra={"agreement_id": str(tx.agreement_id),
                                                           "reason": tx.failure_reason})
-        return  # stays active with completion requested; an operator retries from the admin
+        return  # stays active with completion requested: the tick tries again (`_proposal_due`)
     deadline = datetime.fromtimestamp(tx.outcome_evidence["challenge_deadline"], tz=UTC)
     agreement_services.agreement_settlement_proposed(
         agreement_id=tx.agreement_id, challenge_deadline=deadline, amount=tx.context["cumulative"],
@@ -126,14 +121,14 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
     """The buyer disputes the proposed amount within the window; submitted on-chain with its signature."""
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer challenges a settlement.", code="buyer_only")
-    if agreement.status != "in_challenge":  # checked again under the lock; first so that no terms are read for it
+    if not can_challenge(agreement):  # checked again under the lock; first so that no terms are read for it
         raise Conflict(f"Nothing to challenge while the agreement is {agreement.status}.",
                        code="invalid_transition", details={"status": agreement.status})
-    now = chain_now()
+    now = chain_clock.chain_now_for_request()
     terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if agreement.status != "in_challenge":
+        if not can_challenge(agreement):
             raise Conflict(f"Nothing to challenge while the agreement is {agreement.status}.",
                            code="invalid_transition", details={"status": agreement.status})
         if agreement.challenge_deadline and agreement.challenge_deadline.timestamp() <= now:
@@ -141,15 +136,9 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
                            details={"challenge_deadline": agreement.challenge_deadline.isoformat()})
         if deadline <= now:
             raise InvalidInput("The signature's deadline has passed.", code="signature_expired")
-        try:
-            signer = typed_data.recover_typed_data_signer(challenge_typed_data(agreement=agreement,
-                                                                               deadline=deadline), signature)
-        except Exception as exc:  # noqa: BLE001 - malformed signature
-            raise InvalidInput("Not a valid 65-byte signature.", code="invalid_signature") from exc
-        if signer.lower() != agreement.buyer_wallet_address.lower():
-            raise InvalidInput("The challenge must be signed by the buyer's wallet.", code="wrong_signer",
-                               details={"signer": signer, "expected": agreement.buyer_wallet_address})
-        if _live_tx(agreement.pk, TxPurpose.CHALLENGE):
+        signer_require(typed=challenge_typed_data(agreement=agreement, deadline=deadline), signature=signature,
+                       expected=agreement.buyer_wallet_address, field="signature")
+        if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE):
             raise Conflict("A challenge is already being submitted.", code="challenge_in_progress")
         return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig",
                         [agreement.onchain_id, terms, deadline, signature],
@@ -167,12 +156,12 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
     terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if agreement.status != "disputed":
+        if not can_resolve(agreement):
             raise Conflict(f"Only a disputed agreement is resolved; this one is {agreement.status}.",
                            code="invalid_transition", details={"status": agreement.status})
         if seller_amount > agreement.deposit_amount:
             raise InvalidInput("The seller amount exceeds the deposit.", code="amount_exceeds_deposit")
-        if _live_tx(agreement.pk, TxPurpose.RESOLVE):
+        if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RESOLVE):
             raise Conflict("A resolution is already being submitted.", code="resolution_in_progress")
         return _enqueue(agreement, TxPurpose.RESOLVE, "resolve",
                         [agreement.onchain_id, terms, seller_amount],
@@ -185,7 +174,8 @@ def settlement_resolved(*, agreement_id, seller_amount: int, tx_hash: str, terms
     agreement = agreement_services.agreement_settling(
         agreement_id=agreement_id, reason=f"arbiter resolved: {seller_amount} to the seller",
         data={"tx_hash": tx_hash, "operator": operator})
-    if agreement.status == "settling" and not _live_tx(agreement_id, TxPurpose.FINALIZE):
+    if is_settling(agreement) and not selectors.live_transaction(agreement_id=agreement_id,
+                                                                        purpose=TxPurpose.FINALIZE):
         _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
 
 
@@ -250,14 +240,14 @@ def _reclaim_outcome(tx: ChainTransaction) -> None:
 
 def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     """Everything due, in one pass (the beat task). Each step is idempotent and safe to run concurrently."""
-    now = now if now is not None else chain_now()
+    now = now if now is not None else chain_clock.chain_now()
     now_dt = datetime.fromtimestamp(now, tz=UTC)
     done = {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
     # Active agreements past their end: used ones complete; unused ones wait for the reclaim window.
     for agreement in agreement_selectors.agreements_past_expiry(now=now_dt).filter(completion_requested_at=None):
         with agreement_context(agreement.pk):
             if agreement.used or agreement.reserved:
-                metering.completion_request(agreement=agreement, reason="expired")
+                agreement_services.completion_request(agreement=agreement, reason="expired")
                 done["expired"] += 1
             elif agreement.expires_at.timestamp() + _reclaim_grace() <= now and _reclaim(agreement):
                 done["reclaiming"] += 1
@@ -265,7 +255,7 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     for agreement in agreement_selectors.agreements_ready_to_propose(stale_reservation_before=stale):
         if settlement_propose(agreement_id=agreement.pk):
             done["proposed"] += 1
-    for agreement in agreement_selectors.agreements_in_status(status="in_challenge").filter(
+    for agreement in agreement_selectors.agreements_in_status(status=AgreementStatus.IN_CHALLENGE).filter(
             challenge_deadline__lte=now_dt):
         with agreement_context(agreement.pk):
             if _finalize(agreement):
@@ -281,9 +271,10 @@ def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
     terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if agreement.status != "active" or agreement.used or _live_tx(agreement.pk, TxPurpose.RECLAIM):
+        if not can_reclaim(agreement) or agreement.used or selectors.live_transaction(
+                agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM):
             return None
-        metering.completion_request(agreement=agreement, reason="expired unused")
+        agreement_services.completion_request(agreement=agreement, reason="expired unused")
         return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id, terms])
 
 
@@ -291,17 +282,20 @@ def _finalize(agreement: UsageAgreement) -> ChainTransaction | None:
     terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if agreement.status != "in_challenge" or _live_tx(agreement.pk, TxPurpose.CHALLENGE):
+        if not can_challenge(agreement) or selectors.live_transaction(
+                agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE):
             return None
         agreement_services.agreement_settling(agreement_id=agreement.pk, reason="challenge window over")
         return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
 
 
-relayer.outcome_handler_register(purpose=TxPurpose.PROPOSE_SETTLEMENT, on_outcome=_proposal_outcome,
-                                 read_evidence=_proposal_evidence)
-relayer.outcome_handler_register(purpose=TxPurpose.CHALLENGE, on_outcome=_challenge_outcome)
-relayer.outcome_handler_register(purpose=TxPurpose.RESOLVE, on_outcome=_resolve_outcome,
-                                 read_evidence=_resolve_evidence)
-relayer.outcome_handler_register(purpose=TxPurpose.FINALIZE, on_outcome=_finalize_outcome,
-                                 read_evidence=_finalize_evidence)
-relayer.outcome_handler_register(purpose=TxPurpose.RECLAIM, on_outcome=_reclaim_outcome)
+def handlers_register() -> None:
+    """Called once, from EscrowConfig.ready()."""
+    relayer.outcome_handler_register(purpose=TxPurpose.PROPOSE_SETTLEMENT, on_outcome=_proposal_outcome,
+                                     read_evidence=_proposal_evidence)
+    relayer.outcome_handler_register(purpose=TxPurpose.CHALLENGE, on_outcome=_challenge_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.RESOLVE, on_outcome=_resolve_outcome,
+                                     read_evidence=_resolve_evidence)
+    relayer.outcome_handler_register(purpose=TxPurpose.FINALIZE, on_outcome=_finalize_outcome,
+                                     read_evidence=_finalize_evidence)
+    relayer.outcome_handler_register(purpose=TxPurpose.RECLAIM, on_outcome=_reclaim_outcome)

@@ -6,11 +6,19 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
+from rest_framework.throttling import BaseThrottle
 from rest_framework.views import APIView
 
 from agreements import invocations, x402_protocol
 from agreements import selectors as agreement_selectors
-from agreements.models import InvocationStatus
+from agreements.models import (
+    AgreementStatus,
+    InvocationStatus,
+    SettlementModel,
+    can_challenge,
+    is_activation_stuck,
+    is_funded,
+)
 from agreements.serializers import (
     InvocationAcceptedSerializer,
     InvocationResultSerializer,
@@ -47,8 +55,6 @@ from marketplace.idempotency import idempotent
 from marketplace.serializers import ErrorSerializer, error_responses
 
 TAGS = ["escrow"]
-# Submitting without a signed transaction for this long is a backend fault, not chain latency.
-BACKEND_FAULT_AFTER = timedelta(minutes=2)
 WITHDRAW_SIGNATURE = "withdraw(bytes32,(address,address,address,address,uint256,uint64,uint64,uint256))"
 
 
@@ -115,7 +121,8 @@ class ActivateEscrowView(APIView):
         body.is_valid(raise_exception=True)
         tx = services.activation_submit(agreement=agreement, buyer=agent, **body.validated_data)
         return Response(ActivationAcceptedSerializer({
-            "agreement_id": agreement.pk, "status": "submitting", "transaction": transaction_payload(tx, None),
+            "agreement_id": agreement.pk, "status": AgreementStatus.SUBMITTING,
+            "transaction": transaction_payload(tx, None),
         }).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -131,26 +138,23 @@ class EscrowStatusView(APIView):
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
         latest = _latest_block()
         transactions = list(selectors.transactions_of_agreement(agreement_id=agreement.pk))
-        funded = agreement.status not in ("pending_approval", "proposed", "accepted", "rejected", "cancelled",
-                                          "expired", "submitting", "activation_failed")
         onchain = None
         if query.validated_data["verify"]:
             try:
                 onchain = selectors.onchain_escrow(onchain_id=agreement.onchain_id)
             except chain.ChainError as error:
                 raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
-        stuck = (agreement.status == "submitting" and not agreement.activation_tx_hash
-                 and timezone.now() - agreement.updated_at > BACKEND_FAULT_AFTER)
         return Response(EscrowStatusSerializer({
             "agreement_id": agreement.pk, "onchain_id": agreement.onchain_id, "status": agreement.status,
             "escrow_status": escrow_status_of(agreement), "settlement_status": agreement.status,
             "chain_id": agreement.chain_id,
             "escrow_contract": chainconfig.escrow_address(), "deposit_amount_atomic": agreement.deposit_amount,
-            "deposited_atomic": agreement.deposit_amount if funded else 0, "used_atomic": agreement.used,
+            "deposited_atomic": agreement.deposit_amount if is_funded(agreement) else 0,
+            "used_atomic": agreement.used,
             "reserved_atomic": agreement.reserved, "remaining_atomic": agreement.remaining,
             "infra_fee_atomic": agreement.infra_fee, "activation_tx_hash": agreement.activation_tx_hash,
             "challenge_deadline": agreement.challenge_deadline, "transactions": [transaction_payload(tx, latest) for tx in transactions],
-            "backend_fault": stuck, "onchain": onchain,
+            "backend_fault": is_activation_stuck(agreement, now=timezone.now()), "onchain": onchain,
         }).data)
 
 
@@ -162,7 +166,7 @@ class ChallengePackageView(APIView):
                    responses={200: ChallengePackageSerializer, **error_responses(404, 409)})
     def get(self, request, agreement_id):
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
-        if agreement.status != "in_challenge":
+        if not can_challenge(agreement):
             raise Conflict("Nothing to challenge now.", code="invalid_transition",
                            details={"status": agreement.status})
         deadline = int(agreement.challenge_deadline.timestamp())
@@ -208,7 +212,7 @@ class DisputeView(APIView):
         body.is_valid(raise_exception=True)
         data = body.validated_data
         if "signature" not in data or "deadline" not in data:
-            if agreement.status != "in_challenge":
+            if not can_challenge(agreement):
                 raise Conflict(f"Nothing to dispute while the agreement is {agreement.status}: a dispute challenges "
                                "the settlement proposed on-chain.", code="invalid_transition",
                                details={"status": agreement.status})
@@ -254,7 +258,7 @@ class ClaimInstructionsView(APIView):
     def get(self, request, agreement_id):
         agent = calling_agent(request)
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
-        if agreement.settlement_model != "escrow":
+        if agreement.settlement_model != SettlementModel.ESCROW:
             raise Conflict("A direct payment has no escrow.", code="not_an_escrow")
         try:
             onchain = selectors.onchain_escrow(onchain_id=agreement.onchain_id)
@@ -270,7 +274,7 @@ class ClaimInstructionsView(APIView):
         return Response(ClaimInstructionsSerializer({
             "agreement_id": agreement.pk, "onchain_agreement_id": agreement.onchain_id,
             "function": WITHDRAW_SIGNATURE, "claimable_atomic": claimable, "transaction": call,
-            "chain_id": agreement.chain_id, "closed": onchain["state"] in ("settled", "reclaimed"),
+            "chain_id": agreement.chain_id, "closed": onchain["state"] in selectors.ESCROW_CLOSED_STATES,
         }).data)
 
 
@@ -291,17 +295,33 @@ class ResolveView(APIView):
                         status=status.HTTP_202_ACCEPTED)
 
 
+def _quote_holder(request) -> str:
+    """Whom a 402's quoted authorization is kept for: the calling agent, else the client's address."""
+    if isinstance(request.auth, ApiKey):
+        return f"agent:{request.auth.agent_id}"
+    return f"address:{BaseThrottle().get_ident(request)}"  # as the rate limits count it (TRUSTED_PROXY_COUNT)
+
+
 def _payment_required_response(request, skill, *, code: str, message: str, reason: str = "",
                                details: dict | None = None) -> Response:
-    requirements = x402_onchain.invocation_requirements(skill)
+    """x402 v2's 402: its `PaymentRequired` body (`error` is our code, as x402's error string; `message` and
+    `details` beside it) and PAYMENT-REQUIRED header, with an authorization quoted for a bare signature."""
+    requirements = x402_protocol.quote_issue(x402_onchain.invocation_requirements(skill),
+                                             holder=_quote_holder(request))
     required = x402_protocol.payment_required(requirements=requirements,
                                              url=request.build_absolute_uri(requirements.extra["resource"]),
                                              description=skill.description or skill.name, error=code)
-    body = required.model_dump(mode="json", by_alias=True, exclude_none=True)
-    body["error"] = {"code": code, "message": message,
-                     "details": {**({"x402_reason": reason} if reason else {}), **(details or {})}}
+    body = {**required.model_dump(mode="json", by_alias=True, exclude_none=True), "message": message,
+            "details": {**({"x402_reason": reason} if reason else {}), **(details or {})}}
     return Response(body, status=status.HTTP_402_PAYMENT_REQUIRED,
                     headers=x402_protocol.payment_required_headers(requirements=requirements, required=required))
+
+
+def _payment_response_headers(invocation) -> dict[str, str]:
+    """PAYMENT-RESPONSE once the payment is on-chain."""
+    if not invocation.payment_tx_hash:
+        return {}
+    return x402_protocol.payment_response_header(invocation.authorization, tx_hash=invocation.payment_tx_hash)
 
 
 class SkillInvokeView(APIView):
@@ -312,11 +332,16 @@ class SkillInvokeView(APIView):
     @extend_schema(
         operation_id="services_invoke", tags=["services"], request=InvokeSerializer,
         summary="Invoke a seller's skill, paid with x402",
-        description="Without a payment: 402 with X-Payment-Amount/Currency/Address/Chain headers, x402's "
-                    "PAYMENT-REQUIRED header and body. Retry with the signed payment (x402 base64 PaymentPayload, "
-                    "scheme exact: an EIP-3009 authorization of the skill's price to X-Payment-Address) in "
-                    "`X-Payment-Signature`, `X-PAYMENT` or `PAYMENT-SIGNATURE`. The payment is executed on-chain "
-                    "to the platform treasury, then the seller is called: 200 with the result (202 with an "
+        description="`handle` is the agent's handle or ID. Without a payment: 402 with "
+                    "X-Payment-Amount/Currency/Address/Chain headers, x402 v2's PAYMENT-REQUIRED header and "
+                    "`PaymentRequired` body (`error` is the code). Retry with the signed payment (x402 base64 "
+                    "PaymentPayload, scheme exact: an EIP-3009 authorization of the skill's price to "
+                    "X-Payment-Address) in `X-Payment-Signature`, `X-PAYMENT` or `PAYMENT-SIGNATURE`; or a bare "
+                    "signature (`0x...`) of the authorization the 402 quoted (X-Payment-Nonce, -Valid-After, "
+                    "-Valid-Before, payee and amount), whose payer is the calling agent's wallet or `X-Payment-From`. "
+                    "The payment is executed on-chain "
+                    "to the platform treasury, then the seller is called: 200 with the result and x402's "
+                    "PAYMENT-RESPONSE header (202 with an "
                     "invocation id for async skills, or when the payment takes long to confirm). The seller is "
                     "paid when the invocation completes; a failed or timed-out invocation is refunded. A payment "
                     "is bound to the skill whose 402 quoted it (`extra.resource`, the skill's path). A refused "
@@ -324,9 +349,12 @@ class SkillInvokeView(APIView):
                     "signature) is 402 with its code, "
                     "and nothing is charged. The authorization's nonce is the idempotency key: a retry with the "
                     "same signed payment is 402 `authorization_already_used` with the `invocation_id` it bought.",
-        parameters=[OpenApiParameter(name, str, OpenApiParameter.HEADER, required=False,
-                                     description="The signed x402 payment.")
-                    for name in x402_protocol.PAYMENT_HEADERS],
+        parameters=[*(OpenApiParameter(name, str, OpenApiParameter.HEADER, required=False,
+                                       description="The signed x402 payment.")
+                      for name in x402_protocol.PAYMENT_HEADERS),
+                    OpenApiParameter(x402_protocol.PAYER_HEADER, str, OpenApiParameter.HEADER, required=False,
+                                     description="The payer of a bare signature, for a caller without an agent "
+                                                 "API key.")],
         responses={200: InvocationResultSerializer, 202: InvocationAcceptedSerializer,
                    402: X402PaymentRequiredSerializer, 502: ErrorSerializer, 504: ErrorSerializer,
                    **error_responses(404, 409, 429, 503)},
@@ -342,10 +370,13 @@ class SkillInvokeView(APIView):
             return _payment_required_response(request, skill, code="payment_required",
                                               message="Pay for this skill with x402 and retry.")
         buyer = request.auth.agent if isinstance(request.auth, ApiKey) else None
+        payment = x402_onchain.SignedPayment(
+            header=header, holder=_quote_holder(request),
+            payer=buyer.wallet_address if buyer else request.headers.get(x402_protocol.PAYER_HEADER))
         try:
             outcome = x402_onchain.invocation_invoke(skill=skill, buyer=buyer, input=body.validated_data["input"],
-                                                 payment_header=header,
-                                                 wait_seconds=settings.INVOCATION_PAYMENT_WAIT_SECONDS)
+                                                     payment=payment,
+                                                     wait_seconds=settings.INVOCATION_PAYMENT_WAIT_SECONDS)
         except x402_protocol.InvalidPayment as invalid:
             return _payment_required_response(request, skill, code=invalid.code, message=invalid.message,
                                               reason=invalid.reason, details=invalid.details)
@@ -357,11 +388,13 @@ class SkillInvokeView(APIView):
             return Response(InvocationAcceptedSerializer({
                 "invocation_id": invocation.public_id, "status": invocation.status,
                 "estimated_completion": invocation.deadline_at or timezone.now() + timedelta(
-                    seconds=invocation.timeout_seconds)}).data, status=status.HTTP_202_ACCEPTED)
+                    seconds=invocation.timeout_seconds)}).data, status=status.HTTP_202_ACCEPTED,
+                headers=_payment_response_headers(invocation))
         if invocation.status == InvocationStatus.COMPLETED:
             return Response(InvocationResultSerializer({"invocation_id": invocation.public_id,
                                                         "result": invocation.result,
-                                                        "payment": invocation_payment(invocation)}).data)
+                                                        "payment": invocation_payment(invocation)}).data,
+                            headers=_payment_response_headers(invocation))
         code, http = (("invocation_timeout", 504) if invocation.status == InvocationStatus.TIMEOUT
                       else ("invocation_failed", 502))
         return Response(error_body(code, f"The skill did not complete ({invocation.error}); the payment is being "

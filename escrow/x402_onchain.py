@@ -141,12 +141,25 @@ def invocation_requirements(skill: Skill):
                                              resource=invocations.invocation_resource(skill))
 
 
-def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment_header: str
+@dataclass(frozen=True)
+class SignedPayment:
+    """What a paid request carries: the payment header, and for a bare signature who pays and who was quoted."""
+
+    header: str
+    payer: str | None = None  # the calling agent's wallet, else X-Payment-From
+    holder: str = ""  # whom the 402 quoted (x402_protocol.quote_issue)
+
+
+def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: SignedPayment
                    ) -> tuple[SkillInvocation, ChainTransaction]:
     """Check the signed payment (raises InvalidPayment, nothing recorded), record the invocation and queue the
     payment to the treasury."""
     requirements = invocation_requirements(skill)
-    authorization = x402_protocol.check(x402_protocol.decode(payment_header), requirements)
+    if x402_protocol.is_bare_signature(payment.header):
+        authorization = x402_protocol.quoted_authorization(payment.header, requirements, payer=payment.payer,
+                                                           holder=payment.holder)
+    else:
+        authorization = x402_protocol.check(x402_protocol.decode(payment.header), requirements)
     x402_protocol.authorization_refuse_replay(authorization)
     simulate(authorization)
     with transaction.atomic():
@@ -165,11 +178,11 @@ class InvocationOutcome:
     in_background: bool = False  # a worker runs it: async skill, or a payment still confirming
 
 
-def invocation_invoke(*, skill: Skill, buyer: Agent | None, input: dict, payment_header: str,
+def invocation_invoke(*, skill: Skill, buyer: Agent | None, input: dict, payment: SignedPayment,
                       wait_seconds: float) -> InvocationOutcome:
     """Pay (see `invocation_pay`), wait up to `wait_seconds` for the payment to confirm, then run a sync skill
     here; an async skill, or a payment still confirming, is left to a worker."""
-    invocation, tx = invocation_pay(skill=skill, buyer=buyer, input=input, payment_header=payment_header)
+    invocation, tx = invocation_pay(skill=skill, buyer=buyer, input=input, payment=payment)
     tx = transaction_await(transaction_id=tx.pk, timeout=wait_seconds)
     if tx.status == TxStatus.FAILED:
         invocation.refresh_from_db()
@@ -293,20 +306,22 @@ def _direct_payment_outcome(tx: ChainTransaction) -> None:
 
 def _direct_fee_refund_outcome(tx: ChainTransaction) -> None:
     if tx.status == TxStatus.CONFIRMED:
-        agreement_services.agreement_direct_fee_refunded(agreement_id=tx.agreement_id,
-                                                         amount=tx.context["amount"], tx_hash=tx.mined_tx_hash)
+        agreement_services.agreement_direct_fee_refunded(agreement_id=tx.agreement_id, amount=tx.context["amount"])
     else:
         logger.error("fee refund failed", extra={"tx_id": str(tx.pk), "reason": tx.failure_reason})
 
 
-invocations.settlement_handler_register(handler=_invocation_settle)
-agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
-relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome)
-relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYOUT,
-                                 on_outcome=_settlement_outcome(invocations.invocation_paid_out))
-relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_REFUND,
-                                 on_outcome=_settlement_outcome(invocations.invocation_refunded))
-relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome)
-relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome)
-relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome)
-relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome)
+def handlers_register() -> None:
+    """Called once, from EscrowConfig.ready()."""
+    x402_protocol.token_domain_reader_register(reader=chain.token_domain)
+    invocations.settlement_handler_register(handler=_invocation_settle)
+    agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
+    relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYOUT,
+                                     on_outcome=_settlement_outcome(invocations.invocation_paid_out))
+    relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_REFUND,
+                                     on_outcome=_settlement_outcome(invocations.invocation_refunded))
+    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome)

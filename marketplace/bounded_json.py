@@ -53,8 +53,10 @@ def _nul_path(value) -> tuple | None:
     return None
 
 
-def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int | None = None):
-    """`json.loads` that raises `InvalidJSON` instead of recursing without bound."""
+def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int | None = None,
+          nul_allowed: bool = False):
+    """`json.loads` that raises `InvalidJSON` instead of recursing without bound. `nul_allowed`: for answers that
+    are never stored as they are (a chain node's revert message may quote raw bytes)."""
     max_depth = settings.JSON_MAX_DEPTH if max_depth is None else max_depth
     if max_bytes is not None and len(data) > max_bytes:
         raise InvalidJSON(f"The JSON is larger than {max_bytes} bytes.", reason="too_large")
@@ -69,7 +71,7 @@ def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int | N
         value = json.loads(text)
     except (ValueError, RecursionError) as error:
         raise InvalidJSON(f"The JSON is malformed: {error}", reason="malformed") from None
-    if "\\u0000" in text and (path := _nul_path(value)) is not None:
+    if not nul_allowed and "\\u0000" in text and (path := _nul_path(value)) is not None:
         raise InvalidJSON("The JSON holds a NUL character (\\u0000), which is not stored.", reason="nul_character",
                           path=path)
     return value

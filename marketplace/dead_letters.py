@@ -43,6 +43,9 @@ def dead_letter_counts() -> dict[tuple[str], int]:
     return {(row["task_name"],): row["count"] for row in rows}
 
 
-metrics.scrape_collector_register(
-    name="marketplace_celery_dead_letters", labels=("task",), counts=dead_letter_counts,
-    documentation="Task messages acknowledged without running after their process died on every delivery, by task.")
+def panels_register() -> None:
+    """Called once, from MarketplaceConfig.ready()."""
+    metrics.scrape_collector_register(
+        name="marketplace_celery_dead_letters", labels=("task",), counts=dead_letter_counts,
+        documentation="Task messages acknowledged without running after their process died on every delivery, "
+                      "by task.")

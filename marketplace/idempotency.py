@@ -10,12 +10,17 @@ transaction is held open across its network calls (its service commits its own w
 stored right after. A process that dies in between leaves the claim to go stale; the retry then runs the
 handler again, which its service makes safe (activation: the agreement has moved on from `accepted`, so the retry
 is answered 409 and no second transaction is queued).
+
+A handler whose writes must stay atomic but need facts from the chain first declares `prepare`: it runs after
+the key is claimed and before the transaction opens, and the handler receives what it returns as `prepared`. A
+replay is answered from the stored response, so it asks the chain nothing.
 """
 
 import contextlib
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -31,7 +36,7 @@ MAX_KEY_LENGTH = 255
 
 
 def _fingerprint(request) -> str:
-    body = request._request.body
+    body = request.body
     try:
         canonical = json.dumps(bounded_json.loads(body or b"null"), sort_keys=True, separators=(",", ":")).encode()
     except bounded_json.InvalidJSON:  # the parser refuses it with its own error when the view reads it
@@ -68,9 +73,10 @@ def _claim(scope: str, key: str, fingerprint: str) -> IdempotencyRecord | Respon
     raise Conflict("A request with this Idempotency-Key is still in progress.", code="idempotency_in_progress")
 
 
-def idempotent(required: bool = False, atomic: bool = True):
+def idempotent(required: bool = False, atomic: bool = True, prepare: Callable | None = None):
     """Decorates a DRF view handler (post/put) so it honours `Idempotency-Key`; `atomic=False` for a handler that
-    makes network calls (see the module's docstring)."""
+    makes network calls, `prepare(view, request, *args, **kwargs)` for one that reads the network before its
+    atomic writes (see the module's docstring)."""
 
     def decorator(handler):
         @functools.wraps(handler)
@@ -79,6 +85,8 @@ def idempotent(required: bool = False, atomic: bool = True):
             if key is None:
                 if required:
                     raise InvalidInput(f"The {HEADER} header is required here.", code="idempotency_key_required")
+                if prepare is not None:
+                    kwargs["prepared"] = prepare(view, request, *args, **kwargs)
                 return handler(view, request, *args, **kwargs)
             if not key or len(key) > MAX_KEY_LENGTH:
                 raise InvalidInput(f"{HEADER} must be 1-{MAX_KEY_LENGTH} characters.", code="invalid_idempotency_key")
@@ -86,6 +94,8 @@ def idempotent(required: bool = False, atomic: bool = True):
             if isinstance(claim, Response):
                 return claim
             try:
+                if prepare is not None:
+                    kwargs["prepared"] = prepare(view, request, *args, **kwargs)
                 with transaction.atomic() if atomic else contextlib.nullcontext():
                     response = handler(view, request, *args, **kwargs)
                     if response.status_code >= 500:

@@ -33,9 +33,13 @@ TASK_FAILURES = Counter("marketplace_celery_task_failures_total", "Celery tasks 
                         "they were allowed), by task name.", ["task"])
 
 
-@task_failure.connect
 def _count_task_failure(sender=None, **kwargs) -> None:
     TASK_FAILURES.labels(task=getattr(sender, "name", "unknown")).inc()
+
+
+def task_failures_count() -> None:
+    """Called once, from MarketplaceConfig.ready(): count every task failure."""
+    task_failure.connect(_count_task_failure, dispatch_uid=__name__)
 
 
 # --- scrape-time counts --------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ from datetime import datetime
 from uuid import UUID
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.utils import timezone
 
 from catalog.models import Agent
+from marketplace import sweeps
 from marketplace.errors import Conflict
 from policies.models import ApprovalRequest, ApprovalStatus, Policy
 
@@ -55,7 +57,11 @@ def _decide(request: ApprovalRequest, *, status: str, actor, note: str) -> Appro
     request.decided_by = actor
     request.decision_note = note
     request.save(update_fields=["status", "decided_at", "decided_by", "decision_note"])
-    _handlers[request.subject_type](subject_id=request.subject_id, outcome=status, actor=actor, note=note)
+    handler = _handlers.get(request.subject_type)
+    if handler is None:
+        raise ImproperlyConfigured(f"No approval handler for {request.subject_type}: the app that owns it registers "
+                                   "one in its AppConfig.ready().")
+    handler(subject_id=request.subject_id, outcome=status, actor=actor, note=note)
     return request
 
 
@@ -77,15 +83,6 @@ def approval_decide(*, approval: ApprovalRequest, actor, approve: bool, note: st
 
 def approvals_expire(*, now: datetime | None = None) -> int:
     """Expire pending requests past their deadline, each in its own transaction. Safe to run twice."""
-    now = now or timezone.now()
-    expired = 0
-    due = ApprovalRequest.objects.filter(status=ApprovalStatus.PENDING, expires_at__lte=now).values_list("pk",
-                                                                                                          flat=True)
-    for pk in list(due[:1000]):
-        with transaction.atomic():
-            approval = ApprovalRequest.objects.select_for_update(skip_locked=True).filter(
-                pk=pk, status=ApprovalStatus.PENDING).first()
-            if approval is not None:
-                _decide(approval, status=ApprovalStatus.EXPIRED, actor=None, note="expired")
-                expired += 1
-    return expired
+    return sweeps.due_rows_apply(
+        due=ApprovalRequest.objects.filter(status=ApprovalStatus.PENDING, expires_at__lte=now or timezone.now()),
+        apply=lambda approval: _decide(approval, status=ApprovalStatus.EXPIRED, actor=None, note="expired"))

@@ -68,9 +68,11 @@ class MarketplaceError(Exception):
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> MarketplaceError:
-        """Parse `{"error": {"code", "message", "details"}}`; anything else (a proxy's HTML page) keeps its text."""
+        """Parse `{"error": {"code", "message", "details"}}`, or a skill's x402 402 (`error` is the code, `message`
+        and `details` beside it); anything else (a proxy's HTML page) keeps its text."""
         try:
-            error = response.json()["error"]
+            body = response.json()
+            error = body["error"] if isinstance(body["error"], dict) else {**body, "code": body["error"]}
             return cls(response.status_code, str(error["code"]), str(error.get("message", "")),
                        error.get("details") or {})
         except (ValueError, KeyError, TypeError):

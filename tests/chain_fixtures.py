@@ -3,15 +3,20 @@
 Register it once in the root conftest (``pytest_plugins = ["tests.chain_fixtures"]``). Fixtures:
 
 - ``anvil`` (session): one Anvil node per pytest session / xdist worker, on a free port, stopped at the end.
-- ``deployed`` (session): MockUSDC + UsageEscrow deployed on it (:class:`Deployed`).
+- ``deployed`` (session): MockUSDC + UsageEscrow deployed on it (:class:`Deployed`), the token named as Base's
+  USDC ("USD Coin"); ``deployed_base_sepolia_token`` (session, deployed on first use): a second deployment on the
+  same node whose token has Base Sepolia's name ("USDC"), so its EIP-712 domain differs.
 - ``chain`` (function): snapshots the chain before the test and reverts after it (:class:`Chain`), so each
-  test starts from the freshly deployed state; it also carries everything ``deployed`` has.
+  test starts from the freshly deployed state; it also carries everything ``deployed`` has. Parametrize it
+  indirectly with a token name to run a test against either deployment
+  (``@pytest.mark.parametrize("chain", TOKEN_NAMES, indirect=True)``).
 
 None of them touches the Django database.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Iterator
@@ -24,6 +29,8 @@ from escrow import devchain
 
 # Seconds after an escrow's expiresAt before it can be reclaimed, on the test deployment.
 TEST_RECLAIM_GRACE = 3600
+# The token names a test can run `chain` under: Base's USDC and Base Sepolia's.
+TOKEN_NAMES = (devchain.TOKEN_NAME_BASE, devchain.TOKEN_NAME_BASE_SEPOLIA)
 
 
 @dataclass(frozen=True)
@@ -133,9 +140,7 @@ def anvil() -> Iterator[devchain.AnvilProcess]:
         node.stop()
 
 
-@pytest.fixture(scope="session")
-def deployed(anvil: devchain.AnvilProcess) -> Deployed:
-    """MockUSDC + UsageEscrow deployed once per session; tests must use ``chain`` to get a clean state."""
+def _deploy(anvil: devchain.AnvilProcess, token_name: str) -> Deployed:
     accounts = DevAccounts.from_anvil()
     w3 = anvil.w3()
     addresses = devchain.deploy_contracts(
@@ -144,6 +149,7 @@ def deployed(anvil: devchain.AnvilProcess) -> Deployed:
         fee_recipient=accounts.fee_recipient.address,
         arbiter=accounts.arbiter.address,
         reclaim_grace=TEST_RECLAIM_GRACE,
+        token_name=token_name,
     )
     return Deployed(
         node=anvil,
@@ -157,12 +163,69 @@ def deployed(anvil: devchain.AnvilProcess) -> Deployed:
     )
 
 
+@pytest.fixture(scope="session")
+def deployed(anvil: devchain.AnvilProcess) -> Deployed:
+    """MockUSDC ("USD Coin") + UsageEscrow deployed once per session; tests must use ``chain`` to get a clean
+    state."""
+    return _deploy(anvil, devchain.TOKEN_NAME_BASE)
+
+
+@pytest.fixture(scope="session")
+def deployed_base_sepolia_token(anvil: devchain.AnvilProcess) -> Deployed:
+    """MockUSDC under Base Sepolia's name ("USDC") + its own UsageEscrow, on the same node."""
+    return _deploy(anvil, devchain.TOKEN_NAME_BASE_SEPOLIA)
+
+
 @pytest.fixture
-def chain(deployed: Deployed) -> Iterator[Chain]:
-    """The deployed chain, reverted to its state before the test once the test ends."""
+def chain(request: pytest.FixtureRequest) -> Iterator[Chain]:
+    """The deployed chain, reverted to its state before the test once the test ends. Its token is named
+    "USD Coin", or what the test parametrizes it with (one of TOKEN_NAMES)."""
+    token_name = getattr(request, "param", devchain.TOKEN_NAME_BASE)
+    with _reverted(request.getfixturevalue(
+            "deployed" if token_name == devchain.TOKEN_NAME_BASE else "deployed_base_sepolia_token")) as handle:
+        yield handle
+
+
+@contextmanager
+def _reverted(deployed: Deployed) -> Iterator[Chain]:
     handle = Chain(deployed)
     snapshot_id = handle.snapshot()
     try:
         yield handle
     finally:
         handle.revert(snapshot_id)
+
+
+# Base Sepolia as x402's and the Pægents SDK's asset tables pin it: the chain id, and USDC's address and name.
+BASE_SEPOLIA_CHAIN_ID = 84532
+BASE_SEPOLIA_USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+
+
+@pytest.fixture(scope="session")
+def base_sepolia_deployed() -> Iterator[Deployed]:
+    """A node of its own with Base Sepolia's chain id, MockUSDC named "USDC" placed at Base Sepolia's USDC address
+    (its code, and the storage its constructor wrote: name, symbol, owner), and a UsageEscrow that allows it. For
+    clients that sign only for Base Sepolia's USDC (the Pægents SDK)."""
+    node = devchain.start_anvil(chain_id=BASE_SEPOLIA_CHAIN_ID)
+    try:
+        deployed = _deploy(node, devchain.TOKEN_NAME_BASE_SEPOLIA)
+        built = deployed.addresses["usdc"]
+        node.rpc("anvil_setCode", [BASE_SEPOLIA_USDC, "0x" + deployed.w3.eth.get_code(built).hex()])
+        for slot in range(32):  # the constructor's writes are in the first slots; its mappings are empty
+            value = deployed.w3.eth.get_storage_at(built, slot)
+            if any(value):
+                node.rpc("anvil_setStorageAt", [BASE_SEPOLIA_USDC, hex(slot), "0x" + value.hex().rjust(64, "0")])
+        deployed.escrow.functions.setTokenAllowed(BASE_SEPOLIA_USDC, True).transact(
+            {"from": deployed.accounts.deployer.address})
+        deployed.addresses = {**deployed.addresses, "usdc": BASE_SEPOLIA_USDC}
+        deployed.usdc = devchain.usdc_contract(deployed.w3, BASE_SEPOLIA_USDC)
+        yield deployed
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def base_sepolia_chain(base_sepolia_deployed: Deployed) -> Iterator[Chain]:
+    """`base_sepolia_deployed`, reverted after the test."""
+    with _reverted(base_sepolia_deployed) as handle:
+        yield handle

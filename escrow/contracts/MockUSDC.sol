@@ -14,8 +14,9 @@ import {Nonces} from "@openzeppelin/contracts/utils/Nonces.sol";
  * public network: the owner can mint at will.
  *
  * What it reproduces from real USDC, so that wallets, x402 clients and the escrow see the same interface:
- * - ERC-20 "USD Coin" / "USDC" with 6 decimals.
- * - EIP-2612 `permit` under the EIP-712 domain {name: "USD Coin", version: "2", chainId, verifyingContract}
+ * - ERC-20 named as the deployer chooses ("USD Coin" as on Base, "USDC" as on Base Sepolia), symbol "USDC",
+ *   6 decimals.
+ * - EIP-2612 `permit` under the EIP-712 domain {name: the token's name, version: "2", chainId, verifyingContract}
  *   (OpenZeppelin's ERC20Permit would use version "1", so the domain is built here with version "2"),
  *   with both the (v, r, s) and the `bytes signature` overloads (the latter also accepts ERC-1271 signers).
  * - EIP-3009 `transferWithAuthorization`, `receiveWithAuthorization` (the caller must be the payee) and
@@ -55,7 +56,12 @@ contract MockUSDC is ERC20, IERC20Permit, EIP712, Nonces, Ownable {
     error ERC2612ExpiredSignature(uint256 deadline);
     error ERC2612InvalidSigner(address owner);
 
-    constructor(address initialOwner) ERC20("USD Coin", "USDC") EIP712("USD Coin", "2") Ownable(initialOwner) {}
+    /// @param name_ The ERC-20 name, which is also the EIP-712 domain's name, as in USDC.
+    constructor(address initialOwner, string memory name_)
+        ERC20(name_, "USDC")
+        EIP712(name_, "2")
+        Ownable(initialOwner)
+    {}
 
     // ---------------------------------------------------------------- ERC-20 metadata
 

@@ -7,6 +7,7 @@ from agreements.models import AgreementEvent
 from escrow.models import ChainTransaction
 from sdk import typed_data
 from sdk.x402_signing import build_direct_stablecoin_agreement
+from tests.chain_fixtures import TOKEN_NAMES
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, network_of, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -64,6 +65,7 @@ def purchase(escrow_chain):
     return Purchase(escrow_chain)
 
 
+@pytest.mark.parametrize("chain", TOKEN_NAMES, indirect=True)  # "USDC": Base Sepolia's name
 def test_direct_purchase_collects_the_fee_then_pays_the_seller(purchase, django_capture_on_commit_callbacks):
     agreement = purchase.propose()
     assert agreement["status"] == "proposed" and agreement["settlement_model"] == "direct_payment"
@@ -157,6 +159,7 @@ def test_direct_payment_needs_its_signatures_and_escrow_refuses_them(purchase):
     assert purchase.parties.buyer_api.post("/usage-agreements", escrow).status_code == 400
 
 
+@pytest.mark.parametrize("chain", TOKEN_NAMES, indirect=True)  # "USDC": Base Sepolia's name
 def test_the_paegents_sdk_shape_pays_alike(purchase, django_capture_on_commit_callbacks):
     """Pægents' body: the payment under payment_method, the fee permit as signature and deadline only (the server
     fills in the fee and the token's nonce), the terms restated in cents."""
@@ -212,5 +215,43 @@ def test_accepting_asks_the_chain_with_no_database_transaction_open(escrow_chain
                                and asked_inside_a_transaction.append(call["method"]))
         assert purchase.accept(agreement["id"], django_capture_on_commit_callbacks)["status"] == "paying"
         assert asked_inside_a_transaction == []
+    finally:
+        relay.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_proposing_with_a_paegents_fee_permit_asks_the_chain_with_no_database_transaction_open(escrow_chain,
+                                                                                             settings):
+    """The fee permit given as signature and deadline only is completed with the token's nonce, read from the
+    chain before the idempotent request's transaction opens; the replay answers the same without asking again."""
+    from tests.support.db_activity import backend_pid, session_state
+    from tests.support.rpc_relay import RpcRelay
+
+    relay = RpcRelay(escrow_chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    try:
+        purchase = Purchase(escrow_chain)
+        ours = purchase.body()
+        body = {key: value for key, value in ours.items() if key != "fee_permit"}
+        body.update(buyer_infra_fee_permit_signature=ours["fee_permit"]["signature"],
+                    buyer_infra_fee_permit_deadline=ours["fee_permit"]["deadline"])
+        headers = {"Idempotency-Key": "paegents-proposal-1"}
+        pid = backend_pid()
+        asked, asked_inside_a_transaction = [], []
+        relay.observers.append(lambda call: asked.append(call["method"]))
+        relay.observers.append(lambda call: session_state(pid) == "idle in transaction"
+                               and asked_inside_a_transaction.append(call["method"]))
+
+        first = purchase.parties.buyer_api.post("/usage-agreements", body, headers=headers)
+        assert first.status_code == 201, first.content
+        assert first.json()["infra_fee_atomic"] == FEE
+        assert asked and asked_inside_a_transaction == []
+
+        asked.clear()
+        replay = purchase.parties.buyer_api.post("/usage-agreements", body, headers=headers)
+        assert replay.status_code == 201 and replay["Idempotent-Replayed"] == "true"
+        assert replay.json() == first.json()
+        assert asked == []
     finally:
         relay.stop()

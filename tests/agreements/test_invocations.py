@@ -5,14 +5,16 @@ import json
 
 import pytest
 from django.utils import timezone
-from x402.http import decode_payment_required_header, decode_payment_signature_header
+from x402 import PaymentRequired
+from x402.http import decode_payment_required_header, decode_payment_response_header, decode_payment_signature_header
 
 from agreements import invocations
 from agreements.models import SkillInvocation
 from escrow.models import ChainTransaction
 from sdk import proxy_signature, typed_data
 from sdk.x402_signing import sign_authorization, sign_payment_required
-from tests.catalog.factories import AgentFactory, register_service
+from tests.chain_fixtures import TOKEN_NAMES
+from tests.catalog.factories import AgentFactory, issue_key, register_service
 from tests.conftest import Api
 from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
 
@@ -76,16 +78,30 @@ def test_unpaid_call_is_402_with_the_x402_requirements_and_never_reaches_the_sel
     assert response["X-Payment-Address"] == market.treasury
     assert response["X-Payment-Chain"] == settings.CHAIN_NETWORK
     body = response.json()
-    assert body["error"]["code"] == "payment_required"
+    assert body["error"] == "payment_required"
     assert body["x402Version"] == 2
     [accepts] = body["accepts"]
+    quote = {key: accepts["extra"].pop(key) for key in ("nonce", "validAfter", "validBefore")}
     assert accepts == {"scheme": "exact", "network": f"eip155:{settings.CHAIN_ID}",
                        "asset": settings.USDC_ADDRESS, "amount": str(PRICE), "payTo": market.treasury,
                        "maxTimeoutSeconds": 300,
                        "extra": {"name": "USD Coin", "version": "2", "resource": "/agents/sol/translate"}}
+    assert response["X-Payment-Nonce"] == quote["nonce"] and len(bytes.fromhex(quote["nonce"][2:])) == 32
+    assert int(response["X-Payment-Valid-Before"]) == quote["validBefore"]
     assert body["resource"]["url"] == "http://testserver/agents/sol/translate"
-    assert json.loads(base64.b64decode(response["PAYMENT-REQUIRED"]))["accepts"] == [accepts]
+    header = json.loads(base64.b64decode(response["PAYMENT-REQUIRED"]))
+    assert header["accepts"][0]["extra"]["nonce"] == quote["nonce"]
     assert market.upstream.requests == []
+
+
+def test_the_402_is_x402_v2_exactly(market):
+    """x402's own models read the body and the header, `error` (x402's string) included."""
+    response = market.call("translate")
+
+    required = PaymentRequired.model_validate(response.json())
+    assert required.error == "payment_required" and required.x402_version == 2
+    assert decode_payment_required_header(response["PAYMENT-REQUIRED"]) == required
+    assert response.json()["message"] and response.json()["details"] == {}
 
 
 @pytest.mark.parametrize("header", ["X-Payment-Signature", "X-PAYMENT"])
@@ -104,6 +120,9 @@ def test_paid_call_returns_the_result_and_the_seller_is_paid_on_chain(
     assert body["payment"]["amount"] == "0.02" and body["payment"]["currency"] == "USDC"
     payment_tx = ChainTransaction.objects.get(purpose="invocation_payment")
     assert body["payment"]["tx_hash"] == payment_tx.mined_tx_hash
+    settled = decode_payment_response_header(response["PAYMENT-RESPONSE"])
+    assert settled.success and settled.transaction == payment_tx.mined_tx_hash
+    assert settled.network == f"eip155:{market.chain.chain_id}" and settled.payer == market.buyer.address
     [request] = market.upstream.requests
     assert request.path == "/api/translate" and json.loads(request.body) == {"input": {"text": "hello"}}
     assert proxy_signature.verify(market.service.proxy_secret, request.headers, method="POST", path="/translate")
@@ -198,8 +217,8 @@ def test_a_replayed_authorization_is_refused_and_charged_once(market, django_cap
     replay = market.call("translate", payment)
 
     assert replay.status_code == 402
-    assert replay.json()["error"]["code"] == "authorization_already_used"
-    assert replay.json()["error"]["details"]["invocation_id"] == first.json()["invocation_id"]
+    assert replay.json()["error"] == "authorization_already_used"
+    assert replay.json()["details"]["invocation_id"] == first.json()["invocation_id"]
     assert len(market.upstream.requests) == 1
     assert ChainTransaction.objects.filter(purpose="invocation_payment").count() == 1
     assert usdc_balance(market.chain, market.buyer.address) == buyer - PRICE
@@ -218,8 +237,8 @@ def test_an_authorization_already_used_on_chain_is_refused_by_the_simulation(mar
     response = market.call("translate", payment)
 
     assert response.status_code == 402
-    assert response.json()["error"]["code"] == "authorization_already_used"
-    assert response.json()["error"]["details"]["x402_reason"] == "invalid_exact_evm_nonce_already_used"
+    assert response.json()["error"] == "authorization_already_used"
+    assert response.json()["details"]["x402_reason"] == "invalid_exact_evm_nonce_already_used"
     assert market.upstream.requests == [] and not ChainTransaction.objects.exists()
 
 
@@ -235,7 +254,7 @@ def test_bad_payments_are_402_with_their_code_and_move_nothing(market, overrides
     response = market.call("translate", payment)
 
     assert response.status_code == 402, response.content
-    assert response.json()["error"]["code"] == code
+    assert response.json()["error"] == code
     assert response["X-Payment-Amount"] == "0.02"
     assert market.upstream.requests == []
     assert not SkillInvocation.objects.exists() and not ChainTransaction.objects.exists()
@@ -255,8 +274,8 @@ def test_a_payment_quoted_for_one_skill_does_not_pay_for_another_of_the_same_pri
                                       headers={"X-Payment-Signature": payment})
 
         assert response.status_code == 402, response.content
-        assert response.json()["error"]["code"] == "wrong_resource"
-        assert response.json()["error"]["details"]["resource"] == "/agents/mallory/echo"
+        assert response.json()["error"] == "wrong_resource"
+        assert response.json()["details"]["resource"] == "/agents/mallory/echo"
         assert market.upstream.requests == [] and not ChainTransaction.objects.exists()
         assert market.balances() == before
     # Still good where it was quoted.
@@ -269,7 +288,7 @@ def test_an_authorization_without_funds_is_402_insufficient_balance(market):
     response = market.call("translate", market.pay("translate"))
 
     assert response.status_code == 402
-    assert response.json()["error"]["code"] == "insufficient_balance"
+    assert response.json()["error"] == "insufficient_balance"
     assert market.upstream.requests == [] and not ChainTransaction.objects.exists()
 
 
@@ -278,7 +297,7 @@ def _encoded(value) -> str:
 
 
 @pytest.mark.parametrize("payment", [
-    "0x" + "ab" * 65,  # a bare signature: EIP-3009 needs the authorization it signs
+    "0x" + "ab" * 64,  # not a signature
     _encoded([1, 2]),
     _encoded({"x402Version": 2, "payload": {"authorization": {"nonce": 5, "value": "x"}, "signature": 7},
               "accepted": {"scheme": "exact", "network": "eip155:31337", "asset": "", "amount": "1", "payTo": "",
@@ -288,10 +307,86 @@ def test_malformed_payments_are_402_malformed(market, payment):
     response = market.call("translate", payment)
 
     assert response.status_code == 402
-    assert response.json()["error"]["code"] == "malformed_payment"
+    assert response.json()["error"] == "malformed_payment"
 
 
 def test_unknown_skill_is_404_and_an_unpriced_one_409(market):
     assert market.caller.post("/agents/sol/nope", {"input": {}}).status_code == 404
     assert market.caller.get("/services/inv_nope").status_code == 404
     assert market.call("free").status_code == 409
+
+
+# --- the Services API seed's bare signature ------------------------------------------------------------------
+
+def _seed_signature(market, required, key: str, payer: str) -> str:
+    """What a client of the seed signs: the EIP-3009 authorization its 402 quoted (payee, amount, nonce, window),
+    under the token's domain from the 402."""
+    [accepts] = required.json()["accepts"]
+    typed = typed_data.transfer_with_authorization(
+        chain_id=market.chain.chain_id, token_address=accepts["asset"], from_address=payer,
+        to_address=required["X-Payment-Address"], value=int(accepts["amount"]),
+        valid_after=int(required["X-Payment-Valid-After"]), valid_before=int(required["X-Payment-Valid-Before"]),
+        nonce=required["X-Payment-Nonce"], token_name=accepts["extra"]["name"],
+        token_version=accepts["extra"]["version"])
+    return typed_data.sign_typed_data(key, typed)
+
+
+@pytest.mark.parametrize("chain", TOKEN_NAMES, indirect=True)  # "USDC": Base Sepolia's name
+def test_the_seeds_example_pays_with_a_bare_signature_and_x_payment_from(market, django_capture_on_commit_callbacks):
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    required = market.call("translate")  # Step 1: 402
+    signature = _seed_signature(market, required, market.buyer.key, market.buyer.address)
+    buyer, seller, treasury = market.balances()
+
+    with django_capture_on_commit_callbacks(execute=True):  # Step 2: retry with the signature
+        response = market.caller.post("/agents/sol/translate", {"input": {"text": "hello"}}, headers={
+            "X-Payment-Signature": signature, "X-Payment-From": market.buyer.address})
+    confirm_all(django_capture_on_commit_callbacks)
+
+    assert response.status_code == 200, response.content  # Step 3
+    assert response.json()["result"] == {"translation": "bonjour"}
+    assert response.json()["payment"]["amount"] == "0.02" and response.json()["payment"]["tx_hash"]
+    assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)
+    replay = market.caller.post("/agents/sol/translate", {"input": {"text": "hello"}}, headers={
+        "X-Payment-Signature": signature, "X-Payment-From": market.buyer.address})
+    assert replay.status_code == 402 and replay.json()["error"] == "authorization_already_used"
+
+
+def test_a_bare_signature_is_the_calling_agents_at_the_agents_id(market, django_capture_on_commit_callbacks):
+    """The payer is the calling agent's wallet; `{handle}` is the seller's ID, as the seed allows."""
+    buyer_agent = AgentFactory(is_buyer=True, is_seller=False, wallet_address=market.buyer.address)
+    agent_api = Api(issue_key(buyer_agent))
+    path = f"/agents/{market.seller.pk}/translate"
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    required = agent_api.post(path, {"input": {"text": "hello"}})
+    assert required.status_code == 402, required.content
+    assert required.json()["accepts"][0]["extra"]["resource"] == "/agents/sol/translate"
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = agent_api.post(path, {"input": {"text": "hello"}}, headers={
+            "X-Payment-Signature": _seed_signature(market, required, market.buyer.key, market.buyer.address)})
+
+    assert response.status_code == 200, response.content
+    assert response.json()["result"] == {"translation": "bonjour"}
+    assert SkillInvocation.objects.get().buyer == buyer_agent
+
+
+def test_a_bare_signature_needs_its_payer_and_a_quote_it_signs(market):
+    required = market.call("translate")
+    signature = _seed_signature(market, required, market.buyer.key, market.buyer.address)
+    before = market.balances()
+
+    def pay(**headers):
+        return market.caller.post("/agents/sol/translate", {"input": {}},
+                                  headers={"X-Payment-Signature": signature, **headers}).json()["error"]
+
+    assert pay() == "payer_unknown"
+    assert pay(**{"X-Payment-From": market.chain.accounts.stranger.address}) == "no_quoted_authorization"
+    assert pay(**{"X-Payment-From": "nobody"}) == "malformed_payment"
+    other_caller = Api()  # another client, which was not quoted this authorization
+    other_caller.client.defaults["REMOTE_ADDR"] = "10.0.0.7"
+    assert other_caller.post("/agents/sol/translate", {"input": {}}, headers={
+        "X-Payment-Signature": signature, "X-Payment-From": market.buyer.address}).json()["error"] == \
+        "no_quoted_authorization"
+    assert market.upstream.requests == [] and not ChainTransaction.objects.exists()
+    assert market.balances() == before

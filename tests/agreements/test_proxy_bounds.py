@@ -194,3 +194,30 @@ def test_the_reaper_settles_calls_whose_process_died(active, settings):
                                        latency_ms=5) == event
     metering.reservation_release(reservation=forwarding)
     assert books(active) == (PRICE, 0)
+
+
+def test_per_unit_calls_charge_the_units_served_never_more_than_x_max_units(per_unit, http_server):
+    http_server.responses.append((200, {}, 0, {"X-Usage-Units": "9"}))  # more than the buyer allowed
+    http_server.responses.append((200, {}, 0, {"X-Usage-Units": "3"}))
+    capped = raw(per_unit, "get", f"{per_unit.proxy}/pages", HTTP_X_MAX_UNITS="2")
+    served = raw(per_unit, "get", f"{per_unit.proxy}/pages", HTTP_X_MAX_UNITS="3")
+    assert (capped.status_code, capped["X-Usage-Cost"]) == (200, "20000")
+    assert (served.status_code, served["X-Usage-Cost"]) == (200, "30000")
+    assert [request.headers["X-Marketplace-Max-Units"] for request in http_server.requests] == ["2", "3"]
+    assert [event.units for event in UsageEvent.objects.order_by("seq")] == [2, 3]
+    assert books(per_unit) == (50_000, 0)
+    refused = raw(per_unit, "get", f"{per_unit.proxy}/pages")  # the deposit is used up: nothing left to reserve
+    assert refused.status_code == 402 and len(http_server.requests) == 2
+
+
+def test_a_reply_too_large_to_store_is_answered_in_full_once_and_charged_once(active, http_server, settings):
+    settings.PROXY_REPLAY_MAX_BYTES = 100
+    http_server.responses.append((200, {"text": "x" * 500}))
+    first = raw(active, "get", f"{active.proxy}/report", HTTP_X_REQUEST_NONCE="report-1")
+    assert first.status_code == 200 and first.json() == {"text": "x" * 500}
+    again = raw(active, "get", f"{active.proxy}/report", HTTP_X_REQUEST_NONCE="report-1")
+    assert again.status_code == 200 and again["X-Replayed"] == "true"
+    assert error_code(again) == "reply_too_large_to_store"
+    assert again["X-Usage-Cost"] == first["X-Usage-Cost"] and again["X-Usage-Seq"] == first["X-Usage-Seq"] == "1"
+    assert len(http_server.requests) == 1
+    assert books(active) == (int(first["X-Usage-Cost"]), 0) and UsageEvent.objects.count() == 1

@@ -1,5 +1,6 @@
 """No overspend: many concurrent proxied calls through a real HTTP server against a budget for fewer."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -36,3 +37,34 @@ def test_concurrent_calls_charge_exactly_the_budget(escrow_chain, http_server, l
     assert agreement_row.reserved == 0
     assert [e.seq for e in events] == list(range(1, budget_calls + 1))  # gap-free
     assert len(http_server.requests) == budget_calls  # refused calls never reached the seller
+
+
+def test_a_retry_while_the_first_call_runs_is_409_request_in_progress_and_charged_once(
+        escrow_chain, http_server, live_server):
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=5)
+    assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                  parties.signed_activation(agreement["id"])).status_code == 202
+    relayer.transactions_poll()
+    url = f"{live_server.url}/metered-proxy/{agreement['id']}/work"
+    headers = {"Authorization": f"Bearer {parties.buyer_api.secret}", "X-Request-Nonce": "job-7"}
+    http_server.responses.append((200, {"done": True}, 5))  # the seller takes its time over the first call
+
+    with httpx.Client(timeout=30) as client, ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(client.get, url, headers=headers)
+        deadline = time.monotonic() + 20
+        while not http_server.requests:
+            assert time.monotonic() < deadline and not first.done(), "the first call never reached the seller"
+            time.sleep(0.05)
+        in_flight = client.get(url, headers=headers)
+        answered = first.result()
+        replayed = client.get(url, headers=headers)
+
+    assert in_flight.status_code == 409 and in_flight.json()["error"]["code"] == "request_in_progress"
+    assert answered.status_code == 200 and answered.json() == {"done": True}
+    assert replayed.status_code == 200 and replayed.headers["X-Replayed"] == "true"
+    assert replayed.json() == {"done": True}
+    assert len(http_server.requests) == 1
+    agreement_row = UsageAgreement.objects.get(pk=agreement["id"])
+    assert (agreement_row.used, agreement_row.reserved) == (parties.service.unit_price, 0)
+    assert UsageEvent.objects.filter(agreement=agreement_row).count() == 1

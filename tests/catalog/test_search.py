@@ -543,3 +543,16 @@ def test_results_match_the_documented_schema(seller, buyer_api):
     """Found by schemathesis: the per-call pricing type and a blank skill path broke the documented schema."""
     listing(seller, "Documented listing", skills=[{"name": "run", "path": ""}, {"name": "other", "path": "/x"}])
     assert_documented(buyer_api.post("/catalog/search", {}), "post", "/catalog/search")
+
+
+def test_paging_by_offset_gives_the_total_on_every_page(seller, buyer_api):
+    """The total is counted only when more pages follow; the last page (and one past the end) says it all the same."""
+    for name in ("Alpha translator", "Beta translator", "Gamma translator"):
+        listing(seller, name)
+
+    pages = {offset: search(buyer_api, q="translator", limit=2, offset=offset) for offset in (0, 2, 4)}
+
+    assert [(len(p["results"]), p["total"], p["has_more"], p["next_offset"]) for p in pages.values()] == [
+        (2, 3, True, 2), (1, 3, False, None), (0, 3, False, None)]
+    assert {s["name"] for p in pages.values() for s in p["results"]} == {
+        "Alpha translator", "Beta translator", "Gamma translator"}

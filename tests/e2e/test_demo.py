@@ -3,45 +3,15 @@
 import re
 import subprocess
 import sys
-import threading
-from http.server import ThreadingHTTPServer
 
 import pytest
 from django.core.management import call_command
 
 from agreements.models import UsageAgreement
 from catalog.management.commands.seed_demo import DEMO_BUYER_WALLET
-from marketplace.management.commands.demo_seller import DemoSeller
 from tests.escrow.flow import fund, pay_fees
 
 pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
-
-CHALLENGE_WINDOW = 5
-
-
-@pytest.fixture
-def stack_env():
-    return {"CHALLENGE_WINDOW_MIN_SECONDS": str(CHALLENGE_WINDOW)}
-
-
-@pytest.fixture
-def demo_seller():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), DemoSeller)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture
-def moving_clock(escrow_chain):
-    """Blocks every second with no traffic, as `make run`'s dev chain mines on an interval."""
-    escrow_chain.node.rpc("evm_setIntervalMining", [1])
-    yield
-    # Back to the session chain's mode for the tests after this one: a block per transaction (turning the interval
-    # off leaves Anvil mining nothing at all).
-    escrow_chain.node.rpc("evm_setIntervalMining", [0])
-    escrow_chain.node.rpc("evm_setAutomine", [True])
 
 
 def test_make_demo_settles_and_its_balances_add_up(stack, demo_seller, moving_clock, escrow_chain):

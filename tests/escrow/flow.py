@@ -14,10 +14,17 @@ USDC = 10**6
 
 
 def network_of(chain) -> NetworkConfig:
-    """What a buyer's SDK pins for the test deployment (MockUSDC has USDC's domain)."""
+    """What a buyer's SDK pins for the test deployment (its token's EIP-712 domain as the token states it)."""
+    _, name, version, *_ = chain.usdc.functions.eip712Domain().call()
     return NetworkConfig(chain_id=chain.chain_id, escrow_address=chain.addresses["escrow"],
                          token_address=chain.addresses["usdc"], receipt_signer=chain.accounts.receipt_signer.address,
-                         gas_wallet=chain.accounts.deployer.address, token_domain=TokenDomain("USD Coin", "2"))
+                         gas_wallet=chain.accounts.deployer.address, token_domain=TokenDomain(name, version))
+
+
+def deadline_clock(chain) -> int:
+    """Where the marketplace counts the deadlines it hands out from (escrow.chain_clock.deadline_clock): the later of
+    the wall clock and the chain's, so deadlines a test computes from it are in the future for the marketplace."""
+    return max(int(time.time()), chain.now())
 
 
 def sign_activation(chain, package: dict, agreement: dict, key: str, **options) -> dict:
@@ -25,7 +32,7 @@ def sign_activation(chain, package: dict, agreement: dict, key: str, **options) 
     network = network_of(chain)
     return sign_activation_package(package, key, terms=AgreedTerms.from_agreement(agreement, network),
                                    network=network, token_domain=network.token_domain,
-                                   now=max(int(time.time()), chain.now()), **options)
+                                   now=deadline_clock(chain), **options)
 
 
 def onchain_escrow(chain, onchain_id: str) -> OnchainEscrow:
@@ -84,7 +91,7 @@ class Parties:
         """The SDK's checked signing of a Masumi purchase's escrow package, whose deadline is the purchase's payByTime
         (as `MarketplaceClient.purchase_masumi_job` bounds it)."""
         package = purchase["ActivationPackage"]
-        now = max(int(time.time()), self.chain.now())
+        now = deadline_clock(self.chain)
         return sign_activation(self.chain, package, self.agreement(purchase["agreementId"]), self.buyer_account.key,
                                max_deadline_seconds=max(package["deadline"] - now, 0))
 

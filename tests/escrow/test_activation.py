@@ -4,6 +4,7 @@ import pytest
 
 from agreements.models import AgreementEvent, UsageAgreement
 from escrow.models import ChainTransaction, TxStatus
+from tests.chain_fixtures import TOKEN_NAMES
 from tests.conftest import codes_at, error_code
 from tests.escrow.flow import USDC, Parties, confirm_all, pay_fees, usdc_balance
 
@@ -15,6 +16,7 @@ def parties(escrow_chain):
     return Parties(escrow_chain)  # 0.02 USDC per call
 
 
+@pytest.mark.parametrize("chain", TOKEN_NAMES, indirect=True)  # "USDC": Base Sepolia's name
 def test_proposal_to_active_moves_usdc_on_chain(parties, escrow_chain, django_capture_on_commit_callbacks):
     chain = escrow_chain
     agreement = parties.accepted_agreement(quantity=100)  # deposit 2 USDC, fee 0.10 USDC

@@ -9,7 +9,8 @@ from escrow import devchain, settlement
 from sdk import typed_data
 from tests.chain_fixtures import TEST_RECLAIM_GRACE, Chain, Deployed, DevAccounts
 from tests.conftest import wire_marketplace
-from tests.escrow.flow import Parties, confirm_all
+from tests.escrow.flow import USDC, Parties, confirm_all
+from tests.support.masumi_service import MasumiService
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -86,3 +87,42 @@ def test_activation_signatures_handed_out_on_an_idle_chain_are_not_already_expir
     response = parties.activate(agreement["id"], django_capture_on_commit_callbacks, body=body)
     assert response.status_code == 202, response.content
     assert parties.agreement(agreement["id"])["status"] == "active"
+
+
+def test_masumi_timers_handed_out_on_an_idle_chain_are_not_already_past(
+        automine_only_chain, settings, django_capture_on_commit_callbacks):
+    """payByTime (and the timers after it) count from our clock too: a purchase made long after the idle chain's
+    last block can still be paid."""
+    settings.MASUMI_PAY_BY_SECONDS = 5
+    service = MasumiService().start()
+    try:
+        parties = Parties(automine_only_chain, upstream_base_url=service.url, upstream_protocol="masumi", skills=[],
+                          pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": USDC,
+                                   "token": "USDC"})
+        time.sleep(7)  # no block since: the latest one is older than payByTime's default lead
+        before, chain_before = int(time.time()), automine_only_chain.now()
+        created = parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": {"text": "hello"},
+                                                       "agentIdentifier": str(parties.service.pk)})
+        assert created.status_code == 200, created.content
+        purchase = created.json()["data"]
+        pay_by = int(purchase["payByTime"]) // 1000
+        assert pay_by >= before + 5 and purchase["ActivationPackage"]["deadline"] == pay_by
+        assert int(purchase["submitResultTime"]) // 1000 >= before + 5 + settings.MASUMI_SUBMIT_RESULT_SECONDS
+        # The challenge window runs from the chain's clock: a proposal (at a block after the purchase) opens it
+        # until unlockTime at the earliest, never earlier because the chain lagged ours.
+        window = parties.agreement(purchase["agreementId"])["challenge_window_seconds"]
+        assert window == int(purchase["unlockTime"]) // 1000 - chain_before
+
+        package, key = purchase["ActivationPackage"], parties.buyer_account.key
+        permit = package["escrow_permit"]["message"]  # signed by the raw key: the SDK refuses deadlines < 60 s away
+        with django_capture_on_commit_callbacks(execute=True):
+            locked = parties.buyer_api.post("/purchase/lock-funds", {
+                "network": "Preprod", "blockchainIdentifier": purchase["blockchainIdentifier"],
+                "intent_signature": typed_data.sign_typed_data(key, package["intent"]), "deadline": pay_by,
+                "escrow_permit": {"value": permit["value"], "nonce": permit["nonce"], "deadline": permit["deadline"],
+                                 "signature": typed_data.sign_typed_data(key, package["escrow_permit"])}})
+        assert locked.status_code == 202, locked.content
+        confirm_all(django_capture_on_commit_callbacks)
+        assert parties.agreement(purchase["agreementId"])["status"] == "active"
+    finally:
+        service.stop()

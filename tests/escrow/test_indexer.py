@@ -252,6 +252,47 @@ def test_an_event_that_cannot_be_applied_is_kept_with_its_error(escrow_chain, ht
     assert admin_client.get(reverse("admin:escrow_chainevent_add")).status_code == 403
 
 
+def test_an_operator_acknowledges_unapplied_events_in_the_admin_or_with_reconcile(
+        escrow_chain, http_server, esc, django_capture_on_commit_callbacks, admin_client, admin_user):
+    """Acknowledged events stay listed (admin, reconcile) with who, when and why, and no longer fail reconcile."""
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    for _ in range(2):  # strangers' escrows under two accepted agreements' ids
+        agreement = parties.accepted_agreement(quantity=10)
+        esc.activate(agreement_id=UsageAgreement.objects.get(pk=agreement["id"]).onchain_id,
+                     buyer=escrow_chain.accounts.buyer2)
+    index(django_capture_on_commit_callbacks)
+    first, second = ChainEvent.objects.filter(name="Activated", effect=EventEffect.FAILED).order_by("block_number")
+    with pytest.raises(CommandError, match="2 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+
+    changelist = reverse("admin:escrow_chainevent_changelist")
+    selected = {"action": "acknowledge_failed", "_selected_action": [first.pk]}
+    asked = admin_client.post(changelist, selected)
+    assert asked.status_code == 200 and "Failed events to acknowledge" in asked.content.decode()
+    assert first.error.startswith("escrow_mismatch") and "escrow_mismatch" in asked.content.decode()
+    no_reason = admin_client.post(changelist, {**selected, "confirm": "yes", "reason": "  "})
+    assert no_reason.status_code == 200 and "This field is required" in no_reason.content.decode()
+    first.refresh_from_db()
+    assert first.acknowledged_at is None
+    done = admin_client.post(changelist, {**selected, "confirm": "yes", "reason": "a stranger's own escrow"})
+    assert done.status_code == 302
+    first.refresh_from_db()
+    assert (first.acknowledged_by, first.acknowledgement_reason) == (admin_user.username, "a stranger's own escrow")
+    assert first.acknowledged_at is not None and first.effect == EventEffect.FAILED
+    with pytest.raises(CommandError, match="1 mismatch"):  # the other one still fails
+        call_command("reconcile", stdout=io.StringIO())
+
+    with pytest.raises(CommandError, match="reason_required"):
+        call_command("reconcile", "--acknowledge", str(second.pk), stdout=io.StringIO())
+    out = io.StringIO()
+    call_command("reconcile", "--acknowledge", str(second.pk), "--reason", "seen", "--by", "ops", stdout=out)
+    assert "Acknowledged 1 unapplied event(s)." in out.getvalue() and "Consistent" in out.getvalue()
+    assert "acknowledged by ops at " in out.getvalue() and f"acknowledged by {admin_user.username} at" in out.getvalue()
+    # Still visible in the admin, filtered as acknowledged.
+    page = admin_client.get(changelist + "?effect=failed&acknowledged_at__isnull=False")
+    assert page.status_code == 200 and page.content.decode().count("Activated") >= 2
+
+
 @pytest.mark.django_db(transaction=True)  # /readyz checks on connections of their own
 def test_lag_in_reconcile_readyz_and_metrics(escrow_chain, settings, admin_client):
     settings.INDEXER_MAX_LAG_BLOCKS = 5

@@ -8,7 +8,7 @@ import pytest
 
 from sdk.typed_data import sign_typed_data
 from tests.conftest import Api, error_code
-from tests.escrow.flow import USDC, Parties
+from tests.escrow.flow import USDC, Parties, deadline_clock
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -63,7 +63,7 @@ def test_payment_information_answers_for_a_listed_service(parties, escrow_chain)
 
 
 def test_a_payment_request_is_paid_by_a_purchase_that_matches_it(parties, escrow_chain):
-    pay_by = escrow_chain.now() + 600
+    pay_by = deadline_clock(escrow_chain) + 600
     payment = payment_request(parties, pay_by)
     assert payment["onChainState"] is None and payment["inputHash"] == INPUT_HASH
     assert payment["payByTime"] == str(pay_by * 1000)  # ISO in, Masumi's milliseconds out

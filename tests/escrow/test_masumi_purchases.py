@@ -10,7 +10,7 @@ from escrow import purchases, settlement
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import UserFactory, issue_owner_token
 from tests.conftest import Api, error_code
-from tests.escrow.flow import USDC, Parties, confirm_all, pay_fees, sign_activation, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock, pay_fees, sign_activation, usdc_balance
 from tests.support.masumi_service import MasumiService, result_for
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -43,7 +43,7 @@ class Purchase:
         self.parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi",
                                pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE,
                                         "token": "USDC"}, skills=[])
-        now = chain.now()
+        now = deadline_clock(chain)
         self.timers = {"payByTime": now + 600, "submitResultTime": now + 1200, "unlockTime": now + 2400,
                        "externalDisputeUnlockTime": now + 4800, **timers}
         self.balances = self.read_balances()
@@ -274,7 +274,7 @@ def test_refund_requested_before_the_result_disputes_a_late_result(escrow_chain,
 def test_bad_purchases_are_refused(escrow_chain, seller_service, http_server):
     chain = escrow_chain
     parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
-    now = chain.now()
+    now = deadline_clock(chain)
     body = {"network": "Preprod", "agentIdentifier": str(parties.service.pk), "input_data": INPUT}
     disordered = parties.buyer_api.post("/purchase", {**body, "submitResultTime": str((now + 60) * 1000),
                                                       "unlockTime": str((now + 30) * 1000)})

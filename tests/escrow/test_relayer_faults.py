@@ -1,13 +1,16 @@
 """The relayer against the faults DESIGN section 6 names, on a real Anvil node and PostgreSQL."""
 
+import io
 from datetime import timedelta
 
 import pytest
+from django.core.management import call_command
 
 from escrow import chain as gateway
-from escrow import relayer
-from escrow.models import ChainTransaction, RelayerAccount, TxAttempt, TxStatus
-from tests.escrow.flow import Parties, confirm_all
+from agreements.models import UsageAgreement
+from escrow import indexer, relayer
+from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayerAccount, TxAttempt, TxStatus
+from tests.escrow.flow import Parties, confirm_all, onchain_escrow
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -105,17 +108,26 @@ def test_dropped_transaction_is_rebroadcast_then_replaced_with_higher_fees(parti
     assert parties.agreement(agreement["id"])["status"] == "active"
 
 
+def submitted_on_a_branch(parties, chain, capture):
+    """An activation submitted and polled once, on a branch that a snapshot taken just before it can undo (the
+    indexer has read the chain up to the snapshot, so it has a block before the fork to roll back to)."""
+    agreement, tx, callbacks = queue_activation(parties, capture)
+    with capture(execute=True):
+        indexer.index_pass()
+    before_fork = chain.snapshot()
+    with capture(execute=True):
+        for callback in callbacks:
+            callback()
+    confirm_all(capture)
+    tx.refresh_from_db()
+    return agreement, tx, before_fork
+
+
 def test_reorg_before_confirmation_depth_is_noticed(parties, escrow_chain, settings,
                                                     django_capture_on_commit_callbacks):
     chain = escrow_chain
     settings.CHAIN_CONFIRMATIONS = 3
-    agreement, tx, callbacks = queue_activation(parties, django_capture_on_commit_callbacks)
-    before_fork = chain.snapshot()
-    with django_capture_on_commit_callbacks(execute=True):
-        for callback in callbacks:
-            callback()
-    confirm_all(django_capture_on_commit_callbacks)
-    tx.refresh_from_db()
+    agreement, tx, before_fork = submitted_on_a_branch(parties, chain, django_capture_on_commit_callbacks)
     assert tx.status == TxStatus.MINED  # depth 1 of 3
     mined_hash = tx.mined_block_hash
 
@@ -137,6 +149,65 @@ def test_reorg_before_confirmation_depth_is_noticed(parties, escrow_chain, setti
     tx.refresh_from_db()
     assert tx.status == TxStatus.CONFIRMED
     assert parties.agreement(agreement["id"])["status"] == "active"
+
+
+def test_reorg_deeper_than_the_confirmation_depth_reopens_the_confirmed_transaction(
+        parties, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """The indexer rolls the agreement back and the relayer's confirmed row follows: the same signed bytes are mined
+    again on the new branch, once, and the agreement and the transaction agree with the chain."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    agreement, tx, before_fork = submitted_on_a_branch(parties, chain, capture)
+    assert tx.status == TxStatus.CONFIRMED and tx.outcome_applied  # depth 1 of 1
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    with capture(execute=True):
+        indexer.index_pass()
+    assert ChainEvent.objects.get(name="Activated").effect == EventEffect.ALREADY
+    mined_hash, mined_tx = tx.mined_block_hash, tx.mined_tx_hash
+    nonce_before = relayer_nonce_on_chain(chain)
+
+    chain.revert(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1)
+    chain.mine(3)
+    with capture(execute=True):
+        assert indexer.index_pass().rolled_back >= 1
+    assert parties.agreement(agreement["id"])["status"] == "submitting"
+    tx.refresh_from_db()
+    assert (tx.status, tx.mined_block_hash, tx.outcome_applied) == (TxStatus.SUBMITTED, "", False)
+
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    confirm_all(capture)  # the stored bytes, rebroadcast
+    confirm_all(capture)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED and tx.mined_block_hash != mined_hash
+    assert tx.mined_tx_hash == mined_tx and tx.attempts.count() == 1  # the same signed transaction
+    assert relayer_nonce_on_chain(chain) == nonce_before  # nonce_before counted it once; so does the new branch
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    with capture(execute=True):
+        indexer.index_pass()
+    assert ChainEvent.objects.get(name="Activated", removed_at=None).effect == EventEffect.ALREADY
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_relayer_poll_alone_notices_a_confirmed_transaction_reorged_out(parties, escrow_chain, settings,
+                                                                        django_capture_on_commit_callbacks):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    agreement, tx, before_fork = submitted_on_a_branch(parties, chain, capture)
+    assert tx.status == TxStatus.CONFIRMED and tx.outcome_applied  # depth 1 of 1
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    mined_hash = tx.mined_block_hash
+    chain.revert(before_fork)
+    chain.mine(3)
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    confirm_all(capture)  # reopened and rebroadcast in one poll
+    tx.refresh_from_db()
+    assert tx.status in (TxStatus.SUBMITTED, TxStatus.MINED, TxStatus.CONFIRMED)
+    confirm_all(capture)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED and tx.mined_block_hash != mined_hash and tx.attempts.count() == 1
+    assert onchain_escrow(chain, UsageAgreement.objects.get(pk=agreement["id"]).onchain_id).state == "active"
+    with capture(execute=True):
+        indexer.index_pass()
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    call_command("reconcile", stdout=io.StringIO())
 
 
 def test_sweeper_requeues_transactions_whose_task_was_lost(parties, django_capture_on_commit_callbacks):

@@ -5,7 +5,9 @@ from django.core.management import call_command
 
 from agreements.models import UsageAgreement
 from escrow import settlement
+from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from sdk.typed_data import sign_typed_data
+from tests.chain_fixtures import TOKEN_NAMES
 from tests.catalog.factories import UserFactory, issue_owner_token
 from tests.conftest import Api, error_code
 from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
@@ -39,6 +41,7 @@ def call_n(parties, n):
         assert response.status_code == 200, response.content
 
 
+@pytest.mark.parametrize("chain", TOKEN_NAMES, indirect=True)  # "USDC": Base Sepolia's name
 def test_complete_challenge_window_settle(funded, escrow_chain, django_capture_on_commit_callbacks):
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     call_n(funded, 20)
@@ -174,4 +177,100 @@ def test_dispute_resolved_in_the_admin(funded, escrow_chain, django_capture_on_c
     assert admin_client.get(form_url).status_code == 404  # no longer disputed
     events = funded.seller_api.get(f"/usage-agreements/{funded.agreement_id}/events").json()["results"]
     assert any("arbiter resolved: 150000" in event["reason"] for event in events)
+    call_command("reconcile")
+
+
+@pytest.fixture
+def spare_admin(escrow_chain):
+    """The spare account administers the escrow's roles (granted before the relayer sends anything, so the
+    relayer's nonces stay its own)."""
+    escrow, accounts = escrow_chain.escrow, escrow_chain.accounts
+    escrow.functions.grantRole(escrow.functions.DEFAULT_ADMIN_ROLE().call(), accounts.spare.address).transact(
+        {"from": accounts.deployer.address})
+    return accounts.spare
+
+
+def set_relayer_operator(chain, spare, *, allowed: bool) -> None:
+    """Without the operator role the relayer's proposeSettlement reverts (NotOperatorOrSeller)."""
+    role = chain.escrow.functions.OPERATOR_ROLE().call()
+    change = chain.escrow.functions.grantRole if allowed else chain.escrow.functions.revokeRole
+    change(role, chain.accounts.deployer.address).transact({"from": spare.address})
+
+
+def proposals(agreement_id):
+    return ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=TxPurpose.PROPOSE_SETTLEMENT)
+
+
+def retry_in_admin(admin_client, capture, tx) -> None:
+    with capture(execute=True):
+        response = admin_client.post("/admin/escrow/chaintransaction/",
+                                     {"action": "retry_failed", "_selected_action": [str(tx.pk)]}, follow=True)
+    assert "Queued 1 transaction(s) again." in response.content.decode()
+
+
+def test_a_proposal_that_keeps_reverting_backs_off_stops_and_waits_for_an_operator(
+        spare_admin, funded, escrow_chain, django_capture_on_commit_callbacks, admin_client, settings):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS = 3
+    settings.SETTLEMENT_PROPOSE_BACKOFF_SECONDS = 3600
+    call_n(funded, 5)
+    assert funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete").status_code == 200
+    set_relayer_operator(chain, spare_admin, allowed=False)
+
+    assert tick(capture)["proposed"] == 1
+    assert tick(capture)["proposed"] == 0  # backing off: the next attempt is an hour after the failure
+    assert list(proposals(funded.agreement_id).values_list("status", flat=True)) == [TxStatus.FAILED]
+
+    settings.SETTLEMENT_PROPOSE_BACKOFF_SECONDS = 0
+    for _ in range(6):
+        tick(capture)
+    assert proposals(funded.agreement_id).count() == 3  # then no more: an operator decides
+    assert not proposals(funded.agreement_id).exclude(status=TxStatus.FAILED).exists()
+    assert funded.agreement(funded.agreement_id)["status"] == "active"
+    last = proposals(funded.agreement_id).order_by("-created_at").first()
+    dashboard = admin_client.get("/admin/dashboard/")
+    [queued] = [item for item in dashboard.context["overdue"] if item.subject == funded.agreement_id]
+    assert queued.kind == "settlement proposal failed 3 times, not retried"
+    assert "NotOperatorOrSeller" in queued.detail
+    assert queued.admin_url == f"/admin/escrow/chaintransaction/{last.pk}/change/"
+
+    retry_in_admin(admin_client, capture, last)  # still reverting: the operator's retry starts a new round
+    for _ in range(6):
+        tick(capture)
+    assert proposals(funded.agreement_id).count() == 6
+
+    set_relayer_operator(chain, spare_admin, allowed=True)
+    retry_in_admin(admin_client, capture, proposals(funded.agreement_id).order_by("-created_at").first())
+    confirm_all(capture)
+    agreement = funded.agreement(funded.agreement_id)
+    assert (agreement["status"], agreement["used_atomic"]) == ("in_challenge", 100_000)
+    assert not [item for item in admin_client.get("/admin/dashboard/").context["overdue"]
+                if item.subject == funded.agreement_id]
+
+
+def test_a_failed_finalize_leaves_the_agreement_settling_until_an_operator_retries(
+        funded, escrow_chain, django_capture_on_commit_callbacks, admin_client):
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
+    tick(capture)
+    deadline = UsageAgreement.objects.get(pk=funded.agreement_id).challenge_deadline
+    with capture(execute=True):  # our side counts the window as over; the chain's clock does not yet
+        assert settlement.settlement_tick(now=int(deadline.timestamp()) + 1)["finalizing"] == 1
+    confirm_all(capture)
+    [finalize] = ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.FINALIZE)
+    assert finalize.status == TxStatus.FAILED and "ChallengeWindowOpen" in finalize.failure_reason
+    agreement = funded.agreement(funded.agreement_id)
+    assert agreement["status"] == "settling" and agreement["seller_payout_atomic"] is None
+    assert usdc_balance(chain, chain.addresses["escrow"]) == 2 * USDC  # nothing moved
+    assert tick(capture)["finalizing"] == 0  # the tick finalizes what is in_challenge only
+    failures = admin_client.get("/admin/dashboard/").context["failures"]
+    assert any(failure.kind == "chain transaction finalize failed" for failure in failures)
+
+    chain.increase_time(3601)
+    retry_in_admin(admin_client, capture, finalize)
+    confirm_all(capture)
+    settled = funded.agreement(funded.agreement_id)
+    assert (settled["status"], settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (
+        "settled", 60_000, 1_940_000)
     call_command("reconcile")

@@ -16,8 +16,9 @@ from django.db.models import Sum
 from agreements.models import UsageAgreement, UsageEvent
 from escrow.models import ChainTransaction, TxAttempt
 from tests.escrow.flow import Parties
-from tests.faults.processes import (ChainRelay, RedisServer, Service, Upstream, celery_worker, free_port,
+from tests.faults.processes import (RedisServer, Service, Upstream, celery_worker, free_port,
                                     wait_until, web_server)
+from tests.support.rpc_relay import RpcRelay
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def redis_server():
 
 @pytest.fixture
 def chain_relay(escrow_chain):
-    relay = ChainRelay(escrow_chain.node.rpc_url).start()
+    relay = RpcRelay(escrow_chain.node.rpc_url).start()
     yield relay
     relay.release()
     relay.stop()
@@ -46,7 +47,7 @@ def database_url(application_name: str) -> str:
 class Stack:
     chain: object
     redis: RedisServer
-    relay: ChainRelay
+    relay: RpcRelay
     web: Service
     worker: Service
     url: str

@@ -3,7 +3,6 @@ the web server (gunicorn, production settings) and a Celery worker with its beat
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -11,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -65,82 +63,6 @@ class RedisServer:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=10)
-
-
-class ChainRelay:
-    """An HTTP relay in front of the Anvil node that the worker talks to, so the test can cut the chain off
-    (connections refused) or let a call reach the node while its answer never comes back (`hold`)."""
-
-    def __init__(self, upstream_url: str):
-        self.upstream_url = upstream_url
-        self.port = free_port()
-        self.hold_methods: set[str] = set()
-        self.holding = threading.Event()  # set while a held answer is being kept back
-        self._release = threading.Event()
-        self._let_through = 0  # matching calls still answered before the holding starts
-        self._count_lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> ChainRelay:
-        relay = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                request = urllib.request.Request(relay.upstream_url, data=body,
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=30) as answer:
-                    payload = answer.read()
-                calls = json.loads(body)
-                methods = {call.get("method") for call in (calls if isinstance(calls, list) else [calls])}
-                if methods & relay.hold_methods and relay._hold_this_one():
-                    relay.holding.set()
-                    relay._release.wait()  # the node has done the work; the caller never hears back
-                    self.close_connection = True
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        """Unreachable: new connections are refused until `start()`."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def hold(self, *methods: str, after: int = 0) -> None:
-        """Keep back the answers to calls of `methods` (until `release`), once `after` of them went through."""
-        self._release.clear()
-        self.holding.clear()
-        self._let_through = after
-        self.hold_methods = set(methods)
-
-    def _hold_this_one(self) -> bool:
-        with self._count_lock:
-            if self._let_through > 0:
-                self._let_through -= 1
-                return False
-            return True
-
-    def release(self) -> None:
-        self.hold_methods = set()
-        self._release.set()
 
 
 class Service:

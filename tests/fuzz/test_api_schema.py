@@ -150,27 +150,43 @@ def test_api_matches_its_schema_for_every_principal(marketplace_data, live_serve
     secrets, ids = marketplace_data
     operations = operations_by_credential()
     schema_url = f"{live_server.url}/api/schema/?format=json"
+    configs = {}
+    for role in secrets:
+        configs[role] = tmp_path / f"schemathesis-{role}.toml"
+        configs[role].write_text(schemathesis_config(ids, not_stateful=operations["agent" if role == "owner"
+                                                                                   else "owner"]))
+    run_schemathesis(secrets, configs, schema_url=schema_url, server_url=live_server.url, tmp_path=tmp_path,
+                     name="run")
+    followed = set().union(*(links_followed(tmp_path / f"events-run-{role}.ndjson") for role in secrets))
+
+    # A stateful scenario picks its next link at random among the source's (agreements_list has 18), and the
+    # server's answers steer it, so a fixed budget now and then misses one: then one more stateful run, reseeded.
+    if schema_links() - followed:
+        run_schemathesis(secrets, configs, schema_url=schema_url, server_url=live_server.url, tmp_path=tmp_path,
+                         name="rerun", options=["--phases", "stateful", "--seed", str(int(SEED) + 1)])
+        followed |= set().union(*(links_followed(tmp_path / f"events-rerun-{role}.ndjson") for role in secrets))
+    assert schema_links() - followed == set(), "links no principal followed"
+    assert_money_adds_up()
+
+
+def run_schemathesis(secrets: dict[str, str], configs: dict[str, Path], *, schema_url: str, server_url: str,
+                     tmp_path: Path, name: str, options: list[str] = ()) -> None:
+    """One schemathesis process per principal, side by side; fails with their reports on any failed check."""
     runs = {}
     for role, secret in secrets.items():
-        config = tmp_path / f"schemathesis-{role}.toml"
-        config.write_text(schemathesis_config(ids, not_stateful=operations["agent" if role == "owner" else "owner"]))
-        command = [str(ST), "--config-file", str(config), "run", schema_url, "--url", live_server.url,
-                   "-H", f"Authorization: Bearer {secret}", "--warnings", "off", "--no-color",
-                   "--report", "ndjson", "--report-ndjson-path", str(tmp_path / f"events-{role}.ndjson")]
+        command = [str(ST), "--config-file", str(configs[role]), "run", schema_url, "--url", server_url,
+                   "-H", f"Authorization: Bearer {secret}", "--warnings", "off", "--no-color", *options,
+                   "--report", "ndjson", "--report-ndjson-path", str(tmp_path / f"events-{name}-{role}.ndjson")]
         runs[role] = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz.st_hooks",
                                                       "PYTHONPATH": str(REPO)})
     failed = {}
     for role, process in runs.items():
         output, _ = process.communicate(timeout=TIME_LIMIT)
-        (tmp_path / f"schemathesis-{role}.txt").write_text(output)
+        (tmp_path / f"schemathesis-{name}-{role}.txt").write_text(output)
         if process.returncode != 0:
             failed[role] = output[output.find("FAILURES"):]
-    assert not failed, "\n\n".join(f"===== as {role} =====\n{output}" for role, output in failed.items())
-
-    followed = set().union(*(links_followed(tmp_path / f"events-{role}.ndjson") for role in secrets))
-    assert schema_links() - followed == set(), "links no principal followed"
-    assert_money_adds_up()
+    assert not failed, "\n\n".join(f"===== {name} as {role} =====\n{output}" for role, output in failed.items())
 
 
 def links_followed(events: Path) -> set[tuple[str, str]]:

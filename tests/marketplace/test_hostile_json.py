@@ -120,4 +120,4 @@ def test_a_deep_payment_header_is_a_malformed_payment(escrow_chain, skill_route)
     response = Api().client.post(skill_route, data=json.dumps({"input": {"text": "hi"}}),
                                  content_type="application/json", HTTP_X_PAYMENT_SIGNATURE=header)
     assert response.status_code == 402, response.content
-    assert response.json()["error"]["code"] == "malformed_payment"
+    assert response.json()["error"] == "malformed_payment"

@@ -16,7 +16,8 @@ from agreements.models import UsageAgreement, UsageEvent
 from catalog.models import Agent
 from sdk import MarketplaceClient
 from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token
-from tests.escrow.flow import USDC, fund, network_of
+from tests.conftest import wire_marketplace
+from tests.escrow.flow import USDC, fund, network_of, usdc_balance
 from tests.sdk.test_client import relayer_polling
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -188,6 +189,48 @@ def test_catalog_agreements_metered_calls_and_usage(paegents, live_server, escro
     dispute = paegents.error("buyer", "dispute_usage_agreement", agreement_id=agreement_id,
                              reason="the translations were empty")
     assert (dispute["status"], error_code(dispute)) == (409, "invalid_transition")  # nothing proposed on-chain yet
+
+
+@pytest.mark.chain
+def test_build_direct_stablecoin_agreement_pays_on_a_base_sepolia_like_chain(paegents, live_server, base_sepolia_chain,
+                                                                             settings):
+    """The SDK signs for Base Sepolia only (x402's token table: chain 84532, USDC at 0x036C…CF7e, EIP-712 name
+    "USDC"). A dev chain standing in for it, whose token domain the marketplace reads from the token, is paid."""
+    chain = wire_marketplace(base_sepolia_chain, settings)
+    settings.CHAIN_NETWORK = "base-sepolia"  # the network name in the SDK's x402 v1 payment
+    buyer_wallet, seller_wallet = chain.accounts.buyer, chain.accounts.seller
+    fund(chain, buyer_wallet.address, 10 * USDC)
+    buyer = AgentFactory(is_buyer=True, is_seller=False, wallet_address=buyer_wallet.address)
+    seller = AgentFactory(is_buyer=False, is_seller=True, wallet_address=seller_wallet.address)
+    paegents.agent("buyer", buyer, issue_key(buyer))
+    paegents.agent("seller", seller, issue_key(seller))
+    service = paegents.call("seller", "register_service", **SERVICE, api_base_url="https://seller.example")
+    fee = paegents.call("buyer", "compute_stablecoin_fee_atomic", total_cents=200)
+
+    signed = paegents.call("buyer", "build_direct_stablecoin_agreement", buyer_private_key=buyer_wallet.key,
+                           seller_wallet=seller_wallet.address, amount_cents=200, resource_id="translations",
+                           gas_wallet_address=chain.accounts.deployer.address, chain_id=84532,
+                           usdc_permit_nonce=chain.usdc.functions.nonces(buyer_wallet.address).call(),
+                           permit_deadline=int(time.time()) + 3600, max_timeout_seconds=3600)
+    proposed = paegents.call("buyer", "create_usage_agreement", seller_agent_id=str(seller.pk), quantity=100,
+                             unit="call", price_per_unit_cents=2, service_id=service["service_id"],
+                             settlement_model="direct_payment", buyer_wallet_address=buyer_wallet.address,
+                             payment_header=signed["payment_header"],
+                             buyer_infra_fee_permit_signature=signed["buyer_infra_fee_permit_signature"],
+                             buyer_infra_fee_permit_deadline=signed["buyer_infra_fee_permit_deadline"])
+    assert proposed["status"] == "proposed" and signed["infra_fee_amount_atomic"] == fee
+    before = [usdc_balance(chain, a) for a in (buyer_wallet.address, seller_wallet.address)]
+    with relayer_polling():
+        paegents.call("seller", "accept_usage_agreement", agreement_id=proposed["agreement_id"])
+        deadline = time.monotonic() + 60
+        while UsageAgreement.objects.get(pk=proposed["agreement_id"]).status == "paying" and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    agreement = UsageAgreement.objects.get(pk=proposed["agreement_id"])
+    assert agreement.status == "paid", (agreement.status, agreement.status_reason)
+    assert [usdc_balance(chain, a) for a in (buyer_wallet.address, seller_wallet.address)] == [
+        before[0] - 2 * USDC - fee, before[1] + 2 * USDC]
 
 
 def test_policies_approvals_webhooks_and_events(paegents, live_server, http_server):

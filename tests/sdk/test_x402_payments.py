@@ -1,10 +1,21 @@
 """The SDK's x402 flows against the live API, Anvil and a real seller upstream: invoke a skill (402, sign, retry)
 and a direct stablecoin purchase."""
 
+import asyncio
+
+import httpx
 import pytest
+from eth_account import Account
+from x402 import x402Client
+from x402.http import x402HTTPClient
+from x402.http.clients import x402HttpxClient
+from x402.mechanisms.evm.exact import ExactEvmScheme
+from x402.mechanisms.evm.signers import EthAccountSigner
 from x402.schemas import PaymentError
 
+from sdk import MarketplaceError
 from tests.catalog.factories import service_data
+from tests.chain_fixtures import TOKEN_NAMES
 from tests.escrow.flow import USDC, fund, usdc_balance
 from tests.sdk.test_client import agent_client, relayer_polling
 
@@ -68,3 +79,43 @@ def test_propose_direct_purchase_signs_both_and_gets_paid(seller_and_buyer, escr
     assert paid["payment_tx_hash"] and paid["fee_tx_hash"]
     assert usdc_balance(chain, wallet.address) == before - 2 * USDC - 100_000
 
+
+
+@pytest.mark.parametrize("chain", TOKEN_NAMES, indirect=True)  # "USDC": Base Sepolia's name
+def test_x402s_stock_httpx_client_pays_for_a_skill_and_reads_payment_response(seller_and_buyer, escrow_chain,
+                                                                              http_server, live_server):
+    """x402's own httpx client, unmodified: its signer, and the one setting a dev chain needs (README): the
+    token in its spend controls' `allowed_assets`, since x402 knows no asset on a dev chain."""
+    seller, _, _ = seller_and_buyer
+    http_server.responses.append((200, {"translation": "bonjour"}))
+    chain, wallet = escrow_chain, escrow_chain.accounts.buyer
+    before = usdc_balance(chain, wallet.address)
+
+    async def pay() -> httpx.Response:
+        client = x402Client()
+        client.register("eip155:*", ExactEvmScheme(EthAccountSigner(Account.from_key(wallet.key))))
+        client.set_spend_controls({"allowed_assets": [
+            {"network": f"eip155:{chain.chain_id}", "asset": chain.addresses["usdc"]}]})
+        async with x402HttpxClient(client, base_url=live_server.url, timeout=60) as http:
+            return await http.post(f"/agents/{seller.me()['handle']}/translate", json={"input": {"text": "hi"}})
+
+    with relayer_polling():
+        response = asyncio.run(pay())
+
+    assert response.status_code == 200, response.text
+    assert response.json()["result"] == {"translation": "bonjour"}
+    settled = x402HTTPClient(x402Client()).get_payment_settle_response(response.headers.get)
+    assert settled.success and settled.transaction == response.json()["payment"]["tx_hash"]
+    assert settled.network == f"eip155:{chain.chain_id}" and settled.payer == wallet.address
+    assert usdc_balance(chain, wallet.address) == before - 20_000
+
+
+def test_a_refused_payment_raises_with_the_402s_code(seller_and_buyer, escrow_chain, http_server):
+    seller, buyer, _ = seller_and_buyer
+
+    with pytest.raises(MarketplaceError) as refused:  # this wallet holds no USDC
+        buyer.invoke_skill(seller.me()["handle"], "translate", {"text": "hi"},
+                           private_key=escrow_chain.accounts.stranger.key, max_amount_atomic=USDC)
+
+    assert (refused.value.status, refused.value.code) == (402, "insufficient_balance")
+    assert refused.value.details["x402_reason"] and http_server.requests == []

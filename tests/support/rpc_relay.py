@@ -1,9 +1,11 @@
 """A JSON-RPC relay in front of Anvil that a test points the marketplace at, to make the node misbehave on cue:
-answer HTTP 429 to chosen calls, or do something on the node right before a chosen call reaches it."""
+answer HTTP 429 to chosen calls, do something on the node right before a chosen call reaches it, let a call reach
+the node while its answer never comes back (`hold`), or refuse connections altogether (`stop`, then `start`)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import urllib.request
 from collections.abc import Callable
@@ -12,19 +14,30 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 Call = dict  # one JSON-RPC request: {"method": ..., "params": [...]}
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class RpcRelay:
     def __init__(self, upstream_url: str):
         self.upstream_url = upstream_url
+        self.port = _free_port()  # kept across stop/start, so whoever was pointed here reconnects
         self.throttled: Callable[[Call], bool] = lambda call: False
         self.throttled_count = 0
         self._before: list[tuple[Callable[[Call], bool], Callable[[], None]]] = []
         self.observers: list[Callable[[Call], None]] = []
+        self.hold_methods: set[str] = set()
+        self.holding = threading.Event()  # set while a held answer is being kept back
+        self._release = threading.Event()
+        self._let_through = 0  # matching calls still answered before the holding starts
+        self._count_lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self.port}"
 
     def node(self, method: str, params: list | None = None):
         """A call straight to the node, past the relay."""
@@ -38,6 +51,26 @@ class RpcRelay:
     def before_once(self, predicate: Callable[[Call], bool], action: Callable[[], None]) -> None:
         """Run `action` just before the first call `predicate` picks is forwarded."""
         self._before.append((predicate, action))
+
+    def hold(self, *methods: str, after: int = 0) -> None:
+        """Keep back the answers to calls of `methods` (until `release`), once `after` of them went through."""
+        self._release.clear()
+        self.holding.clear()
+        self._let_through = after
+        self.hold_methods = set(methods)
+
+    def release(self) -> None:
+        self.hold_methods = set()
+        self._release.set()
+
+    def _hold_this_one(self, calls: list[Call]) -> bool:
+        if not {call.get("method") for call in calls} & self.hold_methods:
+            return False
+        with self._count_lock:
+            if self._let_through > 0:
+                self._let_through -= 1
+                return False
+            return True
 
     def _forward(self, body: bytes) -> bytes:
         request = urllib.request.Request(self.upstream_url, data=body, headers={"Content-Type": "application/json"})
@@ -64,7 +97,13 @@ class RpcRelay:
                     if any(predicate(call) for call in calls):
                         relay._before.remove(hook)
                         action()
-                self._answer(200, relay._forward(body))
+                payload = relay._forward(body)
+                if relay._hold_this_one(calls):
+                    relay.holding.set()
+                    relay._release.wait()  # the node has done the work; the caller never hears back
+                    self.close_connection = True
+                    return
+                self._answer(200, payload)
 
             def _answer(self, status: int, payload: bytes) -> None:
                 self.send_response(status)
@@ -76,11 +115,15 @@ class RpcRelay:
             def log_message(self, *args):
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        """Unreachable: new connections are refused until `start()`."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -17,6 +17,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
+from agreements.models import AgreementStatus
 from catalog import services as catalog_services
 from catalog.models import Agent, ApiKey, KeyScope
 from escrow import chain, devchain
@@ -109,8 +110,9 @@ class Command(BaseCommand):
         self._say(f"status {in_challenge['status']}, deadline {in_challenge.get('challenge_deadline') or '-'}")
 
         self._step("6. Nobody challenges: after the window the platform finalizes and pays both parties")
-        settled = self.buyer.wait_until(agreement_id, statuses={"settled"}, failure={"disputed"},
-                                        timeout=window + self.timeout, poll_interval=1.0)
+        settled = self.buyer.wait_until(agreement_id, statuses={AgreementStatus.SETTLED},
+                                        failure={AgreementStatus.DISPUTED}, timeout=window + self.timeout,
+                                        poll_interval=1.0)
         self._say(f"status {settled['status']}: seller paid {_usdc(settled.get('seller_payout_atomic') or 0)}, "
                   f"buyer refunded {_usdc(settled.get('buyer_refund_atomic') or 0)}")
         for tx in self.buyer.escrow_status(agreement_id).get("transactions", []):
@@ -123,8 +125,9 @@ class Command(BaseCommand):
         proposed = self.buyer.propose_direct_purchase(service["id"], 1, wallet=self.buyer_private_key,
                                                       max_unit_price_atomic=service["pricing"]["unit_price_atomic"])
         self.seller.accept_agreement(proposed["id"])
-        paid = self.buyer.wait_until(proposed["id"], statuses={"paid"}, failure={"payment_failed"},
-                                     timeout=self.timeout, poll_interval=0.5)
+        paid = self.buyer.wait_until(proposed["id"], statuses={AgreementStatus.PAID},
+                                     failure={AgreementStatus.PAYMENT_FAILED}, timeout=self.timeout,
+                                     poll_interval=0.5)
         self._say(f"agreement {paid['id']} {paid['status']}")
 
     def _skill_call(self) -> None:

@@ -25,8 +25,11 @@ class Command(BaseCommand):
         parser.add_argument("--usdc", help="Existing USDC address (production). Without it MockUSDC is deployed.")
         parser.add_argument("--arbiter", help="Dispute arbiter address (default: the deployer).")
         parser.add_argument("--reclaim-grace", type=int, default=24 * 3600)
+        parser.add_argument("--token-name", default=devchain.TOKEN_NAME_BASE,
+                            help="MockUSDC's name and EIP-712 domain name: \"USD Coin\" (Base's, the default) or "
+                                 "\"USDC\" (Base Sepolia's, which x402's and Pægents' clients sign for there).")
 
-    def handle(self, *args, deployer_key, usdc, arbiter, reclaim_grace, **options):
+    def handle(self, *args, deployer_key, usdc, arbiter, reclaim_grace, token_name, **options):
         key = deployer_key or settings.RELAYER_PRIVATE_KEY
         if not key:
             raise CommandError("No deployer key: pass --deployer-key or set RELAYER_PRIVATE_KEY.")
@@ -40,7 +43,7 @@ class Command(BaseCommand):
         deployer = Account.from_key(key).address
         addresses = devchain.deploy_contracts(
             w3, key, fee_recipient=fee_recipient(), arbiter=arbiter or deployer, reclaim_grace=reclaim_grace,
-            operator=relayer_address(), usdc_address=usdc,
+            operator=relayer_address(), usdc_address=usdc, token_name=token_name,
         )
         write_deployment(addresses, chain_id=settings.CHAIN_ID, rpc_url=settings.CHAIN_RPC_URL)
         self.stdout.write(self.style.SUCCESS(f"Deployed: {json.dumps(addresses)} -> {settings.CHAIN_DEPLOYMENT_FILE}"))

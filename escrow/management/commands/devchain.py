@@ -29,8 +29,11 @@ class Command(BaseCommand):
         parser.add_argument("--block-time", type=float, default=devchain.DEV_BLOCK_TIME,
                             help="Seconds between blocks while idle; every transaction is mined at once as well "
                                  f"(default: {devchain.DEV_BLOCK_TIME}, Base's block time).")
+        parser.add_argument("--token-name", default=devchain.TOKEN_NAME_BASE,
+                            help="MockUSDC's name (and EIP-712 domain name) on a fresh deployment: \"USD Coin\" "
+                                 "as on Base (the default) or \"USDC\" as on Base Sepolia.")
 
-    def handle(self, *args, block_time, **options):
+    def handle(self, *args, block_time, token_name, **options):
         port = urlparse(settings.CHAIN_RPC_URL).port or 8545
         state = settings.VAR_DIR / "anvil-state.json"
         node = devchain.start_dev_chain(port=port, chain_id=settings.CHAIN_ID, state=state, block_time=block_time)
@@ -39,7 +42,7 @@ class Command(BaseCommand):
             w3 = Web3(Web3.HTTPProvider(node.rpc_url))
             escrow = chainconfig.deployment().get("escrow")
             if not escrow or w3.eth.get_code(Web3.to_checksum_address(escrow)) in (b"", b"\x00"):
-                call_command("deploy_contracts", stdout=self.stdout)
+                call_command("deploy_contracts", token_name=token_name, stdout=self.stdout)
                 devchain.mint_usdc(w3, chainconfig.usdc_address(), settings.RELAYER_PRIVATE_KEY, DEMO_BUYER_WALLET,
                                    DEMO_BUYER_USDC)
                 self.stdout.write(f"Minted {DEMO_BUYER_USDC / 10**6:,.0f} USDC to the demo buyer {DEMO_BUYER_WALLET}")

@@ -1,0 +1,68 @@
+"""A batch of reported usage is read and answered without DRF's generic per-field walk (the CPU of a batch of 100):
+the answer must stay exactly what DRF's fields would give, and input that is not plainly valid must still go
+through the fields, which trim, refuse and name the error."""
+
+import json
+
+import pytest
+from rest_framework import serializers
+from rest_framework.renderers import JSONRenderer
+
+from agreements.models import UsageEvent
+from agreements.serializers import UsageEventSerializer
+from tests.conftest import codes_at
+from tests.escrow.flow import Parties
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+
+@pytest.fixture
+def active(escrow_chain, django_capture_on_commit_callbacks):
+    """An active agreement with room for 50 units of usage."""
+    parties = Parties(escrow_chain)
+    agreement = parties.accepted_agreement(quantity=50)
+    assert parties.activate(agreement["id"], django_capture_on_commit_callbacks).status_code == 202
+    parties.agreement_id = agreement["id"]
+    return parties
+
+
+def _as_drf_renders(events) -> list[dict]:
+    """The events as DRF's generic Serializer.to_representation renders UsageEventSerializer's declared fields."""
+    generic = [serializers.Serializer.to_representation(UsageEventSerializer(), event) for event in events]
+    return json.loads(JSONRenderer().render(generic))
+
+
+def test_a_batch_is_answered_as_the_declared_fields_render_it(active):
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    entries = [{"units": 1, "description": "plain"}, {"units": 2}, {"units": 3, "description": "  padded  "},
+               {"units": 1, "description": "café ☕"}, {"units": 2, "description": "tab\tinside"},
+               {"units": 1, "description": ""}]
+    recorded = active.seller_api.post(url, {"events": entries}, headers={"Idempotency-Key": "s1"})
+    assert recorded.status_code == 201, recorded.content
+
+    events = list(UsageEvent.objects.filter(agreement_id=active.agreement_id).order_by("seq"))
+    assert recorded.json()["events"] == _as_drf_renders(events)
+    # What the fields make of each entry: trimmed, kept as given otherwise, blank by default.
+    assert [(e.units, e.description) for e in events] == [
+        (1, "plain"), (2, ""), (3, "padded"), (1, "café ☕"), (2, "tab\tinside"), (1, "")]
+    assert [bool(e.receipt_signature) for e in events] == [False] * 5 + [True]
+
+
+@pytest.mark.parametrize(("entry", "field", "code"), [
+    ({"units": "1"}, "units", "invalid"),
+    ({"units": 1.0}, "units", "invalid"),
+    ({"units": True}, "units", "invalid"),
+    ({"units": 0}, "units", "min_value"),
+    ({"units": 10**12 + 1}, "units", "max_value"),
+    ({"units": 1, "description": "x" * 501}, "description", "max_length"),
+    ({"units": 1, "description": "nul\x00"}, "description", "null_characters_not_allowed"),
+    ({"units": 1, "description": None}, "description", "null"),
+    ({"units": 1, "colour": "red"}, "colour", "unknown_field"),
+    ({"description": "no units"}, "units", "required"),
+])
+def test_an_entry_that_is_not_plainly_valid_gets_the_fields_error(active, entry, field, code):
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    response = active.seller_api.post(url, {"events": [{"units": 1}, entry]}, headers={"Idempotency-Key": "bad"})
+
+    assert codes_at(response, "events", 1, field) == {code}
+    assert not UsageEvent.objects.filter(agreement_id=active.agreement_id).exists()
