@@ -8,15 +8,19 @@ What it does, in order:
 2. Settles `--agreements` agreements, each with a new buyer, seller and fee recipient (fresh keys), along the
    relayer's path: `activate` (the buyer's signed intent and ONE permit for deposit + fee, as the SDK signs it),
    `proposeSettlement` (a receipt for 60% of the deposit, so both parties are paid at finalize) and `finalize`
-   once the challenge window is over. Two cases:
+   once the challenge window is over. Calls after activation carry the escrow's terms (the contract stores their
+   digest), read back from the Activated event. Two cases:
    - fresh: the seller's payout and the fee recipient's fee are the first tokens those addresses ever receive
      (a zero balance becomes non-zero: the token's most expensive storage write);
    - warm: the seller and the fee recipient already hold tokens, as a platform's fee recipient and a repeat seller
      do in steady state.
-   The buyer holds more than it escrows (its refund lands on a non-zero balance), and the escrow already holds
-   another agreement's deposit, in both cases.
+   The buyer is new in both (its first permit), holds more than it escrows (its refund lands on a non-zero
+   balance), and one agreement was settled before the measured ones (the escrow's balance and accrued fees are
+   not zero).
 3. Sends one x402 payment: one `transferWithAuthorization` of MockUSDC (EIP-3009), to a fresh and to a warm payee.
-4. Prints gas per step (the median over the agreements; every run is identical) and the ratio of each case's
+4. Pays the accrued infra fees to the fee recipient (`payFees`): one call for any number of agreements, so it is
+   printed apart from the per-agreement steps.
+5. Prints gas per step (the median over the agreements; every run is identical) and the ratio of each case's
    total to the x402 payment of the same kind.
 
 The goal (`--goal`, issue 18: 300,000) applies to the fresh case, the more expensive one: a new seller's first
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from eth_account import Account  # noqa: E402
 from web3 import Web3  # noqa: E402
+from web3.logs import DISCARD  # noqa: E402
 
 from bench.harness import SetupFailed, run_bounded  # noqa: E402
 from escrow import devchain  # noqa: E402
@@ -115,16 +120,20 @@ def settle_one(d: Deployment, *, warm: bool) -> dict[str, int]:
     gas["activate"] = receipt["gasUsed"]
 
     agreement_id = typed["message"]["agreementId"]
+    [activated] = d.escrow.events.Activated().process_receipt(receipt, errors=DISCARD)
+    args = activated["args"]
+    terms = (args["buyer"], args["seller"], args["token"], args["receiptSigner"], args["depositAmount"],
+             args["challengeWindow"], args["reclaimAfter"], args["nonce"])
     amount, usage_digest = deposit * SELLER_SHARE // 100, "0x" + secrets.token_hex(32)
     receipt_typed = td.usage_receipt(chain_id=d.chain_id, escrow_address=d.escrow.address,
                                      agreement_id=agreement_id, seq=1, cumulative_amount=amount,
                                      usage_digest=usage_digest)
-    receipt = _tx(d, d.escrow.functions.proposeSettlement(agreement_id, 1, amount, usage_digest,
+    receipt = _tx(d, d.escrow.functions.proposeSettlement(agreement_id, terms, 1, amount, usage_digest,
                                                           td.sign_typed_data(signer.key, receipt_typed)))
     gas["proposeSettlement"] = receipt["gasUsed"]
 
     d.w3.provider.make_request("evm_increaseTime", [CHALLENGE_WINDOW])
-    receipt = _tx(d, d.escrow.functions.finalize(agreement_id))
+    receipt = _tx(d, d.escrow.functions.finalize(agreement_id, terms))
     gas["finalize"] = receipt["gasUsed"]
     if d.usdc.functions.balanceOf(seller.address).call() != amount + (1 if warm else 0):
         raise SetupFailed("the seller was not paid what the receipt says")
@@ -163,8 +172,9 @@ def run(stack: contextlib.ExitStack, args) -> int:
                                           arbiter=devchain.DEV_ADDRESSES[1], reclaim_grace=RECLAIM_GRACE)
     d = Deployment(w3, key, devchain.escrow_contract(w3, addresses["escrow"]),
                    devchain.usdc_contract(w3, addresses["usdc"]), w3.eth.chain_id)
-    # Steady state: the escrow already holds another agreement's deposit (its balance is not zero).
-    _mint(d, d.escrow.address, 1)
+    # Steady state: one agreement settled before the measured ones (the escrow's balance and its other
+    # bookkeeping are not zero any more).
+    settle_one(d, warm=True)
 
     print(f"UsageEscrow at {d.escrow.address}, MockUSDC at {d.usdc.address} (chain {d.chain_id}); "
           f"deposit {QUANTITY * UNIT_PRICE / USDC:.2f} USDC, fee {INFRA_FEE / USDC:.2f} USDC, "
@@ -183,6 +193,9 @@ def run(stack: contextlib.ExitStack, args) -> int:
     print(f"{'x402 payment':<20}{results['fresh'][1]:>16,}{results['warm'][1]:>16,}")
     ratios = {case: per_step["total"] / x402 for case, (per_step, x402) in results.items()}
     print(f"{'escrow / x402':<20}{ratios['fresh']:>15.2f}x{ratios['warm']:>15.2f}x")
+    fees = _tx(d, d.escrow.functions.payFees(d.usdc.address))["gasUsed"]
+    print(f"\npayFees (pays the fee recipient every fee accrued since the last call, any number of agreements): "
+          f"{fees:,}")
     fresh_total = results["fresh"][0]["total"]
     verdict = "met" if fresh_total <= args.goal else "NOT met"
     print(f"\ngoal: at most {args.goal:,} gas per settled agreement, fresh parties: {fresh_total:,} ({verdict})")

@@ -353,3 +353,58 @@ def logs(*, address: str, from_block: int, to_block: int, topics: list | None = 
         return list(w3().eth.get_logs(query))
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
+
+
+# --- escrow records ----------------------------------------------------------------------------------------------
+# The contract stores only a digest of an escrow's terms and its packed settlement state: every call after
+# activation carries the terms (`EscrowTerms`), read back here from the escrow's Activated event.
+
+def _escrow_events(name: str, onchain_id: str) -> list[dict]:
+    """The args of escrow event `name` for agreement `onchain_id` (indexed first topic), oldest first."""
+    contract = escrow_contract()
+    event = getattr(contract.events, name)()
+    topic = "0x" + event.topic.hex().removeprefix("0x") if isinstance(event.topic, bytes) else event.topic
+    found = logs(address=contract.address, from_block=chainconfig.escrow_deployment_block(),
+                 to_block=latest_block_number(), topics=[topic, "0x" + onchain_id.removeprefix("0x").lower()])
+    return [dict(event.process_log(log)["args"]) for log in found]
+
+
+def escrow_activation(onchain_id: str) -> dict | None:
+    """The Activated event's args of escrow `onchain_id`; None when it was never activated."""
+    activated = _escrow_events("Activated", onchain_id)
+    return activated[-1] if activated else None
+
+
+def escrow_terms(onchain_id: str) -> tuple:
+    """The `EscrowTerms` tuple every call after activation carries. Raises Reverted when the id is not activated."""
+    args = escrow_activation(onchain_id)
+    if args is None:
+        raise Reverted(f"InvalidState({onchain_id}, 0): no escrow under this id")
+    return terms_of_activation(args)
+
+
+def terms_of_activation(args: dict) -> tuple:
+    return (args["buyer"], args["seller"], args["token"], args["receiptSigner"], args["depositAmount"],
+            args["challengeWindow"], args["reclaimAfter"], args["nonce"])
+
+
+def escrow_record(onchain_id: str) -> dict:
+    """The escrow's full record, as JSON-friendly values: its terms (from the Activated event), its state (from
+    `getEscrow(id, terms)`, which checks the terms against the stored digest; the contract's `State` index) and the
+    last proposal's usage digest (from its SettlementProposed event). State 0 and zero fields when the id was never
+    activated."""
+    activated = escrow_activation(onchain_id)
+    if activated is None:
+        zero_address, zero32 = "0x" + "00" * 20, "0x" + "00" * 32
+        return {"state": 0, "buyer": zero_address, "seller": zero_address, "token": zero_address,
+                "receiptSigner": zero_address, "depositAmount": 0, "infraFee": 0, "challengeWindow": 0,
+                "expiresAt": 0, "reclaimAfter": 0, "termsHash": zero32, "nonce": 0, "challengeDeadline": 0,
+                "lastSeq": 0, "settledAmount": 0, "usageDigest": zero32, "buyerClaimable": 0, "sellerClaimable": 0}
+    state = call(escrow_contract().functions.getEscrow(onchain_id, terms_of_activation(activated)).call)
+    proposals = _escrow_events("SettlementProposed", onchain_id) if state[0] > 1 else []
+    record = to_json({key: value for key, value in activated.items() if key != "agreementId"})
+    record.update(dict(zip(("challengeDeadline", "lastSeq", "settledAmount", "buyerClaimable", "sellerClaimable"),
+                           state[1:], strict=True)))
+    record["state"] = state[0]
+    record["usageDigest"] = to_json(proposals[-1]["usageDigest"]) if proposals else "0x" + "00" * 32
+    return record

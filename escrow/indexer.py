@@ -45,7 +45,7 @@ from web3 import Web3
 
 from agreements import services as agreement_services
 from agreements.models import AgreementStatus, SettlementModel, UsageAgreement
-from escrow import chain, relayer, settlement
+from escrow import chain, relayer, selectors, settlement
 from escrow.models import ChainEvent, EventEffect, IndexedBlock, IndexerCursor
 from marketplace import chainconfig
 from marketplace.errors import ApplicationError, Conflict, InvalidInput
@@ -316,8 +316,10 @@ def _on_challenged(agreement_id, args: dict, tx_hash: str) -> None:
 
 
 def _on_resolved(agreement_id, args: dict, tx_hash: str) -> None:
+    onchain_id = UsageAgreement.objects.values_list("onchain_id", flat=True).get(pk=agreement_id)
     settlement.settlement_resolved(agreement_id=agreement_id, seller_amount=int(args["sellerAmount"]),
-                                   tx_hash=tx_hash, operator=args["arbiter"])
+                                   tx_hash=tx_hash, terms=selectors.escrow_terms(onchain_id=onchain_id),
+                                   operator=args["arbiter"])
 
 
 def _on_settled(agreement_id, args: dict, tx_hash: str) -> None:

@@ -37,6 +37,7 @@ class TxPurpose(models.TextChoices):
     INVOCATION_PAYOUT = "invocation_payout"
     INVOCATION_REFUND = "invocation_refund"
     NONCE_FILL = "nonce_fill"
+    PAY_FEES = "pay_fees"
 
 
 class TxStatus(models.TextChoices):
@@ -89,6 +90,9 @@ class ChainTransaction(models.Model):
             # At most one live transaction per agreement and purpose: a double click cannot send twice.
             models.UniqueConstraint(fields=["agreement", "purpose"], condition=~Q(status="failed"),
                                     name="chaintx_one_live_per_agreement_purpose"),
+            # At most one fee payment under way: two ticks at once cannot both send one.
+            models.UniqueConstraint(fields=["purpose"], condition=Q(purpose="pay_fees", status__in=[
+                "queued", "submitted", "mined"]), name="chaintx_one_fee_payment_under_way"),
         ]
         indexes = [models.Index(fields=["status", "updated_at"], name="chaintx_status_updated_idx"),
                    # each relayer poll asks for the newest block holding a confirmed transaction (deep reorgs)

@@ -84,6 +84,17 @@ def transactions_of_agreement(*, agreement_id):
         "created_at")
 
 
+def escrow_terms(*, onchain_id: str) -> tuple:
+    """The `EscrowTerms` every escrow call after activation carries: from the indexed Activated event, else read
+    from the chain (a node call: make it outside any database transaction)."""
+    indexed = ChainEvent.objects.filter(
+        name="Activated", removed_at=None, contract=Web3.to_checksum_address(chainconfig.escrow_address()),
+        args__agreementId=onchain_id.lower()).order_by("-block_number").first()
+    if indexed is not None:
+        return chain.terms_of_activation(indexed.args)
+    return chain.escrow_terms(onchain_id)
+
+
 class EscrowState(StrEnum):
     """The contract's `State` of an escrow, in its declaration order."""
 
@@ -101,13 +112,9 @@ ESCROW_CLOSED_STATES = frozenset({EscrowState.SETTLED, EscrowState.RECLAIMED})
 
 def onchain_escrow(*, onchain_id: str) -> dict:
     """The contract's record of the escrow (raises chain.ChainError when unreachable)."""
-    record = chain.call(chain.escrow_contract().functions.getEscrow(onchain_id).call)
-    fields = ("buyer", "state", "challengeWindow", "seller", "expiresAt", "token", "reclaimAfter", "receiptSigner",
-              "challengeDeadline", "depositAmount", "infraFee", "settledAmount", "lastSeq", "usageDigest",
-              "termsHash", "buyerClaimable", "sellerClaimable")
-    values = dict(zip(fields, chain.to_json(record), strict=True))
-    values["state"] = list(EscrowState)[int(values["state"])]
-    return values
+    record = chain.escrow_record(onchain_id)
+    record["state"] = list(EscrowState)[record["state"]]
+    return record
 
 
 def confirmations(*, tx: ChainTransaction, latest_block: int | None) -> int:

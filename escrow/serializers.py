@@ -143,7 +143,7 @@ class TransactionCalldataSerializer(serializers.Serializer):
 class ClaimInstructionsSerializer(serializers.Serializer):
     agreement_id = serializers.UUIDField()
     onchain_agreement_id = serializers.CharField()
-    function = serializers.CharField(help_text="`withdraw(bytes32)`: finalize pays both parties out itself; only a "
+    function = serializers.CharField(help_text="`withdraw(bytes32 id, EscrowTerms terms)`: finalize pays both parties out itself; only a "
                                                "payout whose transfer failed waits to be withdrawn.")
     claimable_atomic = AtomicAmountField(help_text="What withdraw would pay the calling party now.")
     transaction = TransactionCalldataSerializer(allow_null=True, help_text="Unsigned; null when nothing is owed.")

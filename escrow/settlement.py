@@ -58,6 +58,10 @@ def _final_receipt(agreement: UsageAgreement) -> tuple[int, int, str, str]:
 @logs_name_the_agreement
 def settlement_propose(*, agreement_id) -> ChainTransaction | None:
     """Queue proposeSettlement with the last receipt, once no call is in flight. Safe to call repeatedly."""
+    agreement = UsageAgreement.objects.get(pk=agreement_id)
+    if not can_propose_settlement(agreement) or agreement.completion_requested_at is None:
+        return None
+    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)  # a chain read: before the row lock
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
         if not can_propose_settlement(agreement) or agreement.completion_requested_at is None:
@@ -72,7 +76,7 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
             agreement_services.reservations_settle_stale(agreement=agreement)
         seq, cumulative, digest, signature = _final_receipt(agreement)
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
-                        [agreement.onchain_id, seq, cumulative, digest, signature],
+                        [agreement.onchain_id, terms, seq, cumulative, digest, signature],
                         {"seq": seq, "cumulative": cumulative})
 
 
@@ -90,8 +94,7 @@ def _proposal_due(failures: list[ChainTransaction]) -> bool:
 def _proposal_evidence(tx: ChainTransaction) -> dict:
     if tx.status != TxStatus.CONFIRMED:
         return {}
-    record = chain.call(chain.escrow_contract().functions.getEscrow(tx.agreement.onchain_id).call)
-    return {"challenge_deadline": record[8]}
+    return {"challenge_deadline": chain.escrow_record(tx.agreement.onchain_id)["challengeDeadline"]}
 
 
 def _proposal_outcome(tx: ChainTransaction) -> None:
@@ -118,7 +121,11 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
     """The buyer disputes the proposed amount within the window; submitted on-chain with its signature."""
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer challenges a settlement.", code="buyer_only")
+    if not can_challenge(agreement):  # checked again under the lock; first so that no terms are read for it
+        raise Conflict(f"Nothing to challenge while the agreement is {agreement.status}.",
+                       code="invalid_transition", details={"status": agreement.status})
     now = chain_clock.chain_now_for_request()
+    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if not can_challenge(agreement):
@@ -134,7 +141,8 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
         if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE):
             raise Conflict("A challenge is already being submitted.", code="challenge_in_progress")
         return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig",
-                        [agreement.onchain_id, deadline, signature], {"reason": reason, "evidence": evidence})
+                        [agreement.onchain_id, terms, deadline, signature],
+                        {"reason": reason, "evidence": evidence})
 
 
 def _challenge_outcome(tx: ChainTransaction) -> None:
@@ -145,6 +153,7 @@ def _challenge_outcome(tx: ChainTransaction) -> None:
 
 @logs_name_the_agreement
 def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operator) -> ChainTransaction:
+    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if not can_resolve(agreement):
@@ -154,25 +163,33 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
             raise InvalidInput("The seller amount exceeds the deposit.", code="amount_exceeds_deposit")
         if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RESOLVE):
             raise Conflict("A resolution is already being submitted.", code="resolution_in_progress")
-        return _enqueue(agreement, TxPurpose.RESOLVE, "resolve", [agreement.onchain_id, seller_amount],
+        return _enqueue(agreement, TxPurpose.RESOLVE, "resolve",
+                        [agreement.onchain_id, terms, seller_amount],
                         {"seller_amount": seller_amount, "operator": getattr(operator, "username", "")})
 
 
-def settlement_resolved(*, agreement_id, seller_amount: int, tx_hash: str, operator: str = "") -> None:
-    """The arbiter's resolution is on-chain (our relayer's or anyone's): settling, and finalize queued once.
-    Call inside a DB transaction."""
+def settlement_resolved(*, agreement_id, seller_amount: int, tx_hash: str, terms: tuple, operator: str = "") -> None:
+    """The arbiter's resolution is on-chain (our relayer's or anyone's): settling, and finalize queued once, with
+    the escrow's `terms` (read before: no chain call here). Call inside a DB transaction."""
     agreement = agreement_services.agreement_settling(
         agreement_id=agreement_id, reason=f"arbiter resolved: {seller_amount} to the seller",
         data={"tx_hash": tx_hash, "operator": operator})
     if is_settling(agreement) and not selectors.live_transaction(agreement_id=agreement_id,
                                                                         purpose=TxPurpose.FINALIZE):
-        _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])
+        _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
+
+
+def _resolve_evidence(tx: ChainTransaction) -> dict:
+    if tx.status != TxStatus.CONFIRMED:
+        return {}
+    return {"terms": chain.to_json(selectors.escrow_terms(onchain_id=tx.agreement.onchain_id))}
 
 
 def _resolve_outcome(tx: ChainTransaction) -> None:
     if tx.status == TxStatus.CONFIRMED:
         settlement_resolved(agreement_id=tx.agreement_id, seller_amount=tx.context["seller_amount"],
-                            tx_hash=tx.mined_tx_hash, operator=tx.context.get("operator", ""))
+                            tx_hash=tx.mined_tx_hash, terms=tuple(tx.outcome_evidence["terms"]),
+                            operator=tx.context.get("operator", ""))
 
 
 # --- finalize and reclaim ------------------------------------------------------------------------------------
@@ -251,23 +268,25 @@ def _reclaim_grace() -> int:
 
 
 def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
+    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if not can_reclaim(agreement) or agreement.used or selectors.live_transaction(
                 agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM):
             return None
         agreement_services.completion_request(agreement=agreement, reason="expired unused")
-        return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id])
+        return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id, terms])
 
 
 def _finalize(agreement: UsageAgreement) -> ChainTransaction | None:
+    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if not can_challenge(agreement) or selectors.live_transaction(
                 agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE):
             return None
         agreement_services.agreement_settling(agreement_id=agreement.pk, reason="challenge window over")
-        return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id])
+        return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
 
 
 def handlers_register() -> None:
@@ -275,7 +294,8 @@ def handlers_register() -> None:
     relayer.outcome_handler_register(purpose=TxPurpose.PROPOSE_SETTLEMENT, on_outcome=_proposal_outcome,
                                      read_evidence=_proposal_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.CHALLENGE, on_outcome=_challenge_outcome)
-    relayer.outcome_handler_register(purpose=TxPurpose.RESOLVE, on_outcome=_resolve_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.RESOLVE, on_outcome=_resolve_outcome,
+                                     read_evidence=_resolve_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.FINALIZE, on_outcome=_finalize_outcome,
                                      read_evidence=_finalize_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.RECLAIM, on_outcome=_reclaim_outcome)

@@ -4,7 +4,7 @@ import logging
 
 from celery import shared_task
 
-from escrow import chain, indexer, purchases, relayer, settlement
+from escrow import chain, fees, indexer, purchases, relayer, settlement
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,12 @@ def sweep_queued() -> int:
 @shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=5, max_retries=3)
 def settlement_tick() -> dict:
     return settlement.settlement_tick()
+
+
+@shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=5, max_retries=3)
+def pay_fees() -> str | None:
+    tx = fees.fees_pay()
+    return str(tx.pk) if tx else None
 
 
 @shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=5, max_retries=3)

@@ -54,6 +54,7 @@ from marketplace.idempotency import idempotent
 from marketplace.serializers import ErrorSerializer, error_responses
 
 TAGS = ["escrow"]
+WITHDRAW_SIGNATURE = "withdraw(bytes32,(address,address,address,address,uint256,uint64,uint64,uint256))"
 
 
 def _latest_block() -> int | None:
@@ -251,7 +252,7 @@ class ClaimInstructionsView(APIView):
 
     @extend_schema(operation_id="escrow_claim_instructions", tags=TAGS,
                    summary="What the calling party can still withdraw from the escrow, with the unsigned "
-                           "withdraw(bytes32) call (finalize pays out by itself; this is for a failed transfer)",
+                           "withdraw(id, terms) call (finalize pays out by itself; this is for a failed transfer)",
                    responses={200: ClaimInstructionsSerializer, **error_responses(404, 409, 503)})
     def get(self, request, agreement_id):
         agent = calling_agent(request)
@@ -267,10 +268,11 @@ class ClaimInstructionsView(APIView):
         if claimable:
             contract = chain.escrow_contract()
             call = {"to": contract.address, "value": "0",
-                    "data": contract.encode_abi("withdraw", args=[agreement.onchain_id])}
+                    "data": contract.encode_abi("withdraw", args=[agreement.onchain_id,
+                                                                  chain.terms_of_activation(onchain)])}
         return Response(ClaimInstructionsSerializer({
             "agreement_id": agreement.pk, "onchain_agreement_id": agreement.onchain_id,
-            "function": "withdraw(bytes32)", "claimable_atomic": claimable, "transaction": call,
+            "function": WITHDRAW_SIGNATURE, "claimable_atomic": claimable, "transaction": call,
             "chain_id": agreement.chain_id, "closed": onchain["state"] in selectors.ESCROW_CLOSED_STATES,
         }).data)
 

@@ -267,6 +267,8 @@ CELERY_BEAT_SCHEDULE.update({
                                   "schedule": timedelta(seconds=env.int("CHAIN_SWEEP_SECONDS", default=30))},
     "settlement-tick": {"task": "escrow.tasks.settlement_tick",
                         "schedule": timedelta(seconds=env.int("SETTLEMENT_TICK_SECONDS", default=10))},
+    # payFees: the infra fees accrued in the escrow go to its fee recipient (one call for any number of agreements)
+    "pay-fees": {"task": "escrow.tasks.pay_fees", "schedule": timedelta(seconds=env.int("PAY_FEES_SECONDS", default=300))},
     "masumi-purchases-tick": {"task": "escrow.tasks.masumi_purchases_tick",
                               "schedule": timedelta(seconds=env.int("MASUMI_PURCHASE_TICK_SECONDS", default=10))},
 })

@@ -1,7 +1,8 @@
 """Reads from the chain through the buyer's own RPC URL (JSON-RPC over httpx; no web3, no marketplace).
 
-What the buyer checks the marketplace against: the escrow contract's record of an agreement (`getEscrow`), a
-token's EIP-712 domain (EIP-5267 `eip712Domain()`, else `name()` / `version()`), and the chain's clock.
+What the buyer checks the marketplace against: the escrow contract's record of an agreement (its terms from the
+`Activated` event, its state from `getEscrow(id, terms)`, which checks them against the digest the contract
+stores), a token's EIP-712 domain (EIP-5267 `eip712Domain()`, else `name()` / `version()`), and the chain's clock.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from sdk.networks import TokenDomain
 
 __all__ = ["ChainReader", "OnchainEscrow", "RpcError"]
 
-_ESCROW_FIELDS = ("address", "uint8", "uint64", "address", "uint64", "address", "uint64", "address", "uint64",
-                  "uint256", "uint256", "uint256", "uint256", "bytes32", "bytes32", "uint256", "uint256")
+_TERMS = "(address,address,address,address,uint256,uint64,uint64,uint256)"
+_ACTIVATED = keccak(text="Activated(bytes32,address,address,address,uint256,uint256,address,bytes32,uint64,uint64,"
+                         "uint64,uint256)")
+_ACTIVATED_DATA = ("address", "uint256", "uint256", "address", "bytes32", "uint64", "uint64", "uint64", "uint256")
+_PROPOSED = keccak(text="SettlementProposed(bytes32,uint256,uint256,bytes32,uint64)")
+_PROPOSED_DATA = ("uint256", "uint256", "bytes32", "uint64")
 _STATES = ("none", "active", "proposed", "disputed", "resolved", "settled", "reclaimed")
 
 
@@ -90,10 +95,34 @@ class ChainReader:
         raw = self._call(token, _selector("nonces(address)") + encode(["address"], [to_checksum_address(owner)]))
         return cast(int, decode(["uint256"], raw)[0])
 
+    def _logs(self, address: str, topic0: bytes, agreement_id: str) -> list[dict[str, Any]]:
+        """The contract's `topic0` events for `agreement_id` (their first indexed argument), oldest first."""
+        return cast(list[dict[str, Any]], self._rpc("eth_getLogs", [{
+            "address": to_checksum_address(address), "fromBlock": "0x0", "toBlock": "latest",
+            "topics": ["0x" + topic0.hex(), "0x" + agreement_id.removeprefix("0x")]}]))
+
+    @staticmethod
+    def _data(log: dict[str, Any]) -> bytes:
+        return bytes.fromhex(str(log["data"]).removeprefix("0x"))
+
     def escrow(self, escrow_address: str, agreement_id: str) -> OnchainEscrow:
-        call = _selector("getEscrow(bytes32)") + bytes.fromhex(agreement_id.removeprefix("0x"))
-        values = decode([f"({','.join(_ESCROW_FIELDS)})"], self._call(escrow_address, call))[0]
-        return OnchainEscrow(state=_STATES[values[1]], buyer=to_checksum_address(values[0]),
-                             seller=to_checksum_address(values[3]), receipt_signer=to_checksum_address(values[7]),
-                             deposit_amount=values[9], settled_amount=values[11], last_seq=values[12],
-                             usage_digest="0x" + bytes(values[13]).hex())
+        activated = self._logs(escrow_address, _ACTIVATED, agreement_id)
+        if not activated:
+            zero = "0x" + "00" * 20
+            return OnchainEscrow(state="none", buyer=zero, seller=zero, receipt_signer=zero, deposit_amount=0,
+                                 settled_amount=0, last_seq=0, usage_digest="0x" + "00" * 32)
+        log = activated[-1]
+        buyer, seller = (to_checksum_address("0x" + str(topic)[-40:]) for topic in log["topics"][2:4])
+        token, deposit, _fee, signer, _terms_hash, _expires, reclaim_after, window, nonce = decode(
+            list(_ACTIVATED_DATA), self._data(log))
+        terms = (buyer, seller, token, signer, deposit, window, reclaim_after, nonce)
+        call = _selector(f"getEscrow(bytes32,{_TERMS})") + encode(["bytes32", _TERMS],
+                                                                   [bytes.fromhex(agreement_id.removeprefix("0x")),
+                                                                    terms])
+        state, _deadline, last_seq, settled, _buyer_claim, _seller_claim = decode(
+            ["(uint8,uint64,uint256,uint256,uint256,uint256)"], self._call(escrow_address, call))[0]
+        proposals = self._logs(escrow_address, _PROPOSED, agreement_id) if state > 1 else []
+        usage_digest = bytes(decode(list(_PROPOSED_DATA), self._data(proposals[-1]))[2]) if proposals else bytes(32)
+        return OnchainEscrow(state=_STATES[state], buyer=buyer, seller=seller,
+                             receipt_signer=to_checksum_address(signer), deposit_amount=deposit,
+                             settled_amount=settled, last_seq=last_seq, usage_digest="0x" + usage_digest.hex())

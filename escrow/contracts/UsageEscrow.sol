@@ -7,7 +7,7 @@ import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
-import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 
 /**
@@ -35,14 +35,22 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
  *   submitted concurrently and in any order. A signed but unsubmitted intent is revoked with
  *   `cancelIntentNonce`.
  * - `depositAmount` must equal `quantity * pricePerUnit` (the agreement's maximum amount).
- * - Both permits name this contract as spender; the contract pulls the deposit into itself and sends the
- *   infra fee straight from the buyer to `feeRecipient`. Order: escrow permit, pull deposit, fee permit, pull
- *   fee. A permit whose `deadline` is 0 is "absent" and skipped; a permit that reverts (typically because a
- *   front-runner already submitted it) is ignored and the allowance is checked instead. The most
- *   front-running-robust form is ONE escrow permit for `depositAmount + infraFee` and an absent fee permit;
- *   with two permits (token nonces n and n+1) a front-runner who submits both in order leaves an allowance
- *   of only the fee, and activation fails (funds stay with the buyer; the relayer must get new signatures).
- * - The infra fee is paid at activation and never refunded by this contract (a reclaim returns the deposit).
+ * - Both permits name this contract as spender; the contract pulls the deposit and the infra fee into itself.
+ *   With one permit (the fee permit absent) it pulls `depositAmount + infraFee` in one transfer; with two,
+ *   in this order: escrow permit, pull deposit, fee permit, pull fee. A permit whose `deadline` is 0 is
+ *   "absent" and skipped; a permit that reverts (typically because a front-runner already submitted it) is
+ *   ignored and the allowance is checked instead. The most front-running-robust form is ONE escrow permit for
+ *   `depositAmount + infraFee` and an absent fee permit; with two permits (token nonces n and n+1) a
+ *   front-runner who submits both in order leaves an allowance of only the fee, and activation fails (funds
+ *   stay with the buyer; the relayer must get new signatures).
+ * - The infra fee is collected at activation and never refunded by this contract (a reclaim returns the
+ *   deposit). It accrues per token (`feesAccrued`) and `payFees(token)` (callable by anyone) pays it to
+ *   `feeRecipient`: one storage update per activation instead of a transfer to the fee recipient.
+ * - Gas: an escrow stores the hash of its terms (`EscrowTerms`: what the calls after activation check) and
+ *   its settlement state packed into one word, the buyer's word for the intent nonce (which marks the nonce
+ *   used anyway); every call after activation carries the terms back in calldata and reverts TermsMismatch
+ *   when they are not the escrow's. The terms are in the {Activated} event; `getEscrow(id, terms)` reads the
+ *   state. `seq` fits in 72 bits, amounts in 128 (a larger deposit is an InvalidDeposit).
  * - Settlement proposals: only an operator or the escrow's seller (never the buyer, who could otherwise
  *   submit an old, lower receipt). The first proposal must come before `reclaimAfter`
  *   (= expiresAt + reclaimGrace at activation), so proposal and reclaim never race. While the window is
@@ -51,7 +59,7 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
  *   `block.timestamp >= challengeDeadline` on.
  * - Payouts are pushed to each party with a non-reverting transfer; a failed transfer (e.g. a USDC-blacklisted
  *   address) credits that party's `claimable` and emits {PayoutDeferred}, and never blocks the other party.
- *   `withdraw(id)` (callable by anyone: the money only ever goes to the party's own address) retries.
+ *   `withdraw(id, terms)` (callable by anyone: the money only ever goes to the party's own address) retries.
  *   Credits are never redirected to another address, so a token's blacklist is not circumvented.
  * - Only allowlisted tokens can be escrowed, so payout transfers only ever call known token contracts.
  * - Signatures are checked with SignatureChecker: EOAs (ECDSA, low-s only) and ERC-1271 contract wallets.
@@ -60,7 +68,7 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
  * global, so a third party who learns an id before its activation is mined could take it first with an
  * escrow of its own (the real activation then reverts AgreementExists and needs a new id; no funds move).
  */
-contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
+contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
     // ---------------------------------------------------------------- types
@@ -102,24 +110,46 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
         bytes32 s;
     }
 
-    struct Escrow {
+    /// @notice What an escrow keeps of its intent for the calls after activation. Storage holds only its hash
+    /// (`termsDigest(agreementId)`); every later call carries the terms back in calldata and the contract checks
+    /// them against the hash (TermsMismatch). All of them are in the {Activated} event.
+    struct EscrowTerms {
         address buyer;
-        State state;
-        uint64 challengeWindow;
         address seller;
-        uint64 expiresAt;
         address token;
-        uint64 reclaimAfter;
         address receiptSigner;
-        uint64 challengeDeadline;
         uint256 depositAmount;
-        uint256 infraFee;
+        uint64 challengeWindow;
+        /// @dev expiresAt + reclaimGrace at activation.
+        uint64 reclaimAfter;
+        /// @dev The intent's nonce: the escrow's settlement state lives in the buyer's word for it.
+        uint256 nonce;
+    }
+
+    /// @dev One word per (buyer, intent nonce), non-zero once the nonce is used or cancelled. The nonce of an
+    /// activated intent holds its escrow's settlement state, so activation writes two slots (this word and the
+    /// terms digest) and every later step updates this one word.
+    struct IntentSlot {
+        bool used;
+        State state;
+        uint40 challengeDeadline;
+        uint72 lastSeq;
         /// @dev Seller's amount: the proposed cumulative amount, then the arbiter's decision if disputed.
-        uint256 settledAmount;
+        uint128 settledAmount;
+    }
+
+    /// @dev Amounts credited but not yet transferred (push failed); paid by `withdraw`.
+    struct Claims {
+        uint128 buyer;
+        uint128 seller;
+    }
+
+    /// @notice An escrow as {getEscrow} returns it; the terms are in the {Activated} event.
+    struct EscrowView {
+        State state;
+        uint64 challengeDeadline;
         uint256 lastSeq;
-        bytes32 usageDigest;
-        bytes32 termsHash;
-        /// @dev Amounts credited but not yet transferred (push failed); paid by `withdraw`.
+        uint256 settledAmount;
         uint256 buyerClaimable;
         uint256 sellerClaimable;
     }
@@ -143,16 +173,19 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
 
     // ---------------------------------------------------------------- storage
 
-    mapping(bytes32 agreementId => Escrow) private _escrows;
-    mapping(address buyer => mapping(uint256 nonce => bool used)) private _intentNonces;
+    mapping(bytes32 agreementId => bytes32 digest) private _termsDigests;
+    mapping(address buyer => mapping(uint256 nonce => IntentSlot)) private _intents;
+    mapping(bytes32 agreementId => Claims) private _claims;
 
     /// @notice Whether a token may be escrowed.
     mapping(address token => bool allowed) public isTokenAllowed;
-    /// @notice Receives the infra fee of every activation.
+    /// @notice Receives the infra fees (see {payFees}).
     address public feeRecipient;
     /// @notice Seconds after an escrow's `expiresAt` from which an unproposed escrow can be reclaimed.
     /// Snapshotted into each escrow at activation (`reclaimAfter`); changing it affects new escrows only.
     uint64 public reclaimGrace;
+    /// @notice Infra fees collected at activation and not yet paid to `feeRecipient`, per token.
+    mapping(address token => uint256 amount) public feesAccrued;
 
     // ---------------------------------------------------------------- events
 
@@ -181,6 +214,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
     event PayoutDeferred(bytes32 indexed agreementId, address indexed party, uint256 amount);
     event Withdrawn(bytes32 indexed agreementId, address indexed party, uint256 amount);
     event IntentNonceCancelled(address indexed buyer, uint256 nonce);
+    event FeesPaid(address indexed token, address indexed feeRecipient, uint256 amount);
     event FeeRecipientUpdated(address feeRecipient);
     event ReclaimGraceUpdated(uint64 reclaimGrace);
     event TokenAllowed(address indexed token, bool allowed);
@@ -212,6 +246,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
     error NothingToWithdraw(bytes32 agreementId);
     error PayoutFailed(bytes32 agreementId);
     error InsufficientGasForPayout();
+    error TermsMismatch(bytes32 agreementId);
 
     // ---------------------------------------------------------------- setup
 
@@ -283,15 +318,16 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
         Permit calldata feePermit
     ) external nonReentrant {
         bytes32 id = intent.agreementId;
-        if (_escrows[id].state != State.None) revert AgreementExists(id);
+        if (_termsDigests[id] != 0) revert AgreementExists(id);
         if (block.timestamp > intent.deadline) revert IntentExpired(intent.deadline);
-        if (_intentNonces[intent.buyer][intent.nonce]) revert IntentNonceUsed(intent.buyer, intent.nonce);
+        IntentSlot storage slot = _intents[intent.buyer][intent.nonce];
+        if (slot.used) revert IntentNonceUsed(intent.buyer, intent.nonce);
         if (intent.buyer == address(0) || intent.seller == address(0) || intent.receiptSigner == address(0)) {
             revert ZeroAddress();
         }
         if (!isTokenAllowed[intent.token]) revert TokenNotAllowed(intent.token);
         if (
-            intent.depositAmount == 0 || intent.pricePerUnit == 0
+            intent.depositAmount == 0 || intent.pricePerUnit == 0 || intent.depositAmount > type(uint128).max
                 || intent.depositAmount / intent.pricePerUnit != intent.quantity
                 || intent.depositAmount % intent.pricePerUnit != 0
         ) {
@@ -305,24 +341,30 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
             revert InvalidBuyerSignature();
         }
 
-        _intentNonces[intent.buyer][intent.nonce] = true;
+        slot.used = true;
+        slot.state = State.Active;
         uint64 reclaimAfter = SafeCast.toUint64(uint256(intent.expiresAt) + reclaimGrace);
-        Escrow storage e = _escrows[id];
-        e.buyer = intent.buyer;
-        e.state = State.Active;
-        e.challengeWindow = intent.challengeWindow;
-        e.seller = intent.seller;
-        e.expiresAt = intent.expiresAt;
-        e.token = intent.token;
-        e.reclaimAfter = reclaimAfter;
-        e.receiptSigner = intent.receiptSigner;
-        e.depositAmount = intent.depositAmount;
-        e.infraFee = intent.infraFee;
-        e.termsHash = intent.termsHash;
+        _termsDigests[id] = hashTerms(
+            EscrowTerms({
+                buyer: intent.buyer,
+                seller: intent.seller,
+                token: intent.token,
+                receiptSigner: intent.receiptSigner,
+                depositAmount: intent.depositAmount,
+                challengeWindow: intent.challengeWindow,
+                reclaimAfter: reclaimAfter,
+                nonce: intent.nonce
+            })
+        );
 
         IERC20 token = IERC20(intent.token);
-        _pull(token, intent.buyer, address(this), intent.depositAmount, escrowPermit);
-        if (intent.infraFee > 0) _pull(token, intent.buyer, feeRecipient, intent.infraFee, feePermit);
+        if (intent.infraFee == 0 || feePermit.deadline == 0) {
+            _pull(token, intent.buyer, intent.depositAmount + intent.infraFee, escrowPermit);
+        } else {
+            _pull(token, intent.buyer, intent.depositAmount, escrowPermit);
+            _pull(token, intent.buyer, intent.infraFee, feePermit);
+        }
+        if (intent.infraFee > 0) feesAccrued[intent.token] += intent.infraFee;
 
         _emitActivated(intent, reclaimAfter);
     }
@@ -345,25 +387,49 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
     }
 
     /// @dev Run the permit if present, tolerating a revert (front-run or stale), then move `amount` from
-    /// `from` to `to` with this contract's allowance.
-    function _pull(IERC20 token, address from, address to, uint256 amount, Permit calldata p) private {
+    /// `from` into this contract with its allowance.
+    function _pull(IERC20 token, address from, uint256 amount, Permit calldata p) private {
         if (p.deadline != 0) {
             try IERC20Permit(address(token)).permit(from, address(this), p.value, p.deadline, p.v, p.r, p.s) {}
                 catch {}
         }
         uint256 allowance = token.allowance(from, address(this));
         if (allowance < amount) revert InsufficientAllowance(amount, allowance);
-        token.safeTransferFrom(from, to, amount);
+        token.safeTransferFrom(from, address(this), amount);
+    }
+
+    /**
+     * @notice Pay the infra fees accrued in `token` to `feeRecipient`. Anyone may call it (the money only ever
+     * goes to the fee recipient). Reverts NothingToWithdraw(0) when nothing is accrued; a failed transfer
+     * reverts and leaves the fees accrued.
+     */
+    function payFees(address token) external nonReentrant {
+        uint256 amount = feesAccrued[token];
+        if (amount == 0) revert NothingToWithdraw(bytes32(0));
+        feesAccrued[token] = 0;
+        address recipient = feeRecipient;
+        IERC20(token).safeTransfer(recipient, amount);
+        emit FeesPaid(token, recipient, amount);
     }
 
     /// @notice Revoke a signed intent nonce that has not been used yet (the caller is the buyer).
     function cancelIntentNonce(uint256 nonce) external {
-        if (_intentNonces[msg.sender][nonce]) revert IntentNonceUsed(msg.sender, nonce);
-        _intentNonces[msg.sender][nonce] = true;
+        IntentSlot storage slot = _intents[msg.sender][nonce];
+        if (slot.used) revert IntentNonceUsed(msg.sender, nonce);
+        slot.used = true;
         emit IntentNonceCancelled(msg.sender, nonce);
     }
 
     // ---------------------------------------------------------------- settlement
+
+    /// @dev The settlement state of escrow `id` whose terms the call carries: reverts InvalidState(id, None) for
+    /// an id never activated and TermsMismatch when `t` is not the escrow's terms.
+    function _escrow(bytes32 id, EscrowTerms calldata t) private view returns (IntentSlot storage) {
+        bytes32 digest = _termsDigests[id];
+        if (digest == 0) revert InvalidState(id, State.None);
+        if (hashTerms(t) != digest) revert TermsMismatch(id);
+        return _intents[t.buyer][t.nonce];
+    }
 
     /**
      * @notice Propose the seller's amount from a usage receipt signed by the escrow's `receiptSigner`:
@@ -371,47 +437,48 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
      * window: `challengeDeadline = block.timestamp + challengeWindow`.
      * @dev Caller: OPERATOR_ROLE or the escrow's seller. Allowed when Active and `block.timestamp <
      * reclaimAfter` (else ProposalPeriodOver), or when Proposed, the window still open (else
-     * ChallengeWindowClosed) and `seq > lastSeq` (else StaleReceipt). Reverts AmountExceedsDeposit when
-     * `cumulativeAmount > depositAmount`, InvalidReceiptSignature when not signed by `receiptSigner`.
+     * ChallengeWindowClosed) and `seq > lastSeq` (else StaleReceipt). Reverts TermsMismatch when `t` is not the
+     * escrow's terms, AmountExceedsDeposit when `cumulativeAmount > depositAmount`, InvalidReceiptSignature when
+     * not signed by `receiptSigner`. `seq` must fit in 72 bits.
      */
     function proposeSettlement(
         bytes32 id,
+        EscrowTerms calldata t,
         uint256 seq,
         uint256 cumulativeAmount,
         bytes32 usageDigest,
         bytes calldata receiptSig
     ) external {
-        Escrow storage e = _escrows[id];
+        IntentSlot storage e = _escrow(id, t);
         State state = e.state;
         if (state == State.Active) {
-            if (block.timestamp >= e.reclaimAfter) revert ProposalPeriodOver(e.reclaimAfter);
+            if (block.timestamp >= t.reclaimAfter) revert ProposalPeriodOver(t.reclaimAfter);
         } else if (state == State.Proposed) {
             if (block.timestamp >= e.challengeDeadline) revert ChallengeWindowClosed(e.challengeDeadline);
             if (seq <= e.lastSeq) revert StaleReceipt(seq, e.lastSeq);
         } else {
             revert InvalidState(id, state);
         }
-        if (msg.sender != e.seller && !hasRole(OPERATOR_ROLE, msg.sender)) revert NotOperatorOrSeller(msg.sender);
-        if (cumulativeAmount > e.depositAmount) revert AmountExceedsDeposit(cumulativeAmount, e.depositAmount);
+        if (msg.sender != t.seller && !hasRole(OPERATOR_ROLE, msg.sender)) revert NotOperatorOrSeller(msg.sender);
+        if (cumulativeAmount > t.depositAmount) revert AmountExceedsDeposit(cumulativeAmount, t.depositAmount);
         bytes32 digest = usageReceiptDigest(id, seq, cumulativeAmount, usageDigest);
-        if (!SignatureChecker.isValidSignatureNow(e.receiptSigner, digest, receiptSig)) {
+        if (!SignatureChecker.isValidSignatureNow(t.receiptSigner, digest, receiptSig)) {
             revert InvalidReceiptSignature();
         }
 
-        uint64 deadline = SafeCast.toUint64(block.timestamp + e.challengeWindow);
+        uint40 deadline = SafeCast.toUint40(block.timestamp + t.challengeWindow);
         e.state = State.Proposed;
-        e.lastSeq = seq;
-        e.settledAmount = cumulativeAmount;
-        e.usageDigest = usageDigest;
         e.challengeDeadline = deadline;
+        e.lastSeq = SafeCast.toUint72(seq);
+        e.settledAmount = uint128(cumulativeAmount); // <= depositAmount, which fits in 128 bits
         emit SettlementProposed(id, seq, cumulativeAmount, usageDigest, deadline);
     }
 
     /// @notice The buyer disputes the proposed settlement while the window is open. Proposed -> Disputed.
-    function challenge(bytes32 id) external {
-        Escrow storage e = _escrows[id];
-        if (msg.sender != e.buyer) revert NotBuyer(msg.sender);
-        _challenge(id, e);
+    function challenge(bytes32 id, EscrowTerms calldata t) external {
+        IntentSlot storage e = _escrow(id, t);
+        if (msg.sender != t.buyer) revert NotBuyer(msg.sender);
+        _challenge(id, e, t.buyer);
     }
 
     /**
@@ -420,32 +487,33 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
      * InvalidBuyerSignature when not signed by the escrow's buyer. The signature names the escrow, not one
      * proposal: it disputes whatever is proposed when it is submitted, and is spent by the state change.
      */
-    function challengeWithSig(bytes32 id, uint256 deadline, bytes calldata buyerSig) external {
-        Escrow storage e = _escrows[id];
+    function challengeWithSig(bytes32 id, EscrowTerms calldata t, uint256 deadline, bytes calldata buyerSig)
+        external
+    {
         if (block.timestamp > deadline) revert SignatureExpired(deadline);
-        if (e.state == State.None) revert InvalidState(id, State.None);
-        if (!SignatureChecker.isValidSignatureNow(e.buyer, challengeDigest(id, deadline), buyerSig)) {
+        IntentSlot storage e = _escrow(id, t);
+        if (!SignatureChecker.isValidSignatureNow(t.buyer, challengeDigest(id, deadline), buyerSig)) {
             revert InvalidBuyerSignature();
         }
-        _challenge(id, e);
+        _challenge(id, e, t.buyer);
     }
 
-    function _challenge(bytes32 id, Escrow storage e) private {
+    function _challenge(bytes32 id, IntentSlot storage e, address buyer) private {
         if (e.state != State.Proposed) revert InvalidState(id, e.state);
         if (block.timestamp >= e.challengeDeadline) revert ChallengeWindowClosed(e.challengeDeadline);
         e.state = State.Disputed;
-        emit Challenged(id, e.buyer);
+        emit Challenged(id, buyer);
     }
 
     /// @notice The arbiter decides a dispute: the seller gets `sellerAmount`, the buyer the rest of the
     /// deposit. Disputed -> Resolved; `finalize` then pays out. Reverts AmountExceedsDeposit.
-    function resolve(bytes32 id, uint256 sellerAmount) external onlyRole(ARBITER_ROLE) {
-        Escrow storage e = _escrows[id];
+    function resolve(bytes32 id, EscrowTerms calldata t, uint256 sellerAmount) external onlyRole(ARBITER_ROLE) {
+        IntentSlot storage e = _escrow(id, t);
         if (e.state != State.Disputed) revert InvalidState(id, e.state);
-        if (sellerAmount > e.depositAmount) revert AmountExceedsDeposit(sellerAmount, e.depositAmount);
+        if (sellerAmount > t.depositAmount) revert AmountExceedsDeposit(sellerAmount, t.depositAmount);
         e.state = State.Resolved;
-        e.settledAmount = sellerAmount;
-        emit Resolved(id, msg.sender, sellerAmount, e.depositAmount - sellerAmount);
+        e.settledAmount = uint128(sellerAmount); // <= depositAmount, which fits in 128 bits
+        emit Resolved(id, msg.sender, sellerAmount, t.depositAmount - sellerAmount);
     }
 
     /**
@@ -454,8 +522,8 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
      * resolution (Resolved). -> Settled, exactly once. Each party is paid in its own transfer; one that fails
      * is credited to that party (PayoutDeferred) and can be collected later with `withdraw`.
      */
-    function finalize(bytes32 id) external nonReentrant {
-        Escrow storage e = _escrows[id];
+    function finalize(bytes32 id, EscrowTerms calldata t) external nonReentrant {
+        IntentSlot storage e = _escrow(id, t);
         State state = e.state;
         if (state == State.Proposed) {
             if (block.timestamp < e.challengeDeadline) revert ChallengeWindowOpen(e.challengeDeadline);
@@ -463,18 +531,18 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
             revert InvalidState(id, state);
         }
         uint256 sellerAmount = e.settledAmount;
-        uint256 buyerAmount = e.depositAmount - sellerAmount;
+        uint256 buyerAmount = t.depositAmount - sellerAmount;
         e.state = State.Settled;
         emit Settled(id, sellerAmount, buyerAmount);
 
-        IERC20 token = IERC20(e.token);
-        if (!_tryPay(token, e.seller, sellerAmount)) {
-            e.sellerClaimable = sellerAmount;
-            emit PayoutDeferred(id, e.seller, sellerAmount);
+        IERC20 token = IERC20(t.token);
+        if (!_tryPay(token, t.seller, sellerAmount)) {
+            _claims[id].seller = uint128(sellerAmount);
+            emit PayoutDeferred(id, t.seller, sellerAmount);
         }
-        if (!_tryPay(token, e.buyer, buyerAmount)) {
-            e.buyerClaimable = buyerAmount;
-            emit PayoutDeferred(id, e.buyer, buyerAmount);
+        if (!_tryPay(token, t.buyer, buyerAmount)) {
+            _claims[id].buyer = uint128(buyerAmount);
+            emit PayoutDeferred(id, t.buyer, buyerAmount);
         }
     }
 
@@ -483,16 +551,16 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
      * `reclaimAfter` (= expiresAt + reclaimGrace) on. Anyone may call it (the relayer, for the buyer).
      * Active -> Reclaimed. Push with pull fallback as in `finalize`.
      */
-    function reclaim(bytes32 id) external nonReentrant {
-        Escrow storage e = _escrows[id];
+    function reclaim(bytes32 id, EscrowTerms calldata t) external nonReentrant {
+        IntentSlot storage e = _escrow(id, t);
         if (e.state != State.Active) revert InvalidState(id, e.state);
-        if (block.timestamp < e.reclaimAfter) revert ReclaimNotYetAllowed(e.reclaimAfter);
-        uint256 amount = e.depositAmount;
+        if (block.timestamp < t.reclaimAfter) revert ReclaimNotYetAllowed(t.reclaimAfter);
+        uint256 amount = t.depositAmount;
         e.state = State.Reclaimed;
-        emit Reclaimed(id, e.buyer, amount);
-        if (!_tryPay(IERC20(e.token), e.buyer, amount)) {
-            e.buyerClaimable = amount;
-            emit PayoutDeferred(id, e.buyer, amount);
+        emit Reclaimed(id, t.buyer, amount);
+        if (!_tryPay(IERC20(t.token), t.buyer, amount)) {
+            _claims[id].buyer = uint128(amount);
+            emit PayoutDeferred(id, t.buyer, amount);
         }
     }
 
@@ -501,29 +569,30 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
      * address. Anyone may call it. A party whose transfer still fails keeps its credit. Reverts
      * NothingToWithdraw when nothing is credited, PayoutFailed when nothing could be paid.
      */
-    function withdraw(bytes32 id) external nonReentrant {
-        Escrow storage e = _escrows[id];
-        uint256 sellerAmount = e.sellerClaimable;
-        uint256 buyerAmount = e.buyerClaimable;
+    function withdraw(bytes32 id, EscrowTerms calldata t) external nonReentrant {
+        Claims storage c = _claims[id];
+        uint256 sellerAmount = c.seller;
+        uint256 buyerAmount = c.buyer;
         if (sellerAmount == 0 && buyerAmount == 0) revert NothingToWithdraw(id);
-        IERC20 token = IERC20(e.token);
+        _escrow(id, t);
+        IERC20 token = IERC20(t.token);
         bool paid;
         if (sellerAmount > 0) {
-            e.sellerClaimable = 0;
-            if (_tryPay(token, e.seller, sellerAmount)) {
+            c.seller = 0;
+            if (_tryPay(token, t.seller, sellerAmount)) {
                 paid = true;
-                emit Withdrawn(id, e.seller, sellerAmount);
+                emit Withdrawn(id, t.seller, sellerAmount);
             } else {
-                e.sellerClaimable = sellerAmount;
+                c.seller = uint128(sellerAmount);
             }
         }
         if (buyerAmount > 0) {
-            e.buyerClaimable = 0;
-            if (_tryPay(token, e.buyer, buyerAmount)) {
+            c.buyer = 0;
+            if (_tryPay(token, t.buyer, buyerAmount)) {
                 paid = true;
-                emit Withdrawn(id, e.buyer, buyerAmount);
+                emit Withdrawn(id, t.buyer, buyerAmount);
             } else {
-                e.buyerClaimable = buyerAmount;
+                c.buyer = uint128(buyerAmount);
             }
         }
         if (!paid) revert PayoutFailed(id);
@@ -540,12 +609,34 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuard {
 
     // ---------------------------------------------------------------- views
 
-    function getEscrow(bytes32 id) external view returns (Escrow memory) {
-        return _escrows[id];
+    /// @notice The state of escrow `id`, given its terms (from its {Activated} event; reverts TermsMismatch when
+    /// they are not its terms). State None: never activated.
+    function getEscrow(bytes32 id, EscrowTerms calldata t) external view returns (EscrowView memory) {
+        if (_termsDigests[id] == 0) return EscrowView(State.None, 0, 0, 0, 0, 0);
+        IntentSlot storage e = _escrow(id, t);
+        Claims storage c = _claims[id];
+        return EscrowView({
+            state: e.state,
+            challengeDeadline: e.challengeDeadline,
+            lastSeq: e.lastSeq,
+            settledAmount: e.settledAmount,
+            buyerClaimable: c.buyer,
+            sellerClaimable: c.seller
+        });
+    }
+
+    /// @notice {hashTerms} of escrow `id`'s terms; 0 when `id` was never activated.
+    function termsDigest(bytes32 id) external view returns (bytes32) {
+        return _termsDigests[id];
+    }
+
+    /// @notice What an escrow stores of its terms.
+    function hashTerms(EscrowTerms memory terms) public pure returns (bytes32) {
+        return keccak256(abi.encode(terms));
     }
 
     function intentNonceUsed(address buyer, uint256 nonce) external view returns (bool) {
-        return _intentNonces[buyer][nonce];
+        return _intents[buyer][nonce].used;
     }
 
     // solhint-disable-next-line func-name-mixedcase

@@ -18,7 +18,7 @@ from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import AgentFactory, issue_key
 from tests.compat.masumi_env import MasumiSeller, call, masumi_python
 from tests.conftest import Api
-from tests.escrow.flow import USDC, Parties, usdc_balance
+from tests.escrow.flow import USDC, Parties, pay_fees, usdc_balance
 from tests.sdk.test_client import relayer_polling
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
@@ -146,6 +146,7 @@ def test_masumi_purchase_flow_lock_result_refund_request(masumi, stock_seller):
         assert authorized["data"]["onChainState"] == "Disputed"
         eventually(lambda: watched_purchase(parties, job["blockchainIdentifier"]),
                    lambda p: p["onChainState"] == "DisputedWithdrawn")
+    pay_fees(parties.chain)  # the fee accrued in the escrow goes to the fee recipient
     after = balances(parties)
     assert after["seller"] == before["seller"] and after["escrow"] == before["escrow"] == 0
     assert after["buyer"] == before["buyer"] - FEE

@@ -8,13 +8,15 @@ import pytest
 
 from marketplace.management.commands.demo_seller import DemoSeller
 from tests.faults.conftest import chain_relay, redis_server, stack  # noqa: F401 - fixtures
+from tests.faults.processes import wait_until
 
 CHALLENGE_WINDOW_MIN = 5
 
 
 @pytest.fixture
 def stack_env():
-    return {"CHALLENGE_WINDOW_MIN_SECONDS": str(CHALLENGE_WINDOW_MIN)}
+    # The beat's pay-fees task pays the accrued infra fees to the fee recipient every second, as the server does.
+    return {"CHALLENGE_WINDOW_MIN_SECONDS": str(CHALLENGE_WINDOW_MIN), "PAY_FEES_SECONDS": "1"}
 
 
 @pytest.fixture
@@ -35,3 +37,9 @@ def moving_clock(escrow_chain):
     # off leaves Anvil mining nothing at all).
     escrow_chain.node.rpc("evm_setIntervalMining", [0])
     escrow_chain.node.rpc("evm_setAutomine", [True])
+
+
+def escrow_emptied(chain) -> None:
+    """Wait until the escrow holds nothing: every payout made and the server's pay-fees task has paid the fee."""
+    balance = chain.usdc.functions.balanceOf(chain.addresses["escrow"]).call
+    wait_until(lambda: balance() == 0, timeout=60, what="the escrow to be emptied (payouts and accrued fees paid)")

@@ -9,6 +9,7 @@ from django.core.management import call_command
 
 from agreements.models import UsageAgreement
 from marketplace.demo_wallets import DEMO_BUYER_WALLET
+from tests.e2e.conftest import escrow_emptied
 from tests.escrow.flow import fund
 
 pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
@@ -28,7 +29,6 @@ def test_make_demo_settles_and_its_balances_add_up(stack, demo_seller, moving_cl
     assert agreement.seller_payout + agreement.buyer_refund == agreement.deposit_amount
     # Each phase's table ends with the check the command makes against the chain itself.
     assert run.stdout.count("they add up: no USDC created or lost") == 2
-    token = escrow_chain.usdc.functions
-    assert token.balanceOf(escrow_chain.addresses["escrow"]).call() == 0
+    escrow_emptied(escrow_chain)
     for tx_hash in re.findall(r"(0x[0-9a-f]{64})", run.stdout):
         assert escrow_chain.w3.eth.get_transaction_receipt(tx_hash)["status"] == 1

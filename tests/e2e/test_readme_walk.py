@@ -17,6 +17,7 @@ from django.core.management import call_command
 
 from agreements.models import UsageAgreement
 from marketplace.demo_wallets import DEMO_BUYER_WALLET, DEMO_SELLER_WALLET
+from tests.e2e.conftest import escrow_emptied
 from tests.escrow.flow import fund
 
 pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
@@ -67,4 +68,4 @@ def test_readme_curl_walk_runs_as_written_to_settled(stack, demo_seller, moving_
     assert len(re.findall(r"(?im)^x-usage-cost: 10000\r?$", run.stdout)) == CALLS
     onchain = ast.literal_eval(run.stdout.splitlines()[-2])  # the walk's last line: the contract's own view
     assert (onchain["state"], onchain["settledAmount"]) == ("settled", CALLS * UNIT_PRICE)
-    assert escrow_chain.usdc.functions.balanceOf(escrow_chain.addresses["escrow"]).call() == 0
+    escrow_emptied(escrow_chain)

@@ -67,6 +67,14 @@ class Escrows:
             i for i in self.escrow.abi if i.get("name") == "getEscrow"
         )["outputs"][0]["components"]
 
+    def terms(self, agreement_id: str) -> tuple:
+        """The EscrowTerms every call after activation carries (see :func:`escrow_terms`)."""
+        return escrow_terms(self.escrow, agreement_id)
+
+    def fn(self, name: str, agreement_id: str, *args):
+        """Escrow function ``name`` for ``agreement_id`` with its terms: ``name(id, terms, *args)``."""
+        return getattr(self.escrow.functions, name)(agreement_id, self.terms(agreement_id), *args)
+
     # ------------------------------------------------------------ transactions
 
     def tx(self, fn, sender, **params) -> Any:
@@ -135,6 +143,17 @@ class Escrows:
     def mint(self, to, amount: int) -> None:
         address = to.address if hasattr(to, "address") else to
         self.tx(self.usdc.functions.mint(address, amount), self.acc.deployer)
+
+    def fees_accrued(self) -> int:
+        return self.escrow.functions.feesAccrued(self.usdc.address).call()
+
+    def held(self) -> int:
+        """What the escrow holds for its escrows: its token balance less the infra fees accrued for payFees."""
+        return self.balance(self.escrow.address) - self.fees_accrued()
+
+    def pay_fees(self):
+        """payFees(token), by anyone: the accrued fees go to the fee recipient."""
+        return self.tx(self.escrow.functions.payFees(self.usdc.address), self.acc.stranger)
 
     def balance(self, who) -> int:
         address = who.address if hasattr(who, "address") else who
@@ -246,7 +265,7 @@ class Escrows:
                    signature: str | None = None, signer=None):
         usage_digest = usage_digest or random_bytes32()
         signature = signature or self.receipt_sig(agreement_id, seq, amount, usage_digest, signer)
-        return self.escrow.functions.proposeSettlement(agreement_id, seq, amount, usage_digest, signature)
+        return self.fn("proposeSettlement", agreement_id, seq, amount, usage_digest, signature)
 
     def propose(self, agreement_id: str, seq: int, amount: int, *, sender=None, **kwargs):
         return self.tx(self.propose_fn(agreement_id, seq, amount, **kwargs), sender or self.acc.operator)
@@ -259,11 +278,17 @@ class Escrows:
         return td.sign_typed_data((signer or self.acc.buyer).key, typed)
 
     def get(self, agreement_id: str) -> dict:
-        """getEscrow as a dict (state as its name)."""
-        raw = self.escrow.functions.getEscrow(agreement_id).call()
+        """The escrow as a dict (state as its name): its terms from the Activated event, the rest from
+        getEscrow(id, terms) and the last proposal's usageDigest from its SettlementProposed event."""
+        activated = activation(self.escrow, agreement_id) or {}
+        raw = self.escrow.functions.getEscrow(agreement_id, self.terms(agreement_id)).call()
         values = raw.values() if isinstance(raw, dict) else raw
-        out = {c["name"]: v for c, v in zip(self._escrow_fields, values, strict=True)}
+        out = {key: value for key, value in activated.items() if key != "agreementId"}
+        out.update({c["name"]: v for c, v in zip(self._escrow_fields, values, strict=True)})
         out["state"] = STATE_NAMES[out["state"]]
+        proposals = self.escrow.events.SettlementProposed().get_logs(
+            from_block=0, argument_filters={"agreementId": agreement_id})
+        out["usageDigest"] = bytes(proposals[-1]["args"]["usageDigest"]) if proposals else bytes(32)
         return out
 
     def state(self, agreement_id: str) -> str:
@@ -275,6 +300,22 @@ class Escrows:
         if now < timestamp:
             self.chain.set_next_timestamp(timestamp)
             self.chain.mine()
+
+
+def activation(escrow, agreement_id: str) -> dict | None:
+    """The args of the escrow's Activated event for ``agreement_id``; None before activation."""
+    found = escrow.events.Activated().get_logs(from_block=0, argument_filters={"agreementId": agreement_id})
+    return dict(found[-1]["args"]) if found else None
+
+
+def escrow_terms(escrow, agreement_id: str) -> tuple:
+    """What the contract keeps a digest of, from the Activated event (zero terms for an id never activated: the
+    contract refuses those before it looks at the terms)."""
+    args = activation(escrow, agreement_id)
+    if args is None:
+        return (ZERO_ADDRESS, ZERO_ADDRESS, ZERO_ADDRESS, ZERO_ADDRESS, 0, 0, 0, 0)
+    return (args["buyer"], args["seller"], args["token"], args["receiptSigner"], args["depositAmount"],
+            args["challengeWindow"], args["reclaimAfter"], args["nonce"])
 
 
 def _norm(value):

@@ -48,6 +48,14 @@ def usdc_balance(chain, address: str) -> int:
     return chain.usdc.functions.balanceOf(address).call()
 
 
+def pay_fees(chain) -> None:
+    """What the escrow accrued in infra fees goes to the fee recipient (UsageEscrow.payFees, callable by anyone)."""
+    token = chain.addresses["usdc"]
+    if chain.escrow.functions.feesAccrued(token).call():
+        tx_hash = chain.escrow.functions.payFees(token).transact({"from": chain.accounts.stranger.address})
+        assert chain.w3.eth.wait_for_transaction_receipt(tx_hash)["status"] == 1
+
+
 def fund(chain, address: str, amount: int) -> None:
     devchain.mint_usdc(chain.w3, chain.addresses["usdc"], chain.accounts.deployer.key, address, amount)
 
@@ -88,11 +96,13 @@ class Parties:
                                max_deadline_seconds=max(package["deadline"] - now, 0))
 
     def activate(self, agreement_id: str, capture, body: dict | None = None):
-        """POST activate-escrow with after-commit work run, then let the relayer confirm. Returns the 202 response."""
+        """POST activate-escrow with after-commit work run, then let the relayer confirm, and the accrued fee be
+        paid to the fee recipient. Returns the 202 response."""
         body = body or self.signed_activation(agreement_id)
         with capture(execute=True):
             response = self.buyer_api.post(f"/usage-agreements/{agreement_id}/activate-escrow", body)
         confirm_all(capture)
+        pay_fees(self.chain)
         return response
 
     def agreement(self, agreement_id: str) -> dict:

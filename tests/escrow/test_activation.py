@@ -6,7 +6,7 @@ from agreements.models import AgreementEvent, UsageAgreement
 from escrow.models import ChainTransaction, TxStatus
 from tests.chain_fixtures import TOKEN_NAMES
 from tests.conftest import codes_at, error_code
-from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, pay_fees, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -181,6 +181,7 @@ def test_a_permit_front_run_while_the_activation_is_in_flight_still_activates(pa
         for callback in callbacks:
             callback()
     confirm_all(django_capture_on_commit_callbacks)
+    pay_fees(chain)
 
     assert parties.agreement(agreement["id"])["status"] == "active"
     assert usdc_balance(chain, chain.addresses["escrow"]) == 2 * USDC

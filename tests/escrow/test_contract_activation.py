@@ -18,9 +18,15 @@ def test_activate_pulls_deposit_and_pays_fee(esc):
     _, receipt = esc.activate(typed, fund=False, two_permits=True)
 
     assert esc.balance(acc.buyer) == 5
-    assert esc.balance(esc.escrow.address) == msg["depositAmount"]
-    assert esc.balance(acc.fee_recipient) - fee_before == msg["infraFee"]
+    assert esc.held() == msg["depositAmount"]
+    assert esc.fees_accrued() == msg["infraFee"]  # the fee accrues; payFees pays it to the fee recipient
     assert esc.usdc.functions.allowance(acc.buyer.address, esc.escrow.address).call() == 0
+    paid = esc.pay_fees()
+    assert esc.event(paid, "FeesPaid") == {"token": esc.usdc.address, "feeRecipient": acc.fee_recipient.address,
+                                              "amount": msg["infraFee"]}
+    assert esc.balance(acc.fee_recipient) - fee_before == msg["infraFee"]
+    assert (esc.fees_accrued(), esc.balance(esc.escrow.address)) == (0, msg["depositAmount"])
+    esc.reverts(esc.escrow.functions.payFees(esc.usdc.address), acc.stranger, "NothingToWithdraw")
 
     e = esc.get(msg["agreementId"])
     assert e["state"] == "Active"
@@ -34,6 +40,9 @@ def test_activate_pulls_deposit_and_pays_fee(esc):
     assert e["termsHash"] == bytes.fromhex(msg["termsHash"][2:])
     assert (e["settledAmount"], e["lastSeq"], e["challengeDeadline"]) == (0, 0, 0)
     assert esc.escrow.functions.intentNonceUsed(acc.buyer.address, msg["nonce"]).call()
+    # what the contract stores of the terms: their digest
+    terms = esc.terms(msg["agreementId"])
+    assert esc.escrow.functions.termsDigest(msg["agreementId"]).call() == esc.escrow.functions.hashTerms(terms).call()
 
     event = esc.event(receipt, "Activated")
     assert event["agreementId"] == bytes.fromhex(msg["agreementId"][2:])
@@ -69,6 +78,7 @@ def test_zero_fee_ignores_fee_permit(esc):
     garbage = (123, esc.chain.now() + 100, 27, random_bytes32(), random_bytes32())
     esc.activate(typed, fee_permit=garbage)
     assert esc.balance(esc.acc.fee_recipient) == fee_before
+    assert esc.fees_accrued() == 0
     assert esc.state(typed["message"]["agreementId"]) == "Active"
 
 
@@ -245,18 +255,18 @@ def test_no_allowance(esc):
     esc.mint(esc.acc.buyer, 10 * USDC)
     esc.reverts(
         esc.activate_fn(typed, esc.sign(typed, esc.acc.buyer)), esc.acc.operator, "InsufficientAllowance",
-        typed["message"]["depositAmount"], 0,
+        typed["message"]["depositAmount"] + typed["message"]["infraFee"], 0,  # one pull: deposit and fee
     )
 
 
 def test_permit_for_too_little(esc):
     typed = esc.intent()
-    deposit = typed["message"]["depositAmount"]
+    deposit, fee = typed["message"]["depositAmount"], typed["message"]["infraFee"]
     esc.mint(esc.acc.buyer, 10 * USDC)
     permit = esc.permit(esc.acc.buyer, deposit - 1)
     esc.reverts(
         esc.activate_fn(typed, esc.sign(typed, esc.acc.buyer), permit), esc.acc.operator,
-        "InsufficientAllowance", deposit, deposit - 1,
+        "InsufficientAllowance", deposit + fee, deposit - 1,
     )
 
 
@@ -277,9 +287,9 @@ def test_fee_allowance_missing(esc):
     deposit, fee = typed["message"]["depositAmount"], typed["message"]["infraFee"]
     esc.mint(esc.acc.buyer, 10 * USDC)
     permit = esc.permit(esc.acc.buyer, deposit)
-    esc.reverts(
+    esc.reverts(  # without a fee permit, the one pull of deposit + fee needs the escrow permit to cover both
         esc.activate_fn(typed, esc.sign(typed, esc.acc.buyer), permit), esc.acc.operator,
-        "InsufficientAllowance", fee, 0,
+        "InsufficientAllowance", deposit + fee, deposit,
     )
 
 
@@ -353,4 +363,5 @@ def test_escrow_holds_many_deposits(esc):
     a, _ = esc.activate()
     b, _ = esc.activate(buyer=esc.acc.buyer2, quantity=3, price_per_unit=250_000)
     total = a["message"]["depositAmount"] + b["message"]["depositAmount"]
-    assert esc.balance(esc.escrow.address) == total
+    assert esc.held() == total
+    assert esc.fees_accrued() == a["message"]["infraFee"] + b["message"]["infraFee"]

@@ -83,6 +83,7 @@ def test_set_fee_recipient(esc):
     receipt = esc.tx(esc.escrow.functions.setFeeRecipient(acc.spare.address), acc.deployer)
     assert esc.event(receipt, "FeeRecipientUpdated") == {"feeRecipient": acc.spare.address}
     typed, _ = esc.activate()
+    esc.pay_fees()
     assert esc.balance(acc.spare) == typed["message"]["infraFee"]
     esc.reverts(esc.escrow.functions.setFeeRecipient(ZERO_ADDRESS), acc.deployer, "ZeroAddress")
     esc.reverts(

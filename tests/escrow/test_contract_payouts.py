@@ -23,7 +23,7 @@ def proposed(esc, chain):
 
 
 def _finalize(esc, agreement_id):
-    return esc.tx(esc.escrow.functions.finalize(agreement_id), esc.acc.stranger)
+    return esc.tx(esc.fn("finalize", agreement_id), esc.acc.stranger)
 
 
 def test_blocked_seller_does_not_block_buyer_refund(esc, proposed):
@@ -43,12 +43,12 @@ def test_blocked_seller_does_not_block_buyer_refund(esc, proposed):
     assert esc.balance(acc.seller) == seller_before
     e = esc.get(agreement_id)
     assert (e["state"], e["sellerClaimable"], e["buyerClaimable"]) == ("Settled", SELLER_AMOUNT, 0)
-    assert esc.balance(esc.escrow.address) == SELLER_AMOUNT
+    assert esc.held() == SELLER_AMOUNT
 
     # still blocked: nothing can be paid
-    esc.reverts(esc.escrow.functions.withdraw(agreement_id), acc.seller, "PayoutFailed", agreement_id)
+    esc.reverts(esc.fn("withdraw", agreement_id), acc.seller, "PayoutFailed", agreement_id)
     esc.unblacklist(acc.seller)
-    receipt = esc.tx(esc.escrow.functions.withdraw(agreement_id), acc.stranger)  # anyone may trigger it
+    receipt = esc.tx(esc.fn("withdraw", agreement_id), acc.stranger)  # anyone may trigger it
     assert esc.event(receipt, "Withdrawn") == {
         "agreementId": bytes.fromhex(agreement_id[2:]),
         "party": acc.seller.address,
@@ -56,8 +56,8 @@ def test_blocked_seller_does_not_block_buyer_refund(esc, proposed):
     }
     assert esc.balance(acc.seller) - seller_before == SELLER_AMOUNT
     assert esc.get(agreement_id)["sellerClaimable"] == 0
-    assert esc.balance(esc.escrow.address) == 0
-    esc.reverts(esc.escrow.functions.withdraw(agreement_id), acc.seller, "NothingToWithdraw", agreement_id)
+    assert esc.held() == 0
+    esc.reverts(esc.fn("withdraw", agreement_id), acc.seller, "NothingToWithdraw", agreement_id)
 
 
 def test_blocked_buyer_does_not_block_seller_payout(esc, proposed):
@@ -74,7 +74,7 @@ def test_blocked_buyer_does_not_block_seller_payout(esc, proposed):
     assert (e["sellerClaimable"], e["buyerClaimable"]) == (0, BUYER_AMOUNT)
 
     esc.unblacklist(acc.buyer)
-    receipt = esc.tx(esc.escrow.functions.withdraw(agreement_id), acc.buyer)
+    receipt = esc.tx(esc.fn("withdraw", agreement_id), acc.buyer)
     assert esc.event(receipt, "Withdrawn")["amount"] == BUYER_AMOUNT
     assert esc.balance(acc.buyer) - buyer_before == BUYER_AMOUNT
 
@@ -91,23 +91,23 @@ def test_both_blocked_then_released_one_by_one(esc, proposed):
         (acc.buyer.address, BUYER_AMOUNT),
     }
     assert esc.state(agreement_id) == "Settled"
-    assert esc.balance(esc.escrow.address) == SELLER_AMOUNT + BUYER_AMOUNT
+    assert esc.held() == SELLER_AMOUNT + BUYER_AMOUNT
 
     esc.unblacklist(acc.buyer)
-    receipt = esc.tx(esc.escrow.functions.withdraw(agreement_id), acc.stranger)
+    receipt = esc.tx(esc.fn("withdraw", agreement_id), acc.stranger)
     assert [(w["party"], w["amount"]) for w in esc.events(receipt, "Withdrawn")] == [
         (acc.buyer.address, BUYER_AMOUNT)
     ]
     e = esc.get(agreement_id)
     assert (e["sellerClaimable"], e["buyerClaimable"]) == (SELLER_AMOUNT, 0)
-    esc.reverts(esc.escrow.functions.withdraw(agreement_id), acc.stranger, "PayoutFailed")
+    esc.reverts(esc.fn("withdraw", agreement_id), acc.stranger, "PayoutFailed")
 
     esc.unblacklist(acc.seller)
-    receipt = esc.tx(esc.escrow.functions.withdraw(agreement_id), acc.stranger)
+    receipt = esc.tx(esc.fn("withdraw", agreement_id), acc.stranger)
     assert [(w["party"], w["amount"]) for w in esc.events(receipt, "Withdrawn")] == [
         (acc.seller.address, SELLER_AMOUNT)
     ]
-    assert esc.balance(esc.escrow.address) == 0
+    assert esc.held() == 0
 
 
 def test_resolved_dispute_with_blocked_seller(esc, chain):
@@ -115,16 +115,16 @@ def test_resolved_dispute_with_blocked_seller(esc, chain):
     typed, _ = esc.activate(challenge_window=WINDOW)
     agreement_id = typed["message"]["agreementId"]
     esc.propose(agreement_id, 1, 900_000)
-    esc.tx(esc.escrow.functions.challenge(agreement_id), acc.buyer)
-    esc.tx(esc.escrow.functions.resolve(agreement_id, 300_000), acc.arbiter)
+    esc.tx(esc.fn("challenge", agreement_id), acc.buyer)
+    esc.tx(esc.fn("resolve", agreement_id, 300_000), acc.arbiter)
     esc.blacklist(acc.seller)
     buyer_before = esc.balance(acc.buyer)
     receipt = _finalize(esc, agreement_id)
     assert esc.event(receipt, "PayoutDeferred")["amount"] == 300_000
     assert esc.balance(acc.buyer) - buyer_before == 700_000
     esc.unblacklist(acc.seller)
-    esc.tx(esc.escrow.functions.withdraw(agreement_id), acc.seller)
-    assert esc.balance(esc.escrow.address) == 0
+    esc.tx(esc.fn("withdraw", agreement_id), acc.seller)
+    assert esc.held() == 0
 
 
 def test_reclaim_to_blocked_buyer(esc, chain):
@@ -133,34 +133,34 @@ def test_reclaim_to_blocked_buyer(esc, chain):
     agreement_id = typed["message"]["agreementId"]
     esc.blacklist(acc.buyer)
     chain.set_next_timestamp(esc.get(agreement_id)["reclaimAfter"])
-    receipt = esc.tx(esc.escrow.functions.reclaim(agreement_id), acc.stranger)
+    receipt = esc.tx(esc.fn("reclaim", agreement_id), acc.stranger)
     assert esc.event(receipt, "Reclaimed")["amount"] == 1_000_000
     assert esc.event(receipt, "PayoutDeferred")["amount"] == 1_000_000
     e = esc.get(agreement_id)
     assert (e["state"], e["buyerClaimable"]) == ("Reclaimed", 1_000_000)
-    esc.reverts(esc.escrow.functions.withdraw(agreement_id), acc.buyer, "PayoutFailed")
+    esc.reverts(esc.fn("withdraw", agreement_id), acc.buyer, "PayoutFailed")
     esc.unblacklist(acc.buyer)
-    esc.tx(esc.escrow.functions.withdraw(agreement_id), acc.buyer)
+    esc.tx(esc.fn("withdraw", agreement_id), acc.buyer)
     assert esc.balance(acc.buyer) == 1_000_000
-    assert esc.balance(esc.escrow.address) == 0
+    assert esc.held() == 0
 
 
 def test_withdraw_with_nothing_credited(esc, proposed):
     esc.reverts(
-        esc.escrow.functions.withdraw(proposed["agreementId"]), esc.acc.buyer, "NothingToWithdraw",
+        esc.fn("withdraw", proposed["agreementId"]), esc.acc.buyer, "NothingToWithdraw",
         proposed["agreementId"],
     )
     _finalize(esc, proposed["agreementId"])
-    esc.reverts(esc.escrow.functions.withdraw(proposed["agreementId"]), esc.acc.buyer, "NothingToWithdraw")
+    esc.reverts(esc.fn("withdraw", proposed["agreementId"]), esc.acc.buyer, "NothingToWithdraw")
     unknown = random_bytes32()
-    esc.reverts(esc.escrow.functions.withdraw(unknown), esc.acc.buyer, "NothingToWithdraw", unknown)
+    esc.reverts(esc.fn("withdraw", unknown), esc.acc.buyer, "NothingToWithdraw", unknown)
 
 
 def test_a_starved_gas_limit_cannot_force_a_deferral(esc, chain, proposed):
     """A caller who sends finalize with just enough gas for the outer call but too little for the token
     transfer must not be able to turn a payable party into a deferred one: such calls revert."""
     agreement_id = proposed["agreementId"]
-    fn = esc.escrow.functions.finalize(agreement_id)
+    fn = esc.fn("finalize", agreement_id)
     needed = fn.estimate_gas({"from": esc.acc.stranger.address})
     outcomes = set()
     for gas in [*range(45_000, needed, 1_500), needed, needed + 50_000]:

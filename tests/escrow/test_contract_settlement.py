@@ -84,9 +84,9 @@ def test_bad_receipt_signature(esc, active):
         "0x",
     ]
     for signature in cases:
-        fn = esc.escrow.functions.proposeSettlement(agreement_id, 1, 500, digest, signature)
+        fn = esc.fn("proposeSettlement", agreement_id, 1, 500, digest, signature)
         esc.reverts(fn, esc.acc.operator, "InvalidReceiptSignature")
-    esc.tx(esc.escrow.functions.proposeSettlement(agreement_id, 1, 500, digest, good), esc.acc.operator)
+    esc.tx(esc.fn("proposeSettlement", agreement_id, 1, 500, digest, good), esc.acc.operator)
 
 
 def test_propose_unknown_agreement(esc):
@@ -136,12 +136,12 @@ def test_first_proposal_only_before_reclaim_opens(esc, chain, active):
 def test_finalize_before_window_end(esc, chain, active):
     event = _proposed(esc, active)
     esc.reverts(
-        esc.escrow.functions.finalize(active["agreementId"]), esc.acc.stranger, "ChallengeWindowOpen",
+        esc.fn("finalize", active["agreementId"]), esc.acc.stranger, "ChallengeWindowOpen",
         event["challengeDeadline"],
     )
     chain.set_next_timestamp(event["challengeDeadline"] - 1)
     chain.mine()
-    esc.reverts(esc.escrow.functions.finalize(active["agreementId"]), esc.acc.stranger, "ChallengeWindowOpen")
+    esc.reverts(esc.fn("finalize", active["agreementId"]), esc.acc.stranger, "ChallengeWindowOpen")
 
 
 def test_finalize_pays_both_parties(esc, chain, active):
@@ -149,7 +149,7 @@ def test_finalize_pays_both_parties(esc, chain, active):
     event = _proposed(esc, active, amount=400_000)
     seller_before, buyer_before = esc.balance(acc.seller), esc.balance(acc.buyer)
     chain.set_next_timestamp(event["challengeDeadline"])  # the window's end is inclusive for finalize
-    receipt = esc.tx(esc.escrow.functions.finalize(active["agreementId"]), acc.stranger)
+    receipt = esc.tx(esc.fn("finalize", active["agreementId"]), acc.stranger)
     assert esc.event(receipt, "Settled") == {
         "agreementId": bytes.fromhex(active["agreementId"][2:]),
         "sellerAmount": 400_000,
@@ -158,7 +158,7 @@ def test_finalize_pays_both_parties(esc, chain, active):
     assert esc.events(receipt, "PayoutDeferred") == []
     assert esc.balance(acc.seller) - seller_before == 400_000
     assert esc.balance(acc.buyer) - buyer_before == 600_000
-    assert esc.balance(esc.escrow.address) == 0
+    assert esc.held() == 0
     e = esc.get(active["agreementId"])
     assert e["state"] == "Settled" and e["sellerClaimable"] == 0 and e["buyerClaimable"] == 0
 
@@ -166,20 +166,20 @@ def test_finalize_pays_both_parties(esc, chain, active):
 def test_double_finalize(esc, chain, active):
     event = _proposed(esc, active)
     chain.set_next_timestamp(event["challengeDeadline"])
-    esc.tx(esc.escrow.functions.finalize(active["agreementId"]), esc.acc.stranger)
+    esc.tx(esc.fn("finalize", active["agreementId"]), esc.acc.stranger)
     esc.reverts(
-        esc.escrow.functions.finalize(active["agreementId"]), esc.acc.stranger, "InvalidState",
+        esc.fn("finalize", active["agreementId"]), esc.acc.stranger, "InvalidState",
         active["agreementId"], 5,
     )
 
 
 def test_finalize_without_proposal(esc, active):
     esc.reverts(
-        esc.escrow.functions.finalize(active["agreementId"]), esc.acc.operator, "InvalidState",
+        esc.fn("finalize", active["agreementId"]), esc.acc.operator, "InvalidState",
         active["agreementId"], 1,
     )
     unknown = random_bytes32()
-    esc.reverts(esc.escrow.functions.finalize(unknown), esc.acc.operator, "InvalidState", unknown, 0)
+    esc.reverts(esc.fn("finalize", unknown), esc.acc.operator, "InvalidState", unknown, 0)
 
 
 @pytest.mark.parametrize("amount", [0, 1, 999_999, 1_000_000])
@@ -187,7 +187,7 @@ def test_finalize_amount_edges(esc, chain, active, amount):
     event = _proposed(esc, active, amount=amount)
     seller_before, buyer_before = esc.balance(esc.acc.seller), esc.balance(esc.acc.buyer)
     chain.set_next_timestamp(event["challengeDeadline"])
-    esc.tx(esc.escrow.functions.finalize(active["agreementId"]), esc.acc.stranger)
+    esc.tx(esc.fn("finalize", active["agreementId"]), esc.acc.stranger)
     assert esc.balance(esc.acc.seller) - seller_before == amount
     assert esc.balance(esc.acc.buyer) - buyer_before == 1_000_000 - amount
 
@@ -197,30 +197,30 @@ def test_finalize_amount_edges(esc, chain, active, amount):
 
 def test_buyer_challenges_within_window(esc, active):
     _proposed(esc, active)
-    receipt = esc.tx(esc.escrow.functions.challenge(active["agreementId"]), esc.acc.buyer)
+    receipt = esc.tx(esc.fn("challenge", active["agreementId"]), esc.acc.buyer)
     assert esc.event(receipt, "Challenged") == {
         "agreementId": bytes.fromhex(active["agreementId"][2:]),
         "buyer": esc.acc.buyer.address,
     }
     assert esc.state(active["agreementId"]) == "Disputed"
     # no more challenges, proposals or finalize while disputed
-    esc.reverts(esc.escrow.functions.challenge(active["agreementId"]), esc.acc.buyer, "InvalidState")
+    esc.reverts(esc.fn("challenge", active["agreementId"]), esc.acc.buyer, "InvalidState")
     esc.reverts(esc.propose_fn(active["agreementId"], 2, 1), esc.acc.operator, "InvalidState")
-    esc.reverts(esc.escrow.functions.finalize(active["agreementId"]), esc.acc.operator, "InvalidState")
-    esc.reverts(esc.escrow.functions.reclaim(active["agreementId"]), esc.acc.operator, "InvalidState")
+    esc.reverts(esc.fn("finalize", active["agreementId"]), esc.acc.operator, "InvalidState")
+    esc.reverts(esc.fn("reclaim", active["agreementId"]), esc.acc.operator, "InvalidState")
 
 
 @pytest.mark.parametrize("who", ["seller", "operator", "stranger", "arbiter"])
 def test_only_buyer_challenges(esc, active, who):
     _proposed(esc, active)
     caller = getattr(esc.acc, who)
-    esc.reverts(esc.escrow.functions.challenge(active["agreementId"]), caller, "NotBuyer", caller.address)
+    esc.reverts(esc.fn("challenge", active["agreementId"]), caller, "NotBuyer", caller.address)
 
 
 def test_challenge_after_window(esc, chain, active):
     event = _proposed(esc, active)
     chain.set_next_timestamp(event["challengeDeadline"] - 1)
-    esc.tx(esc.escrow.functions.challenge(active["agreementId"]), esc.acc.buyer)  # last second: accepted
+    esc.tx(esc.fn("challenge", active["agreementId"]), esc.acc.buyer)  # last second: accepted
 
     typed, _ = esc.activate(challenge_window=WINDOW)
     other = typed["message"]
@@ -228,14 +228,14 @@ def test_challenge_after_window(esc, chain, active):
     chain.set_next_timestamp(event["challengeDeadline"])
     chain.mine()
     esc.reverts(
-        esc.escrow.functions.challenge(other["agreementId"]), esc.acc.buyer, "ChallengeWindowClosed",
+        esc.fn("challenge", other["agreementId"]), esc.acc.buyer, "ChallengeWindowClosed",
         event["challengeDeadline"],
     )
 
 
 def test_challenge_before_proposal(esc, active):
     esc.reverts(
-        esc.escrow.functions.challenge(active["agreementId"]), esc.acc.buyer, "InvalidState",
+        esc.fn("challenge", active["agreementId"]), esc.acc.buyer, "InvalidState",
         active["agreementId"], 1,
     )
 
@@ -244,7 +244,7 @@ def test_challenge_with_signature(esc, chain, active):
     _proposed(esc, active)
     deadline = chain.now() + 300
     signature = esc.challenge_sig(active["agreementId"], deadline)
-    fn = esc.escrow.functions.challengeWithSig(active["agreementId"], deadline, signature)
+    fn = esc.fn("challengeWithSig", active["agreementId"], deadline, signature)
     receipt = esc.tx(fn, esc.acc.operator)
     assert esc.event(receipt, "Challenged")["buyer"] == esc.acc.buyer.address
     assert esc.state(active["agreementId"]) == "Disputed"
@@ -257,14 +257,14 @@ def test_challenge_with_signature_wrong_signer(esc, chain, active):
     deadline = chain.now() + 300
     for signer in (esc.acc.seller, esc.acc.operator, esc.acc.stranger):
         signature = esc.challenge_sig(active["agreementId"], deadline, signer=signer)
-        fn = esc.escrow.functions.challengeWithSig(active["agreementId"], deadline, signature)
+        fn = esc.fn("challengeWithSig", active["agreementId"], deadline, signature)
         esc.reverts(fn, esc.acc.operator, "InvalidBuyerSignature")
     # a buyer's signature for another agreement or another deadline does not fit
     signature = esc.challenge_sig(random_bytes32(), deadline)
-    fn = esc.escrow.functions.challengeWithSig(active["agreementId"], deadline, signature)
+    fn = esc.fn("challengeWithSig", active["agreementId"], deadline, signature)
     esc.reverts(fn, esc.acc.operator, "InvalidBuyerSignature")
     signature = esc.challenge_sig(active["agreementId"], deadline + 1)
-    fn = esc.escrow.functions.challengeWithSig(active["agreementId"], deadline, signature)
+    fn = esc.fn("challengeWithSig", active["agreementId"], deadline, signature)
     esc.reverts(fn, esc.acc.operator, "InvalidBuyerSignature")
 
 
@@ -274,7 +274,7 @@ def test_challenge_with_expired_signature(esc, chain, active):
     signature = esc.challenge_sig(active["agreementId"], deadline)
     chain.set_next_timestamp(deadline + 1)
     chain.mine()
-    fn = esc.escrow.functions.challengeWithSig(active["agreementId"], deadline, signature)
+    fn = esc.fn("challengeWithSig", active["agreementId"], deadline, signature)
     esc.reverts(fn, esc.acc.operator, "SignatureExpired", deadline)
 
 
@@ -284,17 +284,17 @@ def test_challenge_with_signature_after_window(esc, chain, active):
     signature = esc.challenge_sig(active["agreementId"], deadline)
     chain.set_next_timestamp(event["challengeDeadline"])
     chain.mine()
-    fn = esc.escrow.functions.challengeWithSig(active["agreementId"], deadline, signature)
+    fn = esc.fn("challengeWithSig", active["agreementId"], deadline, signature)
     esc.reverts(fn, esc.acc.operator, "ChallengeWindowClosed")
 
 
 def test_challenge_with_signature_unknown_or_unproposed(esc, chain, active):
     deadline = chain.now() + 300
     unknown = random_bytes32()
-    fn = esc.escrow.functions.challengeWithSig(unknown, deadline, esc.challenge_sig(unknown, deadline))
+    fn = esc.fn("challengeWithSig", unknown, deadline, esc.challenge_sig(unknown, deadline))
     esc.reverts(fn, esc.acc.operator, "InvalidState", unknown, 0)
     signature = esc.challenge_sig(active["agreementId"], deadline)
-    fn = esc.escrow.functions.challengeWithSig(active["agreementId"], deadline, signature)
+    fn = esc.fn("challengeWithSig", active["agreementId"], deadline, signature)
     esc.reverts(fn, esc.acc.operator, "InvalidState", active["agreementId"], 1)
 
 
@@ -304,7 +304,7 @@ def test_challenge_with_signature_unknown_or_unproposed(esc, chain, active):
 @pytest.fixture
 def disputed(esc, active):
     _proposed(esc, active, amount=700_000)
-    esc.tx(esc.escrow.functions.challenge(active["agreementId"]), esc.acc.buyer)
+    esc.tx(esc.fn("challenge", active["agreementId"]), esc.acc.buyer)
     return active
 
 
@@ -313,27 +313,27 @@ def test_resolve_only_by_arbiter(esc, disputed, who):
     caller = getattr(esc.acc, who)
     role = esc.escrow.functions.ARBITER_ROLE().call()
     esc.reverts(
-        esc.escrow.functions.resolve(disputed["agreementId"], 1), caller, "AccessControlUnauthorizedAccount",
+        esc.fn("resolve", disputed["agreementId"], 1), caller, "AccessControlUnauthorizedAccount",
         caller.address, role,
     )
 
 
 def test_resolve_over_deposit(esc, disputed):
     esc.reverts(
-        esc.escrow.functions.resolve(disputed["agreementId"], 1_000_001), esc.acc.arbiter,
+        esc.fn("resolve", disputed["agreementId"], 1_000_001), esc.acc.arbiter,
         "AmountExceedsDeposit", 1_000_001, 1_000_000,
     )
 
 
 def test_resolve_only_when_disputed(esc, active):
-    esc.reverts(esc.escrow.functions.resolve(active["agreementId"], 1), esc.acc.arbiter, "InvalidState")
+    esc.reverts(esc.fn("resolve", active["agreementId"], 1), esc.acc.arbiter, "InvalidState")
     _proposed(esc, active)
-    esc.reverts(esc.escrow.functions.resolve(active["agreementId"], 1), esc.acc.arbiter, "InvalidState")
+    esc.reverts(esc.fn("resolve", active["agreementId"], 1), esc.acc.arbiter, "InvalidState")
 
 
 def test_resolve_then_finalize(esc, chain, disputed):
     agreement_id = disputed["agreementId"]
-    receipt = esc.tx(esc.escrow.functions.resolve(agreement_id, 250_000), esc.acc.arbiter)
+    receipt = esc.tx(esc.fn("resolve", agreement_id, 250_000), esc.acc.arbiter)
     assert esc.event(receipt, "Resolved") == {
         "agreementId": bytes.fromhex(agreement_id[2:]),
         "arbiter": esc.acc.arbiter.address,
@@ -342,13 +342,13 @@ def test_resolve_then_finalize(esc, chain, disputed):
     }
     e = esc.get(agreement_id)
     assert (e["state"], e["settledAmount"]) == ("Resolved", 250_000)
-    esc.reverts(esc.escrow.functions.resolve(agreement_id, 1), esc.acc.arbiter, "InvalidState")
+    esc.reverts(esc.fn("resolve", agreement_id, 1), esc.acc.arbiter, "InvalidState")
     seller_before, buyer_before = esc.balance(esc.acc.seller), esc.balance(esc.acc.buyer)
-    receipt = esc.tx(esc.escrow.functions.finalize(agreement_id), esc.acc.stranger)  # no waiting needed
+    receipt = esc.tx(esc.fn("finalize", agreement_id), esc.acc.stranger)  # no waiting needed
     assert esc.event(receipt, "Settled")["sellerAmount"] == 250_000
     assert esc.balance(esc.acc.seller) - seller_before == 250_000
     assert esc.balance(esc.acc.buyer) - buyer_before == 750_000
-    esc.reverts(esc.escrow.functions.finalize(agreement_id), esc.acc.stranger, "InvalidState")
+    esc.reverts(esc.fn("finalize", agreement_id), esc.acc.stranger, "InvalidState")
 
 
 # ------------------------------------------------------------------ reclaim
@@ -357,13 +357,13 @@ def test_resolve_then_finalize(esc, chain, disputed):
 def test_reclaim_too_early(esc, chain, active):
     agreement_id = active["agreementId"]
     reclaim_after = esc.get(agreement_id)["reclaimAfter"]
-    esc.reverts(esc.escrow.functions.reclaim(agreement_id), esc.acc.stranger, "ReclaimNotYetAllowed", reclaim_after)
+    esc.reverts(esc.fn("reclaim", agreement_id), esc.acc.stranger, "ReclaimNotYetAllowed", reclaim_after)
     chain.set_next_timestamp(active["expiresAt"])  # expired, but the grace period is not over
     chain.mine()
-    esc.reverts(esc.escrow.functions.reclaim(agreement_id), esc.acc.stranger, "ReclaimNotYetAllowed")
+    esc.reverts(esc.fn("reclaim", agreement_id), esc.acc.stranger, "ReclaimNotYetAllowed")
     chain.set_next_timestamp(reclaim_after - 1)
     chain.mine()
-    esc.reverts(esc.escrow.functions.reclaim(agreement_id), esc.acc.stranger, "ReclaimNotYetAllowed")
+    esc.reverts(esc.fn("reclaim", agreement_id), esc.acc.stranger, "ReclaimNotYetAllowed")
 
 
 def test_reclaim_returns_the_deposit(esc, chain, active):
@@ -371,7 +371,7 @@ def test_reclaim_returns_the_deposit(esc, chain, active):
     reclaim_after = esc.get(agreement_id)["reclaimAfter"]
     buyer_before = esc.balance(esc.acc.buyer)
     chain.set_next_timestamp(reclaim_after)
-    receipt = esc.tx(esc.escrow.functions.reclaim(agreement_id), esc.acc.stranger)
+    receipt = esc.tx(esc.fn("reclaim", agreement_id), esc.acc.stranger)
     assert esc.event(receipt, "Reclaimed") == {
         "agreementId": bytes.fromhex(agreement_id[2:]),
         "buyer": esc.acc.buyer.address,
@@ -379,9 +379,9 @@ def test_reclaim_returns_the_deposit(esc, chain, active):
     }
     assert esc.balance(esc.acc.buyer) - buyer_before == 1_000_000
     assert esc.state(agreement_id) == "Reclaimed"
-    esc.reverts(esc.escrow.functions.reclaim(agreement_id), esc.acc.stranger, "InvalidState", agreement_id, 6)
+    esc.reverts(esc.fn("reclaim", agreement_id), esc.acc.stranger, "InvalidState", agreement_id, 6)
     esc.reverts(esc.propose_fn(agreement_id, 1, 1), esc.acc.operator, "InvalidState")
-    esc.reverts(esc.escrow.functions.finalize(agreement_id), esc.acc.operator, "InvalidState")
+    esc.reverts(esc.fn("finalize", agreement_id), esc.acc.operator, "InvalidState")
 
 
 def test_reclaim_after_settlement_proposed(esc, chain, active):
@@ -389,12 +389,12 @@ def test_reclaim_after_settlement_proposed(esc, chain, active):
     _proposed(esc, active)
     chain.set_next_timestamp(esc.get(agreement_id)["reclaimAfter"] + 10)
     chain.mine()
-    esc.reverts(esc.escrow.functions.reclaim(agreement_id), esc.acc.stranger, "InvalidState", agreement_id, 2)
+    esc.reverts(esc.fn("reclaim", agreement_id), esc.acc.stranger, "InvalidState", agreement_id, 2)
 
 
 def test_reclaim_unknown(esc):
     unknown = random_bytes32()
-    esc.reverts(esc.escrow.functions.reclaim(unknown), esc.acc.stranger, "InvalidState", unknown, 0)
+    esc.reverts(esc.fn("reclaim", unknown), esc.acc.stranger, "InvalidState", unknown, 0)
 
 
 # ------------------------------------------------------------------ the money invariant
@@ -415,15 +415,16 @@ def _run(esc, chain, path: str, seller_amount: int):
         event = esc.propose(agreement_id, 1, seller_amount)
         deadline = esc.event(event, "SettlementProposed")["challengeDeadline"]
         chain.set_next_timestamp(deadline)
-        esc.tx(esc.escrow.functions.finalize(agreement_id), acc.stranger)
+        esc.tx(esc.fn("finalize", agreement_id), acc.stranger)
     elif path == "disputed":
         esc.propose(agreement_id, 1, msg["depositAmount"])
-        esc.tx(esc.escrow.functions.challenge(agreement_id), acc.buyer)
-        esc.tx(esc.escrow.functions.resolve(agreement_id, seller_amount), acc.arbiter)
-        esc.tx(esc.escrow.functions.finalize(agreement_id), acc.stranger)
+        esc.tx(esc.fn("challenge", agreement_id), acc.buyer)
+        esc.tx(esc.fn("resolve", agreement_id, seller_amount), acc.arbiter)
+        esc.tx(esc.fn("finalize", agreement_id), acc.stranger)
     elif path == "reclaimed":
         chain.set_next_timestamp(esc.get(agreement_id)["reclaimAfter"])
-        esc.tx(esc.escrow.functions.reclaim(agreement_id), acc.stranger)
+        esc.tx(esc.fn("reclaim", agreement_id), acc.stranger)
+    esc.pay_fees()
     after = [esc.balance(w) for w in watched]
     deltas = [a - b for a, b in zip(after, before, strict=True)]
     return msg["depositAmount"], msg["infraFee"], deltas
@@ -457,6 +458,51 @@ def test_settling_one_escrow_leaves_others_untouched(esc, chain):
     b, _ = esc.activate(buyer=esc.acc.buyer2, quantity=5, price_per_unit=200_000, challenge_window=WINDOW)
     receipt = esc.propose(a["message"]["agreementId"], 1, 1_000_000)
     chain.set_next_timestamp(esc.event(receipt, "SettlementProposed")["challengeDeadline"])
-    esc.tx(esc.escrow.functions.finalize(a["message"]["agreementId"]), esc.acc.stranger)
-    assert esc.balance(esc.escrow.address) == b["message"]["depositAmount"]
+    esc.tx(esc.fn("finalize", a["message"]["agreementId"]), esc.acc.stranger)
+    assert esc.held() == b["message"]["depositAmount"]
     assert esc.state(b["message"]["agreementId"]) == "Active"
+
+
+# ------------------------------------------------------------------ the terms every call carries
+
+
+@pytest.mark.parametrize("field", range(8))
+def test_calls_with_terms_not_the_escrows_revert(esc, chain, active, field):
+    """The contract keeps only a digest of the terms: a call carrying any other value in any field is refused,
+    in every state where the terms are used."""
+    agreement_id = active["agreementId"]
+    terms = list(esc.terms(agreement_id))
+    terms[field] = esc.acc.stranger.address if isinstance(terms[field], str) else terms[field] + 1
+    forged = tuple(terms)
+    fns = esc.escrow.functions
+    digest = random_bytes32()
+    signature = esc.receipt_sig(agreement_id, 1, 1, digest)
+    esc.reverts(fns.proposeSettlement(agreement_id, forged, 1, 1, digest, signature), esc.acc.operator,
+                "TermsMismatch", agreement_id)
+    esc.reverts(fns.getEscrow(agreement_id, forged), esc.acc.stranger, "TermsMismatch", agreement_id)
+    esc.propose(agreement_id, 1, 1)
+    deadline = chain.now() + 100
+    esc.reverts(fns.challenge(agreement_id, forged), esc.acc.buyer, "TermsMismatch", agreement_id)
+    esc.reverts(fns.challengeWithSig(agreement_id, forged, deadline, esc.challenge_sig(agreement_id, deadline)),
+                esc.acc.stranger, "TermsMismatch", agreement_id)
+    esc.tx(esc.fn("challenge", agreement_id), esc.acc.buyer)
+    esc.reverts(fns.resolve(agreement_id, forged, 1), esc.acc.arbiter, "TermsMismatch", agreement_id)
+    esc.tx(esc.fn("resolve", agreement_id, 1), esc.acc.arbiter)
+    esc.reverts(fns.finalize(agreement_id, forged), esc.acc.stranger, "TermsMismatch", agreement_id)
+
+
+def test_reclaim_and_withdraw_check_the_terms(esc, chain, active):
+    agreement_id = active["agreementId"]
+    terms = list(esc.terms(agreement_id))
+    terms[0] = esc.acc.stranger.address  # the buyer: a refund to someone else
+    forged = tuple(terms)
+    chain.set_next_timestamp(esc.get(agreement_id)["reclaimAfter"])
+    chain.mine()
+    esc.reverts(esc.escrow.functions.reclaim(agreement_id, forged), esc.acc.stranger, "TermsMismatch", agreement_id)
+    esc.blacklist(esc.acc.buyer)
+    esc.tx(esc.fn("reclaim", agreement_id), esc.acc.stranger)
+    assert esc.get(agreement_id)["buyerClaimable"] == active["depositAmount"]
+    esc.unblacklist(esc.acc.buyer)
+    esc.reverts(esc.escrow.functions.withdraw(agreement_id, forged), esc.acc.stranger, "TermsMismatch", agreement_id)
+    esc.tx(esc.fn("withdraw", agreement_id), esc.acc.stranger)
+    assert esc.get(agreement_id)["buyerClaimable"] == 0

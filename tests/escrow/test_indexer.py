@@ -16,6 +16,7 @@ from sdk import typed_data as td
 from sdk.typed_data import sign_typed_data
 from tests.conftest import error_code
 from tests.escrow.flow import USDC, Parties, confirm_all, sign_activation, usdc_balance
+from tests.escrow.conftest import escrow_terms
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -48,7 +49,7 @@ def seller_proposes_directly(parties, chain, *, seq: int | None = None):
     last = max(events, key=lambda event: event["seq"]) if seq is None else next(
         event for event in events if event["seq"] == seq)
     mined(chain, chain.escrow.functions.proposeSettlement(
-        parties.onchain_id, last["seq"], last["cumulative_atomic"], last["usage_digest"], last["receipt_signature"],
+        parties.onchain_id, escrow_terms(chain.escrow, parties.onchain_id), last["seq"], last["cumulative_atomic"], last["usage_digest"], last["receipt_signature"],
     ).transact({"from": parties.seller_account.address}))
     return last
 
@@ -103,7 +104,7 @@ def test_buyer_reclaims_directly_after_expiry(funded, escrow_chain, django_captu
     balance = usdc_balance(chain, funded.buyer_account.address)
     expires_at = int(UsageAgreement.objects.get(pk=funded.agreement_id).expires_at.timestamp())
     chain.increase_time(expires_at + chain.reclaim_grace - chain.now() + 1)
-    mined(chain, chain.escrow.functions.reclaim(funded.onchain_id).transact({"from": funded.buyer_account.address}))
+    mined(chain, chain.escrow.functions.reclaim(funded.onchain_id, escrow_terms(chain.escrow, funded.onchain_id)).transact({"from": funded.buyer_account.address}))
 
     index(capture)
     refunded = funded.agreement(funded.agreement_id)
@@ -121,7 +122,9 @@ def test_anyone_finalizes_after_the_window(funded, escrow_chain, django_capture_
     seller_proposes_directly(funded, chain)
     index(capture)
     chain.increase_time(3601)
-    mined(chain, chain.escrow.functions.finalize(funded.onchain_id).transact({"from": chain.accounts.stranger.address}))
+    terms = escrow_terms(chain.escrow, funded.onchain_id)
+    mined(chain, chain.escrow.functions.finalize(funded.onchain_id, terms).transact(
+        {"from": chain.accounts.stranger.address}))
 
     index(capture)
     settled = funded.agreement(funded.agreement_id)

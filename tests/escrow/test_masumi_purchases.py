@@ -10,7 +10,7 @@ from escrow import purchases, settlement
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import UserFactory, issue_owner_token
 from tests.conftest import Api, error_code
-from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock, sign_activation, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock, pay_fees, sign_activation, usdc_balance
 from tests.support.masumi_service import MasumiService, result_for
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -85,6 +85,7 @@ class Purchase:
 
     def assert_moved(self, *, seller: int, buyer: int) -> None:
         """On-chain balances against the ones before the purchase: the fee is taken once, the escrow is empty."""
+        pay_fees(self.chain)
         after = self.read_balances()
         assert after["seller"] - self.balances["seller"] == seller
         assert after["buyer"] - self.balances["buyer"] == buyer - PRICE - FEE

@@ -16,6 +16,7 @@ from escrow.models import ChainEvent, IndexerCursor
 from tests.escrow.flow import confirm_all
 from tests.faults.conftest import assert_reconciled, database_url
 from tests.faults.processes import BIN, Service, wait_until
+from tests.escrow.conftest import escrow_terms
 
 pytestmark = [pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -39,7 +40,7 @@ def seller_proposes_directly(parties, agreement_id) -> None:
     last = max(events, key=lambda event: event["seq"])
     onchain_id = UsageAgreement.objects.get(pk=agreement_id).onchain_id
     tx_hash = parties.chain.escrow.functions.proposeSettlement(
-        onchain_id, last["seq"], last["cumulative_atomic"], last["usage_digest"], last["receipt_signature"],
+        onchain_id, escrow_terms(parties.chain.escrow, onchain_id), last["seq"], last["cumulative_atomic"], last["usage_digest"], last["receipt_signature"],
     ).transact({"from": parties.seller_account.address})
     assert parties.chain.w3.eth.wait_for_transaction_receipt(tx_hash)["status"] == 1
 

@@ -8,6 +8,7 @@ import pytest
 
 from tests.faults.conftest import assert_books_balance, assert_each_transaction_sent_once, assert_reconciled
 from tests.faults.processes import wait_until
+from tests.escrow.flow import pay_fees
 
 pytestmark = [pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -67,6 +68,7 @@ def test_killed_while_proposing_and_finalizing_the_settlement(stack, parties, up
     settled = parties.agreement(agreement["id"])
     price = parties.service.unit_price
     assert (settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (5 * price, 45 * price)
+    pay_fees(stack.chain)  # the fee accrued in the escrow goes to the fee recipient
     assert stack.chain.usdc.functions.balanceOf(stack.chain.addresses["escrow"]).call() == 0
     assert_reconciled()
 

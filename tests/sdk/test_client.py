@@ -18,7 +18,7 @@ from django.utils import timezone
 from escrow import relayer, settlement
 from sdk import MarketplaceClient, MarketplaceError
 from tests.catalog.factories import AgentFactory, issue_key, service_data
-from tests.escrow.flow import USDC, fund, network_of, usdc_balance
+from tests.escrow.flow import USDC, fund, network_of, pay_fees, usdc_balance
 
 
 def agent_client(base_url: str, *, wallet: str | None = None, buyer: bool = True, seller: bool = False,
@@ -87,6 +87,7 @@ def test_propose_accept_activate_and_wait_until_active(live_server, escrow_chain
         assert int(status["onchain"]["depositAmount"]) == 2 * USDC
         assert [tx["status"] for tx in status["transactions"]] == ["confirmed"]
         assert status["activation_tx_hash"] == status["transactions"][0]["tx_hash"]
+    pay_fees(chain)  # the fee accrued in the escrow goes to the fee recipient
     after = [usdc_balance(chain, a) for a in (buyer_wallet.address, fee_recipient, escrow_address)]
     assert after == [before[0] - 2 * USDC - 100_000, before[1] + 100_000, before[2] + 2 * USDC]
 

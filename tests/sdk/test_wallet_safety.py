@@ -22,6 +22,7 @@ from sdk.networks import UntrustedConfiguration
 from tests.catalog.factories import AgentFactory, issue_key, service_data
 from tests.escrow.flow import USDC, fund, network_of
 from tests.sdk.test_client import agent_client, relayer_polling
+from tests.escrow.conftest import escrow_terms
 
 pytestmark = pytest.mark.chain
 
@@ -296,7 +297,7 @@ def test_verify_usage_checks_the_listing_against_the_chain(market, hostile, escr
                                            agreement_id=onchain_id, seq=4, cumulative_amount=80_000,
                                            usage_digest="0x" + "77" * 32)
     chain.escrow.functions.proposeSettlement(
-        onchain_id, 4, 80_000, "0x" + "77" * 32, receipts.sign_receipt(chain.accounts.receipt_signer.key, higher),
+        onchain_id, escrow_terms(chain.escrow, onchain_id), 4, 80_000, "0x" + "77" * 32, receipts.sign_receipt(chain.accounts.receipt_signer.key, higher),
     ).transact({"from": chain.accounts.seller.address})
     with pytest.raises(receipts.SettlementProposalMismatch):
         buyer.verify_usage(agreement)

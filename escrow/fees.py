@@ -1,0 +1,70 @@
+"""Infra fees on-chain: the contract accrues each activation's fee per token (`feesAccrued`) and pays it all to
+its fee recipient in one `payFees(token)`. `fees_pay` (a beat task) queues that call through the relayer when a
+token's accrued fee is above zero, one call under way at a time (a database constraint keeps it so)."""
+
+import logging
+
+from django.db import IntegrityError, transaction
+from web3 import Web3
+from web3.logs import DISCARD
+
+from agreements.models import UsageAgreement
+from escrow import chain, relayer
+from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from marketplace import chainconfig
+
+logger = logging.getLogger(__name__)
+
+
+def _fee_tokens() -> list[str]:
+    """The tokens agreements were made in (a blank token is the default one), checksummed, in a stable order."""
+    addresses = UsageAgreement.objects.values_list("token_address", flat=True).distinct()
+    return sorted({Web3.to_checksum_address(address or chain.token_address()) for address in addresses}
+                  | {Web3.to_checksum_address(chain.token_address())})
+
+
+def _fee_payment_under_way() -> bool:
+    return ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES, status__in=[
+        TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED]).exists()
+
+
+def fees_pay() -> ChainTransaction | None:
+    """Queue `payFees` for the first token with an accrued fee, unless one is under way. Safe to call repeatedly."""
+    if _fee_payment_under_way():
+        return None
+    escrow = chain.escrow_contract()
+    for token in _fee_tokens():
+        accrued = chain.call(escrow.functions.feesAccrued(token).call)  # a chain read: before any transaction
+        if accrued == 0:
+            continue
+        try:
+            with transaction.atomic():
+                return relayer.transaction_enqueue(
+                    purpose=TxPurpose.PAY_FEES, to=chainconfig.escrow_address(),
+                    data=escrow.encode_abi("payFees", args=[token]), context={"token": token, "accrued": accrued})
+        except IntegrityError:
+            return None  # another tick queued one meanwhile
+    return None
+
+
+def _fees_paid_evidence(tx: ChainTransaction) -> dict:
+    """The amount and recipient of the FeesPaid event in the receipt."""
+    if tx.status != TxStatus.CONFIRMED:
+        return {}
+    receipt = chain.w3().eth.get_transaction_receipt(tx.mined_tx_hash)
+    [paid] = chain.escrow_contract().events.FeesPaid().process_receipt(receipt, errors=DISCARD)
+    return {"amount": paid["args"]["amount"], "fee_recipient": paid["args"]["feeRecipient"]}
+
+
+def _fees_paid_outcome(tx: ChainTransaction) -> None:
+    if tx.status == TxStatus.CONFIRMED:
+        logger.info("infra fees paid", extra={"token": tx.context["token"], **tx.outcome_evidence})
+    else:  # the next run queues another while fees are accrued (e.g. someone else paid them: nothing to do)
+        logger.warning("infra fee payment failed", extra={"token": tx.context["token"],
+                                                          "reason": tx.failure_reason})
+
+
+def handlers_register() -> None:
+    """Called once, from EscrowConfig.ready()."""
+    relayer.outcome_handler_register(purpose=TxPurpose.PAY_FEES, on_outcome=_fees_paid_outcome,
+                                     read_evidence=_fees_paid_evidence)
