@@ -439,6 +439,15 @@ def _timer_arguments(data: dict) -> dict:
     return {name: data.get(masumi_name) for name, masumi_name in purchases.TIMER_NAMES.items()}
 
 
+def _request_body(serializer_class, request) -> dict:
+    """The request's body, validated, for this node's Masumi network (checked, then left out)."""
+    body = serializer_class(data=request.data)
+    body.is_valid(raise_exception=True)
+    data = dict(body.validated_data)
+    _check_network(data.pop("network"))
+    return data
+
+
 class PurchaseView(APIView):
     throttle_scope = {"POST": "payments"}
 
@@ -470,10 +479,7 @@ class PurchaseView(APIView):
                    responses={200: PurchaseCreatedEnvelope, **error_responses(403, 404, 409, 422, 429, 503)})
     @idempotent()
     def post(self, request):
-        body = PurchaseCreateSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        data = body.validated_data
-        _check_network(data["network"])
+        data = _request_body(PurchaseCreateSerializer, request)
         _check_payment_type(data.get("paymentType"))
         _check_smart_contract(data.get("smartContractAddress"))
         buyer = calling_agent(request)
@@ -504,13 +510,11 @@ class PurchaseView(APIView):
 
 
 def _request_refund(request) -> Response:
-    body = PurchaseRefundSerializer(data=request.data)
-    body.is_valid(raise_exception=True)
-    _check_network(body.validated_data["network"])
+    data = _request_body(PurchaseRefundSerializer, request)
     buyer = calling_agent(request)
-    purchase = selectors.purchase_get(buyer=buyer, blockchain_identifier=body.validated_data["blockchainIdentifier"])
+    purchase = selectors.purchase_get(buyer=buyer, blockchain_identifier=data["blockchainIdentifier"])
     purchases.purchase_request_refund(purchase=purchase, buyer=buyer,
-                                      signature=body.validated_data.get("signature"))
+                                      signature=data.get("signature"))
     return _success(purchase_payload(selectors.purchase_get_by_id(buyer=buyer, purchase_id=purchase.pk)))
 
 
@@ -532,12 +536,10 @@ class PurchaseCancelRefundRequestView(APIView):
                    summary="Masumi: withdraw a refund request that has not reached the chain",
                    responses={200: PurchaseEnvelope, **error_responses(404, 409)})
     def post(self, request):
-        body = PurchaseReferenceSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        _check_network(body.validated_data["network"])
+        data = _request_body(PurchaseReferenceSerializer, request)
         buyer = calling_agent(request)
         purchase = selectors.purchase_get(buyer=buyer,
-                                          blockchain_identifier=body.validated_data["blockchainIdentifier"])
+                                          blockchain_identifier=data["blockchainIdentifier"])
         purchases.purchase_cancel_refund_request(purchase=purchase, buyer=buyer)
         return _success(purchase_payload(selectors.purchase_get_by_id(buyer=buyer, purchase_id=purchase.pk)))
 
@@ -567,10 +569,7 @@ class PurchaseLockFundsView(APIView):
                    responses={202: PurchaseEnvelope, **error_responses(402, 404, 409, 422, 429, 503)})
     @idempotent(atomic=False)  # verifies against the chain before it writes
     def post(self, request):
-        body = PurchaseLockFundsSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        data = dict(body.validated_data)
-        _check_network(data.pop("network"))
+        data = _request_body(PurchaseLockFundsSerializer, request)
         buyer = calling_agent(request)
         purchase = selectors.purchase_get(buyer=buyer, blockchain_identifier=data.pop("blockchainIdentifier"))
         purchases.purchase_lock_funds(purchase=purchase, buyer=buyer, refund_signature=data.pop("refundSignature",
@@ -604,10 +603,7 @@ class PaymentView(APIView):
                    responses={200: PaymentEnvelope, **error_responses(404, 422, 503)})
     @idempotent()
     def post(self, request):
-        body = PaymentCreateSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        data = body.validated_data
-        _check_network(data["network"])
+        data = _request_body(PaymentCreateSerializer, request)
         _check_payment_type(data.get("paymentType"))
         seller = calling_agent(request)
         service = catalog_selectors.service_get(service_id=data["agentIdentifier"], viewer=seller)
@@ -625,11 +621,9 @@ class PaymentResolveView(APIView):
                    summary="Masumi: one of the seller's payments by blockchainIdentifier",
                    responses={200: PaymentEnvelope, **error_responses(404)})
     def post(self, request):
-        body = PaymentResolveSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        _check_network(body.validated_data["network"])
+        data = _request_body(PaymentResolveSerializer, request)
         return _success(payment_payload(selectors.payment_get(
-            seller=calling_agent(request), blockchain_identifier=body.validated_data["blockchainIdentifier"])))
+            seller=calling_agent(request), blockchain_identifier=data["blockchainIdentifier"])))
 
 
 def _paid(payment):
@@ -647,14 +641,12 @@ class PaymentSubmitResultView(APIView):
                            "committed on-chain and paid after unlockTime",
                    responses={200: PaymentEnvelope, **error_responses(404, 409, 503)})
     def post(self, request):
-        body = PaymentSubmitResultSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        _check_network(body.validated_data["network"])
+        data = _request_body(PaymentSubmitResultSerializer, request)
         seller = calling_agent(request)
-        identifier = body.validated_data["blockchainIdentifier"]
+        identifier = data["blockchainIdentifier"]
         purchase = _paid(selectors.payment_get(seller=seller, blockchain_identifier=identifier))
         purchases.payment_submit_result(seller=seller, purchase=purchase,
-                                        result_hash=body.validated_data["submitResultHash"])
+                                        result_hash=data["submitResultHash"])
         return _success(payment_payload(selectors.payment_get(seller=seller, blockchain_identifier=identifier)))
 
 
@@ -666,11 +658,9 @@ class PaymentAuthorizeRefundView(APIView):
                    summary="Masumi: the seller refunds a disputed payment wholly to the buyer",
                    responses={200: PaymentEnvelope, **error_responses(404, 409)})
     def post(self, request):
-        body = PurchaseReferenceSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        _check_network(body.validated_data["network"])
+        data = _request_body(PurchaseReferenceSerializer, request)
         seller = calling_agent(request)
-        identifier = body.validated_data["blockchainIdentifier"]
+        identifier = data["blockchainIdentifier"]
         purchase = _paid(selectors.payment_get(seller=seller, blockchain_identifier=identifier))
         purchases.payment_authorize_refund(seller=seller, purchase=purchase)
         return _success(payment_payload(selectors.payment_get(seller=seller, blockchain_identifier=identifier)))
