@@ -160,6 +160,9 @@ IDEMPOTENCY_KEY_TTL = timedelta(hours=env.int("IDEMPOTENCY_KEY_TTL_HOURS", defau
 # A claimed key whose request never finished (crashed process) may be taken over after this long.
 IDEMPOTENCY_STALE_CLAIM = timedelta(seconds=env.int("IDEMPOTENCY_STALE_CLAIM_SECONDS", default=60))
 API_KEY_LAST_USED_RESOLUTION = timedelta(seconds=60)
+# The metered proxy reads an API key, and an agreement's terms, at most this often per process: a revocation, an
+# expiry, a deactivation or a service's new upstream takes effect within it.
+CREDENTIAL_CACHE_SECONDS = env.float("CREDENTIAL_CACHE_SECONDS", default=1.0)
 
 # Tokens services may be priced in; the chain address is filled in by deployment settings below.
 DEV_CHAIN_ID = 31337  # Anvil's
