@@ -42,8 +42,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "marketplace.middleware.RequestIdMiddleware",
-    "marketplace.middleware.ApiPathMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "marketplace.middleware.HotPathMiddleware",  # the metered proxy skips what follows
+    "marketplace.middleware.ApiPathMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -322,8 +323,10 @@ REST_FRAMEWORK["NUM_PROXIES"] = env.int("TRUSTED_PROXY_COUNT", default=0)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 READINESS_TIMEOUT_SECONDS = env.float("READINESS_TIMEOUT_SECONDS", default=2.0)
 INSTALLED_APPS.append("django_prometheus")
-MIDDLEWARE = ["django_prometheus.middleware.PrometheusBeforeMiddleware", *MIDDLEWARE,
-              "django_prometheus.middleware.PrometheusAfterMiddleware"]
+# After the hot path (marketplace.middleware.HotPathMiddleware), which keeps its own metrics.
+_HOT_PATH = MIDDLEWARE.index("marketplace.middleware.HotPathMiddleware") + 1
+MIDDLEWARE = [*MIDDLEWARE[:_HOT_PATH], "django_prometheus.middleware.PrometheusBeforeMiddleware",
+              *MIDDLEWARE[_HOT_PATH:], "django_prometheus.middleware.PrometheusAfterMiddleware"]
 LOGGING["loggers"].update({"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}})
 
 # --- Hostile input (SECURITY.md, "Hostile input") -------------------------------------------------------------
