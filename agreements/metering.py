@@ -342,7 +342,7 @@ def _charge_in_two_round_trips(reservation: Reservation, charge: dict) -> UsageE
     with connection.cursor() as cursor:
         try:
             cursor.execute(f"{answered_sql}; COMMIT; BEGIN; {lock_sql}", answered_params + lock_params)
-            while cursor.description is None:  # the results of the UPDATE, COMMIT and BEGIN come first
+            for _ in range(3):  # the results of the UPDATE, COMMIT and BEGIN come first
                 cursor.nextset()
             *row, closed = cursor.fetchone()
             if not closed:
