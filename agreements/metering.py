@@ -212,30 +212,38 @@ def _chained_events(agreement: UsageAgreement, charges: list[dict], *, source: s
 
 def _insert_events(events: list[UsageEvent]) -> None:
     """`UsageEvent.objects.bulk_create(events)` without Django's per-value preparation, which was most of a batch's
-    CPU: on PostgreSQL one `INSERT ... SELECT FROM jsonb_to_recordset(<the rows as one JSON document>) RETURNING
-    id`. One JSON document (json.dumps, in C) costs a fraction of adapting one array per column value by value.
-    The record's columns are of the columns' base types (varchar, numeric), so lengths and precision are checked by
-    the insert's assignment casts, as for any INSERT; the values are the ones the chain code just computed, of the
-    columns' Python types (uuid, Decimal and datetime as their text forms)."""
+    CPU: on PostgreSQL one `_EVENTS_INSERT` statement."""
     if connection.vendor != "postgresql":
         UsageEvent.objects.bulk_create(events)
         return
+    with connection.cursor() as cursor:
+        cursor.execute(_events_insert_sql(), [_events_json(events)])
+        for event, (pk,) in zip(events, cursor.fetchall(), strict=True):
+            _event_saved(event, pk)
+
+
+@lru_cache(maxsize=1)
+def _events_insert_sql() -> str:
+    """`INSERT ... SELECT FROM jsonb_to_recordset(<the rows as one JSON document>) RETURNING id`: one JSON document
+    (json.dumps, in C) costs a fraction of adapting every value of every row one by one. The record's columns are
+    of the columns' base types (varchar, numeric), so lengths and precision are checked by the insert's assignment
+    casts, as for any INSERT."""
+    fields, quote = _event_columns(), connection.ops.quote_name
+    columns = ", ".join(quote(field.column) for field in fields)
+    record = ", ".join(f"{quote(field.column)} {_BASE_TYPE.sub('', field.db_type(connection))}" for field in fields)
+    return (f"INSERT INTO {quote(UsageEvent._meta.db_table)} ({columns}) "  # noqa: S608
+            f"SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS event({record}) RETURNING id")
+
+
+def _events_json(events: list[UsageEvent]) -> str:
+    """The events' column values as `_events_insert_sql` reads them: the chain code's own values, of the columns'
+    Python types (uuid, Decimal and datetime as their text forms)."""
     now = timezone.now()
     for event in events:
         event.created_at = now
-    fields = [field for field in UsageEvent._meta.concrete_fields if not field.primary_key]
-    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
-    record = ", ".join(f"{connection.ops.quote_name(field.column)} {_BASE_TYPE.sub('', field.db_type(connection))}"
-                       for field in fields)
-    rows = json.dumps([{field.column: getattr(event, field.attname) for field in fields} for event in events],
+    fields = _event_columns()
+    return json.dumps([{field.column: getattr(event, field.attname) for field in fields} for event in events],
                       default=str, separators=(",", ":"))
-    with connection.cursor() as cursor:
-        cursor.execute(f"INSERT INTO {UsageEvent._meta.db_table} ({columns}) "  # noqa: S608
-                       f"SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS event({record}) RETURNING id",
-                       [rows])
-        for event, (pk,) in zip(events, cursor.fetchall(), strict=True):
-            event.pk = pk
-            event._state.adding, event._state.db = False, connection.alias
 
 
 def _complete_if_used_up(agreement: UsageAgreement, fields: list[str]) -> None:
@@ -304,17 +312,11 @@ def _charge_prepare(agreement: UsageAgreement, reservation: Reservation, charge:
 def _write_statement(agreement: UsageAgreement, event: UsageEvent, fields: list[str]) -> tuple[str, list]:
     """PostgreSQL: insert the event and save the agreement's `fields` in one statement, returning the event's id
     (the ORM's insert and save were a fifth of a charge's CPU)."""
-    event.created_at = timezone.now()
-    meta, event_fields, quote = UsageAgreement._meta, _event_columns(), connection.ops.quote_name
+    meta, quote = UsageAgreement._meta, connection.ops.quote_name
     assignments = ", ".join(f"{quote(meta.get_field(name).column)} = %s" for name in fields)
-    # The values are the chain code's own, already of the columns' types (psycopg adapts them as they are).
-    params = [getattr(event, field.attname) for field in event_fields]
-    params += [getattr(agreement, name) for name in fields]
-    params.append(agreement.pk)
-    return (f"WITH event AS (INSERT INTO {quote(UsageEvent._meta.db_table)} "  # noqa: S608
-            f"({', '.join(quote(field.column) for field in event_fields)}) "
-            f"VALUES ({', '.join(['%s'] * len(event_fields))}) RETURNING id) "
-            f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE id = %s RETURNING (SELECT id FROM event)", params)
+    return (f"WITH event AS ({_events_insert_sql()}) UPDATE {quote(meta.db_table)} SET {assignments} "  # noqa: S608
+            f"WHERE id = %s RETURNING (SELECT id FROM event)",
+            [_events_json([event]), *(getattr(agreement, name) for name in fields), agreement.pk])
 
 
 def _event_saved(event: UsageEvent, pk: int) -> UsageEvent:

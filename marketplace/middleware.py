@@ -63,6 +63,7 @@ class HotPathMiddleware:
     metrics (agreements.monitoring), so django-prometheus's request metrics leave these calls out."""
 
     PREFIX = "/metered-proxy/"
+    URLCONF = "agreements.proxy_urls"  # its two routes, not the whole configuration
 
     def __init__(self, get_response):
         self.get_response = get_response
@@ -71,6 +72,6 @@ class HotPathMiddleware:
         if not request.path_info.startswith(self.PREFIX):
             return self.get_response(request)
         request.get_host()  # DisallowedHost -> 400, as CommonMiddleware would
-        match = resolve(request.path_info)
+        match = resolve(request.path_info, urlconf=self.URLCONF)
         request.resolver_match = match
         return match.func(request, *match.args, **match.kwargs)
