@@ -203,7 +203,7 @@ def _chained_events(agreement: UsageAgreement, charges: list[dict], *, source: s
                 chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
                 agreement_id=agreement.onchain_id, seq=seq, cumulative_amount=cumulative, usage_digest=digest))
         events.append(UsageEvent(
-            agreement=agreement, seq=seq, source=source, cumulative=cumulative, usage_digest=digest,
+            agreement_id=agreement.pk, seq=seq, source=source, cumulative=cumulative, usage_digest=digest,
             receipt_signature=signature, **charge,
         ))
     agreement.usage_seq, agreement.used, agreement.usage_digest = seq, cumulative, digest
@@ -277,13 +277,33 @@ def _lock_statement(reservation: Reservation) -> tuple[str, list]:
             [reservation.intent_id, meta.pk.get_db_prep_value(reservation.agreement_id, connection)])
 
 
-def _agreement_read(reservation: Reservation, row) -> UsageAgreement:
+@dataclass
+class _ChainHead:
+    """What a proxied call's charge reads of its agreement under the row lock, and moves: not a model instance,
+    whose construction (defaults for every field) cost more than the charge's own statements."""
+
+    id: uuid.UUID
+    chain_id: int
+    token: str
+    deposit_amount: int
+    used: int
+    reserved: int
+    usage_seq: int
+    usage_digest: str
+    completion_requested_at: datetime | None
+    completion_reason: str = ""
+
+    pk = property(lambda self: self.id)
+    onchain_id = UsageAgreement.onchain_id
+
+
+def _agreement_read(reservation: Reservation, row) -> _ChainHead:
     fields = [UsageAgreement._meta.get_field(name) for name in _LOCKED_FIELDS]
-    return UsageAgreement(pk=reservation.agreement_id, **{field.attname: field.to_python(value)
-                                                          for field, value in zip(fields, row, strict=True)})
+    return _ChainHead(id=reservation.agreement_id, **{field.attname: field.to_python(value)
+                                                       for field, value in zip(fields, row, strict=True)})
 
 
-def _locked_for_charge(reservation: Reservation) -> UsageAgreement | None:
+def _locked_for_charge(reservation: Reservation) -> _ChainHead | None:
     """Close the call's intent and lock its agreement's row (in the caller's transaction); None when the intent
     was already gone (the reaper settled the call)."""
     with connection.cursor() as cursor:
@@ -300,7 +320,7 @@ def _locked_for_charge(reservation: Reservation) -> UsageAgreement | None:
     return _agreement_read(reservation, row) if closed else None
 
 
-def _charge_prepare(agreement: UsageAgreement, reservation: Reservation, charge: dict) -> tuple[UsageEvent, list]:
+def _charge_prepare(agreement: _ChainHead, reservation: Reservation, charge: dict) -> tuple[UsageEvent, list]:
     """The call's usage event (chained and signed) and the agreement's counters after it: what to write."""
     [event] = _chained_events(agreement, [{**charge, "path": charge["path"][:500]}], source=UsageSource.PROXY)
     agreement.reserved -= reservation.amount
@@ -309,7 +329,7 @@ def _charge_prepare(agreement: UsageAgreement, reservation: Reservation, charge:
     return event, fields
 
 
-def _write_statement(agreement: UsageAgreement, event: UsageEvent, fields: list[str]) -> tuple[str, list]:
+def _write_statement(agreement: _ChainHead, event: UsageEvent, fields: list[str]) -> tuple[str, list]:
     """PostgreSQL: insert the event and save the agreement's `fields` in one statement, returning the event's id
     (the ORM's insert and save were a fifth of a charge's CPU)."""
     meta, quote = UsageAgreement._meta, connection.ops.quote_name
@@ -387,7 +407,8 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
                         _event_saved(event, cursor.fetchone()[0])
                 else:
                     _insert_events([event])
-                    agreement.save(update_fields=fields)
+                    UsageAgreement.objects.filter(pk=agreement.pk).update(
+                        **{name: getattr(agreement, name) for name in fields})
                 _observe_after_commit(agreement, [event], source=UsageSource.PROXY)
     except _SettledByTheReaper:
         event = UsageEvent.objects.filter(agreement_id=reservation.agreement_id, request_id=request_id).first()
