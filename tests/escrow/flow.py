@@ -18,7 +18,8 @@ def network_of(chain) -> NetworkConfig:
     _, name, version, *_ = chain.usdc.functions.eip712Domain().call()
     return NetworkConfig(chain_id=chain.chain_id, escrow_address=chain.addresses["escrow"],
                          token_address=chain.addresses["usdc"], receipt_signer=chain.accounts.receipt_signer.address,
-                         gas_wallet=chain.accounts.deployer.address, token_domain=TokenDomain(name, version))
+                         gas_wallet=chain.accounts.deployer.address, token_domain=TokenDomain(name, version),
+                         escrow_deployment_block=chain.addresses["escrow_block"])
 
 
 def deadline_clock(chain) -> int:
