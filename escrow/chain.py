@@ -5,6 +5,8 @@ Node errors are mapped to typed exceptions in one table (`_ERROR_PATTERNS`), so 
 """
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -20,6 +22,7 @@ from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
 from escrow import artifacts
 from marketplace import bounded_json, chainconfig
+from marketplace.errors import DependencyUnavailable
 
 
 class ChainError(Exception):
@@ -56,6 +59,21 @@ class Reverted(ChainError):
     def __init__(self, reason: str):
         self.reason = reason
         super().__init__(reason)
+
+
+def unavailable() -> DependencyUnavailable:
+    """What a caller is answered when a chain read its request needs fails: 503 `chain_unavailable`."""
+    return DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable")
+
+
+@contextmanager
+def unavailable_as_503(errors: type[ChainError] = ChainError) -> Iterator[None]:
+    """Chain reads on a caller's request: `errors` raised inside (any ChainError unless narrowed) become
+    `unavailable()`. A decorator too."""
+    try:
+        yield
+    except errors as error:
+        raise unavailable() from error
 
 
 _ERROR_PATTERNS: list[tuple[str, type[ChainError]]] = [

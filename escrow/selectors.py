@@ -12,7 +12,7 @@ from escrow import chain, relayer
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPaymentRequest,
                            MasumiPurchase, TxPurpose, TxStatus)
 from marketplace import chainconfig
-from marketplace.errors import DependencyUnavailable, NotFound
+from marketplace.errors import NotFound
 
 S = AgreementStatus
 
@@ -24,10 +24,8 @@ def blockchain_identifier_to_agreement_id(blockchain_identifier: str) -> uuid.UU
 
 def network_config() -> dict:
     """What an SDK on a dev chain may pin (`NetworkConfig.from_marketplace(url, trust_server=True)`)."""
-    try:
+    with chain.unavailable_as_503():
         name, version = chain.token_domain()
-    except chain.ChainError as error:
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
     schedule = agreement_services.fee_schedule_current()
     return {
         "chain_id": settings.CHAIN_ID, "escrow_address": chainconfig.escrow_address(),
