@@ -112,10 +112,15 @@ class Parties:
 
 
 def confirm_all(capture) -> None:
-    """One poll of the relayer, running whatever it queues after commit, once the node mined what it was sent."""
-    mined_what_was_sent()
+    """One poll of the relayer once the node mined what it was sent, running whatever it queues after commit."""
     with capture(execute=True):
-        relayer.transactions_poll()
+        poll_mined()
+
+
+def poll_mined() -> None:
+    """One poll of the relayer once the node mined what it was sent (`mined_what_was_sent`)."""
+    mined_what_was_sent()
+    relayer.transactions_poll()
 
 
 def mined_what_was_sent() -> None:
