@@ -40,7 +40,7 @@ import httpx
 from sdk import typed_data
 from sdk.activation import sign_activation_package
 from sdk.networks import NetworkConfig, TokenDomain
-from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader
+from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, RpcError
 from sdk.receipts import VerifiedUsage, verify_usage
 from sdk.safety import SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data, require_equal
 from sdk.terms import AgreedTerms
@@ -337,7 +337,10 @@ class MarketplaceClient:
         hash mined after the activation finds no escrow, and the verification fails."""
         reader = self._reader()
         activation_tx = agreement.get("activation_tx_hash")
-        from_block = reader.transaction_block(activation_tx) if activation_tx else None
+        try:
+            from_block = reader.transaction_block(activation_tx) if activation_tx else None
+        except RpcError:  # a hash the node refuses is no hint
+            from_block = None
         escrow = reader.escrow(self.network.escrow_address, agreement["onchain_id"],
                                from_block=self.network.escrow_deployment_block if from_block is None else from_block)
         require_equal(escrow.buyer, agreement["buyer_wallet_address"], "escrow.buyer")

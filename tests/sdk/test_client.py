@@ -200,6 +200,8 @@ def test_metered_calls_verified_receipts_completion_and_challenge(live_server, e
             assert active["activation_tx_hash"]
             assert buyer.verify_usage(active).usage_digest == buyer.escrow_status(
                 agreement_id, verify=True)["onchain"]["usageDigest"]
+            # A hash the node refuses is no hint: the search starts at the pinned deployment block.
+            assert buyer.verify_usage({**active, "activation_tx_hash": "0xnot-a-hash"}).events == 5
 
             buyer.challenge(agreement, buyer_wallet.key, "two offline jobs never arrived")
             assert buyer.wait_until(agreement_id, statuses={"disputed"}, timeout=60, poll_interval=0.2)
