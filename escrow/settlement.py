@@ -94,7 +94,7 @@ def _proposal_due(failures: list[ChainTransaction]) -> bool:
 def _proposal_evidence(tx: ChainTransaction) -> dict:
     if tx.status != TxStatus.CONFIRMED:
         return {}
-    return {"challenge_deadline": chain.escrow_record(tx.agreement.onchain_id)["challengeDeadline"]}
+    return {"challenge_deadline": selectors.onchain_escrow(onchain_id=tx.agreement.onchain_id)["challengeDeadline"]}
 
 
 def _proposal_outcome(tx: ChainTransaction) -> None:

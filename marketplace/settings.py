@@ -281,7 +281,7 @@ CELERY_BEAT_SCHEDULE.update({
 # The chain indexer (escrow.indexer): follows the escrow's events from its deployment block (recorded in the
 # deployment file by `deploy_contracts`; ESCROW_DEPLOYMENT_BLOCK overrides it) up to CHAIN_CONFIRMATIONS deep.
 ESCROW_DEPLOYMENT_BLOCK = env.int("ESCROW_DEPLOYMENT_BLOCK", default=None)
-INDEXER_BLOCK_RANGE = env.int("INDEXER_BLOCK_RANGE", default=1000)  # blocks per eth_getLogs call
+INDEXER_BLOCK_RANGE = env.int("INDEXER_BLOCK_RANGE", default=1000)  # blocks per eth_getLogs call, any reader's
 # "safe" or "finalized": also wait for the node's tagged block, on chains that have one (empty: depth only).
 INDEXER_HEAD_TAG = env.str("INDEXER_HEAD_TAG", default="")
 INDEXER_REORG_WINDOW_BLOCKS = env.int("INDEXER_REORG_WINDOW_BLOCKS", default=2000)  # block hashes kept
