@@ -21,6 +21,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
@@ -170,54 +171,77 @@ def _resolve_unknown_commit(*, reservation: Reservation, request_id: str) -> Usa
 
 
 def _append_events(agreement: UsageAgreement, charges: list[dict], *, source: str) -> list[UsageEvent]:
-    """Extend the usage chain under the row lock the caller holds; the last event gets a signed receipt."""
-    events, seq, cumulative, digest = [], agreement.usage_seq, agreement.used, agreement.usage_digest
-    for index, charge in enumerate(charges):
+    """Extend the usage chain under the row lock the caller holds and write the events; the last event gets a
+    signed receipt. The caller saves the agreement's counters."""
+    return _write_events(agreement, _extend_chain(agreement, charges, source=source))
+
+
+@lru_cache(maxsize=1)
+def _event_fields() -> tuple[list, dict]:
+    """UsageEvent's columns but the id, and the defaults of those a charge may leave out."""
+    fields = [field for field in UsageEvent._meta.concrete_fields if not field.primary_key]
+    return fields, {field.attname: field.get_default() for field in fields if not field.is_relation}
+
+
+def _extend_chain(agreement: UsageAgreement, charges: list[dict], *, source: str) -> list[dict]:
+    """The events' rows (UsageEvent attribute names) extending the agreement's usage chain, the last one with a
+    signed receipt; the agreement's seq, used and digest move to the last event (in memory: `_write_events`
+    writes them)."""
+    rows, seq, cumulative, digest = [], agreement.usage_seq, agreement.used, agreement.usage_digest
+    defaults, onchain_id, now = _event_fields()[1], agreement.onchain_id, timezone.now()
+    for charge in charges:
         seq += 1
         cumulative += charge["cost"]
         digest = receipts.next_usage_digest(digest, receipts.usage_event_hash(
-            agreement_id=agreement.onchain_id, seq=seq, units=charge["units"], cost=charge["cost"],
+            agreement_id=onchain_id, seq=seq, units=charge["units"], cost=charge["cost"],
             cumulative_amount=cumulative, request_id=charge["request_id"]))
-        signature = ""
-        if index == len(charges) - 1:
-            signature = receipts.sign_receipt(settings.RECEIPT_SIGNER_PRIVATE_KEY, receipts.usage_receipt_digest(
-                chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
-                agreement_id=agreement.onchain_id, seq=seq, cumulative_amount=cumulative, usage_digest=digest))
-        events.append(UsageEvent(
-            agreement=agreement, seq=seq, source=source, cumulative=cumulative, usage_digest=digest,
-            receipt_signature=signature, **charge,
-        ))
-    _insert_events(events)
+        rows.append({**defaults, **charge, "agreement_id": agreement.pk, "seq": seq, "source": source,
+                     "cumulative": cumulative, "usage_digest": digest, "created_at": now})
+    rows[-1]["receipt_signature"] = receipts.sign_receipt(
+        settings.RECEIPT_SIGNER_PRIVATE_KEY, receipts.usage_receipt_digest(
+            chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(), agreement_id=onchain_id,
+            seq=seq, cumulative_amount=cumulative, usage_digest=digest))
     agreement.usage_seq, agreement.used, agreement.usage_digest = seq, cumulative, digest
-    return events
+    return rows
 
 
-def _insert_events(events: list[UsageEvent]) -> None:
-    """`UsageEvent.objects.bulk_create(events)` without Django's per-value preparation, which was most of a batch's
-    CPU: on PostgreSQL one `INSERT ... SELECT FROM jsonb_to_recordset(<the rows as one JSON document>) RETURNING
-    id`. One JSON document (json.dumps, in C) costs a fraction of adapting one array per column value by value.
-    The record's columns are of the columns' base types (varchar, numeric), so lengths and precision are checked by
-    the insert's assignment casts, as for any INSERT; the values are the ones the chain code just computed, of the
-    columns' Python types (uuid, Decimal and datetime as their text forms)."""
+def _write_events(agreement: UsageAgreement, rows: list[dict], *, counters: list[str] = ()) -> list[UsageEvent]:
+    """Insert the events' rows, and with `counters` write those fields of the agreement in the same statement.
+
+    `UsageEvent.objects.bulk_create` without Django's per-value preparation, which was most of a batch's CPU: on
+    PostgreSQL one `INSERT ... SELECT FROM jsonb_to_recordset(<the rows as one JSON document>) RETURNING`. One JSON
+    document (json.dumps, in C) costs a fraction of adapting one array per column value by value. The record's
+    columns are of the columns' base types (varchar, numeric), so lengths and precision are checked by the insert's
+    assignment casts, as for any INSERT; the values are the ones the chain code just computed, of the columns'
+    Python types (uuid and datetime as their text forms)."""
+    fields = _event_fields()[0]
     if connection.vendor != "postgresql":
-        UsageEvent.objects.bulk_create(events)
-        return
-    now = timezone.now()
-    for event in events:
-        event.created_at = now
-    fields = [field for field in UsageEvent._meta.concrete_fields if not field.primary_key]
-    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
-    record = ", ".join(f"{connection.ops.quote_name(field.column)} {_BASE_TYPE.sub('', field.db_type(connection))}"
-                       for field in fields)
-    rows = json.dumps([{field.column: getattr(event, field.attname) for field in fields} for event in events],
-                      default=str, separators=(",", ":"))
+        events = UsageEvent.objects.bulk_create([UsageEvent(**row) for row in rows])
+        if counters:
+            agreement.save(update_fields=counters)
+        return events
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(field.column) for field in fields)
+    record = ", ".join(f"{quote(field.column)} {_BASE_TYPE.sub('', field.db_type(connection))}" for field in fields)
+    document = json.dumps([{field.column: row[field.attname] for field in fields} for row in rows], default=str,
+                          separators=(",", ":"))
+    update, update_params = "", []
+    if counters:
+        table, model_fields = UsageAgreement._meta.db_table, [UsageAgreement._meta.get_field(name) for name in counters]
+        update = (f", counters AS (UPDATE {quote(table)} SET "  # noqa: S608
+                  + ", ".join(f"{quote(field.column)} = %s" for field in model_fields)
+                  + f" WHERE {quote(UsageAgreement._meta.pk.column)} = %s)")
+        update_params = [*(field.get_db_prep_save(getattr(agreement, field.attname), connection)
+                           for field in model_fields),
+                         UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection)]
     with connection.cursor() as cursor:
-        cursor.execute(f"INSERT INTO {UsageEvent._meta.db_table} ({columns}) "  # noqa: S608
-                       f"SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS event({record}) RETURNING id",
-                       [rows])
-        for event, (pk,) in zip(events, cursor.fetchall(), strict=True):
-            event.pk = pk
-            event._state.adding, event._state.db = False, connection.alias
+        cursor.execute(f"WITH inserted AS (INSERT INTO {quote(UsageEvent._meta.db_table)} ({columns}) "  # noqa: S608
+                       f"SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS event({record}) "
+                       f"RETURNING seq, id){update} SELECT seq, id FROM inserted", [document, *update_params])
+        ids = dict(cursor.fetchall())
+    return [UsageEvent.from_db(connection.alias, None, [
+        ids[row["seq"]] if field.primary_key else row[field.attname] for field in UsageEvent._meta.concrete_fields])
+        for row in rows]
 
 
 def _complete_if_used_up(agreement: UsageAgreement, fields: list[str]) -> None:
@@ -341,13 +365,43 @@ def reservations_settle_stale(*, agreement: UsageAgreement) -> None:
     agreement.refresh_from_db()
 
 
+@lru_cache(maxsize=1)
+def _agreement_columns() -> list[tuple]:
+    """The agreement's own fields (not its parties, service or authorization, which no charge changes), each with
+    its column expression."""
+    table = UsageAgreement._meta.db_table
+    return [(field, field.get_col(table)) for field in UsageAgreement._meta.concrete_fields if not field.is_relation]
+
+
+def _lock_and_read(agreement: UsageAgreement) -> None:
+    """Take the agreement's row lock and read its own fields again into `agreement`, in one statement without the
+    ORM's query compilation (which cost more than the rest of a small report): from here to the commit, what
+    `agreement` says is what the row holds."""
+    fields, quote = _agreement_columns(), connection.ops.quote_name
+    for_update = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {', '.join(quote(field.column) for field, _ in fields)} "  # noqa: S608
+                       f"FROM {quote(UsageAgreement._meta.db_table)} "
+                       f"WHERE {quote(UsageAgreement._meta.pk.column)} = %s{for_update}",
+                       [UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection)])
+        row = cursor.fetchone()
+    if row is None:
+        raise UsageAgreement.DoesNotExist
+    for (field, column), value in zip(fields, row, strict=True):
+        for convert in connection.ops.get_db_converters(column) + field.get_db_converters(connection):
+            value = convert(value, column, connection)
+        setattr(agreement, field.attname, value)
+
+
 @logs_name_the_agreement
 def usage_record(*, agreement: UsageAgreement, seller, entries: list[dict], request_id: str) -> list[UsageEvent]:
-    """Seller-reported usage: all entries or none, under the same cap and receipt chain as proxied calls."""
+    """Seller-reported usage: all entries or none, under the same cap and receipt chain as proxied calls.
+    `agreement` is read again under its row lock and left as written."""
     if agreement.seller_id != seller.pk:
         raise Forbidden("Only the seller reports usage.", code="seller_only")
-    with transaction.atomic():
-        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
+    # No savepoint when nested (the request's transaction): a failure here fails the caller's transaction too.
+    with transaction.atomic(savepoint=False):
+        _lock_and_read(agreement)
         if agreement.status != S.ACTIVE:
             raise _not_chargeable(agreement)
         if agreement.completion_requested_at is not None:
@@ -361,10 +415,10 @@ def usage_record(*, agreement: UsageAgreement, seller, entries: list[dict], requ
             raise PaymentRequired("The usage exceeds the escrow's remaining budget; nothing was recorded.",
                                   code="budget_exhausted",
                                   details={"remaining_atomic": agreement.remaining, "cost_atomic": total})
-        events = _append_events(agreement, charges, source=UsageSource.SELLER_REPORT)
+        rows = _extend_chain(agreement, charges, source=UsageSource.SELLER_REPORT)
         fields = ["usage_seq", "used", "usage_digest"]
         _complete_if_used_up(agreement, fields)
-        agreement.save(update_fields=fields)
+        events = _write_events(agreement, rows, counters=fields)
         _observe_after_commit(agreement, events, source=UsageSource.SELLER_REPORT)
     return events
 
@@ -419,7 +473,7 @@ def usage_record_running_total(*, agreement: UsageAgreement, seller, units_used:
     if agreement.seller_id != seller.pk:
         raise Forbidden("Only the seller reports usage.", code="seller_only")
     with transaction.atomic():
-        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
+        _lock_and_read(agreement)
         reported = agreement.usage_events.filter(source=UsageSource.SELLER_REPORT).aggregate(
             units=Coalesce(Sum("units"), 0))["units"]
         if units_used < reported:

@@ -45,14 +45,6 @@ def agreement_get(*, agreement_id, agent: Agent | None) -> UsageAgreement:
     return agreement
 
 
-def agreement_refresh(*, agreement: UsageAgreement) -> UsageAgreement:
-    """The agreement's own row read again (its counters and status after a write), keeping the parties and service
-    it was read with: no write changes them, and reading them again cost more than the row."""
-    agreement.refresh_from_db(fields=[field.attname for field in UsageAgreement._meta.concrete_fields
-                                      if not field.is_relation])
-    return agreement
-
-
 def agreement_for_call(*, agreement_id, agent: Agent) -> UsageAgreement:
     """What a metered call reads, in one narrow query (this runs on every proxied call; the service's JSON and
     search columns are not needed): the agreement, if the agent is party to it, and its service's upstream.

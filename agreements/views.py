@@ -291,7 +291,7 @@ class RecordUsageView(APIView):
                                    code="idempotency_key_required")
             events = metering.usage_record(agreement=agreement, seller=agent, entries=body.entries(),
                                            request_id=request_id)
-        agreement = selectors.agreement_refresh(agreement=agreement)
+        # `agreement` is as the report left it: metering read it again under its row lock, held to the commit.
         return Response(agreement_payload(agreement, serializer=RecordedUsageSerializer, events=events),
                         status=status.HTTP_201_CREATED)
 
