@@ -275,7 +275,7 @@ class RecordUsageView(APIView):
     @idempotent()
     def post(self, request, agreement_id):
         agent = calling_agent(request)
-        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        agreement = selectors.agreement_for_report(agreement_id=agreement_id, agent=agent)
         body = RecordUsageSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         request_id = request.request_id
