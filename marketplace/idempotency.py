@@ -95,14 +95,20 @@ def _claim(scope: str, key: str, fingerprint: str) -> int | Response:
 
 
 def _store(claim: int, response) -> None:
-    """The answer onto its claim, in the request's transaction (one statement, no ORM query compilation)."""
+    """The answer onto its claim, in the request's transaction (one statement, no ORM query compilation). On
+    PostgreSQL the answer goes as JSON text cast to jsonb: psycopg's Jsonb adapter took three times as long to quote
+    the ~40 kB answer to a batch of usage."""
     fields = IdempotencyRecord._meta
     status, body = fields.get_field("response_status"), fields.get_field("response_body")
     quote = connection.ops.quote_name
+    if connection.vendor == "postgresql":
+        answer, placeholder = json.dumps(response.data, cls=body.encoder), "%s::jsonb"
+    else:
+        answer, placeholder = body.get_db_prep_save(response.data, connection), "%s"
     with connection.cursor() as cursor:
         cursor.execute(f"UPDATE {quote(fields.db_table)} SET {quote(status.column)} = %s, "  # noqa: S608
-                       f"{quote(body.column)} = %s WHERE {quote(fields.pk.column)} = %s",
-                       [response.status_code, body.get_db_prep_save(response.data, connection), claim])
+                       f"{quote(body.column)} = {placeholder} WHERE {quote(fields.pk.column)} = %s",
+                       [response.status_code, answer, claim])
 
 
 def _release(claim: int) -> None:
