@@ -239,9 +239,10 @@ def _write_events(agreement: UsageAgreement, rows: list[dict], *, counters: list
                        f"SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS event({record}) "
                        f"RETURNING seq, id){update} SELECT seq, id FROM inserted", [document, *update_params])
         ids = dict(cursor.fetchall())
-    return [UsageEvent.from_db(connection.alias, None, [
-        ids[row["seq"]] if field.primary_key else row[field.attname] for field in UsageEvent._meta.concrete_fields])
-        for row in rows]
+    alias, attnames = connection.alias, [None if field.primary_key else field.attname
+                                         for field in UsageEvent._meta.concrete_fields]
+    return [UsageEvent.from_db(alias, None, [ids[row["seq"]] if name is None else row[name] for name in attnames])
+            for row in rows]
 
 
 def _complete_if_used_up(agreement: UsageAgreement, fields: list[str]) -> None:

@@ -52,13 +52,13 @@ def agreement_for_report(*, agreement_id, agent: Agent) -> UsageAgreement:
     the row lock, and a report that stops before (invalid, not the seller's) never reads them. Half the CPU of
     agreement_get, in Python and in PostgreSQL's planning of the wider join."""
     summary = ("id", "handle", "display_name", "wallet_address")
-    agreement = (UsageAgreement.objects.select_related("buyer", "seller", "service")
-                 .only("buyer", "seller", "service", *(f"{party}__{name}" for party in ("buyer", "seller")
-                                                      for name in summary), "service__id", "service__name")
-                 .filter(Q(buyer=agent) | Q(seller=agent), pk=agreement_id).first())
-    if agreement is None:
-        raise NotFound("No such agreement.", code="agreement_not_found")
-    return agreement
+    try:
+        return (UsageAgreement.objects.select_related("buyer", "seller", "service")
+                .only("buyer", "seller", "service", *(f"{party}__{name}" for party in ("buyer", "seller")
+                                                     for name in summary), "service__id", "service__name")
+                .get(Q(buyer=agent) | Q(seller=agent), pk=agreement_id))  # get: no ORDER BY to compile
+    except UsageAgreement.DoesNotExist:
+        raise NotFound("No such agreement.", code="agreement_not_found") from None
 
 
 def agreement_for_call(*, agreement_id, agent: Agent) -> UsageAgreement:
