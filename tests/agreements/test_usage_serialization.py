@@ -75,6 +75,17 @@ def test_the_agreement_is_answered_as_drf_renders_its_declared_fields(active, mo
     assert ours[1]["approval"]["status"] == "approved" and ours[0]["approval"] is None
 
 
+def test_a_batch_costs_the_same_few_statements_as_one_event(active, django_assert_num_queries):
+    # Authentication, the claim on the key, then in the request's transaction (a savepoint inside the test's): the
+    # agreement read, its locked read, one statement for the events and the counters, the approvals the answer
+    # names, the stored answer. No read after the write, no savepoint of its own. (The budget is 50 units.)
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "warm"})  # last_used_at, once a minute
+    for key, body in (("one", {"units": 1}), ("batch", {"events": [{"units": 1}] * 40})):
+        with django_assert_num_queries(9):
+            assert active.seller_api.post(url, body, headers={"Idempotency-Key": key}).status_code == 201
+
+
 @pytest.mark.parametrize(("entry", "field", "code"), [
     ({"units": "1"}, "units", "invalid"),
     ({"units": 1.0}, "units", "invalid"),
