@@ -205,6 +205,16 @@ def _extend_chain(agreement: UsageAgreement, charges: list[dict], *, source: str
     return rows
 
 
+@lru_cache(maxsize=1)
+def _events_insert_sql() -> str:
+    """PostgreSQL's INSERT of UsageEvent rows from one JSON document (`_write_events`), returning seq and id."""
+    fields, quote = _event_fields()[0], connection.ops.quote_name
+    columns = ", ".join(quote(field.column) for field in fields)
+    record = ", ".join(f"{quote(field.column)} {_BASE_TYPE.sub('', field.db_type(connection))}" for field in fields)
+    return (f"INSERT INTO {quote(UsageEvent._meta.db_table)} ({columns}) "  # noqa: S608
+            f"SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS event({record}) RETURNING seq, id")
+
+
 def _write_events(agreement: UsageAgreement, rows: list[dict], *, counters: list[str] = ()) -> list[UsageEvent]:
     """Insert the events' rows, and with `counters` write those fields of the agreement in the same statement.
 
@@ -221,8 +231,6 @@ def _write_events(agreement: UsageAgreement, rows: list[dict], *, counters: list
             agreement.save(update_fields=counters)
         return events
     quote = connection.ops.quote_name
-    columns = ", ".join(quote(field.column) for field in fields)
-    record = ", ".join(f"{quote(field.column)} {_BASE_TYPE.sub('', field.db_type(connection))}" for field in fields)
     document = json.dumps([{field.column: row[field.attname] for field in fields} for row in rows], default=str,
                           separators=(",", ":"))
     update, update_params = "", []
@@ -235,9 +243,8 @@ def _write_events(agreement: UsageAgreement, rows: list[dict], *, counters: list
                            for field in model_fields),
                          UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection)]
     with connection.cursor() as cursor:
-        cursor.execute(f"WITH inserted AS (INSERT INTO {quote(UsageEvent._meta.db_table)} ({columns}) "  # noqa: S608
-                       f"SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS event({record}) "
-                       f"RETURNING seq, id){update} SELECT seq, id FROM inserted", [document, *update_params])
+        cursor.execute(f"WITH inserted AS ({_events_insert_sql()}){update} SELECT seq, id FROM inserted",
+                       [document, *update_params])
         ids = dict(cursor.fetchall())
     alias, attnames = connection.alias, [None if field.primary_key else field.attname
                                          for field in UsageEvent._meta.concrete_fields]
@@ -369,27 +376,28 @@ def reservations_settle_stale(*, agreement: UsageAgreement) -> None:
 @lru_cache(maxsize=1)
 def _agreement_columns() -> list[tuple]:
     """The agreement's own fields (not its parties, service or authorization, which no charge changes), each with
-    its column expression."""
+    its column expression and its converters from database values (they depend on the database's vendor only)."""
     table = UsageAgreement._meta.db_table
-    return [(field, field.get_col(table)) for field in UsageAgreement._meta.concrete_fields if not field.is_relation]
+    return [(field, field.get_col(table), field.get_db_converters(connection))
+            for field in UsageAgreement._meta.concrete_fields if not field.is_relation]
 
 
 def _lock_and_read(agreement: UsageAgreement) -> None:
     """Take the agreement's row lock and read its own fields again into `agreement`, in one statement without the
     ORM's query compilation (which cost more than the rest of a small report): from here to the commit, what
     `agreement` says is what the row holds."""
-    fields, quote = _agreement_columns(), connection.ops.quote_name
-    for_update = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    fields, ops = _agreement_columns(), connection.ops
+    quote, for_update = ops.quote_name, " FOR UPDATE" if connection.features.has_select_for_update else ""
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {', '.join(quote(field.column) for field, _ in fields)} "  # noqa: S608
+        cursor.execute(f"SELECT {', '.join(quote(field.column) for field, _, _ in fields)} "  # noqa: S608
                        f"FROM {quote(UsageAgreement._meta.db_table)} "
                        f"WHERE {quote(UsageAgreement._meta.pk.column)} = %s{for_update}",
                        [UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection)])
         row = cursor.fetchone()
     if row is None:
         raise UsageAgreement.DoesNotExist
-    for (field, column), value in zip(fields, row, strict=True):
-        for convert in connection.ops.get_db_converters(column) + field.get_db_converters(connection):
+    for (field, column, converters), value in zip(fields, row, strict=True):
+        for convert in ops.get_db_converters(column) + converters:
             value = convert(value, column, connection)
         setattr(agreement, field.attname, value)
 
