@@ -107,12 +107,13 @@ class AddressSerializerField(serializers.CharField):
         return value
 
 
+# An answer serializer that renders as DRF's generic `to_representation` does, without deep-copying its declared
+# fields for every instance (DRF does, on first use of `.fields`; for an agreement's 50-odd fields that copy was most
+# of the CPU of answering it). The fields are bound once per class, to an instance that never holds data or context;
+# method fields are called on the serializer at hand, which does. So a field other than a method field must not read
+# `context` (none of this project's output fields does). A comment, not a docstring: the OpenAPI schema would show a
+# docstring as the description of every serializer built on this one.
 class FieldsBoundOnceSerializer(serializers.Serializer):
-    """An answer serializer that renders as DRF's generic `to_representation` does, without deep-copying its
-    declared fields for every instance (DRF does, on first use of `.fields`; for an agreement's 50-odd fields
-    that copy was most of the CPU of answering it). The fields are bound once per class, to an instance that never
-    holds data or context; method fields are called on the serializer at hand, which does. So a field other than
-    a method field must not read `context` (none of this project's output fields does)."""
 
     def to_representation(self, instance):
         answer = {}
