@@ -182,68 +182,96 @@ def _resolve_unknown_commit(*, reservation: Reservation, request_id: str) -> Usa
 
 
 def _append_events(agreement: UsageAgreement, charges: list[dict], *, source: str) -> list[UsageEvent]:
-    """Extend the usage chain under the row lock the caller holds; the last event gets a signed receipt."""
-    events = _chained_events(agreement, charges, source=source)
-    _insert_events(events)
-    return events
+    """Extend the usage chain under the row lock the caller holds and write the events; the last event gets a
+    signed receipt. The caller saves the agreement's counters."""
+    return _write_events(agreement, _extend_chain(agreement, charges, source=source))
 
 
-def _chained_events(agreement: UsageAgreement, charges: list[dict], *, source: str) -> list[UsageEvent]:
-    """The charges as the usage chain's next events (not saved), the agreement's counters moved past them."""
-    events, seq, cumulative, digest = [], agreement.usage_seq, agreement.used, agreement.usage_digest
-    for index, charge in enumerate(charges):
+@lru_cache(maxsize=1)
+def _event_fields() -> tuple[list, dict]:
+    """UsageEvent's columns but the id, and the defaults of those a charge may leave out."""
+    fields = [field for field in UsageEvent._meta.concrete_fields if not field.primary_key]
+    return fields, {field.attname: field.get_default() for field in fields if not field.is_relation}
+
+
+def _extend_chain(agreement, charges: list[dict], *, source: str) -> list[dict]:
+    """The events' rows (UsageEvent attribute names) extending the agreement's usage chain, the last one with a
+    signed receipt; the agreement's seq, used and digest move to the last event (in memory: `_write_events`
+    writes them). `agreement` is a UsageAgreement or a proxied call's `_ChainHead`."""
+    rows, seq, cumulative, digest = [], agreement.usage_seq, agreement.used, agreement.usage_digest
+    defaults, onchain_id, now = _event_fields()[1], agreement.onchain_id, timezone.now()
+    for charge in charges:
         seq += 1
         cumulative += charge["cost"]
         digest = receipts.next_usage_digest(digest, receipts.usage_event_hash(
-            agreement_id=agreement.onchain_id, seq=seq, units=charge["units"], cost=charge["cost"],
+            agreement_id=onchain_id, seq=seq, units=charge["units"], cost=charge["cost"],
             cumulative_amount=cumulative, request_id=charge["request_id"]))
-        signature = ""
-        if index == len(charges) - 1:
-            signature = signatures.receipt_sign(settings.RECEIPT_SIGNER_PRIVATE_KEY, receipts.usage_receipt_digest(
-                chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
-                agreement_id=agreement.onchain_id, seq=seq, cumulative_amount=cumulative, usage_digest=digest))
-        events.append(UsageEvent(
-            agreement_id=agreement.pk, seq=seq, source=source, cumulative=cumulative, usage_digest=digest,
-            receipt_signature=signature, **charge,
-        ))
+        rows.append({**defaults, **charge, "agreement_id": agreement.pk, "seq": seq, "source": source,
+                     "cumulative": cumulative, "usage_digest": digest, "created_at": now})
+    rows[-1]["receipt_signature"] = signatures.receipt_sign(
+        settings.RECEIPT_SIGNER_PRIVATE_KEY, receipts.usage_receipt_digest(
+            chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(), agreement_id=onchain_id,
+            seq=seq, cumulative_amount=cumulative, usage_digest=digest))
     agreement.usage_seq, agreement.used, agreement.usage_digest = seq, cumulative, digest
-    return events
-
-
-def _insert_events(events: list[UsageEvent]) -> None:
-    """`UsageEvent.objects.bulk_create(events)` without Django's per-value preparation, which was most of a batch's
-    CPU: on PostgreSQL one `_EVENTS_INSERT` statement."""
-    if connection.vendor != "postgresql":
-        UsageEvent.objects.bulk_create(events)
-        return
-    with connection.cursor() as cursor:
-        cursor.execute(_events_insert_sql(), [_events_json(events)])
-        for event, (pk,) in zip(events, cursor.fetchall(), strict=True):
-            _event_saved(event, pk)
+    return rows
 
 
 @lru_cache(maxsize=1)
 def _events_insert_sql() -> str:
-    """`INSERT ... SELECT FROM jsonb_to_recordset(<the rows as one JSON document>) RETURNING id`: one JSON document
-    (json.dumps, in C) costs a fraction of adapting every value of every row one by one. The record's columns are
-    of the columns' base types (varchar, numeric), so lengths and precision are checked by the insert's assignment
-    casts, as for any INSERT."""
-    fields, quote = _event_columns(), connection.ops.quote_name
+    """PostgreSQL's INSERT of UsageEvent rows from one JSON document (`_write_events`), returning seq and id."""
+    fields, quote = _event_fields()[0], connection.ops.quote_name
     columns = ", ".join(quote(field.column) for field in fields)
     record = ", ".join(f"{quote(field.column)} {_BASE_TYPE.sub('', field.db_type(connection))}" for field in fields)
     return (f"INSERT INTO {quote(UsageEvent._meta.db_table)} ({columns}) "  # noqa: S608
-            f"SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS event({record}) RETURNING id")
+            f"SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS event({record}) RETURNING seq, id")
 
 
-def _events_json(events: list[UsageEvent]) -> str:
-    """The events' column values as `_events_insert_sql` reads them: the chain code's own values, of the columns'
-    Python types (uuid, Decimal and datetime as their text forms)."""
-    now = timezone.now()
-    for event in events:
-        event.created_at = now
-    fields = _event_columns()
-    return json.dumps([{field.column: getattr(event, field.attname) for field in fields} for event in events],
-                      default=str, separators=(",", ":"))
+def _events_write_statement(agreement, rows: list[dict], counters: list[str]) -> tuple[str, list]:
+    """PostgreSQL: the statement inserting the events' rows and, with `counters`, writing those fields of the
+    agreement, answering (seq, id) per event.
+
+    `UsageEvent.objects.bulk_create` without Django's per-value preparation, which was most of a batch's CPU: one
+    `INSERT ... SELECT FROM jsonb_to_recordset(<the rows as one JSON document>) RETURNING`. One JSON document
+    (json.dumps, in C) costs a fraction of adapting one array per column value by value. The record's columns are
+    of the columns' base types (varchar, numeric), so lengths and precision are checked by the insert's assignment
+    casts, as for any INSERT; the values are the ones the chain code just computed, of the columns' Python types
+    (uuid and datetime as their text forms)."""
+    fields, quote = _event_fields()[0], connection.ops.quote_name
+    document = json.dumps([{field.column: row[field.attname] for field in fields} for row in rows], default=str,
+                          separators=(",", ":"))
+    update, update_params = "", []
+    if counters:
+        table, model_fields = UsageAgreement._meta.db_table, [UsageAgreement._meta.get_field(name) for name in counters]
+        update = (f", counters AS (UPDATE {quote(table)} SET "  # noqa: S608
+                  + ", ".join(f"{quote(field.column)} = %s" for field in model_fields)
+                  + f" WHERE {quote(UsageAgreement._meta.pk.column)} = %s)")
+        update_params = [*(field.get_db_prep_save(getattr(agreement, field.attname), connection)
+                           for field in model_fields),
+                         UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection)]
+    return (f"WITH inserted AS ({_events_insert_sql()}){update} SELECT seq, id FROM inserted",
+            [document, *update_params])
+
+
+def _events_saved(rows: list[dict], ids: dict[int, int]) -> list[UsageEvent]:
+    """The written rows as UsageEvent instances, given their ids by seq."""
+    alias, attnames = connection.alias, [None if field.primary_key else field.attname
+                                         for field in UsageEvent._meta.concrete_fields]
+    return [UsageEvent.from_db(alias, None, [ids[row["seq"]] if name is None else row[name] for name in attnames])
+            for row in rows]
+
+
+def _write_events(agreement, rows: list[dict], *, counters: list[str] = ()) -> list[UsageEvent]:
+    """Insert the events' rows, and with `counters` write those fields of the agreement (on PostgreSQL in the same
+    statement, `_events_write_statement`)."""
+    if connection.vendor != "postgresql":
+        events = UsageEvent.objects.bulk_create([UsageEvent(**row) for row in rows])
+        if counters:
+            UsageAgreement.objects.filter(pk=agreement.pk).update(**{name: getattr(agreement, name)
+                                                                     for name in counters})
+        return events
+    with connection.cursor() as cursor:
+        cursor.execute(*_events_write_statement(agreement, rows, list(counters)))
+        return _events_saved(rows, dict(cursor.fetchall()))
 
 
 def _complete_if_used_up(agreement: UsageAgreement, fields: list[str]) -> None:
@@ -320,34 +348,13 @@ def _locked_for_charge(reservation: Reservation) -> _ChainHead | None:
     return _agreement_read(reservation, row) if closed else None
 
 
-def _charge_prepare(agreement: _ChainHead, reservation: Reservation, charge: dict) -> tuple[UsageEvent, list]:
-    """The call's usage event (chained and signed) and the agreement's counters after it: what to write."""
-    [event] = _chained_events(agreement, [{**charge, "path": charge["path"][:500]}], source=UsageSource.PROXY)
+def _charge_prepare(agreement: _ChainHead, reservation: Reservation, charge: dict) -> tuple[list[dict], list[str]]:
+    """The call's usage event (chained and signed, as a row) and the agreement's counters after it: what to write."""
+    rows = _extend_chain(agreement, [{**charge, "path": charge["path"][:500]}], source=UsageSource.PROXY)
     agreement.reserved -= reservation.amount
     fields = ["usage_seq", "used", "usage_digest", "reserved"]
     _complete_if_used_up(agreement, fields)
-    return event, fields
-
-
-def _write_statement(agreement: _ChainHead, event: UsageEvent, fields: list[str]) -> tuple[str, list]:
-    """PostgreSQL: insert the event and save the agreement's `fields` in one statement, returning the event's id
-    (the ORM's insert and save were a fifth of a charge's CPU)."""
-    meta, quote = UsageAgreement._meta, connection.ops.quote_name
-    assignments = ", ".join(f"{quote(meta.get_field(name).column)} = %s" for name in fields)
-    return (f"WITH event AS ({_events_insert_sql()}) UPDATE {quote(meta.db_table)} SET {assignments} "  # noqa: S608
-            f"WHERE id = %s RETURNING (SELECT id FROM event)",
-            [_events_json([event]), *(getattr(agreement, name) for name in fields), agreement.pk])
-
-
-def _event_saved(event: UsageEvent, pk: int) -> UsageEvent:
-    event.pk = pk
-    event._state.adding, event._state.db = False, connection.alias
-    return event
-
-
-@lru_cache(maxsize=1)
-def _event_columns() -> list:
-    return [field for field in UsageEvent._meta.concrete_fields if not field.primary_key]
+    return rows, fields
 
 
 def _charge_in_two_round_trips(reservation: Reservation, charge: dict) -> UsageEvent:
@@ -370,10 +377,10 @@ def _charge_in_two_round_trips(reservation: Reservation, charge: dict) -> UsageE
             if not closed:
                 raise _SettledByTheReaper
             agreement = _agreement_read(reservation, row)
-            event, fields = _charge_prepare(agreement, reservation, charge)
-            write_sql, write_params = _write_statement(agreement, event, fields)
+            rows, fields = _charge_prepare(agreement, reservation, charge)
+            write_sql, write_params = _events_write_statement(agreement, rows, fields)
             cursor.execute(f"{write_sql}; COMMIT", write_params)
-            _event_saved(event, cursor.fetchone()[0])
+            [event] = _events_saved(rows, dict(cursor.fetchall()))
         except BaseException:
             with contextlib.suppress(DatabaseError):
                 cursor.execute("ROLLBACK")
@@ -400,15 +407,8 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
                 agreement = _locked_for_charge(reservation)
                 if agreement is None:
                     raise _SettledByTheReaper
-                event, fields = _charge_prepare(agreement, reservation, charge)
-                if connection.vendor == "postgresql":
-                    with connection.cursor() as cursor:
-                        cursor.execute(*_write_statement(agreement, event, fields))
-                        _event_saved(event, cursor.fetchone()[0])
-                else:
-                    _insert_events([event])
-                    UsageAgreement.objects.filter(pk=agreement.pk).update(
-                        **{name: getattr(agreement, name) for name in fields})
+                rows, fields = _charge_prepare(agreement, reservation, charge)
+                [event] = _write_events(agreement, rows, counters=fields)
                 _observe_after_commit(agreement, [event], source=UsageSource.PROXY)
     except _SettledByTheReaper:
         event = UsageEvent.objects.filter(agreement_id=reservation.agreement_id, request_id=request_id).first()
@@ -494,13 +494,44 @@ def reservations_settle_stale(*, agreement: UsageAgreement) -> None:
     agreement.refresh_from_db()
 
 
+@lru_cache(maxsize=1)
+def _agreement_columns() -> list[tuple]:
+    """The agreement's own fields (not its parties, service or authorization, which no charge changes), each with
+    its column expression and its converters from database values (they depend on the database's vendor only)."""
+    table = UsageAgreement._meta.db_table
+    return [(field, field.get_col(table), field.get_db_converters(connection))
+            for field in UsageAgreement._meta.concrete_fields if not field.is_relation]
+
+
+def _lock_and_read(agreement: UsageAgreement) -> None:
+    """Take the agreement's row lock and read its own fields again into `agreement`, in one statement without the
+    ORM's query compilation (which cost more than the rest of a small report): from here to the commit, what
+    `agreement` says is what the row holds."""
+    fields, ops = _agreement_columns(), connection.ops
+    quote, for_update = ops.quote_name, " FOR UPDATE" if connection.features.has_select_for_update else ""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {', '.join(quote(field.column) for field, _, _ in fields)} "  # noqa: S608
+                       f"FROM {quote(UsageAgreement._meta.db_table)} "
+                       f"WHERE {quote(UsageAgreement._meta.pk.column)} = %s{for_update}",
+                       [UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection)])
+        row = cursor.fetchone()
+    if row is None:
+        raise UsageAgreement.DoesNotExist
+    for (field, column, converters), value in zip(fields, row, strict=True):
+        for convert in ops.get_db_converters(column) + converters:
+            value = convert(value, column, connection)
+        setattr(agreement, field.attname, value)
+
+
 @logs_name_the_agreement
 def usage_record(*, agreement: UsageAgreement, seller, entries: list[dict], request_id: str) -> list[UsageEvent]:
-    """Seller-reported usage: all entries or none, under the same cap and receipt chain as proxied calls."""
+    """Seller-reported usage: all entries or none, under the same cap and receipt chain as proxied calls.
+    `agreement` is read again under its row lock and left as written."""
     if agreement.seller_id != seller.pk:
         raise Forbidden("Only the seller reports usage.", code="seller_only")
-    with transaction.atomic():
-        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
+    # No savepoint when nested (the request's transaction): a failure here fails the caller's transaction too.
+    with transaction.atomic(savepoint=False):
+        _lock_and_read(agreement)
         if agreement.status != S.ACTIVE:
             raise _not_chargeable(agreement)
         if agreement.completion_requested_at is not None:
@@ -514,10 +545,10 @@ def usage_record(*, agreement: UsageAgreement, seller, entries: list[dict], requ
             raise PaymentRequired("The usage exceeds the escrow's remaining budget; nothing was recorded.",
                                   code="budget_exhausted",
                                   details={"remaining_atomic": agreement.remaining, "cost_atomic": total})
-        events = _append_events(agreement, charges, source=UsageSource.SELLER_REPORT)
+        rows = _extend_chain(agreement, charges, source=UsageSource.SELLER_REPORT)
         fields = ["usage_seq", "used", "usage_digest"]
         _complete_if_used_up(agreement, fields)
-        agreement.save(update_fields=fields)
+        events = _write_events(agreement, rows, counters=fields)
         _observe_after_commit(agreement, events, source=UsageSource.SELLER_REPORT)
     return events
 
@@ -572,7 +603,7 @@ def usage_record_running_total(*, agreement: UsageAgreement, seller, units_used:
     if agreement.seller_id != seller.pk:
         raise Forbidden("Only the seller reports usage.", code="seller_only")
     with transaction.atomic():
-        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
+        _lock_and_read(agreement)
         reported = agreement.usage_events.filter(source=UsageSource.SELLER_REPORT).aggregate(
             units=Coalesce(Sum("units"), 0))["units"]
         if units_used < reported:

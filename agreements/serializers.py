@@ -14,6 +14,7 @@ from marketplace.serializers import (
     AgentSummarySerializer,
     AtomicAmountField,
     CentsField,
+    FieldsBoundOnceSerializer,
     StrictIntegerField,
     StrictSerializer,
     cents_of,
@@ -134,7 +135,7 @@ class AgreementListQuery(StrictSerializer, PageQuerySerializer):
     role = serializers.ChoiceField(choices=["buyer", "seller"], required=False)
 
 
-class ServiceRefSerializer(serializers.Serializer):
+class ServiceRefSerializer(FieldsBoundOnceSerializer):
     id = serializers.UUIDField()
     name = serializers.CharField()
 
@@ -146,7 +147,7 @@ class ApprovalRefSerializer(serializers.Serializer):
 
 
 ACTIVATION_VERSION = "usage-escrow-1"
-class AgreementSerializer(serializers.Serializer):
+class AgreementSerializer(FieldsBoundOnceSerializer):
     id = serializers.UUIDField()
     onchain_id = serializers.CharField(help_text="bytes32 id of the agreement in the escrow contract.")
     status = serializers.ChoiceField(choices=AgreementStatus.choices)
@@ -357,11 +358,15 @@ class UsageEventSerializer(serializers.Serializer):
         }
 
     def _created_at(self, value) -> str:
-        # The events of one batch share their timestamp: formatted once.
+        # The events of one batch share their timestamp: formatted once (by a field of its own, as `self.fields`
+        # would deep-copy all 17 declared fields).
         cached = getattr(self, "_created_at_text", None)
         if cached is None or cached[0] != value:
-            cached = self._created_at_text = (value, self.fields["created_at"].to_representation(value))
+            cached = self._created_at_text = (value, _TIMESTAMP.to_representation(value))
         return cached[1]
+
+
+_TIMESTAMP = serializers.DateTimeField()
 
 
 USAGE_UNITS_MAX = 10**12

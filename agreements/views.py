@@ -275,7 +275,7 @@ class RecordUsageView(APIView):
     @idempotent()
     def post(self, request, agreement_id):
         agent = calling_agent(request)
-        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        agreement = selectors.agreement_for_report(agreement_id=agreement_id, agent=agent)
         body = RecordUsageSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         request_id = request.request_id
@@ -291,7 +291,7 @@ class RecordUsageView(APIView):
                                    code="idempotency_key_required")
             events = metering.usage_record(agreement=agreement, seller=agent, entries=body.entries(),
                                            request_id=request_id)
-        agreement = selectors.agreement_refresh(agreement=agreement)
+        # `agreement` is as the report left it: metering read it again under its row lock, held to the commit.
         return Response(agreement_payload(agreement, serializer=RecordedUsageSerializer, events=events),
                         status=status.HTTP_201_CREATED)
 

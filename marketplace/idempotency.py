@@ -23,7 +23,7 @@ import json
 from collections.abc import Callable
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from rest_framework.response import Response
 
@@ -49,13 +49,34 @@ def _scope(request) -> str:
     return f"agent:{agent.pk}" if agent is not None else f"owner:{request.user.pk}"
 
 
-def _claim(scope: str, key: str, fingerprint: str) -> IdempotencyRecord | Response:
-    """Either a fresh claim on the key, or the response to give instead of running the request."""
-    try:
-        with transaction.atomic():
-            return IdempotencyRecord.objects.create(scope=scope, key=key, request_fingerprint=fingerprint)
-    except IntegrityError:
-        pass
+def _claim_insert(scope: str, key: str, fingerprint: str) -> int | None:
+    """Claim the key: the new record's id, or None when the key is taken. One statement in its own transaction.
+
+    On PostgreSQL its commit does not wait for the WAL flush: a claim is no money, and WAL is flushed in order, so
+    the request's own (synchronous) commit, which stores its answer on this record, makes the claim durable with
+    it; a crash of the database before then loses at most a claim whose request had no effect yet."""
+    if connection.vendor != "postgresql":
+        try:
+            with transaction.atomic():
+                return IdempotencyRecord.objects.create(scope=scope, key=key, request_fingerprint=fingerprint).pk
+        except IntegrityError:
+            return None
+    quote = connection.ops.quote_name
+    flush = "" if connection.in_atomic_block else " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS flush"
+    with connection.cursor() as cursor:
+        cursor.execute(f"INSERT INTO {quote(IdempotencyRecord._meta.db_table)} "  # noqa: S608
+                       f"({quote('scope')}, {quote('key')}, {quote('request_fingerprint')}, {quote('created_at')}) "
+                       f"SELECT %s, %s, %s, %s{flush} ON CONFLICT ({quote('scope')}, {quote('key')}) DO NOTHING "
+                       f"RETURNING {quote('id')}", [scope, key, fingerprint, timezone.now()])
+        row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
+def _claim(scope: str, key: str, fingerprint: str) -> int | Response:
+    """Either the id of a fresh claim on the key, or the response to give instead of running the request."""
+    claimed = _claim_insert(scope, key, fingerprint)
+    if claimed is not None:
+        return claimed
     record = IdempotencyRecord.objects.get(scope=scope, key=key)
     if record.request_fingerprint != fingerprint:
         raise Unprocessable(
@@ -69,8 +90,29 @@ def _claim(scope: str, key: str, fingerprint: str) -> IdempotencyRecord | Respon
         created_at=timezone.now()
     )
     if taken:
-        return record
+        return record.pk
     raise Conflict("A request with this Idempotency-Key is still in progress.", code="idempotency_in_progress")
+
+
+def _store(claim: int, response) -> None:
+    """The answer onto its claim, in the request's transaction (one statement, no ORM query compilation). On
+    PostgreSQL the answer goes as JSON text cast to jsonb: psycopg's Jsonb adapter took three times as long to quote
+    the ~40 kB answer to a batch of usage."""
+    fields = IdempotencyRecord._meta
+    status, body = fields.get_field("response_status"), fields.get_field("response_body")
+    quote = connection.ops.quote_name
+    if connection.vendor == "postgresql":
+        answer, placeholder = json.dumps(response.data, cls=body.encoder), "%s::jsonb"
+    else:
+        answer, placeholder = body.get_db_prep_save(response.data, connection), "%s"
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {quote(fields.db_table)} SET {quote(status.column)} = %s, "  # noqa: S608
+                       f"{quote(body.column)} = {placeholder} WHERE {quote(fields.pk.column)} = %s",
+                       [response.status_code, answer, claim])
+
+
+def _release(claim: int) -> None:
+    IdempotencyRecord.objects.filter(pk=claim).delete()
 
 
 def idempotent(required: bool = False, atomic: bool = True, prepare: Callable | None = None):
@@ -100,16 +142,14 @@ def idempotent(required: bool = False, atomic: bool = True, prepare: Callable | 
                     response = handler(view, request, *args, **kwargs)
                     if response.status_code >= 500:
                         raise _DoNotStore(response)
-                    IdempotencyRecord.objects.filter(pk=claim.pk).update(
-                        response_status=response.status_code, response_body=response.data
-                    )
+                    _store(claim, response)
                     return response
             except _DoNotStore as failed:
-                claim.delete()
+                _release(claim)
                 return failed.response
             except Exception:
                 # The effects rolled back with the transaction: release the key so a corrected retry can run.
-                claim.delete()
+                _release(claim)
                 raise
 
         return wrapper

@@ -74,4 +74,7 @@ class HotPathMiddleware:
         request.get_host()  # DisallowedHost -> 400, as CommonMiddleware would
         match = resolve(request.path_info, urlconf=self.URLCONF)
         request.resolver_match = match
-        return match.func(request, *match.args, **match.kwargs)
+        response = match.func(request, *match.args, **match.kwargs)
+        if callable(getattr(response, "render", None)):  # a DRF view's answer (the status route), as Django does
+            response = response.render()
+        return response

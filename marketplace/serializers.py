@@ -10,6 +10,8 @@ import re
 from django.http import QueryDict
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema_field
 from rest_framework import serializers
+from rest_framework.fields import SkipField
+from rest_framework.relations import PKOnlyObject
 
 from marketplace.fields import checksum_address
 
@@ -105,7 +107,38 @@ class AddressSerializerField(serializers.CharField):
         return value
 
 
-class AgentSummarySerializer(serializers.Serializer):
+# An answer serializer that renders as DRF's generic `to_representation` does, without deep-copying its declared
+# fields for every instance (DRF does, on first use of `.fields`; for an agreement's 50-odd fields that copy was most
+# of the CPU of answering it). The fields are bound once per class, to an instance that never holds data or context;
+# method fields are called on the serializer at hand, which does. So a field other than a method field must not read
+# `context` (none of this project's output fields does). A comment, not a docstring: the OpenAPI schema would show a
+# docstring as the description of every serializer built on this one.
+class FieldsBoundOnceSerializer(serializers.Serializer):
+
+    def to_representation(self, instance):
+        answer = {}
+        for field in type(self)._fields_bound_once():
+            if isinstance(field, serializers.SerializerMethodField):
+                answer[field.field_name] = getattr(self, field.method_name)(instance)
+                continue
+            try:
+                attribute = field.get_attribute(instance)
+            except SkipField:
+                continue
+            present = attribute.pk if isinstance(attribute, PKOnlyObject) else attribute
+            answer[field.field_name] = None if present is None else field.to_representation(attribute)
+        return answer
+
+    @classmethod
+    def _fields_bound_once(cls) -> list[serializers.Field]:
+        readable = cls.__dict__.get("_readable_fields_of_class")  # each subclass binds its own
+        if readable is None:
+            readable = [field for field in cls().fields.values() if not field.write_only]
+            cls._readable_fields_of_class = readable
+        return readable
+
+
+class AgentSummarySerializer(FieldsBoundOnceSerializer):
     id = serializers.UUIDField()
     handle = serializers.CharField()
     display_name = serializers.CharField()

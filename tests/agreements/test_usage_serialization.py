@@ -3,13 +3,18 @@ the answer must stay exactly what DRF's fields would give, and input that is not
 through the fields, which trim, refuse and name the error."""
 
 import json
+import uuid
+from types import SimpleNamespace
 
 import pytest
+from django.utils import timezone
 from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
 
+from agreements import selectors
 from agreements.models import UsageEvent
-from agreements.serializers import UsageEventSerializer
+from agreements.serializers import AgreementSerializer, RecordedUsageSerializer, UsageEventSerializer
+from marketplace.serializers import FieldsBoundOnceSerializer
 from tests.conftest import codes_at
 from tests.escrow.flow import Parties
 
@@ -46,6 +51,39 @@ def test_a_batch_is_answered_as_the_declared_fields_render_it(active):
     assert [(e.units, e.description) for e in events] == [
         (1, "plain"), (2, ""), (3, "padded"), (1, "café ☕"), (2, "tab\tinside"), (1, "")]
     assert [bool(e.receipt_signature) for e in events] == [False] * 5 + [True]
+
+
+def test_the_agreement_is_answered_as_drf_renders_its_declared_fields(active, monkeypatch):
+    # Its fields are bound once per class instead of deep-copied per answer: the answer must not change, with and
+    # without an approval, for the agreement and for the recorded-usage answer built on it.
+    recorded = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage",
+                                      {"events": [{"units": 2}]}, headers={"Idempotency-Key": "a1"})
+    assert recorded.status_code == 201, recorded.content
+    agreement = selectors.agreement_get(agreement_id=active.agreement_id, agent=None)
+    events = list(UsageEvent.objects.filter(agreement_id=active.agreement_id))
+    approval = SimpleNamespace(pk=uuid.uuid4(), status="approved", expires_at=timezone.now())
+    contexts = [{"approvals": {}, "events": events}, {"approvals": {agreement.pk: approval}, "events": events}]
+
+    def answers():
+        return [json.loads(JSONRenderer().render(serializer(agreement, context=context).data))
+                for serializer in (AgreementSerializer, RecordedUsageSerializer) for context in contexts]
+
+    ours = answers()
+    monkeypatch.setattr(FieldsBoundOnceSerializer, "to_representation", serializers.Serializer.to_representation)
+    assert ours == answers()
+    assert recorded.json() == ours[2]  # the answer to the report is the agreement as it committed it
+    assert ours[1]["approval"]["status"] == "approved" and ours[0]["approval"] is None
+
+
+def test_a_batch_costs_the_same_few_statements_as_one_event(active, django_assert_num_queries):
+    # Authentication, the claim on the key, then in the request's transaction (a savepoint inside the test's): the
+    # agreement read, its locked read, one statement for the events and the counters, the approvals the answer
+    # names, the stored answer. No read after the write, no savepoint of its own. (The budget is 50 units.)
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "warm"})  # last_used_at, once a minute
+    for key, body in (("one", {"units": 1}), ("batch", {"events": [{"units": 1}] * 40})):
+        with django_assert_num_queries(9):
+            assert active.seller_api.post(url, body, headers={"Idempotency-Key": key}).status_code == 201
 
 
 @pytest.mark.parametrize(("entry", "field", "code"), [

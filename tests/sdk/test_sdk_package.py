@@ -73,15 +73,3 @@ def test_a_402_for_another_token_chain_or_domain_is_not_signed():
             sign_payment_required(header, Account.create().key.hex(), max_amount_atomic=10**6, network=network,
                                   token_domain=TokenDomain("USDC", "2"))
         assert refusal.value.field.startswith(f"accepts[0].{field}")
-
-
-def test_the_platforms_receipt_signature_is_byte_for_byte_eth_accounts():
-    """The server signs receipts with coincurve directly (marketplace.signatures.receipt_sign): the same bytes as
-    eth-account's unsafe_sign_hash, which buyers' tools recover."""
-    from marketplace.signatures import receipt_sign
-
-    for _ in range(20):
-        signer, digest = Account.create(), secrets.token_bytes(32)
-        expected = "0x" + bytes(signer.unsafe_sign_hash(digest).signature).hex()
-        assert receipt_sign(signer.key, digest) == expected
-        assert receipt_sign("0x" + signer.key.hex(), digest) == expected
