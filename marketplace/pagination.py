@@ -49,7 +49,8 @@ def _after(ordering: list[str], values: list) -> Q:
 
 
 def paginate(queryset: QuerySet, *, ordering: list[str], cursor: str | None, limit: int) -> tuple[list, str | None]:
-    """One page of `queryset` in `ordering` (which must end with a unique field) and the cursor of the next."""
+    """One page of `queryset` in `ordering` (which must end with a unique field) and the cursor of the next; the rows
+    are model instances, or dicts from a values() queryset that selects the ordering's fields."""
     if cursor:
         try:
             payload = signing.loads(cursor, salt=_SALT)
@@ -63,7 +64,8 @@ def paginate(queryset: QuerySet, *, ordering: list[str], cursor: str | None, lim
         return rows, None
     rows = rows[:limit]
     last = rows[-1]
-    values = [_to_json(getattr(last, f.lstrip("-"))) for f in ordering]
+    names = [f.lstrip("-") for f in ordering]
+    values = [_to_json(last[name] if isinstance(last, dict) else getattr(last, name)) for name in names]
     return rows, signing.dumps({"o": ordering, "v": values}, salt=_SALT, compress=True)
 
 
