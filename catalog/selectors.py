@@ -225,14 +225,16 @@ class OffsetPage:
 
 
 # What a search result shows of a service (catalog.serializers.ServiceSearchResultSerializer), read as plain values.
-SEARCH_RESULT_FIELDS = (
+_SEARCH_RESULT_FIELDS = (
     "id", "seller_id", "seller__handle", "seller__display_name", "seller__wallet_address", "name", "description",
     "capability_name", "capability_version", "author", "legal", "example_outputs", "pricing_type", "unit_name",
     "unit_price", "token", "upstream_protocol", "masumi_protocol_version", "state", "availability",
     "availability_checked_at", "category", "min_quantity", "max_quantity", "capabilities", "metadata", "created_at",
     "updated_at",
 )
-SEARCH_RESULT_SKILL_FIELDS = ("name", "description", "price", "path", "is_async", "timeout_seconds")
+_SEARCH_RESULT_SKILL_FIELDS = ("name", "description", "price", "path", "is_async", "timeout_seconds")
+# Built once: resolving its 28 field names (three through the seller) was a third of the CPU of reading a page's rows.
+_SEARCH_RESULTS = Service.objects.values(*_SEARCH_RESULT_FIELDS)
 
 
 def _result_rows(keys: list[dict], score: str | None) -> list[dict]:
@@ -242,14 +244,14 @@ def _result_rows(keys: list[dict], score: str | None) -> list[dict]:
     if not keys:
         return []
     ids = [key["id"] for key in keys]
-    rows = {row["id"]: row for row in Service.objects.filter(pk__in=ids).values(*SEARCH_RESULT_FIELDS)}
+    rows = {row["id"]: row for row in _SEARCH_RESULTS.filter(pk__in=ids)}
     tags: dict = {service_id: [] for service_id in ids}
     for service_id, tag in (Service.tags.through.objects.filter(service_id__in=ids).order_by("tag__name")
                             .values_list("service_id", "tag__name")):
         tags[service_id].append(tag)
     skills: dict = {service_id: [] for service_id in ids}
     for skill in Skill.objects.filter(service_id__in=ids).order_by("name").values("service_id",
-                                                                                  *SEARCH_RESULT_SKILL_FIELDS):
+                                                                                  *_SEARCH_RESULT_SKILL_FIELDS):
         skills[skill.pop("service_id")].append(skill)
     page = []
     for key in keys:
