@@ -18,24 +18,26 @@ import hashlib
 import json
 import logging
 import time
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
-import httpx
+import httpcore
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework.exceptions import MethodNotAllowed, Throttled
 from rest_framework.views import APIView
 
 from agreements import metering, monitoring, selectors
-from agreements.models import ProxyReplay, UsageAgreement
-from catalog.authentication import agent_scope, calling_agent
+from agreements.models import ProxyReplay
+from catalog.authentication import KeyHolder, agent_key_holder, agent_scope
 from catalog.models import KeyScope, PricingType
 from marketplace import outbound
 from marketplace.errors import (ApplicationError, Conflict, Forbidden, InvalidInput, PayloadTooLarge, Unprocessable,
-                                error_body)
+                                error_body, error_response)
 from marketplace.logging import agreement_id_var
 from marketplace.serializers import error_responses
+from marketplace.throttling import credential_key, window_wait
 from sdk import proxy_signature
 
 logger = logging.getLogger(__name__)
@@ -54,10 +56,12 @@ UNITS_HEADER = "X-Usage-Units"
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": kept as they are; everything else is escaped
 _MAX_HEADER_DIGITS = 18  # any count or amount we accept in a header fits; longer is refused before int()
 
-_client = outbound.guarded_client(
-    timeout=httpx.Timeout(settings.PROXY_TIMEOUT, connect=settings.PROXY_CONNECT_TIMEOUT),
-    limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-)
+# httpcore rather than httpx on this path: httpx's client layers cost more CPU than the rest of a call's forwarding.
+_pool = outbound.guarded_pool(max_connections=200, max_keepalive_connections=50)
+_TIMEOUTS = {"connect": settings.PROXY_CONNECT_TIMEOUT, "read": settings.PROXY_TIMEOUT,
+             "write": settings.PROXY_TIMEOUT, "pool": settings.PROXY_TIMEOUT}
+# Everything else httpcore raises for a call that got no answer (it has no common base class).
+_UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol)
 
 
 class LengthRequired(ApplicationError):
@@ -84,25 +88,30 @@ def _named_in_connection(headers) -> set[str]:
     return {token.strip().lower() for token in headers.get("connection", "").split(",")} - {""}
 
 
-def _forward_headers(request, agreement: UsageAgreement, reservation, max_units: int, path: str) -> dict:
+def _forward_headers(request, caller: KeyHolder, terms: selectors.CallTerms, reservation, max_units: int, path: str,
+                     body: bytes) -> list[tuple[bytes, bytes]]:
     dropped = _REQUEST_DROPPED | _named_in_connection(request.headers)
     # WSGI servers present absent CONTENT_LENGTH/CONTENT_TYPE as empty strings: those are not headers.
     headers = {key: value for key, value in request.headers.items()
                if value and key.lower() not in dropped and not key.lower().startswith("x-marketplace-")}
     timestamp = int(time.time())
     headers.update({
+        "Host": urlsplit(terms.upstream_base_url).netloc,
         "X-Forwarded-For": request.META.get("REMOTE_ADDR", ""),
-        "X-Marketplace-Agreement": str(agreement.pk),
+        "X-Marketplace-Agreement": str(terms.pk),
         "X-Marketplace-Call-Seq": str(reservation.call_seq),
         "X-Marketplace-Timestamp": str(timestamp),
-        "X-Marketplace-Buyer": request.auth.agent.handle,  # the caller: only the buyer gets this far
+        "X-Marketplace-Buyer": caller.agent_handle,  # the caller: only the buyer gets this far
         "X-Marketplace-Max-Units": str(max_units),
         "X-Marketplace-Request-Id": request.request_id,
         "X-Marketplace-Signature": proxy_signature.sign(
-            agreement.service.proxy_secret, agreement_id=str(agreement.pk), call_seq=reservation.call_seq,
-            timestamp=timestamp, method=request.method, path=path),
+            terms.proxy_secret, agreement_id=str(terms.pk), call_seq=reservation.call_seq, timestamp=timestamp,
+            method=request.method, path=path),
     })
-    return headers
+    if body:
+        headers["Content-Length"] = str(len(body))
+    # WSGI hands header values over as latin-1 text: these are their bytes as received.
+    return [(key.encode("latin-1"), value.encode("latin-1")) for key, value in headers.items()]
 
 
 def _observe_upstream(outcome: str, started: float) -> float:
@@ -119,8 +128,8 @@ def header_integer(raw: str) -> int | None:
     return None
 
 
-def _requested_units(request, agreement: UsageAgreement) -> int:
-    if agreement.pricing_type != PricingType.PER_UNIT:
+def _requested_units(request, terms: selectors.CallTerms) -> int:
+    if terms.pricing_type != PricingType.PER_UNIT:
         return 1
     units = header_integer(request.headers.get("X-Max-Units", "1"))
     if units is None or not 1 <= units <= settings.PROXY_MAX_UNITS_PER_CALL:
@@ -129,10 +138,14 @@ def _requested_units(request, agreement: UsageAgreement) -> int:
     return units
 
 
-def _served_units(upstream: httpx.Response, agreement: UsageAgreement, max_units: int) -> int:
-    if agreement.pricing_type != PricingType.PER_UNIT:
+def _header(headers: list[tuple[str, str]], lowercase_name: str, default: str) -> str:
+    return next((value for name, value in headers if name.lower() == lowercase_name), default)
+
+
+def _served_units(upstream_headers: list[tuple[str, str]], terms: selectors.CallTerms, max_units: int) -> int:
+    if terms.pricing_type != PricingType.PER_UNIT:
         return 1
-    units = header_integer(upstream.headers.get(UNITS_HEADER, "1"))
+    units = header_integer(_header(upstream_headers, UNITS_HEADER.lower(), "1"))
     return min(1 if units is None else units, max_units)  # never more than the buyer agreed to pay for this call
 
 
@@ -198,17 +211,18 @@ def request_fingerprint(method: str, path: str, body: bytes) -> str:
     return hashlib.sha256(f"{method} {path}\n".encode() + body).hexdigest()
 
 
-def _claim_nonce(agreement: UsageAgreement, nonce: str, fingerprint: str) -> HttpResponse | None:
+def _claim_nonce(agreement_id, nonce: str, fingerprint: str) -> HttpResponse | None:
     """None when this call may run; else the stored answer (or 409 while the first call is running, 422 when the
     nonce was used on another call)."""
     if len(nonce) > 128:
         raise InvalidInput("X-Request-Nonce is at most 128 characters.", code="invalid_request_nonce")
     try:
         with transaction.atomic():
-            ProxyReplay.objects.create(agreement=agreement, request_nonce=nonce, request_fingerprint=fingerprint)
+            ProxyReplay.objects.create(agreement_id=agreement_id, request_nonce=nonce,
+                                       request_fingerprint=fingerprint)
         return None
     except IntegrityError:
-        replay = ProxyReplay.objects.get(agreement=agreement, request_nonce=nonce)
+        replay = ProxyReplay.objects.get(agreement_id=agreement_id, request_nonce=nonce)
     if replay.request_fingerprint != fingerprint:
         raise Unprocessable("This X-Request-Nonce was used on another call (method, path or body).",
                             code="nonce_reused")
@@ -246,32 +260,14 @@ def _proxy_method(method: str):
 
 
 class MeteredProxyView(APIView):
+    """DRF describes this view (the schema) but does not dispatch it: `dispatch` below serves every call without
+    DRF's request wrapping, negotiation and rendering, which were half of a proxied call's CPU. The answers are
+    DRF's: the same authentication and scope rules (`agent_key_holder`), rate limits (`window_wait`) and error
+    shape (`error_response`)."""
+
     permission_classes = [agent_scope(KeyScope.PAY)]
     throttle_scope = "proxy"
     parser_classes = []  # the body is forwarded upstream untouched (request_body)
-
-    def dispatch_proxy(self, request, agreement_id, path=""):
-        # Not reset here: django.request logs a failed call after the view returns; the middleware clears it.
-        agreement_id_var.set(str(agreement_id))
-        agent = calling_agent(request)
-        agreement = selectors.agreement_for_call(agreement_id=agreement_id, agent=agent)
-        if agreement.buyer_id != agent.pk:
-            raise Forbidden("Only the buyer calls through the proxy.", code="buyer_only")
-        body = request_body(request)
-        query = request.META.get("QUERY_STRING", "")
-        call_path = upstream_path(path) + (f"?{query}" if query else "")
-        nonce = request.headers.get("X-Request-Nonce", "")
-        if nonce:
-            replayed = _claim_nonce(agreement, nonce, request_fingerprint(request.method, call_path, body))
-            if replayed is not None:
-                return replayed
-        try:
-            response = self._forward(request, agreement, call_path, body, nonce)
-        except BaseException:
-            if nonce:
-                ProxyReplay.objects.filter(agreement=agreement, request_nonce=nonce, status_code=None).delete()
-            raise
-        return response
 
     get = _proxy_method("get")
     post = _proxy_method("post")
@@ -279,90 +275,131 @@ class MeteredProxyView(APIView):
     patch = _proxy_method("patch")
     delete = _proxy_method("delete")
 
-    def _forward(self, request, agreement: UsageAgreement, upstream_path: str, body: bytes, nonce: str):
-        max_units = _requested_units(request, agreement)
-        request_id = request.request_id
-        reservation = metering.reservation_take(
-            agreement=agreement, amount=max_units * agreement.price_per_unit, request_id=request_id,
-            request_nonce=nonce, method=request.method, path=upstream_path)
-        url = agreement.service.upstream_base_url + upstream_path
-        started = time.monotonic()
+    def dispatch(self, request, agreement_id, path=""):
         try:
-            upstream = _client.send(_client.build_request(
-                request.method, url, headers=_forward_headers(request, agreement, reservation, max_units,
-                                                              upstream_path),
-                content=body or None,
-            ), stream=True)
-        except httpx.TimeoutException as exc:
-            metering.reservation_release(reservation=reservation)
-            _observe_upstream("timeout", started)
-            raise UpstreamTimeout("The seller's service did not answer in time; nothing was charged.") from exc
-        except httpx.HTTPError as exc:
-            metering.reservation_release(reservation=reservation)
-            _observe_upstream("blocked" if outbound.blocked(exc) else "unreachable", started)
-            if outbound.blocked(exc):
-                logger.warning("upstream address not allowed", extra={"error": str(exc)})
-                raise UpstreamNotAllowed("The seller's service resolves to an address the marketplace does not "
-                                         "call; nothing was charged.") from exc
-            logger.warning("upstream unreachable", extra={"agreement_id": str(agreement.pk), "error": repr(exc)})
-            raise UpstreamFailed("The seller's service could not be reached; nothing was charged.") from exc
-        except BaseException:
-            metering.reservation_release(reservation=reservation)  # nothing was served: the hold must not leak
-            raise
-        latency_ms = int(_observe_upstream("error" if upstream.status_code >= 500 else "ok", started) * 1000)
-        if upstream.status_code >= 500:
-            metering.reservation_release(reservation=reservation)
-            cost, event = 0, None
-        else:
-            units = _served_units(upstream, agreement, max_units)
-            cost = units * agreement.price_per_unit
-            try:
-                metering.reservation_answered(reservation=reservation, units=units, cost=cost,
-                                              upstream_status=upstream.status_code, latency_ms=latency_ms)
-                event = metering.reservation_commit(
-                    reservation=reservation, units=units, cost=cost, request_id=request_id,
-                    request_nonce=nonce, method=request.method, path=upstream_path, upstream_status=upstream.status_code,
-                    latency_ms=latency_ms)
-            except BaseException:  # released (or the charge found) by the commit, or left to the reaper
-                upstream.close()
-                raise
-        # Bodies pass through as raw bytes, so Content-Encoding and Content-Length stay true.
-        dropped = _RESPONSE_DROPPED | _named_in_connection(upstream.headers)
-        headers = {key: value for key, value in upstream.headers.items() if key.lower() not in dropped}
-        headers["X-Usage-Cost"] = str(cost)
-        headers["X-Escrow-Remaining"] = str(agreement.deposit_amount - (event.cumulative if event else agreement.used))
-        if event is not None:
-            headers["X-Usage-Event-Id"] = str(event.pk)
-            headers["X-Usage-Seq"] = str(event.seq)
-        if nonce:
-            return self._stored_reply(agreement, nonce, upstream, headers)
-        response = StreamingHttpResponse(_stream(upstream), status=upstream.status_code)
-        for key, value in headers.items():
-            response[key] = value
-        return response
-
-    def _stored_reply(self, agreement, nonce, upstream: httpx.Response, headers: dict) -> HttpResponse:
-        try:
-            body = b"".join(upstream.iter_raw())
-        finally:
-            upstream.close()
-        if len(body) > settings.PROXY_REPLAY_MAX_BYTES:
-            # Answered once in full; a replay gets this note instead of a half-stored body.
-            stored = json.dumps(error_body("reply_too_large_to_store", "The reply was charged but is too large "
-                                           "to store for X-Request-Nonce replays.")).encode()
-        else:
-            stored = body
-        ProxyReplay.objects.filter(agreement=agreement, request_nonce=nonce).update(
-            status_code=upstream.status_code, headers=headers, body=stored)
-        response = HttpResponse(body, status=upstream.status_code)
-        for key, value in headers.items():
-            response[key] = value
-        return response
+            if request.method not in _METHODS:
+                raise MethodNotAllowed(request.method)
+            return _proxy_call(request, agreement_id, path)
+        except Exception as exc:  # every failure answers in the one error shape, as DRF's handler would
+            return error_response(exc)
 
 
-def _stream(upstream: httpx.Response):
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+
+
+def _proxy_call(request, agreement_id, path: str):
+    # Not reset here: django.request logs a failed call after the view returns; the middleware clears it.
+    agreement_id_var.set(str(agreement_id))
+    caller = agent_key_holder(request, scope=KeyScope.PAY)
+    for scope in ("api", "proxy"):
+        wait = window_wait(credential_key(scope, caller.prefix), scope)
+        if wait is not None:
+            raise Throttled(wait)
+    terms = selectors.agreement_for_call(agreement_id=agreement_id, agent_id=caller.agent_id)
+    if terms.buyer_id != caller.agent_id:
+        raise Forbidden("Only the buyer calls through the proxy.", code="buyer_only")
+    body = request_body(request)
+    query = request.META.get("QUERY_STRING", "")
+    call_path = upstream_path(path) + (f"?{query}" if query else "")
+    nonce = request.headers.get("X-Request-Nonce", "")
+    if nonce:
+        replayed = _claim_nonce(terms.pk, nonce, request_fingerprint(request.method, call_path, body))
+        if replayed is not None:
+            return replayed
     try:
-        yield from upstream.iter_raw(65536)
+        return _forward(request, caller, terms, call_path, body, nonce)
+    except BaseException:
+        if nonce:
+            ProxyReplay.objects.filter(agreement_id=terms.pk, request_nonce=nonce, status_code=None).delete()
+        raise
+
+
+def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_path: str, body: bytes, nonce: str):
+    max_units = _requested_units(request, terms)
+    request_id = request.request_id
+    reservation = metering.reservation_take(
+        agreement=terms, amount=max_units * terms.price_per_unit, request_id=request_id, request_nonce=nonce,
+        method=request.method, path=upstream_path)
+    started = time.monotonic()
+    try:
+        upstream = _pool.handle_request(httpcore.Request(
+            request.method, terms.upstream_base_url + upstream_path, content=body,
+            headers=_forward_headers(request, caller, terms, reservation, max_units, upstream_path, body),
+            extensions={"timeout": _TIMEOUTS}))
+    except httpcore.TimeoutException as exc:
+        metering.reservation_release(reservation=reservation)
+        _observe_upstream("timeout", started)
+        raise UpstreamTimeout("The seller's service did not answer in time; nothing was charged.") from exc
+    except _UPSTREAM_ERRORS as exc:
+        metering.reservation_release(reservation=reservation)
+        _observe_upstream("blocked" if outbound.blocked(exc) else "unreachable", started)
+        if outbound.blocked(exc):
+            logger.warning("upstream address not allowed", extra={"error": str(exc)})
+            raise UpstreamNotAllowed("The seller's service resolves to an address the marketplace does not "
+                                     "call; nothing was charged.") from exc
+        logger.warning("upstream unreachable", extra={"agreement_id": str(terms.pk), "error": repr(exc)})
+        raise UpstreamFailed("The seller's service could not be reached; nothing was charged.") from exc
+    except BaseException:
+        metering.reservation_release(reservation=reservation)  # nothing was served: the hold must not leak
+        raise
+    upstream_headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in upstream.headers]
+    latency_ms = int(_observe_upstream("error" if upstream.status >= 500 else "ok", started) * 1000)
+    if upstream.status >= 500:
+        metering.reservation_release(reservation=reservation)
+        cost, event = 0, None
+    else:
+        units = _served_units(upstream_headers, terms, max_units)
+        cost = units * terms.price_per_unit
+        try:
+            event = metering.reservation_commit(
+                reservation=reservation, units=units, cost=cost, request_id=request_id, request_nonce=nonce,
+                method=request.method, path=upstream_path, upstream_status=upstream.status, latency_ms=latency_ms)
+        except BaseException:  # released (or the charge found) by the commit, or left to the reaper
+            upstream.close()
+            raise
+    # Bodies pass through as raw bytes, so Content-Encoding and Content-Length stay true.
+    dropped = _RESPONSE_DROPPED | _named_in_connection({name.lower(): value for name, value in upstream_headers})
+    headers = {name: value for name, value in upstream_headers if name.lower() not in dropped}
+    headers["X-Usage-Cost"] = str(cost)
+    used = event.cumulative if event else metering.agreement_used(agreement_id=terms.pk)
+    headers["X-Escrow-Remaining"] = str(terms.deposit_amount - used)
+    if event is not None:
+        headers["X-Usage-Event-Id"] = str(event.pk)
+        headers["X-Usage-Seq"] = str(event.seq)
+    if nonce:
+        return _stored_reply(terms.pk, nonce, upstream, headers)
+    response = StreamingHttpResponse(_stream(upstream), status=upstream.status)
+    for key, value in headers.items():
+        response[key] = value
+    return response
+
+
+def _stored_reply(agreement_id, nonce, upstream: httpcore.Response, headers: dict) -> HttpResponse:
+    body = _read_whole(upstream)
+    if len(body) > settings.PROXY_REPLAY_MAX_BYTES:
+        # Answered once in full; a replay gets this note instead of a half-stored body.
+        stored = json.dumps(error_body("reply_too_large_to_store", "The reply was charged but is too large "
+                                       "to store for X-Request-Nonce replays.")).encode()
+    else:
+        stored = body
+    ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=nonce).update(
+        status_code=upstream.status, headers=headers, body=stored)
+    response = HttpResponse(body, status=upstream.status)
+    for key, value in headers.items():
+        response[key] = value
+    return response
+
+
+def _read_whole(upstream: httpcore.Response) -> bytes:
+    try:
+        return b"".join(upstream.stream)
+    finally:
+        upstream.close()
+
+
+def _stream(upstream: httpcore.Response):
+    try:
+        yield from upstream.stream
     finally:
         upstream.close()
 

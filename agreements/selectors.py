@@ -1,4 +1,11 @@
+import threading
+import time
+import uuid
+from dataclasses import dataclass
 from datetime import UTC, timedelta
+
+from cachetools import TTLCache
+from django.conf import settings
 
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 from django.db.models.functions import TruncDay, TruncHour
@@ -53,17 +60,52 @@ def agreement_refresh(*, agreement: UsageAgreement) -> UsageAgreement:
     return agreement
 
 
-def agreement_for_call(*, agreement_id, agent: Agent) -> UsageAgreement:
-    """What a metered call reads, in one narrow query (this runs on every proxied call; the service's JSON and
-    search columns are not needed): the agreement, if the agent is party to it, and its service's upstream.
-    404 otherwise, as agreement_get."""
-    agreement = (UsageAgreement.objects.select_related("service")
-                 .only("id", "buyer_id", "seller_id", "status", "pricing_type", "price_per_unit", "deposit_amount",
-                       "used", "service__upstream_base_url", "service__proxy_secret")
-                 .filter(Q(buyer=agent) | Q(seller=agent), pk=agreement_id).first())
-    if agreement is None:
+@dataclass(frozen=True)
+class CallTerms:
+    """What forwarding and billing a metered call read of its agreement: fixed once it is active (parties, price,
+    deposit, chain identity) and the service's upstream, which a seller may change (seen within
+    CREDENTIAL_CACHE_SECONDS). Its status and counters are not here: the reservation checks them in the database on
+    every call."""
+
+    pk: uuid.UUID
+    onchain_id: str
+    chain_id: int
+    token: str
+    buyer_id: uuid.UUID
+    seller_id: uuid.UUID
+    pricing_type: str
+    price_per_unit: int
+    deposit_amount: int
+    upstream_base_url: str
+    proxy_secret: str
+
+
+_call_terms: TTLCache = TTLCache(maxsize=10_000, ttl=settings.CREDENTIAL_CACHE_SECONDS, timer=time.monotonic)
+_call_terms_lock = threading.Lock()
+
+
+def agreement_for_call(*, agreement_id, agent_id) -> CallTerms:
+    """The call terms of an agreement the agent is party to, read at most once a second per process (this runs on
+    every proxied call); 404 otherwise, as agreement_get."""
+    with _call_terms_lock:
+        terms = _call_terms.get(agreement_id)
+    if terms is None:
+        agreement = (UsageAgreement.objects.select_related("service")
+                     .only("id", "chain_id", "token", "buyer_id", "seller_id", "pricing_type", "price_per_unit",
+                           "deposit_amount", "service__upstream_base_url", "service__proxy_secret")
+                     .filter(pk=agreement_id).first())
+        if agreement is not None:
+            terms = CallTerms(pk=agreement.pk, onchain_id=agreement.onchain_id, chain_id=agreement.chain_id,
+                              token=agreement.token, buyer_id=agreement.buyer_id, seller_id=agreement.seller_id,
+                              pricing_type=agreement.pricing_type, price_per_unit=agreement.price_per_unit,
+                              deposit_amount=agreement.deposit_amount,
+                              upstream_base_url=agreement.service.upstream_base_url,
+                              proxy_secret=agreement.service.proxy_secret)
+            with _call_terms_lock:
+                _call_terms[agreement_id] = terms
+    if terms is None or agent_id not in (terms.buyer_id, terms.seller_id):
         raise NotFound("No such agreement.", code="agreement_not_found")
-    return agreement
+    return terms
 
 
 def agreement_events(*, agreement: UsageAgreement) -> QuerySet[AgreementEvent]:

@@ -1,7 +1,6 @@
-from django.urls import path, re_path
-from django.urls.converters import UUIDConverter
+from django.urls import include, path
 
-from agreements import proxy, views
+from agreements import views
 
 urlpatterns = [
     path("usage-agreements", views.AgreementsView.as_view()),
@@ -16,11 +15,7 @@ urlpatterns = [
     path("usage-agreements/<uuid:agreement_id>/call-proofs", views.CallProofsView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/cumulative-receipts", views.CumulativeReceiptsView.as_view()),
     path("usage-agreements/agents/<uuid:agent_id>/agreements", views.AgentAgreementsView.as_view()),
-    # The Pægents SDK's status of a metered agreement: the marketplace answers it, before the catch-all below
-    # would forward (and charge) it.
-    path("metered-proxy/<uuid:agreement_id>/status", views.MeteredStatusView.as_view()),
-    # The path may be empty, which <path:> does not allow; the id is matched as strictly as <uuid:> does.
-    re_path(rf"^metered-proxy/(?P<agreement_id>{UUIDConverter.regex})/(?P<path>.*)$", proxy.MeteredProxyView.as_view()),
+    path("", include("agreements.proxy_urls")),
     path("payment-requirements", views.PaymentRequirementsView.as_view()),
     path("services/<str:invocation_id>", views.InvocationView.as_view()),
     path("webhooks", views.WebhooksView.as_view()),

@@ -93,12 +93,15 @@ def wait_for_upstream(url: str, processes) -> None:
 class Sample:
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    server_cpu: float | None = 0.0  # CPU seconds the marketplace's processes spent (None: not readable)
     ok: Counter = field(default_factory=Counter)  # url -> answers 200 (for proxied calls: charged calls)
     failures: list[str] = field(default_factory=list)
 
     def add(self, other: "Sample") -> None:
         self.latencies += other.latencies
         self.seconds += other.seconds
+        self.server_cpu = None if self.server_cpu is None or other.server_cpu is None else \
+            self.server_cpu + other.server_cpu
         self.ok.update(other.ok)
         self.failures += other.failures
 
@@ -137,9 +140,20 @@ async def fire(urls: list[str], headers: dict, *, clients: int, seconds: float, 
     return sample
 
 
+def measured(server_pids: list[int], urls: list[str], headers: dict, **load) -> Sample:
+    """One phase of load, with the CPU time the server's processes spent on it."""
+    before = harness.cpu_seconds(server_pids)
+    sample = asyncio.run(fire(urls, headers, **load))
+    after = harness.cpu_seconds(server_pids)
+    sample.server_cpu = None if before is None or after is None else after - before
+    return sample
+
+
 def summary(sample: Sample) -> dict:
     latencies = sorted(sample.latencies)
     return {"requests": len(latencies), "rps": len(latencies) / sample.seconds if sample.seconds else 0.0,
+            "cpu_ms": sample.server_cpu / len(latencies) * 1000 if sample.server_cpu is not None and latencies
+            else None,
             "p50": bench_metering.percentile(latencies, 0.50) * 1000,
             "p99": bench_metering.percentile(latencies, 0.99) * 1000, "failures": len(sample.failures)}
 
@@ -168,6 +182,8 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     base_url = bench_metering.start_gunicorn(processes, env, workers=args.workers, threads=args.threads)
     wait_for_upstream(f"{upstream_url}/ready", processes)
     bench_metering.wait_for_server(base_url, buyer_key, processes)
+    server = next(process for name, process in processes.started if name == "gunicorn").pid
+    server_pids = [server, *harness.child_pids(server)]
 
     buyer_headers = {"Authorization": f"Bearer {buyer_key}"}
     print(f"upstream: aiohttp, 1 process; marketplace: gunicorn {args.workers} workers x {args.threads} threads "
@@ -201,16 +217,16 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
                 proxied.add(warm)
         for _ in range(args.rounds):
             for name, (urls, headers, cost) in targets.items():
-                measured = asyncio.run(fire(urls, headers, clients=clients, seconds=args.seconds,
-                                            expected_cost=cost))
-                samples[name].add(measured)
-                failures += measured.failures
+                sample = measured(server_pids, urls, headers, clients=clients, seconds=args.seconds,
+                                  expected_cost=cost)
+                samples[name].add(sample)
+                failures += sample.failures
                 if cost is not None:
-                    proxied.add(measured)
+                    proxied.add(sample)
         rows.append((clients, delay, {name: summary(sample) for name, sample in samples.items()}))
 
     header = (f"{'callers':>7} {'upstream delay':>14}  {'path':<22} {'requests':>9} {'req/s':>8} {'p50 ms':>8} "
-              f"{'p99 ms':>8} {'errors':>7}  {'vs direct':>9} {'added p50 ms':>12}")
+              f"{'p99 ms':>8} {'errors':>7}  {'vs direct':>9} {'added p50 ms':>12} {'server CPU ms/call':>18}")
     print(header)
     print("-" * len(header))
     for clients, delay, results in rows:
@@ -220,8 +236,12 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
                     f"{result['p50']:>8.2f} {result['p99']:>8.2f} {result['failures']:>7}")
             if name != "direct":
                 ratio = result["rps"] / direct["rps"] if direct["rps"] else float("nan")
-                line += f"  {ratio:>9.0%} {result['p50'] - direct['p50']:>12.2f}"
+                cpu = "n/a" if result["cpu_ms"] is None else f"{result['cpu_ms']:.2f}"
+                line += f"  {ratio:>9.0%} {result['p50'] - direct['p50']:>12.2f} {cpu:>18}"
             print(line)
+    print()
+    for verdict in goal_verdicts(rows):
+        print(verdict)
     for failure in failures[:5]:
         print(f"  e.g. {failure}")
 
@@ -245,6 +265,30 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
         print(f"  {problem}")
     print(f"load average {os.getloadavg()[0]:.1f} after the run")
     return 1 if problems or failures else 0
+
+
+def goal_verdicts(rows) -> list[str]:
+    """Issue #18's goals, each with what this run measured (only those the run's caller counts and delays cover)."""
+    verdicts = []
+
+    def verdict(goal: str, value: float, met: bool, unit: str = "") -> None:
+        verdicts.append(f"goal {goal}: {value:.2f}{unit} {'met' if met else 'MISSED'}")
+
+    for clients, delay, results in rows:
+        direct = results["direct"]["rps"]
+        if clients == 16 and delay == 20 and direct:
+            share = results["proxy, 16 agreements"]["rps"] / direct
+            verdict("16 callers, 20 ms upstream, 16 agreements >= 0.70x direct", share, share >= 0.7, "x")
+            share = results["proxy, 1 agreement"]["rps"] / direct
+            verdict("16 callers, 20 ms upstream, one agreement >= 0.50x direct", share, share >= 0.5, "x")
+        if clients == 1:
+            added = results["proxy, 1 agreement"]["p50"] - results["direct"]["p50"]
+            verdict(f"1 caller, {delay} ms upstream, p50 added <= 2 ms", added, added <= 2.0, " ms")
+    cpu = [result["cpu_ms"] for _, _, results in rows for name, result in results.items()
+           if name != "direct" and result["cpu_ms"] is not None]
+    if cpu:
+        verdict("server CPU per proxied call <= 1.5 ms (worst phase)", max(cpu), max(cpu) <= 1.5, " ms")
+    return verdicts
 
 
 def main() -> int:

@@ -4,15 +4,23 @@
 On success `request.user` is the owner (a Django user) and `request.auth` the ApiKey or OwnerToken.
 """
 
+import hmac
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from cachetools import TTLCache
 from django.conf import settings
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
 from catalog import selectors
-from catalog.models import ApiKey, OwnerToken
+from catalog.models import SCOPE_RANK, ApiKey, KeyScope, OwnerToken
 from marketplace.errors import Forbidden, NotFound
-from marketplace.keys import parse_secret, secret_matches
+from marketplace.keys import digest_secret, parse_secret, secret_matches
 
 _KINDS = {"mk": ApiKey, "ot": OwnerToken}
 
@@ -21,18 +29,33 @@ def _failed(message: str, code: str) -> exceptions.AuthenticationFailed:
     return exceptions.AuthenticationFailed(message, code=code)
 
 
+def presented_secret(request) -> str | None:
+    """The bearer secret the request carries (`Authorization: Bearer`, or Masumi's `token:`); None without one or
+    under another Authorization scheme (none is served today)."""
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, secret = header.partition(" ")
+        return secret.strip() if scheme.lower() == "bearer" else None
+    return request.headers.get("token", "").strip() or None
+
+
+def _refuse_unusable(*, revoked_at: datetime | None, expires_at: datetime | None, agent_is_active: bool,
+                     owner_is_active: bool, now: datetime) -> None:
+    if revoked_at is not None:
+        raise _failed("These credentials were revoked.", "credentials_revoked")
+    if expires_at is not None and expires_at <= now:
+        raise _failed("These credentials have expired.", "credentials_expired")
+    if not agent_is_active:
+        raise _failed("This agent is deactivated.", "agent_inactive")
+    if not owner_is_active:
+        raise _failed("This owner account is deactivated.", "owner_inactive")
+
+
 class BearerKeyAuthentication(authentication.BaseAuthentication):
     def authenticate(self, request):
-        header = request.headers.get("Authorization", "")
-        if header:
-            scheme, _, secret = header.partition(" ")
-            if scheme.lower() != "bearer":
-                return None  # Leave other schemes (none today) to other authenticators.
-            secret = secret.strip()
-        else:
-            secret = request.headers.get("token", "").strip()
-            if not secret:
-                return None
+        secret = presented_secret(request)
+        if secret is None:
+            return None  # no credentials, or another scheme: left to other authenticators
         parsed = parse_secret(secret)
         if parsed is None or parsed[0] not in _KINDS:
             raise _failed("Malformed credentials.", "invalid_credentials")
@@ -41,31 +64,87 @@ class BearerKeyAuthentication(authentication.BaseAuthentication):
         credential = model.objects.select_related(related).filter(prefix=parsed[1]).first()
         if credential is None or not secret_matches(secret, credential.secret_digest):
             raise _failed("Unknown credentials.", "invalid_credentials")
+        user = credential.agent.owner if model is ApiKey else credential.owner
         now = timezone.now()
-        if credential.revoked_at is not None:
-            raise _failed("These credentials were revoked.", "credentials_revoked")
-        if credential.expires_at is not None and credential.expires_at <= now:
-            raise _failed("These credentials have expired.", "credentials_expired")
-        if model is ApiKey:
-            if not credential.agent.is_active:
-                raise _failed("This agent is deactivated.", "agent_inactive")
-            user = credential.agent.owner
-        else:
-            user = credential.owner
-        if not user.is_active:
-            raise _failed("This owner account is deactivated.", "owner_inactive")
-        _touch(model, credential, now)
+        _refuse_unusable(revoked_at=credential.revoked_at, expires_at=credential.expires_at,
+                         agent_is_active=credential.agent.is_active if model is ApiKey else True,
+                         owner_is_active=user.is_active, now=now)
+        _touch(model, credential.pk, credential.last_used_at, now)
         return user, credential
 
     def authenticate_header(self, request):
         return 'Bearer realm="api"'
 
 
-def _touch(model, credential, now) -> None:
+@dataclass(frozen=True)
+class KeyHolder:
+    """An agent API key and what its use depends on, as the metered proxy authenticates it on every call: read
+    from the database at most once per CREDENTIAL_CACHE_SECONDS per process, checked on every call. So a
+    revocation, an expiry or a deactivation takes effect within that time (one second by default)."""
+
+    pk: int
+    prefix: str
+    scope: str
+    agent_id: uuid.UUID
+    agent_handle: str
+    agent_is_active: bool
+    owner_is_active: bool
+    revoked_at: datetime | None
+    expires_at: datetime | None
+
+    def grants(self, scope: str) -> bool:
+        return SCOPE_RANK[KeyScope(self.scope)] >= SCOPE_RANK[KeyScope(scope)]
+
+
+# Keyed by the presented secret's digest: an entry exists only for a secret that matched its key's digest.
+_key_holders: TTLCache = TTLCache(maxsize=10_000, ttl=settings.CREDENTIAL_CACHE_SECONDS, timer=time.monotonic)
+_key_holders_lock = threading.Lock()
+
+
+def _key_holder_read(prefix: str, digest: str, now: datetime) -> KeyHolder | None:
+    key = ApiKey.objects.select_related("agent__owner").filter(prefix=prefix).first()
+    if key is None or not hmac.compare_digest(key.secret_digest, digest):
+        return None
+    _touch(ApiKey, key.pk, key.last_used_at, now)
+    return KeyHolder(pk=key.pk, prefix=key.prefix, scope=key.scope, agent_id=key.agent_id,
+                     agent_handle=key.agent.handle, agent_is_active=key.agent.is_active,
+                     owner_is_active=key.agent.owner.is_active, revoked_at=key.revoked_at, expires_at=key.expires_at)
+
+
+def agent_key_holder(request, *, scope: str) -> KeyHolder:
+    """The agent API key the request carries, holding `scope`: the same answers as BearerKeyAuthentication with
+    agent_scope(scope) (401 without usable credentials, 403 for an owner's credentials or a narrower key), from a
+    per-process cache of one second (KeyHolder)."""
+    secret = presented_secret(request)
+    if secret is None:
+        raise exceptions.NotAuthenticated()
+    parsed = parse_secret(secret)
+    if parsed is None or parsed[0] not in _KINDS:
+        raise _failed("Malformed credentials.", "invalid_credentials")
+    if _KINDS[parsed[0]] is not ApiKey:
+        BearerKeyAuthentication().authenticate(request)  # an owner's credentials: 401 unless they are usable
+        raise Forbidden("This endpoint needs an agent API key.", code="agent_key_required")
+    digest = digest_secret(secret)
+    now = timezone.now()
+    with _key_holders_lock:
+        holder = _key_holders.get(digest)
+    if holder is None:
+        holder = _key_holder_read(parsed[1], digest, now)
+        if holder is None:
+            raise _failed("Unknown credentials.", "invalid_credentials")
+        with _key_holders_lock:
+            _key_holders[digest] = holder
+    _refuse_unusable(revoked_at=holder.revoked_at, expires_at=holder.expires_at,
+                     agent_is_active=holder.agent_is_active, owner_is_active=holder.owner_is_active, now=now)
+    if not holder.grants(scope):
+        raise Forbidden(f"This endpoint needs an agent API key with the `{scope}` scope.", code="insufficient_scope")
+    return holder
+
+
+def _touch(model, pk: int, last_used_at: datetime | None, now: datetime) -> None:
     """Record use at most once a minute per credential, so authentication is not a write on every request."""
-    stale = now - settings.API_KEY_LAST_USED_RESOLUTION
-    if credential.last_used_at is None or credential.last_used_at < stale:
-        model.objects.filter(pk=credential.pk).update(last_used_at=now)
+    if last_used_at is None or last_used_at < now - settings.API_KEY_LAST_USED_RESOLUTION:
+        model.objects.filter(pk=pk).update(last_used_at=now)
 
 
 def agent_scope(scope: str) -> type[permissions.BasePermission]:

@@ -5,6 +5,8 @@ Node errors are mapped to typed exceptions in one table (`_ERROR_PATTERNS`), so 
 """
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -20,6 +22,7 @@ from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
 from escrow import artifacts
 from marketplace import bounded_json, chainconfig
+from marketplace.errors import DependencyUnavailable
 
 
 class ChainError(Exception):
@@ -56,6 +59,21 @@ class Reverted(ChainError):
     def __init__(self, reason: str):
         self.reason = reason
         super().__init__(reason)
+
+
+def unavailable() -> DependencyUnavailable:
+    """What a caller is answered when a chain read its request needs fails: 503 `chain_unavailable`."""
+    return DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable")
+
+
+@contextmanager
+def unavailable_as_503(errors: type[ChainError] = ChainError) -> Iterator[None]:
+    """Chain reads on a caller's request: `errors` raised inside (any ChainError unless narrowed) become
+    `unavailable()`. A decorator too."""
+    try:
+        yield
+    except errors as error:
+        raise unavailable() from error
 
 
 _ERROR_PATTERNS: list[tuple[str, type[ChainError]]] = [
@@ -359,28 +377,45 @@ def logs(*, address: str, from_block: int, to_block: int, topics: list | None = 
 # The contract stores only a digest of an escrow's terms and its packed settlement state: every call after
 # activation carries the terms (`EscrowTerms`), read back here from the escrow's Activated event.
 
-def _escrow_events(name: str, onchain_id: str) -> list[dict]:
-    """The args of escrow event `name` for agreement `onchain_id` (indexed first topic), oldest first."""
+def first_logs(*, address: str, topics: list, from_block: int, to_block: int, newest_first: bool = False) -> list:
+    """The contract's logs matching `topics` in [from_block, to_block], asked for in spans of at most
+    INDEXER_BLOCK_RANGE blocks from the oldest span on (from the newest with `newest_first`), up to the first span
+    that holds any: that span's logs, oldest first. Empty when none does."""
+    spans = range(from_block, to_block + 1, settings.INDEXER_BLOCK_RANGE)
+    for start in reversed(spans) if newest_first else spans:
+        end = min(start + settings.INDEXER_BLOCK_RANGE - 1, to_block)
+        found = logs(address=address, from_block=start, to_block=end, topics=topics)
+        if found:
+            return found
+    return []
+
+
+def _escrow_events(name: str, onchain_id: str, *, from_block: int, to_block: int, newest_first: bool = False) -> list:
+    """Escrow event `name` for agreement `onchain_id` (indexed first topic), as `first_logs` finds them, decoded
+    (`args`, `blockNumber`...)."""
     contract = escrow_contract()
     event = getattr(contract.events, name)()
     topic = "0x" + event.topic.hex().removeprefix("0x") if isinstance(event.topic, bytes) else event.topic
-    found = logs(address=contract.address, from_block=chainconfig.escrow_deployment_block(),
-                 to_block=latest_block_number(), topics=[topic, "0x" + onchain_id.removeprefix("0x").lower()])
-    return [dict(event.process_log(log)["args"]) for log in found]
+    found = first_logs(address=contract.address, topics=[topic, "0x" + onchain_id.removeprefix("0x").lower()],
+                       from_block=from_block, to_block=to_block, newest_first=newest_first)
+    return [event.process_log(log) for log in found]
 
 
-def escrow_activation(onchain_id: str) -> dict | None:
-    """The Activated event's args of escrow `onchain_id`; None when it was never activated."""
-    activated = _escrow_events("Activated", onchain_id)
-    return activated[-1] if activated else None
+def _activation(onchain_id: str, *, from_block: int | None, to_block: int) -> dict | None:
+    """The escrow's Activated event, looked for from `from_block` (else the deployment block) on; None when it was
+    never activated (or `from_block` is past its activation)."""
+    start = chainconfig.escrow_deployment_block() if from_block is None else from_block
+    activated = _escrow_events("Activated", onchain_id, from_block=start, to_block=to_block)
+    return activated[0] if activated else None  # an id is activated once
 
 
-def escrow_terms(onchain_id: str) -> tuple:
-    """The `EscrowTerms` tuple every call after activation carries. Raises Reverted when the id is not activated."""
-    args = escrow_activation(onchain_id)
-    if args is None:
+def escrow_terms(onchain_id: str, *, from_block: int | None = None) -> tuple:
+    """The `EscrowTerms` tuple every call after activation carries (its Activated event looked for from
+    `from_block`, else the deployment block). Raises Reverted when the id is not activated."""
+    activated = _activation(onchain_id, from_block=from_block, to_block=latest_block_number())
+    if activated is None:
         raise Reverted(f"InvalidState({onchain_id}, 0): no escrow under this id")
-    return terms_of_activation(args)
+    return terms_of_activation(activated["args"])
 
 
 def terms_of_activation(args: dict) -> tuple:
@@ -388,23 +423,27 @@ def terms_of_activation(args: dict) -> tuple:
             args["challengeWindow"], args["reclaimAfter"], args["nonce"])
 
 
-def escrow_record(onchain_id: str) -> dict:
-    """The escrow's full record, as JSON-friendly values: its terms (from the Activated event), its state (from
-    `getEscrow(id, terms)`, which checks the terms against the stored digest; the contract's `State` index) and the
-    last proposal's usage digest (from its SettlementProposed event). State 0 and zero fields when the id was never
-    activated."""
-    activated = escrow_activation(onchain_id)
-    if activated is None:
+def escrow_record(onchain_id: str, *, from_block: int | None = None) -> dict:
+    """The escrow's full record, as JSON-friendly values: its terms (from the Activated event, looked for from
+    `from_block`, else the deployment block), its state (from `getEscrow(id, terms)`, which checks the terms against
+    the stored digest; the contract's `State` index) and the last proposal's usage digest (from its SettlementProposed
+    event). State 0 and zero fields when the id was never activated."""
+    latest = latest_block_number()
+    activation = _activation(onchain_id, from_block=from_block, to_block=latest)
+    if activation is None:
         zero_address, zero32 = "0x" + "00" * 20, "0x" + "00" * 32
         return {"state": 0, "buyer": zero_address, "seller": zero_address, "token": zero_address,
                 "receiptSigner": zero_address, "depositAmount": 0, "infraFee": 0, "challengeWindow": 0,
                 "expiresAt": 0, "reclaimAfter": 0, "termsHash": zero32, "nonce": 0, "challengeDeadline": 0,
                 "lastSeq": 0, "settledAmount": 0, "usageDigest": zero32, "buyerClaimable": 0, "sellerClaimable": 0}
+    activated = dict(activation["args"])
     state = call(escrow_contract().functions.getEscrow(onchain_id, terms_of_activation(activated)).call)
-    proposals = _escrow_events("SettlementProposed", onchain_id) if state[0] > 1 else []
+    # The last proposal (a later one with a higher seq replaces it): searched from the newest span back.
+    proposals = _escrow_events("SettlementProposed", onchain_id, from_block=activation["blockNumber"], to_block=latest,
+                               newest_first=True) if state[0] > 1 else []
     record = to_json({key: value for key, value in activated.items() if key != "agreementId"})
     record.update(dict(zip(("challengeDeadline", "lastSeq", "settledAmount", "buyerClaimable", "sellerClaimable"),
                            state[1:], strict=True)))
     record["state"] = state[0]
-    record["usageDigest"] = to_json(proposals[-1]["usageDigest"]) if proposals else "0x" + "00" * 32
+    record["usageDigest"] = to_json(proposals[-1]["args"]["usageDigest"]) if proposals else "0x" + "00" * 32
     return record

@@ -8,7 +8,6 @@ from django.conf import settings
 from prometheus_client import Gauge
 
 from escrow import chain
-from marketplace.errors import DependencyUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +35,10 @@ def chain_now(*, next_block: bool = False) -> int:
     return now
 
 
+@chain.unavailable_as_503()
 def chain_now_for_request(*, next_block: bool = False) -> int:
     """`chain_now` on a caller's request: 503 `chain_unavailable` when the node does not answer."""
-    try:
-        return chain_now(next_block=next_block)
-    except chain.ChainError as error:
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
+    return chain_now(next_block=next_block)
 
 
 def deadline_clock() -> int:

@@ -12,7 +12,7 @@ from escrow import chain, relayer
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPaymentRequest,
                            MasumiPurchase, TxPurpose, TxStatus)
 from marketplace import chainconfig
-from marketplace.errors import DependencyUnavailable, NotFound
+from marketplace.errors import NotFound
 
 S = AgreementStatus
 
@@ -24,10 +24,8 @@ def blockchain_identifier_to_agreement_id(blockchain_identifier: str) -> uuid.UU
 
 def network_config() -> dict:
     """What an SDK on a dev chain may pin (`NetworkConfig.from_marketplace(url, trust_server=True)`)."""
-    try:
+    with chain.unavailable_as_503():
         name, version = chain.token_domain()
-    except chain.ChainError as error:
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
     schedule = agreement_services.fee_schedule_current()
     return {
         "chain_id": settings.CHAIN_ID, "escrow_address": chainconfig.escrow_address(),
@@ -35,6 +33,7 @@ def network_config() -> dict:
         "receipt_signer": chainconfig.receipt_signer_address(), "gas_wallet": chainconfig.relayer_address(),
         "fee_schedule": {"percent_bps": schedule.percent_bps, "fixed_atomic": schedule.fixed_atomic,
                          "minimum_atomic": schedule.minimum_atomic},
+        "escrow_deployment_block": chainconfig.escrow_deployment_block(),
     }
 
 
@@ -92,7 +91,21 @@ def escrow_terms(*, onchain_id: str) -> tuple:
         args__agreementId=onchain_id.lower()).order_by("-block_number").first()
     if indexed is not None:
         return chain.terms_of_activation(indexed.args)
-    return chain.escrow_terms(onchain_id)
+    return chain.escrow_terms(onchain_id, from_block=_activation_search_start(onchain_id))
+
+
+def _activation_search_start(onchain_id: str) -> int | None:
+    """Where the escrow's Activated event can first be, when the relayer saw the activation mined: CHAIN_CONFIRMATIONS
+    blocks before that (a reorg no deeper than the confirmation depth can only move it later). None: unknown (the
+    chain reads then start at the deployment block)."""
+    agreement_id = blockchain_identifier_to_agreement_id(onchain_id)
+    mined = (ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=TxPurpose.ACTIVATE,
+                                             mined_block_number__isnull=False)
+             .order_by("mined_block_number").values_list("mined_block_number", flat=True).first()
+             if agreement_id is not None else None)
+    if mined is None:
+        return None
+    return max(mined - settings.CHAIN_CONFIRMATIONS, chainconfig.escrow_deployment_block())
 
 
 class EscrowState(StrEnum):
@@ -112,7 +125,7 @@ ESCROW_CLOSED_STATES = frozenset({EscrowState.SETTLED, EscrowState.RECLAIMED})
 
 def onchain_escrow(*, onchain_id: str) -> dict:
     """The contract's record of the escrow (raises chain.ChainError when unreachable)."""
-    record = chain.escrow_record(onchain_id)
+    record = chain.escrow_record(onchain_id, from_block=_activation_search_start(onchain_id))
     record["state"] = list(EscrowState)[record["state"]]
     return record
 

@@ -37,6 +37,7 @@ class NetworkConfigSerializer(serializers.Serializer):
     receipt_signer = serializers.CharField(help_text="The key that signs usage receipts.")
     gas_wallet = serializers.CharField(help_text="The relayer: spender of a direct purchase's fee permit.")
     fee_schedule = FeeScheduleSerializer()
+    escrow_deployment_block = serializers.IntegerField(help_text="Where reads of the escrow's events start.")
 
 
 class ActivationPackageSerializer(serializers.Serializer):

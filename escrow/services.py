@@ -48,10 +48,8 @@ def _intent(agreement: UsageAgreement, deadline: int) -> dict:
 
 def _permit(agreement: UsageAgreement, *, value: int, nonce: int, deadline: int) -> dict:
     token = agreement.token_address or chainconfig.usdc_address()
-    try:
+    with chain.unavailable_as_503():
         name, version = chain.token_domain(token)
-    except chain.ChainError as error:
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
     return typed_data.erc2612_permit(
         chain_id=settings.CHAIN_ID, token_address=token, owner=agreement.buyer_wallet_address,
         spender=chainconfig.escrow_address(), value=value, nonce=nonce, deadline=deadline, token_name=name,
@@ -62,10 +60,8 @@ def _permit(agreement: UsageAgreement, *, value: int, nonce: int, deadline: int)
 def _token_nonce(owner: str, token_address: str | None = None) -> int:
     """The token's EIP-2612 `nonces(owner)`: the nonce the owner's next permit must carry."""
     token = chain.token_contract(token_address)
-    try:
+    with chain.unavailable_as_503():
         return chain.call(token.functions.nonces(Web3.to_checksum_address(owner)).call)
-    except chain.ChainError as error:
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
 
 
 def _permit_nonce(agreement: UsageAgreement) -> int:

@@ -31,7 +31,7 @@ from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.logging import agreement_context, logs_name_the_agreement
-from marketplace.signatures import signer_require
+from marketplace.signatures import receipt_sign, signer_require
 from sdk import receipts, typed_data
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _final_receipt(agreement: UsageAgreement) -> tuple[int, int, str, str]:
     digest = receipts.usage_receipt_digest(chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
                                            agreement_id=agreement.onchain_id, seq=0, cumulative_amount=0,
                                            usage_digest=receipts.ZERO_DIGEST)
-    return 0, 0, receipts.ZERO_DIGEST, receipts.sign_receipt(settings.RECEIPT_SIGNER_PRIVATE_KEY, digest)
+    return 0, 0, receipts.ZERO_DIGEST, receipt_sign(settings.RECEIPT_SIGNER_PRIVATE_KEY, digest)
 
 
 @logs_name_the_agreement
@@ -94,7 +94,7 @@ def _proposal_due(failures: list[ChainTransaction]) -> bool:
 def _proposal_evidence(tx: ChainTransaction) -> dict:
     if tx.status != TxStatus.CONFIRMED:
         return {}
-    return {"challenge_deadline": chain.escrow_record(tx.agreement.onchain_id)["challengeDeadline"]}
+    return {"challenge_deadline": selectors.onchain_escrow(onchain_id=tx.agreement.onchain_id)["challengeDeadline"]}
 
 
 def _proposal_outcome(tx: ChainTransaction) -> None:

@@ -49,7 +49,7 @@ from escrow.serializers import (
     NetworkConfigSerializer,
 )
 from marketplace import chainconfig
-from marketplace.errors import Conflict, DependencyUnavailable, InvalidInput, error_body
+from marketplace.errors import Conflict, InvalidInput, error_body
 from marketplace.idempotency import idempotent
 from marketplace.serializers import ErrorSerializer, error_responses
 
@@ -139,10 +139,8 @@ class EscrowStatusView(APIView):
         transactions = list(selectors.transactions_of_agreement(agreement_id=agreement.pk))
         onchain = None
         if query.validated_data["verify"]:
-            try:
+            with chain.unavailable_as_503():
                 onchain = selectors.onchain_escrow(onchain_id=agreement.onchain_id)
-            except chain.ChainError as error:
-                raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
         return Response(EscrowStatusSerializer({
             "agreement_id": agreement.pk, "onchain_id": agreement.onchain_id, "status": agreement.status,
             "escrow_status": agreement_selectors.escrow_status_of(agreement), "settlement_status": agreement.status,
@@ -259,10 +257,8 @@ class ClaimInstructionsView(APIView):
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
         if agreement.settlement_model != SettlementModel.ESCROW:
             raise Conflict("A direct payment has no escrow.", code="not_an_escrow")
-        try:
+        with chain.unavailable_as_503():
             onchain = selectors.onchain_escrow(onchain_id=agreement.onchain_id)
-        except chain.ChainError as error:
-            raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
         claimable = int(onchain["sellerClaimable" if agent.pk == agreement.seller_id else "buyerClaimable"])
         call = None
         if claimable:

@@ -76,15 +76,14 @@ def simulate(authorization: agreement_services.Authorization) -> None:
         from_address=to_checksum_address(authorization.payer), to=to_checksum_address(authorization.pay_to),
         value=authorization.amount, valid_after=authorization.valid_after, valid_before=authorization.valid_before,
         nonce=hex_to_bytes(authorization.nonce))
-    try:
+    with chain.unavailable_as_503(chain.RpcUnavailable):
         ok, error = simulate_eip3009_transfer_result(ChainReader(), chainconfig.usdc_address(), parsed,
                                                      parse_erc6492_signature(hex_to_bytes(authorization.signature)))
-    except chain.RpcUnavailable as unavailable:
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from unavailable
     if ok:
         return
+    # x402 hands back what the read raised (a multicall wraps it): a node that did not answer is no verdict.
     if isinstance(error, chain.RpcUnavailable) or isinstance(error.__cause__, chain.RpcUnavailable):
-        raise DependencyUnavailable("The chain RPC is unavailable.", code="chain_unavailable") from error
+        raise chain.unavailable() from error
     reason = parse_eip3009_transfer_error(error)
     if reason == evm.ERR_TRANSACTION_FAILED:
         reason = evm.ERR_TRANSACTION_SIMULATION_FAILED

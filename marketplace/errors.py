@@ -133,6 +133,17 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
     )
 
 
+def error_response(exc: Exception) -> JsonResponse:
+    """`api_exception_handler`'s answer outside a DRF view's dispatch (the metered proxy's): the same body, status
+    and headers."""
+    answer = api_exception_handler(exc, {})
+    response = JsonResponse(answer.data, status=answer.status_code)
+    for name, value in answer.items():
+        if name.lower() != "content-type":  # DRF's is set when rendering; the body here is JSON
+            response[name] = value
+    return response
+
+
 def handler404(request, exception=None):
     return JsonResponse(error_body("not_found", "No such endpoint."), status=404)
 

@@ -121,9 +121,16 @@ def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None
     return httpx.Client(transport=transport, timeout=timeout, follow_redirects=follow_redirects, trust_env=False)
 
 
+def guarded_pool(*, max_connections: int, max_keepalive_connections: int) -> httpcore.ConnectionPool:
+    """An httpcore pool (no httpx client on top) whose every new connection goes through the address check."""
+    return httpcore.ConnectionPool(max_connections=max_connections,
+                                   max_keepalive_connections=max_keepalive_connections,
+                                   network_backend=_GuardedBackend())
+
+
 def blocked(exc: BaseException) -> bool:
-    """Whether an httpx error was the guard refusing an address."""
-    return isinstance(exc.__cause__, AddressNotAllowed)
+    """Whether an httpx or httpcore error was the guard refusing an address."""
+    return isinstance(exc, AddressNotAllowed) or isinstance(exc.__cause__, AddressNotAllowed)
 
 
 

@@ -42,8 +42,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "marketplace.middleware.RequestIdMiddleware",
-    "marketplace.middleware.ApiPathMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "marketplace.middleware.HotPathMiddleware",  # the metered proxy skips what follows
+    "marketplace.middleware.ApiPathMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -73,6 +74,8 @@ TEMPLATES = [
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'marketplace.sqlite3'}")}
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"]["ENGINE"] = "marketplace.postgresql"  # a health check without a round trip
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several processes (server, worker, beat) share the file: wait for locks instead of failing at once.
     DATABASES["default"].setdefault("OPTIONS", {}).update({"timeout": 20, "transaction_mode": "IMMEDIATE"})
@@ -160,6 +163,9 @@ IDEMPOTENCY_KEY_TTL = timedelta(hours=env.int("IDEMPOTENCY_KEY_TTL_HOURS", defau
 # A claimed key whose request never finished (crashed process) may be taken over after this long.
 IDEMPOTENCY_STALE_CLAIM = timedelta(seconds=env.int("IDEMPOTENCY_STALE_CLAIM_SECONDS", default=60))
 API_KEY_LAST_USED_RESOLUTION = timedelta(seconds=60)
+# The metered proxy reads an API key, and an agreement's terms, at most this often per process: a revocation, an
+# expiry, a deactivation or a service's new upstream takes effect within it.
+CREDENTIAL_CACHE_SECONDS = env.float("CREDENTIAL_CACHE_SECONDS", default=1.0)
 
 # Tokens services may be priced in; the chain address is filled in by deployment settings below.
 DEV_CHAIN_ID = 31337  # Anvil's
@@ -275,7 +281,7 @@ CELERY_BEAT_SCHEDULE.update({
 # The chain indexer (escrow.indexer): follows the escrow's events from its deployment block (recorded in the
 # deployment file by `deploy_contracts`; ESCROW_DEPLOYMENT_BLOCK overrides it) up to CHAIN_CONFIRMATIONS deep.
 ESCROW_DEPLOYMENT_BLOCK = env.int("ESCROW_DEPLOYMENT_BLOCK", default=None)
-INDEXER_BLOCK_RANGE = env.int("INDEXER_BLOCK_RANGE", default=1000)  # blocks per eth_getLogs call
+INDEXER_BLOCK_RANGE = env.int("INDEXER_BLOCK_RANGE", default=1000)  # blocks per eth_getLogs call, any reader's
 # "safe" or "finalized": also wait for the node's tagged block, on chains that have one (empty: depth only).
 INDEXER_HEAD_TAG = env.str("INDEXER_HEAD_TAG", default="")
 INDEXER_REORG_WINDOW_BLOCKS = env.int("INDEXER_REORG_WINDOW_BLOCKS", default=2000)  # block hashes kept
@@ -317,8 +323,10 @@ REST_FRAMEWORK["NUM_PROXIES"] = env.int("TRUSTED_PROXY_COUNT", default=0)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 READINESS_TIMEOUT_SECONDS = env.float("READINESS_TIMEOUT_SECONDS", default=2.0)
 INSTALLED_APPS.append("django_prometheus")
-MIDDLEWARE = ["django_prometheus.middleware.PrometheusBeforeMiddleware", *MIDDLEWARE,
-              "django_prometheus.middleware.PrometheusAfterMiddleware"]
+# After the hot path (marketplace.middleware.HotPathMiddleware), which keeps its own metrics.
+_HOT_PATH = MIDDLEWARE.index("marketplace.middleware.HotPathMiddleware") + 1
+MIDDLEWARE = [*MIDDLEWARE[:_HOT_PATH], "django_prometheus.middleware.PrometheusBeforeMiddleware",
+              *MIDDLEWARE[_HOT_PATH:], "django_prometheus.middleware.PrometheusAfterMiddleware"]
 LOGGING["loggers"].update({"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}})
 
 # --- Hostile input (SECURITY.md, "Hostile input") -------------------------------------------------------------

@@ -12,11 +12,35 @@ burst at a window's edge may reach twice the rate over a short span, which is fi
 """
 
 import math
+from functools import lru_cache
 import time
 
 from django.core.cache import cache
 from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
+
+
+@lru_cache(maxsize=32)
+def _parsed(rate: str) -> tuple[int, int]:
+    return ScopedRateThrottle().parse_rate(rate)
+
+
+def window_wait(key: str, scope: str) -> int | None:
+    """Count one request against `key`'s budget in `scope`: None while within it, else the seconds until the
+    window ends (Retry-After)."""
+    limit, duration = _parsed(api_settings.DEFAULT_THROTTLE_RATES[scope])
+    now = time.time()
+    window = int(now // duration)
+    window_key = f"{key}:{window}"
+    try:
+        count = cache.incr(window_key)
+    except ValueError:  # the window's first request (add is atomic: a concurrent first one then increments)
+        count = 1 if cache.add(window_key, 1, timeout=duration + 1) else cache.incr(window_key)
+    return None if count <= limit else math.ceil((window + 1) * duration - now)
+
+
+def credential_key(scope: str, credential_prefix: str, kind: str = "ApiKey") -> str:
+    return ScopedRateThrottle.cache_format % {"scope": scope, "ident": f"{kind}:{credential_prefix}"}
 
 
 class CredentialRateThrottle(ScopedRateThrottle):
@@ -29,26 +53,18 @@ class CredentialRateThrottle(ScopedRateThrottle):
         if not scope:
             return True
         self.scope = scope
-        self.num_requests, self.duration = self.parse_rate(api_settings.DEFAULT_THROTTLE_RATES[scope])
-        now = time.time()
-        window = int(now // self.duration)
-        self.window_ends = (window + 1) * self.duration - now
-        key = f"{self.get_cache_key(request, view)}:{window}"
-        try:
-            count = cache.incr(key)
-        except ValueError:  # the window's first request (add is atomic: a concurrent first one then increments)
-            count = 1 if cache.add(key, 1, timeout=self.duration + 1) else cache.incr(key)
-        return count <= self.num_requests
+        self.window_ends = window_wait(self.get_cache_key(request, view), scope)
+        return self.window_ends is None
 
     def wait(self):
-        return math.ceil(self.window_ends)
+        return self.window_ends
 
     def get_cache_key(self, request, view):
         # The credential's prefix, not the owner: two agents of one owner have separate budgets.
         prefix = getattr(request.auth, "prefix", None)
         if prefix:
-            ident = f"{type(request.auth).__name__}:{prefix}"
-        elif request.user and request.user.is_authenticated:
+            return credential_key(self.scope, prefix, type(request.auth).__name__)
+        if request.user and request.user.is_authenticated:
             ident = f"user:{request.user.pk}"
         else:
             ident = self.get_ident(request)

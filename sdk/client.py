@@ -40,7 +40,7 @@ import httpx
 from sdk import typed_data
 from sdk.activation import sign_activation_package
 from sdk.networks import NetworkConfig, TokenDomain
-from sdk.onchain import ChainReader
+from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, RpcError
 from sdk.receipts import VerifiedUsage, verify_usage
 from sdk.safety import SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data, require_equal
 from sdk.terms import AgreedTerms
@@ -114,7 +114,7 @@ class MarketplaceClient:
 
     def __init__(self, base_url: str, api_key: str, *, network: NetworkConfig | None = None,
                  rpc_url: str | None = None, timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
-                 retries: int = 2, retry_backoff: float = 0.5):
+                 retries: int = 2, retry_backoff: float = 0.5, rpc_log_block_span: int = DEFAULT_LOG_BLOCK_SPAN):
         self._http = httpx.Client(
             base_url=base_url, timeout=timeout, transport=transport,
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json", "User-Agent": _USER_AGENT},
@@ -122,7 +122,7 @@ class MarketplaceClient:
         self._retries = retries
         self._retry_backoff = retry_backoff
         self._network = network
-        self._chain = ChainReader(rpc_url, timeout=timeout) if rpc_url else None
+        self._chain = ChainReader(rpc_url, timeout=timeout, log_block_span=rpc_log_block_span) if rpc_url else None
         self._token_domain_read: TokenDomain | None = None
 
     def close(self) -> None:
@@ -330,8 +330,19 @@ class MarketplaceClient:
         (deposit, receipt signer, proposed amount and digest, state), then the usage listing's gap-free sequence,
         cumulative sums, digest chain (recomputed from the events' fields) and every receipt's signature against
         the on-chain receipt signer; a proposed settlement must be the last receipt. Raises a subclass of
-        `sdk.receipts.UsageVerificationError` naming the first discrepancy."""
-        escrow = self._reader().escrow(self.network.escrow_address, agreement["onchain_id"])
+        `sdk.receipts.UsageVerificationError` naming the first discrepancy.
+
+        The escrow's events are looked for from the block the buyer's RPC puts the agreement's `activation_tx_hash`
+        in (pass the agreement as fetched once active), else from the pinned network's `escrow_deployment_block`; a
+        hash mined after the activation finds no escrow, and the verification fails."""
+        reader = self._reader()
+        activation_tx = agreement.get("activation_tx_hash")
+        try:
+            from_block = reader.transaction_block(activation_tx) if activation_tx else None
+        except RpcError:  # a hash the node refuses is no hint
+            from_block = None
+        escrow = reader.escrow(self.network.escrow_address, agreement["onchain_id"],
+                               from_block=self.network.escrow_deployment_block if from_block is None else from_block)
         require_equal(escrow.buyer, agreement["buyer_wallet_address"], "escrow.buyer")
         return verify_usage(self.usage(agreement["id"]), escrow=escrow, agreement_id=agreement["onchain_id"],
                             chain_id=self.network.chain_id, escrow_address=self.network.escrow_address,

@@ -70,6 +70,7 @@ class NetworkConfig:
 
     `token_domain` may be None when the client has an RPC URL: the SDK then reads it from the token contract.
     `gas_wallet` is the platform relayer, the only spender a direct purchase's fee permit may name.
+    `escrow_deployment_block` is where reads of the escrow's events start when nothing nearer is known.
     """
 
     chain_id: int
@@ -79,6 +80,7 @@ class NetworkConfig:
     gas_wallet: str
     token_domain: TokenDomain | None = None
     fee_schedule: FeeSchedule = field(default_factory=FeeSchedule)
+    escrow_deployment_block: int = 0
 
     def __post_init__(self) -> None:
         for name in ("escrow_address", "token_address", "receipt_signer", "gas_wallet"):
@@ -86,11 +88,11 @@ class NetworkConfig:
 
     @classmethod
     def pinned(cls, chain: Chain, *, escrow_address: str, receipt_signer: str, gas_wallet: str,
-               fee_schedule: FeeSchedule | None = None) -> NetworkConfig:
+               fee_schedule: FeeSchedule | None = None, escrow_deployment_block: int = 0) -> NetworkConfig:
         """A marketplace deployment on a pinned public chain (its USDC and domain come from `chain`)."""
         return cls(chain_id=chain.chain_id, escrow_address=escrow_address, token_address=chain.token_address,
                    receipt_signer=receipt_signer, gas_wallet=gas_wallet, token_domain=chain.token_domain,
-                   fee_schedule=fee_schedule or FeeSchedule())
+                   fee_schedule=fee_schedule or FeeSchedule(), escrow_deployment_block=escrow_deployment_block)
 
     @classmethod
     def from_marketplace(cls, base_url: str, *, trust_server: bool,
@@ -118,4 +120,5 @@ class NetworkConfig:
                    token_domain=TokenDomain(domain["name"], domain["version"]) if domain else None,
                    fee_schedule=FeeSchedule(percent_bps=int(schedule["percent_bps"]),
                                             fixed_atomic=int(schedule["fixed_atomic"]),
-                                            minimum_atomic=int(schedule["minimum_atomic"])))
+                                            minimum_atomic=int(schedule["minimum_atomic"])),
+                   escrow_deployment_block=int(data.get("escrow_deployment_block", 0)))

@@ -3,6 +3,9 @@
 What the buyer checks the marketplace against: the escrow contract's record of an agreement (its terms from the
 `Activated` event, its state from `getEscrow(id, terms)`, which checks them against the digest the contract
 stores), a token's EIP-712 domain (EIP-5267 `eip712Domain()`, else `name()` / `version()`), and the chain's clock.
+
+Events are read in block spans of at most `log_block_span` blocks (`ChainReader.first_logs`): public RPCs refuse
+an `eth_getLogs` over more than a few thousand blocks, and an escrow's history on Base grows without bound.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from eth_utils import keccak, to_checksum_address
 
 from sdk.networks import TokenDomain
 
-__all__ = ["ChainReader", "OnchainEscrow", "RpcError"]
+__all__ = ["DEFAULT_LOG_BLOCK_SPAN", "ChainReader", "OnchainEscrow", "RpcError"]
+
+DEFAULT_LOG_BLOCK_SPAN = 2_000  # blocks per eth_getLogs call: within what public Base RPCs serve
 
 _TERMS = "(address,address,address,address,uint256,uint64,uint64,uint256)"
 _ACTIVATED = keccak(text="Activated(bytes32,address,address,address,uint256,uint256,address,bytes32,uint64,uint64,"
@@ -51,12 +56,16 @@ class OnchainEscrow:
 
 
 class ChainReader:
-    """A minimal JSON-RPC client for the reads above."""
+    """A minimal JSON-RPC client for the reads above; `log_block_span` bounds each `eth_getLogs` call's blocks."""
 
-    def __init__(self, rpc_url: str, *, timeout: float = 15.0, transport: httpx.BaseTransport | None = None):
+    def __init__(self, rpc_url: str, *, timeout: float = 15.0, transport: httpx.BaseTransport | None = None,
+                 log_block_span: int = DEFAULT_LOG_BLOCK_SPAN):
+        if log_block_span < 1:
+            raise ValueError("log_block_span must be at least 1 block")
         self._http = httpx.Client(timeout=timeout, transport=transport)
         self._url = rpc_url
         self._ids = itertools.count(1)
+        self._log_block_span = log_block_span
 
     def close(self) -> None:
         self._http.close()
@@ -77,6 +86,14 @@ class ChainReader:
     def chain_id(self) -> int:
         return int(self._rpc("eth_chainId", []), 16)
 
+    def block_number(self) -> int:
+        return int(self._rpc("eth_blockNumber", []), 16)
+
+    def transaction_block(self, tx_hash: str) -> int | None:
+        """The block a transaction was mined in; None when the node knows no such mined transaction."""
+        receipt = self._rpc("eth_getTransactionReceipt", [tx_hash])
+        return int(receipt["blockNumber"], 16) if receipt and receipt.get("blockNumber") else None
+
     def now(self) -> int:
         """The latest block's timestamp: deadlines are checked against block time."""
         return int(self._rpc("eth_getBlockByNumber", ["latest", False])["timestamp"], 16)
@@ -95,23 +112,37 @@ class ChainReader:
         raw = self._call(token, _selector("nonces(address)") + encode(["address"], [to_checksum_address(owner)]))
         return cast(int, decode(["uint256"], raw)[0])
 
-    def _logs(self, address: str, topic0: bytes, agreement_id: str) -> list[dict[str, Any]]:
-        """The contract's `topic0` events for `agreement_id` (their first indexed argument), oldest first."""
-        return cast(list[dict[str, Any]], self._rpc("eth_getLogs", [{
-            "address": to_checksum_address(address), "fromBlock": "0x0", "toBlock": "latest",
-            "topics": ["0x" + topic0.hex(), "0x" + agreement_id.removeprefix("0x")]}]))
+    def first_logs(self, address: str, topics: list[str], *, from_block: int, to_block: int,
+                   newest_first: bool = False) -> list[dict[str, Any]]:
+        """The contract's logs matching `topics` in [from_block, to_block], asked for in spans of at most
+        `log_block_span` blocks from the oldest span on (from the newest with `newest_first`), up to the first span
+        that holds any: that span's logs, oldest first. Empty when none does."""
+        spans = range(from_block, to_block + 1, self._log_block_span)
+        for start in reversed(spans) if newest_first else spans:
+            found = self._rpc("eth_getLogs", [{
+                "address": to_checksum_address(address), "topics": topics,
+                "fromBlock": hex(start), "toBlock": hex(min(start + self._log_block_span - 1, to_block))}])
+            if found:
+                return cast(list[dict[str, Any]], found)
+        return []
 
     @staticmethod
     def _data(log: dict[str, Any]) -> bytes:
         return bytes.fromhex(str(log["data"]).removeprefix("0x"))
 
-    def escrow(self, escrow_address: str, agreement_id: str) -> OnchainEscrow:
-        activated = self._logs(escrow_address, _ACTIVATED, agreement_id)
+    def escrow(self, escrow_address: str, agreement_id: str, *, from_block: int = 0) -> OnchainEscrow:
+        """The escrow's record. Its Activated event is looked for from `from_block` on (the
+        escrow's deployment block, or the agreement's activation block when known): a later block finds nothing,
+        and the escrow reads as never activated."""
+        latest = self.block_number()
+        agreement_topic = "0x" + agreement_id.removeprefix("0x")
+        activated = self.first_logs(escrow_address, ["0x" + _ACTIVATED.hex(), agreement_topic],
+                                    from_block=from_block, to_block=latest)
         if not activated:
             zero = "0x" + "00" * 20
             return OnchainEscrow(state="none", buyer=zero, seller=zero, receipt_signer=zero, deposit_amount=0,
                                  settled_amount=0, last_seq=0, usage_digest="0x" + "00" * 32)
-        log = activated[-1]
+        log = activated[0]  # an id is activated once
         buyer, seller = (to_checksum_address("0x" + str(topic)[-40:]) for topic in log["topics"][2:4])
         token, deposit, _fee, signer, _terms_hash, _expires, reclaim_after, window, nonce = decode(
             list(_ACTIVATED_DATA), self._data(log))
@@ -121,7 +152,10 @@ class ChainReader:
                                                                     terms])
         state, _deadline, last_seq, settled, _buyer_claim, _seller_claim = decode(
             ["(uint8,uint64,uint256,uint256,uint256,uint256)"], self._call(escrow_address, call))[0]
-        proposals = self._logs(escrow_address, _PROPOSED, agreement_id) if state > 1 else []
+        # The last proposal (a later one with a higher seq replaces it): searched from the newest span back.
+        proposals = self.first_logs(escrow_address, ["0x" + _PROPOSED.hex(), agreement_topic],
+                                    from_block=int(log["blockNumber"], 16), to_block=latest,
+                                    newest_first=True) if state > 1 else []
         usage_digest = bytes(decode(list(_PROPOSED_DATA), self._data(proposals[-1]))[2]) if proposals else bytes(32)
         return OnchainEscrow(state=_STATES[state], buyer=buyer, seller=seller,
                              receipt_signer=to_checksum_address(signer), deposit_amount=deposit,

@@ -22,8 +22,6 @@ from typing import Any
 from eth_abi import encode
 from eth_account import Account
 from eth_account.messages import SignableMessage
-from eth_account.signers.local import LocalAccount
-from eth_typing import Hash32
 from eth_utils import keccak, to_checksum_address
 from sha3 import keccak_256
 
@@ -86,16 +84,6 @@ def usage_event_hash(*, agreement_id: str, seq: int, units: int, cost: int, cumu
 
 def next_usage_digest(previous: str, event_hash: bytes) -> str:
     return "0x" + _keccak(_b32(previous) + event_hash).hex()
-
-
-@lru_cache(maxsize=8)
-def _signer(private_key: str | bytes) -> LocalAccount:
-    return Account.from_key(private_key)  # deriving the public key costs more than the signature itself
-
-
-def sign_receipt(private_key: str | bytes, digest: bytes) -> str:
-    signed = _signer(private_key).unsafe_sign_hash(Hash32(digest))
-    return "0x" + bytes(signed.signature).hex()
 
 
 def recover_receipt_signer(receipt: SignableMessage, signature: str) -> str:

@@ -14,7 +14,7 @@ def _missing_requirements() -> list[str]:
     from django.conf import settings
 
     missing = []
-    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    if settings.DATABASES["default"]["ENGINE"] != "marketplace.postgresql":
         missing.append("PostgreSQL (DATABASE_URL points elsewhere)")
     if shutil.which("redis-server") is None:
         missing.append("the redis-server binary (the fault suite starts its own)")

@@ -7,8 +7,7 @@ import httpx
 import pytest
 
 from agreements.models import UsageAgreement, UsageEvent
-from escrow import relayer
-from tests.escrow.flow import Parties
+from tests.escrow.flow import Parties, poll_mined
 
 pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -20,7 +19,7 @@ def test_concurrent_calls_charge_exactly_the_budget(escrow_chain, http_server, l
     response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
                                       parties.signed_activation(agreement["id"]))
     assert response.status_code == 202
-    relayer.transactions_poll()
+    poll_mined()
     assert parties.agreement(agreement["id"])["status"] == "active"
 
     url = f"{live_server.url}/metered-proxy/{agreement['id']}/work"
@@ -45,7 +44,7 @@ def test_a_retry_while_the_first_call_runs_is_409_request_in_progress_and_charge
     agreement = parties.accepted_agreement(quantity=5)
     assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
                                   parties.signed_activation(agreement["id"])).status_code == 202
-    relayer.transactions_poll()
+    poll_mined()
     url = f"{live_server.url}/metered-proxy/{agreement['id']}/work"
     headers = {"Authorization": f"Bearer {parties.buyer_api.secret}", "X-Request-Nonce": "job-7"}
     http_server.responses.append((200, {"done": True}, 5))  # the seller takes its time over the first call

@@ -11,11 +11,11 @@ from django.test import Client
 from django.urls import reverse
 
 from escrow import chain as gateway
-from escrow import relayer, settlement
+from escrow import settlement
 from escrow.models import ChainTransaction, TxAttempt, TxStatus
 from tests.agreements.test_invocations import PRICE, Market
 from tests.escrow.conftest import Escrows
-from tests.escrow.flow import USDC, Parties, confirm_all, fund, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, fund, poll_mined, usdc_balance
 from tests.marketplace.conftest import scrape
 from tests.support.db_activity import backend_pid, session_state
 from tests.support.rpc_relay import RpcRelay
@@ -269,15 +269,15 @@ def test_no_chain_call_is_made_inside_a_database_transaction(escrow_chain, rpc_r
     response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", body,
                                       headers={"Idempotency-Key": "activate-once"})
     assert response.status_code == 202, response.content
-    relayer.transactions_poll()
+    poll_mined()
     assert parties.agreement(agreement["id"])["status"] == "active"
     assert parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/work").status_code == 200
     assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/complete").status_code == 200
     settlement.settlement_tick()
-    relayer.transactions_poll()
+    poll_mined()
     assert parties.agreement(agreement["id"])["status"] == "in_challenge"
     escrow_chain.increase_time(3601)
     settlement.settlement_tick()
-    relayer.transactions_poll()
+    poll_mined()
     assert parties.agreement(agreement["id"])["status"] == "settled"
     assert asked_inside_a_transaction == []

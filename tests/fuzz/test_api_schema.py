@@ -32,10 +32,9 @@ from django.db.models import Sum
 from drf_spectacular.generators import SchemaGenerator
 
 from agreements.models import UsageAgreement, UsageEvent
-from escrow import relayer
 from tests.catalog.factories import issue_owner_token, register_service
 from tests.conftest import Api
-from tests.escrow.flow import Parties
+from tests.escrow.flow import Parties, poll_mined
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -113,7 +112,7 @@ def marketplace_data(escrow_chain, http_server, settings):
     response = parties.buyer_api.post(f"/usage-agreements/{active['id']}/activate-escrow",
                                       parties.signed_activation(active["id"]))
     assert response.status_code == 202, response.content
-    relayer.transactions_poll()
+    poll_mined()
     call = parties.buyer_api.client.get(f"/metered-proxy/{active['id']}/work")
     assert call.status_code == 200
     accepted = parties.accepted_agreement()
@@ -204,7 +203,7 @@ def links_followed(events: Path) -> set[tuple[str, str]]:
 
 
 def assert_money_adds_up() -> None:
-    relayer.transactions_poll()  # confirm what the run queued
+    poll_mined()  # confirm what the run queued
     call_command("reconcile")  # raises CommandError on any difference between the database and the chain
     for agreement in UsageAgreement.objects.all():
         events = UsageEvent.objects.filter(agreement=agreement).order_by("seq")

@@ -180,7 +180,7 @@ def test_metered_calls_verified_receipts_completion_and_challenge(live_server, e
         seller.accept_agreement(agreement_id)
         with relayer_polling():
             buyer.activate_escrow(agreement, buyer_wallet.key)
-            buyer.wait_until(agreement_id, timeout=60, poll_interval=0.2)
+            active = buyer.wait_until(agreement_id, timeout=60, poll_interval=0.2)
 
             answers = [buyer.call_metered(agreement_id, "translate", method="POST", json={"text": str(n)})
                        for n in range(3)]
@@ -196,8 +196,12 @@ def test_metered_calls_verified_receipts_completion_and_challenge(live_server, e
             assert (closed.value.status, closed.value.code) == (409, "agreement_completing")
             settlement.settlement_tick()
             buyer.wait_until(agreement_id, statuses={"in_challenge"}, timeout=60, poll_interval=0.2)
-            assert buyer.verify_usage(agreement).usage_digest == buyer.escrow_status(
+            # As fetched once active: the escrow's events are looked for from its activation transaction's block.
+            assert active["activation_tx_hash"]
+            assert buyer.verify_usage(active).usage_digest == buyer.escrow_status(
                 agreement_id, verify=True)["onchain"]["usageDigest"]
+            # A hash the node refuses is no hint: the search starts at the pinned deployment block.
+            assert buyer.verify_usage({**active, "activation_tx_hash": "0xnot-a-hash"}).events == 5
 
             buyer.challenge(agreement, buyer_wallet.key, "two offline jobs never arrived")
             assert buyer.wait_until(agreement_id, statuses={"disputed"}, timeout=60, poll_interval=0.2)

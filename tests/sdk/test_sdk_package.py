@@ -26,7 +26,7 @@ def test_the_hand_written_receipt_hash_is_eth_accounts_eip712_encoding():
         assert receipts.usage_receipt_signable(**fields) == encode_typed_data(full_message=typed)
         assert "0x" + receipts.usage_receipt_digest(**fields).hex() == typed_data.typed_data_digest(typed)
 
-        signature = receipts.sign_receipt(signer.key, receipts.usage_receipt_digest(**fields))
+        signature = "0x" + bytes(signer.unsafe_sign_hash(receipts.usage_receipt_digest(**fields)).signature).hex()
         assert receipts.recover_receipt_signer(receipts.usage_receipt_signable(**fields), signature) == signer.address
         assert typed_data.recover_typed_data_signer(typed, signature) == signer.address
 
@@ -73,3 +73,15 @@ def test_a_402_for_another_token_chain_or_domain_is_not_signed():
             sign_payment_required(header, Account.create().key.hex(), max_amount_atomic=10**6, network=network,
                                   token_domain=TokenDomain("USDC", "2"))
         assert refusal.value.field.startswith(f"accepts[0].{field}")
+
+
+def test_the_platforms_receipt_signature_is_byte_for_byte_eth_accounts():
+    """The server signs receipts with coincurve directly (marketplace.signatures.receipt_sign): the same bytes as
+    eth-account's unsafe_sign_hash, which buyers' tools recover."""
+    from marketplace.signatures import receipt_sign
+
+    for _ in range(20):
+        signer, digest = Account.create(), secrets.token_bytes(32)
+        expected = "0x" + bytes(signer.unsafe_sign_hash(digest).signature).hex()
+        assert receipt_sign(signer.key, digest) == expected
+        assert receipt_sign("0x" + signer.key.hex(), digest) == expected

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from escrow import settlement
+from marketplace.signatures import receipt_sign
 from sdk import LocalWallet, MarketplaceClient, NetworkConfig, NotConfigured, SigningRefused
 from sdk import receipts, typed_data
 from sdk.networks import UntrustedConfiguration
@@ -272,7 +273,7 @@ def test_verify_usage_checks_the_listing_against_the_chain(market, hostile, escr
             receipt = receipts.usage_receipt_digest(
                 chain_id=chain.chain_id, escrow_address=chain.addresses["escrow"], agreement_id=onchain_id,
                 seq=event["seq"], cumulative_amount=event["cumulative_atomic"], usage_digest=event["usage_digest"])
-            event["receipt_signature"] = receipts.sign_receipt(other.key, receipt)
+            event["receipt_signature"] = receipt_sign(other.key, receipt)
             event["receipt_signer"] = other.address
 
     def hide_the_last_call(body):  # the proposal on-chain (3 calls) is then above the last receipt listed
@@ -297,7 +298,7 @@ def test_verify_usage_checks_the_listing_against_the_chain(market, hostile, escr
                                            agreement_id=onchain_id, seq=4, cumulative_amount=80_000,
                                            usage_digest="0x" + "77" * 32)
     chain.escrow.functions.proposeSettlement(
-        onchain_id, escrow_terms(chain.escrow, onchain_id), 4, 80_000, "0x" + "77" * 32, receipts.sign_receipt(chain.accounts.receipt_signer.key, higher),
+        onchain_id, escrow_terms(chain.escrow, onchain_id), 4, 80_000, "0x" + "77" * 32, receipt_sign(chain.accounts.receipt_signer.key, higher),
     ).transact({"from": chain.accounts.seller.address})
     with pytest.raises(receipts.SettlementProposalMismatch):
         buyer.verify_usage(agreement)

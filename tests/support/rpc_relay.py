@@ -1,6 +1,7 @@
 """A JSON-RPC relay in front of Anvil that a test points the marketplace at, to make the node misbehave on cue:
 answer HTTP 429 to chosen calls, do something on the node right before a chosen call reaches it, let a call reach
-the node while its answer never comes back (`hold`), or refuse connections altogether (`stop`, then `start`)."""
+the node while its answer never comes back (`hold`), refuse connections altogether (`stop`, then `start`), or
+refuse `eth_getLogs` over more blocks than a public RPC serves (`cap_log_span`)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class RpcRelay:
         self._let_through = 0  # matching calls still answered before the holding starts
         self._count_lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self.max_log_span: int | None = None
+        self.log_ranges: list[tuple[int, int]] = []  # every eth_getLogs's (fromBlock, toBlock), tags resolved
 
     @property
     def url(self) -> str:
@@ -58,6 +61,27 @@ class RpcRelay:
         self.holding.clear()
         self._let_through = after
         self.hold_methods = set(methods)
+
+    def cap_log_span(self, blocks: int) -> None:
+        """Answer an error, as public RPCs do, to an eth_getLogs over more than `blocks` blocks."""
+        self.max_log_span = blocks
+
+    def _block(self, tag: str | None) -> int:
+        if tag in (None, "latest", "safe", "finalized", "pending"):
+            return int(self.node("eth_blockNumber"), 16)
+        return 0 if tag == "earliest" else int(tag, 16)
+
+    def _log_span_refusal(self, call: Call) -> dict | None:
+        """Records an eth_getLogs's range; the error to answer when it is over the cap."""
+        if call.get("method") != "eth_getLogs":
+            return None
+        query = call["params"][0]
+        first, last = self._block(query.get("fromBlock")), self._block(query.get("toBlock"))
+        self.log_ranges.append((first, last))
+        if self.max_log_span is not None and last - first + 1 > self.max_log_span:
+            return {"jsonrpc": "2.0", "id": call.get("id"),
+                    "error": {"code": -32600, "message": f"eth_getLogs is limited to a {self.max_log_span} range"}}
+        return None
 
     def release(self) -> None:
         self.hold_methods = set()
@@ -88,6 +112,10 @@ class RpcRelay:
                 for observer in relay.observers:
                     for call in calls:
                         observer(call)
+                refusal = relay._log_span_refusal(parsed) if isinstance(parsed, dict) else None
+                if refusal is not None:
+                    self._answer(200, json.dumps(refusal).encode())
+                    return
                 if any(relay.throttled(call) for call in calls):
                     relay.throttled_count += 1
                     self._answer(429, b'{"error": "rate limited"}')

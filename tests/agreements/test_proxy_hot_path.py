@@ -1,0 +1,68 @@
+"""The metered proxy's hot path (issue #18): the caller's key and the agreement's terms are read from the database
+at most once per CREDENTIAL_CACHE_SECONDS per process, and what changes still takes effect: a revocation within
+that second, a status change at once (the reservation checks the row itself)."""
+
+import json
+import time
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from agreements.models import UsageAgreement
+from catalog.models import ApiKey
+from tests.conftest import error_code
+from tests.escrow.flow import Parties
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+
+@pytest.fixture
+def active(escrow_chain, http_server, django_capture_on_commit_callbacks):
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url + "/api")
+    agreement = parties.accepted_agreement(quantity=5)
+    assert parties.activate(agreement["id"], django_capture_on_commit_callbacks).status_code == 202
+    parties.agreement_id = agreement["id"]
+    return parties
+
+
+def call(parties, path="work"):
+    return parties.buyer_api.client.get(f"/metered-proxy/{parties.agreement_id}/{path}",
+                                        HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}")
+
+
+def tables_read(queries) -> set[str]:
+    return {table for query in queries for table in ("catalog_apikey", "catalog_service")
+            if f'"{table}"' in query["sql"] and query["sql"].lstrip().upper().startswith("SELECT")}
+
+
+def test_a_second_call_reads_neither_the_key_nor_the_agreements_terms(active, http_server):
+    http_server.responses.extend([(200, {"n": 1}), (200, {"n": 2})])
+    with CaptureQueriesContext(connection) as first:
+        assert call(active).status_code == 200
+    with CaptureQueriesContext(connection) as second:
+        response = call(active)
+    assert response.status_code == 200 and json.loads(b"".join(response.streaming_content)) == {"n": 2}
+    assert tables_read(first.captured_queries) == {"catalog_apikey", "catalog_service"}
+    assert tables_read(second.captured_queries) == set()
+    assert response["X-Usage-Seq"] == "2"  # still charged, in order
+
+
+def test_a_revoked_key_is_refused_within_a_second(active, http_server, settings):
+    http_server.responses.extend([(200, {}), (200, {})])
+    assert call(active).status_code == 200
+    ApiKey.objects.filter(prefix=active.buyer_api.secret.split("_")[1]).update(revoked_at=timezone.now())
+    time.sleep(settings.CREDENTIAL_CACHE_SECONDS + 0.1)
+    response = call(active)
+    assert response.status_code == 401 and error_code(response) == "credentials_revoked"
+    assert len(http_server.requests) == 1
+
+
+def test_an_agreement_that_stops_being_active_is_refused_at_once(active, http_server):
+    http_server.responses.append((200, {}))
+    assert call(active).status_code == 200
+    UsageAgreement.objects.filter(pk=active.agreement_id).update(status="in_challenge")  # cached terms, new status
+    response = call(active)
+    assert response.status_code == 409 and error_code(response) == "agreement_not_active"
+    assert len(http_server.requests) == 1

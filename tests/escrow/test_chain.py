@@ -1,0 +1,71 @@
+"""The server's reads of the escrow's events (`escrow.chain.first_logs`) through an RPC that, like public Base RPCs,
+refuses an eth_getLogs over more than a few blocks: bounded spans, from the activation's block when the relayer saw
+it mined, else from the deployment block."""
+
+import pytest
+
+from escrow import selectors
+from escrow.models import ChainTransaction
+from tests.escrow.conftest import Escrows, random_bytes32
+from tests.escrow.flow import Parties
+from tests.support.rpc_relay import RpcRelay
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+SPAN = 8  # the most blocks the RPC (and INDEXER_BLOCK_RANGE) takes in one eth_getLogs
+
+
+@pytest.fixture
+def capped_rpc(escrow_chain, settings):
+    relay = RpcRelay(escrow_chain.node.rpc_url).start()
+    relay.cap_log_span(SPAN)
+    settings.CHAIN_RPC_URL = relay.url
+    settings.INDEXER_BLOCK_RANGE = SPAN
+    yield relay
+    relay.stop()
+
+
+def within(span: tuple[int, int], block: int) -> bool:
+    return span[0] <= block <= span[1]
+
+
+def test_an_escrow_unknown_here_is_read_in_bounded_spans_from_the_deployment_block(escrow_chain, capped_rpc):
+    chain = escrow_chain
+    esc = Escrows(chain)
+    chain.mine(5 * SPAN)
+    typed, activation = esc.activate()
+    onchain_id = typed["message"]["agreementId"]
+    chain.mine(5 * SPAN)
+    first = esc.propose(onchain_id, 1, 100_000)
+    chain.mine(3 * SPAN)
+    last_digest = random_bytes32()
+    last = esc.propose(onchain_id, 2, 200_000, usage_digest=last_digest)
+    chain.mine(5 * SPAN)
+
+    record = selectors.onchain_escrow(onchain_id=onchain_id)
+    assert (record["state"], record["settledAmount"], record["usageDigest"]) == ("proposed", 200_000, last_digest)
+    spans = capped_rpc.log_ranges
+    assert all(end - start + 1 <= SPAN for start, end in spans)
+    # Forward from the deployment block to the activation's span...
+    assert spans[0][0] == chain.addresses["escrow_block"]
+    found_at = next(index for index, span in enumerate(spans) if within(span, activation["blockNumber"]))
+    # ...then back from the head: the last proposal's span is the last asked for, the first proposal's never.
+    proposals = spans[found_at + 1:]
+    assert within(proposals[0], chain.block_number()) and within(proposals[-1], last["blockNumber"])
+    assert not any(within(span, first["blockNumber"]) for span in proposals)
+    assert selectors.escrow_terms(onchain_id=onchain_id)[4] == record["depositAmount"]
+
+
+def test_an_escrow_activated_here_is_read_from_its_activation_block(escrow_chain, capped_rpc,
+                                                                     django_capture_on_commit_callbacks):
+    parties = Parties(escrow_chain)
+    agreement = parties.accepted_agreement()
+    escrow_chain.mine(10 * SPAN)
+    parties.activate(agreement["id"], django_capture_on_commit_callbacks)
+    mined_at = ChainTransaction.objects.get(agreement_id=agreement["id"]).mined_block_number
+    escrow_chain.mine(10 * SPAN)
+
+    capped_rpc.log_ranges.clear()
+    status = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/escrow-status", {"verify": "true"}).json()
+    assert status["onchain"]["state"] == "active"
+    assert len(capped_rpc.log_ranges) == 1 and within(capped_rpc.log_ranges[0], mined_at)

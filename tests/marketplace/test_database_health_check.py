@@ -1,0 +1,33 @@
+"""marketplace.postgresql: the per-request health check of a persistent connection (CONN_HEALTH_CHECKS) costs no
+round trip while the connection is idle and sound, and still finds a connection the server closed."""
+
+import time
+
+import pytest
+from django.db import connection, connections
+
+pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+
+def test_an_idle_sound_connection_is_usable_without_a_round_trip(monkeypatch):
+    connection.ensure_connection()
+    monkeypatch.setattr(type(connection.connection), "cursor", lambda *args, **kwargs: pytest.fail("a round trip"))
+    assert connection.is_usable()
+
+
+def test_a_connection_the_server_closed_is_not_usable_and_the_next_request_reconnects():
+    connection.ensure_connection()
+    pid = connection.connection.info.backend_pid
+    killer = connections.create_connection("default")
+    try:
+        with killer.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    finally:
+        killer.close()
+    time.sleep(0.2)  # the server's goodbye reaches the socket
+    assert not connection.is_usable()
+
+    connection.close_if_unusable_or_obsolete()  # what Django does when a request starts
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        assert cursor.fetchone()[0] != pid

@@ -1,0 +1,69 @@
+"""The SDK's chain reads (`sdk.onchain.ChainReader`) through an RPC that, like public Base RPCs, refuses an
+eth_getLogs over more than a few blocks: the escrow's events are read in bounded spans, from a known block on, and
+no further than they need."""
+
+import pytest
+
+from sdk.onchain import ChainReader
+from tests.escrow.conftest import Escrows, random_bytes32
+from tests.support.rpc_relay import RpcRelay
+
+pytestmark = pytest.mark.chain
+
+SPAN = 8  # the most blocks the RPC (and the reader) takes in one eth_getLogs
+
+
+@pytest.fixture
+def capped_rpc(chain):
+    relay = RpcRelay(chain.node.rpc_url).start()
+    relay.cap_log_span(SPAN)
+    yield relay
+    relay.stop()
+
+
+def within(span: tuple[int, int], block: int) -> bool:
+    return span[0] <= block <= span[1]
+
+
+def test_an_escrow_read_walks_bounded_spans_to_the_activation_and_back_from_the_head_to_the_last_proposal(
+        chain, capped_rpc):
+    esc = Escrows(chain)
+    deployed_at = chain.addresses["escrow_block"]
+    chain.mine(5 * SPAN)
+    typed, activation = esc.activate()
+    agreement_id = typed["message"]["agreementId"]
+    chain.mine(5 * SPAN)
+    first = esc.propose(agreement_id, 1, 100_000)
+    chain.mine(3 * SPAN)
+    last_digest = random_bytes32()
+    last = esc.propose(agreement_id, 2, 200_000, usage_digest=last_digest)
+    chain.mine(5 * SPAN)
+    head = chain.block_number()
+
+    reader = ChainReader(capped_rpc.url, log_block_span=SPAN)
+    try:
+        escrow = reader.escrow(chain.addresses["escrow"], agreement_id, from_block=deployed_at)
+        assert (escrow.state, escrow.settled_amount, escrow.last_seq) == ("proposed", 200_000, 2)
+        assert escrow.usage_digest == last_digest and escrow.buyer == chain.accounts.buyer.address
+        spans = capped_rpc.log_ranges
+        assert all(end - start + 1 <= SPAN for start, end in spans)
+        # Forward from the deployment block, span after span, up to the one holding the activation...
+        found_at = next(index for index, span in enumerate(spans) if within(span, activation["blockNumber"]))
+        forward, backward = spans[:found_at + 1], spans[found_at + 1:]
+        assert forward[0][0] == deployed_at
+        assert all(later[0] == earlier[1] + 1 for earlier, later in zip(forward, forward[1:], strict=False))
+        # ...then back from the head, span after span, up to the one holding the last proposal, and no further.
+        assert within(backward[0], head) and within(backward[-1], last["blockNumber"])
+        assert all(later[1] == earlier[0] - 1 for earlier, later in zip(backward, backward[1:], strict=False))
+        assert not any(within(span, first["blockNumber"]) for span in backward)
+
+        # Started at the activation's block: one call finds it. Started past it: no escrow there.
+        capped_rpc.log_ranges.clear()
+        assert reader.escrow(chain.addresses["escrow"], agreement_id,
+                             from_block=reader.transaction_block("0x" + activation["transactionHash"].hex().removeprefix("0x"))
+                             ).usage_digest == last_digest
+        assert within(capped_rpc.log_ranges[0], activation["blockNumber"])
+        assert reader.escrow(chain.addresses["escrow"], agreement_id,
+                             from_block=activation["blockNumber"] + 1).state == "none"
+    finally:
+        reader.close()
