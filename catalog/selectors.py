@@ -1,5 +1,6 @@
 """Reads of the catalog."""
 
+import functools
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -151,33 +152,34 @@ def _exact_double(score) -> Cast:
     return Cast(score, FloatField())
 
 
-def _match_text(queryset: QuerySet[Service], text: str) -> tuple[QuerySet[Service], bool]:
-    """Services matching `text`, annotated with their relevance (`name_similarity` for the fuzzy fallback), and
-    whether the match is that fallback."""
+def _exact_matches(queryset: QuerySet[Service], text: str) -> QuerySet[Service]:
+    """Services matching every word of `text`, annotated with their relevance."""
     if connection.vendor != "postgresql":
         # The embedded SQLite default: every word must appear somewhere; name hits rank first.
         words = text.split()
         matches = [Q(name__icontains=w) | Q(keywords__icontains=w) | Q(description__icontains=w) for w in words]
-        exact = queryset.filter(reduce(and_, matches)).annotate(
+        return queryset.filter(reduce(and_, matches)).annotate(
             relevance=Case(When(name__icontains=text, then=Value(2.0)), default=Value(1.0),
                            output_field=FloatField()))
-        if _WEBSEARCH_SYNTAX.search(text) or exact.exists():
-            return exact, False
-        return _names_spelt_alike_in_python(queryset, text), True
     query = SearchQuery(text, search_type="websearch", config="english")
     # Full-text match over the weighted vector (name A, tags/capability/skills B, description C) through its GIN
     # index; ts_rank therefore puts a name match above a description-only one.
     rank = _exact_double(SearchRank(F("search_vector"), query))
-    exact = queryset.filter(search_vector=query).annotate(relevance=rank)
-    if _WEBSEARCH_SYNTAX.search(text) or exact.exists():
-        return exact, False
-    # Nothing matches every word: probably a misspelling. Fall back to names containing something spelt alike:
-    # pg_trgm word similarity (`%>`, served by the trigram GIN index), so one misspelt word finds a long name too.
-    # Only as a fallback: OR-ing fuzzy matches into every query made common queries ~7x slower at 100k services
-    # (similarity rechecked on thousands of rows) and let them slip past quoted phrases and -exclusions.
-    # Ranked by the mean of word similarity and whole-name similarity, so the tightest name comes first.
+    return queryset.filter(search_vector=query).annotate(relevance=rank)
+
+
+def _names_spelt_alike(queryset: QuerySet[Service], text: str) -> QuerySet[Service]:
+    """Services whose name is spelt like `text`, annotated with `name_similarity`: the fallback when nothing matches
+    every word (probably a misspelling)."""
+    if connection.vendor != "postgresql":
+        return _names_spelt_alike_in_python(queryset, text)
+    # Names containing something spelt alike: pg_trgm word similarity (`%>`, served by the trigram GIN index), so one
+    # misspelt word finds a long name too. Only as a fallback: OR-ing fuzzy matches into every query made common
+    # queries ~7x slower at 100k services (similarity rechecked on thousands of rows) and let them slip past quoted
+    # phrases and -exclusions. Ranked by the mean of word similarity and whole-name similarity, so the tightest
+    # name comes first.
     similarity = _exact_double((TrigramWordSimilarity(text, "name") + TrigramSimilarity("name", text)) / 2)
-    return queryset.filter(name__trigram_word_similar=text).annotate(name_similarity=similarity), True
+    return queryset.filter(name__trigram_word_similar=text).annotate(name_similarity=similarity)
 
 
 # The fallback without pg_trgm (SQLite, `make run`'s default) reads at most this many names, newest first: a
@@ -217,25 +219,52 @@ def _with_tag(tag_ids: list[int]) -> Exists:
 
 @dataclass(frozen=True)
 class OffsetPage:
-    rows: list[Service]
+    rows: list[dict]
     total: int
     next_offset: int | None
 
 
-def _whole(keys: list[Service]) -> list[Service]:
-    """The services of `keys` (narrow rows in page order) read whole, in that order, with their relevance."""
-    found = _with_relations(Service.objects.filter(pk__in=[key.pk for key in keys])).defer("search_vector",
-                                                                                          "keywords").in_bulk()
-    rows = [found[key.pk] for key in keys]
-    for row, key in zip(rows, keys, strict=True):
-        for score in ("relevance", "name_similarity"):
-            if hasattr(key, score):
-                setattr(row, score, getattr(key, score))
-    return rows
+# What a search result shows of a service (catalog.serializers.ServiceSearchResultSerializer), read as plain values.
+_SEARCH_RESULT_FIELDS = (
+    "id", "seller_id", "seller__handle", "seller__display_name", "seller__wallet_address", "name", "description",
+    "capability_name", "capability_version", "author", "legal", "example_outputs", "pricing_type", "unit_name",
+    "unit_price", "token", "upstream_protocol", "masumi_protocol_version", "state", "availability",
+    "availability_checked_at", "category", "min_quantity", "max_quantity", "capabilities", "metadata", "created_at",
+    "updated_at",
+)
+_SEARCH_RESULT_SKILL_FIELDS = ("name", "description", "price", "path", "is_async", "timeout_seconds")
+# Built once: resolving its 28 field names (three through the seller) was a third of the CPU of reading a page's rows.
+_SEARCH_RESULTS = Service.objects.values(*_SEARCH_RESULT_FIELDS)
+
+
+def _result_rows(keys: list[dict], score: str | None) -> list[dict]:
+    """The services of `keys` (the page's narrow rows, in page order) as plain values with their seller, tags (by
+    name), skills (by name) and, when ranked, their relevance (the keys' `score`). Values, not model instances:
+    building and serializing instances with their related managers was most of the CPU of answering a page."""
+    if not keys:
+        return []
+    ids = [key["id"] for key in keys]
+    rows = {row["id"]: row for row in _SEARCH_RESULTS.filter(pk__in=ids)}
+    tags: dict = {service_id: [] for service_id in ids}
+    for service_id, tag in (Service.tags.through.objects.filter(service_id__in=ids).order_by("tag__name")
+                            .values_list("service_id", "tag__name")):
+        tags[service_id].append(tag)
+    skills: dict = {service_id: [] for service_id in ids}
+    for skill in Skill.objects.filter(service_id__in=ids).order_by("name").values("service_id",
+                                                                                  *_SEARCH_RESULT_SKILL_FIELDS):
+        skills[skill.pop("service_id")].append(skill)
+    page = []
+    for key in keys:
+        row = rows[key["id"]]
+        row["tags"], row["skills"] = tags[key["id"]], skills[key["id"]]
+        if score:
+            row["relevance"] = key[score]
+        page.append(row)
+    return page
 
 
 def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
-                   offset: int | None = None) -> tuple[list[Service], str | None] | OffsetPage:
+                   offset: int | None = None) -> tuple[list[dict], str | None] | OffsetPage:
     """A page of matching services: after `cursor` (keyset), or from `offset` (the Pægents SDK's paging, with the
     total count) when an offset is given."""
     # A Masumi service that said it cannot take jobs is left out until its next availability check says it can.
@@ -270,40 +299,43 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
     if search.pricing_type:
         services = services.filter(pricing_type=search.pricing_type)
     text = search.text.strip()
-    fuzzy = False
-    if text:
-        # After the filters, so "nothing matches exactly" means nothing within them.
-        services, fuzzy = _match_text(services, text)
     order_by = search.order_by or ("relevance" if text else "newest")
     if order_by == "relevance" and not text:
         order_by = "newest"
-    ordering = _FUZZY_RELEVANCE if fuzzy and order_by == "relevance" else _ORDERINGS[order_by]
-    # The page is chosen by a narrow statement (the key, the sort values, the relevance), then its rows are read
-    # whole by key: sorting thousands of text matches carried every column of each through the sort (about half of
-    # a text search's time in the database at 100,000 services).
-    keys = services.only("id", "created_at", "unit_price")
-
-    def page():
-        if offset is None:
-            rows, next_cursor = paginate(keys, ordering=ordering, cursor=cursor, limit=limit)
-            return _whole(rows), next_cursor
-        rows = list(keys.order_by(*ordering)[offset:offset + limit + 1])
-        more = len(rows) > limit
-        # A last page counts itself; only a page with more after it asks the database for the total.
-        total = services.count() if more or (offset and not rows) else offset + len(rows)
-        return OffsetPage(rows=_whole(rows[:limit]), total=total, next_offset=offset + limit if more else None)
-
-    if not fuzzy:
-        return page()
+    ordering = _ORDERINGS[order_by]
+    page = functools.partial(_page, cursor=cursor, limit=limit, offset=offset)
+    if not text:
+        return page(services, ordering=ordering)
+    # After the filters, so "nothing matches exactly" means nothing within them.
+    exact = _exact_matches(services, text)
+    if _WEBSEARCH_SYNTAX.search(text) or exact.exists():
+        return page(exact, ordering=ordering, score="relevance")
+    fuzzy = _names_spelt_alike(services, text)
+    if order_by == "relevance":
+        ordering = _FUZZY_RELEVANCE
     if connection.vendor != "postgresql":
-        result = page()
-    else:
-        with transaction.atomic(), connection.cursor() as db:
-            # For this transaction only: pg_trgm's default word-similarity threshold (0.6) misses a single typo in
-            # a short word ("invoce", "wether"); 0.5 catches those and still keeps unrelated names out.
-            db.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)",
-                       [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
-            result = page()
-    for row in (result.rows if isinstance(result, OffsetPage) else result[0]):
-        row.relevance = row.name_similarity  # not a second SQL column: each is computed per candidate row
-    return result
+        return page(fuzzy, ordering=ordering, score="name_similarity")
+    with transaction.atomic(), connection.cursor() as db:
+        # For this transaction only: pg_trgm's default word-similarity threshold (0.6) misses a single typo in a
+        # short word ("invoce", "wether"); 0.5 catches those and still keeps unrelated names out.
+        db.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)",
+                   [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
+        return page(fuzzy, ordering=ordering, score="name_similarity")
+
+
+def _page(services: QuerySet[Service], *, ordering: list[str], cursor: str | None, limit: int, offset: int | None,
+          score: str | None = None) -> tuple[list[dict], str | None] | OffsetPage:
+    """A page of `services` in `ordering`, after `cursor` or from `offset`, as result rows; a row's relevance is its
+    `score` annotation. The page is chosen by a narrow statement (the key, the sort values, the score), then its
+    rows are read by key: sorting thousands of text matches carried every column of each through the sort (about
+    half of a text search's time in the database at 100,000 services)."""
+    keys = services.values("id", "created_at", "unit_price", *([score] if score else []))
+    if offset is None:
+        page_keys, next_cursor = paginate(keys, ordering=ordering, cursor=cursor, limit=limit)
+        return _result_rows(page_keys, score), next_cursor
+    page_keys = list(keys.order_by(*ordering)[offset:offset + limit + 1])
+    more = len(page_keys) > limit
+    # A last page counts itself; only a page with more after it asks the database for the total.
+    total = services.count() if more or (offset and not page_keys) else offset + len(page_keys)
+    return OffsetPage(rows=_result_rows(page_keys[:limit], score), total=total,
+                      next_offset=offset + limit if more else None)

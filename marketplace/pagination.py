@@ -49,7 +49,8 @@ def _after(ordering: list[str], values: list) -> Q:
 
 
 def paginate(queryset: QuerySet, *, ordering: list[str], cursor: str | None, limit: int) -> tuple[list, str | None]:
-    """One page of `queryset` in `ordering` (which must end with a unique field) and the cursor of the next."""
+    """One page of `queryset` in `ordering` (which must end with a unique field) and the cursor of the next; the rows
+    are model instances, or dicts from a values() queryset that selects the ordering's fields."""
     if cursor:
         try:
             payload = signing.loads(cursor, salt=_SALT)
@@ -57,13 +58,20 @@ def paginate(queryset: QuerySet, *, ordering: list[str], cursor: str | None, lim
             raise InvalidInput("The cursor is not one this API issued.", code="invalid_cursor") from None
         if payload.get("o") != ordering or len(payload.get("v", [])) != len(ordering):
             raise InvalidInput("The cursor belongs to another ordering or query.", code="invalid_cursor")
-        queryset = queryset.filter(_after(ordering, payload["v"]))
+        after = _after(ordering, payload["v"])
+        first = ordering[0].lstrip("-")
+        if first not in queryset.query.annotations:
+            # Implied by `after`; said apart, it is a range an index on the first sort field starts from, instead of
+            # a filter on every row before the cursor (page 51 of the newest services read 1,000 rows for 21).
+            after &= Q(**{f"{first}__{'lte' if ordering[0].startswith('-') else 'gte'}": payload["v"][0]})
+        queryset = queryset.filter(after)
     rows = list(queryset.order_by(*ordering)[: limit + 1])
     if len(rows) <= limit:
         return rows, None
     rows = rows[:limit]
     last = rows[-1]
-    values = [_to_json(getattr(last, f.lstrip("-"))) for f in ordering]
+    names = [f.lstrip("-") for f in ordering]
+    values = [_to_json(last[name] if isinstance(last, dict) else getattr(last, name)) for name in names]
     return rows, signing.dumps({"o": ordering, "v": values}, salt=_SALT, compress=True)
 
 

@@ -1,0 +1,33 @@
+"""Keyset pagination (marketplace.pagination): a later page starts at its cursor in an index on the first sort field
+instead of filtering every row before the cursor (what made deep pages of the catalog cost more than the first)."""
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from tests.catalog.test_search import listing, search
+
+pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
+
+
+def _plan(statement: str) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")  # a few rows are cheapest read whole: ask for the index
+        cursor.execute("SET LOCAL enable_bitmapscan = off")
+        cursor.execute("EXPLAIN " + statement)
+        return "\n".join(row[0] for row in cursor.fetchall())
+
+
+@pytest.mark.parametrize(("order_by", "bound"), [("newest", "created_at <="), ("price", "unit_price >=")])
+def test_a_later_page_starts_at_its_cursor_in_the_index(seller, buyer_api, order_by, bound):
+    for i in range(3):
+        listing(seller, f"Service {i}", price=10_000 * (i + 1))
+    cursor = search(buyer_api, order_by=order_by, limit=1)["next_cursor"]
+
+    with CaptureQueriesContext(connection) as captured:
+        assert len(search(buyer_api, order_by=order_by, limit=1, cursor=cursor)["results"]) == 1
+    statement = next(q["sql"] for q in captured.captured_queries
+                     if 'FROM "catalog_service"' in q["sql"] and "ORDER BY" in q["sql"])
+
+    index_conditions = [line for line in _plan(statement).splitlines() if "Index Cond" in line]
+    assert any(bound in line for line in index_conditions), index_conditions
