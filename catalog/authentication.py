@@ -8,11 +8,13 @@ import hmac
 import threading
 import time
 import uuid
+from functools import lru_cache
 from dataclasses import dataclass
 from datetime import datetime
 
 from cachetools import TTLCache
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
@@ -60,8 +62,7 @@ class BearerKeyAuthentication(authentication.BaseAuthentication):
         if parsed is None or parsed[0] not in _KINDS:
             raise _failed("Malformed credentials.", "invalid_credentials")
         model = _KINDS[parsed[0]]
-        related = "agent__owner" if model is ApiKey else "owner"
-        credential = model.objects.select_related(related).filter(prefix=parsed[1]).first()
+        credential = credential_with_holders(model, prefix=parsed[1])
         if credential is None or not secret_matches(secret, credential.secret_digest):
             raise _failed("Unknown credentials.", "invalid_credentials")
         user = credential.agent.owner if model is ApiKey else credential.owner
@@ -74,6 +75,60 @@ class BearerKeyAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request):
         return 'Bearer realm="api"'
+
+
+# A credential and who holds it, each joined on the foreign key of the one before: ApiKey -> Agent -> owner,
+# OwnerToken -> owner.
+_HOLDER_CHAINS = {ApiKey: ("agent", "owner"), OwnerToken: ("owner",)}
+
+
+@lru_cache(maxsize=len(_HOLDER_CHAINS))
+def _credential_statement(model) -> tuple[str, list]:
+    """The SELECT of a credential by prefix with its holders, and per model its fields with their converters: what
+    `select_related(...).filter(prefix=...)` runs, built once per process (compiling that query on every request
+    was most of authentication's CPU, and authentication most of a small request's)."""
+    quote, parts, joins, previous, previous_alias = connection.ops.quote_name, [], [], model, "t0"
+    chain = [(model, None)]
+    for name in _HOLDER_CHAINS[model]:
+        relation = previous._meta.get_field(name)
+        chain.append((relation.related_model, relation))
+        previous = relation.related_model
+    columns = []
+    for index, (part, relation) in enumerate(chain):
+        alias = f"t{index}"
+        if relation is not None:
+            joins.append(f"JOIN {quote(part._meta.db_table)} {alias} ON {alias}.{quote(part._meta.pk.column)} = "
+                         f"{previous_alias}.{quote(relation.column)}")
+        fields = [(field, field.get_col(alias), field.get_db_converters(connection))
+                  for field in part._meta.concrete_fields]
+        columns += [f"{alias}.{quote(field.column)}" for field, _, _ in fields]
+        parts.append((part, relation, fields))
+        previous_alias = alias
+    return (f"SELECT {', '.join(columns)} FROM {quote(model._meta.db_table)} t0 {' '.join(joins)} "  # noqa: S608
+            f"WHERE t0.{quote(model._meta.get_field('prefix').column)} = %s", parts)
+
+
+def credential_with_holders(model, *, prefix: str):
+    """The ApiKey (with its agent and the agent's owner) or OwnerToken (with its owner) of `prefix`, or None."""
+    sql, parts = _credential_statement(model)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [prefix])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    values, objects = iter(row), []
+    for part, relation, fields in parts:
+        converted = []
+        for _field, column, converters in fields:
+            value = next(values)
+            for convert in connection.ops.get_db_converters(column) + converters:
+                value = convert(value, column, connection)
+            converted.append(value)
+        instance = part.from_db(connection.alias, [field.attname for field, _, _ in fields], converted)
+        if relation is not None:
+            relation.set_cached_value(objects[-1], instance)
+        objects.append(instance)
+    return objects[0]
 
 
 @dataclass(frozen=True)
@@ -102,7 +157,7 @@ _key_holders_lock = threading.Lock()
 
 
 def _key_holder_read(prefix: str, digest: str, now: datetime) -> KeyHolder | None:
-    key = ApiKey.objects.select_related("agent__owner").filter(prefix=prefix).first()
+    key = credential_with_holders(ApiKey, prefix=prefix)
     if key is None or not hmac.compare_digest(key.secret_digest, digest):
         return None
     _touch(ApiKey, key.pk, key.last_used_at, now)

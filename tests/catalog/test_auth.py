@@ -1,11 +1,13 @@
 from datetime import timedelta
 
 import pytest
+from django.test import RequestFactory
 from django.utils import timezone
 
 from catalog import services
-from catalog.models import ApiKey
-from tests.catalog.factories import issue_key
+from catalog.authentication import BearerKeyAuthentication
+from catalog.models import ApiKey, OwnerToken
+from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token
 from tests.conftest import Api, error_code
 
 pytestmark = pytest.mark.django_db
@@ -90,3 +92,25 @@ def test_last_used_is_recorded(buyer):
     secret = issue_key(buyer)
     Api(secret).get("/agents/me")
     assert ApiKey.objects.get(agent=buyer).last_used_at is not None
+
+
+@pytest.mark.parametrize("kind", ["agent key", "owner token"])
+def test_a_credential_is_read_with_its_holders_in_one_statement(kind, django_assert_num_queries):
+    """BearerKeyAuthentication reads the credential, its agent and the owner in one precompiled statement
+    (catalog.authentication.credential_with_holders): the same objects select_related would give."""
+    agent = AgentFactory()
+    secret = issue_key(agent) if kind == "agent key" else issue_owner_token(agent.owner)
+    model = ApiKey if kind == "agent key" else OwnerToken
+    ApiKey.objects.update(last_used_at=timezone.now())  # no touch write in the counted block
+    OwnerToken.objects.update(last_used_at=timezone.now())
+    request = RequestFactory().get("/agents/me", HTTP_AUTHORIZATION=f"Bearer {secret}")
+    with django_assert_num_queries(1):
+        user, credential = BearerKeyAuthentication().authenticate(request)
+        holder = credential.agent if kind == "agent key" else None
+        assert user == agent.owner and user.is_active and isinstance(credential, model)
+        if holder is not None:
+            assert (holder.pk, holder.handle, holder.wallet_address, holder.owner) == (
+                agent.pk, agent.handle, agent.wallet_address, agent.owner)
+    expected = model.objects.select_related("agent__owner" if model is ApiKey else "owner").get(pk=credential.pk)
+    assert [getattr(credential, f.attname) for f in model._meta.concrete_fields] == [
+        getattr(expected, f.attname) for f in model._meta.concrete_fields]
