@@ -294,15 +294,19 @@ class _SettledByTheReaper(Exception):
 _LOCKED_FIELDS = [name for name in _CHAIN_FIELDS if name != "id"]
 
 
+def _head_select(extra: str = "") -> str:
+    """SELECT of what a charge reads of its agreement (`_LOCKED_FIELDS`, then `extra` columns), by id."""
+    meta, quote = UsageAgreement._meta, connection.ops.quote_name
+    columns = ", ".join(quote(meta.get_field(name).column) for name in _LOCKED_FIELDS)
+    return f"SELECT {columns}{extra} FROM {quote(meta.db_table)} WHERE id = %s"  # noqa: S608
+
+
 def _lock_statement(reservation: Reservation) -> tuple[str, list]:
     """PostgreSQL: close the call's intent and lock its agreement's row, reading what extending the usage chain
     needs and whether the intent was still there, in one statement."""
-    meta = UsageAgreement._meta
-    columns = ", ".join(connection.ops.quote_name(meta.get_field(name).column) for name in _LOCKED_FIELDS)
     return (f"WITH closed AS (DELETE FROM {CallIntent._meta.db_table} WHERE id = %s RETURNING id) "  # noqa: S608
-            f"SELECT {columns}, (SELECT count(*) FROM closed) FROM {connection.ops.quote_name(meta.db_table)} "
-            f"WHERE id = %s FOR UPDATE",
-            [reservation.intent_id, meta.pk.get_db_prep_value(reservation.agreement_id, connection)])
+            f"{_head_select(', (SELECT count(*) FROM closed)')} FOR UPDATE",
+            [reservation.intent_id, UsageAgreement._meta.pk.get_db_prep_value(reservation.agreement_id, connection)])
 
 
 @dataclass
@@ -340,10 +344,8 @@ def _locked_for_charge(reservation: Reservation) -> _ChainHead | None:
             *row, closed = cursor.fetchone()
         else:
             closed = _intent_close(reservation)
-            meta = UsageAgreement._meta
-            columns = ", ".join(connection.ops.quote_name(meta.get_field(name).column) for name in _LOCKED_FIELDS)
-            cursor.execute(f"SELECT {columns} FROM {connection.ops.quote_name(meta.db_table)} "  # noqa: S608
-                           f"WHERE id = %s", [meta.pk.get_db_prep_value(reservation.agreement_id, connection)])
+            cursor.execute(_head_select(), [UsageAgreement._meta.pk.get_db_prep_value(reservation.agreement_id,
+                                                                                      connection)])
             row = cursor.fetchone()
     return _agreement_read(reservation, row) if closed else None
 

@@ -1,11 +1,7 @@
-import threading
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, timedelta
 
-from cachetools import TTLCache
-from django.conf import settings
 
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 from django.db.models.functions import TruncDay, TruncHour
@@ -26,6 +22,7 @@ from agreements.models import (
     WebhookSubscription,
 )
 from catalog.models import Agent
+from marketplace.caching import for_a_second
 from marketplace.errors import NotFound
 
 
@@ -88,29 +85,25 @@ class CallTerms:
     proxy_secret: str
 
 
-_call_terms: TTLCache = TTLCache(maxsize=10_000, ttl=settings.CREDENTIAL_CACHE_SECONDS, timer=time.monotonic)
-_call_terms_lock = threading.Lock()
+@for_a_second(key=lambda agreement_id: agreement_id)
+def _call_terms(agreement_id) -> CallTerms | None:
+    agreement = (UsageAgreement.objects.select_related("service")
+                 .only("id", "chain_id", "token", "buyer_id", "seller_id", "pricing_type", "price_per_unit",
+                       "deposit_amount", "service__upstream_base_url", "service__proxy_secret")
+                 .filter(pk=agreement_id).first())
+    if agreement is None:
+        return None
+    return CallTerms(pk=agreement.pk, onchain_id=agreement.onchain_id, chain_id=agreement.chain_id,
+                     token=agreement.token, buyer_id=agreement.buyer_id, seller_id=agreement.seller_id,
+                     pricing_type=agreement.pricing_type, price_per_unit=agreement.price_per_unit,
+                     deposit_amount=agreement.deposit_amount, upstream_base_url=agreement.service.upstream_base_url,
+                     proxy_secret=agreement.service.proxy_secret)
 
 
 def agreement_for_call(*, agreement_id, agent_id) -> CallTerms:
     """The call terms of an agreement the agent is party to, read at most once a second per process (this runs on
     every proxied call); 404 otherwise, as agreement_get."""
-    with _call_terms_lock:
-        terms = _call_terms.get(agreement_id)
-    if terms is None:
-        agreement = (UsageAgreement.objects.select_related("service")
-                     .only("id", "chain_id", "token", "buyer_id", "seller_id", "pricing_type", "price_per_unit",
-                           "deposit_amount", "service__upstream_base_url", "service__proxy_secret")
-                     .filter(pk=agreement_id).first())
-        if agreement is not None:
-            terms = CallTerms(pk=agreement.pk, onchain_id=agreement.onchain_id, chain_id=agreement.chain_id,
-                              token=agreement.token, buyer_id=agreement.buyer_id, seller_id=agreement.seller_id,
-                              pricing_type=agreement.pricing_type, price_per_unit=agreement.price_per_unit,
-                              deposit_amount=agreement.deposit_amount,
-                              upstream_base_url=agreement.service.upstream_base_url,
-                              proxy_secret=agreement.service.proxy_secret)
-            with _call_terms_lock:
-                _call_terms[agreement_id] = terms
+    terms = _call_terms(agreement_id)
     if terms is None or agent_id not in (terms.buyer_id, terms.seller_id):
         raise NotFound("No such agreement.", code="agreement_not_found")
     return terms

@@ -5,14 +5,11 @@ On success `request.user` is the owner (a Django user) and `request.auth` the Ap
 """
 
 import hmac
-import threading
-import time
 import uuid
 from functools import lru_cache
 from dataclasses import dataclass
 from datetime import datetime
 
-from cachetools import TTLCache
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
@@ -21,6 +18,7 @@ from rest_framework import authentication, exceptions, permissions
 
 from catalog import selectors
 from catalog.models import SCOPE_RANK, ApiKey, KeyScope, OwnerToken
+from marketplace.caching import for_a_second
 from marketplace.errors import Forbidden, NotFound
 from marketplace.keys import digest_secret, parse_secret, secret_matches
 
@@ -151,16 +149,13 @@ class KeyHolder:
         return SCOPE_RANK[KeyScope(self.scope)] >= SCOPE_RANK[KeyScope(scope)]
 
 
-# Keyed by the presented secret's digest: an entry exists only for a secret that matched its key's digest.
-_key_holders: TTLCache = TTLCache(maxsize=10_000, ttl=settings.CREDENTIAL_CACHE_SECONDS, timer=time.monotonic)
-_key_holders_lock = threading.Lock()
-
-
-def _key_holder_read(prefix: str, digest: str, now: datetime) -> KeyHolder | None:
+# Keyed by the presented secret's digest: a holder is answered only for a secret that matched its key's digest.
+@for_a_second(key=lambda prefix, digest: digest)
+def _key_holder_read(prefix: str, digest: str) -> KeyHolder | None:
     key = credential_with_holders(ApiKey, prefix=prefix)
     if key is None or not hmac.compare_digest(key.secret_digest, digest):
         return None
-    _touch(ApiKey, key.pk, key.last_used_at, now)
+    _touch(ApiKey, key.pk, key.last_used_at, timezone.now())
     return KeyHolder(pk=key.pk, prefix=key.prefix, scope=key.scope, agent_id=key.agent_id,
                      agent_handle=key.agent.handle, agent_is_active=key.agent.is_active,
                      owner_is_active=key.agent.owner.is_active, revoked_at=key.revoked_at, expires_at=key.expires_at)
@@ -179,18 +174,12 @@ def agent_key_holder(request, *, scope: str) -> KeyHolder:
     if _KINDS[parsed[0]] is not ApiKey:
         BearerKeyAuthentication().authenticate(request)  # an owner's credentials: 401 unless they are usable
         raise Forbidden("This endpoint needs an agent API key.", code="agent_key_required")
-    digest = digest_secret(secret)
-    now = timezone.now()
-    with _key_holders_lock:
-        holder = _key_holders.get(digest)
+    holder = _key_holder_read(parsed[1], digest_secret(secret))
     if holder is None:
-        holder = _key_holder_read(parsed[1], digest, now)
-        if holder is None:
-            raise _failed("Unknown credentials.", "invalid_credentials")
-        with _key_holders_lock:
-            _key_holders[digest] = holder
+        raise _failed("Unknown credentials.", "invalid_credentials")
     _refuse_unusable(revoked_at=holder.revoked_at, expires_at=holder.expires_at,
-                     agent_is_active=holder.agent_is_active, owner_is_active=holder.owner_is_active, now=now)
+                     agent_is_active=holder.agent_is_active, owner_is_active=holder.owner_is_active,
+                     now=timezone.now())
     if not holder.grants(scope):
         raise Forbidden(f"This endpoint needs an agent API key with the `{scope}` scope.", code="insufficient_scope")
     return holder

@@ -12,18 +12,6 @@ from tests.escrow.flow import Parties, onchain_escrow
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
 
-@pytest.fixture
-def active(escrow_chain, http_server, django_capture_on_commit_callbacks):
-    """An active agreement for 5 calls at 0.02 USDC to a service whose upstream is `http_server`."""
-    parties = Parties(escrow_chain, upstream_base_url=http_server.url + "/api")
-    agreement = parties.accepted_agreement(quantity=5)
-    assert parties.activate(agreement["id"], django_capture_on_commit_callbacks).status_code == 202
-    assert parties.agreement(agreement["id"])["status"] == "active"
-    parties.agreement_id = agreement["id"]
-    parties.proxy = f"/metered-proxy/{agreement['id']}"
-    return parties
-
-
 def test_a_proxied_call_is_forwarded_signed_and_billed(active, http_server, escrow_chain):
     http_server.responses.append((200, {"translated": "hallo"}))
     response = active.buyer_api.client.post(f"{active.proxy}/translate?lang=de", data=json.dumps({"text": "hi"}),

@@ -13,18 +13,8 @@ from django.utils import timezone
 from agreements.models import UsageAgreement
 from catalog.models import ApiKey
 from tests.conftest import error_code
-from tests.escrow.flow import Parties
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
-
-
-@pytest.fixture
-def active(escrow_chain, http_server, django_capture_on_commit_callbacks):
-    parties = Parties(escrow_chain, upstream_base_url=http_server.url + "/api")
-    agreement = parties.accepted_agreement(quantity=5)
-    assert parties.activate(agreement["id"], django_capture_on_commit_callbacks).status_code == 202
-    parties.agreement_id = agreement["id"]
-    return parties
 
 
 def call(parties, path="work"):
