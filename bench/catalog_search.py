@@ -7,7 +7,7 @@ What it does, in order:
    created when missing, always migrated. Never the development or test database.
 2. Seeds N services with bulk inserts and one set-based UPDATE for the search columns (not N service calls), unless
    the database already holds exactly this seed (same seed version and service count): then it is reused.
-3. Starts gunicorn on a free loopback port with DEBUG off, fires each query `--requests` times from `--concurrency`
+3. Starts the web server (marketplace.serve: granian) on a free loopback port with DEBUG off, fires each query `--requests` times from `--concurrency`
    threads (httpx, one keep-alive client per thread) after a short warm-up, and prints p50/p99 latency and
    requests/s per query, and the CPU time per request of the server's workers and of PostgreSQL's backends (read
    from /proc: unlike latency, it does not grow while a process waits for a core on a loaded machine). Exits 1 if
@@ -309,11 +309,9 @@ def free_port() -> int:
 
 
 def start_server(env: dict, *, workers: int, threads: int, port: int, log) -> subprocess.Popen:
-    command = [
-        sys.executable, "-m", "gunicorn", "marketplace.wsgi:application",
-        "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--worker-class", "gthread",
-        "--threads", str(threads), "--log-level", "warning", "--chdir", str(ROOT), "--timeout", "60",
-    ]
+    from marketplace import serve
+
+    command = serve.command(port=port, workers=workers, threads=threads)
     return subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
@@ -335,7 +333,7 @@ def wait_until_ready(process: subprocess.Popen, base_url: str, headers: dict) ->
 
 def stop_server(process: subprocess.Popen) -> None:
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)  # gunicorn's master stops its own workers
+        process.send_signal(signal.SIGTERM)  # the server's main process stops its own workers
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -493,8 +491,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300, help="measured requests per query (default 300)")
     parser.add_argument("--concurrency", type=int, default=4, help="client threads (default 4)")
     parser.add_argument("--workers", type=int, default=max(2, (os.cpu_count() or 1) + 1),
-                        help="gunicorn worker processes (default: CPUs + 1)")
-    parser.add_argument("--threads", type=int, default=2, help="threads per gunicorn worker (default 2)")
+                        help="web server worker processes (default: CPUs + 1)")
+    parser.add_argument("--threads", type=int, default=2, help="threads per web server worker (default 2)")
     parser.add_argument("--reseed", action="store_true", help="seed again even if the database matches")
     parser.add_argument("--no-explain", dest="explain", action="store_false",
                         help="leave out EXPLAIN ANALYZE of each query")
@@ -538,7 +536,7 @@ def main() -> int:
                 log.seek(0)
                 print(f"set-up failed: {exc}\n--- server log ---\n{log.read()[-4000:]}", file=sys.stderr)
                 return 2
-            print(f"server: gunicorn, {args.workers} workers x {args.threads} threads on {base_url}, DEBUG off; "
+            print(f"server: granian, {args.workers} workers x {args.threads} threads on {base_url}, DEBUG off; "
                   f"client: {args.concurrency} threads, {args.requests} requests per query after 10 warm-up")
             # Server, database and client share this machine: its load says how far the figures can be trusted.
             print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
@@ -570,7 +568,7 @@ def main() -> int:
     if args.explain:
         explain(queries, headers)
     print(f"\n{args.services} services; 'page' = results every answer must have; CPU in ms per request "
-          "(server: gunicorn's workers; db: PostgreSQL's backends); "
+          "(server: the web server's processes; db: PostgreSQL's backends); "
           f"load average {os.getloadavg()[0]:.1f} after the run.")
     return 1 if failed else 0
 

@@ -65,7 +65,7 @@ def cpu_seconds(pids: list[int]) -> float | None:
 
 
 def child_pids(pid: int) -> list[int]:
-    """The direct children of `pid` (e.g. gunicorn's workers), from /proc; [] where it cannot be read."""
+    """The direct children of `pid` (e.g. the web server's workers), from /proc; [] where it cannot be read."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as children:
             return [int(child) for child in children.read().split()]

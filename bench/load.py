@@ -1,4 +1,4 @@
-"""Load: a realistic mix against the production configuration (gunicorn, PostgreSQL, DEBUG=false) on this machine.
+"""Load: a realistic mix against the production configuration (granian, PostgreSQL, DEBUG=false) on this machine.
 
     .venv/bin/python bench/load.py [--duration 60] [--users 32] [--buyers 8] [--services 200]
 
@@ -9,7 +9,7 @@ What it does, in order:
 2. Seeds a catalog of `--services` listings, `--buyers` buyer agents each with an escrow activated on-chain
    (through the activation service and the relayer, in this process) for a metered service whose upstream is a
    small HTTP server this script starts as its own process.
-3. Starts gunicorn (`--server-workers` x `--threads`, gthread) with DEBUG=false, then `--users` concurrent virtual
+3. Starts the web server (marketplace.serve: `--server-workers` x `--threads`) with DEBUG=false, then `--users` concurrent virtual
    users (asyncio + httpx) run the mix for `--duration` s after a short warm-up: catalog search 40 %, metered
    proxy calls 35 %, proposals 15 %, usage reads 10 %, each as a buyer with its own API key.
 4. Prints requests/s and p50/p99 per endpoint, errors, and the usage check: for every agreement, `used` equals the
@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.harness import SetupFailed, bench_database_url, run_bounded  # noqa: E402
 from bench.relayer import Processes, ensure_database, percentile  # noqa: E402
+from marketplace import serve  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench_load"
 BROKER_URL = "redis://127.0.0.1:6379/9"  # nothing is queued by the mix; the server just has a broker configured
@@ -287,10 +288,8 @@ def run(args, database_url: str, stack: contextlib.ExitStack) -> int:
 
     port = devchain.free_port()
     base_url = f"http://127.0.0.1:{port}"
-    processes.start("gunicorn", [
-        sys.executable, "-m", "gunicorn", "marketplace.wsgi:application", "--bind", f"127.0.0.1:{port}",
-        "--workers", str(args.server_workers), "--worker-class", "gthread", "--threads", str(args.threads),
-        "--timeout", "60", "--log-level", "warning"], {**os.environ, "CELERY_TASK_ALWAYS_EAGER": "false"})
+    processes.start("web", serve.command(port=port, workers=args.server_workers, threads=args.threads),
+                    {**os.environ, "CELERY_TASK_ALWAYS_EAGER": "false"})
     deadline = time.monotonic() + 60
     while True:
         processes.check_alive()
@@ -298,9 +297,9 @@ def run(args, database_url: str, stack: contextlib.ExitStack) -> int:
             if httpx.get(f"{base_url}/agents/me", timeout=2).status_code == 401:
                 break
         if time.monotonic() > deadline:
-            raise SetupFailed("gunicorn did not answer within 60 s")
+            raise SetupFailed("the web server did not answer within 60 s")
         time.sleep(0.2)
-    print(f"gunicorn {args.server_workers} workers x {args.threads} threads on {base_url} (DEBUG=false); "
+    print(f"granian {args.server_workers} workers x {args.threads} threads on {base_url} (DEBUG=false); "
           f"{args.users} virtual users for {args.duration:g} s after a {WARMUP:g} s warm-up")
 
     results, duration = asyncio.run(run_mix(base_url, seeded, args.users, args.duration))
@@ -315,8 +314,8 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=32, help="concurrent virtual users (default 32)")
     parser.add_argument("--buyers", type=int, default=8, help="buyer agents with an active escrow (default 8)")
     parser.add_argument("--services", type=int, default=200, help="catalog listings (default 200)")
-    parser.add_argument("--server-workers", type=int, default=3, help="gunicorn workers (default 3)")
-    parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker (default 4)")
+    parser.add_argument("--server-workers", type=int, default=3, help="web server workers (default 3)")
+    parser.add_argument("--threads", type=int, default=4, help="threads per web server worker (default 4)")
     parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)  # internal: run as the seller's upstream
     args = parser.parse_args()
     if args.upstream:

@@ -1,4 +1,4 @@
-"""What the metering benches (bench/proxy.py, bench/usage.py) share: their database and settings, gunicorn, and
+"""What the metering benches (bench/proxy.py, bench/usage.py) share: their database and settings, the web server, and
 active agreements set up without a chain, and the exact check of the usage chains afterwards.
 
 Agreements are made active through the agreement services' own transitions (propose → accept → submitting →
@@ -119,14 +119,13 @@ def active_agreement(*, buyer, seller, service, quantity: int):
                                                                  tx_hash="0x" + "00" * 32)
 
 
-def start_gunicorn(processes: Processes, env: dict, *, workers: int, threads: int) -> str:
+def start_server(processes: Processes, env: dict, *, workers: int, threads: int) -> str:
+    """The production web server (marketplace.serve) on a free loopback port, as process "web"."""
     from escrow import devchain
+    from marketplace import serve
 
     port = devchain.free_port()
-    processes.start("gunicorn", [
-        sys.executable, "-m", "gunicorn", "marketplace.wsgi:application", "--bind", f"127.0.0.1:{port}",
-        "--workers", str(workers), "--worker-class", "gthread", "--threads", str(threads),
-        "--timeout", "60", "--log-level", "warning"], {**os.environ, **env})
+    processes.start("web", serve.command(port=port, workers=workers, threads=threads), {**os.environ, **env})
     return f"http://127.0.0.1:{port}"
 
 
@@ -143,7 +142,7 @@ def wait_for_server(base_url: str, api_key: str, processes: Processes) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise SetupFailed(f"gunicorn did not answer within {STARTUP_TIMEOUT:.0f} s:\n{processes.log_tail('gunicorn')}")
+    raise SetupFailed(f"the web server did not answer within {STARTUP_TIMEOUT:.0f} s:\n{processes.log_tail('web')}")
 
 
 def check_usage_chain(agreement_id) -> list[str]:

@@ -11,7 +11,7 @@ What it does, in order:
    behind a real service would.
 3. Creates a seller whose per-call service points at that upstream, a buyer with a `pay` key, and one active
    agreement per caller (of the largest --clients) with a budget far above what the run can spend (made active through the services'
-   transitions without a chain: see bench/metering.py), then starts gunicorn (gthread, DEBUG off, PostgreSQL).
+   transitions without a chain: see bench/metering.py), then starts the web server (marketplace.serve: granian, DEBUG off, PostgreSQL).
 4. For each caller count in `--clients` (one caller first: the latency the proxy adds to a call; then many: the
    throughput it keeps under load) and each upstream delay, after a warm-up, `--rounds` times `--seconds` each of:
    direct calls (GET upstream/work); proxied calls all on one agreement (GET /metered-proxy/{agreement}/work,
@@ -179,15 +179,15 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     from django.db import connection
 
     connection.close()  # the server's workers open their own
-    base_url = bench_metering.start_gunicorn(processes, env, workers=args.workers, threads=args.threads)
+    base_url = bench_metering.start_server(processes, env, workers=args.workers, threads=args.threads)
     wait_for_upstream(f"{upstream_url}/ready", processes)
     bench_metering.wait_for_server(base_url, buyer_key, processes)
-    server = next(process for name, process in processes.started if name == "gunicorn").pid
+    server = next(process for name, process in processes.started if name == "web").pid
     server_pids = [server, *harness.child_pids(server)]
 
     buyer_headers = {"Authorization": f"Bearer {buyer_key}"}
-    print(f"upstream: aiohttp, 1 process; marketplace: gunicorn {args.workers} workers x {args.threads} threads "
-          f"(gthread), DEBUG off, PostgreSQL; client: aiohttp, one process, "
+    print(f"upstream: aiohttp, 1 process; marketplace: granian {args.workers} workers x {args.threads} threads "
+          f"(WSGI), DEBUG off, PostgreSQL; client: aiohttp, one process, "
           f"{' then '.join(map(str, args.clients))} concurrent callers")
     print(f"per caller count and upstream delay, {args.rounds} x ({args.seconds:g} s direct, {args.seconds:g} s "
           f"proxied on one agreement, {args.seconds:g} s proxied on one agreement per caller); {PRICE} atomic units "
@@ -302,8 +302,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="direct/proxy alternations per delay (default 2)")
     parser.add_argument("--delays-ms", type=lambda text: [int(part) for part in text.split(",")], default=[0, 20],
                         help="upstream service times to measure, comma-separated (default 0,20)")
-    parser.add_argument("--workers", type=int, default=4, help="gunicorn worker processes (default 4)")
-    parser.add_argument("--threads", type=int, default=8, help="threads per gunicorn worker (default 8)")
+    parser.add_argument("--workers", type=int, default=2, help="web server worker processes (default 2)")
+    parser.add_argument("--threads", type=int, default=8, help="threads per web server worker (default 8)")
     parser.add_argument("--timeout", type=int, default=300, help="global limit in seconds (default 300)")
     args = parser.parse_args()
     if not (all(1 <= clients <= 256 for clients in args.clients) and 0.5 <= args.seconds <= 120

@@ -11,7 +11,7 @@ What it does, in order:
    agreement from an earlier chain must not survive. Refuses a database whose name does not contain "bench".
 3. Creates a seller, a service, N buyer agents with API keys and N accepted agreements through the services, and
    signs the N activation packages with the buyers' keys (sdk.sign_activation_package), before the clock starts.
-4. Starts `--workers` Celery worker processes (`--concurrency` each; Redis db 14 as broker, flushed first), gunicorn
+4. Starts `--workers` Celery worker processes (`--concurrency` each; Redis db 14 as broker, flushed first), the web server
    on a free loopback port, and a beat-like thread that enqueues `poll_confirmations` every `--poll-interval` s.
 5. Starts the clock: `--clients` threads POST the N signed activations over HTTP (the SDK's `submit_activation`);
    the server queues `submit_transaction` after commit, the workers submit and confirm, and this process watches
@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import SetupFailed, bench_database_url, run_bounded  # noqa: E402
+from marketplace import serve  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench_relayer"
 BROKER_URL = "redis://127.0.0.1:6379/14"
@@ -263,7 +264,7 @@ def wait_for_server(base_url: str, api_key: str, processes: Processes) -> None:
                 return
             except (MarketplaceError, httpx.HTTPError):  # not up yet
                 time.sleep(0.2)
-    raise SetupFailed(f"gunicorn did not answer within {STARTUP_TIMEOUT:.0f} s")
+    raise SetupFailed(f"the web server did not answer within {STARTUP_TIMEOUT:.0f} s")
 
 
 def submit(base_url: str, activation: Activation) -> Submission:
@@ -416,13 +417,10 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
             "--without-gossip", "--without-mingle", "--without-heartbeat"], child_env)
     port = devchain.free_port()
     base_url = f"http://127.0.0.1:{port}"
-    processes.start("gunicorn", [
-        sys.executable, "-m", "gunicorn", "marketplace.wsgi:application", "--bind", f"127.0.0.1:{port}",
-        "--workers", str(SERVER_WORKERS), "--worker-class", "gthread", "--threads", str(SERVER_THREADS),
-        "--timeout", str(int(REQUEST_TIMEOUT)), "--log-level", "warning"], child_env)
+    processes.start("web", serve.command(port=port, workers=SERVER_WORKERS, threads=SERVER_THREADS), child_env)
     wait_for_workers(app, args.workers, processes)
     wait_for_server(base_url, activations[0].api_key, processes)
-    print(f"celery: {args.workers} workers x {args.concurrency} processes on {BROKER_URL}; gunicorn "
+    print(f"celery: {args.workers} workers x {args.concurrency} processes on {BROKER_URL}; granian "
           f"{SERVER_WORKERS} workers x {SERVER_THREADS} threads on {base_url}; {args.clients} client threads; "
           f"poll_confirmations every {args.poll_interval:g} s\n")
 

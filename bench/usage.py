@@ -7,7 +7,7 @@ What it does, in order:
    created when missing, migrated, then flushed. Refuses a database whose name does not contain "bench".
 2. Creates a seller with a per-unit service, a buyer, `--agreements` active agreements with budgets far above what
    the run can record (made active through the services' transitions without a chain: see bench/metering.py),
-   and starts gunicorn (gthread, DEBUG off, PostgreSQL).
+   and starts the web server (marketplace.serve: granian, DEBUG off, PostgreSQL).
 3. Four scenarios of `--seconds` each, from `--clients` concurrent aiohttp callers using the seller's key, each
    request with its own Idempotency-Key: single events and batches of 100, spread over all the agreements and
    all on one hot agreement (every request then waits for the same row lock). Units vary (1, 2, 3) so the totals
@@ -153,12 +153,12 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     connection.close()  # the server's workers open their own
     processes = bench_metering.Processes(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="usage-bench-"))))
     stack.callback(processes.stop_all)
-    base_url = bench_metering.start_gunicorn(processes, env, workers=args.workers, threads=args.threads)
+    base_url = bench_metering.start_server(processes, env, workers=args.workers, threads=args.threads)
     bench_metering.wait_for_server(base_url, seller_key, processes)
-    workers = harness.child_pids(next(process for name, process in processes.started if name == "gunicorn").pid)
+    workers = harness.child_pids(next(process for name, process in processes.started if name == "web").pid)
     print(f"in-process, one batch of {BATCH} at a time (test client, no network): {cpu_per_event:.0f} us of CPU per "
           f"event (time.process_time), {statements} SQL statements per batch")
-    print(f"marketplace: gunicorn {args.workers} workers x {args.threads} threads (gthread), DEBUG off, PostgreSQL; "
+    print(f"marketplace: granian {args.workers} workers x {args.threads} threads (WSGI), DEBUG off, PostgreSQL; "
           f"client: {args.clients} concurrent aiohttp callers, one process; {args.seconds:g} s per scenario")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
 
@@ -223,8 +223,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8, help="concurrent callers (default 8)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each scenario (default 5)")
     parser.add_argument("--agreements", type=int, default=50, help="agreements to spread over (default 50)")
-    parser.add_argument("--workers", type=int, default=4, help="gunicorn worker processes (default 4)")
-    parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker (default 4)")
+    parser.add_argument("--workers", type=int, default=4, help="web server worker processes (default 4)")
+    parser.add_argument("--threads", type=int, default=4, help="threads per web server worker (default 4)")
     parser.add_argument("--timeout", type=int, default=300, help="global limit in seconds (default 300)")
     args = parser.parse_args()
     if not (1 <= args.clients <= 256 and 0.5 <= args.seconds <= 120 and 1 <= args.agreements <= 1000

@@ -6,8 +6,8 @@ each app defines its own domain metrics (agreements: proxy upstream latency and 
 collectors that count its rows by status when Prometheus scrapes (`scrape_collector_register`), so those numbers
 are exact whichever process changed the rows.
 
-Several processes (gunicorn workers, Celery workers): set `PROMETHEUS_MULTIPROC_DIR` to one empty directory for
-all of them on a host (see marketplace/gunicorn_conf.py); `/metrics` then adds up every process's counters.
+Several processes (the web server's workers, Celery workers): set `PROMETHEUS_MULTIPROC_DIR` to one empty directory for
+all of them on a host (see marketplace/serve.py); `/metrics` then adds up every process's counters.
 
 `/metrics` is for operators: a staff session, or `Authorization: Bearer <METRICS_TOKEN>` for a scraper.
 """

@@ -1,5 +1,5 @@
 """Real processes for the fault suite, each with a way to break it: Redis, a JSON-RPC relay in front of Anvil,
-the web server (gunicorn, production settings) and a Celery worker with its beat, all on free loopback ports."""
+the web server (granian as production runs it, production settings) and a Celery worker with its beat, all on free loopback ports."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from marketplace import serve
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +83,7 @@ class Service:
         return self
 
     def children(self) -> set[int]:
-        """The ids of the processes it started (gunicorn's workers, a Celery pool's children)."""
+        """The ids of the processes it started (the web server's workers, a Celery pool's children)."""
         found = set()
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -110,9 +112,7 @@ class Service:
 
 
 def web_server(env: dict, log_dir: Path, port: int) -> Service:
-    return Service("web", [str(BIN / "gunicorn"), "marketplace.wsgi", "--bind", f"127.0.0.1:{port}",
-                           "--workers", "1", "--threads", "16", "--timeout", "60", "--log-level", "warning"],
-                   env, log_dir)
+    return Service("web", serve.command(port=port, workers=1, threads=16), env, log_dir)
 
 
 def celery_worker(env: dict, log_dir: Path, *, pool: str = "solo", include: str = "") -> Service:
