@@ -37,7 +37,7 @@ from marketplace.errors import (ApplicationError, Conflict, Forbidden, InvalidIn
                                 error_body, error_response)
 from marketplace.logging import agreement_id_var
 from marketplace.serializers import error_responses
-from marketplace.throttling import credential_key, window_wait
+from marketplace.throttling import credential_key, windows_wait
 from sdk import proxy_signature
 
 logger = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def _proxy_method(method: str):
 class MeteredProxyView(APIView):
     """DRF describes this view (the schema) but does not dispatch it: `dispatch` below serves every call without
     DRF's request wrapping, negotiation and rendering, which were half of a proxied call's CPU. The answers are
-    DRF's: the same authentication and scope rules (`agent_key_holder`), rate limits (`window_wait`) and error
+    DRF's: the same authentication and scope rules (`agent_key_holder`), rate limits (`windows_wait`) and error
     shape (`error_response`)."""
 
     permission_classes = [agent_scope(KeyScope.PAY)]
@@ -291,10 +291,9 @@ def _proxy_call(request, agreement_id, path: str):
     # Not reset here: django.request logs a failed call after the view returns; the middleware clears it.
     agreement_id_var.set(str(agreement_id))
     caller = agent_key_holder(request, scope=KeyScope.PAY)
-    for scope in ("api", "proxy"):
-        wait = window_wait(credential_key(scope, caller.prefix), scope)
-        if wait is not None:
-            raise Throttled(wait)
+    wait = windows_wait([(credential_key(scope, caller.prefix), scope) for scope in ("api", "proxy")])
+    if wait is not None:
+        raise Throttled(wait)
     terms = selectors.agreement_for_call(agreement_id=agreement_id, agent_id=caller.agent_id)
     if terms.buyer_id != caller.agent_id:
         raise Forbidden("Only the buyer calls through the proxy.", code="buyer_only")

@@ -22,6 +22,7 @@ from bench.relayer import Processes, ensure_database, percentile  # noqa: E402
 __all__ = ["Processes", "SetupFailed", "ensure_database", "percentile"]
 
 BROKER_URL = "redis://127.0.0.1:6379/13"  # nothing is queued on these paths; never the default broker regardless
+CACHE_URL = "redis://127.0.0.1:6379/12"  # the rate limits' counters, in Redis as production keeps them
 # The receipts are signed for this verifying contract; nothing is deployed there (no chain in these benches).
 PLACEHOLDER_ESCROW = "0x" + "e5" * 20
 PLACEHOLDER_USDC = "0x" + "05" * 20
@@ -44,6 +45,7 @@ def django_environment(database_url: str) -> dict[str, str]:
         "ALLOW_PRIVATE_UPSTREAMS": "true",  # the bench's upstream listens on loopback
         "LOG_LEVEL": "WARNING",
         "CELERY_BROKER_URL": BROKER_URL,
+        "CACHE_URL": CACHE_URL,
         "CELERY_TASK_ALWAYS_EAGER": "false",
         "USDC_ADDRESS": PLACEHOLDER_USDC,
         "USAGE_ESCROW_ADDRESS": PLACEHOLDER_ESCROW,

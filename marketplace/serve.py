@@ -8,7 +8,7 @@ cost about 0.4 ms of CPU per request on a bare WSGI app (granian: 0.1 ms) and 1.
 (bench/proxy.py; README, Performance). What gunicorn gave us is kept: request bodies are streamed to the
 application, never buffered whole (the proxy reads at most PROXY_MAX_REQUEST_BYTES), a chunked body is delimited
 (`wsgi.input_terminated`), a worker that dies (say, killed mid-call) is started again, and headers must arrive
-within a bound.
+within a bound of time and of size.
 
 The benches and the fault suite start the server through `command`, so what they measure is what production runs.
 Prometheus: with PROMETHEUS_MULTIPROC_DIR set, every worker writes its counters there (marketplace.metrics); the
@@ -23,6 +23,7 @@ import sys
 WORKERS = int(os.environ.get("WEB_CONCURRENCY", "2"))
 THREADS = int(os.environ.get("WEB_THREADS", "8"))
 HEADER_READ_TIMEOUT_MS = 10_000  # a client that sends its headers slower than this is dropped (slowloris)
+HEADER_BYTES_MAX = 65_536  # a request's headers in all; larger is 431 (granian's default buffer is 408 KiB)
 RESPAWN_INTERVAL_SECONDS = 0.5
 
 
@@ -33,7 +34,8 @@ def command(*, host: str = "127.0.0.1", port: int = 8000, workers: int = WORKERS
     return [granian, "--interface", "wsgi", "--host", host, "--port", str(port), "--workers", str(workers),
             "--blocking-threads", str(threads), "--respawn-failed-workers",
             "--respawn-interval", str(RESPAWN_INTERVAL_SECONDS),
-            "--http1-header-read-timeout", str(HEADER_READ_TIMEOUT_MS), "--no-access-log", "--log-level", log_level,
+            "--http1-header-read-timeout", str(HEADER_READ_TIMEOUT_MS),
+            "--http1-buffer-size", str(HEADER_BYTES_MAX), "--no-access-log", "--log-level", log_level,
             "marketplace.wsgi:application"]
 
 

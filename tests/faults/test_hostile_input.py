@@ -93,6 +93,12 @@ def test_a_chunked_body_through_the_server_is_forwarded_and_charged_once(stack, 
     assert UsageAgreement.objects.get(pk=agreement["id"]).used == parties.service.unit_price
     assert_books_balance(agreement["id"])
 
+    # Headers are bounded by the server itself (marketplace.serve): 64 KiB in all, then 431, nothing forwarded.
+    with stack.api(parties.buyer_api.secret) as api:
+        refused = api.get(f"/metered-proxy/{agreement['id']}/work", headers={"X-Padding": "a" * 70_000})
+    assert refused.status_code == 431
+    assert len(upstream.bodies) == 1
+
 
 def test_deep_json_answers_from_a_masumi_service_and_a_skill(stack, escrow_chain, upstream):
     seller = AgentFactory(is_buyer=False, is_seller=True, wallet_address=escrow_chain.accounts.seller.address)

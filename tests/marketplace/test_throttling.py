@@ -2,25 +2,47 @@
 
 import pytest
 from django.core.cache import cache
+from redis.connection import Connection
 
 from agreements.models import UsageAgreement
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import AgentFactory, issue_key, register_service
 from tests.conftest import Api, error_code
+from tests.faults.processes import RedisServer
 from tests.marketplace.conftest import active_agreement
 
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def limits(settings):
-    cache.clear()
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
 
+
+@pytest.fixture
+def redis_cache(settings, redis_server):
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": redis_server.url}}
+
+
+@pytest.fixture
+def rates(settings):
     def set_rates(**rates):
         settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
             **settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], **rates}}
 
-    yield set_rates
+    return set_rates
+
+
+@pytest.fixture(params=["locmem", "redis"])
+def limits(request, rates):
+    """Every test below runs with the counters in memory and in Redis (production's CACHE_URL)."""
+    if request.param == "redis":
+        request.getfixturevalue("redis_cache")
+    cache.clear()
+    yield rates
     cache.clear()
 
 
@@ -69,6 +91,28 @@ def test_proxied_calls_are_limited_and_a_refused_call_costs_nothing(limits, escr
     assert_rate_limited(active.buyer_api.get(f"{active.proxy}/translate"))
     assert len(http_server.requests) == 2
     assert UsageAgreement.objects.get(pk=active.agreement_id).used == 2 * 20_000
+
+
+@pytest.mark.chain
+def test_a_proxied_call_counts_its_budgets_in_one_redis_round_trip(redis_cache, rates, escrow_chain, http_server,
+                                                                   django_capture_on_commit_callbacks, monkeypatch):
+    """Django's cache API takes two round trips per budget (EXISTS, then INCR): four per call, for the `api` and
+    `proxy` budgets. A pipeline takes one."""
+    active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, http_server.url + "/api")
+    cache.clear()
+    rates(proxy="3/day")
+    assert active.buyer_api.get(f"{active.proxy}/translate").status_code == 200  # connects (HELLO, CLIENT ...)
+    sent = []
+    send = Connection.send_packed_command
+    monkeypatch.setattr(Connection, "send_packed_command", lambda self, *args, **kwargs: (
+        sent.append(args), send(self, *args, **kwargs))[1])
+    for calls in (1, 2):
+        assert active.buyer_api.get(f"{active.proxy}/translate").status_code == 200
+        assert len(sent) == calls
+    assert_rate_limited(active.buyer_api.get(f"{active.proxy}/translate"))
+    assert len(sent) == 3
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == 3 * 20_000
+    cache.clear()
 
 
 def test_every_authenticated_view_is_limited_per_credential(limits, buyer, buyer_api, owner_api, seller_api):
