@@ -343,7 +343,7 @@ def nonce_report(*, relayer_address: str, start_nonce: int) -> dict:
 
 def chain_report(agreement_ids: list[str]) -> dict:
     """What the escrow contract holds: how many of the agreements it has active, and whether its USDC balance is
-    exactly their deposits."""
+    exactly their deposits plus the infra fees it accrued at their activations (paid out only by `payFees`)."""
     from agreements.models import UsageAgreement
     from escrow import chain, selectors
 
@@ -352,7 +352,8 @@ def chain_report(agreement_ids: list[str]) -> dict:
         if selectors.onchain_escrow(onchain_id=agreement.onchain_id)["state"] == "active"
     ]
     balance = chain.token_contract().functions.balanceOf(chain.escrow_address()).call()
-    return {"active": len(active_deposits), "balance_matches": balance == sum(active_deposits)}
+    fees = chain.escrow_contract().functions.feesAccrued(chain.token_address()).call()
+    return {"active": len(active_deposits), "balance_matches": balance == sum(active_deposits) + fees}
 
 
 def relayer_report() -> dict:
@@ -485,7 +486,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
                                                    for status, n in sorted(transactions["statuses"].items()))),
         ("attempts (broadcast errors)", f"{transactions['attempts']} ({transactions['broadcast_errors']})"),
         ("poll_confirmations enqueued", f"{polls_enqueued[0]}"),
-        ("escrows active on-chain", f"{onchain['active']}  (USDC held = their deposits: "
+        ("escrows active on-chain", f"{onchain['active']}  (USDC held = their deposits + fees: "
                                     f"{'yes' if onchain['balance_matches'] else 'NO'})"),
         ("failed activations", f"{failed}"),
     ]
