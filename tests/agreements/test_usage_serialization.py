@@ -104,3 +104,26 @@ def test_an_entry_that_is_not_plainly_valid_gets_the_fields_error(active, entry,
 
     assert codes_at(response, "events", 1, field) == {code}
     assert not UsageEvent.objects.filter(agreement_id=active.agreement_id).exists()
+
+
+def test_the_events_of_a_batch_are_built_by_from_db_when_something_listens_to_their_init(active):
+    # Without a receiver the recorded events are built without Model.__init__ (the answer above holds them to the
+    # rows); with one, they are built by from_db, so the receiver sees each of them.
+    from django.db.models.signals import post_init
+
+    seen = []
+
+    def receiver(sender, instance, **kwargs):
+        seen.append(instance)
+
+    post_init.connect(receiver, sender=UsageEvent)
+    try:
+        recorded = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage",
+                                          {"events": [{"units": 1}, {"units": 2, "description": "two"}]},
+                                          headers={"Idempotency-Key": "init"})
+    finally:
+        post_init.disconnect(receiver, sender=UsageEvent)
+    assert recorded.status_code == 201, recorded.content
+    events = list(UsageEvent.objects.filter(agreement_id=active.agreement_id).order_by("seq"))
+    assert [(event.seq, event.units, event.description) for event in seen[:2]] == [(1, 1, ""), (2, 2, "two")]
+    assert recorded.json()["events"] == _as_drf_renders(events)
