@@ -21,6 +21,7 @@ from catalog.models import SCOPE_RANK, ApiKey, KeyScope, OwnerToken
 from marketplace.caching import for_a_second
 from marketplace.errors import Forbidden, NotFound
 from marketplace.keys import digest_secret, parse_secret, secret_matches
+from marketplace.postgresql import prepared_cursor
 
 _KINDS = {"mk": ApiKey, "ot": OwnerToken}
 
@@ -109,7 +110,7 @@ def _credential_statement(model) -> tuple[str, list]:
 def credential_with_holders(model, *, prefix: str):
     """The ApiKey (with its agent and the agent's owner) or OwnerToken (with its owner) of `prefix`, or None."""
     sql, parts = _credential_statement(model)
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(sql, [prefix])
         row = cursor.fetchone()
     if row is None:

@@ -10,7 +10,9 @@ backend, end of file, a notice), Django's `SELECT 1` decides, as before. A conne
 
 import select
 
-from django.db.backends.postgresql import base
+from django.conf import settings
+from django.db.backends.postgresql import base, operations
+from psycopg.errors import DataError
 
 
 class PreparedCursor(base.ServerBindingCursor):
@@ -24,7 +26,21 @@ class PreparedCursor(base.ServerBindingCursor):
         return super().execute(query, params, prepare=True if prepare is None else prepare, binary=binary)
 
 
+class DatabaseOperations(operations.DatabaseOperations):
+    def last_executed_query(self, cursor, sql, params):
+        """A PreparedCursor's statement for the query log (DEBUG, tests) with its parameters written in, as Django's
+        own statements are logged (psycopg keeps no text of a prepared statement's execution)."""
+        if isinstance(cursor, PreparedCursor):
+            try:
+                return self.compose_sql(sql, params)
+            except DataError:
+                return None
+        return super().last_executed_query(cursor, sql, params)
+
+
 class DatabaseWrapper(base.DatabaseWrapper):
+    ops_class = DatabaseOperations
+
     def is_usable(self):
         if self.connection is None or self.connection.closed:
             return False
@@ -37,7 +53,17 @@ class DatabaseWrapper(base.DatabaseWrapper):
     def prepared_cursor(self):
         """A cursor (wrapped as `cursor()` wraps its own: errors, logging) of `PreparedCursor`, for statements built
         once per process with `%s` placeholders; each placeholder is one value (no client-side expansion of lists
-        or of several statements in one execute)."""
+        or of several statements in one execute). With DATABASE_PREPARED_STATEMENTS off its statements are bound
+        on the server but not prepared."""
         self.ensure_connection()
+        connection = self.connection
+        if connection.prepare_threshold is None and settings.DATABASE_PREPARED_STATEMENTS:
+            # Django connects with preparation off (None), which psycopg applies to explicit requests too. A
+            # threshold no statement reaches prepares only what asks for it: PreparedCursor's statements (Django's
+            # own cursors bind on the client, so never prepare anyway).
+            connection.prepare_threshold = _PREPARE_ONLY_WHEN_ASKED
         with self.wrap_database_errors:
-            return self._prepare_cursor(PreparedCursor(self.connection))
+            return self._prepare_cursor(PreparedCursor(connection))
+
+
+_PREPARE_ONLY_WHEN_ASKED = 2**62
