@@ -25,7 +25,15 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    connection,
+    connections,
+    transaction,
+)
 from django.db.models import F, Sum, signals
 from django.db.models.base import ModelState
 from django.db.models.functions import Coalesce
@@ -289,10 +297,12 @@ def _events_saved(rows: list[dict], ids: dict[int, int]) -> list[UsageEvent]:
     if signals.pre_init.has_listeners(UsageEvent) or signals.post_init.has_listeners(UsageEvent):
         return [UsageEvent.from_db(alias, attnames, [ids[row["seq"]] if name == "id" else row[name]
                                                      for name in attnames]) for row in rows]
-    events = []
+    events, columns = [], set(attnames) - {"id"}
     for row in rows:
         event = UsageEvent.__new__(UsageEvent)
-        event.__dict__.update({name: row[name] for name in attnames if name != "id"}, id=ids[row["seq"]])
+        # A row holds exactly the other columns (`_extend_chain`); anything else would not be an attribute.
+        event.__dict__.update(row if row.keys() == columns else {name: row[name] for name in columns},
+                              id=ids[row["seq"]])
         state = event._state = ModelState()
         state.adding, state.db = False, alias
         events.append(event)
@@ -536,32 +546,40 @@ def reservations_settle_stale(*, agreement: UsageAgreement) -> None:
 
 
 @lru_cache(maxsize=1)
-def _agreement_columns() -> list[tuple]:
-    """The agreement's own fields (not its parties, service or authorization, which no charge changes), each with
-    its column expression and its converters from database values (they depend on the database's vendor only)."""
-    table = UsageAgreement._meta.db_table
-    return [(field, field.get_col(table), field.get_db_converters(connection))
-            for field in UsageAgreement._meta.concrete_fields if not field.is_relation]
+def _agreement_read() -> tuple[str, list[str], list[tuple]]:
+    """The locked read of the agreement's own fields (not its parties, service or authorization, which no charge
+    changes): its SELECT, their attribute names, and those with converters from database values, each with its
+    column expression and converters (all depend on the database's vendor only)."""
+    ops, quote, meta = connection.ops, connection.ops.quote_name, UsageAgreement._meta
+    fields = [field for field in meta.concrete_fields if not field.is_relation]
+    for_update = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    converting = []
+    for index, field in enumerate(fields):
+        column = field.get_col(meta.db_table)
+        converters = ops.get_db_converters(column) + field.get_db_converters(connection)
+        if converters:
+            converting.append((index, column, converters))
+    return (f"SELECT {', '.join(quote(field.column) for field in fields)} FROM {quote(meta.db_table)} "  # noqa: S608
+            f"WHERE {quote(meta.pk.column)} = %s{for_update}", [field.attname for field in fields], converting)
 
 
 def _lock_and_read(agreement: UsageAgreement) -> None:
     """Take the agreement's row lock and read its own fields again into `agreement`, in one statement without the
     ORM's query compilation (which cost more than the rest of a small report): from here to the commit, what
     `agreement` says is what the row holds."""
-    fields, ops = _agreement_columns(), connection.ops
-    quote, for_update = ops.quote_name, " FOR UPDATE" if connection.features.has_select_for_update else ""
+    sql, attnames, converting = _agreement_read()
+    db = connections[DEFAULT_DB_ALIAS]
     with prepared_cursor() as cursor:
-        cursor.execute(f"SELECT {', '.join(quote(field.column) for field, _, _ in fields)} "  # noqa: S608
-                       f"FROM {quote(UsageAgreement._meta.db_table)} "
-                       f"WHERE {quote(UsageAgreement._meta.pk.column)} = %s{for_update}",
-                       [UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection)])
+        cursor.execute(sql, [UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, db)])
         row = cursor.fetchone()
     if row is None:
         raise UsageAgreement.DoesNotExist
-    for (field, column, converters), value in zip(fields, row, strict=True):
-        for convert in ops.get_db_converters(column) + converters:
-            value = convert(value, column, connection)
-        setattr(agreement, field.attname, value)
+    values = list(row)
+    for index, column, converters in converting:
+        for convert in converters:
+            values[index] = convert(values[index], column, db)
+    # Plain (non-relation) fields: their descriptors read the instance's __dict__, as setattr would write it.
+    agreement.__dict__.update(zip(attnames, values, strict=True))
 
 
 @logs_name_the_agreement

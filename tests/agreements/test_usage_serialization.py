@@ -127,3 +127,36 @@ def test_the_events_of_a_batch_are_built_by_from_db_when_something_listens_to_th
     events = list(UsageEvent.objects.filter(agreement_id=active.agreement_id).order_by("seq"))
     assert [(event.seq, event.units, event.description) for event in seen[:2]] == [(1, 1, ""), (2, 2, "two")]
     assert recorded.json()["events"] == _as_drf_renders(events)
+
+
+@pytest.mark.parametrize("body", [
+    {"events": [{"units": 1}]},
+    {"events": [{"units": index % 3 + 1, "description": "bench"} for index in range(100)]},
+    {"events": [{"units": 10**12, "description": "x" * 500}, {"units": 2, "description": ""}]},
+    {"units": 7},
+    {"units": 7, "description": "one"},
+    # Not plainly valid: the fields decide, and name the error.
+    {"events": []},
+    {"events": [{"units": 1}] * 101},
+    {"events": [{"units": 1}, {"units": 0}]},
+    {"events": [{"units": 1, "description": " padded "}]},
+    {"events": {"units": 1}},
+    {"events": [{"units": 1}], "units": 1},
+    {"events": [{"units": 1}], "completed": False},
+    {"units": 1, "completed": True},
+    {"units": "1"},
+    {"units": 1, "description": "café"},
+    {"units_used": 5},
+])
+def test_a_report_validates_as_its_fields_and_validate_do(body, monkeypatch):
+    # Plainly valid reports skip binding and walking the fields: the outcome must be what the fields give.
+    from agreements.serializers import RecordUsageSerializer
+
+    def outcome():
+        report = RecordUsageSerializer(data=body)
+        return (report.is_valid(), dict(report.validated_data) if not report.errors else report.errors,
+                report.is_running_total if not report.errors else None)
+
+    ours = outcome()
+    monkeypatch.setattr(RecordUsageSerializer, "run_validation", serializers.Serializer.run_validation)
+    assert ours == outcome()
