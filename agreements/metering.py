@@ -210,11 +210,11 @@ def _extend_chain(agreement, charges: list[dict], *, source: str) -> list[dict]:
     writes them). `agreement` is a UsageAgreement or a proxied call's `_ChainHead`."""
     rows, seq, cumulative = [], agreement.usage_seq, agreement.used
     defaults, onchain_id, now = _event_fields()[1], agreement.onchain_id, timezone.now()
+    shared = {"agreement_id": agreement.pk, "source": source, "created_at": now}
     for charge in charges:
         seq += 1
         cumulative += charge["cost"]
-        rows.append({**defaults, **charge, "agreement_id": agreement.pk, "seq": seq, "source": source,
-                     "cumulative": cumulative, "created_at": now})
+        rows.append({**defaults, **charge, **shared, "seq": seq, "cumulative": cumulative})
     digests = receipts.usage_digests(agreement.usage_digest, agreement_id=onchain_id, events=[
         (row["seq"], row["units"], row["cost"], row["cumulative"], row["request_id"]) for row in rows])
     for row, digest in zip(rows, digests, strict=True):
@@ -546,7 +546,7 @@ def reservations_settle_stale(*, agreement: UsageAgreement) -> None:
 
 
 @lru_cache(maxsize=1)
-def _agreement_read() -> tuple[str, list[str], list[tuple]]:
+def _own_fields_read() -> tuple[str, list[str], list[tuple]]:
     """The locked read of the agreement's own fields (not its parties, service or authorization, which no charge
     changes): its SELECT, their attribute names, and those with converters from database values, each with its
     column expression and converters (all depend on the database's vendor only)."""
@@ -567,7 +567,7 @@ def _lock_and_read(agreement: UsageAgreement) -> None:
     """Take the agreement's row lock and read its own fields again into `agreement`, in one statement without the
     ORM's query compilation (which cost more than the rest of a small report): from here to the commit, what
     `agreement` says is what the row holds."""
-    sql, attnames, converting = _agreement_read()
+    sql, attnames, converting = _own_fields_read()
     db = connections[DEFAULT_DB_ALIAS]
     with prepared_cursor() as cursor:
         cursor.execute(sql, [UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, db)])
