@@ -160,3 +160,27 @@ def test_a_report_validates_as_its_fields_and_validate_do(body, monkeypatch):
     ours = outcome()
     monkeypatch.setattr(RecordUsageSerializer, "run_validation", serializers.Serializer.run_validation)
     assert ours == outcome()
+
+
+def test_a_stored_answer_is_encoded_once_and_replayed_as_sent(active, monkeypatch):
+    # The answer is encoded to JSON once, for storing and for sending; a replay sends the stored answer.
+    encodings = []
+    encode = json.JSONEncoder.encode
+
+    def counted(self, value):
+        text = encode(self, value)
+        encodings.append(text)
+        return text
+
+    monkeypatch.setattr(json.JSONEncoder, "encode", counted)
+    url, body = f"/usage-agreements/{active.agreement_id}/record-usage", {
+        "events": [{"units": 1, "description": "café ☕"}, {"units": 2}]}
+    first = active.seller_api.post(url, body, headers={"Idempotency-Key": "once"})
+    assert first.status_code == 201, first.content
+    answers = [text for text in encodings if '"receipt_signer"' in text]  # not the request, not the insert
+    assert answers == [first.content.decode()]
+
+    replay = active.seller_api.post(url, body, headers={"Idempotency-Key": "once"})
+    assert replay.status_code == 201 and replay["Idempotent-Replayed"] == "true"
+    assert replay.json() == first.json()  # the same JSON (jsonb keeps no key order)
+    assert UsageEvent.objects.filter(agreement_id=active.agreement_id).count() == 2
