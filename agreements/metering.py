@@ -234,11 +234,11 @@ _SHARED_EVENT_COLUMNS = ("agreement_id", "source", "created_at")
 @lru_cache(maxsize=1)
 def _events_insert_sql() -> tuple[str, list, list]:
     """PostgreSQL's INSERT of UsageEvent rows from one JSON document (`_write_events`), returning seq and id; with
-    the fields that are parameters of their own (`_SHARED_EVENT_COLUMNS`) and those in the document,
-    each with the default the document leaves out. Both in the order of the model's fields, as in the SELECT."""
+    the fields that are parameters of their own (`_SHARED_EVENT_COLUMNS`) and the columns in the document (column,
+    attribute name, the default the document leaves out). Both in the order of the model's fields, as in the SELECT."""
     fields, defaults, quote = *_event_fields(), connection.ops.quote_name
     shared = [field for field in fields if field.attname in _SHARED_EVENT_COLUMNS]
-    per_event = [(field, defaults.get(field.attname)) for field in fields if field not in shared]
+    per_event = [field for field in fields if field not in shared]
 
     def base_type(field) -> str:
         return _BASE_TYPE.sub("", field.db_type(connection))
@@ -250,11 +250,11 @@ def _events_insert_sql() -> tuple[str, list, list]:
         return f"COALESCE(event.{quote(field.column)}, '')" if defaults.get(field.attname) == "" else \
             f"event.{quote(field.column)}"
 
-    record = ", ".join(f"{quote(field.column)} {base_type(field)}" for field, _ in per_event)
+    record = ", ".join(f"{quote(field.column)} {base_type(field)}" for field in per_event)
     return (f"INSERT INTO {quote(UsageEvent._meta.db_table)} ({', '.join(quote(field.column) for field in fields)}) "
             f"SELECT {', '.join(value(field) for field in fields)} "  # noqa: S608
             f"FROM json_to_recordset(%s::json) AS event({record}) RETURNING seq, id",
-            shared, per_event)
+            shared, [(field.column, field.attname, defaults.get(field.attname)) for field in per_event])
 
 
 def _events_write_statement(agreement, rows: list[dict], counters: list[str]) -> tuple[str, list]:
@@ -272,8 +272,8 @@ def _events_write_statement(agreement, rows: list[dict], counters: list[str]) ->
     sql, shared, per_event = _events_insert_sql()
     quote = connection.ops.quote_name
     first = rows[0]
-    document = json.dumps([{field.column: row[field.attname] for field, default in per_event
-                            if row[field.attname] != default} for row in rows],
+    document = json.dumps([{column: value for column, attname, default in per_event
+                             if (value := row[attname]) != default} for row in rows],
                           default=str, separators=(",", ":"))
     update, update_params = "", []
     if counters:
