@@ -25,8 +25,17 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
-from django.db.models import F, Sum
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    connection,
+    connections,
+    transaction,
+)
+from django.db.models import F, Sum, signals
+from django.db.models.base import ModelState
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -35,6 +44,7 @@ from agreements.models import AgreementStatus, CallIntent, ProxyReplay, UsageAgr
 from marketplace import chainconfig, signatures
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, PaymentRequired, error_body
 from marketplace.logging import logs_name_the_agreement
+from marketplace.postgresql import prepared_cursor
 from sdk import receipts
 
 S = AgreementStatus
@@ -198,16 +208,17 @@ def _extend_chain(agreement, charges: list[dict], *, source: str) -> list[dict]:
     """The events' rows (UsageEvent attribute names) extending the agreement's usage chain, the last one with a
     signed receipt; the agreement's seq, used and digest move to the last event (in memory: `_write_events`
     writes them). `agreement` is a UsageAgreement or a proxied call's `_ChainHead`."""
-    rows, seq, cumulative, digest = [], agreement.usage_seq, agreement.used, agreement.usage_digest
+    rows, seq, cumulative = [], agreement.usage_seq, agreement.used
     defaults, onchain_id, now = _event_fields()[1], agreement.onchain_id, timezone.now()
+    shared = {"agreement_id": agreement.pk, "source": source, "created_at": now}
     for charge in charges:
         seq += 1
         cumulative += charge["cost"]
-        digest = receipts.next_usage_digest(digest, receipts.usage_event_hash(
-            agreement_id=onchain_id, seq=seq, units=charge["units"], cost=charge["cost"],
-            cumulative_amount=cumulative, request_id=charge["request_id"]))
-        rows.append({**defaults, **charge, "agreement_id": agreement.pk, "seq": seq, "source": source,
-                     "cumulative": cumulative, "usage_digest": digest, "created_at": now})
+        rows.append({**defaults, **charge, **shared, "seq": seq, "cumulative": cumulative})
+    digests = receipts.usage_digests(agreement.usage_digest, agreement_id=onchain_id, events=[
+        (row["seq"], row["units"], row["cost"], row["cumulative"], row["request_id"]) for row in rows])
+    for row, digest in zip(rows, digests, strict=True):
+        row["usage_digest"] = digest
     rows[-1]["receipt_signature"] = signatures.receipt_sign(
         settings.RECEIPT_SIGNER_PRIVATE_KEY, receipts.usage_receipt_digest(
             chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(), agreement_id=onchain_id,
@@ -216,14 +227,34 @@ def _extend_chain(agreement, charges: list[dict], *, source: str) -> list[dict]:
     return rows
 
 
+# The events of one write share these (`_extend_chain` sets them once for all): sent once, as parameters.
+_SHARED_EVENT_COLUMNS = ("agreement_id", "source", "created_at")
+
+
 @lru_cache(maxsize=1)
-def _events_insert_sql() -> str:
-    """PostgreSQL's INSERT of UsageEvent rows from one JSON document (`_write_events`), returning seq and id."""
-    fields, quote = _event_fields()[0], connection.ops.quote_name
-    columns = ", ".join(quote(field.column) for field in fields)
-    record = ", ".join(f"{quote(field.column)} {_BASE_TYPE.sub('', field.db_type(connection))}" for field in fields)
-    return (f"INSERT INTO {quote(UsageEvent._meta.db_table)} ({columns}) "  # noqa: S608
-            f"SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS event({record}) RETURNING seq, id")
+def _events_insert_sql() -> tuple[str, list, list]:
+    """PostgreSQL's INSERT of UsageEvent rows from one JSON document (`_write_events`), returning seq and id; with
+    the fields that are parameters of their own (`_SHARED_EVENT_COLUMNS`) and the columns in the document (column,
+    attribute name, the default the document leaves out). Both in the order of the model's fields, as in the SELECT."""
+    fields, defaults, quote = *_event_fields(), connection.ops.quote_name
+    shared = [field for field in fields if field.attname in _SHARED_EVENT_COLUMNS]
+    per_event = [field for field in fields if field not in shared]
+
+    def base_type(field) -> str:
+        return _BASE_TYPE.sub("", field.db_type(connection))
+
+    def value(field) -> str:
+        if field in shared:
+            return f"%s::{base_type(field)}"
+        # The document leaves out a value equal to its column's default: '' here, or NULL (a key left out).
+        return f"COALESCE(event.{quote(field.column)}, '')" if defaults.get(field.attname) == "" else \
+            f"event.{quote(field.column)}"
+
+    record = ", ".join(f"{quote(field.column)} {base_type(field)}" for field in per_event)
+    return (f"INSERT INTO {quote(UsageEvent._meta.db_table)} ({', '.join(quote(field.column) for field in fields)}) "
+            f"SELECT {', '.join(value(field) for field in fields)} "  # noqa: S608
+            f"FROM json_to_recordset(%s::json) AS event({record}) RETURNING seq, id",
+            shared, [(field.column, field.attname, defaults.get(field.attname)) for field in per_event])
 
 
 def _events_write_statement(agreement, rows: list[dict], counters: list[str]) -> tuple[str, list]:
@@ -231,14 +262,19 @@ def _events_write_statement(agreement, rows: list[dict], counters: list[str]) ->
     agreement, answering (seq, id) per event.
 
     `UsageEvent.objects.bulk_create` without Django's per-value preparation, which was most of a batch's CPU: one
-    `INSERT ... SELECT FROM jsonb_to_recordset(<the rows as one JSON document>) RETURNING`. One JSON document
-    (json.dumps, in C) costs a fraction of adapting one array per column value by value. The record's columns are
-    of the columns' base types (varchar, numeric), so lengths and precision are checked by the insert's assignment
-    casts, as for any INSERT; the values are the ones the chain code just computed, of the columns' Python types
-    (uuid and datetime as their text forms)."""
-    fields, quote = _event_fields()[0], connection.ops.quote_name
-    document = json.dumps([{field.column: row[field.attname] for field in fields} for row in rows], default=str,
-                          separators=(",", ":"))
+    `INSERT ... SELECT FROM json_to_recordset(<the rows as one JSON document>) RETURNING`. One JSON document
+    (json.dumps, in C) costs a fraction of adapting one array per column value by value; what every row shares
+    (the agreement, source, time) is a parameter of its own, and values equal to their column's default are left
+    out of it, so both sides encode and parse half as much. `json`, not `jsonb`: it is read once, and jsonb's
+    parse builds a tree first. The record's columns are of the columns' base types (varchar, numeric), so lengths
+    and precision are checked by the insert's assignment casts, as for any INSERT; the values are the ones the
+    chain code just computed, of the columns' Python types (uuid and datetime as their text forms)."""
+    sql, shared, per_event = _events_insert_sql()
+    quote = connection.ops.quote_name
+    first = rows[0]
+    document = json.dumps([{column: value for column, attname, default in per_event
+                             if (value := row[attname]) != default} for row in rows],
+                          default=str, separators=(",", ":"))
     update, update_params = "", []
     if counters:
         table, model_fields = UsageAgreement._meta.db_table, [UsageAgreement._meta.get_field(name) for name in counters]
@@ -248,16 +284,29 @@ def _events_write_statement(agreement, rows: list[dict], counters: list[str]) ->
         update_params = [*(field.get_db_prep_save(getattr(agreement, field.attname), connection)
                            for field in model_fields),
                          UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection)]
-    return (f"WITH inserted AS ({_events_insert_sql()}){update} SELECT seq, id FROM inserted",
-            [document, *update_params])
+    return (f"WITH inserted AS ({sql}){update} SELECT seq, id FROM inserted",
+            [*(field.get_db_prep_save(first[field.attname], connection) for field in shared), document,
+             *update_params])
 
 
 def _events_saved(rows: list[dict], ids: dict[int, int]) -> list[UsageEvent]:
-    """The written rows as UsageEvent instances, given their ids by seq."""
-    alias, attnames = connection.alias, [None if field.primary_key else field.attname
-                                         for field in UsageEvent._meta.concrete_fields]
-    return [UsageEvent.from_db(alias, None, [ids[row["seq"]] if name is None else row[name] for name in attnames])
-            for row in rows]
+    """The written rows as UsageEvent instances, given their ids by seq: what `UsageEvent.from_db` builds, without
+    Model.__init__'s walk over every field per instance (most of the CPU of answering a batch of 100 in Python).
+    With an init signal receiver for UsageEvent, the instances are built by `from_db`, which sends it."""
+    alias, attnames = connection.alias, [field.attname for field in UsageEvent._meta.concrete_fields]
+    if signals.pre_init.has_listeners(UsageEvent) or signals.post_init.has_listeners(UsageEvent):
+        return [UsageEvent.from_db(alias, attnames, [ids[row["seq"]] if name == "id" else row[name]
+                                                     for name in attnames]) for row in rows]
+    events, columns = [], set(attnames) - {"id"}
+    for row in rows:
+        event = UsageEvent.__new__(UsageEvent)
+        # A row holds exactly the other columns (`_extend_chain`); anything else would not be an attribute.
+        event.__dict__.update(row if row.keys() == columns else {name: row[name] for name in columns},
+                              id=ids[row["seq"]])
+        state = event._state = ModelState()
+        state.adding, state.db = False, alias
+        events.append(event)
+    return events
 
 
 def _write_events(agreement, rows: list[dict], *, counters: list[str] = ()) -> list[UsageEvent]:
@@ -269,7 +318,7 @@ def _write_events(agreement, rows: list[dict], *, counters: list[str] = ()) -> l
             UsageAgreement.objects.filter(pk=agreement.pk).update(**{name: getattr(agreement, name)
                                                                      for name in counters})
         return events
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(*_events_write_statement(agreement, rows, list(counters)))
         return _events_saved(rows, dict(cursor.fetchall()))
 
@@ -497,32 +546,40 @@ def reservations_settle_stale(*, agreement: UsageAgreement) -> None:
 
 
 @lru_cache(maxsize=1)
-def _agreement_columns() -> list[tuple]:
-    """The agreement's own fields (not its parties, service or authorization, which no charge changes), each with
-    its column expression and its converters from database values (they depend on the database's vendor only)."""
-    table = UsageAgreement._meta.db_table
-    return [(field, field.get_col(table), field.get_db_converters(connection))
-            for field in UsageAgreement._meta.concrete_fields if not field.is_relation]
+def _own_fields_read() -> tuple[str, list[str], list[tuple]]:
+    """The locked read of the agreement's own fields (not its parties, service or authorization, which no charge
+    changes): its SELECT, their attribute names, and those with converters from database values, each with its
+    column expression and converters (all depend on the database's vendor only)."""
+    ops, quote, meta = connection.ops, connection.ops.quote_name, UsageAgreement._meta
+    fields = [field for field in meta.concrete_fields if not field.is_relation]
+    for_update = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    converting = []
+    for index, field in enumerate(fields):
+        column = field.get_col(meta.db_table)
+        converters = ops.get_db_converters(column) + field.get_db_converters(connection)
+        if converters:
+            converting.append((index, column, converters))
+    return (f"SELECT {', '.join(quote(field.column) for field in fields)} FROM {quote(meta.db_table)} "  # noqa: S608
+            f"WHERE {quote(meta.pk.column)} = %s{for_update}", [field.attname for field in fields], converting)
 
 
 def _lock_and_read(agreement: UsageAgreement) -> None:
     """Take the agreement's row lock and read its own fields again into `agreement`, in one statement without the
     ORM's query compilation (which cost more than the rest of a small report): from here to the commit, what
     `agreement` says is what the row holds."""
-    fields, ops = _agreement_columns(), connection.ops
-    quote, for_update = ops.quote_name, " FOR UPDATE" if connection.features.has_select_for_update else ""
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {', '.join(quote(field.column) for field, _, _ in fields)} "  # noqa: S608
-                       f"FROM {quote(UsageAgreement._meta.db_table)} "
-                       f"WHERE {quote(UsageAgreement._meta.pk.column)} = %s{for_update}",
-                       [UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection)])
+    sql, attnames, converting = _own_fields_read()
+    db = connections[DEFAULT_DB_ALIAS]
+    with prepared_cursor() as cursor:
+        cursor.execute(sql, [UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, db)])
         row = cursor.fetchone()
     if row is None:
         raise UsageAgreement.DoesNotExist
-    for (field, column, converters), value in zip(fields, row, strict=True):
-        for convert in ops.get_db_converters(column) + converters:
-            value = convert(value, column, connection)
-        setattr(agreement, field.attname, value)
+    values = list(row)
+    for index, column, converters in converting:
+        for convert in converters:
+            values[index] = convert(values[index], column, db)
+    # Plain (non-relation) fields: their descriptors read the instance's __dict__, as setattr would write it.
+    agreement.__dict__.update(zip(attnames, values, strict=True))
 
 
 @logs_name_the_agreement

@@ -371,6 +371,21 @@ _TIMESTAMP = serializers.DateTimeField()
 
 USAGE_UNITS_MAX = 10**12
 USAGE_DESCRIPTION_MAX = 500
+USAGE_BATCH_MAX = 100
+
+
+def _plain_entry(data) -> dict | None:
+    """A usage entry as the fields below validate it when it is plainly valid (an integer in range, a short ASCII
+    description with nothing for DRF to trim or refuse), else None: a batch of 100 spent more CPU in DRF's
+    per-field walk than in extending the usage chain. Anything else goes through the fields, which give the
+    error."""
+    if type(data) is dict and data.keys() <= {"units", "description"}:
+        units, description = data.get("units"), data.get("description", "")
+        if (type(units) is int and 1 <= units <= USAGE_UNITS_MAX and type(description) is str
+                and len(description) <= USAGE_DESCRIPTION_MAX and description.isascii()
+                and description.isprintable() and description == description.strip()):
+            return {"units": units, "description": description}
+    return None
 
 
 class UsageEntrySerializer(StrictSerializer):
@@ -379,31 +394,42 @@ class UsageEntrySerializer(StrictSerializer):
                                         default="")
 
     def run_validation(self, data=serializers.empty):
-        """An entry that is plainly valid (an integer in range, a short ASCII description with nothing for DRF to
-        trim or refuse) is taken as is: a batch of 100 spent more CPU in DRF's per-field walk than in extending
-        the usage chain. Anything else goes through the fields above, which give the error."""
-        if type(data) is dict and data.keys() <= {"units", "description"}:
-            units, description = data.get("units"), data.get("description", "")
-            if (type(units) is int and 1 <= units <= USAGE_UNITS_MAX and type(description) is str
-                    and len(description) <= USAGE_DESCRIPTION_MAX and description.isascii()
-                    and description.isprintable() and description == description.strip()):
-                return {"units": units, "description": description}
-        return super().run_validation(data)
+        plain = _plain_entry(data)
+        return super().run_validation(data) if plain is None else plain
 
 
 class RecordUsageSerializer(StrictSerializer):
     """One entry (`units`, `description`) or a batch (`events`, up to 100), all-or-nothing against the cap, each
     with an Idempotency-Key; or the Pægents SDK's running total (`units_used`, `completed`), idempotent by itself."""
 
-    units = StrictIntegerField(min_value=1, max_value=10**12, required=False)
-    description = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
-    events = UsageEntrySerializer(many=True, required=False, min_length=1, max_length=100)
+    units = StrictIntegerField(min_value=1, max_value=USAGE_UNITS_MAX, required=False)
+    description = serializers.CharField(max_length=USAGE_DESCRIPTION_MAX, required=False, allow_blank=True,
+                                        default="")
+    events = UsageEntrySerializer(many=True, required=False, min_length=1, max_length=USAGE_BATCH_MAX)
     units_used = StrictIntegerField(
         min_value=0, max_value=10**12, required=False,
         help_text="All units the seller has reported so far (not counting proxied calls, which the marketplace "
                   "meters): the difference from the last total is charged; the same total again charges nothing.")
     completed = serializers.BooleanField(required=False, default=False,
                                          help_text="With units_used: end the agreement, as POST .../complete.")
+
+    def run_validation(self, data=serializers.empty):
+        """A report of plainly valid entries (`_plain_entry`), one or a batch within the batch limits, is taken
+        as is, as the fields and `validate` would take it: binding this serializer's fields (a deep copy of each,
+        the batch's child serializer included) and walking them cost as much as validating the entries. Anything
+        else goes through the fields, which give the error."""
+        if type(data) is dict:
+            if data.keys() == {"events"}:
+                events = data["events"]
+                if type(events) is list and 1 <= len(events) <= USAGE_BATCH_MAX:
+                    entries = [_plain_entry(entry) for entry in events]
+                    if None not in entries:
+                        return {"description": "", "events": entries, "completed": False}
+            elif data.keys() == {"units", "description"} or data.keys() == {"units"}:
+                entry = _plain_entry(data)
+                if entry is not None:
+                    return {**entry, "completed": False}
+        return super().run_validation(data)
 
     def validate(self, attrs):
         forms = ("units" in attrs) + ("events" in attrs) + ("units_used" in attrs)

@@ -21,6 +21,8 @@ from catalog.models import SCOPE_RANK, ApiKey, KeyScope, OwnerToken
 from marketplace.caching import for_a_second
 from marketplace.errors import Forbidden, NotFound
 from marketplace.keys import digest_secret, parse_secret, secret_matches
+from marketplace.postgresql import prepared_cursor
+from marketplace.rows import model_columns
 
 _KINDS = {"mk": ApiKey, "ot": OwnerToken}
 
@@ -82,47 +84,38 @@ _HOLDER_CHAINS = {ApiKey: ("agent", "owner"), OwnerToken: ("owner",)}
 
 @lru_cache(maxsize=len(_HOLDER_CHAINS))
 def _credential_statement(model) -> tuple[str, list]:
-    """The SELECT of a credential by prefix with its holders, and per model its fields with their converters: what
-    `select_related(...).filter(prefix=...)` runs, built once per process (compiling that query on every request
-    was most of authentication's CPU, and authentication most of a small request's)."""
+    """The SELECT of a credential by prefix with its holders, and per model its columns and the relation it is
+    cached on: what `select_related(...).filter(prefix=...)` runs, built once per process (compiling that query on
+    every request was most of authentication's CPU, and authentication most of a small request's)."""
     quote, parts, joins, previous, previous_alias = connection.ops.quote_name, [], [], model, "t0"
     chain = [(model, None)]
     for name in _HOLDER_CHAINS[model]:
         relation = previous._meta.get_field(name)
         chain.append((relation.related_model, relation))
         previous = relation.related_model
-    columns = []
     for index, (part, relation) in enumerate(chain):
         alias = f"t{index}"
         if relation is not None:
             joins.append(f"JOIN {quote(part._meta.db_table)} {alias} ON {alias}.{quote(part._meta.pk.column)} = "
                          f"{previous_alias}.{quote(relation.column)}")
-        fields = [(field, field.get_col(alias), field.get_db_converters(connection))
-                  for field in part._meta.concrete_fields]
-        columns += [f"{alias}.{quote(field.column)}" for field, _, _ in fields]
-        parts.append((part, relation, fields))
+        parts.append((model_columns(part, alias), relation))
         previous_alias = alias
-    return (f"SELECT {', '.join(columns)} FROM {quote(model._meta.db_table)} t0 {' '.join(joins)} "  # noqa: S608
+    return (f"SELECT {', '.join(columns.select for columns, _ in parts)} "  # noqa: S608
+            f"FROM {quote(model._meta.db_table)} t0 {' '.join(joins)} "
             f"WHERE t0.{quote(model._meta.get_field('prefix').column)} = %s", parts)
 
 
 def credential_with_holders(model, *, prefix: str):
     """The ApiKey (with its agent and the agent's owner) or OwnerToken (with its owner) of `prefix`, or None."""
     sql, parts = _credential_statement(model)
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(sql, [prefix])
         row = cursor.fetchone()
     if row is None:
         return None
     values, objects = iter(row), []
-    for part, relation, fields in parts:
-        converted = []
-        for _field, column, converters in fields:
-            value = next(values)
-            for convert in connection.ops.get_db_converters(column) + converters:
-                value = convert(value, column, connection)
-            converted.append(value)
-        instance = part.from_db(connection.alias, [field.attname for field, _, _ in fields], converted)
+    for columns, relation in parts:
+        instance = columns.instance(values)
         if relation is not None:
             relation.set_cached_value(objects[-1], instance)
         objects.append(instance)

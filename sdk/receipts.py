@@ -88,6 +88,20 @@ def next_usage_digest(previous: str, event_hash: bytes) -> str:
     return "0x" + _keccak(_b32(previous) + event_hash).hex()
 
 
+def usage_digests(previous: str, *, agreement_id: str, events: Iterable[tuple[int, int, int, int, str]]) -> list[str]:
+    """The usage digest after each of `events` (seq, units, cost, cumulative amount, request id) in turn: what
+    `next_usage_digest(previous, usage_event_hash(...))` gives event by event, with the agreement's word decoded
+    once and the running digest kept as bytes (a batch of 100 events spent most of its hashing time in both)."""
+    agreement, digest, digests = _b32(agreement_id), _b32(previous), []
+    for seq, units, cost, cumulative_amount, request_id in events:
+        event_hash = keccak_256(agreement + seq.to_bytes(32, "big") + units.to_bytes(32, "big")
+                                + cost.to_bytes(32, "big") + cumulative_amount.to_bytes(32, "big")
+                                + keccak_256(request_id.encode()).digest()).digest()
+        digest = keccak_256(digest + event_hash).digest()
+        digests.append("0x" + digest.hex())
+    return digests
+
+
 def recover_receipt_signer(receipt: SignableMessage, signature: str) -> str:
     return str(Account.recover_message(receipt, signature=bytes.fromhex(signature.removeprefix("0x"))))
 

@@ -104,3 +104,83 @@ def test_an_entry_that_is_not_plainly_valid_gets_the_fields_error(active, entry,
 
     assert codes_at(response, "events", 1, field) == {code}
     assert not UsageEvent.objects.filter(agreement_id=active.agreement_id).exists()
+
+
+def test_the_events_of_a_batch_are_built_by_from_db_when_something_listens_to_their_init(active):
+    # Without a receiver the recorded events are built without Model.__init__ (the answer above holds them to the
+    # rows); with one, they are built by from_db, so the receiver sees each of them.
+    from django.db.models.signals import post_init
+
+    seen = []
+
+    def receiver(sender, instance, **kwargs):
+        seen.append(instance)
+
+    post_init.connect(receiver, sender=UsageEvent)
+    try:
+        recorded = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage",
+                                          {"events": [{"units": 1}, {"units": 2, "description": "two"}]},
+                                          headers={"Idempotency-Key": "init"})
+    finally:
+        post_init.disconnect(receiver, sender=UsageEvent)
+    assert recorded.status_code == 201, recorded.content
+    events = list(UsageEvent.objects.filter(agreement_id=active.agreement_id).order_by("seq"))
+    assert [(event.seq, event.units, event.description) for event in seen[:2]] == [(1, 1, ""), (2, 2, "two")]
+    assert recorded.json()["events"] == _as_drf_renders(events)
+
+
+@pytest.mark.parametrize("body", [
+    {"events": [{"units": 1}]},
+    {"events": [{"units": index % 3 + 1, "description": "bench"} for index in range(100)]},
+    {"events": [{"units": 10**12, "description": "x" * 500}, {"units": 2, "description": ""}]},
+    {"units": 7},
+    {"units": 7, "description": "one"},
+    # Not plainly valid: the fields decide, and name the error.
+    {"events": []},
+    {"events": [{"units": 1}] * 101},
+    {"events": [{"units": 1}, {"units": 0}]},
+    {"events": [{"units": 1, "description": " padded "}]},
+    {"events": {"units": 1}},
+    {"events": [{"units": 1}], "units": 1},
+    {"events": [{"units": 1}], "completed": False},
+    {"units": 1, "completed": True},
+    {"units": "1"},
+    {"units": 1, "description": "café"},
+    {"units_used": 5},
+])
+def test_a_report_validates_as_its_fields_and_validate_do(body, monkeypatch):
+    # Plainly valid reports skip binding and walking the fields: the outcome must be what the fields give.
+    from agreements.serializers import RecordUsageSerializer
+
+    def outcome():
+        report = RecordUsageSerializer(data=body)
+        return (report.is_valid(), dict(report.validated_data) if not report.errors else report.errors,
+                report.is_running_total if not report.errors else None)
+
+    ours = outcome()
+    monkeypatch.setattr(RecordUsageSerializer, "run_validation", serializers.Serializer.run_validation)
+    assert ours == outcome()
+
+
+def test_a_stored_answer_is_encoded_once_and_replayed_as_sent(active, monkeypatch):
+    # The answer is encoded to JSON once, for storing and for sending; a replay sends the stored answer.
+    encodings = []
+    encode = json.JSONEncoder.encode
+
+    def counted(self, value):
+        text = encode(self, value)
+        encodings.append(text)
+        return text
+
+    monkeypatch.setattr(json.JSONEncoder, "encode", counted)
+    url, body = f"/usage-agreements/{active.agreement_id}/record-usage", {
+        "events": [{"units": 1, "description": "café ☕"}, {"units": 2}]}
+    first = active.seller_api.post(url, body, headers={"Idempotency-Key": "once"})
+    assert first.status_code == 201, first.content
+    answers = [text for text in encodings if '"receipt_signer"' in text]  # not the request, not the insert
+    assert answers == [first.content.decode()]
+
+    replay = active.seller_api.post(url, body, headers={"Idempotency-Key": "once"})
+    assert replay.status_code == 201 and replay["Idempotent-Replayed"] == "true"
+    assert replay.json() == first.json()  # the same JSON (jsonb keeps no key order)
+    assert UsageEvent.objects.filter(agreement_id=active.agreement_id).count() == 2
