@@ -485,14 +485,14 @@ def explain(queries: list[tuple[str, dict]], headers: dict) -> None:
                       and "ORDER BY" in q["sql"]][:1]
         # The typo-tolerant fallback first matches the misspelling among the distinct names.
         statements[:0] = [q["sql"] for q in captured.captured_queries if 'FROM "catalog_servicename"' in q["sql"]]
-        plans = []
+        plans, fuzzy = [], 'FROM "catalog_servicename"' in statements[0]
         for statement in statements:
             with transaction.atomic(), connection.cursor() as cursor:
-                # As the fuzzy fallback runs (it lowers the threshold for its own transaction, and matches the names'
-                # lexicon through its trigram index only); no effect otherwise.
+                # As the fuzzy fallback runs (it lowers the threshold for its own transaction, and keeps the planner
+                # to the names' trigram index); no effect otherwise.
                 cursor.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)",
                                [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
-                if 'FROM "catalog_servicename"' in statement:
+                if fuzzy:
                     cursor.execute("SELECT " + ONLY_THE_TRIGRAM_INDEX)
                 cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement)
                 plans.append("\n".join(f"    {row[0]}" for row in cursor.fetchall()))
