@@ -479,10 +479,11 @@ def explain(queries: list[tuple[str, dict]], headers: dict) -> None:
         with CaptureQueriesContext(connection) as captured:
             response = client.post("/catalog/search", body, content_type="application/json")
         assert response.status_code == 200, response.content
-        # The page query (it orders); not the probe for exact matches nor the prefetches of tags and skills.
+        # The page query (it orders; the last one, which chose the services answered); not the probe for exact
+        # matches of a later page nor the reads of the page's rows, tags and skills.
         statements = [q["sql"] for q in captured.captured_queries
                       if q["sql"].startswith("SELECT") and 'FROM "catalog_service"' in q["sql"]
-                      and "ORDER BY" in q["sql"]][:1]
+                      and "ORDER BY" in q["sql"]][-1:]  # a misspelling's first page runs the empty exact page first
         # The typo-tolerant fallback first matches the misspelling among the distinct names.
         statements[:0] = [q["sql"] for q in captured.captured_queries if 'FROM "catalog_servicename"' in q["sql"]]
         plans, fuzzy = [], 'FROM "catalog_servicename"' in statements[0]

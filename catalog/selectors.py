@@ -417,7 +417,15 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
         return page(services, ordering=ordering)
     # After the filters, so "nothing matches exactly" means nothing within them.
     exact = _exact_matches(services, text)
-    if _WEBSEARCH_SYNTAX.search(text) or exact.exists():
+    if _WEBSEARCH_SYNTAX.search(text):
+        return page(exact, ordering=ordering, score="relevance")
+    if not cursor and not offset:
+        # A first page says itself whether anything matches exactly (it is empty only when nothing does): one
+        # statement, where asking first and then reading the page searched the index twice.
+        found = page(exact, ordering=ordering, score="relevance")
+        if found.rows if isinstance(found, OffsetPage) else found[0]:
+            return found
+    elif exact.exists():
         return page(exact, ordering=ordering, score="relevance")
     if order_by == "relevance":
         ordering = _FUZZY_RELEVANCE
