@@ -8,12 +8,13 @@ from difflib import SequenceMatcher
 from functools import reduce
 from operator import and_
 
-from django.contrib.postgres.search import SearchQuery, SearchRank, TrigramSimilarity, TrigramWordSimilarity
+from django.contrib.postgres.search import SearchQuery, SearchRank
 from django.db import connection, transaction
-from django.db.models import Case, Exists, F, FloatField, OuterRef, Q, QuerySet, Value, When
+from django.db.models import BooleanField, Case, Exists, F, FloatField, Func, OuterRef, Q, QuerySet, Value, When
 from django.db.models.functions import Cast
 
-from catalog.models import Agent, ApiKey, Availability, Service, ServiceState, Skill, Tag, UpstreamProtocol
+from catalog.models import Agent, ApiKey, Availability, Service, ServiceName, ServiceState, Skill, Tag, \
+    UpstreamProtocol
 from marketplace.errors import InvalidInput, NotFound
 from marketplace.pagination import paginate
 
@@ -141,6 +142,10 @@ _ORDERINGS = {
 _FUZZY_RELEVANCE = ["-name_similarity", "-created_at", "id"]
 
 FUZZY_WORD_SIMILARITY_THRESHOLD = 0.5
+# For the statement matching the names' lexicon: its trigram index, never a walk of every name. The planner prices
+# pg_trgm's `%>` like any operator, yet it costs ~9 us a name: it chose a sequential scan for a long misspelling
+# (170-240 ms over 14,000 names, 6-7 ms through the index), and on a smaller lexicon a walk of its primary key.
+ONLY_THE_TRIGRAM_INDEX = "set_config('enable_seqscan', 'off', true), set_config('enable_indexonlyscan', 'off', true)"
 # Quoted phrases, -exclusions and `or` (PostgreSQL's websearch syntax) ask for exactly that: no fuzzy matching then.
 _WEBSEARCH_SYNTAX = re.compile(r'"|(?:^|\s)-\S|(?:^|\s)or(?:\s|$)', re.IGNORECASE)
 
@@ -170,7 +175,8 @@ def _exact_matches(queryset: QuerySet[Service], text: str) -> QuerySet[Service]:
 
 def _names_spelt_alike(queryset: QuerySet[Service], text: str) -> QuerySet[Service]:
     """Services whose name is spelt like `text`, annotated with `name_similarity`: the fallback when nothing matches
-    every word (probably a misspelling)."""
+    every word (probably a misspelling). On PostgreSQL it reads the database once here (the names spelt alike), so
+    it runs where pg_trgm's threshold is set (service_search)."""
     if connection.vendor != "postgresql":
         return _names_spelt_alike_in_python(queryset, text)
     # Names containing something spelt alike: pg_trgm word similarity (`%>`, served by the trigram GIN index), so one
@@ -178,8 +184,50 @@ def _names_spelt_alike(queryset: QuerySet[Service], text: str) -> QuerySet[Servi
     # queries ~7x slower at 100k services (similarity rechecked on thousands of rows) and let them slip past quoted
     # phrases and -exclusions. Ranked by the mean of word similarity and whole-name similarity, so the tightest
     # name comes first.
-    similarity = _exact_double((TrigramWordSimilarity(text, "name") + TrigramSimilarity("name", text)) / 2)
-    return queryset.filter(name__trigram_word_similar=text).annotate(name_similarity=similarity)
+    # Matched among the distinct names (ServiceName), each scored once, and the services then read by name: the
+    # same services and scores as matching and scoring every service's name, which at 100,000 services (14,000
+    # distinct names) cost 40 ms in the trigram index and as much again scoring 1,300 rows.
+    with connection.cursor() as cursor:
+        cursor.execute(_names_spelt_alike_statement(), [text, text, text])
+        (scores,) = cursor.fetchone()
+    if scores is None:
+        return queryset.none().annotate(name_similarity=Value(0.0, output_field=FloatField()))
+    return queryset.filter(_NameAmong(F("name"), Value(scores))).annotate(
+        name_similarity=_ScoreOfName(Value(scores), F("name")))
+
+
+@functools.cache
+def _names_spelt_alike_statement() -> str:
+    """The names of the lexicon spelt like the text (given three times), as one JSON object of name -> score; the
+    score is the one `(word_similarity + similarity) / 2` of the name, as double precision. Aggregated by
+    PostgreSQL and handed back whole: turning ~200 names into Python values and back into a statement cost more CPU
+    than reading the page."""
+    table, name = connection.ops.quote_name(ServiceName._meta.db_table), connection.ops.quote_name("name")
+    return (f"SELECT jsonb_object_agg(alike.name, alike.score)::text FROM (SELECT {name} AS name, "  # noqa: S608
+            f"((word_similarity(%s, {name}) + similarity({name}, %s)) / 2)::double precision AS score "
+            f"FROM {table} WHERE {name} %%> %s) AS alike")
+
+
+class _NameAmong(Func):
+    """The service's name is a key of a JSON object of name -> score: one array the name index is probed with (an
+    IN list of 200 names took 5 ms to plan)."""
+
+    output_field = BooleanField()
+
+    def as_sql(self, compiler, connection, **extra):
+        name_sql, name_params = compiler.compile(self.source_expressions[0])
+        scores_sql, scores_params = compiler.compile(self.source_expressions[1])
+        return (f"{name_sql} = ANY(ARRAY(SELECT jsonb_object_keys({scores_sql}::jsonb)))",
+                [*name_params, *scores_params])
+
+
+class _ScoreOfName(Func):
+    """The score of a service's name in a JSON object of name -> score, as double precision: the double PostgreSQL
+    wrote into the JSON (in its shortest exact form), so a cursor's score still compares equal on the next page."""
+
+    template = "((%(expressions)s)::double precision)"
+    arg_joiner = "::jsonb ->> "
+    output_field = FloatField()
 
 
 # The fallback without pg_trgm (SQLite, `make run`'s default) reads at most this many names, newest first: a
@@ -233,8 +281,68 @@ _SEARCH_RESULT_FIELDS = (
     "updated_at",
 )
 _SEARCH_RESULT_SKILL_FIELDS = ("name", "description", "price", "path", "is_async", "timeout_seconds")
-# Built once: resolving its 28 field names (three through the seller) was a third of the CPU of reading a page's rows.
-_SEARCH_RESULTS = Service.objects.values(*_SEARCH_RESULT_FIELDS)
+
+
+@dataclass(frozen=True)
+class _Statement:
+    """A SELECT written once from the models' metadata, and per column its converters (what the ORM applies)."""
+
+    sql: str  # with `{ids}` where the page's service ids go
+    converters: list[tuple]  # per column: the column expression and its converters
+
+
+def _statement(model, fields: tuple[str, ...], *, key: str, order_by: str | None = None) -> _Statement:
+    """SELECT `fields` of `model` (a name with `__` follows a foreign key, one level) WHERE `key` IN the page's ids,
+    ordered by `order_by` (one of `fields`)."""
+    quote, columns, joins, converters = connection.ops.quote_name, [], {}, []
+    for name in fields:
+        owner, alias, attribute = model, "t0", name
+        if "__" in name:
+            relation_name, attribute = name.split("__")
+            relation = model._meta.get_field(relation_name)
+            owner, alias = relation.related_model, f"t{len(joins) + 1}"
+            alias = joins.setdefault(relation_name, (alias, relation))[0]
+        field = owner._meta.get_field(attribute)
+        columns.append(f"{alias}.{quote(field.column)}")
+        column = field.get_col(alias)
+        converters.append((column, connection.ops.get_db_converters(column) + field.get_db_converters(connection)))
+    join_sql = " ".join(
+        f"JOIN {quote(relation.related_model._meta.db_table)} {alias} ON {alias}."
+        f"{quote(relation.target_field.column)} = t0.{quote(relation.column)}" for alias, relation in joins.values())
+    order = f" ORDER BY {columns[fields.index(order_by)]}" if order_by else ""
+    key_column = quote(model._meta.get_field(key).column)
+    return _Statement(f"SELECT {', '.join(columns)} FROM {quote(model._meta.db_table)} t0 {join_sql} "  # noqa: S608
+                      f"WHERE t0.{key_column} IN ({{ids}}){order}", converters)
+
+
+@functools.cache
+def _search_result_statements() -> tuple[_Statement, _Statement, _Statement]:
+    """The three reads of a page's rows (services with their sellers, their tags by name, their skills by name),
+    written once per process: compiling them with the ORM on every search, and its generic conversion of each value,
+    took ~4 of the ~7 ms of CPU of reading a page's rows."""
+    tag_link = Service.tags.through
+    return (
+        _statement(Service, _SEARCH_RESULT_FIELDS, key="id"),
+        _statement(tag_link, ("service", "tag__name"), key="service", order_by="tag__name"),
+        _statement(Skill, ("service", *_SEARCH_RESULT_SKILL_FIELDS), key="service", order_by="name"),
+    )
+
+
+def _read(statement: _Statement, ids: list, id_field) -> list[list]:
+    """The rows of `statement` for `ids`, each value converted as the ORM converts it."""
+    params = [id_field.get_db_prep_value(i, connection) for i in ids]
+    with connection.cursor() as cursor:
+        cursor.execute(statement.sql.format(ids=", ".join(["%s"] * len(ids))), params)
+        rows = cursor.fetchall()
+    converted = []
+    for row in rows:
+        values = []
+        for value, (column, converters) in zip(row, statement.converters, strict=True):
+            for convert in converters:
+                value = convert(value, column, connection)
+            values.append(value)
+        converted.append(values)
+    return converted
 
 
 def _result_rows(keys: list[dict], score: str | None) -> list[dict]:
@@ -244,15 +352,16 @@ def _result_rows(keys: list[dict], score: str | None) -> list[dict]:
     if not keys:
         return []
     ids = [key["id"] for key in keys]
-    rows = {row["id"]: row for row in _SEARCH_RESULTS.filter(pk__in=ids)}
+    services, tag_links, skill_rows = _search_result_statements()
+    id_field = Service._meta.pk
+    rows = {values[0]: dict(zip(_SEARCH_RESULT_FIELDS, values, strict=True))
+            for values in _read(services, ids, id_field)}
     tags: dict = {service_id: [] for service_id in ids}
-    for service_id, tag in (Service.tags.through.objects.filter(service_id__in=ids).order_by("tag__name")
-                            .values_list("service_id", "tag__name")):
+    for service_id, tag in _read(tag_links, ids, id_field):
         tags[service_id].append(tag)
     skills: dict = {service_id: [] for service_id in ids}
-    for skill in Skill.objects.filter(service_id__in=ids).order_by("name").values("service_id",
-                                                                                  *_SEARCH_RESULT_SKILL_FIELDS):
-        skills[skill.pop("service_id")].append(skill)
+    for service_id, *values in _read(skill_rows, ids, id_field):
+        skills[service_id].append(dict(zip(_SEARCH_RESULT_SKILL_FIELDS, values, strict=True)))
     page = []
     for key in keys:
         row = rows[key["id"]]
@@ -308,19 +417,28 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
         return page(services, ordering=ordering)
     # After the filters, so "nothing matches exactly" means nothing within them.
     exact = _exact_matches(services, text)
-    if _WEBSEARCH_SYNTAX.search(text) or exact.exists():
+    if _WEBSEARCH_SYNTAX.search(text):
         return page(exact, ordering=ordering, score="relevance")
-    fuzzy = _names_spelt_alike(services, text)
+    if not cursor and not offset:
+        # A first page says itself whether anything matches exactly (it is empty only when nothing does): one
+        # statement, where asking first and then reading the page searched the index twice.
+        found = page(exact, ordering=ordering, score="relevance")
+        if found.rows if isinstance(found, OffsetPage) else found[0]:
+            return found
+    elif exact.exists():
+        return page(exact, ordering=ordering, score="relevance")
     if order_by == "relevance":
         ordering = _FUZZY_RELEVANCE
     if connection.vendor != "postgresql":
-        return page(fuzzy, ordering=ordering, score="name_similarity")
+        return page(_names_spelt_alike(services, text), ordering=ordering, score="name_similarity")
     with transaction.atomic(), connection.cursor() as db:
         # For this transaction only: pg_trgm's default word-similarity threshold (0.6) misses a single typo in a
         # short word ("invoce", "wether"); 0.5 catches those and still keeps unrelated names out.
-        db.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)",
+        # And the planner kept to the lexicon's trigram index (ONLY_THE_TRIGRAM_INDEX); the page's statement then
+        # reads services through the name index anyway.
+        db.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true), " + ONLY_THE_TRIGRAM_INDEX,
                    [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
-        return page(fuzzy, ordering=ordering, score="name_similarity")
+        return page(_names_spelt_alike(services, text), ordering=ordering, score="name_similarity")
 
 
 def _page(services: QuerySet[Service], *, ordering: list[str], cursor: str | None, limit: int, offset: int | None,

@@ -15,6 +15,7 @@ from catalog.models import (
     KeyScope,
     OwnerToken,
     Service,
+    ServiceName,
     ServiceState,
     Skill,
     Tag,
@@ -175,6 +176,8 @@ def _refresh_search_fields(service: Service) -> None:
     skills = sorted(service.skills.values_list("name", flat=True))
     keywords = " ".join([*tags, service.capability_name, *skills]).replace("-", " ")
     Service.objects.filter(pk=service.pk).update(keywords=keywords)
+    # The lexicon the typo-tolerant search compares misspellings with (catalog.models.ServiceName).
+    ServiceName.objects.bulk_create([ServiceName(name=service.name)], ignore_conflicts=True)
     if connection.vendor == "postgresql":
         Service.objects.filter(pk=service.pk).update(search_vector=search_vector_expression())
     service.keywords = keywords
