@@ -34,6 +34,7 @@ from django.db import (
     connections,
     transaction,
 )
+from django.db import models
 from django.db.models import F, Sum, signals
 from django.db.models.base import ModelState
 from django.db.models.functions import Coalesce
@@ -91,6 +92,20 @@ _RESERVE = ("UPDATE {agreements} SET reserved = reserved + %s, call_counter = ca
             "WHERE id = %s AND status = %s AND completion_requested_at IS NULL AND expires_at > %s "
             "AND used + reserved + %s <= deposit_amount RETURNING id, call_counter")
 _INTENT_COLUMNS = "agreement_id, call_seq, amount, request_id, request_nonce, method, path, created_at"
+_INTENT_INSERT = "INSERT INTO {intents} (" + _INTENT_COLUMNS + ") "
+
+
+@lru_cache(maxsize=2)
+def _reserve_statement(*, skip_flush_wait: bool) -> str:
+    """PostgreSQL: reserve, record the intent and (with `skip_flush_wait`, outside a caller's transaction) commit
+    without waiting for the WAL flush, as _transaction_without_flush_wait explains; one statement, prepared on the
+    server, so one round trip that is parsed and planned once per connection."""
+    flush = "flush AS (SELECT set_config('synchronous_commit', 'off', true)), " if skip_flush_wait else ""
+    reserve = _RESERVE.format(agreements=UsageAgreement._meta.db_table)
+    return (f"WITH {flush}taken AS ({reserve}) "  # noqa: S608
+            f"{_INTENT_INSERT.format(intents=CallIntent._meta.db_table)}"
+            f"SELECT taken.id, taken.call_counter, %s, %s, %s, %s, %s, %s "
+            f"FROM taken{', flush' if flush else ''} RETURNING call_seq, id")
 
 
 def reservation_take(*, agreement: UsageAgreement, amount: int, request_id: str, request_nonce: str, method: str,
@@ -98,30 +113,23 @@ def reservation_take(*, agreement: UsageAgreement, amount: int, request_id: str,
     """Hold `amount` of the budget for one call and record the call's intent with it, or 402 when it would exceed
     the deposit."""
     now = timezone.now()
-    reserve = _RESERVE.format(agreements=UsageAgreement._meta.db_table)
-    reserve_params = [amount, UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection), S.ACTIVE, now,
-                      amount]
+    reserve_params = [amount, agreement.pk, S.ACTIVE, now, amount]
     intent = [amount, request_id, request_nonce, method, path[:500], now]
-    insert = f"INSERT INTO {CallIntent._meta.db_table} ({_INTENT_COLUMNS}) "
     if connection.vendor == "postgresql":
-        # One statement, so one round trip: reserve, record the intent and (outside a caller's transaction) commit
-        # without waiting for the WAL flush, as _transaction_without_flush_wait explains.
-        flush = "" if connection.in_atomic_block else \
-            "flush AS (SELECT set_config('synchronous_commit', 'off', true)), "
-        with connection.cursor() as cursor:
-            cursor.execute(f"WITH {flush}taken AS ({reserve}) {insert}"  # noqa: S608
-                           f"SELECT taken.id, taken.call_counter, %s, %s, %s, %s, %s, %s "
-                           f"FROM taken{', flush' if flush else ''} RETURNING call_seq, id",
-                           reserve_params + intent)
+        with prepared_cursor() as cursor:
+            cursor.execute(_reserve_statement(skip_flush_wait=not connection.in_atomic_block), reserve_params + intent)
             row = cursor.fetchone()
     else:
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(reserve, reserve_params)
+            cursor.execute(_RESERVE.format(agreements=UsageAgreement._meta.db_table),
+                           [amount, UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection), S.ACTIVE,
+                            now, amount])
             taken = cursor.fetchone()
             row = None
             if taken is not None:
-                cursor.execute(f"{insert}VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING call_seq, id",  # noqa: S608
-                               [*taken, *intent])
+                cursor.execute(  # noqa: S608
+                    f"{_INTENT_INSERT.format(intents=CallIntent._meta.db_table)}VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                    "RETURNING call_seq, id", [*taken, *intent])
                 row = cursor.fetchone()
     if row is not None:
         return Reservation(agreement_id=agreement.pk, amount=amount, call_seq=row[0], intent_id=row[1])
@@ -270,23 +278,27 @@ def _events_write_statement(agreement, rows: list[dict], counters: list[str]) ->
     and precision are checked by the insert's assignment casts, as for any INSERT; the values are the ones the
     chain code just computed, of the columns' Python types (uuid and datetime as their text forms)."""
     sql, shared, per_event = _events_insert_sql()
-    quote = connection.ops.quote_name
     first = rows[0]
     document = json.dumps([{column: value for column, attname, default in per_event
                              if (value := row[attname]) != default} for row in rows],
                           default=str, separators=(",", ":"))
     update, update_params = "", []
     if counters:
-        table, model_fields = UsageAgreement._meta.db_table, [UsageAgreement._meta.get_field(name) for name in counters]
-        update = (f", counters AS (UPDATE {quote(table)} SET "  # noqa: S608
-                  + ", ".join(f"{quote(field.column)} = %s" for field in model_fields)
-                  + f" WHERE {quote(UsageAgreement._meta.pk.column)} = %s)")
-        update_params = [*(field.get_db_prep_save(getattr(agreement, field.attname), connection)
-                           for field in model_fields),
-                         UsageAgreement._meta.pk.get_db_prep_value(agreement.pk, connection)]
+        update = _counters_update_sql(tuple(counters))
+        # The counters' values as psycopg adapts them (ints, text, aware datetimes): exact for these columns, and
+        # without DecimalField's preparation of each int.
+        update_params = [*(getattr(agreement, name) for name in counters), agreement.pk]
     return (f"WITH inserted AS ({sql}){update} SELECT seq, id FROM inserted",
-            [*(field.get_db_prep_save(first[field.attname], connection) for field in shared), document,
-             *update_params])
+            [*(first[field.attname] for field in shared), document, *update_params])
+
+
+@lru_cache(maxsize=16)
+def _counters_update_sql(counters: tuple[str, ...]) -> str:
+    """The part of `_events_write_statement` that writes `counters` of the agreement."""
+    quote, meta = connection.ops.quote_name, UsageAgreement._meta
+    return (f", counters AS (UPDATE {quote(meta.db_table)} SET "  # noqa: S608
+            + ", ".join(f"{quote(meta.get_field(name).column)} = %s" for name in counters)
+            + f" WHERE {quote(meta.pk.column)} = %s)")
 
 
 def _events_saved(rows: list[dict], ids: dict[int, int]) -> list[UsageEvent]:
@@ -343,6 +355,7 @@ class _SettledByTheReaper(Exception):
 _LOCKED_FIELDS = [name for name in _CHAIN_FIELDS if name != "id"]
 
 
+@lru_cache(maxsize=2)
 def _head_select(extra: str = "") -> str:
     """SELECT of what a charge reads of its agreement (`_LOCKED_FIELDS`, then `extra` columns), by id."""
     meta, quote = UsageAgreement._meta, connection.ops.quote_name
@@ -353,9 +366,13 @@ def _head_select(extra: str = "") -> str:
 def _lock_statement(reservation: Reservation) -> tuple[str, list]:
     """PostgreSQL: close the call's intent and lock its agreement's row, reading what extending the usage chain
     needs and whether the intent was still there, in one statement."""
+    return _lock_sql(), [reservation.intent_id, reservation.agreement_id]
+
+
+@lru_cache(maxsize=1)
+def _lock_sql() -> str:
     return (f"WITH closed AS (DELETE FROM {CallIntent._meta.db_table} WHERE id = %s RETURNING id) "  # noqa: S608
-            f"{_head_select(', (SELECT count(*) FROM closed)')} FOR UPDATE",
-            [reservation.intent_id, UsageAgreement._meta.pk.get_db_prep_value(reservation.agreement_id, connection)])
+            f"{_head_select(', (SELECT count(*) FROM closed)')} FOR UPDATE")
 
 
 @dataclass
@@ -379,9 +396,21 @@ class _ChainHead:
 
 
 def _agreement_read(reservation: Reservation, row) -> _ChainHead:
-    fields = [UsageAgreement._meta.get_field(name) for name in _LOCKED_FIELDS]
-    return _ChainHead(id=reservation.agreement_id, **{field.attname: field.to_python(value)
-                                                       for field, value in zip(fields, row, strict=True)})
+    return _ChainHead(id=reservation.agreement_id, **{attname: to_python(value)
+                                                       for (attname, to_python), value in zip(_head_types(), row,
+                                                                                              strict=True)})
+
+
+@lru_cache(maxsize=1)
+def _head_types() -> list[tuple]:
+    """(attribute name, conversion of the column's value) of `_LOCKED_FIELDS`: the database's value where it already
+    is the attribute's type (psycopg reads text, ints and datetimes as such), the field's `to_python` for amounts
+    (numeric columns come as Decimal)."""
+    def as_read(value):
+        return value
+
+    return [(field.attname, field.to_python if isinstance(field, models.DecimalField) else as_read)
+            for field in map(UsageAgreement._meta.get_field, _LOCKED_FIELDS)]
 
 
 def _locked_for_charge(reservation: Reservation) -> _ChainHead | None:

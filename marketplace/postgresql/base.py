@@ -55,6 +55,7 @@ class DatabaseWrapper(base.DatabaseWrapper):
         once per process with `%s` placeholders; each placeholder is one value (no client-side expansion of lists
         or of several statements in one execute). With DATABASE_PREPARED_STATEMENTS off its statements are bound
         on the server but not prepared."""
+        self.close_if_health_check_failed()  # as `cursor()` does before a request's first statement
         self.ensure_connection()
         connection = self.connection
         if connection.prepare_threshold is None and settings.DATABASE_PREPARED_STATEMENTS:

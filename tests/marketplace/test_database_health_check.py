@@ -31,3 +31,26 @@ def test_a_connection_the_server_closed_is_not_usable_and_the_next_request_recon
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         assert cursor.fetchone()[0] != pid
+
+
+def test_a_request_whose_first_statement_is_prepared_checks_the_connection_first():
+    """Django checks a persistent connection before a request's first cursor (`close_if_health_check_failed`);
+    `prepared_cursor` must too, or a later plain cursor of the same request would check, reconnect, and run in
+    another session than the statements before it."""
+    from marketplace.postgresql import prepared_cursor
+
+    connection.ensure_connection()
+    pid = connection.connection.info.backend_pid
+    killer = connections.create_connection("default")
+    try:
+        with killer.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    finally:
+        killer.close()
+    time.sleep(0.2)
+    connection.health_check_enabled, connection.health_check_done = True, False  # a request starts
+
+    with prepared_cursor() as cursor:  # checked first: a new connection, not the dead one
+        cursor.execute("SELECT pg_backend_pid()")
+        assert cursor.fetchone()[0] != pid
+    assert connection.health_check_done
