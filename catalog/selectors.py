@@ -269,10 +269,10 @@ _SEARCH_RESULT_SKILL_FIELDS = ("name", "description", "price", "path", "is_async
 
 @dataclass(frozen=True)
 class _Statement:
-    """A SELECT written once from the models' metadata, and per column its converters (what the ORM applies)."""
+    """A SELECT written once from the models' metadata, and the converters the ORM applies to its columns."""
 
     sql: str  # with `{ids}` where the page's service ids go
-    converters: list[tuple]  # per column: the column expression and its converters
+    converting: tuple[tuple, ...]  # (position, column expression, converters) of each column that has converters
 
 
 def _statement(model, fields: tuple[str, ...], *, key: str, order_by: str | None = None) -> _Statement:
@@ -289,14 +289,15 @@ def _statement(model, fields: tuple[str, ...], *, key: str, order_by: str | None
         field = owner._meta.get_field(attribute)
         columns.append(f"{alias}.{quote(field.column)}")
         column = field.get_col(alias)
-        converters.append((column, connection.ops.get_db_converters(column) + field.get_db_converters(connection)))
+        if converters_of_column := connection.ops.get_db_converters(column) + field.get_db_converters(connection):
+            converters.append((len(columns) - 1, column, tuple(converters_of_column)))
     join_sql = " ".join(
         f"JOIN {quote(relation.related_model._meta.db_table)} {alias} ON {alias}."
         f"{quote(relation.target_field.column)} = t0.{quote(relation.column)}" for alias, relation in joins.values())
     order = f" ORDER BY {columns[fields.index(order_by)]}" if order_by else ""
     key_column = quote(model._meta.get_field(key).column)
     return _Statement(f"SELECT {', '.join(columns)} FROM {quote(model._meta.db_table)} t0 {join_sql} "  # noqa: S608
-                      f"WHERE t0.{key_column} IN ({{ids}}){order}", converters)
+                      f"WHERE t0.{key_column} IN ({{ids}}){order}", tuple(converters))
 
 
 @functools.cache
@@ -312,21 +313,16 @@ def _search_result_statements() -> tuple[_Statement, _Statement, _Statement]:
     )
 
 
-def _read(statement: _Statement, ids: list, id_field) -> list[list]:
-    """The rows of `statement` for `ids`, each value converted as the ORM converts it."""
-    params = [id_field.get_db_prep_value(i, connection) for i in ids]
+def _read(statement: _Statement, params: list) -> list[list]:
+    """The rows of `statement` for the page's ids (`params`), each value converted as the ORM converts it."""
     with connection.cursor() as cursor:
-        cursor.execute(statement.sql.format(ids=", ".join(["%s"] * len(ids))), params)
-        rows = cursor.fetchall()
-    converted = []
+        cursor.execute(statement.sql.format(ids=", ".join(["%s"] * len(params))), params)
+        rows = [list(row) for row in cursor.fetchall()]
     for row in rows:
-        values = []
-        for value, (column, converters) in zip(row, statement.converters, strict=True):
+        for position, column, converters in statement.converting:
             for convert in converters:
-                value = convert(value, column, connection)
-            values.append(value)
-        converted.append(values)
-    return converted
+                row[position] = convert(row[position], column, connection)
+    return rows
 
 
 def _result_rows(keys: list[dict], score: str | None) -> list[dict]:
@@ -336,15 +332,14 @@ def _result_rows(keys: list[dict], score: str | None) -> list[dict]:
     if not keys:
         return []
     ids = [key["id"] for key in keys]
+    params = [Service._meta.pk.get_db_prep_value(service_id, connection) for service_id in ids]
     services, tag_links, skill_rows = _search_result_statements()
-    id_field = Service._meta.pk
-    rows = {values[0]: dict(zip(_SEARCH_RESULT_FIELDS, values, strict=True))
-            for values in _read(services, ids, id_field)}
+    rows = {values[0]: dict(zip(_SEARCH_RESULT_FIELDS, values, strict=True)) for values in _read(services, params)}
     tags: dict = {service_id: [] for service_id in ids}
-    for service_id, tag in _read(tag_links, ids, id_field):
+    for service_id, tag in _read(tag_links, params):
         tags[service_id].append(tag)
     skills: dict = {service_id: [] for service_id in ids}
-    for service_id, *values in _read(skill_rows, ids, id_field):
+    for service_id, *values in _read(skill_rows, params):
         skills[service_id].append(dict(zip(_SEARCH_RESULT_SKILL_FIELDS, values, strict=True)))
     page = []
     for key in keys:

@@ -209,13 +209,13 @@ class ServiceDetailView(APIView):
         return Response(self._serialize(request, selectors.service_get(service_id=service_id, viewer=agent)))
 
 
+# DRF describes this view (the schema) and serves the requests out of the ordinary, but a plain search (an agent key,
+# a JSON object, nothing to negotiate) is dispatched without DRF's request wrapping, negotiation and rendering, which
+# cost more CPU than the search itself. Its answers are DRF's: the same authentication and scope rules
+# (`agent_key_holder`, read at most once a second per process like the metered proxy's), rate limit (`windows_wait`),
+# parser, validation, error shape and bytes (the API's renderer). A comment, not a docstring: the OpenAPI schema would
+# show a docstring as the operation's description.
 class CatalogSearchView(APIView):
-    """DRF describes this view (the schema) and serves the requests out of the ordinary, but a plain search (an
-    agent key, a JSON object, nothing to negotiate) is dispatched without DRF's request wrapping, negotiation and
-    rendering, which cost more CPU than the search itself. Its answers are DRF's: the same authentication and scope
-    rules (`agent_key_holder`, read at most once a second per process like the metered proxy's), rate limit
-    (`windows_wait`), parser, validation, error shape and bytes (the API's renderer)."""
-
     permission_classes = [agent_scope(KeyScope.READ)]
 
     def dispatch(self, request, *args, **kwargs):
