@@ -387,16 +387,18 @@ def _visible_services(search: ServiceSearch) -> _Filtered:
     found = _Filtered().where("s.state = %s", ServiceState.REGISTERED).where("a.is_active = %s", True).where(
         "s.availability <> %s", Availability.UNAVAILABLE)
     quote = connection.ops.quote_name
-    tag_link, tags = quote(Service.tags.through._meta.db_table), quote(Tag._meta.db_table)
-    # Semi-joins on the (service, tag) index, the tags' ids read by name once for the statement: a tag nobody
-    # uses means no results.
+    # Tag names to ids first (one small read): a tag nobody uses means no results, and the filters below are
+    # semi-joins on the (service, tag) index with the ids as constants (matching the names inside the statement
+    # made PostgreSQL join the tag table once per tag link of every candidate).
+    tag_ids = _tag_ids({*search.tags_all, *search.tags_any})
+    tag_link = quote(Service.tags.through._meta.db_table)
     for tag in search.tags_all:
-        found = found.where(f"EXISTS (SELECT 1 FROM {tag_link} st WHERE st.service_id = s.id AND st.tag_id = "
-                            f"(SELECT t.id FROM {tags} t WHERE t.name = %s))", tag)
+        found = found.where(f"EXISTS (SELECT 1 FROM {tag_link} st WHERE st.service_id = s.id AND st.tag_id = %s)",
+                            tag_ids.get(tag))
     if search.tags_any:
-        names = ", ".join(["%s"] * len(search.tags_any))
+        known = [tag_ids[tag] for tag in search.tags_any if tag in tag_ids] or [None]
         found = found.where(f"EXISTS (SELECT 1 FROM {tag_link} st WHERE st.service_id = s.id AND st.tag_id IN "
-                            f"(SELECT t.id FROM {tags} t WHERE t.name IN ({names})))", *search.tags_any)
+                            f"({', '.join(['%s'] * len(known))}))", *known)
     if search.capability:
         found = found.where(f"{connection.ops.lookup_cast('iexact', 'CharField') % 's.capability_name'} "
                             f"{connection.operators['iexact'] % '%s'}",
@@ -418,6 +420,15 @@ def _visible_services(search: ServiceSearch) -> _Filtered:
     if search.pricing_type:
         found = found.where("s.pricing_type = %s", search.pricing_type)
     return found
+
+
+def _tag_ids(names: set[str]) -> dict[str, int]:
+    if not names:
+        return {}
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT name, id FROM {connection.ops.quote_name(Tag._meta.db_table)} "  # noqa: S608
+                       f"WHERE name IN ({', '.join(['%s'] * len(names))})", list(names))
+        return dict(cursor.fetchall())
 
 
 def _column_value(name: str):
