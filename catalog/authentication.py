@@ -41,6 +41,13 @@ def presented_secret(request) -> str | None:
     return request.headers.get("token", "").strip() or None
 
 
+def presents_agent_key(request) -> bool:
+    """Whether the request's bearer secret has the form of an agent API key (not whether it is one)."""
+    secret = presented_secret(request)
+    parsed = None if secret is None else parse_secret(secret)
+    return parsed is not None and _KINDS.get(parsed[0]) is ApiKey
+
+
 def _refuse_unusable(*, revoked_at: datetime | None, expires_at: datetime | None, agent_is_active: bool,
                      owner_is_active: bool, now: datetime) -> None:
     if revoked_at is not None:

@@ -1,7 +1,9 @@
 import copy
 from collections.abc import Mapping
+from datetime import datetime
 
 from django.conf import settings
+from django.utils import timezone
 from rest_framework import serializers
 
 from catalog.models import (
@@ -376,7 +378,11 @@ class ServiceSearchSerializer(StrictSerializer, PageQuerySerializer):
         return value
 
 
-_DATETIME = serializers.DateTimeField()
+def _iso8601(value: datetime, zone) -> str:
+    """An aware datetime as DRF's DateTimeField renders it in the current time zone `zone` (read once per answer
+    rather than once per value)."""
+    text = value.astimezone(zone).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 class ServiceSearchResultSerializer(ServiceSerializer):
@@ -388,6 +394,7 @@ class ServiceSearchResultSerializer(ServiceSerializer):
         (tests/catalog/test_search_results.py holds it to DRF's output)."""
         service_id, seller_id, unit_price, checked_at = row["id"], row["seller_id"], row["unit_price"], \
             row["availability_checked_at"]
+        zone = timezone.get_current_timezone()
         result = {
             "id": str(service_id),
             "seller": {"id": str(seller_id), "handle": row["seller__handle"],
@@ -402,11 +409,10 @@ class ServiceSearchResultSerializer(ServiceSerializer):
                         "path": skill["path"], "is_async": skill["is_async"],
                         "timeout_seconds": skill["timeout_seconds"]} for skill in row["skills"]],
             "state": row["state"], "availability": row["availability"],
-            "availability_checked_at": None if checked_at is None else _DATETIME.to_representation(checked_at),
+            "availability_checked_at": None if checked_at is None else _iso8601(checked_at, zone),
             "category": row["category"], "min_quantity": row["min_quantity"], "max_quantity": row["max_quantity"],
             "capabilities": row["capabilities"], "metadata": row["metadata"],
-            "created_at": _DATETIME.to_representation(row["created_at"]),
-            "updated_at": _DATETIME.to_representation(row["updated_at"]),
+            "created_at": _iso8601(row["created_at"], zone), "updated_at": _iso8601(row["updated_at"], zone),
             "service_id": str(service_id), "agent_id": str(seller_id), "service_name": row["name"],
             "price_model": row["pricing_type"], "unit": row["unit_name"], "base_price_cents": cents_of(unit_price),
             "is_active": row["state"] == "registered",

@@ -1,11 +1,12 @@
 from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework import status
+from rest_framework.exceptions import Throttled
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from catalog import selectors, services
-from catalog.authentication import IsOwner, agent_scope, calling_agent
+from catalog.authentication import IsOwner, agent_key_holder, agent_scope, calling_agent, presents_agent_key
 from catalog.models import KeyScope
 from catalog.serializers import (
     AgentCreateSerializer,
@@ -22,10 +23,13 @@ from catalog.serializers import (
     ServiceSerializer,
     ServiceWriteSerializer,
 )
-from marketplace.errors import Forbidden
+from marketplace.errors import Forbidden, error_response
 from marketplace.idempotency import idempotent
 from marketplace.pagination import paginate
+from marketplace.parsers import BoundedJSONParser
+from marketplace.renderers import rendered_response
 from marketplace.serializers import error_responses
+from marketplace.throttling import credential_key, windows_wait
 
 OWNER = [{"OwnerToken": []}]
 
@@ -205,8 +209,28 @@ class ServiceDetailView(APIView):
         return Response(self._serialize(request, selectors.service_get(service_id=service_id, viewer=agent)))
 
 
+# DRF describes this view (the schema) and serves the requests out of the ordinary, but a plain search (an agent key,
+# a JSON object, nothing to negotiate) is dispatched without DRF's request wrapping, negotiation and rendering, which
+# cost more CPU than the search itself. Its answers are DRF's: the same authentication and scope rules
+# (`agent_key_holder`, read at most once a second per process like the metered proxy's), rate limit (`windows_wait`),
+# parser, validation, error shape and bytes (the API's renderer). A comment, not a docstring: the OpenAPI schema would
+# show a docstring as the operation's description.
 class CatalogSearchView(APIView):
     permission_classes = [agent_scope(KeyScope.READ)]
+
+    def dispatch(self, request, *args, **kwargs):
+        if not _plain_search(request):
+            return super().dispatch(request, *args, **kwargs)
+        try:
+            holder = agent_key_holder(request, scope=KeyScope.READ)
+            wait = windows_wait([(credential_key("api", holder.prefix), "api")])
+            if wait is not None:
+                raise Throttled(wait)
+            response = rendered_response(_search_answer(BoundedJSONParser().parse(request)))
+        except Exception as exc:  # every failure answers in the one error shape, as DRF's handler would
+            response = error_response(exc)
+        response["Allow"] = _SEARCH_ALLOW
+        return response
 
     @extend_schema(
         operation_id="catalog_search",
@@ -219,24 +243,43 @@ class CatalogSearchView(APIView):
         tags=["catalog"],
     )
     def post(self, request):
-        body = ServiceSearchSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        params = dict(body.validated_data)
-        cursor, limit, offset = params.pop("cursor", None), params.pop("limit"), params.pop("offset", None)
-        search = selectors.ServiceSearch(
-            text=params.pop("q"), max_unit_price=params.pop("max_unit_price_atomic"), **params
-        )
-        found = selectors.service_search(search=search, cursor=cursor, limit=limit, offset=offset)
-        if offset is None:
-            rows, next_cursor = found
-            return Response({"results": ServiceSearchResultSerializer(rows, many=True).data,
-                             "next_cursor": next_cursor})
-        return Response({
-            "results": ServiceSearchResultSerializer(found.rows, many=True).data, "next_cursor": None,
-            "total": found.total, "has_more": found.next_offset is not None, "next_offset": found.next_offset,
-            "query": {key: value for key, value in request.data.items() if key not in ("limit", "offset")},
-        })
+        return Response(_search_answer(request.data))
 
+
+_SEARCH_ALLOW = "POST, OPTIONS"  # what DRF answers in `Allow` for this view
+# Accept headers that choose the API's one renderer with no parameter (an `indent` one changes the rendering).
+_PLAIN_ACCEPT = frozenset({"", "*/*", "application/json", "application/*"})
+# The search body's validator, its fields bound once per process (DRF deep-copies them for every serializer):
+# validation keeps no state on the serializer, only what `is_valid` would store.
+_SEARCH_BODY = ServiceSearchSerializer()
+
+
+def _plain_search(request) -> bool:
+    """A POST of a JSON body with an agent key and nothing for DRF to negotiate (no query string, a plain Accept).
+    Anything else (another method, a session, an owner token, no body) is served by DRF itself."""
+    meta = request.META
+    return (request.method == "POST" and request.content_type == "application/json"
+            and meta.get("CONTENT_LENGTH", "") not in ("", "0") and not meta.get("QUERY_STRING")
+            and meta.get("HTTP_ACCEPT", "").strip() in _PLAIN_ACCEPT and presents_agent_key(request))
+
+
+def _search_answer(data) -> dict:
+    params = dict(_SEARCH_BODY.run_validation(data))
+    cursor, limit, offset = params.pop("cursor", None), params.pop("limit"), params.pop("offset", None)
+    search = selectors.ServiceSearch(text=params.pop("q"), max_unit_price=params.pop("max_unit_price_atomic"),
+                                     **params)
+    found = selectors.service_search(search=search, cursor=cursor, limit=limit, offset=offset)
+    if offset is None:
+        rows, next_cursor = found
+        return {"results": [_SEARCH_RESULT.to_representation(row) for row in rows], "next_cursor": next_cursor}
+    return {
+        "results": [_SEARCH_RESULT.to_representation(row) for row in found.rows], "next_cursor": None,
+        "total": found.total, "has_more": found.next_offset is not None, "next_offset": found.next_offset,
+        "query": {key: value for key, value in data.items() if key not in ("limit", "offset")},
+    }
+
+
+_SEARCH_RESULT = ServiceSearchResultSerializer()
 
 
 class WalletRecoveryChallengeView(APIView):

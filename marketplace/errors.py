@@ -10,10 +10,12 @@ from typing import Any
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
 from django.db import InterfaceError, OperationalError
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpResponse, JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import status
 from rest_framework.response import Response
+
+from marketplace.renderers import rendered_response
 
 logger = logging.getLogger(__name__)
 
@@ -133,13 +135,13 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
     )
 
 
-def error_response(exc: Exception) -> JsonResponse:
-    """`api_exception_handler`'s answer outside a DRF view's dispatch (the metered proxy's): the same body, status
-    and headers."""
+def error_response(exc: Exception) -> HttpResponse:
+    """`api_exception_handler`'s answer outside a DRF view's dispatch (the metered proxy's, a plain search's): the
+    same body (rendered by the same renderer), status and headers."""
     answer = api_exception_handler(exc, {})
-    response = JsonResponse(answer.data, status=answer.status_code)
+    response = rendered_response(answer.data, status=answer.status_code)
     for name, value in answer.items():
-        if name.lower() != "content-type":  # DRF's is set when rendering; the body here is JSON
+        if name.lower() != "content-type":  # DRF's is set when rendering
             response[name] = value
     return response
 

@@ -52,18 +52,13 @@ def paginate(queryset: QuerySet, *, ordering: list[str], cursor: str | None, lim
     """One page of `queryset` in `ordering` (which must end with a unique field) and the cursor of the next; the rows
     are model instances, or dicts from a values() queryset that selects the ordering's fields."""
     if cursor:
-        try:
-            payload = signing.loads(cursor, salt=_SALT)
-        except signing.BadSignature:
-            raise InvalidInput("The cursor is not one this API issued.", code="invalid_cursor") from None
-        if payload.get("o") != ordering or len(payload.get("v", [])) != len(ordering):
-            raise InvalidInput("The cursor belongs to another ordering or query.", code="invalid_cursor")
-        after = _after(ordering, payload["v"])
+        values = cursor_values(cursor, ordering=ordering)
+        after = _after(ordering, values)
         first = ordering[0].lstrip("-")
         if first not in queryset.query.annotations:
             # Implied by `after`; said apart, it is a range an index on the first sort field starts from, instead of
             # a filter on every row before the cursor (page 51 of the newest services read 1,000 rows for 21).
-            after &= Q(**{f"{first}__{'lte' if ordering[0].startswith('-') else 'gte'}": payload["v"][0]})
+            after &= Q(**{f"{first}__{'lte' if ordering[0].startswith('-') else 'gte'}": values[0]})
         queryset = queryset.filter(after)
     rows = list(queryset.order_by(*ordering)[: limit + 1])
     if len(rows) <= limit:
@@ -71,8 +66,25 @@ def paginate(queryset: QuerySet, *, ordering: list[str], cursor: str | None, lim
     rows = rows[:limit]
     last = rows[-1]
     names = [f.lstrip("-") for f in ordering]
-    values = [_to_json(last[name] if isinstance(last, dict) else getattr(last, name)) for name in names]
-    return rows, signing.dumps({"o": ordering, "v": values}, salt=_SALT, compress=True)
+    return rows, cursor_after([last[name] if isinstance(last, dict) else getattr(last, name) for name in names],
+                              ordering=ordering)
+
+
+def cursor_values(cursor: str, *, ordering: list[str]) -> list:
+    """The sort values (as JSON values) of the row a cursor issued for `ordering` was issued after; 400
+    `invalid_cursor` for a cursor this API did not issue, or issued for another ordering."""
+    try:
+        payload = signing.loads(cursor, salt=_SALT)
+    except signing.BadSignature:
+        raise InvalidInput("The cursor is not one this API issued.", code="invalid_cursor") from None
+    if payload.get("o") != ordering or len(payload.get("v", [])) != len(ordering):
+        raise InvalidInput("The cursor belongs to another ordering or query.", code="invalid_cursor")
+    return payload["v"]
+
+
+def cursor_after(values: list, *, ordering: list[str]) -> str:
+    """The cursor of the page after the row whose sort values in `ordering` are `values`."""
+    return signing.dumps({"o": ordering, "v": [_to_json(value) for value in values]}, salt=_SALT, compress=True)
 
 
 def page_serializer(item_serializer: type[serializers.Serializer], name: str) -> type[serializers.Serializer]:

@@ -8,10 +8,12 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from rest_framework.views import APIView
 
-from catalog.models import Service, ServiceName
+from catalog.models import ApiKey, Service, ServiceName
 from catalog.selectors import ONLY_THE_TRIGRAM_INDEX
 from catalog.services import search_vector_expression
+from marketplace.keys import parse_secret
 from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service
 from tests.conftest import Api, codes_at, error_code
 from tests.support.openapi import assert_documented
@@ -524,6 +526,75 @@ def test_search_needs_an_agent_key(seller, anon, owner):
     assert as_owner.status_code == 403 and error_code(as_owner) == "agent_key_required"
     read_only = Api(issue_key(AgentFactory(), scope="read"))
     assert names(read_only) == ["Translator"]  # reading the catalog needs only the read scope
+
+
+# --- a plain search is answered without DRF's dispatch, as DRF answers it ------------------------------------------
+
+# An Accept header DRF accepts, with a parameter: such a request goes through DRF's own dispatch.
+_THROUGH_DRF = {"Accept": "application/json; q=0.9"}
+
+
+def _answers_alike(api: Api, body, **headers):
+    """The plain request's answer and DRF's answer to the same request: status, body bytes and headers."""
+    plain, through_drf = api.post("/catalog/search", body, headers=headers), \
+        api.post("/catalog/search", body, headers={**headers, **_THROUGH_DRF})
+    assert plain.status_code == through_drf.status_code
+    assert plain.content == through_drf.content
+    for header in ("Content-Type", "Allow", "WWW-Authenticate", "Retry-After"):
+        assert plain.get(header) == through_drf.get(header), header
+    return plain
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"order_by": "price", "limit": 2}, {"q": "translator"}, {"query": "translator", "offset": 0, "limit": 1},
+    {"q": "translator", "tags_all": ["nope"]},
+])
+def test_a_plain_search_answers_what_drf_answers(seller, buyer_api, body):
+    for i in range(3):
+        listing(seller, f"Translator {i}", description="Translates café menus.", price=10_000 * (i + 1))
+
+    assert _answers_alike(buyer_api, body).status_code == 200
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    ({"q": "translator", "sort": "x"}, 400, "validation_error"),
+    ({"limit": 101}, 400, "validation_error"),
+    ({"order_by": "price", "cursor": "not-a-cursor"}, 400, "invalid_cursor"),
+    ({"q": "x" * 501}, 400, "validation_error"),
+])
+def test_a_plain_search_refuses_what_drf_refuses(buyer_api, body, status, code):
+    refused = _answers_alike(buyer_api, body)
+
+    assert refused.status_code == status and error_code(refused) == code
+
+
+def test_a_plain_search_with_an_unusable_key_is_refused_as_drf_refuses_it(buyer):
+    unknown = _answers_alike(Api("mk_" + "a" * 8 + "_" + "b" * 40), {})
+    assert unknown.status_code == 401 and error_code(unknown) == "invalid_credentials"
+    revoked = issue_key(buyer, scope="read")
+    ApiKey.objects.filter(prefix=parse_secret(revoked)[1]).update(revoked_at=timezone.now())
+    refused = _answers_alike(Api(revoked), {})
+    assert refused.status_code == 401 and error_code(refused) == "credentials_revoked"
+
+
+def test_only_a_plain_search_skips_drfs_dispatch(seller, buyer_api, owner, monkeypatch):
+    """An agent key, a JSON object and nothing to negotiate: no DRF request is made. Anything else is DRF's."""
+    listing(seller, "Translator")
+    wrapped = []
+    initialize = APIView.initialize_request
+    monkeypatch.setattr(APIView, "initialize_request",
+                        lambda self, request, *args, **kwargs: (wrapped.append(request.method),
+                                                                initialize(self, request, *args, **kwargs))[1])
+
+    assert names(buyer_api, q="translator") == ["Translator"]
+    assert wrapped == []
+    assert buyer_api.post("/catalog/search", {"q": "translator"}, headers=_THROUGH_DRF).status_code == 200
+    assert buyer_api.client.post("/catalog/search?format=json", data="{}",
+                                 content_type="application/json").status_code == 200
+    assert buyer_api.client.post("/catalog/search", content_type="application/json").status_code == 200  # no body
+    assert Api(issue_owner_token(owner)).post("/catalog/search", {}).status_code == 403
+    assert buyer_api.get("/catalog/search").status_code == 405
+    assert wrapped == ["POST", "POST", "POST", "POST", "GET"]
 
 
 # --- the indexes behind it (PostgreSQL) -------------------------------------------------------------------------
