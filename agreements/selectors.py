@@ -75,7 +75,7 @@ def _report_statement() -> tuple[str, list]:
             f"WHERE {column['id']} = %s AND ({column['buyer']} = %s OR {column['seller']} = %s)", parts)
 
 
-def agreement_for_report(*, agreement_id, agent: Agent) -> UsageAgreement:
+def agreement_for_report(*, agreement_id, agent_id: uuid.UUID) -> UsageAgreement:
     """What a seller's usage report reads before metering locks the agreement, in one narrow query: the agreement
     if the agent is party to it (404 otherwise, as agreement_get), with the parties and service its answer names.
     Its own fields are left deferred: `metering.usage_record` (or `usage_record_running_total`) reads them under
@@ -88,7 +88,7 @@ def agreement_for_report(*, agreement_id, agent: Agent) -> UsageAgreement:
     except ValidationError:
         raise NotFound("No such agreement.", code="agreement_not_found") from None
     pk = UsageAgreement._meta.pk.get_db_prep_value(agreement_pk, connection)
-    agent_pk = Agent._meta.pk.get_db_prep_value(agent.pk, connection)
+    agent_pk = Agent._meta.pk.get_db_prep_value(agent_id, connection)
     with prepared_cursor() as cursor:
         cursor.execute(sql, [pk, agent_pk, agent_pk])
         row = cursor.fetchone()
