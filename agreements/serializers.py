@@ -5,8 +5,7 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from agreements import selectors
-from agreements.models import AgreementEvent, AgreementStatus, SettlementModel
-from agreements.services import APPROVAL_SUBJECT
+from agreements.models import APPROVAL_SUBJECT, AgreementEvent, AgreementStatus, SettlementModel
 from marketplace.chainconfig import receipt_signer_address
 from marketplace.pagination import PageQuerySerializer
 from marketplace.serializers import (
@@ -235,11 +234,14 @@ class AgreementSerializer(FieldsBoundOnceSerializer):
         return {"id": approval.pk, "status": approval.status, "expires_at": approval.expires_at}
 
 
-def agreement_payload(agreement, *, many: bool = False, serializer=AgreementSerializer, **context):
-    """An agreement (or a list) as the API shows it, with the approvals it waits for."""
-    rows = agreement if many else [agreement]
-    approvals = policy_selectors.approvals_for_subjects(subject_type=APPROVAL_SUBJECT,
-                                                        subject_ids=[row.pk for row in rows])
+def agreement_payload(agreement, *, many: bool = False, serializer=AgreementSerializer, approvals: dict | None = None,
+                      **context):
+    """An agreement (or a list) as the API shows it, with the approvals it waits for ({agreement id: approval
+    request}, read here unless given)."""
+    if approvals is None:
+        rows = agreement if many else [agreement]
+        approvals = policy_selectors.approvals_for_subjects(subject_type=APPROVAL_SUBJECT,
+                                                            subject_ids=[row.pk for row in rows])
     return serializer(agreement, many=many, context={"approvals": approvals, **context}).data
 
 

@@ -311,7 +311,11 @@ class RecordUsageView(APIView):
         return self.response
 
     def _record(self, request, agreement_id, *, agent_id, report: dict | None = None):
-        agreement = selectors.agreement_for_report(agreement_id=agreement_id, agent_id=agent_id)
+        # A plain report is known to add events, in the transaction `answer_once` holds: the agreement is read
+        # under its row lock at once.
+        locked = report is not None
+        agreement, approvals = selectors.agreement_for_report(agreement_id=agreement_id, agent_id=agent_id,
+                                                              lock=locked)
         if report is None:
             body = RecordUsageSerializer(data=request.data)
             body.is_valid(raise_exception=True)
@@ -327,10 +331,10 @@ class RecordUsageView(APIView):
                 raise InvalidInput(f"The {IDEMPOTENCY_HEADER} header is required to report usage events.",
                                    code="idempotency_key_required")
             events = metering.usage_record(agreement=agreement, seller_id=agent_id, entries=usage_entries(report),
-                                           request_id=request_id)
-        # `agreement` is as the report left it: metering read it again under its row lock, held to the commit.
-        return Response(agreement_payload(agreement, serializer=RecordedUsageSerializer, events=events),
-                        status=status.HTTP_201_CREATED)
+                                           request_id=request_id, locked=locked)
+        # `agreement` is as the report left it: read under its row lock, held to the commit.
+        return Response(agreement_payload(agreement, serializer=RecordedUsageSerializer, approvals=approvals,
+                                          events=events), status=status.HTTP_201_CREATED)
 
 
 def _plain_report(request) -> tuple[KeyHolder, dict, dict] | None:

@@ -20,6 +20,7 @@ from agreements.serializers import AgreementSerializer, RecordedUsageSerializer,
 from marketplace.serializers import FieldsBoundOnceSerializer
 from catalog.models import ApiKey
 from marketplace.idempotency import answer_once
+from policies.models import ApprovalRequest
 from tests.conftest import codes_at, error_code
 from tests.escrow.flow import Parties
 
@@ -81,14 +82,15 @@ def test_the_agreement_is_answered_as_drf_renders_its_declared_fields(active, mo
 
 
 def test_a_batch_costs_the_same_few_statements_as_one_event(active, django_assert_num_queries):
-    # The claim on the key, then in the request's transaction (a savepoint inside the test's): the agreement
-    # read, its locked read, one statement for the events and the counters, the approvals the answer names, the
-    # stored answer. No read after the write, no savepoint of its own. The key was read by the request before,
-    # less than CREDENTIAL_CACHE_SECONDS ago (and its last_used_at written, once a minute). (The budget is 50 units.)
+    # The claim on the key, then in the request's transaction (a savepoint inside the test's): the agreement read
+    # under its row lock with its parties and the approval the answer names, one statement for the events and the
+    # counters, the stored answer. No read after the write, no savepoint of its own. The key was read by the request
+    # before, less than CREDENTIAL_CACHE_SECONDS ago (and its last_used_at written, once a minute). (The budget is
+    # 50 units.)
     url = f"/usage-agreements/{active.agreement_id}/record-usage"
     for key, body in (("one", {"units": 1}), ("batch", {"events": [{"units": 1}] * 40})):
         active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": f"warm-{key}"})
-        with django_assert_num_queries(8):
+        with django_assert_num_queries(6):
             assert active.seller_api.post(url, body, headers={"Idempotency-Key": key}).status_code == 201
 
 
@@ -239,6 +241,23 @@ def test_a_plain_report_is_answered_as_drf_answers_it(active, monkeypatch, api, 
     _served_by_drf(monkeypatch)
     assert ours == _answer_without_rollback(getattr(active, api), url, body, {"Idempotency-Key": "same"})
     assert ours[0] == 201 if code is None else ours[2]["error"]["code"] == code
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_a_report_answers_the_approval_its_agreement_was_given(active, monkeypatch, plain):
+    # The approval request is read with the agreement, in the report's one read: the answer names it as the
+    # agreement's own answer does.
+    approval = ApprovalRequest.objects.create(
+        agent_id=active.buyer.pk, subject_type="usage_agreement", subject_id=active.agreement_id, amount=10,
+        rule="above_amount", status="approved", expires_at=timezone.now())
+    if not plain:
+        _served_by_drf(monkeypatch)
+    recorded = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage", {"units": 1},
+                                      headers={"Idempotency-Key": "p1"})
+
+    assert recorded.status_code == 201, recorded.content
+    shown = active.seller_api.get(f"/usage-agreements/{active.agreement_id}").json()["approval"]
+    assert recorded.json()["approval"] == shown and shown["id"] == str(approval.pk) and shown["status"] == "approved"
 
 
 def test_a_plain_report_is_replayed_and_its_key_held_to_its_body(active):
