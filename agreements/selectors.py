@@ -78,7 +78,14 @@ def _report_statement(*, lock: bool) -> tuple[str, list]:
             f"LEFT JOIN {quote(approval.db_table)} r ON r.{quote(approval.get_field('subject_type').column)} = %s "
             f"AND r.{quote(approval.get_field('subject_id').column)} = {column['id']} "
             f"WHERE {column['id']} = %s AND ({column['buyer']} = %s OR {column['seller']} = %s)"
-            + (" FOR UPDATE OF a" if lock else ""), parts)
+            + (_row_lock_clause() if lock else ""), parts)
+
+
+def _row_lock_clause() -> str:
+    """The agreement's row lock (not its parties' or service's), as far as the database has one."""
+    features = connection.features
+    return " FOR UPDATE OF a" if features.has_select_for_update_of else \
+        " FOR UPDATE" if features.has_select_for_update else ""
 
 
 def agreement_for_report(*, agreement_id, agent_id: uuid.UUID, lock: bool = False) -> tuple[UsageAgreement, dict]:
