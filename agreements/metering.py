@@ -612,14 +612,17 @@ def _lock_and_read(agreement: UsageAgreement) -> None:
 
 
 @logs_name_the_agreement
-def usage_record(*, agreement: UsageAgreement, seller, entries: list[dict], request_id: str) -> list[UsageEvent]:
+def usage_record(*, agreement: UsageAgreement, seller_id: uuid.UUID, entries: list[dict], request_id: str,
+                 locked: bool = False) -> list[UsageEvent]:
     """Seller-reported usage: all entries or none, under the same cap and receipt chain as proxied calls.
-    `agreement` is read again under its row lock and left as written."""
-    if agreement.seller_id != seller.pk:
+    `agreement` is read again under its row lock, unless `locked` says the caller's transaction read it under
+    that lock already (`selectors.agreement_for_report(lock=True)`), and left as written."""
+    if agreement.seller_id != seller_id:
         raise Forbidden("Only the seller reports usage.", code="seller_only")
     # No savepoint when nested (the request's transaction): a failure here fails the caller's transaction too.
     with transaction.atomic(savepoint=False):
-        _lock_and_read(agreement)
+        if not locked:
+            _lock_and_read(agreement)
         if agreement.status != S.ACTIVE:
             raise _not_chargeable(agreement)
         if agreement.completion_requested_at is not None:
@@ -683,12 +686,12 @@ def job_result_charge(*, agreement_id, result_hash: str, request_id: str) -> Usa
 
 
 @logs_name_the_agreement
-def usage_record_running_total(*, agreement: UsageAgreement, seller, units_used: int,
+def usage_record_running_total(*, agreement: UsageAgreement, seller_id: uuid.UUID, units_used: int,
                                request_id: str) -> list[UsageEvent]:
     """The seller's running total of reported units (the Pægents SDK's `units_used`): charges the units beyond the
     total reported so far; the same total again charges nothing, so a retry is harmless without an
     Idempotency-Key. A total below what was reported is refused: a charge is never taken back here."""
-    if agreement.seller_id != seller.pk:
+    if agreement.seller_id != seller_id:
         raise Forbidden("Only the seller reports usage.", code="seller_only")
     with transaction.atomic():
         _lock_and_read(agreement)
@@ -699,5 +702,5 @@ def usage_record_running_total(*, agreement: UsageAgreement, seller, units_used:
                            code="usage_total_decreased", details={"units_reported": reported})
         if units_used == reported:
             return []
-        return usage_record(agreement=agreement, seller=seller, request_id=request_id, entries=[
+        return usage_record(agreement=agreement, seller_id=seller_id, request_id=request_id, locked=True, entries=[
             {"units": units_used - reported, "description": f"running total {units_used} units"}])

@@ -137,6 +137,10 @@ def is_activation_stuck(agreement: "UsageAgreement", *, now: datetime) -> bool:
             and now - agreement.updated_at > BACKEND_FAULT_AFTER)
 
 
+# The subject type of an agreement's approval request (policies.ApprovalRequest).
+APPROVAL_SUBJECT = "usage_agreement"
+
+
 class UsageAgreement(models.Model):
     """Terms a buyer and a seller agreed on, frozen at proposal, and how far they have got."""
 

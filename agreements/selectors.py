@@ -13,6 +13,7 @@ from agreements import x402_protocol
 from agreements.invocations import invocation_price as invocation_price
 from agreements.invocations import invocation_seller_share as invocation_seller_share
 from agreements.models import (
+    APPROVAL_SUBJECT,
     AgentEventAck,
     AgreementEvent,
     AgreementStatus,
@@ -25,6 +26,7 @@ from agreements.models import (
     WebhookSubscription,
 )
 from catalog.models import Agent, Service
+from policies.models import ApprovalRequest
 from marketplace.caching import for_a_second
 from marketplace.errors import NotFound
 from marketplace.postgresql import prepared_cursor
@@ -57,40 +59,54 @@ def agreement_get(*, agreement_id, agent: Agent | None) -> UsageAgreement:
 _PARTY_SUMMARY = ("id", "handle", "display_name", "wallet_address")
 
 
-@lru_cache(maxsize=1)
-def _report_statement() -> tuple[str, list]:
+@lru_cache(maxsize=2)
+def _report_statement(*, lock: bool) -> tuple[str, list]:
     """agreement_for_report's SELECT (by agreement id and party) and the columns of what it reads: built once per
-    process (compiling the same query with select_related and only() per request cost more CPU than running it)."""
+    process (compiling the same query with select_related and only() per request cost more CPU than running it).
+    With `lock`, every field of the agreement, under its row lock."""
     quote, agreement_model = connection.ops.quote_name, UsageAgreement
-    parts = [model_columns(agreement_model, "a", ("id", "buyer", "seller", "service")),
+    parts = [model_columns(agreement_model, "a", None if lock else ("id", "buyer", "seller", "service")),
              model_columns(Agent, "b", _PARTY_SUMMARY), model_columns(Agent, "s", _PARTY_SUMMARY),
-             model_columns(Service, "v", ("id", "name"))]
-    meta = agreement_model._meta
+             model_columns(Service, "v", ("id", "name")), model_columns(ApprovalRequest, "r")]
+    meta, approval = agreement_model._meta, ApprovalRequest._meta
     column = {name: f"a.{quote(meta.get_field(name).column)}" for name in ("id", "buyer", "seller", "service")}
     agents, services = quote(Agent._meta.db_table), quote(Service._meta.db_table)
     return (f"SELECT {', '.join(part.select for part in parts)} FROM {quote(meta.db_table)} a "  # noqa: S608
             f"JOIN {agents} b ON b.{quote(Agent._meta.pk.column)} = {column['buyer']} "
             f"JOIN {agents} s ON s.{quote(Agent._meta.pk.column)} = {column['seller']} "
             f"JOIN {services} v ON v.{quote(Service._meta.pk.column)} = {column['service']} "
-            f"WHERE {column['id']} = %s AND ({column['buyer']} = %s OR {column['seller']} = %s)", parts)
+            f"LEFT JOIN {quote(approval.db_table)} r ON r.{quote(approval.get_field('subject_type').column)} = %s "
+            f"AND r.{quote(approval.get_field('subject_id').column)} = {column['id']} "
+            f"WHERE {column['id']} = %s AND ({column['buyer']} = %s OR {column['seller']} = %s)"
+            + (_row_lock_clause() if lock else ""), parts)
 
 
-def agreement_for_report(*, agreement_id, agent: Agent) -> UsageAgreement:
-    """What a seller's usage report reads before metering locks the agreement, in one narrow query: the agreement
-    if the agent is party to it (404 otherwise, as agreement_get), with the parties and service its answer names.
-    Its own fields are left deferred: `metering.usage_record` (or `usage_record_running_total`) reads them under
-    the row lock, and a report that stops before (invalid, not the seller's) never reads them. Half the CPU of
-    agreement_get, in Python and in PostgreSQL's planning of the wider join; the statement is built once
-    (`_report_statement`) and prepared on the server."""
-    sql, (agreement_part, buyer_part, seller_part, service_part) = _report_statement()
+def _row_lock_clause() -> str:
+    """The agreement's row lock (not its parties' or service's), as far as the database has one."""
+    features = connection.features
+    return " FOR UPDATE OF a" if features.has_select_for_update_of else \
+        " FOR UPDATE" if features.has_select_for_update else ""
+
+
+def agreement_for_report(*, agreement_id, agent_id: uuid.UUID, lock: bool = False) -> tuple[UsageAgreement, dict]:
+    """What a seller's usage report reads of the agreement, in one statement: the agreement if the agent is party
+    to it (404 otherwise, as agreement_get), with the parties and service its answer names, and its approval
+    request ({agreement id: approval}, as `agreement_payload` takes them; no charge changes it).
+
+    Without `lock` its own fields are left deferred: `metering.usage_record` (or `usage_record_running_total`)
+    reads them under the row lock, and a report that stops before (invalid, not the seller's) never reads them.
+    With `lock` (in a transaction) they are read under the row lock, held to the commit: what
+    `metering.usage_record(locked=True)` takes. Half the CPU of agreement_get, in Python and in PostgreSQL's
+    planning of the wider join; the statement is built once (`_report_statement`) and prepared on the server."""
+    sql, (agreement_part, buyer_part, seller_part, service_part, approval_part) = _report_statement(lock=lock)
     try:
         agreement_pk = UsageAgreement._meta.pk.to_python(agreement_id)
     except ValidationError:
         raise NotFound("No such agreement.", code="agreement_not_found") from None
     pk = UsageAgreement._meta.pk.get_db_prep_value(agreement_pk, connection)
-    agent_pk = Agent._meta.pk.get_db_prep_value(agent.pk, connection)
+    agent_pk = Agent._meta.pk.get_db_prep_value(agent_id, connection)
     with prepared_cursor() as cursor:
-        cursor.execute(sql, [pk, agent_pk, agent_pk])
+        cursor.execute(sql, [APPROVAL_SUBJECT, pk, agent_pk, agent_pk])
         row = cursor.fetchone()
     if row is None:
         raise NotFound("No such agreement.", code="agreement_not_found")
@@ -98,7 +114,8 @@ def agreement_for_report(*, agreement_id, agent: Agent) -> UsageAgreement:
     agreement = agreement_part.instance(values)
     for part, relation in ((buyer_part, "buyer"), (seller_part, "seller"), (service_part, "service")):
         UsageAgreement._meta.get_field(relation).set_cached_value(agreement, part.instance(values))
-    return agreement
+    approval = approval_part.instance(values) if row[-len(approval_part.attnames)] is not None else None
+    return agreement, {} if approval is None else {agreement.pk: approval}
 
 
 @dataclass(frozen=True)

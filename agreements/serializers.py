@@ -5,8 +5,7 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from agreements import selectors
-from agreements.models import AgreementEvent, AgreementStatus, SettlementModel
-from agreements.services import APPROVAL_SUBJECT
+from agreements.models import APPROVAL_SUBJECT, AgreementEvent, AgreementStatus, SettlementModel
 from marketplace.chainconfig import receipt_signer_address
 from marketplace.pagination import PageQuerySerializer
 from marketplace.serializers import (
@@ -235,11 +234,14 @@ class AgreementSerializer(FieldsBoundOnceSerializer):
         return {"id": approval.pk, "status": approval.status, "expires_at": approval.expires_at}
 
 
-def agreement_payload(agreement, *, many: bool = False, serializer=AgreementSerializer, **context):
-    """An agreement (or a list) as the API shows it, with the approvals it waits for."""
-    rows = agreement if many else [agreement]
-    approvals = policy_selectors.approvals_for_subjects(subject_type=APPROVAL_SUBJECT,
-                                                        subject_ids=[row.pk for row in rows])
+def agreement_payload(agreement, *, many: bool = False, serializer=AgreementSerializer, approvals: dict | None = None,
+                      **context):
+    """An agreement (or a list) as the API shows it, with the approvals it waits for ({agreement id: approval
+    request}, read here unless given)."""
+    if approvals is None:
+        rows = agreement if many else [agreement]
+        approvals = policy_selectors.approvals_for_subjects(subject_type=APPROVAL_SUBJECT,
+                                                            subject_ids=[row.pk for row in rows])
     return serializer(agreement, many=many, context={"approvals": approvals, **context}).data
 
 
@@ -398,6 +400,29 @@ class UsageEntrySerializer(StrictSerializer):
         return super().run_validation(data) if plain is None else plain
 
 
+def plain_usage_report(data) -> dict | None:
+    """A report of plainly valid entries (`_plain_entry`), one or a batch within the batch limits, as
+    RecordUsageSerializer validates it; None for anything else (which the serializer's fields take, or refuse)."""
+    if type(data) is dict:
+        if data.keys() == {"events"}:
+            events = data["events"]
+            if type(events) is list and 1 <= len(events) <= USAGE_BATCH_MAX:
+                entries = [_plain_entry(entry) for entry in events]
+                if None not in entries:
+                    return {"description": "", "events": entries, "completed": False}
+        elif data.keys() == {"units", "description"} or data.keys() == {"units"}:
+            entry = _plain_entry(data)
+            if entry is not None:
+                return {**entry, "completed": False}
+    return None
+
+
+def usage_entries(report: dict) -> list[dict]:
+    """The entries of a validated report of events (one or a batch)."""
+    return report["events"] if "events" in report else [{"units": report["units"],
+                                                          "description": report["description"]}]
+
+
 class RecordUsageSerializer(StrictSerializer):
     """One entry (`units`, `description`) or a batch (`events`, up to 100), all-or-nothing against the cap, each
     with an Idempotency-Key; or the Pægents SDK's running total (`units_used`, `completed`), idempotent by itself."""
@@ -414,22 +439,11 @@ class RecordUsageSerializer(StrictSerializer):
                                          help_text="With units_used: end the agreement, as POST .../complete.")
 
     def run_validation(self, data=serializers.empty):
-        """A report of plainly valid entries (`_plain_entry`), one or a batch within the batch limits, is taken
-        as is, as the fields and `validate` would take it: binding this serializer's fields (a deep copy of each,
-        the batch's child serializer included) and walking them cost as much as validating the entries. Anything
-        else goes through the fields, which give the error."""
-        if type(data) is dict:
-            if data.keys() == {"events"}:
-                events = data["events"]
-                if type(events) is list and 1 <= len(events) <= USAGE_BATCH_MAX:
-                    entries = [_plain_entry(entry) for entry in events]
-                    if None not in entries:
-                        return {"description": "", "events": entries, "completed": False}
-            elif data.keys() == {"units", "description"} or data.keys() == {"units"}:
-                entry = _plain_entry(data)
-                if entry is not None:
-                    return {**entry, "completed": False}
-        return super().run_validation(data)
+        """A plain report (`plain_usage_report`) is taken as is, as the fields and `validate` would take it:
+        binding this serializer's fields (a deep copy of each, the batch's child serializer included) and walking
+        them cost as much as validating the entries. Anything else goes through the fields, which give the error."""
+        plain = plain_usage_report(data)
+        return super().run_validation(data) if plain is None else plain
 
     def validate(self, attrs):
         forms = ("units" in attrs) + ("events" in attrs) + ("units_used" in attrs)
@@ -444,10 +458,6 @@ class RecordUsageSerializer(StrictSerializer):
     @property
     def is_running_total(self) -> bool:
         return "units_used" in self.validated_data
-
-    def entries(self) -> list[dict]:
-        data = self.validated_data
-        return data["events"] if "events" in data else [{"units": data["units"], "description": data["description"]}]
 
 
 class RecordedUsageSerializer(AgreementSerializer):

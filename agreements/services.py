@@ -33,6 +33,7 @@ from agreements.metering import completion_request as completion_request
 from agreements.metering import job_result_charge as job_result_charge
 from agreements.metering import reservations_settle_stale as reservations_settle_stale
 from agreements.models import (
+    APPROVAL_SUBJECT,
     TRANSITIONS,
     AgreementEvent,
     AgreementStatus,
@@ -77,7 +78,6 @@ _TIMESTAMPS = {
 }
 # What an agreement in each status counts against the buyer's spend caps (see `_committed_spend`).
 NOTHING_COMMITTED = (S.REJECTED, S.CANCELLED, S.EXPIRED, S.ACTIVATION_FAILED, S.PAYMENT_FAILED)
-APPROVAL_SUBJECT = "usage_agreement"
 
 
 @dataclass(frozen=True)

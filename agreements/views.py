@@ -1,6 +1,7 @@
 from django.conf import settings
 from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework import status
+from rest_framework.exceptions import APIException, Throttled
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -36,15 +37,19 @@ from agreements.serializers import (
     WebhookDeliverySerializer,
     WebhookSerializer,
     agreement_payload,
+    plain_usage_report,
+    usage_entries,
 )
 from catalog import selectors as catalog_selectors
-from catalog.authentication import IsAgentOrOwner, acting_agent, agent_scope, calling_agent
+from catalog.authentication import IsAgentOrOwner, KeyHolder, acting_agent, agent_key_holder, agent_scope, calling_agent
 from catalog.models import KeyScope
 from marketplace import chainconfig
 from marketplace.chainconfig import relayer_address
-from marketplace.errors import InvalidInput, NotFound
+from marketplace import bounded_json
+from marketplace.errors import ApplicationError, InvalidInput, NotFound, api_exception_handler
 from marketplace.idempotency import HEADER as IDEMPOTENCY_HEADER
-from marketplace.idempotency import idempotent
+from marketplace.idempotency import MAX_KEY_LENGTH, answer_once, fingerprint_of, idempotent
+from marketplace.throttling import credential_key, windows_wait
 from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
 from marketplace.serializers import cents_of, error_responses
 from sdk import receipts
@@ -265,6 +270,12 @@ class UsageView(APIView):
 
 
 class RecordUsageView(APIView):
+    """DRF describes this view and serves whatever is out of the ordinary. A plain report (`_plain_report`: an
+    agent key, an Idempotency-Key, a JSON body of plainly valid entries) is served by `dispatch` without DRF's
+    request wrapping, authentication classes, negotiation and throttle classes, which cost as much CPU as a batch's
+    validation and answer, with the same answers: the same key rules (`agent_key_holder`), rate limits
+    (`windows_wait`), idempotency (`answer_once`), handler and DRF's own rendering and error shape."""
+
     permission_classes = [agent_scope(KeyScope.PAY)]
     throttle_scope = "payments"
 
@@ -274,26 +285,77 @@ class RecordUsageView(APIView):
                    responses={201: RecordedUsageSerializer, **error_responses(402, 404, 409, 422, 429)})
     @idempotent()
     def post(self, request, agreement_id):
-        agent = calling_agent(request)
-        agreement = selectors.agreement_for_report(agreement_id=agreement_id, agent=agent)
-        body = RecordUsageSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
+        return self._record(request, agreement_id, agent_id=calling_agent(request).pk)
+
+    def dispatch(self, request, *args, **kwargs):
+        plain = _plain_report(request)
+        if plain is None:
+            return super().dispatch(request, *args, **kwargs)
+        holder, data, report = plain
+        self.args, self.kwargs, self.request, self.headers = args, kwargs, request, self.default_response_headers
+        request.accepted_renderer, request.accepted_media_type = self.get_renderers()[0], "application/json"
+        try:
+            wait = windows_wait([(credential_key(scope, holder.prefix), scope)
+                                 for scope in ("api", self.throttle_scope)])
+            if wait is not None:
+                raise Throttled(wait)
+            response = answer_once(
+                request, scope=f"agent:{holder.agent_id}", key=request.headers[IDEMPOTENCY_HEADER],
+                fingerprint=fingerprint_of(request, data),
+                handler=lambda: self._record(request, kwargs["agreement_id"], agent_id=holder.agent_id,
+                                             report=report))
+        except Exception as exc:
+            response = api_exception_handler(exc, self.get_exception_handler_context())
+            response.exception = True
+        self.response = self.finalize_response(request, response, *args, **kwargs)
+        return self.response
+
+    def _record(self, request, agreement_id, *, agent_id, report: dict | None = None):
+        # A plain report is known to add events, in the transaction `answer_once` holds: the agreement is read
+        # under its row lock at once.
+        locked = report is not None
+        agreement, approvals = selectors.agreement_for_report(agreement_id=agreement_id, agent_id=agent_id,
+                                                              lock=locked)
+        if report is None:
+            body = RecordUsageSerializer(data=request.data)
+            body.is_valid(raise_exception=True)
+            report = body.validated_data
         request_id = request.request_id
-        if body.is_running_total:
-            events = metering.usage_record_running_total(agreement=agreement, seller=agent,
-                                                         units_used=body.validated_data["units_used"],
-                                                         request_id=request_id)
-            if body.validated_data["completed"]:
+        if "units_used" in report:
+            events = metering.usage_record_running_total(agreement=agreement, seller_id=agent_id,
+                                                         units_used=report["units_used"], request_id=request_id)
+            if report["completed"]:
                 metering.completion_request(agreement=agreement, reason="completed by the seller")
         else:
             if IDEMPOTENCY_HEADER not in request.headers:
                 raise InvalidInput(f"The {IDEMPOTENCY_HEADER} header is required to report usage events.",
                                    code="idempotency_key_required")
-            events = metering.usage_record(agreement=agreement, seller=agent, entries=body.entries(),
-                                           request_id=request_id)
-        # `agreement` is as the report left it: metering read it again under its row lock, held to the commit.
-        return Response(agreement_payload(agreement, serializer=RecordedUsageSerializer, events=events),
-                        status=status.HTTP_201_CREATED)
+            events = metering.usage_record(agreement=agreement, seller_id=agent_id, entries=usage_entries(report),
+                                           request_id=request_id, locked=locked)
+        # `agreement` is as the report left it: read under its row lock, held to the commit.
+        return Response(agreement_payload(agreement, serializer=RecordedUsageSerializer, approvals=approvals,
+                                          events=events), status=status.HTTP_201_CREATED)
+
+
+def _plain_report(request) -> tuple[KeyHolder, dict, dict] | None:
+    """The caller's key, the parsed body and the validated report of a request DRF would take as it is, with a
+    plain report (`plain_usage_report`); None for anything else, which DRF then serves. Nothing is counted or
+    written before this decides."""
+    if (request.method != "POST" or request.content_type != "application/json"
+            or request.content_params.get("charset", "utf-8").lower() != "utf-8"
+            or request.headers.get("Accept", "*/*") not in ("*/*", "application/json")):
+        return None
+    key, length = request.headers.get(IDEMPOTENCY_HEADER), request.META.get("CONTENT_LENGTH", "")
+    if (not key or len(key) > MAX_KEY_LENGTH or not length.isdigit()
+            or int(length) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE):
+        return None
+    try:
+        holder = agent_key_holder(request, scope=KeyScope.PAY)
+        data = bounded_json.loads(request.body, max_bytes=settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+    except (APIException, ApplicationError, bounded_json.InvalidJSON):  # DRF gives the error
+        return None
+    report = plain_usage_report(data)
+    return None if report is None else (holder, data, report)
 
 
 class CompleteView(APIView):

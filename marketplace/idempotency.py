@@ -40,9 +40,18 @@ MAX_KEY_LENGTH = 255
 def _fingerprint(request) -> str:
     body = request.body
     try:
-        canonical = json.dumps(bounded_json.loads(body or b"null"), sort_keys=True, separators=(",", ":")).encode()
+        data = bounded_json.loads(body or b"null")
     except bounded_json.InvalidJSON:  # the parser refuses it with its own error when the view reads it
-        canonical = body
+        return _digest(request, body)
+    return fingerprint_of(request, data)
+
+
+def fingerprint_of(request, data) -> str:
+    """The fingerprint of `request` whose body parsed to `data`, for a view that parsed it already."""
+    return _digest(request, json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _digest(request, canonical: bytes) -> str:
     return hashlib.sha256(request.method.encode() + b" " + request.path.encode() + b"\n" + canonical).hexdigest()
 
 
@@ -134,31 +143,45 @@ def idempotent(required: bool = False, atomic: bool = True, prepare: Callable | 
                 if prepare is not None:
                     kwargs["prepared"] = prepare(view, request, *args, **kwargs)
                 return handler(view, request, *args, **kwargs)
-            if not key or len(key) > MAX_KEY_LENGTH:
-                raise InvalidInput(f"{HEADER} must be 1-{MAX_KEY_LENGTH} characters.", code="invalid_idempotency_key")
-            claim = _claim(_scope(request), key, _fingerprint(request))
-            if isinstance(claim, Response):
-                return claim
-            try:
-                if prepare is not None:
-                    kwargs["prepared"] = prepare(view, request, *args, **kwargs)
-                with transaction.atomic() if atomic else contextlib.nullcontext():
-                    response = handler(view, request, *args, **kwargs)
-                    if response.status_code >= 500:
-                        raise _DoNotStore(response)
-                    _store(claim, request, response)
-                    return response
-            except _DoNotStore as failed:
-                _release(claim)
-                return failed.response
-            except Exception:
-                # The effects rolled back with the transaction: release the key so a corrected retry can run.
-                _release(claim)
-                raise
+            key_check(key)
+            return answer_once(
+                request, scope=_scope(request), key=key, fingerprint=_fingerprint(request), atomic=atomic,
+                prepare=None if prepare is None else lambda: prepare(view, request, *args, **kwargs),
+                handler=lambda **prepared: handler(view, request, *args, **kwargs, **prepared))
 
         return wrapper
 
     return decorator
+
+
+def key_check(key: str) -> None:
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise InvalidInput(f"{HEADER} must be 1-{MAX_KEY_LENGTH} characters.", code="invalid_idempotency_key")
+
+
+def answer_once(request, *, scope: str, key: str, fingerprint: str, handler: Callable[..., Response],
+                atomic: bool = True, prepare: Callable[[], object] | None = None) -> Response:
+    """`handler()`'s answer under the claim of `key` (checked by `key_check`) in `scope`, or the stored answer to
+    the request that claimed it: what `idempotent` does, for a view that dispatches requests itself. `handler`
+    receives what `prepare()` returns as `prepared`."""
+    claim = _claim(scope, key, fingerprint)
+    if isinstance(claim, Response):
+        return claim
+    try:
+        prepared = {} if prepare is None else {"prepared": prepare()}
+        with transaction.atomic() if atomic else contextlib.nullcontext():
+            response = handler(**prepared)
+            if response.status_code >= 500:
+                raise _DoNotStore(response)
+            _store(claim, request, response)
+            return response
+    except _DoNotStore as failed:
+        _release(claim)
+        return failed.response
+    except Exception:
+        # The effects rolled back with the transaction: release the key so a corrected retry can run.
+        _release(claim)
+        raise
 
 
 class _DoNotStore(Exception):

@@ -312,8 +312,7 @@ PROXY_REPLAY_MAX_BYTES = env.int("PROXY_REPLAY_MAX_BYTES", default=10 * 1024 * 1
 ALLOW_PRIVATE_UPSTREAMS = env.bool("ALLOW_PRIVATE_UPSTREAMS", default=DEBUG)
 # Rate-limit counters live here: Redis in production (CACHE_URL=redis://host:6379/2) so every process shares them.
 CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://")}
-REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["marketplace.throttling.ApiRateThrottle",
-                                              "marketplace.throttling.CredentialRateThrottle"]
+REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["marketplace.throttling.CredentialRateThrottle"]
 REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {
     "api": env.str("API_RATE_LIMIT", default="6000/min"),  # per API key or owner token, every authenticated call
     "proxy": env.str("RATE_LIMIT_PROXY", default="6000/min"),  # per API key, metered-proxy calls

@@ -1,6 +1,6 @@
 """Rate limits per credential: each API key (or owner token) has its own budget per scope.
 
-Every authenticated request counts against its credential's `api` budget (API_RATE_LIMIT, `ApiRateThrottle`).
+Every authenticated request counts against its credential's `api` budget (API_RATE_LIMIT).
 On top of that, a view opts in to a narrower budget with `throttle_scope = "proxy"` (every method) or a mapping such as `{"POST": "payments"}`;
 rates come from `REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]`, read on each request so settings can change them.
 Counts live in the Django cache: set CACHE_URL to Redis in production so every process shares them. An exceeded
@@ -13,7 +13,8 @@ burst at a window's edge may reach twice the rate over a short span, which is fi
 On Redis every budget a request counts against is counted in one round trip, by one script (`_COUNT_WINDOWS`):
 Django's cache API would take two per window (its `incr` asks `EXISTS` first), so four per metered call. The
 Redis client is made once per connection pool: Django's backend builds a new one per call, and building one (and a
-pipeline) copied redis-py's table of ~170 reply callbacks each time, a sixth of a proxied call's CPU.
+pipeline) copied redis-py's table of ~170 reply callbacks each time, a sixth of a proxied call's CPU. One throttle
+class counts both of a request's budgets (`api` and the view's), so a DRF view also counts them in one round trip.
 """
 
 import math
@@ -87,36 +88,33 @@ def credential_key(scope: str, credential_prefix: str, kind: str = "ApiKey") -> 
 
 
 class CredentialRateThrottle(ScopedRateThrottle):
+    """Both budgets of a request, counted together (`windows_wait`): the credential's `api` budget when the request
+    carries one, and the view's own scope when it names one."""
+
     def scope_for(self, request, view) -> str | None:
         scope = getattr(view, self.scope_attr, None)
         return scope.get(request.method) if isinstance(scope, dict) else scope
 
     def allow_request(self, request, view):
+        scopes = ["api"] if request.auth is not None or request.user.is_authenticated else []
         scope = self.scope_for(request, view)
-        if not scope:
+        if scope:
+            scopes.append(scope)
+        if not scopes:
             return True
-        self.scope = scope
-        self.window_ends = windows_wait([(self.get_cache_key(request, view), scope)])
+        self.window_ends = windows_wait([(self.budget_key(request, name), name) for name in scopes])
         return self.window_ends is None
 
     def wait(self):
         return self.window_ends
 
-    def get_cache_key(self, request, view):
+    def budget_key(self, request, scope: str) -> str:
         # The credential's prefix, not the owner: two agents of one owner have separate budgets.
         prefix = getattr(request.auth, "prefix", None)
         if prefix:
-            return credential_key(self.scope, prefix, type(request.auth).__name__)
+            return credential_key(scope, prefix, type(request.auth).__name__)
         if request.user and request.user.is_authenticated:
             ident = f"user:{request.user.pk}"
         else:
             ident = self.get_ident(request)
-        return self.cache_format % {"scope": self.scope, "ident": ident}
-
-
-class ApiRateThrottle(CredentialRateThrottle):
-    """The `api` budget: every request that carries a credential, whatever the view (anonymous calls are limited
-    per client address by the views that allow them)."""
-
-    def scope_for(self, request, view) -> str | None:
-        return "api" if request.auth is not None or request.user.is_authenticated else None
+        return self.cache_format % {"scope": scope, "ident": ident}

@@ -3,19 +3,25 @@ the answer must stay exactly what DRF's fields would give, and input that is not
 through the fields, which trim, refuse and name the error."""
 
 import json
+import time
 import uuid
 from types import SimpleNamespace
 
 import pytest
+from django.core.cache import cache
+from django.db import transaction
 from django.utils import timezone
 from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
 
-from agreements import selectors
+from agreements import selectors, views
 from agreements.models import UsageEvent
 from agreements.serializers import AgreementSerializer, RecordedUsageSerializer, UsageEventSerializer
 from marketplace.serializers import FieldsBoundOnceSerializer
-from tests.conftest import codes_at
+from catalog.models import ApiKey
+from marketplace.idempotency import answer_once
+from policies.models import ApprovalRequest
+from tests.conftest import codes_at, error_code
 from tests.escrow.flow import Parties
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -76,13 +82,15 @@ def test_the_agreement_is_answered_as_drf_renders_its_declared_fields(active, mo
 
 
 def test_a_batch_costs_the_same_few_statements_as_one_event(active, django_assert_num_queries):
-    # Authentication, the claim on the key, then in the request's transaction (a savepoint inside the test's): the
-    # agreement read, its locked read, one statement for the events and the counters, the approvals the answer
-    # names, the stored answer. No read after the write, no savepoint of its own. (The budget is 50 units.)
+    # The claim on the key, then in the request's transaction (a savepoint inside the test's): the agreement read
+    # under its row lock with its parties and the approval the answer names, one statement for the events and the
+    # counters, the stored answer. No read after the write, no savepoint of its own. The key was read by the request
+    # before, less than CREDENTIAL_CACHE_SECONDS ago (and its last_used_at written, once a minute). (The budget is
+    # 50 units.)
     url = f"/usage-agreements/{active.agreement_id}/record-usage"
-    active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "warm"})  # last_used_at, once a minute
     for key, body in (("one", {"units": 1}), ("batch", {"events": [{"units": 1}] * 40})):
-        with django_assert_num_queries(9):
+        active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": f"warm-{key}"})
+        with django_assert_num_queries(6):
             assert active.seller_api.post(url, body, headers={"Idempotency-Key": key}).status_code == 201
 
 
@@ -184,3 +192,104 @@ def test_a_stored_answer_is_encoded_once_and_replayed_as_sent(active, monkeypatc
     assert replay.status_code == 201 and replay["Idempotent-Replayed"] == "true"
     assert replay.json() == first.json()  # the same JSON (jsonb keeps no key order)
     assert UsageEvent.objects.filter(agreement_id=active.agreement_id).count() == 2
+
+
+# A plain report (an agent key, an Idempotency-Key, plainly valid entries in a JSON body) is served by
+# RecordUsageView.dispatch without DRF's request wrapping; anything else by DRF's dispatch. Both answer alike.
+
+def _served_by_drf(monkeypatch):
+    monkeypatch.setattr(views, "_plain_report", lambda request: None)
+
+
+def _answer_without_rollback(api, url, body, headers) -> tuple:
+    """The answer to a request whose effects are then rolled back: status, headers and body, the events' ids (not
+    reused, so their length too) and the times left out."""
+    try:
+        with transaction.atomic():
+            response = api.post(url, body, headers={"X-Request-Id": "req_same", **headers})
+            raise _RolledBack(response)
+    except _RolledBack as rolled_back:
+        response = rolled_back.response
+    answer = json.loads(response.content)
+    for event in answer.get("events", []):
+        event["id"] = event["created_at"] = None
+    for name in ("updated_at", "created_at"):
+        answer.pop(name, None)
+    return response.status_code, sorted(item for item in response.items() if item[0] != "Content-Length"), answer
+
+
+class _RolledBack(Exception):
+    def __init__(self, response):
+        self.response = response
+
+
+@pytest.mark.parametrize(("api", "body", "code"), [
+    ("seller_api", {"events": [{"units": index % 3 + 1, "description": "bench"} for index in range(10)]}, None),
+    ("seller_api", {"units": 2, "description": "one"}, None),
+    ("seller_api", {"events": [{"units": 30}, {"units": 30}]}, "budget_exhausted"),
+    ("buyer_api", {"units": 1}, "seller_only"),
+    ("seller_api", "unknown agreement", "agreement_not_found"),
+])
+def test_a_plain_report_is_answered_as_drf_answers_it(active, monkeypatch, api, body, code):
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    if body == "unknown agreement":
+        url, body = f"/usage-agreements/{uuid.uuid4()}/record-usage", {"units": 1}
+    served = []
+    monkeypatch.setattr(views, "answer_once", lambda *args, **kwargs: (served.append(1), answer_once(*args, **kwargs))[1])
+    ours = _answer_without_rollback(getattr(active, api), url, body, {"Idempotency-Key": "same"})
+    assert served == [1]  # by dispatch
+    _served_by_drf(monkeypatch)
+    assert ours == _answer_without_rollback(getattr(active, api), url, body, {"Idempotency-Key": "same"})
+    assert ours[0] == 201 if code is None else ours[2]["error"]["code"] == code
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_a_report_answers_the_approval_its_agreement_was_given(active, monkeypatch, plain):
+    # The approval request is read with the agreement, in the report's one read: the answer names it as the
+    # agreement's own answer does.
+    approval = ApprovalRequest.objects.create(
+        agent_id=active.buyer.pk, subject_type="usage_agreement", subject_id=active.agreement_id, amount=10,
+        rule="above_amount", status="approved", expires_at=timezone.now())
+    if not plain:
+        _served_by_drf(monkeypatch)
+    recorded = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage", {"units": 1},
+                                      headers={"Idempotency-Key": "p1"})
+
+    assert recorded.status_code == 201, recorded.content
+    shown = active.seller_api.get(f"/usage-agreements/{active.agreement_id}").json()["approval"]
+    assert recorded.json()["approval"] == shown and shown["id"] == str(approval.pk) and shown["status"] == "approved"
+
+
+def test_a_plain_report_is_replayed_and_its_key_held_to_its_body(active):
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    body = {"events": [{"units": 1}, {"units": 2}]}
+    first = active.seller_api.post(url, body, headers={"Idempotency-Key": "r1"})
+    again = active.seller_api.post(url, body, headers={"Idempotency-Key": "r1"})
+    other = active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "r1"})
+
+    assert first.status_code == again.status_code == 201
+    assert again["Idempotent-Replayed"] == "true" and again.json() == first.json()
+    assert other.status_code == 422 and error_code(other) == "idempotency_key_reused"
+    assert UsageEvent.objects.filter(agreement_id=active.agreement_id).count() == 2
+
+
+def test_a_plain_report_counts_against_the_keys_rate_limits(active, settings):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
+        **settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "payments": "1/day"}}
+    cache.clear()
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    assert active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "t1"}).status_code == 201
+    refused = active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "t2"})
+    assert refused.status_code == 429 and error_code(refused) == "rate_limited" and int(refused["Retry-After"]) > 0
+    assert UsageEvent.objects.filter(agreement_id=active.agreement_id).count() == 1
+    cache.clear()
+
+
+def test_a_revoked_key_reports_no_more_usage_within_a_second(active, settings):
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    assert active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "v1"}).status_code == 201
+    ApiKey.objects.filter(prefix=active.seller_api.secret.split("_")[1]).update(revoked_at=timezone.now())
+    time.sleep(settings.CREDENTIAL_CACHE_SECONDS + 0.1)
+    refused = active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "v2"})
+    assert refused.status_code == 401 and error_code(refused) == "credentials_revoked"
+    assert UsageEvent.objects.filter(agreement_id=active.agreement_id).count() == 1

@@ -115,6 +115,25 @@ def test_a_proxied_call_counts_its_budgets_in_one_redis_round_trip(redis_cache, 
     cache.clear()
 
 
+def test_a_view_counts_both_its_budgets_in_one_redis_round_trip(redis_cache, rates, seller_api, monkeypatch):
+    """A usage report counts against the key's `api` and `payments` budgets: one round trip for both (not one per
+    throttle class)."""
+    cache.clear()
+    rates(payments="2/day")
+    url = "/usage-agreements/00000000-0000-0000-0000-000000000000/record-usage"
+    assert seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "k0"}).status_code == 404  # connects
+    sent = []
+    send = Connection.send_packed_command
+    monkeypatch.setattr(Connection, "send_packed_command", lambda self, *args, **kwargs: (
+        sent.append(b"".join(args[0]) if isinstance(args[0], list) else args[0]), send(self, *args, **kwargs))[1])
+    assert seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "k1"}).status_code == 404
+    assert len(sent) == 1
+    assert b"throttle_api_" in sent[0] and b"throttle_payments_" in sent[0]
+    assert_rate_limited(seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "k2"}))
+    assert len(sent) == 2
+    cache.clear()
+
+
 def test_every_authenticated_view_is_limited_per_credential(limits, buyer, buyer_api, owner_api, seller_api):
     limits(api="3/day")
     for path in ("/agents/me", "/usage-agreements", "/services/inv_nope"):
