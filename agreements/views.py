@@ -51,6 +51,7 @@ from marketplace.idempotency import HEADER as IDEMPOTENCY_HEADER
 from marketplace.idempotency import MAX_KEY_LENGTH, answer_once, fingerprint_of, idempotent
 from marketplace.throttling import credential_key, windows_wait
 from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
+from marketplace.parsers import plain_json_post
 from marketplace.serializers import cents_of, error_responses
 from sdk import receipts
 
@@ -341,13 +342,8 @@ def _plain_report(request) -> tuple[KeyHolder, dict, dict] | None:
     """The caller's key, the parsed body and the validated report of a request DRF would take as it is, with a
     plain report (`plain_usage_report`); None for anything else, which DRF then serves. Nothing is counted or
     written before this decides."""
-    if (request.method != "POST" or request.content_type != "application/json"
-            or request.content_params.get("charset", "utf-8").lower() != "utf-8"
-            or request.headers.get("Accept", "*/*") not in ("*/*", "application/json")):
-        return None
-    key, length = request.headers.get(IDEMPOTENCY_HEADER), request.META.get("CONTENT_LENGTH", "")
-    if (not key or len(key) > MAX_KEY_LENGTH or not length.isdigit()
-            or int(length) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE):
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if not plain_json_post(request) or not key or len(key) > MAX_KEY_LENGTH:
         return None
     try:
         holder = agent_key_holder(request, scope=KeyScope.PAY)

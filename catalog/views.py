@@ -26,7 +26,7 @@ from catalog.serializers import (
 from marketplace.errors import Forbidden, error_response
 from marketplace.idempotency import idempotent
 from marketplace.pagination import paginate
-from marketplace.parsers import BoundedJSONParser
+from marketplace.parsers import BoundedJSONParser, plain_json_post
 from marketplace.renderers import rendered_response
 from marketplace.serializers import error_responses
 from marketplace.throttling import credential_key, windows_wait
@@ -247,20 +247,15 @@ class CatalogSearchView(APIView):
 
 
 _SEARCH_ALLOW = "POST, OPTIONS"  # what DRF answers in `Allow` for this view
-# Accept headers that choose the API's one renderer with no parameter (an `indent` one changes the rendering).
-_PLAIN_ACCEPT = frozenset({"", "*/*", "application/json", "application/*"})
 # The search body's validator, its fields bound once per process (DRF deep-copies them for every serializer):
 # validation keeps no state on the serializer, only what `is_valid` would store.
 _SEARCH_BODY = ServiceSearchSerializer()
 
 
 def _plain_search(request) -> bool:
-    """A POST of a JSON body with an agent key and nothing for DRF to negotiate (no query string, a plain Accept).
-    Anything else (another method, a session, an owner token, no body) is served by DRF itself."""
-    meta = request.META
-    return (request.method == "POST" and request.content_type == "application/json"
-            and meta.get("CONTENT_LENGTH", "") not in ("", "0") and not meta.get("QUERY_STRING")
-            and meta.get("HTTP_ACCEPT", "").strip() in _PLAIN_ACCEPT and presents_agent_key(request))
+    """A plain JSON POST with an agent key. Anything else (another method, a session, an owner token, no body) is
+    served by DRF itself."""
+    return plain_json_post(request) and presents_agent_key(request)
 
 
 def _search_answer(data) -> dict:

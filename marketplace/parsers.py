@@ -47,3 +47,18 @@ class BoundedJSONParser(JSONParser):
 def _json_type(value) -> str:
     return {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
             type(None): "null"}.get(type(value), "unknown")
+
+
+# Accept headers that choose the API's one renderer with no parameter (an `indent` one changes the rendering).
+_PLAIN_ACCEPT = frozenset({"", "*/*", "application/json", "application/*"})
+
+
+def plain_json_post(request) -> bool:
+    """A POST of a UTF-8 JSON body of a length within the limit, with nothing for DRF to negotiate (no query string,
+    a plain Accept): what the views that skip DRF's dispatch on their hot path (catalog search, usage reports) may
+    serve themselves, with DRF's answers. Anything else is DRF's to serve."""
+    meta, length = request.META, request.META.get("CONTENT_LENGTH", "")
+    return (request.method == "POST" and request.content_type == "application/json"
+            and request.content_params.get("charset", "utf-8").lower() == "utf-8"
+            and length.isdigit() and 0 < int(length) <= settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+            and not meta.get("QUERY_STRING") and meta.get("HTTP_ACCEPT", "").strip() in _PLAIN_ACCEPT)

@@ -9,13 +9,8 @@ from django.db import connection, connections
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 
-def test_an_idle_sound_connection_is_usable_without_a_round_trip(monkeypatch):
-    connection.ensure_connection()
-    monkeypatch.setattr(type(connection.connection), "cursor", lambda *args, **kwargs: pytest.fail("a round trip"))
-    assert connection.is_usable()
-
-
-def test_a_connection_the_server_closed_is_not_usable_and_the_next_request_reconnects():
+def _terminated_by_the_server() -> int:
+    """Open the connection, have the server terminate its backend; its pid."""
     connection.ensure_connection()
     pid = connection.connection.info.backend_pid
     killer = connections.create_connection("default")
@@ -24,6 +19,17 @@ def test_a_connection_the_server_closed_is_not_usable_and_the_next_request_recon
             cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
     finally:
         killer.close()
+    return pid
+
+
+def test_an_idle_sound_connection_is_usable_without_a_round_trip(monkeypatch):
+    connection.ensure_connection()
+    monkeypatch.setattr(type(connection.connection), "cursor", lambda *args, **kwargs: pytest.fail("a round trip"))
+    assert connection.is_usable()
+
+
+def test_a_connection_the_server_closed_is_not_usable_and_the_next_request_reconnects():
+    pid = _terminated_by_the_server()
     time.sleep(0.2)  # the server's goodbye reaches the socket
     assert not connection.is_usable()
 
@@ -39,14 +45,7 @@ def test_a_request_whose_first_statement_is_prepared_checks_the_connection_first
     another session than the statements before it."""
     from marketplace.postgresql import prepared_cursor
 
-    connection.ensure_connection()
-    pid = connection.connection.info.backend_pid
-    killer = connections.create_connection("default")
-    try:
-        with killer.cursor() as cursor:
-            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
-    finally:
-        killer.close()
+    pid = _terminated_by_the_server()
     time.sleep(0.2)
     connection.health_check_enabled, connection.health_check_done = True, False  # a request starts
 
