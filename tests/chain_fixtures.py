@@ -16,6 +16,7 @@ None of them touches the Django database.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -181,19 +182,23 @@ def chain(request: pytest.FixtureRequest) -> Iterator[Chain]:
     """The deployed chain, reverted to its state before the test once the test ends. Its token is named
     "USD Coin", or what the test parametrizes it with (one of TOKEN_NAMES)."""
     token_name = getattr(request, "param", devchain.TOKEN_NAME_BASE)
-    with _reverted(request.getfixturevalue(
+    with reverted(request.getfixturevalue(
             "deployed" if token_name == devchain.TOKEN_NAME_BASE else "deployed_base_sepolia_token")) as handle:
         yield handle
 
 
 @contextmanager
-def _reverted(deployed: Deployed) -> Iterator[Chain]:
+def reverted(deployed: Deployed) -> Iterator[Chain]:
+    """A handle on `deployed`, its chain reverted to where it was once the block ends, its clock the wall clock."""
     handle = Chain(deployed)
     snapshot_id = handle.snapshot()
     try:
         yield handle
     finally:
         handle.revert(snapshot_id)
+        # evm_revert also turns the node's clock back to the snapshot's latest block: left so, each test would put
+        # the chain further behind our clock, until deadlines a later test counts from chain.now() are past by ours.
+        handle.rpc("anvil_setTime", [max(int(time.time()), handle.now())])
 
 
 # Base Sepolia as x402's and the Pægents SDK's asset tables pin it: the chain id, and USDC's address and name.
@@ -227,5 +232,5 @@ def base_sepolia_deployed() -> Iterator[Deployed]:
 @pytest.fixture
 def base_sepolia_chain(base_sepolia_deployed: Deployed) -> Iterator[Chain]:
     """`base_sepolia_deployed`, reverted after the test."""
-    with _reverted(base_sepolia_deployed) as handle:
+    with reverted(base_sepolia_deployed) as handle:
         yield handle
