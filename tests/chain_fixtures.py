@@ -189,16 +189,19 @@ def chain(request: pytest.FixtureRequest) -> Iterator[Chain]:
 
 @contextmanager
 def reverted(deployed: Deployed) -> Iterator[Chain]:
-    """A handle on `deployed`, its chain reverted to where it was once the block ends, its clock the wall clock."""
+    """A handle on `deployed` whose latest block is one mined now, by our clock; the chain is reverted to where it
+    was once the block ends."""
     handle = Chain(deployed)
     snapshot_id = handle.snapshot()
+    # evm_revert also turns the node's clock back to the snapshot's latest block, so each test would leave the chain
+    # further behind ours, until deadlines a test counts from chain.now() are past by ours. Each test sets it to ours
+    # and starts from a block mined at that time (after the snapshot: the chain does not grow from test to test).
+    handle.rpc("anvil_setTime", [max(int(time.time()), handle.now())])
+    handle.mine()
     try:
         yield handle
     finally:
         handle.revert(snapshot_id)
-        # evm_revert also turns the node's clock back to the snapshot's latest block: left so, each test would put
-        # the chain further behind our clock, until deadlines a later test counts from chain.now() are past by ours.
-        handle.rpc("anvil_setTime", [max(int(time.time()), handle.now())])
 
 
 # Base Sepolia as x402's and the Pægents SDK's asset tables pin it: the chain id, and USDC's address and name.
