@@ -44,10 +44,11 @@ demo: install
 	$(PY) manage.py demo
 
 # The whole suite, schemathesis and the fault suite included (`-m ""` lifts pyproject's default of leaving those
-# two out of a bare `pytest`, for quick local runs).
+# two out of a bare `pytest`, for quick local runs). Worksteal: a worker done with its share takes tests from
+# another's, and each share starts with its slow tests (tests/conftest.py, `slow_first`).
 test: install
 	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} \
-		$(PY) -m pytest -n $(PYTEST_WORKERS) -q -m "" $(PYTEST_ARGS)
+		$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal -q -m "" $(PYTEST_ARGS)
 
 # Long schemathesis runs, one per seed, with the coverage phase: FUZZ_WIDE_EXAMPLES per operation and
 # FUZZ_WIDE_SCENARIOS stateful scenarios per principal; each run's time limit grows with them (tests/fuzz).

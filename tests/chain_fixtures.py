@@ -16,6 +16,7 @@ None of them touches the Django database.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -181,15 +182,22 @@ def chain(request: pytest.FixtureRequest) -> Iterator[Chain]:
     """The deployed chain, reverted to its state before the test once the test ends. Its token is named
     "USD Coin", or what the test parametrizes it with (one of TOKEN_NAMES)."""
     token_name = getattr(request, "param", devchain.TOKEN_NAME_BASE)
-    with _reverted(request.getfixturevalue(
+    with reverted(request.getfixturevalue(
             "deployed" if token_name == devchain.TOKEN_NAME_BASE else "deployed_base_sepolia_token")) as handle:
         yield handle
 
 
 @contextmanager
-def _reverted(deployed: Deployed) -> Iterator[Chain]:
+def reverted(deployed: Deployed) -> Iterator[Chain]:
+    """A handle on `deployed` whose latest block is one mined now, by our clock; the chain is reverted to where it
+    was once the block ends."""
     handle = Chain(deployed)
     snapshot_id = handle.snapshot()
+    # evm_revert also turns the node's clock back to the snapshot's latest block, so each test would leave the chain
+    # further behind ours, until deadlines a test counts from chain.now() are past by ours. Each test sets it to ours
+    # and starts from a block mined at that time (after the snapshot: the chain does not grow from test to test).
+    handle.rpc("anvil_setTime", [max(int(time.time()), handle.now())])
+    handle.mine()
     try:
         yield handle
     finally:
@@ -227,5 +235,5 @@ def base_sepolia_deployed() -> Iterator[Deployed]:
 @pytest.fixture
 def base_sepolia_chain(base_sepolia_deployed: Deployed) -> Iterator[Chain]:
     """`base_sepolia_deployed`, reverted after the test."""
-    with _reverted(base_sepolia_deployed) as handle:
+    with reverted(base_sepolia_deployed) as handle:
         yield handle

@@ -23,7 +23,7 @@ from tests.catalog.factories import register_service
 from tests.escrow.flow import confirm_all
 from tests.marketplace.conftest import active_agreement
 
-pytestmark = [pytest.mark.chain, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.chain, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "var" / "test-artifacts" / "admin"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

@@ -61,6 +61,7 @@ def test_over_long_idempotency_key(seller_api):
     assert response.status_code == 400 and error_code(response) == "invalid_idempotency_key"
 
 
+@pytest.mark.slow
 def test_openapi_schema_validates_without_warnings(tmp_path):
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
     assert "/catalog/search" in (tmp_path / "schema.yaml").read_text()

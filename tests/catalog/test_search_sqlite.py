@@ -28,6 +28,7 @@ def test_names_spelt_alike(text, name, alike):
     assert (name_similarity(text, name) > 0) is alike
 
 
+@pytest.mark.slow
 def test_sqlite_finds_sumarize_as_summarizer(seller, buyer_api, tmp_path):
     if connection.vendor != "sqlite":
         # Not as CI: there, tests/conftest.py stops any run whose database is not PostgreSQL, this one included.

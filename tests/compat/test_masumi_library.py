@@ -21,7 +21,7 @@ from tests.conftest import Api
 from tests.escrow.flow import USDC, Parties, pay_fees, usdc_balance
 from tests.sdk.test_client import relayer_polling
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
 
 PRICE = 5 * USDC
 FEE = 103_000  # max(ceil(5 USDC × 2%) + 0.003, 0.10) USDC

@@ -12,7 +12,7 @@ from marketplace.demo_wallets import DEMO_BUYER_WALLET
 from tests.e2e.conftest import escrow_emptied
 from tests.escrow.flow import fund
 
-pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 
 def test_make_demo_settles_and_its_balances_add_up(stack, demo_seller, moving_clock, escrow_chain):

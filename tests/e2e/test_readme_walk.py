@@ -20,7 +20,7 @@ from marketplace.demo_wallets import DEMO_BUYER_WALLET, DEMO_SELLER_WALLET
 from tests.e2e.conftest import escrow_emptied
 from tests.escrow.flow import fund
 
-pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT_PRICE = 10_000  # the walk's Summarizer, per call

@@ -26,26 +26,46 @@ def deployed_on(node: devchain.AnvilProcess) -> Chain:
                           reclaim_grace=TEST_RECLAIM_GRACE))
 
 
+# The dev chain's clock runs this many times as fast as ours here: its blocks come as often by its own clock.
+DEV_CLOCK_SPEED = 4
+
+
 @pytest.fixture
 def dev_chain(settings, tmp_path):
-    """The chain exactly as `manage.py devchain` (`make run`) starts it."""
-    node = devchain.start_dev_chain(port=None, state=tmp_path / "anvil-state.json")
+    """The chain as `manage.py devchain` (`make run`) starts it, a block every DEV_BLOCK_TIME seconds of its own
+    clock, on a clock DEV_CLOCK_SPEED times as fast as ours (so the test waits a quarter as long)."""
+    node = devchain.start_dev_chain(port=None, state=tmp_path / "anvil-state.json",
+                                    block_time=devchain.DEV_BLOCK_TIME / DEV_CLOCK_SPEED)
+    node.rpc("anvil_setBlockTimestampInterval", [devchain.DEV_BLOCK_TIME])
     try:
         yield wire_marketplace(deployed_on(node), settings)
     finally:
         node.stop()
+
+
+# How long the automine-only chain has had no block when the tests ask it for deadlines: longer than their
+# lifetimes (5 s).
+IDLE_SECONDS = 7
 
 
 @pytest.fixture
 def automine_only_chain(settings):
-    """A chain that mines only when a transaction arrives (what `make run` started before)."""
-    node = devchain.start_anvil()
+    """A chain that mines only when a transaction arrives (what `make run` started before). Its clock starts
+    IDLE_SECONDS behind ours, until `idle_since_its_last_block` sets it to ours."""
+    node = devchain.start_anvil(extra_args=("--timestamp", str(int(time.time()) - IDLE_SECONDS)))
     try:
         yield wire_marketplace(deployed_on(node), settings)
     finally:
         node.stop()
 
 
+def idle_since_its_last_block(chain: Chain) -> None:
+    """What waiting IDLE_SECONDS on an idle chain does, without the wait: the chain's clock, that far behind ours
+    until now, is set to ours, so its latest block is at least that old and the next one gets our time."""
+    chain.rpc("anvil_setTime", [int(time.time())])
+
+
+@pytest.mark.slow
 def test_a_completed_agreement_settles_by_itself_on_the_idle_dev_chain(dev_chain, http_server,
                                                                         django_capture_on_commit_callbacks):
     capture = django_capture_on_commit_callbacks
@@ -63,7 +83,7 @@ def test_a_completed_agreement_settles_by_itself_on_the_idle_dev_chain(dev_chain
         with capture(execute=True):
             settlement.settlement_tick()
         confirm_all(capture)
-        time.sleep(1)
+        time.sleep(0.5)
     settled = parties.agreement(agreement["id"])
     assert settled["status"] == "settled", settled["status"]
     assert int(settled["seller_payout_atomic"]) == parties.service.unit_price
@@ -75,7 +95,7 @@ def test_activation_signatures_handed_out_on_an_idle_chain_are_not_already_expir
     settings.ACTIVATION_SIGNATURE_TTL = 5
     parties = Parties(automine_only_chain)
     agreement = parties.accepted_agreement()
-    time.sleep(7)  # no block since: the latest one is older than the signatures' lifetime
+    idle_since_its_last_block(automine_only_chain)  # the latest block is older than the signatures' lifetime
     package = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/activation-package").json()
     assert package["deadline"] >= int(time.time()) + 5 - 1  # counted from now, not from the idle chain's last block
     # Signed as handed out, by the raw key: the SDK itself refuses deadlines under 60 s away (its own bound).
@@ -99,7 +119,7 @@ def test_masumi_timers_handed_out_on_an_idle_chain_are_not_already_past(
         parties = Parties(automine_only_chain, upstream_base_url=service.url, upstream_protocol="masumi", skills=[],
                           pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": USDC,
                                    "token": "USDC"})
-        time.sleep(7)  # no block since: the latest one is older than payByTime's default lead
+        idle_since_its_last_block(automine_only_chain)  # the latest block is older than payByTime's lead
         before, chain_before = int(time.time()), automine_only_chain.now()
         created = parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": {"text": "hello"},
                                                        "agentIdentifier": str(parties.service.pk)})

@@ -1,6 +1,7 @@
 """escrow.devchain and escrow.artifacts: finding and running Anvil, deploying, minting."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from eth_account import Account
 from web3.exceptions import ContractLogicError
 
 from escrow import artifacts, devchain
+from tests.chain_fixtures import reverted
 
 pytestmark = pytest.mark.chain
 
@@ -78,6 +80,19 @@ def test_send_transaction_reports_onchain_revert(chain):
     with pytest.raises(devchain.TransactionFailed) as info:
         devchain.send_transaction(chain.w3, acc.stranger.key, tx)
     assert info.value.receipt["status"] == 0
+
+
+def test_each_test_starts_with_the_chain_clock_on_ours(deployed):
+    """evm_revert turns the node's clock back to the snapshot's latest block: the time a test spends must not pile
+    up as the chain's lag behind our clock in the tests after it."""
+    with reverted(deployed) as handle:
+        time.sleep(2)
+        handle.mine()
+    before = int(time.time())
+    with reverted(deployed) as handle:
+        assert handle.now() >= before
+        handle.mine()
+        assert handle.now() >= before
 
 
 def test_artifacts():

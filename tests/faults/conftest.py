@@ -57,12 +57,32 @@ class Stack:
     def api(self, secret: str) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
 
+    def start(self) -> None:
+        """The web server and the worker, started side by side (each spends seconds loading Django)."""
+        self.web.start()
+        self.worker.start()
+        self._web_ready()
+        self._worker_ready()
+
+    def stop(self) -> None:
+        """Both, stopped side by side."""
+        self.worker.terminate()
+        self.web.terminate()
+        self.worker.wait_stopped()
+        self.web.wait_stopped()
+
     def start_worker(self) -> None:
         self.worker.start()
-        wait_until(lambda: "ready." in self.worker.log(), timeout=60, what="the Celery worker")
+        self._worker_ready()
 
     def start_web(self) -> None:
         self.web.start()
+        self._web_ready()
+
+    def _worker_ready(self) -> None:
+        wait_until(lambda: "ready." in self.worker.log(), timeout=60, what="the Celery worker")
+
+    def _web_ready(self) -> None:
         wait_until(lambda: _answers(self.url), timeout=30, what="the web server")
 
     def relayer_nonce(self) -> int:
@@ -106,11 +126,9 @@ def stack(escrow_chain, redis_server, chain_relay, settings, tmp_path: Path, sta
     stack = Stack(chain=escrow_chain, redis=redis_server, relay=chain_relay, web=web, worker=worker,
                   url=f"http://127.0.0.1:{port}", log_dir=tmp_path,
                   env={**common, "DATABASE_URL": database_url("faults-client")})
-    stack.start_web()
-    stack.start_worker()
+    stack.start()
     yield stack
-    stack.worker.stop()
-    stack.web.stop()
+    stack.stop()
 
 
 def _answers(url: str) -> bool:

@@ -102,13 +102,21 @@ class Service:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """SIGTERM to its process group; `wait_stopped()` waits for it to end."""
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
+
+    def wait_stopped(self) -> None:
+        if self.process:
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    def stop(self) -> None:
+        self.terminate()
+        self.wait_stopped()
 
 
 def web_server(env: dict, log_dir: Path, port: int) -> Service:

@@ -11,7 +11,8 @@ from agreements.models import UsageAgreement
 from tests.faults.conftest import assert_books_balance, assert_each_transaction_sent_once, assert_reconciled
 from tests.faults.processes import wait_until
 
-pytestmark = [pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres,
+              pytest.mark.django_db(transaction=True)]
 
 
 def activate(api, parties, agreement_id):

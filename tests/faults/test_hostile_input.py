@@ -23,7 +23,8 @@ from tests.faults.conftest import assert_books_balance, assert_reconciled
 from tests.faults.processes import DEEP_JSON, celery_worker, wait_until
 from tests.faults.test_dependencies_down import active_agreement
 
-pytestmark = [pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres,
+              pytest.mark.django_db(transaction=True)]
 
 IN_FLIGHT = 12
 

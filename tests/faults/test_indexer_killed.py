@@ -18,7 +18,8 @@ from tests.faults.conftest import assert_reconciled, database_url
 from tests.faults.processes import BIN, Service, wait_until
 from tests.escrow.conftest import escrow_terms
 
-pytestmark = [pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres,
+              pytest.mark.django_db(transaction=True)]
 
 BLOCKS_PER_RANGE = 4
 LOGS_CALLS_PER_RANGE = 3  # the escrow's events, then token transfers from and to the watched addresses

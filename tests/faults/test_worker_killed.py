@@ -10,7 +10,8 @@ from tests.faults.conftest import assert_books_balance, assert_each_transaction_
 from tests.faults.processes import wait_until
 from tests.escrow.flow import pay_fees
 
-pytestmark = [pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres,
+              pytest.mark.django_db(transaction=True)]
 
 
 def activate(stack, parties, agreement_id) -> None:

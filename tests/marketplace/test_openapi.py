@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 # A fresh process: drf-spectacular's shared state is only raced while the first schema is being generated.
 FIRST_REQUESTS_TOGETHER = """
 import os, threading
@@ -27,6 +29,7 @@ print(sorted(statuses))
 """
 
 
+@pytest.mark.slow
 def test_concurrent_first_schema_requests_all_succeed():
     result = subprocess.run([sys.executable, "-c", FIRST_REQUESTS_TOGETHER], capture_output=True, text=True,
                             timeout=120)

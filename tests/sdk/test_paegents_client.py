@@ -25,7 +25,7 @@ VENV = REPO_ROOT / "var" / "paegents-venv"
 DRIVER = REPO_ROOT / "tests" / "support" / "paegents_driver.py"
 PAEGENTS = "paegents==2.9.1"
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
 @pytest.fixture(scope="session")

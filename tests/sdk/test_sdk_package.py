@@ -31,6 +31,7 @@ def test_the_hand_written_receipt_hash_is_eth_accounts_eip712_encoding():
         assert typed_data.recover_typed_data_signer(typed, signature) == signer.address
 
 
+@pytest.mark.slow
 def test_the_sdk_installs_and_imports_without_django(tmp_path):
     # Built from a copy (the build writes next to its sources) with the SDK's own pyproject.toml, installed into
     # a directory of its own, then imported from there with Django made unimportable.

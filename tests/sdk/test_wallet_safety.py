@@ -24,10 +24,12 @@ from tests.catalog.factories import AgentFactory, issue_key, service_data
 from tests.escrow.flow import USDC, fund, network_of
 from tests.sdk.test_client import agent_client, relayer_polling
 from tests.escrow.conftest import escrow_terms
+from tests.faults.processes import wait_until
 
 pytestmark = pytest.mark.chain
 
 MAX_UINT = 2**256 - 1
+ESCROW_PROPOSED = 2  # UsageEscrow.State.Proposed
 Alteration = Callable[[dict[str, Any]], None]
 
 
@@ -203,6 +205,11 @@ def active_in_challenge(buyer, seller, service, chain) -> dict:
         buyer.complete(agreement["id"])
         settlement.settlement_tick()
         buyer.wait_until(agreement["id"], statuses={"in_challenge"}, timeout=60, poll_interval=0.2)
+    # The marketplace moves on the proposal's receipt, which the node may hand out before its latest block holds the
+    # proposal; the SDK's checks read that latest state, so wait for the chain as well.
+    terms = escrow_terms(chain.escrow, agreement["onchain_id"])
+    wait_until(lambda: chain.escrow.functions.getEscrow(agreement["onchain_id"], terms).call()[0] == ESCROW_PROPOSED,
+               timeout=30, what="the settlement proposal in the chain's latest state")
     return agreement
 
 
