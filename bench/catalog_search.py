@@ -179,13 +179,17 @@ def ensure_database(url: str) -> None:
 
 
 def configure_django(database_url: str, secret_key: str) -> dict:
-    """Settings for this process and the server it starts: the bench database, DEBUG off, no rate limit in the way."""
+    """Settings for this process and the server it starts: the bench database, DEBUG off, no rate limit in the way
+    (counted in Redis, as production counts them)."""
+    from bench import metering as bench_metering
+
     env = {
         "DATABASE_URL": database_url,
         "DEBUG": "false",
         "SECRET_KEY": secret_key,
         "ALLOWED_HOSTS": "127.0.0.1,localhost,testserver",
         "API_RATE_LIMIT": "10000000/min",
+        "CACHE_URL": bench_metering.CACHE_URL,
         "LOG_LEVEL": "WARNING",
         "DJANGO_SETTINGS_MODULE": "marketplace.settings",
     }
