@@ -34,7 +34,6 @@ from django.db import (
     connections,
     transaction,
 )
-from django.db import models
 from django.db.models import F, Sum, signals
 from django.db.models.base import ModelState
 from django.db.models.functions import Coalesce
@@ -396,21 +395,9 @@ class _ChainHead:
 
 
 def _agreement_read(reservation: Reservation, row) -> _ChainHead:
-    return _ChainHead(id=reservation.agreement_id, **{attname: to_python(value)
-                                                       for (attname, to_python), value in zip(_head_types(), row,
-                                                                                              strict=True)})
-
-
-@lru_cache(maxsize=1)
-def _head_types() -> list[tuple]:
-    """(attribute name, conversion of the column's value) of `_LOCKED_FIELDS`: the database's value where it already
-    is the attribute's type (psycopg reads text, ints and datetimes as such), the field's `to_python` for amounts
-    (numeric columns come as Decimal)."""
-    def as_read(value):
-        return value
-
-    return [(field.attname, field.to_python if isinstance(field, models.DecimalField) else as_read)
-            for field in map(UsageAgreement._meta.get_field, _LOCKED_FIELDS)]
+    fields = [UsageAgreement._meta.get_field(name) for name in _LOCKED_FIELDS]
+    return _ChainHead(id=reservation.agreement_id, **{field.attname: field.to_python(value)
+                                                       for field, value in zip(fields, row, strict=True)})
 
 
 def _locked_for_charge(reservation: Reservation) -> _ChainHead | None:

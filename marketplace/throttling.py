@@ -12,8 +12,8 @@ burst at a window's edge may reach twice the rate over a short span, which is fi
 
 On Redis every budget a request counts against is counted in one round trip, by one script (`_COUNT_WINDOWS`):
 Django's cache API would take two per window (its `incr` asks `EXISTS` first), so four per metered call. The
-Redis client is made once per connection pool: Django's backend builds a new one per call, and building one (and a
-pipeline) copied redis-py's table of ~170 reply callbacks each time, a sixth of a proxied call's CPU. One throttle
+Redis client is made once per connection pool, where Django's backend builds a new one (copying redis-py's table
+of ~170 reply callbacks) for every call. One throttle
 class counts both of a request's budgets (`api` and the view's), so a DRF view also counts them in one round trip.
 """
 
