@@ -427,9 +427,11 @@ def _charge_prepare(agreement: _ChainHead, reservation: Reservation, charge: dic
 def _charge_in_two_round_trips(reservation: Reservation, charge: dict) -> UsageEvent:
     """PostgreSQL outside any transaction of the caller's: the proxy's charge in two round trips instead of five
     (every wait for the database costs a proxied call CPU as well as time). Django's cursor binds parameters on
-    the client, so several statements go in one message; explicit COMMIT/BEGIN keep their transactions apart:
+    the client, so several statements go in one message; explicit BEGIN/COMMIT keep their transactions apart
+    (a COMMIT without its BEGIN commits the message's implicit transaction too, but PostgreSQL warns at each one,
+    in its log and to the client):
 
-        1. record the answer; COMMIT (without waiting for the flush); BEGIN; close the intent and lock the row
+        1. BEGIN; record the answer; COMMIT (without waiting for the flush); BEGIN; close the intent and lock the row
         2. insert the event and move the counters; COMMIT (durable before the answer leaves)
 
     The answer is thus committed before the charge waits for the row lock, as reservation_answered would."""
@@ -437,8 +439,8 @@ def _charge_in_two_round_trips(reservation: Reservation, charge: dict) -> UsageE
     lock_sql, lock_params = _lock_statement(reservation)
     with connection.cursor() as cursor:
         try:
-            cursor.execute(f"{answered_sql}; COMMIT; BEGIN; {lock_sql}", answered_params + lock_params)
-            for _ in range(3):  # the results of the UPDATE, COMMIT and BEGIN come first
+            cursor.execute(f"BEGIN; {answered_sql}; COMMIT; BEGIN; {lock_sql}", answered_params + lock_params)
+            for _ in range(4):  # the results of BEGIN, UPDATE, COMMIT and BEGIN come first
                 cursor.nextset()
             *row, closed = cursor.fetchone()
             if not closed:

@@ -374,31 +374,44 @@ def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_pa
 
 
 def _stored_reply(agreement_id, nonce, upstream: httpcore.Response, headers: dict) -> HttpResponse:
-    body = _read_whole(upstream)
-    if len(body) > settings.PROXY_REPLAY_MAX_BYTES:
-        # Answered once in full; a replay gets this note instead of a half-stored body.
-        stored = json.dumps(error_body("reply_too_large_to_store", "The reply was charged but is too large "
-                                       "to store for X-Request-Nonce replays.")).encode()
+    """The answer to a call with X-Request-Nonce, stored for its replays: in full when it fits in
+    PROXY_REPLAY_MAX_BYTES, else as a note saying so. Only that much of it is ever held in memory: a larger answer
+    is streamed on from what was read."""
+    limit = settings.PROXY_REPLAY_MAX_BYTES
+    stream = iter(upstream.stream)
+    head, size = [], 0
+    try:
+        for chunk in stream:
+            head.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                break
+        else:
+            upstream.close()
+    except BaseException:
+        upstream.close()
+        raise
+    if size <= limit:
+        body = b"".join(head)
+        ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=nonce).update(
+            status_code=upstream.status, headers=headers, body=body)
+        response = HttpResponse(body, status=upstream.status)
     else:
-        stored = body
-    ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=nonce).update(
-        status_code=upstream.status, headers=headers, body=stored)
-    response = HttpResponse(body, status=upstream.status)
+        # Answered once in full; a replay gets this note instead of a half-stored body.
+        note = json.dumps(error_body("reply_too_large_to_store", "The reply was charged but is too large to store "
+                                     "for X-Request-Nonce replays.")).encode()
+        ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=nonce).update(
+            status_code=upstream.status, headers=headers, body=note)
+        response = StreamingHttpResponse(_stream(upstream, read=head, rest=stream), status=upstream.status)
     for key, value in headers.items():
         response[key] = value
     return response
 
 
-def _read_whole(upstream: httpcore.Response) -> bytes:
+def _stream(upstream: httpcore.Response, read=(), rest=None):
+    """The upstream's body for the buyer: what was `read` of it already, then the `rest` of its stream."""
     try:
-        return b"".join(upstream.stream)
+        yield from read
+        yield from upstream.stream if rest is None else rest
     finally:
         upstream.close()
-
-
-def _stream(upstream: httpcore.Response):
-    try:
-        yield from upstream.stream
-    finally:
-        upstream.close()
-

@@ -350,36 +350,6 @@ def stop_server(process: subprocess.Popen) -> None:
             process.wait(timeout=5)
 
 
-class CpuMeter:
-    """CPU seconds spent by the server's workers and by the database's backends serving them, between two reads."""
-
-    def __init__(self, server: subprocess.Popen, database_url: str):
-        import psycopg
-
-        self.workers = harness.child_pids(server.pid)
-        self.database = psycopg.connect(database_url, autocommit=True)
-
-    def _backends(self) -> dict[int, float]:
-        pids = [pid for (pid,) in self.database.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")]
-        return {pid: cpu for pid in pids if (cpu := harness.cpu_seconds([pid])) is not None}
-
-    def read(self) -> tuple[float | None, dict[int, float]]:
-        return harness.cpu_seconds(self.workers), self._backends()
-
-    def since(self, start: tuple[float | None, dict[int, float]]) -> tuple[float | None, float | None]:
-        """(server, database) CPU seconds since `start`; a backend opened meanwhile counts from zero."""
-        server_start, backends_start = start
-        server_now, backends_now = self.read()
-        server = None if server_start is None or server_now is None else server_now - server_start
-        database = sum(cpu - backends_start.get(pid, 0.0) for pid, cpu in backends_now.items()) \
-            if backends_now else None
-        return server, database
-
-    def close(self) -> None:
-        self.database.close()
-
-
 def _per_request(seconds: float | None, requests: int) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000 / requests:.1f}"
 
@@ -558,7 +528,7 @@ def main() -> int:
                   f"client: {args.concurrency} threads, {args.requests} requests per query after 10 warm-up")
             # Server, database and client share this machine: its load says how far the figures can be trusted.
             print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
-            meter = CpuMeter(server, database_url)
+            meter = harness.CpuMeter(harness.child_pids(server.pid), database_url)
             header = (f"{'query':<66} {'page':>5} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'server CPU':>11} "
                       f"{'db CPU':>7}")
             print(header)

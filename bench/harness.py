@@ -71,3 +71,33 @@ def child_pids(pid: int) -> list[int]:
             return [int(child) for child in children.read().split()]
     except OSError:
         return []
+
+
+class CpuMeter:
+    """CPU seconds spent by the server's workers and by the database's backends serving them, between two reads."""
+
+    def __init__(self, workers: list[int], database_url: str):
+        import psycopg
+
+        self.workers = workers
+        self.database = psycopg.connect(database_url, autocommit=True)
+
+    def _backends(self) -> dict[int, float]:
+        pids = [pid for (pid,) in self.database.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")]
+        return {pid: cpu for pid in pids if (cpu := cpu_seconds([pid])) is not None}
+
+    def read(self) -> tuple[float | None, dict[int, float]]:
+        return cpu_seconds(self.workers), self._backends()
+
+    def since(self, start: tuple[float | None, dict[int, float]]) -> tuple[float | None, float | None]:
+        """(server, database) CPU seconds since `start`; a backend opened meanwhile counts from zero."""
+        server_start, backends_start = start
+        server_now, backends_now = self.read()
+        server = None if server_start is None or server_now is None else server_now - server_start
+        database = sum(cpu - backends_start.get(pid, 0.0) for pid, cpu in backends_now.items()) \
+            if backends_now else None
+        return server, database
+
+    def close(self) -> None:
+        self.database.close()

@@ -94,16 +94,21 @@ class Sample:
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
     server_cpu: float | None = 0.0  # CPU seconds the marketplace's processes spent (None: not readable)
+    database_cpu: float | None = 0.0  # CPU seconds PostgreSQL's backends spent serving them
     ok: Counter = field(default_factory=Counter)  # url -> answers 200 (for proxied calls: charged calls)
     failures: list[str] = field(default_factory=list)
 
     def add(self, other: "Sample") -> None:
         self.latencies += other.latencies
         self.seconds += other.seconds
-        self.server_cpu = None if self.server_cpu is None or other.server_cpu is None else \
-            self.server_cpu + other.server_cpu
+        self.server_cpu = _sum_or_none(self.server_cpu, other.server_cpu)
+        self.database_cpu = _sum_or_none(self.database_cpu, other.database_cpu)
         self.ok.update(other.ok)
         self.failures += other.failures
+
+
+def _sum_or_none(first: float | None, second: float | None) -> float | None:
+    return None if first is None or second is None else first + second
 
 
 async def fire(urls: list[str], headers: dict, *, clients: int, seconds: float, expected_cost: str | None) -> Sample:
@@ -140,20 +145,23 @@ async def fire(urls: list[str], headers: dict, *, clients: int, seconds: float, 
     return sample
 
 
-def measured(server_pids: list[int], urls: list[str], headers: dict, **load) -> Sample:
-    """One phase of load, with the CPU time the server's processes spent on it."""
-    before = harness.cpu_seconds(server_pids)
+def measured(meter: harness.CpuMeter, urls: list[str], headers: dict, **load) -> Sample:
+    """One phase of load, with the CPU time the server's processes and the database's backends spent on it."""
+    start = meter.read()
     sample = asyncio.run(fire(urls, headers, **load))
-    after = harness.cpu_seconds(server_pids)
-    sample.server_cpu = None if before is None or after is None else after - before
+    sample.server_cpu, sample.database_cpu = meter.since(start)
     return sample
+
+
+def _per_call_ms(seconds: float | None, calls: int) -> float | None:
+    return None if seconds is None or not calls else seconds / calls * 1000
 
 
 def summary(sample: Sample) -> dict:
     latencies = sorted(sample.latencies)
     return {"requests": len(latencies), "rps": len(latencies) / sample.seconds if sample.seconds else 0.0,
-            "cpu_ms": sample.server_cpu / len(latencies) * 1000 if sample.server_cpu is not None and latencies
-            else None,
+            "cpu_ms": _per_call_ms(sample.server_cpu, len(latencies)),
+            "database_cpu_ms": _per_call_ms(sample.database_cpu, len(latencies)),
             "p50": bench_metering.percentile(latencies, 0.50) * 1000,
             "p99": bench_metering.percentile(latencies, 0.99) * 1000, "failures": len(sample.failures)}
 
@@ -183,7 +191,8 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     wait_for_upstream(f"{upstream_url}/ready", processes)
     bench_metering.wait_for_server(base_url, buyer_key, processes)
     server = next(process for name, process in processes.started if name == "web").pid
-    server_pids = [server, *harness.child_pids(server)]
+    meter = harness.CpuMeter([server, *harness.child_pids(server)], database_url)
+    stack.callback(meter.close)
 
     buyer_headers = {"Authorization": f"Bearer {buyer_key}"}
     print(f"upstream: aiohttp, 1 process; marketplace: granian {args.workers} workers x {args.threads} threads "
@@ -217,7 +226,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
                 proxied.add(warm)
         for _ in range(args.rounds):
             for name, (urls, headers, cost) in targets.items():
-                sample = measured(server_pids, urls, headers, clients=clients, seconds=args.seconds,
+                sample = measured(meter, urls, headers, clients=clients, seconds=args.seconds,
                                   expected_cost=cost)
                 samples[name].add(sample)
                 failures += sample.failures
@@ -226,7 +235,8 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
         rows.append((clients, delay, {name: summary(sample) for name, sample in samples.items()}))
 
     header = (f"{'callers':>7} {'upstream delay':>14}  {'path':<22} {'requests':>9} {'req/s':>8} {'p50 ms':>8} "
-              f"{'p99 ms':>8} {'errors':>7}  {'vs direct':>9} {'added p50 ms':>12} {'server CPU ms/call':>18}")
+              f"{'p99 ms':>8} {'errors':>7}  {'vs direct':>9} {'added p50 ms':>12} {'server CPU ms/call':>18} "
+              f"{'db CPU ms/call':>14}")
     print(header)
     print("-" * len(header))
     for clients, delay, results in rows:
@@ -236,8 +246,9 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
                     f"{result['p50']:>8.2f} {result['p99']:>8.2f} {result['failures']:>7}")
             if name != "direct":
                 ratio = result["rps"] / direct["rps"] if direct["rps"] else float("nan")
-                cpu = "n/a" if result["cpu_ms"] is None else f"{result['cpu_ms']:.2f}"
-                line += f"  {ratio:>9.0%} {result['p50'] - direct['p50']:>12.2f} {cpu:>18}"
+                cpu, database_cpu = ("n/a" if result[key] is None else f"{result[key]:.2f}"
+                                     for key in ("cpu_ms", "database_cpu_ms"))
+                line += f"  {ratio:>9.0%} {result['p50'] - direct['p50']:>12.2f} {cpu:>18} {database_cpu:>14}"
             print(line)
     print()
     for verdict in goal_verdicts(rows):

@@ -1,7 +1,9 @@
 """The metered proxy under hostile requests and hostile upstream answers: nothing escapes the seller's base path,
 no malformed header or body turns into a 500 or leaves budget reserved, no header crosses that should not."""
 
+import json
 import logging
+import tracemalloc
 from datetime import timedelta
 from io import BytesIO
 
@@ -214,10 +216,30 @@ def test_a_reply_too_large_to_store_is_answered_in_full_once_and_charged_once(ac
     settings.PROXY_REPLAY_MAX_BYTES = 100
     http_server.responses.append((200, {"text": "x" * 500}))
     first = raw(active, "get", f"{active.proxy}/report", HTTP_X_REQUEST_NONCE="report-1")
-    assert first.status_code == 200 and first.json() == {"text": "x" * 500}
+    assert first.status_code == 200 and json.loads(b"".join(first.streaming_content)) == {"text": "x" * 500}
     again = raw(active, "get", f"{active.proxy}/report", HTTP_X_REQUEST_NONCE="report-1")
     assert again.status_code == 200 and again["X-Replayed"] == "true"
     assert error_code(again) == "reply_too_large_to_store"
     assert again["X-Usage-Cost"] == first["X-Usage-Cost"] and again["X-Usage-Seq"] == first["X-Usage-Seq"] == "1"
     assert len(http_server.requests) == 1
     assert books(active) == (int(first["X-Usage-Cost"]), 0) and UsageEvent.objects.count() == 1
+
+
+def test_a_large_reply_with_a_nonce_is_answered_without_being_held_in_memory(active, http_server, settings):
+    """A reply too large to store for replays was read whole into memory before it was answered: a seller's
+    gigabyte answer to a call with an X-Request-Nonce held a gigabyte in the server process."""
+    settings.PROXY_REPLAY_MAX_BYTES = 1000
+    body = b"x" * 20_000_000
+    http_server.responses.append((200, body))
+    tracemalloc.start()
+    try:
+        first = raw(active, "get", f"{active.proxy}/archive", HTTP_X_REQUEST_NONCE="archive-1")
+        held = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert first.status_code == 200 and first["X-Usage-Seq"] == "1"
+    assert held < 2_000_000
+    assert b"".join(first.streaming_content) == body
+    again = raw(active, "get", f"{active.proxy}/archive", HTTP_X_REQUEST_NONCE="archive-1")
+    assert again["X-Replayed"] == "true" and error_code(again) == "reply_too_large_to_store"
+    assert len(http_server.requests) == 1 and UsageEvent.objects.count() == 1

@@ -13,6 +13,7 @@ from django.utils import timezone
 from agreements.models import UsageAgreement
 from catalog.models import ApiKey
 from tests.conftest import error_code
+from tests.escrow.flow import Parties, poll_mined
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -56,3 +57,25 @@ def test_an_agreement_that_stops_being_active_is_refused_at_once(active, http_se
     response = call(active)
     assert response.status_code == 409 and error_code(response) == "agreement_not_active"
     assert len(http_server.requests) == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)  # outside a test's transaction: the charge's own two round trips
+def test_a_charge_draws_no_warning_from_the_database(escrow_chain, http_server):
+    """PostgreSQL warned "there is no transaction in progress" at every charge (a COMMIT that no BEGIN opened), and
+    wrote that warning to its log and sent it to the server, once per proxied call."""
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=2)
+    assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                  parties.signed_activation(agreement["id"])).status_code == 202
+    poll_mined()
+    http_server.responses.append((200, {}))
+    connection.ensure_connection()
+    warnings = []
+    connection.connection.add_notice_handler(lambda notice: warnings.append(notice.message_primary))
+
+    parties.agreement_id = agreement["id"]
+    response = call(parties)
+
+    assert response.status_code == 200 and response["X-Usage-Seq"] == "1"
+    assert warnings == []

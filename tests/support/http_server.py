@@ -39,7 +39,7 @@ class RecordingServer:
                 status, body, *more = recorder.responses.popleft() if recorder.responses else (200, {})
                 delay, headers = (more + [0, {}][len(more):])[:2]
                 time.sleep(delay)
-                payload = json.dumps(body).encode()
+                payload = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 for name, value in headers.items():
