@@ -217,6 +217,12 @@ class ServiceName(models.Model):
         return self.name
 
 
+# The postings of the visible services' search vectors: a PostgreSQL table that triggers keep in step with the
+# services (catalog/migrations/0011_service_postings.py), read by the plain text search (catalog.selectors). Not a
+# model: nothing writes it but PostgreSQL, and the embedded SQLite default has none.
+SERVICE_POSTINGS_TABLE = "catalog_service_posting"
+
+
 class Skill(models.Model):
     """A callable capability of a service, invoked at `POST /agents/{handle}/{skill}`."""
 
