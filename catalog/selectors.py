@@ -190,15 +190,18 @@ def _postings_matching(lexemes: list[str], tsquery: str) -> "_Filtered":
     the matched lexemes' entries alone, which is ts_rank over the whole vector: without normalization it reads only
     the positions and weights of the query's lexemes (tests/catalog/test_search_postings.py compares the two)."""
     table = connection.ops.quote_name(SERVICE_POSTINGS_TABLE)
-    found = _Filtered(source=", ".join([f"{table} s", *(f"{table} p{i}" for i in range(1, len(lexemes)))]),
-                      sort_columns=_POSTING_SORT_COLUMNS)
-    found = found.where("s.lexeme = %s", _unquoted(lexemes[0]))
-    for i, lexeme in enumerate(lexemes[1:], start=1):
-        found = found.where(f"p{i}.service_id = s.service_id").where(f"p{i}.lexeme = %s", _unquoted(lexeme))
+    aliases = ["p0", *(f"p{i}" for i in range(1, len(lexemes)))]
+    joins = " AND ".join([f"{alias}.service_id = p0.service_id" for alias in aliases[1:]] +
+                         [f"{alias}.lexeme = %s" for alias in aliases])
     # The matched entries in tsvector's text form ('invoic':3A,17C 'extract':5B), read as one vector.
-    entries = " || ' ' || ".join(f"%s || ':' || {alias}.positions"
-                                 for alias in ["s", *(f"p{i}" for i in range(1, len(lexemes)))])
-    return found.scored(f"ts_rank(({entries})::tsvector, %s::tsquery)::double precision", *lexemes, tsquery)
+    entries = " || ' ' || ".join(f"%s || ':' || {alias}.positions" for alias in aliases)
+    # Ranked once per match in a subquery of its own (OFFSET 0 keeps PostgreSQL from merging it into the statement,
+    # which would rank each match again in each of a cursor's comparisons).
+    source = (f"(SELECT p0.created_at, p0.unit_price, p0.service_id, "
+              f"ts_rank(({entries})::tsvector, %s::tsquery)::double precision AS score "
+              f"FROM {', '.join(f'{table} {alias}' for alias in aliases)} WHERE {joins} OFFSET 0) s")
+    return _Filtered(source=source, source_params=(*lexemes, tsquery, *map(_unquoted, lexemes)),
+                     sort_columns=_POSTING_SORT_COLUMNS).scored("s.score")
 
 
 def _unquoted(lexeme: str) -> str:
@@ -397,8 +400,9 @@ class _Filtered:
     (an SQL expression with its own parameters), if any. Written as SQL rather than compiled from a queryset:
     building and compiling the queryset cost more CPU than PostgreSQL spent running it."""
 
-    source: str  # the FROM list, without parameters
+    source: str  # the FROM list
     sort_columns: dict[str, str]  # created_at, unit_price and id of a result, as `_SERVICE_SORT_COLUMNS`
+    source_params: tuple = ()
     conditions: tuple[str, ...] = ()
     condition_params: tuple = ()
     score: str | None = None
@@ -413,11 +417,11 @@ class _Filtered:
 
     @property
     def sql(self) -> str:
-        return f"FROM {self.source} WHERE {' AND '.join(self.conditions)}"
+        return f"FROM {self.source}" + (f" WHERE {' AND '.join(self.conditions)}" if self.conditions else "")
 
     @property
     def params(self) -> list:
-        return list(self.condition_params)
+        return [*self.source_params, *self.condition_params]
 
 
 # The columns a search is ordered by (a score, relevance or name similarity, is the statement's own), over services
