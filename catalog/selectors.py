@@ -163,7 +163,7 @@ def _exact_matches(search: ServiceSearch, services: "_Filtered", text: str) -> "
     if not tsquery:
         return services.where("1 = 0").scored("0.0")  # only stop words or punctuation: nothing can match
     lexemes = _PLAIN_TSQUERY.fullmatch(tsquery) and list(dict.fromkeys(_TSQUERY_LEXEME.findall(tsquery)))
-    if lexemes and len(lexemes) <= POSTINGS_MAX_LEXEMES and replace(search, text="", order_by="") == ServiceSearch():
+    if lexemes and len(lexemes) <= _POSTINGS_MAX_LEXEMES and replace(search, text="", order_by="") == ServiceSearch():
         return _postings_matching(lexemes, tsquery)
     # Full-text match over the weighted vector (name A, tags/capability/skills B, description C) through its GIN
     # index; ts_rank therefore puts a name match above a description-only one. The rank is read as double precision:
@@ -181,7 +181,7 @@ _TSQUERY_LEXEME = re.compile(r"'(?:[^'\\]|''|\\.)*'")
 _PLAIN_TSQUERY = re.compile(rf"{_TSQUERY_LEXEME.pattern}(?: & {_TSQUERY_LEXEME.pattern})*")
 # The postings of each lexeme are one more table in the join; past PostgreSQL's from_collapse_limit (8) the planner
 # stops ordering the joins as a whole. So many words match few services, which the GIN index finds cheaply anyway.
-POSTINGS_MAX_LEXEMES = 8
+_POSTINGS_MAX_LEXEMES = 8
 
 
 def _postings_matching(lexemes: list[str], tsquery: str) -> "_Filtered":
@@ -441,7 +441,8 @@ def _services_and_sellers() -> _Filtered:
 
 def _visible_services(search: ServiceSearch) -> _Filtered:
     """Registered services of active sellers (a Masumi service that said it cannot take jobs is left out until its
-    next availability check says it can), within the search's filters."""
+    next availability check says it can), within the search's filters. The postings hold exactly the services this
+    rule lets through (catalog_service_postings_write, migration 0011): a change to it is a migration there too."""
     found = _services_and_sellers().where("s.state = %s", ServiceState.REGISTERED).where(
         "a.is_active = %s", True).where("s.availability <> %s", Availability.UNAVAILABLE)
     quote = connection.ops.quote_name
