@@ -7,9 +7,7 @@ extraction" (5,300 matches on 4,600 pages) took 17.7 ms that way and 6 ms from t
 Only visible services have postings (registered, of an active seller, not unavailable: catalog.selectors'
 _visible_services), so the postings need no filter. Triggers keep them in step with every write to a service or to
 a seller's is_active, whatever writes it (catalog.services, the admin, the availability poll, a set-based UPDATE),
-and the backfill below writes them for the services already there. Each trigger first takes a share lock on the
-rows the postings depend on (the services and their sellers), so two transactions changing a service and its
-seller at once cannot leave postings that neither would have written alone.
+and the backfill below writes them for the services already there.
 """
 
 from django.db import migrations
@@ -28,12 +26,15 @@ CREATE = [
     )
     """,
     "CREATE INDEX catalog_service_posting_service_idx ON catalog_service_posting (service_id)",
-    # Rewrites the postings of the given services from their current rows.
+    # Rewrites the postings of the given services from their current rows. It first waits for any other
+    # transaction writing one of these services (a no-op for the services of the statement that fired it, already
+    # locked by it): a seller's is_active changing while one of its services changes, each statement then sees the
+    # other's committed rows. Sellers are not locked: whoever holds one (catalog.services locks the seller before a
+    # service) never waits here for a service another transaction holds.
     """
     CREATE FUNCTION catalog_service_postings_write(service_ids uuid[]) RETURNS void LANGUAGE plpgsql AS $$
     BEGIN
-        PERFORM 1 FROM catalog_service s JOIN catalog_agent a ON a.id = s.seller_id
-            WHERE s.id = ANY(service_ids) FOR SHARE;
+        PERFORM 1 FROM catalog_service WHERE id = ANY(service_ids) FOR SHARE;
         DELETE FROM catalog_service_posting p USING unnest(service_ids) AS changed (id) WHERE p.service_id = changed.id;
         INSERT INTO catalog_service_posting (lexeme, service_id, positions, created_at, unit_price)
         SELECT entry.lexeme, s.id,
