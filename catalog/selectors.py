@@ -9,8 +9,8 @@ from difflib import SequenceMatcher
 from django.db import connection, transaction
 from django.db.models import Q, QuerySet
 
-from catalog.models import SERVICE_POSTINGS_TABLE, Agent, ApiKey, Availability, Service, ServiceName, ServiceState, \
-    Skill, Tag, UpstreamProtocol
+from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, ApiKey, Availability, \
+    Service, ServiceName, ServiceState, Skill, Tag, UpstreamProtocol
 from marketplace.errors import InvalidInput, NotFound
 from marketplace.pagination import cursor_after, cursor_values
 
@@ -163,7 +163,7 @@ def _exact_matches(search: ServiceSearch, services: "_Filtered", text: str) -> "
     if not tsquery:
         return services.where("1 = 0").scored("0.0")  # only stop words or punctuation: nothing can match
     lexemes = _PLAIN_TSQUERY.fullmatch(tsquery) and list(dict.fromkeys(_TSQUERY_LEXEME.findall(tsquery)))
-    if lexemes and len(lexemes) <= _POSTINGS_MAX_LEXEMES and replace(search, text="", order_by="") == ServiceSearch():
+    if lexemes and len(lexemes) <= _POSTINGS_MAX_LEXEMES and _only_text(search):
         return _postings_matching(lexemes, tsquery)
     # Full-text match over the weighted vector (name A, tags/capability/skills B, description C) through its GIN
     # index; ts_rank therefore puts a name match above a description-only one. The rank is read as double precision:
@@ -201,7 +201,12 @@ def _postings_matching(lexemes: list[str], tsquery: str) -> "_Filtered":
               f"ts_rank(({entries})::tsvector, %s::tsquery)::double precision AS score "
               f"FROM {', '.join(f'{table} {alias}' for alias in aliases)} WHERE {joins} OFFSET 0) s")
     return _Filtered(source=source, source_params=(*lexemes, tsquery, *map(_unquoted, lexemes)),
-                     sort_columns=_POSTING_SORT_COLUMNS).scored("s.score")
+                     sort_columns=_DENORMALISED_SORT_COLUMNS).scored("s.score")
+
+
+def _only_text(search: ServiceSearch) -> bool:
+    """Whether `search` has no filter, only text (and an order): what the postings and visible names can answer."""
+    return replace(search, text="", order_by="") == ServiceSearch()
 
 
 def _unquoted(lexeme: str) -> str:
@@ -216,12 +221,13 @@ def _icontains(column: str) -> str:
     return f"{connection.ops.lookup_cast('icontains', 'CharField') % column} {connection.operators['icontains']}"
 
 
-def _names_spelt_alike(statement: "_Filtered", text: str) -> "_Filtered":
-    """The services of `statement` whose name is spelt like `text`, scored by name similarity: the fallback when
-    nothing matches every word (probably a misspelling). On PostgreSQL it reads the database once here (the names
-    spelt alike), so it runs where pg_trgm's threshold is set (service_search)."""
+def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) -> "_Filtered":
+    """The services of `services` (the visible ones within `search`'s filters) whose name is spelt like `text`,
+    scored by name similarity: the fallback when nothing matches every word (probably a misspelling). On PostgreSQL
+    it reads the database once here (the names spelt alike), so it runs where pg_trgm's threshold is set
+    (service_search)."""
     if connection.vendor != "postgresql":
-        return _names_spelt_alike_in_python(statement, text)
+        return _names_spelt_alike_in_python(services, text)
     # Names containing something spelt alike: pg_trgm word similarity (`%>`, served by the trigram GIN index), so one
     # misspelt word finds a long name too. Only as a fallback: OR-ing fuzzy matches into every query made common
     # queries ~7x slower at 100k services (similarity rechecked on thousands of rows) and let them slip past quoted
@@ -234,11 +240,15 @@ def _names_spelt_alike(statement: "_Filtered", text: str) -> "_Filtered":
         cursor.execute(_names_spelt_alike_statement(), [text, text, text])
         (scores,) = cursor.fetchone()
     if scores is None:
-        return statement.where("1 = 0").scored("0.0")
+        return services.where("1 = 0").scored("0.0")
+    if _only_text(search):
+        # The visible services by name (migration 0011): an index-only scan, not a heap page of each service.
+        services = _Filtered(source=f"{connection.ops.quote_name(VISIBLE_SERVICE_NAMES_TABLE)} s",
+                             sort_columns=_DENORMALISED_SORT_COLUMNS)
     # The name is a key of the JSON object of name -> score: one array the name index is probed with (an IN list of
     # 200 names took 5 ms to plan). The score is the double PostgreSQL wrote into the JSON (in its shortest exact
     # form), so a cursor's score still compares equal on the next page.
-    return statement.where("s.name = ANY(ARRAY(SELECT jsonb_object_keys(%s::jsonb)))", scores).scored(
+    return services.where("s.name = ANY(ARRAY(SELECT jsonb_object_keys(%s::jsonb)))", scores).scored(
         "((%s::jsonb ->> s.name)::double precision)", scores)
 
 
@@ -425,10 +435,10 @@ class _Filtered:
 
 
 # The columns a search is ordered by (a score, relevance or name similarity, is the statement's own), over services
-# and over postings (catalog.models.SERVICE_POSTINGS_TABLE). Their keys are Service's fields, in the order
-# `_keys` reads them.
+# and over the postings or visible names (catalog.models.SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE).
+# Their keys are Service's fields, in the order `_keys` reads them.
 _SERVICE_SORT_COLUMNS = {"created_at": "s.created_at", "unit_price": "s.unit_price", "id": "s.id"}
-_POSTING_SORT_COLUMNS = {"created_at": "s.created_at", "unit_price": "s.unit_price", "id": "s.service_id"}
+_DENORMALISED_SORT_COLUMNS = {"created_at": "s.created_at", "unit_price": "s.unit_price", "id": "s.service_id"}
 
 
 def _services_and_sellers() -> _Filtered:
@@ -441,8 +451,9 @@ def _services_and_sellers() -> _Filtered:
 
 def _visible_services(search: ServiceSearch) -> _Filtered:
     """Registered services of active sellers (a Masumi service that said it cannot take jobs is left out until its
-    next availability check says it can), within the search's filters. The postings hold exactly the services this
-    rule lets through (catalog_service_postings_write, migration 0011): a change to it is a migration there too."""
+    next availability check says it can), within the search's filters. The postings and visible names hold exactly
+    the services this rule lets through (catalog_service_postings_write, migration 0011): a change to it is a
+    migration there too."""
     found = _services_and_sellers().where("s.state = %s", ServiceState.REGISTERED).where(
         "a.is_active = %s", True).where("s.availability <> %s", Availability.UNAVAILABLE)
     quote = connection.ops.quote_name
@@ -524,7 +535,7 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
     if order_by == "relevance":
         ordering = _FUZZY_RELEVANCE
     if connection.vendor != "postgresql":
-        return page(_names_spelt_alike(services, text), ordering=ordering)
+        return page(_names_spelt_alike(search, services, text), ordering=ordering)
     with transaction.atomic(), connection.cursor() as db:
         # For this transaction only: pg_trgm's default word-similarity threshold (0.6) misses a single typo in a
         # short word ("invoce", "wether"); 0.5 catches those and still keeps unrelated names out.
@@ -532,7 +543,7 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
         # reads services through the name index anyway.
         db.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true), " + ONLY_THE_TRIGRAM_INDEX,
                    [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
-        return page(_names_spelt_alike(services, text), ordering=ordering)
+        return page(_names_spelt_alike(search, services, text), ordering=ordering)
 
 
 def _exists(services: _Filtered) -> bool:

@@ -10,7 +10,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.views import APIView
 
-from catalog.models import SERVICE_POSTINGS_TABLE, ApiKey, Service, ServiceName
+from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, ApiKey, Service, ServiceName
 from catalog.selectors import ONLY_THE_TRIGRAM_INDEX
 from catalog.services import search_vector_expression
 from marketplace.keys import parse_secret
@@ -678,10 +678,14 @@ def test_text_fuzzy_and_capability_searches_read_their_indexes(seller, buyer_api
 
     assert names(buyer_api, q="zanzibr ferri") == ["Zanzibar ferry booker"]  # misspelt: the fuzzy fallback
     # The misspelling is matched among the distinct names through their trigram index, then the services bearing
-    # the names found are read through the b-tree index on name.
+    # the names found are read through the b-tree index on the visible services' names (with filters, on the
+    # services' names).
     plan = _plan_of_search(buyer_api, q="zanzibr ferri", table="catalog_servicename")
     assert "Bitmap Index Scan on service_name_lexicon_trgm_gin" in plan, plan
-    plan = _plan_of_search(buyer_api, q="zanzibr ferri")
+    plan = _plan_of_search(buyer_api, q="zanzibr ferri", table=VISIBLE_SERVICE_NAMES_TABLE)
+    assert "catalog_service_visible_name_pkey" in plan, plan
+    assert names(buyer_api, q="zanzibr ferri", token="USDC") == ["Zanzibar ferry booker"]
+    plan = _plan_of_search(buyer_api, q="zanzibr ferri", token="USDC")
     assert "Bitmap Index Scan on service_name_idx" in plan, plan
 
     assert names(buyer_api, capability="Book-Ferry") == ["Zanzibar ferry booker"]

@@ -1,6 +1,7 @@
 """The postings of the visible services (catalog/migrations/0011_service_postings.py) that plain text searches read
-(catalog.selectors._postings_matching): the same results as the search vectors' GIN index, kept in step with every
-write that changes what a service's postings hold or whether it is visible."""
+(catalog.selectors._postings_matching): the same results as the search vectors' GIN index, kept in step, as the
+visible names the typo-tolerant search reads, with every write that changes what they hold or whether a service is
+visible."""
 
 import importlib
 import re
@@ -13,7 +14,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from catalog import services
-from catalog.models import SERVICE_POSTINGS_TABLE, Agent, Service
+from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, Service
 from catalog.selectors import OffsetPage, ServiceSearch, service_search
 from catalog.services import search_vector_expression
 from tests.catalog.factories import AgentFactory, register_service
@@ -76,10 +77,11 @@ def _reference(text: str, order_by: str) -> list[tuple]:
         return [(str(service_id), rank) for service_id, rank in cursor.fetchall()]
 
 
-def _walk(text: str, order_by: str, *, limit: int) -> list[tuple]:
+def _walk(text: str, order_by: str, *, limit: int, **filters) -> list[tuple]:
     found, cursor = [], None
     for _ in range(1000):
-        rows, cursor = service_search(search=ServiceSearch(text=text, order_by=order_by), cursor=cursor, limit=limit)
+        rows, cursor = service_search(search=ServiceSearch(text=text, order_by=order_by, **filters), cursor=cursor,
+                                      limit=limit)
         found += [(str(row["id"]), row["relevance"]) for row in rows]
         if cursor is None:
             return found
@@ -116,6 +118,20 @@ def test_plain_text_results_are_the_gin_indexs_in_every_order_page_by_page():
     for text in ['"invoice extraction"', "invoice -extraction", "invoice or legal", "e-commerce invoice",
                  "a b c d e f g h j k invoice"]:
         assert not _read_postings(text), text
+
+
+def test_misspelt_text_finds_from_the_visible_names_what_it_finds_among_the_services():
+    """Without filters the typo-tolerant fallback reads the services bearing the names it found from the visible
+    names; with a filter that leaves nothing out, from the services: the same pages, in every order."""
+    _seed(400, rng=Random(5))
+    everything = {"max_unit_price": 10**30}
+    walked = 0
+    for text in ["invoise extracton", "translater", "sumarize meting", "reveiw", "fsat dta", "invoise"]:
+        for order_by in _ORDER:
+            found = _walk(text, order_by, limit=7)
+            assert found == _walk(text, order_by, limit=7, **everything), (text, order_by)
+            walked += len(found)
+    assert walked > 400
 
 
 def test_ts_rank_over_the_matched_entries_is_ts_rank_over_the_whole_vector():
@@ -169,6 +185,18 @@ def _postings() -> set[tuple]:
         return set(cursor.fetchall())
 
 
+def _in_step() -> bool:
+    """Whether the postings and the visible names are those of the services as they are now."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT name, service_id, created_at, unit_price FROM {VISIBLE_SERVICE_NAMES_TABLE}")
+        names = set(cursor.fetchall())
+        cursor.execute("SELECT s.name, s.id, s.created_at, s.unit_price FROM catalog_service s "
+                       "JOIN catalog_agent a ON a.id = s.seller_id WHERE s.state = 'registered' AND a.is_active "
+                       "AND s.availability <> 'unavailable'")
+        expected_names = set(cursor.fetchall())
+    return _postings() == _expected_postings() and names == expected_names
+
+
 def _found(text: str) -> set[str]:
     rows, _ = service_search(search=ServiceSearch(text=text), cursor=None, limit=50)
     return {row["name"] for row in rows}
@@ -178,49 +206,48 @@ def test_postings_follow_every_change_of_a_service_its_seller_or_its_state(selle
     other_seller = AgentFactory(is_seller=True)
     translator = register_service(seller, name="Legal translator", description="Translates contracts.")
     extractor = register_service(other_seller, name="Invoice extractor", description="Reads invoices.")
-    assert _postings() == _expected_postings() and _found("legal") == {"Legal translator"}
+    assert _in_step() and _found("legal") == {"Legal translator"}
 
     services.service_update(service=translator, actor=seller, data={
         "name": "Contract reviewer", "description": "Reviews agreements.",
         "pricing": {"type": "per_call", "unit_price_atomic": 5_000}})
-    assert _postings() == _expected_postings()
+    assert _in_step()
     assert _found("legal") == set() and _found("reviewer") == {"Contract reviewer"}
 
     services.service_availability_record(service_id=extractor.pk, available=False)
-    assert _found("invoice") == set() and _postings() == _expected_postings()
+    assert _found("invoice") == set() and _in_step()
     services.service_availability_record(service_id=extractor.pk, available=True)
-    assert _found("invoice") == {"Invoice extractor"} and _postings() == _expected_postings()
+    assert _found("invoice") == {"Invoice extractor"} and _in_step()
 
     other_seller.is_active = False
     other_seller.save()  # as the admin saves it
-    assert _found("invoice") == set() and _postings() == _expected_postings()
+    assert _found("invoice") == set() and _in_step()
     Agent.objects.filter(pk=other_seller.pk).update(is_active=True)
-    assert _found("invoice") == {"Invoice extractor"} and _postings() == _expected_postings()
+    assert _found("invoice") == {"Invoice extractor"} and _in_step()
     Agent.objects.filter(pk=other_seller.pk).update(display_name="Renamed")  # nothing to rewrite
-    assert _postings() == _expected_postings()
+    assert _in_step()
 
     Service.objects.filter(pk=extractor.pk).update(state="deregistered")
-    assert _found("invoice") == set() and _postings() == _expected_postings()
+    assert _found("invoice") == set() and _in_step()
     Service.objects.filter(pk=extractor.pk).update(state="registered", created_at=timezone.now() - timedelta(days=1))
-    assert _found("invoice") == {"Invoice extractor"} and _postings() == _expected_postings()
+    assert _found("invoice") == {"Invoice extractor"} and _in_step()
 
     services.service_deregister(service=translator, actor=seller)
-    assert _found("reviewer") == set() and _postings() == _expected_postings()
+    assert _found("reviewer") == set() and _in_step()
 
     Service.objects.filter(pk=extractor.pk).delete()
-    assert _postings() == set() == _expected_postings()
+    assert _postings() == set() and _in_step()
     register_service(seller, name="Speech transcriber")
     with connection.cursor() as cursor:
         cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")  # TRUNCATE refuses a table with foreign key checks pending
         cursor.execute("TRUNCATE catalog_service CASCADE")  # as Django's flush empties the tables between tests
-    assert _postings() == set()
+    assert _postings() == set() and _in_step()
 
 
 def test_the_migration_writes_the_postings_of_the_services_already_there():
     _seed(200, rng=Random(3))
-    expected = _expected_postings()
-    assert expected and _postings() == expected
+    assert _postings() and _in_step()
     with connection.cursor() as cursor:
-        cursor.execute(f"TRUNCATE {SERVICE_POSTINGS_TABLE}")
+        cursor.execute(f"TRUNCATE {SERVICE_POSTINGS_TABLE}, {VISIBLE_SERVICE_NAMES_TABLE}")
         cursor.execute(importlib.import_module("catalog.migrations.0011_service_postings").CREATE[-1])
-    assert _postings() == expected
+    assert _postings() and _in_step()
