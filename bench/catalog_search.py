@@ -219,7 +219,8 @@ def seed(n: int, *, rng: Random, chunk: int = 5_000) -> None:
     from django.db.models.expressions import RawSQL
     from eth_utils import to_checksum_address
 
-    from catalog.models import Agent, ApiKey, OwnerToken, Service, ServiceName, Skill, Tag
+    from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, ApiKey, OwnerToken, Service, \
+        ServiceName, Skill, Tag
     from catalog.services import search_vector_expression
 
     user_model = get_user_model()
@@ -294,7 +295,9 @@ def seed(n: int, *, rng: Random, chunk: int = 5_000) -> None:
               f"{time.perf_counter() - updating:.1f} s")
     vacuuming = time.perf_counter()
     with connection.cursor() as cursor:
-        for table in [*tables[:4], ServiceName._meta.db_table]:
+        # The postings and visible names too (written by triggers with the services): their index-only scans need the
+        # visibility map, which autovacuum would only set later.
+        for table in [*tables[:4], ServiceName._meta.db_table, SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE]:
             cursor.execute(f"VACUUM ANALYZE {table}")
     print(f"  VACUUM ANALYZE: {time.perf_counter() - vacuuming:.1f} s")
     print(f"  seeded {n} services in {time.perf_counter() - started:.1f} s")
@@ -444,6 +447,7 @@ def explain(queries: list[tuple[str, dict]], headers: dict) -> None:
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
+    from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE
     from catalog.selectors import FUZZY_WORD_SIMILARITY_THRESHOLD, ONLY_THE_TRIGRAM_INDEX
 
     client = Client(HTTP_AUTHORIZATION=headers["Authorization"])
@@ -454,8 +458,10 @@ def explain(queries: list[tuple[str, dict]], headers: dict) -> None:
         # The page query (it orders; the last one, which chose the services answered); not the probe for exact
         # matches of a later page nor the reads of the page's rows, tags and skills.
         statements = [q["sql"] for q in captured.captured_queries
-                      if q["sql"].startswith("SELECT") and 'FROM "catalog_service"' in q["sql"]
-                      and "ORDER BY" in q["sql"]][-1:]  # a misspelling's first page runs the empty exact page first
+                      if q["sql"].startswith("SELECT") and "ORDER BY" in q["sql"]
+                      and any(f'FROM "{table}"' in q["sql"]
+                              for table in ("catalog_service", SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE))
+                      ][-1:]  # a misspelling's first page runs the empty exact page first
         # The typo-tolerant fallback first matches the misspelling among the distinct names.
         statements[:0] = [q["sql"] for q in captured.captured_queries if 'FROM "catalog_servicename"' in q["sql"]]
         plans, fuzzy = [], 'FROM "catalog_servicename"' in statements[0]

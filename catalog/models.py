@@ -217,6 +217,14 @@ class ServiceName(models.Model):
         return self.name
 
 
+# The postings of the visible services' search vectors, and the visible services by name: PostgreSQL tables that
+# triggers keep in step with the services (catalog/migrations/0011_service_postings.py), read by the plain text
+# search and the typo-tolerant one (catalog.selectors). Not models: nothing writes them but PostgreSQL, and the
+# embedded SQLite default has none.
+SERVICE_POSTINGS_TABLE = "catalog_service_posting"
+VISIBLE_SERVICE_NAMES_TABLE = "catalog_service_visible_name"
+
+
 class Skill(models.Model):
     """A callable capability of a service, invoked at `POST /agents/{handle}/{skill}`."""
 

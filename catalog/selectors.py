@@ -9,8 +9,8 @@ from difflib import SequenceMatcher
 from django.db import connection, transaction
 from django.db.models import Q, QuerySet
 
-from catalog.models import Agent, ApiKey, Availability, Service, ServiceName, ServiceState, Skill, Tag, \
-    UpstreamProtocol
+from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, ApiKey, Availability, \
+    Service, ServiceName, ServiceState, Skill, Tag, UpstreamProtocol
 from marketplace.errors import InvalidInput, NotFound
 from marketplace.pagination import cursor_after, cursor_values
 
@@ -146,24 +146,71 @@ ONLY_THE_TRIGRAM_INDEX = "set_config('enable_seqscan', 'off', true), set_config(
 _WEBSEARCH_SYNTAX = re.compile(r'"|(?:^|\s)-\S|(?:^|\s)or(?:\s|$)', re.IGNORECASE)
 
 
-def _exact_matches(statement: "_Filtered", text: str) -> "_Filtered":
-    """The services of `statement` matching every word of `text`, scored by their relevance."""
+def _exact_matches(search: ServiceSearch, services: "_Filtered", text: str) -> "_Filtered":
+    """The services of `services` (the visible ones within `search`'s filters) matching every word of `text`,
+    scored by their relevance."""
     if connection.vendor != "postgresql":
         # The embedded SQLite default: every word must appear somewhere; name hits rank first.
-        matched = statement
+        matched = services
         for word in text.split():
             pattern = _contains(word)
             matched = matched.where(f"({_icontains('s.name')} OR {_icontains('s.keywords')} OR "
                                     f"{_icontains('s.description')})", pattern, pattern, pattern)
         return matched.scored(f"CASE WHEN {_icontains('s.name')} THEN 2.0 ELSE 1.0 END", _contains(text))
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {_TEXT_QUERY}::text", [text])
+        (tsquery,) = cursor.fetchone()
+    if not tsquery:
+        return services.where("1 = 0").scored("0.0")  # only stop words or punctuation: nothing can match
+    lexemes = _PLAIN_TSQUERY.fullmatch(tsquery) and list(dict.fromkeys(_TSQUERY_LEXEME.findall(tsquery)))
+    if lexemes and len(lexemes) <= _POSTINGS_MAX_LEXEMES and _only_text(search):
+        return _postings_matching(lexemes, tsquery)
     # Full-text match over the weighted vector (name A, tags/capability/skills B, description C) through its GIN
     # index; ts_rank therefore puts a name match above a description-only one. The rank is read as double precision:
     # cursors carry the relevance of the last row, and PostgreSQL prints a real in its shortest form (0.06079271),
     # which read back as a double is not the value it compares against (rows tied on relevance were served again and
     # again); a double round-trips exactly through the cursor.
-    query = "websearch_to_tsquery('english'::regconfig, %s)"
-    return statement.where(f"s.search_vector @@ {query}", text).scored(
-        f"ts_rank(s.search_vector, {query})::double precision", text)
+    return services.where(f"s.search_vector @@ {_TEXT_QUERY}", text).scored(
+        f"ts_rank(s.search_vector, {_TEXT_QUERY})::double precision", text)
+
+
+_TEXT_QUERY = "websearch_to_tsquery('english'::regconfig, %s)"
+# A lexeme as tsquery's text form quotes it (a quote or backslash doubled), which is how tsvector's reads it too.
+_TSQUERY_LEXEME = re.compile(r"'(?:[^'\\]|''|\\.)*'")
+# Every lexeme required, nothing else (no phrase, negation, alternative, weight or prefix): plain words.
+_PLAIN_TSQUERY = re.compile(rf"{_TSQUERY_LEXEME.pattern}(?: & {_TSQUERY_LEXEME.pattern})*")
+# The postings of each lexeme are one more table in the join; past PostgreSQL's from_collapse_limit (8) the planner
+# stops ordering the joins as a whole. So many words match few services, which the GIN index finds cheaply anyway.
+_POSTINGS_MAX_LEXEMES = 8
+
+
+def _postings_matching(lexemes: list[str], tsquery: str) -> "_Filtered":
+    """The visible services whose vector holds every one of `lexemes` (quoted, as in `tsquery`'s text), from their
+    postings (migration 0011): one index-only scan per lexeme, merge-joined on the service. Scored by ts_rank over
+    the matched lexemes' entries alone, which is ts_rank over the whole vector: without normalization it reads only
+    the positions and weights of the query's lexemes (tests/catalog/test_search_postings.py compares the two)."""
+    table = connection.ops.quote_name(SERVICE_POSTINGS_TABLE)
+    aliases = ["p0", *(f"p{i}" for i in range(1, len(lexemes)))]
+    joins = " AND ".join([f"{alias}.service_id = p0.service_id" for alias in aliases[1:]] +
+                         [f"{alias}.lexeme = %s" for alias in aliases])
+    # The matched entries in tsvector's text form ('invoic':3A,17C 'extract':5B), read as one vector.
+    entries = " || ' ' || ".join(f"%s || ':' || {alias}.positions" for alias in aliases)
+    # Ranked once per match in a subquery of its own (OFFSET 0 keeps PostgreSQL from merging it into the statement,
+    # which would rank each match again in each of a cursor's comparisons).
+    source = (f"(SELECT p0.created_at, p0.unit_price, p0.service_id, "
+              f"ts_rank(({entries})::tsvector, %s::tsquery)::double precision AS score "
+              f"FROM {', '.join(f'{table} {alias}' for alias in aliases)} WHERE {joins} OFFSET 0) s")
+    return _Filtered(source=source, source_params=(*lexemes, tsquery, *map(_unquoted, lexemes)),
+                     sort_columns=_DENORMALISED_SORT_COLUMNS).scored("s.score")
+
+
+def _only_text(search: ServiceSearch) -> bool:
+    """Whether `search` has no filter, only text (and an order): what the postings and visible names can answer."""
+    return replace(search, text="", order_by="") == ServiceSearch()
+
+
+def _unquoted(lexeme: str) -> str:
+    return re.sub(r"''|\\(.)", lambda escaped: escaped.group(1) or "'", lexeme[1:-1])
 
 
 def _contains(text: str) -> str:
@@ -174,12 +221,13 @@ def _icontains(column: str) -> str:
     return f"{connection.ops.lookup_cast('icontains', 'CharField') % column} {connection.operators['icontains']}"
 
 
-def _names_spelt_alike(statement: "_Filtered", text: str) -> "_Filtered":
-    """The services of `statement` whose name is spelt like `text`, scored by name similarity: the fallback when
-    nothing matches every word (probably a misspelling). On PostgreSQL it reads the database once here (the names
-    spelt alike), so it runs where pg_trgm's threshold is set (service_search)."""
+def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) -> "_Filtered":
+    """The services of `services` (the visible ones within `search`'s filters) whose name is spelt like `text`,
+    scored by name similarity: the fallback when nothing matches every word (probably a misspelling). On PostgreSQL
+    it reads the database once here (the names spelt alike), so it runs where pg_trgm's threshold is set
+    (service_search)."""
     if connection.vendor != "postgresql":
-        return _names_spelt_alike_in_python(statement, text)
+        return _names_spelt_alike_in_python(services, text)
     # Names containing something spelt alike: pg_trgm word similarity (`%>`, served by the trigram GIN index), so one
     # misspelt word finds a long name too. Only as a fallback: OR-ing fuzzy matches into every query made common
     # queries ~7x slower at 100k services (similarity rechecked on thousands of rows) and let them slip past quoted
@@ -192,11 +240,15 @@ def _names_spelt_alike(statement: "_Filtered", text: str) -> "_Filtered":
         cursor.execute(_names_spelt_alike_statement(), [text, text, text])
         (scores,) = cursor.fetchone()
     if scores is None:
-        return statement.where("1 = 0").scored("0.0")
+        return services.where("1 = 0").scored("0.0")
+    if _only_text(search):
+        # The visible services by name (migration 0011): an index-only scan, not a heap page of each service.
+        services = _Filtered(source=f"{connection.ops.quote_name(VISIBLE_SERVICE_NAMES_TABLE)} s",
+                             sort_columns=_DENORMALISED_SORT_COLUMNS)
     # The name is a key of the JSON object of name -> score: one array the name index is probed with (an IN list of
     # 200 names took 5 ms to plan). The score is the double PostgreSQL wrote into the JSON (in its shortest exact
     # form), so a cursor's score still compares equal on the next page.
-    return statement.where("s.name = ANY(ARRAY(SELECT jsonb_object_keys(%s::jsonb)))", scores).scored(
+    return services.where("s.name = ANY(ARRAY(SELECT jsonb_object_keys(%s::jsonb)))", scores).scored(
         "((%s::jsonb ->> s.name)::double precision)", scores)
 
 
@@ -353,10 +405,14 @@ def _result_rows(keys: list[dict], score: str | None) -> list[dict]:
 
 @dataclass(frozen=True)
 class _Filtered:
-    """The FROM and WHERE of a search's statement (services `s` of active sellers `a`) with their parameters, and the
-    score its results are ranked by (an SQL expression with its own parameters), if any. Written as SQL rather than
-    compiled from a queryset: building and compiling the queryset cost more CPU than PostgreSQL spent running it."""
+    """The FROM and WHERE of a search's statement (services `s` of active sellers `a`, or the postings `s` of
+    visible services) with their parameters, the columns its results are sorted on, and the score they are ranked by
+    (an SQL expression with its own parameters), if any. Written as SQL rather than compiled from a queryset:
+    building and compiling the queryset cost more CPU than PostgreSQL spent running it."""
 
+    source: str  # the FROM list
+    sort_columns: dict[str, str]  # created_at, unit_price and id of a result, as `_SERVICE_SORT_COLUMNS`
+    source_params: tuple = ()
     conditions: tuple[str, ...] = ()
     condition_params: tuple = ()
     score: str | None = None
@@ -371,21 +427,35 @@ class _Filtered:
 
     @property
     def sql(self) -> str:
-        quote = connection.ops.quote_name
-        return (f"FROM {quote(Service._meta.db_table)} s JOIN {quote(Agent._meta.db_table)} a "
-                f"ON a.{quote(Agent._meta.pk.column)} = s.{quote(Service._meta.get_field('seller').column)} "
-                f"WHERE {' AND '.join(self.conditions)}")
+        return f"FROM {self.source}" + (f" WHERE {' AND '.join(self.conditions)}" if self.conditions else "")
 
     @property
     def params(self) -> list:
-        return list(self.condition_params)
+        return [*self.source_params, *self.condition_params]
+
+
+# The columns a search is ordered by (a score, relevance or name similarity, is the statement's own), over services
+# and over the postings or visible names (catalog.models.SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE).
+# Their keys are Service's fields, in the order `_keys` reads them.
+_SERVICE_SORT_COLUMNS = {"created_at": "s.created_at", "unit_price": "s.unit_price", "id": "s.id"}
+_DENORMALISED_SORT_COLUMNS = {"created_at": "s.created_at", "unit_price": "s.unit_price", "id": "s.service_id"}
+
+
+def _services_and_sellers() -> _Filtered:
+    """Services `s` and their sellers `a`, before any condition."""
+    quote = connection.ops.quote_name
+    return _Filtered(source=f"{quote(Service._meta.db_table)} s JOIN {quote(Agent._meta.db_table)} a "
+                            f"ON a.{quote(Agent._meta.pk.column)} = s.{quote(Service._meta.get_field('seller').column)}",
+                     sort_columns=_SERVICE_SORT_COLUMNS)
 
 
 def _visible_services(search: ServiceSearch) -> _Filtered:
     """Registered services of active sellers (a Masumi service that said it cannot take jobs is left out until its
-    next availability check says it can), within the search's filters."""
-    found = _Filtered().where("s.state = %s", ServiceState.REGISTERED).where("a.is_active = %s", True).where(
-        "s.availability <> %s", Availability.UNAVAILABLE)
+    next availability check says it can), within the search's filters. The postings and visible names hold exactly
+    the services this rule lets through (catalog_service_postings_write, migration 0011): a change to it is a
+    migration there too."""
+    found = _services_and_sellers().where("s.state = %s", ServiceState.REGISTERED).where(
+        "a.is_active = %s", True).where("s.availability <> %s", Availability.UNAVAILABLE)
     quote = connection.ops.quote_name
     # Tag names to ids first (one small read): a tag nobody uses means no results, and the filters below are
     # semi-joins on the (service, tag) index with the ids as constants (matching the names inside the statement
@@ -451,7 +521,7 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
     if not text:
         return page(services, ordering=ordering)
     # After the filters, so "nothing matches exactly" means nothing within them.
-    exact = _exact_matches(services, text)
+    exact = _exact_matches(search, services, text)
     if _WEBSEARCH_SYNTAX.search(text):
         return page(exact, ordering=ordering)
     if not cursor and not offset:
@@ -465,7 +535,7 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
     if order_by == "relevance":
         ordering = _FUZZY_RELEVANCE
     if connection.vendor != "postgresql":
-        return page(_names_spelt_alike(services, text), ordering=ordering)
+        return page(_names_spelt_alike(search, services, text), ordering=ordering)
     with transaction.atomic(), connection.cursor() as db:
         # For this transaction only: pg_trgm's default word-similarity threshold (0.6) misses a single typo in a
         # short word ("invoce", "wether"); 0.5 catches those and still keeps unrelated names out.
@@ -473,17 +543,13 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
         # reads services through the name index anyway.
         db.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true), " + ONLY_THE_TRIGRAM_INDEX,
                    [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
-        return page(_names_spelt_alike(services, text), ordering=ordering)
+        return page(_names_spelt_alike(search, services, text), ordering=ordering)
 
 
 def _exists(services: _Filtered) -> bool:
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT 1 {services.sql} LIMIT 1", services.params)  # noqa: S608
         return cursor.fetchone() is not None
-
-
-# The columns a search is ordered by; a score (relevance, name similarity) is the statement's own.
-_SORT_COLUMNS = {"created_at": "s.created_at", "unit_price": "s.unit_price", "id": "s.id"}
 
 
 def _page(services: _Filtered, *, ordering: list[str], cursor: str | None, limit: int,
@@ -495,8 +561,8 @@ def _page(services: _Filtered, *, ordering: list[str], cursor: str | None, limit
     score = "score" if services.score is not None else None
     if cursor:
         services = _after(services, ordering, cursor_values(cursor, ordering=ordering))
-    columns = [*_SORT_COLUMNS.values(), *([f"{services.score} AS score"] if services.score else [])]
-    order = ", ".join(f"{_SORT_COLUMNS.get(field.lstrip('-'), 'score')}{' DESC' if field.startswith('-') else ''}"
+    columns = [*services.sort_columns.values(), *([f"{services.score} AS score"] if services.score else [])]
+    order = ", ".join(f"{services.sort_columns.get(field.lstrip('-'), 'score')}{' DESC' if field.startswith('-') else ''}"
                       for field in ordering)
     params = [*services.score_params, *services.params]
     statement = f"SELECT {', '.join(columns)} {services.sql} ORDER BY {order} LIMIT %s"  # noqa: S608
@@ -520,8 +586,8 @@ def _after(services: _Filtered, ordering: list[str], values: list) -> _Filtered:
     expressions, prepared = [], []
     for sort, value in zip(ordering, values, strict=True):
         name = sort.lstrip("-")
-        if name in _SORT_COLUMNS:
-            expressions.append((_SORT_COLUMNS[name], ()))
+        if name in services.sort_columns:
+            expressions.append((services.sort_columns[name], ()))
             prepared.append(_column_value(name)(value))
         else:
             expressions.append((services.score, services.score_params))
@@ -538,10 +604,10 @@ def _after(services: _Filtered, ordering: list[str], values: list) -> _Filtered:
         clauses.append(f"({' AND '.join(parts)})")
     after = services.where(f"({' OR '.join(clauses)})", *params)
     first = ordering[0].lstrip("-")
-    if first in _SORT_COLUMNS:
+    if first in services.sort_columns:
         # Implied by the clauses above; said apart, it is a range an index on the first sort field starts from,
         # instead of a filter on every row before the cursor (page 51 of the newest services read 1,000 rows for 21).
-        after = after.where(f"{_SORT_COLUMNS[first]} {'<=' if ordering[0].startswith('-') else '>='} %s", prepared[0])
+        after = after.where(f"{services.sort_columns[first]} {'<=' if ordering[0].startswith('-') else '>='} %s", prepared[0])
     return after
 
 
@@ -549,7 +615,7 @@ def _after(services: _Filtered, ordering: list[str], values: list) -> _Filtered:
 def _key_converters() -> list[tuple]:
     """Per sort column, the column expression and the converters the ORM applies to its values."""
     converters = []
-    for name in _SORT_COLUMNS:
+    for name in _SERVICE_SORT_COLUMNS:
         field = Service._meta.get_field(name)
         column = field.get_col("s")
         converters.append((name, column, connection.ops.get_db_converters(column) + field.get_db_converters(connection)))
@@ -568,7 +634,7 @@ def _keys(statement: str, params: list) -> list[dict]:
             for convert in converters:
                 value = convert(value, column, connection)
             key[name] = value
-        if len(row) > len(_SORT_COLUMNS):
+        if len(row) > len(_SERVICE_SORT_COLUMNS):
             key["score"] = row[-1]
         keys.append(key)
     return keys

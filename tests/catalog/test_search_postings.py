@@ -1,0 +1,253 @@
+"""The postings of the visible services (catalog/migrations/0011_service_postings.py) that plain text searches read
+(catalog.selectors._postings_matching): the same results as the search vectors' GIN index, kept in step, as the
+visible names the typo-tolerant search reads, with every write that changes what they hold or whether a service is
+visible."""
+
+import importlib
+import re
+from datetime import timedelta
+from random import Random
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from catalog import services
+from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, Service
+from catalog.selectors import OffsetPage, ServiceSearch, service_search
+from catalog.services import search_vector_expression
+from tests.catalog.factories import AgentFactory, register_service
+
+pytestmark = [pytest.mark.postgres, pytest.mark.django_db]
+
+WORDS = ["invoice", "invoices", "invoicing", "extraction", "extract", "extractor", "legal", "translate", "translator",
+         "summarize", "meeting", "notes", "fast", "data", "sql", "code", "review", "image", "speech", "e-commerce",
+         "pdf-to-text", "x.com", "3.5", "it's", "c:\\dir", "the", "and", "naïve", "café"]
+QUERIES = ["invoice", "invoice extraction", "invoices extracting", "legal translator", "summarize meeting notes",
+           "invoice invoice", "the invoice", "Invoice, extraction!", "fast data sql code", "x.com", "3.5", "naïve café",
+           "it's", "c:\\dir", "(invoice) & extraction", "translation:*", "e-commerce invoice", "pdf-to-text",
+           '"invoice extraction"', "invoice -extraction", "invoice or legal", "the and", "zzz", "invoice zzz",
+           "a b c d e f g h j k invoice"]
+
+
+def _seed(count: int, *, rng: Random) -> list[Agent]:
+    """`count` services of random words in their name, keywords and description (words repeat, so lexemes have
+    several positions and weights), half of them created at one of a few instants (ties on relevance and time),
+    some deregistered, unavailable or of an inactive seller."""
+    sellers = [AgentFactory(is_seller=True), AgentFactory(is_seller=True), AgentFactory(is_seller=True, is_active=False)]
+    now = timezone.now()
+
+    def words(low: int, high: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+    created = Service.objects.bulk_create([
+        Service(seller=rng.choice(sellers), name=words(1, 4), description=words(0, 40), keywords=words(0, 6),
+                capability_name="general", capability_version="1.0.0", pricing_type="per_call",
+                unit_price=rng.choice([1_000, 2_000, 3_000]), upstream_base_url="https://example.com",
+                state=rng.choices(["registered", "deregistered"], [9, 1])[0],
+                availability=rng.choices(["unknown", "available", "unavailable"], [6, 3, 1])[0])
+        for _ in range(count)
+    ])
+    Service.objects.update(search_vector=search_vector_expression())
+    for service in created:
+        if rng.random() < 0.5:
+            service.created_at = now - timedelta(minutes=rng.randrange(3))
+        else:
+            service.created_at = now - timedelta(seconds=rng.randrange(10**6))
+    Service.objects.bulk_update(created, ["created_at"])
+    return sellers
+
+
+_ORDER = {
+    "relevance": "2 DESC, s.created_at DESC, s.id",
+    "price": "s.unit_price, s.created_at DESC, s.id",
+    "newest": "s.created_at DESC, s.id",
+}
+
+
+def _reference(text: str, order_by: str) -> list[tuple]:
+    """(id, relevance) of every visible service matching `text`, as the search vectors' GIN index answers it."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT s.id, ts_rank(s.search_vector, websearch_to_tsquery('english', %s))::double precision "
+            "FROM catalog_service s JOIN catalog_agent a ON a.id = s.seller_id "
+            "WHERE s.state = 'registered' AND a.is_active AND s.availability <> 'unavailable' "
+            f"AND s.search_vector @@ websearch_to_tsquery('english', %s) ORDER BY {_ORDER[order_by]}", [text, text])
+        return [(str(service_id), rank) for service_id, rank in cursor.fetchall()]
+
+
+def _walk(text: str, order_by: str, *, limit: int, **filters) -> list[tuple]:
+    found, cursor = [], None
+    for _ in range(1000):
+        rows, cursor = service_search(search=ServiceSearch(text=text, order_by=order_by, **filters), cursor=cursor,
+                                      limit=limit)
+        found += [(str(row["id"]), row["relevance"]) for row in rows]
+        if cursor is None:
+            return found
+    raise AssertionError("pagination did not end")
+
+
+def _read_postings(text: str) -> bool:
+    """Whether the first page of `text` is chosen from the postings."""
+    with CaptureQueriesContext(connection) as captured:
+        service_search(search=ServiceSearch(text=text), cursor=None, limit=5)
+    return any(f'FROM "{SERVICE_POSTINGS_TABLE}"' in q["sql"] and "ORDER BY" in q["sql"]
+               for q in captured.captured_queries)
+
+
+def test_plain_text_results_are_the_gin_indexs_in_every_order_page_by_page():
+    """Every page, order and relevance value of a text search from the postings is the GIN index's; a text with
+    websearch syntax (a phrase, an exclusion, `or`) or many words keeps to the GIN index."""
+    rng = Random(18)
+    _seed(400, rng=rng)
+    queries = [*QUERIES, *(" ".join(rng.sample(WORDS, rng.randint(1, 3))) for _ in range(30))]
+    plain = 0
+    for text in queries:
+        if not _reference(text, "relevance"):
+            continue  # nothing exact: the typo-tolerant fallback's (tests/catalog/test_search.py)
+        for order_by in _ORDER:
+            expected = _reference(text, order_by)
+            assert _walk(text, order_by, limit=7) == expected, (text, order_by)
+        page = service_search(search=ServiceSearch(text=text), cursor=None, limit=7, offset=7)
+        assert isinstance(page, OffsetPage)
+        assert [(str(row["id"]), row["relevance"]) for row in page.rows] == _reference(text, "relevance")[7:14]
+        assert page.total == len(expected)
+        plain += _read_postings(text)
+    assert plain >= 30  # most of them were answered from the postings
+    for text in ['"invoice extraction"', "invoice -extraction", "invoice or legal", "e-commerce invoice",
+                 "a b c d e f g h j k invoice"]:
+        assert not _read_postings(text), text
+
+
+def test_misspelt_text_finds_from_the_visible_names_what_it_finds_among_the_services():
+    """Without filters the typo-tolerant fallback reads the services bearing the names it found from the visible
+    names; with a filter that leaves nothing out, from the services: the same pages, in every order."""
+    _seed(400, rng=Random(5))
+    everything = {"max_unit_price": 10**30}
+    walked = 0
+    for text in ["invoise extracton", "translater", "sumarize meting", "reveiw", "fsat dta", "invoise"]:
+        for order_by in _ORDER:
+            found = _walk(text, order_by, limit=7)
+            assert found == _walk(text, order_by, limit=7, **everything), (text, order_by)
+            walked += len(found)
+    assert walked > 400
+
+
+def test_ts_rank_over_the_matched_entries_is_ts_rank_over_the_whole_vector():
+    """Without normalization, ts_rank reads only the positions and weights of the query's lexemes: over the
+    postings of those lexemes it is the rank over the whole vector, for every service and query, matched in full
+    or in part."""
+    rng = Random(7)
+    _seed(300, rng=rng)
+    queries = [*QUERIES, *(" ".join(rng.sample(WORDS, rng.randint(1, 4))) for _ in range(40))]
+    with connection.cursor() as cursor:
+        # Each service's postings of the query's lexemes (`@>`: the query holds the lexeme), in tsvector's text form,
+        # read as one vector; services holding none of them are left out (no vector to rank).
+        cursor.execute(f"""
+            SELECT text, service_id, whole, matched FROM (
+                SELECT q.text, s.id AS service_id, ts_rank(s.search_vector, q.query) AS whole, ts_rank(
+                    (SELECT string_agg(entry.quoted || ':' || p.positions, ' ')
+                     FROM {SERVICE_POSTINGS_TABLE} p CROSS JOIN LATERAL (
+                         SELECT '''' || replace(replace(p.lexeme, E'\\\\', E'\\\\\\\\'), '''', '''''') || '''' AS quoted
+                     ) entry
+                     WHERE p.service_id = s.id AND q.query @> entry.quoted::tsquery)::tsvector, q.query) AS matched
+                FROM unnest(%s::text[]) AS t (text)
+                    CROSS JOIN LATERAL (SELECT t.text, websearch_to_tsquery('english', t.text) AS query) q
+                    CROSS JOIN catalog_service s
+            ) ranked
+            WHERE matched IS NOT NULL
+            """, [queries])
+        compared = cursor.fetchall()
+    assert len(compared) > 2_000
+    assert [(text, service_id, whole) for text, service_id, whole, _ in compared] == \
+        [(text, service_id, matched) for text, service_id, _, matched in compared]
+
+
+def _expected_postings() -> set[tuple]:
+    """The postings every visible service should have, read from the text of its search vector."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT s.id, s.search_vector::text, s.created_at, s.unit_price FROM catalog_service s "
+                       "JOIN catalog_agent a ON a.id = s.seller_id WHERE s.state = 'registered' AND a.is_active "
+                       "AND s.availability <> 'unavailable'")
+        rows = cursor.fetchall()
+    expected = set()
+    for service_id, vector, created_at, unit_price in rows:
+        for entry in re.finditer(r"'((?:[^'\\]|''|\\.)*)':(\S+)", vector or ""):
+            lexeme = re.sub(r"''|\\(.)", lambda escaped: escaped.group(1) or "'", entry.group(1))
+            expected.add((lexeme, service_id, entry.group(2), created_at, unit_price))
+    return expected
+
+
+def _postings() -> set[tuple]:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT lexeme, service_id, positions, created_at, unit_price FROM {SERVICE_POSTINGS_TABLE}")
+        return set(cursor.fetchall())
+
+
+def _in_step() -> bool:
+    """Whether the postings and the visible names are those of the services as they are now."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT name, service_id, created_at, unit_price FROM {VISIBLE_SERVICE_NAMES_TABLE}")
+        names = set(cursor.fetchall())
+        cursor.execute("SELECT s.name, s.id, s.created_at, s.unit_price FROM catalog_service s "
+                       "JOIN catalog_agent a ON a.id = s.seller_id WHERE s.state = 'registered' AND a.is_active "
+                       "AND s.availability <> 'unavailable'")
+        expected_names = set(cursor.fetchall())
+    return _postings() == _expected_postings() and names == expected_names
+
+
+def _found(text: str) -> set[str]:
+    rows, _ = service_search(search=ServiceSearch(text=text), cursor=None, limit=50)
+    return {row["name"] for row in rows}
+
+
+def test_postings_follow_every_change_of_a_service_its_seller_or_its_state(seller):
+    other_seller = AgentFactory(is_seller=True)
+    translator = register_service(seller, name="Legal translator", description="Translates contracts.")
+    extractor = register_service(other_seller, name="Invoice extractor", description="Reads invoices.")
+    assert _in_step() and _found("legal") == {"Legal translator"}
+
+    services.service_update(service=translator, actor=seller, data={
+        "name": "Contract reviewer", "description": "Reviews agreements.",
+        "pricing": {"type": "per_call", "unit_price_atomic": 5_000}})
+    assert _in_step()
+    assert _found("legal") == set() and _found("reviewer") == {"Contract reviewer"}
+
+    services.service_availability_record(service_id=extractor.pk, available=False)
+    assert _found("invoice") == set() and _in_step()
+    services.service_availability_record(service_id=extractor.pk, available=True)
+    assert _found("invoice") == {"Invoice extractor"} and _in_step()
+
+    other_seller.is_active = False
+    other_seller.save()  # as the admin saves it
+    assert _found("invoice") == set() and _in_step()
+    Agent.objects.filter(pk=other_seller.pk).update(is_active=True)
+    assert _found("invoice") == {"Invoice extractor"} and _in_step()
+    Agent.objects.filter(pk=other_seller.pk).update(display_name="Renamed")  # nothing to rewrite
+    assert _in_step()
+
+    Service.objects.filter(pk=extractor.pk).update(state="deregistered")
+    assert _found("invoice") == set() and _in_step()
+    Service.objects.filter(pk=extractor.pk).update(state="registered", created_at=timezone.now() - timedelta(days=1))
+    assert _found("invoice") == {"Invoice extractor"} and _in_step()
+
+    services.service_deregister(service=translator, actor=seller)
+    assert _found("reviewer") == set() and _in_step()
+
+    Service.objects.filter(pk=extractor.pk).delete()
+    assert _postings() == set() and _in_step()
+    register_service(seller, name="Speech transcriber")
+    with connection.cursor() as cursor:
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")  # TRUNCATE refuses a table with foreign key checks pending
+        cursor.execute("TRUNCATE catalog_service CASCADE")  # as Django's flush empties the tables between tests
+    assert _postings() == set() and _in_step()
+
+
+def test_the_migration_writes_the_postings_of_the_services_already_there():
+    _seed(200, rng=Random(3))
+    assert _postings() and _in_step()
+    with connection.cursor() as cursor:
+        cursor.execute(f"TRUNCATE {SERVICE_POSTINGS_TABLE}, {VISIBLE_SERVICE_NAMES_TABLE}")
+        cursor.execute(importlib.import_module("catalog.migrations.0011_service_postings").CREATE[-1])
+    assert _postings() and _in_step()
