@@ -20,7 +20,6 @@ import logging
 import time
 from urllib.parse import quote, unquote, urlsplit
 
-import httpcore
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.http import HttpResponse, StreamingHttpResponse
@@ -56,12 +55,7 @@ UNITS_HEADER = "X-Usage-Units"
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": kept as they are; everything else is escaped
 _MAX_HEADER_DIGITS = 18  # any count or amount we accept in a header fits; longer is refused before int()
 
-# httpcore rather than httpx on this path: httpx's client layers cost more CPU than the rest of a call's forwarding.
-_pool = outbound.guarded_pool(max_connections=200, max_keepalive_connections=50)
-_TIMEOUTS = {"connect": settings.PROXY_CONNECT_TIMEOUT, "read": settings.PROXY_TIMEOUT,
-             "write": settings.PROXY_TIMEOUT, "pool": settings.PROXY_TIMEOUT}
-# Everything else httpcore raises for a call that got no answer (it has no common base class).
-_UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol)
+_upstreams = outbound.UpstreamPool(max_idle_per_upstream=50)
 
 
 class LengthRequired(ApplicationError):
@@ -89,7 +83,7 @@ def _named_in_connection(headers) -> set[str]:
 
 
 def _forward_headers(request, caller: KeyHolder, terms: selectors.CallTerms, reservation, max_units: int, path: str,
-                     body: bytes) -> list[tuple[bytes, bytes]]:
+                     body: bytes) -> list[tuple[str, str]]:
     dropped = _REQUEST_DROPPED | _named_in_connection(request.headers)
     # WSGI servers present absent CONTENT_LENGTH/CONTENT_TYPE as empty strings: those are not headers.
     headers = {key: value for key, value in request.headers.items()
@@ -110,8 +104,8 @@ def _forward_headers(request, caller: KeyHolder, terms: selectors.CallTerms, res
     })
     if body:
         headers["Content-Length"] = str(len(body))
-    # WSGI hands header values over as latin-1 text: these are their bytes as received.
-    return [(key.encode("latin-1"), value.encode("latin-1")) for key, value in headers.items()]
+    # WSGI hands header values over as latin-1 text, which http.client sends as those bytes again.
+    return list(headers.items())
 
 
 def _observe_upstream(outcome: str, started: float) -> float:
@@ -321,15 +315,15 @@ def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_pa
         method=request.method, path=upstream_path)
     started = time.monotonic()
     try:
-        upstream = _pool.handle_request(httpcore.Request(
-            request.method, terms.upstream_base_url + upstream_path, content=body,
+        upstream = _upstreams.request(
+            request.method, terms.upstream_base_url + upstream_path, body=body,
             headers=_forward_headers(request, caller, terms, reservation, max_units, upstream_path, body),
-            extensions={"timeout": _TIMEOUTS}))
-    except httpcore.TimeoutException as exc:
+            connect_timeout=settings.PROXY_CONNECT_TIMEOUT, read_timeout=settings.PROXY_TIMEOUT)
+    except TimeoutError as exc:
         metering.reservation_release(reservation=reservation)
         _observe_upstream("timeout", started)
         raise UpstreamTimeout("The seller's service did not answer in time; nothing was charged.") from exc
-    except _UPSTREAM_ERRORS as exc:
+    except outbound.UPSTREAM_ERRORS as exc:
         metering.reservation_release(reservation=reservation)
         _observe_upstream("blocked" if outbound.blocked(exc) else "unreachable", started)
         if outbound.blocked(exc):
@@ -341,7 +335,7 @@ def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_pa
     except BaseException:
         metering.reservation_release(reservation=reservation)  # nothing was served: the hold must not leak
         raise
-    upstream_headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in upstream.headers]
+    upstream_headers = upstream.headers
     latency_ms = int(_observe_upstream("error" if upstream.status >= 500 else "ok", started) * 1000)
     if upstream.status >= 500:
         metering.reservation_release(reservation=reservation)
@@ -373,12 +367,12 @@ def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_pa
     return response
 
 
-def _stored_reply(agreement_id, nonce, upstream: httpcore.Response, headers: dict) -> HttpResponse:
+def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, headers: dict) -> HttpResponse:
     """The answer to a call with X-Request-Nonce, stored for its replays: in full when it fits in
     PROXY_REPLAY_MAX_BYTES, else as a note saying so. Only that much of it is ever held in memory: a larger answer
     is streamed on from what was read."""
     limit = settings.PROXY_REPLAY_MAX_BYTES
-    stream = iter(upstream.stream)
+    stream = iter(upstream)
     head, size = [], 0
     try:
         for chunk in stream:
@@ -408,10 +402,10 @@ def _stored_reply(agreement_id, nonce, upstream: httpcore.Response, headers: dic
     return response
 
 
-def _stream(upstream: httpcore.Response, read=(), rest=None):
+def _stream(upstream: outbound.UpstreamAnswer, read=(), rest=None):
     """The upstream's body for the buyer: what was `read` of it already, then the `rest` of its stream."""
     try:
         yield from read
-        yield from upstream.stream if rest is None else rest
+        yield from upstream if rest is None else rest
     finally:
         upstream.close()
