@@ -173,8 +173,12 @@ class UpstreamAnswer:
         self._pool, self._key, self._connection, self._response = pool, key, connection, response
 
     def __iter__(self) -> Iterator[bytes]:
-        while chunk := self._response.read1(65536):
+        response = self._response
+        while chunk := response.read1(65536):
             yield chunk
+        if response.length:  # http.client's read1 ends quietly where the upstream closed before its Content-Length
+            raise http.client.IncompleteRead(b"", response.length)
+        response.close()  # read to its end (read1 leaves a Content-Length body open): the connection may serve again
 
     def close(self) -> None:
         if self._connection is None:

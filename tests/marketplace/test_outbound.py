@@ -1,13 +1,20 @@
 """The SSRF guard: seller upstreams and webhook URLs may not point inside the platform's network."""
 
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
+import trustme
 
 from agreements.models import UsageAgreement, WebhookDelivery
+from marketplace import outbound
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import register_service, service_data
 from tests.catalog.test_registry import registration
 from tests.conftest import error_code
 from tests.marketplace.conftest import active_agreement
+from tests.support.http_server import RecordingServer
 
 pytestmark = pytest.mark.django_db
 
@@ -106,6 +113,105 @@ def test_the_proxy_checks_the_address_on_every_connection(escrow_chain, http_ser
 
     settings.ALLOW_PRIVATE_UPSTREAMS = True
     assert active.buyer_api.get(f"{active.proxy}/translate").status_code == 200
+
+
+@pytest.fixture
+def tls_upstream():
+    """An HTTPS upstream on loopback whose certificate, for `localhost`, a test CA issued."""
+    authority = trustme.CA()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    authority.issue_cert("localhost").configure_cert(context)
+    server = RecordingServer(tls=context).start()
+    yield authority, server
+    server.stop()
+
+
+@pytest.mark.chain
+def test_the_proxy_calls_tls_upstreams_whose_certificate_it_trusts_and_no_others(
+        escrow_chain, tls_upstream, monkeypatch, django_capture_on_commit_callbacks):
+    authority, upstream = tls_upstream
+    active = active_agreement(escrow_chain, django_capture_on_commit_callbacks,
+                              upstream.url.replace("127.0.0.1", "localhost") + "/api")
+    response = active.buyer_api.get(f"{active.proxy}/translate")
+    assert response.status_code == 502 and error_code(response) == "upstream_unavailable"
+    assert upstream.requests == []
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+    assert (agreement.used, agreement.reserved) == (0, 0)  # nothing charged, nothing held
+
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+    monkeypatch.setattr(outbound._GuardedTLSConnection, "_context", trusting)  # as if the CA were a public one
+    response = active.buyer_api.get(f"{active.proxy}/translate")
+    assert response.status_code == 200 and response["X-Usage-Seq"] == "1"
+    [forwarded] = upstream.requests
+    assert (forwarded.path, forwarded.headers["Host"]) == ("/api/translate", upstream.url.split("//")[1].replace(
+        "127.0.0.1", "localhost"))
+
+
+class _ClosesKeptAliveConnections(BaseHTTPRequestHandler):
+    """Answers as HTTP/1.1 without `Connection: close`, then closes the connection anyway, as an upstream closes
+    the idle connections it kept alive."""
+
+    protocol_version = "HTTP/1.1"
+    answered = 0
+
+    def do_GET(self):
+        type(self).answered += 1
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.chain
+def test_a_kept_alive_connection_the_upstream_closed_is_not_used_again(escrow_chain,
+                                                                      django_capture_on_commit_callbacks):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ClosesKeptAliveConnections)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks,
+                                  f"http://127.0.0.1:{server.server_address[1]}/api")
+        for seq in ("1", "2"):
+            response = active.buyer_api.get(f"{active.proxy}/translate")
+            assert response.status_code == 200 and response["X-Usage-Seq"] == seq
+            assert b"".join(response.streaming_content) == b"{}"  # read to its end: the connection is kept
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _ClosesKeptAliveConnections.answered == 2
+
+
+class _ClosesMidBody(BaseHTTPRequestHandler):
+    """Announces 100 bytes, sends 10 and closes."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        self.wfile.write(b"x" * 10)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.chain
+def test_an_answer_cut_short_is_never_stored_as_the_calls_reply(escrow_chain, django_capture_on_commit_callbacks):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ClosesMidBody)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks,
+                                  f"http://127.0.0.1:{server.server_address[1]}/api")
+        headers = {"HTTP_AUTHORIZATION": f"Bearer {active.buyer_api.secret}", "HTTP_X_REQUEST_NONCE": "cut-1"}
+        first = active.buyer_api.client.get(f"{active.proxy}/translate", **headers)
+        again = active.buyer_api.client.get(f"{active.proxy}/translate", **headers)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert first.status_code >= 500 and again.status_code != 200, (first.status_code, again.status_code)
 
 
 @pytest.mark.parametrize("host", ["[::127.0.0.1]", "[64:ff9b::127.0.0.1]", "localhost"])

@@ -1,6 +1,7 @@
 """A real HTTP server on loopback for tests: records requests, answers from a script of responses."""
 
 import json
+import ssl
 import threading
 import time
 from collections import deque
@@ -22,11 +23,12 @@ class RecordingServer:
     # (status, body dict[, delay seconds[, headers]]) to answer, in order; then 200 {}
     responses: deque = field(default_factory=deque)
     server: ThreadingHTTPServer | None = None
+    tls: ssl.SSLContext | None = None  # serve HTTPS with this context's certificate
 
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     def start(self) -> "RecordingServer":
         recorder = self
@@ -54,6 +56,8 @@ class RecordingServer:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if self.tls:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
