@@ -210,8 +210,12 @@ class UpstreamPool:
         parts = urlsplit(url)
         tls = parts.scheme == "https"
         key = (tls, parts.hostname, parts.port or (443 if tls else 80))
-        connection = self._take(key) or (_GuardedTLSConnection if tls else _GuardedConnection)(
-            key[1], key[2], connect_timeout=connect_timeout, read_timeout=read_timeout)
+        connection = self._take(key)
+        if connection is None:
+            connection = (_GuardedTLSConnection if tls else _GuardedConnection)(
+                key[1], key[2], connect_timeout=connect_timeout, read_timeout=read_timeout)
+        else:
+            connection.sock.settimeout(read_timeout)  # this call's, not the one's that opened the connection
         try:
             connection.putrequest(method, parts.path + (f"?{parts.query}" if parts.query else "") or "/",
                                   skip_host=True, skip_accept_encoding=True)
