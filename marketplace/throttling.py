@@ -15,10 +15,18 @@ Django's cache API would take two per window (its `incr` asks `EXISTS` first), s
 Redis client is made once per connection pool, where Django's backend builds a new one (copying redis-py's table
 of ~170 reply callbacks) for every call. One throttle
 class counts both of a request's budgets (`api` and the view's), so a DRF view also counts them in one round trip.
+
+Far from its limit, a process counts a budget's window in leases (`_Lease`): it adds up to LEASE_MAX requests to
+the shared count at once and serves that many from memory, so a busy key asks Redis once per LEASE_MAX requests,
+not on every one (a metered call's round trip to Redis was 0.13 ms of its CPU). A lease is at most 1/64 of what
+the window has left and shrinks to a single request near the limit, so the limit stays exact; what a process
+leased and did not use in a window counts as used (at most LEASE_MAX - 1 requests per process and budget).
 """
 
 import math
+import threading
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 
 import redis
@@ -34,31 +42,80 @@ def _parsed(rate: str) -> tuple[int, int]:
     return ScopedRateThrottle().parse_rate(rate)
 
 
+LEASE_MAX = 16
+LEASE_SHARE = 64  # a lease takes at most this fraction (1/64) of what its window has left
+
+
+@dataclass
+class _Lease:
+    """Requests this process counted in a budget's window ahead of serving them."""
+
+    window_key: str
+    left: int  # counted in Redis, not served yet
+    count: int  # the window's count as Redis last answered it
+
+
+_leases: dict[str, _Lease] = {}  # budget key -> its lease in the current window
+_LEASES_KEPT = 10_000
+_leases_lock = threading.Lock()
+
+
 def windows_wait(budgets: list[tuple[str, str]]) -> int | None:
     """Count one request against each (key, scope) budget: None while within all of them, else the seconds until
     the last exceeded window ends (Retry-After)."""
     now = time.time()
-    windows = []  # (cache key, limit, window, duration)
+    windows = []  # (budget key, window key, limit, window, duration)
     for key, scope in budgets:
         limit, duration = _parsed(api_settings.DEFAULT_THROTTLE_RATES[scope])
         window = int(now // duration)
-        windows.append((f"{key}:{window}", limit, window, duration))
+        windows.append((key, f"{key}:{window}", limit, window, duration))
     backend = caches[DEFAULT_CACHE_ALIAS]
     if isinstance(backend, RedisCache):
-        counts = _redis_counts(backend, [(window_key, duration + 1) for window_key, _, _, duration in windows])
+        exceeded = _redis_exceeded(backend, windows)
     else:
-        counts = [_cache_count(backend, window_key, duration + 1) for window_key, _, _, duration in windows]
-    waits = [math.ceil((window + 1) * duration - now)
-             for (_, limit, window, duration), count in zip(windows, counts, strict=True) if count > limit]
+        exceeded = [(window, duration) for _, window_key, limit, window, duration in windows
+                    if _cache_count(backend, window_key, duration + 1) > limit]
+    waits = [math.ceil((window + 1) * duration - now) for window, duration in exceeded]
     return max(waits) if waits else None
 
 
-# Per key: increment, and give a window its expiry when this request created it (ARGV: the keys' TTLs).
+def _redis_exceeded(backend: RedisCache, windows: list[tuple]) -> list[tuple[int, int]]:
+    """The (window, duration) of the budgets this request exceeds, counting it from the process's leases where
+    they have requests left and in one round trip to Redis for the others."""
+    asked = []  # (budget key, window key, limit, window, duration, requests counted)
+    with _leases_lock:
+        for budget in windows:
+            key, window_key, limit = budget[:3]
+            lease = _leases.get(key)
+            if lease is not None and lease.window_key == window_key and lease.left:
+                lease.left -= 1
+                continue
+            known = lease.count if lease is not None and lease.window_key == window_key else limit
+            asked.append((*budget, max(1, min(LEASE_MAX, (limit - known) // LEASE_SHARE))))
+    if not asked:
+        return []
+    counts = _redis_counts(backend, [(window_key, duration + 1, size)
+                                     for _, window_key, _, _, duration, size in asked])
+    exceeded = []
+    with _leases_lock:
+        if len(_leases) > _LEASES_KEPT:
+            _leases.clear()  # the keys of past windows; a live lease dropped here counts as used
+        for (key, window_key, limit, window, duration, size), count in zip(asked, counts, strict=True):
+            first = count - size + 1  # this request's place in the window; the lease's others follow it
+            _leases[key] = _Lease(window_key, left=max(0, min(count, limit) - first), count=count)
+            if first > limit:
+                exceeded.append((window, duration))
+    return exceeded
+
+
+# Per key: add its lease, and give a window its expiry when this request created it (ARGV: per key, the lease's
+# size, then the TTL).
 _COUNT_WINDOWS = """
 local counts = {}
 for i, key in ipairs(KEYS) do
-  counts[i] = redis.call('INCR', key)
-  if counts[i] == 1 then redis.call('EXPIRE', key, ARGV[i]) end
+  local size = tonumber(ARGV[2 * i - 1])
+  counts[i] = redis.call('INCRBY', key, size)
+  if counts[i] == size then redis.call('EXPIRE', key, ARGV[2 * i]) end
 end
 return counts
 """
@@ -70,10 +127,11 @@ def _window_counter(pool):
     return redis.Redis(connection_pool=pool).register_script(_COUNT_WINDOWS)
 
 
-def _redis_counts(backend: RedisCache, windows: list[tuple[str, int]]) -> list[int]:
-    keys = [backend.make_and_validate_key(window_key) for window_key, _ in windows]
+def _redis_counts(backend: RedisCache, windows: list[tuple[str, int, int]]) -> list[int]:
+    """Add (window key, TTL, requests) to each window's count: the counts after."""
+    keys = [backend.make_and_validate_key(window_key) for window_key, _, _ in windows]
     pool = backend._cache._get_connection_pool(write=True)
-    return _window_counter(pool)(keys=keys, args=[ttl for _, ttl in windows])
+    return _window_counter(pool)(keys=keys, args=[value for _, ttl, size in windows for value in (size, ttl)])
 
 
 def _cache_count(backend, window_key: str, ttl: int) -> int:
