@@ -7,6 +7,8 @@ Only on PostgreSQL; the embedded SQLite default searches without them.
 
 from django.db import migrations
 
+from marketplace.migration_operations import PostgreSQLOnlySQL
+
 CREATE = [
     "CREATE EXTENSION IF NOT EXISTS pg_trgm",
     "CREATE INDEX IF NOT EXISTS service_search_vector_gin ON catalog_service USING gin (search_vector)",
@@ -21,17 +23,7 @@ DROP = [
 ]
 
 
-def _run(statements):
-    def run(apps, schema_editor):
-        if schema_editor.connection.vendor != "postgresql":
-            return
-        for sql in statements:
-            schema_editor.execute(sql)
-
-    return run
-
-
 class Migration(migrations.Migration):
     dependencies = [("catalog", "0001_initial")]
 
-    operations = [migrations.RunPython(_run(CREATE), _run(DROP))]
+    operations = [PostgreSQLOnlySQL(CREATE, DROP)]

@@ -13,6 +13,8 @@ the typo-tolerant search reads.
 
 from django.db import migrations
 
+from marketplace.migration_operations import PostgreSQLOnlySQL
+
 # The table has no foreign key: Django's flush (TRUNCATE of its own tables, in tests) would refuse to truncate the
 # services it references; deletes and truncates of services reach the postings through triggers instead.
 CREATE = [
@@ -153,17 +155,7 @@ DROP = [
 ]
 
 
-def _run(statements):
-    def run(apps, schema_editor):
-        if schema_editor.connection.vendor != "postgresql":
-            return
-        for sql in statements:
-            schema_editor.execute(sql)
-
-    return run
-
-
 class Migration(migrations.Migration):
     dependencies = [("catalog", "0010_service_name_lexicon")]
 
-    operations = [migrations.RunPython(_run(CREATE), _run(DROP))]
+    operations = [PostgreSQLOnlySQL(CREATE, DROP)]
