@@ -380,12 +380,11 @@ def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, header
             size += len(chunk)
             if size > limit:
                 break
-        else:
-            upstream.close()
     except BaseException:
         upstream.close()
         raise
-    if size <= limit:
+    if size <= limit:  # read to its end
+        upstream.close()
         body = b"".join(head)
         ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=nonce).update(
             status_code=upstream.status, headers=headers, body=body)

@@ -157,14 +157,15 @@ def _exact_matches(search: ServiceSearch, services: "_Filtered", text: str) -> "
             matched = matched.where(f"({_icontains('s.name')} OR {_icontains('s.keywords')} OR "
                                     f"{_icontains('s.description')})", pattern, pattern, pattern)
         return matched.scored(f"CASE WHEN {_icontains('s.name')} THEN 2.0 ELSE 1.0 END", _contains(text))
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {_TEXT_QUERY}::text", [text])
-        (tsquery,) = cursor.fetchone()
-    if not tsquery:
-        return services.where("1 = 0").scored("0.0")  # only stop words or punctuation: nothing can match
-    lexemes = _PLAIN_TSQUERY.fullmatch(tsquery) and list(dict.fromkeys(_TSQUERY_LEXEME.findall(tsquery)))
-    if lexemes and len(lexemes) <= _POSTINGS_MAX_LEXEMES and _only_text(search):
-        return _postings_matching(lexemes, tsquery)
+    if _only_text(search):  # what the postings can answer: the text's query decides whether they do
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT {_TEXT_QUERY}::text", [text])
+            (tsquery,) = cursor.fetchone()
+        if not tsquery:
+            return services.where("1 = 0").scored("0.0")  # only stop words or punctuation: nothing can match
+        lexemes = _PLAIN_TSQUERY.fullmatch(tsquery) and list(dict.fromkeys(_TSQUERY_LEXEME.findall(tsquery)))
+        if lexemes and len(lexemes) <= _POSTINGS_MAX_LEXEMES:
+            return _postings_matching(lexemes, tsquery)
     # Full-text match over the weighted vector (name A, tags/capability/skills B, description C) through its GIN
     # index; ts_rank therefore puts a name match above a description-only one. The rank is read as double precision:
     # cursors carry the relevance of the last row, and PostgreSQL prints a real in its shortest form (0.06079271),
