@@ -18,9 +18,10 @@ it. `intents_reap` (a beat task) settles the intents of dead processes by one ru
 import contextlib
 import json
 import re
+import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import lru_cache
 
@@ -238,11 +239,12 @@ def _extend_chain(agreement, charges: list[dict], *, source: str) -> list[dict]:
 _SHARED_EVENT_COLUMNS = ("agreement_id", "source", "created_at")
 
 
-@lru_cache(maxsize=1)
-def _events_insert_sql() -> tuple[str, list, list]:
-    """PostgreSQL's INSERT of UsageEvent rows from one JSON document (`_write_events`), returning seq and id; with
-    the fields that are parameters of their own (`_SHARED_EVENT_COLUMNS`) and the columns in the document (column,
-    attribute name, the default the document leaves out). Both in the order of the model's fields, as in the SELECT."""
+@lru_cache(maxsize=2)
+def _events_insert_sql(where: str = "") -> tuple[str, list, list]:
+    """PostgreSQL's INSERT of UsageEvent rows from one JSON document (`_write_events`), returning seq and id, when
+    the SQL condition `where` holds (if one is given); with the fields that are parameters of their own
+    (`_SHARED_EVENT_COLUMNS`) and the columns in the document (column, attribute name, the default the document
+    leaves out). Both in the order of the model's fields, as in the SELECT."""
     fields, defaults, quote = *_event_fields(), connection.ops.quote_name
     shared = [field for field in fields if field.attname in _SHARED_EVENT_COLUMNS]
     per_event = [field for field in fields if field not in shared]
@@ -260,8 +262,15 @@ def _events_insert_sql() -> tuple[str, list, list]:
     record = ", ".join(f"{quote(field.column)} {base_type(field)}" for field in per_event)
     return (f"INSERT INTO {quote(UsageEvent._meta.db_table)} ({', '.join(quote(field.column) for field in fields)}) "
             f"SELECT {', '.join(value(field) for field in fields)} "  # noqa: S608
-            f"FROM json_to_recordset(%s::json) AS event({record}) RETURNING seq, id",
+            f"FROM json_to_recordset(%s::json) AS event({record}) {f'WHERE {where} ' if where else ''}RETURNING seq, id",
             shared, [(field.column, field.attname, defaults.get(field.attname)) for field in per_event])
+
+
+def _events_document(rows: list[dict], per_event: list[tuple]) -> str:
+    """The events' rows as the JSON document `_events_insert_sql` reads: the columns `per_event` names, each left out
+    where it holds its column's default."""
+    return json.dumps([{column: value for column, attname, default in per_event if (value := row[attname]) != default}
+                       for row in rows], default=str, separators=(",", ":"))
 
 
 def _events_write_statement(agreement, rows: list[dict], counters: list[str]) -> tuple[str, list]:
@@ -278,9 +287,7 @@ def _events_write_statement(agreement, rows: list[dict], counters: list[str]) ->
     chain code just computed, of the columns' Python types (uuid and datetime as their text forms)."""
     sql, shared, per_event = _events_insert_sql()
     first = rows[0]
-    document = json.dumps([{column: value for column, attname, default in per_event
-                             if (value := row[attname]) != default} for row in rows],
-                          default=str, separators=(",", ":"))
+    document = _events_document(rows, per_event)
     update, update_params = "", []
     if counters:
         update = _counters_update_sql(tuple(counters))
@@ -424,6 +431,112 @@ def _charge_prepare(agreement: _ChainHead, reservation: Reservation, charge: dic
     return rows, fields
 
 
+# The chain head this process last wrote, per agreement: the next charge of that agreement here assumes it is
+# still the head and writes itself in one round trip (`_charge_on_known_head`). An agreement whose head another
+# process (or the seller's usage reports) moved meanwhile is charged in two (`_charge_in_two_round_trips`), and for
+# KNOWN_HEAD_PAUSE_SECONDS after such a miss: a hot agreement, charged from every process, would miss most times.
+KNOWN_HEAD_PAUSE_SECONDS = 1.0
+_KNOWN_HEADS_MAX = 10_000  # agreements remembered per process (beyond: forgotten, and charged in two round trips)
+_known_heads: dict[uuid.UUID, _ChainHead] = {}
+_known_head_paused_until: dict[uuid.UUID, float] = {}
+
+
+def _known_head(agreement_id: uuid.UUID) -> _ChainHead | None:
+    head = _known_heads.get(agreement_id)
+    if head is None or _known_head_paused_until.get(agreement_id, 0.0) > time.monotonic():
+        return None
+    return replace(head)  # `_extend_chain` moves the copy; the one known moves once it is written
+
+
+def _known_head_written(head: _ChainHead) -> None:
+    if len(_known_heads) >= _KNOWN_HEADS_MAX:
+        _known_heads.clear()
+        _known_head_paused_until.clear()
+    _known_heads[head.id] = head
+
+
+def _known_head_missed(agreement_id: uuid.UUID) -> None:
+    _known_heads.pop(agreement_id, None)
+    _known_head_paused_until[agreement_id] = time.monotonic() + KNOWN_HEAD_PAUSE_SECONDS
+
+
+@lru_cache(maxsize=1)
+def _known_head_charge_sql() -> str:
+    """One statement: when the agreement's head is still (seq, used, digest) and the call's intent is still open,
+    lock the row, close the intent, insert the event and move the counters (with `_complete_if_used_up`'s rule,
+    on the row's own `reserved`); else change nothing. Answers the event's (seq, id), or no row."""
+    quote, meta = connection.ops.quote_name, UsageAgreement._meta
+
+    def column(name: str) -> str:
+        return quote(meta.get_field(name).column)
+
+    agreements, intents = quote(meta.db_table), quote(CallIntent._meta.db_table)
+    used_up = (f"{column('completion_requested_at')} IS NULL "
+               f"AND %s + {column('reserved')} - %s >= {column('deposit_amount')}")
+    insert = _events_insert_sql("EXISTS (SELECT FROM closed)")[0]
+    return (f"WITH locked AS (SELECT id FROM {agreements} WHERE id = %s AND {column('usage_seq')} = %s "  # noqa: S608
+            f"AND {column('used')} = %s AND {column('usage_digest')} = %s FOR UPDATE), "
+            f"closed AS (DELETE FROM {intents} WHERE id = %s AND EXISTS (SELECT FROM locked) RETURNING id), "
+            f"inserted AS ({insert}), "
+            f"moved AS (UPDATE {agreements} SET {column('usage_seq')} = %s, {column('used')} = %s, "
+            f"{column('usage_digest')} = %s, {column('reserved')} = {column('reserved')} - %s, "
+            f"{column('completion_requested_at')} = CASE WHEN {used_up} THEN %s "
+            f"ELSE {column('completion_requested_at')} END, "
+            f"{column('completion_reason')} = CASE WHEN {used_up} THEN %s ELSE {column('completion_reason')} END "
+            f"WHERE id = %s AND EXISTS (SELECT FROM closed)) "
+            f"SELECT seq, id FROM inserted")
+
+
+def _known_head_charge_statement(reservation: Reservation, known: _ChainHead, head: _ChainHead,
+                                 rows: list[dict]) -> tuple[str, list]:
+    """`_known_head_charge_sql` with its values: `known` is the head assumed, `head` the one after the event."""
+    _, shared, per_event = _events_insert_sql("EXISTS (SELECT FROM closed)")
+    used_up = [head.used, reservation.amount]
+    return _known_head_charge_sql(), [
+        reservation.agreement_id, known.usage_seq, known.used, known.usage_digest,
+        reservation.intent_id,
+        *(rows[0][field.attname] for field in shared), _events_document(rows, per_event),
+        head.usage_seq, head.used, head.usage_digest, reservation.amount,
+        *used_up, timezone.now(), *used_up, BUDGET_USED_UP, reservation.agreement_id]
+
+
+def _charge_on_known_head(reservation: Reservation, charge: dict, known: _ChainHead) -> UsageEvent | None:
+    """PostgreSQL outside any transaction of the caller's: the charge in one round trip, on the head this process
+    wrote last (`known`), or None, having written nothing but the answer, when that is no longer the head (or the
+    reaper closed the intent: the two round trips then find out which). The event is chained and its receipt
+    signed before the row is locked, so the row lock is held for one statement and the commit:
+
+        BEGIN; record the answer; COMMIT (without waiting for the flush);
+        BEGIN; if the head is still `known`: lock the row, close the intent, insert the event, move the counters;
+        COMMIT (durable before the answer leaves)
+    """
+    head = replace(known)
+    rows = _extend_chain(head, [{**charge, "path": charge["path"][:500]}], source=UsageSource.PROXY)
+    answered_sql, answered_params = _answered_statement(reservation, charge, skip_flush_wait=True)
+    with prepared_cursor() as cursor, prepared_cursor() as control:
+        pipeline = connection.connection.pipeline  # connected by now (prepared_cursor)
+        try:
+            with pipeline():
+                control.execute("BEGIN")
+                control.execute(answered_sql, answered_params)
+                control.execute("COMMIT")
+                control.execute("BEGIN")
+                cursor.execute(*_known_head_charge_statement(reservation, known, head, rows))
+                control.execute("COMMIT")
+            written = dict(cursor.fetchall())
+        except BaseException:
+            with contextlib.suppress(DatabaseError):
+                control.execute("ROLLBACK")
+            raise
+    if not written:
+        _known_head_missed(reservation.agreement_id)
+        return None
+    _known_head_written(head)
+    [event] = _events_saved(rows, written)
+    monitoring.charges_observe(source=UsageSource.PROXY, token=head.token, events=1, amount=event.cost)
+    return event
+
+
 def _charge_in_two_round_trips(reservation: Reservation, charge: dict) -> UsageEvent:
     """PostgreSQL outside any transaction of the caller's: the proxy's charge in two round trips instead of five
     (every wait for the database costs a proxied call CPU as well as time), each a pipeline of statements prepared
@@ -459,6 +572,7 @@ def _charge_in_two_round_trips(reservation: Reservation, charge: dict) -> UsageE
             with contextlib.suppress(DatabaseError):
                 control.execute("ROLLBACK")
             raise
+    _known_head_written(agreement)
     monitoring.charges_observe(source=UsageSource.PROXY, token=agreement.token, events=1, amount=event.cost)
     return event
 
@@ -473,7 +587,10 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
               "method": method, "path": path, "upstream_status": upstream_status, "latency_ms": latency_ms}
     try:
         if connection.vendor == "postgresql" and not connection.in_atomic_block:
-            event = _charge_in_two_round_trips(reservation, charge)
+            known = _known_head(reservation.agreement_id)
+            event = None if known is None else _charge_on_known_head(reservation, charge, known)
+            if event is None:
+                event = _charge_in_two_round_trips(reservation, charge)
         else:
             reservation_answered(reservation=reservation, units=units, cost=cost, upstream_status=upstream_status,
                                  latency_ms=latency_ms)

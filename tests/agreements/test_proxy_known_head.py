@@ -1,0 +1,121 @@
+"""A proxied call's charge on the usage-chain head its process wrote last takes one round trip instead of two
+(issue #18), its event chained and its receipt signed before the row is locked. Whatever moved the head meanwhile
+(another process's charge, the seller's report, the reaper), the chain stays gap-free, every receipt verifies and
+the books are exact."""
+
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from agreements import metering
+from agreements.models import CallIntent, UsageAgreement
+from marketplace.errors import DependencyUnavailable
+from sdk import receipts
+from tests.conftest import error_code
+from tests.escrow.flow import Parties, onchain_escrow, poll_mined
+
+pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+PRICE = 20_000
+LOCK_THEN_WRITE = "(SELECT count(*) FROM closed)"  # the two round trips' first statement
+ON_KNOWN_HEAD = "EXISTS (SELECT FROM closed)"  # the one round trip's statement
+
+
+@pytest.fixture
+def running(escrow_chain, http_server):
+    """An active agreement for 5 calls at 0.02 USDC, outside a test's transaction (as the server charges)."""
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=5)
+    assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                  parties.signed_activation(agreement["id"])).status_code == 202
+    poll_mined()
+    parties.agreement_id = agreement["id"]
+    return parties
+
+
+def call(parties):
+    return parties.buyer_api.client.get(f"/metered-proxy/{parties.agreement_id}/work",
+                                        HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}")
+
+
+def charged_with(queries) -> set[str]:
+    return {name for name, marker in (("two round trips", LOCK_THEN_WRITE), ("known head", ON_KNOWN_HEAD))
+            if any(marker in query["sql"] for query in queries)}
+
+
+def assert_books_exact(parties, chain, *, used: int) -> None:
+    agreement = UsageAgreement.objects.get(pk=parties.agreement_id)
+    assert (agreement.used, agreement.reserved) == (used, 0) and not CallIntent.objects.exists()
+    usage = parties.buyer_api.get(f"/usage-agreements/{parties.agreement_id}/usage").json()["results"]
+    assert [event["seq"] for event in usage] == list(range(1, len(usage) + 1))
+    verified = receipts.verify_usage(usage, agreement_id=agreement.onchain_id, chain_id=chain.chain_id,
+                                     escrow_address=chain.addresses["escrow"],
+                                     escrow=onchain_escrow(chain, agreement.onchain_id), price_per_unit=PRICE)
+    assert verified.cumulative_amount == used
+
+
+def test_the_next_charge_of_an_agreement_takes_one_round_trip(running, http_server, escrow_chain):
+    http_server.responses.extend([(200, {})] * 3)
+    with CaptureQueriesContext(connection) as first:
+        assert call(running)["X-Usage-Seq"] == "1"
+    for seq in ("2", "3"):
+        with CaptureQueriesContext(connection) as next_one:
+            response = call(running)
+        assert (response.status_code, response["X-Usage-Seq"]) == (200, seq)
+        assert response["X-Escrow-Remaining"] == str((5 - int(seq)) * PRICE)
+        assert charged_with(next_one.captured_queries) == {"known head"}
+    assert charged_with(first.captured_queries) == {"two round trips"}  # nothing known of it yet
+    assert_books_exact(running, escrow_chain, used=3 * PRICE)
+
+
+def test_a_head_moved_by_someone_else_is_charged_on_the_new_head(running, http_server, escrow_chain):
+    http_server.responses.extend([(200, {})] * 3)
+    assert call(running)["X-Usage-Seq"] == "1"
+    reported = running.seller_api.post(f"/usage-agreements/{running.agreement_id}/record-usage",
+                                       {"events": [{"units": 1}]}, headers={"Idempotency-Key": "moved"})
+    assert reported.status_code == 201  # seq 2: the head this process wrote is no longer the head
+
+    with CaptureQueriesContext(connection) as missed:
+        response = call(running)
+    assert (response.status_code, response["X-Usage-Seq"]) == (200, "3")
+    assert charged_with(missed.captured_queries) == {"known head", "two round trips"}
+    with CaptureQueriesContext(connection) as paused:
+        assert call(running)["X-Usage-Seq"] == "4"
+    assert charged_with(paused.captured_queries) == {"two round trips"}  # for KNOWN_HEAD_PAUSE_SECONDS
+    assert_books_exact(running, escrow_chain, used=4 * PRICE)
+
+
+def test_the_charge_that_uses_up_the_budget_on_a_known_head_requests_completion(running, http_server):
+    http_server.responses.extend([(200, {})] * 5)
+    for _ in range(4):
+        assert call(running).status_code == 200
+    assert UsageAgreement.objects.get(pk=running.agreement_id).completion_requested_at is None
+    with CaptureQueriesContext(connection) as last:
+        assert call(running)["X-Escrow-Remaining"] == "0"
+    assert charged_with(last.captured_queries) == {"known head"}
+
+    agreement = UsageAgreement.objects.get(pk=running.agreement_id)
+    assert agreement.completion_requested_at is not None and agreement.completion_reason == "budget_used_up"
+    refused = call(running)
+    assert refused.status_code == 402 and error_code(refused) == "budget_exhausted"
+    assert len(http_server.requests) == 5
+
+
+def test_a_call_the_reaper_settled_is_not_charged_on_a_known_head(running, http_server, escrow_chain):
+    http_server.responses.append((200, {}))
+    assert call(running)["X-Usage-Seq"] == "1"
+    terms = UsageAgreement.objects.get(pk=running.agreement_id)
+    late = metering.reservation_take(agreement=terms, amount=PRICE, request_id="req-late", request_nonce="",
+                                     method="GET", path="/work")
+    # Its process looked dead (no answer recorded): the reaper released the reservation.
+    assert metering.intents_reap(now=timezone.now() + timedelta(hours=1)) == {"charged": 0, "released": 1,
+                                                                              "replays": 0}
+
+    with pytest.raises(DependencyUnavailable) as expired:
+        metering.reservation_commit(reservation=late, units=1, cost=PRICE, request_id="req-late", request_nonce="",
+                                    method="GET", path="/work", upstream_status=200, latency_ms=5)
+    assert expired.value.code == "call_expired"
+    assert_books_exact(running, escrow_chain, used=PRICE)
