@@ -262,7 +262,8 @@ def _events_insert_sql(where: str = "") -> tuple[str, list, list]:
     record = ", ".join(f"{quote(field.column)} {base_type(field)}" for field in per_event)
     return (f"INSERT INTO {quote(UsageEvent._meta.db_table)} ({', '.join(quote(field.column) for field in fields)}) "
             f"SELECT {', '.join(value(field) for field in fields)} "  # noqa: S608
-            f"FROM json_to_recordset(%s::json) AS event({record}) {f'WHERE {where} ' if where else ''}RETURNING seq, id",
+            f"FROM json_to_recordset(%s::json) AS event({record}) "
+            f"{f'WHERE {where} ' if where else ''}RETURNING seq, id",
             shared, [(field.column, field.attname, defaults.get(field.attname)) for field in per_event])
 
 
@@ -537,7 +538,7 @@ def _charge_on_known_head(reservation: Reservation, charge: dict, known: _ChainH
     return event
 
 
-def _charge_in_two_round_trips(reservation: Reservation, charge: dict) -> UsageEvent:
+def _charge_in_two_round_trips(reservation: Reservation, charge: dict, *, answer_recorded: bool = False) -> UsageEvent:
     """PostgreSQL outside any transaction of the caller's: the proxy's charge in two round trips instead of five
     (every wait for the database costs a proxied call CPU as well as time), each a pipeline of statements prepared
     on the server once per connection (written out as text, they were parsed and planned again at every charge: a
@@ -547,16 +548,18 @@ def _charge_in_two_round_trips(reservation: Reservation, charge: dict) -> UsageE
         1. BEGIN; record the answer; COMMIT (without waiting for the flush); BEGIN; close the intent and lock the row
         2. insert the event and move the counters; COMMIT (durable before the answer leaves)
 
-    The answer is thus committed before the charge waits for the row lock, as reservation_answered would."""
+    The answer is thus committed before the charge waits for the row lock, as reservation_answered would (unless
+    `answer_recorded`: a charge on a known head that missed committed it)."""
     answered_sql, answered_params = _answered_statement(reservation, charge, skip_flush_wait=True)
     lock_sql, lock_params = _lock_statement(reservation)
     with prepared_cursor() as cursor, prepared_cursor() as control:
         pipeline = connection.connection.pipeline  # connected by now (prepared_cursor)
         try:
             with pipeline():
-                control.execute("BEGIN")
-                control.execute(answered_sql, answered_params)
-                control.execute("COMMIT")
+                if not answer_recorded:
+                    control.execute("BEGIN")
+                    control.execute(answered_sql, answered_params)
+                    control.execute("COMMIT")
                 control.execute("BEGIN")
                 cursor.execute(lock_sql, lock_params)
             *row, closed = cursor.fetchone()
@@ -590,7 +593,7 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
             known = _known_head(reservation.agreement_id)
             event = None if known is None else _charge_on_known_head(reservation, charge, known)
             if event is None:
-                event = _charge_in_two_round_trips(reservation, charge)
+                event = _charge_in_two_round_trips(reservation, charge, answer_recorded=known is not None)
         else:
             reservation_answered(reservation=reservation, units=units, cost=cost, upstream_status=upstream_status,
                                  latency_ms=latency_ms)
