@@ -152,13 +152,18 @@ def _intent_close(reservation: Reservation) -> bool:
         return cursor.rowcount == 1
 
 
+_ANSWERED = f"UPDATE {CallIntent._meta.db_table} SET answered_at = %s, units = %s, cost = %s, " \
+            "upstream_status = %s, latency_ms = %s "  # noqa: S608
+
+
+def _answered_values(charge: dict) -> list:
+    return [timezone.now(), charge["units"], charge["cost"], charge["upstream_status"], charge["latency_ms"]]
+
+
 def _answered_statement(reservation: Reservation, charge: dict, *, skip_flush_wait: bool) -> tuple[str, list]:
-    return (f"UPDATE {CallIntent._meta.db_table} SET answered_at = %s, units = %s, cost = %s, "  # noqa: S608
-            "upstream_status = %s, latency_ms = %s "
+    return (_ANSWERED
             + ("FROM (SELECT set_config('synchronous_commit', 'off', true)) AS flush " if skip_flush_wait else "")
-            + "WHERE id = %s",
-            [timezone.now(), charge["units"], charge["cost"], charge["upstream_status"], charge["latency_ms"],
-             reservation.intent_id])
+            + "WHERE id = %s", [*_answered_values(charge), reservation.intent_id])
 
 
 def reservation_answered(*, reservation: Reservation, units: int, cost: int, upstream_status: int,
@@ -465,7 +470,8 @@ def _known_head_missed(agreement_id: uuid.UUID) -> None:
 def _known_head_charge_sql() -> str:
     """One statement: when the agreement's head is still (seq, used, digest) and the call's intent is still open,
     lock the row, close the intent, insert the event and move the counters (with `_complete_if_used_up`'s rule,
-    on the row's own `reserved`); else change nothing. Answers the event's (seq, id), or no row."""
+    on the row's own `reserved`); else record the answer on the intent (as reservation_answered does), and change
+    nothing more. Answers the event's (seq, id), or no row."""
     quote, meta = connection.ops.quote_name, UsageAgreement._meta
 
     def column(name: str) -> str:
@@ -478,6 +484,7 @@ def _known_head_charge_sql() -> str:
     return (f"WITH locked AS (SELECT id FROM {agreements} WHERE id = %s AND {column('usage_seq')} = %s "  # noqa: S608
             f"AND {column('used')} = %s AND {column('usage_digest')} = %s FOR UPDATE), "
             f"closed AS (DELETE FROM {intents} WHERE id = %s AND EXISTS (SELECT FROM locked) RETURNING id), "
+            f"answered AS ({_ANSWERED}WHERE id = %s AND NOT EXISTS (SELECT FROM closed)), "
             f"inserted AS ({insert}), "
             f"moved AS (UPDATE {agreements} SET {column('usage_seq')} = %s, {column('used')} = %s, "
             f"{column('usage_digest')} = %s, {column('reserved')} = {column('reserved')} - %s, "
@@ -496,39 +503,23 @@ def _known_head_charge_statement(reservation: Reservation, known: _ChainHead, he
     return _known_head_charge_sql(), [
         reservation.agreement_id, known.usage_seq, known.used, known.usage_digest,
         reservation.intent_id,
+        *_answered_values(rows[0]), reservation.intent_id,
         *(rows[0][field.attname] for field in shared), _events_document(rows, per_event),
         head.usage_seq, head.used, head.usage_digest, reservation.amount,
         *used_up, timezone.now(), *used_up, BUDGET_USED_UP, reservation.agreement_id]
 
 
 def _charge_on_known_head(reservation: Reservation, charge: dict, known: _ChainHead) -> UsageEvent | None:
-    """PostgreSQL outside any transaction of the caller's: the charge in one round trip, on the head this process
-    wrote last (`known`), or None, having written nothing but the answer, when that is no longer the head (or the
-    reaper closed the intent: the two round trips then find out which). The event is chained and its receipt
-    signed before the row is locked, so the row lock is held for one statement and the commit:
-
-        BEGIN; record the answer; COMMIT (without waiting for the flush);
-        BEGIN; if the head is still `known`: lock the row, close the intent, insert the event, move the counters;
-        COMMIT (durable before the answer leaves)
-    """
+    """PostgreSQL outside any transaction of the caller's: the charge in one statement (`_known_head_charge_sql`),
+    its own transaction, durable before the answer leaves, on the head this process wrote last (`known`); or None,
+    having recorded only the answer, when that is no longer the head (or the reaper closed the intent: the two
+    round trips then find out which). The event is chained and its receipt signed before the row is locked, so
+    the row lock is held for one statement and its commit."""
     head = replace(known)
     rows = _extend_chain(head, [{**charge, "path": charge["path"][:500]}], source=UsageSource.PROXY)
-    answered_sql, answered_params = _answered_statement(reservation, charge, skip_flush_wait=True)
-    with prepared_cursor() as cursor, prepared_cursor() as control:
-        pipeline = connection.connection.pipeline  # connected by now (prepared_cursor)
-        try:
-            with pipeline():
-                control.execute("BEGIN")
-                control.execute(answered_sql, answered_params)
-                control.execute("COMMIT")
-                control.execute("BEGIN")
-                cursor.execute(*_known_head_charge_statement(reservation, known, head, rows))
-                control.execute("COMMIT")
-            written = dict(cursor.fetchall())
-        except BaseException:
-            with contextlib.suppress(DatabaseError):
-                control.execute("ROLLBACK")
-            raise
+    with prepared_cursor() as cursor:
+        cursor.execute(*_known_head_charge_statement(reservation, known, head, rows))
+        written = dict(cursor.fetchall())
     if not written:
         _known_head_missed(reservation.agreement_id)
         return None

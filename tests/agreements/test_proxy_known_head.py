@@ -119,3 +119,24 @@ def test_a_call_the_reaper_settled_is_not_charged_on_a_known_head(running, http_
                                     method="GET", path="/work", upstream_status=200, latency_ms=5)
     assert expired.value.code == "call_expired"
     assert_books_exact(running, escrow_chain, used=PRICE)
+
+
+def test_a_miss_records_the_answer_so_the_reaper_charges_a_call_whose_process_dies_then(running, http_server,
+                                                                                       escrow_chain):
+    http_server.responses.append((200, {}))
+    assert call(running)["X-Usage-Seq"] == "1"
+    assert running.seller_api.post(f"/usage-agreements/{running.agreement_id}/record-usage",
+                                   {"events": [{"units": 1}]}, headers={"Idempotency-Key": "moved"}).status_code == 201
+    terms = UsageAgreement.objects.get(pk=running.agreement_id)
+    served = metering.reservation_take(agreement=terms, amount=PRICE, request_id="req-served", request_nonce="",
+                                       method="GET", path="/work")
+    charge = {"units": 1, "cost": PRICE, "request_id": "req-served", "request_nonce": "", "method": "GET",
+              "path": "/work", "upstream_status": 200, "latency_ms": 5}
+
+    assert metering._charge_on_known_head(served, charge, metering._known_head(terms.pk)) is None  # the head moved
+    intent = CallIntent.objects.get(pk=served.intent_id)
+    assert intent.answered_at is not None and (intent.units, intent.cost) == (1, PRICE)
+    # The process dies before its two round trips: the reaper charges the call the seller served.
+    assert metering.intents_reap(now=timezone.now() + timedelta(hours=1)) == {"charged": 1, "released": 0,
+                                                                              "replays": 0}
+    assert_books_exact(running, escrow_chain, used=3 * PRICE)
