@@ -1,6 +1,7 @@
 """Reads of the catalog."""
 
 import functools
+import json
 import re
 import uuid
 from dataclasses import dataclass, field, replace
@@ -328,9 +329,9 @@ class _Statement:
     converting: tuple[tuple, ...]  # (position, column expression, converters) of each column that has converters
 
 
-def _statement(model, fields: tuple[str, ...], *, key: str, order_by: str | None = None) -> _Statement:
-    """SELECT `fields` of `model` (a name with `__` follows a foreign key, one level) WHERE `key` IN the page's ids,
-    ordered by `order_by` (one of `fields`)."""
+def _columns(model, fields: tuple[str, ...]) -> tuple[list[str], str, tuple[tuple, ...]]:
+    """The columns of `fields` of `model` (alias t0; a name with `__` follows a foreign key, one level), the joins
+    they need and the converters the ORM applies to them (position, column expression, converters)."""
     quote, columns, joins, converters = connection.ops.quote_name, [], {}, []
     for name in fields:
         owner, alias, attribute = model, "t0", name
@@ -347,10 +348,18 @@ def _statement(model, fields: tuple[str, ...], *, key: str, order_by: str | None
     join_sql = " ".join(
         f"JOIN {quote(relation.related_model._meta.db_table)} {alias} ON {alias}."
         f"{quote(relation.target_field.column)} = t0.{quote(relation.column)}" for alias, relation in joins.values())
+    return columns, join_sql, tuple(converters)
+
+
+def _statement(model, fields: tuple[str, ...], *, key: str, order_by: str | None = None) -> _Statement:
+    """SELECT `fields` of `model` (a name with `__` follows a foreign key, one level) WHERE `key` IN the page's ids,
+    ordered by `order_by` (one of `fields`)."""
+    quote = connection.ops.quote_name
+    columns, join_sql, converters = _columns(model, fields)
     order = f" ORDER BY {columns[fields.index(order_by)]}" if order_by else ""
     key_column = quote(model._meta.get_field(key).column)
     return _Statement(f"SELECT {', '.join(columns)} FROM {quote(model._meta.db_table)} t0 {join_sql} "  # noqa: S608
-                      f"WHERE t0.{key_column} IN ({{ids}}){order}", tuple(converters))
+                      f"WHERE t0.{key_column} IN ({{ids}}){order}", converters)
 
 
 @functools.cache
@@ -364,6 +373,41 @@ def _search_result_statements() -> tuple[_Statement, _Statement, _Statement]:
         _statement(tag_link, ("service", "tag__name"), key="service", order_by="tag__name"),
         _statement(Skill, ("service", *_SEARCH_RESULT_SKILL_FIELDS), key="service", order_by="name"),
     )
+
+
+@dataclass(frozen=True)
+class _PageRead:
+    """PostgreSQL's read of a page's rows with their keys (`_keys_and_rows`), written once from the models' metadata:
+    the columns after the keys (the service's fields, its tags by name as an array, its skills by name as a JSON
+    array of arrays of _SEARCH_RESULT_SKILL_FIELDS), the joins of the service `t0` to its seller, and the converters
+    of the service's fields (positions counted from the first of them)."""
+
+    columns: str
+    service_table: str
+    service_key: str
+    joins: str
+    converting: tuple[tuple, ...]
+
+    def sql(self, page: str, *, key: str, order: str) -> str:
+        """The rows of the narrow page statement `page` (subquery `k`, whose `key` is the service's), in `order`."""
+        return (f"SELECT k.*, {self.columns} FROM ({page}) k JOIN {self.service_table} t0 "  # noqa: S608
+                f"ON t0.{self.service_key} = {key} {self.joins} ORDER BY {order}")
+
+
+@functools.cache
+def _page_read() -> _PageRead:
+    quote, tag_link = connection.ops.quote_name, Service.tags.through
+    columns, joins, converting = _columns(Service, _SEARCH_RESULT_FIELDS)
+    service_key, tag_name = quote(Service._meta.pk.column), quote(Tag._meta.get_field("name").column)
+    tags = (f"ARRAY(SELECT tag.{tag_name} FROM {quote(tag_link._meta.db_table)} st JOIN {quote(Tag._meta.db_table)} "
+            f"tag ON tag.{quote(Tag._meta.pk.column)} = st.{quote(tag_link._meta.get_field('tag').column)} "
+            f"WHERE st.{quote(tag_link._meta.get_field('service').column)} = t0.{service_key} ORDER BY tag.{tag_name})")
+    skill = ", ".join(f"sk.{quote(Skill._meta.get_field(name).column)}" for name in _SEARCH_RESULT_SKILL_FIELDS)
+    skills = (f"(SELECT json_agg(json_build_array({skill}) ORDER BY sk.{quote(Skill._meta.get_field('name').column)})"
+              f"::text FROM {quote(Skill._meta.db_table)} sk "
+              f"WHERE sk.{quote(Skill._meta.get_field('service').column)} = t0.{service_key})")
+    return _PageRead(columns=", ".join([*columns, tags, skills]), service_table=quote(Service._meta.db_table),
+                     service_key=service_key, joins=joins, converting=converting)
 
 
 def _read(statement: _Statement, params: list) -> list[list]:
@@ -557,29 +601,68 @@ def _page(services: _Filtered, *, ordering: list[str], cursor: str | None, limit
           offset: int | None) -> tuple[list[dict], str | None] | OffsetPage:
     """A page of `services` in `ordering`, after `cursor` or from `offset`, as result rows with their score as
     relevance. The page is chosen by a narrow statement (the key, the sort values, the score), then its rows are
-    read by key: sorting thousands of text matches carried every column of each through the sort (about half of a
-    text search's time in the database at 100,000 services)."""
+    read by key (on PostgreSQL in the same statement, `_keys_and_rows`): sorting thousands of text matches carried
+    every column of each through the sort (about half of a text search's time in the database at 100,000
+    services)."""
     score = "score" if services.score is not None else None
     if cursor:
         services = _after(services, ordering, cursor_values(cursor, ordering=ordering))
     columns = [*services.sort_columns.values(), *([f"{services.score} AS score"] if services.score else [])]
-    order = ", ".join(f"{services.sort_columns.get(field.lstrip('-'), 'score')}{' DESC' if field.startswith('-') else ''}"
-                      for field in ordering)
     params = [*services.score_params, *services.params]
-    statement = f"SELECT {', '.join(columns)} {services.sql} ORDER BY {order} LIMIT %s"  # noqa: S608
+    statement = (f"SELECT {', '.join(columns)} {services.sql} "  # noqa: S608
+                 f"ORDER BY {_order(services.sort_columns, ordering)} LIMIT %s")
     if offset is None:
-        keys = _keys(statement, [*params, limit + 1])
+        keys, rows = _keys_and_rows(statement, [*params, limit + 1], services.sort_columns, ordering=ordering,
+                                    limit=limit, score=score)
         if len(keys) <= limit:
-            return _result_rows(keys, score), None
+            return rows, None
         last = keys[limit - 1]
-        return _result_rows(keys[:limit], score), cursor_after(
-            [last.get(field.lstrip("-"), last.get("score")) for field in ordering], ordering=ordering)
-    keys = _keys(f"{statement} OFFSET %s", [*params, limit + 1, offset])
+        return rows, cursor_after([last.get(field.lstrip("-"), last.get("score")) for field in ordering],
+                                  ordering=ordering)
+    keys, rows = _keys_and_rows(f"{statement} OFFSET %s", [*params, limit + 1, offset], services.sort_columns,
+                                ordering=ordering, limit=limit, score=score)
     more = len(keys) > limit
     # A last page counts itself; only a page with more after it asks the database for the total.
     total = _count(services) if more or (offset and not keys) else offset + len(keys)
-    return OffsetPage(rows=_result_rows(keys[:limit], score), total=total,
-                      next_offset=offset + limit if more else None)
+    return OffsetPage(rows=rows, total=total, next_offset=offset + limit if more else None)
+
+
+def _order(sort_columns: dict[str, str], ordering: list[str]) -> str:
+    """ORDER BY's list for `ordering` (fields, '-' for descending) over `sort_columns` and the score."""
+    return ", ".join(f"{sort_columns.get(field.lstrip('-'), 'score')}{' DESC' if field.startswith('-') else ''}"
+                     for field in ordering)
+
+
+def _keys_and_rows(statement: str, params: list, sort_columns: dict[str, str], *, ordering: list[str], limit: int,
+                   score: str | None) -> tuple[list[dict], list[dict]]:
+    """The keys of the rows `statement` (the narrow page statement of `_page`) selects and the result rows of the
+    first `limit` of them. On PostgreSQL in one statement: the page's rows, tags and skills read along with their keys
+    (four round trips were about a third of a page's CPU, in the server and in PostgreSQL)."""
+    if connection.vendor != "postgresql":
+        keys = _keys(statement, params)
+        return keys, _result_rows(keys[:limit], score)
+    page = _page_read()
+    # The narrow statement's columns, as the subquery `k` names them (`s.service_id` is `k.service_id`).
+    selected = {name: f"k.{column.split('.', 1)[1]}" for name, column in sort_columns.items()}
+    with connection.cursor() as cursor:
+        cursor.execute(page.sql(statement, key=selected["id"], order=_order(selected, ordering)), params)
+        found = cursor.fetchall()
+    keys, rows = _converted_keys(found, scored=score is not None), []
+    width = len(sort_columns) + (score is not None)
+    for key, values in zip(keys, found[:limit], strict=False):
+        values = list(values[width:])
+        for position, column, converters in page.converting:
+            for convert in converters:
+                values[position] = convert(values[position], column, connection)
+        *fields, tags, skills = values
+        row = dict(zip(_SEARCH_RESULT_FIELDS, fields, strict=True))
+        row["tags"] = tags
+        row["skills"] = [dict(zip(_SEARCH_RESULT_SKILL_FIELDS, skill, strict=True))
+                         for skill in (json.loads(skills) if skills else ())]
+        if score:
+            row["relevance"] = key[score]
+        rows.append(row)
+    return keys, rows
 
 
 def _after(services: _Filtered, ordering: list[str], values: list) -> _Filtered:
@@ -628,15 +711,21 @@ def _keys(statement: str, params: list) -> list[dict]:
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
         rows = cursor.fetchall()
-    keys = []
+    return _converted_keys(rows, scored=bool(rows) and len(rows[0]) > len(_SERVICE_SORT_COLUMNS))
+
+
+def _converted_keys(rows: list[tuple], *, scored: bool) -> list[dict]:
+    """Each row's leading sort columns (as `_SERVICE_SORT_COLUMNS`) as the ORM reads them, and the score right after
+    them when `scored`."""
+    keys, width = [], len(_SERVICE_SORT_COLUMNS)
     for row in rows:
         key = {}
         for value, (name, column, converters) in zip(row, _key_converters(), strict=False):
             for convert in converters:
                 value = convert(value, column, connection)
             key[name] = value
-        if len(row) > len(_SERVICE_SORT_COLUMNS):
-            key["score"] = row[-1]
+        if scored:
+            key["score"] = row[width]
         keys.append(key)
     return keys
 

@@ -230,6 +230,33 @@ def test_a_first_page_of_text_results_is_one_statement_without_an_existence_prob
     assert set(names(buyer_api, q="invoce")) == {"Invoice extractor", "Invoice reader"}  # nothing exact: fuzzy
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("body", [{}, {"q": "translator"}, {"q": "translator", "tags_all": ["nlp"]},
+                                  {"order_by": "price", "tags_any": ["nlp"]}])
+def test_a_page_is_read_with_its_services_tags_and_skills_in_one_statement(seller, buyer_api, body):
+    """PostgreSQL reads the page's keys, its services with their sellers, tags and skills in one round trip; the
+    answer is what the services hold, tags and skills by name, each service with its own."""
+    listing(seller, "Legal translator", tags=["nlp", "translation", "api"],
+            skills=[{"name": "translate", "description": "Any text"}, {"name": "detect", "price_atomic": 5,
+                                                                        "is_async": True, "timeout_seconds": 9}])
+    listing(seller, "Plain translator", tags=["nlp"])
+    listing(seller, "Odd translator", tags=["nlp", "misc"], skills=[{"name": "run", "path": "/v2/run"}])
+
+    with CaptureQueriesContext(connection) as captured:
+        results = search(buyer_api, limit=2, **body)["results"]
+    reads = [q["sql"] for q in captured.captured_queries
+             if any(f'"{table}"' in q["sql"] for table in ("catalog_service", "catalog_service_tags", "catalog_skill",
+                                                           SERVICE_POSTINGS_TABLE))]
+    assert len(reads) == 1, reads
+    assert len(results) == 2
+    for result in results:
+        service = Service.objects.prefetch_related("tags", "skills").get(pk=result["id"])
+        assert result["tags"] == sorted(tag.name for tag in service.tags.all())
+        assert [(s["name"], s["price_atomic"], s["path"], s["is_async"], s["timeout_seconds"])
+                for s in result["skills"]] == [(s.name, s.price, s.path, s.is_async, s.timeout_seconds)
+                                               for s in sorted(service.skills.all(), key=lambda skill: skill.name)]
+
+
 @pytest.mark.parametrize("text", ["!!!", "&|:*", "'", '"', "-", "or", "a & b | !c", "()", "\\", "%", "_", "😀",
                                   "translation:*", "<->", "the and of", '"unclosed', "--x", "a" * 500])
 def test_any_text_is_answered_never_a_500(seller, buyer_api, text):
