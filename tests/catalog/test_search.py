@@ -257,6 +257,20 @@ def test_a_page_is_read_with_its_services_tags_and_skills_in_one_statement(selle
                                                for s in sorted(service.skills.all(), key=lambda skill: skill.name)]
 
 
+@pytest.mark.postgres
+def test_a_texts_query_is_asked_of_postgresql_once_per_process(seller, buyer_api):
+    listing(seller, "Quokka groomer")
+    listing(seller, "Quokka photographer")
+
+    asked = []
+    for _ in range(2):
+        with CaptureQueriesContext(connection) as captured:
+            assert names(buyer_api, q="Quokka groomers") == ["Quokka groomer"]
+        asked.append([q["sql"] for q in captured.captured_queries
+                      if q["sql"].startswith("SELECT websearch_to_tsquery")])
+    assert [len(statements) for statements in asked] == [1, 0]
+
+
 @pytest.mark.parametrize("text", ["!!!", "&|:*", "'", '"', "-", "or", "a & b | !c", "()", "\\", "%", "_", "😀",
                                   "translation:*", "<->", "the and of", '"unclosed', "--x", "a" * 500])
 def test_any_text_is_answered_never_a_500(seller, buyer_api, text):
