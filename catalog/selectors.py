@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
 
-from django.db import connection, transaction
+from django.db import connection
 from django.db.models import Q, QuerySet
 
 from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, ApiKey, Availability, \
@@ -143,6 +143,13 @@ FUZZY_WORD_SIMILARITY_THRESHOLD = 0.5
 # pg_trgm's `%>` like any operator, yet it costs ~9 us a name: it chose a sequential scan for a long misspelling
 # (170-240 ms over 14,000 names, 6-7 ms through the index), and on a smaller lexicon a walk of its primary key.
 ONLY_THE_TRIGRAM_INDEX = "set_config('enable_seqscan', 'off', true), set_config('enable_indexonlyscan', 'off', true)"
+# What the lexicon's match runs under, set in the same round trip just before it (`_names_spelt_alike_statement`):
+# pg_trgm's default word-similarity threshold (0.6) misses a single typo in a short word ("invoce", "wether"); 0.5
+# catches those and still keeps unrelated names out; and ONLY_THE_TRIGRAM_INDEX. Local to the implicit transaction
+# of that one round trip, so the page's statement after it is planned as any other (an index-only scan of the
+# visible names).
+FUZZY_SETTINGS = (f"SELECT set_config('pg_trgm.word_similarity_threshold', '{FUZZY_WORD_SIMILARITY_THRESHOLD}', true), "
+                  f"{ONLY_THE_TRIGRAM_INDEX}")
 # Quoted phrases, -exclusions and `or` (PostgreSQL's websearch syntax) ask for exactly that: no fuzzy matching then.
 _WEBSEARCH_SYNTAX = re.compile(r'"|(?:^|\s)-\S|(?:^|\s)or(?:\s|$)', re.IGNORECASE)
 
@@ -233,8 +240,7 @@ def _icontains(column: str) -> str:
 def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) -> "_Filtered":
     """The services of `services` (the visible ones within `search`'s filters) whose name is spelt like `text`,
     scored by name similarity: the fallback when nothing matches every word (probably a misspelling). On PostgreSQL
-    it reads the database once here (the names spelt alike), so it runs where pg_trgm's threshold is set
-    (service_search)."""
+    it reads the database once here (the names spelt alike, under FUZZY_SETTINGS)."""
     if connection.vendor != "postgresql":
         return _names_spelt_alike_in_python(services, text)
     # Names containing something spelt alike: pg_trgm word similarity (`%>`, served by the trigram GIN index), so one
@@ -247,6 +253,7 @@ def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) 
     # distinct names) cost 40 ms in the trigram index and as much again scoring 1,300 rows.
     with connection.cursor() as cursor:
         cursor.execute(_names_spelt_alike_statement(), [text, text, text])
+        cursor.nextset()  # past FUZZY_SETTINGS' row
         (scores,) = cursor.fetchone()
     if scores is None:
         return services.where("1 = 0").scored("0.0")
@@ -263,12 +270,13 @@ def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) 
 
 @functools.cache
 def _names_spelt_alike_statement() -> str:
-    """The names of the lexicon spelt like the text (given three times), as one JSON object of name -> score; the
-    score is the one `(word_similarity + similarity) / 2` of the name, as double precision. Aggregated by
-    PostgreSQL and handed back whole: turning ~200 names into Python values and back into a statement cost more CPU
-    than reading the page."""
+    """FUZZY_SETTINGS, then the names of the lexicon spelt like the text (given three times), as one JSON object of
+    name -> score; the score is the one `(word_similarity + similarity) / 2` of the name, as double precision.
+    Aggregated by PostgreSQL and handed back whole: turning ~200 names into Python values and back into a statement
+    cost more CPU than reading the page. Two statements in one round trip (PostgreSQL's simple query protocol, as
+    Django's client-side binding cursors send them), where a transaction of their own took three more."""
     table, name = connection.ops.quote_name(ServiceName._meta.db_table), connection.ops.quote_name("name")
-    return (f"SELECT jsonb_object_agg(alike.name, alike.score)::text FROM (SELECT {name} AS name, "  # noqa: S608
+    return (f"{FUZZY_SETTINGS}; SELECT jsonb_object_agg(alike.name, alike.score)::text FROM (SELECT {name} AS name, "  # noqa: S608
             f"((word_similarity(%s, {name}) + similarity({name}, %s)) / 2)::double precision AS score "
             f"FROM {table} WHERE {name} %%> %s) AS alike")
 
@@ -586,16 +594,7 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
         return page(exact, ordering=ordering)
     if order_by == "relevance":
         ordering = _FUZZY_RELEVANCE
-    if connection.vendor != "postgresql":
-        return page(_names_spelt_alike(search, services, text), ordering=ordering)
-    with transaction.atomic(), connection.cursor() as db:
-        # For this transaction only: pg_trgm's default word-similarity threshold (0.6) misses a single typo in a
-        # short word ("invoce", "wether"); 0.5 catches those and still keeps unrelated names out.
-        # And the planner kept to the lexicon's trigram index (ONLY_THE_TRIGRAM_INDEX); the page's statement then
-        # reads services through the name index anyway.
-        db.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true), " + ONLY_THE_TRIGRAM_INDEX,
-                   [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
-        return page(_names_spelt_alike(search, services, text), ordering=ordering)
+    return page(_names_spelt_alike(search, services, text), ordering=ordering)
 
 
 def _exists(services: _Filtered) -> bool:
