@@ -403,10 +403,11 @@ class _PageRead:
     joins: str
     converting: tuple[tuple, ...]
 
-    def sql(self, page: str, *, key: str, order: str) -> str:
-        """The rows of the narrow page statement `page` (subquery `k`, whose `key` is the service's), in `order`."""
-        return (f"SELECT k.*, {self.columns} FROM ({page}) k JOIN {self.service_table} t0 "  # noqa: S608
-                f"ON t0.{self.service_key} = {key} {self.joins} ORDER BY {order}")
+    def sql(self, page: str, *, score: bool, key: str, order: str) -> str:
+        """The rows of the narrow page statement `page` (subquery `k`, whose `key` is the service's), in `order`,
+        after its score when `score`."""
+        return (f"SELECT {'k.score, ' if score else ''}{self.columns} FROM ({page}) k "  # noqa: S608
+                f"JOIN {self.service_table} t0 ON t0.{self.service_key} = {key} {self.joins} ORDER BY {order}")
 
 
 @functools.cache
@@ -618,18 +619,17 @@ def _page(services: _Filtered, *, ordering: list[str], cursor: str | None, limit
     statement = (f"SELECT {', '.join(columns)} {services.sql} "  # noqa: S608
                  f"ORDER BY {_order(services.sort_columns, ordering)} LIMIT %s")
     if offset is None:
-        keys, rows = _keys_and_rows(statement, [*params, limit + 1], services.sort_columns, ordering=ordering,
-                                    limit=limit, score=score)
-        if len(keys) <= limit:
+        rows, more = _page_rows(statement, [*params, limit + 1], services.sort_columns, ordering=ordering,
+                                limit=limit, score=score)
+        if not more:
             return rows, None
-        last = keys[limit - 1]
-        return rows, cursor_after([last.get(field.lstrip("-"), last.get("score")) for field in ordering],
+        last = rows[-1]
+        return rows, cursor_after([last.get(field.lstrip("-"), last.get("relevance")) for field in ordering],
                                   ordering=ordering)
-    keys, rows = _keys_and_rows(f"{statement} OFFSET %s", [*params, limit + 1, offset], services.sort_columns,
-                                ordering=ordering, limit=limit, score=score)
-    more = len(keys) > limit
+    rows, more = _page_rows(f"{statement} OFFSET %s", [*params, limit + 1, offset], services.sort_columns,
+                            ordering=ordering, limit=limit, score=score)
     # A last page counts itself; only a page with more after it asks the database for the total.
-    total = _count(services) if more or (offset and not keys) else offset + len(keys)
+    total = _count(services) if more or (offset and not rows) else offset + len(rows)
     return OffsetPage(rows=rows, total=total, next_offset=offset + limit if more else None)
 
 
@@ -639,24 +639,26 @@ def _order(sort_columns: dict[str, str], ordering: list[str]) -> str:
                      for field in ordering)
 
 
-def _keys_and_rows(statement: str, params: list, sort_columns: dict[str, str], *, ordering: list[str], limit: int,
-                   score: str | None) -> tuple[list[dict], list[dict]]:
-    """The keys of the rows `statement` (the narrow page statement of `_page`) selects and the result rows of the
-    first `limit` of them. On PostgreSQL in one statement: the page's rows, tags and skills read along with their keys
-    (four round trips were about a third of a page's CPU, in the server and in PostgreSQL)."""
+def _page_rows(statement: str, params: list, sort_columns: dict[str, str], *, ordering: list[str], limit: int,
+               score: str | None) -> tuple[list[dict], bool]:
+    """The result rows of the first `limit` rows `statement` (the narrow page statement of `_page`, which selects up
+    to one more) selects, with their score as relevance, and whether there are more. On PostgreSQL in one statement:
+    the page's services, tags and skills read with their keys (four round trips were about a third of a page's CPU,
+    in the server and in PostgreSQL); a row's sort values are then its service's own (the postings and visible
+    names hold copies kept in step)."""
     if connection.vendor != "postgresql":
         keys = _keys(statement, params)
-        return keys, _result_rows(keys[:limit], score)
+        return _result_rows(keys[:limit], score), len(keys) > limit
     page = _page_read()
     # The narrow statement's columns, as the subquery `k` names them (`s.service_id` is `k.service_id`).
     selected = {name: f"k.{column.split('.', 1)[1]}" for name, column in sort_columns.items()}
     with connection.cursor() as cursor:
-        cursor.execute(page.sql(statement, key=selected["id"], order=_order(selected, ordering)), params)
+        cursor.execute(page.sql(statement, score=score is not None, key=selected["id"],
+                                order=_order(selected, ordering)), params)
         found = cursor.fetchall()
-    keys, rows = _converted_keys(found, scored=score is not None), []
-    width = len(sort_columns) + (score is not None)
-    for key, values in zip(keys, found[:limit], strict=False):
-        values = list(values[width:])
+    rows = []
+    for found_row in found[:limit]:
+        values = list(found_row[1:] if score else found_row)
         for position, column, converters in page.converting:
             for convert in converters:
                 values[position] = convert(values[position], column, connection)
@@ -666,9 +668,9 @@ def _keys_and_rows(statement: str, params: list, sort_columns: dict[str, str], *
         row["skills"] = [dict(zip(_SEARCH_RESULT_SKILL_FIELDS, skill, strict=True))
                          for skill in (json.loads(skills) if skills else ())]
         if score:
-            row["relevance"] = key[score]
+            row["relevance"] = found_row[0]
         rows.append(row)
-    return keys, rows
+    return rows, len(found) > limit
 
 
 def _after(services: _Filtered, ordering: list[str], values: list) -> _Filtered:
@@ -717,21 +719,15 @@ def _keys(statement: str, params: list) -> list[dict]:
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
         rows = cursor.fetchall()
-    return _converted_keys(rows, scored=bool(rows) and len(rows[0]) > len(_SERVICE_SORT_COLUMNS))
-
-
-def _converted_keys(rows: list[tuple], *, scored: bool) -> list[dict]:
-    """Each row's leading sort columns (as `_SERVICE_SORT_COLUMNS`) as the ORM reads them, and the score right after
-    them when `scored`."""
-    keys, width = [], len(_SERVICE_SORT_COLUMNS)
+    keys = []
     for row in rows:
         key = {}
         for value, (name, column, converters) in zip(row, _key_converters(), strict=False):
             for convert in converters:
                 value = convert(value, column, connection)
             key[name] = value
-        if scored:
-            key["score"] = row[width]
+        if len(row) > len(_SERVICE_SORT_COLUMNS):
+            key["score"] = row[-1]
         keys.append(key)
     return keys
 
