@@ -448,15 +448,15 @@ def explain(queries: list[tuple[str, dict]], headers: dict) -> None:
     from django.test.utils import CaptureQueriesContext
 
     from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE
-    from catalog.selectors import FUZZY_WORD_SIMILARITY_THRESHOLD, ONLY_THE_TRIGRAM_INDEX
+    from catalog.selectors import FUZZY_SETTINGS
 
     client = Client(HTTP_AUTHORIZATION=headers["Authorization"])
     for label, body in queries:
         with CaptureQueriesContext(connection) as captured:
             response = client.post("/catalog/search", body, content_type="application/json")
         assert response.status_code == 200, response.content
-        # The page query (it orders; the last one, which chose the services answered); not the probe for exact
-        # matches of a later page nor the reads of the page's rows, tags and skills.
+        # The page query (it orders; the last one, which chose the services answered and reads their rows); not the
+        # probe for exact matches of a later page.
         statements = [q["sql"] for q in captured.captured_queries
                       if q["sql"].startswith("SELECT") and "ORDER BY" in q["sql"]
                       and any(f'FROM "{table}"' in q["sql"]
@@ -464,15 +464,12 @@ def explain(queries: list[tuple[str, dict]], headers: dict) -> None:
                       ][-1:]  # a misspelling's first page runs the empty exact page first
         # The typo-tolerant fallback first matches the misspelling among the distinct names.
         statements[:0] = [q["sql"] for q in captured.captured_queries if 'FROM "catalog_servicename"' in q["sql"]]
-        plans, fuzzy = [], 'FROM "catalog_servicename"' in statements[0]
+        plans = []
         for statement in statements:
             with transaction.atomic(), connection.cursor() as cursor:
-                # As the fuzzy fallback runs (it lowers the threshold for its own transaction, and keeps the planner
-                # to the names' trigram index); no effect otherwise.
-                cursor.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true)",
-                               [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
-                if fuzzy:
-                    cursor.execute("SELECT " + ONLY_THE_TRIGRAM_INDEX)
+                if statement.startswith(FUZZY_SETTINGS):  # the names' match, sent after its settings
+                    cursor.execute(FUZZY_SETTINGS)
+                    statement = statement.removeprefix(f"{FUZZY_SETTINGS}; ")
                 cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement)
                 plans.append("\n".join(f"    {row[0]}" for row in cursor.fetchall()))
         plan = "\n\n".join(plans)

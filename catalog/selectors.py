@@ -1,12 +1,13 @@
 """Reads of the catalog."""
 
 import functools
+import json
 import re
 import uuid
 from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
 
-from django.db import connection, transaction
+from django.db import connection
 from django.db.models import Q, QuerySet
 
 from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, ApiKey, Availability, \
@@ -142,6 +143,13 @@ FUZZY_WORD_SIMILARITY_THRESHOLD = 0.5
 # pg_trgm's `%>` like any operator, yet it costs ~9 us a name: it chose a sequential scan for a long misspelling
 # (170-240 ms over 14,000 names, 6-7 ms through the index), and on a smaller lexicon a walk of its primary key.
 ONLY_THE_TRIGRAM_INDEX = "set_config('enable_seqscan', 'off', true), set_config('enable_indexonlyscan', 'off', true)"
+# What the lexicon's match runs under, set in the same round trip just before it (`_names_spelt_alike_statement`):
+# pg_trgm's default word-similarity threshold (0.6) misses a single typo in a short word ("invoce", "wether"); 0.5
+# catches those and still keeps unrelated names out; and ONLY_THE_TRIGRAM_INDEX. Local to the implicit transaction
+# of that one round trip, so the page's statement after it is planned as any other (an index-only scan of the
+# visible names).
+FUZZY_SETTINGS = (f"SELECT set_config('pg_trgm.word_similarity_threshold', '{FUZZY_WORD_SIMILARITY_THRESHOLD}', true), "
+                  f"{ONLY_THE_TRIGRAM_INDEX}")
 # Quoted phrases, -exclusions and `or` (PostgreSQL's websearch syntax) ask for exactly that: no fuzzy matching then.
 _WEBSEARCH_SYNTAX = re.compile(r'"|(?:^|\s)-\S|(?:^|\s)or(?:\s|$)', re.IGNORECASE)
 
@@ -158,9 +166,7 @@ def _exact_matches(search: ServiceSearch, services: "_Filtered", text: str) -> "
                                     f"{_icontains('s.description')})", pattern, pattern, pattern)
         return matched.scored(f"CASE WHEN {_icontains('s.name')} THEN 2.0 ELSE 1.0 END", _contains(text))
     if _only_text(search):  # what the postings can answer: the text's query decides whether they do
-        with connection.cursor() as cursor:
-            cursor.execute(f"SELECT {_TEXT_QUERY}::text", [text])
-            (tsquery,) = cursor.fetchone()
+        tsquery = _text_query(text)
         if not tsquery:
             return services.where("1 = 0").scored("0.0")  # only stop words or punctuation: nothing can match
         lexemes = _PLAIN_TSQUERY.fullmatch(tsquery) and list(dict.fromkeys(_TSQUERY_LEXEME.findall(tsquery)))
@@ -183,6 +189,15 @@ _PLAIN_TSQUERY = re.compile(rf"{_TSQUERY_LEXEME.pattern}(?: & {_TSQUERY_LEXEME.p
 # The postings of each lexeme are one more table in the join; past PostgreSQL's from_collapse_limit (8) the planner
 # stops ordering the joins as a whole. So many words match few services, which the GIN index finds cheaply anyway.
 _POSTINGS_MAX_LEXEMES = 8
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_query(text: str) -> str:
+    """The text form of PostgreSQL's query for `text` (websearch syntax, English configuration): a function of the
+    text alone, so asked once per process for each text (searches repeat; a round trip was ~0.5 ms of CPU)."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {_TEXT_QUERY}::text", [text])
+        return cursor.fetchone()[0]
 
 
 def _postings_matching(lexemes: list[str], tsquery: str) -> "_Filtered":
@@ -225,8 +240,7 @@ def _icontains(column: str) -> str:
 def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) -> "_Filtered":
     """The services of `services` (the visible ones within `search`'s filters) whose name is spelt like `text`,
     scored by name similarity: the fallback when nothing matches every word (probably a misspelling). On PostgreSQL
-    it reads the database once here (the names spelt alike), so it runs where pg_trgm's threshold is set
-    (service_search)."""
+    it reads the database once here (the names spelt alike, under FUZZY_SETTINGS)."""
     if connection.vendor != "postgresql":
         return _names_spelt_alike_in_python(services, text)
     # Names containing something spelt alike: pg_trgm word similarity (`%>`, served by the trigram GIN index), so one
@@ -239,6 +253,7 @@ def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) 
     # distinct names) cost 40 ms in the trigram index and as much again scoring 1,300 rows.
     with connection.cursor() as cursor:
         cursor.execute(_names_spelt_alike_statement(), [text, text, text])
+        cursor.nextset()  # past FUZZY_SETTINGS' row
         (scores,) = cursor.fetchone()
     if scores is None:
         return services.where("1 = 0").scored("0.0")
@@ -255,12 +270,13 @@ def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) 
 
 @functools.cache
 def _names_spelt_alike_statement() -> str:
-    """The names of the lexicon spelt like the text (given three times), as one JSON object of name -> score; the
-    score is the one `(word_similarity + similarity) / 2` of the name, as double precision. Aggregated by
-    PostgreSQL and handed back whole: turning ~200 names into Python values and back into a statement cost more CPU
-    than reading the page."""
+    """FUZZY_SETTINGS, then the names of the lexicon spelt like the text (given three times), as one JSON object of
+    name -> score; the score is the one `(word_similarity + similarity) / 2` of the name, as double precision.
+    Aggregated by PostgreSQL and handed back whole: turning ~200 names into Python values and back into a statement
+    cost more CPU than reading the page. Two statements in one round trip (PostgreSQL's simple query protocol, as
+    Django's client-side binding cursors send them), where a transaction of their own took three more."""
     table, name = connection.ops.quote_name(ServiceName._meta.db_table), connection.ops.quote_name("name")
-    return (f"SELECT jsonb_object_agg(alike.name, alike.score)::text FROM (SELECT {name} AS name, "  # noqa: S608
+    return (f"{FUZZY_SETTINGS}; SELECT jsonb_object_agg(alike.name, alike.score)::text FROM (SELECT {name} AS name, "  # noqa: S608
             f"((word_similarity(%s, {name}) + similarity({name}, %s)) / 2)::double precision AS score "
             f"FROM {table} WHERE {name} %%> %s) AS alike")
 
@@ -328,9 +344,9 @@ class _Statement:
     converting: tuple[tuple, ...]  # (position, column expression, converters) of each column that has converters
 
 
-def _statement(model, fields: tuple[str, ...], *, key: str, order_by: str | None = None) -> _Statement:
-    """SELECT `fields` of `model` (a name with `__` follows a foreign key, one level) WHERE `key` IN the page's ids,
-    ordered by `order_by` (one of `fields`)."""
+def _columns(model, fields: tuple[str, ...]) -> tuple[list[str], str, tuple[tuple, ...]]:
+    """The columns of `fields` of `model` (alias t0; a name with `__` follows a foreign key, one level), the joins
+    they need and the converters the ORM applies to them (position, column expression, converters)."""
     quote, columns, joins, converters = connection.ops.quote_name, [], {}, []
     for name in fields:
         owner, alias, attribute = model, "t0", name
@@ -347,10 +363,18 @@ def _statement(model, fields: tuple[str, ...], *, key: str, order_by: str | None
     join_sql = " ".join(
         f"JOIN {quote(relation.related_model._meta.db_table)} {alias} ON {alias}."
         f"{quote(relation.target_field.column)} = t0.{quote(relation.column)}" for alias, relation in joins.values())
+    return columns, join_sql, tuple(converters)
+
+
+def _statement(model, fields: tuple[str, ...], *, key: str, order_by: str | None = None) -> _Statement:
+    """SELECT `fields` of `model` (a name with `__` follows a foreign key, one level) WHERE `key` IN the page's ids,
+    ordered by `order_by` (one of `fields`)."""
+    quote = connection.ops.quote_name
+    columns, join_sql, converters = _columns(model, fields)
     order = f" ORDER BY {columns[fields.index(order_by)]}" if order_by else ""
     key_column = quote(model._meta.get_field(key).column)
     return _Statement(f"SELECT {', '.join(columns)} FROM {quote(model._meta.db_table)} t0 {join_sql} "  # noqa: S608
-                      f"WHERE t0.{key_column} IN ({{ids}}){order}", tuple(converters))
+                      f"WHERE t0.{key_column} IN ({{ids}}){order}", converters)
 
 
 @functools.cache
@@ -364,6 +388,42 @@ def _search_result_statements() -> tuple[_Statement, _Statement, _Statement]:
         _statement(tag_link, ("service", "tag__name"), key="service", order_by="tag__name"),
         _statement(Skill, ("service", *_SEARCH_RESULT_SKILL_FIELDS), key="service", order_by="name"),
     )
+
+
+@dataclass(frozen=True)
+class _PageRead:
+    """PostgreSQL's read of a page's rows with their keys (`_keys_and_rows`), written once from the models' metadata:
+    the columns after the keys (the service's fields, its tags by name as an array, its skills by name as a JSON
+    array of arrays of _SEARCH_RESULT_SKILL_FIELDS), the joins of the service `t0` to its seller, and the converters
+    of the service's fields (positions counted from the first of them)."""
+
+    columns: str
+    service_table: str
+    service_key: str
+    joins: str
+    converting: tuple[tuple, ...]
+
+    def sql(self, page: str, *, score: bool, key: str, order: str) -> str:
+        """The rows of the narrow page statement `page` (subquery `k`, whose `key` is the service's), in `order`,
+        after its score when `score`."""
+        return (f"SELECT {'k.score, ' if score else ''}{self.columns} FROM ({page}) k "  # noqa: S608
+                f"JOIN {self.service_table} t0 ON t0.{self.service_key} = {key} {self.joins} ORDER BY {order}")
+
+
+@functools.cache
+def _page_read() -> _PageRead:
+    quote, tag_link = connection.ops.quote_name, Service.tags.through
+    columns, joins, converting = _columns(Service, _SEARCH_RESULT_FIELDS)
+    service_key, tag_name = quote(Service._meta.pk.column), quote(Tag._meta.get_field("name").column)
+    tags = (f"ARRAY(SELECT tag.{tag_name} FROM {quote(tag_link._meta.db_table)} st JOIN {quote(Tag._meta.db_table)} "
+            f"tag ON tag.{quote(Tag._meta.pk.column)} = st.{quote(tag_link._meta.get_field('tag').column)} "
+            f"WHERE st.{quote(tag_link._meta.get_field('service').column)} = t0.{service_key} ORDER BY tag.{tag_name})")
+    skill = ", ".join(f"sk.{quote(Skill._meta.get_field(name).column)}" for name in _SEARCH_RESULT_SKILL_FIELDS)
+    skills = (f"(SELECT json_agg(json_build_array({skill}) ORDER BY sk.{quote(Skill._meta.get_field('name').column)})"
+              f"::text FROM {quote(Skill._meta.db_table)} sk "
+              f"WHERE sk.{quote(Skill._meta.get_field('service').column)} = t0.{service_key})")
+    return _PageRead(columns=", ".join([*columns, tags, skills]), service_table=quote(Service._meta.db_table),
+                     service_key=service_key, joins=joins, converting=converting)
 
 
 def _read(statement: _Statement, params: list) -> list[list]:
@@ -535,16 +595,7 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
         return page(exact, ordering=ordering)
     if order_by == "relevance":
         ordering = _FUZZY_RELEVANCE
-    if connection.vendor != "postgresql":
-        return page(_names_spelt_alike(search, services, text), ordering=ordering)
-    with transaction.atomic(), connection.cursor() as db:
-        # For this transaction only: pg_trgm's default word-similarity threshold (0.6) misses a single typo in a
-        # short word ("invoce", "wether"); 0.5 catches those and still keeps unrelated names out.
-        # And the planner kept to the lexicon's trigram index (ONLY_THE_TRIGRAM_INDEX); the page's statement then
-        # reads services through the name index anyway.
-        db.execute("SELECT set_config('pg_trgm.word_similarity_threshold', %s, true), " + ONLY_THE_TRIGRAM_INDEX,
-                   [str(FUZZY_WORD_SIMILARITY_THRESHOLD)])
-        return page(_names_spelt_alike(search, services, text), ordering=ordering)
+    return page(_names_spelt_alike(search, services, text), ordering=ordering)
 
 
 def _exists(services: _Filtered) -> bool:
@@ -557,29 +608,69 @@ def _page(services: _Filtered, *, ordering: list[str], cursor: str | None, limit
           offset: int | None) -> tuple[list[dict], str | None] | OffsetPage:
     """A page of `services` in `ordering`, after `cursor` or from `offset`, as result rows with their score as
     relevance. The page is chosen by a narrow statement (the key, the sort values, the score), then its rows are
-    read by key: sorting thousands of text matches carried every column of each through the sort (about half of a
-    text search's time in the database at 100,000 services)."""
+    read by key (on PostgreSQL in the same statement, `_keys_and_rows`): sorting thousands of text matches carried
+    every column of each through the sort (about half of a text search's time in the database at 100,000
+    services)."""
     score = "score" if services.score is not None else None
     if cursor:
         services = _after(services, ordering, cursor_values(cursor, ordering=ordering))
     columns = [*services.sort_columns.values(), *([f"{services.score} AS score"] if services.score else [])]
-    order = ", ".join(f"{services.sort_columns.get(field.lstrip('-'), 'score')}{' DESC' if field.startswith('-') else ''}"
-                      for field in ordering)
     params = [*services.score_params, *services.params]
-    statement = f"SELECT {', '.join(columns)} {services.sql} ORDER BY {order} LIMIT %s"  # noqa: S608
+    statement = (f"SELECT {', '.join(columns)} {services.sql} "  # noqa: S608
+                 f"ORDER BY {_order(services.sort_columns, ordering)} LIMIT %s")
     if offset is None:
-        keys = _keys(statement, [*params, limit + 1])
-        if len(keys) <= limit:
-            return _result_rows(keys, score), None
-        last = keys[limit - 1]
-        return _result_rows(keys[:limit], score), cursor_after(
-            [last.get(field.lstrip("-"), last.get("score")) for field in ordering], ordering=ordering)
-    keys = _keys(f"{statement} OFFSET %s", [*params, limit + 1, offset])
-    more = len(keys) > limit
+        rows, more = _page_rows(statement, [*params, limit + 1], services.sort_columns, ordering=ordering,
+                                limit=limit, score=score)
+        if not more:
+            return rows, None
+        last = rows[-1]
+        return rows, cursor_after([last.get(field.lstrip("-"), last.get("relevance")) for field in ordering],
+                                  ordering=ordering)
+    rows, more = _page_rows(f"{statement} OFFSET %s", [*params, limit + 1, offset], services.sort_columns,
+                            ordering=ordering, limit=limit, score=score)
     # A last page counts itself; only a page with more after it asks the database for the total.
-    total = _count(services) if more or (offset and not keys) else offset + len(keys)
-    return OffsetPage(rows=_result_rows(keys[:limit], score), total=total,
-                      next_offset=offset + limit if more else None)
+    total = _count(services) if more or (offset and not rows) else offset + len(rows)
+    return OffsetPage(rows=rows, total=total, next_offset=offset + limit if more else None)
+
+
+def _order(sort_columns: dict[str, str], ordering: list[str]) -> str:
+    """ORDER BY's list for `ordering` (fields, '-' for descending) over `sort_columns` and the score."""
+    return ", ".join(f"{sort_columns.get(field.lstrip('-'), 'score')}{' DESC' if field.startswith('-') else ''}"
+                     for field in ordering)
+
+
+def _page_rows(statement: str, params: list, sort_columns: dict[str, str], *, ordering: list[str], limit: int,
+               score: str | None) -> tuple[list[dict], bool]:
+    """The result rows of the first `limit` rows `statement` (the narrow page statement of `_page`, which selects up
+    to one more) selects, with their score as relevance, and whether there are more. On PostgreSQL in one statement:
+    the page's services, tags and skills read with their keys (four round trips were about a third of a page's CPU,
+    in the server and in PostgreSQL); a row's sort values are then its service's own (the postings and visible
+    names hold copies kept in step)."""
+    if connection.vendor != "postgresql":
+        keys = _keys(statement, params)
+        return _result_rows(keys[:limit], score), len(keys) > limit
+    page = _page_read()
+    # The narrow statement's columns, as the subquery `k` names them (`s.service_id` is `k.service_id`).
+    selected = {name: f"k.{column.split('.', 1)[1]}" for name, column in sort_columns.items()}
+    with connection.cursor() as cursor:
+        cursor.execute(page.sql(statement, score=score is not None, key=selected["id"],
+                                order=_order(selected, ordering)), params)
+        found = cursor.fetchall()
+    rows = []
+    for found_row in found[:limit]:
+        values = list(found_row[1:] if score else found_row)
+        for position, column, converters in page.converting:
+            for convert in converters:
+                values[position] = convert(values[position], column, connection)
+        *fields, tags, skills = values
+        row = dict(zip(_SEARCH_RESULT_FIELDS, fields, strict=True))
+        row["tags"] = tags
+        row["skills"] = [dict(zip(_SEARCH_RESULT_SKILL_FIELDS, skill, strict=True))
+                         for skill in (json.loads(skills) if skills else ())]
+        if score:
+            row["relevance"] = found_row[0]
+        rows.append(row)
+    return rows, len(found) > limit
 
 
 def _after(services: _Filtered, ordering: list[str], values: list) -> _Filtered:

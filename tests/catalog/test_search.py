@@ -11,7 +11,7 @@ from django.utils import timezone
 from rest_framework.views import APIView
 
 from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, ApiKey, Service, ServiceName
-from catalog.selectors import ONLY_THE_TRIGRAM_INDEX
+from catalog.selectors import FUZZY_SETTINGS, ONLY_THE_TRIGRAM_INDEX
 from catalog.services import search_vector_expression
 from marketplace.keys import parse_secret
 from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service
@@ -228,6 +228,67 @@ def test_a_first_page_of_text_results_is_one_statement_without_an_existence_prob
     later = search(buyer_api, q="invoice", limit=1, **({"offset": 1} if paging else {"cursor": page["next_cursor"]}))
     assert len(later["results"]) == 1 and later["results"][0]["id"] != page["results"][0]["id"]
     assert set(names(buyer_api, q="invoce")) == {"Invoice extractor", "Invoice reader"}  # nothing exact: fuzzy
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("body", [{}, {"q": "translator"}, {"q": "translator", "tags_all": ["nlp"]},
+                                  {"order_by": "price", "tags_any": ["nlp"]}])
+def test_a_page_is_read_with_its_services_tags_and_skills_in_one_statement(seller, buyer_api, body):
+    """PostgreSQL reads the page's keys, its services with their sellers, tags and skills in one round trip; the
+    answer is what the services hold, tags and skills by name, each service with its own."""
+    listing(seller, "Legal translator", tags=["nlp", "translation", "api"],
+            skills=[{"name": "translate", "description": "Any text"}, {"name": "detect", "price_atomic": 5,
+                                                                        "is_async": True, "timeout_seconds": 9}])
+    listing(seller, "Plain translator", tags=["nlp"])
+    listing(seller, "Odd translator", tags=["nlp", "misc"], skills=[{"name": "run", "path": "/v2/run"}])
+
+    with CaptureQueriesContext(connection) as captured:
+        results = search(buyer_api, limit=2, **body)["results"]
+    reads = [q["sql"] for q in captured.captured_queries
+             if any(f'"{table}"' in q["sql"] for table in ("catalog_service", "catalog_service_tags", "catalog_skill",
+                                                           SERVICE_POSTINGS_TABLE))]
+    assert len(reads) == 1, reads
+    assert len(results) == 2
+    for result in results:
+        service = Service.objects.prefetch_related("tags", "skills").get(pk=result["id"])
+        assert result["tags"] == sorted(tag.name for tag in service.tags.all())
+        assert [(s["name"], s["price_atomic"], s["path"], s["is_async"], s["timeout_seconds"])
+                for s in result["skills"]] == [(s.name, s.price, s.path, s.is_async, s.timeout_seconds)
+                                               for s in sorted(service.skills.all(), key=lambda skill: skill.name)]
+
+
+@pytest.mark.postgres
+def test_a_texts_query_is_asked_of_postgresql_once_per_process(seller, buyer_api):
+    listing(seller, "Quokka groomer")
+    listing(seller, "Quokka photographer")
+
+    asked = []
+    for _ in range(2):
+        with CaptureQueriesContext(connection) as captured:
+            assert names(buyer_api, q="Quokka groomers") == ["Quokka groomer"]
+        asked.append([q["sql"] for q in captured.captured_queries
+                      if q["sql"].startswith("SELECT websearch_to_tsquery")])
+    assert [len(statements) for statements in asked] == [1, 0]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_misspelling_is_matched_with_its_settings_in_one_round_trip_that_keeps_them(seller, buyer_api):
+    """The lexicon's match is sent with its settings (threshold, trigram index only) in one round trip, no
+    transaction of its own; they end with it, so the page's statement after it, and the connection's next
+    statements, are planned as any other."""
+    listing(seller, "Invoice extractor")
+    listing(seller, "Invoice reader")
+
+    with CaptureQueriesContext(connection) as captured:
+        assert set(names(buyer_api, q="invoce")) == {"Invoice extractor", "Invoice reader"}
+    statements = [q["sql"] for q in captured.captured_queries]
+    assert [s for s in statements if 'FROM "catalog_servicename"' in s][0].startswith(f"{FUZZY_SETTINGS}; ")
+    assert not [s for s in statements if s.split()[0].upper() in ("BEGIN", "SAVEPOINT", "COMMIT", "RELEASE")]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('pg_trgm.word_similarity_threshold'), "
+                       "current_setting('enable_seqscan'), current_setting('enable_indexonlyscan')")
+        assert cursor.fetchone() == ("0.6", "on", "on")
 
 
 @pytest.mark.parametrize("text", ["!!!", "&|:*", "'", '"', "-", "or", "a & b | !c", "()", "\\", "%", "_", "😀",
@@ -658,7 +719,8 @@ def _plan_of_search(api: Api, *, table: str = "catalog_service", **body) -> str:
         cursor.execute("SET LOCAL enable_indexscan = off")
         if table == "catalog_servicename":  # as catalog.selectors matches the lexicon: no walk of its b-tree either
             cursor.execute("SET LOCAL enable_indexonlyscan = off")
-        cursor.execute("EXPLAIN " + statements[-1])
+        # The lexicon's match is sent after its settings (FUZZY_SETTINGS), which the SET LOCALs above stand for.
+        cursor.execute("EXPLAIN " + statements[-1].removeprefix(f"{FUZZY_SETTINGS}; "))
         return "\n".join(row[0] for row in cursor.fetchall())
 
 
@@ -706,8 +768,8 @@ def test_a_long_misspelling_is_matched_through_the_lexicons_trigram_index(seller
         assert names(buyer_api, q=text) == ["Multilingual translator for legal teams"]
     statement = next(q["sql"] for q in captured.captured_queries if 'FROM "catalog_servicename"' in q["sql"])
     with connection.cursor() as cursor:
-        cursor.execute("SELECT " + ONLY_THE_TRIGRAM_INDEX)  # as the search sets it for its own transaction
-        cursor.execute("EXPLAIN " + statement)
+        cursor.execute("SELECT " + ONLY_THE_TRIGRAM_INDEX)  # as the search sets it just before the match
+        cursor.execute("EXPLAIN " + statement.removeprefix(f"{FUZZY_SETTINGS}; "))
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert "Bitmap Index Scan on service_name_lexicon_trgm_gin" in plan, plan
     assert "Seq Scan" not in plan and "pkey" not in plan, plan
