@@ -6,8 +6,8 @@ database's CHECK constraint says the same. Commits take the agreement's row lock
 usage chain (seq, digest, signed receipt) — never while waiting for the upstream.
 
 No served call is lost when a process dies: each reservation is written together with the call's intent
-(`CallIntent`), the upstream's answer is recorded on it before the charge, and the charge or the release deletes
-it. Only the transaction that deletes the intent changes the counters, so a call is settled once whoever settles
+(`CallIntent`), the upstream's answer is recorded on it before the charge (or by the same statement as the charge,
+which then records it only when it cannot charge), and the charge or the release deletes it. Only the transaction that deletes the intent changes the counters, so a call is settled once whoever settles
 it. `intents_reap` (a beat task) settles the intents of dead processes by one rule:
 
     an intent older than the proxy's timeout plus PROXY_INTENT_GRACE_SECONDS belongs to a process that died;
