@@ -13,7 +13,6 @@ from django.utils import timezone
 from agreements.models import UsageAgreement
 from catalog.models import ApiKey
 from tests.conftest import error_code
-from tests.escrow.flow import Parties, poll_mined
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -60,44 +59,33 @@ def test_an_agreement_that_stops_being_active_is_refused_at_once(active, http_se
 
 
 @pytest.mark.postgres
-@pytest.mark.django_db(transaction=True)  # outside a test's transaction: the charge's own two round trips
-def test_a_charge_draws_no_warning_from_the_database(escrow_chain, http_server):
+@pytest.mark.django_db(transaction=True)  # outside a test's transaction: the charge's own transactions
+def test_a_charge_draws_no_warning_from_the_database(active_outside_transaction, http_server):
     """PostgreSQL warned "there is no transaction in progress" at every charge (a COMMIT that no BEGIN opened), and
     wrote that warning to its log and sent it to the server, once per proxied call."""
-    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
-    agreement = parties.accepted_agreement(quantity=2)
-    assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
-                                  parties.signed_activation(agreement["id"])).status_code == 202
-    poll_mined()
-    http_server.responses.append((200, {}))
+    http_server.responses.extend([(200, {}), (200, {})])
     connection.ensure_connection()
     warnings = []
     connection.connection.add_notice_handler(lambda notice: warnings.append(notice.message_primary))
 
-    parties.agreement_id = agreement["id"]
-    response = call(parties)
+    first, second = call(active_outside_transaction), call(active_outside_transaction)  # two round trips, then one
 
-    assert response.status_code == 200 and response["X-Usage-Seq"] == "1"
+    assert (first.status_code, first["X-Usage-Seq"], second.status_code, second["X-Usage-Seq"]) == (200, "1", 200, "2")
     assert warnings == []
 
 
 @pytest.mark.postgres
-@pytest.mark.django_db(transaction=True)  # outside a test's transaction: the charge's own two round trips
-def test_a_charge_runs_statements_prepared_on_the_server(escrow_chain, http_server):
+@pytest.mark.django_db(transaction=True)  # outside a test's transaction: the charge's own transactions
+def test_a_charge_runs_statements_prepared_on_the_server(active_outside_transaction, http_server):
     """The charge's statements were sent as text with their values written in, so PostgreSQL parsed and planned
     both of them again at every call (a third of its CPU per charge); they are prepared once per connection."""
-    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
-    agreement = parties.accepted_agreement(quantity=2)
-    assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
-                                  parties.signed_activation(agreement["id"])).status_code == 202
-    poll_mined()
-    http_server.responses.append((200, {}))
-    parties.agreement_id = agreement["id"]
+    http_server.responses.extend([(200, {}), (200, {})])
 
-    assert call(parties).status_code == 200
+    assert call(active_outside_transaction).status_code == call(active_outside_transaction).status_code == 200
 
     with connection.cursor() as cursor:
         cursor.execute("SELECT statement FROM pg_prepared_statements")
         prepared = [statement for (statement,) in cursor.fetchall()]
     assert any("FOR UPDATE" in statement for statement in prepared)  # closing the intent, locking the row
     assert any("json_to_recordset" in statement for statement in prepared)  # writing the event and the counters
+    assert any("EXISTS (SELECT FROM closed)" in statement for statement in prepared)  # the charge on a known head

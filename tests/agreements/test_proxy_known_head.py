@@ -15,7 +15,7 @@ from agreements.models import CallIntent, UsageAgreement
 from marketplace.errors import DependencyUnavailable
 from sdk import receipts
 from tests.conftest import error_code
-from tests.escrow.flow import Parties, onchain_escrow, poll_mined
+from tests.escrow.flow import onchain_escrow
 
 pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -25,15 +25,9 @@ ON_KNOWN_HEAD = "EXISTS (SELECT FROM closed)"  # the one round trip's statement
 
 
 @pytest.fixture
-def running(escrow_chain, http_server):
-    """An active agreement for 5 calls at 0.02 USDC, outside a test's transaction (as the server charges)."""
-    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
-    agreement = parties.accepted_agreement(quantity=5)
-    assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
-                                  parties.signed_activation(agreement["id"])).status_code == 202
-    poll_mined()
-    parties.agreement_id = agreement["id"]
-    return parties
+def active(active_outside_transaction):
+    """Here every agreement is charged as the server charges it: outside any transaction of the test's."""
+    return active_outside_transaction
 
 
 def call(parties):
@@ -57,57 +51,57 @@ def assert_books_exact(parties, chain, *, used: int) -> None:
     assert verified.cumulative_amount == used
 
 
-def test_the_next_charge_of_an_agreement_takes_one_round_trip(running, http_server, escrow_chain):
+def test_the_next_charge_of_an_agreement_takes_one_round_trip(active, http_server, escrow_chain):
     http_server.responses.extend([(200, {})] * 3)
     with CaptureQueriesContext(connection) as first:
-        assert call(running)["X-Usage-Seq"] == "1"
+        assert call(active)["X-Usage-Seq"] == "1"
     for seq in ("2", "3"):
         with CaptureQueriesContext(connection) as next_one:
-            response = call(running)
+            response = call(active)
         assert (response.status_code, response["X-Usage-Seq"]) == (200, seq)
         assert response["X-Escrow-Remaining"] == str((5 - int(seq)) * PRICE)
         assert charged_with(next_one.captured_queries) == {"known head"}
     assert charged_with(first.captured_queries) == {"two round trips"}  # nothing known of it yet
-    assert_books_exact(running, escrow_chain, used=3 * PRICE)
+    assert_books_exact(active, escrow_chain, used=3 * PRICE)
 
 
-def test_a_head_moved_by_someone_else_is_charged_on_the_new_head(running, http_server, escrow_chain):
+def test_a_head_moved_by_someone_else_is_charged_on_the_new_head(active, http_server, escrow_chain):
     http_server.responses.extend([(200, {})] * 3)
-    assert call(running)["X-Usage-Seq"] == "1"
-    reported = running.seller_api.post(f"/usage-agreements/{running.agreement_id}/record-usage",
+    assert call(active)["X-Usage-Seq"] == "1"
+    reported = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage",
                                        {"events": [{"units": 1}]}, headers={"Idempotency-Key": "moved"})
     assert reported.status_code == 201  # seq 2: the head this process wrote is no longer the head
 
     with CaptureQueriesContext(connection) as missed:
-        response = call(running)
+        response = call(active)
     assert (response.status_code, response["X-Usage-Seq"]) == (200, "3")
     assert charged_with(missed.captured_queries) == {"known head", "two round trips"}
     with CaptureQueriesContext(connection) as paused:
-        assert call(running)["X-Usage-Seq"] == "4"
+        assert call(active)["X-Usage-Seq"] == "4"
     assert charged_with(paused.captured_queries) == {"two round trips"}  # for KNOWN_HEAD_PAUSE_SECONDS
-    assert_books_exact(running, escrow_chain, used=4 * PRICE)
+    assert_books_exact(active, escrow_chain, used=4 * PRICE)
 
 
-def test_the_charge_that_uses_up_the_budget_on_a_known_head_requests_completion(running, http_server):
+def test_the_charge_that_uses_up_the_budget_on_a_known_head_requests_completion(active, http_server):
     http_server.responses.extend([(200, {})] * 5)
     for _ in range(4):
-        assert call(running).status_code == 200
-    assert UsageAgreement.objects.get(pk=running.agreement_id).completion_requested_at is None
+        assert call(active).status_code == 200
+    assert UsageAgreement.objects.get(pk=active.agreement_id).completion_requested_at is None
     with CaptureQueriesContext(connection) as last:
-        assert call(running)["X-Escrow-Remaining"] == "0"
+        assert call(active)["X-Escrow-Remaining"] == "0"
     assert charged_with(last.captured_queries) == {"known head"}
 
-    agreement = UsageAgreement.objects.get(pk=running.agreement_id)
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
     assert agreement.completion_requested_at is not None and agreement.completion_reason == "budget_used_up"
-    refused = call(running)
+    refused = call(active)
     assert refused.status_code == 402 and error_code(refused) == "budget_exhausted"
     assert len(http_server.requests) == 5
 
 
-def test_a_call_the_reaper_settled_is_not_charged_on_a_known_head(running, http_server, escrow_chain):
+def test_a_call_the_reaper_settled_is_not_charged_on_a_known_head(active, http_server, escrow_chain):
     http_server.responses.append((200, {}))
-    assert call(running)["X-Usage-Seq"] == "1"
-    terms = UsageAgreement.objects.get(pk=running.agreement_id)
+    assert call(active)["X-Usage-Seq"] == "1"
+    terms = UsageAgreement.objects.get(pk=active.agreement_id)
     late = metering.reservation_take(agreement=terms, amount=PRICE, request_id="req-late", request_nonce="",
                                      method="GET", path="/work")
     # Its process looked dead (no answer recorded): the reaper released the reservation.
@@ -118,16 +112,16 @@ def test_a_call_the_reaper_settled_is_not_charged_on_a_known_head(running, http_
         metering.reservation_commit(reservation=late, units=1, cost=PRICE, request_id="req-late", request_nonce="",
                                     method="GET", path="/work", upstream_status=200, latency_ms=5)
     assert expired.value.code == "call_expired"
-    assert_books_exact(running, escrow_chain, used=PRICE)
+    assert_books_exact(active, escrow_chain, used=PRICE)
 
 
-def test_a_miss_records_the_answer_so_the_reaper_charges_a_call_whose_process_dies_then(running, http_server,
+def test_a_miss_records_the_answer_so_the_reaper_charges_a_call_whose_process_dies_then(active, http_server,
                                                                                        escrow_chain):
     http_server.responses.append((200, {}))
-    assert call(running)["X-Usage-Seq"] == "1"
-    assert running.seller_api.post(f"/usage-agreements/{running.agreement_id}/record-usage",
+    assert call(active)["X-Usage-Seq"] == "1"
+    assert active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage",
                                    {"events": [{"units": 1}]}, headers={"Idempotency-Key": "moved"}).status_code == 201
-    terms = UsageAgreement.objects.get(pk=running.agreement_id)
+    terms = UsageAgreement.objects.get(pk=active.agreement_id)
     served = metering.reservation_take(agreement=terms, amount=PRICE, request_id="req-served", request_nonce="",
                                        method="GET", path="/work")
     charge = {"units": 1, "cost": PRICE, "request_id": "req-served", "request_nonce": "", "method": "GET",
@@ -139,4 +133,4 @@ def test_a_miss_records_the_answer_so_the_reaper_charges_a_call_whose_process_di
     # The process dies before its two round trips: the reaper charges the call the seller served.
     assert metering.intents_reap(now=timezone.now() + timedelta(hours=1)) == {"charged": 1, "released": 0,
                                                                               "replays": 0}
-    assert_books_exact(running, escrow_chain, used=3 * PRICE)
+    assert_books_exact(active, escrow_chain, used=3 * PRICE)
