@@ -65,16 +65,39 @@ def test_the_next_charge_of_an_agreement_takes_one_round_trip(active, http_serve
     assert_books_exact(active, escrow_chain, used=3 * PRICE)
 
 
-def test_a_head_moved_by_someone_else_is_charged_on_the_new_head(active, http_server, escrow_chain):
+def known_head_statements(queries) -> int:
+    return sum(ON_KNOWN_HEAD in query["sql"] for query in queries)
+
+
+def test_a_head_moved_by_someone_else_is_charged_on_the_head_the_miss_answered(active, http_server, escrow_chain):
     http_server.responses.extend([(200, {})] * 3)
     assert call(active)["X-Usage-Seq"] == "1"
     reported = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage",
-                                       {"events": [{"units": 1}]}, headers={"Idempotency-Key": "moved"})
+                                      {"events": [{"units": 1}]}, headers={"Idempotency-Key": "moved"})
     assert reported.status_code == 201  # seq 2: the head this process wrote is no longer the head
 
-    with CaptureQueriesContext(connection) as missed:
+    with CaptureQueriesContext(connection) as moved:
         response = call(active)
     assert (response.status_code, response["X-Usage-Seq"]) == (200, "3")
+    # The first statement missed and answered the head as it is; the second charged on it.
+    assert charged_with(moved.captured_queries) == {"known head"}
+    assert known_head_statements(moved.captured_queries) == 2
+    with CaptureQueriesContext(connection) as next_one:
+        assert call(active)["X-Usage-Seq"] == "4"
+    assert known_head_statements(next_one.captured_queries) == 1
+    assert_books_exact(active, escrow_chain, used=4 * PRICE)
+
+
+def test_a_head_that_keeps_moving_is_charged_in_two_round_trips_for_a_while(active, http_server, escrow_chain,
+                                                                             monkeypatch):
+    monkeypatch.setattr(metering, "KNOWN_HEAD_ATTEMPTS", 1)  # every attempt misses: the head moved since
+    http_server.responses.extend([(200, {})] * 3)
+    assert call(active)["X-Usage-Seq"] == "1"
+    assert active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage",
+                                  {"events": [{"units": 1}]}, headers={"Idempotency-Key": "moved"}).status_code == 201
+
+    with CaptureQueriesContext(connection) as missed:
+        assert call(active)["X-Usage-Seq"] == "3"
     assert charged_with(missed.captured_queries) == {"known head", "two round trips"}
     with CaptureQueriesContext(connection) as paused:
         assert call(active)["X-Usage-Seq"] == "4"
@@ -116,7 +139,8 @@ def test_a_call_the_reaper_settled_is_not_charged_on_a_known_head(active, http_s
 
 
 def test_a_miss_records_the_answer_so_the_reaper_charges_a_call_whose_process_dies_then(active, http_server,
-                                                                                       escrow_chain):
+                                                                                       escrow_chain, monkeypatch):
+    monkeypatch.setattr(metering, "KNOWN_HEAD_ATTEMPTS", 1)
     http_server.responses.append((200, {}))
     assert call(active)["X-Usage-Seq"] == "1"
     assert active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage",
