@@ -461,12 +461,13 @@ def _known_head(agreement_id: uuid.UUID) -> _ChainHead | None:
 def _known_head_written(head: _ChainHead) -> None:
     if len(_known_heads) >= _KNOWN_HEADS_MAX:
         _known_heads.clear()
-        _known_head_paused_until.clear()
     _known_heads[head.id] = head
 
 
 def _known_head_missed(agreement_id: uuid.UUID) -> None:
     _known_heads.pop(agreement_id, None)
+    if len(_known_head_paused_until) >= _KNOWN_HEADS_MAX:
+        _known_head_paused_until.clear()
     _known_head_paused_until[agreement_id] = time.monotonic() + KNOWN_HEAD_PAUSE_SECONDS
 
 
@@ -529,15 +530,13 @@ def _charge_on_known_head(reservation: Reservation, charge: dict, known: _ChainH
         rows = _extend_chain(head, [{**charge, "path": charge["path"][:500]}], source=UsageSource.PROXY)
         with prepared_cursor() as cursor:
             cursor.execute(*_known_head_charge_statement(reservation, known, head, rows))
-            seq, event_id, *now = cursor.fetchone()
-        if event_id is not None:
+            seq, event_id, *now = cursor.fetchone() or (None, None, None, None, None)  # no row: no agreement
+        if event_id is not None or now[0] is None:
             break
         moved = replace(known, usage_seq=now[0], used=int(now[1]), usage_digest=now[2])
         if moved == known:  # the head did not move: the intent is gone, which the two round trips sort out
             break
         known = moved
-    else:
-        event_id = None
     if event_id is None:
         _known_head_missed(reservation.agreement_id)
         return None

@@ -3,7 +3,9 @@
 (another process's charge, the seller's report, the reaper), the chain stays gap-free, every receipt verifies and
 the books are exact."""
 
+import uuid
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from django.db import connection
@@ -158,3 +160,12 @@ def test_a_miss_records_the_answer_so_the_reaper_charges_a_call_whose_process_di
     assert metering.intents_reap(now=timezone.now() + timedelta(hours=1)) == {"charged": 1, "released": 0,
                                                                               "replays": 0}
     assert_books_exact(active, escrow_chain, used=3 * PRICE)
+
+
+def test_what_a_process_remembers_of_its_agreements_is_bounded(monkeypatch):
+    """The pauses after misses were remembered for every agreement that ever missed, for the process's lifetime."""
+    monkeypatch.setattr(metering, "_KNOWN_HEADS_MAX", 3)
+    for _ in range(10):
+        metering._known_head_missed(uuid.uuid4())
+        metering._known_head_written(SimpleNamespace(id=uuid.uuid4()))
+    assert len(metering._known_head_paused_until) <= 3 and len(metering._known_heads) <= 3
