@@ -431,7 +431,7 @@ def _locked_for_charge(reservation: Reservation) -> _ChainHead | None:
 
 def _charge_prepare(agreement: _ChainHead, reservation: Reservation, charge: dict) -> tuple[list[dict], list[str]]:
     """The call's usage event (chained and signed, as a row) and the agreement's counters after it: what to write."""
-    rows = _extend_chain(agreement, [{**charge, "path": charge["path"][:500]}], source=UsageSource.PROXY)
+    rows = _extend_chain(agreement, [charge], source=UsageSource.PROXY)
     agreement.reserved -= reservation.amount
     fields = ["usage_seq", "used", "usage_digest", "reserved"]
     _complete_if_used_up(agreement, fields)
@@ -471,6 +471,9 @@ def _known_head_missed(agreement_id: uuid.UUID) -> None:
     _known_head_paused_until[agreement_id] = time.monotonic() + KNOWN_HEAD_PAUSE_SECONDS
 
 
+_INTENT_CLOSED = "EXISTS (SELECT FROM closed)"  # in `_known_head_charge_sql`: the statement is charging
+
+
 @lru_cache(maxsize=1)
 def _known_head_charge_sql() -> str:
     """One statement: when the agreement's head is still (seq, used, digest) and the call's intent is still open,
@@ -486,28 +489,28 @@ def _known_head_charge_sql() -> str:
     agreements, intents = quote(meta.db_table), quote(CallIntent._meta.db_table)
     used_up = (f"{column('completion_requested_at')} IS NULL "
                f"AND %s + {column('reserved')} - %s >= {column('deposit_amount')}")
-    insert = _events_insert_sql("EXISTS (SELECT FROM closed)")[0]
+    insert = _events_insert_sql(_INTENT_CLOSED)[0]
     return (f"WITH locked AS (SELECT id FROM {agreements} WHERE id = %s AND {column('usage_seq')} = %s "  # noqa: S608
             f"AND {column('used')} = %s AND {column('usage_digest')} = %s FOR UPDATE), "
             f"closed AS (DELETE FROM {intents} WHERE id = %s AND EXISTS (SELECT FROM locked) RETURNING id), "
-            f"answered AS ({_ANSWERED}WHERE id = %s AND NOT EXISTS (SELECT FROM closed)), "
+            f"answered AS ({_ANSWERED}WHERE id = %s AND NOT {_INTENT_CLOSED}), "
             f"inserted AS ({insert}), "
             f"moved AS (UPDATE {agreements} SET {column('usage_seq')} = %s, {column('used')} = %s, "
             f"{column('usage_digest')} = %s, {column('reserved')} = {column('reserved')} - %s, "
             f"{column('completion_requested_at')} = CASE WHEN {used_up} THEN %s "
             f"ELSE {column('completion_requested_at')} END, "
             f"{column('completion_reason')} = CASE WHEN {used_up} THEN %s ELSE {column('completion_reason')} END "
-            f"WHERE id = %s AND EXISTS (SELECT FROM closed)), "
+            f"WHERE id = %s AND {_INTENT_CLOSED}), "
             # Not charged: the head as it is now (KEY SHARE reads its latest version, not this statement's snapshot).
             f"head AS (SELECT {column('usage_seq')}, {column('used')}, {column('usage_digest')} FROM {agreements} "
-            f"WHERE id = %s AND NOT EXISTS (SELECT FROM closed) FOR KEY SHARE) "
+            f"WHERE id = %s AND NOT {_INTENT_CLOSED} FOR KEY SHARE) "
             f"SELECT seq, id, NULL, NULL, NULL FROM inserted UNION ALL SELECT NULL, NULL, * FROM head")
 
 
 def _known_head_charge_statement(reservation: Reservation, known: _ChainHead, head: _ChainHead,
                                  rows: list[dict]) -> tuple[str, list]:
     """`_known_head_charge_sql` with its values: `known` is the head assumed, `head` the one after the event."""
-    _, shared, per_event = _events_insert_sql("EXISTS (SELECT FROM closed)")
+    _, shared, per_event = _events_insert_sql(_INTENT_CLOSED)
     used_up = [head.used, reservation.amount]
     return _known_head_charge_sql(), [
         reservation.agreement_id, known.usage_seq, known.used, known.usage_digest,
@@ -527,7 +530,7 @@ def _charge_on_known_head(reservation: Reservation, charge: dict, known: _ChainH
     commit."""
     for _ in range(KNOWN_HEAD_ATTEMPTS):
         head = replace(known)
-        rows = _extend_chain(head, [{**charge, "path": charge["path"][:500]}], source=UsageSource.PROXY)
+        rows = _extend_chain(head, [charge], source=UsageSource.PROXY)
         with prepared_cursor() as cursor:
             cursor.execute(*_known_head_charge_statement(reservation, known, head, rows))
             seq, event_id, *now = cursor.fetchone() or (None, None, None, None, None)  # no row: no agreement
@@ -595,7 +598,7 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
     released instead (503 `database_unavailable` when the database went away), so a failed commit never leaves
     budget held."""
     charge = {"units": units, "cost": cost, "request_id": request_id, "request_nonce": request_nonce,
-              "method": method, "path": path, "upstream_status": upstream_status, "latency_ms": latency_ms}
+              "method": method, "path": path[:500], "upstream_status": upstream_status, "latency_ms": latency_ms}
     try:
         if connection.vendor == "postgresql" and not connection.in_atomic_block:
             known = _known_head(reservation.agreement_id)

@@ -430,12 +430,15 @@ def _read(statement: _Statement, params: list) -> list[list]:
     """The rows of `statement` for the page's ids (`params`), each value converted as the ORM converts it."""
     with connection.cursor() as cursor:
         cursor.execute(statement.sql.format(ids=", ".join(["%s"] * len(params))), params)
-        rows = [list(row) for row in cursor.fetchall()]
-    for row in rows:
-        for position, column, converters in statement.converting:
-            for convert in converters:
-                row[position] = convert(row[position], column, connection)
-    return rows
+        return [_converted(list(row), statement.converting) for row in cursor.fetchall()]
+
+
+def _converted(values: list, converting: tuple[tuple, ...]) -> list:
+    """`values` with each (position, column expression, converters) of `converting` converted as the ORM would."""
+    for position, column, converters in converting:
+        for convert in converters:
+            values[position] = convert(values[position], column, connection)
+    return values
 
 
 def _result_rows(keys: list[dict], score: str | None) -> list[dict]:
@@ -658,11 +661,7 @@ def _page_rows(statement: str, params: list, sort_columns: dict[str, str], *, or
         found = cursor.fetchall()
     rows = []
     for found_row in found[:limit]:
-        values = list(found_row[1:] if score else found_row)
-        for position, column, converters in page.converting:
-            for convert in converters:
-                values[position] = convert(values[position], column, connection)
-        *fields, tags, skills = values
+        *fields, tags, skills = _converted(list(found_row[1:] if score else found_row), page.converting)
         row = dict(zip(_SEARCH_RESULT_FIELDS, fields, strict=True))
         row["tags"] = tags
         row["skills"] = [dict(zip(_SEARCH_RESULT_SKILL_FIELDS, skill, strict=True))
