@@ -532,6 +532,7 @@ def main() -> int:
             # Server, database and client share this machine: its load says how far the figures can be trusted.
             print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
             meter = harness.CpuMeter(harness.child_pids(server.pid), database_url)
+            harness.freeze_client_heap()
             header = (f"{'query':<66} {'page':>5} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'server CPU':>11} "
                       f"{'db CPU':>7}")
             print(header)

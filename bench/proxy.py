@@ -193,6 +193,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     server = next(process for name, process in processes.started if name == "web").pid
     meter = harness.CpuMeter([server, *harness.child_pids(server)], database_url)
     stack.callback(meter.close)
+    harness.freeze_client_heap()
 
     buyer_headers = {"Authorization": f"Bearer {buyer_key}"}
     print(f"upstream: aiohttp, 1 process; marketplace: granian {args.workers} workers x {args.threads} threads "

@@ -162,6 +162,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
           f"client: {args.clients} concurrent aiohttp callers, one process; {args.seconds:g} s per scenario")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
 
+    harness.freeze_client_heap()
     # Warm-up: every worker's connection, the statements psycopg prepares, the first requests' imports.
     warm = asyncio.run(record(base_url, seller_key, agreement_ids, batch=BATCH, clients=args.clients, seconds=1))
     acknowledged = Counter(warm.units)
