@@ -110,7 +110,7 @@ def _forward_headers(request, caller: KeyHolder, terms: selectors.CallTerms, res
 
 def _observe_upstream(outcome: str, started: float) -> float:
     seconds = time.monotonic() - started
-    monitoring.PROXY_UPSTREAM_SECONDS.labels(outcome=outcome).observe(seconds)
+    monitoring.upstream_observe(outcome=outcome, seconds=seconds)
     return seconds
 
 

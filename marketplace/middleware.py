@@ -1,5 +1,5 @@
 import re
-import uuid
+import secrets
 
 from django.urls import resolve
 
@@ -17,7 +17,7 @@ class RequestIdMiddleware:
 
     def __call__(self, request):
         supplied = request.headers.get("X-Request-Id", "")
-        request_id = supplied if _CLIENT_REQUEST_ID.match(supplied) else f"req_{uuid.uuid4().hex}"
+        request_id = supplied if _CLIENT_REQUEST_ID.match(supplied) else f"req_{secrets.token_hex(16)}"
         request.request_id = request_id
         # Not reset afterwards: Django logs the finished request (django.request) after middleware returns.
         request_id_var.set(request_id)
