@@ -122,8 +122,8 @@ def agreement_for_report(*, agreement_id, agent_id: uuid.UUID, lock: bool = Fals
 class CallTerms:
     """What forwarding and billing a metered call read of its agreement: fixed once it is active (parties, price,
     deposit, chain identity) and the service's upstream, which a seller may change (seen within
-    CREDENTIAL_CACHE_SECONDS). Its status and counters are not here: the reservation checks them in the database on
-    every call."""
+    CREDENTIAL_CACHE_SECONDS). Its status and counters are not here: the reservation checks them in the database,
+    for each call or each lease of calls (agreements.metering, "Call leases")."""
 
     pk: uuid.UUID
     onchain_id: str

@@ -20,7 +20,8 @@ What it does, in order:
    client does not eat the server's CPU). Prints requests/s, p50 and p99, the throughput ratio to direct calls and
    the p50 the proxy adds.
 5. Checks exactness per agreement: `used` equals the sum of its usage events and equals its proxied calls
-   answered 200 × the price; the sequence is gap-free, nothing stays reserved, and every receipt verifies with
+   answered 200 × the price; the sequence is gap-free, nothing stays reserved once the servers' leases of calls
+   lapsed (PROXY_CALL_LEASE_SECONDS), and every receipt verifies with
    the SDK (sdk.receipts.verify_usage), as a buyer would check it.
 
 Exit status: 0 when every call was answered 200 and the totals are exact; 1 otherwise; 2 when the set-up failed or
@@ -259,6 +260,13 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
 
     from agreements.models import UsageAgreement
 
+    # The servers give back the calls their leases did not use once those lapse (agreements.metering, "Call
+    # leases"): nothing may stay reserved after that.
+    from django.conf import settings
+
+    lapse = time.monotonic() + settings.PROXY_CALL_LEASE_SECONDS + 2
+    while UsageAgreement.objects.filter(pk__in=agreement_ids, reserved__gt=0).exists() and time.monotonic() < lapse:
+        time.sleep(0.1)
     checking = time.perf_counter()
     problems = []
     charged = Counter()

@@ -306,6 +306,10 @@ PROXY_TIMEOUT = env.float("PROXY_TIMEOUT_SECONDS", default=60.0)
 PROXY_MAX_UNITS_PER_CALL = env.int("PROXY_MAX_UNITS_PER_CALL", default=1_000_000)
 # Replies stored for X-Request-Nonce retries are capped; larger ones are refused rather than half-stored.
 PROXY_REPLAY_MAX_BYTES = env.int("PROXY_REPLAY_MAX_BYTES", default=10 * 1024 * 1024)
+# A process serving many calls of one agreement reserves up to this many at once and serves them for this long
+# (agreements.metering, "Call leases"); status changes and expiry take effect within that time. 1: no leases.
+PROXY_CALL_LEASE_MAX = env.int("PROXY_CALL_LEASE_MAX", default=16)
+PROXY_CALL_LEASE_SECONDS = env.float("PROXY_CALL_LEASE_SECONDS", default=1.0)
 
 # --- Operations and security (SECURITY.md) -------------------------------------------------------------------
 # Seller upstreams and webhooks on loopback/private addresses: for development and tests only (on while DEBUG).

@@ -168,7 +168,9 @@ def test_the_reaper_settles_calls_whose_process_died(active, settings):
                                          request_nonce=nonce, method="GET", path="/work")
 
     answered, forwarding = dead_call("answered"), dead_call("forwarding")
-    metering.reservation_answered(reservation=answered, units=1, cost=PRICE, upstream_status=200, latency_ms=5)
+    metering.reservation_answered(reservation=answered, charge={
+        "units": 1, "cost": PRICE, "upstream_status": 200, "latency_ms": 5, "request_id": "req-answered",
+        "request_nonce": "answered", "method": "GET", "path": "/work"})
     assert books(active) == (0, 2 * PRICE)
 
     assert metering.intents_reap() == {"charged": 0, "released": 0, "replays": 0}  # not stale yet: maybe alive

@@ -1,0 +1,214 @@
+"""Call leases (issue #18): a process serving many calls of one agreement reserves them ahead, each with its intent,
+so most calls make one round trip to the database instead of two. The books stay exact, the calls a lease did not
+use are given back by the process once they lapse, a process that dies with a lease loses nothing, and a lease
+takes no more than 1/64 of the budget left, so the end of a budget is served call by call."""
+
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from agreements import metering
+from agreements.models import CallIntent, UsageAgreement, UsageEvent
+from sdk import receipts
+from tests.conftest import error_code
+from tests.escrow.flow import USDC, Parties, onchain_escrow, poll_mined
+
+pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+PRICE = 20_000
+LEASE = "generate_series"  # in the reservation statement: the calls it reserves
+
+
+@pytest.fixture(autouse=True)
+def short_leases(settings, monkeypatch):
+    settings.PROXY_CALL_LEASE_SECONDS = 1.0
+    monkeypatch.setattr(metering, "_call_leases", {})  # this test's process: no leases of an earlier test's
+
+
+def agreement_for(escrow_chain, http_server, calls: int) -> Parties:
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url, buyer_funds=1_000 * USDC)
+    agreement = parties.accepted_agreement(quantity=calls)
+    assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                  parties.signed_activation(agreement["id"])).status_code == 202
+    poll_mined()
+    parties.agreement_id = agreement["id"]
+    http_server.responses.extend([(200, {})] * (calls + 5))
+    return parties
+
+
+def call(parties, path="work"):
+    return parties.buyer_api.client.get(f"/metered-proxy/{parties.agreement_id}/{path}",
+                                        HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}")
+
+
+def leases_taken(queries) -> int:
+    return sum(LEASE in query["sql"] for query in queries)
+
+
+def reserved_calls(parties) -> int:
+    return UsageAgreement.objects.get(pk=parties.agreement_id).reserved // PRICE
+
+
+def lapsed(parties, *, within: float = 2.5) -> float:
+    """Seconds until nothing is reserved on the agreement any more (the process gave its leases back)."""
+    started = time.monotonic()
+    while reserved_calls(parties):
+        assert time.monotonic() - started < within, f"{reserved_calls(parties)} calls still reserved"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def assert_books_exact(parties, chain, *, calls: int) -> None:
+    agreement = UsageAgreement.objects.get(pk=parties.agreement_id)
+    assert (agreement.used, agreement.reserved) == (calls * PRICE, 0)
+    assert not CallIntent.objects.filter(agreement_id=agreement.pk).exists()
+    usage, cursor = [], ""
+    while cursor is not None:
+        page = parties.buyer_api.get(f"/usage-agreements/{parties.agreement_id}/usage?limit=100"
+                                     + (f"&cursor={cursor}" if cursor else "")).json()
+        usage, cursor = usage + page["results"], page["next_cursor"]
+    assert [event["seq"] for event in usage] == list(range(1, calls + 1))
+    verified = receipts.verify_usage(usage, agreement_id=agreement.onchain_id, chain_id=chain.chain_id,
+                                     escrow_address=chain.addresses["escrow"],
+                                     escrow=onchain_escrow(chain, agreement.onchain_id), price_per_unit=PRICE)
+    assert verified.cumulative_amount == calls * PRICE
+
+
+def test_the_calls_of_a_busy_agreement_are_reserved_in_leases(escrow_chain, http_server):
+    parties = agreement_for(escrow_chain, http_server, 2_000)
+    with CaptureQueriesContext(connection) as queries:
+        responses = [call(parties) for _ in range(40)]
+
+    assert [(response.status_code, response["X-Usage-Seq"]) for response in responses] == [
+        (200, str(seq)) for seq in range(1, 41)]
+    # Leases of 1, 2, 4, 8, 16, then 9 of the next: 6 reservations for 40 calls, not 40.
+    assert leases_taken(queries.captured_queries) == 6
+    # What the last lease did not use is given back by the process once it lapses, without the reaper.
+    assert reserved_calls(parties) == 16 - 9
+    lapsed(parties)
+    assert_books_exact(parties, escrow_chain, calls=40)
+
+
+def test_an_agreement_called_now_and_then_reserves_one_call_at_a_time(escrow_chain, http_server):
+    parties = agreement_for(escrow_chain, http_server, 2_000)
+    for _ in range(4):
+        assert call(parties).status_code == 200
+    assert reserved_calls(parties) == 3  # leases of 1, 2, 4: the last one holds 3 more
+    lapsed(parties)
+
+    with CaptureQueriesContext(connection) as queries:
+        assert call(parties).status_code == 200
+    assert leases_taken(queries.captured_queries) == 1 and reserved_calls(parties) == 0  # it shrank to one call
+    assert call(parties).status_code == 200 and reserved_calls(parties) == 1  # and grows again while used in time
+    lapsed(parties)
+    assert_books_exact(parties, escrow_chain, calls=6)
+
+
+def test_a_lease_takes_at_most_a_64th_of_the_budget_left(escrow_chain, http_server):
+    parties = agreement_for(escrow_chain, http_server, 300)
+    for _ in range(30):
+        assert call(parties).status_code == 200
+        agreement = UsageAgreement.objects.get(pk=parties.agreement_id)
+        assert agreement.reserved // PRICE <= max(1, agreement.remaining // PRICE // 64)
+
+
+def test_the_end_of_a_budget_is_served_call_by_call_to_its_last_call(escrow_chain, http_server):
+    parties = agreement_for(escrow_chain, http_server, 200)
+    responses = [call(parties) for _ in range(200)]
+    assert {response.status_code for response in responses} == {200}
+    assert responses[-1]["X-Escrow-Remaining"] == "0"
+    agreement = UsageAgreement.objects.get(pk=parties.agreement_id)
+    assert agreement.completion_requested_at is not None and agreement.completion_reason == "budget_used_up"
+
+    refused = call(parties)
+    assert refused.status_code == 402 and error_code(refused) == "budget_exhausted"
+    assert_books_exact(parties, escrow_chain, calls=200)
+
+
+def test_another_process_leases_of_the_budget_left_and_is_served_to_its_end(escrow_chain, http_server,
+                                                                               monkeypatch):
+    """Two processes on one agreement: what one holds leased when the other reaches the end of the budget is
+    never more than it leased of what was left."""
+    parties = agreement_for(escrow_chain, http_server, 200)
+    for _ in range(20):
+        assert call(parties).status_code == 200
+    first_process_holds = reserved_calls(parties)
+    assert 0 < first_process_holds <= 180 // 64
+
+    first_process = metering._call_leases
+    monkeypatch.setattr(metering, "_call_leases", {})  # the other process: it knows nothing of those leases
+    served = 0
+    while call(parties).status_code == 200:
+        served += 1
+    assert served == 200 - 20 - first_process_holds
+
+    # Back in the first process: its lease lapsed, and it gives it back, so the buyer keeps that budget.
+    monkeypatch.setattr(metering, "_call_leases", first_process)
+    last = call(parties)
+    if last.status_code == 402:  # asked before the lapsed lease was given back
+        lapsed(parties)
+        last = call(parties)
+    assert (last.status_code, last["X-Escrow-Remaining"]) == (200, str((first_process_holds - 1) * PRICE))
+
+
+def test_an_agreement_that_stops_being_active_is_refused_once_the_lease_lapses(escrow_chain, http_server, settings):
+    parties = agreement_for(escrow_chain, http_server, 2_000)
+    for _ in range(4):
+        assert call(parties).status_code == 200
+    UsageAgreement.objects.filter(pk=parties.agreement_id).update(status="in_challenge")
+    assert call(parties).status_code == 200  # from the process's lease, within PROXY_CALL_LEASE_SECONDS
+    time.sleep(settings.PROXY_CALL_LEASE_SECONDS + 0.05)
+
+    response = call(parties)
+    assert response.status_code == 409 and error_code(response) == "agreement_not_active"
+    assert len(http_server.requests) == 5
+
+
+def test_a_process_that_dies_holding_a_lease_loses_nothing(escrow_chain, http_server, monkeypatch):
+    parties = agreement_for(escrow_chain, http_server, 2_000)
+    for _ in range(8):
+        assert call(parties).status_code == 200
+    held = reserved_calls(parties)
+    assert held == 15 - 8
+
+    # The process dies: nothing of it gives its lease back. The reaper releases the leased calls, charging none.
+    monkeypatch.setattr(metering, "_call_leases", {})
+    assert metering.intents_reap(now=timezone.now() + timedelta(hours=1)) == {"charged": 0, "released": held,
+                                                                              "replays": 0}
+    assert_books_exact(parties, escrow_chain, calls=8)
+
+
+def test_a_leased_call_the_reaper_charges_is_charged_for_its_own_request(escrow_chain, http_server, monkeypatch):
+    """A leased call's intent was written by the call that took the lease: the answer records the call's own
+    request, so a call whose process dies after the upstream answered is charged under its own request id."""
+    parties = agreement_for(escrow_chain, http_server, 2_000)
+    for _ in range(3):
+        assert call(parties).status_code == 200  # leases of 1 and 2: the next one reserves 4 calls
+    terms = UsageAgreement.objects.get(pk=parties.agreement_id)
+    take = {"agreement": terms, "amount": PRICE, "request_nonce": "", "method": "GET", "path": "/work"}
+    leasing = metering.reservation_take(request_id="req-leasing", **take)
+    leased = metering.reservation_take(request_id="req-leased", **{**take, "request_nonce": "n-1", "path": "/w?x=1"})
+    assert CallIntent.objects.get(pk=leased.intent_id).request_id == "req-leasing"  # written by the lease
+
+    metering.reservation_answered(reservation=leased, charge={
+        "units": 1, "cost": PRICE, "upstream_status": 200, "latency_ms": 5, "request_id": "req-leased",
+        "request_nonce": "n-1", "method": "GET", "path": "/w?x=1"})
+    monkeypatch.setattr(metering, "_call_leases", {})  # the process dies
+    assert metering.intents_reap(now=timezone.now() + timedelta(hours=1)) == {"charged": 1, "released": 3,
+                                                                              "replays": 0}
+    event = UsageEvent.objects.get(agreement_id=terms.pk, seq=4)
+    assert (event.request_id, event.request_nonce, event.method, event.path) == ("req-leased", "n-1", "GET", "/w?x=1")
+    assert leasing.intent_id != leased.intent_id and not CallIntent.objects.filter(agreement_id=terms.pk).exists()
+
+
+def test_leases_are_kept_for_a_bounded_number_of_agreements(monkeypatch):
+    monkeypatch.setattr(metering, "_LEASES_KEPT", 3)
+    for _ in range(5):
+        metering._leases_keep(uuid.uuid4(), PRICE, [(1, 1, 10**9, timezone.now() + timedelta(days=1))],
+                              now=timezone.now())
+    assert len(metering._call_leases) <= 3
