@@ -301,7 +301,9 @@ class CallIntent(models.Model):
     """A proxied call between its reservation and its charge or release. Written in the reservation's transaction,
     before the call is forwarded; the answer is recorded on it as soon as the upstream answered; the charge (or the
     release) deletes it in its own transaction. One left behind belongs to a process that died: the reaper
-    (agreements.metering.intents_reap) settles it by the rule documented there."""
+    (agreements.metering.intents_reap) settles it by the rule documented there. A call a process leased ahead
+    (agreements.metering, "Call leases") carries the request of the call that took the lease until its own answer
+    is recorded."""
 
     id = models.BigAutoField(primary_key=True)
     agreement = models.ForeignKey(UsageAgreement, on_delete=models.PROTECT, related_name="+")
