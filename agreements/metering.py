@@ -242,15 +242,15 @@ def _leases_keep(agreement_id: uuid.UUID, amount: int, rows: list[tuple], *, now
         if leases is None:
             if len(_call_leases) >= _LEASES_KEPT:
                 _leases_forget_idle()
-            if len(_call_leases) >= _LEASES_KEPT:
-                _lapsed_calls.extend((agreement_id, intent_id) for _, intent_id, *_ in rows[1:])
-                return
-            leases = _call_leases[(agreement_id, amount)] = _CallLeases(calls=deque())
-        leases.free = int(free)
-        if len(rows) > 1:
+            if len(_call_leases) < _LEASES_KEPT:
+                leases = _call_leases[(agreement_id, amount)] = _CallLeases(calls=deque())
+        if leases is None:  # too many agreements leased here: given back at once
+            _lapsed_calls.extend((agreement_id, intent_id) for _, intent_id, *_ in rows[1:])
+        else:
+            leases.free = int(free)
             lapses_at = time.monotonic() + min(settings.PROXY_CALL_LEASE_SECONDS, (expires_at - now).total_seconds())
             leases.calls.extend((call_seq, intent_id, lapses_at) for call_seq, intent_id, *_ in rows[1:])
-        if leases.calls or _lapsed_calls:
+        if _lapsed_calls or (leases is not None and leases.calls):
             _sweeper_start()
 
 
