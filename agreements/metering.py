@@ -97,7 +97,7 @@ def _transaction_without_flush_wait():
 
 _RESERVE = ("UPDATE {agreements} SET reserved = reserved + %s, call_counter = call_counter + %s "
             "WHERE id = %s AND status = %s AND completion_requested_at IS NULL AND expires_at > %s "
-            "AND used + reserved + %s <= deposit_amount "
+            "AND used + reserved + %s <= deposit_amount "  # the calls' amount, or the headroom a lease needs
             "RETURNING id, call_counter, deposit_amount - used - reserved AS free, expires_at")
 _INTENT_COLUMNS = "agreement_id, call_seq, amount, request_id, request_nonce, method, path, created_at"
 _INTENT_INSERT = "INSERT INTO {intents} (" + _INTENT_COLUMNS + ") "
@@ -123,7 +123,9 @@ def _lease(agreement, amount: int, calls: int, intent: list) -> list[tuple]:
     """Reserve `calls` calls of `amount` on the agreement (PostgreSQL): `_lease_statement`'s rows, none when the
     agreement is not active or its budget does not cover them."""
     now = intent[-1]
-    params = [amount * calls, calls, agreement.pk, S.ACTIVE, now, amount * calls, calls, *intent, calls]
+    # A lease of several calls is taken only while they are at most 1/LEASE_SHARE of the budget left unreserved.
+    headroom = amount * calls * (LEASE_SHARE if calls > 1 else 1)
+    params = [amount * calls, calls, agreement.pk, S.ACTIVE, now, headroom, calls, *intent, calls]
     with prepared_cursor() as cursor:
         cursor.execute(_lease_statement(skip_flush_wait=not connection.in_atomic_block), params)
         return cursor.fetchall()
@@ -134,7 +136,7 @@ def reservation_take(*, agreement, amount: int, request_id: str, request_nonce: 
     """Hold `amount` of the budget for one call and record the call's intent with it, or 402 when it would exceed
     the deposit. Outside a caller's transaction on PostgreSQL, from the process's lease of calls when it holds one
     (`_CallLeases`)."""
-    now = timezone.now()
+    now, clock = timezone.now(), time.monotonic()
     intent = [amount, request_id, request_nonce, method, path[:500], now]
     row = None
     if connection.vendor == "postgresql":
@@ -144,13 +146,20 @@ def reservation_take(*, agreement, amount: int, request_id: str, request_nonce: 
             leased, calls = _leased_call(agreement.pk, amount)
             if leased is not None:
                 return leased
-        rows = _lease(agreement, amount, calls, intent)
-        if not rows and calls > 1:  # the budget may still cover this one call
-            rows = _lease(agreement, amount, 1, intent)
+        try:
+            rows = _lease(agreement, amount, calls, intent)
+            if not rows and calls > 1:  # too little budget left to lease: it may still cover this one call
+                rows = _lease(agreement, amount, 1, intent)
+        except (OperationalError, InterfaceError):
+            _leases_give_back()  # the database failed: what this process leased may be lost with it
+            raise
+        finally:
+            if calls > 1:
+                _lease_done(agreement.pk, amount)
         if rows:
             row = rows[0]
             if leasing:
-                _leases_keep(agreement.pk, amount, rows, now=now)
+                _leases_keep(agreement.pk, amount, rows, now=now, clock=clock)
     else:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(_RESERVE.format(agreements=UsageAgreement._meta.db_table),
@@ -199,6 +208,7 @@ class _CallLeases:
 
     calls: deque  # (call_seq, intent_id, lapses at: monotonic seconds), in call order
     size: int = 1  # calls the next lease asks for
+    leasing: bool = False  # a thread is taking a lease of several calls: the others reserve theirs one by one
     lapsed: int = 0  # leased calls that lapsed unused since the last lease
     free: int | None = None  # the agreement's budget left unreserved after the last lease
 
@@ -225,17 +235,29 @@ def _leased_call(agreement_id: uuid.UUID, amount: int) -> tuple[Reservation | No
             leases.lapsed += 1
         if _lapsed_calls:
             _sweeper_start()
+        if leases.leasing:
+            return None, 1
         if leases.lapsed:
             leases.size, leases.lapsed = max(1, leases.size - leases.lapsed), 0
         else:
             leases.size = min(settings.PROXY_CALL_LEASE_MAX, leases.size * 2)
+        # What this process last saw left bounds the lease it asks for; the statement checks the row itself.
         calls = leases.size if leases.free is None else min(leases.size, max(1, leases.free // max(1, amount * LEASE_SHARE)))
+        leases.leasing = calls > 1
         return None, calls
 
 
-def _leases_keep(agreement_id: uuid.UUID, amount: int, rows: list[tuple], *, now: datetime) -> None:
-    """Keep a lease's calls but the first (the caller's) until they lapse: after PROXY_CALL_LEASE_SECONDS, or when
-    the agreement expires if that is sooner."""
+def _lease_done(agreement_id: uuid.UUID, amount: int) -> None:
+    with _leases_lock:
+        leases = _call_leases.get((agreement_id, amount))
+        if leases is not None:
+            leases.leasing = False
+
+
+def _leases_keep(agreement_id: uuid.UUID, amount: int, rows: list[tuple], *, now: datetime, clock: float) -> None:
+    """Keep a lease's calls but the first (the caller's) until they lapse: PROXY_CALL_LEASE_SECONDS after the lease
+    was asked for (`now`, `clock`: the intents' time, the monotonic one), or when the agreement expires if that is
+    sooner."""
     free, expires_at = rows[0][2], rows[0][3]
     with _leases_lock:
         leases = _call_leases.get((agreement_id, amount))
@@ -248,9 +270,22 @@ def _leases_keep(agreement_id: uuid.UUID, amount: int, rows: list[tuple], *, now
             _lapsed_calls.extend((agreement_id, intent_id) for _, intent_id, *_ in rows[1:])
         else:
             leases.free = int(free)
-            lapses_at = time.monotonic() + min(settings.PROXY_CALL_LEASE_SECONDS, (expires_at - now).total_seconds())
+            lapses_at = clock + min(settings.PROXY_CALL_LEASE_SECONDS, (expires_at - now).total_seconds())
             leases.calls.extend((call_seq, intent_id, lapses_at) for call_seq, intent_id, *_ in rows[1:])
         if _lapsed_calls or (leases is not None and leases.calls):
+            _sweeper_start()
+
+
+def _leases_give_back(agreement_id: uuid.UUID | None = None) -> None:
+    """Stop serving the calls leased here (of one agreement, or of all), and release them: after a database failure
+    a lease may have been lost with the unflushed commit that wrote it (`_transaction_without_flush_wait`), and a
+    call served from it would be forwarded without a reservation. Releasing one that was lost changes nothing."""
+    with _leases_lock:
+        for (leased_agreement, _), leases in _call_leases.items():
+            if agreement_id is None or leased_agreement == agreement_id:
+                _lapsed_calls.extend((leased_agreement, call[1]) for call in leases.calls)
+                leases.calls.clear()
+        if _lapsed_calls:
             _sweeper_start()
 
 
@@ -286,14 +321,15 @@ def _sweep() -> None:
     global _sweeper
     while True:
         time.sleep(max(settings.PROXY_CALL_LEASE_SECONDS / 4, 0.05))
-        lapsed = _lapsed_take(time.monotonic())
-        if lapsed:
-            try:
+        try:
+            lapsed = _lapsed_take(time.monotonic())
+            if lapsed:
                 _lapsed_release(lapsed)
-            except Exception:
-                logger.exception("releasing lapsed leased calls failed; the reaper will release them")
-            finally:
-                connection.close()  # this thread's own connection: a sweep is seldom, and a test may drop its database
+        except Exception:
+            logger.exception("releasing lapsed leased calls failed; the reaper will release them")
+        finally:
+            with contextlib.suppress(Exception):
+                connection.close()  # this thread's own: a sweep is seldom, and a test may drop its database meanwhile
         with _leases_lock:
             if not _lapsed_calls and not any(leases.calls for leases in _call_leases.values()):
                 _sweeper = None
@@ -535,7 +571,9 @@ def _write_events(agreement, rows: list[dict], *, counters: list[str] = ()) -> l
 
 
 def _complete_if_used_up(agreement: UsageAgreement, fields: list[str]) -> None:
-    if agreement.used + agreement.reserved >= agreement.deposit_amount and agreement.completion_requested_at is None:
+    """Request completion once the budget is spent. Spent, not reserved: a reservation may still be released (an
+    upstream failure, or calls a process leased and did not use), and then its budget is the buyer's to use."""
+    if agreement.used >= agreement.deposit_amount and agreement.completion_requested_at is None:
         agreement.completion_requested_at = timezone.now()
         agreement.completion_reason = BUDGET_USED_UP
         fields += ["completion_requested_at", "completion_reason"]
@@ -663,8 +701,8 @@ _INTENT_CLOSED = "EXISTS (SELECT FROM closed)"  # in `_known_head_charge_sql`: t
 @lru_cache(maxsize=1)
 def _known_head_charge_sql() -> str:
     """One statement: when the agreement's head is still (seq, used, digest) and the call's intent is still open,
-    lock the row, close the intent, insert the event and move the counters (with `_complete_if_used_up`'s rule,
-    on the row's own `reserved`); else record the answer on the intent (as reservation_answered does), and change
+    lock the row, close the intent, insert the event and move the counters (with `_complete_if_used_up`'s rule);
+    else record the answer on the intent (as reservation_answered does), and change
     nothing more. Answers one row: the event's (seq, id, NULL, NULL, NULL), or (NULL, NULL, seq, used, digest) of the
     head as it is now."""
     quote, meta = connection.ops.quote_name, UsageAgreement._meta
@@ -673,8 +711,7 @@ def _known_head_charge_sql() -> str:
         return quote(meta.get_field(name).column)
 
     agreements, intents = quote(meta.db_table), quote(CallIntent._meta.db_table)
-    used_up = (f"{column('completion_requested_at')} IS NULL "
-               f"AND %s + {column('reserved')} - %s >= {column('deposit_amount')}")
+    used_up = f"{column('completion_requested_at')} IS NULL AND %s >= {column('deposit_amount')}"
     insert = _events_insert_sql(_INTENT_CLOSED)[0]
     return (f"WITH locked AS (SELECT id FROM {agreements} WHERE id = %s AND {column('usage_seq')} = %s "  # noqa: S608
             f"AND {column('used')} = %s AND {column('usage_digest')} = %s FOR UPDATE), "
@@ -697,7 +734,7 @@ def _known_head_charge_statement(reservation: Reservation, known: _ChainHead, he
                                  rows: list[dict]) -> tuple[str, list]:
     """`_known_head_charge_sql` with its values: `known` is the head assumed, `head` the one after the event."""
     _, shared, per_event = _events_insert_sql(_INTENT_CLOSED)
-    used_up = [head.used, reservation.amount]
+    used_up = [head.used]
     return _known_head_charge_sql(), [
         reservation.agreement_id, known.usage_seq, known.used, known.usage_digest,
         reservation.intent_id,
@@ -801,11 +838,13 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
                 [event] = _write_events(agreement, rows, counters=fields)
                 _observe_after_commit(agreement, [event], source=UsageSource.PROXY)
     except _SettledByTheReaper:
+        _leases_give_back(reservation.agreement_id)  # its other leased calls may be gone too
         event = UsageEvent.objects.filter(agreement_id=reservation.agreement_id, request_id=request_id).first()
         if event is None:
             raise DependencyUnavailable("The call took too long to record and was released; nothing was charged.",
                                         code="call_expired") from None
     except (OperationalError, InterfaceError):
+        _leases_give_back()
         event = _resolve_unknown_commit(reservation=reservation, request_id=request_id)
         if event is None:
             raise DependencyUnavailable("The call could not be recorded; nothing was charged.",

@@ -2,7 +2,8 @@
 
 Every proxied request carries:
   X-Marketplace-Agreement   the agreement id
-  X-Marketplace-Call-Seq    the agreement's call number (increasing; a retry of a failed call gets a new one)
+  X-Marketplace-Call-Seq    the agreement's call number (unique; concurrent calls may arrive out of order, a retry
+                            of a failed call gets a new one)
   X-Marketplace-Timestamp   unix seconds when the proxy sent it
   X-Marketplace-Signature   v1=<hex HMAC-SHA256(proxy_secret, "<agreement>.<call seq>.<timestamp>.<METHOD>.<path?query>")>
 The proxy secret is the service's `proxy_secret` (GET /agents/services/{id} as the seller). Reject timestamps

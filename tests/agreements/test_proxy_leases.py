@@ -8,7 +8,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -130,10 +130,10 @@ def test_the_end_of_a_budget_is_served_call_by_call_to_its_last_call(escrow_chai
     assert_books_exact(parties, escrow_chain, calls=200)
 
 
-def test_another_process_leases_of_the_budget_left_and_is_served_to_its_end(escrow_chain, http_server,
-                                                                               monkeypatch):
-    """Two processes on one agreement: what one holds leased when the other reaches the end of the budget is
-    never more than it leased of what was left."""
+def test_budget_another_process_holds_leased_is_not_taken_for_used_up(escrow_chain, http_server, monkeypatch):
+    """Two processes on one agreement. When the second spends all it can reserve, the first still holds a lease it
+    has not used: the agreement is not completed for a used-up budget, and once that lease lapses and is given
+    back, its calls are served."""
     parties = agreement_for(escrow_chain, http_server, 200)
     for _ in range(20):
         assert call(parties).status_code == 200
@@ -143,17 +143,61 @@ def test_another_process_leases_of_the_budget_left_and_is_served_to_its_end(escr
     first_process = metering._call_leases
     monkeypatch.setattr(metering, "_call_leases", {})  # the other process: it knows nothing of those leases
     served = 0
-    while call(parties).status_code == 200:
+    while (response := call(parties)).status_code == 200:
         served += 1
     assert served == 200 - 20 - first_process_holds
+    assert response.status_code == 402 and error_code(response) == "budget_exhausted"
+    assert UsageAgreement.objects.get(pk=parties.agreement_id).completion_requested_at is None
 
-    # Back in the first process: its lease lapsed, and it gives it back, so the buyer keeps that budget.
+    # Back in the first process: its lease lapsed; it gives it back, and the buyer can use that budget.
     monkeypatch.setattr(metering, "_call_leases", first_process)
-    last = call(parties)
-    if last.status_code == 402:  # asked before the lapsed lease was given back
-        lapsed(parties)
-        last = call(parties)
-    assert (last.status_code, last["X-Escrow-Remaining"]) == (200, str((first_process_holds - 1) * PRICE))
+    with metering._leases_lock:
+        metering._sweeper_start()
+    lapsed(parties)
+    for left in range(first_process_holds - 1, -1, -1):
+        response = call(parties)
+        assert (response.status_code, response["X-Escrow-Remaining"]) == (200, str(left * PRICE))
+    agreement = UsageAgreement.objects.get(pk=parties.agreement_id)
+    assert agreement.completion_requested_at is not None and agreement.completion_reason == "budget_used_up"
+    assert_books_exact(parties, escrow_chain, calls=200)
+
+
+def test_a_process_that_saw_more_budget_than_is_left_leases_no_more_than_its_share(escrow_chain, http_server):
+    parties = agreement_for(escrow_chain, http_server, 300)
+    for _ in range(10):
+        assert call(parties).status_code == 200
+    metering._leases_give_back()
+    lapsed(parties)
+    for leases in metering._call_leases.values():
+        leases.free, leases.size = 10**12, 16  # as seen before other processes spent the budget
+
+    assert call(parties).status_code == 200
+    agreement = UsageAgreement.objects.get(pk=parties.agreement_id)
+    assert agreement.reserved // PRICE <= max(1, agreement.remaining // PRICE // 64)
+
+
+def test_a_database_failure_gives_back_what_the_process_leased(escrow_chain, http_server, monkeypatch):
+    """A lease's commit does not wait for the flush: a database crash can lose it. After a database failure the
+    process serves no call from what it leased before; it gives it back and leases anew."""
+    parties = agreement_for(escrow_chain, http_server, 2_000)
+    for _ in range(4):
+        assert call(parties).status_code == 200
+    assert reserved_calls(parties) == 3
+
+    def database_gone(*args, **kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(metering, "_charge_on_known_head", database_gone)
+    failed = call(parties)
+    assert failed.status_code == 503 and error_code(failed) == "database_unavailable"
+    monkeypatch.undo()
+    lapsed(parties, within=1.0)  # given back at the next sweep, not when the lease would have lapsed
+
+    with CaptureQueriesContext(connection) as queries:
+        assert call(parties).status_code == 200
+    assert leases_taken(queries.captured_queries) == 1
+    lapsed(parties)
+    assert_books_exact(parties, escrow_chain, calls=5)
 
 
 def test_an_agreement_that_stops_being_active_is_refused_once_the_lease_lapses(escrow_chain, http_server, settings):
@@ -210,5 +254,5 @@ def test_leases_are_kept_for_a_bounded_number_of_agreements(monkeypatch):
     monkeypatch.setattr(metering, "_LEASES_KEPT", 3)
     for _ in range(5):
         metering._leases_keep(uuid.uuid4(), PRICE, [(1, 1, 10**9, timezone.now() + timedelta(days=1))],
-                              now=timezone.now())
+                              now=timezone.now(), clock=time.monotonic())
     assert len(metering._call_leases) <= 3
