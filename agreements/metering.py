@@ -28,7 +28,7 @@ import uuid
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import lru_cache
 
 from django.conf import settings
@@ -46,7 +46,7 @@ from django.db.models.base import ModelState
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from agreements import monitoring
+from agreements import monitoring, selectors
 from agreements.models import AgreementStatus, CallIntent, ProxyReplay, UsageAgreement, UsageEvent, UsageSource
 from marketplace import chainconfig, signatures
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, PaymentRequired, error_body
@@ -906,9 +906,7 @@ def _replays_settle(*, created_before: datetime) -> int:
 
 def intents_reap(*, now: datetime | None = None) -> dict:
     """The beat task: settle what dead server processes left (intents, then their nonce replays). Idempotent."""
-    # A leased call may start up to PROXY_CALL_LEASE_SECONDS after its intent was written.
-    stale = (now or timezone.now()) - timedelta(
-        seconds=settings.PROXY_TIMEOUT + settings.PROXY_CALL_LEASE_SECONDS + settings.PROXY_INTENT_GRACE_SECONDS)
+    stale = selectors.calls_stale_before(now=now or timezone.now())
     charged = released = 0
     agreement_ids = set(CallIntent.objects.filter(created_at__lt=stale).values_list("agreement_id", flat=True)[:500])
     for agreement_id in agreement_ids:

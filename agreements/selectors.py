@@ -4,6 +4,7 @@ from datetime import UTC, timedelta
 from functools import lru_cache
 
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
@@ -187,6 +188,14 @@ def usage_events(*, agreement: UsageAgreement):
 
 def last_usage_event(*, agreement: UsageAgreement) -> UsageEvent | None:
     return agreement.usage_events.order_by("-seq").first()
+
+
+def calls_stale_before(*, now):
+    """Calls reserved before this belong to a process that died (agreements.metering's rule): a call may start up
+    to PROXY_CALL_LEASE_SECONDS after its reservation (a leased one) and run for the proxy's timeout, and
+    PROXY_INTENT_GRACE_SECONDS more are allowed for."""
+    return now - timedelta(seconds=settings.PROXY_TIMEOUT + settings.PROXY_CALL_LEASE_SECONDS
+                           + settings.PROXY_INTENT_GRACE_SECONDS)
 
 
 def agreements_ready_to_propose(*, stale_reservation_before):

@@ -251,10 +251,7 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
                 done["expired"] += 1
             elif agreement.expires_at.timestamp() + _reclaim_grace() <= now and _reclaim(agreement):
                 done["reclaiming"] += 1
-    # As the reaper's rule (agreements.metering): a call may start up to PROXY_CALL_LEASE_SECONDS after its
-    # reservation and run for the proxy's timeout.
-    stale = timezone.now() - timedelta(seconds=settings.PROXY_TIMEOUT + settings.PROXY_CALL_LEASE_SECONDS
-                                       + settings.PROXY_INTENT_GRACE_SECONDS)
+    stale = agreement_selectors.calls_stale_before(now=timezone.now())
     for agreement in agreement_selectors.agreements_ready_to_propose(stale_reservation_before=stale):
         if settlement_propose(agreement_id=agreement.pk):
             done["proposed"] += 1

@@ -46,6 +46,11 @@ def call(parties, path="work"):
                                         HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}")
 
 
+def served(parties, calls: int) -> None:
+    for _ in range(calls):
+        assert call(parties).status_code == 200
+
+
 def leases_taken(queries) -> int:
     return sum(LEASE in query["sql"] for query in queries)
 
@@ -96,8 +101,7 @@ def test_the_calls_of_a_busy_agreement_are_reserved_in_leases(escrow_chain, http
 
 def test_an_agreement_called_now_and_then_reserves_one_call_at_a_time(escrow_chain, http_server):
     parties = agreement_for(escrow_chain, http_server, 2_000)
-    for _ in range(4):
-        assert call(parties).status_code == 200
+    served(parties, 4)
     assert reserved_calls(parties) == 3  # leases of 1, 2, 4: the last one holds 3 more
     lapsed(parties)
 
@@ -135,17 +139,16 @@ def test_budget_another_process_holds_leased_is_not_taken_for_used_up(escrow_cha
     has not used: the agreement is not completed for a used-up budget, and once that lease lapses and is given
     back, its calls are served."""
     parties = agreement_for(escrow_chain, http_server, 200)
-    for _ in range(20):
-        assert call(parties).status_code == 200
+    served(parties, 20)
     first_process_holds = reserved_calls(parties)
     assert 0 < first_process_holds <= 180 // 64
 
     first_process = metering._call_leases
     monkeypatch.setattr(metering, "_call_leases", {})  # the other process: it knows nothing of those leases
-    served = 0
+    by_the_other = 0
     while (response := call(parties)).status_code == 200:
-        served += 1
-    assert served == 200 - 20 - first_process_holds
+        by_the_other += 1
+    assert by_the_other == 200 - 20 - first_process_holds
     assert response.status_code == 402 and error_code(response) == "budget_exhausted"
     assert UsageAgreement.objects.get(pk=parties.agreement_id).completion_requested_at is None
 
@@ -164,8 +167,7 @@ def test_budget_another_process_holds_leased_is_not_taken_for_used_up(escrow_cha
 
 def test_a_process_that_saw_more_budget_than_is_left_leases_no_more_than_its_share(escrow_chain, http_server):
     parties = agreement_for(escrow_chain, http_server, 300)
-    for _ in range(10):
-        assert call(parties).status_code == 200
+    served(parties, 10)
     metering._leases_give_back()
     lapsed(parties)
     for leases in metering._call_leases.values():
@@ -180,8 +182,7 @@ def test_a_database_failure_gives_back_what_the_process_leased(escrow_chain, htt
     """A lease's commit does not wait for the flush: a database crash can lose it. After a database failure the
     process serves no call from what it leased before; it gives it back and leases anew."""
     parties = agreement_for(escrow_chain, http_server, 2_000)
-    for _ in range(4):
-        assert call(parties).status_code == 200
+    served(parties, 4)
     assert reserved_calls(parties) == 3
 
     def database_gone(*args, **kwargs):
@@ -202,8 +203,7 @@ def test_a_database_failure_gives_back_what_the_process_leased(escrow_chain, htt
 
 def test_an_agreement_that_stops_being_active_is_refused_once_the_lease_lapses(escrow_chain, http_server, settings):
     parties = agreement_for(escrow_chain, http_server, 2_000)
-    for _ in range(4):
-        assert call(parties).status_code == 200
+    served(parties, 4)
     UsageAgreement.objects.filter(pk=parties.agreement_id).update(status="in_challenge")
     assert call(parties).status_code == 200  # from the process's lease, within PROXY_CALL_LEASE_SECONDS
     time.sleep(settings.PROXY_CALL_LEASE_SECONDS + 0.05)
@@ -215,8 +215,7 @@ def test_an_agreement_that_stops_being_active_is_refused_once_the_lease_lapses(e
 
 def test_a_process_that_dies_holding_a_lease_loses_nothing(escrow_chain, http_server, monkeypatch):
     parties = agreement_for(escrow_chain, http_server, 2_000)
-    for _ in range(8):
-        assert call(parties).status_code == 200
+    served(parties, 8)
     held = reserved_calls(parties)
     assert held == 15 - 8
 
@@ -231,8 +230,7 @@ def test_a_leased_call_the_reaper_charges_is_charged_for_its_own_request(escrow_
     """A leased call's intent was written by the call that took the lease: the answer records the call's own
     request, so a call whose process dies after the upstream answered is charged under its own request id."""
     parties = agreement_for(escrow_chain, http_server, 2_000)
-    for _ in range(3):
-        assert call(parties).status_code == 200  # leases of 1 and 2: the next one reserves 4 calls
+    served(parties, 3)  # leases of 1 and 2: the next one reserves 4 calls
     terms = UsageAgreement.objects.get(pk=parties.agreement_id)
     take = {"agreement": terms, "amount": PRICE, "request_nonce": "", "method": "GET", "path": "/work"}
     leasing = metering.reservation_take(request_id="req-leasing", **take)
