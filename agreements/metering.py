@@ -19,6 +19,7 @@ transaction that deletes the intent changes the counters, so a call is settled o
 
 import atexit
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -440,10 +441,11 @@ def _event_fields() -> tuple[list, dict]:
     return fields, {field.attname: field.get_default() for field in fields if not field.is_relation}
 
 
-def _extend_chain(agreement, charges: list[dict], *, source: str) -> list[dict]:
-    """The events' rows (UsageEvent attribute names) extending the agreement's usage chain, the last one with a
-    signed receipt; the agreement's seq, used and digest move to the last event (in memory: `_write_events`
-    writes them). `agreement` is a UsageAgreement or a proxied call's `_ChainHead`."""
+def _extend_chain(agreement, charges: list[dict], *, source: str, receipt_each: bool = False) -> list[dict]:
+    """The events' rows (UsageEvent attribute names) extending the agreement's usage chain, the last one (or with
+    `receipt_each`, each one: proxied calls, whose callers each get a receipt) with a signed receipt; the
+    agreement's seq, used and digest move to the last event (in memory: `_write_events` writes them). `agreement`
+    is a UsageAgreement or a proxied call's `_ChainHead`."""
     rows, seq, cumulative = [], agreement.usage_seq, agreement.used
     defaults, onchain_id, now = _event_fields()[1], agreement.onchain_id, timezone.now()
     shared = {"agreement_id": agreement.pk, "source": source, "created_at": now}
@@ -455,11 +457,12 @@ def _extend_chain(agreement, charges: list[dict], *, source: str) -> list[dict]:
         (row["seq"], row["units"], row["cost"], row["cumulative"], row["request_id"]) for row in rows])
     for row, digest in zip(rows, digests, strict=True):
         row["usage_digest"] = digest
-    rows[-1]["receipt_signature"] = signatures.receipt_sign(
-        settings.RECEIPT_SIGNER_PRIVATE_KEY, receipts.usage_receipt_digest(
-            chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(), agreement_id=onchain_id,
-            seq=seq, cumulative_amount=cumulative, usage_digest=digest))
-    agreement.usage_seq, agreement.used, agreement.usage_digest = seq, cumulative, digest
+    for row in rows if receipt_each else rows[-1:]:
+        row["receipt_signature"] = signatures.receipt_sign(
+            settings.RECEIPT_SIGNER_PRIVATE_KEY, receipts.usage_receipt_digest(
+                chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(), agreement_id=onchain_id,
+                seq=row["seq"], cumulative_amount=row["cumulative"], usage_digest=row["usage_digest"]))
+    agreement.usage_seq, agreement.used, agreement.usage_digest = seq, cumulative, rows[-1]["usage_digest"]
     return rows
 
 
@@ -600,16 +603,16 @@ def _head_select(extra: str = "") -> str:
     return f"SELECT {columns}{extra} FROM {quote(meta.db_table)} WHERE id = %s"  # noqa: S608
 
 
-def _lock_statement(reservation: Reservation) -> tuple[str, list]:
-    """PostgreSQL: close the call's intent and lock its agreement's row, reading what extending the usage chain
-    needs and whether the intent was still there, in one statement."""
-    return _lock_sql(), [reservation.intent_id, reservation.agreement_id]
+def _lock_statement(reservations: list[Reservation]) -> tuple[str, list]:
+    """PostgreSQL: close the calls' intents and lock their agreement's row, reading what extending the usage chain
+    needs and the intents that were still there (an array of their ids), in one statement."""
+    return _lock_sql(), [[reservation.intent_id for reservation in reservations], reservations[0].agreement_id]
 
 
 @lru_cache(maxsize=1)
 def _lock_sql() -> str:
-    return (f"WITH closed AS (DELETE FROM {CallIntent._meta.db_table} WHERE id = %s RETURNING id) "  # noqa: S608
-            f"{_head_select(', (SELECT count(*) FROM closed)')} FOR UPDATE")
+    return (f"WITH closed AS (DELETE FROM {CallIntent._meta.db_table} WHERE id = ANY(%s) RETURNING id) "  # noqa: S608
+            f"{_head_select(', ARRAY(SELECT id FROM closed)')} FOR UPDATE")
 
 
 @dataclass
@@ -643,7 +646,7 @@ def _locked_for_charge(reservation: Reservation) -> _ChainHead | None:
     was already gone (the reaper settled the call)."""
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            cursor.execute(*_lock_statement(reservation))
+            cursor.execute(*_lock_statement([reservation]))
             *row, closed = cursor.fetchone()
         else:
             closed = _intent_close(reservation)
@@ -653,10 +656,12 @@ def _locked_for_charge(reservation: Reservation) -> _ChainHead | None:
     return _agreement_read(reservation, row) if closed else None
 
 
-def _charge_prepare(agreement: _ChainHead, reservation: Reservation, charge: dict) -> tuple[list[dict], list[str]]:
-    """The call's usage event (chained and signed, as a row) and the agreement's counters after it: what to write."""
-    rows = _extend_chain(agreement, [charge], source=UsageSource.PROXY)
-    agreement.reserved -= reservation.amount
+def _charge_prepare(agreement: _ChainHead, reservations: list[Reservation],
+                    charges: list[dict]) -> tuple[list[dict], list[str]]:
+    """The calls' usage events (chained, each with its signed receipt, as rows) and the agreement's counters after
+    them: what to write."""
+    rows = _extend_chain(agreement, charges, source=UsageSource.PROXY, receipt_each=True)
+    agreement.reserved -= sum(reservation.amount for reservation in reservations)
     fields = ["usage_seq", "used", "usage_digest", "reserved"]
     _complete_if_used_up(agreement, fields)
     return rows, fields
@@ -772,46 +777,153 @@ def _charge_on_known_head(reservation: Reservation, charge: dict, known: _ChainH
     return event
 
 
-def _charge_in_two_round_trips(reservation: Reservation, charge: dict, *, answer_recorded: bool = False) -> UsageEvent:
-    """PostgreSQL outside any transaction of the caller's: the proxy's charge in two round trips instead of five
-    (every wait for the database costs a proxied call CPU as well as time), each a pipeline of statements prepared
-    on the server once per connection (written out as text, they were parsed and planned again at every charge: a
-    third of the database's CPU per call, bench/proxy.py). `control` runs the transaction statements, so `cursor`
-    keeps the result of its own last statement:
+def _charge_in_two_round_trips(reservations: list[Reservation], charges: list[dict], *,
+                               answer_recorded: bool = False) -> list[UsageEvent | None]:
+    """PostgreSQL outside any transaction of the caller's: the proxy's charges of calls of one agreement in two round
+    trips instead of five (every wait for the database costs a proxied call CPU as well as time), each a pipeline
+    of statements prepared on the server once per connection (written out as text, they were parsed and planned
+    again at every charge: a third of the database's CPU per call, bench/proxy.py). `control` runs the
+    transaction statements, so `cursor` keeps the result of its own last statement:
 
-        1. BEGIN; record the answer; COMMIT (without waiting for the flush); BEGIN; close the intent and lock the row
-        2. insert the event and move the counters; COMMIT (durable before the answer leaves)
+        1. BEGIN; record the answers; COMMIT (without waiting for the flush); BEGIN; close the intents and lock
+           the row
+        2. insert the events and move the counters; COMMIT (durable before the answers leave)
 
-    The answer is thus committed before the charge waits for the row lock, as reservation_answered would (unless
-    `answer_recorded`: a charge on a known head that missed committed it)."""
-    answered_sql, answered_params = _answered_statement(reservation, charge, skip_flush_wait=True)
-    lock_sql, lock_params = _lock_statement(reservation)
+    The answers are thus committed before the charge waits for the row lock, as reservation_answered would (unless
+    `answer_recorded`: a charge on a known head that missed committed it). Answers each call's event, or None for
+    a call whose intent the reaper had settled already."""
+    lock_sql, lock_params = _lock_statement(reservations)
     with prepared_cursor() as cursor, prepared_cursor() as control:
         pipeline = connection.connection.pipeline  # connected by now (prepared_cursor)
         try:
             with pipeline():
                 if not answer_recorded:
                     control.execute("BEGIN")
-                    control.execute(answered_sql, answered_params)
+                    for reservation, charge in zip(reservations, charges, strict=True):
+                        control.execute(*_answered_statement(reservation, charge, skip_flush_wait=True))
                     control.execute("COMMIT")
                 control.execute("BEGIN")
                 cursor.execute(lock_sql, lock_params)
             *row, closed = cursor.fetchone()
-            if not closed:
-                raise _SettledByTheReaper
-            agreement = _agreement_read(reservation, row)
-            rows, fields = _charge_prepare(agreement, reservation, charge)
+            closed = set(closed)
+            charged = [(reservation, charge) for reservation, charge in zip(reservations, charges, strict=True)
+                       if reservation.intent_id in closed]
+            if not charged:
+                control.execute("COMMIT")
+                return [None] * len(reservations)
+            agreement = _agreement_read(reservations[0], row)
+            rows, fields = _charge_prepare(agreement, [reservation for reservation, _ in charged],
+                                           [charge for _, charge in charged])
             with pipeline():
                 cursor.execute(*_events_write_statement(agreement, rows, fields))
                 control.execute("COMMIT")
-            [event] = _events_saved(rows, dict(cursor.fetchall()))
+            events = _events_saved(rows, dict(cursor.fetchall()))
         except BaseException:
             with contextlib.suppress(DatabaseError):
                 control.execute("ROLLBACK")
             raise
     _known_head_written(agreement)
-    monitoring.charges_observe(source=UsageSource.PROXY, token=agreement.token, events=1, amount=event.cost)
+    monitoring.charges_observe(source=UsageSource.PROXY, token=agreement.token, events=len(events),
+                               amount=sum(event.cost for event in events))
+    by_intent = {reservation.intent_id: event for (reservation, _), event in zip(charged, events, strict=True)}
+    return [by_intent.get(reservation.intent_id) for reservation in reservations]
+
+
+def _charge_alone(reservation: Reservation, charge: dict) -> UsageEvent:
+    """PostgreSQL outside any transaction of the caller's: one call's charge, in one statement on the head this
+    process knows, else in two round trips."""
+    known = _known_head(reservation.agreement_id)
+    event = None if known is None else _charge_on_known_head(reservation, charge, known)
+    if event is None:
+        [event] = _charge_in_two_round_trips([reservation], [charge], answer_recorded=known is not None)
+        if event is None:
+            raise _SettledByTheReaper
     return event
+
+
+# --- Charge combining -----------------------------------------------------------------------------------------------
+# The charges of one agreement's concurrent calls in one process queue up, and the thread charging that agreement
+# takes the whole queue at once: one lock of the row and one write for all of them, each event with its own signed
+# receipt. Without it, the threads serving one hot agreement each tried their own statement on the same known head,
+# all but one missed it, and most calls took two transactions (bench/proxy.py). A lone call is charged alone.
+
+CHARGES_COMBINED_MAX = 64  # charges written together at most (their receipts are signed under the row lock)
+
+
+@dataclass(eq=False)
+class _QueuedCharge:
+    reservation: Reservation
+    charge: dict
+    settled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    leads: bool = False  # woken to charge the queue, not with its own outcome
+    event: UsageEvent | None = None
+    error: BaseException | None = None
+
+    def outcome(self) -> UsageEvent:
+        if self.error is not None:
+            raise self.error
+        return self.event
+
+
+_charge_queues: dict[uuid.UUID, deque] = {}  # agreement being charged in this process -> its queued charges
+_charge_queues_lock = threading.Lock()
+
+
+def _charge_queued(reservation: Reservation, charge: dict) -> UsageEvent:
+    """Charge the call, alone or with the calls of its agreement queued meanwhile in this process, by whichever of
+    their threads is charging that agreement; the others wait for their outcome."""
+    mine = _QueuedCharge(reservation, charge)
+    agreement_id = reservation.agreement_id
+    with _charge_queues_lock:
+        queue = _charge_queues.get(agreement_id)
+        if queue is None:
+            queue = _charge_queues[agreement_id] = deque()
+            mine.leads = True
+        queue.append(mine)
+    if not mine.leads:
+        mine.settled.wait()
+        if not mine.leads:
+            return mine.outcome()
+    with _charge_queues_lock:
+        batch = [queue.popleft() for _ in range(min(len(queue), CHARGES_COMBINED_MAX))]
+    try:
+        _charge_batch(batch)
+    finally:
+        with _charge_queues_lock:
+            if queue:  # the next in line charges what queued meanwhile
+                queue[0].leads = True
+                queue[0].settled.set()
+            else:
+                del _charge_queues[agreement_id]
+        for queued in batch:
+            queued.settled.set()
+    return mine.outcome()
+
+
+def _charge_batch(batch: list[_QueuedCharge]) -> None:
+    """Charge the queued calls of one agreement, giving each its outcome: its event, or the error its own thread
+    raises and handles as if it had charged alone."""
+    for queued in batch:
+        queued.leads = False
+    if len(batch) == 1:
+        try:
+            batch[0].event = _charge_alone(batch[0].reservation, batch[0].charge)
+        except BaseException as exc:  # noqa: BLE001 (raised in the caller's own thread)
+            batch[0].error = exc
+        return
+    monitoring.charges_combined_observe(len(batch))
+    try:
+        events = _charge_in_two_round_trips([queued.reservation for queued in batch],
+                                            [queued.charge for queued in batch])
+    except BaseException as exc:  # noqa: BLE001 (each caller's thread releases its call, or finds it charged)
+        events = [exc] * len(batch)
+    for queued, event in zip(batch, events, strict=True):
+        if isinstance(event, BaseException):
+            queued.error = event
+        elif event is None:
+            queued.error = _SettledByTheReaper()
+        else:
+            queued.event = event
 
 
 def reservation_commit(*, reservation: Reservation, units: int, cost: int, request_id: str, request_nonce: str,
@@ -824,17 +936,14 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
               "method": method, "path": path[:500], "upstream_status": upstream_status, "latency_ms": latency_ms}
     try:
         if connection.vendor == "postgresql" and not connection.in_atomic_block:
-            known = _known_head(reservation.agreement_id)
-            event = None if known is None else _charge_on_known_head(reservation, charge, known)
-            if event is None:
-                event = _charge_in_two_round_trips(reservation, charge, answer_recorded=known is not None)
+            event = _charge_queued(reservation, charge)
         else:
             reservation_answered(reservation=reservation, charge=charge)
             with transaction.atomic():
                 agreement = _locked_for_charge(reservation)
                 if agreement is None:
                     raise _SettledByTheReaper
-                rows, fields = _charge_prepare(agreement, reservation, charge)
+                rows, fields = _charge_prepare(agreement, [reservation], [charge])
                 [event] = _write_events(agreement, rows, counters=fields)
                 _observe_after_commit(agreement, [event], source=UsageSource.PROXY)
     except _SettledByTheReaper:

@@ -16,6 +16,9 @@ PROXY_UPSTREAM_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 CHARGES = Counter("marketplace_charges_total", "Usage events charged to escrows, by source (proxy or "
                   "seller_report).", ["source"])
+CHARGES_COMBINED = Histogram(
+    "marketplace_proxy_charges_combined", "Proxied calls of one agreement charged together by one process (one row "
+    "lock and one write for them all), per batch of more than one.", buckets=(2, 4, 8, 16, 32, 64))
 CHARGED = Counter("marketplace_charged_base_units_total", "Amount charged to escrows in token base units "
                   "(USDC: 1000000 = 1 USDC), by source and token.", ["source", "token"])
 
@@ -35,6 +38,10 @@ def charges_observe(*, source: str, token: str, events: int, amount: int) -> Non
     """Call once the charge is committed."""
     _child(CHARGES, source).inc(events)
     _child(CHARGED, source, token).inc(amount)
+
+
+def charges_combined_observe(calls: int) -> None:
+    CHARGES_COMBINED.observe(calls)
 
 
 def _failures(limit: int) -> list[dashboard.Failure]:

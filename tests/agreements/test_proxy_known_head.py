@@ -22,7 +22,7 @@ from tests.escrow.flow import onchain_escrow
 pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 PRICE = 20_000
-LOCK_THEN_WRITE = "(SELECT count(*) FROM closed)"  # the two round trips' first statement
+LOCK_THEN_WRITE = "ARRAY(SELECT id FROM closed)"  # the two round trips' first statement
 ON_KNOWN_HEAD = "EXISTS (SELECT FROM closed)"  # the one round trip's statement
 
 

@@ -1,0 +1,94 @@
+"""Charge combining (issue #18): the concurrent calls of one agreement in one process are charged together, one
+row lock and one write for all of them, and each still gets its own event and signed receipt."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from django.db import connections
+from django.test import Client
+
+from agreements import metering, monitoring
+from agreements.models import UsageAgreement
+from tests.agreements.test_proxy_leases import PRICE, agreement_for, assert_books_exact
+
+pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+CALLS = 6
+
+
+def called_at_once(url: str, headers: dict) -> list:
+    def one(_):
+        try:
+            return Client().get(url, **headers)
+        finally:
+            connections.close_all()  # this thread's
+
+    with ThreadPoolExecutor(max_workers=CALLS) as pool:
+        return list(pool.map(one, range(CALLS)))
+
+
+def combined_batches() -> float:
+    return sum(sample.value for sample in monitoring.CHARGES_COMBINED.collect()[0].samples
+               if sample.name.endswith("_count"))
+
+
+@pytest.fixture
+def first_charge_waits_for_the_others(monkeypatch):
+    """The first charge of the test waits until the other calls' charges have queued behind it (or 10 s)."""
+    charge_alone, first = metering._charge_alone, threading.Lock()
+
+    def held(reservation, charge):
+        if first.acquire(blocking=False):
+            deadline = time.monotonic() + 10
+            while len(metering._charge_queues.get(reservation.agreement_id, ())) < CALLS - 1:
+                assert time.monotonic() < deadline, "the other calls never queued"
+                time.sleep(0.01)
+        return charge_alone(reservation, charge)
+
+    monkeypatch.setattr(metering, "_charge_alone", held)
+
+
+def test_concurrent_calls_of_one_agreement_are_charged_together_each_with_its_receipt(
+        escrow_chain, http_server, settings, first_charge_waits_for_the_others):
+    settings.PROXY_CALL_LEASE_MAX = 1  # each call reserves on its own: only the charges are combined
+    parties = agreement_for(escrow_chain, http_server, 100)
+    url = f"/metered-proxy/{parties.agreement_id}/work"
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {parties.buyer_api.secret}"}
+    batches_before = combined_batches()
+
+    responses = called_at_once(url, headers)
+
+    assert sorted(int(response["X-Usage-Seq"]) for response in responses) == list(range(1, CALLS + 1))
+    assert {response.status_code for response in responses} == {200}
+    assert {response["X-Usage-Cost"] for response in responses} == {str(PRICE)}
+    # The first call was charged alone; the five queued behind it, together.
+    assert combined_batches() - batches_before == 1
+    assert_books_exact(parties, escrow_chain, calls=CALLS)  # every event's receipt verified, gap-free
+    events = UsageAgreement.objects.get(pk=parties.agreement_id).usage_events.order_by("seq")
+    assert all(event.receipt_signature for event in events)
+    assert not metering._charge_queues
+
+
+def test_a_call_the_reaper_settled_while_queued_is_not_charged_with_the_others(
+        escrow_chain, http_server, settings, first_charge_waits_for_the_others, monkeypatch):
+    settings.PROXY_CALL_LEASE_MAX = 1
+    parties = agreement_for(escrow_chain, http_server, 100)
+    url = f"/metered-proxy/{parties.agreement_id}/work"
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {parties.buyer_api.secret}"}
+    charge_together, reaped = metering._charge_in_two_round_trips, []
+
+    def one_reaped(reservations, charges, **kwargs):
+        if len(reservations) > 1:  # the reaper releases one of the queued calls first
+            reaped.append(reservations[-1])
+            metering.reservation_release(reservation=reservations[-1])
+        return charge_together(reservations, charges, **kwargs)
+
+    monkeypatch.setattr(metering, "_charge_in_two_round_trips", one_reaped)
+    responses = called_at_once(url, headers)
+
+    assert len(reaped) == 1
+    assert sorted(response.status_code for response in responses) == [200] * (CALLS - 1) + [503]
+    assert [r.json()["error"]["code"] for r in responses if r.status_code == 503] == ["call_expired"]
+    assert_books_exact(parties, escrow_chain, calls=CALLS - 1)
