@@ -18,7 +18,9 @@ What it does, in order:
    buyer key: every charge waits for that agreement's row lock, the worst case); proxied calls with one agreement
    per caller (many buyers' escrows at once). Callers are aiohttp coroutines in one asyncio loop (cheap, so the
    client does not eat the server's CPU). Prints requests/s, p50 and p99, the throughput ratio to direct calls and
-   the p50 the proxy adds.
+   the p50 the proxy adds. With one caller, also the floor (bench/proxy_floor.py): a framework-free WSGI app served
+   the same way that makes the same I/O per call (a durable statement, the upstream call, a signature), so that
+   what the machine charges for that I/O alone is printed beside what the proxy spends.
 5. Checks exactness per agreement: `used` equals the sum of its usage events and equals its proxied calls
    answered 200 × the price; the sequence is gap-free, nothing stays reserved once the servers' leases of calls
    lapsed (PROXY_CALL_LEASE_SECONDS), and every receipt verifies with
@@ -51,6 +53,7 @@ PRICE = 1_000  # 0.001 USDC per call
 QUANTITY = 10_000_000  # a 10,000 USDC budget: never the limit in this bench
 REQUEST_TIMEOUT = 30.0
 WARMUP_SECONDS = 1.0
+FLOOR = "floor, no framework"  # bench/proxy_floor.py: the same I/O as a proxied call, nothing else
 
 
 # --- the upstream (its own process: `bench/proxy.py --serve-upstream PORT`) ---------------------------------------
@@ -194,6 +197,10 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     server = next(process for name, process in processes.started if name == "web").pid
     meter = harness.CpuMeter([server, *harness.child_pids(server)], database_url)
     stack.callback(meter.close)
+    floor_url, floor_meter = None, None
+    if 1 in args.clients:
+        floor_url, floor_meter = start_floor(processes, env, database_url, upstream_url, args)
+        stack.callback(floor_meter.close)
     harness.freeze_client_heap()
 
     buyer_headers = {"Authorization": f"Bearer {buyer_key}"}
@@ -216,6 +223,8 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
             "proxy, 1 agreement": ([f"{base_url}/metered-proxy/{agreement_ids[0]}/work{query}"], buyer_headers,
                                    str(PRICE)),
         }
+        if clients == 1 and floor_url:
+            targets[FLOOR] = ([f"{floor_url}/work{query}"], {}, None)
         if clients > 1:
             targets[f"proxy, {clients} agreements"] = ([f"{base_url}/metered-proxy/{agreement_id}/work{query}"
                                                         for agreement_id in agreement_ids[:clients]],
@@ -228,8 +237,8 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
                 proxied.add(warm)
         for _ in range(args.rounds):
             for name, (urls, headers, cost) in targets.items():
-                sample = measured(meter, urls, headers, clients=clients, seconds=args.seconds,
-                                  expected_cost=cost)
+                sample = measured(floor_meter if name == FLOOR else meter, urls, headers, clients=clients,
+                                  seconds=args.seconds, expected_cost=cost)
                 samples[name].add(sample)
                 failures += sample.failures
                 if cost is not None:
@@ -255,6 +264,12 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     print()
     for verdict in goal_verdicts(rows):
         print(verdict)
+    for _, delay, results in rows:
+        if FLOOR in results:
+            floor, direct = results[FLOOR], results["direct"]
+            print(f"floor, {delay} ms upstream (no framework: one durable statement, one upstream call, one "
+                  f"signature per call; bench/proxy_floor.py): p50 added {floor['p50'] - direct['p50']:.2f} ms, "
+                  f"server CPU {'n/a' if floor['cpu_ms'] is None else format(floor['cpu_ms'], '.2f')} ms/call")
     for failure in failures[:5]:
         print(f"  e.g. {failure}")
 
@@ -287,6 +302,29 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     return 1 if problems or failures else 0
 
 
+def start_floor(processes, env: dict, database_url: str, upstream_url: str,
+                args: argparse.Namespace) -> tuple[str, harness.CpuMeter]:
+    """bench/proxy_floor.py, served like the marketplace (same granian command, workers and threads), on its own
+    table of the bench's database: its URL and a meter of its processes' CPU."""
+    import psycopg
+
+    from escrow import devchain
+    from marketplace import serve
+
+    with psycopg.connect(database_url, autocommit=True) as database:
+        database.execute("DROP TABLE IF EXISTS bench_proxy_floor")
+        database.execute("CREATE TABLE bench_proxy_floor (id int PRIMARY KEY, calls bigint NOT NULL)")
+        database.execute("INSERT INTO bench_proxy_floor VALUES (1, 0)")
+    port = devchain.free_port()
+    floor_env = {**os.environ, **env, "BENCH_FLOOR_DATABASE_URL": database_url,
+                 "BENCH_FLOOR_UPSTREAM": upstream_url.removeprefix("http://")}
+    process = processes.start("floor", serve.command(port=port, workers=args.workers, threads=args.threads,
+                                                     application="bench.proxy_floor:application"), floor_env)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_upstream(f"{url}/work", processes)
+    return url, harness.CpuMeter([process.pid, *harness.child_pids(process.pid)], database_url)
+
+
 def goal_verdicts(rows) -> list[str]:
     """Issue #18's goals, each with what this run measured (only those the run's caller counts and delays cover)."""
     verdicts = []
@@ -305,7 +343,7 @@ def goal_verdicts(rows) -> list[str]:
             added = results["proxy, 1 agreement"]["p50"] - results["direct"]["p50"]
             verdict(f"1 caller, {delay} ms upstream, p50 added <= 2 ms", added, added <= 2.0, " ms")
     cpu = [result["cpu_ms"] for _, _, results in rows for name, result in results.items()
-           if name != "direct" and result["cpu_ms"] is not None]
+           if name not in ("direct", FLOOR) and result["cpu_ms"] is not None]
     if cpu:
         verdict("server CPU per proxied call <= 1.5 ms (worst phase)", max(cpu), max(cpu) <= 1.5, " ms")
     return verdicts

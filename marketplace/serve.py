@@ -28,15 +28,16 @@ RESPAWN_INTERVAL_SECONDS = 0.5
 
 
 def command(*, host: str = "127.0.0.1", port: int = 8000, workers: int = WORKERS, threads: int = THREADS,
-            log_level: str = "warning") -> list[str]:
-    """The command line that starts the server (its executable from this interpreter's environment)."""
+            log_level: str = "warning", application: str = "marketplace.wsgi:application") -> list[str]:
+    """The command line that starts the server (its executable from this interpreter's environment); `application`
+    only for bench/proxy.py's floor."""
     granian = shutil.which("granian", path=os.path.dirname(sys.executable)) or "granian"
     return [granian, "--interface", "wsgi", "--host", host, "--port", str(port), "--workers", str(workers),
             "--blocking-threads", str(threads), "--respawn-failed-workers",
             "--respawn-interval", str(RESPAWN_INTERVAL_SECONDS),
             "--http1-header-read-timeout", str(HEADER_READ_TIMEOUT_MS),
             "--http1-buffer-size", str(HEADER_BYTES_MAX), "--no-access-log", "--log-level", log_level,
-            "marketplace.wsgi:application"]
+            application]
 
 
 def main() -> None:
