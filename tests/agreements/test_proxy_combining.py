@@ -6,7 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from django.db import connections
+from django.db import OperationalError, connections
 from django.test import Client
 
 from agreements import metering, monitoring
@@ -92,3 +92,24 @@ def test_a_call_the_reaper_settled_while_queued_is_not_charged_with_the_others(
     assert sorted(response.status_code for response in responses) == [200] * (CALLS - 1) + [503]
     assert [r.json()["error"]["code"] for r in responses if r.status_code == 503] == ["call_expired"]
     assert_books_exact(parties, escrow_chain, calls=CALLS - 1)
+
+
+def test_a_database_failure_while_charging_together_charges_none_of_them_and_releases_each(
+        escrow_chain, http_server, settings, first_charge_waits_for_the_others, monkeypatch):
+    settings.PROXY_CALL_LEASE_MAX = 1
+    parties = agreement_for(escrow_chain, http_server, 100)
+    url = f"/metered-proxy/{parties.agreement_id}/work"
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {parties.buyer_api.secret}"}
+    charge_together = metering._charge_in_two_round_trips
+
+    def connection_lost(reservations, charges, **kwargs):
+        if len(reservations) > 1:
+            raise OperationalError("server closed the connection unexpectedly")
+        return charge_together(reservations, charges, **kwargs)
+
+    monkeypatch.setattr(metering, "_charge_in_two_round_trips", connection_lost)
+    responses = called_at_once(url, headers)
+
+    assert sorted(response.status_code for response in responses) == [200] + [503] * (CALLS - 1)
+    assert {r.json()["error"]["code"] for r in responses if r.status_code == 503} == {"database_unavailable"}
+    assert_books_exact(parties, escrow_chain, calls=1)
