@@ -19,6 +19,7 @@ transaction that deletes the intent changes the counters, so a call is settled o
 
 import atexit
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -778,7 +779,7 @@ def _charge_on_known_head(reservation: Reservation, charge: dict, known: _ChainH
 
 
 def _charge_in_two_round_trips(reservations: list[Reservation], charges: list[dict], *,
-                               answer_recorded: bool = False) -> list[UsageEvent | None]:
+                               answered: list[bool]) -> list[UsageEvent | None]:
     """PostgreSQL outside any transaction of the caller's: the proxy's charges of calls of one agreement in two round
     trips instead of five (every wait for the database costs a proxied call CPU as well as time), each a pipeline
     of statements prepared on the server once per connection (written out as text, they were parsed and planned
@@ -789,17 +790,19 @@ def _charge_in_two_round_trips(reservations: list[Reservation], charges: list[di
            the row
         2. insert the events and move the counters; COMMIT (durable before the answers leave)
 
-    The answers are thus committed before the charge waits for the row lock, as reservation_answered would (unless
-    `answer_recorded`: a charge on a known head that missed committed it). Answers each call's event, or None for
-    a call whose intent the reaper had settled already."""
+    The answers are thus committed before the charge waits for the row lock, as reservation_answered would (but
+    those `answered` already: by a charge on a known head that missed, or by a call before it queued). Answers each
+    call's event, or None for a call whose intent the reaper had settled already."""
     lock_sql, lock_params = _lock_statement(reservations)
+    unanswered = [(reservation, charge) for reservation, charge, done in zip(reservations, charges, answered,
+                                                                             strict=True) if not done]
     with prepared_cursor() as cursor, prepared_cursor() as control:
         pipeline = connection.connection.pipeline  # connected by now (prepared_cursor)
         try:
             with pipeline():
-                if not answer_recorded:
+                if unanswered:
                     control.execute("BEGIN")
-                    for reservation, charge in zip(reservations, charges, strict=True):
+                    for reservation, charge in unanswered:
                         control.execute(*_answered_statement(reservation, charge, skip_flush_wait=True))
                     control.execute("COMMIT")
                 control.execute("BEGIN")
@@ -817,11 +820,13 @@ def _charge_in_two_round_trips(reservations: list[Reservation], charges: list[di
             with pipeline():
                 cursor.execute(*_events_write_statement(agreement, rows, fields))
                 control.execute("COMMIT")
-            events = _events_saved(rows, dict(cursor.fetchall()))
+            ids = dict(cursor.fetchall())
         except BaseException:
             with contextlib.suppress(DatabaseError):
                 control.execute("ROLLBACK")
             raise
+    # Committed: nothing after this may pass for the charge having failed.
+    events = _events_saved(rows, ids)
     _known_head_written(agreement)
     monitoring.charges_observe(source=UsageSource.PROXY, token=agreement.token, events=len(events),
                                amount=sum(event.cost for event in events))
@@ -829,13 +834,13 @@ def _charge_in_two_round_trips(reservations: list[Reservation], charges: list[di
     return [by_intent.get(reservation.intent_id) for reservation in reservations]
 
 
-def _charge_alone(reservation: Reservation, charge: dict) -> UsageEvent:
+def _charge_alone(reservation: Reservation, charge: dict, *, answered: bool = False) -> UsageEvent:
     """PostgreSQL outside any transaction of the caller's: one call's charge, in one statement on the head this
     process knows, else in two round trips."""
     known = _known_head(reservation.agreement_id)
     event = None if known is None else _charge_on_known_head(reservation, charge, known)
     if event is None:
-        [event] = _charge_in_two_round_trips([reservation], [charge], answer_recorded=known is not None)
+        [event] = _charge_in_two_round_trips([reservation], [charge], answered=[answered or known is not None])
         if event is None:
             raise _SettledByTheReaper
     return event
@@ -846,22 +851,39 @@ def _charge_alone(reservation: Reservation, charge: dict) -> UsageEvent:
 # takes the whole queue at once: one lock of the row and one write for all of them, each event with its own signed
 # receipt. Without it, the threads serving one hot agreement each tried their own statement on the same known head,
 # all but one missed it, and most calls took two transactions (bench/proxy.py). A lone call is charged alone.
+# A call records its answer before it queues, as a charge alone records it at once: should the process die while
+# the call waits, the reaper charges it.
 
 CHARGES_COMBINED_MAX = 64  # charges written together at most (their receipts are signed under the row lock)
+
+
+class _OutcomeUnknown(InterfaceError):
+    """The charge of a queued call ended without saying how (the thread charging it was interrupted): the caller
+    finds out from the database, as after a lost connection (`_resolve_unknown_commit`)."""
+
+
+class _ChargeAlone(Exception):
+    """The batch failed for a reason of its own calls (not the database's): each call is charged alone."""
 
 
 @dataclass(eq=False)
 class _QueuedCharge:
     reservation: Reservation
     charge: dict
+    answered: bool = False  # its answer is recorded on its intent
     settled: threading.Event = dataclasses.field(default_factory=threading.Event)
     leads: bool = False  # woken to charge the queue, not with its own outcome
     event: UsageEvent | None = None
     error: BaseException | None = None
 
     def outcome(self) -> UsageEvent:
-        if self.error is not None:
-            raise self.error
+        error, self.error = self.error, None
+        if isinstance(error, _ChargeAlone):
+            return _charge_alone(self.reservation, self.charge, answered=self.answered)
+        if error is not None:
+            raise error
+        if self.event is None:
+            raise _OutcomeUnknown("The charge of this call ended without an outcome.")
         return self.event
 
 
@@ -869,21 +891,33 @@ _charge_queues: dict[uuid.UUID, deque] = {}  # agreement being charged in this p
 _charge_queues_lock = threading.Lock()
 
 
+def _queued(mine: _QueuedCharge) -> deque:
+    """(Under _charge_queues_lock.) Queue `mine` behind the agreement's charge in progress, or lead a new queue."""
+    queue = _charge_queues.get(mine.reservation.agreement_id)
+    if queue is None:
+        queue = _charge_queues[mine.reservation.agreement_id] = deque()
+        mine.leads = True
+    queue.append(mine)
+    return queue
+
+
 def _charge_queued(reservation: Reservation, charge: dict) -> UsageEvent:
     """Charge the call, alone or with the calls of its agreement queued meanwhile in this process, by whichever of
     their threads is charging that agreement; the others wait for their outcome."""
     mine = _QueuedCharge(reservation, charge)
-    agreement_id = reservation.agreement_id
     with _charge_queues_lock:
-        queue = _charge_queues.get(agreement_id)
-        if queue is None:
-            queue = _charge_queues[agreement_id] = deque()
-            mine.leads = True
-        queue.append(mine)
-    if not mine.leads:
-        mine.settled.wait()
+        busy = reservation.agreement_id in _charge_queues
+        if not busy:
+            queue = _queued(mine)
+    if busy:
+        reservation_answered(reservation=reservation, charge=charge)
+        mine.answered = True
+        with _charge_queues_lock:
+            queue = _queued(mine)
         if not mine.leads:
-            return mine.outcome()
+            _wait_settled(mine, queue)
+            if not mine.leads:
+                return mine.outcome()
     with _charge_queues_lock:
         batch = [queue.popleft() for _ in range(min(len(queue), CHARGES_COMBINED_MAX))]
     try:
@@ -894,29 +928,57 @@ def _charge_queued(reservation: Reservation, charge: dict) -> UsageEvent:
                 queue[0].leads = True
                 queue[0].settled.set()
             else:
-                del _charge_queues[agreement_id]
+                del _charge_queues[reservation.agreement_id]
         for queued in batch:
             queued.settled.set()
     return mine.outcome()
 
 
+def _copied(exc: Exception) -> Exception:
+    copied = copy.copy(exc)
+    copied.__cause__ = exc
+    return copied
+
+
+def _wait_settled(mine: _QueuedCharge, queue: deque) -> None:
+    """Wait for the call's outcome, or to lead its queue. Still queued after PROXY_TIMEOUT (the charge ahead of it
+    does not end), it leaves the queue to be charged alone."""
+    while not mine.settled.wait(settings.PROXY_TIMEOUT):
+        with _charge_queues_lock:
+            if mine.settled.is_set():
+                return
+            if mine in queue:  # not taken into a batch yet (one taken gets its outcome when the batch ends)
+                queue.remove(mine)
+                mine.error = _ChargeAlone()
+                return
+
+
 def _charge_batch(batch: list[_QueuedCharge]) -> None:
     """Charge the queued calls of one agreement, giving each its outcome: its event, or the error its own thread
-    raises and handles as if it had charged alone."""
+    raises and handles as if it had charged alone (a copy each: one exception raised in many threads would mix
+    their tracebacks)."""
     for queued in batch:
         queued.leads = False
     if len(batch) == 1:
         try:
-            batch[0].event = _charge_alone(batch[0].reservation, batch[0].charge)
-        except BaseException as exc:  # noqa: BLE001 (raised in the caller's own thread)
+            batch[0].event = _charge_alone(batch[0].reservation, batch[0].charge, answered=batch[0].answered)
+        except Exception as exc:  # noqa: BLE001 (raised in the caller's own thread)
             batch[0].error = exc
         return
-    monitoring.charges_combined_observe(len(batch))
     try:
+        monitoring.charges_combined_observe(len(batch))
         events = _charge_in_two_round_trips([queued.reservation for queued in batch],
-                                            [queued.charge for queued in batch])
-    except BaseException as exc:  # noqa: BLE001 (each caller's thread releases its call, or finds it charged)
-        events = [exc] * len(batch)
+                                            [queued.charge for queued in batch],
+                                            answered=[queued.answered for queued in batch])
+    except (OperationalError, InterfaceError) as exc:
+        events = [_copied(exc) for _ in batch]  # each call finds out whether it was charged (reservation_commit)
+    except Exception:  # noqa: BLE001 (not the database going away: the calls' own, so each is charged alone)
+        logger.exception("charging %s calls together failed; charging each alone", len(batch))
+        events = [_ChargeAlone() for _ in batch]
+    except BaseException:
+        for queued in batch:
+            queued.error = _OutcomeUnknown("The thread charging this call was interrupted.")
+        raise
     for queued, event in zip(batch, events, strict=True):
         if isinstance(event, BaseException):
             queued.error = event

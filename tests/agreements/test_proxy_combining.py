@@ -4,13 +4,14 @@ row lock and one write for all of them, and each still gets its own event and si
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 from django.db import OperationalError, connections
 from django.test import Client
 
 from agreements import metering, monitoring
-from agreements.models import UsageAgreement
+from agreements.models import CallIntent, UsageAgreement
 from tests.agreements.test_proxy_leases import PRICE, agreement_for, assert_books_exact
 
 pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
@@ -36,18 +37,22 @@ def combined_batches() -> float:
 
 @pytest.fixture
 def first_charge_waits_for_the_others(monkeypatch):
-    """The first charge of the test waits until the other calls' charges have queued behind it (or 10 s)."""
+    """The first charge of the test waits until the other calls' charges have queued behind it (or 10 s), then
+    runs `first_charge_waits_for_the_others.then()` (by default nothing) before charging."""
     charge_alone, first = metering._charge_alone, threading.Lock()
 
-    def held(reservation, charge):
+    def held(reservation, charge, **kwargs):
         if first.acquire(blocking=False):
             deadline = time.monotonic() + 10
             while len(metering._charge_queues.get(reservation.agreement_id, ())) < CALLS - 1:
                 assert time.monotonic() < deadline, "the other calls never queued"
                 time.sleep(0.01)
-        return charge_alone(reservation, charge)
+            hold.then()
+        return charge_alone(reservation, charge, **kwargs)
 
+    hold = SimpleNamespace(then=lambda: None)
     monkeypatch.setattr(metering, "_charge_alone", held)
+    return hold
 
 
 def test_concurrent_calls_of_one_agreement_are_charged_together_each_with_its_receipt(
@@ -113,3 +118,56 @@ def test_a_database_failure_while_charging_together_charges_none_of_them_and_rel
     assert sorted(response.status_code for response in responses) == [200] + [503] * (CALLS - 1)
     assert {r.json()["error"]["code"] for r in responses if r.status_code == 503} == {"database_unavailable"}
     assert_books_exact(parties, escrow_chain, calls=1)
+
+
+def test_a_queued_call_has_its_answer_recorded_while_it_waits(
+        escrow_chain, http_server, settings, first_charge_waits_for_the_others):
+    """Should the process die while calls wait behind a charge, the reaper charges them from their intents."""
+    settings.PROXY_CALL_LEASE_MAX = 1
+    parties = agreement_for(escrow_chain, http_server, 100)
+    seen = []
+    first_charge_waits_for_the_others.then = lambda: seen.append(CallIntent.objects.filter(
+        agreement_id=parties.agreement_id, answered_at__isnull=False).count())
+
+    responses = called_at_once(f"/metered-proxy/{parties.agreement_id}/work",
+                               {"HTTP_AUTHORIZATION": f"Bearer {parties.buyer_api.secret}"})
+
+    assert seen == [CALLS - 1]
+    assert {response.status_code for response in responses} == {200}
+    assert_books_exact(parties, escrow_chain, calls=CALLS)
+
+
+def test_calls_queued_behind_a_charge_that_does_not_end_are_charged_alone(
+        escrow_chain, http_server, settings, first_charge_waits_for_the_others):
+    settings.PROXY_CALL_LEASE_MAX = 1
+    parties = agreement_for(escrow_chain, http_server, 100)
+    settings.PROXY_TIMEOUT = 0.3
+    first_charge_waits_for_the_others.then = lambda: time.sleep(1.5)
+    batches_before = combined_batches()
+
+    responses = called_at_once(f"/metered-proxy/{parties.agreement_id}/work",
+                               {"HTTP_AUTHORIZATION": f"Bearer {parties.buyer_api.secret}"})
+
+    assert {response.status_code for response in responses} == {200}
+    assert combined_batches() == batches_before  # they left the queue, each charged by its own thread
+    assert_books_exact(parties, escrow_chain, calls=CALLS)
+    assert not metering._charge_queues
+
+
+def test_a_batch_that_fails_for_its_own_reasons_is_charged_call_by_call(
+        escrow_chain, http_server, settings, first_charge_waits_for_the_others, monkeypatch):
+    settings.PROXY_CALL_LEASE_MAX = 1
+    parties = agreement_for(escrow_chain, http_server, 100)
+    charge_together = metering._charge_in_two_round_trips
+
+    def refused(reservations, charges, **kwargs):
+        if len(reservations) > 1:
+            raise ValueError("a value the statement refused")
+        return charge_together(reservations, charges, **kwargs)
+
+    monkeypatch.setattr(metering, "_charge_in_two_round_trips", refused)
+    responses = called_at_once(f"/metered-proxy/{parties.agreement_id}/work",
+                               {"HTTP_AUTHORIZATION": f"Bearer {parties.buyer_api.secret}"})
+
+    assert {response.status_code for response in responses} == {200}
+    assert_books_exact(parties, escrow_chain, calls=CALLS)
