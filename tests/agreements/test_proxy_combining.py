@@ -1,5 +1,6 @@
 """Charge combining (issue #18): the concurrent calls of one agreement in one process are charged together, one
-row lock and one write for all of them, and each still gets its own event and signed receipt."""
+row lock and one write for all of them, and each still gets its own event and signed receipt. A queued call has
+its answer recorded before it waits, and whatever goes wrong with a batch, each call ends charged or released."""
 
 import threading
 import time
@@ -19,20 +20,10 @@ pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(tra
 CALLS = 6
 
 
-def called_at_once(url: str, headers: dict) -> list:
-    def one(_):
-        try:
-            return Client().get(url, **headers)
-        finally:
-            connections.close_all()  # this thread's
-
-    with ThreadPoolExecutor(max_workers=CALLS) as pool:
-        return list(pool.map(one, range(CALLS)))
-
-
-def combined_batches() -> float:
-    return sum(sample.value for sample in monitoring.CHARGES_COMBINED.collect()[0].samples
-               if sample.name.endswith("_count"))
+@pytest.fixture
+def parties(escrow_chain, http_server, settings):
+    settings.PROXY_CALL_LEASE_MAX = 1  # each call reserves on its own: only the charges are combined
+    return agreement_for(escrow_chain, http_server, 100)
 
 
 @pytest.fixture
@@ -55,15 +46,42 @@ def first_charge_waits_for_the_others(monkeypatch):
     return hold
 
 
-def test_concurrent_calls_of_one_agreement_are_charged_together_each_with_its_receipt(
-        escrow_chain, http_server, settings, first_charge_waits_for_the_others):
-    settings.PROXY_CALL_LEASE_MAX = 1  # each call reserves on its own: only the charges are combined
-    parties = agreement_for(escrow_chain, http_server, 100)
+def called_at_once(parties) -> list:
+    """CALLS proxied calls of the parties' agreement, each from its own thread, at once."""
     url = f"/metered-proxy/{parties.agreement_id}/work"
-    headers = {"HTTP_AUTHORIZATION": f"Bearer {parties.buyer_api.secret}"}
+
+    def one(_):
+        try:
+            return Client().get(url, HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}")
+        finally:
+            connections.close_all()  # this thread's
+
+    with ThreadPoolExecutor(max_workers=CALLS) as pool:
+        return list(pool.map(one, range(CALLS)))
+
+
+def batches_fail_with(monkeypatch, error: Exception) -> None:
+    """Charging more than one call together raises `error` before it writes anything."""
+    charge_together = metering._charge_in_two_round_trips
+
+    def failing(reservations, charges, **kwargs):
+        if len(reservations) > 1:
+            raise error
+        return charge_together(reservations, charges, **kwargs)
+
+    monkeypatch.setattr(metering, "_charge_in_two_round_trips", failing)
+
+
+def combined_batches() -> float:
+    return sum(sample.value for sample in monitoring.CHARGES_COMBINED.collect()[0].samples
+               if sample.name.endswith("_count"))
+
+
+def test_concurrent_calls_of_one_agreement_are_charged_together_each_with_its_receipt(
+        parties, escrow_chain, first_charge_waits_for_the_others):
     batches_before = combined_batches()
 
-    responses = called_at_once(url, headers)
+    responses = called_at_once(parties)
 
     assert sorted(int(response["X-Usage-Seq"]) for response in responses) == list(range(1, CALLS + 1))
     assert {response.status_code for response in responses} == {200}
@@ -76,12 +94,22 @@ def test_concurrent_calls_of_one_agreement_are_charged_together_each_with_its_re
     assert not metering._charge_queues
 
 
+def test_a_queued_call_has_its_answer_recorded_while_it_waits(
+        parties, escrow_chain, first_charge_waits_for_the_others):
+    """Should the process die while calls wait behind a charge, the reaper charges them from their intents."""
+    seen = []
+    first_charge_waits_for_the_others.then = lambda: seen.append(CallIntent.objects.filter(
+        agreement_id=parties.agreement_id, answered_at__isnull=False).count())
+
+    responses = called_at_once(parties)
+
+    assert seen == [CALLS - 1]
+    assert {response.status_code for response in responses} == {200}
+    assert_books_exact(parties, escrow_chain, calls=CALLS)
+
+
 def test_a_call_the_reaper_settled_while_queued_is_not_charged_with_the_others(
-        escrow_chain, http_server, settings, first_charge_waits_for_the_others, monkeypatch):
-    settings.PROXY_CALL_LEASE_MAX = 1
-    parties = agreement_for(escrow_chain, http_server, 100)
-    url = f"/metered-proxy/{parties.agreement_id}/work"
-    headers = {"HTTP_AUTHORIZATION": f"Bearer {parties.buyer_api.secret}"}
+        parties, escrow_chain, first_charge_waits_for_the_others, monkeypatch):
     charge_together, reaped = metering._charge_in_two_round_trips, []
 
     def one_reaped(reservations, charges, **kwargs):
@@ -91,7 +119,7 @@ def test_a_call_the_reaper_settled_while_queued_is_not_charged_with_the_others(
         return charge_together(reservations, charges, **kwargs)
 
     monkeypatch.setattr(metering, "_charge_in_two_round_trips", one_reaped)
-    responses = called_at_once(url, headers)
+    responses = called_at_once(parties)
 
     assert len(reaped) == 1
     assert sorted(response.status_code for response in responses) == [200] * (CALLS - 1) + [503]
@@ -100,74 +128,35 @@ def test_a_call_the_reaper_settled_while_queued_is_not_charged_with_the_others(
 
 
 def test_a_database_failure_while_charging_together_charges_none_of_them_and_releases_each(
-        escrow_chain, http_server, settings, first_charge_waits_for_the_others, monkeypatch):
-    settings.PROXY_CALL_LEASE_MAX = 1
-    parties = agreement_for(escrow_chain, http_server, 100)
-    url = f"/metered-proxy/{parties.agreement_id}/work"
-    headers = {"HTTP_AUTHORIZATION": f"Bearer {parties.buyer_api.secret}"}
-    charge_together = metering._charge_in_two_round_trips
+        parties, escrow_chain, first_charge_waits_for_the_others, monkeypatch):
+    batches_fail_with(monkeypatch, OperationalError("server closed the connection unexpectedly"))
 
-    def connection_lost(reservations, charges, **kwargs):
-        if len(reservations) > 1:
-            raise OperationalError("server closed the connection unexpectedly")
-        return charge_together(reservations, charges, **kwargs)
-
-    monkeypatch.setattr(metering, "_charge_in_two_round_trips", connection_lost)
-    responses = called_at_once(url, headers)
+    responses = called_at_once(parties)
 
     assert sorted(response.status_code for response in responses) == [200] + [503] * (CALLS - 1)
     assert {r.json()["error"]["code"] for r in responses if r.status_code == 503} == {"database_unavailable"}
     assert_books_exact(parties, escrow_chain, calls=1)
 
 
-def test_a_queued_call_has_its_answer_recorded_while_it_waits(
-        escrow_chain, http_server, settings, first_charge_waits_for_the_others):
-    """Should the process die while calls wait behind a charge, the reaper charges them from their intents."""
-    settings.PROXY_CALL_LEASE_MAX = 1
-    parties = agreement_for(escrow_chain, http_server, 100)
-    seen = []
-    first_charge_waits_for_the_others.then = lambda: seen.append(CallIntent.objects.filter(
-        agreement_id=parties.agreement_id, answered_at__isnull=False).count())
+def test_a_batch_that_fails_for_its_own_reasons_is_charged_call_by_call(
+        parties, escrow_chain, first_charge_waits_for_the_others, monkeypatch):
+    batches_fail_with(monkeypatch, ValueError("a value the statement refused"))
 
-    responses = called_at_once(f"/metered-proxy/{parties.agreement_id}/work",
-                               {"HTTP_AUTHORIZATION": f"Bearer {parties.buyer_api.secret}"})
+    responses = called_at_once(parties)
 
-    assert seen == [CALLS - 1]
     assert {response.status_code for response in responses} == {200}
     assert_books_exact(parties, escrow_chain, calls=CALLS)
 
 
 def test_calls_queued_behind_a_charge_that_does_not_end_are_charged_alone(
-        escrow_chain, http_server, settings, first_charge_waits_for_the_others):
-    settings.PROXY_CALL_LEASE_MAX = 1
-    parties = agreement_for(escrow_chain, http_server, 100)
+        parties, escrow_chain, settings, first_charge_waits_for_the_others):
     settings.PROXY_TIMEOUT = 0.3
     first_charge_waits_for_the_others.then = lambda: time.sleep(1.5)
     batches_before = combined_batches()
 
-    responses = called_at_once(f"/metered-proxy/{parties.agreement_id}/work",
-                               {"HTTP_AUTHORIZATION": f"Bearer {parties.buyer_api.secret}"})
+    responses = called_at_once(parties)
 
     assert {response.status_code for response in responses} == {200}
     assert combined_batches() == batches_before  # they left the queue, each charged by its own thread
     assert_books_exact(parties, escrow_chain, calls=CALLS)
     assert not metering._charge_queues
-
-
-def test_a_batch_that_fails_for_its_own_reasons_is_charged_call_by_call(
-        escrow_chain, http_server, settings, first_charge_waits_for_the_others, monkeypatch):
-    settings.PROXY_CALL_LEASE_MAX = 1
-    parties = agreement_for(escrow_chain, http_server, 100)
-    charge_together = metering._charge_in_two_round_trips
-
-    def refused(reservations, charges, **kwargs):
-        if len(reservations) > 1:
-            raise ValueError("a value the statement refused")
-        return charge_together(reservations, charges, **kwargs)
-
-    monkeypatch.setattr(metering, "_charge_in_two_round_trips", refused)
-    responses = called_at_once(f"/metered-proxy/{parties.agreement_id}/work",
-                               {"HTTP_AUTHORIZATION": f"Bearer {parties.buyer_api.secret}"})
-
-    assert {response.status_code for response in responses} == {200}
-    assert_books_exact(parties, escrow_chain, calls=CALLS)
