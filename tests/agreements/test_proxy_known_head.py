@@ -90,8 +90,8 @@ def test_a_head_moved_by_someone_else_is_charged_on_the_head_the_miss_answered(a
     assert_books_exact(active, escrow_chain, used=4 * PRICE)
 
 
-def test_a_head_that_keeps_moving_is_charged_in_two_round_trips_for_a_while(active, http_server, escrow_chain,
-                                                                             monkeypatch):
+def test_after_a_miss_the_next_charge_tries_the_head_the_two_round_trips_found(active, http_server, escrow_chain,
+                                                                                 monkeypatch):
     monkeypatch.setattr(metering, "KNOWN_HEAD_ATTEMPTS", 1)  # every attempt misses: the head moved since
     http_server.responses.extend([(200, {})] * 3)
     assert call(active)["X-Usage-Seq"] == "1"
@@ -101,9 +101,9 @@ def test_a_head_that_keeps_moving_is_charged_in_two_round_trips_for_a_while(acti
     with CaptureQueriesContext(connection) as missed:
         assert call(active)["X-Usage-Seq"] == "3"
     assert charged_with(missed.captured_queries) == {"known head", "two round trips"}
-    with CaptureQueriesContext(connection) as paused:
+    with CaptureQueriesContext(connection) as after:
         assert call(active)["X-Usage-Seq"] == "4"
-    assert charged_with(paused.captured_queries) == {"two round trips"}  # for KNOWN_HEAD_PAUSE_SECONDS
+    assert charged_with(after.captured_queries) == {"known head"}
     assert_books_exact(active, escrow_chain, used=4 * PRICE)
 
 
@@ -163,11 +163,7 @@ def test_a_miss_records_the_answer_so_the_reaper_charges_a_call_whose_process_di
 
 
 def test_what_a_process_remembers_of_its_agreements_is_bounded(monkeypatch):
-    """The pauses after misses were remembered for every agreement that ever missed, for the process's lifetime."""
     monkeypatch.setattr(metering, "_KNOWN_HEADS_MAX", 3)
-    for _ in range(10):
-        metering._known_head_missed(uuid.uuid4())  # a miss forgets the agreement's head: only the pause grew
-    assert len(metering._known_head_paused_until) <= 3
     for _ in range(10):
         metering._known_head_written(SimpleNamespace(id=uuid.uuid4()))
     assert len(metering._known_heads) <= 3
