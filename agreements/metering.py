@@ -393,9 +393,10 @@ def _answered_statement(reservation: Reservation, charge: dict, *, skip_flush_wa
             + "WHERE id = %s", [*_answered_values(charge), reservation.intent_id])
 
 
-def reservation_answered(*, reservation: Reservation, charge: dict) -> None:
+def reservation_answered(*, reservation: Reservation, charge: dict) -> bool:
     """Record what the upstream answered (`charge`, as reservation_commit builds it) before charging it: should this
-    process die before the charge is written, the reaper charges the call from this record."""
+    process die before the charge is written, the reaper charges the call from this record. False when the database
+    went away before it was recorded."""
     # One statement, its own transaction; on PostgreSQL set_config(..., true) lets its commit skip the flush wait.
     statement = _answered_statement(
         reservation, charge, skip_flush_wait=connection.vendor == "postgresql" and not connection.in_atomic_block)
@@ -403,7 +404,8 @@ def reservation_answered(*, reservation: Reservation, charge: dict) -> None:
         with connection.cursor() as cursor:
             cursor.execute(*statement)
     except (OperationalError, InterfaceError):
-        pass  # the database went away: the charge that follows finds out, and settles the call by itself
+        return False  # the database went away: the charge that follows finds out, and settles the call by itself
+    return True
 
 
 def reservation_release(*, reservation: Reservation) -> None:
@@ -674,9 +676,9 @@ def _charge_prepare(agreement: _ChainHead, reservations: list[Reservation],
 # it; when that misses too, the call is charged in two round trips (`_charge_in_two_round_trips`), which wait their
 # turn for the row lock and write the head they found, and the next charge tries that head again.
 # No pause after a miss: since a process charges each agreement from one thread at a time (the charge combining
-# below), a hot agreement has one such charge per process in flight, and a miss costs less than two round trips for
-# every call would (bench/proxy.py, 16 callers on one agreement: 1.64-1.66 ms of server CPU per call against
-# 1.74-1.79 with a one-second pause after each miss).
+# below; but for calls charged alone after their batch failed or their queue stalled), a hot agreement has one
+# such charge per process in flight, and a miss costs less than two round trips for every call would (bench/proxy.py, 16 callers on one agreement, servers instrumented to count charges: 1.64-1.66 ms
+# of server CPU per call against 1.74-1.79 with a one-second pause after each miss).
 KNOWN_HEAD_ATTEMPTS = 2  # statements a charge tries on a known head before the two round trips
 _KNOWN_HEADS_MAX = 10_000  # agreements remembered per process (beyond: forgotten, and charged in two round trips)
 _known_heads: dict[uuid.UUID, _ChainHead] = {}
@@ -762,6 +764,7 @@ def _charge_on_known_head(reservation: Reservation, charge: dict, known: _ChainH
             break
         known = moved
     if event_id is None:
+        _known_heads.pop(reservation.agreement_id, None)  # the two round trips write the head they find
         return None
     _known_head_written(head)
     [event] = _events_saved(rows, {seq: event_id})
@@ -782,7 +785,7 @@ def _charge_in_two_round_trips(reservations: list[Reservation], charges: list[di
         2. insert the events and move the counters; COMMIT (durable before the answers leave)
 
     The answers are thus committed before the charge waits for the row lock, as reservation_answered would (but
-    those `answered` already: by a charge on a known head that missed, or by a call before it queued). Answers each
+    those `answered` already: by a charge on a known head that missed, or by a queued call that waited). Answers each
     call's event, or None for a call whose intent the reaper had settled already."""
     lock_sql, lock_params = _lock_statement(reservations)
     unanswered = [(reservation, charge) for reservation, charge, done in zip(reservations, charges, answered,
@@ -846,8 +849,8 @@ def _charge_alone(reservation: Reservation, charge: dict, *, answered: bool = Fa
 # has: unrecorded only for as long as a charge takes to be signed and sent. One that waits longer (a slow database,
 # a charge that does not end) records its answer then, so that should the process die while it waits, the reaper
 # charges it. Recording every queued call's answer at once cost a statement for most calls of a hot agreement
-# (bench/proxy.py, 16 callers on one agreement: 1.42-1.46 ms of server CPU per call without those statements,
-# 1.60 with them).
+# (bench/proxy.py, 16 callers on one agreement, servers instrumented to count charges: 1.42-1.46 ms of server CPU
+# per call without those statements, 1.60 with them).
 
 CHARGES_COMBINED_MAX = 64  # charges written together at most (their receipts are signed under the row lock)
 QUEUED_ANSWER_AFTER_SECONDS = 0.005
@@ -909,7 +912,11 @@ def _charge_queued(reservation: Reservation, charge: dict) -> UsageEvent:
         with _charge_queues_lock:
             queue = _queued(mine)
         if not mine.leads:
-            _wait_settled(mine, queue)
+            try:
+                _wait_settled(mine, queue)
+            except BaseException:
+                _queue_leave(mine, queue)
+                raise
             if not mine.leads:
                 return mine.outcome()
     with _charge_queues_lock:
@@ -928,6 +935,21 @@ def _charge_queued(reservation: Reservation, charge: dict) -> UsageEvent:
     return mine.outcome()
 
 
+def _queue_leave(mine: _QueuedCharge, queue: deque) -> None:
+    """A queued call whose thread stops waiting (interrupted): out of the queue, and the lead it was given passed on,
+    so that the calls behind it are still charged."""
+    with _charge_queues_lock:
+        if mine not in queue:
+            return  # taken into a batch: that batch gives it its outcome
+        queue.remove(mine)
+        if mine.leads:
+            if queue:
+                queue[0].leads = True
+                queue[0].settled.set()
+            else:
+                del _charge_queues[mine.reservation.agreement_id]
+
+
 def _copied(exc: Exception) -> Exception:
     copied = copy.copy(exc)
     copied.__cause__ = exc
@@ -940,9 +962,11 @@ def _wait_settled(mine: _QueuedCharge, queue: deque) -> None:
     to be charged alone."""
     if not mine.settled.wait(QUEUED_ANSWER_AFTER_SECONDS):
         # Its batch may be charging it meanwhile: then the intent is gone (nothing to record), or the answer is
-        # recorded twice, the same.
-        reservation_answered(reservation=mine.reservation, charge=mine.charge)
-        mine.answered = True
+        # recorded twice, the same. Whatever fails here leaves the call queued: its charge records the answer.
+        try:
+            mine.answered = reservation_answered(reservation=mine.reservation, charge=mine.charge)
+        except Exception:
+            logger.exception("recording a queued call's answer failed; its charge records it")
     while not mine.settled.wait(settings.PROXY_TIMEOUT):
         with _charge_queues_lock:
             if mine.settled.is_set():

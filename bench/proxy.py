@@ -223,7 +223,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
             "proxy, 1 agreement": ([f"{base_url}/metered-proxy/{agreement_ids[0]}/work{query}"], buyer_headers,
                                    str(PRICE)),
         }
-        if clients == 1 and floor_url:
+        if clients == 1:
             targets[FLOOR] = ([f"{floor_url}/work{query}"], {}, None)
         if clients > 1:
             targets[f"proxy, {clients} agreements"] = ([f"{base_url}/metered-proxy/{agreement_id}/work{query}"

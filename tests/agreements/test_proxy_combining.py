@@ -119,25 +119,71 @@ def test_a_queued_call_has_its_answer_recorded_while_it_waits(
     assert_books_exact(parties, escrow_chain, calls=CALLS)
 
 
-def test_a_queued_call_charged_at_once_costs_no_statement_of_its_own(
+def answers_recorded_by_the_batches(monkeypatch) -> list[bool]:
+    """Per call charged in two round trips, whether it came `answered` (else those round trips record its answer)."""
+    flags, charge_together = [], metering._charge_in_two_round_trips
+
+    def spied(reservations, charges, *, answered):
+        flags.extend(answered)
+        return charge_together(reservations, charges, answered=answered)
+
+    monkeypatch.setattr(metering, "_charge_in_two_round_trips", spied)
+    return flags
+
+
+def test_a_queued_call_charged_before_its_wait_runs_out_costs_no_statement_of_its_own(
         parties, escrow_chain, first_charge_waits_for_the_others, monkeypatch):
-    """Its charge records its answer, as a lone call's does: recording it apart cost most calls of a hot agreement a
-    statement (bench/proxy.py)."""
+    """Its batch records its answer, as a lone call's charge does: recording it apart cost most calls of a hot
+    agreement a statement (bench/proxy.py)."""
     monkeypatch.setattr(metering, "QUEUED_ANSWER_AFTER_SECONDS", 30)
     recorded_apart = []
     record = metering.reservation_answered
 
     def counted(**kwargs):
         recorded_apart.append(kwargs["reservation"])
-        record(**kwargs)
+        return record(**kwargs)
 
     monkeypatch.setattr(metering, "reservation_answered", counted)
+    came_answered = answers_recorded_by_the_batches(monkeypatch)
 
     responses = called_at_once(parties)
 
     assert {response.status_code for response in responses} == {200}
     assert recorded_apart == []
+    assert came_answered == [False] * CALLS  # so the batches recorded every answer themselves
     assert_books_exact(parties, escrow_chain, calls=CALLS)
+
+
+def test_a_queued_answer_the_database_did_not_take_is_recorded_by_its_batch(
+        parties, escrow_chain, first_charge_waits_for_the_others, monkeypatch):
+    monkeypatch.setattr(metering, "QUEUED_ANSWER_AFTER_SECONDS", 0.001)
+    monkeypatch.setattr(metering, "reservation_answered", lambda **kwargs: False)  # the database went away
+    came_answered = answers_recorded_by_the_batches(monkeypatch)
+
+    responses = called_at_once(parties)
+
+    assert {response.status_code for response in responses} == {200}
+    assert came_answered == [False] * CALLS
+    assert_books_exact(parties, escrow_chain, calls=CALLS)
+
+
+def test_a_queued_call_whose_answer_cannot_be_recorded_is_charged_with_the_others(
+        parties, escrow_chain, first_charge_waits_for_the_others, monkeypatch):
+    """An error while a queued call records its answer (say, a read-only standby after a failover) made it leave
+    with a 500 and its reservation released, though its batch could still charge it; made leader, it left the
+    agreement's queue without one."""
+    monkeypatch.setattr(metering, "QUEUED_ANSWER_AFTER_SECONDS", 0.001)
+
+    def refused(**kwargs):
+        raise ValueError("cannot execute UPDATE in a read-only transaction")
+
+    monkeypatch.setattr(metering, "reservation_answered", refused)
+
+    responses = called_at_once(parties)
+
+    assert {response.status_code for response in responses} == {200}
+    assert_books_exact(parties, escrow_chain, calls=CALLS)
+    assert not metering._charge_queues
 
 
 def test_a_call_the_reaper_settled_while_queued_is_not_charged_with_the_others(

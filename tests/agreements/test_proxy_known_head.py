@@ -92,7 +92,7 @@ def test_a_head_moved_by_someone_else_is_charged_on_the_head_the_miss_answered(a
 
 def test_after_a_miss_the_next_charge_tries_the_head_the_two_round_trips_found(active, http_server, escrow_chain,
                                                                                  monkeypatch):
-    monkeypatch.setattr(metering, "KNOWN_HEAD_ATTEMPTS", 1)  # every attempt misses: the head moved since
+    monkeypatch.setattr(metering, "KNOWN_HEAD_ATTEMPTS", 1)  # one statement on a head that moved, then two round trips
     http_server.responses.extend([(200, {})] * 3)
     assert call(active)["X-Usage-Seq"] == "1"
     assert active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage",
