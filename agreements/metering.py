@@ -677,8 +677,9 @@ def _charge_prepare(agreement: _ChainHead, reservations: list[Reservation],
 # turn for the row lock and write the head they found, and the next charge tries that head again.
 # No pause after a miss: since a process charges each agreement from one thread at a time (the charge combining
 # below; but for calls charged alone after their batch failed or their queue stalled), a hot agreement has one
-# such charge per process in flight, and a miss costs less than two round trips for every call would (bench/proxy.py, 16 callers on one agreement, servers instrumented to count charges: 1.64-1.66 ms
-# of server CPU per call against 1.74-1.79 with a one-second pause after each miss).
+# such charge per process in flight, and a miss costs less than two round trips for every call would
+# (bench/proxy.py, 16 callers on one agreement, servers instrumented to count charges: 1.64-1.66 ms of server CPU
+# per call against 1.74-1.79 with a one-second pause after each miss).
 KNOWN_HEAD_ATTEMPTS = 2  # statements a charge tries on a known head before the two round trips
 _KNOWN_HEADS_MAX = 10_000  # agreements remembered per process (beyond: forgotten, and charged in two round trips)
 _known_heads: dict[uuid.UUID, _ChainHead] = {}
