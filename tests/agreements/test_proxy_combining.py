@@ -47,13 +47,18 @@ def first_charge_waits_for_the_others(monkeypatch):
     return hold
 
 
-def called_at_once(parties) -> list:
-    """CALLS proxied calls of the parties' agreement, each from its own thread, at once."""
+def called_at_once(parties, *, interrupted: type[BaseException] | None = None) -> list:
+    """CALLS proxied calls of the parties' agreement, each from its own thread, at once; a call whose thread raised
+    `interrupted` is that exception instead of a response."""
     url = f"/metered-proxy/{parties.agreement_id}/work"
 
     def one(_):
         try:
             return Client().get(url, HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}")
+        except BaseException as exc:
+            if interrupted is None or not isinstance(exc, interrupted):
+                raise
+            return exc
         finally:
             connections.close_all()  # this thread's
 
@@ -184,6 +189,35 @@ def test_a_queued_call_whose_answer_cannot_be_recorded_is_charged_with_the_other
     assert {response.status_code for response in responses} == {200}
     assert_books_exact(parties, escrow_chain, calls=CALLS)
     assert not metering._charge_queues
+
+
+class Interrupted(BaseException):
+    """What stops a thread that is not an error of its own (as KeyboardInterrupt or SystemExit)."""
+
+
+def test_a_queued_call_interrupted_when_given_the_lead_passes_it_on(
+        parties, escrow_chain, settings, first_charge_waits_for_the_others, monkeypatch):
+    """The first call charges alone and hands the calls queued behind it to the first of them; that one's thread
+    is interrupted then. Had it kept the lead, the others would wait PROXY_TIMEOUT and the agreement would keep a
+    queue nobody charges, for the process's lifetime."""
+    settings.PROXY_TIMEOUT = 0.5
+    wait, interrupted = metering._wait_settled, []
+
+    def interrupted_when_leading(mine, queue):
+        wait(mine, queue)
+        if mine.leads and not interrupted:
+            interrupted.append(mine.reservation)
+            raise Interrupted
+
+    monkeypatch.setattr(metering, "_wait_settled", interrupted_when_leading)
+
+    outcomes = called_at_once(parties, interrupted=Interrupted)
+
+    assert len(interrupted) == 1
+    answered = [outcome for outcome in outcomes if not isinstance(outcome, Interrupted)]
+    assert [response.status_code for response in answered] == [200] * (CALLS - 1)
+    assert not metering._charge_queues
+    assert_books_exact(parties, escrow_chain, calls=CALLS - 1)  # the interrupted call's reservation released
 
 
 def test_a_call_the_reaper_settled_while_queued_is_not_charged_with_the_others(
