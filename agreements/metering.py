@@ -906,31 +906,22 @@ def _charge_queued(reservation: Reservation, charge: dict) -> UsageEvent:
     their threads is charging that agreement; the others wait for their outcome."""
     mine = _QueuedCharge(reservation, charge)
     with _charge_queues_lock:
-        busy = reservation.agreement_id in _charge_queues
-        if not busy:
-            queue = _queued(mine)
-    if busy:
-        with _charge_queues_lock:
-            queue = _queued(mine)
+        queue = _queued(mine)
+    if not mine.leads:
+        try:
+            _wait_settled(mine, queue)
+        except BaseException:
+            _queue_leave(mine, queue)
+            raise
         if not mine.leads:
-            try:
-                _wait_settled(mine, queue)
-            except BaseException:
-                _queue_leave(mine, queue)
-                raise
-            if not mine.leads:
-                return mine.outcome()
+            return mine.outcome()
     with _charge_queues_lock:
         batch = [queue.popleft() for _ in range(min(len(queue), CHARGES_COMBINED_MAX))]
     try:
         _charge_batch(batch)
     finally:
         with _charge_queues_lock:
-            if queue:  # the next in line charges what queued meanwhile
-                queue[0].leads = True
-                queue[0].settled.set()
-            else:
-                del _charge_queues[reservation.agreement_id]
+            _lead_pass(queue, reservation.agreement_id)
         for queued in batch:
             queued.settled.set()
     return mine.outcome()
@@ -944,11 +935,17 @@ def _queue_leave(mine: _QueuedCharge, queue: deque) -> None:
             return  # taken into a batch: that batch gives it its outcome
         queue.remove(mine)
         if mine.leads:
-            if queue:
-                queue[0].leads = True
-                queue[0].settled.set()
-            else:
-                del _charge_queues[mine.reservation.agreement_id]
+            _lead_pass(queue, mine.reservation.agreement_id)
+
+
+def _lead_pass(queue: deque, agreement_id: uuid.UUID) -> None:
+    """(Under _charge_queues_lock.) The next in line charges what queued meanwhile; with nobody left, the
+    agreement's queue ends."""
+    if queue:
+        queue[0].leads = True
+        queue[0].settled.set()
+    else:
+        del _charge_queues[agreement_id]
 
 
 def _copied(exc: Exception) -> Exception:
