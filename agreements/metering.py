@@ -409,6 +409,7 @@ def reservation_answered(*, reservation: Reservation, charge: dict) -> bool:
 
 
 def reservation_release(*, reservation: Reservation) -> None:
+    _prepared_end(reservation)
     with _transaction_without_flush_wait():
         if _intent_close(reservation):
             UsageAgreement.objects.filter(pk=reservation.agreement_id).update(
@@ -682,12 +683,7 @@ def _charge_prepare(agreement: _ChainHead, reservations: list[Reservation],
 # per call against 1.74-1.79 with a one-second pause after each miss).
 KNOWN_HEAD_ATTEMPTS = 2  # statements a charge tries on a known head before the two round trips
 _KNOWN_HEADS_MAX = 10_000  # agreements remembered per process (beyond: forgotten, and charged in two round trips)
-_known_heads: dict[uuid.UUID, _ChainHead] = {}
-
-
-def _known_head(agreement_id: uuid.UUID) -> _ChainHead | None:
-    head = _known_heads.get(agreement_id)
-    return None if head is None else replace(head)  # `_extend_chain` moves the copy; the known one once written
+_known_heads: dict[uuid.UUID, _ChainHead] = {}  # `_extend_chain` moves copies; a head is replaced once written
 
 
 def _known_head_written(head: _ChainHead) -> None:
@@ -745,16 +741,20 @@ def _known_head_charge_statement(reservation: Reservation, known: _ChainHead, he
         *used_up, timezone.now(), *used_up, BUDGET_USED_UP, reservation.agreement_id, reservation.agreement_id]
 
 
-def _charge_on_known_head(reservation: Reservation, charge: dict, known: _ChainHead) -> UsageEvent | None:
+def _charge_on_known_head(reservation: Reservation, charge: dict, known: _ChainHead,
+                          chained: tuple[_ChainHead, list[dict]] | None = None) -> UsageEvent | None:
     """PostgreSQL outside any transaction of the caller's: the charge in one statement (`_known_head_charge_sql`),
     its own transaction, durable before the answer leaves, on the head this process wrote last (`known`), else on
     the head that statement answered, up to KNOWN_HEAD_ATTEMPTS statements; or None, having recorded only the answer,
     when the head kept moving (or the reaper closed the intent: the two round trips then find out which). The event
     is chained and its receipt signed before the row is locked, so the row lock is held for one statement and its
-    commit."""
+    commit. `chained`: the first attempt's head after the event and the event's row, chained already."""
     for _ in range(KNOWN_HEAD_ATTEMPTS):
-        head = replace(known)
-        rows = _extend_chain(head, [charge], source=UsageSource.PROXY)
+        if chained is None:
+            head = replace(known)
+            rows = _extend_chain(head, [charge], source=UsageSource.PROXY)
+        else:  # the first attempt's, chained on `known` while the upstream answered (`charge_prepare`)
+            (head, rows), chained = chained, None
         with prepared_cursor() as cursor:
             cursor.execute(*_known_head_charge_statement(reservation, known, head, rows))
             seq, event_id, *now = cursor.fetchone() or (None, None, None, None, None)  # no row: no agreement
@@ -771,6 +771,74 @@ def _charge_on_known_head(reservation: Reservation, charge: dict, known: _ChainH
     [event] = _events_saved(rows, {seq: event_id})
     monitoring.charges_observe(source=UsageSource.PROXY, token=head.token, events=1, amount=event.cost)
     return event
+
+
+# --- Charges prepared while the upstream answers ---------------------------------------------------------------------
+# A per-call price is known before the upstream answers, and so is everything a proxied call's receipt signs (seq,
+# units, cost, cumulative, request id): what the upstream answers (status, latency) is recorded on the event, not
+# signed. So once the request is sent, the proxy chains the call's event on the head this process knows and signs its
+# receipt while the upstream works; once the answer is in, only the statement is left to build and send. That takes
+# the chain and the signature off the latency a call adds, and runs them before the wait rather than after it, when
+# the same code costs more CPU (bench/idle_cpu.py). One call per agreement at a time is prepared in a process: with
+# more in flight the head moves before most of them are charged, and they are charged together (charge combining).
+
+@dataclass(eq=False)
+class PreparedCharge:
+    reservation: Reservation
+    known: _ChainHead  # the known head it is chained on (`_known_heads`' own object: replaced once the head moves)
+    charge: dict | None = None  # as `_charge` builds it, with the upstream's status and latency still 0
+    chained: tuple[_ChainHead, list[dict]] | None = None  # the head after the event, and the event's row
+
+    def chained_for(self, known: _ChainHead | None, charge: dict) -> tuple[_ChainHead, list[dict]] | None:
+        """The head and event row to charge `charge` with on `known`, when it was prepared on that head for that
+        charge (else None: chained anew)."""
+        if self.chained is None or known is not self.known or \
+                any(self.charge[key] != charge[key] for key in _PREPARED_KEYS):
+            return None
+        head, rows = self.chained
+        rows[0].update(upstream_status=charge["upstream_status"], latency_ms=charge["latency_ms"],
+                       created_at=timezone.now())
+        return replace(head), rows
+
+
+_PREPARED_KEYS = ("units", "cost", "request_id", "request_nonce", "method", "path")  # what the receipt is built on
+_prepared: dict[uuid.UUID, PreparedCharge] = {}  # agreement -> the call whose charge is prepared in this process
+_prepared_lock = threading.Lock()
+
+
+def charge_prepare(*, reservation: Reservation, units: int, cost: int, request_id: str, request_nonce: str,
+                   method: str, path: str) -> PreparedCharge | None:
+    """While the upstream answers the call: its event, chained on the head this process knows, receipt signed, for
+    reservation_commit (which fills in the upstream's status and latency). None when there is nothing to prepare on:
+    outside PostgreSQL's autocommit, no head known, another call of the agreement prepared here. Never raises: a
+    charge not prepared is chained when it is charged."""
+    agreement_id = reservation.agreement_id
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        return None
+    with _prepared_lock:
+        known = _known_heads.get(agreement_id)
+        if known is None or agreement_id in _prepared:
+            return None
+        prepared = _prepared[agreement_id] = PreparedCharge(reservation, known)
+    try:
+        prepared.charge = _charge(units=units, cost=cost, request_id=request_id, request_nonce=request_nonce,
+                                  method=method, path=path, upstream_status=0, latency_ms=0)
+        head = replace(known)
+        prepared.chained = head, _extend_chain(head, [prepared.charge], source=UsageSource.PROXY)
+    except Exception:
+        logger.exception("preparing a charge failed; it is chained when charged")
+        _prepared_end(reservation)
+        return None
+    return prepared
+
+
+def _prepared_end(reservation: Reservation) -> None:
+    """The call is charged or released: another call of its agreement may be prepared."""
+    if _prepared:  # no lock while nothing is prepared in the process
+        with _prepared_lock:
+            prepared = _prepared.get(reservation.agreement_id)
+            if prepared is not None and prepared.reservation == reservation:
+                del _prepared[reservation.agreement_id]
 
 
 def _charge_in_two_round_trips(reservations: list[Reservation], charges: list[dict], *,
@@ -829,11 +897,14 @@ def _charge_in_two_round_trips(reservations: list[Reservation], charges: list[di
     return [by_intent.get(reservation.intent_id) for reservation in reservations]
 
 
-def _charge_alone(reservation: Reservation, charge: dict, *, answered: bool = False) -> UsageEvent:
+def _charge_alone(reservation: Reservation, charge: dict, *, answered: bool = False,
+                  prepared: PreparedCharge | None = None) -> UsageEvent:
     """PostgreSQL outside any transaction of the caller's: one call's charge, in one statement on the head this
-    process knows, else in two round trips."""
-    known = _known_head(reservation.agreement_id)
-    event = None if known is None else _charge_on_known_head(reservation, charge, known)
+    process knows (with the event `prepared` on it while the upstream answered, when that still is the head known),
+    else in two round trips."""
+    known = _known_heads.get(reservation.agreement_id)
+    chained = None if prepared is None else prepared.chained_for(known, charge)
+    event = None if known is None else _charge_on_known_head(reservation, charge, replace(known), chained)
     if event is None:
         [event] = _charge_in_two_round_trips([reservation], [charge], answered=[answered or known is not None])
         if event is None:
@@ -871,6 +942,7 @@ class _QueuedCharge:
     reservation: Reservation
     charge: dict
     answered: bool = False  # its answer is recorded on its intent
+    prepared: PreparedCharge | None = None  # its event, chained while the upstream answered: used when charged alone
     settled: threading.Event = dataclasses.field(default_factory=threading.Event)
     leads: bool = False  # woken to charge the queue, not with its own outcome
     event: UsageEvent | None = None
@@ -901,10 +973,10 @@ def _queued(mine: _QueuedCharge) -> deque:
     return queue
 
 
-def _charge_queued(reservation: Reservation, charge: dict) -> UsageEvent:
+def _charge_queued(reservation: Reservation, charge: dict, prepared: PreparedCharge | None) -> UsageEvent:
     """Charge the call, alone or with the calls of its agreement queued meanwhile in this process, by whichever of
     their threads is charging that agreement; the others wait for their outcome."""
-    mine = _QueuedCharge(reservation, charge)
+    mine = _QueuedCharge(reservation, charge, prepared=prepared)
     with _charge_queues_lock:
         queue = _queued(mine)
     if not mine.leads:
@@ -983,7 +1055,8 @@ def _charge_batch(batch: list[_QueuedCharge]) -> None:
         queued.leads = False
     if len(batch) == 1:
         try:
-            batch[0].event = _charge_alone(batch[0].reservation, batch[0].charge, answered=batch[0].answered)
+            batch[0].event = _charge_alone(batch[0].reservation, batch[0].charge, answered=batch[0].answered,
+                                           prepared=batch[0].prepared)
         except Exception as exc:  # noqa: BLE001 (raised in the caller's own thread)
             batch[0].error = exc
         return
@@ -1010,17 +1083,24 @@ def _charge_batch(batch: list[_QueuedCharge]) -> None:
             queued.event = event
 
 
+def _charge(*, units: int, cost: int, request_id: str, request_nonce: str, method: str, path: str,
+            upstream_status: int, latency_ms: int) -> dict:
+    return {"units": units, "cost": cost, "request_id": request_id, "request_nonce": request_nonce,
+            "method": method, "path": path[:500], "upstream_status": upstream_status, "latency_ms": latency_ms}
+
+
 def reservation_commit(*, reservation: Reservation, units: int, cost: int, request_id: str, request_nonce: str,
-                       method: str, path: str, upstream_status: int, latency_ms: int) -> UsageEvent:
+                       method: str, path: str, upstream_status: int, latency_ms: int,
+                       prepared: PreparedCharge | None = None) -> UsageEvent:
     """Record the upstream's answer (reservation_answered), then turn the reservation into a usage event charging
     `cost` (<= the reservation); the rest is released. When the charge cannot be written the whole reservation is
     released instead (503 `database_unavailable` when the database went away), so a failed commit never leaves
-    budget held."""
-    charge = {"units": units, "cost": cost, "request_id": request_id, "request_nonce": request_nonce,
-              "method": method, "path": path[:500], "upstream_status": upstream_status, "latency_ms": latency_ms}
+    budget held. `prepared`: what `charge_prepare` prepared for the call, if anything."""
+    charge = _charge(units=units, cost=cost, request_id=request_id, request_nonce=request_nonce, method=method,
+                     path=path, upstream_status=upstream_status, latency_ms=latency_ms)
     try:
         if connection.vendor == "postgresql" and not connection.in_atomic_block:
-            event = _charge_queued(reservation, charge)
+            event = _charge_queued(reservation, charge, prepared)
         else:
             reservation_answered(reservation=reservation, charge=charge)
             with transaction.atomic():
@@ -1045,6 +1125,8 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
     except BaseException:
         reservation_release(reservation=reservation)
         raise
+    finally:
+        _prepared_end(reservation)
     return event
 
 

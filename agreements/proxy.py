@@ -14,6 +14,7 @@ replaced by the platform's own `X-Forwarded-For`; the upstream's `Set-Cookie` ne
 talks to the marketplace, not to the seller's site, and a seller's cookie would be set on the marketplace's host).
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -313,12 +314,17 @@ def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_pa
     reservation = metering.reservation_take(
         agreement=terms, amount=max_units * terms.price_per_unit, request_id=request_id, request_nonce=nonce,
         method=request.method, path=upstream_path)
+    # A per-call price is what the call costs whatever the upstream answers (but 5xx): its charge is prepared while
+    # the upstream works (metering.charge_prepare).
+    prepare = None if terms.pricing_type == PricingType.PER_UNIT else functools.partial(
+        metering.charge_prepare, reservation=reservation, units=1, cost=terms.price_per_unit, request_id=request_id,
+        request_nonce=nonce, method=request.method, path=upstream_path)
     started = time.monotonic()
     try:
         upstream = _upstreams.request(
             request.method, terms.upstream_base_url + upstream_path, body=body,
             headers=_forward_headers(request, caller, terms, reservation, max_units, upstream_path, body),
-            connect_timeout=settings.PROXY_CONNECT_TIMEOUT, read_timeout=settings.PROXY_TIMEOUT)
+            connect_timeout=settings.PROXY_CONNECT_TIMEOUT, read_timeout=settings.PROXY_TIMEOUT, meanwhile=prepare)
     except TimeoutError as exc:
         metering.reservation_release(reservation=reservation)
         _observe_upstream("timeout", started)
@@ -346,7 +352,8 @@ def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_pa
         try:
             event = metering.reservation_commit(
                 reservation=reservation, units=units, cost=cost, request_id=request_id, request_nonce=nonce,
-                method=request.method, path=upstream_path, upstream_status=upstream.status, latency_ms=latency_ms)
+                method=request.method, path=upstream_path, upstream_status=upstream.status, latency_ms=latency_ms,
+                prepared=upstream.meanwhile)
         except BaseException:  # released (or the charge found) by the commit, or left to the reaper
             upstream.close()
             raise

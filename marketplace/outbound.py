@@ -27,7 +27,8 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpcore
@@ -167,9 +168,10 @@ class UpstreamAnswer:
     chunks. `close()` gives the connection back to its pool when the body was read to its end, else closes it."""
 
     def __init__(self, pool: "UpstreamPool", key: tuple, connection: _GuardedConnection,
-                 response: http.client.HTTPResponse):
+                 response: http.client.HTTPResponse, meanwhile=None):
         self.status = response.status
         self.headers = response.getheaders()
+        self.meanwhile = meanwhile  # what the request's `meanwhile` returned
         self._pool, self._key, self._connection, self._response = pool, key, connection, response
 
     def __iter__(self) -> Iterator[bytes]:
@@ -206,7 +208,11 @@ class UpstreamPool:
         self._lock = threading.Lock()
 
     def request(self, method: str, url: str, *, headers: list[tuple[str, str]], body: bytes,
-                connect_timeout: float, read_timeout: float) -> UpstreamAnswer:
+                connect_timeout: float, read_timeout: float, meanwhile: Callable[[], Any] | None = None
+                ) -> UpstreamAnswer:
+        """`meanwhile` is called once the request is sent, before its answer is read: work that overlaps the
+        upstream's, whose result is the answer's `meanwhile`. It must not raise (what it raises is not the
+        upstream's error); if it does, the connection is closed and the error propagates."""
         parts = urlsplit(url)
         tls = parts.scheme == "https"
         key = (tls, parts.hostname, parts.port or (443 if tls else 80))
@@ -222,7 +228,8 @@ class UpstreamPool:
             for name, value in headers:
                 connection.putheader(name, value)
             connection.endheaders(body or None)
-            return UpstreamAnswer(self, key, connection, connection.getresponse())
+            done_meanwhile = None if meanwhile is None else meanwhile()
+            return UpstreamAnswer(self, key, connection, connection.getresponse(), done_meanwhile)
         except ValueError as exc:  # a header http.client refuses to send (a line break in its value)
             connection.close()
             raise http.client.HTTPException(str(exc)) from exc
