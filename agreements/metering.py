@@ -409,7 +409,7 @@ def reservation_answered(*, reservation: Reservation, charge: dict) -> bool:
 
 
 def reservation_release(*, reservation: Reservation) -> None:
-    _prepared_end(reservation)
+    _charge_ahead_end(reservation)
     with _transaction_without_flush_wait():
         if _intent_close(reservation):
             UsageAgreement.objects.filter(pk=reservation.agreement_id).update(
@@ -748,12 +748,12 @@ def _charge_on_known_head(reservation: Reservation, charge: dict, known: _ChainH
     the head that statement answered, up to KNOWN_HEAD_ATTEMPTS statements; or None, having recorded only the answer,
     when the head kept moving (or the reaper closed the intent: the two round trips then find out which). The event
     is chained and its receipt signed before the row is locked, so the row lock is held for one statement and its
-    commit. `chained`: the first attempt's head after the event and the event's row, chained already."""
+    commit. `chained`: the first attempt's head after the event and the event's row, chained ahead already."""
     for _ in range(KNOWN_HEAD_ATTEMPTS):
         if chained is None:
             head = replace(known)
             rows = _extend_chain(head, [charge], source=UsageSource.PROXY)
-        else:  # the first attempt's, chained on `known` while the upstream answered (`charge_prepare`)
+        else:  # the first attempt's, chained on `known` while the upstream answered (`charge_ahead`)
             (head, rows), chained = chained, None
         with prepared_cursor() as cursor:
             cursor.execute(*_known_head_charge_statement(reservation, known, head, rows))
@@ -773,72 +773,75 @@ def _charge_on_known_head(reservation: Reservation, charge: dict, known: _ChainH
     return event
 
 
-# --- Charges prepared while the upstream answers ---------------------------------------------------------------------
+# --- Charges chained ahead of the upstream's answer ------------------------------------------------------------------
 # A per-call price is known before the upstream answers, and so is everything a proxied call's receipt signs (seq,
 # units, cost, cumulative, request id): what the upstream answers (status, latency) is recorded on the event, not
 # signed. So once the request is sent, the proxy chains the call's event on the head this process knows and signs its
 # receipt while the upstream works; once the answer is in, only the statement is left to build and send. That takes
 # the chain and the signature off the latency a call adds, and runs them before the wait rather than after it, when
-# the same code costs more CPU (bench/idle_cpu.py). One call per agreement at a time is prepared in a process: with
-# more in flight the head moves before most of them are charged, and they are charged together (charge combining).
+# the same code costs more CPU (bench/idle_cpu.py). One call per agreement at a time is chained ahead in a process,
+# and none while that agreement is being charged here: with more calls in flight the head moves before most of them
+# are charged, and they are charged together (charge combining), so what was chained ahead would be thrown away.
 
 @dataclass(eq=False)
-class PreparedCharge:
-    reservation: Reservation
-    known: _ChainHead  # the known head it is chained on (`_known_heads`' own object: replaced once the head moves)
-    charge: dict | None = None  # as `_charge` builds it, with the upstream's status and latency still 0
-    chained: tuple[_ChainHead, list[dict]] | None = None  # the head after the event, and the event's row
+class ChargeAhead:
+    """A call's event chained, and its receipt signed, ahead of the upstream's answer (`charge_ahead`)."""
 
-    def chained_for(self, known: _ChainHead | None, charge: dict) -> tuple[_ChainHead, list[dict]] | None:
-        """The head and event row to charge `charge` with on `known`, when it was prepared on that head for that
-        charge (else None: chained anew)."""
-        if self.chained is None or known is not self.known or \
-                any(self.charge[key] != charge[key] for key in _PREPARED_KEYS):
+    known: _ChainHead  # the known head it is chained on (`_known_heads`' own object: replaced once the head moves)
+    charge: dict  # `_charge_fields`' for the call, the upstream's status and latency still 0
+    # The head after the event, and the event's row; until used. Never printed: a signed receipt is a claim on-chain.
+    chained: tuple[_ChainHead, list[dict]] | None = dataclasses.field(repr=False)
+
+    def take(self, known: _ChainHead | None, charge: dict) -> tuple[_ChainHead, list[dict]] | None:
+        """The head and event row to charge `charge` with on `known`, with the upstream's answer filled in, when this
+        was chained on that head for that call (else None: the charge chains anew). Taken once."""
+        chained, self.chained = self.chained, None
+        if chained is None or known is not self.known or \
+                any(self.charge[key] != charge[key] for key in _AHEAD_KEYS):
             return None
-        head, rows = self.chained
+        head, rows = chained
         rows[0].update(upstream_status=charge["upstream_status"], latency_ms=charge["latency_ms"],
                        created_at=timezone.now())
-        return replace(head), rows
+        return head, rows
 
 
-_PREPARED_KEYS = ("units", "cost", "request_id", "request_nonce", "method", "path")  # what the receipt is built on
-_prepared: dict[uuid.UUID, PreparedCharge] = {}  # agreement -> the call whose charge is prepared in this process
-_prepared_lock = threading.Lock()
+# What the commit does not fill in: a charge that differs on them is not the one chained ahead.
+_AHEAD_KEYS = ("units", "cost", "request_id", "request_nonce", "method", "path")
+_charging_ahead: dict[uuid.UUID, Reservation] = {}  # agreement -> its call chained ahead in this process
+_charging_ahead_lock = threading.Lock()
 
 
-def charge_prepare(*, reservation: Reservation, units: int, cost: int, request_id: str, request_nonce: str,
-                   method: str, path: str) -> PreparedCharge | None:
+def charge_ahead(*, reservation: Reservation, units: int, cost: int, request_id: str, request_nonce: str,
+                 method: str, path: str) -> ChargeAhead | None:
     """While the upstream answers the call: its event, chained on the head this process knows, receipt signed, for
-    reservation_commit (which fills in the upstream's status and latency). None when there is nothing to prepare on:
-    outside PostgreSQL's autocommit, no head known, another call of the agreement prepared here. Never raises: a
-    charge not prepared is chained when it is charged."""
+    reservation_commit (which fills in the upstream's status and latency). None when there is nothing to chain on:
+    outside PostgreSQL's autocommit, no head known, another call of the agreement chained ahead or its charge running
+    here. Never raises: a charge not chained ahead is chained when it is charged."""
     agreement_id = reservation.agreement_id
     if connection.vendor != "postgresql" or connection.in_atomic_block:
         return None
-    with _prepared_lock:
+    with _charging_ahead_lock:
         known = _known_heads.get(agreement_id)
-        if known is None or agreement_id in _prepared:
+        if known is None or agreement_id in _charging_ahead or agreement_id in _charge_queues:
             return None
-        prepared = _prepared[agreement_id] = PreparedCharge(reservation, known)
+        _charging_ahead[agreement_id] = reservation
     try:
-        prepared.charge = _charge(units=units, cost=cost, request_id=request_id, request_nonce=request_nonce,
-                                  method=method, path=path, upstream_status=0, latency_ms=0)
+        charge = _charge_fields(units=units, cost=cost, request_id=request_id, request_nonce=request_nonce,
+                                method=method, path=path, upstream_status=0, latency_ms=0)
         head = replace(known)
-        prepared.chained = head, _extend_chain(head, [prepared.charge], source=UsageSource.PROXY)
+        return ChargeAhead(known, charge, (head, _extend_chain(head, [charge], source=UsageSource.PROXY)))
     except Exception:
-        logger.exception("preparing a charge failed; it is chained when charged")
-        _prepared_end(reservation)
+        logger.exception("chaining a charge ahead of the answer failed; it is chained when charged")
+        _charge_ahead_end(reservation)
         return None
-    return prepared
 
 
-def _prepared_end(reservation: Reservation) -> None:
-    """The call is charged or released: another call of its agreement may be prepared."""
-    if _prepared:  # no lock while nothing is prepared in the process
-        with _prepared_lock:
-            prepared = _prepared.get(reservation.agreement_id)
-            if prepared is not None and prepared.reservation == reservation:
-                del _prepared[reservation.agreement_id]
+def _charge_ahead_end(reservation: Reservation) -> None:
+    """The call is charged or released: another call of its agreement may be chained ahead."""
+    if _charging_ahead:  # no lock while nothing is chained ahead in the process
+        with _charging_ahead_lock:
+            if _charging_ahead.get(reservation.agreement_id) == reservation:
+                del _charging_ahead[reservation.agreement_id]
 
 
 def _charge_in_two_round_trips(reservations: list[Reservation], charges: list[dict], *,
@@ -898,13 +901,13 @@ def _charge_in_two_round_trips(reservations: list[Reservation], charges: list[di
 
 
 def _charge_alone(reservation: Reservation, charge: dict, *, answered: bool = False,
-                  prepared: PreparedCharge | None = None) -> UsageEvent:
+                  ahead: ChargeAhead | None = None) -> UsageEvent:
     """PostgreSQL outside any transaction of the caller's: one call's charge, in one statement on the head this
-    process knows (with the event `prepared` on it while the upstream answered, when that still is the head known),
-    else in two round trips."""
+    process knows (with the event chained `ahead` on it, when that still is the head known), else in two round
+    trips."""
     known = _known_heads.get(reservation.agreement_id)
-    chained = None if prepared is None else prepared.chained_for(known, charge)
-    event = None if known is None else _charge_on_known_head(reservation, charge, replace(known), chained)
+    chained = None if ahead is None else ahead.take(known, charge)
+    event = None if known is None else _charge_on_known_head(reservation, charge, known, chained)
     if event is None:
         [event] = _charge_in_two_round_trips([reservation], [charge], answered=[answered or known is not None])
         if event is None:
@@ -942,7 +945,7 @@ class _QueuedCharge:
     reservation: Reservation
     charge: dict
     answered: bool = False  # its answer is recorded on its intent
-    prepared: PreparedCharge | None = None  # its event, chained while the upstream answered: used when charged alone
+    ahead: ChargeAhead | None = None  # its event, chained while the upstream answered: used when charged alone
     settled: threading.Event = dataclasses.field(default_factory=threading.Event)
     leads: bool = False  # woken to charge the queue, not with its own outcome
     event: UsageEvent | None = None
@@ -973,10 +976,10 @@ def _queued(mine: _QueuedCharge) -> deque:
     return queue
 
 
-def _charge_queued(reservation: Reservation, charge: dict, prepared: PreparedCharge | None) -> UsageEvent:
+def _charge_queued(reservation: Reservation, charge: dict, ahead: ChargeAhead | None) -> UsageEvent:
     """Charge the call, alone or with the calls of its agreement queued meanwhile in this process, by whichever of
     their threads is charging that agreement; the others wait for their outcome."""
-    mine = _QueuedCharge(reservation, charge, prepared=prepared)
+    mine = _QueuedCharge(reservation, charge, ahead=ahead)
     with _charge_queues_lock:
         queue = _queued(mine)
     if not mine.leads:
@@ -1056,7 +1059,7 @@ def _charge_batch(batch: list[_QueuedCharge]) -> None:
     if len(batch) == 1:
         try:
             batch[0].event = _charge_alone(batch[0].reservation, batch[0].charge, answered=batch[0].answered,
-                                           prepared=batch[0].prepared)
+                                           ahead=batch[0].ahead)
         except Exception as exc:  # noqa: BLE001 (raised in the caller's own thread)
             batch[0].error = exc
         return
@@ -1083,7 +1086,7 @@ def _charge_batch(batch: list[_QueuedCharge]) -> None:
             queued.event = event
 
 
-def _charge(*, units: int, cost: int, request_id: str, request_nonce: str, method: str, path: str,
+def _charge_fields(*, units: int, cost: int, request_id: str, request_nonce: str, method: str, path: str,
             upstream_status: int, latency_ms: int) -> dict:
     return {"units": units, "cost": cost, "request_id": request_id, "request_nonce": request_nonce,
             "method": method, "path": path[:500], "upstream_status": upstream_status, "latency_ms": latency_ms}
@@ -1091,16 +1094,16 @@ def _charge(*, units: int, cost: int, request_id: str, request_nonce: str, metho
 
 def reservation_commit(*, reservation: Reservation, units: int, cost: int, request_id: str, request_nonce: str,
                        method: str, path: str, upstream_status: int, latency_ms: int,
-                       prepared: PreparedCharge | None = None) -> UsageEvent:
+                       ahead: ChargeAhead | None = None) -> UsageEvent:
     """Record the upstream's answer (reservation_answered), then turn the reservation into a usage event charging
     `cost` (<= the reservation); the rest is released. When the charge cannot be written the whole reservation is
     released instead (503 `database_unavailable` when the database went away), so a failed commit never leaves
-    budget held. `prepared`: what `charge_prepare` prepared for the call, if anything."""
-    charge = _charge(units=units, cost=cost, request_id=request_id, request_nonce=request_nonce, method=method,
-                     path=path, upstream_status=upstream_status, latency_ms=latency_ms)
+    budget held. `ahead`: what `charge_ahead` chained for the call, if anything."""
     try:
+        charge = _charge_fields(units=units, cost=cost, request_id=request_id, request_nonce=request_nonce,
+                                method=method, path=path, upstream_status=upstream_status, latency_ms=latency_ms)
         if connection.vendor == "postgresql" and not connection.in_atomic_block:
-            event = _charge_queued(reservation, charge, prepared)
+            event = _charge_queued(reservation, charge, ahead)
         else:
             reservation_answered(reservation=reservation, charge=charge)
             with transaction.atomic():
@@ -1126,7 +1129,7 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
         reservation_release(reservation=reservation)
         raise
     finally:
-        _prepared_end(reservation)
+        _charge_ahead_end(reservation)
     return event
 
 

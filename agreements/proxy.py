@@ -314,17 +314,17 @@ def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_pa
     reservation = metering.reservation_take(
         agreement=terms, amount=max_units * terms.price_per_unit, request_id=request_id, request_nonce=nonce,
         method=request.method, path=upstream_path)
-    # A per-call price is what the call costs whatever the upstream answers (but 5xx): its charge is prepared while
-    # the upstream works (metering.charge_prepare).
-    prepare = None if terms.pricing_type == PricingType.PER_UNIT else functools.partial(
-        metering.charge_prepare, reservation=reservation, units=1, cost=terms.price_per_unit, request_id=request_id,
+    # A per-call price is what the call costs whatever the upstream answers (but 5xx): its charge is chained while
+    # the upstream works (metering.charge_ahead).
+    charge_ahead = None if terms.pricing_type == PricingType.PER_UNIT else functools.partial(
+        metering.charge_ahead, reservation=reservation, units=1, cost=terms.price_per_unit, request_id=request_id,
         request_nonce=nonce, method=request.method, path=upstream_path)
     started = time.monotonic()
     try:
         upstream = _upstreams.request(
             request.method, terms.upstream_base_url + upstream_path, body=body,
             headers=_forward_headers(request, caller, terms, reservation, max_units, upstream_path, body),
-            connect_timeout=settings.PROXY_CONNECT_TIMEOUT, read_timeout=settings.PROXY_TIMEOUT, meanwhile=prepare)
+            connect_timeout=settings.PROXY_CONNECT_TIMEOUT, read_timeout=settings.PROXY_TIMEOUT, meanwhile=charge_ahead)
     except TimeoutError as exc:
         metering.reservation_release(reservation=reservation)
         _observe_upstream("timeout", started)
@@ -342,18 +342,23 @@ def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_pa
         metering.reservation_release(reservation=reservation)  # nothing was served: the hold must not leak
         raise
     upstream_headers = upstream.headers
-    latency_ms = int(_observe_upstream("error" if upstream.status >= 500 else "ok", started) * 1000)
+    try:
+        latency_ms = int(_observe_upstream("error" if upstream.status >= 500 else "ok", started) * 1000)
+        units = _served_units(upstream_headers, terms, max_units)
+    except BaseException:
+        metering.reservation_release(reservation=reservation)
+        upstream.close()
+        raise
     if upstream.status >= 500:
         metering.reservation_release(reservation=reservation)
         cost, event = 0, None
     else:
-        units = _served_units(upstream_headers, terms, max_units)
         cost = units * terms.price_per_unit
         try:
             event = metering.reservation_commit(
                 reservation=reservation, units=units, cost=cost, request_id=request_id, request_nonce=nonce,
                 method=request.method, path=upstream_path, upstream_status=upstream.status, latency_ms=latency_ms,
-                prepared=upstream.meanwhile)
+                ahead=upstream.meanwhile)
         except BaseException:  # released (or the charge found) by the commit, or left to the reaper
             upstream.close()
             raise

@@ -168,7 +168,7 @@ class UpstreamAnswer:
     chunks. `close()` gives the connection back to its pool when the body was read to its end, else closes it."""
 
     def __init__(self, pool: "UpstreamPool", key: tuple, connection: _GuardedConnection,
-                 response: http.client.HTTPResponse, meanwhile=None):
+                 response: http.client.HTTPResponse, meanwhile: Any = None):
         self.status = response.status
         self.headers = response.getheaders()
         self.meanwhile = meanwhile  # what the request's `meanwhile` returned
@@ -223,16 +223,16 @@ class UpstreamPool:
         else:
             connection.sock.settimeout(read_timeout)  # this call's, not the one's that opened the connection
         try:
-            connection.putrequest(method, parts.path + (f"?{parts.query}" if parts.query else "") or "/",
-                                  skip_host=True, skip_accept_encoding=True)
-            for name, value in headers:
-                connection.putheader(name, value)
-            connection.endheaders(body or None)
+            try:
+                connection.putrequest(method, parts.path + (f"?{parts.query}" if parts.query else "") or "/",
+                                      skip_host=True, skip_accept_encoding=True)
+                for name, value in headers:
+                    connection.putheader(name, value)
+                connection.endheaders(body or None)
+            except ValueError as exc:  # a header http.client refuses to send (a line break in its value)
+                raise http.client.HTTPException(str(exc)) from exc
             done_meanwhile = None if meanwhile is None else meanwhile()
             return UpstreamAnswer(self, key, connection, connection.getresponse(), done_meanwhile)
-        except ValueError as exc:  # a header http.client refuses to send (a line break in its value)
-            connection.close()
-            raise http.client.HTTPException(str(exc)) from exc
         except BaseException:
             connection.close()
             raise

@@ -4,7 +4,6 @@
 the books are exact."""
 
 import uuid
-from dataclasses import replace
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -154,7 +153,7 @@ def test_a_miss_records_the_answer_so_the_reaper_charges_a_call_whose_process_di
     charge = {"units": 1, "cost": PRICE, "request_id": "req-served", "request_nonce": "", "method": "GET",
               "path": "/work", "upstream_status": 200, "latency_ms": 5}
 
-    assert metering._charge_on_known_head(served, charge, replace(metering._known_heads[terms.pk])) is None  # moved
+    assert metering._charge_on_known_head(served, charge, metering._known_heads[terms.pk]) is None  # the head moved
     intent = CallIntent.objects.get(pk=served.intent_id)
     assert intent.answered_at is not None and (intent.units, intent.cost) == (1, PRICE)
     # The process dies before its two round trips: the reaper charges the call the seller served.
