@@ -31,6 +31,13 @@ def cpu_ms() -> float:
     return (time.thread_time() - started) * 1000
 
 
+def warm_ms(repeats: int = REPEATS) -> float:
+    """Median CPU of a piece run back to back: how fast this machine runs Python right now (other benches print it
+    before and after their runs, since the machine's speed drifts)."""
+    work()
+    return statistics.median(cpu_ms() for _ in range(repeats))
+
+
 def warm_and_idle_ms(gap_ms: float) -> tuple[float, float]:
     """Median CPU of a piece run right after another (warm) and of one run after `gap_ms` idle, interleaved so
     that the machine's drift (its speed varies from minute to minute) affects both alike."""

@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import harness  # noqa: E402
+from bench import harness, idle_cpu  # noqa: E402
 from bench import metering as bench_metering  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench_proxy"
@@ -173,6 +173,11 @@ def summary(sample: Sample) -> dict:
 # --- main ---------------------------------------------------------------------------------------------------------
 
 
+# The same Python work on any machine (bench/idle_cpu.py): what runs on different machines, or drift within a run, is
+# read against.
+MACHINE_SPEED = "bench/idle_cpu.py's work takes"
+
+
 def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack) -> int:
     env = bench_metering.setup_django(database_url)
     from escrow import devchain
@@ -210,7 +215,8 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     print(f"per caller count and upstream delay, {args.rounds} x ({args.seconds:g} s direct, {args.seconds:g} s "
           f"proxied on one agreement, {args.seconds:g} s proxied on one agreement per caller); {PRICE} atomic units "
           f"per call")
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; "
+          f"{MACHINE_SPEED} {idle_cpu.warm_ms():.3f} ms before the run\n")
 
     proxied = Sample()  # every proxied answer, warm-up included: what the totals must add up to
     failures: list[str] = []
@@ -298,7 +304,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
           f"with the SDK ({time.perf_counter() - checking:.1f} s): {'OK' if not problems else 'FAILED'}")
     for problem in problems[:20]:
         print(f"  {problem}")
-    print(f"load average {os.getloadavg()[0]:.1f} after the run")
+    print(f"load average {os.getloadavg()[0]:.1f} after the run; {MACHINE_SPEED} {idle_cpu.warm_ms():.3f} ms after the run")
     return 1 if problems or failures else 0
 
 
