@@ -788,7 +788,7 @@ class ChargeAhead:
     """A call's event chained, and its receipt signed, ahead of the upstream's answer (`charge_ahead`)."""
 
     known: _ChainHead  # the known head it is chained on (`_known_heads`' own object: replaced once the head moves)
-    charge: dict  # `_charge_fields`' for the call, the upstream's status and latency still 0
+    charge: dict  # the call's, as `_charge_fields` builds it, with the upstream's status and latency still 0
     # The head after the event, and the event's row; until used. Never printed: a signed receipt is a claim on-chain.
     chained: tuple[_ChainHead, list[dict]] | None = dataclasses.field(repr=False)
 
@@ -1087,7 +1087,7 @@ def _charge_batch(batch: list[_QueuedCharge]) -> None:
 
 
 def _charge_fields(*, units: int, cost: int, request_id: str, request_nonce: str, method: str, path: str,
-            upstream_status: int, latency_ms: int) -> dict:
+                   upstream_status: int, latency_ms: int) -> dict:
     return {"units": units, "cost": cost, "request_id": request_id, "request_nonce": request_nonce,
             "method": method, "path": path[:500], "upstream_status": upstream_status, "latency_ms": latency_ms}
 
