@@ -788,18 +788,19 @@ class ChargeAhead:
     """A call's event chained, and its receipt signed, ahead of the upstream's answer (`charge_ahead`)."""
 
     known: _ChainHead  # the known head it is chained on (`_known_heads`' own object: replaced once the head moves)
-    charge: dict  # the call's, as `_charge_fields` builds it, with the upstream's status and latency still 0
-    # The head after the event, and the event's row; until used. Never printed: a signed receipt is a claim on-chain.
+    # The head after the event, and the event's row (the upstream's status and latency still 0); until used. Never
+    # printed: a signed receipt is a claim on-chain.
     chained: tuple[_ChainHead, list[dict]] | None = dataclasses.field(repr=False)
 
     def take(self, known: _ChainHead | None, charge: dict) -> tuple[_ChainHead, list[dict]] | None:
         """The head and event row to charge `charge` with on `known`, with the upstream's answer filled in, when this
         was chained on that head for that call (else None: the charge chains anew). Taken once."""
         chained, self.chained = self.chained, None
-        if chained is None or known is not self.known or \
-                any(self.charge[key] != charge[key] for key in _AHEAD_KEYS):
+        if chained is None or known is not self.known:
             return None
         head, rows = chained
+        if any(rows[0][key] != charge[key] for key in _AHEAD_KEYS):
+            return None
         rows[0].update(upstream_status=charge["upstream_status"], latency_ms=charge["latency_ms"],
                        created_at=timezone.now())
         return head, rows
@@ -829,7 +830,7 @@ def charge_ahead(*, reservation: Reservation, units: int, cost: int, request_id:
         charge = _charge_fields(units=units, cost=cost, request_id=request_id, request_nonce=request_nonce,
                                 method=method, path=path, upstream_status=0, latency_ms=0)
         head = replace(known)
-        return ChargeAhead(known, charge, (head, _extend_chain(head, [charge], source=UsageSource.PROXY)))
+        return ChargeAhead(known, (head, _extend_chain(head, [charge], source=UsageSource.PROXY)))
     except Exception:
         logger.exception("chaining a charge ahead of the answer failed; it is chained when charged")
         _charge_ahead_end(reservation)
