@@ -90,6 +90,7 @@ bench: install
 	$(PY) bench/relayer.py --activations 20
 	$(PY) bench/load.py --duration 10 --services 100
 	$(PY) bench/gas.py
+	$(PY) bench/proxy_event_loop.py --seconds 2 --rounds 1
 
 clean:
 	rm -rf $(VENV) var node_modules
