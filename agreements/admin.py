@@ -22,6 +22,7 @@ from agreements.models import (
     WebhookSubscription,
 )
 from marketplace.admin import (
+    URLS_ASSUME_HTTPS,
     MoneyRecordAdmin,
     MoneyRecordInline,
     address_column,
@@ -212,6 +213,7 @@ class WebhookSubscriptionAdmin(admin.ModelAdmin):
     search_fields = ("url", "agent__handle")
     readonly_fields = ("secret_hint", "created_at")
     exclude = ("secret",)
+    formfield_overrides = URLS_ASSUME_HTTPS
     inlines = [DeliveryInline]
 
     short_id = short_id_column()

@@ -10,6 +10,7 @@
 """
 
 from django.contrib import admin
+from django.db import models
 from django.urls import reverse
 from django.utils.html import format_html
 
@@ -20,6 +21,10 @@ admin.site.site_header = "Agent Escrow Marketplace"
 admin.site.site_title = "Agent Escrow Marketplace"
 admin.site.index_title = "Administration"
 admin.site.enable_nav_sidebar = False  # its width pushed the lists of money records into sideways scrolling
+
+
+# An address typed without a scheme is read as https (Django 6's default; 5.2 still reads http, and warns).
+URLS_ASSUME_HTTPS = {models.URLField: {"assume_scheme": "https"}}
 
 
 class MoneyRecordAdmin(admin.ModelAdmin):

@@ -7,6 +7,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from django.urls import reverse
 
+from agreements.models import WebhookSubscription
 from catalog.models import ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
 from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token, register_service
 from tests.conftest import Api, error_code
@@ -196,3 +197,10 @@ def test_the_admin_needs_a_staff_login(catalog):
     response = Client().get(_url(Service, "changelist"))
 
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_a_webhook_address_typed_without_a_scheme_is_read_as_https(rf):
+    request = rf.get("/admin/")
+    request.user = UserFactory(is_superuser=True, is_staff=True)
+    form = admin.site._registry[WebhookSubscription].get_form(request)
+    assert form.base_fields["url"].clean("buyer.example/hook") == "https://buyer.example/hook"
