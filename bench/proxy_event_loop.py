@@ -2,11 +2,12 @@
 upstream call, one signature per call, nothing else) served two ways, side by side in one run:
 
     .venv/bin/python bench/proxy_event_loop.py [--clients 1,16] [--seconds 5] [--rounds 2] [--delays-ms 0,20]
+                                               [--loop asyncio|uvloop]
 
 - threads: `application` (WSGI) on granian's blocking threads, 2 workers x 8 threads, as the marketplace is served
   (marketplace.serve), with psycopg and http.client;
-- event loop: `async_application` (ASGI) on granian's asyncio loop, 2 workers, with psycopg's async connections and
-  aiohttp's client.
+- event loop: `async_application` (ASGI) on granian's event loop, 2 workers, with psycopg's async connections and
+  aiohttp's client; asyncio's own loop, or uvloop's with `--loop uvloop`.
 
 An asynchronous hot path cannot spend less than its floor, so this is the most moving the proxy off granian's
 threads could save (README, Performance). Per caller count and upstream delay, after a warm-up, `--rounds` times
@@ -38,7 +39,7 @@ from bench import proxy as bench_proxy  # noqa: E402
 WORKERS, THREADS = 2, 8  # marketplace.serve's defaults
 
 
-def _servers(processes, env: dict, upstream: str, database_url: str) -> dict[str, int]:
+def _servers(processes, env: dict, upstream: str, database_url: str, loop: str) -> dict[str, int]:
     """The floor served both ways: name -> port."""
     from escrow import devchain
     from marketplace import serve
@@ -52,7 +53,7 @@ def _servers(processes, env: dict, upstream: str, database_url: str) -> dict[str
     # The same command on granian's event loop: ASGI, and no blocking threads to hand requests to.
     options[options.index("--interface") + 1] = "asgi"
     del options[options.index("--blocking-threads"):options.index("--blocking-threads") + 2]
-    processes.start("event loop", [granian, *options], floor_env)
+    processes.start("event loop", [granian, "--loop", loop, *options], floor_env)
     return ports
 
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
         database.execute("CREATE TABLE bench_proxy_floor (id int PRIMARY KEY, calls bigint NOT NULL)")
         database.execute("INSERT INTO bench_proxy_floor SELECT row, 0 FROM generate_series(1, %s) row",
                          [max(args.clients)])
-    ports = _servers(processes, env, f"127.0.0.1:{upstream_port}", database_url)
+    ports = _servers(processes, env, f"127.0.0.1:{upstream_port}", database_url, args.loop)
     meters = {}
     for name, port in ports.items():
         bench_proxy.wait_for_upstream(f"http://127.0.0.1:{port}/work", processes)
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     harness.freeze_client_heap()
 
     print(f"the floor (bench/proxy_floor.py) on granian, {WORKERS} workers: threads = WSGI x {THREADS} blocking "
-          f"threads, psycopg + http.client; event loop = ASGI, psycopg async + aiohttp; upstream: aiohttp")
+          f"threads, psycopg + http.client; event loop = ASGI on {args.loop}, psycopg async + aiohttp; "
+          f"upstream: aiohttp")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; "
           f"{bench_proxy.MACHINE_SPEED} {idle_cpu.warm_ms():.3f} ms\n")
     header = (f"{'callers':>7} {'upstream delay':>14}  {'served on':<10} {'requests':>9} {'req/s':>8} {'p50 ms':>8} "
@@ -132,6 +134,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternations per caller count and delay (default 2)")
     parser.add_argument("--delays-ms", type=lambda text: [int(part) for part in text.split(",")], default=[0, 20],
                         help="upstream service times, comma-separated (default 0,20)")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                        help="the event loop granian runs the ASGI floor on (default asyncio)")
     parser.add_argument("--timeout", type=int, default=300, help="global limit in seconds (default 300)")
     args = parser.parse_args()
     if not (all(1 <= clients <= 256 for clients in args.clients) and 0.5 <= args.seconds <= 120
