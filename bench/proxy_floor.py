@@ -95,10 +95,8 @@ async def async_application(scope, receive, send):
     connections = _on_loop.setdefault(asyncio.get_running_loop(), _EventLoopConnections())
     row, target = _call(scope["query_string"].decode("latin-1"))
     database = await connections.database()
-    try:
-        (calls,) = await (await database.execute(_COUNT, [row], prepare=True)).fetchone()
-    finally:
-        connections.idle.append(database)
+    (calls,) = await (await database.execute(_COUNT, [row], prepare=True)).fetchone()
+    connections.idle.append(database)  # kept for the next call only once it served this one
     async with connections.upstream().request(scope["method"], target) as answer:
         body = await answer.read()
     headers = [(name.encode(), value.encode()) for name, value in _HEADERS]
