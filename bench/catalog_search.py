@@ -534,6 +534,7 @@ def main() -> int:
             print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
             meter = harness.CpuMeter(harness.child_pids(server.pid), database_url)
             harness.freeze_client_heap()
+            stolen = harness.StolenCpu()
             header = (f"{'query':<66} {'page':>5} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'server CPU':>11} "
                       f"{'db CPU':>7}")
             print(header)
@@ -559,6 +560,7 @@ def main() -> int:
                     print(f"    {len(result['failures'])} wrong answers, e.g. "
                           f"{(result['failures'] or [first_failure])[0]}")
             meter.close()
+            print(f"{stolen.since()} during the measured requests")
         finally:
             stop_server(server)
     if args.explain:

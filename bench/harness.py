@@ -74,6 +74,31 @@ def cpu_seconds(pids: list[int]) -> float | None:
     return total / ticks
 
 
+class StolenCpu:
+    """The share of this machine's CPU time its hypervisor gave to other guests (steal time, /proc/stat) since it was
+    made: a busy neighbour on a shared VM, which slows every phase of a run and which neither the load average nor a
+    short timed burst of work (bench/idle_cpu.py) shows."""
+
+    def __init__(self):
+        self.start = self._times()
+
+    @staticmethod
+    def _times() -> tuple[int, int] | None:
+        """(steal, all) CPU ticks of every CPU so far, or None where /proc/stat cannot be read."""
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(value) for value in stat.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        return fields[7], sum(fields)  # user nice system idle iowait irq softirq steal (guest time is in user)
+
+    def since(self) -> str:
+        now = self._times()
+        if self.start is None or now is None or now[1] == self.start[1]:
+            return "CPU stolen by the hypervisor: n/a"
+        return f"CPU stolen by the hypervisor: {100 * (now[0] - self.start[0]) / (now[1] - self.start[1]):.1f}%"
+
+
 def child_pids(pid: int) -> list[int]:
     """The direct children of `pid` (e.g. the web server's workers), from /proc; [] where it cannot be read."""
     try:

@@ -218,6 +218,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; "
           f"{MACHINE_SPEED} {idle_cpu.warm_ms():.3f} ms before the run\n")
 
+    stolen = harness.StolenCpu()
     proxied = Sample()  # every proxied answer, warm-up included: what the totals must add up to
     failures: list[str] = []
     rows = []
@@ -304,7 +305,8 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
           f"with the SDK ({time.perf_counter() - checking:.1f} s): {'OK' if not problems else 'FAILED'}")
     for problem in problems[:20]:
         print(f"  {problem}")
-    print(f"load average {os.getloadavg()[0]:.1f} after the run; {MACHINE_SPEED} {idle_cpu.warm_ms():.3f} ms after the run")
+    print(f"load average {os.getloadavg()[0]:.1f} after the run; {stolen.since()} during it; {MACHINE_SPEED} "
+          f"{idle_cpu.warm_ms():.3f} ms after the run")
     return 1 if problems or failures else 0
 
 

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
               f"{'p99 ms':>8} {'errors':>7} {'server CPU ms/call':>18} {'db CPU ms/call':>14}")
     print(header)
     print("-" * len(header))
-    failures, ratios = [], []
+    failures, ratios, stolen = [], [], harness.StolenCpu()
     for clients, delay in itertools.product(args.clients, args.delays_ms):
         query = f"&delay_ms={delay}" if delay else ""
         urls = {name: [f"http://127.0.0.1:{port}/work?row={caller + 1}{query}" for caller in range(clients)]
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
         if threads and loop:
             ratios.append(f"{clients} callers, {delay} ms: {loop / threads:.2f}x")
     print(f"\nserver CPU per call on the event loop / on threads: {'; '.join(ratios)}")
-    print(f"{bench_proxy.MACHINE_SPEED} {idle_cpu.warm_ms():.3f} ms after the run")
+    print(f"{stolen.since()} during the run; {bench_proxy.MACHINE_SPEED} {idle_cpu.warm_ms():.3f} ms after it")
     if failures:
         print(f"\n{len(failures)} calls failed, for example: {failures[0]}")
     return 1 if failures else 0

@@ -163,6 +163,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
 
     harness.freeze_client_heap()
+    stolen = harness.StolenCpu()
     # Warm-up: every worker's connection, the statements psycopg prepares, the first requests' imports.
     warm = asyncio.run(record(base_url, seller_key, agreement_ids, batch=BATCH, clients=args.clients, seconds=1))
     acknowledged = Counter(warm.units)
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     for problem in problems[:20]:
         print(f"  {problem}")
     print(f"best batched rate {best_batched:,.0f} events/s (goal 10,000); "
-          f"load average {os.getloadavg()[0]:.1f} after the run")
+          f"load average {os.getloadavg()[0]:.1f} after the run; {stolen.since()} during it")
     return 1 if problems or failures else 0
 
 
