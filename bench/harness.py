@@ -27,6 +27,11 @@ def bench_database_url(default: str) -> tuple[str, str | None]:
     return url, None
 
 
+def integer_list(text: str) -> list[int]:
+    """An argument's comma-separated whole numbers ("1,16")."""
+    return [int(part) for part in text.split(",")]
+
+
 def run_bounded(run: Callable[[contextlib.ExitStack], int], timeout: int) -> int:
     """`run(stack)` under a global timeout; whatever it registered on the stack (processes to stop) runs at the end,
     on success, error, timeout or Ctrl-C. Exit status: run's own, 2 when the set-up failed or time ran out, 130."""

@@ -314,15 +314,11 @@ def start_floor(processes, env: dict, database_url: str, upstream_url: str,
                 args: argparse.Namespace) -> tuple[str, harness.CpuMeter]:
     """bench/proxy_floor.py, served like the marketplace (same granian command, workers and threads), on its own
     table of the bench's database: its URL and a meter of its processes' CPU."""
-    import psycopg
-
+    from bench import proxy_floor
     from escrow import devchain
     from marketplace import serve
 
-    with psycopg.connect(database_url, autocommit=True) as database:
-        database.execute("DROP TABLE IF EXISTS bench_proxy_floor")
-        database.execute("CREATE TABLE bench_proxy_floor (id int PRIMARY KEY, calls bigint NOT NULL)")
-        database.execute("INSERT INTO bench_proxy_floor VALUES (1, 0)")
+    proxy_floor.create_table(database_url, rows=1)
     port = devchain.free_port()
     floor_env = {**os.environ, **env, "BENCH_FLOOR_DATABASE_URL": database_url,
                  "BENCH_FLOOR_UPSTREAM": upstream_url.removeprefix("http://")}
@@ -362,11 +358,11 @@ def main() -> int:
         serve_upstream(int(sys.argv[2]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=lambda text: [int(part) for part in text.split(",")], default=[1, 16],
+    parser.add_argument("--clients", type=harness.integer_list, default=[1, 16],
                         help="concurrent callers, comma-separated: each count is measured in turn (default 1,16)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one measured phase (default 5)")
     parser.add_argument("--rounds", type=int, default=2, help="direct/proxy alternations per delay (default 2)")
-    parser.add_argument("--delays-ms", type=lambda text: [int(part) for part in text.split(",")], default=[0, 20],
+    parser.add_argument("--delays-ms", type=harness.integer_list, default=[0, 20],
                         help="upstream service times to measure, comma-separated (default 0,20)")
     parser.add_argument("--workers", type=int, default=2, help="web server worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=8, help="threads per web server worker (default 8)")

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench import harness, idle_cpu  # noqa: E402
 from bench import metering as bench_metering  # noqa: E402
 from bench import proxy as bench_proxy  # noqa: E402
+from bench import proxy_floor  # noqa: E402
 
 WORKERS, THREADS = 2, 8  # marketplace.serve's defaults
 
@@ -58,8 +59,6 @@ def _servers(processes, env: dict, upstream: str, database_url: str, loop: str) 
 
 
 def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack) -> int:
-    import psycopg
-
     from escrow import devchain
 
     bench_metering.ensure_database(database_url)
@@ -70,11 +69,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     processes.start("upstream", [sys.executable, str(ROOT / "bench" / "proxy.py"), "--serve-upstream",
                                  str(upstream_port)], {**os.environ, **env})
     bench_proxy.wait_for_upstream(f"http://127.0.0.1:{upstream_port}/ready", processes)
-    with psycopg.connect(database_url, autocommit=True) as database:
-        database.execute("DROP TABLE IF EXISTS bench_proxy_floor")
-        database.execute("CREATE TABLE bench_proxy_floor (id int PRIMARY KEY, calls bigint NOT NULL)")
-        database.execute("INSERT INTO bench_proxy_floor SELECT row, 0 FROM generate_series(1, %s) row",
-                         [max(args.clients)])
+    proxy_floor.create_table(database_url, rows=max(args.clients))
     ports = _servers(processes, env, f"127.0.0.1:{upstream_port}", database_url, args.loop)
     meters = {}
     for name, port in ports.items():
@@ -128,11 +123,11 @@ def _ms(value: float | None) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=lambda text: [int(part) for part in text.split(",")], default=[1, 16],
+    parser.add_argument("--clients", type=harness.integer_list, default=[1, 16],
                         help="concurrent callers, comma-separated (default 1,16)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one measured phase (default 5)")
     parser.add_argument("--rounds", type=int, default=2, help="alternations per caller count and delay (default 2)")
-    parser.add_argument("--delays-ms", type=lambda text: [int(part) for part in text.split(",")], default=[0, 20],
+    parser.add_argument("--delays-ms", type=harness.integer_list, default=[0, 20],
                         help="upstream service times, comma-separated (default 0,20)")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
                         help="the event loop granian runs the ASGI floor on (default asyncio)")

@@ -31,6 +31,14 @@ _HEADERS = [("Content-Type", "application/json")]
 _per_thread = threading.local()
 
 
+def create_table(database_url: str, rows: int) -> None:
+    """The floor's table, made anew with `rows` rows counting from 0 (ids 1..rows)."""
+    with psycopg.connect(database_url, autocommit=True) as database:
+        database.execute("DROP TABLE IF EXISTS bench_proxy_floor")
+        database.execute("CREATE TABLE bench_proxy_floor (id int PRIMARY KEY, calls bigint NOT NULL)")
+        database.execute("INSERT INTO bench_proxy_floor SELECT row, 0 FROM generate_series(1, %s) row", [rows])
+
+
 def _call(query: str) -> tuple[int, str]:
     """The call's row and what to ask the upstream for."""
     parameters = parse_qsl(query)
