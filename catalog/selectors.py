@@ -165,20 +165,32 @@ def _exact_matches(search: ServiceSearch, services: "_Filtered", text: str) -> "
             matched = matched.where(f"({_icontains('s.name')} OR {_icontains('s.keywords')} OR "
                                     f"{_icontains('s.description')})", pattern, pattern, pattern)
         return matched.scored(f"CASE WHEN {_icontains('s.name')} THEN 2.0 ELSE 1.0 END", _contains(text))
-    if _only_text(search):  # what the postings can answer: the text's query decides whether they do
-        tsquery = _text_query(text)
-        if not tsquery:
-            return services.where("1 = 0").scored("0.0")  # only stop words or punctuation: nothing can match
-        lexemes = _PLAIN_TSQUERY.fullmatch(tsquery) and list(dict.fromkeys(_TSQUERY_LEXEME.findall(tsquery)))
-        if lexemes and len(lexemes) <= _POSTINGS_MAX_LEXEMES:
-            return _postings_matching(lexemes, tsquery)
+    query = _text_query(text)
+    if not query.tsquery:
+        return services.where("1 = 0").scored("0.0")  # only stop words or punctuation: nothing can match
+    if _only_text(search) and _PLAIN_TSQUERY.fullmatch(query.tsquery) and \
+            len(query.scored_lexemes) <= _POSTINGS_MAX_LEXEMES:  # what the postings can answer
+        return _postings_matching(query.scored_lexemes)
     # Full-text match over the weighted vector (name A, tags/capability/skills B, description C) through its GIN
-    # index; ts_rank therefore puts a name match above a description-only one. The rank is read as double precision:
-    # cursors carry the relevance of the last row, and PostgreSQL prints a real in its shortest form (0.06079271),
-    # which read back as a double is not the value it compares against (rows tied on relevance were served again and
-    # again); a double round-trips exactly through the cursor.
-    return services.where(f"s.search_vector @@ {_TEXT_QUERY}", text).scored(
-        f"ts_rank(s.search_vector, {_TEXT_QUERY})::double precision", text)
+    # index, scored as the postings score it.
+    scores = ["ts_rank(s.search_vector, %s::tsquery)::double precision" for _ in query.scored_lexemes]
+    return services.where(f"s.search_vector @@ {_TEXT_QUERY}", text).scored(_relevance(scores),
+                                                                             *query.scored_lexemes)
+
+
+def _relevance(scores: list[str]) -> str:
+    """A text match's relevance: the mean of the scores of the query's words (each ts_rank of the service's vector
+    for that word alone: a name match above a tag match above a description match, repeats adding less and less),
+    0 to 1. The same sum in the same order on every path, as double precision: cursors carry the relevance of the
+    last row, and a double round-trips exactly through the cursor (a real, printed in its shortest form, did not,
+    and rows tied on relevance were served again and again).
+
+    Not ts_rank of the whole query: for words that must all match it weighs how close they stand, which can only be
+    computed from each match's positions (at 100,000 services, parsing them back into a tsvector was most of the
+    text query's time), while each word's score is a number the postings keep (migration 0012)."""
+    if not scores:
+        return "0.0"  # nothing to weigh: only excluded words
+    return f"(({' + '.join(scores)}) / {len(scores)})"
 
 
 _TEXT_QUERY = "websearch_to_tsquery('english'::regconfig, %s)"
@@ -191,32 +203,37 @@ _PLAIN_TSQUERY = re.compile(rf"{_TSQUERY_LEXEME.pattern}(?: & {_TSQUERY_LEXEME.p
 _POSTINGS_MAX_LEXEMES = 8
 
 
+@dataclass(frozen=True)
+class _TextQuery:
+    tsquery: str  # PostgreSQL's query in its text form; empty when the text holds only stop words or punctuation
+    scored_lexemes: tuple[str, ...]  # each lexeme a match can hold (not an excluded one), once, quoted as in tsquery
+
+
 @functools.lru_cache(maxsize=4096)
-def _text_query(text: str) -> str:
-    """The text form of PostgreSQL's query for `text` (websearch syntax, English configuration): a function of the
-    text alone, so asked once per process for each text (searches repeat; a round trip was ~0.5 ms of CPU)."""
+def _text_query(text: str) -> _TextQuery:
+    """PostgreSQL's query for `text` (websearch syntax, English configuration): a function of the text alone, so
+    asked once per process for each text (searches repeat; a round trip was ~0.5 ms of CPU). Its scored lexemes
+    are those of `querytree`, the query without what it excludes."""
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {_TEXT_QUERY}::text", [text])
-        return cursor.fetchone()[0]
+        cursor.execute(f"SELECT query::text, querytree(query) FROM {_TEXT_QUERY} AS query", [text])
+        tsquery, positive = cursor.fetchone()
+    return _TextQuery(tsquery=tsquery, scored_lexemes=tuple(dict.fromkeys(_TSQUERY_LEXEME.findall(positive))))
 
 
-def _postings_matching(lexemes: list[str], tsquery: str) -> "_Filtered":
-    """The visible services whose vector holds every one of `lexemes` (quoted, as in `tsquery`'s text), from their
-    postings (migration 0011): one index-only scan per lexeme, merge-joined on the service. Scored by ts_rank over
-    the matched lexemes' entries alone, which is ts_rank over the whole vector: without normalization it reads only
-    the positions and weights of the query's lexemes (tests/catalog/test_search_postings.py compares the two)."""
+def _postings_matching(lexemes: tuple[str, ...]) -> "_Filtered":
+    """The visible services whose vector holds every one of `lexemes` (quoted, as in tsquery's text), from their
+    postings (migration 0011): one index-only scan per lexeme, merge-joined on the service, each match scored from
+    its postings' scores (migration 0012)."""
     table = connection.ops.quote_name(SERVICE_POSTINGS_TABLE)
-    aliases = ["p0", *(f"p{i}" for i in range(1, len(lexemes)))]
+    aliases = [f"p{i}" for i in range(len(lexemes))]
     joins = " AND ".join([f"{alias}.service_id = p0.service_id" for alias in aliases[1:]] +
                          [f"{alias}.lexeme = %s" for alias in aliases])
-    # The matched entries in tsvector's text form ('invoic':3A,17C 'extract':5B), read as one vector.
-    entries = " || ' ' || ".join(f"%s || ':' || {alias}.positions" for alias in aliases)
-    # Ranked once per match in a subquery of its own (OFFSET 0 keeps PostgreSQL from merging it into the statement,
-    # which would rank each match again in each of a cursor's comparisons).
-    source = (f"(SELECT p0.created_at, p0.unit_price, p0.service_id, "
-              f"ts_rank(({entries})::tsvector, %s::tsquery)::double precision AS score "
+    relevance = _relevance([f"{alias}.score::double precision" for alias in aliases])
+    # Scored once per match in a subquery of its own (OFFSET 0 keeps PostgreSQL from merging it into the statement,
+    # which would score each match again in each of a cursor's comparisons).
+    source = (f"(SELECT p0.created_at, p0.unit_price, p0.service_id, {relevance} AS score "
               f"FROM {', '.join(f'{table} {alias}' for alias in aliases)} WHERE {joins} OFFSET 0) s")
-    return _Filtered(source=source, source_params=(*lexemes, tsquery, *map(_unquoted, lexemes)),
+    return _Filtered(source=source, source_params=tuple(map(_unquoted, lexemes)),
                      sort_columns=_DENORMALISED_SORT_COLUMNS).scored("s.score")
 
 

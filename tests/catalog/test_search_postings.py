@@ -67,13 +67,18 @@ _ORDER = {
 
 
 def _reference(text: str, order_by: str) -> list[tuple]:
-    """(id, relevance) of every visible service matching `text`, as the search vectors' GIN index answers it."""
+    """(id, relevance) of every visible service matching `text`, as the search vectors' GIN index answers it: the
+    relevance is the mean of ts_rank for each word the query does not exclude (its `querytree`), summed in order."""
     with connection.cursor() as cursor:
+        cursor.execute("SELECT querytree(websearch_to_tsquery('english', %s))", [text])
+        lexemes = list(dict.fromkeys(re.findall(r"'(?:[^'\\]|''|\\.)*'", cursor.fetchone()[0])))
         cursor.execute(
-            "SELECT s.id, ts_rank(s.search_vector, websearch_to_tsquery('english', %s))::double precision "
+            "SELECT s.id, coalesce((SELECT sum(ts_rank(s.search_vector, word.lexeme::tsquery)::double precision "
+            "                               ORDER BY word.n) / count(*) "
+            "                      FROM unnest(%s::text[]) WITH ORDINALITY AS word (lexeme, n)), 0.0) "
             "FROM catalog_service s JOIN catalog_agent a ON a.id = s.seller_id "
             "WHERE s.state = 'registered' AND a.is_active AND s.availability <> 'unavailable' "
-            f"AND s.search_vector @@ websearch_to_tsquery('english', %s) ORDER BY {_ORDER[order_by]}", [text, text])
+            f"AND s.search_vector @@ websearch_to_tsquery('english', %s) ORDER BY {_ORDER[order_by]}", [lexemes, text])
         return [(str(service_id), rank) for service_id, rank in cursor.fetchall()]
 
 
@@ -134,55 +139,39 @@ def test_misspelt_text_finds_from_the_visible_names_what_it_finds_among_the_serv
     assert walked > 400
 
 
-def test_ts_rank_over_the_matched_entries_is_ts_rank_over_the_whole_vector():
-    """Without normalization, ts_rank reads only the positions and weights of the query's lexemes: over the
-    postings of those lexemes it is the rank over the whole vector, for every service and query, matched in full
-    or in part."""
-    rng = Random(7)
-    _seed(300, rng=rng)
-    queries = [*QUERIES, *(" ".join(rng.sample(WORDS, rng.randint(1, 4))) for _ in range(40))]
-    with connection.cursor() as cursor:
-        # Each service's postings of the query's lexemes (`@>`: the query holds the lexeme), in tsvector's text form,
-        # read as one vector; services holding none of them are left out (no vector to rank).
-        cursor.execute(f"""
-            SELECT text, service_id, whole, matched FROM (
-                SELECT q.text, s.id AS service_id, ts_rank(s.search_vector, q.query) AS whole, ts_rank(
-                    (SELECT string_agg(entry.quoted || ':' || p.positions, ' ')
-                     FROM {SERVICE_POSTINGS_TABLE} p CROSS JOIN LATERAL (
-                         SELECT '''' || replace(replace(p.lexeme, E'\\\\', E'\\\\\\\\'), '''', '''''') || '''' AS quoted
-                     ) entry
-                     WHERE p.service_id = s.id AND q.query @> entry.quoted::tsquery)::tsvector, q.query) AS matched
-                FROM unnest(%s::text[]) AS t (text)
-                    CROSS JOIN LATERAL (SELECT t.text, websearch_to_tsquery('english', t.text) AS query) q
-                    CROSS JOIN catalog_service s
-            ) ranked
-            WHERE matched IS NOT NULL
-            """, [queries])
-        compared = cursor.fetchall()
-    assert len(compared) > 2_000
-    assert [(text, service_id, whole) for text, service_id, whole, _ in compared] == \
-        [(text, service_id, matched) for text, service_id, _, matched in compared]
+# ts_rank's weights of an occurrence by its label (D, no label, counts least).
+_WEIGHTS = {"A": 1.0, "B": 0.4, "C": 0.2}
 
 
-def _expected_postings() -> set[tuple]:
-    """The postings every visible service should have, read from the text of its search vector."""
+def _score_of_one_word(weights: list[float]) -> float:
+    """ts_rank of a vector for one word (PostgreSQL's calc_rank_or) from the weights of its occurrences in order: the
+    first heaviest counts whole, every other by 1/i² of its place i, over π²/6 (the sum of 1/i²)."""
+    heaviest = max(range(len(weights)), key=weights.__getitem__)
+    spread = sum(weight / (place + 1) ** 2 for place, weight in enumerate(weights))
+    return (weights[heaviest] + spread - weights[heaviest] / (heaviest + 1) ** 2) / 1.64493406685
+
+
+def _expected_postings() -> dict[tuple, float]:
+    """(lexeme, service id, created_at, unit_price) -> score of the postings every visible service should have, read
+    from the text of its search vector."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT s.id, s.search_vector::text, s.created_at, s.unit_price FROM catalog_service s "
                        "JOIN catalog_agent a ON a.id = s.seller_id WHERE s.state = 'registered' AND a.is_active "
                        "AND s.availability <> 'unavailable'")
         rows = cursor.fetchall()
-    expected = set()
+    expected = {}
     for service_id, vector, created_at, unit_price in rows:
         for entry in re.finditer(r"'((?:[^'\\]|''|\\.)*)':(\S+)", vector or ""):
             lexeme = re.sub(r"''|\\(.)", lambda escaped: escaped.group(1) or "'", entry.group(1))
-            expected.add((lexeme, service_id, entry.group(2), created_at, unit_price))
+            weights = [_WEIGHTS.get(position[-1], 0.1) for position in entry.group(2).split(",")]
+            expected[lexeme, service_id, created_at, unit_price] = _score_of_one_word(weights)
     return expected
 
 
-def _postings() -> set[tuple]:
+def _postings() -> dict[tuple, float]:
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT lexeme, service_id, positions, created_at, unit_price FROM {SERVICE_POSTINGS_TABLE}")
-        return set(cursor.fetchall())
+        cursor.execute(f"SELECT lexeme, service_id, created_at, unit_price, score FROM {SERVICE_POSTINGS_TABLE}")
+        return {tuple(row[:4]): row[4] for row in cursor.fetchall()}
 
 
 def _in_step() -> bool:
@@ -194,7 +183,9 @@ def _in_step() -> bool:
                        "JOIN catalog_agent a ON a.id = s.seller_id WHERE s.state = 'registered' AND a.is_active "
                        "AND s.availability <> 'unavailable'")
         expected_names = set(cursor.fetchall())
-    return _postings() == _expected_postings() and names == expected_names
+    postings, expected = _postings(), _expected_postings()
+    return (names == expected_names and postings.keys() == expected.keys()
+            and all(postings[key] == pytest.approx(score, rel=1e-6) for key, score in expected.items()))
 
 
 def _found(text: str) -> set[str]:
@@ -236,12 +227,12 @@ def test_postings_follow_every_change_of_a_service_its_seller_or_its_state(selle
     assert _found("reviewer") == set() and _in_step()
 
     Service.objects.filter(pk=extractor.pk).delete()
-    assert _postings() == set() and _in_step()
+    assert _postings() == {} and _in_step()
     register_service(seller, name="Speech transcriber")
     with connection.cursor() as cursor:
         cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")  # TRUNCATE refuses a table with foreign key checks pending
         cursor.execute("TRUNCATE catalog_service CASCADE")  # as Django's flush empties the tables between tests
-    assert _postings() == set() and _in_step()
+    assert _postings() == {} and _in_step()
 
 
 def test_the_migration_writes_the_postings_of_the_services_already_there():
@@ -249,5 +240,5 @@ def test_the_migration_writes_the_postings_of_the_services_already_there():
     assert _postings() and _in_step()
     with connection.cursor() as cursor:
         cursor.execute(f"TRUNCATE {SERVICE_POSTINGS_TABLE}, {VISIBLE_SERVICE_NAMES_TABLE}")
-        cursor.execute(importlib.import_module("catalog.migrations.0011_service_postings").CREATE[-1])
+        cursor.execute(importlib.import_module("catalog.migrations.0012_posting_scores").REWRITE_ALL)
     assert _postings() and _in_step()

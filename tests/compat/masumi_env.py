@@ -2,15 +2,15 @@
 tests run in it: `masumi_call.py` (one client call per process) and `masumi_seller_app.py` (the masumi library's
 seller server). They talk to the live test server over HTTP, as any agent would."""
 
-import fcntl
 import json
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from tests.support.compat_venv import venv_python
 
 HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE / "masumi-requirements.txt"
@@ -18,17 +18,9 @@ VENV = HERE.parents[1] / "var" / "compat" / "masumi"
 
 
 def masumi_python() -> Path:
-    """The environment's python, created (under a lock: test workers may race) when the pins changed."""
-    VENV.parent.mkdir(parents=True, exist_ok=True)
-    marker, python = VENV / "installed.txt", VENV / "bin" / "python"
-    pins = REQUIREMENTS.read_text()
-    with open(VENV.parent / "masumi.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (marker.exists() and marker.read_text() == pins):
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
-            subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-r", str(REQUIREMENTS)], check=True)
-            marker.write_text(pins)
-    return python
+    """The environment's python (built on first use, and again when the pins change)."""
+    pins = [line for line in REQUIREMENTS.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return venv_python(VENV, pins)
 
 
 def call(python: Path, op: str, **args):

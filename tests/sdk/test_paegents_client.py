@@ -6,7 +6,6 @@ and reused) and runs in a subprocess (tests/support/paegents_driver.py) that pri
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token
 from tests.conftest import wire_marketplace
 from tests.escrow.flow import USDC, fund, network_of, usdc_balance
 from tests.sdk.test_client import relayer_polling
+from tests.support.compat_venv import venv_python
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV = REPO_ROOT / "var" / "paegents-venv"
@@ -30,14 +30,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 @pytest.fixture(scope="session")
 def paegents_python() -> Path:
-    """The python of a virtual environment holding the pinned paegents SDK (created on first use, then cached)."""
-    python = VENV / "bin" / "python"
-    marker = VENV / f".installed-{PAEGENTS}"
-    if not marker.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", PAEGENTS], check=True, timeout=600)
-        marker.touch()
-    return python
+    """The python of a virtual environment holding the pinned paegents SDK (built on first use, then cached)."""
+    return venv_python(VENV, [PAEGENTS])
 
 
 class Paegents:
