@@ -15,22 +15,24 @@ from django.db import migrations
 
 from marketplace.migration_operations import PostgreSQLOnlySQL
 
-# Rewrites the postings and visible names of the given services from their current rows. It first waits for any other
-# transaction writing one of these services (a no-op for the services of the statement that fired it, already
-# locked by it): a seller's is_active changing while one of its services changes, each statement then sees the
-# other's committed rows. Sellers are not locked: whoever holds one (catalog.services locks the seller before a
-# service) never waits here for a service another transaction holds.
-WRITE_POSTINGS = """
-CREATE FUNCTION catalog_service_postings_write(service_ids uuid[]) RETURNS void LANGUAGE plpgsql AS $$
+
+def write_postings(column: str, value: str) -> str:
+    """The function rewriting the postings and visible names of the given services from their current rows, each
+    posting holding `value` (an expression over the service `s` and `entry`, one lexeme of its vector unnested) in
+    `column`.
+
+    It first waits for any other transaction writing one of these services (a no-op for the services of the
+    statement that fired it, already locked by it): a seller's is_active changing while one of its services
+    changes, each statement then sees the other's committed rows. Sellers are not locked: whoever holds one
+    (catalog.services locks the seller before a service) never waits here for a service another transaction
+    holds."""
+    return f"""
+CREATE OR REPLACE FUNCTION catalog_service_postings_write(service_ids uuid[]) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM 1 FROM catalog_service WHERE id = ANY(service_ids) FOR SHARE;
     DELETE FROM catalog_service_posting p USING unnest(service_ids) AS changed (id) WHERE p.service_id = changed.id;
-    INSERT INTO catalog_service_posting (lexeme, service_id, positions, created_at, unit_price)
-    SELECT entry.lexeme, s.id,
-           (SELECT string_agg(position::text || CASE weight WHEN 'D' THEN '' ELSE weight END, ','
-                              ORDER BY n)
-            FROM unnest(entry.positions, entry.weights) WITH ORDINALITY AS e (position, weight, n)),
-           s.created_at, s.unit_price
+    INSERT INTO catalog_service_posting (lexeme, service_id, {column}, created_at, unit_price)
+    SELECT entry.lexeme, s.id, {value}, s.created_at, s.unit_price
     FROM unnest(service_ids) AS changed (id)
         JOIN catalog_service s ON s.id = changed.id
         JOIN catalog_agent a ON a.id = s.seller_id
@@ -46,6 +48,11 @@ BEGIN
     WHERE s.state = 'registered' AND a.is_active AND s.availability <> 'unavailable';
 END $$
 """
+
+
+# Each posting's positions and weights, as tsvector's text form writes them after the lexeme: 3A,17C
+POSITIONS = """(SELECT string_agg(position::text || CASE weight WHEN 'D' THEN '' ELSE weight END, ',' ORDER BY n)
+                FROM unnest(entry.positions, entry.weights) WITH ORDINALITY AS e (position, weight, n))"""
 
 # The table has no foreign key: Django's flush (TRUNCATE of its own tables, in tests) would refuse to truncate the
 # services it references; deletes and truncates of services reach the postings through triggers instead.
@@ -74,7 +81,7 @@ CREATE = [
     )
     """,
     "CREATE INDEX catalog_service_visible_name_service_idx ON catalog_service_visible_name (service_id)",
-    WRITE_POSTINGS,
+    write_postings("positions", POSITIONS),
     """
     CREATE FUNCTION catalog_service_postings_on_write() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN

@@ -13,33 +13,10 @@ from marketplace.migration_operations import PostgreSQLOnlySQL
 
 service_postings = importlib.import_module("catalog.migrations.0011_service_postings")
 
-# As 0011's, writing the score where that wrote the positions. The lexeme is read as a query in tsquery's text form:
-# quoted, a quote or backslash in it doubled.
-WRITE_POSTINGS = r"""
-CREATE OR REPLACE FUNCTION catalog_service_postings_write(service_ids uuid[]) RETURNS void LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM 1 FROM catalog_service WHERE id = ANY(service_ids) FOR SHARE;
-    DELETE FROM catalog_service_posting p USING unnest(service_ids) AS changed (id) WHERE p.service_id = changed.id;
-    INSERT INTO catalog_service_posting (lexeme, service_id, score, created_at, unit_price)
-    SELECT entry.lexeme, s.id,
-           ts_rank(s.search_vector,
-                   ('''' || replace(replace(entry.lexeme, '\', '\\'), '''', '''''') || '''')::tsquery),
-           s.created_at, s.unit_price
-    FROM unnest(service_ids) AS changed (id)
-        JOIN catalog_service s ON s.id = changed.id
-        JOIN catalog_agent a ON a.id = s.seller_id
-        CROSS JOIN unnest(s.search_vector) AS entry
-    WHERE s.state = 'registered' AND a.is_active AND s.availability <> 'unavailable';
-    DELETE FROM catalog_service_visible_name v USING unnest(service_ids) AS changed (id)
-        WHERE v.service_id = changed.id;
-    INSERT INTO catalog_service_visible_name (name, service_id, created_at, unit_price)
-    SELECT s.name, s.id, s.created_at, s.unit_price
-    FROM unnest(service_ids) AS changed (id)
-        JOIN catalog_service s ON s.id = changed.id
-        JOIN catalog_agent a ON a.id = s.seller_id
-    WHERE s.state = 'registered' AND a.is_active AND s.availability <> 'unavailable';
-END $$
-"""
+# The lexeme's score: its weight in the service alone. The lexeme is read as a query in tsquery's text form (quoted,
+# a quote or backslash in it doubled).
+SCORE = r"""ts_rank(s.search_vector,
+                     ('''' || replace(replace(entry.lexeme, '\', '\\'), '''', '''''') || '''')::tsquery)"""
 
 REWRITE_ALL = "SELECT catalog_service_postings_write(ARRAY(SELECT id FROM catalog_service))"
 
@@ -48,7 +25,7 @@ FORWARD = [
     "ALTER TABLE catalog_service_posting DROP CONSTRAINT catalog_service_posting_pkey, DROP COLUMN positions, "
     "ADD COLUMN score real NOT NULL, "
     "ADD PRIMARY KEY (lexeme, service_id) INCLUDE (score, created_at, unit_price)",
-    WRITE_POSTINGS,
+    service_postings.write_postings("score", SCORE),
     REWRITE_ALL,
     "ANALYZE catalog_service_posting",  # the plans' statistics now; autovacuum sets the visibility map later
 ]
@@ -57,7 +34,7 @@ BACKWARD = [
     "ALTER TABLE catalog_service_posting DROP CONSTRAINT catalog_service_posting_pkey, DROP COLUMN score, "
     "ADD COLUMN positions text NOT NULL, "
     "ADD PRIMARY KEY (lexeme, service_id) INCLUDE (positions, created_at, unit_price)",
-    service_postings.WRITE_POSTINGS.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1),
+    service_postings.write_postings("positions", service_postings.POSITIONS),
     REWRITE_ALL,
 ]
 
