@@ -158,13 +158,13 @@ def _exact_matches(search: ServiceSearch, services: "_Filtered", text: str) -> "
     """The services of `services` (the visible ones within `search`'s filters) matching every word of `text`,
     scored by their relevance."""
     if connection.vendor != "postgresql":
-        # The embedded SQLite default: every word must appear somewhere; name hits rank first.
+        # The embedded SQLite default: every word must appear somewhere; name hits rank first (1.0, else 0.5).
         matched = services
         for word in text.split():
             pattern = _contains(word)
             matched = matched.where(f"({_icontains('s.name')} OR {_icontains('s.keywords')} OR "
                                     f"{_icontains('s.description')})", pattern, pattern, pattern)
-        return matched.scored(f"CASE WHEN {_icontains('s.name')} THEN 2.0 ELSE 1.0 END", _contains(text))
+        return matched.scored(f"CASE WHEN {_icontains('s.name')} THEN 1.0 ELSE 0.5 END", _contains(text))
     query = _text_query(text)
     if not query.tsquery:
         return services.where("1 = 0").scored("0.0")  # only stop words or punctuation: nothing can match

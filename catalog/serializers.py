@@ -386,7 +386,10 @@ def _iso8601(value: datetime, zone) -> str:
 
 
 class ServiceSearchResultSerializer(ServiceSerializer):
-    relevance = serializers.FloatField(required=False, help_text="Present when searching by text.")
+    relevance = serializers.FloatField(required=False, help_text=(
+        "Present when searching by text, from 0 to 1: the mean of the query words' weights in the service (a name "
+        "match weighs most, then tags, capability and skills, then the description). When no service matches every "
+        "word, the results are names spelt alike, and this is how alike."))
 
     def to_representation(self, row: dict) -> dict:
         """A row of catalog.selectors.service_search (plain values) as the fields above render a service, read

@@ -1,7 +1,7 @@
-"""The postings of the visible services (catalog/migrations/0011_service_postings.py) that plain text searches read
-(catalog.selectors._postings_matching): the same results as the search vectors' GIN index, kept in step, as the
-visible names the typo-tolerant search reads, with every write that changes what they hold or whether a service is
-visible."""
+"""The postings of the visible services (catalog/migrations/0011_service_postings.py), each with its word's score in
+the service (0012), that plain text searches read (catalog.selectors._postings_matching): the same results and
+relevance as the search vectors' GIN index, kept in step, as the visible names the typo-tolerant search reads, with
+every write that changes what they hold or whether a service is visible."""
 
 import importlib
 import re

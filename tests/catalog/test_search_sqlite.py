@@ -48,4 +48,6 @@ def test_sqlite_finds_sumarize_as_summarizer(seller, buyer_api, tmp_path):
     ranked = search(buyer_api, q="sumarize")["results"]
     assert ranked[0]["name"] == "Summarizer" and 0 < ranked[0]["relevance"] <= 1
     assert names(buyer_api, q="translator") == ["Fast translator"]  # an exact match: no fallback
+    exact = search(buyer_api, q="nlp")["results"]  # a tag, not a name: the lower of the two scores
+    assert [(s["name"], s["relevance"]) for s in exact] == [("Fast translator", 0.5), ("Summarizer", 0.5)]
     assert names(buyer_api, q='"sumarize"') == []  # a quoted phrase asks for exactly that
