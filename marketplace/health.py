@@ -36,12 +36,8 @@ def readiness_check_register(*, name: str, check: Check) -> None:
 
 
 def _database(timeout: float) -> None:
-    connection = connections["default"]
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-    finally:
-        connection.close()  # this thread's own connection
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT 1")
 
 
 def _broker(timeout: float) -> None:
@@ -67,6 +63,10 @@ def readiness() -> dict[str, str]:
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             logger.warning("readiness check failed", extra={"dependency": name, "error": repr(exc)[:500]})
             results[name] = "failed"
+        finally:
+            # The connections this thread opened, whatever the check read: left to the garbage collector, every
+            # probe kept one open on the database for minutes.
+            connections.close_all()
 
     # Daemon threads: a dependency that hangs past its own timeouts cannot hold the answer or the process.
     threads = [threading.Thread(target=contextvars.copy_context().run, args=(run, *item), daemon=True)

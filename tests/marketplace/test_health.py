@@ -1,5 +1,6 @@
 """/healthz (liveness, no dependency) and /readyz (database, broker, chain RPC, each bounded in time)."""
 
+import gc
 import socket
 import time
 
@@ -59,3 +60,26 @@ def test_a_hanging_dependency_times_out_quickly(settings):
     assert response.status_code == 503
     assert response.json()["error"]["details"]["checks"]["chain"] == "timeout"
     assert elapsed < 3
+
+
+@pytest.mark.chain
+@pytest.mark.django_db(transaction=True)
+def test_readiness_leaves_no_database_connection_open(escrow_chain):
+    """Each check runs in a thread of its own, on that thread's own connection: closed when the check is done, or
+    every probe of a load balancer left one open (the indexer's check did) until the garbage collector came by."""
+    from django.db import connection
+
+    def others() -> set[int]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                           "AND pid <> pg_backend_pid()")
+            return {pid for (pid,) in cursor.fetchall()}
+
+    before = others()  # an earlier test's check may still be running, and end meanwhile
+    gc.disable()  # what a busy process looks like between two collections
+    try:
+        for _ in range(3):
+            assert Client().get("/readyz").status_code == 200
+        assert others() - before == set()
+    finally:
+        gc.enable()
