@@ -304,10 +304,9 @@ def vacuum_analyze() -> None:
     from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Service, ServiceName, Skill, Tag
 
     vacuuming = time.perf_counter()
+    tables = [model._meta.db_table for model in (Service.tags.through, Skill, Service, Tag, ServiceName)]
     with connection.cursor() as cursor:
-        for model in (Service.tags.through, Skill, Service, Tag, ServiceName):
-            cursor.execute(f"VACUUM ANALYZE {model._meta.db_table}")
-        for table in (SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE):
+        for table in [*tables, SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE]:
             cursor.execute(f"VACUUM ANALYZE {table}")
     print(f"  VACUUM ANALYZE: {time.perf_counter() - vacuuming:.1f} s")
 

@@ -97,7 +97,7 @@ class Api:
 def django_db_setup(django_db_setup, django_db_blocker):
     """pytest-django's test database, which it drops after the session. A connection still open then makes the DROP
     fail: the run ends with a warning and leaves the database behind. This process's own threads close theirs
-    shortly after their last work (the call-lease sweeper, a live server's request threads), so the teardown waits
+    shortly after their last work (the call-lease sweeper, the readiness checks), so the teardown waits
     up to OTHER_SESSIONS_GRACE for them; a connection still open after that is a leak, ended and named in a
     warning."""
     yield
@@ -117,7 +117,6 @@ def django_db_setup(django_db_setup, django_db_blocker):
                                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
             warnings.warn(f"connections to {connection.settings_dict['NAME']} left open after the session, ended: "
                           f"{others}", stacklevel=1)
-        connection.close()
 
 
 OTHER_SESSIONS_GRACE = 5.0
