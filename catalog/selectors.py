@@ -13,7 +13,7 @@ from django.db.models import Q, QuerySet
 from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, ApiKey, Availability, \
     Service, ServiceName, ServiceState, Skill, Tag, UpstreamProtocol
 from marketplace.errors import InvalidInput, NotFound
-from marketplace.pagination import cursor_after, cursor_values
+from marketplace.pagination import cursor_after, cursor_issued_for, cursor_values
 
 
 def agent_get(*, agent_id, owner=None) -> Agent:
@@ -278,11 +278,18 @@ def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) 
         # The visible services by name (migration 0011): an index-only scan, not a heap page of each service.
         services = _Filtered(source=f"{connection.ops.quote_name(VISIBLE_SERVICE_NAMES_TABLE)} s",
                              sort_columns=_DENORMALISED_SORT_COLUMNS)
-    # The name is a key of the JSON object of name -> score: one array the name index is probed with (an IN list of
-    # 200 names took 5 ms to plan). The score is the double PostgreSQL wrote into the JSON (in its shortest exact
-    # form), so a cursor's score still compares equal on the next page.
-    return services.where("s.name = ANY(ARRAY(SELECT jsonb_object_keys(%s::jsonb)))", scores).scored(
-        "((%s::jsonb ->> s.name)::double precision)", scores)
+    # The names come from the JSON object of name -> score as a relation sorted by score (an IN list of 200 names took
+    # 5 ms to plan), each probing the name index. Sorted, so that a page by relevance reads only its best names'
+    # services: an incremental sort of each score's services, which stops once the page is full (at 100,000
+    # services, 4 of 205 names' 18 services instead of all 1,307 sorted by a lookup in the JSON: 1.3 against 4.0 ms).
+    # The score is the double PostgreSQL wrote into the JSON (in its shortest exact form), so a cursor's score still
+    # compares equal on the next page.
+    return replace(services, source=f"{_NAMES_BY_SCORE} alike, {services.source}",
+                   source_params=(scores, *services.source_params)).where("s.name = alike.name").scored("alike.score")
+
+
+_NAMES_BY_SCORE = ("(SELECT key AS name, value::double precision AS score FROM jsonb_each_text(%s::jsonb) "
+                   "ORDER BY score DESC)")
 
 
 @functools.cache
@@ -610,6 +617,13 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
         # statement, where asking first and then reading the page searched the index twice.
         found = page(exact, ordering=ordering)
         if found.rows if isinstance(found, OffsetPage) else found[0]:
+            return found
+    elif cursor and order_by == "relevance" and cursor_issued_for(cursor, ordering=ordering):
+        # A cursor of exact matches (names spelt alike are ranked on their own keys): their page, and only when it is
+        # empty a second statement asking whether anything still matches exactly, where asking first cost every page
+        # a round trip.
+        found = page(exact, ordering=ordering)
+        if found[0] or _exists(exact):
             return found
     elif _exists(exact):
         return page(exact, ordering=ordering)

@@ -82,6 +82,15 @@ def cursor_values(cursor: str, *, ordering: list[str]) -> list:
     return payload["v"]
 
 
+def cursor_issued_for(cursor: str, *, ordering: list[str]) -> bool:
+    """Whether the cursor was issued for `ordering` (False for one this API did not issue, as for another ordering)."""
+    try:
+        cursor_values(cursor, ordering=ordering)
+    except InvalidInput:
+        return False
+    return True
+
+
 def cursor_after(values: list, *, ordering: list[str]) -> str:
     """The cursor of the page after the row whose sort values in `ordering` are `values`."""
     return signing.dumps({"o": ordering, "v": [_to_json(value) for value in values]}, salt=_SALT, compress=True)
