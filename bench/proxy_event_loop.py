@@ -10,7 +10,7 @@ upstream call, one signature per call, nothing else) served two ways, side by si
   aiohttp's client; asyncio's own loop, or uvloop's with `--loop uvloop`.
 
 An asynchronous hot path cannot spend less than its floor, so this is the most moving the proxy off granian's
-threads could save (README, Performance). Per caller count and upstream delay, after a warm-up, `--rounds` times
+threads could save (bench/HISTORY.md). Per caller count and upstream delay, after a warm-up, `--rounds` times
 `--seconds` of each, alternating: requests/s, p50, p99, and the server's and PostgreSQL's CPU per call (bench/proxy.py's
 load generator and meters). Each caller counts on a row of its own, so no caller waits for another's row lock.
 

@@ -197,7 +197,7 @@ class UpstreamPool:
     """Kept-alive HTTP/1.1 connections to sellers' upstreams, on the standard library's http.client, every new one
     through the address check. The metered proxy's client: httpcore (with h11, in Python) and urllib3 each cost
     0.15-0.25 ms of CPU per call on loopback, 0.65-0.8 ms when the upstream takes 20 ms; http.client 0.07 and
-    0.38-0.47 ms (README, Performance). http.client also bounds what it reads of an answer's head (100 headers,
+    0.38-0.47 ms (bench/HISTORY.md). http.client also bounds what it reads of an answer's head (100 headers,
     64 KiB a line) and decodes chunked bodies.
 
     Errors: TimeoutError when connecting or reading took longer than its timeout, else one of UPSTREAM_ERRORS."""

@@ -5,7 +5,7 @@ Django application in a pool of Python threads.
 
 Why granian rather than gunicorn: gunicorn parses HTTP and hands requests between its threads in Python, which
 cost about 0.4 ms of CPU per request on a bare WSGI app (granian: 0.1 ms) and 1.2–1.4 ms per metered-proxy call
-(bench/proxy.py; README, Performance). What gunicorn gave us is kept: request bodies are streamed to the
+(bench/proxy.py; bench/HISTORY.md). What gunicorn gave us is kept: request bodies are streamed to the
 application, never buffered whole (the proxy reads at most PROXY_MAX_REQUEST_BYTES), a chunked body is delimited
 (`wsgi.input_terminated`), a worker that dies (say, killed mid-call) is started again, and headers must arrive
 within a bound of time and of size.
