@@ -1,21 +1,45 @@
-"""The API's JSON renderer: DRF's, which renders an answer already rendered for storing (`render_for_storing`) by
-handing back those bytes instead of encoding the same data a second time (the ~45 kB answer to a batch of usage
-events took ~0.6 ms of CPU per encoding)."""
+"""The API's JSON renderer: DRF's output, encoded by orjson, which renders an answer already rendered for storing
+(`render_for_storing`) by handing back those bytes instead of encoding the same data a second time.
 
+orjson encodes a page of 20 search results in ~25 us against ~340 us for DRF's `json.dumps` (and the ~45 kB answer
+to a batch of usage events took ~0.6 ms per encoding). The bytes are DRF's: compact separators, UTF-8 unescaped but
+for U+2028 and U+2029, and DRF's encoder for what orjson would write its own way (dates and times) or cannot write
+(decimals, lazy strings, querysets...). Anything orjson refuses (an integer beyond 64 bits, a lone surrogate, a key
+that is not a string) is rendered by DRF's `json.dumps` itself. Two differences, both in floats, which the API's money
+never is: one below 1e-4 is written in positional notation (0.00001 where json writes 1e-05, the same number), and NaN
+or an infinity is written as null where DRF refuses to render it."""
+
+import orjson
 from django.http import HttpResponse
 from rest_framework import renderers
+from rest_framework.utils import encoders
 
 _RENDERED = "_marketplace_rendered_answer"
+_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME  # dates and times as DRF's encoder writes them
+_LINE_SEPARATORS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))  # as DRF escapes them
 
 
 class JSONRenderer(renderers.JSONRenderer):
     def render(self, data, accepted_media_type=None, renderer_context=None):
         context = renderer_context or {}
+        indented = self.get_indent(accepted_media_type, context) is not None
         rendered = getattr(context.get("request"), _RENDERED, None)
         # The very object rendered for storing, rendered as stored: the default form (no indent asked for).
-        if rendered is not None and rendered[0] is data and self.get_indent(accepted_media_type, context) is None:
+        if rendered is not None and rendered[0] is data and not indented:
             return rendered[1]
-        return super().render(data, accepted_media_type, renderer_context)
+        if data is None or indented:
+            return super().render(data, accepted_media_type, renderer_context)
+        try:
+            content = orjson.dumps(data, default=_DRF_ENCODER.default, option=_OPTIONS)
+        except orjson.JSONEncodeError:
+            return super().render(data, accepted_media_type, renderer_context)
+        for raw, escaped in _LINE_SEPARATORS:
+            if raw in content:
+                content = content.replace(raw, escaped)
+        return content
+
+
+_DRF_ENCODER = encoders.JSONEncoder()
 
 
 def render_for_storing(request, data) -> bytes:
