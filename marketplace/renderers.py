@@ -5,7 +5,8 @@ orjson encodes a page of 20 search results in ~25 us against ~340 us for DRF's `
 to a batch of usage events took ~0.6 ms per encoding). The bytes are DRF's: compact separators, UTF-8 unescaped but
 for U+2028 and U+2029, and DRF's encoder for what orjson would write its own way (dates and times) or cannot write
 (decimals, lazy strings, querysets...). Anything orjson refuses (an integer beyond 64 bits, a lone surrogate, a key
-that is not a string) is rendered by DRF's `json.dumps` itself. Two differences, both in floats, which the API's money
+that is not a string), an indented answer, and any setting of DRF's but its default compact UTF-8 form go to DRF's
+`json.dumps`, which renders or refuses them as it always did. Two differences, both in floats, which the API's money
 never is: one below 1e-4 is written in positional notation (0.00001 where json writes 1e-05, the same number), and NaN
 or an infinity is written as null where DRF refuses to render it."""
 
@@ -27,7 +28,7 @@ class JSONRenderer(renderers.JSONRenderer):
         # The very object rendered for storing, rendered as stored: the default form (no indent asked for).
         if rendered is not None and rendered[0] is data and not indented:
             return rendered[1]
-        if data is None or indented:
+        if data is None or indented or self.ensure_ascii or not self.compact:
             return super().render(data, accepted_media_type, renderer_context)
         try:
             content = orjson.dumps(data, default=_DRF_ENCODER.default, option=_OPTIONS)

@@ -46,6 +46,18 @@ def test_a_float_below_a_ten_thousandth_is_the_same_number_in_positional_notatio
     assert json.loads(JSONRenderer().render(value)) == json.loads(drf_renderers.JSONRenderer().render(value))
 
 
+def test_nan_is_written_as_null_where_drf_refuses_it():
+    assert JSONRenderer().render({"x": float("nan"), "y": float("inf")}) == b'{"x":null,"y":null}'
+
+
+def test_a_setting_other_than_drfs_default_form_is_drfs_own():
+    class Ascii(JSONRenderer):
+        ensure_ascii = True
+
+    value = {"text": "caf\u00e9", "tiny": 1e-05}
+    assert Ascii().render(value) == b'{"text":"caf\\u00e9","tiny":1e-05}'
+
+
 def test_nothing_and_an_indented_answer_are_drfs_own():
     assert JSONRenderer().render(None) == b""
     assert JSONRenderer().render({"a": [1]}, "application/json; indent=2") == b'{\n  "a": [\n    1\n  ]\n}'
