@@ -18,6 +18,7 @@ from rest_framework.utils import encoders
 _RENDERED = "_marketplace_rendered_answer"
 _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME  # dates and times as DRF's encoder writes them
 _LINE_SEPARATORS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))  # as DRF escapes them
+_DRF_ENCODER = encoders.JSONEncoder()  # its `default`: what orjson is not to write its own way
 
 
 class JSONRenderer(renderers.JSONRenderer):
@@ -38,9 +39,6 @@ class JSONRenderer(renderers.JSONRenderer):
             if raw in content:
                 content = content.replace(raw, escaped)
         return content
-
-
-_DRF_ENCODER = encoders.JSONEncoder()
 
 
 def render_for_storing(request, data) -> bytes:

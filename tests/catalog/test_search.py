@@ -721,23 +721,29 @@ def test_the_search_indexes_exist():
 
 
 def _bulk_services(seller, count: int) -> None:
-    """Many services at once, written like catalog.services writes them (same search vector, names in the lexicon)."""
+    """Many services at once (`_written_in_bulk`), named "<Word> agent <i>"."""
     words = ["weather", "invoice", "code", "image", "speech", "data", "legal", "market", "support", "geo"]
-    services = Service.objects.bulk_create([
+    _written_in_bulk([
         Service(seller=seller, name=f"{words[i % 10].title()} agent {i}", description=f"Handles {words[i % 7]} jobs.",
                 capability_name=words[i % 10], capability_version="1.0.0", pricing_type="per_call",
                 unit_price=1_000 + i, upstream_base_url="https://example.com", keywords=words[i % 10])
         for i in range(count)
     ])
-    Service.objects.update(search_vector=search_vector_expression())
+
+
+def _written_in_bulk(services: list[Service]) -> None:
+    """`services` inserted at once, written like catalog.services writes them (same search vector, names in the
+    lexicon)."""
+    services = Service.objects.bulk_create(services)
+    Service.objects.filter(pk__in=[service.pk for service in services]).update(search_vector=search_vector_expression())
     ServiceName.objects.bulk_create([ServiceName(name=service.name) for service in services], ignore_conflicts=True)
     with connection.cursor() as cursor:
         # What autovacuum does in time: move the new GIN entries out of the pending list into the index proper
         # (a long pending list makes every GIN lookup look costly to the planner), then gather statistics.
         cursor.execute("SELECT gin_clean_pending_list('service_search_vector_gin'::regclass),"
                        " gin_clean_pending_list('service_name_lexicon_trgm_gin'::regclass)")
-        cursor.execute("ANALYZE catalog_service")
-        cursor.execute("ANALYZE catalog_servicename")
+        for table in ("catalog_service", "catalog_servicename", VISIBLE_SERVICE_NAMES_TABLE):
+            cursor.execute(f"ANALYZE {table}")
 
 
 def _plan_of_search(api: Api, *, table: str = "catalog_service", **body) -> str:
@@ -823,15 +829,11 @@ def test_a_misspellings_page_reads_only_its_best_names_services(seller, buyer_ap
     _bulk_services(seller, 2_000)
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett"]
     suffixes = [" ".join(words[:count]) for count in range(1, 11)]  # ever longer: ever less alike
-    services = Service.objects.bulk_create([
+    _written_in_bulk([
         Service(seller=seller, name=f"Zanzibar ferry booker {suffix}", capability_name="book-ferry",
                 capability_version="1.0.0", pricing_type="per_call", unit_price=1_000, keywords="ferry",
                 upstream_base_url="https://example.com")
         for suffix in suffixes for _ in range(30)])
-    Service.objects.filter(pk__in=[service.pk for service in services]).update(search_vector=search_vector_expression())
-    ServiceName.objects.bulk_create([ServiceName(name=service.name) for service in services], ignore_conflicts=True)
-    with connection.cursor() as cursor:
-        cursor.execute(f"ANALYZE {VISIBLE_SERVICE_NAMES_TABLE}")
 
     with CaptureQueriesContext(connection) as captured:
         page = search(buyer_api, q="zanzibr fery boker", limit=20)
