@@ -20,6 +20,7 @@ import argparse
 import itertools
 import math
 import os
+import re
 import secrets
 import signal
 import socket
@@ -456,7 +457,7 @@ def explain(queries: list[tuple[str, dict]], headers: dict) -> None:
     from django.test.utils import CaptureQueriesContext
 
     from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE
-    from catalog.selectors import FUZZY_SETTINGS
+    from catalog.selectors import NAMES_SPELT_ALIKE_FUNCTION, names_spelt_alike_plan
 
     client = Client(HTTP_AUTHORIZATION=headers["Authorization"])
     for label, body in queries:
@@ -467,19 +468,17 @@ def explain(queries: list[tuple[str, dict]], headers: dict) -> None:
         # probe for exact matches of a later page.
         statements = [q["sql"] for q in captured.captured_queries
                       if q["sql"].startswith("SELECT") and "ORDER BY" in q["sql"]
-                      and any(f'FROM "{table}"' in q["sql"]
+                      and any(re.search(f'(?:FROM|,) "{table}"', q["sql"])
                               for table in ("catalog_service", SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE))
                       ][-1:]  # a misspelling's first page runs the empty exact page first
-        # The typo-tolerant fallback first matches the misspelling among the distinct names.
-        statements[:0] = [q["sql"] for q in captured.captured_queries if 'FROM "catalog_servicename"' in q["sql"]]
         plans = []
         for statement in statements:
             with transaction.atomic(), connection.cursor() as cursor:
-                if statement.startswith(FUZZY_SETTINGS):  # the names' match, sent after its settings
-                    cursor.execute(FUZZY_SETTINGS)
-                    statement = statement.removeprefix(f"{FUZZY_SETTINGS}; ")
                 cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement)
                 plans.append("\n".join(f"    {row[0]}" for row in cursor.fetchall()))
+            if NAMES_SPELT_ALIKE_FUNCTION in statement:  # the typo-tolerant fallback: the plan of its match too
+                plans.append("\n".join(f"    {line}" for line in
+                                       names_spelt_alike_plan(body["q"], analyze=True).splitlines()))
         plan = "\n\n".join(plans)
         print(f"\n--- {label}\n{plan}")
 

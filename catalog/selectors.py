@@ -11,7 +11,7 @@ from django.db import connection
 from django.db.models import Q, QuerySet
 
 from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, ApiKey, Availability, \
-    Service, ServiceName, ServiceState, Skill, Tag, UpstreamProtocol
+    Service, ServiceState, Skill, Tag, UpstreamProtocol
 from marketplace.errors import InvalidInput, NotFound
 from marketplace.pagination import cursor_after, cursor_issued_for, cursor_values
 
@@ -138,18 +138,6 @@ _ORDERINGS = {
 # issued for one kind of result is refused (invalid_cursor) by the other instead of cutting the list in odd places.
 _FUZZY_RELEVANCE = ["-name_similarity", "-created_at", "id"]
 
-FUZZY_WORD_SIMILARITY_THRESHOLD = 0.5
-# For the statement matching the names' lexicon: its trigram index, never a walk of every name. The planner prices
-# pg_trgm's `%>` like any operator, yet it costs ~9 us a name: it chose a sequential scan for a long misspelling
-# (170-240 ms over 14,000 names, 6-7 ms through the index), and on a smaller lexicon a walk of its primary key.
-ONLY_THE_TRIGRAM_INDEX = "set_config('enable_seqscan', 'off', true), set_config('enable_indexonlyscan', 'off', true)"
-# What the lexicon's match runs under, set in the same round trip just before it (`_names_spelt_alike_statement`):
-# pg_trgm's default word-similarity threshold (0.6) misses a single typo in a short word ("invoce", "wether"); 0.5
-# catches those and still keeps unrelated names out; and ONLY_THE_TRIGRAM_INDEX. Local to the implicit transaction
-# of that one round trip, so the page's statement after it is planned as any other (an index-only scan of the
-# visible names).
-FUZZY_SETTINGS = (f"SELECT set_config('pg_trgm.word_similarity_threshold', '{FUZZY_WORD_SIMILARITY_THRESHOLD}', true), "
-                  f"{ONLY_THE_TRIGRAM_INDEX}")
 # Quoted phrases, -exclusions and `or` (PostgreSQL's websearch syntax) ask for exactly that: no fuzzy matching then.
 _WEBSEARCH_SYNTAX = re.compile(r'"|(?:^|\s)-\S|(?:^|\s)or(?:\s|$)', re.IGNORECASE)
 
@@ -257,7 +245,7 @@ def _icontains(column: str) -> str:
 def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) -> "_Filtered":
     """The services of `services` (the visible ones within `search`'s filters) whose name is spelt like `text`,
     scored by name similarity: the fallback when nothing matches every word (probably a misspelling). On PostgreSQL
-    it reads the database once here (the names spelt alike, under FUZZY_SETTINGS)."""
+    the page's statement matches the names itself (`catalog_names_spelt_alike`, migration 0013)."""
     if connection.vendor != "postgresql":
         return _names_spelt_alike_in_python(services, text)
     # Names containing something spelt alike: pg_trgm word similarity (`%>`, served by the trigram GIN index), so one
@@ -267,42 +255,47 @@ def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) 
     # name comes first.
     # Matched among the distinct names (ServiceName), each scored once, and the services then read by name: the
     # same services and scores as matching and scoring every service's name, which at 100,000 services (14,000
-    # distinct names) cost 40 ms in the trigram index and as much again scoring 1,300 rows.
-    with connection.cursor() as cursor:
-        cursor.execute(_names_spelt_alike_statement(), [text, text, text])
-        cursor.nextset()  # past FUZZY_SETTINGS' row
-        (scores,) = cursor.fetchone()
-    if scores is None:
-        return services.where("1 = 0").scored("0.0")
+    # distinct names) cost 40 ms in the trigram index and as much again scoring 1,300 rows. The match is a function
+    # with its own settings (migration 0013) that the page's statement calls: one statement.
     if _only_text(search):
         # The visible services by name (migration 0011): an index-only scan, not a heap page of each service.
         services = _Filtered(source=f"{connection.ops.quote_name(VISIBLE_SERVICE_NAMES_TABLE)} s",
                              sort_columns=_DENORMALISED_SORT_COLUMNS)
-    # The names come from the JSON object of name -> score as a relation sorted by score (an IN list of 200 names took
-    # 5 ms to plan), each probing the name index. Sorted, so that a page by relevance reads only its best names'
-    # services: an incremental sort of each score's services, which stops once the page is full (at 100,000
-    # services, 4 of 205 names' 18 services instead of all 1,307 sorted by a lookup in the JSON: 1.3 against 4.0 ms).
-    # The score is the double PostgreSQL wrote into the JSON (in its shortest exact form), so a cursor's score still
-    # compares equal on the next page.
+    # The names come as a relation sorted by score (an IN list of 200 names took 5 ms to plan), each probing the name
+    # index. Sorted, so that a page by relevance reads only its best names' services: an incremental sort of each
+    # score's services, which stops once the page is full (at 100,000 services, 4 of 205 names' 18 services instead
+    # of all 1,307 sorted by a lookup in the JSON: 1.3 against 4.0 ms). The score is the double PostgreSQL wrote into
+    # the JSON (in its shortest exact form), so a cursor's score still compares equal on the next page.
     return replace(services, source=f"{_NAMES_BY_SCORE} alike, {services.source}",
-                   source_params=(scores, *services.source_params)).where("s.name = alike.name").scored("alike.score")
+                   source_params=(text, *services.source_params)).where("s.name = alike.name").scored("alike.score")
 
 
-_NAMES_BY_SCORE = ("(SELECT key AS name, value::double precision AS score FROM jsonb_each_text(%s::jsonb) "
-                   "ORDER BY score DESC)")
+NAMES_SPELT_ALIKE_FUNCTION = "catalog_names_spelt_alike"
+_NAMES_BY_SCORE = ("(SELECT key AS name, value::double precision AS score "
+                   f"FROM jsonb_each_text({NAMES_SPELT_ALIKE_FUNCTION}(%s)) ORDER BY score DESC)")
 
 
-@functools.cache
-def _names_spelt_alike_statement() -> str:
-    """FUZZY_SETTINGS, then the names of the lexicon spelt like the text (given three times), as one JSON object of
-    name -> score; the score is the one `(word_similarity + similarity) / 2` of the name, as double precision.
-    Aggregated by PostgreSQL and handed back whole: turning ~200 names into Python values and back into a statement
-    cost more CPU than reading the page. Two statements in one round trip (PostgreSQL's simple query protocol, as
-    Django's client-side binding cursors send them), where a transaction of their own took three more."""
-    table, name = connection.ops.quote_name(ServiceName._meta.db_table), connection.ops.quote_name("name")
-    return (f"{FUZZY_SETTINGS}; SELECT jsonb_object_agg(alike.name, alike.score)::text FROM (SELECT {name} AS name, "  # noqa: S608
-            f"((word_similarity(%s, {name}) + similarity({name}, %s)) / 2)::double precision AS score "
-            f"FROM {table} WHERE {name} %%> %s) AS alike")
+def names_spelt_alike_plan(text: str, *, analyze: bool = False) -> str:
+    """PostgreSQL's plan for the lexicon's match of `text` as `catalog_names_spelt_alike` runs it (its body, under
+    its own settings), for the plan tests and bench/catalog_search.py --explain: EXPLAIN of a statement shows a
+    function's call, not the plan of what the function runs. The settings are restored afterwards."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT proconfig, prosrc FROM pg_proc WHERE proname = %s", [NAMES_SPELT_ALIKE_FUNCTION])
+        configured, body = cursor.fetchone()
+        match = body[body.index("RETURN (") + len("RETURN ("):body.rindex(")")]
+        own = dict(setting.split("=", 1) for setting in configured)
+        cursor.execute("SELECT " + ", ".join(["current_setting(%s, true)"] * len(own)), list(own))
+        before = dict(zip(own, cursor.fetchone(), strict=True))
+        try:
+            for name, value in own.items():
+                cursor.execute("SELECT set_config(%s, %s, false)", [name, value])
+            cursor.execute(f"EXPLAIN {'(ANALYZE, BUFFERS) ' if analyze else ''}"
+                           f"{match.replace('%', '%%').replace('$1', '%s')}", [text] * match.count("$1"))
+            return "\n".join(row[0] for row in cursor.fetchall())
+        finally:
+            for name, value in before.items():  # None: pg_trgm's setting, before pg_trgm was loaded
+                cursor.execute("SELECT set_config(name, COALESCE(%s, reset_val), false) FROM pg_settings "
+                               "WHERE name = %s", [value, name])
 
 
 # The fallback without pg_trgm (SQLite, `make run`'s default) reads at most this many names, newest first: a

@@ -13,7 +13,7 @@ from django.utils import timezone
 from rest_framework.views import APIView
 
 from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, ApiKey, Service, ServiceName
-from catalog.selectors import FUZZY_SETTINGS, ONLY_THE_TRIGRAM_INDEX
+from catalog.selectors import NAMES_SPELT_ALIKE_FUNCTION, names_spelt_alike_plan
 from catalog.services import search_vector_expression
 from marketplace.keys import parse_secret
 from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service
@@ -293,22 +293,29 @@ def test_a_texts_query_is_asked_of_postgresql_once_per_process(seller, buyer_api
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_a_misspelling_is_matched_with_its_settings_in_one_round_trip_that_keeps_them(seller, buyer_api):
-    """The lexicon's match is sent with its settings (threshold, trigram index only) in one round trip, no
-    transaction of its own; they end with it, so the page's statement after it, and the connection's next
-    statements, are planned as any other."""
+def test_a_misspellings_first_page_is_two_statements_that_leave_no_settings_behind(seller, buyer_api):
+    """A misspelling's first page is the (empty) exact page, then the page of names spelt alike, whose statement
+    matches the lexicon itself: `catalog_names_spelt_alike` runs the match under its own settings (threshold,
+    trigram index only), which end with it. The match and its settings were a round trip of their own before the
+    page, parsed and planned on every search. No transaction either, and the connection's settings unchanged."""
     listing(seller, "Invoice extractor")
     listing(seller, "Invoice reader")
 
     with CaptureQueriesContext(connection) as captured:
         assert set(names(buyer_api, q="invoce")) == {"Invoice extractor", "Invoice reader"}
     statements = [q["sql"] for q in captured.captured_queries]
-    assert [s for s in statements if 'FROM "catalog_servicename"' in s][0].startswith(f"{FUZZY_SETTINGS}; ")
-    assert not [s for s in statements if s.split()[0].upper() in ("BEGIN", "SAVEPOINT", "COMMIT", "RELEASE")]
+    pages = [s for s in statements if "ORDER BY" in s and '"catalog_service"' in s]
+    assert len(pages) == 2 and f"{NAMES_SPELT_ALIKE_FUNCTION}('invoce')" in pages[1], pages
+    assert not [s for s in statements if "catalog_servicename" in s]  # the function reads it
+    assert not [s for s in statements if "set_config" in s or s.split()[0].upper() in
+                ("BEGIN", "SAVEPOINT", "COMMIT", "RELEASE")]
     with connection.cursor() as cursor:
         cursor.execute("SELECT current_setting('pg_trgm.word_similarity_threshold'), "
                        "current_setting('enable_seqscan'), current_setting('enable_indexonlyscan')")
         assert cursor.fetchone() == ("0.6", "on", "on")
+        cursor.execute("SELECT proconfig FROM pg_proc WHERE proname = %s", [NAMES_SPELT_ALIKE_FUNCTION])
+        assert cursor.fetchone()[0] == ["pg_trgm.word_similarity_threshold=0.5", "enable_seqscan=off",
+                                        "enable_indexonlyscan=off"]
 
 
 @pytest.mark.parametrize("text", ["!!!", "&|:*", "'", '"', "-", "or", "a & b | !c", "()", "\\", "%", "_", "😀",
@@ -764,10 +771,7 @@ def _plan_of_search(api: Api, *, table: str = "catalog_service", **body) -> str:
     with connection.cursor() as cursor:
         cursor.execute("SET LOCAL enable_seqscan = off")  # SET LOCAL: the test's transaction ends both
         cursor.execute("SET LOCAL enable_indexscan = off")
-        if table == "catalog_servicename":  # as catalog.selectors matches the lexicon: no walk of its b-tree either
-            cursor.execute("SET LOCAL enable_indexonlyscan = off")
-        # The lexicon's match is sent after its settings (FUZZY_SETTINGS), which the SET LOCALs above stand for.
-        cursor.execute("EXPLAIN " + statements[-1].removeprefix(f"{FUZZY_SETTINGS}; "))
+        cursor.execute("EXPLAIN " + statements[-1])
         return "\n".join(row[0] for row in cursor.fetchall())
 
 
@@ -789,7 +793,7 @@ def test_text_fuzzy_and_capability_searches_read_their_indexes(seller, buyer_api
     # The misspelling is matched among the distinct names through their trigram index, then the services bearing
     # the names found are read through the b-tree index on the visible services' names (with filters, on the
     # services' names).
-    plan = _plan_of_search(buyer_api, q="zanzibr ferri", table="catalog_servicename")
+    plan = names_spelt_alike_plan("zanzibr ferri")
     assert "Bitmap Index Scan on service_name_lexicon_trgm_gin" in plan, plan
     plan = _plan_of_search(buyer_api, q="zanzibr ferri", table=VISIBLE_SERVICE_NAMES_TABLE)
     assert "catalog_service_visible_name_pkey" in plan, plan
@@ -806,18 +810,13 @@ def test_text_fuzzy_and_capability_searches_read_their_indexes(seller, buyer_api
 def test_a_long_misspelling_is_matched_through_the_lexicons_trigram_index(seller, buyer_api):
     """The planner prices pg_trgm's `%>` like any cheap operator: left alone it read every name of the lexicon for a
     long misspelling (170-240 ms at 14,000 names, 7 ms through the index). The search keeps that statement to the
-    trigram index (catalog.selectors.ONLY_THE_TRIGRAM_INDEX)."""
+    trigram index (the settings of `catalog_names_spelt_alike`, migration 0013)."""
     _bulk_services(seller, 2_000)
     listing(seller, "Multilingual translator for legal teams")
     text = "multilingal translaton for legl teams"
 
-    with CaptureQueriesContext(connection) as captured:
-        assert names(buyer_api, q=text) == ["Multilingual translator for legal teams"]
-    statement = next(q["sql"] for q in captured.captured_queries if 'FROM "catalog_servicename"' in q["sql"])
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT " + ONLY_THE_TRIGRAM_INDEX)  # as the search sets it just before the match
-        cursor.execute("EXPLAIN " + statement.removeprefix(f"{FUZZY_SETTINGS}; "))
-        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert names(buyer_api, q=text) == ["Multilingual translator for legal teams"]
+    plan = names_spelt_alike_plan(text)
     assert "Bitmap Index Scan on service_name_lexicon_trgm_gin" in plan, plan
     assert "Seq Scan" not in plan and "pkey" not in plan, plan
 
