@@ -3,6 +3,7 @@
 import functools
 import json
 import re
+import threading
 import uuid
 from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
@@ -12,6 +13,7 @@ from django.db.models import Q, QuerySet
 
 from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, ApiKey, Availability, \
     Service, ServiceState, Skill, Tag, UpstreamProtocol
+from marketplace.caching import kept_for_a_second
 from marketplace.errors import InvalidInput, NotFound
 from marketplace.pagination import cursor_after, cursor_issued_for, cursor_values
 
@@ -573,13 +575,26 @@ def _visible_services(search: ServiceSearch) -> _Filtered:
     return found
 
 
+# Tag names to ids, per process: a search with tags read them in a round trip of its own on every request (at
+# 100,000 services 0.5-0.7 ms of CPU per search, a twelfth of it). Only names found are kept: a new tag is found
+# at once, a renamed or deleted one followed within CREDENTIAL_CACHE_SECONDS.
+TAG_IDS = kept_for_a_second()
+_TAG_IDS_LOCK = threading.Lock()
+
+
 def _tag_ids(names: set[str]) -> dict[str, int]:
-    if not names:
-        return {}
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT name, id FROM {connection.ops.quote_name(Tag._meta.db_table)} "  # noqa: S608
-                       f"WHERE name IN ({', '.join(['%s'] * len(names))})", list(names))
-        return dict(cursor.fetchall())
+    with _TAG_IDS_LOCK:
+        known = {name: tag_id for name in names if (tag_id := TAG_IDS.get(name)) is not None}
+    missing = names - known.keys()
+    if missing:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT name, id FROM {connection.ops.quote_name(Tag._meta.db_table)} "  # noqa: S608
+                           f"WHERE name IN ({', '.join(['%s'] * len(missing))})", list(missing))
+            found = dict(cursor.fetchall())
+        with _TAG_IDS_LOCK:
+            TAG_IDS.update(found)
+        known.update(found)
+    return known
 
 
 def _column_value(name: str):

@@ -1,5 +1,6 @@
-"""What the metered proxy reads on every call and may see a second late (an API key, an agreement's terms): cached
-per process for CREDENTIAL_CACHE_SECONDS, so a revocation or a changed upstream takes effect within that time."""
+"""What the hot paths read on every request and may see a second late (an API key, an agreement's terms, a tag's
+id): cached per process for CREDENTIAL_CACHE_SECONDS, so a revocation, a changed upstream or a renamed tag takes
+effect within that time."""
 
 import threading
 import time
@@ -8,7 +9,11 @@ from cachetools import TTLCache, cached
 from django.conf import settings
 
 
+def kept_for_a_second() -> TTLCache:
+    """A cache whose entries are kept for CREDENTIAL_CACHE_SECONDS (not thread-safe: guard it with a lock)."""
+    return TTLCache(maxsize=10_000, ttl=settings.CREDENTIAL_CACHE_SECONDS, timer=time.monotonic)
+
+
 def for_a_second(*, key):
     """Decorator: the function's answers (None included) kept per process for CREDENTIAL_CACHE_SECONDS, by `key`."""
-    return cached(TTLCache(maxsize=10_000, ttl=settings.CREDENTIAL_CACHE_SECONDS, timer=time.monotonic),
-                  key=key, lock=threading.Lock())
+    return cached(kept_for_a_second(), key=key, lock=threading.Lock())

@@ -140,6 +140,15 @@ def celery_runs_tasks_inline():
 
 
 @pytest.fixture(autouse=True)
+def tag_ids_read_afresh():
+    """Tag ids are kept per process for a second (catalog.selectors.TAG_IDS); each test's database gives the same
+    tag names other ids."""
+    from catalog.selectors import TAG_IDS
+
+    TAG_IDS.clear()
+
+
+@pytest.fixture(autouse=True)
 def private_upstreams_allowed(settings):
     """Test upstreams and webhook receivers run on loopback; tests of the SSRF guard switch it back on."""
     settings.ALLOW_PRIVATE_UPSTREAMS = True
