@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import harness  # noqa: E402
+from bench import harness, idle_cpu  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench"
 # Bump when the generated data changes, so an old seed is not silently reused.
@@ -539,7 +539,8 @@ def main() -> int:
             print(f"server: granian, {args.workers} workers x {args.threads} threads on {base_url}, DEBUG off; "
                   f"client: {args.concurrency} threads, {args.requests} requests per query after {warm_up} warm-up")
             # Server, database and client share this machine: its load says how far the figures can be trusted.
-            print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
+            print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; "
+                  f"{idle_cpu.machine_speed()}\n")
             meter = harness.CpuMeter(harness.child_pids(server.pid), database_url)
             harness.freeze_client_heap()
             stolen = harness.StolenCpu()
@@ -568,7 +569,7 @@ def main() -> int:
                     print(f"    {len(result['failures'])} wrong answers, e.g. "
                           f"{(result['failures'] or [first_failure])[0]}")
             meter.close()
-            print(f"{stolen.since()} during the measured requests")
+            print(f"{stolen.since()} during the measured requests; {idle_cpu.machine_speed()} after them")
         finally:
             stop_server(server)
     if args.explain:

@@ -38,6 +38,12 @@ def warm_ms(repeats: int = REPEATS) -> float:
     return statistics.median(cpu_ms() for _ in range(repeats))
 
 
+def machine_speed() -> str:
+    """The line the benches print before and after their runs: the machine's speed drifts within minutes, and runs
+    on different machines are read against it."""
+    return f"bench/idle_cpu.py's work takes {warm_ms():.3f} ms"
+
+
 def warm_and_idle_ms(gap_ms: float) -> tuple[float, float]:
     """Median CPU of a piece run right after another (warm) and of one run after `gap_ms` idle, interleaved so
     that the machine's drift (its speed varies from minute to minute) affects both alike."""

@@ -173,11 +173,6 @@ def summary(sample: Sample) -> dict:
 # --- main ---------------------------------------------------------------------------------------------------------
 
 
-# The same Python work on any machine (bench/idle_cpu.py): what runs on different machines, or drift within a run, is
-# read against.
-MACHINE_SPEED = "bench/idle_cpu.py's work takes"
-
-
 def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack) -> int:
     env = bench_metering.setup_django(database_url)
     from escrow import devchain
@@ -216,7 +211,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
           f"proxied on one agreement, {args.seconds:g} s proxied on one agreement per caller); {PRICE} atomic units "
           f"per call")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; "
-          f"{MACHINE_SPEED} {idle_cpu.warm_ms():.3f} ms before the run\n")
+          f"{idle_cpu.machine_speed()} before the run\n")
 
     stolen = harness.StolenCpu()
     proxied = Sample()  # every proxied answer, warm-up included: what the totals must add up to
@@ -305,8 +300,8 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
           f"with the SDK ({time.perf_counter() - checking:.1f} s): {'OK' if not problems else 'FAILED'}")
     for problem in problems[:20]:
         print(f"  {problem}")
-    print(f"load average {os.getloadavg()[0]:.1f} after the run; {stolen.since()} during it; {MACHINE_SPEED} "
-          f"{idle_cpu.warm_ms():.3f} ms after the run")
+    print(f"load average {os.getloadavg()[0]:.1f} after the run; {stolen.since()} during it; "
+          f"{idle_cpu.machine_speed()} after the run")
     return 1 if problems or failures else 0
 
 

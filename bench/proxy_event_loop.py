@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
           f"threads, psycopg + http.client; event loop = ASGI on {args.loop}, psycopg async + aiohttp; "
           f"upstream: aiohttp")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; "
-          f"{bench_proxy.MACHINE_SPEED} {idle_cpu.warm_ms():.3f} ms\n")
+          f"{idle_cpu.machine_speed()}\n")
     header = (f"{'callers':>7} {'upstream delay':>14}  {'served on':<10} {'requests':>9} {'req/s':>8} {'p50 ms':>8} "
               f"{'p99 ms':>8} {'errors':>7} {'server CPU ms/call':>18} {'db CPU ms/call':>14}")
     print(header)
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
         if threads and loop:
             ratios.append(f"{clients} callers, {delay} ms: {loop / threads:.2f}x")
     print(f"\nserver CPU per call on the event loop / on threads: {'; '.join(ratios)}")
-    print(f"{stolen.since()} during the run; {bench_proxy.MACHINE_SPEED} {idle_cpu.warm_ms():.3f} ms after it")
+    print(f"{stolen.since()} during the run; {idle_cpu.machine_speed()} after it")
     if failures:
         print(f"\n{len(failures)} calls failed, for example: {failures[0]}")
     return 1 if failures else 0

@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import harness  # noqa: E402
+from bench import harness, idle_cpu  # noqa: E402
 from bench import metering as bench_metering  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench_usage"
@@ -160,7 +160,8 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
           f"event (time.process_time), {statements} SQL statements per batch")
     print(f"marketplace: granian {args.workers} workers x {args.threads} threads (WSGI), DEBUG off, PostgreSQL; "
           f"client: {args.clients} concurrent aiohttp callers, one process; {args.seconds:g} s per scenario")
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run\n")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; "
+          f"{idle_cpu.machine_speed()}\n")
 
     harness.freeze_client_heap()
     stolen = harness.StolenCpu()
@@ -216,7 +217,8 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     for problem in problems[:20]:
         print(f"  {problem}")
     print(f"best batched rate {best_batched:,.0f} events/s (goal 10,000); "
-          f"load average {os.getloadavg()[0]:.1f} after the run; {stolen.since()} during it")
+          f"load average {os.getloadavg()[0]:.1f} after the run; {stolen.since()} during it; "
+          f"{idle_cpu.machine_speed()} after it")
     return 1 if problems or failures else 0
 
 
