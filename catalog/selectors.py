@@ -247,7 +247,7 @@ def _icontains(column: str) -> str:
 def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) -> "_Filtered":
     """The services of `services` (the visible ones within `search`'s filters) whose name is spelt like `text`,
     scored by name similarity: the fallback when nothing matches every word (probably a misspelling). On PostgreSQL
-    the page's statement matches the names itself (`catalog_names_spelt_alike`, migration 0013)."""
+    the page's statement matches the names itself (`catalog_names_spelt_alike`, migrations 0013 and 0014)."""
     if connection.vendor != "postgresql":
         return _names_spelt_alike_in_python(services, text)
     # Names containing something spelt alike: pg_trgm word similarity (`%>`, served by the trigram GIN index), so one
@@ -258,7 +258,7 @@ def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) 
     # Matched among the distinct names (ServiceName), each scored once, and the services then read by name: the
     # same services and scores as matching and scoring every service's name, which at 100,000 services (14,000
     # distinct names) cost 40 ms in the trigram index and as much again scoring 1,300 rows. The match is a function
-    # with its own settings (migration 0013) that the page's statement calls: one statement.
+    # with its own settings (migrations 0013 and 0014) that the page's statement calls: one statement.
     if _only_text(search):
         # The visible services by name (migration 0011): an index-only scan, not a heap page of each service.
         services = _Filtered(source=f"{connection.ops.quote_name(VISIBLE_SERVICE_NAMES_TABLE)} s",
