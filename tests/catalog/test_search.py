@@ -844,7 +844,7 @@ def test_text_fuzzy_and_capability_searches_read_their_indexes(seller, buyer_api
 def test_a_long_misspelling_is_matched_through_the_lexicons_trigram_index(seller, buyer_api):
     """The planner prices pg_trgm's `%>` like any cheap operator: left alone it read every name of the lexicon for a
     long misspelling (170-240 ms at 14,000 names, 7 ms through the index). The search keeps that statement to the
-    trigram index (the settings of `catalog_names_spelt_alike`, migration 0013)."""
+    trigram index (the settings of `catalog_names_spelt_alike`, migrations 0013 and 0014)."""
     _bulk_services(seller, 2_000)
     listing(seller, "Multilingual translator for legal teams")
     text = "multilingal translaton for legl teams"
