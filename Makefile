@@ -86,6 +86,7 @@ check: lint schema migrations-check contracts-check typecheck
 bench: install
 	$(PY) bench/catalog_search.py --services 5000 --requests 50
 	$(PY) bench/proxy.py --seconds 2 --rounds 1 --clients 1,8
+	$(PY) bench/proxy_cpu.py --calls 200 --blocks 2
 	$(PY) bench/usage.py --seconds 2 --agreements 10
 	$(PY) bench/relayer.py --activations 20
 	$(PY) bench/load.py --duration 10 --services 100
