@@ -34,7 +34,9 @@ class ModelColumns:
 def model_columns(model, alias: str, names: tuple[str, ...] | None = None) -> ModelColumns:
     """`names` (attribute names) of `model`, every concrete field when None, read under table alias `alias`; the
     converters depend on the database's vendor only, so this is built once per process."""
-    fields = model._meta.concrete_fields if names is None else [model._meta.get_field(name) for name in names]
+    concrete = model._meta.concrete_fields
+    # In the model's order whatever the order of `names`: Model.from_db places a subset's values by that order.
+    fields = concrete if names is None else sorted((model._meta.get_field(name) for name in names), key=concrete.index)
     quote, converting = connection.ops.quote_name, []
     for position, field in enumerate(fields):
         column = field.get_col(alias)

@@ -89,3 +89,18 @@ def test_a_charge_runs_statements_prepared_on_the_server(active_outside_transact
     assert any("FOR UPDATE" in statement for statement in prepared)  # closing the intent, locking the row
     assert any("json_to_recordset" in statement for statement in prepared)  # writing the event and the counters
     assert any("EXISTS (SELECT FROM closed)" in statement for statement in prepared)  # the charge on a known head
+
+
+@pytest.mark.postgres
+def test_the_agreements_terms_are_read_by_one_statement_prepared_on_the_server(active, http_server):
+    """Once a second per agreement in every process: compiling the ORM's query for it cost twice what running it did
+    (bench/HISTORY.md, fifteenth session)."""
+    http_server.responses.append((200, {"n": 1}))
+    with CaptureQueriesContext(connection) as captured:
+        assert call(active).status_code == 200
+    [terms] = [query["sql"] for query in captured.captured_queries if '"catalog_service"' in query["sql"]]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s",
+                       ['%FROM "agreements_usageagreement" a JOIN "catalog_service" v%'])
+        assert cursor.fetchone() == (1,)
+    assert terms.count("SELECT") == 1
