@@ -93,7 +93,7 @@ def test_a_charge_runs_statements_prepared_on_the_server(active_outside_transact
 
 @pytest.mark.postgres
 def test_the_agreements_terms_are_read_by_one_statement_prepared_on_the_server(active, http_server):
-    """Once a second per agreement in every process: compiling the ORM's query for it cost twice what running it did
+    """Once a second per agreement in every process: the ORM's query took 0.72 ms of CPU, this statement 0.16 ms
     (bench/HISTORY.md, fifteenth session)."""
     http_server.responses.append((200, {"n": 1}))
     with CaptureQueriesContext(connection) as captured:
