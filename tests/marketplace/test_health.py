@@ -80,6 +80,11 @@ def test_readiness_leaves_no_database_connection_open(escrow_chain):
     try:
         for _ in range(3):
             assert Client().get("/readyz").status_code == 200
-        assert others() - before == set()
+        # A backend stays listed for a moment after its client closed the connection (it is still exiting, longer
+        # on a loaded machine); a connection left open stays listed, as long as the garbage collector is off.
+        deadline = time.monotonic() + 5
+        while (left_open := others() - before) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert left_open == set()
     finally:
         gc.enable()
