@@ -39,11 +39,6 @@ PRICE = 1_000
 # --- a contender (its own process: `bench/proxy_cpu.py --contender KIND --root DIR ...`) ---------------------------
 
 
-def _backend_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _proxy_call(database_url: str, upstream_url: str, query: str):
     """Set up a seller, a buyer and an active agreement; returns (call, backend pid), `call()` -> problem or None."""
     from bench import metering as bench_metering
@@ -107,7 +102,10 @@ def _floor_call(database_url: str, upstream_url: str, query: str):
 
 
 def contender(kind: str, database_url: str, upstream_url: str, delay_ms: int) -> None:
-    """Set up, answer "ready", then for each line "N" on stdin make N calls and answer one JSON line."""
+    """Set up, answer where its code was imported from, then for each line "N" on stdin make N calls and answer one
+    JSON line."""
+    from bench import harness
+
     query = f"delay_ms={delay_ms}" if delay_ms else ""
     call, backend = (_floor_call if kind == "floor" else _proxy_call)(database_url, upstream_url, query)
     for _ in range(50):  # warm-up: connections, prepared statements, caches
@@ -118,12 +116,12 @@ def contender(kind: str, database_url: str, upstream_url: str, delay_ms: int) ->
     for line in sys.stdin:
         calls = int(line)
         problems = []
-        thread_cpu, database_cpu = time.thread_time(), _backend_cpu(backend)
+        thread_cpu, database_cpu = time.thread_time(), harness.cpu_seconds([backend])
         for _ in range(calls):
             problem = call()
             if problem:
                 problems.append(problem)
-        print(json.dumps({"cpu": time.thread_time() - thread_cpu, "db": _backend_cpu(backend) - database_cpu,
+        print(json.dumps({"cpu": time.thread_time() - thread_cpu, "db": harness.cpu_seconds([backend]) - database_cpu,
                           "problems": problems[:3], "failed": len(problems)}), flush=True)
 
 
