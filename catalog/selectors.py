@@ -1,21 +1,25 @@
 """Reads of the catalog."""
 
 import functools
-import json
 import re
 import threading
 import uuid
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from difflib import SequenceMatcher
 
+import orjson
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.db.models import Q, QuerySet
+from django.utils import timezone
 
 from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, ApiKey, Availability, \
     Service, ServiceState, Skill, Tag, UpstreamProtocol
 from marketplace.caching import kept_for_a_second
 from marketplace.errors import InvalidInput, NotFound
 from marketplace.pagination import cursor_after, cursor_issued_for, cursor_values
+from marketplace.serializers import CENTS, cents_of
 
 
 def agent_get(*, agent_id, owner=None) -> Agent:
@@ -337,7 +341,7 @@ def _names_spelt_alike_in_python(statement: "_Filtered", text: str) -> "_Filtere
 
 @dataclass(frozen=True)
 class OffsetPage:
-    rows: list[dict]
+    results: list  # as the API writes them (`_page_rows`)
     total: int
     next_offset: int | None
 
@@ -409,38 +413,154 @@ def _search_result_statements() -> tuple[_Statement, _Statement, _Statement]:
 
 @dataclass(frozen=True)
 class _PageRead:
-    """PostgreSQL's read of a page's rows with their keys (`_keys_and_rows`), written once from the models' metadata:
-    the columns after the keys (the service's fields, its tags by name as an array, its skills by name as a JSON
-    array of arrays of _SEARCH_RESULT_SKILL_FIELDS), the joins of the service `t0` to its seller, and the converters
-    of the service's fields (positions counted from the first of them)."""
+    """PostgreSQL's read of a page with its keys (`_page_rows`), written once from the models' metadata: per row
+    the narrow statement's sort values, then the result's JSON text (`_result_json_sql`)."""
 
-    columns: str
+    result_json: str
     service_table: str
     service_key: str
     joins: str
-    converting: tuple[tuple, ...]
 
-    def sql(self, page: str, *, score: bool, key: str, order: str) -> str:
-        """The rows of the narrow page statement `page` (subquery `k`, whose `key` is the service's), in `order`,
-        after its score when `score`."""
-        return (f"SELECT {'k.score, ' if score else ''}{self.columns} FROM ({page}) k "  # noqa: S608
+    def sql(self, page: str, *, sort_values: str, key: str, order: str) -> str:
+        """The rows of the narrow page statement `page` (subquery `k`, whose `key` is the service's), in `order`:
+        its `sort_values`, then the result's JSON text."""
+        return (f"SELECT {sort_values}, {self.result_json} FROM ({page}) k "  # noqa: S608
                 f"JOIN {self.service_table} t0 ON t0.{self.service_key} = {key} {self.joins} ORDER BY {order}")
 
 
 @functools.cache
 def _page_read() -> _PageRead:
-    quote, tag_link = connection.ops.quote_name, Service.tags.through
-    columns, joins, converting = _columns(Service, _SEARCH_RESULT_FIELDS)
-    service_key, tag_name = quote(Service._meta.pk.column), quote(Tag._meta.get_field("name").column)
-    tags = (f"ARRAY(SELECT tag.{tag_name} FROM {quote(tag_link._meta.db_table)} st JOIN {quote(Tag._meta.db_table)} "
-            f"tag ON tag.{quote(Tag._meta.pk.column)} = st.{quote(tag_link._meta.get_field('tag').column)} "
-            f"WHERE st.{quote(tag_link._meta.get_field('service').column)} = t0.{service_key} ORDER BY tag.{tag_name})")
-    skill = ", ".join(f"sk.{quote(Skill._meta.get_field(name).column)}" for name in _SEARCH_RESULT_SKILL_FIELDS)
-    skills = (f"(SELECT json_agg(json_build_array({skill}) ORDER BY sk.{quote(Skill._meta.get_field('name').column)})"
-              f"::text FROM {quote(Skill._meta.db_table)} sk "
-              f"WHERE sk.{quote(Skill._meta.get_field('service').column)} = t0.{service_key})")
-    return _PageRead(columns=", ".join([*columns, tags, skills]), service_table=quote(Service._meta.db_table),
-                     service_key=service_key, joins=joins, converting=converting)
+    quote = connection.ops.quote_name
+    columns, joins, _ = _columns(Service, _SEARCH_RESULT_FIELDS)
+    return _PageRead(result_json=_result_json_sql(dict(zip(_SEARCH_RESULT_FIELDS, columns, strict=True))),
+                     service_table=quote(Service._meta.db_table), service_key=quote(Service._meta.pk.column),
+                     joins=joins)
+
+
+# --- A result as the API writes it -------------------------------------------------------------------------------
+# What catalog.serializers.ServiceSearchResultSerializer declares, written once here in two forms held to each other
+# and to DRF's rendering of those fields (tests/catalog/test_search_results.py): in PostgreSQL, which writes a page's
+# results as JSON text in the statement that reads them (`_result_json_sql`: reading each column into Python values,
+# decoding the JSON ones and building each result's dict was half of a search's CPU in the web server), and in
+# Python for SQLite (`_represented`). The text is the API's JSON (compact, UTF-8, keys in this order), but for the
+# spacing inside the services' own JSON values (author, legal, example outputs, capabilities, metadata), which
+# PostgreSQL writes as it stores them: the same values.
+
+
+def _represented(row: dict) -> dict:
+    """A result row (`_result_rows`: plain values) as the API writes it."""
+    service_id, seller_id, unit_price, checked_at = row["id"], row["seller_id"], row["unit_price"], \
+        row["availability_checked_at"]
+    zone = timezone.get_current_timezone()
+    result = {
+        "id": str(service_id),
+        "seller": {"id": str(seller_id), "handle": row["seller__handle"],
+                   "display_name": row["seller__display_name"], "wallet_address": row["seller__wallet_address"]},
+        "name": row["name"], "description": row["description"], "tags": row["tags"],
+        "capability": {"name": row["capability_name"], "version": row["capability_version"]},
+        "author": row["author"], "legal": row["legal"], "example_outputs": row["example_outputs"],
+        "pricing": {"type": row["pricing_type"], "unit_name": row["unit_name"], "unit_price_atomic": unit_price,
+                    "token": row["token"]},
+        "upstream_protocol": row["upstream_protocol"], "masumi_protocol_version": row["masumi_protocol_version"],
+        "skills": [{"name": skill["name"], "description": skill["description"], "price_atomic": skill["price"],
+                    "path": skill["path"], "is_async": skill["is_async"],
+                    "timeout_seconds": skill["timeout_seconds"]} for skill in row["skills"]],
+        "state": row["state"], "availability": row["availability"],
+        "availability_checked_at": None if checked_at is None else _iso8601(checked_at, zone),
+        "category": row["category"], "min_quantity": row["min_quantity"], "max_quantity": row["max_quantity"],
+        "capabilities": row["capabilities"], "metadata": row["metadata"],
+        "created_at": _iso8601(row["created_at"], zone), "updated_at": _iso8601(row["updated_at"], zone),
+        "service_id": str(service_id), "agent_id": str(seller_id), "service_name": row["name"],
+        "price_model": row["pricing_type"], "unit": row["unit_name"], "base_price_cents": cents_of(unit_price),
+        "is_active": row["state"] == ServiceState.REGISTERED,
+    }
+    if "relevance" in row:
+        result["relevance"] = float(row["relevance"])
+    return result
+
+
+def _iso8601(value: datetime, zone) -> str:
+    """An aware datetime as DRF's DateTimeField renders it in the current time zone `zone` (read once per answer
+    rather than once per value)."""
+    text = value.astimezone(zone).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def _result_json_sql(columns: dict[str, str]) -> str:
+    """The JSON text of a result as `_represented` writes it, without its closing brace (`_result_json` adds the
+    relevance, a float written as the API writes floats), from `columns` (the column of each _SEARCH_RESULT_FIELDS).
+    Times are written in UTC, the API's time zone (settings.TIME_ZONE; the tests hold the two forms to each other)."""
+    quote = connection.ops.quote_name
+    registered = ServiceState.REGISTERED.value
+    if not re.fullmatch(r"\w+", registered):
+        raise ImproperlyConfigured(f"a service state written into SQL must be a word: {registered!r}")
+
+    def value(expression: str) -> str:
+        return f"COALESCE(to_json({expression})::text, 'null')"
+
+    def time(expression: str) -> str:
+        # Python's isoformat: microseconds only when there are any, all six digits then.
+        return (f"COALESCE('\"' || to_char({expression} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') || "
+                f"CASE WHEN date_trunc('second', {expression}) = {expression} THEN '' "
+                f"ELSE to_char({expression} AT TIME ZONE 'UTC', '.US') END || 'Z\"', 'null')")
+
+    def members(pairs: list[tuple[str, str]], *, close: bool = True) -> str:
+        # `concat` and not `||`: a value is never NULL here (each is written 'null'), and concat takes them all.
+        parts = []
+        for position, (name, expression) in enumerate(pairs):
+            parts += [f"'{',' if position else '{'}\"{name}\":'", expression]
+        if close:
+            parts.append("'}'")
+        return f"concat({', '.join(parts)})"
+
+    column = {name: value(expression) for name, expression in columns.items()}
+    service_key = f"t0.{quote(Service._meta.pk.column)}"
+    tag_link, tag_name = Service.tags.through, quote(Tag._meta.get_field("name").column)
+    tags = (f"COALESCE((SELECT '[' || string_agg(to_json(tag.{tag_name})::text, ',' ORDER BY tag.{tag_name}) || ']' "
+            f"FROM {quote(tag_link._meta.db_table)} st JOIN {quote(Tag._meta.db_table)} tag "
+            f"ON tag.{quote(Tag._meta.pk.column)} = st.{quote(tag_link._meta.get_field('tag').column)} "
+            f"WHERE st.{quote(tag_link._meta.get_field('service').column)} = {service_key}), '[]')")
+
+    def skill(name: str) -> str:
+        return value(f"sk.{quote(Skill._meta.get_field(name).column)}")
+
+    skill_json = members([("name", skill("name")), ("description", skill("description")),
+                          ("price_atomic", skill("price")), ("path", skill("path")),
+                          ("is_async", skill("is_async")), ("timeout_seconds", skill("timeout_seconds"))])
+    skill_name = f"sk.{quote(Skill._meta.get_field('name').column)}"
+    skills = (f"COALESCE((SELECT '[' || string_agg({skill_json}, ',' ORDER BY {skill_name}) || ']' "
+              f"FROM {quote(Skill._meta.db_table)} sk "
+              f"WHERE sk.{quote(Skill._meta.get_field('service').column)} = {service_key}), '[]')")
+    price = columns["unit_price"]
+    cents = f"CASE WHEN mod({price}, {CENTS}) = 0 THEN div({price}, {CENTS})::text ELSE 'null' END"
+    return members([
+        ("id", column["id"]),
+        ("seller", members([("id", column["seller_id"]), ("handle", column["seller__handle"]),
+                            ("display_name", column["seller__display_name"]),
+                            ("wallet_address", column["seller__wallet_address"])])),
+        ("name", column["name"]), ("description", column["description"]), ("tags", tags),
+        ("capability", members([("name", column["capability_name"]), ("version", column["capability_version"])])),
+        ("author", column["author"]), ("legal", column["legal"]), ("example_outputs", column["example_outputs"]),
+        ("pricing", members([("type", column["pricing_type"]), ("unit_name", column["unit_name"]),
+                             ("unit_price_atomic", column["unit_price"]), ("token", column["token"])])),
+        ("upstream_protocol", column["upstream_protocol"]),
+        ("masumi_protocol_version", column["masumi_protocol_version"]), ("skills", skills),
+        ("state", column["state"]), ("availability", column["availability"]),
+        ("availability_checked_at", time(columns["availability_checked_at"])),
+        ("category", column["category"]), ("min_quantity", column["min_quantity"]),
+        ("max_quantity", column["max_quantity"]), ("capabilities", column["capabilities"]),
+        ("metadata", column["metadata"]), ("created_at", time(columns["created_at"])),
+        ("updated_at", time(columns["updated_at"])), ("service_id", column["id"]), ("agent_id", column["seller_id"]),
+        ("service_name", column["name"]), ("price_model", column["pricing_type"]), ("unit", column["unit_name"]),
+        ("base_price_cents", cents), ("is_active", f"to_json({columns['state']} = '{registered}')::text"),
+    ], close=False)
+
+
+def _result_json(text: str, score: float | None) -> orjson.Fragment:
+    """A result's JSON text from `_result_json_sql`, closed, with its relevance when ranked."""
+    if score is None:
+        return orjson.Fragment(text + "}")
+    return orjson.Fragment(f"{text},\"relevance\":{orjson.dumps(float(score)).decode()}}}")
 
 
 def _read(statement: _Statement, params: list) -> list[list]:
@@ -602,9 +722,9 @@ def _column_value(name: str):
 
 
 def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
-                   offset: int | None = None) -> tuple[list[dict], str | None] | OffsetPage:
-    """A page of matching services: after `cursor` (keyset), or from `offset` (the Pægents SDK's paging, with the
-    total count) when an offset is given."""
+                   offset: int | None = None) -> tuple[list, str | None] | OffsetPage:
+    """A page of matching services as the API writes them (orjson.Fragment or dict, see `_result_json_sql`): after
+    `cursor` (keyset), or from `offset` (the Pægents SDK's paging, with the total count) when an offset is given."""
     services = _visible_services(search)
     text = search.text.strip()
     order_by = search.order_by or ("relevance" if text else "newest")
@@ -622,7 +742,7 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
         # A first page says itself whether anything matches exactly (it is empty only when nothing does): one
         # statement, where asking first and then reading the page searched the index twice.
         found = page(exact, ordering=ordering)
-        if found.rows if isinstance(found, OffsetPage) else found[0]:
+        if found.results if isinstance(found, OffsetPage) else found[0]:
             return found
     elif cursor and order_by == "relevance" and cursor_issued_for(cursor, ordering=ordering):
         # A cursor of exact matches (names spelt alike are ranked on their own keys): their page, and only when it is
@@ -659,18 +779,17 @@ def _page(services: _Filtered, *, ordering: list[str], cursor: str | None, limit
     statement = (f"SELECT {', '.join(columns)} {services.sql} "  # noqa: S608
                  f"ORDER BY {_order(services.sort_columns, ordering)} LIMIT %s")
     if offset is None:
-        rows, more = _page_rows(statement, [*params, limit + 1], services.sort_columns, ordering=ordering,
-                                limit=limit, score=score)
+        results, last, more = _page_rows(statement, [*params, limit + 1], services.sort_columns, ordering=ordering,
+                                         limit=limit, score=score)
         if not more:
-            return rows, None
-        last = rows[-1]
-        return rows, cursor_after([last.get(field.lstrip("-"), last.get("relevance")) for field in ordering],
-                                  ordering=ordering)
-    rows, more = _page_rows(f"{statement} OFFSET %s", [*params, limit + 1, offset], services.sort_columns,
-                            ordering=ordering, limit=limit, score=score)
+            return results, None
+        return results, cursor_after([last.get(field.lstrip("-"), last.get("score")) for field in ordering],
+                                     ordering=ordering)
+    results, _, more = _page_rows(f"{statement} OFFSET %s", [*params, limit + 1, offset], services.sort_columns,
+                                  ordering=ordering, limit=limit, score=score)
     # A last page counts itself; only a page with more after it asks the database for the total.
-    total = _count(services) if more or (offset and not rows) else offset + len(rows)
-    return OffsetPage(rows=rows, total=total, next_offset=offset + limit if more else None)
+    total = _count(services) if more or (offset and not results) else offset + len(results)
+    return OffsetPage(results=results, total=total, next_offset=offset + limit if more else None)
 
 
 def _order(sort_columns: dict[str, str], ordering: list[str]) -> str:
@@ -680,33 +799,27 @@ def _order(sort_columns: dict[str, str], ordering: list[str]) -> str:
 
 
 def _page_rows(statement: str, params: list, sort_columns: dict[str, str], *, ordering: list[str], limit: int,
-               score: str | None) -> tuple[list[dict], bool]:
-    """The result rows of the first `limit` rows `statement` (the narrow page statement of `_page`, which selects up
-    to one more) selects, with their score as relevance, and whether there are more. On PostgreSQL in one statement:
-    the page's services, tags and skills read with their keys (four round trips were about a third of a page's CPU,
-    in the server and in PostgreSQL); a row's sort values are then its service's own (the postings and visible
-    names hold copies kept in step)."""
+               score: str | None) -> tuple[list, dict | None, bool]:
+    """The first `limit` rows `statement` (the narrow page statement of `_page`, which selects up to one more)
+    selects, as results the API writes (orjson.Fragment or dict), with their score as relevance; the sort values
+    (and score) of the last of them, for its cursor; and whether there are more. On PostgreSQL in one statement that
+    writes the results too (`_result_json_sql`): the page's services, tags and skills read with their keys (four
+    round trips were about a third of a page's CPU, in the server and in PostgreSQL); a row's sort values are then its
+    service's own (the postings and visible names hold copies kept in step)."""
     if connection.vendor != "postgresql":
         keys = _keys(statement, params)
-        return _result_rows(keys[:limit], score), len(keys) > limit
-    page = _page_read()
+        results = [_represented(row) for row in _result_rows(keys[:limit], score)]
+        return results, keys[len(results) - 1] if results else None, len(keys) > limit
     # The narrow statement's columns, as the subquery `k` names them (`s.service_id` is `k.service_id`).
     selected = {name: f"k.{column.split('.', 1)[1]}" for name, column in sort_columns.items()}
+    sort_values = ", ".join([*selected.values(), *(["k.score"] if score else [])])
     with connection.cursor() as cursor:
-        cursor.execute(page.sql(statement, score=score is not None, key=selected["id"],
-                                order=_order(selected, ordering)), params)
+        cursor.execute(_page_read().sql(statement, sort_values=sort_values, key=selected["id"],
+                                        order=_order(selected, ordering)), params)
         found = cursor.fetchall()
-    rows = []
-    for found_row in found[:limit]:
-        *fields, tags, skills = _converted(list(found_row[1:] if score else found_row), page.converting)
-        row = dict(zip(_SEARCH_RESULT_FIELDS, fields, strict=True))
-        row["tags"] = tags
-        row["skills"] = [dict(zip(_SEARCH_RESULT_SKILL_FIELDS, skill, strict=True))
-                         for skill in (json.loads(skills) if skills else ())]
-        if score:
-            row["relevance"] = found_row[0]
-        rows.append(row)
-    return rows, len(found) > limit
+    page = found[:limit]
+    results = [_result_json(row[-1], row[-2] if score else None) for row in page]
+    return results, _key(page[-1][:-1]) if page else None, len(found) > limit
 
 
 def _after(services: _Filtered, ordering: list[str], values: list) -> _Filtered:
@@ -755,17 +868,19 @@ def _keys(statement: str, params: list) -> list[dict]:
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
         rows = cursor.fetchall()
-    keys = []
-    for row in rows:
-        key = {}
-        for value, (name, column, converters) in zip(row, _key_converters(), strict=False):
-            for convert in converters:
-                value = convert(value, column, connection)
-            key[name] = value
-        if len(row) > len(_SERVICE_SORT_COLUMNS):
-            key["score"] = row[-1]
-        keys.append(key)
-    return keys
+    return [_key(row) for row in rows]
+
+
+def _key(row) -> dict:
+    """A row of a page's keys (its sort columns, then its score when there is one) as the ORM reads them."""
+    key = {}
+    for value, (name, column, converters) in zip(row, _key_converters(), strict=False):
+        for convert in converters:
+            value = convert(value, column, connection)
+        key[name] = value
+    if len(row) > len(_SERVICE_SORT_COLUMNS):
+        key["score"] = row[-1]
+    return key
 
 
 def _count(services: _Filtered) -> int:

@@ -1,9 +1,7 @@
 import copy
 from collections.abc import Mapping
-from datetime import datetime
 
 from django.conf import settings
-from django.utils import timezone
 from rest_framework import serializers
 
 from catalog.models import (
@@ -378,51 +376,11 @@ class ServiceSearchSerializer(StrictSerializer, PageQuerySerializer):
         return value
 
 
-def _iso8601(value: datetime, zone) -> str:
-    """An aware datetime as DRF's DateTimeField renders it in the current time zone `zone` (read once per answer
-    rather than once per value)."""
-    text = value.astimezone(zone).isoformat()
-    return text[:-6] + "Z" if text.endswith("+00:00") else text
-
-
 class ServiceSearchResultSerializer(ServiceSerializer):
     relevance = serializers.FloatField(required=False, help_text=(
         "Present when searching by text, from 0 to 1: the mean of the query words' weights in the service (a name "
         "match weighs most, then tags, capability and skills, then the description). When no service matches every "
         "word, the results are names spelt alike, and this is how alike."))
-
-    def to_representation(self, row: dict) -> dict:
-        """A row of catalog.selectors.service_search (plain values) as the fields above render a service, read
-        directly: DRF's generic walk over 31 fields, nested ones included, was most of the CPU of answering a page
-        (tests/catalog/test_search_results.py holds it to DRF's output)."""
-        service_id, seller_id, unit_price, checked_at = row["id"], row["seller_id"], row["unit_price"], \
-            row["availability_checked_at"]
-        zone = timezone.get_current_timezone()
-        result = {
-            "id": str(service_id),
-            "seller": {"id": str(seller_id), "handle": row["seller__handle"],
-                       "display_name": row["seller__display_name"], "wallet_address": row["seller__wallet_address"]},
-            "name": row["name"], "description": row["description"], "tags": row["tags"],
-            "capability": {"name": row["capability_name"], "version": row["capability_version"]},
-            "author": row["author"], "legal": row["legal"], "example_outputs": row["example_outputs"],
-            "pricing": {"type": row["pricing_type"], "unit_name": row["unit_name"], "unit_price_atomic": unit_price,
-                        "token": row["token"]},
-            "upstream_protocol": row["upstream_protocol"], "masumi_protocol_version": row["masumi_protocol_version"],
-            "skills": [{"name": skill["name"], "description": skill["description"], "price_atomic": skill["price"],
-                        "path": skill["path"], "is_async": skill["is_async"],
-                        "timeout_seconds": skill["timeout_seconds"]} for skill in row["skills"]],
-            "state": row["state"], "availability": row["availability"],
-            "availability_checked_at": None if checked_at is None else _iso8601(checked_at, zone),
-            "category": row["category"], "min_quantity": row["min_quantity"], "max_quantity": row["max_quantity"],
-            "capabilities": row["capabilities"], "metadata": row["metadata"],
-            "created_at": _iso8601(row["created_at"], zone), "updated_at": _iso8601(row["updated_at"], zone),
-            "service_id": str(service_id), "agent_id": str(seller_id), "service_name": row["name"],
-            "price_model": row["pricing_type"], "unit": row["unit_name"], "base_price_cents": cents_of(unit_price),
-            "is_active": row["state"] == "registered",
-        }
-        if "relevance" in row:
-            result["relevance"] = float(row["relevance"])
-        return result
 
 
 class ServiceSearchPageSerializer(serializers.Serializer):

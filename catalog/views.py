@@ -18,7 +18,6 @@ from catalog.serializers import (
     OwnServiceSerializer,
     OwnServicesQuery,
     ServiceSearchPageSerializer,
-    ServiceSearchResultSerializer,
     ServiceSearchSerializer,
     ServiceSerializer,
     ServiceWriteSerializer,
@@ -265,16 +264,14 @@ def _search_answer(data) -> dict:
                                      **params)
     found = selectors.service_search(search=search, cursor=cursor, limit=limit, offset=offset)
     if offset is None:
-        rows, next_cursor = found
-        return {"results": [_SEARCH_RESULT.to_representation(row) for row in rows], "next_cursor": next_cursor}
+        results, next_cursor = found
+        return {"results": results, "next_cursor": next_cursor}
     return {
-        "results": [_SEARCH_RESULT.to_representation(row) for row in found.rows], "next_cursor": None,
+        "results": found.results, "next_cursor": None,
         "total": found.total, "has_more": found.next_offset is not None, "next_offset": found.next_offset,
         "query": {key: value for key, value in data.items() if key not in ("limit", "offset")},
     }
 
-
-_SEARCH_RESULT = ServiceSearchResultSerializer()
 
 
 class WalletRecoveryChallengeView(APIView):

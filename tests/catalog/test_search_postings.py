@@ -8,6 +8,7 @@ import re
 from datetime import timedelta
 from random import Random
 
+import orjson
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -87,10 +88,15 @@ def _walk(text: str, order_by: str, *, limit: int, **filters) -> list[tuple]:
     for _ in range(1000):
         rows, cursor = service_search(search=ServiceSearch(text=text, order_by=order_by, **filters), cursor=cursor,
                                       limit=limit)
-        found += [(str(row["id"]), row["relevance"]) for row in rows]
+        found += _ids_and_relevance(rows)
         if cursor is None:
             return found
     raise AssertionError("pagination did not end")
+
+
+def _ids_and_relevance(results: list) -> list[tuple]:
+    """The id and relevance of each result, as the API writes them (service_search's results are the API's JSON)."""
+    return [(result["id"], result["relevance"]) for result in orjson.loads(orjson.dumps(results))]
 
 
 def _read_postings(text: str) -> bool:
@@ -116,7 +122,7 @@ def test_plain_text_results_are_the_gin_indexs_in_every_order_page_by_page():
             assert _walk(text, order_by, limit=7) == expected, (text, order_by)
         page = service_search(search=ServiceSearch(text=text), cursor=None, limit=7, offset=7)
         assert isinstance(page, OffsetPage)
-        assert [(str(row["id"]), row["relevance"]) for row in page.rows] == _reference(text, "relevance")[7:14]
+        assert _ids_and_relevance(page.results) == _reference(text, "relevance")[7:14]
         assert page.total == len(expected)
         plain += _read_postings(text)
     assert plain >= 30  # most of them were answered from the postings
@@ -189,8 +195,8 @@ def _in_step() -> bool:
 
 
 def _found(text: str) -> set[str]:
-    rows, _ = service_search(search=ServiceSearch(text=text), cursor=None, limit=50)
-    return {row["name"] for row in rows}
+    results, _ = service_search(search=ServiceSearch(text=text), cursor=None, limit=50)
+    return {result["name"] for result in orjson.loads(orjson.dumps(results))}
 
 
 def test_postings_follow_every_change_of_a_service_its_seller_or_its_state(seller):

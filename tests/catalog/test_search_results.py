@@ -3,13 +3,14 @@ CPU of a search): each result must stay exactly what ServiceSearchResultSerializ
 service, in the same order and with the same JSON types."""
 
 import json
+import re
 
 import pytest
 from django.utils import timezone
 from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
 
-from catalog.models import Availability, Service
+from catalog.models import Availability, Service, Skill
 from catalog.serializers import ServiceSearchResultSerializer
 from tests.catalog.factories import register_service
 from tests.catalog.test_search import listing, search
@@ -46,6 +47,15 @@ def varied(seller):
                       masumi_protocol_version="2", category="translation")
     Service.objects.filter(pk=checked.pk).update(availability=Availability.AVAILABLE,
                                                  availability_checked_at=timezone.now())
+    # Text a JSON writer must escape or pass through (written past the API's validation, as an operator might), and
+    # times on a whole second (no microseconds written).
+    hostile = listing(seller, "Quoted translator", tags=["translation"], skills=[{"name": "quoted"}],
+                      metadata={"text": "a\u2028b", "big": 10**30, "ratio": 1e-7, "list": [1.0, -0, "x"]})
+    Service.objects.filter(pk=hostile.pk).update(
+        name='Translator "quoted" back\\slash', created_at=timezone.now().replace(microsecond=0),
+        description="tab\t newline\n control\x01\x1f delete\x7f é ☕ 😀 \u2028 \u2029 </script>",
+        updated_at=timezone.now().replace(microsecond=1))
+    Skill.objects.filter(service=hostile).update(description='say "hi"\n\u2028')
 
 
 @pytest.mark.parametrize("body", [
@@ -59,6 +69,21 @@ def test_a_result_is_what_the_declared_fields_render(varied, buyer_api, body):
     results = search(buyer_api, **body)["results"]
 
     assert results
-    assert results == _as_drf_renders(results)
-    assert all(list(result) == list(expected) for result, expected in zip(results, _as_drf_renders(results),
-                                                                            strict=True))  # the same field order
+    # The same values, keys in the same order at every depth, integers as integers and floats as floats.
+    assert json.dumps(results) == json.dumps(_as_drf_renders(results))
+
+
+def test_a_page_is_json_that_escapes_what_drf_escapes(varied, buyer_api):
+    """Results are written by PostgreSQL on PostgreSQL (catalog.selectors._result_json_sql): the page stays JSON a
+    browser can embed, with U+2028 and U+2029 escaped as DRF's renderer escapes them, and a whole second written
+    without microseconds, as Python writes it."""
+    response = buyer_api.post("/catalog/search", {"q": "quoted"})
+
+    assert response.status_code == 200, response.content
+    assert "\u2028".encode() not in response.content and "\u2029".encode() not in response.content
+    [result] = json.loads(response.content)["results"]
+    assert result["description"].startswith("tab\t newline\n control\x01\x1f delete\x7f é ☕ 😀 \u2028 \u2029")
+    assert result["skills"][0]["description"] == 'say "hi"\n\u2028'
+    assert re.fullmatch(r".*T\d\d:\d\d:\d\dZ", result["created_at"])
+    assert re.fullmatch(r".*T\d\d:\d\d:\d\d\.\d{6}Z", result["updated_at"])
+    assert result["metadata"] == {"text": "a\u2028b", "big": 10**30, "ratio": 1e-7, "list": [1.0, 0, "x"]}
