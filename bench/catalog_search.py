@@ -563,7 +563,7 @@ def main() -> int:
                   f"client: {args.concurrency} threads, {args.requests} requests per query after {warm_up} warm-up")
             # Server, database and client share this machine: its load says how far the figures can be trusted.
             print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; "
-                  f"{idle_cpu.machine_speed()}\n")
+                  f"{idle_cpu.machine_speed()}; {harness.scheduler_groups()}\n")
             meter = harness.CpuMeter(harness.child_pids(server.pid), database_url)
             harness.freeze_client_heap()
             stolen = harness.StolenCpu()

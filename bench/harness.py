@@ -104,6 +104,21 @@ class StolenCpu:
         return f"CPU stolen by the hypervisor: {100 * (now[0] - self.start[0]) / (now[1] - self.start[1]):.1f}%"
 
 
+def scheduler_groups() -> str:
+    """Whether the kernel shares CPU between sessions before processes (kernel.sched_autogroup_enabled), printed by
+    the benches with goals. With it on, PostgreSQL's backends (one session: the postmaster's) share one group's CPU,
+    as much as the bench's client and web server get together however many backends are busy: a search run's
+    PostgreSQL work, two thirds of its CPU, waited for the group's turn, 100-340 ms at a time, and that was the p99
+    (bench/HISTORY.md, sixteenth session). PostgreSQL's Linux tuning advice turns it off on a database host."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as setting:
+            enabled = setting.read().strip()
+    except OSError:
+        return "kernel.sched_autogroup_enabled: n/a"
+    advice = " (PostgreSQL's backends share one CPU group: see README, Performance)" if enabled == "1" else ""
+    return f"kernel.sched_autogroup_enabled = {enabled}{advice}"
+
+
 def child_pids(pid: int) -> list[int]:
     """The direct children of `pid` (e.g. the web server's workers), from /proc; [] where it cannot be read."""
     try:

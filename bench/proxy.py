@@ -211,7 +211,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
           f"proxied on one agreement, {args.seconds:g} s proxied on one agreement per caller); {PRICE} atomic units "
           f"per call")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; "
-          f"{idle_cpu.machine_speed()} before the run\n")
+          f"{idle_cpu.machine_speed()} before the run; {harness.scheduler_groups()}\n")
 
     stolen = harness.StolenCpu()
     proxied = Sample()  # every proxied answer, warm-up included: what the totals must add up to

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
     print(f"marketplace: granian {args.workers} workers x {args.threads} threads (WSGI), DEBUG off, PostgreSQL; "
           f"client: {args.clients} concurrent aiohttp callers, one process; {args.seconds:g} s per scenario")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; "
-          f"{idle_cpu.machine_speed()}\n")
+          f"{idle_cpu.machine_speed()}; {harness.scheduler_groups()}\n")
 
     harness.freeze_client_heap()
     stolen = harness.StolenCpu()

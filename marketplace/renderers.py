@@ -8,7 +8,11 @@ for U+2028 and U+2029, and DRF's encoder for what orjson would write its own way
 that is not a string), an indented answer, and any setting of DRF's but its default compact UTF-8 form go to DRF's
 `json.dumps`, which renders or refuses them as it always did. Two differences, both in floats, which the API's money
 never is: one below 1e-4 is written in positional notation (0.00001 where json writes 1e-05, the same number), and NaN
-or an infinity is written as null where DRF refuses to render it."""
+or an infinity is written as null where DRF refuses to render it.
+
+A search page's results are JSON text PostgreSQL wrote (catalog.selectors._result_json_sql), passed through as
+orjson.Fragment: the same bytes but for the spacing inside the services' own JSON values, written as PostgreSQL
+stores them."""
 
 import orjson
 from django.http import HttpResponse
