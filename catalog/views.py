@@ -273,7 +273,6 @@ def _search_answer(data) -> dict:
     }
 
 
-
 class WalletRecoveryChallengeView(APIView):
     """The Pægents SDK's `recover_credentials` (a wallet signature buys a new API key) is not offered: keys are
     issued by the agent's owner, and a wallet signature never mints a credential here."""
