@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def _proxy_call(database_url: str, upstream_url: str, query: str):
     """Set up a seller, a buyer and an active agreement; returns (call, backend pid), `call()` -> problem or None."""
     from bench import metering as bench_metering
 
+    os.environ["DB_CONN_MAX_AGE"] = "86400"  # one backend for the whole run: its CPU is read by its pid
     bench_metering.setup_django(database_url)
     seller, service, _ = bench_metering.seller_with_service(handle="proxy-cpu-seller", upstream_base_url=upstream_url,
                                                            unit_price=PRICE)
@@ -146,6 +148,17 @@ def _start(name: str, kind: str, root: Path, database_url: str, upstream_url: st
     return process
 
 
+def _wait_for_upstream(port: int, upstream: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and upstream.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the upstream did not listen on port {port}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=1000, help="calls per block (default 1000)")
@@ -176,7 +189,7 @@ def main() -> int:
                                 cwd=ROOT)
     contenders: dict[str, subprocess.Popen] = {}
     try:
-        time.sleep(1.5)  # the upstream's start; a contender that finds it missing fails its first call
+        _wait_for_upstream(port, upstream)  # a contender that found it missing would fail its calls
         contenders["proxy"] = _start("proxy", "proxy", ROOT, DATABASE, upstream_url, args.delay_ms)
         contenders["floor"] = _start("floor", "floor", ROOT, DATABASE, upstream_url, args.delay_ms)
         if args.against is not None:
