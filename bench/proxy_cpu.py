@@ -22,6 +22,7 @@ Exit status: 0 when every call was answered as expected, 1 otherwise, 2 when a c
 """
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -109,9 +110,11 @@ def contender(kind: str, database_url: str, upstream_url: str, delay_ms: int) ->
     from bench import harness
 
     query = f"delay_ms={delay_ms}" if delay_ms else ""
-    call, backend = (_floor_call if kind == "floor" else _proxy_call)(database_url, upstream_url, query)
-    for _ in range(50):  # warm-up: connections, prepared statements, caches
-        call()
+    # stdout carries the answers to the parent alone: set-up's messages ("created database ...") go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        call, backend = (_floor_call if kind == "floor" else _proxy_call)(database_url, upstream_url, query)
+        for _ in range(50):  # warm-up: connections, prepared statements, caches
+            call()
     import marketplace
 
     print(json.dumps({"code": str(Path(marketplace.__file__).resolve().parent.parent)}), flush=True)
