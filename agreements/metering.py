@@ -17,7 +17,6 @@ transaction that deletes the intent changes the counters, so a call is settled o
     otherwise its reservation is released (nothing was recorded as served, so nothing is charged).
 """
 
-import atexit
 import contextlib
 import copy
 import dataclasses
@@ -32,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
+from multiprocessing import util as multiprocessing_util
 
 import orjson
 from django.conf import settings
@@ -367,7 +367,9 @@ def _leases_release_all() -> None:
             _lapsed_release(lapsed)
 
 
-atexit.register(_leases_release_all)
+# Not `atexit`: the web server's workers are multiprocessing children (granian), which leave by os._exit() once
+# stopped, running multiprocessing's finalizers but not atexit's; a process of its own runs these at exit as well.
+multiprocessing_util.Finalize(None, _leases_release_all, exitpriority=0)
 
 
 def _intent_close(reservation: Reservation) -> bool:

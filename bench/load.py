@@ -13,8 +13,9 @@ What it does, in order:
    users (asyncio + httpx) run the mix for `--duration` s after a short warm-up: catalog search 40 %, metered
    proxy calls 35 %, proposals 15 %, usage reads 10 %, each as a buyer with its own API key.
 4. Prints requests/s and p50/p99 per endpoint, errors, and the usage check: for every agreement, `used` equals the
-   sum of its usage events, nothing stays reserved, and the total charged equals the proxied calls answered 200
-   times the price, which is also what the upstream counted.
+   sum of its gap-free usage events, every receipt verifies (bench.metering.check_usage_chain), nothing stays
+   reserved once the server gave back what its leases did not use, and the total charged equals the proxied calls
+   answered 200 times the price, which is also what the upstream counted.
 
 Exit status 0 when there were no errors and no lost or extra usage; 1 otherwise; 2 when the set-up failed. Bounded:
 `--duration` at most 600 s, a global timeout, loopback only; every process it starts is stopped on exit.
@@ -36,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import metering as bench_metering  # noqa: E402
 from bench.harness import SetupFailed, bench_database_url, run_bounded  # noqa: E402
 from bench.relayer import Processes, ensure_database, percentile  # noqa: E402
 from marketplace import serve  # noqa: E402
@@ -203,19 +205,17 @@ async def run_mix(base_url: str, seeded: dict, users: int, duration: float) -> t
 
 
 def usage_check(seeded: dict, proxied_ok: int, upstream_served: int) -> dict:
+    """Each agreement's books (bench.metering.check_usage_chain: used = sum of its gap-free events, nothing
+    reserved once the server's leases are given back, every receipt verified), and the total against the calls."""
     from django.db.models import Sum
 
-    from agreements.models import UsageAgreement, UsageEvent
+    from agreements.models import UsageAgreement
 
     ids = [b["agreement"] for b in seeded["buyers"]]
-    mismatched = 0
-    for agreement in UsageAgreement.objects.filter(pk__in=ids):
-        events = UsageEvent.objects.filter(agreement=agreement)
-        total = events.aggregate(total=Sum("cost"))["total"] or 0
-        gap_free = events.count() == agreement.usage_seq
-        mismatched += agreement.used != total or agreement.reserved != 0 or not gap_free
+    bench_metering.wait_for_leases_given_back(ids)
+    problems = [problem for agreement_id in ids for problem in bench_metering.check_usage_chain(agreement_id)]
     used = UsageAgreement.objects.filter(pk__in=ids).aggregate(total=Sum("used"))["total"] or 0
-    return {"used": used, "expected": proxied_ok * UNIT_PRICE, "mismatched": mismatched,
+    return {"used": used, "expected": proxied_ok * UNIT_PRICE, "problems": problems,
             "upstream_served": upstream_served, "proxied_ok": proxied_ok}
 
 
@@ -235,11 +235,13 @@ def report(results: dict, duration: float, usage: dict) -> int:
     lost = usage["used"] - usage["expected"]
     print(f"\nusage: charged {usage['used']} = {usage['proxied_ok']} calls x {UNIT_PRICE} "
           f"(difference {lost}); upstream served {usage['upstream_served']}; "
-          f"agreements whose books do not add up: {usage['mismatched']}")
+          f"problems with the agreements' books: {len(usage['problems'])}")
+    for problem in usage["problems"][:5]:
+        print(f"  {problem}")
     for name, _ in MIX:
         for error in results[name]["errors"][:3]:
             print(f"  {name} error: {error}")
-    problems = errors + abs(lost) + usage["mismatched"] + (usage["upstream_served"] != usage["proxied_ok"])
+    problems = errors + abs(lost) + len(usage["problems"]) + (usage["upstream_served"] != usage["proxied_ok"])
     return 1 if problems else 0
 
 

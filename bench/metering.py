@@ -147,6 +147,18 @@ def wait_for_server(base_url: str, api_key: str, processes: Processes) -> None:
     raise SetupFailed(f"the web server did not answer within {STARTUP_TIMEOUT:.0f} s:\n{processes.log_tail('web')}")
 
 
+def wait_for_leases_given_back(agreement_ids) -> None:
+    """Wait until the servers gave back the calls their leases did not use, which they do once those lapse
+    (agreements.metering, "Call leases"): nothing may stay reserved after that, and check_usage_chain says so."""
+    from django.conf import settings
+
+    from agreements.models import UsageAgreement
+
+    lapse = time.monotonic() + settings.PROXY_CALL_LEASE_SECONDS + 2
+    while UsageAgreement.objects.filter(pk__in=agreement_ids, reserved__gt=0).exists() and time.monotonic() < lapse:
+        time.sleep(0.1)
+
+
 def check_usage_chain(agreement_id) -> list[str]:
     """Problems with one agreement's usage: `used` against its events, the sequence, the reservations, the digest
     chain and every receipt (verified with the SDK, as a buyer would). Empty when all is exact."""

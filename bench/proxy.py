@@ -277,13 +277,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
 
     from agreements.models import UsageAgreement
 
-    # The servers give back the calls their leases did not use once those lapse (agreements.metering, "Call
-    # leases"): nothing may stay reserved after that.
-    from django.conf import settings
-
-    lapse = time.monotonic() + settings.PROXY_CALL_LEASE_SECONDS + 2
-    while UsageAgreement.objects.filter(pk__in=agreement_ids, reserved__gt=0).exists() and time.monotonic() < lapse:
-        time.sleep(0.1)
+    bench_metering.wait_for_leases_given_back(agreement_ids)
     checking = time.perf_counter()
     problems = []
     charged = Counter()
