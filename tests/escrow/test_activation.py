@@ -196,3 +196,26 @@ def test_a_spent_permit_without_the_allowance_is_refused(parties, escrow_chain):
     chain.usdc.functions.approve(chain.addresses["escrow"], 0).transact({"from": parties.buyer_account.address})
     response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", body)
     assert response.status_code == 400 and error_code(response) == "wrong_permit_nonce"
+
+
+def test_the_nodes_chain_id_is_asked_once_per_client(parties, escrow_chain, settings,
+                                                     django_capture_on_commit_callbacks):
+    """web3 checks a call's chain id against the node's before every eth_call, estimate and send: the node's is
+    asked once per RPC URL (it does not change behind one), not once per call."""
+    from collections import Counter
+
+    from tests.support.rpc_relay import RpcRelay
+
+    relay = RpcRelay(escrow_chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    try:
+        asked = Counter()
+        relay.observers.append(lambda call: asked.update([call["method"]]))
+        for _ in range(2):
+            agreement = parties.accepted_agreement(quantity=100)
+            response = parties.activate(agreement["id"], django_capture_on_commit_callbacks)
+            assert response.status_code == 202, response.content
+            assert parties.agreement(agreement["id"])["status"] == "active"
+    finally:
+        relay.stop()
+    assert asked["eth_chainId"] <= 1, asked
