@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import requests
@@ -165,7 +165,7 @@ def token_address() -> str:
     return chainconfig.usdc_address()
 
 
-@cache
+@lru_cache(maxsize=64)  # the configured escrow and token, on a client or two: bounded all the same
 def _contract(client: Web3, address: str, artifact: str) -> Contract:
     # Built once per client, address and ABI: web3 makes a class of each contract from its ABI, 5-7 ms of CPU.
     return client.eth.contract(address=address, abi=artifacts.abi(artifact))
