@@ -24,7 +24,10 @@ WORKERS = int(os.environ.get("WEB_CONCURRENCY", "2"))
 THREADS = int(os.environ.get("WEB_THREADS", "8"))
 HEADER_READ_TIMEOUT_MS = 10_000  # a client that sends its headers slower than this is dropped (slowloris)
 HEADER_BYTES_MAX = 65_536  # a request's headers in all; larger is 431 (granian's default buffer is 408 KiB)
-RESPAWN_INTERVAL_SECONDS = 0.5
+# A reload (SIGHUP) starts each worker's successor and stops the old worker this long after: longer than a worker
+# takes to load the application (1.2-1.6 s on a 2-core machine), or connections are refused meanwhile (each worker
+# listens on a socket of its own). A worker that died is started again at once all the same.
+RESPAWN_INTERVAL_SECONDS = 5
 
 
 def command(*, host: str = "127.0.0.1", port: int = 8000, workers: int = WORKERS, threads: int = THREADS,

@@ -1,6 +1,12 @@
-"""The web server stops (a deploy, a scale-down) while its workers hold leases of calls (agreements.metering, "Call
-leases"): each worker gives back what it leased as it stops, so the buyer's budget is not held, and a completion not
-kept waiting, until the reaper's grace has passed."""
+"""The web server stops or reloads (a deploy, a scale-down). Its workers give back the calls they leased
+(agreements.metering, "Call leases") as they stop, so the buyer's budget is not held, and a completion not kept
+waiting, until the reaper's grace has passed. A reload (SIGHUP) replaces the workers one by one, each once its
+successor has loaded the application: no connection is refused meanwhile."""
+
+import os
+import signal
+import socket
+import time
 
 import pytest
 
@@ -34,3 +40,30 @@ def test_a_stopping_web_server_gives_back_the_calls_it_leased(stack, parties, up
     assert not CallIntent.objects.filter(agreement_id=agreement["id"]).exists()
     assert_books_balance(agreement["id"])  # nothing reserved, every served call charged once
     assert UsageAgreement.objects.get(pk=agreement["id"]).used == 4 * price == upstream.served * price
+
+
+def _answers(port: int) -> bool:
+    """One request on a connection of its own; False when the connection is refused or gets no answer."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+            connection.sendall(b"GET /agents/me HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            return connection.recv(12) == b"HTTP/1.1 401"
+    except OSError:
+        return False
+
+
+def test_a_reloading_web_server_refuses_no_connection(stack):
+    port = int(stack.url.rsplit(":", 1)[1])
+    workers = stack.web.children()
+    os.kill(stack.web.process.pid, signal.SIGHUP)  # granian: replace every worker
+    refused, started = [], time.monotonic()
+    while True:  # until no worker of before is left and the new ones answer
+        assert time.monotonic() - started < 60, "the workers were not replaced within 60 s"
+        replaced = not stack.web.children() & workers
+        if _answers(port):
+            if replaced:
+                break
+        else:
+            refused.append(round(time.monotonic() - started, 2))
+        time.sleep(0.02)
+    assert refused == [], f"connections refused or unanswered at {refused} s after SIGHUP"
