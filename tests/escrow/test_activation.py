@@ -1,5 +1,7 @@
 """Escrow activation through the API against the real contracts on Anvil."""
 
+from collections import Counter
+
 import pytest
 
 from agreements.models import AgreementEvent, UsageAgreement
@@ -7,6 +9,7 @@ from escrow.models import ChainTransaction, TxStatus
 from tests.chain_fixtures import TOKEN_NAMES
 from tests.conftest import codes_at, error_code
 from tests.escrow.flow import USDC, Parties, confirm_all, pay_fees, usdc_balance
+from tests.support.rpc_relay import RpcRelay
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -202,10 +205,6 @@ def test_the_nodes_chain_id_is_asked_once_per_client(parties, escrow_chain, sett
                                                      django_capture_on_commit_callbacks):
     """web3 checks a call's chain id against the node's before every eth_call, estimate and send: the node's is
     asked once per RPC URL (it does not change behind one), not once per call."""
-    from collections import Counter
-
-    from tests.support.rpc_relay import RpcRelay
-
     relay = RpcRelay(escrow_chain.node.rpc_url).start()
     settings.CHAIN_RPC_URL = relay.url
     try:

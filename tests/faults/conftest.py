@@ -83,7 +83,7 @@ class Stack:
         wait_until(lambda: "ready." in self.worker.log(), timeout=60, what="the Celery worker")
 
     def _web_ready(self) -> None:
-        wait_until(lambda: _answers(self.url), timeout=30, what="the web server")
+        wait_until(lambda: web_answers(self.url), timeout=30, what="the web server")
 
     def relayer_nonce(self) -> int:
         """Transactions the relayer has sent, as the chain counts them."""
@@ -131,9 +131,10 @@ def stack(escrow_chain, redis_server, chain_relay, settings, tmp_path: Path, sta
     stack.stop()
 
 
-def _answers(url: str) -> bool:
+def web_answers(url: str, timeout: float = 1) -> bool:
+    """Whether the web server answers a request (on a connection of its own) within `timeout` seconds."""
     try:
-        return httpx.get(f"{url}/agents/me", timeout=1).status_code == 401
+        return httpx.get(f"{url}/agents/me", timeout=timeout).status_code == 401
     except httpx.HTTPError:
         return False
 

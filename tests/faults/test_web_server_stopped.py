@@ -5,13 +5,12 @@ successor has loaded the application: no connection is refused meanwhile."""
 
 import os
 import signal
-import socket
 import time
 
 import pytest
 
 from agreements.models import CallIntent, UsageAgreement
-from tests.faults.conftest import assert_books_balance
+from tests.faults.conftest import assert_books_balance, web_answers
 from tests.faults.test_dependencies_down import active_agreement
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres,
@@ -42,25 +41,14 @@ def test_a_stopping_web_server_gives_back_the_calls_it_leased(stack, parties, up
     assert UsageAgreement.objects.get(pk=agreement["id"]).used == 4 * price == upstream.served * price
 
 
-def _answers(port: int) -> bool:
-    """One request on a connection of its own; False when the connection is refused or gets no answer."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-            connection.sendall(b"GET /agents/me HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            return connection.recv(12) == b"HTTP/1.1 401"
-    except OSError:
-        return False
-
-
 def test_a_reloading_web_server_refuses_no_connection(stack):
-    port = int(stack.url.rsplit(":", 1)[1])
     workers = stack.web.children()
     os.kill(stack.web.process.pid, signal.SIGHUP)  # granian: replace every worker
     refused, started = [], time.monotonic()
     while True:  # until no worker of before is left and the new ones answer
         assert time.monotonic() - started < 60, "the workers were not replaced within 60 s"
         replaced = not stack.web.children() & workers
-        if _answers(port):
+        if web_answers(stack.url, timeout=5):
             if replaced:
                 break
         else:
