@@ -3,6 +3,8 @@ Django application in a pool of Python threads.
 
     python -m marketplace.serve [--bind 127.0.0.1:8000] [--workers N] [--threads T]
 
+SIGHUP reloads the application (a deploy): see Server.
+
 Why granian rather than gunicorn: gunicorn parses HTTP and hands requests between its threads in Python, which
 cost about 0.4 ms of CPU per request on a bare WSGI app (granian: 0.1 ms) and 1.2–1.4 ms per metered-proxy call
 (bench/proxy.py; bench/HISTORY.md). What gunicorn gave us is kept: request bodies are streamed to the
@@ -17,30 +19,90 @@ platform has no live gauges, so a dead worker's files need no marking, but empty
 
 import argparse
 import os
-import shutil
 import sys
+import time
+from pathlib import Path
+
+from granian.constants import Interfaces
+from granian.http import HTTP1Settings
+from granian.log import logger
+from granian.server import MPServer
 
 WORKERS = int(os.environ.get("WEB_CONCURRENCY", "2"))
 THREADS = int(os.environ.get("WEB_THREADS", "8"))
 HEADER_READ_TIMEOUT_MS = 10_000  # a client that sends its headers slower than this is dropped (slowloris)
 HEADER_BYTES_MAX = 65_536  # a request's headers in all; larger is 431 (granian's default buffer is 408 KiB)
-# A reload (SIGHUP) starts each worker's successor and stops the old worker this long after: longer than a worker
-# takes to load the application (1.2-1.6 s on a 2-core machine), or connections are refused meanwhile (each worker
-# listens on a socket of its own). A worker that died is started again at once all the same.
-RESPAWN_INTERVAL_SECONDS = 5
+# How long a reload waits for a new worker to listen before it stops the old one all the same (a successor that
+# cannot load the application would otherwise keep the old code serving for ever, unnoticed).
+WORKER_LOAD_TIMEOUT_SECONDS = 120
+
+
+class Server(MPServer):
+    """granian's server, with a reload (SIGHUP) that stops each old worker once its successor listens.
+
+    On Linux each granian worker binds a socket of its own on the port (SO_REUSEPORT), once it has loaded the
+    application, and the kernel spreads connections over the bound ones. granian's reload stops the old worker a
+    fixed interval after starting its successor: a successor that loads slower than that (a loaded machine, a cold
+    disk) leaves the port with no socket, and connections are refused. A socket bound once here and shared by every
+    worker (granian's way on macOS) would keep them waiting instead, but every worker then wakes for every
+    connection and one takes most of them: 0.45x direct throughput at 16 callers instead of 0.74-0.82x
+    (bench/proxy.py; bench/HISTORY.md)."""
+
+    def _respawn_workers(self, workers, spawn_target, target_loader, delay: float = 0):
+        for idx in workers:
+            self.respawned_wrks[idx] = time.monotonic()
+            old = self.wrks.pop(idx)
+            new = self._spawn_worker(idx=idx, target=spawn_target, callback_loader=target_loader)
+            new.start()
+            self.wrks.insert(idx, new)
+            if old.is_alive():  # a reload, not a worker that died
+                self._wait_listening(new)
+                old.terminate()
+                old.join(self.workers_kill_timeout)
+                if old.is_alive():
+                    old.kill()
+                    old.join()
+        self._metrics.incr_spawn(len(workers))
+
+    def _wait_listening(self, worker) -> None:
+        deadline = time.monotonic() + WORKER_LOAD_TIMEOUT_SECONDS
+        while not listens_on(worker.inner.pid, self.bind_port):
+            if not worker.is_alive() or time.monotonic() > deadline:
+                logger.error(f"worker-{worker.idx + 1} did not start listening; stopping the old one all the same")
+                return
+            time.sleep(0.05)
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether the process holds a TCP socket listening on the port (Linux: /proc)."""
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # it has gone
+        return False
+    inodes = set()
+    for fd in descriptors:
+        try:
+            inodes.add(os.readlink(f"/proc/{pid}/fd/{fd}").removeprefix("socket:[").removesuffix("]"))
+        except OSError:  # closed as we read
+            continue
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:  # gone, or no IPv6 on this host
+            continue
+        for line in lines:
+            fields = line.split()
+            local_port, state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
+            if state == "0A" and local_port == port and inode in inodes:  # 0A: LISTEN
+                return True
+    return False
 
 
 def command(*, host: str = "127.0.0.1", port: int = 8000, workers: int = WORKERS, threads: int = THREADS,
             log_level: str = "warning", application: str = "marketplace.wsgi:application") -> list[str]:
-    """The command line that starts the server (its executable from this interpreter's environment); `application`
-    only for bench/proxy.py's floor."""
-    granian = shutil.which("granian", path=os.path.dirname(sys.executable)) or "granian"
-    return [granian, "--interface", "wsgi", "--host", host, "--port", str(port), "--workers", str(workers),
-            "--blocking-threads", str(threads), "--respawn-failed-workers",
-            "--respawn-interval", str(RESPAWN_INTERVAL_SECONDS),
-            "--http1-header-read-timeout", str(HEADER_READ_TIMEOUT_MS),
-            "--http1-buffer-size", str(HEADER_BYTES_MAX), "--no-access-log", "--log-level", log_level,
-            application]
+    """The command line that starts the server; `application` only for bench/proxy.py's floor."""
+    return [sys.executable, "-m", "marketplace.serve", "--bind", f"{host}:{port}", "--workers", str(workers),
+            "--threads", str(threads), "--log-level", log_level, "--application", application]
 
 
 def main() -> None:
@@ -49,11 +111,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=WORKERS, help="worker processes (WEB_CONCURRENCY, default 2)")
     parser.add_argument("--threads", type=int, default=THREADS, help="threads per worker (WEB_THREADS, default 8)")
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--application", default="marketplace.wsgi:application", help=argparse.SUPPRESS)
     args = parser.parse_args()
     host, _, port = args.bind.rpartition(":")
-    argv = command(host=host or "127.0.0.1", port=int(port), workers=args.workers, threads=args.threads,
-                   log_level=args.log_level)
-    os.execv(argv[0], argv)
+    Server(args.application, address=host or "127.0.0.1", port=int(port), interface=Interfaces.WSGI,
+           workers=args.workers, blocking_threads=args.threads, respawn_failed_workers=True, log_access=False, log_level=args.log_level,
+           http1_settings=HTTP1Settings(header_read_timeout=HEADER_READ_TIMEOUT_MS,
+                                        max_buffer_size=HEADER_BYTES_MAX)).serve()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The web server stops or reloads (a deploy, a scale-down). Its workers give back the calls they leased
 (agreements.metering, "Call leases") as they stop, so the buyer's budget is not held, and a completion not kept
 waiting, until the reaper's grace has passed. A reload (SIGHUP) replaces the workers one by one, each once its
-successor has loaded the application: no connection is refused meanwhile."""
+successor listens (marketplace.serve.Server): no connection is refused meanwhile."""
 
 import os
 import signal
@@ -11,6 +11,7 @@ import pytest
 
 from agreements.models import CallIntent, UsageAgreement
 from tests.faults.conftest import assert_books_balance, web_answers
+from tests.faults.processes import wait_until
 from tests.faults.test_dependencies_down import active_agreement
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres,
@@ -55,3 +56,23 @@ def test_a_reloading_web_server_refuses_no_connection(stack):
             refused.append(round(time.monotonic() - started, 2))
         time.sleep(0.02)
     assert refused == [], f"connections refused or unanswered at {refused} s after SIGHUP"
+
+
+def test_a_reload_keeps_the_old_worker_until_a_slow_new_one_listens(stack):
+    """A new worker that takes longer to load the application than granian's respawn interval (a loaded machine, a
+    cold disk): the old one goes on serving until its successor listens, so no connection is refused."""
+    workers = stack.web.children()
+    os.kill(stack.web.process.pid, signal.SIGHUP)
+    successor = wait_until(lambda: stack.web.children() - workers, timeout=10, interval=0.005, what="a new worker")
+    for pid in successor:
+        os.kill(pid, signal.SIGSTOP)  # it loads no further until we say so
+    try:
+        loading_until = time.monotonic() + 8
+        while time.monotonic() < loading_until:
+            assert web_answers(stack.url, timeout=5), "refused while the new worker was loading"
+            time.sleep(0.1)
+    finally:
+        for pid in successor:
+            os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: not stack.web.children() & workers, timeout=30, what="the old worker stopped")
+    assert web_answers(stack.url, timeout=5)
