@@ -27,6 +27,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -193,6 +194,19 @@ class UpstreamAnswer:
             connection.close()
 
 
+# A connection the upstream closed as our request reached it (its keep-alive timeout ran out on the way): the
+# request went unanswered. RemoteDisconnected is a ConnectionResetError.
+_CLOSED_UNANSWERED = (ConnectionResetError, BrokenPipeError)
+# Requests sent again on a new connection when a kept-alive one closed unanswered after they were written: the
+# upstream may have acted on them. As Go's HTTP client: the safe methods, or a request that carries its own key.
+_REPLAYABLE_METHODS = {"GET", "HEAD", "OPTIONS", "TRACE"}
+_IDEMPOTENCY_HEADERS = {"idempotency-key", "x-idempotency-key"}
+# A connection idle longer than this is closed rather than used again: under the shortest keep-alive timeout common
+# among HTTP servers (gunicorn's 2 s; uvicorn's and Node.js's 5 s), so a call is not sent down a connection its
+# upstream is closing. Calls that follow each other closer than that keep their connection.
+IDLE_SECONDS = 1.5
+
+
 class UpstreamPool:
     """Kept-alive HTTP/1.1 connections to sellers' upstreams, on the standard library's http.client, every new one
     through the address check. The metered proxy's client: httpcore (with h11, in Python) and urllib3 each cost
@@ -200,11 +214,15 @@ class UpstreamPool:
     0.38-0.47 ms (bench/HISTORY.md). http.client also bounds what it reads of an answer's head (100 headers,
     64 KiB a line) and decodes chunked bodies.
 
+    A kept-alive connection that the upstream closed is never used (checked before each use, and closed once idle
+    for IDLE_SECONDS); one that closes as a request reaches it sends the request again on a new connection when it
+    was not written whole, or when it may be repeated (_REPLAYABLE_METHODS, _IDEMPOTENCY_HEADERS).
+
     Errors: TimeoutError when connecting or reading took longer than its timeout, else one of UPSTREAM_ERRORS."""
 
     def __init__(self, *, max_idle_per_upstream: int):
         self.max_idle_per_upstream = max_idle_per_upstream
-        self._idle: dict[tuple, list[_GuardedConnection]] = {}
+        self._idle: dict[tuple, list[tuple[float, _GuardedConnection]]] = {}
         self._lock = threading.Lock()
 
     def request(self, method: str, url: str, *, headers: list[tuple[str, str]], body: bytes,
@@ -212,27 +230,44 @@ class UpstreamPool:
                 ) -> UpstreamAnswer:
         """`meanwhile` is called once the request is sent, before its answer is read: work that overlaps the
         upstream's, whose result is the answer's `meanwhile`. It must not raise (what it raises is not the
-        upstream's error); if it does, the connection is closed and the error propagates."""
+        upstream's error); if it does, the connection is closed and the error propagates. It is called once,
+        even when the request is sent again."""
         parts = urlsplit(url)
         tls = parts.scheme == "https"
         key = (tls, parts.hostname, parts.port or (443 if tls else 80))
-        connection = self._take(key)
-        if connection is None:
-            connection = (_GuardedTLSConnection if tls else _GuardedConnection)(
+        target = parts.path + (f"?{parts.query}" if parts.query else "") or "/"
+        replayable = method in _REPLAYABLE_METHODS or any(name.lower() in _IDEMPOTENCY_HEADERS for name, _ in headers)
+
+        def connect() -> _GuardedConnection:
+            return (_GuardedTLSConnection if tls else _GuardedConnection)(
                 key[1], key[2], connect_timeout=connect_timeout, read_timeout=read_timeout)
-        else:
+
+        connection = self._take(key)
+        reused = connection is not None
+        if reused:
             connection.sock.settimeout(read_timeout)  # this call's, not the one's that opened the connection
+        else:
+            connection = connect()
+        sent, done_meanwhile = False, None
         try:
-            try:
-                connection.putrequest(method, parts.path + (f"?{parts.query}" if parts.query else "") or "/",
-                                      skip_host=True, skip_accept_encoding=True)
-                for name, value in headers:
-                    connection.putheader(name, value)
-                connection.endheaders(body or None)
-            except ValueError as exc:  # a header http.client refuses to send (a line break in its value)
-                raise http.client.HTTPException(str(exc)) from exc
-            done_meanwhile = None if meanwhile is None else meanwhile()
-            return UpstreamAnswer(self, key, connection, connection.getresponse(), done_meanwhile)
+            while True:
+                try:
+                    _send(connection, method, target, headers, body)
+                except _CLOSED_UNANSWERED:
+                    if not reused:
+                        raise
+                    connection.close()  # closed before the request was written whole: the upstream has not got it
+                    connection, reused = connect(), False
+                    continue
+                if not sent:
+                    sent, done_meanwhile = True, None if meanwhile is None else meanwhile()
+                try:
+                    return UpstreamAnswer(self, key, connection, connection.getresponse(), done_meanwhile)
+                except _CLOSED_UNANSWERED:
+                    if not (reused and replayable):
+                        raise
+                    connection.close()
+                    connection, reused = connect(), False
         except BaseException:
             connection.close()
             raise
@@ -243,18 +278,34 @@ class UpstreamPool:
                 idle = self._idle.get(key)
                 if not idle:
                     return None
-                connection = idle.pop()
-            if not _closed_by_peer(connection.sock):
+                idle_since, connection = idle.pop()  # the most recently used
+                expired = [connection, *(older for _, older in idle)] \
+                    if time.monotonic() - idle_since >= IDLE_SECONDS else []
+                if expired:
+                    idle.clear()
+            if not expired and not _closed_by_peer(connection.sock):
                 return connection
-            connection.close()
+            for each in expired or [connection]:
+                each.close()
 
     def give_back(self, key: tuple, connection: _GuardedConnection) -> None:
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.max_idle_per_upstream:
-                idle.append(connection)
+                idle.append((time.monotonic(), connection))
                 return
         connection.close()
+
+
+def _send(connection: _GuardedConnection, method: str, target: str, headers: list[tuple[str, str]],
+          body: bytes) -> None:
+    try:
+        connection.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.endheaders(body or None)
+    except ValueError as exc:  # a header http.client refuses to send (a line break in its value)
+        raise http.client.HTTPException(str(exc)) from exc
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:

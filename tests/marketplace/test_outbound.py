@@ -1,7 +1,12 @@
-"""The SSRF guard: seller upstreams and webhook URLs may not point inside the platform's network."""
+"""The SSRF guard: seller upstreams and webhook URLs may not point inside the platform's network; the proxy's
+kept-alive connections to upstreams."""
 
+import contextlib
+import socket
 import ssl
+import struct
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -240,3 +245,133 @@ def test_a_webhook_that_cannot_be_resolved_shows_no_resolver_answer(
 
     [delivery] = seller_api.get(f"/webhooks/{subscription['id']}/deliveries").json()["results"]
     assert delivery["last_error"] == "ConnectError: cannot resolve hooks.invalid"  # not the resolver's answer
+
+
+def _closes_as_the_next_request_arrives() -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        """Answers the first request of each connection and keeps the connection alive (HTTP/1.1), then closes it
+        as the next request arrives, unanswered: an upstream whose keep-alive timeout ran out while that request
+        was on its way."""
+
+        protocol_version = "HTTP/1.1"
+        received: list[str] = []  # every request's method as it arrived, "unanswered" for those closed on
+
+        def handle(self):
+            self.handle_one_request()
+            if self.rfile.readline():
+                self.received.append("unanswered")
+
+        def answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.received.append(self.command)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
+@contextlib.contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler]):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.chain
+def test_a_call_the_upstream_closed_its_connection_on_is_sent_again_when_it_may_be(
+        escrow_chain, django_capture_on_commit_callbacks):
+    handler = _closes_as_the_next_request_arrives()
+    with _serving(handler) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, f"{url}/api")
+        for seq in ("1", "2"):
+            response = active.buyer_api.get(f"{active.proxy}/translate")
+            assert response.status_code == 200 and response["X-Usage-Seq"] == seq
+            assert b"".join(response.streaming_content) == b"{}"
+    # The second call went down the kept-alive connection as the upstream closed it, then down a new one.
+    assert handler.received == ["GET", "unanswered", "GET"]
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == 2 * active.service.unit_price
+
+
+@pytest.mark.chain
+def test_a_call_that_may_have_been_acted_on_is_not_sent_again(escrow_chain, django_capture_on_commit_callbacks):
+    handler = _closes_as_the_next_request_arrives()
+    with _serving(handler) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, f"{url}/api")
+        first = active.buyer_api.post(f"{active.proxy}/translate", {"text": "hi"})
+        assert first.status_code == 200 and b"".join(first.streaming_content) == b"{}"
+        response = active.buyer_api.post(f"{active.proxy}/translate", {"text": "hi"})
+    assert response.status_code == 502 and error_code(response) == "upstream_unavailable"
+    assert handler.received == ["POST", "unanswered"]
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == active.service.unit_price  # the first only
+
+
+def test_a_request_with_its_own_idempotency_key_is_sent_again(settings):
+    settings.ALLOW_PRIVATE_UPSTREAMS = True
+    handler = _closes_as_the_next_request_arrives()
+    pool = outbound.UpstreamPool(max_idle_per_upstream=1)
+    with _serving(handler) as url:
+        for key in ("first", "second"):
+            answer = pool.request("POST", f"{url}/work", headers=[("Idempotency-Key", key), ("Content-Length", "2")], body=b"{}",
+                                  connect_timeout=5, read_timeout=5)
+            assert answer.status == 200 and b"".join(answer) == b"{}"
+            answer.close()
+    assert handler.received == ["POST", "unanswered", "POST"]
+
+
+def test_a_connection_idle_too_long_is_not_used_again(settings, monkeypatch):
+    settings.ALLOW_PRIVATE_UPSTREAMS = True
+    monkeypatch.setattr(outbound, "IDLE_SECONDS", 0.05)
+    handler = _closes_as_the_next_request_arrives()
+    pool = outbound.UpstreamPool(max_idle_per_upstream=1)
+    with _serving(handler) as url:
+        for _ in range(2):
+            answer = pool.request("POST", f"{url}/work", headers=[("Content-Length", "2")], body=b"{}", connect_timeout=5, read_timeout=5)
+            assert answer.status == 200 and b"".join(answer) == b"{}"
+            answer.close()
+            time.sleep(0.1)
+    assert handler.received == ["POST", "POST"]  # the second on a new connection: none closed on it
+
+
+class _ResetsOnceAnswered(BaseHTTPRequestHandler):
+    """Answers as HTTP/1.1 without `Connection: close`, then resets the connection."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+        self.wfile.flush()
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: RST
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_request_not_written_whole_before_the_upstream_closed_is_sent_again(settings, monkeypatch):
+    settings.ALLOW_PRIVATE_UPSTREAMS = True
+    pool = outbound.UpstreamPool(max_idle_per_upstream=1)
+    with _serving(_ResetsOnceAnswered) as url:
+        answer = pool.request("POST", f"{url}/work", headers=[("Content-Length", "2")], body=b"{}",
+                              connect_timeout=5, read_timeout=5)
+        assert b"".join(answer) == b"{}"
+        answer.close()
+        time.sleep(0.1)  # the reset has arrived
+        monkeypatch.setattr(outbound, "_closed_by_peer", lambda sock: False)  # ...just after the check before use
+        answer = pool.request("POST", f"{url}/work", headers=[("Content-Length", "2")], body=b"{}",
+                              connect_timeout=5, read_timeout=5)
+        assert answer.status == 200 and b"".join(answer) == b"{}"
