@@ -45,21 +45,25 @@ class Server(MPServer):
     fixed interval after starting its successor: a successor that loads slower than that (a loaded machine, a cold
     disk) leaves the port with no socket, and connections are refused. A socket bound once here and shared by every
     worker (granian's way on macOS) would keep them waiting instead, but every worker then wakes for every
-    connection and one takes most of them: 0.45x direct throughput at 16 callers instead of 0.74-0.82x
+    connection and one takes most of them: 0.45x direct throughput at 16 callers instead of 0.64-0.81x
     (bench/proxy.py; bench/HISTORY.md)."""
 
     def _respawn_workers(self, workers, spawn_target, target_loader, delay: float = 0):
+        # `delay`, granian's fixed interval, is not used: the successor's socket says when it is ready.
         for idx in workers:
             self.respawned_wrks[idx] = time.monotonic()
+            logger.info(f"Respawning worker-{idx + 1}")
             old = self.wrks.pop(idx)
             new = self._spawn_worker(idx=idx, target=spawn_target, callback_loader=target_loader)
             new.start()
             self.wrks.insert(idx, new)
             if old.is_alive():  # a reload, not a worker that died
                 self._wait_listening(new)
+                logger.info(f"Stopping old worker-{idx + 1}")
                 old.terminate()
                 old.join(self.workers_kill_timeout)
                 if old.is_alive():
+                    logger.warning(f"Killing old worker-{idx + 1} after it refused to stop gracefully")
                     old.kill()
                     old.join()
         self._metrics.incr_spawn(len(workers))
