@@ -24,7 +24,8 @@ Retries: a 503 (a dependency such as the chain RPC is down), a connection failur
 `idempotency_in_progress` are retried a couple of times with exponential backoff. That is safe for every method
 here: reads and searches change nothing, accept/reject/cancel are no-ops when repeated, and every request that
 creates something or moves money carries an `Idempotency-Key` that stays the same across its retries, so the
-server answers a repeat with the first response instead of acting twice.
+server answers a repeat with the first response instead of acting twice. A metered call is retried only when it
+carries a `request_nonce` (`call_metered`), for the same reason.
 """
 
 from __future__ import annotations
@@ -309,17 +310,40 @@ class MarketplaceClient:
     # --- metering and settlement ---------------------------------------------------------------------------------
 
     def call_metered(self, agreement_id: AgreementId, path: str, *, method: str = "GET",
-                     **request: Any) -> httpx.Response:
+                     request_nonce: str | None = None, **request: Any) -> httpx.Response:
         """Call the seller through the metered proxy; `request` takes httpx's arguments (params, json, content,
         headers). Returns the upstream's answer as is, with `X-Usage-Cost`, `X-Escrow-Remaining` and
         `X-Usage-Event-Id` when the call was charged. A refusal by the marketplace itself (402 budget used up,
-        409 not active) raises `MarketplaceError`. Not retried: a proxied call is not idempotent upstream."""
-        response = self._http.request(method, f"/metered-proxy/{agreement_id}/{path.lstrip('/')}", **request)
-        if response.status_code in (401, 402, 403, 404, 409, 429) and "X-Usage-Event-Id" not in response.headers:
-            error = MarketplaceError.from_response(response)
-            if not error.code.startswith("http_"):
-                raise error
-        return response
+        409 not active) raises `MarketplaceError`.
+
+        Without `request_nonce` a call is not retried: the seller may have acted on it. With one (a string unique
+        to this call, at most 128 characters, sent as `X-Request-Nonce`), a connection failure or timeout, and a 409
+        `request_in_progress` (the same call still running), are retried like the other requests: a repeat gets
+        the first answer (`X-Replayed: true`), charged once, or runs the call if the first never reached the
+        marketplace."""
+        url = f"/metered-proxy/{agreement_id}/{path.lstrip('/')}"
+        if request_nonce is not None:
+            request["headers"] = httpx.Headers(request.get("headers"))
+            request["headers"]["X-Request-Nonce"] = request_nonce
+        attempts = self._retries + 1 if request_nonce is not None else 1
+        for attempt in range(attempts):
+            out_of_retries = attempt == attempts - 1
+            try:
+                response = self._http.request(method, url, **request)
+            except httpx.TransportError:
+                if out_of_retries:
+                    raise
+            else:
+                if response.status_code not in (401, 402, 403, 404, 409, 429) \
+                        or "X-Usage-Event-Id" in response.headers:
+                    return response
+                error = MarketplaceError.from_response(response)
+                if error.code.startswith("http_"):  # the upstream's own refusal, passed on as is
+                    return response
+                if out_of_retries or error.code != "request_in_progress":
+                    raise error
+            time.sleep(self._retry_backoff * 2**attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def usage(self, agreement_id: AgreementId, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
         """Every usage event of the agreement, oldest first (lazy, page by page)."""

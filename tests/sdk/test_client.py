@@ -209,3 +209,44 @@ def test_metered_calls_verified_receipts_completion_and_challenge(live_server, e
         with pytest.raises(MarketplaceError) as wrong_key:
             seller.challenge(agreement, seller_wallet.key, "not mine to dispute")
         assert wrong_key.value.status in (403, 404, 409)
+
+
+class _LosesTheFirstProxiedAnswer(httpx.HTTPTransport):
+    """Hands the first metered call to the marketplace, then loses its answer on the way back, as a connection
+    closed mid-answer (a network blip, a web server reloading) does."""
+
+    lost = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if "/metered-proxy/" in request.url.path and not self.lost:
+            self.lost += 1
+            response.read()
+            response.close()
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return response
+
+
+def test_a_metered_call_with_a_nonce_is_retried_and_charged_once(live_server, escrow_chain, http_server):
+    chain = escrow_chain
+    fund(chain, chain.accounts.buyer.address, 10 * USDC)
+    with agent_client(live_server.url, wallet=chain.accounts.buyer.address, chain=chain,
+                      transport=_LosesTheFirstProxiedAnswer(), retry_backoff=0.01) as buyer, \
+            agent_client(live_server.url, wallet=chain.accounts.seller.address, buyer=False, seller=True) as seller:
+        service = seller.register_service(**{**service_data(), "upstream_base_url": http_server.url})
+        agreement = buyer.propose_agreement(service["id"], 10)  # 10 calls at 0.02 USDC
+        seller.accept_agreement(agreement["id"])
+        with relayer_polling():
+            buyer.activate_escrow(agreement, chain.accounts.buyer.key)
+            buyer.wait_until(agreement["id"], timeout=60, poll_interval=0.2)
+
+        answer = buyer.call_metered(agreement["id"], "translate", method="POST", json={"text": "hi"},
+                                    request_nonce="translate-1")
+        assert (answer.status_code, answer.headers["X-Replayed"]) == (200, "true")  # the first call's answer
+        assert answer.headers["X-Escrow-Remaining"] == "180000"  # charged once
+        assert len(http_server.requests) == 1  # the seller served it once
+
+        buyer._http._transport.lost = 0  # lose the next answer too, of a call without a nonce: not retried
+        with pytest.raises(httpx.RemoteProtocolError):
+            buyer.call_metered(agreement["id"], "translate", method="POST", json={"text": "again"})
+        assert len(http_server.requests) == 2
