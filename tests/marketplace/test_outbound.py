@@ -153,6 +153,17 @@ def test_the_proxy_calls_tls_upstreams_whose_certificate_it_trusts_and_no_others
         "127.0.0.1", "localhost"))
 
 
+@contextlib.contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler]):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 class _ClosesKeptAliveConnections(BaseHTTPRequestHandler):
     """Answers as HTTP/1.1 without `Connection: close`, then closes the connection anyway, as an upstream closes
     the idle connections it kept alive."""
@@ -175,18 +186,12 @@ class _ClosesKeptAliveConnections(BaseHTTPRequestHandler):
 @pytest.mark.chain
 def test_a_kept_alive_connection_the_upstream_closed_is_not_used_again(escrow_chain,
                                                                       django_capture_on_commit_callbacks):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ClosesKeptAliveConnections)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks,
-                                  f"http://127.0.0.1:{server.server_address[1]}/api")
+    with _serving(_ClosesKeptAliveConnections) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, f"{url}/api")
         for seq in ("1", "2"):
             response = active.buyer_api.get(f"{active.proxy}/translate")
             assert response.status_code == 200 and response["X-Usage-Seq"] == seq
             assert b"".join(response.streaming_content) == b"{}"  # read to its end: the connection is kept
-    finally:
-        server.shutdown()
-        server.server_close()
     assert _ClosesKeptAliveConnections.answered == 2
 
 
@@ -205,17 +210,11 @@ class _ClosesMidBody(BaseHTTPRequestHandler):
 
 @pytest.mark.chain
 def test_an_answer_cut_short_is_never_stored_as_the_calls_reply(escrow_chain, django_capture_on_commit_callbacks):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ClosesMidBody)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks,
-                                  f"http://127.0.0.1:{server.server_address[1]}/api")
+    with _serving(_ClosesMidBody) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, f"{url}/api")
         headers = {"HTTP_AUTHORIZATION": f"Bearer {active.buyer_api.secret}", "HTTP_X_REQUEST_NONCE": "cut-1"}
         first = active.buyer_api.client.get(f"{active.proxy}/translate", **headers)
         again = active.buyer_api.client.get(f"{active.proxy}/translate", **headers)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert first.status_code >= 500 and again.status_code != 200, (first.status_code, again.status_code)
 
 
@@ -275,17 +274,6 @@ def _closes_as_the_next_request_arrives() -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
-
-
-@contextlib.contextmanager
-def _serving(handler: type[BaseHTTPRequestHandler]):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.chain
