@@ -25,7 +25,7 @@ from pathlib import Path
 
 from granian.constants import Interfaces
 from granian.http import HTTP1Settings
-from granian.log import logger
+from granian.log import LogLevels, logger
 from granian.server import MPServer
 
 WORKERS = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -114,12 +114,13 @@ def main() -> None:
     parser.add_argument("--bind", default=os.environ.get("WEB_BIND", "127.0.0.1:8000"), help="host:port")
     parser.add_argument("--workers", type=int, default=WORKERS, help="worker processes (WEB_CONCURRENCY, default 2)")
     parser.add_argument("--threads", type=int, default=THREADS, help="threads per worker (WEB_THREADS, default 8)")
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-level", default="warning", choices=[level.value for level in LogLevels])
     parser.add_argument("--application", default="marketplace.wsgi:application", help=argparse.SUPPRESS)
     args = parser.parse_args()
     host, _, port = args.bind.rpartition(":")
     Server(args.application, address=host or "127.0.0.1", port=int(port), interface=Interfaces.WSGI,
-           workers=args.workers, blocking_threads=args.threads, respawn_failed_workers=True, log_access=False, log_level=args.log_level,
+           workers=args.workers, blocking_threads=args.threads, respawn_failed_workers=True,
+           log_access=False, log_level=LogLevels(args.log_level),
            http1_settings=HTTP1Settings(header_read_timeout=HEADER_READ_TIMEOUT_MS,
                                         max_buffer_size=HEADER_BYTES_MAX)).serve()
 
