@@ -33,6 +33,12 @@ TASK_FAILURES = Counter("marketplace_celery_task_failures_total", "Celery tasks 
                         "they were allowed), by task name.", ["task"])
 
 
+UPSTREAM_REQUESTS_RESENT = Counter(
+    "marketplace_upstream_requests_resent_total", "Requests to sellers' upstreams sent again on a new connection "
+    "after a kept-alive one closed unanswered (marketplace.outbound.UpstreamPool), by reason: not_written (closed "
+    "before the request was written whole) or replayable (a safe method, or its own Idempotency-Key).", ["reason"])
+
+
 def _count_task_failure(sender=None, **kwargs) -> None:
     TASK_FAILURES.labels(task=getattr(sender, "name", "unknown")).inc()
 

@@ -37,6 +37,7 @@ import httpx
 from django.conf import settings
 
 from marketplace import bounded_json
+from marketplace.metrics import UPSTREAM_REQUESTS_RESENT
 from marketplace.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -205,6 +206,8 @@ _IDEMPOTENCY_HEADERS = {"idempotency-key", "x-idempotency-key"}
 # among HTTP servers (gunicorn's 2 s; uvicorn's and Node.js's 5 s), so a call is not sent down a connection its
 # upstream is closing. Calls that follow each other closer than that keep their connection.
 IDLE_SECONDS = 1.5
+_RESENT_NOT_WRITTEN = UPSTREAM_REQUESTS_RESENT.labels(reason="not_written")
+_RESENT_REPLAYABLE = UPSTREAM_REQUESTS_RESENT.labels(reason="replayable")
 
 
 class UpstreamPool:
@@ -258,6 +261,7 @@ class UpstreamPool:
                         raise
                     connection.close()  # closed before the request was written whole: the upstream has not got it
                     connection, reused = connect(), False
+                    _RESENT_NOT_WRITTEN.inc()
                     continue
                 if not sent:
                     sent, done_meanwhile = True, None if meanwhile is None else meanwhile()
@@ -268,6 +272,7 @@ class UpstreamPool:
                         raise
                     connection.close()
                     connection, reused = connect(), False
+                    _RESENT_REPLAYABLE.inc()
         except BaseException:
             connection.close()
             raise

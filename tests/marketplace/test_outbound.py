@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import trustme
+from prometheus_client import REGISTRY
 
 from agreements.models import UsageAgreement, WebhookDelivery
 from marketplace import outbound
@@ -304,10 +305,15 @@ def test_a_call_that_may_have_been_acted_on_is_not_sent_again(escrow_chain, djan
     assert UsageAgreement.objects.get(pk=active.agreement_id).used == active.service.unit_price  # the first only
 
 
+def _resent(reason: str) -> float:
+    return REGISTRY.get_sample_value("marketplace_upstream_requests_resent_total", {"reason": reason}) or 0
+
+
 def test_a_request_with_its_own_idempotency_key_is_sent_again(settings):
     settings.ALLOW_PRIVATE_UPSTREAMS = True
     handler = _closes_as_the_next_request_arrives()
     pool = outbound.UpstreamPool(max_idle_per_upstream=1)
+    before = _resent("replayable")
     with _serving(handler) as url:
         for key in ("first", "second"):
             answer = pool.request("POST", f"{url}/work", headers=[("Idempotency-Key", key), ("Content-Length", "2")], body=b"{}",
@@ -315,6 +321,7 @@ def test_a_request_with_its_own_idempotency_key_is_sent_again(settings):
             assert answer.status == 200 and b"".join(answer) == b"{}"
             answer.close()
     assert handler.received == ["POST", "unanswered", "POST"]
+    assert _resent("replayable") == before + 1  # operators see how often sellers close connections under calls
 
 
 def test_a_connection_idle_too_long_is_not_used_again(settings, monkeypatch):
@@ -360,6 +367,8 @@ def test_a_request_not_written_whole_before_the_upstream_closed_is_sent_again(se
         answer.close()
         time.sleep(0.1)  # the reset has arrived
         monkeypatch.setattr(outbound, "_closed_by_peer", lambda sock: False)  # ...just after the check before use
+        before = _resent("not_written")
         answer = pool.request("POST", f"{url}/work", headers=[("Content-Length", "2")], body=b"{}",
                               connect_timeout=5, read_timeout=5)
         assert answer.status == 200 and b"".join(answer) == b"{}"
+    assert _resent("not_written") == before + 1
