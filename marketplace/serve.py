@@ -18,8 +18,10 @@ platform has no live gauges, so a dead worker's files need no marking, but empty
 """
 
 import argparse
+import functools
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,13 +34,15 @@ WORKERS = int(os.environ.get("WEB_CONCURRENCY", "2"))
 THREADS = int(os.environ.get("WEB_THREADS", "8"))
 HEADER_READ_TIMEOUT_MS = 10_000  # a client that sends its headers slower than this is dropped (slowloris)
 HEADER_BYTES_MAX = 65_536  # a request's headers in all; larger is 431 (granian's default buffer is 408 KiB)
-# How long a reload waits for a new worker to listen before it stops the old one all the same (a successor that
-# cannot load the application would otherwise keep the old code serving for ever, unnoticed).
+# How long a reload waits for a new worker to listen; one that has not by then is stopped, and the old one goes on
+# serving (as when the new one dies: new code that does not load).
 WORKER_LOAD_TIMEOUT_SECONDS = 120
 
 
 class Server(MPServer):
-    """granian's server, with a reload (SIGHUP) that stops each old worker once its successor listens.
+    """granian's server, with a reload (SIGHUP) that stops each old worker once its successor listens, and keeps the
+    old worker when its successor dies first (new code that does not load: granian stopped the old worker all the
+    same, then exited on its crash-loop check).
 
     On Linux each granian worker binds a socket of its own on the port (SO_REUSEPORT), once it has loaded the
     application, and the kernel spreads connections over the bound ones. granian's reload stops the old worker a
@@ -48,17 +52,33 @@ class Server(MPServer):
     connection and one takes most of them: 0.45x direct throughput at 16 callers instead of 0.64-0.81x
     (bench/proxy.py; bench/HISTORY.md)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Held while a reload decides whether a successor is taken on, and while a worker's watcher decides whether
+        # its exit is a crash to report: a successor that dies before it listens is the reload's to handle.
+        self._successor_lock = threading.Lock()
+
     def _respawn_workers(self, workers, spawn_target, target_loader, delay: float = 0):
         # `delay`, granian's fixed interval, is not used: the successor's socket says when it is ready.
         for idx in workers:
             self.respawned_wrks[idx] = time.monotonic()
             logger.info(f"Respawning worker-{idx + 1}")
-            old = self.wrks.pop(idx)
+            old = self.wrks[idx]
             new = self._spawn_worker(idx=idx, target=spawn_target, callback_loader=target_loader)
+            reload = old.is_alive()  # else a worker that died: its successor is started, nothing to wait for
+            new.on_trial = reload
+            new._watcher = functools.partial(self._watch_worker, new)  # started by start()
             new.start()
-            self.wrks.insert(idx, new)
-            if old.is_alive():  # a reload, not a worker that died
-                self._wait_listening(new)
+            self.wrks[idx] = new
+            if reload and not self._take_on(new):
+                # New code that does not load (or hangs loading): the old worker goes on serving the old code.
+                self.wrks[idx] = old
+                if new.is_alive():
+                    new.kill()
+                new.join()
+                logger.error(f"worker-{idx + 1}'s successor did not start listening; the old worker goes on serving")
+                continue
+            if reload:
                 logger.info(f"Stopping old worker-{idx + 1}")
                 old.terminate()
                 old.join(self.workers_kill_timeout)
@@ -68,13 +88,28 @@ class Server(MPServer):
                     old.join()
         self._metrics.incr_spawn(len(workers))
 
-    def _wait_listening(self, worker) -> None:
+    def _take_on(self, worker) -> bool:
+        """Whether the successor listens, within WORKER_LOAD_TIMEOUT_SECONDS; if it does, its exit is from then on
+        a worker's crash, which granian's main loop answers by starting it again."""
         deadline = time.monotonic() + WORKER_LOAD_TIMEOUT_SECONDS
         while not listens_on(worker.inner.pid, self.bind_port):
             if not worker.is_alive() or time.monotonic() > deadline:
-                logger.error(f"worker-{worker.idx + 1} did not start listening; stopping the old one all the same")
-                return
+                return False
             time.sleep(0.05)
+        with self._successor_lock:
+            worker.on_trial = not worker.is_alive()
+            return not worker.on_trial
+
+    def _watch_worker(self, worker) -> None:
+        """granian's watcher of a worker's exit, which reports it to the main loop unless the worker was stopped on
+        purpose, nor reports a successor that died on trial."""
+        worker.inner.join()
+        with self._successor_lock:
+            if worker.interrupt_by_parent or worker.on_trial:
+                return
+        logger.error(f"Unexpected exit from worker-{worker.idx + 1}")
+        self.interrupt_children.append(worker.idx)
+        self.main_loop_interrupt.set()
 
 
 def listens_on(pid: int, port: int) -> bool:

@@ -1,7 +1,8 @@
 """The web server stops or reloads (a deploy, a scale-down). Its workers give back the calls they leased
 (agreements.metering, "Call leases") as they stop, so the buyer's budget is not held, and a completion not kept
 waiting, until the reaper's grace has passed. A reload (SIGHUP) replaces the workers one by one, each once its
-successor listens (marketplace.serve.Server): no connection is refused meanwhile."""
+successor listens (marketplace.serve.Server): no connection is refused meanwhile; a successor that dies first
+(new code that does not load) leaves the old worker serving."""
 
 import os
 import signal
@@ -75,4 +76,24 @@ def test_a_reload_keeps_the_old_worker_until_a_slow_new_one_listens(stack):
         for pid in successor:
             os.kill(pid, signal.SIGCONT)
     wait_until(lambda: not stack.web.children() & workers, timeout=30, what="the old worker stopped")
+    assert web_answers(stack.url, timeout=5)
+
+
+def test_a_reload_whose_new_worker_dies_keeps_the_old_one_serving(stack):
+    """New code that does not load (its worker dies before it listens): the old worker goes on serving the old
+    code, and a later reload replaces it as usual."""
+    workers = stack.web.children()
+    os.kill(stack.web.process.pid, signal.SIGHUP)
+    successor = wait_until(lambda: stack.web.children() - workers, timeout=10, interval=0.005, what="a new worker")
+    for pid in successor:
+        os.kill(pid, signal.SIGKILL)  # as an import error would end it
+    serving_until = time.monotonic() + 8
+    while time.monotonic() < serving_until:
+        assert web_answers(stack.url, timeout=5), "nothing serves after a reload whose new worker died"
+        time.sleep(0.1)
+    assert stack.web.children() == workers  # the old worker, and no new one started in a loop
+
+    os.kill(stack.web.process.pid, signal.SIGHUP)  # the next deploy
+    wait_until(lambda: stack.web.children() and not stack.web.children() & workers, timeout=30,
+               what="the old worker replaced")
     assert web_answers(stack.url, timeout=5)
