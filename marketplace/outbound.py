@@ -37,8 +37,8 @@ import httpx
 from django.conf import settings
 
 from marketplace import bounded_json
-from marketplace.metrics import UPSTREAM_REQUESTS_RESENT
 from marketplace.errors import InvalidInput
+from marketplace.metrics import UPSTREAM_REQUESTS_RESENT
 
 logger = logging.getLogger(__name__)
 
@@ -253,26 +253,25 @@ class UpstreamPool:
             connection = connect()
         sent, done_meanwhile = False, None
         try:
-            while True:
+            while True:  # twice at most: only a reused connection is replaced
                 try:
                     _send(connection, method, target, headers, body)
                 except _CLOSED_UNANSWERED:
                     if not reused:
                         raise
-                    connection.close()  # closed before the request was written whole: the upstream has not got it
-                    connection, reused = connect(), False
-                    _RESENT_NOT_WRITTEN.inc()
-                    continue
-                if not sent:
-                    sent, done_meanwhile = True, None if meanwhile is None else meanwhile()
-                try:
-                    return UpstreamAnswer(self, key, connection, connection.getresponse(), done_meanwhile)
-                except _CLOSED_UNANSWERED:
-                    if not (reused and replayable):
-                        raise
-                    connection.close()
-                    connection, reused = connect(), False
-                    _RESENT_REPLAYABLE.inc()
+                    resent = _RESENT_NOT_WRITTEN  # closed before the request was written whole: not received
+                else:
+                    if not sent:
+                        sent, done_meanwhile = True, None if meanwhile is None else meanwhile()
+                    try:
+                        return UpstreamAnswer(self, key, connection, connection.getresponse(), done_meanwhile)
+                    except _CLOSED_UNANSWERED:
+                        if not (reused and replayable):
+                            raise
+                        resent = _RESENT_REPLAYABLE
+                connection.close()
+                connection, reused = connect(), False
+                resent.inc()
         except BaseException:
             connection.close()
             raise
@@ -284,14 +283,16 @@ class UpstreamPool:
                 if not idle:
                     return None
                 idle_since, connection = idle.pop()  # the most recently used
-                expired = [connection, *(older for _, older in idle)] \
-                    if time.monotonic() - idle_since >= IDLE_SECONDS else []
-                if expired:
+                if time.monotonic() - idle_since >= IDLE_SECONDS:  # and so is every older one
+                    expired = [connection, *(older for _, older in idle)]
                     idle.clear()
-            if not expired and not _closed_by_peer(connection.sock):
+                    break
+            if not _closed_by_peer(connection.sock):
                 return connection
-            for each in expired or [connection]:
-                each.close()
+            connection.close()
+        for each in expired:
+            each.close()
+        return None
 
     def give_back(self, key: tuple, connection: _GuardedConnection) -> None:
         with self._lock:

@@ -69,16 +69,10 @@ class Server(MPServer):
             new.on_trial = reload
             new._watcher = functools.partial(self._watch_worker, new)  # started by start()
             new.start()
-            self.wrks[idx] = new
-            if reload and not self._take_on(new):
-                # New code that does not load (or hangs loading): the old worker goes on serving the old code.
-                self.wrks[idx] = old
-                if new.is_alive():
-                    new.kill()
-                new.join()
-                logger.error(f"worker-{idx + 1}'s successor did not start listening; the old worker goes on serving")
-                continue
-            if reload:
+            if not reload:
+                self.wrks[idx] = new
+            elif self._take_on(new):
+                self.wrks[idx] = new
                 logger.info(f"Stopping old worker-{idx + 1}")
                 old.terminate()
                 old.join(self.workers_kill_timeout)
@@ -86,6 +80,10 @@ class Server(MPServer):
                     logger.warning(f"Killing old worker-{idx + 1} after it refused to stop gracefully")
                     old.kill()
                     old.join()
+            else:  # new code that does not load (or hangs loading): the old worker goes on serving the old code
+                new.kill()
+                new.join()
+                logger.error(f"worker-{idx + 1}'s successor did not start listening; the old worker goes on serving")
         self._metrics.incr_spawn(len(workers))
 
     def _take_on(self, worker) -> bool:

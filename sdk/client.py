@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from datetime import date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -46,6 +46,8 @@ from sdk.receipts import VerifiedUsage, verify_usage
 from sdk.safety import SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data, require_equal
 from sdk.terms import AgreedTerms
 from sdk.x402_signing import build_direct_stablecoin_agreement, sign_payment_required
+
+T = TypeVar("T")
 
 __all__ = ["AgreementFailed", "MarketplaceClient", "MarketplaceError", "NotConfigured"]
 
@@ -325,25 +327,17 @@ class MarketplaceClient:
         if request_nonce is not None:
             request["headers"] = httpx.Headers(request.get("headers"))
             request["headers"]["X-Request-Nonce"] = request_nonce
-        attempts = self._retries + 1 if request_nonce is not None else 1
-        for attempt in range(attempts):
-            out_of_retries = attempt == attempts - 1
-            try:
-                response = self._http.request(method, url, **request)
-            except httpx.TransportError:
-                if out_of_retries:
-                    raise
-            else:
-                if response.status_code not in (401, 402, 403, 404, 409, 429) \
-                        or "X-Usage-Event-Id" in response.headers:
-                    return response
+
+        def call() -> httpx.Response:
+            response = self._http.request(method, url, **request)
+            if response.status_code in (401, 402, 403, 404, 409, 429) and "X-Usage-Event-Id" not in response.headers:
                 error = MarketplaceError.from_response(response)
-                if error.code.startswith("http_"):  # the upstream's own refusal, passed on as is
-                    return response
-                if out_of_retries or error.code != "request_in_progress":
+                if not error.code.startswith("http_"):  # else the upstream's own refusal, passed on as is
                     raise error
-            time.sleep(self._retry_backoff * 2**attempt)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+            return response
+
+        return self._retrying(call, attempts=1 if request_nonce is None else self._retries + 1,
+                              transient=lambda error: error.code == "request_in_progress")
 
     def usage(self, agreement_id: AgreementId, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
         """Every usage event of the agreement, oldest first (lazy, page by page)."""
@@ -520,19 +514,28 @@ class MarketplaceClient:
     def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                  json: Any = None, idempotency_key: str | None = None) -> Any:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        for attempt in range(self._retries + 1):
-            out_of_retries = attempt == self._retries
+
+        def send() -> Any:
+            response = self._http.request(method, path, params=params, json=json, headers=headers)
+            if not response.is_success:
+                raise MarketplaceError.from_response(response)
+            return response.json() if response.content else None
+
+        return self._retrying(send, attempts=self._retries + 1, transient=lambda error: error.transient)
+
+    def _retrying(self, send: Callable[[], T], *, attempts: int, transient: Callable[[MarketplaceError], bool]) -> T:
+        """`send()`, again after a connection failure or timeout, or a refusal `transient` accepts, with
+        exponential backoff, until it has been tried `attempts` times."""
+        for attempt in range(attempts):
+            out_of_retries = attempt == attempts - 1
             try:
-                response = self._http.request(method, path, params=params, json=json, headers=headers)
+                return send()
             except httpx.TransportError:
                 if out_of_retries:
                     raise
-            else:
-                if response.is_success:
-                    return response.json() if response.content else None
-                error = MarketplaceError.from_response(response)
-                if out_of_retries or not error.transient:
-                    raise error
+            except MarketplaceError as error:
+                if out_of_retries or not transient(error):
+                    raise
             time.sleep(self._retry_backoff * 2**attempt)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
