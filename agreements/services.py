@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 from django.core import checks
 from django.db import transaction
-from django.db.models import Case, F, Sum, Value, When
+from django.db.models import Case, F, Q, Sum, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -170,8 +170,9 @@ def _require_party(agreement: UsageAgreement, agent: Agent, role: str) -> None:
 
 # --- proposal ------------------------------------------------------------------------------------------------
 
-def _committed_spend(buyer: Agent, since: datetime) -> int:
-    """What the buyer's agreements since `since` commit: fee plus deposit, or plus what was used once settled."""
+def _committed_spends(buyer: Agent, *, day_since: datetime, month_since: datetime) -> tuple[int, int]:
+    """What the buyer's agreements since `day_since` and since `month_since` commit (fee plus deposit, or plus what
+    was used once settled), in one statement."""
     committed = Case(
         When(status__in=NOTHING_COMMITTED, then=Value(0)),
         When(status=S.REFUNDED, then=F("infra_fee")),
@@ -179,10 +180,12 @@ def _committed_spend(buyer: Agent, since: datetime) -> int:
         default=F("infra_fee") + F("deposit_amount"),
         output_field=TokenAmountField(),
     )
-    total = UsageAgreement.objects.filter(buyer=buyer, created_at__gte=since).aggregate(
-        total=Coalesce(Sum(committed), Value(0), output_field=TokenAmountField())
-    )["total"]
-    return int(total)
+    totals = UsageAgreement.objects.filter(buyer=buyer, created_at__gte=min(day_since, month_since)).aggregate(
+        day=Coalesce(Sum(committed, filter=Q(created_at__gte=day_since)), Value(0), output_field=TokenAmountField()),
+        month=Coalesce(Sum(committed, filter=Q(created_at__gte=month_since)), Value(0),
+                       output_field=TokenAmountField()),
+    )
+    return int(totals["day"]), int(totals["month"])
 
 
 @dataclass(frozen=True)
@@ -358,13 +361,13 @@ def _owner_policy_decision(proposal: Proposal) -> policy_selectors.Decision:
     month; a denial is 403 with the rule. Call inside the transaction that records the agreement."""
     buyer, service = proposal.buyer, proposal.service
     # Serialises this buyer's proposals and policy edits, so two proposals cannot both slip under a cap.
-    Agent.objects.select_for_update().get(pk=buyer.pk)
+    list(Agent.objects.select_for_update().filter(pk=buyer.pk).values_list("pk"))
+    spent_last_day, spent_last_month = _committed_spends(buyer, day_since=proposal.proposed_at - timedelta(days=1),
+                                                         month_since=proposal.proposed_at - timedelta(days=30))
     decision = policy_selectors.purchase_decision(
         agent=buyer, seller_handle=service.seller.handle, service_id=str(service.pk),
-        tags=frozenset(service.tags.values_list("name", flat=True)), token=proposal.token,
-        amount=proposal.deposit + proposal.fee,
-        spent_last_day=_committed_spend(buyer, proposal.proposed_at - timedelta(days=1)),
-        spent_last_month=_committed_spend(buyer, proposal.proposed_at - timedelta(days=30)),
+        tags=frozenset(tag.name for tag in service.tags.all()), token=proposal.token,  # prefetched by the selector
+        amount=proposal.deposit + proposal.fee, spent_last_day=spent_last_day, spent_last_month=spent_last_month,
     )
     if decision.denied:
         raise Forbidden(decision.message, code="policy_denied", details={"rule": decision.rule, **decision.details})

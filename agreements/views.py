@@ -91,8 +91,8 @@ class AgreementsView(APIView):
     )
     @idempotent(prepare=lambda view, request: _proposal_prepared(request))
     def post(self, request, prepared: services.Proposal):
+        # The agreement as written, with its parties and service: what reading it again would give.
         agreement = services.agreement_propose(proposal=prepared)
-        agreement = selectors.agreement_get(agreement_id=agreement.pk, agent=calling_agent(request))
         return Response(agreement_payload(agreement), status=status.HTTP_201_CREATED)
 
 

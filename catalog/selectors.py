@@ -56,6 +56,11 @@ def _with_relations(queryset: QuerySet[Service]) -> QuerySet[Service]:
     return queryset.select_related("seller").prefetch_related("tags", "skills")
 
 
+def _for_proposal(queryset: QuerySet[Service]) -> QuerySet[Service]:
+    """What a proposal reads of its service: the seller, and the tags its buyer's policy may name (not the skills)."""
+    return queryset.select_related("seller").prefetch_related("tags")
+
+
 def service_get(*, service_id, viewer: Agent | None = None) -> Service:
     """A registered service, or any service of the viewing seller (its own deregistered ones included)."""
     visible = Q(state=ServiceState.REGISTERED)
@@ -69,7 +74,7 @@ def service_get(*, service_id, viewer: Agent | None = None) -> Service:
 
 def service_only_of_seller(*, seller_id) -> Service:
     """The seller's one registered service, for a proposal that names only the seller (the Pægents SDK may)."""
-    found = list(_with_relations(Service.objects.filter(seller_id=seller_id, state=ServiceState.REGISTERED))[:2])
+    found = list(_for_proposal(Service.objects.filter(seller_id=seller_id, state=ServiceState.REGISTERED))[:2])
     if not found:
         raise NotFound("The seller has no registered service.", code="service_not_found")
     if len(found) > 1:
@@ -88,7 +93,7 @@ def registry_services(*, viewer: Agent, seller_wallet: str | None = None) -> Que
 
 def service_get_any_state(*, service_id) -> Service:
     """A service whatever its state, for rules that must say why it cannot be used (e.g. deregistered)."""
-    service = _with_relations(Service.objects.filter(pk=service_id)).first()
+    service = _for_proposal(Service.objects.filter(pk=service_id)).first()
     if service is None:
         raise NotFound("No such service.", code="service_not_found")
     return service

@@ -1,6 +1,8 @@
 from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from agreements.models import AgreementEvent, UsageAgreement
@@ -33,6 +35,37 @@ def test_propose_freezes_terms(buyer, buyer_api, service):
     Api(issue_key(service.seller)).patch(f"/agents/services/{service.pk}",
                                          {"pricing": {"type": "per_call", "unit_price_atomic": 99}})
     assert buyer_api.get(f"/usage-agreements/{agreement['id']}").json()["price_per_unit_atomic"] == 20_000
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["proposed", "pending_approval"])
+def test_a_proposals_answer_is_the_agreement_as_read_back(buyer, buyer_api, owner_api, service, held):
+    if held:
+        owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    # An expiry given with an offset, and a seller's display name set: what the answer shows comes from the agreement
+    # as written, not read back, and must be the same.
+    service.seller.display_name = "Seller One"
+    service.seller.save(update_fields=["display_name"])
+    expires_at = (timezone.now() + timedelta(days=2)).astimezone(timezone.get_fixed_timezone(120)).isoformat()
+    answered = propose(buyer_api, service, expires_at=expires_at)
+    assert answered["status"] == ("pending_approval" if held else "proposed")
+    assert (answered["approval"] is not None) == held
+    assert answered == buyer_api.get(f"/usage-agreements/{answered['id']}").json()
+
+
+def test_a_proposal_reads_each_thing_once(buyer_api, service):
+    """A proposal was the API's dearest call (bench/load.py: ~14 ms of CPU, 21 statements): it read the agreement
+    back after writing it, the service's skills it never shows, the buyer's spend once per cap window, and the
+    service's tags again after reading them with the service."""
+    propose(buyer_api, service)  # the fee schedule's row, made on first use
+    with CaptureQueriesContext(connection) as captured:
+        propose(buyer_api, service)
+    statements = [query["sql"] for query in captured.captured_queries]
+    agreements = connection.ops.quote_name(UsageAgreement._meta.db_table)
+    reads_of_agreements = [sql for sql in statements if sql.startswith("SELECT") and f"FROM {agreements}" in sql]
+    assert len(reads_of_agreements) == 1 and "SUM(" in reads_of_agreements[0]  # the spend in both windows, alone
+    assert not [sql for sql in statements if "catalog_skill" in sql]
+    assert len([sql for sql in statements if "catalog_tag" in sql]) == 1
+    assert len(statements) <= 17
 
 
 def test_accept_is_idempotent_and_audited(buyer_api, seller_api, service):

@@ -77,6 +77,17 @@ def test_daily_cap_counts_live_commitments_and_ignores_released_ones(owner_api, 
     propose(buyer_api, service)
 
 
+def test_spend_caps_count_the_last_day_and_the_last_thirty_days(owner_api, buyer, buyer_api, service):
+    # Each proposal of 10 calls commits 200_000 + the 100_000 minimum fee.
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"daily_cap_atomic": 600_000, "monthly_cap_atomic": 700_000})
+    for days_ago in (2, 31):  # the month's cap counts the first, neither cap the second
+        made = propose(buyer_api, service)
+        UsageAgreement.objects.filter(pk=made["id"]).update(created_at=timezone.now() - timedelta(days=days_ago))
+    assert propose(buyer_api, service)["status"] == "proposed"  # day 300_000, month 600_000
+    over = buyer_api.post("/usage-agreements", proposal(service))  # day 600_000, month 900_000
+    assert over.status_code == 403 and over.json()["error"]["details"]["rule"] == "monthly_cap"
+
+
 def test_approval_flow(owner_api, buyer, buyer_api, seller_api, service):
     owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 250_000})
     small = buyer_api.post("/usage-agreements", proposal(service, quantity=1)).json()
