@@ -264,8 +264,8 @@ class UsageView(APIView):
     def get(self, request, agreement_id):
         query = PageQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
-        agreement = selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
-        rows, next_cursor = paginate(selectors.usage_events(agreement=agreement), ordering=["seq"],
+        events = selectors.usage_events_of_party(agreement_id=agreement_id, agent=calling_agent(request))
+        rows, next_cursor = paginate(events, ordering=["seq"],
                                      cursor=query.validated_data.get("cursor"), limit=query.validated_data["limit"])
         return Response({"results": UsageEventSerializer(rows, many=True).data, "next_cursor": next_cursor})
 

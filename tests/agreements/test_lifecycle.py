@@ -6,7 +6,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from agreements.models import AgreementEvent, UsageAgreement
-from catalog.models import ServiceState
+from catalog.models import Agent, ServiceState
 from tests.agreements.helpers import propose, proposal
 from tests.catalog.factories import AgentFactory, issue_key, register_service
 from tests.conftest import Api, codes_at, error_code
@@ -123,10 +123,24 @@ def test_strangers_get_404_not_403(buyer_api, service):
     for response in (
         stranger.get(f"/usage-agreements/{agreement['id']}"),
         stranger.get(f"/usage-agreements/{agreement['id']}/events"),
+        stranger.get(f"/usage-agreements/{agreement['id']}/usage"),
         stranger.put(f"/usage-agreements/{agreement['id']}/accept"),
         stranger.post(f"/usage-agreements/{agreement['id']}/cancel"),
     ):
         assert response.status_code == 404 and error_code(response) == "agreement_not_found"
+
+
+def test_a_usage_page_checks_the_parties_without_reading_the_agreement(buyer_api, seller_api, service):
+    """Reading the agreement with its parties and service, to check who may see its usage, was ~60% of a usage
+    page's CPU (2.7 ms, in-process)."""
+    agreement = propose(buyer_api, service)
+    for party in (buyer_api, seller_api):
+        with CaptureQueriesContext(connection) as captured:
+            response = party.get(f"/usage-agreements/{agreement['id']}/usage")
+        assert response.status_code == 200 and response.json()["results"] == []
+        agreements, agents = (connection.ops.quote_name(model._meta.db_table) for model in (UsageAgreement, Agent))
+        reads = [query["sql"] for query in captured.captured_queries if f"FROM {agreements}" in query["sql"]]
+        assert len(reads) == 1 and agents not in reads[0]
 
 
 def test_list_filters_by_role_and_status(buyer, buyer_api, seller_api, service):

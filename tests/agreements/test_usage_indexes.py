@@ -22,7 +22,7 @@ def test_no_index_on_agreement_id_alone():
 
 
 @pytest.mark.parametrize("query", [
-    lambda agreement: selectors.usage_events(agreement=agreement).order_by("seq")[:50],  # the listing
+    lambda agreement: selectors.usage_events(agreement=agreement).order_by("seq")[:50],  # the listing and proofs
     lambda agreement: UsageEvent.objects.filter(agreement_id=agreement.pk, request_id="req_1:0"),  # a charge's
     lambda agreement: UsageEvent.objects.filter(agreement_id=agreement.pk).values("agreement_id"),  # PROTECT's
 ])
