@@ -341,9 +341,17 @@ def start_server(env: dict, *, workers: int, threads: int, port: int, log) -> su
     return subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def wait_until_ready(process: subprocess.Popen, base_url: str, headers: dict) -> None:
+def wait_until_ready(process: subprocess.Popen, base_url: str, headers: dict, workers: int) -> None:
+    """Until every worker listens (marketplace.serve.wait_until_every_worker_listens: the client threads' kept-alive
+    connections stay where they first land) and the application answers."""
     import httpx
 
+    from marketplace import serve
+
+    try:
+        serve.wait_until_every_worker_listens(process.pid, urlsplit(base_url).port, workers, SERVER_START_TIMEOUT)
+    except TimeoutError as exc:
+        raise RuntimeError(str(exc)) from exc
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -550,7 +558,7 @@ def main() -> int:
         server = start_server(env, workers=args.workers, threads=args.threads, port=port, log=log)
         try:
             try:
-                wait_until_ready(server, base_url, headers)
+                wait_until_ready(server, base_url, headers, args.workers)
                 with httpx.Client(base_url=base_url, headers=headers, timeout=REQUEST_TIMEOUT) as client:
                     queries = build_queries(client)
                     first_pages = [client.post("/catalog/search", json=body) for _, body in queries]

@@ -40,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 from bench import metering as bench_metering  # noqa: E402
 from bench.harness import SetupFailed, bench_database_url, run_bounded  # noqa: E402
 from bench.relayer import Processes, ensure_database, percentile  # noqa: E402
-from marketplace import serve  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench_load"
 BROKER_URL = "redis://127.0.0.1:6379/9"  # nothing is queued by the mix; the server just has a broker configured
@@ -295,8 +294,8 @@ def run(args, database_url: str, stack: contextlib.ExitStack) -> int:
 
     port = devchain.free_port()
     base_url = f"http://127.0.0.1:{port}"
-    processes.start("web", serve.command(port=port, workers=args.server_workers, threads=args.threads),
-                    {**os.environ, "CELERY_TASK_ALWAYS_EAGER": "false"})
+    processes.start_web("web", port=port, workers=args.server_workers, threads=args.threads,
+                        env={**os.environ, "CELERY_TASK_ALWAYS_EAGER": "false"})
     deadline = time.monotonic() + 60
     while True:
         processes.check_alive()

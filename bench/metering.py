@@ -124,10 +124,9 @@ def active_agreement(*, buyer, seller, service, quantity: int):
 def start_server(processes: Processes, env: dict, *, workers: int, threads: int) -> str:
     """The production web server (marketplace.serve) on a free loopback port, as process "web"."""
     from escrow import devchain
-    from marketplace import serve
 
     port = devchain.free_port()
-    processes.start("web", serve.command(port=port, workers=workers, threads=threads), {**os.environ, **env})
+    processes.start_web("web", port=port, workers=workers, threads=threads, env={**os.environ, **env})
     return f"http://127.0.0.1:{port}"
 
 

@@ -305,14 +305,13 @@ def start_floor(processes, env: dict, database_url: str, upstream_url: str,
     table of the bench's database: its URL and a meter of its processes' CPU."""
     from bench import proxy_floor
     from escrow import devchain
-    from marketplace import serve
 
     proxy_floor.create_table(database_url, rows=1)
     port = devchain.free_port()
     floor_env = {**os.environ, **env, "BENCH_FLOOR_DATABASE_URL": database_url,
                  "BENCH_FLOOR_UPSTREAM": upstream_url.removeprefix("http://")}
-    process = processes.start("floor", serve.command(port=port, workers=args.workers, threads=args.threads,
-                                                     application="bench.proxy_floor:application"), floor_env)
+    process = processes.start_web("floor", port=port, workers=args.workers, threads=args.threads, env=floor_env,
+                                  application="bench.proxy_floor:application")
     url = f"http://127.0.0.1:{port}"
     wait_for_upstream(f"{url}/work", processes)
     return url, harness.CpuMeter([process.pid, *harness.child_pids(process.pid)], database_url)

@@ -94,6 +94,18 @@ class Processes:
         self.started.append((name, process))
         return process
 
+    def start_web(self, name: str, *, port: int, workers: int, threads: int, env: dict,
+                  application: str = "marketplace.wsgi:application") -> subprocess.Popen:
+        """The production web server (marketplace.serve) on the port, once every worker listens
+        (serve.wait_until_every_worker_listens: a connection made earlier stays on the workers that did)."""
+        process = self.start(name, serve.command(port=port, workers=workers, threads=threads,
+                                                 application=application), env)
+        try:
+            serve.wait_until_every_worker_listens(process.pid, port, workers)
+        except TimeoutError as exc:
+            raise SetupFailed(f"{exc}:\n{self.log_tail(name)}") from exc
+        return process
+
     def check_alive(self) -> None:
         for name, process in self.started:
             if process.poll() is not None:
@@ -418,7 +430,7 @@ def run(args: argparse.Namespace, database_url: str, stack: contextlib.ExitStack
             "--without-gossip", "--without-mingle", "--without-heartbeat"], child_env)
     port = devchain.free_port()
     base_url = f"http://127.0.0.1:{port}"
-    processes.start("web", serve.command(port=port, workers=SERVER_WORKERS, threads=SERVER_THREADS), child_env)
+    processes.start_web("web", port=port, workers=SERVER_WORKERS, threads=SERVER_THREADS, env=child_env)
     wait_for_workers(app, args.workers, processes)
     wait_for_server(base_url, activations[0].api_key, processes)
     print(f"celery: {args.workers} workers x {args.concurrency} processes on {BROKER_URL}; granian "

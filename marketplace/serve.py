@@ -135,6 +135,30 @@ def listens_on(pid: int, port: int) -> bool:
     return False
 
 
+def workers_listening(pid: int, port: int) -> int:
+    """How many worker processes of the server whose main process is `pid` listen on the port (Linux: /proc)."""
+    children = set()
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            children.update(Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+    except OSError:  # it has gone
+        return 0
+    return sum(listens_on(int(child), port) for child in children)
+
+
+def wait_until_every_worker_listens(pid: int, port: int, workers: int, timeout: float = 60.0) -> None:
+    """Wait until `workers` workers of the server (`pid`: its main process) listen on the port. Each worker binds
+    its socket once it has loaded the application, so the first answer comes while others are still loading, and a
+    client that connects then stays on the workers that listened: a kept-alive connection is never moved. What
+    measures the server (the benches) starts once every worker takes connections: bench/load.py's 32 connections
+    all on one of three workers served half the requests a second of a run whose connections were spread."""
+    deadline = time.monotonic() + timeout
+    while workers_listening(pid, port) < workers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{workers} web server workers did not all listen on port {port} within {timeout:g} s")
+        time.sleep(0.1)
+
+
 def command(*, host: str = "127.0.0.1", port: int = 8000, workers: int = WORKERS, threads: int = THREADS,
             log_level: str = "warning", application: str = "marketplace.wsgi:application") -> list[str]:
     """The command line that starts the server; `application` only for bench/proxy.py's floor."""
