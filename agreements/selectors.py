@@ -51,7 +51,7 @@ def agreements_of_agent(*, agent: Agent, role: str | None = None, status: str | 
 def usage_events_of_party(*, agreement_id, agent: Agent) -> QuerySet[UsageEvent]:
     """The usage events of an agreement the agent is party to (404 otherwise, as agreement_get): a check of the
     parties alone, not a read of the agreement with its parties and service, which was most of a usage page's CPU."""
-    if not UsageAgreement.objects.filter(Q(buyer=agent) | Q(seller=agent), pk=agreement_id).exists():
+    if not agreements_of_agent(agent=agent).filter(pk=agreement_id).exists():  # exists() reads no relation
         raise NotFound("No such agreement.", code="agreement_not_found")
     return UsageEvent.objects.filter(agreement_id=agreement_id)
 
