@@ -19,6 +19,7 @@ from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, 
 from marketplace.caching import kept_for_a_second
 from marketplace.errors import InvalidInput, NotFound
 from marketplace.pagination import cursor_after, cursor_issued_for, cursor_values
+from marketplace.postgresql import prepared_cursor
 from marketplace.serializers import CENTS, cents_of
 
 
@@ -764,7 +765,7 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
 
 
 def _exists(services: _Filtered) -> bool:
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(f"SELECT 1 {services.sql} LIMIT 1", services.params)  # noqa: S608
         return cursor.fetchone() is not None
 
@@ -809,8 +810,9 @@ def _page_rows(statement: str, params: list, sort_columns: dict[str, str], *, or
     selects, as results the API writes (orjson.Fragment or dict), with their score as relevance; the sort values
     (and score) of the last of them, for its cursor; and whether there are more. On PostgreSQL in one statement that
     writes the results too (`_result_json_sql`): the page's services, tags and skills read with their keys (four
-    round trips were about a third of a page's CPU, in the server and in PostgreSQL); a row's sort values are then its
-    service's own (the postings and visible names hold copies kept in step)."""
+    round trips were about a third of a page's CPU, in the server and in PostgreSQL), prepared on the server (parsing
+    and planning its several kB of SQL at every search were 15-20% of PostgreSQL's CPU per search); a row's sort
+    values are then its service's own (the postings and visible names hold copies kept in step)."""
     if connection.vendor != "postgresql":
         keys = _keys(statement, params)
         results = [_represented(row) for row in _result_rows(keys[:limit], score)]
@@ -818,7 +820,7 @@ def _page_rows(statement: str, params: list, sort_columns: dict[str, str], *, or
     # The narrow statement's columns, as the subquery `k` names them (`s.service_id` is `k.service_id`).
     selected = {name: f"k.{column.split('.', 1)[1]}" for name, column in sort_columns.items()}
     sort_values = ", ".join([*selected.values(), *(["k.score"] if score else [])])
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(_page_read().sql(statement, sort_values=sort_values, key=selected["id"],
                                         order=_order(selected, ordering)), params)
         found = cursor.fetchall()
@@ -889,6 +891,6 @@ def _key(row) -> dict:
 
 
 def _count(services: _Filtered) -> int:
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(f"SELECT COUNT(*) {services.sql}", services.params)  # noqa: S608
         return cursor.fetchone()[0]
