@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import harness, idle_cpu  # noqa: E402
 from bench import metering as bench_metering  # noqa: E402
+from marketplace import serve  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_bench_proxy"
 PRICE = 1_000  # 0.001 USDC per call
@@ -353,7 +354,8 @@ def main() -> int:
     parser.add_argument("--delays-ms", type=harness.integer_list, default=[0, 20],
                         help="upstream service times to measure, comma-separated (default 0,20)")
     parser.add_argument("--workers", type=int, default=2, help="web server worker processes (default 2)")
-    parser.add_argument("--threads", type=int, default=8, help="threads per web server worker (default 8)")
+    parser.add_argument("--threads", type=int, default=serve.THREADS,
+                        help=f"threads per web server worker (default {serve.THREADS}, the server's own)")
     parser.add_argument("--timeout", type=int, default=300, help="global limit in seconds (default 300)")
     args = parser.parse_args()
     if not (all(1 <= clients <= 256 for clients in args.clients) and 0.5 <= args.seconds <= 120

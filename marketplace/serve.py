@@ -31,7 +31,11 @@ from granian.log import LogLevels, logger
 from granian.server import MPServer
 
 WORKERS = int(os.environ.get("WEB_CONCURRENCY", "2"))
-THREADS = int(os.environ.get("WEB_THREADS", "8"))
+# A metered call holds its thread while the seller's upstream works, and the kernel hands each worker the
+# connections that hash to its socket: a worker given more connections than threads keeps the rest waiting a whole
+# call. One worker serving 16 callers at a 20 ms upstream carried 0.46x direct throughput with 8 threads, 0.82-0.85x
+# with 16 (bench/proxy.py --workers 1; bench/HISTORY.md). Each thread keeps a database connection of its own.
+THREADS = int(os.environ.get("WEB_THREADS", "16"))
 HEADER_READ_TIMEOUT_MS = 10_000  # a client that sends its headers slower than this is dropped (slowloris)
 HEADER_BYTES_MAX = 65_536  # a request's headers in all; larger is 431 (granian's default buffer is 408 KiB)
 # How long a reload waits for a new worker to listen; one that has not by then is stopped, and the old one goes on
@@ -170,7 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Start the marketplace's production web server (granian, WSGI).")
     parser.add_argument("--bind", default=os.environ.get("WEB_BIND", "127.0.0.1:8000"), help="host:port")
     parser.add_argument("--workers", type=int, default=WORKERS, help="worker processes (WEB_CONCURRENCY, default 2)")
-    parser.add_argument("--threads", type=int, default=THREADS, help="threads per worker (WEB_THREADS, default 8)")
+    parser.add_argument("--threads", type=int, default=THREADS, help="threads per worker (WEB_THREADS, default 16)")
     parser.add_argument("--log-level", default="warning", choices=[level.value for level in LogLevels])
     parser.add_argument("--application", default="marketplace.wsgi:application", help=argparse.SUPPRESS)
     args = parser.parse_args()
