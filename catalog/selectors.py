@@ -234,7 +234,7 @@ def _postings_matching(lexemes: tuple[str, ...]) -> "_Filtered":
     source = (f"(SELECT p0.created_at, p0.unit_price, p0.service_id, {relevance} AS score "
               f"FROM {', '.join(f'{table} {alias}' for alias in aliases)} WHERE {joins} OFFSET 0) s")
     return _Filtered(source=source, source_params=tuple(map(_unquoted, lexemes)),
-                     sort_columns=_DENORMALISED_SORT_COLUMNS).scored("s.score")
+                     sort_columns=_DENORMALISED_SORT_COLUMNS, preparable=True).scored("s.score")
 
 
 def _only_text(search: ServiceSearch) -> bool:
@@ -272,7 +272,7 @@ def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) 
     if _only_text(search):
         # The visible services by name (migration 0011): an index-only scan, not a heap page of each service.
         services = _Filtered(source=f"{connection.ops.quote_name(VISIBLE_SERVICE_NAMES_TABLE)} s",
-                             sort_columns=_DENORMALISED_SORT_COLUMNS)
+                             sort_columns=_DENORMALISED_SORT_COLUMNS, preparable=True)
     # The names come as a relation sorted by score (an IN list of 200 names took 5 ms to plan), each probing the name
     # index. Sorted, so that a page by relevance reads only its best names' services: an incremental sort of each
     # score's services, which stops once the page is full (at 100,000 services, 4 of 205 names' 18 services instead
@@ -624,6 +624,11 @@ class _Filtered:
     condition_params: tuple = ()
     score: str | None = None
     score_params: tuple = ()
+    # Whether its statements are prepared on the server (`_cursor`): only the postings' and the visible names', whose
+    # plan is the same for any values (every match read, then sorted). A plan PostgreSQL makes for no values in
+    # particular, which it may keep for a prepared statement after five runs, read a filtered page of services by
+    # price with two tags in 3.8 s instead of 2.4 ms (bench/HISTORY.md, twenty-first session).
+    preparable: bool = False
 
     def where(self, condition: str, *params) -> "_Filtered":
         return replace(self, conditions=(*self.conditions, condition), condition_params=(*self.condition_params,
@@ -764,8 +769,14 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
     return page(_names_spelt_alike(search, services, text), ordering=ordering)
 
 
+def _cursor(services: _Filtered):
+    """A cursor for a statement reading `services`: prepared on the server when they are `preparable`, else Django's,
+    which PostgreSQL plans for the values at every run."""
+    return prepared_cursor() if services.preparable else connection.cursor()
+
+
 def _exists(services: _Filtered) -> bool:
-    with prepared_cursor() as cursor:
+    with _cursor(services) as cursor:
         cursor.execute(f"SELECT 1 {services.sql} LIMIT 1", services.params)  # noqa: S608
         return cursor.fetchone() is not None
 
@@ -785,14 +796,14 @@ def _page(services: _Filtered, *, ordering: list[str], cursor: str | None, limit
     statement = (f"SELECT {', '.join(columns)} {services.sql} "  # noqa: S608
                  f"ORDER BY {_order(services.sort_columns, ordering)} LIMIT %s")
     if offset is None:
-        results, last, more = _page_rows(statement, [*params, limit + 1], services.sort_columns, ordering=ordering,
-                                         limit=limit, score=score)
+        results, last, more = _page_rows(statement, [*params, limit + 1], services, ordering=ordering, limit=limit,
+                                         score=score)
         if not more:
             return results, None
         return results, cursor_after([last.get(field.lstrip("-"), last.get("score")) for field in ordering],
                                      ordering=ordering)
-    results, _, more = _page_rows(f"{statement} OFFSET %s", [*params, limit + 1, offset], services.sort_columns,
-                                  ordering=ordering, limit=limit, score=score)
+    results, _, more = _page_rows(f"{statement} OFFSET %s", [*params, limit + 1, offset], services, ordering=ordering,
+                                  limit=limit, score=score)
     # A last page counts itself; only a page with more after it asks the database for the total.
     total = _count(services) if more or (offset and not results) else offset + len(results)
     return OffsetPage(results=results, total=total, next_offset=offset + limit if more else None)
@@ -804,23 +815,24 @@ def _order(sort_columns: dict[str, str], ordering: list[str]) -> str:
                      for field in ordering)
 
 
-def _page_rows(statement: str, params: list, sort_columns: dict[str, str], *, ordering: list[str], limit: int,
+def _page_rows(statement: str, params: list, services: _Filtered, *, ordering: list[str], limit: int,
                score: str | None) -> tuple[list, dict | None, bool]:
-    """The first `limit` rows `statement` (the narrow page statement of `_page`, which selects up to one more)
-    selects, as results the API writes (orjson.Fragment or dict), with their score as relevance; the sort values
-    (and score) of the last of them, for its cursor; and whether there are more. On PostgreSQL in one statement that
+    """The first `limit` rows `statement` (the narrow page statement of `_page` over `services`, which selects up to
+    one more) selects, as results the API writes (orjson.Fragment or dict), with their score as relevance; the sort
+    values (and score) of the last of them, for its cursor; and whether there are more. On PostgreSQL in one statement that
     writes the results too (`_result_json_sql`): the page's services, tags and skills read with their keys (four
-    round trips were about a third of a page's CPU, in the server and in PostgreSQL), prepared on the server (parsing
-    and planning its several kB of SQL at every search were 15-20% of PostgreSQL's CPU per search); a row's sort
-    values are then its service's own (the postings and visible names hold copies kept in step)."""
+    round trips were about a third of a page's CPU, in the server and in PostgreSQL), prepared on the server for the
+    postings and visible names (`_Filtered.preparable`: parsing and planning its several kB of SQL at every search
+    were 15-20% of PostgreSQL's CPU per search); a row's sort values are then its service's own (the postings and
+    visible names hold copies kept in step)."""
     if connection.vendor != "postgresql":
         keys = _keys(statement, params)
         results = [_represented(row) for row in _result_rows(keys[:limit], score)]
         return results, keys[len(results) - 1] if results else None, len(keys) > limit
     # The narrow statement's columns, as the subquery `k` names them (`s.service_id` is `k.service_id`).
-    selected = {name: f"k.{column.split('.', 1)[1]}" for name, column in sort_columns.items()}
+    selected = {name: f"k.{column.split('.', 1)[1]}" for name, column in services.sort_columns.items()}
     sort_values = ", ".join([*selected.values(), *(["k.score"] if score else [])])
-    with prepared_cursor() as cursor:
+    with _cursor(services) as cursor:
         cursor.execute(_page_read().sql(statement, sort_values=sort_values, key=selected["id"],
                                         order=_order(selected, ordering)), params)
         found = cursor.fetchall()
@@ -891,6 +903,6 @@ def _key(row) -> dict:
 
 
 def _count(services: _Filtered) -> int:
-    with prepared_cursor() as cursor:
+    with _cursor(services) as cursor:
         cursor.execute(f"SELECT COUNT(*) {services.sql}", services.params)  # noqa: S608
         return cursor.fetchone()[0]
