@@ -819,12 +819,12 @@ def _page_rows(statement: str, params: list, services: _Filtered, *, ordering: l
                score: str | None) -> tuple[list, dict | None, bool]:
     """The first `limit` rows `statement` (the narrow page statement of `_page` over `services`, which selects up to
     one more) selects, as results the API writes (orjson.Fragment or dict), with their score as relevance; the sort
-    values (and score) of the last of them, for its cursor; and whether there are more. On PostgreSQL in one statement that
-    writes the results too (`_result_json_sql`): the page's services, tags and skills read with their keys (four
-    round trips were about a third of a page's CPU, in the server and in PostgreSQL), prepared on the server for the
-    postings and visible names (`_Filtered.preparable`: parsing and planning its several kB of SQL at every search
-    were 15-20% of PostgreSQL's CPU per search); a row's sort values are then its service's own (the postings and
-    visible names hold copies kept in step)."""
+    values (and score) of the last of them, for its cursor; and whether there are more. On PostgreSQL in one
+    statement that writes the results too (`_result_json_sql`): the page's services, tags and skills read with their
+    keys (four round trips were about a third of a page's CPU, in the server and in PostgreSQL), prepared on the
+    server for the postings and visible names (`_Filtered.preparable`: parsing and planning its several kB of SQL at
+    every search were 15-20% of PostgreSQL's CPU per search); a row's sort values are then its service's own (the
+    postings and visible names hold copies kept in step)."""
     if connection.vendor != "postgresql":
         keys = _keys(statement, params)
         results = [_represented(row) for row in _result_rows(keys[:limit], score)]

@@ -134,8 +134,9 @@ def test_plain_text_results_are_the_gin_indexs_in_every_order_page_by_page():
 def test_a_search_page_is_a_statement_prepared_on_the_server_and_kept_for_other_words():
     """A page's statement (several kB of SQL, most of it writing the results as JSON) was sent as text with its values
     written in, so PostgreSQL parsed and planned it again at every search: 15-20% of its CPU per search at 100,000
-    services (bench/HISTORY.md, twenty-first session). It is prepared once per connection, and the plan PostgreSQL
-    keeps after five searches (a generic one, made for no word in particular) still answers every word exactly."""
+    services (bench/HISTORY.md, twenty-first session). It is prepared once per connection, and whatever plan
+    PostgreSQL keeps for it after five searches (one made for no word in particular, when that one is no dearer)
+    still answers every word exactly."""
     _seed(300, rng=Random(21))
     texts = ["invoice", "legal", "meeting", "data", "code", "review", "image", "speech", "notes", "fast"]
     for text in texts:  # one word each: one statement, run first by PostgreSQL's custom plans, then by its own
