@@ -8,8 +8,8 @@ identical request is a no-op.
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 from django.conf import settings
 from django.core import checks

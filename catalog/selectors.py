@@ -1,6 +1,7 @@
 """Reads of the catalog."""
 
 import contextlib
+import enum
 import functools
 import re
 import threading
@@ -235,7 +236,7 @@ def _postings_matching(lexemes: tuple[str, ...]) -> "_Filtered":
     source = (f"(SELECT p0.created_at, p0.unit_price, p0.service_id, {relevance} AS score "
               f"FROM {', '.join(f'{table} {alias}' for alias in aliases)} WHERE {joins} OFFSET 0) s")
     return _Filtered(source=source, source_params=tuple(map(_unquoted, lexemes)),
-                     sort_columns=_DENORMALISED_SORT_COLUMNS, preparable=True, generic_plan=True).scored("s.score")
+                     sort_columns=_DENORMALISED_SORT_COLUMNS, plan=_Plan.GENERIC).scored("s.score")
 
 
 def _only_text(search: ServiceSearch) -> bool:
@@ -273,7 +274,7 @@ def _names_spelt_alike(search: ServiceSearch, services: "_Filtered", text: str) 
     if _only_text(search):
         # The visible services by name (migration 0011): an index-only scan, not a heap page of each service.
         services = _Filtered(source=f"{connection.ops.quote_name(VISIBLE_SERVICE_NAMES_TABLE)} s",
-                             sort_columns=_DENORMALISED_SORT_COLUMNS, preparable=True)
+                             sort_columns=_DENORMALISED_SORT_COLUMNS, plan=_Plan.PREPARED)
     # The names come as a relation sorted by score (an IN list of 200 names took 5 ms to plan), each probing the name
     # index. Sorted, so that a page by relevance reads only its best names' services: an incremental sort of each
     # score's services, which stops once the page is full (at 100,000 services, 4 of 205 names' 18 services instead
@@ -611,6 +612,24 @@ def _result_rows(keys: list[dict], score: str | None) -> list[dict]:
     return page
 
 
+class _Plan(enum.Enum):
+    """How PostgreSQL plans the statements of a search's `_Filtered` (`_cursor`, `_page_rows`)."""
+
+    # For the search's values, at every search (Django's cursor): a filtered read of the services. Prepared, such a
+    # statement may get a plan PostgreSQL makes for no values in particular, which it keeps after five runs: that
+    # plan read a page of services by price with two tags in 3.8 s instead of 2.4 ms (bench/HISTORY.md,
+    # twenty-first session).
+    PER_SEARCH = "per search"
+    # Prepared on the server, planned as PostgreSQL chooses: the visible names', whose plan is the same for any
+    # values (every match read, then sorted). Not on the generic plan: their match function's own statements would
+    # follow the setting.
+    PREPARED = "prepared"
+    # Prepared, and the page run on the generic plan (`_fetch_on_generic_plan`): the postings'. Planned for its values,
+    # a three-word page probed the third word's postings once per match of the first two (1,396 probes) instead of
+    # merging the three lists: 4.0 ms of PostgreSQL's CPU instead of 2.05.
+    GENERIC = "generic"
+
+
 @dataclass(frozen=True)
 class _Filtered:
     """The FROM and WHERE of a search's statement (services `s` of active sellers `a`, or the postings `s` of
@@ -625,16 +644,7 @@ class _Filtered:
     condition_params: tuple = ()
     score: str | None = None
     score_params: tuple = ()
-    # Whether its statements are prepared on the server (`_cursor`): only the postings' and the visible names', whose
-    # plan is the same for any values (every match read, then sorted). A plan PostgreSQL makes for no values in
-    # particular, which it may keep for a prepared statement after five runs, read a filtered page of services by
-    # price with two tags in 3.8 s instead of 2.4 ms (bench/HISTORY.md, twenty-first session).
-    preparable: bool = False
-    # Whether its page is run on PostgreSQL's plan made for no values in particular (`_fetch_on_generic_plan`): the
-    # postings'. Planned for its values, a three-word page probed the third word's postings once per match of the
-    # first two (1,396 probes) instead of merging the three lists: 4.0 ms of PostgreSQL's CPU instead of 1.9.
-    # Not the visible names': their match function's own statements would follow the setting.
-    generic_plan: bool = False
+    plan: _Plan = _Plan.PER_SEARCH  # how PostgreSQL plans its statements
 
     def where(self, condition: str, *params) -> "_Filtered":
         return replace(self, conditions=(*self.conditions, condition), condition_params=(*self.condition_params,
@@ -776,9 +786,9 @@ def service_search(*, search: ServiceSearch, cursor: str | None, limit: int,
 
 
 def _cursor(services: _Filtered):
-    """A cursor for a statement reading `services`: prepared on the server when they are `preparable`, else Django's,
-    which PostgreSQL plans for the values at every run."""
-    return prepared_cursor() if services.preparable else connection.cursor()
+    """A cursor for a statement reading `services`: prepared on the server, or Django's, which PostgreSQL plans for
+    the values at every run (`_Plan`)."""
+    return connection.cursor() if services.plan is _Plan.PER_SEARCH else prepared_cursor()
 
 
 def _exists(services: _Filtered) -> bool:
@@ -828,9 +838,9 @@ def _page_rows(statement: str, params: list, services: _Filtered, *, ordering: l
     values (and score) of the last of them, for its cursor; and whether there are more. On PostgreSQL in one
     statement that writes the results too (`_result_json_sql`): the page's services, tags and skills read with their
     keys (four round trips were about a third of a page's CPU, in the server and in PostgreSQL), prepared on the
-    server for the postings and visible names (`_Filtered.preparable`: parsing and planning its several kB of SQL at
-    every search were 15-20% of PostgreSQL's CPU per search); a row's sort values are then its service's own (the
-    postings and visible names hold copies kept in step)."""
+    server for the postings and visible names (`_Plan`: parsing and planning its several kB of SQL at every search
+    were 15-20% of PostgreSQL's CPU per search); a row's sort values are then its service's own (the postings and
+    visible names hold copies kept in step)."""
     if connection.vendor != "postgresql":
         keys = _keys(statement, params)
         results = [_represented(row) for row in _result_rows(keys[:limit], score)]
@@ -839,7 +849,7 @@ def _page_rows(statement: str, params: list, services: _Filtered, *, ordering: l
     selected = {name: f"k.{column.split('.', 1)[1]}" for name, column in services.sort_columns.items()}
     sort_values = ", ".join([*selected.values(), *(["k.score"] if score else [])])
     page_sql = _page_read().sql(statement, sort_values=sort_values, key=selected["id"], order=_order(selected, ordering))
-    if services.generic_plan and not connection.in_atomic_block:
+    if services.plan is _Plan.GENERIC and not connection.in_atomic_block:
         found = _fetch_on_generic_plan(page_sql, params)
     else:
         with _cursor(services) as cursor:
@@ -851,7 +861,7 @@ def _page_rows(statement: str, params: list, services: _Filtered, *, ordering: l
 
 
 def _fetch_on_generic_plan(sql: str, params: list) -> list[tuple]:
-    """The rows of the prepared statement `sql`, run on PostgreSQL's generic plan (`_Filtered.generic_plan`), in a
+    """The rows of the prepared statement `sql`, run on PostgreSQL's generic plan (`_Plan.GENERIC`), in a
     transaction of its own that sets the plan cache's mode for itself alone: one round trip, a pipeline."""
     with prepared_cursor() as cursor, prepared_cursor() as control:
         pipeline = connection.connection.pipeline  # connected by now (prepared_cursor)
