@@ -37,7 +37,6 @@ import orjson
 from django.conf import settings
 from django.db import (
     DEFAULT_DB_ALIAS,
-    DatabaseError,
     InterfaceError,
     OperationalError,
     connection,
@@ -54,7 +53,7 @@ from agreements.models import AgreementStatus, CallIntent, ProxyReplay, UsageAgr
 from marketplace import chainconfig, signatures
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, PaymentRequired, error_body
 from marketplace.logging import logs_name_the_agreement
-from marketplace.postgresql import prepared_cursor
+from marketplace.postgresql import prepared_cursor, transaction_in_pipelines
 from sdk import receipts
 
 S = AgreementStatus
@@ -871,35 +870,29 @@ def _charge_in_two_round_trips(reservations: list[Reservation], charges: list[di
     lock_sql, lock_params = _lock_statement(reservations)
     unanswered = [(reservation, charge) for reservation, charge, done in zip(reservations, charges, answered,
                                                                              strict=True) if not done]
-    with prepared_cursor() as cursor, prepared_cursor() as control:
-        pipeline = connection.connection.pipeline  # connected by now (prepared_cursor)
-        try:
-            with pipeline():
-                if unanswered:
-                    control.execute("BEGIN")
-                    for reservation, charge in unanswered:
-                        control.execute(*_answered_statement(reservation, charge, skip_flush_wait=True))
-                    control.execute("COMMIT")
+    with transaction_in_pipelines() as (cursor, control, pipeline):
+        with pipeline():
+            if unanswered:
                 control.execute("BEGIN")
-                cursor.execute(lock_sql, lock_params)
-            *row, closed = cursor.fetchone()
-            closed = set(closed)
-            charged = [(reservation, charge) for reservation, charge in zip(reservations, charges, strict=True)
-                       if reservation.intent_id in closed]
-            if not charged:
+                for reservation, charge in unanswered:
+                    control.execute(*_answered_statement(reservation, charge, skip_flush_wait=True))
                 control.execute("COMMIT")
-                return [None] * len(reservations)
-            agreement = _agreement_read(reservations[0], row)
-            rows, fields = _charge_prepare(agreement, [reservation for reservation, _ in charged],
-                                           [charge for _, charge in charged])
-            with pipeline():
-                cursor.execute(*_events_write_statement(agreement, rows, fields))
-                control.execute("COMMIT")
-            ids = dict(cursor.fetchall())
-        except BaseException:
-            with contextlib.suppress(DatabaseError):
-                control.execute("ROLLBACK")
-            raise
+            control.execute("BEGIN")
+            cursor.execute(lock_sql, lock_params)
+        *row, closed = cursor.fetchone()
+        closed = set(closed)
+        charged = [(reservation, charge) for reservation, charge in zip(reservations, charges, strict=True)
+                   if reservation.intent_id in closed]
+        if not charged:
+            control.execute("COMMIT")
+            return [None] * len(reservations)
+        agreement = _agreement_read(reservations[0], row)
+        rows, fields = _charge_prepare(agreement, [reservation for reservation, _ in charged],
+                                       [charge for _, charge in charged])
+        with pipeline():
+            cursor.execute(*_events_write_statement(agreement, rows, fields))
+            control.execute("COMMIT")
+        ids = dict(cursor.fetchall())
     # Committed: nothing after this may pass for the charge having failed.
     events = _events_saved(rows, ids)
     _known_head_written(agreement)

@@ -1,6 +1,5 @@
 """Reads of the catalog."""
 
-import contextlib
 import enum
 import functools
 import re
@@ -12,7 +11,7 @@ from difflib import SequenceMatcher
 
 import orjson
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DatabaseError, connection
+from django.db import connection
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
@@ -21,7 +20,7 @@ from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, 
 from marketplace.caching import kept_for_a_second
 from marketplace.errors import InvalidInput, NotFound
 from marketplace.pagination import cursor_after, cursor_issued_for, cursor_values
-from marketplace.postgresql import prepared_cursor
+from marketplace.postgresql import prepared_cursor, transaction_in_pipelines
 from marketplace.serializers import CENTS, cents_of
 
 
@@ -863,19 +862,13 @@ def _page_rows(statement: str, params: list, services: _Filtered, *, ordering: l
 def _fetch_on_generic_plan(sql: str, params: list) -> list[tuple]:
     """The rows of the prepared statement `sql`, run on PostgreSQL's generic plan (`_Plan.GENERIC`), in a
     transaction of its own that sets the plan cache's mode for itself alone: one round trip, a pipeline."""
-    with prepared_cursor() as cursor, prepared_cursor() as control:
-        pipeline = connection.connection.pipeline  # connected by now (prepared_cursor)
-        try:
-            with pipeline():
-                control.execute("BEGIN")
-                control.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-                cursor.execute(sql, params)
-                control.execute("COMMIT")
-            return cursor.fetchall()
-        except BaseException:
-            with contextlib.suppress(DatabaseError):
-                control.execute("ROLLBACK")
-            raise
+    with transaction_in_pipelines() as (cursor, control, pipeline):
+        with pipeline():
+            control.execute("BEGIN")
+            control.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            cursor.execute(sql, params)
+            control.execute("COMMIT")
+        return cursor.fetchall()
 
 
 def _after(services: _Filtered, ordering: list[str], values: list) -> _Filtered:

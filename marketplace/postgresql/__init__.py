@@ -1,4 +1,6 @@
-from django.db import connection
+import contextlib
+
+from django.db import DatabaseError, connection
 
 
 def prepared_cursor():
@@ -6,3 +8,18 @@ def prepared_cursor():
     (`base.PreparedCursor`) on PostgreSQL; elsewhere Django's own cursor."""
     prepared = getattr(connection, "prepared_cursor", None)
     return connection.cursor() if prepared is None else prepared()
+
+
+@contextlib.contextmanager
+def transaction_in_pipelines():
+    """PostgreSQL, outside any transaction of the caller's: a transaction the caller writes out itself, so that its
+    BEGIN and COMMIT travel in the same pipelines (round trips) as its statements. Yields `(cursor, control,
+    pipeline)`: `control` runs BEGIN and COMMIT, so `cursor` keeps the result of its own last statement; the two
+    queue their statements inside `with pipeline():` blocks. Any error rolls the transaction back and goes on."""
+    with prepared_cursor() as cursor, prepared_cursor() as control:
+        try:
+            yield cursor, control, connection.connection.pipeline  # connected by now (prepared_cursor)
+        except BaseException:
+            with contextlib.suppress(DatabaseError):
+                control.execute("ROLLBACK")
+            raise

@@ -11,6 +11,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from psycopg.pq import TransactionStatus
 
 from agreements import metering
 from agreements.models import CallIntent, UsageAgreement
@@ -167,3 +168,19 @@ def test_what_a_process_remembers_of_its_agreements_is_bounded(monkeypatch):
     for _ in range(10):
         metering._known_head_written(SimpleNamespace(id=uuid.uuid4()))
     assert len(metering._known_heads) <= 3
+
+
+def test_a_charge_that_fails_in_its_two_round_trips_is_rolled_back_and_the_next_one_charged(
+        active, http_server, escrow_chain, monkeypatch):
+    http_server.responses.extend([(200, {})] * 2)
+    with monkeypatch.context() as failing:
+        failing.setattr(metering, "_events_write_statement", lambda *args: ("SELECT 1 / 0", []))
+        failed = call(active)  # nothing known of the agreement yet: charged in two round trips, the row locked
+    assert failed.status_code >= 500 and "X-Usage-Seq" not in failed
+    # Rolled back: the row's lock released, and the connection out of the failed transaction.
+    assert connection.connection.info.transaction_status == TransactionStatus.IDLE
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == 0
+
+    assert call(active)["X-Usage-Seq"] == "1"
+    metering.intents_reap(now=timezone.now() + timedelta(hours=1))  # the failed call's intent, if it is left
+    assert_books_exact(active, escrow_chain, used=PRICE)
