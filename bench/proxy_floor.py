@@ -61,7 +61,8 @@ def _connections() -> tuple[psycopg.Connection, http.client.HTTPConnection]:
 def _upstream_answer(upstream: http.client.HTTPConnection, method: str, target: str) -> http.client.HTTPResponse:
     """The upstream's answer, on the thread's kept-alive connection; one the upstream closed while it was idle (aiohttp
     closes a connection idle for 75 s: the one opened when bench/proxy.py first called the floor, before its direct
-    and proxied phases) is opened again, once, as the proxy's own pool does for a GET."""
+    and proxied phases) is opened again, once: the bench's calls are GETs, which the proxy's own pool sends again the
+    same way."""
     try:
         upstream.request(method, target)
         return upstream.getresponse()
