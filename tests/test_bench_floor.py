@@ -12,7 +12,7 @@ from psycopg.conninfo import make_conninfo
 
 from bench import proxy_floor
 
-pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.postgres, pytest.mark.django_db]
 
 
 class ClosingUpstream:
