@@ -848,6 +848,8 @@ def _page_rows(statement: str, params: list, services: _Filtered, *, ordering: l
     selected = {name: f"k.{column.split('.', 1)[1]}" for name, column in services.sort_columns.items()}
     sort_values = ", ".join([*selected.values(), *(["k.score"] if score else [])])
     page_sql = _page_read().sql(statement, sort_values=sort_values, key=selected["id"], order=_order(selected, ordering))
+    # Inside the caller's transaction (a test's, an atomic view's) the page cannot have one of its own: planned as
+    # PostgreSQL chooses, the same rows.
     if services.plan is _Plan.GENERIC and not connection.in_atomic_block:
         found = _fetch_on_generic_plan(page_sql, params)
     else:

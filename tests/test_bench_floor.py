@@ -51,6 +51,7 @@ def floor(monkeypatch):
     yield upstream
     upstream.listener.close()
     proxy_floor._per_thread.database.close()
+    proxy_floor._per_thread.upstream.close()
     with psycopg.connect(database_url, autocommit=True) as database:
         database.execute("DROP TABLE bench_proxy_floor")
 
