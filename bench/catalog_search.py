@@ -519,9 +519,13 @@ def main() -> int:
     parser.add_argument("--services", type=int, default=100_000, help="services to seed (default 100000)")
     parser.add_argument("--requests", type=int, default=300, help="measured requests per query (default 300)")
     parser.add_argument("--concurrency", type=int, default=4, help="client threads (default 4)")
-    parser.add_argument("--workers", type=int, default=max(2, (os.cpu_count() or 1) + 1),
-                        help="web server worker processes (default: CPUs + 1)")
-    parser.add_argument("--threads", type=int, default=2, help="threads per web server worker (default 2)")
+    from marketplace import serve
+
+    # What production runs (marketplace.serve's own defaults, WEB_CONCURRENCY and WEB_THREADS), as the other benches.
+    parser.add_argument("--workers", type=int, default=serve.WORKERS,
+                        help=f"web server worker processes (default {serve.WORKERS}, the server's own)")
+    parser.add_argument("--threads", type=int, default=serve.THREADS,
+                        help=f"threads per web server worker (default {serve.THREADS}, the server's own)")
     parser.add_argument("--reseed", action="store_true", help="seed again even if the database matches")
     parser.add_argument("--no-explain", dest="explain", action="store_false",
                         help="leave out EXPLAIN ANALYZE of each query")
@@ -567,8 +571,12 @@ def main() -> int:
                 print(f"set-up failed: {exc}\n--- server log ---\n{log.read()[-4000:]}", file=sys.stderr)
                 return 2
             warm_up = 8 * args.workers * args.threads
-            print(f"server: granian, {args.workers} workers x {args.threads} threads on {base_url}, DEBUG off; "
-                  f"client: {args.concurrency} threads, {args.requests} requests per query after {warm_up} warm-up")
+            from django.conf import settings
+
+            print(f"server: granian, {args.workers} workers x {args.threads} threads on {base_url}, DEBUG off, "
+                  f"{settings.SEARCH_CONCURRENCY or 'any number of'} search(es) at once per worker "
+                  f"(SEARCH_CONCURRENCY); client: {args.concurrency} threads, {args.requests} requests per query "
+                  f"after {warm_up} warm-up")
             # Server, database and client share this machine: its load says how far the figures can be trusted.
             print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; "
                   f"{idle_cpu.machine_speed()}; {harness.scheduler_groups()}\n")

@@ -22,6 +22,7 @@ from catalog.serializers import (
     ServiceSerializer,
     ServiceWriteSerializer,
 )
+from marketplace.concurrency import Bulkhead
 from marketplace.errors import Forbidden, error_response
 from marketplace.idempotency import idempotent
 from marketplace.pagination import paginate
@@ -238,7 +239,7 @@ class CatalogSearchView(APIView):
         examples=[OpenApiExample("translation under 0.05 USDC", request_only=True, value={
             "q": "translate german", "tags_any": ["translation"], "max_unit_price_atomic": 50000,
             "order_by": "relevance", "limit": 20})],
-        responses={200: ServiceSearchPageSerializer, **error_responses()},
+        responses={200: ServiceSearchPageSerializer, **error_responses(429, 503)},
         tags=["catalog"],
     )
     def post(self, request):
@@ -246,6 +247,9 @@ class CatalogSearchView(APIView):
 
 
 _SEARCH_ALLOW = "POST, OPTIONS"  # what DRF answers in `Allow` for this view
+# Searches running at once in this process (SEARCH_CONCURRENCY): the database's CPU is what a search costs.
+_SEARCH_SLOTS = Bulkhead("search", code="search_busy", limit="SEARCH_CONCURRENCY",
+                         wait_seconds="SEARCH_WAIT_SECONDS", waiting_max="SEARCH_WAITING_MAX")
 # The search body's validator, its fields bound once per process (DRF deep-copies them for every serializer):
 # validation keeps no state on the serializer, only what `is_valid` would store.
 _SEARCH_BODY = ServiceSearchSerializer()
@@ -262,7 +266,8 @@ def _search_answer(data) -> dict:
     cursor, limit, offset = params.pop("cursor", None), params.pop("limit"), params.pop("offset", None)
     search = selectors.ServiceSearch(text=params.pop("q"), max_unit_price=params.pop("max_unit_price_atomic"),
                                      **params)
-    found = selectors.service_search(search=search, cursor=cursor, limit=limit, offset=offset)
+    with _SEARCH_SLOTS.slot():
+        found = selectors.service_search(search=search, cursor=cursor, limit=limit, offset=offset)
     if offset is None:
         results, next_cursor = found
         return {"results": results, "next_cursor": next_cursor}

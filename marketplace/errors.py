@@ -24,6 +24,7 @@ class ApplicationError(Exception):
     status_code = status.HTTP_400_BAD_REQUEST
     code = "bad_request"
     message = "The request could not be processed."
+    retry_after: int | None = None  # seconds: sent as Retry-After
 
     def __init__(self, message: str | None = None, *, code: str | None = None, details: dict | None = None):
         self.message = message or self.message
@@ -108,7 +109,8 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
     if isinstance(exc, RequestDataTooBig):  # Django refused to read the body (DATA_UPLOAD_MAX_MEMORY_SIZE)
         exc = PayloadTooLarge()
     if isinstance(exc, ApplicationError):
-        return Response(error_body(exc.code, exc.message, exc.details), status=exc.status_code)
+        headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+        return Response(error_body(exc.code, exc.message, exc.details), status=exc.status_code, headers=headers)
     if isinstance(exc, Http404):
         exc = drf_exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):

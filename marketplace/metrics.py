@@ -39,6 +39,11 @@ UPSTREAM_REQUESTS_RESENT = Counter(
     "before the request was written whole) or replayable (a safe method, or its own Idempotency-Key).", ["reason"])
 
 
+REQUESTS_SHED = Counter(
+    "marketplace_requests_shed_total", "Requests answered 503 because too many of their kind ran at once in their "
+    "process (marketplace.concurrency.Bulkhead), by bulkhead.", ["bulkhead"])
+
+
 def _count_task_failure(sender=None, **kwargs) -> None:
     TASK_FAILURES.labels(task=getattr(sender, "name", "unknown")).inc()
 
