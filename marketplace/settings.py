@@ -173,12 +173,12 @@ CREDENTIAL_CACHE_SECONDS = env.float("CREDENTIAL_CACHE_SECONDS", default=1.0)
 
 # Catalog searches running at once per web server process (marketplace.concurrency; 0: no limit): each costs the
 # database 2-5 ms of CPU, and more at once than its cores makes the slowest far slower. Beyond it a search waits at
-# most SEARCH_WAIT_SECONDS, with at most SEARCH_WAITING_MAX waiting per process (so searches never hold most of a
-# worker's threads, which the metered proxy needs), else 503 `search_busy` with Retry-After. Set it to about the
-# database's cores divided by the web server's processes (WEB_CONCURRENCY).
+# most SEARCH_WAIT_SECONDS, with at most SEARCH_WAITING_MAX waiting per process (so searches hold at most 10 of a
+# worker's 16 threads and leave the rest to the metered proxy), else 503 `search_busy` with Retry-After. Set it to
+# about the database's cores divided by the web server's processes (WEB_CONCURRENCY).
 SEARCH_CONCURRENCY = env.int("SEARCH_CONCURRENCY", default=2)
 SEARCH_WAIT_SECONDS = env.float("SEARCH_WAIT_SECONDS", default=2.0)
-SEARCH_WAITING_MAX = env.int("SEARCH_WAITING_MAX", default=4)
+SEARCH_WAITING_MAX = env.int("SEARCH_WAITING_MAX", default=8)
 
 # Tokens services may be priced in; the chain address is filled in by deployment settings below.
 DEV_CHAIN_ID = 31337  # Anvil's
