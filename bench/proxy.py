@@ -348,8 +348,9 @@ def goal_verdicts(rows) -> list[str]:
               if name not in ("direct", FLOOR) and result["cpu_ms"] is not None]
     if phases:
         cpu, phase, results = max(phases, key=lambda each: each[0])
+        floor_cpu = floor_says("spent", results.get(FLOOR, {}).get("cpu_ms"), "ms/call")
         verdict("server CPU per proxied call <= 1.5 ms (worst phase)", cpu, cpu <= 1.5, " ms",
-                context="; ".join(filter(None, [phase, floor_says("spent", results.get(FLOOR, {}).get("cpu_ms"), "ms/call")])))
+                context=f"{phase}; {floor_cpu}" if floor_cpu else phase)
     return verdicts
 
 
