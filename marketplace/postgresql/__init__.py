@@ -15,10 +15,15 @@ def transaction_in_pipelines():
     """PostgreSQL, outside any transaction of the caller's: a transaction the caller writes out itself, so that its
     BEGIN and COMMIT travel in the same pipelines (round trips) as its statements. Yields `(cursor, control,
     pipeline)`: `control` runs BEGIN and COMMIT, so `cursor` keeps the result of its own last statement; the two
-    queue their statements inside `with pipeline():` blocks. Any error rolls the transaction back and goes on."""
+    queue their statements inside `with pipeline():` blocks. Any error rolls the transaction back and goes on.
+
+    psycopg raises a statement's error where it reads the result: at the statement (through Django's cursor wrapper)
+    or at the end of its pipeline (outside it), as timing has it. Both arrive as Django's database errors, which is
+    what callers catch (a lost connection is `django.db.OperationalError`)."""
     with prepared_cursor() as cursor, prepared_cursor() as control:
         try:
-            yield cursor, control, connection.connection.pipeline  # connected by now (prepared_cursor)
+            with connection.wrap_database_errors:
+                yield cursor, control, connection.connection.pipeline  # connected by now (prepared_cursor)
         except BaseException:
             with contextlib.suppress(DatabaseError):
                 control.execute("ROLLBACK")
