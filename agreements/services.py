@@ -76,7 +76,8 @@ _TIMESTAMPS = {
     S.PAID: "settled_at",
 }
 # What an agreement in each status counts against the buyer's spend caps (see `_committed_spends`).
-NOTHING_COMMITTED = (S.REJECTED, S.CANCELLED, S.EXPIRED, S.ACTIVATION_FAILED, S.PAYMENT_FAILED)
+# Not ACTIVATION_FAILED: it may still be signed again, or its intent relayed by anyone, and become active.
+NOTHING_COMMITTED = (S.REJECTED, S.CANCELLED, S.EXPIRED, S.PAYMENT_FAILED)
 
 
 @dataclass(frozen=True)

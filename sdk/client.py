@@ -193,14 +193,20 @@ class MarketplaceClient:
     # --- agreements ----------------------------------------------------------------------------------------------
 
     def propose_agreement(self, service_id: AgreementId, quantity: int, *, idempotency_key: str | None = None,
-                          **terms: Any) -> dict[str, Any]:
+                          max_unit_price_atomic: int | None = None, **terms: Any) -> dict[str, Any]:
         """Propose to buy `quantity` units of a service (as the buyer). `terms` are the optional fields of
         `POST /usage-agreements`: settlement_model, token, buyer_wallet_address, expires_at (a datetime or an
         ISO 8601 string), challenge_window_seconds, note. The agreement comes back `proposed`, or
-        `pending_approval` when the owner's policy wants a human decision."""
+        `pending_approval` when the owner's policy wants a human decision.
+
+        The answer is what `activate_escrow` later signs, so it must carry the service, quantity and every term
+        given here (else `SigningRefused` names the field), and with `max_unit_price_atomic` a unit price of at
+        most that. A term left to the marketplace's default is the marketplace's word."""
         body = {"service_id": str(service_id), "quantity": quantity,
                 **{name: _jsonable(value) for name, value in terms.items()}}
-        return self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
+        answer = self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
+        _check_proposed(answer, body, max_unit_price_atomic=max_unit_price_atomic)
+        return answer
 
     def accept_agreement(self, agreement_id: AgreementId) -> dict[str, Any]:
         """Accept a proposal (as the seller)."""
@@ -552,6 +558,34 @@ class MarketplaceClient:
             cursor = page["next_cursor"]
             if not cursor:
                 return
+
+
+# What `activate_escrow` takes from the proposal's answer as the agreed terms: each must be what was proposed.
+_PROPOSED_TERMS = ("settlement_model", "token", "buyer_wallet_address", "challenge_window_seconds")
+
+
+def _check_proposed(answer: Mapping[str, Any], body: Mapping[str, Any], *, max_unit_price_atomic: int | None) -> None:
+    """The marketplace's answer to a proposal carries the terms the buyer later signs (`AgreedTerms`): refuse one
+    that differs from what was proposed (`SigningRefused` naming the field), before anything is signed on it.
+    (An answer without one of them cannot be activated: `AgreedTerms.from_agreement` needs them all.)"""
+    if max_unit_price_atomic is not None and int(answer["price_per_unit_atomic"]) > max_unit_price_atomic:
+        raise SigningRefused("agreement.price_per_unit_atomic", f"at most {max_unit_price_atomic}",
+                             answer["price_per_unit_atomic"])
+    if isinstance(answer.get("service"), Mapping) and "id" in answer["service"]:
+        require_equal(str(answer["service"]["id"]), body["service_id"], "agreement.service.id")
+    if "quantity" in answer:
+        require_equal(answer["quantity"], body["quantity"], "agreement.quantity")
+    for name in _PROPOSED_TERMS:
+        if body.get(name) is not None and name in answer:
+            require_equal(answer[name], body[name], f"agreement.{name}")
+    if body.get("expires_at") is not None and "expires_at" in answer:
+        require_equal(_unix_time(answer["expires_at"]), _unix_time(body["expires_at"]), "agreement.expires_at")
+
+
+def _unix_time(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return int(datetime.fromisoformat(str(value)).timestamp())
 
 
 def _new_key() -> str:

@@ -27,13 +27,21 @@ def sign(secret: str, *, agreement_id: str, call_seq: int, timestamp: int, metho
     return f"v1={mac.hexdigest()}"
 
 
+def _canonical_int(value: str) -> int:
+    """ASCII digits as the proxy writes them: one spelling per number, so a seller's "already served" check on
+    the header cannot be passed by `012`, `+12` or `1_2` under call 12's signature."""
+    if not (value.isascii() and value.isdigit()) or str(int(value)) != value:
+        raise ValueError(f"not a canonical integer: {value!r}")
+    return int(value)
+
+
 def verify(secret: str, headers: Mapping[str, str], *, method: str, path: str, now: float | None = None) -> bool:
     """`headers` as the seller received them (case-insensitive mapping or plain dict with canonical names)."""
     lowered = {key.lower(): value for key, value in headers.items()}
     try:
         agreement_id = lowered["x-marketplace-agreement"]
-        call_seq = int(lowered["x-marketplace-call-seq"])
-        timestamp = int(lowered["x-marketplace-timestamp"])
+        call_seq = _canonical_int(lowered["x-marketplace-call-seq"])
+        timestamp = _canonical_int(lowered["x-marketplace-timestamp"])
         signature = lowered["x-marketplace-signature"]
     except (KeyError, ValueError):
         return False

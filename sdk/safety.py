@@ -76,7 +76,7 @@ def _same_scalar(expected: Any, received: Any) -> bool:
     if isinstance(expected, int):
         # JSON may carry a uint256 as a decimal string.
         return isinstance(received, int) and received == expected or (
-            isinstance(received, str) and received.isdigit() and int(received) == expected)
+            isinstance(received, str) and received.isascii() and received.isdigit() and int(received) == expected)
     if isinstance(expected, str) and isinstance(received, str) and expected.startswith("0x"):
         return expected.lower() == received.lower()  # addresses (checksum case) and hex bytes
     return bool(expected == received)

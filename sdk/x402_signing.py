@@ -26,33 +26,42 @@ from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Pay
 
 from sdk import typed_data
 from sdk.networks import NetworkConfig, TokenDomain
-from sdk.safety import SigningRefused, Wallet, as_wallet, require_equal
+from sdk.safety import DEADLINE_MAX_SECONDS, DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, require_equal
 
 __all__ = ["build_direct_stablecoin_agreement", "sign_payment_required", "sign_authorization"]
 
 
 def _check_requirements(requirements: PaymentRequirements, field: str, network: NetworkConfig,
-                        token_domain: TokenDomain) -> None:
-    """A 402's payment requirement must be for the pinned chain and token, with the token's real domain."""
+                        token_domain: TokenDomain, *, pay_to: str, max_validity_seconds: int) -> None:
+    """A 402's payment requirement must be for the pinned chain and token, with the token's real domain, paid to
+    `pay_to` (a skill pays the platform treasury: the pinned gas wallet), valid for at most `max_validity_seconds`
+    (x402 signs validBefore = now + maxTimeoutSeconds)."""
     require_equal(requirements.network, f"eip155:{network.chain_id}", f"{field}.network")
     require_equal(requirements.asset, network.token_address, f"{field}.asset")
     extra = requirements.extra or {}
     require_equal(extra.get("name"), token_domain.name, f"{field}.extra.name")
     require_equal(extra.get("version"), token_domain.version, f"{field}.extra.version")
+    require_equal(requirements.pay_to, pay_to, f"{field}.pay_to")
+    if not 0 < requirements.max_timeout_seconds <= max_validity_seconds:
+        raise DeadlineOutOfRange(f"{field}.max_timeout_seconds", f"at most {max_validity_seconds} s",
+                                 requirements.max_timeout_seconds)
 
 
 def sign_payment_required(payment_required_header: str, private_key: str, *, max_amount_atomic: int,
-                          network: NetworkConfig, token_domain: TokenDomain) -> str:
+                          network: NetworkConfig, token_domain: TokenDomain, pay_to: str | None = None,
+                          max_validity_seconds: int = DEADLINE_MAX_SECONDS) -> str:
     """The payment header (base64 x402 PaymentPayload) answering a 402's PAYMENT-REQUIRED header.
 
-    Refuses (`SigningRefused`) a requirement for another chain, token or token domain than the pinned ones, and
-    (x402's spend controls) anything above `max_amount_atomic` token base units.
+    Refuses (`SigningRefused`) a requirement for another chain, token or token domain than the pinned ones, for
+    another payee than `pay_to` (by default the pinned gas wallet, the platform treasury every skill pays), valid
+    longer than `max_validity_seconds`, and (x402's spend controls) anything above `max_amount_atomic` base units.
     """
     required = decode_payment_required_header(payment_required_header)
     for index, requirements in enumerate(required.accepts):
         if not isinstance(requirements, PaymentRequirements):  # an x402 v1 shape: not what this SDK pays
             raise SigningRefused(f"accepts[{index}]", "x402 v2 payment requirements", type(requirements).__name__)
-        _check_requirements(requirements, f"accepts[{index}]", network, token_domain)
+        _check_requirements(requirements, f"accepts[{index}]", network, token_domain,
+                            pay_to=pay_to or network.gas_wallet, max_validity_seconds=max_validity_seconds)
     client = x402ClientSync()
     client.register(f"eip155:{network.chain_id}", ExactEvmScheme(EthAccountSigner(Account.from_key(private_key))))
     client.set_spend_controls({"allowed_assets": [

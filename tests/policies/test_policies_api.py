@@ -1,8 +1,10 @@
 from datetime import timedelta
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 
+from agreements import services as agreement_services
 from agreements.models import UsageAgreement
 from policies.models import ApprovalRequest
 from tests.agreements.helpers import proposal, propose
@@ -74,6 +76,23 @@ def test_daily_cap_counts_live_commitments_and_ignores_released_ones(owner_api, 
     third = buyer_api.post("/usage-agreements", proposal(service))
     assert third.status_code == 403 and third.json()["error"]["details"]["rule"] == "daily_cap"
     buyer_api.post(f"/usage-agreements/{first['id']}/cancel")  # released commitments no longer count
+    propose(buyer_api, service)
+
+
+def test_an_agreement_whose_activation_failed_still_counts_against_the_caps(owner_api, buyer, buyer_api, seller_api,
+                                                                           service):
+    """A failed activation may be signed again, or its intent relayed by anyone, and become active: it counted as
+    nothing, so a second proposal passed the cap and both were funded."""
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"daily_cap_atomic": 300_000})  # one proposal of 10 calls
+    first = propose(buyer_api, service)
+    seller_api.put(f"/usage-agreements/{first['id']}/accept")
+    with transaction.atomic():
+        agreement_services.agreement_activation_begin(agreement_id=first["id"], buyer=buyer)
+    with transaction.atomic():
+        agreement_services.agreement_activation_failed(agreement_id=first["id"], reason="activate reverted")
+    second = buyer_api.post("/usage-agreements", proposal(service))
+    assert second.status_code == 403 and second.json()["error"]["details"]["rule"] == "daily_cap"
+    buyer_api.post(f"/usage-agreements/{first['id']}/cancel")  # cancelled, it is released
     propose(buyer_api, service)
 
 
