@@ -45,7 +45,7 @@ from web3 import Web3
 
 from agreements import services as agreement_services
 from agreements.models import AgreementStatus, SettlementModel, UsageAgreement
-from escrow import chain, relayer, selectors, settlement
+from escrow import chain, relayer, selectors, services, settlement
 from escrow.models import ChainEvent, EventEffect, IndexedBlock, IndexerCursor
 from marketplace import chainconfig
 from marketplace.errors import ApplicationError, Conflict, InvalidInput
@@ -291,13 +291,10 @@ def _moment(unix: int) -> datetime:
 
 def _on_activated(agreement_id, args: dict, tx_hash: str) -> None:
     agreement = UsageAgreement.objects.get(pk=agreement_id)
-    differences = [field for field, onchain, ours in (
-        ("buyer", args["buyer"], agreement.buyer_wallet_address),
-        ("seller", args["seller"], agreement.seller_wallet_address),
-        ("token", args["token"], agreement.token_address or chainconfig.usdc_address()),
-        ("depositAmount", args["depositAmount"], agreement.deposit_amount),
-        ("termsHash", args["termsHash"], agreement.terms_hash),
-    ) if str(onchain).lower() != str(ours).lower()]
+    # Every field the buyer's intent must carry, as the relayer's AgreementExists evidence checks them: a buyer who
+    # activates an intent of its own (another receipt signer, no infra fee, another window or expiry) must not
+    # make the agreement active.
+    differences = services.intent_differences(agreement, args)
     if differences:
         raise Conflict(f"The escrow under this agreement's id is not its buyer's intent ({', '.join(differences)} "
                        "differ).", code="escrow_mismatch")

@@ -99,8 +99,10 @@ def _activation_search_start(onchain_id: str) -> int | None:
     blocks before that (a reorg no deeper than the confirmation depth can only move it later). None: unknown (the
     chain reads then start at the deployment block)."""
     agreement_id = blockchain_identifier_to_agreement_id(onchain_id)
+    # Only an activation that ran (receipt status 1) bounds where the escrow's Activated event is: one of ours that
+    # reverted AgreementExists was mined after it (a front-runner's copy, anyone relaying the buyer's intent).
     mined = (ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=TxPurpose.ACTIVATE,
-                                             mined_block_number__isnull=False)
+                                             mined_block_number__isnull=False, receipt_status=1)
              .order_by("mined_block_number").values_list("mined_block_number", flat=True).first()
              if agreement_id is not None else None)
     if mined is None:

@@ -155,7 +155,7 @@ def _activation_signed(tx: ChainTransaction) -> None:
                                                    tx_hash=tx.attempts.order_by("created_at", "pk").last().tx_hash)
 
 
-def _intent_differences(agreement: UsageAgreement, onchain: dict) -> list[str]:
+def intent_differences(agreement: UsageAgreement, onchain: dict) -> list[str]:
     """The fields in which the escrow on-chain differs from the intent this agreement's buyer signs."""
     expected = {
         "buyer": agreement.buyer_wallet_address, "seller": agreement.seller_wallet_address,
@@ -174,7 +174,7 @@ def _activation_evidence(tx: ChainTransaction) -> dict:
         return {}
     onchain = selectors.onchain_escrow(onchain_id=tx.agreement.onchain_id)
     return {"agreement_exists": {"state": onchain["state"],
-                                 "differences": _intent_differences(tx.agreement, onchain)}}
+                                 "differences": intent_differences(tx.agreement, onchain)}}
 
 
 def _activation_outcome(tx: ChainTransaction) -> None:

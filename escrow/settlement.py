@@ -258,7 +258,7 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     for agreement in agreement_selectors.agreements_in_status(status=AgreementStatus.IN_CHALLENGE).filter(
             challenge_deadline__lte=now_dt):
         with agreement_context(agreement.pk):
-            if _finalize(agreement):
+            if _finalize(agreement, now=now):
                 done["finalizing"] += 1
     return done
 
@@ -278,8 +278,14 @@ def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
         return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id, terms])
 
 
-def _finalize(agreement: UsageAgreement) -> ChainTransaction | None:
+def _finalize(agreement: UsageAgreement, *, now: int) -> ChainTransaction | None:
     terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
+    # The chain, not our copy of it, says whether the window is over: a challenge the buyer sent itself, or a
+    # re-proposal that restarted the window, may be mined and not indexed yet (the indexer acts at depth).
+    state, challenge_deadline = chain.call(
+        chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:2]
+    if state != list(selectors.EscrowState).index(selectors.EscrowState.PROPOSED) or challenge_deadline > now:
+        return None
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if not can_challenge(agreement) or selectors.live_transaction(

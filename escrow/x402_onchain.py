@@ -175,10 +175,11 @@ def invocation_invoke(*, skill: Skill, buyer: Agent | None, input: dict, payment
     here; an async skill, or a payment still confirming, is left to a worker."""
     invocation, tx = invocation_pay(skill=skill, buyer=buyer, input=input, payment=payment)
     tx = transaction_await(transaction_id=tx.pk, timeout=wait_seconds)
-    if tx.status == TxStatus.FAILED:
-        invocation.refresh_from_db()
+    invocation.refresh_from_db()
+    paid = invocation.money == InvocationMoney.HELD  # our transaction, or a copy someone else got mined first
+    if tx.status == TxStatus.FAILED and not paid:
         return InvocationOutcome(invocation, payment_failure=tx.failure_reason or "reverted")
-    if tx.status != TxStatus.CONFIRMED or skill.is_async:
+    if not paid or skill.is_async:
         agreement_services.invocation_run_in_background(invocation_id=invocation.pk)
         invocation.refresh_from_db()
         return InvocationOutcome(invocation, in_background=True)
@@ -189,9 +190,19 @@ def _invocation_id(tx: ChainTransaction):
     return tx.context["invocation_id"]
 
 
-def _invocation_payment_outcome(tx: ChainTransaction) -> None:
+def _invocation_payment_evidence(tx: ChainTransaction) -> dict:
+    """A payment that reverted may have run all the same: anyone who saw the relayer's pending transaction can
+    submit the authorization first, and the price is then in the treasury."""
     if tx.status == TxStatus.CONFIRMED:
-        agreement_services.invocation_payment_confirmed(invocation_id=_invocation_id(tx), tx_hash=tx.mined_tx_hash)
+        return {}
+    invocation = SkillInvocation.objects.select_related("authorization").get(pk=_invocation_id(tx))
+    return {"used_by": _authorization_used_by(invocation.authorization)}
+
+
+def _invocation_payment_outcome(tx: ChainTransaction) -> None:
+    if tx.status == TxStatus.CONFIRMED or tx.outcome_evidence.get("used_by"):
+        agreement_services.invocation_payment_confirmed(invocation_id=_invocation_id(tx),
+                                                        tx_hash=tx.mined_tx_hash or tx.outcome_evidence["used_by"])
     else:
         agreement_services.invocation_payment_failed(invocation_id=_invocation_id(tx), reason=tx.failure_reason)
 
@@ -229,7 +240,9 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> str | None:
         return f"{invalid.code}: {invalid.message}"
     permit = agreement.fee_permit
     nonce = chain.call(token.functions.nonces(buyer).call)
-    if permit["nonce"] != nonce:
+    front_run = permit["nonce"] < nonce and chain.call(token.functions.allowance(
+        buyer, to_checksum_address(chainconfig.relayer_address())).call) >= agreement.infra_fee
+    if permit["nonce"] != nonce and not front_run:  # a permit someone else submitted granted the allowance
         return f"fee_permit_stale: the fee permit's nonce is {permit['nonce']}, the token's is now {nonce}"
     balance = chain.call(token.functions.balanceOf(buyer).call)
     if balance < agreement.deposit_amount + agreement.infra_fee:
@@ -253,8 +266,20 @@ def _agreement(tx: ChainTransaction) -> UsageAgreement:
     return agreement_selectors.agreement_get(agreement_id=tx.agreement_id, agent=None)
 
 
+def _direct_fee_permit_evidence(tx: ChainTransaction) -> dict:
+    """A fee permit that reverted: someone may have submitted it first (it is public once broadcast), which
+    granted the relayer the allowance all the same. Read from the token, outside any DB transaction."""
+    if tx.status == TxStatus.CONFIRMED:
+        return {}
+    agreement = _agreement(tx)
+    allowance = chain.call(chain.token_contract().functions.allowance(
+        to_checksum_address(agreement.buyer_wallet_address), to_checksum_address(chainconfig.relayer_address())).call)
+    return {"allowance": allowance}
+
+
 def _direct_fee_permit_outcome(tx: ChainTransaction) -> None:
-    if tx.status != TxStatus.CONFIRMED:
+    front_run = tx.outcome_evidence.get("allowance", 0) >= _agreement(tx).infra_fee
+    if tx.status != TxStatus.CONFIRMED and not front_run:
         agreement_services.agreement_direct_payment_failed(
             agreement_id=tx.agreement_id, reason=f"fee permit reverted, nothing was charged: {tx.failure_reason}")
         return
@@ -278,9 +303,46 @@ def _direct_fee_outcome(tx: ChainTransaction) -> None:
                                 agreement_id=agreement.pk)
 
 
-def _direct_payment_outcome(tx: ChainTransaction) -> None:
+def _authorization_used_by(authorization) -> str | None:
+    """The hash of the transaction that used the x402 authorization (its transfer ran: AuthorizationUsed), None
+    when none did (unused, or cancelled: AuthorizationCanceled). Anyone holding it may submit it. The token's
+    `authorizationState` says whether either happened; only then are its logs read, newest first, so the search
+    ends at the span that holds the latest of them (not a scan from the deployment block)."""
+    token = chain.token_contract()
+    payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
+    if not chain.call(token.functions.authorizationState(payer, nonce).call):
+        return None
+    used, cancelled = (_topic(token.events.AuthorizationUsed()), _topic(token.events.AuthorizationCanceled()))
+    found = chain.first_logs(
+        address=token.address, topics=[[used, cancelled], "0x" + payer[2:].lower().rjust(64, "0"),
+                                       "0x" + nonce.hex()],
+        from_block=chainconfig.escrow_deployment_block(),
+        to_block=chain.latest_block_number(), newest_first=True)
+    if not found or _topic_of(found[-1]) != used:
+        return None
+    return "0x" + bytes(found[-1]["transactionHash"]).hex().removeprefix("0x")
+
+
+def _topic(event) -> str:
+    return "0x" + event.topic.hex().removeprefix("0x") if isinstance(event.topic, bytes) else event.topic
+
+
+def _topic_of(log) -> str:
+    return "0x" + bytes(log["topics"][0]).hex().removeprefix("0x")
+
+
+def _direct_payment_evidence(tx: ChainTransaction) -> dict:
+    """A payment that reverted may have run all the same, sent by someone else holding the authorization."""
     if tx.status == TxStatus.CONFIRMED:
-        agreement_services.agreement_direct_paid(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
+        return {}
+    authorization = agreement_selectors.payment_authorization_of(agreement=_agreement(tx))
+    return {"used_by": _authorization_used_by(authorization)}
+
+
+def _direct_payment_outcome(tx: ChainTransaction) -> None:
+    if tx.status == TxStatus.CONFIRMED or tx.outcome_evidence.get("used_by"):
+        agreement_services.agreement_direct_paid(agreement_id=tx.agreement_id,
+                                                 tx_hash=tx.mined_tx_hash or tx.outcome_evidence["used_by"])
         return
     agreement = agreement_services.agreement_direct_payment_failed(
         agreement_id=tx.agreement_id, reason=f"x402 payment reverted; the fee is refunded: {tx.failure_reason}")
@@ -300,12 +362,15 @@ def handlers_register() -> None:
     agreement_services.token_domain_reader_register(reader=chain.token_domain)
     agreement_services.settlement_handler_register(handler=_invocation_settle)
     agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
-    relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome,
+                                     read_evidence=_invocation_payment_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYOUT,
                                      on_outcome=_settlement_outcome(agreement_services.invocation_paid_out))
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_REFUND,
                                      on_outcome=_settlement_outcome(agreement_services.invocation_refunded))
-    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome,
+                                     read_evidence=_direct_fee_permit_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome)
-    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome,
+                                     read_evidence=_direct_payment_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome)

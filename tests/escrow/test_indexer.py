@@ -243,7 +243,7 @@ def test_an_event_that_cannot_be_applied_is_kept_with_its_error(escrow_chain, ht
     failed = ChainEvent.objects.get(name="Activated")
     assert failed.effect == EventEffect.FAILED
     assert failed.error == ("escrow_mismatch: The escrow under this agreement's id is not its buyer's intent "
-                            "(buyer, depositAmount, termsHash differ).")
+                            "(buyer, depositAmount, infraFee, challengeWindow, expiresAt, termsHash differ).")
     with pytest.raises(CommandError, match="1 mismatch"):
         call_command("reconcile", stdout=io.StringIO())
     page = admin_client.get(reverse("admin:escrow_chainevent_changelist") + "?effect=failed")

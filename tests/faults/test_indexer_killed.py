@@ -31,6 +31,8 @@ def index_chain(escrow_chain, chain_relay, settings, log_dir, *mode: str) -> Ser
            "USDC_ADDRESS": settings.USDC_ADDRESS, "USAGE_ESCROW_ADDRESS": settings.USAGE_ESCROW_ADDRESS,
            "ESCROW_DEPLOYMENT_BLOCK": str(settings.ESCROW_DEPLOYMENT_BLOCK),
            "RELAYER_PRIVATE_KEY": settings.RELAYER_PRIVATE_KEY, "FEE_RECIPIENT": settings.FEE_RECIPIENT,
+           # the indexer checks an escrow's receipt signer against the platform's (an intent of the buyer's own)
+           "RECEIPT_SIGNER_PRIVATE_KEY": settings.RECEIPT_SIGNER_PRIVATE_KEY,
            "INDEXER_BLOCK_RANGE": str(BLOCKS_PER_RANGE), "INDEXER_POLL_SECONDS": "0.5"}
     return Service(f"index-chain{'-'.join(mode)}", [str(BIN / "python"), "manage.py", "index_chain", *mode], env,
                    log_dir).start()

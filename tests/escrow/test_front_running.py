@@ -1,0 +1,223 @@
+"""Anyone may call the contract and the token: a buyer with an intent of its own, a front-runner copying the
+relayer's pending transaction, a last-second challenge or re-proposal the indexer has not applied yet. The books
+must follow what the chain did, whoever sent it."""
+
+import io
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+from x402.http import decode_payment_signature_header
+
+from agreements import invocations
+from agreements.models import UsageAgreement
+from escrow import selectors, settlement, x402_onchain
+from escrow.models import ChainTransaction
+from sdk import typed_data as td
+from sdk.typed_data import sign_typed_data
+from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase
+from tests.agreements.test_invocations import PRICE, Market
+from tests.escrow.conftest import escrow_terms
+from tests.escrow.flow import USDC, fund
+from tests.escrow.flow import Parties, confirm_all, sign_activation
+from tests.escrow.test_indexer import call_n, funded, index, mined, seller_proposes_directly  # noqa: F401
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+
+def test_indexer_refuses_a_buyers_own_escrow_with_another_receipt_signer(escrow_chain, http_server,
+                                                                       django_capture_on_commit_callbacks):
+    """The buyer activates directly with an intent that names a receipt signer of its own (and no infra fee):
+    the platform's receipts can then never settle on-chain, so the seller serves for nothing and the buyer
+    reclaims the whole deposit. The relayer path refuses such an escrow (`_intent_differences`); the indexer
+    must too, and must not make the agreement active."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    package = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/activation-package").json()
+    signed = sign_activation(chain, package, parties.agreement(agreement["id"]), parties.buyer_account.key)
+    intent = package["intent"]
+    intent["message"] = {**intent["message"], "receiptSigner": parties.buyer_account.address, "infraFee": 0}
+    permit = signed["escrow_permit"]
+    mined(chain, chain.escrow.functions.activate(
+        td.message_tuple(intent), sign_typed_data(parties.buyer_account.key, intent),
+        td.onchain_permit(value=permit["value"], deadline=permit["deadline"], signature=permit["signature"]),
+        td.EMPTY_PERMIT,
+    ).transact({"from": parties.buyer_account.address, "gas": 1_000_000}))
+
+    index(capture)
+    assert parties.agreement(agreement["id"])["status"] != "active"
+
+
+def test_a_buyers_last_second_onchain_challenge_is_not_lost_to_the_settlement_tick(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """The buyer challenges on-chain itself just before the window closes; the settlement tick runs before the
+    indexer applied it (the indexer acts at depth / on its own beat). The agreement must end disputed (what the
+    chain says), so an operator can resolve it; it must not be left in settling with a finalize that reverted."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain)
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    deadline = int(UsageAgreement.objects.get(pk=funded.agreement_id).challenge_deadline.timestamp())
+    chain.set_next_timestamp(deadline - 1)
+    mined(chain, chain.escrow.functions.challenge(funded.onchain_id, escrow_terms(chain.escrow, funded.onchain_id))
+          .transact({"from": funded.buyer_account.address}))
+    chain.set_next_timestamp(deadline)
+    chain.mine(1)
+
+    with capture(execute=True):
+        settlement.settlement_tick()  # before the indexer's next pass
+    confirm_all(capture)
+    index(capture)
+    onchain_state = chain.escrow.functions.getEscrow(funded.onchain_id,
+                                                     escrow_terms(chain.escrow, funded.onchain_id)).call()[0]
+    assert onchain_state == 3  # Disputed
+    assert funded.agreement(funded.agreement_id)["status"] == "disputed"
+
+
+def test_a_front_run_direct_payment_fee_permit_does_not_fail_the_payment(escrow_chain,
+                                                                        django_capture_on_commit_callbacks):
+    """Anyone watching the mempool can submit the buyer's fee permit (spender: the relayer) before the relayer's
+    own `permit` transaction: the allowance is then granted all the same, but the relayer's permit reverts and the
+    whole direct payment is failed. As for activation, a spent permit whose allowance suffices must not fail it."""
+    purchase = Purchase(escrow_chain)
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    permit = body["fee_permit"]
+    v, r, s = td.split_signature(permit["signature"])
+    relayer_address = escrow_chain.accounts.deployer.address
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        response = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+    assert response.status_code == 200, response.content
+    # The front-runner copies the buyer's permit from the relayer's pending transaction.
+    mined(escrow_chain, escrow_chain.usdc.functions.permit(
+        purchase.buyer.address, relayer_address, permit["value"], permit["deadline"], v,
+        bytes.fromhex(r[2:]), bytes.fromhex(s[2:])).transact({"from": escrow_chain.accounts.stranger.address}))
+    with django_capture_on_commit_callbacks(execute=True):
+        for callback in callbacks:
+            callback()
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
+
+
+def test_a_direct_payment_executed_by_someone_else_is_paid_and_its_fee_not_refunded(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """The x402 authorization (buyer -> seller) can be submitted by anyone who holds it: the buyer itself, or
+    whoever copies it from the relayer's pending transaction. Once the fee is collected, the buyer sends it
+    itself: the seller is paid, the relayer's copy reverts (authorization used) and the platform takes that for a
+    failed payment, refunding the fee from the treasury and marking the agreement payment_failed."""
+    purchase = Purchase(escrow_chain)
+    fund(escrow_chain, purchase.treasury, USDC)  # the treasury's float for refunds
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
+    confirm_all(django_capture_on_commit_callbacks)  # permit confirmed; the fee transfer is sent
+
+    payload = decode_payment_signature_header(body["payment_header"]).payload
+    auth = payload["authorization"]
+    v, r, s = td.split_signature(payload["signature"])
+    mined(escrow_chain, escrow_chain.usdc.functions.transferWithAuthorization(
+        auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]), int(auth["validBefore"]),
+        bytes.fromhex(auth["nonce"][2:]), v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:]),
+    ).transact({"from": purchase.buyer.address}))
+
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+    assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
+
+
+def test_an_invocation_payment_front_run_is_not_kept_by_the_treasury_unaccounted(
+        escrow_chain, http_server, monkeypatch, django_capture_on_commit_callbacks):
+    """Anyone who sees the relayer's pending transferWithAuthorization (buyer -> treasury) can submit a copy
+    first: the buyer's money reaches the treasury, the relayer's own transaction reverts, and the invocation is
+    recorded as 'payment failed, nothing was charged' with no refund queued: the treasury keeps the price."""
+    market = Market(escrow_chain, http_server)
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    buyer, seller, treasury = market.balances()
+    payload = decode_payment_signature_header(payment).payload
+    auth = payload["authorization"]
+    v, r, s = td.split_signature(payload["signature"])
+    simulate = x402_onchain.simulate
+
+    def simulated_then_front_run(authorization):
+        simulate(authorization)
+        mined(escrow_chain, escrow_chain.usdc.functions.transferWithAuthorization(
+            auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]), int(auth["validBefore"]),
+            bytes.fromhex(auth["nonce"][2:]), v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:]),
+        ).transact({"from": escrow_chain.accounts.stranger.address}))
+
+    monkeypatch.setattr(x402_onchain, "simulate", simulated_then_front_run)
+    with django_capture_on_commit_callbacks(execute=True):
+        market.call("translate", payment)
+    confirm_all(django_capture_on_commit_callbacks)
+    with django_capture_on_commit_callbacks(execute=True):  # later: the sweeper runs paid invocations left behind
+        invocations.invocations_sweep(now=timezone.now() + timedelta(days=1))
+    for _ in range(2):
+        confirm_all(django_capture_on_commit_callbacks)
+    # The money did arrive: the paid call runs and the seller is paid, as if our own transaction had carried it.
+    assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)
+
+
+def test_the_escrow_is_found_when_a_front_runner_activated_it_before_our_reverted_copy(
+        escrow_chain, http_server, settings, django_capture_on_commit_callbacks):
+    """A front-runner copies the relayer's pending `activate` and gets it mined first; the relayer's own copy is
+    dropped, rebroadcast and mined a few blocks later, reverting AgreementExists. The escrow is the buyer's and
+    active; but `selectors.onchain_escrow` searches the Activated event only from the platform's earliest mined
+    activate transaction (the reverted one) minus CHAIN_CONFIRMATIONS, misses it and reports no escrow at all
+    (reconcile, escrow-status, the proposal's challenge deadline read from it)."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        with capture(execute=True):
+            response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                              parties.signed_activation(agreement["id"]))
+        assert response.status_code == 202, response.content
+        ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
+        [attempt] = ours.attempts.all()
+        chain.rpc("anvil_dropTransaction", [attempt.tx_hash])  # evicted from the pool
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    mined(chain, chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
+                                                "data": ours.data, "gas": 1_000_000}))
+    chain.mine(3)
+    confirm_all(capture)  # no receipt: the relayer rebroadcasts its bytes, mined now and reverted
+    confirm_all(capture)
+    ours.refresh_from_db()
+    assert ours.status == "failed" and ours.receipt_status == 0
+    index(capture)
+    onchain_id = UsageAgreement.objects.get(pk=agreement["id"]).onchain_id
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert selectors.onchain_escrow(onchain_id=onchain_id)["state"] == "active"
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_seller_re_proposal_just_before_the_window_closes_is_not_finalized_early(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """The seller re-proposes a higher receipt just before the window closes (the contract restarts the window);
+    the settlement tick runs before the indexer applied it and finalizes by our stale deadline: the finalize
+    reverts ChallengeWindowOpen and the agreement is left settling, where the buyer can no longer challenge the
+    new, higher amount through the API although the chain's window is open."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain, seq=2)
+    index(capture)
+    deadline = int(UsageAgreement.objects.get(pk=funded.agreement_id).challenge_deadline.timestamp())
+    chain.set_next_timestamp(deadline - 1)
+    seller_proposes_directly(funded, chain, seq=3)
+    chain.set_next_timestamp(deadline)
+    chain.mine(1)
+
+    with capture(execute=True):
+        settlement.settlement_tick()
+    confirm_all(capture)
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
