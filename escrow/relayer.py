@@ -398,7 +398,8 @@ def _after_nonce_too_low(tx: ChainTransaction) -> ChainTransaction | None:
 def transactions_poll() -> int:
     """Check every in-flight transaction (the beat task). Returns how many were looked at.
 
-    An RPC failure on one transaction (timeout, 429, 5xx after the per-call retries) skips only that one. The poll
+    An RPC failure on one transaction (timeout, 429, 5xx after the per-call retries), or an outcome that cannot be
+    applied (logged with its error: it stays in flight and is tried again), skips only that one. The poll
     stops early only when the node is unreachable, or when the first several checks all failed (a node that
     answers nothing is not asked about every row)."""
     try:
@@ -421,6 +422,11 @@ def transactions_poll() -> int:
             break
         except chain.ChainError as error:
             logger.warning("chain transaction not checked", extra={"tx_id": str(tx_id), "error": str(error)})
+            failed += 1
+            if failed == checked == _POLL_GIVES_UP_AFTER:
+                break
+        except Exception:  # a row whose outcome cannot be applied is logged, not the end of every poll after it
+            logger.exception("chain transaction check failed", extra={"tx_id": str(tx_id)})
             failed += 1
             if failed == checked == _POLL_GIVES_UP_AFTER:
                 break

@@ -10,7 +10,7 @@ from escrow import chain as gateway
 from agreements.models import UsageAgreement
 from escrow import indexer, relayer
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayerAccount, TxAttempt, TxStatus
-from tests.escrow.flow import Parties, confirm_all, onchain_escrow
+from tests.escrow.flow import Parties, confirm_all, mined_what_was_sent, onchain_escrow
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -217,3 +217,35 @@ def test_sweeper_requeues_transactions_whose_task_was_lost(parties, django_captu
         assert relayer.transactions_sweep_queued() == 1
     confirm_all(django_capture_on_commit_callbacks)
     assert parties.agreement(agreement["id"])["status"] == "active"
+
+
+def test_a_transaction_whose_check_fails_does_not_stop_the_poll_for_the_others(parties, escrow_chain, monkeypatch,
+                                                                             django_capture_on_commit_callbacks):
+    """Rows are polled oldest first: one that raised something other than a chain error (an outcome refused by
+    the state machine, an integrity error) ended every poll there, and no transaction after it was ever checked."""
+    capture = django_capture_on_commit_callbacks
+    first, first_tx, first_sent = queue_activation(parties, capture)
+    with capture(execute=True):
+        for callback in first_sent:
+            callback()
+    mined_what_was_sent()  # the second's permit is signed on the token's next nonce
+    second, second_tx, second_sent = queue_activation(parties, capture)
+    with capture(execute=True):
+        for callback in second_sent:
+            callback()
+    check = relayer.transaction_check
+
+    def poisoned(*, transaction_id):
+        if transaction_id == first_tx.pk:
+            raise RuntimeError("this outcome cannot be applied")
+        return check(transaction_id=transaction_id)
+
+    monkeypatch.setattr(relayer, "transaction_check", poisoned)
+    for _ in range(2):
+        confirm_all(capture)
+    assert parties.agreement(second["id"])["status"] == "active"
+    first_tx.refresh_from_db()
+    assert first_tx.status == TxStatus.SUBMITTED  # still in flight, tried again at the next poll
+    monkeypatch.undo()
+    confirm_all(capture)
+    assert parties.agreement(first["id"])["status"] == "active"
