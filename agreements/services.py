@@ -16,9 +16,8 @@ from django.core import checks
 from django.db import connection, transaction
 from django.utils import timezone
 
-from agreements import webhooks, x402_protocol
+from agreements import invocations, webhooks, x402_protocol
 # Skill invocations' and x402 payments' writes the escrow app drives (paying, settling), offered here as well.
-from agreements.invocations import invocation_create as invocation_create
 from agreements.invocations import invocation_paid_out as invocation_paid_out
 from agreements.invocations import invocation_payment_confirmed as invocation_payment_confirmed
 from agreements.invocations import invocation_payment_failed as invocation_payment_failed
@@ -37,7 +36,9 @@ from agreements.models import (
     AgreementEvent,
     AgreementStatus,
     FeeSchedule,
+    InvocationMoney,
     SettlementModel,
+    SkillInvocation,
     UsageAgreement,
     can_activate,
     is_funded,
@@ -53,7 +54,7 @@ from agreements.x402_protocol import payment_response_header as payment_response
 from agreements.x402_protocol import payment_verify as payment_verify
 from agreements.x402_protocol import simulation_rejection as simulation_rejection
 from agreements.x402_protocol import token_domain_reader_register as token_domain_reader_register
-from catalog.models import Agent, Service, ServiceState
+from catalog.models import Agent, Service, ServiceState, Skill
 from marketplace import chainconfig, sweeps
 from sdk import typed_data
 from sdk.terms import terms_hash
@@ -78,6 +79,9 @@ _TIMESTAMPS = {
 # What an agreement in each status counts against the buyer's spend caps (see `_committed_spends`).
 # Not ACTIVATION_FAILED: it may still be signed again, or its intent relayed by anyone, and become active.
 NOTHING_COMMITTED = (S.REJECTED, S.CANCELLED, S.EXPIRED, S.PAYMENT_FAILED)
+# What a skill invocation counts: its price from the moment its authorization is accepted (authorized, held, paying
+# out or paid out, refunding until the refund is confirmed), nothing once its payment failed or was refunded.
+INVOCATION_NOTHING_COMMITTED = (InvocationMoney.PAYMENT_FAILED, InvocationMoney.REFUNDED)
 
 
 @dataclass(frozen=True)
@@ -174,27 +178,35 @@ def _require_party(agreement: UsageAgreement, agent: Agent, role: str) -> None:
 def _committed_spends_sql() -> str:
     """The SELECT of `_committed_spends`, built once per process (the ORM's Case/Sum/filter expressions cost ~1 ms
     of CPU to compile at every proposal, most of the statement's cost). Plain SQL that SQLite runs too."""
-    quote, meta = connection.ops.quote_name, UsageAgreement._meta
+    quote, meta, invocation_meta = connection.ops.quote_name, UsageAgreement._meta, SkillInvocation._meta
     column = {name: quote(meta.get_field(name).column)
               for name in ("status", "infra_fee", "used", "deposit_amount", "buyer", "created_at")}
+    invocation = {name: quote(invocation_meta.get_field(name).column)
+                  for name in ("money", "amount", "buyer", "created_at")}
     committed = (f"CASE WHEN {column['status']} IN ({', '.join(['%s'] * len(NOTHING_COMMITTED))}) THEN 0 "
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} "
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} + {column['used']} "
                  f"ELSE {column['infra_fee']} + {column['deposit_amount']} END")
-    return (f"SELECT COALESCE(SUM({committed}) FILTER (WHERE {column['created_at']} >= %s), 0), "  # noqa: S608
-            f"COALESCE(SUM({committed}), 0) FROM {quote(meta.db_table)} "
-            f"WHERE {column['buyer']} = %s AND {column['created_at']} >= %s")
+    released = ", ".join(["%s"] * len(INVOCATION_NOTHING_COMMITTED))
+    spends = (f"SELECT {column['created_at']} AS committed_at, {committed} AS amount "  # noqa: S608
+              f"FROM {quote(meta.db_table)} WHERE {column['buyer']} = %s AND {column['created_at']} >= %s "
+              f"UNION ALL SELECT {invocation['created_at']}, {invocation['amount']} "
+              f"FROM {quote(invocation_meta.db_table)} WHERE {invocation['buyer']} = %s "
+              f"AND {invocation['created_at']} >= %s AND {invocation['money']} NOT IN ({released})")
+    return ("SELECT COALESCE(SUM(amount) FILTER (WHERE committed_at >= %s), 0), "  # noqa: S608
+            f"COALESCE(SUM(amount), 0) FROM ({spends}) spends")
 
 
 def _committed_spends(buyer: Agent, *, day_since: datetime, month_since: datetime) -> tuple[int, int]:
-    """What the buyer's agreements since `day_since` and since `month_since` (the earlier) commit: nothing once
-    released, the fee once refunded, fee plus what was used once settled, else fee plus deposit; one statement."""
+    """What the buyer committed since `day_since` and since `month_since` (the earlier), in one statement: its
+    agreements (nothing once released, the fee once refunded, fee plus what was used once settled, else fee plus
+    deposit) and its skill invocations (the price, unless the payment failed or was refunded)."""
     committed = [*NOTHING_COMMITTED, S.REFUNDED, S.SETTLED]
     since = connection.ops.adapt_datetimefield_value
     buyer_id = UsageAgreement._meta.get_field("buyer").get_db_prep_value(buyer.pk, connection)
     with prepared_cursor() as cursor:
-        cursor.execute(_committed_spends_sql(), [*committed, since(day_since), *committed, buyer_id,
-                                                 since(month_since)])
+        cursor.execute(_committed_spends_sql(), [since(day_since), *committed, buyer_id, since(month_since),
+                                                 buyer_id, since(month_since), *INVOCATION_NOTHING_COMMITTED])
         day, month = cursor.fetchone()
     return int(day), int(month)
 
@@ -368,21 +380,46 @@ def agreement_propose(*, proposal: Proposal) -> UsageAgreement:
 
 
 def _owner_policy_decision(proposal: Proposal) -> policy_selectors.Decision:
-    """The owner's policy on this purchase (fee included), given what the buyer committed in the last day and
-    month; a denial is 403 with the rule. Call inside the transaction that records the agreement."""
-    buyer, service = proposal.buyer, proposal.service
-    # Serialises this buyer's proposals and policy edits, so two proposals cannot both slip under a cap.
+    """The owner's policy on this purchase (fee included); see `_buyer_policy_decision`."""
+    return _buyer_policy_decision(buyer=proposal.buyer, service=proposal.service, token=proposal.token,
+                                  amount=proposal.deposit + proposal.fee, at=proposal.proposed_at)
+
+
+def _buyer_policy_decision(*, buyer: Agent, service: Service, token: str, amount: int,
+                           at: datetime) -> policy_selectors.Decision:
+    """The buyer's owner policy on a purchase of `amount` from `service`, given what the buyer committed in the
+    last day and month (agreements and skill invocations); a denial is 403 with the rule. Call inside the
+    transaction that records the purchase."""
+    # Serialises this buyer's proposals, invocations and policy edits, so two purchases cannot both slip under a cap.
     list(Agent.objects.select_for_update().filter(pk=buyer.pk).values_list("pk"))
-    spent_last_day, spent_last_month = _committed_spends(buyer, day_since=proposal.proposed_at - timedelta(days=1),
-                                                         month_since=proposal.proposed_at - timedelta(days=30))
+    spent_last_day, spent_last_month = _committed_spends(buyer, day_since=at - timedelta(days=1),
+                                                         month_since=at - timedelta(days=30))
     decision = policy_selectors.purchase_decision(
         agent=buyer, seller_handle=service.seller.handle, service_id=str(service.pk),
-        tags=frozenset(tag.name for tag in service.tags.all()), token=proposal.token,  # prefetched by the selector
-        amount=proposal.deposit + proposal.fee, spent_last_day=spent_last_day, spent_last_month=spent_last_month,
+        tags=frozenset(tag.name for tag in service.tags.all()), token=token,  # prefetched by the selectors
+        amount=amount, spent_last_day=spent_last_day, spent_last_month=spent_last_month,
     )
     if decision.denied:
         raise Forbidden(decision.message, code="policy_denied", details={"rule": decision.rule, **decision.details})
     return decision
+
+
+def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict,
+                      authorization: x402_protocol.Authorization) -> SkillInvocation:
+    """Record a skill invocation and its authorization (see `agreements.invocations.invocation_create`) once the
+    calling agent's owner policy allows its price, as a direct purchase's: a denial is 403 `policy_denied`, and
+    a price the owner must approve is 403 `approval_required` (a synchronous paid call cannot wait for the owner),
+    each with the rule; nothing is recorded. An anonymous caller (no API key) has no owner, hence no policy. Call
+    inside the transaction that queues the payment: the buyer stays locked until it commits."""
+    with transaction.atomic():
+        if buyer is not None:
+            decision = _buyer_policy_decision(buyer=buyer, service=skill.service, token=skill.service.token,
+                                              amount=invocations.invocation_price(skill), at=timezone.now())
+            if decision.needs_approval:
+                raise Forbidden("The owner's policy asks for an approval of this payment, which a skill invocation "
+                                "cannot wait for.", code="approval_required",
+                                details={"rule": decision.rule, **decision.details})
+        return invocations.invocation_create(skill=skill, buyer=buyer, input=input, authorization=authorization)
 
 
 def _agreement_record(proposal: Proposal, *, status: str) -> UsageAgreement:

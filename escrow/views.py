@@ -341,7 +341,15 @@ class SkillInvokeView(APIView):
                     "payment (replayed, quoted for another skill, wrong amount or recipient, expired, bad "
                     "signature) is 402 with its code, "
                     "and nothing is charged. The authorization's nonce is the idempotency key: a retry with the "
-                    "same signed payment is 402 `authorization_already_used` with the `invocation_id` it bought.",
+                    "same signed payment is 402 `authorization_already_used` with the `invocation_id` it bought. "
+                    "Called with an agent's API key, the payment is a purchase by that agent: its owner's policy "
+                    "decides on the skill's price as on a direct purchase (blocked or allowed sellers, services "
+                    "and tags, token, max per agreement, and the daily and monthly spend caps, which count the "
+                    "agent's invocations as well as its agreements) before any money moves. A denial is 403 "
+                    "`policy_denied` with `details.rule`; a price the policy would send to the owner for approval "
+                    "is 403 `approval_required` (with `details.rule`): a synchronous paid call cannot wait for an "
+                    "approval, so nothing is recorded or charged (propose an agreement instead). Without an API "
+                    "key (the payment alone) no owner and no policy apply.",
         parameters=[*(OpenApiParameter(name, str, OpenApiParameter.HEADER, required=False,
                                        description="The signed x402 payment.")
                       for name in agreement_services.PAYMENT_HEADERS),
@@ -350,7 +358,7 @@ class SkillInvokeView(APIView):
                                                  "API key.")],
         responses={200: InvocationResultSerializer, 202: InvocationAcceptedSerializer,
                    402: X402PaymentRequiredSerializer, 502: ErrorSerializer, 504: ErrorSerializer,
-                   **error_responses(404, 409, 429, 503)},
+                   **error_responses(403, 404, 409, 429, 503)},
     )
     def post(self, request, handle, skill):
         skill = catalog_selectors.skill_get(handle=handle, skill_name=skill)

@@ -9,11 +9,13 @@ from x402 import PaymentRequired
 from x402.http import decode_payment_required_header, decode_payment_response_header, decode_payment_signature_header
 
 from agreements import invocations
-from agreements.models import SkillInvocation
+from agreements.models import SkillInvocation, UsageAgreement
 from escrow.models import ChainTransaction
+from policies.models import ApprovalRequest
 from sdk import proxy_signature, typed_data
 from sdk.x402_signing import sign_authorization, sign_payment_required
 from tests.chain_fixtures import TOKEN_NAMES
+from tests.agreements.helpers import proposal, propose
 from tests.catalog.factories import AgentFactory, issue_key, register_service
 from tests.conftest import Api
 from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
@@ -47,9 +49,11 @@ class Market:
         return tuple(usdc_balance(self.chain, a) for a in
                      (self.buyer.address, self.seller.wallet_address, self.treasury))
 
-    def call(self, skill: str, payment: str | None = None, header: str = "X-Payment-Signature"):
-        return self.caller.post(f"/agents/sol/{skill}", {"input": {"text": "hello"}},
-                                headers={header: payment} if payment else None)
+    def call(self, skill: str, payment: str | None = None, header: str = "X-Payment-Signature",
+             api: Api | None = None):
+        """Anonymous, or as the agent whose key `api` holds."""
+        return (api or self.caller).post(f"/agents/sol/{skill}", {"input": {"text": "hello"}},
+                                         headers={header: payment} if payment else None)
 
     def pay(self, skill: str, **overrides) -> str:
         """Sign what the skill's 402 asks for (with `overrides` applied to its x402 requirements when given)."""
@@ -390,3 +394,103 @@ def test_a_bare_signature_needs_its_payer_and_a_quote_it_signs(market):
         "no_quoted_authorization"
     assert market.upstream.requests == [] and not ChainTransaction.objects.exists()
     assert market.balances() == before
+
+
+# --- the buyer's owner policy (an agent calling with its API key) ---------------------------------------------
+
+@pytest.fixture
+def buyer_agent(market, owner):
+    """The buyer's wallet as an agent of `owner`: calling with its API key, the owner's policy applies."""
+    return AgentFactory(owner=owner, handle="buyer-one", is_buyer=True, is_seller=False,
+                        wallet_address=market.buyer.address)
+
+
+@pytest.fixture
+def agent_api(buyer_agent):
+    return Api(issue_key(buyer_agent))
+
+
+def _policy(owner_api, buyer_agent, **policy) -> None:
+    response = owner_api.put(f"/agents/{buyer_agent.pk}/policies", policy)
+    assert response.status_code == 200, response.content
+
+
+def _invoke(market, agent_api, capture, *, skill: str = "translate", upstream=(200, {"translation": "bonjour"})):
+    market.upstream.responses.append(upstream)
+    payment = market.pay(skill)
+    with capture(execute=True):
+        response = market.call(skill, payment, api=agent_api)
+    confirm_all(capture)  # the treasury's payout or refund
+    return response
+
+
+def _refused(market, response, *, code: str, rule: str, before, invocations: int = 0, calls: int = 0) -> None:
+    """403 with the rule, and nothing recorded, sent on-chain or called."""
+    assert response.status_code == 403, response.content
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["details"]["rule"] == rule
+    assert SkillInvocation.objects.count() == invocations
+    assert ChainTransaction.objects.filter(purpose="invocation_payment").count() == invocations
+    assert len(market.upstream.requests) == calls
+    assert market.balances() == before
+
+
+def test_an_agents_invocation_of_a_blocked_sellers_skill_is_refused_and_moves_nothing(
+        market, owner_api, buyer_agent, agent_api, django_capture_on_commit_callbacks):
+    _policy(owner_api, buyer_agent, blocked_sellers=["sol"])
+    payment = market.pay("translate")
+    before = market.balances()
+
+    response = market.call("translate", payment, api=agent_api)
+
+    _refused(market, response, code="policy_denied", rule="blocked_sellers", before=before)
+    assert response.json()["error"]["details"]["seller"] == "sol"
+    # Anonymous (no API key: no owner, no policy), the same payment still pays.
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert market.call("translate", payment).status_code == 200
+
+
+def test_a_daily_cap_counts_proposals_and_invocations_and_refuses_the_invocation_over_it(
+        market, owner_api, buyer_agent, agent_api, django_capture_on_commit_callbacks):
+    # The proposal of 10 calls commits 200_000 + the 100_000 minimum fee; each invocation its price.
+    _policy(owner_api, buyer_agent, daily_cap_atomic=300_000 + 2 * PRICE)
+    propose(agent_api, market.service)
+    failed = _invoke(market, agent_api, django_capture_on_commit_callbacks, upstream=(500, {"error": "crashed"}))
+    assert failed.status_code == 502  # refunded: it no longer counts
+    for _ in range(2):
+        assert _invoke(market, agent_api, django_capture_on_commit_callbacks).status_code == 200
+    payment = market.pay("translate")
+    before = market.balances()
+
+    response = market.call("translate", payment, api=agent_api)
+
+    _refused(market, response, code="policy_denied", rule="daily_cap", before=before, invocations=3, calls=3)
+    assert response.json()["error"]["details"] == {"rule": "daily_cap", "spent": 340_000, "amount": PRICE,
+                                                   "limit": 340_000}
+
+
+def test_an_invocation_counts_against_a_later_proposals_cap(market, owner_api, buyer_agent, agent_api,
+                                                            django_capture_on_commit_callbacks):
+    _policy(owner_api, buyer_agent, daily_cap_atomic=300_000 + PRICE - 1)  # a proposal of 10 calls, or one call
+    assert _invoke(market, agent_api, django_capture_on_commit_callbacks).status_code == 200
+
+    response = agent_api.post("/usage-agreements", proposal(market.service))
+
+    assert response.status_code == 403, response.content
+    assert response.json()["error"]["details"]["rule"] == "daily_cap"
+    assert response.json()["error"]["details"]["spent"] == PRICE
+    assert not UsageAgreement.objects.exists()
+
+
+def test_an_invocation_the_owner_must_approve_is_403_approval_required_and_moves_nothing(
+        market, owner_api, buyer_agent, agent_api):
+    _policy(owner_api, buyer_agent, approval_threshold_atomic=PRICE - 1)
+    payment = market.pay("translate")
+    before = market.balances()
+
+    response = market.call("translate", payment, api=agent_api)
+
+    _refused(market, response, code="approval_required", rule="approval_threshold", before=before)
+    assert response.json()["error"]["details"]["threshold"] == PRICE - 1
+    assert not ApprovalRequest.objects.exists()  # a synchronous paid call cannot wait for the owner
