@@ -154,7 +154,9 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
     with transaction.atomic():
         delivery = (
             WebhookDelivery.objects.select_for_update(skip_locked=True).select_related("subscription")
-            .filter(pk=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now).first()
+            .filter(pk=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now,
+                    # deleted: nothing more goes to its URL; paused: kept pending until it is resumed
+                    subscription__is_active=True, subscription__paused_at=None).first()
         )
         if delivery is None:
             return None
@@ -171,9 +173,11 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
     }
     status_code = None
     try:
-        response = _client.post(delivery.subscription.url, content=body, headers=headers,
-                                timeout=settings.WEBHOOK_TIMEOUT_SECONDS)
-        status_code = response.status_code
+        # Streamed and closed unread: only the status matters, and a receiver's body (endless, dripped, a gzip
+        # bomb) must neither hold the worker past its lease nor fill its memory.
+        with _client.stream("POST", delivery.subscription.url, content=body, headers=headers,
+                            timeout=settings.WEBHOOK_TIMEOUT_SECONDS) as response:
+            status_code = response.status_code
         ok, error = response.is_success, "" if response.is_success else f"HTTP {response.status_code}"
     except httpx.HTTPError as exc:
         ok, error = False, f"{type(exc).__name__}: {exc}"[:500]
@@ -201,7 +205,8 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
 def deliveries_retry_due(*, now: datetime | None = None) -> int:
     """Re-enqueue due deliveries whose task message was lost (worker killed, broker restarted)."""
     now = now or timezone.now()
-    due = list(WebhookDelivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
+    due = list(WebhookDelivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now,
+                                              subscription__is_active=True, subscription__paused_at=None)
                .values_list("pk", flat=True)[:500])
     from agreements.tasks import deliver_webhook
 

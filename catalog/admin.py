@@ -44,12 +44,12 @@ def _revoke(request, credentials) -> None:
     messages.success(request, f"Revoked {count} credential(s); they stop working at once.")
 
 
-@admin.action(description="Revoke selected credentials")
+@admin.action(description="Revoke selected credentials", permissions=["revoke"])
 def revoke_credentials(modeladmin, request, queryset):
     _revoke(request, queryset.filter(revoked_at=None))
 
 
-@admin.action(description="Revoke every API key of the selected agents")
+@admin.action(description="Revoke every API key of the selected agents", permissions=["revoke"])
 def revoke_agent_keys(modeladmin, request, queryset):
     _revoke(request, ApiKey.objects.filter(agent__in=queryset, revoked_at=None))
 
@@ -78,6 +78,9 @@ class AgentAdmin(admin.ModelAdmin):
     inlines = [ApiKeyInline]
     actions = [revoke_agent_keys]
 
+    def has_revoke_permission(self, request) -> bool:
+        return may_operate(request, ApiKey)
+
     def get_queryset(self, request) -> QuerySet[Agent]:
         return super().get_queryset(request).annotate(_service_count=Count("services"))
 
@@ -90,6 +93,9 @@ class CredentialAdmin(admin.ModelAdmin):
     list_filter = (CredentialStatusFilter,)
     actions = [revoke_credentials]
     date_hierarchy = "created_at"
+
+    def has_revoke_permission(self, request) -> bool:
+        return may_operate(request, self.model)
 
     def has_add_permission(self, request):
         return False  # The secret must be shown once at creation, which the API and commands do.

@@ -63,7 +63,9 @@ class ApiKeySerializer(serializers.Serializer):
 
 
 class ApiKeyIssuedSerializer(ApiKeySerializer):
-    secret = serializers.CharField(help_text="The key itself. Shown only in this response; store it now.")
+    secret = serializers.CharField(allow_null=True, help_text=(
+        "The key itself, shown once: store it now. Null on an idempotent replay of this request (the platform keeps "
+        "only the key's digest)."))
 
 
 # --- services ------------------------------------------------------------------------------------------------

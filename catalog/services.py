@@ -5,7 +5,7 @@ from datetime import datetime
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.postgres.search import SearchVector
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from catalog.models import (
@@ -50,17 +50,25 @@ def agent_create(
         raise InvalidInput(f"The handle {handle!r} is reserved.", code="handle_reserved")
     if not (is_buyer or is_seller):
         raise InvalidInput("An agent must be a buyer, a seller or both.", code="no_role")
-    with transaction.atomic():
-        if Agent.objects.select_for_update().filter(handle=handle).exists():
-            raise Conflict(f"The handle {handle!r} is taken.", code="handle_taken")
-        return Agent.objects.create(
-            owner=owner,
-            handle=handle,
-            display_name=display_name,
-            wallet_address=checksum_address(wallet_address),
-            is_buyer=is_buyer,
-            is_seller=is_seller,
-        )
+    taken = Conflict(f"The handle {handle!r} is taken.", code="handle_taken")
+    if Agent.objects.filter(handle=handle).exists():
+        raise taken
+    try:
+        # The unique constraint decides between two creations at once (no row to lock yet): the second waits for
+        # the first to commit, then fails here.
+        with transaction.atomic():
+            return Agent.objects.create(
+                owner=owner,
+                handle=handle,
+                display_name=display_name,
+                wallet_address=checksum_address(wallet_address),
+                is_buyer=is_buyer,
+                is_seller=is_seller,
+            )
+    except IntegrityError:
+        if Agent.objects.filter(handle=handle).exists():
+            raise taken from None
+        raise
 
 
 def api_key_issue(*, agent: Agent, scope: str = KeyScope.PAY, name: str = "",

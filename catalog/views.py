@@ -24,7 +24,7 @@ from catalog.serializers import (
 )
 from marketplace.concurrency import Bulkhead
 from marketplace.errors import Forbidden, error_response
-from marketplace.idempotency import idempotent
+from marketplace.idempotency import STORED_DATA, idempotent
 from marketplace.pagination import paginate
 from marketplace.parsers import BoundedJSONParser, plain_json_post
 from marketplace.renderers import rendered_response
@@ -114,7 +114,10 @@ class AgentApiKeysView(APIView):
         body = ApiKeyCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         issued = services.api_key_issue(agent=agent, **body.validated_data)
-        return Response(_key_payload(issued.credential, issued.secret), status=status.HTTP_201_CREATED)
+        response = Response(_key_payload(issued.credential, issued.secret), status=status.HTTP_201_CREATED)
+        # Keys are kept as digests only: a replay answers the key without its secret, which was shown once.
+        setattr(response, STORED_DATA, {**response.data, "secret": None})
+        return response
 
 
 class AgentApiKeyRevokeView(APIView):

@@ -74,7 +74,11 @@ def _may_retry(modeladmin, request) -> bool:
 def retry_failed(modeladmin, request, queryset):
     retried = 0
     for tx in queryset.filter(status=TxStatus.FAILED):
-        relayer.transaction_retry(tx=tx)
+        try:
+            relayer.transaction_retry(tx=tx)
+        except ApplicationError as exc:
+            messages.warning(request, f"{tx.pk}: {exc.message}")
+            continue
         retried += 1
     messages.success(request, f"Queued {retried} transaction(s) again.")
 

@@ -36,6 +36,7 @@ from web3 import Web3
 from escrow import chain
 from escrow.models import ChainTransaction, IndexerCursor, RelayerAccount, TxAttempt, TxPurpose, TxStatus
 from marketplace import chainconfig
+from marketplace.errors import Conflict
 from marketplace.logging import agreement_context
 
 logger = logging.getLogger(__name__)
@@ -457,6 +458,12 @@ def transaction_retry(*, tx: ChainTransaction) -> ChainTransaction:
     """Operator action: a failed transaction is queued again as a new row (the failed one stays for history),
     whose context names the one it retries (`OPERATOR_RETRY_OF`)."""
     with transaction.atomic():
+        # Once: a plain token transfer (a payout, a refund) retried twice would pay twice.
+        tx = ChainTransaction.objects.select_for_update().get(pk=tx.pk)
+        if tx.status != TxStatus.FAILED or ChainTransaction.objects.filter(
+                **{f"context__{OPERATOR_RETRY_OF}": str(tx.pk)}).exists():
+            raise Conflict("This transaction was retried already (retry its retry if that failed too).",
+                           code="already_retried", details={"transaction_id": str(tx.pk)})
         return transaction_enqueue(purpose=tx.purpose, to=tx.to_address, data=tx.data,
                                    agreement_id=tx.agreement_id, context={**tx.context, OPERATOR_RETRY_OF: str(tx.pk)},
                                    confirmations=tx.confirmations_required)

@@ -182,6 +182,8 @@ def purchases_of_buyer(*, buyer):
 def _by_blockchain_identifier(blockchain_identifier: str) -> Q:
     """A purchase's blockchainIdentifier: its escrow's agreementId, or the seller's payment request it pays."""
     uid = blockchain_identifier_to_agreement_id(blockchain_identifier)
+    if uid is None:  # above 128 bits: no id of ours (`agreement__pk=None` would match every purchase without one)
+        return Q(pk__in=[])
     return Q(agreement__pk=uid) | Q(payment_request__pk=uid)
 
 

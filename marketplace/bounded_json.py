@@ -4,11 +4,14 @@ answers, chain-node answers.
 The standard library's C parser recurses once per nesting level. Deep input (a 200 kB body of 100,000 `[`) would
 exhaust the recursion limit at best, and overflow the C stack (SIGSEGV, the whole process gone) wherever that limit
 is raised (py_ecc raises it to 100,000; see marketplace/__init__.py). So the nesting depth is measured first without
-recursion, and anything deeper than `JSON_MAX_DEPTH` is refused before `json.loads` sees it. A NUL character in a
-string is refused too: PostgreSQL stores neither text nor jsonb with one, and would fail the write later.
+recursion, and anything deeper than `JSON_MAX_DEPTH` is refused before `json.loads` sees it. A NUL character or a
+lone surrogate escape in a string is refused too: PostgreSQL stores neither text nor jsonb with one, and would fail
+the write later. So are NaN, the infinities and numbers beyond a float's range (`1e400`): Python's `json` reads them
+as floats that neither jsonb nor the renderer takes.
 """
 
 import json
+import math
 import re
 from itertools import accumulate
 
@@ -22,8 +25,9 @@ _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 class InvalidJSON(ValueError):
-    """Not JSON, nested deeper than allowed, larger than allowed, or holding a NUL character. `reason` says which;
-    `path` (keys and indexes) where the NUL character is."""
+    """Not JSON (`malformed`, NaN and out-of-range numbers included), nested deeper than allowed (`too_deep`), larger
+    than allowed (`too_large`), or holding a NUL character (`nul_character`) or a lone surrogate (`surrogate`).
+    `reason` says which; `path` (keys and indexes) where the offending string is."""
 
     def __init__(self, message: str, *, reason: str, path: tuple = ()):
         self.reason, self.path = reason, path
@@ -36,16 +40,20 @@ def depth(text: str) -> int:
     return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
-def _nul_path(value) -> tuple | None:
-    """Where the first string holding a NUL character is (a key holding one: its object), or None."""
+def _surrogate(text: str) -> bool:
+    return not text.isascii() and any("\ud800" <= char <= "\udfff" for char in text)
+
+
+def _string_path(value, refused) -> tuple | None:
+    """Where the first string `refused` refuses is (a key it refuses: its object), or None."""
     pending = [((), value)]
     while pending:
         path, item = pending.pop()
         if isinstance(item, str):
-            if "\x00" in item:
+            if refused(item):
                 return path
         elif isinstance(item, dict):
-            if any("\x00" in key for key in item):
+            if any(refused(key) for key in item):
                 return path
             pending.extend(((*path, key), child) for key, child in item.items())
         elif isinstance(item, list):
@@ -53,10 +61,23 @@ def _nul_path(value) -> tuple | None:
     return None
 
 
+def _not_json(constant: str):
+    """NaN and the infinities: Python's json reads them; JSON, PostgreSQL's jsonb and the renderer have none."""
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: no float holds it
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int | None = None,
           nul_allowed: bool = False):
-    """`json.loads` that raises `InvalidJSON` instead of recursing without bound. `nul_allowed`: for answers that
-    are never stored as they are (a chain node's revert message may quote raw bytes)."""
+    """`json.loads` that raises `InvalidJSON` instead of recursing without bound. `nul_allowed`: strings are not
+    checked for NUL characters and lone surrogates, for answers that are never stored as they are (a chain node's
+    revert message may quote raw bytes)."""
     max_depth = settings.JSON_MAX_DEPTH if max_depth is None else max_depth
     if max_bytes is not None and len(data) > max_bytes:
         raise InvalidJSON(f"The JSON is larger than {max_bytes} bytes.", reason="too_large")
@@ -68,10 +89,17 @@ def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int | N
     if text.count("[") + text.count("{") > max_depth and depth(text) > max_depth:
         raise InvalidJSON(f"The JSON is nested deeper than {max_depth} levels.", reason="too_deep")
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except (ValueError, RecursionError) as error:
         raise InvalidJSON(f"The JSON is malformed: {error}", reason="malformed") from None
-    if not nul_allowed and "\\u0000" in text and (path := _nul_path(value)) is not None:
+    if nul_allowed:
+        return value
+    if "\\u0000" in text and (path := _string_path(value, lambda item: "\x00" in item)) is not None:
         raise InvalidJSON("The JSON holds a NUL character (\\u0000), which is not stored.", reason="nul_character",
+                          path=path)
+    # A lone surrogate (`"\\ud800"`) is no character: UTF-8 cannot encode it, so neither PostgreSQL nor an answer
+    # that echoes it can take it.
+    if ("\\ud" in text or "\\uD" in text) and (path := _string_path(value, _surrogate)) is not None:
+        raise InvalidJSON("The JSON holds a lone surrogate escape, which is no character.", reason="surrogate",
                           path=path)
     return value

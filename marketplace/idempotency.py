@@ -34,6 +34,7 @@ from marketplace.postgresql import prepared_cursor
 from marketplace.renderers import render_for_storing
 
 HEADER = "Idempotency-Key"
+STORED_DATA = "idempotency_stored_data"  # a response's attribute: what to store for replays instead of its data
 MAX_KEY_LENGTH = 255
 
 
@@ -85,10 +86,14 @@ def _claim_insert(scope: str, key: str, fingerprint: str) -> int | None:
 
 def _claim(scope: str, key: str, fingerprint: str) -> int | Response:
     """Either the id of a fresh claim on the key, or the response to give instead of running the request."""
-    claimed = _claim_insert(scope, key, fingerprint)
-    if claimed is not None:
-        return claimed
-    record = IdempotencyRecord.objects.get(scope=scope, key=key)
+    while True:
+        claimed = _claim_insert(scope, key, fingerprint)
+        if claimed is not None:
+            return claimed
+        record = IdempotencyRecord.objects.filter(scope=scope, key=key).first()
+        if record is not None:
+            break
+        # Released (its request failed) between the insert and this read: claim it afresh.
     if record.request_fingerprint != fingerprint:
         raise Unprocessable(
             "This Idempotency-Key was used with a different request.", code="idempotency_key_reused",
@@ -114,10 +119,12 @@ def _store(claim: int, request, response) -> None:
     fields = IdempotencyRecord._meta
     status, body = fields.get_field("response_status"), fields.get_field("response_body")
     quote = connection.ops.quote_name
+    # What a replay may show: a handler answering a secret once (an issued API key) stores it without.
+    data = getattr(response, STORED_DATA, response.data)
     if connection.vendor == "postgresql":
-        answer, placeholder = render_for_storing(request, response.data).decode(), "%s::jsonb"
+        answer, placeholder = render_for_storing(request, data).decode(), "%s::jsonb"
     else:
-        answer, placeholder = body.get_db_prep_save(response.data, connection), "%s"
+        answer, placeholder = body.get_db_prep_save(data, connection), "%s"
     with prepared_cursor() as cursor:
         cursor.execute(f"UPDATE {quote(fields.db_table)} SET {quote(status.column)} = %s, "  # noqa: S608
                        f"{quote(body.column)} = {placeholder} WHERE {quote(fields.pk.column)} = %s",
@@ -170,6 +177,10 @@ def answer_once(request, *, scope: str, key: str, fingerprint: str, handler: Cal
     try:
         prepared = {} if prepare is None else {"prepared": prepare()}
         with transaction.atomic() if atomic else contextlib.nullcontext():
+            if atomic:
+                # Held until the answer is stored: a retry that finds the claim stale waits for this transaction
+                # (then replays, or takes over a claim whose request rolled back) instead of running it twice.
+                list(IdempotencyRecord.objects.select_for_update().filter(pk=claim).values_list("pk", flat=True))
             response = handler(**prepared)
             if response.status_code >= 500:
                 raise _DoNotStore(response)

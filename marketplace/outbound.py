@@ -84,9 +84,13 @@ def _is_ip_literal(host: str) -> bool:
 
 def url_check(url: str) -> None:
     """400 `address_not_allowed` when the URL's host is (or resolves to) an address the platform must not call."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # beyond 65535: urlsplit refuses to read it, and the socket to connect to it
+        raise InvalidInput("The URL's port is not one from 0 to 65535.", code="invalid_port") from None
     if settings.ALLOW_PRIVATE_UPSTREAMS:
         return
-    parts = urlsplit(url)
     host = (parts.hostname or "").rstrip(".").lower()
     refused = InvalidInput("The URL points at a loopback, private or otherwise internal address, which the "
                            "marketplace does not call.", code="address_not_allowed", details={"host": host})
@@ -96,7 +100,7 @@ def url_check(url: str) -> None:
         addresses = [host]
     else:
         try:
-            addresses = _resolve(host, parts.port or (443 if parts.scheme == "https" else 80))
+            addresses = _resolve(host, port or (443 if parts.scheme == "https" else 80))
         except (OSError, UnicodeError):
             return  # not resolvable now; checked again on every connection
     if not all(address_allowed(address) for address in addresses):

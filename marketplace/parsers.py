@@ -15,15 +15,18 @@ from marketplace.errors import ApplicationError, InvalidInput, PayloadTooLarge
 
 
 def json_refusal(error: bounded_json.InvalidJSON) -> ApplicationError | ValidationError:
-    """The API error for JSON a caller sent that `bounded_json` refused: a NUL character is a validation error
-    naming the field, as DRF's own check of text fields gives."""
+    """The API error for JSON a caller sent that `bounded_json` refused: a NUL character or a lone surrogate is a
+    validation error naming the field, with the code DRF's own check of text fields gives; NaN, Infinity and numbers
+    beyond a float's range are `malformed_json`, as are integers longer than Python reads."""
     if error.reason == "too_large":
         return PayloadTooLarge(f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.",
                                details={"max_bytes": settings.DATA_UPLOAD_MAX_MEMORY_SIZE})
     if error.reason == "malformed":
         return InvalidInput(str(error), code="malformed_json")
-    if error.reason == "nul_character":
-        detail = [ErrorDetail("Null characters are not allowed.", code="null_characters_not_allowed")]
+    if error.reason in ("nul_character", "surrogate"):
+        detail = [ErrorDetail("Null characters are not allowed.", code="null_characters_not_allowed")
+                  if error.reason == "nul_character" else
+                  ErrorDetail("Surrogate characters are not allowed.", code="surrogate_characters_not_allowed")]
         for step in reversed(error.path or ("non_field_errors",)):
             detail = {step: detail}
         return ValidationError(detail)

@@ -83,15 +83,16 @@ def test_the_agreement_is_answered_as_drf_renders_its_declared_fields(active, mo
 
 
 def test_a_batch_costs_the_same_few_statements_as_one_event(active, django_assert_num_queries):
-    # The claim on the key, then in the request's transaction (a savepoint inside the test's): the agreement read
-    # under its row lock with its parties and the approval the answer names, one statement for the events and the
-    # counters, the stored answer. No read after the write, no savepoint of its own. The key was read by the request
+    # The claim on the key, then in the request's transaction (a savepoint inside the test's): the claim locked (a
+    # retry that finds it stale waits for this transaction instead of running the request again), the agreement
+    # read under its row lock with its parties and the approval the answer names, one statement for the events and
+    # the counters, the stored answer. No read after the write, no savepoint of its own. The key was read by the request
     # before, less than CREDENTIAL_CACHE_SECONDS ago (and its last_used_at written, once a minute). (The budget is
     # 50 units.)
     url = f"/usage-agreements/{active.agreement_id}/record-usage"
     for key, body in (("one", {"units": 1}), ("batch", {"events": [{"units": 1}] * 40})):
         active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": f"warm-{key}"})
-        with django_assert_num_queries(6):
+        with django_assert_num_queries(7):
             assert active.seller_api.post(url, body, headers={"Idempotency-Key": key}).status_code == 201
 
 

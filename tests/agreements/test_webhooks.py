@@ -1,7 +1,10 @@
+import gzip
 import json
 import threading
 import time
+import tracemalloc
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from django.utils import timezone
@@ -12,6 +15,7 @@ from agreements.tasks import retry_due_webhooks
 from tests.agreements.helpers import proposal
 from tests.conftest import codes_at
 from tests.support.db_activity import backend_pid, session_state
+from tests.support.http_server import serving
 
 pytestmark = pytest.mark.django_db
 
@@ -94,6 +98,93 @@ def test_event_type_filter_and_unsubscribe(buyer_api, seller_api, service, http_
     assert [json.loads(r.body)["type"] for r in http_server.requests] == ["agreement.accepted"]
     assert seller_api.delete(f"/webhooks/{subscription['id']}").status_code == 204
     assert seller_api.get("/webhooks").json() == []
+
+
+@pytest.mark.parametrize("stopped_by", ["deleting", "pausing"])
+def test_a_deleted_or_paused_subscription_gets_none_of_its_pending_retries(
+        buyer_api, seller_api, seller, service, http_server, django_capture_on_commit_callbacks, stopped_by):
+    subscription = subscribe(seller_api, http_server.url, event_types=["agreement.proposed"])
+    http_server.responses.append((503, {}))
+    with django_capture_on_commit_callbacks(execute=True):
+        buyer_api.post("/usage-agreements", proposal(service))
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.PENDING, 1)  # a retry is due later
+
+    if stopped_by == "deleting":
+        assert seller_api.delete(f"/webhooks/{subscription['id']}").status_code == 204
+    else:
+        paused = seller_api.post(f"/agents/{seller.pk}/webhooks/{subscription['id']}/pause")
+        assert paused.status_code == 200, paused.content
+    WebhookDelivery.objects.update(next_attempt_at=timezone.now())
+    with django_capture_on_commit_callbacks(execute=True):
+        assert retry_due_webhooks() == 0
+    webhooks.delivery_attempt(delivery_id=delivery.pk)  # a task queued before: it sends nothing either
+    assert len(http_server.requests) == 1
+    assert WebhookDelivery.objects.get().status == DeliveryStatus.PENDING
+
+    if stopped_by == "pausing":  # resumed: the retry goes out
+        assert seller_api.post(f"/agents/{seller.pk}/webhooks/{subscription['id']}/resume").status_code == 200
+        with django_capture_on_commit_callbacks(execute=True):
+            retry_due_webhooks()
+        assert len(http_server.requests) == 2
+        assert WebhookDelivery.objects.get().status == DeliveryStatus.DELIVERED
+
+
+class _DripsItsAnswer(BaseHTTPRequestHandler):
+    """Answers 200, then a byte of body every half second for 8 s: never a read timeout."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        deadline = time.monotonic() + 8
+        try:
+            while time.monotonic() < deadline:
+                self.wfile.write(b"1\r\n \r\n")
+                self.wfile.flush()
+                time.sleep(0.5)
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass  # the client hung up
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_receiver_dripping_its_answer_does_not_hold_the_worker(buyer_api, seller_api, service, settings,
+                                                                 django_capture_on_commit_callbacks):
+    """Only the status is used: the answer's body is never read, so a receiver cannot hold the worker past the
+    timeout (and the delivery's lease, WEBHOOK_TIMEOUT_SECONDS + 30 s) by dripping it."""
+    settings.WEBHOOK_TIMEOUT_SECONDS = 1.0
+    with serving(_DripsItsAnswer) as url:
+        subscribe(seller_api, url, event_types=["agreement.proposed"])
+        with django_capture_on_commit_callbacks(execute=False):
+            buyer_api.post("/usage-agreements", proposal(service))
+        started = time.monotonic()
+        webhooks.delivery_attempt(delivery_id=WebhookDelivery.objects.get().pk)
+        elapsed = time.monotonic() - started
+    assert elapsed < 4, f"the delivery took {elapsed:.1f} s with WEBHOOK_TIMEOUT_SECONDS=1"
+    assert WebhookDelivery.objects.get().status == DeliveryStatus.DELIVERED
+
+
+def test_a_receivers_gzip_bomb_answer_is_not_read(buyer_api, seller_api, service, http_server,
+                                                  django_capture_on_commit_callbacks):
+    bomb = gzip.compress(bytes(64 << 20), compresslevel=1)  # ~64 kB on the wire, 64 MiB decoded
+    http_server.responses.append((200, bomb, 0, {"Content-Encoding": "gzip"}))
+    subscribe(seller_api, http_server.url, event_types=["agreement.proposed"])
+    with django_capture_on_commit_callbacks(execute=False):
+        buyer_api.post("/usage-agreements", proposal(service))
+    tracemalloc.start()
+    try:
+        webhooks.delivery_attempt(delivery_id=WebhookDelivery.objects.get().pk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"posting one webhook held {peak / 2**20:.0f} MiB"
+    assert WebhookDelivery.objects.get().status == DeliveryStatus.DELIVERED
 
 
 def test_webhook_validation(seller_api, buyer_api):

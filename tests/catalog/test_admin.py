@@ -4,6 +4,7 @@ import pytest
 from django.contrib import admin
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.test import Client
 from django.urls import reverse
 
@@ -180,6 +181,25 @@ def test_revoking_every_key_of_an_agent(operator, catalog, seller):
     for secret in (catalog["keys"]["seller"], second_key):
         assert Api(secret).get("/agents/me").status_code == 401
     assert Api(catalog["keys"]["other"]).get("/agents/me").status_code == 200
+
+
+def test_staff_who_may_only_view_keys_cannot_revoke_them(catalog, seller, settings):
+    """Revoking is an operator action: it needs the change permission, as the other operator actions do."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    viewer = get_user_model().objects.create_user("viewer", "viewer@example.com", "viewer-password", is_staff=True)
+    viewer.user_permissions.add(*Permission.objects.filter(codename__in=["view_apikey", "view_agent"]))
+    client = Client()
+    assert client.login(username="viewer", password="viewer-password")
+    key = ApiKey.objects.get(agent=seller)
+    keys_page = client.get(_url(ApiKey, "changelist"))
+    assert keys_page.status_code == 200 and "revoke_credentials" not in keys_page.content.decode()
+
+    client.post(_url(ApiKey, "changelist"), {"action": "revoke_credentials", ACTION_CHECKBOX_NAME: [str(key.pk)]})
+    client.post(_url(type(seller), "changelist"),
+                {"action": "revoke_agent_keys", ACTION_CHECKBOX_NAME: [str(seller.pk)]})
+
+    assert ApiKey.objects.get(pk=key.pk).revoked_at is None
+    assert Api(catalog["keys"]["seller"]).get("/agents/me").status_code == 200
 
 
 def test_deregistering_services_hides_them_from_search(operator, catalog, buyer_api):

@@ -1,6 +1,14 @@
-import pytest
+import json
+import threading
 
-from catalog.models import Agent
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import connections
+
+from catalog import services
+from catalog.models import Agent, ApiKey
+from marketplace.models import IdempotencyRecord
+from tests.catalog.factories import issue_owner_token
 from tests.conftest import Api, codes_at, error_code
 
 pytestmark = pytest.mark.django_db
@@ -54,6 +62,55 @@ def test_handle_taken_and_reserved(owner_api):
     assert taken.status_code == 409 and error_code(taken) == "handle_taken"
     reserved = owner_api.post("/agents", {**data, "handle": "services"})
     assert reserved.status_code == 400 and error_code(reserved) == "handle_reserved"
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_owners_creating_one_handle_at_once_get_201_and_409_not_500(monkeypatch):
+    """Both find the handle free, then both insert: the unique constraint refuses the second (a 500 before)."""
+    both_checked, checksum_address = threading.Barrier(2, timeout=10), services.checksum_address
+
+    def after_the_handle_check(address):  # runs after the handle was found free, before the insert
+        both_checked.wait()
+        return checksum_address(address)
+
+    monkeypatch.setattr(services, "checksum_address", after_the_handle_check)
+    tokens = [issue_owner_token(get_user_model().objects.create_user(f"owner-{n}")) for n in range(2)]
+    data = {"handle": "same-handle", "display_name": "Bot", "wallet_address": WALLET, "roles": ["buyer"]}
+    answers = []
+
+    def create(token):
+        try:
+            answers.append(Api(token).post("/agents", data))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=create, args=(token,)) for token in tokens]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(answer.status_code for answer in answers) == [201, 409], [a.content for a in answers]
+    assert {error_code(answer) for answer in answers if answer.status_code == 409} == {"handle_taken"}
+    assert Agent.objects.filter(handle="same-handle").count() == 1
+
+
+def test_a_replayed_key_issue_answers_the_key_without_its_secret_which_no_record_keeps(owner_api, buyer):
+    """API keys are kept as digests; the stored answer of an `Idempotency-Key` request kept the secret in clear."""
+    headers = {"Idempotency-Key": "issue-once"}
+    issued = owner_api.post(f"/agents/{buyer.pk}/api-keys", {"name": "ci"}, headers=headers)
+    assert issued.status_code == 201, issued.content
+    secret = issued.json()["secret"]
+    assert secret not in json.dumps(list(IdempotencyRecord.objects.values_list("response_body", flat=True)))
+    assert Api(secret).get("/agents/me").status_code == 200
+
+    replay = owner_api.post(f"/agents/{buyer.pk}/api-keys", {"name": "ci"}, headers=headers)
+    assert replay.status_code == 201 and replay["Idempotent-Replayed"] == "true"
+    assert replay.json() == {**issued.json(), "secret": None}
+    assert ApiKey.objects.filter(agent=buyer).count() == 1
+    schema = Api().get("/api/schema/", {"format": "json"}).json()
+    secret_field = schema["components"]["schemas"]["ApiKeyIssued"]["properties"]["secret"]
+    assert secret_field["nullable"] is True and "replay" in secret_field["description"]
 
 
 def test_owner_sees_only_own_agents(owner_api, seller):

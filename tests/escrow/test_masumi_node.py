@@ -118,6 +118,20 @@ def test_only_the_seller_requests_payments_for_its_service_at_its_price(parties)
     assert source["SellingWallets"][0]["walletVkey"] == parties.seller_account.address
 
 
+def test_a_blockchain_identifier_above_128_bits_names_no_purchase_nor_payment(parties):
+    """An id of ours is a UUID (128 bits); any other bytes32 (another node's agreementId) matched every purchase
+    that pays no payment request, as `agreement IS NULL OR payment_request IS NULL`."""
+    created = parties.buyer_api.post("/purchase/", {"network": "Preprod", "agentIdentifier": str(parties.service.pk),
+                                                    "input_data": INPUT})
+    assert created.status_code == 200, created.content
+    foreign = "0x" + "ab" * 32
+    bought = parties.buyer_api.get("/purchase/", {"network": "Preprod", "blockchainIdentifier": foreign})
+    assert bought.status_code == 404 and error_code(bought) == "purchase_not_found", bought.content
+    sold = parties.seller_api.post("/payment/resolve-blockchain-identifier/", {
+        "network": "Preprod", "blockchainIdentifier": foreign})
+    assert sold.status_code == 404 and error_code(sold) == "payment_not_found", sold.content
+
+
 def test_a_refund_request_without_a_signature_is_recorded_and_can_be_withdrawn(parties, escrow_chain,
                                                                                django_capture_on_commit_callbacks):
     from tests.escrow.flow import confirm_all

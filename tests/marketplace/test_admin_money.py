@@ -114,6 +114,31 @@ def test_a_failed_transaction_is_retried_from_the_admin(
     assert ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).count() == 2
 
 
+def test_a_failed_payout_is_retried_once_however_often_the_action_runs(operator, settings,
+                                                                      django_capture_on_commit_callbacks):
+    """Each retry is a new ERC-20 transfer from the treasury: a double click, two operators, or "select all failed"
+    after a retry that failed too paid the seller once per retry. A failed retry is retried in its turn."""
+    failed = ChainTransaction.objects.create(
+        purpose=TxPurpose.INVOCATION_PAYOUT, to_address="0x" + "11" * 20,
+        data="0xa9059cbb" + "00" * 12 + "22" * 20 + f"{1_000_000:064x}", chain_id=settings.CHAIN_ID,
+        status=TxStatus.FAILED, failure_reason="reverted", context={"to": "0x" + "22" * 20, "amount": 1_000_000})
+
+    def retry(tx) -> str:
+        with django_capture_on_commit_callbacks(execute=False):
+            return operator.post("/admin/escrow/chaintransaction/",
+                                 {"action": "retry_failed", "_selected_action": [str(tx.pk)]}, follow=True
+                                 ).content.decode()
+
+    assert "Queued 1 transaction(s) again." in retry(failed)
+    again = retry(failed)
+    assert "Queued 0 transaction(s) again." in again and "retried already" in again
+    [retried] = ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_PAYOUT).exclude(pk=failed.pk)
+
+    ChainTransaction.objects.filter(pk=retried.pk).update(status=TxStatus.FAILED, failure_reason="reverted")
+    assert "Queued 1 transaction(s) again." in retry(retried)
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_PAYOUT).count() == 3
+
+
 @pytest.mark.parametrize(("chain_id", "explorer", "expected"), [
     (84532, "", "https://sepolia.basescan.org/tx/"),
     (8453, "", "https://basescan.org/tx/"),

@@ -1,5 +1,6 @@
-"""Hostile JSON: nesting deep enough to exhaust the parser's recursion, a NUL character PostgreSQL cannot store,
-a body larger than the platform reads. Each is a 4xx in the error shape, never a 500 or a dead process."""
+"""Hostile JSON: nesting deep enough to exhaust the parser's recursion, a NUL character or a lone surrogate
+PostgreSQL cannot store, NaN and numbers beyond a float that jsonb cannot, a body larger than the platform reads.
+Each is a 4xx in the error shape, never a 500 or a dead process."""
 
 import base64
 import json
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from catalog.models import Service
 from marketplace import bounded_json
-from tests.catalog.factories import AgentFactory, issue_key, register_service
+from tests.catalog.factories import AgentFactory, issue_key, register_service, service_data
 from tests.conftest import Api, codes_at, error_code
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +59,9 @@ def test_the_parser_refuses_what_it_must_not_parse(settings):
     settings.JSON_MAX_DEPTH = 3
     assert bounded_json.loads(b'{"a": [[1]]}') == {"a": [[1]]}
     refusals = {b'{"a": [[[1]]]}': "too_deep", deep(100_000): "too_deep", b'{"a": "x\\u0000"}': "nul_character",
-                b'{"a\\u0000": 1}': "nul_character", b"[1,": "malformed", b"\xff": "malformed"}
+                b'{"a\\u0000": 1}': "nul_character", b"[1,": "malformed", b"\xff": "malformed",
+                b'{"a": NaN}': "malformed", b"[-Infinity]": "malformed", b"[1e400]": "malformed",
+                b'{"a": "x\\ud800"}': "surrogate", b'{"\\udc00": 1}': "surrogate"}
     for body, reason in refusals.items():
         with pytest.raises(bounded_json.InvalidJSON) as refused:
             bounded_json.loads(body)
@@ -66,6 +70,10 @@ def test_the_parser_refuses_what_it_must_not_parse(settings):
     with pytest.raises(bounded_json.InvalidJSON) as refused:
         bounded_json.loads(b'{"a": [1, {"b": "\\u0000"}]}')
     assert refused.value.path == ("a", 1, "b")
+    assert bounded_json.loads(b'["\\ud83d\\ude00", 1e308]') == ["\U0001f600", 1e308]  # a pair is one character
+    with pytest.raises(bounded_json.InvalidJSON) as refused:
+        bounded_json.loads(b'{"a": [{"b": "\\ude00\\ud83d"}]}')  # a pair the wrong way round: two lone halves
+    assert refused.value.path == ("a", 0, "b")
     with pytest.raises(bounded_json.InvalidJSON) as refused:
         bounded_json.loads(b"[1, 2]", max_bytes=5)
     assert refused.value.reason == "too_large"
@@ -101,6 +109,26 @@ def test_a_nul_character_in_a_json_field_is_400_naming_the_field_not_500(skill_r
     assert codes_at(response, "input", "items", 1, "text") == {"null_characters_not_allowed"}
     in_a_key = post_raw(Api(), skill_route, json.dumps({"input": {"a\u0000": 1}}).encode())
     assert codes_at(in_a_key, "input") == {"null_characters_not_allowed"}
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def test_a_lone_surrogate_in_a_json_field_is_400_naming_the_field_not_500(seller_api, caplog):
+    """UTF-8 encodes no lone surrogate (`"\\ud800"`): PostgreSQL refused the service's metadata with a 500."""
+    body = json.dumps(service_data())[:-1] + ', "metadata": {"note": "x\\ud800"}}'
+    response = post_raw(seller_api, "/agents/services", body.encode())
+    assert codes_at(response, "metadata", "note") == {"surrogate_characters_not_allowed"}
+    assert not Service.objects.exists()
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_nan_infinity_and_numbers_beyond_a_float_are_400_malformed_json_not_500(seller_api, caplog, number):
+    """Python's json reads them as floats that jsonb stores none of (and the renderer writes none of): a 500."""
+    body = json.dumps(service_data())[:-1] + f', "metadata": {{"score": {number}}}}}'
+    response = post_raw(seller_api, "/agents/services", body.encode())
+    assert response.status_code == 400, response.content
+    assert error_code(response) == "malformed_json"
+    assert not Service.objects.exists()
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 

@@ -2,12 +2,16 @@
 on its own PostgreSQL connection."""
 
 import threading
+import time
+from datetime import timedelta
 
 import pytest
 from django.db import connections
 
 from agreements.models import UsageAgreement
 from catalog.models import Agent
+from marketplace import idempotency
+from marketplace.models import IdempotencyRecord
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import AgentFactory, issue_key, register_service
 from tests.conftest import Api, error_code
@@ -15,6 +19,19 @@ from tests.faults.processes import wait_until
 from tests.support.db_activity import row_locked, sessions_waiting_for_a_lock
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+
+def post_in_a_thread(answers: dict, name: str, key: str, body: dict, headers: dict) -> threading.Thread:
+    """POST the proposal on a connection of its own; its answer lands in `answers[name]`."""
+    def run():
+        try:
+            answers[name] = Api(key).post("/usage-agreements", body, headers=headers)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
 
 
 def test_a_retry_while_the_first_request_runs_is_409_and_then_replays_the_first_answer():
@@ -25,15 +42,7 @@ def test_a_retry_while_the_first_request_runs_is_409_and_then_replays_the_first_
     answers: dict = {}
 
     def post(name: str) -> threading.Thread:
-        def run():
-            try:
-                answers[name] = Api(key).post("/usage-agreements", body, headers=headers)
-            finally:
-                connections.close_all()
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        return thread
+        return post_in_a_thread(answers, name, key, body, headers)
 
     # The first request claims the key, then waits for the buyer's row, held by another session (as a concurrent
     # proposal or policy edit holds it): it is in progress for as long as the test says.
@@ -52,3 +61,56 @@ def test_a_retry_while_the_first_request_runs_is_409_and_then_replays_the_first_
     assert replay.status_code == 201 and replay["Idempotent-Replayed"] == "true"
     assert replay.json() == answers["first"].json()
     assert UsageAgreement.objects.filter(buyer=buyer).count() == 1
+
+
+def test_a_retry_while_the_first_request_runs_past_the_stale_claim_time_does_not_run_it_again(settings):
+    """A claim older than IDEMPOTENCY_STALE_CLAIM is taken over as one whose process died. A request still running
+    by then (a lock wait, a slow database) holds its claim's row locked: the retry waits for it and is not run a
+    second time."""
+    settings.IDEMPOTENCY_STALE_CLAIM = timedelta(seconds=0.5)
+    buyer = AgentFactory(is_buyer=True, is_seller=False)
+    service = register_service(AgentFactory(is_seller=True))
+    key = issue_key(buyer)
+    body, headers = proposal(service), {"Idempotency-Key": "propose-once-slowly"}
+    answers: dict = {}
+
+    def post(name: str) -> threading.Thread:
+        return post_in_a_thread(answers, name, key, body, headers)
+
+    with row_locked(Agent, buyer.pk):
+        first = post("first")
+        wait_until(lambda: sessions_waiting_for_a_lock() == 1, timeout=60, what="the first request to wait for the lock")
+        time.sleep(1)  # the first request's claim is stale now; the request is not dead
+        retry = post("retry")
+        wait_until(lambda: sessions_waiting_for_a_lock() == 2, timeout=60, what="the retry to wait")
+    first.join(60)
+    retry.join(60)
+
+    assert answers["first"].status_code == 201, answers["first"].content
+    assert answers["retry"].status_code == 409 and error_code(answers["retry"]) == "idempotency_in_progress"
+    assert UsageAgreement.objects.filter(buyer=buyer).count() == 1
+    replay = Api(key).post("/usage-agreements", body, headers=headers)
+    assert replay["Idempotent-Replayed"] == "true" and replay.json() == answers["first"].json()
+
+
+def test_a_claim_released_between_a_retrys_insert_and_its_read_is_claimed_afresh(monkeypatch):
+    """The first request failed (its claim released) right after the retry's insert found the key taken: the
+    retry's read of the claim found nothing, a 500."""
+    buyer = AgentFactory(is_buyer=True, is_seller=False)
+    service = register_service(AgentFactory(is_seller=True))
+    key = issue_key(buyer)
+    real_insert, inserts = idempotency._claim_insert, []
+
+    def insert_while_another_request_fails(scope, key, fingerprint):
+        inserts.append(key)
+        if len(inserts) > 1:
+            return real_insert(scope, key, fingerprint)
+        held = IdempotencyRecord.objects.create(scope=scope, key=key, request_fingerprint=fingerprint)
+        claimed = real_insert(scope, key, fingerprint)  # taken: None
+        held.delete()  # the other request's `_release`
+        return claimed
+
+    monkeypatch.setattr(idempotency, "_claim_insert", insert_while_another_request_fails)
+    response = Api(key).post("/usage-agreements", proposal(service), headers={"Idempotency-Key": "released"})
+    assert response.status_code == 201, response.content
+    assert len(inserts) == 2 and UsageAgreement.objects.filter(buyer=buyer).count() == 1

@@ -1,13 +1,11 @@
 """The SSRF guard: seller upstreams and webhook URLs may not point inside the platform's network; the proxy's
 kept-alive connections to upstreams."""
 
-import contextlib
 import socket
 import ssl
 import struct
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import trustme
@@ -20,7 +18,7 @@ from tests.catalog.factories import register_service, service_data
 from tests.catalog.test_registry import registration
 from tests.conftest import error_code
 from tests.marketplace.conftest import active_agreement
-from tests.support.http_server import RecordingServer
+from tests.support.http_server import RecordingServer, serving
 
 pytestmark = pytest.mark.django_db
 
@@ -82,6 +80,16 @@ def test_a_webhook_cannot_point_inside(guard_on, seller_api):
     response = seller_api.post("/webhooks", {"url": "http://169.254.169.254/hook"})
     assert response.status_code == 400
     assert error_code(response) == "address_not_allowed"
+
+
+@pytest.mark.parametrize("private_allowed", [False, True])
+def test_a_url_whose_port_is_beyond_65535_is_400_not_500(settings, seller_api, private_allowed):
+    """`urlsplit(url).port` raises ValueError above 65535, which Django's URL validator lets through."""
+    settings.ALLOW_PRIVATE_UPSTREAMS = private_allowed
+    service = seller_api.post("/agents/services", service_data(upstream_base_url="https://example.com:99999/api"))
+    assert service.status_code == 400 and error_code(service) == "invalid_port", service.content
+    webhook = seller_api.post("/webhooks", {"url": "https://example.com:65536/hook"})
+    assert webhook.status_code == 400 and error_code(webhook) == "invalid_port", webhook.content
 
 
 def test_the_dev_setting_allows_loopback(seller_api):
@@ -154,17 +162,6 @@ def test_the_proxy_calls_tls_upstreams_whose_certificate_it_trusts_and_no_others
         "127.0.0.1", "localhost"))
 
 
-@contextlib.contextmanager
-def _serving(handler: type[BaseHTTPRequestHandler]):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 class _ClosesKeptAliveConnections(BaseHTTPRequestHandler):
     """Answers as HTTP/1.1 without `Connection: close`, then closes the connection anyway, as an upstream closes
     the idle connections it kept alive."""
@@ -187,7 +184,7 @@ class _ClosesKeptAliveConnections(BaseHTTPRequestHandler):
 @pytest.mark.chain
 def test_a_kept_alive_connection_the_upstream_closed_is_not_used_again(escrow_chain,
                                                                       django_capture_on_commit_callbacks):
-    with _serving(_ClosesKeptAliveConnections) as url:
+    with serving(_ClosesKeptAliveConnections) as url:
         active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, f"{url}/api")
         for seq in ("1", "2"):
             response = active.buyer_api.get(f"{active.proxy}/translate")
@@ -211,7 +208,7 @@ class _ClosesMidBody(BaseHTTPRequestHandler):
 
 @pytest.mark.chain
 def test_an_answer_cut_short_is_never_stored_as_the_calls_reply(escrow_chain, django_capture_on_commit_callbacks):
-    with _serving(_ClosesMidBody) as url:
+    with serving(_ClosesMidBody) as url:
         active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, f"{url}/api")
         headers = {"HTTP_AUTHORIZATION": f"Bearer {active.buyer_api.secret}", "HTTP_X_REQUEST_NONCE": "cut-1"}
         first = active.buyer_api.client.get(f"{active.proxy}/translate", **headers)
@@ -281,7 +278,7 @@ def _closes_as_the_next_request_arrives() -> type[BaseHTTPRequestHandler]:
 def test_a_call_the_upstream_closed_its_connection_on_is_sent_again_when_it_may_be(
         escrow_chain, django_capture_on_commit_callbacks):
     handler = _closes_as_the_next_request_arrives()
-    with _serving(handler) as url:
+    with serving(handler) as url:
         active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, f"{url}/api")
         for seq in ("1", "2"):
             response = active.buyer_api.get(f"{active.proxy}/translate")
@@ -295,7 +292,7 @@ def test_a_call_the_upstream_closed_its_connection_on_is_sent_again_when_it_may_
 @pytest.mark.chain
 def test_a_call_that_may_have_been_acted_on_is_not_sent_again(escrow_chain, django_capture_on_commit_callbacks):
     handler = _closes_as_the_next_request_arrives()
-    with _serving(handler) as url:
+    with serving(handler) as url:
         active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, f"{url}/api")
         first = active.buyer_api.post(f"{active.proxy}/translate", {"text": "hi"})
         assert first.status_code == 200 and b"".join(first.streaming_content) == b"{}"
@@ -314,7 +311,7 @@ def test_a_request_with_its_own_idempotency_key_is_sent_again(settings):
     handler = _closes_as_the_next_request_arrives()
     pool = outbound.UpstreamPool(max_idle_per_upstream=1)
     before = _resent("replayable")
-    with _serving(handler) as url:
+    with serving(handler) as url:
         for key in ("first", "second"):
             answer = pool.request("POST", f"{url}/work", headers=[("Idempotency-Key", key), ("Content-Length", "2")], body=b"{}",
                                   connect_timeout=5, read_timeout=5)
@@ -329,7 +326,7 @@ def test_a_connection_idle_too_long_is_not_used_again(settings, monkeypatch):
     monkeypatch.setattr(outbound, "IDLE_SECONDS", 0.05)
     handler = _closes_as_the_next_request_arrives()
     pool = outbound.UpstreamPool(max_idle_per_upstream=1)
-    with _serving(handler) as url:
+    with serving(handler) as url:
         for _ in range(2):
             answer = pool.request("POST", f"{url}/work", headers=[("Content-Length", "2")], body=b"{}", connect_timeout=5, read_timeout=5)
             assert answer.status == 200 and b"".join(answer) == b"{}"
@@ -360,7 +357,7 @@ class _ResetsOnceAnswered(BaseHTTPRequestHandler):
 def test_a_request_not_written_whole_before_the_upstream_closed_is_sent_again(settings, monkeypatch):
     settings.ALLOW_PRIVATE_UPSTREAMS = True
     pool = outbound.UpstreamPool(max_idle_per_upstream=1)
-    with _serving(_ResetsOnceAnswered) as url:
+    with serving(_ResetsOnceAnswered) as url:
         answer = pool.request("POST", f"{url}/work", headers=[("Content-Length", "2")], body=b"{}",
                               connect_timeout=5, read_timeout=5)
         assert b"".join(answer) == b"{}"
