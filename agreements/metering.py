@@ -428,7 +428,7 @@ def _resolve_unknown_commit(*, reservation: Reservation, request_id: str) -> Usa
     connection.close()  # the database dropped it; the next query opens a new connection
     with transaction.atomic():
         UsageAgreement.objects.select_for_update().filter(pk=reservation.agreement_id).first()
-        event = UsageEvent.objects.filter(agreement_id=reservation.agreement_id, request_id=request_id).first()
+        event = UsageEvent.objects.filter(agreement_id=reservation.agreement_id, call_seq=reservation.call_seq).first()
         if event is None:
             reservation_release(reservation=reservation)
     return event
@@ -835,7 +835,8 @@ def charge_ahead(*, reservation: Reservation, units: int, cost: int, request_id:
         _charging_ahead[agreement_id] = reservation
     try:
         charge = _charge_fields(units=units, cost=cost, request_id=request_id, request_nonce=request_nonce,
-                                method=method, path=path, upstream_status=0, latency_ms=0)
+                                method=method, path=path, upstream_status=0, latency_ms=0,
+                                call_seq=reservation.call_seq)
         head = replace(known)
         return ChargeAhead(known, (head, _extend_chain(head, [charge], source=UsageSource.PROXY)))
     except Exception:
@@ -1089,9 +1090,10 @@ def _charge_batch(batch: list[_QueuedCharge]) -> None:
 
 
 def _charge_fields(*, units: int, cost: int, request_id: str, request_nonce: str, method: str, path: str,
-                   upstream_status: int, latency_ms: int) -> dict:
+                   upstream_status: int, latency_ms: int, call_seq: int) -> dict:
     return {"units": units, "cost": cost, "request_id": request_id, "request_nonce": request_nonce,
-            "method": method, "path": path[:500], "upstream_status": upstream_status, "latency_ms": latency_ms}
+            "method": method, "path": path[:500], "upstream_status": upstream_status, "latency_ms": latency_ms,
+            "call_seq": call_seq}
 
 
 def reservation_commit(*, reservation: Reservation, units: int, cost: int, request_id: str, request_nonce: str,
@@ -1103,7 +1105,8 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
     budget held. `ahead`: what `charge_ahead` chained for the call, if anything."""
     try:
         charge = _charge_fields(units=units, cost=cost, request_id=request_id, request_nonce=request_nonce,
-                                method=method, path=path, upstream_status=upstream_status, latency_ms=latency_ms)
+                                method=method, path=path, upstream_status=upstream_status, latency_ms=latency_ms,
+                                call_seq=reservation.call_seq)
         if connection.vendor == "postgresql" and not connection.in_atomic_block:
             event = _charge_queued(reservation, charge, ahead)
         else:
@@ -1117,7 +1120,7 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
                 _observe_after_commit(agreement, [event], source=UsageSource.PROXY)
     except _SettledByTheReaper:
         _leases_give_back(reservation.agreement_id)  # its other leased calls may be gone too
-        event = UsageEvent.objects.filter(agreement_id=reservation.agreement_id, request_id=request_id).first()
+        event = UsageEvent.objects.filter(agreement_id=reservation.agreement_id, call_seq=reservation.call_seq).first()
         if event is None:
             raise DependencyUnavailable("The call took too long to record and was released; nothing was charged.",
                                         code="call_expired") from None
@@ -1151,7 +1154,7 @@ def _intents_settle(*, agreement_id, created_before: datetime) -> tuple[int, int
             events = _append_events(agreement, [{
                 "units": intent.units, "cost": intent.cost, "request_id": intent.request_id,
                 "request_nonce": intent.request_nonce, "method": intent.method, "path": intent.path,
-                "upstream_status": intent.upstream_status, "latency_ms": intent.latency_ms,
+                "upstream_status": intent.upstream_status, "latency_ms": intent.latency_ms, "call_seq": intent.call_seq,
                 "description": "charged by the reaper: the server process died after the upstream answered",
             } for intent in answered], source=UsageSource.PROXY)
             fields += ["usage_seq", "used", "usage_digest"]
@@ -1170,18 +1173,24 @@ def _replays_settle(*, created_before: datetime) -> int:
     for replay in ProxyReplay.objects.filter(status_code=None, created_at__lt=created_before)[:500]:
         if CallIntent.objects.filter(agreement_id=replay.agreement_id, request_nonce=replay.request_nonce).exists():
             continue  # its call is not settled yet
-        event = UsageEvent.objects.filter(agreement_id=replay.agreement_id,
-                                          request_nonce=replay.request_nonce).first()
-        if event is None:
-            settled += ProxyReplay.objects.filter(pk=replay.pk, status_code=None).delete()[0]
-            continue
-        body = error_body("reply_lost", "The call was served and charged, but the server process that forwarded "
-                          "it died before the answer was delivered.", {"usage_event_id": event.pk})
-        settled += ProxyReplay.objects.filter(pk=replay.pk, status_code=None).update(
-            status_code=502, headers={"Content-Type": "application/json", "X-Usage-Cost": str(event.cost),
-                                      "X-Usage-Event-Id": str(event.pk)},
-            body=json.dumps(body).encode())
+        settled += replay_settle(agreement_id=replay.agreement_id, request_nonce=replay.request_nonce)
     return settled
+
+
+def replay_settle(*, agreement_id, request_nonce: str) -> int:
+    """An X-Request-Nonce replay whose call ended without a stored answer: a note saying so when the call was
+    charged (its answer is lost, a retry must not be forwarded and charged again), else dropped so that the nonce
+    can be used again."""
+    event = UsageEvent.objects.filter(agreement_id=agreement_id, request_nonce=request_nonce).first()
+    if event is None:
+        return ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=request_nonce,
+                                          status_code=None).delete()[0]
+    body = error_body("reply_lost", "The call was served and charged, but its answer could not be delivered.",
+                      {"usage_event_id": event.pk})
+    return ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=request_nonce, status_code=None).update(
+        status_code=502, headers={"Content-Type": "application/json", "X-Usage-Cost": str(event.cost),
+                                  "X-Usage-Event-Id": str(event.pk)},
+        body=json.dumps(body).encode())
 
 
 def intents_reap(*, now: datetime | None = None) -> dict:

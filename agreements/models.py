@@ -260,6 +260,9 @@ class UsageEvent(models.Model):
     receipt_signature = models.CharField(max_length=132, blank=True)
     request_id = models.CharField(max_length=128)
     request_nonce = models.CharField(max_length=128, blank=True, help_text="The buyer's X-Request-Nonce, if any.")
+    # The proxied call's number (its reservation's): what identifies the call's charge, whatever request id the
+    # buyer sent (X-Request-Id is the caller's and may repeat). Null for seller reports.
+    call_seq = models.PositiveBigIntegerField(null=True, blank=True)
     description = models.CharField(max_length=500, blank=True)
     method = models.CharField(max_length=10, blank=True)
     path = models.CharField(max_length=500, blank=True)
@@ -273,6 +276,8 @@ class UsageEvent(models.Model):
             models.UniqueConstraint(fields=["agreement", "seq"], name="usage_event_gap_free_seq"),
             models.UniqueConstraint(fields=["agreement", "request_nonce"], condition=~Q(request_nonce=""),
                                     name="usage_event_one_per_request_nonce"),
+            models.UniqueConstraint(fields=["agreement", "call_seq"], condition=Q(call_seq__isnull=False),
+                                    name="usage_event_one_per_call"),
             models.CheckConstraint(condition=Q(cost__gte=0) & Q(cumulative__gte=F("cost")),
                                    name="usage_event_amounts_consistent"),
         ]

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import time
 from urllib.parse import quote, unquote, urlsplit
 
@@ -52,6 +53,10 @@ _FORWARDING = {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-
 _REQUEST_DROPPED = _HOP_BY_HOP | _FORWARDING | {"authorization", "token", "cookie", "x-request-nonce", "x-max-units",
                                                 "idempotency-key", "content-length"}
 _RESPONSE_DROPPED = _HOP_BY_HOP | {"set-cookie"}
+# The marketplace's own answer headers: a seller's copy of one (in any case) never reaches the buyer.
+_MARKETPLACE_ANSWER_HEADERS = {"x-usage-cost", "x-escrow-remaining", "x-usage-event-id", "x-usage-seq", "x-replayed"}
+# A header value we cannot pass on: a line break (an obs-fold http.client keeps) or a NUL (PostgreSQL stores none).
+_UNSAFE_HEADER_VALUE = re.compile(r"[\x00\r\n]")
 UNITS_HEADER = "X-Usage-Units"
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": kept as they are; everything else is escaped
 _MAX_HEADER_DIGITS = 18  # any count or amount we accept in a header fits; longer is refused before int()
@@ -294,6 +299,8 @@ def _proxy_call(request, agreement_id, path: str):
         raise Forbidden("Only the buyer calls through the proxy.", code="buyer_only")
     body = request_body(request)
     query = request.META.get("QUERY_STRING", "")
+    if not query.isascii() or not query.isprintable() or " " in query:
+        raise InvalidInput("The query string must be percent-encoded ASCII.", code="invalid_upstream_path")
     call_path = upstream_path(path) + (f"?{query}" if query else "")
     nonce = request.headers.get("X-Request-Nonce", "")
     if nonce:
@@ -303,8 +310,8 @@ def _proxy_call(request, agreement_id, path: str):
     try:
         return _forward(request, caller, terms, call_path, body, nonce)
     except BaseException:
-        if nonce:
-            ProxyReplay.objects.filter(agreement_id=terms.pk, request_nonce=nonce, status_code=None).delete()
+        if nonce:  # charged: a retry learns it (reply_lost), as from the reaper; else the nonce may be used again
+            metering.replay_settle(agreement_id=terms.pk, request_nonce=nonce)
         raise
 
 
@@ -363,8 +370,10 @@ def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_pa
             upstream.close()
             raise
     # Bodies pass through as raw bytes, so Content-Encoding and Content-Length stay true.
-    dropped = _RESPONSE_DROPPED | _named_in_connection({name.lower(): value for name, value in upstream_headers})
-    headers = {name: value for name, value in upstream_headers if name.lower() not in dropped}
+    dropped = (_RESPONSE_DROPPED | _MARKETPLACE_ANSWER_HEADERS
+               | _named_in_connection({name.lower(): value for name, value in upstream_headers}))
+    headers = {name: value for name, value in upstream_headers
+               if name.lower() not in dropped and not _UNSAFE_HEADER_VALUE.search(value)}
     headers["X-Usage-Cost"] = str(cost)
     used = event.cumulative if event else metering.agreement_used(agreement_id=terms.pk)
     headers["X-Escrow-Remaining"] = str(terms.deposit_amount - used)
@@ -405,8 +414,11 @@ def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, header
         # Answered once in full; a replay gets this note instead of a half-stored body.
         note = json.dumps(error_body("reply_too_large_to_store", "The reply was charged but is too large to store "
                                      "for X-Request-Nonce replays.")).encode()
+        # The note's own headers: not the upstream body's length, encoding or type.
+        stored = {name: value for name, value in headers.items()
+                  if name.lower() not in {"content-length", "content-encoding", "content-type"}}
         ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=nonce).update(
-            status_code=upstream.status, headers=headers, body=note)
+            status_code=upstream.status, headers={**stored, "Content-Type": "application/json"}, body=note)
         response = StreamingHttpResponse(_stream(upstream, read=head, rest=stream), status=upstream.status)
     for key, value in headers.items():
         response[key] = value

@@ -10,9 +10,16 @@ keeps the ones running fast. Requests that only wait on I/O, like the metered pr
 The waiting is bounded twice, so that a burst of one kind cannot hold the worker's threads that other requests
 need: a request waits at most the setting's seconds, and no more than the setting's count wait at once; either way it
 is answered 503 with its code and `Retry-After`.
+
+`Deadlines` bounds blocking socket reads in all, where a socket's timeout bounds each read only.
 """
 
+import heapq
+import itertools
+import os
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -69,3 +76,83 @@ class Bulkhead:
         self._shed.inc()
         return Busy(f"Too many {self.name} requests at once on this server: {why} Retry shortly.", code=self.code,
                     details={"retry_after_seconds": Busy.retry_after})
+
+
+class Deadlines:
+    """Cuts off a socket still in use past its deadline: `with deadlines.bound(sock, seconds): <blocking reads>`
+    raises TimeoutError when the reads took longer than `seconds` in all (an upstream sending its answer a byte at a
+    time passes every per-read timeout). Overdue, the socket is shut down, so the blocked read returns at once; the
+    caller must then close it.
+
+    One watchdog thread per process serves every bound, so that a bound costs a few microseconds (a heap push and
+    a flag) rather than a thread of its own. It starts on first use in each process: a server that forks its
+    workers after import gets one per worker, never a copy of the parent's, which does not survive the fork."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # the parent's lock may have been held as it forked
+
+    def _reset(self) -> None:
+        self._condition = threading.Condition()
+        self._heap: list[tuple[float, int, Bound]] = []  # (deadline, order, bound); ended bounds left to pop
+        self._order = itertools.count()
+        self._wakes_at = float("inf")  # when the watchdog looks next: a later deadline need not wake it
+        self._pid = 0  # the process whose watchdog runs
+
+    def bound(self, sock: socket.socket, seconds: float) -> "Bound":
+        return Bound(self, sock, seconds)
+
+    def _add(self, bound: "Bound", deadline: float) -> None:
+        with self._condition:
+            if self._pid != os.getpid():  # first use in this process (also after a fork not through os.fork)
+                self._pid = os.getpid()
+                threading.Thread(target=self._watch, name=f"deadlines-{self.name}", daemon=True).start()
+            heapq.heappush(self._heap, (deadline, next(self._order), bound))
+            if deadline < self._wakes_at:
+                self._condition.notify()
+
+    def _end(self, bound: "Bound") -> bool:
+        """Whether the bound was cut off."""
+        with self._condition:
+            bound.ended = True
+            heap = self._heap
+            while heap and heap[0][2].ended:  # calls mostly end in the order they began: the heap stays small
+                heapq.heappop(heap)
+            return bound.cut
+
+    def _watch(self) -> None:
+        with self._condition:
+            while True:
+                now, heap = time.monotonic(), self._heap
+                while heap and (heap[0][2].ended or heap[0][0] <= now):
+                    overdue = heapq.heappop(heap)[2]
+                    if not overdue.ended:
+                        overdue.cut = True
+                        # Under the lock, so the owner cannot close the socket (and its descriptor be reused)
+                        # meanwhile. The plain socket's shutdown: an SSLSocket's would drop its TLS state under
+                        # the reading thread.
+                        try:
+                            socket.socket.shutdown(overdue.sock, socket.SHUT_RDWR)
+                        except OSError:
+                            pass  # closed already
+                self._wakes_at = heap[0][0] if heap else float("inf")
+                self._condition.wait(None if not heap else self._wakes_at - now)
+
+
+class Bound:
+    """One `Deadlines.bound`: a context manager."""
+
+    __slots__ = ("deadlines", "sock", "seconds", "ended", "cut")
+
+    def __init__(self, deadlines: Deadlines, sock: socket.socket, seconds: float):
+        self.deadlines, self.sock, self.seconds = deadlines, sock, seconds
+        self.ended = self.cut = False
+
+    def __enter__(self) -> "Bound":
+        self.deadlines._add(self, time.monotonic() + self.seconds)
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self.deadlines._end(self):  # whatever the reads raised, or returned as the cut came, is its doing
+            raise TimeoutError(f"{self.deadlines.name}: not done within {self.seconds:g} s") from exc

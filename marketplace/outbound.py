@@ -37,6 +37,7 @@ import httpx
 from django.conf import settings
 
 from marketplace import bounded_json
+from marketplace.concurrency import Deadlines
 from marketplace.errors import InvalidInput
 from marketplace.metrics import UPSTREAM_REQUESTS_RESENT
 
@@ -225,7 +226,8 @@ class UpstreamPool:
     for IDLE_SECONDS); one that closes as a request reaches it sends the request again on a new connection when it
     was not written whole, or when it may be repeated (_REPLAYABLE_METHODS, _IDEMPOTENCY_HEADERS).
 
-    Errors: TimeoutError when connecting or reading took longer than its timeout, else one of UPSTREAM_ERRORS."""
+    Errors: TimeoutError when connecting, a read or the whole answer head took longer than its timeout, else one of
+    UPSTREAM_ERRORS."""
 
     def __init__(self, *, max_idle_per_upstream: int):
         self.max_idle_per_upstream = max_idle_per_upstream
@@ -268,7 +270,8 @@ class UpstreamPool:
                     if not sent:
                         sent, done_meanwhile = True, None if meanwhile is None else meanwhile()
                     try:
-                        return UpstreamAnswer(self, key, connection, connection.getresponse(), done_meanwhile)
+                        return UpstreamAnswer(self, key, connection, _response_within(connection, read_timeout),
+                                              done_meanwhile)
                     except _CLOSED_UNANSWERED:
                         if not (reused and replayable):
                             raise
@@ -305,6 +308,17 @@ class UpstreamPool:
                 idle.append((time.monotonic(), connection))
                 return
         connection.close()
+
+
+# The socket's timeout bounds each read only: an upstream sending its answer's head a byte at a time would hold the
+# call (and its reservation, past the reaper's rule) for ever. This bounds the head in all.
+_ANSWER_HEADS = Deadlines("upstream answer head")
+
+
+def _response_within(connection: _GuardedConnection, seconds: float) -> http.client.HTTPResponse:
+    """The answer's head, read within `seconds` in all, else TimeoutError (the connection is then unusable)."""
+    with _ANSWER_HEADS.bound(connection.sock, seconds):
+        return connection.getresponse()
 
 
 def _send(connection: _GuardedConnection, method: str, target: str, headers: list[tuple[str, str]],

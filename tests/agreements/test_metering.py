@@ -1,9 +1,15 @@
 """The metered proxy and seller-reported usage, against a real upstream HTTP server and the escrow on Anvil."""
 
 import json
+import threading
+import time
+from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.utils import timezone
 
+from agreements import metering
 from agreements.models import UsageAgreement, UsageEvent
 from sdk import proxy_signature, receipts
 from tests.conftest import error_code
@@ -104,6 +110,47 @@ def test_request_nonce_replays_without_a_second_charge(active, http_server):
     assert second["X-Usage-Event-Id"] == first["X-Usage-Event-Id"]
     assert len(http_server.requests) == 1
     assert UsageAgreement.objects.get(pk=active.agreement_id).used == 20_000
+
+
+def test_a_nonce_retry_of_a_charged_call_whose_answer_failed_is_reply_lost_not_forwarded_again(active, http_server):
+    """The nonce of a call charged before its answer failed was freed: the retry was forwarded and charged again."""
+    # Content-Length: 100 first (http.client reads the first), 10 bytes sent, then the connection closes.
+    http_server.responses.extend([(200, b"x" * 10, 0, {"Content-Length": "100"})] * 2)
+    nonce = {"X-Request-Nonce": "cut-1"}
+    first = active.buyer_api.get(f"{active.proxy}/x", headers=nonce)
+    assert first.status_code >= 500 and UsageEvent.objects.count() == 1  # charged: the head came whole
+    again = active.buyer_api.get(f"{active.proxy}/x", headers=nonce)
+    assert (again.status_code, error_code(again), again["X-Replayed"]) == (502, "reply_lost", "true")
+    assert again["X-Usage-Event-Id"] == str(UsageEvent.objects.get().pk)
+    assert len(http_server.requests) == 1
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == 20_000
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)  # the reaper's transactions and the call's, side by side
+def test_a_call_the_reaper_released_is_not_answered_as_charged_by_an_earlier_call_with_its_request_id(
+        active_outside_transaction, http_server):
+    """A call that came back after the reaper released it looked for its charge by X-Request-Id, which the buyer
+    chooses: it found an earlier call's event and was answered 200 as charged, for nothing charged."""
+    parties = active_outside_transaction
+    proxy = f"/metered-proxy/{parties.agreement_id}/x"
+    http_server.responses.extend([(200, {}), (200, {}, 2.0)])  # the second is slow: reaped meanwhile
+    assert parties.buyer_api.get(proxy, headers={"X-Request-Id": "same"})["X-Usage-Seq"] == "1"
+
+    def reap():
+        time.sleep(0.7)
+        try:
+            metering.intents_reap(now=timezone.now() + timedelta(hours=1))
+        finally:
+            connection.close()
+
+    reaper = threading.Thread(target=reap)
+    reaper.start()
+    late = parties.buyer_api.get(proxy, headers={"X-Request-Id": "same"})
+    reaper.join()
+    assert (late.status_code, error_code(late)) == (503, "call_expired")
+    assert not late.has_header("X-Usage-Event-Id") and UsageEvent.objects.count() == 1
+    assert UsageAgreement.objects.get(pk=parties.agreement_id).used == 20_000
 
 
 def test_only_the_buyer_uses_the_proxy(active):

@@ -3,6 +3,9 @@ no malformed header or body turns into a 500 or leaves budget reserved, no heade
 
 import json
 import logging
+import socket
+import threading
+import time
 import tracemalloc
 from datetime import timedelta
 from io import BytesIO
@@ -15,6 +18,7 @@ from agreements.models import CallIntent, ProxyReplay, UsageAgreement, UsageEven
 from marketplace.errors import DependencyUnavailable
 from tests.conftest import error_code
 from tests.escrow.flow import Parties
+from tests.marketplace.conftest import active_agreement
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 PRICE = 20_000
@@ -139,6 +143,75 @@ def test_hop_by_hop_forwarding_and_cookie_headers_do_not_cross(active, http_serv
     assert response["X-Kept"] == "1"
 
 
+def test_the_seller_cannot_forge_the_marketplaces_own_answer_headers(active, http_server):
+    """Its X-Usage-Cost or X-Escrow-Remaining (in another case than ours) reached the buyer on a replay beside ours,
+    and its X-Usage-Event-Id and X-Usage-Seq on a call that was not charged."""
+    http_server.responses.append((200, {}, 0, {"x-usage-cost": "0", "x-escrow-remaining": "999999999",
+                                               "x-replayed": "false"}))
+    http_server.responses.append((503, {}, 0, {"X-Usage-Event-Id": "4242", "X-Usage-Seq": "7"}))
+    first = raw(active, "get", f"{active.proxy}/report", HTTP_X_REQUEST_NONCE="forge-1")
+    again = raw(active, "get", f"{active.proxy}/report", HTTP_X_REQUEST_NONCE="forge-1")
+    assert (first["X-Usage-Cost"], first["X-Escrow-Remaining"]) == (str(PRICE), str(4 * PRICE))
+    assert (again["X-Usage-Cost"], again["X-Escrow-Remaining"], again["X-Replayed"]) == (
+        str(PRICE), str(4 * PRICE), "true")
+    uncharged = raw(active, "get", f"{active.proxy}/report")
+    assert (uncharged.status_code, uncharged["X-Usage-Cost"]) == (503, "0")
+    assert not uncharged.has_header("X-Usage-Event-Id") and not uncharged.has_header("X-Usage-Seq")
+    assert books(active) == (PRICE, 0)
+
+
+@pytest.mark.parametrize("value", ["a\r\n b", "a\x00b"], ids=["folded", "nul"])
+def test_an_upstream_header_with_a_line_break_or_nul_is_dropped_not_a_500_after_the_charge(active, http_server,
+                                                                                          value):
+    """http.client keeps an obs-folded header's line break, which Django refuses to send; PostgreSQL stores no NUL
+    (the reply kept for X-Request-Nonce): either was a 500 after the call was charged."""
+    http_server.responses.append((200, {"n": 1}, 0, {"X-Note": value, "X-Kept": "1"}))
+    first = raw(active, "get", f"{active.proxy}/x", HTTP_X_REQUEST_NONCE="note-1")
+    again = raw(active, "get", f"{active.proxy}/x", HTTP_X_REQUEST_NONCE="note-1")
+    assert (first.status_code, again.status_code, again["X-Replayed"]) == (200, 200, "true")
+    assert not first.has_header("X-Note") and first["X-Kept"] == again["X-Kept"] == "1"
+    assert len(http_server.requests) == 1 and books(active) == (PRICE, 0)
+
+
+@pytest.mark.parametrize("query", ["q=\u00e9", "q=a b", "q=\x01"])
+def test_a_query_string_not_percent_encoded_is_400_and_never_forwarded(active, http_server, query):
+    """http.client refuses to send it: the call was answered 502, as if the seller could not be reached."""
+    response = raw(active, "get", f"{active.proxy}/work", QUERY_STRING=query)
+    assert (response.status_code, error_code(response)) == (400, "invalid_upstream_path")
+    assert http_server.requests == [] and books(active) == (0, 0)
+
+
+def test_an_upstream_dribbling_its_answer_head_is_cut_off_at_the_proxy_timeout(escrow_chain, settings,
+                                                                             django_capture_on_commit_callbacks):
+    """PROXY_TIMEOUT bounded each read of the socket only: an upstream sending its head a byte at a time held the
+    call, and its reservation, for as long as it liked (past the reaper's rule)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def dribble():
+        upstream, _ = listener.accept()
+        with upstream:
+            upstream.recv(65536)
+            try:
+                upstream.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(12):  # a byte every 0.25 s: each read is quick, the head takes 3 s
+                    time.sleep(0.25)
+                    upstream.sendall(b"a")
+                upstream.sendall(b"\r\nContent-Length: 2\r\n\r\n{}")
+            except OSError:
+                pass  # cut off
+
+    threading.Thread(target=dribble, daemon=True).start()
+    with listener:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks,
+                                  f"http://127.0.0.1:{listener.getsockname()[1]}/api")
+        settings.PROXY_TIMEOUT = 0.5
+        started = time.monotonic()
+        response = raw(active, "get", f"{active.proxy}/slow")
+        elapsed = time.monotonic() - started
+    assert (response.status_code, error_code(response)) == (504, "upstream_timeout")
+    assert elapsed < 1.5 and books(active) == (0, 0)
+
+
 def test_a_nonce_reused_on_another_call_is_422(active, http_server):
     nonce = {"HTTP_X_REQUEST_NONCE": "n-1"}
     first = raw(active, "post", f"{active.proxy}/a", data=b'{"a": 1}', content_type="application/json", **nonce)
@@ -245,3 +318,15 @@ def test_a_large_reply_with_a_nonce_is_answered_without_being_held_in_memory(act
     again = raw(active, "get", f"{active.proxy}/archive", HTTP_X_REQUEST_NONCE="archive-1")
     assert again["X-Replayed"] == "true" and error_code(again) == "reply_too_large_to_store"
     assert len(http_server.requests) == 1 and UsageEvent.objects.count() == 1
+
+
+def test_the_replayed_note_of_a_reply_too_large_to_store_has_its_own_length_and_type(active, http_server, settings):
+    """The note was stored with the upstream body's Content-Length, Content-Encoding and Content-Type."""
+    settings.PROXY_REPLAY_MAX_BYTES = 100
+    http_server.responses.append((200, b"x" * 500, 0, {"Content-Type": "text/plain", "Content-Encoding": "identity"}))
+    first = raw(active, "get", f"{active.proxy}/report", HTTP_X_REQUEST_NONCE="report-1")
+    assert b"".join(first.streaming_content) == b"x" * 500
+    again = raw(active, "get", f"{active.proxy}/report", HTTP_X_REQUEST_NONCE="report-1")
+    assert error_code(again) == "reply_too_large_to_store"
+    assert again.get("Content-Length") in (None, str(len(again.content)))
+    assert not again.has_header("Content-Encoding") and again["Content-Type"] == "application/json"

@@ -1,9 +1,11 @@
 """The SSRF guard: seller upstreams and webhook URLs may not point inside the platform's network; the proxy's
 kept-alive connections to upstreams."""
 
+import os
 import socket
 import ssl
 import struct
+import threading
 import time
 from http.server import BaseHTTPRequestHandler
 
@@ -13,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from agreements.models import UsageAgreement, WebhookDelivery
 from marketplace import outbound
+from marketplace.concurrency import Deadlines
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import register_service, service_data
 from tests.catalog.test_registry import registration
@@ -369,3 +372,44 @@ def test_a_request_not_written_whole_before_the_upstream_closed_is_sent_again(se
                               connect_timeout=5, read_timeout=5)
         assert answer.status == 200 and b"".join(answer) == b"{}"
     assert _resent("not_written") == before + 1
+
+
+def _cut_off(deadlines: Deadlines, seconds: float) -> float:
+    """How long a read that gets nothing took to be cut off by `deadlines`."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.settimeout(3)  # each read's own bound, had the watchdog not run
+        started = time.monotonic()
+        with pytest.raises(TimeoutError), deadlines.bound(ours, seconds):
+            assert ours.recv(1) == b""  # shut down under it
+        return time.monotonic() - started
+
+
+def test_a_deadline_cuts_off_reads_still_running_past_it_and_no_others():
+    """The answer head's bound (PROXY_TIMEOUT in all): one watchdog thread per process for every bound."""
+    deadlines = Deadlines("test")
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        for _ in range(3):
+            theirs.sendall(b"x")
+            with deadlines.bound(ours, 0.2):
+                assert ours.recv(1) == b"x"
+        time.sleep(0.3)  # past the deadlines of the bounds that ended: the socket is left alone
+        theirs.sendall(b"y")
+        assert ours.recv(1) == b"y"
+    assert 0.15 < _cut_off(deadlines, 0.2) < 1.5
+    assert deadlines._heap == []
+    assert [thread.name for thread in threading.enumerate()].count("deadlines-test") == 1
+
+
+def test_a_process_forked_after_a_deadline_was_used_gets_its_own_watchdog():
+    """gunicorn forks its workers after import: the parent's watchdog thread does not survive the fork."""
+    deadlines = Deadlines("test-fork")
+    _cut_off(deadlines, 0.05)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's result is its exit status
+        try:
+            os._exit(0 if _cut_off(deadlines, 0.1) < 1.5 else 1)
+        except BaseException:
+            os._exit(2)
+    assert os.waitpid(child, 0)[1] == 0
