@@ -422,7 +422,7 @@ def agreement_used(*, agreement_id) -> int:
     return UsageAgreement.objects.filter(pk=agreement_id).values_list("used", flat=True).get()
 
 
-def _resolve_unknown_commit(*, reservation: Reservation, request_id: str) -> UsageEvent | None:
+def _resolve_unknown_commit(*, reservation: Reservation) -> UsageEvent | None:
     """After a commit whose outcome is unknown (the database connection was lost): the call's event when the commit
     went through, else None with the reservation released — never both, never neither."""
     connection.close()  # the database dropped it; the next query opens a new connection
@@ -1126,7 +1126,7 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
                                         code="call_expired") from None
     except (OperationalError, InterfaceError):
         _leases_give_back()
-        event = _resolve_unknown_commit(reservation=reservation, request_id=request_id)
+        event = _resolve_unknown_commit(reservation=reservation)
         if event is None:
             raise DependencyUnavailable("The call could not be recorded; nothing was charged.",
                                         code="database_unavailable") from None
