@@ -150,7 +150,10 @@ def _served_units(upstream_headers: list[tuple[str, str]], terms: selectors.Call
 
 
 def _hides_a_dot_segment(segment: str) -> bool:
-    """Whether decoding the segment further, as the seller's server might, makes a `.` or `..` of it."""
+    """Whether decoding the segment further, or dropping its parameters (`..;x`: Java servers read `..`), as the
+    seller's server might, makes a `.` or `..` of it."""
+    if ";" in segment and unquote(segment.split(";", 1)[0]) in {".", ".."}:
+        return True
     for _ in range(3):
         decoded = unquote(segment)
         if decoded == segment:

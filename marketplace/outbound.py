@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT (RFC 6145): reaches the IPv4 address it embeds
 _LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 
 
@@ -58,7 +59,7 @@ def _reached(ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
         return ip
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
-    if int(ip) >> 32 == 0 or ip in _NAT64:  # IPv4-compatible (:: and ::1 included), NAT64
+    if int(ip) >> 32 == 0 or ip in _NAT64 or ip in _IPV4_TRANSLATED:  # IPv4-compatible (:: and ::1 included)
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return ip.sixtofour or ip
 
@@ -68,7 +69,7 @@ def address_allowed(address: str) -> bool:
     if ip in _LOCAL_NAT64:
         return False
     ip = _reached(ip)
-    return ip.is_global and not ip.is_multicast
+    return ip.is_global and not ip.is_multicast and not (ip.version == 6 and ip.is_site_local)
 
 
 def _resolve(host: str, port: int) -> list[str]:

@@ -64,6 +64,9 @@ def no_errors_logged(caplog) -> bool:
     "a/../../internal",
     "%252e%252e/internal",  # decoded once more by the seller's server
     "a/%252E%252e%255Cinternal",
+    "..;/internal",  # a dot segment with parameters: Tomcat and Spring read `..`
+    "a/..;x=1/..;/internal",
+    "%2e%2e;/internal",
 ])
 def test_a_path_that_leaves_the_base_path_is_400_and_never_forwarded(active, http_server, path, caplog):
     response = raw(active, "get", f"{active.proxy}/{path}")

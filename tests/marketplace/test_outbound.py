@@ -48,6 +48,9 @@ INTERNAL = [
     "http://[64:ff9b::10.0.0.1]",  # NAT64 of a private address
     "http://[64:ff9b:1::8.8.8.8]",  # local-use NAT64: a translator inside someone's network
     "http://[2002:a9fe:a9fe::1]",  # 6to4 of the metadata address
+    "http://[fec0::1]",  # site-local (deprecated, still routed inside some networks)
+    "http://[::ffff:0:7f00:1]",  # IPv4-translated loopback (SIIT)
+    "http://[::ffff:0:a9fe:a9fe]",  # IPv4-translated metadata address
 ]
 
 
