@@ -34,15 +34,26 @@ def post_in_a_thread(answers: dict, name: str, key: str, body: dict, headers: di
     return thread
 
 
-def test_a_retry_while_the_first_request_runs_is_409_and_then_replays_the_first_answer():
-    buyer = AgentFactory(is_buyer=True, is_seller=False)
-    service = register_service(AgentFactory(is_seller=True))
-    key = issue_key(buyer)
-    body, headers = proposal(service), {"Idempotency-Key": "propose-once"}
-    answers: dict = {}
+class Proposals:
+    """A buyer's proposal under one Idempotency-Key, posted from threads (`post`), each answer kept by name."""
 
-    def post(name: str) -> threading.Thread:
-        return post_in_a_thread(answers, name, key, body, headers)
+    def __init__(self, idempotency_key: str):
+        self.buyer = AgentFactory(is_buyer=True, is_seller=False)
+        self.key = issue_key(self.buyer)
+        self.body = proposal(register_service(AgentFactory(is_seller=True)))
+        self.headers = {"Idempotency-Key": idempotency_key}
+        self.answers: dict = {}
+
+    def post(self, name: str) -> threading.Thread:
+        return post_in_a_thread(self.answers, name, self.key, self.body, self.headers)
+
+    def replay(self):
+        return Api(self.key).post("/usage-agreements", self.body, headers=self.headers)
+
+
+def test_a_retry_while_the_first_request_runs_is_409_and_then_replays_the_first_answer():
+    proposals = Proposals("propose-once")
+    buyer, answers, post = proposals.buyer, proposals.answers, proposals.post
 
     # The first request claims the key, then waits for the buyer's row, held by another session (as a concurrent
     # proposal or policy edit holds it): it is in progress for as long as the test says.
@@ -57,7 +68,7 @@ def test_a_retry_while_the_first_request_runs_is_409_and_then_replays_the_first_
     first.join()
 
     assert answers["first"].status_code == 201, answers["first"].content
-    replay = Api(key).post("/usage-agreements", body, headers=headers)
+    replay = proposals.replay()
     assert replay.status_code == 201 and replay["Idempotent-Replayed"] == "true"
     assert replay.json() == answers["first"].json()
     assert UsageAgreement.objects.filter(buyer=buyer).count() == 1
@@ -68,14 +79,8 @@ def test_a_retry_while_the_first_request_runs_past_the_stale_claim_time_does_not
     by then (a lock wait, a slow database) holds its claim's row locked: the retry waits for it and is not run a
     second time."""
     settings.IDEMPOTENCY_STALE_CLAIM = timedelta(seconds=0.5)
-    buyer = AgentFactory(is_buyer=True, is_seller=False)
-    service = register_service(AgentFactory(is_seller=True))
-    key = issue_key(buyer)
-    body, headers = proposal(service), {"Idempotency-Key": "propose-once-slowly"}
-    answers: dict = {}
-
-    def post(name: str) -> threading.Thread:
-        return post_in_a_thread(answers, name, key, body, headers)
+    proposals = Proposals("propose-once-slowly")
+    buyer, answers, post = proposals.buyer, proposals.answers, proposals.post
 
     with row_locked(Agent, buyer.pk):
         first = post("first")
@@ -89,7 +94,7 @@ def test_a_retry_while_the_first_request_runs_past_the_stale_claim_time_does_not
     assert answers["first"].status_code == 201, answers["first"].content
     assert answers["retry"].status_code == 409 and error_code(answers["retry"]) == "idempotency_in_progress"
     assert UsageAgreement.objects.filter(buyer=buyer).count() == 1
-    replay = Api(key).post("/usage-agreements", body, headers=headers)
+    replay = proposals.replay()
     assert replay["Idempotent-Replayed"] == "true" and replay.json() == answers["first"].json()
 
 
