@@ -84,7 +84,11 @@ def event_ack(*, agent: Agent, event: AgreementEvent) -> AgentEventAck:
 
 
 def subscription_delete(*, subscription: WebhookSubscription) -> None:
-    WebhookSubscription.objects.filter(pk=subscription.pk).update(is_active=False)
+    """Nothing more goes to its URL: its pending deliveries end as failed, saying why, rather than pending for ever."""
+    with transaction.atomic():
+        WebhookSubscription.objects.filter(pk=subscription.pk).update(is_active=False)
+        WebhookDelivery.objects.filter(subscription_id=subscription.pk, status=DeliveryStatus.PENDING).update(
+            status=DeliveryStatus.FAILED, last_error="the subscription was deleted")
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
