@@ -118,6 +118,23 @@ def test_a_proposal_priced_above_the_buyers_bound_is_refused():
     assert refusal.value.field == "agreement.price_per_unit_atomic"
 
 
+def test_a_masumi_job_priced_above_the_buyers_bound_is_refused_before_signing():
+    agreement_id, service_id = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def marketplace(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/purchase":
+            return httpx.Response(201, json={"data": {"agreementId": agreement_id, "ActivationPackage": {},
+                                                      "blockchainIdentifier": "0x" + "ab" * 32}})
+        return httpx.Response(200, json={"id": agreement_id, "service": {"id": service_id}, "quantity": 1,
+                                         "price_per_unit_atomic": 5_000_000})
+
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                           transport=httpx.MockTransport(marketplace)) as buyer:
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.purchase_masumi_job(service_id, {"text": "hi"}, KEY, max_price_atomic=1_000_000)
+    assert refusal.value.field == "agreement.price_per_unit_atomic"
+
+
 # --- scalars and the seller's signature check --------------------------------------------------------------------
 
 def test_a_number_in_other_digits_than_ascii_is_refused_not_crashed_on():
