@@ -252,6 +252,21 @@ class IsOperator(permissions.BasePermission):
         return IsOwner().has_permission(request, view) and request.user.is_staff
 
 
+def operator_with(permission: str) -> type[permissions.BasePermission]:
+    """Permission: an operator (IsOperator) holding the Django `permission` ("app_label.codename"), as the admin's
+    operator actions need it (marketplace.admin.may_operate): staff who may only view act through the API no more than
+    in the admin."""
+
+    class IsOperatorWith(IsOperator):
+        message = f"This endpoint is for marketplace operators with the `{permission}` permission."
+
+        def has_permission(self, request, view):
+            return super().has_permission(request, view) and request.user.has_perm(permission)
+
+    IsOperatorWith.__name__ = f"IsOperatorWith_{permission.replace('.', '_')}"
+    return IsOperatorWith
+
+
 def calling_agent(request):
     return request.auth.agent
 

@@ -31,7 +31,7 @@ from agreements.serializers import (
 from catalog import selectors as catalog_selectors
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import ApiKey, KeyScope
-from catalog.authentication import IsOperator
+from catalog.authentication import operator_with
 from escrow import chain, selectors, services, settlement, x402_onchain
 from escrow.serializers import (
     ActivateEscrowSerializer,
@@ -274,7 +274,8 @@ class ClaimInstructionsView(APIView):
 
 
 class ResolveView(APIView):
-    permission_classes = [IsOperator]
+    # The admin's dispute form needs the same permission (escrow.admin.DisputeAdmin.resolve_view).
+    permission_classes = [operator_with("escrow.change_dispute")]
 
     @extend_schema(operation_id="escrow_resolve", tags=TAGS, request=ResolveSerializer, auth=[{"OwnerToken": []}],
                    summary="Decide a dispute (operators): the seller's amount; then the escrow is paid out",

@@ -4,6 +4,7 @@ import hashlib
 import json
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.core.management import call_command
 
 from escrow import purchases, settlement
@@ -226,7 +227,9 @@ def test_refund_requested_after_a_result_is_disputed_and_resolved_by_an_operator
     chain.increase_time(purchase.timers["unlockTime"] - chain.now() + 3600)
     assert purchase.settle()["finalizing"] == 0  # a dispute waits for a decision
 
-    operator = Api(issue_owner_token(UserFactory(is_staff=True)))
+    staff = UserFactory(is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(content_type__app_label="escrow", codename="change_dispute"))
+    operator = Api(issue_owner_token(staff))
     with capture(execute=True):
         resolved = operator.post(f"/usage-agreements/{disputed['agreementId']}/resolve",
                                  {"seller_amount_atomic": 2 * USDC})

@@ -1,6 +1,7 @@
 """Metering to money: complete → challenge window → settled; a dispute; a reclaim — balances checked on-chain."""
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.core.management import call_command
 
 from agreements.models import UsageAgreement
@@ -33,6 +34,13 @@ def funded(escrow_chain, http_server, django_capture_on_commit_callbacks):
         "buyer": parties.buyer_account.address, "seller": parties.seller_account.address,
         "fee": escrow_chain.accounts.fee_recipient.address}.items()}
     return parties
+
+
+def staff_owner_api(*codenames: str) -> Api:
+    """An owner token of a staff user holding only the escrow permissions named."""
+    user = UserFactory(is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(content_type__app_label="escrow", codename__in=codenames))
+    return Api(issue_owner_token(user))
 
 
 def call_n(parties, n):
@@ -101,7 +109,7 @@ def test_dispute_resolved_by_an_operator(funded, escrow_chain, django_capture_on
     not_operator = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/resolve",
                                          {"seller_amount_atomic": 100_000})
     assert not_operator.status_code == 403
-    operator = Api(issue_owner_token(UserFactory(is_staff=True)))
+    operator = staff_owner_api("change_dispute")
     too_much = operator.post(f"/usage-agreements/{funded.agreement_id}/resolve",
                              {"seller_amount_atomic": 3 * USDC})
     assert too_much.status_code == 400 and error_code(too_much) == "amount_exceeds_deposit"
@@ -117,6 +125,23 @@ def test_dispute_resolved_by_an_operator(funded, escrow_chain, django_capture_on
     assert usdc_balance(chain, funded.buyer_account.address) == funded.balances["buyer"] + 1_900_000
     assert usdc_balance(chain, chain.addresses["escrow"]) == 0
     call_command("reconcile")
+
+
+def test_staff_who_may_only_view_disputes_cannot_resolve_one_through_the_api(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    """Resolving moves the escrow: through the API, as in the admin's dispute form, it needs the change permission
+    on disputes, not just a staff account."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    dispute(funded, chain, capture)
+
+    for staff in (staff_owner_api(), staff_owner_api("view_dispute")):
+        with capture(execute=True):
+            refused = staff.post(f"/usage-agreements/{funded.agreement_id}/resolve",
+                                 {"seller_amount_atomic": 2 * USDC})
+        assert refused.status_code == 403 and error_code(refused) == "operator_required"
+
+    assert funded.agreement(funded.agreement_id)["status"] == "disputed"
+    assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RESOLVE).exists()
 
 
 def test_unused_expired_escrow_is_reclaimed_for_the_buyer(funded, escrow_chain, django_capture_on_commit_callbacks):
