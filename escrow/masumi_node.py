@@ -278,7 +278,7 @@ class PaymentResolveSerializer(StrictSerializer):
 
 class PaymentListQuery(StrictSerializer):
     network = _network_field()
-    limit = serializers.IntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=10)
+    limit = StrictIntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=10)
 
 
 class PaymentSerializer(serializers.Serializer):
@@ -309,7 +309,7 @@ PaymentListEnvelope = _envelope("MasumiPaymentListEnvelope", type(
 
 
 class PaymentSourceListQuery(StrictSerializer):
-    take = serializers.IntegerField(required=False, min_value=1, max_value=MAX_LIMIT)
+    take = StrictIntegerField(required=False, min_value=1, max_value=MAX_LIMIT)
     cursorId = serializers.CharField(required=False, max_length=100)
 
 
@@ -477,28 +477,9 @@ class PurchaseView(APIView):
                    summary="Masumi: buy one job (input_data, or a seller's blockchainIdentifier); answers with the "
                            "escrow package to sign (then lock-funds)",
                    responses={200: PurchaseCreatedEnvelope, **error_responses(403, 404, 409, 422, 429, 503)})
-    @idempotent()
-    def post(self, request):
-        data = _request_body(PurchaseCreateSerializer, request)
-        _check_payment_type(data.get("paymentType"))
-        _check_smart_contract(data.get("smartContractAddress"))
-        buyer = calling_agent(request)
-        service = catalog_selectors.service_get(service_id=data["agentIdentifier"])
-        purchases.check_listed_price(service=service, funds=data.get("Amounts"))
-        if "blockchainIdentifier" in data:
-            payment_request = selectors.payment_request_get(blockchain_identifier=data["blockchainIdentifier"])
-            if payment_request.service_id != data["agentIdentifier"]:
-                raise InvalidInput("The payment request is for another agent.", code="payment_mismatch",
-                                   details={"fields": ["agentIdentifier"]})
-            purchase, package = purchases.purchase_create_for_payment(
-                buyer=buyer, payment_request=payment_request, seller_wallet=data["sellerVkey"],
-                identifier_from_purchaser=data["identifierFromPurchaser"], input_hash=data.get("inputHash"),
-                metadata=data["metadata"], timers=_timer_arguments(data))
-        else:
-            purchase, package = purchases.purchase_create(
-                buyer=buyer, service=service, input_data=data["input_data"], input_hash=data.get("inputHash"),
-                identifier_from_purchaser=data["identifierFromPurchaser"], metadata=data["metadata"],
-                timers=_timer_arguments(data))
+    @idempotent(prepare=lambda view, request: _purchase_prepared(request))
+    def post(self, request, prepared: purchases.PurchasePlan):
+        purchase, package = purchases.purchase_record(plan=prepared)
         # 200, as a Masumi node answers (the masumi library treats anything else as a failure).
         return _success({**purchase_payload(purchase), "ActivationPackage": ActivationPackageSerializer(package).data})
 
@@ -507,6 +488,30 @@ class PurchaseView(APIView):
                    responses={200: PurchaseEnvelope, **error_responses(404, 409)})
     def patch(self, request):
         return _request_refund(request)
+
+
+def _purchase_prepared(request) -> purchases.PurchasePlan:
+    """The purchase checked, and the chain read (its clock, the buyer's permit nonce), before the idempotent
+    request's transaction opens."""
+    data = _request_body(PurchaseCreateSerializer, request)
+    _check_payment_type(data.get("paymentType"))
+    _check_smart_contract(data.get("smartContractAddress"))
+    buyer = calling_agent(request)
+    service = catalog_selectors.service_get(service_id=data["agentIdentifier"])
+    purchases.check_listed_price(service=service, funds=data.get("Amounts"))
+    if "blockchainIdentifier" in data:
+        payment_request = selectors.payment_request_get(blockchain_identifier=data["blockchainIdentifier"])
+        if payment_request.service_id != data["agentIdentifier"]:
+            raise InvalidInput("The payment request is for another agent.", code="payment_mismatch",
+                               details={"fields": ["agentIdentifier"]})
+        return purchases.purchase_prepare_for_payment(
+            buyer=buyer, payment_request=payment_request, seller_wallet=data["sellerVkey"],
+            identifier_from_purchaser=data["identifierFromPurchaser"], input_hash=data.get("inputHash"),
+            metadata=data["metadata"], timers=_timer_arguments(data))
+    return purchases.purchase_prepare(
+        buyer=buyer, service=service, input_data=data["input_data"], input_hash=data.get("inputHash"),
+        identifier_from_purchaser=data["identifierFromPurchaser"], metadata=data["metadata"],
+        timers=_timer_arguments(data))
 
 
 def _request_refund(request) -> Response:
@@ -601,17 +606,21 @@ class PaymentView(APIView):
                    summary="Masumi: request payment for one job of your service (a masumi seller's /start_job "
                            "does); hand the buyer its blockchainIdentifier",
                    responses={200: PaymentEnvelope, **error_responses(404, 422, 503)})
-    @idempotent()
-    def post(self, request):
-        data = _request_body(PaymentCreateSerializer, request)
-        _check_payment_type(data.get("paymentType"))
-        seller = calling_agent(request)
-        service = catalog_selectors.service_get(service_id=data["agentIdentifier"], viewer=seller)
-        payment = purchases.payment_request_create(
-            seller=seller, service=service, identifier_from_purchaser=data["identifierFromPurchaser"],
-            input_hash=data.get("inputHash"), metadata=data["metadata"], timers=_timer_arguments(data),
-            requested_funds=data.get("RequestedFunds"))
-        return _success(payment_payload(payment))
+    @idempotent(prepare=lambda view, request: _payment_prepared(request))
+    def post(self, request, prepared: dict):
+        return _success(payment_payload(purchases.payment_request_create(**prepared)))
+
+
+def _payment_prepared(request) -> dict:
+    """The payment request checked, and the chain's clock read, before the idempotent request's transaction
+    opens."""
+    data = _request_body(PaymentCreateSerializer, request)
+    _check_payment_type(data.get("paymentType"))
+    seller = calling_agent(request)
+    service = catalog_selectors.service_get(service_id=data["agentIdentifier"], viewer=seller)
+    return {"seller": seller, "service": service, "identifier_from_purchaser": data["identifierFromPurchaser"],
+            "input_hash": data.get("inputHash"), "metadata": data["metadata"], "timers": _timer_arguments(data),
+            "requested_funds": data.get("RequestedFunds"), "clock": purchases.request_clock()}
 
 
 class PaymentResolveView(APIView):

@@ -57,7 +57,9 @@ import hashlib
 import json
 import logging
 import secrets
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -122,7 +124,9 @@ def _timers(now: int, requested: dict[str, int | None], *, chain_now: int) -> di
                 ("external_dispute_unlock_time", settings.MASUMI_EXTERNAL_DISPUTE_SECONDS)]
     timers, previous = {}, now
     for name, default in defaults:
-        value = requested.get(name) or previous + default
+        value = requested.get(name)
+        if value is None:  # a timer given as 0 (the epoch) is in the past, not left out
+            value = previous + default
         if value <= previous:
             raise InvalidInput("Timers must be in the future and in order: payByTime < submitResultTime < "
                                "unlockTime < externalDisputeUnlockTime.", code="invalid_timers",
@@ -144,11 +148,27 @@ def _check_purchasable(service: Service) -> None:
                        details={"message": service.availability_message})
 
 
-def purchase_create(*, buyer: Agent, service: Service, input_data, input_hash: str | None = None,
-                    identifier_from_purchaser: str = "", metadata: str = "",
-                    timers: dict[str, int | None] | None = None) -> tuple[MasumiPurchase, dict]:
-    """Buy a job the marketplace starts on the seller once the funds are locked. Returns the purchase and the
-    package the buyer signs."""
+@dataclass(frozen=True)
+class PurchasePlan:
+    """A purchase checked, with what the chain says of it (its clock, the buyer's permit nonce) read before the
+    purchase's transaction opens: no row lock ever waits on the node."""
+    buyer: Agent
+    service: Service
+    chain_now: int
+    at: dict[str, int]
+    identifier_from_purchaser: str
+    metadata: str
+    input_data: Any
+    input_hash: str
+    payment_request: MasumiPaymentRequest | None
+    permit_nonce: int
+
+
+def purchase_prepare(*, buyer: Agent, service: Service, input_data, input_hash: str | None = None,
+                     identifier_from_purchaser: str = "", metadata: str = "",
+                     timers: dict[str, int | None] | None = None) -> PurchasePlan:
+    """Buy a job the marketplace starts on the seller once the funds are locked: checked, and the chain read.
+    `purchase_record` writes it."""
     _check_purchasable(service)
     identifier_from_purchaser = identifier_from_purchaser or new_identifier_from_purchaser()
     computed = input_hash_of(input_data, identifier_from_purchaser)
@@ -157,14 +177,15 @@ def purchase_create(*, buyer: Agent, service: Service, input_data, input_hash: s
                            code="input_hash_mismatch", details={"expected": computed})
     chain_now = chain_clock.chain_now_for_request()
     at = _timers(chain_clock.deadline_clock(), timers or {}, chain_now=chain_now)
-    return _purchase_record(buyer=buyer, service=service, chain_now=chain_now, at=at,
-                            identifier_from_purchaser=identifier_from_purchaser, metadata=metadata,
-                            input_data=input_data, input_hash=computed, payment_request=None)
+    return PurchasePlan(buyer=buyer, service=service, chain_now=chain_now, at=at,
+                        identifier_from_purchaser=identifier_from_purchaser, metadata=metadata,
+                        input_data=input_data, input_hash=computed, payment_request=None,
+                        permit_nonce=services.buyer_permit_nonce(buyer=buyer))
 
 
-def purchase_create_for_payment(*, buyer: Agent, payment_request: MasumiPaymentRequest, seller_wallet: str,
-                                identifier_from_purchaser: str, input_hash: str | None, metadata: str = "",
-                                timers: dict[str, int | None]) -> tuple[MasumiPurchase, dict]:
+def purchase_prepare_for_payment(*, buyer: Agent, payment_request: MasumiPaymentRequest, seller_wallet: str,
+                                 identifier_from_purchaser: str, input_hash: str | None, metadata: str = "",
+                                 timers: dict[str, int | None]) -> PurchasePlan:
     """Pay a seller's payment request (the masumi library's flow). What the buyer sends must be what the seller
     asked for: the buyer's library computed the input hash, the seller's library the one in the request."""
     service = payment_request.service
@@ -177,7 +198,7 @@ def purchase_create_for_payment(*, buyer: Agent, payment_request: MasumiPaymentR
                 **{masumi_name: _unix(getattr(payment_request, name)) for name, masumi_name in TIMER_NAMES.items()}}
     given = {"sellerVkey": seller_wallet.lower(), "identifierFromPurchaser": identifier_from_purchaser,
              "inputHash": input_hash or payment_request.input_hash,
-             **{masumi_name: timers.get(name) or _unix(getattr(payment_request, name))
+             **{masumi_name: _unix(getattr(payment_request, name)) if timers.get(name) is None else timers[name]
                 for name, masumi_name in TIMER_NAMES.items()}}
     differ = sorted(name for name in expected if expected[name] != given[name])
     if differ:
@@ -186,15 +207,16 @@ def purchase_create_for_payment(*, buyer: Agent, payment_request: MasumiPaymentR
     at = {name: _unix(getattr(payment_request, name)) for name in TIMER_NAMES}
     if at["pay_by_time"] <= chain_clock.deadline_clock():
         raise Conflict("The payment request's payByTime has passed.", code="pay_by_time_passed")
-    return _purchase_record(buyer=buyer, service=service, chain_now=chain_clock.chain_now_for_request(), at=at,
-                            identifier_from_purchaser=identifier_from_purchaser, metadata=metadata, input_data=None,
-                            input_hash=given["inputHash"] or "", payment_request=payment_request)
+    return PurchasePlan(buyer=buyer, service=service, chain_now=chain_clock.chain_now_for_request(), at=at,
+                        identifier_from_purchaser=identifier_from_purchaser, metadata=metadata, input_data=None,
+                        input_hash=given["inputHash"] or "", payment_request=payment_request,
+                        permit_nonce=services.buyer_permit_nonce(buyer=buyer))
 
 
-def _purchase_record(*, buyer: Agent, service: Service, chain_now: int, at: dict[str, int],
-                     identifier_from_purchaser: str, metadata: str, input_data, input_hash: str,
-                     payment_request: MasumiPaymentRequest | None) -> tuple[MasumiPurchase, dict]:
-    """The purchase and its escrow agreement (accepted: a listed Masumi service is a standing offer)."""
+def purchase_record(*, plan: PurchasePlan) -> tuple[MasumiPurchase, dict]:
+    """The purchase and its escrow agreement (accepted: a listed Masumi service is a standing offer), with the
+    package the buyer signs. Asks the chain nothing (`purchase_prepare` did)."""
+    buyer, service, payment_request, at = plan.buyer, plan.service, plan.payment_request, plan.at
     with transaction.atomic():
         if payment_request is not None:  # locked: two buyers paying one request, the second is told so
             MasumiPaymentRequest.objects.select_for_update().get(pk=payment_request.pk)
@@ -202,17 +224,19 @@ def _purchase_record(*, buyer: Agent, service: Service, chain_now: int, at: dict
                 raise Conflict("This payment request is already being paid.", code="payment_already_purchased")
         agreement = agreement_services.agreement_propose(proposal=agreement_services.agreement_proposal_prepare(
             buyer=buyer, service=service, quantity=1, expires_at=_moment(at["submit_result_time"]),
-            challenge_window_seconds=at["unlock_time"] - chain_now, note="masumi purchase"))
+            challenge_window_seconds=at["unlock_time"] - plan.chain_now, note="masumi purchase"))
         if agreement.status != S.PROPOSED:
             # A purchase is paid at once; one that needs the owner's approval is refused (and not recorded).
             raise Forbidden("The buyer's policy requires an owner's approval for this purchase.",
                             code="approval_required")
         agreement = agreement_services.agreement_accept(agreement=agreement, seller=service.seller)
         purchase = MasumiPurchase.objects.create(
-            agreement=agreement, payment_request=payment_request, identifier_from_purchaser=identifier_from_purchaser,
-            metadata=metadata, input_data=input_data, input_hash=input_hash, created_chain_time=_moment(chain_now),
+            agreement=agreement, payment_request=payment_request,
+            identifier_from_purchaser=plan.identifier_from_purchaser, metadata=plan.metadata,
+            input_data=plan.input_data, input_hash=plan.input_hash, created_chain_time=_moment(plan.chain_now),
             **{name: _moment(value) for name, value in at.items()})
-        package = services.activation_package(agreement=agreement, buyer=buyer, deadline=at["pay_by_time"])
+        package = services.activation_package(agreement=agreement, buyer=buyer, deadline=at["pay_by_time"],
+                                              permit_nonce=plan.permit_nonce)
     return purchase, package
 
 
@@ -264,8 +288,13 @@ def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature
             purchase.refund_signature = signature
         purchase.refund_requested_at = timezone.now()
         purchase.save(update_fields=["refund_requested_at", "refund_signature", "updated_at"])
-        if agreement.status == S.IN_CHALLENGE and purchase.refund_signature:
+    if agreement.status == S.IN_CHALLENGE and purchase.refund_signature:
+        # After the commit: the challenge reads the chain, which no row lock may wait on. Should it fail, the
+        # request stands and `purchases_tick` submits it.
+        try:
             _dispute(purchase)
+        except ApplicationError as error:
+            _record_error(purchase.pk, error)
     return purchase
 
 
@@ -304,14 +333,21 @@ def check_listed_price(*, service: Service, funds: list[dict] | None) -> None:
                            details={"expected": [{"amount": str(service.unit_price), "unit": service.token}]})
 
 
+def request_clock() -> tuple[int, int]:
+    """(`deadline_clock()`, `chain_now_for_request()`): what new timers count from, read before a transaction."""
+    return chain_clock.deadline_clock(), chain_clock.chain_now_for_request()
+
+
 def payment_request_create(*, seller: Agent, service: Service, identifier_from_purchaser: str,
                            input_hash: str | None, metadata: str, timers: dict[str, int | None],
-                           requested_funds: list[dict] | None) -> MasumiPurchase | MasumiPaymentRequest:
+                           requested_funds: list[dict] | None,
+                           clock: tuple[int, int] | None = None) -> MasumiPurchase | MasumiPaymentRequest:
     """A seller's payment request for one job (sent by a masumi seller from its /start_job).
 
     When the marketplace itself is starting that job for a purchase already funded (same service, purchaser
     identifier and input hash), the answer is that purchase: the job is paid already. Otherwise a new request, which
-    the buyer pays with `POST /purchase` and its blockchainIdentifier."""
+    the buyer pays with `POST /purchase` and its blockchainIdentifier. `clock`: `request_clock()`, read before the
+    caller's transaction opened (else read here)."""
     if service.seller_id != seller.pk:
         raise NotFound("No such service of yours.", code="service_not_found")
     if service.upstream_protocol != UpstreamProtocol.MASUMI or service.state != ServiceState.REGISTERED:
@@ -326,7 +362,8 @@ def payment_request_create(*, seller: Agent, service: Service, identifier_from_p
     purchase = funded.select_related("agreement").order_by("created_at").first()
     if purchase is not None:
         return purchase
-    at = _timers(chain_clock.deadline_clock(), timers, chain_now=chain_clock.chain_now_for_request())
+    deadline_now, chain_now = clock or request_clock()
+    at = _timers(deadline_now, timers, chain_now=chain_now)
     return MasumiPaymentRequest.objects.create(
         service=service, identifier_from_purchaser=identifier_from_purchaser, input_hash=input_hash or "",
         metadata=metadata, **{name: _moment(value) for name, value in at.items()})
@@ -437,7 +474,13 @@ def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -
         purchase.save(update_fields=["result", "result_hash", "result_submitted_at", "last_error", "updated_at"])
         agreement_services.job_result_charge(agreement_id=purchase.agreement_id, result_hash="0x" + result_hash,
                                              request_id=f"masumi-job:{purchase.job_id or purchase.pk}")
+    # After the commit: the proposal reads the chain, which no row lock may wait on. The charge asked for
+    # completion, so should the proposal fail here, settlement_tick proposes it.
+    try:
         settlement.settlement_propose(agreement_id=purchase.agreement_id)
+    except ApplicationError as error:
+        logger.warning("settlement proposal after a job result deferred to the settlement tick",
+                       extra={"agreement_id": str(purchase.agreement_id), "error": str(error)})
     return purchase
 
 
@@ -479,8 +522,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
         if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.CHALLENGE):
             continue
         try:
-            with transaction.atomic():
-                _dispute(purchase)
+            _dispute(purchase)  # no transaction around it: it reads the chain, then takes its own
             done["disputed"] += 1
         except ApplicationError as error:
             _record_error(purchase.pk, error)
@@ -506,7 +548,8 @@ def _zero_proposal(purchase: MasumiPurchase) -> ChainTransaction | None:
         if agreement.completion_requested_at is None:
             agreement_services.completion_request(agreement=agreement,
                                                   reason="no result by submitResultTime; refund requested")
-        return settlement.settlement_propose(agreement_id=agreement.pk)
+    # After the commit: the proposal reads the chain (and locks the agreement again to queue it).
+    return settlement.settlement_propose(agreement_id=agreement.pk)
 
 
 # --- reads -----------------------------------------------------------------------------------------------------

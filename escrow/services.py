@@ -68,12 +68,22 @@ def _permit_nonce(agreement: UsageAgreement) -> int:
     return _token_nonce(agreement.buyer_wallet_address, agreement.token_address or None)
 
 
-def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int | None = None) -> dict:
+def buyer_permit_nonce(*, buyer: Agent) -> int:
+    """The nonce the buyer's next permit of the platform's token carries, for `activation_package` inside a
+    transaction: chain reads, so made before it opens (the token's EIP-712 domain, cached once read, as well)."""
+    with chain.unavailable_as_503():
+        chain.token_domain()
+    return _token_nonce(buyer.wallet_address)
+
+
+def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int | None = None,
+                       permit_nonce: int | None = None) -> dict:
     """Everything the buyer signs to activate: the intent and ONE EIP-2612 permit for the deposit plus the fee
     (the contract's combined path: a front-runner who submits the permit only grants the allowance activation
     uses, so it cannot make activation revert).
 
-    `deadline` (unix time) overrides the default signature lifetime, e.g. a Masumi purchase's payByTime."""
+    `deadline` (unix time) overrides the default signature lifetime, e.g. a Masumi purchase's payByTime;
+    `permit_nonce`, the buyer's token nonce read before the caller's transaction opened (`buyer_permit_nonce`)."""
     _require_chain()
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer activates the escrow.", code="buyer_only")
@@ -92,7 +102,8 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
         "deadline": deadline,
         "intent": _intent(agreement, deadline),
         "escrow_permit": _permit(agreement, value=agreement.deposit_amount + agreement.infra_fee,
-                                 nonce=_permit_nonce(agreement), deadline=deadline),
+                                 nonce=_permit_nonce(agreement) if permit_nonce is None else permit_nonce,
+                                 deadline=deadline),
     }
 
 

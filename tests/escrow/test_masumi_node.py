@@ -165,3 +165,65 @@ def test_a_refund_request_without_a_signature_is_recorded_and_can_be_withdrawn(p
     assert withdrawn.status_code == 200, withdrawn.content
     assert withdrawn.json()["data"]["onChainState"] == "FundsLocked"
     assert withdrawn.json()["data"]["refundRequestedAt"] is None
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_creating_purchases_and_payment_requests_asks_the_chain_with_no_database_transaction_open(
+        parties, escrow_chain, settings):
+    """The chain's clock, the buyer's permit nonce and the token's EIP-712 domain were read inside the purchase's
+    transaction (under the payment request's and the buyer's row locks), and inside the idempotent request's
+    transaction with an Idempotency-Key."""
+    from tests.escrow.test_masumi_purchases import ChainCallsWatch
+
+    watch = ChainCallsWatch(escrow_chain, settings)
+    try:
+        body = {"network": "Preprod", "agentIdentifier": str(parties.service.pk), "input_data": INPUT}
+        plain = parties.buyer_api.post("/purchase", body)
+        assert plain.status_code == 200, plain.content
+        assert watch.taken() == []
+        keyed = parties.buyer_api.post("/purchase", body, headers={"Idempotency-Key": "purchase-1"})
+        assert keyed.status_code == 200, keyed.content
+        assert watch.taken() == []
+        replay = parties.buyer_api.post("/purchase", body, headers={"Idempotency-Key": "purchase-1"})
+        assert replay.json() == keyed.json() and replay["Idempotent-Replayed"] == "true"
+
+        pay_by = deadline_clock(escrow_chain) + 600
+        requested = parties.seller_api.post("/payment/", {
+            "agentIdentifier": str(parties.service.pk), "network": "Preprod", "payByTime": iso(pay_by),
+            "submitResultTime": iso(pay_by + 3600), "identifierFromPurchaser": "order-9", "inputHash": INPUT_HASH},
+            headers={"Idempotency-Key": "payment-1"})
+        assert requested.status_code == 200, requested.content
+        assert watch.taken() == []
+        paid = parties.buyer_api.post("/purchase/", paying_body(parties, requested.json()["data"]),
+                                      headers={"Idempotency-Key": "purchase-2"})
+        assert paid.status_code == 200, paid.content
+        assert paid.json()["data"]["ActivationPackage"]["deadline"] == pay_by
+        assert watch.taken() == []
+    finally:
+        watch.relay.stop()
+
+
+def test_a_timer_of_zero_is_refused_not_replaced_by_the_default(parties):
+    """"0" (the epoch, or any count under 1000 ms) read as 0 s, which counted as a timer left out: the purchase or
+    payment request got the default timer instead of the one asked for."""
+    for path, api, body in [("/purchase", parties.buyer_api, {"input_data": INPUT}),
+                            ("/payment", parties.seller_api, {"identifierFromPurchaser": "order-9"})]:
+        for name in ("payByTime", "submitResultTime", "unlockTime", "externalDisputeUnlockTime"):
+            for value in ("0", "999", 0):
+                refused = api.post(path, {"network": "Preprod", "agentIdentifier": str(parties.service.pk), **body,
+                                          name: value})
+                assert refused.status_code == 400 and error_code(refused) == "invalid_timers", (
+                    path, name, value, refused.content)
+
+
+def test_the_seller_side_lists_take_integers_in_ascii_digits_only(parties):
+    """`limit` of GET /payment and `take` of GET /payment-source took "1.0" and non-ASCII digits ("٣"), unlike every
+    other integer in a query string."""
+    for value in ("1.0", "٣", "1e1", " 3"):
+        listed = parties.seller_api.get("/payment/", {"network": "Preprod", "limit": value})
+        assert listed.status_code == 400, (value, listed.content)
+        sources = parties.seller_api.get("/payment-source/", {"take": value})
+        assert sources.status_code == 400, (value, sources.content)
+    assert parties.seller_api.get("/payment/", {"network": "Preprod", "limit": "3"}).status_code == 200
+    assert parties.seller_api.get("/payment-source/", {"take": "3"}).status_code == 200

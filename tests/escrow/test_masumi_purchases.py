@@ -274,6 +274,78 @@ def test_refund_requested_before_the_result_disputes_a_late_result(escrow_chain,
     call_command("reconcile")
 
 
+class ChainCallsWatch:
+    """Every JSON-RPC method the marketplace sends while the test's database session has a transaction open (a row
+    lock held across a node call waits as long as the node does)."""
+
+    def __init__(self, chain, settings):
+        from tests.support.db_activity import backend_pid, session_state
+        from tests.support.rpc_relay import RpcRelay
+
+        self.relay = RpcRelay(chain.node.rpc_url).start()
+        settings.CHAIN_RPC_URL = self.relay.url
+        pid, self.inside = backend_pid(), []
+        self.relay.observers.append(lambda call: session_state(pid) == "idle in transaction"
+                                    and self.inside.append(call["method"]))
+
+    def taken(self) -> list[str]:
+        inside, self.inside = self.inside, []
+        return inside
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_result_and_a_refund_request_after_it_ask_the_chain_with_no_database_transaction_open(
+        escrow_chain, seller_service, settings, django_capture_on_commit_callbacks):
+    """The result's settlement proposal and the refund request's challenge read the chain (its clock, the escrow's
+    terms): they did so under the purchase's and the agreement's row locks."""
+    purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    watch = ChainCallsWatch(escrow_chain, settings)
+    try:
+        assert purchase.tick()["results"] == 1
+        assert watch.taken() == []
+        assert purchase.onchain()["state"] == "proposed"
+        body = {"network": "Preprod", "blockchainIdentifier": purchase.id,
+                "signature": sign_typed_data(purchase.parties.buyer_account.key,
+                                             purchase.get()["refundRequestTypedData"])}
+        with purchase.capture(execute=True):
+            requested = purchase.parties.buyer_api.patch("/purchase", body)
+        assert requested.status_code == 200, requested.content
+        assert watch.taken() == []
+        confirm_all(purchase.capture)
+        assert purchase.get()["onChainState"] == "Disputed"
+    finally:
+        watch.relay.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_refund_by_the_purchases_timers_asks_the_chain_with_no_database_transaction_open(
+        escrow_chain, seller_service, settings, django_capture_on_commit_callbacks):
+    """The zero proposal and the challenge of it the beat task sends read the chain outside any transaction."""
+    seller_service.mode = "never"
+    purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    escrow_chain.increase_time(purchase.timers["submitResultTime"] - escrow_chain.now())
+    requested = purchase.parties.buyer_api.patch("/purchase/", {
+        "network": "Preprod", "blockchainIdentifier": purchase.id,
+        "signature": sign_typed_data(purchase.parties.buyer_account.key, purchase.get()["refundRequestTypedData"])})
+    assert requested.status_code == 200, requested.content
+    watch = ChainCallsWatch(escrow_chain, settings)
+    try:
+        assert purchase.tick()["refunding"] == 1
+        assert watch.taken() == []
+        assert purchase.tick()["disputed"] == 1
+        assert watch.taken() == []
+        assert purchase.tick()["released"] == 1
+        confirm_all(purchase.capture)
+        assert purchase.get()["onChainState"] == "RefundWithdrawn"
+    finally:
+        watch.relay.stop()
+    purchase.assert_moved(seller=0, buyer=PRICE)
+
+
 def test_bad_purchases_are_refused(escrow_chain, seller_service, http_server):
     chain = escrow_chain
     parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
