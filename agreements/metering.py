@@ -60,6 +60,7 @@ S = AgreementStatus
 logger = logging.getLogger(__name__)
 BUDGET_USED_UP = "budget_used_up"
 _BASE_TYPE = re.compile(r"\(.*\)")  # varchar(16) -> varchar, numeric(78, 0) -> numeric
+_REQUEST_ID_MAX = UsageEvent._meta.get_field("request_id").max_length
 # What extending the usage chain reads under the row lock: no more, so the locked read stays short
 # (`token` labels the charge in the metrics).
 _CHAIN_FIELDS = ("id", "chain_id", "deposit_amount", "used", "reserved", "usage_seq", "usage_digest",
@@ -1262,11 +1263,16 @@ def usage_record(*, agreement: UsageAgreement, seller_id: uuid.UUID, entries: li
             _lock_and_read(agreement)
         if agreement.status != S.ACTIVE:
             raise _not_chargeable(agreement)
-        if agreement.completion_requested_at is not None:
+        # Past its expiry an agreement stays active until the beat task completes (or reclaims) it: no usage is
+        # added then, as no proxied call is reserved (`reservation_take`).
+        if agreement.completion_requested_at is not None or agreement.expires_at <= timezone.now():
             raise Conflict("The agreement is completing; usage can no longer be added.", code="agreement_completing",
                            details={"status": agreement.status})
+        # Each event's request id is the request's and its index, within the column (a well-formed X-Request-Id
+        # may take all of it).
+        base = request_id[:_REQUEST_ID_MAX - len(f":{len(entries) - 1}")]
         charges = [{"units": entry["units"], "cost": entry["units"] * agreement.price_per_unit,
-                    "description": entry.get("description", ""), "request_id": f"{request_id}:{index}"}
+                    "description": entry.get("description", ""), "request_id": f"{base}:{index}"}
                    for index, entry in enumerate(entries)]
         total = sum(charge["cost"] for charge in charges)
         if agreement.used + agreement.reserved + total > agreement.deposit_amount:

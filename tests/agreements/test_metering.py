@@ -185,6 +185,18 @@ def test_seller_records_usage_all_or_nothing(active, escrow_chain):
                           escrow=onchain_escrow(escrow_chain, onchain_id), price_per_unit=20_000)
 
 
+@pytest.mark.parametrize("body", [{"units": 1}, {"events": [{"units": 1}, {"units": 1}]}, {"units_used": 2}])
+def test_a_seller_reports_no_usage_on_an_agreement_past_its_expiry(active, body):
+    # Still active until the beat task completes it (or, unused, reclaims it after the grace): the proxy refuses
+    # calls from the expiry on, and so must a seller's report, which would turn the buyer's reclaim into a payout.
+    UsageAgreement.objects.filter(pk=active.agreement_id).update(expires_at=timezone.now() - timedelta(seconds=1))
+    refused = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage", body,
+                                     headers={"Idempotency-Key": "late"})
+    assert refused.status_code == 409 and error_code(refused) == "agreement_completing", refused.content
+    assert not UsageEvent.objects.filter(agreement_id=active.agreement_id).exists()
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == 0
+
+
 def test_calls_before_activation_are_409(escrow_chain, http_server):
     parties = Parties(escrow_chain, upstream_base_url=http_server.url)
     agreement = parties.accepted_agreement()

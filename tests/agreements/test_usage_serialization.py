@@ -295,3 +295,15 @@ def test_a_revoked_key_reports_no_more_usage_within_a_second(active, settings):
     refused = active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "v2"})
     assert refused.status_code == 401 and error_code(refused) == "credentials_revoked"
     assert UsageEvent.objects.filter(agreement_id=active.agreement_id).count() == 1
+
+
+@pytest.mark.parametrize("body", [{"units": 1}, {"events": [{"units": 1}] * 12}, {"units_used": 3}])
+def test_a_report_with_the_longest_request_id_is_recorded_not_500(active, body):
+    # 128 characters is a well-formed X-Request-Id (kept as the request's id); each event's id adds ":<index>".
+    request_id = "r" * 128
+    recorded = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage", body,
+                                      headers={"Idempotency-Key": "long-id", "X-Request-Id": request_id})
+    assert recorded.status_code == 201, recorded.content
+    events = list(UsageEvent.objects.filter(agreement_id=active.agreement_id).order_by("seq"))
+    assert events and len({event.request_id for event in events}) == len(events)
+    assert all(len(event.request_id) <= 128 and event.request_id.startswith("r" * 100) for event in events)
