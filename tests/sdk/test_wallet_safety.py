@@ -304,9 +304,11 @@ def test_verify_usage_checks_the_listing_against_the_chain(market, hostile, escr
     higher = receipts.usage_receipt_digest(chain_id=chain.chain_id, escrow_address=chain.addresses["escrow"],
                                            agreement_id=onchain_id, seq=4, cumulative_amount=80_000,
                                            usage_digest="0x" + "77" * 32)
-    chain.escrow.functions.proposeSettlement(
+    raised = chain.escrow.functions.proposeSettlement(
         onchain_id, escrow_terms(chain.escrow, onchain_id), 4, 80_000, "0x" + "77" * 32, receipt_sign(chain.accounts.receipt_signer.key, higher),
     ).transact({"from": chain.accounts.seller.address})
+    # Anvil answers a send before it mines it: read the escrow once the proposal is in a block.
+    chain.w3.eth.wait_for_transaction_receipt(raised, timeout=30)
     with pytest.raises(receipts.SettlementProposalMismatch):
         buyer.verify_usage(agreement)
 
