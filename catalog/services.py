@@ -50,12 +50,9 @@ def agent_create(
         raise InvalidInput(f"The handle {handle!r} is reserved.", code="handle_reserved")
     if not (is_buyer or is_seller):
         raise InvalidInput("An agent must be a buyer, a seller or both.", code="no_role")
-    taken = Conflict(f"The handle {handle!r} is taken.", code="handle_taken")
-    if Agent.objects.filter(handle=handle).exists():
-        raise taken
     try:
-        # The unique constraint decides between two creations at once (no row to lock yet): the second waits for
-        # the first to commit, then fails here.
+        # The unique constraint decides, also between two creations at once (no row to lock yet): the second
+        # waits for the first to commit, then fails here.
         with transaction.atomic():
             return Agent.objects.create(
                 owner=owner,
@@ -67,7 +64,7 @@ def agent_create(
             )
     except IntegrityError:
         if Agent.objects.filter(handle=handle).exists():
-            raise taken from None
+            raise Conflict(f"The handle {handle!r} is taken.", code="handle_taken") from None
         raise
 
 

@@ -400,13 +400,22 @@ def first_logs(*, address: str, topics: list, from_block: int, to_block: int, ne
     return []
 
 
+def event_topic(event) -> str:
+    """A contract event's topic 0, as `eth_getLogs` filters take it."""
+    return "0x" + event.topic.hex().removeprefix("0x") if isinstance(event.topic, bytes) else event.topic
+
+
+def address_topic(address: str) -> str:
+    """An indexed address, as a log's topic holds it."""
+    return "0x" + address[2:].lower().rjust(64, "0")
+
+
 def _escrow_events(name: str, onchain_id: str, *, from_block: int, to_block: int, newest_first: bool = False) -> list:
     """Escrow event `name` for agreement `onchain_id` (indexed first topic), as `first_logs` finds them, decoded
     (`args`, `blockNumber`...)."""
     contract = escrow_contract()
     event = getattr(contract.events, name)()
-    topic = "0x" + event.topic.hex().removeprefix("0x") if isinstance(event.topic, bytes) else event.topic
-    found = first_logs(address=contract.address, topics=[topic, "0x" + onchain_id.removeprefix("0x").lower()],
+    found = first_logs(address=contract.address, topics=[event_topic(event), "0x" + onchain_id.removeprefix("0x").lower()],
                        from_block=from_block, to_block=to_block, newest_first=newest_first)
     return [event.process_log(log) for log in found]
 

@@ -168,7 +168,7 @@ def _fetch(cursor: IndexerCursor, start: int, end: int) -> tuple[str, list] | No
     end_hash = chain.canonical_block_hash(end)
     escrow = chainconfig.escrow_address()
     logs = chain.logs(address=escrow, from_block=start, to_block=end)
-    watched = [_address_topic(address) for address in _watched_addresses()]
+    watched = [chain.address_topic(address) for address in _watched_addresses()]
     for topics in ([_TRANSFER_TOPIC, watched], [_TRANSFER_TOPIC, None, watched]):
         logs += chain.logs(address=chainconfig.usdc_address(), from_block=start, to_block=end, topics=topics)
     if end_hash is None or chain.canonical_block_hash(end) != end_hash:
@@ -187,10 +187,6 @@ def _watched_addresses() -> list[str]:
 
 def _topic(abi: dict) -> str:
     return "0x" + event_abi_to_log_topic(abi).hex().removeprefix("0x")
-
-
-def _address_topic(address: str) -> str:
-    return "0x" + address[2:].lower().rjust(64, "0")
 
 
 def _hex(value) -> str:

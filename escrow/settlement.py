@@ -284,7 +284,7 @@ def _finalize(agreement: UsageAgreement, *, now: int) -> ChainTransaction | None
     # re-proposal that restarted the window, may be mined and not indexed yet (the indexer acts at depth).
     state, challenge_deadline = chain.call(
         chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:2]
-    if state != list(selectors.EscrowState).index(selectors.EscrowState.PROPOSED) or challenge_deadline > now:
+    if list(selectors.EscrowState)[state] != selectors.EscrowState.PROPOSED or challenge_deadline > now:
         return None
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)

@@ -240,8 +240,7 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> str | None:
         return f"{invalid.code}: {invalid.message}"
     permit = agreement.fee_permit
     nonce = chain.call(token.functions.nonces(buyer).call)
-    front_run = permit["nonce"] < nonce and chain.call(token.functions.allowance(
-        buyer, to_checksum_address(chainconfig.relayer_address())).call) >= agreement.infra_fee
+    front_run = permit["nonce"] < nonce and _relayer_allowance(buyer) >= agreement.infra_fee
     if permit["nonce"] != nonce and not front_run:  # a permit someone else submitted granted the allowance
         return f"fee_permit_stale: the fee permit's nonce is {permit['nonce']}, the token's is now {nonce}"
     balance = chain.call(token.functions.balanceOf(buyer).call)
@@ -271,10 +270,13 @@ def _direct_fee_permit_evidence(tx: ChainTransaction) -> dict:
     granted the relayer the allowance all the same. Read from the token, outside any DB transaction."""
     if tx.status == TxStatus.CONFIRMED:
         return {}
-    agreement = _agreement(tx)
-    allowance = chain.call(chain.token_contract().functions.allowance(
-        to_checksum_address(agreement.buyer_wallet_address), to_checksum_address(chainconfig.relayer_address())).call)
-    return {"allowance": allowance}
+    return {"allowance": _relayer_allowance(_agreement(tx).buyer_wallet_address)}
+
+
+def _relayer_allowance(buyer: str) -> int:
+    """What the buyer's token allowance lets the relayer (the platform treasury) collect."""
+    return chain.call(chain.token_contract().functions.allowance(
+        to_checksum_address(buyer), to_checksum_address(chainconfig.relayer_address())).call)
 
 
 def _direct_fee_permit_outcome(tx: ChainTransaction) -> None:
@@ -312,19 +314,15 @@ def _authorization_used_by(authorization) -> str | None:
     payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
     if not chain.call(token.functions.authorizationState(payer, nonce).call):
         return None
-    used, cancelled = (_topic(token.events.AuthorizationUsed()), _topic(token.events.AuthorizationCanceled()))
+    used, cancelled = (chain.event_topic(token.events.AuthorizationUsed()),
+                       chain.event_topic(token.events.AuthorizationCanceled()))
     found = chain.first_logs(
-        address=token.address, topics=[[used, cancelled], "0x" + payer[2:].lower().rjust(64, "0"),
-                                       "0x" + nonce.hex()],
+        address=token.address, topics=[[used, cancelled], chain.address_topic(payer), "0x" + nonce.hex()],
         from_block=chainconfig.escrow_deployment_block(),
         to_block=chain.latest_block_number(), newest_first=True)
     if not found or _topic_of(found[-1]) != used:
         return None
     return "0x" + bytes(found[-1]["transactionHash"]).hex().removeprefix("0x")
-
-
-def _topic(event) -> str:
-    return "0x" + event.topic.hex().removeprefix("0x") if isinstance(event.topic, bytes) else event.topic
 
 
 def _topic_of(log) -> str:
