@@ -38,7 +38,7 @@ from marketplace.errors import (ApplicationError, Conflict, Forbidden, InvalidIn
                                 error_body, error_response)
 from marketplace.logging import agreement_id_var
 from marketplace.serializers import error_responses
-from marketplace.throttling import credential_key, windows_wait
+from marketplace.throttling import client_address, credential_key, windows_wait
 from sdk import proxy_signature
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _forward_headers(request, caller: KeyHolder, terms: selectors.CallTerms, res
     timestamp = int(time.time())
     headers.update({
         "Host": urlsplit(terms.upstream_base_url).netloc,
-        "X-Forwarded-For": request.META.get("REMOTE_ADDR", ""),
+        "X-Forwarded-For": client_address(request),
         "X-Marketplace-Agreement": str(terms.pk),
         "X-Marketplace-Call-Seq": str(reservation.call_seq),
         "X-Marketplace-Timestamp": str(timestamp),

@@ -6,7 +6,6 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
-from rest_framework.throttling import BaseThrottle
 from rest_framework.views import APIView
 
 from agreements import selectors as agreement_selectors
@@ -52,6 +51,7 @@ from marketplace import chainconfig
 from marketplace.errors import Conflict, InvalidInput, error_body
 from marketplace.idempotency import idempotent
 from marketplace.serializers import ErrorSerializer, error_responses
+from marketplace.throttling import client_address
 
 TAGS = ["escrow"]
 WITHDRAW_SIGNATURE = "withdraw(bytes32,(address,address,address,address,uint256,uint64,uint64,uint256))"
@@ -295,7 +295,7 @@ def _quote_holder(request) -> str:
     """Whom a 402's quoted authorization is kept for: the calling agent, else the client's address."""
     if isinstance(request.auth, ApiKey):
         return f"agent:{request.auth.agent_id}"
-    return f"address:{BaseThrottle().get_ident(request)}"  # as the rate limits count it (TRUSTED_PROXY_COUNT)
+    return f"address:{client_address(request)}"
 
 
 def _payment_required_response(request, skill, *, code: str, message: str, reason: str = "",

@@ -141,6 +141,16 @@ def _cache_count(backend, window_key: str, ttl: int) -> int:
         return 1 if backend.add(window_key, 1, timeout=ttl) else backend.incr(window_key)
 
 
+def client_address(request) -> str:
+    """The client's address, as the rate limits count it: the socket's peer, or behind TRUSTED_PROXY_COUNT reverse
+    proxies the address the outermost trusted one appended to X-Forwarded-For (what a client writes there itself
+    is never taken)."""
+    return _ADDRESSES.get_ident(request)
+
+
+_ADDRESSES = ScopedRateThrottle()
+
+
 def credential_key(scope: str, credential_prefix: str, kind: str = "ApiKey") -> str:
     return ScopedRateThrottle.cache_format % {"scope": scope, "ident": f"{kind}:{credential_prefix}"}
 

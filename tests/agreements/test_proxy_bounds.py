@@ -146,6 +146,16 @@ def test_hop_by_hop_forwarding_and_cookie_headers_do_not_cross(active, http_serv
     assert response["X-Kept"] == "1"
 
 
+def test_behind_a_trusted_proxy_the_seller_is_told_the_clients_address_not_the_balancers(active, http_server,
+                                                                                          settings):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "NUM_PROXIES": 1}  # TRUSTED_PROXY_COUNT=1
+    response = raw(active, "get", f"{active.proxy}/x", HTTP_X_FORWARDED_FOR="6.6.6.6, 203.0.113.9",
+                   REMOTE_ADDR="10.0.0.2")  # the balancer appended the client's address to what the client claimed
+    assert response.status_code == 200
+    [forwarded] = http_server.requests
+    assert forwarded.headers["X-Forwarded-For"] == "203.0.113.9"
+
+
 def test_the_seller_cannot_forge_the_marketplaces_own_answer_headers(active, http_server):
     """Its X-Usage-Cost or X-Escrow-Remaining (in another case than ours) reached the buyer on a replay beside ours,
     and its X-Usage-Event-Id and X-Usage-Seq on a call that was not charged."""
