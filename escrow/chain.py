@@ -5,6 +5,7 @@ Node errors are mapped to typed exceptions in one table (`_ERROR_PATTERNS`), so 
 """
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from django.conf import settings
 from eth_account import Account
 from eth_utils import to_checksum_address
 from web3 import Web3
+from web3._utils.http_session_manager import HTTPSessionManager
 from web3.contract import Contract
 from web3.exceptions import ContractCustomError, ContractLogicError, TransactionNotFound, Web3RPCError
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
@@ -130,8 +132,42 @@ def classify(exc: Exception) -> ChainError:
     return ChainError(f"{type(exc).__name__}: {exc}")
 
 
-class _BoundedJsonProvider(Web3.HTTPProvider):
-    """Node answers are parsed like every other JSON the platform reads (marketplace.bounded_json)."""
+class NodeAnswerTooLarge(ValueError):
+    """A node's answer beyond CHAIN_RPC_MAX_ANSWER_BYTES (not retried: it would be as large again)."""
+
+
+class _BoundedSessionManager(HTTPSessionManager):
+    """Reads a node's answer body up to `max_bytes` and within the RPC timeout in all (give or take the read under
+    way): requests' timeout bounds each read, so an answer dribbled a byte at a time, or an endless one, would hold
+    the caller and its memory."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__()
+        self.max_bytes = max_bytes
+
+    def make_post_request(self, endpoint_uri, data, **kwargs) -> bytes:
+        deadline = time.monotonic() + kwargs["timeout"]
+        with self.get_response_from_post_request(endpoint_uri, data=data, stream=True, **kwargs) as response:
+            response.raise_for_status()
+            body = bytearray()
+            # read1: what one read of the socket gave (iter_content's reads wait for a whole chunk, each read
+            # bounded by the timeout), decompressed up to that much.
+            while chunk := response.raw.read1(64 * 1024, decode_content=True):
+                body += chunk
+                if len(body) > self.max_bytes:
+                    raise NodeAnswerTooLarge(f"The node's answer is larger than {self.max_bytes} bytes.")
+                if time.monotonic() > deadline:
+                    raise requests.Timeout(f"The node's answer took longer than {kwargs['timeout']} s in all.")
+            return bytes(body)
+
+
+class _BoundedProvider(Web3.HTTPProvider):
+    """A node's answer is hostile input like any other: bounded in size and time (`_BoundedSessionManager`), and
+    parsed like every other JSON the platform reads (marketplace.bounded_json)."""
+
+    def __init__(self, rpc_url: str, *, max_bytes: int, **kwargs):
+        super().__init__(rpc_url, **kwargs)
+        self._request_session_manager = _BoundedSessionManager(max_bytes)
 
     @staticmethod
     def decode_rpc_response(raw_response: bytes):
@@ -139,22 +175,23 @@ class _BoundedJsonProvider(Web3.HTTPProvider):
 
 
 @cache
-def _client(rpc_url: str, timeout: float, retries: int, backoff: float) -> Web3:
+def _client(rpc_url: str, timeout: float, retries: int, backoff: float, max_bytes: int) -> Web3:
     # Transient failures (timeouts, 429, 5xx, a dropped connection) are retried per call with exponential backoff
-    # (backoff, 2x, 4x ...); what is left after that is classified above and handled per transaction.
+    # (backoff, 2x, 4x ...); what is left after that is classified above and handled per transaction. web3 counts
+    # tries, the first included (with 0 it made none and answered None).
     transient = ExceptionRetryConfiguration(errors=(requests.ConnectionError, requests.HTTPError, requests.Timeout),
-                                            retries=retries, backoff_factor=backoff)
+                                            retries=retries + 1, backoff_factor=backoff)
     # The node's chain id is asked once per client, not before every call web3 validates (eth_call, estimates,
     # sends): it does not change behind one RPC URL, and it was 22 of the ~55 round trips of two activations.
-    return Web3(_BoundedJsonProvider(rpc_url, request_kwargs={"timeout": timeout},
-                                     exception_retry_configuration=transient, cache_allowed_requests=True,
-                                     cacheable_requests={RPCEndpoint("eth_chainId")},
-                                     request_cache_validation_threshold=None))
+    return Web3(_BoundedProvider(rpc_url, max_bytes=max_bytes, request_kwargs={"timeout": timeout},
+                                 exception_retry_configuration=transient, cache_allowed_requests=True,
+                                 cacheable_requests={RPCEndpoint("eth_chainId")},
+                                 request_cache_validation_threshold=None))
 
 
 def w3() -> Web3:
     return _client(settings.CHAIN_RPC_URL, settings.CHAIN_RPC_TIMEOUT, settings.CHAIN_RPC_RETRIES,
-                   settings.CHAIN_RPC_RETRY_BACKOFF)
+                   settings.CHAIN_RPC_RETRY_BACKOFF, settings.CHAIN_RPC_MAX_ANSWER_BYTES)
 
 
 def escrow_address() -> str:

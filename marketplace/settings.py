@@ -253,9 +253,13 @@ RELAYER_PRIVATE_KEY = env.str("RELAYER_PRIVATE_KEY", default=_ANVIL_DEV_KEY if D
 # Signs usage receipts (the buyer names its address in the activation intent). Anvil dev key #9 by default.
 _ANVIL_DEV_KEY_9 = "0x2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6"
 RECEIPT_SIGNER_PRIVATE_KEY = env.str("RECEIPT_SIGNER_PRIVATE_KEY", default=_ANVIL_DEV_KEY_9 if DEBUG else "")
+# Seconds for a whole RPC answer, not per read.
 CHAIN_RPC_TIMEOUT = env.float("CHAIN_RPC_TIMEOUT", default=10.0)
-# Each RPC call is tried this many times on a timeout, 429 or 5xx, waiting backoff, 2x, 4x ... seconds in between.
-CHAIN_RPC_RETRIES = env.int("CHAIN_RPC_RETRIES", default=3)
+# A node's answer larger than this is refused (an eth_getLogs over INDEXER_BLOCK_RANGE blocks is the largest).
+CHAIN_RPC_MAX_ANSWER_BYTES = env.int("CHAIN_RPC_MAX_ANSWER_BYTES", default=32 * 1024 * 1024)
+# An RPC call is tried again this many times after a timeout, 429 or 5xx, waiting backoff, 2x, 4x ... seconds in
+# between (0: tried once).
+CHAIN_RPC_RETRIES = env.int("CHAIN_RPC_RETRIES", default=2)
 CHAIN_RPC_RETRY_BACKOFF = env.float("CHAIN_RPC_RETRY_BACKOFF_SECONDS", default=0.25)
 # Blocks on top of a transaction's block (its own included) before its outcome counts. A dev chain does not
 # reorganise: 1. Base and Base Sepolia (OP stack, 2 s blocks) can only reorganise blocks the sequencer has not
