@@ -617,10 +617,10 @@ class AgentEventAckView(APIView):
     permission_classes = [IsAgentOrOwner]
 
     @extend_schema(operation_id="agent_events_ack", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
-                   summary="Mark an inbox event handled; idempotent",
-                   responses={200: EventAckSerializer, **error_responses(404)})
+                   summary="Mark an inbox event handled (an agent key needs the `pay` scope); idempotent",
+                   responses={200: EventAckSerializer, **error_responses(403, 404)})
     def post(self, request, agent_id, event_id):
-        agent = acting_agent(request, agent_id, scope=KeyScope.READ)
+        agent = acting_agent(request, agent_id, scope=KeyScope.PAY)  # a change: not for a read-only key
         if not event_id.startswith("evt_") or not event_id[4:].isdigit() or len(event_id) > 22:
             raise NotFound("No such event.", code="event_not_found")
         ack = webhooks.event_ack(agent=agent, event=selectors.inbox_event_get(agent=agent,
