@@ -14,6 +14,7 @@ from marketplace.serializers import (
     AtomicAmountField,
     CentsField,
     FieldsBoundOnceSerializer,
+    StrictBooleanField,
     StrictIntegerField,
     StrictSerializer,
     cents_of,
@@ -435,7 +436,7 @@ class RecordUsageSerializer(StrictSerializer):
         min_value=0, max_value=10**12, required=False,
         help_text="All units the seller has reported so far (not counting proxied calls, which the marketplace "
                   "meters): the difference from the last total is charged; the same total again charges nothing.")
-    completed = serializers.BooleanField(required=False, default=False,
+    completed = StrictBooleanField(required=False, default=False,
                                          help_text="With units_used: end the agreement, as POST .../complete.")
 
     def run_validation(self, data=serializers.empty):

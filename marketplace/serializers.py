@@ -52,6 +52,18 @@ class StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(_integer_input(self, data))
 
 
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON true or false: DRF's BooleanField also reads "yes", "on", "1" or 1 (a form's spellings), and a flag
+    that ends an agreement is not guessed from a string."""
+
+    default_error_messages = {"invalid": "Must be a JSON boolean: true or false."}
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool):
+            return data
+        self.fail("invalid")
+
+
 @extend_schema_field({"type": "integer", "minimum": 0, "example": 1000000,
                       "description": "Token base units (USDC: 6 decimals, 1 USDC = 1000000)."})
 class AtomicAmountField(serializers.Field):

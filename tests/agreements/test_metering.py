@@ -12,7 +12,7 @@ from django.utils import timezone
 from agreements import metering
 from agreements.models import UsageAgreement, UsageEvent
 from sdk import proxy_signature, receipts
-from tests.conftest import error_code
+from tests.conftest import codes_at, error_code
 from tests.escrow.flow import Parties, onchain_escrow
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -195,6 +195,16 @@ def test_a_seller_reports_no_usage_on_an_agreement_past_its_expiry(active, body)
     assert refused.status_code == 409 and error_code(refused) == "agreement_completing", refused.content
     assert not UsageEvent.objects.filter(agreement_id=active.agreement_id).exists()
     assert UsageAgreement.objects.get(pk=active.agreement_id).used == 0
+
+
+@pytest.mark.parametrize("completed", ["true", "yes", "on", 1])
+def test_a_running_total_ends_the_agreement_only_on_a_json_true(active, completed):
+    """`completed` ends the agreement: a string or a number is refused, not read as DRF reads a form's "yes"."""
+    refused = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage",
+                                     {"units_used": 1, "completed": completed})
+    assert refused.status_code == 400 and codes_at(refused, "completed") == {"invalid"}, refused.content
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+    assert agreement.status == "active" and agreement.used == 0
 
 
 def test_calls_before_activation_are_409(escrow_chain, http_server):
