@@ -206,8 +206,10 @@ def invocation_run(*, invocation_id) -> SkillInvocation:
         return SkillInvocation.objects.get(pk=invocation_id)
     url, headers = _upstream_request(invocation)
     try:
-        with _client.stream("POST", url, json={"input": invocation.input}, headers=headers,
-                            timeout=httpx.Timeout(invocation.timeout_seconds, connect=5.0)) as response:
+        # The skill's limit bounds the whole call (a head or body sent a byte at a time included), not each read.
+        with (outbound.deadline(invocation.timeout_seconds),
+              _client.stream("POST", url, json={"input": invocation.input}, headers=headers,
+                             timeout=httpx.Timeout(invocation.timeout_seconds, connect=5.0)) as response):
             if response.status_code >= 300:
                 return _finish(invocation_id, to=Status.FAILED, error=f"the seller answered {response.status_code}")
             result = outbound.json_answer(response, max_bytes=settings.UPSTREAM_ANSWER_MAX_BYTES)

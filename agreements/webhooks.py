@@ -178,9 +178,11 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
     status_code = None
     try:
         # Streamed and closed unread: only the status matters, and a receiver's body (endless, dripped, a gzip
-        # bomb) must neither hold the worker past its lease nor fill its memory.
-        with _client.stream("POST", delivery.subscription.url, content=body, headers=headers,
-                            timeout=settings.WEBHOOK_TIMEOUT_SECONDS) as response:
+        # bomb) must neither hold the worker past its lease nor fill its memory. The deadline bounds the whole
+        # post, a head sent a byte at a time included.
+        with (outbound.deadline(settings.WEBHOOK_TIMEOUT_SECONDS),
+              _client.stream("POST", delivery.subscription.url, content=body, headers=headers,
+                             timeout=settings.WEBHOOK_TIMEOUT_SECONDS) as response):
             status_code = response.status_code
         ok, error = response.is_success, "" if response.is_success else f"HTTP {response.status_code}"
     except httpx.HTTPError as exc:

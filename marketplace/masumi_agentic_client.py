@@ -47,7 +47,8 @@ class Availability:
 def _request(method: str, base_url: str, path: str, **kwargs) -> dict:
     url = base_url.rstrip("/") + path
     try:
-        with _client.stream(method, url, timeout=settings.MASUMI_SERVICE_TIMEOUT, **kwargs) as response:
+        with (outbound.deadline(settings.MASUMI_SERVICE_TIMEOUT),
+              _client.stream(method, url, timeout=settings.MASUMI_SERVICE_TIMEOUT, **kwargs) as response):
             if response.status_code >= 300:
                 raise AgenticServiceError(f"{method} {path}: HTTP {response.status_code}")
             body = outbound.json_answer(response, max_bytes=settings.UPSTREAM_ANSWER_MAX_BYTES)

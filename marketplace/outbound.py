@@ -15,6 +15,11 @@ IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`, 6to4 `2002:aabb:ccdd::`) 
 reaches; local-use NAT64 (64:ff9b:1::/48) is refused. `ALLOW_PRIVATE_UPSTREAMS` turns both checks off for
 development and tests, whose upstreams run on loopback.
 
+Every exchange of a `guarded_client` runs inside `with deadline(seconds):`, which bounds it in all: connecting,
+sending, the answer's head and whatever of its body the caller reads inside the block. A timeout bounds each
+socket read only, and a peer sending its answer a byte at a time passes every one of them (h11 reads up to 16 KiB
+of head), holding the worker that settles money behind it for hours.
+
 The guard's errors reach the agent who chose the URL (a webhook's delivery log, a purchase's error): they name
 the host only, never the addresses it resolved to or the resolver's answer, which would map how the platform
 resolves names; those go to the operator's log.
@@ -29,6 +34,9 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -127,15 +135,91 @@ def vetted_address(host: str, port: int) -> str:
     return addresses[0]  # connect to the address we checked, not to a fresh lookup
 
 
+@dataclass(frozen=True)
+class _Deadline:
+    ends_at: float  # time.monotonic()
+    seconds: float
+
+
+_deadline: ContextVar[_Deadline | None] = ContextVar("outbound_deadline", default=None)
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Every guarded exchange inside the block ends within `seconds` from its start, or raises httpx's timeout
+    error (ConnectTimeout, ReadTimeout or WriteTimeout). A deadline inside another never outlasts it."""
+    outer = _deadline.get()
+    ends_at = time.monotonic() + seconds
+    if outer is not None and outer.ends_at <= ends_at:
+        yield
+        return
+    token = _deadline.set(_Deadline(ends_at, seconds))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+@contextmanager
+def _within_deadline(timeout: float | None, timeout_error: type[httpcore.TimeoutException]) -> Iterator[float]:
+    """The timeout for one socket operation: `timeout`, shortened to what is left of the exchange's deadline; the
+    deadline's own error once it has passed."""
+    current = _deadline.get()
+    if current is None:
+        raise RuntimeError("A guarded outbound exchange runs inside `outbound.deadline(seconds)`: a peer that "
+                           "dribbles its answer passes every per-read timeout.")
+    left = current.ends_at - time.monotonic()
+    past = f"the exchange took longer than its {current.seconds:g} s in all"
+    if left <= 0:
+        raise timeout_error(past)
+    try:
+        yield left if timeout is None else min(timeout, left)
+    except timeout_error:
+        if time.monotonic() >= current.ends_at:
+            raise timeout_error(past) from None
+        raise
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection's stream whose every operation ends by the deadline of the exchange using it: read when it is
+    used, so a pooled connection honours the deadline of each exchange it serves."""
+
+    def __init__(self, stream: httpcore.NetworkStream):
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        with _within_deadline(timeout, httpcore.ReadTimeout) as bounded:
+            return self._stream.read(max_bytes, bounded)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        with _within_deadline(timeout, httpcore.WriteTimeout) as bounded:
+            self._stream.write(buffer, bounded)
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> "_DeadlineStream":
+        with _within_deadline(timeout, httpcore.ConnectTimeout) as bounded:
+            return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, bounded))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
 class _GuardedBackend(httpcore.SyncBackend):
     def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        return super().connect_tcp(vetted_address(host, port), port, timeout=timeout, local_address=local_address,
-                                   socket_options=socket_options)
+        with _within_deadline(timeout, httpcore.ConnectTimeout) as bounded:
+            stream = super().connect_tcp(vetted_address(host, port), port, timeout=bounded,
+                                         local_address=local_address, socket_options=socket_options)
+        return _DeadlineStream(stream)
 
 
 def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None,
                    follow_redirects: bool = False) -> httpx.Client:
-    """An httpx client whose every new connection goes through the address check."""
+    """An httpx client whose every new connection goes through the address check, and whose every exchange runs
+    inside `deadline(seconds)` (a RuntimeError otherwise). `timeout` still bounds each operation and the wait for
+    a pooled connection."""
     transport = httpx.HTTPTransport(limits=limits or httpx.Limits())
     # httpx does not expose httpcore's network_backend; set it on the pool the transport built.
     transport._pool._network_backend = _GuardedBackend()

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import time
 
 import pytest
 from django.utils import timezone
@@ -10,6 +11,7 @@ from x402.http import decode_payment_required_header, decode_payment_response_he
 
 from agreements import invocations
 from agreements.models import SkillInvocation, UsageAgreement
+from catalog.models import Service
 from escrow.models import ChainTransaction
 from policies.models import ApprovalRequest
 from sdk import proxy_signature, typed_data
@@ -18,6 +20,7 @@ from tests.chain_fixtures import TOKEN_NAMES
 from tests.agreements.helpers import proposal, propose
 from tests.catalog.factories import AgentFactory, issue_key, register_service
 from tests.conftest import Api
+from tests.support.http_server import DribblesItsHead, serving
 from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -177,6 +180,27 @@ def test_an_invocation_that_times_out_is_refunded_on_chain(market, django_captur
     invocation = market.caller.get(f"/services/{response.json()['error']['details']['invocation_id']}").json()
     assert invocation["status"] == "timeout" and invocation["payment"]["status"] == "refunded"
     assert invocation["payment"]["settlement_tx_hash"] == refund.mined_tx_hash
+
+
+def test_a_seller_dribbling_its_answer_head_times_out_at_the_skills_limit_and_is_refunded(
+        market, django_capture_on_commit_callbacks):
+    """The skill's timeout bounded each read only: a seller sending its head a byte at a time held the worker (or
+    the web thread of a synchronous call) past the skill's limit, and was paid for it."""
+    payment = market.pay("slow")  # a 1 s limit; the seller takes 3 s, a byte at a time
+    before = market.balances()
+    with serving(DribblesItsHead) as url:
+        Service.objects.filter(pk=market.service.pk).update(upstream_base_url=f"{url}/api")
+        started = time.monotonic()
+        with django_capture_on_commit_callbacks(execute=True):
+            response = market.call("slow", payment)
+        elapsed = time.monotonic() - started
+
+    assert (response.status_code, response.json()["error"]["code"]) == (504, "invocation_timeout"), response.content
+    assert elapsed < 2.5, f"the invocation took {elapsed:.1f} s with a 1 s limit"
+    confirm_all(django_capture_on_commit_callbacks)  # the treasury's refund
+    assert market.balances() == before
+    invocation = market.caller.get(f"/services/{response.json()['error']['details']['invocation_id']}").json()
+    assert invocation["status"] == "timeout" and invocation["payment"]["status"] == "refunded"
 
 
 def test_a_failed_async_invocation_is_refunded(market, django_capture_on_commit_callbacks):

@@ -15,7 +15,7 @@ from agreements.tasks import retry_due_webhooks
 from tests.agreements.helpers import proposal
 from tests.conftest import codes_at
 from tests.support.db_activity import backend_pid, session_state
-from tests.support.http_server import serving
+from tests.support.http_server import DribblesItsHead, serving
 
 pytestmark = pytest.mark.django_db
 
@@ -172,6 +172,24 @@ def test_a_receiver_dripping_its_answer_does_not_hold_the_worker(buyer_api, sell
         elapsed = time.monotonic() - started
     assert elapsed < 4, f"the delivery took {elapsed:.1f} s with WEBHOOK_TIMEOUT_SECONDS=1"
     assert WebhookDelivery.objects.get().status == DeliveryStatus.DELIVERED
+
+
+def test_a_receiver_dribbling_its_answer_head_is_cut_off_at_the_webhook_timeout(
+        buyer_api, seller_api, service, settings, django_capture_on_commit_callbacks):
+    """WEBHOOK_TIMEOUT_SECONDS bounded each read only: a receiver sending its head a byte at a time held the worker
+    (and the settlement tasks queued behind it) for as long as it liked."""
+    settings.WEBHOOK_TIMEOUT_SECONDS = 0.5
+    with serving(DribblesItsHead) as url:
+        subscribe(seller_api, url, event_types=["agreement.proposed"])
+        with django_capture_on_commit_callbacks(execute=False):
+            buyer_api.post("/usage-agreements", proposal(service))
+        started = time.monotonic()
+        webhooks.delivery_attempt(delivery_id=WebhookDelivery.objects.get().pk)
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.5, f"the delivery took {elapsed:.1f} s with WEBHOOK_TIMEOUT_SECONDS=0.5"
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.status, delivery.attempts, delivery.last_status_code) == (DeliveryStatus.PENDING, 1, None)
+    assert delivery.last_error == "ReadTimeout: the exchange took longer than its 0.5 s in all"
 
 
 def test_a_receivers_gzip_bomb_answer_is_not_read(buyer_api, seller_api, service, http_server,

@@ -9,19 +9,20 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler
 
+import httpx
 import pytest
 import trustme
 from prometheus_client import REGISTRY
 
 from agreements.models import UsageAgreement, WebhookDelivery
-from marketplace import outbound
+from marketplace import masumi_agentic_client, outbound
 from marketplace.concurrency import Deadlines
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import register_service, service_data
 from tests.catalog.test_registry import registration
 from tests.conftest import error_code
 from tests.marketplace.conftest import active_agreement
-from tests.support.http_server import RecordingServer, serving
+from tests.support.http_server import DribblesItsHead, RecordingServer, serving
 
 pytestmark = pytest.mark.django_db
 
@@ -416,3 +417,57 @@ def test_a_process_forked_after_a_deadline_was_used_gets_its_own_watchdog():
         except BaseException:
             os._exit(2)
     assert os.waitpid(child, 0)[1] == 0
+
+
+class _AnswersThenDribbles(DribblesItsHead):
+    """Answers a connection's first request at once and keeps the connection; dribbles the ones after it."""
+
+    connections = 0
+
+    def setup(self):
+        super().setup()
+        type(self).connections += 1
+        self.answered = False
+
+    def _handle(self):
+        if self.answered:
+            return super()._handle()
+        self.answered = True
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    do_GET = do_POST = _handle
+
+
+def test_a_guarded_exchange_ends_by_its_deadline_on_a_kept_alive_connection_too():
+    """A per-read timeout lets a peer dribbling its answer hold the caller for ever; the deadline bounds the whole
+    exchange, also on a pooled connection opened under an earlier, longer deadline."""
+    client = outbound.guarded_client(timeout=httpx.Timeout(5.0))
+    with serving(_AnswersThenDribbles) as url, client:
+        with outbound.deadline(5):
+            assert client.get(url).status_code == 200
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout, match=r"longer than its 0\.5 s in all"), outbound.deadline(0.5):
+            client.get(url)
+        assert time.monotonic() - started < 1.5
+    assert _AnswersThenDribbles.connections == 1
+
+
+def test_a_guarded_exchange_needs_a_deadline(http_server):
+    """Every caller bounds its exchanges in all: a peer chose the address, and may dribble."""
+    with outbound.guarded_client(timeout=httpx.Timeout(5.0)) as client, pytest.raises(RuntimeError, match="deadline"):
+        client.get(http_server.url)
+    assert http_server.requests == []
+
+
+def test_a_masumi_seller_dribbling_its_answer_is_unavailable_within_the_service_timeout(settings):
+    settings.MASUMI_SERVICE_TIMEOUT = 0.5
+    with serving(DribblesItsHead) as url:
+        started = time.monotonic()
+        answer = masumi_agentic_client.availability(base_url=url)
+        elapsed = time.monotonic() - started
+    assert not answer.available and "ReadTimeout" in answer.message
+    assert elapsed < 1.5, f"the check took {elapsed:.1f} s with MASUMI_SERVICE_TIMEOUT=0.5"

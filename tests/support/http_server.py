@@ -78,3 +78,26 @@ def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class DribblesItsHead(BaseHTTPRequestHandler):
+    """A hostile receiver or seller: answers 200 with `{}` but sends its head's one header a byte every 0.25 s, 3 s
+    in all. Each read is quick, so only a bound on the whole exchange cuts it off."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _handle(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(12):
+                time.sleep(0.25)
+                self.wfile.write(b"a")
+            self.wfile.write(b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        except OSError:
+            pass  # cut off
+
+    do_GET = do_POST = _handle
+
+    def log_message(self, *args):
+        pass
