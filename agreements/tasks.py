@@ -1,6 +1,8 @@
 from celery import shared_task
+from django.conf import settings
 
 from agreements import invocations, metering, services, webhooks
+from catalog.models import SKILL_TIMEOUT_MAX_SECONDS
 
 
 @shared_task
@@ -8,7 +10,7 @@ def expire_proposals() -> int:
     return services.agreements_expire_proposals()
 
 
-@shared_task
+@shared_task(time_limit=settings.WEBHOOK_TIMEOUT_SECONDS + settings.OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS)
 def deliver_webhook(delivery_id: str) -> None:
     webhooks.delivery_attempt(delivery_id=delivery_id)
 
@@ -18,7 +20,7 @@ def retry_due_webhooks() -> int:
     return webhooks.deliveries_retry_due()
 
 
-@shared_task
+@shared_task(time_limit=SKILL_TIMEOUT_MAX_SECONDS + settings.OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS)
 def run_invocation(invocation_id: str) -> None:
     invocations.invocation_run(invocation_id=invocation_id)
 

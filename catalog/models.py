@@ -225,6 +225,9 @@ SERVICE_POSTINGS_TABLE = "catalog_service_posting"
 VISIBLE_SERVICE_NAMES_TABLE = "catalog_service_visible_name"
 
 
+SKILL_TIMEOUT_MAX_SECONDS = 3600
+
+
 class Skill(models.Model):
     """A callable capability of a service, invoked at `POST /agents/{handle}/{skill}`."""
 

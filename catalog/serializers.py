@@ -7,6 +7,7 @@ from rest_framework import serializers
 from catalog.models import (
     HANDLE_VALIDATOR,
     SKILL_NAME_VALIDATOR,
+    SKILL_TIMEOUT_MAX_SECONDS,
     Availability,
     KeyScope,
     MasumiProtocolVersion,
@@ -120,7 +121,8 @@ class SkillSerializer(StrictSerializer):
     path = serializers.RegexField(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]*)+$", max_length=200, required=False,
                                   allow_blank=True, default="")
     is_async = serializers.BooleanField(required=False, default=False)
-    timeout_seconds = StrictIntegerField(min_value=1, max_value=3600, required=False, default=60)
+    timeout_seconds = StrictIntegerField(min_value=1, max_value=SKILL_TIMEOUT_MAX_SECONDS, required=False,
+                                         default=60)
 
     def to_internal_value(self, data):
         value = super().to_internal_value(data)

@@ -1,4 +1,5 @@
 from celery import shared_task
+from django.conf import settings
 
 from catalog import selectors, services
 
@@ -17,6 +18,6 @@ def poll_availability() -> int:
     return len(service_ids)
 
 
-@shared_task
+@shared_task(time_limit=settings.MASUMI_SERVICE_TIMEOUT + settings.OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS)
 def check_availability(service_id: str) -> None:
     services.service_availability_check(service_id=service_id)

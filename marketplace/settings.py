@@ -157,6 +157,16 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # A task unacknowledged this long (its worker died) is delivered again; tasks are idempotent.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=600)}
+# Tasks that call a webhook receiver or a seller over HTTP run on a queue of their own, served by workers of their
+# own: however slow (or hostile) the third party, they never occupy the workers that submit, confirm and settle
+# money, which serve the default queue. Each is also killed this long past its exchange's deadline (its
+# `time_limit`), a backstop: the task is then acknowledged, not run again; a webhook's lease runs out and the retry
+# sweep sends it, an invocation left processing is timed out and refunded by its sweep.
+CELERY_TASK_DEFAULT_QUEUE = "celery"
+OUTBOUND_QUEUE = "outbound"
+OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS = 60
+CELERY_TASK_ROUTES = {name: {"queue": OUTBOUND_QUEUE} for name in (
+    "agreements.tasks.deliver_webhook", "agreements.tasks.run_invocation", "catalog.tasks.check_availability")}
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "expire-stale-api-keys": {"task": "catalog.tasks.expire_api_keys", "schedule": timedelta(minutes=5)},

@@ -13,6 +13,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from django.conf import settings
+
 from marketplace import serve
 
 BIN = Path(sys.executable).parent
@@ -124,10 +126,12 @@ def web_server(env: dict, log_dir: Path, port: int) -> Service:
 
 
 def celery_worker(env: dict, log_dir: Path, *, pool: str = "solo", include: str = "") -> Service:
-    """One worker with the beat schedule embedded: by default one process (solo pool), what `make run` runs;
-    `pool="prefork"` runs tasks in a child process, as production does, so a task can crash its process alone."""
+    """One worker with the beat schedule embedded, serving the default and the outbound queue: by default one process
+    (solo pool); `pool="prefork"` runs tasks in a child process, as production does, so a task can crash its process
+    alone."""
     options = ["--concurrency", "1"] if pool == "prefork" else []
     options += ["--include", include] if include else []
+    options += ["--queues", f"{settings.CELERY_TASK_DEFAULT_QUEUE},{settings.OUTBOUND_QUEUE}"]
     return Service("worker", [str(BIN / "celery"), "-A", "marketplace", "worker", "--beat", "--pool", pool, *options,
                               "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "info",
                               "--schedule", str(log_dir / "beat-schedule")], env, log_dir)

@@ -1,0 +1,70 @@
+"""Tasks that call a webhook receiver or a seller run on the outbound queue, apart from the chain and settlement
+tasks: two slow receivers held both workers of `--concurrency 2` while submission, confirmation and settlement
+waited behind them."""
+
+import pytest
+from django.conf import settings
+
+from agreements.tasks import deliver_webhook, run_invocation
+from catalog.tasks import check_availability
+from escrow.tasks import submit_transaction
+from marketplace.celery import app
+
+OUTBOUND_TASKS = {"agreements.tasks.deliver_webhook", "agreements.tasks.run_invocation",
+                  "catalog.tasks.check_availability"}
+MONEY_TASKS = {"escrow.tasks.submit_transaction", "escrow.tasks.poll_confirmations", "escrow.tasks.sweep_queued",
+               "escrow.tasks.settlement_tick", "escrow.tasks.pay_fees", "escrow.tasks.masumi_purchases_tick",
+               "escrow.tasks.index_chain", "agreements.tasks.sweep_invocations", "agreements.tasks.reap_call_intents",
+               "agreements.tasks.retry_due_webhooks"}
+
+
+def _queue(task_name: str) -> str:
+    return app.amqp.router.route({}, task_name)["queue"].name
+
+
+def test_tasks_that_call_third_parties_go_to_the_outbound_queue_and_every_other_to_the_default_one():
+    app.loader.import_default_modules()  # every app's tasks module, as a worker imports them
+    ours = {name for name in app.tasks if not name.startswith("celery.")}
+    assert OUTBOUND_TASKS | MONEY_TASKS <= ours
+    assert {name: _queue(name) for name in ours} == {
+        name: settings.OUTBOUND_QUEUE if name in OUTBOUND_TASKS else settings.CELERY_TASK_DEFAULT_QUEUE
+        for name in ours}
+
+
+def test_the_outbound_tasks_have_a_hard_time_limit_past_their_exchanges_deadline():
+    margin = settings.OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS
+    assert deliver_webhook.time_limit == settings.WEBHOOK_TIMEOUT_SECONDS + margin
+    assert run_invocation.time_limit == 3600 + margin  # the longest skill timeout a seller may set
+    assert check_availability.time_limit == settings.MASUMI_SERVICE_TIMEOUT + margin
+
+
+@pytest.fixture
+def published():
+    """Messages published to an in-memory broker, by queue: the task names each holds."""
+    app.conf.task_always_eager = False
+    with app.connection_for_write("memory://") as connection:
+        def queued(queue: str) -> list[str]:
+            simple = connection.SimpleQueue(queue)
+            names = []
+            while True:
+                try:
+                    message = simple.get(block=False)
+                except simple.Empty:
+                    break
+                names.append(message.headers["task"])
+                message.ack()
+            simple.close()
+            return names
+
+        try:
+            yield connection, queued
+        finally:
+            app.conf.task_always_eager = True  # as the suite runs tasks (tests/conftest.py)
+
+
+def test_a_queued_webhook_delivery_waits_on_the_outbound_queue_and_a_transaction_on_the_default_one(published):
+    connection, queued = published
+    deliver_webhook.apply_async(("delivery-1",), connection=connection)
+    submit_transaction.apply_async(("transaction-1",), connection=connection)
+    assert queued(settings.OUTBOUND_QUEUE) == ["agreements.tasks.deliver_webhook"]
+    assert queued(settings.CELERY_TASK_DEFAULT_QUEUE) == ["escrow.tasks.submit_transaction"]
