@@ -12,10 +12,12 @@ on the seller's behalf (a listed Masumi service is a standing offer). Flow:
    The marketplace records the input hash and the timers and answers with the activation package (EIP-712
    ActivationIntent + one EIP-2612 permit, deadline = payByTime) to sign.
 2. `POST /purchase/lock-funds` (the signed package): the relayer submits `activate`; the agreement becomes active.
-3. `masumi_purchases_tick` (beat): starts the job on the seller (`POST /start_job` with the input, in the service's
-   MIP-003 version) once the funds are locked, polls `GET /status`, and records a completed job's result before
-   submitResultTime; that charges the price as one usage event and proposes the settlement on-chain. A seller whose
-   payment node is this marketplace may instead submit the result hash itself (`POST /payment/submit-result`).
+3. `masumi_jobs_tick` (beat, on the outbound queue): starts the job on the seller (`POST /start_job` with the
+   input, in the service's MIP-003 version) once the funds are locked, polls `GET /status`, and records a completed
+   job's result before submitResultTime; that charges the price as one usage event and proposes the settlement
+   on-chain. A seller whose payment node is this marketplace may instead submit the result hash itself
+   (`POST /payment/submit-result`). `masumi_purchases_tick` (beat) does the rest, calling no seller: expiry, refund
+   requests, disputes and their release.
 4. `settlement_tick` (beat) pays out or refunds as for any agreement; this module adds refund requests, disputes,
    the refund by the purchase's own timers and the external-dispute release.
 
@@ -484,18 +486,12 @@ def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -
     return purchase
 
 
-def purchases_tick(*, now: int | None = None) -> dict[str, int]:
-    """Everything due on Masumi purchases, in one pass (the beat task). Each step is idempotent."""
+def purchases_jobs_tick(*, now: int | None = None) -> dict[str, int]:
+    """The sellers' jobs of Masumi purchases, in one pass (a beat task of the outbound queue: it waits on sellers,
+    so it never holds the workers that move money): start those due, poll those running. Each step is idempotent."""
     now = now if now is not None else chain_clock.chain_now()
     now_dt = _moment(now)
-    done = {"expired": 0, "started": 0, "results": 0, "disputed": 0, "released": 0, "refunding": 0}
-    # Never funded by payByTime: the signed intent can no longer be mined, so the purchase is over.
-    unfunded = MasumiPurchase.objects.filter(agreement__status__in=AWAITING_FUNDING_STATUSES,
-                                             pay_by_time__lte=now_dt)
-    for agreement_id in list(unfunded.values_list("agreement_id", flat=True)[:500]):
-        if agreement_services.agreement_expire_unfunded(agreement_id=agreement_id,
-                                                        reason="payByTime passed before the funds were locked"):
-            done["expired"] += 1
+    done = {"started": 0, "results": 0}
     # Jobs the marketplace starts itself (a purchase paying a seller's payment request: the buyer started it).
     to_start = MasumiPurchase.objects.filter(agreement__status=S.ACTIVE, result_hash="", job_id="",
                                              payment_request__isnull=True, submit_result_time__gt=now_dt)
@@ -508,6 +504,22 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
         polled = purchase_job_poll(purchase_id=purchase_id, now=now)
         if polled is not None and polled.result_hash and not had_hash:
             done["results"] += 1
+    return done
+
+
+def purchases_tick(*, now: int | None = None) -> dict[str, int]:
+    """Everything else due on Masumi purchases, in one pass (the beat task): no seller is called. Each step is
+    idempotent."""
+    now = now if now is not None else chain_clock.chain_now()
+    now_dt = _moment(now)
+    done = {"expired": 0, "disputed": 0, "released": 0, "refunding": 0}
+    # Never funded by payByTime: the signed intent can no longer be mined, so the purchase is over.
+    unfunded = MasumiPurchase.objects.filter(agreement__status__in=AWAITING_FUNDING_STATUSES,
+                                             pay_by_time__lte=now_dt)
+    for agreement_id in list(unfunded.values_list("agreement_id", flat=True)[:500]):
+        if agreement_services.agreement_expire_unfunded(agreement_id=agreement_id,
+                                                        reason="payByTime passed before the funds were locked"):
+            done["expired"] += 1
     # A refund asked for and no result by submitResultTime: paid back now, by the purchase's own timers (a zero
     # proposal the buyer's signed request challenges, then the arbiter's resolve(0)), not the reclaim grace.
     unanswered = MasumiPurchase.objects.filter(

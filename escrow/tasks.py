@@ -40,6 +40,12 @@ def masumi_purchases_tick() -> dict:
     return purchases.purchases_tick()
 
 
+# On the outbound queue. Killed at its time limit, its steps are claimed or repeatable: the next tick goes on.
+@shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=5, max_retries=3, time_limit=600)
+def masumi_jobs_tick() -> dict:
+    return purchases.purchases_jobs_tick()
+
+
 # A bounded slice per run (the beat comes back in INDEXER_POLL_SECONDS); a second run meanwhile is a no-op.
 INDEX_RANGES_PER_TASK = 20
 

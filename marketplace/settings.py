@@ -166,7 +166,8 @@ CELERY_TASK_DEFAULT_QUEUE = "celery"
 OUTBOUND_QUEUE = "outbound"
 OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS = 60
 CELERY_TASK_ROUTES = {name: {"queue": OUTBOUND_QUEUE} for name in (
-    "agreements.tasks.deliver_webhook", "agreements.tasks.run_invocation", "catalog.tasks.check_availability")}
+    "agreements.tasks.deliver_webhook", "agreements.tasks.run_invocation", "catalog.tasks.check_availability",
+    "escrow.tasks.masumi_jobs_tick")}
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "expire-stale-api-keys": {"task": "catalog.tasks.expire_api_keys", "schedule": timedelta(minutes=5)},
@@ -304,6 +305,8 @@ CELERY_BEAT_SCHEDULE.update({
     "pay-fees": {"task": "escrow.tasks.pay_fees", "schedule": timedelta(seconds=env.int("PAY_FEES_SECONDS", default=300))},
     "masumi-purchases-tick": {"task": "escrow.tasks.masumi_purchases_tick",
                               "schedule": timedelta(seconds=env.int("MASUMI_PURCHASE_TICK_SECONDS", default=10))},
+    "masumi-jobs-tick": {"task": "escrow.tasks.masumi_jobs_tick",
+                         "schedule": timedelta(seconds=env.int("MASUMI_PURCHASE_TICK_SECONDS", default=10))},
 })
 # The chain indexer (escrow.indexer): follows the escrow's events from its deployment block (recorded in the
 # deployment file by `deploy_contracts`; ESCROW_DEPLOYMENT_BLOCK overrides it) up to CHAIN_CONFIRMATIONS deep.

@@ -166,12 +166,12 @@ def test_a_stock_masumi_sellers_job_is_bought_and_paid(masumi, stock_seller):
         eventually(lambda: watched_purchase(parties, created["blockchainIdentifier"]),
                    lambda p: p["onChainState"] == "FundsLocked")
         # MIP-003 v2 start_job; the seller's server asks this node for the payment: it is this funded purchase.
-        assert purchases.purchases_tick()["started"] == 1
+        assert purchases.purchases_jobs_tick()["started"] == 1
         started = node_purchase(masumi, parties, created["blockchainIdentifier"])
         assert started["paymentId"] == created["blockchainIdentifier"] and started["jobId"]
 
         def polled():
-            purchases.purchases_tick()
+            purchases.purchases_jobs_tick()
             return watched_purchase(parties, created["blockchainIdentifier"])
 
         done = eventually(polled, lambda p: p["result"] and p["CurrentTransaction"]["status"] == "confirmed")

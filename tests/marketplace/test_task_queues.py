@@ -11,7 +11,7 @@ from escrow.tasks import submit_transaction
 from marketplace.celery import app
 
 OUTBOUND_TASKS = {"agreements.tasks.deliver_webhook", "agreements.tasks.run_invocation",
-                  "catalog.tasks.check_availability"}
+                  "catalog.tasks.check_availability", "escrow.tasks.masumi_jobs_tick"}
 MONEY_TASKS = {"escrow.tasks.submit_transaction", "escrow.tasks.poll_confirmations", "escrow.tasks.sweep_queued",
                "escrow.tasks.settlement_tick", "escrow.tasks.pay_fees", "escrow.tasks.masumi_purchases_tick",
                "escrow.tasks.index_chain", "agreements.tasks.sweep_invocations", "agreements.tasks.reap_call_intents",

@@ -50,7 +50,7 @@ def test_sdk_buys_a_masumi_job_and_gets_its_result(escrow_chain, django_capture_
             assert buyer.get_purchase(purchase["blockchainIdentifier"])["onChainState"] == "FundsLocked"
             for _ in range(2):  # start_job, then the completed status
                 with capture(execute=True):
-                    purchases.purchases_tick()
+                    purchases.purchases_jobs_tick()
             done = buyer.wait_for_purchase(purchase["blockchainIdentifier"], timeout=5, poll_interval=0.1)
             assert done["result"] == result_for({"text": "hi"}) and done["identifierFromPurchaser"] == "sdk-1"
             refund = buyer.request_refund(purchase["blockchainIdentifier"], parties.buyer_account.key)
