@@ -29,6 +29,7 @@ from marketplace.admin import (
     agreement_link,
     amount_column,
     may_operate,
+    rotation_overlap_column,
     short_hex_html,
     short_id_column,
     tx_hash_column,
@@ -211,12 +212,13 @@ class WebhookSubscriptionAdmin(admin.ModelAdmin):
     list_display = ("short_id", "agent", "url", "is_active", "created_at")
     list_filter = ("is_active",)
     search_fields = ("url", "agent__handle")
-    readonly_fields = ("secret_hint", "created_at")
-    exclude = ("secret",)
+    readonly_fields = ("secret_hint", "secret_rotation", "created_at")
+    exclude = ("secret", "previous_secret", "previous_secret_expires_at")
     formfield_overrides = URLS_ASSUME_HTTPS
     inlines = [DeliveryInline]
 
     short_id = short_id_column()
+    secret_rotation = rotation_overlap_column("previous_secret", "previous_secret_expires_at")
 
     @admin.display(description="secret")
     def secret_hint(self, obj):

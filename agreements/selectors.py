@@ -9,6 +9,7 @@ from django.core.exceptions import ValidationError
 from django.db import connection
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 from django.db.models.functions import TruncDay, TruncHour
+from django.utils import timezone
 
 from agreements import x402_protocol
 from agreements.invocations import invocation_price as invocation_price
@@ -28,6 +29,7 @@ from agreements.models import (
 )
 from catalog.models import Agent, Service
 from policies.models import ApprovalRequest
+from marketplace import rotation
 from marketplace.caching import for_a_second
 from marketplace.errors import NotFound
 from marketplace.postgresql import prepared_cursor
@@ -130,7 +132,7 @@ def agreement_for_report(*, agreement_id, agent_id: uuid.UUID, lock: bool = Fals
 @dataclass(frozen=True)
 class CallTerms:
     """What forwarding and billing a metered call read of its agreement: fixed once it is active (parties, price,
-    deposit, chain identity) and the service's upstream, which a seller may change (seen within
+    deposit, chain identity) and the service's upstream and proxy secrets, which a seller may change (seen within
     CREDENTIAL_CACHE_SECONDS). Its status and counters are not here: the reservation checks them in the database,
     for each call or each lease of calls (agreements.metering, "Call leases")."""
 
@@ -145,11 +147,13 @@ class CallTerms:
     deposit_amount: int
     upstream_base_url: str
     proxy_secret: str
+    previous_proxy_secret: str  # "" unless a rotation's overlap ran when the terms were read
 
 
 _CALL_TERMS_OF_AGREEMENT = ("id", "chain_id", "token", "buyer", "seller", "pricing_type", "price_per_unit",
                             "deposit_amount")
-_CALL_TERMS_OF_SERVICE = ("id", "upstream_base_url", "proxy_secret")
+_CALL_TERMS_OF_SERVICE = ("id", "upstream_base_url", "proxy_secret", "previous_proxy_secret",
+                          "previous_proxy_secret_expires_at")
 
 
 @lru_cache(maxsize=1)
@@ -183,7 +187,9 @@ def _call_terms(agreement_id) -> CallTerms | None:
                      token=agreement.token, buyer_id=agreement.buyer_id, seller_id=agreement.seller_id,
                      pricing_type=agreement.pricing_type, price_per_unit=agreement.price_per_unit,
                      deposit_amount=agreement.deposit_amount, upstream_base_url=service.upstream_base_url,
-                     proxy_secret=service.proxy_secret)
+                     proxy_secret=service.proxy_secret,
+                     previous_proxy_secret=rotation.previous_secret_signing(
+                         service.previous_proxy_secret, service.previous_proxy_secret_expires_at, now=timezone.now()))
 
 
 def agreement_for_call(*, agreement_id, agent_id) -> CallTerms:

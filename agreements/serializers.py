@@ -14,6 +14,7 @@ from marketplace.serializers import (
     AtomicAmountField,
     CentsField,
     FieldsBoundOnceSerializer,
+    OverlapEndField,
     StrictBooleanField,
     StrictIntegerField,
     StrictSerializer,
@@ -301,6 +302,10 @@ class WebhookSerializer(serializers.Serializer):
     url = serializers.CharField()
     event_types = serializers.ListField(child=serializers.CharField())
     created_at = serializers.DateTimeField()
+    previous_secret_expires_at = OverlapEndField(
+        previous_secret="previous_secret", expires_at="previous_secret_expires_at",
+        help_text="While a rotation's overlap runs, deliveries carry a second `v1` signature, by the replaced "
+                  "secret, until then; null when none runs.")
 
 
 class WebhookCreatedSerializer(WebhookSerializer):
@@ -629,6 +634,12 @@ class AgentWebhookSerializer(WebhookSerializer):
 
 class AgentWebhookSecretSerializer(AgentWebhookSerializer):
     secret = serializers.CharField(help_text="Signing secret; shown only in this response.")
+
+
+class AgentWebhookRotatedSerializer(AgentWebhookSerializer):
+    secret = serializers.CharField(allow_null=True, help_text=(
+        "The new signing secret, shown only in this response: null in the replay of an Idempotency-Key, since no "
+        "record keeps it."))
 
 
 class AgentDeliveryQuery(StrictSerializer, PageQuerySerializer):

@@ -11,6 +11,7 @@ from agreements.serializers import (
     AgentDeliveryQuery,
     AgentWebhookCreateSerializer,
     AgentWebhookDeliverySerializer,
+    AgentWebhookRotatedSerializer,
     AgentWebhookSecretSerializer,
     AgentWebhookSerializer,
     CallProofPageSerializer,
@@ -48,11 +49,11 @@ from marketplace.chainconfig import relayer_address
 from marketplace import bounded_json
 from marketplace.errors import ApplicationError, InvalidInput, NotFound, api_exception_handler
 from marketplace.idempotency import HEADER as IDEMPOTENCY_HEADER
-from marketplace.idempotency import MAX_KEY_LENGTH, answer_once, fingerprint_of, idempotent
+from marketplace.idempotency import MAX_KEY_LENGTH, STORED_DATA, answer_once, fingerprint_of, idempotent
 from marketplace.throttling import credential_key, windows_wait
 from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
 from marketplace.parsers import plain_json_post
-from marketplace.serializers import cents_of, error_responses
+from marketplace.serializers import SecretRotationSerializer, cents_of, error_responses
 from sdk import receipts
 
 TAGS = ["usage agreements"]
@@ -515,13 +516,20 @@ class AgentWebhooksView(APIView):
 class AgentWebhookRotateView(APIView):
     permission_classes = [IsAgentOrOwner]
 
-    @extend_schema(operation_id="agent_webhooks_rotate", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
-                   summary="A new signing secret for the subscription, shown once",
-                   responses={200: AgentWebhookSecretSerializer, **error_responses(404)})
+    @extend_schema(operation_id="agent_webhooks_rotate", tags=WEBHOOK_TAGS, auth=EITHER,
+                   request=SecretRotationSerializer,
+                   summary="A new signing secret for the subscription, shown once; the replaced one also signs "
+                           "deliveries (a second `v1`) for the overlap asked for",
+                   responses={200: AgentWebhookRotatedSerializer, **error_responses(404, 422)})
+    @idempotent()
     def post(self, request, agent_id, subscription_id):
-        subscription = webhooks.subscription_rotate_secret(
-            subscription=_webhook_of(request, agent_id, subscription_id))
-        return Response(AgentWebhookSecretSerializer(subscription).data)
+        subscription = _webhook_of(request, agent_id, subscription_id)
+        body = SecretRotationSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        subscription = webhooks.subscription_rotate_secret(subscription=subscription, **body.validated_data)
+        response = Response(AgentWebhookRotatedSerializer(subscription).data)
+        setattr(response, STORED_DATA, {**response.data, "secret": None})  # a secret is shown once, never stored
+        return response
 
 
 def _pause_view(paused: bool):

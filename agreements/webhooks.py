@@ -2,12 +2,10 @@
 
 Deliveries are written in the transaction that records the event (an outbox) and sent by a Celery task after
 commit; failures are retried with exponential backoff, and a beat task picks up anything whose message was lost.
-Signature header, like Stripe's: `Marketplace-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">`;
-receivers should reject timestamps older than 300 s and dedupe on `Marketplace-Event-Id`.
+Signed as `sdk.webhook_signature` describes and checks (like Stripe's `t=..,v1=..`, a second `v1` during a secret
+rotation's overlap); receivers should reject timestamps older than 300 s and dedupe on `Marketplace-Event-Id`.
 """
 
-import hashlib
-import hmac
 import json
 import secrets
 import time
@@ -28,10 +26,9 @@ from agreements.models import (
     WebhookSubscription,
 )
 from catalog.models import Agent
-from marketplace import outbound
+from marketplace import outbound, rotation
+from sdk import webhook_signature
 
-SIGNATURE_HEADER = "Marketplace-Signature"
-SIGNATURE_TOLERANCE_SECONDS = 300
 _BACKOFF_BASE_SECONDS = 10
 _LEASE_MARGIN_SECONDS = 30  # a claimed delivery is not sent by anyone else for its post's timeout plus this
 _client = outbound.guarded_client(timeout=httpx.Timeout(10.0))  # each post passes WEBHOOK_TIMEOUT_SECONDS
@@ -49,10 +46,14 @@ def subscription_create(*, agent: Agent, url: str, event_types: list[str], secre
     )
 
 
-def subscription_rotate_secret(*, subscription: WebhookSubscription) -> WebhookSubscription:
-    """A new signing secret, used from the next delivery on; the old one stops verifying."""
-    subscription.secret = _new_secret()
-    subscription.save(update_fields=["secret"])
+def subscription_rotate_secret(*, subscription: WebhookSubscription,
+                               previous_secret_valid_for_seconds: int) -> WebhookSubscription:
+    """A new signing secret, used from the next delivery on; the replaced one signs beside it for the seconds given
+    (marketplace.rotation)."""
+    WebhookSubscription.objects.filter(pk=subscription.pk).update(**rotation.rotation_assignments(
+        secret_field="secret", previous_field="previous_secret", expires_field="previous_secret_expires_at",
+        new_secret=_new_secret(), overlap_seconds=previous_secret_valid_for_seconds, now=timezone.now()))
+    subscription.refresh_from_db(fields=["secret", "previous_secret", "previous_secret_expires_at"])
     return subscription
 
 
@@ -89,23 +90,6 @@ def subscription_delete(*, subscription: WebhookSubscription) -> None:
         WebhookSubscription.objects.filter(pk=subscription.pk).update(is_active=False)
         WebhookDelivery.objects.filter(subscription_id=subscription.pk, status=DeliveryStatus.PENDING).update(
             status=DeliveryStatus.FAILED, last_error="the subscription was deleted")
-
-
-def sign(secret: str, body: bytes, timestamp: int) -> str:
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
-
-
-def verify(secret: str, body: bytes, header: str, *, now: float | None = None) -> bool:
-    """What a receiver does; used by the tests and the SDK."""
-    try:
-        parts = dict(item.split("=", 1) for item in header.replace(" ", "").split(","))
-        timestamp = int(parts["t"])
-    except (ValueError, KeyError):
-        return False
-    if abs((now or time.time()) - timestamp) > SIGNATURE_TOLERANCE_SECONDS:
-        return False
-    return hmac.compare_digest(sign(secret, body, timestamp), f"t={timestamp},v1={parts.get('v1', '')}")
 
 
 def event_payload(agreement: UsageAgreement, event: AgreementEvent, event_type: str) -> dict:
@@ -168,9 +152,13 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
         delivery.next_attempt_at = now + timedelta(seconds=settings.WEBHOOK_TIMEOUT_SECONDS + _LEASE_MARGIN_SECONDS)
         delivery.save(update_fields=["attempts", "next_attempt_at"])
     body = json.dumps(delivery.payload, cls=DjangoJSONEncoder, separators=(",", ":")).encode()
+    subscription = delivery.subscription
+    previous_secret = rotation.previous_secret_signing(subscription.previous_secret,
+                                                       subscription.previous_secret_expires_at, now=now)
     headers = {
         "Content-Type": "application/json",
-        SIGNATURE_HEADER: sign(delivery.subscription.secret, body, int(time.time())),
+        webhook_signature.SIGNATURE_HEADER: webhook_signature.sign(subscription.secret, body, int(time.time()),
+                                                                   previous_secret=previous_secret),
         "Marketplace-Event-Id": delivery.payload["id"],
         "Marketplace-Event-Type": delivery.event_type,
         "User-Agent": "agent-escrow-marketplace-webhooks/1",

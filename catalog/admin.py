@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from catalog import services
 from catalog.models import Agent, ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
-from marketplace.admin import may_operate
+from marketplace.admin import may_operate, rotation_overlap_column
 
 CREDENTIAL_FIELDS = ("name", "prefix", "created_at", "expires_at", "revoked_at", "last_used_at")
 
@@ -147,7 +147,8 @@ class ServiceAdmin(admin.ModelAdmin):
                     "availability", "created_at")
     list_filter = ("state", "pricing_type", "upstream_protocol", "availability", "token", "seller__is_active")
     search_fields = ("name", "description", "keywords", "seller__handle", "id")
-    _hidden = ("search_vector", "proxy_secret")  # the HMAC key sellers verify proxied calls with stays secret
+    # The HMAC keys sellers verify proxied calls with stay secret; `secret_rotation` tells whether two sign.
+    _hidden = ("search_vector", "proxy_secret", "previous_proxy_secret", "previous_proxy_secret_expires_at")
     exclude = _hidden
     list_select_related = ("seller",)
     date_hierarchy = "created_at"
@@ -158,7 +159,9 @@ class ServiceAdmin(admin.ModelAdmin):
 
     # Services change through the API (catalog.services keeps search data in step); operators read and deregister.
     def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in Service._meta.fields if f.name not in self._hidden] + ["tags"]
+        return [f.name for f in Service._meta.fields if f.name not in self._hidden] + ["tags", "secret_rotation"]
+
+    secret_rotation = rotation_overlap_column("previous_proxy_secret", "previous_proxy_secret_expires_at")
 
     def has_add_permission(self, request):
         return False

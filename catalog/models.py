@@ -172,6 +172,9 @@ class Service(models.Model):
     state = models.CharField(max_length=16, choices=ServiceState.choices, default=ServiceState.REGISTERED)
     # The seller verifies X-Marketplace-Signature on proxied calls with it (see sdk.proxy_signature).
     proxy_secret = models.CharField(max_length=64, default=new_proxy_secret, editable=False)
+    # The secret the last rotation replaced, also signing until the expiry (marketplace.rotation); "" when none.
+    previous_proxy_secret = models.CharField(max_length=64, blank=True, editable=False)
+    previous_proxy_secret_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
     # Denormalised for search; kept current by catalog.services on every write.
     keywords = models.TextField(blank=True, editable=False)
     search_vector = SearchVectorField(null=True, editable=False)

@@ -20,6 +20,7 @@ from marketplace.serializers import (
     AgentSummarySerializer,
     AtomicAmountField,
     CentsField,
+    OverlapEndField,
     StrictIntegerField,
     StrictSerializer,
     TagListField,
@@ -324,6 +325,21 @@ class OwnServiceSerializer(ServiceSerializer):
 
     upstream_base_url = serializers.CharField()
     proxy_secret = serializers.CharField(help_text="Verifies X-Marketplace-Signature on proxied calls.")
+    previous_proxy_secret_expires_at = OverlapEndField(
+        previous_secret="previous_proxy_secret", expires_at="previous_proxy_secret_expires_at",
+        help_text="While a rotation's overlap runs, the replaced secret also signs proxied calls "
+                  "(X-Marketplace-Signature-Previous) until then; null when none runs.")
+
+
+class ProxySecretRotatedSerializer(serializers.Serializer):
+    service_id = serializers.UUIDField(source="pk")
+    proxy_secret = serializers.CharField(allow_null=True, help_text=(
+        "The new proxy secret, signing proxied calls from now on. Null in the replay of an Idempotency-Key: no "
+        "record keeps it (read it with GET /agents/services/{id})."))
+    previous_proxy_secret_expires_at = OverlapEndField(
+        previous_secret="previous_proxy_secret", expires_at="previous_proxy_secret_expires_at",
+        help_text="Until then the replaced secret also signs proxied calls (X-Marketplace-Signature-Previous); null "
+                  "when it stopped at once.")
 
 
 class ServiceSearchSerializer(StrictSerializer, PageQuerySerializer):

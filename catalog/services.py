@@ -20,8 +20,9 @@ from catalog.models import (
     Skill,
     Tag,
     UpstreamProtocol,
+    new_proxy_secret,
 )
-from marketplace import masumi_agentic_client, outbound
+from marketplace import masumi_agentic_client, outbound, rotation
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.fields import checksum_address
 from marketplace.keys import issue_secret
@@ -232,6 +233,18 @@ def service_update(*, service: Service, actor: Agent, data: dict) -> Service:
         if "skills" in data:
             _replace_skills(service, data["skills"])
         _refresh_search_fields(service)
+    return service
+
+
+def service_proxy_secret_rotate(*, service: Service, actor: Agent, previous_secret_valid_for_seconds: int) -> Service:
+    """A new proxy secret, signing proxied calls at once; the replaced one signs beside it for the seconds given
+    (marketplace.rotation). Allowed in any state: a deregistered service's agreements are still proxied."""
+    _require_owner(service, actor)
+    Service.objects.filter(pk=service.pk).update(**rotation.rotation_assignments(
+        secret_field="proxy_secret", previous_field="previous_proxy_secret",
+        expires_field="previous_proxy_secret_expires_at", new_secret=new_proxy_secret(),
+        overlap_seconds=previous_secret_valid_for_seconds, now=timezone.now()))
+    service.refresh_from_db(fields=["proxy_secret", "previous_proxy_secret", "previous_proxy_secret_expires_at"])
     return service
 
 

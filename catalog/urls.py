@@ -7,6 +7,7 @@ urlpatterns = [
     path("agents/me", views.MyAgentView.as_view()),
     path("agents/services", views.ServicesView.as_view()),
     path("agents/services/<uuid:service_id>", views.ServiceDetailView.as_view()),
+    path("agents/services/<uuid:service_id>/proxy-secret/rotate", views.ServiceProxySecretRotateView.as_view()),
     path("agents/<uuid:agent_id>/api-keys", views.AgentApiKeysView.as_view()),
     path("agents/<uuid:agent_id>/api-keys/<int:key_id>/revoke", views.AgentApiKeyRevokeView.as_view()),
     path("catalog/search", views.CatalogSearchView.as_view()),

@@ -17,6 +17,7 @@ from catalog.serializers import (
     OwnServicePageSerializer,
     OwnServiceSerializer,
     OwnServicesQuery,
+    ProxySecretRotatedSerializer,
     ServiceSearchPageSerializer,
     ServiceSearchSerializer,
     ServiceSerializer,
@@ -28,7 +29,7 @@ from marketplace.idempotency import STORED_DATA, idempotent
 from marketplace.pagination import paginate
 from marketplace.parsers import BoundedJSONParser, plain_json_post
 from marketplace.renderers import rendered_response
-from marketplace.serializers import error_responses
+from marketplace.serializers import SecretRotationSerializer, error_responses
 from marketplace.throttling import credential_key, windows_wait
 
 OWNER = [{"OwnerToken": []}]
@@ -210,6 +211,26 @@ class ServiceDetailView(APIView):
         service = selectors.service_get(service_id=service_id, viewer=agent)
         services.service_deregister(service=service, actor=agent)
         return Response(self._serialize(request, selectors.service_get(service_id=service_id, viewer=agent)))
+
+
+class ServiceProxySecretRotateView(APIView):
+    permission_classes = [agent_scope(KeyScope.PAY)]
+
+    @extend_schema(operation_id="services_proxy_secret_rotate",
+                   summary="A new proxy secret for your service; the replaced one also signs proxied calls "
+                           "(X-Marketplace-Signature-Previous) for the overlap asked for",
+                   request=SecretRotationSerializer,
+                   responses={200: ProxySecretRotatedSerializer, **error_responses(404, 422)}, tags=["catalog"])
+    @idempotent()
+    def post(self, request, service_id):
+        agent = calling_agent(request)
+        service = selectors.service_get(service_id=service_id, viewer=agent)
+        body = SecretRotationSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        service = services.service_proxy_secret_rotate(service=service, actor=agent, **body.validated_data)
+        response = Response(ProxySecretRotatedSerializer(service).data)
+        setattr(response, STORED_DATA, {**response.data, "proxy_secret": None})  # shown once, never stored
+        return response
 
 
 # DRF describes this view (the schema) and serves the requests out of the ordinary, but a plain search (an agent key,

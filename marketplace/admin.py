@@ -12,9 +12,10 @@
 from django.contrib import admin
 from django.db import models
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
-from marketplace import explorer, money
+from marketplace import explorer, money, rotation
 from marketplace.models import RedeliveredTask
 
 admin.site.site_header = "Agent Escrow Marketplace"
@@ -157,6 +158,19 @@ def short_id_column(field: str = "pk", *, description: str = "id"):
         return short_id_html(getattr(obj, field))
 
     column.__name__ = f"short_{field}"
+    return column
+
+
+def rotation_overlap_column(previous_secret: str, expires_at: str):
+    """Whether a secret rotation's overlap runs (marketplace.rotation), and till when: never the secrets."""
+    @admin.display(description="secret rotation")
+    def column(self, obj):
+        ends = rotation.overlap_ends_at(getattr(obj, previous_secret), getattr(obj, expires_at), now=timezone.now())
+        if ends is None:
+            return "no overlap running"
+        return f"overlap running: the replaced secret signs too until {timezone.localtime(ends):%Y-%m-%d %H:%M:%S %Z}"
+
+    column.__name__ = "secret_rotation"
     return column
 
 

@@ -8,11 +8,13 @@ query string has only strings: there, ASCII digits.
 import re
 
 from django.http import QueryDict
+from django.utils import timezone
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema_field
 from rest_framework import serializers
 from rest_framework.fields import SkipField
 from rest_framework.relations import PKOnlyObject
 
+from marketplace import rotation
 from marketplace.fields import checksum_address
 
 MAX_AMOUNT = 2**256 - 1
@@ -194,6 +196,27 @@ class CentsField(StrictIntegerField):
 
     def to_internal_value(self, data):
         return super().to_internal_value(data) * CENTS
+
+
+class SecretRotationSerializer(StrictSerializer):
+    previous_secret_valid_for_seconds = StrictIntegerField(
+        min_value=0, max_value=rotation.OVERLAP_MAX_SECONDS, default=rotation.OVERLAP_DEFAULT_SECONDS,
+        help_text="How long the replaced secret keeps signing beside the new one, so receivers switch at their pace "
+                  "(0: it stops at once, as for a leaked secret). A rotation during an overlap ends the one before "
+                  "it: the replaced secret is then the one this rotation retires.")
+
+
+class OverlapEndField(serializers.DateTimeField):
+    """When a secret rotation's overlap ends, the replaced secret then no longer signing; null when none runs."""
+
+    def __init__(self, *, previous_secret: str, expires_at: str, **kwargs):
+        self.previous_secret, self.expires_at = previous_secret, expires_at
+        super().__init__(source="*", read_only=True, allow_null=True, **kwargs)
+
+    def to_representation(self, value):
+        ends = rotation.overlap_ends_at(getattr(value, self.previous_secret), getattr(value, self.expires_at),
+                                        now=timezone.now())
+        return None if ends is None else super().to_representation(ends)
 
 
 class ErrorDetailSerializer(serializers.Serializer):

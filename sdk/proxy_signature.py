@@ -8,6 +8,11 @@ Every proxied request carries:
   X-Marketplace-Signature   v1=<hex HMAC-SHA256(proxy_secret, "<agreement>.<call seq>.<timestamp>.<METHOD>.<path?query>")>
 The proxy secret is the service's `proxy_secret` (GET /agents/services/{id} as the seller). Reject timestamps
 more than 300 s away from your clock, and call numbers you have already served.
+
+While a rotation's overlap runs (POST /agents/services/{id}/proxy-secret/rotate, at most a day) a call also carries
+  X-Marketplace-Signature-Previous   v1=<the same HMAC with the proxy secret the rotation replaced>
+`X-Marketplace-Signature` is always the current secret's alone, so a check of that header with the new secret
+passes as before; `verify` passes with either secret, so a seller deploys the new one when it is ready.
 """
 
 import hashlib
@@ -15,7 +20,11 @@ import hmac
 import time
 from collections.abc import Mapping
 
+from sdk.hmac_check import any_signature_matches, canonical_int
+
 TOLERANCE_SECONDS = 300
+SIGNATURE_HEADER = "X-Marketplace-Signature"
+PREVIOUS_SIGNATURE_HEADER = "X-Marketplace-Signature-Previous"
 
 
 def _message(agreement_id: str, call_seq: int, timestamp: int, method: str, path: str) -> bytes:
@@ -27,26 +36,21 @@ def sign(secret: str, *, agreement_id: str, call_seq: int, timestamp: int, metho
     return f"v1={mac.hexdigest()}"
 
 
-def _canonical_int(value: str) -> int:
-    """ASCII digits as the proxy writes them: one spelling per number, so a seller's "already served" check on
-    the header cannot be passed by `012`, `+12` or `1_2` under call 12's signature."""
-    if not (value.isascii() and value.isdigit()) or str(int(value)) != value:
-        raise ValueError(f"not a canonical integer: {value!r}")
-    return int(value)
-
-
 def verify(secret: str, headers: Mapping[str, str], *, method: str, path: str, now: float | None = None) -> bool:
-    """`headers` as the seller received them (case-insensitive mapping or plain dict with canonical names)."""
+    """Whether `secret` signed the call, in either signature header. `headers` as the seller received them
+    (case-insensitive mapping or plain dict with canonical names)."""
     lowered = {key.lower(): value for key, value in headers.items()}
     try:
         agreement_id = lowered["x-marketplace-agreement"]
-        call_seq = _canonical_int(lowered["x-marketplace-call-seq"])
-        timestamp = _canonical_int(lowered["x-marketplace-timestamp"])
-        signature = lowered["x-marketplace-signature"]
+        call_seq = canonical_int(lowered["x-marketplace-call-seq"])
+        timestamp = canonical_int(lowered["x-marketplace-timestamp"])
+        signatures = [lowered[SIGNATURE_HEADER.lower()]]
     except (KeyError, ValueError):
         return False
     if abs((now or time.time()) - timestamp) > TOLERANCE_SECONDS:
         return False
+    if PREVIOUS_SIGNATURE_HEADER.lower() in lowered:
+        signatures.append(lowered[PREVIOUS_SIGNATURE_HEADER.lower()])
     expected = sign(secret, agreement_id=agreement_id, call_seq=call_seq, timestamp=timestamp, method=method,
                     path=path)
-    return hmac.compare_digest(expected, signature)
+    return any_signature_matches(expected, signatures)

@@ -101,6 +101,20 @@ def test_unpaid_call_is_402_with_the_x402_requirements_and_never_reaches_the_sel
     assert market.upstream.requests == []
 
 
+def test_a_skill_call_during_a_proxy_secret_rotations_overlap_verifies_with_either_secret(
+        market, django_capture_on_commit_callbacks):
+    old = market.service.proxy_secret
+    rotated = Api(issue_key(market.seller)).post(f"/agents/services/{market.service.pk}/proxy-secret/rotate",
+                                                 {"previous_secret_valid_for_seconds": 600})
+    assert rotated.status_code == 200, rotated.content
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert market.call("translate", market.pay("translate")).status_code == 200
+    [request] = market.upstream.requests
+    for secret in (old, rotated.json()["proxy_secret"]):
+        assert proxy_signature.verify(secret, request.headers, method="POST", path="/translate")
+
+
 def test_the_402_is_x402_v2_exactly(market):
     """x402's own models read the body and the header, `error` (x402's string) included."""
     response = market.call("translate")

@@ -49,6 +49,26 @@ def test_the_admin_never_shows_the_proxy_or_webhook_secrets(operator, seller, se
     assert webhook["secret"] not in webhook_page.content.decode()
 
 
+def test_the_admin_shows_a_rotations_overlap_but_neither_secret(operator, seller, seller_api):
+    service = seller_api.post("/agents/services", service_data()).json()
+    webhook = seller_api.post(f"/agents/{seller.pk}/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    service_page = f"/admin/catalog/service/{service['id']}/change/"
+    webhook_page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
+    assert "no overlap running" in operator.get(service_page).content.decode()
+    assert "no overlap running" in operator.get(webhook_page).content.decode()
+
+    body = {"previous_secret_valid_for_seconds": 600}
+    new_proxy_secret = seller_api.post(f"/agents/services/{service['id']}/proxy-secret/rotate",
+                                       body).json()["proxy_secret"]
+    new_webhook_secret = seller_api.post(f"/agents/{seller.pk}/webhooks/{webhook['id']}/rotate",
+                                         body).json()["secret"]
+    for page, secrets in ((service_page, [service["proxy_secret"], new_proxy_secret]),
+                          (webhook_page, [webhook["secret"][10:], new_webhook_secret[10:]])):  # past the hint
+        content = operator.get(page).content.decode()
+        assert "overlap running: the replaced secret signs too until" in content
+        assert not [secret for secret in secrets if secret in content]
+
+
 @pytest.mark.chain
 def test_no_secret_reaches_the_logs(escrow_chain, http_server, json_logs, django_capture_on_commit_callbacks,
                                     settings):

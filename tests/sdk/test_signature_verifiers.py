@@ -1,0 +1,87 @@
+"""The SDK's checks of what the marketplace signs (proxied calls, webhook deliveries) during a secret rotation's
+overlap, when a message carries the new secret's signature and the replaced one's: a receiver verifies with either
+secret it holds, and nothing it refused before now passes."""
+
+import time
+
+from sdk import proxy_signature, webhook_signature
+
+CALL = {"agreement_id": "a1", "call_seq": 12, "method": "POST", "path": "/v1/run"}
+BODY = b'{"id":"evt_1","type":"agreement.active"}'
+
+
+def proxied_headers(secret: str, previous_secret: str = "", *, timestamp: int | None = None) -> dict:
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    headers = {"X-Marketplace-Agreement": "a1", "X-Marketplace-Call-Seq": "12",
+               "X-Marketplace-Timestamp": str(timestamp),
+               "X-Marketplace-Signature": proxy_signature.sign(secret, timestamp=timestamp, **CALL)}
+    if previous_secret:
+        headers[proxy_signature.PREVIOUS_SIGNATURE_HEADER] = proxy_signature.sign(previous_secret,
+                                                                                  timestamp=timestamp, **CALL)
+    return headers
+
+
+def verified(secret: str, headers: dict, **call) -> bool:
+    return proxy_signature.verify(secret, headers, method=call.get("method", "POST"), path=call.get("path", "/v1/run"))
+
+
+def test_a_proxied_call_of_an_overlap_verifies_with_the_new_secret_or_the_replaced_one():
+    headers = proxied_headers("psk_new", "psk_old")
+    assert verified("psk_new", headers) and verified("psk_old", headers)
+    assert not verified("psk_other", headers)
+    # The first header is the new secret's alone, byte for byte what a verifier of one signature compares.
+    assert headers["X-Marketplace-Signature"] == proxied_headers("psk_new")["X-Marketplace-Signature"]
+    # Either signature is still bound to its method, path and time.
+    assert not verified("psk_old", headers, method="GET")
+    assert not verified("psk_old", headers, path="/admin")
+    late = int(headers["X-Marketplace-Timestamp"]) + proxy_signature.TOLERANCE_SECONDS + 1
+    assert not proxy_signature.verify("psk_old", headers, method="POST", path="/v1/run", now=late)
+
+
+def test_a_proxied_call_after_the_overlap_verifies_with_the_new_secret_only():
+    headers = proxied_headers("psk_new")
+    assert verified("psk_new", headers) and not verified("psk_old", headers)
+
+
+def test_the_previous_signature_header_cannot_pass_a_call_number_in_another_spelling():
+    headers = proxied_headers("psk_new", "psk_old")
+    for spelling in ("012", "+12", " 12"):
+        assert not verified("psk_old", {**headers, "X-Marketplace-Call-Seq": spelling})
+
+
+def test_a_signature_in_other_than_ascii_is_refused_not_crashed_on():
+    """hmac.compare_digest raises TypeError on a non-ASCII str: a hostile header must be a refusal."""
+    headers = proxied_headers("psk_new")
+    assert not verified("psk_new", {**headers, "X-Marketplace-Signature": "v1=\u00e9"})
+    signed_by_another = proxied_headers("psk_other")
+    assert not verified("psk_new", {**signed_by_another, proxy_signature.PREVIOUS_SIGNATURE_HEADER: "v1=\u00e9"})
+    assert not webhook_signature.verify("whsec_new", BODY, f"t={int(time.time())},v1=\u00e9")
+
+
+def test_a_webhook_of_an_overlap_verifies_with_either_secret_and_names_the_new_one_first():
+    now = int(time.time())
+    header = webhook_signature.sign("whsec_new", BODY, now, previous_secret="whsec_old")
+    single = webhook_signature.sign("whsec_new", BODY, now)
+    assert header.startswith(single + ",v1=")  # t, the new secret's v1, then the replaced one's
+    assert webhook_signature.verify("whsec_new", BODY, header)
+    assert webhook_signature.verify("whsec_old", BODY, header)
+    assert not webhook_signature.verify("whsec_other", BODY, header)
+    assert not webhook_signature.verify("whsec_old", BODY + b" ", header)
+    assert not webhook_signature.verify("whsec_old", BODY, header, now=now + webhook_signature.TOLERANCE_SECONDS + 1)
+    assert webhook_signature.verify("whsec_new", BODY, header.replace(",", ", "))  # Pægents writes "t=.., v1=.."
+
+
+def test_a_webhook_after_the_overlap_verifies_with_the_new_secret_only():
+    header = webhook_signature.sign("whsec_new", BODY, int(time.time()))
+    assert webhook_signature.verify("whsec_new", BODY, header)
+    assert not webhook_signature.verify("whsec_old", BODY, header)
+
+
+def test_a_webhook_header_reads_one_timestamp_in_its_one_spelling():
+    now = int(time.time())
+    header = webhook_signature.sign("whsec_new", BODY, now)
+    signature = header.split(",", 1)[1]
+    for malformed in (f"t=0{now},{signature}", f"t=+{now},{signature}", f"t={now},t={now},{signature}",
+                      signature, f"t={now},{signature},junk", ""):
+        assert not webhook_signature.verify("whsec_new", BODY, malformed), malformed
+    assert webhook_signature.verify("whsec_new", BODY, f"{header},v0=ignored")  # unknown schemes are skipped
