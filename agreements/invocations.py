@@ -35,6 +35,7 @@ from agreements import x402_protocol
 from agreements.models import InvocationMoney, InvocationStatus, SkillInvocation
 from catalog.models import Agent, Skill
 from marketplace import bounded_json, outbound, rotation
+from marketplace.concurrency import Bulkhead
 from marketplace.errors import NotFound
 from sdk import proxy_signature
 
@@ -150,6 +151,25 @@ def invocation_payment_failed(*, invocation_id, reason: str) -> None:
     invocation.error = f"payment failed, nothing was charged: {reason}"[:500]
     invocation.completed_at = timezone.now()
     invocation.save(update_fields=["money", "status", "error", "completed_at", "updated_at"])
+
+
+# A paid synchronous invocation runs in the caller's request only for a skill whose limit is at most
+# INVOCATION_INLINE_MAX_SECONDS, and while fewer than INVOCATION_INLINE_CONCURRENCY do in this process; otherwise a
+# worker of the outbound queue runs it and the caller gets 202 and the status URL. A seller picks its skill's limit
+# (up to an hour) and a late answer is refunded: run in the request, slow or dribbling sellers held the web
+# server's threads for free.
+INLINE_RUNS = Bulkhead("inline invocation", limit="INVOCATION_INLINE_CONCURRENCY")
+
+
+def invocation_run_paid(*, invocation_id, timeout_seconds: int) -> SkillInvocation:
+    """Run a paid synchronous invocation here when the inline bounds allow it (see INLINE_RUNS), else hand it to a
+    worker (`run_in_background` set)."""
+    if timeout_seconds <= settings.INVOCATION_INLINE_MAX_SECONDS:
+        with INLINE_RUNS.slot_if_free() as held:
+            if held:
+                return invocation_run(invocation_id=invocation_id)
+    invocation_run_in_background(invocation_id=invocation_id)
+    return SkillInvocation.objects.get(pk=invocation_id)
 
 
 def invocation_run_in_background(*, invocation_id) -> None:

@@ -24,6 +24,7 @@ from agreements.invocations import invocation_payment_failed as invocation_payme
 from agreements.invocations import invocation_payment_requirements as invocation_payment_requirements
 from agreements.invocations import invocation_refunded as invocation_refunded
 from agreements.invocations import invocation_run as invocation_run
+from agreements.invocations import invocation_run_paid as invocation_run_paid
 from agreements.invocations import invocation_run_in_background as invocation_run_in_background
 from agreements.invocations import settlement_handler_register as settlement_handler_register
 # Usage writes the escrow app drives (settlement, Masumi purchases), offered here with the other services.

@@ -166,13 +166,14 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
 class InvocationOutcome:
     invocation: SkillInvocation
     payment_failure: str = ""  # the payment did not execute (nothing was charged, the seller was not called)
-    in_background: bool = False  # a worker runs it: async skill, or a payment still confirming
+    in_background: bool = False  # a worker runs it: async skill, payment still confirming, beyond the inline bounds
 
 
 def invocation_invoke(*, skill: Skill, buyer: Agent | None, input: dict, payment: SignedPayment,
                       wait_seconds: float) -> InvocationOutcome:
     """Pay (see `invocation_pay`), wait up to `wait_seconds` for the payment to confirm, then run a sync skill
-    here; an async skill, or a payment still confirming, is left to a worker."""
+    here within the inline bounds (`invocation_run_paid`); an async skill, a payment still confirming, or a sync
+    skill beyond those bounds is left to a worker."""
     invocation, tx = invocation_pay(skill=skill, buyer=buyer, input=input, payment=payment)
     tx = transaction_await(transaction_id=tx.pk, timeout=wait_seconds)
     invocation.refresh_from_db()
@@ -183,7 +184,9 @@ def invocation_invoke(*, skill: Skill, buyer: Agent | None, input: dict, payment
         agreement_services.invocation_run_in_background(invocation_id=invocation.pk)
         invocation.refresh_from_db()
         return InvocationOutcome(invocation, in_background=True)
-    return InvocationOutcome(agreement_services.invocation_run(invocation_id=invocation.pk))
+    invocation = agreement_services.invocation_run_paid(invocation_id=invocation.pk,
+                                                        timeout_seconds=skill.timeout_seconds)
+    return InvocationOutcome(invocation, in_background=invocation.run_in_background)
 
 
 def _invocation_id(tx: ChainTransaction):

@@ -39,9 +39,9 @@ class Bulkhead:
     Waiters are woken in the order they came (threading.Condition), though one arriving as a slot frees may take it
     first."""
 
-    def __init__(self, name: str, *, code: str, limit: str, wait_seconds: str, waiting_max: str):
+    def __init__(self, name: str, *, code: str = "", limit: str, wait_seconds: str = "", waiting_max: str = ""):
         self.name, self.code = name, code
-        self._settings = (limit, wait_seconds, waiting_max)
+        self._settings = (limit, wait_seconds, waiting_max)  # the last two: for `slot`, which waits
         self._condition = threading.Condition()
         self._running = 0
         self._waiting = 0
@@ -71,6 +71,22 @@ class Bulkhead:
             with self._condition:
                 self._running -= 1
                 self._condition.notify()
+
+    @contextmanager
+    def slot_if_free(self) -> Iterator[bool]:
+        """A slot if one is free now (True), else False at once, never waiting: for work that can go elsewhere."""
+        limit = getattr(settings, self._settings[0])
+        with self._condition:
+            held = limit <= 0 or self._running < limit
+            if held:
+                self._running += 1
+        try:
+            yield held
+        finally:
+            if held:
+                with self._condition:
+                    self._running -= 1
+                    self._condition.notify()
 
     def _busy(self, why: str) -> Busy:
         self._shed.inc()

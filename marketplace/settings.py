@@ -244,6 +244,10 @@ DIRECT_PAYMENT_MIN_VALIDITY = env.int("DIRECT_PAYMENT_MIN_VALIDITY_SECONDS", def
 # confirmed before answering 202 with an invocation id; how long a paid, still pending invocation waits for its
 # caller before a worker runs it.
 INVOCATION_PAYMENT_WAIT_SECONDS = env.float("INVOCATION_PAYMENT_WAIT_SECONDS", default=20.0)
+# A paid synchronous skill runs in the caller's request only if its time limit is at most this, and only while
+# fewer than INVOCATION_INLINE_CONCURRENCY do in the process; else a worker runs it (202 and the status URL).
+INVOCATION_INLINE_MAX_SECONDS = env.int("INVOCATION_INLINE_MAX_SECONDS", default=60)
+INVOCATION_INLINE_CONCURRENCY = env.int("INVOCATION_INLINE_CONCURRENCY", default=4)
 INVOCATION_ORPHAN_AFTER = timedelta(seconds=env.int("INVOCATION_ORPHAN_AFTER_SECONDS", default=60))
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
 WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)

@@ -177,6 +177,43 @@ def test_async_invocation_is_202_then_completed(market, django_capture_on_commit
     assert market.balances()[:2] == (buyer - 50_000, seller + 50_000)
 
 
+def test_a_sync_skill_whose_limit_is_beyond_the_inline_bound_runs_in_a_worker_not_in_a_web_thread(
+        market, settings, django_capture_on_commit_callbacks):
+    """A seller chooses its skill's time limit (up to an hour) and whether it is synchronous: run in the request, a
+    slow or dribbling seller held a web thread that long per call, and the refund on timeout made it free to do."""
+    settings.INVOCATION_INLINE_MAX_SECONDS = 30  # "translate" allows the default 60 s
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+
+    with django_capture_on_commit_callbacks(execute=True):  # the worker's run, inline (Celery is eager)
+        response = market.call("translate", payment)
+
+    assert response.status_code == 202, response.content
+    assert response.json()["status"] == "pending"
+    confirm_all(django_capture_on_commit_callbacks)
+    invocation = market.caller.get(f"/services/{response.json()['invocation_id']}").json()
+    assert invocation["status"] == "completed" and invocation["result"] == {"translation": "bonjour"}
+
+
+def test_a_sync_invocation_finding_the_inline_slots_taken_runs_in_a_worker_at_once(
+        market, settings, django_capture_on_commit_callbacks):
+    """However many sync skills are called at once, at most INVOCATION_INLINE_CONCURRENCY of a process's threads wait
+    on sellers: the others' callers get 202 and the status URL, and the web server keeps its threads."""
+    settings.INVOCATION_INLINE_CONCURRENCY = 1
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+
+    with invocations.INLINE_RUNS.slot_if_free() as held:  # another sync invocation running in this process
+        assert held
+        with django_capture_on_commit_callbacks(execute=True):
+            response = market.call("translate", payment)
+
+    assert response.status_code == 202, response.content
+    confirm_all(django_capture_on_commit_callbacks)
+    invocation = market.caller.get(f"/services/{response.json()['invocation_id']}").json()
+    assert invocation["status"] == "completed" and invocation["payment"]["status"] == "paid_out"
+
+
 def test_an_invocation_that_times_out_is_refunded_on_chain(market, django_capture_on_commit_callbacks):
     market.upstream.responses.append((200, {"late": True}, 2))  # answers after the skill's 1 s limit
     payment = market.pay("slow")
