@@ -188,6 +188,11 @@ class MasumiPurchase(models.Model):
     job_status = models.CharField(max_length=50, blank=True, help_text="What the seller's GET /status last said.")
     job_start_claimed_at = models.DateTimeField(null=True, blank=True,
                                                 help_text="Set before calling start_job, so only one call is made.")
+    job_next_call_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the seller's /start_job or /status may next be called (none: now); "
+                                         "moved past a call's timeout while it runs, so only one runs at a time.")
+    job_call_failures = models.PositiveIntegerField(
+        default=0, help_text="Calls to the seller that failed in a row; each pushes the next call back further.")
     result = models.TextField(blank=True)
     result_hash = models.CharField(max_length=64, blank=True,
                                    help_text="MIP-004: sha256 of `identifierFromPurchaser;result` (JSON-escaped).")

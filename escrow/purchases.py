@@ -55,17 +55,22 @@ committed), RefundRequested (refund asked, not yet disputed), Disputed, Withdraw
 (buyer refunded), DisputedWithdrawn (a dispute paid out). null until the funds are locked.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
 import secrets
+import time
+import zlib
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Q
+from django.db import connection, transaction
+from django.db.models import F, Q
 from django.utils import timezone
 
 from agreements import services as agreement_services
@@ -81,8 +86,7 @@ logger = logging.getLogger(__name__)
 S = AgreementStatus
 MAX_LOCK_SECONDS = 30 * 24 * 3600  # the contract's MAX_CHALLENGE_WINDOW bounds unlockTime − purchase time
 COMPLETED = "completed"
-# A start_job call claimed longer ago than this died with its worker; the job may be started again.
-START_CLAIM_STALE_SECONDS = 120
+JOBS_TICK_LOCK = zlib.crc32(b"escrow-masumi-jobs-tick")
 
 
 # The timers handed out count from `chain_clock.deadline_clock()` (the later of our clock and the chain's next
@@ -411,49 +415,103 @@ def _record_error(purchase_id, error: Exception) -> None:
                                                          updated_at=timezone.now())
 
 
-def purchase_job_start(*, purchase_id) -> MasumiPurchase | None:
-    """POST /start_job on the seller once the funds are locked. Claimed first, so two workers never both start it."""
-    stale = timezone.now() - timezone.timedelta(seconds=START_CLAIM_STALE_SECONDS)
-    claimed = MasumiPurchase.objects.filter(
-        Q(job_start_claimed_at__isnull=True) | Q(job_start_claimed_at__lt=stale), pk=purchase_id, job_id="",
-        agreement__status=S.ACTIVE).update(job_start_claimed_at=timezone.now())
-    if not claimed:
-        return None
-    purchase = MasumiPurchase.objects.select_related("agreement__service").get(pk=purchase_id)
-    try:
-        job = masumi_agentic_client.start_job(
-            base_url=_base_url(purchase), protocol_version=purchase.agreement.service.masumi_protocol_version,
-            input_data=purchase.input_data, identifier_from_purchaser=purchase.identifier_from_purchaser)
-    except masumi_agentic_client.AgenticServiceError as error:
-        MasumiPurchase.objects.filter(pk=purchase_id).update(job_start_claimed_at=None)  # retried next tick
-        _record_error(purchase_id, error)
-        return None
-    MasumiPurchase.objects.filter(pk=purchase_id).update(job_id=job.job_id, payment_id=job.payment_id,
-                                                         last_error="", updated_at=timezone.now())
-    purchase.refresh_from_db()
-    return purchase
+# A tick calls the due purchases' sellers concurrently (the HTTP exchanges on threads, every database access on the
+# tick's own), at most this many at once per seller, so a seller that hangs holds a few slots and never the rest.
+JOB_CALLS_AT_ONCE_PER_SELLER = 2
+# A failed call (timeout, connection error, non-2xx, unusable answer) waits tick x 2^failures, at most this long.
+JOB_CALL_BACKOFF_MAX_SECONDS = 300
+# A call's lease: the call's deadline plus the database work around it, well inside a tick.
+JOB_CALL_LEASE_MARGIN_SECONDS = 30
 
 
-def purchase_job_poll(*, purchase_id, now: int) -> MasumiPurchase | None:
-    """GET /status; a completed job's result is recorded while submitResultTime has not passed (fetched too when
-    the seller submitted only its hash)."""
+def _job_call_lease_seconds() -> float:
+    return settings.MASUMI_SERVICE_TIMEOUT + JOB_CALL_LEASE_MARGIN_SECONDS
+
+
+@dataclass(frozen=True)
+class _JobCall:
+    """One claimed call to a seller: what its thread needs, read beforehand (the thread touches no database)."""
+    purchase: MasumiPurchase
+    seller_id: Any
+
+    @property
+    def starts(self) -> bool:
+        return not self.purchase.job_id
+
+    def exchange(self) -> masumi_agentic_client.StartedJob | masumi_agentic_client.JobStatus:
+        purchase = self.purchase
+        if self.starts:
+            return masumi_agentic_client.start_job(
+                base_url=_base_url(purchase), protocol_version=purchase.agreement.service.masumi_protocol_version,
+                input_data=purchase.input_data, identifier_from_purchaser=purchase.identifier_from_purchaser)
+        return masumi_agentic_client.job_status(base_url=_base_url(purchase), job_id=purchase.job_id)
+
+
+def _due_job_calls(now: int) -> list[tuple[Any, Any]]:
+    """(purchase id, seller id) of the purchases whose seller is due a call, the longest waiting first: jobs the
+    marketplace starts itself (a purchase paying a seller's payment request: the buyer started it), and jobs
+    running without a result, while submitResultTime has not passed."""
+    to_start = Q(agreement__status=S.ACTIVE, result_hash="", job_id="", payment_request__isnull=True)
+    to_poll = Q(agreement__status__in=[S.ACTIVE, S.IN_CHALLENGE], result="") & ~Q(job_id="")
+    due = Q(job_next_call_at__isnull=True) | Q(job_next_call_at__lte=timezone.now())
+    return list(MasumiPurchase.objects.filter(to_start | to_poll, due, submit_result_time__gt=_moment(now)).order_by(
+        F("job_next_call_at").asc(nulls_first=True), "created_at").values_list("pk", "agreement__seller_id")[:500])
+
+
+def _job_call_claim(purchase_id, seller_id, *, now: int) -> _JobCall | None:
+    """The purchase's next call, leased (its next call moved past this one's timeout) so no other tick makes it
+    meanwhile; None when it is not due, or there is nothing to call any more."""
+    wall = timezone.now()
+    leased = MasumiPurchase.objects.filter(
+        Q(job_next_call_at__isnull=True) | Q(job_next_call_at__lte=wall), pk=purchase_id,
+    ).update(job_next_call_at=wall + timezone.timedelta(seconds=_job_call_lease_seconds()))
+    if not leased:
+        return None
     purchase = MasumiPurchase.objects.select_related("agreement__service").get(pk=purchase_id)
-    if not purchase.job_id or purchase.result or now >= _unix(purchase.submit_result_time):
+    status = purchase.agreement.status
+    if purchase.result or now >= _unix(purchase.submit_result_time):
         return None
-    try:
-        status = masumi_agentic_client.job_status(base_url=_base_url(purchase), job_id=purchase.job_id)
-    except masumi_agentic_client.AgenticServiceError as error:
-        _record_error(purchase_id, error)
+    if not purchase.job_id:
+        if status != S.ACTIVE or purchase.result_hash or purchase.payment_request_id is not None:
+            return None
+        # Read by `payment_request_create`: the seller's server asks this node for the payment while starting it.
+        MasumiPurchase.objects.filter(pk=purchase_id).update(job_start_claimed_at=wall)
+    elif status not in (S.ACTIVE, S.IN_CHALLENGE):
         return None
-    MasumiPurchase.objects.filter(pk=purchase_id).update(job_status=status.status[:50], updated_at=timezone.now())
-    if status.status == COMPLETED and status.result is not None:
+    return _JobCall(purchase=purchase, seller_id=seller_id)
+
+
+def _job_call_failed(call: _JobCall, error: Exception, *, now: int) -> None:
+    """Recorded, and the next call pushed back: tick x 2^failures, at most JOB_CALL_BACKOFF_MAX_SECONDS, and
+    never so far that a seller back up misses submitResultTime (the last call still fits before it)."""
+    failures = call.purchase.job_call_failures + 1
+    backoff = min(settings.MASUMI_PURCHASE_TICK_SECONDS * 2 ** min(failures, 16), JOB_CALL_BACKOFF_MAX_SECONDS)
+    room = _unix(call.purchase.submit_result_time) - now - _job_call_lease_seconds()
+    wait = max(0, min(backoff, room))  # counted by the chain's clock, waited by ours
+    changes = {"job_call_failures": failures, "job_next_call_at": timezone.now() + timezone.timedelta(seconds=wait)}
+    if call.starts:
+        changes["job_start_claimed_at"] = None
+    MasumiPurchase.objects.filter(pk=call.purchase.pk).update(**changes)
+    _record_error(call.purchase.pk, error)
+
+
+def _job_call_answered(call: _JobCall, answer, *, now: int) -> MasumiPurchase | None:
+    """The seller's answer recorded; its next call due at once (the next tick, or this one after a start). A
+    completed job's result is recorded (fetched too when the seller submitted only its hash)."""
+    purchase_id = call.purchase.pk
+    schedule = {"job_call_failures": 0, "job_next_call_at": timezone.now(), "updated_at": timezone.now()}
+    if call.starts:
+        MasumiPurchase.objects.filter(pk=purchase_id).update(job_id=answer.job_id, payment_id=answer.payment_id,
+                                                             last_error="", **schedule)
+        return None
+    MasumiPurchase.objects.filter(pk=purchase_id).update(job_status=answer.status[:50], **schedule)
+    if answer.status == COMPLETED and answer.result is not None:
         try:
-            return purchase_result_record(purchase_id=purchase_id, result=status.result,
-                                          result_hash=result_hash_of(status.result,
-                                                                     purchase.identifier_from_purchaser))
+            return purchase_result_record(purchase_id=purchase_id, result=answer.result, result_hash=result_hash_of(
+                answer.result, call.purchase.identifier_from_purchaser))
         except ApplicationError as error:  # e.g. the agreement was used through the proxy meanwhile
             _record_error(purchase_id, error)
-    return purchase
+    return None
 
 
 def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -> MasumiPurchase:
@@ -487,24 +545,68 @@ def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -
 
 
 def purchases_jobs_tick(*, now: int | None = None) -> dict[str, int]:
-    """The sellers' jobs of Masumi purchases, in one pass (a beat task of the outbound queue: it waits on sellers,
-    so it never holds the workers that move money): start those due, poll those running. Each step is idempotent."""
+    """The sellers' jobs of Masumi purchases (a beat task of the outbound queue: it waits on sellers, so it never
+    holds the workers that move money): start those due, poll those running, each purchase's calls scheduled by
+    its own backoff. Calls run MASUMI_JOB_CALLS_AT_ONCE at a time, JOB_CALLS_AT_ONCE_PER_SELLER per seller, and
+    none starts after MASUMI_PURCHASE_TICK_SECONDS: a tick ends within that plus one MASUMI_SERVICE_TIMEOUT, what
+    did not fit waiting for the next. A second tick meanwhile is a no-op (a lock; each call's lease besides)."""
     now = now if now is not None else chain_clock.chain_now()
-    now_dt = _moment(now)
     done = {"started": 0, "results": 0}
-    # Jobs the marketplace starts itself (a purchase paying a seller's payment request: the buyer started it).
-    to_start = MasumiPurchase.objects.filter(agreement__status=S.ACTIVE, result_hash="", job_id="",
-                                             payment_request__isnull=True, submit_result_time__gt=now_dt)
-    for purchase_id in list(to_start.values_list("pk", flat=True)[:500]):
-        if purchase_job_start(purchase_id=purchase_id):
-            done["started"] += 1
-    to_poll = MasumiPurchase.objects.filter(agreement__status__in=[S.ACTIVE, S.IN_CHALLENGE], result="",
-                                            submit_result_time__gt=now_dt).exclude(job_id="")
-    for purchase_id, had_hash in list(to_poll.values_list("pk", "result_hash")[:500]):
-        polled = purchase_job_poll(purchase_id=purchase_id, now=now)
-        if polled is not None and polled.result_hash and not had_hash:
-            done["results"] += 1
-    return done
+    with _single_jobs_tick() as alone:
+        if not alone:
+            return done
+        starting_ends = time.monotonic() + settings.MASUMI_PURCHASE_TICK_SECONDS
+        waiting = _due_job_calls(now)
+        running: dict[Future, _JobCall] = {}
+        per_seller: Counter = Counter()
+        with ThreadPoolExecutor(max_workers=settings.MASUMI_JOB_CALLS_AT_ONCE,
+                                thread_name_prefix="masumi-job-call") as pool:
+            while True:
+                for entry in list(waiting):
+                    if len(running) >= settings.MASUMI_JOB_CALLS_AT_ONCE or time.monotonic() >= starting_ends:
+                        break
+                    purchase_id, seller_id = entry
+                    if per_seller[seller_id] >= JOB_CALLS_AT_ONCE_PER_SELLER:
+                        continue
+                    waiting.remove(entry)
+                    call = _job_call_claim(purchase_id, seller_id, now=now)
+                    if call is not None:
+                        running[pool.submit(call.exchange)] = call
+                        per_seller[seller_id] += 1
+                if not running:
+                    return done
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    call = running.pop(future)
+                    per_seller[call.seller_id] -= 1
+                    try:
+                        answer = future.result()
+                    except masumi_agentic_client.AgenticServiceError as error:
+                        _job_call_failed(call, error, now=now)
+                        continue
+                    if _job_call_answered(call, answer, now=now) is not None:
+                        done["results"] += 1
+                    if call.starts:
+                        done["started"] += 1
+                        waiting.insert(0, (call.purchase.pk, call.seller_id))  # its first status check at once
+
+
+@contextlib.contextmanager
+def _single_jobs_tick():
+    """PostgreSQL: a session advisory lock (no transaction held open, released when the process dies). Elsewhere
+    (the SQLite dev default) the calls' leases alone keep two ticks from calling one seller twice."""
+    if connection.vendor != "postgresql":
+        yield True
+        return
+    with connection.cursor() as db:
+        db.execute("SELECT pg_try_advisory_lock(%s)", [JOBS_TICK_LOCK])
+        acquired = db.fetchone()[0]
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            with connection.cursor() as db:
+                db.execute("SELECT pg_advisory_unlock(%s)", [JOBS_TICK_LOCK])
 
 
 def purchases_tick(*, now: int | None = None) -> dict[str, int]:

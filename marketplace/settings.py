@@ -298,6 +298,10 @@ CHAIN_STALL_SECONDS = env.int("CHAIN_STALL_SECONDS", default=60)
 # seconds, at most MAX_ATTEMPTS times; then it waits on the dashboard for an operator's retry (which starts over).
 SETTLEMENT_PROPOSE_MAX_ATTEMPTS = env.int("SETTLEMENT_PROPOSE_MAX_ATTEMPTS", default=5)
 SETTLEMENT_PROPOSE_BACKOFF_SECONDS = env.int("SETTLEMENT_PROPOSE_BACKOFF_SECONDS", default=30)
+MASUMI_PURCHASE_TICK_SECONDS = env.int("MASUMI_PURCHASE_TICK_SECONDS", default=10)
+# The Masumi jobs tick calls sellers (start_job, status) this many at a time, at most 2 at once per seller, and
+# starts no call after MASUMI_PURCHASE_TICK_SECONDS: a tick lasts at most that plus MASUMI_SERVICE_TIMEOUT.
+MASUMI_JOB_CALLS_AT_ONCE = env.int("MASUMI_JOB_CALLS_AT_ONCE", default=8)
 CELERY_BEAT_SCHEDULE.update({
     "poll-confirmations": {"task": "escrow.tasks.poll_confirmations",
                            "schedule": timedelta(seconds=env.int("CHAIN_POLL_SECONDS", default=3))},
@@ -308,9 +312,8 @@ CELERY_BEAT_SCHEDULE.update({
     # payFees: the infra fees accrued in the escrow go to its fee recipient (one call for any number of agreements)
     "pay-fees": {"task": "escrow.tasks.pay_fees", "schedule": timedelta(seconds=env.int("PAY_FEES_SECONDS", default=300))},
     "masumi-purchases-tick": {"task": "escrow.tasks.masumi_purchases_tick",
-                              "schedule": timedelta(seconds=env.int("MASUMI_PURCHASE_TICK_SECONDS", default=10))},
-    "masumi-jobs-tick": {"task": "escrow.tasks.masumi_jobs_tick",
-                         "schedule": timedelta(seconds=env.int("MASUMI_PURCHASE_TICK_SECONDS", default=10))},
+                              "schedule": timedelta(seconds=MASUMI_PURCHASE_TICK_SECONDS)},
+    "masumi-jobs-tick": {"task": "escrow.tasks.masumi_jobs_tick", "schedule": timedelta(seconds=MASUMI_PURCHASE_TICK_SECONDS)},
 })
 # The chain indexer (escrow.indexer): follows the escrow's events from its deployment block (recorded in the
 # deployment file by `deploy_contracts`; ESCROW_DEPLOYMENT_BLOCK overrides it) up to CHAIN_CONFIRMATIONS deep.

@@ -2,16 +2,25 @@
 
 import hashlib
 import json
+import threading
+import time
+from collections import deque
+from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.utils import timezone
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
 
+from catalog.models import Service
 from escrow import purchases, settlement
+from escrow.models import MasumiPurchase
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import UserFactory, issue_owner_token
 from tests.conftest import Api, error_code
 from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock, pay_fees, sign_activation, usdc_balance
+from tests.support.http_server import RecordingServer
 from tests.support.masumi_service import MasumiService, result_for
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -417,3 +426,121 @@ def catalog_poll() -> int:
     from catalog.tasks import poll_availability
 
     return poll_availability.delay().get()
+
+
+# --- the sellers' calls: scheduled per purchase, a tick bounded -------------------------------------------------
+
+HANG_SECONDS = 3  # a hanging seller's delay; the tests set MASUMI_SERVICE_TIMEOUT to 1 s
+
+
+@pytest.fixture
+def hanging_seller():
+    """A seller whose every answer comes HANG_SECONDS late: each call ends at MASUMI_SERVICE_TIMEOUT."""
+    server = RecordingServer(responses=deque([(200, {}, HANG_SECONDS)] * 50)).start()
+    yield server
+    server.stop()
+
+
+def moved_to(purchase: Purchase, seller) -> None:
+    Service.objects.filter(pk=purchase.parties.service.pk).update(upstream_base_url=seller.url)
+
+
+def row(purchase: Purchase) -> MasumiPurchase:
+    return MasumiPurchase.objects.get(agreement_id=purchase.created["agreementId"])
+
+
+_real_now = timezone.now
+
+
+def wall_clock_ahead(monkeypatch, seconds: float) -> None:
+    """Our clock (not the chain's) `seconds` ahead of the real one: a seller's backoff runs by it."""
+    monkeypatch.setattr(timezone, "now", lambda: _real_now() + timedelta(seconds=seconds))
+
+
+def timed_jobs_tick(capture) -> tuple[dict, float]:
+    started = time.monotonic()
+    ticked = run(capture, purchases.purchases_jobs_tick)
+    return ticked, time.monotonic() - started
+
+
+def test_a_seller_hanging_on_three_purchases_holds_a_tick_one_timeout_and_waits_its_backoff(
+        escrow_chain, seller_service, hanging_seller, django_capture_on_commit_callbacks, settings, monkeypatch):
+    """Before: the tick called each purchase's seller in turn, 3 x the timeout here, every tick, and the honest
+    seller's result waited behind them."""
+    capture = django_capture_on_commit_callbacks
+    settings.MASUMI_SERVICE_TIMEOUT = 1
+    slow = [Purchase(escrow_chain, capture, seller_service) for _ in range(3)]
+    honest = Purchase(escrow_chain, capture, seller_service)
+    confirm_all(capture)  # the last activation is confirmed by a further relayer poll
+    assert timed_jobs_tick(capture)[0]["started"] == 4  # each started, then a first status check: running
+    for purchase in slow:
+        moved_to(purchase, hanging_seller)
+
+    ticked, seconds = timed_jobs_tick(capture)
+    assert seconds < 2 * settings.MASUMI_SERVICE_TIMEOUT < HANG_SECONDS  # in turn: 3 x 1 s at least
+    assert ticked["results"] == 1 and honest.get()["result"] == result_for(INPUT)  # not delayed by the others
+    assert len(hanging_seller.requests) == 3
+    for purchase in slow:
+        failed = row(purchase)
+        assert failed.job_call_failures == 1 and "Timeout" in failed.last_error
+        assert failed.job_next_call_at >= timezone.now() + timedelta(seconds=15)  # tick interval x 2
+
+    # Not called again before its backoff; then called again, and backed off longer.
+    assert timed_jobs_tick(capture)[1] < settings.MASUMI_SERVICE_TIMEOUT
+    assert len(hanging_seller.requests) == 3
+    wall_clock_ahead(monkeypatch, 21)
+    timed_jobs_tick(capture)
+    assert len(hanging_seller.requests) == 6
+    assert {row(purchase).job_call_failures for purchase in slow} == {2}
+    assert all(row(purchase).job_next_call_at >= timezone.now() + timedelta(seconds=35) for purchase in slow)
+
+
+def test_a_seller_back_after_a_long_outage_has_its_result_recorded_before_submit_result_time(
+        escrow_chain, seller_service, hanging_seller, django_capture_on_commit_callbacks, settings, monkeypatch):
+    capture = django_capture_on_commit_callbacks
+    settings.MASUMI_SERVICE_TIMEOUT = 1
+    now = deadline_clock(escrow_chain)
+    purchase = Purchase(escrow_chain, capture, seller_service, payByTime=now + 120, submitResultTime=now + 240)
+    assert timed_jobs_tick(capture)[0]["started"] == 1
+    moved_to(purchase, hanging_seller)
+    MasumiPurchase.objects.filter(pk=row(purchase).pk).update(job_call_failures=7)  # down for a while: 10 x 2^8 s
+    timed_jobs_tick(capture)
+    failed = row(purchase)
+    assert failed.job_call_failures == 8
+    wait = (failed.job_next_call_at - timezone.now()).total_seconds()
+    assert 0 < wait < purchase.timers["submitResultTime"] - escrow_chain.now()  # not 300 s: before the timer
+
+    moved_to(purchase, seller_service)  # back up
+    wall_clock_ahead(monkeypatch, wait - 2)
+    escrow_chain.increase_time(int(wait) - 2)
+    assert timed_jobs_tick(capture)[0]["results"] == 0  # still backing off
+    wall_clock_ahead(monkeypatch, wait + 1)
+    escrow_chain.increase_time(3)
+    assert escrow_chain.now() < purchase.timers["submitResultTime"]
+    assert timed_jobs_tick(capture)[0]["results"] == 1
+    assert purchase.get()["result"] == result_for(INPUT)
+    assert row(purchase).job_call_failures == 0
+
+
+@pytest.mark.django_db(transaction=True)  # the two ticks run on connections of their own
+def test_two_ticks_at_once_call_a_purchases_seller_once(
+        escrow_chain, seller_service, hanging_seller, django_capture_on_commit_callbacks, settings):
+    capture = django_capture_on_commit_callbacks
+    settings.MASUMI_SERVICE_TIMEOUT = 1
+    purchase = Purchase(escrow_chain, capture, seller_service)
+    assert timed_jobs_tick(capture)[0]["started"] == 1
+    moved_to(purchase, hanging_seller)
+
+    def tick():
+        try:
+            purchases.purchases_jobs_tick()
+        finally:
+            connection.close()
+
+    ticks = [threading.Thread(target=tick) for _ in range(2)]
+    for thread in ticks:
+        thread.start()
+    for thread in ticks:
+        thread.join()
+    assert len(hanging_seller.requests) == 1
+    assert row(purchase).job_call_failures == 1
