@@ -13,8 +13,8 @@ on the seller's behalf (a listed Masumi service is a standing offer). Flow:
    ActivationIntent + one EIP-2612 permit, deadline = payByTime) to sign.
 2. `POST /purchase/lock-funds` (the signed package): the relayer submits `activate`; the agreement becomes active.
 3. `masumi_jobs_tick` (beat, on the outbound queue): starts the job on the seller (`POST /start_job` with the
-   input, in the service's MIP-003 version) once the funds are locked, polls `GET /status`, and records a completed
-   job's result before submitResultTime; that charges the price as one usage event and proposes the settlement
+   input, in the service's MIP-003 version) once the funds are locked, polls `GET /status` (each purchase's calls
+   by its own backoff, a tick bounded in time), and records a completed job's result before submitResultTime; that charges the price as one usage event and proposes the settlement
    on-chain. A seller whose payment node is this marketplace may instead submit the result hash itself
    (`POST /payment/submit-result`). `masumi_purchases_tick` (beat) does the rest, calling no seller: expiry, refund
    requests, disputes and their release.
