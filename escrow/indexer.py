@@ -30,15 +30,13 @@ transactions off the chain: after a rollback the relayer is asked to reopen thos
 the transaction is mined again with the same signed bytes and its event comes back.
 """
 
-import contextlib
 import logging
 import uuid
-import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 from eth_utils import event_abi_to_log_topic
 from web3 import Web3
@@ -47,7 +45,7 @@ from agreements import services as agreement_services
 from agreements.models import AgreementStatus, SettlementModel, UsageAgreement
 from escrow import chain, relayer, selectors, services, settlement
 from escrow.models import ChainEvent, EventEffect, IndexedBlock, IndexerCursor
-from marketplace import chainconfig
+from marketplace import chainconfig, postgresql
 from marketplace.errors import ApplicationError, Conflict, InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -84,27 +82,6 @@ class PassResult:
         return dict(self.__dict__)
 
 
-# --- one runner at a time ------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _single_runner():
-    """PostgreSQL: a session advisory lock (no transaction held open, released when the process dies). Elsewhere
-    (the SQLite dev default) the cursor's compare-and-set alone keeps concurrent runners from applying twice."""
-    if connection.vendor != "postgresql":
-        yield True
-        return
-    key = zlib.crc32(f"escrow-indexer:{settings.CHAIN_ID}".encode())
-    with connection.cursor() as db:
-        db.execute("SELECT pg_try_advisory_lock(%s)", [key])
-        acquired = db.fetchone()[0]
-    try:
-        yield acquired
-    finally:
-        if acquired:
-            with connection.cursor() as db:
-                db.execute("SELECT pg_advisory_unlock(%s)", [key])
-
-
 def _cursor() -> IndexerCursor:
     cursor, _ = IndexerCursor.objects.get_or_create(
         chain_id=settings.CHAIN_ID, escrow_address=Web3.to_checksum_address(chainconfig.escrow_address()),
@@ -128,7 +105,8 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
     result = PassResult()
     if not chainconfig.escrow_address():
         return result
-    with _single_runner() as mine:
+    # The cursor's compare-and-set alone keeps runners from applying twice where the lock is not there (SQLite).
+    with postgresql.alone(f"escrow-indexer:{settings.CHAIN_ID}") as mine:
         if not mine:
             result.skipped = True
             return result

@@ -55,13 +55,11 @@ committed), RefundRequested (refund asked, not yet disputed), Disputed, Withdraw
 (buyer refunded), DisputedWithdrawn (a dispute paid out). null until the funds are locked.
 """
 
-import contextlib
 import hashlib
 import json
 import logging
 import secrets
 import time
-import zlib
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -69,7 +67,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -78,7 +76,7 @@ from agreements.models import AWAITING_FUNDING_STATUSES, AgreementStatus, UsageA
 from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
 from escrow import chain_clock, selectors, services, settlement
 from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose
-from marketplace import masumi_agentic_client
+from marketplace import masumi_agentic_client, postgresql
 from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, NotFound
 from marketplace.signatures import signer_require
 
@@ -86,7 +84,6 @@ logger = logging.getLogger(__name__)
 S = AgreementStatus
 MAX_LOCK_SECONDS = 30 * 24 * 3600  # the contract's MAX_CHALLENGE_WINDOW bounds unlockTime − purchase time
 COMPLETED = "completed"
-JOBS_TICK_LOCK = zlib.crc32(b"escrow-masumi-jobs-tick")
 
 
 # The timers handed out count from `chain_clock.deadline_clock()` (the later of our clock and the chain's next
@@ -552,8 +549,8 @@ def purchases_jobs_tick(*, now: int | None = None) -> dict[str, int]:
     did not fit waiting for the next. A second tick meanwhile is a no-op (a lock; each call's lease besides)."""
     now = now if now is not None else chain_clock.chain_now()
     done = {"started": 0, "results": 0}
-    with _single_jobs_tick() as alone:
-        if not alone:
+    with postgresql.alone("escrow-masumi-jobs-tick") as first:  # each call's lease besides (SQLite: alone)
+        if not first:
             return done
         starting_ends = time.monotonic() + settings.MASUMI_PURCHASE_TICK_SECONDS
         waiting = _due_job_calls(now)
@@ -589,24 +586,6 @@ def purchases_jobs_tick(*, now: int | None = None) -> dict[str, int]:
                     if call.starts:
                         done["started"] += 1
                         waiting.insert(0, (call.purchase.pk, call.seller_id))  # its first status check at once
-
-
-@contextlib.contextmanager
-def _single_jobs_tick():
-    """PostgreSQL: a session advisory lock (no transaction held open, released when the process dies). Elsewhere
-    (the SQLite dev default) the calls' leases alone keep two ticks from calling one seller twice."""
-    if connection.vendor != "postgresql":
-        yield True
-        return
-    with connection.cursor() as db:
-        db.execute("SELECT pg_try_advisory_lock(%s)", [JOBS_TICK_LOCK])
-        acquired = db.fetchone()[0]
-    try:
-        yield acquired
-    finally:
-        if acquired:
-            with connection.cursor() as db:
-                db.execute("SELECT pg_advisory_unlock(%s)", [JOBS_TICK_LOCK])
 
 
 def purchases_tick(*, now: int | None = None) -> dict[str, int]:

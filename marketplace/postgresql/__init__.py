@@ -1,4 +1,5 @@
 import contextlib
+import zlib
 
 from django.db import DatabaseError, connection
 
@@ -28,3 +29,23 @@ def transaction_in_pipelines():
             with contextlib.suppress(DatabaseError):
                 control.execute("ROLLBACK")
             raise
+
+
+@contextlib.contextmanager
+def alone(name: str):
+    """Whether this process is the only one running `name` now: on PostgreSQL a session advisory lock keyed by the
+    name (no transaction held open, released when the process dies), tried, never waited for. Elsewhere (the
+    SQLite dev default) always True: the caller's own claims must then keep two runners from acting twice."""
+    if connection.vendor != "postgresql":
+        yield True
+        return
+    key = zlib.crc32(name.encode())
+    with connection.cursor() as db:
+        db.execute("SELECT pg_try_advisory_lock(%s)", [key])
+        acquired = db.fetchone()[0]
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            with connection.cursor() as db:
+                db.execute("SELECT pg_advisory_unlock(%s)", [key])
