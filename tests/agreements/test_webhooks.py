@@ -159,18 +159,23 @@ class _DripsItsAnswer(BaseHTTPRequestHandler):
         pass
 
 
+def _timed_delivery(buyer_api, seller_api, service, capture, receiver) -> float:
+    """Seconds one attempt took to deliver an `agreement.proposed` to the `receiver` server."""
+    with serving(receiver) as url:
+        subscribe(seller_api, url, event_types=["agreement.proposed"])
+        with capture(execute=False):
+            buyer_api.post("/usage-agreements", proposal(service))
+        started = time.monotonic()
+        webhooks.delivery_attempt(delivery_id=WebhookDelivery.objects.get().pk)
+        return time.monotonic() - started
+
+
 def test_a_receiver_dripping_its_answer_does_not_hold_the_worker(buyer_api, seller_api, service, settings,
                                                                  django_capture_on_commit_callbacks):
     """Only the status is used: the answer's body is never read, so a receiver cannot hold the worker past the
     timeout (and the delivery's lease, WEBHOOK_TIMEOUT_SECONDS + 30 s) by dripping it."""
     settings.WEBHOOK_TIMEOUT_SECONDS = 1.0
-    with serving(_DripsItsAnswer) as url:
-        subscribe(seller_api, url, event_types=["agreement.proposed"])
-        with django_capture_on_commit_callbacks(execute=False):
-            buyer_api.post("/usage-agreements", proposal(service))
-        started = time.monotonic()
-        webhooks.delivery_attempt(delivery_id=WebhookDelivery.objects.get().pk)
-        elapsed = time.monotonic() - started
+    elapsed = _timed_delivery(buyer_api, seller_api, service, django_capture_on_commit_callbacks, _DripsItsAnswer)
     assert elapsed < 4, f"the delivery took {elapsed:.1f} s with WEBHOOK_TIMEOUT_SECONDS=1"
     assert WebhookDelivery.objects.get().status == DeliveryStatus.DELIVERED
 
@@ -180,13 +185,7 @@ def test_a_receiver_dribbling_its_answer_head_is_cut_off_at_the_webhook_timeout(
     """WEBHOOK_TIMEOUT_SECONDS bounded each read only: a receiver sending its head a byte at a time held the worker
     (and the settlement tasks queued behind it) for as long as it liked."""
     settings.WEBHOOK_TIMEOUT_SECONDS = 0.5
-    with serving(DribblesItsHead) as url:
-        subscribe(seller_api, url, event_types=["agreement.proposed"])
-        with django_capture_on_commit_callbacks(execute=False):
-            buyer_api.post("/usage-agreements", proposal(service))
-        started = time.monotonic()
-        webhooks.delivery_attempt(delivery_id=WebhookDelivery.objects.get().pk)
-        elapsed = time.monotonic() - started
+    elapsed = _timed_delivery(buyer_api, seller_api, service, django_capture_on_commit_callbacks, DribblesItsHead)
     assert elapsed < 1.5, f"the delivery took {elapsed:.1f} s with WEBHOOK_TIMEOUT_SECONDS=0.5"
     delivery = WebhookDelivery.objects.get()
     assert (delivery.status, delivery.attempts, delivery.last_status_code) == (DeliveryStatus.PENDING, 1, None)
