@@ -218,7 +218,7 @@ class WebhookSubscriptionAdmin(admin.ModelAdmin):
     inlines = [DeliveryInline]
 
     short_id = short_id_column()
-    secret_rotation = rotation_overlap_column("previous_secret", "previous_secret_expires_at")
+    secret_rotation = rotation_overlap_column("secret")
 
     @admin.display(description="secret")
     def secret_hint(self, obj):

@@ -205,16 +205,10 @@ def _upstream_request(invocation: SkillInvocation) -> tuple[str, dict]:
         "X-Marketplace-Invocation": invocation.public_id,
         "X-Marketplace-Call-Seq": "1",
         "X-Marketplace-Timestamp": str(timestamp),
-        proxy_signature.SIGNATURE_HEADER: proxy_signature.sign(
-            service.proxy_secret, agreement_id=invocation.public_id, call_seq=1, timestamp=timestamp,
-            method="POST", path=path),
+        **proxy_signature.signature_headers(
+            service.proxy_secret, rotation.previous_secret(service, "proxy_secret"),
+            agreement_id=invocation.public_id, call_seq=1, timestamp=timestamp, method="POST", path=path),
     }
-    previous_secret = rotation.previous_secret_signing(service.previous_proxy_secret,
-                                                       service.previous_proxy_secret_expires_at, now=timezone.now())
-    if previous_secret:
-        headers[proxy_signature.PREVIOUS_SIGNATURE_HEADER] = proxy_signature.sign(
-            previous_secret, agreement_id=invocation.public_id, call_seq=1, timestamp=timestamp, method="POST",
-            path=path)
     if invocation.buyer_id:
         headers["X-Marketplace-Buyer"] = invocation.buyer.handle
     return service.upstream_base_url.rstrip("/") + path, headers

@@ -104,14 +104,10 @@ def _forward_headers(request, caller: KeyHolder, terms: selectors.CallTerms, res
         "X-Marketplace-Buyer": caller.agent_handle,  # the caller: only the buyer gets this far
         "X-Marketplace-Max-Units": str(max_units),
         "X-Marketplace-Request-Id": request.request_id,
-        proxy_signature.SIGNATURE_HEADER: proxy_signature.sign(
-            terms.proxy_secret, agreement_id=str(terms.pk), call_seq=reservation.call_seq, timestamp=timestamp,
-            method=request.method, path=path),
     })
-    if terms.previous_proxy_secret:  # a rotation's overlap: the seller may still hold the replaced secret
-        headers[proxy_signature.PREVIOUS_SIGNATURE_HEADER] = proxy_signature.sign(
-            terms.previous_proxy_secret, agreement_id=str(terms.pk), call_seq=reservation.call_seq,
-            timestamp=timestamp, method=request.method, path=path)
+    headers.update(proxy_signature.signature_headers(
+        terms.proxy_secret, terms.previous_proxy_secret, agreement_id=str(terms.pk), call_seq=reservation.call_seq,
+        timestamp=timestamp, method=request.method, path=path))
     if body:
         headers["Content-Length"] = str(len(body))
     # WSGI hands header values over as latin-1 text, which http.client sends as those bytes again.

@@ -9,7 +9,6 @@ from django.core.exceptions import ValidationError
 from django.db import connection
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 from django.db.models.functions import TruncDay, TruncHour
-from django.utils import timezone
 
 from agreements import x402_protocol
 from agreements.invocations import invocation_price as invocation_price
@@ -188,8 +187,7 @@ def _call_terms(agreement_id) -> CallTerms | None:
                      pricing_type=agreement.pricing_type, price_per_unit=agreement.price_per_unit,
                      deposit_amount=agreement.deposit_amount, upstream_base_url=service.upstream_base_url,
                      proxy_secret=service.proxy_secret,
-                     previous_proxy_secret=rotation.previous_secret_signing(
-                         service.previous_proxy_secret, service.previous_proxy_secret_expires_at, now=timezone.now()))
+                     previous_proxy_secret=rotation.previous_secret(service, "proxy_secret"))
 
 
 def agreement_for_call(*, agreement_id, agent_id) -> CallTerms:

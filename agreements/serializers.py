@@ -303,7 +303,7 @@ class WebhookSerializer(serializers.Serializer):
     event_types = serializers.ListField(child=serializers.CharField())
     created_at = serializers.DateTimeField()
     previous_secret_expires_at = OverlapEndField(
-        previous_secret="previous_secret", expires_at="previous_secret_expires_at",
+        secret_field="secret",
         help_text="While a rotation's overlap runs, deliveries carry a second `v1` signature, by the replaced "
                   "secret, until then; null when none runs.")
 
@@ -442,7 +442,7 @@ class RecordUsageSerializer(StrictSerializer):
         help_text="All units the seller has reported so far (not counting proxied calls, which the marketplace "
                   "meters): the difference from the last total is charged; the same total again charges nothing.")
     completed = StrictBooleanField(required=False, default=False,
-                                         help_text="With units_used: end the agreement, as POST .../complete.")
+                                   help_text="With units_used: end the agreement, as POST .../complete.")
 
     def run_validation(self, data=serializers.empty):
         """A plain report (`plain_usage_report`) is taken as is, as the fields and `validate` would take it:

@@ -49,7 +49,7 @@ from marketplace.chainconfig import relayer_address
 from marketplace import bounded_json
 from marketplace.errors import ApplicationError, InvalidInput, NotFound, api_exception_handler
 from marketplace.idempotency import HEADER as IDEMPOTENCY_HEADER
-from marketplace.idempotency import MAX_KEY_LENGTH, STORED_DATA, answer_once, fingerprint_of, idempotent
+from marketplace.idempotency import MAX_KEY_LENGTH, answer_once, fingerprint_of, idempotent, shown_once
 from marketplace.throttling import credential_key, windows_wait
 from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
 from marketplace.parsers import plain_json_post
@@ -527,9 +527,7 @@ class AgentWebhookRotateView(APIView):
         body = SecretRotationSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         subscription = webhooks.subscription_rotate_secret(subscription=subscription, **body.validated_data)
-        response = Response(AgentWebhookRotatedSerializer(subscription).data)
-        setattr(response, STORED_DATA, {**response.data, "secret": None})  # a secret is shown once, never stored
-        return response
+        return shown_once(Response(AgentWebhookRotatedSerializer(subscription).data), "secret")
 
 
 def _pause_view(paused: bool):

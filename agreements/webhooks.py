@@ -50,10 +50,8 @@ def subscription_rotate_secret(*, subscription: WebhookSubscription,
                                previous_secret_valid_for_seconds: int) -> WebhookSubscription:
     """A new signing secret, used from the next delivery on; the replaced one signs beside it for the seconds given
     (marketplace.rotation)."""
-    WebhookSubscription.objects.filter(pk=subscription.pk).update(**rotation.rotation_assignments(
-        secret_field="secret", previous_field="previous_secret", expires_field="previous_secret_expires_at",
-        new_secret=_new_secret(), overlap_seconds=previous_secret_valid_for_seconds, now=timezone.now()))
-    subscription.refresh_from_db(fields=["secret", "previous_secret", "previous_secret_expires_at"])
+    rotation.rotate(subscription, secret_field="secret", new_secret=_new_secret(),
+                    overlap_seconds=previous_secret_valid_for_seconds)
     return subscription
 
 
@@ -153,12 +151,11 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
         delivery.save(update_fields=["attempts", "next_attempt_at"])
     body = json.dumps(delivery.payload, cls=DjangoJSONEncoder, separators=(",", ":")).encode()
     subscription = delivery.subscription
-    previous_secret = rotation.previous_secret_signing(subscription.previous_secret,
-                                                       subscription.previous_secret_expires_at, now=now)
     headers = {
         "Content-Type": "application/json",
-        webhook_signature.SIGNATURE_HEADER: webhook_signature.sign(subscription.secret, body, int(time.time()),
-                                                                   previous_secret=previous_secret),
+        webhook_signature.SIGNATURE_HEADER: webhook_signature.sign(
+            subscription.secret, body, int(time.time()),
+            previous_secret=rotation.previous_secret(subscription, "secret", now=now)),
         "Marketplace-Event-Id": delivery.payload["id"],
         "Marketplace-Event-Type": delivery.event_type,
         "User-Agent": "agent-escrow-marketplace-webhooks/1",
@@ -169,7 +166,7 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
         # bomb) must neither hold the worker past its lease nor fill its memory. The deadline bounds the whole
         # post, a head sent a byte at a time included.
         with (outbound.deadline(settings.WEBHOOK_TIMEOUT_SECONDS),
-              _client.stream("POST", delivery.subscription.url, content=body, headers=headers,
+              _client.stream("POST", subscription.url, content=body, headers=headers,
                              timeout=settings.WEBHOOK_TIMEOUT_SECONDS) as response):
             status_code = response.status_code
         ok, error = response.is_success, "" if response.is_success else f"HTTP {response.status_code}"

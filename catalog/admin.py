@@ -161,7 +161,7 @@ class ServiceAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request, obj=None):
         return [f.name for f in Service._meta.fields if f.name not in self._hidden] + ["tags", "secret_rotation"]
 
-    secret_rotation = rotation_overlap_column("previous_proxy_secret", "previous_proxy_secret_expires_at")
+    secret_rotation = rotation_overlap_column("proxy_secret")
 
     def has_add_permission(self, request):
         return False

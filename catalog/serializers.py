@@ -326,7 +326,7 @@ class OwnServiceSerializer(ServiceSerializer):
     upstream_base_url = serializers.CharField()
     proxy_secret = serializers.CharField(help_text="Verifies X-Marketplace-Signature on proxied calls.")
     previous_proxy_secret_expires_at = OverlapEndField(
-        previous_secret="previous_proxy_secret", expires_at="previous_proxy_secret_expires_at",
+        secret_field="proxy_secret",
         help_text="While a rotation's overlap runs, the replaced secret also signs proxied calls "
                   "(X-Marketplace-Signature-Previous) until then; null when none runs.")
 
@@ -337,7 +337,7 @@ class ProxySecretRotatedSerializer(serializers.Serializer):
         "The new proxy secret, signing proxied calls from now on. Null in the replay of an Idempotency-Key: no "
         "record keeps it (read it with GET /agents/services/{id})."))
     previous_proxy_secret_expires_at = OverlapEndField(
-        previous_secret="previous_proxy_secret", expires_at="previous_proxy_secret_expires_at",
+        secret_field="proxy_secret",
         help_text="Until then the replaced secret also signs proxied calls (X-Marketplace-Signature-Previous); null "
                   "when it stopped at once.")
 

@@ -240,11 +240,8 @@ def service_proxy_secret_rotate(*, service: Service, actor: Agent, previous_secr
     """A new proxy secret, signing proxied calls at once; the replaced one signs beside it for the seconds given
     (marketplace.rotation). Allowed in any state: a deregistered service's agreements are still proxied."""
     _require_owner(service, actor)
-    Service.objects.filter(pk=service.pk).update(**rotation.rotation_assignments(
-        secret_field="proxy_secret", previous_field="previous_proxy_secret",
-        expires_field="previous_proxy_secret_expires_at", new_secret=new_proxy_secret(),
-        overlap_seconds=previous_secret_valid_for_seconds, now=timezone.now()))
-    service.refresh_from_db(fields=["proxy_secret", "previous_proxy_secret", "previous_proxy_secret_expires_at"])
+    rotation.rotate(service, secret_field="proxy_secret", new_secret=new_proxy_secret(),
+                    overlap_seconds=previous_secret_valid_for_seconds)
     return service
 
 

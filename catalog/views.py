@@ -25,7 +25,7 @@ from catalog.serializers import (
 )
 from marketplace.concurrency import Bulkhead
 from marketplace.errors import Forbidden, error_response
-from marketplace.idempotency import STORED_DATA, idempotent
+from marketplace.idempotency import idempotent, shown_once
 from marketplace.pagination import paginate
 from marketplace.parsers import BoundedJSONParser, plain_json_post
 from marketplace.renderers import rendered_response
@@ -115,10 +115,9 @@ class AgentApiKeysView(APIView):
         body = ApiKeyCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         issued = services.api_key_issue(agent=agent, **body.validated_data)
-        response = Response(_key_payload(issued.credential, issued.secret), status=status.HTTP_201_CREATED)
-        # Keys are kept as digests only: a replay answers the key without its secret, which was shown once.
-        setattr(response, STORED_DATA, {**response.data, "secret": None})
-        return response
+        # Keys are kept as digests only: a replay answers the key without its secret.
+        return shown_once(Response(_key_payload(issued.credential, issued.secret), status=status.HTTP_201_CREATED),
+                          "secret")
 
 
 class AgentApiKeyRevokeView(APIView):
@@ -228,9 +227,7 @@ class ServiceProxySecretRotateView(APIView):
         body = SecretRotationSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         service = services.service_proxy_secret_rotate(service=service, actor=agent, **body.validated_data)
-        response = Response(ProxySecretRotatedSerializer(service).data)
-        setattr(response, STORED_DATA, {**response.data, "proxy_secret": None})  # shown once, never stored
-        return response
+        return shown_once(Response(ProxySecretRotatedSerializer(service).data), "proxy_secret")
 
 
 # DRF describes this view (the schema) and serves the requests out of the ordinary, but a plain search (an agent key,

@@ -202,10 +202,15 @@ def _invocation_payment_evidence(tx: ChainTransaction) -> dict:
     return {"used_by": _authorization_used_by(invocation.authorization)}
 
 
+def _paid_by(tx: ChainTransaction) -> str | None:
+    """The hash of the transaction whose transfer paid: ours once confirmed, else whoever used the authorization
+    first (`_authorization_used_by`, read as the outcome's evidence); None when no transfer ran."""
+    return tx.mined_tx_hash if tx.status == TxStatus.CONFIRMED else tx.outcome_evidence.get("used_by")
+
+
 def _invocation_payment_outcome(tx: ChainTransaction) -> None:
-    if tx.status == TxStatus.CONFIRMED or tx.outcome_evidence.get("used_by"):
-        agreement_services.invocation_payment_confirmed(invocation_id=_invocation_id(tx),
-                                                        tx_hash=tx.mined_tx_hash or tx.outcome_evidence["used_by"])
+    if paid_by := _paid_by(tx):
+        agreement_services.invocation_payment_confirmed(invocation_id=_invocation_id(tx), tx_hash=paid_by)
     else:
         agreement_services.invocation_payment_failed(invocation_id=_invocation_id(tx), reason=tx.failure_reason)
 
@@ -341,9 +346,8 @@ def _direct_payment_evidence(tx: ChainTransaction) -> dict:
 
 
 def _direct_payment_outcome(tx: ChainTransaction) -> None:
-    if tx.status == TxStatus.CONFIRMED or tx.outcome_evidence.get("used_by"):
-        agreement_services.agreement_direct_paid(agreement_id=tx.agreement_id,
-                                                 tx_hash=tx.mined_tx_hash or tx.outcome_evidence["used_by"])
+    if paid_by := _paid_by(tx):
+        agreement_services.agreement_direct_paid(agreement_id=tx.agreement_id, tx_hash=paid_by)
         return
     agreement = agreement_services.agreement_direct_payment_failed(
         agreement_id=tx.agreement_id, reason=f"x402 payment reverted; the fee is refunded: {tx.failure_reason}")

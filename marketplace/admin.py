@@ -161,11 +161,11 @@ def short_id_column(field: str = "pk", *, description: str = "id"):
     return column
 
 
-def rotation_overlap_column(previous_secret: str, expires_at: str):
-    """Whether a secret rotation's overlap runs (marketplace.rotation), and till when: never the secrets."""
+def rotation_overlap_column(secret_field: str):
+    """Whether a rotation's overlap of `secret_field` runs (marketplace.rotation), and till when: never the secrets."""
     @admin.display(description="secret rotation")
     def column(self, obj):
-        ends = rotation.overlap_ends_at(getattr(obj, previous_secret), getattr(obj, expires_at), now=timezone.now())
+        ends = rotation.overlap_ends_at(obj, secret_field)
         if ends is None:
             return "no overlap running"
         return f"overlap running: the replaced secret signs too until {timezone.localtime(ends):%Y-%m-%d %H:%M:%S %Z}"

@@ -34,8 +34,15 @@ from marketplace.postgresql import prepared_cursor
 from marketplace.renderers import render_for_storing
 
 HEADER = "Idempotency-Key"
-STORED_DATA = "idempotency_stored_data"  # a response's attribute: what to store for replays instead of its data
+_STORED_DATA = "idempotency_stored_data"  # a response's attribute: what to store for replays instead of its data
 MAX_KEY_LENGTH = 255
+
+
+def shown_once(response, secret_field: str):
+    """`response`, whose `secret_field` holds a secret shown once: its replays answer it as null, and no record keeps
+    it."""
+    setattr(response, _STORED_DATA, {**response.data, secret_field: None})
+    return response
 
 
 def _fingerprint(request) -> str:
@@ -120,7 +127,7 @@ def _store(claim: int, request, response) -> None:
     status, body = fields.get_field("response_status"), fields.get_field("response_body")
     quote = connection.ops.quote_name
     # What a replay may show: a handler answering a secret once (an issued API key) stores it without.
-    data = getattr(response, STORED_DATA, response.data)
+    data = getattr(response, _STORED_DATA, response.data)
     if connection.vendor == "postgresql":
         answer, placeholder = render_for_storing(request, data).decode(), "%s::jsonb"
     else:

@@ -9,6 +9,7 @@ message carries at most two signatures, and a rotation with no overlap ends a ru
 from datetime import datetime, timedelta
 
 from django.db.models import F
+from django.utils import timezone
 
 OVERLAP_MAX_SECONDS = 86_400
 # A receiver that has not deployed the new secret yet refuses what it gets; a seller's upstream that refuses a
@@ -16,21 +17,26 @@ OVERLAP_MAX_SECONDS = 86_400
 OVERLAP_DEFAULT_SECONDS = 3_600
 
 
-def rotation_assignments(*, secret_field: str, previous_field: str, expires_field: str, new_secret: str,
-                         overlap_seconds: int, now: datetime) -> dict:
-    """An UPDATE's assignments rolling `secret_field` to `new_secret`. The secret retired is read by the statement
-    itself, so of two rotations at once the second retires the first's secret, never a stale copy."""
+def rotate(instance, *, secret_field: str, new_secret: str, overlap_seconds: int) -> None:
+    """Roll `instance`'s `secret_field` to `new_secret`, the replaced one kept in `previous_<secret_field>` until
+    `previous_<secret_field>_expires_at`, in one UPDATE that reads the secret it retires itself (of two rotations at
+    once, the second retires the first's secret, never a stale copy); `instance` is then read again."""
+    previous, expires = f"previous_{secret_field}", f"previous_{secret_field}_expires_at"
     if overlap_seconds == 0:
-        return {secret_field: new_secret, previous_field: "", expires_field: None}
-    return {secret_field: new_secret, previous_field: F(secret_field),
-            expires_field: now + timedelta(seconds=overlap_seconds)}
+        changes = {secret_field: new_secret, previous: "", expires: None}
+    else:
+        changes = {secret_field: new_secret, previous: F(secret_field),
+                   expires: timezone.now() + timedelta(seconds=overlap_seconds)}
+    type(instance)._default_manager.filter(pk=instance.pk).update(**changes)
+    instance.refresh_from_db(fields=list(changes))
 
 
-def previous_secret_signing(previous_secret: str, expires_at: datetime | None, *, now: datetime) -> str:
-    """The replaced secret while its overlap runs, else ""."""
-    return previous_secret if previous_secret and expires_at is not None and now < expires_at else ""
+def previous_secret(row, secret_field: str, *, now: datetime | None = None) -> str:
+    """The secret `row`'s last rotation replaced while its overlap runs (it signs too), else ""."""
+    previous, expires_at = getattr(row, f"previous_{secret_field}"), getattr(row, f"previous_{secret_field}_expires_at")
+    return previous if previous and expires_at is not None and (now or timezone.now()) < expires_at else ""
 
 
-def overlap_ends_at(previous_secret: str, expires_at: datetime | None, *, now: datetime) -> datetime | None:
-    """When the running overlap ends; None when none runs."""
-    return expires_at if previous_secret_signing(previous_secret, expires_at, now=now) else None
+def overlap_ends_at(row, secret_field: str) -> datetime | None:
+    """When `row`'s running overlap ends; None when none runs."""
+    return getattr(row, f"previous_{secret_field}_expires_at") if previous_secret(row, secret_field) else None

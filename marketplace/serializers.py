@@ -8,7 +8,6 @@ query string has only strings: there, ASCII digits.
 import re
 
 from django.http import QueryDict
-from django.utils import timezone
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema_field
 from rest_framework import serializers
 from rest_framework.fields import SkipField
@@ -209,13 +208,12 @@ class SecretRotationSerializer(StrictSerializer):
 class OverlapEndField(serializers.DateTimeField):
     """When a secret rotation's overlap ends, the replaced secret then no longer signing; null when none runs."""
 
-    def __init__(self, *, previous_secret: str, expires_at: str, **kwargs):
-        self.previous_secret, self.expires_at = previous_secret, expires_at
+    def __init__(self, *, secret_field: str, **kwargs):
+        self.secret_field = secret_field
         super().__init__(source="*", read_only=True, allow_null=True, **kwargs)
 
     def to_representation(self, value):
-        ends = rotation.overlap_ends_at(getattr(value, self.previous_secret), getattr(value, self.expires_at),
-                                        now=timezone.now())
+        ends = rotation.overlap_ends_at(value, self.secret_field)
         return None if ends is None else super().to_representation(ends)
 
 

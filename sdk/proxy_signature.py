@@ -32,8 +32,21 @@ def _message(agreement_id: str, call_seq: int, timestamp: int, method: str, path
 
 
 def sign(secret: str, *, agreement_id: str, call_seq: int, timestamp: int, method: str, path: str) -> str:
-    mac = hmac.new(secret.encode(), _message(agreement_id, call_seq, timestamp, method, path), hashlib.sha256)
-    return f"v1={mac.hexdigest()}"
+    return _signature(secret, _message(agreement_id, call_seq, timestamp, method, path))
+
+
+def _signature(secret: str, message: bytes) -> str:
+    return f"v1={hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()}"
+
+
+def signature_headers(secret: str, previous_secret: str, *, agreement_id: str, call_seq: int, timestamp: int,
+                      method: str, path: str) -> dict[str, str]:
+    """A call's signature header and, with `previous_secret` (a rotation's overlap), the replaced secret's."""
+    message = _message(agreement_id, call_seq, timestamp, method, path)
+    headers = {SIGNATURE_HEADER: _signature(secret, message)}
+    if previous_secret:
+        headers[PREVIOUS_SIGNATURE_HEADER] = _signature(previous_secret, message)
+    return headers
 
 
 def verify(secret: str, headers: Mapping[str, str], *, method: str, path: str, now: float | None = None) -> bool:
