@@ -34,6 +34,7 @@ from agreements.models import ProxyReplay
 from catalog.authentication import KeyHolder, agent_key_holder, agent_scope
 from catalog.models import KeyScope, PricingType
 from marketplace import outbound
+from marketplace.concurrency import SlowPeers
 from marketplace.errors import (ApplicationError, Conflict, Forbidden, InvalidInput, PayloadTooLarge, Unprocessable,
                                 error_body, error_response)
 from marketplace.logging import agreement_id_var
@@ -62,6 +63,9 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": kept as they are; e
 _MAX_HEADER_DIGITS = 18  # any count or amount we accept in a header fits; longer is refused before int()
 
 _upstreams = outbound.UpstreamPool(max_idle_per_upstream=50)
+_slow_sellers = SlowPeers("seller", code="upstream_busy", slow_after="PROXY_SLOW_SECONDS",
+                          remember="PROXY_SLOW_REMEMBER_SECONDS", per_peer="PROXY_SLOW_CALLS_PER_SELLER",
+                          in_all="PROXY_SLOW_CALLS")
 
 
 class LengthRequired(ApplicationError):
@@ -321,36 +325,13 @@ def _proxy_call(request, agreement_id, path: str):
 def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_path: str, body: bytes, nonce: str):
     max_units = _requested_units(request, terms)
     request_id = request.request_id
-    reservation = metering.reservation_take(
-        agreement=terms, amount=max_units * terms.price_per_unit, request_id=request_id, request_nonce=nonce,
-        method=request.method, path=upstream_path)
-    # A per-call price is what the call costs whatever the upstream answers (but 5xx): its charge is chained while
-    # the upstream works (metering.charge_ahead).
-    charge_ahead = None if terms.pricing_type == PricingType.PER_UNIT else functools.partial(
-        metering.charge_ahead, reservation=reservation, units=1, cost=terms.price_per_unit, request_id=request_id,
-        request_nonce=nonce, method=request.method, path=upstream_path)
-    started = time.monotonic()
-    try:
-        upstream = _upstreams.request(
-            request.method, terms.upstream_base_url + upstream_path, body=body,
-            headers=_forward_headers(request, caller, terms, reservation, max_units, upstream_path, body),
-            connect_timeout=settings.PROXY_CONNECT_TIMEOUT, read_timeout=settings.PROXY_TIMEOUT, meanwhile=charge_ahead)
-    except TimeoutError as exc:
-        metering.reservation_release(reservation=reservation)
-        _observe_upstream("timeout", started)
-        raise UpstreamTimeout("The seller's service did not answer in time; nothing was charged.") from exc
-    except outbound.UPSTREAM_ERRORS as exc:
-        metering.reservation_release(reservation=reservation)
-        _observe_upstream("blocked" if outbound.blocked(exc) else "unreachable", started)
-        if outbound.blocked(exc):
-            logger.warning("upstream address not allowed", extra={"error": str(exc)})
-            raise UpstreamNotAllowed("The seller's service resolves to an address the marketplace does not "
-                                     "call; nothing was charged.") from exc
-        logger.warning("upstream unreachable", extra={"agreement_id": str(terms.pk), "error": repr(exc)})
-        raise UpstreamFailed("The seller's service could not be reached; nothing was charged.") from exc
-    except BaseException:
-        metering.reservation_release(reservation=reservation)  # nothing was served: the hold must not leak
-        raise
+    with _slow_sellers.waiting_on(terms.seller_id):  # refused at once, before any reservation, past a slow share
+        reservation = metering.reservation_take(
+            agreement=terms, amount=max_units * terms.price_per_unit, request_id=request_id, request_nonce=nonce,
+            method=request.method, path=upstream_path)
+        started = time.monotonic()
+        upstream = _upstream_answer(request, caller, terms, reservation, max_units, upstream_path, body, nonce,
+                                    started)
     upstream_headers = upstream.headers
     try:
         latency_ms = int(_observe_upstream("error" if upstream.status >= 500 else "ok", started) * 1000)
@@ -389,6 +370,40 @@ def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_pa
     for key, value in headers.items():
         response[key] = value
     return response
+
+
+def _upstream_answer(request, caller: KeyHolder, terms: selectors.CallTerms, reservation: metering.Reservation,
+                     max_units: int, upstream_path: str, body: bytes, nonce: str, started: float
+                     ) -> outbound.UpstreamAnswer:
+    """The upstream's answer head; whatever fails, the reservation is released (nothing was served)."""
+    request_id = request.request_id
+    # A per-call price is what the call costs whatever the upstream answers (but 5xx): its charge is chained while
+    # the upstream works (metering.charge_ahead).
+    charge_ahead = None if terms.pricing_type == PricingType.PER_UNIT else functools.partial(
+        metering.charge_ahead, reservation=reservation, units=1, cost=terms.price_per_unit, request_id=request_id,
+        request_nonce=nonce, method=request.method, path=upstream_path)
+    try:
+        upstream = _upstreams.request(
+            request.method, terms.upstream_base_url + upstream_path, body=body,
+            headers=_forward_headers(request, caller, terms, reservation, max_units, upstream_path, body),
+            connect_timeout=settings.PROXY_CONNECT_TIMEOUT, read_timeout=settings.PROXY_TIMEOUT, meanwhile=charge_ahead)
+    except TimeoutError as exc:
+        metering.reservation_release(reservation=reservation)
+        _observe_upstream("timeout", started)
+        raise UpstreamTimeout("The seller's service did not answer in time; nothing was charged.") from exc
+    except outbound.UPSTREAM_ERRORS as exc:
+        metering.reservation_release(reservation=reservation)
+        _observe_upstream("blocked" if outbound.blocked(exc) else "unreachable", started)
+        if outbound.blocked(exc):
+            logger.warning("upstream address not allowed", extra={"error": str(exc)})
+            raise UpstreamNotAllowed("The seller's service resolves to an address the marketplace does not "
+                                     "call; nothing was charged.") from exc
+        logger.warning("upstream unreachable", extra={"agreement_id": str(terms.pk), "error": repr(exc)})
+        raise UpstreamFailed("The seller's service could not be reached; nothing was charged.") from exc
+    except BaseException:
+        metering.reservation_release(reservation=reservation)  # nothing was served: the hold must not leak
+        raise
+    return upstream
 
 
 def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, headers: dict) -> HttpResponse:

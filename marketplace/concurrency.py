@@ -5,11 +5,13 @@ Why: a search costs PostgreSQL 2-5 ms of CPU at 100,000 services. When more sear
 has cores, each takes longer, and the slowest far longer: on a two-core host serving search beside the web server
 from three worker processes, four searches at once kept every query type's p99 under 50 ms in 1 of 8 runs, one per
 process (three at once) in 8 of 9 (bench/catalog_search.py; bench/HISTORY.md). Queueing the rest in the process
-keeps the ones running fast. Requests that only wait on I/O, like the metered proxy's, are not limited.
+keeps the ones running fast. Requests that only wait on I/O, like the metered proxy's, are not limited by it.
 
 The waiting is bounded twice, so that a burst of one kind cannot hold the worker's threads that other requests
 need: a request waits at most the setting's seconds, and no more than the setting's count wait at once; either way it
 is answered 503 with its code and `Retry-After`.
+
+`SlowPeers` bounds how many threads may wait on peers found slow, so that a slow peer cannot take them all.
 
 `Deadlines` bounds blocking socket reads in all, where a socket's timeout bounds each read only.
 """
@@ -92,6 +94,87 @@ class Bulkhead:
         self._shed.inc()
         return Busy(f"Too many {self.name} requests at once on this server: {why} Retry shortly.", code=self.code,
                     details={"retry_after_seconds": Busy.retry_after})
+
+
+class SlowPeers:
+    """How many of this process's threads may wait on peers that answer slowly (an upstream a call waits on).
+
+    Why: a thread waiting on a peer serves no one else, and a peer can keep it waiting up to the call's timeout.
+    A buyer calling a slow upstream (its own, say, whose timeouts are not charged) held as many web threads as it
+    made calls at once, and the other buyers' calls waited for a thread. A call to a peer found slow is therefore
+    admitted only while that peer has fewer than `settings.<per_peer>` calls waiting here and peers found slow
+    have fewer than `settings.<in_all>` in all; otherwise it is refused at once (`Busy` with `code`), before any
+    work. A peer counts as slow while one of its calls has waited longer than `settings.<slow_after>` seconds, and
+    for `settings.<remember>` seconds after such a call ended (a timeout included); only time clears it, so a fast
+    answer now and then does not. Calls to other peers are never refused, however many wait at once: a fast peer
+    under a burst (16 callers on one agreement) is not held to a slow peer's share. A limit of 0: no limit."""
+
+    def __init__(self, name: str, *, code: str, slow_after: str, remember: str, per_peer: str, in_all: str):
+        self.name, self.code = name, code
+        self._settings = (slow_after, remember, per_peer, in_all)
+        self._lock = threading.Lock()
+        self._waiting: dict[object, dict[object, float]] = {}  # peer -> {call: when it began}, oldest first
+        self._slow_until: dict[object, float] = {}  # peer -> until when it counts as slow
+        self._slow_waiting = 0  # calls admitted to peers found slow, still waiting
+        self._shed = REQUESTS_SHED.labels(bulkhead=name)
+
+    def waiting_on(self, peer: object) -> "PeerWait":
+        """A context manager: the block waits on `peer`, admitted or refused (`Busy`) at once."""
+        return PeerWait(self, peer)
+
+    def _admit(self, wait: "PeerWait") -> None:
+        peer, began, slow_after = wait.peer, wait.began, wait.slow_after
+        with self._lock:
+            calls = self._waiting.get(peer)
+            if self._slow_until.get(peer, 0.0) > began or (
+                    calls is not None and began - next(iter(calls.values())) > slow_after):
+                per_peer, in_all = getattr(settings, self._settings[2]), getattr(settings, self._settings[3])
+                if 0 < per_peer <= len(calls or ()):
+                    raise self._busy(f"it has {len(calls)} calls waiting here already.")
+                if 0 < in_all <= self._slow_waiting:
+                    raise self._busy(f"{self._slow_waiting} calls wait on slow {self.name}s here already.")
+                self._slow_waiting += 1
+                wait.counted = True
+            if calls is None:
+                calls = self._waiting[peer] = {}
+            calls[wait] = began
+
+    def _end(self, wait: "PeerWait") -> None:
+        peer, ended = wait.peer, time.monotonic()
+        with self._lock:
+            calls = self._waiting[peer]
+            del calls[wait]
+            if not calls:
+                del self._waiting[peer]
+            if wait.counted:
+                self._slow_waiting -= 1
+            if ended - wait.began > wait.slow_after:
+                if len(self._slow_until) > 10_000:  # forget the peers no longer slow
+                    self._slow_until = {key: until for key, until in self._slow_until.items() if until > ended}
+                self._slow_until[peer] = ended + getattr(settings, self._settings[1])
+
+    def _busy(self, why: str) -> Busy:
+        self._shed.inc()
+        return Busy(f"This {self.name} is answering slowly and {why} Retry shortly; nothing was charged.",
+                    code=self.code, details={"retry_after_seconds": Busy.retry_after})
+
+
+class PeerWait:
+    """One `SlowPeers.waiting_on`: a context manager (a class, not a generator: it runs on every proxied call)."""
+
+    __slots__ = ("peers", "peer", "began", "counted", "slow_after")
+
+    def __init__(self, peers: SlowPeers, peer: object):
+        self.peers, self.peer, self.counted = peers, peer, False
+
+    def __enter__(self) -> "PeerWait":
+        self.slow_after = getattr(settings, self.peers._settings[0])
+        self.began = time.monotonic()
+        self.peers._admit(self)
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.peers._end(self)
 
 
 class Deadlines:

@@ -21,10 +21,19 @@ def active(escrow_chain, http_server, django_capture_on_commit_callbacks):
 def active_outside_transaction(escrow_chain, http_server):
     """An active agreement for 5 calls at 0.02 USDC to `http_server`, made through the API and the chain in a test
     marked `django_db(transaction=True)`: charged as the server charges, outside any transaction of the test's."""
-    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
-    agreement = parties.accepted_agreement(quantity=5)
+    return activated_through_the_api(escrow_chain, http_server.url, quantity=5)
+
+
+def activated_through_the_api(chain, upstream_base_url: str, *, quantity: int) -> Parties:
+    """A buyer and a seller (agents of their own) with an active agreement for `quantity` calls at 0.02 USDC to
+    `upstream_base_url`, activated through the API and the chain outside any transaction of the test's."""
+    parties = Parties(chain, upstream_base_url=upstream_base_url)
+    agreement = parties.accepted_agreement(quantity=quantity)
     assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
                                   parties.signed_activation(agreement["id"])).status_code == 202
-    poll_mined()
+    for _ in range(5):  # a relayer nonce taken meanwhile (a second agreement's) is sent again at the next poll
+        poll_mined()
+        if parties.agreement(agreement["id"])["status"] == "active":
+            break
     parties.agreement_id = agreement["id"]
     return parties
