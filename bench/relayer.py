@@ -361,7 +361,7 @@ def chain_report(agreement_ids: list[str]) -> dict:
 
     active_deposits = [
         int(agreement.deposit_amount) for agreement in UsageAgreement.objects.filter(pk__in=agreement_ids)
-        if selectors.onchain_escrow(onchain_id=agreement.onchain_id)["state"] == "active"
+        if selectors.onchain_escrow(agreement=agreement)["state"] == "active"
     ]
     balance = chain.token_contract().functions.balanceOf(chain.escrow_address()).call()
     fees = chain.escrow_contract().functions.feesAccrued(chain.token_address()).call()

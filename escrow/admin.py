@@ -192,7 +192,7 @@ class AgreementWithChainAdmin(UsageAgreementAdmin):
         if agreement.settlement_model != SettlementModel.ESCROW or agreement.status not in ONCHAIN_STATUSES:
             return "No escrow on-chain for this agreement."
         try:
-            onchain = selectors.onchain_escrow(onchain_id=agreement.onchain_id)
+            onchain = selectors.onchain_escrow(agreement=agreement)
             mismatches = selectors.reconciliation_mismatches(agreements=[agreement])
         except (chain.ChainError, ValueError) as exc:
             return format_html('<span class="state-bad">The chain did not answer: {}</span>', exc)

@@ -447,30 +447,33 @@ def address_topic(address: str) -> str:
     return "0x" + address[2:].lower().rjust(64, "0")
 
 
-def _escrow_events(name: str, onchain_id: str, *, from_block: int, to_block: int, newest_first: bool = False) -> list:
-    """Escrow event `name` for agreement `onchain_id` (indexed first topic), as `first_logs` finds them, decoded
-    (`args`, `blockNumber`...)."""
+def _escrow_events(name: str, onchain_id: str, buyer: str, *, from_block: int, to_block: int,
+                   newest_first: bool = False) -> list:
+    """Escrow event `name` of `buyer`'s escrow `onchain_id` (the contract keys escrows by buyer and id, and every
+    escrow event has both as its first two indexed topics: another buyer's escrow under the same id is never
+    taken), as `first_logs` finds them, decoded (`args`, `blockNumber`...)."""
     contract = escrow_contract()
     event = getattr(contract.events, name)()
-    found = first_logs(address=contract.address, topics=[event_topic(event), "0x" + onchain_id.removeprefix("0x").lower()],
-                       from_block=from_block, to_block=to_block, newest_first=newest_first)
+    topics = [event_topic(event), "0x" + onchain_id.removeprefix("0x").lower(), address_topic(buyer)]
+    found = first_logs(address=contract.address, topics=topics, from_block=from_block, to_block=to_block,
+                       newest_first=newest_first)
     return [event.process_log(log) for log in found]
 
 
-def _activation(onchain_id: str, *, from_block: int | None, to_block: int) -> dict | None:
-    """The escrow's Activated event, looked for from `from_block` (else the deployment block) on; None when it was
-    never activated (or `from_block` is past its activation)."""
+def _activation(onchain_id: str, buyer: str, *, from_block: int | None, to_block: int) -> dict | None:
+    """`buyer`'s escrow's Activated event, looked for from `from_block` (else the deployment block) on; None when
+    that buyer never activated the id (or `from_block` is past its activation)."""
     start = chainconfig.escrow_deployment_block() if from_block is None else from_block
-    activated = _escrow_events("Activated", onchain_id, from_block=start, to_block=to_block)
-    return activated[0] if activated else None  # an id is activated once
+    activated = _escrow_events("Activated", onchain_id, buyer, from_block=start, to_block=to_block)
+    return activated[0] if activated else None  # a buyer activates an id once
 
 
-def escrow_terms(onchain_id: str, *, from_block: int | None = None) -> tuple:
-    """The `EscrowTerms` tuple every call after activation carries (its Activated event looked for from
-    `from_block`, else the deployment block). Raises Reverted when the id is not activated."""
-    activated = _activation(onchain_id, from_block=from_block, to_block=latest_block_number())
+def escrow_terms(onchain_id: str, *, buyer: str, from_block: int | None = None) -> tuple:
+    """The `EscrowTerms` tuple every call on `buyer`'s escrow `onchain_id` after activation carries (its Activated
+    event looked for from `from_block`, else the deployment block). Raises Reverted when it is not activated."""
+    activated = _activation(onchain_id, buyer, from_block=from_block, to_block=latest_block_number())
     if activated is None:
-        raise Reverted(f"InvalidState({onchain_id}, 0): no escrow under this id")
+        raise Reverted(f"InvalidState({onchain_id}, 0): no escrow of buyer {buyer} under this id")
     return terms_of_activation(activated["args"])
 
 
@@ -479,13 +482,13 @@ def terms_of_activation(args: dict) -> tuple:
             args["challengeWindow"], args["reclaimAfter"], args["nonce"])
 
 
-def escrow_record(onchain_id: str, *, from_block: int | None = None) -> dict:
-    """The escrow's full record, as JSON-friendly values: its terms (from the Activated event, looked for from
-    `from_block`, else the deployment block), its state (from `getEscrow(id, terms)`, which checks the terms against
-    the stored digest; the contract's `State` index) and the last proposal's usage digest (from its SettlementProposed
-    event). State 0 and zero fields when the id was never activated."""
+def escrow_record(onchain_id: str, *, buyer: str, from_block: int | None = None) -> dict:
+    """The full record of `buyer`'s escrow `onchain_id`, as JSON-friendly values: its terms (from the Activated
+    event, looked for from `from_block`, else the deployment block), its state (from `getEscrow(id, terms)`, which
+    checks the terms against the stored digest; the contract's `State` index) and the last proposal's usage digest
+    (from its SettlementProposed event). State 0 and zero fields when that buyer never activated the id."""
     latest = latest_block_number()
-    activation = _activation(onchain_id, from_block=from_block, to_block=latest)
+    activation = _activation(onchain_id, buyer, from_block=from_block, to_block=latest)
     if activation is None:
         zero_address, zero32 = "0x" + "00" * 20, "0x" + "00" * 32
         return {"state": 0, "buyer": zero_address, "seller": zero_address, "token": zero_address,
@@ -495,8 +498,8 @@ def escrow_record(onchain_id: str, *, from_block: int | None = None) -> dict:
     activated = dict(activation["args"])
     state = call(escrow_contract().functions.getEscrow(onchain_id, terms_of_activation(activated)).call)
     # The last proposal (a later one with a higher seq replaces it): searched from the newest span back.
-    proposals = _escrow_events("SettlementProposed", onchain_id, from_block=activation["blockNumber"], to_block=latest,
-                               newest_first=True) if state[0] > 1 else []
+    proposals = _escrow_events("SettlementProposed", onchain_id, buyer, from_block=activation["blockNumber"],
+                               to_block=latest, newest_first=True) if state[0] > 1 else []
     record = to_json({key: value for key, value in activated.items() if key != "agreementId"})
     record.update(dict(zip(("challengeDeadline", "lastSeq", "settledAmount", "buyerClaimable", "sellerClaimable"),
                            state[1:], strict=True)))

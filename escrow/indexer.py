@@ -202,14 +202,17 @@ def _apply_range(cursor: IndexerCursor, end: int, end_hash: str, logs: list) -> 
 
 
 def _agreement_id(args: dict):
-    """The agreement an escrow event is about, when it is one of ours (its bytes32 id is our UUID)."""
-    raw = args.get("agreementId")
-    if not raw:
+    """The agreement an escrow event is about, when it is one of ours: its bytes32 id is our UUID and its buyer our
+    agreement's buyer. The contract keys escrows by (buyer, id), so anyone may open an escrow of their own under an
+    agreement's id; its events are recorded, never taken for the agreement's."""
+    raw, buyer = args.get("agreementId"), args.get("buyer")
+    if not raw or not buyer:
         return None
     value = int(raw, 16)
     if value >= 2**128:
         return None
-    return UsageAgreement.objects.filter(pk=uuid.UUID(int=value), settlement_model=SettlementModel.ESCROW).values_list(
+    return UsageAgreement.objects.filter(pk=uuid.UUID(int=value), settlement_model=SettlementModel.ESCROW,
+                                         buyer_wallet_address=Web3.to_checksum_address(buyer)).values_list(
         "pk", flat=True).first()
 
 
@@ -287,9 +290,9 @@ def _on_challenged(agreement_id, args: dict, tx_hash: str) -> None:
 
 
 def _on_resolved(agreement_id, args: dict, tx_hash: str) -> None:
-    onchain_id = UsageAgreement.objects.values_list("onchain_id", flat=True).get(pk=agreement_id)
+    agreement = UsageAgreement.objects.get(pk=agreement_id)
     settlement.settlement_resolved(agreement_id=agreement_id, seller_amount=int(args["sellerAmount"]),
-                                   tx_hash=tx_hash, terms=selectors.escrow_terms(onchain_id=onchain_id),
+                                   tx_hash=tx_hash, terms=selectors.escrow_terms(agreement=agreement),
                                    operator=args["arbiter"])
 
 
@@ -313,8 +316,8 @@ _HANDLERS = {
 
 
 def events_acknowledge(*, events, operator: str, reason: str) -> int:
-    """Operator action: failed events someone looked into and accepted (say, a stranger's escrow under an
-    agreement's id) are kept and stay visible, but no longer fail `reconcile` or the dashboard. Records who, when
+    """Operator action: failed events someone looked into and accepted (say, the buyer's own escrow on
+    other terms under an agreement's id) are kept and stay visible, but no longer fail `reconcile` or the dashboard. Records who, when
     and why; returns how many were acknowledged now (events not failed, or acknowledged already, are left)."""
     reason = reason.strip()
     if not reason:

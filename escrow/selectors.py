@@ -7,7 +7,7 @@ from django.db.models import Count, Exists, OuterRef, Q
 from web3 import Web3
 
 from agreements import services as agreement_services
-from agreements.models import AgreementStatus, SkillInvocation, is_paid_out
+from agreements.models import AgreementStatus, SkillInvocation, UsageAgreement, is_paid_out
 from escrow import chain, relayer
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPaymentRequest,
                            MasumiPurchase, TxPurpose, TxStatus)
@@ -83,28 +83,29 @@ def transactions_of_agreement(*, agreement_id):
         "created_at")
 
 
-def escrow_terms(*, onchain_id: str) -> tuple:
-    """The `EscrowTerms` every escrow call after activation carries: from the indexed Activated event, else read
-    from the chain (a node call: make it outside any database transaction)."""
+def escrow_terms(*, agreement: UsageAgreement) -> tuple:
+    """The `EscrowTerms` every call on the agreement's escrow after activation carries: from the indexed Activated
+    event of its buyer's escrow under its id, else read from the chain (a node call: make it outside any database
+    transaction). The contract keys escrows by (buyer, id): another buyer's escrow under the same id is not this
+    agreement's, whoever opened it first."""
+    buyer = Web3.to_checksum_address(agreement.buyer_wallet_address)
     indexed = ChainEvent.objects.filter(
         name="Activated", removed_at=None, contract=Web3.to_checksum_address(chainconfig.escrow_address()),
-        args__agreementId=onchain_id.lower()).order_by("-block_number").first()
+        args__agreementId=agreement.onchain_id.lower(), args__buyer=buyer).order_by("-block_number").first()
     if indexed is not None:
         return chain.terms_of_activation(indexed.args)
-    return chain.escrow_terms(onchain_id, from_block=_activation_search_start(onchain_id))
+    return chain.escrow_terms(agreement.onchain_id, buyer=buyer, from_block=_activation_search_start(agreement.pk))
 
 
-def _activation_search_start(onchain_id: str) -> int | None:
+def _activation_search_start(agreement_id) -> int | None:
     """Where the escrow's Activated event can first be, when the relayer saw the activation mined: CHAIN_CONFIRMATIONS
     blocks before that (a reorg no deeper than the confirmation depth can only move it later). None: unknown (the
     chain reads then start at the deployment block)."""
-    agreement_id = blockchain_identifier_to_agreement_id(onchain_id)
     # Only an activation that ran (receipt status 1) bounds where the escrow's Activated event is: one of ours that
     # reverted AgreementExists was mined after it (a front-runner's copy, anyone relaying the buyer's intent).
     mined = (ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=TxPurpose.ACTIVATE,
                                              mined_block_number__isnull=False, receipt_status=1)
-             .order_by("mined_block_number").values_list("mined_block_number", flat=True).first()
-             if agreement_id is not None else None)
+             .order_by("mined_block_number").values_list("mined_block_number", flat=True).first())
     if mined is None:
         return None
     return max(mined - settings.CHAIN_CONFIRMATIONS, chainconfig.escrow_deployment_block())
@@ -125,9 +126,11 @@ class EscrowState(StrEnum):
 ESCROW_CLOSED_STATES = frozenset({EscrowState.SETTLED, EscrowState.RECLAIMED})
 
 
-def onchain_escrow(*, onchain_id: str) -> dict:
-    """The contract's record of the escrow (raises chain.ChainError when unreachable)."""
-    record = chain.escrow_record(onchain_id, from_block=_activation_search_start(onchain_id))
+def onchain_escrow(*, agreement: UsageAgreement) -> dict:
+    """The contract's record of the agreement's escrow: its buyer's under its id (raises chain.ChainError when
+    unreachable)."""
+    record = chain.escrow_record(agreement.onchain_id, buyer=Web3.to_checksum_address(agreement.buyer_wallet_address),
+                                 from_block=_activation_search_start(agreement.pk))
     record["state"] = list(EscrowState)[record["state"]]
     return record
 
@@ -156,7 +159,7 @@ def reconciliation_mismatches(*, agreements) -> list[str]:
         expected = _EXPECTED_STATES.get(agreement.status)
         if expected is None:
             continue
-        onchain = onchain_escrow(onchain_id=agreement.onchain_id)
+        onchain = onchain_escrow(agreement=agreement)
         label = f"agreement {agreement.pk} ({agreement.status})"
         if onchain["state"] not in expected:
             mismatches.append(f"{label}: contract state {onchain['state']}, expected {sorted(expected)}")

@@ -183,7 +183,7 @@ def _activation_evidence(tx: ChainTransaction) -> dict:
     earlier attempt mined, or anyone relaying the buyer's signed intent)? Read from the contract."""
     if tx.status != TxStatus.FAILED or "AgreementExists" not in tx.failure_reason:
         return {}
-    onchain = selectors.onchain_escrow(onchain_id=tx.agreement.onchain_id)
+    onchain = selectors.onchain_escrow(agreement=tx.agreement)
     return {"agreement_exists": {"state": onchain["state"],
                                  "differences": intent_differences(tx.agreement, onchain)}}
 

@@ -61,7 +61,7 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
     agreement = UsageAgreement.objects.get(pk=agreement_id)
     if not can_propose_settlement(agreement) or agreement.completion_requested_at is None:
         return None
-    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)  # a chain read: before the row lock
+    terms = selectors.escrow_terms(agreement=agreement)  # a chain read: before the row lock
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
         if not can_propose_settlement(agreement) or agreement.completion_requested_at is None:
@@ -94,7 +94,7 @@ def _proposal_due(failures: list[ChainTransaction]) -> bool:
 def _proposal_evidence(tx: ChainTransaction) -> dict:
     if tx.status != TxStatus.CONFIRMED:
         return {}
-    return {"challenge_deadline": selectors.onchain_escrow(onchain_id=tx.agreement.onchain_id)["challengeDeadline"]}
+    return {"challenge_deadline": selectors.onchain_escrow(agreement=tx.agreement)["challengeDeadline"]}
 
 
 def _proposal_outcome(tx: ChainTransaction) -> None:
@@ -125,7 +125,7 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
         raise Conflict(f"Nothing to challenge while the agreement is {agreement.status}.",
                        code="invalid_transition", details={"status": agreement.status})
     now = chain_clock.chain_now_for_request()
-    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
+    terms = selectors.escrow_terms(agreement=agreement)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if not can_challenge(agreement):
@@ -153,7 +153,7 @@ def _challenge_outcome(tx: ChainTransaction) -> None:
 
 @logs_name_the_agreement
 def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operator) -> ChainTransaction:
-    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
+    terms = selectors.escrow_terms(agreement=agreement)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if not can_resolve(agreement):
@@ -182,7 +182,7 @@ def settlement_resolved(*, agreement_id, seller_amount: int, tx_hash: str, terms
 def _resolve_evidence(tx: ChainTransaction) -> dict:
     if tx.status != TxStatus.CONFIRMED:
         return {}
-    return {"terms": chain.to_json(selectors.escrow_terms(onchain_id=tx.agreement.onchain_id))}
+    return {"terms": chain.to_json(selectors.escrow_terms(agreement=tx.agreement))}
 
 
 def _resolve_outcome(tx: ChainTransaction) -> None:
@@ -268,7 +268,7 @@ def _reclaim_grace() -> int:
 
 
 def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
-    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
+    terms = selectors.escrow_terms(agreement=agreement)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if not can_reclaim(agreement) or agreement.used or selectors.live_transaction(
@@ -279,7 +279,7 @@ def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
 
 
 def _finalize(agreement: UsageAgreement, *, now: int) -> ChainTransaction | None:
-    terms = selectors.escrow_terms(onchain_id=agreement.onchain_id)
+    terms = selectors.escrow_terms(agreement=agreement)
     # The chain, not our copy of it, says whether the window is over: a challenge the buyer sent itself, or a
     # re-proposal that restarted the window, may be mined and not indexed yet (the indexer acts at depth).
     state, challenge_deadline = chain.call(

@@ -140,7 +140,7 @@ class EscrowStatusView(APIView):
         onchain = None
         if query.validated_data["verify"]:
             with chain.unavailable_as_503():
-                onchain = selectors.onchain_escrow(onchain_id=agreement.onchain_id)
+                onchain = selectors.onchain_escrow(agreement=agreement)
         return Response(EscrowStatusSerializer({
             "agreement_id": agreement.pk, "onchain_id": agreement.onchain_id, "status": agreement.status,
             "escrow_status": agreement_selectors.escrow_status_of(agreement), "settlement_status": agreement.status,
@@ -258,7 +258,7 @@ class ClaimInstructionsView(APIView):
         if agreement.settlement_model != SettlementModel.ESCROW:
             raise Conflict("A direct payment has no escrow.", code="not_an_escrow")
         with chain.unavailable_as_503():
-            onchain = selectors.onchain_escrow(onchain_id=agreement.onchain_id)
+            onchain = selectors.onchain_escrow(agreement=agreement)
         claimable = int(onchain["sellerClaimable" if agent.pk == agreement.seller_id else "buyerClaimable"])
         call = None
         if claimable:

@@ -366,6 +366,7 @@ class MarketplaceClient:
         except RpcError:  # a hash the node refuses is no hint
             from_block = None
         escrow = reader.escrow(self.network.escrow_address, agreement["onchain_id"],
+                               buyer=agreement["buyer_wallet_address"],
                                from_block=self.network.escrow_deployment_block if from_block is None else from_block)
         require_equal(escrow.buyer, agreement["buyer_wallet_address"], "escrow.buyer")
         return verify_usage(self.usage(agreement["id"]), escrow=escrow, agreement_id=agreement["onchain_id"],

@@ -2,7 +2,8 @@
 
 What the buyer checks the marketplace against: the escrow contract's record of an agreement (its terms from the
 `Activated` event, its state from `getEscrow(id, terms)`, which checks them against the digest the contract
-stores), a token's EIP-712 domain (EIP-5267 `eip712Domain()`, else `name()` / `version()`), and the chain's clock.
+stores; the contract keys escrows by (buyer, agreementId), so only the buyer's own escrow's events are read, never
+those of an escrow someone else opened under the same id), a token's EIP-712 domain (EIP-5267 `eip712Domain()`, else `name()` / `version()`), and the chain's clock.
 
 Events are read in block spans of at most `log_block_span` blocks (`ChainReader.first_logs`): public RPCs refuse
 an `eth_getLogs` over more than a few thousand blocks, and an escrow's history on Base grows without bound.
@@ -28,7 +29,7 @@ _TERMS = "(address,address,address,address,uint256,uint64,uint64,uint256)"
 _ACTIVATED = keccak(text="Activated(bytes32,address,address,address,uint256,uint256,address,bytes32,uint64,uint64,"
                          "uint64,uint256)")
 _ACTIVATED_DATA = ("address", "uint256", "uint256", "address", "bytes32", "uint64", "uint64", "uint64", "uint256")
-_PROPOSED = keccak(text="SettlementProposed(bytes32,uint256,uint256,bytes32,uint64)")
+_PROPOSED = keccak(text="SettlementProposed(bytes32,address,uint256,uint256,bytes32,uint64)")
 _PROPOSED_DATA = ("uint256", "uint256", "bytes32", "uint64")
 _STATES = ("none", "active", "proposed", "disputed", "resolved", "settled", "reclaimed")
 
@@ -43,7 +44,7 @@ class RpcError(RuntimeError):
 
 @dataclass(frozen=True)
 class OnchainEscrow:
-    """`UsageEscrow.getEscrow(id)`, the fields a buyer verifies usage against."""
+    """`UsageEscrow.getEscrow(id, terms)` of the buyer's escrow, the fields a buyer verifies usage against."""
 
     state: str
     buyer: str
@@ -130,19 +131,21 @@ class ChainReader:
     def _data(log: dict[str, Any]) -> bytes:
         return bytes.fromhex(str(log["data"]).removeprefix("0x"))
 
-    def escrow(self, escrow_address: str, agreement_id: str, *, from_block: int = 0) -> OnchainEscrow:
-        """The escrow's record. Its Activated event is looked for from `from_block` on (the
-        escrow's deployment block, or the agreement's activation block when known): a later block finds nothing,
-        and the escrow reads as never activated."""
+    def escrow(self, escrow_address: str, agreement_id: str, *, buyer: str, from_block: int = 0) -> OnchainEscrow:
+        """The record of `buyer`'s escrow under `agreement_id` (escrows are keyed by buyer and id: anyone may open
+        one of their own under an agreement's id, and it is not the agreement's). Its Activated event is looked for
+        from `from_block` on (the escrow's deployment block, or the agreement's activation block when known): a
+        later block finds nothing, and the escrow reads as never activated."""
         latest = self.block_number()
-        agreement_topic = "0x" + agreement_id.removeprefix("0x")
-        activated = self.first_logs(escrow_address, ["0x" + _ACTIVATED.hex(), agreement_topic],
+        topics = ["0x" + agreement_id.removeprefix("0x").lower(),  # then the buyer, as an indexed address
+                  "0x" + to_checksum_address(buyer)[2:].lower().rjust(64, "0")]
+        activated = self.first_logs(escrow_address, ["0x" + _ACTIVATED.hex(), *topics],
                                     from_block=from_block, to_block=latest)
         if not activated:
             zero = "0x" + "00" * 20
             return OnchainEscrow(state="none", buyer=zero, seller=zero, receipt_signer=zero, deposit_amount=0,
                                  settled_amount=0, last_seq=0, usage_digest="0x" + "00" * 32)
-        log = activated[0]  # an id is activated once
+        log = activated[0]  # a buyer activates an id once
         buyer, seller = (to_checksum_address("0x" + str(topic)[-40:]) for topic in log["topics"][2:4])
         token, deposit, _fee, signer, _terms_hash, _expires, reclaim_after, window, nonce = decode(
             list(_ACTIVATED_DATA), self._data(log))
@@ -153,7 +156,7 @@ class ChainReader:
         state, _deadline, last_seq, settled, _buyer_claim, _seller_claim = decode(
             ["(uint8,uint64,uint256,uint256,uint256,uint256)"], self._call(escrow_address, call))[0]
         # The last proposal (a later one with a higher seq replaces it): searched from the newest span back.
-        proposals = self.first_logs(escrow_address, ["0x" + _PROPOSED.hex(), agreement_topic],
+        proposals = self.first_logs(escrow_address, ["0x" + _PROPOSED.hex(), *topics],
                                     from_block=int(log["blockNumber"], 16), to_block=latest,
                                     newest_first=True) if state > 1 else []
         usage_digest = bytes(decode(list(_PROPOSED_DATA), self._data(proposals[-1]))[2]) if proposals else bytes(32)

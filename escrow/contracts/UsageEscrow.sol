@@ -16,7 +16,7 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
  * stablecoin (USDC). The buyer deposits the agreement's maximum amount; the seller is paid what signed usage
  * receipts say was used, the buyer gets the rest back.
  *
- * Lifecycle of one escrow, keyed by the marketplace's `agreementId` (each id is used once, ever):
+ * Lifecycle of one escrow, keyed by its buyer and the marketplace's `agreementId` (each buyer uses an id once, ever):
  *
  *     None --activate--> Active --proposeSettlement--> Proposed --(window over) finalize--> Settled
  *                          |                             |  ^ re-proposal with a higher seq (window restarts)
@@ -30,6 +30,12 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
  * - ARBITER_ROLE: decides disputes with `resolve`.
  *
  * Design decisions (see also each function):
+ * - Escrows are keyed by (buyer, agreementId), the buyer being the one whose signature opened it. An agreement's id
+ *   is no secret (its parties and anyone watching the relayer's pending transaction learn it), so with a global
+ *   key anyone could open an escrow of their own under it first and block the real activation. Keyed by buyer, a
+ *   third party's escrow under the same id is its own: it blocks nothing and no call on it reaches the buyer's.
+ *   Every call after activation names its escrow by id and the `EscrowTerms` it carries (whose `buyer` picks the
+ *   slot); every escrow event carries the buyer as an indexed topic, so readers filter on (agreementId, buyer).
  * - Intent nonces are unordered: `nonce` is any uint256 the buyer has not used or cancelled
  *   (`intentNonceUsed(buyer, nonce)`), so one buyer's activations for different agreements can be signed and
  *   submitted concurrently and in any order. A signed but unsubmitted intent is revoked with
@@ -64,9 +70,11 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
  * - Only allowlisted tokens can be escrowed, so payout transfers only ever call known token contracts.
  * - Signatures are checked with SignatureChecker: EOAs (ECDSA, low-s only) and ERC-1271 contract wallets.
  *
- * Known limits: a Disputed escrow waits for the arbiter (there is no dispute timeout); agreement ids are
- * global, so a third party who learns an id before its activation is mined could take it first with an
- * escrow of its own (the real activation then reverts AgreementExists and needs a new id; no funds move).
+ * Known limits: a Disputed escrow waits for the arbiter (there is no dispute timeout). Usage receipts and challenge
+ * signatures name the agreement id, not the buyer: a receipt is valid on any escrow under that id whose
+ * `receiptSigner` signed it, which moves only that escrow's own deposit (a third party's escrow naming the
+ * platform's receipt signer pays its own seller from its own deposit); a challenge signature is checked against
+ * the escrow's own buyer.
  */
 contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
@@ -111,7 +119,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
     }
 
     /// @notice What an escrow keeps of its intent for the calls after activation. Storage holds only its hash
-    /// (`termsDigest(agreementId)`); every later call carries the terms back in calldata and the contract checks
+    /// (`termsDigest(buyer, agreementId)`); every later call carries the terms back in calldata and the contract checks
     /// them against the hash (TermsMismatch). All of them are in the {Activated} event.
     struct EscrowTerms {
         address buyer;
@@ -173,9 +181,11 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
 
     // ---------------------------------------------------------------- storage
 
-    mapping(bytes32 agreementId => bytes32 digest) private _termsDigests;
+    /// @dev Escrows are keyed by (buyer, agreementId): a third party who opens an escrow under an agreement's id
+    /// opens its own, beside the buyer's, and can neither block nor touch the buyer's.
+    mapping(address buyer => mapping(bytes32 agreementId => bytes32 digest)) private _termsDigests;
     mapping(address buyer => mapping(uint256 nonce => IntentSlot)) private _intents;
-    mapping(bytes32 agreementId => Claims) private _claims;
+    mapping(address buyer => mapping(bytes32 agreementId => Claims)) private _claims;
 
     /// @notice Whether a token may be escrowed.
     mapping(address token => bool allowed) public isTokenAllowed;
@@ -204,15 +214,26 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
         uint256 nonce
     );
     event SettlementProposed(
-        bytes32 indexed agreementId, uint256 seq, uint256 cumulativeAmount, bytes32 usageDigest, uint64 challengeDeadline
+        bytes32 indexed agreementId,
+        address indexed buyer,
+        uint256 seq,
+        uint256 cumulativeAmount,
+        bytes32 usageDigest,
+        uint64 challengeDeadline
     );
     event Challenged(bytes32 indexed agreementId, address indexed buyer);
-    event Resolved(bytes32 indexed agreementId, address indexed arbiter, uint256 sellerAmount, uint256 buyerAmount);
-    event Settled(bytes32 indexed agreementId, uint256 sellerAmount, uint256 buyerAmount);
+    event Resolved(
+        bytes32 indexed agreementId,
+        address indexed buyer,
+        address indexed arbiter,
+        uint256 sellerAmount,
+        uint256 buyerAmount
+    );
+    event Settled(bytes32 indexed agreementId, address indexed buyer, uint256 sellerAmount, uint256 buyerAmount);
     event Reclaimed(bytes32 indexed agreementId, address indexed buyer, uint256 amount);
     /// @notice A push payout failed; `amount` stays claimable by `party` through `withdraw`.
-    event PayoutDeferred(bytes32 indexed agreementId, address indexed party, uint256 amount);
-    event Withdrawn(bytes32 indexed agreementId, address indexed party, uint256 amount);
+    event PayoutDeferred(bytes32 indexed agreementId, address indexed buyer, address indexed party, uint256 amount);
+    event Withdrawn(bytes32 indexed agreementId, address indexed buyer, address indexed party, uint256 amount);
     event IntentNonceCancelled(address indexed buyer, uint256 nonce);
     event FeesPaid(address indexed token, address indexed feeRecipient, uint256 amount);
     event FeeRecipientUpdated(address feeRecipient);
@@ -297,15 +318,15 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
     // ---------------------------------------------------------------- activation
 
     /**
-     * @notice Open the escrow for `intent.agreementId`. Callable by anyone (normally the platform relayer):
-     * the buyer's signature over the intent is the authorization.
-     * @dev Reverts: AgreementExists (id used before, by anyone), IntentExpired (`block.timestamp > deadline`),
+     * @notice Open `intent.buyer`'s escrow for `intent.agreementId`. Callable by anyone (normally the platform
+     * relayer): the buyer's signature over the intent is the authorization.
+     * @dev Reverts: AgreementExists (this buyer used the id before), IntentExpired (`block.timestamp > deadline`),
      * IntentNonceUsed, ZeroAddress (buyer, seller or receiptSigner), TokenNotAllowed, InvalidDeposit
      * (`depositAmount == 0` or `!= quantity * pricePerUnit`), InvalidChallengeWindow (0 or over the max),
      * InvalidExpiry (`expiresAt <= block.timestamp`), InvalidBuyerSignature, InsufficientAllowance (after
      * the permits were tried), and the token's own errors (e.g. balance).
-     * Note: agreement ids are global, so the relayer should treat AgreementExists for an escrow that is not
-     * its buyer's as a failed activation (an id is only learnt from a submitted intent).
+     * Note: another buyer's escrow under the same id does not matter (escrows are keyed by buyer); AgreementExists
+     * means this buyer's escrow exists already: its intent relayed by someone else, or another intent it signed.
      * @param intent The terms the buyer signed.
      * @param buyerSig The buyer's EIP-712 signature over `intent` (65-byte ECDSA or ERC-1271).
      * @param escrowPermit EIP-2612 permit for at least `depositAmount` (or `depositAmount + infraFee`), or absent.
@@ -318,7 +339,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
         Permit calldata feePermit
     ) external nonReentrant {
         bytes32 id = intent.agreementId;
-        if (_termsDigests[id] != 0) revert AgreementExists(id);
+        if (_termsDigests[intent.buyer][id] != 0) revert AgreementExists(id);
         if (block.timestamp > intent.deadline) revert IntentExpired(intent.deadline);
         IntentSlot storage slot = _intents[intent.buyer][intent.nonce];
         if (slot.used) revert IntentNonceUsed(intent.buyer, intent.nonce);
@@ -344,7 +365,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
         slot.used = true;
         slot.state = State.Active;
         uint64 reclaimAfter = SafeCast.toUint64(uint256(intent.expiresAt) + reclaimGrace);
-        _termsDigests[id] = hashTerms(
+        _termsDigests[intent.buyer][id] = hashTerms(
             EscrowTerms({
                 buyer: intent.buyer,
                 seller: intent.seller,
@@ -422,10 +443,11 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
 
     // ---------------------------------------------------------------- settlement
 
-    /// @dev The settlement state of escrow `id` whose terms the call carries: reverts InvalidState(id, None) for
-    /// an id never activated and TermsMismatch when `t` is not the escrow's terms.
+    /// @dev The settlement state of `t.buyer`'s escrow `id`, whose terms the call carries: reverts
+    /// InvalidState(id, None) when that buyer never activated `id` and TermsMismatch when `t` is not the escrow's
+    /// terms (so another buyer's escrow under the same id is never reached).
     function _escrow(bytes32 id, EscrowTerms calldata t) private view returns (IntentSlot storage) {
-        bytes32 digest = _termsDigests[id];
+        bytes32 digest = _termsDigests[t.buyer][id];
         if (digest == 0) revert InvalidState(id, State.None);
         if (hashTerms(t) != digest) revert TermsMismatch(id);
         return _intents[t.buyer][t.nonce];
@@ -471,7 +493,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
         e.challengeDeadline = deadline;
         e.lastSeq = SafeCast.toUint72(seq);
         e.settledAmount = uint128(cumulativeAmount); // <= depositAmount, which fits in 128 bits
-        emit SettlementProposed(id, seq, cumulativeAmount, usageDigest, deadline);
+        emit SettlementProposed(id, t.buyer, seq, cumulativeAmount, usageDigest, deadline);
     }
 
     /// @notice The buyer disputes the proposed settlement while the window is open. Proposed -> Disputed.
@@ -513,7 +535,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
         if (sellerAmount > t.depositAmount) revert AmountExceedsDeposit(sellerAmount, t.depositAmount);
         e.state = State.Resolved;
         e.settledAmount = uint128(sellerAmount); // <= depositAmount, which fits in 128 bits
-        emit Resolved(id, msg.sender, sellerAmount, t.depositAmount - sellerAmount);
+        emit Resolved(id, t.buyer, msg.sender, sellerAmount, t.depositAmount - sellerAmount);
     }
 
     /**
@@ -533,16 +555,16 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
         uint256 sellerAmount = e.settledAmount;
         uint256 buyerAmount = t.depositAmount - sellerAmount;
         e.state = State.Settled;
-        emit Settled(id, sellerAmount, buyerAmount);
+        emit Settled(id, t.buyer, sellerAmount, buyerAmount);
 
         IERC20 token = IERC20(t.token);
         if (!_tryPay(token, t.seller, sellerAmount)) {
-            _claims[id].seller = uint128(sellerAmount);
-            emit PayoutDeferred(id, t.seller, sellerAmount);
+            _claims[t.buyer][id].seller = uint128(sellerAmount);
+            emit PayoutDeferred(id, t.buyer, t.seller, sellerAmount);
         }
         if (!_tryPay(token, t.buyer, buyerAmount)) {
-            _claims[id].buyer = uint128(buyerAmount);
-            emit PayoutDeferred(id, t.buyer, buyerAmount);
+            _claims[t.buyer][id].buyer = uint128(buyerAmount);
+            emit PayoutDeferred(id, t.buyer, t.buyer, buyerAmount);
         }
     }
 
@@ -559,8 +581,8 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
         e.state = State.Reclaimed;
         emit Reclaimed(id, t.buyer, amount);
         if (!_tryPay(IERC20(t.token), t.buyer, amount)) {
-            _claims[id].buyer = uint128(amount);
-            emit PayoutDeferred(id, t.buyer, amount);
+            _claims[t.buyer][id].buyer = uint128(amount);
+            emit PayoutDeferred(id, t.buyer, t.buyer, amount);
         }
     }
 
@@ -570,7 +592,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
      * NothingToWithdraw when nothing is credited, PayoutFailed when nothing could be paid.
      */
     function withdraw(bytes32 id, EscrowTerms calldata t) external nonReentrant {
-        Claims storage c = _claims[id];
+        Claims storage c = _claims[t.buyer][id];
         uint256 sellerAmount = c.seller;
         uint256 buyerAmount = c.buyer;
         if (sellerAmount == 0 && buyerAmount == 0) revert NothingToWithdraw(id);
@@ -581,7 +603,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
             c.seller = 0;
             if (_tryPay(token, t.seller, sellerAmount)) {
                 paid = true;
-                emit Withdrawn(id, t.seller, sellerAmount);
+                emit Withdrawn(id, t.buyer, t.seller, sellerAmount);
             } else {
                 c.seller = uint128(sellerAmount);
             }
@@ -590,7 +612,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
             c.buyer = 0;
             if (_tryPay(token, t.buyer, buyerAmount)) {
                 paid = true;
-                emit Withdrawn(id, t.buyer, buyerAmount);
+                emit Withdrawn(id, t.buyer, t.buyer, buyerAmount);
             } else {
                 c.buyer = uint128(buyerAmount);
             }
@@ -609,12 +631,12 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
 
     // ---------------------------------------------------------------- views
 
-    /// @notice The state of escrow `id`, given its terms (from its {Activated} event; reverts TermsMismatch when
-    /// they are not its terms). State None: never activated.
+    /// @notice The state of `t.buyer`'s escrow `id`, given its terms (from its {Activated} event; reverts
+    /// TermsMismatch when they are not its terms). State None: that buyer never activated `id`.
     function getEscrow(bytes32 id, EscrowTerms calldata t) external view returns (EscrowView memory) {
-        if (_termsDigests[id] == 0) return EscrowView(State.None, 0, 0, 0, 0, 0);
+        if (_termsDigests[t.buyer][id] == 0) return EscrowView(State.None, 0, 0, 0, 0, 0);
         IntentSlot storage e = _escrow(id, t);
-        Claims storage c = _claims[id];
+        Claims storage c = _claims[t.buyer][id];
         return EscrowView({
             state: e.state,
             challengeDeadline: e.challengeDeadline,
@@ -625,9 +647,9 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
         });
     }
 
-    /// @notice {hashTerms} of escrow `id`'s terms; 0 when `id` was never activated.
-    function termsDigest(bytes32 id) external view returns (bytes32) {
-        return _termsDigests[id];
+    /// @notice {hashTerms} of the terms of `buyer`'s escrow `id`; 0 when `buyer` never activated `id`.
+    function termsDigest(address buyer, bytes32 id) external view returns (bytes32) {
+        return _termsDigests[buyer][id];
     }
 
     /// @notice What an escrow stores of its terms.

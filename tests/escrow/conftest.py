@@ -67,13 +67,14 @@ class Escrows:
             i for i in self.escrow.abi if i.get("name") == "getEscrow"
         )["outputs"][0]["components"]
 
-    def terms(self, agreement_id: str) -> tuple:
+    def terms(self, agreement_id: str, buyer: str | None = None) -> tuple:
         """The EscrowTerms every call after activation carries (see :func:`escrow_terms`)."""
-        return escrow_terms(self.escrow, agreement_id)
+        return escrow_terms(self.escrow, agreement_id, buyer)
 
-    def fn(self, name: str, agreement_id: str, *args):
-        """Escrow function ``name`` for ``agreement_id`` with its terms: ``name(id, terms, *args)``."""
-        return getattr(self.escrow.functions, name)(agreement_id, self.terms(agreement_id), *args)
+    def fn(self, name: str, agreement_id: str, *args, buyer: str | None = None):
+        """Escrow function ``name`` for ``agreement_id`` with its terms: ``name(id, terms, *args)`` (the escrow of
+        ``buyer`` when several buyers opened one under the id)."""
+        return getattr(self.escrow.functions, name)(agreement_id, self.terms(agreement_id, buyer), *args)
 
     # ------------------------------------------------------------ transactions
 
@@ -262,10 +263,10 @@ class Escrows:
         return td.sign_typed_data((signer or self.acc.receipt_signer).key, typed)
 
     def propose_fn(self, agreement_id: str, seq: int, amount: int, usage_digest: str | None = None,
-                   signature: str | None = None, signer=None):
+                   signature: str | None = None, signer=None, buyer: str | None = None):
         usage_digest = usage_digest or random_bytes32()
         signature = signature or self.receipt_sig(agreement_id, seq, amount, usage_digest, signer)
-        return self.fn("proposeSettlement", agreement_id, seq, amount, usage_digest, signature)
+        return self.fn("proposeSettlement", agreement_id, seq, amount, usage_digest, signature, buyer=buyer)
 
     def propose(self, agreement_id: str, seq: int, amount: int, *, sender=None, **kwargs):
         return self.tx(self.propose_fn(agreement_id, seq, amount, **kwargs), sender or self.acc.operator)
@@ -277,22 +278,24 @@ class Escrows:
         )
         return td.sign_typed_data((signer or self.acc.buyer).key, typed)
 
-    def get(self, agreement_id: str) -> dict:
+    def get(self, agreement_id: str, buyer: str | None = None) -> dict:
         """The escrow as a dict (state as its name): its terms from the Activated event, the rest from
-        getEscrow(id, terms) and the last proposal's usageDigest from its SettlementProposed event."""
-        activated = activation(self.escrow, agreement_id) or {}
-        raw = self.escrow.functions.getEscrow(agreement_id, self.terms(agreement_id)).call()
+        getEscrow(id, terms) and the last proposal's usageDigest from its SettlementProposed event (the escrow of
+        ``buyer`` when several buyers opened one under the id)."""
+        activated = activation(self.escrow, agreement_id, buyer) or {}
+        raw = self.escrow.functions.getEscrow(agreement_id, self.terms(agreement_id, buyer)).call()
         values = raw.values() if isinstance(raw, dict) else raw
         out = {key: value for key, value in activated.items() if key != "agreementId"}
         out.update({c["name"]: v for c, v in zip(self._escrow_fields, values, strict=True)})
         out["state"] = STATE_NAMES[out["state"]]
         proposals = self.escrow.events.SettlementProposed().get_logs(
-            from_block=0, argument_filters={"agreementId": agreement_id})
+            from_block=0, argument_filters={"agreementId": agreement_id, "buyer": activated.get("buyer")}
+            if activated else {"agreementId": agreement_id})
         out["usageDigest"] = bytes(proposals[-1]["args"]["usageDigest"]) if proposals else bytes(32)
         return out
 
-    def state(self, agreement_id: str) -> str:
-        return self.get(agreement_id)["state"]
+    def state(self, agreement_id: str, buyer: str | None = None) -> str:
+        return self.get(agreement_id, buyer)["state"]
 
     def wait_past(self, timestamp: int) -> None:
         """Advance the chain so that the next transaction's block.timestamp >= timestamp."""
@@ -302,16 +305,18 @@ class Escrows:
             self.chain.mine()
 
 
-def activation(escrow, agreement_id: str) -> dict | None:
-    """The args of the escrow's Activated event for ``agreement_id``; None before activation."""
-    found = escrow.events.Activated().get_logs(from_block=0, argument_filters={"agreementId": agreement_id})
+def activation(escrow, agreement_id: str, buyer: str | None = None) -> dict | None:
+    """The args of the Activated event of ``buyer``'s escrow under ``agreement_id`` (escrows are keyed by buyer and
+    id; without ``buyer``: the last escrow activated under the id); None before activation."""
+    filters = {"agreementId": agreement_id} | ({"buyer": buyer} if buyer else {})
+    found = escrow.events.Activated().get_logs(from_block=0, argument_filters=filters)
     return dict(found[-1]["args"]) if found else None
 
 
-def escrow_terms(escrow, agreement_id: str) -> tuple:
+def escrow_terms(escrow, agreement_id: str, buyer: str | None = None) -> tuple:
     """What the contract keeps a digest of, from the Activated event (zero terms for an id never activated: the
     contract refuses those before it looks at the terms)."""
-    args = activation(escrow, agreement_id)
+    args = activation(escrow, agreement_id, buyer)
     if args is None:
         return (ZERO_ADDRESS, ZERO_ADDRESS, ZERO_ADDRESS, ZERO_ADDRESS, 0, 0, 0, 0)
     return (args["buyer"], args["seller"], args["token"], args["receiptSigner"], args["depositAmount"],

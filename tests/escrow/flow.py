@@ -37,11 +37,11 @@ def sign_activation(chain, package: dict, agreement: dict, key: str, **options) 
                                    now=deadline_clock(chain), **options)
 
 
-def onchain_escrow(chain, onchain_id: str) -> OnchainEscrow:
-    """The escrow as a buyer's SDK reads it through its own RPC."""
+def onchain_escrow(chain, onchain_id: str, buyer: str | None = None) -> OnchainEscrow:
+    """The escrow as a buyer's SDK reads it through its own RPC (the buyer's escrow: `Parties`' buyer by default)."""
     reader = ChainReader(chain.node.rpc_url)
     try:
-        return reader.escrow(chain.addresses["escrow"], onchain_id)
+        return reader.escrow(chain.addresses["escrow"], onchain_id, buyer=buyer or chain.accounts.buyer.address)
     finally:
         reader.close()
 

@@ -2,8 +2,11 @@
 refuses an eth_getLogs over more than a few blocks: bounded spans, from the activation's block when the relayer saw
 it mined, else from the deployment block."""
 
+import uuid
+
 import pytest
 
+from agreements.models import UsageAgreement
 from escrow import selectors
 from escrow.models import ChainTransaction
 from tests.escrow.conftest import Escrows, random_bytes32
@@ -33,8 +36,9 @@ def test_an_escrow_unknown_here_is_read_in_bounded_spans_from_the_deployment_blo
     chain = escrow_chain
     esc = Escrows(chain)
     chain.mine(5 * SPAN)
-    typed, activation = esc.activate()
-    onchain_id = typed["message"]["agreementId"]
+    unknown = UsageAgreement(id=uuid.uuid4(), buyer_wallet_address=esc.acc.buyer.address)  # no row, no transaction
+    onchain_id = unknown.onchain_id
+    _, activation = esc.activate(agreement_id=onchain_id)
     chain.mine(5 * SPAN)
     first = esc.propose(onchain_id, 1, 100_000)
     chain.mine(3 * SPAN)
@@ -42,7 +46,7 @@ def test_an_escrow_unknown_here_is_read_in_bounded_spans_from_the_deployment_blo
     last = esc.propose(onchain_id, 2, 200_000, usage_digest=last_digest)
     chain.mine(5 * SPAN)
 
-    record = selectors.onchain_escrow(onchain_id=onchain_id)
+    record = selectors.onchain_escrow(agreement=unknown)
     assert (record["state"], record["settledAmount"], record["usageDigest"]) == ("proposed", 200_000, last_digest)
     spans = capped_rpc.log_ranges
     assert all(end - start + 1 <= SPAN for start, end in spans)
@@ -53,7 +57,7 @@ def test_an_escrow_unknown_here_is_read_in_bounded_spans_from_the_deployment_blo
     proposals = spans[found_at + 1:]
     assert within(proposals[0], chain.block_number()) and within(proposals[-1], last["blockNumber"])
     assert not any(within(span, first["blockNumber"]) for span in proposals)
-    assert selectors.escrow_terms(onchain_id=onchain_id)[4] == record["depositAmount"]
+    assert selectors.escrow_terms(agreement=unknown)[4] == record["depositAmount"]
 
 
 def test_an_escrow_activated_here_is_read_from_its_activation_block(escrow_chain, capped_rpc,

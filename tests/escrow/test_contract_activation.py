@@ -42,7 +42,9 @@ def test_activate_pulls_deposit_and_pays_fee(esc):
     assert esc.escrow.functions.intentNonceUsed(acc.buyer.address, msg["nonce"]).call()
     # what the contract stores of the terms: their digest
     terms = esc.terms(msg["agreementId"])
-    assert esc.escrow.functions.termsDigest(msg["agreementId"]).call() == esc.escrow.functions.hashTerms(terms).call()
+    digest = esc.escrow.functions.termsDigest(acc.buyer.address, msg["agreementId"]).call()
+    assert digest == esc.escrow.functions.hashTerms(terms).call()
+    assert esc.escrow.functions.termsDigest(acc.buyer2.address, msg["agreementId"]).call() == bytes(32)
 
     event = esc.event(receipt, "Activated")
     assert event["agreementId"] == bytes.fromhex(msg["agreementId"][2:])
@@ -151,7 +153,7 @@ def test_intent_valid_up_to_and_including_its_deadline(esc, chain):
     esc.tx(esc.activate_fn(typed, esc.sign(typed, esc.acc.buyer)), esc.acc.operator)
 
 
-def test_agreement_id_is_used_once(esc):
+def test_agreement_id_is_used_once_per_buyer(esc):
     typed, _ = esc.activate()
     agreement_id = typed["message"]["agreementId"]
     esc.mint(esc.acc.buyer, 10 * USDC)
@@ -160,15 +162,51 @@ def test_agreement_id_is_used_once(esc):
     esc.reverts(
         esc.activate_fn(typed, esc.sign(typed, esc.acc.buyer)), esc.acc.operator, "AgreementExists", agreement_id
     )
-    # a fresh intent (new nonce) reusing the id, even by another buyer
-    again = esc.intent(agreement_id=agreement_id)
-    esc.reverts(esc.activate_fn(again, esc.sign(again, esc.acc.buyer)), esc.acc.operator, "AgreementExists")
-    other = esc.intent(agreement_id=agreement_id, buyer=esc.acc.buyer2.address)
-    esc.mint(esc.acc.buyer2, 10 * USDC)
-    esc.tx(esc.usdc.functions.approve(esc.escrow.address, 10 * USDC), esc.acc.buyer2)
-    esc.reverts(esc.activate_fn(other, esc.sign(other, esc.acc.buyer2)), esc.acc.operator, "AgreementExists")
+    # a fresh intent (new nonce, other terms) of the same buyer reusing the id
+    again = esc.intent(agreement_id=agreement_id, quantity=3)
+    esc.reverts(esc.activate_fn(again, esc.sign(again, esc.acc.buyer)), esc.acc.operator, "AgreementExists",
+                agreement_id)
     # the escrow stays as it was
-    assert esc.get(agreement_id)["buyer"] == esc.acc.buyer.address
+    assert esc.get(agreement_id, esc.acc.buyer.address)["depositAmount"] == typed["message"]["depositAmount"]
+
+
+def test_another_buyers_escrow_under_a_used_id_is_its_own(esc):
+    """Agreement-id squatting: ids are no secret, and escrows are keyed by (buyer, id). A third party's escrow
+    under an id, activated first, neither blocks the buyer's activation under it nor is touched by it."""
+    acc = esc.acc
+    agreement_id = random_bytes32()
+    squat, squat_receipt = esc.activate(agreement_id=agreement_id, buyer=acc.buyer2, quantity=1, infra_fee=0)
+    assert esc.event(squat_receipt, "Activated")["buyer"] == acc.buyer2.address
+
+    typed, receipt = esc.activate(agreement_id=agreement_id)  # the real buyer, after the squat: not refused
+    assert esc.event(receipt, "Activated")["buyer"] == acc.buyer.address
+    assert esc.held() == squat["message"]["depositAmount"] + typed["message"]["depositAmount"]
+    ours, theirs = esc.get(agreement_id, acc.buyer.address), esc.get(agreement_id, acc.buyer2.address)
+    assert (ours["state"], ours["depositAmount"]) == ("Active", typed["message"]["depositAmount"])
+    assert (theirs["state"], theirs["depositAmount"]) == ("Active", squat["message"]["depositAmount"])
+    fns = esc.escrow.functions
+    assert fns.termsDigest(acc.buyer.address, agreement_id).call() == fns.hashTerms(
+        esc.terms(agreement_id, acc.buyer.address)).call()
+    assert fns.termsDigest(acc.buyer2.address, agreement_id).call() == fns.hashTerms(
+        esc.terms(agreement_id, acc.buyer2.address)).call()
+    # each buyer once: the squatter cannot open a second one either
+    again = esc.intent(agreement_id=agreement_id, buyer=acc.buyer2.address)
+    esc.mint(acc.buyer2, 10 * USDC)
+    esc.tx(esc.usdc.functions.approve(esc.escrow.address, 10 * USDC), acc.buyer2)
+    esc.reverts(esc.activate_fn(again, esc.sign(again, acc.buyer2)), acc.operator, "AgreementExists", agreement_id)
+
+
+def test_a_squatter_cannot_open_an_escrow_in_the_buyers_name(esc):
+    """The buyer's slot under an id opens only with the buyer's signature: an intent naming the buyer but signed by
+    anyone else is refused, and leaves the id free for the buyer."""
+    acc = esc.acc
+    agreement_id = random_bytes32()
+    forged = esc.intent(agreement_id=agreement_id, buyer=acc.buyer.address)
+    esc.mint(acc.buyer, 10 * USDC)
+    esc.tx(esc.usdc.functions.approve(esc.escrow.address, 10 * USDC), acc.buyer)
+    esc.reverts(esc.activate_fn(forged, esc.sign(forged, acc.buyer2)), acc.stranger, "InvalidBuyerSignature")
+    esc.activate(agreement_id=agreement_id)
+    assert esc.state(agreement_id, acc.buyer.address) == "Active"
 
 
 def test_intent_nonce_is_used_once(esc):

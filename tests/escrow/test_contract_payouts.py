@@ -36,6 +36,7 @@ def test_blocked_seller_does_not_block_buyer_refund(esc, proposed):
 
     assert esc.event(receipt, "PayoutDeferred") == {
         "agreementId": bytes.fromhex(agreement_id[2:]),
+        "buyer": acc.buyer.address,
         "party": acc.seller.address,
         "amount": SELLER_AMOUNT,
     }
@@ -51,6 +52,7 @@ def test_blocked_seller_does_not_block_buyer_refund(esc, proposed):
     receipt = esc.tx(esc.fn("withdraw", agreement_id), acc.stranger)  # anyone may trigger it
     assert esc.event(receipt, "Withdrawn") == {
         "agreementId": bytes.fromhex(agreement_id[2:]),
+        "buyer": acc.buyer.address,
         "party": acc.seller.address,
         "amount": SELLER_AMOUNT,
     }

@@ -36,6 +36,7 @@ def test_propose_settlement_starts_the_window(esc, chain, active):
     assert e["challengeDeadline"] == block_time + WINDOW
     assert esc.event(receipt, "SettlementProposed") == {
         "agreementId": bytes.fromhex(agreement_id[2:]),
+        "buyer": esc.acc.buyer.address,
         "seq": 7,
         "cumulativeAmount": 400_000,
         "usageDigest": bytes.fromhex(digest[2:]),
@@ -152,6 +153,7 @@ def test_finalize_pays_both_parties(esc, chain, active):
     receipt = esc.tx(esc.fn("finalize", active["agreementId"]), acc.stranger)
     assert esc.event(receipt, "Settled") == {
         "agreementId": bytes.fromhex(active["agreementId"][2:]),
+        "buyer": acc.buyer.address,
         "sellerAmount": 400_000,
         "buyerAmount": 600_000,
     }
@@ -336,6 +338,7 @@ def test_resolve_then_finalize(esc, chain, disputed):
     receipt = esc.tx(esc.fn("resolve", agreement_id, 250_000), esc.acc.arbiter)
     assert esc.event(receipt, "Resolved") == {
         "agreementId": bytes.fromhex(agreement_id[2:]),
+        "buyer": esc.acc.buyer.address,
         "arbiter": esc.acc.arbiter.address,
         "sellerAmount": 250_000,
         "buyerAmount": 750_000,
@@ -463,46 +466,103 @@ def test_settling_one_escrow_leaves_others_untouched(esc, chain):
     assert esc.state(b["message"]["agreementId"]) == "Active"
 
 
+def test_two_buyers_escrows_under_one_id_settle_apart(esc, chain):
+    """Agreement-id squatting: a third party (buyer2) opened an escrow under the buyer's agreement id first, naming
+    the same seller and receipt signer. Every call names its escrow by (terms.buyer, id): proposals, challenges,
+    payouts, deferred credits and reclaims of one escrow never reach the other."""
+    acc, fns = esc.acc, esc.escrow.functions
+    agreement_id = random_bytes32()
+    squat, _ = esc.activate(agreement_id=agreement_id, buyer=acc.buyer2, quantity=5, challenge_window=WINDOW)
+    ours, _ = esc.activate(agreement_id=agreement_id, challenge_window=WINDOW)
+    buyer, squatter = acc.buyer.address, acc.buyer2.address
+    ours_terms, squat_terms = esc.terms(agreement_id, buyer), esc.terms(agreement_id, squatter)
+
+    receipt = esc.propose(agreement_id, 1, 400_000, buyer=buyer)
+    proposed = esc.event(receipt, "SettlementProposed")
+    assert proposed["buyer"] == buyer
+    assert (esc.state(agreement_id, buyer), esc.state(agreement_id, squatter)) == ("Proposed", "Active")
+    # Neither buyer can challenge the other's escrow, nor a buyer's signature dispute the other's.
+    esc.reverts(fns.challenge(agreement_id, ours_terms), acc.buyer2, "NotBuyer", squatter)
+    esc.reverts(fns.challenge(agreement_id, squat_terms), acc.buyer, "NotBuyer", buyer)
+    deadline = chain.now() + 100
+    esc.reverts(fns.challengeWithSig(agreement_id, squat_terms, deadline, esc.challenge_sig(agreement_id, deadline)),
+                acc.stranger, "InvalidBuyerSignature")
+
+    # Our escrow settles; the seller's payout is deferred (blacklisted) and credited to our escrow only.
+    esc.blacklist(acc.seller)
+    chain.set_next_timestamp(proposed["challengeDeadline"])
+    receipt = esc.tx(fns.finalize(agreement_id, ours_terms), acc.stranger)
+    assert esc.event(receipt, "Settled")["buyer"] == buyer
+    assert esc.event(receipt, "PayoutDeferred")["buyer"] == buyer
+    assert esc.get(agreement_id, buyer)["sellerClaimable"] == 400_000
+    assert esc.get(agreement_id, squatter)["sellerClaimable"] == 0
+    esc.reverts(fns.withdraw(agreement_id, squat_terms), acc.stranger, "NothingToWithdraw", agreement_id)
+    esc.unblacklist(acc.seller)
+    esc.tx(fns.withdraw(agreement_id, ours_terms), acc.stranger)
+    assert esc.state(agreement_id, squatter) == "Active"
+
+    # The squatter's escrow is reclaimed to the squatter; ours stays settled.
+    squatter_before = esc.balance(acc.buyer2)
+    chain.set_next_timestamp(esc.get(agreement_id, squatter)["reclaimAfter"])
+    chain.mine()
+    esc.reverts(fns.finalize(agreement_id, ours_terms), acc.stranger, "InvalidState")
+    receipt = esc.tx(fns.reclaim(agreement_id, squat_terms), acc.stranger)
+    assert esc.event(receipt, "Reclaimed")["buyer"] == squatter
+    assert esc.balance(acc.buyer2) - squatter_before == squat["message"]["depositAmount"]
+    assert (esc.state(agreement_id, buyer), esc.state(agreement_id, squatter)) == ("Settled", "Reclaimed")
+    assert esc.held() == 0
+    assert ours["message"]["depositAmount"] == 1_000_000
+
+
 # ------------------------------------------------------------------ the terms every call carries
 
 
 @pytest.mark.parametrize("field", range(8))
 def test_calls_with_terms_not_the_escrows_revert(esc, chain, active, field):
     """The contract keeps only a digest of the terms: a call carrying any other value in any field is refused,
-    in every state where the terms are used."""
+    in every state where the terms are used. Another buyer (field 0) names another escrow, keyed by (buyer, id):
+    none was opened, so the call meets an escrow in state None."""
     agreement_id = active["agreementId"]
     terms = list(esc.terms(agreement_id))
     terms[field] = esc.acc.stranger.address if isinstance(terms[field], str) else terms[field] + 1
     forged = tuple(terms)
+    refused = ("InvalidState", agreement_id, 0) if field == 0 else ("TermsMismatch", agreement_id)
     fns = esc.escrow.functions
     digest = random_bytes32()
     signature = esc.receipt_sig(agreement_id, 1, 1, digest)
-    esc.reverts(fns.proposeSettlement(agreement_id, forged, 1, 1, digest, signature), esc.acc.operator,
-                "TermsMismatch", agreement_id)
-    esc.reverts(fns.getEscrow(agreement_id, forged), esc.acc.stranger, "TermsMismatch", agreement_id)
+    esc.reverts(fns.proposeSettlement(agreement_id, forged, 1, 1, digest, signature), esc.acc.operator, *refused)
+    if field == 0:
+        assert fns.getEscrow(agreement_id, forged).call()[0] == 0  # None: the stranger has no escrow under the id
+    else:
+        esc.reverts(fns.getEscrow(agreement_id, forged), esc.acc.stranger, *refused)
     esc.propose(agreement_id, 1, 1)
     deadline = chain.now() + 100
-    esc.reverts(fns.challenge(agreement_id, forged), esc.acc.buyer, "TermsMismatch", agreement_id)
+    esc.reverts(fns.challenge(agreement_id, forged), esc.acc.buyer, *refused)
     esc.reverts(fns.challengeWithSig(agreement_id, forged, deadline, esc.challenge_sig(agreement_id, deadline)),
-                esc.acc.stranger, "TermsMismatch", agreement_id)
+                esc.acc.stranger, *refused)
     esc.tx(esc.fn("challenge", agreement_id), esc.acc.buyer)
-    esc.reverts(fns.resolve(agreement_id, forged, 1), esc.acc.arbiter, "TermsMismatch", agreement_id)
+    esc.reverts(fns.resolve(agreement_id, forged, 1), esc.acc.arbiter, *refused)
     esc.tx(esc.fn("resolve", agreement_id, 1), esc.acc.arbiter)
-    esc.reverts(fns.finalize(agreement_id, forged), esc.acc.stranger, "TermsMismatch", agreement_id)
+    esc.reverts(fns.finalize(agreement_id, forged), esc.acc.stranger, *refused)
 
 
-def test_reclaim_and_withdraw_check_the_terms(esc, chain, active):
+@pytest.mark.parametrize("field", [0, 1])
+def test_reclaim_and_withdraw_check_the_terms(esc, chain, active, field):
+    """A refund to someone else: another buyer (field 0, which names another buyer's escrow: there is none) or any
+    other field changed (the seller, field 1)."""
     agreement_id = active["agreementId"]
     terms = list(esc.terms(agreement_id))
-    terms[0] = esc.acc.stranger.address  # the buyer: a refund to someone else
+    terms[field] = esc.acc.stranger.address
     forged = tuple(terms)
     chain.set_next_timestamp(esc.get(agreement_id)["reclaimAfter"])
     chain.mine()
-    esc.reverts(esc.escrow.functions.reclaim(agreement_id, forged), esc.acc.stranger, "TermsMismatch", agreement_id)
+    esc.reverts(esc.escrow.functions.reclaim(agreement_id, forged), esc.acc.stranger,
+                *(("InvalidState", agreement_id, 0) if field == 0 else ("TermsMismatch", agreement_id)))
     esc.blacklist(esc.acc.buyer)
     esc.tx(esc.fn("reclaim", agreement_id), esc.acc.stranger)
     assert esc.get(agreement_id)["buyerClaimable"] == active["depositAmount"]
     esc.unblacklist(esc.acc.buyer)
-    esc.reverts(esc.escrow.functions.withdraw(agreement_id, forged), esc.acc.stranger, "TermsMismatch", agreement_id)
+    esc.reverts(esc.escrow.functions.withdraw(agreement_id, forged), esc.acc.stranger,
+                *(("NothingToWithdraw", agreement_id) if field == 0 else ("TermsMismatch", agreement_id)))
     esc.tx(esc.fn("withdraw", agreement_id), esc.acc.stranger)
     assert esc.get(agreement_id)["buyerClaimable"] == 0

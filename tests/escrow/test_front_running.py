@@ -194,9 +194,8 @@ def test_the_escrow_is_found_when_a_front_runner_activated_it_before_our_reverte
     ours.refresh_from_db()
     assert ours.status == "failed" and ours.receipt_status == 0
     index(capture)
-    onchain_id = UsageAgreement.objects.get(pk=agreement["id"]).onchain_id
     assert parties.agreement(agreement["id"])["status"] == "active"
-    assert selectors.onchain_escrow(onchain_id=onchain_id)["state"] == "active"
+    assert selectors.onchain_escrow(agreement=UsageAgreement.objects.get(pk=agreement["id"]))["state"] == "active"
     call_command("reconcile", stdout=io.StringIO())
 
 

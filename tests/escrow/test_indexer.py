@@ -232,18 +232,20 @@ def test_reorg_removing_a_proposal_rolls_back_and_applies_the_canonical_events(
 
 def test_an_event_that_cannot_be_applied_is_kept_with_its_error(escrow_chain, http_server, esc,
                                                                 django_capture_on_commit_callbacks, admin_client):
-    """Someone opens an escrow of their own under an accepted agreement's id: not the buyer's intent."""
+    """The buyer opens an escrow under an accepted agreement's id with an intent of its own, on other terms: not
+    the agreement's intent. (A third party's escrow under the id is not the agreement's at all, and is only
+    recorded: tests/escrow/test_agreement_id_squatting.py.)"""
     parties = Parties(escrow_chain, upstream_base_url=http_server.url)
     agreement = parties.accepted_agreement(quantity=10)
     onchain_id = UsageAgreement.objects.get(pk=agreement["id"]).onchain_id
-    esc.activate(agreement_id=onchain_id, buyer=escrow_chain.accounts.buyer2)
+    esc.activate(agreement_id=onchain_id, buyer=parties.buyer_account)
 
     index(django_capture_on_commit_callbacks)
     assert parties.agreement(agreement["id"])["status"] == "accepted"
     failed = ChainEvent.objects.get(name="Activated")
     assert failed.effect == EventEffect.FAILED
     assert failed.error == ("escrow_mismatch: The escrow under this agreement's id is not its buyer's intent "
-                            "(buyer, depositAmount, infraFee, challengeWindow, expiresAt, termsHash differ).")
+                            "(depositAmount, infraFee, challengeWindow, expiresAt, termsHash differ).")
     with pytest.raises(CommandError, match="1 mismatch"):
         call_command("reconcile", stdout=io.StringIO())
     page = admin_client.get(reverse("admin:escrow_chainevent_changelist") + "?effect=failed")
@@ -256,10 +258,10 @@ def test_an_operator_acknowledges_unapplied_events_in_the_admin_or_with_reconcil
         escrow_chain, http_server, esc, django_capture_on_commit_callbacks, admin_client, admin_user):
     """Acknowledged events stay listed (admin, reconcile) with who, when and why, and no longer fail reconcile."""
     parties = Parties(escrow_chain, upstream_base_url=http_server.url)
-    for _ in range(2):  # strangers' escrows under two accepted agreements' ids
+    for _ in range(2):  # the buyer's escrows on terms of its own under two accepted agreements' ids
         agreement = parties.accepted_agreement(quantity=10)
         esc.activate(agreement_id=UsageAgreement.objects.get(pk=agreement["id"]).onchain_id,
-                     buyer=escrow_chain.accounts.buyer2)
+                     buyer=parties.buyer_account)
     index(django_capture_on_commit_callbacks)
     first, second = ChainEvent.objects.filter(name="Activated", effect=EventEffect.FAILED).order_by("block_number")
     with pytest.raises(CommandError, match="2 mismatch"):
@@ -274,10 +276,10 @@ def test_an_operator_acknowledges_unapplied_events_in_the_admin_or_with_reconcil
     assert no_reason.status_code == 200 and "This field is required" in no_reason.content.decode()
     first.refresh_from_db()
     assert first.acknowledged_at is None
-    done = admin_client.post(changelist, {**selected, "confirm": "yes", "reason": "a stranger's own escrow"})
+    done = admin_client.post(changelist, {**selected, "confirm": "yes", "reason": "the buyer's own escrow"})
     assert done.status_code == 302
     first.refresh_from_db()
-    assert (first.acknowledged_by, first.acknowledgement_reason) == (admin_user.username, "a stranger's own escrow")
+    assert (first.acknowledged_by, first.acknowledgement_reason) == (admin_user.username, "the buyer's own escrow")
     assert first.acknowledged_at is not None and first.effect == EventEffect.FAILED
     with pytest.raises(CommandError, match="1 mismatch"):  # the other one still fails
         call_command("reconcile", stdout=io.StringIO())

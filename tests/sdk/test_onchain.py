@@ -39,10 +39,11 @@ def test_an_escrow_read_walks_bounded_spans_to_the_activation_and_back_from_the_
     last = esc.propose(agreement_id, 2, 200_000, usage_digest=last_digest)
     chain.mine(5 * SPAN)
     head = chain.block_number()
+    buyer = chain.accounts.buyer.address
 
     reader = ChainReader(capped_rpc.url, log_block_span=SPAN)
     try:
-        escrow = reader.escrow(chain.addresses["escrow"], agreement_id, from_block=deployed_at)
+        escrow = reader.escrow(chain.addresses["escrow"], agreement_id, buyer=buyer, from_block=deployed_at)
         assert (escrow.state, escrow.settled_amount, escrow.last_seq) == ("proposed", 200_000, 2)
         assert escrow.usage_digest == last_digest and escrow.buyer == chain.accounts.buyer.address
         spans = capped_rpc.log_ranges
@@ -59,11 +60,14 @@ def test_an_escrow_read_walks_bounded_spans_to_the_activation_and_back_from_the_
 
         # Started at the activation's block: one call finds it. Started past it: no escrow there.
         capped_rpc.log_ranges.clear()
-        assert reader.escrow(chain.addresses["escrow"], agreement_id,
+        assert reader.escrow(chain.addresses["escrow"], agreement_id, buyer=buyer,
                              from_block=reader.transaction_block("0x" + activation["transactionHash"].hex().removeprefix("0x"))
                              ).usage_digest == last_digest
         assert within(capped_rpc.log_ranges[0], activation["blockNumber"])
-        assert reader.escrow(chain.addresses["escrow"], agreement_id,
+        assert reader.escrow(chain.addresses["escrow"], agreement_id, buyer=buyer,
                              from_block=activation["blockNumber"] + 1).state == "none"
+        # Escrows are keyed by (buyer, id): another buyer has none under this id.
+        assert reader.escrow(chain.addresses["escrow"], agreement_id, buyer=chain.accounts.buyer2.address,
+                             from_block=activation["blockNumber"]).state == "none"
     finally:
         reader.close()
