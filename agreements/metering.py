@@ -1298,10 +1298,14 @@ def completion_request(*, agreement: UsageAgreement, reason: str, now: datetime 
     return agreement
 
 
-def job_result_charge(*, agreement_id, result_hash: str, request_id: str) -> UsageEvent:
+def job_result_charge(*, agreement_id, result_hash: str, request_id: str, chain_now: int) -> UsageEvent:
     """A one-shot job (a Masumi purchase) delivered its result: charge the whole deposit as one usage event whose
     digest is the result hash itself, and ask for completion. The settlement proposal then commits the result hash
-    on-chain as its `usageDigest` (as a Masumi node commits it in the escrow datum). Idempotent per agreement."""
+    on-chain as its `usageDigest` (as a Masumi node commits it in the escrow datum). Idempotent per agreement.
+
+    `chain_now`: the chain's clock, read by the caller before any transaction (no row lock waits on the node). A
+    result at or after the agreement's expiry (a purchase's submitResultTime) is refused: the buyer is owed its
+    refund from then, and the contract's reclaim grace is no licence to charge."""
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
         existing = agreement.usage_events.filter(request_id=request_id).first()
@@ -1309,6 +1313,10 @@ def job_result_charge(*, agreement_id, result_hash: str, request_id: str) -> Usa
             return existing
         if agreement.status != S.ACTIVE:
             raise _not_chargeable(agreement)
+        if chain_now >= agreement.expires_at.timestamp():
+            raise Conflict("submitResultTime (the agreement's expiry) has passed by the chain's clock; the result "
+                           "is not charged.", code="submit_result_time_passed",
+                           details={"chain_time": chain_now, "expires_at": int(agreement.expires_at.timestamp())})
         if agreement.used or agreement.reserved or agreement.completion_requested_at is not None:
             raise Conflict("The agreement already has other usage; a job result is its only charge.",
                            code="agreement_already_used", details={"used_atomic": agreement.used})

@@ -384,8 +384,6 @@ def payment_submit_result(*, seller: Agent, purchase: MasumiPurchase, result_has
     if agreement.status != S.ACTIVE:
         raise Conflict(f"No result can be submitted while the escrow is {agreement.status}.",
                        code="funds_not_locked", details={"status": agreement.status})
-    if chain_clock.chain_now_for_request() >= _unix(purchase.submit_result_time):
-        raise Conflict("submitResultTime has passed.", code="submit_result_time_passed")
     return purchase_result_record(purchase_id=purchase.pk, result_hash=result_hash)
 
 
@@ -514,7 +512,10 @@ def _job_call_answered(call: _JobCall, answer, *, now: int) -> MasumiPurchase | 
 def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -> MasumiPurchase:
     """Keep the result hash (and the result, when the marketplace fetched it), charge the price and propose the
     settlement that commits the hash. A result whose hash differs from one already committed is kept aside as an
-    error (the buyer disputes it); the committed hash never changes."""
+    error (the buyer disputes it); the committed hash never changes. A new result is refused (409
+    `submit_result_time_passed`) once submitResultTime has passed by the chain's clock, however long the seller
+    took to answer: `job_result_charge` decides it under the agreement's lock."""
+    chain_now = chain_clock.chain_now_for_request()  # before the transaction: no row lock waits on the node
     with transaction.atomic():
         purchase = MasumiPurchase.objects.select_for_update().get(pk=purchase_id)
         if purchase.result_hash:
@@ -530,7 +531,8 @@ def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -
         purchase.last_error = ""
         purchase.save(update_fields=["result", "result_hash", "result_submitted_at", "last_error", "updated_at"])
         agreement_services.job_result_charge(agreement_id=purchase.agreement_id, result_hash="0x" + result_hash,
-                                             request_id=f"masumi-job:{purchase.job_id or purchase.pk}")
+                                             request_id=f"masumi-job:{purchase.job_id or purchase.pk}",
+                                             chain_now=chain_now)
     # After the commit: the proposal reads the chain, which no row lock may wait on. The charge asked for
     # completion, so should the proposal fail here, settlement_tick proposes it.
     try:

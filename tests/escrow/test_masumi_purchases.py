@@ -13,9 +13,10 @@ from django.utils import timezone
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
 
+from agreements.models import UsageEvent
 from catalog.models import Service
 from escrow import purchases, settlement
-from escrow.models import MasumiPurchase
+from escrow.models import ChainTransaction, MasumiPurchase, TxPurpose
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import UserFactory, issue_owner_token
 from tests.conftest import Api, error_code
@@ -171,6 +172,36 @@ def test_no_result_by_submit_time_refunds_the_buyer(escrow_chain, seller_service
     refunded = purchase.get()
     assert refunded["onChainState"] == "RefundWithdrawn" and refunded["resultHash"] is None
     assert purchase.onchain()["state"] == "reclaimed"
+    purchase.assert_moved(seller=0, buyer=PRICE)
+    call_command("reconcile")
+
+
+def test_a_result_the_seller_answers_after_submit_result_time_is_not_charged_and_the_buyer_is_refunded(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """The tick checked submitResultTime before calling the seller's /status (a call that may last
+    MASUMI_SERVICE_TIMEOUT), then charged and proposed the result it answered with no second check."""
+    chain = escrow_chain
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1  # started, then running
+    seller_service.before_status = lambda: chain.increase_time(purchase.timers["submitResultTime"] - chain.now())
+    assert purchase.tick()["results"] == 0  # "completed", answered once submitResultTime had passed
+    seller_service.before_status = None
+    late = row(purchase)
+    assert (late.result, late.result_hash, late.job_status) == ("", "", "completed")
+    assert "submitResultTime" in late.last_error
+    assert not UsageEvent.objects.filter(agreement_id=late.agreement_id).exists()
+    assert not ChainTransaction.objects.filter(agreement_id=late.agreement_id,
+                                               purpose=TxPurpose.PROPOSE_SETTLEMENT).exists()
+    shown = purchase.get()
+    assert shown["onChainState"] == "FundsLocked" and shown["NextAction"]["errorType"] == "SellerServiceError"
+    submitted = purchase.parties.seller_api.post("/payment/submit-result", {
+        "network": "Preprod", "blockchainIdentifier": purchase.id, "submitResultHash": "c" * 64})
+    assert submitted.status_code == 409 and error_code(submitted) == "submit_result_time_passed"
+
+    assert purchase.settle()["reclaiming"] == 0  # the contract's reclaim grace is still running
+    chain.increase_time(chain.reclaim_grace)
+    assert purchase.settle()["reclaiming"] == 1
+    assert purchase.get()["onChainState"] == "RefundWithdrawn"
     purchase.assert_moved(seller=0, buyer=PRICE)
     call_command("reconcile")
 

@@ -5,12 +5,14 @@
 - "result": a job is "running" on its first status check, then "completed" with `result_for(input_data)`;
 - "never": jobs stay "running" forever;
 - "unavailable": /availability answers "unavailable" (and start_job 503s).
+`before_status`, when set, runs before each status answer (e.g. to let time pass while the seller answers).
 """
 
 import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -27,6 +29,7 @@ class MasumiService:
     started: list = field(default_factory=list)  # input_data of every start_job, in order
     started_at: float = field(default_factory=time.time)
     server: ThreadingHTTPServer | None = None
+    before_status: Callable[[], object] | None = None
 
     @property
     def url(self) -> str:
@@ -38,6 +41,8 @@ class MasumiService:
         if job is None:
             return 404, {"error": "job not found"}
         job["status_checks"] += 1
+        if self.before_status is not None:
+            self.before_status()
         if self.mode == "result" and job["status_checks"] > 1:
             return 200, {"job_id": job_id, "status": "completed", "result": result_for(job["input_data"])}
         return 200, {"job_id": job_id, "status": "running"}
