@@ -14,6 +14,7 @@ from marketplace.serializers import (
     AtomicAmountField,
     CentsField,
     FieldsBoundOnceSerializer,
+    REPLAYED_SECRET_HELP,
     OverlapEndField,
     StrictBooleanField,
     StrictIntegerField,
@@ -309,7 +310,8 @@ class WebhookSerializer(serializers.Serializer):
 
 
 class WebhookCreatedSerializer(WebhookSerializer):
-    secret = serializers.CharField(help_text="Signing secret; shown only in this response.")
+    secret = serializers.CharField(allow_null=True, help_text="Signing secret; shown only in this response."
+                                   + REPLAYED_SECRET_HELP)
 
 
 class WebhookDeliverySerializer(serializers.Serializer):
@@ -633,13 +635,13 @@ class AgentWebhookSerializer(WebhookSerializer):
 
 
 class AgentWebhookSecretSerializer(AgentWebhookSerializer):
-    secret = serializers.CharField(help_text="Signing secret; shown only in this response.")
+    secret = serializers.CharField(allow_null=True, help_text="Signing secret; shown only in this response."
+                                   + REPLAYED_SECRET_HELP)
 
 
 class AgentWebhookRotatedSerializer(AgentWebhookSerializer):
-    secret = serializers.CharField(allow_null=True, help_text=(
-        "The new signing secret, shown only in this response: null in the replay of an Idempotency-Key, since no "
-        "record keeps it."))
+    secret = serializers.CharField(allow_null=True, help_text="The new signing secret, shown only in this response."
+                                   + REPLAYED_SECRET_HELP)
 
 
 class AgentDeliveryQuery(StrictSerializer, PageQuerySerializer):

@@ -223,7 +223,8 @@ class WebhooksView(APIView):
         body = WebhookCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         subscription = webhooks.subscription_create(agent=calling_agent(request), **body.validated_data)
-        return Response(WebhookCreatedSerializer(subscription).data, status=status.HTTP_201_CREATED)
+        return shown_once(Response(WebhookCreatedSerializer(subscription).data, status=status.HTTP_201_CREATED),
+                          "secret", kept_by=subscription)
 
 
 class WebhookDetailView(APIView):
@@ -510,7 +511,8 @@ class AgentWebhooksView(APIView):
         body = AgentWebhookCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         subscription = webhooks.subscription_create(agent=agent, **body.validated_data)
-        return Response(AgentWebhookSecretSerializer(subscription).data, status=status.HTTP_201_CREATED)
+        return shown_once(Response(AgentWebhookSecretSerializer(subscription).data, status=status.HTTP_201_CREATED),
+                          "secret", kept_by=subscription)
 
 
 class AgentWebhookRotateView(APIView):
@@ -527,7 +529,7 @@ class AgentWebhookRotateView(APIView):
         body = SecretRotationSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         subscription = webhooks.subscription_rotate_secret(subscription=subscription, **body.validated_data)
-        return shown_once(Response(AgentWebhookRotatedSerializer(subscription).data), "secret")
+        return shown_once(Response(AgentWebhookRotatedSerializer(subscription).data), "secret", kept_by=subscription)
 
 
 def _pause_view(paused: bool):

@@ -20,6 +20,7 @@ from marketplace.serializers import (
     AgentSummarySerializer,
     AtomicAmountField,
     CentsField,
+    REPLAYED_SECRET_HELP,
     OverlapEndField,
     StrictIntegerField,
     StrictSerializer,
@@ -67,7 +68,7 @@ class ApiKeySerializer(serializers.Serializer):
 class ApiKeyIssuedSerializer(ApiKeySerializer):
     secret = serializers.CharField(allow_null=True, help_text=(
         "The key itself, shown once: store it now. Null on an idempotent replay of this request (the platform keeps "
-        "only the key's digest)."))
+        "only the key's digest; header `Idempotent-Secret-Withheld: not_kept`)."))
 
 
 # --- services ------------------------------------------------------------------------------------------------
@@ -331,11 +332,17 @@ class OwnServiceSerializer(ServiceSerializer):
                   "(X-Marketplace-Signature-Previous) until then; null when none runs.")
 
 
+class ServiceRegisteredSerializer(OwnServiceSerializer):
+    proxy_secret = serializers.CharField(allow_null=True, help_text=(
+        "Verifies X-Marketplace-Signature on proxied calls (also read with GET /agents/services/{id})."
+        + REPLAYED_SECRET_HELP))
+
+
 class ProxySecretRotatedSerializer(serializers.Serializer):
     service_id = serializers.UUIDField(source="pk")
     proxy_secret = serializers.CharField(allow_null=True, help_text=(
-        "The new proxy secret, signing proxied calls from now on. Null in the replay of an Idempotency-Key: no "
-        "record keeps it (read it with GET /agents/services/{id})."))
+        "The new proxy secret, signing proxied calls from now on (also read with GET /agents/services/{id})."
+        + REPLAYED_SECRET_HELP))
     previous_proxy_secret_expires_at = OverlapEndField(
         secret_field="proxy_secret",
         help_text="Until then the replaced secret also signs proxied calls (X-Marketplace-Signature-Previous); null "

@@ -21,6 +21,7 @@ from catalog.serializers import (
     ServiceSearchPageSerializer,
     ServiceSearchSerializer,
     ServiceSerializer,
+    ServiceRegisteredSerializer,
     ServiceWriteSerializer,
 )
 from marketplace.concurrency import Bulkhead
@@ -115,7 +116,7 @@ class AgentApiKeysView(APIView):
         body = ApiKeyCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         issued = services.api_key_issue(agent=agent, **body.validated_data)
-        # Keys are kept as digests only: a replay answers the key without its secret.
+        # Keys are kept as digests only: no row keeps the secret for a replay.
         return shown_once(Response(_key_payload(issued.credential, issued.secret), status=status.HTTP_201_CREATED),
                           "secret")
 
@@ -155,14 +156,15 @@ class ServicesView(APIView):
 
     @extend_schema(operation_id="services_register", summary="Register a service for the calling seller agent",
                    request=ServiceWriteSerializer, examples=[SERVICE_EXAMPLE],
-                   responses={201: OwnServiceSerializer, **error_responses(409, 422)}, tags=["catalog"])
+                   responses={201: ServiceRegisteredSerializer, **error_responses(409, 422)}, tags=["catalog"])
     @idempotent()
     def post(self, request):
         body = ServiceWriteSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         service = services.service_register(seller=calling_agent(request), data=body.validated_data)
         service = selectors.service_get(service_id=service.pk, viewer=calling_agent(request))
-        return Response(OwnServiceSerializer(service).data, status=status.HTTP_201_CREATED)
+        return shown_once(Response(ServiceRegisteredSerializer(service).data, status=status.HTTP_201_CREATED),
+                          "proxy_secret", kept_by=service)
 
 
 class ServiceDetailView(APIView):
@@ -227,7 +229,7 @@ class ServiceProxySecretRotateView(APIView):
         body = SecretRotationSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         service = services.service_proxy_secret_rotate(service=service, actor=agent, **body.validated_data)
-        return shown_once(Response(ProxySecretRotatedSerializer(service).data), "proxy_secret")
+        return shown_once(Response(ProxySecretRotatedSerializer(service).data), "proxy_secret", kept_by=service)
 
 
 # DRF describes this view (the schema) and serves the requests out of the ordinary, but a plain search (an agent key,

@@ -14,16 +14,24 @@ is answered 409 and no second transaction is queued).
 A handler whose writes must stay atomic but need facts from the chain first declares `prepare`: it runs after
 the key is claimed and before the transaction opens, and the handler receives what it returns as `prepared`. A
 replay is answered from the stored response, so it asks the chain nothing.
+
+An answer showing a secret once (an API key, a proxy or webhook secret; `shown_once`) is stored without it. A
+replay reads the secret again from the row that keeps it, while that row's secret is still the one issued; else it
+answers null, the `Idempotent-Secret-Withheld` header saying why (`not_kept`: no row keeps it, as an API key is
+kept as a digest; `replaced`: rotated since).
 """
 
 import contextlib
 import functools
 import hashlib
+import hmac
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from django.apps import apps
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, connection, models, transaction
 from django.utils import timezone
 from rest_framework.response import Response
 
@@ -34,15 +42,52 @@ from marketplace.postgresql import prepared_cursor
 from marketplace.renderers import render_for_storing
 
 HEADER = "Idempotency-Key"
-_STORED_DATA = "idempotency_stored_data"  # a response's attribute: what to store for replays instead of its data
+SECRET_WITHHELD_HEADER = "Idempotent-Secret-Withheld"
+_SHOWN_ONCE = "idempotency_shown_once"  # a response's attribute: the `_ShownOnce` of its secret
 MAX_KEY_LENGTH = 255
 
 
-def shown_once(response, secret_field: str):
-    """`response`, whose `secret_field` holds a secret shown once: its replays answer it as null, and no record keeps
-    it."""
-    setattr(response, _STORED_DATA, {**response.data, secret_field: None})
+@dataclass(frozen=True)
+class _ShownOnce:
+    """Where a replay finds the secret an answer showed once, in the answer's `field`."""
+    field: str
+    row: str  # "<app_label>.<Model>:<pk>" of the row keeping it as `field`; "" when none does
+    digest: str  # `_secret_digest` of the secret issued; "" when no row keeps it
+
+
+def shown_once(response, secret_field: str, *, kept_by: models.Model | None = None):
+    """`response`, whose `secret_field` holds a secret shown once: no record keeps it. Its replays read it from
+    `kept_by` (the row keeping it under the same field name) while that row still holds the secret issued, else
+    answer null (see the module's docstring)."""
+    secret = response.data[secret_field]
+    setattr(response, _SHOWN_ONCE, _ShownOnce(
+        field=secret_field, row="" if kept_by is None else f"{kept_by._meta.label}:{kept_by.pk}",
+        digest="" if kept_by is None else _secret_digest(secret)))
     return response
+
+
+def _secret_digest(secret: str) -> str:
+    # Keyed: a webhook secret may be chosen by its owner, so a plain hash of it could be guessed from the table.
+    return hmac.new(settings.SECRET_KEY.encode(), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def _replay(record: IdempotencyRecord) -> Response:
+    body, headers = record.response_body, {"Idempotent-Replayed": "true"}
+    if record.secret_field:
+        secret = _secret_if_still_issued(record) if record.secret_row else None
+        body = {**body, record.secret_field: secret}
+        if secret is None:
+            headers[SECRET_WITHHELD_HEADER] = "replaced" if record.secret_row else "not_kept"
+    return Response(body, status=record.response_status, headers=headers)
+
+
+def _secret_if_still_issued(record: IdempotencyRecord) -> str | None:
+    label, pk = record.secret_row.rsplit(":", 1)
+    current = apps.get_model(label)._default_manager.filter(pk=pk).values_list(
+        record.secret_field, flat=True).first()
+    if current is None or not hmac.compare_digest(_secret_digest(current), record.secret_digest):
+        return None
+    return current
 
 
 def _fingerprint(request) -> str:
@@ -106,7 +151,7 @@ def _claim(scope: str, key: str, fingerprint: str) -> int | Response:
             "This Idempotency-Key was used with a different request.", code="idempotency_key_reused",
         )
     if record.response_status is not None:
-        return Response(record.response_body, status=record.response_status, headers={"Idempotent-Replayed": "true"})
+        return _replay(record)
     stale_before = timezone.now() - settings.IDEMPOTENCY_STALE_CLAIM
     # A claim left by a process that died mid-request: its transaction rolled back, so it is safe to take over.
     taken = IdempotencyRecord.objects.filter(pk=record.pk, response_status=None, created_at__lt=stale_before).update(
@@ -126,16 +171,21 @@ def _store(claim: int, request, response) -> None:
     fields = IdempotencyRecord._meta
     status, body = fields.get_field("response_status"), fields.get_field("response_body")
     quote = connection.ops.quote_name
-    # What a replay may show: a handler answering a secret once (an issued API key) stores it without.
-    data = getattr(response, _STORED_DATA, response.data)
+    shown = getattr(response, _SHOWN_ONCE, None)
+    data = response.data if shown is None else {**response.data, shown.field: None}
     if connection.vendor == "postgresql":
         answer, placeholder = render_for_storing(request, data).decode(), "%s::jsonb"
     else:
         answer, placeholder = body.get_db_prep_save(data, connection), "%s"
+    assignments, values = [f"{quote(status.column)} = %s", f"{quote(body.column)} = {placeholder}"], [
+        response.status_code, answer]
+    if shown is not None:  # the secret itself is left out above
+        assignments += [f"{quote(fields.get_field(name).column)} = %s"
+                        for name in ("secret_field", "secret_row", "secret_digest")]
+        values += [shown.field, shown.row, shown.digest]
     with prepared_cursor() as cursor:
-        cursor.execute(f"UPDATE {quote(fields.db_table)} SET {quote(status.column)} = %s, "  # noqa: S608
-                       f"{quote(body.column)} = {placeholder} WHERE {quote(fields.pk.column)} = %s",
-                       [response.status_code, answer, claim])
+        cursor.execute(f"UPDATE {quote(fields.db_table)} SET {', '.join(assignments)} "  # noqa: S608
+                       f"WHERE {quote(fields.pk.column)} = %s", [*values, claim])
 
 
 def _release(claim: int) -> None:

@@ -11,6 +11,15 @@ class IdempotencyRecord(models.Model):
     # Null while the first request is still running.
     response_status = models.PositiveSmallIntegerField(null=True)
     response_body = models.JSONField(null=True, encoder=DjangoJSONEncoder)
+    # A secret the answer showed once (`idempotency.shown_once`) is stored as null in response_body; a replay reads
+    # it from the row that keeps it while that row's secret is still the one issued (told by a keyed digest).
+    secret_field = models.CharField(max_length=64, blank=True, default="", db_default="",
+                                    help_text="The answer's field whose secret was left out; empty for none.")
+    secret_row = models.CharField(max_length=120, blank=True, default="", db_default="",
+                                  help_text="<app_label>.<Model>:<pk> of the row keeping that secret; empty when no "
+                                            "row keeps it (an API key is kept as a digest).")
+    secret_digest = models.CharField(max_length=64, blank=True, default="", db_default="",
+                                     help_text="HMAC-SHA256 of the secret issued under SECRET_KEY.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

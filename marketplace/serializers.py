@@ -205,6 +205,11 @@ class SecretRotationSerializer(StrictSerializer):
                   "it: the replaced secret is then the one this rotation retires.")
 
 
+# The end of a secret field's help text, where an answer shows a secret once (`idempotency.shown_once`).
+REPLAYED_SECRET_HELP = (" An Idempotency-Key replay answers it while it is still the current one, else null "
+                        "(header `Idempotent-Secret-Withheld: replaced`): no record of the key keeps it.")
+
+
 class OverlapEndField(serializers.DateTimeField):
     """When a secret rotation's overlap ends, the replaced secret then no longer signing; null when none runs."""
 

@@ -4,7 +4,6 @@ verifiers, as a receiver holding the old secret, the new one, or a verifier of t
 
 import hashlib
 import hmac
-import json
 import time
 from datetime import datetime, timedelta
 
@@ -13,10 +12,10 @@ from django.utils import timezone
 
 from agreements.models import WebhookSubscription
 from catalog.models import Service
-from marketplace.models import IdempotencyRecord
 from sdk import proxy_signature, webhook_signature
 from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token
 from tests.conftest import Api, codes_at, error_code
+from tests.support.idempotency import records_hold
 
 pytestmark = pytest.mark.django_db
 
@@ -117,20 +116,22 @@ def test_a_webhook_rotation_without_a_body_keeps_the_old_secret_an_hour(seller, 
     assert abs((ends - timezone.now()).total_seconds() - 3600) < 30
 
 
-def test_a_replayed_webhook_rotation_answers_without_the_secret_which_no_record_keeps(seller, seller_api,
-                                                                                      http_server):
+def test_a_replayed_webhook_rotation_answers_the_new_secret_no_record_keeps_until_the_next_rotation(
+        seller, seller_api, http_server):
     subscription = subscribe(seller, seller_api, f"{http_server.url}/hooks")
     first = rotate_webhook(seller, seller_api, subscription, OVERLAP, **{"Idempotency-Key": "rotate-1"})
     replay = rotate_webhook(seller, seller_api, subscription, OVERLAP, **{"Idempotency-Key": "rotate-1"})
     assert first.status_code == replay.status_code == 200
     assert replay["Idempotent-Replayed"] == "true"
     new = first.json()["secret"]
-    assert replay.json() == {**first.json(), "secret": None}
+    assert replay.json() == first.json()  # read from the subscription, not from the record
     stored = WebhookSubscription.objects.get(pk=subscription["id"])
     assert (stored.secret, stored.previous_secret) == (new, subscription["secret"])  # rotated once
-    for record in IdempotencyRecord.objects.all():
-        assert new not in json.dumps(record.response_body) and subscription["secret"] not in json.dumps(
-            record.response_body)
+    assert not records_hold(new) and not records_hold(subscription["secret"])
+
+    rotate_webhook(seller, seller_api, subscription, OVERLAP, **{"Idempotency-Key": "rotate-2"})
+    again = rotate_webhook(seller, seller_api, subscription, OVERLAP, **{"Idempotency-Key": "rotate-1"})
+    assert again.json() == {**first.json(), "secret": None} and again["Idempotent-Secret-Withheld"] == "replaced"
 
 
 @pytest.mark.parametrize(("body", "code"), [
@@ -218,19 +219,24 @@ def test_a_proxy_secret_rotation_with_no_overlap_stops_the_old_secret_at_once(ac
     assert verifies(rotated.json()["proxy_secret"], headers) and not verifies(old, headers)
 
 
-def test_a_replayed_proxy_secret_rotation_answers_without_the_secret_which_no_record_keeps(service, seller_api):
+def test_a_replayed_proxy_secret_rotation_answers_the_new_secret_no_record_keeps_until_the_next_rotation(
+        service, seller_api):
     old = service.proxy_secret
     first = rotate_proxy_secret(seller_api, service.pk, OVERLAP, **{"Idempotency-Key": "rotate-1"})
     replay = rotate_proxy_secret(seller_api, service.pk, OVERLAP, **{"Idempotency-Key": "rotate-1"})
     assert first.status_code == replay.status_code == 200
     assert replay["Idempotent-Replayed"] == "true"
     new = first.json()["proxy_secret"]
-    assert replay.json() == {**first.json(), "proxy_secret": None}
+    assert replay.json() == first.json()  # read from the service, not from the record
     service.refresh_from_db()
     assert (service.proxy_secret, service.previous_proxy_secret) == (new, old)  # rotated once
     assert seller_api.get(f"/agents/services/{service.pk}").json()["proxy_secret"] == new  # the seller reads it
-    for record in IdempotencyRecord.objects.all():
-        assert new not in json.dumps(record.response_body) and old not in json.dumps(record.response_body)
+    assert not records_hold(new) and not records_hold(old)
+
+    rotate_proxy_secret(seller_api, service.pk, OVERLAP, **{"Idempotency-Key": "rotate-2"})
+    again = rotate_proxy_secret(seller_api, service.pk, OVERLAP, **{"Idempotency-Key": "rotate-1"})
+    assert again.json() == {**first.json(), "proxy_secret": None}
+    assert again["Idempotent-Secret-Withheld"] == "replaced"
 
 
 @pytest.mark.parametrize(("body", "code"), [

@@ -10,13 +10,14 @@ import pytest
 from django.utils import timezone
 
 from agreements import webhooks
-from agreements.models import DeliveryStatus, WebhookDelivery
+from agreements.models import DeliveryStatus, WebhookDelivery, WebhookSubscription
 from agreements.tasks import retry_due_webhooks
 from sdk import webhook_signature
 from tests.agreements.helpers import proposal
 from tests.conftest import codes_at
 from tests.support.db_activity import backend_pid, session_state
 from tests.support.http_server import DribblesItsHead, serving
+from tests.support.idempotency import records_hold
 
 pytestmark = pytest.mark.django_db
 
@@ -207,6 +208,31 @@ def test_a_receivers_gzip_bomb_answer_is_not_read(buyer_api, seller_api, service
         tracemalloc.stop()
     assert peak < 8 << 20, f"posting one webhook held {peak / 2**20:.0f} MiB"
     assert WebhookDelivery.objects.get().status == DeliveryStatus.DELIVERED
+
+
+@pytest.mark.parametrize("route", ["/webhooks", "/agents/{agent}/webhooks"])
+def test_a_replayed_subscription_answers_the_secret_no_record_keeps_until_it_is_rotated(seller, seller_api,
+                                                                                        http_server, route):
+    """The stored answer of an `Idempotency-Key` subscription kept its signing secret in clear; a replay now reads
+    it from the subscription, while it is still the one issued."""
+    path, headers = route.format(agent=seller.pk), {"Idempotency-Key": "subscribe-once"}
+    first = seller_api.post(path, {"url": http_server.url}, headers=headers)
+    assert first.status_code == 201, first.content
+    issued = first.json()["secret"]
+    assert issued and not records_hold(issued)
+
+    replay = seller_api.post(path, {"url": http_server.url}, headers=headers)
+    assert replay.status_code == 201 and replay["Idempotent-Replayed"] == "true"
+    assert replay.json() == first.json() and "Idempotent-Secret-Withheld" not in replay
+    assert WebhookSubscription.objects.count() == 1
+
+    rotated = seller_api.post(f"/agents/{seller.pk}/webhooks/{first.json()['id']}/rotate",
+                              {"previous_secret_valid_for_seconds": 0})
+    assert rotated.status_code == 200, rotated.content
+    after = seller_api.post(path, {"url": http_server.url}, headers=headers)
+    assert after.status_code == 201 and after.json() == {**first.json(), "secret": None}
+    assert after["Idempotent-Secret-Withheld"] == "replaced"
+    assert not records_hold(issued) and not records_hold(rotated.json()["secret"])
 
 
 def test_webhook_validation(seller_api, buyer_api):

@@ -106,7 +106,7 @@ def test_a_replayed_key_issue_answers_the_key_without_its_secret_which_no_record
 
     replay = owner_api.post(f"/agents/{buyer.pk}/api-keys", {"name": "ci"}, headers=headers)
     assert replay.status_code == 201 and replay["Idempotent-Replayed"] == "true"
-    assert replay.json() == {**issued.json(), "secret": None}
+    assert replay.json() == {**issued.json(), "secret": None} and replay["Idempotent-Secret-Withheld"] == "not_kept"
     assert ApiKey.objects.filter(agent=buyer).count() == 1
     schema = Api().get("/api/schema/", {"format": "json"}).json()
     secret_field = schema["components"]["schemas"]["ApiKeyIssued"]["properties"]["secret"]

@@ -3,6 +3,7 @@ import pytest
 from catalog.models import Service, ServiceState
 from tests.catalog.factories import AgentFactory, issue_key, register_service, service_data
 from tests.conftest import Api, codes_at, error_code
+from tests.support.idempotency import records_hold
 
 pytestmark = pytest.mark.django_db
 
@@ -17,6 +18,29 @@ def test_register_returns_the_service(seller, seller_api):
     assert body["state"] == "registered"
     assert body["upstream_base_url"] == "https://translator.example.com/api"
     assert body["skills"][0]["name"] == "translate"
+
+
+def test_a_replayed_registration_answers_the_proxy_secret_no_record_keeps_until_it_is_rotated(seller_api):
+    """The stored answer of an `Idempotency-Key` registration kept the proxy secret in clear; a replay now reads it
+    from the service, while it is still the one issued."""
+    headers = {"Idempotency-Key": "register-once"}
+    first = seller_api.post("/agents/services", service_data(), headers=headers)
+    assert first.status_code == 201, first.content
+    issued = first.json()["proxy_secret"]
+    assert issued and not records_hold(issued)
+
+    replay = seller_api.post("/agents/services", service_data(), headers=headers)
+    assert replay.status_code == 201 and replay["Idempotent-Replayed"] == "true"
+    assert replay.json() == first.json() and "Idempotent-Secret-Withheld" not in replay
+    assert Service.objects.count() == 1
+
+    rotated = seller_api.post(f"/agents/services/{first.json()['id']}/proxy-secret/rotate",
+                              {"previous_secret_valid_for_seconds": 600})
+    assert rotated.status_code == 200, rotated.content
+    after = seller_api.post("/agents/services", service_data(), headers=headers)
+    assert after.status_code == 201 and after.json() == {**first.json(), "proxy_secret": None}
+    assert after["Idempotent-Secret-Withheld"] == "replaced"
+    assert not records_hold(issued) and not records_hold(rotated.json()["proxy_secret"])
 
 
 @pytest.mark.parametrize(("overrides", "path", "code"), [
