@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
@@ -16,6 +17,9 @@ import requests
 from django.conf import settings
 from eth_account import Account
 from eth_utils import to_checksum_address
+from requests.adapters import HTTPAdapter
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from web3 import Web3
 from web3._utils.http_session_manager import HTTPSessionManager
 from web3.contract import Contract
@@ -25,6 +29,7 @@ from web3.types import RPCEndpoint
 
 from escrow import artifacts
 from marketplace import bounded_json, chainconfig
+from marketplace.concurrency import Deadlines
 from marketplace.errors import DependencyUnavailable
 
 
@@ -136,29 +141,86 @@ class NodeAnswerTooLarge(ValueError):
     """A node's answer beyond CHAIN_RPC_MAX_ANSWER_BYTES (not retried: it would be as large again)."""
 
 
+# When the answer to the RPC try under way must be in (time.monotonic()): its head and its body are read by then.
+_answer_due: ContextVar[float | None] = ContextVar("chain_answer_due", default=None)
+# The watchdog the metered proxy's upstream heads use too (marketplace.concurrency.Deadlines), one per process.
+_ANSWER_HEADS = Deadlines("chain node answer head")
+
+
+class _HeadByDeadline:
+    """A urllib3 connection reading an answer's head (status line and headers) by `_answer_due` in all, cut off
+    (TimeoutError, which requests raises as its ReadTimeout) past it: http.client reads a head a line at a time,
+    each read bounded by the timeout only, so a node dribbling it a byte at a time passed them all."""
+
+    sock: Any
+
+    def getresponse(self):
+        due = _answer_due.get()
+        if due is None:
+            raise RuntimeError("A chain node's answer is read inside `_BoundedSessionManager.make_post_request`.")
+        with _ANSWER_HEADS.bound(self.sock, due - time.monotonic()):
+            return super().getresponse()  # type: ignore[misc]
+
+
+class _NodeHTTPConnection(_HeadByDeadline, HTTPConnection):
+    pass
+
+
+class _NodeHTTPSConnection(_HeadByDeadline, HTTPSConnection):
+    pass
+
+
+class _NodeHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _NodeHTTPConnection
+
+
+class _NodeHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _NodeHTTPSConnection
+
+
+class _NodeAdapter(HTTPAdapter):
+    """requests' adapter, its connections reading answer heads by the try's deadline (`_HeadByDeadline`)."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _NodeHTTPPool, "https": _NodeHTTPSPool}
+
+
 class _BoundedSessionManager(HTTPSessionManager):
-    """Reads a node's answer body up to `max_bytes` and within the RPC timeout in all (give or take the read under
-    way): requests' timeout bounds each read, so an answer dribbled a byte at a time, or an endless one, would hold
-    the caller and its memory."""
+    """Reads a node's answer up to `max_bytes` and within the RPC timeout in all, counted from the try's start: its
+    head by a watchdog (`_HeadByDeadline`), its body between reads (give or take the read under way). requests'
+    timeout bounds each read only, so an answer dribbled a byte at a time, or an endless one, would hold the caller
+    and its memory. Each retry is a try of its own."""
 
     def __init__(self, max_bytes: int):
         super().__init__()
         self.max_bytes = max_bytes
 
+    def cache_and_return_session(self, endpoint_uri, session=None, request_timeout=None) -> requests.Session:
+        session = super().cache_and_return_session(endpoint_uri, session, request_timeout)
+        if not isinstance(session.get_adapter(endpoint_uri), _NodeAdapter):  # a thread's new session
+            for scheme in ("http://", "https://"):
+                session.mount(scheme, _NodeAdapter())
+        return session
+
     def make_post_request(self, endpoint_uri, data, **kwargs) -> bytes:
-        deadline = time.monotonic() + kwargs["timeout"]
-        with self.get_response_from_post_request(endpoint_uri, data=data, stream=True, **kwargs) as response:
-            response.raise_for_status()
-            body = bytearray()
-            # read1: what one read of the socket gave (iter_content's reads wait for a whole chunk, each read
-            # bounded by the timeout), decompressed up to that much.
-            while chunk := response.raw.read1(64 * 1024, decode_content=True):
-                body += chunk
-                if len(body) > self.max_bytes:
-                    raise NodeAnswerTooLarge(f"The node's answer is larger than {self.max_bytes} bytes.")
-                if time.monotonic() > deadline:
-                    raise requests.Timeout(f"The node's answer took longer than {kwargs['timeout']} s in all.")
-            return bytes(body)
+        due = time.monotonic() + kwargs["timeout"]
+        token = _answer_due.set(due)
+        try:
+            with self.get_response_from_post_request(endpoint_uri, data=data, stream=True, **kwargs) as response:
+                response.raise_for_status()
+                body = bytearray()
+                # read1: what one read of the socket gave (iter_content's reads wait for a whole chunk, each read
+                # bounded by the timeout), decompressed up to that much.
+                while chunk := response.raw.read1(64 * 1024, decode_content=True):
+                    body += chunk
+                    if len(body) > self.max_bytes:
+                        raise NodeAnswerTooLarge(f"The node's answer is larger than {self.max_bytes} bytes.")
+                    if time.monotonic() > due:
+                        raise requests.Timeout(f"The node's answer took longer than {kwargs['timeout']} s in all.")
+                return bytes(body)
+        finally:
+            _answer_due.reset(token)
 
 
 class _BoundedProvider(Web3.HTTPProvider):

@@ -80,6 +80,30 @@ def test_a_node_dribbling_its_answer_is_cut_off_at_the_rpc_timeout_in_all(node, 
     assert time.monotonic() - started < 1.5  # the whole answer would take 10 s
 
 
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_node_dribbling_its_status_line_and_headers_is_cut_off_at_the_rpc_timeout_in_all(node, settings, retries):
+    """The body was bounded in all, the head only per read: http.client reads the head a line at a time, and a
+    node sending it a byte every 0.2 s held the caller for the whole head (~20 s here), each retry as long."""
+
+    def dribbling(connection, served):
+        served["tries"] = served.get("tries", 0) + 1
+        for byte in (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Padding: " + b"a" * 40 + b"\r\n"
+                     b"Content-Length: 41\r\n\r\n"):
+            connection.sendall(bytes([byte]))  # each read well within the per-read timeout
+            served["bytes_sent"] += 1
+            time.sleep(0.2)
+        connection.sendall(b'{"jsonrpc":"2.0","id":0,"result":"0x2a"}')
+
+    served = node(dribbling)
+    settings.CHAIN_RPC_TIMEOUT, settings.CHAIN_RPC_RETRIES, settings.CHAIN_RPC_RETRY_BACKOFF = 0.5, retries, 0.01
+    started = time.monotonic()
+    with pytest.raises(chain.RpcUnavailable):
+        chain.latest_block_number()
+    assert time.monotonic() - started < 2 * (retries + 1)  # each try cut off at the timeout
+    time.sleep(0.3)  # the last try's server side notices the hang-up
+    assert served["tries"] == retries + 1 and served["bytes_sent"] < 5 * (retries + 1)
+
+
 def test_with_retries_off_each_rpc_call_is_made_once_and_answered(node, settings):
     """web3 counts tries: CHAIN_RPC_RETRIES=0 handed to it made no try at all, and every chain call failed."""
 
