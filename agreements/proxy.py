@@ -324,35 +324,46 @@ def _proxy_call(request, agreement_id, path: str):
 
 def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_path: str, body: bytes, nonce: str):
     max_units = _requested_units(request, terms)
-    request_id = request.request_id
-    with _slow_sellers.waiting_on(terms.seller_id):  # refused at once, before any reservation, past a slow share
+    # Refused at once, before any reservation, past a slow seller's share; the wait ends with the answer's body.
+    waiting = _slow_sellers.admit(terms.seller_id)
+    try:
         reservation = metering.reservation_take(
-            agreement=terms, amount=max_units * terms.price_per_unit, request_id=request_id, request_nonce=nonce,
-            method=request.method, path=upstream_path)
+            agreement=terms, amount=max_units * terms.price_per_unit, request_id=request.request_id,
+            request_nonce=nonce, method=request.method, path=upstream_path)
         started = time.monotonic()
         upstream = _upstream_answer(request, caller, terms, reservation, max_units, upstream_path, body, nonce,
                                     started)
+    except BaseException:
+        waiting.end()
+        raise
+    upstream.on_close = waiting.end
+    try:
+        return _charged_answer(request, terms, reservation, upstream, max_units, upstream_path, nonce, started)
+    except BaseException:  # the reservation released, or the charge found or left to the reaper, by the call
+        upstream.close()
+        raise
+
+
+def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.Reservation,
+                    upstream: outbound.UpstreamAnswer, max_units: int, upstream_path: str, nonce: str,
+                    started: float) -> HttpResponse:
+    """The buyer's answer to the upstream's: charged (or released, for a 5xx), its body streamed or stored."""
     upstream_headers = upstream.headers
     try:
         latency_ms = int(_observe_upstream("error" if upstream.status >= 500 else "ok", started) * 1000)
         units = _served_units(upstream_headers, terms, max_units)
     except BaseException:
         metering.reservation_release(reservation=reservation)
-        upstream.close()
         raise
     if upstream.status >= 500:
         metering.reservation_release(reservation=reservation)
         cost, event = 0, None
     else:
         cost = units * terms.price_per_unit
-        try:
-            event = metering.reservation_commit(
-                reservation=reservation, units=units, cost=cost, request_id=request_id, request_nonce=nonce,
-                method=request.method, path=upstream_path, upstream_status=upstream.status, latency_ms=latency_ms,
-                ahead=upstream.meanwhile)
-        except BaseException:  # released (or the charge found) by the commit, or left to the reaper
-            upstream.close()
-            raise
+        event = metering.reservation_commit(
+            reservation=reservation, units=units, cost=cost, request_id=request.request_id, request_nonce=nonce,
+            method=request.method, path=upstream_path, upstream_status=upstream.status, latency_ms=latency_ms,
+            ahead=upstream.meanwhile)
     # Bodies pass through as raw bytes, so Content-Encoding and Content-Length stay true.
     dropped = (_RESPONSE_DROPPED | _MARKETPLACE_ANSWER_HEADERS
                | _named_in_connection({name.lower(): value for name, value in upstream_headers}))
@@ -366,7 +377,7 @@ def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_pa
         headers["X-Usage-Seq"] = str(event.seq)
     if nonce:
         return _stored_reply(terms.pk, nonce, upstream, headers)
-    response = StreamingHttpResponse(_stream(upstream), status=upstream.status)
+    response = StreamingHttpResponse(_BuyerStream(upstream), status=upstream.status)
     for key, value in headers.items():
         response[key] = value
     return response
@@ -386,7 +397,8 @@ def _upstream_answer(request, caller: KeyHolder, terms: selectors.CallTerms, res
         upstream = _upstreams.request(
             request.method, terms.upstream_base_url + upstream_path, body=body,
             headers=_forward_headers(request, caller, terms, reservation, max_units, upstream_path, body),
-            connect_timeout=settings.PROXY_CONNECT_TIMEOUT, read_timeout=settings.PROXY_TIMEOUT, meanwhile=charge_ahead)
+            connect_timeout=settings.PROXY_CONNECT_TIMEOUT, read_timeout=settings.PROXY_TIMEOUT,
+            answer_timeout=settings.PROXY_ANSWER_TIMEOUT, meanwhile=charge_ahead)
     except TimeoutError as exc:
         metering.reservation_release(reservation=reservation)
         _observe_upstream("timeout", started)
@@ -413,15 +425,11 @@ def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, header
     limit = settings.PROXY_REPLAY_MAX_BYTES
     stream = iter(upstream)
     head, size = [], 0
-    try:
-        for chunk in stream:
-            head.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                break
-    except BaseException:
-        upstream.close()
-        raise
+    for chunk in stream:  # on failure, the caller closes the exchange
+        head.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
     if size <= limit:  # read to its end
         upstream.close()
         body = b"".join(head)
@@ -437,16 +445,27 @@ def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, header
                   if name.lower() not in {"content-length", "content-encoding", "content-type"}}
         ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=nonce).update(
             status_code=upstream.status, headers={**stored, "Content-Type": "application/json"}, body=note)
-        response = StreamingHttpResponse(_stream(upstream, read=head, rest=stream), status=upstream.status)
+        response = StreamingHttpResponse(_BuyerStream(upstream, read=head, rest=stream), status=upstream.status)
     for key, value in headers.items():
         response[key] = value
     return response
 
 
-def _stream(upstream: outbound.UpstreamAnswer, read=(), rest=None):
-    """The upstream's body for the buyer: what was `read` of it already, then the `rest` of its stream."""
-    try:
-        yield from read
-        yield from upstream if rest is None else rest
-    finally:
-        upstream.close()
+class _BuyerStream:
+    """The upstream's body for the buyer: what was `read` of it already, then the `rest` of its stream. A class with
+    `close()` rather than a generator: Django hands `close()` to the server, which calls it however the request
+    ends (PEP 3333), even when the body was never iterated (a generator's cleanup would not run then), and the
+    exchange must end with it: its connection closed or given back, its seller's wait ended."""
+
+    def __init__(self, upstream: outbound.UpstreamAnswer, read=(), rest=None):
+        self._upstream, self._read, self._rest = upstream, read, rest
+
+    def __iter__(self):
+        try:
+            yield from self._read
+            yield from self._upstream if self._rest is None else self._rest
+        finally:
+            self._upstream.close()
+
+    def close(self) -> None:
+        self._upstream.close()

@@ -104,7 +104,8 @@ class SlowPeers:
     made calls at once, and the other buyers' calls waited for a thread. A call to a peer found slow is therefore
     admitted only while that peer has fewer than `settings.<per_peer>` calls waiting here and peers found slow
     have fewer than `settings.<in_all>` in all; otherwise it is refused at once (`Busy` with `code`), before any
-    work. A peer counts as slow while one of its calls has waited longer than `settings.<slow_after>` seconds, and
+    work. A call waits from `admit` to `end()` (for the metered proxy: until its answer's body is read). A peer
+    counts as slow while one of its calls has waited longer than `settings.<slow_after>` seconds, and
     for `settings.<remember>` seconds after such a call ended (a timeout included); only time clears it, so a fast
     answer now and then does not. Calls to other peers are never refused, however many wait at once: a fast peer
     under a burst (16 callers on one agreement) is not held to a slow peer's share. A limit of 0: no limit."""
@@ -118,9 +119,12 @@ class SlowPeers:
         self._slow_waiting = 0  # calls admitted to peers found slow, still waiting
         self._shed = REQUESTS_SHED.labels(bulkhead=name)
 
-    def waiting_on(self, peer: object) -> "PeerWait":
-        """A context manager: the block waits on `peer`, admitted or refused (`Busy`) at once."""
-        return PeerWait(self, peer)
+    def admit(self, peer: object) -> "PeerWait":
+        """A call to `peer`, admitted (its wait ends with `end()`, or with the block when used in `with`), or
+        `Busy` at once."""
+        wait = PeerWait(self, peer)
+        self._admit(wait)
+        return wait
 
     def _admit(self, wait: "PeerWait") -> None:
         peer, began, slow_after = wait.peer, wait.began, wait.slow_after
@@ -130,9 +134,10 @@ class SlowPeers:
                     calls is not None and began - next(iter(calls.values())) > slow_after):
                 per_peer, in_all = getattr(settings, self._settings[2]), getattr(settings, self._settings[3])
                 if 0 < per_peer <= len(calls or ()):
-                    raise self._busy(f"it has {len(calls)} calls waiting here already.")
+                    raise self._busy(f"it has as many calls waiting here as it may ({len(calls)}).")
                 if 0 < in_all <= self._slow_waiting:
-                    raise self._busy(f"{self._slow_waiting} calls wait on slow {self.name}s here already.")
+                    raise self._busy(f"slow {self.name}s have as many calls waiting here as they may "
+                                     f"({self._slow_waiting}).")
                 self._slow_waiting += 1
                 wait.counted = True
             if calls is None:
@@ -142,6 +147,9 @@ class SlowPeers:
     def _end(self, wait: "PeerWait") -> None:
         peer, ended = wait.peer, time.monotonic()
         with self._lock:
+            if wait.ended:
+                return
+            wait.ended = True
             calls = self._waiting[peer]
             del calls[wait]
             if not calls:
@@ -160,21 +168,23 @@ class SlowPeers:
 
 
 class PeerWait:
-    """One `SlowPeers.waiting_on`: a context manager (a class, not a generator: it runs on every proxied call)."""
+    """One call admitted by `SlowPeers.admit`, waiting on its peer until `end()` (idempotent)."""
 
-    __slots__ = ("peers", "peer", "began", "counted", "slow_after")
+    __slots__ = ("peers", "peer", "began", "slow_after", "counted", "ended")
 
     def __init__(self, peers: SlowPeers, peer: object):
-        self.peers, self.peer, self.counted = peers, peer, False
+        self.peers, self.peer, self.counted, self.ended = peers, peer, False, False
+        self.slow_after = getattr(settings, peers._settings[0])
+        self.began = time.monotonic()
+
+    def end(self) -> None:
+        self.peers._end(self)
 
     def __enter__(self) -> "PeerWait":
-        self.slow_after = getattr(settings, self.peers._settings[0])
-        self.began = time.monotonic()
-        self.peers._admit(self)
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        self.peers._end(self)
+        self.end()
 
 
 class Deadlines:

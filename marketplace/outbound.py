@@ -260,16 +260,21 @@ class UpstreamAnswer:
     chunks. `close()` gives the connection back to its pool when the body was read to its end, else closes it."""
 
     def __init__(self, pool: "UpstreamPool", key: tuple, connection: _GuardedConnection,
-                 response: http.client.HTTPResponse, meanwhile: Any = None):
+                 response: http.client.HTTPResponse, meanwhile: Any, ends_by: float):
         self.status = response.status
         self.headers = response.getheaders()
         self.meanwhile = meanwhile  # what the request's `meanwhile` returned
+        self.on_close: Callable[[], None] | None = None  # called once, as the exchange ends
         self._pool, self._key, self._connection, self._response = pool, key, connection, response
+        self._ends_by = ends_by  # time.monotonic() by which the whole answer must be read
 
     def __iter__(self) -> Iterator[bytes]:
+        """The body, read by `ends_by` in all (TimeoutError past it), whoever is slow: the upstream sending it or
+        the caller taking it."""
         response = self._response
-        while chunk := response.read1(65536):
-            yield chunk
+        with _ANSWERS.bound(self._connection.sock, self._ends_by - time.monotonic()):
+            while chunk := response.read1(65536):
+                yield chunk
         if response.length:  # http.client's read1 ends quietly where the upstream closed before its Content-Length
             raise http.client.IncompleteRead(b"", response.length)
         response.close()  # read to its end (read1 leaves a Content-Length body open): the connection may serve again
@@ -278,11 +283,15 @@ class UpstreamAnswer:
         if self._connection is None:
             return
         connection, self._connection = self._connection, None
-        if self._response.isclosed() and not self._response.will_close and connection.sock is not None:
-            self._pool.give_back(self._key, connection)
-        else:
-            self._response.close()
-            connection.close()
+        try:
+            if self._response.isclosed() and not self._response.will_close and connection.sock is not None:
+                self._pool.give_back(self._key, connection)
+            else:
+                self._response.close()
+                connection.close()
+        finally:
+            if self.on_close is not None:
+                self.on_close()
 
 
 # A connection the upstream closed as our request reached it (its keep-alive timeout ran out on the way): the
@@ -311,8 +320,8 @@ class UpstreamPool:
     for IDLE_SECONDS); one that closes as a request reaches it sends the request again on a new connection when it
     was not written whole, or when it may be repeated (_REPLAYABLE_METHODS, _IDEMPOTENCY_HEADERS).
 
-    Errors: TimeoutError when connecting, a read or the whole answer head took longer than its timeout, else one of
-    UPSTREAM_ERRORS."""
+    Errors: TimeoutError when connecting, a read or the whole answer head took longer than its timeout, or the whole
+    answer longer than its `answer_timeout` (reading its body), else one of UPSTREAM_ERRORS."""
 
     def __init__(self, *, max_idle_per_upstream: int):
         self.max_idle_per_upstream = max_idle_per_upstream
@@ -320,12 +329,14 @@ class UpstreamPool:
         self._lock = threading.Lock()
 
     def request(self, method: str, url: str, *, headers: list[tuple[str, str]], body: bytes,
-                connect_timeout: float, read_timeout: float, meanwhile: Callable[[], Any] | None = None
-                ) -> UpstreamAnswer:
+                connect_timeout: float, read_timeout: float, answer_timeout: float,
+                meanwhile: Callable[[], Any] | None = None) -> UpstreamAnswer:
         """`meanwhile` is called once the request is sent, before its answer is read: work that overlaps the
         upstream's, whose result is the answer's `meanwhile`. It must not raise (what it raises is not the
         upstream's error); if it does, the connection is closed and the error propagates. It is called once,
-        even when the request is sent again."""
+        even when the request is sent again. The whole answer, head and body, must be read within `answer_timeout`
+        of now."""
+        ends_by = time.monotonic() + answer_timeout
         parts = urlsplit(url)
         tls = parts.scheme == "https"
         key = (tls, parts.hostname, parts.port or (443 if tls else 80))
@@ -356,7 +367,7 @@ class UpstreamPool:
                         sent, done_meanwhile = True, None if meanwhile is None else meanwhile()
                     try:
                         return UpstreamAnswer(self, key, connection, _response_within(connection, read_timeout),
-                                              done_meanwhile)
+                                              done_meanwhile, ends_by)
                     except _CLOSED_UNANSWERED:
                         if not (reused and replayable):
                             raise
@@ -396,13 +407,14 @@ class UpstreamPool:
 
 
 # The socket's timeout bounds each read only: an upstream sending its answer's head a byte at a time would hold the
-# call (and its reservation, past the reaper's rule) for ever. This bounds the head in all.
-_ANSWER_HEADS = Deadlines("upstream answer head")
+# call (and its reservation, past the reaper's rule) for ever, one sending its body so the thread streaming it.
+# These bound the head, and the whole answer, in all.
+_ANSWERS = Deadlines("upstream answer")
 
 
 def _response_within(connection: _GuardedConnection, seconds: float) -> http.client.HTTPResponse:
     """The answer's head, read within `seconds` in all, else TimeoutError (the connection is then unusable)."""
-    with _ANSWER_HEADS.bound(connection.sock, seconds):
+    with _ANSWERS.bound(connection.sock, seconds):
         return connection.getresponse()
 
 

@@ -336,6 +336,8 @@ MASUMI_EXTERNAL_DISPUTE_SECONDS = env.int("MASUMI_EXTERNAL_DISPUTE_SECONDS", def
 # --- Metered proxy --------------------------------------------------------------------------------------------
 PROXY_CONNECT_TIMEOUT = env.float("PROXY_CONNECT_TIMEOUT_SECONDS", default=5.0)
 PROXY_TIMEOUT = env.float("PROXY_TIMEOUT_SECONDS", default=60.0)
+# The whole answer, head and body, within this in all (its body streamed to the buyer meanwhile).
+PROXY_ANSWER_TIMEOUT = env.float("PROXY_ANSWER_TIMEOUT_SECONDS", default=300.0)
 # A seller whose answer took longer than PROXY_SLOW_SECONDS counts as slow for PROXY_SLOW_REMEMBER_SECONDS; calls to
 # slow sellers may hold at most PROXY_SLOW_CALLS_PER_SELLER of a web process's threads per seller and
 # PROXY_SLOW_CALLS in all, the rest answered 503 upstream_busy at once (marketplace.concurrency.SlowPeers). The

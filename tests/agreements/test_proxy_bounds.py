@@ -343,3 +343,36 @@ def test_the_replayed_note_of_a_reply_too_large_to_store_has_its_own_length_and_
     assert error_code(again) == "reply_too_large_to_store"
     assert again.get("Content-Length") in (None, str(len(again.content)))
     assert not again.has_header("Content-Encoding") and again["Content-Type"] == "application/json"
+
+
+def test_an_upstream_dribbling_its_answer_body_is_cut_off_at_the_answer_timeout(escrow_chain, settings,
+                                                                               django_capture_on_commit_callbacks):
+    """The body was bounded per read only (PROXY_TIMEOUT each): an upstream answering its head at once, then its
+    body a byte at a time, held the web thread streaming it for as long as it liked, for one call's price."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def dribble():
+        upstream, _ = listener.accept()
+        with upstream:
+            upstream.recv(65536)
+            try:
+                upstream.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n")
+                for _ in range(40):  # a byte every 0.1 s: each read is quick, the body takes 4 s
+                    time.sleep(0.1)
+                    upstream.sendall(b"a")
+            except OSError:
+                pass  # cut off
+
+    threading.Thread(target=dribble, daemon=True).start()
+    with listener:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks,
+                                  f"http://127.0.0.1:{listener.getsockname()[1]}/api")
+        settings.PROXY_ANSWER_TIMEOUT = 0.8
+        started = time.monotonic()
+        response = raw(active, "get", f"{active.proxy}/slow")
+        assert response.status_code == 200  # the head came in time: charged, its body streams
+        with pytest.raises(TimeoutError):
+            b"".join(response.streaming_content)
+        elapsed = time.monotonic() - started
+    assert elapsed < 2.0
+    assert books(active) == (PRICE, 0)

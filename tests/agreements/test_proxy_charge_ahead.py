@@ -212,5 +212,5 @@ def test_an_error_of_the_work_done_meanwhile_is_not_taken_for_the_upstreams(http
 
     with pytest.raises(ValueError, match="not the upstream's"):
         outbound.UpstreamPool(max_idle_per_upstream=1).request(
-            "GET", f"{http_server.url}/work", headers=[], body=b"", connect_timeout=5, read_timeout=5,
+            "GET", f"{http_server.url}/work", headers=[], body=b"", connect_timeout=5, read_timeout=5, answer_timeout=5,
             meanwhile=fails)

@@ -4,13 +4,14 @@ once, and every other buyer's calls waited for one."""
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
 
 from agreements.models import UsageAgreement
 from tests.agreements.conftest import activated_through_the_api
-from tests.support.http_server import RecordingServer
+from tests.support.http_server import RecordingServer, serving
 
 pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -74,3 +75,65 @@ def test_a_fast_seller_under_a_burst_is_never_refused(slow_share, escrow_chain, 
     with httpx.Client(timeout=30) as client, ThreadPoolExecutor(max_workers=12) as pool:
         statuses = [r.status_code for r in pool.map(lambda _: client.get(url, headers=headers), range(12))]
     assert statuses == [200] * 12
+
+
+class DribblingBodies(BaseHTTPRequestHandler):
+    """Answers its head at once, then its body a byte every `pause` seconds (`bytes` of them)."""
+
+    pause, size = 0.1, 10
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(self.size))
+        self.end_headers()
+        self.wfile.flush()
+        try:
+            for _ in range(self.size):
+                time.sleep(self.pause)
+                self.wfile.write(b"a")
+                self.wfile.flush()
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_seller_answering_heads_at_once_and_dribbling_bodies_holds_its_share_and_no_more(
+        slow_share, escrow_chain, live_server):
+    """A seller counted as slow by its answers' heads alone escaped the share with fast heads and slow bodies: the
+    threads streaming its bodies are held as long as those waiting for a head."""
+    DribblingBodies.pause, DribblingBodies.size = 0.1, 10  # 1 s per answer
+    with serving(DribblingBodies) as upstream_url:
+        parties = activated_through_the_api(escrow_chain, upstream_url, quantity=10)
+        url = f"{live_server.url}/metered-proxy/{parties.agreement_id}/work"
+        headers = {"Authorization": f"Bearer {parties.buyer_api.secret}"}
+        with httpx.Client(timeout=30) as client, ThreadPoolExecutor(max_workers=2) as pool:
+            assert client.get(url, headers=headers).content == b"a" * 10  # 1 s: the seller is slow from now on
+            DribblingBodies.pause, DribblingBodies.size = 0.1, 30  # 3 s each
+            streaming = [pool.submit(client.get, url, headers=headers) for _ in range(2)]
+            time.sleep(0.8)  # both heads are in, their bodies streaming
+            began = time.monotonic()
+            refused = client.get(url, headers=headers)
+            refused_in = time.monotonic() - began
+            answered = [future.result() for future in streaming]
+
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "upstream_busy"
+    assert refused_in < 1.0
+    assert [response.content for response in answered] == [b"a" * 30] * 2
+    agreement = UsageAgreement.objects.get(pk=parties.agreement_id)
+    assert (agreement.used, agreement.reserved) == (3 * parties.service.unit_price, 0)
+
+
+def test_an_answer_closed_unread_ends_its_call_for_the_share(slow_share, settings, escrow_chain, http_server):
+    """A streamed answer the server closes without iterating it (its client gone first) ends the call's wait on
+    the seller: left counted, a slow seller's share would shrink for good with every such call."""
+    settings.PROXY_SLOW_SECONDS, settings.PROXY_SLOW_CALLS_PER_SELLER = 0, 1  # every call slow; one at a time
+    parties = activated_through_the_api(escrow_chain, http_server.url, quantity=5)
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {parties.buyer_api.secret}"}
+    first = parties.buyer_api.client.get(f"/metered-proxy/{parties.agreement_id}/work", **auth)
+    assert first.status_code == 200 and first.streaming
+    first.close()  # as the server does, however the request ended
+    second = parties.buyer_api.client.get(f"/metered-proxy/{parties.agreement_id}/work", **auth)
+    assert second.status_code == 200, second.content

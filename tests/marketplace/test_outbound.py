@@ -321,7 +321,7 @@ def test_a_request_with_its_own_idempotency_key_is_sent_again(settings):
     with serving(handler) as url:
         for key in ("first", "second"):
             answer = pool.request("POST", f"{url}/work", headers=[("Idempotency-Key", key), ("Content-Length", "2")], body=b"{}",
-                                  connect_timeout=5, read_timeout=5)
+                                  connect_timeout=5, read_timeout=5, answer_timeout=5)
             assert answer.status == 200 and b"".join(answer) == b"{}"
             answer.close()
     assert handler.received == ["POST", "unanswered", "POST"]
@@ -335,7 +335,7 @@ def test_a_connection_idle_too_long_is_not_used_again(settings, monkeypatch):
     pool = outbound.UpstreamPool(max_idle_per_upstream=1)
     with serving(handler) as url:
         for _ in range(2):
-            answer = pool.request("POST", f"{url}/work", headers=[("Content-Length", "2")], body=b"{}", connect_timeout=5, read_timeout=5)
+            answer = pool.request("POST", f"{url}/work", headers=[("Content-Length", "2")], body=b"{}", connect_timeout=5, read_timeout=5, answer_timeout=5)
             assert answer.status == 200 and b"".join(answer) == b"{}"
             answer.close()
             time.sleep(0.1)
@@ -366,14 +366,14 @@ def test_a_request_not_written_whole_before_the_upstream_closed_is_sent_again(se
     pool = outbound.UpstreamPool(max_idle_per_upstream=1)
     with serving(_ResetsOnceAnswered) as url:
         answer = pool.request("POST", f"{url}/work", headers=[("Content-Length", "2")], body=b"{}",
-                              connect_timeout=5, read_timeout=5)
+                              connect_timeout=5, read_timeout=5, answer_timeout=5)
         assert b"".join(answer) == b"{}"
         answer.close()
         time.sleep(0.1)  # the reset has arrived
         monkeypatch.setattr(outbound, "_closed_by_peer", lambda sock: False)  # ...just after the check before use
         before = _resent("not_written")
         answer = pool.request("POST", f"{url}/work", headers=[("Content-Length", "2")], body=b"{}",
-                              connect_timeout=5, read_timeout=5)
+                              connect_timeout=5, read_timeout=5, answer_timeout=5)
         assert answer.status == 200 and b"".join(answer) == b"{}"
     assert _resent("not_written") == before + 1
 

@@ -35,71 +35,84 @@ def peers(settings):
 def test_a_peer_never_slow_is_never_refused_however_many_calls_wait_on_it(peers, clock):
     with ExitStack() as calls:
         for _ in range(20):
-            calls.enter_context(peers.waiting_on("fast"))
+            calls.enter_context(peers.admit("fast"))
             clock.now += 0.1
 
 
 def test_a_peer_whose_call_has_waited_past_the_bound_gets_its_share_and_no_more(peers, clock):
     with ExitStack() as calls:
-        calls.enter_context(peers.waiting_on("slow"))
+        calls.enter_context(peers.admit("slow"))
         clock.now += 2.5  # the first call is still waiting: the peer is slow from now on
-        calls.enter_context(peers.waiting_on("slow"))  # two waiting on it: its share
+        calls.enter_context(peers.admit("slow"))  # two waiting on it: its share
         with pytest.raises(Busy) as refused:
-            calls.enter_context(peers.waiting_on("slow"))
+            calls.enter_context(peers.admit("slow"))
         assert refused.value.code == "upstream_busy"
         assert "nothing was charged" in str(refused.value.message)
-        calls.enter_context(peers.waiting_on("other"))  # another peer's calls go on
+        calls.enter_context(peers.admit("other"))  # another peer's calls go on
 
 
 def test_a_peer_stays_slow_for_the_remembered_time_after_a_slow_call_whatever_it_answers_meanwhile(peers, clock):
-    with peers.waiting_on("slow"):
+    with peers.admit("slow"):
         clock.now += 3
-    with peers.waiting_on("slow"):  # a fast answer does not clear it
+    with peers.admit("slow"):  # a fast answer does not clear it
         pass
     with ExitStack() as calls:
-        calls.enter_context(peers.waiting_on("slow"))
-        calls.enter_context(peers.waiting_on("slow"))
+        calls.enter_context(peers.admit("slow"))
+        calls.enter_context(peers.admit("slow"))
         with pytest.raises(Busy):
-            calls.enter_context(peers.waiting_on("slow"))
+            calls.enter_context(peers.admit("slow"))
     clock.now += 61
     with ExitStack() as calls:
         for _ in range(5):
-            calls.enter_context(peers.waiting_on("slow"))
+            calls.enter_context(peers.admit("slow"))
 
 
 def test_peers_found_slow_share_a_bound_in_all(peers, clock):
     for peer in ("a", "b"):
-        with peers.waiting_on(peer):
+        with peers.admit(peer):
             clock.now += 3
     with ExitStack() as calls:
-        calls.enter_context(peers.waiting_on("a"))
-        calls.enter_context(peers.waiting_on("a"))
-        calls.enter_context(peers.waiting_on("b"))
+        calls.enter_context(peers.admit("a"))
+        calls.enter_context(peers.admit("a"))
+        calls.enter_context(peers.admit("b"))
         with pytest.raises(Busy) as refused:
-            calls.enter_context(peers.waiting_on("b"))
-        assert "3 calls wait on slow sellers" in str(refused.value.message)
-        calls.enter_context(peers.waiting_on("c"))  # not slow: not counted, not refused
+            calls.enter_context(peers.admit("b"))
+        assert "slow sellers have as many calls waiting here as they may (3)" in str(refused.value.message)
+        calls.enter_context(peers.admit("c"))  # not slow: not counted, not refused
     with ExitStack() as calls:  # every slot came back
-        calls.enter_context(peers.waiting_on("a"))
-        calls.enter_context(peers.waiting_on("b"))
-        calls.enter_context(peers.waiting_on("b"))
+        calls.enter_context(peers.admit("a"))
+        calls.enter_context(peers.admit("b"))
+        calls.enter_context(peers.admit("b"))
 
 
 def test_a_call_that_raises_gives_its_slot_back(peers, clock):
-    with peers.waiting_on("slow"):
+    with peers.admit("slow"):
         clock.now += 3
     for _ in range(5):
-        with pytest.raises(TimeoutError), peers.waiting_on("slow"):
+        with pytest.raises(TimeoutError), peers.admit("slow"):
             raise TimeoutError
     with ExitStack() as calls:
-        calls.enter_context(peers.waiting_on("slow"))
-        calls.enter_context(peers.waiting_on("slow"))
+        calls.enter_context(peers.admit("slow"))
+        calls.enter_context(peers.admit("slow"))
 
 
 def test_zero_means_no_limit(peers, clock, settings):
     settings.PEER_CALLS_PER_PEER = settings.PEER_CALLS = 0
-    with peers.waiting_on("slow"):
+    with peers.admit("slow"):
         clock.now += 3
     with ExitStack() as calls:
         for _ in range(10):
-            calls.enter_context(peers.waiting_on("slow"))
+            calls.enter_context(peers.admit("slow"))
+
+
+def test_a_wait_ended_twice_counts_once(peers, clock):
+    with peers.admit("slow"):
+        clock.now += 3
+    first = peers.admit("slow")
+    first.end()
+    first.end()
+    with ExitStack() as calls:
+        calls.enter_context(peers.admit("slow"))
+        calls.enter_context(peers.admit("slow"))
+        with pytest.raises(Busy):
+            calls.enter_context(peers.admit("slow"))
