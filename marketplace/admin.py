@@ -1,4 +1,5 @@
-"""What every app's admin shares: the product's branding, read-only money records, and how chain values show.
+"""What every app's admin shares: read-only money records, and how chain values show. (The site itself, its branding
+and its second factor: `marketplace.second_factor.OperatorAdminSite`.)
 
 - Money records (chain transactions and their attempts, usage events and receipts, agreement events, payments)
   are never added, edited or deleted in the admin: `MoneyRecordAdmin` / `MoneyRecordInline` give view permission
@@ -14,14 +15,11 @@ from django.db import models
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
+from django_otp.plugins.otp_totp.admin import TOTPDeviceAdmin
+from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from marketplace import explorer, money, rotation
 from marketplace.models import RedeliveredTask
-
-admin.site.site_header = "Agent Escrow Marketplace"
-admin.site.site_title = "Agent Escrow Marketplace"
-admin.site.index_title = "Administration"
-admin.site.enable_nav_sidebar = False  # its width pushed the lists of money records into sideways scrolling
 
 
 # An address typed without a scheme is read as https (Django 6's default; 5.2 still reads http, and warns).
@@ -199,3 +197,22 @@ class RedeliveredTaskAdmin(MoneyRecordAdmin):
     search_fields = ("task_id", "task_name")
     readonly_fields = ("task_id", "task_name", "args", "kwargs", "redeliveries", "dead_lettered_at", "created_at",
                        "updated_at")
+
+
+# --- the operators' second factors (marketplace.second_factor) ---------------------------------------------------
+
+admin.site.unregister(TOTPDevice)
+
+
+@admin.register(TOTPDevice)
+class OperatorDeviceAdmin(TOTPDeviceAdmin):
+    """django-otp's TOTP device admin, with the key never shown (OTP_ADMIN_HIDE_SENSITIVE_DATA). Devices are listed,
+    and deleted when an operator loses their phone or leaves; they are enrolled only by `manage.py
+    admin_totp_enrol`, never here: the add form would show the new key, and editing a device would change a
+    credential by hand."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.contrib.admin import apps as admin_apps
 
 
 class MarketplaceConfig(AppConfig):
@@ -6,11 +7,14 @@ class MarketplaceConfig(AppConfig):
     verbose_name = "Marketplace platform"
 
     def ready(self):
-        from django.contrib import admin
-
         from marketplace import dead_letters, metrics
 
         metrics.task_failures_count()
         dead_letters.panels_register()
 
-        admin.site.index_template = "admin/marketplace_index.html"  # links the operators' dashboard
+
+class OperatorAdminConfig(admin_apps.AdminConfig):
+    """django.contrib.admin with the project's site as `admin.site` (every app registers its admin there)."""
+
+    default = False  # INSTALLED_APPS names it; "marketplace" alone still means MarketplaceConfig
+    default_site = "marketplace.second_factor.OperatorAdminSite"

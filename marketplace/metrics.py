@@ -9,7 +9,8 @@ are exact whichever process changed the rows.
 Several processes (the web server's workers, Celery workers): set `PROMETHEUS_MULTIPROC_DIR` to one empty directory for
 all of them on a host (see marketplace/serve.py); `/metrics` then adds up every process's counters.
 
-`/metrics` is for operators: a staff session, or `Authorization: Bearer <METRICS_TOKEN>` for a scraper.
+`/metrics` is for operators: a staff session (its second factor verified, marketplace.second_factor), or
+`Authorization: Bearer <METRICS_TOKEN>` for a scraper.
 """
 
 import hmac
@@ -25,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from marketplace import second_factor
 from marketplace.errors import error_body
 
 logger = logging.getLogger(__name__)
@@ -99,11 +101,12 @@ def _authorized(request) -> bool:
     scheme, _, token = header.partition(" ")
     if settings.METRICS_TOKEN and scheme.lower() == "bearer":
         return hmac.compare_digest(token.strip().encode(), settings.METRICS_TOKEN.encode())
-    return request.user.is_authenticated and request.user.is_staff
+    user = request.user
+    return user.is_authenticated and user.is_staff and second_factor.session_verified(user)
 
 
 def metrics_view(request):
     if not _authorized(request):
-        return JsonResponse(error_body("operator_required", "Metrics are for operators: a staff session or "
-                                       "`Authorization: Bearer <METRICS_TOKEN>`."), status=403)
+        return JsonResponse(error_body("operator_required", "Metrics are for operators: a staff session (its second "
+                                       "factor verified) or `Authorization: Bearer <METRICS_TOKEN>`."), status=403)
     return HttpResponse(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)

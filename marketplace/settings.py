@@ -23,7 +23,7 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[:
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "marketplace.apps.OperatorAdminConfig",  # django.contrib.admin, its site asking for a second factor
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -33,6 +33,8 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "django_otp",
+    "django_otp.plugins.otp_totp",  # before marketplace, whose admin replaces its device admin
     "marketplace",
     "catalog",
     "policies",
@@ -49,6 +51,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",  # request.user.is_verified(): a device verified this session
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -102,7 +105,7 @@ STATIC_ROOT = VAR_DIR / "static"
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "catalog.authentication.BearerKeyAuthentication",
-        "rest_framework.authentication.SessionAuthentication",
+        "marketplace.second_factor.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["marketplace.renderers.JSONRenderer"],
@@ -396,6 +399,14 @@ CELERY_BEAT_SCHEDULE["reap-call-intents"] = {
 }
 
 # --- Admin (operators) -----------------------------------------------------------------------------------------
+# A staff session counts (admin, /metrics, the API) only once the password and a current TOTP code logged it in
+# (marketplace.second_factor); off for `make run`'s demo, whose seed prints a password only.
+ADMIN_REQUIRE_SECOND_FACTOR = env.bool("ADMIN_REQUIRE_SECOND_FACTOR", default=not DEBUG)
+OTP_TOTP_ISSUER = "Agent Escrow Marketplace"  # the name authenticator apps show beside the code
+OTP_ADMIN_HIDE_SENSITIVE_DATA = True  # the admin never shows a device's key (nor its QR code)
+# django-otp's default, kept on purpose: after n wrong codes in a row a device verifies nothing, not even the right
+# code, for 2^(n-1) seconds.
+OTP_TOTP_THROTTLE_FACTOR = 1
 # The product's admin frame (branding, styles for shortened chain values) over django.contrib.admin's.
 TEMPLATES[0]["DIRS"] = [BASE_DIR / "marketplace" / "templates" / "site"]
 # Times to the second with the timezone (marketplace/formats/en/formats.py).

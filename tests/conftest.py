@@ -7,6 +7,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token
+from tests.support.operators import operator_client
 
 pytest_plugins = ["tests.chain_fixtures"]
 
@@ -152,6 +153,19 @@ def tag_ids_read_afresh():
 def private_upstreams_allowed(settings):
     """Test upstreams and webhook receivers run on loopback; tests of the SSRF guard switch it back on."""
     settings.ALLOW_PRIVATE_UPSTREAMS = True
+
+
+@pytest.fixture(autouse=True)
+def second_factor_required(settings):
+    """The admin asks for a TOTP code as in production (tests/marketplace/test_admin_second_factor.py switches it off
+    for the DEBUG demo's password login)."""
+    settings.ADMIN_REQUIRE_SECOND_FACTOR = True
+
+
+@pytest.fixture
+def admin_client(admin_user):
+    """pytest-django's superuser, logged in as an operator is: with the password and a TOTP code."""
+    return operator_client(admin_user.username, "password")
 
 
 @pytest.fixture

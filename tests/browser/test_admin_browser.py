@@ -1,6 +1,6 @@
 """The admin as an operator sees it: headless Chromium (Debian's chromium and chromium-driver) over a live server.
 
-Logs in, then checks that money records offer no delete or edit, that amounts read "0.10 USDC", that an
+Logs in (password and TOTP code), then checks that money records offer no delete or edit, that amounts read "0.10 USDC", that an
 agreement's page has its panels (live on-chain escrow, dispute, chain transactions, usage events, webhook
 deliveries), and that the dashboard lists what is overdue and draws its charts. Every page is saved as a
 screenshot under var/test-artifacts/admin/ for a person to look at.
@@ -22,6 +22,7 @@ from tests.agreements.helpers import propose
 from tests.catalog.factories import register_service
 from tests.escrow.flow import confirm_all
 from tests.marketplace.conftest import active_agreement
+from tests.support.operators import code, enrol
 
 pytestmark = [pytest.mark.slow, pytest.mark.chain, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -87,6 +88,7 @@ def test_an_operator_reads_money_in_the_admin(browser, live_server, escrow_chain
                                               django_capture_on_commit_callbacks, buyer_api, seller, settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     get_user_model().objects.create_superuser("operator", "operator@example.com", "operator-password")
+    authenticator = enrol("operator")  # the second factor, as in production (ADMIN_REQUIRE_SECOND_FACTOR)
     parties = active_agreement(escrow_chain, django_capture_on_commit_callbacks, http_server.url)
     for _ in range(2):
         assert parties.buyer_api.get(f"{parties.proxy}/work").status_code == 200
@@ -100,6 +102,7 @@ def test_an_operator_reads_money_in_the_admin(browser, live_server, escrow_chain
     operator.open("/admin/login/?next=/admin/", "01-login")
     operator.css("#id_username")[0].send_keys("operator")
     operator.css("#id_password")[0].send_keys("operator-password")
+    operator.css("#id_otp_token")[0].send_keys(code(authenticator))
     operator.css("input[type=submit]")[0].click()
     index = operator.open("/admin/", "02-index")
     assert "Agent Escrow Marketplace" in index.text and "Webhook deliveries" in index.text

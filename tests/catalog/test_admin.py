@@ -12,6 +12,7 @@ from agreements.models import WebhookSubscription
 from catalog.models import ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
 from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token, register_service
 from tests.conftest import Api, error_code
+from tests.support.operators import operator_client
 
 pytestmark = pytest.mark.django_db
 
@@ -24,9 +25,7 @@ def operator(db, settings) -> Client:
     # A real password login, hashed cheaply: the production hasher spends a second per hash by design.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     get_user_model().objects.create_superuser("operator", "operator@example.com", "operator-password")
-    client = Client()
-    assert client.login(username="operator", password="operator-password")
-    return client
+    return operator_client("operator", "operator-password")
 
 
 @pytest.fixture
@@ -188,8 +187,7 @@ def test_staff_who_may_only_view_keys_cannot_revoke_them(catalog, seller, settin
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     viewer = get_user_model().objects.create_user("viewer", "viewer@example.com", "viewer-password", is_staff=True)
     viewer.user_permissions.add(*Permission.objects.filter(codename__in=["view_apikey", "view_agent"]))
-    client = Client()
-    assert client.login(username="viewer", password="viewer-password")
+    client = operator_client("viewer", "viewer-password")
     key = ApiKey.objects.get(agent=seller)
     keys_page = client.get(_url(ApiKey, "changelist"))
     assert keys_page.status_code == 200 and "revoke_credentials" not in keys_page.content.decode()

@@ -7,7 +7,6 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.test import Client
 from django.urls import reverse
 
 from escrow import chain as gateway
@@ -18,6 +17,7 @@ from tests.escrow.conftest import Escrows
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, poll_mined, usdc_balance
 from tests.marketplace.conftest import scrape
 from tests.support.db_activity import backend_pid, session_state
+from tests.support.operators import operator_client
 from tests.support.rpc_relay import RpcRelay
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -172,9 +172,8 @@ def test_at_the_fee_cap_the_same_bytes_go_out_until_the_wallet_is_topped_up(
     last = TxAttempt.objects.filter(transaction=tx).order_by("created_at").last()
     assert last.max_fee_per_gas == settings.CHAIN_MAX_FEE_PER_GAS
 
-    operator = get_user_model().objects.create_superuser("operator", "op@example.com", "pw")
-    client = Client()
-    client.force_login(operator)
+    get_user_model().objects.create_superuser("operator", "op@example.com", "pw")
+    client = operator_client("operator", "pw")
     listing = client.get(reverse("admin:escrow_chaintransaction_changelist") + "?fee_cap_reached_at__isempty=0")
     assert listing.status_code == 200 and str(tx.pk) in listing.content.decode()
     assert scrape(client)[("marketplace_chain_transactions_stuck_at_fee_cap", (("purpose", "activate"),))] == 1

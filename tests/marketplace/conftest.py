@@ -8,6 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from marketplace.logging import JsonFormatter, RequestIdFilter
 from tests.escrow.flow import Parties
+from tests.support.operators import operator_client
 
 
 @pytest.fixture
@@ -20,9 +21,7 @@ def guard_on(settings):
 def operator(db, settings) -> Client:
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     get_user_model().objects.create_superuser("operator", "operator@example.com", "operator-password")
-    client = Client()
-    assert client.login(username="operator", password="operator-password")
-    return client
+    return operator_client("operator", "operator-password")
 
 
 def scrape(client: Client, **headers) -> dict[tuple[str, tuple], float]:

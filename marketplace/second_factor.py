@@ -1,0 +1,123 @@
+"""The operators' second factor: the admin asks for the password and a current TOTP code (django-otp) while
+ADMIN_REQUIRE_SECOND_FACTOR is on, which it is by default whenever DEBUG is off.
+
+One rule, wherever a browser session is trusted: while the second factor is required, a session counts only once
+a device verified it (django-otp's OTPMiddleware reads that from the session). A password alone, or a session from
+before the setting was turned on, opens no admin page (`OperatorAdminSite`), reads no /metrics
+(`marketplace.metrics`) and calls no API (`SessionAuthentication`: there an admin session acts as its user, an
+owner, and staff resolve disputes).
+
+Devices are enrolled by `manage.py admin_totp_enrol <username>` (`totp_device_enrol`), which shows the key once;
+the admin lists devices and may delete one, never shows a key (OTP_ADMIN_HIDE_SENSITIVE_DATA) and adds none.
+"""
+
+from django import forms
+from django.conf import settings
+from django.contrib.admin import AdminSite
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django_otp import devices_for_user
+from django_otp.admin import OTPAdminAuthenticationForm, OTPAdminSite
+from django_otp.plugins.otp_totp.models import TOTPDevice
+from drf_spectacular import authentication as spectacular_authentication
+from rest_framework import authentication
+
+from marketplace.errors import InvalidInput
+
+ENROL_COMMAND = "python manage.py admin_totp_enrol"
+
+
+def required() -> bool:
+    # Read per request, not at import: the environment's value in production, a test's in the suite.
+    return settings.ADMIN_REQUIRE_SECOND_FACTOR
+
+
+def session_verified(user) -> bool:
+    """Whether the logged-in user of a browser session counts: always while the second factor is not required;
+    while it is, only once one of their devices verified this session."""
+    return not required() or user.is_verified()
+
+
+class LoginForm(OTPAdminAuthenticationForm):
+    """django-otp's admin login form: the password, then a code checked by a device, which after wrong codes
+    verifies nothing for a while (OTP_TOTP_THROTTLE_FACTOR). It asks which device once the password is right (since
+    1.7 it no longer tries each, which would count failures against the others); an operator has one, since the
+    enrol command replaces it, so that one is taken without asking. Staff with none are told how to get one, and
+    only once their password is right (the message tells no one else whether an account exists)."""
+
+    # The code an authenticator app shows: phones offer it from their keyboard, browsers fill in no password there.
+    otp_token = forms.CharField(required=False, widget=forms.TextInput(
+        attrs={"autocomplete": "one-time-code", "inputmode": "numeric"}))
+
+    def clean_otp(self, user):
+        if user is not None and not self.cleaned_data.get("otp_device"):
+            devices = list(devices_for_user(user))
+            if not devices:
+                raise ValidationError(
+                    "No second factor is enrolled for %(username)s, so the admin cannot be used yet: an operator "
+                    "with shell access runs `%(command)s %(username)s` and gives them the code it prints.",
+                    code="no_device", params={"username": user.get_username(), "command": ENROL_COMMAND})
+            if len(devices) == 1:
+                self.cleaned_data["otp_device"] = devices[0].persistent_id
+        super().clean_otp(user)
+
+
+class OperatorAdminSite(OTPAdminSite):
+    """`admin.site`: django-otp's OTPAdminSite (staff, and verified by a device) while the second factor is required,
+    Django's password login while it is not. Every ModelAdmin and every view wrapped in `admin_view` (the dashboard,
+    the operator actions' forms) goes through `has_permission`."""
+
+    site_header = "Agent Escrow Marketplace"
+    site_title = "Agent Escrow Marketplace"
+    index_title = "Administration"
+    index_template = "admin/marketplace_index.html"  # links the operators' dashboard
+    enable_nav_sidebar = False  # its width pushed the lists of money records into sideways scrolling
+
+    def __init__(self, name="admin"):
+        super().__init__(name)  # OTPAdminSite's own default name, "otpadmin", would rename every admin URL
+
+    @property
+    def login_form(self):
+        return LoginForm if required() else None  # None: Django's AdminAuthenticationForm
+
+    @property
+    def login_template(self):
+        return "admin/marketplace_login.html" if required() else None
+
+    def login(self, request, extra_context=None):
+        # The template adds a note above django-otp's login form, whichever its version names.
+        return super().login(request, {**(extra_context or {}), "otp_login_template": OTPAdminSite.login_template})
+
+    def has_permission(self, request):
+        if required():
+            return super().has_permission(request)
+        return AdminSite.has_permission(self, request)
+
+
+class SessionAuthentication(authentication.SessionAuthentication):
+    """DRF's session authentication (with its CSRF check), counting a session as the admin does: a password alone
+    does not act in the API what it cannot in the admin."""
+
+    def authenticate(self, request):
+        authenticated = super().authenticate(request)
+        if authenticated is None or not session_verified(authenticated[0]):
+            return None
+        return authenticated
+
+
+class SessionScheme(spectacular_authentication.SessionScheme):
+    """In the OpenAPI description, the session cookie as DRF's own session authentication shows it (`cookieAuth`)."""
+
+    target_class = SessionAuthentication
+
+
+@transaction.atomic
+def totp_device_enrol(*, user) -> tuple[TOTPDevice, int]:
+    """A new confirmed TOTP device for the staff member `user`, replacing those they had; and how many it replaced.
+    A replaced device's codes log in no more, and the sessions it verified are no longer verified (OTPMiddleware
+    finds their device gone): re-enrolling is also how a lost or leaked authenticator is shut out."""
+    if not user.is_active or not user.is_staff:
+        raise InvalidInput(f"{user.get_username()} is not staff (or not active): only staff use the admin.",
+                           code="not_staff")
+    replaced, _ = TOTPDevice.objects.filter(user=user).delete()
+    return TOTPDevice.objects.create(user=user, name="authenticator app", confirmed=True), replaced

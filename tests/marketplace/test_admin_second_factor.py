@@ -1,0 +1,247 @@
+"""The admin's second factor (ADMIN_REQUIRE_SECOND_FACTOR: on for the suite, as in production). A staff user needs
+the password and a current TOTP code of a device enrolled with `manage.py admin_totp_enrol`; a session without a
+verified device opens no admin page, runs no operator action, reads no /metrics and calls no API. With the setting
+off (the DEBUG demo of `make run`) the password alone logs in, as before."""
+
+import io
+import runpy
+import time
+import uuid
+from datetime import timedelta
+from urllib.parse import parse_qs, unquote, urlparse
+
+import pytest
+from django.contrib import admin
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.auth import get_user_model
+from django.core.management import CommandError, call_command
+from django.test import Client
+from django.urls import reverse
+from django.utils import timezone
+from django_otp.plugins.otp_totp.models import TOTPDevice
+
+import marketplace.settings
+from catalog.models import ApiKey
+from tests.catalog.factories import issue_key
+from tests.conftest import Api
+from tests.support.operators import code, enrol, log_in
+
+pytestmark = pytest.mark.django_db
+
+PASSWORD = "operator-password"
+
+
+@pytest.fixture
+def staff(db, settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # the real hasher: a second a hash
+    return get_user_model().objects.create_superuser("operator", "operator@example.com", PASSWORD)
+
+
+@pytest.fixture
+def password_only(staff) -> Client:
+    """A session logged in by the password alone: what the admin's login left before a second factor was required."""
+    client = Client()
+    client.force_login(staff)
+    return client
+
+
+def admin_pages() -> list[str]:
+    """Every model's list in the admin, and the pages of the admin's own: the dashboard, the index, an app's index,
+    the password change, an operator action's form."""
+    changelists = [reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist")
+                   for model in admin.site._registry]
+    return [*changelists, "/admin/", "/admin/dashboard/", "/admin/catalog/", "/admin/password_change/",
+            f"/admin/escrow/dispute/{uuid.uuid4()}/resolve/"]
+
+
+def redirected_to_login(response) -> bool:
+    return response.status_code == 302 and response.url.startswith("/admin/login/")
+
+
+def test_a_password_alone_opens_no_admin_page(password_only):
+    pages = admin_pages()
+    assert {"/admin/escrow/dispute/", "/admin/catalog/ownertoken/", "/admin/otp_totp/totpdevice/"} <= set(pages)
+    answers = {path: password_only.get(path) for path in pages}
+    assert {path: answer.status_code for path, answer in answers.items() if not redirected_to_login(answer)} == {}
+
+
+def test_a_password_alone_runs_no_operator_action(password_only, seller):
+    secret = issue_key(seller)
+    key = ApiKey.objects.get(agent=seller)
+
+    revoke = password_only.post(reverse("admin:catalog_apikey_changelist"),
+                                {"action": "revoke_credentials", ACTION_CHECKBOX_NAME: [str(key.pk)]})
+    resolve = password_only.post(f"/admin/escrow/dispute/{uuid.uuid4()}/resolve/", {"seller_amount_atomic": 0})
+
+    assert redirected_to_login(revoke) and redirected_to_login(resolve)
+    assert ApiKey.objects.get(pk=key.pk).revoked_at is None
+    assert Api(secret).get("/agents/me").status_code == 200
+
+
+def test_a_password_alone_reads_no_metrics_and_calls_no_api(password_only):
+    assert password_only.get("/metrics").status_code == 403
+    # An admin session is an owner's credentials in the API (catalog.authentication.IsOwner): it must not count.
+    assert password_only.get("/agents").status_code in (401, 403)
+    resolve = password_only.post(f"/usage-agreements/{uuid.uuid4()}/resolve", {"seller_amount_atomic": 0},
+                                 content_type="application/json")
+    assert resolve.status_code in (401, 403)
+
+
+def test_the_login_form_refuses_the_password_without_a_code(staff):
+    enrol("operator")
+    client = Client()
+
+    response = log_in(client, "operator", PASSWORD)
+
+    assert response.status_code == 200 and "Please enter your OTP token" in response.content.decode()
+    assert redirected_to_login(client.get("/admin/"))
+
+
+def test_the_password_and_a_current_code_open_the_admin_its_actions_metrics_and_the_api(staff, seller):
+    uri = enrol("operator")
+    secret = issue_key(seller)
+    key = ApiKey.objects.get(agent=seller)
+    client = Client()
+
+    assert log_in(client, "operator", PASSWORD, code(uri)).url == "/admin/"
+
+    for path in ("/admin/", "/admin/dashboard/", "/admin/catalog/apikey/", "/admin/otp_totp/totpdevice/"):
+        assert client.get(path).status_code == 200, path
+    assert client.get(f"/admin/escrow/dispute/{uuid.uuid4()}/resolve/").status_code == 404  # past the gate
+    client.post(reverse("admin:catalog_apikey_changelist"),
+                {"action": "revoke_credentials", ACTION_CHECKBOX_NAME: [str(key.pk)]})
+    assert ApiKey.objects.get(pk=key.pk).revoked_at is not None
+    assert Api(secret).get("/agents/me").status_code == 401
+    assert client.get("/metrics").status_code == 200
+    assert client.get("/agents").status_code == 200
+
+
+def test_a_wrong_code_is_refused(staff):
+    uri = enrol("operator")
+    client = Client()
+
+    response = log_in(client, "operator", PASSWORD, code(uri, at=time.time() - 3600))  # an hour old
+
+    assert response.status_code == 200 and "Invalid token" in response.content.decode()
+    assert redirected_to_login(client.get("/admin/"))
+
+
+def test_wrong_codes_hold_the_device_so_that_even_the_right_code_is_refused_for_a_while(staff):
+    """django-otp's throttle (OTP_TOTP_THROTTLE_FACTOR = 1): after n wrong codes in a row the device checks no code
+    for 2^(n-1) seconds, so guessing the 6 digits takes longer with each guess."""
+    uri = enrol("operator")
+    device = TOTPDevice.objects.get(user=staff)
+    client = Client()
+
+    def wait_passed(seconds):
+        TOTPDevice.objects.filter(pk=device.pk).update(
+            throttling_failure_timestamp=timezone.now() - timedelta(seconds=seconds))
+
+    def errors(response) -> str:
+        assert response.status_code == 200
+        return response.content.decode()
+
+    assert "Invalid token" in errors(log_in(client, "operator", PASSWORD, code(uri, at=time.time() - 3600)))
+    assert "disabled because of 1 failed attempt" in errors(log_in(client, "operator", PASSWORD, code(uri)))
+    assert "disabled because of 1 failed attempt" in errors(log_in(client, "operator", PASSWORD, "000000"))
+    wait_passed(1.1)
+    assert "Invalid token" in errors(log_in(client, "operator", PASSWORD, code(uri, at=time.time() - 3600)))
+    wait_passed(1.1)  # not 2 seconds: still refused
+    assert "disabled because of 2 failed attempts" in errors(log_in(client, "operator", PASSWORD, code(uri)))
+    assert redirected_to_login(client.get("/admin/"))
+
+    wait_passed(2.1)
+    assert log_in(client, "operator", PASSWORD, code(uri)).url == "/admin/"
+    device.refresh_from_db()
+    assert device.throttling_failure_count == 0  # a success forgets the failures
+
+
+def test_the_enrol_command_prints_a_uri_whose_codes_log_in_and_run_again_replaces_the_device(staff):
+    out = io.StringIO()
+    call_command("admin_totp_enrol", "operator", stdout=out)
+    printed = out.getvalue()
+    first = next(word for word in printed.split() if word.startswith("otpauth://"))
+    assert first.startswith("otpauth://totp/Agent%20Escrow%20Marketplace%3Aoperator?")
+    assert parse_qs(urlparse(first).query)["issuer"] == ["Agent Escrow Marketplace"]
+    assert "█" in printed or "▀" in printed  # the QR code, for the phone to scan
+
+    second = enrol("operator")
+
+    assert TOTPDevice.objects.filter(user=staff).count() == 1
+    assert parse_qs(urlparse(second).query)["secret"] != parse_qs(urlparse(first).query)["secret"]
+    assert log_in(Client(), "operator", PASSWORD, code(second)).url == "/admin/"
+    replaced = log_in(Client(), "operator", PASSWORD, code(first))
+    assert replaced.status_code == 200 and "Invalid token" in replaced.content.decode()
+
+
+def test_the_enrol_command_says_it_replaced_a_device(staff):
+    enrol("operator")
+    out = io.StringIO()
+    call_command("admin_totp_enrol", "operator", stdout=out)
+    assert "replaced" in out.getvalue().lower()
+
+
+def test_the_enrol_command_enrols_staff_only(staff):
+    get_user_model().objects.create_user("customer", "customer@example.com", "x")
+    with pytest.raises(CommandError, match="not staff"):
+        call_command("admin_totp_enrol", "customer", stdout=io.StringIO())
+    with pytest.raises(CommandError, match="No user"):
+        call_command("admin_totp_enrol", "nobody", stdout=io.StringIO())
+    assert not TOTPDevice.objects.exists()
+
+
+def test_staff_without_a_device_are_told_how_one_is_enrolled(staff):
+    client = Client()
+    page = client.get("/admin/login/").content.decode()
+    assert "second factor" in page and "admin_totp_enrol" in page
+
+    response = log_in(client, "operator", PASSWORD, "123456")
+
+    assert response.status_code == 200
+    assert "manage.py admin_totp_enrol operator" in unquote(response.content.decode())
+    assert redirected_to_login(client.get("/admin/"))
+
+
+def test_the_admin_lists_devices_but_never_their_keys(staff):
+    uri = enrol("operator")
+    client = Client()
+    log_in(client, "operator", PASSWORD, code(uri))
+    device = TOTPDevice.objects.get(user=staff)
+    secret = parse_qs(urlparse(uri).query)["secret"][0]
+
+    listing = client.get("/admin/otp_totp/totpdevice/")
+    page = client.get(f"/admin/otp_totp/totpdevice/{device.pk}/change/")
+
+    assert listing.status_code == page.status_code == 200
+    for shown in (listing.content.decode(), page.content.decode()):
+        assert device.key not in shown and secret not in shown and "qrcode" not in shown.lower()
+    assert client.get(f"/admin/otp_totp/totpdevice/{device.pk}/config/").status_code == 403
+    assert client.get(f"/admin/otp_totp/totpdevice/{device.pk}/qrcode/").status_code == 403
+    assert client.get("/admin/otp_totp/totpdevice/add/").status_code == 403  # enrolled by the command only
+
+
+def test_with_the_setting_off_the_password_alone_logs_in_as_before(staff, settings):
+    settings.ADMIN_REQUIRE_SECOND_FACTOR = False
+    client = Client()
+
+    assert log_in(client, "operator", PASSWORD).url == "/admin/"
+
+    for path in ("/admin/", "/admin/dashboard/", "/admin/catalog/apikey/"):
+        assert client.get(path).status_code == 200, path
+    assert client.get("/metrics").status_code == 200
+    assert client.get("/agents").status_code == 200
+
+
+@pytest.mark.parametrize(("environment", "required"), [
+    ({}, False),  # `make run`: DEBUG defaults to on
+    ({"DEBUG": "false"}, True),  # production
+    ({"DEBUG": "false", "ADMIN_REQUIRE_SECOND_FACTOR": "false"}, False),
+    ({"DEBUG": "true", "ADMIN_REQUIRE_SECOND_FACTOR": "true"}, True),
+])
+def test_the_second_factor_is_required_by_default_when_debug_is_off(monkeypatch, environment, required):
+    for name in ("DEBUG", "ADMIN_REQUIRE_SECOND_FACTOR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SECRET_KEY", "a-production-key-for-this-test")
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert runpy.run_path(marketplace.settings.__file__)["ADMIN_REQUIRE_SECOND_FACTOR"] is required

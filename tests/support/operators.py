@@ -1,0 +1,44 @@
+"""Operators as they log into the admin: a TOTP device enrolled with `manage.py admin_totp_enrol`, then the password
+and the authenticator app's current code on the admin's login form (ADMIN_REQUIRE_SECOND_FACTOR, on for the suite)."""
+
+import base64
+import io
+import re
+import time
+from urllib.parse import parse_qs, urlparse
+
+from django.core.management import call_command
+from django.test import Client
+from django_otp.oath import TOTP
+
+
+def enrol(username: str) -> str:
+    """Enrols a TOTP device for `username` with the command an operator runs; the otpauth:// URI it printed."""
+    out = io.StringIO()
+    call_command("admin_totp_enrol", username, stdout=out)
+    return re.search(r"otpauth://\S+", out.getvalue()).group(0)
+
+
+def code(uri: str, *, at: float | None = None) -> str:
+    """The code an authenticator app holding the otpauth:// `uri` shows now (or at the Unix time `at`)."""
+    params = {name: values[0] for name, values in parse_qs(urlparse(uri).query).items()}
+    secret = params["secret"]
+    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
+    digits = int(params.get("digits", 6))
+    totp = TOTP(key, step=int(params.get("period", 30)), digits=digits)
+    totp.time = time.time() if at is None else at
+    return f"{totp.token():0{digits}d}"
+
+
+def log_in(client: Client, username: str, password: str, otp_token: str = ""):
+    """Submits the admin's login form; a redirect to the admin's index is a login."""
+    return client.post("/admin/login/", {"username": username, "password": password, "otp_token": otp_token,
+                                         "next": "/admin/"})
+
+
+def operator_client(username: str, password: str) -> Client:
+    """A browser session of the staff user `username`, logged in with the password and a device enrolled for it."""
+    client = Client()
+    response = log_in(client, username, password, code(enrol(username)))
+    assert response.status_code == 302 and response.url == "/admin/", response.content.decode()
+    return client
