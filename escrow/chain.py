@@ -178,12 +178,23 @@ class _NodeHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _NodeHTTPSConnection
 
 
+_NODE_POOLS = {"http": _NodeHTTPPool, "https": _NodeHTTPSPool}
+
+
 class _NodeAdapter(HTTPAdapter):
     """requests' adapter, its connections reading answer heads by the try's deadline (`_HeadByDeadline`)."""
 
     def init_poolmanager(self, *args, **kwargs) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _NodeHTTPPool, "https": _NodeHTTPSPool}
+        self.poolmanager.pool_classes_by_scheme = _NODE_POOLS
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        # A proxy from the environment (HTTP_PROXY, HTTPS_PROXY) gets a manager of its own: its connections too.
+        # (A SOCKS proxy's pools are its own, and keep requests' per-read bound only.)
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):
+            manager.pool_classes_by_scheme = _NODE_POOLS
+        return manager
 
 
 class _BoundedSessionManager(HTTPSessionManager):

@@ -127,3 +127,25 @@ def test_a_node_answer_failing_transiently_is_tried_again_retries_times(node, se
     with pytest.raises(chain.ChainError):
         chain.latest_block_number()
     assert served["bytes_sent"] == 3
+
+
+def test_a_node_reached_through_an_http_proxy_is_bounded_alike(node, settings, monkeypatch):
+    """requests takes its proxy from the environment (HTTP_PROXY), and its proxy connections were urllib3's own,
+    without the head's bound: a proxy dribbling the head (or a node behind it) held the caller for the whole head."""
+
+    def dribbling(connection, served):  # the proxy, answering for the node
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Padding: " + b"a" * 40 + b"\r\n":
+            connection.sendall(bytes([byte]))
+            served["bytes_sent"] += 1
+            time.sleep(0.2)
+
+    served = node(dribbling)
+    monkeypatch.setenv("HTTP_PROXY", settings.CHAIN_RPC_URL)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    settings.CHAIN_RPC_URL, settings.CHAIN_RPC_TIMEOUT = "http://rpc.node.invalid:8545", 0.5
+    started = time.monotonic()
+    with pytest.raises(chain.RpcUnavailable):
+        chain.latest_block_number()
+    assert time.monotonic() - started < 2
+    assert served["bytes_sent"] < 5
