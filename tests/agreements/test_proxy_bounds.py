@@ -7,6 +7,8 @@ import socket
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from io import BytesIO
 
@@ -194,10 +196,10 @@ def test_a_query_string_not_percent_encoded_is_400_and_never_forwarded(active, h
     assert http_server.requests == [] and books(active) == (0, 0)
 
 
-def test_an_upstream_dribbling_its_answer_head_is_cut_off_at_the_proxy_timeout(escrow_chain, settings,
-                                                                             django_capture_on_commit_callbacks):
-    """PROXY_TIMEOUT bounded each read of the socket only: an upstream sending its head a byte at a time held the
-    call, and its reservation, for as long as it liked (past the reaper's rule)."""
+@contextmanager
+def _dribbling(head: bytes, *, drip: bytes, times: int, pause: float, tail: bytes = b"") -> Iterator[str]:
+    """An upstream answering one call with `head`, then `drip` every `pause` seconds `times` times, then `tail`;
+    yields its base URL."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def dribble():
@@ -205,18 +207,27 @@ def test_an_upstream_dribbling_its_answer_head_is_cut_off_at_the_proxy_timeout(e
         with upstream:
             upstream.recv(65536)
             try:
-                upstream.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-                for _ in range(12):  # a byte every 0.25 s: each read is quick, the head takes 3 s
-                    time.sleep(0.25)
-                    upstream.sendall(b"a")
-                upstream.sendall(b"\r\nContent-Length: 2\r\n\r\n{}")
+                upstream.sendall(head)
+                for _ in range(times):
+                    time.sleep(pause)
+                    upstream.sendall(drip)
+                upstream.sendall(tail)
             except OSError:
                 pass  # cut off
 
     threading.Thread(target=dribble, daemon=True).start()
     with listener:
-        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks,
-                                  f"http://127.0.0.1:{listener.getsockname()[1]}/api")
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/api"
+
+
+def test_an_upstream_dribbling_its_answer_head_is_cut_off_at_the_proxy_timeout(escrow_chain, settings,
+                                                                             django_capture_on_commit_callbacks):
+    """PROXY_TIMEOUT bounded each read of the socket only: an upstream sending its head a byte at a time held the
+    call, and its reservation, for as long as it liked (past the reaper's rule)."""
+    # A byte every 0.25 s: each read is quick, the head takes 3 s.
+    with _dribbling(b"HTTP/1.1 200 OK\r\nX-Slow: ", drip=b"a", times=12, pause=0.25,
+                    tail=b"\r\nContent-Length: 2\r\n\r\n{}") as upstream_url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, upstream_url)
         settings.PROXY_TIMEOUT = 0.5
         started = time.monotonic()
         response = raw(active, "get", f"{active.proxy}/slow")
@@ -349,24 +360,9 @@ def test_an_upstream_dribbling_its_answer_body_is_cut_off_at_the_answer_timeout(
                                                                                django_capture_on_commit_callbacks):
     """The body was bounded per read only (PROXY_TIMEOUT each): an upstream answering its head at once, then its
     body a byte at a time, held the web thread streaming it for as long as it liked, for one call's price."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def dribble():
-        upstream, _ = listener.accept()
-        with upstream:
-            upstream.recv(65536)
-            try:
-                upstream.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n")
-                for _ in range(40):  # a byte every 0.1 s: each read is quick, the body takes 4 s
-                    time.sleep(0.1)
-                    upstream.sendall(b"a")
-            except OSError:
-                pass  # cut off
-
-    threading.Thread(target=dribble, daemon=True).start()
-    with listener:
-        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks,
-                                  f"http://127.0.0.1:{listener.getsockname()[1]}/api")
+    # A byte every 0.1 s: each read is quick, the body takes 4 s.
+    with _dribbling(b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n", drip=b"a", times=40, pause=0.1) as upstream_url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, upstream_url)
         settings.PROXY_ANSWER_TIMEOUT = 0.8
         started = time.monotonic()
         response = raw(active, "get", f"{active.proxy}/slow")
