@@ -143,7 +143,8 @@ class NodeAnswerTooLarge(ValueError):
 
 # When the answer to the RPC try under way must be in (time.monotonic()): its head and its body are read by then.
 _answer_due: ContextVar[float | None] = ContextVar("chain_answer_due", default=None)
-# The watchdog the metered proxy's upstream heads use too (marketplace.concurrency.Deadlines), one per process.
+# A watchdog of the kind that bounds the metered proxy's upstream answers (marketplace.concurrency.Deadlines): one
+# thread per process.
 _ANSWER_HEADS = Deadlines("chain node answer head")
 
 
