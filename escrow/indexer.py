@@ -31,7 +31,6 @@ the transaction is mined again with the same signed bytes and its event comes ba
 """
 
 import logging
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -208,10 +207,10 @@ def _agreement_id(args: dict):
     raw, buyer = args.get("agreementId"), args.get("buyer")
     if not raw or not buyer:
         return None
-    value = int(raw, 16)
-    if value >= 2**128:
+    agreement_id = selectors.blockchain_identifier_to_agreement_id(raw)
+    if agreement_id is None:
         return None
-    return UsageAgreement.objects.filter(pk=uuid.UUID(int=value), settlement_model=SettlementModel.ESCROW,
+    return UsageAgreement.objects.filter(pk=agreement_id, settlement_model=SettlementModel.ESCROW,
                                          buyer_wallet_address=Web3.to_checksum_address(buyer)).values_list(
         "pk", flat=True).first()
 
