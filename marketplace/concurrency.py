@@ -13,6 +13,8 @@ is answered 503 with its code and `Retry-After`.
 
 `SlowPeers` bounds how many threads may wait on peers found slow, so that a slow peer cannot take them all.
 
+`PeerSlots` bounds how many threads may wait on one peer, and on all, at once, never waiting for a slot.
+
 `Deadlines` bounds blocking socket reads in all, where a socket's timeout bounds each read only.
 """
 
@@ -165,6 +167,59 @@ class SlowPeers:
         self._shed.inc()
         return Busy(f"This {self.name} is answering slowly and {why} Retry shortly; nothing was charged.",
                     code=self.code, details={"retry_after_seconds": Busy.retry_after})
+
+
+class PeerSlots:
+    """At most `settings.<per_peer>` slots held at once per peer and `settings.<in_all>` in all, in this process; a
+    request for one beyond either is refused at once (`Busy` with `code`), never waiting: for waits that may never
+    end (a client that stops sending its request's body), where a waiting request would hold a thread as well. A
+    limit of 0: no limit."""
+
+    def __init__(self, name: str, *, code: str, per_peer: str, in_all: str):
+        self.name, self.code = name, code
+        self._settings = (per_peer, in_all)
+        self._lock = threading.Lock()
+        self._held: dict[object, int] = {}  # peer -> slots it holds
+        self._held_in_all = 0
+        self._shed = REQUESTS_SHED.labels(bulkhead=name)
+
+    def take(self, peer: object) -> "PeerSlot":
+        per_peer, in_all = (getattr(settings, name) for name in self._settings)
+        with self._lock:
+            held = self._held.get(peer, 0)
+            if 0 < per_peer <= held:
+                raise self._busy(f"this client already has {held} of them under way here.")
+            if 0 < in_all <= self._held_in_all:
+                raise self._busy(f"{self._held_in_all} of them are already under way here.")
+            self._held[peer] = held + 1
+            self._held_in_all += 1
+        return PeerSlot(self, peer)
+
+    def _give_back(self, peer: object) -> None:
+        with self._lock:
+            held = self._held.pop(peer) - 1
+            if held:
+                self._held[peer] = held
+            self._held_in_all -= 1
+
+    def _busy(self, why: str) -> Busy:
+        self._shed.inc()
+        return Busy(f"Too many {self.name} at once on this server: {why} Retry shortly.", code=self.code,
+                    details={"retry_after_seconds": Busy.retry_after})
+
+
+class PeerSlot:
+    """One slot of `PeerSlots.take`, held until `give_back()` (idempotent)."""
+
+    __slots__ = ("slots", "peer", "held")
+
+    def __init__(self, slots: PeerSlots, peer: object):
+        self.slots, self.peer, self.held = slots, peer, True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots._give_back(self.peer)
 
 
 class PeerWait:

@@ -7,10 +7,11 @@ SIGHUP reloads the application (a deploy): see Server.
 
 Why granian rather than gunicorn: gunicorn parses HTTP and hands requests between its threads in Python, which
 cost about 0.4 ms of CPU per request on a bare WSGI app (granian: 0.1 ms) and 1.2–1.4 ms per metered-proxy call
-(bench/proxy.py; bench/HISTORY.md). What gunicorn gave us is kept: request bodies are streamed to the
-application, never buffered whole (the proxy reads at most PROXY_MAX_REQUEST_BYTES), a chunked body is delimited
-(`wsgi.input_terminated`), a worker that dies (say, killed mid-call) is started again, and headers must arrive
-within a bound of time and of size.
+(bench/proxy.py; bench/HISTORY.md). What gunicorn gave us is kept: a request body is read no further than its
+bound (the larger of the upload bounds: marketplace.request_bodies reads it ahead of Django), a chunked body is
+delimited (`wsgi.input_terminated`), a worker that dies (say, killed mid-call) is started again, and headers must
+arrive within a bound of time and of size. A body's time is not bounded by granian: marketplace.request_bodies
+bounds how many threads may wait on bodies.
 
 The benches and the fault suite start the server through `command`, so what they measure is what production runs.
 Prometheus: with PROMETHEUS_MULTIPROC_DIR set, every worker writes its counters there (marketplace.metrics); the

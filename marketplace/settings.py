@@ -393,6 +393,13 @@ UPSTREAM_ANSWER_MAX_BYTES = env.int("UPSTREAM_ANSWER_MAX_BYTES", default=2 * 102
 PROXY_INTENT_GRACE_SECONDS = env.int("PROXY_INTENT_GRACE_SECONDS", default=30)
 # Largest request body the metered proxy forwards (Content-Length or chunked); larger is 413.
 PROXY_MAX_REQUEST_BYTES = env.int("PROXY_MAX_REQUEST_BYTES", default=2_621_440)
+# Request bodies are read ahead of the application by at most this many threads of a web process per client address
+# and in all; a request with a body beyond either is answered 503 request_bodies_busy at once, unread
+# (marketplace.request_bodies: granian waits on a stalled body for ever). The defaults: a quarter and half of the
+# threads (WEB_THREADS, marketplace.serve). 0: no limit.
+REQUEST_BODY_READS_PER_CLIENT = env.int("REQUEST_BODY_READS_PER_CLIENT",
+                                        default=max(1, env.int("WEB_THREADS", default=16) // 4))
+REQUEST_BODY_READS = env.int("REQUEST_BODY_READS", default=max(1, env.int("WEB_THREADS", default=16) // 2))
 CELERY_BEAT_SCHEDULE["reap-call-intents"] = {
     "task": "agreements.tasks.reap_call_intents",
     "schedule": timedelta(seconds=env.int("PROXY_INTENT_REAP_SECONDS", default=30)),
