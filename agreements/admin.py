@@ -224,6 +224,17 @@ class WebhookSubscriptionAdmin(admin.ModelAdmin):
     def secret_hint(self, obj):
         return f"{obj.secret[:10]}…" if obj.secret else ""
 
+    def get_readonly_fields(self, request, obj=None):
+        # A deleted subscription's secrets are erased: it could only sign with an empty key, so it stays deleted
+        # (its agent subscribes anew).
+        deleted = obj is not None and not obj.is_active
+        return (*self.readonly_fields, "is_active") if deleted else self.readonly_fields
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change and "is_active" in form.changed_data and not obj.is_active:
+            webhooks.subscription_delete(subscription=obj)  # as the API's delete: secrets erased, deliveries ended
+
 
 def _may_redeliver(modeladmin, request) -> bool:
     return may_operate(request, WebhookDelivery)

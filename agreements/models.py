@@ -370,7 +370,7 @@ class WebhookSubscription(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="webhook_subscriptions")
     url = models.URLField(max_length=500)
-    # Kept in clear: HMAC signing needs it. Shown to the agent once, at creation or rotation.
+    # Kept in clear: HMAC signing needs it. Shown to the agent once, at creation or rotation; "" once deleted.
     secret = models.CharField(max_length=100, editable=False)
     # The secret the last rotation replaced, also signing until the expiry (marketplace.rotation); "" when none.
     previous_secret = models.CharField(max_length=100, blank=True, editable=False)

@@ -83,9 +83,11 @@ def event_ack(*, agent: Agent, event: AgreementEvent) -> AgentEventAck:
 
 
 def subscription_delete(*, subscription: WebhookSubscription) -> None:
-    """Nothing more goes to its URL: its pending deliveries end as failed, saying why, rather than pending for ever."""
+    """Nothing more goes to its URL: its pending deliveries end as failed, saying why, rather than pending for ever.
+    It signs nothing more, so its secrets are erased (a replay of its creation then answers the secret null)."""
     with transaction.atomic():
-        WebhookSubscription.objects.filter(pk=subscription.pk).update(is_active=False)
+        WebhookSubscription.objects.filter(pk=subscription.pk).update(
+            is_active=False, secret="", previous_secret="", previous_secret_expires_at=None)
         WebhookDelivery.objects.filter(subscription_id=subscription.pk, status=DeliveryStatus.PENDING).update(
             status=DeliveryStatus.FAILED, last_error="the subscription was deleted")
 

@@ -18,7 +18,8 @@ replay is answered from the stored response, so it asks the chain nothing.
 An answer showing a secret once (an API key, a proxy or webhook secret; `shown_once`) is stored without it. A
 replay reads the secret again from the row that keeps it, while that row's secret is still the one issued; else it
 answers null, the `Idempotent-Secret-Withheld` header saying why (`not_kept`: no row keeps it, as an API key is
-kept as a digest; `replaced`: rotated since).
+kept as a digest; `replaced`: rotated since; `deleted`: the row was deleted since, or its secret erased, as a
+deleted webhook subscription's is).
 """
 
 import contextlib
@@ -74,20 +75,23 @@ def _secret_digest(secret: str) -> str:
 def _replay(record: IdempotencyRecord) -> Response:
     body, headers = record.response_body, {"Idempotent-Replayed": "true"}
     if record.secret_field:
-        secret = _secret_if_still_issued(record) if record.secret_row else None
+        secret, withheld = _secret_if_still_issued(record) if record.secret_row else (None, "not_kept")
         body = {**body, record.secret_field: secret}
         if secret is None:
-            headers[SECRET_WITHHELD_HEADER] = "replaced" if record.secret_row else "not_kept"
+            headers[SECRET_WITHHELD_HEADER] = withheld
     return Response(body, status=record.response_status, headers=headers)
 
 
-def _secret_if_still_issued(record: IdempotencyRecord) -> str | None:
+def _secret_if_still_issued(record: IdempotencyRecord) -> tuple[str, None] | tuple[None, str]:
+    """The secret issued, read from the row keeping it, or None and why not (the header's value)."""
     label, pk = record.secret_row.rsplit(":", 1)
     current = apps.get_model(label)._default_manager.filter(pk=pk).values_list(
         record.secret_field, flat=True).first()
-    if current is None or not hmac.compare_digest(_secret_digest(current), record.secret_digest):
-        return None
-    return current
+    if not current:
+        return None, "deleted"
+    if not hmac.compare_digest(_secret_digest(current), record.secret_digest):
+        return None, "replaced"
+    return current, None
 
 
 def _fingerprint(request) -> str:

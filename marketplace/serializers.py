@@ -207,7 +207,8 @@ class SecretRotationSerializer(StrictSerializer):
 
 # The end of a secret field's help text, where an answer shows a secret once (`idempotency.shown_once`).
 REPLAYED_SECRET_HELP = (" An Idempotency-Key replay answers it while it is still the current one, else null "
-                        "(header `Idempotent-Secret-Withheld: replaced`): no record of the key keeps it.")
+                        "(header `Idempotent-Secret-Withheld`: `replaced` once rotated, `deleted` once its service "
+                        "or subscription is deleted): no record of the key keeps it.")
 
 
 class OverlapEndField(serializers.DateTimeField):

@@ -235,6 +235,34 @@ def test_a_replayed_subscription_answers_the_secret_no_record_keeps_until_it_is_
     assert not records_hold(issued) and not records_hold(rotated.json()["secret"])
 
 
+@pytest.mark.parametrize("route", ["/webhooks", "/agents/{agent}/webhooks"])
+def test_a_deleted_subscriptions_secret_is_erased_and_its_creations_replay_answers_none(seller, seller_api,
+                                                                                      http_server, route):
+    """A deleted subscription signs nothing more, so it keeps no secret: not in its row, not in a replay of the
+    request that created it."""
+    path, headers = route.format(agent=seller.pk), {"Idempotency-Key": "subscribe-once"}
+    first = seller_api.post(path, {"url": http_server.url}, headers=headers)
+    assert first.status_code == 201, first.content
+    assert seller_api.delete(f"/webhooks/{first.json()['id']}").status_code == 204
+
+    replay = seller_api.post(path, {"url": http_server.url}, headers=headers)
+    assert replay.status_code == 201 and replay["Idempotent-Replayed"] == "true"
+    assert replay.json() == {**first.json(), "secret": None} and replay["Idempotent-Secret-Withheld"] == "deleted"
+    assert WebhookSubscription.objects.filter(pk=first.json()["id"]).values_list("secret", flat=True).get() == ""
+
+
+def test_deleting_a_subscription_during_a_rotations_overlap_erases_the_replaced_secret_too(seller, seller_api,
+                                                                                          http_server):
+    subscription = subscribe(seller_api, http_server.url)
+    rotated = seller_api.post(f"/agents/{seller.pk}/webhooks/{subscription['id']}/rotate",
+                              {"previous_secret_valid_for_seconds": 600})
+    assert rotated.status_code == 200, rotated.content
+    assert seller_api.delete(f"/webhooks/{subscription['id']}").status_code == 204
+    stored = WebhookSubscription.objects.get(pk=subscription["id"])
+    assert (stored.is_active, stored.secret, stored.previous_secret, stored.previous_secret_expires_at) == (
+        False, "", "", None)
+
+
 def test_webhook_validation(seller_api, buyer_api):
     assert "invalid" in codes_at(seller_api.post("/webhooks", {"url": "nope"}), "url")
     assert "invalid_choice" in codes_at(seller_api.post("/webhooks", {"url": "https://x.io",

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from agreements.models import WebhookSubscription
 from catalog.models import ApiKey
 from escrow.models import ChainTransaction
 from marketplace import keys
@@ -67,6 +68,22 @@ def test_the_admin_shows_a_rotations_overlap_but_neither_secret(operator, seller
         content = operator.get(page).content.decode()
         assert "overlap running: the replaced secret signs too until" in content
         assert not [secret for secret in secrets if secret in content]
+
+
+def test_a_subscription_an_operator_deletes_in_the_admin_keeps_no_secret_and_stays_deleted(operator, seller,
+                                                                                            seller_api):
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
+    form = {"agent": seller.pk, "url": webhook["url"], "event_types": "[]",
+            "deliveries-TOTAL_FORMS": 0, "deliveries-INITIAL_FORMS": 0}
+    assert operator.post(page, form).status_code == 302  # is_active left unticked
+    stored = WebhookSubscription.objects.get(pk=webhook["id"])
+    assert (stored.is_active, stored.secret, stored.previous_secret) == (False, "", "")
+
+    # Ticked again, it would sign with an empty key: the box is gone and the field read-only.
+    assert 'name="is_active"' not in operator.get(page).content.decode()
+    assert operator.post(page, {**form, "is_active": "on"}).status_code == 302
+    assert not WebhookSubscription.objects.get(pk=webhook["id"]).is_active
 
 
 @pytest.mark.chain
