@@ -381,6 +381,14 @@ class WebhookSubscription(models.Model):
                                      help_text="Paused: events are not delivered (they stay in the agent's inbox).")
     created_at = models.DateTimeField(auto_now_add=True)
 
+    class Meta:
+        indexes = [
+            # The few subscriptions in a rotation's overlap, which the erasing sweep reads each minute
+            # (marketplace.rotation).
+            models.Index(fields=["previous_secret_expires_at"], name="webhook_overlap_ends_idx",
+                         condition=Q(previous_secret_expires_at__isnull=False)),
+        ]
+
     def __str__(self) -> str:
         return f"{self.agent} → {self.url}"
 

@@ -20,6 +20,11 @@ def retry_due_webhooks() -> int:
     return webhooks.deliveries_retry_due()
 
 
+@shared_task
+def erase_replaced_webhook_secrets() -> int:
+    return webhooks.replaced_secrets_erase()
+
+
 @shared_task(time_limit=SKILL_TIMEOUT_MAX_SECONDS + settings.OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS)
 def run_invocation(invocation_id: str) -> None:
     invocations.invocation_run(invocation_id=invocation_id)

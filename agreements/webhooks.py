@@ -55,6 +55,11 @@ def subscription_rotate_secret(*, subscription: WebhookSubscription,
     return subscription
 
 
+def replaced_secrets_erase(*, now: datetime | None = None) -> int:
+    """Erase the secrets rotations replaced whose overlap has ended (beat); how many."""
+    return rotation.replaced_secrets_erase(WebhookSubscription, secret_field="secret", now=now)
+
+
 def subscription_pause(*, subscription: WebhookSubscription, paused: bool) -> WebhookSubscription:
     """Paused: events are not delivered (the agent's inbox, GET /agents/{id}/events, still has them). Idempotent."""
     WebhookSubscription.objects.filter(pk=subscription.pk, paused_at__isnull=paused).update(

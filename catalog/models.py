@@ -192,6 +192,10 @@ class Service(models.Model):
             models.Index(fields=["state", "unit_price"], name="service_state_price_idx"),
             # The typo-tolerant search reads the services of the names it found (catalog.selectors).
             models.Index(fields=["name"], name="service_name_idx"),
+            # The few services in a rotation's overlap, which the erasing sweep reads each minute
+            # (marketplace.rotation).
+            models.Index(fields=["previous_proxy_secret_expires_at"], name="service_overlap_ends_idx",
+                         condition=Q(previous_proxy_secret_expires_at__isnull=False)),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(unit_price__gte=0), name="service_unit_price_non_negative"),

@@ -245,6 +245,11 @@ def service_proxy_secret_rotate(*, service: Service, actor: Agent, previous_secr
     return service
 
 
+def replaced_proxy_secrets_erase(*, now: datetime | None = None) -> int:
+    """Erase the proxy secrets rotations replaced whose overlap has ended (beat); how many."""
+    return rotation.replaced_secrets_erase(Service, secret_field="proxy_secret", now=now)
+
+
 def service_deregister(*, service: Service, actor: Agent | None) -> Service:
     """Hide a service from search; the row stays for agreements and history. Idempotent. `actor` None: operator."""
     if actor is not None:

@@ -10,6 +10,11 @@ def expire_api_keys() -> int:
 
 
 @shared_task
+def erase_replaced_proxy_secrets() -> int:
+    return services.replaced_proxy_secrets_erase()
+
+
+@shared_task
 def poll_availability() -> int:
     """Beat: one check per Masumi service, each its own task, so a slow seller delays no other."""
     service_ids = selectors.masumi_service_ids()

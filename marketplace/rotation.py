@@ -4,6 +4,9 @@ an overlap its owner chooses (at most a day), so a receiver switches to the new 
 
 A rotation during an overlap retires the current secret in its turn: the one before it stops signing at once. So a
 message carries at most two signatures, and a rotation with no overlap ends a running one (a leaked secret).
+
+Once its overlap has ended the replaced secret signs nothing, and a beat task erases it (`replaced_secrets_erase`),
+so a database read no longer gives it.
 """
 
 from datetime import datetime, timedelta
@@ -40,3 +43,12 @@ def previous_secret(row, secret_field: str, *, now: datetime | None = None) -> s
 def overlap_ends_at(row, secret_field: str) -> datetime | None:
     """When `row`'s running overlap ends; None when none runs."""
     return getattr(row, f"previous_{secret_field}_expires_at") if previous_secret(row, secret_field) else None
+
+
+def replaced_secrets_erase(model, *, secret_field: str, now: datetime | None = None) -> int:
+    """Erase the replaced `secret_field` of every `model` row whose overlap has ended, in one UPDATE; how many rows.
+    Safe to run twice. A rotation committed meanwhile gives its row a later expiry, which PostgreSQL's UPDATE reads
+    again on the row it waited for: that row's replaced secret is kept."""
+    previous, expires = f"previous_{secret_field}", f"previous_{secret_field}_expires_at"
+    return model._default_manager.filter(**{f"{expires}__lte": now or timezone.now()}).update(
+        **{previous: "", expires: None})

@@ -184,6 +184,15 @@ API_KEY_LAST_USED_RESOLUTION = timedelta(seconds=60)
 # The metered proxy reads an API key, and an agreement's terms, at most this often per process: a revocation, an
 # expiry, a deactivation or a service's new upstream takes effect within it.
 CREDENTIAL_CACHE_SECONDS = env.float("CREDENTIAL_CACHE_SECONDS", default=1.0)
+# A rotation's replaced proxy or webhook secret signs nothing once its overlap has ended; it is erased (a database
+# read no longer gives it) at most this long after (marketplace.rotation).
+REPLACED_SECRET_ERASE_SECONDS = env.int("REPLACED_SECRET_ERASE_SECONDS", default=60)
+CELERY_BEAT_SCHEDULE.update({
+    "erase-replaced-proxy-secrets": {"task": "catalog.tasks.erase_replaced_proxy_secrets",
+                                     "schedule": timedelta(seconds=REPLACED_SECRET_ERASE_SECONDS)},
+    "erase-replaced-webhook-secrets": {"task": "agreements.tasks.erase_replaced_webhook_secrets",
+                                       "schedule": timedelta(seconds=REPLACED_SECRET_ERASE_SECONDS)},
+})
 
 # Catalog searches running at once per web server process (marketplace.concurrency; 0: no limit): each costs the
 # database 2-5 ms of CPU, and more at once than its cores makes the slowest far slower. Beyond it a search waits at

@@ -6,14 +6,17 @@ import hashlib
 import hmac
 import time
 from datetime import datetime, timedelta
+from uuid import UUID
 
 import pytest
 from django.utils import timezone
 
 from agreements.models import WebhookSubscription
+from agreements.tasks import erase_replaced_webhook_secrets
 from catalog.models import Service
+from catalog.tasks import erase_replaced_proxy_secrets
 from sdk import proxy_signature, webhook_signature
-from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token
+from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service
 from tests.conftest import Api, codes_at, error_code
 from tests.support.idempotency import records_hold
 
@@ -134,6 +137,24 @@ def test_a_replayed_webhook_rotation_answers_the_new_secret_no_record_keeps_unti
     assert again.json() == {**first.json(), "secret": None} and again["Idempotent-Secret-Withheld"] == "replaced"
 
 
+def test_a_replaced_webhook_secret_is_erased_once_its_overlap_ends(seller, seller_api, http_server):
+    """It signs nothing after its overlap, so the beat task erases it: a database read no longer gives it."""
+    ended, running = (subscribe(seller, seller_api, f"{http_server.url}/hooks") for _ in range(2))
+    for subscription in (ended, running):
+        assert rotate_webhook(seller, seller_api, subscription, OVERLAP).status_code == 200
+    assert erase_replaced_webhook_secrets() == 0  # both overlaps run: both replaced secrets still sign
+
+    overlap_ended(WebhookSubscription, pk=ended["id"])
+    assert erase_replaced_webhook_secrets() == 1
+    assert erase_replaced_webhook_secrets() == 0  # idempotent
+    replaced = dict(WebhookSubscription.objects.values_list("pk", "previous_secret"))
+    assert replaced == {UUID(ended["id"]): "", UUID(running["id"]): running["secret"]}
+    assert WebhookSubscription.objects.get(pk=ended["id"]).previous_secret_expires_at is None
+    listed = seller_api.get(f"/agents/{seller.pk}/webhooks").json()
+    shown = {row["id"]: row["previous_secret_expires_at"] for row in listed}
+    assert shown[ended["id"]] is None and shown[running["id"]] is not None
+
+
 @pytest.mark.parametrize(("body", "code"), [
     ({"previous_secret_valid_for_seconds": -1}, "min_value"),
     ({"previous_secret_valid_for_seconds": 86_401}, "max_value"),
@@ -237,6 +258,24 @@ def test_a_replayed_proxy_secret_rotation_answers_the_new_secret_no_record_keeps
     again = rotate_proxy_secret(seller_api, service.pk, OVERLAP, **{"Idempotency-Key": "rotate-1"})
     assert again.json() == {**first.json(), "proxy_secret": None}
     assert again["Idempotent-Secret-Withheld"] == "replaced"
+
+
+def test_a_replaced_proxy_secret_is_erased_once_its_overlap_ends(service, seller, seller_api):
+    """It signs nothing after its overlap, so the beat task erases it: a database read no longer gives it."""
+    running = register_service(seller, name="Another translator", skills=[])
+    replaced = {service.pk: service.proxy_secret, running.pk: running.proxy_secret}
+    for service_id in replaced:
+        assert rotate_proxy_secret(seller_api, service_id, OVERLAP).status_code == 200
+    assert erase_replaced_proxy_secrets() == 0  # both overlaps run: both replaced secrets still sign
+
+    overlap_ended(Service, pk=service.pk)
+    assert erase_replaced_proxy_secrets() == 1
+    assert erase_replaced_proxy_secrets() == 0  # idempotent
+    kept = dict(Service.objects.values_list("pk", "previous_proxy_secret"))
+    assert kept == {service.pk: "", running.pk: replaced[running.pk]}
+    assert Service.objects.get(pk=service.pk).previous_proxy_secret_expires_at is None
+    assert seller_api.get(f"/agents/services/{service.pk}").json()["previous_proxy_secret_expires_at"] is None
+    assert seller_api.get(f"/agents/services/{running.pk}").json()["previous_proxy_secret_expires_at"] is not None
 
 
 @pytest.mark.parametrize(("body", "code"), [
