@@ -12,6 +12,11 @@ paid only for work delivered.
     status: pending -> processing -> completed | failed | timeout
             pending -> failed                        (payment failed; the seller is never called)
 
+A reorg deeper than the confirmation depth can take a confirmed payment, payout or refund off the chain; the
+relayer sends it again (see escrow.relayer). Meanwhile a payment not run on yet goes back to authorized (held ->
+authorized: the seller is called only on a payment the chain has) and a payout or refund back to paying_out or
+refunding.
+
 Never twice: the authorization's nonce is unique in the database (a replay is refused before any chain call);
 `status` and `money` change only under a row lock from the expected value; the seller is called only by whoever
 moves pending -> processing (one conditional UPDATE); a payout or refund is queued only on the single
@@ -153,6 +158,15 @@ def invocation_payment_failed(*, invocation_id, reason: str) -> None:
     invocation.save(update_fields=["money", "status", "error", "completed_at", "updated_at"])
 
 
+def invocation_payment_reopened(*, invocation_id, tx_hash: str) -> None:
+    """A reorg took the confirmed payment `tx_hash` off the chain; the relayer sends it again. An invocation not run
+    yet waits for it (authorized again: the run claims held invocations only); one run already is left as it is
+    until the payment's outcome is applied again."""
+    SkillInvocation.objects.filter(pk=invocation_id, status=Status.PENDING, money=Money.HELD,
+                                   payment_tx_hash=tx_hash).update(
+        money=Money.AUTHORIZED, paid_at=None, payment_tx_hash="", updated_at=timezone.now())
+
+
 # A paid synchronous invocation runs in the caller's request only for a skill whose limit is at most
 # INVOCATION_INLINE_MAX_SECONDS, and while fewer than INVOCATION_INLINE_CONCURRENCY do in this process; otherwise a
 # worker of the outbound queue runs it and the caller gets 202 and the status URL. A seller picks its skill's limit
@@ -190,6 +204,14 @@ def invocation_paid_out(*, invocation_id, tx_hash: str) -> None:
 def invocation_refunded(*, invocation_id, tx_hash: str) -> None:
     SkillInvocation.objects.filter(pk=invocation_id, money=Money.REFUNDING).update(
         money=Money.REFUNDED, settlement_tx_hash=tx_hash, updated_at=timezone.now())
+
+
+def invocation_settlement_reopened(*, invocation_id, tx_hash: str) -> None:
+    """A reorg took the confirmed payout or refund `tx_hash` off the chain; the relayer sends it again: paying out
+    (refunding) again until it is confirmed again, and naming no transaction meanwhile."""
+    for settled, settling in ((Money.PAID_OUT, Money.PAYING_OUT), (Money.REFUNDED, Money.REFUNDING)):
+        SkillInvocation.objects.filter(pk=invocation_id, money=settled, settlement_tx_hash=tx_hash).update(
+            money=settling, settlement_tx_hash="", updated_at=timezone.now())
 
 
 # --- running ---------------------------------------------------------------------------------------------------

@@ -21,11 +21,13 @@ from agreements import invocations, webhooks, x402_protocol
 from agreements.invocations import invocation_paid_out as invocation_paid_out
 from agreements.invocations import invocation_payment_confirmed as invocation_payment_confirmed
 from agreements.invocations import invocation_payment_failed as invocation_payment_failed
+from agreements.invocations import invocation_payment_reopened as invocation_payment_reopened
 from agreements.invocations import invocation_payment_requirements as invocation_payment_requirements
 from agreements.invocations import invocation_refunded as invocation_refunded
 from agreements.invocations import invocation_run as invocation_run
 from agreements.invocations import invocation_run_paid as invocation_run_paid
 from agreements.invocations import invocation_run_in_background as invocation_run_in_background
+from agreements.invocations import invocation_settlement_reopened as invocation_settlement_reopened
 from agreements.invocations import settlement_handler_register as settlement_handler_register
 # Usage writes the escrow app drives (settlement, Masumi purchases), offered here with the other services.
 from agreements.metering import completion_request as completion_request

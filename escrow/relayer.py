@@ -13,7 +13,8 @@
   same signed bytes (same nonce: it cannot run twice), or, when the nonce turns out used by someone else, sent
   again under a new nonce as the rules below say. The indexer runs it after rolling a reorg back (so the
   agreements are back where the remaining events put them before the outcome is applied again); each poll runs
-  it for the blocks the indexer has not applied yet.
+  it for the blocks the indexer has not applied yet. What no contract event records (a skill invocation's
+  payment, payout or refund) its purpose's `on_reopened` handler moves back.
 
 Evidence before action: every hash ever broadcast is kept and looked up; a transaction goes out under a new nonce
 only once its nonce is shown used, at the required depth, by a transaction that is none of its attempts. No
@@ -45,6 +46,7 @@ OutcomeHandler = Callable[[ChainTransaction], None]
 EvidenceReader = Callable[[ChainTransaction], dict]
 _outcome_handlers: dict[str, OutcomeHandler] = {}
 _submitted_handlers: dict[str, OutcomeHandler] = {}
+_reopened_handlers: dict[str, OutcomeHandler] = {}
 _evidence_readers: dict[str, EvidenceReader] = {}
 _GAS_HEADROOM_PERCENT = 25
 # The context key of an operator's retry: the failed transaction it sends again.
@@ -55,16 +57,21 @@ _POLL_GIVES_UP_AFTER = 5
 
 def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
                              on_submitted: OutcomeHandler | None = None,
-                             read_evidence: EvidenceReader | None = None) -> None:
+                             read_evidence: EvidenceReader | None = None,
+                             on_reopened: OutcomeHandler | None = None) -> None:
     """`on_outcome(tx)` runs in the DB transaction that makes `tx` confirmed or failed; `on_submitted(tx)` in the
     one that signs its first attempt (its hash is then known). `read_evidence(tx)` runs just before, outside any
     DB transaction, and reads from the chain what the outcome depends on; `on_outcome` finds its answer in
-    `tx.outcome_evidence` (stored with the outcome, for the audit)."""
+    `tx.outcome_evidence` (stored with the outcome, for the audit). `on_reopened(tx)` runs in the one that moves a
+    confirmed `tx` a reorg took off the chain back to submitted, before its outcome is cleared (`tx.mined_tx_hash`
+    is the hash no longer canonical); its outcome is applied again once it is concluded again."""
     _outcome_handlers[purpose] = on_outcome
     if on_submitted is not None:
         _submitted_handlers[purpose] = on_submitted
     if read_evidence is not None:
         _evidence_readers[purpose] = read_evidence
+    if on_reopened is not None:
+        _reopened_handlers[purpose] = on_reopened
 
 
 def no_outcome(tx: ChainTransaction) -> None:
@@ -291,13 +298,16 @@ def transactions_reopen_reorged(*, after_block: int | None = None) -> int:
 
 
 def _reopen(tx: ChainTransaction) -> bool:
-    """Back to submitted, its outcome to be applied again when it is mined again (the domain's transitions are
-    no-ops where the agreement already is, and a reorg the indexer saw moved the agreement back)."""
+    """Back to submitted, its outcome to be applied again when it is concluded again (the domain's transitions are
+    no-ops where the agreement already is, and a reorg the indexer saw moved the agreement back; what no contract
+    event records, such as a skill invocation's payment or payout, its `on_reopened` handler moves back)."""
     logger.warning("reorg below the confirmation depth: a confirmed transaction's block is no longer canonical",
                    extra={"tx_id": str(tx.pk), "block": tx.mined_block_number, "tx_hash": tx.mined_tx_hash})
     with transaction.atomic():
         if not _locked_if_unchanged(tx):
             return False
+        if tx.purpose in _reopened_handlers:
+            _reopened_handlers[tx.purpose](tx)
         tx.status = TxStatus.SUBMITTED
         tx.mined_tx_hash = tx.mined_block_hash = tx.failure_reason = ""
         tx.mined_block_number = tx.receipt_status = tx.confirmed_at = None

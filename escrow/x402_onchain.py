@@ -215,6 +215,14 @@ def _invocation_payment_outcome(tx: ChainTransaction) -> None:
         agreement_services.invocation_payment_failed(invocation_id=_invocation_id(tx), reason=tx.failure_reason)
 
 
+def _invocation_payment_reopened(tx: ChainTransaction) -> None:
+    agreement_services.invocation_payment_reopened(invocation_id=_invocation_id(tx), tx_hash=tx.mined_tx_hash)
+
+
+def _invocation_settlement_reopened(tx: ChainTransaction) -> None:
+    agreement_services.invocation_settlement_reopened(invocation_id=_invocation_id(tx), tx_hash=tx.mined_tx_hash)
+
+
 def _invocation_settle(invocation: SkillInvocation) -> None:
     payout = invocation.money == InvocationMoney.PAYING_OUT
     _enqueue_transfer_from_treasury(
@@ -368,11 +376,14 @@ def handlers_register() -> None:
     agreement_services.settlement_handler_register(handler=_invocation_settle)
     agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome,
-                                     read_evidence=_invocation_payment_evidence)
+                                     read_evidence=_invocation_payment_evidence,
+                                     on_reopened=_invocation_payment_reopened)
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYOUT,
-                                     on_outcome=_settlement_outcome(agreement_services.invocation_paid_out))
+                                     on_outcome=_settlement_outcome(agreement_services.invocation_paid_out),
+                                     on_reopened=_invocation_settlement_reopened)
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_REFUND,
-                                     on_outcome=_settlement_outcome(agreement_services.invocation_refunded))
+                                     on_outcome=_settlement_outcome(agreement_services.invocation_refunded),
+                                     on_reopened=_invocation_settlement_reopened)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome,
                                      read_evidence=_direct_fee_permit_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome)
