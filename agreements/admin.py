@@ -7,10 +7,11 @@ agreements.services / agreements.invocations; the escrow app's admin adds the ch
 
 from django.contrib import admin, messages
 from django.db.models import F
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from agreements import selectors, webhooks
+from agreements import invocations, selectors, webhooks
 from agreements.models import (
     AgreementEvent,
     FeeSchedule,
@@ -23,6 +24,7 @@ from agreements.models import (
 )
 from marketplace.admin import (
     URLS_ASSUME_HTTPS,
+    AcknowledgeForm,
     MoneyRecordAdmin,
     MoneyRecordInline,
     address_column,
@@ -34,6 +36,7 @@ from marketplace.admin import (
     short_id_column,
     tx_hash_column,
 )
+from marketplace.errors import ApplicationError
 
 AGREEMENT_PAGE_DELIVERIES = 20
 AGREEMENT_PAGE_USAGE_EVENTS = 50
@@ -311,14 +314,39 @@ def paid_for_html(authorization: PaymentAuthorization):
     return "-"
 
 
+@admin.action(description="Acknowledge selected reverted payments (kept, no longer failing reconcile)",
+              permissions=["acknowledge"])
+def acknowledge_reverted_payment(modeladmin, request, queryset):
+    """A page asking why, then invocations.invocations_acknowledge_reverted_payment."""
+    reverted = queryset.filter(payment_reverted_at__isnull=False, payment_reversal_acknowledged_at=None)
+    form = AcknowledgeForm(request.POST if request.POST.get("confirm") else None)
+    if form.is_valid():
+        try:
+            count = invocations.invocations_acknowledge_reverted_payment(
+                invocations=reverted, operator=request.user.get_username(), reason=form.cleaned_data["reason"])
+        except ApplicationError as exc:
+            form.add_error(None, f"{exc.message} ({exc.code})")
+        else:
+            messages.success(request, f"Acknowledged {count} reverted payment(s).")
+            return None
+    context = {**modeladmin.admin_site.each_context(request), "opts": modeladmin.model._meta, "form": form,
+               "invocations": reverted.select_related("skill", "seller"),
+               "selected": queryset.values_list("pk", flat=True),
+               "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME, "title": "Acknowledge reverted payments"}
+    return TemplateResponse(request, "admin/agreements/skillinvocation/acknowledge.html", context)
+
+
 @admin.register(SkillInvocation)
 class SkillInvocationAdmin(MoneyRecordAdmin):
     """Status and money move through agreements.invocations; a stuck payout or refund is retried from its
-    ChainTransaction (escrow admin)."""
+    ChainTransaction (escrow admin). A payment a reorg took after the seller was called (`payment_reverted_at`) an
+    operator looked into is acknowledged (action): it stays here, with who, when and why, and no longer fails
+    `reconcile`."""
 
     list_display = ("short_id", "skill", "seller", "buyer", "status", "money", "amount_display", "created_at",
-                    "completed_at")
-    list_filter = ("status", "money", "is_async")
+                    "completed_at", "payment_reverted_at")
+    list_filter = ("status", "money", "is_async", ("payment_reverted_at", admin.EmptyFieldListFilter),
+                   ("payment_reversal_acknowledged_at", admin.EmptyFieldListFilter))
     search_fields = ("id", "seller__handle", "buyer__handle", "skill__name", "payment_tx_hash",
                      "settlement_tx_hash", "authorization__payer")
     list_select_related = ("skill", "seller", "buyer")
@@ -326,8 +354,14 @@ class SkillInvocationAdmin(MoneyRecordAdmin):
     fields = ("id", "skill", "seller", "buyer", "status", "money", "amount_display", "payer_display",
               "seller_wallet_display", "payment_tx_display", "settlement_tx_display", "is_async",
               "run_in_background", "timeout_seconds", "input", "result", "error", "created_at", "paid_at",
-              "started_at", "deadline_at", "completed_at", "updated_at")
+              "started_at", "deadline_at", "completed_at", "payment_reverted_at", "payment_reverted_reason",
+              "payment_reversal_acknowledged_at", "payment_reversal_acknowledged_by",
+              "payment_reversal_acknowledgement_reason", "updated_at")
     readonly_fields = fields
+    actions = [acknowledge_reverted_payment]
+
+    def has_acknowledge_permission(self, request) -> bool:
+        return may_operate(request, SkillInvocation)
 
     short_id = short_id_column()
     amount_display = amount_column("amount")

@@ -15,7 +15,10 @@ paid only for work delivered.
 A reorg deeper than the confirmation depth can take a confirmed payment, payout or refund off the chain; the
 relayer sends it again (see escrow.relayer). Meanwhile a payment not run on yet goes back to authorized (held ->
 authorized: the seller is called only on a payment the chain has) and a payout or refund back to paying_out or
-refunding.
+refunding. A payment that then cannot run again after the seller was called (the buyer's funds spent on the new
+branch, the authorization expired) leaves the treasury holding nothing for the invocation: `payment_reverted_at`
+records it for an operator, money still held becomes payment_failed (so nothing is paid out or refunded), and
+what was paid out or refunded came from the treasury's own funds.
 
 Never twice: the authorization's nonce is unique in the database (a replay is refused before any chain call);
 `status` and `money` change only under a row lock from the expected value; the seller is called only by whoever
@@ -41,7 +44,7 @@ from agreements.models import InvocationMoney, InvocationStatus, SkillInvocation
 from catalog.models import Agent, Skill
 from marketplace import bounded_json, outbound, rotation
 from marketplace.concurrency import Bulkhead
-from marketplace.errors import NotFound
+from marketplace.errors import InvalidInput, NotFound
 from sdk import proxy_signature
 
 logger = logging.getLogger(__name__)
@@ -97,6 +100,15 @@ def invocation_fee(*, amount: int) -> int:
     return 0
 
 
+PAYMENT_REVERTED = "payment_reverted"
+
+
+def invocation_payment_status(invocation: SkillInvocation) -> str:
+    """Where the buyer's payment is, as the API shows it: its money state, or payment_reverted once a reorg took
+    a payment the seller was called on (whatever the treasury paid out or refunded, the buyer paid nothing)."""
+    return PAYMENT_REVERTED if invocation.payment_reverted_at else invocation.money
+
+
 def invocation_seller_share(invocation: SkillInvocation) -> int:
     """What the treasury forwards to the seller once the invocation completed."""
     return invocation.amount - invocation_fee(amount=invocation.amount)
@@ -139,8 +151,17 @@ def _run_after_commit(invocation_id) -> None:
 # --- payment outcomes (called by the escrow app) -------------------------------------------------------------
 
 def invocation_payment_confirmed(*, invocation_id, tx_hash: str) -> None:
+    """The payment ran (`tx_hash` moved the money). Applied again after a reorg took it off the chain, to an
+    invocation that went on meanwhile: it only names the transaction that paid on the new branch, which may be
+    another (a copy of the authorization someone else got mined first)."""
     invocation = _lock(invocation_id)
     if invocation.money != Money.AUTHORIZED:
+        if invocation.payment_tx_hash not in ("", tx_hash):
+            logger.warning("invocation payment confirmed again by another transaction",
+                           extra={"invocation_id": invocation.public_id, "tx_hash": tx_hash,
+                                  "replaced_tx_hash": invocation.payment_tx_hash})
+            invocation.payment_tx_hash = tx_hash
+            invocation.save(update_fields=["payment_tx_hash", "updated_at"])
         return
     invocation.money, invocation.paid_at, invocation.payment_tx_hash = Money.HELD, timezone.now(), tx_hash
     invocation.save(update_fields=["money", "paid_at", "payment_tx_hash", "updated_at"])
@@ -149,13 +170,32 @@ def invocation_payment_confirmed(*, invocation_id, tx_hash: str) -> None:
 
 
 def invocation_payment_failed(*, invocation_id, reason: str) -> None:
+    """The payment did not run: before the seller was called, the invocation fails and nothing was charged; after
+    (a reorg took the confirmed payment off the chain and it could not run again), see `_payment_reverted`."""
     invocation = _lock(invocation_id)
-    if invocation.money != Money.AUTHORIZED:
+    if invocation.money == Money.PAYMENT_FAILED or invocation.payment_reverted_at is not None:
+        return  # recorded already (an operator's retry of the failed payment failed too)
+    if invocation.status != Status.PENDING:
+        _payment_reverted(invocation, reason=reason)
         return
     invocation.money, invocation.status = Money.PAYMENT_FAILED, Status.FAILED
     invocation.error = f"payment failed, nothing was charged: {reason}"[:500]
     invocation.completed_at = timezone.now()
     invocation.save(update_fields=["money", "status", "error", "completed_at", "updated_at"])
+
+
+def _payment_reverted(invocation: SkillInvocation, *, reason: str) -> None:
+    """The seller was called on a payment the chain no longer has: the treasury holds nothing for the invocation.
+    A payment still held (the seller running) becomes payment_failed, so the run's end pays nothing out or back;
+    what was paid out or refunded already came from the treasury's own funds. Never run or paid again: recorded
+    for an operator, which reconcile and the dashboard show until one acknowledges it."""
+    logger.error("a reorg took the payment of an invocation whose seller was called, and it could not run again",
+                 extra={"invocation_id": invocation.public_id, "tx_hash": invocation.payment_tx_hash,
+                        "money": invocation.money, "reason": reason})
+    invocation.payment_reverted_at, invocation.payment_reverted_reason = timezone.now(), reason[:500]
+    if invocation.money == Money.HELD:
+        invocation.money = Money.PAYMENT_FAILED
+    invocation.save(update_fields=["payment_reverted_at", "payment_reverted_reason", "money", "updated_at"])
 
 
 def invocation_payment_reopened(*, invocation_id, tx_hash: str) -> None:
@@ -165,6 +205,19 @@ def invocation_payment_reopened(*, invocation_id, tx_hash: str) -> None:
     SkillInvocation.objects.filter(pk=invocation_id, status=Status.PENDING, money=Money.HELD,
                                    payment_tx_hash=tx_hash).update(
         money=Money.AUTHORIZED, paid_at=None, payment_tx_hash="", updated_at=timezone.now())
+
+
+def invocations_acknowledge_reverted_payment(*, invocations, operator: str, reason: str) -> int:
+    """Operator action: reverted payments someone looked into (the treasury's loss accepted, or recovered from the
+    buyer) are kept and stay visible, but no longer fail `reconcile` or the dashboard. Records who, when and why;
+    returns how many were acknowledged now (others, or those acknowledged already, are left)."""
+    reason = reason.strip()
+    if not reason:
+        raise InvalidInput("Say why the reverted payment is acknowledged.", code="reason_required")
+    return SkillInvocation.objects.filter(pk__in=invocations.values("pk"), payment_reverted_at__isnull=False,
+                                          payment_reversal_acknowledged_at=None).update(
+        payment_reversal_acknowledged_at=timezone.now(), payment_reversal_acknowledged_by=operator[:150],
+        payment_reversal_acknowledgement_reason=reason[:500])
 
 
 # A paid synchronous invocation runs in the caller's request only for a skill whose limit is at most
@@ -272,8 +325,12 @@ def _finish(invocation_id, *, to: str, result=None, error: str = "") -> SkillInv
             return invocation  # timed out meanwhile: the late answer is dropped, the buyer is being refunded
         invocation.status, invocation.result, invocation.error = to, result, error[:500]
         invocation.completed_at = timezone.now()
-        invocation.money = Money.PAYING_OUT if to == Status.COMPLETED else Money.REFUNDING
+        settle = invocation.money == Money.HELD  # not when a reorg took the payment meanwhile (payment_failed)
+        if settle:
+            invocation.money = Money.PAYING_OUT if to == Status.COMPLETED else Money.REFUNDING
         invocation.save(update_fields=["status", "result", "error", "completed_at", "money", "updated_at"])
+        if not settle:
+            return invocation
         if not _settlement_handler:
             raise ImproperlyConfigured("No invocation settlement handler is registered: the escrow app registers "
                                        "it in EscrowConfig.ready().")

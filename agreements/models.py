@@ -510,6 +510,17 @@ class SkillInvocation(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     deadline_at = models.DateTimeField(null=True, blank=True, help_text="started_at + timeout: timed out after.")
     completed_at = models.DateTimeField(null=True, blank=True)
+    payment_reverted_at = models.DateTimeField(
+        null=True, blank=True, help_text="A reorg deeper than the confirmation depth took the confirmed payment off "
+                                         "the chain after the seller was called, and it did not run again: the "
+                                         "treasury holds nothing for this invocation (a payout or refund it made "
+                                         "came from its own funds).")
+    payment_reverted_reason = models.CharField(max_length=500, blank=True)
+    payment_reversal_acknowledged_at = models.DateTimeField(
+        null=True, blank=True, help_text="An operator acknowledged the reverted payment: kept, no longer failing "
+                                         "reconcile.")
+    payment_reversal_acknowledged_by = models.CharField(max_length=150, blank=True)
+    payment_reversal_acknowledgement_reason = models.CharField(max_length=500, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -518,8 +529,13 @@ class SkillInvocation(models.Model):
             models.CheckConstraint(condition=Q(status__in=InvocationStatus.values), name="invocation_status_valid"),
             models.CheckConstraint(condition=Q(money__in=InvocationMoney.values), name="invocation_money_valid"),
             models.CheckConstraint(condition=Q(amount__gt=0), name="invocation_amount_positive"),
+            models.CheckConstraint(condition=Q(payment_reversal_acknowledged_at=None)
+                                   | Q(payment_reverted_at__isnull=False),
+                                   name="invocation_only_reverted_payment_acknowledged"),
         ]
-        indexes = [models.Index(fields=["status", "deadline_at"], name="invocation_status_deadline_idx")]
+        indexes = [models.Index(fields=["status", "deadline_at"], name="invocation_status_deadline_idx"),
+                   models.Index(fields=["payment_reverted_at"], condition=Q(payment_reverted_at__isnull=False),
+                                name="invocation_reverted_idx")]
 
     def __str__(self) -> str:
         return f"{self.skill} ({self.status}, {self.money})"

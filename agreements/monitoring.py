@@ -54,6 +54,12 @@ def _failures(limit: int) -> list[dashboard.Failure]:
                                    reason=delivery.last_error,
                                    admin_url=reverse("admin:agreements_webhookdelivery_change", args=[delivery.pk]))
                  for delivery in selectors.webhook_deliveries_failed_recently(limit=limit)]
+    failures += [dashboard.Failure(at=invocation.payment_reverted_at, kind="skill invocation payment reverted",
+                                   subject=f"{invocation.public_id} ({invocation.skill.name} of "
+                                           f"{invocation.seller.handle}, {invocation.money})",
+                                   reason=invocation.payment_reverted_reason,
+                                   admin_url=reverse("admin:agreements_skillinvocation_change", args=[invocation.pk]))
+                 for invocation in selectors.invocations_payment_reverted().reverse()[:limit]]
     return failures
 
 
@@ -96,6 +102,13 @@ def panels_register() -> None:
         name="marketplace_agreements", documentation="Usage agreements by status (counted at scrape time).",
         labels=("status",),
         counts=lambda: {(status,): count for status, count in selectors.agreement_counts_by_status().items()})
+    metrics.scrape_collector_register(
+        name="marketplace_invocation_payments_reverted",
+        documentation="Skill invocations whose payment a chain reorg took after their seller was called (the "
+                      "treasury holds nothing for them), by whether an operator acknowledged them.",
+        labels=("acknowledged",),
+        counts=lambda: {(str(acknowledged).lower(),): count
+                        for acknowledged, count in selectors.invocation_payments_reverted_counts().items()})
     dashboard.counts_register(title="Agreements by status", counts=selectors.agreement_counts_by_status)
     dashboard.failures_register(recent=_failures)
     dashboard.overdue_register(overdue=_overdue)

@@ -11,6 +11,7 @@ from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 from django.db.models.functions import TruncDay, TruncHour
 
 from agreements import x402_protocol
+from agreements.invocations import invocation_payment_status as invocation_payment_status
 from agreements.invocations import invocation_price as invocation_price
 from agreements.invocations import invocation_seller_share as invocation_seller_share
 from agreements.models import (
@@ -262,6 +263,22 @@ def webhook_deliveries_failed_recently(*, limit: int) -> QuerySet[WebhookDeliver
             .order_by("-created_at")[:limit])
 
 
+def invocations_payment_reverted(*, acknowledged: bool = False) -> QuerySet[SkillInvocation]:
+    """Invocations whose payment a reorg took after their seller was called (agreements.invocations), oldest
+    first: those no operator acknowledged yet, or (`acknowledged`) those one did."""
+    return (SkillInvocation.objects.filter(payment_reverted_at__isnull=False,
+                                           payment_reversal_acknowledged_at__isnull=not acknowledged)
+            .select_related("skill", "seller").order_by("payment_reverted_at"))
+
+
+def invocation_payments_reverted_counts() -> dict[bool, int]:
+    """How many reverted invocation payments there are, by whether an operator acknowledged them."""
+    counts = SkillInvocation.objects.filter(payment_reverted_at__isnull=False).aggregate(
+        acknowledged=Count("pk", filter=Q(payment_reversal_acknowledged_at__isnull=False)),
+        unacknowledged=Count("pk", filter=Q(payment_reversal_acknowledged_at=None)))
+    return {True: counts["acknowledged"], False: counts["unacknowledged"]}
+
+
 def webhook_deliveries_of_agreement(*, agreement_id, limit: int) -> QuerySet[WebhookDelivery]:
     """The latest webhook deliveries of the agreement's events (the payload names the agreement)."""
     return (WebhookDelivery.objects.filter(payload__data__agreement_id=str(agreement_id))
@@ -299,13 +316,14 @@ def usage_charged_by_bucket(*, since, step) -> dict:
 
 def volume_by_bucket(*, since, step) -> dict:
     """Money committed through the platform (base units), per bucket: escrow deposits when activated, direct
-    payments when paid, skill invocations when their payment confirmed."""
+    payments when paid, skill invocations when their payment confirmed (and no reorg took it since)."""
     escrow = _bucketed(UsageAgreement.objects.filter(settlement_model=SettlementModel.ESCROW),
                        field="activated_at", since=since, step=step, value=Sum("deposit_amount"))
     direct = _bucketed(UsageAgreement.objects.filter(settlement_model=SettlementModel.DIRECT_PAYMENT,
                                                      status=AgreementStatus.PAID),
                        field="settled_at", since=since, step=step, value=Sum("deposit_amount"))
-    invoked = _bucketed(SkillInvocation.objects.all(), field="paid_at", since=since, step=step, value=Sum("amount"))
+    invoked = _bucketed(SkillInvocation.objects.filter(payment_reverted_at=None), field="paid_at", since=since,
+                        step=step, value=Sum("amount"))
     totals: dict = {}
     for part in (escrow, direct, invoked):
         for bucket, amount in part.items():

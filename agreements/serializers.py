@@ -491,7 +491,10 @@ class InvocationPaymentSerializer(serializers.Serializer):
     currency = serializers.CharField()
     tx_hash = serializers.CharField(allow_blank=True, help_text="The buyer's payment to the platform treasury.")
     status = serializers.CharField(help_text="authorized, held, payment_failed, paying_out, paid_out, refunding, "
-                                             "refunded.")
+                                             "refunded; payment_reverted when a chain reorg took the confirmed "
+                                             "payment off the chain after the seller was called and it could not "
+                                             "run again: the buyer paid nothing (a payout or refund made already "
+                                             "stands).")
     settlement_tx_hash = serializers.CharField(allow_blank=True,
                                                help_text="The payout to the seller, or the refund to the buyer.")
 
@@ -529,7 +532,7 @@ def invocation_payment(invocation) -> dict:
     from x402.mechanisms.evm.utils import format_amount
 
     return {"amount": format_amount(invocation.amount, 6), "amount_atomic": invocation.amount, "currency": "USDC",
-            "tx_hash": invocation.payment_tx_hash, "status": invocation.money,
+            "tx_hash": invocation.payment_tx_hash, "status": selectors.invocation_payment_status(invocation),
             "settlement_tx_hash": invocation.settlement_tx_hash}
 
 

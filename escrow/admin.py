@@ -23,6 +23,7 @@ from escrow import chain, indexer, purchases, relayer, selectors, settlement
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPurchase,
                            RelayerAccount, TxAttempt, TxStatus)
 from marketplace.admin import (
+    AcknowledgeForm,
     MoneyRecordAdmin,
     MoneyRecordInline,
     address_column,
@@ -223,11 +224,6 @@ class AgreementWithChainAdmin(UsageAgreementAdmin):
 
 admin.site.unregister(UsageAgreement)
 admin.site.register(UsageAgreement, AgreementWithChainAdmin)
-
-
-class AcknowledgeForm(forms.Form):
-    reason = forms.CharField(max_length=500, widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
-                             help_text="Why these events need no action (kept with your name and the time).")
 
 
 @admin.action(description="Acknowledge selected failed events (kept, no longer failing reconcile)",

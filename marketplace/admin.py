@@ -10,6 +10,7 @@ and its second factor: `marketplace.second_factor.OperatorAdminSite`.)
   the chain has one (`marketplace.explorer`); ids are shortened the same way, so list rows stay one line high.
 """
 
+from django import forms
 from django.contrib import admin
 from django.db import models
 from django.urls import reverse
@@ -37,6 +38,13 @@ class MoneyRecordAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+class AcknowledgeForm(forms.Form):
+    """What an operator's acknowledgement of a failure asks (an unapplied chain event, a reverted payment)."""
+
+    reason = forms.CharField(max_length=500, widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
+                             help_text="Why they need no action (kept with your name and the time).")
 
 
 class MoneyRecordInline(admin.TabularInline):

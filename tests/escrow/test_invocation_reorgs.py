@@ -4,14 +4,20 @@ the relayer sends the same bytes again on the new branch, where they may no long
 what the chain did, and money the treasury paid out without having received it must reach an operator."""
 
 import io
+import logging
 from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.urls import reverse
+from django.utils import timezone
 
+from agreements import invocations
+from agreements.models import SkillInvocation
 from escrow import relayer
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
-from tests.agreements.test_invocations import Market
+from tests.agreements.test_invocations import PRICE, Market
 from tests.escrow.flow import USDC, confirm_all, fund, usdc_balance
 from tests.escrow.test_indexer import mined
 
@@ -48,6 +54,99 @@ def polls_until_concluded(capture, *transactions: ChainTransaction) -> None:
                for tx in transactions):
             return
     raise AssertionError("the reopened transactions were not concluded after 4 polls")
+
+
+def paid_and_settled_on_a_branch(market, capture, outcome: str) -> tuple[str, str]:
+    """A sync invocation paid, run (answered as `outcome` says) and its payout or refund confirmed, all on a branch
+    a snapshot taken just before the payment can undo. Returns the invocation id and the snapshot."""
+    upstream, _, money = SETTLED[outcome]
+    market.upstream.responses.append(upstream)
+    payment = market.pay("translate")
+    before_fork = market.chain.snapshot()
+    with capture(execute=True):
+        response = market.call("translate", payment)
+    confirm_all(capture)  # the payout or refund
+    invocation_id = response.json().get("invocation_id") or response.json()["error"]["details"]["invocation_id"]
+    invocation = invocation_of(market, invocation_id)
+    assert (invocation["status"], invocation["payment"]["status"]) == (outcome, money)
+    return invocation_id, before_fork
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+def test_a_payment_a_reorg_took_after_the_payout_that_cannot_run_again_is_recorded_until_acknowledged(
+        market, outcome, caplog, admin_client, django_capture_on_commit_callbacks):
+    """The new branch has neither the payment nor its payout (or refund); there the buyer spends its USDC before
+    the relayer sends the payment again, which reverts, while the payout, sent again too, pays the seller (or the
+    buyer) from the treasury's float. The treasury paid out money it never received: the invocation says so, an
+    error is logged, the dashboard and the metrics show it and reconcile fails until an operator acknowledges it.
+    Nothing runs or pays again."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    invocation_id, before_fork = paid_and_settled_on_a_branch(market, capture, outcome)
+    _, purpose, money = SETTLED[outcome]
+    payment, settlement = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                           ChainTransaction.objects.get(purpose=purpose))
+    treasury = usdc_balance(chain, market.treasury)
+
+    chain.revert(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1)
+    # Less than the price; not nothing, or the refund's stored bytes (gas estimated for a balance that was not
+    # empty) would run out of gas.
+    spend_all_but(chain, market.buyer.address, keep=1)
+    chain.mine(3)
+    with caplog.at_level(logging.ERROR, logger="agreements.invocations"):
+        polls_until_concluded(capture, payment, settlement)
+
+    payment.refresh_from_db()
+    settlement.refresh_from_db()
+    assert (payment.status, payment.receipt_status) == (TxStatus.FAILED, 0)
+    assert settlement.status == TxStatus.CONFIRMED
+    assert usdc_balance(chain, market.treasury) == treasury - PRICE  # paid out, never paid in
+    invocation = invocation_of(market, invocation_id)
+    assert invocation["status"] == outcome and invocation["payment"]["status"] == "payment_reverted"
+    assert invocation["payment"]["settlement_tx_hash"] == settlement.mined_tx_hash
+    [logged] = [record for record in caplog.records
+                if record.name == "agreements.invocations" and record.levelno == logging.ERROR]
+    assert logged.invocation_id == invocation_id and logged.tx_hash == payment.mined_tx_hash
+    assert len(market.upstream.requests) == 1  # the seller was called once
+    assert ChainTransaction.objects.filter(purpose=purpose).count() == 1  # and nothing paid out again
+
+    dashboard = admin_client.get("/admin/dashboard/").content.decode()
+    assert "skill invocation payment reverted" in dashboard and invocation_id in dashboard
+    metrics = admin_client.get("/metrics").content.decode()
+    assert 'marketplace_invocation_payments_reverted{acknowledged="false"} 1.0' in metrics
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+    out = io.StringIO()
+    call_command("reconcile", "--acknowledge-invocation", invocation_id, "--reason", "the platform bears it",
+                 "--by", "ops", stdout=out)
+    assert "Acknowledged 1 reverted invocation payment(s)." in out.getvalue() and "Consistent" in out.getvalue()
+    assert "acknowledged by ops at " in out.getvalue() and invocation_id in out.getvalue()
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_reverted"
+
+
+def test_a_payment_a_reorg_took_that_someone_else_sent_on_the_new_branch_is_paid_by_that_transaction(
+        market, django_capture_on_commit_callbacks):
+    """On the new branch whoever held the authorization (it was public in the old branch's block) gets it mined
+    first: the buyer paid all the same, by another transaction; ours, sent again, reverts. The invocation stays
+    paid, and names the transaction that paid."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    invocation_id, before_fork = paid_and_settled_on_a_branch(market, capture, "completed")
+    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                       ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
+
+    chain.revert(before_fork)
+    copied = chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": payment.to_address,
+                                            "data": payment.data, "gas": 200_000})
+    mined(chain, copied)
+    chain.mine(3)
+    polls_until_concluded(capture, payment, payout)
+
+    payment.refresh_from_db()
+    assert payment.status == TxStatus.FAILED and payment.outcome_evidence["used_by"] == "0x" + copied.hex()
+    invocation = invocation_of(market, invocation_id)
+    assert invocation["payment"]["status"] == "paid_out"
+    assert invocation["payment"]["tx_hash"] == "0x" + copied.hex()
+    assert invocation["payment"]["settlement_tx_hash"] == ChainTransaction.objects.get(pk=payout.pk).mined_tx_hash
+    call_command("reconcile", stdout=io.StringIO())
 
 
 @pytest.mark.parametrize("outcome", ["completed", "failed"])
@@ -124,3 +223,44 @@ def test_a_payment_a_reorg_took_before_the_invocation_ran_holds_the_run_until_it
     assert market.upstream.requests == []
     assert not ChainTransaction.objects.exclude(purpose=TxPurpose.INVOCATION_PAYMENT).exists()
     call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_payment_a_reorg_took_while_the_seller_ran_is_neither_paid_out_nor_refunded(
+        market, admin_client, admin_user, django_capture_on_commit_callbacks):
+    """The worker had taken the invocation when its payment was taken off the chain, and the payment cannot run
+    again: the treasury holds nothing for it, so its end queues no payout or refund; the seller worked unpaid, which
+    an operator is told of as of any reverted payment."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    payment = market.pay("render")
+    before_fork = chain.snapshot()
+    invocation_id = market.call("render", payment).json()["invocation_id"]  # its worker never runs
+    pk = invocation_id.removeprefix("inv_")
+    payment_tx = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
+    SkillInvocation.objects.filter(pk=pk).update(  # the worker took it and is calling the seller
+        status="processing", started_at=timezone.now(), deadline_at=timezone.now() + timedelta(seconds=30))
+
+    chain.revert(before_fork)
+    spend_all_but(chain, market.buyer.address, keep=1)  # less than the price
+    chain.mine(3)
+    polls_until_concluded(capture, payment_tx)
+    with capture(execute=True):  # the worker's call ends: here, past its deadline
+        assert invocations.invocations_sweep(now=timezone.now() + timedelta(minutes=1))["timed_out"] == 1
+    confirm_all(capture)
+
+    invocation = invocation_of(market, invocation_id)
+    assert (invocation["status"], invocation["payment"]["status"]) == ("timeout", "payment_reverted")
+    assert not ChainTransaction.objects.exclude(purpose=TxPurpose.INVOCATION_PAYMENT).exists()
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+
+    changelist = reverse("admin:agreements_skillinvocation_changelist")
+    selected = {"action": "acknowledge_reverted_payment", "_selected_action": [pk]}
+    asked = admin_client.post(changelist, selected)
+    assert asked.status_code == 200 and invocation_id in asked.content.decode()
+    assert admin_client.post(changelist, {**selected, "confirm": "yes", "reason": "seller paid by hand"}
+                             ).status_code == 302
+    acknowledged = SkillInvocation.objects.get(pk=pk)
+    assert (acknowledged.payment_reversal_acknowledged_by, acknowledged.payment_reversal_acknowledgement_reason) == (
+        admin_user.username, "seller paid by hand")
+    call_command("reconcile", stdout=io.StringIO())
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_reverted"

@@ -1,14 +1,18 @@
-"""Compare every funded agreement with the escrow contract, and report the chain indexer's lag and the events it
-could not apply; exit 1 on any difference or unapplied event (the chain is the truth). An operator who looked into
-an unapplied event acknowledges it (`--acknowledge ID --reason ...`, or the admin's action): it is still listed,
-and no longer fails the command."""
+"""Compare every funded agreement with the escrow contract, and report the chain indexer's lag, the events it
+could not apply and the skill invocations whose payment a reorg took after their seller was called; exit 1 on any
+difference, unapplied event or reverted payment (the chain is the truth). An operator who looked into one
+acknowledges it (`--acknowledge ID` for an event, `--acknowledge-invocation INVOCATION_ID` for a reverted payment,
+with `--reason ...`; or the admin's actions): it is still listed, and no longer fails the command."""
 
 import getpass
+import uuid
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from agreements.models import FUNDED_STATUSES, SettlementModel, UsageAgreement
+from agreements import selectors as agreement_selectors
+from agreements import services as agreement_services
+from agreements.models import FUNDED_STATUSES, SettlementModel, SkillInvocation, UsageAgreement
 from escrow import indexer, selectors
 from escrow.models import ChainEvent
 from marketplace.errors import ApplicationError
@@ -16,6 +20,14 @@ from marketplace.errors import ApplicationError
 def _describe(event: ChainEvent) -> str:
     return (f"event {event.name} in block {event.block_number} (tx {event.tx_hash}, log {event.log_index}) for "
             f"agreement {event.agreement_id} not applied: {event.error}")
+
+
+def _describe_reverted(invocation: SkillInvocation) -> str:
+    settled = f", {invocation.money} by tx {invocation.settlement_tx_hash}" if invocation.settlement_tx_hash else ""
+    return (f"invocation {invocation.public_id} ({invocation.skill.name} of {invocation.seller.handle}, "
+            f"{invocation.amount} base units): its payment (tx {invocation.payment_tx_hash}) was taken off the chain "
+            f"by a reorg after the seller was called{settled}, and could not run again: "
+            f"{invocation.payment_reverted_reason}")
 
 
 class Command(BaseCommand):
@@ -26,21 +38,34 @@ class Command(BaseCommand):
         parser.add_argument("--acknowledge", type=int, nargs="+", metavar="EVENT_ID", default=[],
                             help="Acknowledge these unapplied chain events first (ids as in the admin's Chain "
                                  "events); requires --reason.")
-        parser.add_argument("--reason", default="", help="Why the acknowledged events need no action.")
+        parser.add_argument("--acknowledge-invocation", nargs="+", metavar="INVOCATION_ID", default=[],
+                            help="Acknowledge the reverted payments of these skill invocations first (inv_...); "
+                                 "requires --reason.")
+        parser.add_argument("--reason", default="", help="Why the acknowledged events or payments need no action.")
         parser.add_argument("--by", default="", help="Who acknowledges (default: the OS user).")
 
     def handle(self, *args, **options):
+        operator = options["by"] or getpass.getuser()
         if options["acknowledge"]:
-            self._acknowledge(options["acknowledge"], reason=options["reason"],
-                              operator=options["by"] or getpass.getuser())
+            self._acknowledge(options["acknowledge"], reason=options["reason"], operator=operator)
+        if options["acknowledge_invocation"]:
+            self._acknowledge_invocations(options["acknowledge_invocation"], reason=options["reason"],
+                                          operator=operator)
         agreements = UsageAgreement.objects.filter(status__in=FUNDED_STATUSES, settlement_model=SettlementModel.ESCROW)
         problems = selectors.reconciliation_mismatches(agreements=agreements.iterator())
         problems += [_describe(event) for event in selectors.indexer_unapplied_events()]
+        problems += [_describe_reverted(invocation)
+                     for invocation in agreement_selectors.invocations_payment_reverted()]
         for line in problems:
             self.stdout.write(line)
         for event in selectors.indexer_unapplied_events(acknowledged=True):
             self.stdout.write(f"acknowledged by {event.acknowledged_by} at {event.acknowledged_at:%Y-%m-%d %H:%M:%S %Z}"
                               f" ({event.acknowledgement_reason}): {_describe(event)}")
+        for invocation in agreement_selectors.invocations_payment_reverted(acknowledged=True):
+            self.stdout.write(f"acknowledged by {invocation.payment_reversal_acknowledged_by} at "
+                              f"{invocation.payment_reversal_acknowledged_at:%Y-%m-%d %H:%M:%S %Z} "
+                              f"({invocation.payment_reversal_acknowledgement_reason}): "
+                              f"{_describe_reverted(invocation)}")
         self._report_lag()
         if problems:
             raise CommandError(f"{len(problems)} mismatch(es) between the database and the chain.")
@@ -53,6 +78,18 @@ class Command(BaseCommand):
         except ApplicationError as error:
             raise CommandError(f"{error.message} ({error.code})") from error
         self.stdout.write(f"Acknowledged {count} unapplied event(s).")
+
+    def _acknowledge_invocations(self, public_ids: list[str], *, reason: str, operator: str) -> None:
+        try:
+            pks = [uuid.UUID(public_id.removeprefix("inv_")) for public_id in public_ids]
+        except ValueError as error:
+            raise CommandError(f"Not an invocation id: {error}") from error
+        try:
+            count = agreement_services.invocations_acknowledge_reverted_payment(
+                invocations=SkillInvocation.objects.filter(pk__in=pks), operator=operator, reason=reason)
+        except ApplicationError as error:
+            raise CommandError(f"{error.message} ({error.code})") from error
+        self.stdout.write(f"Acknowledged {count} reverted invocation payment(s).")
 
     def _report_lag(self) -> None:
         lag = selectors.indexer_lag()
