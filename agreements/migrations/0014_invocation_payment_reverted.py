@@ -6,8 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agreements', '0012_secret_rotation'),
-        ('catalog', '0015_secret_rotation'),
+        ('agreements', '0013_replaced_secret_sweep_index'),
     ]
 
     operations = [
