@@ -6,7 +6,7 @@ client that sent a `Content-Length` and then nothing held a thread until it went
 every thread of both workers, and the server answered no one (SECURITY.md, "Hostile input").
 
 So a request with a body first takes a slot (`marketplace.concurrency.PeerSlots`): at most
-`REQUEST_BODY_READS_PER_CLIENT` per client address (the one the rate limits count) and `REQUEST_BODY_READS` in all
+`REQUEST_BODY_READS_PER_CLIENT` per client (its address as the rate limits count it, an IPv6 one's /64) and `REQUEST_BODY_READS` in all
 per process; beyond either it is answered 503 `request_bodies_busy` at once, its body unread. With the slot it reads
 the body whole (bodies up to the larger of the two upload bounds, `DATA_UPLOAD_MAX_MEMORY_SIZE` and
 `PROXY_MAX_REQUEST_BYTES`), gives the slot back, and the application reads it from memory. A stalled client
@@ -25,7 +25,7 @@ from django.http.request import HttpHeaders
 
 from marketplace.concurrency import Busy, PeerSlots
 from marketplace.errors import error_body
-from marketplace.throttling import client_address
+from marketplace.throttling import client_network
 
 BODY_READS = PeerSlots("request bodies", code="request_bodies_busy", per_peer="REQUEST_BODY_READS_PER_CLIENT",
                        in_all="REQUEST_BODY_READS")
@@ -34,7 +34,7 @@ _MAX_LENGTH_DIGITS = 18
 
 
 class _Client:
-    """What `client_address` reads of a request, from its WSGI environ."""
+    """What `client_network` reads of a request, from its WSGI environ."""
 
     def __init__(self, environ: dict):
         self.META, self.headers = environ, HttpHeaders(environ)
@@ -50,7 +50,7 @@ def read_ahead(application):
         if not chunked and not length:  # no body, or one the application reads as none
             return application(environ, start_response)
         try:
-            slot = BODY_READS.take(client_address(_Client(environ)))
+            slot = BODY_READS.take(client_network(_Client(environ)))
         except Busy as busy:
             return _refused(busy, start_response)
         bound = max(settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 0, settings.PROXY_MAX_REQUEST_BYTES)

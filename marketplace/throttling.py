@@ -23,6 +23,7 @@ the window has left and shrinks to a single request near the limit, so the limit
 leased and did not use in a window counts as used (at most LEASE_MAX - 1 requests per process and budget).
 """
 
+import ipaddress
 import math
 import threading
 import time
@@ -148,6 +149,23 @@ def client_address(request) -> str:
     return _ADDRESSES.get_ident(request)
 
 
+def client_network(request) -> str:
+    """Who the client is, for counting it (rate limits without a credential, the web threads waiting on its request
+    bodies): its address (`client_address`), or for IPv6 the /64 the address is in. A host is usually given a
+    whole /64 and can send from any of its 2^64 addresses: counted per address, each would be a client of its own.
+    An IPv4 address written as IPv6 (`::ffff:192.0.2.1`) is that IPv4 address."""
+    address = client_address(request)
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:  # not an address (a trusted proxy's header gave something else): counted as written
+        return address
+    if parsed.version == 4:
+        return address
+    if parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+
+
 _ADDRESSES = ScopedRateThrottle()
 
 
@@ -184,5 +202,5 @@ class CredentialRateThrottle(ScopedRateThrottle):
         if request.user and request.user.is_authenticated:
             ident = f"user:{request.user.pk}"
         else:
-            ident = self.get_ident(request)
+            ident = client_network(request)
         return self.cache_format % {"scope": scope, "ident": ident}

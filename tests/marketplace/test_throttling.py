@@ -165,6 +165,22 @@ def test_x_forwarded_for_is_not_trusted_unless_proxies_are_configured(limits, an
     assert_rate_limited(anon.post(url, {}, headers={"X-Forwarded-For": "203.0.113.1"}))
 
 
+def test_an_ipv6_client_counts_as_its_slash_64_so_new_addresses_do_not_buy_new_budgets(limits, anon):
+    """A host given an IPv6 /64 (the usual end-site assignment) picks from 2^64 addresses: counted per address, each
+    was a budget of its own."""
+    limits(payments="2/day")
+
+    def invoke(host: str):
+        return anon.client.post("/agents/nobody/nothing", {}, format="json", REMOTE_ADDR=host)
+
+    for host in ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:fffe"):
+        assert invoke(host).status_code == 404
+    assert_rate_limited(invoke("2001:db8:1:2::9"))
+    assert invoke("2001:db8:1:3::1").status_code == 404  # the next /64: another client
+    assert invoke("::ffff:192.0.2.1").status_code == 404  # IPv4 written as IPv6: its own address
+    assert invoke("192.0.2.2").status_code == 404
+
+
 def _redis_round_trips(monkeypatch) -> list:
     sent = []
     send = Connection.send_packed_command
