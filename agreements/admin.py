@@ -5,9 +5,10 @@ invocations are records of money: view only (marketplace.admin.MoneyRecordAdmin)
 agreements.services / agreements.invocations; the escrow app's admin adds the chain side of an agreement's page.
 """
 
+import functools
+
 from django.contrib import admin, messages
 from django.db.models import F
-from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
@@ -24,7 +25,7 @@ from agreements.models import (
 )
 from marketplace.admin import (
     URLS_ASSUME_HTTPS,
-    AcknowledgeForm,
+    acknowledgement_page,
     MoneyRecordAdmin,
     MoneyRecordInline,
     address_column,
@@ -36,7 +37,6 @@ from marketplace.admin import (
     short_id_column,
     tx_hash_column,
 )
-from marketplace.errors import ApplicationError
 
 AGREEMENT_PAGE_DELIVERIES = 20
 AGREEMENT_PAGE_USAGE_EVENTS = 50
@@ -319,21 +319,14 @@ def paid_for_html(authorization: PaymentAuthorization):
 def acknowledge_reverted_payment(modeladmin, request, queryset):
     """A page asking why, then invocations.invocations_acknowledge_reverted_payment."""
     reverted = queryset.filter(payment_reverted_at__isnull=False, payment_reversal_acknowledged_at=None)
-    form = AcknowledgeForm(request.POST if request.POST.get("confirm") else None)
-    if form.is_valid():
-        try:
-            count = invocations.invocations_acknowledge_reverted_payment(
-                invocations=reverted, operator=request.user.get_username(), reason=form.cleaned_data["reason"])
-        except ApplicationError as exc:
-            form.add_error(None, f"{exc.message} ({exc.code})")
-        else:
-            messages.success(request, f"Acknowledged {count} reverted payment(s).")
-            return None
-    context = {**modeladmin.admin_site.each_context(request), "opts": modeladmin.model._meta, "form": form,
-               "invocations": reverted.select_related("skill", "seller"),
-               "selected": queryset.values_list("pk", flat=True),
-               "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME, "title": "Acknowledge reverted payments"}
-    return TemplateResponse(request, "admin/agreements/skillinvocation/acknowledge.html", context)
+    return acknowledgement_page(
+        modeladmin, request, queryset, what="reverted payments", none_left="None of the selected invocations has a "
+        "reverted payment not acknowledged yet.",
+        acknowledge=functools.partial(invocations.invocations_acknowledge_reverted_payment, invocations=reverted),
+        columns=["Invocation", "Skill", "Money", "Payment transaction", "Reverted", "Reason"],
+        rows=([invocation.public_id, f"{invocation.skill.name} of {invocation.seller.handle}", invocation.money,
+               invocation.payment_tx_hash, invocation.payment_reverted_at, invocation.payment_reverted_reason]
+              for invocation in reverted.select_related("skill", "seller")))
 
 
 @admin.register(SkillInvocation)

@@ -9,6 +9,8 @@ not apply (indexer.events_acknowledge). All need the model's change permission.
 
 from datetime import UTC, datetime
 
+import functools
+
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
@@ -23,7 +25,7 @@ from escrow import chain, indexer, purchases, relayer, selectors, settlement
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPurchase,
                            RelayerAccount, TxAttempt, TxStatus)
 from marketplace.admin import (
-    AcknowledgeForm,
+    acknowledgement_page,
     MoneyRecordAdmin,
     MoneyRecordInline,
     address_column,
@@ -231,20 +233,13 @@ admin.site.register(UsageAgreement, AgreementWithChainAdmin)
 def acknowledge_failed(modeladmin, request, queryset):
     """A page asking why, then indexer.events_acknowledge."""
     failed = queryset.filter(effect=EventEffect.FAILED, acknowledged_at=None)
-    form = AcknowledgeForm(request.POST if request.POST.get("confirm") else None)
-    if form.is_valid():
-        try:
-            count = indexer.events_acknowledge(events=failed, operator=request.user.get_username(),
-                                               reason=form.cleaned_data["reason"])
-        except ApplicationError as exc:
-            form.add_error(None, f"{exc.message} ({exc.code})")
-        else:
-            messages.success(request, f"Acknowledged {count} failed event(s).")
-            return None
-    context = {**modeladmin.admin_site.each_context(request), "opts": modeladmin.model._meta, "form": form,
-               "events": failed, "selected": queryset.values_list("pk", flat=True),
-               "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME, "title": "Acknowledge failed events"}
-    return TemplateResponse(request, "admin/escrow/chainevent/acknowledge.html", context)
+    return acknowledgement_page(
+        modeladmin, request, queryset, what="failed events",
+        none_left="None of the selected events is failed and unacknowledged.",
+        acknowledge=functools.partial(indexer.events_acknowledge, events=failed),
+        columns=["Event", "Block", "Transaction", "Agreement", "Error"],
+        rows=([event.name, event.block_number, event.tx_hash, event.agreement_id or "-", event.error]
+              for event in failed))
 
 
 @admin.register(ChainEvent)

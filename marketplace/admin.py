@@ -11,8 +11,9 @@ and its second factor: `marketplace.second_factor.OperatorAdminSite`.)
 """
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db import models
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -20,6 +21,7 @@ from django_otp.plugins.otp_totp.admin import TOTPDeviceAdmin
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from marketplace import explorer, money, rotation
+from marketplace.errors import ApplicationError
 from marketplace.models import RedeliveredTask
 
 
@@ -45,6 +47,28 @@ class AcknowledgeForm(forms.Form):
 
     reason = forms.CharField(max_length=500, widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
                              help_text="Why they need no action (kept with your name and the time).")
+
+
+def acknowledgement_page(modeladmin, request, queryset, *, acknowledge, what: str, columns: list[str], rows,
+                         none_left: str):
+    """An admin action's page asking an operator why the selected failures need no action, then
+    `acknowledge(operator=, reason=)` (a service, answering how many it acknowledged): None once done (back to
+    the list), else the page. `rows`: one list of cells per failure still to acknowledge."""
+    form = AcknowledgeForm(request.POST if request.POST.get("confirm") else None)
+    if form.is_valid():
+        try:
+            count = acknowledge(operator=request.user.get_username(), reason=form.cleaned_data["reason"])
+        except ApplicationError as exc:
+            form.add_error(None, f"{exc.message} ({exc.code})")
+        else:
+            messages.success(request, f"Acknowledged {count} {what}.")
+            return None
+    context = {**modeladmin.admin_site.each_context(request), "opts": modeladmin.model._meta, "form": form,
+               "caption": f"{what.capitalize()} to acknowledge", "columns": columns, "rows": list(rows),
+               "none_left": none_left, "action": request.POST["action"],
+               "selected": queryset.values_list("pk", flat=True),
+               "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME, "title": f"Acknowledge {what}"}
+    return TemplateResponse(request, "admin/acknowledge.html", context)
 
 
 class MoneyRecordInline(admin.TabularInline):
