@@ -1,4 +1,4 @@
-"""The operators' second factor: the admin asks for the password and a current TOTP code (django-otp) while
+"""The operators' login: the admin asks for the password and a current TOTP code (django-otp) while
 ADMIN_REQUIRE_SECOND_FACTOR is on, which it is by default whenever DEBUG is off.
 
 One rule, wherever a browser session is trusted: while the second factor is required, a session counts only once
@@ -9,13 +9,22 @@ owner, and staff resolve disputes).
 
 Devices are enrolled by `manage.py admin_totp_enrol <username>` (`totp_device_enrol`), which shows the key once;
 the admin lists devices and may delete one, never shows a key (OTP_ADMIN_HIDE_SENSITIVE_DATA) and adds none.
+
+ADMIN_LOGIN_FAILURE_LIMIT failed logins, a wrong password or the right one with a wrong or missing code, lock the
+username out from that client address for ADMIN_LOGIN_LOCKOUT_SECONDS (django-axes: its authentication backend
+refuses even the right password meanwhile, `locked_out` answers); the admin lists the failures and clears a lockout.
 """
 
 from django import forms
 from django.conf import settings
+from django.contrib import admin
 from django.contrib.admin import AdminSite
+from django.contrib.auth.signals import user_login_failed
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.shortcuts import render
+from django.utils import timezone
+from django.utils.timesince import timesince
 from django_otp import devices_for_user
 from django_otp.admin import OTPAdminAuthenticationForm, OTPAdminSite
 from django_otp.plugins.otp_totp.models import TOTPDevice
@@ -43,23 +52,30 @@ class LoginForm(OTPAdminAuthenticationForm):
     verifies nothing for a while (OTP_TOTP_THROTTLE_FACTOR). It asks which device once the password is right (since
     1.7 it no longer tries each, which would count failures against the others); an operator has one, since the
     enrol command replaces it, so that one is taken without asking. Staff with none are told how to get one, and
-    only once their password is right (the message tells no one else whether an account exists)."""
+    only once their password is right (the message tells no one else whether an account exists). The right password
+    with a wrong or missing code is a failed login all the same, counted towards the lockout as a wrong password is
+    (axes counts `user_login_failed`)."""
 
     # The code an authenticator app shows: phones offer it from their keyboard, browsers fill in no password there.
     otp_token = forms.CharField(required=False, widget=forms.TextInput(
         attrs={"autocomplete": "one-time-code", "inputmode": "numeric"}))
 
     def clean_otp(self, user):
-        if user is not None and not self.cleaned_data.get("otp_device"):
-            devices = list(devices_for_user(user))
-            if not devices:
-                raise ValidationError(
-                    "No second factor is enrolled for %(username)s, so the admin cannot be used yet: an operator "
-                    "with shell access runs `%(command)s %(username)s` and gives them the code it prints.",
-                    code="no_device", params={"username": user.get_username(), "command": ENROL_COMMAND})
-            if len(devices) == 1:
-                self.cleaned_data["otp_device"] = devices[0].persistent_id
-        super().clean_otp(user)
+        try:
+            if user is not None and not self.cleaned_data.get("otp_device"):
+                devices = list(devices_for_user(user))
+                if not devices:
+                    raise ValidationError(
+                        "No second factor is enrolled for %(username)s, so the admin cannot be used yet: an operator "
+                        "with shell access runs `%(command)s %(username)s` and gives them the code it prints.",
+                        code="no_device", params={"username": user.get_username(), "command": ENROL_COMMAND})
+                if len(devices) == 1:
+                    self.cleaned_data["otp_device"] = devices[0].persistent_id
+            super().clean_otp(user)
+        except ValidationError:
+            user_login_failed.send(sender=__name__, credentials={"username": self.cleaned_data.get("username")},
+                                   request=self.request)
+            raise
 
 
 class OperatorAdminSite(OTPAdminSite):
@@ -109,6 +125,16 @@ class SessionScheme(spectacular_authentication.SessionScheme):
     """In the OpenAPI description, the session cookie as DRF's own session authentication shows it (`cookieAuth`)."""
 
     target_class = SessionAuthentication
+
+
+def locked_out(request, original_response, credentials):
+    """axes' answer to a login while its username is locked out from the client's address (AXES_LOCKOUT_CALLABLE):
+    429, in the admin's frame, with how long a lockout lasts and how another operator clears it."""
+    now = timezone.now()
+    lockout = timesince(now - settings.AXES_COOLOFF_TIME, now)  # ADMIN_LOGIN_LOCKOUT_SECONDS, as "15 minutes"
+    return render(request, "admin/marketplace_locked_out.html",
+                  {**admin.site.each_context(request), "title": "Too many failed logins", "lockout": lockout},
+                  status=429)
 
 
 @transaction.atomic

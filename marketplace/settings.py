@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "django_otp",
     "django_otp.plugins.otp_totp",  # before marketplace, whose admin replaces its device admin
+    "axes",  # failed admin logins and their lockouts
     "marketplace",
     "catalog",
     "policies",
@@ -54,6 +55,7 @@ MIDDLEWARE = [
     "django_otp.middleware.OTPMiddleware",  # request.user.is_verified(): a device verified this session
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # answers a locked-out login (AXES_LOCKOUT_CALLABLE)
 ]
 
 ROOT_URLCONF = "marketplace.urls"
@@ -423,6 +425,22 @@ OTP_ADMIN_HIDE_SENSITIVE_DATA = True  # the admin never shows a device's key (no
 # django-otp's default, kept on purpose: after n wrong codes in a row a device verifies nothing, not even the right
 # code, for 2^(n-1) seconds.
 OTP_TOTP_THROTTLE_FACTOR = 1
+# Failed logins, a wrong password or the right one with a wrong or missing code, lock that username out from that
+# client address (as the rate limits count it: TRUSTED_PROXY_COUNT) for a while (django-axes, counted in the
+# database). Per username and address: an attacker elsewhere cannot lock an operator out.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = env.int("ADMIN_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(seconds=env.int("ADMIN_LOGIN_LOCKOUT_SECONDS", default=900))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_CLIENT_IP_CALLABLE = "marketplace.throttling.client_address"
+AXES_RESET_ON_SUCCESS = True
+# The lockout lasts its time from the failure that reached the limit; tries meanwhile do not start it again.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_LOCKOUT_CALLABLE = "marketplace.second_factor.locked_out"
+AXES_VERBOSE = False  # no banner as every process starts; failures and lockouts are logged all the same
+# Masked in axes' logs and in the failed attempts the admin lists: axes' defaults, and the code (one sent with a
+# wrong password may still be good; the password axes masks itself).
+AXES_SENSITIVE_PARAMETERS = ["username", "ip_address", "otp_token"]
 # The product's admin frame (branding, styles for shortened chain values) over django.contrib.admin's.
 TEMPLATES[0]["DIRS"] = [BASE_DIR / "marketplace" / "templates" / "site"]
 # Times to the second with the timezone (marketplace/formats/en/formats.py).

@@ -1,7 +1,10 @@
 """The admin's second factor (ADMIN_REQUIRE_SECOND_FACTOR: on for the suite, as in production). A staff user needs
 the password and a current TOTP code of a device enrolled with `manage.py admin_totp_enrol`; a session without a
 verified device opens no admin page, runs no operator action, reads no /metrics and calls no API. With the setting
-off (the DEBUG demo of `make run`) the password alone logs in, as before."""
+off (the DEBUG demo of `make run`) the password alone logs in, as before.
+
+Failed logins, a wrong password or the right one with a wrong or missing code, lock the username out from that
+client address for a while (django-axes)."""
 
 import io
 import runpy
@@ -13,8 +16,10 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 from django.contrib import admin
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from axes.models import AccessAttempt
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
+from django.db.models import F
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
@@ -24,7 +29,7 @@ import marketplace.settings
 from catalog.models import ApiKey
 from tests.catalog.factories import issue_key
 from tests.conftest import Api
-from tests.support.operators import code, enrol, log_in
+from tests.support.operators import code, enrol, log_in, operator_client
 
 pytestmark = pytest.mark.django_db
 
@@ -60,7 +65,8 @@ def redirected_to_login(response) -> bool:
 
 def test_a_password_alone_opens_no_admin_page(password_only):
     pages = admin_pages()
-    assert {"/admin/escrow/dispute/", "/admin/catalog/ownertoken/", "/admin/otp_totp/totpdevice/"} <= set(pages)
+    assert {"/admin/escrow/dispute/", "/admin/catalog/ownertoken/", "/admin/otp_totp/totpdevice/",
+            "/admin/axes/accessattempt/"} <= set(pages)
     answers = {path: password_only.get(path) for path in pages}
     assert {path: answer.status_code for path, answer in answers.items() if not redirected_to_login(answer)} == {}
 
@@ -126,9 +132,10 @@ def test_a_wrong_code_is_refused(staff):
     assert redirected_to_login(client.get("/admin/"))
 
 
-def test_wrong_codes_hold_the_device_so_that_even_the_right_code_is_refused_for_a_while(staff):
+def test_wrong_codes_hold_the_device_so_that_even_the_right_code_is_refused_for_a_while(staff, settings):
     """django-otp's throttle (OTP_TOTP_THROTTLE_FACTOR = 1): after n wrong codes in a row the device checks no code
     for 2^(n-1) seconds, so guessing the 6 digits takes longer with each guess."""
+    settings.AXES_FAILURE_LIMIT = 10  # the lockout, which would refuse the login first (the tests below)
     uri = enrol("operator")
     device = TOTPDevice.objects.get(user=staff)
     client = Client()
@@ -230,6 +237,114 @@ def test_with_the_setting_off_the_password_alone_logs_in_as_before(staff, settin
         assert client.get(path).status_code == 200, path
     assert client.get("/metrics").status_code == 200
     assert client.get("/agents").status_code == 200
+
+
+def locked_out(response) -> bool:
+    return response.status_code == 429 and "Too many failed logins" in response.content.decode()
+
+
+def wrong_password(response) -> bool:
+    return response.status_code == 200 and "Please enter the correct username and password" in response.content.decode()
+
+
+def test_wrong_passwords_lock_the_username_out_for_a_while_even_with_the_right_password_then(staff, settings):
+    uri = enrol("operator")
+    client = Client()
+
+    for _ in range(settings.AXES_FAILURE_LIMIT - 1):
+        assert wrong_password(log_in(client, "operator", "a guess"))
+    assert locked_out(log_in(client, "operator", "a guess"))
+    assert locked_out(log_in(client, "operator", PASSWORD, code(uri)))
+    assert redirected_to_login(client.get("/admin/"))
+
+    def wait_passed(seconds):
+        AccessAttempt.objects.update(attempt_time=F("attempt_time") - timedelta(seconds=seconds))
+
+    lockout = settings.AXES_COOLOFF_TIME.total_seconds()  # ADMIN_LOGIN_LOCKOUT_SECONDS
+    wait_passed(lockout - 5)
+    assert locked_out(log_in(client, "operator", PASSWORD, code(uri)))
+    wait_passed(6)
+    assert log_in(client, "operator", PASSWORD, code(uri)).url == "/admin/"
+
+
+def test_the_right_password_with_wrong_or_missing_codes_counts_as_failed_logins(staff, settings):
+    uri = enrol("operator")
+    client = Client()
+    wrong_codes = ["", "000000"]
+
+    for n in range(settings.AXES_FAILURE_LIMIT - 1):
+        answer = log_in(client, "operator", PASSWORD, wrong_codes[n % len(wrong_codes)])
+        assert answer.status_code == 200 and "errornote" in answer.content.decode()
+    assert locked_out(log_in(client, "operator", PASSWORD, "000000"))
+
+    # Refused by the lockout, not by the device's own throttle (which would have let this code in by now).
+    TOTPDevice.objects.update(throttling_failure_timestamp=timezone.now() - timedelta(hours=1))
+    assert locked_out(log_in(client, "operator", PASSWORD, code(uri)))
+    assert redirected_to_login(client.get("/admin/"))
+
+
+def test_a_lockout_counts_the_client_address_the_rate_limits_use_not_a_forged_forwarded_for(staff, settings):
+    uri = enrol("operator")
+
+    def from_address(forwarded_for: str) -> dict:
+        return {"headers": {"X-Forwarded-For": forwarded_for}}
+
+    # No trusted proxy (TRUSTED_PROXY_COUNT=0): the socket's peer counts, whatever the client writes there.
+    for n in range(settings.AXES_FAILURE_LIMIT):
+        answer = log_in(Client(), "operator", "a guess", **from_address(f"198.51.100.{n}"))
+    assert locked_out(answer)
+    assert locked_out(log_in(Client(), "operator", PASSWORD, code(uri), **from_address("198.51.100.99")))
+
+    # Behind one trusted proxy the address it appended counts: a client's own entries before it change nothing.
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "NUM_PROXIES": 1}
+    for n in range(settings.AXES_FAILURE_LIMIT):
+        answer = log_in(Client(), "operator", "a guess", **from_address(f"10.0.0.{n}, 203.0.113.7"))
+    assert locked_out(answer)
+    assert locked_out(log_in(Client(), "operator", PASSWORD, code(uri), **from_address("10.9.9.9, 203.0.113.7")))
+    assert set(AccessAttempt.objects.values_list("ip_address", flat=True)) == {"127.0.0.1", "203.0.113.7"}
+    # Another client of the proxy is not locked out: the operator logs in from there.
+    assert log_in(Client(), "operator", PASSWORD, code(uri), **from_address("198.51.100.20")).url == "/admin/"
+
+
+def test_a_successful_login_clears_the_failures(staff, settings):
+    uri = enrol("operator")
+    for _ in range(settings.AXES_FAILURE_LIMIT - 1):
+        assert wrong_password(log_in(Client(), "operator", "a guess"))
+
+    assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"
+
+    for _ in range(settings.AXES_FAILURE_LIMIT - 1):  # counted from none again
+        assert wrong_password(log_in(Client(), "operator", "a guess"))
+    assert locked_out(log_in(Client(), "operator", "a guess"))
+
+
+def test_an_operator_clears_a_lockout_in_the_admin(staff, settings):
+    uri = enrol("operator")
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        answer = log_in(Client(), "operator", "a guess")
+    assert locked_out(answer)
+    get_user_model().objects.create_superuser("colleague", "colleague@example.com", PASSWORD)
+    colleague = operator_client("colleague", PASSWORD)  # from the same address: only "operator" is locked out
+
+    listing = colleague.get("/admin/axes/accessattempt/?locked_out=yes").content.decode()
+    assert "operator" in listing and "Locked Out" in listing
+    attempt = AccessAttempt.objects.get(username="operator")
+    colleague.post("/admin/axes/accessattempt/",
+                   {"action": "delete_selected", ACTION_CHECKBOX_NAME: [str(attempt.pk)], "post": "yes"})
+
+    assert not AccessAttempt.objects.exists()
+    assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"
+
+
+def test_an_operator_clears_a_lockout_from_the_shell(staff, settings):
+    uri = enrol("operator")
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        answer = log_in(Client(), "operator", "a guess")
+    assert locked_out(answer)
+
+    call_command("axes_reset", stdout=io.StringIO())
+
+    assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"
 
 
 @pytest.mark.parametrize(("environment", "required"), [

@@ -30,10 +30,11 @@ def code(uri: str, *, at: float | None = None) -> str:
     return f"{totp.token():0{digits}d}"
 
 
-def log_in(client: Client, username: str, password: str, otp_token: str = ""):
-    """Submits the admin's login form; a redirect to the admin's index is a login."""
+def log_in(client: Client, username: str, password: str, otp_token: str = "", **request):
+    """Submits the admin's login form (`request`: the test client's extras, such as headers); a redirect to the
+    admin's index is a login."""
     return client.post("/admin/login/", {"username": username, "password": password, "otp_token": otp_token,
-                                         "next": "/admin/"})
+                                         "next": "/admin/"}, **request)
 
 
 def operator_client(username: str, password: str) -> Client:
