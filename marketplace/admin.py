@@ -13,10 +13,13 @@ and its second factor: `marketplace.second_factor.OperatorAdminSite`.)
 from django import forms
 from django.contrib import admin, messages
 from django.db import models
+from django.db.models import Count
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
+from django_otp.plugins.otp_static.admin import StaticDeviceAdmin
+from django_otp.plugins.otp_static.models import StaticDevice
 from django_otp.plugins.otp_totp.admin import TOTPDeviceAdmin
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
@@ -234,6 +237,7 @@ class RedeliveredTaskAdmin(MoneyRecordAdmin):
 # --- the operators' second factors (marketplace.second_factor) ---------------------------------------------------
 
 admin.site.unregister(TOTPDevice)
+admin.site.unregister(StaticDevice)
 
 
 @admin.register(TOTPDevice)
@@ -242,6 +246,29 @@ class OperatorDeviceAdmin(TOTPDeviceAdmin):
     and deleted when an operator loses their phone or leaves; they are enrolled only by `manage.py
     admin_totp_enrol`, never here: the add form would show the new key, and editing a device would change a
     credential by hand."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(StaticDevice)
+class OperatorRecoveryCodesAdmin(StaticDeviceAdmin):
+    """django-otp's static device admin: an operator's recovery codes, listed with how many are left and deleted as
+    TOTP devices are; the codes themselves are never shown (no inline of them, whatever OTP_ADMIN_HIDE_SENSITIVE_DATA
+    says) and are issued only by `manage.py admin_totp_enrol`, for the reasons devices are."""
+
+    inlines = ()
+    list_display = [*StaticDeviceAdmin.list_display, "recovery_codes_left"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(recovery_codes_left=Count("token_set"))
+
+    @admin.display(ordering="recovery_codes_left")
+    def recovery_codes_left(self, device):
+        return device.recovery_codes_left
 
     def has_add_permission(self, request):
         return False

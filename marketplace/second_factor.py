@@ -7,13 +7,17 @@ before the setting was turned on, opens no admin page (`OperatorAdminSite`), rea
 (`marketplace.metrics`) and calls no API (`SessionAuthentication`: there an admin session acts as its user, an
 owner, and staff resolve disputes).
 
-Devices are enrolled by `manage.py admin_totp_enrol <username>` (`totp_device_enrol`), which shows the key once;
-the admin lists devices and may delete one, never shows a key (OTP_ADMIN_HIDE_SENSITIVE_DATA) and adds none.
+`manage.py admin_totp_enrol <username>` (`devices_enrol`) enrols a TOTP device, whose key it shows once, and
+ADMIN_RECOVERY_CODES recovery codes (django-otp's static device), each of which logs in once in place of the app's
+code; the admin lists devices and may delete one, never shows a key or a code (OTP_ADMIN_HIDE_SENSITIVE_DATA) and
+adds none.
 
 ADMIN_LOGIN_FAILURE_LIMIT failed logins, a wrong password or the right one with a wrong or missing code, lock the
 username out from that client address for ADMIN_LOGIN_LOCKOUT_SECONDS (django-axes: its authentication backend
 refuses even the right password meanwhile, `locked_out` answers); the admin lists the failures and clears a lockout.
 """
+
+from dataclasses import dataclass
 
 from django import forms
 from django.conf import settings
@@ -27,6 +31,8 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 from django_otp import devices_for_user
 from django_otp.admin import OTPAdminAuthenticationForm, OTPAdminSite
+from django_otp.models import Device
+from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 from drf_spectacular import authentication as spectacular_authentication
 from rest_framework import authentication
@@ -49,33 +55,41 @@ def session_verified(user) -> bool:
 
 class LoginForm(OTPAdminAuthenticationForm):
     """django-otp's admin login form: the password, then a code checked by a device, which after wrong codes
-    verifies nothing for a while (OTP_TOTP_THROTTLE_FACTOR). It asks which device once the password is right (since
-    1.7 it no longer tries each, which would count failures against the others); an operator has one, since the
-    enrol command replaces it, so that one is taken without asking. Staff with none are told how to get one, and
-    only once their password is right (the message tells no one else whether an account exists). The right password
-    with a wrong or missing code is a failed login all the same, counted towards the lockout as a wrong password is
-    (axes counts `user_login_failed`)."""
+    verifies nothing for a while (OTP_TOTP_THROTTLE_FACTOR; the recovery codes' device likewise). It asks which
+    device once the password is right (since 1.7 it no longer tries each, which would count failures against the
+    others); the code's shape tells without asking: the app's digits go to the TOTP device, anything else to the
+    recovery codes. Staff with no device are told how to get one, and only once their password is right (the message
+    tells no one else whether an account exists). The right password with a wrong or missing code is a failed login
+    all the same, counted towards the lockout as a wrong password is (axes counts `user_login_failed`)."""
 
     # The code an authenticator app shows: phones offer it from their keyboard, browsers fill in no password there.
-    otp_token = forms.CharField(required=False, widget=forms.TextInput(
-        attrs={"autocomplete": "one-time-code", "inputmode": "numeric"}))
+    # No numeric keyboard: a recovery code has letters.
+    otp_token = forms.CharField(required=False, widget=forms.TextInput(attrs={"autocomplete": "one-time-code"}))
 
     def clean_otp(self, user):
         try:
             if user is not None and not self.cleaned_data.get("otp_device"):
-                devices = list(devices_for_user(user))
-                if not devices:
-                    raise ValidationError(
-                        "No second factor is enrolled for %(username)s, so the admin cannot be used yet: an operator "
-                        "with shell access runs `%(command)s %(username)s` and gives them the code it prints.",
-                        code="no_device", params={"username": user.get_username(), "command": ENROL_COMMAND})
-                if len(devices) == 1:
-                    self.cleaned_data["otp_device"] = devices[0].persistent_id
+                self.cleaned_data["otp_device"] = self._device_for_code(user).persistent_id
             super().clean_otp(user)
         except ValidationError:
             user_login_failed.send(sender=__name__, credentials={"username": self.cleaned_data.get("username")},
                                    request=self.request)
             raise
+
+    def _device_for_code(self, user) -> Device:
+        """The device that checks the code typed: the TOTP device for as many digits as it shows, else the recovery
+        codes' (theirs have letters, or more digits); with one device, that one."""
+        devices = list(devices_for_user(user))
+        if not devices:
+            raise ValidationError(
+                "No second factor is enrolled for %(username)s, so the admin cannot be used yet: an operator "
+                "with shell access runs `%(command)s %(username)s` and gives them the code it prints.",
+                code="no_device", params={"username": user.get_username(), "command": ENROL_COMMAND})
+        code = self.cleaned_data.get("otp_token") or ""
+        app = next((device for device in devices if isinstance(device, TOTPDevice)), None)
+        if app is not None and code.isdigit() and len(code) == app.digits:
+            return app
+        return next((device for device in devices if isinstance(device, StaticDevice)), devices[0])
 
 
 class OperatorAdminSite(OTPAdminSite):
@@ -137,13 +151,25 @@ def locked_out(request, original_response, credentials):
                   status=429)
 
 
+@dataclass(frozen=True)
+class Enrolment:
+    device: TOTPDevice
+    recovery_codes: list[str]
+    replaced: bool  # the user had devices before, which now log in no more
+
+
 @transaction.atomic
-def totp_device_enrol(*, user) -> tuple[TOTPDevice, int]:
-    """A new confirmed TOTP device for the staff member `user`, replacing those they had; and how many it replaced.
-    A replaced device's codes log in no more, and the sessions it verified are no longer verified (OTPMiddleware
-    finds their device gone): re-enrolling is also how a lost or leaked authenticator is shut out."""
+def devices_enrol(*, user) -> Enrolment:
+    """A new confirmed TOTP device and ADMIN_RECOVERY_CODES new recovery codes for the staff member `user`,
+    replacing the devices they had. The replaced device's codes and the replaced recovery codes log in no more, and
+    the sessions they verified are no longer verified (OTPMiddleware finds their device gone): re-enrolling is also
+    how a lost or leaked authenticator, or a used-up or leaked sheet of recovery codes, is shut out."""
     if not user.is_active or not user.is_staff:
         raise InvalidInput(f"{user.get_username()} is not staff (or not active): only staff use the admin.",
                            code="not_staff")
-    replaced, _ = TOTPDevice.objects.filter(user=user).delete()
-    return TOTPDevice.objects.create(user=user, name="authenticator app", confirmed=True), replaced
+    replaced = sum(model.objects.filter(user=user).delete()[0] for model in (TOTPDevice, StaticDevice))
+    recovery = StaticDevice.objects.create(user=user, name="recovery codes")
+    recovery_codes = [StaticToken.random_token() for _ in range(settings.ADMIN_RECOVERY_CODES)]
+    StaticToken.objects.bulk_create(StaticToken(device=recovery, token=code) for code in recovery_codes)
+    return Enrolment(device=TOTPDevice.objects.create(user=user, name="authenticator app", confirmed=True),
+                     recovery_codes=recovery_codes, replaced=bool(replaced))

@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "django_otp",
     "django_otp.plugins.otp_totp",  # before marketplace, whose admin replaces its device admin
+    "django_otp.plugins.otp_static",  # the recovery codes; likewise before marketplace
     "axes",  # failed admin logins and their lockouts
     "marketplace",
     "catalog",
@@ -425,6 +426,8 @@ OTP_ADMIN_HIDE_SENSITIVE_DATA = True  # the admin never shows a device's key (no
 # django-otp's default, kept on purpose: after n wrong codes in a row a device verifies nothing, not even the right
 # code, for 2^(n-1) seconds.
 OTP_TOTP_THROTTLE_FACTOR = 1
+# Single-use codes `admin_totp_enrol` prints with the key, each logging in once in place of the app's code.
+ADMIN_RECOVERY_CODES = env.int("ADMIN_RECOVERY_CODES", default=10)
 # Failed logins, a wrong password or the right one with a wrong or missing code, lock that username out from that
 # client address (as the rate limits count it: TRUSTED_PROXY_COUNT) for a while (django-axes, counted in the
 # database). Per username and address: an attacker elsewhere cannot lock an operator out.

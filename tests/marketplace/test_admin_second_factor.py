@@ -4,7 +4,8 @@ verified device opens no admin page, runs no operator action, reads no /metrics 
 off (the DEBUG demo of `make run`) the password alone logs in, as before.
 
 Failed logins, a wrong password or the right one with a wrong or missing code, lock the username out from that
-client address for a while (django-axes)."""
+client address for a while (django-axes); a recovery code printed by the enrol command logs in once in place of a
+code."""
 
 import io
 import runpy
@@ -23,13 +24,14 @@ from django.db.models import F
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
+from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 import marketplace.settings
 from catalog.models import ApiKey
 from tests.catalog.factories import issue_key
 from tests.conftest import Api
-from tests.support.operators import code, enrol, log_in, operator_client
+from tests.support.operators import code, enrol, enrolment, log_in, operator_client
 
 pytestmark = pytest.mark.django_db
 
@@ -66,7 +68,7 @@ def redirected_to_login(response) -> bool:
 def test_a_password_alone_opens_no_admin_page(password_only):
     pages = admin_pages()
     assert {"/admin/escrow/dispute/", "/admin/catalog/ownertoken/", "/admin/otp_totp/totpdevice/",
-            "/admin/axes/accessattempt/"} <= set(pages)
+            "/admin/otp_static/staticdevice/", "/admin/axes/accessattempt/"} <= set(pages)
     answers = {path: password_only.get(path) for path in pages}
     assert {path: answer.status_code for path, answer in answers.items() if not redirected_to_login(answer)} == {}
 
@@ -239,6 +241,53 @@ def test_with_the_setting_off_the_password_alone_logs_in_as_before(staff, settin
     assert client.get("/agents").status_code == 200
 
 
+def test_a_recovery_code_logs_in_once(staff):
+    uri, recovery_codes = enrolment("operator")
+    assert len(set(recovery_codes)) == 10  # ADMIN_RECOVERY_CODES
+
+    client = Client()
+    assert log_in(client, "operator", PASSWORD, recovery_codes[0]).url == "/admin/"
+    assert client.get("/admin/").status_code == 200
+    assert log_in(Client(), "operator", PASSWORD, recovery_codes[1]).url == "/admin/"
+    used = log_in(Client(), "operator", PASSWORD, recovery_codes[0])
+    assert used.status_code == 200 and "Invalid token" in used.content.decode()
+    assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"  # the app's codes still log in
+
+
+def test_run_again_the_enrol_command_replaces_the_recovery_codes(staff):
+    _, first = enrolment("operator")
+    _, second = enrolment("operator")
+
+    assert StaticDevice.objects.filter(user=staff).count() == 1
+    assert StaticToken.objects.filter(device__user=staff).count() == 10
+    assert not set(first) & set(second)
+    assert log_in(Client(), "operator", PASSWORD, second[0]).url == "/admin/"
+    replaced = log_in(Client(), "operator", PASSWORD, first[0])
+    assert replaced.status_code == 200 and "Invalid token" in replaced.content.decode()
+
+
+def test_the_admin_never_shows_recovery_codes(staff):
+    uri, recovery_codes = enrolment("operator")
+    # A recovery code sent with a wrong password from elsewhere: a failed login the admin lists.
+    log_in(Client(REMOTE_ADDR="203.0.113.9"), "operator", "a wrong password", recovery_codes[0])
+    client = Client()
+    log_in(client, "operator", PASSWORD, code(uri))
+    device = StaticDevice.objects.get(user=staff)
+    attempt = AccessAttempt.objects.get(username="operator")
+
+    pages = {path: client.get(path) for path in (
+        "/admin/otp_static/staticdevice/", f"/admin/otp_static/staticdevice/{device.pk}/change/",
+        f"/admin/otp_static/staticdevice/{device.pk}/delete/", "/admin/axes/accessattempt/",
+        f"/admin/axes/accessattempt/{attempt.pk}/change/")}
+
+    assert {path: page.status_code for path, page in pages.items()} == dict.fromkeys(pages, 200)
+    assert pages["/admin/otp_static/staticdevice/"].context["cl"].result_list[0].recovery_codes_left == 10
+    for path, page in pages.items():
+        shown = page.content.decode()
+        assert not [recovery_code for recovery_code in recovery_codes if recovery_code in shown], path
+    assert client.get("/admin/otp_static/staticdevice/add/").status_code == 403  # issued by the command only
+
+
 def locked_out(response) -> bool:
     return response.status_code == 429 and "Too many failed logins" in response.content.decode()
 
@@ -270,7 +319,7 @@ def test_wrong_passwords_lock_the_username_out_for_a_while_even_with_the_right_p
 def test_the_right_password_with_wrong_or_missing_codes_counts_as_failed_logins(staff, settings):
     uri = enrol("operator")
     client = Client()
-    wrong_codes = ["", "000000"]
+    wrong_codes = ["", "000000", "notacode"]  # none, the app's shape, a recovery code's shape
 
     for n in range(settings.AXES_FAILURE_LIMIT - 1):
         answer = log_in(client, "operator", PASSWORD, wrong_codes[n % len(wrong_codes)])

@@ -1,5 +1,6 @@
-"""Operators as they log into the admin: a TOTP device enrolled with `manage.py admin_totp_enrol`, then the password
-and the authenticator app's current code on the admin's login form (ADMIN_REQUIRE_SECOND_FACTOR, on for the suite)."""
+"""Operators as they log into the admin: a TOTP device and recovery codes enrolled with `manage.py admin_totp_enrol`,
+then the password and the authenticator app's current code (or a recovery code) on the admin's login form
+(ADMIN_REQUIRE_SECOND_FACTOR, on for the suite)."""
 
 import base64
 import io
@@ -14,9 +15,16 @@ from django_otp.oath import TOTP
 
 def enrol(username: str) -> str:
     """Enrols a TOTP device for `username` with the command an operator runs; the otpauth:// URI it printed."""
+    return enrolment(username)[0]
+
+
+def enrolment(username: str) -> tuple[str, list[str]]:
+    """Enrols `username` with the command an operator runs: the otpauth:// URI and the recovery codes it printed."""
     out = io.StringIO()
     call_command("admin_totp_enrol", username, stdout=out)
-    return re.search(r"otpauth://\S+", out.getvalue()).group(0)
+    printed = out.getvalue()
+    recovery_codes = re.findall(r"^ {2}(\S+)$", printed.partition("Recovery codes")[2], re.MULTILINE)
+    return re.search(r"otpauth://\S+", printed).group(0), recovery_codes
 
 
 def code(uri: str, *, at: float | None = None) -> str:

@@ -1,4 +1,5 @@
-"""Enrol the admin's second factor for a staff user: `manage.py admin_totp_enrol <username>`.
+"""Enrol the admin's second factor for a staff user: `manage.py admin_totp_enrol <username>`, a TOTP device and
+recovery codes.
 
 The only way a device is enrolled (the admin adds none), so the first operator of a production deployment is
 enrolled from the shell, after `manage.py createsuperuser`, and nobody needs the admin to get into the admin.
@@ -17,7 +18,8 @@ from marketplace.errors import InvalidInput
 
 class Command(BaseCommand):
     help = ("Enrol a TOTP device, the admin's second factor, for a staff user and print its QR code and otpauth:// "
-            "URI, once. Run again for the same user, it replaces the device: the old one's codes stop working.")
+            "URI, and single-use recovery codes, once. Run again for the same user, it replaces the device and the "
+            "recovery codes: the old ones stop working.")
 
     def add_arguments(self, parser):
         parser.add_argument("username")
@@ -28,14 +30,15 @@ class Command(BaseCommand):
         if user is None:
             raise CommandError(f"No user {username!r}: create one first (`manage.py createsuperuser`).")
         try:
-            device, replaced = second_factor.totp_device_enrol(user=user)
+            enrolment = second_factor.devices_enrol(user=user)
         except InvalidInput as error:
             raise CommandError(error.message) from error
 
-        if replaced:
+        if enrolment.replaced:
             self.stdout.write(self.style.WARNING(
-                f"Replaced the device enrolled before for {username}: its codes no longer log in, and sessions it "
-                "verified must log in again."))
+                f"Replaced the device and recovery codes enrolled before for {username}: they no longer log in, and "
+                "sessions they verified must log in again."))
+        device = enrolment.device
         qr = io.StringIO()  # segno writes a line at a time; self.stdout would end every write with a newline
         segno.make(device.config_url, error="m").terminal(out=qr, compact=True)
         key = base64.b32encode(device.bin_key).decode()
@@ -45,5 +48,11 @@ class Command(BaseCommand):
         self.stdout.write(qr.getvalue(), ending="")
         self.stdout.write(f"\n{device.config_url}\n\nOr type the key in by hand (time-based, 6 digits, 30 s): "
                           f"{' '.join(key[i:i + 4] for i in range(0, len(key), 4))}")
+        self.stdout.write(
+            f"\nRecovery codes for {username}, should the phone be lost: each logs in once in place of the app's "
+            "code. Keep them apart from the phone (shown this once; run this command again for new ones):")
+        for recovery_code in enrolment.recovery_codes:
+            self.stdout.write(f"  {recovery_code}")
         self.stdout.write(self.style.SUCCESS(
-            f"{username} now logs into the admin with their password and the app's current code."))
+            f"\n{username} now logs into the admin with their password and the app's current code (or a recovery "
+            "code)."))
