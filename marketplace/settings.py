@@ -429,13 +429,13 @@ OTP_TOTP_THROTTLE_FACTOR = 1
 # Single-use codes `admin_totp_enrol` prints with the key, each logging in once in place of the app's code.
 ADMIN_RECOVERY_CODES = env.int("ADMIN_RECOVERY_CODES", default=10)
 # Failed logins, a wrong password or the right one with a wrong or missing code, lock that username out from that
-# client address (as the rate limits count it: TRUSTED_PROXY_COUNT) for a while (django-axes, counted in the
-# database). Per username and address: an attacker elsewhere cannot lock an operator out.
+# client (as the rate limits count it: TRUSTED_PROXY_COUNT, an IPv6 address's /64) for a while (django-axes, counted
+# in the database). Per username and client: an attacker elsewhere cannot lock an operator out.
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 AXES_FAILURE_LIMIT = env.int("ADMIN_LOGIN_FAILURE_LIMIT", default=5)
 AXES_COOLOFF_TIME = timedelta(seconds=env.int("ADMIN_LOGIN_LOCKOUT_SECONDS", default=900))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
-AXES_CLIENT_IP_CALLABLE = "marketplace.throttling.client_address"
+AXES_CLIENT_IP_CALLABLE = "marketplace.throttling.client_network"
 AXES_RESET_ON_SUCCESS = True
 # The lockout lasts its time from the failure that reached the limit; tries meanwhile do not start it again.
 AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False

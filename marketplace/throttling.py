@@ -150,10 +150,11 @@ def client_address(request) -> str:
 
 
 def client_network(request) -> str:
-    """Who the client is, for counting it (rate limits without a credential, the web threads waiting on its request
-    bodies): its address (`client_address`), or for IPv6 the /64 the address is in. A host is usually given a
-    whole /64 and can send from any of its 2^64 addresses: counted per address, each would be a client of its own.
-    An IPv4 address written as IPv6 (`::ffff:192.0.2.1`) is that IPv4 address."""
+    """Who the client is, for counting it (rate limits without a credential, the admin's failed logins, the web
+    threads waiting on its request bodies): its address (`client_address`), or for IPv6 the /64 the address is in,
+    written as the /64's first address (an address still, as the failed logins' column wants). A host is usually
+    given a whole /64 and can send from any of its 2^64 addresses: counted per address, each would be a client of
+    its own. An IPv4 address written as IPv6 (`::ffff:192.0.2.1`) is that IPv4 address."""
     address = client_address(request)
     try:
         parsed = ipaddress.ip_address(address)
@@ -163,7 +164,7 @@ def client_network(request) -> str:
         return address
     if parsed.ipv4_mapped is not None:
         return str(parsed.ipv4_mapped)
-    return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+    return str(ipaddress.IPv6Network((parsed, 64), strict=False).network_address)
 
 
 _ADDRESSES = ScopedRateThrottle()

@@ -355,6 +355,16 @@ def test_a_lockout_counts_the_client_address_the_rate_limits_use_not_a_forged_fo
     assert log_in(Client(), "operator", PASSWORD, code(uri), **from_address("198.51.100.20")).url == "/admin/"
 
 
+def test_a_lockout_counts_an_ipv6_client_as_its_slash_64(staff, settings):
+    """A host given a /64 could guess from a new address each time: every address had failures of its own."""
+    uri = enrol("operator")
+    for n in range(settings.AXES_FAILURE_LIMIT):
+        answer = log_in(Client(), "operator", "a guess", REMOTE_ADDR=f"2001:db8:1:2::{n + 1:x}")
+    assert locked_out(answer)
+    assert locked_out(log_in(Client(), "operator", PASSWORD, code(uri), REMOTE_ADDR="2001:db8:1:2:ffff::1"))
+    assert log_in(Client(), "operator", PASSWORD, code(uri), REMOTE_ADDR="2001:db8:1:3::1").url == "/admin/"
+
+
 def test_a_successful_login_clears_the_failures(staff, settings):
     uri = enrol("operator")
     for _ in range(settings.AXES_FAILURE_LIMIT - 1):
