@@ -49,6 +49,12 @@ _submitted_handlers: dict[str, OutcomeHandler] = {}
 _reopened_handlers: dict[str, OutcomeHandler] = {}
 _evidence_readers: dict[str, EvidenceReader] = {}
 _GAS_HEADROOM_PERCENT = 25
+# On top of it: about what filling an empty storage slot costs beyond rewriting a set one (EIP-2200/2929: 22,100
+# against 5,000). The chain may change between the estimate and the mining, and the same signed bytes are sent again after
+# a reorg: a token transfer estimated to an account holding tokens, mined after that account emptied its balance,
+# writes an empty slot, and 25% of a transfer's ~35,000 gas did not cover it (out of gas, the fee paid). Unused gas
+# is not charged; the limit only bounds what a transaction may spend.
+_SLOT_FILL_GAS = 20_000
 # The context key of an operator's retry: the failed transaction it sends again.
 OPERATOR_RETRY_OF = "operator_retry_of"
 # A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
@@ -210,7 +216,7 @@ def transaction_submit(*, transaction_id) -> ChainTransaction | None:
         relayer = RelayerAccount.objects.select_for_update().get(address=sender, chain_id=settings.CHAIN_ID)
         tx.relayer = relayer
         tx.nonce = relayer.next_nonce
-        tx.gas_limit = gas * (100 + _GAS_HEADROOM_PERCENT) // 100
+        tx.gas_limit = gas * (100 + _GAS_HEADROOM_PERCENT) // 100 + _SLOT_FILL_GAS
         relayer.next_nonce += 1
         relayer.save(update_fields=["next_nonce"])
         attempt = _new_attempt(tx, fees)

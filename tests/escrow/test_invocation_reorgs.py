@@ -88,9 +88,8 @@ def test_a_payment_a_reorg_took_after_the_payout_that_cannot_run_again_is_record
     treasury = usdc_balance(chain, market.treasury)
 
     chain.revert(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1)
-    # Less than the price; not nothing, or the refund's stored bytes (gas estimated for a balance that was not
-    # empty) would run out of gas.
-    spend_all_but(chain, market.buyer.address, keep=1)
+    # Nothing left: the refund's stored bytes, estimated for a balance that was not empty, fill an empty slot.
+    spend_all_but(chain, market.buyer.address, keep=0)
     chain.mine(3)
     with caplog.at_level(logging.ERROR, logger="agreements.invocations"):
         polls_until_concluded(capture, payment, settlement)

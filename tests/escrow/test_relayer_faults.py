@@ -9,8 +9,8 @@ from django.core.management import call_command
 from escrow import chain as gateway
 from agreements.models import UsageAgreement
 from escrow import indexer, relayer
-from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayerAccount, TxAttempt, TxStatus
-from tests.escrow.flow import Parties, confirm_all, mined_what_was_sent, onchain_escrow
+from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayerAccount, TxAttempt, TxPurpose, TxStatus
+from tests.escrow.flow import USDC, Parties, confirm_all, fund, mined_what_was_sent, onchain_escrow, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -249,3 +249,34 @@ def test_a_transaction_whose_check_fails_does_not_stop_the_poll_for_the_others(p
     monkeypatch.undo()
     confirm_all(capture)
     assert parties.agreement(first["id"])["status"] == "active"
+
+
+def test_a_transfer_whose_recipient_emptied_its_balance_after_the_estimate_is_mined_not_out_of_gas(
+        escrow_chain, monkeypatch, django_capture_on_commit_callbacks):
+    """A token transfer to an account holding tokens rewrites its balance; to an empty one it fills the slot, about
+    17,100 gas more. The recipient may empty its balance between the relayer's estimate and the mining (a seller
+    griefing its payout; the same signed bytes sent again after a reorg, on a branch where it holds nothing): the
+    25% headroom on a transfer's ~35,000 gas did not cover that, and the transfer failed out of gas, the relayer
+    paying for it. (A transfer from the relayer's wallet, as a payout or refund is; its purpose here has no
+    outcome to apply.)"""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    fund(chain, recipient.address, USDC)
+    estimate = gateway.simulate
+
+    def estimate_then_recipient_empties_its_balance(**transaction):
+        gas = estimate(**transaction)
+        emptied = chain.usdc.functions.transfer(chain.accounts.fee_recipient.address, usdc_balance(
+            chain, recipient.address)).transact({"from": recipient.address})
+        assert chain.w3.eth.wait_for_transaction_receipt(emptied)["status"] == 1
+        return gas
+
+    monkeypatch.setattr(gateway, "simulate", estimate_then_recipient_empties_its_balance)
+    with django_capture_on_commit_callbacks(execute=False):
+        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+    relayer.transaction_submit(transaction_id=tx.pk)
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert (tx.status, tx.failure_reason) == (TxStatus.CONFIRMED, "")
+    assert usdc_balance(chain, recipient.address) == 2 * USDC
