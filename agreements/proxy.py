@@ -63,7 +63,7 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": kept as they are; e
 _MAX_HEADER_DIGITS = 18  # any count or amount we accept in a header fits; longer is refused before int()
 
 _upstreams = outbound.UpstreamPool(max_idle_per_upstream=50)
-_slow_sellers = SlowPeers("seller", code="upstream_busy", slow_after="PROXY_SLOW_SECONDS",
+_slow_sellers = SlowPeers("seller", code="upstream_busy", slowly="answering slowly", slow_after="PROXY_SLOW_SECONDS",
                           remember="PROXY_SLOW_REMEMBER_SECONDS", per_peer="PROXY_SLOW_CALLS_PER_SELLER",
                           in_all="PROXY_SLOW_CALLS")
 

@@ -99,52 +99,63 @@ class Bulkhead:
 
 
 class SlowPeers:
-    """How many of this process's threads may wait on peers that answer slowly (an upstream a call waits on).
+    """How many of this process's threads may wait on peers that are slow: an upstream answering slowly, a client
+    reading its answer slowly (whatever a call waits on).
 
     Why: a thread waiting on a peer serves no one else, and a peer can keep it waiting up to the call's timeout.
     A buyer calling a slow upstream (its own, say, whose timeouts are not charged) held as many web threads as it
     made calls at once, and the other buyers' calls waited for a thread. A call to a peer found slow is therefore
-    admitted only while that peer has fewer than `settings.<per_peer>` calls waiting here and peers found slow
+    admitted only while that peer has fewer than `settings.<per_peer>` calls waiting on it here and peers found slow
     have fewer than `settings.<in_all>` in all; otherwise it is refused at once (`Busy` with `code`), before any
-    work. A call waits from `admit` to `end()` (for the metered proxy: until its answer's body is read). A peer
-    counts as slow while one of its calls has waited longer than `settings.<slow_after>` seconds, and
+    work. A call waits on its peer from `admit` to `end()`, but for the time it waits on another (from `pause()` to
+    `resume()`): a metered proxy's call waits on its seller while it reads the upstream's answer and on its buyer
+    while the server hands the answer over, each at its own pace, and neither is held to the other's share. A peer
+    counts as slow while one of its calls has waited on it longer than `settings.<slow_after>` seconds in all, and
     for `settings.<remember>` seconds after such a call ended (a timeout included); only time clears it, so a fast
     answer now and then does not. Calls to other peers are never refused, however many wait at once: a fast peer
-    under a burst (16 callers on one agreement) is not held to a slow peer's share. A limit of 0: no limit."""
+    under a burst (16 callers on one agreement) is not held to a slow peer's share. A limit of 0: no limit.
 
-    def __init__(self, name: str, *, code: str, slow_after: str, remember: str, per_peer: str, in_all: str):
-        self.name, self.code = name, code
+    SlowPeers made `alongside` another share its bound in all (and its lock): the calls waiting on either's slow
+    peers count together, so that slow peers of both kinds hold no more threads than one kind could."""
+
+    def __init__(self, name: str, *, code: str, slowly: str, slow_after: str, remember: str, per_peer: str,
+                 in_all: str, alongside: "SlowPeers | None" = None):
+        self.name, self.code, self.slowly = name, code, slowly  # slowly: what the peer does slowly, for its refusal
         self._settings = (slow_after, remember, per_peer, in_all)
-        self._lock = threading.Lock()
-        self._waiting: dict[object, dict[object, float]] = {}  # peer -> {call: when it began}, oldest first
+        self._calls: dict[object, set[PeerWait]] = {}  # peer -> its calls admitted and not ended, paused or not
         self._slow_until: dict[object, float] = {}  # peer -> until when it counts as slow
-        self._slow_waiting = 0  # calls admitted to peers found slow, still waiting
+        if alongside is None:
+            self._lock = threading.Lock()
+            self._slow_calls: set[PeerWait] = set()  # calls admitted to peers found slow, not ended, paused or not
+            self._kinds = [f"{name}s"]
+        else:
+            self._lock, self._slow_calls, self._kinds = alongside._lock, alongside._slow_calls, alongside._kinds
+            self._kinds.append(f"{name}s")
         self._shed = REQUESTS_SHED.labels(bulkhead=name)
 
-    def admit(self, peer: object) -> "PeerWait":
+    def admit(self, peer: object, *, waiting: bool = True) -> "PeerWait":
         """A call to `peer`, admitted (its wait ends with `end()`, or with the block when used in `with`), or
-        `Busy` at once."""
-        wait = PeerWait(self, peer)
-        self._admit(wait)
-        return wait
-
-    def _admit(self, wait: "PeerWait") -> None:
-        peer, began, slow_after = wait.peer, wait.began, wait.slow_after
+        `Busy` at once. `waiting=False`: admitted now, waiting on the peer only from `resume()`."""
+        now = time.monotonic()
+        wait = PeerWait(self, peer, now if waiting else None)
+        slow_after = wait.slow_after
         with self._lock:
-            calls = self._waiting.get(peer)
-            if self._slow_until.get(peer, 0.0) > began or (
-                    calls is not None and began - next(iter(calls.values())) > slow_after):
+            calls = self._calls.get(peer)
+            if self._slow_until.get(peer, 0.0) > now or (
+                    calls is not None and any(call.waited_by(now) > slow_after for call in calls)):
                 per_peer, in_all = getattr(settings, self._settings[2]), getattr(settings, self._settings[3])
-                if 0 < per_peer <= len(calls or ()):
-                    raise self._busy(f"it has as many calls waiting here as it may ({len(calls)}).")
-                if 0 < in_all <= self._slow_waiting:
-                    raise self._busy(f"slow {self.name}s have as many calls waiting here as they may "
-                                     f"({self._slow_waiting}).")
-                self._slow_waiting += 1
-                wait.counted = True
+                waiting_on_it = sum(call.began is not None for call in calls or ())
+                if 0 < per_peer <= waiting_on_it:
+                    raise self._busy(f"it has as many calls waiting on it here as it may ({waiting_on_it}).")
+                slow_waiting = sum(call.began is not None for call in self._slow_calls)
+                if 0 < in_all <= slow_waiting:
+                    raise self._busy(f"slow {' and '.join(self._kinds)} have as many calls waiting here as they may "
+                                     f"({slow_waiting}).")
+                self._slow_calls.add(wait)
             if calls is None:
-                calls = self._waiting[peer] = {}
-            calls[wait] = began
+                calls = self._calls[peer] = set()
+            calls.add(wait)
+        return wait
 
     def _end(self, wait: "PeerWait") -> None:
         peer, ended = wait.peer, time.monotonic()
@@ -152,20 +163,19 @@ class SlowPeers:
             if wait.ended:
                 return
             wait.ended = True
-            calls = self._waiting[peer]
-            del calls[wait]
+            calls = self._calls[peer]
+            calls.discard(wait)
             if not calls:
-                del self._waiting[peer]
-            if wait.counted:
-                self._slow_waiting -= 1
-            if ended - wait.began > wait.slow_after:
+                del self._calls[peer]
+            self._slow_calls.discard(wait)
+            if wait.waited_by(ended) > wait.slow_after:
                 if len(self._slow_until) > 10_000:  # forget the peers no longer slow
                     self._slow_until = {key: until for key, until in self._slow_until.items() if until > ended}
                 self._slow_until[peer] = ended + getattr(settings, self._settings[1])
 
     def _busy(self, why: str) -> Busy:
         self._shed.inc()
-        return Busy(f"This {self.name} is answering slowly and {why} Retry shortly; nothing was charged.",
+        return Busy(f"This {self.name} is {self.slowly} and {why} Retry shortly; nothing was charged.",
                     code=self.code, details={"retry_after_seconds": Busy.retry_after})
 
 
@@ -223,14 +233,35 @@ class PeerSlot:
 
 
 class PeerWait:
-    """One call admitted by `SlowPeers.admit`, waiting on its peer until `end()` (idempotent)."""
+    """One call admitted by `SlowPeers.admit`, waiting on its peer until `end()` (idempotent), but from `pause()` to
+    `resume()`.
 
-    __slots__ = ("peers", "peer", "began", "slow_after", "counted", "ended")
+    Pausing and resuming take no lock: the call's own thread alone writes `began` and `waited`, and others read
+    `began` first (one attribute, written last on pause), so that they never add a pause's time twice."""
 
-    def __init__(self, peers: SlowPeers, peer: object):
-        self.peers, self.peer, self.counted, self.ended = peers, peer, False, False
+    __slots__ = ("peers", "peer", "began", "waited", "slow_after", "ended")
+
+    def __init__(self, peers: SlowPeers, peer: object, began: float | None):
+        self.peers, self.peer, self.ended = peers, peer, False
+        self.began = began  # when it would have begun, had it waited without pauses; None while paused
+        self.waited = 0.0  # seconds it waited before its pause; read while paused only
         self.slow_after = getattr(settings, peers._settings[0])
-        self.began = time.monotonic()
+
+    def waited_by(self, now: float) -> float:
+        """Seconds it has waited on its peer by `now`."""
+        began = self.began
+        return self.waited if began is None else now - began
+
+    def pause(self) -> None:
+        """The call waits on something else now (a paused call is neither counted nor aging for its peer)."""
+        began = self.began
+        if began is not None:
+            self.waited = time.monotonic() - began
+            self.began = None
+
+    def resume(self) -> None:
+        if self.began is None:
+            self.began = time.monotonic() - self.waited
 
     def end(self) -> None:
         self.peers._end(self)

@@ -28,7 +28,7 @@ def clock(monkeypatch):
 def peers(settings):
     settings.PEER_SLOW_SECONDS, settings.PEER_REMEMBER_SECONDS = 2.0, 60.0
     settings.PEER_CALLS_PER_PEER, settings.PEER_CALLS = 2, 3
-    return SlowPeers("seller", code="upstream_busy", slow_after="PEER_SLOW_SECONDS",
+    return SlowPeers("seller", code="upstream_busy", slowly="answering slowly", slow_after="PEER_SLOW_SECONDS",
                      remember="PEER_REMEMBER_SECONDS", per_peer="PEER_CALLS_PER_PEER", in_all="PEER_CALLS")
 
 
@@ -116,3 +116,65 @@ def test_a_wait_ended_twice_counts_once(peers, clock):
         calls.enter_context(peers.admit("slow"))
         with pytest.raises(Busy):
             calls.enter_context(peers.admit("slow"))
+
+
+def test_a_paused_call_neither_counts_toward_its_peers_share_nor_makes_it_slow(peers, clock):
+    unread = peers.admit("seller")
+    unread.pause()  # it waits on something else now (its buyer)
+    clock.now += 10
+    with ExitStack() as calls:
+        for _ in range(5):  # not slow: never refused
+            calls.enter_context(peers.admit("seller"))
+    unread.resume()
+    clock.now += 2.5  # waiting on it again, past the bound
+    with ExitStack() as calls:
+        calls.enter_context(peers.admit("seller"))  # two waiting on it: its share
+        with pytest.raises(Busy):
+            calls.enter_context(peers.admit("seller"))
+        unread.pause()  # its thread is no longer the seller's
+        calls.enter_context(peers.admit("seller"))
+    unread.end()
+
+
+def test_a_call_counts_its_waits_on_its_peer_together(peers, clock):
+    with peers.admit("seller") as call:
+        clock.now += 1.5
+        call.pause()
+        clock.now += 10
+        call.resume()
+        clock.now += 1  # 2.5 s on the seller in all
+    with peers.admit("seller"), peers.admit("seller"), pytest.raises(Busy):
+        peers.admit("seller")
+
+
+def test_a_call_admitted_without_waiting_waits_from_its_resume(peers, clock):
+    with peers.admit("buyer", waiting=False) as call:
+        clock.now += 10
+        with ExitStack() as calls:
+            for _ in range(5):
+                calls.enter_context(peers.admit("buyer"))
+        call.resume()
+        clock.now += 2.5
+        with peers.admit("buyer"), pytest.raises(Busy):
+            peers.admit("buyer")
+
+
+def test_peers_alongside_share_their_bound_in_all_and_count_each_call_where_it_waits(peers, clock, settings):
+    settings.PEER_CALLS_PER_PEER = 0  # the bound in all alone
+    buyers = SlowPeers("buyer", code="buyer_busy", slowly="reading its answers slowly", slow_after="PEER_SLOW_SECONDS",
+                       remember="PEER_REMEMBER_SECONDS", per_peer="PEER_CALLS_PER_PEER", in_all="PEER_CALLS",
+                       alongside=peers)
+    with peers.admit("seller"), buyers.admit("buyer"):
+        clock.now += 3  # both slow from now on
+    with ExitStack() as calls:
+        seller_waits = [calls.enter_context(peers.admit("seller")) for _ in range(2)]
+        calls.enter_context(buyers.admit("buyer"))  # three calls waiting on slow peers: the bound in all
+        with pytest.raises(Busy) as refused:
+            buyers.admit("buyer")
+        assert refused.value.code == "buyer_busy"
+        assert "slow sellers and buyers have as many calls waiting here as they may (3)" in str(refused.value.message)
+        with pytest.raises(Busy):
+            peers.admit("seller")
+        seller_waits[0].pause()  # that call waits on its (fast) buyer now: not a slow peer's thread
+        calls.enter_context(buyers.admit("buyer"))
+        calls.enter_context(peers.admit("other"))  # not slow: not counted, not refused
