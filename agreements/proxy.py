@@ -16,6 +16,7 @@ talks to the marketplace, not to the seller's site, and a seller's cookie would 
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -66,6 +67,9 @@ _upstreams = outbound.UpstreamPool(max_idle_per_upstream=50)
 _slow_sellers = SlowPeers("seller", code="upstream_busy", slowly="answering slowly", slow_after="PROXY_SLOW_SECONDS",
                           remember="PROXY_SLOW_REMEMBER_SECONDS", per_peer="PROXY_SLOW_CALLS_PER_SELLER",
                           in_all="PROXY_SLOW_CALLS")
+_slow_buyers = SlowPeers("buyer", code="buyer_busy", slowly="reading its answers slowly",
+                         slow_after="PROXY_SLOW_SECONDS", remember="PROXY_SLOW_REMEMBER_SECONDS",
+                         per_peer="PROXY_SLOW_CALLS_PER_BUYER", in_all="PROXY_SLOW_CALLS", alongside=_slow_sellers)
 
 
 class LengthRequired(ApplicationError):
@@ -324,8 +328,7 @@ def _proxy_call(request, agreement_id, path: str):
 
 def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_path: str, body: bytes, nonce: str):
     max_units = _requested_units(request, terms)
-    # Refused at once, before any reservation, past a slow seller's share; the wait ends with the answer's body.
-    waiting = _slow_sellers.admit(terms.seller_id)
+    waiting = _Waiting(terms)  # ends with the answer's body
     try:
         reservation = metering.reservation_take(
             agreement=terms, amount=max_units * terms.price_per_unit, request_id=request.request_id,
@@ -338,15 +341,16 @@ def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_pa
         raise
     upstream.on_close = waiting.end
     try:
-        return _charged_answer(request, terms, reservation, upstream, max_units, upstream_path, nonce, started)
+        return _charged_answer(request, terms, reservation, upstream, waiting, max_units, upstream_path, nonce,
+                               started)
     except BaseException:  # the reservation released, or the charge found or left to the reaper, by the call
         upstream.close()
         raise
 
 
 def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.Reservation,
-                    upstream: outbound.UpstreamAnswer, max_units: int, upstream_path: str, nonce: str,
-                    started: float) -> HttpResponse:
+                    upstream: outbound.UpstreamAnswer, waiting: "_Waiting", max_units: int, upstream_path: str,
+                    nonce: str, started: float) -> HttpResponse:
     """The buyer's answer to the upstream's: charged (or released, for a 5xx), its body streamed or stored."""
     upstream_headers = upstream.headers
     try:
@@ -376,8 +380,8 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
         headers["X-Usage-Event-Id"] = str(event.pk)
         headers["X-Usage-Seq"] = str(event.seq)
     if nonce:
-        return _stored_reply(terms.pk, nonce, upstream, headers)
-    response = StreamingHttpResponse(_BuyerStream(upstream), status=upstream.status)
+        return _stored_reply(terms.pk, nonce, upstream, waiting, headers)
+    response = StreamingHttpResponse(_BuyerStream(upstream, waiting), status=upstream.status)
     for key, value in headers.items():
         response[key] = value
     return response
@@ -418,7 +422,8 @@ def _upstream_answer(request, caller: KeyHolder, terms: selectors.CallTerms, res
     return upstream
 
 
-def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, headers: dict) -> HttpResponse:
+def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, waiting: "_Waiting",
+                  headers: dict) -> HttpResponse:
     """The answer to a call with X-Request-Nonce, stored for its replays: in full when it fits in
     PROXY_REPLAY_MAX_BYTES, else as a note saying so. Only that much of it is ever held in memory: a larger answer
     is streamed on from what was read."""
@@ -445,25 +450,64 @@ def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, header
                   if name.lower() not in {"content-length", "content-encoding", "content-type"}}
         ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=nonce).update(
             status_code=upstream.status, headers={**stored, "Content-Type": "application/json"}, body=note)
-        response = StreamingHttpResponse(_BuyerStream(upstream, read=head, rest=stream), status=upstream.status)
+        response = StreamingHttpResponse(_BuyerStream(upstream, waiting, read=head, rest=stream),
+                                         status=upstream.status)
     for key, value in headers.items():
         response[key] = value
     return response
+
+
+class _Waiting:
+    """Whom a proxied call waits on, one at a time, each held to a share of the threads (SlowPeers): its seller
+    while the upstream's answer, head or body, is read; its buyer while the server hands the body over, at the
+    buyer's pace. A buyer not reading its answers holds threads of its own share, and its seller does not count as
+    slow for it (its other buyers would be held to a slow seller's share)."""
+
+    __slots__ = ("seller", "buyer")
+
+    def __init__(self, terms: selectors.CallTerms):
+        # Refused at once, before any reservation, past a slow buyer's or a slow seller's share.
+        self.buyer = _slow_buyers.admit(terms.buyer_id, waiting=False)
+        try:
+            self.seller = _slow_sellers.admit(terms.seller_id)
+        except BaseException:
+            self.buyer.end()
+            raise
+
+    def on_buyer(self) -> None:
+        self.seller.pause()
+        self.buyer.resume()
+
+    def on_seller(self) -> None:
+        self.buyer.pause()
+        self.seller.resume()
+
+    def end(self) -> None:
+        self.seller.end()
+        self.buyer.end()
 
 
 class _BuyerStream:
     """The upstream's body for the buyer: what was `read` of it already, then the `rest` of its stream. A class with
     `close()` rather than a generator: Django hands `close()` to the server, which calls it however the request
     ends (PEP 3333), even when the body was never iterated (a generator's cleanup would not run then), and the
-    exchange must end with it: its connection closed or given back, its seller's wait ended."""
+    exchange must end with it: its connection closed or given back, its waits ended.
 
-    def __init__(self, upstream: outbound.UpstreamAnswer, read=(), rest=None):
-        self._upstream, self._read, self._rest = upstream, read, rest
+    The call waits on its buyer from the moment the answer is made until the server asks for its body, and whenever
+    the server has a chunk of it to hand over; on its seller while the next is read."""
+
+    def __init__(self, upstream: outbound.UpstreamAnswer, waiting: _Waiting, read=(), rest=None):
+        self._upstream, self._waiting, self._read, self._rest = upstream, waiting, read, rest
+        waiting.on_buyer()
 
     def __iter__(self):
+        waiting = self._waiting
         try:
-            yield from self._read
-            yield from self._upstream if self._rest is None else self._rest
+            waiting.on_seller()
+            for chunk in itertools.chain(self._read, self._upstream if self._rest is None else self._rest):
+                waiting.on_buyer()
+                yield chunk
+                waiting.on_seller()
         finally:
             self._upstream.close()
 

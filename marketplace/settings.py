@@ -353,14 +353,18 @@ PROXY_CONNECT_TIMEOUT = env.float("PROXY_CONNECT_TIMEOUT_SECONDS", default=5.0)
 PROXY_TIMEOUT = env.float("PROXY_TIMEOUT_SECONDS", default=60.0)
 # The whole answer, head and body, within this in all (its body streamed to the buyer meanwhile).
 PROXY_ANSWER_TIMEOUT = env.float("PROXY_ANSWER_TIMEOUT_SECONDS", default=300.0)
-# A seller whose answer took longer than PROXY_SLOW_SECONDS counts as slow for PROXY_SLOW_REMEMBER_SECONDS; calls to
-# slow sellers may hold at most PROXY_SLOW_CALLS_PER_SELLER of a web process's threads per seller and
-# PROXY_SLOW_CALLS in all, the rest answered 503 upstream_busy at once (marketplace.concurrency.SlowPeers). The
-# defaults: a quarter and half of the threads (WEB_THREADS, marketplace.serve). 0: no limit.
+# A seller a call waited on (its answer read) longer than PROXY_SLOW_SECONDS counts as slow for
+# PROXY_SLOW_REMEMBER_SECONDS, as does a buyer an answer waited on (handed over to it); calls waiting on slow sellers
+# may hold at most PROXY_SLOW_CALLS_PER_SELLER of a web process's threads per seller, on slow buyers
+# PROXY_SLOW_CALLS_PER_BUYER per buyer, and PROXY_SLOW_CALLS on either in all, the rest answered 503 upstream_busy or
+# buyer_busy at once (marketplace.concurrency.SlowPeers). The defaults: a quarter, a quarter and half of the threads
+# (WEB_THREADS, marketplace.serve). 0: no limit.
 PROXY_SLOW_SECONDS = env.float("PROXY_SLOW_SECONDS", default=2.0)
 PROXY_SLOW_REMEMBER_SECONDS = env.float("PROXY_SLOW_REMEMBER_SECONDS", default=60.0)
 PROXY_SLOW_CALLS_PER_SELLER = env.int("PROXY_SLOW_CALLS_PER_SELLER",
                                       default=max(1, env.int("WEB_THREADS", default=16) // 4))
+PROXY_SLOW_CALLS_PER_BUYER = env.int("PROXY_SLOW_CALLS_PER_BUYER",
+                                     default=max(1, env.int("WEB_THREADS", default=16) // 4))
 PROXY_SLOW_CALLS = env.int("PROXY_SLOW_CALLS", default=max(1, env.int("WEB_THREADS", default=16) // 2))
 PROXY_MAX_UNITS_PER_CALL = env.int("PROXY_MAX_UNITS_PER_CALL", default=1_000_000)
 # Replies stored for X-Request-Nonce retries are capped; larger ones are refused rather than half-stored.
