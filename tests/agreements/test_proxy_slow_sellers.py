@@ -2,6 +2,7 @@
 calling a slow upstream (its own, say, whose timeouts are not charged) held as many threads as it made calls at
 once, and every other buyer's calls waited for one."""
 
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
@@ -9,6 +10,7 @@ from http.server import BaseHTTPRequestHandler
 import httpx
 import pytest
 
+from agreements import proxy
 from agreements.models import UsageAgreement
 from tests.agreements.conftest import activated_through_the_api
 from tests.support.http_server import RecordingServer, serving
@@ -67,7 +69,11 @@ def test_a_slow_seller_holds_its_share_of_the_threads_and_further_calls_are_refu
     assert (agreement.used, agreement.reserved) == (3 * slow.service.unit_price, 0)
 
 
-def test_a_fast_seller_under_a_burst_is_never_refused(slow_share, escrow_chain, http_server, live_server):
+def test_a_fast_seller_under_a_burst_is_never_refused(slow_share, settings, escrow_chain, http_server, live_server):
+    # Answers of 0.1 s against the setting's default, not slow_share's 0.3 s: a call's wait includes this process's
+    # own work on it, and 12 calls at once on a loaded 2-core machine began up to 0.16 s apart (one still waiting),
+    # too close to 0.3 s. Per seller and in all, the slow share (2 and 3 calls) stays what 12 calls would exceed.
+    settings.PROXY_SLOW_SECONDS = 2.0
     parties = activated_through_the_api(escrow_chain, http_server.url, quantity=20)
     url = f"{live_server.url}/metered-proxy/{parties.agreement_id}/work"
     headers = {"Authorization": f"Bearer {parties.buyer_api.secret}"}
@@ -108,11 +114,18 @@ def test_a_seller_answering_heads_at_once_and_dribbling_bodies_holds_its_share_a
         parties = activated_through_the_api(escrow_chain, upstream_url, quantity=10)
         url = f"{live_server.url}/metered-proxy/{parties.agreement_id}/work"
         headers = {"Authorization": f"Bearer {parties.buyer_api.secret}"}
+        heads = queue.Queue()
+
+        def streamed(client) -> bytes:
+            with client.stream("GET", url, headers=headers) as response:
+                heads.put(response.status_code)  # the buyer has the head: the proxy is streaming the body
+                return response.read()
+
         with httpx.Client(timeout=30) as client, ThreadPoolExecutor(max_workers=2) as pool:
             assert client.get(url, headers=headers).content == b"a" * 10  # 1 s: the seller is slow from now on
             DribblingBodies.pause, DribblingBodies.size = 0.1, 30  # 3 s each
-            streaming = [pool.submit(client.get, url, headers=headers) for _ in range(2)]
-            time.sleep(0.8)  # both heads are in, their bodies streaming
+            streaming = [pool.submit(streamed, client) for _ in range(2)]
+            assert [heads.get(timeout=20) for _ in streaming] == [200, 200]  # both heads are in, bodies streaming
             began = time.monotonic()
             refused = client.get(url, headers=headers)
             refused_in = time.monotonic() - began
@@ -121,7 +134,7 @@ def test_a_seller_answering_heads_at_once_and_dribbling_bodies_holds_its_share_a
     assert refused.status_code == 503, refused.text
     assert refused.json()["error"]["code"] == "upstream_busy"
     assert refused_in < 1.0
-    assert [response.content for response in answered] == [b"a" * 30] * 2
+    assert answered == [b"a" * 30] * 2
     agreement = UsageAgreement.objects.get(pk=parties.agreement_id)
     assert (agreement.used, agreement.reserved) == (3 * parties.service.unit_price, 0)
 
@@ -137,3 +150,5 @@ def test_an_answer_closed_unread_ends_its_call_for_the_share(slow_share, setting
     first.close()  # as the server does, however the request ended
     second = parties.buyer_api.client.get(f"/metered-proxy/{parties.agreement_id}/work", **auth)
     assert second.status_code == 200, second.content
+    b"".join(second.streaming_content)  # read to its end, as the server does: the test client closes it then
+    assert parties.seller.pk not in proxy._slow_sellers._waiting  # no wait left for a later call to count
