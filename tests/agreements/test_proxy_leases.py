@@ -32,11 +32,13 @@ def short_leases(settings, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def no_call_left_waiting():
-    """Every call's wait on its seller ended with its answer (proxy._slow_sellers): a wait left behind would make
-    the seller count as slow once it was PROXY_SLOW_SECONDS old, and refuse its calls beyond its share."""
-    before = set(proxy._slow_sellers._waiting)
+    """Every call's waits on its seller and its buyer ended with its answer (proxy._slow_sellers, _slow_buyers): a
+    wait left behind would make its peer count as slow once it was PROXY_SLOW_SECONDS old, and refuse its calls
+    beyond its share."""
+    before = [set(peers._calls) for peers in (proxy._slow_sellers, proxy._slow_buyers)]
     yield
-    assert set(proxy._slow_sellers._waiting) <= before, "a call is still counted as waiting on its seller"
+    after = [set(peers._calls) for peers in (proxy._slow_sellers, proxy._slow_buyers)]
+    assert all(now <= then for now, then in zip(after, before, strict=True)), "a call is still counted as waiting"
 
 
 def agreement_for(escrow_chain, http_server, calls: int) -> Parties:
@@ -53,9 +55,9 @@ def agreement_for(escrow_chain, http_server, calls: int) -> Parties:
 def call(parties, path="work"):
     """A proxied call, its answer's body read to its end and closed, as the web server does with every answer (PEP
     3333): that ends the call's wait on its seller. The test client closes a streaming answer only once its body is
-    read: each call left unread stayed counted as waiting on the seller, which counted as slow once the oldest had
-    waited PROXY_SLOW_SECONDS, and its calls beyond its share were refused 503 upstream_busy (on a loaded machine,
-    200 calls took longer than that)."""
+    read: each call left unread stayed counted as waiting (on its buyer now, on its seller before), which counted as
+    slow once the oldest had waited PROXY_SLOW_SECONDS, and its calls beyond its share were refused 503 (on a loaded
+    machine, 200 calls took longer than that)."""
     response = parties.buyer_api.client.get(f"/metered-proxy/{parties.agreement_id}/{path}",
                                             HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}")
     if response.streaming:

@@ -151,4 +151,5 @@ def test_an_answer_closed_unread_ends_its_call_for_the_share(slow_share, setting
     second = parties.buyer_api.client.get(f"/metered-proxy/{parties.agreement_id}/work", **auth)
     assert second.status_code == 200, second.content
     b"".join(second.streaming_content)  # read to its end, as the server does: the test client closes it then
-    assert parties.seller.pk not in proxy._slow_sellers._waiting  # no wait left for a later call to count
+    assert parties.seller.pk not in proxy._slow_sellers._calls  # no wait left for a later call to count
+    assert parties.buyer.pk not in proxy._slow_buyers._calls
