@@ -114,12 +114,17 @@ def invocation_seller_share(invocation: SkillInvocation) -> int:
     return invocation.amount - invocation_fee(amount=invocation.amount)
 
 
+def invocation_pk(public_id: str) -> uuid.UUID | None:
+    """The key a public id `inv_<hex>` names, or None when it is not one."""
+    try:
+        return uuid.UUID(public_id.removeprefix("inv_"))
+    except ValueError:
+        return None
+
+
 def invocation_get(*, public_id: str) -> SkillInvocation:
     """By its public id `inv_<hex>` (unguessable: whoever holds it may read the invocation)."""
-    try:
-        pk = uuid.UUID(public_id.removeprefix("inv_"))
-    except ValueError:
-        pk = None
+    pk = invocation_pk(public_id)
     invocation = SkillInvocation.objects.select_related("skill").filter(pk=pk).first() if pk else None
     if invocation is None:
         raise NotFound("No such invocation.", code="invocation_not_found")

@@ -12,6 +12,7 @@ from django.db.models.functions import TruncDay, TruncHour
 
 from agreements import x402_protocol
 from agreements.invocations import invocation_payment_status as invocation_payment_status
+from agreements.invocations import invocation_pk as invocation_pk
 from agreements.invocations import invocation_price as invocation_price
 from agreements.invocations import invocation_seller_share as invocation_seller_share
 from agreements.models import (

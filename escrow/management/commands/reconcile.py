@@ -5,7 +5,6 @@ acknowledges it (`--acknowledge ID` for an event, `--acknowledge-invocation INVO
 with `--reason ...`; or the admin's actions): it is still listed, and no longer fails the command."""
 
 import getpass
-import uuid
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -80,10 +79,9 @@ class Command(BaseCommand):
         self.stdout.write(f"Acknowledged {count} unapplied event(s).")
 
     def _acknowledge_invocations(self, public_ids: list[str], *, reason: str, operator: str) -> None:
-        try:
-            pks = [uuid.UUID(public_id.removeprefix("inv_")) for public_id in public_ids]
-        except ValueError as error:
-            raise CommandError(f"Not an invocation id: {error}") from error
+        pks = [agreement_selectors.invocation_pk(public_id) for public_id in public_ids]
+        if None in pks:
+            raise CommandError(f"Not an invocation id: {public_ids[pks.index(None)]}")
         try:
             count = agreement_services.invocations_acknowledge_reverted_payment(
                 invocations=SkillInvocation.objects.filter(pk__in=pks), operator=operator, reason=reason)
