@@ -61,8 +61,33 @@ def slow_first(items: list, *, workers: int) -> list:
     return ordered + fast
 
 
+def read_to_its_end(response):
+    """`response` with its streamed body read to its end, as the web server does with every answer (PEP 3333). The
+    test client closes a streamed answer only once its body is read, and a proxied call's waits on its seller and its
+    buyer end when its answer is closed: left unread, each call stayed counted as waiting, and once the oldest had
+    waited PROXY_SLOW_SECONDS (a loaded machine, a test making 20 calls) the buyer counted as slow and its calls beyond
+    its share were refused 503 `buyer_busy`. The body stays readable from `streaming_content`."""
+    if response.streaming:
+        response.streaming_content = [b"".join(response.streaming_content)]
+    return response
+
+
+@pytest.fixture(autouse=True)
+def no_call_left_waiting():
+    """Every proxied call's waits on its seller and its buyer ended with its answer (`agreements.proxy`'s
+    `_slow_sellers` and `_slow_buyers`). A wait left behind makes its peer count as slow once it is PROXY_SLOW_SECONDS
+    old, and refuses that peer's calls beyond its share, in this test or a later one in the same process."""
+    from agreements import proxy
+
+    before = [set(peers._calls) for peers in (proxy._slow_sellers, proxy._slow_buyers)]
+    yield
+    after = [set(peers._calls) for peers in (proxy._slow_sellers, proxy._slow_buyers)]
+    assert all(now <= then for now, then in zip(after, before, strict=True)), "a proxied call is still waiting"
+
+
 class Api:
-    """An HTTP client for the public API, authenticated as one principal (or none)."""
+    """An HTTP client for the public API, authenticated as one principal (or none). Streamed answers come back read to
+    their end (`read_to_its_end`); `client` is the bare test client, for a test of what an unread answer holds."""
 
     def __init__(self, secret: str | None = None):
         self.client = APIClient()
@@ -75,11 +100,11 @@ class Api:
 
     def _call(self, method, path, data=None, headers=None, **kwargs):
         extra = {f"HTTP_{k.upper().replace('-', '_')}": v for k, v in (headers or {}).items()}
-        return getattr(self.client, method)(path, data=data, format="json", **extra, **kwargs)
+        return read_to_its_end(getattr(self.client, method)(path, data=data, format="json", **extra, **kwargs))
 
     def get(self, path, params=None, headers=None):
         extra = {f"HTTP_{k.upper().replace('-', '_')}": v for k, v in (headers or {}).items()}
-        return self.client.get(path, params or {}, **extra)
+        return read_to_its_end(self.client.get(path, params or {}, **extra))
 
     def post(self, path, data=None, headers=None):
         return self._call("post", path, data, headers)

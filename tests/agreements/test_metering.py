@@ -12,7 +12,7 @@ from django.utils import timezone
 from agreements import metering
 from agreements.models import UsageAgreement, UsageEvent
 from sdk import proxy_signature, receipts
-from tests.conftest import codes_at, error_code
+from tests.conftest import codes_at, error_code, read_to_its_end
 from tests.escrow.flow import Parties, onchain_escrow
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -20,10 +20,9 @@ pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
 def test_a_proxied_call_is_forwarded_signed_and_billed(active, http_server, escrow_chain):
     http_server.responses.append((200, {"translated": "hallo"}))
-    response = active.buyer_api.client.post(f"{active.proxy}/translate?lang=de", data=json.dumps({"text": "hi"}),
-                                            content_type="application/json",
-                                            HTTP_AUTHORIZATION=f"Bearer {active.buyer_api.secret}",
-                                            HTTP_X_CUSTOM="kept")
+    response = read_to_its_end(active.buyer_api.client.post(
+        f"{active.proxy}/translate?lang=de", data=json.dumps({"text": "hi"}), content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {active.buyer_api.secret}", HTTP_X_CUSTOM="kept"))
     assert response.status_code == 200
     assert json.loads(b"".join(response.streaming_content)) == {"translated": "hallo"}
     assert response["X-Usage-Cost"] == "20000"
@@ -225,8 +224,7 @@ def test_an_id_shaped_like_no_uuid_is_404_not_500(buyer_api, method):
 def test_an_escaped_path_reaches_the_seller_escaped(active, http_server):
     """Found by schemathesis: the decoded path was forwarded as is (an escaped "?" split it; a control character
     made no URL, a 500 that also kept the call's budget reserved)."""
-    response = active.buyer_api.client.get(f"{active.proxy}/a%3Fb/%06%C3%A9",
-                                           HTTP_AUTHORIZATION=f"Bearer {active.buyer_api.secret}")
+    response = active.buyer_api.get(f"{active.proxy}/a%3Fb/%06%C3%A9")
     assert response.status_code == 200
     [forwarded] = http_server.requests
     assert forwarded.path == "/api/a%3Fb/%06%C3%A9"

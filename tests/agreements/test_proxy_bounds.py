@@ -18,7 +18,7 @@ from django.utils import timezone
 from agreements import metering, proxy
 from agreements.models import CallIntent, ProxyReplay, UsageAgreement, UsageEvent
 from marketplace.errors import DependencyUnavailable
-from tests.conftest import error_code
+from tests.conftest import error_code, read_to_its_end
 from tests.escrow.flow import Parties
 from tests.marketplace.conftest import active_agreement
 
@@ -46,9 +46,14 @@ def per_unit(escrow_chain, http_server, django_capture_on_commit_callbacks):
                    pricing={"type": "per_unit", "unit_name": "page", "unit_price_atomic": 10_000})
 
 
-def raw(parties, method: str, path: str, **extra):
+def unread(parties, method: str, path: str, **extra):
+    """The call's answer as the test client gives it: a streamed body not yet read, the call still waiting."""
     return getattr(parties.buyer_api.client, method)(path, HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}",
                                                      **extra)
+
+
+def raw(parties, method: str, path: str, **extra):
+    return read_to_its_end(unread(parties, method, path, **extra))
 
 
 def books(parties) -> tuple[int, int]:
@@ -332,7 +337,7 @@ def test_a_large_reply_with_a_nonce_is_answered_without_being_held_in_memory(act
     http_server.responses.append((200, body))
     tracemalloc.start()
     try:
-        first = raw(active, "get", f"{active.proxy}/archive", HTTP_X_REQUEST_NONCE="archive-1")
+        first = unread(active, "get", f"{active.proxy}/archive", HTTP_X_REQUEST_NONCE="archive-1")
         held = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -365,7 +370,7 @@ def test_an_upstream_dribbling_its_answer_body_is_cut_off_at_the_answer_timeout(
         active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, upstream_url)
         settings.PROXY_ANSWER_TIMEOUT = 0.8
         started = time.monotonic()
-        response = raw(active, "get", f"{active.proxy}/slow")
+        response = unread(active, "get", f"{active.proxy}/slow")
         assert response.status_code == 200  # the head came in time: charged, its body streams
         with pytest.raises(TimeoutError):
             b"".join(response.streaming_content)

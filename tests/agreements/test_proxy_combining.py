@@ -15,6 +15,7 @@ from django.test import Client
 from agreements import metering, monitoring
 from agreements.models import CallIntent, UsageAgreement
 from tests.agreements.test_proxy_leases import PRICE, agreement_for, assert_books_exact
+from tests.conftest import read_to_its_end
 
 pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -54,7 +55,7 @@ def called_at_once(parties, *, interrupted: type[BaseException] | None = None) -
 
     def one(_):
         try:
-            return Client().get(url, HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}")
+            return read_to_its_end(Client().get(url, HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}"))
         except BaseException as exc:
             if interrupted is None or not isinstance(exc, interrupted):
                 raise

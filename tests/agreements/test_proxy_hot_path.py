@@ -18,8 +18,7 @@ pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
 
 def call(parties, path="work"):
-    return parties.buyer_api.client.get(f"/metered-proxy/{parties.agreement_id}/{path}",
-                                        HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}")
+    return parties.buyer_api.get(f"/metered-proxy/{parties.agreement_id}/{path}")
 
 
 def tables_read(queries) -> set[str]:

@@ -34,8 +34,7 @@ def active(active_outside_transaction):
 
 
 def call(parties):
-    return parties.buyer_api.client.get(f"/metered-proxy/{parties.agreement_id}/work",
-                                        HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}")
+    return parties.buyer_api.get(f"/metered-proxy/{parties.agreement_id}/work")
 
 
 def charged_with(queries) -> set[str]:

@@ -12,7 +12,7 @@ from django.db import OperationalError, connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from agreements import metering, proxy
+from agreements import metering
 from agreements.models import CallIntent, UsageAgreement, UsageEvent
 from sdk import receipts
 from tests.conftest import error_code
@@ -30,17 +30,6 @@ def short_leases(settings, monkeypatch):
     monkeypatch.setattr(metering, "_call_leases", {})  # this test's process: no leases of an earlier test's
 
 
-@pytest.fixture(autouse=True)
-def no_call_left_waiting():
-    """Every call's waits on its seller and its buyer ended with its answer (proxy._slow_sellers, _slow_buyers): a
-    wait left behind would make its peer count as slow once it was PROXY_SLOW_SECONDS old, and refuse its calls
-    beyond its share."""
-    before = [set(peers._calls) for peers in (proxy._slow_sellers, proxy._slow_buyers)]
-    yield
-    after = [set(peers._calls) for peers in (proxy._slow_sellers, proxy._slow_buyers)]
-    assert all(now <= then for now, then in zip(after, before, strict=True)), "a call is still counted as waiting"
-
-
 def agreement_for(escrow_chain, http_server, calls: int) -> Parties:
     parties = Parties(escrow_chain, upstream_base_url=http_server.url, buyer_funds=1_000 * USDC)
     agreement = parties.accepted_agreement(quantity=calls)
@@ -53,16 +42,7 @@ def agreement_for(escrow_chain, http_server, calls: int) -> Parties:
 
 
 def call(parties, path="work"):
-    """A proxied call, its answer's body read to its end and closed, as the web server does with every answer (PEP
-    3333): that ends the call's wait on its seller. The test client closes a streaming answer only once its body is
-    read: each call left unread stayed counted as waiting (on its buyer now, on its seller before), which counted as
-    slow once the oldest had waited PROXY_SLOW_SECONDS, and its calls beyond its share were refused 503 (on a loaded
-    machine, 200 calls took longer than that)."""
-    response = parties.buyer_api.client.get(f"/metered-proxy/{parties.agreement_id}/{path}",
-                                            HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}")
-    if response.streaming:
-        b"".join(response.streaming_content)  # the test client closes the answer at its end
-    return response
+    return parties.buyer_api.get(f"/metered-proxy/{parties.agreement_id}/{path}")
 
 
 def served(parties, calls: int) -> None:

@@ -118,7 +118,7 @@ def marketplace_data(escrow_chain, http_server, settings, monkeypatch):
                                       parties.signed_activation(active["id"]))
     assert response.status_code == 202, response.content
     poll_mined()
-    call = parties.buyer_api.client.get(f"/metered-proxy/{active['id']}/work")
+    call = parties.buyer_api.get(f"/metered-proxy/{active['id']}/work")
     assert call.status_code == 200
     accepted = parties.accepted_agreement()
     proposed = parties.buyer_api.post("/usage-agreements", {
