@@ -138,11 +138,12 @@ def celery_worker(env: dict, log_dir: Path, *, pool: str = "solo", include: str 
 
 
 DEEP_JSON = b"[" * 100_000 + b"]" * 100_000  # 200 kB nested 100,000 deep
+LARGE_JSON = b'"' + b"x" * 16_000_000 + b'"'  # more than the sockets between the caller and the upstream buffer
 
 
 class Upstream:
     """The seller's service: answers 200, or hangs (until released), or resets the connection, or answers JSON
-    nested 100,000 deep, as told."""
+    nested 100,000 deep, or 16 MB of JSON, as told."""
 
     def __init__(self):
         self.mode = "ok"
@@ -186,12 +187,15 @@ class Upstream:
                     return
                 if mode == "hang":
                     upstream._release.wait(timeout=60)
-                payload = DEEP_JSON if mode == "deep" else b'{"ok": true}'
+                payload = {"deep": DEEP_JSON, "large": LARGE_JSON}.get(mode, b'{"ok": true}')
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.wfile.write(payload)
+                except ConnectionError:  # the proxy stopped reading: its caller went away
+                    return
                 with upstream._count:
                     upstream.served += 1
 

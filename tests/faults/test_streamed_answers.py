@@ -1,0 +1,49 @@
+"""A proxied call waits on its seller while the upstream answers and on its buyer while the answer is handed over
+(agreements.proxy, SECURITY.md "Hostile input"); both waits end when the web server closes the answer, as PEP 3333
+says it must, whether the buyer read it to its end or went away in the middle of it. Here against the production
+server (granian, which once did not close an abandoned answer: emmett-framework/granian#29): a wait left behind
+would make the buyer count as slow for good and refuse its calls beyond its share."""
+
+import httpx
+import pytest
+
+from tests.faults.conftest import assert_books_balance
+from tests.faults.processes import wait_until
+from tests.faults.test_dependencies_down import active_agreement
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.chain, pytest.mark.postgres,
+              pytest.mark.django_db(transaction=True)]
+
+CALLS = 8  # on connections of their own: the kernel spreads them over both web workers
+
+
+@pytest.fixture
+def stack_env() -> dict:
+    # Every call counts as slow at once, and a slow buyer may have one call at a time in each web process: a wait
+    # left behind refuses that buyer's next call there 503 buyer_busy.
+    return {"PROXY_SLOW_SECONDS": "0", "PROXY_SLOW_CALLS_PER_BUYER": "1"}
+
+
+def test_answers_read_whole_or_abandoned_midway_leave_no_wait_behind(stack, parties, upstream):
+    headers = {"Authorization": f"Bearer {parties.buyer_api.secret}"}
+    with stack.api(parties.buyer_api.secret) as api:
+        agreement = active_agreement(stack, api, parties, quantity=3 * CALLS + 10)
+    url = f"{stack.url}/metered-proxy/{agreement['id']}/work"
+
+    def call_read_whole() -> int:
+        with httpx.Client(headers=headers, timeout=30) as client:
+            return client.get(url).status_code
+
+    assert [call_read_whole() for _ in range(CALLS)] == [200] * CALLS
+
+    upstream.set_mode("large")
+    for _ in range(CALLS):
+        with httpx.Client(headers=headers, timeout=30) as client, client.stream("GET", url) as answer:
+            assert answer.status_code == 200
+            assert next(answer.iter_raw())  # a first chunk, then the buyer goes away with the rest unread
+
+    # The server learns that a buyer went away when it next writes to it: shortly, not at once.
+    upstream.set_mode("ok")
+    wait_until(lambda: all(call_read_whole() == 200 for _ in range(CALLS)), timeout=20,
+               what="every call admitted again once the abandoned answers were closed")
+    assert_books_balance(agreement["id"])
