@@ -86,7 +86,9 @@ _TIMESTAMPS = {
 # Not ACTIVATION_FAILED: it may still be signed again, or its intent relayed by anyone, and become active.
 NOTHING_COMMITTED = (S.REJECTED, S.CANCELLED, S.EXPIRED, S.PAYMENT_FAILED)
 # What a skill invocation counts: its price from the moment its authorization is accepted (authorized, held, paying
-# out or paid out, refunding until the refund is confirmed), nothing once its payment failed or was refunded.
+# out or paid out, refunding until the refund is confirmed), nothing once its payment failed or was refunded, nor
+# once a reorg took its payment and it could not run again (`payment_reverted_at`): the buyer's money never left its
+# wallet. What the treasury paid out on it is the platform's loss, which reconcile shows the operator.
 INVOCATION_NOTHING_COMMITTED = (InvocationMoney.PAYMENT_FAILED, InvocationMoney.REFUNDED)
 
 
@@ -188,7 +190,7 @@ def _committed_spends_sql() -> str:
     column = {name: quote(meta.get_field(name).column)
               for name in ("status", "infra_fee", "used", "deposit_amount", "buyer", "created_at")}
     invocation = {name: quote(invocation_meta.get_field(name).column)
-                  for name in ("money", "amount", "buyer", "created_at")}
+                  for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at")}
     committed = (f"CASE WHEN {column['status']} IN ({', '.join(['%s'] * len(NOTHING_COMMITTED))}) THEN 0 "
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} "
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} + {column['used']} "
@@ -198,7 +200,8 @@ def _committed_spends_sql() -> str:
               f"FROM {quote(meta.db_table)} WHERE {column['buyer']} = %s AND {column['created_at']} >= %s "
               f"UNION ALL SELECT {invocation['created_at']}, {invocation['amount']} "
               f"FROM {quote(invocation_meta.db_table)} WHERE {invocation['buyer']} = %s "
-              f"AND {invocation['created_at']} >= %s AND {invocation['money']} NOT IN ({released})")
+              f"AND {invocation['created_at']} >= %s AND {invocation['money']} NOT IN ({released}) "
+              f"AND {invocation['payment_reverted_at']} IS NULL")
     return ("SELECT COALESCE(SUM(amount) FILTER (WHERE committed_at >= %s), 0), "  # noqa: S608
             f"COALESCE(SUM(amount), 0) FROM ({spends}) spends")
 
@@ -206,7 +209,7 @@ def _committed_spends_sql() -> str:
 def _committed_spends(buyer: Agent, *, day_since: datetime, month_since: datetime) -> tuple[int, int]:
     """What the buyer committed since `day_since` and since `month_since` (the earlier), in one statement: its
     agreements (nothing once released, the fee once refunded, fee plus what was used once settled, else fee plus
-    deposit) and its skill invocations (the price, unless the payment failed or was refunded)."""
+    deposit) and its skill invocations (the price, unless the payment failed, was refunded or was reverted)."""
     committed = [*NOTHING_COMMITTED, S.REFUNDED, S.SETTLED]
     since = connection.ops.adapt_datetimefield_value
     buyer_id = UsageAgreement._meta.get_field("buyer").get_db_prep_value(buyer.pk, connection)

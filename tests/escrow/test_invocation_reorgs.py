@@ -17,7 +17,10 @@ from agreements import invocations
 from agreements.models import SkillInvocation
 from escrow import relayer
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from tests.agreements.helpers import proposal
 from tests.agreements.test_invocations import PRICE, Market
+from tests.catalog.factories import AgentFactory, issue_key
+from tests.conftest import Api
 from tests.escrow.flow import USDC, confirm_all, fund, usdc_balance
 from tests.escrow.test_indexer import mined
 
@@ -56,15 +59,16 @@ def polls_until_concluded(capture, *transactions: ChainTransaction) -> None:
     raise AssertionError("the reopened transactions were not concluded after 4 polls")
 
 
-def paid_and_settled_on_a_branch(market, capture, outcome: str) -> tuple[str, str]:
+def paid_and_settled_on_a_branch(market, capture, outcome: str, api=None) -> tuple[str, str]:
     """A sync invocation paid, run (answered as `outcome` says) and its payout or refund confirmed, all on a branch
-    a snapshot taken just before the payment can undo. Returns the invocation id and the snapshot."""
+    a snapshot taken just before the payment can undo; called anonymously, or as the agent whose key `api` holds.
+    Returns the invocation id and the snapshot."""
     upstream, _, money = SETTLED[outcome]
     market.upstream.responses.append(upstream)
     payment = market.pay("translate")
     before_fork = market.chain.snapshot()
     with capture(execute=True):
-        response = market.call("translate", payment)
+        response = market.call("translate", payment, api=api)
     confirm_all(capture)  # the payout or refund
     invocation_id = response.json().get("invocation_id") or response.json()["error"]["details"]["invocation_id"]
     invocation = invocation_of(market, invocation_id)
@@ -263,3 +267,33 @@ def test_a_payment_a_reorg_took_while_the_seller_ran_is_neither_paid_out_nor_ref
         admin_user.username, "seller paid by hand")
     call_command("reconcile", stdout=io.StringIO())
     assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_reverted"
+
+
+def test_a_reverted_payment_the_buyer_never_paid_no_longer_counts_against_its_owners_spend_cap(
+        market, owner_api, owner, django_capture_on_commit_callbacks):
+    """The buyer's agent pays an invocation with its API key, and the payment is then taken off the chain and
+    cannot run again, after the seller was paid out: the money never left the buyer's wallet, so the owner's cap
+    has room for it again. The treasury's loss stays in front of the operator (reconcile fails until
+    acknowledged)."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    agent = AgentFactory(owner=owner, handle="buyer-one", is_buyer=True, is_seller=False,
+                         wallet_address=market.buyer.address)
+    agent_api = Api(issue_key(agent))
+    # A proposal of 10 calls commits 200_000 and the 100_000 minimum fee: the cap's whole day.
+    assert owner_api.put(f"/agents/{agent.pk}/policies", {"daily_cap_atomic": 300_000}).status_code == 200
+    invocation_id, before_fork = paid_and_settled_on_a_branch(market, capture, "completed", api=agent_api)
+    refused = agent_api.post("/usage-agreements", proposal(market.service))
+    assert refused.status_code == 403 and refused.json()["error"]["details"]["spent"] == PRICE
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
+
+    chain.revert(before_fork)
+    spend_all_but(chain, market.buyer.address, keep=0)
+    chain.mine(3)
+    polls_until_concluded(capture, payment, ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_reverted"
+
+    response = agent_api.post("/usage-agreements", proposal(market.service))
+
+    assert response.status_code == 201, response.content
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
