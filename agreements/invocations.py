@@ -17,8 +17,9 @@ relayer sends it again (see escrow.relayer). Meanwhile a payment not run on yet 
 authorized: the seller is called only on a payment the chain has) and a payout or refund back to paying_out or
 refunding. A payment that then cannot run again after the seller was called (the buyer's funds spent on the new
 branch, the authorization expired) leaves the treasury holding nothing for the invocation: `payment_reverted_at`
-records it for an operator, money still held becomes payment_failed (so nothing is paid out or refunded), and
-what was paid out or refunded came from the treasury's own funds.
+records it for an operator, money still held becomes payment_failed (so nothing is paid out or refunded), a payout
+or refund queued but not yet signed is withdrawn (payment_failed too: nothing left the treasury), and what was paid
+out or refunded, or signed to be, came from the treasury's own funds.
 
 Never twice: the authorization's nonce is unique in the database (a replay is refused before any chain call);
 `status` and `money` change only under a row lock from the expected value; the seller is called only by whoever
@@ -191,8 +192,9 @@ def invocation_payment_failed(*, invocation_id, reason: str) -> None:
 
 def _payment_reverted(invocation: SkillInvocation, *, reason: str) -> None:
     """The seller was called on a payment the chain no longer has: the treasury holds nothing for the invocation.
-    A payment still held (the seller running) becomes payment_failed, so the run's end pays nothing out or back;
-    what was paid out or refunded already came from the treasury's own funds. Never run or paid again: recorded
+    A payment still held (the seller running) becomes payment_failed, so the run's end pays nothing out or back; a
+    payout or refund still queued is withdrawn by the escrow app (`invocation_settlement_withdrawn`); what was paid
+    out or refunded already, or signed to be, came from the treasury's own funds. Never run or paid again: recorded
     for an operator, which reconcile and the dashboard show until one acknowledges it."""
     logger.error("a reorg took the payment of an invocation whose seller was called, and it could not run again",
                  extra={"invocation_id": invocation.public_id, "tx_hash": invocation.payment_tx_hash,
@@ -262,6 +264,14 @@ def invocation_paid_out(*, invocation_id, tx_hash: str) -> None:
 def invocation_refunded(*, invocation_id, tx_hash: str) -> None:
     SkillInvocation.objects.filter(pk=invocation_id, money=Money.REFUNDING).update(
         money=Money.REFUNDED, settlement_tx_hash=tx_hash, updated_at=timezone.now())
+
+
+def invocation_settlement_withdrawn(*, invocation_id) -> None:
+    """The payout or refund of an invocation whose payment was reverted was withdrawn before it was sent: nothing
+    left the treasury for it and nothing will (payment_failed, as a payment reverted while still held)."""
+    SkillInvocation.objects.filter(pk=invocation_id, payment_reverted_at__isnull=False,
+                                   money__in=[Money.PAYING_OUT, Money.REFUNDING]).update(
+        money=Money.PAYMENT_FAILED, updated_at=timezone.now())
 
 
 def invocation_settlement_reopened(*, invocation_id, tx_hash: str) -> None:

@@ -28,6 +28,7 @@ from agreements.invocations import invocation_run as invocation_run
 from agreements.invocations import invocation_run_paid as invocation_run_paid
 from agreements.invocations import invocation_run_in_background as invocation_run_in_background
 from agreements.invocations import invocation_settlement_reopened as invocation_settlement_reopened
+from agreements.invocations import invocation_settlement_withdrawn as invocation_settlement_withdrawn
 from agreements.invocations import (
     invocations_acknowledge_reverted_payment as invocations_acknowledge_reverted_payment,
 )

@@ -57,6 +57,8 @@ _GAS_HEADROOM_PERCENT = 25
 _SLOT_FILL_GAS = 20_000
 # The context key of an operator's retry: the failed transaction it sends again.
 OPERATOR_RETRY_OF = "operator_retry_of"
+# The context key of a transaction withdrawn before it was signed (`transaction_withdraw`): why.
+WITHDRAWN = "withdrawn"
 # A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
 _POLL_GIVES_UP_AFTER = 5
 
@@ -470,12 +472,33 @@ def transactions_sweep_queued() -> int:
     return len(stuck)
 
 
+def transaction_withdraw(*, transaction_id, reason: str) -> bool:
+    """The domain no longer wants a transaction: failed, never sent, when it is still queued (no nonce taken, nothing
+    signed), as a queued one whose simulation reverts is; its outcome is not applied (the caller is the domain that
+    withdrew it). True when withdrawn. One signed already is left to go on: its bytes may be out (a broadcast the
+    node took though the answer was lost) and its nonce is taken, and later ones would wait behind a gap there.
+    Call inside the caller's DB transaction; the row lock is the one `transaction_submit` takes to sign, so a
+    transaction is either withdrawn or signed, never both."""
+    tx = ChainTransaction.objects.select_for_update().filter(pk=transaction_id, status=TxStatus.QUEUED).first()
+    if tx is None:
+        return False
+    logger.warning("chain transaction withdrawn before it was sent", extra={"tx_id": str(tx.pk), "reason": reason})
+    tx.status, tx.outcome_applied = TxStatus.FAILED, True
+    tx.failure_reason = f"withdrawn before it was sent: {reason}"[:500]
+    tx.context = {**tx.context, WITHDRAWN: reason[:500]}
+    tx.save(update_fields=["status", "outcome_applied", "failure_reason", "context", "updated_at"])
+    return True
+
+
 def transaction_retry(*, tx: ChainTransaction) -> ChainTransaction:
     """Operator action: a failed transaction is queued again as a new row (the failed one stays for history),
-    whose context names the one it retries (`OPERATOR_RETRY_OF`)."""
+    whose context names the one it retries (`OPERATOR_RETRY_OF`). Not one the domain withdrew (`WITHDRAWN`)."""
     with transaction.atomic():
         # Once: a plain token transfer (a payout, a refund) retried twice would pay twice.
         tx = ChainTransaction.objects.select_for_update().get(pk=tx.pk)
+        if WITHDRAWN in tx.context:
+            raise Conflict(f"This transaction was withdrawn before it was sent: {tx.context[WITHDRAWN]}",
+                           code="withdrawn", details={"transaction_id": str(tx.pk)})
         if tx.status != TxStatus.FAILED or ChainTransaction.objects.filter(
                 **{f"context__{OPERATOR_RETRY_OF}": str(tx.pk)}).exists():
             raise Conflict("This transaction was retried already (retry its retry if that failed too).",

@@ -211,8 +211,22 @@ def _paid_by(tx: ChainTransaction) -> str | None:
 def _invocation_payment_outcome(tx: ChainTransaction) -> None:
     if paid_by := _paid_by(tx):
         agreement_services.invocation_payment_confirmed(invocation_id=_invocation_id(tx), tx_hash=paid_by)
-    else:
-        agreement_services.invocation_payment_failed(invocation_id=_invocation_id(tx), reason=tx.failure_reason)
+        return
+    agreement_services.invocation_payment_failed(invocation_id=_invocation_id(tx), reason=tx.failure_reason)
+    _invocation_settlement_withdraw(_invocation_id(tx))
+
+
+def _invocation_settlement_withdraw(invocation_id) -> None:
+    """The payment failed after the invocation's payout or refund was queued (a reorg took it, and it could not run
+    again): the treasury never received what that would send, so it is withdrawn while nothing of it is signed. One
+    signed already goes on (see `relayer.transaction_withdraw`); the reverted payment records it for an operator."""
+    queued = ChainTransaction.objects.filter(
+        purpose__in=[TxPurpose.INVOCATION_PAYOUT, TxPurpose.INVOCATION_REFUND], status=TxStatus.QUEUED,
+        context__invocation_id=str(invocation_id)).values_list("pk", flat=True)
+    for settlement_id in queued:
+        if relayer.transaction_withdraw(transaction_id=settlement_id,
+                                        reason="the payment it would forward was taken off the chain by a reorg"):
+            agreement_services.invocation_settlement_withdrawn(invocation_id=invocation_id)
 
 
 def _invocation_payment_reopened(tx: ChainTransaction) -> None:

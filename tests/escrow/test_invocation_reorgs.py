@@ -17,6 +17,7 @@ from agreements import invocations
 from agreements.models import SkillInvocation
 from escrow import relayer
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from marketplace.errors import Conflict
 from tests.agreements.helpers import proposal
 from tests.agreements.test_invocations import PRICE, Market
 from tests.catalog.factories import AgentFactory, issue_key
@@ -295,5 +296,86 @@ def test_a_reverted_payment_the_buyer_never_paid_no_longer_counts_against_its_ow
     response = agent_api.post("/usage-agreements", proposal(market.service))
 
     assert response.status_code == 201, response.content
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+def test_a_payout_not_yet_sent_when_its_payment_is_found_reverted_is_withdrawn_and_pays_nothing(
+        market, outcome, django_capture_on_commit_callbacks):
+    """The invocation ran on a confirmed payment and its payout (or refund) is queued, not yet signed (its submit
+    task not run: a busy worker, the broker down), when a reorg takes the payment and it cannot run again. Nothing
+    of the payout was sent, and the treasury never received what it would send: it is withdrawn, and neither the
+    sweeper nor an operator's retry sends it. The invocation stays recorded for the operator (the seller worked
+    unpaid, or the buyer was not refunded a payment it never made)."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    upstream, purpose, _ = SETTLED[outcome]
+    market.upstream.responses.append(upstream)
+    payment = market.pay("translate")
+    before_fork = chain.snapshot()
+    with capture(execute=False) as settle:  # paid and run; the payout's (refund's) submit task is not run yet
+        response = market.call("translate", payment)
+    invocation_id = response.json().get("invocation_id") or response.json()["error"]["details"]["invocation_id"]
+    payment_tx, settlement = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                              ChainTransaction.objects.get(purpose=purpose))
+    assert settlement.status == TxStatus.QUEUED
+    treasury = usdc_balance(chain, market.treasury)
+
+    chain.revert(before_fork)
+    spend_all_but(chain, market.buyer.address, keep=0)
+    chain.mine(3)
+    polls_until_concluded(capture, payment_tx)
+    with capture(execute=True):
+        for callback in settle:  # the payout's submit task runs at last
+            callback()
+        relayer.transactions_sweep_queued()
+    confirm_all(capture)
+
+    settlement.refresh_from_db()
+    assert (settlement.status, settlement.nonce) == (TxStatus.FAILED, None)
+    assert not settlement.attempts.exists()
+    assert usdc_balance(chain, market.treasury) == treasury - PRICE  # only what the buyer's payment brought in
+    invocation = invocation_of(market, invocation_id)
+    assert invocation["payment"]["status"] == "payment_reverted"
+    assert invocation["payment"]["settlement_tx_hash"] == ""
+    assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).money == "payment_failed"
+    with pytest.raises(Conflict) as refused:
+        relayer.transaction_retry(tx=settlement)
+    assert refused.value.code == "withdrawn"
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_payout_signed_but_not_broadcast_when_its_payment_is_found_reverted_goes_on_and_is_recorded(
+        market, monkeypatch, django_capture_on_commit_callbacks):
+    """The payout was signed (its nonce taken, its bytes stored) but its worker died before broadcasting when the
+    payment is found reverted. Those bytes may be out all the same, and a nonce left unused would hold every later
+    transaction of the relayer: it is not withdrawn, it is sent, and the treasury's loss is recorded as for a payout
+    made before the reorg."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    before_fork = chain.snapshot()
+    with capture(execute=False) as settle:
+        invocation_id = market.call("translate", payment).json()["invocation_id"]
+    monkeypatch.setattr(relayer, "_broadcast", lambda attempt: None)  # the worker dies after signing
+    with capture(execute=True):
+        for callback in settle:
+            callback()
+    monkeypatch.undo()
+    payment_tx, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                          ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
+    assert payout.status == TxStatus.SUBMITTED and payout.attempts.get().broadcast_at is None
+
+    chain.revert(before_fork)
+    spend_all_but(chain, market.buyer.address, keep=0)
+    chain.mine(3)
+    polls_until_concluded(capture, payment_tx, payout)
+
+    payout.refresh_from_db()
+    assert payout.status == TxStatus.CONFIRMED and payout.attempts.count() == 1
+    invocation = invocation_of(market, invocation_id)
+    assert invocation["payment"]["status"] == "payment_reverted"
+    assert invocation["payment"]["settlement_tx_hash"] == payout.mined_tx_hash
     with pytest.raises(CommandError, match="1 mismatch"):
         call_command("reconcile", stdout=io.StringIO())
