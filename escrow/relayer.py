@@ -11,7 +11,9 @@
 - `transactions_reopen_reorged` notices a reorg deeper than the confirmation depth: a confirmed transaction whose
   block is no longer canonical goes back to submitted, and is then found mined again, or rebroadcast with the
   same signed bytes (same nonce: it cannot run twice), or, when the nonce turns out used by someone else, sent
-  again under a new nonce as the rules below say. The indexer runs it after rolling a reorg back (so the
+  again under a new nonce as the rules below say. So does a failed one whose outcome was decided on someone else's
+  transaction (its evidence names that block, EVIDENCE_BLOCK: a copy of an x402 authorization mined first), or
+  back to queued when it never took a nonce. The indexer runs it after rolling a reorg back (so the
   agreements are back where the remaining events put them before the outcome is applied again); each poll runs
   it for the blocks the indexer has not applied yet. What no contract event records (a skill invocation's
   payment, payout or refund) its purpose's `on_reopened` handler moves back.
@@ -59,6 +61,10 @@ _SLOT_FILL_GAS = 20_000
 OPERATOR_RETRY_OF = "operator_retry_of"
 # The context key of a transaction withdrawn before it was signed (`transaction_withdraw`): why.
 WITHDRAWN = "withdrawn"
+# The key under which an evidence reader whose answer rests on a transaction not ours (someone else's copy that did
+# what ours would have) names that transaction's block, {"number": n, "hash": "0x..."}: a reorg that takes the block
+# off the chain reopens the concluded transaction, as one that takes a confirmed transaction's own block does.
+EVIDENCE_BLOCK = "block"
 # A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
 _POLL_GIVES_UP_AFTER = 5
 
@@ -71,8 +77,10 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
     one that signs its first attempt (its hash is then known). `read_evidence(tx)` runs just before, outside any
     DB transaction, and reads from the chain what the outcome depends on; `on_outcome` finds its answer in
     `tx.outcome_evidence` (stored with the outcome, for the audit). `on_reopened(tx)` runs in the one that moves a
-    confirmed `tx` a reorg took off the chain back to submitted, before its outcome is cleared (`tx.mined_tx_hash`
-    is the hash no longer canonical); its outcome is applied again once it is concluded again."""
+    concluded `tx` whose outcome a reorg took off the chain back to submitted (or queued), before its outcome is
+    cleared: a confirmed one (`tx.mined_tx_hash` is the hash no longer canonical) or a failed one whose evidence
+    names the block of someone else's transaction (EVIDENCE_BLOCK) that is no longer canonical; its outcome is
+    applied again once it is concluded again."""
     _outcome_handlers[purpose] = on_outcome
     if on_submitted is not None:
         _submitted_handlers[purpose] = on_submitted
@@ -281,46 +289,61 @@ def _forget_mined(tx: ChainTransaction) -> None:
 
 
 def transactions_reopen_reorged(*, after_block: int | None = None) -> int:
-    """Confirmed transactions (mined after `after_block`, when given) a reorg deeper than the confirmation depth
-    took off the chain go back to submitted; returns how many. A block still canonical means its ancestors are too,
-    so the newest block holding a confirmed transaction is asked first and, on the usual poll, alone (the walk
-    down goes back at most INDEXER_REORG_WINDOW_BLOCKS)."""
+    """Concluded transactions whose outcome rests on a block (mined after `after_block`, when given) a reorg deeper
+    than the confirmation depth took off the chain are reopened; returns how many. A confirmed one rests on its own
+    block; a failed one whose evidence names someone else's transaction (EVIDENCE_BLOCK) on that transaction's.
+    A block still canonical means its ancestors are too, so the newest such block is asked first and, on the usual
+    poll, alone (the walk down goes back at most INDEXER_REORG_WINDOW_BLOCKS)."""
     confirmed = ChainTransaction.objects.filter(status=TxStatus.CONFIRMED, mined_block_number__isnull=False)
+    decided_elsewhere = ChainTransaction.objects.filter(status=TxStatus.FAILED,
+                                                        outcome_evidence__has_key=EVIDENCE_BLOCK)
     if after_block is not None:
         confirmed = confirmed.filter(mined_block_number__gt=after_block)
-    blocks = confirmed.order_by("-mined_block_number").values_list("mined_block_number", "mined_block_hash")
-    newest = blocks.first()
+        decided_elsewhere = decided_elsewhere.filter(**{f"outcome_evidence__{EVIDENCE_BLOCK}__number__gt": after_block})
+    own_blocks = confirmed.order_by("-mined_block_number").values_list("mined_block_number", "mined_block_hash")
+    evidence_number = f"outcome_evidence__{EVIDENCE_BLOCK}__number"
+    evidence_blocks = decided_elsewhere.order_by(f"-{evidence_number}").values_list(
+        evidence_number, f"outcome_evidence__{EVIDENCE_BLOCK}__hash")
+    newest = max((first for first in (own_blocks.first(), evidence_blocks.first()) if first is not None), default=None)
     if newest is None or chain.canonical_block_hash(newest[0]) == newest[1]:
         return 0
+    floor = newest[0] - settings.INDEXER_REORG_WINDOW_BLOCKS
+    candidates = sorted({*own_blocks.filter(mined_block_number__gte=floor),
+                         *evidence_blocks.filter(**{f"{evidence_number}__gte": floor})}, reverse=True)
     gone = []
-    for number, block_hash in blocks.filter(
-            mined_block_number__gte=newest[0] - settings.INDEXER_REORG_WINDOW_BLOCKS).distinct():
+    for number, block_hash in candidates:
         if chain.canonical_block_hash(number) == block_hash:
             break
         gone.append((number, block_hash))
     reopened = 0
     for number, block_hash in gone:
-        for tx in confirmed.filter(mined_block_number=number, mined_block_hash=block_hash):
+        for tx in [*confirmed.filter(mined_block_number=number, mined_block_hash=block_hash),
+                   *decided_elsewhere.filter(**{evidence_number: number,
+                                                f"outcome_evidence__{EVIDENCE_BLOCK}__hash": block_hash})]:
             reopened += _reopen(tx)
     return reopened
 
 
 def _reopen(tx: ChainTransaction) -> bool:
-    """Back to submitted, its outcome to be applied again when it is concluded again (the domain's transitions are
-    no-ops where the agreement already is, and a reorg the indexer saw moved the agreement back; what no contract
-    event records, such as a skill invocation's payment or payout, its `on_reopened` handler moves back)."""
-    logger.warning("reorg below the confirmation depth: a confirmed transaction's block is no longer canonical",
-                   extra={"tx_id": str(tx.pk), "block": tx.mined_block_number, "tx_hash": tx.mined_tx_hash})
+    """Back to submitted (queued when it was never sent: it failed before taking a nonce), its outcome to be applied
+    again when it is concluded again (the domain's transitions are no-ops where the agreement already is, and a
+    reorg the indexer saw moved the agreement back; what no contract event records, such as a skill invocation's
+    payment or payout, its `on_reopened` handler moves back)."""
+    logger.warning("reorg below the confirmation depth: a block a concluded transaction's outcome rests on is no "
+                   "longer canonical", extra={"tx_id": str(tx.pk), "block": tx.mined_block_number,
+                                              "tx_hash": tx.mined_tx_hash, "status": tx.status})
     with transaction.atomic():
         if not _locked_if_unchanged(tx):
             return False
         if tx.purpose in _reopened_handlers:
             _reopened_handlers[tx.purpose](tx)
-        tx.status = TxStatus.SUBMITTED
+        tx.status = TxStatus.SUBMITTED if tx.nonce is not None else TxStatus.QUEUED
         tx.mined_tx_hash = tx.mined_block_hash = tx.failure_reason = ""
         tx.mined_block_number = tx.receipt_status = tx.confirmed_at = None
         tx.outcome_evidence, tx.outcome_applied = {}, False
         tx.save(update_fields=[*_OUTCOME_FIELDS, "outcome_applied"])
+        if tx.status == TxStatus.QUEUED:
+            _submit_after_commit(tx.pk)
     return True
 
 

@@ -195,16 +195,17 @@ def _invocation_id(tx: ChainTransaction):
 
 def _invocation_payment_evidence(tx: ChainTransaction) -> dict:
     """A payment that reverted may have run all the same: anyone who saw the relayer's pending transaction can
-    submit the authorization first, and the price is then in the treasury."""
+    submit the authorization first, and the price is then in the treasury. The copy's block is named
+    (relayer.EVIDENCE_BLOCK): a reorg that takes it reopens the payment, which is then sent again."""
     if tx.status == TxStatus.CONFIRMED:
         return {}
     invocation = SkillInvocation.objects.select_related("authorization").get(pk=_invocation_id(tx))
-    return {"used_by": _authorization_used_by(invocation.authorization)}
+    return _authorization_use(invocation.authorization) or {"used_by": None}
 
 
 def _paid_by(tx: ChainTransaction) -> str | None:
     """The hash of the transaction whose transfer paid: ours once confirmed, else whoever used the authorization
-    first (`_authorization_used_by`, read as the outcome's evidence); None when no transfer ran."""
+    first (`_authorization_use`, read as the outcome's evidence); None when no transfer ran."""
     return tx.mined_tx_hash if tx.status == TxStatus.CONFIRMED else tx.outcome_evidence.get("used_by")
 
 
@@ -230,7 +231,7 @@ def _invocation_settlement_withdraw(invocation_id) -> None:
 
 
 def _invocation_payment_reopened(tx: ChainTransaction) -> None:
-    agreement_services.invocation_payment_reopened(invocation_id=_invocation_id(tx), tx_hash=tx.mined_tx_hash)
+    agreement_services.invocation_payment_reopened(invocation_id=_invocation_id(tx), tx_hash=_paid_by(tx))
 
 
 def _invocation_settlement_reopened(tx: ChainTransaction) -> None:
@@ -335,9 +336,10 @@ def _direct_fee_outcome(tx: ChainTransaction) -> None:
                                 agreement_id=agreement.pk)
 
 
-def _authorization_used_by(authorization) -> str | None:
-    """The hash of the transaction that used the x402 authorization (its transfer ran: AuthorizationUsed), None
-    when none did (unused, or cancelled: AuthorizationCanceled). Anyone holding it may submit it. The token's
+def _authorization_use(authorization) -> dict | None:
+    """The transaction that used the x402 authorization (its transfer ran: AuthorizationUsed), as evidence: its
+    hash (`used_by`) and block (relayer.EVIDENCE_BLOCK); None when none did (unused, or cancelled:
+    AuthorizationCanceled). Anyone holding it may submit it. The token's
     `authorizationState` says whether either happened; only then are its logs read, newest first, so the search
     ends at the span that holds the latest of them (not a scan from the deployment block)."""
     token = chain.token_contract()
@@ -352,7 +354,13 @@ def _authorization_used_by(authorization) -> str | None:
         to_block=chain.latest_block_number(), newest_first=True)
     if not found or _topic_of(found[-1]) != used:
         return None
-    return "0x" + bytes(found[-1]["transactionHash"]).hex().removeprefix("0x")
+    latest = found[-1]
+    return {"used_by": _hex32(latest["transactionHash"]),
+            relayer.EVIDENCE_BLOCK: {"number": latest["blockNumber"], "hash": _hex32(latest["blockHash"])}}
+
+
+def _hex32(value) -> str:
+    return "0x" + bytes(value).hex().removeprefix("0x")
 
 
 def _topic_of(log) -> str:
@@ -364,7 +372,8 @@ def _direct_payment_evidence(tx: ChainTransaction) -> dict:
     if tx.status == TxStatus.CONFIRMED:
         return {}
     authorization = agreement_selectors.payment_authorization_of(agreement=_agreement(tx))
-    return {"used_by": _authorization_used_by(authorization)}
+    # Not the copy's block: a paid direct purchase has no way back to paying (SECURITY.md, Known gaps).
+    return {"used_by": (_authorization_use(authorization) or {}).get("used_by")}
 
 
 def _direct_payment_outcome(tx: ChainTransaction) -> None:

@@ -15,9 +15,10 @@ from django.utils import timezone
 
 from agreements import invocations
 from agreements.models import SkillInvocation
-from escrow import relayer
+from escrow import relayer, x402_onchain
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace.errors import Conflict
+from sdk import typed_data
 from tests.agreements.helpers import proposal
 from tests.agreements.test_invocations import PRICE, Market
 from tests.catalog.factories import AgentFactory, issue_key
@@ -378,4 +379,70 @@ def test_a_payout_signed_but_not_broadcast_when_its_payment_is_found_reverted_go
     assert invocation["payment"]["status"] == "payment_reverted"
     assert invocation["payment"]["settlement_tx_hash"] == payout.mined_tx_hash
     with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+
+
+def front_run_after_the_check(market, monkeypatch) -> None:
+    """Someone holding the signed payment gets the authorization mined between the platform's check and the
+    relayer's transaction: ours then fails (the authorization is used), and the copy paid the treasury."""
+    chain, simulate = market.chain, x402_onchain.simulate
+
+    def simulated_then_front_run(authorization):
+        simulate(authorization)
+        v, r, s = typed_data.split_signature(authorization.signature)
+        mined(chain, chain.usdc.functions.transferWithAuthorization(
+            authorization.payer, authorization.pay_to, int(authorization.amount), int(authorization.valid_after),
+            int(authorization.valid_before), bytes.fromhex(authorization.nonce[2:]), v, bytes.fromhex(r[2:]),
+            bytes.fromhex(s[2:])).transact({"from": chain.accounts.stranger.address}))
+
+    monkeypatch.setattr(x402_onchain, "simulate", simulated_then_front_run)
+
+
+@pytest.mark.parametrize("buyer_spends", [False, True])
+def test_a_payment_counted_paid_by_someone_elses_copy_is_reopened_when_a_reorg_takes_that_copy(
+        market, buyer_spends, monkeypatch, django_capture_on_commit_callbacks):
+    """Our payment failed because someone else's copy of the authorization was mined first, and the invocation was
+    counted paid by that copy, run, and paid out. A reorg deeper than the confirmation depth takes the copy (and the
+    payout) off the chain: the payment is reopened and sent again, as a confirmed one would be. Where the buyer's
+    funds are still there it pays the treasury now, by our transaction; where the buyer spent them first it
+    cannot run, and the treasury's loss is recorded for the operator (not shown as paid by a transaction the chain
+    no longer has)."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    before_fork = chain.snapshot()
+    front_run_after_the_check(market, monkeypatch)
+    with capture(execute=True):
+        invocation_id = market.call("translate", payment).json()["invocation_id"]
+    monkeypatch.undo()
+    confirm_all(capture)  # the payout
+    payment_tx, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                          ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
+    copy = invocation_of(market, invocation_id)["payment"]["tx_hash"]
+    assert payment_tx.status == TxStatus.FAILED and payment_tx.outcome_evidence["used_by"] == copy
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "paid_out"
+    treasury = usdc_balance(chain, market.treasury)
+
+    chain.revert(before_fork)  # neither the copy nor the payout is on the new branch
+    if buyer_spends:
+        spend_all_but(chain, market.buyer.address, keep=0)
+    chain.mine(3)
+    polls_until_concluded(capture, payment_tx, payout)
+    confirm_all(capture)
+
+    payment_tx.refresh_from_db()
+    invocation = invocation_of(market, invocation_id)
+    assert len(market.upstream.requests) == 1
+    assert ChainTransaction.objects.get(pk=payout.pk).status == TxStatus.CONFIRMED
+    if buyer_spends:
+        assert payment_tx.status == TxStatus.FAILED
+        assert invocation["payment"]["status"] == "payment_reverted"
+        assert usdc_balance(chain, market.treasury) == treasury - PRICE  # paid out, never paid in
+        with pytest.raises(CommandError, match="1 mismatch"):
+            call_command("reconcile", stdout=io.StringIO())
+    else:
+        assert payment_tx.status == TxStatus.CONFIRMED
+        assert invocation["payment"]["status"] == "paid_out"
+        assert invocation["payment"]["tx_hash"] == payment_tx.mined_tx_hash != copy
+        assert usdc_balance(chain, market.treasury) == treasury  # paid in by ours, paid out again
         call_command("reconcile", stdout=io.StringIO())
