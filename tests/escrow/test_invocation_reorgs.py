@@ -12,6 +12,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.urls import reverse
 from django.utils import timezone
+from x402.http import decode_payment_signature_header
 
 from agreements import invocations
 from agreements.models import SkillInvocation
@@ -382,25 +383,44 @@ def test_a_payout_signed_but_not_broadcast_when_its_payment_is_found_reverted_go
         call_command("reconcile", stdout=io.StringIO())
 
 
-def front_run_after_the_check(market, monkeypatch) -> None:
-    """Someone holding the signed payment gets the authorization mined between the platform's check and the
-    relayer's transaction: ours then fails (the authorization is used), and the copy paid the treasury."""
-    chain, simulate = market.chain, x402_onchain.simulate
-
-    def simulated_then_front_run(authorization):
-        simulate(authorization)
-        v, r, s = typed_data.split_signature(authorization.signature)
-        mined(chain, chain.usdc.functions.transferWithAuthorization(
-            authorization.payer, authorization.pay_to, int(authorization.amount), int(authorization.valid_after),
-            int(authorization.valid_before), bytes.fromhex(authorization.nonce[2:]), v, bytes.fromhex(r[2:]),
-            bytes.fromhex(s[2:])).transact({"from": chain.accounts.stranger.address}))
-
-    monkeypatch.setattr(x402_onchain, "simulate", simulated_then_front_run)
+def mine_a_copy(chain, payment: str) -> None:
+    """Someone holding the signed payment header gets its authorization mined, from their own account."""
+    payload = decode_payment_signature_header(payment).payload
+    authorization = payload["authorization"]
+    v, r, s = typed_data.split_signature(payload["signature"])
+    mined(chain, chain.usdc.functions.transferWithAuthorization(
+        authorization["from"], authorization["to"], int(authorization["value"]), int(authorization["validAfter"]),
+        int(authorization["validBefore"]), bytes.fromhex(authorization["nonce"][2:]), v, bytes.fromhex(r[2:]),
+        bytes.fromhex(s[2:])).transact({"from": chain.accounts.stranger.address}))
 
 
+def front_run(market, monkeypatch, payment: str, *, when: str) -> None:
+    """The copy is mined between the platform's check and the relayer's transaction (`before_sending`: ours then
+    fails its simulation and is never sent), or just before ours reaches the node (`before_ours_is_mined`: ours is
+    mined after it and reverts)."""
+    if when == "before_sending":
+        simulate = x402_onchain.simulate
+
+        def simulated_then_front_run(authorization):
+            simulate(authorization)
+            mine_a_copy(market.chain, payment)
+
+        monkeypatch.setattr(x402_onchain, "simulate", simulated_then_front_run)
+        return
+    broadcast = relayer._broadcast
+
+    def front_run_then_broadcast(attempt):
+        if attempt.transaction.purpose == TxPurpose.INVOCATION_PAYMENT:
+            mine_a_copy(market.chain, payment)
+        broadcast(attempt)
+
+    monkeypatch.setattr(relayer, "_broadcast", front_run_then_broadcast)
+
+
+@pytest.mark.parametrize("when", ["before_sending", "before_ours_is_mined"])
 @pytest.mark.parametrize("buyer_spends", [False, True])
 def test_a_payment_counted_paid_by_someone_elses_copy_is_reopened_when_a_reorg_takes_that_copy(
-        market, buyer_spends, monkeypatch, django_capture_on_commit_callbacks):
+        market, buyer_spends, when, monkeypatch, django_capture_on_commit_callbacks):
     """Our payment failed because someone else's copy of the authorization was mined first, and the invocation was
     counted paid by that copy, run, and paid out. A reorg deeper than the confirmation depth takes the copy (and the
     payout) off the chain: the payment is reopened and sent again, as a confirmed one would be. Where the buyer's
@@ -411,7 +431,7 @@ def test_a_payment_counted_paid_by_someone_elses_copy_is_reopened_when_a_reorg_t
     market.upstream.responses.append((200, {"translation": "bonjour"}))
     payment = market.pay("translate")
     before_fork = chain.snapshot()
-    front_run_after_the_check(market, monkeypatch)
+    front_run(market, monkeypatch, payment, when=when)
     with capture(execute=True):
         invocation_id = market.call("translate", payment).json()["invocation_id"]
     monkeypatch.undo()
@@ -420,6 +440,7 @@ def test_a_payment_counted_paid_by_someone_elses_copy_is_reopened_when_a_reorg_t
                           ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
     copy = invocation_of(market, invocation_id)["payment"]["tx_hash"]
     assert payment_tx.status == TxStatus.FAILED and payment_tx.outcome_evidence["used_by"] == copy
+    assert payment_tx.receipt_status == {"before_sending": None, "before_ours_is_mined": 0}[when]
     assert invocation_of(market, invocation_id)["payment"]["status"] == "paid_out"
     treasury = usdc_balance(chain, market.treasury)
 
