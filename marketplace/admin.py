@@ -18,14 +18,12 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
-from django_otp.plugins.otp_static.admin import StaticDeviceAdmin
-from django_otp.plugins.otp_static.models import StaticDevice
 from django_otp.plugins.otp_totp.admin import TOTPDeviceAdmin
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from marketplace import explorer, money, rotation
 from marketplace.errors import ApplicationError
-from marketplace.models import RedeliveredTask
+from marketplace.models import RecoveryCodeDevice, RedeliveredTask
 
 
 # An address typed without a scheme is read as https (Django 6's default; 5.2 still reads http, and warns).
@@ -237,7 +235,6 @@ class RedeliveredTaskAdmin(MoneyRecordAdmin):
 # --- the operators' second factors (marketplace.second_factor) ---------------------------------------------------
 
 admin.site.unregister(TOTPDevice)
-admin.site.unregister(StaticDevice)
 
 
 @admin.register(TOTPDevice)
@@ -254,17 +251,19 @@ class OperatorDeviceAdmin(TOTPDeviceAdmin):
         return False
 
 
-@admin.register(StaticDevice)
-class OperatorRecoveryCodesAdmin(StaticDeviceAdmin):
-    """django-otp's static device admin: an operator's recovery codes, listed with how many are left and deleted as
-    TOTP devices are; the codes themselves are never shown (no inline of them, whatever OTP_ADMIN_HIDE_SENSITIVE_DATA
-    says) and are issued only by `manage.py admin_totp_enrol`, for the reasons devices are."""
+@admin.register(RecoveryCodeDevice)
+class OperatorRecoveryCodesAdmin(admin.ModelAdmin):
+    """An operator's recovery codes, listed with how many are left and deleted as TOTP devices are; the database keeps
+    only the codes' digests, so there is nothing to show, and they are issued only by `manage.py admin_totp_enrol`,
+    for the reasons devices are."""
 
-    inlines = ()
-    list_display = [*StaticDeviceAdmin.list_display, "recovery_codes_left"]
+    list_display = ["user", "name", "created_at", "last_used_at", "recovery_codes_left"]
+    list_filter = ["created_at", "last_used_at"]
+    search_fields, search_help_text = TOTPDeviceAdmin.search_fields, TOTPDeviceAdmin.search_help_text
+    fields = ["user", "name", "confirmed", "created_at", "last_used_at"]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(recovery_codes_left=Count("token_set"))
+        return super().get_queryset(request).select_related("user").annotate(recovery_codes_left=Count("codes"))
 
     @admin.display(ordering="recovery_codes_left")
     def recovery_codes_left(self, device):

@@ -8,15 +8,17 @@ before the setting was turned on, opens no admin page (`OperatorAdminSite`), rea
 owner, and staff resolve disputes).
 
 `manage.py admin_totp_enrol <username>` (`devices_enrol`) enrols a TOTP device, whose key it shows once, and
-ADMIN_RECOVERY_CODES recovery codes (django-otp's static device), each of which logs in once in place of the app's
-code; the admin lists devices and may delete one, never shows a key or a code (OTP_ADMIN_HIDE_SENSITIVE_DATA) and
-adds none.
+ADMIN_RECOVERY_CODES recovery codes (`RecoveryCodeDevice`, which keeps only their digests), each of which logs in
+once in place of the app's code; the admin lists devices and may delete one, never shows a key or a code
+(OTP_ADMIN_HIDE_SENSITIVE_DATA) and adds none.
 
 ADMIN_LOGIN_FAILURE_LIMIT failed logins, a wrong password or the right one with a wrong or missing code, lock the
 username out from that client address for ADMIN_LOGIN_LOCKOUT_SECONDS (django-axes: its authentication backend
 refuses even the right password meanwhile, `locked_out` answers); the admin lists the failures and clears a lockout.
 """
 
+import base64
+import secrets
 from dataclasses import dataclass
 
 from django import forms
@@ -32,12 +34,12 @@ from django.utils.timesince import timesince
 from django_otp import devices_for_user
 from django_otp.admin import OTPAdminAuthenticationForm, OTPAdminSite
 from django_otp.models import Device
-from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 from drf_spectacular import authentication as spectacular_authentication
 from rest_framework import authentication
 
 from marketplace.errors import InvalidInput
+from marketplace.models import RecoveryCode, RecoveryCodeDevice
 
 ENROL_COMMAND = "python manage.py admin_totp_enrol"
 
@@ -89,7 +91,7 @@ class LoginForm(OTPAdminAuthenticationForm):
         app = next((device for device in devices if isinstance(device, TOTPDevice)), None)
         if app is not None and code.isdigit() and len(code) == app.digits:
             return app
-        return next((device for device in devices if isinstance(device, StaticDevice)), devices[0])
+        return next((device for device in devices if isinstance(device, RecoveryCodeDevice)), devices[0])
 
 
 class OperatorAdminSite(OTPAdminSite):
@@ -167,9 +169,17 @@ def devices_enrol(*, user) -> Enrolment:
     if not user.is_active or not user.is_staff:
         raise InvalidInput(f"{user.get_username()} is not staff (or not active): only staff use the admin.",
                            code="not_staff")
-    replaced = sum(model.objects.filter(user=user).delete()[0] for model in (TOTPDevice, StaticDevice))
-    recovery = StaticDevice.objects.create(user=user, name="recovery codes")
-    recovery_codes = [StaticToken.random_token() for _ in range(settings.ADMIN_RECOVERY_CODES)]
-    StaticToken.objects.bulk_create(StaticToken(device=recovery, token=code) for code in recovery_codes)
+    replaced = sum(model.objects.filter(user=user).delete()[0] for model in (TOTPDevice, RecoveryCodeDevice))
+    recovery = RecoveryCodeDevice.objects.create(user=user, name="recovery codes")
+    recovery_codes = [recovery_code_new() for _ in range(settings.ADMIN_RECOVERY_CODES)]
+    RecoveryCode.objects.bulk_create(RecoveryCode(device=recovery, digest=RecoveryCode.digest_of(code))
+                                     for code in recovery_codes)
     return Enrolment(device=TOTPDevice.objects.create(user=user, name="authenticator app", confirmed=True),
                      recovery_codes=recovery_codes, replaced=bool(replaced))
+
+
+def recovery_code_new() -> str:
+    """120 random bits as 24 base32 letters and digits in groups of 4 (`k3vq-...`): typed by hand, rarely, and long
+    enough that the SHA-256 the database keeps cannot be searched (`RecoveryCode`)."""
+    symbols = base64.b32encode(secrets.token_bytes(15)).decode().lower()
+    return "-".join(symbols[i:i + 4] for i in range(0, len(symbols), 4))

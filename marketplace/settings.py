@@ -35,7 +35,8 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "django_otp",
     "django_otp.plugins.otp_totp",  # before marketplace, whose admin replaces its device admin
-    "django_otp.plugins.otp_static",  # the recovery codes; likewise before marketplace
+    # Not django_otp.plugins.otp_static: it kept recovery codes in clear, and its `addstatictoken` command issued more
+    # (marketplace.models.RecoveryCodeDevice keeps their digests).
     "axes",  # failed admin logins and their lockouts
     "marketplace",
     "catalog",

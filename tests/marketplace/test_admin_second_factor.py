@@ -7,28 +7,33 @@ Failed logins, a wrong password or the right one with a wrong or missing code, l
 client address for a while (django-axes); a recovery code printed by the enrol command logs in once in place of a
 code."""
 
+import importlib
 import io
 import runpy
+import threading
 import time
 import uuid
 from datetime import timedelta
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
+from django.apps import apps as django_apps
 from django.contrib import admin
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from axes.models import AccessAttempt
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
+from django.db import connection, connections, transaction
 from django.db.models import F
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
-from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
+from django_otp.models import Device
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 import marketplace.settings
 from catalog.models import ApiKey
+from marketplace.models import RecoveryCode, RecoveryCodeDevice
 from tests.catalog.factories import issue_key
 from tests.conftest import Api
 from tests.support.operators import code, enrol, enrolment, log_in, operator_client
@@ -68,7 +73,7 @@ def redirected_to_login(response) -> bool:
 def test_a_password_alone_opens_no_admin_page(password_only):
     pages = admin_pages()
     assert {"/admin/escrow/dispute/", "/admin/catalog/ownertoken/", "/admin/otp_totp/totpdevice/",
-            "/admin/otp_static/staticdevice/", "/admin/axes/accessattempt/"} <= set(pages)
+            "/admin/marketplace/recoverycodedevice/", "/admin/axes/accessattempt/"} <= set(pages)
     answers = {path: password_only.get(path) for path in pages}
     assert {path: answer.status_code for path, answer in answers.items() if not redirected_to_login(answer)} == {}
 
@@ -254,12 +259,123 @@ def test_a_recovery_code_logs_in_once(staff):
     assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"  # the app's codes still log in
 
 
+def database_text() -> str:
+    """Every row of every table, as PostgreSQL prints it: what a backup, a read replica or an SQL injection reads."""
+    with connection.cursor() as cursor:
+        rows = []
+        for table in connection.introspection.table_names(cursor):
+            cursor.execute(f"SELECT t::text FROM {connection.ops.quote_name(table)} t")
+            rows += [row[0] for row in cursor.fetchall()]
+    return "\n".join(rows).lower()
+
+
+@pytest.mark.postgres
+def test_the_database_keeps_no_recovery_code_in_clear(staff):
+    _, recovery_codes = enrolment("operator")
+
+    stored = database_text()
+
+    assert [recovery_code for recovery_code in recovery_codes
+            if recovery_code.lower() in stored or recovery_code.replace("-", "").lower() in stored] == []
+    assert log_in(Client(), "operator", PASSWORD, recovery_codes[0]).url == "/admin/"  # and they still log in
+
+
+def test_recovery_codes_are_long_enough_that_their_digests_cannot_be_searched():
+    """The database keeps a code's SHA-256 only, which is safe only if guessing codes is hopeless: ASVS 6.5.2 asks
+    112 bits of a lookup secret kept under a fast hash (the 8-character codes django-otp issued had 40, a minute of
+    one GPU's SHA-256)."""
+    get_user_model().objects.create_superuser("operator", "operator@example.com", PASSWORD)
+    _, recovery_codes = enrolment("operator")
+    alphabet = "abcdefghijklmnopqrstuvwxyz234567"  # base32
+    for recovery_code in recovery_codes:
+        symbols = recovery_code.replace("-", "")
+        assert set(symbols) <= set(alphabet) and len(symbols) * 5 >= 112, recovery_code
+
+
+def test_a_recovery_code_logs_in_typed_in_capitals_or_without_its_dashes(staff):
+    _, recovery_codes = enrolment("operator")
+    assert log_in(Client(), "operator", PASSWORD, recovery_codes[0].upper()).url == "/admin/"
+    assert log_in(Client(), "operator", PASSWORD, f" {recovery_codes[1].replace('-', ' ')} ").url == "/admin/"
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_recovery_code_used_by_two_logins_at_once_logs_in_once(settings):
+    """A login verifying a code while another, not yet committed, has used it: the second waits, then is refused."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    staff = get_user_model().objects.create_superuser("operator", "operator@example.com", PASSWORD)
+    _, recovery_codes = enrolment("operator")
+    recovery_device = RecoveryCodeDevice.objects.get(user=staff)
+    answers = []
+
+    def log_in_meanwhile():
+        try:
+            answers.append(log_in(Client(), "operator", PASSWORD, recovery_codes[0]))
+        finally:
+            connections.close_all()
+
+    with transaction.atomic():  # the first login, as django-otp's form verifies a code
+        first = Device.from_persistent_id(recovery_device.persistent_id, for_verify=True)
+        assert first.verify_token(recovery_codes[0])
+        second = threading.Thread(target=log_in_meanwhile)
+        second.start()
+        for _ in range(100):
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                               "AND wait_event_type = 'Lock'")
+                if cursor.fetchone()[0]:
+                    break
+            time.sleep(0.05)
+    second.join(10)
+
+    assert answers[0].status_code == 200 and "Invalid token" in answers[0].content.decode()
+
+
+@pytest.mark.postgres
+def test_the_migration_keeps_django_otps_clear_recovery_codes_as_digests_and_deletes_them(staff):
+    """A database from before: django-otp's static device with its codes in clear (its app no longer installed)."""
+    uri = enrol("operator")
+    RecoveryCodeDevice.objects.all().delete()
+    with connection.cursor() as cursor:
+        cursor.execute("""
+            CREATE TABLE otp_static_staticdevice (
+                id serial PRIMARY KEY, user_id integer NOT NULL, name varchar(64) NOT NULL, confirmed boolean NOT NULL,
+                throttling_failure_timestamp timestamptz NULL, throttling_failure_count integer NOT NULL,
+                created_at timestamptz NULL, last_used_at timestamptz NULL);
+            CREATE TABLE otp_static_statictoken (
+                id serial PRIMARY KEY, device_id integer NOT NULL, token varchar(16) NOT NULL);
+            INSERT INTO otp_static_staticdevice VALUES (7, %s, 'backup', true, NULL, 0, '2025-01-02T03:04:05Z', NULL);
+            INSERT INTO otp_static_statictoken (device_id, token) VALUES (7, 'ab2cd3ef'), (7, 'zz7yy6xx');
+        """, [staff.pk])
+        migration = importlib.import_module("marketplace.migrations.0005_recovery_codes_kept_as_digests")
+        with connection.schema_editor() as schema_editor:
+            migration.recovery_codes_from_static_devices(django_apps, schema_editor)
+
+        cursor.execute("SELECT (SELECT count(*) FROM otp_static_staticdevice) + "
+                       "(SELECT count(*) FROM otp_static_statictoken)")
+        assert cursor.fetchone()[0] == 0
+    device = RecoveryCodeDevice.objects.get(user=staff)
+    assert (device.name, device.created_at.year, device.codes.count()) == ("backup", 2025, 2)
+    assert "ab2cd3ef" not in database_text()
+    assert log_in(Client(), "operator", PASSWORD, "ab2cd3ef").url == "/admin/"
+    assert log_in(Client(), "operator", PASSWORD, "ZZ7YY6XX").url == "/admin/"  # in any case now (django-otp matched it exactly)
+    used = log_in(Client(), "operator", PASSWORD, "ab2cd3ef")
+    assert used.status_code == 200 and "Invalid token" in used.content.decode()
+    assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"
+
+
+def test_django_otps_command_issuing_a_code_in_clear_is_gone(staff):
+    """django-otp's `addstatictoken` stored the code it printed (or one typed on its command line) as it was."""
+    with pytest.raises(CommandError, match="Unknown command"):
+        call_command("addstatictoken", "operator", stdout=io.StringIO())
+
+
 def test_run_again_the_enrol_command_replaces_the_recovery_codes(staff):
     _, first = enrolment("operator")
     _, second = enrolment("operator")
 
-    assert StaticDevice.objects.filter(user=staff).count() == 1
-    assert StaticToken.objects.filter(device__user=staff).count() == 10
+    assert RecoveryCodeDevice.objects.filter(user=staff).count() == 1
+    assert RecoveryCode.objects.filter(device__user=staff).count() == 10
     assert not set(first) & set(second)
     assert log_in(Client(), "operator", PASSWORD, second[0]).url == "/admin/"
     replaced = log_in(Client(), "operator", PASSWORD, first[0])
@@ -272,20 +388,20 @@ def test_the_admin_never_shows_recovery_codes(staff):
     log_in(Client(REMOTE_ADDR="203.0.113.9"), "operator", "a wrong password", recovery_codes[0])
     client = Client()
     log_in(client, "operator", PASSWORD, code(uri))
-    device = StaticDevice.objects.get(user=staff)
+    device = RecoveryCodeDevice.objects.get(user=staff)
     attempt = AccessAttempt.objects.get(username="operator")
 
     pages = {path: client.get(path) for path in (
-        "/admin/otp_static/staticdevice/", f"/admin/otp_static/staticdevice/{device.pk}/change/",
-        f"/admin/otp_static/staticdevice/{device.pk}/delete/", "/admin/axes/accessattempt/",
+        "/admin/marketplace/recoverycodedevice/", f"/admin/marketplace/recoverycodedevice/{device.pk}/change/",
+        f"/admin/marketplace/recoverycodedevice/{device.pk}/delete/", "/admin/axes/accessattempt/",
         f"/admin/axes/accessattempt/{attempt.pk}/change/")}
 
     assert {path: page.status_code for path, page in pages.items()} == dict.fromkeys(pages, 200)
-    assert pages["/admin/otp_static/staticdevice/"].context["cl"].result_list[0].recovery_codes_left == 10
+    assert pages["/admin/marketplace/recoverycodedevice/"].context["cl"].result_list[0].recovery_codes_left == 10
     for path, page in pages.items():
         shown = page.content.decode()
         assert not [recovery_code for recovery_code in recovery_codes if recovery_code in shown], path
-    assert client.get("/admin/otp_static/staticdevice/add/").status_code == 403  # issued by the command only
+    assert client.get("/admin/marketplace/recoverycodedevice/add/").status_code == 403  # issued by the command only
 
 
 def locked_out(response) -> bool:
