@@ -15,6 +15,8 @@ once in place of the app's code; the admin lists devices and may delete one, nev
 ADMIN_LOGIN_FAILURE_LIMIT failed logins, a wrong password or the right one with a wrong or missing code, lock the
 username out from that client address for ADMIN_LOGIN_LOCKOUT_SECONDS (django-axes: its authentication backend
 refuses even the right password meanwhile, `locked_out` answers); the admin lists the failures and clears a lockout.
+axes also logs every successful login; a beat task deletes those older than ADMIN_ACCESS_LOG_KEEP_DAYS
+(`admin_access_logs_prune`).
 """
 
 import base64
@@ -31,6 +33,7 @@ from django.db import transaction
 from django.shortcuts import render
 from django.utils import timezone
 from django.utils.timesince import timesince
+from axes.handlers.proxy import AxesProxyHandler
 from django_otp import devices_for_user
 from django_otp.admin import OTPAdminAuthenticationForm, OTPAdminSite
 from django_otp.models import Device
@@ -183,3 +186,10 @@ def recovery_code_new() -> str:
     enough that the SHA-256 the database keeps cannot be searched (`RecoveryCode`)."""
     symbols = base64.b32encode(secrets.token_bytes(15)).decode().lower()
     return "-".join(symbols[i:i + 4] for i in range(0, len(symbols), 4))
+
+
+def admin_access_logs_prune() -> int:
+    """Deletes axes' records of successful admin logins (address, user agent, time) older than
+    ADMIN_ACCESS_LOG_KEEP_DAYS, which axes keeps for ever; how many. (Its failure records, the lockout counters, axes
+    deletes itself once their lockout has passed, at the next login; its failure log is off.)"""
+    return AxesProxyHandler.reset_logs(age_days=settings.ADMIN_ACCESS_LOG_KEEP_DAYS)

@@ -449,6 +449,11 @@ AXES_VERBOSE = False  # no banner as every process starts; failures and lockouts
 # Masked in axes' logs and in the failed attempts the admin lists: axes' defaults, and the code (one sent with a
 # wrong password may still be good; the password axes masks itself).
 AXES_SENSITIVE_PARAMETERS = ["username", "ip_address", "otp_token"]
+# axes logs every successful admin login (Admin → Axes → Access logs) and deletes none: a daily beat task deletes those
+# older than this.
+ADMIN_ACCESS_LOG_KEEP_DAYS = env.int("ADMIN_ACCESS_LOG_KEEP_DAYS", default=90)
+CELERY_BEAT_SCHEDULE["prune-admin-access-logs"] = {"task": "marketplace.tasks.prune_admin_access_logs",
+                                                   "schedule": timedelta(days=1)}
 # The product's admin frame (branding, styles for shortened chain values) over django.contrib.admin's.
 TEMPLATES[0]["DIRS"] = [BASE_DIR / "marketplace" / "templates" / "site"]
 # Times to the second with the timezone (marketplace/formats/en/formats.py).

@@ -20,7 +20,7 @@ import pytest
 from django.apps import apps as django_apps
 from django.contrib import admin
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
-from axes.models import AccessAttempt
+from axes.models import AccessAttempt, AccessLog
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from django.db import connection, connections, transaction
@@ -33,6 +33,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 import marketplace.settings
 from catalog.models import ApiKey
+from marketplace.celery import app as celery_app
 from marketplace.models import RecoveryCode, RecoveryCodeDevice
 from tests.catalog.factories import issue_key
 from tests.conftest import Api
@@ -520,6 +521,23 @@ def test_an_operator_clears_a_lockout_from_the_shell(staff, settings):
     call_command("axes_reset", stdout=io.StringIO())
 
     assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"
+
+
+def test_admin_access_logs_are_kept_for_admin_access_log_keep_days_by_a_beat_task(staff, settings):
+    """axes logs every successful admin login (address, user agent, time) and deletes none of them."""
+    settings.ADMIN_ACCESS_LOG_KEEP_DAYS = 90
+    _, recovery_codes = enrolment("operator")
+    for recovery_code in recovery_codes[:2]:
+        assert log_in(Client(), "operator", PASSWORD, recovery_code).url == "/admin/"
+    older, newer = AccessLog.objects.order_by("pk")
+    AccessLog.objects.filter(pk=older.pk).update(attempt_time=timezone.now() - timedelta(days=90, minutes=1))
+    AccessLog.objects.filter(pk=newer.pk).update(attempt_time=timezone.now() - timedelta(days=89, hours=23))
+    celery_app.loader.import_default_modules()  # as a worker starts: the apps' tasks modules
+    task = celery_app.tasks[settings.CELERY_BEAT_SCHEDULE["prune-admin-access-logs"]["task"]]
+
+    assert task.delay().get() == 1
+    assert list(AccessLog.objects.values_list("pk", flat=True)) == [newer.pk]
+    assert task.delay().get() == 0
 
 
 @pytest.mark.parametrize(("environment", "required"), [
