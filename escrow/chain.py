@@ -5,6 +5,7 @@ Node errors are mapped to typed exceptions in one table (`_ERROR_PATTERNS`), so 
 """
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from eth_utils import to_checksum_address
 from requests.adapters import HTTPAdapter
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from web3 import Web3
 from web3._utils.http_session_manager import HTTPSessionManager
 from web3.contract import Contract
@@ -141,33 +143,43 @@ class NodeAnswerTooLarge(ValueError):
     """A node's answer beyond CHAIN_RPC_MAX_ANSWER_BYTES (not retried: it would be as large again)."""
 
 
-# When the answer to the RPC try under way must be in (time.monotonic()): its head and its body are read by then.
-_answer_due: ContextVar[float | None] = ContextVar("chain_answer_due", default=None)
+# When the RPC try under way must be done (time.monotonic()): connected and its answer's head and body read by then.
+_try_due: ContextVar[float | None] = ContextVar("chain_try_due", default=None)
 # A watchdog of the kind that bounds the metered proxy's upstream answers (marketplace.concurrency.Deadlines): one
 # thread per process.
-_ANSWER_HEADS = Deadlines("chain node answer head")
+_TRY_READS = Deadlines("chain RPC try")
 
 
-class _HeadByDeadline:
-    """A urllib3 connection reading an answer's head (status line and headers) by `_answer_due` in all, cut off
-    (TimeoutError, which requests raises as its ReadTimeout) past it: http.client reads a head a line at a time,
-    each read bounded by the timeout only, so a node dribbling it a byte at a time passed them all."""
+def _try_left() -> float:
+    due = _try_due.get()
+    if due is None:
+        raise RuntimeError("A chain node is called inside `_BoundedSessionManager.make_post_request`.")
+    return due - time.monotonic()
+
+
+class _ReadsByDeadline:
+    """A urllib3 connection whose reads of many lines end by `_try_due` in all, cut off (TimeoutError, which requests
+    raises as its ReadTimeout) past it: the answer's head (status line and headers), and an HTTP proxy's answer to
+    CONNECT. http.client reads each a line at a time, each read bounded by the timeout only, so a node or proxy
+    dribbling it a byte at a time passed them all. (Connecting to a node or an HTTP proxy is one operation under the
+    timeout, the ssl module bounds a TLS handshake in all, and a SOCKS proxy's handshake is `_NodeSOCKSConnection`'s.)"""
 
     sock: Any
 
     def getresponse(self):
-        due = _answer_due.get()
-        if due is None:
-            raise RuntimeError("A chain node's answer is read inside `_BoundedSessionManager.make_post_request`.")
-        with _ANSWER_HEADS.bound(self.sock, due - time.monotonic()):
+        with _TRY_READS.bound(self.sock, _try_left()):
             return super().getresponse()  # type: ignore[misc]
 
+    def _tunnel(self) -> None:
+        with _TRY_READS.bound(self.sock, _try_left()):
+            super()._tunnel()  # type: ignore[misc]
 
-class _NodeHTTPConnection(_HeadByDeadline, HTTPConnection):
+
+class _NodeHTTPConnection(_ReadsByDeadline, HTTPConnection):
     pass
 
 
-class _NodeHTTPSConnection(_HeadByDeadline, HTTPSConnection):
+class _NodeHTTPSConnection(_ReadsByDeadline, HTTPSConnection):
     pass
 
 
@@ -182,27 +194,84 @@ class _NodeHTTPSPool(HTTPSConnectionPool):
 _NODE_POOLS = {"http": _NodeHTTPPool, "https": _NodeHTTPSPool}
 
 
+class _NodeSOCKSConnection(_ReadsByDeadline, HTTPConnection):
+    """urllib3's SOCKSConnection (urllib3.contrib.socks), its handshake with the proxy ending by `_try_due` too: the
+    proxy's reply is up to 262 bytes, which PySocks reads in many reads, each bounded by the timeout only."""
+
+    def __init__(self, _socks_options: dict, *args, **kwargs):
+        self._socks_options = _socks_options
+        super().__init__(*args, **kwargs)
+
+    def _new_conn(self) -> socket.socket:
+        # Here, not at the top: PySocks is installed where a SOCKS proxy is used (requests refuses one without it,
+        # InvalidSchema, before any connection); the project does not depend on it.
+        import socks
+
+        options = self._socks_options
+        proxy_host = (options["proxy_host"] or "").strip("[]")
+        failure: Exception = OSError(f"{proxy_host} resolves to no address")
+        try:
+            addresses = socket.getaddrinfo(proxy_host, options["proxy_port"], 0, socket.SOCK_STREAM)
+        except OSError as error:
+            raise NewConnectionError(self, f"Failed to establish a new connection: {error}") from error
+        for family, kind, protocol, _, _ in addresses:  # each of the proxy's addresses in turn, as PySocks does
+            sock = socks.socksocket(family, kind, protocol)
+            for option in self.socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(self.timeout)
+            sock.set_proxy(options["socks_version"], proxy_host, options["proxy_port"], options["rdns"],
+                           options["username"], options["password"])
+            try:
+                if self.source_address:
+                    sock.bind(self.source_address)
+                with _TRY_READS.bound(sock, _try_left()):
+                    sock.connect((self.host.strip("[]"), self.port))
+                return sock
+            except OSError as error:  # PySocks' ProxyError is one too, its socket's error in `socket_err`
+                sock.close()
+                if isinstance(error, TimeoutError) or isinstance(getattr(error, "socket_err", None), TimeoutError):
+                    # The try's deadline or one read's timeout: no time left for another address.
+                    raise ConnectTimeoutError(self, f"Connecting to {self.host} through the SOCKS proxy: {error}") \
+                        from error
+                failure = error
+        raise NewConnectionError(self, f"Failed to establish a new connection: {failure}") from failure
+
+
+class _NodeSOCKSHTTPSConnection(_NodeSOCKSConnection, HTTPSConnection):
+    pass
+
+
+class _NodeSOCKSHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _NodeSOCKSConnection
+
+
+class _NodeSOCKSHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _NodeSOCKSHTTPSConnection
+
+
+_NODE_SOCKS_POOLS = {"http": _NodeSOCKSHTTPPool, "https": _NodeSOCKSHTTPSPool}
+
+
 class _NodeAdapter(HTTPAdapter):
-    """requests' adapter, its connections reading answer heads by the try's deadline (`_HeadByDeadline`)."""
+    """requests' adapter, its connections reading by the try's deadline (`_ReadsByDeadline`), directly or through
+    the proxy the environment names (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY; a SOCKS one too): each proxy gets a manager
+    of its own, whose pools would otherwise be urllib3's."""
 
     def init_poolmanager(self, *args, **kwargs) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = _NODE_POOLS
 
     def proxy_manager_for(self, proxy, **proxy_kwargs):
-        # A proxy from the environment (HTTP_PROXY, HTTPS_PROXY) gets a manager of its own: its connections too.
-        # (A SOCKS proxy's pools are its own, and keep requests' per-read bound only.)
         manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        if not proxy.lower().startswith("socks"):
-            manager.pool_classes_by_scheme = _NODE_POOLS
+        manager.pool_classes_by_scheme = _NODE_SOCKS_POOLS if proxy.lower().startswith("socks") else _NODE_POOLS
         return manager
 
 
 class _BoundedSessionManager(HTTPSessionManager):
     """Reads a node's answer up to `max_bytes` and within the RPC timeout in all, counted from the try's start: its
-    head by a watchdog (`_HeadByDeadline`), its body between reads (give or take the read under way). requests'
-    timeout bounds each read only, so an answer dribbled a byte at a time, or an endless one, would hold the caller
-    and its memory. Each retry is a try of its own."""
+    head (and a proxy's handshake) by a watchdog (`_ReadsByDeadline`), its body between reads (give or take the read
+    under way). requests' timeout bounds each read only, so an answer dribbled a byte at a time, or an endless one,
+    would hold the caller and its memory. Each retry is a try of its own."""
 
     def __init__(self, max_bytes: int):
         super().__init__()
@@ -217,7 +286,7 @@ class _BoundedSessionManager(HTTPSessionManager):
 
     def make_post_request(self, endpoint_uri, data, **kwargs) -> bytes:
         due = time.monotonic() + kwargs["timeout"]
-        token = _answer_due.set(due)
+        token = _try_due.set(due)
         try:
             with self.get_response_from_post_request(endpoint_uri, data=data, stream=True, **kwargs) as response:
                 response.raise_for_status()
@@ -232,7 +301,7 @@ class _BoundedSessionManager(HTTPSessionManager):
                         raise requests.Timeout(f"The node's answer took longer than {kwargs['timeout']} s in all.")
                 return bytes(body)
         finally:
-            _answer_due.reset(token)
+            _try_due.reset(token)
 
 
 class _BoundedProvider(Web3.HTTPProvider):
