@@ -333,14 +333,16 @@ def test_a_recovery_code_used_by_two_logins_at_once_logs_in_once(settings):
 
 
 @pytest.mark.postgres
-def test_the_migration_keeps_django_otps_clear_recovery_codes_as_digests_and_deletes_them(staff):
-    """A database from before: django-otp's static device with its codes in clear (its app no longer installed)."""
+def test_the_migration_keeps_django_otps_clear_recovery_codes_as_digests_and_drops_their_tables(staff):
+    """A database from before: django-otp's static device with its codes in clear (its app no longer installed), its
+    devices referencing the users."""
     uri = enrol("operator")
     RecoveryCodeDevice.objects.all().delete()
     with connection.cursor() as cursor:
         cursor.execute("""
             CREATE TABLE otp_static_staticdevice (
-                id serial PRIMARY KEY, user_id integer NOT NULL, name varchar(64) NOT NULL, confirmed boolean NOT NULL,
+                id serial PRIMARY KEY, user_id integer NOT NULL REFERENCES auth_user (id),
+                name varchar(64) NOT NULL, confirmed boolean NOT NULL,
                 throttling_failure_timestamp timestamptz NULL, throttling_failure_count integer NOT NULL,
                 created_at timestamptz NULL, last_used_at timestamptz NULL);
             CREATE TABLE otp_static_statictoken (
@@ -352,9 +354,9 @@ def test_the_migration_keeps_django_otps_clear_recovery_codes_as_digests_and_del
         with connection.schema_editor() as schema_editor:
             migration.recovery_codes_from_static_devices(django_apps, schema_editor)
 
-        cursor.execute("SELECT (SELECT count(*) FROM otp_static_staticdevice) + "
-                       "(SELECT count(*) FROM otp_static_statictoken)")
-        assert cursor.fetchone()[0] == 0
+        # Dropped, not left behind: their foreign key to the users' table made `flush` fail (bench/proxy.py's).
+        assert not {"otp_static_staticdevice", "otp_static_statictoken"} & set(
+            connection.introspection.table_names(cursor))
     device = RecoveryCodeDevice.objects.get(user=staff)
     assert (device.name, device.created_at.year, device.codes.count()) == ("backup", 2025, 2)
     assert "ab2cd3ef" not in database_text()
