@@ -12,18 +12,18 @@ and its second factor: `marketplace.second_factor.OperatorAdminSite`.)
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
 from django.db import models
 from django.db.models import Count
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
-from django_otp.plugins.otp_totp.admin import TOTPDeviceAdmin
-from django_otp.plugins.otp_totp.models import TOTPDevice
+from django_otp.admin import user_model_search_fields
 
 from marketplace import explorer, money, rotation
 from marketplace.errors import ApplicationError
-from marketplace.models import RecoveryCodeDevice, RedeliveredTask
+from marketplace.models import AuthenticatorAppDevice, RecoveryCodeDevice, RedeliveredTask
 
 
 # An address typed without a scheme is read as https (Django 6's default; 5.2 still reads http, and warns).
@@ -234,15 +234,22 @@ class RedeliveredTaskAdmin(MoneyRecordAdmin):
 
 # --- the operators' second factors (marketplace.second_factor) ---------------------------------------------------
 
-admin.site.unregister(TOTPDevice)
+OPERATOR_SEARCH = user_model_search_fields([get_user_model().USERNAME_FIELD, "email"])  # as django-otp's admins
 
 
-@admin.register(TOTPDevice)
-class OperatorDeviceAdmin(TOTPDeviceAdmin):
-    """django-otp's TOTP device admin, with the key never shown (OTP_ADMIN_HIDE_SENSITIVE_DATA). Devices are listed,
-    and deleted when an operator loses their phone or leaves; they are enrolled only by `manage.py
-    admin_totp_enrol`, never here: the add form would show the new key, and editing a device would change a
-    credential by hand."""
+@admin.register(AuthenticatorAppDevice)
+class OperatorDeviceAdmin(admin.ModelAdmin):
+    """Operators' authenticator apps (TOTP devices), listed, and deleted when an operator loses their phone or leaves;
+    neither the key nor its sealed form is shown. They are enrolled only by `manage.py admin_totp_enrol`, never here:
+    the add form would show the new key, and editing a device would change a credential by hand."""
+
+    list_display = ["user", "name", "created_at", "last_used_at", "confirmed"]
+    list_filter = ["created_at", "last_used_at", "confirmed"]
+    search_fields, search_help_text = OPERATOR_SEARCH
+    fields = ["user", "name", "confirmed", "created_at", "last_used_at", "throttling_failure_count"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("user")
 
     def has_add_permission(self, request):
         return False
@@ -259,7 +266,7 @@ class OperatorRecoveryCodesAdmin(admin.ModelAdmin):
 
     list_display = ["user", "name", "created_at", "last_used_at", "recovery_codes_left"]
     list_filter = ["created_at", "last_used_at"]
-    search_fields, search_help_text = TOTPDeviceAdmin.search_fields, TOTPDeviceAdmin.search_help_text
+    search_fields, search_help_text = OPERATOR_SEARCH
     fields = ["user", "name", "confirmed", "created_at", "last_used_at"]
 
     def get_queryset(self, request):

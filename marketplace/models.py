@@ -1,8 +1,20 @@
+import logging
+import time
+from base64 import b32encode
+from urllib.parse import quote, urlencode
+
+from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
+from django.db.models import F
+from django.utils import timezone
 from django_otp.models import Device, ThrottlingMixin, TimestampMixin
+from django_otp.oath import TOTP
 
 from marketplace.keys import digest_secret
+from marketplace.totp_keys import TotpKeyUnreadable, totp_key_open
+
+logger = logging.getLogger(__name__)
 
 
 class IdempotencyRecord(models.Model):
@@ -49,6 +61,100 @@ class RedeliveredTask(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name}[{self.task_id}] ×{self.redeliveries}"
+
+
+class AuthenticatorAppDevice(TimestampMixin, ThrottlingMixin, Device):
+    """An operator's authenticator app, a django-otp TOTP device (`marketplace.second_factor.devices_enrol` enrols
+    it) whose key is kept sealed under SECOND_FACTOR_KEY (`marketplace.totp_keys`), where django-otp's TOTPDevice
+    keeps it in clear: a database read gives no key. Codes are checked as django-otp checks them (`django_otp.oath`,
+    `tolerance` steps either way, the drift learnt from each code, OTP_TOTP_THROTTLE_FACTOR after wrong codes), and a
+    code is accepted once: only a code of a later step than the last accepted (`last_t`) is, and the step is taken
+    by one conditional UPDATE, so of two logins with one code at once only one logs in, whatever each read before.
+    """
+
+    sealed_key = models.TextField(help_text="The key, sealed under SECOND_FACTOR_KEY (marketplace.totp_keys).")
+    step = models.PositiveSmallIntegerField(default=30, help_text="The time step in seconds.")
+    t0 = models.BigIntegerField(default=0, help_text="The Unix time at which to begin counting steps.")
+    digits = models.PositiveSmallIntegerField(choices=[(6, 6), (8, 8)], default=6,
+                                              help_text="The number of digits to expect in a token.")
+    tolerance = models.PositiveSmallIntegerField(
+        default=1, help_text="The number of time steps in the past or future to allow.")
+    drift = models.SmallIntegerField(
+        default=0, help_text="The number of time steps the prover is known to deviate from our clock.")
+    last_t = models.BigIntegerField(
+        default=-1, help_text="The t value of the latest verified token. The next token must be at a higher time step.")
+
+    class Meta(Device.Meta):
+        verbose_name = "TOTP device"
+
+    def key(self) -> bytes:
+        """The key in clear; TotpKeyUnreadable when none of the configured keys opens it."""
+        return totp_key_open(self.sealed_key)
+
+    @property
+    def config_url(self) -> str:
+        """The otpauth:// URI an authenticator app scans (github.com/google/google-authenticator/wiki/Key-Uri-Format),
+        as django-otp's TOTPDevice writes it."""
+        issuer = settings.OTP_TOTP_ISSUER.replace(":", "")
+        params = urlencode({"secret": b32encode(self.key()).decode(), "algorithm": "SHA1", "digits": self.digits,
+                            "period": self.step})
+        return f"otpauth://totp/{quote(f'{issuer}:{self.user.get_username()}')}?{params}&issuer={quote(issuer)}"
+
+    def get_throttle_factor(self) -> int:
+        return settings.OTP_TOTP_THROTTLE_FACTOR
+
+    def verify_is_allowed(self):
+        allowed, extra = super().verify_is_allowed()  # the throttle after wrong codes
+        if not allowed:
+            return allowed, extra
+        try:
+            self.key()
+        except TotpKeyUnreadable:
+            # Not the operator's failure: nothing is counted against the device, and the login form says why.
+            logger.error("The TOTP key of device %s (user %s) opens with neither SECOND_FACTOR_KEY (or SECRET_KEY, "
+                         "its fallback) nor SECOND_FACTOR_OLD_KEYS: its codes cannot be checked", self.pk,
+                         self.user_id)
+            return False, {"error_message": (
+                "This server cannot read your authenticator app's key (it was stored under another "
+                "SECOND_FACTOR_KEY), so its codes cannot be checked: a recovery code still logs in, or ask an operator "
+                "with shell access.")}
+        return True, None
+
+    def verify_token(self, token) -> bool:
+        allowed, _ = self.verify_is_allowed()
+        if not allowed:
+            return False
+        try:
+            code = int(token)  # as django-otp reads a code
+        except (TypeError, ValueError):
+            code = None
+        totp = TOTP(self.key(), self.step, self.t0, self.digits, self.drift)
+        totp.time = time.time()
+        verified = code is not None and totp.verify(code, self.tolerance, self.last_t + 1) and self._step_take(totp)
+        if not verified:
+            self._failure_count()
+        return verified
+
+    def _step_take(self, totp: TOTP) -> bool:
+        """Records that the code of `totp`'s step was accepted, unless a login meanwhile took this step or a later
+        one (django-otp's device saves the `last_t` it read, so two logins that read the device before either
+        verified both logged in)."""
+        accepted = {"last_t": totp.t(), "drift": totp.drift, "throttling_failure_count": 0,
+                    "throttling_failure_timestamp": None, "last_used_at": timezone.now()}
+        if not type(self).objects.filter(pk=self.pk, last_t__lt=totp.t()).update(**accepted):
+            return False
+        for field, value in accepted.items():
+            setattr(self, field, value)
+        return True
+
+    def _failure_count(self) -> None:
+        # Counted in the row as it is, not written from what this instance read (which would put back an older
+        # last_t, and with it a code already accepted).
+        now = timezone.now()
+        type(self).objects.filter(pk=self.pk).update(
+            throttling_failure_count=F("throttling_failure_count") + 1, throttling_failure_timestamp=now)
+        self.throttling_failure_count += 1
+        self.throttling_failure_timestamp = now
 
 
 class RecoveryCodeDevice(TimestampMixin, ThrottlingMixin, Device):

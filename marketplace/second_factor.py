@@ -7,10 +7,11 @@ before the setting was turned on, opens no admin page (`OperatorAdminSite`), rea
 (`marketplace.metrics`) and calls no API (`SessionAuthentication`: there an admin session acts as its user, an
 owner, and staff resolve disputes).
 
-`manage.py admin_totp_enrol <username>` (`devices_enrol`) enrols a TOTP device, whose key it shows once, and
+`manage.py admin_totp_enrol <username>` (`devices_enrol`) enrols a TOTP device (`AuthenticatorAppDevice`, which keeps
+its key sealed under SECOND_FACTOR_KEY: `marketplace.totp_keys`), whose key it shows once, and
 ADMIN_RECOVERY_CODES recovery codes (`RecoveryCodeDevice`, which keeps only their digests), each of which logs in
-once in place of the app's code; the admin lists devices and may delete one, never shows a key or a code
-(OTP_ADMIN_HIDE_SENSITIVE_DATA) and adds none.
+once in place of the app's code; the admin lists devices and may delete one, never shows a key or a code and adds
+none. `manage.py admin_totp_reseal` (`totp_keys_reseal`) seals every key anew after SECOND_FACTOR_KEY is rotated.
 
 ADMIN_LOGIN_FAILURE_LIMIT failed logins, a wrong password or the right one with a wrong or missing code, lock the
 username out from that client address for ADMIN_LOGIN_LOCKOUT_SECONDS (django-axes: its authentication backend
@@ -37,12 +38,12 @@ from axes.handlers.proxy import AxesProxyHandler
 from django_otp import devices_for_user
 from django_otp.admin import OTPAdminAuthenticationForm, OTPAdminSite
 from django_otp.models import Device
-from django_otp.plugins.otp_totp.models import TOTPDevice
 from drf_spectacular import authentication as spectacular_authentication
 from rest_framework import authentication
 
 from marketplace.errors import InvalidInput
-from marketplace.models import RecoveryCode, RecoveryCodeDevice
+from marketplace.models import AuthenticatorAppDevice, RecoveryCode, RecoveryCodeDevice
+from marketplace.totp_keys import TotpKeyUnreadable, totp_key_reseal, totp_key_seal
 
 ENROL_COMMAND = "python manage.py admin_totp_enrol"
 
@@ -91,7 +92,7 @@ class LoginForm(OTPAdminAuthenticationForm):
                 "with shell access runs `%(command)s %(username)s` and gives them the code it prints.",
                 code="no_device", params={"username": user.get_username(), "command": ENROL_COMMAND})
         code = self.cleaned_data.get("otp_token") or ""
-        app = next((device for device in devices if isinstance(device, TOTPDevice)), None)
+        app = next((device for device in devices if isinstance(device, AuthenticatorAppDevice)), None)
         if app is not None and code.isdigit() and len(code) == app.digits:
             return app
         return next((device for device in devices if isinstance(device, RecoveryCodeDevice)), devices[0])
@@ -158,9 +159,18 @@ def locked_out(request, original_response, credentials):
 
 @dataclass(frozen=True)
 class Enrolment:
-    device: TOTPDevice
+    device: AuthenticatorAppDevice
     recovery_codes: list[str]
     replaced: bool  # the user had devices before, which now log in no more
+
+
+@dataclass(frozen=True)
+class Reseal:
+    resealed: int
+    unreadable: list[AuthenticatorAppDevice]
+
+
+TOTP_KEY_BYTES = 20  # 160 bits: RFC 4226's recommendation, and django-otp's
 
 
 @transaction.atomic
@@ -172,13 +182,32 @@ def devices_enrol(*, user) -> Enrolment:
     if not user.is_active or not user.is_staff:
         raise InvalidInput(f"{user.get_username()} is not staff (or not active): only staff use the admin.",
                            code="not_staff")
-    replaced = sum(model.objects.filter(user=user).delete()[0] for model in (TOTPDevice, RecoveryCodeDevice))
+    replaced = sum(model.objects.filter(user=user).delete()[0]
+                   for model in (AuthenticatorAppDevice, RecoveryCodeDevice))
     recovery = RecoveryCodeDevice.objects.create(user=user, name="recovery codes")
     recovery_codes = [recovery_code_new() for _ in range(settings.ADMIN_RECOVERY_CODES)]
     RecoveryCode.objects.bulk_create(RecoveryCode(device=recovery, digest=RecoveryCode.digest_of(code))
                                      for code in recovery_codes)
-    return Enrolment(device=TOTPDevice.objects.create(user=user, name="authenticator app", confirmed=True),
-                     recovery_codes=recovery_codes, replaced=bool(replaced))
+    app = AuthenticatorAppDevice.objects.create(user=user, name="authenticator app", confirmed=True,
+                                                sealed_key=totp_key_seal(secrets.token_bytes(TOTP_KEY_BYTES)))
+    return Enrolment(device=app, recovery_codes=recovery_codes, replaced=bool(replaced))
+
+
+@transaction.atomic
+def totp_keys_reseal() -> Reseal:
+    """Seals every device's TOTP key anew under the current SECOND_FACTOR_KEY, after a rotation (the replaced key
+    moved to SECOND_FACTOR_OLD_KEYS), so that the old keys can then be dropped. Devices whose key none of the
+    configured keys opens are left as they are and named."""
+    resealed, unreadable = 0, []
+    for device in AuthenticatorAppDevice.objects.select_for_update(of=("self",)).select_related("user").order_by("pk"):
+        try:
+            sealed_key = totp_key_reseal(device.sealed_key)
+        except TotpKeyUnreadable:
+            unreadable.append(device)
+            continue
+        AuthenticatorAppDevice.objects.filter(pk=device.pk).update(sealed_key=sealed_key)
+        resealed += 1
+    return Reseal(resealed=resealed, unreadable=unreadable)
 
 
 def recovery_code_new() -> str:

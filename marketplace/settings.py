@@ -34,8 +34,8 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_otp",
-    "django_otp.plugins.otp_totp",  # before marketplace, whose admin replaces its device admin
-    # Not django_otp.plugins.otp_static: it kept recovery codes in clear, and its `addstatictoken` command issued more
+    # Neither of django-otp's plugins: otp_totp kept TOTP keys in clear (marketplace.models.AuthenticatorAppDevice
+    # keeps them sealed), otp_static kept recovery codes in clear, and its `addstatictoken` command issued more
     # (marketplace.models.RecoveryCodeDevice keeps their digests).
     "axes",  # failed admin logins and their lockouts
     "marketplace",
@@ -427,10 +427,14 @@ CELERY_BEAT_SCHEDULE["reap-call-intents"] = {
 # (marketplace.second_factor); off for `make run`'s demo, whose seed prints a password only.
 ADMIN_REQUIRE_SECOND_FACTOR = env.bool("ADMIN_REQUIRE_SECOND_FACTOR", default=not DEBUG)
 OTP_TOTP_ISSUER = "Agent Escrow Marketplace"  # the name authenticator apps show beside the code
-OTP_ADMIN_HIDE_SENSITIVE_DATA = True  # the admin never shows a device's key (nor its QR code)
 # django-otp's default, kept on purpose: after n wrong codes in a row a device verifies nothing, not even the right
 # code, for 2^(n-1) seconds.
 OTP_TOTP_THROTTLE_FACTOR = 1
+# The TOTP keys are kept sealed under this (any string, through HKDF; marketplace.totp_keys), or without it under
+# SECRET_KEY: a database read gives no key. The old keys still open what they sealed, for a rotation
+# (`manage.py admin_totp_reseal`).
+SECOND_FACTOR_KEY = env.str("SECOND_FACTOR_KEY", default="")
+SECOND_FACTOR_OLD_KEYS = env.list("SECOND_FACTOR_OLD_KEYS", default=[])
 # Single-use codes `admin_totp_enrol` prints with the key, each logging in once in place of the app's code.
 ADMIN_RECOVERY_CODES = env.int("ADMIN_RECOVERY_CODES", default=10)
 # Failed logins, a wrong password or the right one with a wrong or missing code, lock that username out from that

@@ -7,6 +7,7 @@ Failed logins, a wrong password or the right one with a wrong or missing code, l
 client address for a while (django-axes); a recovery code printed by the enrol command logs in once in place of a
 code."""
 
+import base64
 import importlib
 import io
 import runpy
@@ -29,12 +30,11 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 from django_otp.models import Device
-from django_otp.plugins.otp_totp.models import TOTPDevice
 
 import marketplace.settings
 from catalog.models import ApiKey
 from marketplace.celery import app as celery_app
-from marketplace.models import RecoveryCode, RecoveryCodeDevice
+from marketplace.models import AuthenticatorAppDevice, RecoveryCode, RecoveryCodeDevice
 from tests.catalog.factories import issue_key
 from tests.conftest import Api
 from tests.support.operators import code, enrol, enrolment, log_in, operator_client
@@ -73,7 +73,7 @@ def redirected_to_login(response) -> bool:
 
 def test_a_password_alone_opens_no_admin_page(password_only):
     pages = admin_pages()
-    assert {"/admin/escrow/dispute/", "/admin/catalog/ownertoken/", "/admin/otp_totp/totpdevice/",
+    assert {"/admin/escrow/dispute/", "/admin/catalog/ownertoken/", "/admin/marketplace/authenticatorappdevice/",
             "/admin/marketplace/recoverycodedevice/", "/admin/axes/accessattempt/"} <= set(pages)
     answers = {path: password_only.get(path) for path in pages}
     assert {path: answer.status_code for path, answer in answers.items() if not redirected_to_login(answer)} == {}
@@ -119,7 +119,7 @@ def test_the_password_and_a_current_code_open_the_admin_its_actions_metrics_and_
 
     assert log_in(client, "operator", PASSWORD, code(uri)).url == "/admin/"
 
-    for path in ("/admin/", "/admin/dashboard/", "/admin/catalog/apikey/", "/admin/otp_totp/totpdevice/"):
+    for path in ("/admin/", "/admin/dashboard/", "/admin/catalog/apikey/", "/admin/marketplace/authenticatorappdevice/"):
         assert client.get(path).status_code == 200, path
     assert client.get(f"/admin/escrow/dispute/{uuid.uuid4()}/resolve/").status_code == 404  # past the gate
     client.post(reverse("admin:catalog_apikey_changelist"),
@@ -145,11 +145,11 @@ def test_wrong_codes_hold_the_device_so_that_even_the_right_code_is_refused_for_
     for 2^(n-1) seconds, so guessing the 6 digits takes longer with each guess."""
     settings.AXES_FAILURE_LIMIT = 10  # the lockout, which would refuse the login first (the tests below)
     uri = enrol("operator")
-    device = TOTPDevice.objects.get(user=staff)
+    device = AuthenticatorAppDevice.objects.get(user=staff)
     client = Client()
 
     def wait_passed(seconds):
-        TOTPDevice.objects.filter(pk=device.pk).update(
+        AuthenticatorAppDevice.objects.filter(pk=device.pk).update(
             throttling_failure_timestamp=timezone.now() - timedelta(seconds=seconds))
 
     def errors(response) -> str:
@@ -182,7 +182,7 @@ def test_the_enrol_command_prints_a_uri_whose_codes_log_in_and_run_again_replace
 
     second = enrol("operator")
 
-    assert TOTPDevice.objects.filter(user=staff).count() == 1
+    assert AuthenticatorAppDevice.objects.filter(user=staff).count() == 1
     assert parse_qs(urlparse(second).query)["secret"] != parse_qs(urlparse(first).query)["secret"]
     assert log_in(Client(), "operator", PASSWORD, code(second)).url == "/admin/"
     replaced = log_in(Client(), "operator", PASSWORD, code(first))
@@ -202,7 +202,7 @@ def test_the_enrol_command_enrols_staff_only(staff):
         call_command("admin_totp_enrol", "customer", stdout=io.StringIO())
     with pytest.raises(CommandError, match="No user"):
         call_command("admin_totp_enrol", "nobody", stdout=io.StringIO())
-    assert not TOTPDevice.objects.exists()
+    assert not AuthenticatorAppDevice.objects.exists()
 
 
 def test_staff_without_a_device_are_told_how_one_is_enrolled(staff):
@@ -221,18 +221,20 @@ def test_the_admin_lists_devices_but_never_their_keys(staff):
     uri = enrol("operator")
     client = Client()
     log_in(client, "operator", PASSWORD, code(uri))
-    device = TOTPDevice.objects.get(user=staff)
+    device = AuthenticatorAppDevice.objects.get(user=staff)
     secret = parse_qs(urlparse(uri).query)["secret"][0]
 
-    listing = client.get("/admin/otp_totp/totpdevice/")
-    page = client.get(f"/admin/otp_totp/totpdevice/{device.pk}/change/")
+    listing = client.get("/admin/marketplace/authenticatorappdevice/")
+    page = client.get(f"/admin/marketplace/authenticatorappdevice/{device.pk}/change/")
 
     assert listing.status_code == page.status_code == 200
+    assert "authenticator app" in listing.content.decode()
     for shown in (listing.content.decode(), page.content.decode()):
-        assert device.key not in shown and secret not in shown and "qrcode" not in shown.lower()
-    assert client.get(f"/admin/otp_totp/totpdevice/{device.pk}/config/").status_code == 403
-    assert client.get(f"/admin/otp_totp/totpdevice/{device.pk}/qrcode/").status_code == 403
-    assert client.get("/admin/otp_totp/totpdevice/add/").status_code == 403  # enrolled by the command only
+        assert device.key().hex() not in shown and secret not in shown and device.sealed_key not in shown
+        assert "qrcode" not in shown.lower()
+    assert client.get("/admin/marketplace/authenticatorappdevice/add/").status_code == 403  # enrolled by the command
+    client.post(f"/admin/marketplace/authenticatorappdevice/{device.pk}/delete/", {"post": "yes"})
+    assert not AuthenticatorAppDevice.objects.exists()  # an operator who left, or lost their phone
 
 
 def test_with_the_setting_off_the_password_alone_logs_in_as_before(staff, settings):
@@ -279,6 +281,172 @@ def test_the_database_keeps_no_recovery_code_in_clear(staff):
     assert [recovery_code for recovery_code in recovery_codes
             if recovery_code.lower() in stored or recovery_code.replace("-", "").lower() in stored] == []
     assert log_in(Client(), "operator", PASSWORD, recovery_codes[0]).url == "/admin/"  # and they still log in
+
+
+@pytest.mark.postgres
+def test_the_database_keeps_no_totp_key_in_clear(staff):
+    """The server needs the key itself to compute the app's codes, so it cannot keep a digest: it keeps the key
+    encrypted under SECOND_FACTOR_KEY, which is not in the database."""
+    uri = enrol("operator")
+    secret = parse_qs(urlparse(uri).query)["secret"][0]
+    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
+
+    stored = database_text()
+
+    spellings = {"base32": secret.lower(), "hex": key.hex(), "base64": base64.b64encode(key).decode().lower(),
+                 "urlsafe base64": base64.urlsafe_b64encode(key).decode().rstrip("=").lower()}
+    assert {name: spelling for name, spelling in spellings.items() if spelling in stored} == {}
+    assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"  # and its codes still log in
+
+
+def test_a_code_logs_in_once(staff):
+    uri = enrol("operator")
+    now = time.time()
+
+    assert log_in(Client(), "operator", PASSWORD, code(uri, at=now)).url == "/admin/"
+    replayed = log_in(Client(), "operator", PASSWORD, code(uri, at=now))
+    assert replayed.status_code == 200 and "Invalid token" in replayed.content.decode()
+    AuthenticatorAppDevice.objects.update(throttling_failure_timestamp=timezone.now() - timedelta(hours=1))
+    assert log_in(Client(), "operator", PASSWORD, code(uri, at=now + 30)).url == "/admin/"  # the next step's
+
+
+def test_a_code_is_accepted_once_even_by_two_checks_that_read_the_device_before_either_verified(staff):
+    """django-otp's TOTPDevice saved the `last_t` it had read: two checks of one code whose device was read before
+    either verified both succeeded (its login form locks the row first; the device alone did not), and a failure
+    counted by a device read earlier wrote back the older `last_t`, letting a used code in again."""
+    uri = enrol("operator")
+    now = time.time()
+    first, second, third = (AuthenticatorAppDevice.objects.get(user=staff) for _ in range(3))
+
+    assert first.verify_token(code(uri, at=now))
+    assert not second.verify_token(code(uri, at=now))
+    assert not third.verify_token("000000")
+
+    device = AuthenticatorAppDevice.objects.get(user=staff)
+    assert (device.last_t, device.throttling_failure_count) == (first.last_t, 2)  # both failures, the step kept
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_code_used_by_two_logins_at_once_logs_in_once(settings):
+    """A login verifying a code while another, not yet committed, has used it: the second waits, then is refused."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    staff = get_user_model().objects.create_superuser("operator", "operator@example.com", PASSWORD)
+    uri = enrol("operator")
+    now = time.time()
+    app = AuthenticatorAppDevice.objects.get(user=staff)
+    answers = []
+
+    def log_in_meanwhile():
+        try:
+            answers.append(log_in(Client(), "operator", PASSWORD, code(uri, at=now)))
+        finally:
+            connections.close_all()
+
+    with transaction.atomic():  # the first login, as django-otp's form verifies a code
+        assert AuthenticatorAppDevice.objects.get(pk=app.pk).verify_token(code(uri, at=now))
+        second = threading.Thread(target=log_in_meanwhile)
+        second.start()
+        for _ in range(100):
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                               "AND wait_event_type = 'Lock'")
+                if cursor.fetchone()[0]:
+                    break
+            time.sleep(0.05)
+    second.join(10)
+
+    assert answers[0].status_code == 200 and "Invalid token" in answers[0].content.decode()
+
+
+def test_under_another_second_factor_key_the_app_is_refused_with_the_reason_and_a_recovery_code_logs_in(
+        staff, settings, caplog):
+    settings.SECOND_FACTOR_KEY = "the key the devices were sealed under"
+    uri, recovery_codes = enrolment("operator")
+    settings.SECOND_FACTOR_KEY = "another key"
+
+    refused = log_in(Client(), "operator", PASSWORD, code(uri))
+
+    assert refused.status_code == 200 and "cannot read your authenticator app&#x27;s key" in refused.content.decode()
+    assert "SECOND_FACTOR_KEY" in caplog.text  # the operator's log says which setting
+    assert AuthenticatorAppDevice.objects.get(user=staff).throttling_failure_count == 0  # not the operator's failure
+    assert log_in(Client(), "operator", PASSWORD, recovery_codes[0]).url == "/admin/"
+    settings.SECOND_FACTOR_OLD_KEYS = ["the key the devices were sealed under"]
+    assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"
+
+
+def test_a_rotated_second_factor_key_keeps_the_old_one_until_the_keys_are_sealed_anew(staff, settings):
+    settings.SECOND_FACTOR_KEY = "the old key"
+    uri = enrol("operator")
+    now = time.time()
+    settings.SECOND_FACTOR_KEY, settings.SECOND_FACTOR_OLD_KEYS = "the new key", ["the old key"]
+    assert log_in(Client(), "operator", PASSWORD, code(uri, at=now)).url == "/admin/"
+
+    out = io.StringIO()
+    call_command("admin_totp_reseal", stdout=out)
+    settings.SECOND_FACTOR_OLD_KEYS = []
+
+    assert "Sealed 1 TOTP key" in out.getvalue()
+    assert log_in(Client(), "operator", PASSWORD, code(uri, at=now + 30)).url == "/admin/"
+    settings.SECOND_FACTOR_KEY = "the old key"
+    with pytest.raises(CommandError, match="operator"):  # named, and left as it was
+        call_command("admin_totp_reseal", stdout=io.StringIO())
+    settings.SECOND_FACTOR_KEY = "the new key"
+    assert log_in(Client(), "operator", PASSWORD, code(uri, at=now + 60)).url == "/admin/"
+
+
+def test_without_second_factor_key_the_keys_are_sealed_under_one_derived_from_secret_key(staff, settings):
+    settings.SECOND_FACTOR_KEY, settings.SECRET_KEY = "", "the deployment's secret key"
+    uri = enrol("operator")
+    now = time.time()
+
+    settings.SECRET_KEY = "another secret key"
+    refused = log_in(Client(), "operator", PASSWORD, code(uri, at=now))
+    assert refused.status_code == 200 and "cannot read your authenticator app&#x27;s key" in refused.content.decode()
+    # Moving to a key of its own: the old SECRET_KEY among the old keys, then `admin_totp_reseal`.
+    settings.SECOND_FACTOR_KEY, settings.SECOND_FACTOR_OLD_KEYS = "a key of its own", ["the deployment's secret key"]
+    assert log_in(Client(), "operator", PASSWORD, code(uri, at=now)).url == "/admin/"
+
+
+@pytest.mark.postgres
+def test_the_migration_keeps_django_otps_clear_totp_keys_sealed_with_their_state_and_deletes_them(staff):
+    """A database from before: django-otp's TOTP device with its key in clear (its app no longer installed)."""
+    key = bytes(range(1, 21))
+    uri = f"otpauth://totp/x?secret={base64.b32encode(key).decode()}"
+    now = time.time()
+    last_step = int(now) // 30
+    with connection.cursor() as cursor:
+        cursor.execute("""
+            CREATE TABLE otp_totp_totpdevice (
+                id serial PRIMARY KEY, user_id integer NOT NULL, name varchar(64) NOT NULL, confirmed boolean NOT NULL,
+                key varchar(80) NOT NULL, step smallint NOT NULL, t0 bigint NOT NULL, digits smallint NOT NULL,
+                tolerance smallint NOT NULL, drift smallint NOT NULL, last_t bigint NOT NULL,
+                throttling_failure_timestamp timestamptz NULL, throttling_failure_count integer NOT NULL,
+                created_at timestamptz NULL, last_used_at timestamptz NULL);
+            INSERT INTO otp_totp_totpdevice VALUES (3, %s, 'phone', true, %s, 30, 0, 6, 1, 0, %s,
+                                                    now() - interval '1 hour', 3, '2025-01-02T03:04:05Z', NULL);
+        """, [staff.pk, key.hex(), last_step])
+        migration = importlib.import_module("marketplace.migrations.0006_totp_keys_kept_sealed")
+        with connection.schema_editor() as schema_editor:
+            migration.sealed_keys_from_totp_devices(django_apps, schema_editor)
+
+        cursor.execute("SELECT count(*) FROM otp_totp_totpdevice")
+        assert cursor.fetchone()[0] == 0
+    device = AuthenticatorAppDevice.objects.get(user=staff)
+    assert (device.name, device.created_at.year, device.last_t, device.throttling_failure_count) == (
+        "phone", 2025, last_step, 3)
+    assert key.hex() not in database_text()
+    used = log_in(Client(), "operator", PASSWORD, code(uri, at=now))  # its step was the last accepted
+    assert used.status_code == 200 and "Invalid token" in used.content.decode()
+    AuthenticatorAppDevice.objects.update(throttling_failure_timestamp=timezone.now() - timedelta(hours=1))
+    assert log_in(Client(), "operator", PASSWORD, code(uri, at=now + 30)).url == "/admin/"
+
+
+def test_the_migration_moves_nothing_where_django_otps_totp_app_never_was(staff):
+    migration = importlib.import_module("marketplace.migrations.0006_totp_keys_kept_sealed")
+    with connection.schema_editor() as schema_editor:
+        migration.sealed_keys_from_totp_devices(django_apps, schema_editor)
+    assert not AuthenticatorAppDevice.objects.exists()
 
 
 def test_recovery_codes_are_long_enough_that_their_digests_cannot_be_searched():
@@ -446,7 +614,7 @@ def test_the_right_password_with_wrong_or_missing_codes_counts_as_failed_logins(
     assert locked_out(log_in(client, "operator", PASSWORD, "000000"))
 
     # Refused by the lockout, not by the device's own throttle (which would have let this code in by now).
-    TOTPDevice.objects.update(throttling_failure_timestamp=timezone.now() - timedelta(hours=1))
+    AuthenticatorAppDevice.objects.update(throttling_failure_timestamp=timezone.now() - timedelta(hours=1))
     assert locked_out(log_in(client, "operator", PASSWORD, code(uri)))
     assert redirected_to_login(client.get("/admin/"))
 

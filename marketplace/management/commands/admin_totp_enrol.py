@@ -41,7 +41,7 @@ class Command(BaseCommand):
         device = enrolment.device
         qr = io.StringIO()  # segno writes a line at a time; self.stdout would end every write with a newline
         segno.make(device.config_url, error="m").terminal(out=qr, compact=True)
-        key = base64.b32encode(device.bin_key).decode()
+        key = base64.b32encode(device.key()).decode()
         self.stdout.write(
             f"Scan this with an authenticator app on {username}'s phone (shown this once; the key is not shown "
             "again, here or in the admin):\n")

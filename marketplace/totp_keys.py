@@ -1,0 +1,55 @@
+"""The operators' TOTP keys, encrypted at rest. The server needs a key itself to compute the app's codes, so it cannot
+keep a digest as it does for recovery codes: it keeps the key sealed with Fernet (AES-128-CBC and HMAC-SHA256) under
+SECOND_FACTOR_KEY, which lives in the environment, not in the database. A database read (a backup, a replica, an SQL
+injection) gives no key; whoever also holds the application's secrets reads them all (SECURITY.md).
+
+Without SECOND_FACTOR_KEY the sealing key is derived from SECRET_KEY. Either is run through HKDF-SHA256, so any
+string works (a long random one: `python -c "import secrets; print(secrets.token_urlsafe(32))"`). Keys listed in
+SECOND_FACTOR_OLD_KEYS still open what they sealed, for a rotation: `manage.py admin_totp_reseal` seals every key
+under the current one, after which the old ones can go.
+"""
+
+import base64
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from django.conf import settings
+
+# Binds the derived key to this use: SECRET_KEY signs sessions too, and never seals anything as it is.
+_PURPOSE = b"agent-escrow-marketplace: operators' TOTP keys"
+
+
+class TotpKeyUnreadable(Exception):
+    """None of the configured keys opens a sealed key: another SECOND_FACTOR_KEY (or SECRET_KEY, its fallback) than
+    the one it was sealed under, or a value that is not ours."""
+
+
+def totp_key_seal(key: bytes) -> str:
+    return _keys().encrypt(key).decode()
+
+
+def totp_key_open(sealed: str) -> bytes:
+    try:
+        return _keys().decrypt(sealed.encode())
+    except InvalidToken as error:
+        raise TotpKeyUnreadable from error
+
+
+def totp_key_reseal(sealed: str) -> str:
+    """`sealed` sealed anew under the current key (it may have been sealed under an old one)."""
+    try:
+        return _keys().rotate(sealed.encode()).decode()
+    except InvalidToken as error:
+        raise TotpKeyUnreadable from error
+
+
+def _keys() -> MultiFernet:
+    # Read per call, not at import: HKDF costs microseconds, logins are rare, and a test's settings count.
+    current = settings.SECOND_FACTOR_KEY or settings.SECRET_KEY
+    return MultiFernet([Fernet(_fernet_key(secret)) for secret in (current, *settings.SECOND_FACTOR_OLD_KEYS)])
+
+
+def _fernet_key(secret: str) -> bytes:
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_PURPOSE).derive(secret.encode())
+    return base64.urlsafe_b64encode(derived)
