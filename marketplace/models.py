@@ -115,9 +115,9 @@ class AuthenticatorAppDevice(TimestampMixin, ThrottlingMixin, Device):
                          "its fallback) nor SECOND_FACTOR_OLD_KEYS: its codes cannot be checked", self.pk,
                          self.user_id)
             return False, {"error_message": (
-                "This server cannot read your authenticator app's key (it was stored under another "
-                "SECOND_FACTOR_KEY), so its codes cannot be checked: a recovery code still logs in, or ask an operator "
-                "with shell access.")}
+                "This server cannot read your authenticator app's key (it was sealed under another key than its "
+                "SECOND_FACTOR_KEY), so its codes cannot be checked: a recovery code still logs in, or ask an "
+                "operator with shell access.")}
         return True, None
 
     def verify_token(self, token) -> bool:
