@@ -2,8 +2,9 @@
 """TOTP keys kept sealed (marketplace.models.AuthenticatorAppDevice) in place of django-otp's TOTP devices, which kept
 them in clear: each TOTP device becomes an AuthenticatorAppDevice of the same user, its key sealed under
 SECOND_FACTOR_KEY (or SECRET_KEY) as this migration runs, with its clock state (drift, the last step accepted) and its
-throttle, and the clear rows are deleted. django-otp's otp_totp app is no longer installed; its table is left, empty
-(where it never was installed, there is nothing to move). Sessions its devices verified must log in again."""
+throttle. django-otp's otp_totp app is no longer installed: its table is dropped (it referenced the users, so that
+`flush` could not empty the users' table; as 0005 drops otp_static's) and its migrations forgotten. Where it never was
+installed, there is nothing to move. Sessions its devices verified must log in again."""
 
 import base64
 
@@ -42,7 +43,8 @@ def sealed_keys_from_totp_devices(apps, schema_editor):
                 t0=t0, digits=digits, tolerance=tolerance, drift=drift, last_t=last_t,
                 throttling_failure_timestamp=failed_at, throttling_failure_count=failures, last_used_at=last_used_at)
             device_model.objects.filter(pk=device.pk).update(created_at=created_at)  # auto_now_add set it to now
-        cursor.execute(f"DELETE FROM {LEGACY_DEVICES}")
+        cursor.execute(f"DROP TABLE {LEGACY_DEVICES}")
+        cursor.execute("DELETE FROM django_migrations WHERE app = 'otp_totp'")
 
 
 class Migration(migrations.Migration):
