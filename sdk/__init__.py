@@ -1,14 +1,28 @@
 """Python client and signing helpers for the marketplace (no Django import).
 
-The SDK signs only what it builds itself from the agreed terms and a pinned `NetworkConfig`; see README.md.
+The SDK signs only what it builds itself from the agreed terms and a pinned `NetworkConfig`, and bounds every answer
+it reads (`sdk.bounded_http`, `sdk.bounded_json`); see README.md.
 """
 
-from sdk.activation import sign_activation_package
-from sdk.client import AgreementFailed, MarketplaceClient, MarketplaceError, NotConfigured
-from sdk.networks import BASE, BASE_SEPOLIA, FeeSchedule, NetworkConfig, TokenDomain
-from sdk.safety import DeadlineOutOfRange, LocalWallet, SigningRefused, Wallet
-from sdk.terms import AgreedTerms
+import importlib
+import sys
 
-__all__ = ["BASE", "BASE_SEPOLIA", "AgreedTerms", "AgreementFailed", "DeadlineOutOfRange", "FeeSchedule",
-           "LocalWallet", "MarketplaceClient", "MarketplaceError", "NetworkConfig", "NotConfigured",
-           "SigningRefused", "TokenDomain", "Wallet", "sign_activation_package"]
+# py_ecc (imported by eth_account) raises Python's recursion limit to 100,000 when first imported, and with that limit
+# deeply nested input (JSON from a hostile server, parsed by the agent's own code) overflows the C stack (SIGSEGV)
+# before any RecursionError. Importing the SDK leaves the limit as it found it.
+_RECURSION_LIMIT = sys.getrecursionlimit()
+importlib.import_module("py_ecc")
+sys.setrecursionlimit(_RECURSION_LIMIT)
+
+from sdk.activation import sign_activation_package  # noqa: E402
+from sdk.bounded_http import AnswerRefused, AnswerTooLarge, DeadlineExceeded  # noqa: E402
+from sdk.bounded_json import InvalidJSON  # noqa: E402
+from sdk.client import AgreementFailed, MarketplaceClient, MarketplaceError, NotConfigured  # noqa: E402
+from sdk.networks import BASE, BASE_SEPOLIA, FeeSchedule, NetworkConfig, TokenDomain  # noqa: E402
+from sdk.safety import DeadlineOutOfRange, LocalWallet, SigningRefused, Wallet  # noqa: E402
+from sdk.terms import AgreedTerms  # noqa: E402
+
+__all__ = ["BASE", "BASE_SEPOLIA", "AgreedTerms", "AgreementFailed", "AnswerRefused", "AnswerTooLarge",
+           "DeadlineExceeded", "DeadlineOutOfRange", "FeeSchedule", "InvalidJSON", "LocalWallet", "MarketplaceClient",
+           "MarketplaceError", "NetworkConfig", "NotConfigured", "SigningRefused", "TokenDomain", "Wallet",
+           "sign_activation_package"]

@@ -20,6 +20,11 @@ used, and `verify_usage` is unavailable. A wallet is a private key or any object
 Every method returns the API's JSON as plain dicts and lists. A refusal by the API raises `MarketplaceError` with
 the API's error code; a network failure that outlasts the retries raises httpx's `TransportError`.
 
+Bounds (`sdk.bounded_http`): every request, its retries included, ends within `deadline` seconds (300 by default)
+or raises `DeadlineExceeded` (an httpx `TimeoutException`), however slowly the server answers; an answer larger than
+`max_answer_bytes` (16 MiB by default) is abandoned with `AnswerTooLarge`; JSON nested deeper than 64 levels, or not
+JSON, raises `InvalidJSON` (a ValueError). `timeout` still bounds each network operation within the deadline.
+
 Retries: a 503 (a dependency such as the chain RPC is down), a connection failure or timeout, and a 409
 `idempotency_in_progress` are retried a couple of times with exponential backoff. That is safe for every method
 here: reads and searches change nothing, accept/reject/cancel are no-ops when repeated, and every request that
@@ -40,6 +45,8 @@ import httpx
 
 from sdk import typed_data
 from sdk.activation import sign_activation_package
+from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, AnswerRefused, BoundedHttp,
+                              deadline_within, json_answer, time_left)
 from sdk.networks import NetworkConfig, TokenDomain
 from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, RpcError
 from sdk.receipts import VerifiedUsage, verify_usage
@@ -74,7 +81,7 @@ class MarketplaceError(Exception):
         """Parse `{"error": {"code", "message", "details"}}`, or a skill's x402 402 (`error` is the code, `message`
         and `details` beside it); anything else (a proxy's HTML page) keeps its text."""
         try:
-            body = response.json()
+            body = json_answer(response)
             error = body["error"] if isinstance(body["error"], dict) else {**body, "code": body["error"]}
             return cls(response.status_code, str(error["code"]), str(error.get("message", "")),
                        error.get("details") or {})
@@ -111,21 +118,26 @@ def _jsonable(value: Any) -> Any:
 class MarketplaceClient:
     """One agent's view of the marketplace, authenticated with its API key (`Authorization: Bearer <key>`).
 
-    `transport` is passed to httpx (e.g. a transport with other TLS settings or a proxy). Safe to share between
-    threads; close it (or use it as a context manager) to release its connections.
+    `transport` is passed to httpx (e.g. a transport with other TLS settings or a proxy). `timeout` bounds each
+    network operation, `deadline` a whole request (retries included) and `max_answer_bytes` its answer, for the
+    marketplace and the RPC alike (module docstring). Safe to share between threads; close it (or use it as a
+    context manager) to release its connections.
     """
 
     def __init__(self, base_url: str, api_key: str, *, network: NetworkConfig | None = None,
                  rpc_url: str | None = None, timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
-                 retries: int = 2, retry_backoff: float = 0.5, rpc_log_block_span: int = DEFAULT_LOG_BLOCK_SPAN):
-        self._http = httpx.Client(
-            base_url=base_url, timeout=timeout, transport=transport,
+                 retries: int = 2, retry_backoff: float = 0.5, rpc_log_block_span: int = DEFAULT_LOG_BLOCK_SPAN,
+                 deadline: float = DEFAULT_DEADLINE_SECONDS, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES):
+        self._http = BoundedHttp(
+            deadline=deadline, max_answer_bytes=max_answer_bytes, base_url=base_url, timeout=timeout,
+            transport=transport,
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json", "User-Agent": _USER_AGENT},
         )
         self._retries = retries
         self._retry_backoff = retry_backoff
         self._network = network
-        self._chain = ChainReader(rpc_url, timeout=timeout, log_block_span=rpc_log_block_span) if rpc_url else None
+        self._chain = ChainReader(rpc_url, timeout=timeout, log_block_span=rpc_log_block_span, deadline=deadline,
+                                  max_answer_bytes=max_answer_bytes) if rpc_url else None
         self._token_domain_read: TokenDomain | None = None
 
     def close(self) -> None:
@@ -489,13 +501,14 @@ class MarketplaceClient:
         returns that. A refused payment raises `MarketplaceError` (status 402, its code).
         """
         path = f"/agents/{handle}/{skill}"
-        first = self._http.post(path, json={"input": dict(input)})
+        first = self._http.request("POST", path, json={"input": dict(input)})
         if first.status_code != 402:
             return self._answer(first)
         header = sign_payment_required(first.headers["PAYMENT-REQUIRED"], private_key,
                                        max_amount_atomic=max_amount_atomic, network=self.network,
                                        token_domain=self.token_domain())
-        answer = self._answer(self._http.post(path, json={"input": dict(input)}, headers={"X-PAYMENT": header}))
+        answer = self._answer(self._http.request("POST", path, json={"input": dict(input)},
+                                                 headers={"X-PAYMENT": header}))
         if "invocation_id" in answer and "result" not in answer and wait:
             return self.wait_for_invocation(answer["invocation_id"], timeout=timeout, poll_interval=poll_interval)
         return answer
@@ -518,7 +531,7 @@ class MarketplaceClient:
     def _answer(response: httpx.Response) -> dict[str, Any]:
         if not response.is_success:
             raise MarketplaceError.from_response(response)
-        return response.json()
+        return json_answer(response)
 
     # --- plumbing ------------------------------------------------------------------------------------------------
 
@@ -530,24 +543,28 @@ class MarketplaceClient:
             response = self._http.request(method, path, params=params, json=json, headers=headers)
             if not response.is_success:
                 raise MarketplaceError.from_response(response)
-            return response.json() if response.content else None
+            return json_answer(response) if response.content else None
 
         return self._retrying(send, attempts=self._retries + 1, transient=lambda error: error.transient)
 
     def _retrying(self, send: Callable[[], T], *, attempts: int, transient: Callable[[MarketplaceError], bool]) -> T:
         """`send()`, again after a connection failure or timeout, or a refusal `transient` accepts, with
-        exponential backoff, until it has been tried `attempts` times."""
-        for attempt in range(attempts):
-            out_of_retries = attempt == attempts - 1
-            try:
-                return send()
-            except httpx.TransportError:
-                if out_of_retries:
+        exponential backoff, until it has been tried `attempts` times or the request's deadline has passed (an
+        answer over the SDK's bounds is not tried again)."""
+        with deadline_within(self._http.deadline):
+            for attempt in range(attempts):
+                backoff = self._retry_backoff * 2**attempt
+                try:
+                    return send()
+                except AnswerRefused:
                     raise
-            except MarketplaceError as error:
-                if out_of_retries or not transient(error):
-                    raise
-            time.sleep(self._retry_backoff * 2**attempt)
+                except httpx.TransportError:
+                    if not _may_retry(attempt, attempts, backoff):
+                        raise
+                except MarketplaceError as error:
+                    if not (transient(error) and _may_retry(attempt, attempts, backoff)):
+                        raise
+                time.sleep(backoff)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _pages(self, method: str, path: str, query: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -591,6 +608,12 @@ def _unix_time(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     return int(datetime.fromisoformat(str(value)).timestamp())
+
+
+def _may_retry(attempt: int, attempts: int, backoff: float) -> bool:
+    """Whether another attempt remains, and time for it after `backoff` within the request's deadline."""
+    left = time_left()
+    return attempt < attempts - 1 and (left is None or left > backoff)
 
 
 def _new_key() -> str:

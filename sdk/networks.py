@@ -22,6 +22,8 @@ from typing import Any
 import httpx
 from eth_utils import to_checksum_address
 
+from sdk.bounded_http import DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, BoundedHttp, json_answer
+
 __all__ = ["BASE", "BASE_SEPOLIA", "Chain", "FeeSchedule", "NetworkConfig", "TokenDomain", "UntrustedConfiguration"]
 
 
@@ -95,19 +97,24 @@ class NetworkConfig:
                    fee_schedule=fee_schedule or FeeSchedule(), escrow_deployment_block=escrow_deployment_block)
 
     @classmethod
-    def from_marketplace(cls, base_url: str, *, trust_server: bool,
-                         transport: httpx.BaseTransport | None = None) -> NetworkConfig:
+    def from_marketplace(cls, base_url: str, *, trust_server: bool, transport: httpx.BaseTransport | None = None,
+                         deadline: float = DEFAULT_DEADLINE_SECONDS,
+                         max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> NetworkConfig:
         """Read the configuration from the marketplace's `GET /network-config`: for dev chains only.
 
         A compromised marketplace would then choose what the SDK checks against, so this refuses unless the
-        caller says `trust_server=True`."""
+        caller says `trust_server=True`. The request is bounded as the client's are (`sdk.bounded_http`)."""
         if trust_server is not True:
             raise UntrustedConfiguration("Reading the configuration from the marketplace trusts the marketplace: "
                                          "pin a NetworkConfig, or pass trust_server=True on a dev chain.")
-        with httpx.Client(base_url=base_url, transport=transport, timeout=15) as http:
-            response = http.get("/network-config")
-            response.raise_for_status()
-            return cls.from_dict(response.json())
+        http = BoundedHttp(deadline=deadline, max_answer_bytes=max_answer_bytes, base_url=base_url,
+                           transport=transport, timeout=15)
+        try:
+            response = http.request("GET", "/network-config")
+        finally:
+            http.close()
+        response.raise_for_status()
+        return cls.from_dict(json_answer(response))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NetworkConfig:

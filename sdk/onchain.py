@@ -19,6 +19,7 @@ import httpx
 from eth_abi import decode, encode
 from eth_utils import keccak, to_checksum_address
 
+from sdk.bounded_http import DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, BoundedHttp, json_answer
 from sdk.networks import TokenDomain
 
 __all__ = ["DEFAULT_LOG_BLOCK_SPAN", "ChainReader", "OnchainEscrow", "RpcError"]
@@ -57,13 +58,16 @@ class OnchainEscrow:
 
 
 class ChainReader:
-    """A minimal JSON-RPC client for the reads above; `log_block_span` bounds each `eth_getLogs` call's blocks."""
+    """A minimal JSON-RPC client for the reads above; `log_block_span` bounds each `eth_getLogs` call's blocks,
+    `deadline` and `max_answer_bytes` each call and its answer (`sdk.bounded_http`)."""
 
     def __init__(self, rpc_url: str, *, timeout: float = 15.0, transport: httpx.BaseTransport | None = None,
-                 log_block_span: int = DEFAULT_LOG_BLOCK_SPAN):
+                 log_block_span: int = DEFAULT_LOG_BLOCK_SPAN, deadline: float = DEFAULT_DEADLINE_SECONDS,
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES):
         if log_block_span < 1:
             raise ValueError("log_block_span must be at least 1 block")
-        self._http = httpx.Client(timeout=timeout, transport=transport)
+        self._http = BoundedHttp(deadline=deadline, max_answer_bytes=max_answer_bytes, timeout=timeout,
+                                 transport=transport)
         self._url = rpc_url
         self._ids = itertools.count(1)
         self._log_block_span = log_block_span
@@ -72,10 +76,10 @@ class ChainReader:
         self._http.close()
 
     def _rpc(self, method: str, params: list[Any]) -> Any:
-        response = self._http.post(self._url, json={"jsonrpc": "2.0", "id": next(self._ids), "method": method,
-                                                    "params": params})
+        response = self._http.request("POST", self._url, json={"jsonrpc": "2.0", "id": next(self._ids),
+                                                                "method": method, "params": params})
         response.raise_for_status()
-        answer = response.json()
+        answer = json_answer(response)
         if answer.get("error"):
             raise RpcError(f"{method}: {answer['error']}")
         return answer["result"]

@@ -19,12 +19,12 @@ from typing import Any
 
 from eth_account import Account
 from x402 import PaymentPayload, PaymentRequirements, x402ClientSync
-from x402.http import decode_payment_required_header, encode_payment_signature_header
+from x402.http import decode_payment_required_header, encode_payment_signature_header, safe_base64_decode
 from x402.mechanisms.evm.exact import ExactEvmScheme
 from x402.mechanisms.evm.signers import EthAccountSigner
 from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload
 
-from sdk import typed_data
+from sdk import bounded_json, typed_data
 from sdk.networks import NetworkConfig, TokenDomain
 from sdk.safety import DEADLINE_MAX_SECONDS, DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, require_equal
 
@@ -55,7 +55,9 @@ def sign_payment_required(payment_required_header: str, private_key: str, *, max
     Refuses (`SigningRefused`) a requirement for another chain, token or token domain than the pinned ones, for
     another payee than `pay_to` (by default the pinned gas wallet, the platform treasury every skill pays), valid
     longer than `max_validity_seconds`, and (x402's spend controls) anything above `max_amount_atomic` base units.
+    The header is the server's JSON: nested deeper than `bounded_json.JSON_MAX_DEPTH`, it raises `InvalidJSON`.
     """
+    bounded_json.loads(safe_base64_decode(payment_required_header))  # before x402's json.loads recurses into it
     required = decode_payment_required_header(payment_required_header)
     for index, requirements in enumerate(required.accepts):
         if not isinstance(requirements, PaymentRequirements):  # an x402 v1 shape: not what this SDK pays

@@ -230,8 +230,9 @@ class _LosesTheFirstProxiedAnswer(httpx.HTTPTransport):
 def test_a_metered_call_with_a_nonce_is_retried_and_charged_once(live_server, escrow_chain, http_server):
     chain = escrow_chain
     fund(chain, chain.accounts.buyer.address, 10 * USDC)
-    with agent_client(live_server.url, wallet=chain.accounts.buyer.address, chain=chain,
-                      transport=_LosesTheFirstProxiedAnswer(), retry_backoff=0.01) as buyer, \
+    lossy = _LosesTheFirstProxiedAnswer()
+    with agent_client(live_server.url, wallet=chain.accounts.buyer.address, chain=chain, transport=lossy,
+                      retry_backoff=0.01) as buyer, \
             agent_client(live_server.url, wallet=chain.accounts.seller.address, buyer=False, seller=True) as seller:
         service = seller.register_service(**{**service_data(), "upstream_base_url": http_server.url})
         agreement = buyer.propose_agreement(service["id"], 10)  # 10 calls at 0.02 USDC
@@ -246,7 +247,7 @@ def test_a_metered_call_with_a_nonce_is_retried_and_charged_once(live_server, es
         assert answer.headers["X-Escrow-Remaining"] == "180000"  # charged once
         assert len(http_server.requests) == 1  # the seller served it once
 
-        buyer._http._transport.lost = 0  # lose the next answer too, of a call without a nonce: not retried
+        lossy.lost = 0  # lose the next answer too, of a call without a nonce: not retried
         with pytest.raises(httpx.RemoteProtocolError):
             buyer.call_metered(agreement["id"], "translate", method="POST", json={"text": "again"})
         assert len(http_server.requests) == 2

@@ -1,0 +1,221 @@
+"""Every HTTP exchange the SDK makes ends within a deadline and reads a bounded answer.
+
+The server at the other end may be compromised or broken (the marketplace, a seller's service behind the metered
+proxy, an RPC node), and any byte of its answer may be hostile. httpx bounds each network operation only (its
+`timeout` is per read): a server that trickles its answer a byte at a time, each byte within the read timeout,
+would hold the agent's call for ever, and an answer read whole may be gigabytes. So `BoundedHttp`, the one client
+the SDK's HTTP goes through, enforces
+
+- a deadline per request (`deadline` seconds, retries included: `deadline_within`): every connect, TLS
+  handshake, write and read of the exchange waits at most until it (`_DeadlineBackend`, httpcore's network backend
+  wrapped), and the answer's body is read only while it lasts; then `DeadlineExceeded`. httpx has no total
+  timeout for sync clients (encode/httpx#1450); a transport that is not httpx's own (a `MockTransport`, a WSGI
+  app) is checked between the chunks of the body only. Resolving the host name (the system's getaddrinfo) is not
+  bounded;
+- a maximum answer size (`max_answer_bytes`): the body is streamed and the exchange abandoned as soon as it would
+  exceed the budget (`AnswerTooLarge`), so an endless answer costs at most that much memory. The budget counts
+  decoded bytes, and a compressed answer reaches httpx's decoder 1 KiB at a time (`_InSmallPieces`): gzip inflates
+  a piece to at most ~1 MiB, where a whole 64 KiB read could become 64 MiB. The head is bounded by httpcore
+  (100 KiB).
+
+JSON answers are parsed by `sdk.bounded_json` (`json_answer`): no nesting deeper than `JSON_MAX_DEPTH`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Iterable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import httpcore
+import httpx
+
+from sdk import bounded_json
+
+__all__ = ["DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "AnswerRefused", "AnswerTooLarge", "BoundedHttp",
+           "DeadlineExceeded", "deadline_within", "json_answer", "time_left"]
+
+# A metered call may take as long as the marketplace lets a seller answer (its PROXY_ANSWER_TIMEOUT_SECONDS, 300).
+DEFAULT_DEADLINE_SECONDS = 300.0
+# Well above any API page or RPC read the SDK makes; a seller's larger answers need a larger bound.
+DEFAULT_MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+# When the running request must be over (time.monotonic()), in this thread or task; None outside a request.
+_DEADLINE: ContextVar[float | None] = ContextVar("sdk_http_deadline", default=None)
+
+
+class AnswerRefused(Exception):
+    """An answer broke one of the SDK's bounds; the exchange was abandoned and is not retried."""
+
+
+class DeadlineExceeded(AnswerRefused, httpx.TimeoutException):
+    """The request, answer included (and its retries), outlasted the client's `deadline`."""
+
+
+class AnswerTooLarge(AnswerRefused):
+    """The answer's body is larger than the client's `max_answer_bytes`."""
+
+
+@contextmanager
+def deadline_within(seconds: float) -> Iterator[float]:
+    """Requests made inside end within `seconds` from now, or the deadline already running if that is sooner (a
+    request's retries share its deadline). Yields the deadline (a `time.monotonic()` time)."""
+    running = _DEADLINE.get()
+    deadline = time.monotonic() + seconds
+    token = _DEADLINE.set(deadline if running is None else min(running, deadline))
+    try:
+        yield deadline
+    finally:
+        _DEADLINE.reset(token)
+
+
+def time_left() -> float | None:
+    """Seconds until the running deadline (negative once passed); None outside `deadline_within`."""
+    deadline = _DEADLINE.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def _bounded(timeout: float | None, expired: type[httpcore.TimeoutException]) -> float | None:
+    """An operation's timeout, cut to the time left before the running deadline; `expired` once it has passed."""
+    left = time_left()
+    if left is None:
+        return timeout
+    if left <= 0:
+        raise expired("the request's deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream):
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _bounded(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _bounded(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname,
+                                                      _bounded(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's network backend, every operation of a connection bounded by the running request's deadline."""
+
+    def __init__(self, backend: httpcore.NetworkBackend):
+        self._backend = backend
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._backend.connect_tcp(host, port, _bounded(timeout, httpcore.ConnectTimeout),
+                                                         local_address, socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._backend.connect_unix_socket(path, _bounded(timeout, httpcore.ConnectTimeout),
+                                                                 socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _with_deadlines(transport: httpx.BaseTransport | None) -> httpx.BaseTransport:
+    """`transport` (httpx's own by default) with its connections' operations bounded by the running deadline. httpx
+    offers no option for a network backend: its connection pool's is wrapped (the SDK pins httpx 0.28)."""
+    transport = httpx.HTTPTransport() if transport is None else transport
+    if isinstance(transport, httpx.HTTPTransport):
+        pool = transport._pool
+        if not isinstance(pool._network_backend, _DeadlineBackend):
+            pool._network_backend = _DeadlineBackend(pool._network_backend)
+    return transport
+
+
+class _InSmallPieces(httpx.SyncByteStream):
+    """A response's raw stream in pieces of at most `PIECE` bytes: what one call of httpx's decoder inflates."""
+
+    PIECE = 1024
+
+    def __init__(self, stream: httpx.SyncByteStream):
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._stream:
+            for start in range(0, len(chunk), self.PIECE):
+                yield chunk[start:start + self.PIECE]
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _expired() -> bool:
+    left = time_left()
+    return left is not None and left <= 0
+
+
+class BoundedHttp:
+    """An httpx client whose every request ends within `deadline` seconds and reads at most `max_answer_bytes`
+    (module docstring). `client_options` are httpx.Client's (base_url, headers, timeout: the per-operation bound
+    within the deadline)."""
+
+    def __init__(self, *, deadline: float = DEFAULT_DEADLINE_SECONDS,
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES, transport: httpx.BaseTransport | None = None,
+                 **client_options: Any):
+        if not deadline > 0:
+            raise ValueError("deadline must be a positive number of seconds")
+        if max_answer_bytes < 1:
+            raise ValueError("max_answer_bytes must be at least 1")
+        self.deadline = deadline
+        self.max_answer_bytes = max_answer_bytes
+        self._client = httpx.Client(transport=_with_deadlines(transport), **client_options)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def request(self, method: str, url: str, **request: Any) -> httpx.Response:
+        """Send the request and read its answer whole, within the bounds: a read answer (`.content`, `.headers`)
+        or `DeadlineExceeded` / `AnswerTooLarge`. `request` takes httpx's arguments."""
+        with deadline_within(self.deadline):
+            if _expired():
+                raise DeadlineExceeded(f"no time left for {method} {url} within the {self.deadline:g} s deadline")
+            try:
+                with self._client.stream(method, url, **request) as response:
+                    return self._read(response)
+            except httpx.TimeoutException as error:
+                if isinstance(error, DeadlineExceeded) or not _expired():
+                    raise
+                raise DeadlineExceeded(f"{method} {url} outlasted the {self.deadline:g} s deadline",
+                                       request=error.request) from error
+
+    def _read(self, response: httpx.Response) -> httpx.Response:
+        if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+            assert isinstance(response.stream, httpx.SyncByteStream)
+            response.stream = _InSmallPieces(response.stream)
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > self.max_answer_bytes:
+                raise AnswerTooLarge(f"the answer to {response.request.method} {response.request.url} is larger "
+                                     f"than {self.max_answer_bytes} bytes")
+            if _expired():
+                raise DeadlineExceeded(f"the answer to {response.request.method} {response.request.url} outlasted "
+                                       f"the {self.deadline:g} s deadline", request=response.request)
+            chunks.append(chunk)
+        # What httpx's own `Response.read()` keeps: the decoded body, the answer's headers left as they came.
+        response._content = b"".join(chunks)
+        return response
+
+
+def json_answer(response: httpx.Response) -> Any:
+    """The answer's JSON, parsed by `sdk.bounded_json` (`InvalidJSON`, a ValueError, for what is not JSON or nests
+    too deep)."""
+    return bounded_json.loads(response.content)

@@ -1,0 +1,304 @@
+"""The SDK against a server that is compromised or broken: an answer trickled a byte at a time, an endless or huge
+body, JSON nested to crash the parser. Every place the SDK makes a request is tried (the marketplace's API, a
+metered call, a skill, the RPC, the network configuration): each call ends within the client's bounds with the
+SDK's own exception (`sdk.bounded_http`, `sdk.bounded_json`).
+
+The servers are real sockets on loopback, so the bounds are checked against httpx's own transport; every call runs
+in a thread joined with a time limit, so a call the SDK fails to bound fails its test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import gzip
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+
+from sdk import AnswerTooLarge, DeadlineExceeded, InvalidJSON, MarketplaceClient, MarketplaceError
+from sdk.networks import BASE_SEPOLIA, NetworkConfig
+from sdk.onchain import ChainReader
+from tests.support.http_server import serving
+
+ROOT = Path(__file__).resolve().parents[2]
+READ_TIMEOUT = 0.5  # httpx's bound on each read
+EPSILON = 0.2
+DEADLINE = 1.5  # the SDK's bound on a whole request
+NETWORK = NetworkConfig.pinned(BASE_SEPOLIA, escrow_address=Account.create().address,
+                               receipt_signer=Account.create().address, gas_wallet=Account.create().address)
+
+
+def marketplace(url: str, **bounds: Any) -> MarketplaceClient:
+    return MarketplaceClient(url, "mk_test", network=NETWORK, timeout=READ_TIMEOUT, retry_backoff=0.05, **bounds)
+
+
+# Every kind of request the SDK makes, against the server at `url`.
+CALLS: dict[str, Callable[..., Any]] = {
+    "api": lambda url, **bounds: marketplace(url, **bounds).me(),
+    "metered call": lambda url, **bounds: marketplace(url, **bounds).call_metered(uuid.uuid4(), "run"),
+    "skill": lambda url, **bounds: marketplace(url, **bounds).invoke_skill(
+        "seller", "translate", {"text": "hi"}, private_key=Account.create().key.hex(), max_amount_atomic=1),
+    "rpc": lambda url, **bounds: ChainReader(url, timeout=READ_TIMEOUT, **bounds).chain_id(),
+    "network config": lambda url, **bounds: NetworkConfig.from_marketplace(url, trust_server=True, **bounds),
+}
+
+
+class Outcome:
+    """What a call run in a thread did: its `error` (None when it returned), and how long it took."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+
+def run_bounded(call: Callable[[], Any], *, limit: float) -> Outcome:
+    """Run `call` in a thread and wait at most `limit` seconds for it: a call still running then fails the test."""
+    outcome = Outcome()
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            call()
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            outcome.error = error
+        outcome.seconds = time.monotonic() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=limit)
+    assert not thread.is_alive(), f"the SDK's call was still running after {limit:g} s"
+    return outcome
+
+
+class Hostile(BaseHTTPRequestHandler):
+    """A server answering every request with `answer()`, until `stop` is set (then it hangs up)."""
+
+    protocol_version = "HTTP/1.1"
+    stop = threading.Event()
+    sent = 0
+
+    def answer(self) -> Iterator[bytes]:
+        raise NotImplementedError
+
+    def _handle(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            for data in self.answer():
+                if self.stop.is_set():
+                    return
+                self.wfile.write(data)
+                type(self).sent += len(data)
+        except OSError:
+            pass  # the SDK hung up
+
+    do_GET = do_POST = _handle
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def hostile(handler: type[Hostile]) -> Iterator[str]:
+    handler.stop = threading.Event()
+    handler.sent = 0
+    with serving(handler) as url:
+        try:
+            yield url
+        finally:
+            handler.stop.set()
+
+
+def trickled(data: bytes) -> Iterator[bytes]:
+    """`data` a byte at a time, each within httpx's read timeout."""
+    for byte in data:
+        time.sleep(READ_TIMEOUT - EPSILON)
+        yield bytes([byte])
+
+
+class TricklesItsHead(Hostile):
+    def answer(self) -> Iterator[bytes]:
+        yield from trickled(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 1000
+                            + b"\r\nContent-Length: 2\r\n\r\n{}")
+
+
+class TricklesItsBody(Hostile):
+    def answer(self) -> Iterator[bytes]:
+        body = b'{"pad": "' + b"a" * 1000 + b'"}'
+        yield b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        yield from trickled(body)
+
+
+@pytest.mark.parametrize("handler", [TricklesItsHead, TricklesItsBody])
+@pytest.mark.parametrize("call", CALLS)
+def test_an_answer_trickled_within_the_read_timeout_ends_at_the_deadline(handler, call):
+    """Each byte comes before httpx's read timeout, so only a bound on the whole exchange ends the call: the head
+    alone would take 5 minutes, and the SDK read it to the end."""
+    with hostile(handler) as url:
+        outcome = run_bounded(lambda: CALLS[call](url, deadline=DEADLINE), limit=DEADLINE + 5)
+    assert isinstance(outcome.error, DeadlineExceeded), outcome.error
+    assert isinstance(outcome.error, httpx.TimeoutException)  # what callers caught before
+    assert outcome.seconds < DEADLINE + 1
+
+
+def test_a_deadline_bounds_a_request_and_its_retries_together():
+    """A 503 is retried; retries after the deadline would outlast it."""
+    attempts = []
+
+    def unavailable(request: httpx.Request) -> httpx.Response:
+        attempts.append(time.monotonic())
+        time.sleep(0.4)
+        return httpx.Response(503, json={"error": {"code": "chain_unavailable", "message": "down"}})
+
+    client = MarketplaceClient("http://marketplace.example", "mk_test", retries=10, retry_backoff=0.1, deadline=1.0,
+                               transport=httpx.MockTransport(unavailable))
+    started = time.monotonic()
+    with pytest.raises((MarketplaceError, DeadlineExceeded)):
+        client.me()
+    assert time.monotonic() - started < 1.5
+    assert 1 < len(attempts) < 4
+
+
+class EndlessBody(Hostile):
+    """Spaces without end (JSON allows them before a value), as fast as the socket takes them."""
+
+    def answer(self) -> Iterator[bytes]:
+        yield b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        chunk = b" " * 65536
+        framed = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+        while True:
+            yield framed
+
+
+class HundredMegabytes(Hostile):
+    """100 MB of spaces then `{}`: valid JSON, read whole before."""
+
+    def answer(self) -> Iterator[bytes]:
+        size = 100 * 1024 * 1024
+        yield b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (size + 2)
+        chunk = b" " * 65536
+        for _ in range(size // len(chunk)):
+            yield chunk
+        yield b"{}"
+
+
+@functools.cache
+def gzipped_spaces(megabytes: int) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip
+    megabyte = b" " * 2**20
+    return b"".join(compressor.compress(megabyte) for _ in range(megabytes)) + compressor.flush()
+
+
+class CompressedHundredMegabytes(Hostile):
+    """100 kB on the wire, gzipped: 100 MB of spaces once decoded (each 64 kB read would inflate to 64 MB)."""
+
+    def answer(self) -> Iterator[bytes]:
+        body = gzipped_spaces(100)
+        yield (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+@pytest.mark.parametrize("handler", [HundredMegabytes, EndlessBody, CompressedHundredMegabytes])
+@pytest.mark.parametrize("call", CALLS)
+def test_an_answer_larger_than_the_bound_is_abandoned_using_little_memory(handler, call):
+    max_answer_bytes = 1024 * 1024
+    tracemalloc.start()
+    try:
+        with hostile(handler) as url:
+            outcome = run_bounded(lambda: CALLS[call](url, max_answer_bytes=max_answer_bytes), limit=30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(outcome.error, AnswerTooLarge), outcome.error
+    assert peak < 8 * max_answer_bytes, f"{peak / 2**20:.0f} MiB held for a {max_answer_bytes / 2**20:.0f} MiB bound"
+    assert handler.sent < 16 * max_answer_bytes  # the SDK stopped reading (what the socket buffers held aside)
+
+
+def deep(levels: int) -> bytes:
+    return b"[" * levels + b"]" * levels
+
+
+class DeepJSON(Hostile):
+    def answer(self) -> Iterator[bytes]:
+        body = deep(100_000)
+        yield b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+class NotANumber(Hostile):
+    def answer(self) -> Iterator[bytes]:
+        body = b'{"jsonrpc": "2.0", "id": 1, "result": NaN, "chain_id": NaN}'
+        yield b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+@pytest.mark.parametrize("handler", [DeepJSON, NotANumber])
+@pytest.mark.parametrize("call", [name for name in CALLS if name != "metered call"])  # answered as it came
+def test_hostile_json_is_refused_as_invalid_json(handler, call):
+    with hostile(handler) as url:
+        outcome = run_bounded(lambda: CALLS[call](url), limit=30)
+    assert isinstance(outcome.error, InvalidJSON), outcome.error
+
+
+def test_a_refusal_nested_too_deep_is_a_marketplace_error_with_its_text():
+    client = MarketplaceClient("http://marketplace.example", "mk_test", retries=0, transport=httpx.MockTransport(
+        lambda request: httpx.Response(400, content=deep(100_000))))
+    with pytest.raises(MarketplaceError) as refusal:
+        client.me()
+    assert refusal.value.code == "http_400"
+
+
+def test_a_402_whose_payment_header_nests_too_deep_is_refused_before_signing():
+    """The PAYMENT-REQUIRED header is base64 JSON the x402 package parses: 75 kB of `[` fit in a head."""
+    header = base64.b64encode(deep(30_000)).decode()
+    client = MarketplaceClient("http://marketplace.example", "mk_test", network=NETWORK, transport=httpx.MockTransport(
+        lambda request: httpx.Response(402, headers={"PAYMENT-REQUIRED": header}, json={"error": "payment_required"})))
+    with pytest.raises(InvalidJSON):
+        client.invoke_skill("seller", "translate", {}, private_key=Account.create().key.hex(), max_amount_atomic=1)
+
+
+def test_an_agent_process_survives_json_nested_100000_deep():
+    """In an agent's own process (the SDK, no Django), eth_account's py_ecc raised the recursion limit to 100,000 on
+    import, and the SDK's parse of a deeply nested answer overflowed the C stack: SIGSEGV, the agent gone. Importing
+    the SDK now leaves the limit as it was, and the SDK refuses the answer."""
+    script = """
+import sys
+limit = sys.getrecursionlimit()
+import httpx
+from sdk import InvalidJSON, MarketplaceClient
+body = b"[" * 100_000 + b"]" * 100_000
+client = MarketplaceClient("http://marketplace.example", "mk_test",
+                           transport=httpx.MockTransport(lambda request: httpx.Response(200, content=body)))
+try:
+    client.me()
+except InvalidJSON as error:
+    print(error.reason, sys.getrecursionlimit() == limit)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT)})
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert result.stdout.split() == ["too_deep", "True"]
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+def test_an_answer_within_the_bounds_reads_as_before_compressed_or_not(encoding):
+    body = b'{"handle": "buyer", "pad": "' + b"a" * 100_000 + b'"}'
+    headers = {"Content-Encoding": encoding, "X-Usage-Cost": "20000"}
+    content = gzip.compress(body) if encoding == "gzip" else body
+    client = MarketplaceClient("http://marketplace.example", "mk_test", transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, headers=headers, content=content)))
+    assert client.me()["handle"] == "buyer"
+    answer = client.call_metered(uuid.uuid4(), "run")
+    assert answer.content == body and answer.json()["handle"] == "buyer"
+    assert answer.headers["Content-Encoding"] == encoding and answer.headers["X-Usage-Cost"] == "20000"
