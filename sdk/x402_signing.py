@@ -35,10 +35,12 @@ def _check_requirements(requirements: PaymentRequirements, field: str, network: 
                         token_domain: TokenDomain, *, pay_to: str, max_validity_seconds: int) -> None:
     """A 402's payment requirement must be for the pinned chain and token, with the token's real domain, paid to
     `pay_to` (a skill pays the platform treasury: the pinned gas wallet), valid for at most `max_validity_seconds`
-    (x402 signs validBefore = now + maxTimeoutSeconds)."""
+    (x402 signs validBefore = now + maxTimeoutSeconds), and signed as the token's own EIP-3009 authorization: x402
+    signs a Permit2 transfer instead when `extra.assetTransferMethod` says "permit2"."""
     require_equal(requirements.network, f"eip155:{network.chain_id}", f"{field}.network")
     require_equal(requirements.asset, network.token_address, f"{field}.asset")
     extra = requirements.extra or {}
+    require_equal(extra.get("assetTransferMethod", "eip3009"), "eip3009", f"{field}.extra.assetTransferMethod")
     require_equal(extra.get("name"), token_domain.name, f"{field}.extra.name")
     require_equal(extra.get("version"), token_domain.version, f"{field}.extra.version")
     require_equal(requirements.pay_to, pay_to, f"{field}.pay_to")

@@ -63,6 +63,17 @@ def test_a_402_valid_for_longer_than_an_hour_or_not_at_all_is_not_signed(timeout
     assert refusal.value.field == "accepts[0].max_timeout_seconds"
 
 
+def test_a_402_asking_for_a_permit2_transfer_instead_of_the_tokens_authorization_is_not_signed():
+    """x402's client signs whatever `extra.assetTransferMethod` names: "permit2" had the wallet sign a Permit2
+    `PermitWitnessTransferFrom` (Permit2's domain, not the pinned token's, spendable through x402's proxy wherever
+    the wallet approved Permit2) instead of the EIP-3009 authorization the SDK checks."""
+    header = payment_required(extra={"name": "USDC", "version": "2", "resource": "/agents/s/t",
+                                     "assetTransferMethod": "permit2"})
+    with pytest.raises(SigningRefused) as refusal:
+        sign_payment_required(header, KEY, max_amount_atomic=10**6, network=NETWORK, token_domain=DOMAIN)
+    assert refusal.value.field == "accepts[0].extra.assetTransferMethod"
+
+
 # --- a proposal's answer, which activate_escrow later signs ------------------------------------------------------
 
 class ProposalAnswers:
