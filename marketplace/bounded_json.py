@@ -7,21 +7,17 @@ is raised (py_ecc raises it to 100,000; see marketplace/__init__.py). So the nes
 recursion, and anything deeper than `JSON_MAX_DEPTH` is refused before `json.loads` sees it. A NUL character or a
 lone surrogate escape in a string is refused too: PostgreSQL stores neither text nor jsonb with one, and would fail
 the write later. So are NaN, the infinities and numbers beyond a float's range (`1e400`): Python's `json` reads them
-as floats that neither jsonb nor the renderer takes.
+as floats that neither jsonb nor the renderer takes. The depth measure and the number checks are the SDK's
+(`sdk.bounded_json`), which reads the marketplace's answers the same way.
 """
 
 import json
-import math
-import re
-from itertools import accumulate
 
 from django.conf import settings
 
-# A JSON string as the parser reads it (escapes included); an unterminated one runs to the end, so every match
-# succeeds where it starts and the scan stays linear.
-_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+from sdk.bounded_json import depth, finite_float, refuse_constant
+
+__all__ = ["InvalidJSON", "depth", "loads"]
 
 
 class InvalidJSON(ValueError):
@@ -32,12 +28,6 @@ class InvalidJSON(ValueError):
     def __init__(self, message: str, *, reason: str, path: tuple = ()):
         self.reason, self.path = reason, path
         super().__init__(message)
-
-
-def depth(text: str) -> int:
-    """How deeply arrays and objects nest in `text` (0 for a scalar), without recursion."""
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
 def _surrogate(text: str) -> bool:
@@ -61,18 +51,6 @@ def _string_path(value, refused) -> tuple | None:
     return None
 
 
-def _not_json(constant: str):
-    """NaN and the infinities: Python's json reads them; JSON, PostgreSQL's jsonb and the renderer have none."""
-    raise ValueError(f"{constant} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):  # 1e400: no float holds it
-        raise ValueError(f"{text} is out of range")
-    return value
-
-
 def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int | None = None,
           nul_allowed: bool = False):
     """`json.loads` that raises `InvalidJSON` instead of recursing without bound. `nul_allowed`: strings are not
@@ -89,7 +67,7 @@ def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int | N
     if text.count("[") + text.count("{") > max_depth and depth(text) > max_depth:
         raise InvalidJSON(f"The JSON is nested deeper than {max_depth} levels.", reason="too_deep")
     try:
-        value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+        value = json.loads(text, parse_constant=refuse_constant, parse_float=finite_float)
     except (ValueError, RecursionError) as error:
         raise InvalidJSON(f"The JSON is malformed: {error}", reason="malformed") from None
     if nul_allowed:
