@@ -7,15 +7,15 @@ is raised (py_ecc raises it to 100,000; see marketplace/__init__.py). So the nes
 recursion, and anything deeper than `JSON_MAX_DEPTH` is refused before `json.loads` sees it. A NUL character or a
 lone surrogate escape in a string is refused too: PostgreSQL stores neither text nor jsonb with one, and would fail
 the write later. So are NaN, the infinities and numbers beyond a float's range (`1e400`): Python's `json` reads them
-as floats that neither jsonb nor the renderer takes. The depth measure and the number checks are the SDK's
-(`sdk.bounded_json`), which reads the marketplace's answers the same way.
+as floats that neither jsonb nor the renderer takes. Parsing, the depth measure and the number checks are the SDK's
+(`sdk.bounded_json.loads`, which reads the marketplace's answers the same way); the size, NUL and surrogate checks
+are the platform's own.
 """
-
-import json
 
 from django.conf import settings
 
-from sdk.bounded_json import depth, finite_float, refuse_constant
+from sdk import bounded_json as sdk_json
+from sdk.bounded_json import depth
 
 __all__ = ["InvalidJSON", "depth", "loads"]
 
@@ -60,16 +60,12 @@ def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int | N
     if max_bytes is not None and len(data) > max_bytes:
         raise InvalidJSON(f"The JSON is larger than {max_bytes} bytes.", reason="too_large")
     try:
-        text = data.decode() if isinstance(data, bytes | bytearray) else data
+        text = data.decode() if isinstance(data, bytes | bytearray) else data  # once: the checks below read it too
+        value = sdk_json.loads(text, max_depth=max_depth)
     except UnicodeDecodeError as error:
         raise InvalidJSON("The JSON is not valid UTF-8.", reason="malformed") from error
-    # Fewer brackets than the limit cannot nest deeper than it: the common case costs two C-speed counts.
-    if text.count("[") + text.count("{") > max_depth and depth(text) > max_depth:
-        raise InvalidJSON(f"The JSON is nested deeper than {max_depth} levels.", reason="too_deep")
-    try:
-        value = json.loads(text, parse_constant=refuse_constant, parse_float=finite_float)
-    except (ValueError, RecursionError) as error:
-        raise InvalidJSON(f"The JSON is malformed: {error}", reason="malformed") from None
+    except sdk_json.InvalidJSON as error:
+        raise InvalidJSON(str(error), reason=error.reason) from None
     if nul_allowed:
         return value
     if "\\u0000" in text and (path := _string_path(value, lambda item: "\x00" in item)) is not None:
