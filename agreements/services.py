@@ -659,6 +659,18 @@ def agreement_activation_failed(*, agreement_id, reason: str) -> UsageAgreement:
     return _transition(agreement_id, to=S.ACTIVATION_FAILED, actor=SYSTEM, reason=reason)
 
 
+def agreement_activation_reopened(*, agreement_id, tx_hash: str) -> UsageAgreement:
+    """A reorg took the block of the activation `tx_hash` that reverted; the relayer sends the same bytes again:
+    activation_failed -> submitting (the buyer starts no other meanwhile) until its outcome is applied again. An
+    agreement that went on since (cancelled, expired) is left where it is."""
+    agreement = _lock(agreement_id)
+    if agreement.status != S.ACTIVATION_FAILED:
+        return agreement
+    return _transition(agreement_id, to=S.SUBMITTING, actor=SYSTEM, data={"tx_hash": tx_hash},
+                       reason="a reorg took the failed activation's block: it is sent again",
+                       changes={"activation_tx_hash": tx_hash})
+
+
 def agreement_settlement_proposed(*, agreement_id, challenge_deadline: datetime, amount: int, seq: int,
                                   tx_hash: str) -> UsageAgreement:
     agreement = _lock(agreement_id)

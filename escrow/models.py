@@ -95,9 +95,10 @@ class ChainTransaction(models.Model):
                 "queued", "submitted", "mined"]), name="chaintx_one_fee_payment_under_way"),
         ]
         indexes = [models.Index(fields=["status", "updated_at"], name="chaintx_status_updated_idx"),
-                   # each relayer poll asks for the newest block holding a confirmed transaction (deep reorgs)
-                   models.Index(fields=["mined_block_number"], condition=Q(status=TxStatus.CONFIRMED),
-                                name="chaintx_confirmed_block_idx")]
+                   # each relayer poll asks for the newest block holding a concluded transaction (deep reorgs)
+                   models.Index(fields=["mined_block_number"],
+                                condition=Q(status__in=[TxStatus.CONFIRMED, TxStatus.FAILED]),
+                                name="chaintx_concluded_block_idx")]
 
     def __str__(self) -> str:
         return f"{self.purpose} {self.status} (nonce {self.nonce})"

@@ -65,6 +65,10 @@ WITHDRAWN = "withdrawn"
 # what ours would have) names that transaction's block, {"number": n, "hash": "0x..."}: a reorg that takes the block
 # off the chain reopens the concluded transaction, as one that takes a confirmed transaction's own block does.
 EVIDENCE_BLOCK = "block"
+# The context key of a nonce fill that took over a superseded failed transaction's nonce (`_cancel`): that one's id.
+CANCELS = "cancels"
+# What a transfer of nothing to an account without code costs: a nonce fill's gas limit.
+_PLAIN_TRANSFER_GAS = 21_000
 # A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
 _POLL_GIVES_UP_AFTER = 5
 
@@ -88,10 +92,6 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
         _evidence_readers[purpose] = read_evidence
     if on_reopened is not None:
         _reopened_handlers[purpose] = on_reopened
-
-
-def no_outcome(tx: ChainTransaction) -> None:
-    """The outcome handler of a transaction whose outcome changes nothing outside the relayer (a nonce fill)."""
 
 
 def outcome_handlers_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
@@ -244,7 +244,7 @@ def _deep_enough(tx: ChainTransaction, *, block_number: int, latest: int) -> boo
 
 def _first_receipt(tx: ChainTransaction) -> tuple[TxAttempt, chain.Receipt] | None:
     """A receipt of any attempt ever broadcast (a replaced one may be the one mined), read fresh from the DB."""
-    for attempt in tx.attempts.all():
+    for attempt in _attempts(tx):
         found = chain.receipt(attempt.tx_hash)
         if found is not None:
             return attempt, found
@@ -290,17 +290,20 @@ def _forget_mined(tx: ChainTransaction) -> None:
 
 def transactions_reopen_reorged(*, after_block: int | None = None) -> int:
     """Concluded transactions whose outcome rests on a block (mined after `after_block`, when given) a reorg deeper
-    than the confirmation depth took off the chain are reopened; returns how many. A confirmed one rests on its own
-    block; a failed one whose evidence names someone else's transaction (EVIDENCE_BLOCK) on that transaction's.
-    A block still canonical means its ancestors are too, so the newest such block is asked first and, on the usual
-    poll, alone (the walk down goes back at most INDEXER_REORG_WINDOW_BLOCKS)."""
-    confirmed = ChainTransaction.objects.filter(status=TxStatus.CONFIRMED, mined_block_number__isnull=False)
+    than the confirmation depth took off the chain are reopened; returns how many. One mined rests on its own block,
+    whether it ran (confirmed) or reverted (failed: on the new branch its nonce is unused, so every later transaction
+    of the relayer waits behind it, and its bytes may run there); a failed one whose evidence names someone else's
+    transaction (EVIDENCE_BLOCK) on that transaction's. A block still canonical means its ancestors are too, so the
+    newest such block is asked first and, on the usual poll, alone (the walk down goes back at most
+    INDEXER_REORG_WINDOW_BLOCKS)."""
+    mined = ChainTransaction.objects.filter(status__in=[TxStatus.CONFIRMED, TxStatus.FAILED],
+                                            mined_block_number__isnull=False)
     decided_elsewhere = ChainTransaction.objects.filter(status=TxStatus.FAILED,
                                                         outcome_evidence__has_key=EVIDENCE_BLOCK)
     if after_block is not None:
-        confirmed = confirmed.filter(mined_block_number__gt=after_block)
+        mined = mined.filter(mined_block_number__gt=after_block)
         decided_elsewhere = decided_elsewhere.filter(**{f"outcome_evidence__{EVIDENCE_BLOCK}__number__gt": after_block})
-    own_blocks = confirmed.order_by("-mined_block_number").values_list("mined_block_number", "mined_block_hash")
+    own_blocks = mined.order_by("-mined_block_number").values_list("mined_block_number", "mined_block_hash")
     evidence_number = f"outcome_evidence__{EVIDENCE_BLOCK}__number"
     evidence_blocks = decided_elsewhere.order_by(f"-{evidence_number}").values_list(
         evidence_number, f"outcome_evidence__{EVIDENCE_BLOCK}__hash")
@@ -317,7 +320,7 @@ def transactions_reopen_reorged(*, after_block: int | None = None) -> int:
         gone.append((number, block_hash))
     reopened = 0
     for number, block_hash in gone:
-        for tx in [*confirmed.filter(mined_block_number=number, mined_block_hash=block_hash),
+        for tx in [*mined.filter(mined_block_number=number, mined_block_hash=block_hash),
                    *decided_elsewhere.filter(**{evidence_number: number,
                                                 f"outcome_evidence__{EVIDENCE_BLOCK}__hash": block_hash})]:
             reopened += _reopen(tx)
@@ -328,13 +331,17 @@ def _reopen(tx: ChainTransaction) -> bool:
     """Back to submitted (queued when it was never sent: it failed before taking a nonce), its outcome to be applied
     again when it is concluded again (the domain's transitions are no-ops where the agreement already is, and a
     reorg the indexer saw moved the agreement back; what no contract event records, such as a skill invocation's
-    payment or payout, its `on_reopened` handler moves back)."""
+    payment or payout, or a failure the domain recorded, its `on_reopened` handler moves back). A failed one
+    something took the place of since (`_superseded`) is not: its nonce is cancelled instead (`_cancel`)."""
     logger.warning("reorg below the confirmation depth: a block a concluded transaction's outcome rests on is no "
                    "longer canonical", extra={"tx_id": str(tx.pk), "block": tx.mined_block_number,
                                               "tx_hash": tx.mined_tx_hash, "status": tx.status})
     with transaction.atomic():
         if not _locked_if_unchanged(tx):
             return False
+        if _superseded(tx):
+            _cancel(tx)
+            return True
         if tx.purpose in _reopened_handlers:
             _reopened_handlers[tx.purpose](tx)
         tx.status = TxStatus.SUBMITTED if tx.nonce is not None else TxStatus.QUEUED
@@ -345,6 +352,67 @@ def _reopen(tx: ChainTransaction) -> bool:
         if tx.status == TxStatus.QUEUED:
             _submit_after_commit(tx.pk)
     return True
+
+
+def _superseded(tx: ChainTransaction) -> bool:
+    """A failed transaction something took the place of since: an operator's retry of it, or another of its agreement
+    and purpose (the buyer's new activation, the next settlement proposal) or a fee payment under way. Its bytes must
+    not run again: a payout retried would pay twice, and those others admit no second one live beside them."""
+    if tx.status != TxStatus.FAILED:
+        return False
+    others = ChainTransaction.objects.exclude(pk=tx.pk)
+    if others.filter(**{f"context__{OPERATOR_RETRY_OF}": str(tx.pk)}).exists():
+        return True
+    if tx.agreement_id is not None:
+        return others.filter(agreement_id=tx.agreement_id, purpose=tx.purpose).exclude(
+            status=TxStatus.FAILED).exists()
+    return tx.purpose == TxPurpose.PAY_FEES and others.filter(purpose=TxPurpose.PAY_FEES, status__in=[
+        TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED]).exists()
+
+
+def _cancel(tx: ChainTransaction) -> None:
+    """Inside the DB transaction holding `tx`'s row lock: a superseded failed transaction stays failed, its outcome as
+    it was, and no longer rests on a block; its nonce (unused on the new branch: every later transaction waits behind
+    it) passes to a nonce fill whose one attempt transfers nothing to the relayer itself, with fees above its last
+    attempt's so that a node still holding its old bytes takes the fill in their place. The fill's checks look up
+    the old bytes too (`_attempts`): anyone may send them first, and the fill then names them (`nonce_fill_outcome`)."""
+    cancelled_nonce, tx.nonce = tx.nonce, None
+    tx.mined_tx_hash = tx.mined_block_hash = ""
+    tx.mined_block_number = tx.receipt_status = None
+    tx.outcome_evidence = {key: value for key, value in tx.outcome_evidence.items() if key != EVIDENCE_BLOCK}
+    tx.save(update_fields=[*_OUTCOME_FIELDS, "nonce"])
+    if cancelled_nonce is None:
+        return  # never sent: nothing of it can run
+    last = tx.attempts.order_by("-created_at", "-pk").first()
+    fees = chain.Fees(int(last.max_fee_per_gas), int(last.max_priority_fee_per_gas)).bumped(
+        settings.CHAIN_FEE_BUMP_PERCENT, settings.CHAIN_MAX_FEE_PER_GAS)
+    fill = ChainTransaction.objects.create(
+        purpose=TxPurpose.NONCE_FILL, relayer=tx.relayer, nonce=cancelled_nonce, gas_limit=_PLAIN_TRANSFER_GAS,
+        to_address=tx.relayer.address, data="0x", chain_id=tx.chain_id, status=TxStatus.SUBMITTED,
+        confirmations_required=tx.confirmations_required, context={CANCELS: str(tx.pk)})
+    _new_attempt(fill, fees)
+    logger.warning("a superseded failed transaction's nonce is cancelled after a reorg took its block",
+                   extra={"tx_id": str(tx.pk), "fill_id": str(fill.pk), "nonce": cancelled_nonce})
+
+
+def _attempts(tx: ChainTransaction):
+    """Every attempt signed under `tx`'s nonce: its own, and a fill's cancelled transaction's (`CANCELS`)."""
+    cancelled = tx.context.get(CANCELS)
+    if cancelled is None:
+        return tx.attempts.all()
+    return TxAttempt.objects.filter(transaction_id__in=[tx.pk, cancelled]).order_by("created_at", "pk")
+
+
+def nonce_fill_outcome(tx: ChainTransaction) -> None:
+    """A nonce fill changes nothing outside the relayer; one that cancels a transaction reports that transaction's
+    own bytes mined in its place (sent first by someone, or by a node that held them): what it does may be done
+    twice (a payout and its retry), for an operator to look into."""
+    cancelled = tx.context.get(CANCELS)
+    if cancelled is not None and tx.mined_tx_hash and TxAttempt.objects.filter(
+            transaction_id=cancelled, tx_hash=tx.mined_tx_hash).exists():
+        logger.error("a cancelled transaction's own bytes were mined in place of its nonce fill",
+                     extra={"tx_id": cancelled, "fill_id": str(tx.pk), "tx_hash": tx.mined_tx_hash,
+                            "receipt_status": tx.receipt_status})
 
 
 @_logs_name_the_agreement

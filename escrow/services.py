@@ -203,9 +203,17 @@ def _activation_outcome(tx: ChainTransaction) -> None:
                                                        reason=f"activation reverted: {tx.failure_reason}")
 
 
+def _activation_reopened(tx: ChainTransaction) -> None:
+    """A confirmed activation the indexer moves back itself (its Activated event is removed); a failed one left no
+    event, so the agreement is moved back here."""
+    if tx.status == TxStatus.FAILED:
+        agreement_services.agreement_activation_reopened(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
+
+
 def handlers_register() -> None:
     """Called once, from EscrowConfig.ready()."""
     relayer.outcome_handler_register(purpose=TxPurpose.ACTIVATE, on_outcome=_activation_outcome,
-                                     on_submitted=_activation_signed, read_evidence=_activation_evidence)
+                                     on_submitted=_activation_signed, read_evidence=_activation_evidence,
+                                     on_reopened=_activation_reopened)
     # Fee permits given as signature and deadline only (the Pægents SDK's direct purchase) are read at this nonce.
     agreement_services.permit_nonce_reader_register(reader=_token_nonce)

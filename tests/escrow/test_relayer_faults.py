@@ -280,3 +280,107 @@ def test_a_transfer_whose_recipient_emptied_its_balance_after_the_estimate_is_mi
     tx.refresh_from_db()
     assert (tx.status, tx.failure_reason) == (TxStatus.CONFIRMED, "")
     assert usdc_balance(chain, recipient.address) == 2 * USDC
+
+
+def spent_by_the_buyer_once_estimated(chain, monkeypatch) -> None:
+    """The next transaction the relayer estimates reverts when mined: right after the estimate the buyer moves all
+    its USDC to the stranger (in a block before the relayer's), as anyone may change the chain in between."""
+    estimate = gateway.simulate
+
+    def estimate_then_buyer_spends(**transaction):
+        gas = estimate(**transaction)
+        monkeypatch.setattr(gateway, "simulate", estimate)
+        buyer = chain.accounts.buyer.address
+        spent = chain.usdc.functions.transfer(chain.accounts.stranger.address, usdc_balance(chain, buyer)).transact(
+            {"from": buyer})
+        assert chain.w3.eth.wait_for_transaction_receipt(spent)["status"] == 1
+        return gas
+
+    monkeypatch.setattr(gateway, "simulate", estimate_then_buyer_spends)
+
+
+def later_transaction(chain, capture) -> ChainTransaction:
+    """Any transaction of the relayer's after the reorg (a payout, a settlement): here a transfer of nothing."""
+    with capture(execute=True):
+        return relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                           data=chain.usdc.encode_abi("transfer", args=[
+                                               chain.accounts.stranger.address, 0]))
+
+
+def test_a_transaction_that_reverted_on_its_own_is_reopened_when_a_reorg_takes_its_block(
+        parties, escrow_chain, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """The activation was mined and reverted (the buyer spent its funds between the estimate and the mining): failed,
+    its nonce used, the agreement activation_failed. A reorg deeper than the confirmation depth takes its block: on
+    the new branch its nonce is unused (every later transaction of the relayer waits behind it) and its signed bytes
+    may run there. It is reopened as a confirmed one is: the same bytes go out again, run on the new branch where
+    the buyer holds its funds, and the agreement is active; the relayer's later transaction is mined behind it."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    agreement = parties.accepted_agreement()
+    body = parties.signed_activation(agreement["id"])
+    before_fork = chain.snapshot()
+    spent_by_the_buyer_once_estimated(chain, monkeypatch)
+    parties.activate(agreement["id"], capture, body)
+    activation = ChainTransaction.objects.get(agreement_id=agreement["id"])
+    assert (activation.status, activation.receipt_status) == (TxStatus.FAILED, 0)
+    assert parties.agreement(agreement["id"])["status"] == "activation_failed"
+
+    chain.revert(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1): the buyer never spent
+    chain.mine(3)
+    later = later_transaction(chain, capture)
+    for _ in range(3):
+        confirm_all(capture)
+
+    assert ChainTransaction.objects.get(pk=later.pk).status == TxStatus.CONFIRMED  # not held behind a nonce gap
+    activation.refresh_from_db()
+    assert (activation.status, activation.receipt_status, activation.attempts.count()) == (TxStatus.CONFIRMED, 1, 1)
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert onchain_escrow(chain, UsageAgreement.objects.get(pk=agreement["id"]).onchain_id).state == "active"
+    assert relayer_nonce_on_chain(chain) == RelayerAccount.objects.get().next_nonce
+    with capture(execute=True):
+        indexer.index_pass()
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_failed_transaction_something_took_the_place_of_is_cancelled_when_a_reorg_takes_its_block(
+        parties, escrow_chain, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """The activation reverted on its own and the buyer activated again (a new transaction, confirmed). A reorg
+    takes both blocks. The failed one must not run again in its successor's place (a payout an operator retried
+    would pay twice; here a second live activation of the agreement is refused by the database): its nonce goes to a
+    nonce fill that transfers nothing, and the successor is mined behind it with the same bytes."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    agreement = parties.accepted_agreement()
+    body = parties.signed_activation(agreement["id"])
+    before_fork = chain.snapshot()
+    spent_by_the_buyer_once_estimated(chain, monkeypatch)
+    parties.activate(agreement["id"], capture, body)
+    failed = ChainTransaction.objects.get(agreement_id=agreement["id"])
+    assert (failed.status, failed.receipt_status) == (TxStatus.FAILED, 0)
+    stranger = chain.accounts.stranger.address
+    mined_hash = chain.usdc.functions.transfer(parties.buyer_account.address, usdc_balance(chain, stranger)).transact(
+        {"from": stranger})
+    assert chain.w3.eth.wait_for_transaction_receipt(mined_hash)["status"] == 1
+    parties.activate(agreement["id"], capture)
+    successor = ChainTransaction.objects.exclude(pk=failed.pk).get(agreement_id=agreement["id"])
+    assert successor.status == TxStatus.CONFIRMED and parties.agreement(agreement["id"])["status"] == "active"
+
+    chain.revert(before_fork)  # neither is on the new branch
+    chain.mine(3)
+    for _ in range(3):
+        confirm_all(capture)
+
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    failed.refresh_from_db()
+    successor.refresh_from_db()
+    assert (fill.status, fill.context, fill.mined_tx_hash) == (
+        TxStatus.CONFIRMED, {relayer.CANCELS: str(failed.pk)}, fill.attempts.get().tx_hash)
+    assert fill.attempts.get().nonce == failed.attempts.get().nonce
+    assert (failed.status, failed.nonce, failed.mined_block_hash) == (TxStatus.FAILED, None, "")
+    assert successor.status == TxStatus.CONFIRMED and successor.attempts.count() == 1
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert onchain_escrow(chain, UsageAgreement.objects.get(pk=agreement["id"]).onchain_id).state == "active"
+    assert relayer_nonce_on_chain(chain) == RelayerAccount.objects.get().next_nonce
+    for _ in range(2):  # nothing further: the cancelled one is not reopened again
+        confirm_all(capture)
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).count() == 1
