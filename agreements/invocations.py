@@ -159,8 +159,12 @@ def _run_after_commit(invocation_id) -> None:
 def invocation_payment_confirmed(*, invocation_id, tx_hash: str) -> None:
     """The payment ran (`tx_hash` moved the money). Applied again after a reorg took it off the chain, to an
     invocation that went on meanwhile: it only names the transaction that paid on the new branch, which may be
-    another (a copy of the authorization someone else got mined first)."""
+    another (a copy of the authorization someone else got mined first). One that had failed before the seller was
+    called is refunded (`_late_payment_refund`)."""
     invocation = _lock(invocation_id)
+    if invocation.money == Money.PAYMENT_FAILED and invocation.payment_reverted_at is None:
+        _late_payment_refund(invocation, tx_hash=tx_hash)
+        return
     if invocation.money != Money.AUTHORIZED:
         if invocation.payment_tx_hash not in ("", tx_hash):
             logger.warning("invocation payment confirmed again by another transaction",
@@ -173,6 +177,18 @@ def invocation_payment_confirmed(*, invocation_id, tx_hash: str) -> None:
     invocation.save(update_fields=["money", "paid_at", "payment_tx_hash", "updated_at"])
     if invocation.run_in_background:
         _run_after_commit(invocation.pk)
+
+
+def _late_payment_refund(invocation: SkillInvocation, *, tx_hash: str) -> None:
+    """A payment that failed before the seller was called ran after all (a reorg took the block where it reverted,
+    and its bytes ran on the new branch; or an operator's retry): the buyer was told nothing was charged, and may
+    have paid for another call since, so the invocation stays failed and the treasury refunds the price."""
+    logger.warning("a failed invocation payment ran after all: refunded",
+                   extra={"invocation_id": invocation.public_id, "tx_hash": tx_hash})
+    invocation.money, invocation.paid_at, invocation.payment_tx_hash = Money.REFUNDING, timezone.now(), tx_hash
+    invocation.error = f"{invocation.error} (it ran after all, and is refunded)"[:500]
+    invocation.save(update_fields=["money", "paid_at", "payment_tx_hash", "error", "updated_at"])
+    _settle(invocation)
 
 
 def invocation_payment_failed(*, invocation_id, reason: str) -> None:
@@ -344,13 +360,17 @@ def _finish(invocation_id, *, to: str, result=None, error: str = "") -> SkillInv
         if settle:
             invocation.money = Money.PAYING_OUT if to == Status.COMPLETED else Money.REFUNDING
         invocation.save(update_fields=["status", "result", "error", "completed_at", "money", "updated_at"])
-        if not settle:
-            return invocation
-        if not _settlement_handler:
-            raise ImproperlyConfigured("No invocation settlement handler is registered: the escrow app registers "
-                                       "it in EscrowConfig.ready().")
-        _settlement_handler[0](invocation)
+        if settle:
+            _settle(invocation)
     return invocation
+
+
+def _settle(invocation: SkillInvocation) -> None:
+    """Queue the payout (paying_out) or the refund (refunding) of the money the treasury holds for `invocation`."""
+    if not _settlement_handler:
+        raise ImproperlyConfigured("No invocation settlement handler is registered: the escrow app registers "
+                                   "it in EscrowConfig.ready().")
+    _settlement_handler[0](invocation)
 
 
 def invocations_sweep(*, now: datetime | None = None) -> dict:

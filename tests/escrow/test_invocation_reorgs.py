@@ -16,6 +16,7 @@ from x402.http import decode_payment_signature_header
 
 from agreements import invocations
 from agreements.models import SkillInvocation
+from escrow import chain as gateway
 from escrow import relayer, x402_onchain
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace.errors import Conflict
@@ -467,3 +468,48 @@ def test_a_payment_counted_paid_by_someone_elses_copy_is_reopened_when_a_reorg_t
         assert invocation["payment"]["tx_hash"] == payment_tx.mined_tx_hash != copy
         assert usdc_balance(chain, market.treasury) == treasury  # paid in by ours, paid out again
         call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_payment_that_reverted_on_its_own_and_runs_on_the_new_branch_is_refunded(
+        market, monkeypatch, django_capture_on_commit_callbacks):
+    """The buyer spent its funds between the relayer's estimate and the mining: our payment was mined and reverted,
+    the invocation failed with nothing charged and the seller was not called. A reorg deeper than the confirmation
+    depth takes that block; on the new branch the buyer never spent, and the same bytes, sent again, run: the
+    treasury holds the price of an invocation that failed, and the buyer is refunded (it was told nothing was
+    charged, and may have paid for another call since)."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    payment = market.pay("translate")
+    buyer = usdc_balance(chain, market.buyer.address)
+    before_fork = chain.snapshot()
+    estimate = gateway.simulate
+
+    def estimate_then_buyer_spends(**transaction):
+        gas = estimate(**transaction)
+        monkeypatch.setattr(gateway, "simulate", estimate)
+        spend_all_but(chain, market.buyer.address)
+        return gas
+
+    monkeypatch.setattr(gateway, "simulate", estimate_then_buyer_spends)
+    with capture(execute=True):
+        response = market.call("translate", payment)
+    assert response.status_code == 402 and response.json()["error"] == "payment_failed", response.content
+    invocation_id = SkillInvocation.objects.get().public_id
+    payment_tx = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
+    assert (payment_tx.status, payment_tx.receipt_status) == (TxStatus.FAILED, 0)
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_failed"
+
+    chain.revert(before_fork)  # the buyer's spending is not on the new branch
+    chain.mine(3)
+    polls_until_concluded(capture, payment_tx)
+    refund = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_REFUND)
+    polls_until_concluded(capture, refund)
+
+    payment_tx.refresh_from_db()
+    assert (payment_tx.status, payment_tx.attempts.count()) == (TxStatus.CONFIRMED, 1)
+    invocation = invocation_of(market, invocation_id)
+    assert invocation["status"] == "failed" and invocation["payment"]["status"] == "refunded"
+    assert invocation["payment"]["tx_hash"] == payment_tx.mined_tx_hash
+    assert invocation["payment"]["settlement_tx_hash"] == ChainTransaction.objects.get(pk=refund.pk).mined_tx_hash
+    assert usdc_balance(chain, market.buyer.address) == buyer
+    assert not market.upstream.requests  # the seller was never called
+    call_command("reconcile", stdout=io.StringIO())
