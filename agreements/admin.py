@@ -12,7 +12,7 @@ from django.db.models import F
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from agreements import invocations, selectors, webhooks
+from agreements import invocations, selectors, services, webhooks
 from agreements.models import (
     AgreementEvent,
     FeeSchedule,
@@ -89,13 +89,32 @@ class UsageEventInline(MoneyRecordInline):
         return short_hex_html(event.receipt_signature) if event.receipt_signature else "-"
 
 
+@admin.action(description="Acknowledge selected reverted direct payments (kept, no longer failing reconcile)",
+              permissions=["acknowledge"])
+def acknowledge_reverted_direct_payment(modeladmin, request, queryset):
+    """A page asking why, then services.agreements_acknowledge_reverted_payment."""
+    reverted = queryset.filter(payment_reverted_at__isnull=False, payment_reversal_acknowledged_at=None)
+    return acknowledgement_page(
+        modeladmin, request, queryset, what="reverted direct payments", none_left="None of the selected agreements "
+        "has a reverted payment not acknowledged yet.",
+        acknowledge=functools.partial(services.agreements_acknowledge_reverted_payment, agreements=reverted),
+        columns=["Agreement", "Service", "Amount", "Reverted", "Reason"],
+        rows=([str(agreement.pk), f"{agreement.service.name} of {agreement.seller.handle}", agreement.deposit_amount,
+               agreement.payment_reverted_at, agreement.payment_reverted_reason]
+              for agreement in reverted.select_related("service", "seller")))
+
+
 @admin.register(UsageAgreement)
 class UsageAgreementAdmin(MoneyRecordAdmin):
-    """Status and counters change only through agreements.services (each transition audited)."""
+    """Status and counters change only through agreements.services (each transition audited). A direct purchase
+    whose payment a reorg took after it was counted paid (`payment_reverted_at`) an operator looked into is
+    acknowledged (action): it stays here, with who, when and why, and no longer fails `reconcile`."""
 
     list_display = ("short_id", "status", "buyer", "seller", "service", "deposit_display", "used_display",
                     "created_at")
-    list_filter = ("status", "settlement_model", "token")
+    list_filter = ("status", "settlement_model", "token", ("payment_reverted_at", admin.EmptyFieldListFilter),
+                   ("payment_reversal_acknowledged_at", admin.EmptyFieldListFilter))
+    actions = [acknowledge_reverted_direct_payment]
     search_fields = ("id", "buyer__handle", "seller__handle", "service__name", "terms_hash")
     list_select_related = ("buyer", "seller", "service")
     date_hierarchy = "created_at"
@@ -110,12 +129,18 @@ class UsageAgreementAdmin(MoneyRecordAdmin):
                               "seller_wallet_display", "fee_recipient_display", "terms_hash_display",
                               "activation_tx_display", "fee_tx_display", "payment_tx_display",
                               "usage_seq", "usage_digest_display")}),
+        ("Reverted payment", {"fields": ("payment_reverted_at", "payment_reverted_reason",
+                                         "payment_reversal_acknowledged_at", "payment_reversal_acknowledged_by",
+                                         "payment_reversal_acknowledgement_reason")}),
         ("Times", {"fields": ("created_at", "proposal_expires_at", "accepted_at", "activated_at",
                               "completion_requested_at", "challenge_window_seconds", "challenge_deadline",
                               "expires_at", "settled_at", "closed_at", "updated_at")}),
         ("Webhook deliveries", {"fields": ("webhook_deliveries",)}),
     ]
     readonly_fields = [name for _title, options in fieldsets for name in options["fields"]]
+
+    def has_acknowledge_permission(self, request) -> bool:
+        return may_operate(request, UsageAgreement)
 
     short_id = short_id_column()
     deposit_display = amount_column("deposit_amount", description="deposit (max amount)")

@@ -67,7 +67,12 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     S.DISPUTED: frozenset({S.SETTLING}),
     S.SETTLING: frozenset({S.SETTLED}),
     S.PAYING: frozenset({S.PAID, S.PAYMENT_FAILED}),
+    # The chain ran the x402 payment after the purchase was counted failed: a step before it failed on the branch a
+    # reorg left, and the payment ran all the same (the seller is paid; a fee refunded meanwhile shows as such).
+    S.PAYMENT_FAILED: frozenset({S.PAID}),
 }
+# A reorg moves an agreement back outside this table (agreements.services.agreement_chain_rollback): what a removed
+# contract event produced, and a direct purchase whose step it took (paid or payment_failed -> paying).
 
 
 def statuses_after(status: str) -> frozenset[str]:
@@ -181,6 +186,16 @@ class UsageAgreement(models.Model):
                                   help_text="EIP-2612 permit {value, nonce, deadline, signature}; spender: the relayer.")
     fee_tx_hash = Bytes32Field(blank=True, help_text="The transfer of the fee to the fee recipient.")
     payment_tx_hash = Bytes32Field(blank=True, help_text="The x402 payment (transferWithAuthorization) to the seller.")
+    payment_reverted_at = models.DateTimeField(
+        null=True, blank=True, help_text="A reorg deeper than the confirmation depth took the payment off the chain "
+                                         "after the purchase was counted paid, and it did not run again: the "
+                                         "seller, told it was paid, holds nothing for it.")
+    payment_reverted_reason = models.CharField(max_length=500, blank=True)
+    payment_reversal_acknowledged_at = models.DateTimeField(
+        null=True, blank=True, help_text="An operator acknowledged the reverted payment: kept, no longer failing "
+                                         "reconcile.")
+    payment_reversal_acknowledged_by = models.CharField(max_length=150, blank=True)
+    payment_reversal_acknowledgement_reason = models.CharField(max_length=500, blank=True)
 
     # Metering: the head of the usage event chain (see sdk.receipts) and proxy call numbering.
     usage_seq = models.PositiveBigIntegerField(default=0)
@@ -216,8 +231,13 @@ class UsageAgreement(models.Model):
             models.CheckConstraint(condition=Q(used__lte=F("deposit_amount") - F("reserved")),
                                    name="agreement_used_plus_reserved_within_deposit"),
             models.CheckConstraint(condition=~Q(buyer=F("seller")), name="agreement_parties_distinct"),
+            models.CheckConstraint(condition=Q(payment_reversal_acknowledged_at=None)
+                                   | Q(payment_reverted_at__isnull=False),
+                                   name="agreement_only_reverted_payment_acknowledged"),
         ]
         indexes = [
+            models.Index(fields=["payment_reverted_at"], condition=Q(payment_reverted_at__isnull=False),
+                         name="agreement_reverted_idx"),
             models.Index(fields=["buyer", "status", "-created_at"], name="agreement_buyer_status_idx"),
             models.Index(fields=["seller", "status", "-created_at"], name="agreement_seller_status_idx"),
             models.Index(fields=["status", "proposal_expires_at"], name="agreement_status_proposal_idx"),

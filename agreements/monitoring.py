@@ -60,6 +60,10 @@ def _failures(limit: int) -> list[dashboard.Failure]:
                                    reason=invocation.payment_reverted_reason,
                                    admin_url=reverse("admin:agreements_skillinvocation_change", args=[invocation.pk]))
                  for invocation in selectors.invocations_payment_reverted().reverse()[:limit]]
+    failures += [dashboard.Failure(at=agreement.payment_reverted_at, kind="direct purchase payment reverted",
+                                   subject=f"{agreement.pk} ({agreement.service.name} of {agreement.seller.handle})",
+                                   reason=agreement.payment_reverted_reason, admin_url=_agreement_url(agreement))
+                 for agreement in selectors.agreements_payment_reverted().reverse()[:limit]]
     return failures
 
 

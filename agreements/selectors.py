@@ -272,6 +272,15 @@ def invocations_payment_reverted(*, acknowledged: bool = False) -> QuerySet[Skil
             .select_related("skill", "seller").order_by("payment_reverted_at"))
 
 
+def agreements_payment_reverted(*, acknowledged: bool = False) -> QuerySet[UsageAgreement]:
+    """Direct purchases whose payment a reorg took after they were counted paid, and that could not run again
+    (agreements.services.agreement_direct_payment_failed), oldest first: those no operator acknowledged yet, or
+    (`acknowledged`) those one did."""
+    return (UsageAgreement.objects.filter(payment_reverted_at__isnull=False,
+                                          payment_reversal_acknowledged_at__isnull=not acknowledged)
+            .select_related("service", "seller").order_by("payment_reverted_at"))
+
+
 def invocation_payments_reverted_counts() -> dict[bool, int]:
     """How many reverted invocation payments there are, by whether an operator acknowledged them."""
     counts = SkillInvocation.objects.filter(payment_reverted_at__isnull=False).aggregate(

@@ -5,6 +5,7 @@ agreements.models), and writes one `AgreementEvent` (plus webhook deliveries, se
 identical request is a no-op.
 """
 
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -72,6 +73,8 @@ from policies import selectors as policy_selectors
 from policies import services as policy_services
 
 S = AgreementStatus
+
+logger = logging.getLogger(__name__)
 
 _TIMESTAMPS = {
     S.ACCEPTED: "accepted_at",
@@ -552,16 +555,70 @@ def agreement_direct_fee_collected(*, agreement_id, tx_hash: str) -> None:
     UsageAgreement.objects.filter(pk=agreement_id).update(fee_tx_hash=tx_hash, updated_at=timezone.now())
 
 
+_NO_PAYMENT_REVERSAL = {"payment_reverted_at": None, "payment_reverted_reason": "",
+                        "payment_reversal_acknowledged_at": None, "payment_reversal_acknowledged_by": "",
+                        "payment_reversal_acknowledgement_reason": ""}
+
+
 def agreement_direct_paid(*, agreement_id, tx_hash: str) -> UsageAgreement:
+    """paying (or payment_failed: see TRANSITIONS) -> paid by the transaction `tx_hash` (ours, or a copy of the
+    authorization someone else got mined first). Applied again to a paid purchase, it names the transaction the chain
+    has now, when that is another."""
     agreement = _lock(agreement_id)
+    if agreement.status == S.PAID:
+        if agreement.payment_tx_hash != tx_hash:
+            replaced, agreement.payment_tx_hash = agreement.payment_tx_hash, tx_hash
+            agreement.save(update_fields=["payment_tx_hash", "updated_at"])
+            _record_event(agreement, actor=SYSTEM, from_status=S.PAID, reason="payment found under another transaction",
+                          data={"tx_hash": tx_hash, "replaced_tx_hash": replaced})
+        return agreement
+    # A reversal recorded before (a reorg took the payment and it could not run then) no longer holds: the payment
+    # ran. The agreement's events keep it.
     return _transition(agreement_id, to=S.PAID, actor=SYSTEM, reason="x402 payment executed on-chain",
                        data={"tx_hash": tx_hash}, changes={"payment_tx_hash": tx_hash,
                                                            "seller_payout": agreement.deposit_amount,
-                                                           "used": agreement.deposit_amount})
+                                                           "used": agreement.deposit_amount,
+                                                           **_NO_PAYMENT_REVERSAL})
 
 
 def agreement_direct_payment_failed(*, agreement_id, reason: str) -> UsageAgreement:
-    return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, reason=reason)
+    """paying -> payment_failed. A purchase counted paid before (a reorg took its payment off the chain since:
+    `agreement_direct_payment_reopened`) whose payment could not run again is recorded for an operator
+    (`payment_reverted_at`): its seller was told it was paid. Reconcile fails on it until one acknowledges it."""
+    agreement = _lock(agreement_id)
+    if agreement.status != S.PAYING or not AgreementEvent.objects.filter(agreement_id=agreement_id,
+                                                                         to_status=S.PAID).exists():
+        return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, reason=reason)
+    logger.error("a reorg took the payment of a direct purchase counted paid, and it could not run again",
+                 extra={"agreement_id": str(agreement_id), "reason": reason})
+    return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM,
+                       reason=f"a reorg took the payment after the purchase was counted paid, and it could not run "
+                              f"again: {reason}",
+                       changes={"payment_reverted_at": timezone.now(), "payment_reverted_reason": reason[:500]})
+
+
+def agreement_direct_payment_reopened(*, agreement_id, what: str, tx_hash: str) -> UsageAgreement | None:
+    """A reorg took the block a direct purchase's outcome rests on (`what`: its fee permit, its fee's collection, or
+    its payment, ours or the copy of the authorization that paid); the relayer sends it again. Paid or
+    payment_failed -> paying, outside the transition table as every reorg's move back is (`agreement_chain_rollback`),
+    naming no payment and paying nothing until the outcomes are applied again."""
+    return agreement_chain_rollback(
+        agreement_id=agreement_id, produced_by_removed={S.PAID, S.PAYMENT_FAILED}, back_to=S.PAYING,
+        reason=f"a reorg took {what} off the chain (tx {tx_hash or 'not sent'}): it is sent again",
+        changes={"payment_tx_hash": "", "seller_payout": None, "used": 0, "settled_at": None})
+
+
+def agreements_acknowledge_reverted_payment(*, agreements, operator: str, reason: str) -> int:
+    """Operator action: reverted direct payments someone looked into (the seller paid another way, the loss
+    accepted) are kept and stay visible, but no longer fail `reconcile`. Records who, when and why; returns how many
+    were acknowledged now (others, or those acknowledged already, are left)."""
+    reason = reason.strip()
+    if not reason:
+        raise InvalidInput("Say why the reverted payment is acknowledged.", code="reason_required")
+    return UsageAgreement.objects.filter(pk__in=agreements.values("pk"), payment_reverted_at__isnull=False,
+                                         payment_reversal_acknowledged_at=None).update(
+        payment_reversal_acknowledged_at=timezone.now(), payment_reversal_acknowledged_by=operator[:150],
+        payment_reversal_acknowledgement_reason=reason[:500])
 
 
 def agreement_direct_fee_refunded(*, agreement_id, amount: int) -> None:

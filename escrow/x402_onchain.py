@@ -32,7 +32,7 @@ from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
 from agreements.models import InvocationMoney, SkillInvocation, UsageAgreement
 from catalog.models import Agent, Skill
-from escrow import chain, relayer
+from escrow import chain, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.errors import DependencyUnavailable
@@ -317,11 +317,17 @@ def _direct_fee_permit_outcome(tx: ChainTransaction) -> None:
             agreement_id=tx.agreement_id, reason=f"fee permit reverted, nothing was charged: {tx.failure_reason}")
         return
     agreement = _agreement(tx)
-    data = chain.token_contract().encode_abi("transferFrom", args=[
+    _direct_step_enqueue(agreement, TxPurpose.DIRECT_FEE, chain.token_contract().encode_abi("transferFrom", args=[
         to_checksum_address(agreement.buyer_wallet_address), to_checksum_address(agreement.fee_recipient),
-        agreement.infra_fee])
-    relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_FEE, to=chainconfig.usdc_address(), data=data,
-                                agreement_id=agreement.pk)
+        agreement.infra_fee]))
+
+
+def _direct_step_enqueue(agreement: UsageAgreement, purpose: str, data: str) -> None:
+    """Queue a direct purchase's next transaction, unless it is under way or done: after a reorg the step before it
+    is concluded again, and the next one, reopened too, is the same transaction sent again."""
+    if selectors.live_transaction(agreement_id=agreement.pk, purpose=purpose) is None:
+        relayer.transaction_enqueue(purpose=purpose, to=chainconfig.usdc_address(), data=data,
+                                    agreement_id=agreement.pk)
 
 
 def _direct_fee_outcome(tx: ChainTransaction) -> None:
@@ -331,9 +337,8 @@ def _direct_fee_outcome(tx: ChainTransaction) -> None:
         return
     agreement_services.agreement_direct_fee_collected(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
     agreement = _agreement(tx)
-    relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_PAYMENT, to=chainconfig.usdc_address(),
-                                data=_transfer_with_authorization_data(agreement.payment_authorization),
-                                agreement_id=agreement.pk)
+    _direct_step_enqueue(agreement, TxPurpose.DIRECT_PAYMENT,
+                         _transfer_with_authorization_data(agreement.payment_authorization))
 
 
 def _authorization_use(authorization) -> dict | None:
@@ -368,12 +373,12 @@ def _topic_of(log) -> str:
 
 
 def _direct_payment_evidence(tx: ChainTransaction) -> dict:
-    """A payment that reverted may have run all the same, sent by someone else holding the authorization."""
+    """A payment that reverted may have run all the same, sent by someone else holding the authorization. The copy's
+    block is named (relayer.EVIDENCE_BLOCK): a reorg that takes it reopens the payment, which is then sent again."""
     if tx.status == TxStatus.CONFIRMED:
         return {}
     authorization = agreement_selectors.payment_authorization_of(agreement=_agreement(tx))
-    # Not the copy's block: a paid direct purchase has no way back to paying (SECURITY.md, Known gaps).
-    return {"used_by": (_authorization_use(authorization) or {}).get("used_by")}
+    return _authorization_use(authorization) or {"used_by": None}
 
 
 def _direct_payment_outcome(tx: ChainTransaction) -> None:
@@ -382,8 +387,31 @@ def _direct_payment_outcome(tx: ChainTransaction) -> None:
         return
     agreement = agreement_services.agreement_direct_payment_failed(
         agreement_id=tx.agreement_id, reason=f"x402 payment reverted; the fee is refunded: {tx.failure_reason}")
+    fee = selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_FEE)
+    # Not a fee the chain does not have (a reorg took its collection too), nor twice; nor on a payment a reorg took
+    # after the purchase was counted paid: its seller may have delivered, and an operator decides.
+    if (fee is None or fee.status != TxStatus.CONFIRMED or agreement.payment_reverted_at is not None
+            or selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_FEE_REFUND)):
+        return
     _enqueue_transfer_from_treasury(purpose=TxPurpose.DIRECT_FEE_REFUND, to=agreement.buyer_wallet_address,
                                     amount=agreement.infra_fee, agreement_id=agreement.pk)
+
+
+_DIRECT_STEPS = {TxPurpose.DIRECT_FEE_PERMIT: "the fee permit", TxPurpose.DIRECT_FEE: "the fee's collection",
+                 TxPurpose.DIRECT_PAYMENT: "the payment"}
+
+
+def _direct_purchase_reopened(tx: ChainTransaction) -> None:
+    """A reorg took a step of a direct purchase (confirmed, or failed on its own or because the authorization was
+    used by a copy the reorg took): the purchase goes back to paying while the step is sent again. A fee refund
+    still queued for a failed payment is withdrawn; one sent already goes on (the buyer keeps the fee)."""
+    paid_by = _paid_by(tx) if tx.purpose == TxPurpose.DIRECT_PAYMENT else None
+    agreement_services.agreement_direct_payment_reopened(agreement_id=tx.agreement_id, what=_DIRECT_STEPS[tx.purpose],
+                                                         tx_hash=paid_by or tx.mined_tx_hash)
+    refund = selectors.live_transaction(agreement_id=tx.agreement_id, purpose=TxPurpose.DIRECT_FEE_REFUND)
+    if tx.purpose == TxPurpose.DIRECT_PAYMENT and refund is not None:
+        relayer.transaction_withdraw(transaction_id=refund.pk, reason="the failed payment it refunds the fee of was "
+                                                                     "taken off the chain by a reorg")
 
 
 def _direct_fee_refund_outcome(tx: ChainTransaction) -> None:
@@ -408,8 +436,9 @@ def handlers_register() -> None:
                                      on_outcome=_settlement_outcome(agreement_services.invocation_refunded),
                                      on_reopened=_invocation_settlement_reopened)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome,
-                                     read_evidence=_direct_fee_permit_evidence)
-    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome)
+                                     read_evidence=_direct_fee_permit_evidence, on_reopened=_direct_purchase_reopened)
+    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome,
+                                     on_reopened=_direct_purchase_reopened)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome,
-                                     read_evidence=_direct_payment_evidence)
+                                     read_evidence=_direct_payment_evidence, on_reopened=_direct_purchase_reopened)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome)

@@ -1,10 +1,12 @@
 """Compare every funded agreement with the escrow contract, and report the chain indexer's lag, the events it
-could not apply and the skill invocations whose payment a reorg took after their seller was called; exit 1 on any
-difference, unapplied event or reverted payment (the chain is the truth). An operator who looked into one
-acknowledges it (`--acknowledge ID` for an event, `--acknowledge-invocation INVOCATION_ID` for a reverted payment,
+could not apply, the skill invocations whose payment a reorg took after their seller was called and the direct
+purchases whose payment a reorg took after they were counted paid; exit 1 on any difference, unapplied event or
+reverted payment (the chain is the truth). An operator who looked into one acknowledges it (`--acknowledge ID` for
+an event, `--acknowledge-invocation INVOCATION_ID` or `--acknowledge-agreement AGREEMENT_ID` for a reverted payment,
 with `--reason ...`; or the admin's actions): it is still listed, and no longer fails the command."""
 
 import getpass
+import uuid
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -29,6 +31,12 @@ def _describe_reverted(invocation: SkillInvocation) -> str:
             f"{invocation.payment_reverted_reason}")
 
 
+def _describe_reverted_purchase(agreement: UsageAgreement) -> str:
+    return (f"direct purchase {agreement.pk} ({agreement.service.name} of {agreement.seller.handle}, "
+            f"{agreement.deposit_amount} base units): its payment was taken off the chain by a reorg after it was "
+            f"counted paid, and could not run again: {agreement.payment_reverted_reason}")
+
+
 class Command(BaseCommand):
     help = ("Compare the database with the escrow contract for every funded agreement; report the chain indexer's "
             "lag and the contract events it could not apply.")
@@ -40,6 +48,9 @@ class Command(BaseCommand):
         parser.add_argument("--acknowledge-invocation", nargs="+", metavar="INVOCATION_ID", default=[],
                             help="Acknowledge the reverted payments of these skill invocations first (inv_...); "
                                  "requires --reason.")
+        parser.add_argument("--acknowledge-agreement", nargs="+", metavar="AGREEMENT_ID", default=[],
+                            help="Acknowledge the reverted payments of these direct purchases first; requires "
+                                 "--reason.")
         parser.add_argument("--reason", default="", help="Why the acknowledged events or payments need no action.")
         parser.add_argument("--by", default="", help="Who acknowledges (default: the OS user).")
 
@@ -50,11 +61,16 @@ class Command(BaseCommand):
         if options["acknowledge_invocation"]:
             self._acknowledge_invocations(options["acknowledge_invocation"], reason=options["reason"],
                                           operator=operator)
+        if options["acknowledge_agreement"]:
+            self._acknowledge_agreements(options["acknowledge_agreement"], reason=options["reason"],
+                                         operator=operator)
         agreements = UsageAgreement.objects.filter(status__in=FUNDED_STATUSES, settlement_model=SettlementModel.ESCROW)
         problems = selectors.reconciliation_mismatches(agreements=agreements.iterator())
         problems += [_describe(event) for event in selectors.indexer_unapplied_events()]
         problems += [_describe_reverted(invocation)
                      for invocation in agreement_selectors.invocations_payment_reverted()]
+        problems += [_describe_reverted_purchase(agreement)
+                     for agreement in agreement_selectors.agreements_payment_reverted()]
         for line in problems:
             self.stdout.write(line)
         for event in selectors.indexer_unapplied_events(acknowledged=True):
@@ -65,6 +81,11 @@ class Command(BaseCommand):
                               f"{invocation.payment_reversal_acknowledged_at:%Y-%m-%d %H:%M:%S %Z} "
                               f"({invocation.payment_reversal_acknowledgement_reason}): "
                               f"{_describe_reverted(invocation)}")
+        for agreement in agreement_selectors.agreements_payment_reverted(acknowledged=True):
+            self.stdout.write(f"acknowledged by {agreement.payment_reversal_acknowledged_by} at "
+                              f"{agreement.payment_reversal_acknowledged_at:%Y-%m-%d %H:%M:%S %Z} "
+                              f"({agreement.payment_reversal_acknowledgement_reason}): "
+                              f"{_describe_reverted_purchase(agreement)}")
         self._report_lag()
         if problems:
             raise CommandError(f"{len(problems)} mismatch(es) between the database and the chain.")
@@ -88,6 +109,18 @@ class Command(BaseCommand):
         except ApplicationError as error:
             raise CommandError(f"{error.message} ({error.code})") from error
         self.stdout.write(f"Acknowledged {count} reverted invocation payment(s).")
+
+    def _acknowledge_agreements(self, agreement_ids: list[str], *, reason: str, operator: str) -> None:
+        try:
+            pks = [uuid.UUID(agreement_id) for agreement_id in agreement_ids]
+        except ValueError as error:
+            raise CommandError(f"Not an agreement id among {' '.join(agreement_ids)}") from error
+        try:
+            count = agreement_services.agreements_acknowledge_reverted_payment(
+                agreements=UsageAgreement.objects.filter(pk__in=pks), operator=operator, reason=reason)
+        except ApplicationError as error:
+            raise CommandError(f"{error.message} ({error.code})") from error
+        self.stdout.write(f"Acknowledged {count} reverted direct payment(s).")
 
     def _report_lag(self) -> None:
         lag = selectors.indexer_lag()

@@ -1,0 +1,186 @@
+"""A reorg deeper than the confirmation depth under a direct purchase: the x402 payment (buyer -> seller) that made
+it paid, ours or someone else's copy of the authorization, is taken off the chain after the platform counted the
+purchase paid. The purchase must go back to paying while the relayer sends the payment again, end paid by the
+transaction the new branch has, or, where the payment cannot run there, reach an operator."""
+
+import io
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.urls import reverse
+from x402.http import decode_payment_signature_header
+
+from escrow import chain as gateway
+from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from sdk import typed_data
+from tests.agreements.test_direct_payments import AMOUNT, Purchase
+from tests.escrow.flow import USDC, confirm_all, fund, mined_what_was_sent, poll_mined, usdc_balance
+from tests.escrow.test_indexer import mined
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+
+def copy_the_payment(purchase, body: dict) -> str:
+    """Whoever holds the authorization (here the buyer itself) gets it mined from its own account; its hash."""
+    payload = decode_payment_signature_header(body["payment_header"]).payload
+    auth = payload["authorization"]
+    v, r, s = typed_data.split_signature(payload["signature"])
+    copied = purchase.chain.usdc.functions.transferWithAuthorization(
+        auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]), int(auth["validBefore"]),
+        bytes.fromhex(auth["nonce"][2:]), v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:]),
+    ).transact({"from": purchase.buyer.address})
+    mined(purchase.chain, copied)
+    return "0x" + copied.hex().removeprefix("0x")
+
+
+def paid_by_a_copy_on_a_branch(purchase, capture) -> tuple[dict, str, str]:
+    """A direct purchase whose fee is collected, then paid by a copy of its authorization mined before the relayer
+    sends its own (which then fails: the authorization is used), on a branch a snapshot taken just before the copy
+    can undo. Returns the agreement, the copy's hash and the snapshot."""
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the fee permit confirmed; the fee's transfer is sent
+    mined_what_was_sent()  # and mined before the fork
+    before_fork = purchase.chain.snapshot()
+    copy = copy_the_payment(purchase, body)
+    for _ in range(2):
+        confirm_all(capture)
+    paid = purchase.parties.agreement(agreement["id"])
+    assert (paid["status"], paid["payment_tx_hash"]) == ("paid", copy)
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_PAYMENT)
+    assert payment.status == TxStatus.FAILED and payment.outcome_evidence["used_by"] == copy
+    return agreement, copy, before_fork
+
+
+def polls(capture, count: int = 4) -> None:
+    for _ in range(count):
+        confirm_all(capture)
+
+
+def test_a_purchase_paid_by_a_copy_a_reorg_took_is_paid_by_our_payment_sent_again(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """The copy is not on the new branch, where the buyer's funds still are: the relayer sends our payment again
+    and the purchase is paid by it, naming it (not the copy no longer on the chain); the seller is paid once."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain)
+    agreement, copy, before_fork = paid_by_a_copy_on_a_branch(purchase, capture)
+
+    chain.revert(before_fork)
+    chain.mine(3)
+    seller = usdc_balance(chain, purchase.parties.seller_account.address)
+    polls(capture)
+
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_PAYMENT)
+    assert payment.status == TxStatus.CONFIRMED
+    paid = purchase.parties.agreement(agreement["id"])
+    assert (paid["status"], paid["payment_tx_hash"]) == ("paid", payment.mined_tx_hash)
+    assert paid["payment_tx_hash"] != copy
+    assert usdc_balance(chain, purchase.parties.seller_account.address) == seller + AMOUNT
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).exists()
+    call_command("reconcile", stdout=io.StringIO())
+
+
+@pytest.mark.parametrize("acknowledged_in", ["reconcile", "admin"])
+def test_a_purchase_paid_by_a_copy_a_reorg_took_that_cannot_run_again_is_recorded_until_acknowledged(
+        escrow_chain, acknowledged_in, admin_client, admin_user, django_capture_on_commit_callbacks):
+    """On the new branch the buyer spent its funds before the relayer sends the payment again: it cannot run, and
+    the seller, told the purchase was paid, is not. The purchase fails, recorded as a payment a reorg took after it
+    was counted paid (its fee is not refunded: an operator decides), and reconcile fails until an operator
+    acknowledges it."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain)
+    fund(chain, purchase.treasury, USDC)  # a float the treasury would refund the fee from
+    agreement, copy, before_fork = paid_by_a_copy_on_a_branch(purchase, capture)
+
+    chain.revert(before_fork)
+    buyer = purchase.buyer.address
+    mined(chain, chain.usdc.functions.transfer(chain.accounts.stranger.address, usdc_balance(chain, buyer)).transact(
+        {"from": buyer}))
+    chain.mine(3)
+    polls(capture)
+
+    failed = purchase.parties.agreement(agreement["id"])
+    assert failed["status"] == "payment_failed" and failed["payment_tx_hash"] == ""
+    assert "counted paid" in failed["status_reason"]
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).exists()
+    assert failed["buyer_refund_atomic"] is None  # the fee, collected before the fork, stays collected
+    assert ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE).status == TxStatus.CONFIRMED
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+    dashboard = admin_client.get("/admin/dashboard/").content.decode()
+    assert "direct purchase payment reverted" in dashboard and agreement["id"] in dashboard
+    out = io.StringIO()
+    if acknowledged_in == "admin":
+        changelist = reverse("admin:agreements_usageagreement_changelist")
+        selected = {"action": "acknowledge_reverted_direct_payment", "_selected_action": [agreement["id"]]}
+        asked = admin_client.post(changelist, selected)
+        assert asked.status_code == 200 and agreement["id"] in asked.content.decode()
+        assert admin_client.post(changelist, {**selected, "confirm": "yes", "reason": "seller paid off-chain"}
+                                 ).status_code == 302
+        call_command("reconcile", stdout=out)
+        operator = admin_user.username
+    else:
+        call_command("reconcile", "--acknowledge-agreement", agreement["id"], "--reason", "seller paid off-chain",
+                     "--by", "ops", stdout=out)
+        assert "Acknowledged 1 reverted direct payment(s)." in out.getvalue()
+        operator = "ops"
+    assert "Consistent" in out.getvalue() and agreement["id"] in out.getvalue()
+    assert f"acknowledged by {operator} at " in out.getvalue() and "(seller paid off-chain)" in out.getvalue()
+    assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
+
+
+def test_a_payment_that_reverted_on_its_own_is_sent_again_after_a_reorg_and_its_fee_refund_withdrawn(
+        escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The buyer spent its funds between the relayer's estimate and the mining: our payment was mined and reverted,
+    the purchase failed and the fee's refund was queued (not yet signed). A reorg deeper than the confirmation depth
+    takes the payment's block: on the new branch the buyer never spent. The purchase goes back to paying, the refund
+    is withdrawn, and the payment's same bytes, sent again, pay the seller: paid, its fee kept."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)  # a reopened transaction is sent again at the next poll
+    purchase = Purchase(chain)
+    fund(chain, purchase.treasury, USDC)  # the treasury's float for refunds
+    agreement = purchase.propose()
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the fee permit confirmed; the fee's transfer is sent
+    mined_what_was_sent()  # and mined before the fork
+    before_fork = chain.snapshot()
+    estimate = gateway.simulate
+
+    def estimate_then_buyer_spends(**transaction):
+        gas = estimate(**transaction)
+        monkeypatch.setattr(gateway, "simulate", estimate)
+        buyer = purchase.buyer.address
+        mined(chain, chain.usdc.functions.transfer(chain.accounts.stranger.address, usdc_balance(
+            chain, buyer)).transact({"from": buyer}))
+        return gas
+
+    monkeypatch.setattr(gateway, "simulate", estimate_then_buyer_spends)
+    confirm_all(capture)  # the fee confirmed; the payment is sent, and reverts
+    with capture(execute=False) as refund_submission:
+        poll_mined()  # the payment failed; the fee's refund is queued, its submit task not run yet
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_PAYMENT)
+    refund = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE_REFUND)
+    assert (payment.status, payment.receipt_status, refund.status) == (TxStatus.FAILED, 0, TxStatus.QUEUED)
+    assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
+
+    chain.revert(before_fork)
+    chain.mine(3)
+    seller = usdc_balance(chain, purchase.parties.seller_account.address)
+    polls(capture)
+    with capture(execute=True):
+        for callback in refund_submission:  # the refund's submit task runs at last
+            callback()
+    polls(capture, 1)
+
+    payment.refresh_from_db()
+    refund.refresh_from_db()
+    assert (payment.status, payment.attempts.count()) == (TxStatus.CONFIRMED, 1)
+    assert (refund.status, refund.attempts.exists()) == (TxStatus.FAILED, False)  # withdrawn: never sent
+    paid = purchase.parties.agreement(agreement["id"])
+    assert (paid["status"], paid["payment_tx_hash"], paid["buyer_refund_atomic"]) == (
+        "paid", payment.mined_tx_hash, None)
+    assert usdc_balance(chain, purchase.parties.seller_account.address) == seller + AMOUNT
+    call_command("reconcile", stdout=io.StringIO())
