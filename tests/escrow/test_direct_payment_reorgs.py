@@ -184,3 +184,36 @@ def test_a_payment_that_reverted_on_its_own_is_sent_again_after_a_reorg_and_its_
         "paid", payment.mined_tx_hash, None)
     assert usdc_balance(chain, purchase.parties.seller_account.address) == seller + AMOUNT
     call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_purchase_paid_by_our_payment_a_reorg_took_names_the_copy_that_paid_on_the_new_branch(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """Our payment paid the purchase; a reorg takes it, and on the new branch someone holding the authorization
+    (public in the old branch's block) gets it mined first: ours, sent again, reverts. The purchase is paid all the
+    same, by that transaction, which it names (not ours, no longer on the chain); no fee is refunded."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the fee permit confirmed; the fee's transfer is sent
+    mined_what_was_sent()  # and mined before the fork
+    before_fork = chain.snapshot()
+    polls(capture, 2)
+    ours = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_PAYMENT)
+    assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == ours.mined_tx_hash
+
+    chain.revert(before_fork)
+    copy = copy_the_payment(purchase, body)
+    chain.mine(3)
+    seller = usdc_balance(chain, purchase.parties.seller_account.address)
+    polls(capture)
+
+    ours.refresh_from_db()
+    assert ours.status == TxStatus.FAILED and ours.outcome_evidence["used_by"] == copy
+    paid = purchase.parties.agreement(agreement["id"])
+    assert (paid["status"], paid["payment_tx_hash"], paid["buyer_refund_atomic"]) == ("paid", copy, None)
+    assert usdc_balance(chain, purchase.parties.seller_account.address) == seller  # paid by the copy, once
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).exists()
+    call_command("reconcile", stdout=io.StringIO())
