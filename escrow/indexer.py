@@ -24,8 +24,8 @@ the fork point: the events after it are marked removed, and each agreement they 
 its remaining canonical events say (the target of its newest remaining event; with none left, the status it
 had before the first removed one) — only while its status is one a removed event produced, so a step the
 marketplace took on its own since is left alone. Indexing then resumes after the fork point and applies the
-canonical events. A reorg deeper than the confirmation depth may also take one of the relayer's confirmed
-transactions off the chain: after a rollback the relayer is asked to reopen those
+canonical events. A reorg deeper than the confirmation depth may also take one of the relayer's concluded
+transactions (confirmed, or reverted) off the chain: after a rollback the relayer is asked to reopen those
 (`relayer.transactions_reopen_reorged`; its poll does the same for blocks the indexer has not applied yet), so
 the transaction is mined again with the same signed bytes and its event comes back.
 """

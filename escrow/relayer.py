@@ -8,15 +8,17 @@
   confirmations, notices reorgs (the mined block is no longer canonical), rebroadcasts dropped transactions and
   replaces stuck ones with the same nonce and bumped fees. Final outcomes go to the domain once per time the
   transaction is mined.
-- `transactions_reopen_reorged` notices a reorg deeper than the confirmation depth: a confirmed transaction whose
-  block is no longer canonical goes back to submitted, and is then found mined again, or rebroadcast with the
-  same signed bytes (same nonce: it cannot run twice), or, when the nonce turns out used by someone else, sent
-  again under a new nonce as the rules below say. So does a failed one whose outcome was decided on someone else's
-  transaction (its evidence names that block, EVIDENCE_BLOCK: a copy of an x402 authorization mined first), or
-  back to queued when it never took a nonce. The indexer runs it after rolling a reorg back (so the
-  agreements are back where the remaining events put them before the outcome is applied again); each poll runs
-  it for the blocks the indexer has not applied yet. What no contract event records (a skill invocation's
-  payment, payout or refund) its purpose's `on_reopened` handler moves back.
+- `transactions_reopen_reorged` notices a reorg deeper than the confirmation depth: a mined transaction (confirmed,
+  or failed: it reverted) whose block is no longer canonical goes back to submitted, and is then found mined again,
+  or rebroadcast with the same signed bytes (same nonce: it cannot run twice), or, when the nonce turns out used by
+  someone else, sent again under a new nonce as the rules below say. So does a failed one whose outcome was decided
+  on someone else's transaction (its evidence names that block, EVIDENCE_BLOCK: a copy of an x402 authorization
+  mined first), or back to queued when it never took a nonce. A failed one something took the place of since (an
+  operator's retry, another live one of its agreement and purpose) is not run again: a nonce fill takes its nonce.
+  The indexer runs it after rolling a reorg back (so the agreements are back where the remaining events put them
+  before the outcome is applied again); each poll runs it for the blocks the indexer has not applied yet. What no
+  contract event records (a skill invocation's payment, payout or refund, a direct purchase's steps, what a failure
+  did) its purpose's `on_reopened` handler moves back.
 
 Evidence before action: every hash ever broadcast is kept and looked up; a transaction goes out under a new nonce
 only once its nonce is shown used, at the required depth, by a transaction that is none of its attempts. No
@@ -82,9 +84,10 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
     DB transaction, and reads from the chain what the outcome depends on; `on_outcome` finds its answer in
     `tx.outcome_evidence` (stored with the outcome, for the audit). `on_reopened(tx)` runs in the one that moves a
     concluded `tx` whose outcome a reorg took off the chain back to submitted (or queued), before its outcome is
-    cleared: a confirmed one (`tx.mined_tx_hash` is the hash no longer canonical) or a failed one whose evidence
-    names the block of someone else's transaction (EVIDENCE_BLOCK) that is no longer canonical; its outcome is
-    applied again once it is concluded again."""
+    cleared: a mined one, confirmed or failed (`tx.mined_tx_hash` is the hash no longer canonical), or a failed one
+    whose evidence names the block of someone else's transaction (EVIDENCE_BLOCK) that is no longer canonical; its
+    outcome is applied again once it is concluded again. Not for a failed one cancelled instead (`_cancel`): its
+    outcome stands."""
     _outcome_handlers[purpose] = on_outcome
     if on_submitted is not None:
         _submitted_handlers[purpose] = on_submitted
