@@ -1,6 +1,7 @@
 """The relayer against the faults DESIGN section 6 names, on a real Anvil node and PostgreSQL."""
 
 import io
+import logging
 from datetime import timedelta
 
 import pytest
@@ -342,14 +343,10 @@ def test_a_transaction_that_reverted_on_its_own_is_reopened_when_a_reorg_takes_i
     call_command("reconcile", stdout=io.StringIO())
 
 
-def test_a_failed_transaction_something_took_the_place_of_is_cancelled_when_a_reorg_takes_its_block(
-        parties, escrow_chain, settings, monkeypatch, django_capture_on_commit_callbacks):
-    """The activation reverted on its own and the buyer activated again (a new transaction, confirmed). A reorg
-    takes both blocks. The failed one must not run again in its successor's place (a payout an operator retried
-    would pay twice; here a second live activation of the agreement is refused by the database): its nonce goes to a
-    nonce fill that transfers nothing, and the successor is mined behind it with the same bytes."""
-    chain, capture = escrow_chain, django_capture_on_commit_callbacks
-    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+def failed_then_activated_again_on_a_branch(parties, chain, capture, monkeypatch):
+    """An activation that reverted on its own (the buyer spent its funds between the estimate and the mining), then
+    the buyer's new activation, confirmed, on a branch a snapshot taken before both can undo. Returns the agreement,
+    both transactions and the snapshot."""
     agreement = parties.accepted_agreement()
     body = parties.signed_activation(agreement["id"])
     before_fork = chain.snapshot()
@@ -358,12 +355,25 @@ def test_a_failed_transaction_something_took_the_place_of_is_cancelled_when_a_re
     failed = ChainTransaction.objects.get(agreement_id=agreement["id"])
     assert (failed.status, failed.receipt_status) == (TxStatus.FAILED, 0)
     stranger = chain.accounts.stranger.address
-    mined_hash = chain.usdc.functions.transfer(parties.buyer_account.address, usdc_balance(chain, stranger)).transact(
+    returned = chain.usdc.functions.transfer(parties.buyer_account.address, usdc_balance(chain, stranger)).transact(
         {"from": stranger})
-    assert chain.w3.eth.wait_for_transaction_receipt(mined_hash)["status"] == 1
+    assert chain.w3.eth.wait_for_transaction_receipt(returned)["status"] == 1
     parties.activate(agreement["id"], capture)
     successor = ChainTransaction.objects.exclude(pk=failed.pk).get(agreement_id=agreement["id"])
     assert successor.status == TxStatus.CONFIRMED and parties.agreement(agreement["id"])["status"] == "active"
+    return agreement, failed, successor, before_fork
+
+
+def test_a_failed_transaction_something_took_the_place_of_is_cancelled_when_a_reorg_takes_its_block(
+        parties, escrow_chain, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """The activation reverted on its own and the buyer activated again (a new transaction, confirmed). A reorg
+    takes both blocks. The failed one must not run again in its successor's place (a payout an operator retried
+    would pay twice; here a second live activation of the agreement is refused by the database): its nonce goes to a
+    nonce fill that transfers nothing, and the successor is mined behind it with the same bytes."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    agreement, failed, successor, before_fork = failed_then_activated_again_on_a_branch(parties, chain, capture,
+                                                                                        monkeypatch)
 
     chain.revert(before_fork)  # neither is on the new branch
     chain.mine(3)
@@ -384,3 +394,33 @@ def test_a_failed_transaction_something_took_the_place_of_is_cancelled_when_a_re
     for _ in range(2):  # nothing further: the cancelled one is not reopened again
         confirm_all(capture)
     assert ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).count() == 1
+
+
+def test_the_old_bytes_of_a_cancelled_transaction_mined_first_are_named_by_its_fill_and_logged(
+        parties, escrow_chain, settings, monkeypatch, caplog, django_capture_on_commit_callbacks):
+    """Anyone holding the superseded activation's signed bytes gets them mined on the new branch before the relayer
+    sends its fill: they run (the buyer holds its funds there). The fill finds them under its nonce, names them and
+    logs an error for an operator; the successor, behind it, meets AgreementExists on the buyer's own intent and the
+    agreement is active."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    agreement, failed, successor, before_fork = failed_then_activated_again_on_a_branch(parties, chain, capture,
+                                                                                        monkeypatch)
+
+    chain.revert(before_fork)
+    chain.mine(3)
+    assert relayer.transactions_reopen_reorged() == 2
+    old_bytes = failed.attempts.get()
+    chain.w3.eth.send_raw_transaction(old_bytes.raw_transaction)
+    with caplog.at_level(logging.ERROR, logger="escrow.relayer"):
+        for _ in range(4):
+            confirm_all(capture)
+
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    assert (fill.status, fill.mined_tx_hash, fill.receipt_status) == (TxStatus.CONFIRMED, old_bytes.tx_hash, 1)
+    [logged] = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert (logged.tx_id, logged.fill_id, logged.tx_hash) == (str(failed.pk), str(fill.pk), old_bytes.tx_hash)
+    assert ChainTransaction.objects.get(pk=failed.pk).status == TxStatus.FAILED
+    assert ChainTransaction.objects.get(pk=successor.pk).status == TxStatus.FAILED  # AgreementExists, the intent's
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert relayer_nonce_on_chain(chain) == RelayerAccount.objects.get().next_nonce
