@@ -12,7 +12,7 @@ from django.db.models import F
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from agreements import invocations, selectors, services, webhooks
+from agreements import selectors, services, webhooks
 from agreements.models import (
     AgreementEvent,
     FeeSchedule,
@@ -92,12 +92,12 @@ class UsageEventInline(MoneyRecordInline):
 @admin.action(description="Acknowledge selected reverted direct payments (kept, no longer failing reconcile)",
               permissions=["acknowledge"])
 def acknowledge_reverted_direct_payment(modeladmin, request, queryset):
-    """A page asking why, then services.agreements_acknowledge_reverted_payment."""
+    """A page asking why, then services.reverted_payments_acknowledge."""
     reverted = queryset.filter(payment_reverted_at__isnull=False, payment_reversal_acknowledged_at=None)
     return acknowledgement_page(
         modeladmin, request, queryset, what="reverted direct payments", none_left="None of the selected agreements "
         "has a reverted payment not acknowledged yet.",
-        acknowledge=functools.partial(services.agreements_acknowledge_reverted_payment, agreements=reverted),
+        acknowledge=functools.partial(services.reverted_payments_acknowledge, payments=reverted),
         columns=["Agreement", "Service", "Amount", "Reverted", "Reason"],
         rows=([str(agreement.pk), f"{agreement.service.name} of {agreement.seller.handle}", agreement.deposit_amount,
                agreement.payment_reverted_at, agreement.payment_reverted_reason]
@@ -342,12 +342,12 @@ def paid_for_html(authorization: PaymentAuthorization):
 @admin.action(description="Acknowledge selected reverted payments (kept, no longer failing reconcile)",
               permissions=["acknowledge"])
 def acknowledge_reverted_payment(modeladmin, request, queryset):
-    """A page asking why, then invocations.invocations_acknowledge_reverted_payment."""
+    """A page asking why, then services.reverted_payments_acknowledge."""
     reverted = queryset.filter(payment_reverted_at__isnull=False, payment_reversal_acknowledged_at=None)
     return acknowledgement_page(
         modeladmin, request, queryset, what="reverted payments", none_left="None of the selected invocations has a "
         "reverted payment not acknowledged yet.",
-        acknowledge=functools.partial(invocations.invocations_acknowledge_reverted_payment, invocations=reverted),
+        acknowledge=functools.partial(services.reverted_payments_acknowledge, payments=reverted),
         columns=["Invocation", "Skill", "Money", "Payment transaction", "Reverted", "Reason"],
         rows=([invocation.public_id, f"{invocation.skill.name} of {invocation.seller.handle}", invocation.money,
                invocation.payment_tx_hash, invocation.payment_reverted_at, invocation.payment_reverted_reason]

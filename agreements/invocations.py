@@ -45,7 +45,7 @@ from agreements.models import InvocationMoney, InvocationStatus, SkillInvocation
 from catalog.models import Agent, Skill
 from marketplace import bounded_json, outbound, rotation
 from marketplace.concurrency import Bulkhead
-from marketplace.errors import InvalidInput, NotFound
+from marketplace.errors import NotFound
 from sdk import proxy_signature
 
 logger = logging.getLogger(__name__)
@@ -228,19 +228,6 @@ def invocation_payment_reopened(*, invocation_id, tx_hash: str) -> None:
     SkillInvocation.objects.filter(pk=invocation_id, status=Status.PENDING, money=Money.HELD,
                                    payment_tx_hash=tx_hash).update(
         money=Money.AUTHORIZED, paid_at=None, payment_tx_hash="", updated_at=timezone.now())
-
-
-def invocations_acknowledge_reverted_payment(*, invocations, operator: str, reason: str) -> int:
-    """Operator action: reverted payments someone looked into (the treasury's loss accepted, or recovered from the
-    buyer) are kept and stay visible, but no longer fail `reconcile` or the dashboard. Records who, when and why;
-    returns how many were acknowledged now (others, or those acknowledged already, are left)."""
-    reason = reason.strip()
-    if not reason:
-        raise InvalidInput("Say why the reverted payment is acknowledged.", code="reason_required")
-    return SkillInvocation.objects.filter(pk__in=invocations.values("pk"), payment_reverted_at__isnull=False,
-                                          payment_reversal_acknowledged_at=None).update(
-        payment_reversal_acknowledged_at=timezone.now(), payment_reversal_acknowledged_by=operator[:150],
-        payment_reversal_acknowledgement_reason=reason[:500])
 
 
 # A paid synchronous invocation runs in the caller's request only for a skill whose limit is at most

@@ -146,7 +146,23 @@ def is_activation_stuck(agreement: "UsageAgreement", *, now: datetime) -> bool:
 APPROVAL_SUBJECT = "usage_agreement"
 
 
-class UsageAgreement(models.Model):
+class PaymentReversal(models.Model):
+    """A payment a reorg deeper than the confirmation depth took off the chain after it was counted made, and that
+    did not run again (`payment_reverted_at`, which each model has, saying what that cost), and an operator's
+    acknowledgement of it (`services.reverted_payments_acknowledge`): kept, no longer failing reconcile."""
+
+    payment_reverted_reason = models.CharField(max_length=500, blank=True)
+    payment_reversal_acknowledged_at = models.DateTimeField(
+        null=True, blank=True, help_text="An operator acknowledged the reverted payment: kept, no longer failing "
+                                         "reconcile.")
+    payment_reversal_acknowledged_by = models.CharField(max_length=150, blank=True)
+    payment_reversal_acknowledgement_reason = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class UsageAgreement(PaymentReversal):
     """Terms a buyer and a seller agreed on, frozen at proposal, and how far they have got."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -190,12 +206,6 @@ class UsageAgreement(models.Model):
         null=True, blank=True, help_text="A reorg deeper than the confirmation depth took the payment off the chain "
                                          "after the purchase was counted paid, and it did not run again: the "
                                          "seller, told it was paid, holds nothing for it.")
-    payment_reverted_reason = models.CharField(max_length=500, blank=True)
-    payment_reversal_acknowledged_at = models.DateTimeField(
-        null=True, blank=True, help_text="An operator acknowledged the reverted payment: kept, no longer failing "
-                                         "reconcile.")
-    payment_reversal_acknowledged_by = models.CharField(max_length=150, blank=True)
-    payment_reversal_acknowledgement_reason = models.CharField(max_length=500, blank=True)
 
     # Metering: the head of the usage event chain (see sdk.receipts) and proxy call numbering.
     usage_seq = models.PositiveBigIntegerField(default=0)
@@ -503,7 +513,7 @@ class InvocationMoney(models.TextChoices):
     REFUNDED = "refunded"  # returned to the buyer
 
 
-class SkillInvocation(models.Model):
+class SkillInvocation(PaymentReversal):
     """One paid call of a seller's skill (`POST /agents/{handle}/{skill}`)."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -535,12 +545,6 @@ class SkillInvocation(models.Model):
                                          "the chain after the seller was called, and it did not run again: the "
                                          "treasury holds nothing for this invocation (a payout or refund it made "
                                          "came from its own funds).")
-    payment_reverted_reason = models.CharField(max_length=500, blank=True)
-    payment_reversal_acknowledged_at = models.DateTimeField(
-        null=True, blank=True, help_text="An operator acknowledged the reverted payment: kept, no longer failing "
-                                         "reconcile.")
-    payment_reversal_acknowledged_by = models.CharField(max_length=150, blank=True)
-    payment_reversal_acknowledgement_reason = models.CharField(max_length=500, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

@@ -30,9 +30,6 @@ from agreements.invocations import invocation_run_paid as invocation_run_paid
 from agreements.invocations import invocation_run_in_background as invocation_run_in_background
 from agreements.invocations import invocation_settlement_reopened as invocation_settlement_reopened
 from agreements.invocations import invocation_settlement_withdrawn as invocation_settlement_withdrawn
-from agreements.invocations import (
-    invocations_acknowledge_reverted_payment as invocations_acknowledge_reverted_payment,
-)
 from agreements.invocations import settlement_handler_register as settlement_handler_register
 # Usage writes the escrow app drives (settlement, Masumi purchases), offered here with the other services.
 from agreements.metering import completion_request as completion_request
@@ -608,14 +605,15 @@ def agreement_direct_payment_reopened(*, agreement_id, what: str, tx_hash: str) 
         changes={"payment_tx_hash": "", "seller_payout": None, "used": 0, "settled_at": None})
 
 
-def agreements_acknowledge_reverted_payment(*, agreements, operator: str, reason: str) -> int:
-    """Operator action: reverted direct payments someone looked into (the seller paid another way, the loss
-    accepted) are kept and stay visible, but no longer fail `reconcile`. Records who, when and why; returns how many
-    were acknowledged now (others, or those acknowledged already, are left)."""
+def reverted_payments_acknowledge(*, payments, operator: str, reason: str) -> int:
+    """Operator action: reverted payments (`payments`: a queryset of agreements' direct purchases or of skill
+    invocations) someone looked into (the loss accepted, the seller paid another way, or the money recovered from
+    the buyer) are kept and stay visible, but no longer fail `reconcile` or the dashboard. Records who, when and why;
+    returns how many were acknowledged now (others, or those acknowledged already, are left)."""
     reason = reason.strip()
     if not reason:
         raise InvalidInput("Say why the reverted payment is acknowledged.", code="reason_required")
-    return UsageAgreement.objects.filter(pk__in=agreements.values("pk"), payment_reverted_at__isnull=False,
+    return payments.model.objects.filter(pk__in=payments.values("pk"), payment_reverted_at__isnull=False,
                                          payment_reversal_acknowledged_at=None).update(
         payment_reversal_acknowledged_at=timezone.now(), payment_reversal_acknowledged_by=operator[:150],
         payment_reversal_acknowledgement_reason=reason[:500])

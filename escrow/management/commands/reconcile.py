@@ -104,8 +104,8 @@ class Command(BaseCommand):
         if None in pks:
             raise CommandError(f"Not an invocation id: {public_ids[pks.index(None)]}")
         try:
-            count = agreement_services.invocations_acknowledge_reverted_payment(
-                invocations=SkillInvocation.objects.filter(pk__in=pks), operator=operator, reason=reason)
+            count = agreement_services.reverted_payments_acknowledge(
+                payments=SkillInvocation.objects.filter(pk__in=pks), operator=operator, reason=reason)
         except ApplicationError as error:
             raise CommandError(f"{error.message} ({error.code})") from error
         self.stdout.write(f"Acknowledged {count} reverted invocation payment(s).")
@@ -116,8 +116,8 @@ class Command(BaseCommand):
         except ValueError as error:
             raise CommandError(f"Not an agreement id among {' '.join(agreement_ids)}") from error
         try:
-            count = agreement_services.agreements_acknowledge_reverted_payment(
-                agreements=UsageAgreement.objects.filter(pk__in=pks), operator=operator, reason=reason)
+            count = agreement_services.reverted_payments_acknowledge(
+                payments=UsageAgreement.objects.filter(pk__in=pks), operator=operator, reason=reason)
         except ApplicationError as error:
             raise CommandError(f"{error.message} ({error.code})") from error
         self.stdout.write(f"Acknowledged {count} reverted direct payment(s).")
