@@ -7,7 +7,7 @@ from django.urls import reverse
 from prometheus_client import Counter, Histogram
 
 from agreements import selectors
-from agreements.models import AgreementStatus
+from agreements.models import AgreementStatus, SkillInvocation, UsageAgreement
 from marketplace import dashboard, metrics, money
 
 PROXY_UPSTREAM_SECONDS = Histogram(
@@ -100,19 +100,28 @@ def _usdc(amount: int) -> str:
     return money.token_units(amount, "USDC")
 
 
+def _payments_reverted_gauge_register(*, name: str, documentation: str,
+                                      of: type[SkillInvocation] | type[UsageAgreement]) -> None:
+    metrics.scrape_collector_register(
+        name=name, documentation=documentation, labels=("acknowledged",),
+        counts=lambda: {(str(acknowledged).lower(),): count
+                        for acknowledged, count in selectors.payments_reverted_counts(of=of).items()})
+
+
 def panels_register() -> None:
     """Called once, from the AppConfig.ready(): metrics, dashboard panels and readiness checks."""
     metrics.scrape_collector_register(
         name="marketplace_agreements", documentation="Usage agreements by status (counted at scrape time).",
         labels=("status",),
         counts=lambda: {(status,): count for status, count in selectors.agreement_counts_by_status().items()})
-    metrics.scrape_collector_register(
-        name="marketplace_invocation_payments_reverted",
+    _payments_reverted_gauge_register(
+        name="marketplace_invocation_payments_reverted", of=SkillInvocation,
         documentation="Skill invocations whose payment a chain reorg took after their seller was called (the "
-                      "treasury holds nothing for them), by whether an operator acknowledged them.",
-        labels=("acknowledged",),
-        counts=lambda: {(str(acknowledged).lower(),): count
-                        for acknowledged, count in selectors.invocation_payments_reverted_counts().items()})
+                      "treasury holds nothing for them), by whether an operator acknowledged them.")
+    _payments_reverted_gauge_register(
+        name="marketplace_direct_payments_reverted", of=UsageAgreement,
+        documentation="Direct purchases whose payment a chain reorg took after they were counted paid (the seller "
+                      "holds nothing for them), by whether an operator acknowledged them.")
     dashboard.counts_register(title="Agreements by status", counts=selectors.agreement_counts_by_status)
     dashboard.failures_register(recent=_failures)
     dashboard.overdue_register(overdue=_overdue)

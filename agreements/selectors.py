@@ -281,9 +281,10 @@ def agreements_payment_reverted(*, acknowledged: bool = False) -> QuerySet[Usage
             .select_related("service", "seller").order_by("payment_reverted_at"))
 
 
-def invocation_payments_reverted_counts() -> dict[bool, int]:
-    """How many reverted invocation payments there are, by whether an operator acknowledged them."""
-    counts = SkillInvocation.objects.filter(payment_reverted_at__isnull=False).aggregate(
+def payments_reverted_counts(*, of: type[SkillInvocation] | type[UsageAgreement]) -> dict[bool, int]:
+    """How many reverted payments there are of skill invocations or of direct purchases (`of`), by whether an
+    operator acknowledged them."""
+    counts = of.objects.filter(payment_reverted_at__isnull=False).aggregate(
         acknowledged=Count("pk", filter=Q(payment_reversal_acknowledged_at__isnull=False)),
         unacknowledged=Count("pk", filter=Q(payment_reversal_acknowledged_at=None)))
     return {True: counts["acknowledged"], False: counts["unacknowledged"]}

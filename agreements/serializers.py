@@ -183,6 +183,10 @@ class AgreementSerializer(FieldsBoundOnceSerializer):
     activation_tx_hash = serializers.CharField(allow_blank=True)
     fee_tx_hash = serializers.CharField(allow_blank=True, help_text="direct_payment: the fee's transfer.")
     payment_tx_hash = serializers.CharField(allow_blank=True, help_text="direct_payment: the x402 payment.")
+    payment_reverted_at = serializers.DateTimeField(
+        allow_null=True, help_text="direct_payment: when a chain reorg took the payment off the chain after the "
+                                   "purchase was counted paid and it could not run again (status payment_failed): "
+                                   "the buyer paid nothing, the seller was told it was paid; null otherwise.")
     completion_requested_at = serializers.DateTimeField(allow_null=True)
     completion_reason = serializers.CharField(allow_blank=True)
     challenge_deadline = serializers.DateTimeField(allow_null=True)

@@ -77,7 +77,7 @@ def test_a_purchase_paid_by_a_copy_a_reorg_took_is_paid_by_our_payment_sent_agai
     assert payment.status == TxStatus.CONFIRMED
     paid = purchase.parties.agreement(agreement["id"])
     assert (paid["status"], paid["payment_tx_hash"]) == ("paid", payment.mined_tx_hash)
-    assert paid["payment_tx_hash"] != copy
+    assert paid["payment_tx_hash"] != copy and paid["payment_reverted_at"] is None
     assert usdc_balance(chain, purchase.parties.seller_account.address) == seller + AMOUNT
     assert not ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).exists()
     call_command("reconcile", stdout=io.StringIO())
@@ -105,6 +105,9 @@ def test_a_purchase_paid_by_a_copy_a_reorg_took_that_cannot_run_again_is_recorde
     failed = purchase.parties.agreement(agreement["id"])
     assert failed["status"] == "payment_failed" and failed["payment_tx_hash"] == ""
     assert "counted paid" in failed["status_reason"]
+    assert failed["payment_reverted_at"] is not None  # the buyer and the seller see it, as an invocation's payment
+    assert purchase.parties.seller_api.get(f"/usage-agreements/{agreement['id']}").json()["payment_reverted_at"] == (
+        failed["payment_reverted_at"])
     assert not ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).exists()
     assert failed["buyer_refund_atomic"] is None  # the fee, collected before the fork, stays collected
     assert ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE).status == TxStatus.CONFIRMED
@@ -112,6 +115,8 @@ def test_a_purchase_paid_by_a_copy_a_reorg_took_that_cannot_run_again_is_recorde
         call_command("reconcile", stdout=io.StringIO())
     dashboard = admin_client.get("/admin/dashboard/").content.decode()
     assert "direct purchase payment reverted" in dashboard and agreement["id"] in dashboard
+    metrics = admin_client.get("/metrics").content.decode()
+    assert 'marketplace_direct_payments_reverted{acknowledged="false"} 1.0' in metrics
     out = io.StringIO()
     if acknowledged_in == "admin":
         changelist = reverse("admin:agreements_usageagreement_changelist")
@@ -130,6 +135,9 @@ def test_a_purchase_paid_by_a_copy_a_reorg_took_that_cannot_run_again_is_recorde
     assert "Consistent" in out.getvalue() and agreement["id"] in out.getvalue()
     assert f"acknowledged by {operator} at " in out.getvalue() and "(seller paid off-chain)" in out.getvalue()
     assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
+    metrics = admin_client.get("/metrics").content.decode()
+    assert 'marketplace_direct_payments_reverted{acknowledged="true"} 1.0' in metrics
+    assert 'marketplace_direct_payments_reverted{acknowledged="false"} 0.0' in metrics
 
 
 def test_a_payment_that_reverted_on_its_own_is_sent_again_after_a_reorg_and_its_fee_refund_withdrawn(
