@@ -3,8 +3,9 @@ purchases; and the chain panels of an agreement's page (its transactions, the li
 
 Every row here records money and is view only (marketplace.admin.MoneyRecordAdmin). The two things an operator
 does to money are actions that call escrow's services: retrying a failed transaction (relayer.transaction_retry)
-and resolving a dispute (settlement.settlement_resolve); a third action acknowledges chain events the indexer could
-not apply (indexer.events_acknowledge). All need the model's change permission.
+and resolving a dispute (settlement.settlement_resolve); others acknowledge what reconcile reports: chain events the
+indexer could not apply (indexer.events_acknowledge) and nonce fills outrun by the old bytes of the transaction they
+cancel (services.nonce_fills_acknowledge). All need the model's change permission.
 """
 
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from agreements.models import ONCHAIN_STATUSES, AgreementStatus, SettlementModel, UsageAgreement
-from escrow import chain, indexer, purchases, relayer, selectors, settlement
+from escrow import chain, indexer, purchases, relayer, selectors, services, settlement
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPurchase,
                            RelayerAccount, TxAttempt, TxStatus)
 from marketplace.admin import (
@@ -86,6 +87,21 @@ def retry_failed(modeladmin, request, queryset):
     messages.success(request, f"Queued {retried} transaction(s) again.")
 
 
+@admin.action(description="Acknowledge selected nonce fills outrun by the old bytes they cancel (kept, no longer "
+                           "failing reconcile)", permissions=["acknowledge"])
+def acknowledge_outrun_fills(modeladmin, request, queryset):
+    """A page asking why, then services.nonce_fills_acknowledge."""
+    outrun = selectors.nonce_fills_outrun().filter(pk__in=queryset.values("pk"))
+    return acknowledgement_page(
+        modeladmin, request, queryset, what="outrun nonce fills",
+        none_left="None of the selected transactions is a nonce fill outrun by the old bytes it cancels and "
+                  "unacknowledged.",
+        acknowledge=functools.partial(services.nonce_fills_acknowledge, fills=outrun),
+        columns=["Fill", "Nonce", "Cancelled transaction", "Mined transaction", "Block"],
+        rows=([fill.pk, fill.nonce, fill.context.get(relayer.CANCELS), fill.mined_tx_hash, fill.mined_block_number]
+              for fill in outrun))
+
+
 def paid_for_html(tx: ChainTransaction):
     """What a transaction moves money for: its agreement, or the skill invocation named in its context."""
     if tx.agreement_id:
@@ -107,15 +123,16 @@ class ChainTransactionAdmin(MoneyRecordAdmin):
     list_select_related = ("agreement",)
     list_per_page = 50
     inlines = [TxAttemptInline]
-    actions = [retry_failed]
+    actions = [retry_failed, acknowledge_outrun_fills]
     fields = ("id", "purpose", "status", "paid_for", "amount", "chain_id", "to_display", "relayer", "nonce",
               "gas_limit", "confirmations_required", "mined_tx_display", "mined_block_number", "mined_block_hash",
               "receipt_status", "failure_reason", "fee_cap_reached_at", "outcome_applied", "context", "data",
-              "created_at", "updated_at", "confirmed_at")
+              "acknowledged_at", "acknowledged_by", "acknowledgement_reason", "created_at", "updated_at",
+              "confirmed_at")
     readonly_fields = fields
 
     short_id = short_id_column()
-    has_retry_permission = _may_retry
+    has_retry_permission = has_acknowledge_permission = _may_retry
     mined_tx_display = tx_hash_column("mined_tx_hash", description="mined transaction")
     to_display = address_column("to_address", description="to")
 

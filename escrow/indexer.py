@@ -45,7 +45,7 @@ from agreements.models import AgreementStatus, SettlementModel, UsageAgreement
 from escrow import chain, relayer, selectors, services, settlement
 from escrow.models import ChainEvent, EventEffect, IndexedBlock, IndexerCursor
 from marketplace import chainconfig, postgresql
-from marketplace.errors import ApplicationError, Conflict, InvalidInput
+from marketplace.errors import ApplicationError, Conflict
 
 logger = logging.getLogger(__name__)
 S = AgreementStatus
@@ -318,12 +318,9 @@ def events_acknowledge(*, events, operator: str, reason: str) -> int:
     """Operator action: failed events someone looked into and accepted (say, the buyer's own escrow on
     other terms under an agreement's id) are kept and stay visible, but no longer fail `reconcile` or the dashboard. Records who, when
     and why; returns how many were acknowledged now (events not failed, or acknowledged already, are left)."""
-    reason = reason.strip()
-    if not reason:
-        raise InvalidInput("Say why the failed event is acknowledged.", code="reason_required")
-    return ChainEvent.objects.filter(pk__in=events.values("pk"), effect=EventEffect.FAILED,
-                                     acknowledged_at=None).update(
-        acknowledged_at=timezone.now(), acknowledged_by=operator[:150], acknowledgement_reason=reason[:500])
+    return services.findings_acknowledge(
+        findings=ChainEvent.objects.filter(pk__in=events.values("pk"), effect=EventEffect.FAILED),
+        operator=operator, reason=reason)
 
 
 # --- reorgs ------------------------------------------------------------------------------------------------------

@@ -48,8 +48,24 @@ class TxStatus(models.TextChoices):
     FAILED = "failed"
 
 
-class ChainTransaction(models.Model):
-    """One logical transaction the relayer must get mined; each broadcast is a TxAttempt."""
+class Acknowledgement(models.Model):
+    """An operator's acknowledgement of something `reconcile` reports (`services.findings_acknowledge`): the row is
+    kept and still listed, and no longer fails reconcile or the dashboard."""
+
+    acknowledged_at = models.DateTimeField(null=True, blank=True,
+                                           help_text="An operator acknowledged what reconcile reported: kept, no "
+                                                     "longer failing reconcile.")
+    acknowledged_by = models.CharField(max_length=150, blank=True)
+    acknowledgement_reason = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class ChainTransaction(Acknowledgement):
+    """One logical transaction the relayer must get mined; each broadcast is a TxAttempt. A nonce fill the old bytes
+    of the transaction it cancels were mined in place of (`relayer.nonce_fill_outcome`) is reported by reconcile
+    until an operator acknowledges it."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     purpose = models.CharField(max_length=20, choices=TxPurpose.choices)
@@ -93,6 +109,8 @@ class ChainTransaction(models.Model):
             # At most one fee payment under way: two ticks at once cannot both send one.
             models.UniqueConstraint(fields=["purpose"], condition=Q(purpose="pay_fees", status__in=[
                 "queued", "submitted", "mined"]), name="chaintx_one_fee_payment_under_way"),
+            models.CheckConstraint(condition=Q(acknowledged_at=None) | Q(purpose="nonce_fill"),
+                                   name="chaintx_only_nonce_fill_acknowledged"),
         ]
         indexes = [models.Index(fields=["status", "updated_at"], name="chaintx_status_updated_idx"),
                    # each relayer poll asks for the newest block holding a concluded transaction (deep reorgs)
@@ -279,9 +297,10 @@ class EventEffect(models.TextChoices):
     FAILED = "failed", "could not be applied"
 
 
-class ChainEvent(models.Model):
+class ChainEvent(Acknowledgement):
     """One log the indexer read (escrow events, and token transfers touching the escrow, the treasury or the fee
-    recipient), what applying it did, and whether a reorg removed it since."""
+    recipient), what applying it did, and whether a reorg removed it since. One that failed is reported by
+    reconcile until an operator acknowledges it."""
 
     cursor = models.ForeignKey(IndexerCursor, on_delete=models.CASCADE, related_name="events")
     block_number = models.PositiveBigIntegerField()
@@ -299,11 +318,6 @@ class ChainEvent(models.Model):
     to_status = models.CharField(max_length=20, blank=True, help_text="The status this event stands for.")
     error = models.CharField(max_length=500, blank=True)
     removed_at = models.DateTimeField(null=True, blank=True, help_text="A reorg took the event off the chain.")
-    acknowledged_at = models.DateTimeField(null=True, blank=True,
-                                           help_text="An operator acknowledged the failed event: kept, no longer "
-                                                     "failing reconcile.")
-    acknowledged_by = models.CharField(max_length=150, blank=True)
-    acknowledgement_reason = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -5,7 +5,7 @@ from collections import Counter
 from django.conf import settings
 from django.urls import reverse
 
-from escrow import chain, selectors
+from escrow import chain, relayer, selectors
 from marketplace import dashboard, health, metrics, money
 
 
@@ -44,6 +44,11 @@ def _failures(limit: int) -> list[dashboard.Failure]:
                                    subject=str(event.agreement_id or event.tx_hash), reason=event.error,
                                    admin_url=reverse("admin:escrow_chainevent_change", args=[event.pk]))
                  for event in selectors.indexer_unapplied_events().order_by("-created_at")[:limit]]
+    failures += [dashboard.Failure(at=fill.confirmed_at, kind="nonce fill outrun by the bytes it cancels",
+                                   subject=str(fill.context.get(relayer.CANCELS)),
+                                   reason=f"tx {fill.mined_tx_hash} ran in the fill's place",
+                                   admin_url=_tx_url(fill))
+                 for fill in selectors.nonce_fills_outrun().reverse()[:limit]]
     return failures
 
 

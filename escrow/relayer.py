@@ -409,7 +409,8 @@ def _attempts(tx: ChainTransaction):
 def nonce_fill_outcome(tx: ChainTransaction) -> None:
     """A nonce fill changes nothing outside the relayer; one that cancels a transaction reports that transaction's
     own bytes mined in its place (sent first by someone, or by a node that held them): what it does may be done
-    twice (a payout and its retry), for an operator to look into."""
+    twice (a payout and its retry): `reconcile` reports the fill (`selectors.nonce_fills_outrun`) until an operator
+    acknowledges it."""
     cancelled = tx.context.get(CANCELS)
     if cancelled is not None and tx.mined_tx_hash and TxAttempt.objects.filter(
             transaction_id=cancelled, tx_hash=tx.mined_tx_hash).exists():

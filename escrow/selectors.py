@@ -10,7 +10,7 @@ from agreements import services as agreement_services
 from agreements.models import AgreementStatus, SkillInvocation, UsageAgreement, is_paid_out
 from escrow import chain, relayer
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPaymentRequest,
-                           MasumiPurchase, TxPurpose, TxStatus)
+                           MasumiPurchase, TxAttempt, TxPurpose, TxStatus)
 from marketplace import chainconfig
 from marketplace.errors import NotFound
 
@@ -248,6 +248,17 @@ def transaction_counts_stuck_at_fee_cap() -> dict[tuple[str], int]:
 
 def transactions_failed_recently(*, limit: int):
     return ChainTransaction.objects.filter(status=TxStatus.FAILED).order_by("-updated_at")[:limit]
+
+
+def nonce_fills_outrun(*, acknowledged: bool = False):
+    """Concluded nonce fills mined as the old bytes of the transaction they cancel (`relayer._cancel`: someone sent
+    them first, or a node held them), which ran: what they did may be done twice (a payout and its retry). Oldest
+    first: those no operator acknowledged yet, or (`acknowledged`) those one did."""
+    others_attempt = TxAttempt.objects.filter(tx_hash=OuterRef("mined_tx_hash")).exclude(
+        transaction_id=OuterRef("pk"))
+    return (ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL, status=TxStatus.CONFIRMED,
+                                            acknowledged_at__isnull=not acknowledged)
+            .filter(Exists(others_attempt)).order_by("confirmed_at"))
 
 
 # --- the chain indexer ---------------------------------------------------------------------------------------------

@@ -3,18 +3,22 @@
 Activation intent nonce: the contract's intent nonces are unordered, so the platform derives one per agreement
 (`keccak256("activation" ‖ agreementId)`). A reverted activation does not spend it, so re-signing after
 `activation_failed` reuses it, and no two agreements can collide.
+
+Also operators' acknowledgements of what `reconcile` reports on escrow's rows (`findings_acknowledge`).
 """
 
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
 from web3 import Web3
 
 from agreements import services as agreement_services
 from agreements.models import UsageAgreement, can_activate
 from catalog.models import Agent
 from escrow import chain, chain_clock, relayer, selectors
-from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from escrow.models import ChainEvent, ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.chainconfig import receipt_signer_address
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, PaymentRequired
@@ -208,6 +212,26 @@ def _activation_reopened(tx: ChainTransaction) -> None:
     event, so the agreement is moved back here."""
     if tx.status == TxStatus.FAILED:
         agreement_services.agreement_activation_reopened(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
+
+
+def findings_acknowledge(*, findings: QuerySet[ChainEvent] | QuerySet[ChainTransaction], operator: str,
+                         reason: str) -> int:
+    """Operator action: rows reconcile reports (`findings`: only those it reports) someone looked into and accepted
+    are kept and stay visible, but no longer fail `reconcile` or the dashboard. Records who, when and why; returns
+    how many were acknowledged now (those acknowledged already are left)."""
+    reason = reason.strip()
+    if not reason:
+        raise InvalidInput("Say why it is acknowledged.", code="reason_required")
+    return findings.model.objects.filter(pk__in=findings.values("pk"), acknowledged_at=None).update(
+        acknowledged_at=timezone.now(), acknowledged_by=operator[:150], acknowledgement_reason=reason[:500])
+
+
+def nonce_fills_acknowledge(*, fills: QuerySet[ChainTransaction], operator: str, reason: str) -> int:
+    """Operator action: nonce fills the old bytes of the transaction they cancel were mined in place of
+    (`selectors.nonce_fills_outrun`; other rows of `fills` are left), once someone checked that what those bytes did
+    is not done twice (a payout and its retry) or dealt with it."""
+    return findings_acknowledge(findings=selectors.nonce_fills_outrun().filter(pk__in=fills.values("pk")),
+                                operator=operator, reason=reason)
 
 
 def handlers_register() -> None:

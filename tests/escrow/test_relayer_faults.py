@@ -6,6 +6,8 @@ from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.urls import reverse
 
 from escrow import chain as gateway
 from agreements.models import UsageAgreement
@@ -394,14 +396,18 @@ def test_a_failed_transaction_something_took_the_place_of_is_cancelled_when_a_re
     for _ in range(2):  # nothing further: the cancelled one is not reopened again
         confirm_all(capture)
     assert ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).count() == 1
+    call_command("reconcile", stdout=io.StringIO())  # the fill took the nonce: nothing for an operator
 
 
-def test_the_old_bytes_of_a_cancelled_transaction_mined_first_are_named_by_its_fill_and_logged(
-        parties, escrow_chain, settings, monkeypatch, caplog, django_capture_on_commit_callbacks):
+@pytest.mark.parametrize("acknowledged_in", ["reconcile", "admin"])
+def test_the_old_bytes_of_a_cancelled_transaction_mined_first_are_named_by_its_fill_and_reported_until_acknowledged(
+        parties, escrow_chain, settings, monkeypatch, caplog, acknowledged_in, admin_client, admin_user,
+        django_capture_on_commit_callbacks):
     """Anyone holding the superseded activation's signed bytes gets them mined on the new branch before the relayer
     sends its fill: they run (the buyer holds its funds there). The fill finds them under its nonce, names them and
-    logs an error for an operator; the successor, behind it, meets AgreementExists on the buyer's own intent and the
-    agreement is active."""
+    logs an error; reconcile reports it (what they did may be done twice: a payout and its retry) until an operator
+    acknowledges it. The successor, behind it, meets AgreementExists on the buyer's own intent and the agreement is
+    active."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
     agreement, failed, successor, before_fork = failed_then_activated_again_on_a_branch(parties, chain, capture,
@@ -424,3 +430,31 @@ def test_the_old_bytes_of_a_cancelled_transaction_mined_first_are_named_by_its_f
     assert ChainTransaction.objects.get(pk=successor.pk).status == TxStatus.FAILED  # AgreementExists, the intent's
     assert parties.agreement(agreement["id"])["status"] == "active"
     assert relayer_nonce_on_chain(chain) == RelayerAccount.objects.get().next_nonce
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=out)
+    assert f"nonce fill {fill.pk}" in out.getvalue() and str(failed.pk) in out.getvalue()
+    assert old_bytes.tx_hash in out.getvalue()
+    dashboard = admin_client.get("/admin/dashboard/").content.decode()
+    assert "nonce fill outrun by the bytes it cancels" in dashboard and str(failed.pk) in dashboard
+    with pytest.raises(CommandError, match="reason_required"):
+        call_command("reconcile", "--acknowledge-nonce-fill", str(fill.pk), stdout=io.StringIO())
+    out = io.StringIO()
+    if acknowledged_in == "admin":
+        changelist = reverse("admin:escrow_chaintransaction_changelist")
+        selected = {"action": "acknowledge_outrun_fills", "_selected_action": [str(fill.pk), str(successor.pk)]}
+        asked = admin_client.post(changelist, selected)
+        assert asked.status_code == 200 and old_bytes.tx_hash in asked.content.decode()
+        assert admin_client.post(changelist, {**selected, "confirm": "yes", "reason": "the activation ran once"}
+                                 ).status_code == 302
+        call_command("reconcile", stdout=out)
+        operator = admin_user.username
+    else:
+        call_command("reconcile", "--acknowledge-nonce-fill", str(fill.pk), str(successor.pk), "--reason",
+                     "the activation ran once", "--by", "ops", stdout=out)
+        assert "Acknowledged 1 nonce fill(s)." in out.getvalue()
+        operator = "ops"
+    assert "Consistent" in out.getvalue()
+    assert f"acknowledged by {operator} at " in out.getvalue() and "(the activation ran once)" in out.getvalue()
+    assert ChainTransaction.objects.get(pk=successor.pk).acknowledged_at is None  # not a fill: left
+    assert f"nonce fill {fill.pk}" in out.getvalue()

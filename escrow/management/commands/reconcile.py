@@ -1,9 +1,11 @@
 """Compare every funded agreement with the escrow contract, and report the chain indexer's lag, the events it
-could not apply, the skill invocations whose payment a reorg took after their seller was called and the direct
-purchases whose payment a reorg took after they were counted paid; exit 1 on any difference, unapplied event or
-reverted payment (the chain is the truth). An operator who looked into one acknowledges it (`--acknowledge ID` for
-an event, `--acknowledge-invocation INVOCATION_ID` or `--acknowledge-agreement AGREEMENT_ID` for a reverted payment,
-with `--reason ...`; or the admin's actions): it is still listed, and no longer fails the command."""
+could not apply, the skill invocations whose payment a reorg took after their seller was called, the direct
+purchases whose payment a reorg took after they were counted paid, and the nonce fills the old bytes of the
+transaction they cancel were mined in place of; exit 1 on any difference, unapplied event, reverted payment or
+outrun fill (the chain is the truth). An operator who looked into one acknowledges it (`--acknowledge ID` for an
+event, `--acknowledge-invocation INVOCATION_ID` or `--acknowledge-agreement AGREEMENT_ID` for a reverted payment,
+`--acknowledge-nonce-fill TRANSACTION_ID` for a fill, with `--reason ...`; or the admin's actions): it is still
+listed, and no longer fails the command."""
 
 import getpass
 import uuid
@@ -14,8 +16,8 @@ from django.core.management.base import BaseCommand, CommandError
 from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
 from agreements.models import FUNDED_STATUSES, SettlementModel, SkillInvocation, UsageAgreement
-from escrow import indexer, selectors
-from escrow.models import ChainEvent
+from escrow import indexer, relayer, selectors, services
+from escrow.models import ChainEvent, ChainTransaction
 from marketplace.errors import ApplicationError
 
 def _describe(event: ChainEvent) -> str:
@@ -37,6 +39,12 @@ def _describe_reverted_purchase(agreement: UsageAgreement) -> str:
             f"counted paid, and could not run again: {agreement.payment_reverted_reason}")
 
 
+def _describe_outrun_fill(fill: ChainTransaction) -> str:
+    return (f"nonce fill {fill.pk} (nonce {fill.nonce}): the old bytes of the transaction it cancels "
+            f"({fill.context.get(relayer.CANCELS)}) were mined in its place (tx {fill.mined_tx_hash}, block "
+            f"{fill.mined_block_number}) and ran: what they did may be done twice (by its successor or a retry)")
+
+
 class Command(BaseCommand):
     help = ("Compare the database with the escrow contract for every funded agreement; report the chain indexer's "
             "lag and the contract events it could not apply.")
@@ -51,6 +59,9 @@ class Command(BaseCommand):
         parser.add_argument("--acknowledge-agreement", nargs="+", metavar="AGREEMENT_ID", default=[],
                             help="Acknowledge the reverted payments of these direct purchases first; requires "
                                  "--reason.")
+        parser.add_argument("--acknowledge-nonce-fill", nargs="+", metavar="TRANSACTION_ID", default=[],
+                            help="Acknowledge these nonce fills outrun by the old bytes of the transaction they "
+                                 "cancel first (ids as in the admin's Chain transactions); requires --reason.")
         parser.add_argument("--reason", default="", help="Why the acknowledged events or payments need no action.")
         parser.add_argument("--by", default="", help="Who acknowledges (default: the OS user).")
 
@@ -64,6 +75,9 @@ class Command(BaseCommand):
         if options["acknowledge_agreement"]:
             self._acknowledge_agreements(options["acknowledge_agreement"], reason=options["reason"],
                                          operator=operator)
+        if options["acknowledge_nonce_fill"]:
+            self._acknowledge_nonce_fills(options["acknowledge_nonce_fill"], reason=options["reason"],
+                                          operator=operator)
         agreements = UsageAgreement.objects.filter(status__in=FUNDED_STATUSES, settlement_model=SettlementModel.ESCROW)
         problems = selectors.reconciliation_mismatches(agreements=agreements.iterator())
         problems += [_describe(event) for event in selectors.indexer_unapplied_events()]
@@ -71,6 +85,7 @@ class Command(BaseCommand):
                      for invocation in agreement_selectors.invocations_payment_reverted()]
         problems += [_describe_reverted_purchase(agreement)
                      for agreement in agreement_selectors.agreements_payment_reverted()]
+        problems += [_describe_outrun_fill(fill) for fill in selectors.nonce_fills_outrun()]
         for line in problems:
             self.stdout.write(line)
         for event in selectors.indexer_unapplied_events(acknowledged=True):
@@ -86,6 +101,9 @@ class Command(BaseCommand):
                               f"{agreement.payment_reversal_acknowledged_at:%Y-%m-%d %H:%M:%S %Z} "
                               f"({agreement.payment_reversal_acknowledgement_reason}): "
                               f"{_describe_reverted_purchase(agreement)}")
+        for fill in selectors.nonce_fills_outrun(acknowledged=True):
+            self.stdout.write(f"acknowledged by {fill.acknowledged_by} at {fill.acknowledged_at:%Y-%m-%d %H:%M:%S %Z}"
+                              f" ({fill.acknowledgement_reason}): {_describe_outrun_fill(fill)}")
         self._report_lag()
         if problems:
             raise CommandError(f"{len(problems)} mismatch(es) between the database and the chain.")
@@ -121,6 +139,18 @@ class Command(BaseCommand):
         except ApplicationError as error:
             raise CommandError(f"{error.message} ({error.code})") from error
         self.stdout.write(f"Acknowledged {count} reverted direct payment(s).")
+
+    def _acknowledge_nonce_fills(self, fill_ids: list[str], *, reason: str, operator: str) -> None:
+        try:
+            pks = [uuid.UUID(fill_id) for fill_id in fill_ids]
+        except ValueError as error:
+            raise CommandError(f"Not a transaction id among {' '.join(fill_ids)}") from error
+        try:
+            count = services.nonce_fills_acknowledge(fills=ChainTransaction.objects.filter(pk__in=pks),
+                                                     operator=operator, reason=reason)
+        except ApplicationError as error:
+            raise CommandError(f"{error.message} ({error.code})") from error
+        self.stdout.write(f"Acknowledged {count} nonce fill(s).")
 
     def _report_lag(self) -> None:
         lag = selectors.indexer_lag()
