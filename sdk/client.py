@@ -50,7 +50,8 @@ from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES
 from sdk.networks import NetworkConfig, TokenDomain
 from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, RpcError
 from sdk.receipts import VerifiedUsage, verify_usage
-from sdk.safety import SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data, require_equal
+from sdk.safety import (DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data,
+                        require_equal)
 from sdk.terms import AgreedTerms
 from sdk.x402_signing import build_direct_stablecoin_agreement, sign_payment_required
 
@@ -64,6 +65,8 @@ _USER_AGENT = "agent-escrow-marketplace-sdk/0.1"
 # What the server may answer differently a moment later, without anything having happened.
 _TRANSIENT_STATUSES = frozenset({503})
 _TRANSIENT_CODES = frozenset({"idempotency_in_progress"})
+# The escrow contract's MAX_CHALLENGE_WINDOW: no agreement's challenge window is longer, whatever a server says.
+CHALLENGE_WINDOW_MAX_SECONDS = 30 * 24 * 3600
 
 
 class MarketplaceError(Exception):
@@ -249,15 +252,21 @@ class MarketplaceClient:
 
     def propose_direct_purchase(self, service_id: AgreementId, quantity: int, *, wallet: str | Wallet,
                                 max_unit_price_atomic: int, permit_nonce: int | None = None,
-                                validity_seconds: int = 3600, idempotency_key: str | None = None) -> dict[str, Any]:
+                                validity_seconds: int = 3600, idempotency_key: str | None = None,
+                                expected_seller_wallet_address: str | None = None) -> dict[str, Any]:
         """Buy `quantity` units without an escrow: signs here (`build_direct_stablecoin_agreement`) the x402 payment
-        to the seller and the fee permit to the platform's gas wallet, then proposes. The service's unit price
-        must be at most `max_unit_price_atomic` (what the buyer agreed to pay); the fee, chain, token and gas
-        wallet must be the pinned ones. `permit_nonce` is the token's `nonces(buyer wallet)`, read through the
-        RPC when omitted. Once the seller accepts, the platform collects the fee, then pays: follow with
-        `wait_until(id, statuses={"paid"}, failure={"payment_failed"})`."""
+        to the seller and the fee permit to the platform's gas wallet, then proposes. The service the marketplace
+        answers with must be `service_id`, its unit price at most `max_unit_price_atomic` (what the buyer agreed
+        to pay) and, with `expected_seller_wallet_address`, its seller's wallet (the payee) that one; the fee,
+        chain, token and gas wallet must be the pinned ones. `permit_nonce` is the token's `nonces(buyer wallet)`,
+        read through the RPC when omitted. Once the seller accepts, the platform collects the fee, then pays:
+        follow with `wait_until(id, statuses={"paid"}, failure={"payment_failed"})`."""
         wallet = as_wallet(wallet)
         service = self._request("GET", f"/agents/services/{service_id}")
+        require_equal(str(service.get("id")).lower(), str(service_id).lower(), "service.id")
+        if expected_seller_wallet_address is not None:
+            require_equal(service["seller"]["wallet_address"], expected_seller_wallet_address,
+                          "seller.wallet_address")
         unit_price = int(service["pricing"]["unit_price_atomic"])
         if unit_price > max_unit_price_atomic:
             raise SigningRefused("pricing.unit_price_atomic", f"at most {max_unit_price_atomic}", unit_price)
@@ -410,13 +419,19 @@ class MarketplaceClient:
         """Dispute the proposed settlement within the window (buyer): builds the EIP-712 Challenge for this
         agreement on the pinned escrow, checks the server's challenge package against it, signs it locally."""
         package = self._request("GET", f"/usage-agreements/{agreement['id']}/challenge-package")
-        deadline = check_deadline(package.get("deadline"), "deadline", now=self._now(), min_seconds=0,
-                                  max_seconds=int(agreement["challenge_window_seconds"]))
+        deadline = self._challenge_deadline(package.get("deadline"), "deadline",
+                                            window_seconds=agreement["challenge_window_seconds"])
         signature = self._sign_challenge(package.get("challenge"), "challenge", wallet,
                                          agreement_id=agreement["onchain_id"], deadline=deadline)
         body = {"reason": reason, "evidence": evidence, "deadline": deadline, "signature": signature}
         return self._request("POST", f"/usage-agreements/{agreement['id']}/challenge", json=body,
                              idempotency_key=idempotency_key or _new_key())
+
+    def _challenge_deadline(self, received: Any, field: str, *, window_seconds: Any) -> int:
+        """A Challenge's server-chosen deadline, if it lies within the challenge window from now (the agreement's
+        window, never more than the contract's longest): a signature valid later could be used later."""
+        return check_deadline(received, field, now=self._now(), min_seconds=0,
+                              max_seconds=min(int(window_seconds), CHALLENGE_WINDOW_MAX_SECONDS))
 
     def _sign_challenge(self, received: Any, field: str, wallet: str | Wallet, *, agreement_id: str,
                         deadline: int) -> str:
@@ -481,11 +496,17 @@ class MarketplaceClient:
     def request_refund(self, blockchain_identifier: str, wallet: str | Wallet, *,
                        network: str = "Preprod") -> dict[str, Any]:
         """`PATCH /purchase`: build the purchase's refund request (EIP-712 Challenge of this escrow, valid until
-        its unlockTime), check the server's against it, sign it here and submit it."""
+        its unlockTime, which must lie within the agreement's challenge window from now, as `challenge` checks),
+        check the server's against it, sign it here and submit it."""
         purchase = self.get_purchase(blockchain_identifier, network=network)
+        unlock_time = purchase.get("unlockTime")
+        if not isinstance(unlock_time, str) or not unlock_time.isascii() or not unlock_time.isdigit():
+            raise DeadlineOutOfRange("unlockTime", "unix milliseconds", unlock_time)
+        agreement = self.get_agreement(purchase["agreementId"])
+        deadline = self._challenge_deadline(int(unlock_time) // 1000, "unlockTime",
+                                            window_seconds=agreement["challenge_window_seconds"])
         signature = self._sign_challenge(purchase.get("refundRequestTypedData"), "refundRequestTypedData", wallet,
-                                         agreement_id=blockchain_identifier,
-                                         deadline=int(purchase["unlockTime"]) // 1000)
+                                         agreement_id=blockchain_identifier, deadline=deadline)
         return self._request("PATCH", "/purchase", json={
             "network": network, "blockchainIdentifier": blockchain_identifier, "signature": signature})["data"]
     # --- skills (x402) -------------------------------------------------------------------------------------------

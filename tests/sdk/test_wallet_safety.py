@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -34,10 +35,11 @@ Alteration = Callable[[dict[str, Any]], None]
 
 
 class HostileMarketplace(httpx.BaseTransport):
-    """Forwards to the real marketplace; rewrites the JSON answer of paths ending in `target` with `alter`."""
+    """Forwards to the real marketplace (over HTTP, or `inner`); rewrites the JSON answer of paths ending in `target`
+    with `alter`."""
 
-    def __init__(self):
-        self._inner = httpx.HTTPTransport()
+    def __init__(self, inner: httpx.BaseTransport | None = None):
+        self._inner = inner or httpx.HTTPTransport()
         self.target: str | None = None
         self.alter: Alteration | None = None
         self.requests: list[tuple[str, str]] = []
@@ -193,6 +195,26 @@ def test_hostile_direct_purchase_requirements_are_refused(market, hostile, escro
     assert not any(method == "POST" for method, _ in hostile.requests)
 
 
+def test_a_hostile_service_answer_is_refused_before_a_direct_purchase_is_signed(market, hostile, escrow_chain):
+    """The service the marketplace answers with is what the buyer pays: its seller's wallet is the payee. Another
+    service than the one asked for (a costlier seller's, an attacker's) is refused, and so is a payee other than
+    the one the buyer expects, when it says which."""
+    buyer, _, service = market
+    chain = escrow_chain
+    wallet = RecordingWallet(chain.accounts.buyer.key)
+    other = str(uuid.uuid4())
+    hostile.attack("/agents/services/" + service["id"], setter("id", other))
+    refusal = refused(lambda: buyer.propose_direct_purchase(service["id"], 10, wallet=wallet,
+                                                            max_unit_price_atomic=20_000), wallet)
+    assert (refusal.field, refusal.received) == ("service.id", other)
+    hostile.attack("/agents/services/" + service["id"], setter("seller.wallet_address", chain.accounts.stranger.address))
+    refusal = refused(lambda: buyer.propose_direct_purchase(
+        service["id"], 10, wallet=wallet, max_unit_price_atomic=20_000,
+        expected_seller_wallet_address=chain.accounts.seller.address), wallet)
+    assert (refusal.field, refusal.received) == ("seller.wallet_address", chain.accounts.stranger.address)
+    assert not any(method == "POST" for method, _ in hostile.requests)
+
+
 def active_in_challenge(buyer, seller, service, chain) -> dict:
     """An agreement with three charged calls, its settlement proposed on-chain (challenge window open)."""
     agreement = buyer.propose_agreement(service["id"], 10)
@@ -234,6 +256,13 @@ def test_hostile_challenge_packages_are_refused(market, hostile, escrow_chain):
     for path, value, field in attacks:
         hostile.attack("/challenge-package", setter(path, value))
         assert refused(lambda: buyer.challenge(agreement, wallet, "hostile"), wallet).field == field
+    # No window is longer than the contract's 30 days, whatever the agreement says.
+    def far_deadline(body: dict[str, Any]) -> None:
+        body["deadline"] = body["challenge"]["message"]["deadline"] = now + 31 * 86_400
+
+    hostile.attack("/challenge-package", far_deadline)
+    assert refused(lambda: buyer.challenge({**agreement, "challenge_window_seconds": 10**9}, wallet, "hostile"),
+                   wallet).field == "deadline"
 
     hostile.attack("/challenge-package", lambda body: None)
     with relayer_polling():

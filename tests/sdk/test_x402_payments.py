@@ -68,7 +68,8 @@ def test_propose_direct_purchase_signs_both_and_gets_paid(seller_and_buyer, escr
     seller, buyer, service = seller_and_buyer
     chain = escrow_chain
     wallet = chain.accounts.buyer
-    proposed = buyer.propose_direct_purchase(service["id"], 100, wallet=wallet.key, max_unit_price_atomic=20_000)
+    proposed = buyer.propose_direct_purchase(service["id"], 100, wallet=wallet.key, max_unit_price_atomic=20_000,
+                                             expected_seller_wallet_address=service["seller"]["wallet_address"])
     assert proposed["status"] == "proposed" and proposed["infra_fee_atomic"] == 100_000  # the 0.10 minimum
     before = usdc_balance(chain, wallet.address)
     with relayer_polling():
