@@ -61,6 +61,13 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     S.PROPOSED: frozenset({S.ACCEPTED, S.REJECTED, S.CANCELLED, S.EXPIRED}),
     S.ACCEPTED: frozenset({S.SUBMITTING, S.PAYING, S.CANCELLED, S.EXPIRED}),
     S.ACTIVATION_FAILED: frozenset({S.SUBMITTING, S.CANCELLED, S.EXPIRED}),
+    # The chain funded the escrow after the agreement was closed: its buyer's signed intent is bearer until its
+    # deadline (relayed by anyone, mined before a cancel or expiry the indexer had not caught up with, or a funding
+    # the buyer sent itself before the seller rejected). Active with its completion asked for at once, so that a
+    # settlement of nothing gives the whole deposit back (`agreement_activation_confirmed`).
+    S.REJECTED: frozenset({S.ACTIVE}),
+    S.CANCELLED: frozenset({S.ACTIVE}),
+    S.EXPIRED: frozenset({S.ACTIVE}),
     S.SUBMITTING: frozenset({S.ACTIVE, S.ACTIVATION_FAILED}),
     S.ACTIVE: frozenset({S.IN_CHALLENGE, S.REFUNDED}),
     S.IN_CHALLENGE: frozenset({S.SETTLING, S.DISPUTED}),
@@ -90,6 +97,8 @@ def statuses_after(status: str) -> frozenset[str]:
 FUNDED_STATUSES = frozenset({S.ACTIVE}) | statuses_after(S.ACTIVE)
 # Statuses the escrow contract knows the agreement in: from the activation transaction's signing on.
 ONCHAIN_STATUSES = frozenset({S.SUBMITTING}) | statuses_after(S.SUBMITTING)
+# Closed before its escrow was funded: the seller rejected it, the buyer cancelled it, or its time ran out.
+CLOSED_STATUSES = frozenset({S.REJECTED, S.CANCELLED, S.EXPIRED})
 # Accepted, or its activation failed: waiting for the buyer to (again) sign and submit the escrow's funding.
 AWAITING_FUNDING_STATUSES = frozenset(status for status, successors in TRANSITIONS.items()
                                       if S.SUBMITTING in successors)
@@ -103,6 +112,10 @@ def can_transition(agreement: "UsageAgreement", *, to: str) -> bool:
 
 def can_activate(agreement: "UsageAgreement") -> bool:
     return agreement.status in AWAITING_FUNDING_STATUSES
+
+
+def is_closed(agreement: "UsageAgreement") -> bool:
+    return agreement.status in CLOSED_STATUSES
 
 
 def can_propose_settlement(agreement: "UsageAgreement") -> bool:

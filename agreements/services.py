@@ -37,6 +37,7 @@ from agreements.metering import job_result_charge as job_result_charge
 from agreements.metering import reservations_settle_stale as reservations_settle_stale
 from agreements.models import (
     APPROVAL_SUBJECT,
+    CLOSED_STATUSES,
     TRANSITIONS,
     AgreementEvent,
     AgreementStatus,
@@ -46,6 +47,7 @@ from agreements.models import (
     SkillInvocation,
     UsageAgreement,
     can_activate,
+    is_closed,
     is_funded,
     statuses_after,
 )
@@ -85,7 +87,7 @@ _TIMESTAMPS = {
 }
 # What an agreement in each status counts against the buyer's spend caps (see `_committed_spends`).
 # Not ACTIVATION_FAILED: it may still be signed again, or its intent relayed by anyone, and become active.
-NOTHING_COMMITTED = (S.REJECTED, S.CANCELLED, S.EXPIRED, S.PAYMENT_FAILED)
+NOTHING_COMMITTED = (*sorted(CLOSED_STATUSES), S.PAYMENT_FAILED)
 # What a skill invocation counts: its price from the moment its authorization is accepted (authorized, held, paying
 # out or paid out, refunding until the refund is confirmed), nothing once its payment failed or was refunded, nor
 # once a reorg took its payment and it could not run again (`payment_reverted_at`): the buyer's money never left its
@@ -703,21 +705,40 @@ def agreement_activation_confirmed(*, agreement_id, tx_hash: str) -> UsageAgreem
     if can_activate(agreement):
         # An operator retried a failed activation, or someone relayed the buyer's signed intent themselves.
         _transition(agreement_id, to=S.SUBMITTING, actor=SYSTEM, reason="activation mined")
+    elif is_closed(agreement):
+        # The buyer's signed intent ran after the agreement was closed (see TRANSITIONS). The escrow holds the deposit,
+        # which only the contract can give back: completion is asked for in the same write, so nothing is charged
+        # and the settlement tick proposes nothing for the seller; finalize then pays the buyer the whole deposit.
+        return _transition(agreement_id, to=S.ACTIVE, actor=SYSTEM, data={"tx_hash": tx_hash},
+                           reason=f"escrow funded on-chain after the agreement was {agreement.status}: its deposit "
+                                  "goes back to the buyer through a settlement of nothing",
+                           changes={"activation_tx_hash": tx_hash, "completion_requested_at": timezone.now(),
+                                    "completion_reason": "funded after it was closed"})
     return _chain_outcome(agreement_id, to=S.ACTIVE, actor=SYSTEM, reason="escrow funded on-chain",
                           data={"tx_hash": tx_hash}, changes={"activation_tx_hash": tx_hash})
 
 
 def agreement_activation_failed(*, agreement_id, reason: str) -> UsageAgreement:
     agreement = _lock(agreement_id)
-    if is_funded(agreement):
-        return agreement  # the escrow is funded on-chain (another copy of the intent was mined): that wins
+    if is_funded(agreement) or is_closed(agreement):
+        # Funded on-chain (another copy of the intent was mined): that wins. Closed since the activation was sent (an
+        # operator's retry of one that failed before): nothing left to fail.
+        return agreement
     return _transition(agreement_id, to=S.ACTIVATION_FAILED, actor=SYSTEM, reason=reason)
+
+
+def agreement_activation_wanted(*, agreement_id) -> bool:
+    """Whether an activation that failed may still be sent again (after a reorg took its block): not once the
+    agreement is closed, so a buyer who cancelled is not charged by it. Locks the agreement until the caller's
+    transaction ends, so that a cancel waits for the activation to be reopened (then refused: submitting)."""
+    return not is_closed(_lock(agreement_id))
 
 
 def agreement_activation_reopened(*, agreement_id, tx_hash: str) -> UsageAgreement:
     """A reorg took the block of the activation `tx_hash` that reverted; the relayer sends the same bytes again:
-    activation_failed -> submitting (the buyer starts no other meanwhile) until its outcome is applied again. An
-    agreement that went on since (cancelled, expired) is left where it is."""
+    activation_failed -> submitting (the buyer starts no other meanwhile) until its outcome is applied again. One
+    closed since is not sent again (`agreement_activation_wanted`); one funded since (its intent relayed by someone
+    else) is left where it is."""
     agreement = _lock(agreement_id)
     if agreement.status != S.ACTIVATION_FAILED:
         return agreement
@@ -781,6 +802,8 @@ def agreement_chain_rollback(*, agreement_id, produced_by_removed: set[str], bac
         fields.update(seller_payout=None, buyer_refund=None, settled_at=None)
     if agreement.status == S.ACTIVE and back_to != S.ACTIVE:
         fields["activated_at"] = None
+    if back_to in CLOSED_STATUSES:  # the escrow funded after the close is gone: nothing to complete
+        fields.update(completion_requested_at=None, completion_reason="")
     if agreement.status == back_to and not fields:
         return None
     from_status = agreement.status

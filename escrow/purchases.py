@@ -72,7 +72,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from agreements import services as agreement_services
-from agreements.models import AWAITING_FUNDING_STATUSES, AgreementStatus, UsageAgreement, can_activate
+from agreements.models import AWAITING_FUNDING_STATUSES, AgreementStatus, UsageAgreement, can_activate, is_closed
 from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
 from escrow import chain_clock, selectors, services, settlement
 from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose
@@ -446,7 +446,9 @@ def _due_job_calls(now: int) -> list[tuple[Any, Any]]:
     """(purchase id, seller id) of the purchases whose seller is due a call, the longest waiting first: jobs the
     marketplace starts itself (a purchase paying a seller's payment request: the buyer started it), and jobs
     running without a result, while submitResultTime has not passed."""
-    to_start = Q(agreement__status=S.ACTIVE, result_hash="", job_id="", payment_request__isnull=True)
+    # Not once completion is asked for (a purchase funded after it expired is given back): its result is never charged.
+    to_start = Q(agreement__status=S.ACTIVE, agreement__completion_requested_at__isnull=True, result_hash="",
+                 job_id="", payment_request__isnull=True)
     to_poll = Q(agreement__status__in=[S.ACTIVE, S.IN_CHALLENGE], result="") & ~Q(job_id="")
     due = Q(job_next_call_at__isnull=True) | Q(job_next_call_at__lte=timezone.now())
     return list(MasumiPurchase.objects.filter(to_start | to_poll, due, submit_result_time__gt=_moment(now)).order_by(
@@ -467,7 +469,8 @@ def _job_call_claim(purchase_id, seller_id, *, now: int) -> _JobCall | None:
     if purchase.result or now >= _unix(purchase.submit_result_time):
         return None
     if not purchase.job_id:
-        if status != S.ACTIVE or purchase.result_hash or purchase.payment_request_id is not None:
+        if (status != S.ACTIVE or purchase.agreement.completion_requested_at is not None or purchase.result_hash
+                or purchase.payment_request_id is not None):
             return None
         # Read by `payment_request_create`: the seller's server asks this node for the payment while starting it.
         MasumiPurchase.objects.filter(pk=purchase_id).update(job_start_claimed_at=wall)
@@ -682,7 +685,7 @@ def purchase_next_action(purchase: MasumiPurchase) -> dict:
         action = "WithdrawInitiated"
     elif purchase.refund_requested_at is not None and agreement.status in (S.ACTIVE, S.IN_CHALLENGE):
         action = "SetRefundRequestedInitiated" if purchase.result_hash else "WaitingForExternalAction"
-    elif agreement.status in (S.EXPIRED, S.CANCELLED, S.REJECTED):
+    elif is_closed(agreement):
         error_type, note = "Closed", agreement.status_reason or agreement.status
     if purchase.refund_requested_at is not None and not purchase.refund_signature and error_type is None:
         error_type, note = "RefundSignatureMissing", ("Sign refundRequestTypedData and PATCH /purchase to be refunded "

@@ -52,6 +52,8 @@ _outcome_handlers: dict[str, OutcomeHandler] = {}
 _submitted_handlers: dict[str, OutcomeHandler] = {}
 _reopened_handlers: dict[str, OutcomeHandler] = {}
 _evidence_readers: dict[str, EvidenceReader] = {}
+RerunCheck = Callable[[ChainTransaction], bool]
+_rerun_checks: dict[str, RerunCheck] = {}
 _GAS_HEADROOM_PERCENT = 25
 # On top of it: about what filling an empty storage slot costs beyond rewriting a set one (EIP-2200/2929: 22,100
 # against 5,000). The chain may change between the estimate and the mining, and the same signed bytes are sent again after
@@ -78,7 +80,8 @@ _POLL_GIVES_UP_AFTER = 5
 def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
                              on_submitted: OutcomeHandler | None = None,
                              read_evidence: EvidenceReader | None = None,
-                             on_reopened: OutcomeHandler | None = None) -> None:
+                             on_reopened: OutcomeHandler | None = None,
+                             rerun_wanted: RerunCheck | None = None) -> None:
     """`on_outcome(tx)` runs in the DB transaction that makes `tx` confirmed or failed; `on_submitted(tx)` in the
     one that signs its first attempt (its hash is then known). `read_evidence(tx)` runs just before, outside any
     DB transaction, and reads from the chain what the outcome depends on; `on_outcome` finds its answer in
@@ -87,7 +90,9 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
     cleared: a mined one, confirmed or failed (`tx.mined_tx_hash` is the hash no longer canonical), or a failed one
     whose evidence names the block of someone else's transaction (EVIDENCE_BLOCK) that is no longer canonical; its
     outcome is applied again once it is concluded again. Not for a failed one cancelled instead (`_cancel`): its
-    outcome stands."""
+    outcome stands. `rerun_wanted(tx)`, inside a DB transaction holding `tx`'s row lock, says whether a failed `tx`
+    may be sent again at all (its block reorged out, or an operator's retry): one its domain no longer wants (an
+    activation whose agreement was cancelled since) is cancelled as a superseded one is, and its retry refused."""
     _outcome_handlers[purpose] = on_outcome
     if on_submitted is not None:
         _submitted_handlers[purpose] = on_submitted
@@ -95,6 +100,8 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
         _evidence_readers[purpose] = read_evidence
     if on_reopened is not None:
         _reopened_handlers[purpose] = on_reopened
+    if rerun_wanted is not None:
+        _rerun_checks[purpose] = rerun_wanted
 
 
 def outcome_handlers_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
@@ -359,10 +366,14 @@ def _reopen(tx: ChainTransaction) -> bool:
 
 def _superseded(tx: ChainTransaction) -> bool:
     """A failed transaction something took the place of since: an operator's retry of it, or another of its agreement
-    and purpose (the buyer's new activation, the next settlement proposal) or a fee payment under way. Its bytes must
-    not run again: a payout retried would pay twice, and those others admit no second one live beside them."""
+    and purpose (the buyer's new activation, the next settlement proposal) or a fee payment under way; or one its
+    domain no longer wants (`rerun_wanted`). Its bytes must not run again: a payout retried would pay twice, those
+    others admit no second one live beside them, and an activation of a cancelled agreement would take the money of a
+    buyer who cancelled."""
     if tx.status != TxStatus.FAILED:
         return False
+    if tx.purpose in _rerun_checks and not _rerun_checks[tx.purpose](tx):
+        return True
     others = ChainTransaction.objects.exclude(pk=tx.pk)
     if others.filter(**{f"context__{OPERATOR_RETRY_OF}": str(tx.pk)}).exists():
         return True
@@ -587,7 +598,8 @@ def transaction_withdraw(*, transaction_id, reason: str) -> bool:
 
 def transaction_retry(*, tx: ChainTransaction) -> ChainTransaction:
     """Operator action: a failed transaction is queued again as a new row (the failed one stays for history),
-    whose context names the one it retries (`OPERATOR_RETRY_OF`). Not one the domain withdrew (`WITHDRAWN`)."""
+    whose context names the one it retries (`OPERATOR_RETRY_OF`). Not one the domain withdrew (`WITHDRAWN`) or no
+    longer wants run (`rerun_wanted`: an activation whose agreement was closed since)."""
     with transaction.atomic():
         # Once: a plain token transfer (a payout, a refund) retried twice would pay twice.
         tx = ChainTransaction.objects.select_for_update().get(pk=tx.pk)
@@ -598,6 +610,10 @@ def transaction_retry(*, tx: ChainTransaction) -> ChainTransaction:
                 **{f"context__{OPERATOR_RETRY_OF}": str(tx.pk)}).exists():
             raise Conflict("This transaction was retried already (retry its retry if that failed too).",
                            code="already_retried", details={"transaction_id": str(tx.pk)})
+        if tx.purpose in _rerun_checks and not _rerun_checks[tx.purpose](tx):
+            raise Conflict("What this transaction was for is closed since (its agreement cancelled, rejected or "
+                           "expired): it is not sent again.", code="no_longer_wanted",
+                           details={"transaction_id": str(tx.pk)})
         return transaction_enqueue(purpose=tx.purpose, to=tx.to_address, data=tx.data,
                                    agreement_id=tx.agreement_id, context={**tx.context, OPERATOR_RETRY_OF: str(tx.pk)},
                                    confirmations=tx.confirmations_required)

@@ -214,6 +214,10 @@ def _activation_reopened(tx: ChainTransaction) -> None:
         agreement_services.agreement_activation_reopened(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
 
 
+def _activation_rerun_wanted(tx: ChainTransaction) -> bool:
+    return agreement_services.agreement_activation_wanted(agreement_id=tx.agreement_id)
+
+
 def findings_acknowledge(*, findings: QuerySet[ChainEvent] | QuerySet[ChainTransaction], operator: str,
                          reason: str) -> int:
     """Operator action: rows reconcile reports (`findings`: only those it reports) someone looked into and accepted
@@ -238,6 +242,6 @@ def handlers_register() -> None:
     """Called once, from EscrowConfig.ready()."""
     relayer.outcome_handler_register(purpose=TxPurpose.ACTIVATE, on_outcome=_activation_outcome,
                                      on_submitted=_activation_signed, read_evidence=_activation_evidence,
-                                     on_reopened=_activation_reopened)
+                                     on_reopened=_activation_reopened, rerun_wanted=_activation_rerun_wanted)
     # Fee permits given as signature and deadline only (the Pægents SDK's direct purchase) are read at this nonce.
     agreement_services.permit_nonce_reader_register(reader=_token_nonce)
