@@ -10,7 +10,8 @@ no newer than the node's `safe` or `finalized` block when INDEXER_HEAD_TAG names
 - each escrow event moves its agreement through agreements' services (`_TARGETS`): the same calls the relayer's
   receipts make, so whichever of the two comes first applies the transition and the other is a no-op;
 - an event that cannot be applied (an illegal transition, an escrow that is not this agreement's intent) is
-  stored with `effect=failed` and its error, shown in the admin and by `reconcile`; the indexer goes on.
+  stored with `effect=failed` and its error, shown in the admin and by `reconcile`; the indexer goes on. An
+  `Activated` one is tried again once its agreement has moved (`_activations_retry`), once per move.
 
 One range is applied in one DB transaction that also moves the cursor, under the cursor's row lock and only if
 the cursor is still where this runner read it (compare-and-set): a runner killed anywhere leaves the range
@@ -36,6 +37,7 @@ from datetime import UTC, datetime
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, transaction
+from django.db.models import F
 from django.utils import timezone
 from eth_utils import event_abi_to_log_topic
 from web3 import Web3
@@ -134,6 +136,7 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
         except chain.ChainError as error:
             IndexerCursor.objects.filter(pk=cursor_pk).update(last_error=f"{type(error).__name__}: {error}"[:500])
             raise
+        _activations_retry()
         IndexerCursor.objects.filter(pk=cursor_pk).exclude(last_error="").update(last_error="")
         result.indexed_to = IndexerCursor.objects.values_list("last_block", flat=True).get(pk=cursor_pk)
     return result
@@ -236,11 +239,46 @@ def _store_and_apply(cursor: IndexerCursor, log) -> None:
                 _apply(event)
         except (OperationalError, InterfaceError):
             raise  # the database itself failed: the whole range is retried
-        except Exception as error:  # noqa: BLE001 - any event that cannot be applied is kept, visibly, not retried
-            event.effect, event.error = EventEffect.FAILED, _error_text(error)
-            logger.error("indexed event not applied", extra={"agreement_id": str(event.agreement_id),
-                                                             "event": name, "error": event.error})
+        except Exception as error:  # noqa: BLE001 - any event that cannot be applied is kept, visibly
+            _failed(event, error)
     event.save()
+
+
+def _failed(event: ChainEvent, error: Exception) -> None:
+    """The event could not be applied: kept with its error, and the status its agreement was in (an Activated event
+    is tried again once that changes: `_activations_retry`)."""
+    event.effect, event.error = EventEffect.FAILED, _error_text(error)
+    event.from_status = UsageAgreement.objects.values_list("status", flat=True).get(pk=event.agreement_id)
+    logger.error("indexed event not applied", extra={"agreement_id": str(event.agreement_id), "event": event.name,
+                                                     "error": event.error})
+
+
+def _activations_retry() -> int:
+    """Activated events that could not be applied where their agreement was (the buyer's own funding of a proposal
+    the seller had not answered yet) are applied once it has moved: accepted, the agreement is active; rejected or
+    cancelled, the deposit goes back (`agreement_activation_confirmed`). One that still cannot be applied records
+    where it failed this time, so it is tried again only after the next move, never at every pass. Returns how many
+    were applied."""
+    applied = 0
+    due = (ChainEvent.objects.filter(name="Activated", effect=EventEffect.FAILED, removed_at=None,
+                                     acknowledged_at=None, agreement__isnull=False)
+           .exclude(agreement__status=F("from_status")).values_list("pk", flat=True))
+    for event_id in list(due[:100]):
+        with transaction.atomic():
+            event = ChainEvent.objects.select_for_update().filter(pk=event_id, effect=EventEffect.FAILED).first()
+            if event is None:
+                continue
+            try:
+                with transaction.atomic():
+                    _apply(event)
+                event.error = ""
+                applied += 1
+            except (OperationalError, InterfaceError):
+                raise
+            except Exception as error:  # noqa: BLE001 - as when it was first read
+                _failed(event, error)
+            event.save(update_fields=["effect", "error", "from_status", "to_status"])
+    return applied
 
 
 def _error_text(error: Exception) -> str:

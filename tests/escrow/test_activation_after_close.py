@@ -14,13 +14,17 @@ from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.utils import timezone
 
+from agreements import services as agreement_services
 from agreements.models import UsageAgreement
 from escrow import chain as gateway
 from escrow import purchases, relayer, settlement
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayerAccount, TxPurpose, TxStatus
 from sdk import typed_data as td
 from sdk.activation import activation_intent_nonce
+from tests.agreements.helpers import propose
 from tests.conftest import error_code
 from tests.escrow.conftest import Escrows
 from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock, fund, pay_fees, sign_activation, usdc_balance
@@ -285,21 +289,28 @@ def test_a_masumi_purchase_funded_before_pay_by_time_and_expired_before_it_was_i
         seller_service.stop()
 
 
-def test_a_proposal_the_seller_rejected_funded_by_the_buyers_own_intent_is_given_back(
-        parties, escrow_chain, esc_for_parties, django_capture_on_commit_callbacks):
+def funded_by_the_buyers_own_intent_while_proposed(parties) -> dict:
     """The platform hands out no package before the seller accepts, but the buyer can build the intent itself from
-    the agreement's terms and fund the escrow; the seller then rejects the proposal. The deposit goes back."""
-    chain, capture = escrow_chain, django_capture_on_commit_callbacks
-    from tests.agreements.helpers import propose
-
+    the agreement's terms (the platform's receipt signer and fee, its intent nonce) and fund the escrow."""
+    chain = parties.chain
+    esc = Escrows(chain)
     agreement = propose(parties.buyer_api, parties.service, quantity=10)
     record = UsageAgreement.objects.get(pk=agreement["id"])
-    esc_for_parties.activate(esc_for_parties.intent(
+    esc.activate(esc.intent(
         agreement_id=record.onchain_id, seller=record.seller_wallet_address, quantity=record.quantity,
         price_per_unit=record.price_per_unit, infra_fee=record.infra_fee,
         challenge_window=record.challenge_window_seconds, expires_at=int(record.expires_at.timestamp()),
         terms_hash=record.terms_hash, nonce=activation_intent_nonce(record.onchain_id)),
         buyer=parties.buyer_account, sender=chain.accounts.stranger, fund=False)
+    return agreement
+
+
+def test_a_proposal_the_seller_rejected_funded_by_the_buyers_own_intent_is_given_back(
+        parties, escrow_chain, django_capture_on_commit_callbacks):
+    """The buyer funds the escrow with its own intent; the seller rejects the proposal before the indexer applied the
+    funding. The deposit goes back."""
+    capture = django_capture_on_commit_callbacks
+    agreement = funded_by_the_buyers_own_intent_while_proposed(parties)
     rejected = parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject", {"reason": "busy"})
     assert rejected.status_code == 200, rejected.content
 
@@ -309,9 +320,47 @@ def test_a_proposal_the_seller_rejected_funded_by_the_buyers_own_intent_is_given
                                                       window=agreement["challenge_window_seconds"])
 
 
-@pytest.fixture
-def esc_for_parties(escrow_chain) -> Escrows:
-    return Escrows(escrow_chain)
+@pytest.mark.parametrize("answer", ["reject", "accept", "none"])
+def test_a_funding_indexed_before_the_seller_answered_is_applied_once_the_seller_does(
+        answer, parties, escrow_chain, caplog, django_capture_on_commit_callbacks):
+    """The indexer applies the buyer's own funding while the agreement is still proposed: it cannot be applied there
+    (the seller has not agreed), and fails `reconcile`. Once the seller answers, it is applied: rejected, the deposit
+    goes back (so it does when the proposal expires unanswered); accepted, the agreement is active without the buyer
+    sending anything. (It stayed failed for ever:
+    the deposit of a rejected proposal waited for the buyer's own reclaim after expiry and the grace.) An event
+    that still cannot be applied is tried again only once its agreement has moved: no error repeats at every pass."""
+    capture = django_capture_on_commit_callbacks
+    agreement = funded_by_the_buyers_own_intent_while_proposed(parties)
+    with caplog.at_level(logging.ERROR):
+        for _ in range(3):
+            index(capture)
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == [
+        "indexed event not applied"]
+    activated = ChainEvent.objects.get(name="Activated")
+    assert activated.effect == EventEffect.FAILED and activated.error.startswith("invalid_transition")
+    assert parties.agreement(agreement["id"])["status"] == "proposed"
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+
+    if answer == "none":  # the proposal expires unanswered (the beat task)
+        with capture(execute=True):
+            assert agreement_services.agreements_expire_proposals(now=timezone.now() + timedelta(days=4)) == 1
+    else:
+        answered = parties.seller_api.put(f"/usage-agreements/{agreement['id']}/{answer}")
+        assert answered.status_code == 200, answered.content
+    index(capture)
+    activated.refresh_from_db()
+    assert (activated.effect, activated.error) == (EventEffect.APPLIED, "")
+    if answer != "accept":
+        assert activated.from_status == {"reject": "rejected", "none": "expired"}[answer]
+        assert_given_back_through_a_settlement_of_nothing(parties, capture, agreement["id"],
+                                                          window=agreement["challenge_window_seconds"])
+    else:
+        assert activated.from_status == "accepted"
+        assert statuses(agreement["id"])[-2:] == [("accepted", "submitting"), ("submitting", "active")]
+        assert UsageAgreement.objects.get(pk=agreement["id"]).completion_requested_at is None
+        assert parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/work").status_code == 200
+        call_command("reconcile", stdout=io.StringIO())
 
 
 # --- a deep reorg under a failed activation of an agreement closed since ---------------------------------------
