@@ -418,8 +418,9 @@ def test_a_failed_activation_a_reorg_reopens_after_the_agreement_was_cancelled_i
 def test_the_old_bytes_of_that_activation_mined_first_give_the_deposit_back(
         parties, escrow_chain, monkeypatch, caplog, django_capture_on_commit_callbacks):
     """Anyone holding the failed activation's signed bytes gets them mined on the new branch before the relayer's
-    fill: the escrow is funded for a cancelled agreement. The fill names them (one error, for an operator), the
-    agreement follows the chain and the deposit goes back to the buyer; nothing else is logged as an error."""
+    fill: the escrow is funded for a cancelled agreement. The fill names them (one error, and reconcile until an
+    operator acknowledges it), the agreement follows the chain and the deposit goes back to the buyer; nothing else
+    is logged as an error."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     agreement, failed, before_fork = failed_then_cancelled_on_a_branch(parties, chain, capture, monkeypatch)
     chain.revert(before_fork)
@@ -435,6 +436,13 @@ def test_the_old_bytes_of_that_activation_mined_first_give_the_deposit_back(
     assert [record.getMessage() for record in errors] == [
         "a cancelled transaction's own bytes were mined in place of its nonce fill"]
     assert gateway.receipt(old_bytes.tx_hash).status == 1
+    # The fill lost its race to bytes that ran: reconcile says so until an operator has looked (the buyer who
+    # cancelled paid the fee all the same).
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+    call_command("reconcile", "--acknowledge-nonce-fill", str(fill.pk), "--reason", "the deposit goes back",
+                 stdout=io.StringIO())
     assert_given_back_through_a_settlement_of_nothing(parties, capture, agreement["id"],
                                                       window=agreement["challenge_window_seconds"])
 
