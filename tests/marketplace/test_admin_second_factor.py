@@ -326,25 +326,19 @@ def test_a_code_is_accepted_once_even_by_two_checks_that_read_the_device_before_
     assert (device.last_t, device.throttling_failure_count) == (first.last_t, 2)  # both failures, the step kept
 
 
-@pytest.mark.postgres
-@pytest.mark.django_db(transaction=True)
-def test_a_code_used_by_two_logins_at_once_logs_in_once(settings):
-    """A login verifying a code while another, not yet committed, has used it: the second waits, then is refused."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    staff = get_user_model().objects.create_superuser("operator", "operator@example.com", PASSWORD)
-    uri = enrol("operator")
-    now = time.time()
-    app = AuthenticatorAppDevice.objects.get(user=staff)
+def a_second_login_waiting_on_the_first(second_code: str, first_verifies):
+    """The answer to a login with `second_code` started while a first, `first_verifies()` (as django-otp's form
+    verifies a code, inside a transaction), has not committed yet: the second waits for the first's row lock."""
     answers = []
 
     def log_in_meanwhile():
         try:
-            answers.append(log_in(Client(), "operator", PASSWORD, code(uri, at=now)))
+            answers.append(log_in(Client(), "operator", PASSWORD, second_code))
         finally:
             connections.close_all()
 
-    with transaction.atomic():  # the first login, as django-otp's form verifies a code
-        assert AuthenticatorAppDevice.objects.get(pk=app.pk).verify_token(code(uri, at=now))
+    with transaction.atomic():
+        assert first_verifies()
         second = threading.Thread(target=log_in_meanwhile)
         second.start()
         for _ in range(100):
@@ -355,8 +349,21 @@ def test_a_code_used_by_two_logins_at_once_logs_in_once(settings):
                     break
             time.sleep(0.05)
     second.join(10)
+    return answers[0]
 
-    assert answers[0].status_code == 200 and "Invalid token" in answers[0].content.decode()
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_code_used_by_two_logins_at_once_logs_in_once(settings):
+    """A login verifying a code while another, not yet committed, has used it: the second waits, then is refused."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    staff = get_user_model().objects.create_superuser("operator", "operator@example.com", PASSWORD)
+    uri = enrol("operator")
+    now = time.time()
+    app = AuthenticatorAppDevice.objects.get(user=staff)
+    second = a_second_login_waiting_on_the_first(
+        code(uri, at=now), lambda: AuthenticatorAppDevice.objects.get(pk=app.pk).verify_token(code(uri, at=now)))
+    assert second.status_code == 200 and "Invalid token" in second.content.decode()
 
 
 def test_under_another_second_factor_key_the_app_is_refused_with_the_reason_and_a_recovery_code_logs_in(
@@ -475,29 +482,9 @@ def test_a_recovery_code_used_by_two_logins_at_once_logs_in_once(settings):
     staff = get_user_model().objects.create_superuser("operator", "operator@example.com", PASSWORD)
     _, recovery_codes = enrolment("operator")
     recovery_device = RecoveryCodeDevice.objects.get(user=staff)
-    answers = []
-
-    def log_in_meanwhile():
-        try:
-            answers.append(log_in(Client(), "operator", PASSWORD, recovery_codes[0]))
-        finally:
-            connections.close_all()
-
-    with transaction.atomic():  # the first login, as django-otp's form verifies a code
-        first = Device.from_persistent_id(recovery_device.persistent_id, for_verify=True)
-        assert first.verify_token(recovery_codes[0])
-        second = threading.Thread(target=log_in_meanwhile)
-        second.start()
-        for _ in range(100):
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                               "AND wait_event_type = 'Lock'")
-                if cursor.fetchone()[0]:
-                    break
-            time.sleep(0.05)
-    second.join(10)
-
-    assert answers[0].status_code == 200 and "Invalid token" in answers[0].content.decode()
+    second = a_second_login_waiting_on_the_first(recovery_codes[0], lambda: Device.from_persistent_id(
+        recovery_device.persistent_id, for_verify=True).verify_token(recovery_codes[0]))
+    assert second.status_code == 200 and "Invalid token" in second.content.decode()
 
 
 @pytest.mark.postgres
