@@ -6,6 +6,7 @@ that `flush`, which empties the installed apps' tables only, could not empty the
 forgotten. Where it never was installed, there is nothing to move."""
 
 import hashlib
+from datetime import UTC
 
 import django.db.models.deletion
 from django.conf import settings
@@ -14,6 +15,11 @@ from django.db import migrations, models
 
 LEGACY_DEVICES = "otp_static_staticdevice"
 LEGACY_CODES = "otp_static_statictoken"
+
+
+def aware(moment):
+    # SQLite's cursor gives datetimes without their zone (they are stored in UTC); PostgreSQL's with it.
+    return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def digest_of(code: str) -> str:
@@ -33,9 +39,9 @@ def recovery_codes_from_static_devices(apps, schema_editor):
         devices = {}
         for legacy_id, user_id, name, confirmed, failed_at, failures, created_at, last_used_at in cursor.fetchall():
             device = device_model.objects.create(
-                user_id=user_id, name=name, confirmed=confirmed, throttling_failure_timestamp=failed_at,
-                throttling_failure_count=failures, last_used_at=last_used_at)
-            device_model.objects.filter(pk=device.pk).update(created_at=created_at)  # auto_now_add set it to now
+                user_id=user_id, name=name, confirmed=confirmed, throttling_failure_timestamp=aware(failed_at),
+                throttling_failure_count=failures, last_used_at=aware(last_used_at))
+            device_model.objects.filter(pk=device.pk).update(created_at=aware(created_at))  # auto_now_add set it to now
             devices[legacy_id] = device
         cursor.execute(f"SELECT device_id, token FROM {LEGACY_CODES}")
         digests = {(device_id, digest_of(token)) for device_id, token in cursor.fetchall()}

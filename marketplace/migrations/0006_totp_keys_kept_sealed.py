@@ -7,6 +7,7 @@ throttle. django-otp's otp_totp app is no longer installed: its table is dropped
 installed, there is nothing to move. Sessions its devices verified must log in again."""
 
 import base64
+from datetime import UTC
 
 import django.db.models.deletion
 from cryptography.fernet import Fernet
@@ -17,6 +18,11 @@ from django.db import migrations, models
 
 
 LEGACY_DEVICES = "otp_totp_totpdevice"
+
+
+def aware(moment):
+    # SQLite's cursor gives datetimes without their zone (they are stored in UTC); PostgreSQL's with it.
+    return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def sealed(key: bytes) -> str:
@@ -41,8 +47,8 @@ def sealed_keys_from_totp_devices(apps, schema_editor):
             device = device_model.objects.create(
                 user_id=user_id, name=name, confirmed=confirmed, sealed_key=sealed(bytes.fromhex(key)), step=step,
                 t0=t0, digits=digits, tolerance=tolerance, drift=drift, last_t=last_t,
-                throttling_failure_timestamp=failed_at, throttling_failure_count=failures, last_used_at=last_used_at)
-            device_model.objects.filter(pk=device.pk).update(created_at=created_at)  # auto_now_add set it to now
+                throttling_failure_timestamp=aware(failed_at), throttling_failure_count=failures, last_used_at=aware(last_used_at))
+            device_model.objects.filter(pk=device.pk).update(created_at=aware(created_at))  # auto_now_add set it to now
         cursor.execute(f"DROP TABLE {LEGACY_DEVICES}")
         cursor.execute("DELETE FROM django_migrations WHERE app = 'otp_totp'")
 
