@@ -93,15 +93,14 @@ class UsageEventInline(MoneyRecordInline):
               permissions=["acknowledge"])
 def acknowledge_reverted_direct_payment(modeladmin, request, queryset):
     """A page asking why, then services.reverted_payments_acknowledge."""
-    reverted = queryset.filter(payment_reverted_at__isnull=False, payment_reversal_acknowledged_at=None)
+    reverted = selectors.payments_reverted(of=UsageAgreement).filter(pk__in=queryset.values("pk"))
     return acknowledgement_page(
         modeladmin, request, queryset, what="reverted direct payments", none_left="None of the selected agreements "
         "has a reverted payment not acknowledged yet.",
-        acknowledge=functools.partial(services.reverted_payments_acknowledge, payments=reverted),
+        acknowledge=functools.partial(services.reverted_payments_acknowledge, payments=queryset),
         columns=["Agreement", "Service", "Amount", "Reverted", "Reason"],
         rows=([str(agreement.pk), f"{agreement.service.name} of {agreement.seller.handle}", agreement.deposit_amount,
-               agreement.payment_reverted_at, agreement.payment_reverted_reason]
-              for agreement in reverted.select_related("service", "seller")))
+               agreement.payment_reverted_at, agreement.payment_reverted_reason] for agreement in reverted))
 
 
 @admin.register(UsageAgreement)
@@ -343,15 +342,15 @@ def paid_for_html(authorization: PaymentAuthorization):
               permissions=["acknowledge"])
 def acknowledge_reverted_payment(modeladmin, request, queryset):
     """A page asking why, then services.reverted_payments_acknowledge."""
-    reverted = queryset.filter(payment_reverted_at__isnull=False, payment_reversal_acknowledged_at=None)
+    reverted = selectors.payments_reverted(of=SkillInvocation).filter(pk__in=queryset.values("pk"))
     return acknowledgement_page(
         modeladmin, request, queryset, what="reverted payments", none_left="None of the selected invocations has a "
         "reverted payment not acknowledged yet.",
-        acknowledge=functools.partial(services.reverted_payments_acknowledge, payments=reverted),
+        acknowledge=functools.partial(services.reverted_payments_acknowledge, payments=queryset),
         columns=["Invocation", "Skill", "Money", "Payment transaction", "Reverted", "Reason"],
         rows=([invocation.public_id, f"{invocation.skill.name} of {invocation.seller.handle}", invocation.money,
                invocation.payment_tx_hash, invocation.payment_reverted_at, invocation.payment_reverted_reason]
-              for invocation in reverted.select_related("skill", "seller")))
+              for invocation in reverted))
 
 
 @admin.register(SkillInvocation)

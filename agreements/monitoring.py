@@ -59,11 +59,11 @@ def _failures(limit: int) -> list[dashboard.Failure]:
                                            f"{invocation.seller.handle}, {invocation.money})",
                                    reason=invocation.payment_reverted_reason,
                                    admin_url=reverse("admin:agreements_skillinvocation_change", args=[invocation.pk]))
-                 for invocation in selectors.invocations_payment_reverted().reverse()[:limit]]
+                 for invocation in selectors.payments_reverted(of=SkillInvocation).reverse()[:limit]]
     failures += [dashboard.Failure(at=agreement.payment_reverted_at, kind="direct purchase payment reverted",
                                    subject=f"{agreement.pk} ({agreement.service.name} of {agreement.seller.handle})",
                                    reason=agreement.payment_reverted_reason, admin_url=_agreement_url(agreement))
-                 for agreement in selectors.agreements_payment_reverted().reverse()[:limit]]
+                 for agreement in selectors.payments_reverted(of=UsageAgreement).reverse()[:limit]]
     return failures
 
 

@@ -264,21 +264,19 @@ def webhook_deliveries_failed_recently(*, limit: int) -> QuerySet[WebhookDeliver
             .order_by("-created_at")[:limit])
 
 
-def invocations_payment_reverted(*, acknowledged: bool = False) -> QuerySet[SkillInvocation]:
-    """Invocations whose payment a reorg took after their seller was called (agreements.invocations), oldest
-    first: those no operator acknowledged yet, or (`acknowledged`) those one did."""
-    return (SkillInvocation.objects.filter(payment_reverted_at__isnull=False,
-                                           payment_reversal_acknowledged_at__isnull=not acknowledged)
-            .select_related("skill", "seller").order_by("payment_reverted_at"))
+# What a reverted payment's list shows beside it.
+_REVERTED_PAYMENT_RELATED = {SkillInvocation: ("skill", "seller"), UsageAgreement: ("service", "seller")}
 
 
-def agreements_payment_reverted(*, acknowledged: bool = False) -> QuerySet[UsageAgreement]:
-    """Direct purchases whose payment a reorg took after they were counted paid, and that could not run again
-    (agreements.services.agreement_direct_payment_failed), oldest first: those no operator acknowledged yet, or
+def payments_reverted(*, of: type[SkillInvocation] | type[UsageAgreement],
+                      acknowledged: bool = False) -> QuerySet:
+    """Skill invocations (`of`) whose payment a reorg took after their seller was called (agreements.invocations), or
+    direct purchases whose payment a reorg took after they were counted paid, that could not run again
+    (agreements.services.agreement_direct_payment_failed); oldest first: those no operator acknowledged yet, or
     (`acknowledged`) those one did."""
-    return (UsageAgreement.objects.filter(payment_reverted_at__isnull=False,
-                                          payment_reversal_acknowledged_at__isnull=not acknowledged)
-            .select_related("service", "seller").order_by("payment_reverted_at"))
+    return (of.objects.filter(payment_reverted_at__isnull=False,
+                              payment_reversal_acknowledged_at__isnull=not acknowledged)
+            .select_related(*_REVERTED_PAYMENT_RELATED[of]).order_by("payment_reverted_at"))
 
 
 def payments_reverted_counts(*, of: type[SkillInvocation] | type[UsageAgreement]) -> dict[bool, int]:

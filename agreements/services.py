@@ -17,7 +17,7 @@ from django.core import checks
 from django.db import connection, transaction
 from django.utils import timezone
 
-from agreements import invocations, webhooks, x402_protocol
+from agreements import invocations, selectors, webhooks, x402_protocol
 # Skill invocations' and x402 payments' writes the escrow app drives (paying, settling), offered here as well.
 from agreements.invocations import invocation_paid_out as invocation_paid_out
 from agreements.invocations import invocation_payment_confirmed as invocation_payment_confirmed
@@ -615,8 +615,7 @@ def reverted_payments_acknowledge(*, payments, operator: str, reason: str) -> in
     reason = reason.strip()
     if not reason:
         raise InvalidInput("Say why the reverted payment is acknowledged.", code="reason_required")
-    return payments.model.objects.filter(pk__in=payments.values("pk"), payment_reverted_at__isnull=False,
-                                         payment_reversal_acknowledged_at=None).update(
+    return selectors.payments_reverted(of=payments.model).filter(pk__in=payments.values("pk")).update(
         payment_reversal_acknowledged_at=timezone.now(), payment_reversal_acknowledged_by=operator[:150],
         payment_reversal_acknowledgement_reason=reason[:500])
 

@@ -96,7 +96,7 @@ def acknowledge_outrun_fills(modeladmin, request, queryset):
         modeladmin, request, queryset, what="outrun nonce fills",
         none_left="None of the selected transactions is a nonce fill outrun by the old bytes it cancels and "
                   "unacknowledged.",
-        acknowledge=functools.partial(services.nonce_fills_acknowledge, fills=outrun),
+        acknowledge=functools.partial(services.nonce_fills_acknowledge, fills=queryset),
         columns=["Fill", "Nonce", "Cancelled transaction", "Mined transaction", "Block"],
         rows=([fill.pk, fill.nonce, fill.context.get(relayer.CANCELS), fill.mined_tx_hash, fill.mined_block_number]
               for fill in outrun))

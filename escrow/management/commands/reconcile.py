@@ -81,33 +81,27 @@ class Command(BaseCommand):
         agreements = UsageAgreement.objects.filter(status__in=FUNDED_STATUSES, settlement_model=SettlementModel.ESCROW)
         problems = selectors.reconciliation_mismatches(agreements=agreements.iterator())
         problems += [_describe(event) for event in selectors.indexer_unapplied_events()]
-        problems += [_describe_reverted(invocation)
-                     for invocation in agreement_selectors.invocations_payment_reverted()]
-        problems += [_describe_reverted_purchase(agreement)
-                     for agreement in agreement_selectors.agreements_payment_reverted()]
+        reverted = [(SkillInvocation, _describe_reverted), (UsageAgreement, _describe_reverted_purchase)]
+        problems += [describe(row) for of, describe in reverted
+                     for row in agreement_selectors.payments_reverted(of=of)]
         problems += [_describe_outrun_fill(fill) for fill in selectors.nonce_fills_outrun()]
         for line in problems:
             self.stdout.write(line)
-        for event in selectors.indexer_unapplied_events(acknowledged=True):
-            self.stdout.write(f"acknowledged by {event.acknowledged_by} at {event.acknowledged_at:%Y-%m-%d %H:%M:%S %Z}"
-                              f" ({event.acknowledgement_reason}): {_describe(event)}")
-        for invocation in agreement_selectors.invocations_payment_reverted(acknowledged=True):
-            self.stdout.write(f"acknowledged by {invocation.payment_reversal_acknowledged_by} at "
-                              f"{invocation.payment_reversal_acknowledged_at:%Y-%m-%d %H:%M:%S %Z} "
-                              f"({invocation.payment_reversal_acknowledgement_reason}): "
-                              f"{_describe_reverted(invocation)}")
-        for agreement in agreement_selectors.agreements_payment_reverted(acknowledged=True):
-            self.stdout.write(f"acknowledged by {agreement.payment_reversal_acknowledged_by} at "
-                              f"{agreement.payment_reversal_acknowledged_at:%Y-%m-%d %H:%M:%S %Z} "
-                              f"({agreement.payment_reversal_acknowledgement_reason}): "
-                              f"{_describe_reverted_purchase(agreement)}")
-        for fill in selectors.nonce_fills_outrun(acknowledged=True):
-            self.stdout.write(f"acknowledged by {fill.acknowledged_by} at {fill.acknowledged_at:%Y-%m-%d %H:%M:%S %Z}"
-                              f" ({fill.acknowledgement_reason}): {_describe_outrun_fill(fill)}")
+        acknowledged = [*((event, _describe(event)) for event in selectors.indexer_unapplied_events(acknowledged=True)),
+                        *((fill, _describe_outrun_fill(fill)) for fill in selectors.nonce_fills_outrun(acknowledged=True))]
+        for row, description in acknowledged:
+            self._acknowledged(row.acknowledged_by, row.acknowledged_at, row.acknowledgement_reason, description)
+        for of, describe in reverted:
+            for row in agreement_selectors.payments_reverted(of=of, acknowledged=True):
+                self._acknowledged(row.payment_reversal_acknowledged_by, row.payment_reversal_acknowledged_at,
+                                   row.payment_reversal_acknowledgement_reason, describe(row))
         self._report_lag()
         if problems:
             raise CommandError(f"{len(problems)} mismatch(es) between the database and the chain.")
         self.stdout.write(self.style.SUCCESS(f"Consistent: {agreements.count()} funded agreement(s) checked."))
+
+    def _acknowledged(self, by: str, at, reason: str, description: str) -> None:
+        self.stdout.write(f"acknowledged by {by} at {at:%Y-%m-%d %H:%M:%S %Z} ({reason}): {description}")
 
     def _acknowledge(self, event_ids: list[int], *, reason: str, operator: str) -> None:
         try:
