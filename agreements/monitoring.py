@@ -64,6 +64,10 @@ def _failures(limit: int) -> list[dashboard.Failure]:
                                    subject=f"{agreement.pk} ({agreement.service.name} of {agreement.seller.handle})",
                                    reason=agreement.payment_reverted_reason, admin_url=_agreement_url(agreement))
                  for agreement in selectors.payments_reverted(of=UsageAgreement).reverse()[:limit]]
+    failures += [dashboard.Failure(at=agreement.settled_at, kind="escrow reclaimed with the seller unpaid",
+                                   subject=str(agreement.pk), reason=agreement.status_reason,
+                                   admin_url=_agreement_url(agreement))
+                 for agreement in selectors.agreements_reclaimed_with_seller_unpaid()[:limit]]
     return failures
 
 

@@ -246,6 +246,12 @@ def agreements_past_expiry(*, now):
     return UsageAgreement.objects.filter(status=AgreementStatus.ACTIVE, expires_at__lte=now)
 
 
+def agreements_reclaimed_with_seller_unpaid():
+    """Refunded agreements that had usage charged: nothing was proposed on-chain before the escrow's reclaimAfter,
+    the deposit went back to the buyer and the seller was not paid what it earned (`used`). Newest first."""
+    return UsageAgreement.objects.filter(status=AgreementStatus.REFUNDED, used__gt=0).order_by("-settled_at")
+
+
 def agreements_in_status(*, status: str):
     return UsageAgreement.objects.filter(status=status)
 

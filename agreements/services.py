@@ -780,8 +780,17 @@ def agreement_settled(*, agreement_id, seller_payout: int, buyer_refund: int, tx
 
 
 def agreement_refunded(*, agreement_id, amount: int, tx_hash: str) -> UsageAgreement:
-    return _chain_outcome(agreement_id, to=S.REFUNDED, actor=SYSTEM, reason="expired unused: deposit reclaimed",
-                          data={"buyer_refund_atomic": amount, "tx_hash": tx_hash},
+    """The escrow was reclaimed (by the platform's relayer or the buyer itself): the whole deposit went back to the
+    buyer. Usage charged on it was never proposed before the escrow's reclaimAfter, and the contract pays the seller
+    nothing for it from then on: the event says so (`seller_unpaid_atomic`), to the parties' webhooks, and the
+    dashboard and `reconcile` list it (`selectors.agreements_reclaimed_with_seller_unpaid`)."""
+    used = _lock(agreement_id).used
+    reason, data = "expired unused: deposit reclaimed", {"buyer_refund_atomic": amount, "tx_hash": tx_hash}
+    if used:
+        reason = (f"deposit reclaimed for the buyer: nothing was proposed on-chain before the escrow's reclaimAfter, "
+                  f"so the seller was not paid the {used} base units it earned")
+        data["seller_unpaid_atomic"] = used
+    return _chain_outcome(agreement_id, to=S.REFUNDED, actor=SYSTEM, reason=reason, data=data,
                           changes={"seller_payout": 0, "buyer_refund": amount})
 
 

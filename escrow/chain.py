@@ -625,6 +625,11 @@ def terms_of_activation(args: dict) -> tuple:
             args["challengeWindow"], args["reclaimAfter"], args["nonce"])
 
 
+def terms_reclaim_after(terms: tuple) -> int:
+    """The escrow's `reclaimAfter` (expiresAt + the reclaim grace at activation), from its `EscrowTerms`."""
+    return int(terms[6])
+
+
 def escrow_record(onchain_id: str, *, buyer: str, from_block: int | None = None) -> dict:
     """The full record of `buyer`'s escrow `onchain_id`, as JSON-friendly values: its terms (from the Activated
     event, looked for from `from_block`, else the deployment block), its state (from `getEscrow(id, terms)`, which

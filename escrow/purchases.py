@@ -539,7 +539,7 @@ def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -
     # After the commit: the proposal reads the chain, which no row lock may wait on. The charge asked for
     # completion, so should the proposal fail here, settlement_tick proposes it.
     try:
-        settlement.settlement_propose(agreement_id=purchase.agreement_id)
+        settlement.settlement_propose(agreement_id=purchase.agreement_id, now=chain_now)
     except ApplicationError as error:
         logger.warning("settlement proposal after a job result deferred to the settlement tick",
                        extra={"agreement_id": str(purchase.agreement_id), "error": str(error)})
@@ -612,7 +612,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
         agreement__status=S.ACTIVE, result_hash="", refund_requested_at__isnull=False,
         submit_result_time__lte=now_dt, unlock_time__gt=now_dt).exclude(refund_signature="")
     for purchase in unanswered.select_related("agreement"):
-        if _zero_proposal(purchase):
+        if _zero_proposal(purchase, now=now):
             done["refunding"] += 1
     # A refund asked for before the result: dispute the result once its proposal is on-chain.
     for purchase in MasumiPurchase.objects.filter(refund_requested_at__isnull=False, agreement__status=S.IN_CHALLENGE,
@@ -638,7 +638,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     return done
 
 
-def _zero_proposal(purchase: MasumiPurchase) -> ChainTransaction | None:
+def _zero_proposal(purchase: MasumiPurchase, *, now: int) -> ChainTransaction | None:
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=purchase.agreement_id)
         if agreement.status != S.ACTIVE or agreement.used:
@@ -647,7 +647,7 @@ def _zero_proposal(purchase: MasumiPurchase) -> ChainTransaction | None:
             agreement_services.completion_request(agreement=agreement,
                                                   reason="no result by submitResultTime; refund requested")
     # After the commit: the proposal reads the chain (and locks the agreement again to queue it).
-    return settlement.settlement_propose(agreement_id=agreement.pk)
+    return settlement.settlement_propose(agreement_id=agreement.pk, now=now)
 
 
 # --- reads -----------------------------------------------------------------------------------------------------

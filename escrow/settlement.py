@@ -56,12 +56,17 @@ def _final_receipt(agreement: UsageAgreement) -> tuple[int, int, str, str]:
 
 
 @logs_name_the_agreement
-def settlement_propose(*, agreement_id) -> ChainTransaction | None:
-    """Queue proposeSettlement with the last receipt, once no call is in flight. Safe to call repeatedly."""
+def settlement_propose(*, agreement_id, now: int) -> ChainTransaction | None:
+    """Queue proposeSettlement with the last receipt, once no call is in flight. Safe to call repeatedly.
+
+    `now`: the chain's clock, read by the caller. None once it has reached the escrow's reclaimAfter: the contract
+    refuses a first proposal from then on (ProposalPeriodOver), and the settlement tick reclaims the deposit."""
     agreement = UsageAgreement.objects.get(pk=agreement_id)
     if not can_propose_settlement(agreement) or agreement.completion_requested_at is None:
         return None
     terms = selectors.escrow_terms(agreement=agreement)  # a chain read: before the row lock
+    if _proposal_period_over(terms, now=now):
+        return None
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
         if not can_propose_settlement(agreement) or agreement.completion_requested_at is None:
@@ -78,6 +83,12 @@ def settlement_propose(*, agreement_id) -> ChainTransaction | None:
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
                         [agreement.onchain_id, terms, seq, cumulative, digest, signature],
                         {"seq": seq, "cumulative": cumulative})
+
+
+def _proposal_period_over(terms: tuple, *, now: int) -> bool:
+    """The chain's clock has reached the escrow's reclaimAfter (snapshotted at activation, in its terms): no first
+    proposal can run any more, and `reclaim` can."""
+    return now >= chain.terms_reclaim_after(terms)
 
 
 def _proposal_due(failures: list[ChainTransaction]) -> bool:
@@ -243,17 +254,20 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     now = now if now is not None else chain_clock.chain_now()
     now_dt = datetime.fromtimestamp(now, tz=UTC)
     done = {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
-    # Active agreements past their end: used ones complete; unused ones wait for the reclaim window.
-    for agreement in agreement_selectors.agreements_past_expiry(now=now_dt).filter(completion_requested_at=None):
+    # Active agreements past their end: used ones complete (the proposal below); from the escrow's reclaimAfter on,
+    # when nothing can be proposed any more, every one whose escrow has nothing proposed is reclaimed for the buyer.
+    for agreement in agreement_selectors.agreements_past_expiry(now=now_dt):
         with agreement_context(agreement.pk):
-            if agreement.used or agreement.reserved:
+            terms = selectors.escrow_terms(agreement=agreement)
+            if _proposal_period_over(terms, now=now):
+                if _reclaim(agreement, terms=terms):
+                    done["reclaiming"] += 1
+            elif (agreement.used or agreement.reserved) and agreement.completion_requested_at is None:
                 agreement_services.completion_request(agreement=agreement, reason="expired")
                 done["expired"] += 1
-            elif agreement.expires_at.timestamp() + _reclaim_grace() <= now and _reclaim(agreement):
-                done["reclaiming"] += 1
     stale = agreement_selectors.calls_stale_before(now=timezone.now())
     for agreement in agreement_selectors.agreements_ready_to_propose(stale_reservation_before=stale):
-        if settlement_propose(agreement_id=agreement.pk):
+        if settlement_propose(agreement_id=agreement.pk, now=now):
             done["proposed"] += 1
     for agreement in agreement_selectors.agreements_in_status(status=AgreementStatus.IN_CHALLENGE).filter(
             challenge_deadline__lte=now_dt):
@@ -263,18 +277,25 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     return done
 
 
-def _reclaim_grace() -> int:
-    return chain.call(chain.escrow_contract().functions.reclaimGrace().call)
-
-
-def _reclaim(agreement: UsageAgreement) -> ChainTransaction | None:
-    terms = selectors.escrow_terms(agreement=agreement)
+def _reclaim(agreement: UsageAgreement, *, terms: tuple) -> ChainTransaction | None:
+    """Queue `reclaim` for an escrow past its reclaimAfter on which nothing was proposed, whatever we know of the
+    agreement (completion asked for, usage charged): the contract allows nothing else, and the seller's pay for
+    usage never proposed is lost (`agreement_refunded` records it). A proposal of ours still in flight cannot
+    run any more (ProposalPeriodOver)."""
+    if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM):
+        return None  # under way: no chain read at every tick (checked again under the lock)
+    # The chain, not our copy of it, says whether anything was proposed: one mined before reclaimAfter may not be
+    # indexed yet (the indexer acts at depth), and a reclaim then reverts.
+    state = chain.call(chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[0]
+    if list(selectors.EscrowState)[state] != selectors.EscrowState.ACTIVE:
+        return None
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if not can_reclaim(agreement) or agreement.used or selectors.live_transaction(
-                agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM):
+        if not can_reclaim(agreement) or selectors.live_transaction(agreement_id=agreement.pk,
+                                                                    purpose=TxPurpose.RECLAIM):
             return None
-        agreement_services.completion_request(agreement=agreement, reason="expired unused")
+        agreement_services.completion_request(
+            agreement=agreement, reason="nothing proposed by reclaimAfter" if agreement.used else "expired unused")
         return _enqueue(agreement, TxPurpose.RECLAIM, "reclaim", [agreement.onchain_id, terms])
 
 

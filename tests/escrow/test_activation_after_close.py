@@ -25,6 +25,7 @@ from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayerAcco
 from sdk import typed_data as td
 from sdk.activation import activation_intent_nonce
 from tests.agreements.helpers import propose
+from tests.chain_fixtures import TEST_RECLAIM_GRACE
 from tests.conftest import error_code
 from tests.escrow.conftest import Escrows
 from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock, fund, pay_fees, sign_activation, usdc_balance
@@ -120,6 +121,34 @@ def test_an_intent_relayed_after_the_buyer_cancelled_gives_the_whole_deposit_bac
     assert_given_back_through_a_settlement_of_nothing(parties, capture, agreement["id"],
                                                       window=agreement["challenge_window_seconds"])
     assert usdc_balance(chain, parties.buyer_account.address) == start - fee
+
+
+def test_a_funding_after_the_cancel_indexed_only_after_reclaim_after_is_reclaimed_for_the_buyer(
+        parties, escrow_chain, django_capture_on_commit_callbacks):
+    """The relayed intent is mined after the cancel, and applied only once the escrow's reclaimAfter has passed (the
+    indexer, or the node, down until then): no settlement of nothing can be proposed any more (ProposalPeriodOver).
+    The tick reclaims the deposit for the buyer instead, and proposes nothing. (It proposed, reverting at every
+    attempt, and never reclaimed, completion being asked for: the deposit waited for the buyer's own reclaim.)"""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    start = usdc_balance(chain, parties.buyer_account.address)
+    agreement = parties.accepted_agreement(quantity=10)
+    package, signed = package_and_signature(parties, agreement["id"])
+    cancel(parties, agreement["id"])
+    relay(chain, package, signed)
+    chain.increase_time(package["intent"]["message"]["expiresAt"] + TEST_RECLAIM_GRACE - chain.now())
+
+    index(capture)
+    assert statuses(agreement["id"])[-1] == ("cancelled", "active")
+    assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 1}
+    refunded = parties.agreement(agreement["id"])
+    assert (refunded["status"], refunded["seller_payout_atomic"], refunded["buyer_refund_atomic"]) == (
+        "refunded", 0, agreement["deposit_amount_atomic"])
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"], purpose=TxPurpose.PROPOSE_SETTLEMENT)
+    assert usdc_balance(chain, parties.buyer_account.address) == start - agreement["infra_fee_atomic"]
+    pay_fees(chain)
+    assert usdc_balance(chain, chain.addresses["escrow"]) == 0
+    index(capture)
+    call_command("reconcile", stdout=io.StringIO())
 
 
 def test_a_reorg_taking_the_funding_after_the_cancel_leaves_the_agreement_cancelled_with_nothing_to_complete(

@@ -1,17 +1,21 @@
 """Metering to money: complete → challenge window → settled; a dispute; a reclaim — balances checked on-chain."""
 
+import io
+
 import pytest
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
 
-from agreements.models import UsageAgreement
+from agreements.models import UsageAgreement, WebhookDelivery
 from escrow import settlement
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from sdk.typed_data import sign_typed_data
-from tests.chain_fixtures import TOKEN_NAMES
-from tests.catalog.factories import UserFactory, issue_owner_token
+from tests.chain_fixtures import TEST_RECLAIM_GRACE, TOKEN_NAMES
+from tests.catalog.factories import UserFactory, issue_key, issue_owner_token
 from tests.conftest import Api, error_code
+from tests.escrow.conftest import Escrows
 from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
+from tests.escrow.test_indexer import index
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -299,3 +303,146 @@ def test_a_failed_finalize_leaves_the_agreement_settling_until_an_operator_retri
     assert (settled["status"], settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (
         "settled", 60_000, 1_940_000)
     call_command("reconcile")
+
+
+# --- nothing proposed by the escrow's reclaimAfter ------------------------------------------------------------------
+#
+# The contract takes a first proposal only before `reclaimAfter` (expiresAt + the reclaim grace at activation:
+# ProposalPeriodOver from then on) and `reclaim` only from then on, when nothing was proposed. Past it, whatever the
+# platform knew of the agreement (completion asked for, usage charged), the deposit can only go back to the buyer.
+
+def reclaim_after(agreement_id) -> int:
+    """The escrow's reclaimAfter: its expiry plus the contract's reclaim grace when it was activated."""
+    return int(UsageAgreement.objects.get(pk=agreement_id).expires_at.timestamp()) + TEST_RECLAIM_GRACE
+
+
+def refunds(agreement_id) -> list[dict]:
+    return [delivery.payload for delivery in WebhookDelivery.objects.filter(event_type="agreement.refunded")
+            if delivery.payload["data"]["agreement_id"] == str(agreement_id)]
+
+
+def assert_reclaimed_for_the_buyer(funded, chain, agreement_id, *, seller_unpaid: int) -> dict:
+    """Refunded: the whole deposit back to the buyer, nothing to the seller; its refunded event (and so the parties' webhooks) says what the seller earned and was not paid."""
+    refunded = funded.agreement(agreement_id)
+    assert (refunded["status"], refunded["used_atomic"], refunded["seller_payout_atomic"],
+            refunded["buyer_refund_atomic"]) == ("refunded", seller_unpaid, 0, 2 * USDC), refunded
+    assert usdc_balance(chain, funded.buyer_account.address) == funded.balances["buyer"] + 2 * USDC
+    assert usdc_balance(chain, funded.seller_account.address) == funded.balances["seller"]
+    assert usdc_balance(chain, chain.addresses["escrow"]) == 0
+    events = funded.seller_api.get(f"/usage-agreements/{agreement_id}/events").json()["results"]
+    [refund] = [event for event in events if event["to_status"] == "refunded"]
+    assert refund["data"].get("seller_unpaid_atomic", 0) == seller_unpaid
+    if seller_unpaid:
+        assert f"the seller was not paid the {seller_unpaid}" in refund["reason"]
+    return refund
+
+
+def test_a_completion_never_proposed_by_reclaim_after_is_reclaimed_for_the_buyer(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    """The buyer asks for completion of an escrow it never used, and the relayer (or the chain) is down until the
+    escrow's reclaimAfter: no proposal can run any more. The tick reclaims the deposit for the buyer and proposes
+    nothing. (It left the agreement out of its reclaim loop, completion being asked for, and proposed: every
+    proposal reverted ProposalPeriodOver until the tick gave up, and the deposit waited for the buyer's own
+    reclaim, at its own gas.)"""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    assert funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete").status_code == 200
+    chain.increase_time(reclaim_after(funded.agreement_id) - chain.now())
+    assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 1}
+    assert not proposals(funded.agreement_id).exists()
+    assert_reclaimed_for_the_buyer(funded, chain, funded.agreement_id, seller_unpaid=0)
+    assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_proposal_the_relayer_gets_to_after_reclaim_after_gives_way_to_a_reclaim(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    """The seller asks for completion a minute before reclaimAfter; the tick queues the proposal, which the relayer
+    gets to only after reclaimAfter (ProposalPeriodOver at its simulation). The next tick reclaims for the buyer and
+    queues no proposal again. (It never reclaimed: completion was asked for.)"""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    chain.increase_time(reclaim_after(funded.agreement_id) - 60 - chain.now())
+    assert funded.seller_api.post(f"/usage-agreements/{funded.agreement_id}/complete").status_code == 200
+    with capture(execute=False) as submissions:
+        assert settlement.settlement_tick()["proposed"] == 1
+    chain.increase_time(60)
+    with capture(execute=True):
+        for submit in submissions:
+            submit()
+    confirm_all(capture)
+    [proposal] = proposals(funded.agreement_id)
+    assert proposal.status == TxStatus.FAILED and "ProposalPeriodOver" in proposal.failure_reason
+    assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 1}
+    assert proposals(funded.agreement_id).count() == 1
+    assert_reclaimed_for_the_buyer(funded, chain, funded.agreement_id, seller_unpaid=0)
+    call_command("reconcile", stdout=io.StringIO())
+
+
+@pytest.mark.parametrize("until_reclaim_after", ["proposals_reverted", "nothing_ran"])
+def test_a_used_escrow_with_nothing_proposed_by_reclaim_after_goes_back_to_the_buyer_saying_the_seller_lost_its_pay(
+        until_reclaim_after, spare_admin, funded, escrow_chain, django_capture_on_commit_callbacks, admin_client,
+        http_server, settings):
+    """3 calls served (0.06 USDC); every proposal reverted (here: the relayer lost its operator role) or none was
+    sent (the relayer or the chain down from the expiry on) until reclaimAfter. The contract allows nothing but
+    `reclaim` from then on: the seller's pay is lost, the buyer gets the whole deposit. The platform reclaims it
+    rather than leave it in the escrow, and says what the seller lost: in the refunded event the parties' webhooks
+    carry, on the dashboard, and in reconcile's report (which still passes: the database agrees with the chain).
+    (The agreement stayed active, the tick's proposals reverting ProposalPeriodOver until it gave up.)"""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    for api in (Api(issue_key(funded.buyer, scope="admin")), funded.seller_api):
+        assert api.post("/webhooks", {"url": f"{http_server.url}/hooks"}).status_code == 201
+    call_n(funded, 3)
+    expires_at = int(UsageAgreement.objects.get(pk=funded.agreement_id).expires_at.timestamp())
+    if until_reclaim_after == "proposals_reverted":
+        settings.SETTLEMENT_PROPOSE_BACKOFF_SECONDS = 0
+        set_relayer_operator(chain, spare_admin, allowed=False)
+        chain.increase_time(expires_at - chain.now() + 10)
+        assert tick(capture) == {"expired": 1, "proposed": 1, "finalizing": 0, "reclaiming": 0}
+        assert tick(capture)["proposed"] == 1
+        assert [tx.status for tx in proposals(funded.agreement_id)] == [TxStatus.FAILED] * 2
+    chain.increase_time(reclaim_after(funded.agreement_id) - chain.now())
+    assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 1}
+    assert proposals(funded.agreement_id).count() == (2 if until_reclaim_after == "proposals_reverted" else 0)
+
+    refund = assert_reclaimed_for_the_buyer(funded, chain, funded.agreement_id, seller_unpaid=60_000)
+    assert {payload["data"]["reason"] for payload in refunds(funded.agreement_id)} == {refund["reason"]}
+    assert WebhookDelivery.objects.filter(event_type="agreement.refunded").count() == 2  # buyer and seller
+    failures = admin_client.get("/admin/dashboard/").context["failures"]
+    [unpaid] = [failure for failure in failures if failure.kind == "escrow reclaimed with the seller unpaid"]
+    assert (unpaid.subject, unpaid.reason) == (funded.agreement_id, refund["reason"])
+    out = io.StringIO()
+    call_command("reconcile", stdout=out)
+    assert f"agreement {funded.agreement_id} (refunded): the seller was not paid the 60000" in out.getvalue()
+    assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
+
+
+def test_the_buyers_own_reclaim_of_a_used_escrow_says_the_seller_lost_its_pay(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    """The buyer reclaims the escrow itself past reclaimAfter, nothing having been proposed on the 3 calls it made:
+    the indexed Reclaimed event refunds the agreement and says what the seller lost, as the platform's reclaim does.
+    (It said "expired unused".)"""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    chain.increase_time(reclaim_after(funded.agreement_id) - chain.now())
+    esc = Escrows(chain)
+    esc.tx(esc.fn("reclaim", UsageAgreement.objects.get(pk=funded.agreement_id).onchain_id), funded.buyer_account)
+    index(capture)
+    assert_reclaimed_for_the_buyer(funded, chain, funded.agreement_id, seller_unpaid=60_000)
+    assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
+    call_command("reconcile", stdout=io.StringIO())
+
+
+@pytest.mark.parametrize("grace_change", [3600, -1800])
+def test_the_reclaim_waits_for_the_escrows_own_reclaim_after_whatever_the_grace_is_now(
+        grace_change, spare_admin, funded, escrow_chain, django_capture_on_commit_callbacks):
+    """reclaimAfter is the grace at activation; an admin's change of the grace since applies to new escrows only.
+    The tick reclaims at the escrow's reclaimAfter, not before. (It counted from the grace the contract has now:
+    raised, the deposit waited past its reclaimAfter; lowered, a reclaim was sent before it and reverted.)"""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    chain.escrow.functions.setReclaimGrace(TEST_RECLAIM_GRACE + grace_change).transact(
+        {"from": spare_admin.address})
+    chain.increase_time(reclaim_after(funded.agreement_id) - 60 - chain.now())
+    assert tick(capture)["reclaiming"] == 0
+    assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RECLAIM).exists()
+    chain.increase_time(60)
+    assert tick(capture)["reclaiming"] == 1
+    assert_reclaimed_for_the_buyer(funded, chain, funded.agreement_id, seller_unpaid=0)

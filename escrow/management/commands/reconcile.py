@@ -2,7 +2,8 @@
 could not apply, the skill invocations whose payment a reorg took after their seller was called, the direct
 purchases whose payment a reorg took after they were counted paid, and the nonce fills the old bytes of the
 transaction they cancel were mined in place of; exit 1 on any difference, unapplied event, reverted payment or
-outrun fill (the chain is the truth). An operator who looked into one acknowledges it (`--acknowledge ID` for an
+outrun fill (the chain is the truth). It also lists, without failing, the escrows reclaimed for the buyer with
+usage charged that was never proposed (the seller unpaid: the contract allows nothing else). An operator who looked into one acknowledges it (`--acknowledge ID` for an
 event, `--acknowledge-invocation INVOCATION_ID` or `--acknowledge-agreement AGREEMENT_ID` for a reverted payment,
 `--acknowledge-nonce-fill TRANSACTION_ID` for a fill, with `--reason ...`; or the admin's actions): it is still
 listed, and no longer fails the command."""
@@ -37,6 +38,12 @@ def _describe_reverted_purchase(agreement: UsageAgreement) -> str:
     return (f"direct purchase {agreement.pk} ({agreement.service.name} of {agreement.seller.handle}, "
             f"{agreement.deposit_amount} base units): its payment was taken off the chain by a reorg after it was "
             f"counted paid, and could not run again: {agreement.payment_reverted_reason}")
+
+
+def _describe_seller_unpaid(agreement: UsageAgreement) -> str:
+    return (f"agreement {agreement.pk} (refunded): the seller was not paid the {agreement.used} base units it earned: "
+            f"nothing was proposed on-chain before the escrow's reclaimAfter, and the contract gave the whole deposit "
+            f"back to the buyer")
 
 
 def _describe_outrun_fill(fill: ChainTransaction) -> str:
@@ -87,6 +94,8 @@ class Command(BaseCommand):
         problems += [_describe_outrun_fill(fill) for fill in selectors.nonce_fills_outrun()]
         for line in problems:
             self.stdout.write(line)
+        for agreement in agreement_selectors.agreements_reclaimed_with_seller_unpaid().iterator():
+            self.stdout.write(_describe_seller_unpaid(agreement))  # agrees with the chain: no mismatch
         acknowledged = [*((event, _describe(event)) for event in selectors.indexer_unapplied_events(acknowledged=True)),
                         *((fill, _describe_outrun_fill(fill)) for fill in selectors.nonce_fills_outrun(acknowledged=True))]
         for row, description in acknowledged:
