@@ -620,9 +620,28 @@ def reverted_payments_acknowledge(*, payments, operator: str, reason: str) -> in
         payment_reversal_acknowledgement_reason=reason[:500])
 
 
+def agreement_direct_fee_refund_due(*, agreement_id) -> UsageAgreement | None:
+    """The direct purchase, locked until the caller's transaction ends, when its fee is to go back to the buyer as far
+    as the agreement says: its payment failed for good (payment_failed), not after it was counted paid (a reorg took
+    the payment: its seller may have delivered, and an operator decides), and no refund is counted yet. The escrow app
+    checks the chain's side (the fee collected, no refund under way)."""
+    agreement = _lock(agreement_id)
+    if (agreement.status == S.PAYMENT_FAILED and agreement.payment_reverted_at is None
+            and agreement.buyer_refund is None):
+        return agreement
+    return None
+
+
 def agreement_direct_fee_refunded(*, agreement_id, amount: int) -> None:
-    """The fee came back to the buyer (the refund's transaction is on the agreement's chain transactions)."""
+    """The fee came back to the buyer (the refund's transaction is on the agreement's chain transactions). Also on a
+    purchase paid since: a refund cancelled when a reorg reopened its failed payment that ran all the same (the
+    platform bore the fee)."""
     UsageAgreement.objects.filter(pk=agreement_id).update(buyer_refund=amount, updated_at=timezone.now())
+
+
+def agreement_direct_fee_refund_reopened(*, agreement_id) -> None:
+    """A reorg took the fee's refund off the chain: not counted until it is concluded again."""
+    UsageAgreement.objects.filter(pk=agreement_id).update(buyer_refund=None, updated_at=timezone.now())
 
 
 # --- party actions -------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@
   someone else, sent again under a new nonce as the rules below say. So does a failed one whose outcome was decided
   on someone else's transaction (its evidence names that block, EVIDENCE_BLOCK: a copy of an x402 authorization
   mined first), or back to queued when it never took a nonce. A failed one something took the place of since (an
-  operator's retry, another live one of its agreement and purpose) is not run again: a nonce fill takes its nonce.
+  operator's retry, another live one of its agreement and purpose) is not run again: a nonce fill takes its nonce,
+  as it takes that of one signed already that the domain withdraws (`transaction_withdraw`).
   The indexer runs it after rolling a reorg back (so the agreements are back where the remaining events put them
   before the outcome is applied again); each poll runs it for the blocks the indexer has not applied yet. What no
   contract event records (a skill invocation's payment, payout or refund, a direct purchase's steps, what a failure
@@ -54,6 +55,8 @@ _reopened_handlers: dict[str, OutcomeHandler] = {}
 _evidence_readers: dict[str, EvidenceReader] = {}
 RerunCheck = Callable[[ChainTransaction], bool]
 _rerun_checks: dict[str, RerunCheck] = {}
+CancelledHandler = Callable[..., None]
+_cancelled_handlers: dict[str, CancelledHandler] = {}
 _GAS_HEADROOM_PERCENT = 25
 # On top of it: about what filling an empty storage slot costs beyond rewriting a set one (EIP-2200/2929: 22,100
 # against 5,000). The chain may change between the estimate and the mining, and the same signed bytes are sent again after
@@ -63,13 +66,13 @@ _GAS_HEADROOM_PERCENT = 25
 _SLOT_FILL_GAS = 20_000
 # The context key of an operator's retry: the failed transaction it sends again.
 OPERATOR_RETRY_OF = "operator_retry_of"
-# The context key of a transaction withdrawn before it was signed (`transaction_withdraw`): why.
+# The context key of a transaction the domain withdrew (`transaction_withdraw`): why.
 WITHDRAWN = "withdrawn"
 # The key under which an evidence reader whose answer rests on a transaction not ours (someone else's copy that did
 # what ours would have) names that transaction's block, {"number": n, "hash": "0x..."}: a reorg that takes the block
 # off the chain reopens the concluded transaction, as one that takes a confirmed transaction's own block does.
 EVIDENCE_BLOCK = "block"
-# The context key of a nonce fill that took over a superseded failed transaction's nonce (`_cancel`): that one's id.
+# The context key of a nonce fill that took over the nonce of a transaction cancelled (`_cancel`): that one's id.
 CANCELS = "cancels"
 # What a transfer of nothing to an account without code costs: a nonce fill's gas limit.
 _PLAIN_TRANSFER_GAS = 21_000
@@ -81,7 +84,8 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
                              on_submitted: OutcomeHandler | None = None,
                              read_evidence: EvidenceReader | None = None,
                              on_reopened: OutcomeHandler | None = None,
-                             rerun_wanted: RerunCheck | None = None) -> None:
+                             rerun_wanted: RerunCheck | None = None,
+                             on_cancelled: CancelledHandler | None = None) -> None:
     """`on_outcome(tx)` runs in the DB transaction that makes `tx` confirmed or failed; `on_submitted(tx)` in the
     one that signs its first attempt (its hash is then known). `read_evidence(tx)` runs just before, outside any
     DB transaction, and reads from the chain what the outcome depends on; `on_outcome` finds its answer in
@@ -92,7 +96,9 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
     outcome is applied again once it is concluded again. Not for a failed one cancelled instead (`_cancel`): its
     outcome stands. `rerun_wanted(tx)`, inside a DB transaction holding `tx`'s row lock, says whether a failed `tx`
     may be sent again at all (its block reorged out, or an operator's retry): one its domain no longer wants (an
-    activation whose agreement was cancelled since) is cancelled as a superseded one is, and its retry refused."""
+    activation whose agreement was cancelled since) is cancelled as a superseded one is, and its retry refused.
+    `on_cancelled(tx, ran=...)` runs in the one that concludes the nonce fill that took a cancelled `tx`'s nonce
+    (`_cancel`): `ran` when `tx`'s own old bytes were mined in the fill's place and ran, else nothing of `tx` ran."""
     _outcome_handlers[purpose] = on_outcome
     if on_submitted is not None:
         _submitted_handlers[purpose] = on_submitted
@@ -102,6 +108,8 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
         _reopened_handlers[purpose] = on_reopened
     if rerun_wanted is not None:
         _rerun_checks[purpose] = rerun_wanted
+    if on_cancelled is not None:
+        _cancelled_handlers[purpose] = on_cancelled
 
 
 def outcome_handlers_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
@@ -385,11 +393,12 @@ def _superseded(tx: ChainTransaction) -> bool:
 
 
 def _cancel(tx: ChainTransaction) -> None:
-    """Inside the DB transaction holding `tx`'s row lock: a superseded failed transaction stays failed, its outcome as
-    it was, and no longer rests on a block; its nonce (unused on the new branch: every later transaction waits behind
-    it) passes to a nonce fill whose one attempt transfers nothing to the relayer itself, with fees above its last
-    attempt's so that a node still holding its old bytes takes the fill in their place. The fill's checks look up
-    the old bytes too (`_attempts`): anyone may send them first, and the fill then names them (`nonce_fill_outcome`)."""
+    """Inside the DB transaction holding `tx`'s row lock, `tx` failed (a superseded one, its outcome as it was, or one
+    the domain withdrew): it no longer rests on a block, and its nonce (unused on the chain: every later transaction
+    waits behind it) passes to a nonce fill whose one attempt transfers nothing to the relayer itself, with fees above
+    its last attempt's so that a node still holding its old bytes takes the fill in their place. The fill's checks
+    look up the old bytes too (`_attempts`): anyone may send them first, and the fill then names them
+    (`nonce_fill_outcome`)."""
     cancelled_nonce, tx.nonce = tx.nonce, None
     tx.mined_tx_hash = tx.mined_block_hash = ""
     tx.mined_block_number = tx.receipt_status = None
@@ -405,7 +414,7 @@ def _cancel(tx: ChainTransaction) -> None:
         to_address=tx.relayer.address, data="0x", chain_id=tx.chain_id, status=TxStatus.SUBMITTED,
         confirmations_required=tx.confirmations_required, context={CANCELS: str(tx.pk)})
     _new_attempt(fill, fees)
-    logger.warning("a superseded failed transaction's nonce is cancelled after a reorg took its block",
+    logger.warning("a failed transaction's nonce is cancelled by a nonce fill",
                    extra={"tx_id": str(tx.pk), "fill_id": str(fill.pk), "nonce": cancelled_nonce})
 
 
@@ -421,13 +430,18 @@ def nonce_fill_outcome(tx: ChainTransaction) -> None:
     """A nonce fill changes nothing outside the relayer; one that cancels a transaction reports that transaction's
     own bytes mined in its place (sent first by someone, or by a node that held them): what it does may be done
     twice (a payout and its retry): `reconcile` reports the fill (`selectors.nonce_fills_outrun`) until an operator
-    acknowledges it."""
-    cancelled = tx.context.get(CANCELS)
-    if cancelled is not None and tx.mined_tx_hash and TxAttempt.objects.filter(
-            transaction_id=cancelled, tx_hash=tx.mined_tx_hash).exists():
+    acknowledges it. The cancelled transaction's domain is told which of the two took the nonce (`on_cancelled`)."""
+    cancelled_id = tx.context.get(CANCELS)
+    if cancelled_id is None:
+        return
+    cancelled = ChainTransaction.objects.get(pk=cancelled_id)
+    outrun = bool(tx.mined_tx_hash) and cancelled.attempts.filter(tx_hash=tx.mined_tx_hash).exists()
+    if outrun:
         logger.error("a cancelled transaction's own bytes were mined in place of its nonce fill",
-                     extra={"tx_id": cancelled, "fill_id": str(tx.pk), "tx_hash": tx.mined_tx_hash,
+                     extra={"tx_id": cancelled_id, "fill_id": str(tx.pk), "tx_hash": tx.mined_tx_hash,
                             "receipt_status": tx.receipt_status})
+    if cancelled.purpose in _cancelled_handlers:
+        _cancelled_handlers[cancelled.purpose](cancelled, ran=outrun and tx.status == TxStatus.CONFIRMED)
 
 
 @_logs_name_the_agreement
@@ -579,20 +593,25 @@ def transactions_sweep_queued() -> int:
 
 
 def transaction_withdraw(*, transaction_id, reason: str) -> bool:
-    """The domain no longer wants a transaction: failed, never sent, when it is still queued (no nonce taken, nothing
-    signed), as a queued one whose simulation reverts is; its outcome is not applied (the caller is the domain that
-    withdrew it). True when withdrawn. One signed already is left to go on: its bytes may be out (a broadcast the
-    node took though the answer was lost) and its nonce is taken, and later ones would wait behind a gap there.
-    Call inside the caller's DB transaction; the row lock is the one `transaction_submit` takes to sign, so a
-    transaction is either withdrawn or signed, never both."""
-    tx = ChainTransaction.objects.select_for_update().filter(pk=transaction_id, status=TxStatus.QUEUED).first()
+    """The domain no longer wants a transaction not concluded yet: failed, its outcome not applied (the caller is the
+    domain that withdrew it), never to be sent again. True when withdrawn. One still queued was never signed, as a
+    queued one whose simulation reverts. One signed already (submitted or mined) has its bytes maybe out (a broadcast
+    the node took though the answer was lost) and its nonce taken (later ones wait behind it): the nonce passes to a
+    nonce fill (`_cancel`), and whether the fill or those bytes took it is told to its domain (`on_cancelled`).
+    Call inside the caller's DB transaction; the row lock is the one `transaction_submit` takes to sign, and a check
+    that saw the row before writes nothing (`_locked_if_unchanged`)."""
+    tx = ChainTransaction.objects.select_for_update().filter(
+        pk=transaction_id, status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED]).first()
     if tx is None:
         return False
-    logger.warning("chain transaction withdrawn before it was sent", extra={"tx_id": str(tx.pk), "reason": reason})
+    signed = tx.nonce is not None
+    logger.warning("chain transaction withdrawn", extra={"tx_id": str(tx.pk), "reason": reason, "signed": signed})
     tx.status, tx.outcome_applied = TxStatus.FAILED, True
-    tx.failure_reason = f"withdrawn before it was sent: {reason}"[:500]
+    tx.failure_reason = (f"withdrawn, its nonce cancelled: {reason}" if signed
+                         else f"withdrawn before it was sent: {reason}")[:500]
     tx.context = {**tx.context, WITHDRAWN: reason[:500]}
     tx.save(update_fields=["status", "outcome_applied", "failure_reason", "context", "updated_at"])
+    _cancel(tx)
     return True
 
 
@@ -604,7 +623,7 @@ def transaction_retry(*, tx: ChainTransaction) -> ChainTransaction:
         # Once: a plain token transfer (a payout, a refund) retried twice would pay twice.
         tx = ChainTransaction.objects.select_for_update().get(pk=tx.pk)
         if WITHDRAWN in tx.context:
-            raise Conflict(f"This transaction was withdrawn before it was sent: {tx.context[WITHDRAWN]}",
+            raise Conflict(f"This transaction was withdrawn: {tx.context[WITHDRAWN]}",
                            code="withdrawn", details={"transaction_id": str(tx.pk)})
         if tx.status != TxStatus.FAILED or ChainTransaction.objects.filter(
                 **{f"context__{OPERATOR_RETRY_OF}": str(tx.pk)}).exists():

@@ -47,6 +47,15 @@ def live_transaction(*, agreement_id, purpose: str) -> ChainTransaction | None:
     return live_transactions(purpose=purpose).filter(agreement_id=agreement_id).first()
 
 
+def cancelled_may_still_run(*, agreement_id, purpose: str) -> bool:
+    """Whether a transaction of the agreement's `purpose` was cancelled (`relayer._cancel`) and the nonce fill that
+    took its nonce is not concluded yet: its own old bytes may still be mined in the fill's place."""
+    cancelled = ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=purpose, status=TxStatus.FAILED)
+    return ChainTransaction.objects.filter(
+        purpose=TxPurpose.NONCE_FILL, **{f"context__{relayer.CANCELS}__in": [str(pk) for pk in cancelled.values_list(
+            "pk", flat=True)]}).exclude(status__in=[TxStatus.CONFIRMED, TxStatus.FAILED]).exists()
+
+
 def proposal_failures(*, agreement_id) -> list[ChainTransaction]:
     """The agreement's failed settlement proposals since an operator last retried one (that retry included),
     newest first: the attempts the settlement tick counts against SETTLEMENT_PROPOSE_MAX_ATTEMPTS."""

@@ -9,7 +9,8 @@
 - Direct payments (see agreements.services): on accept, a simulation first (a payment that cannot run fails with
   nothing taken), then `direct_fee_permit` (the buyer's EIP-2612 permit, spender the relayer), `direct_fee`
   (transferFrom buyer -> fee recipient), `direct_payment` (the x402 authorization, buyer -> seller). When the
-  payment fails after the fee was taken, `direct_fee_refund` returns the fee from the treasury.
+  payment fails after the fee was taken, `direct_fee_refund` returns the fee from the treasury (once: see
+  `_direct_fee_refund_when_due`).
 Every movement is one ChainTransaction; each is queued once, by the state change that calls for it.
 """
 
@@ -385,16 +386,26 @@ def _direct_payment_outcome(tx: ChainTransaction) -> None:
     if paid_by := _paid_by(tx):
         agreement_services.agreement_direct_paid(agreement_id=tx.agreement_id, tx_hash=paid_by)
         return
-    agreement = agreement_services.agreement_direct_payment_failed(
+    agreement_services.agreement_direct_payment_failed(
         agreement_id=tx.agreement_id, reason=f"x402 payment reverted; the fee is refunded: {tx.failure_reason}")
-    fee = selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_FEE)
-    # Not a fee the chain does not have (a reorg took its collection too), nor twice; nor on a payment a reorg took
-    # after the purchase was counted paid: its seller may have delivered, and an operator decides.
-    if (fee is None or fee.status != TxStatus.CONFIRMED or agreement.payment_reverted_at is not None
-            or selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_FEE_REFUND)):
+    _direct_fee_refund_when_due(tx.agreement_id)
+
+
+def _direct_fee_refund_when_due(agreement_id) -> None:
+    """Queue the fee's refund of a direct purchase whose payment failed for good, as the agreement says
+    (`agreement_direct_fee_refund_due`), once the chain has the fee: not a fee it does not have (a reorg took its
+    collection too), nor twice (a refund under way or done), nor while one cancelled when a reorg reopened the payment
+    may still run in its nonce fill's place: the fill's outcome decides (`_direct_fee_refund_cancelled`)."""
+    agreement = agreement_services.agreement_direct_fee_refund_due(agreement_id=agreement_id)
+    if agreement is None:
+        return
+    fee = selectors.live_transaction(agreement_id=agreement_id, purpose=TxPurpose.DIRECT_FEE)
+    if (fee is None or fee.status != TxStatus.CONFIRMED
+            or selectors.live_transaction(agreement_id=agreement_id, purpose=TxPurpose.DIRECT_FEE_REFUND)
+            or selectors.cancelled_may_still_run(agreement_id=agreement_id, purpose=TxPurpose.DIRECT_FEE_REFUND)):
         return
     _enqueue_transfer_from_treasury(purpose=TxPurpose.DIRECT_FEE_REFUND, to=agreement.buyer_wallet_address,
-                                    amount=agreement.infra_fee, agreement_id=agreement.pk)
+                                    amount=agreement.infra_fee, agreement_id=agreement_id)
 
 
 _DIRECT_STEPS = {TxPurpose.DIRECT_FEE_PERMIT: "the fee permit", TxPurpose.DIRECT_FEE: "the fee's collection",
@@ -403,8 +414,10 @@ _DIRECT_STEPS = {TxPurpose.DIRECT_FEE_PERMIT: "the fee permit", TxPurpose.DIRECT
 
 def _direct_purchase_reopened(tx: ChainTransaction) -> None:
     """A reorg took a step of a direct purchase (confirmed, or failed on its own or because the authorization was
-    used by a copy the reorg took): the purchase goes back to paying while the step is sent again. A fee refund
-    still queued for a failed payment is withdrawn; one sent already goes on (the buyer keeps the fee)."""
+    used by a copy the reorg took): the purchase goes back to paying while the step is sent again. The fee's refund
+    for a failed payment, not concluded (a confirmed one's block the reorg took too, newer: it was reopened first), is
+    withdrawn: never sent when still queued, its nonce cancelled by a nonce fill when signed, so that a payment that
+    runs now does not leave the buyer its fee as well (`_direct_fee_refund_cancelled` says what came of it)."""
     paid_by = _paid_by(tx) if tx.purpose == TxPurpose.DIRECT_PAYMENT else None
     agreement_services.agreement_direct_payment_reopened(agreement_id=tx.agreement_id, what=_DIRECT_STEPS[tx.purpose],
                                                          tx_hash=paid_by or tx.mined_tx_hash)
@@ -419,6 +432,24 @@ def _direct_fee_refund_outcome(tx: ChainTransaction) -> None:
         agreement_services.agreement_direct_fee_refunded(agreement_id=tx.agreement_id, amount=tx.context["amount"])
     else:
         logger.error("fee refund failed", extra={"tx_id": str(tx.pk), "reason": tx.failure_reason})
+
+
+def _direct_fee_refund_reopened(tx: ChainTransaction) -> None:
+    """A reorg took the refund's block: the fee is not back with the buyer on the new branch until it runs again."""
+    if tx.status == TxStatus.CONFIRMED:
+        agreement_services.agreement_direct_fee_refund_reopened(agreement_id=tx.agreement_id)
+
+
+def _direct_fee_refund_cancelled(tx: ChainTransaction, *, ran: bool) -> None:
+    """The nonce fill that took the nonce of a refund withdrawn when a reorg reopened its payment is concluded. The
+    refund's old bytes ran in its place (anyone holding them could send them first): the fee is back with the buyer,
+    shown as such, on a purchase perhaps paid since (the platform bore the fee; reconcile reports the fill until an
+    operator acknowledges it). Else nothing of it ran, and a purchase whose payment failed for good gets its refund
+    queued now."""
+    if ran:
+        agreement_services.agreement_direct_fee_refunded(agreement_id=tx.agreement_id, amount=tx.context["amount"])
+    else:
+        _direct_fee_refund_when_due(tx.agreement_id)
 
 
 def handlers_register() -> None:
@@ -441,4 +472,5 @@ def handlers_register() -> None:
                                      on_reopened=_direct_purchase_reopened)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome,
                                      read_evidence=_direct_payment_evidence, on_reopened=_direct_purchase_reopened)
-    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome,
+                                     on_reopened=_direct_fee_refund_reopened, on_cancelled=_direct_fee_refund_cancelled)

@@ -1,9 +1,11 @@
 """A reorg deeper than the confirmation depth under a direct purchase: the x402 payment (buyer -> seller) that made
 it paid, ours or someone else's copy of the authorization, is taken off the chain after the platform counted the
 purchase paid. The purchase must go back to paying while the relayer sends the payment again, end paid by the
-transaction the new branch has, or, where the payment cannot run there, reach an operator."""
+transaction the new branch has, or, where the payment cannot run there, reach an operator. A failed payment the reorg
+takes may run there: the fee refund it queued must then not land as well, and must still land if it fails again."""
 
 import io
+import logging
 from datetime import timedelta
 
 import pytest
@@ -13,11 +15,13 @@ from django.urls import reverse
 from x402.http import decode_payment_signature_header
 
 from escrow import chain as gateway
-from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from escrow import relayer
+from escrow.models import ChainTransaction, RelayerAccount, TxPurpose, TxStatus
 from sdk import typed_data
-from tests.agreements.test_direct_payments import AMOUNT, Purchase
+from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase
 from tests.escrow.flow import USDC, confirm_all, fund, mined_what_was_sent, poll_mined, usdc_balance
 from tests.escrow.test_indexer import mined
+from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -225,3 +229,191 @@ def test_a_purchase_paid_by_our_payment_a_reorg_took_names_the_copy_that_paid_on
     assert usdc_balance(chain, purchase.parties.seller_account.address) == seller  # paid by the copy, once
     assert not ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).exists()
     call_command("reconcile", stdout=io.StringIO())
+
+
+def spend_the_buyers_funds(purchase) -> None:
+    buyer = purchase.buyer.address
+    mined(purchase.chain, purchase.chain.usdc.functions.transfer(
+        purchase.chain.accounts.stranger.address, usdc_balance(purchase.chain, buyer)).transact({"from": buyer}))
+
+
+def failed_with_its_fee_refund_signed(purchase, capture, monkeypatch, *, refund_confirmed: bool = False):
+    """A direct purchase whose fee was collected before the fork, and whose payment then reverted on its own (the buyer
+    spent its funds between the relayer's estimate and the mining): payment_failed, and the fee's refund signed and
+    mined on that branch, not yet polled (or, `refund_confirmed`, confirmed: the buyer shown refunded). Returns the
+    agreement, the payment, the refund and the snapshot taken at the fork."""
+    fund(purchase.chain, purchase.treasury, USDC)  # the treasury's float for refunds
+    agreement = purchase.propose()
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the fee permit confirmed; the fee's transfer is sent
+    mined_what_was_sent()  # and mined before the fork
+    before_fork = purchase.chain.snapshot()
+    estimate = gateway.simulate
+
+    def estimate_then_buyer_spends(**transaction):
+        gas = estimate(**transaction)
+        monkeypatch.setattr(gateway, "simulate", estimate)
+        spend_the_buyers_funds(purchase)
+        return gas
+
+    monkeypatch.setattr(gateway, "simulate", estimate_then_buyer_spends)
+    confirm_all(capture)  # the fee confirmed; the payment is sent, and reverts
+    confirm_all(capture)  # the payment failed; the fee's refund is queued, signed and sent
+    mined_what_was_sent()
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_PAYMENT)
+    refund = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE_REFUND)
+    assert (payment.status, payment.receipt_status, refund.status) == (TxStatus.FAILED, 0, TxStatus.SUBMITTED)
+    if refund_confirmed:
+        confirm_all(capture)
+        refund.refresh_from_db()
+        assert refund.status == TxStatus.CONFIRMED
+        assert purchase.parties.agreement(agreement["id"])["buyer_refund_atomic"] == FEE
+    assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
+    return agreement, payment, refund, before_fork
+
+
+@pytest.mark.parametrize("refund_before_the_reorg", ["signed", "confirmed"])
+def test_a_fee_refund_signed_for_a_failed_payment_a_reorg_reopens_is_cancelled_and_the_payment_pays(
+        escrow_chain, refund_before_the_reorg, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The payment reverted on its own and the fee's refund was signed (its nonce taken, its bytes out), or confirmed.
+    A reorg deeper than the confirmation depth takes the payment's block, and the refund's after it: on the new branch
+    the buyer never spent, and the payment's same bytes pay the seller. The refund must not land as well (the buyer
+    would have the purchase and its fee back): its nonce goes to a nonce fill, and the purchase is paid, its fee kept
+    (not shown refunded); the books add up and reconcile has nothing to report."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(
+        purchase, capture, monkeypatch, refund_confirmed=refund_before_the_reorg == "confirmed")
+
+    chain.revert(before_fork)
+    chain.mine(3)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    polls(capture)
+
+    payment.refresh_from_db()
+    paid = purchase.parties.agreement(agreement["id"])
+    assert (paid["status"], paid["payment_tx_hash"], paid["buyer_refund_atomic"]) == (
+        "paid", payment.mined_tx_hash, None)
+    assert purchase.balances() == (buyer - AMOUNT, seller + AMOUNT, fee_recipient, treasury)
+    refund.refresh_from_db()
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    assert (payment.status, payment.attempts.count()) == (TxStatus.CONFIRMED, 1)
+    assert (refund.status, refund.nonce, refund.outcome_applied) == (TxStatus.FAILED, None, True)
+    assert relayer.WITHDRAWN in refund.context
+    assert (fill.status, fill.context, fill.mined_tx_hash) == (
+        TxStatus.CONFIRMED, {relayer.CANCELS: str(refund.pk)}, fill.attempts.get().tx_hash)
+    assert fill.attempts.get().nonce == refund.attempts.get().nonce
+    assert relayer_nonce_on_chain(chain) == RelayerAccount.objects.get().next_nonce
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_cancelled_fee_refund_whose_old_bytes_are_mined_first_is_shown_and_reported_until_acknowledged(
+        escrow_chain, admin_client, caplog, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """As above, but anyone holding the old branch's signed bytes (public there) gets the payment's and the refund's
+    mined on the new branch before the relayer sends its fill: the seller is paid and the buyer gets its fee back.
+    The fill finds the refund's bytes under its nonce and names them; the purchase is paid and shows the fee refunded
+    (the platform bore it), and reconcile and the dashboard report the fill until an operator acknowledges it."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
+
+    chain.revert(before_fork)
+    chain.mine(3)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    old_refund = refund.attempts.get()
+    for old in (payment.attempts.get(), old_refund):
+        chain.w3.eth.send_raw_transaction(old.raw_transaction)
+    mined_what_was_sent()
+    with caplog.at_level(logging.ERROR, logger="escrow.relayer"):
+        polls(capture)
+
+    paid = purchase.parties.agreement(agreement["id"])
+    assert (paid["status"], paid["payment_tx_hash"], paid["buyer_refund_atomic"]) == (
+        "paid", payment.attempts.get().tx_hash, FEE)
+    assert purchase.balances() == (buyer - AMOUNT + FEE, seller + AMOUNT, fee_recipient, treasury - FEE)
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=out)
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    assert f"nonce fill {fill.pk}" in out.getvalue() and str(refund.pk) in out.getvalue()
+    assert (fill.status, fill.mined_tx_hash, fill.receipt_status) == (TxStatus.CONFIRMED, old_refund.tx_hash, 1)
+    [logged] = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert (logged.tx_id, logged.fill_id) == (str(refund.pk), str(fill.pk))
+    assert ChainTransaction.objects.get(pk=refund.pk).status == TxStatus.FAILED
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).count() == 1  # not sent again
+    dashboard = admin_client.get("/admin/dashboard/").content.decode()
+    assert "nonce fill outrun by the bytes it cancels" in dashboard and str(refund.pk) in dashboard
+    out = io.StringIO()
+    call_command("reconcile", "--acknowledge-nonce-fill", str(fill.pk), "--reason", "the platform bears the fee",
+                 "--by", "ops", stdout=out)
+    assert "Consistent" in out.getvalue()
+
+
+def test_a_fee_refund_cancelled_when_its_payment_was_reopened_is_sent_again_once_the_payment_fails_for_good(
+        escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """On the new branch the buyer spends its funds again before the payment's same bytes are mined: they revert
+    again, and the purchase fails for good. The refund cancelled when the payment was reopened must still reach the
+    buyer: while its nonce fill is not concluded its old bytes may still land, so the fill decides; it took the nonce,
+    and a new refund is sent. The buyer gets its fee back once; the books add up."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
+
+    chain.revert(before_fork)
+    spend_the_buyers_funds(purchase)
+    chain.mine(3)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    assert relayer.transactions_reopen_reorged() == 1
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paying"
+    with capture(execute=True):
+        for _ in range(2):  # the payment, sent again before anything else, reverts again
+            mined_what_was_sent()
+            relayer.transaction_check(transaction_id=payment.pk)
+    payment.refresh_from_db()
+    assert (payment.status, payment.receipt_status) == (TxStatus.FAILED, 0)
+    assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).count() == 1  # the fill decides
+    polls(capture)
+
+    refunds = list(ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).order_by("created_at"))
+    assert [(tx.pk, tx.status) for tx in refunds] == [(refund.pk, TxStatus.FAILED), (refunds[-1].pk, TxStatus.CONFIRMED)]
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    assert (fill.status, fill.mined_tx_hash) == (TxStatus.CONFIRMED, fill.attempts.get().tx_hash)
+    failed = purchase.parties.agreement(agreement["id"])
+    assert (failed["status"], failed["buyer_refund_atomic"]) == ("payment_failed", FEE)
+    assert purchase.balances() == (buyer + FEE, seller, fee_recipient, treasury - FEE)
+    assert relayer_nonce_on_chain(chain) == RelayerAccount.objects.get().next_nonce
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_cancelled_fee_refund_whose_old_bytes_are_mined_first_is_not_sent_again_when_the_payment_fails_for_good(
+        escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The payment fails again on the new branch, and the cancelled refund's old bytes were mined there in its fill's
+    place: the buyer has its fee back, shown as such, and no second refund is sent; reconcile reports the fill (what
+    its bytes did may be done twice) until an operator who checked the purchase acknowledges it."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
+
+    chain.revert(before_fork)
+    spend_the_buyers_funds(purchase)
+    chain.mine(3)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    for old in (payment.attempts.get(), refund.attempts.get()):
+        chain.w3.eth.send_raw_transaction(old.raw_transaction)
+    mined_what_was_sent()
+    polls(capture)
+
+    assert ChainTransaction.objects.get(pk=payment.pk).status == TxStatus.FAILED
+    failed = purchase.parties.agreement(agreement["id"])
+    assert (failed["status"], failed["buyer_refund_atomic"]) == ("payment_failed", FEE)
+    assert purchase.balances() == (buyer + FEE, seller, fee_recipient, treasury - FEE)
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).count() == 1
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    assert fill.mined_tx_hash == refund.attempts.get().tx_hash
