@@ -422,9 +422,9 @@ def _direct_purchase_reopened(tx: ChainTransaction) -> None:
     agreement_services.agreement_direct_payment_reopened(agreement_id=tx.agreement_id, what=_DIRECT_STEPS[tx.purpose],
                                                          tx_hash=paid_by or tx.mined_tx_hash)
     refund = selectors.live_transaction(agreement_id=tx.agreement_id, purpose=TxPurpose.DIRECT_FEE_REFUND)
-    if tx.purpose == TxPurpose.DIRECT_PAYMENT and refund is not None:
-        relayer.transaction_withdraw(transaction_id=refund.pk, reason="the failed payment it refunds the fee of was "
-                                                                     "taken off the chain by a reorg")
+    if refund is not None:
+        relayer.transaction_withdraw(transaction_id=refund.pk, reason=f"a reorg took {_DIRECT_STEPS[tx.purpose]} of "
+                                                                     "the failed purchase it refunds the fee of")
 
 
 def _direct_fee_refund_outcome(tx: ChainTransaction) -> None:

@@ -417,3 +417,45 @@ def test_a_cancelled_fee_refund_whose_old_bytes_are_mined_first_is_not_sent_agai
         call_command("reconcile", stdout=io.StringIO())
     fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
     assert fill.mined_tx_hash == refund.attempts.get().tx_hash
+
+
+def test_a_fee_refund_signed_when_a_reorg_takes_the_fees_collection_is_cancelled_and_the_payment_pays(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """The buyer cancelled the authorization once the fee was collected: the payment failed in its simulation (never
+    mined: nothing of it rests on a block) and the fee's refund was signed. A reorg takes the fee's block, where the
+    buyer never cancelled: the fee's same bytes collect it again and a new payment pays the seller. The refund, of a
+    fee the new branch collected anew for a purchase now paid, must not land: its nonce goes to a nonce fill."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    fund(chain, purchase.treasury, USDC)
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    purchase.accept(agreement["id"], capture)
+    with capture(execute=False) as fee_submission:
+        poll_mined()  # the fee permit confirmed; the fee's transfer queued, not sent yet
+    before_fork = chain.snapshot()
+    with capture(execute=True):
+        for callback in fee_submission:
+            callback()
+    purchase.cancel_authorization(body)
+    confirm_all(capture)  # the fee confirmed; the payment fails in its simulation; the refund is signed and sent
+    mined_what_was_sent()
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_PAYMENT)
+    refund = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE_REFUND)
+    assert (payment.status, payment.nonce, refund.status) == (TxStatus.FAILED, None, TxStatus.SUBMITTED)
+
+    chain.revert(before_fork)
+    chain.mine(3)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    polls(capture, 5)
+
+    paid = purchase.parties.agreement(agreement["id"])
+    assert (paid["status"], paid["buyer_refund_atomic"]) == ("paid", None)
+    assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
+    refund.refresh_from_db()
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    assert (refund.status, fill.status, fill.context) == (
+        TxStatus.FAILED, TxStatus.CONFIRMED, {relayer.CANCELS: str(refund.pk)})
+    assert relayer_nonce_on_chain(chain) == RelayerAccount.objects.get().next_nonce
+    call_command("reconcile", stdout=io.StringIO())
