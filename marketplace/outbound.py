@@ -6,7 +6,7 @@ A seller could point its upstream or webhook at the platform's own network (the 
 - `url_check` when the URL is saved: a literal IP, `localhost` or a name that resolves to a disallowed address
   is refused with 400 `address_not_allowed`. A name that does not resolve yet is accepted (DNS may come later).
 - `guarded_client` at connection time, on every new connection: the host is resolved, every address it
-  resolves to must be allowed, and the socket connects to the vetted address itself (TLS still verifies the
+  resolves to must be allowed, and the socket connects to the vetted addresses themselves (TLS still verifies the
   host name), so a DNS answer that changes after registration (DNS rebinding) cannot reach inside.
 
 Allowed means globally routable unicast: no loopback, private, link-local, shared (CGNAT), multicast,
@@ -14,6 +14,11 @@ reserved or unspecified address. An IPv6 address that carries an IPv4 one (IPv4-
 IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`, 6to4 `2002:aabb:ccdd::`) is judged by the IPv4 address it
 reaches; local-use NAT64 (64:ff9b:1::/48) is refused. `ALLOW_PRIVATE_UPSTREAMS` turns both checks off for
 development and tests, whose upstreams run on loopback.
+
+Resolving the host is part of connecting, and bounded with it (the proxy's PROXY_CONNECT_TIMEOUT, a client's connect
+timeout and its `deadline`): the system resolver has no timeout, and whoever chose the URL chose the DNS server that
+answers for its name, which may never answer. Names are resolved by `RESOLVER` (sdk.name_resolution), on at most
+OUTBOUND_RESOLVER_THREADS threads of the process; an address (an IP literal) needs none.
 
 Every exchange of a `guarded_client` runs inside `with deadline(seconds):`, which bounds it in all: connecting,
 sending, the answer's head and whatever of its body the caller reads inside the block. A timeout bounds each
@@ -48,6 +53,7 @@ from marketplace import bounded_json
 from marketplace.concurrency import Deadlines
 from marketplace.errors import InvalidInput
 from marketplace.metrics import UPSTREAM_REQUESTS_RESENT
+from sdk.name_resolution import BoundedResolver, ResolverBusy
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +86,12 @@ def address_allowed(address: str) -> bool:
     return ip.is_global and not ip.is_multicast and not (ip.version == 6 and ip.is_site_local)
 
 
-def _resolve(host: str, port: int) -> list[str]:
-    return list(dict.fromkeys(info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+# Every name the platform's outbound connections resolve (seller upstreams, webhooks, Masumi services, the chain's
+# RPC): a lookup that outlasts its connection's timeout keeps its thread until the system resolver gives up.
+RESOLVER = BoundedResolver(threads=settings.OUTBOUND_RESOLVER_THREADS, name="outbound")
+# The names of URLs being saved, apart: registering URLs whose names never resolve must not take the threads the
+# connections resolve on. A name not resolved in time, or while these are all taken, is accepted as not yet resolvable.
+_SAVED_URLS_RESOLVER = BoundedResolver(threads=4, name="url-check")
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -110,29 +120,34 @@ def url_check(url: str) -> None:
         addresses = [host]
     else:
         try:
-            addresses = _resolve(host, port or (443 if parts.scheme == "https" else 80))
-        except (OSError, UnicodeError):
+            addresses = _SAVED_URLS_RESOLVER.stream_addresses(host, port or (443 if parts.scheme == "https" else 80),
+                                                              timeout=settings.PROXY_CONNECT_TIMEOUT)
+        except (OSError, UnicodeError):  # a timeout too
             return  # not resolvable now; checked again on every connection
     if not all(address_allowed(address) for address in addresses):
         raise refused
 
 
-def vetted_address(host: str, port: int) -> str:
-    """The address to connect to for `host`: itself when ALLOW_PRIVATE_UPSTREAMS is on, else the first it resolves
-    to once every one it resolves to is allowed (AddressNotAllowed otherwise, httpcore.ConnectError when it does not
-    resolve)."""
-    if settings.ALLOW_PRIVATE_UPSTREAMS:
-        return host
+def vetted_addresses(host: str, port: int, *, timeout: float) -> list[str]:
+    """The addresses to connect to for `host`, in turn: those it resolves to within `timeout` seconds, once every
+    one of them is allowed (unless ALLOW_PRIVATE_UPSTREAMS is on). Raises ResolutionTimeout (a TimeoutError) past
+    `timeout`, AddressNotAllowed, or httpcore.ConnectError when it does not resolve."""
     try:
-        addresses = _resolve(host, port)
+        addresses = RESOLVER.stream_addresses(host, port, timeout=timeout)
+    except TimeoutError:
+        logger.warning("outbound host not resolved in time", extra={"host": host, "timeout": timeout})
+        raise
+    except ResolverBusy as exc:
+        logger.warning("outbound host not resolved: resolver busy", extra={"host": host, "error": str(exc)})
+        raise httpcore.ConnectError(f"cannot resolve {host} now: too many host names are being resolved") from None
     except (OSError, UnicodeError) as exc:
         logger.warning("outbound host not resolved", extra={"host": host, "error": str(exc)})
         raise httpcore.ConnectError(f"cannot resolve {host}") from None
     refused = [address for address in addresses if not address_allowed(address)]
-    if refused:
+    if refused and not settings.ALLOW_PRIVATE_UPSTREAMS:
         logger.warning("outbound address refused", extra={"host": host, "address": refused[0]})
         raise AddressNotAllowed(f"{host} resolves to an address that is not allowed")
-    return addresses[0]  # connect to the address we checked, not to a fresh lookup
+    return addresses  # connect to the addresses we checked, not to a fresh lookup
 
 
 @dataclass(frozen=True)
@@ -207,12 +222,33 @@ class _DeadlineStream(httpcore.NetworkStream):
         return self._stream.get_extra_info(info)
 
 
+def _left(ends_at: float, host: str, timeout_error: type[Exception] = httpcore.ConnectTimeout) -> float:
+    """The time left to connect by `ends_at`; `timeout_error` once none is."""
+    left = ends_at - time.monotonic()
+    if left <= 0:
+        raise timeout_error(f"connecting to {host} took longer than its timeout")
+    return left
+
+
 class _GuardedBackend(httpcore.SyncBackend):
     def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        """Resolves `host` and connects to its vetted addresses in turn, all within `timeout` and the deadline."""
         with _within_deadline(timeout, httpcore.ConnectTimeout) as bounded:
-            stream = super().connect_tcp(vetted_address(host, port), port, timeout=bounded,
-                                         local_address=local_address, socket_options=socket_options)
-        return _DeadlineStream(stream)
+            ends_at = time.monotonic() + bounded
+            try:
+                addresses = vetted_addresses(host, port, timeout=bounded)
+            except TimeoutError as exc:
+                raise httpcore.ConnectTimeout(str(exc)) from None
+            failure = None
+            for address in addresses:  # as socket.create_connection tries them, but within the time left
+                try:
+                    stream = super().connect_tcp(address, port, timeout=_left(ends_at, host),
+                                                 local_address=local_address, socket_options=socket_options)
+                except httpcore.ConnectError as exc:
+                    failure = exc
+                else:
+                    return _DeadlineStream(stream)
+            raise failure
 
 
 def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None,
@@ -227,14 +263,24 @@ def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None
 
 
 class _GuardedConnection(http.client.HTTPConnection):
-    """http.client's connection, connecting to the vetted address (`vetted_address`) of its host."""
+    """http.client's connection, connecting to the vetted addresses (`vetted_addresses`) of its host."""
 
     def __init__(self, host: str, port: int, *, connect_timeout: float, read_timeout: float):
         super().__init__(host, port, timeout=connect_timeout)
         self.read_timeout = read_timeout
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((vetted_address(self.host, self.port), self.port), self.timeout)
+        """Resolves the host and connects to its vetted addresses in turn, all within the connect timeout."""
+        ends_at = time.monotonic() + self.timeout
+        self.sock = None
+        for address in vetted_addresses(self.host, self.port, timeout=self.timeout):
+            try:  # as socket.create_connection tries them, but within the time left
+                self.sock = socket.create_connection((address, self.port), _left(ends_at, self.host, TimeoutError))
+                break
+            except OSError as exc:
+                failure = exc
+        if self.sock is None:
+            raise failure
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(self.read_timeout)
 

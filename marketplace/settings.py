@@ -378,6 +378,10 @@ PROXY_CALL_LEASE_SECONDS = env.float("PROXY_CALL_LEASE_SECONDS", default=1.0)
 # --- Operations and security (SECURITY.md) -------------------------------------------------------------------
 # Seller upstreams and webhooks on loopback/private addresses: for development and tests only (on while DEBUG).
 ALLOW_PRIVATE_UPSTREAMS = env.bool("ALLOW_PRIVATE_UPSTREAMS", default=DEBUG)
+# Host names a process resolves at once for its outbound connections (marketplace.outbound.RESOLVER): a name whose DNS
+# server never answers holds one of them until the system resolver gives up; with all held, a connection to another
+# name fails at once.
+OUTBOUND_RESOLVER_THREADS = env.int("OUTBOUND_RESOLVER_THREADS", default=16)
 # Rate-limit counters live here: Redis in production (CACHE_URL=redis://host:6379/2) so every process shares them.
 CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://")}
 REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["marketplace.throttling.CredentialRateThrottle"]

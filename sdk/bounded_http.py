@@ -6,12 +6,12 @@ proxy, an RPC node), and any byte of its answer may be hostile. httpx bounds eac
 would hold the agent's call for ever, and an answer read whole may be gigabytes. So `BoundedHttp`, the one client
 the SDK's HTTP goes through, enforces
 
-- a deadline per request (`deadline` seconds, retries included: `deadline_within`): every connect, TLS
-  handshake, write and read of the exchange waits at most until it (`_DeadlineBackend`, httpcore's network backend
-  wrapped), and the answer's body is read only while it lasts; then `DeadlineExceeded`. httpx has no total
-  timeout for sync clients (encode/httpx#1450); a transport that is not httpx's own (a `MockTransport`, a WSGI
-  app) is checked between the chunks of the body only. Resolving the host name (the system's getaddrinfo) is not
-  bounded;
+- a deadline per request (`deadline` seconds, retries included: `deadline_within`): resolving the host's name, every
+  connect, TLS handshake, write and read of the exchange waits at most until it (`_DeadlineBackend`, httpcore's
+  network backend wrapped; names resolved by `sdk.name_resolution`, the system resolver having no timeout), and the
+  answer's body is read only while it lasts; then `DeadlineExceeded`. httpx has no total timeout for sync clients
+  (encode/httpx#1450); a transport that is not httpx's own (a `MockTransport`, a WSGI app) is checked between the
+  chunks of the body only;
 - a maximum answer size (`max_answer_bytes`): the body is streamed and the exchange abandoned as soon as it would
   exceed the budget (`AnswerTooLarge`), so an endless answer costs at most that much memory. The budget counts
   decoded bytes, and a compressed answer reaches httpx's decoder 1 KiB at a time (`_InSmallPieces`): gzip inflates
@@ -33,6 +33,7 @@ import httpcore
 import httpx
 
 from sdk import bounded_json
+from sdk.name_resolution import BoundedResolver
 
 __all__ = ["DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "AnswerRefused", "AnswerTooLarge", "BoundedHttp",
            "DeadlineExceeded", "deadline_within", "json_answer", "time_left"]
@@ -41,6 +42,12 @@ __all__ = ["DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "AnswerRefuse
 DEFAULT_DEADLINE_SECONDS = 300.0
 # Well above any API page or RPC read the SDK makes; a seller's larger answers need a larger bound.
 DEFAULT_MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+# Names the SDK's connections resolve, RESOLVER_THREADS at once at most: a lookup that outlasts its request's deadline
+# keeps its thread until the system resolver gives up, and another name is refused meanwhile (`ResolverBusy`, an
+# httpx ConnectError) rather than given a thread more.
+RESOLVER_THREADS = 8
+_RESOLVER = BoundedResolver(threads=RESOLVER_THREADS, name="sdk")
 
 # When the running request must be over (time.monotonic()), in this thread or task; None outside a request.
 _DEADLINE: ContextVar[float | None] = ContextVar("sdk_http_deadline", default=None)
@@ -117,8 +124,26 @@ class _DeadlineBackend(httpcore.NetworkBackend):
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-        return _DeadlineStream(self._backend.connect_tcp(host, port, _bounded(timeout, httpcore.ConnectTimeout),
-                                                         local_address, socket_options))
+        """Resolves `host` and connects to its addresses in turn, all within `timeout` and the deadline."""
+        timeout = _bounded(timeout, httpcore.ConnectTimeout)
+        ends_at = None if timeout is None else time.monotonic() + timeout
+        try:
+            addresses = _RESOLVER.stream_addresses(host, port, timeout=timeout)
+        except TimeoutError as error:
+            raise httpcore.ConnectTimeout(str(error)) from error
+        except (OSError, UnicodeError) as error:
+            raise httpcore.ConnectError(str(error)) from error
+        failure: httpcore.ConnectError | None = None
+        for address in addresses:  # as socket.create_connection tries them, but within the time left
+            left = None if ends_at is None else ends_at - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                return _DeadlineStream(self._backend.connect_tcp(address, port, _bounded(left, httpcore.ConnectTimeout),
+                                                                 local_address, socket_options))
+            except httpcore.ConnectError as error:
+                failure = error
+        raise failure or httpcore.ConnectTimeout(f"no time left to connect to {host}")
 
     def connect_unix_socket(self, path: str, timeout: float | None = None,
                             socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:

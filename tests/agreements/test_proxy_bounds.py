@@ -17,10 +17,12 @@ from django.utils import timezone
 
 from agreements import metering, proxy
 from agreements.models import CallIntent, ProxyReplay, UsageAgreement, UsageEvent
+from marketplace import outbound
 from marketplace.errors import DependencyUnavailable
 from tests.conftest import error_code, read_to_its_end
 from tests.escrow.flow import Parties
 from tests.marketplace.conftest import active_agreement
+from tests.support.unanswered_names import UNANSWERED, unanswered_names
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 PRICE = 20_000
@@ -377,3 +379,55 @@ def test_an_upstream_dribbling_its_answer_body_is_cut_off_at_the_answer_timeout(
         elapsed = time.monotonic() - started
     assert elapsed < 2.0
     assert books(active) == (PRICE, 0)
+
+
+@pytest.mark.parametrize("guard", ["on", "off"])
+def test_an_upstream_whose_name_never_resolves_is_504_within_the_connect_timeout_and_charges_nothing(
+        escrow_chain, settings, django_capture_on_commit_callbacks, guard):
+    """The system resolver has no timeout: a seller pointing its upstream's name at a DNS server that never answers
+    held the call, its web thread and its reservation for as long as the resolver kept asking (tens of seconds),
+    past PROXY_CONNECT_TIMEOUT, whether the address guard resolved the name or the socket did (guard off)."""
+    with unanswered_names() as lookups:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks,
+                                  f"http://{UNANSWERED}:8080/api")
+        settings.ALLOW_PRIVATE_UPSTREAMS = guard == "off"
+        settings.PROXY_CONNECT_TIMEOUT = 0.5
+        started = time.monotonic()
+        response = raw(active, "get", f"{active.proxy}/slow")
+        elapsed = time.monotonic() - started
+    assert lookups.began == 1
+    assert elapsed < 1.0, f"the call took {elapsed:.1f} s with PROXY_CONNECT_TIMEOUT=0.5"
+    assert (response.status_code, error_code(response)) == (504, "upstream_timeout")
+    assert books(active) == (0, 0)
+
+
+def test_calls_to_a_name_that_never_resolves_wait_on_one_lookup(escrow_chain, settings,
+                                                               django_capture_on_commit_callbacks):
+    """A lookup that outlasts its call keeps its thread until the system resolver gives up: calls to that name
+    meanwhile wait on it rather than each start another (and take another thread)."""
+    settings.PROXY_CONNECT_TIMEOUT = 0.3
+    with unanswered_names() as lookups:
+        stuck = active_agreement(escrow_chain, django_capture_on_commit_callbacks, f"http://{UNANSWERED}:8080/api")
+        for _ in range(3):
+            assert error_code(raw(stuck, "get", f"{stuck.proxy}/a")) == "upstream_timeout"
+        assert (lookups.began, lookups.blocked) == (1, 1)
+    assert books(stuck) == (0, 0)
+
+
+def test_once_the_resolvers_threads_all_wait_a_call_to_another_name_is_refused_at_once(
+        escrow_chain, settings, django_capture_on_commit_callbacks, monkeypatch):
+    """Lookups that never end hold at most the resolver's threads: another name is then refused at once (502,
+    nothing charged) rather than given a thread more or queued behind them."""
+    monkeypatch.setattr(outbound.RESOLVER, "threads", 2)
+    with unanswered_names() as lookups:
+        stuck = active_agreement(escrow_chain, django_capture_on_commit_callbacks, f"http://{UNANSWERED}:8080/api")
+        for name in ("a", "b"):  # other sellers' names, whose lookups outlasted their calls
+            with pytest.raises(TimeoutError):
+                outbound.RESOLVER.getaddrinfo(f"{name}.{UNANSWERED}", 80, timeout=0.01)
+        started = time.monotonic()
+        refused = raw(stuck, "get", f"{stuck.proxy}/a")
+        elapsed = time.monotonic() - started
+        assert (lookups.began, lookups.blocked) == (2, 2)
+    assert (refused.status_code, error_code(refused)) == (502, "upstream_unavailable")
+    assert elapsed < 1.0, f"the call took {elapsed:.1f} s (PROXY_CONNECT_TIMEOUT: {settings.PROXY_CONNECT_TIMEOUT:g})"
+    assert books(stuck) == (0, 0)

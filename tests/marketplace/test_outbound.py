@@ -23,6 +23,7 @@ from tests.catalog.test_registry import registration
 from tests.conftest import error_code
 from tests.marketplace.conftest import active_agreement
 from tests.support.http_server import DribblesItsHead, RecordingServer, serving
+from tests.support.unanswered_names import UNANSWERED, unanswered_names
 
 pytestmark = pytest.mark.django_db
 
@@ -471,3 +472,34 @@ def test_a_masumi_seller_dribbling_its_answer_is_unavailable_within_the_service_
         elapsed = time.monotonic() - started
     assert not answer.available and "ReadTimeout" in answer.message
     assert elapsed < 1.5, f"the check took {elapsed:.1f} s with MASUMI_SERVICE_TIMEOUT=0.5"
+
+
+@pytest.mark.parametrize("guard", ["on", "off"])
+def test_a_webhook_whose_name_never_resolves_fails_within_the_webhook_timeout(
+        settings, seller, seller_api, buyer_api, django_capture_on_commit_callbacks, guard):
+    """The deadline bounded connecting, not resolving the name first: a receiver whose DNS server never answers held
+    the outbound worker for as long as the system resolver kept asking."""
+    service = register_service(seller)
+    subscription = seller_api.post("/webhooks", {"url": f"http://hooks.{UNANSWERED}/x"}).json()
+    settings.ALLOW_PRIVATE_UPSTREAMS = guard == "off"
+    settings.WEBHOOK_TIMEOUT_SECONDS = 0.5
+    with unanswered_names() as lookups:
+        started = time.monotonic()
+        with django_capture_on_commit_callbacks(execute=True):
+            assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+        elapsed = time.monotonic() - started
+    assert lookups.began == 1
+    assert elapsed < 1.5, f"the delivery took {elapsed:.1f} s with WEBHOOK_TIMEOUT_SECONDS=0.5"
+    [delivery] = seller_api.get(f"/webhooks/{subscription['id']}/deliveries").json()["results"]
+    assert delivery["status"] == "pending"  # retried later, like any failure
+    assert delivery["last_error"] == "ConnectTimeout: the exchange took longer than its 0.5 s in all"
+
+
+def test_a_masumi_seller_whose_name_never_resolves_is_unavailable_within_the_service_timeout(settings):
+    settings.MASUMI_SERVICE_TIMEOUT = 0.5
+    with unanswered_names():
+        started = time.monotonic()
+        answer = masumi_agentic_client.availability(base_url=f"http://{UNANSWERED}")
+        elapsed = time.monotonic() - started
+    assert not answer.available and "ConnectTimeout" in answer.message
+    assert elapsed < 1.0, f"the check took {elapsed:.1f} s with MASUMI_SERVICE_TIMEOUT=0.5"

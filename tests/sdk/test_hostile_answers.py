@@ -33,6 +33,7 @@ from sdk import AnswerTooLarge, DeadlineExceeded, InvalidJSON, MarketplaceClient
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
 from sdk.onchain import ChainReader
 from tests.support.http_server import serving
+from tests.support.unanswered_names import UNANSWERED, unanswered_names
 
 ROOT = Path(__file__).resolve().parents[2]
 READ_TIMEOUT = 0.5  # httpx's bound on each read
@@ -152,6 +153,27 @@ def test_an_answer_trickled_within_the_read_timeout_ends_at_the_deadline(handler
     assert isinstance(outcome.error, DeadlineExceeded), outcome.error
     assert isinstance(outcome.error, httpx.TimeoutException)  # what callers caught before
     assert outcome.seconds < DEADLINE + 1
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_a_server_whose_name_never_resolves_ends_at_the_deadline(call):
+    """The deadline bounded connecting, not resolving the server's name first: a name whose DNS server never answers
+    held the call for as long as the system resolver kept asking, whatever the deadline."""
+    deadline = READ_TIMEOUT - EPSILON  # httpx's connect timeout is READ_TIMEOUT
+    with unanswered_names() as lookups:
+        outcome = run_bounded(lambda: CALLS[call](f"http://{UNANSWERED}", deadline=deadline), limit=DEADLINE + 5)
+        assert lookups.began == 1
+    assert isinstance(outcome.error, DeadlineExceeded), outcome.error
+    assert outcome.seconds < deadline + EPSILON, f"the call took {outcome.seconds:.1f} s"
+
+
+def test_the_connect_timeout_bounds_resolving_the_servers_name_too():
+    with unanswered_names():
+        outcome = run_bounded(lambda: marketplace(f"http://{UNANSWERED}", deadline=DEADLINE).call_metered(
+            uuid.uuid4(), "run"), limit=DEADLINE + 5)
+    assert isinstance(outcome.error, httpx.ConnectTimeout), outcome.error
+    assert str(outcome.error) == f"resolving {UNANSWERED} took longer than {READ_TIMEOUT:g} s"
+    assert outcome.seconds < READ_TIMEOUT + EPSILON, f"the call took {outcome.seconds:.1f} s"
 
 
 def test_a_deadline_bounds_a_request_and_its_retries_together():
