@@ -22,6 +22,7 @@ from requests.adapters import HTTPAdapter
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.util import connection
 from web3 import Web3
 from web3._utils.http_session_manager import HTTPSessionManager
 from web3.contract import Contract
@@ -33,6 +34,7 @@ from escrow import artifacts
 from marketplace import bounded_json, chainconfig
 from marketplace.concurrency import Deadlines
 from marketplace.errors import DependencyUnavailable
+from sdk.name_resolution import BoundedResolver
 
 
 class ChainError(Exception):
@@ -175,11 +177,46 @@ class _ReadsByDeadline:
             super()._tunnel()  # type: ignore[misc]
 
 
-class _NodeHTTPConnection(_ReadsByDeadline, HTTPConnection):
-    pass
+# The node's name and its proxy's: a few, apart from the names sellers choose (marketplace.outbound.RESOLVER), so that
+# theirs cannot take the threads these resolve on.
+_RESOLVER = BoundedResolver(threads=4, name="chain-rpc")
 
 
-class _NodeHTTPSConnection(_ReadsByDeadline, HTTPSConnection):
+class _ResolvesByDeadline:
+    """A urllib3 connection resolving the host it connects to (the node, or its proxy) by `_try_due` too: the system
+    resolver has no timeout, and a name whose DNS server never answers held the caller for as long as the resolver
+    kept asking."""
+
+    timeout: Any
+
+    def _addresses(self, host: str, port: int, family: int) -> list:
+        try:
+            return _RESOLVER.getaddrinfo(host, port, family, socket.SOCK_STREAM, timeout=_try_left())
+        except TimeoutError as error:
+            raise ConnectTimeoutError(self, f"Connecting to {host}: {error}") from error
+        except (OSError, UnicodeError) as error:  # not resolved (socket.gaierror), or the resolver's threads all taken
+            raise NewConnectionError(self, f"Failed to resolve {host}: {error}") from error
+
+
+class _NodeHTTPConnection(_ResolvesByDeadline, _ReadsByDeadline, HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        """urllib3's, connecting to each address resolved by the try's deadline in turn (as it does)."""
+        host = self._dns_host.strip("[]")  # type: ignore[attr-defined]
+        failure: OSError = OSError(f"{host} resolves to no address")
+        for *_, address in self._addresses(host, self.port, connection.allowed_gai_family()):
+            try:
+                return connection.create_connection((address[0], self.port), self.timeout,
+                                                    source_address=self.source_address,
+                                                    socket_options=self.socket_options)
+            except TimeoutError as error:
+                raise ConnectTimeoutError(self, f"Connection to {self.host} timed out. "
+                                                f"(connect timeout={self.timeout})") from error
+            except OSError as error:
+                failure = error
+        raise NewConnectionError(self, f"Failed to establish a new connection: {failure}") from failure
+
+
+class _NodeHTTPSConnection(_NodeHTTPConnection, HTTPSConnection):
     pass
 
 
@@ -194,7 +231,7 @@ class _NodeHTTPSPool(HTTPSConnectionPool):
 _NODE_POOLS = {"http": _NodeHTTPPool, "https": _NodeHTTPSPool}
 
 
-class _NodeSOCKSConnection(_ReadsByDeadline, HTTPConnection):
+class _NodeSOCKSConnection(_ResolvesByDeadline, _ReadsByDeadline, HTTPConnection):
     """urllib3's SOCKSConnection (urllib3.contrib.socks), its handshake with the proxy ending by `_try_due` too: the
     proxy's reply is up to 262 bytes, which PySocks reads in many reads, each bounded by the timeout only."""
 
@@ -210,22 +247,23 @@ class _NodeSOCKSConnection(_ReadsByDeadline, HTTPConnection):
         options = self._socks_options
         proxy_host = (options["proxy_host"] or "").strip("[]")
         failure: Exception = OSError(f"{proxy_host} resolves to no address")
-        try:
-            addresses = socket.getaddrinfo(proxy_host, options["proxy_port"], 0, socket.SOCK_STREAM)
-        except OSError as error:
-            raise NewConnectionError(self, f"Failed to establish a new connection: {error}") from error
-        for family, kind, protocol, _, _ in addresses:  # each of the proxy's addresses in turn, as PySocks does
+        addresses = self._addresses(proxy_host, options["proxy_port"], 0)
+        destination = self.host.strip("[]")
+        if not options["rdns"]:  # socks5://, socks4://: PySocks would resolve the node's name itself, unbounded
+            destination = self._addresses(destination, self.port, 0)[0][4][0]
+        for family, kind, protocol, _, address in addresses:  # each of the proxy's addresses in turn, as PySocks does
             sock = socks.socksocket(family, kind, protocol)
             for option in self.socket_options or ():
                 sock.setsockopt(*option)
             sock.settimeout(self.timeout)
-            sock.set_proxy(options["socks_version"], proxy_host, options["proxy_port"], options["rdns"],
+            # The address, not the name: PySocks would resolve it again, in C, without a timeout.
+            sock.set_proxy(options["socks_version"], address[0], options["proxy_port"], options["rdns"],
                            options["username"], options["password"])
             try:
                 if self.source_address:
                     sock.bind(self.source_address)
                 with _TRY_READS.bound(sock, _try_left()):
-                    sock.connect((self.host.strip("[]"), self.port))
+                    sock.connect((destination, self.port))
                 return sock
             except OSError as error:  # PySocks' ProxyError is one too, its socket's error in `socket_err`
                 sock.close()

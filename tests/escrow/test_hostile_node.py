@@ -2,6 +2,7 @@
 CHAIN_RPC_MAX_ANSWER_BYTES and within CHAIN_RPC_TIMEOUT in all, not per read."""
 
 import contextlib
+import os
 import select
 import socket
 import threading
@@ -11,6 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from escrow import chain
+from tests.support.unanswered_names import UNANSWERED, unanswered_names
 
 
 @pytest.fixture
@@ -317,3 +319,31 @@ def test_an_http_proxy_dribbling_its_answer_to_connect_is_cut_off_at_the_rpc_tim
     assert isinstance(_ended_within(2, chain.latest_block_number), chain.RpcUnavailable)
     time.sleep(0.3)
     assert served["bytes_sent"] < 5
+
+
+@pytest.mark.parametrize("through", ["directly", "http proxy", "socks proxy", "socks proxy resolving here"])
+def test_a_node_or_proxy_whose_name_never_resolves_is_unavailable_within_the_rpc_timeout(settings, monkeypatch,
+                                                                                         socks_proxy, through):
+    """The RPC timeout bounded connecting, not resolving the name first: a node (or proxy) name whose DNS server never
+    answers held the caller (a relayer task, a request simulating an activation) for as long as the system resolver
+    kept asking."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "no_proxy", "http_proxy", "https_proxy",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    settings.CHAIN_RPC_URL, settings.CHAIN_RPC_TIMEOUT, settings.CHAIN_RPC_RETRIES = "http://rpc.node.invalid:8545", 0.5, 0
+    if through == "directly":
+        settings.CHAIN_RPC_URL = f"http://rpc.{UNANSWERED}:8545"
+    elif through == "http proxy":
+        monkeypatch.setenv("HTTP_PROXY", f"http://proxy.{UNANSWERED}:3128")
+    elif through == "socks proxy":
+        monkeypatch.setenv("ALL_PROXY", f"socks5h://proxy.{UNANSWERED}:1080")
+    else:  # socks5://, not socks5h://: the node's name is resolved here, not by the proxy
+        socks_proxy(settings.CHAIN_RPC_URL)
+        monkeypatch.setenv("ALL_PROXY", os.environ["ALL_PROXY"].replace("socks5h://", "socks5://"))
+        settings.CHAIN_RPC_URL = f"http://rpc.{UNANSWERED}:8545"
+    with unanswered_names() as lookups:
+        started = time.monotonic()
+        assert isinstance(_ended_within(2, chain.latest_block_number), chain.RpcUnavailable)
+        elapsed = time.monotonic() - started
+        assert lookups.began == 1
+    assert elapsed < 1.0, f"the call took {elapsed:.1f} s with CHAIN_RPC_TIMEOUT=0.5"
