@@ -86,8 +86,9 @@ def address_allowed(address: str) -> bool:
     return ip.is_global and not ip.is_multicast and not (ip.version == 6 and ip.is_site_local)
 
 
-# Every name the platform's outbound connections resolve (seller upstreams, webhooks, Masumi services, the chain's
-# RPC): a lookup that outlasts its connection's timeout keeps its thread until the system resolver gives up.
+# Every name the platform's outbound connections resolve (seller upstreams, webhooks, skills, Masumi services; the
+# chain's RPC has its own): a lookup that outlasts its connection's timeout keeps its thread until the system resolver
+# gives up.
 RESOLVER = BoundedResolver(threads=settings.OUTBOUND_RESOLVER_THREADS, name="outbound")
 # The names of URLs being saved, apart: registering URLs whose names never resolve must not take the threads the
 # connections resolve on. A name not resolved in time, or while these are all taken, is accepted as not yet resolvable.
