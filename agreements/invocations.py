@@ -19,7 +19,9 @@ refunding. A payment that then cannot run again after the seller was called (the
 branch, the authorization expired) leaves the treasury holding nothing for the invocation: `payment_reverted_at`
 records it for an operator, money still held becomes payment_failed (so nothing is paid out or refunded), a payout
 or refund queued but not yet signed is withdrawn (payment_failed too: nothing left the treasury), and what was paid
-out or refunded, or signed to be, came from the treasury's own funds.
+out or refunded, or signed to be, came from the treasury's own funds. Found on the chain after all (another reorg,
+or a copy of the authorization mined since), the reversal is cleared and the money is held again, or the run's
+end settled now (`_reverted_payment_recovered`).
 
 Never twice: the authorization's nonce is unique in the database (a replay is refused before any chain call);
 `status` and `money` change only under a row lock from the expected value; the seller is called only by whoever
@@ -41,7 +43,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from agreements import x402_protocol
-from agreements.models import InvocationMoney, InvocationStatus, SkillInvocation
+from agreements.models import NO_PAYMENT_REVERSAL, InvocationMoney, InvocationStatus, SkillInvocation
 from catalog.models import Agent, Skill
 from marketplace import bounded_json, outbound, rotation
 from marketplace.concurrency import Bulkhead
@@ -160,9 +162,12 @@ def invocation_payment_confirmed(*, invocation_id, tx_hash: str) -> None:
     """The payment ran (`tx_hash` moved the money). Applied again after a reorg took it off the chain, to an
     invocation that went on meanwhile: it only names the transaction that paid on the new branch, which may be
     another (a copy of the authorization someone else got mined first). One that had failed before the seller was
-    called is refunded (`_late_payment_refund`)."""
+    called is refunded (`_late_payment_refund`); one recorded reverted is paid again (`_reverted_payment_recovered`)."""
     invocation = _lock(invocation_id)
-    if invocation.money == Money.PAYMENT_FAILED and invocation.payment_reverted_at is None:
+    if invocation.payment_reverted_at is not None:
+        _reverted_payment_recovered(invocation, tx_hash=tx_hash)
+        return
+    if invocation.money == Money.PAYMENT_FAILED:
         _late_payment_refund(invocation, tx_hash=tx_hash)
         return
     if invocation.money != Money.AUTHORIZED:
@@ -189,6 +194,25 @@ def _late_payment_refund(invocation: SkillInvocation, *, tx_hash: str) -> None:
     invocation.error = f"{invocation.error} (it ran after all, and is refunded)"[:500]
     invocation.save(update_fields=["money", "paid_at", "payment_tx_hash", "error", "updated_at"])
     _settle(invocation)
+
+
+def _reverted_payment_recovered(invocation: SkillInvocation, *, tx_hash: str) -> None:
+    """A payment recorded reverted is on the chain after all, at the confirmation depth (another deep reorg put a
+    branch where it ran back, or someone's copy of the authorization was mined since): the treasury has the price,
+    so the reversal (and any acknowledgement of it) no longer holds. Money it had stopped becomes what it would
+    have been: held while the seller runs, else the run's end is settled now (paid out or refunded); a payout or
+    refund that went on meanwhile stands. Recorded again if a reorg takes the payment once more."""
+    logger.warning("a reverted invocation payment is on the chain after all: paid again",
+                   extra={"invocation_id": invocation.public_id, "tx_hash": tx_hash, "money": invocation.money})
+    for name, value in NO_PAYMENT_REVERSAL.items():
+        setattr(invocation, name, value)
+    invocation.payment_tx_hash, invocation.paid_at = tx_hash, invocation.paid_at or timezone.now()
+    settle = invocation.money == Money.PAYMENT_FAILED and invocation.status != Status.PROCESSING
+    if invocation.money == Money.PAYMENT_FAILED:  # stopped by the reversal: nothing was paid out or refunded
+        invocation.money = _settling(invocation.status) if settle else Money.HELD
+    invocation.save(update_fields=[*NO_PAYMENT_REVERSAL, "payment_tx_hash", "paid_at", "money", "updated_at"])
+    if settle:
+        _settle(invocation)
 
 
 def invocation_payment_failed(*, invocation_id, reason: str) -> None:
@@ -345,11 +369,16 @@ def _finish(invocation_id, *, to: str, result=None, error: str = "") -> SkillInv
         invocation.completed_at = timezone.now()
         settle = invocation.money == Money.HELD  # not when a reorg took the payment meanwhile (payment_failed)
         if settle:
-            invocation.money = Money.PAYING_OUT if to == Status.COMPLETED else Money.REFUNDING
+            invocation.money = _settling(to)
         invocation.save(update_fields=["status", "result", "error", "completed_at", "money", "updated_at"])
         if settle:
             _settle(invocation)
     return invocation
+
+
+def _settling(status: str) -> str:
+    """What the money of a run that ended in `status` does: paid out to the seller when completed, else refunded."""
+    return Money.PAYING_OUT if status == Status.COMPLETED else Money.REFUNDING
 
 
 def _settle(invocation: SkillInvocation) -> None:

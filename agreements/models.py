@@ -175,6 +175,13 @@ class PaymentReversal(models.Model):
         abstract = True
 
 
+# A PaymentReversal's fields once the payment is on the chain after all (another reorg, or a copy of its
+# authorization mined since): nothing recorded, nothing to acknowledge.
+NO_PAYMENT_REVERSAL = {"payment_reverted_at": None, "payment_reverted_reason": "",
+                       "payment_reversal_acknowledged_at": None, "payment_reversal_acknowledged_by": "",
+                       "payment_reversal_acknowledgement_reason": ""}
+
+
 class UsageAgreement(PaymentReversal):
     """Terms a buyer and a seller agreed on, frozen at proposal, and how far they have got."""
 

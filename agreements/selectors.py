@@ -285,6 +285,20 @@ def payments_reverted(*, of: type[SkillInvocation] | type[UsageAgreement],
             .select_related(*_REVERTED_PAYMENT_RELATED[of]).order_by("payment_reverted_at"))
 
 
+# Where each kind of reverted payment keeps its authorization.
+_REVERTED_PAYMENT_AUTHORIZATION = {SkillInvocation: "authorization", UsageAgreement: "payment_authorization"}
+
+
+def payments_reverted_watched(*, of: type[SkillInvocation] | type[UsageAgreement], now: int) -> QuerySet:
+    """Reverted payments (`of`, as `payments_reverted`) the chain may yet show made, which the escrow app keeps
+    looking for: each one no operator acknowledged yet, and one acknowledged while its authorization is still valid
+    at `now` (unix seconds): until then anyone holding it may get it mined. Our clock will do for `now`: a chain
+    whose clock lags it mines nothing meanwhile, and its next block is stamped about now."""
+    valid_before = f"{_REVERTED_PAYMENT_AUTHORIZATION[of]}__valid_before__gt"
+    return of.objects.filter(Q(payment_reversal_acknowledged_at=None) | Q(**{valid_before: now}),
+                             payment_reverted_at__isnull=False)
+
+
 def payments_reverted_counts(*, of: type[SkillInvocation] | type[UsageAgreement]) -> dict[bool, int]:
     """How many reverted payments there are of skill invocations or of direct purchases (`of`), by whether an
     operator acknowledged them."""

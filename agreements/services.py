@@ -38,6 +38,7 @@ from agreements.metering import reservations_settle_stale as reservations_settle
 from agreements.models import (
     APPROVAL_SUBJECT,
     CLOSED_STATUSES,
+    NO_PAYMENT_REVERSAL,
     TRANSITIONS,
     AgreementEvent,
     AgreementStatus,
@@ -554,11 +555,6 @@ def agreement_direct_fee_collected(*, agreement_id, tx_hash: str) -> None:
     UsageAgreement.objects.filter(pk=agreement_id).update(fee_tx_hash=tx_hash, updated_at=timezone.now())
 
 
-_NO_PAYMENT_REVERSAL = {"payment_reverted_at": None, "payment_reverted_reason": "",
-                        "payment_reversal_acknowledged_at": None, "payment_reversal_acknowledged_by": "",
-                        "payment_reversal_acknowledgement_reason": ""}
-
-
 def agreement_direct_paid(*, agreement_id, tx_hash: str) -> UsageAgreement:
     """paying (or payment_failed: see TRANSITIONS) -> paid by the transaction `tx_hash` (ours, or a copy of the
     authorization someone else got mined first). Applied again to a paid purchase, it names the transaction the chain
@@ -577,7 +573,7 @@ def agreement_direct_paid(*, agreement_id, tx_hash: str) -> UsageAgreement:
                        data={"tx_hash": tx_hash}, changes={"payment_tx_hash": tx_hash,
                                                            "seller_payout": agreement.deposit_amount,
                                                            "used": agreement.deposit_amount,
-                                                           **_NO_PAYMENT_REVERSAL})
+                                                           **NO_PAYMENT_REVERSAL})
 
 
 def agreement_direct_payment_failed(*, agreement_id, reason: str) -> UsageAgreement:

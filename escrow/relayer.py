@@ -20,6 +20,10 @@
   before the outcome is applied again); each poll runs it for the blocks the indexer has not applied yet. What no
   contract event records (a skill invocation's payment, payout or refund, a direct purchase's steps, what a failure
   did) its purpose's `on_reopened` handler moves back.
+- `transactions_recheck_watched` reads again, at each poll, the evidence of failed transactions the domain watches
+  (`watch_failed`: a payment recorded reverted, whose authorization someone may still get mined, or a reorg put
+  back in a copy's block): once it names someone else's transaction at the confirmation depth, the outcome is
+  applied again on it.
 
 Evidence before action: every hash ever broadcast is kept and looked up; a transaction goes out under a new nonce
 only once its nonce is shown used, at the required depth, by a transaction that is none of its attempts. No
@@ -36,6 +40,7 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 from web3 import Web3
 
@@ -57,6 +62,8 @@ RerunCheck = Callable[[ChainTransaction], bool]
 _rerun_checks: dict[str, RerunCheck] = {}
 CancelledHandler = Callable[..., None]
 _cancelled_handlers: dict[str, CancelledHandler] = {}
+FailureWatch = Callable[[], QuerySet[ChainTransaction]]
+_failure_watches: dict[str, FailureWatch] = {}
 _GAS_HEADROOM_PERCENT = 25
 # On top of it: about what filling an empty storage slot costs beyond rewriting a set one (EIP-2200/2929: 22,100
 # against 5,000). The chain may change between the estimate and the mining, and the same signed bytes are sent again after
@@ -85,7 +92,8 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
                              read_evidence: EvidenceReader | None = None,
                              on_reopened: OutcomeHandler | None = None,
                              rerun_wanted: RerunCheck | None = None,
-                             on_cancelled: CancelledHandler | None = None) -> None:
+                             on_cancelled: CancelledHandler | None = None,
+                             watch_failed: FailureWatch | None = None) -> None:
     """`on_outcome(tx)` runs in the DB transaction that makes `tx` confirmed or failed; `on_submitted(tx)` in the
     one that signs its first attempt (its hash is then known). `read_evidence(tx)` runs just before, outside any
     DB transaction, and reads from the chain what the outcome depends on; `on_outcome` finds its answer in
@@ -98,7 +106,11 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
     may be sent again at all (its block reorged out, or an operator's retry): one its domain no longer wants (an
     activation whose agreement was cancelled since) is cancelled as a superseded one is, and its retry refused.
     `on_cancelled(tx, ran=...)` runs in the one that concludes the nonce fill that took a cancelled `tx`'s nonce
-    (`_cancel`): `ran` when `tx`'s own old bytes were mined in the fill's place and ran, else nothing of `tx` ran."""
+    (`_cancel`): `ran` when `tx`'s own old bytes were mined in the fill's place and ran, else nothing of `tx` ran.
+    `watch_failed()` names failed transactions of `purpose` whose evidence may still change with no block they rest
+    on taken (`transactions_recheck_watched`); it needs `read_evidence`."""
+    if watch_failed is not None and read_evidence is None:
+        raise ImproperlyConfigured(f"Watching failed {purpose} chain transactions needs their evidence reader.")
     _outcome_handlers[purpose] = on_outcome
     if on_submitted is not None:
         _submitted_handlers[purpose] = on_submitted
@@ -110,6 +122,8 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
         _rerun_checks[purpose] = rerun_wanted
     if on_cancelled is not None:
         _cancelled_handlers[purpose] = on_cancelled
+    if watch_failed is not None:
+        _failure_watches[purpose] = watch_failed
 
 
 def outcome_handlers_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
@@ -372,6 +386,38 @@ def _reopen(tx: ChainTransaction) -> bool:
     return True
 
 
+def transactions_recheck_watched() -> int:
+    """Failed transactions their domain watches (`watch_failed`: a payment recorded reverted after a deep reorg)
+    have their evidence read again. Such a failure rests on no block of someone else's: it says that nobody used
+    the payment's authorization, which anyone holding it may still do, and a reorg may put back a block in which a
+    copy of it did (when ours never took a nonce, no block of ours is taken). Once the evidence names that
+    transaction's block (EVIDENCE_BLOCK) at the confirmation depth, the outcome is applied again on it (the payment
+    made after all); a reorg that takes that block reopens the transaction as any other so decided. Returns how
+    many changed."""
+    changed = 0
+    for purpose, watched in _failure_watches.items():
+        for tx in watched().filter(purpose=purpose, status=TxStatus.FAILED).exclude(
+                outcome_evidence__has_key=EVIDENCE_BLOCK):
+            changed += _evidence_renewed(tx)
+    return changed
+
+
+def _evidence_renewed(tx: ChainTransaction) -> bool:
+    evidence = _evidence_readers[tx.purpose](tx)
+    block = evidence.get(EVIDENCE_BLOCK)
+    if block is None or not _deep_enough(tx, block_number=block["number"], latest=chain.latest_block_number()):
+        return False
+    with transaction.atomic():
+        if not _locked_if_unchanged(tx):
+            return False
+        logger.warning("a failed transaction's outcome changed: another transaction did what it would have",
+                       extra={"tx_id": str(tx.pk), "evidence": evidence})
+        tx.outcome_evidence, tx.outcome_applied = evidence, False
+        tx.save(update_fields=["outcome_evidence", "outcome_applied", "updated_at"])
+        _apply_outcome(tx)
+    return True
+
+
 def _superseded(tx: ChainTransaction) -> bool:
     """A failed transaction something took the place of since: an operator's retry of it, or another of its agreement
     and purpose (the buyer's new activation, the next settlement proposal) or a fee payment under way; or one its
@@ -544,6 +590,7 @@ def transactions_poll() -> int:
     try:
         # What the indexer applied, it checks itself: it reopens those after moving their agreements back.
         transactions_reopen_reorged(after_block=_indexed_up_to())
+        transactions_recheck_watched()
     except chain.RpcUnreachable:
         logger.warning("chain RPC unreachable while polling; will retry")
         return 0

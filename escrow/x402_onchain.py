@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from django.db import transaction
+from django.db.models import QuerySet
 from eth_utils import to_checksum_address
 from x402.mechanisms.evm import constants as evm
 from x402.mechanisms.evm.erc6492 import parse_erc6492_signature
@@ -408,6 +409,19 @@ def _direct_fee_refund_when_due(agreement_id) -> None:
                                     amount=agreement.infra_fee, agreement_id=agreement_id)
 
 
+def _invocation_payments_watched() -> QuerySet[ChainTransaction]:
+    """Payments of invocations recorded reverted whose authorization may yet be found used (relayer.watch_failed)."""
+    reverted = agreement_selectors.payments_reverted_watched(of=SkillInvocation, now=int(time.time()))
+    return ChainTransaction.objects.filter(
+        context__invocation_id__in=[str(pk) for pk in reverted.values_list("pk", flat=True)])
+
+
+def _direct_payments_watched() -> QuerySet[ChainTransaction]:
+    """Payments of direct purchases recorded reverted whose authorization may yet be found used."""
+    reverted = agreement_selectors.payments_reverted_watched(of=UsageAgreement, now=int(time.time()))
+    return ChainTransaction.objects.filter(agreement_id__in=reverted.values("pk"))
+
+
 _DIRECT_STEPS = {TxPurpose.DIRECT_FEE_PERMIT: "the fee permit", TxPurpose.DIRECT_FEE: "the fee's collection",
                  TxPurpose.DIRECT_PAYMENT: "the payment"}
 
@@ -459,7 +473,8 @@ def handlers_register() -> None:
     agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome,
                                      read_evidence=_invocation_payment_evidence,
-                                     on_reopened=_invocation_payment_reopened)
+                                     on_reopened=_invocation_payment_reopened,
+                                     watch_failed=_invocation_payments_watched)
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYOUT,
                                      on_outcome=_settlement_outcome(agreement_services.invocation_paid_out),
                                      on_reopened=_invocation_settlement_reopened)
@@ -471,6 +486,7 @@ def handlers_register() -> None:
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome,
                                      on_reopened=_direct_purchase_reopened)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome,
-                                     read_evidence=_direct_payment_evidence, on_reopened=_direct_purchase_reopened)
+                                     read_evidence=_direct_payment_evidence, on_reopened=_direct_purchase_reopened,
+                                     watch_failed=_direct_payments_watched)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome,
                                      on_reopened=_direct_fee_refund_reopened, on_cancelled=_direct_fee_refund_cancelled)

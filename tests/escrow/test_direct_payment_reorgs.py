@@ -39,11 +39,11 @@ def copy_the_payment(purchase, body: dict) -> str:
     return "0x" + copied.hex().removeprefix("0x")
 
 
-def paid_by_a_copy_on_a_branch(purchase, capture) -> tuple[dict, str, str]:
-    """A direct purchase whose fee is collected, then paid by a copy of its authorization mined before the relayer
-    sends its own (which then fails: the authorization is used), on a branch a snapshot taken just before the copy
-    can undo. Returns the agreement, the copy's hash and the snapshot."""
-    body = purchase.body()
+def paid_by_a_copy_on_a_branch(purchase, capture, body: dict | None = None) -> tuple[dict, str, str]:
+    """A direct purchase (proposed with `body`, else a new one) whose fee is collected, then paid by a copy of its
+    authorization mined before the relayer sends its own (which then fails: the authorization is used), on a branch
+    a snapshot taken just before the copy can undo. Returns the agreement, the copy's hash and the snapshot."""
+    body = body or purchase.body()
     agreement = purchase.propose(body)
     purchase.accept(agreement["id"], capture)
     confirm_all(capture)  # the fee permit confirmed; the fee's transfer is sent
@@ -459,3 +459,102 @@ def test_a_fee_refund_signed_when_a_reorg_takes_the_fees_collection_is_cancelled
         TxStatus.FAILED, TxStatus.CONFIRMED, {relayer.CANCELS: str(refund.pk)})
     assert relayer_nonce_on_chain(chain) == RelayerAccount.objects.get().next_nonce
     call_command("reconcile", stdout=io.StringIO())
+
+
+# --- a payment recorded reverted that the chain has again ----------------------------------------------------------
+
+def reverted_on_a_second_branch(purchase, capture, agreement_id: str) -> str:
+    """At the fork the test reverted to, the buyer spends its USDC before the relayer sends the payment again: it
+    cannot run, and the purchase, counted paid before, is recorded reverted. Returns a snapshot of that fork."""
+    chain = purchase.chain
+    second_fork = chain.snapshot()
+    spend_the_buyers_funds(purchase)
+    chain.mine(3)
+    polls(capture)
+    reverted = purchase.parties.agreement(agreement_id)
+    assert reverted["status"] == "payment_failed" and reverted["payment_reverted_at"] is not None
+    return second_fork
+
+
+def assert_recorded_reverted(purchase, admin_client, agreement_id: str) -> None:
+    assert purchase.parties.agreement(agreement_id)["payment_reverted_at"] is not None
+    metrics = admin_client.get("/metrics").content.decode()
+    assert 'marketplace_direct_payments_reverted{acknowledged="false"} 1.0' in metrics
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+
+
+def assert_paid_by(purchase, admin_client, agreement_id: str, tx_hash: str) -> None:
+    paid = purchase.parties.agreement(agreement_id)
+    assert (paid["status"], paid["payment_tx_hash"], paid["payment_reverted_at"]) == ("paid", tx_hash, None)
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).exists()
+    metrics = admin_client.get("/metrics").content.decode()
+    assert 'marketplace_direct_payments_reverted{acknowledged="false"} 0.0' in metrics
+    call_command("reconcile", stdout=io.StringIO())
+
+
+@pytest.mark.parametrize("copy_mined", ["later_on_the_same_branch", "by_a_second_reorg"])
+def test_a_reverted_purchase_whose_authorization_a_copy_uses_later_is_paid_by_that_copy_until_a_reorg_takes_it(
+        escrow_chain, copy_mined, admin_client, django_capture_on_commit_callbacks):
+    """The purchase, paid by a copy of its authorization (ours never sent: it failed its simulation), lost it to a
+    deep reorg on a branch where the buyer spent its funds first: recorded reverted, resting on no block, only on
+    the authorization being unused. A copy is mined after all: later on that branch once the buyer holds funds again,
+    or on the branch a second deep reorg puts back. Once it is at the confirmation depth the purchase is paid by it,
+    the reversal no longer recorded (reconcile consistent, the gauge down); a reorg that takes the copy where the
+    payment cannot run records it again."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain)
+    body = purchase.body()
+    agreement, _, before_fork = paid_by_a_copy_on_a_branch(purchase, capture, body)
+    chain.revert(before_fork)
+    second_fork = reverted_on_a_second_branch(purchase, capture, agreement["id"])
+    assert_recorded_reverted(purchase, admin_client, agreement["id"])
+
+    if copy_mined == "by_a_second_reorg":
+        chain.revert(second_fork)
+        before_copy = chain.snapshot()
+    else:
+        before_copy = chain.snapshot()
+        fund(chain, purchase.buyer.address, AMOUNT)
+    copy = copy_the_payment(purchase, body)
+    chain.mine(3)
+    seller = usdc_balance(chain, purchase.parties.seller_account.address)
+    polls(capture)
+    assert_paid_by(purchase, admin_client, agreement["id"], copy)
+    assert usdc_balance(chain, purchase.parties.seller_account.address) == seller  # the copy paid it, once
+
+    chain.revert(before_copy)  # the copy is gone, and the buyer spends its funds first
+    spend_the_buyers_funds(purchase)
+    chain.mine(3)
+    polls(capture)
+    assert_recorded_reverted(purchase, admin_client, agreement["id"])
+
+
+def test_a_reverted_purchase_a_second_reorg_puts_back_on_the_chain_is_paid_again(
+        escrow_chain, admin_client, settings, django_capture_on_commit_callbacks):
+    """Our payment paid the purchase; a deep reorg took it and, sent again on a branch where the buyer had spent its
+    funds first, it reverted: recorded reverted. A second deep reorg takes that branch; on the one that wins the
+    buyer never spent, and our payment, sent again, runs: paid by it, the reversal no longer recorded."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    agreement = purchase.propose()
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the fee permit confirmed; the fee's transfer is sent
+    mined_what_was_sent()  # and mined before the fork
+    before_fork = chain.snapshot()
+    polls(capture, 2)
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
+    chain.revert(before_fork)
+    second_fork = reverted_on_a_second_branch(purchase, capture, agreement["id"])
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_PAYMENT)
+    assert (payment.status, payment.receipt_status) == (TxStatus.FAILED, 0)
+    assert_recorded_reverted(purchase, admin_client, agreement["id"])
+
+    chain.revert(second_fork)
+    chain.mine(3)
+    polls(capture)
+
+    payment.refresh_from_db()
+    assert payment.status == TxStatus.CONFIRMED
+    assert_paid_by(purchase, admin_client, agreement["id"], payment.mined_tx_hash)

@@ -384,15 +384,17 @@ def test_a_payout_signed_but_not_broadcast_when_its_payment_is_found_reverted_go
         call_command("reconcile", stdout=io.StringIO())
 
 
-def mine_a_copy(chain, payment: str) -> None:
-    """Someone holding the signed payment header gets its authorization mined, from their own account."""
+def mine_a_copy(chain, payment: str) -> str:
+    """Someone holding the signed payment header gets its authorization mined, from their own account; its hash."""
     payload = decode_payment_signature_header(payment).payload
     authorization = payload["authorization"]
     v, r, s = typed_data.split_signature(payload["signature"])
-    mined(chain, chain.usdc.functions.transferWithAuthorization(
+    copied = chain.usdc.functions.transferWithAuthorization(
         authorization["from"], authorization["to"], int(authorization["value"]), int(authorization["validAfter"]),
         int(authorization["validBefore"]), bytes.fromhex(authorization["nonce"][2:]), v, bytes.fromhex(r[2:]),
-        bytes.fromhex(s[2:])).transact({"from": chain.accounts.stranger.address}))
+        bytes.fromhex(s[2:])).transact({"from": chain.accounts.stranger.address})
+    mined(chain, copied)
+    return "0x" + copied.hex().removeprefix("0x")
 
 
 def front_run(market, monkeypatch, payment: str, *, when: str) -> None:
@@ -513,3 +515,174 @@ def test_a_payment_that_reverted_on_its_own_and_runs_on_the_new_branch_is_refund
     assert usdc_balance(chain, market.buyer.address) == buyer
     assert not market.upstream.requests  # the seller was never called
     call_command("reconcile", stdout=io.StringIO())
+
+
+# --- a payment recorded reverted that the chain has again ----------------------------------------------------------
+
+def reverted_on_a_second_branch(market, capture, payment: ChainTransaction, *others: ChainTransaction) -> str:
+    """The chain, at the fork the test reverted to, goes on along a branch where the buyer spends its USDC first:
+    `payment`, sent again, reverts, and is recorded reverted. Returns a snapshot of that fork, so that a reorg
+    can take this branch in turn."""
+    chain = market.chain
+    second_fork = chain.snapshot()
+    spend_all_but(chain, market.buyer.address, keep=0)
+    chain.mine(3)
+    polls_until_concluded(capture, payment, *others)
+    assert SkillInvocation.objects.get(pk=payment.context["invocation_id"]).payment_reverted_at is not None
+    return second_fork
+
+
+def assert_recorded_reverted(market, admin_client, invocation_id: str, *, unacknowledged: int) -> None:
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_reverted"
+    metrics = admin_client.get("/metrics").content.decode()
+    assert f'marketplace_invocation_payments_reverted{{acknowledged="false"}} {unacknowledged}.0' in metrics
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+
+
+@pytest.mark.parametrize("paid_by", ["ours", "a_copy"])
+def test_a_reverted_payment_a_second_reorg_puts_back_on_the_chain_is_paid_again_and_recorded_again_if_taken_again(
+        market, paid_by, owner_api, owner, admin_client, django_capture_on_commit_callbacks):
+    """The payment was paid out, taken off the chain by a deep reorg, and recorded reverted on the branch where the
+    buyer had spent its funds first. A second deep reorg takes that branch: on the one that wins, the buyer never
+    spent, and the payment runs (our bytes sent again, or someone's copy of the authorization mined first). The
+    treasury has the money: the invocation is paid out again, naming that transaction, its reversal no longer
+    recorded, counted against the buyer's owner's cap again, reconcile consistent and the gauge down. A third reorg
+    that takes the payment once more, where it cannot run, records it again."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    agent = AgentFactory(owner=owner, handle="buyer-one", is_buyer=True, is_seller=False,
+                         wallet_address=market.buyer.address)
+    agent_api = Api(issue_key(agent))
+    assert owner_api.put(f"/agents/{agent.pk}/policies", {"daily_cap_atomic": 300_000}).status_code == 200
+    market.upstream.responses.append(SETTLED["completed"][0])
+    header = market.pay("translate")
+    before_fork = chain.snapshot()
+    treasury = usdc_balance(chain, market.treasury)
+    with capture(execute=True):
+        invocation_id = market.call("translate", header, api=agent_api).json()["invocation_id"]
+    confirm_all(capture)  # the payout
+    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                       ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
+    chain.revert(before_fork)
+    second_fork = reverted_on_a_second_branch(market, capture, payment, payout)
+    assert_recorded_reverted(market, admin_client, invocation_id, unacknowledged=1)
+    assert agent_api.post("/usage-agreements", proposal(market.service)).status_code == 201  # not counted
+
+    chain.revert(second_fork)  # the buyer's spending is not on this branch
+    third_fork = chain.snapshot()
+    if paid_by == "a_copy":
+        mine_a_copy(chain, header)
+    chain.mine(3)
+    polls_until_concluded(capture, payment, payout)
+    confirm_all(capture)
+
+    payment.refresh_from_db()
+    invocation = invocation_of(market, invocation_id)
+    assert invocation["status"] == "completed" and invocation["payment"]["status"] == "paid_out"
+    paid_by_hash = payment.mined_tx_hash if paid_by == "ours" else payment.outcome_evidence["used_by"]
+    assert paid_by_hash and invocation["payment"]["tx_hash"] == paid_by_hash
+    assert invocation["payment"]["settlement_tx_hash"] == ChainTransaction.objects.get(pk=payout.pk).mined_tx_hash
+    assert usdc_balance(chain, market.treasury) == treasury  # paid in, and paid out once on this branch
+    assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).payment_reverted_reason == ""
+    metrics = admin_client.get("/metrics").content.decode()
+    assert 'marketplace_invocation_payments_reverted{acknowledged="false"} 0.0' in metrics
+    call_command("reconcile", stdout=io.StringIO())
+    refused = agent_api.post("/usage-agreements", proposal(market.service))
+    assert refused.status_code == 403 and refused.json()["error"]["details"]["spent"] == PRICE + 300_000
+    assert len(market.upstream.requests) == 1
+
+    chain.revert(third_fork)
+    reverted_on_a_second_branch(market, capture, payment, payout)
+    assert_recorded_reverted(market, admin_client, invocation_id, unacknowledged=1)
+    assert len(market.upstream.requests) == 1
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+def test_a_reverted_payment_held_for_a_run_that_ended_meanwhile_is_settled_once_the_chain_has_it_again(
+        market, outcome, admin_client, django_capture_on_commit_callbacks):
+    """The payment was recorded reverted while the seller ran (nothing to pay out or refund when the run ended). A
+    second deep reorg puts a branch where it ran back: the treasury holds the price again, so the run's end is
+    settled now, paid out to the seller (or refunded to the buyer), once."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    upstream, purpose, money = SETTLED[outcome]
+    market.upstream.responses.append(upstream)
+    header = market.pay("translate")
+    before_fork = chain.snapshot()
+    with capture(execute=False) as settle:  # paid and run; the payout (refund) is queued, not sent
+        response = market.call("translate", header)
+    invocation_id = response.json().get("invocation_id") or response.json()["error"]["details"]["invocation_id"]
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
+    chain.revert(before_fork)
+    second_fork = reverted_on_a_second_branch(market, capture, payment)
+    with capture(execute=True):
+        for callback in settle:  # withdrawn: nothing of it is sent
+            callback()
+    assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).money == "payment_failed"
+    assert_recorded_reverted(market, admin_client, invocation_id, unacknowledged=1)
+
+    chain.revert(second_fork)
+    chain.mine(3)
+    polls_until_concluded(capture, payment)
+    [settlement] = ChainTransaction.objects.filter(purpose=purpose).exclude(status=TxStatus.FAILED)
+    polls_until_concluded(capture, settlement)
+
+    invocation = invocation_of(market, invocation_id)
+    assert (invocation["status"], invocation["payment"]["status"]) == (outcome, money)
+    assert invocation["payment"]["settlement_tx_hash"] == ChainTransaction.objects.get(pk=settlement.pk).mined_tx_hash
+    assert len(market.upstream.requests) == 1
+    call_command("reconcile", stdout=io.StringIO())
+
+
+@pytest.mark.parametrize("copy_mined", ["later_on_the_same_branch", "by_a_second_reorg"])
+def test_a_reverted_payment_whose_authorization_a_copy_uses_later_is_paid_by_that_copy_until_a_reorg_takes_it(
+        market, copy_mined, monkeypatch, admin_client, django_capture_on_commit_callbacks):
+    """The payment is recorded reverted on a fact no block of ours holds: that its authorization is unused. It may
+    be used after all, by anyone holding it: a copy mined later on the same branch, once the buyer holds funds again
+    (`later_on_the_same_branch`), or a copy that paid the invocation first, taken off the chain by the first reorg
+    and put back by a second (`by_a_second_reorg`: ours was never sent, it failed its simulation). Once the copy is
+    at the confirmation depth the invocation is paid by it, its reversal (acknowledged meanwhile) no longer
+    recorded; a reorg that takes the copy where the payment cannot run records it again, for an operator again."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    market.upstream.responses.append(SETTLED["completed"][0])
+    header = market.pay("translate")
+    before_fork = chain.snapshot()
+    if copy_mined == "by_a_second_reorg":
+        front_run(market, monkeypatch, header, when="before_sending")
+    with capture(execute=True):
+        invocation_id = market.call("translate", header).json()["invocation_id"]
+    monkeypatch.undo()
+    confirm_all(capture)  # the payout
+    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                       ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
+    chain.revert(before_fork)
+    second_fork = reverted_on_a_second_branch(market, capture, payment, payout)
+    assert_recorded_reverted(market, admin_client, invocation_id, unacknowledged=1)
+    assert payment.attempts.exists() == (copy_mined == "later_on_the_same_branch")  # else never sent: no block
+    call_command("reconcile", "--acknowledge-invocation", invocation_id, "--reason", "the platform bears it",
+                 stdout=io.StringIO())  # followed all the same while its authorization is valid
+
+    if copy_mined == "by_a_second_reorg":
+        chain.revert(second_fork)
+        before_copy = chain.snapshot()
+    else:
+        before_copy = chain.snapshot()
+        fund(chain, market.buyer.address, 10 * USDC)
+    copy = mine_a_copy(chain, header)
+    chain.mine(3)
+    polls_until_concluded(capture, payment, payout)
+    confirm_all(capture)
+
+    invocation = invocation_of(market, invocation_id)
+    assert invocation["payment"]["status"] == "paid_out"
+    assert invocation["payment"]["tx_hash"] == copy
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_PAYOUT).count() == 1
+    metrics = admin_client.get("/metrics").content.decode()
+    assert 'marketplace_invocation_payments_reverted{acknowledged="true"} 0.0' in metrics
+    call_command("reconcile", stdout=io.StringIO())
+
+    chain.revert(before_copy)  # the copy is gone, and the buyer's funds with it
+    spend_all_but(chain, market.buyer.address, keep=0)
+    chain.mine(3)
+    polls_until_concluded(capture, payment, payout)
+    assert_recorded_reverted(market, admin_client, invocation_id, unacknowledged=1)
+    assert len(market.upstream.requests) == 1
