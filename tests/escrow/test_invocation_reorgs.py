@@ -633,6 +633,37 @@ def test_a_reverted_payment_held_for_a_run_that_ended_meanwhile_is_settled_once_
     call_command("reconcile", stdout=io.StringIO())
 
 
+def test_a_reverted_payment_found_again_while_the_seller_runs_is_held_for_the_runs_end(
+        market, django_capture_on_commit_callbacks):
+    """The payment was recorded reverted while the worker called the seller (money payment_failed: its end would
+    pay nothing out or back). A second deep reorg puts the branch where it ran back before the call ends: the money
+    is held again, and the run's end settles it (here a time-out: refunded), once."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    header = market.pay("render")
+    before_fork = chain.snapshot()
+    invocation_id = market.call("render", header).json()["invocation_id"]  # its worker never runs
+    pk = invocation_id.removeprefix("inv_")
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
+    SkillInvocation.objects.filter(pk=pk).update(  # the worker took it and is calling the seller
+        status="processing", started_at=timezone.now(), deadline_at=timezone.now() + timedelta(seconds=30))
+    chain.revert(before_fork)
+    second_fork = reverted_on_a_second_branch(market, capture, payment)
+    assert SkillInvocation.objects.get(pk=pk).money == "payment_failed"
+
+    chain.revert(second_fork)
+    chain.mine(3)
+    polls_until_concluded(capture, payment)
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "held"
+    with capture(execute=True):  # the worker's call ends: here, past its deadline
+        assert invocations.invocations_sweep(now=timezone.now() + timedelta(minutes=1))["timed_out"] == 1
+    polls_until_concluded(capture, ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_REFUND))
+
+    invocation = invocation_of(market, invocation_id)
+    assert (invocation["status"], invocation["payment"]["status"]) == ("timeout", "refunded")
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_REFUND).count() == 1
+    call_command("reconcile", stdout=io.StringIO())
+
+
 @pytest.mark.parametrize("copy_mined", ["later_on_the_same_branch", "by_a_second_reorg"])
 def test_a_reverted_payment_whose_authorization_a_copy_uses_later_is_paid_by_that_copy_until_a_reorg_takes_it(
         market, copy_mined, monkeypatch, admin_client, django_capture_on_commit_callbacks):
