@@ -95,6 +95,17 @@ def assert_given_back_through_a_settlement_of_nothing(parties, capture, agreemen
     call_command("reconcile", stdout=io.StringIO())
 
 
+def relayed_after_a_cancel(parties, chain) -> tuple[int, dict, dict]:
+    """The buyer signs its activation package, then cancels the agreement on the platform; a stranger relays the signed
+    intent all the same. Returns the buyer's balance before, the agreement and the package."""
+    start = usdc_balance(chain, parties.buyer_account.address)
+    agreement = parties.accepted_agreement(quantity=10)
+    package, signed = package_and_signature(parties, agreement["id"])
+    cancel(parties, agreement["id"])
+    relay(chain, package, signed)
+    return start, agreement, package
+
+
 def test_an_intent_relayed_after_the_buyer_cancelled_gives_the_whole_deposit_back(
         parties, escrow_chain, django_capture_on_commit_callbacks):
     """The buyer signs the activation package, then cancels the agreement on the platform; the signed intent is sent
@@ -103,11 +114,7 @@ def test_an_intent_relayed_after_the_buyer_cancelled_gives_the_whole_deposit_bac
     `invalid_transition` and the deposit sat in an escrow the platform never tracked, until the buyer reclaimed it
     itself after expiry and the reclaim grace.)"""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
-    start = usdc_balance(chain, parties.buyer_account.address)
-    agreement = parties.accepted_agreement(quantity=10)
-    package, signed = package_and_signature(parties, agreement["id"])
-    cancel(parties, agreement["id"])
-    relay(chain, package, signed)
+    start, agreement, package = relayed_after_a_cancel(parties, chain)
     deposit, fee = agreement["deposit_amount_atomic"], agreement["infra_fee_atomic"]
     assert usdc_balance(chain, parties.buyer_account.address) == start - deposit - fee
 
@@ -130,11 +137,7 @@ def test_a_funding_after_the_cancel_indexed_only_after_reclaim_after_is_reclaime
     The tick reclaims the deposit for the buyer instead, and proposes nothing. (It proposed, reverting at every
     attempt, and never reclaimed, completion being asked for: the deposit waited for the buyer's own reclaim.)"""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
-    start = usdc_balance(chain, parties.buyer_account.address)
-    agreement = parties.accepted_agreement(quantity=10)
-    package, signed = package_and_signature(parties, agreement["id"])
-    cancel(parties, agreement["id"])
-    relay(chain, package, signed)
+    start, agreement, package = relayed_after_a_cancel(parties, chain)
     chain.increase_time(package["intent"]["message"]["expiresAt"] + TEST_RECLAIM_GRACE - chain.now())
 
     index(capture)

@@ -308,6 +308,18 @@ def test_a_fee_refund_signed_for_a_failed_payment_a_reorg_reopens_is_cancelled_a
     call_command("reconcile", stdout=io.StringIO())
 
 
+def reverted_to_a_branch_where_it_fails_again(chain, capture, monkeypatch):
+    """`failed_with_its_fee_refund_signed`, then back to its fork, where the buyer spends its funds again before the
+    payment's bytes are mined: they will revert again. Returns the purchase, the agreement, the payment and the
+    refund."""
+    purchase = Purchase(chain)
+    agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
+    chain.revert(before_fork)
+    spend_the_buyers_funds(purchase)
+    chain.mine(3)
+    return purchase, agreement, payment, refund
+
+
 def test_a_cancelled_fee_refund_whose_old_bytes_are_mined_first_is_shown_and_reported_until_acknowledged(
         escrow_chain, admin_client, caplog, monkeypatch, settings, django_capture_on_commit_callbacks):
     """As above, but anyone holding the old branch's signed bytes (public there) gets the payment's and the refund's
@@ -359,12 +371,7 @@ def test_a_fee_refund_cancelled_when_its_payment_was_reopened_is_sent_again_once
     and a new refund is sent. The buyer gets its fee back once; the books add up."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
-    purchase = Purchase(chain)
-    agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
-
-    chain.revert(before_fork)
-    spend_the_buyers_funds(purchase)
-    chain.mine(3)
+    purchase, agreement, payment, refund = reverted_to_a_branch_where_it_fails_again(chain, capture, monkeypatch)
     buyer, seller, fee_recipient, treasury = purchase.balances()
     assert relayer.transactions_reopen_reorged() == 1
     assert purchase.parties.agreement(agreement["id"])["status"] == "paying"
@@ -396,12 +403,7 @@ def test_a_cancelled_fee_refund_whose_old_bytes_are_mined_first_is_not_sent_agai
     its bytes did may be done twice) until an operator who checked the purchase acknowledges it."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
-    purchase = Purchase(chain)
-    agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
-
-    chain.revert(before_fork)
-    spend_the_buyers_funds(purchase)
-    chain.mine(3)
+    purchase, agreement, payment, refund = reverted_to_a_branch_where_it_fails_again(chain, capture, monkeypatch)
     buyer, seller, fee_recipient, treasury = purchase.balances()
     for old in (payment.attempts.get(), refund.attempts.get()):
         chain.w3.eth.send_raw_transaction(old.raw_transaction)
