@@ -18,8 +18,9 @@ authorized: the seller is called only on a payment the chain has) and a payout o
 refunding. A payment that then cannot run again after the seller was called (the buyer's funds spent on the new
 branch, the authorization expired) leaves the treasury holding nothing for the invocation: `payment_reverted_at`
 records it for an operator, money still held becomes payment_failed (so nothing is paid out or refunded), a payout
-or refund queued but not yet signed is withdrawn (payment_failed too: nothing left the treasury), and what was paid
-out or refunded, or signed to be, came from the treasury's own funds. Found on the chain after all (another reorg,
+or refund not yet confirmed is withdrawn (payment_failed too once nothing of it ran: a signed one's nonce goes to a
+nonce fill first), and what was paid out or refunded (its signed bytes too, when mined in the fill's place) came
+from the treasury's own funds. Found on the chain after all (another reorg,
 or a copy of the authorization mined since), the reversal is cleared and the money is held again, or the run's
 end settled now (`_reverted_payment_recovered`).
 
@@ -233,9 +234,10 @@ def invocation_payment_failed(*, invocation_id, reason: str) -> None:
 def _payment_reverted(invocation: SkillInvocation, *, reason: str) -> None:
     """The seller was called on a payment the chain no longer has: the treasury holds nothing for the invocation.
     A payment still held (the seller running) becomes payment_failed, so the run's end pays nothing out or back; a
-    payout or refund still queued is withdrawn by the escrow app (`invocation_settlement_withdrawn`); what was paid
-    out or refunded already, or signed to be, came from the treasury's own funds. Never run or paid again: recorded
-    for an operator, which reconcile and the dashboard show until one acknowledges it."""
+    payout or refund not confirmed yet is withdrawn by the escrow app, which says what came of it
+    (`invocation_settlement_withdrawn`, or paid out or refunded all the same); what was paid out or refunded came from
+    the treasury's own funds. Never run or paid again: recorded for an operator, which reconcile and the dashboard
+    show until one acknowledges it."""
     logger.error("a reorg took the payment of an invocation whose seller was called, and it could not run again",
                  extra={"invocation_id": invocation.public_id, "tx_hash": invocation.payment_tx_hash,
                         "money": invocation.money, "reason": reason})
@@ -294,8 +296,9 @@ def invocation_refunded(*, invocation_id, tx_hash: str) -> None:
 
 
 def invocation_settlement_withdrawn(*, invocation_id) -> None:
-    """The payout or refund of an invocation whose payment was reverted was withdrawn before it was sent: nothing
-    left the treasury for it and nothing will (payment_failed, as a payment reverted while still held)."""
+    """The payout or refund of an invocation whose payment was reverted was withdrawn, and nothing of it ran (never
+    signed, or its nonce taken by a nonce fill): nothing left the treasury for it and nothing will (payment_failed, as
+    a payment reverted while still held)."""
     SkillInvocation.objects.filter(pk=invocation_id, payment_reverted_at__isnull=False,
                                    money__in=[Money.PAYING_OUT, Money.REFUNDING]).update(
         money=Money.PAYMENT_FAILED, updated_at=timezone.now())

@@ -105,8 +105,10 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
     outcome stands. `rerun_wanted(tx)`, inside a DB transaction holding `tx`'s row lock, says whether a failed `tx`
     may be sent again at all (its block reorged out, or an operator's retry): one its domain no longer wants (an
     activation whose agreement was cancelled since) is cancelled as a superseded one is, and its retry refused.
-    `on_cancelled(tx, ran=...)` runs in the one that concludes the nonce fill that took a cancelled `tx`'s nonce
-    (`_cancel`): `ran` when `tx`'s own old bytes were mined in the fill's place and ran, else nothing of `tx` ran.
+    `on_cancelled(tx, ran_as=...)` tells the domain what came of a cancelled `tx` (`_cancel`): in the one that
+    cancels it when it was never signed, else in the one that concludes the nonce fill that took its nonce; `ran_as`
+    is the hash under which `tx`'s own old bytes were mined in the fill's place and ran, else None: nothing of it
+    ran.
     `watch_failed()` names failed transactions of `purpose` whose evidence may still change with no block they rest
     on taken (`transactions_recheck_watched`); it needs `read_evidence`."""
     if watch_failed is not None and read_evidence is None:
@@ -444,14 +446,15 @@ def _cancel(tx: ChainTransaction) -> None:
     waits behind it) passes to a nonce fill whose one attempt transfers nothing to the relayer itself, with fees above
     its last attempt's so that a node still holding its old bytes takes the fill in their place. The fill's checks
     look up the old bytes too (`_attempts`): anyone may send them first, and the fill then names them
-    (`nonce_fill_outcome`)."""
+    (`nonce_fill_outcome`). One never signed ran nothing and never will: its domain is told so at once."""
     cancelled_nonce, tx.nonce = tx.nonce, None
     tx.mined_tx_hash = tx.mined_block_hash = ""
     tx.mined_block_number = tx.receipt_status = None
     tx.outcome_evidence = {key: value for key, value in tx.outcome_evidence.items() if key != EVIDENCE_BLOCK}
     tx.save(update_fields=[*_OUTCOME_FIELDS, "nonce"])
     if cancelled_nonce is None:
-        return  # never sent: nothing of it can run
+        _tell_cancelled(tx, ran_as=None)
+        return
     last = tx.attempts.order_by("-created_at", "-pk").first()
     fees = chain.Fees(int(last.max_fee_per_gas), int(last.max_priority_fee_per_gas)).bumped(
         settings.CHAIN_FEE_BUMP_PERCENT, settings.CHAIN_MAX_FEE_PER_GAS)
@@ -486,8 +489,12 @@ def nonce_fill_outcome(tx: ChainTransaction) -> None:
         logger.error("a cancelled transaction's own bytes were mined in place of its nonce fill",
                      extra={"tx_id": cancelled_id, "fill_id": str(tx.pk), "tx_hash": tx.mined_tx_hash,
                             "receipt_status": tx.receipt_status})
-    if cancelled.purpose in _cancelled_handlers:
-        _cancelled_handlers[cancelled.purpose](cancelled, ran=outrun and tx.status == TxStatus.CONFIRMED)
+    _tell_cancelled(cancelled, ran_as=tx.mined_tx_hash if outrun and tx.status == TxStatus.CONFIRMED else None)
+
+
+def _tell_cancelled(tx: ChainTransaction, *, ran_as: str | None) -> None:
+    if tx.purpose in _cancelled_handlers:
+        _cancelled_handlers[tx.purpose](tx, ran_as=ran_as)
 
 
 @_logs_name_the_agreement

@@ -221,15 +221,17 @@ def _invocation_payment_outcome(tx: ChainTransaction) -> None:
 
 def _invocation_settlement_withdraw(invocation_id) -> None:
     """The payment failed after the invocation's payout or refund was queued (a reorg took it, and it could not run
-    again): the treasury never received what that would send, so it is withdrawn while nothing of it is signed. One
-    signed already goes on (see `relayer.transaction_withdraw`); the reverted payment records it for an operator."""
-    queued = ChainTransaction.objects.filter(
-        purpose__in=[TxPurpose.INVOCATION_PAYOUT, TxPurpose.INVOCATION_REFUND], status=TxStatus.QUEUED,
+    again): the treasury never received what that would send, so it is withdrawn unless concluded already (see
+    `relayer.transaction_withdraw`): one signed already has its nonce cancelled by a nonce fill, whose outcome says
+    whether its bytes ran all the same (`_settlement_cancelled`). The reverted payment records the rest for an
+    operator."""
+    live = ChainTransaction.objects.filter(
+        purpose__in=[TxPurpose.INVOCATION_PAYOUT, TxPurpose.INVOCATION_REFUND],
+        status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED],
         context__invocation_id=str(invocation_id)).values_list("pk", flat=True)
-    for settlement_id in queued:
-        if relayer.transaction_withdraw(transaction_id=settlement_id,
-                                        reason="the payment it would forward was taken off the chain by a reorg"):
-            agreement_services.invocation_settlement_withdrawn(invocation_id=invocation_id)
+    for settlement_id in live:
+        relayer.transaction_withdraw(transaction_id=settlement_id,
+                                     reason="the payment it would forward was taken off the chain by a reorg")
 
 
 def _invocation_payment_reopened(tx: ChainTransaction) -> None:
@@ -257,6 +259,19 @@ def _settlement_outcome(record):
             logger.error("treasury transfer failed", extra={"tx_id": str(tx.pk), "purpose": tx.purpose,
                                                             "reason": tx.failure_reason})
     return outcome
+
+
+def _settlement_cancelled(record):
+    def cancelled(tx: ChainTransaction, *, ran_as: str | None) -> None:
+        """A payout or refund withdrawn when its payment was found reverted (or a failed one superseded since a reorg
+        took its block) is cancelled for good: its own old bytes ran in its nonce fill's place (anyone holding them
+        could send them first), and it is recorded as made, by the hash the chain has (reconcile reports the fill
+        until an operator acknowledges it); or nothing of it ran, and nothing left the treasury for the invocation."""
+        if ran_as:
+            record(invocation_id=_invocation_id(tx), tx_hash=ran_as)
+        else:
+            agreement_services.invocation_settlement_withdrawn(invocation_id=_invocation_id(tx))
+    return cancelled
 
 
 # --- direct payments -----------------------------------------------------------------------------------------
@@ -454,13 +469,13 @@ def _direct_fee_refund_reopened(tx: ChainTransaction) -> None:
         agreement_services.agreement_direct_fee_refund_reopened(agreement_id=tx.agreement_id)
 
 
-def _direct_fee_refund_cancelled(tx: ChainTransaction, *, ran: bool) -> None:
-    """The nonce fill that took the nonce of a refund withdrawn when a reorg reopened its payment is concluded. The
-    refund's old bytes ran in its place (anyone holding them could send them first): the fee is back with the buyer,
-    shown as such, on a purchase perhaps paid since (the platform bore the fee; reconcile reports the fill until an
-    operator acknowledges it). Else nothing of it ran, and a purchase whose payment failed for good gets its refund
-    queued now."""
-    if ran:
+def _direct_fee_refund_cancelled(tx: ChainTransaction, *, ran_as: str | None) -> None:
+    """The nonce fill that took the nonce of a refund withdrawn when a reorg reopened its payment is concluded (or the
+    refund, never signed, was withdrawn). The refund's old bytes ran in its place (anyone holding them could send them
+    first): the fee is back with the buyer, shown as such, on a purchase perhaps paid since (the platform bore the
+    fee; reconcile reports the fill until an operator acknowledges it). Else nothing of it ran, and a purchase whose
+    payment failed for good gets its refund queued now (none while it is reopened: paying)."""
+    if ran_as:
         agreement_services.agreement_direct_fee_refunded(agreement_id=tx.agreement_id, amount=tx.context["amount"])
     else:
         _direct_fee_refund_when_due(tx.agreement_id)
@@ -475,12 +490,11 @@ def handlers_register() -> None:
                                      read_evidence=_invocation_payment_evidence,
                                      on_reopened=_invocation_payment_reopened,
                                      watch_failed=_invocation_payments_watched)
-    relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYOUT,
-                                     on_outcome=_settlement_outcome(agreement_services.invocation_paid_out),
-                                     on_reopened=_invocation_settlement_reopened)
-    relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_REFUND,
-                                     on_outcome=_settlement_outcome(agreement_services.invocation_refunded),
-                                     on_reopened=_invocation_settlement_reopened)
+    for purpose, record in ((TxPurpose.INVOCATION_PAYOUT, agreement_services.invocation_paid_out),
+                            (TxPurpose.INVOCATION_REFUND, agreement_services.invocation_refunded)):
+        relayer.outcome_handler_register(purpose=purpose, on_outcome=_settlement_outcome(record),
+                                         on_reopened=_invocation_settlement_reopened,
+                                         on_cancelled=_settlement_cancelled(record))
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome,
                                      read_evidence=_direct_fee_permit_evidence, on_reopened=_direct_purchase_reopened)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome,

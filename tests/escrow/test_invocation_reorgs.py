@@ -18,15 +18,16 @@ from agreements import invocations
 from agreements.models import SkillInvocation
 from escrow import chain as gateway
 from escrow import relayer, x402_onchain
-from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from escrow.models import ChainTransaction, RelayerAccount, TxPurpose, TxStatus
 from marketplace.errors import Conflict
 from sdk import typed_data
 from tests.agreements.helpers import proposal
 from tests.agreements.test_invocations import PRICE, Market
 from tests.catalog.factories import AgentFactory, issue_key
 from tests.conftest import Api
-from tests.escrow.flow import USDC, confirm_all, fund, usdc_balance
+from tests.escrow.flow import USDC, confirm_all, fund, mined_what_was_sent, usdc_balance
 from tests.escrow.test_indexer import mined
+from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -349,39 +350,160 @@ def test_a_payout_not_yet_sent_when_its_payment_is_found_reverted_is_withdrawn_a
         call_command("reconcile", stdout=io.StringIO())
 
 
-def test_a_payout_signed_but_not_broadcast_when_its_payment_is_found_reverted_goes_on_and_is_recorded(
-        market, monkeypatch, django_capture_on_commit_callbacks):
-    """The payout was signed (its nonce taken, its bytes stored) but its worker died before broadcasting when the
-    payment is found reverted. Those bytes may be out all the same, and a nonce left unused would hold every later
-    transaction of the relayer: it is not withdrawn, it is sent, and the treasury's loss is recorded as for a payout
-    made before the reorg."""
-    chain, capture = market.chain, django_capture_on_commit_callbacks
-    market.upstream.responses.append((200, {"translation": "bonjour"}))
+def signed_not_sent_on_a_branch(market, capture, monkeypatch, outcome: str) -> tuple[str, str]:
+    """A sync invocation paid (confirmed) and run on a branch a snapshot taken just before the payment can undo; its
+    payout (or refund) signed, its nonce taken and its bytes stored, but its worker died before broadcasting them.
+    Returns the invocation id and the snapshot."""
+    upstream, purpose, _ = SETTLED[outcome]
+    market.upstream.responses.append(upstream)
     payment = market.pay("translate")
-    before_fork = chain.snapshot()
+    before_fork = market.chain.snapshot()
     with capture(execute=False) as settle:
-        invocation_id = market.call("translate", payment).json()["invocation_id"]
+        response = market.call("translate", payment)
+    invocation_id = response.json().get("invocation_id") or response.json()["error"]["details"]["invocation_id"]
     monkeypatch.setattr(relayer, "_broadcast", lambda attempt: None)  # the worker dies after signing
     with capture(execute=True):
         for callback in settle:
             callback()
     monkeypatch.undo()
-    payment_tx, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
-                          ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
-    assert payout.status == TxStatus.SUBMITTED and payout.attempts.get().broadcast_at is None
+    settlement = ChainTransaction.objects.get(purpose=purpose)
+    assert settlement.status == TxStatus.SUBMITTED and settlement.attempts.get().broadcast_at is None
+    return invocation_id, before_fork
+
+
+def payment_found_reverted_first(capture, payment: ChainTransaction) -> None:
+    """The relayer sends the payment the reorg took again and finds it reverted before it looks at the payout (which
+    waits behind the payment's nonce)."""
+    with capture(execute=True):
+        relayer.transaction_check(transaction_id=payment.pk)  # sent again
+        mined_what_was_sent()
+        relayer.transaction_check(transaction_id=payment.pk)  # reverted: the buyer spent its funds
+    payment.refresh_from_db()
+    assert (payment.status, payment.receipt_status) == (TxStatus.FAILED, 0)
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+def test_a_payout_signed_when_its_payment_is_found_reverted_is_cancelled_by_a_nonce_fill_and_pays_nothing(
+        market, outcome, monkeypatch, django_capture_on_commit_callbacks):
+    """The payout (or refund) was signed but not broadcast when a reorg takes the payment and it cannot run again.
+    The treasury never received what it would send: it is withdrawn, and as its bytes may be out all the same (a
+    broadcast the node took though the answer was lost) its nonce goes to a nonce fill, which takes it. Nothing left
+    the treasury: the invocation's money is as for a payout withdrawn before it was signed, an operator's retry is
+    refused, and reconcile reports the reverted payment alone."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    _, purpose, _ = SETTLED[outcome]
+    invocation_id, before_fork = signed_not_sent_on_a_branch(market, capture, monkeypatch, outcome)
+    payment_tx, settlement = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                              ChainTransaction.objects.get(purpose=purpose))
 
     chain.revert(before_fork)
     spend_all_but(chain, market.buyer.address, keep=0)
     chain.mine(3)
-    polls_until_concluded(capture, payment_tx, payout)
+    treasury = usdc_balance(chain, market.treasury)
+    assert relayer.transactions_reopen_reorged() == 1  # the payment
+    payment_found_reverted_first(capture, payment_tx)
+    for _ in range(3):
+        confirm_all(capture)
 
-    payout.refresh_from_db()
-    assert payout.status == TxStatus.CONFIRMED and payout.attempts.count() == 1
+    settlement.refresh_from_db()
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    assert (settlement.status, settlement.nonce, settlement.attempts.count()) == (TxStatus.FAILED, None, 1)
+    assert relayer.WITHDRAWN in settlement.context
+    assert (fill.status, fill.context, fill.mined_tx_hash) == (
+        TxStatus.CONFIRMED, {relayer.CANCELS: str(settlement.pk)}, fill.attempts.get().tx_hash)
+    assert fill.attempts.get().nonce == settlement.attempts.get().nonce
+    assert relayer_nonce_on_chain(chain) == RelayerAccount.objects.get().next_nonce
+    assert usdc_balance(chain, market.treasury) == treasury  # nothing paid in, nothing paid out
     invocation = invocation_of(market, invocation_id)
-    assert invocation["payment"]["status"] == "payment_reverted"
-    assert invocation["payment"]["settlement_tx_hash"] == payout.mined_tx_hash
+    assert (invocation["payment"]["status"], invocation["payment"]["settlement_tx_hash"]) == ("payment_reverted", "")
+    assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).money == "payment_failed"
+    with pytest.raises(Conflict) as refused:
+        relayer.transaction_retry(tx=settlement)
+    assert (refused.value.code, refused.value.status_code) == ("withdrawn", 409)
+    out = io.StringIO()
     with pytest.raises(CommandError, match="1 mismatch"):
-        call_command("reconcile", stdout=io.StringIO())
+        call_command("reconcile", stdout=out)
+    assert invocation_id in out.getvalue() and f"nonce fill {fill.pk}" not in out.getvalue()
+
+
+def test_a_signed_payout_cancelled_whose_old_bytes_are_mined_first_is_recorded_as_made(
+        market, monkeypatch, django_capture_on_commit_callbacks):
+    """As above, but the payout's signed bytes reached the node before the reorg was noticed (anyone holding them may
+    send them), and are mined on the new branch in its fill's place: the seller was paid from the treasury's own
+    funds. The invocation names the payout the chain has, as one made before the reorg; reconcile reports both the
+    reverted payment and the fill until an operator acknowledges each."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    invocation_id, before_fork = signed_not_sent_on_a_branch(market, capture, monkeypatch, "completed")
+    payment_tx, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                          ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
+
+    chain.revert(before_fork)
+    spend_all_but(chain, market.buyer.address, keep=0)
+    chain.mine(3)
+    treasury = usdc_balance(chain, market.treasury)
+    old_payout = payout.attempts.get()
+    for old in (payment_tx.attempts.get(), old_payout):
+        chain.w3.eth.send_raw_transaction(old.raw_transaction)
+    mined_what_was_sent()
+    assert relayer.transactions_reopen_reorged() == 1  # the payment
+    payment_found_reverted_first(capture, payment_tx)
+    for _ in range(3):
+        confirm_all(capture)
+
+    assert_paid_out_by_the_cancelled_payout(market, invocation_id, payout, old_payout, treasury=treasury)
+
+
+def test_a_payout_the_reorg_took_and_mined_again_when_its_payment_is_found_reverted_is_recorded_as_made(
+        market, django_capture_on_commit_callbacks):
+    """The payout was confirmed before the reorg; on the new branch it is sent again with the payment and mined (not
+    yet at its depth) when the payment is found reverted: it is withdrawn, and its fill finds it mined in its place.
+    The invocation names that payout, and reconcile reports the reverted payment and the fill."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    invocation_id, before_fork = paid_and_settled_on_a_branch(market, capture, "completed")
+    payment_tx, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                          ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
+    ChainTransaction.objects.filter(pk=payout.pk).update(confirmations_required=2)  # queued when the depth was 2
+
+    chain.revert(before_fork)
+    spend_all_but(chain, market.buyer.address, keep=0)
+    chain.mine(3)
+    treasury = usdc_balance(chain, market.treasury)
+    assert relayer.transactions_reopen_reorged() == 2
+    with capture(execute=True):
+        for tx in (payout, payment_tx):  # both sent again: the payout waits behind the payment's nonce
+            relayer.transaction_check(transaction_id=tx.pk)
+        mined_what_was_sent()
+        relayer.transaction_check(transaction_id=payout.pk)
+        assert ChainTransaction.objects.get(pk=payout.pk).status == TxStatus.MINED  # one block deep of two
+    payment_found_reverted_first(capture, payment_tx)
+    chain.mine(1)
+    for _ in range(3):
+        confirm_all(capture)
+        chain.mine(1)
+
+    assert_paid_out_by_the_cancelled_payout(market, invocation_id, payout, payout.attempts.get(), treasury=treasury)
+
+
+def assert_paid_out_by_the_cancelled_payout(market, invocation_id: str, payout, old_payout, *, treasury: int) -> None:
+    payout.refresh_from_db()
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    assert (payout.status, relayer.WITHDRAWN in payout.context) == (TxStatus.FAILED, True)
+    assert (fill.status, fill.context, fill.mined_tx_hash) == (
+        TxStatus.CONFIRMED, {relayer.CANCELS: str(payout.pk)}, old_payout.tx_hash)
+    assert usdc_balance(market.chain, market.treasury) == treasury - PRICE  # paid out, never paid in
+    assert relayer_nonce_on_chain(market.chain) == RelayerAccount.objects.get().next_nonce
+    invocation = invocation_of(market, invocation_id)
+    assert (invocation["payment"]["status"], invocation["payment"]["settlement_tx_hash"]) == (
+        "payment_reverted", old_payout.tx_hash)
+    assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).money == "paid_out"
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_PAYOUT).count() == 1  # not sent again
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="2 mismatch"):
+        call_command("reconcile", stdout=out)
+    assert invocation_id in out.getvalue() and f"nonce fill {fill.pk}" in out.getvalue()
+    call_command("reconcile", "--acknowledge-invocation", invocation_id, "--acknowledge-nonce-fill", str(fill.pk),
+                 "--reason", "the platform bears it", "--by", "ops", stdout=io.StringIO())
+    call_command("reconcile", stdout=io.StringIO())
 
 
 def mine_a_copy(chain, payment: str) -> str:
@@ -457,15 +579,24 @@ def test_a_payment_counted_paid_by_someone_elses_copy_is_reopened_when_a_reorg_t
     payment_tx.refresh_from_db()
     invocation = invocation_of(market, invocation_id)
     assert len(market.upstream.requests) == 1
-    assert ChainTransaction.objects.get(pk=payout.pk).status == TxStatus.CONFIRMED
+    payout.refresh_from_db()
     if buyer_spends:
         assert payment_tx.status == TxStatus.FAILED
         assert invocation["payment"]["status"] == "payment_reverted"
         assert usdc_balance(chain, market.treasury) == treasury - PRICE  # paid out, never paid in
-        with pytest.raises(CommandError, match="1 mismatch"):
+        assert invocation["payment"]["settlement_tx_hash"] == payout.attempts.get().tx_hash
+        if when == "before_sending":
+            # Sent again from queued, the payment fails in its simulation after the payout's bytes were sent again,
+            # before their receipt was seen: the payout is withdrawn, and its fill finds them mined in its place.
+            fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+            assert (payout.status, fill.status, fill.mined_tx_hash) == (
+                TxStatus.FAILED, TxStatus.CONFIRMED, payout.attempts.get().tx_hash)
+        else:  # mined again, the payout is confirmed again before the payment's revert is found
+            assert payout.status == TxStatus.CONFIRMED
+        with pytest.raises(CommandError, match=f"{1 + (when == 'before_sending')} mismatch"):
             call_command("reconcile", stdout=io.StringIO())
     else:
-        assert payment_tx.status == TxStatus.CONFIRMED
+        assert (payment_tx.status, payout.status) == (TxStatus.CONFIRMED, TxStatus.CONFIRMED)
         assert invocation["payment"]["status"] == "paid_out"
         assert invocation["payment"]["tx_hash"] == payment_tx.mined_tx_hash != copy
         assert usdc_balance(chain, market.treasury) == treasury  # paid in by ours, paid out again
