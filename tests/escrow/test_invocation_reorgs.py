@@ -462,7 +462,8 @@ def test_a_payout_the_reorg_took_and_mined_again_when_its_payment_is_found_rever
     invocation_id, before_fork = paid_and_settled_on_a_branch(market, capture, "completed")
     payment_tx, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
                           ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
-    ChainTransaction.objects.filter(pk=payout.pk).update(confirmations_required=2)  # queued when the depth was 2
+    # Queued when the depth was 3 (the node may mine an empty block after the payout's: 2 would not hold it mined).
+    ChainTransaction.objects.filter(pk=payout.pk).update(confirmations_required=3)
 
     chain.revert(before_fork)
     spend_all_but(chain, market.buyer.address, keep=0)
@@ -474,12 +475,11 @@ def test_a_payout_the_reorg_took_and_mined_again_when_its_payment_is_found_rever
             relayer.transaction_check(transaction_id=tx.pk)
         mined_what_was_sent()
         relayer.transaction_check(transaction_id=payout.pk)
-        assert ChainTransaction.objects.get(pk=payout.pk).status == TxStatus.MINED  # one block deep of two
+        assert ChainTransaction.objects.get(pk=payout.pk).status == TxStatus.MINED  # not yet at its depth
     payment_found_reverted_first(capture, payment_tx)
-    chain.mine(1)
-    for _ in range(3):
-        confirm_all(capture)
+    for _ in range(4):
         chain.mine(1)
+        confirm_all(capture)
 
     assert_paid_out_by_the_cancelled_payout(market, invocation_id, payout, payout.attempts.get(), treasury=treasury)
 
