@@ -296,12 +296,19 @@ def invocation_refunded(*, invocation_id, tx_hash: str) -> None:
 
 
 def invocation_settlement_withdrawn(*, invocation_id) -> None:
-    """The payout or refund of an invocation whose payment was reverted was withdrawn, and nothing of it ran (never
-    signed, or its nonce taken by a nonce fill): nothing left the treasury for it and nothing will (payment_failed, as
-    a payment reverted while still held)."""
-    SkillInvocation.objects.filter(pk=invocation_id, payment_reverted_at__isnull=False,
-                                   money__in=[Money.PAYING_OUT, Money.REFUNDING]).update(
-        money=Money.PAYMENT_FAILED, updated_at=timezone.now())
+    """The payout or refund withdrawn when the invocation's payment was found reverted ran nothing (never signed, or
+    its nonce taken by a nonce fill). With the payment still reverted nothing left the treasury for the invocation and
+    nothing will (payment_failed, as a payment reverted while still held). With the payment found on the chain again
+    while the fill was undecided (`_reverted_payment_recovered` let the withdrawn one stand then), the treasury holds
+    the price after all: the run's end is settled now, anew."""
+    invocation = _lock(invocation_id)
+    if invocation.money not in (Money.PAYING_OUT, Money.REFUNDING):
+        return
+    if invocation.payment_reverted_at is None:
+        _settle(invocation)
+        return
+    invocation.money = Money.PAYMENT_FAILED
+    invocation.save(update_fields=["money", "updated_at"])
 
 
 def invocation_settlement_reopened(*, invocation_id, tx_hash: str) -> None:

@@ -266,11 +266,17 @@ def _settlement_cancelled(record):
         """A payout or refund withdrawn when its payment was found reverted (or a failed one superseded since a reorg
         took its block) is cancelled for good: its own old bytes ran in its nonce fill's place (anyone holding them
         could send them first), and it is recorded as made, by the hash the chain has (reconcile reports the fill
-        until an operator acknowledges it); or nothing of it ran, and nothing left the treasury for the invocation."""
+        until an operator acknowledges it); or nothing of it ran, and unless another pays it, the invocation is told
+        (`invocation_settlement_withdrawn`: nothing will leave the treasury, or, the payment found on the chain again
+        meanwhile, the run's end is settled anew)."""
+        invocation_id = _invocation_id(tx)
         if ran_as:
-            record(invocation_id=_invocation_id(tx), tx_hash=ran_as)
-        else:
-            agreement_services.invocation_settlement_withdrawn(invocation_id=_invocation_id(tx))
+            record(invocation_id=invocation_id, tx_hash=ran_as)
+        elif not ChainTransaction.objects.filter(
+                purpose__in=[TxPurpose.INVOCATION_PAYOUT, TxPurpose.INVOCATION_REFUND],
+                context__invocation_id=str(invocation_id)).exclude(pk=tx.pk).exclude(status=TxStatus.FAILED).exists():
+            # Nothing else pays it (an operator's retry of a superseded one would): the invocation decides.
+            agreement_services.invocation_settlement_withdrawn(invocation_id=invocation_id)
     return cancelled
 
 
