@@ -187,7 +187,8 @@ def invocation_payment_confirmed(*, invocation_id, tx_hash: str) -> None:
 
 def _late_payment_refund(invocation: SkillInvocation, *, tx_hash: str) -> None:
     """A payment that failed before the seller was called ran after all (a reorg took the block where it reverted,
-    and its bytes ran on the new branch; or an operator's retry): the buyer was told nothing was charged, and may
+    and its bytes ran on the new branch; a copy of its authorization mined later, by anyone holding it, once the
+    buyer held funds; or an operator's retry): the buyer was told nothing was charged, and may
     have paid for another call since, so the invocation stays failed and the treasury refunds the price."""
     logger.warning("a failed invocation payment ran after all: refunded",
                    extra={"invocation_id": invocation.public_id, "tx_hash": tx_hash})

@@ -21,6 +21,7 @@ from agreements.models import (
     AgreementEvent,
     AgreementStatus,
     DeliveryStatus,
+    InvocationMoney,
     SettlementModel,
     SkillInvocation,
     UsageAgreement,
@@ -285,18 +286,25 @@ def payments_reverted(*, of: type[SkillInvocation] | type[UsageAgreement],
             .select_related(*_REVERTED_PAYMENT_RELATED[of]).order_by("payment_reverted_at"))
 
 
-# Where each kind of reverted payment keeps its authorization.
-_REVERTED_PAYMENT_AUTHORIZATION = {SkillInvocation: "authorization", UsageAgreement: "payment_authorization"}
+# Where each kind of failed payment keeps its authorization, and what says it failed (before the seller was called,
+# or the purchase counted paid).
+_FAILED_PAYMENT_AUTHORIZATION = {SkillInvocation: "authorization", UsageAgreement: "payment_authorization"}
+_PAYMENT_FAILED = {SkillInvocation: Q(money=InvocationMoney.PAYMENT_FAILED),
+                   UsageAgreement: Q(status=AgreementStatus.PAYMENT_FAILED)}
 
 
-def payments_reverted_watched(*, of: type[SkillInvocation] | type[UsageAgreement], now: int) -> QuerySet:
-    """Reverted payments (`of`, as `payments_reverted`) the chain may yet show made, which the escrow app keeps
-    looking for: each one no operator acknowledged yet, and one acknowledged while its authorization is still valid
-    at `now` (unix seconds): until then anyone holding it may get it mined. Our clock will do for `now`: a chain
-    whose clock lags it mines nothing meanwhile, and its next block is stamped about now."""
-    valid_before = f"{_REVERTED_PAYMENT_AUTHORIZATION[of]}__valid_before__gt"
-    return of.objects.filter(Q(payment_reversal_acknowledged_at=None) | Q(**{valid_before: now}),
-                             payment_reverted_at__isnull=False)
+def payments_failed_watched(*, of: type[SkillInvocation] | type[UsageAgreement], usable_after: int) -> QuerySet:
+    """Failed payments (of skill invocations or direct purchases, `of`) the chain may yet show made, which the escrow
+    app keeps looking for: a signed authorization stays valid until its validBefore whatever became of the relayer's
+    transaction, and anyone holding it (its calldata is public once broadcast) may get it mined once the buyer holds
+    funds. Each payment recorded reverted (`payments_reverted`) no operator acknowledged yet, and every failed one,
+    recorded reverted or failed before it was counted paid, while its authorization is valid after `usable_after`
+    (unix seconds: the chain's clock less the time a use needs to reach the confirmation depth): bounded by the
+    authorizations' lifetime."""
+    usable = Q(**{f"{_FAILED_PAYMENT_AUTHORIZATION[of]}__valid_before__gt": usable_after})
+    reverted = Q(payment_reverted_at__isnull=False)
+    return of.objects.filter((reverted & Q(payment_reversal_acknowledged_at=None))
+                             | ((reverted | _PAYMENT_FAILED[of]) & usable))
 
 
 def payments_reverted_counts(*, of: type[SkillInvocation] | type[UsageAgreement]) -> dict[bool, int]:

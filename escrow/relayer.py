@@ -21,7 +21,7 @@
   contract event records (a skill invocation's payment, payout or refund, a direct purchase's steps, what a failure
   did) its purpose's `on_reopened` handler moves back.
 - `transactions_recheck_watched` reads again, at each poll, the evidence of failed transactions the domain watches
-  (`watch_failed`: a payment recorded reverted, whose authorization someone may still get mined, or a reorg put
+  (`watch_failed`: a failed payment, whose authorization someone may still get mined, or a reorg put
   back in a copy's block): once it names someone else's transaction at the confirmation depth, the outcome is
   applied again on it.
 
@@ -389,7 +389,7 @@ def _reopen(tx: ChainTransaction) -> bool:
 
 
 def transactions_recheck_watched() -> int:
-    """Failed transactions their domain watches (`watch_failed`: a payment recorded reverted after a deep reorg)
+    """Failed transactions their domain watches (`watch_failed`: a failed payment whose authorization is valid)
     have their evidence read again. Such a failure rests on no block of someone else's: it says that nobody used
     the payment's authorization, which anyone holding it may still do, and a reorg may put back a block in which a
     copy of it did (when ours never took a nonce, no block of ours is taken). Once the evidence names that

@@ -34,7 +34,7 @@ from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
 from agreements.models import InvocationMoney, SkillInvocation, UsageAgreement
 from catalog.models import Agent, Skill
-from escrow import chain, relayer, selectors
+from escrow import chain, chain_clock, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.errors import DependencyUnavailable
@@ -407,6 +407,9 @@ def _direct_payment_evidence(tx: ChainTransaction) -> dict:
 def _direct_payment_outcome(tx: ChainTransaction) -> None:
     if paid_by := _paid_by(tx):
         agreement_services.agreement_direct_paid(agreement_id=tx.agreement_id, tx_hash=paid_by)
+        # Found used after it failed (a copy mined later): the fee's refund not yet made is withdrawn, the fee kept
+        # as for any paid purchase; one made already stands (the platform bore the fee).
+        _direct_fee_refund_withdraw(tx.agreement_id, reason="the failed payment it refunds the fee of was made later")
         return
     agreement_services.agreement_direct_payment_failed(
         agreement_id=tx.agreement_id, reason=f"x402 payment reverted; the fee is refunded: {tx.failure_reason}")
@@ -430,17 +433,26 @@ def _direct_fee_refund_when_due(agreement_id) -> None:
                                     amount=agreement.infra_fee, agreement_id=agreement_id)
 
 
+# How long after an authorization's validBefore (by the chain's clock) a failed payment is still looked for: a use
+# mined just before it needs the confirmation depth's blocks (10 on Base: about 20 s) and a relayer poll to be found,
+# with room to spare for a poll that is late.
+LATE_USE_MARGIN_SECONDS = 600
+
+
+def _payments_failed_watched(of: type[SkillInvocation] | type[UsageAgreement]) -> QuerySet:
+    return agreement_selectors.payments_failed_watched(
+        of=of, usable_after=chain_clock.chain_now() - LATE_USE_MARGIN_SECONDS)
+
+
 def _invocation_payments_watched() -> QuerySet[ChainTransaction]:
-    """Payments of invocations recorded reverted whose authorization may yet be found used (relayer.watch_failed)."""
-    reverted = agreement_selectors.payments_reverted_watched(of=SkillInvocation, now=int(time.time()))
-    return ChainTransaction.objects.filter(
-        context__invocation_id__in=[str(pk) for pk in reverted.values_list("pk", flat=True)])
+    """Failed payments of invocations whose authorization may yet be found used (relayer.watch_failed)."""
+    watched = _payments_failed_watched(SkillInvocation).values_list("pk", flat=True)
+    return ChainTransaction.objects.filter(context__invocation_id__in=[str(pk) for pk in watched])
 
 
 def _direct_payments_watched() -> QuerySet[ChainTransaction]:
-    """Payments of direct purchases recorded reverted whose authorization may yet be found used."""
-    reverted = agreement_selectors.payments_reverted_watched(of=UsageAgreement, now=int(time.time()))
-    return ChainTransaction.objects.filter(agreement_id__in=reverted.values("pk"))
+    """Failed payments of direct purchases whose authorization may yet be found used."""
+    return ChainTransaction.objects.filter(agreement_id__in=_payments_failed_watched(UsageAgreement).values("pk"))
 
 
 _DIRECT_STEPS = {TxPurpose.DIRECT_FEE_PERMIT: "the fee permit", TxPurpose.DIRECT_FEE: "the fee's collection",
@@ -456,10 +468,16 @@ def _direct_purchase_reopened(tx: ChainTransaction) -> None:
     paid_by = _paid_by(tx) if tx.purpose == TxPurpose.DIRECT_PAYMENT else None
     agreement_services.agreement_direct_payment_reopened(agreement_id=tx.agreement_id, what=_DIRECT_STEPS[tx.purpose],
                                                          tx_hash=paid_by or tx.mined_tx_hash)
-    refund = selectors.live_transaction(agreement_id=tx.agreement_id, purpose=TxPurpose.DIRECT_FEE_REFUND)
+    _direct_fee_refund_withdraw(tx.agreement_id, reason=f"a reorg took {_DIRECT_STEPS[tx.purpose]} of the failed "
+                                                        "purchase it refunds the fee of")
+
+
+def _direct_fee_refund_withdraw(agreement_id, *, reason: str) -> None:
+    """The fee's refund not concluded yet is withdrawn: never sent when still queued, its nonce cancelled by a nonce
+    fill when signed (`_direct_fee_refund_cancelled` says what came of it). One confirmed stands."""
+    refund = selectors.live_transaction(agreement_id=agreement_id, purpose=TxPurpose.DIRECT_FEE_REFUND)
     if refund is not None:
-        relayer.transaction_withdraw(transaction_id=refund.pk, reason=f"a reorg took {_DIRECT_STEPS[tx.purpose]} of "
-                                                                     "the failed purchase it refunds the fee of")
+        relayer.transaction_withdraw(transaction_id=refund.pk, reason=reason)
 
 
 def _direct_fee_refund_outcome(tx: ChainTransaction) -> None:

@@ -560,3 +560,65 @@ def test_a_reverted_purchase_a_second_reorg_puts_back_on_the_chain_is_paid_again
     payment.refresh_from_db()
     assert payment.status == TxStatus.CONFIRMED
     assert_paid_by(purchase, admin_client, agreement["id"], payment.mined_tx_hash)
+
+
+# --- an ordinary failure whose authorization is used later ----------------------------------------------------------
+
+@pytest.mark.parametrize("fee_refund", ["queued", "confirmed"])
+def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use(
+        escrow_chain, fee_refund, monkeypatch, django_capture_on_commit_callbacks):
+    """The payment reverted on its own (the buyer lacked the funds then): the purchase failed and its fee's refund
+    was queued (`queued`: not yet sent; `confirmed`: the fee back with the buyer). The signed authorization is still
+    valid and public in the reverted transaction: once the buyer holds funds, anyone (here the buyer's own software)
+    gets it mined, and the seller is paid. The purchase follows the chain: paid by that transaction once it is at the
+    confirmation depth. A refund not yet sent is withdrawn (the fee is kept, as for any paid purchase); one already
+    made stands (the platform bore the fee, shown refunded)."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain)
+    fund(chain, purchase.treasury, USDC)  # the treasury's float for refunds
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the fee permit confirmed; the fee's transfer is sent
+    mined_what_was_sent()
+    estimate = gateway.simulate
+
+    def estimate_then_buyer_spends(**transaction):
+        gas = estimate(**transaction)
+        monkeypatch.setattr(gateway, "simulate", estimate)
+        spend_the_buyers_funds(purchase)
+        return gas
+
+    monkeypatch.setattr(gateway, "simulate", estimate_then_buyer_spends)
+    confirm_all(capture)  # the fee confirmed; the payment is sent, and reverts
+    with capture(execute=False) as refund_submission:
+        poll_mined()  # the payment failed; the fee's refund is queued, its submit task not run yet
+    if fee_refund == "confirmed":
+        with capture(execute=True):
+            for callback in refund_submission:
+                callback()
+        polls(capture, 1)
+    refund = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE_REFUND)
+    assert refund.status == {"queued": TxStatus.QUEUED, "confirmed": TxStatus.CONFIRMED}[fee_refund]
+    assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
+
+    fund(chain, purchase.buyer.address, 10 * USDC)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    copy = copy_the_payment(purchase, body)
+    chain.mine(3)
+    polls(capture)
+    if fee_refund == "queued":
+        with capture(execute=True):
+            for callback in refund_submission:  # the refund's submit task runs at last
+                callback()
+        polls(capture, 1)
+
+    paid = purchase.parties.agreement(agreement["id"])
+    assert (paid["status"], paid["payment_tx_hash"], paid["buyer_refund_atomic"]) == (
+        "paid", copy, {"queued": None, "confirmed": FEE}[fee_refund])
+    assert purchase.balances() == (buyer - AMOUNT, seller + AMOUNT, fee_recipient, treasury)
+    refund.refresh_from_db()
+    if fee_refund == "queued":
+        assert (refund.status, refund.attempts.exists()) == (TxStatus.FAILED, False)  # withdrawn: never sent
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).count() == 1
+    call_command("reconcile", stdout=io.StringIO())

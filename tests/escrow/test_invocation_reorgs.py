@@ -852,3 +852,92 @@ def test_a_reverted_payment_whose_authorization_a_copy_uses_later_is_paid_by_tha
     polls_until_concluded(capture, payment, payout)
     assert_recorded_reverted(market, admin_client, invocation_id, unacknowledged=1)
     assert len(market.upstream.requests) == 1
+
+
+# --- an ordinary failure whose authorization is used later ----------------------------------------------------------
+
+def failed_on_its_own(market, monkeypatch, capture, header: str, *, how: str = "reverted"
+                      ) -> tuple[str, ChainTransaction]:
+    """The buyer spends its funds after the platform's check: between the relayer's estimate and the mining
+    (`reverted`: our payment is mined and reverts), or before the relayer's estimate (`failed_its_simulation`: ours
+    is never sent). The invocation fails with nothing charged, its seller never called. Returns its id and the
+    payment."""
+    if how == "reverted":
+        estimate = gateway.simulate
+
+        def estimate_then_buyer_spends(**transaction):
+            gas = estimate(**transaction)
+            monkeypatch.setattr(gateway, "simulate", estimate)
+            spend_all_but(market.chain, market.buyer.address)
+            return gas
+
+        monkeypatch.setattr(gateway, "simulate", estimate_then_buyer_spends)
+    else:
+        simulate = x402_onchain.simulate
+
+        def checked_then_buyer_spends(authorization):
+            simulate(authorization)
+            spend_all_but(market.chain, market.buyer.address)
+
+        monkeypatch.setattr(x402_onchain, "simulate", checked_then_buyer_spends)
+    with capture(execute=True):
+        response = market.call("translate", header)
+    monkeypatch.undo()
+    assert response.status_code == 402 and response.json()["error"] == "payment_failed", response.content
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
+    assert (payment.status, payment.receipt_status) == (TxStatus.FAILED, 0 if how == "reverted" else None)
+    return SkillInvocation.objects.get().public_id, payment
+
+
+@pytest.mark.parametrize("how", ["reverted", "failed_its_simulation"])
+def test_a_failed_payment_whose_authorization_a_copy_uses_later_is_refunded_once(
+        market, how, monkeypatch, django_capture_on_commit_callbacks):
+    """The invocation failed without running: its payment reverted, or failed its simulation (the buyer lacked the
+    funds then). The signed authorization is still valid, and its calldata is public in the reverted transaction (the
+    buyer's software holds it anyway): once the buyer holds funds again anyone may get it mined. The treasury then
+    holds the price of an invocation that failed: the relayer's polls find the copy at the confirmation depth and
+    refund the buyer, once; the invocation stays failed and says it was paid by the copy and refunded."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    header = market.pay("translate")
+    invocation_id, payment = failed_on_its_own(market, monkeypatch, capture, header, how=how)
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_failed"
+    confirm_all(capture)  # nothing to find yet
+
+    fund(chain, market.buyer.address, 10 * USDC)
+    buyer = usdc_balance(chain, market.buyer.address)
+    copy = mine_a_copy(chain, header)
+    assert usdc_balance(chain, market.buyer.address) == buyer - PRICE
+    chain.mine(3)
+    confirm_all(capture)
+    refund = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_REFUND)
+    polls_until_concluded(capture, refund)
+    confirm_all(capture)  # polled again: nothing more
+
+    invocation = invocation_of(market, invocation_id)
+    assert invocation["status"] == "failed" and invocation["payment"]["status"] == "refunded"
+    assert invocation["payment"]["tx_hash"] == copy
+    assert invocation["payment"]["settlement_tx_hash"] == ChainTransaction.objects.get(pk=refund.pk).mined_tx_hash
+    assert "refunded" in invocation["error"]
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_REFUND).count() == 1
+    assert usdc_balance(chain, market.buyer.address) == buyer
+    assert not market.upstream.requests  # the seller was never called
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_failed_payment_is_watched_only_until_its_authorization_expires_at_the_confirmation_depth(
+        market, monkeypatch, django_capture_on_commit_callbacks):
+    """The watch is bounded: a failed payment's authorization is looked for while the chain may still mine it
+    (its validBefore, by the chain's clock, and the confirmation depth's margin after it), then never again."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    invocation_id, _ = failed_on_its_own(market, monkeypatch, capture, market.pay("translate"))
+    reads = []
+    authorization_use = x402_onchain._authorization_use
+    monkeypatch.setattr(x402_onchain, "_authorization_use", lambda auth: reads.append(auth) or authorization_use(auth))
+    confirm_all(capture)
+    assert len(reads) == 1
+
+    valid_before = SkillInvocation.objects.select_related("authorization").get().authorization.valid_before
+    chain.increase_time(valid_before - chain.now() + x402_onchain.LATE_USE_MARGIN_SECONDS)
+    confirm_all(capture)
+    assert len(reads) == 1
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_failed"
