@@ -508,6 +508,8 @@ class PaymentAuthorization(models.Model):
             models.UniqueConstraint(fields=["token_address", "payer", "nonce"], name="payment_authorization_once"),
             models.CheckConstraint(condition=Q(amount__gt=0), name="payment_authorization_amount_positive"),
         ]
+        # The failed payments watched for a late use are those whose authorization is still valid (selectors).
+        indexes = [models.Index(fields=["valid_before"], name="payment_auth_valid_before_idx")]
 
     def __str__(self) -> str:
         return f"{self.payer} → {self.pay_to}: {self.amount} ({self.nonce[:10]}…)"

@@ -293,18 +293,19 @@ _PAYMENT_FAILED = {SkillInvocation: Q(money=InvocationMoney.PAYMENT_FAILED),
                    UsageAgreement: Q(status=AgreementStatus.PAYMENT_FAILED)}
 
 
-def payments_failed_watched(*, of: type[SkillInvocation] | type[UsageAgreement], usable_after: int) -> QuerySet:
-    """Failed payments (of skill invocations or direct purchases, `of`) the chain may yet show made, which the escrow
-    app keeps looking for: a signed authorization stays valid until its validBefore whatever became of the relayer's
-    transaction, and anyone holding it (its calldata is public once broadcast) may get it mined once the buyer holds
-    funds. Each payment recorded reverted (`payments_reverted`) no operator acknowledged yet, and every failed one,
-    recorded reverted or failed before it was counted paid, while its authorization is valid after `usable_after`
-    (unix seconds: the chain's clock less the time a use needs to reach the confirmation depth): bounded by the
-    authorizations' lifetime."""
-    usable = Q(**{f"{_FAILED_PAYMENT_AUTHORIZATION[of]}__valid_before__gt": usable_after})
+def payments_failed_watched(*, of: type[SkillInvocation] | type[UsageAgreement], usable_after: int) -> list:
+    """The primary keys of failed payments (of skill invocations or direct purchases, `of`) the chain may yet show
+    made, which the escrow app keeps looking for: a signed authorization stays valid until its validBefore whatever
+    became of the relayer's transaction, and anyone holding it (its calldata is public once broadcast) may get it
+    mined once the buyer holds funds. Each payment recorded reverted (`payments_reverted`) no operator acknowledged
+    yet, and every failed one, recorded reverted or failed before it was counted paid, while its authorization is
+    valid after `usable_after` (unix seconds: the chain's clock less the time a use needs to reach the confirmation
+    depth): bounded by the authorizations' lifetime, each half found by its own index."""
     reverted = Q(payment_reverted_at__isnull=False)
-    return of.objects.filter((reverted & Q(payment_reversal_acknowledged_at=None))
-                             | ((reverted | _PAYMENT_FAILED[of]) & usable))
+    unacknowledged = of.objects.filter(reverted, payment_reversal_acknowledged_at=None)
+    usable = of.objects.filter(reverted | _PAYMENT_FAILED[of],
+                               **{f"{_FAILED_PAYMENT_AUTHORIZATION[of]}__valid_before__gt": usable_after})
+    return list(unacknowledged.values_list("pk", flat=True).union(usable.values_list("pk", flat=True)))
 
 
 def payments_reverted_counts(*, of: type[SkillInvocation] | type[UsageAgreement]) -> dict[bool, int]:

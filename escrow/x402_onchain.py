@@ -439,20 +439,20 @@ def _direct_fee_refund_when_due(agreement_id) -> None:
 LATE_USE_MARGIN_SECONDS = 600
 
 
-def _payments_failed_watched(of: type[SkillInvocation] | type[UsageAgreement]) -> QuerySet:
+def _payments_failed_watched(of: type[SkillInvocation] | type[UsageAgreement]) -> list:
     return agreement_selectors.payments_failed_watched(
         of=of, usable_after=chain_clock.chain_now() - LATE_USE_MARGIN_SECONDS)
 
 
 def _invocation_payments_watched() -> QuerySet[ChainTransaction]:
     """Failed payments of invocations whose authorization may yet be found used (relayer.watch_failed)."""
-    watched = _payments_failed_watched(SkillInvocation).values_list("pk", flat=True)
+    watched = _payments_failed_watched(SkillInvocation)
     return ChainTransaction.objects.filter(context__invocation_id__in=[str(pk) for pk in watched])
 
 
 def _direct_payments_watched() -> QuerySet[ChainTransaction]:
     """Failed payments of direct purchases whose authorization may yet be found used."""
-    return ChainTransaction.objects.filter(agreement_id__in=_payments_failed_watched(UsageAgreement).values("pk"))
+    return ChainTransaction.objects.filter(agreement_id__in=_payments_failed_watched(UsageAgreement))
 
 
 _DIRECT_STEPS = {TxPurpose.DIRECT_FEE_PERMIT: "the fee permit", TxPurpose.DIRECT_FEE: "the fee's collection",
