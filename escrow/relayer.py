@@ -395,12 +395,19 @@ def transactions_recheck_watched() -> int:
     copy of it did (when ours never took a nonce, no block of ours is taken). Once the evidence names that
     transaction's block (EVIDENCE_BLOCK) at the confirmation depth, the outcome is applied again on it (the payment
     made after all); a reorg that takes that block reopens the transaction as any other so decided. Returns how
-    many changed."""
-    changed = 0
+    many changed.
+
+    At most CHAIN_WATCHED_CHECKS_PER_POLL of them per poll, a sample drawn anew at each: a buyer chooses how long its
+    authorization is valid and can have its payments fail at will, and one RPC call each at every poll would let it
+    make every poll as long as it liked. With more watched, each is read every few polls instead."""
+    budget, changed = settings.CHAIN_WATCHED_CHECKS_PER_POLL, 0
     for purpose, watched in _failure_watches.items():
-        for tx in watched().filter(purpose=purpose, status=TxStatus.FAILED).exclude(
-                outcome_evidence__has_key=EVIDENCE_BLOCK):
-            changed += _evidence_renewed(tx)
+        if budget <= 0:
+            break
+        sample = list(watched().filter(purpose=purpose, status=TxStatus.FAILED).exclude(
+            outcome_evidence__has_key=EVIDENCE_BLOCK).order_by("?")[:budget])
+        budget -= len(sample)
+        changed += sum(_evidence_renewed(tx) for tx in sample)
     return changed
 
 

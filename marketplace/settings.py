@@ -310,6 +310,8 @@ CHAIN_SWEEP_AFTER = timedelta(seconds=env.int("CHAIN_SWEEP_AFTER_SECONDS", defau
 ACTIVATION_SIGNATURE_TTL = env.int("ACTIVATION_SIGNATURE_TTL_SECONDS", default=1800)
 # The chain's clock is stalled when its latest block is older than this (see README, "stalled chain").
 CHAIN_STALL_SECONDS = env.int("CHAIN_STALL_SECONDS", default=60)
+# Failed payments whose authorization may still be used (relayer.transactions_recheck_watched) read at most per poll.
+CHAIN_WATCHED_CHECKS_PER_POLL = env.int("CHAIN_WATCHED_CHECKS_PER_POLL", default=50)
 # A settlement proposal that reverts is tried again by the settlement tick after BACKOFF, 2 x BACKOFF, 4 x ...
 # seconds, at most MAX_ATTEMPTS times; then it waits on the dashboard for an operator's retry (which starts over).
 SETTLEMENT_PROPOSE_MAX_ATTEMPTS = env.int("SETTLEMENT_PROPOSE_MAX_ATTEMPTS", default=5)

@@ -884,9 +884,9 @@ def failed_on_its_own(market, monkeypatch, capture, header: str, *, how: str = "
         response = market.call("translate", header)
     monkeypatch.undo()
     assert response.status_code == 402 and response.json()["error"] == "payment_failed", response.content
-    payment = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
+    payment = ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_PAYMENT).latest("created_at")
     assert (payment.status, payment.receipt_status) == (TxStatus.FAILED, 0 if how == "reverted" else None)
-    return SkillInvocation.objects.get().public_id, payment
+    return SkillInvocation.objects.latest("created_at").public_id, payment
 
 
 @pytest.mark.parametrize("how", ["reverted", "failed_its_simulation"])
@@ -941,3 +941,23 @@ def test_a_failed_payment_is_watched_only_until_its_authorization_expires_at_the
     confirm_all(capture)
     assert len(reads) == 1
     assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_failed"
+
+
+def test_a_poll_reads_at_most_its_budget_of_watched_payments(market, monkeypatch, settings,
+                                                             django_capture_on_commit_callbacks):
+    """Failed payments are watched while their authorization is valid, and a buyer chooses how long that is (x402's
+    validBefore has no upper bound) and can fail payments at will (spending its funds after the platform's check):
+    one RPC call per watched payment at every poll would let it make the relayer's polls as long as it likes. A poll
+    reads at most CHAIN_WATCHED_CHECKS_PER_POLL of them, a sample taken anew at each poll."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    for _ in range(3):
+        fund(chain, market.buyer.address, 10 * USDC)
+        failed_on_its_own(market, monkeypatch, capture, market.pay("translate"), how="failed_its_simulation")
+    reads = []
+    authorization_use = x402_onchain._authorization_use
+    monkeypatch.setattr(x402_onchain, "_authorization_use", lambda auth: reads.append(auth) or authorization_use(auth))
+    settings.CHAIN_WATCHED_CHECKS_PER_POLL = 2
+    confirm_all(capture)
+    assert len(reads) == 2
+    confirm_all(capture)
+    assert len(reads) == 4
