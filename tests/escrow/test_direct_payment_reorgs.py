@@ -237,6 +237,19 @@ def spend_the_buyers_funds(purchase) -> None:
         purchase.chain.accounts.stranger.address, usdc_balance(purchase.chain, buyer)).transact({"from": buyer}))
 
 
+def buyer_spends_once_the_payment_is_estimated(purchase, monkeypatch) -> None:
+    """The buyer spends its funds between the relayer's estimate of the payment and its mining: it reverts."""
+    estimate = gateway.simulate
+
+    def estimate_then_buyer_spends(**transaction):
+        gas = estimate(**transaction)
+        monkeypatch.setattr(gateway, "simulate", estimate)
+        spend_the_buyers_funds(purchase)
+        return gas
+
+    monkeypatch.setattr(gateway, "simulate", estimate_then_buyer_spends)
+
+
 def failed_with_its_fee_refund_signed(purchase, capture, monkeypatch, *, refund_confirmed: bool = False):
     """A direct purchase whose fee was collected before the fork, and whose payment then reverted on its own (the buyer
     spent its funds between the relayer's estimate and the mining): payment_failed, and the fee's refund signed and
@@ -248,15 +261,7 @@ def failed_with_its_fee_refund_signed(purchase, capture, monkeypatch, *, refund_
     confirm_all(capture)  # the fee permit confirmed; the fee's transfer is sent
     mined_what_was_sent()  # and mined before the fork
     before_fork = purchase.chain.snapshot()
-    estimate = gateway.simulate
-
-    def estimate_then_buyer_spends(**transaction):
-        gas = estimate(**transaction)
-        monkeypatch.setattr(gateway, "simulate", estimate)
-        spend_the_buyers_funds(purchase)
-        return gas
-
-    monkeypatch.setattr(gateway, "simulate", estimate_then_buyer_spends)
+    buyer_spends_once_the_payment_is_estimated(purchase, monkeypatch)
     confirm_all(capture)  # the fee confirmed; the payment is sent, and reverts
     confirm_all(capture)  # the payment failed; the fee's refund is queued, signed and sent
     mined_what_was_sent()
@@ -581,15 +586,7 @@ def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use
     purchase.accept(agreement["id"], capture)
     confirm_all(capture)  # the fee permit confirmed; the fee's transfer is sent
     mined_what_was_sent()
-    estimate = gateway.simulate
-
-    def estimate_then_buyer_spends(**transaction):
-        gas = estimate(**transaction)
-        monkeypatch.setattr(gateway, "simulate", estimate)
-        spend_the_buyers_funds(purchase)
-        return gas
-
-    monkeypatch.setattr(gateway, "simulate", estimate_then_buyer_spends)
+    buyer_spends_once_the_payment_is_estimated(purchase, monkeypatch)
     confirm_all(capture)  # the fee confirmed; the payment is sent, and reverts
     with capture(execute=False) as refund_submission:
         poll_mined()  # the payment failed; the fee's refund is queued, its submit task not run yet

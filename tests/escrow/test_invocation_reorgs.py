@@ -64,6 +64,17 @@ def polls_until_concluded(capture, *transactions: ChainTransaction) -> None:
     raise AssertionError("the reopened transactions were not concluded after 4 polls")
 
 
+def paid_and_taken_by_its_worker(market) -> tuple[str, ChainTransaction, str]:
+    """An async invocation paid, taken by its worker and calling the seller (its run never ends here), on a branch a
+    snapshot taken just before the payment can undo. Returns the invocation id, the payment and the snapshot."""
+    header = market.pay("render")
+    before_fork = market.chain.snapshot()
+    invocation_id = market.call("render", header).json()["invocation_id"]  # its worker never runs
+    SkillInvocation.objects.filter(pk=invocation_id.removeprefix("inv_")).update(
+        status="processing", started_at=timezone.now(), deadline_at=timezone.now() + timedelta(seconds=30))
+    return invocation_id, ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT), before_fork
+
+
 def paid_and_settled_on_a_branch(market, capture, outcome: str, api=None) -> tuple[str, str]:
     """A sync invocation paid, run (answered as `outcome` says) and its payout or refund confirmed, all on a branch
     a snapshot taken just before the payment can undo; called anonymously, or as the agent whose key `api` holds.
@@ -239,13 +250,8 @@ def test_a_payment_a_reorg_took_while_the_seller_ran_is_neither_paid_out_nor_ref
     again: the treasury holds nothing for it, so its end queues no payout or refund; the seller worked unpaid, which
     an operator is told of as of any reverted payment."""
     chain, capture = market.chain, django_capture_on_commit_callbacks
-    payment = market.pay("render")
-    before_fork = chain.snapshot()
-    invocation_id = market.call("render", payment).json()["invocation_id"]  # its worker never runs
+    invocation_id, payment_tx, before_fork = paid_and_taken_by_its_worker(market)
     pk = invocation_id.removeprefix("inv_")
-    payment_tx = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
-    SkillInvocation.objects.filter(pk=pk).update(  # the worker took it and is calling the seller
-        status="processing", started_at=timezone.now(), deadline_at=timezone.now() + timedelta(seconds=30))
 
     chain.revert(before_fork)
     spend_all_but(chain, market.buyer.address, keep=1)  # less than the price
@@ -650,6 +656,18 @@ def test_a_payment_that_reverted_on_its_own_and_runs_on_the_new_branch_is_refund
 
 # --- a payment recorded reverted that the chain has again ----------------------------------------------------------
 
+def paid_out_then_recorded_reverted(market, capture, admin_client, invocation_id: str, before_fork: str):
+    """The invocation's payout confirmed, then back to `before_fork`, where the payment cannot run again: recorded
+    reverted. Returns the payment, the payout and a snapshot of that second branch's fork."""
+    confirm_all(capture)  # the payout
+    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                       ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
+    market.chain.revert(before_fork)
+    second_fork = reverted_on_a_second_branch(market, capture, payment, payout)
+    assert_recorded_reverted(market, admin_client, invocation_id, unacknowledged=1)
+    return payment, payout, second_fork
+
+
 def reverted_on_a_second_branch(market, capture, payment: ChainTransaction, *others: ChainTransaction) -> str:
     """The chain, at the fork the test reverted to, goes on along a branch where the buyer spends its USDC first:
     `payment`, sent again, reverts, and is recorded reverted. Returns a snapshot of that fork, so that a reorg
@@ -691,12 +709,8 @@ def test_a_reverted_payment_a_second_reorg_puts_back_on_the_chain_is_paid_again_
     treasury = usdc_balance(chain, market.treasury)
     with capture(execute=True):
         invocation_id = market.call("translate", header, api=agent_api).json()["invocation_id"]
-    confirm_all(capture)  # the payout
-    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
-                       ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
-    chain.revert(before_fork)
-    second_fork = reverted_on_a_second_branch(market, capture, payment, payout)
-    assert_recorded_reverted(market, admin_client, invocation_id, unacknowledged=1)
+    payment, payout, second_fork = paid_out_then_recorded_reverted(market, capture, admin_client, invocation_id,
+                                                                   before_fork)
     assert agent_api.post("/usage-agreements", proposal(market.service)).status_code == 201  # not counted
 
     chain.revert(second_fork)  # the buyer's spending is not on this branch
@@ -770,13 +784,8 @@ def test_a_reverted_payment_found_again_while_the_seller_runs_is_held_for_the_ru
     pay nothing out or back). A second deep reorg puts the branch where it ran back before the call ends: the money
     is held again, and the run's end settles it (here a time-out: refunded), once."""
     chain, capture = market.chain, django_capture_on_commit_callbacks
-    header = market.pay("render")
-    before_fork = chain.snapshot()
-    invocation_id = market.call("render", header).json()["invocation_id"]  # its worker never runs
+    invocation_id, payment, before_fork = paid_and_taken_by_its_worker(market)
     pk = invocation_id.removeprefix("inv_")
-    payment = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
-    SkillInvocation.objects.filter(pk=pk).update(  # the worker took it and is calling the seller
-        status="processing", started_at=timezone.now(), deadline_at=timezone.now() + timedelta(seconds=30))
     chain.revert(before_fork)
     second_fork = reverted_on_a_second_branch(market, capture, payment)
     assert SkillInvocation.objects.get(pk=pk).money == "payment_failed"
@@ -813,12 +822,8 @@ def test_a_reverted_payment_whose_authorization_a_copy_uses_later_is_paid_by_tha
     with capture(execute=True):
         invocation_id = market.call("translate", header).json()["invocation_id"]
     monkeypatch.undo()
-    confirm_all(capture)  # the payout
-    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
-                       ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
-    chain.revert(before_fork)
-    second_fork = reverted_on_a_second_branch(market, capture, payment, payout)
-    assert_recorded_reverted(market, admin_client, invocation_id, unacknowledged=1)
+    payment, payout, second_fork = paid_out_then_recorded_reverted(market, capture, admin_client, invocation_id,
+                                                                   before_fork)
     assert payment.attempts.exists() == (copy_mined == "later_on_the_same_branch")  # else never sent: no block
     call_command("reconcile", "--acknowledge-invocation", invocation_id, "--reason", "the platform bears it",
                  stdout=io.StringIO())  # followed all the same while its authorization is valid
