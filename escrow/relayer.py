@@ -34,6 +34,7 @@ row at once and the slower one's write is dropped.
 
 import functools
 import logging
+import operator
 from collections.abc import Callable
 
 from django.conf import settings
@@ -399,16 +400,14 @@ def transactions_recheck_watched() -> int:
 
     At most CHAIN_WATCHED_CHECKS_PER_POLL of them per poll, a sample drawn anew at each: a buyer chooses how long its
     authorization is valid and can have its payments fail at will, and one RPC call each at every poll would let it
-    make every poll as long as it liked. With more watched, each is read every few polls instead."""
-    budget, changed = settings.CHAIN_WATCHED_CHECKS_PER_POLL, 0
-    for purpose, watched in _failure_watches.items():
-        if budget <= 0:
-            break
-        sample = list(watched().filter(purpose=purpose, status=TxStatus.FAILED).exclude(
-            outcome_evidence__has_key=EVIDENCE_BLOCK).order_by("?")[:budget])
-        budget -= len(sample)
-        changed += sum(_evidence_renewed(tx) for tx in sample)
-    return changed
+    make every poll as long as it liked. With more watched, each is read every few polls instead. The sample is
+    drawn from every kind at once, so that many of one kind cannot starve the others of reads."""
+    if not _failure_watches:
+        return 0
+    watched = functools.reduce(operator.or_, (watch().filter(purpose=purpose)
+                                              for purpose, watch in _failure_watches.items()))
+    sample = watched.filter(status=TxStatus.FAILED).exclude(outcome_evidence__has_key=EVIDENCE_BLOCK).order_by("?")
+    return sum(_evidence_renewed(tx) for tx in sample[:settings.CHAIN_WATCHED_CHECKS_PER_POLL])
 
 
 def _evidence_renewed(tx: ChainTransaction) -> bool:

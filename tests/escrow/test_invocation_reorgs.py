@@ -966,3 +966,26 @@ def test_a_poll_reads_at_most_its_budget_of_watched_payments(market, monkeypatch
     assert len(reads) == 2
     confirm_all(capture)
     assert len(reads) == 4
+
+
+@pytest.mark.django_db
+def test_the_budget_is_shared_by_every_kind_of_watched_payment(monkeypatch, settings):
+    """Failed invocation payments outnumbering the budget (a buyer failing payments at will) must not starve the
+    watch of direct purchases' payments: each poll samples all that are watched, of every kind."""
+    def failed(purpose: str) -> ChainTransaction:
+        return ChainTransaction.objects.create(purpose=purpose, chain_id=settings.CHAIN_ID, to_address="0x" + "11" * 20,
+                                               data="0x", status=TxStatus.FAILED)
+
+    many = [failed(TxPurpose.INVOCATION_PAYMENT) for _ in range(3)]
+    one = failed(TxPurpose.DIRECT_PAYMENT)
+    read = []
+    monkeypatch.setattr(relayer, "_failure_watches", {
+        TxPurpose.INVOCATION_PAYMENT: lambda: ChainTransaction.objects.filter(pk__in=[tx.pk for tx in many]),
+        TxPurpose.DIRECT_PAYMENT: lambda: ChainTransaction.objects.filter(pk=one.pk)})
+    monkeypatch.setitem(relayer._evidence_readers, TxPurpose.INVOCATION_PAYMENT, lambda tx: read.append(tx.pk) or {})
+    monkeypatch.setitem(relayer._evidence_readers, TxPurpose.DIRECT_PAYMENT, lambda tx: read.append(tx.pk) or {})
+    settings.CHAIN_WATCHED_CHECKS_PER_POLL = 2
+    for _ in range(20):
+        relayer.transactions_recheck_watched()
+    assert len(read) == 40
+    assert one.pk in read  # sampled in 20 polls but with a chance of (1/2) ** 20
