@@ -310,6 +310,19 @@ def later_transaction(chain, capture) -> ChainTransaction:
                                                chain.accounts.stranger.address, 0]))
 
 
+def activation_reverted_on_its_own(parties, chain, capture, monkeypatch):
+    """An activation mined and reverted (the buyer spent its funds between the estimate and the mining), on a branch
+    a snapshot taken before it can undo. Returns the agreement, the failed transaction and the snapshot."""
+    agreement = parties.accepted_agreement()
+    body = parties.signed_activation(agreement["id"])
+    before_fork = chain.snapshot()
+    spent_by_the_buyer_once_estimated(chain, monkeypatch)
+    parties.activate(agreement["id"], capture, body)
+    failed = ChainTransaction.objects.get(agreement_id=agreement["id"])
+    assert (failed.status, failed.receipt_status) == (TxStatus.FAILED, 0)
+    return agreement, failed, before_fork
+
+
 def test_a_transaction_that_reverted_on_its_own_is_reopened_when_a_reorg_takes_its_block(
         parties, escrow_chain, settings, monkeypatch, django_capture_on_commit_callbacks):
     """The activation was mined and reverted (the buyer spent its funds between the estimate and the mining): failed,
@@ -319,13 +332,7 @@ def test_a_transaction_that_reverted_on_its_own_is_reopened_when_a_reorg_takes_i
     the buyer holds its funds, and the agreement is active; the relayer's later transaction is mined behind it."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
-    agreement = parties.accepted_agreement()
-    body = parties.signed_activation(agreement["id"])
-    before_fork = chain.snapshot()
-    spent_by_the_buyer_once_estimated(chain, monkeypatch)
-    parties.activate(agreement["id"], capture, body)
-    activation = ChainTransaction.objects.get(agreement_id=agreement["id"])
-    assert (activation.status, activation.receipt_status) == (TxStatus.FAILED, 0)
+    agreement, activation, before_fork = activation_reverted_on_its_own(parties, chain, capture, monkeypatch)
     assert parties.agreement(agreement["id"])["status"] == "activation_failed"
 
     chain.revert(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1): the buyer never spent
@@ -349,13 +356,7 @@ def failed_then_activated_again_on_a_branch(parties, chain, capture, monkeypatch
     """An activation that reverted on its own (the buyer spent its funds between the estimate and the mining), then
     the buyer's new activation, confirmed, on a branch a snapshot taken before both can undo. Returns the agreement,
     both transactions and the snapshot."""
-    agreement = parties.accepted_agreement()
-    body = parties.signed_activation(agreement["id"])
-    before_fork = chain.snapshot()
-    spent_by_the_buyer_once_estimated(chain, monkeypatch)
-    parties.activate(agreement["id"], capture, body)
-    failed = ChainTransaction.objects.get(agreement_id=agreement["id"])
-    assert (failed.status, failed.receipt_status) == (TxStatus.FAILED, 0)
+    agreement, failed, before_fork = activation_reverted_on_its_own(parties, chain, capture, monkeypatch)
     stranger = chain.accounts.stranger.address
     returned = chain.usdc.functions.transfer(parties.buyer_account.address, usdc_balance(chain, stranger)).transact(
         {"from": stranger})

@@ -52,6 +52,20 @@ def _describe_outrun_fill(fill: ChainTransaction) -> str:
             f"{fill.mined_block_number}) and ran: what they did may be done twice (by its successor or a retry)")
 
 
+def _uuids(ids: list[str], what: str) -> list[uuid.UUID]:
+    try:
+        return [uuid.UUID(each) for each in ids]
+    except ValueError as error:
+        raise CommandError(f"Not {what} id among {' '.join(ids)}") from error
+
+
+def _invocation_pks(public_ids: list[str]) -> list:
+    pks = [agreement_selectors.invocation_pk(public_id) for public_id in public_ids]
+    if None in pks:
+        raise CommandError(f"Not an invocation id: {public_ids[pks.index(None)]}")
+    return pks
+
+
 class Command(BaseCommand):
     help = ("Compare the database with the escrow contract for every funded agreement; report the chain indexer's "
             "lag and the contract events it could not apply.")
@@ -73,18 +87,23 @@ class Command(BaseCommand):
         parser.add_argument("--by", default="", help="Who acknowledges (default: the OS user).")
 
     def handle(self, *args, **options):
-        operator = options["by"] or getpass.getuser()
+        acknowledged_by = {"operator": options["by"] or getpass.getuser(), "reason": options["reason"]}
         if options["acknowledge"]:
-            self._acknowledge(options["acknowledge"], reason=options["reason"], operator=operator)
+            self._acknowledge_with(indexer.events_acknowledge, "unapplied event(s)", acknowledged_by,
+                                   events=ChainEvent.objects.filter(pk__in=options["acknowledge"]))
         if options["acknowledge_invocation"]:
-            self._acknowledge_invocations(options["acknowledge_invocation"], reason=options["reason"],
-                                          operator=operator)
+            self._acknowledge_with(agreement_services.reverted_payments_acknowledge,
+                                   "reverted invocation payment(s)", acknowledged_by,
+                                   payments=SkillInvocation.objects.filter(
+                                       pk__in=_invocation_pks(options["acknowledge_invocation"])))
         if options["acknowledge_agreement"]:
-            self._acknowledge_agreements(options["acknowledge_agreement"], reason=options["reason"],
-                                         operator=operator)
+            self._acknowledge_with(agreement_services.reverted_payments_acknowledge, "reverted direct payment(s)",
+                                   acknowledged_by, payments=UsageAgreement.objects.filter(
+                                       pk__in=_uuids(options["acknowledge_agreement"], "an agreement")))
         if options["acknowledge_nonce_fill"]:
-            self._acknowledge_nonce_fills(options["acknowledge_nonce_fill"], reason=options["reason"],
-                                          operator=operator)
+            self._acknowledge_with(services.nonce_fills_acknowledge, "nonce fill(s)", acknowledged_by,
+                                   fills=ChainTransaction.objects.filter(
+                                       pk__in=_uuids(options["acknowledge_nonce_fill"], "a transaction")))
         agreements = UsageAgreement.objects.filter(status__in=FUNDED_STATUSES, settlement_model=SettlementModel.ESCROW)
         problems = selectors.reconciliation_mismatches(agreements=agreements.iterator())
         problems += [_describe(event) for event in selectors.indexer_unapplied_events()]
@@ -112,48 +131,12 @@ class Command(BaseCommand):
     def _acknowledged(self, by: str, at, reason: str, description: str) -> None:
         self.stdout.write(f"acknowledged by {by} at {at:%Y-%m-%d %H:%M:%S %Z} ({reason}): {description}")
 
-    def _acknowledge(self, event_ids: list[int], *, reason: str, operator: str) -> None:
+    def _acknowledge_with(self, acknowledge, what: str, acknowledged_by: dict, **selected) -> None:
         try:
-            count = indexer.events_acknowledge(events=ChainEvent.objects.filter(pk__in=event_ids), operator=operator,
-                                               reason=reason)
+            count = acknowledge(**selected, **acknowledged_by)
         except ApplicationError as error:
             raise CommandError(f"{error.message} ({error.code})") from error
-        self.stdout.write(f"Acknowledged {count} unapplied event(s).")
-
-    def _acknowledge_invocations(self, public_ids: list[str], *, reason: str, operator: str) -> None:
-        pks = [agreement_selectors.invocation_pk(public_id) for public_id in public_ids]
-        if None in pks:
-            raise CommandError(f"Not an invocation id: {public_ids[pks.index(None)]}")
-        try:
-            count = agreement_services.reverted_payments_acknowledge(
-                payments=SkillInvocation.objects.filter(pk__in=pks), operator=operator, reason=reason)
-        except ApplicationError as error:
-            raise CommandError(f"{error.message} ({error.code})") from error
-        self.stdout.write(f"Acknowledged {count} reverted invocation payment(s).")
-
-    def _acknowledge_agreements(self, agreement_ids: list[str], *, reason: str, operator: str) -> None:
-        try:
-            pks = [uuid.UUID(agreement_id) for agreement_id in agreement_ids]
-        except ValueError as error:
-            raise CommandError(f"Not an agreement id among {' '.join(agreement_ids)}") from error
-        try:
-            count = agreement_services.reverted_payments_acknowledge(
-                payments=UsageAgreement.objects.filter(pk__in=pks), operator=operator, reason=reason)
-        except ApplicationError as error:
-            raise CommandError(f"{error.message} ({error.code})") from error
-        self.stdout.write(f"Acknowledged {count} reverted direct payment(s).")
-
-    def _acknowledge_nonce_fills(self, fill_ids: list[str], *, reason: str, operator: str) -> None:
-        try:
-            pks = [uuid.UUID(fill_id) for fill_id in fill_ids]
-        except ValueError as error:
-            raise CommandError(f"Not a transaction id among {' '.join(fill_ids)}") from error
-        try:
-            count = services.nonce_fills_acknowledge(fills=ChainTransaction.objects.filter(pk__in=pks),
-                                                     operator=operator, reason=reason)
-        except ApplicationError as error:
-            raise CommandError(f"{error.message} ({error.code})") from error
-        self.stdout.write(f"Acknowledged {count} nonce fill(s).")
+        self.stdout.write(f"Acknowledged {count} {what}.")
 
     def _report_lag(self) -> None:
         lag = selectors.indexer_lag()
