@@ -109,7 +109,8 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
     `on_cancelled(tx, ran_as=...)` tells the domain what came of a cancelled `tx` (`_cancel`): in the one that
     cancels it when it was never signed, else in the one that concludes the nonce fill that took its nonce; `ran_as`
     is the hash under which `tx`'s own old bytes were mined in the fill's place and ran, else None: nothing of it
-    ran.
+    ran. A reorg that takes the fill's block has the outcome decided again: `on_reopened` first moves back what those
+    bytes did, if they ran (`nonce_fill_reopened`), then `on_cancelled` is told anew once the fill is concluded again.
     `watch_failed()` names failed transactions of `purpose` whose evidence may still change with no block they rest
     on taken (`transactions_recheck_watched`); it needs `read_evidence`."""
     if watch_failed is not None and read_evidence is None:
@@ -485,17 +486,48 @@ def nonce_fill_outcome(tx: ChainTransaction) -> None:
     """A nonce fill changes nothing outside the relayer; one that cancels a transaction reports that transaction's
     own bytes mined in its place (sent first by someone, or by a node that held them): what it does may be done
     twice (a payout and its retry): `reconcile` reports the fill (`selectors.nonce_fills_outrun`) until an operator
-    acknowledges it. The cancelled transaction's domain is told which of the two took the nonce (`on_cancelled`)."""
+    acknowledges it. The cancelled transaction's domain is told which of the two took the nonce (`on_cancelled`), and
+    told again each time a reorg took the fill's block and it is concluded anew (`nonce_fill_reopened`)."""
     cancelled_id = tx.context.get(CANCELS)
     if cancelled_id is None:
         return
     cancelled = ChainTransaction.objects.get(pk=cancelled_id)
-    outrun = bool(tx.mined_tx_hash) and cancelled.attempts.filter(tx_hash=tx.mined_tx_hash).exists()
-    if outrun:
+    if _outrun(tx, cancelled):
         logger.error("a cancelled transaction's own bytes were mined in place of its nonce fill",
                      extra={"tx_id": cancelled_id, "fill_id": str(tx.pk), "tx_hash": tx.mined_tx_hash,
                             "receipt_status": tx.receipt_status})
-    _tell_cancelled(cancelled, ran_as=tx.mined_tx_hash if outrun and tx.status == TxStatus.CONFIRMED else None)
+    _tell_cancelled(cancelled, ran_as=_ran_as(tx, cancelled))
+
+
+def nonce_fill_reopened(tx: ChainTransaction) -> None:
+    """A reorg took the block of a nonce fill's outcome. When that was the cancelled transaction's own old bytes, which
+    ran, their run is off the chain with it: the cancelled transaction's domain moves back what it recorded of them
+    (`on_reopened`, given the cancelled transaction as those bytes ran it: confirmed under their hash, in the fill's
+    block; not saved), as for a confirmed transaction of its own a reorg took. Whichever then takes the nonce, the fill
+    concluded again tells the domain (`on_cancelled`), which decides anew as the first time."""
+    cancelled_id = tx.context.get(CANCELS)
+    if cancelled_id is None:
+        return
+    cancelled = ChainTransaction.objects.get(pk=cancelled_id)
+    ran_as = _ran_as(tx, cancelled)
+    if ran_as is None or cancelled.purpose not in _reopened_handlers:
+        return
+    logger.warning("reorg: a cancelled transaction's own bytes that ran in place of its nonce fill are off the chain",
+                   extra={"tx_id": cancelled_id, "fill_id": str(tx.pk), "tx_hash": ran_as})
+    cancelled.status, cancelled.mined_tx_hash, cancelled.receipt_status = TxStatus.CONFIRMED, ran_as, tx.receipt_status
+    cancelled.mined_block_number, cancelled.mined_block_hash = tx.mined_block_number, tx.mined_block_hash
+    _reopened_handlers[cancelled.purpose](cancelled)
+
+
+def _outrun(fill: ChainTransaction, cancelled: ChainTransaction) -> bool:
+    """Whether `fill` was mined as `cancelled`'s own old bytes."""
+    return bool(fill.mined_tx_hash) and cancelled.attempts.filter(tx_hash=fill.mined_tx_hash).exists()
+
+
+def _ran_as(fill: ChainTransaction, cancelled: ChainTransaction) -> str | None:
+    """The hash under which `cancelled`'s own old bytes were mined in `fill`'s place and ran; None: nothing of it ran
+    (the fill took the nonce, or those bytes reverted)."""
+    return fill.mined_tx_hash if _outrun(fill, cancelled) and fill.status == TxStatus.CONFIRMED else None
 
 
 def _tell_cancelled(tx: ChainTransaction, *, ran_as: str | None) -> None:

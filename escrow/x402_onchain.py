@@ -488,7 +488,8 @@ def _direct_fee_refund_outcome(tx: ChainTransaction) -> None:
 
 
 def _direct_fee_refund_reopened(tx: ChainTransaction) -> None:
-    """A reorg took the refund's block: the fee is not back with the buyer on the new branch until it runs again."""
+    """A reorg took the refund's block (or, of one cancelled, that of its old bytes which ran in its nonce fill's place:
+    `relayer.nonce_fill_reopened`): the fee is not back with the buyer on the new branch until a refund runs again."""
     if tx.status == TxStatus.CONFIRMED:
         agreement_services.agreement_direct_fee_refund_reopened(agreement_id=tx.agreement_id)
 
@@ -498,7 +499,8 @@ def _direct_fee_refund_cancelled(tx: ChainTransaction, *, ran_as: str | None) ->
     refund, never signed, was withdrawn). The refund's old bytes ran in its place (anyone holding them could send them
     first): the fee is back with the buyer, shown as such, on a purchase perhaps paid since (the platform bore the
     fee; reconcile reports the fill until an operator acknowledges it). Else nothing of it ran, and a purchase whose
-    payment failed for good gets its refund queued now (none while it is reopened: paying)."""
+    payment failed for good gets its refund queued now (none while it is reopened: paying). Told again when a reorg
+    took the fill's block and it is concluded anew (what those old bytes did moved back first, if they ran)."""
     if ran_as:
         agreement_services.agreement_direct_fee_refunded(agreement_id=tx.agreement_id, amount=tx.context["amount"])
     else:

@@ -426,6 +426,106 @@ def test_a_cancelled_fee_refund_whose_old_bytes_are_mined_first_is_not_sent_agai
     assert fill.mined_tx_hash == refund.attempts.get().tx_hash
 
 
+def old_bytes_mined_on_the_new_branch(chain, payment, refund) -> str:
+    """Anyone holding the old branch's signed bytes gets the payment's mined on the new branch, then the cancelled
+    refund's, each in a block of its own. Returns a snapshot taken between the two."""
+    chain.w3.eth.send_raw_transaction(payment.attempts.get().raw_transaction)
+    mined_what_was_sent()
+    before_the_old_refund = chain.snapshot()
+    chain.w3.eth.send_raw_transaction(refund.attempts.get().raw_transaction)
+    mined_what_was_sent()
+    return before_the_old_refund
+
+
+@pytest.mark.parametrize("payment_on_the_new_branch", ["pays", "fails_again"])
+def test_a_cancelled_fee_refund_whose_old_bytes_a_second_reorg_takes_is_no_longer_shown_made(
+        escrow_chain, payment_on_the_new_branch, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The refund cancelled when a reorg reopened its payment was outrun by its old bytes on the new branch: shown
+    refunded, its fill reported. A second deep reorg takes the block of those old bytes, and the fill is mined at their
+    nonce instead: the chain has no such refund. The purchase follows it: a paid one keeps its fee (not shown
+    refunded); one whose payment failed for good has a new refund sent, the buyer's fee back once. Reconcile no
+    longer reports the fill, whose own bytes took the nonce."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    if payment_on_the_new_branch == "pays":
+        purchase = Purchase(chain)
+        agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
+        chain.revert(before_fork)
+        chain.mine(3)
+    else:
+        purchase, agreement, payment, refund = reverted_to_a_branch_where_it_fails_again(chain, capture, monkeypatch)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    pays = payment_on_the_new_branch == "pays"
+    before_the_old_refund = old_bytes_mined_on_the_new_branch(chain, payment, refund)
+    polls(capture)
+    shown = purchase.parties.agreement(agreement["id"])
+    assert (shown["status"], shown["buyer_refund_atomic"]) == ("paid" if pays else "payment_failed", FEE)
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    assert fill.mined_tx_hash == refund.attempts.get().tx_hash
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+
+    chain.revert(before_the_old_refund)
+    chain.mine(3)
+    polls(capture)
+
+    fill.refresh_from_db()
+    assert (fill.status, fill.receipt_status) == (TxStatus.CONFIRMED, 1)
+    assert fill.attempts.filter(tx_hash=fill.mined_tx_hash).exists()  # the fill's own bytes took the nonce
+    shown = purchase.parties.agreement(agreement["id"])
+    refunds = ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).exclude(pk=refund.pk)
+    if pays:
+        assert (shown["status"], shown["payment_tx_hash"], shown["buyer_refund_atomic"]) == (
+            "paid", payment.attempts.get().tx_hash, None)
+        assert purchase.balances() == (buyer - AMOUNT, seller + AMOUNT, fee_recipient, treasury)
+        assert not refunds.exists()
+    else:
+        assert (shown["status"], shown["buyer_refund_atomic"]) == ("payment_failed", FEE)
+        assert [tx.status for tx in refunds] == [TxStatus.CONFIRMED]  # sent anew, once
+        assert purchase.balances() == (buyer + FEE, seller, fee_recipient, treasury - FEE)
+    assert relayer_nonce_on_chain(chain) == RelayerAccount.objects.get().next_nonce
+    call_command("reconcile", stdout=io.StringIO())
+    polls(capture, 2)  # concluding nothing anew changes nothing
+    assert purchase.parties.agreement(agreement["id"])["buyer_refund_atomic"] == (None if pays else FEE)
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).count() == (1 if pays else 2)
+
+
+def test_a_cancelled_fee_refund_whose_fill_a_second_reorg_takes_for_its_old_bytes_is_shown_made(
+        escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The reverse: the fill took the refund's nonce and the purchase was paid, its fee kept. A second deep reorg takes
+    the fill's block, and the refund's old bytes are mined at its nonce instead: the buyer has its fee back. The
+    purchase shows it refunded (the platform bore the fee), and reconcile reports the fill until acknowledged."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
+    chain.revert(before_fork)
+    chain.mine(3)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    chain.w3.eth.send_raw_transaction(payment.attempts.get().raw_transaction)
+    mined_what_was_sent()
+    before_the_fill = chain.snapshot()
+    polls(capture)
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    assert fill.status == TxStatus.CONFIRMED and fill.attempts.filter(tx_hash=fill.mined_tx_hash).exists()
+    assert purchase.parties.agreement(agreement["id"])["buyer_refund_atomic"] is None
+    call_command("reconcile", stdout=io.StringIO())
+
+    chain.revert(before_the_fill)
+    chain.w3.eth.send_raw_transaction(refund.attempts.get().raw_transaction)
+    chain.mine(3)
+    polls(capture)
+
+    fill.refresh_from_db()
+    assert (fill.status, fill.mined_tx_hash) == (TxStatus.CONFIRMED, refund.attempts.get().tx_hash)
+    paid = purchase.parties.agreement(agreement["id"])
+    assert (paid["status"], paid["buyer_refund_atomic"]) == ("paid", FEE)
+    assert purchase.balances() == (buyer - AMOUNT + FEE, seller + AMOUNT, fee_recipient, treasury - FEE)
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).count() == 1
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=io.StringIO())
+
+
 def test_a_fee_refund_signed_when_a_reorg_takes_the_fees_collection_is_cancelled_and_the_payment_pays(
         escrow_chain, settings, django_capture_on_commit_callbacks):
     """The buyer cancelled the authorization once the fee was collected: the payment failed in its simulation (never
