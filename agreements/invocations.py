@@ -296,6 +296,20 @@ def invocation_refunded(*, invocation_id, tx_hash: str) -> None:
         money=Money.REFUNDED, settlement_tx_hash=tx_hash, updated_at=timezone.now())
 
 
+def invocation_cancelled_settlement_ran(*, invocation_id, tx_hash: str, refund: bool) -> None:
+    """The payout (or the `refund`) the escrow app cancelled (withdrawn when the invocation's payment was found
+    reverted, or superseded) ran all the same: its own old bytes were mined in its nonce fill's place, as `tx_hash`.
+    Recorded as made, also when the fill had taken the nonce first and the money was recorded payment_failed then
+    (`invocation_settlement_withdrawn`), until a deep reorg took the fill's block and put those bytes in its place."""
+    invocation = _lock(invocation_id)
+    settling, settled = (Money.REFUNDING, Money.REFUNDED) if refund else (Money.PAYING_OUT, Money.PAID_OUT)
+    nothing_ran_recorded = invocation.money == Money.PAYMENT_FAILED and invocation.payment_reverted_at is not None
+    if invocation.money != settling and not nothing_ran_recorded:
+        return
+    invocation.money, invocation.settlement_tx_hash = settled, tx_hash
+    invocation.save(update_fields=["money", "settlement_tx_hash", "updated_at"])
+
+
 def invocation_settlement_withdrawn(*, invocation_id) -> None:
     """The payout or refund withdrawn when the invocation's payment was found reverted ran nothing (never signed, or
     its nonce taken by a nonce fill). With the payment still reverted nothing left the treasury for the invocation and

@@ -30,6 +30,7 @@ from agreements.invocations import invocation_run_paid as invocation_run_paid
 from agreements.invocations import invocation_run_in_background as invocation_run_in_background
 from agreements.invocations import invocation_settlement_reopened as invocation_settlement_reopened
 from agreements.invocations import invocation_settlement_withdrawn as invocation_settlement_withdrawn
+from agreements.invocations import invocation_cancelled_settlement_ran as invocation_cancelled_settlement_ran
 from agreements.invocations import settlement_handler_register as settlement_handler_register
 # Usage writes the escrow app drives (settlement, Masumi purchases), offered here with the other services.
 from agreements.metering import completion_request as completion_request

@@ -261,23 +261,23 @@ def _settlement_outcome(record):
     return outcome
 
 
-def _settlement_cancelled(record):
-    def cancelled(tx: ChainTransaction, *, ran_as: str | None) -> None:
-        """A payout or refund withdrawn when its payment was found reverted (or a failed one superseded since a reorg
-        took its block) is cancelled for good: its own old bytes ran in its nonce fill's place (anyone holding them
-        could send them first), and it is recorded as made, by the hash the chain has (reconcile reports the fill
-        until an operator acknowledges it); or nothing of it ran, and unless another pays it, the invocation is told
-        (`invocation_settlement_withdrawn`: nothing will leave the treasury, or, the payment found on the chain again
-        meanwhile, the run's end is settled anew)."""
-        invocation_id = _invocation_id(tx)
-        if ran_as:
-            record(invocation_id=invocation_id, tx_hash=ran_as)
-        elif not ChainTransaction.objects.filter(
-                purpose__in=[TxPurpose.INVOCATION_PAYOUT, TxPurpose.INVOCATION_REFUND],
-                context__invocation_id=str(invocation_id)).exclude(pk=tx.pk).exclude(status=TxStatus.FAILED).exists():
-            # Nothing else pays it (an operator's retry of a superseded one would): the invocation decides.
-            agreement_services.invocation_settlement_withdrawn(invocation_id=invocation_id)
-    return cancelled
+def _settlement_cancelled(tx: ChainTransaction, *, ran_as: str | None) -> None:
+    """A payout or refund withdrawn when its payment was found reverted (or a failed one superseded since a reorg took
+    its block) is cancelled for good: its own old bytes ran in its nonce fill's place (anyone holding them could send
+    them first), and it is recorded as made, by the hash the chain has (reconcile reports the fill until an operator
+    acknowledges it); or nothing of it ran, and unless another pays it, the invocation is told
+    (`invocation_settlement_withdrawn`: nothing will leave the treasury, or, the payment found on the chain again
+    meanwhile, the run's end is settled anew). Told again when a deep reorg took the fill's block and it is concluded
+    anew (a payout recorded made by those old bytes moved back first: `relayer.nonce_fill_reopened`)."""
+    invocation_id = _invocation_id(tx)
+    if ran_as:
+        agreement_services.invocation_cancelled_settlement_ran(
+            invocation_id=invocation_id, tx_hash=ran_as, refund=tx.purpose == TxPurpose.INVOCATION_REFUND)
+    elif not ChainTransaction.objects.filter(
+            purpose__in=[TxPurpose.INVOCATION_PAYOUT, TxPurpose.INVOCATION_REFUND],
+            context__invocation_id=str(invocation_id)).exclude(pk=tx.pk).exclude(status=TxStatus.FAILED).exists():
+        # Nothing else pays it (an operator's retry of a superseded one would): the invocation decides.
+        agreement_services.invocation_settlement_withdrawn(invocation_id=invocation_id)
 
 
 # --- direct payments -----------------------------------------------------------------------------------------
@@ -520,7 +520,7 @@ def handlers_register() -> None:
                             (TxPurpose.INVOCATION_REFUND, agreement_services.invocation_refunded)):
         relayer.outcome_handler_register(purpose=purpose, on_outcome=_settlement_outcome(record),
                                          on_reopened=_invocation_settlement_reopened,
-                                         on_cancelled=_settlement_cancelled(record))
+                                         on_cancelled=_settlement_cancelled)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome,
                                      read_evidence=_direct_fee_permit_evidence, on_reopened=_direct_purchase_reopened)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome,

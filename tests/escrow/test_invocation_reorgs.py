@@ -512,6 +512,105 @@ def assert_paid_out_by_the_cancelled_payout(market, invocation_id: str, payout, 
     call_command("reconcile", stdout=io.StringIO())
 
 
+def cancelled_when_its_payment_is_found_reverted(market, capture, monkeypatch, outcome: str, *, old_bytes_first: bool
+                                                 ) -> tuple[str, ChainTransaction, str]:
+    """`signed_not_sent_on_a_branch`, then back to its fork, where the buyer spent its funds: the payment's old bytes
+    are mined and revert, the payout (or refund) is withdrawn and its nonce passes to a nonce fill. `old_bytes_first`:
+    anyone holding the payout's old signed bytes gets them mined in the fill's place, else the fill is mined. Returns
+    the invocation id, the payout and a snapshot taken after the payment's old bytes, before whichever took the
+    payout's nonce."""
+    chain, (_, purpose, _) = market.chain, SETTLED[outcome]
+    invocation_id, before_fork = signed_not_sent_on_a_branch(market, capture, monkeypatch, outcome)
+    payment_tx, settlement = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                              ChainTransaction.objects.get(purpose=purpose))
+    chain.revert(before_fork)
+    spend_all_but(chain, market.buyer.address, keep=0)
+    chain.mine(3)
+    chain.w3.eth.send_raw_transaction(payment_tx.attempts.get().raw_transaction)
+    mined_what_was_sent()
+    before_the_nonce_is_taken = chain.snapshot()
+    if old_bytes_first:
+        chain.w3.eth.send_raw_transaction(settlement.attempts.get().raw_transaction)
+        mined_what_was_sent()
+    assert relayer.transactions_reopen_reorged() == 1  # the payment
+    payment_found_reverted_first(capture, payment_tx)
+    for _ in range(3):
+        confirm_all(capture)
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    assert fill.status == TxStatus.CONFIRMED
+    assert fill.mined_tx_hash == (settlement.attempts.get() if old_bytes_first else fill.attempts.get()).tx_hash
+    return invocation_id, settlement, before_the_nonce_is_taken
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+def test_a_cancelled_payout_whose_old_bytes_a_second_reorg_takes_is_no_longer_recorded_as_made(
+        market, outcome, monkeypatch, django_capture_on_commit_callbacks):
+    """The payout (or refund) withdrawn when its payment was found reverted was outrun by its old bytes: recorded as
+    made. A second deep reorg takes their block, and the fill is mined at their nonce instead: nothing left the
+    treasury. The invocation follows the chain, as when the fill took the nonce the first time: its money
+    payment_failed, naming no settlement; reconcile reports the reverted payment, no longer the fill."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    _, purpose, money = SETTLED[outcome]
+    treasury = usdc_balance(chain, market.treasury)
+    invocation_id, settlement, before_the_old_bytes = cancelled_when_its_payment_is_found_reverted(
+        market, capture, monkeypatch, outcome, old_bytes_first=True)
+    invocation = SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_"))
+    assert (invocation.money, invocation.settlement_tx_hash) == (money, settlement.attempts.get().tx_hash)
+
+    chain.revert(before_the_old_bytes)
+    chain.mine(3)
+    for _ in range(3):
+        confirm_all(capture)
+
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    assert (fill.status, fill.mined_tx_hash) == (TxStatus.CONFIRMED, fill.attempts.get().tx_hash)
+    assert usdc_balance(chain, market.treasury) == treasury  # nothing paid in, nothing paid out
+    invocation = invocation_of(market, invocation_id)
+    assert (invocation["payment"]["status"], invocation["payment"]["settlement_tx_hash"]) == ("payment_reverted", "")
+    assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).money == "payment_failed"
+    assert ChainTransaction.objects.filter(purpose=purpose).count() == 1  # not sent again
+    assert relayer_nonce_on_chain(chain) == RelayerAccount.objects.get().next_nonce
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=out)
+    assert invocation_id in out.getvalue() and f"nonce fill {fill.pk}" not in out.getvalue()
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+def test_a_cancelled_payout_whose_fill_a_second_reorg_takes_for_its_old_bytes_is_recorded_as_made(
+        market, outcome, monkeypatch, django_capture_on_commit_callbacks):
+    """The reverse: the fill took the withdrawn payout's (or refund's) nonce, and the invocation's money is
+    payment_failed. A second deep reorg takes the fill's block, and the payout's old bytes are mined at its nonce
+    instead: the treasury paid it out. The invocation names that payout, as one made before the reorg, and reconcile
+    reports the reverted payment and the fill."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    _, purpose, money = SETTLED[outcome]
+    invocation_id, settlement, before_the_fill = cancelled_when_its_payment_is_found_reverted(
+        market, capture, monkeypatch, outcome, old_bytes_first=False)
+    assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).money == "payment_failed"
+    treasury = usdc_balance(chain, market.treasury)
+
+    chain.revert(before_the_fill)
+    old_bytes = settlement.attempts.get()
+    chain.w3.eth.send_raw_transaction(old_bytes.raw_transaction)
+    chain.mine(3)
+    for _ in range(3):
+        confirm_all(capture)
+
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    assert (fill.status, fill.mined_tx_hash) == (TxStatus.CONFIRMED, old_bytes.tx_hash)
+    assert usdc_balance(chain, market.treasury) == treasury - PRICE  # paid out, never paid in
+    invocation = invocation_of(market, invocation_id)
+    assert (invocation["payment"]["status"], invocation["payment"]["settlement_tx_hash"]) == (
+        "payment_reverted", old_bytes.tx_hash)
+    assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).money == money
+    assert ChainTransaction.objects.filter(purpose=purpose).count() == 1
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="2 mismatch"):
+        call_command("reconcile", stdout=out)
+    assert invocation_id in out.getvalue() and f"nonce fill {fill.pk}" in out.getvalue()
+
+
 def mine_a_copy(chain, payment: str) -> str:
     """Someone holding the signed payment header gets its authorization mined, from their own account; its hash."""
     payload = decode_payment_signature_header(payment).payload
