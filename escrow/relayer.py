@@ -63,6 +63,7 @@ RerunCheck = Callable[[ChainTransaction], bool]
 _rerun_checks: dict[str, RerunCheck] = {}
 CancelledHandler = Callable[..., None]
 _cancelled_handlers: dict[str, CancelledHandler] = {}
+_undecided_handlers: dict[str, OutcomeHandler] = {}
 FailureWatch = Callable[[], QuerySet[ChainTransaction]]
 _failure_watches: dict[str, FailureWatch] = {}
 _GAS_HEADROOM_PERCENT = 25
@@ -94,6 +95,7 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
                              on_reopened: OutcomeHandler | None = None,
                              rerun_wanted: RerunCheck | None = None,
                              on_cancelled: CancelledHandler | None = None,
+                             on_cancel_undecided: OutcomeHandler | None = None,
                              watch_failed: FailureWatch | None = None) -> None:
     """`on_outcome(tx)` runs in the DB transaction that makes `tx` confirmed or failed; `on_submitted(tx)` in the
     one that signs its first attempt (its hash is then known). `read_evidence(tx)` runs just before, outside any
@@ -111,6 +113,9 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
     is the hash under which `tx`'s own old bytes were mined in the fill's place and ran, else None: nothing of it
     ran. A reorg that takes the fill's block has the outcome decided again: `on_reopened` first moves back what those
     bytes did, if they ran (`nonce_fill_reopened`), then `on_cancelled` is told anew once the fill is concluded again.
+    `on_cancel_undecided(tx)` runs in the one that reopens a fill that took a cancelled `tx`'s nonce (nothing of `tx`
+    ran): `tx`'s old bytes may run in its place now, and what the domain sent when told nothing ran (a new refund) is
+    to be withdrawn before it runs beside them.
     `watch_failed()` names failed transactions of `purpose` whose evidence may still change with no block they rest
     on taken (`transactions_recheck_watched`); it needs `read_evidence`."""
     if watch_failed is not None and read_evidence is None:
@@ -126,6 +131,8 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
         _rerun_checks[purpose] = rerun_wanted
     if on_cancelled is not None:
         _cancelled_handlers[purpose] = on_cancelled
+    if on_cancel_undecided is not None:
+        _undecided_handlers[purpose] = on_cancel_undecided
     if watch_failed is not None:
         _failure_watches[purpose] = watch_failed
 
@@ -503,14 +510,22 @@ def nonce_fill_reopened(tx: ChainTransaction) -> None:
     """A reorg took the block of a nonce fill's outcome. When that was the cancelled transaction's own old bytes, which
     ran, their run is off the chain with it: the cancelled transaction's domain moves back what it recorded of them
     (`on_reopened`, given the cancelled transaction as those bytes ran it: confirmed under their hash, in the fill's
-    block; not saved), as for a confirmed transaction of its own a reorg took. Whichever then takes the nonce, the fill
-    concluded again tells the domain (`on_cancelled`), which decides anew as the first time."""
+    block; not saved), as for a confirmed transaction of its own a reorg took. When nothing of it ran, those bytes may
+    run now: the domain withdraws what it sent instead (`on_cancel_undecided`). Whichever then takes the nonce, the
+    fill concluded again tells the domain (`on_cancelled`), which decides anew as the first time."""
     cancelled_id = tx.context.get(CANCELS)
     if cancelled_id is None:
         return
     cancelled = ChainTransaction.objects.get(pk=cancelled_id)
     ran_as = _ran_as(tx, cancelled)
-    if ran_as is None or cancelled.purpose not in _reopened_handlers:
+    if ran_as is None:
+        if cancelled.purpose in _undecided_handlers:
+            # Undecided from here (`_reopen` writes the rest after): a domain asked to send anew while it is (the
+            # withdrawn one never signed, told at once) waits for its outcome (`selectors.cancelled_may_still_run`).
+            ChainTransaction.objects.filter(pk=tx.pk).update(status=TxStatus.SUBMITTED)
+            _undecided_handlers[cancelled.purpose](cancelled)
+        return
+    if cancelled.purpose not in _reopened_handlers:
         return
     logger.warning("reorg: a cancelled transaction's own bytes that ran in place of its nonce fill are off the chain",
                    extra={"tx_id": cancelled_id, "fill_id": str(tx.pk), "tx_hash": ran_as})

@@ -507,6 +507,15 @@ def _direct_fee_refund_cancelled(tx: ChainTransaction, *, ran_as: str | None) ->
         _direct_fee_refund_when_due(tx.agreement_id)
 
 
+def _direct_fee_refund_cancel_undecided(tx: ChainTransaction) -> None:
+    """A reorg took the block of the nonce fill that took the nonce of a refund withdrawn when a reorg reopened its
+    payment: the refund's old bytes may run in its place now. A refund sent since (the purchase failed for good: that
+    block's reorg reopened it too, being later) is withdrawn rather than sent again beside them; the fill's outcome
+    decides anew (`_direct_fee_refund_cancelled`)."""
+    _direct_fee_refund_withdraw(tx.agreement_id, reason="a reorg took the nonce fill of the refund cancelled before it, "
+                                                        "whose old bytes may run")
+
+
 def handlers_register() -> None:
     """Called once, from EscrowConfig.ready()."""
     agreement_services.token_domain_reader_register(reader=chain.token_domain)
@@ -529,4 +538,5 @@ def handlers_register() -> None:
                                      read_evidence=_direct_payment_evidence, on_reopened=_direct_purchase_reopened,
                                      watch_failed=_direct_payments_watched)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome,
-                                     on_reopened=_direct_fee_refund_reopened, on_cancelled=_direct_fee_refund_cancelled)
+                                     on_reopened=_direct_fee_refund_reopened, on_cancelled=_direct_fee_refund_cancelled,
+                                     on_cancel_undecided=_direct_fee_refund_cancel_undecided)

@@ -490,38 +490,62 @@ def test_a_cancelled_fee_refund_whose_old_bytes_a_second_reorg_takes_is_no_longe
     assert ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).count() == (1 if pays else 2)
 
 
-def test_a_cancelled_fee_refund_whose_fill_a_second_reorg_takes_for_its_old_bytes_is_shown_made(
-        escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
-    """The reverse: the fill took the refund's nonce and the purchase was paid, its fee kept. A second deep reorg takes
-    the fill's block, and the refund's old bytes are mined at its nonce instead: the buyer has its fee back. The
-    purchase shows it refunded (the platform bore the fee), and reconcile reports the fill until acknowledged."""
+@pytest.mark.parametrize("after_the_fill", ["paid", "refunded_anew", "refund_queued_anew"])
+def test_a_cancelled_fee_refund_whose_fill_a_second_reorg_takes_for_its_old_bytes_is_shown_made_once(
+        escrow_chain, after_the_fill, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The reverse: the fill took the refund's nonce; the purchase was paid, its fee kept, or its payment failed for
+    good and a new refund was sent (confirmed, or still queued). A second deep reorg takes the fill's block (and the new
+    refund's, after it), and the cancelled refund's old bytes are mined at its nonce instead: the buyer has its fee
+    back. The purchase shows it refunded (a paid one: the platform bore the fee), the new refund is withdrawn rather
+    than sent (again) beside them and none is queued while the fill is undecided: the fee is not refunded twice.
+    Reconcile reports the fill until acknowledged."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
-    purchase = Purchase(chain)
-    agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
-    chain.revert(before_fork)
-    chain.mine(3)
+    pays = after_the_fill == "paid"
+    if pays:
+        purchase = Purchase(chain)
+        agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
+        chain.revert(before_fork)
+        chain.mine(3)
+    else:
+        purchase, agreement, payment, refund = reverted_to_a_branch_where_it_fails_again(chain, capture, monkeypatch)
     buyer, seller, fee_recipient, treasury = purchase.balances()
     chain.w3.eth.send_raw_transaction(payment.attempts.get().raw_transaction)
     mined_what_was_sent()
     before_the_fill = chain.snapshot()
-    polls(capture)
+    new_refund_submission = []
+    if after_the_fill == "refund_queued_anew":
+        with capture(execute=False) as new_refund_submission:
+            for _ in range(4):
+                poll_mined()
+    else:
+        polls(capture)
     fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
     assert fill.status == TxStatus.CONFIRMED and fill.attempts.filter(tx_hash=fill.mined_tx_hash).exists()
-    assert purchase.parties.agreement(agreement["id"])["buyer_refund_atomic"] is None
-    call_command("reconcile", stdout=io.StringIO())
+    new_refunds = ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).exclude(pk=refund.pk)
+    assert [tx.status for tx in new_refunds] == {"paid": [], "refunded_anew": [TxStatus.CONFIRMED],
+                                                 "refund_queued_anew": [TxStatus.QUEUED]}[after_the_fill]
+    assert purchase.parties.agreement(agreement["id"])["buyer_refund_atomic"] == (
+        FEE if after_the_fill == "refunded_anew" else None)
 
     chain.revert(before_the_fill)
     chain.w3.eth.send_raw_transaction(refund.attempts.get().raw_transaction)
     chain.mine(3)
     polls(capture)
+    with capture(execute=True):
+        for callback in new_refund_submission:  # a new refund's submit task, if it was held, runs at last
+            callback()
+    polls(capture, 1)
 
     fill.refresh_from_db()
     assert (fill.status, fill.mined_tx_hash) == (TxStatus.CONFIRMED, refund.attempts.get().tx_hash)
-    paid = purchase.parties.agreement(agreement["id"])
-    assert (paid["status"], paid["buyer_refund_atomic"]) == ("paid", FEE)
-    assert purchase.balances() == (buyer - AMOUNT + FEE, seller + AMOUNT, fee_recipient, treasury - FEE)
-    assert ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).count() == 1
+    shown = purchase.parties.agreement(agreement["id"])
+    assert (shown["status"], shown["buyer_refund_atomic"]) == ("paid" if pays else "payment_failed", FEE)
+    assert purchase.balances() == (buyer - (AMOUNT if pays else 0) + FEE, seller + (AMOUNT if pays else 0),
+                                   fee_recipient, treasury - FEE)
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).exclude(
+        status=TxStatus.FAILED).exists()
+    assert relayer_nonce_on_chain(chain) == RelayerAccount.objects.get().next_nonce
     with pytest.raises(CommandError, match="1 mismatch"):
         call_command("reconcile", stdout=io.StringIO())
 
