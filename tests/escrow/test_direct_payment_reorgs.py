@@ -426,6 +426,19 @@ def test_a_cancelled_fee_refund_whose_old_bytes_are_mined_first_is_not_sent_agai
     assert fill.mined_tx_hash == refund.attempts.get().tx_hash
 
 
+def refund_cancelled_on_the_new_branch(chain, capture, monkeypatch, *, pays: bool):
+    """`failed_with_its_fee_refund_signed`, then back to its fork, where the payment's same bytes will pay (`pays`),
+    or revert again (`reverted_to_a_branch_where_it_fails_again`). Returns the purchase, the agreement, the payment
+    and the refund."""
+    if not pays:
+        return reverted_to_a_branch_where_it_fails_again(chain, capture, monkeypatch)
+    purchase = Purchase(chain)
+    agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
+    chain.revert(before_fork)
+    chain.mine(3)
+    return purchase, agreement, payment, refund
+
+
 def old_bytes_mined_on_the_new_branch(chain, payment, refund) -> str:
     """Anyone holding the old branch's signed bytes gets the payment's mined on the new branch, then the cancelled
     refund's, each in a block of its own. Returns a snapshot taken between the two."""
@@ -447,15 +460,9 @@ def test_a_cancelled_fee_refund_whose_old_bytes_a_second_reorg_takes_is_no_longe
     longer reports the fill, whose own bytes took the nonce."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
-    if payment_on_the_new_branch == "pays":
-        purchase = Purchase(chain)
-        agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
-        chain.revert(before_fork)
-        chain.mine(3)
-    else:
-        purchase, agreement, payment, refund = reverted_to_a_branch_where_it_fails_again(chain, capture, monkeypatch)
-    buyer, seller, fee_recipient, treasury = purchase.balances()
     pays = payment_on_the_new_branch == "pays"
+    purchase, agreement, payment, refund = refund_cancelled_on_the_new_branch(chain, capture, monkeypatch, pays=pays)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
     before_the_old_refund = old_bytes_mined_on_the_new_branch(chain, payment, refund)
     polls(capture)
     shown = purchase.parties.agreement(agreement["id"])
@@ -502,13 +509,7 @@ def test_a_cancelled_fee_refund_whose_fill_a_second_reorg_takes_for_its_old_byte
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
     pays = after_the_fill == "paid"
-    if pays:
-        purchase = Purchase(chain)
-        agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
-        chain.revert(before_fork)
-        chain.mine(3)
-    else:
-        purchase, agreement, payment, refund = reverted_to_a_branch_where_it_fails_again(chain, capture, monkeypatch)
+    purchase, agreement, payment, refund = refund_cancelled_on_the_new_branch(chain, capture, monkeypatch, pays=pays)
     buyer, seller, fee_recipient, treasury = purchase.balances()
     chain.w3.eth.send_raw_transaction(payment.attempts.get().raw_transaction)
     mined_what_was_sent()

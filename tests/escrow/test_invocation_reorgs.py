@@ -377,6 +377,19 @@ def signed_not_sent_on_a_branch(market, capture, monkeypatch, outcome: str) -> t
     return invocation_id, before_fork
 
 
+def signed_then_back_where_the_buyer_spent(market, capture, monkeypatch, outcome: str
+                                           ) -> tuple[str, ChainTransaction, ChainTransaction]:
+    """`signed_not_sent_on_a_branch`, then back to its fork, where the buyer spends its funds: the payment cannot run
+    again. Returns the invocation id, the payment and the payout (or refund)."""
+    invocation_id, before_fork = signed_not_sent_on_a_branch(market, capture, monkeypatch, outcome)
+    payment_tx, settlement = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                              ChainTransaction.objects.get(purpose=SETTLED[outcome][1]))
+    market.chain.revert(before_fork)
+    spend_all_but(market.chain, market.buyer.address, keep=0)
+    market.chain.mine(3)
+    return invocation_id, payment_tx, settlement
+
+
 def payment_found_reverted_first(capture, payment: ChainTransaction) -> None:
     """The relayer sends the payment the reorg took again and finds it reverted before it looks at the payout (which
     waits behind the payment's nonce)."""
@@ -397,14 +410,7 @@ def test_a_payout_signed_when_its_payment_is_found_reverted_is_cancelled_by_a_no
     the treasury: the invocation's money is as for a payout withdrawn before it was signed, an operator's retry is
     refused, and reconcile reports the reverted payment alone."""
     chain, capture = market.chain, django_capture_on_commit_callbacks
-    _, purpose, _ = SETTLED[outcome]
-    invocation_id, before_fork = signed_not_sent_on_a_branch(market, capture, monkeypatch, outcome)
-    payment_tx, settlement = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
-                              ChainTransaction.objects.get(purpose=purpose))
-
-    chain.revert(before_fork)
-    spend_all_but(chain, market.buyer.address, keep=0)
-    chain.mine(3)
+    invocation_id, payment_tx, settlement = signed_then_back_where_the_buyer_spent(market, capture, monkeypatch, outcome)
     treasury = usdc_balance(chain, market.treasury)
     assert relayer.transactions_reopen_reorged() == 1  # the payment
     payment_found_reverted_first(capture, payment_tx)
@@ -519,13 +525,8 @@ def cancelled_when_its_payment_is_found_reverted(market, capture, monkeypatch, o
     anyone holding the payout's old signed bytes gets them mined in the fill's place, else the fill is mined. Returns
     the invocation id, the payout and a snapshot taken after the payment's old bytes, before whichever took the
     payout's nonce."""
-    chain, (_, purpose, _) = market.chain, SETTLED[outcome]
-    invocation_id, before_fork = signed_not_sent_on_a_branch(market, capture, monkeypatch, outcome)
-    payment_tx, settlement = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
-                              ChainTransaction.objects.get(purpose=purpose))
-    chain.revert(before_fork)
-    spend_all_but(chain, market.buyer.address, keep=0)
-    chain.mine(3)
+    chain = market.chain
+    invocation_id, payment_tx, settlement = signed_then_back_where_the_buyer_spent(market, capture, monkeypatch, outcome)
     chain.w3.eth.send_raw_transaction(payment_tx.attempts.get().raw_transaction)
     mined_what_was_sent()
     before_the_nonce_is_taken = chain.snapshot()
