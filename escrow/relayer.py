@@ -105,9 +105,10 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
     cleared: a mined one, confirmed or failed (`tx.mined_tx_hash` is the hash no longer canonical), or a failed one
     whose evidence names the block of someone else's transaction (EVIDENCE_BLOCK) that is no longer canonical; its
     outcome is applied again once it is concluded again. Not for a failed one cancelled instead (`_cancel`): its
-    outcome stands. `rerun_wanted(tx)`, inside a DB transaction holding `tx`'s row lock, says whether a failed `tx`
-    may be sent again at all (its block reorged out, or an operator's retry): one its domain no longer wants (an
-    activation whose agreement was cancelled since) is cancelled as a superseded one is, and its retry refused.
+    outcome stands (but see below for its old bytes that ran in its nonce fill's place). `rerun_wanted(tx)`, inside
+    a DB transaction holding `tx`'s row lock, says whether a failed `tx` may be sent again at all (its block reorged
+    out, or an operator's retry): one its domain no longer wants (an activation whose agreement was cancelled since)
+    is cancelled as a superseded one is, and its retry refused.
     `on_cancelled(tx, ran_as=...)` tells the domain what came of a cancelled `tx` (`_cancel`): in the one that
     cancels it when it was never signed, else in the one that concludes the nonce fill that took its nonce; `ran_as`
     is the hash under which `tx`'s own old bytes were mined in the fill's place and ran, else None: nothing of it
