@@ -8,7 +8,8 @@ the SDK's HTTP goes through, enforces
 
 - a deadline per request (`deadline` seconds, retries included: `deadline_within`): resolving the host's name, every
   connect, TLS handshake, write and read of the exchange waits at most until it (`_DeadlineBackend`, httpcore's
-  network backend wrapped; names resolved by `sdk.name_resolution`, the system resolver having no timeout), and the
+  network backend wrapped; names resolved by `sdk.name_resolution`, the system resolver having no timeout), so does
+  the wait for a free connection of the client's pool (httpx's pool timeout, cut to the time left), and the
   answer's body is read only while it lasts; then `DeadlineExceeded`. httpx has no total timeout for sync clients
   (encode/httpx#1450); a transport that is not httpx's own (a `MockTransport`, a WSGI app) is checked between the
   chunks of the body only;
@@ -210,13 +211,22 @@ class BoundedHttp:
         """Send the request and read its answer whole, within the bounds: a read answer (`.content`, `.headers`)
         or `DeadlineExceeded` / `AnswerTooLarge`. `request` takes httpx's arguments."""
         with deadline_within(self.deadline):
-            if _expired():
+            left = time_left()
+            assert left is not None
+            if left <= 0:
                 raise DeadlineExceeded(f"no time left for {method} {url} within the {self.deadline:g} s deadline")
+            # Waiting for a free connection of the pool is no network operation: its own timeout is cut instead.
+            timeout = httpx.Timeout(request.pop("timeout", self._client.timeout))
+            pool_waits_until_deadline = timeout.pool is None or left <= timeout.pool
+            timeout = httpx.Timeout(connect=timeout.connect, read=timeout.read, write=timeout.write,
+                                    pool=left if pool_waits_until_deadline else timeout.pool)
             try:
-                with self._client.stream(method, url, **request) as response:
+                with self._client.stream(method, url, timeout=timeout, **request) as response:
                     return self._read(response)
             except httpx.TimeoutException as error:
-                if isinstance(error, DeadlineExceeded) or not _expired():
+                if isinstance(error, DeadlineExceeded):
+                    raise
+                if not (_expired() or pool_waits_until_deadline and isinstance(error, httpx.PoolTimeout)):
                     raise
                 raise DeadlineExceeded(f"{method} {url} outlasted the {self.deadline:g} s deadline",
                                        request=error.request) from error

@@ -324,3 +324,28 @@ def test_an_answer_within_the_bounds_reads_as_before_compressed_or_not(encoding)
     answer = client.call_metered(uuid.uuid4(), "run")
     assert answer.content == body and answer.json()["handle"] == "buyer"
     assert answer.headers["Content-Encoding"] == encoding and answer.headers["X-Usage-Cost"] == "20000"
+
+
+class AnswersWhenStopped(Hostile):
+    """Keeps every call waiting for its answer until the test ends: each holds its connection meanwhile."""
+
+    def answer(self) -> Iterator[bytes]:
+        self.stop.wait(30)
+        yield b""
+
+
+def test_a_call_waiting_for_a_free_connection_of_the_pool_ends_at_its_deadline():
+    """httpcore waits for a free connection of the pool for as long as httpx's pool timeout (the client's `timeout`),
+    outside every network operation the deadline bounded: a client sharing its pool with calls to a slow server
+    waited that long whatever its deadline."""
+    pool = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1))
+    with hostile(AnswersWhenStopped) as url:
+        patient = MarketplaceClient(url, "mk_test", timeout=10, deadline=10, retries=0, transport=pool)
+        occupying = threading.Thread(target=lambda: run_bounded(patient.me, limit=12), daemon=True)
+        occupying.start()
+        time.sleep(0.3)  # the patient call holds the pool's one connection
+        hurried = MarketplaceClient(url, "mk_test", timeout=5, deadline=0.5, retries=0, transport=pool)
+        outcome = run_bounded(hurried.me, limit=10)
+    assert isinstance(outcome.error, DeadlineExceeded), outcome.error
+    assert outcome.seconds < 0.5 + EPSILON, f"the call took {outcome.seconds:.1f} s"
+
