@@ -15,7 +15,7 @@ importlib.import_module("py_ecc")
 sys.setrecursionlimit(_RECURSION_LIMIT)
 
 from sdk.activation import sign_activation_package  # noqa: E402
-from sdk.bounded_http import AnswerRefused, AnswerTooLarge, DeadlineExceeded  # noqa: E402
+from sdk.bounded_http import AnswerRefused, AnswerTooLarge, DeadlineExceeded, UnrequestedEncoding  # noqa: E402
 from sdk.bounded_json import InvalidJSON  # noqa: E402
 from sdk.client import AgreementFailed, MarketplaceClient, MarketplaceError, NotConfigured  # noqa: E402
 from sdk.networks import BASE, BASE_SEPOLIA, FeeSchedule, NetworkConfig, TokenDomain  # noqa: E402
@@ -24,5 +24,5 @@ from sdk.terms import AgreedTerms  # noqa: E402
 
 __all__ = ["BASE", "BASE_SEPOLIA", "AgreedTerms", "AgreementFailed", "AnswerRefused", "AnswerTooLarge",
            "DeadlineExceeded", "DeadlineOutOfRange", "FeeSchedule", "InvalidJSON", "LocalWallet", "MarketplaceClient",
-           "MarketplaceError", "NetworkConfig", "NotConfigured", "SigningRefused", "TokenDomain", "Wallet",
-           "sign_activation_package"]
+           "MarketplaceError", "NetworkConfig", "NotConfigured", "SigningRefused", "TokenDomain", "UnrequestedEncoding",
+           "Wallet", "sign_activation_package"]

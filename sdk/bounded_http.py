@@ -16,8 +16,10 @@ the SDK's HTTP goes through, enforces
 - a maximum answer size (`max_answer_bytes`): the body is streamed and the exchange abandoned as soon as it would
   exceed the budget (`AnswerTooLarge`), so an endless answer costs at most that much memory. The budget counts
   decoded bytes, and a compressed answer reaches httpx's decoder 1 KiB at a time (`_InSmallPieces`): gzip inflates
-  a piece to at most ~1 MiB, where a whole 64 KiB read could become 64 MiB. The head is bounded by httpcore
-  (100 KiB).
+  a piece to at most ~1 MiB, where a whole 64 KiB read could become 64 MiB. So the SDK asks for gzip or deflate
+  only (`Accept-Encoding`, `ACCEPTED_ENCODINGS`), and refuses, undecoded, an answer in another coding (brotli and
+  zstandard inflate further, and httpx decodes them once their packages are installed) or in several stacked
+  (each layer multiplies the last): `UnrequestedEncoding`. The head is bounded by httpcore (100 KiB).
 
 JSON answers are parsed by `sdk.bounded_json` (`json_answer`): no nesting deeper than `JSON_MAX_DEPTH`.
 """
@@ -36,8 +38,9 @@ import httpx
 from sdk import bounded_json
 from sdk.name_resolution import BoundedResolver
 
-__all__ = ["DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "AnswerRefused", "AnswerTooLarge", "BoundedHttp",
-           "DeadlineExceeded", "deadline_within", "json_answer", "time_left"]
+__all__ = ["ACCEPTED_ENCODINGS", "DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "AnswerRefused",
+           "AnswerTooLarge", "BoundedHttp", "DeadlineExceeded", "UnrequestedEncoding", "deadline_within", "json_answer",
+           "time_left"]
 
 # A metered call may take as long as the marketplace lets a seller answer (its PROXY_ANSWER_TIMEOUT_SECONDS, 300).
 DEFAULT_DEADLINE_SECONDS = 300.0
@@ -49,6 +52,11 @@ DEFAULT_MAX_ANSWER_BYTES = 16 * 1024 * 1024
 # httpx ConnectError) rather than given a thread more.
 RESOLVER_THREADS = 8
 _RESOLVER = BoundedResolver(threads=RESOLVER_THREADS, name="sdk")
+
+# The content codings the SDK asks for and decodes: one of them, since their expansion is bounded piece by piece
+# (`_InSmallPieces`). httpx would ask for brotli and zstandard too where those packages are installed, and decodes
+# stacked codings, each multiplying the one before, at once.
+ACCEPTED_ENCODINGS = ("gzip", "deflate")
 
 # When the running request must be over (time.monotonic()), in this thread or task; None outside a request.
 _DEADLINE: ContextVar[float | None] = ContextVar("sdk_http_deadline", default=None)
@@ -64,6 +72,11 @@ class DeadlineExceeded(AnswerRefused, httpx.TimeoutException):
 
 class AnswerTooLarge(AnswerRefused):
     """The answer's body is larger than the client's `max_answer_bytes`."""
+
+
+class UnrequestedEncoding(AnswerRefused):
+    """The answer is encoded otherwise than the SDK asked for (`Accept-Encoding`): in a coding whose expansion it does
+    not bound, or in several stacked. It was not decoded."""
 
 
 @contextmanager
@@ -202,14 +215,16 @@ class BoundedHttp:
             raise ValueError("max_answer_bytes must be at least 1")
         self.deadline = deadline
         self.max_answer_bytes = max_answer_bytes
-        self._client = httpx.Client(transport=_with_deadlines(transport), **client_options)
+        headers = httpx.Headers({"Accept-Encoding": ", ".join(ACCEPTED_ENCODINGS)})
+        headers.update(client_options.pop("headers", None) or {})
+        self._client = httpx.Client(transport=_with_deadlines(transport), headers=headers, **client_options)
 
     def close(self) -> None:
         self._client.close()
 
     def request(self, method: str, url: str, **request: Any) -> httpx.Response:
         """Send the request and read its answer whole, within the bounds: a read answer (`.content`, `.headers`)
-        or `DeadlineExceeded` / `AnswerTooLarge`. `request` takes httpx's arguments."""
+        or `DeadlineExceeded` / `AnswerTooLarge` / `UnrequestedEncoding`. `request` takes httpx's arguments."""
         with deadline_within(self.deadline):
             left = time_left()
             assert left is not None
@@ -232,7 +247,14 @@ class BoundedHttp:
                                        request=error.request) from error
 
     def _read(self, response: httpx.Response) -> httpx.Response:
-        if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+        codings = [coding for coding in (value.strip().lower() for value in
+                                         response.headers.get_list("Content-Encoding", split_commas=True))
+                   if coding not in ("", "identity")]
+        if len(codings) > 1 or any(coding not in ACCEPTED_ENCODINGS for coding in codings):
+            raise UnrequestedEncoding(f"the answer to {response.request.method} {response.request.url} is encoded "
+                                      f"{', '.join(codings)}; the SDK asked for one of {', '.join(ACCEPTED_ENCODINGS)}"
+                                      f" and decodes nothing else")
+        if codings:
             assert isinstance(response.stream, httpx.SyncByteStream)
             response.stream = _InSmallPieces(response.stream)
         chunks, size = [], 0

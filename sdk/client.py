@@ -22,8 +22,10 @@ the API's error code; a network failure that outlasts the retries raises httpx's
 
 Bounds (`sdk.bounded_http`): every request, its retries included, ends within `deadline` seconds (300 by default)
 or raises `DeadlineExceeded` (an httpx `TimeoutException`), however slowly the server answers; an answer larger than
-`max_answer_bytes` (16 MiB by default) is abandoned with `AnswerTooLarge`; JSON nested deeper than 64 levels, or not
-JSON, raises `InvalidJSON` (a ValueError). `timeout` still bounds each network operation within the deadline.
+`max_answer_bytes` (16 MiB by default) is abandoned with `AnswerTooLarge`; an answer in a content coding other than
+the gzip or deflate the SDK asks for, or in several stacked, is refused undecoded with `UnrequestedEncoding`; JSON
+nested deeper than 64 levels, or not JSON, raises `InvalidJSON` (a ValueError). `timeout` still bounds each network
+operation (and the wait for a free connection of the pool) within the deadline.
 
 Retries: a 503 (a dependency such as the chain RPC is down), a connection failure or timeout, and a 409
 `idempotency_in_progress` are retried a couple of times with exponential backoff. That is safe for every method

@@ -29,7 +29,8 @@ import httpx
 import pytest
 from eth_account import Account
 
-from sdk import AnswerTooLarge, DeadlineExceeded, InvalidJSON, MarketplaceClient, MarketplaceError
+from sdk import (AnswerRefused, AnswerTooLarge, DeadlineExceeded, InvalidJSON, MarketplaceClient, MarketplaceError,
+                 UnrequestedEncoding)
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
 from sdk.onchain import ChainReader
 from tests.support.http_server import serving
@@ -313,11 +314,11 @@ except InvalidJSON as error:
     assert result.stdout.split() == ["too_deep", "True"]
 
 
-@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+@pytest.mark.parametrize("encoding", ["identity", "gzip", "deflate", "identity, GZIP"])
 def test_an_answer_within_the_bounds_reads_as_before_compressed_or_not(encoding):
     body = b'{"handle": "buyer", "pad": "' + b"a" * 100_000 + b'"}'
     headers = {"Content-Encoding": encoding, "X-Usage-Cost": "20000"}
-    content = gzip.compress(body) if encoding == "gzip" else body
+    content = {"gzip": gzip.compress, "deflate": zlib.compress}.get(encoding.split(", ")[-1].lower(), bytes)(body)
     client = MarketplaceClient("http://marketplace.example", "mk_test", transport=httpx.MockTransport(
         lambda request: httpx.Response(200, headers=headers, content=content)))
     assert client.me()["handle"] == "buyer"
@@ -349,3 +350,78 @@ def test_a_call_waiting_for_a_free_connection_of_the_pool_ends_at_its_deadline()
     assert isinstance(outcome.error, DeadlineExceeded), outcome.error
     assert outcome.seconds < 0.5 + EPSILON, f"the call took {outcome.seconds:.1f} s"
 
+
+class BombDecoder(httpx._decoders.ContentDecoder):
+    """Stands in for brotli's or zstandard's decoder (neither is installed here): 1 KiB on the wire, 32 MiB decoded
+    at once, an expansion the SDK's bound would only see afterwards."""
+
+    def decode(self, data: bytes) -> bytes:
+        return b" " * (len(data) * 32 * 1024)
+
+    def flush(self) -> bytes:
+        return b""
+
+
+@pytest.fixture
+def brotli_and_zstandard_installed(monkeypatch):
+    """httpx as it is where the optional brotli and zstandard packages are installed: it asks for them and decodes
+    them."""
+    monkeypatch.setattr(httpx._client, "ACCEPT_ENCODING", "gzip, deflate, br, zstd")
+    for encoding in ("br", "zstd"):
+        monkeypatch.setitem(httpx._decoders.SUPPORTED_DECODERS, encoding, BombDecoder)
+
+
+class RecordsAcceptEncoding(Hostile):
+    asked: list[str] = []
+
+    def answer(self) -> Iterator[bytes]:
+        type(self).asked.append(self.headers.get("Accept-Encoding", ""))
+        yield b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+@pytest.mark.usefixtures("brotli_and_zstandard_installed")
+@pytest.mark.parametrize("call", CALLS)
+def test_the_sdk_asks_only_for_the_encodings_whose_expansion_it_bounds(call):
+    RecordsAcceptEncoding.asked = []
+    with hostile(RecordsAcceptEncoding) as url:
+        run_bounded(lambda: CALLS[call](url), limit=30)
+    assert RecordsAcceptEncoding.asked and set(RecordsAcceptEncoding.asked) == {"gzip, deflate"}
+
+
+def encoded_as(encoding: str, body: bytes) -> type[Hostile]:
+    class EncodedAnswer(Hostile):
+        def answer(self) -> Iterator[bytes]:
+            yield (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: %s\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (encoding.encode(), len(body), body))
+
+    return EncodedAnswer
+
+
+@functools.cache
+def gzipped_twice(megabytes: int) -> bytes:
+    return gzip.compress(gzipped_spaces(megabytes), compresslevel=9)
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["decoders absent", "brotli and zstandard installed"])
+@pytest.mark.parametrize("encoding", ["br", "zstd", "compress", "gzip, gzip", "gzip, br"])
+@pytest.mark.parametrize("call", CALLS)
+def test_an_answer_in_an_encoding_the_sdk_did_not_ask_for_is_refused_undecoded(call, encoding, installed, request):
+    """An encoding httpx does not know was passed on as it came (garbage to the JSON parser, and to a metered call's
+    caller); one it decodes with an optional package inflated whole pieces before the bound saw them; and codings
+    stacked multiplied: `gzip, gzip` sent 269 bytes, which the first layer inflated to 64 kB and the second, at once,
+    to 64 MB."""
+    if installed:
+        request.getfixturevalue("brotli_and_zstandard_installed")
+    body = gzipped_twice(64) if encoding == "gzip, gzip" else b"\x1b" * 4096
+    max_answer_bytes = 1024 * 1024
+    tracemalloc.start()
+    try:
+        with hostile(encoded_as(encoding, body)) as url:
+            outcome = run_bounded(lambda: CALLS[call](url, max_answer_bytes=max_answer_bytes), limit=30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * max_answer_bytes, f"{peak / 2**20:.0f} MiB held for a {max_answer_bytes / 2**20:.0f} MiB bound"
+    assert isinstance(outcome.error, UnrequestedEncoding), outcome.error
+    assert isinstance(outcome.error, AnswerRefused)
+    assert f"encoded {encoding}" in str(outcome.error)
