@@ -39,8 +39,8 @@ from sdk import bounded_json
 from sdk.name_resolution import BoundedResolver
 
 __all__ = ["ACCEPTED_ENCODINGS", "DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "AnswerRefused",
-           "AnswerTooLarge", "BoundedHttp", "DeadlineExceeded", "UnrequestedEncoding", "deadline_within", "json_answer",
-           "time_left"]
+           "AnswerTooLarge", "BoundedHttp", "DeadlineExceeded", "UnrequestedEncoding", "deadline_passed", "deadline_within",
+           "json_answer", "time_left"]
 
 # A metered call may take as long as the marketplace lets a seller answer (its PROXY_ANSWER_TIMEOUT_SECONDS, 300).
 DEFAULT_DEADLINE_SECONDS = 300.0
@@ -196,7 +196,8 @@ class _InSmallPieces(httpx.SyncByteStream):
         self._stream.close()
 
 
-def _expired() -> bool:
+def deadline_passed() -> bool:
+    """Whether the running deadline has passed (False outside `deadline_within`)."""
     left = time_left()
     return left is not None and left <= 0
 
@@ -241,7 +242,7 @@ class BoundedHttp:
             except httpx.TimeoutException as error:
                 if isinstance(error, DeadlineExceeded):
                     raise
-                if not (_expired() or pool_waits_until_deadline and isinstance(error, httpx.PoolTimeout)):
+                if not (deadline_passed() or pool_waits_until_deadline and isinstance(error, httpx.PoolTimeout)):
                     raise
                 raise DeadlineExceeded(f"{method} {url} outlasted the {self.deadline:g} s deadline",
                                        request=error.request) from error
@@ -263,7 +264,7 @@ class BoundedHttp:
             if size > self.max_answer_bytes:
                 raise AnswerTooLarge(f"the answer to {response.request.method} {response.request.url} is larger "
                                      f"than {self.max_answer_bytes} bytes")
-            if _expired():
+            if deadline_passed():
                 raise DeadlineExceeded(f"the answer to {response.request.method} {response.request.url} outlasted "
                                        f"the {self.deadline:g} s deadline", request=response.request)
             chunks.append(chunk)

@@ -48,7 +48,7 @@ import httpx
 from sdk import typed_data
 from sdk.activation import sign_activation_package
 from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, AnswerRefused, BoundedHttp,
-                              deadline_within, json_answer, time_left)
+                              DeadlineExceeded, deadline_passed, deadline_within, json_answer, time_left)
 from sdk.networks import NetworkConfig, TokenDomain
 from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, RpcError
 from sdk.receipts import VerifiedUsage, verify_usage
@@ -325,18 +325,17 @@ class MarketplaceClient:
         Raises `AgreementFailed` when it reaches a `failure` status, `TimeoutError` after `timeout` seconds.
         Activation waits for the relayer and for chain confirmations: seconds to minutes are normal.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            agreement = self.get_agreement(agreement_id)
+        def reached(agreement: dict[str, Any]) -> bool:
             if agreement["status"] in statuses:
-                return agreement
+                return True
             if agreement["status"] in failure:
                 raise AgreementFailed(agreement)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"agreement {agreement_id} is still {agreement['status']} after {timeout:g} s, "
-                                   f"waiting for {', '.join(sorted(statuses))}")
-            time.sleep(min(poll_interval, remaining))
+            return False
+
+        return self._poll(lambda: self.get_agreement(agreement_id), reached, timeout=timeout,
+                          poll_interval=poll_interval, late=lambda agreement: (
+                              f"agreement {agreement_id} is {_still(agreement, 'status')} after {timeout:g} s, "
+                              f"waiting for {', '.join(sorted(statuses))}"))
 
     # --- metering and settlement ---------------------------------------------------------------------------------
 
@@ -484,16 +483,11 @@ class MarketplaceClient:
                           timeout: float = 300.0, poll_interval: float = 2.0) -> dict[str, Any]:
         """Poll the purchase until its `onChainState` is one of `states` (e.g. ResultSubmitted: `result` holds the
         job's output); `TimeoutError` after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            purchase = self.get_purchase(blockchain_identifier, network=network)
-            if purchase["onChainState"] in states:
-                return purchase
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"purchase {blockchain_identifier} is {purchase['onChainState']} after "
-                                   f"{timeout:g} s, waiting for {', '.join(sorted(states))}")
-            time.sleep(min(poll_interval, remaining))
+        return self._poll(lambda: self.get_purchase(blockchain_identifier, network=network),
+                          lambda purchase: purchase["onChainState"] in states, timeout=timeout,
+                          poll_interval=poll_interval, late=lambda purchase: (
+                              f"purchase {blockchain_identifier} is {_still(purchase, 'onChainState')} after "
+                              f"{timeout:g} s, waiting for {', '.join(sorted(states))}"))
 
     def request_refund(self, blockchain_identifier: str, wallet: str | Wallet, *,
                        network: str = "Preprod") -> dict[str, Any]:
@@ -541,14 +535,11 @@ class MarketplaceClient:
 
     def wait_for_invocation(self, invocation_id: str, *, timeout: float = 300.0,
                             poll_interval: float = 1.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            invocation = self.get_invocation(invocation_id)
-            if invocation["status"] in ("completed", "failed", "timeout"):
-                return invocation
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"invocation {invocation_id} is still {invocation['status']} after {timeout:g} s")
-            time.sleep(poll_interval)
+        """Poll the invocation until it is completed, failed or timed out; `TimeoutError` after `timeout` seconds."""
+        return self._poll(lambda: self.get_invocation(invocation_id),
+                          lambda invocation: invocation["status"] in ("completed", "failed", "timeout"),
+                          timeout=timeout, poll_interval=poll_interval, late=lambda invocation: (
+                              f"invocation {invocation_id} is {_still(invocation, 'status')} after {timeout:g} s"))
 
     @staticmethod
     def _answer(response: httpx.Response) -> dict[str, Any]:
@@ -589,6 +580,28 @@ class MarketplaceClient:
                         raise
                 time.sleep(backoff)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _poll(self, fetch: Callable[[], dict[str, Any]], reached: Callable[[dict[str, Any]], bool], *,
+              timeout: float, poll_interval: float, late: Callable[[dict[str, Any] | None], str]) -> dict[str, Any]:
+        """`fetch()` every `poll_interval` seconds until its answer has `reached` the awaited state. After `timeout`
+        seconds, `TimeoutError` saying `late(the last answer, None before any)`: the requests share that deadline,
+        so one the server answers slowly ends with the wait, not at the client's own deadline."""
+        last = None
+        with deadline_within(timeout):
+            try:
+                while True:
+                    last = fetch()
+                    if reached(last):
+                        return last
+                    left = time_left()
+                    if left is None or left <= 0:
+                        break
+                    time.sleep(min(poll_interval, left))
+            except DeadlineExceeded as cut_short:
+                if not deadline_passed():
+                    raise  # the request's own deadline, sooner than the wait's
+                raise TimeoutError(late(last)) from cut_short
+        raise TimeoutError(late(last))
 
     def _pages(self, method: str, path: str, query: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Follow `next_cursor` (a query parameter on GET, a body field on POST) until it is null."""
@@ -631,6 +644,10 @@ def _unix_time(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     return int(datetime.fromisoformat(str(value)).timestamp())
+
+
+def _still(answer: Mapping[str, Any] | None, field: str) -> str:
+    return f"still {answer[field]}" if answer is not None else "not read"
 
 
 def _may_retry(attempt: int, attempts: int, backoff: float) -> bool:

@@ -425,3 +425,22 @@ def test_an_answer_in_an_encoding_the_sdk_did_not_ask_for_is_refused_undecoded(c
     assert isinstance(outcome.error, UnrequestedEncoding), outcome.error
     assert isinstance(outcome.error, AnswerRefused)
     assert f"encoded {encoding}" in str(outcome.error)
+
+
+WAIT = 1.0
+WAITS: dict[str, Callable[[MarketplaceClient], Any]] = {
+    "agreement": lambda client: client.wait_until(uuid.uuid4(), timeout=WAIT),
+    "purchase": lambda client: client.wait_for_purchase("purchase", timeout=WAIT),
+    "invocation": lambda client: client.wait_for_invocation("invocation", timeout=WAIT),
+}
+
+
+@pytest.mark.parametrize("wait", WAITS)
+def test_a_wait_ends_at_its_timeout_however_slowly_the_server_answers(wait):
+    """A wait polls with requests each bounded by the client's deadline: the one under way when the wait's timeout
+    passed ran on to that deadline (300 s by default), and the wait with it."""
+    with hostile(TricklesItsBody) as url:
+        outcome = run_bounded(lambda: WAITS[wait](marketplace(url, deadline=5)), limit=10)
+    assert isinstance(outcome.error, TimeoutError), outcome.error
+    assert outcome.seconds < WAIT + EPSILON, f"the wait took {outcome.seconds:.1f} s"
+
