@@ -604,7 +604,9 @@ class MarketplaceClient:
         raise TimeoutError(late(last))
 
     def _pages(self, method: str, path: str, query: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Follow `next_cursor` (a query parameter on GET, a body field on POST) until it is null."""
+        """Follow `next_cursor` (a query parameter on GET, a body field on POST) until it is null. The marketplace
+        names a next page only after a full one: an empty page naming one is refused (`AnswerRefused`), else such
+        pages could be followed for ever without anything to yield."""
         cursor = None
         while True:
             page_query = {**query, "cursor": cursor} if cursor else query
@@ -612,6 +614,8 @@ class MarketplaceClient:
                 page = self._request(method, path, params=page_query)
             else:
                 page = self._request(method, path, json=page_query)
+            if page["next_cursor"] and not page["results"]:
+                raise AnswerRefused(f"{method} {path}: a page with no results names a next page")
             yield from page["results"]
             cursor = page["next_cursor"]
             if not cursor:

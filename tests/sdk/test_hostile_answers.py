@@ -444,3 +444,27 @@ def test_a_wait_ends_at_its_timeout_however_slowly_the_server_answers(wait):
     assert isinstance(outcome.error, TimeoutError), outcome.error
     assert outcome.seconds < WAIT + EPSILON, f"the wait took {outcome.seconds:.1f} s"
 
+
+class EndlessEmptyPages(Hostile):
+    """Pages without results, each naming a next one (the marketplace's pages name one only when full)."""
+
+    def answer(self) -> Iterator[bytes]:
+        body = b'{"results": [], "next_cursor": "%s"}' % uuid.uuid4().hex.encode()
+        yield b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+LISTINGS: dict[str, Callable[[MarketplaceClient], Any]] = {
+    "services": lambda client: next(client.search_services("translate"), None),
+    "agreements": lambda client: next(client.list_agreements(), None),
+    "usage": lambda client: next(client.usage(uuid.uuid4()), None),
+}
+
+
+@pytest.mark.parametrize("listing", LISTINGS)
+def test_an_empty_page_naming_a_next_one_is_refused(listing):
+    """The SDK followed such pages for ever: asking for the first item of a listing (or verifying usage) never
+    returned, each request within the deadline."""
+    with hostile(EndlessEmptyPages) as url:
+        outcome = run_bounded(lambda: LISTINGS[listing](marketplace(url)), limit=10)
+    assert isinstance(outcome.error, AnswerRefused), outcome.error
+    assert "no results" in str(outcome.error)
