@@ -69,6 +69,8 @@ _TRANSIENT_STATUSES = frozenset({503})
 _TRANSIENT_CODES = frozenset({"idempotency_in_progress"})
 # The escrow contract's MAX_CHALLENGE_WINDOW: no agreement's challenge window is longer, whatever a server says.
 CHALLENGE_WINDOW_MAX_SECONDS = 30 * 24 * 3600
+# How far ahead of this client's clock the chain's may run when a Masumi purchase's challenge window is counted.
+MASUMI_CLOCK_SKEW_SECONDS = 60
 
 
 class MarketplaceError(Exception):
@@ -450,7 +452,8 @@ class MarketplaceClient:
         wallet's key, `POST /purchase/lock-funds`. `purchase_fields` are Masumi's optional fields
         (identifierFromPurchaser, metadata, payByTime, submitResultTime, unlockTime, externalDisputeUnlockTime:
         unix milliseconds as strings). With `max_price_atomic`, a job priced above it is refused (`SigningRefused`)
-        before anything is signed. Returns the purchase (`onChainState` null until the relayer locked the funds;
+        before anything is signed, as is one whose agreement does not keep the timers given here: its expiry must
+        be submitResultTime, its challenge window last until unlockTime. Returns the purchase (`onChainState` null until the relayer locked the funds;
         the marketplace then starts the job on the seller). Follow with `wait_for_purchase`."""
         key = idempotency_key or _new_key()
         created = self._request("POST", "/purchase", json={
@@ -463,6 +466,7 @@ class MarketplaceClient:
             raise SigningRefused("agreement.price_per_unit_atomic", f"at most {max_price_atomic}",
                                  agreement["price_per_unit_atomic"])
         now = self._now()
+        _check_masumi_timers(agreement, purchase_fields, now=now)
         pay_by = int(purchase_fields["payByTime"]) // 1000 if "payByTime" in purchase_fields else None
         signed = sign_activation_package(
             created["ActivationPackage"], wallet, terms=AgreedTerms.from_agreement(agreement, self.network),
@@ -642,6 +646,22 @@ def _check_proposed(answer: Mapping[str, Any], body: Mapping[str, Any], *, max_u
             require_equal(answer[name], body[name], f"agreement.{name}")
     if body.get("expires_at") is not None and "expires_at" in answer:
         require_equal(_unix_time(answer["expires_at"]), _unix_time(body["expires_at"]), "agreement.expires_at")
+
+
+def _check_masumi_timers(agreement: Mapping[str, Any], timers: Mapping[str, Any], *, now: int) -> None:
+    """A Masumi job's agreement, which the buyer signs, must keep the buyer's own timers (unix milliseconds): its
+    expiry (the intent's expiresAt: results accepted until then, the deposit reclaimable after) is
+    submitResultTime, and its challenge window, counted from the purchase, lasts until unlockTime (refund requests
+    are taken until then, and the seller is paid no sooner). Else `SigningRefused`, before anything is signed."""
+    if "submitResultTime" in timers:
+        require_equal(_unix_time(agreement["expires_at"]), int(timers["submitResultTime"]) // 1000,
+                      "agreement.expires_at")
+    if "unlockTime" in timers:
+        # The purchase was made before `now`, by the chain's clock, which may run a little ahead of this client's.
+        shortest = int(timers["unlockTime"]) // 1000 - now - MASUMI_CLOCK_SKEW_SECONDS
+        if int(agreement["challenge_window_seconds"]) < shortest:
+            raise SigningRefused("agreement.challenge_window_seconds", f"at least {shortest} (until unlockTime)",
+                                 agreement["challenge_window_seconds"])
 
 
 def _unix_time(value: Any) -> int:

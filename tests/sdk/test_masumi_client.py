@@ -50,8 +50,10 @@ def test_sdk_buys_a_masumi_job_and_gets_its_result(escrow_chain, django_capture_
                                    "token": "USDC"})
         with in_process_api(issue_key(parties.buyer), escrow_chain) as buyer:
             with capture(execute=True):
-                purchase = buyer.purchase_masumi_job(parties.service.pk, {"text": "hi"},
-                                                     parties.buyer_account.key, identifierFromPurchaser="sdk-1")
+                now = max(escrow_chain.now(), int(time.time()))  # the buyer's own timers, which the SDK checks
+                purchase = buyer.purchase_masumi_job(
+                    parties.service.pk, {"text": "hi"}, parties.buyer_account.key, identifierFromPurchaser="sdk-1",
+                    submitResultTime=str((now + 3600) * 1000), unlockTime=str((now + 7200) * 1000))
             assert purchase["NextAction"]["requestedAction"] == "FundsLockingInitiated"
             confirm_all(capture)
             assert buyer.get_purchase(purchase["blockchainIdentifier"])["onChainState"] == "FundsLocked"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -14,7 +15,8 @@ from eth_account import Account
 from x402 import PaymentRequired, PaymentRequirements
 from x402.http import decode_payment_signature_header, encode_payment_required_header
 
-from sdk import MarketplaceClient, SigningRefused, TokenDomain, proxy_signature
+from sdk import AgreedTerms, MarketplaceClient, SigningRefused, TokenDomain, proxy_signature
+from sdk.activation import expected_activation
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
 from sdk.safety import DeadlineOutOfRange, require_equal
 from sdk.x402_signing import sign_payment_required
@@ -144,6 +146,80 @@ def test_a_masumi_job_priced_above_the_buyers_bound_is_refused_before_signing():
         with pytest.raises(SigningRefused) as refusal:
             buyer.purchase_masumi_job(service_id, {"text": "hi"}, KEY, max_price_atomic=1_000_000)
     assert refusal.value.field == "agreement.price_per_unit_atomic"
+
+
+
+class MasumiMarketplace:
+    """A compromised marketplace selling a Masumi job: its agreement as `alter` leaves it, and an activation package
+    built for that agreement exactly as the SDK builds its own (so only the agreement's terms can give it away)."""
+
+    def __init__(self, alter=lambda agreement: None):
+        self.alter = alter
+        self.locked: list[dict[str, Any]] = []
+        self.purchased_at = int(time.time())
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        now = self.purchased_at
+        agreement = {"id": "a1", "onchain_id": "0x" + "ab" * 32, "service": {"id": "s1"}, "quantity": 1,
+                     "price_per_unit_atomic": 1_000_000, "deposit_amount_atomic": 1_000_000,
+                     "infra_fee_atomic": NETWORK.fee_schedule.fee_for(1_000_000), "chain_id": NETWORK.chain_id,
+                     "token_address": NETWORK.token_address, "settlement_model": "escrow", "pricing_type": "per_call",
+                     "unit_name": "job", "token": "USDC", "buyer_wallet_address": Account.from_key(KEY).address,
+                     "seller_wallet_address": SELLER, "fee_recipient": GAS_WALLET,
+                     "expires_at": datetime.fromtimestamp(SUBMIT_RESULT_TIME, UTC).isoformat(),
+                     "challenge_window_seconds": UNLOCK_TIME - now}
+        self.alter(agreement)
+        if request.url.path == "/usage-agreements/a1":
+            return httpx.Response(200, json=agreement)
+        if request.url.path == "/purchase/lock-funds":
+            self.locked.append(json.loads(request.content))
+            return httpx.Response(200, json={"data": {"blockchainIdentifier": agreement["onchain_id"]}})
+        package = expected_activation(terms=AgreedTerms.from_agreement(agreement, NETWORK), network=NETWORK,
+                                      token_domain=DOMAIN, deadline=now + 600, permit_nonce=0)
+        return httpx.Response(201, json={"data": {
+            "agreementId": "a1", "blockchainIdentifier": agreement["onchain_id"],
+            "ActivationPackage": {"agreement_id": "a1", "deadline": now + 600, **package}}})
+
+
+SELLER = Account.create().address
+SUBMIT_RESULT_TIME = int(time.time()) + 7200
+UNLOCK_TIME = SUBMIT_RESULT_TIME + 86_400
+
+
+def buy_masumi_job(marketplace: MasumiMarketplace) -> dict[str, Any]:
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                           transport=httpx.MockTransport(marketplace)) as buyer:
+        return buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, submitResultTime=str(SUBMIT_RESULT_TIME * 1000),
+                                         unlockTime=str(UNLOCK_TIME * 1000))
+
+
+def test_a_masumi_job_on_the_buyers_timers_is_signed():
+    marketplace = MasumiMarketplace()
+    buy_masumi_job(marketplace)
+    assert len(marketplace.locked) == 1 and marketplace.locked[0]["intent_signature"]
+
+
+def later_expiry(agreement: dict[str, Any]) -> None:
+    """The deposit reclaimable a year after the buyer's submitResultTime: a seller's result accepted until then."""
+    agreement["expires_at"] = datetime.fromtimestamp(SUBMIT_RESULT_TIME + 365 * 86_400, UTC).isoformat()
+
+
+def shorter_window(agreement: dict[str, Any]) -> None:
+    """A challenge window of a minute: the seller paid a minute after its result, long before the buyer's unlockTime,
+    until which the buyer meant to be able to ask for a refund."""
+    agreement["challenge_window_seconds"] = 60
+
+
+@pytest.mark.parametrize(("alter", "field"), [(later_expiry, "agreement.expires_at"),
+                                              (shorter_window, "agreement.challenge_window_seconds")])
+def test_a_masumi_job_off_the_buyers_timers_is_refused_before_signing(alter, field):
+    """The SDK checked the job's price and quantity only: an agreement (and its package) with another expiry than
+    the buyer's submitResultTime, or a challenge window ending before its unlockTime, was signed."""
+    marketplace = MasumiMarketplace(alter)
+    with pytest.raises(SigningRefused) as refusal:
+        buy_masumi_job(marketplace)
+    assert refusal.value.field == field
+    assert marketplace.locked == []
 
 
 # --- scalars and the seller's signature check --------------------------------------------------------------------
