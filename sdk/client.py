@@ -381,17 +381,19 @@ class MarketplaceClient:
         `sdk.receipts.UsageVerificationError` naming the first discrepancy.
 
         The escrow's events are looked for from the block the buyer's RPC puts the agreement's `activation_tx_hash`
-        in (pass the agreement as fetched once active), else from the pinned network's `escrow_deployment_block`; a
-        hash mined after the activation finds no escrow, and the verification fails."""
+        in (pass the agreement as fetched once active), never before the pinned network's `escrow_deployment_block`
+        (a hash mined earlier is the marketplace's word against the pinned one), else from that block; a hash mined
+        after the activation finds no escrow, and the verification fails."""
         reader = self._reader()
         activation_tx = agreement.get("activation_tx_hash")
         try:
             from_block = reader.transaction_block(activation_tx) if activation_tx else None
         except RpcError:  # a hash the node refuses is no hint
             from_block = None
+        deployed = self.network.escrow_deployment_block
         escrow = reader.escrow(self.network.escrow_address, agreement["onchain_id"],
                                buyer=agreement["buyer_wallet_address"],
-                               from_block=self.network.escrow_deployment_block if from_block is None else from_block)
+                               from_block=deployed if from_block is None else max(from_block, deployed))
         require_equal(escrow.buyer, agreement["buyer_wallet_address"], "escrow.buyer")
         return verify_usage(self.usage(agreement["id"]), escrow=escrow, agreement_id=agreement["onchain_id"],
                             chain_id=self.network.chain_id, escrow_address=self.network.escrow_address,

@@ -2,10 +2,15 @@
 eth_getLogs over more than a few blocks: the escrow's events are read in bounded spans, from a known block on, and
 no further than they need."""
 
+from dataclasses import replace
+
+import httpx
 import pytest
 
+from sdk import MarketplaceClient
 from sdk.onchain import ChainReader
 from tests.escrow.conftest import Escrows, random_bytes32
+from tests.escrow.flow import network_of
 from tests.support.rpc_relay import RpcRelay
 
 pytestmark = pytest.mark.chain
@@ -71,3 +76,22 @@ def test_an_escrow_read_walks_bounded_spans_to_the_activation_and_back_from_the_
                              from_block=activation["blockNumber"]).state == "none"
     finally:
         reader.close()
+
+
+def test_verify_usage_reads_the_escrow_from_no_earlier_than_its_pinned_deployment(chain, capped_rpc):
+    """The marketplace names the activation's transaction, whose block the escrow's events are read from: a
+    compromised one naming a transaction older than the escrow had the SDK read every span from there (on Base,
+    tens of thousands of eth_getLogs calls), though the pinned network says where the escrow's events begin."""
+    older = next(tx for number in range(chain.addresses["escrow_block"] + 1)
+                 for tx in chain.w3.eth.get_block(number, full_transactions=True)["transactions"])
+    chain.mine(10 * SPAN)
+    pinned = chain.block_number()  # no escrow event before it: the buyer's network pins it as the deployment
+    typed, _ = Escrows(chain).activate()
+    network = replace(network_of(chain), escrow_deployment_block=pinned)
+    agreement = {"id": "a1", "onchain_id": typed["message"]["agreementId"], "price_per_unit_atomic": 1,
+                 "buyer_wallet_address": chain.accounts.buyer.address, "activation_tx_hash": "0x" + older["hash"].hex().removeprefix("0x")}
+    listing = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": [], "next_cursor": None}))
+    with MarketplaceClient("http://marketplace.example", "mk_test", network=network, rpc_url=capped_rpc.url,
+                           rpc_log_block_span=SPAN, transport=listing) as buyer:
+        assert buyer.verify_usage(agreement).events == 0
+    assert capped_rpc.log_ranges[0][0] == pinned, f"read from block {capped_rpc.log_ranges[0][0]}, pinned {pinned}"
