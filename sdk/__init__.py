@@ -21,8 +21,9 @@ from sdk.client import AgreementFailed, MarketplaceClient, MarketplaceError, Not
 from sdk.networks import BASE, BASE_SEPOLIA, FeeSchedule, NetworkConfig, TokenDomain  # noqa: E402
 from sdk.safety import DeadlineOutOfRange, LocalWallet, SigningRefused, Wallet  # noqa: E402
 from sdk.terms import AgreedTerms  # noqa: E402
+from sdk.version import VERSION as __version__  # noqa: E402
 
 __all__ = ["BASE", "BASE_SEPOLIA", "AgreedTerms", "AgreementFailed", "AnswerRefused", "AnswerTooLarge",
            "DeadlineExceeded", "DeadlineOutOfRange", "FeeSchedule", "InvalidJSON", "LocalWallet", "MarketplaceClient",
            "MarketplaceError", "NetworkConfig", "NotConfigured", "SigningRefused", "TokenDomain", "UnrequestedEncoding",
-           "Wallet", "sign_activation_package"]
+           "Wallet", "__version__", "sign_activation_package"]

@@ -55,6 +55,7 @@ from sdk.receipts import VerifiedUsage, verify_usage
 from sdk.safety import (DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data,
                         require_equal)
 from sdk.terms import AgreedTerms
+from sdk.version import VERSION
 from sdk.x402_signing import build_direct_stablecoin_agreement, sign_payment_required
 
 T = TypeVar("T")
@@ -63,7 +64,7 @@ __all__ = ["AgreementFailed", "MarketplaceClient", "MarketplaceError", "NotConfi
 
 AgreementId = str | uuid.UUID
 
-_USER_AGENT = "agent-escrow-marketplace-sdk/0.1"
+_USER_AGENT = f"agent-escrow-marketplace-sdk/{VERSION}"
 # What the server may answer differently a moment later, without anything having happened.
 _TRANSIENT_STATUSES = frozenset({503})
 _TRANSIENT_CODES = frozenset({"idempotency_in_progress"})

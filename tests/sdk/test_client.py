@@ -16,6 +16,7 @@ from django.db import connections
 from django.utils import timezone
 
 from escrow import relayer, settlement
+import sdk
 from sdk import MarketplaceClient, MarketplaceError
 from tests.catalog.factories import AgentFactory, issue_key, service_data
 from tests.escrow.flow import USDC, fund, network_of, pay_fees, usdc_balance
@@ -251,3 +252,11 @@ def test_a_metered_call_with_a_nonce_is_retried_and_charged_once(live_server, es
         with pytest.raises(httpx.RemoteProtocolError):
             buyer.call_metered(agreement["id"], "translate", method="POST", json={"text": "again"})
         assert len(http_server.requests) == 2
+
+
+def test_the_sdk_names_its_own_version_to_the_marketplace():
+    seen = []
+    client = MarketplaceClient("http://marketplace.example", "mk_test", transport=httpx.MockTransport(
+        lambda request: seen.append(request.headers["User-Agent"]) or httpx.Response(200, json={})))
+    client.me()
+    assert seen == [f"agent-escrow-marketplace-sdk/{sdk.__version__}"]  # it said 0.1 whatever its version
