@@ -117,8 +117,9 @@ def paid_for_html(tx: ChainTransaction):
 @admin.register(ChainTransaction)
 class ChainTransactionAdmin(MoneyRecordAdmin):
     list_display = ("short_id", "purpose", "status", "paid_for", "amount", "nonce", "mined_tx_display",
-                    "mined_block_number", "failure_short", "updated_at")
-    list_filter = ("status", "purpose", ("fee_cap_reached_at", admin.EmptyFieldListFilter))
+                    "mined_block_number", "failure_short", "waiting_for", "updated_at")
+    list_filter = ("status", "purpose", ("fee_cap_reached_at", admin.EmptyFieldListFilter),
+                   ("held_until_block", admin.EmptyFieldListFilter))
     search_fields = ("id", "agreement__id", "mined_tx_hash", "attempts__tx_hash")
     list_select_related = ("agreement",)
     list_per_page = 50
@@ -126,7 +127,8 @@ class ChainTransactionAdmin(MoneyRecordAdmin):
     actions = [retry_failed, acknowledge_outrun_fills]
     fields = ("id", "purpose", "status", "paid_for", "amount", "chain_id", "to_display", "relayer", "nonce",
               "gas_limit", "confirmations_required", "mined_tx_display", "mined_block_number", "mined_block_hash",
-              "receipt_status", "failure_reason", "fee_cap_reached_at", "outcome_applied", "context", "data",
+              "receipt_status", "failure_reason", "waiting_for", "held_until_block", "fee_cap_reached_at",
+              "outcome_applied", "context", "data",
               "acknowledged_at", "acknowledged_by", "acknowledgement_reason", "created_at", "updated_at",
               "confirmed_at")
     readonly_fields = fields
@@ -151,6 +153,10 @@ class ChainTransactionAdmin(MoneyRecordAdmin):
     def failure_short(self, tx) -> str:
         reason = tx.failure_reason
         return reason if len(reason) <= 60 else f"{reason[:57]}…"
+
+    @admin.display(description="waiting", ordering="held_until_block")
+    def waiting_for(self, tx) -> str:
+        return selectors.finality_wait_of(tx=tx) or "-"
 
 
 class ChainTransactionInline(MoneyRecordInline):

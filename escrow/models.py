@@ -92,6 +92,10 @@ class ChainTransaction(Acknowledgement):
     fee_cap_reached_at = models.DateTimeField(
         null=True, blank=True, help_text="Fees reached CHAIN_MAX_FEE_PER_GAS: the same bytes are rebroadcast "
                                          "until they are mined (a top-up of the relayer, lower base fees).")
+    held_until_block = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Queued, not sent before the node's PAYOUT_HEAD_TAG block reaches this block: "
+                                         "the block of the payment whose money it forwards (or the head's, while no "
+                                         "payment is on the chain), so that no reorg can take that payment after.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     confirmed_at = models.DateTimeField(null=True, blank=True)

@@ -106,6 +106,11 @@ def panels_register() -> None:
                       "rebroadcast until mined (top the relayer up, or wait for lower base fees).",
         labels=("purpose",), counts=selectors.transaction_counts_stuck_at_fee_cap)
     metrics.scrape_collector_register(
+        name="marketplace_chain_transactions_waiting_for_finality",
+        documentation="Queued payouts and refunds held until the block of the payment they forward is at or below "
+                      "the node's PAYOUT_HEAD_TAG block (one growing while no block finalizes: the node's tag stalled).",
+        labels=("purpose",), counts=selectors.transaction_counts_waiting_for_finality)
+    metrics.scrape_collector_register(
         name="marketplace_indexer_lag_blocks",
         documentation="Blocks between the chain head and the last block the chain indexer applied (at scrape time).",
         labels=(), counts=_indexer_lag)
@@ -116,6 +121,9 @@ def panels_register() -> None:
         labels=("effect",),
         counts=lambda: {(effect,): count for effect, count in selectors.indexer_event_counts_by_effect().items()})
     dashboard.counts_register(title="Chain transactions by status", counts=_by_status)
+    dashboard.counts_register(title="Payouts and refunds waiting for their payment's finality",
+                              counts=lambda: {purpose: count for (purpose,), count
+                                              in selectors.transaction_counts_waiting_for_finality().items()})
     dashboard.failures_register(recent=_failures)
     dashboard.overdue_register(overdue=_overdue)
     dashboard.gauges_register(gauges=_gauges)

@@ -20,6 +20,12 @@
   before the outcome is applied again); each poll runs it for the blocks the indexer has not applied yet. What no
   contract event records (a skill invocation's payment, payout or refund, a direct purchase's steps, what a failure
   did) its purpose's `on_reopened` handler moves back.
+- `transactions_release_final`: a transaction that forwards money another one brought in (a skill invocation's
+  payout or refund of its payment: `finality_wait_register`) is, under PAYOUT_HEAD_TAG, not signed until that
+  payment's block is at or below the node's tagged block and still canonical. `transaction_submit` leaves it queued
+  meanwhile, naming the block it waits for (`held_until_block`); each poll asks the node for the tagged block once
+  and sends those it passed (the submit checks again). A reorg that takes the payment first leaves nothing to undo:
+  the domain withdraws the payout, never signed.
 - `transactions_recheck_watched` reads again, at each poll, the evidence of failed transactions the domain watches
   (`watch_failed`: a failed payment, whose authorization someone may still get mined, or a reorg put
   back in a copy's block): once it names someone else's transaction at the confirmation depth, the outcome is
@@ -66,6 +72,8 @@ _cancelled_handlers: dict[str, CancelledHandler] = {}
 _undecided_handlers: dict[str, OutcomeHandler] = {}
 FailureWatch = Callable[[], QuerySet[ChainTransaction]]
 _failure_watches: dict[str, FailureWatch] = {}
+SpentBlock = Callable[[ChainTransaction], tuple[int, str] | None]
+_spent_blocks: dict[str, SpentBlock] = {}
 _GAS_HEADROOM_PERCENT = 25
 # On top of it: about what filling an empty storage slot costs beyond rewriting a set one (EIP-2200/2929: 22,100
 # against 5,000). The chain may change between the estimate and the mining, and the same signed bytes are sent again after
@@ -136,6 +144,14 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
         _undecided_handlers[purpose] = on_cancel_undecided
     if watch_failed is not None:
         _failure_watches[purpose] = watch_failed
+
+
+def finality_wait_register(*, purpose: str, spent_block: SpentBlock) -> None:
+    """Transactions of `purpose` forward money another transaction brought in: under PAYOUT_HEAD_TAG one is signed only
+    once `spent_block(tx)` (the block number and hash of the transaction whose money it forwards; None while the chain
+    has no such transaction at the confirmation depth, a reorg having reopened it) is at or below the node's tagged
+    block and still canonical (`_waits_for_finality`)."""
+    _spent_blocks[purpose] = spent_block
 
 
 def outcome_handlers_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
@@ -254,7 +270,7 @@ def _logs_name_the_agreement(function):
 def transaction_submit(*, transaction_id) -> ChainTransaction | None:
     """Queued -> submitted. A no-op for any other status, so it is safe to run twice."""
     tx = ChainTransaction.objects.filter(pk=transaction_id, status=TxStatus.QUEUED).first()
-    if tx is None:
+    if tx is None or _waits_for_finality(tx):
         return None
     sender = chain.relayer_account().address
     try:
@@ -274,12 +290,56 @@ def transaction_submit(*, transaction_id) -> ChainTransaction | None:
         relayer.next_nonce += 1
         relayer.save(update_fields=["next_nonce"])
         attempt = _new_attempt(tx, fees)
-        tx.status = TxStatus.SUBMITTED
-        tx.save(update_fields=["relayer", "nonce", "gas_limit", "status", "updated_at"])
+        tx.status, tx.held_until_block = TxStatus.SUBMITTED, None
+        tx.save(update_fields=["relayer", "nonce", "gas_limit", "status", "held_until_block", "updated_at"])
         if tx.purpose in _submitted_handlers:
             _submitted_handlers[tx.purpose](tx)
     _broadcast(attempt)
     return tx
+
+
+def _waits_for_finality(tx: ChainTransaction) -> bool:
+    """Whether queued `tx` must not be signed yet: its purpose forwards money another transaction brought in
+    (`finality_wait_register`) and that transaction's block is not yet at or below the node's PAYOUT_HEAD_TAG block,
+    or no longer canonical (the reorg handling reopens it: the payout waits for its outcome), or there is none on the
+    chain now. Then it is held, naming the block whose finality it waits for (the head's when there is none): the
+    poll releases it once the tag passes that block (`transactions_release_final`), and it is asked again here."""
+    if not settings.PAYOUT_HEAD_TAG or tx.purpose not in _spent_blocks:
+        return False
+    spent = _spent_blocks[tx.purpose](tx)
+    if spent is not None and chain.canonical_block_hash(spent[0]) == spent[1]:
+        if spent[0] <= chain.tagged_block_number(settings.PAYOUT_HEAD_TAG):
+            return False
+        until = spent[0]
+    else:
+        until = chain.latest_block_number()
+    ChainTransaction.objects.filter(pk=tx.pk, status=TxStatus.QUEUED).update(held_until_block=until,
+                                                                             updated_at=timezone.now())
+    if tx.held_until_block != until:
+        logger.info("chain transaction waits for the finality of the payment it forwards",
+                    extra={"tx_id": str(tx.pk), "purpose": tx.purpose, "until_block": until,
+                           "tag": settings.PAYOUT_HEAD_TAG})
+    return True
+
+
+def transactions_release_final() -> int:
+    """Queued transactions held for a payment's finality (`_waits_for_finality`) whose block the node's PAYOUT_HEAD_TAG
+    block has reached (all of them when the setting was emptied since) are submitted again, once each: their hold is
+    cleared in the DB transaction that enqueues them after commit (a lost message leaves them to the sweeper), and
+    the submit checks the payment's block again. One tagged-block call per poll, none when nothing is held."""
+    held = ChainTransaction.objects.filter(status=TxStatus.QUEUED, held_until_block__isnull=False)
+    if not held.exists():
+        return 0
+    if settings.PAYOUT_HEAD_TAG:
+        held = held.filter(held_until_block__lte=chain.tagged_block_number(settings.PAYOUT_HEAD_TAG))
+    released = 0
+    with transaction.atomic():
+        for tx_id, block in held.values_list("pk", "held_until_block")[:500]:
+            if ChainTransaction.objects.filter(pk=tx_id, status=TxStatus.QUEUED, held_until_block=block).update(
+                    held_until_block=None, updated_at=timezone.now()):
+                _submit_after_commit(tx_id)
+                released += 1
+    return released
 
 
 def _deep_enough(tx: ChainTransaction, *, block_number: int, latest: int) -> bool:
@@ -657,6 +717,11 @@ def transactions_poll() -> int:
         return 0
     except chain.ChainError as error:
         logger.warning("confirmed transactions not checked for a reorg", extra={"error": str(error)})
+    try:
+        transactions_release_final()
+    except chain.ChainError as error:
+        logger.warning("payouts waiting for their payment's finality not released",
+                       extra={"error": str(error), "tag": settings.PAYOUT_HEAD_TAG})
     pending = list(ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED])
                    .order_by("updated_at").values_list("pk", flat=True)[:500])
     checked = failed = 0
@@ -689,11 +754,13 @@ def _indexed_up_to() -> int | None:
 
 
 def transactions_sweep_queued() -> int:
-    """Re-enqueue rows stuck in queued (their task message was lost, or never sent while the broker was down)."""
+    """Re-enqueue rows stuck in queued (their task message was lost, or never sent while the broker was down); not
+    those held for a payment's finality: the poll releases them (`transactions_release_final`)."""
     from escrow.tasks import submit_transaction
 
     cutoff = timezone.now() - settings.CHAIN_SWEEP_AFTER
-    stuck = list(ChainTransaction.objects.filter(status=TxStatus.QUEUED, updated_at__lt=cutoff)
+    stuck = list(ChainTransaction.objects.filter(status=TxStatus.QUEUED, updated_at__lt=cutoff,
+                                                 held_until_block__isnull=True)
                  .values_list("pk", flat=True)[:500])
     for tx_id in stuck:
         submit_transaction.delay(str(tx_id))

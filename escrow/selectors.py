@@ -255,6 +255,27 @@ def transaction_counts_stuck_at_fee_cap() -> dict[tuple[str], int]:
     return {(purpose,): count for purpose, count in rows}
 
 
+def transactions_waiting_for_finality():
+    """Queued transactions held until the block of the payment they forward is at or below the node's PAYOUT_HEAD_TAG
+    block (relayer._waits_for_finality), oldest hold first."""
+    return (ChainTransaction.objects.filter(status=TxStatus.QUEUED, held_until_block__isnull=False)
+            .order_by("updated_at"))
+
+
+def transaction_counts_waiting_for_finality() -> dict[tuple[str], int]:
+    rows = transactions_waiting_for_finality().order_by().values_list("purpose").annotate(count=Count("pk"))
+    return {(purpose,): count for purpose, count in rows}
+
+
+def finality_wait_of(*, tx: ChainTransaction) -> str:
+    """What an operator reads on a transaction held for its payment's finality; empty for any other."""
+    if tx.status != TxStatus.QUEUED or tx.held_until_block is None:
+        return ""
+    if not settings.PAYOUT_HEAD_TAG:
+        return "waiting for the payment's finality no longer (PAYOUT_HEAD_TAG emptied): sent at the next poll"
+    return f"waiting for block {tx.held_until_block} to be {settings.PAYOUT_HEAD_TAG} (the payment's finality)"
+
+
 def transactions_failed_recently(*, limit: int):
     return ChainTransaction.objects.filter(status=TxStatus.FAILED).order_by("-updated_at")[:limit]
 
@@ -317,9 +338,11 @@ def invocation_of_transaction(*, tx: ChainTransaction):
 
 
 def transactions_unconfirmed_since(*, before):
-    """Queued, submitted or mined, with no change since before `before`."""
+    """Queued, submitted or mined, with no change since before `before`; not those held for a payment's finality
+    (`transactions_waiting_for_finality`: on Base finality takes about 15 minutes)."""
     return (ChainTransaction.objects.filter(status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED],
-                                            updated_at__lt=before).order_by("updated_at"))
+                                            updated_at__lt=before)
+            .exclude(status=TxStatus.QUEUED, held_until_block__isnull=False).order_by("updated_at"))
 
 
 def transactions_at_fee_cap():

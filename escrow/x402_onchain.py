@@ -5,7 +5,8 @@
   helpers, which name the failure (nonce already used, balance too low, expired).
 - Skill invocations (see agreements.invocations for the flow): the authorization pays the treasury (the relayer
   wallet); `invocation_pay` records it and queues `invocation_payment`; a confirmed payment lets the invocation
-  run; its end queues `invocation_payout` (token.transfer to the seller) or `invocation_refund` (to the payer).
+  run; its end queues `invocation_payout` (token.transfer to the seller) or `invocation_refund` (to the payer), sent
+  once the payment's block is final under PAYOUT_HEAD_TAG (`_invocation_payment_block`, see escrow.relayer).
 - Direct payments (see agreements.services): on accept, a simulation first (a payment that cannot run fails with
   nothing taken), then `direct_fee_permit` (the buyer's EIP-2612 permit, spender the relayer), `direct_fee`
   (transferFrom buyer -> fee recipient), `direct_payment` (the x402 authorization, buyer -> seller). When the
@@ -249,6 +250,20 @@ def _invocation_settle(invocation: SkillInvocation) -> None:
         to=invocation.seller_wallet_address if payout else invocation.authorization.payer,
         amount=agreement_selectors.invocation_seller_share(invocation) if payout else invocation.amount,
         context={"invocation_id": str(invocation.pk)})
+
+
+def _invocation_payment_block(tx: ChainTransaction) -> tuple[int, str] | None:
+    """The block of the payment whose money the payout or refund `tx` forwards (relayer.finality_wait_register): ours
+    confirmed, or someone else's copy of its authorization that paid in its place (the failed payment's evidence);
+    None while the chain has neither at the confirmation depth (a reorg reopened the payment)."""
+    for payment in ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_PAYMENT,
+                                                   context__invocation_id=tx.context["invocation_id"]):
+        if payment.status == TxStatus.CONFIRMED:
+            return payment.mined_block_number, payment.mined_block_hash
+        copy = payment.outcome_evidence.get(relayer.EVIDENCE_BLOCK)
+        if payment.status == TxStatus.FAILED and copy is not None:
+            return copy["number"], copy["hash"]
+    return None
 
 
 def _settlement_outcome(record):
@@ -530,6 +545,7 @@ def handlers_register() -> None:
         relayer.outcome_handler_register(purpose=purpose, on_outcome=_settlement_outcome(record),
                                          on_reopened=_invocation_settlement_reopened,
                                          on_cancelled=_settlement_cancelled)
+        relayer.finality_wait_register(purpose=purpose, spent_block=_invocation_payment_block)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome,
                                      read_evidence=_direct_fee_permit_evidence, on_reopened=_direct_purchase_reopened)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome,

@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"  # local state of the embedded defaults (SQLite files, beat schedule)
@@ -298,6 +299,14 @@ CHAIN_RPC_RETRY_BACKOFF = env.float("CHAIN_RPC_RETRY_BACKOFF_SECONDS", default=0
 # configured. Finality (L1 finalized) is ~15 min on Base: set CHAIN_CONFIRMATIONS higher where that matters.
 CHAIN_CONFIRMATIONS_BY_CHAIN = {31337: 1, 8453: 10, 84532: 10}
 CHAIN_CONFIRMATIONS = env.int("CHAIN_CONFIRMATIONS", default=CHAIN_CONFIRMATIONS_BY_CHAIN.get(CHAIN_ID, 10))
+# Money leaves the treasury only against a payment no reorg can take: a skill invocation's payout or refund is not
+# signed until the block of the payment it forwards is at or below the node's tagged block ("finalized" or "safe")
+# and still canonical; it waits queued meanwhile (the relayer's poll sends it once the tag passes the block). The
+# skill itself runs at CHAIN_CONFIRMATIONS, as before. Empty: sent at once (a deep reorg can then cost the treasury
+# the price, see SECURITY.md). On by default on every chain but the dev chain (Base: L1 finality, ~15 min).
+PAYOUT_HEAD_TAG = env.str("PAYOUT_HEAD_TAG", default="" if CHAIN_ID == DEV_CHAIN_ID else "finalized")
+if PAYOUT_HEAD_TAG not in ("", "safe", "finalized"):
+    raise ImproperlyConfigured(f'PAYOUT_HEAD_TAG must be "finalized", "safe" or empty, not {PAYOUT_HEAD_TAG!r}.')
 CHAIN_MIN_PRIORITY_FEE = env.int("CHAIN_MIN_PRIORITY_FEE_WEI", default=1_000_000)  # 0.001 gwei
 CHAIN_MAX_FEE_PER_GAS = env.int("CHAIN_MAX_FEE_PER_GAS_WEI", default=500 * 10**9)
 CHAIN_FEE_BUMP_PERCENT = 13  # nodes accept a replacement at >= +10%; 12.5% rounded up

@@ -1,0 +1,170 @@
+"""Under PAYOUT_HEAD_TAG a skill invocation's payout (or refund) leaves the treasury only once the block of the
+payment it forwards is at or below the node's tagged block (`finalized`: on Anvil 64 blocks behind the head): a
+reorg deeper than the confirmation depth can then no longer take a payment the treasury already paid out."""
+
+import io
+import runpy
+from datetime import timedelta
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+
+import marketplace.settings
+
+from escrow import relayer
+from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from tests.agreements.test_invocations import PRICE
+from tests.escrow.flow import confirm_all, poll_mined, usdc_balance
+from tests.escrow import test_invocation_reorgs
+from tests.escrow.test_invocation_reorgs import SETTLED, invocation_of, polls_until_concluded, spend_all_but
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+# The reorg tests' market: the treasury holds a float, and a reopened transaction is sent again at the next poll.
+market = test_invocation_reorgs.market
+
+# Anvil's `finalized` block is this many blocks behind its head.
+ANVIL_FINALITY_LAG = 64
+
+
+@pytest.fixture
+def finalized_payouts(settings):
+    settings.PAYOUT_HEAD_TAG = "finalized"
+
+
+def run_paid(market, capture, outcome: str) -> tuple[str, str]:
+    """A sync invocation paid (confirmed at CHAIN_CONFIRMATIONS) and run, its seller answering as `outcome` says.
+    Returns its id and the purpose of its payout (or refund)."""
+    upstream, purpose, _ = SETTLED[outcome]
+    market.upstream.responses.append(upstream)
+    payment = market.pay("translate")
+    with capture(execute=True):
+        response = market.call("translate", payment)
+    invocation_id = response.json().get("invocation_id") or response.json()["error"]["details"]["invocation_id"]
+    return invocation_id, purpose
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+def test_a_payout_waits_for_its_payments_finality_then_is_sent(
+        market, finalized_payouts, outcome, admin_client, settings, django_capture_on_commit_callbacks):
+    """The buyer waits only for the payment's confirmation depth: the skill runs at once. Its payout (refund) is
+    queued at once too, but not signed or broadcast while the payment's block is newer than the node's finalized
+    block; the admin and the metrics say it waits for that. Once the tag passes the block, the relayer's poll sends
+    it, and it is confirmed."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    buyer, seller, treasury = market.balances()
+    invocation_id, purpose = run_paid(market, capture, outcome)
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
+    assert invocation_of(market, invocation_id)["status"] == outcome
+
+    confirm_all(capture)
+    settlement = ChainTransaction.objects.get(purpose=purpose)
+    assert (settlement.status, settlement.attempts.count()) == (TxStatus.QUEUED, 0), \
+        "the payout was sent before its payment was final"
+    assert settlement.held_until_block == payment.mined_block_number
+    assert invocation_of(market, invocation_id)["payment"]["status"] == {"completed": "paying_out",
+                                                                        "failed": "refunding"}[outcome]
+    page = admin_client.get(f"/admin/escrow/chaintransaction/{settlement.pk}/change/").content.decode()
+    assert f"waiting for block {payment.mined_block_number} to be finalized" in page
+    metrics = admin_client.get("/metrics").content.decode()
+    assert f'marketplace_chain_transactions_waiting_for_finality{{purpose="{purpose}"}} 1.0' in metrics
+    dashboard = admin_client.get("/admin/dashboard/").content.decode()
+    assert "Payouts and refunds waiting for their payment&#x27;s finality" in dashboard
+    settings.CHAIN_SWEEP_AFTER = timedelta(0)
+    assert relayer.transactions_sweep_queued() == 0  # waiting is not stuck: nothing to send again
+
+    chain.mine(ANVIL_FINALITY_LAG - 2)  # the finalized block is still below the payment's
+    confirm_all(capture)
+    assert ChainTransaction.objects.get(pk=settlement.pk).status == TxStatus.QUEUED
+
+    chain.mine(2)
+    confirm_all(capture)  # released and sent
+    confirm_all(capture)  # confirmed
+    settlement.refresh_from_db()
+    assert settlement.status == TxStatus.CONFIRMED and settlement.held_until_block is None
+    invocation = invocation_of(market, invocation_id)
+    assert invocation["payment"]["status"] == SETTLED[outcome][2]
+    assert invocation["payment"]["settlement_tx_hash"] == settlement.mined_tx_hash
+    if outcome == "completed":
+        assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)
+    else:
+        assert market.balances() == (buyer, seller, treasury)
+    call_command("reconcile", stdout=io.StringIO())
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+def test_a_payment_a_deep_reorg_takes_before_its_finality_is_never_paid_out(
+        market, finalized_payouts, outcome, django_capture_on_commit_callbacks):
+    """The payment is confirmed at the depth, the seller runs, and a reorg deeper than the depth takes the payment
+    before it is final; on the new branch the buyer spends its USDC and the payment cannot run again. The payout
+    (refund) was waiting for the payment's finality: it is withdrawn without ever being signed, and the treasury
+    pays nothing out for money it never received (before: the payout was sent at once, and the treasury bore it)."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    seller, treasury = usdc_balance(chain, market.seller.wallet_address), usdc_balance(chain, market.treasury)
+    before_fork = chain.snapshot()
+    invocation_id, purpose = run_paid(market, capture, outcome)
+    confirm_all(capture)
+    payment, settlement = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                           ChainTransaction.objects.get(purpose=purpose))
+
+    chain.revert(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1)
+    spend_all_but(chain, market.buyer.address, keep=0)
+    chain.mine(ANVIL_FINALITY_LAG + 3)  # the finalized block passes where the payment was
+    polls_until_concluded(capture, payment, settlement)
+
+    payment.refresh_from_db()
+    settlement.refresh_from_db()
+    assert payment.status == TxStatus.FAILED
+    assert settlement.status == TxStatus.FAILED and settlement.attempts.count() == 0, \
+        "the payout was sent on a payment the chain no longer has"
+    assert usdc_balance(chain, market.treasury) == treasury
+    assert usdc_balance(chain, market.seller.wallet_address) == seller
+    invocation = invocation_of(market, invocation_id)
+    assert invocation["status"] == outcome and invocation["payment"]["status"] == "payment_reverted"
+    assert invocation["payment"]["settlement_tx_hash"] in ("", None)
+    assert len(market.upstream.requests) == 1
+
+
+def test_a_payout_released_whose_task_is_lost_is_sent_by_the_sweeper(
+        market, finalized_payouts, settings, django_capture_on_commit_callbacks):
+    """The poll clears the hold and enqueues the submit after commit; a worker that dies before sending it loses no
+    payout: released, it is an ordinary queued transaction, which the sweeper sends again."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    invocation_id, purpose = run_paid(market, capture, "completed")
+    confirm_all(capture)
+    settlement = ChainTransaction.objects.get(purpose=purpose)
+    chain.mine(ANVIL_FINALITY_LAG)
+    with capture(execute=False):  # released, its task message lost
+        poll_mined()
+    settlement.refresh_from_db()
+    assert (settlement.status, settlement.held_until_block) == (TxStatus.QUEUED, None)
+
+    settings.CHAIN_SWEEP_AFTER = timedelta(0)
+    with capture(execute=True):
+        assert relayer.transactions_sweep_queued() == 1
+    confirm_all(capture)
+    assert ChainTransaction.objects.get(pk=settlement.pk).status == TxStatus.CONFIRMED
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "paid_out"
+
+
+@pytest.mark.parametrize(("environment", "tag"), [
+    ({}, ""),  # the dev chain (31337): sent at once, as before
+    ({"CHAIN_ID": "8453"}, "finalized"),  # Base
+    ({"CHAIN_ID": "84532"}, "finalized"),  # Base Sepolia
+    ({"CHAIN_ID": "8453", "PAYOUT_HEAD_TAG": "safe"}, "safe"),
+    ({"CHAIN_ID": "8453", "PAYOUT_HEAD_TAG": ""}, ""),
+    ({"PAYOUT_HEAD_TAG": "finalized"}, "finalized"),
+])
+def test_payouts_wait_for_finality_by_default_off_the_dev_chain(monkeypatch, environment, tag):
+    for name in ("CHAIN_ID", "PAYOUT_HEAD_TAG"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert runpy.run_path(marketplace.settings.__file__)["PAYOUT_HEAD_TAG"] == tag
+
+
+def test_a_payout_head_tag_the_node_does_not_know_is_refused_at_start(monkeypatch):
+    monkeypatch.setenv("PAYOUT_HEAD_TAG", "latest")
+    with pytest.raises(ImproperlyConfigured, match="PAYOUT_HEAD_TAG"):
+        runpy.run_path(marketplace.settings.__file__)
