@@ -20,7 +20,8 @@ branch, the authorization expired) leaves the treasury holding nothing for the i
 records it for an operator, money still held becomes payment_failed (so nothing is paid out or refunded), a payout
 or refund not yet confirmed is withdrawn (payment_failed too once nothing of it ran: a signed one's nonce goes to a
 nonce fill first), and what was paid out or refunded (its signed bytes too, when mined in the fill's place) came
-from the treasury's own funds. Found on the chain after all (another reorg,
+from the treasury's own funds (only with the escrow app's PAYOUT_HEAD_TAG empty: under it a payout or refund is sent
+once its payment's block is final, so a reorg finds it unsent). Found on the chain after all (another reorg,
 or a copy of the authorization mined since), the reversal is cleared and the money is held again, or the run's
 end settled now (`_reverted_payment_recovered`).
 

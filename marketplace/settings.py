@@ -296,7 +296,8 @@ CHAIN_RPC_RETRY_BACKOFF = env.float("CHAIN_RPC_RETRY_BACKOFF_SECONDS", default=0
 # Blocks on top of a transaction's block (its own included) before its outcome counts. A dev chain does not
 # reorganise: 1. Base and Base Sepolia (OP stack, 2 s blocks) can only reorganise blocks the sequencer has not
 # yet posted to L1; 10 blocks (20 s) covers a sequencer hiccup, and any other chain gets the same until
-# configured. Finality (L1 finalized) is ~15 min on Base: set CHAIN_CONFIRMATIONS higher where that matters.
+# configured. Finality (L1 finalized) is ~15 min on Base: the treasury's invocation payouts wait for it
+# (PAYOUT_HEAD_TAG, below); set CHAIN_CONFIRMATIONS higher where it matters elsewhere.
 CHAIN_CONFIRMATIONS_BY_CHAIN = {31337: 1, 8453: 10, 84532: 10}
 CHAIN_CONFIRMATIONS = env.int("CHAIN_CONFIRMATIONS", default=CHAIN_CONFIRMATIONS_BY_CHAIN.get(CHAIN_ID, 10))
 # Money leaves the treasury only against a payment no reorg can take: a skill invocation's payout or refund is not
