@@ -126,6 +126,41 @@ def test_a_payment_a_deep_reorg_takes_before_its_finality_is_never_paid_out(
     assert len(market.upstream.requests) == 1
 
 
+def test_a_payment_a_deep_reorg_takes_and_mines_again_holds_its_payout_until_the_new_block_is_final(
+        market, finalized_payouts, django_capture_on_commit_callbacks):
+    """The reorg takes the payment before it is final, and the relayer gets it mined again on the new branch (the
+    buyer still holds the funds), in another block: the payout waits for that block's finality, not the old one's,
+    and is paid once."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    buyer, seller, treasury = market.balances()
+    before_fork = chain.snapshot()
+    invocation_id, purpose = run_paid(market, capture, "completed")
+    confirm_all(capture)
+    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                       ChainTransaction.objects.get(purpose=purpose))
+    old_block = payment.mined_block_number
+
+    chain.revert(before_fork)
+    chain.mine(5)  # the new branch is longer; the payment is sent again and mined above the old block
+    polls_until_concluded(capture, payment)
+    payment.refresh_from_db()
+    assert payment.status == TxStatus.CONFIRMED and payment.mined_block_number > old_block
+    chain.mine(ANVIL_FINALITY_LAG - (payment.mined_block_number - old_block))  # the old block final, not the new
+    confirm_all(capture)
+    confirm_all(capture)
+    payout.refresh_from_db()
+    assert (payout.status, payout.attempts.count()) == (TxStatus.QUEUED, 0)
+    assert payout.held_until_block == payment.mined_block_number
+
+    chain.mine(payment.mined_block_number - old_block)
+    confirm_all(capture)
+    confirm_all(capture)
+    assert ChainTransaction.objects.get(pk=payout.pk).status == TxStatus.CONFIRMED
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "paid_out"
+    assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)
+    call_command("reconcile", stdout=io.StringIO())
+
+
 def test_a_payout_released_whose_task_is_lost_is_sent_by_the_sweeper(
         market, finalized_payouts, settings, django_capture_on_commit_callbacks):
     """The poll clears the hold and enqueues the submit after commit; a worker that dies before sending it loses no
