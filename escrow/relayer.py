@@ -21,7 +21,7 @@
   contract event records (a skill invocation's payment, payout or refund, a direct purchase's steps, what a failure
   did) its purpose's `on_reopened` handler moves back.
 - `transactions_release_final`: a transaction that forwards money another one brought in (a skill invocation's
-  payout or refund of its payment: `finality_wait_register`) is, under PAYOUT_HEAD_TAG, not signed until that
+  payout or refund of its payment, a direct purchase's refund of its fee: `finality_wait_register`) is, under PAYOUT_HEAD_TAG, not signed until that
   payment's block is at or below the node's tagged block and still canonical. `transaction_submit` leaves it queued
   meanwhile, naming the block it waits for (`held_until_block`); each poll asks the node for the tagged block once
   and sends those it passed (the submit checks again). A reorg that takes the payment first leaves nothing to undo:

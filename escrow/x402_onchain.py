@@ -522,6 +522,15 @@ def _direct_fee_refund_cancelled(tx: ChainTransaction, *, ran_as: str | None) ->
         _direct_fee_refund_when_due(tx.agreement_id)
 
 
+def _direct_fee_block(tx: ChainTransaction) -> tuple[int, str] | None:
+    """The block of the fee's collection whose money the refund `tx` gives back (relayer.finality_wait_register); None
+    while the chain has none at the confirmation depth (a reorg reopened it: the refund is then withdrawn)."""
+    fee = selectors.live_transaction(agreement_id=tx.agreement_id, purpose=TxPurpose.DIRECT_FEE)
+    if fee is None or fee.status != TxStatus.CONFIRMED:
+        return None
+    return fee.mined_block_number, fee.mined_block_hash
+
+
 def _direct_fee_refund_cancel_undecided(tx: ChainTransaction) -> None:
     """A reorg took the block of the nonce fill that took the nonce of a refund withdrawn when a reorg reopened its
     payment: the refund's old bytes may run in its place now. A refund sent since (the purchase failed for good: that
@@ -556,3 +565,4 @@ def handlers_register() -> None:
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome,
                                      on_reopened=_direct_fee_refund_reopened, on_cancelled=_direct_fee_refund_cancelled,
                                      on_cancel_undecided=_direct_fee_refund_cancel_undecided)
+    relayer.finality_wait_register(purpose=TxPurpose.DIRECT_FEE_REFUND, spent_block=_direct_fee_block)

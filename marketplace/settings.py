@@ -300,10 +300,11 @@ CHAIN_RPC_RETRY_BACKOFF = env.float("CHAIN_RPC_RETRY_BACKOFF_SECONDS", default=0
 # (PAYOUT_HEAD_TAG, below); set CHAIN_CONFIRMATIONS higher where it matters elsewhere.
 CHAIN_CONFIRMATIONS_BY_CHAIN = {31337: 1, 8453: 10, 84532: 10}
 CHAIN_CONFIRMATIONS = env.int("CHAIN_CONFIRMATIONS", default=CHAIN_CONFIRMATIONS_BY_CHAIN.get(CHAIN_ID, 10))
-# Money leaves the treasury only against a payment no reorg can take: a skill invocation's payout or refund is not
-# signed until the block of the payment it forwards is at or below the node's tagged block ("finalized" or "safe")
-# and still canonical; it waits queued meanwhile (the relayer's poll sends it once the tag passes the block). The
-# skill itself runs at CHAIN_CONFIRMATIONS, as before. Empty: sent at once (a deep reorg can then cost the treasury
+# Money leaves the treasury only against a payment no reorg can take: a skill invocation's payout or refund (and a
+# direct purchase's fee refund) is not signed until the block of the payment it forwards (the fee it gives back) is
+# at or below the node's tagged block ("finalized" or "safe") and still canonical; it waits queued meanwhile (the
+# relayer's poll sends it once the tag passes the block). The skill itself runs at CHAIN_CONFIRMATIONS, as before,
+# and a direct purchase is paid then. Empty: sent at once (a deep reorg can then cost the treasury
 # the price, see SECURITY.md). On by default on every chain but the dev chain (Base: L1 finality, ~15 min).
 PAYOUT_HEAD_TAG = env.str("PAYOUT_HEAD_TAG", default="" if CHAIN_ID == DEV_CHAIN_ID else "finalized")
 if PAYOUT_HEAD_TAG not in ("", "safe", "finalized"):

@@ -1,6 +1,7 @@
-"""Under PAYOUT_HEAD_TAG a skill invocation's payout (or refund) leaves the treasury only once the block of the
-payment it forwards is at or below the node's tagged block (`finalized`: on Anvil 64 blocks behind the head): a
-reorg deeper than the confirmation depth can then no longer take a payment the treasury already paid out."""
+"""Under PAYOUT_HEAD_TAG money leaves the treasury only once the block of the payment it gives back or forwards is at
+or below the node's tagged block (`finalized`: on Anvil 64 blocks behind the head): a skill invocation's payout (or
+refund) of its payment, a direct purchase's refund of its fee. A reorg deeper than the confirmation depth can then no
+longer take a payment the treasury already paid out."""
 
 import io
 import runpy
@@ -14,7 +15,9 @@ import marketplace.settings
 
 from escrow import relayer
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase
 from tests.agreements.test_invocations import PRICE
+from tests.escrow.flow import USDC, fund, mined_what_was_sent
 from tests.escrow.flow import confirm_all, poll_mined, usdc_balance
 from tests.escrow import test_invocation_reorgs
 from tests.escrow.test_invocation_reorgs import SETTLED, invocation_of, polls_until_concluded, spend_all_but
@@ -203,3 +206,74 @@ def test_a_payout_head_tag_the_node_does_not_know_is_refused_at_start(monkeypatc
     monkeypatch.setenv("PAYOUT_HEAD_TAG", "latest")
     with pytest.raises(ImproperlyConfigured, match="PAYOUT_HEAD_TAG"):
         runpy.run_path(marketplace.settings.__file__)
+
+
+# --- a direct purchase's fee refund -----------------------------------------------------------------------------------
+
+def fee_collected_then_payment_refused(purchase, capture) -> tuple[dict, ChainTransaction, str]:
+    """A direct purchase whose fee was collected and whose payment then failed for good (the buyer cancelled its
+    authorization once the fee was collected: the payment fails its simulation): its fee's refund is due. Returns
+    the agreement, the fee's collection and a snapshot taken before the fee was sent."""
+    fund(purchase.chain, purchase.treasury, USDC)  # the treasury's float for refunds
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    purchase.accept(agreement["id"], capture)
+    with capture(execute=False) as fee_submission:
+        poll_mined()  # the fee permit confirmed; the fee's transfer queued, not sent yet
+    before_fee = purchase.chain.snapshot()
+    with capture(execute=True):
+        for callback in fee_submission:
+            callback()
+    purchase.cancel_authorization(body)
+    confirm_all(capture)  # the fee confirmed; the payment fails in its simulation; the refund is queued
+    mined_what_was_sent()
+    return agreement, ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE), before_fee
+
+
+def test_a_direct_purchases_fee_refund_waits_for_the_fees_finality_then_is_sent(
+        escrow_chain, finalized_payouts, django_capture_on_commit_callbacks):
+    """The fee's refund leaves the treasury only once the block of the fee's collection is final (before: signed and
+    sent at once, so a deep reorg taking the collection cost the platform the fee)."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain)
+    agreement, fee, _ = fee_collected_then_payment_refused(purchase, capture)
+    refund = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE_REFUND)
+    assert (refund.status, refund.attempts.count()) == (TxStatus.QUEUED, 0), \
+        "the fee's refund was sent before its collection was final"
+    assert refund.held_until_block == fee.mined_block_number
+    assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+
+    chain.mine(ANVIL_FINALITY_LAG)
+    confirm_all(capture)  # released and sent
+    confirm_all(capture)  # confirmed
+    refund.refresh_from_db()
+    assert refund.status == TxStatus.CONFIRMED
+    assert purchase.parties.agreement(agreement["id"])["buyer_refund_atomic"] == FEE
+    assert purchase.balances() == (buyer + FEE, seller, fee_recipient, treasury - FEE)
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_fee_refund_waiting_when_a_reorg_takes_the_fees_collection_is_withdrawn_unsigned_and_the_purchase_pays(
+        escrow_chain, finalized_payouts, settings, django_capture_on_commit_callbacks):
+    """A reorg takes the fee's block while its refund waits; on the new branch the buyer never cancelled, the fee's
+    same bytes collect it again and the payment pays the seller. The refund, never signed, is withdrawn: no nonce to
+    cancel, nothing for anyone to get mined in its place (before: it was signed at once, and only a nonce fill, which
+    its old bytes could outrun, kept the platform from refunding a fee it kept)."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    agreement, _, before_fee = fee_collected_then_payment_refused(purchase, capture)
+    refund = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE_REFUND)
+
+    chain.revert(before_fee)
+    chain.mine(3)
+    for _ in range(6):
+        confirm_all(capture)
+
+    paid = purchase.parties.agreement(agreement["id"])
+    assert (paid["status"], paid["buyer_refund_atomic"]) == ("paid", None)
+    refund.refresh_from_db()
+    assert (refund.status, refund.nonce, refund.attempts.count()) == (TxStatus.FAILED, None, 0)
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exists()
+    call_command("reconcile", stdout=io.StringIO())
