@@ -268,6 +268,7 @@ def test_a_fee_refund_waiting_when_a_reorg_takes_the_fees_collection_is_withdraw
 
     chain.revert(before_fee)
     chain.mine(3)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
     for _ in range(6):
         confirm_all(capture)
 
@@ -276,4 +277,5 @@ def test_a_fee_refund_waiting_when_a_reorg_takes_the_fees_collection_is_withdraw
     refund.refresh_from_db()
     assert (refund.status, refund.nonce, refund.attempts.count()) == (TxStatus.FAILED, None, 0)
     assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exists()
+    assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
     call_command("reconcile", stdout=io.StringIO())
