@@ -11,9 +11,15 @@ A seller could point its upstream or webhook at the platform's own network (the 
 
 Allowed means globally routable unicast: no loopback, private, link-local, shared (CGNAT), multicast,
 reserved or unspecified address. An IPv6 address that carries an IPv4 one (IPv4-mapped `::ffff:a.b.c.d`,
-IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`, 6to4 `2002:aabb:ccdd::`) is judged by the IPv4 address it
-reaches; local-use NAT64 (64:ff9b:1::/48) is refused. `ALLOW_PRIVATE_UPSTREAMS` turns both checks off for
-development and tests, whose upstreams run on loopback.
+IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d` and under the hosts' network's own NAT64 prefixes,
+OUTBOUND_NAT64_PREFIXES, decoded per RFC 6052, 6to4 `2002:aabb:ccdd::`) is judged by the IPv4 address it reaches;
+local-use NAT64 (64:ff9b:1::/48, unless it is one of those prefixes) and Teredo (2001::/32) are refused.
+`ALLOW_PRIVATE_UPSTREAMS` turns these checks off for development and tests, whose upstreams run on loopback.
+
+The guard cannot tell the platform's own public addresses (its load balancer, its hosts', a database's public
+endpoint) from a seller's: the operator lists them in OUTBOUND_DENIED_NETWORKS, and an address in one, or reaching
+one, is refused as a private one is, with ALLOW_PRIVATE_UPSTREAMS on too. Both settings are read once per resolution
+(`_address_check`), where the private-address check runs: a kept-alive connection is not checked again per call.
 
 Resolving the host is part of connecting, and bounded with it (the proxy's PROXY_CONNECT_TIMEOUT, a client's connect
 timeout and its `deadline`): the system resolver has no timeout, and whoever chose the URL chose the DNS server that
@@ -36,6 +42,7 @@ import logging
 import select
 import socket
 import ssl
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +56,7 @@ import httpcore
 import httpx
 from django.conf import settings
 
-from marketplace import bounded_json
+from marketplace import bounded_json, outbound_networks
 from marketplace.concurrency import Deadlines
 from marketplace.errors import InvalidInput
 from marketplace.metrics import UPSTREAM_REQUESTS_RESENT
@@ -60,30 +67,61 @@ logger = logging.getLogger(__name__)
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT (RFC 6145): reaches the IPv4 address it embeds
-_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+# A translator inside someone's network (local-use NAT64, unless it is one of the hosts' own NAT64 prefixes), and a
+# Teredo tunnel (reaching its client's IPv4 address through whichever relay answers): refused, whatever they embed.
+_REACHING_UNKNOWN = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network("2001::/32"))
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class AddressNotAllowed(httpcore.ConnectError):
     """Raised while connecting; httpx re-raises it as `httpx.ConnectError` with this as `__cause__`."""
 
 
-def _reached(ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
-    """The address a connection to `ip` ends up at: the IPv4 address an IPv6 one embeds, else `ip`."""
+def _reached(ip: IPAddress, nat64_prefixes: tuple[ipaddress.IPv6Network, ...]) -> IPAddress | None:
+    """The address a connection to `ip` ends up at: the IPv4 address an IPv6 one embeds, else `ip`; None when it
+    cannot be told."""
     if ip.version == 4:
         return ip
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     if int(ip) >> 32 == 0 or ip in _NAT64 or ip in _IPV4_TRANSLATED:  # IPv4-compatible (:: and ::1 included)
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    for prefix in nat64_prefixes:
+        if ip in prefix:
+            return outbound_networks.embedded_ipv4(ip, prefix)
+    if any(ip in network for network in _REACHING_UNKNOWN):
+        return None
     return ip.sixtofour or ip
 
 
-def address_allowed(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
-    if ip in _LOCAL_NAT64:
-        return False
-    ip = _reached(ip)
-    return ip.is_global and not ip.is_multicast and not (ip.version == 6 and ip.is_site_local)
+@functools.lru_cache(maxsize=4)
+def _operator_networks(denied: tuple[str, ...], nat64_prefixes: tuple[str, ...]):
+    """The settings' networks, parsed once per value (settings.py refused a bad one at start)."""
+    return (outbound_networks.networks("OUTBOUND_DENIED_NETWORKS", list(denied)),
+            outbound_networks.nat64_prefixes("OUTBOUND_NAT64_PREFIXES", list(nat64_prefixes)))
+
+
+def _address_check() -> Callable[[str], bool]:
+    """Whether the platform may connect to an address, by the settings as they are now: read once for all the
+    addresses a host resolves to. Allowed means globally routable unicast (no loopback, private, link-local, shared,
+    multicast, reserved, unspecified or site-local address) or any address while ALLOW_PRIVATE_UPSTREAMS is on,
+    judged by the address it reaches; and outside OUTBOUND_DENIED_NETWORKS, itself and the address it reaches."""
+    denied, nat64_prefixes = _operator_networks(tuple(settings.OUTBOUND_DENIED_NETWORKS),
+                                                tuple(settings.OUTBOUND_NAT64_PREFIXES))
+    private_allowed = settings.ALLOW_PRIVATE_UPSTREAMS
+
+    def allowed(address: str) -> bool:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
+        reached = _reached(ip, nat64_prefixes)
+        if any(ip in network or reached is not None and reached in network for network in denied):
+            return False
+        if private_allowed:
+            return True
+        return (reached is not None and reached.is_global and not reached.is_multicast
+                and not (reached.version == 6 and reached.is_site_local))
+
+    return allowed
 
 
 # Every name the platform's outbound connections resolve (seller upstreams, webhooks, skills, Masumi services; the
@@ -110,12 +148,12 @@ def url_check(url: str) -> None:
         port = parts.port
     except ValueError:  # beyond 65535: urlsplit refuses to read it, and the socket to connect to it
         raise InvalidInput("The URL's port is not one from 0 to 65535.", code="invalid_port") from None
-    if settings.ALLOW_PRIVATE_UPSTREAMS:
+    if settings.ALLOW_PRIVATE_UPSTREAMS and not settings.OUTBOUND_DENIED_NETWORKS:
         return
     host = (parts.hostname or "").rstrip(".").lower()
     refused = InvalidInput("The URL points at a loopback, private or otherwise internal address, which the "
                            "marketplace does not call.", code="address_not_allowed", details={"host": host})
-    if not host or host == "localhost" or host.endswith(".localhost"):
+    if not settings.ALLOW_PRIVATE_UPSTREAMS and (not host or host == "localhost" or host.endswith(".localhost")):
         raise refused
     if _is_ip_literal(host):
         addresses = [host]
@@ -125,13 +163,14 @@ def url_check(url: str) -> None:
                                                               timeout=settings.PROXY_CONNECT_TIMEOUT)
         except (OSError, UnicodeError):  # a timeout too
             return  # not resolvable now; checked again on every connection
-    if not all(address_allowed(address) for address in addresses):
+    allowed = _address_check()
+    if not all(allowed(address) for address in addresses):
         raise refused
 
 
 def vetted_addresses(host: str, port: int, *, timeout: float) -> list[str]:
     """The addresses to connect to for `host`, in turn: those it resolves to within `timeout` seconds, once every
-    one of them is allowed (unless ALLOW_PRIVATE_UPSTREAMS is on). Raises ResolutionTimeout (a TimeoutError) past
+    one of them is allowed (`_address_check`). Raises ResolutionTimeout (a TimeoutError) past
     `timeout`, AddressNotAllowed, or httpcore.ConnectError when it does not resolve."""
     try:
         addresses = RESOLVER.stream_addresses(host, port, timeout=timeout)
@@ -144,8 +183,9 @@ def vetted_addresses(host: str, port: int, *, timeout: float) -> list[str]:
     except (OSError, UnicodeError) as exc:
         logger.warning("outbound host not resolved", extra={"host": host, "error": str(exc)})
         raise httpcore.ConnectError(f"cannot resolve {host}") from None
-    refused = [address for address in addresses if not address_allowed(address)]
-    if refused and not settings.ALLOW_PRIVATE_UPSTREAMS:
+    allowed = _address_check()
+    refused = [address for address in addresses if not allowed(address)]
+    if refused:
         logger.warning("outbound address refused", extra={"host": host, "address": refused[0]})
         raise AddressNotAllowed(f"{host} resolves to an address that is not allowed")
     return addresses  # connect to the addresses we checked, not to a fresh lookup

@@ -10,6 +10,8 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from marketplace import outbound_networks
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"  # local state of the embedded defaults (SQLite files, beat schedule)
 VAR_DIR.mkdir(exist_ok=True)
@@ -391,6 +393,19 @@ PROXY_CALL_LEASE_SECONDS = env.float("PROXY_CALL_LEASE_SECONDS", default=1.0)
 # --- Operations and security (SECURITY.md) -------------------------------------------------------------------
 # Seller upstreams and webhooks on loopback/private addresses: for development and tests only (on while DEBUG).
 ALLOW_PRIVATE_UPSTREAMS = env.bool("ALLOW_PRIVATE_UPSTREAMS", default=DEBUG)
+# The platform's own public addresses, which the guard cannot know (its load balancer, its hosts' public addresses,
+# its database's or Redis's public endpoint...): networks or addresses, comma-separated. A seller's upstream, a
+# webhook's, skill's or Masumi seller's URL resolving into one is refused as a private address is, with
+# ALLOW_PRIVATE_UPSTREAMS on too: the operator named them.
+OUTBOUND_DENIED_NETWORKS = [entry.strip() for entry in env.list("OUTBOUND_DENIED_NETWORKS", default=[])
+                            if entry.strip()]
+# The NAT64 prefixes of the hosts' network beside the well-known 64:ff9b::/96 (RFC 6052: /32, /40, /48, /56, /64 or
+# /96, comma-separated): an address under one is judged by the IPv4 address it embeds, as one under 64:ff9b::/96 is.
+OUTBOUND_NAT64_PREFIXES = [entry.strip() for entry in env.list("OUTBOUND_NAT64_PREFIXES", default=[])
+                           if entry.strip()]
+# A bad entry stops startup (ImproperlyConfigured naming the setting) rather than the first outbound call.
+outbound_networks.networks("OUTBOUND_DENIED_NETWORKS", OUTBOUND_DENIED_NETWORKS)
+outbound_networks.nat64_prefixes("OUTBOUND_NAT64_PREFIXES", OUTBOUND_NAT64_PREFIXES)
 # Host names a process resolves at once for its outbound connections (marketplace.outbound.RESOLVER): a name whose DNS
 # server never answers holds one of them until the system resolver gives up; with all held, a connection to another
 # name fails at once.

@@ -6,7 +6,9 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
+from agreements.models import UsageAgreement
 from marketplace.logging import JsonFormatter, RequestIdFilter
+from tests.conftest import error_code
 from tests.escrow.flow import Parties
 from tests.support.operators import operator_client
 
@@ -43,6 +45,17 @@ def active_agreement(chain, capture, upstream_base_url: str) -> Parties:
     parties.agreement_id = agreement["id"]
     parties.proxy = f"/metered-proxy/{agreement['id']}"
     return parties
+
+
+def refused_by_the_guard(active: Parties, upstream) -> None:
+    """A call of `active` is 502 `upstream_address_not_allowed`, never reaches `upstream`, and charges and holds
+    nothing."""
+    response = active.buyer_api.get(f"{active.proxy}/translate")
+    assert response.status_code == 502
+    assert error_code(response) == "upstream_address_not_allowed"
+    assert upstream.requests == []
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+    assert (agreement.used, agreement.reserved) == (0, 0)  # nothing charged, nothing held
 
 
 @pytest.fixture
