@@ -36,13 +36,13 @@ the host only, never the addresses it resolved to or the resolver's answer, whic
 resolves names; those go to the operator's log.
 """
 
+import functools
 import http.client
 import ipaddress
 import logging
 import select
 import socket
 import ssl
-import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
