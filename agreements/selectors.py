@@ -1,4 +1,5 @@
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, timedelta
 from functools import lru_cache
@@ -422,3 +423,40 @@ def escrow_status_of(agreement: UsageAgreement) -> str:
     if agreement.settlement_model == SettlementModel.DIRECT_PAYMENT:
         return "not_applicable"
     return _ESCROW_STATUS.get(agreement.status, "not_funded")
+
+
+# The escrow app knows which payouts and refunds wait for their payment's finality (its PAYOUT_HEAD_TAG): it registers
+# the reader here, and the API shows what it says (`waiting_for_finality`). Given invocation ids and agreement ids, it
+# answers {id as a string: {"block_number", "tag"}} for those held now.
+FinalityWaitReader = Callable[..., dict[str, dict]]
+_finality_wait_reader: list[FinalityWaitReader] = []
+
+
+def finality_wait_reader_register(*, reader: FinalityWaitReader) -> None:
+    _finality_wait_reader[:] = [reader]
+
+
+def finality_wait_reader_registered() -> bool:
+    return bool(_finality_wait_reader)
+
+
+def finality_waits(*, invocation_ids: Iterable = (), agreement_ids: Iterable = ()) -> dict[str, dict]:
+    """The block whose finality (under the tag) each invocation's payout or refund, or each direct purchase's fee
+    refund, waits for before the treasury sends it; absent for those not waiting."""
+    if not _finality_wait_reader:
+        return {}
+    return _finality_wait_reader[0](invocation_ids=invocation_ids, agreement_ids=agreement_ids)
+
+
+def invocation_finality_wait(invocation: SkillInvocation) -> dict | None:
+    """The block whose finality the invocation's payout or refund waits for; None when none waits."""
+    if invocation.money not in (InvocationMoney.PAYING_OUT, InvocationMoney.REFUNDING):
+        return None
+    return finality_waits(invocation_ids=[invocation.pk]).get(str(invocation.pk))
+
+
+def agreements_finality_waits(agreements: Iterable[UsageAgreement]) -> dict[str, dict]:
+    """{agreement id: the block whose finality its fee refund waits for} for the direct purchases among
+    `agreements` whose fee refund is held; one read for them all."""
+    purchases = [agreement.pk for agreement in agreements if agreement.settlement_model == SettlementModel.DIRECT_PAYMENT]
+    return finality_waits(agreement_ids=purchases) if purchases else {}

@@ -148,6 +148,14 @@ class ApprovalRefSerializer(serializers.Serializer):
     expires_at = serializers.DateTimeField()
 
 
+class FinalityWaitSerializer(serializers.Serializer):
+    block_number = serializers.IntegerField(
+        help_text="The block of the payment this money forwards or gives back: it is sent once the chain's `tag` "
+                  "block reaches it (on Base, `finalized` is about 15 minutes behind the head), so that no reorg can "
+                  "take that payment after.")
+    tag = serializers.ChoiceField(choices=["finalized", "safe"], help_text="The node's block tag it waits for.")
+
+
 ACTIVATION_VERSION = "usage-escrow-1"
 class AgreementSerializer(FieldsBoundOnceSerializer):
     id = serializers.UUIDField()
@@ -192,6 +200,9 @@ class AgreementSerializer(FieldsBoundOnceSerializer):
     challenge_deadline = serializers.DateTimeField(allow_null=True)
     seller_payout_atomic = AtomicAmountField(source="seller_payout", allow_null=True)
     buyer_refund_atomic = AtomicAmountField(source="buyer_refund", allow_null=True)
+    buyer_refund_waiting_for_finality = serializers.SerializerMethodField(
+        help_text="direct_payment: the fee's refund (buyer_refund_atomic) is queued, not sent before the block of "
+                  "the fee's collection is final; null otherwise.")
     created_at = serializers.DateTimeField()
     accepted_at = serializers.DateTimeField(allow_null=True)
     closed_at = serializers.DateTimeField(allow_null=True)
@@ -215,6 +226,9 @@ class AgreementSerializer(FieldsBoundOnceSerializer):
         help_text="price_per_unit_atomic in cents; null when not a whole number of cents.")
     total_cents = serializers.SerializerMethodField(
         help_text="deposit_amount_atomic in cents; null when not a whole number of cents.")
+
+    def get_buyer_refund_waiting_for_finality(self, agreement) -> FinalityWaitSerializer(allow_null=True):
+        return self.context.get("finality_waits", {}).get(str(agreement.pk))
 
     def get_escrow_status(self, agreement) -> str:
         return selectors.escrow_status_of(agreement)
@@ -244,12 +258,13 @@ class AgreementSerializer(FieldsBoundOnceSerializer):
 def agreement_payload(agreement, *, many: bool = False, serializer=AgreementSerializer, approvals: dict | None = None,
                       **context):
     """An agreement (or a list) as the API shows it, with the approvals it waits for ({agreement id: approval
-    request}, read here unless given)."""
+    request}, read here unless given) and the fee refunds waiting for their finality."""
+    rows = agreement if many else [agreement]
     if approvals is None:
-        rows = agreement if many else [agreement]
         approvals = policy_selectors.approvals_for_subjects(subject_type=APPROVAL_SUBJECT,
                                                             subject_ids=[row.pk for row in rows])
-    return serializer(agreement, many=many, context={"approvals": approvals, **context}).data
+    return serializer(agreement, many=many, context={
+        "approvals": approvals, "finality_waits": selectors.agreements_finality_waits(rows), **context}).data
 
 
 class AgreementEventSerializer(serializers.ModelSerializer):
@@ -501,6 +516,9 @@ class InvocationPaymentSerializer(serializers.Serializer):
                                              "stands).")
     settlement_tx_hash = serializers.CharField(allow_blank=True,
                                                help_text="The payout to the seller, or the refund to the buyer.")
+    waiting_for_finality = FinalityWaitSerializer(
+        allow_null=True, help_text="paying_out, refunding: the payout or refund is queued, not sent before the "
+                                   "payment's block is final; null otherwise.")
 
 
 class InvocationResultSerializer(serializers.Serializer):
@@ -537,7 +555,8 @@ def invocation_payment(invocation) -> dict:
 
     return {"amount": format_amount(invocation.amount, 6), "amount_atomic": invocation.amount, "currency": "USDC",
             "tx_hash": invocation.payment_tx_hash, "status": selectors.invocation_payment_status(invocation),
-            "settlement_tx_hash": invocation.settlement_tx_hash}
+            "settlement_tx_hash": invocation.settlement_tx_hash,
+            "waiting_for_finality": selectors.invocation_finality_wait(invocation)}
 
 
 class X402PaymentRequiredSerializer(serializers.Serializer):

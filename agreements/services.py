@@ -858,7 +858,8 @@ def handlers_register() -> None:
 def hooks_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     """System check: what the escrow app registers for agreements (chain reads and execution) is there."""
     hooks = {"direct payment executor": _direct_payment_executor, "permit nonce reader": _permit_nonce_reader,
-             "token domain reader": x402_protocol.token_domain_reader_registered()}
+             "token domain reader": x402_protocol.token_domain_reader_registered(),
+             "finality wait reader": selectors.finality_wait_reader_registered()}
     return [checks.Error(f"No {name} is registered with agreements.", obj=__name__, id="agreements.E001",
                          hint="The escrow app registers it in EscrowConfig.ready().")
             for name, registered in hooks.items() if not registered]

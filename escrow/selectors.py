@@ -267,6 +267,22 @@ def transaction_counts_waiting_for_finality() -> dict[tuple[str], int]:
     return {(purpose,): count for purpose, count in rows}
 
 
+def finality_waits(*, invocation_ids=(), agreement_ids=()) -> dict[str, dict]:
+    """What the API shows of payouts and refunds held for their payment's finality: {invocation id or agreement id
+    (as strings): {"block_number", "tag"}} for the invocations' payouts or refunds and the direct purchases' fee
+    refunds held now; the others are absent."""
+    if not settings.PAYOUT_HEAD_TAG:
+        return {}  # emptied since: what is held is sent at the next poll
+    held = transactions_waiting_for_finality()
+    rows = [*((row["context"]["invocation_id"], row["held_until_block"]) for row in held.filter(
+                purpose__in=[TxPurpose.INVOCATION_PAYOUT, TxPurpose.INVOCATION_REFUND],
+                context__invocation_id__in=[str(each) for each in invocation_ids]).values("context", "held_until_block")),
+            *((str(agreement_id), block) for agreement_id, block in held.filter(
+                purpose=TxPurpose.DIRECT_FEE_REFUND, agreement_id__in=list(agreement_ids))
+              .values_list("agreement_id", "held_until_block"))]
+    return {subject: {"block_number": block, "tag": settings.PAYOUT_HEAD_TAG} for subject, block in rows}
+
+
 def finality_wait_of(*, tx: ChainTransaction) -> str:
     """What an operator reads on a transaction held for its payment's finality; empty for any other."""
     if tx.status != TxStatus.QUEUED or tx.held_until_block is None:

@@ -544,6 +544,7 @@ def handlers_register() -> None:
     """Called once, from EscrowConfig.ready()."""
     agreement_services.token_domain_reader_register(reader=chain.token_domain)
     agreement_services.settlement_handler_register(handler=_invocation_settle)
+    agreement_selectors.finality_wait_reader_register(reader=selectors.finality_waits)
     agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome,
                                      read_evidence=_invocation_payment_evidence,

@@ -66,8 +66,9 @@ def test_a_payout_waits_for_its_payments_finality_then_is_sent(
     assert (settlement.status, settlement.attempts.count()) == (TxStatus.QUEUED, 0), \
         "the payout was sent before its payment was final"
     assert settlement.held_until_block == payment.mined_block_number
-    assert invocation_of(market, invocation_id)["payment"]["status"] == {"completed": "paying_out",
-                                                                        "failed": "refunding"}[outcome]
+    held = invocation_of(market, invocation_id)["payment"]
+    assert held["status"] == {"completed": "paying_out", "failed": "refunding"}[outcome]
+    assert held["waiting_for_finality"] == {"block_number": payment.mined_block_number, "tag": "finalized"}
     page = admin_client.get(f"/admin/escrow/chaintransaction/{settlement.pk}/change/").content.decode()
     assert f"waiting for block {payment.mined_block_number} to be finalized" in page
     metrics = admin_client.get("/metrics").content.decode()
@@ -89,6 +90,7 @@ def test_a_payout_waits_for_its_payments_finality_then_is_sent(
     invocation = invocation_of(market, invocation_id)
     assert invocation["payment"]["status"] == SETTLED[outcome][2]
     assert invocation["payment"]["settlement_tx_hash"] == settlement.mined_tx_hash
+    assert invocation["payment"]["waiting_for_finality"] is None
     if outcome == "completed":
         assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)
     else:
@@ -241,7 +243,11 @@ def test_a_direct_purchases_fee_refund_waits_for_the_fees_finality_then_is_sent(
     assert (refund.status, refund.attempts.count()) == (TxStatus.QUEUED, 0), \
         "the fee's refund was sent before its collection was final"
     assert refund.held_until_block == fee.mined_block_number
-    assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
+    failed = purchase.parties.agreement(agreement["id"])
+    assert failed["status"] == "payment_failed"
+    assert failed["buyer_refund_waiting_for_finality"] == {"block_number": fee.mined_block_number, "tag": "finalized"}
+    listed = purchase.parties.buyer_api.get("/usage-agreements").json()["results"]
+    assert [row["buyer_refund_waiting_for_finality"] for row in listed] == [failed["buyer_refund_waiting_for_finality"]]
     buyer, seller, fee_recipient, treasury = purchase.balances()
 
     chain.mine(ANVIL_FINALITY_LAG)
@@ -249,7 +255,8 @@ def test_a_direct_purchases_fee_refund_waits_for_the_fees_finality_then_is_sent(
     confirm_all(capture)  # confirmed
     refund.refresh_from_db()
     assert refund.status == TxStatus.CONFIRMED
-    assert purchase.parties.agreement(agreement["id"])["buyer_refund_atomic"] == FEE
+    refunded = purchase.parties.agreement(agreement["id"])
+    assert (refunded["buyer_refund_atomic"], refunded["buyer_refund_waiting_for_finality"]) == (FEE, None)
     assert purchase.balances() == (buyer + FEE, seller, fee_recipient, treasury - FEE)
     call_command("reconcile", stdout=io.StringIO())
 
@@ -279,3 +286,4 @@ def test_a_fee_refund_waiting_when_a_reorg_takes_the_fees_collection_is_withdraw
     assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exists()
     assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
     call_command("reconcile", stdout=io.StringIO())
+
