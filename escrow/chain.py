@@ -553,6 +553,17 @@ def tagged_block_number(tag: str) -> int:
         raise classify(exc) from exc
 
 
+def final_block_number(tag: str) -> int:
+    """The node's `safe` or `finalized` block, as money released against it may trust: at or below the node's head.
+    A node that names one beyond its head (a provider switched to another network, a misbehaving one) is not
+    believed: ChainError, as when it refuses the tag or answers nothing for it."""
+    tagged = tagged_block_number(tag)
+    head = latest_block_number()
+    if tagged > head:
+        raise ChainError(f"the node's {tag} block {tagged} is beyond its head {head}")
+    return tagged
+
+
 def next_block_timestamp() -> int:
     """The `block.timestamp` a transaction sent now would get, as the node says (its pending block): about now on
     an idle chain, whose latest block may be minutes old."""

@@ -20,6 +20,14 @@ def _chain_answers(timeout: float) -> None:
     chain.latest_block_number()  # bounded by CHAIN_RPC_TIMEOUT; /readyz stops waiting after its own timeout
 
 
+def _payouts_can_be_released(timeout: float) -> None:
+    """Under PAYOUT_HEAD_TAG the node must answer its tagged block: otherwise no payout or refund of the treasury is
+    ever sent (held, not lost), which a deployment must not go live with unnoticed."""
+    blocker = selectors.payout_release_blocker()
+    if blocker:
+        raise RuntimeError(f"payouts and refunds cannot be released: {blocker}")
+
+
 def _indexer_keeps_up(timeout: float) -> None:
     lag = selectors.indexer_lag()
     if lag is not None and lag.lag > settings.INDEXER_MAX_LAG_BLOCKS:
@@ -74,7 +82,20 @@ def _overdue(now) -> list[dashboard.Overdue]:
     items += [dashboard.Overdue(since=tx.updated_at, kind=f"settlement proposal failed {failures} times, not retried",
                                 subject=str(tx.agreement_id), detail=tx.failure_reason, admin_url=_tx_url(tx))
               for tx, failures in selectors.proposals_given_up(limit=dashboard.OVERDUE_LIMIT)]
-    return items
+    return _payouts_unreleasable(now) + items
+
+
+def _payouts_unreleasable(now) -> list[dashboard.Overdue]:
+    """The node does not answer its PAYOUT_HEAD_TAG block: every payout waiting for its payment's finality waits on."""
+    blocker = selectors.payout_release_blocker()
+    if not blocker:
+        return []
+    held = selectors.transactions_waiting_for_finality()
+    oldest = held.order_by("created_at").first()
+    return [dashboard.Overdue(since=oldest.created_at if oldest else now,
+                              kind="Payouts and refunds cannot be released", subject=f"{held.count()} held",
+                              detail=blocker, admin_url=reverse("admin:escrow_chaintransaction_changelist")
+                              + "?held_until_block__isempty=0&status__exact=queued")]
 
 
 def _gauges() -> list[dashboard.Gauge]:
@@ -111,6 +132,11 @@ def panels_register() -> None:
                       "the node's PAYOUT_HEAD_TAG block (one growing while no block finalizes: the node's tag stalled).",
         labels=("purpose",), counts=selectors.transaction_counts_waiting_for_finality)
     metrics.scrape_collector_register(
+        name="marketplace_payouts_releasable",
+        documentation="1 when the node answers its PAYOUT_HEAD_TAG block (or no tag is set), 0 when it does not: no "
+                      "payout or refund waiting for its payment's finality is sent then (asked at scrape time).",
+        labels=(), counts=lambda: {(): 0 if selectors.payout_release_blocker() else 1})
+    metrics.scrape_collector_register(
         name="marketplace_indexer_lag_blocks",
         documentation="Blocks between the chain head and the last block the chain indexer applied (at scrape time).",
         labels=(), counts=_indexer_lag)
@@ -129,3 +155,4 @@ def panels_register() -> None:
     dashboard.gauges_register(gauges=_gauges)
     health.readiness_check_register(name="chain", check=_chain_answers)
     health.readiness_check_register(name="indexer", check=_indexer_keeps_up)
+    health.readiness_check_register(name="payout_finality", check=_payouts_can_be_released)

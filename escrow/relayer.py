@@ -25,7 +25,8 @@
   payment's block is at or below the node's tagged block and still canonical. `transaction_submit` leaves it queued
   meanwhile, naming the block it waits for (`held_until_block`); each poll asks the node for the tagged block once
   and sends those it passed (the submit checks again). A reorg that takes the payment first leaves nothing to undo:
-  the domain withdraws the payout, never signed.
+  the domain withdraws the payout, never signed. A node that cannot be believed on the tag (it refuses it, answers
+  nothing, names a block beyond its head: `chain.final_block_number`) releases nothing: what waits stays held.
 - `transactions_recheck_watched` reads again, at each poll, the evidence of failed transactions the domain watches
   (`watch_failed`: a failed payment, whose authorization someone may still get mined, or a reorg put
   back in a copy's block): once it names someone else's transaction at the confirmation depth, the outcome is
@@ -308,7 +309,7 @@ def _waits_for_finality(tx: ChainTransaction) -> bool:
         return False
     spent = _spent_blocks[tx.purpose](tx)
     if spent is not None and chain.canonical_block_hash(spent[0]) == spent[1]:
-        if spent[0] <= chain.tagged_block_number(settings.PAYOUT_HEAD_TAG):
+        if spent[0] <= _final_block_or_none():
             return False
         until = spent[0]
     else:
@@ -322,6 +323,18 @@ def _waits_for_finality(tx: ChainTransaction) -> bool:
     return True
 
 
+def _final_block_or_none() -> int:
+    """The node's PAYOUT_HEAD_TAG block; -1 (nothing is final) when the node cannot be believed on it (it refuses the
+    tag, answers nothing, names a block beyond its head): what waits is held, visibly, never released on an error
+    (the dashboard, /readyz and reconcile say why: `selectors.payout_release_blocker`)."""
+    try:
+        return chain.final_block_number(settings.PAYOUT_HEAD_TAG)
+    except chain.ChainError as error:
+        logger.warning("the node's tagged block cannot be read: payouts waiting for their payment's finality stay held",
+                       extra={"error": str(error), "tag": settings.PAYOUT_HEAD_TAG})
+        return -1
+
+
 def transactions_release_final() -> int:
     """Queued transactions held for a payment's finality (`_waits_for_finality`) whose block the node's PAYOUT_HEAD_TAG
     block has reached (all of them when the setting was emptied since) are submitted again, once each: their hold is
@@ -331,7 +344,7 @@ def transactions_release_final() -> int:
     if not held.exists():
         return 0
     if settings.PAYOUT_HEAD_TAG:
-        held = held.filter(held_until_block__lte=chain.tagged_block_number(settings.PAYOUT_HEAD_TAG))
+        held = held.filter(held_until_block__lte=chain.final_block_number(settings.PAYOUT_HEAD_TAG))
     released = 0
     with transaction.atomic():
         for tx_id, block in held.values_list("pk", "held_until_block")[:500]:

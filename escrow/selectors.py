@@ -267,6 +267,18 @@ def transaction_counts_waiting_for_finality() -> dict[tuple[str], int]:
     return {(purpose,): count for purpose, count in rows}
 
 
+def payout_release_blocker() -> str:
+    """Why no payout or refund waiting for its payment's finality can be released now: the node's error on its
+    PAYOUT_HEAD_TAG block (refused, nothing, a block beyond its head); empty when it answers, or no tag is set."""
+    if not settings.PAYOUT_HEAD_TAG:
+        return ""
+    try:
+        chain.final_block_number(settings.PAYOUT_HEAD_TAG)
+    except chain.ChainError as error:
+        return f"the node's {settings.PAYOUT_HEAD_TAG} block cannot be read: {error}"
+    return ""
+
+
 def finality_waits(*, invocation_ids=(), agreement_ids=()) -> dict[str, dict]:
     """What the API shows of payouts and refunds held for their payment's finality: {invocation id or agreement id
     (as strings): {"block_number", "tag"}} for the invocations' payouts or refunds and the direct purchases' fee

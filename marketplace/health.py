@@ -1,11 +1,12 @@
 """`/healthz` (liveness: the process answers, no dependency is touched) and `/readyz` (readiness: the database,
 the Celery broker and the chain RPC answer, each within READINESS_TIMEOUT_SECONDS, checked in parallel, and the
-chain indexer is at most INDEXER_MAX_LAG_BLOCKS behind the chain head).
+chain indexer is at most INDEXER_MAX_LAG_BLOCKS behind the chain head; under PAYOUT_HEAD_TAG the node answers its
+tagged block, without which no payout or refund of the treasury is ever sent).
 
 A load balancer stops routing to an instance whose `/readyz` is 503; an orchestrator restarts one whose
 `/healthz` does not answer. The 503 names the dependencies that failed (details go to the log, not to the
-unauthenticated caller). Apps add their own dependencies with `readiness_check_register` (escrow: the chain
-and the indexer's lag).
+unauthenticated caller). Apps add their own dependencies with `readiness_check_register` (escrow: the chain,
+the indexer's lag and the payouts' finality tag).
 """
 
 import contextvars
@@ -102,8 +103,8 @@ class ReadyzView(APIView):
     permission_classes = [AllowAny]
 
     @extend_schema(operation_id="readyz", tags=["operations"], auth=[],
-                   summary="Readiness: database, broker and chain RPC answer, the chain indexer keeps up; 503 "
-                           "`not_ready` names the failed ones",
+                   summary="Readiness: database, broker and chain RPC answer, the chain indexer keeps up, the node "
+                           "answers the payouts' finality tag; 503 `not_ready` names the failed ones",
                    responses={200: _ready, 503: OpenApiResponse(ErrorSerializer, description="A dependency is down; "
                                                                 "`details.checks` says which.")})
     def get(self, request):

@@ -10,6 +10,8 @@ from datetime import timedelta
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.test import Client
 
 import marketplace.settings
 
@@ -21,6 +23,7 @@ from tests.escrow.flow import USDC, fund, mined_what_was_sent
 from tests.escrow.flow import confirm_all, poll_mined, usdc_balance
 from tests.escrow import test_invocation_reorgs
 from tests.escrow.test_invocation_reorgs import SETTLED, invocation_of, polls_until_concluded, spend_all_but
+from tests.support.rpc_relay import RpcRelay
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -286,4 +289,113 @@ def test_a_fee_refund_waiting_when_a_reorg_takes_the_fees_collection_is_withdraw
     assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exists()
     assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
     call_command("reconcile", stdout=io.StringIO())
+
+
+# --- a node whose tag cannot be trusted -------------------------------------------------------------------------------
+
+@pytest.fixture
+def rpc_relay(escrow_chain, settings):
+    """The marketplace talks to Anvil through a relay the test controls."""
+    relay = RpcRelay(escrow_chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    settings.CHAIN_RPC_RETRIES = 0
+    yield relay
+    relay.stop()
+
+
+def asks_for_tag(call) -> bool:
+    return call.get("method") == "eth_getBlockByNumber" and call["params"][0] in ("finalized", "safe")
+
+
+def tag_answered_as(relay, how: str):
+    """What a node that cannot be trusted answers for its `finalized` block: an error (a provider or a chain that
+    does not serve the tag), nothing, or a block beyond its own head (a provider switched to another network)."""
+    def answer(node_answer: dict) -> dict:
+        if how == "refused":
+            return {"jsonrpc": "2.0", "id": node_answer["id"],
+                    "error": {"code": -32602, "message": "invalid block tag finalized"}}
+        if how == "null":
+            return {**node_answer, "result": None}
+        head = int(relay.node("eth_blockNumber"), 16)
+        return {**node_answer, "result": {**node_answer["result"], "number": hex(head + 1000)}}
+    return answer
+
+
+def waiting_for_finality(market, invocation_id: str):
+    return invocation_of(market, invocation_id)["payment"]["waiting_for_finality"]
+
+
+@pytest.mark.parametrize("how", ["refused", "null", "ahead_of_the_head"])
+def test_a_node_whose_tag_cannot_be_trusted_holds_every_payout_and_says_so_until_it_answers(
+        market, finalized_payouts, rpc_relay, how, admin_client, django_capture_on_commit_callbacks):
+    """The node refuses the `finalized` tag, answers nothing for it, or names a block beyond its own head: no payout
+    is ever sent on it, and that is not silent. The payout is held naming the payment's block (the API shows it to
+    the seller and the buyer), /readyz is not ready (`payout_finality`), the dashboard lists payouts that cannot be
+    released with the node's error, and reconcile fails saying so. Once the node answers a tag that passes the
+    payment's block, the payout is sent."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    rpc_relay.rewrite(asks_for_tag, tag_answered_as(rpc_relay, how))
+    invocation_id, purpose = run_paid(market, capture, "completed")
+    confirm_all(capture)
+    chain.mine(ANVIL_FINALITY_LAG + 2)  # the payment's block is final: the node does not say so
+    confirm_all(capture)
+    confirm_all(capture)
+    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                       ChainTransaction.objects.get(purpose=purpose))
+    assert (payout.status, payout.attempts.count()) == (TxStatus.QUEUED, 0), "the payout was sent on the node's word"
+    assert payout.held_until_block == payment.mined_block_number
+    assert waiting_for_finality(market, invocation_id) == {"block_number": payment.mined_block_number,
+                                                           "tag": "finalized"}
+
+    readiness = Client().get("/readyz")
+    assert readiness.status_code == 503
+    assert readiness.json()["error"]["details"]["checks"]["payout_finality"] == "failed"
+    dashboard = admin_client.get("/admin/dashboard/").content.decode()
+    assert "Payouts and refunds cannot be released" in dashboard
+    assert "finalized" in dashboard
+    assert "marketplace_payouts_releasable 0.0" in admin_client.get("/metrics").content.decode()
+    report = io.StringIO()
+    with pytest.raises(CommandError):
+        call_command("reconcile", stdout=report)
+    assert "1 payout(s) or refund(s) cannot be released: the node's finalized block" in report.getvalue()
+
+    rpc_relay.rewrite_none()
+    confirm_all(capture)  # released and sent
+    confirm_all(capture)  # confirmed
+    assert ChainTransaction.objects.get(pk=payout.pk).status == TxStatus.CONFIRMED
+    assert waiting_for_finality(market, invocation_id) is None
+    assert Client().get("/readyz").json()["checks"]["payout_finality"] == "ok"
+    assert "marketplace_payouts_releasable 1.0" in admin_client.get("/metrics").content.decode()
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_payout_released_is_held_again_when_the_tag_at_signing_is_below_its_payments_block(
+        market, finalized_payouts, rpc_relay, django_capture_on_commit_callbacks):
+    """The poll releases the payout against the node's finalized block; by the time its task signs, the node (another
+    provider behind the same URL, a node resynced) answers an older finalized block, below the payment's: the submit
+    asks the tag again and holds the payout, unsigned, until the tag passes the payment's block once more."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    invocation_id, purpose = run_paid(market, capture, "completed")
+    confirm_all(capture)
+    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                       ChainTransaction.objects.get(purpose=purpose))
+    chain.mine(ANVIL_FINALITY_LAG)
+    with capture(execute=False) as released:
+        poll_mined()
+    assert ChainTransaction.objects.get(pk=payout.pk).held_until_block is None
+
+    older = rpc_relay.node("eth_getBlockByNumber", [hex(payment.mined_block_number - 1), False])
+    rpc_relay.rewrite(asks_for_tag, lambda node_answer: {**node_answer, "result": older})
+    with capture(execute=True):
+        for callback in released:
+            callback()
+    payout.refresh_from_db()
+    assert (payout.status, payout.attempts.count()) == (TxStatus.QUEUED, 0), "signed against a tag that went back"
+    assert payout.held_until_block == payment.mined_block_number
+
+    rpc_relay.rewrite_none()
+    confirm_all(capture)
+    confirm_all(capture)
+    assert ChainTransaction.objects.get(pk=payout.pk).status == TxStatus.CONFIRMED
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "paid_out"
 

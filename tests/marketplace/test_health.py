@@ -27,7 +27,7 @@ def test_ready_when_database_broker_and_chain_answer(escrow_chain):
     response = Client().get("/readyz")
     assert response.status_code == 200, response.content
     assert response.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok", "chain": "ok",
-                                                             "indexer": "ok"}}
+                                                             "indexer": "ok", "payout_finality": "ok"}}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -39,7 +39,9 @@ def test_not_ready_names_what_failed(settings):
     assert response.status_code == 503
     assert error_code(response) == "not_ready"
     details = response.json()["error"]["details"]
-    assert details["checks"] == {"database": "ok", "broker": "failed", "chain": "failed", "indexer": "failed"}
+    # PAYOUT_HEAD_TAG empty (the dev chain's default): no payout waits for the node's tag, which is not asked.
+    assert details["checks"] == {"database": "ok", "broker": "failed", "chain": "failed", "indexer": "failed",
+                                 "payout_finality": "ok"}
     assert details["failed"] == ["broker", "chain", "indexer"]
 
 

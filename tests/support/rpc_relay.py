@@ -1,7 +1,8 @@
 """A JSON-RPC relay in front of Anvil that a test points the marketplace at, to make the node misbehave on cue:
 answer HTTP 429 to chosen calls, do something on the node right before a chosen call reaches it, let a call reach
-the node while its answer never comes back (`hold`), refuse connections altogether (`stop`, then `start`), or
-refuse `eth_getLogs` over more blocks than a public RPC serves (`cap_log_span`)."""
+the node while its answer never comes back (`hold`), refuse connections altogether (`stop`, then `start`),
+refuse `eth_getLogs` over more blocks than a public RPC serves (`cap_log_span`), or answer chosen calls with what
+the test makes of the node's answer (`rewrite`: an error, another block)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class RpcRelay:
         self._server: ThreadingHTTPServer | None = None
         self.max_log_span: int | None = None
         self.log_ranges: list[tuple[int, int]] = []  # every eth_getLogs's (fromBlock, toBlock), tags resolved
+        self._rewrites: list[tuple[Callable[[Call], bool], Callable[[dict], dict]]] = []
 
     @property
     def url(self) -> str:
@@ -61,6 +63,19 @@ class RpcRelay:
         self.holding.clear()
         self._let_through = after
         self.hold_methods = set(methods)
+
+    def rewrite(self, predicate: Callable[[Call], bool], answer: Callable[[dict], dict]) -> None:
+        """Answer each single call `predicate` picks with `answer(the node's answer)`, until `rewrite_none`."""
+        self._rewrites.append((predicate, answer))
+
+    def rewrite_none(self) -> None:
+        self._rewrites.clear()
+
+    def _rewritten(self, call: Call, payload: bytes) -> bytes:
+        for predicate, answer in list(self._rewrites):
+            if predicate(call):
+                return json.dumps(answer(json.loads(payload))).encode()
+        return payload
 
     def cap_log_span(self, blocks: int) -> None:
         """Answer an error, as public RPCs do, to an eth_getLogs over more than `blocks` blocks."""
@@ -126,6 +141,8 @@ class RpcRelay:
                         relay._before.remove(hook)
                         action()
                 payload = relay._forward(body)
+                if isinstance(parsed, dict):
+                    payload = relay._rewritten(parsed, payload)
                 if relay._hold_this_one(calls):
                     relay.holding.set()
                     relay._release.wait()  # the node has done the work; the caller never hears back

@@ -1,8 +1,9 @@
 """Compare every funded agreement with the escrow contract, and report the chain indexer's lag, the events it
 could not apply, the skill invocations whose payment a reorg took after their seller was called, the direct
-purchases whose payment a reorg took after they were counted paid, and the nonce fills the old bytes of the
-transaction they cancel were mined in place of; exit 1 on any difference, unapplied event, reverted payment or
-outrun fill (the chain is the truth). It also lists, without failing, the escrows reclaimed for the buyer with
+purchases whose payment a reorg took after they were counted paid, the nonce fills the old bytes of the
+transaction they cancel were mined in place of, and whether the node answers the PAYOUT_HEAD_TAG block payouts wait
+for; exit 1 on any difference, unapplied event, reverted payment, outrun fill or unanswered tag (the chain is the
+truth). It also lists, without failing, the escrows reclaimed for the buyer with
 usage charged that was never proposed (the seller unpaid: the contract allows nothing else). An operator who looked into one acknowledges it (`--acknowledge ID` for an
 event, `--acknowledge-invocation INVOCATION_ID` or `--acknowledge-agreement AGREEMENT_ID` for a reverted payment,
 `--acknowledge-nonce-fill TRANSACTION_ID` for a fill, with `--reason ...`; or the admin's actions): it is still
@@ -50,6 +51,16 @@ def _describe_outrun_fill(fill: ChainTransaction) -> str:
     return (f"nonce fill {fill.pk} (nonce {fill.nonce}): the old bytes of the transaction it cancels "
             f"({fill.context.get(relayer.CANCELS)}) were mined in its place (tx {fill.mined_tx_hash}, block "
             f"{fill.mined_block_number}) and ran: what they did may be done twice (by its successor or a retry)")
+
+
+def _payouts_unreleasable() -> list[str]:
+    """The node does not answer its PAYOUT_HEAD_TAG block: no payout or refund waiting for its payment's finality is
+    sent (nor any held later) until it does."""
+    blocker = selectors.payout_release_blocker()
+    if not blocker:
+        return []
+    return [f"{selectors.transactions_waiting_for_finality().count()} payout(s) or refund(s) cannot be released: "
+            f"{blocker}; none is sent until the node answers it"]
 
 
 def _uuids(ids: list[str], what: str) -> list[uuid.UUID]:
@@ -111,6 +122,7 @@ class Command(BaseCommand):
         problems += [describe(row) for of, describe in reverted
                      for row in agreement_selectors.payments_reverted(of=of)]
         problems += [_describe_outrun_fill(fill) for fill in selectors.nonce_fills_outrun()]
+        problems += _payouts_unreleasable()
         for line in problems:
             self.stdout.write(line)
         for agreement in agreement_selectors.agreements_reclaimed_with_seller_unpaid().iterator():
