@@ -82,7 +82,7 @@ def _overdue(now) -> list[dashboard.Overdue]:
     items += [dashboard.Overdue(since=tx.updated_at, kind=f"settlement proposal failed {failures} times, not retried",
                                 subject=str(tx.agreement_id), detail=tx.failure_reason, admin_url=_tx_url(tx))
               for tx, failures in selectors.proposals_given_up(limit=dashboard.OVERDUE_LIMIT)]
-    return _payouts_unreleasable(now) + items
+    return _payouts_unreleasable(now) + items + _payouts_held_too_long(now)
 
 
 def _payouts_unreleasable(now) -> list[dashboard.Overdue]:
@@ -96,6 +96,15 @@ def _payouts_unreleasable(now) -> list[dashboard.Overdue]:
                               kind="Payouts and refunds cannot be released", subject=f"{held.count()} held",
                               detail=blocker, admin_url=reverse("admin:escrow_chaintransaction_changelist")
                               + "?held_until_block__isempty=0&status__exact=queued")]
+
+
+def _payouts_held_too_long(now) -> list[dashboard.Overdue]:
+    """Held for their payment's finality longer than finality takes: the node's tag stalled, or it is wrong."""
+    return [dashboard.Overdue(since=tx.created_at, kind=f"{tx.purpose} held for its payment's finality",
+                              subject=str(tx.agreement_id or tx.context.get("invocation_id") or tx.pk),
+                              detail=selectors.finality_wait_of(tx=tx), admin_url=_tx_url(tx))
+            for tx in selectors.transactions_held_since(before=now - settings.PAYOUT_HELD_OVERDUE_AFTER)
+            [:dashboard.OVERDUE_LIMIT]]
 
 
 def _gauges() -> list[dashboard.Gauge]:

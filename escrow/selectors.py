@@ -267,6 +267,11 @@ def transaction_counts_waiting_for_finality() -> dict[tuple[str], int]:
     return {(purpose,): count for purpose, count in rows}
 
 
+def transactions_held_since(*, before):
+    """Held for their payment's finality since before `before` (queued then: the payment was confirmed already)."""
+    return transactions_waiting_for_finality().filter(created_at__lt=before).order_by("created_at")
+
+
 def payout_release_blocker() -> str:
     """Why no payout or refund waiting for its payment's finality can be released now: the node's error on its
     PAYOUT_HEAD_TAG block (refused, nothing, a block beyond its head); empty when it answers, or no tag is set."""

@@ -503,6 +503,9 @@ TREASURY_USDC_WARN_ATOMIC = env.int("TREASURY_USDC_WARN_ATOMIC", default=50 * 10
 # The dashboard lists as overdue: a transaction unconfirmed, or an agreement in submitting, for longer than this;
 # an agreement still in_challenge this long after its challenge deadline (the settlement tick finalizes it).
 OVERDUE_SUBMITTING_AFTER = timedelta(seconds=env.int("OVERDUE_SUBMITTING_AFTER_SECONDS", default=300))
+# A payout or refund held for its payment's finality (PAYOUT_HEAD_TAG) is overdue past this: Base finalizes in about
+# 15 minutes; one held an hour means the node's tag stalled (or is wrong).
+PAYOUT_HELD_OVERDUE_AFTER = timedelta(seconds=env.int("PAYOUT_HELD_OVERDUE_AFTER_SECONDS", default=3600))
 OVERDUE_FINALIZE_AFTER = timedelta(seconds=env.int("OVERDUE_FINALIZE_AFTER_SECONDS", default=120))
 # A task message redelivered this many times because its process died is then a dead letter (marketplace.dead_letters).
 TASK_MAX_REDELIVERIES = env.int("TASK_MAX_REDELIVERIES", default=3)

@@ -399,3 +399,17 @@ def test_a_payout_released_is_held_again_when_the_tag_at_signing_is_below_its_pa
     assert ChainTransaction.objects.get(pk=payout.pk).status == TxStatus.CONFIRMED
     assert invocation_of(market, invocation_id)["payment"]["status"] == "paid_out"
 
+
+def test_a_payout_held_longer_than_finality_takes_is_overdue_on_the_dashboard(
+        market, finalized_payouts, settings, admin_client, django_capture_on_commit_callbacks):
+    """A node whose finalized block stalls (its L1 connection lost) answers the tag, always the same: payouts wait
+    on. Waiting is not overdue on Base for about 15 minutes; past PAYOUT_HELD_OVERDUE_AFTER it is (before: a held
+    payout was never listed as overdue, however long it waited)."""
+    capture = django_capture_on_commit_callbacks
+    run_paid(market, capture, "completed")
+    confirm_all(capture)
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
+    settings.PAYOUT_HELD_OVERDUE_AFTER = timedelta(0)
+    dashboard = admin_client.get("/admin/dashboard/").content.decode()
+    assert f"waiting for block {payment.mined_block_number} to be finalized" in dashboard
+    assert "invocation_payout held for its payment&#x27;s finality" in dashboard
