@@ -308,8 +308,11 @@ def _waits_for_finality(tx: ChainTransaction) -> bool:
     if not settings.PAYOUT_HEAD_TAG or tx.purpose not in _spent_blocks:
         return False
     spent = _spent_blocks[tx.purpose](tx)
+    # The tag before the hash: a block final by the tag read first that still holds the payment holds it for good,
+    # whereas a hash read first could predate a reorg the tag read after it already counts as final.
+    final = _final_block_or_none()
     if spent is not None and chain.canonical_block_hash(spent[0]) == spent[1]:
-        if spent[0] <= _final_block_or_none():
+        if spent[0] <= final:
             return False
         until = spent[0]
     else:

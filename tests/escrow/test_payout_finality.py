@@ -413,3 +413,36 @@ def test_a_payout_held_longer_than_finality_takes_is_overdue_on_the_dashboard(
     dashboard = admin_client.get("/admin/dashboard/").content.decode()
     assert f"waiting for block {payment.mined_block_number} to be finalized" in dashboard
     assert "invocation_payout held for its payment&#x27;s finality" in dashboard
+
+
+def test_a_reorg_between_the_submits_reads_of_the_node_never_sends_the_payout(
+        market, finalized_payouts, rpc_relay, django_capture_on_commit_callbacks):
+    """The submit reads the node twice: the payment's block hash, and the tagged block. A reorg that takes the
+    payment between the two (the node slow to answer while the other branch wins and finalizes) must not leave a
+    'canonical' read from before it and a 'final' read from after it: the tag is read first, so a block final by it
+    that still holds the payment is final for good (before: the hash was read first, and the payout was sent on a
+    payment the chain no longer had, from the treasury's own funds)."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    seller, treasury = usdc_balance(chain, market.seller.wallet_address), usdc_balance(chain, market.treasury)
+    before_fork = chain.snapshot()
+    run_paid(market, capture, "completed")
+    confirm_all(capture)
+    payout = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT)
+    chain.mine(ANVIL_FINALITY_LAG)
+    with capture(execute=False) as released:
+        poll_mined()
+
+    def other_branch_wins_and_finalizes():
+        chain.revert(before_fork)
+        spend_all_but(chain, market.buyer.address, keep=0)
+        chain.mine(ANVIL_FINALITY_LAG + 10)
+
+    rpc_relay.before_once(asks_for_tag, other_branch_wins_and_finalizes)
+    with capture(execute=True):
+        for callback in released:
+            callback()
+    payout.refresh_from_db()
+    assert (payout.status, payout.attempts.count()) == (TxStatus.QUEUED, 0), "paid out on a payment the chain lost"
+    mined_what_was_sent()
+    assert usdc_balance(chain, market.treasury) == treasury
+    assert usdc_balance(chain, market.seller.wallet_address) == seller
