@@ -21,9 +21,8 @@ from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase
 from tests.agreements.test_invocations import PRICE
 from tests.escrow.flow import USDC, fund, mined_what_was_sent
 from tests.escrow.flow import confirm_all, poll_mined, usdc_balance
-from tests.escrow import test_invocation_reorgs
+from tests.escrow import test_invocation_reorgs, test_relayer_evidence
 from tests.escrow.test_invocation_reorgs import SETTLED, invocation_of, polls_until_concluded, spend_all_but
-from tests.support.rpc_relay import RpcRelay
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -293,14 +292,8 @@ def test_a_fee_refund_waiting_when_a_reorg_takes_the_fees_collection_is_withdraw
 
 # --- a node whose tag cannot be trusted -------------------------------------------------------------------------------
 
-@pytest.fixture
-def rpc_relay(escrow_chain, settings):
-    """The marketplace talks to Anvil through a relay the test controls."""
-    relay = RpcRelay(escrow_chain.node.rpc_url).start()
-    settings.CHAIN_RPC_URL = relay.url
-    settings.CHAIN_RPC_RETRIES = 0
-    yield relay
-    relay.stop()
+# The marketplace talks to Anvil through a relay the test controls.
+rpc_relay = test_relayer_evidence.rpc_relay
 
 
 def asks_for_tag(call) -> bool:
