@@ -77,6 +77,10 @@ def test_a_payout_waits_for_its_payments_finality_then_is_sent(
     assert f'marketplace_chain_transactions_waiting_for_finality{{purpose="{purpose}"}} 1.0' in metrics
     dashboard = admin_client.get("/admin/dashboard/").content.decode()
     assert "Payouts and refunds waiting for their payment&#x27;s finality" in dashboard
+    report = io.StringIO()
+    call_command("reconcile", stdout=report)  # waiting is no mismatch; it is reported
+    assert (f"Payouts: 1 held for their payment's finality, the oldest waiting for block {payment.mined_block_number}; "
+            f"the node's finalized block is ") in report.getvalue()
     settings.CHAIN_SWEEP_AFTER = timedelta(0)
     assert relayer.transactions_sweep_queued() == 0  # waiting is not stuck: nothing to send again
 

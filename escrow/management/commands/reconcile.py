@@ -18,7 +18,7 @@ from django.core.management.base import BaseCommand, CommandError
 from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
 from agreements.models import FUNDED_STATUSES, SettlementModel, SkillInvocation, UsageAgreement
-from escrow import indexer, relayer, selectors, services
+from escrow import chain, indexer, relayer, selectors, services
 from escrow.models import ChainEvent, ChainTransaction
 from marketplace.errors import ApplicationError
 
@@ -136,6 +136,7 @@ class Command(BaseCommand):
                 self._acknowledged(row.payment_reversal_acknowledged_by, row.payment_reversal_acknowledged_at,
                                    row.payment_reversal_acknowledgement_reason, describe(row))
         self._report_lag()
+        self._report_finality_holds()
         if problems:
             raise CommandError(f"{len(problems)} mismatch(es) between the database and the chain.")
         self.stdout.write(self.style.SUCCESS(f"Consistent: {agreements.count()} funded agreement(s) checked."))
@@ -149,6 +150,20 @@ class Command(BaseCommand):
         except ApplicationError as error:
             raise CommandError(f"{error.message} ({error.code})") from error
         self.stdout.write(f"Acknowledged {count} {what}.")
+
+    def _report_finality_holds(self) -> None:
+        """Payouts and refunds held for their payment's finality: waiting is no mismatch, but an operator sees how
+        many, for which block the oldest waits, and where the node's tag is."""
+        held = selectors.transactions_waiting_for_finality()
+        oldest = held.order_by("created_at").first()
+        if oldest is None or not settings.PAYOUT_HEAD_TAG:
+            return
+        try:
+            tagged = f"block is {chain.final_block_number(settings.PAYOUT_HEAD_TAG)}"
+        except chain.ChainError as error:
+            tagged = f"block cannot be read: {error}"
+        self.stdout.write(f"Payouts: {held.count()} held for their payment's finality, the oldest waiting for block "
+                          f"{oldest.held_until_block}; the node's {settings.PAYOUT_HEAD_TAG} {tagged}.")
 
     def _report_lag(self) -> None:
         lag = selectors.indexer_lag()
