@@ -12,6 +12,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import Client
+from django.urls import reverse
 
 import marketplace.settings
 
@@ -443,3 +444,36 @@ def test_a_reorg_between_the_submits_reads_of_the_node_never_sends_the_payout(
     mined_what_was_sent()
     assert usdc_balance(chain, market.treasury) == treasury
     assert usdc_balance(chain, market.seller.wallet_address) == seller
+
+
+def test_a_failed_payout_the_operator_retries_waits_for_the_tag_as_the_first_did(
+        market, finalized_payouts, rpc_relay, admin_client, django_capture_on_commit_callbacks):
+    """The payout, released once its payment was final, fails (the treasury's float was spent); the operator tops the
+    treasury up and retries it from the admin. The retry is a new transaction: it passes the same gate, so while the
+    node does not answer its tag it is held too, never sent on the operator's word alone."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    invocation_id, purpose = run_paid(market, capture, "completed")
+    confirm_all(capture)
+    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                       ChainTransaction.objects.get(purpose=purpose))
+    float_ = spend_all_but(chain, market.treasury, keep=0)
+    chain.mine(ANVIL_FINALITY_LAG)
+    confirm_all(capture)  # released; its simulation reverts
+    confirm_all(capture)
+    payout.refresh_from_db()
+    assert payout.status == TxStatus.FAILED
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "paying_out"
+
+    fund(chain, market.treasury, float_)
+    rpc_relay.rewrite(asks_for_tag, tag_answered_as(rpc_relay, "refused"))
+    with capture(execute=True):
+        response = admin_client.post(reverse("admin:escrow_chaintransaction_changelist"),
+                                     {"action": "retry_failed", "_selected_action": [str(payout.pk)]}, follow=True)
+    assert "Queued 1 transaction(s) again." in response.content.decode()
+    retry = ChainTransaction.objects.get(purpose=purpose, status=TxStatus.QUEUED)
+    assert (retry.attempts.count(), retry.held_until_block) == (0, payment.mined_block_number)
+
+    rpc_relay.rewrite_none()
+    polls_until_concluded(capture, retry)  # the treasury's own sends above took nonces the relayer had counted on
+    assert ChainTransaction.objects.get(pk=retry.pk).status == TxStatus.CONFIRMED
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "paid_out"
