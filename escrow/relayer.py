@@ -310,7 +310,7 @@ def _waits_for_finality(tx: ChainTransaction) -> bool:
     spent = _spent_blocks[tx.purpose](tx)
     # The tag before the hash: a block final by the tag read first that still holds the payment holds it for good,
     # whereas a hash read first could predate a reorg the tag read after it already counts as final.
-    final = _final_block_or_none()
+    final = _final_block_number()
     if spent is not None and chain.canonical_block_hash(spent[0]) == spent[1]:
         if spent[0] <= final:
             return False
@@ -326,7 +326,7 @@ def _waits_for_finality(tx: ChainTransaction) -> bool:
     return True
 
 
-def _final_block_or_none() -> int:
+def _final_block_number() -> int:
     """The node's PAYOUT_HEAD_TAG block; -1 (nothing is final) when the node cannot be believed on it (it refuses the
     tag, answers nothing, names a block beyond its head): what waits is held, visibly, never released on an error
     (the dashboard, /readyz and reconcile say why: `selectors.payout_release_blocker`)."""
