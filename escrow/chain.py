@@ -13,6 +13,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import requests
 from django.conf import settings
@@ -118,9 +119,36 @@ def decode_revert(data: Any) -> str:
 
 
 def classify(exc: Exception) -> ChainError:
-    """Map anything web3 or the transport raised to one of our typed errors."""
+    """Map anything web3 or the transport raised to one of our typed errors, with the node URL's secrets out of its
+    text (`redacted`)."""
     if isinstance(exc, ChainError):
         return exc
+    error = _classified(exc)
+    error.args = tuple(redacted(arg) if isinstance(arg, str) else arg for arg in error.args)
+    return error
+
+
+def redacted(text: str) -> str:
+    """`text` without what CHAIN_RPC_URL holds beyond its node's address: RPC providers put their API key in the
+    path, the query or the user info, and an error's text (urllib3's "Max retries exceeded with url: /v2/<key>")
+    reaches the logs, the admin's dashboard and reconcile's output."""
+    for secret in _url_secrets(settings.CHAIN_RPC_URL):
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
+@lru_cache(maxsize=4)
+def _url_secrets(url: str) -> tuple[str, ...]:
+    """The parts of `url` that may hold a key, the longest first (the path with its query before either alone)."""
+    parts = urlsplit(url)
+    path = parts.path if parts.path not in ("", "/") else ""
+    candidates = [f"{path}?{parts.query}" if path and parts.query else "", path, parts.query,
+                  unquote(parts.password or ""), parts.password or "", unquote(parts.username or ""),
+                  parts.username or ""]
+    return tuple(sorted({candidate for candidate in candidates if candidate}, key=len, reverse=True))
+
+
+def _classified(exc: Exception) -> ChainError:
     if isinstance(exc, requests.Timeout | TimeoutError):
         return RpcUnavailable(str(exc))
     if isinstance(exc, requests.ConnectionError | ConnectionError):

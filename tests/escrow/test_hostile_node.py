@@ -347,3 +347,24 @@ def test_a_node_or_proxy_whose_name_never_resolves_is_unavailable_within_the_rpc
         elapsed = time.monotonic() - started
         assert lookups.began == 1
     assert elapsed < 1.0, f"the call took {elapsed:.1f} s with CHAIN_RPC_TIMEOUT=0.5"
+
+
+@pytest.mark.parametrize("node_url", [
+    "http://127.0.0.1:{port}/v2/SECRET-KEY-IN-PATH",
+    "http://127.0.0.1:{port}/?apikey=SECRET-KEY-IN-QUERY",
+    "http://user:SECRET-KEY-AS-PASSWORD@127.0.0.1:{port}/",
+])
+def test_the_nodes_api_key_in_its_url_is_never_in_an_error_the_platform_shows(node_url, settings, admin_client):
+    """RPC providers put the API key in the URL's path, query or password. A failed call's error text named the
+    URL whole (urllib3's "Max retries exceeded with url: /v2/<key>"), and that text reaches the logs, the admin's
+    dashboard and reconcile's output, read by people who hold no infrastructure secret."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    settings.CHAIN_RPC_URL, settings.CHAIN_RPC_RETRIES = node_url.format(port=port), 0
+    with pytest.raises(chain.ChainError) as refused:
+        chain.latest_block_number()
+    assert "SECRET-KEY" not in str(refused.value)
+    assert "127.0.0.1" in str(refused.value)  # still says which node failed
+    dashboard = admin_client.get("/admin/dashboard/").content.decode()
+    assert "SECRET-KEY" not in dashboard
