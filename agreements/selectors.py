@@ -306,7 +306,9 @@ def payments_failed_watched(*, of: type[SkillInvocation] | type[UsageAgreement],
     unacknowledged = of.objects.filter(reverted, payment_reversal_acknowledged_at=None)
     usable = of.objects.filter(reverted | _PAYMENT_FAILED[of],
                                **{f"{_FAILED_PAYMENT_AUTHORIZATION[of]}__valid_before__gt": usable_after})
-    return list(unacknowledged.values_list("pk", flat=True).union(usable.values_list("pk", flat=True)))
+    # Unordered: SQLite (`make run`) refuses an ORDER BY (the models' default ordering) in a UNION's parts.
+    return list(unacknowledged.order_by().values_list("pk", flat=True).union(
+        usable.order_by().values_list("pk", flat=True)))
 
 
 def payments_reverted_counts(*, of: type[SkillInvocation] | type[UsageAgreement]) -> dict[bool, int]:
