@@ -51,7 +51,7 @@ from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES
                               DeadlineExceeded, deadline_passed, deadline_within, json_answer, time_left)
 from sdk.networks import NetworkConfig, TokenDomain
 from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, RpcError
-from sdk.receipts import VerifiedUsage, verify_usage
+from sdk.receipts import UsageVerificationTimedOut, VerifiedUsage, verify_usage
 from sdk.safety import (DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data,
                         require_equal)
 from sdk.terms import AgreedTerms
@@ -70,6 +70,8 @@ _TRANSIENT_STATUSES = frozenset({503})
 _TRANSIENT_CODES = frozenset({"idempotency_in_progress"})
 # The escrow contract's MAX_CHALLENGE_WINDOW: no agreement's challenge window is longer, whatever a server says.
 CHALLENGE_WINDOW_MAX_SECONDS = 30 * 24 * 3600
+# verify_usage's default bound: well above listing and checking tens of thousands of events (pages of 100).
+VERIFY_USAGE_TIMEOUT_SECONDS = 600.0
 # How far ahead of this client's clock the chain's may run when a Masumi purchase's challenge window is counted.
 MASUMI_CLOCK_SKEW_SECONDS = 60
 
@@ -374,7 +376,8 @@ class MarketplaceClient:
         """Every usage event of the agreement, oldest first (lazy, page by page)."""
         return self._pages("GET", f"/usage-agreements/{agreement_id}/usage", {"limit": page_size})
 
-    def verify_usage(self, agreement: Mapping[str, Any]) -> VerifiedUsage:
+    def verify_usage(self, agreement: Mapping[str, Any], *,
+                     timeout: float = VERIFY_USAGE_TIMEOUT_SECONDS) -> VerifiedUsage:
         """Check every charge against the chain, through the buyer's own RPC: the escrow's on-chain record
         (deposit, receipt signer, proposed amount and digest, state), then the usage listing's gap-free sequence,
         cumulative sums, digest chain (recomputed from the events' fields) and every receipt's signature against
@@ -384,7 +387,39 @@ class MarketplaceClient:
         The escrow's events are looked for from the block the buyer's RPC puts the agreement's `activation_tx_hash`
         in (pass the agreement as fetched once active), never before the pinned network's `escrow_deployment_block`
         (a hash mined earlier is the marketplace's word against the pinned one), else from that block; a hash mined
-        after the activation finds no escrow, and the verification fails."""
+        after the activation finds no escrow, and the verification fails.
+
+        The whole verification, its requests included, ends within `timeout` seconds or raises
+        `sdk.receipts.UsageVerificationTimedOut` (a TimeoutError) counting the events verified: zero-unit events
+        cost nothing, so neither the deposit nor the agreed quantity bounds how many a compromised marketplace may
+        list, page after page."""
+        if not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        checked = 0
+
+        def timed_out() -> UsageVerificationTimedOut:
+            return UsageVerificationTimedOut(f"usage verification of agreement {agreement['id']} outlasted its "
+                                             f"{timeout:g} s timeout after {checked} events", events=checked)
+
+        def within_timeout(events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+            """The events, checked against the deadline one by one: a page may hold many (raising, not ending the
+            listing early, which would read as a listing short of the on-chain proposal)."""
+            nonlocal checked
+            for event in events:
+                if deadline_passed():
+                    raise timed_out()
+                yield event
+                checked += 1
+
+        with deadline_within(timeout):
+            try:
+                return self._verify_usage(agreement, within_timeout(self.usage(agreement["id"])))
+            except DeadlineExceeded as cut_short:
+                if not deadline_passed():
+                    raise  # a request's own deadline, sooner than the verification's
+                raise timed_out() from cut_short
+
+    def _verify_usage(self, agreement: Mapping[str, Any], events: Iterator[dict[str, Any]]) -> VerifiedUsage:
         reader = self._reader()
         activation_tx = agreement.get("activation_tx_hash")
         try:
@@ -396,7 +431,7 @@ class MarketplaceClient:
                                buyer=agreement["buyer_wallet_address"],
                                from_block=deployed if from_block is None else max(from_block, deployed))
         require_equal(escrow.buyer, agreement["buyer_wallet_address"], "escrow.buyer")
-        return verify_usage(self.usage(agreement["id"]), escrow=escrow, agreement_id=agreement["onchain_id"],
+        return verify_usage(events, escrow=escrow, agreement_id=agreement["onchain_id"],
                             chain_id=self.network.chain_id, escrow_address=self.network.escrow_address,
                             price_per_unit=int(agreement["price_per_unit_atomic"]))
 

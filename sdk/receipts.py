@@ -146,6 +146,16 @@ class SettlementProposalMismatch(UsageVerificationError):
     """The settlement proposed on-chain is not the last receipt (amount above it, or another digest)."""
 
 
+class UsageVerificationTimedOut(TimeoutError):
+    """The verification outlasted its timeout (`MarketplaceClient.verify_usage`): the listing may be endless (a
+    compromised marketplace can list zero-unit events, which cost nothing, without end) or merely slow. Nothing is
+    proven either way; `events` counts those verified before it stopped."""
+
+    def __init__(self, message: str, *, events: int):
+        super().__init__(message)
+        self.events = events
+
+
 def verify_usage(events: Iterable[Mapping[str, Any]], *, escrow: OnchainEscrow, agreement_id: str, chain_id: int,
                  escrow_address: str, price_per_unit: int | None = None) -> VerifiedUsage:
     """Check a usage listing (`GET /usage-agreements/{id}/usage`, oldest first) against the on-chain `escrow`.

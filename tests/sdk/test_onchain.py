@@ -2,12 +2,15 @@
 eth_getLogs over more than a few blocks: the escrow's events are read in bounded spans, from a known block on, and
 no further than they need."""
 
+import threading
+import time
+import uuid
 from dataclasses import replace
 
 import httpx
 import pytest
 
-from sdk import MarketplaceClient
+from sdk import MarketplaceClient, receipts
 from sdk.onchain import ChainReader
 from tests.escrow.conftest import Escrows, random_bytes32
 from tests.escrow.flow import network_of
@@ -95,3 +98,55 @@ def test_verify_usage_reads_the_escrow_from_no_earlier_than_its_pinned_deploymen
                            rpc_log_block_span=SPAN, transport=listing) as buyer:
         assert buyer.verify_usage(agreement).events == 0
     assert capped_rpc.log_ranges[0][0] == pinned, f"read from block {capped_rpc.log_ranges[0][0]}, pinned {pinned}"
+
+
+class EndlessZeroUnitListing:
+    """A compromised marketplace's usage listing: zero-unit events (legitimate, so not refused), each extending the
+    digest chain, page after page without end, until `stop` is set (then its last page)."""
+
+    def __init__(self, onchain_id: str):
+        self.onchain_id, self.seq, self.digest = onchain_id, 0, receipts.ZERO_DIGEST
+        self.stop = threading.Event()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        events = []
+        for _ in range(100):
+            self.seq += 1
+            request_id = uuid.uuid4().hex
+            self.digest = receipts.usage_digests(self.digest, agreement_id=self.onchain_id,
+                                                 events=[(self.seq, 0, 0, 0, request_id)])[0]
+            events.append({"seq": self.seq, "units": 0, "cost_atomic": 0, "cumulative_atomic": 0,
+                           "request_id": request_id, "usage_digest": self.digest, "receipt_signature": ""})
+        return httpx.Response(200, json={"results": events,
+                                         "next_cursor": None if self.stop.is_set() else uuid.uuid4().hex})
+
+
+def test_verify_usage_ends_within_its_timeout_however_long_the_listing(chain):
+    """Zero-unit events cost nothing, so neither the deposit nor the agreed quantity bounds how many a listing may
+    hold: a compromised marketplace listing them without end held verify_usage (and the buyer's CPU) for ever."""
+    typed, _ = Escrows(chain).activate()
+    onchain_id = typed["message"]["agreementId"]
+    agreement = {"id": "a1", "onchain_id": onchain_id, "price_per_unit_atomic": 1,
+                 "buyer_wallet_address": chain.accounts.buyer.address}
+    listing = EndlessZeroUnitListing(onchain_id)
+    outcome: dict[str, object] = {}
+
+    def verify() -> None:
+        with MarketplaceClient("http://marketplace.example", "mk_test", network=network_of(chain),
+                               rpc_url=chain.node.rpc_url, transport=httpx.MockTransport(listing)) as buyer:
+            started = time.monotonic()
+            try:
+                outcome["result"] = buyer.verify_usage(agreement, timeout=1.0)
+            except Exception as error:  # noqa: BLE001 - handed to the test thread
+                outcome["error"] = error
+            outcome["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=verify, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    listing.stop.set()  # a verification still running ends on the next page
+    thread.join(timeout=10)
+    assert "seconds" in outcome and outcome["seconds"] < 2, f"verify_usage ran for more than 10 s: {outcome}"
+    error = outcome.get("error")
+    assert isinstance(error, receipts.UsageVerificationTimedOut) and isinstance(error, TimeoutError), outcome
+    assert f"{error.events} events" in str(error) and error.events > 0, str(error)
