@@ -5,6 +5,10 @@ What the buyer checks the marketplace against: the escrow contract's record of a
 stores; the contract keys escrows by (buyer, agreementId), so only the buyer's own escrow's events are read, never
 those of an escrow someone else opened under the same id), a token's EIP-712 domain (EIP-5267 `eip712Domain()`, else `name()` / `version()`), and the chain's clock.
 
+The RPC URL often holds the buyer's API key with its provider (in its path, query or user info): those parts are
+taken out of the text of every error a read raises, its causes' too (`redacted`), since an agent logs or shows its
+errors; the node's host and port stay, to say which node failed.
+
 Events are read in block spans of at most `log_block_span` blocks (`ChainReader.first_logs`): public RPCs refuse
 an `eth_getLogs` over more than a few thousand blocks, and an escrow's history on Base grows without bound.
 """
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 import httpx
 from eth_abi import decode, encode
@@ -22,7 +28,7 @@ from eth_utils import keccak, to_checksum_address
 from sdk.bounded_http import DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, BoundedHttp, json_answer
 from sdk.networks import TokenDomain
 
-__all__ = ["DEFAULT_LOG_BLOCK_SPAN", "ChainReader", "OnchainEscrow", "RpcError"]
+__all__ = ["DEFAULT_LOG_BLOCK_SPAN", "ChainReader", "OnchainEscrow", "RpcError", "redacted"]
 
 DEFAULT_LOG_BLOCK_SPAN = 2_000  # blocks per eth_getLogs call: within what public Base RPCs serve
 
@@ -41,6 +47,41 @@ def _selector(signature: str) -> bytes:
 
 class RpcError(RuntimeError):
     """The node answered with an error (a revert, an unknown method)."""
+
+
+def redacted(text: str, rpc_url: str) -> str:
+    """`text` without what `rpc_url` holds beyond its node's address (its path, query and user info, where RPC
+    providers put the API key), as given and as httpx writes it in its errors."""
+    for secret in _url_secrets(rpc_url):
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
+@lru_cache(maxsize=8)
+def _url_secrets(url: str) -> tuple[str, ...]:
+    """The parts of `url` that may hold a key, the longest first (the path with its query before either alone)."""
+    forms = {url}
+    try:
+        forms.add(str(httpx.URL(url)))  # percent-encoded as httpx puts it in an error's text
+    except httpx.InvalidURL:
+        pass
+    candidates = set()
+    for form in forms:
+        parts = urlsplit(form)
+        path = parts.path if parts.path not in ("", "/") else ""
+        candidates |= {f"{path}?{parts.query}" if path and parts.query else "", path, parts.query,
+                       parts.password or "", unquote(parts.password or ""), parts.username or "",
+                       unquote(parts.username or "")}
+    return tuple(sorted(filter(None, candidates), key=len, reverse=True))
+
+
+def _redact_error(error: BaseException | None, rpc_url: str) -> None:
+    """Take `rpc_url`'s secrets out of `error`'s text and out of its causes' (a traceback shows them all)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.args = tuple(redacted(arg, rpc_url) if isinstance(arg, str) else arg for arg in error.args)
+        error = error.__cause__ or error.__context__
 
 
 @dataclass(frozen=True)
@@ -76,13 +117,17 @@ class ChainReader:
         self._http.close()
 
     def _rpc(self, method: str, params: list[Any]) -> Any:
-        response = self._http.request("POST", self._url, json={"jsonrpc": "2.0", "id": next(self._ids),
-                                                                "method": method, "params": params})
-        response.raise_for_status()
-        answer = json_answer(response)
-        if answer.get("error"):
-            raise RpcError(f"{method}: {answer['error']}")
-        return answer["result"]
+        try:
+            response = self._http.request("POST", self._url, json={"jsonrpc": "2.0", "id": next(self._ids),
+                                                                    "method": method, "params": params})
+            response.raise_for_status()
+            answer = json_answer(response)
+            if answer.get("error"):
+                raise RpcError(f"{method}: {answer['error']}")
+            return answer["result"]
+        except Exception as error:
+            _redact_error(error, self._url)
+            raise
 
     def _call(self, to: str, data: bytes) -> bytes:
         result = self._rpc("eth_call", [{"to": to_checksum_address(to), "data": "0x" + data.hex()}, "latest"])

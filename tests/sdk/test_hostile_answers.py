@@ -12,10 +12,12 @@ from __future__ import annotations
 import base64
 import functools
 import gzip
+import socket
 import subprocess
 import sys
 import threading
 import time
+import traceback
 import tracemalloc
 import uuid
 import zlib
@@ -468,3 +470,50 @@ def test_an_empty_page_naming_a_next_one_is_refused(listing):
         outcome = run_bounded(lambda: LISTINGS[listing](marketplace(url)), limit=10)
     assert isinstance(outcome.error, AnswerRefused), outcome.error
     assert "no results" in str(outcome.error)
+
+
+class Unavailable(Hostile):
+    def answer(self) -> Iterator[bytes]:
+        yield b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+
+
+def closed_port_url() -> str:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{closed.getsockname()[1]}"
+
+
+@contextmanager
+def refusing() -> Iterator[str]:
+    yield closed_port_url()
+
+
+# A node that fails each way, and the bounds under which the RPC is read.
+FAILING_NODES: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
+    "refuses connections": (refusing, {}),
+    "answers 503": (lambda: hostile(Unavailable), {}),
+    "outlasts the deadline": (lambda: hostile(TricklesItsBody), {"deadline": 1.0}),
+    "answers too much": (lambda: hostile(HundredMegabytes), {"max_answer_bytes": 1024}),
+}
+KEYED_URLS: dict[str, Callable[[str], str]] = {
+    "path": lambda url: f"{url}/v2/SECRET-KEY",
+    "query": lambda url: f"{url}/rpc?apikey=SECRET-KEY",
+    "path and query": lambda url: f"{url}/v3/SECRET-KEY?token=SECRET-KEY2",
+    "password": lambda url: url.replace("//", "//user:SECRET-KEY@", 1) + "/",
+}
+
+
+@pytest.mark.parametrize("keyed", KEYED_URLS)
+@pytest.mark.parametrize("failure", FAILING_NODES)
+def test_the_rpc_urls_api_key_is_never_in_an_sdk_error(failure, keyed):
+    """RPC providers put the buyer's API key in the URL's path, query or password: the SDK's errors (httpx's "Server
+    error '503 Service Unavailable' for url ...", the deadline's and the answer bound's "POST <url> ...") named the
+    URL whole, and an agent logs or shows its errors."""
+    node, bounds = FAILING_NODES[failure]
+    with node() as url:
+        rpc_url = KEYED_URLS[keyed](url)
+        outcome = run_bounded(lambda: ChainReader(rpc_url, timeout=READ_TIMEOUT, **bounds).chain_id(), limit=15)
+    assert outcome.error is not None
+    shown = "".join(traceback.format_exception(outcome.error))  # its causes included
+    assert "SECRET-KEY" not in shown, shown
+    assert "127.0.0.1" in str(outcome.error) or failure == "refuses connections"  # still says which node failed
