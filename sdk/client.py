@@ -74,6 +74,10 @@ CHALLENGE_WINDOW_MAX_SECONDS = 30 * 24 * 3600
 VERIFY_USAGE_TIMEOUT_SECONDS = 600.0
 # How far ahead of this client's clock the chain's may run when a Masumi purchase's challenge window is counted.
 MASUMI_CLOCK_SKEW_SECONDS = 60
+# How far ahead of this machine's clock the buyer's RPC's is believed when signing (`rpc_clock_lead`): a chain's
+# blocks run seconds ahead at most; an RPC further ahead (compromised, or another chain's) would let every signature
+# deadline lie that much later.
+RPC_CLOCK_LEAD_MAX_SECONDS = 300
 
 
 class MarketplaceError(Exception):
@@ -130,14 +134,16 @@ class MarketplaceClient:
 
     `transport` is passed to httpx (e.g. a transport with other TLS settings or a proxy). `timeout` bounds each
     network operation, `deadline` a whole request (retries included) and `max_answer_bytes` its answer, for the
-    marketplace and the RPC alike (module docstring). Safe to share between threads; close it (or use it as a
-    context manager) to release its connections.
+    marketplace and the RPC alike (module docstring). `rpc_clock_lead` is how many seconds ahead of this machine's
+    clock the RPC's is believed when signing (300; raise it for a dev chain moved forward in time). Safe to share
+    between threads; close it (or use it as a context manager) to release its connections.
     """
 
     def __init__(self, base_url: str, api_key: str, *, network: NetworkConfig | None = None,
                  rpc_url: str | None = None, timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
                  retries: int = 2, retry_backoff: float = 0.5, rpc_log_block_span: int = DEFAULT_LOG_BLOCK_SPAN,
-                 deadline: float = DEFAULT_DEADLINE_SECONDS, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES):
+                 deadline: float = DEFAULT_DEADLINE_SECONDS, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+                 rpc_clock_lead: float = RPC_CLOCK_LEAD_MAX_SECONDS):
         self._http = BoundedHttp(
             deadline=deadline, max_answer_bytes=max_answer_bytes, base_url=base_url, timeout=timeout,
             transport=transport,
@@ -149,6 +155,7 @@ class MarketplaceClient:
         self._chain = ChainReader(rpc_url, timeout=timeout, log_block_span=rpc_log_block_span, deadline=deadline,
                                   max_answer_bytes=max_answer_bytes) if rpc_url else None
         self._token_domain_read: TokenDomain | None = None
+        self._rpc_clock_lead = rpc_clock_lead
 
     def close(self) -> None:
         self._http.close()
@@ -182,9 +189,16 @@ class MarketplaceClient:
 
     def _now(self) -> int:
         """When the next block can be mined: this machine's clock, or the chain's when it runs ahead (deadlines are
-        block times). An idle chain's latest block may be minutes old, so the chain's clock alone would run late."""
+        block times). An idle chain's latest block may be minutes old, so the chain's clock alone would run late.
+        Only signing asks: an RPC's clock more than `rpc_clock_lead` seconds ahead refuses it (`SigningRefused`)."""
         wall = int(time.time())
-        return max(wall, self._chain.now()) if self._chain is not None else wall
+        if self._chain is None:
+            return wall
+        chain = self._chain.now()
+        if chain - wall > self._rpc_clock_lead:
+            raise SigningRefused("rpc clock", f"at most {self._rpc_clock_lead:g} s ahead of this machine's ({wall})",
+                                 chain, "signature deadlines would lie that far ahead")
+        return max(wall, chain)
 
     def __enter__(self) -> MarketplaceClient:
         return self

@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -15,11 +16,12 @@ from eth_account import Account
 from x402 import PaymentRequired, PaymentRequirements
 from x402.http import decode_payment_signature_header, encode_payment_required_header
 
-from sdk import AgreedTerms, MarketplaceClient, SigningRefused, TokenDomain, proxy_signature
+from sdk import AgreedTerms, MarketplaceClient, SigningRefused, TokenDomain, proxy_signature, typed_data
 from sdk.activation import expected_activation
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
 from sdk.safety import DeadlineOutOfRange, require_equal
 from sdk.x402_signing import sign_payment_required
+from tests.support.http_server import serving
 
 GAS_WALLET = Account.create().address
 NETWORK = NetworkConfig.pinned(BASE_SEPOLIA, escrow_address=Account.create().address,
@@ -243,3 +245,64 @@ def test_a_signed_call_verifies_under_its_own_call_number_spelling_only():
         accepted = [spelling for spelling in spellings
                     if proxy_signature.verify("s3cret", {**headers, name: spelling}, method="POST", path="/v1/run")]
         assert accepted == [], f"{name}: the signature of call 12 also verifies as {accepted}"
+
+
+# --- the buyer's RPC's clock -------------------------------------------------------------------------------------
+
+def rpc_clock_ahead_by(seconds: int) -> type[BaseHTTPRequestHandler]:
+    """A JSON-RPC node whose latest block is `seconds` ahead of this machine's clock."""
+
+    class Node(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            call = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert call["method"] == "eth_getBlockByNumber", call
+            body = json.dumps({"jsonrpc": "2.0", "id": call["id"],
+                               "result": {"timestamp": hex(int(time.time()) + seconds)}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Node
+
+
+def challenge_through(rpc_url: str, *, ahead: int) -> list[int]:
+    """The buyer's challenge of an agreement with a 7-day window, whose package asks for a deadline `ahead` seconds
+    past this machine's clock; the deadlines signed."""
+    agreement = {"id": str(uuid.uuid4()), "onchain_id": "0x" + "ab" * 32, "challenge_window_seconds": 7 * 86400}
+    deadline = int(time.time()) + ahead
+    package = {"deadline": deadline, "challenge": typed_data.challenge(
+        chain_id=NETWORK.chain_id, escrow_address=NETWORK.escrow_address, agreement_id=agreement["onchain_id"],
+        deadline=deadline)}
+    signed: list[int] = []
+
+    def marketplace(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, json=package)
+        signed.append(json.loads(request.content)["deadline"])
+        return httpx.Response(200, json={"status": "disputed"})
+
+    with MarketplaceClient("http://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url,
+                           transport=httpx.MockTransport(marketplace)) as buyer:
+        buyer.challenge(agreement, KEY, "the answers were empty")
+    return signed
+
+
+def test_a_clock_a_little_ahead_on_the_buyers_rpc_is_believed():
+    """An idle chain's clock lags, a busy one's may run a little ahead of this machine's: a challenge valid for the
+    whole window by the chain's clock is signed."""
+    with serving(rpc_clock_ahead_by(60)) as rpc_url:
+        assert len(challenge_through(rpc_url, ahead=7 * 86400 + 30)) == 1
+
+
+def test_a_clock_far_ahead_on_the_buyers_rpc_is_not_believed_for_signing():
+    """The SDK took the later of this machine's clock and the buyer's RPC's: an RPC (compromised, or on another
+    chain) a day ahead had a challenge signed valid for a day past its window, at the marketplace's asking."""
+    with serving(rpc_clock_ahead_by(86400)) as rpc_url:
+        with pytest.raises(SigningRefused) as refusal:
+            challenge_through(rpc_url, ahead=7 * 86400 + 3600)
+    assert refusal.value.field == "rpc clock", refusal.value
