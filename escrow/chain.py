@@ -13,7 +13,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import requests
 from django.conf import settings
@@ -35,6 +34,7 @@ from escrow import artifacts
 from marketplace import bounded_json, chainconfig
 from marketplace.concurrency import Deadlines
 from marketplace.errors import DependencyUnavailable
+from sdk import onchain
 from sdk.name_resolution import BoundedResolver
 
 
@@ -131,21 +131,9 @@ def classify(exc: Exception) -> ChainError:
 def redacted(text: str) -> str:
     """`text` without what CHAIN_RPC_URL holds beyond its node's address: RPC providers put their API key in the
     path, the query or the user info, and an error's text (urllib3's "Max retries exceeded with url: /v2/<key>")
-    reaches the logs, the admin's dashboard and reconcile's output."""
-    for secret in _url_secrets(settings.CHAIN_RPC_URL):
-        text = text.replace(secret, "[redacted]")
-    return text
-
-
-@lru_cache(maxsize=4)
-def _url_secrets(url: str) -> tuple[str, ...]:
-    """The parts of `url` that may hold a key, the longest first (the path with its query before either alone)."""
-    parts = urlsplit(url)
-    path = parts.path if parts.path not in ("", "/") else ""
-    candidates = [f"{path}?{parts.query}" if path and parts.query else "", path, parts.query,
-                  unquote(parts.password or ""), parts.password or "", unquote(parts.username or ""),
-                  parts.username or ""]
-    return tuple(sorted({candidate for candidate in candidates if candidate}, key=len, reverse=True))
+    reaches the logs, the admin's dashboard and reconcile's output. The SDK's rule, which takes the buyer's key out
+    of its own errors."""
+    return onchain.redacted(text, settings.CHAIN_RPC_URL)
 
 
 def _classified(exc: Exception) -> ChainError:
