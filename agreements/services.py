@@ -142,6 +142,12 @@ def _lock(agreement_id) -> UsageAgreement:
     return agreement
 
 
+def agreement_lock(*, agreement_id) -> None:
+    """Inside the caller's DB transaction: the agreement's row locked, before the caller locks rows of its own that
+    belong to it (the escrow app's chain transactions), so that every path takes the two in one order."""
+    _lock(agreement_id)
+
+
 def _record_event(agreement: UsageAgreement, *, actor: Actor, from_status: str, reason: str, data: dict) -> None:
     event = AgreementEvent.objects.create(
         agreement=agreement, actor_kind=actor.kind, actor_label=actor.label, from_status=from_status,

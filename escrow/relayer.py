@@ -52,6 +52,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 from web3 import Web3
 
+from agreements import services as agreement_services
 from escrow import chain
 from escrow.models import ChainTransaction, IndexerCursor, RelayerAccount, TxAttempt, TxPurpose, TxStatus
 from marketplace import chainconfig
@@ -194,7 +195,12 @@ def _relayer_account_ensure(address: str) -> None:
 
 
 def _locked_if_unchanged(tx: ChainTransaction) -> bool:
-    """Inside a DB transaction: lock `tx`'s row; True when nobody wrote it since `tx` was read."""
+    """Inside a DB transaction: lock `tx`'s row; True when nobody wrote it since `tx` was read. Its agreement's row is
+    locked first: one order wherever an outcome meets another of the same agreement (a reorg reopening a payment locks
+    the agreement, then withdraws the fee's refund; the refund concluded at once writes the agreement), else two
+    workers each holding the other's next lock deadlock."""
+    if tx.agreement_id is not None:
+        agreement_services.agreement_lock(agreement_id=tx.agreement_id)
     return ChainTransaction.objects.select_for_update(of=("self",)).filter(
         pk=tx.pk, updated_at=tx.updated_at).exists()
 

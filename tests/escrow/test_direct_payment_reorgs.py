@@ -10,6 +10,8 @@ from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.core.management.base import CommandError
 from django.urls import reverse
 from x402.http import decode_payment_signature_header
@@ -744,3 +746,38 @@ def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use
         assert (refund.status, refund.attempts.exists()) == (TxStatus.FAILED, False)  # withdrawn: never sent
     assert ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).count() == 1
     call_command("reconcile", stdout=io.StringIO())
+
+
+def _row_locks(queries) -> list[str]:
+    return [query["sql"] for query in queries if "FOR UPDATE" in query["sql"]]
+
+
+def _locks_its_agreement_first(locks: list[str], *, tx, agreement_id: str) -> None:
+    """The first lock taken on `tx`'s row comes right after one on its agreement's row."""
+    first = next(index for index, sql in enumerate(locks) if "escrow_chaintransaction" in sql and tx.pk.hex in
+                 sql.replace("-", ""))
+    assert first > 0 and "agreements_usageagreement" in locks[first - 1] and agreement_id.replace("-", "") in \
+        locks[first - 1].replace("-", ""), f"{tx.purpose} locked before its agreement: {locks[max(first - 1, 0)]}"
+
+
+def test_a_reorg_reopening_a_payment_and_its_fee_refund_concluded_lock_the_agreement_before_its_transactions(
+        escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """A reorg reopening a failed payment locks the payment, the agreement, then withdraws the fee's refund (its row);
+    the refund concluded meanwhile by another worker locks its row, then writes the agreement: each held the other's
+    next lock and PostgreSQL aborted one. Both lock the agreement's row before any of its transactions'."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
+
+    with CaptureQueriesContext(connection) as concluding:
+        confirm_all(capture)
+    refund.refresh_from_db()
+    assert refund.status == TxStatus.CONFIRMED
+    _locks_its_agreement_first(_row_locks(concluding.captured_queries), tx=refund, agreement_id=agreement["id"])
+
+    chain.revert(before_fork)
+    chain.mine(3)
+    with CaptureQueriesContext(connection) as reopening:
+        polls(capture, 1)
+    _locks_its_agreement_first(_row_locks(reopening.captured_queries), tx=payment, agreement_id=agreement["id"])
