@@ -595,7 +595,11 @@ def nonce_fill_reopened(tx: ChainTransaction) -> None:
     (`on_reopened`, given the cancelled transaction as those bytes ran it: confirmed under their hash, in the fill's
     block; not saved), as for a confirmed transaction of its own a reorg took. When nothing of it ran, those bytes may
     run now: the domain withdraws what it sent instead (`on_cancel_undecided`). Whichever then takes the nonce, the
-    fill concluded again tells the domain (`on_cancelled`), which decides anew as the first time."""
+    fill concluded again tells the domain (`on_cancelled`), which decides anew as the first time. An operator's
+    acknowledgement of the old outcome is cleared: the next is another, which reconcile reports anew if those bytes
+    run again (`selectors.nonce_fills_outrun`)."""
+    ChainTransaction.objects.filter(pk=tx.pk).update(acknowledged_at=None, acknowledged_by="",
+                                                     acknowledgement_reason="")
     cancelled_id = tx.context.get(CANCELS)
     if cancelled_id is None:
         return

@@ -781,3 +781,34 @@ def test_a_reorg_reopening_a_payment_and_its_fee_refund_concluded_lock_the_agree
     with CaptureQueriesContext(connection) as reopening:
         polls(capture, 1)
     _locks_its_agreement_first(_row_locks(reopening.captured_queries), tx=payment, agreement_id=agreement["id"])
+
+
+def test_an_acknowledged_outrun_fill_a_deep_reorg_reopens_is_reported_again_when_the_old_bytes_run_again(
+        escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """An operator acknowledged the fill outrun by the cancelled refund's old bytes. A deep reorg takes their block,
+    reopening the fill; whatever then takes the nonce is a new outcome the operator never looked at. The old bytes
+    mined again on the new branch are reported again until acknowledged anew (the acknowledgement stayed set, and
+    reconcile said nothing)."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase, agreement, payment, refund = refund_cancelled_on_the_new_branch(chain, capture, monkeypatch, pays=True)
+    before_the_old_refund = old_bytes_mined_on_the_new_branch(chain, payment, refund)
+    polls(capture)
+    fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
+    call_command("reconcile", "--acknowledge-nonce-fill", str(fill.pk), "--reason", "the platform bears the fee",
+                 "--by", "ops", stdout=io.StringIO())
+
+    chain.revert(before_the_old_refund)
+    chain.mine(1)  # the old block's number now holds another block, whatever its timestamp
+    chain.w3.eth.send_raw_transaction(refund.attempts.get().raw_transaction)
+    mined_what_was_sent()
+    chain.mine(3)
+    polls(capture)
+
+    fill.refresh_from_db()
+    assert (fill.status, fill.mined_tx_hash) == (TxStatus.CONFIRMED, refund.attempts.get().tx_hash)
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=out)
+    assert f"nonce fill {fill.pk}" in out.getvalue()
+    assert (fill.acknowledged_at, fill.acknowledged_by, fill.acknowledgement_reason) == (None, "", "")
