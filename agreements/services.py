@@ -805,8 +805,13 @@ def agreement_refunded(*, agreement_id, amount: int, tx_hash: str) -> UsageAgree
     """The escrow was reclaimed (by the platform's relayer or the buyer itself): the whole deposit went back to the
     buyer. Usage charged on it was never proposed before the escrow's reclaimAfter, and the contract pays the seller
     nothing for it from then on: the event says so (`seller_unpaid_atomic`), to the parties' webhooks, and the
-    dashboard and `reconcile` list it (`selectors.agreements_reclaimed_with_seller_unpaid`)."""
-    used = _lock(agreement_id).used
+    dashboard and `reconcile` list it (`selectors.agreements_reclaimed_with_seller_unpaid`). Calls still reserved
+    (past reclaimAfter, their processes died) are settled first, by the reaper's rule, so that what it says the seller
+    lost counts the answered ones and nothing merely reserved."""
+    agreement = _lock(agreement_id)
+    if agreement.reserved:
+        reservations_settle_stale(agreement=agreement)
+    used = agreement.used
     reason, data = "expired unused: deposit reclaimed", {"buyer_refund_atomic": amount, "tx_hash": tx_hash}
     if used:
         reason = (f"deposit reclaimed for the buyer: nothing was proposed on-chain before the escrow's reclaimAfter, "

@@ -6,7 +6,8 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
 
-from agreements.models import UsageAgreement, WebhookDelivery
+from agreements import metering
+from agreements.models import CallIntent, UsageAgreement, WebhookDelivery
 from escrow import settlement
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from sdk.typed_data import sign_typed_data
@@ -446,3 +447,27 @@ def test_the_reclaim_waits_for_the_escrows_own_reclaim_after_whatever_the_grace_
     chain.increase_time(60)
     assert tick(capture)["reclaiming"] == 1
     assert_reclaimed_for_the_buyer(funded, chain, funded.agreement_id, seller_unpaid=0)
+
+
+def test_a_reclaim_past_reclaim_after_charges_the_answered_calls_whose_process_died_first(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    """3 calls served and charged (0.06 USDC), then two whose server process died: one after the upstream answered
+    (the seller served it: 0.02 more earned), one before (nothing served). Nothing is proposed by reclaimAfter, and
+    the tick reclaims the deposit for the buyer. What the seller lost is exact: the answered call charged, the other
+    released, as the proxy's reaper does, before `used` is read (it said 60000, the reservations left held)."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    answered, _forwarding = (metering.reservation_take(
+        agreement=agreement, amount=20_000, request_id=f"req-{name}", request_nonce=name, method="GET", path="/work")
+        for name in ("answered", "forwarding"))
+    metering.reservation_answered(reservation=answered, charge={
+        "units": 1, "cost": 20_000, "upstream_status": 200, "latency_ms": 5, "request_id": "req-answered",
+        "request_nonce": "answered", "method": "GET", "path": "/work"})
+
+    chain.increase_time(reclaim_after(funded.agreement_id) - chain.now())
+    assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 1}
+
+    assert_reclaimed_for_the_buyer(funded, chain, funded.agreement_id, seller_unpaid=80_000)
+    assert UsageAgreement.objects.get(pk=funded.agreement_id).reserved == 0
+    assert not CallIntent.objects.filter(agreement_id=funded.agreement_id).exists()
