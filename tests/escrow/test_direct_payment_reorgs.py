@@ -6,17 +6,19 @@ takes may run there: the fee refund it queued must then not land as well, and mu
 
 import io
 import logging
+import threading
 from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 from django.core.management.base import CommandError
 from django.urls import reverse
 from x402.http import decode_payment_signature_header
 
 from escrow import chain as gateway
+from agreements import services as agreement_services
 from escrow import relayer
 from escrow.models import ChainTransaction, RelayerAccount, TxPurpose, TxStatus
 from sdk import typed_data
@@ -812,3 +814,55 @@ def test_an_acknowledged_outrun_fill_a_deep_reorg_reopens_is_reported_again_when
         call_command("reconcile", stdout=out)
     assert f"nonce fill {fill.pk}" in out.getvalue()
     assert (fill.acknowledged_at, fill.acknowledged_by, fill.acknowledgement_reason) == (None, "", "")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reorg_reopening_a_payment_while_its_fee_refund_is_concluded_does_not_deadlock(
+        escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """Two workers at once on one failed direct purchase: one reopens its payment a reorg took (it locked the payment,
+    then the agreement, then the fee refund it withdraws), the other concludes that refund (it locked the refund, then
+    wrote the agreement). Each is held, its first lock taken, until the other has its own: before, each then waited
+    for the other's and PostgreSQL aborted one (deadlock detected). Both now take the agreement first: one waits."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    _agreement, payment, refund, _before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
+    # Each waits (3 s at most: with one lock order, one of them waits on the other's lock instead) until the other
+    # holds the lock it will want next: the reopening for the refund's, the refund for the agreement's.
+    refund_locked, agreement_locked = threading.Event(), threading.Event()
+    payment_reopened, refund_made = (agreement_services.agreement_direct_payment_reopened,
+                                     agreement_services.agreement_direct_fee_refunded)
+
+    def reopened_once_the_refund_is_locked(**kwargs):
+        refund_locked.wait(timeout=3)
+        reopened = payment_reopened(**kwargs)  # the agreement locked
+        agreement_locked.set()
+        return reopened
+
+    def refunded_once_the_agreement_is_locked(**kwargs):
+        refund_locked.set()
+        agreement_locked.wait(timeout=3)
+        return refund_made(**kwargs)
+
+    monkeypatch.setattr(agreement_services, "agreement_direct_payment_reopened", reopened_once_the_refund_is_locked)
+    monkeypatch.setattr(agreement_services, "agreement_direct_fee_refunded", refunded_once_the_agreement_is_locked)
+    errors: list[BaseException] = []
+
+    def worker(work, tx_id):
+        try:
+            work(ChainTransaction.objects.select_related("relayer").get(pk=tx_id))
+        except BaseException as error:  # noqa: BLE001 - reported by the test's assertion
+            errors.append(error)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=worker, args=(relayer._reopen, payment.pk)),
+               threading.Thread(target=worker, args=(relayer._conclude, refund.pk))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    payment.refresh_from_db()
+    assert payment.status == TxStatus.SUBMITTED
