@@ -4,21 +4,13 @@ The suite runs on PostgreSQL; this test then runs itself again in a pytest subpr
 the fallback is exercised on the database it is for.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from django.db import connection
 
 from catalog.selectors import name_similarity
 from tests.catalog.test_search import listing, names, search
+from tests.support.on_sqlite import ran_again_on_sqlite
 
 pytestmark = pytest.mark.django_db
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.parametrize(("text", "name", "alike"), [
     ("sumarize", "Summarizer", True), ("invoce extracter", "Invoice extractor", True),
@@ -29,15 +21,8 @@ def test_names_spelt_alike(text, name, alike):
 
 
 @pytest.mark.slow
-def test_sqlite_finds_sumarize_as_summarizer(seller, buyer_api, tmp_path):
-    if connection.vendor != "sqlite":
-        # Not as CI: there, tests/conftest.py stops any run whose database is not PostgreSQL, this one included.
-        env = {**{k: v for k, v in os.environ.items() if k != "CI"},
-               "DATABASE_URL": f"sqlite:///{tmp_path / 'search.sqlite3'}"}
-        this_test = f"{Path(__file__).relative_to(REPO)}::{test_sqlite_finds_sumarize_as_summarizer.__name__}"
-        run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
-                              "-m", "", this_test], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
+def test_sqlite_finds_sumarize_as_summarizer(seller, buyer_api, request, tmp_path):
+    if ran_again_on_sqlite(request, tmp_path):
         return
     listing(seller, "Summarizer", description="Summarizes long documents into five bullet points.",
             tags=["nlp", "summary"])
