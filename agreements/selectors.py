@@ -460,5 +460,7 @@ def invocation_finality_wait(invocation: SkillInvocation) -> dict | None:
 def agreements_finality_waits(agreements: Iterable[UsageAgreement]) -> dict[str, dict]:
     """{agreement id: the block whose finality its fee refund waits for} for the direct purchases among
     `agreements` whose fee refund is held; one read for them all."""
-    purchases = [agreement.pk for agreement in agreements if agreement.settlement_model == SettlementModel.DIRECT_PAYMENT]
+    purchases = [agreement.pk for agreement in agreements  # a fee refund is due only once the payment failed for good
+                 if agreement.settlement_model == SettlementModel.DIRECT_PAYMENT
+                 and agreement.status == AgreementStatus.PAYMENT_FAILED]
     return finality_waits(agreement_ids=purchases) if purchases else {}

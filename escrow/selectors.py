@@ -272,16 +272,22 @@ def transactions_held_since(*, before):
     return transactions_waiting_for_finality().filter(created_at__lt=before).order_by("created_at")
 
 
-def payout_release_blocker() -> str:
-    """Why no payout or refund waiting for its payment's finality can be released now: the node's error on its
-    PAYOUT_HEAD_TAG block (refused, nothing, a block beyond its head); empty when it answers, or no tag is set."""
+def payout_tag_block() -> tuple[int | None, str]:
+    """The node's PAYOUT_HEAD_TAG block, and why no payout or refund waiting for its payment's finality can be
+    released now: (None, the node's error on that block: refused, nothing, a block beyond its head) when it cannot be
+    read; (block, "") when it can; (None, "") when no tag is set."""
     if not settings.PAYOUT_HEAD_TAG:
-        return ""
+        return None, ""
     try:
-        chain.final_block_number(settings.PAYOUT_HEAD_TAG)
+        return chain.final_block_number(settings.PAYOUT_HEAD_TAG), ""
     except chain.ChainError as error:
-        return f"the node's {settings.PAYOUT_HEAD_TAG} block cannot be read: {error}"
-    return ""
+        return None, f"the node's {settings.PAYOUT_HEAD_TAG} block cannot be read: {error}"
+
+
+def payout_release_blocker() -> str:
+    """Why no payout or refund waiting for its payment's finality can be released now (`payout_tag_block`); empty
+    when the node answers its tag, or no tag is set."""
+    return payout_tag_block()[1]
 
 
 def finality_waits(*, invocation_ids=(), agreement_ids=()) -> dict[str, dict]:

@@ -18,7 +18,7 @@ from django.core.management.base import BaseCommand, CommandError
 from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
 from agreements.models import FUNDED_STATUSES, SettlementModel, SkillInvocation, UsageAgreement
-from escrow import chain, indexer, relayer, selectors, services
+from escrow import indexer, relayer, selectors, services
 from escrow.models import ChainEvent, ChainTransaction
 from marketplace.errors import ApplicationError
 
@@ -53,10 +53,9 @@ def _describe_outrun_fill(fill: ChainTransaction) -> str:
             f"{fill.mined_block_number}) and ran: what they did may be done twice (by its successor or a retry)")
 
 
-def _payouts_unreleasable() -> list[str]:
-    """The node does not answer its PAYOUT_HEAD_TAG block: no payout or refund waiting for its payment's finality is
-    sent (nor any held later) until it does."""
-    blocker = selectors.payout_release_blocker()
+def _payouts_unreleasable(blocker: str) -> list[str]:
+    """The node does not answer its PAYOUT_HEAD_TAG block (`blocker` says how): no payout or refund waiting for its
+    payment's finality is sent (nor any held later) until it does."""
     if not blocker:
         return []
     return [f"{selectors.transactions_waiting_for_finality().count()} payout(s) or refund(s) cannot be released: "
@@ -122,7 +121,8 @@ class Command(BaseCommand):
         problems += [describe(row) for of, describe in reverted
                      for row in agreement_selectors.payments_reverted(of=of)]
         problems += [_describe_outrun_fill(fill) for fill in selectors.nonce_fills_outrun()]
-        problems += _payouts_unreleasable()
+        tag_block, blocker = selectors.payout_tag_block()  # the node asked once
+        problems += _payouts_unreleasable(blocker)
         for line in problems:
             self.stdout.write(line)
         for agreement in agreement_selectors.agreements_reclaimed_with_seller_unpaid().iterator():
@@ -136,7 +136,7 @@ class Command(BaseCommand):
                 self._acknowledged(row.payment_reversal_acknowledged_by, row.payment_reversal_acknowledged_at,
                                    row.payment_reversal_acknowledgement_reason, describe(row))
         self._report_lag()
-        self._report_finality_holds()
+        self._report_finality_holds(tag_block, blocker)
         if problems:
             raise CommandError(f"{len(problems)} mismatch(es) between the database and the chain.")
         self.stdout.write(self.style.SUCCESS(f"Consistent: {agreements.count()} funded agreement(s) checked."))
@@ -151,19 +151,16 @@ class Command(BaseCommand):
             raise CommandError(f"{error.message} ({error.code})") from error
         self.stdout.write(f"Acknowledged {count} {what}.")
 
-    def _report_finality_holds(self) -> None:
+    def _report_finality_holds(self, tag_block: int | None, blocker: str) -> None:
         """Payouts and refunds held for their payment's finality: waiting is no mismatch, but an operator sees how
-        many, for which block the oldest waits, and where the node's tag is."""
+        many, for which block the oldest waits, and where the node's tag is (`selectors.payout_tag_block`)."""
         held = selectors.transactions_waiting_for_finality()
         oldest = held.order_by("created_at").first()
         if oldest is None or not settings.PAYOUT_HEAD_TAG:
             return
-        try:
-            tagged = f"block is {chain.final_block_number(settings.PAYOUT_HEAD_TAG)}"
-        except chain.ChainError as error:
-            tagged = f"block cannot be read: {error}"
+        tagged = blocker or f"the node's {settings.PAYOUT_HEAD_TAG} block is {tag_block}"
         self.stdout.write(f"Payouts: {held.count()} held for their payment's finality, the oldest waiting for block "
-                          f"{oldest.held_until_block}; the node's {settings.PAYOUT_HEAD_TAG} {tagged}.")
+                          f"{oldest.held_until_block}; {tagged}.")
 
     def _report_lag(self) -> None:
         lag = selectors.indexer_lag()
