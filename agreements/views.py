@@ -42,7 +42,14 @@ from agreements.serializers import (
     usage_entries,
 )
 from catalog import selectors as catalog_selectors
-from catalog.authentication import IsAgentOrOwner, KeyHolder, acting_agent, agent_key_holder, agent_scope, calling_agent
+from catalog.authentication import (
+    KeyHolder,
+    acting_agent,
+    agent_key_holder,
+    agent_or_owner,
+    agent_scope,
+    calling_agent,
+)
 from catalog.models import KeyScope
 from marketplace import chainconfig
 from marketplace.chainconfig import relayer_address
@@ -492,7 +499,7 @@ def _webhook_of(request, agent_id, subscription_id):
 
 
 class AgentWebhooksView(APIView):
-    permission_classes = [IsAgentOrOwner]
+    permission_classes = [agent_or_owner(KeyScope.ADMIN)]
 
     @extend_schema(operation_id="agent_webhooks_list", tags=WEBHOOK_TAGS, auth=EITHER,
                    summary="The agent's webhook subscriptions (its admin key or its owner)",
@@ -516,7 +523,7 @@ class AgentWebhooksView(APIView):
 
 
 class AgentWebhookRotateView(APIView):
-    permission_classes = [IsAgentOrOwner]
+    permission_classes = [agent_or_owner(KeyScope.ADMIN)]
 
     @extend_schema(operation_id="agent_webhooks_rotate", tags=WEBHOOK_TAGS, auth=EITHER,
                    request=SecretRotationSerializer,
@@ -544,8 +551,8 @@ def _pause_view(paused: bool):
                                                    paused=paused)
         return Response(AgentWebhookSerializer(subscription).data)
 
-    return type(f"AgentWebhook{verb.title()}View", (APIView,), {"permission_classes": [IsAgentOrOwner],
-                                                                  "post": post})
+    return type(f"AgentWebhook{verb.title()}View", (APIView,), {
+        "permission_classes": [agent_or_owner(KeyScope.ADMIN)], "post": post})
 
 
 AgentWebhookPauseView = _pause_view(paused=True)
@@ -553,7 +560,7 @@ AgentWebhookResumeView = _pause_view(paused=False)
 
 
 class AgentWebhookTestView(APIView):
-    permission_classes = [IsAgentOrOwner]
+    permission_classes = [agent_or_owner(KeyScope.ADMIN)]
 
     @extend_schema(operation_id="agent_webhooks_test", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
                    summary="Send a signed `webhook.test` event to each live subscription of the agent",
@@ -565,7 +572,7 @@ class AgentWebhookTestView(APIView):
 
 
 class AgentWebhookDeliveriesView(APIView):
-    permission_classes = [IsAgentOrOwner]
+    permission_classes = [agent_or_owner(KeyScope.ADMIN)]
 
     @extend_schema(operation_id="agent_webhooks_deliveries", tags=WEBHOOK_TAGS, auth=EITHER,
                    parameters=[AgentDeliveryQuery], summary="Deliveries to all the agent's subscriptions, newest first",
@@ -583,7 +590,7 @@ class AgentWebhookDeliveriesView(APIView):
 
 
 class AgentWebhookReplayView(APIView):
-    permission_classes = [IsAgentOrOwner]
+    permission_classes = [agent_or_owner(KeyScope.ADMIN)]
 
     @extend_schema(operation_id="agent_webhooks_replay", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
                    summary="Send a delivered or failed event again", responses={
@@ -596,7 +603,7 @@ class AgentWebhookReplayView(APIView):
 
 
 class AgentEventsView(APIView):
-    permission_classes = [IsAgentOrOwner]
+    permission_classes = [agent_or_owner(KeyScope.READ)]
 
     @extend_schema(operation_id="agent_events", tags=WEBHOOK_TAGS, auth=EITHER, parameters=[InboxQuery],
                    summary="The agent's inbox: events of its agreements, oldest first, whether or not webhooks "
@@ -622,7 +629,7 @@ def _inbox_item(event) -> dict:
 
 
 class AgentEventAckView(APIView):
-    permission_classes = [IsAgentOrOwner]
+    permission_classes = [agent_or_owner(KeyScope.PAY)]
 
     @extend_schema(operation_id="agent_events_ack", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
                    summary="Mark an inbox event handled (an agent key needs the `pay` scope); idempotent",

@@ -232,6 +232,22 @@ class IsAgentOrOwner(permissions.BasePermission):
         return isinstance(request.auth, ApiKey) or IsOwner().has_permission(request, view)
 
 
+def agent_or_owner(scope: str) -> type[permissions.BasePermission]:
+    """Permission (IsAgentOrOwner) for a route under /agents/{agent_id}/: an agent key must be that agent's and hold
+    `scope`, checked here, before the handler: an `Idempotency-Key` replay answers without running the handler, so
+    a narrower key of the agent repeating an admin key's request was given its stored answer, secrets included."""
+
+    class IsAgentWithScopeOrOwner(IsAgentOrOwner):
+        def has_permission(self, request, view):
+            if isinstance(request.auth, ApiKey):
+                acting_agent(request, view.kwargs["agent_id"], scope=scope)  # 404 or 403 as the handler says
+                return True
+            return super().has_permission(request, view)
+
+    IsAgentWithScopeOrOwner.__name__ = f"IsAgentWithScopeOrOwner_{scope}"
+    return IsAgentWithScopeOrOwner
+
+
 def acting_agent(request, agent_id, *, scope: str):
     """The agent `agent_id` when the caller is that agent (with `scope`) or owns it; 404 otherwise."""
     if isinstance(request.auth, ApiKey):

@@ -309,3 +309,24 @@ def test_only_the_services_seller_rotates_its_proxy_secret(service, seller_api):
     response = rotate_proxy_secret(Api(issue_key(service.seller, scope="read")), service.pk, OVERLAP)
     assert response.status_code == 403
     assert Service.objects.get(pk=service.pk).proxy_secret == service.proxy_secret
+
+
+@pytest.mark.parametrize("scope", ["read", "pay"])
+def test_a_narrower_key_of_the_agent_cannot_replay_an_admin_keys_request_for_its_secret(seller, seller_api,
+                                                                                      http_server, scope):
+    """The stored answers of `Idempotency-Key` requests are the agent's; the routes under /agents/{id}/webhooks
+    checked a key's scope in the handler, which a replay never runs: a read key that repeated an admin key's
+    subscription or rotation (same key, path and body) was answered its live signing secret."""
+    narrower = Api(issue_key(seller, scope=scope))
+    body, headers = {"url": f"{http_server.url}/hooks"}, {"Idempotency-Key": "subscribe-once"}
+    created = seller_api.post(f"/agents/{seller.pk}/webhooks", body, headers=headers)
+    assert created.status_code == 201, created.content
+    replayed = narrower.post(f"/agents/{seller.pk}/webhooks", body, headers=headers)
+    assert created.json()["secret"] not in replayed.content.decode()
+    assert replayed.status_code == 403 and error_code(replayed) == "insufficient_scope"
+
+    rotated = rotate_webhook(seller, seller_api, created.json(), OVERLAP, **{"Idempotency-Key": "rotate-once"})
+    assert rotated.status_code == 200, rotated.content
+    replayed = rotate_webhook(seller, narrower, created.json(), OVERLAP, **{"Idempotency-Key": "rotate-once"})
+    assert replayed.status_code == 403 and error_code(replayed) == "insufficient_scope"
+    assert rotated.json()["secret"] not in replayed.content.decode()
