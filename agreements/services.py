@@ -320,13 +320,15 @@ def agreement_proposal_prepare(
 
 
 def _check_parties(*, buyer: Agent, service: Service) -> None:
-    """A buyer buys another agent's service, while it is registered."""
+    """A buyer buys another agent's service, while it is registered and its seller active."""
     if not buyer.is_buyer:
         raise Forbidden("Only agents with the buyer role can propose agreements.", code="not_a_buyer")
     if service.seller_id == buyer.pk:
         raise InvalidInput("An agent cannot buy its own service.", code="own_service")
     if service.state != ServiceState.REGISTERED:
         raise InvalidInput("This service is deregistered.", code="service_deregistered")
+    if not service.seller.is_active:  # as search and the skill route hide it; a Masumi purchase is accepted for it
+        raise InvalidInput("This service's seller is deactivated.", code="seller_deactivated")
 
 
 def _check_quantity(*, service: Service, quantity: int) -> None:

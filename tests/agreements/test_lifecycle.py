@@ -197,6 +197,15 @@ def test_proposal_rules(buyer, buyer_api, seller, service, settings):
     assert not UsageAgreement.objects.exists()
 
 
+def test_a_deactivated_sellers_service_is_not_sold(buyer_api, seller, service):
+    """A deactivated agent is hidden from search and its skills and keys are refused, but its services were still
+    sold to any buyer naming them by id (and a Masumi service's purchase accepted at once on its behalf)."""
+    Agent.objects.filter(pk=seller.pk).update(is_active=False)
+    refused = buyer_api.post("/usage-agreements", proposal(service))
+    assert refused.status_code == 400 and error_code(refused) == "seller_deactivated"
+    assert not UsageAgreement.objects.exists()
+
+
 def test_seller_only_agents_cannot_buy(seller_api, service):
     other_service = register_service(AgentFactory(is_seller=True), skills=[])
     response = seller_api.post("/usage-agreements", proposal(other_service))
