@@ -375,9 +375,16 @@ def _with_direct_payment(proposal: Proposal, *, payment_header: str, fee_permit:
     fee_permit = _fee_permit_completed(fee_permit, fee=proposal.fee, payer=payer)
     direct = _direct_payment_check(payment_header=payment_header, fee_permit=fee_permit, amount=proposal.deposit,
                                    fee=proposal.fee, payer=payer, seller=proposal.terms["seller_wallet_address"])
-    valid_until = min(direct.valid_before, fee_permit["deadline"]) - settings.DIRECT_PAYMENT_MIN_VALIDITY // 2
     return replace(proposal, direct=direct, fee_permit=fee_permit, proposal_expires_at=min(
-        proposal.proposal_expires_at, datetime.fromtimestamp(valid_until, tz=UTC)))
+        proposal.proposal_expires_at, _direct_acceptance_deadline(valid_before=direct.valid_before,
+                                                                  fee_permit=fee_permit)))
+
+
+def _direct_acceptance_deadline(*, valid_before: int, fee_permit: dict) -> datetime:
+    """The last moment a direct purchase may be accepted: its payment and fee permit must still run for half the
+    minimum validity after."""
+    valid_until = min(valid_before, fee_permit["deadline"]) - settings.DIRECT_PAYMENT_MIN_VALIDITY // 2
+    return datetime.fromtimestamp(valid_until, tz=UTC)
 
 
 def agreement_propose(*, proposal: Proposal) -> UsageAgreement:
@@ -859,8 +866,18 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
     agreement = _lock(subject_id)
     if agreement.status != S.PENDING_APPROVAL:
         return  # cancelled by the buyer meanwhile: nothing left to decide
-    changes = {"proposal_expires_at": timezone.now() + settings.PROPOSAL_TTL} if to == S.PROPOSED else None
-    _transition(subject_id, to=to, actor=who, reason=note or f"owner {outcome}", changes=changes)
+    changes, reason = None, note or f"owner {outcome}"
+    if to == S.PROPOSED:
+        now = timezone.now()
+        open_until = now + settings.PROPOSAL_TTL
+        if agreement.settlement_model == SettlementModel.DIRECT_PAYMENT:
+            # Never past what its signatures allow, as at proposal: the seller must accept while the payment runs.
+            open_until = min(open_until, _direct_acceptance_deadline(
+                valid_before=agreement.payment_authorization.valid_before, fee_permit=agreement.fee_permit))
+            if open_until <= now:
+                to, reason = S.EXPIRED, "owner approved after the payment's signatures ran out"
+        changes = {"proposal_expires_at": open_until} if to == S.PROPOSED else None
+    _transition(subject_id, to=to, actor=who, reason=reason, changes=changes)
 
 
 def handlers_register() -> None:

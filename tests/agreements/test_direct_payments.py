@@ -1,13 +1,19 @@
 """Direct stablecoin purchases (x402 payment + EIP-2612 fee permit), end to end on Anvil through the relayer."""
 
+from datetime import timedelta
+
 import pytest
+from django.utils import timezone
 from x402.http import decode_payment_signature_header
 
-from agreements.models import AgreementEvent
+from agreements.models import AgreementEvent, UsageAgreement
 from escrow.models import ChainTransaction
 from sdk import typed_data
 from sdk.x402_signing import build_direct_stablecoin_agreement
 from tests.chain_fixtures import TOKEN_NAMES
+from policies.models import ApprovalRequest
+from tests.catalog.factories import issue_owner_token
+from tests.conftest import Api
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, network_of, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -255,3 +261,38 @@ def test_proposing_with_a_paegents_fee_permit_asks_the_chain_with_no_database_tr
         assert asked == []
     finally:
         relay.stop()
+
+
+def test_an_approved_direct_purchase_is_open_to_accept_no_longer_than_its_signatures_allow(purchase):
+    """A direct purchase must be accepted while its payment and fee permit still run (its proposal ends half the
+    minimum validity before they do); the owner's approval reopened it for the full proposal time, so that the
+    seller could accept it when its payment could not be executed in time, or not at all."""
+    owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
+    owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = purchase.propose()
+    assert held["status"] == "pending_approval"
+    bound = UsageAgreement.objects.get(pk=held["id"]).proposal_expires_at
+
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    approved = owner_api.post(f"/agents/{purchase.parties.buyer.pk}/approvals/{approval.pk}/approve")
+    assert approved.status_code == 200, approved.content
+    agreement = UsageAgreement.objects.get(pk=held["id"])
+    assert agreement.status == "proposed" and agreement.proposal_expires_at <= bound
+
+
+def test_a_direct_purchase_approved_once_its_signatures_ran_out_expires(purchase):
+    """Approved when its payment could no longer run in time, it is expired rather than offered to the seller."""
+    owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
+    owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = purchase.propose()
+    authorization = UsageAgreement.objects.get(pk=held["id"]).payment_authorization
+    type(authorization).objects.filter(pk=authorization.pk).update(
+        valid_before=int((timezone.now() + timedelta(seconds=60)).timestamp()))
+
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    approved = owner_api.post(f"/agents/{purchase.parties.buyer.pk}/approvals/{approval.pk}/approve")
+    assert approved.status_code == 200 and approved.json()["status"] == "approved"
+    agreement = UsageAgreement.objects.get(pk=held["id"])
+    assert agreement.status == "expired" and "signatures" in agreement.status_reason
+    refused = purchase.parties.seller_api.put(f"/usage-agreements/{held['id']}/accept")
+    assert refused.status_code == 409
