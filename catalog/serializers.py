@@ -322,26 +322,35 @@ class ServiceSerializer(serializers.Serializer):
 
 
 class OwnServiceSerializer(ServiceSerializer):
-    """What the listing seller sees: also where calls are forwarded."""
+    """What the listing seller sees: also where calls are forwarded, and the proxy secret unless the context says
+    `proxy_secret_shown: False` (a read key: the secret is a credential, rotated with the `pay` scope)."""
 
     upstream_base_url = serializers.CharField()
-    proxy_secret = serializers.CharField(help_text="Verifies X-Marketplace-Signature on proxied calls.")
+    proxy_secret = serializers.CharField(allow_null=True, help_text=(
+        "Verifies X-Marketplace-Signature on proxied calls; null to a key with the `read` scope only."))
     previous_proxy_secret_expires_at = OverlapEndField(
         secret_field="proxy_secret",
         help_text="While a rotation's overlap runs, the replaced secret also signs proxied calls "
                   "(X-Marketplace-Signature-Previous) until then; null when none runs.")
 
 
+    def to_representation(self, service):
+        data = super().to_representation(service)
+        if not self.context.get("proxy_secret_shown", True):
+            data["proxy_secret"] = None
+        return data
+
+
 class ServiceRegisteredSerializer(OwnServiceSerializer):
     proxy_secret = serializers.CharField(allow_null=True, help_text=(
-        "Verifies X-Marketplace-Signature on proxied calls (also read with GET /agents/services/{id})."
+        "Verifies X-Marketplace-Signature on proxied calls (also read with GET /agents/services/{id} by a key with the `pay` scope)."
         + REPLAYED_SECRET_HELP))
 
 
 class ProxySecretRotatedSerializer(serializers.Serializer):
     service_id = serializers.UUIDField(source="pk")
     proxy_secret = serializers.CharField(allow_null=True, help_text=(
-        "The new proxy secret, signing proxied calls from now on (also read with GET /agents/services/{id})."
+        "The new proxy secret, signing proxied calls from now on (also read with GET /agents/services/{id} by a key with the `pay` scope)."
         + REPLAYED_SECRET_HELP))
     previous_proxy_secret_expires_at = OverlapEndField(
         secret_field="proxy_secret",

@@ -132,6 +132,11 @@ class AgentApiKeyRevokeView(APIView):
         return Response(_key_payload(services.credential_revoke(credential=key)))
 
 
+def _secret_context(request) -> dict:
+    """A seller's proxy secret is shown to keys that may also rotate it (`pay`), not to read-only ones."""
+    return {"proxy_secret_shown": request.auth.grants(KeyScope.PAY)}
+
+
 class ServicesView(APIView):
     def get_permissions(self):
         scope = KeyScope.READ if self.request.method == "GET" else KeyScope.PAY
@@ -151,7 +156,7 @@ class ServicesView(APIView):
         else:
             rows, next_cursor = paginate(own, ordering=ordering, cursor=query.validated_data.get("cursor"),
                                          limit=limit)
-        services_data = OwnServiceSerializer(rows, many=True).data
+        services_data = OwnServiceSerializer(rows, many=True, context=_secret_context(request)).data
         return Response({"results": services_data, "services": services_data, "next_cursor": next_cursor})
 
     @extend_schema(operation_id="services_register", summary="Register a service for the calling seller agent",
@@ -174,7 +179,9 @@ class ServiceDetailView(APIView):
 
     def _serialize(self, request, service):
         own = service.seller_id == calling_agent(request).pk
-        return (OwnServiceSerializer if own else ServiceSerializer)(service).data
+        if not own:
+            return ServiceSerializer(service).data
+        return OwnServiceSerializer(service, context=_secret_context(request)).data
 
     @extend_schema(operation_id="services_get", summary="A service (registered, or your own in any state)",
                    responses={200: ServiceSerializer, **error_responses(404)}, tags=["catalog"])

@@ -223,3 +223,19 @@ def test_paegents_fields_are_checked(seller_api, overrides, field, code):
 def test_the_paegents_routes_under_an_agent_are_reserved_skill_names(seller_api, name):
     response = seller_api.post("/agents/services", service_data(skills=[{"name": name}]))
     assert response.status_code == 400 and error_code(response) == "skill_name_reserved"
+
+
+def test_a_read_key_of_the_seller_is_not_shown_its_proxy_secret(seller, seller_api):
+    """The proxy secret signs what the seller takes for the platform's paid calls: rotating it needs the `pay` scope,
+    but any read key of the seller was shown it (with the upstream's URL, enough to forge paid calls)."""
+    service = register_service(seller)
+    reader = Api(issue_key(seller, scope="read"))
+    one = reader.get(f"/agents/services/{service.pk}")
+    assert one.status_code == 200 and one.json()["proxy_secret"] is None
+    listed = reader.get("/agents/services").json()["results"]
+    assert [entry["proxy_secret"] for entry in listed] == [None]
+    assert service.proxy_secret not in one.content.decode() + str(listed)
+
+    payer = Api(issue_key(seller, scope="pay"))
+    assert payer.get(f"/agents/services/{service.pk}").json()["proxy_secret"] == service.proxy_secret
+    assert payer.get("/agents/services").json()["results"][0]["proxy_secret"] == service.proxy_secret
