@@ -268,9 +268,17 @@ def agreement_payload(agreement, *, many: bool = False, serializer=AgreementSeri
 
 
 class AgreementEventSerializer(serializers.ModelSerializer):
+    # Both parties read the trail: a person (the buyer's owner deciding an approval) is named by kind, not by the
+    # login name the admin shows.
+    actor_label = serializers.SerializerMethodField(help_text="The agent's handle, or \"system\"; blank for a person.")
+
     class Meta:
         model = AgreementEvent
         fields = ["id", "from_status", "to_status", "actor_kind", "actor_label", "reason", "data", "created_at"]
+
+    def get_actor_label(self, event) -> str:
+        people = (AgreementEvent.ActorKind.OWNER, AgreementEvent.ActorKind.OPERATOR)
+        return "" if event.actor_kind in people else event.actor_label
 
 
 class PaymentRequirementsQuery(StrictSerializer):

@@ -175,3 +175,18 @@ def test_buyer_may_cancel_while_waiting_for_approval(owner_api, buyer, buyer_api
     approval = ApprovalRequest.objects.get(subject_id=held["id"])
     owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
     assert UsageAgreement.objects.get(pk=held["id"]).status == "cancelled"  # a late approval changes nothing
+
+
+def test_the_seller_is_not_told_who_the_buyers_owner_is(owner, owner_api, buyer, buyer_api, seller_api, service):
+    """The owner's decision was recorded under their login name, which the agreement's audit trail showed to the
+    other party (a seller is untrusted): it says an owner decided, not which account."""
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    assert owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve").status_code == 200
+
+    events = seller_api.get(f"/usage-agreements/{held['id']}/events")
+    assert events.status_code == 200
+    decided = [event for event in events.json()["results"] if event["to_status"] == "proposed"]
+    assert [event["actor_kind"] for event in decided] == ["owner"]
+    assert owner.username not in events.content.decode()
