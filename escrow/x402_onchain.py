@@ -381,8 +381,9 @@ def _direct_fee_outcome(tx: ChainTransaction) -> None:
 
 def _authorization_use(authorization) -> dict | None:
     """The transaction that used the x402 authorization (its transfer ran: AuthorizationUsed), as evidence: its
-    hash (`used_by`) and block (relayer.EVIDENCE_BLOCK); None when none did (unused, or cancelled:
-    AuthorizationCanceled). Anyone holding it may submit it. The token's
+    hash (`used_by`) and block (relayer.EVIDENCE_BLOCK); None when none did (unused, cancelled:
+    AuthorizationCanceled, or its nonce spent on another transfer: `_transferred_as_authorized`). Anyone holding it
+    may submit it. The token's
     `authorizationState` says whether either happened; only then are its logs read, newest first, so the search
     ends at the span that holds the latest of them (not a scan from the deployment block)."""
     token = chain.token_contract()
@@ -395,11 +396,26 @@ def _authorization_use(authorization) -> dict | None:
         address=token.address, topics=[[used, cancelled], chain.address_topic(payer), "0x" + nonce.hex()],
         from_block=chainconfig.escrow_deployment_block(),
         to_block=chain.latest_block_number(), newest_first=True)
-    if not found or _topic_of(found[-1]) != used:
+    if not found or _topic_of(found[-1]) != used or not _transferred_as_authorized(found[-1], authorization):
         return None
     latest = found[-1]
     return {"used_by": _hex32(latest["transactionHash"]),
             relayer.EVIDENCE_BLOCK: {"number": latest["blockNumber"], "hash": _hex32(latest["blockHash"])}}
+
+
+def _transferred_as_authorized(used_log, authorization) -> bool:
+    """Whether the use `used_log` (an AuthorizationUsed) moved what the authorization says. The event names the payer
+    and the nonce only, and the payer may sign another transfer under the same nonce (to a wallet of its own, or a
+    smaller amount) and get it mined first: the token marks the nonce used alike, and the relayer's copy reverts, but
+    nothing reached payTo. EIP-3009's token emits the transfer's Transfer right after AuthorizationUsed."""
+    token = chain.token_contract()
+    transfers = chain.logs(address=token.address, from_block=used_log["blockNumber"],
+                           to_block=used_log["blockNumber"], topics=[
+                               chain.event_topic(token.events.Transfer()), chain.address_topic(authorization.payer),
+                               chain.address_topic(authorization.pay_to)])
+    return any(log["transactionHash"] == used_log["transactionHash"] and log["blockHash"] == used_log["blockHash"]
+               and log["logIndex"] == used_log["logIndex"] + 1
+               and int.from_bytes(bytes(log["data"]), "big") == int(authorization.amount) for log in transfers)
 
 
 def _hex32(value) -> str:

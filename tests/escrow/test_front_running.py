@@ -19,7 +19,7 @@ from sdk.typed_data import sign_typed_data
 from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase
 from tests.agreements.test_invocations import PRICE, Market
 from tests.escrow.conftest import escrow_terms
-from tests.escrow.flow import USDC, fund
+from tests.escrow.flow import USDC, fund, usdc_balance
 from tests.escrow.flow import Parties, confirm_all, sign_activation
 from tests.escrow.test_indexer import call_n, funded, index, mined, seller_proposes_directly  # noqa: F401
 
@@ -220,3 +220,77 @@ def test_a_seller_re_proposal_just_before_the_window_closes_is_not_finalized_ear
     confirm_all(capture)
     index(capture)
     assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+
+
+def _spend_nonce_on_a_transfer_to(chain, buyer, auth: dict, to: str) -> None:
+    """The buyer signs another EIP-3009 transfer with the same nonce, to a wallet of its own, and gets it mined: the
+    token marks the nonce used (AuthorizationUsed(buyer, nonce)) exactly as the authorization it gave would have."""
+    typed = td.transfer_with_authorization(
+        chain_id=chain.chain_id, token_address=chain.usdc.address, from_address=buyer.address, to_address=to,
+        value=int(auth["value"]), valid_after=0, valid_before=int(auth["validBefore"]), nonce=auth["nonce"],
+        token_name=chain.usdc.functions.name().call())
+    v, r, s = td.split_signature(sign_typed_data(buyer.key, typed))
+    mined(chain, chain.usdc.functions.transferWithAuthorization(
+        buyer.address, to, int(auth["value"]), 0, int(auth["validBefore"]), bytes.fromhex(auth["nonce"][2:]), v,
+        bytes.fromhex(r[2:]), bytes.fromhex(s[2:])).transact({"from": buyer.address}))
+
+
+@pytest.mark.parametrize("to_own_wallet", [True, False])
+def test_an_invocation_whose_nonce_the_buyer_spent_on_another_transfer_is_not_paid(
+        escrow_chain, http_server, monkeypatch, django_capture_on_commit_callbacks, to_own_wallet):
+    """AuthorizationUsed names the payer and the nonce only. A buyer that signs a second transfer with its payment's
+    nonce (to a wallet of its own, or of 1 base unit to the treasury) and gets it mined before the relayer's payment
+    (which then reverts: nonce used) did not pay the price; the invocation must fail, the seller never be called,
+    nothing paid out or refunded. (Before: counted paid, the seller called and paid out of the treasury's float.)"""
+    market = Market(escrow_chain, http_server)
+    fund(escrow_chain, market.treasury, USDC)  # the treasury's float: what a payout would take from
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    auth = decode_payment_signature_header(payment).payload["authorization"]
+    own_wallet = escrow_chain.accounts.stranger.address
+    spent = PRICE if to_own_wallet else 1
+    buyer, seller, treasury = market.balances()
+    simulate = x402_onchain.simulate
+
+    def simulated_then_nonce_spent(authorization):
+        simulate(authorization)
+        _spend_nonce_on_a_transfer_to(escrow_chain, market.buyer, {**auth, "value": spent},
+                                      own_wallet if to_own_wallet else market.treasury)
+
+    monkeypatch.setattr(x402_onchain, "simulate", simulated_then_nonce_spent)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = market.call("translate", payment)
+    confirm_all(django_capture_on_commit_callbacks)
+    with django_capture_on_commit_callbacks(execute=True):
+        invocations.invocations_sweep(now=timezone.now() + timedelta(days=1))
+    for _ in range(2):
+        confirm_all(django_capture_on_commit_callbacks)
+
+    assert market.balances() == (buyer - spent, seller, treasury + (0 if to_own_wallet else spent))
+    assert market.upstream.requests == []
+    assert response.status_code == 402 and response.json()["error"] == "payment_failed", response.content
+    assert usdc_balance(escrow_chain, own_wallet) == (spent if to_own_wallet else 0)
+
+
+def test_a_direct_payment_whose_nonce_the_buyer_spent_on_a_transfer_to_itself_is_not_paid(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """As for an invocation: the buyer spends its x402 authorization's nonce on a transfer to a wallet of its own
+    once the fee is collected; the relayer's payment reverts (nonce used) and the seller received nothing, so the
+    purchase must not be paid. (Before: `paid`, naming the buyer's transfer to itself.)"""
+    purchase = Purchase(escrow_chain)
+    fund(escrow_chain, purchase.treasury, USDC)  # the treasury's float for refunds
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
+    confirm_all(django_capture_on_commit_callbacks)  # permit confirmed; the fee transfer is sent
+    auth = decode_payment_signature_header(body["payment_header"]).payload["authorization"]
+    own_wallet = escrow_chain.accounts.stranger.address
+    _spend_nonce_on_a_transfer_to(escrow_chain, purchase.buyer, auth, own_wallet)
+
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+
+    assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
+    assert purchase.balances()[1] == seller
+    assert usdc_balance(escrow_chain, own_wallet) == AMOUNT
