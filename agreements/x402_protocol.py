@@ -277,12 +277,15 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, min_val
     try:
         evm_payload = ExactEIP3009Payload.from_dict(payload.payload)
         authorization = evm_payload.authorization
+        nonce = hex_to_bytes(authorization.nonce)
         values = Authorization(
             payer=authorization.from_address, pay_to=authorization.to, amount=int(authorization.value),
             valid_after=int(authorization.valid_after), valid_before=int(authorization.valid_before),
-            nonce=authorization.nonce.lower(), signature=evm_payload.signature or "",
+            # One spelling per bytes32 (0x, lowercase, no spaces): the nonce keys the replay check, and the chain
+            # reads "ab..", "0xAB.." and "0xab .." alike.
+            nonce="0x" + nonce.hex(), signature=evm_payload.signature or "",
         )
-        nonce_length = len(hex_to_bytes(values.nonce))
+        nonce_length = len(nonce)
         hex_to_bytes(values.signature)
     except (AttributeError, TypeError, ValueError) as exc:
         raise InvalidPayment("malformed_payment", "The authorization's fields are not valid numbers/hex.") from exc

@@ -1,5 +1,7 @@
 """Direct stablecoin purchases (x402 payment + EIP-2612 fee permit), end to end on Anvil through the relayer."""
 
+import base64
+import json
 from datetime import timedelta
 
 import pytest
@@ -154,6 +156,22 @@ def test_a_replayed_payment_header_is_refused(purchase):
     response = purchase.parties.buyer_api.post("/usage-agreements", body)
 
     assert response.status_code == 409
+    assert response.json()["error"]["code"] == "authorization_already_used"
+
+
+def test_a_payment_header_replayed_with_its_nonce_spelled_otherwise_is_refused(purchase):
+    """Without its 0x the nonce is the same bytes32 on-chain; recorded as another authorization, both purchases were
+    counted paid by the one transfer (the second's copy reverts: nonce used) and the seller served twice."""
+    body = purchase.body()
+    purchase.propose(body)
+    payload = json.loads(base64.b64decode(body["payment_header"]))
+    authorization = payload["payload"]["authorization"]
+    authorization["nonce"] = authorization["nonce"].removeprefix("0x")
+
+    response = purchase.parties.buyer_api.post("/usage-agreements", {
+        **body, "payment_header": base64.b64encode(json.dumps(payload).encode()).decode()})
+
+    assert response.status_code == 409, response.content
     assert response.json()["error"]["code"] == "authorization_already_used"
 
 

@@ -3,6 +3,7 @@
 import base64
 import json
 import time
+from datetime import timedelta
 
 import pytest
 from django.utils import timezone
@@ -301,6 +302,48 @@ def test_a_replayed_authorization_is_refused_and_charged_once(market, django_cap
     assert len(market.upstream.requests) == 1
     assert ChainTransaction.objects.filter(purpose="invocation_payment").count() == 1
     assert usdc_balance(market.chain, market.buyer.address) == buyer - PRICE
+
+
+def _respelled(payment: str, **authorization) -> str:
+    """The same signed payment with fields of its authorization written otherwise (the same values on-chain)."""
+    payload = json.loads(base64.b64decode(payment))
+    payload["payload"]["authorization"].update(authorization)
+    return base64.b64encode(json.dumps(payload).encode()).decode()
+
+
+def test_an_authorization_replayed_with_its_nonce_spelled_otherwise_is_refused_and_charged_once(
+        market, settings, django_capture_on_commit_callbacks):
+    """The nonce without its 0x is the same bytes32 on-chain. Sent again while the first payment is still pending
+    (the simulation cannot see it), it was recorded as another authorization: both invocations were counted paid
+    by the one transfer (the second's copy reverted, nonce used) and the seller was called and paid twice, the
+    second time out of the treasury's float."""
+    capture = django_capture_on_commit_callbacks
+    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0  # answer 202 while the payment is pending
+    fund(market.chain, market.treasury, USDC)  # the treasury's float: what a second payout would take from
+    market.upstream.responses.extend([(200, {"translation": "bonjour"})] * 2)
+    payment = market.pay("translate")
+    nonce = decode_payment_signature_header(payment).payload["authorization"]["nonce"]
+    buyer, seller, treasury = market.balances()
+    market.chain.rpc("evm_setAutomine", [False])
+    try:
+        with capture(execute=True):
+            first = market.call("translate", payment)
+        with capture(execute=True):
+            replay = market.call("translate", _respelled(payment, nonce=nonce.removeprefix("0x")))
+    finally:
+        market.chain.rpc("evm_setAutomine", [True])
+    market.chain.mine(1)
+    for _ in range(3):
+        confirm_all(capture)
+    with capture(execute=True):
+        invocations.invocations_sweep(now=timezone.now() + timedelta(days=1))
+    for _ in range(2):
+        confirm_all(capture)
+
+    assert first.status_code == 202, first.content
+    assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)
+    assert replay.status_code == 402 and replay.json()["error"] == "authorization_already_used", replay.content
+    assert len(market.upstream.requests) == 1
 
 
 def test_an_authorization_already_used_on_chain_is_refused_by_the_simulation(market):
