@@ -59,6 +59,9 @@ PAYMENT_HEADERS = ("PAYMENT-SIGNATURE", "X-PAYMENT", "X-Payment-Signature")
 # The payer of a bare signature, for a caller without an agent API key.
 PAYER_HEADER = "X-Payment-From"
 BARE_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
+# The latest validBefore the platform records (its record's bigint): a uint256 the buyer signs, far beyond any real
+# expiry (EIP-3009 takes any).
+MAX_VALID_BEFORE = 2**63 - 1
 # Authorizations quoted per caller and resource that a bare signature is checked against (newest first).
 QUOTES_KEPT = 16
 
@@ -293,6 +296,9 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, min_val
         raise InvalidPayment("malformed_payment", "The authorization's from/to are not addresses.")
     if nonce_length != 32 or not values.signature:
         raise InvalidPayment("malformed_payment", "The authorization needs a 32-byte nonce and a signature.")
+    if values.valid_after < 0 or values.valid_before > MAX_VALID_BEFORE:
+        raise InvalidPayment("malformed_payment", f"validAfter and validBefore must be times from 0 to "
+                                                  f"{MAX_VALID_BEFORE}.")
     if requirements.extra.get("resource"):
         _require_resource(payload, requirements.extra["resource"])
     if values.pay_to.lower() != requirements.pay_to.lower():

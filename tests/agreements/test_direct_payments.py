@@ -175,6 +175,26 @@ def test_a_payment_header_replayed_with_its_nonce_spelled_otherwise_is_refused(p
     assert response.json()["error"]["code"] == "authorization_already_used"
 
 
+def test_a_payment_valid_beyond_what_the_database_records_is_400_not_500(purchase):
+    """validBefore is a uint256 the buyer signs; one past 2^63 - 1 failed the record's insert (500)."""
+    body = purchase.body()
+    payload = json.loads(base64.b64decode(body["payment_header"]))
+    authorization = {**payload["payload"]["authorization"], "validBefore": str(2**63)}
+    typed = typed_data.transfer_with_authorization(
+        chain_id=purchase.chain.chain_id, token_address=purchase.chain.usdc.address,
+        from_address=authorization["from"], to_address=authorization["to"], value=int(authorization["value"]),
+        valid_after=int(authorization["validAfter"]), valid_before=2**63, nonce=authorization["nonce"],
+        token_name=purchase.chain.usdc.functions.name().call())
+    payload["payload"] = {"authorization": authorization,
+                          "signature": typed_data.sign_typed_data(purchase.buyer.key, typed)}
+
+    response = purchase.parties.buyer_api.post("/usage-agreements", {
+        **body, "payment_header": base64.b64encode(json.dumps(payload).encode()).decode()})
+
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] == "malformed_payment"
+
+
 def test_direct_payment_needs_its_signatures_and_escrow_refuses_them(purchase):
     body = purchase.body()
     missing = {k: v for k, v in body.items() if k != "fee_permit"}

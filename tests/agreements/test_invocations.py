@@ -368,6 +368,7 @@ def test_an_authorization_already_used_on_chain_is_refused_by_the_simulation(mar
     ({"amount": str(PRICE - 1)}, "wrong_amount"),
     ({"pay_to": "0x000000000000000000000000000000000000dEaD"}, "wrong_recipient"),
     ({"valid_before": 1}, "authorization_expired"),
+    ({"valid_before": 2**63}, "malformed_payment"),  # beyond what the database records: was a 500
 ])
 def test_bad_payments_are_402_with_their_code_and_move_nothing(market, overrides, code):
     payment = market.pay("translate", **overrides)
