@@ -1029,6 +1029,37 @@ def test_a_failed_payment_whose_authorization_a_copy_uses_later_is_refunded_once
     call_command("reconcile", stdout=io.StringIO())
 
 
+def test_a_failed_payments_nonce_the_buyer_spends_later_on_a_transfer_to_itself_refunds_nothing(
+        market, monkeypatch, django_capture_on_commit_callbacks):
+    """A late use of a failed payment's authorization is refunded because the treasury received the price. The
+    buyer may spend the nonce instead on another transfer it signs, to a wallet of its own: AuthorizationUsed(buyer,
+    nonce) alike, nothing to the treasury. (Before: the treasury refunded a price it never received, repeatably.)"""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    fund(chain, market.treasury, USDC)  # the treasury's float: what a refund would take from
+    header = market.pay("translate")
+    invocation_id, _ = failed_on_its_own(market, monkeypatch, capture, header)
+    confirm_all(capture)
+    fund(chain, market.buyer.address, 10 * USDC)
+    buyer, seller, treasury = market.balances()
+    auth = decode_payment_signature_header(header).payload["authorization"]
+    own_wallet = chain.accounts.stranger.address
+    typed = typed_data.transfer_with_authorization(
+        chain_id=chain.chain_id, token_address=chain.usdc.address, from_address=market.buyer.address,
+        to_address=own_wallet, value=PRICE, valid_after=0, valid_before=int(auth["validBefore"]), nonce=auth["nonce"],
+        token_name=chain.usdc.functions.name().call())
+    v, r, s = typed_data.split_signature(typed_data.sign_typed_data(market.buyer.key, typed))
+    mined(chain, chain.usdc.functions.transferWithAuthorization(
+        market.buyer.address, own_wallet, PRICE, 0, int(auth["validBefore"]), bytes.fromhex(auth["nonce"][2:]), v,
+        bytes.fromhex(r[2:]), bytes.fromhex(s[2:])).transact({"from": market.buyer.address}))
+    chain.mine(3)
+    for _ in range(3):
+        confirm_all(capture)
+
+    assert market.balances() == (buyer - PRICE, seller, treasury)
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_REFUND).exists()
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_failed"
+
+
 def test_a_failed_payment_is_watched_only_until_its_authorization_expires_at_the_confirmation_depth(
         market, monkeypatch, django_capture_on_commit_callbacks):
     """The watch is bounded: a failed payment's authorization is looked for while the chain may still mine it
