@@ -13,6 +13,7 @@ from marketplace.serializers import (
     AgentSummarySerializer,
     AtomicAmountField,
     CentsField,
+    MAX_AMOUNT,
     FieldsBoundOnceSerializer,
     REPLAYED_SECRET_HELP,
     OverlapEndField,
@@ -29,8 +30,9 @@ class FeePermitSerializer(StrictSerializer):
     /payment-requirements), signed under USDC's domain."""
 
     value = AtomicAmountField(min_value=1)
-    nonce = StrictIntegerField(min_value=0, help_text="The token's nonces(buyer).")
-    deadline = StrictIntegerField(min_value=0, help_text="Unix time.")
+    # uint256s the permit signs: beyond, the signature check raised (500)
+    nonce = StrictIntegerField(min_value=0, max_value=MAX_AMOUNT, help_text="The token's nonces(buyer).")
+    deadline = StrictIntegerField(min_value=0, max_value=MAX_AMOUNT, help_text="Unix time.")
     signature = serializers.RegexField(r"^0x[0-9a-fA-F]{130}$", help_text="65-byte r‖s‖v, 0x-hex.")
 
 
@@ -67,7 +69,7 @@ class ProposalSerializer(StrictSerializer):
         r"^0x[0-9a-fA-F]{130}$", required=False,
         help_text="direct_payment, the Pægents SDK's fee permit: its signature; with the deadline below it is "
                   "`fee_permit` whose value is the fee and whose nonce is the token's current nonces(buyer).")
-    buyer_infra_fee_permit_deadline = StrictIntegerField(min_value=0, required=False,
+    buyer_infra_fee_permit_deadline = StrictIntegerField(min_value=0, max_value=MAX_AMOUNT, required=False,
                                                                help_text="With the signature above.")
     client_proposal_id = serializers.CharField(max_length=255, required=False,
                                                help_text="The Pægents SDK's idempotency key (it also sends it as "

@@ -141,6 +141,8 @@ def test_a_payment_failing_after_the_fee_was_taken_gets_the_fee_refunded(
     (lambda p: {**p.body(), "fee_permit": {**p.body()["fee_permit"], "value": FEE - 1}}, 400,
      "permit_value_too_low"),
     (lambda p: {**p.body(), "fee_permit": {**p.body()["fee_permit"], "nonce": 7}}, 400, "invalid_signature"),
+    (lambda p: {**p.body(), "fee_permit": {**p.body()["fee_permit"], "nonce": 2**256}}, 400, "validation_error"),
+    (lambda p: {**p.body(), "fee_permit": {**p.body()["fee_permit"], "deadline": 2**256}}, 400, "validation_error"),
 ])
 def test_bad_direct_payments_are_refused_at_proposal(purchase, change, status, code):
     response = purchase.parties.buyer_api.post("/usage-agreements", change(purchase))
