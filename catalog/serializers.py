@@ -333,7 +333,6 @@ class OwnServiceSerializer(ServiceSerializer):
         help_text="While a rotation's overlap runs, the replaced secret also signs proxied calls "
                   "(X-Marketplace-Signature-Previous) until then; null when none runs.")
 
-
     def to_representation(self, service):
         data = super().to_representation(service)
         if not self.context.get("proxy_secret_shown", True):
@@ -343,14 +342,16 @@ class OwnServiceSerializer(ServiceSerializer):
 
 class ServiceRegisteredSerializer(OwnServiceSerializer):
     proxy_secret = serializers.CharField(allow_null=True, help_text=(
-        "Verifies X-Marketplace-Signature on proxied calls (also read with GET /agents/services/{id} by a key with the `pay` scope)."
+        "Verifies X-Marketplace-Signature on proxied calls (also read with GET /agents/services/{id} by a key with "
+        "the `pay` scope)."
         + REPLAYED_SECRET_HELP))
 
 
 class ProxySecretRotatedSerializer(serializers.Serializer):
     service_id = serializers.UUIDField(source="pk")
     proxy_secret = serializers.CharField(allow_null=True, help_text=(
-        "The new proxy secret, signing proxied calls from now on (also read with GET /agents/services/{id} by a key with the `pay` scope)."
+        "The new proxy secret, signing proxied calls from now on (also read with GET /agents/services/{id} by a key "
+        "with the `pay` scope)."
         + REPLAYED_SECRET_HELP))
     previous_proxy_secret_expires_at = OverlapEndField(
         secret_field="proxy_secret",
