@@ -26,7 +26,13 @@ from urllib3.util import connection
 from web3 import Web3
 from web3._utils.http_session_manager import HTTPSessionManager
 from web3.contract import Contract
-from web3.exceptions import ContractCustomError, ContractLogicError, TransactionNotFound, Web3RPCError
+from web3.exceptions import (
+    BlockNotFound,
+    ContractCustomError,
+    ContractLogicError,
+    TransactionNotFound,
+    Web3RPCError,
+)
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
 from web3.types import RPCEndpoint
 
@@ -479,6 +485,38 @@ def nonce_at(address: str, block: int | str) -> int:
         return w3().eth.get_transaction_count(to_checksum_address(address), block)
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
+
+
+def nonce_taken_by(address: str, nonce: int, *, used_at: int) -> str | None:
+    """The hash of the transaction that took `address`'s `nonce`, which the chain holds used at block `used_at`:
+    the block that took it is found from the nonces at blocks before `used_at` (back in doubling steps, then
+    halving), and the transaction read from that block. None when the node cannot show it (it does not have that
+    block yet: a backend behind the one that answered `used_at`)."""
+    taken_in, step = used_at, 1
+    unused_at = -1  # a block at which the nonce was still unused; -1 before the first block
+    while taken_in - step >= 0:
+        if nonce_at(address, taken_in - step) <= nonce:
+            unused_at = taken_in - step
+            break
+        taken_in -= step
+        step *= 2
+    while taken_in - unused_at > 1:
+        middle = (unused_at + taken_in) // 2
+        if nonce_at(address, middle) > nonce:
+            taken_in = middle
+        else:
+            unused_at = middle
+    try:
+        block = w3().eth.get_block(taken_in, full_transactions=True)
+    except BlockNotFound:
+        return None
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+    sender = to_checksum_address(address)
+    for transaction in block["transactions"]:
+        if to_checksum_address(transaction["from"]) == sender and transaction["nonce"] == nonce:
+            return "0x" + bytes(transaction["hash"]).hex()
+    return None
 
 
 def simulate(*, sender: str, to: str, data: str) -> int:

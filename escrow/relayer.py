@@ -711,6 +711,14 @@ def _after_nonce_too_low(tx: ChainTransaction) -> ChainTransaction | None:
         return _record_receipt(tx, *mined)
     if not used_at_depth:
         return tx  # used by a transaction too recent to judge: look again at the next poll
+    # No receipt is no proof: a node behind (one backend of a load-balanced provider) has none for a transaction
+    # mined after its head. The transaction that took the nonce is read from its block: only one that is none of
+    # ours lets this one go out again (a payout sent again under a new nonce pays twice).
+    taken_by = chain.nonce_taken_by(address, tx.nonce, used_at=depth_block)
+    if taken_by is None or _attempts(tx).filter(tx_hash=taken_by.lower()).exists():
+        logger.warning("nonce used, but not shown used by a transaction that is not ours: looking again later",
+                       extra={"tx_id": str(tx.pk), "nonce": tx.nonce, "taken_by": taken_by})
+        return tx
     next_free = chain.pending_nonce(address)
     with transaction.atomic():
         if not _locked_if_unchanged(tx):

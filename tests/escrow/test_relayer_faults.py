@@ -459,3 +459,62 @@ def test_the_old_bytes_of_a_cancelled_transaction_mined_first_are_named_by_its_f
     assert f"acknowledged by {operator} at " in out.getvalue() and "(the activation ran once)" in out.getvalue()
     assert ChainTransaction.objects.get(pk=successor.pk).acknowledged_at is None  # not a fill: left
     assert f"nonce fill {fill.pk}" in out.getvalue()
+
+
+def test_a_payout_whose_receipt_a_lagging_node_does_not_have_yet_is_not_sent_again_under_a_new_nonce(
+        escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """A load-balanced provider: the backend answering the receipt lookups is a few blocks behind the one that
+    answers nonces and rebroadcasts. The payout (a transfer from the relayer's wallet) was mined; the rebroadcast
+    is told "nonce too low", the nonce is used at the confirmation depth, and the lagging backend has no receipt
+    for any attempt: that is no proof that the nonce went to a transaction that is not ours, and sending the
+    payout again under a new nonce pays it twice."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    with django_capture_on_commit_callbacks(execute=True):
+        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+    mined_what_was_sent()
+    chain.mine()  # a block on top: the payout's is at the confirmation depth on the fresh backend
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+    monkeypatch.setattr(gateway, "receipt", lambda tx_hash: None)  # the lagging backend: not mined yet
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    with django_capture_on_commit_callbacks(execute=True):
+        relayer.transactions_poll()
+    mined_what_was_sent()
+    monkeypatch.undo()
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC, "the payout was sent twice"
+    assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
+
+
+def test_a_payout_whose_nonce_another_transaction_of_the_wallet_took_is_sent_again_under_a_new_nonce(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """The relayer's wallet used elsewhere: its payout was dropped from the pool and another transaction of the
+    wallet took the nonce. That transaction, read from its block, is none of the payout's attempts: the payout goes
+    out again under a new nonce, once."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                             data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+        tx.refresh_from_db()
+        chain.rpc("anvil_dropTransaction", [tx.attempts.get().tx_hash])
+        chain.w3.eth.send_transaction({"from": chain.accounts.deployer.address, "to": chain.accounts.deployer.address,
+                                       "value": 0, "nonce": tx.nonce})
+        chain.mine()
+        chain.mine()
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 2
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
