@@ -629,6 +629,8 @@ def next_block_timestamp() -> int:
 
 
 def canonical_block_hash(number: int) -> str | None:
+    """The hash of the node's block at height `number`; None when it has none there (beyond its head: a node behind
+    another, or a chain a reorg made shorter until it grows again)."""
     try:
         block = w3().eth.get_block(number)
     except Exception as exc:  # noqa: BLE001

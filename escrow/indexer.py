@@ -365,7 +365,11 @@ def events_acknowledge(*, events, operator: str, reason: str) -> int:
 
 def _follow_reorg(cursor: IndexerCursor) -> tuple[IndexerCursor | None, int]:
     """(cursor, events rolled back): unchanged when the cursor's block is still canonical."""
-    if cursor.last_block is None or chain.canonical_block_hash(cursor.last_block) == cursor.last_block_hash:
+    if cursor.last_block is None:
+        return cursor, 0
+    # None: the node has no block at that height (a backend behind the one the range was read from): no other block
+    # took its place, so nothing is rolled back; `_fetch` reads nothing from it either, until it has caught up.
+    if chain.canonical_block_hash(cursor.last_block) in (cursor.last_block_hash, None):
         return cursor, 0
     fork = None
     for block in IndexedBlock.objects.filter(cursor=cursor).order_by("-number"):

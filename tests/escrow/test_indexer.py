@@ -10,6 +10,7 @@ from django.test import Client
 from django.urls import reverse
 
 from agreements.models import AgreementEvent, UsageAgreement
+from escrow import chain as gateway
 from escrow import indexer
 from escrow.models import ChainEvent, ChainTransaction, EventEffect
 from sdk import typed_data as td
@@ -327,3 +328,29 @@ def test_indexing_stops_at_the_confirmation_depth_and_the_tagged_block(escrow_ch
     settings.INDEXER_HEAD_TAG = ""
     settings.CHAIN_CONFIRMATIONS = 3
     assert indexer.index_pass().indexed_to == head - 2
+
+
+def test_a_node_behind_that_has_not_the_indexed_block_yet_is_no_reorg(
+        funded, escrow_chain, monkeypatch, django_capture_on_commit_callbacks):
+    """A load-balanced provider: the backend asked for the indexer's last block is a few blocks behind the one it
+    indexed from, and has no block at that height yet. That is no reorg (no other block holds the height): the
+    agreement is not moved back and forth, nor its events removed and applied again."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 4)
+    seller_proposes_directly(funded, chain)
+    indexed = index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    transitions = statuses(funded.agreement_id)
+
+    behind = indexed.indexed_to - 2
+    canonical_block_hash = gateway.canonical_block_hash
+    monkeypatch.setattr(gateway, "canonical_block_hash",
+                        lambda number: canonical_block_hash(number) if number <= behind else None)
+    chain.mine(2)
+    assert index(capture).rolled_back == 0
+    monkeypatch.undo()
+    chain.mine(2)
+    assert index(capture).rolled_back == 0
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    assert statuses(funded.agreement_id) == transitions
+    assert not ChainEvent.objects.exclude(removed_at=None).exists()
