@@ -126,13 +126,18 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
                     break
                 start = cursor.next_block
                 end = min(start + settings.INDEXER_BLOCK_RANGE - 1, safe)
-                fetched = _fetch(cursor, start, end)
+                # Up to INDEXER_RESCAN_BLOCKS below the cursor, within INDEXER_BLOCK_RANGE: an eth_getLogs answered
+                # by a node behind the one that named `end` holds no logs of the blocks it lacks (near the head, where
+                # the ranges are short), and they are found by this read of the next range.
+                read_from = max(start - settings.INDEXER_RESCAN_BLOCKS, end - settings.INDEXER_BLOCK_RANGE + 1,
+                                cursor.start_block)
+                fetched = _fetch(cursor, read_from, end)
                 if fetched is None:
                     break  # the chain changed while we read: the next pass starts with the reorg check
                 end_hash, logs = fetched
                 cursor = _apply_range(cursor, end, end_hash, logs)
                 result.ranges += 1
-                result.events += len(logs)
+                result.events += sum(log["blockNumber"] >= start for log in logs)
         except chain.ChainError as error:
             IndexerCursor.objects.filter(pk=cursor_pk).update(last_error=f"{type(error).__name__}: {error}"[:500])
             raise

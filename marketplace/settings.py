@@ -353,6 +353,9 @@ INDEXER_BLOCK_RANGE = env.int("INDEXER_BLOCK_RANGE", default=1000)  # blocks per
 # "safe" or "finalized": also wait for the node's tagged block, on chains that have one (empty: depth only).
 INDEXER_HEAD_TAG = env.str("INDEXER_HEAD_TAG", default="")
 INDEXER_REORG_WINDOW_BLOCKS = env.int("INDEXER_REORG_WINDOW_BLOCKS", default=2000)  # block hashes kept
+# Blocks below the cursor read again with each range: the logs a node behind (a load-balanced provider's backend)
+# left out of an answer, having not those blocks yet, are found by a later read (events are stored once).
+INDEXER_RESCAN_BLOCKS = env.int("INDEXER_RESCAN_BLOCKS", default=64)
 # /readyz fails when the indexer is further behind the chain head than this (it must exceed the depth).
 INDEXER_MAX_LAG_BLOCKS = env.int("INDEXER_MAX_LAG_BLOCKS", default=100)
 INDEXER_POLL_SECONDS = env.float("INDEXER_POLL_SECONDS", default=2.0)

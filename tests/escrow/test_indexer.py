@@ -354,3 +354,28 @@ def test_a_node_behind_that_has_not_the_indexed_block_yet_is_no_reorg(
     assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
     assert statuses(funded.agreement_id) == transitions
     assert not ChainEvent.objects.exclude(removed_at=None).exists()
+
+
+def test_logs_a_node_behind_had_not_yet_are_applied_once_it_has_them(
+        funded, escrow_chain, monkeypatch, django_capture_on_commit_callbacks):
+    """A load-balanced provider: the backend answering eth_getLogs is behind the one that named the range's last
+    block, and answers the range with the logs of the blocks it has. The seller's proposal in a block it does not
+    have yet must still be applied once it does, not skipped for good."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 4)
+    index(capture)
+    seller_proposes_directly(funded, chain)
+    has_up_to = chain.w3.eth.block_number - 1
+    logs = gateway.logs
+
+    def logs_of_a_node_behind(*, address, from_block, to_block, topics=None):
+        if from_block > has_up_to:
+            return []
+        return logs(address=address, from_block=from_block, to_block=min(to_block, has_up_to), topics=topics)
+
+    monkeypatch.setattr(gateway, "logs", logs_of_a_node_behind)
+    index(capture)
+    monkeypatch.undo()
+    chain.mine(2)
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
