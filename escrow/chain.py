@@ -642,12 +642,16 @@ def canonical_block_hash(number: int) -> str | None:
 
 
 def revert_reason(*, sender: str, to: str, data: str, block_number: int) -> str:
-    """Why a mined transaction reverted: replay it as a call at its block."""
+    """Why a mined transaction reverted: replay it as a call at its block. Raises RpcUnavailable when the node did not
+    answer (a timeout is no reason: the outcome, which may depend on the reason, waits for an answer)."""
     tx = {"from": to_checksum_address(sender), "to": to_checksum_address(to), "data": data}
     try:
         w3().eth.call(tx, block_identifier=block_number)
     except Exception as exc:  # noqa: BLE001
-        return classify(exc).args[0] if classify(exc).args else "reverted"
+        error = classify(exc)
+        if isinstance(error, RpcUnavailable):
+            raise error from exc
+        return error.args[0] if error.args else "reverted"
     return "reverted (no reason)"
 
 

@@ -6,12 +6,14 @@ import io
 from datetime import timedelta
 
 import pytest
+import requests
 from django.core.management import call_command
 from django.utils import timezone
 from x402.http import decode_payment_signature_header
 
 from agreements import invocations
 from agreements.models import UsageAgreement
+from escrow import chain as gateway
 from escrow import selectors, settlement, x402_onchain
 from escrow.models import ChainTransaction
 from sdk import typed_data as td
@@ -294,3 +296,44 @@ def test_a_direct_payment_whose_nonce_the_buyer_spent_on_a_transfer_to_itself_is
     assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
     assert purchase.balances()[1] == seller
     assert usdc_balance(escrow_chain, own_wallet) == AMOUNT
+
+
+def test_a_front_run_activation_whose_revert_reason_read_times_out_is_not_recorded_as_failed(
+        escrow_chain, http_server, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """The relayer's copy of the activation reverted (AgreementExists: a front-runner's copy ran first). The replay
+    that reads why times out once: that is no revert reason. The outcome waits for the next poll, which finds
+    AgreementExists, reads the escrow and makes the agreement active, rather than recording the timeout as the
+    reason and the activation as failed."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        with capture(execute=True):
+            response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                              parties.signed_activation(agreement["id"]))
+        assert response.status_code == 202, response.content
+        ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
+        chain.rpc("anvil_dropTransaction", [ours.attempts.get().tx_hash])
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    mined(chain, chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
+                                                "data": ours.data, "gas": 1_000_000}))
+    confirm_all(capture)  # no receipt: the relayer rebroadcasts its bytes, mined now and reverted
+    node = gateway.w3().eth
+    call = node.call
+    timeouts = []
+
+    def replay_times_out_once(transaction, block_identifier=None, *args, **kwargs):
+        if block_identifier is not None and not timeouts:
+            timeouts.append(block_identifier)
+            raise requests.Timeout("Read timed out.")
+        return call(transaction, block_identifier, *args, **kwargs)
+
+    monkeypatch.setattr(node, "call", replay_times_out_once)
+    confirm_all(capture)
+    confirm_all(capture)
+    ours.refresh_from_db()
+    assert timeouts and ours.status == "failed" and "AgreementExists" in ours.failure_reason, ours.failure_reason
+    assert parties.agreement(agreement["id"])["status"] == "active"
