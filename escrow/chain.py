@@ -630,14 +630,18 @@ def next_block_timestamp() -> int:
 
 def canonical_block_hash(number: int) -> str | None:
     """The hash of the node's block at height `number`; None when it has none there (beyond its head: a node behind
-    another, or a chain a reorg made shorter until it grows again)."""
+    another, or a chain a reorg made shorter until it grows again). Raises RpcUnavailable when the node answered with
+    an error (rate limited, overloaded): that says nothing of the block, and read as "none there" it passed for a
+    reorg."""
     try:
         block = w3().eth.get_block(number)
+    except BlockNotFound:
+        return None
     except Exception as exc:  # noqa: BLE001
         error = classify(exc)
         if isinstance(error, RpcUnavailable):
             raise error from exc
-        return None
+        raise RpcUnavailable(f"block {number} not read: {error}") from exc
     return "0x" + block["hash"].hex().removeprefix("0x")
 
 

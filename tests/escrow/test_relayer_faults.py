@@ -8,6 +8,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.urls import reverse
+from web3.exceptions import Web3RPCError
 
 from escrow import chain as gateway
 from agreements.models import UsageAgreement
@@ -518,3 +519,32 @@ def test_a_payout_whose_nonce_another_transaction_of_the_wallet_took_is_sent_aga
     tx.refresh_from_db()
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 2
     assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+
+def test_a_node_answering_an_error_for_a_confirmed_payouts_block_is_no_reorg(
+        escrow_chain, monkeypatch, django_capture_on_commit_callbacks):
+    """A provider answering the block lookup with a JSON-RPC error (rate limited, an overloaded backend) said nothing
+    about the block: the confirmed payout is not reopened (its domain told to move back) as if a reorg had taken its
+    block, and concluded again."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    with django_capture_on_commit_callbacks(execute=True):
+        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED
+    node = gateway.w3().eth
+    get_block = node.get_block
+
+    def rate_limited(block_identifier, *args, **kwargs):
+        if block_identifier == tx.mined_block_number:
+            raise Web3RPCError("{'code': -32005, 'message': 'rate limit exceeded'}")
+        return get_block(block_identifier, *args, **kwargs)
+
+    monkeypatch.setattr(node, "get_block", rate_limited)
+    with django_capture_on_commit_callbacks(execute=True):
+        relayer.transactions_poll()
+    concluded = (tx.status, tx.confirmed_at)
+    tx.refresh_from_db()
+    assert (tx.status, tx.confirmed_at) == concluded, "reopened and concluded again"
