@@ -247,6 +247,10 @@ class UsageAgreement(PaymentReversal):
     accepted_at = models.DateTimeField(null=True, blank=True)
     closed_at = models.DateTimeField(null=True, blank=True, help_text="Rejected, cancelled or expired.")
     activated_at = models.DateTimeField(null=True, blank=True)
+    funds_moved_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the platform last sent the buyer's money for it on-chain (activation "
+                                         "submitted, direct payment queued): the buyer's spend caps count it from "
+                                         "then, and from its proposal until then.")
     settled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

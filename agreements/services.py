@@ -199,7 +199,8 @@ def _committed_spends_sql() -> str:
     of CPU to compile at every proposal, most of the statement's cost). Plain SQL that SQLite runs too."""
     quote, meta, invocation_meta = connection.ops.quote_name, UsageAgreement._meta, SkillInvocation._meta
     column = {name: quote(meta.get_field(name).column)
-              for name in ("status", "infra_fee", "used", "deposit_amount", "buyer", "created_at")}
+              for name in ("id", "status", "infra_fee", "used", "deposit_amount", "buyer", "created_at",
+                           "funds_moved_at")}
     invocation = {name: quote(invocation_meta.get_field(name).column)
                   for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at")}
     committed = (f"CASE WHEN {column['status']} IN ({', '.join(['%s'] * len(NOTHING_COMMITTED))}) THEN 0 "
@@ -207,8 +208,11 @@ def _committed_spends_sql() -> str:
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} + {column['used']} "
                  f"ELSE {column['infra_fee']} + {column['deposit_amount']} END")
     released = ", ".join(["%s"] * len(INVOCATION_NOTHING_COMMITTED))
-    spends = (f"SELECT {column['created_at']} AS committed_at, {committed} AS amount "  # noqa: S608
-              f"FROM {quote(meta.db_table)} WHERE {column['buyer']} = %s AND {column['created_at']} >= %s "
+    # An agreement counts from its proposal until the platform moves its money, then from that moment.
+    counted_at = f"COALESCE({column['funds_moved_at']}, {column['created_at']})"
+    spends = (f"SELECT {counted_at} AS committed_at, {committed} AS amount "  # noqa: S608
+              f"FROM {quote(meta.db_table)} WHERE {column['buyer']} = %s AND {column['id']} <> %s "
+              f"AND {counted_at} >= %s "
               f"UNION ALL SELECT {invocation['created_at']}, {invocation['amount']} "
               f"FROM {quote(invocation_meta.db_table)} WHERE {invocation['buyer']} = %s "
               f"AND {invocation['created_at']} >= %s AND {invocation['money']} NOT IN ({released}) "
@@ -217,15 +221,22 @@ def _committed_spends_sql() -> str:
             f"COALESCE(SUM(amount), 0) FROM ({spends}) spends")
 
 
-def _committed_spends(buyer: Agent, *, day_since: datetime, month_since: datetime) -> tuple[int, int]:
+_NO_AGREEMENT = uuid.UUID(int=0)
+
+
+def _committed_spends(buyer: Agent, *, day_since: datetime, month_since: datetime,
+                      excluding: uuid.UUID | None = None) -> tuple[int, int]:
     """What the buyer committed since `day_since` and since `month_since` (the earlier), in one statement: its
     agreements (nothing once released, the fee once refunded, fee plus what was used once settled, else fee plus
-    deposit) and its skill invocations (the price, unless the payment failed, was refunded or was reverted)."""
+    deposit), each at the moment the platform moved its money or, until then, at its proposal, but for the agreement
+    `excluding` (the one being checked); and its skill invocations (the price, unless the payment failed, was
+    refunded or was reverted)."""
     committed = [*NOTHING_COMMITTED, S.REFUNDED, S.SETTLED]
     since = connection.ops.adapt_datetimefield_value
     buyer_id = UsageAgreement._meta.get_field("buyer").get_db_prep_value(buyer.pk, connection)
+    excluded = UsageAgreement._meta.pk.get_db_prep_value(excluding or _NO_AGREEMENT, connection)
     with prepared_cursor() as cursor:
-        cursor.execute(_committed_spends_sql(), [since(day_since), *committed, buyer_id, since(month_since),
+        cursor.execute(_committed_spends_sql(), [since(day_since), *committed, buyer_id, excluded, since(month_since),
                                                  buyer_id, since(month_since), *INVOCATION_NOTHING_COMMITTED])
         day, month = cursor.fetchone()
     return int(day), int(month)
@@ -414,15 +425,15 @@ def _owner_policy_decision(proposal: Proposal) -> policy_selectors.Decision:
                                   amount=proposal.deposit + proposal.fee, at=proposal.proposed_at)
 
 
-def _buyer_policy_decision(*, buyer: Agent, service: Service, token: str, amount: int,
-                           at: datetime) -> policy_selectors.Decision:
+def _buyer_policy_decision(*, buyer: Agent, service: Service, token: str, amount: int, at: datetime,
+                           agreement_id: uuid.UUID | None = None) -> policy_selectors.Decision:
     """The buyer's owner policy on a purchase of `amount` from `service`, given what the buyer committed in the
-    last day and month (agreements and skill invocations); a denial is 403 with the rule. Call inside the
-    transaction that records the purchase."""
-    # Serialises this buyer's proposals, invocations and policy edits, so two purchases cannot both slip under a cap.
+    last day and month (agreements and skill invocations, but the agreement `agreement_id` being paid); a denial is
+    403 with the rule. Call inside the transaction that records the purchase (or moves its money)."""
+    # Serialises this buyer's proposals, payments, invocations and policy edits, so two cannot both slip under a cap.
     list(Agent.objects.select_for_update().filter(pk=buyer.pk).values_list("pk"))
     spent_last_day, spent_last_month = _committed_spends(buyer, day_since=at - timedelta(days=1),
-                                                         month_since=at - timedelta(days=30))
+                                                         month_since=at - timedelta(days=30), excluding=agreement_id)
     decision = policy_selectors.purchase_decision(
         agent=buyer, seller_handle=service.seller.handle, service_id=str(service.pk),
         tags=frozenset(tag.name for tag in service.tags.all()), token=token,  # prefetched by the selectors
@@ -431,6 +442,26 @@ def _buyer_policy_decision(*, buyer: Agent, service: Service, token: str, amount
     if decision.denied:
         raise Forbidden(decision.message, code="policy_denied", details={"rule": decision.rule, **decision.details})
     return decision
+
+
+def _payment_policy_refusal(agreement: UsageAgreement) -> Forbidden | None:
+    """Why the buyer's owner policy, as it is now, refuses the platform moving this agreement's money now (None: it
+    allows it): its deny rules and caps as at proposal, counting every agreement at the moment its money moved (until
+    then at its proposal) but this one. An approval given at proposal stands; one the policy asks for only now is
+    refused, as a skill invocation's: no payment waits for the owner. Call inside the transaction that moves the
+    money, with the agreement locked: the buyer is locked too, until it commits."""
+    at = timezone.now()
+    try:
+        decision = _buyer_policy_decision(buyer=agreement.buyer, service=agreement.service, token=agreement.token,
+                                          amount=agreement.deposit_amount + agreement.infra_fee, at=at,
+                                          agreement_id=agreement.pk)
+    except Forbidden as denied:
+        return denied
+    if decision.needs_approval and not policy_selectors.approval_given(subject_type=APPROVAL_SUBJECT,
+                                                                       subject_id=agreement.pk):
+        return Forbidden("The owner's policy now asks for an approval of this payment, which it was not given.",
+                         code="approval_required", details={"rule": decision.rule, **decision.details})
+    return None
 
 
 def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict,
@@ -558,7 +589,8 @@ def _direct_payment_precheck(agreement: UsageAgreement) -> str | None:
 
 
 def _direct_payment_start(agreement_id, problem: str | None) -> UsageAgreement:
-    agreement = _transition(agreement_id, to=S.PAYING, actor=SYSTEM, reason="collecting the fee, then paying")
+    agreement = _transition(agreement_id, to=S.PAYING, actor=SYSTEM, reason="collecting the fee, then paying",
+                            changes=None if problem else {"funds_moved_at": timezone.now()})
     if problem:
         return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM,
                            reason=f"payment cannot run, nothing was charged: {problem}")
@@ -663,17 +695,27 @@ def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreem
     problem = _direct_payment_precheck(agreement)  # the chain is asked first: never under the row lock
     with transaction.atomic():
         current = _lock(agreement.pk)
-        if current.settlement_model == SettlementModel.DIRECT_PAYMENT and current.status in (
-                S.PAYING, S.PAID, S.PAYMENT_FAILED):
+        direct = current.settlement_model == SettlementModel.DIRECT_PAYMENT
+        if direct and current.status in (S.PAYING, S.PAID, S.PAYMENT_FAILED):
             return current  # a repeated accept: the payment already started
-        if not (current.status == S.PROPOSED and current.proposal_expires_at <= timezone.now()):
+        if current.status == S.PROPOSED and current.proposal_expires_at <= timezone.now():
+            # Committed before answering, so the seller's late accept leaves the agreement visibly expired.
+            _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
+            refusal: Forbidden | Conflict = Conflict("The proposal expired.", code="proposal_expired",
+                                                     details={"status": S.EXPIRED})
+        elif direct and current.status == S.PROPOSED and (denied := _payment_policy_refusal(current)):
+            # The accept moves the buyer's money: refused, it stays proposed (the seller may accept again once the
+            # buyer's policy allows it), with an event, committed before answering, that tells both parties why.
+            _record_event(current, actor=SYSTEM, from_status=current.status,
+                          reason=f"not paid: the buyer's owner policy refuses it now ({denied.details.get('rule')})",
+                          data={"code": denied.code, **denied.details})
+            refusal = denied
+        else:
             accepted = _transition(agreement.pk, to=S.ACCEPTED, actor=Actor.agent(seller, "seller"))
-            if accepted.settlement_model == SettlementModel.DIRECT_PAYMENT:
+            if direct:
                 return _direct_payment_start(agreement.pk, problem)
             return accepted
-        # Committed before answering, so the seller's late accept leaves the agreement visibly expired.
-        _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
-    raise Conflict("The proposal expired.", code="proposal_expired", details={"status": S.EXPIRED})
+    raise refusal
 
 
 def agreement_reject(*, agreement: UsageAgreement, seller: Agent, reason: str = "") -> UsageAgreement:
@@ -695,7 +737,8 @@ def agreement_cancel(*, agreement: UsageAgreement, buyer: Agent, reason: str = "
 # --- escrow activation (called by the escrow app) ----------------------------------------------------------
 
 def agreement_activation_begin(*, agreement_id, buyer: Agent) -> UsageAgreement:
-    """accepted | activation_failed -> submitting. Call inside the transaction that queues the chain work.
+    """accepted | activation_failed -> submitting, once the buyer's owner policy allows the money to move now
+    (`_payment_policy_refusal`: else 403 and nothing changes). Call inside the transaction that queues the chain work.
 
     Unlike other transitions a repeat is 409, not a no-op: the caller must not queue a second transaction.
     """
@@ -709,8 +752,11 @@ def agreement_activation_begin(*, agreement_id, buyer: Agent) -> UsageAgreement:
                        details={"status": agreement.status, "requested": S.SUBMITTING})
     if agreement.expires_at <= timezone.now():
         raise Conflict("The agreement has expired.", code="agreement_expired", details={"status": agreement.status})
+    refusal = _payment_policy_refusal(agreement)
+    if refusal is not None:
+        raise refusal
     return _transition(agreement_id, to=S.SUBMITTING, actor=Actor.agent(buyer, "buyer"),
-                       changes={"activation_tx_hash": ""})
+                       changes={"activation_tx_hash": "", "funds_moved_at": timezone.now()})
 
 
 def agreement_activation_signed(*, agreement_id, tx_hash: str) -> None:
@@ -734,7 +780,8 @@ def agreement_activation_confirmed(*, agreement_id, tx_hash: str) -> UsageAgreem
     agreement = _lock(agreement_id)
     if can_activate(agreement):
         # An operator retried a failed activation, or someone relayed the buyer's signed intent themselves.
-        _transition(agreement_id, to=S.SUBMITTING, actor=SYSTEM, reason="activation mined")
+        _transition(agreement_id, to=S.SUBMITTING, actor=SYSTEM, reason="activation mined",
+                    changes={"funds_moved_at": timezone.now()})
     elif is_closed(agreement):
         # The buyer's signed intent ran after the agreement was closed (see TRANSITIONS). The escrow holds the deposit,
         # which only the contract can give back: completion is asked for in the same write, so nothing is charged

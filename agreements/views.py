@@ -171,7 +171,10 @@ def _transition_view(*, operation_id: str, summary: str, action, with_reason: bo
 
 
 AcceptView = _transition_view(
-    operation_id="agreements_accept", summary="Accept a proposal (seller); repeating it is harmless",
+    operation_id="agreements_accept",
+    summary="Accept a proposal (seller); repeating it is harmless. A direct purchase is paid now: 403 "
+            "`policy_denied` (with `details.rule`) or `approval_required` when the buyer's owner policy, as it is now, "
+            "refuses that payment; it stays proposed, with an event saying why.",
     action=lambda agreement, agent: services.agreement_accept(agreement=agreement, seller=agent),
     with_reason=False, method="put")
 RejectView = _transition_view(

@@ -8,7 +8,7 @@ from marketplace.errors import NotFound
 from marketplace.postgresql import prepared_cursor
 from marketplace.rows import ModelColumns, model_columns
 from policies.evaluation import Decision, Purchase, Spend, evaluate
-from policies.models import ApprovalRequest, Policy
+from policies.models import ApprovalRequest, ApprovalStatus, Policy
 
 
 def policy_of(*, agent: Agent) -> Policy | None:
@@ -22,6 +22,12 @@ def purchase_decision(*, agent: Agent, seller_handle: str, service_id: str, tags
     return evaluate(policy_of(agent=agent),
                     Purchase(seller_handle=seller_handle, service_id=service_id, tags=tags, token=token, amount=amount),
                     Spend(last_day=spent_last_day, last_month=spent_last_month))
+
+
+def approval_given(*, subject_type: str, subject_id) -> bool:
+    """Whether the owner approved this subject (its one approval request)."""
+    return ApprovalRequest.objects.filter(subject_type=subject_type, subject_id=subject_id,
+                                          status=ApprovalStatus.APPROVED).exists()
 
 
 def approvals_of_agent(*, agent: Agent, status: str | None = None):

@@ -1,0 +1,157 @@
+"""The owner's policy holds again when the platform moves the buyer's money (escrow activation, a Masumi purchase's
+lock-funds, a direct purchase's payment at accept), not only when the agreement is proposed."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from agreements.models import AgreementEvent, UsageAgreement
+from escrow.models import ChainTransaction
+from tests.agreements.test_direct_payments import Purchase as DirectPurchase
+from tests.catalog.factories import issue_owner_token
+from tests.conftest import Api, error_code
+from tests.escrow.flow import Parties, deadline_clock, sign_activation, usdc_balance
+from tests.escrow.test_masumi_purchases import INPUT, PRICE
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+ONE_PROPOSAL = 300_000  # 10 calls at 0.02 USDC plus the 0.10 USDC minimum fee
+
+
+@pytest.fixture
+def parties(escrow_chain):
+    return Parties(escrow_chain)  # 0.02 USDC per call
+
+
+def set_policy(parties: Parties, body: dict) -> None:
+    owner_api = Api(issue_owner_token(parties.buyer.owner))
+    response = owner_api.put(f"/agents/{parties.buyer.pk}/policies", body)
+    assert response.status_code == 200, response.content
+
+
+def proposed_days_ago(parties: Parties, days: float) -> dict:
+    agreement = parties.accepted_agreement()
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(created_at=timezone.now() - timedelta(days=days))
+    return agreement
+
+
+def activate(parties: Parties, agreement_id: str, capture):
+    with capture(execute=True):
+        return parties.buyer_api.post(f"/usage-agreements/{agreement_id}/activate-escrow",
+                                      parties.signed_activation(agreement_id))
+
+
+def assert_refused(response, rule: str) -> None:
+    assert response.status_code == 403, response.content
+    assert error_code(response) == "policy_denied"
+    assert response.json()["error"]["details"]["rule"] == rule
+
+
+def test_the_daily_cap_holds_when_escrows_proposed_on_different_days_are_activated_on_one(
+        parties, django_capture_on_commit_callbacks):
+    """The review's case: one cap's worth proposed on each of two days, both activated on a third; the caps were
+    checked only at proposal, so twice the daily cap left the wallet at once."""
+    capture = django_capture_on_commit_callbacks
+    set_policy(parties, {"daily_cap_atomic": ONE_PROPOSAL})
+    first = proposed_days_ago(parties, 2)
+    second = proposed_days_ago(parties, 1.5)  # the first was out of the window: allowed
+
+    assert activate(parties, first["id"], capture).status_code == 202  # the second counts at its proposal: gone
+    refused = activate(parties, second["id"], capture)  # the first counts from now, when its money moved
+
+    assert_refused(refused, "daily_cap")
+    assert refused.json()["error"]["details"]["spent"] == ONE_PROPOSAL
+    assert parties.agreement(second["id"])["status"] == "accepted"
+    assert not ChainTransaction.objects.filter(agreement_id=second["id"]).exists()
+    set_policy(parties, {"daily_cap_atomic": 2 * ONE_PROPOSAL})  # room in the window: it activates as it was
+    assert activate(parties, second["id"], capture).status_code == 202
+
+
+def test_a_policy_tightened_after_the_proposal_holds_at_activation(parties, django_capture_on_commit_callbacks):
+    capture = django_capture_on_commit_callbacks
+    agreement = parties.accepted_agreement()
+
+    set_policy(parties, {"blocked_sellers": [parties.seller.handle]})
+    assert_refused(activate(parties, agreement["id"], capture), "blocked_sellers")
+    set_policy(parties, {"daily_cap_atomic": ONE_PROPOSAL - 1})
+    assert_refused(activate(parties, agreement["id"], capture), "daily_cap")
+    set_policy(parties, {"max_per_agreement_atomic": ONE_PROPOSAL - 1})
+    assert_refused(activate(parties, agreement["id"], capture), "max_per_agreement")
+    set_policy(parties, {"approval_threshold_atomic": ONE_PROPOSAL})  # no approval was given for it
+    refused = activate(parties, agreement["id"], capture)
+    assert refused.status_code == 403 and error_code(refused) == "approval_required"
+
+    assert parties.agreement(agreement["id"])["status"] == "accepted"
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+    set_policy(parties, {"daily_cap_atomic": ONE_PROPOSAL})  # the agreement itself is not counted twice
+    assert activate(parties, agreement["id"], capture).status_code == 202
+
+
+def test_an_approval_given_at_proposal_is_not_asked_again_at_activation(parties,
+                                                                        django_capture_on_commit_callbacks):
+    set_policy(parties, {"approval_threshold_atomic": ONE_PROPOSAL})
+    created = parties.buyer_api.post("/usage-agreements", {"service_id": str(parties.service.pk), "quantity": 10})
+    assert created.json()["status"] == "pending_approval"
+    owner_api = Api(issue_owner_token(parties.buyer.owner))
+    [approval] = owner_api.get(f"/agents/{parties.buyer.pk}/approvals").json()["results"]
+    assert owner_api.post(f"/agents/{parties.buyer.pk}/approvals/{approval['id']}/approve").status_code == 200
+    assert parties.seller_api.put(f"/usage-agreements/{created.json()['id']}/accept").status_code == 200
+
+    assert activate(parties, created.json()["id"], django_capture_on_commit_callbacks).status_code == 202
+
+
+def test_a_masumi_purchase_is_refused_at_lock_funds_by_a_policy_tightened_since(
+        escrow_chain, django_capture_on_commit_callbacks):
+    from tests.support.masumi_service import MasumiService
+
+    seller_service = MasumiService().start()
+    try:
+        parties = Parties(escrow_chain, upstream_base_url=seller_service.url, upstream_protocol="masumi",
+                          pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE,
+                                   "token": "USDC"}, skills=[])
+        now = deadline_clock(escrow_chain)
+        timers = {"payByTime": now + 600, "submitResultTime": now + 1200, "unlockTime": now + 2400,
+                  "externalDisputeUnlockTime": now + 4800}
+        created = parties.buyer_api.post("/purchase", {
+            "network": "Preprod", "agentIdentifier": str(parties.service.pk), "input_data": INPUT,
+            "identifierFromPurchaser": "order-17", **{name: str(at * 1000) for name, at in timers.items()}})
+        assert created.status_code == 200, created.content
+        created = created.json()["data"]
+        set_policy(parties, {"blocked_sellers": [parties.seller.handle]})
+
+        signed = sign_activation(escrow_chain, created["ActivationPackage"],
+                                 parties.agreement(created["agreementId"]), parties.buyer_account.key)
+        with django_capture_on_commit_callbacks(execute=True):
+            locked = parties.buyer_api.post("/purchase/lock-funds", {
+                "network": "Preprod", "blockchainIdentifier": created["blockchainIdentifier"], **signed})
+
+        assert_refused(locked, "blocked_sellers")
+        assert parties.agreement(created["agreementId"])["status"] == "accepted"
+        assert not ChainTransaction.objects.filter(agreement_id=created["agreementId"]).exists()
+    finally:
+        seller_service.stop()
+
+
+def test_a_direct_purchase_is_not_paid_at_accept_past_a_cap_lowered_since(escrow_chain,
+                                                                           django_capture_on_commit_callbacks):
+    purchase = DirectPurchase(escrow_chain)
+    parties = purchase.parties
+    agreement = purchase.propose()
+    before = purchase.balances()
+    set_policy(parties, {"daily_cap_atomic": 1_000_000})
+
+    with django_capture_on_commit_callbacks(execute=True):
+        refused = parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+
+    assert_refused(refused, "daily_cap")
+    after = parties.agreement(agreement["id"])
+    assert after["status"] == "proposed"  # the seller may accept again once the window has room
+    event = AgreementEvent.objects.filter(agreement_id=agreement["id"]).order_by("created_at", "pk").last()
+    assert "daily_cap" in event.reason and event.data["rule"] == "daily_cap"
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+    assert purchase.balances() == before
+    assert usdc_balance(escrow_chain, parties.seller_account.address) == before[1]
+
+    set_policy(parties, {})
+    assert purchase.accept(agreement["id"], django_capture_on_commit_callbacks)["status"] == "paying"
