@@ -148,7 +148,8 @@ class AgreementEventsView(APIView):
         return Response({"results": AgreementEventSerializer(rows, many=True).data, "next_cursor": next_cursor})
 
 
-def _transition_view(*, operation_id: str, summary: str, action, with_reason: bool, method: str):
+def _transition_view(*, operation_id: str, summary: str, action, with_reason: bool, method: str,
+                     description: str = ""):
     """A view for one party action (accept, reject, cancel): 200 with the agreement, 409 when illegal."""
 
     def handler(self, request, agreement_id):
@@ -162,7 +163,7 @@ def _transition_view(*, operation_id: str, summary: str, action, with_reason: bo
         action(agreement=agreement, agent=agent, **kwargs)
         return Response(agreement_payload(selectors.agreement_get(agreement_id=agreement_id, agent=agent)))
 
-    handler = extend_schema(operation_id=operation_id, summary=summary, tags=TAGS,
+    handler = extend_schema(operation_id=operation_id, summary=summary, description=description or None, tags=TAGS,
                             request=ReasonSerializer if with_reason else None,
                             responses={200: AgreementSerializer, **error_responses(404, 409)})(handler)
     return type(f"{operation_id.title().replace('_', '')}View", (APIView,), {
@@ -172,9 +173,10 @@ def _transition_view(*, operation_id: str, summary: str, action, with_reason: bo
 
 AcceptView = _transition_view(
     operation_id="agreements_accept",
-    summary="Accept a proposal (seller); repeating it is harmless. A direct purchase is paid now: 403 "
-            "`policy_denied` (with `details.rule`) or `approval_required` when the buyer's owner policy, as it is now, "
-            "refuses that payment; it stays proposed, with an event saying why.",
+    summary="Accept a proposal (seller); repeating it is harmless",
+    description="A direct purchase is paid now: 403 `policy_denied` (with `details.rule`) or `approval_required` "
+                "when the buyer's owner policy, as it is now, refuses that payment; it stays proposed, with an event "
+                "saying why.",
     action=lambda agreement, agent: services.agreement_accept(agreement=agreement, seller=agent),
     with_reason=False, method="put")
 RejectView = _transition_view(

@@ -109,9 +109,9 @@ class ActivateEscrowView(APIView):
     @extend_schema(
         operation_id="escrow_activate", tags=TAGS, request=ActivateEscrowSerializer,
         summary="Submit the signed package. 202: queued for the relayer; poll the agreement or escrow-status "
-                "until `active` (or `activation_failed` with the reason). 403 `policy_denied` (with `details.rule`) "
-                "or `approval_required` when the buyer's owner policy, as it is now, refuses the money moving now: "
-                "nothing is queued and the agreement stays as it was.",
+                "until `active` (or `activation_failed` with the reason).",
+        description="403 `policy_denied` (with `details.rule`) or `approval_required` when the buyer's owner policy, "
+                    "as it is now, refuses the money moving now: nothing is queued and the agreement stays as it was.",
         responses={202: ActivationAcceptedSerializer, **error_responses(402, 404, 409, 422, 429, 503)},
     )
     @idempotent(atomic=False)  # verifies against the chain before it writes
