@@ -240,6 +240,9 @@ class CompressedHundredMegabytes(Hostile):
 @pytest.mark.parametrize("call", CALLS)
 def test_an_answer_larger_than_the_bound_is_abandoned_using_little_memory(handler, call):
     max_answer_bytes = 1024 * 1024
+    # Compressed here, once: in the server's thread under tracemalloc, 100 MB took longer than the SDK's read
+    # timeout on a loaded machine (ReadTimeout, not the refusal under test).
+    gzipped_spaces(100)
     tracemalloc.start()
     try:
         with hostile(handler) as url:
@@ -444,7 +447,8 @@ def test_a_wait_ends_at_its_timeout_however_slowly_the_server_answers(wait):
     with hostile(TricklesItsBody) as url:
         outcome = run_bounded(lambda: WAITS[wait](marketplace(url, deadline=5)), limit=10)
     assert isinstance(outcome.error, TimeoutError), outcome.error
-    assert outcome.seconds < WAIT + EPSILON, f"the wait took {outcome.seconds:.1f} s"
+    # The defect ran on to the request's 5 s deadline; a loaded machine adds a few tenths to a wait that ends in time.
+    assert outcome.seconds < WAIT + 1.0, f"the wait took {outcome.seconds:.1f} s"
 
 
 class EndlessEmptyPages(Hostile):
