@@ -4,7 +4,8 @@ A buyer verifies every charge with `verify_usage` (no marketplace, no Django) ag
 holds it (`sdk.onchain.ChainReader.escrow`, through the buyer's own RPC): each event's digest extends the previous
 one (`usageDigest_n = keccak256(usageDigest_{n-1} ‖ eventHash_n)`, `usageDigest_0 = 0x00…`), the sequence has no
 gap, the cumulative amounts add up and stay within the deposit, every receipt recovers to the escrow's on-chain
-receipt signer, and a proposed settlement is the last receipt. Each failure has its own exception type.
+receipt signer, the last event carries one (the marketplace signs the last event of every write), and a proposed
+settlement is the last receipt. Each failure has its own exception type.
 
 The receipt hash is written out by hand because the marketplace signs one per proxied call: ~15 µs against
 ~840 µs for eth-account's `encode_typed_data` of the same receipt (timeit, one core). It is tested equal to
@@ -142,6 +143,11 @@ class ReceiptSignerMismatch(UsageVerificationError):
     """A receipt was signed by a key other than the escrow's on-chain receipt signer."""
 
 
+class UsageUnsigned(UsageVerificationError):
+    """The listing's last event carries no receipt: the charges after the last receipt are no one's word (a changed
+    event, its receipt taken away, would pass for one)."""
+
+
 class SettlementProposalMismatch(UsageVerificationError):
     """The settlement proposed on-chain is not the last receipt (amount above it, or another digest)."""
 
@@ -198,6 +204,9 @@ def verify_usage(events: Iterable[Mapping[str, Any]], *, escrow: OnchainEscrow, 
             last_signed, last_signed_amount, last_signed_digest = seq, cumulative, digest
         expected_seq += 1
         count += 1
+    if last_signed != count:
+        raise UsageUnsigned(f"event {count}, the last listed, carries no receipt (the last receipt is of event "
+                            f"{last_signed})")
     if escrow.state in ("proposed", "settled"):
         if escrow.settled_amount != last_signed_amount or escrow.usage_digest != last_signed_digest:
             raise SettlementProposalMismatch(

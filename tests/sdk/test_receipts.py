@@ -1,11 +1,17 @@
 """The usage digest chain of a batch (`usage_digests`) is the per-event chain, byte for byte."""
 
+import copy
+import functools
 import secrets
 
+import pytest
 from eth_abi import encode
+from eth_account import Account
 from eth_utils import keccak
 
+from marketplace.signatures import receipt_sign
 from sdk import receipts
+from sdk.onchain import OnchainEscrow
 
 
 def test_a_batchs_digests_are_the_per_event_chain_and_the_abi_encoding():
@@ -26,3 +32,53 @@ def test_a_batchs_digests_are_the_per_event_chain_and_the_abi_encoding():
         expected.append(digest)
     assert digests == expected
     assert receipts.usage_digests(previous, agreement_id=agreement_id, events=[]) == []
+
+
+def _signed_listing(*, key, chain_id: int, escrow_address: str, agreement_id: str, batches: list[list[int]],
+                    price: int) -> list[dict]:
+    """A usage listing as the marketplace writes it: per batch of units, one event each, the last one signed."""
+    events, digest, cumulative, seq = [], receipts.ZERO_DIGEST, 0, 0
+    for batch in batches:
+        for index, units in enumerate(batch):
+            seq, cost = seq + 1, units * price
+            cumulative += cost
+            request_id = f"req-{seq}"
+            digest = receipts.next_usage_digest(digest, receipts.usage_event_hash(
+                agreement_id=agreement_id, seq=seq, units=units, cost=cost, cumulative_amount=cumulative,
+                request_id=request_id))
+            signature = ""
+            if index == len(batch) - 1:
+                signature = receipt_sign(key.key, receipts.usage_receipt_digest(
+                    chain_id=chain_id, escrow_address=escrow_address, agreement_id=agreement_id, seq=seq,
+                    cumulative_amount=cumulative, usage_digest=digest))
+            events.append({"seq": seq, "units": units, "cost_atomic": cost, "cumulative_atomic": cumulative,
+                           "usage_digest": digest, "request_id": request_id, "receipt_signature": signature,
+                           "receipt_signer": key.address if signature else ""})
+    return events
+
+
+def test_an_event_changed_after_signing_is_caught_even_with_its_receipt_taken_away():
+    # A marketplace that inflates its last charge can re-forge the sums and digests, but not the receipt: were a
+    # listing ending in an unsigned event accepted, dropping the receipts from the changed event on would pass.
+    signer, chain_id, escrow_address = Account.create(), 31337, "0x" + "11" * 20
+    agreement_id, price = "0x" + secrets.token_hex(32), 20_000
+    escrow = OnchainEscrow(state="active", buyer="0x" + "22" * 20, seller="0x" + "33" * 20,
+                           receipt_signer=signer.address, deposit_amount=10**9, settled_amount=0, last_seq=0,
+                           usage_digest=receipts.ZERO_DIGEST)
+    listing = _signed_listing(key=signer, chain_id=chain_id, escrow_address=escrow_address,
+                              agreement_id=agreement_id, batches=[[1, 1], [1, 1]], price=price)
+    verify = functools.partial(receipts.verify_usage, escrow=escrow, agreement_id=agreement_id, chain_id=chain_id,
+                               escrow_address=escrow_address, price_per_unit=price)
+    assert verify(listing).cumulative_amount == 80_000
+
+    forged = copy.deepcopy(listing)
+    forged[-1]["units"], forged[-1]["cost_atomic"] = 50, 50 * price
+    forged[-1]["cumulative_atomic"] = forged[-2]["cumulative_atomic"] + 50 * price
+    forged[-1]["usage_digest"] = receipts.next_usage_digest(forged[-2]["usage_digest"], receipts.usage_event_hash(
+        agreement_id=agreement_id, seq=4, units=50, cost=50 * price, cumulative_amount=forged[-1]["cumulative_atomic"],
+        request_id=forged[-1]["request_id"]))
+    with pytest.raises(receipts.ReceiptTampered):
+        verify(forged)
+    forged[-1]["receipt_signature"] = forged[-1]["receipt_signer"] = ""
+    with pytest.raises(receipts.UsageUnsigned):
+        verify(forged)
