@@ -93,9 +93,12 @@ class OnchainEscrow:
     seller: str
     receipt_signer: str
     deposit_amount: int
-    settled_amount: int  # the proposed cumulative amount once a settlement is proposed
+    settled_amount: int  # the proposed cumulative amount once a settlement is proposed; the arbiter's once resolved
     last_seq: int
     usage_digest: str
+    # The last proposal's cumulative amount (its SettlementProposed event), which an arbiter's resolution leaves as
+    # it was; None when nothing was proposed (or not read).
+    proposed_amount: int | None = None
 
 
 class ChainReader:
@@ -208,7 +211,10 @@ class ChainReader:
         proposals = self.first_logs(escrow_address, ["0x" + _PROPOSED.hex(), *topics],
                                     from_block=int(log["blockNumber"], 16), to_block=latest,
                                     newest_first=True) if state > 1 else []
-        usage_digest = bytes(decode(list(_PROPOSED_DATA), self._data(proposals[-1]))[2]) if proposals else bytes(32)
+        proposed_amount, usage_digest = None, bytes(32)
+        if proposals:
+            _seq, proposed_amount, usage_digest, _deadline = decode(list(_PROPOSED_DATA), self._data(proposals[-1]))
         return OnchainEscrow(state=_STATES[state], buyer=buyer, seller=seller,
                              receipt_signer=to_checksum_address(signer), deposit_amount=deposit,
-                             settled_amount=settled, last_seq=last_seq, usage_digest="0x" + usage_digest.hex())
+                             settled_amount=settled, last_seq=last_seq, usage_digest="0x" + bytes(usage_digest).hex(),
+                             proposed_amount=proposed_amount)

@@ -208,8 +208,10 @@ def verify_usage(events: Iterable[Mapping[str, Any]], *, escrow: OnchainEscrow, 
         raise UsageUnsigned(f"event {count}, the last listed, carries no receipt (the last receipt is of event "
                             f"{last_signed})")
     if escrow.state in ("proposed", "settled"):
-        if escrow.settled_amount != last_signed_amount or escrow.usage_digest != last_signed_digest:
+        # The proposal, not the payout: an arbiter's resolution pays out its own amount.
+        proposed = escrow.settled_amount if escrow.proposed_amount is None else escrow.proposed_amount
+        if proposed != last_signed_amount or escrow.usage_digest != last_signed_digest:
             raise SettlementProposalMismatch(
-                f"on-chain proposal {escrow.settled_amount} (digest {escrow.usage_digest}) is not the last receipt "
+                f"on-chain proposal {proposed} (digest {escrow.usage_digest}) is not the last receipt "
                 f"{last_signed_amount} (seq {last_signed}, digest {last_signed_digest})")
     return VerifiedUsage(events=count, cumulative_amount=cumulative, usage_digest=digest, last_signed_seq=last_signed)

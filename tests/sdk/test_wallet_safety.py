@@ -31,6 +31,7 @@ pytestmark = pytest.mark.chain
 
 MAX_UINT = 2**256 - 1
 ESCROW_PROPOSED = 2  # UsageEscrow.State.Proposed
+ESCROW_SETTLED = 5  # UsageEscrow.State.Settled
 Alteration = Callable[[dict[str, Any]], None]
 
 
@@ -340,6 +341,24 @@ def test_verify_usage_checks_the_listing_against_the_chain(market, hostile, escr
     chain.w3.eth.wait_for_transaction_receipt(raised, timeout=30)
     with pytest.raises(receipts.SettlementProposalMismatch):
         buyer.verify_usage(agreement)
+
+
+def test_verify_usage_accepts_a_settlement_the_arbiter_decided(market, escrow_chain):
+    # After a dispute the arbiter's amount is paid out, not the proposal: an honest listing still verifies, and a
+    # tampered one still does not.
+    buyer, seller, service = market
+    chain = escrow_chain
+    agreement = active_in_challenge(buyer, seller, service, chain)
+    onchain_id = agreement["onchain_id"]
+    terms = escrow_terms(chain.escrow, onchain_id)
+    for step, sender in ((chain.escrow.functions.challenge(onchain_id, terms), chain.accounts.buyer),
+                         (chain.escrow.functions.resolve(onchain_id, terms, 20_000), chain.accounts.arbiter),
+                         (chain.escrow.functions.finalize(onchain_id, terms), chain.accounts.stranger)):
+        chain.w3.eth.wait_for_transaction_receipt(step.transact({"from": sender.address}), timeout=30)
+    assert chain.escrow.functions.getEscrow(onchain_id, terms).call()[0] == ESCROW_SETTLED
+
+    verified = buyer.verify_usage(agreement)
+    assert (verified.events, verified.cumulative_amount, verified.last_signed_seq) == (3, 60_000, 3)
 
 
 def test_the_configuration_is_read_from_the_marketplace_only_on_explicit_trust(live_server, escrow_chain):
