@@ -50,6 +50,7 @@ from django.utils import timezone
 
 from agreements import monitoring, selectors
 from agreements.models import AgreementStatus, CallIntent, ProxyReplay, UsageAgreement, UsageEvent, UsageSource
+from catalog.models import UpstreamProtocol
 from marketplace import chainconfig, signatures
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, PaymentRequired, error_body
 from marketplace.logging import logs_name_the_agreement
@@ -73,6 +74,18 @@ class Reservation:
     amount: int
     call_seq: int
     intent_id: int
+
+
+def _seller_report_require(agreement: UsageAgreement, seller_id: uuid.UUID) -> None:
+    """The seller may report usage on the agreement: it is the agreement's seller, and the agreement is not a Masumi
+    purchase, which is paid for its job result alone (`job_result_charge`): a report charged the price without one.
+    Only an agreement on a `masumi` service is looked up (its service is read with the report's agreement)."""
+    if agreement.seller_id != seller_id:
+        raise Forbidden("Only the seller reports usage.", code="seller_only")
+    if (agreement.service.upstream_protocol == UpstreamProtocol.MASUMI
+            and UsageAgreement.objects.filter(pk=agreement.pk, masumi_purchase__isnull=False).exists()):
+        raise Conflict("A Masumi purchase is charged by its job result only; usage cannot be reported on it.",
+                       code="job_result_only")
 
 
 def _not_chargeable(agreement: UsageAgreement) -> Conflict:
@@ -1255,8 +1268,7 @@ def usage_record(*, agreement: UsageAgreement, seller_id: uuid.UUID, entries: li
     """Seller-reported usage: all entries or none, under the same cap and receipt chain as proxied calls.
     `agreement` is read again under its row lock, unless `locked` says the caller's transaction read it under
     that lock already (`selectors.agreement_for_report(lock=True)`), and left as written."""
-    if agreement.seller_id != seller_id:
-        raise Forbidden("Only the seller reports usage.", code="seller_only")
+    _seller_report_require(agreement, seller_id)
     # No savepoint when nested (the request's transaction): a failure here fails the caller's transaction too.
     with transaction.atomic(savepoint=False):
         if not locked:
@@ -1342,8 +1354,7 @@ def usage_record_running_total(*, agreement: UsageAgreement, seller_id: uuid.UUI
     """The seller's running total of reported units (the Pægents SDK's `units_used`): charges the units beyond the
     total reported so far; the same total again charges nothing, so a retry is harmless without an
     Idempotency-Key. A total below what was reported is refused: a charge is never taken back here."""
-    if agreement.seller_id != seller_id:
-        raise Forbidden("Only the seller reports usage.", code="seller_only")
+    _seller_report_require(agreement, seller_id)
     with transaction.atomic():
         _lock_and_read(agreement)
         reported = agreement.usage_events.filter(source=UsageSource.SELLER_REPORT).aggregate(

@@ -81,7 +81,7 @@ def _report_statement(*, lock: bool) -> tuple[str, list]:
     quote, agreement_model = connection.ops.quote_name, UsageAgreement
     parts = [model_columns(agreement_model, "a", None if lock else ("id", "buyer", "seller", "service")),
              model_columns(Agent, "b", _PARTY_SUMMARY), model_columns(Agent, "s", _PARTY_SUMMARY),
-             model_columns(Service, "v", ("id", "name")), model_columns(ApprovalRequest, "r")]
+             model_columns(Service, "v", ("id", "name", "upstream_protocol")), model_columns(ApprovalRequest, "r")]
     meta, approval = agreement_model._meta, ApprovalRequest._meta
     column = {name: f"a.{quote(meta.get_field(name).column)}" for name in ("id", "buyer", "seller", "service")}
     agents, services = quote(Agent._meta.db_table), quote(Service._meta.db_table)

@@ -575,3 +575,21 @@ def test_two_ticks_at_once_call_a_purchases_seller_once(
         thread.join()
     assert len(hanging_seller.requests) == 1
     assert row(purchase).job_call_failures == 1
+
+
+@pytest.mark.parametrize("report", [{"units": 1}, {"events": [{"units": 1}]}, {"units_used": 1, "completed": True}])
+def test_a_purchases_seller_cannot_charge_it_by_reporting_usage(escrow_chain, seller_service,
+                                                                 django_capture_on_commit_callbacks, report):
+    # A purchase is paid for its result: a usage report of one job charged the whole price with no result, and the
+    # settlement tick proposed it (the buyer's only recourse a refund request within the window).
+    purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, seller_service)
+    agreement_id = purchase.created["agreementId"]
+    refused = purchase.parties.seller_api.post(f"/usage-agreements/{agreement_id}/record-usage", report,
+                                               headers={"Idempotency-Key": "no-result"})
+    assert refused.status_code == 409 and error_code(refused) == "job_result_only", refused.content
+    assert not UsageEvent.objects.filter(agreement_id=agreement_id).exists()
+    assert purchase.parties.agreement(agreement_id)["completion_requested_at"] is None
+
+    assert purchase.tick()["started"] == 1
+    assert purchase.tick()["results"] == 1  # the result is still the purchase's charge
+    assert purchase.get()["onChainState"] == "ResultSubmitted"
