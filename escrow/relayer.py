@@ -5,8 +5,8 @@
   hash and raw bytes, commits, and only then broadcasts: a worker killed at any point leaves either nothing
   (rolled back, the task runs again) or a stored attempt that `transaction_check` rebroadcasts.
 - `transaction_check` (driven by the `poll_confirmations` beat task) finds receipts of any attempt, counts
-  confirmations, notices reorgs (the mined block is no longer canonical), rebroadcasts dropped transactions and
-  replaces stuck ones with the same nonce and bumped fees. Final outcomes go to the domain once per time the
+  confirmations, notices reorgs (another block at the mined block's height: none there yet is a node behind, waited
+  for), rebroadcasts dropped transactions and replaces stuck ones with the same nonce and bumped fees. Final outcomes go to the domain once per time the
   transaction is mined.
 - `transactions_reopen_reorged` notices a reorg deeper than the confirmation depth: a mined transaction (confirmed,
   or failed: it reverted) whose block is no longer canonical goes back to submitted, and is then found mined again,
@@ -421,7 +421,7 @@ def transactions_reopen_reorged(*, after_block: int | None = None) -> int:
     of the relayer waits behind it, and its bytes may run there); a failed one whose evidence names someone else's
     transaction (EVIDENCE_BLOCK) on that transaction's. A block still canonical means its ancestors are too, so the
     newest such block is asked first and, on the usual poll, alone (the walk down goes back at most
-    INDEXER_REORG_WINDOW_BLOCKS)."""
+    INDEXER_REORG_WINDOW_BLOCKS). A height the node has no block at yet is not taken (`_replaced`)."""
     mined = ChainTransaction.objects.filter(status__in=[TxStatus.CONFIRMED, TxStatus.FAILED],
                                             mined_block_number__isnull=False)
     decided_elsewhere = ChainTransaction.objects.filter(status=TxStatus.FAILED,
@@ -434,14 +434,14 @@ def transactions_reopen_reorged(*, after_block: int | None = None) -> int:
     evidence_blocks = decided_elsewhere.order_by(f"-{evidence_number}").values_list(
         evidence_number, f"outcome_evidence__{EVIDENCE_BLOCK}__hash")
     newest = max((first for first in (own_blocks.first(), evidence_blocks.first()) if first is not None), default=None)
-    if newest is None or chain.canonical_block_hash(newest[0]) == newest[1]:
+    if newest is None or not _replaced(*newest):
         return 0
     floor = newest[0] - settings.INDEXER_REORG_WINDOW_BLOCKS
     candidates = sorted({*own_blocks.filter(mined_block_number__gte=floor),
                          *evidence_blocks.filter(**{f"{evidence_number}__gte": floor})}, reverse=True)
     gone = []
     for number, block_hash in candidates:
-        if chain.canonical_block_hash(number) == block_hash:
+        if not _replaced(number, block_hash):
             break
         gone.append((number, block_hash))
     reopened = 0
@@ -451,6 +451,14 @@ def transactions_reopen_reorged(*, after_block: int | None = None) -> int:
                                                 f"outcome_evidence__{EVIDENCE_BLOCK}__hash": block_hash})]:
             reopened += _reopen(tx)
     return reopened
+
+
+def _replaced(number: int, block_hash: str) -> bool:
+    """Whether the node holds another block than `block_hash` at height `number`: a reorg took it. None there is no
+    reorg but a node behind (a load-balanced provider's backend behind the one that answered before): nothing took
+    the block's place, so what rests on it waits until the node's head reaches that height, and is judged then (a
+    real reorg's new branch reaches the old height within a block or two)."""
+    return chain.canonical_block_hash(number) not in (block_hash, None)
 
 
 def _reopen(tx: ChainTransaction) -> bool:
@@ -645,7 +653,10 @@ def transaction_check(*, transaction_id) -> ChainTransaction | None:
     if tx is None:
         return None
     if tx.status == TxStatus.MINED:
-        if chain.canonical_block_hash(tx.mined_block_number) == tx.mined_block_hash:
+        canonical = chain.canonical_block_hash(tx.mined_block_number)
+        if canonical is None:
+            return tx  # a node behind, without the block yet: no reorg, looked at again at the next poll
+        if canonical == tx.mined_block_hash:
             if _deep_enough(tx, block_number=tx.mined_block_number, latest=chain.latest_block_number()):
                 return _conclude_mined(tx)
             return tx

@@ -109,6 +109,15 @@ class Chain:
         if not self.rpc("evm_revert", [snapshot_id]):
             raise RuntimeError(f"evm_revert({snapshot_id}) failed")
 
+    def reorg(self, snapshot_id: str) -> None:
+        """Another branch wins from the snapshot on: the chain goes back to it and grows again, in empty blocks, to
+        the height it had. A real reorg's new branch reaches the old height within a block or two; a node with no
+        block at a height is one behind, which the relayer and the indexer wait for rather than read as a reorg."""
+        height = self.block_number()
+        self.revert(snapshot_id)
+        if height > self.block_number():
+            self.mine(height - self.block_number())
+
     def mine(self, blocks: int = 1) -> None:
         """Mine ``blocks`` empty blocks."""
         self.rpc("anvil_mine", [hex(blocks)])

@@ -167,7 +167,7 @@ def test_a_reorg_taking_the_funding_after_the_cancel_leaves_the_agreement_cancel
     index(capture)
     assert parties.agreement(agreement["id"])["status"] == "active"
 
-    chain.revert(before_relay)
+    chain.reorg(before_relay)
     chain.mine(3)
     assert index(capture).rolled_back == 2  # Activated, and the transfer of deposit and fee into the escrow
     record = UsageAgreement.objects.get(pk=agreement["id"])
@@ -427,7 +427,7 @@ def test_a_failed_activation_a_reorg_reopens_after_the_agreement_was_cancelled_i
     repeated at every poll with the transaction left mined for ever.)"""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     agreement, failed, before_fork = failed_then_cancelled_on_a_branch(parties, chain, capture, monkeypatch)
-    chain.revert(before_fork)  # the new branch: the buyer never spent its funds
+    chain.reorg(before_fork)  # the new branch: the buyer never spent its funds
     chain.mine(3)
     buyer = usdc_balance(chain, parties.buyer_account.address)
     with caplog.at_level(logging.ERROR):
@@ -455,7 +455,7 @@ def test_the_old_bytes_of_that_activation_mined_first_give_the_deposit_back(
     is logged as an error."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     agreement, failed, before_fork = failed_then_cancelled_on_a_branch(parties, chain, capture, monkeypatch)
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     chain.mine(3)
     assert relayer.transactions_reopen_reorged() == 1
     old_bytes = failed.attempts.get()

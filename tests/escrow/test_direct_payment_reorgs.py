@@ -76,7 +76,7 @@ def test_a_purchase_paid_by_a_copy_a_reorg_took_is_paid_by_our_payment_sent_agai
     purchase = Purchase(chain)
     agreement, copy, before_fork = paid_by_a_copy_on_a_branch(purchase, capture)
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     chain.mine(3)
     seller = usdc_balance(chain, purchase.parties.seller_account.address)
     polls(capture)
@@ -103,7 +103,7 @@ def test_a_purchase_paid_by_a_copy_a_reorg_took_that_cannot_run_again_is_recorde
     fund(chain, purchase.treasury, USDC)  # a float the treasury would refund the fee from
     agreement, copy, before_fork = paid_by_a_copy_on_a_branch(purchase, capture)
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     buyer = purchase.buyer.address
     mined(chain, chain.usdc.functions.transfer(chain.accounts.stranger.address, usdc_balance(chain, buyer)).transact(
         {"from": buyer}))
@@ -182,7 +182,7 @@ def test_a_payment_that_reverted_on_its_own_is_sent_again_after_a_reorg_and_its_
     assert (payment.status, payment.receipt_status, refund.status) == (TxStatus.FAILED, 0, TxStatus.QUEUED)
     assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     chain.mine(3)
     seller = usdc_balance(chain, purchase.parties.seller_account.address)
     polls(capture)
@@ -220,7 +220,7 @@ def test_a_purchase_paid_by_our_payment_a_reorg_took_names_the_copy_that_paid_on
     ours = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_PAYMENT)
     assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == ours.mined_tx_hash
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     copy = copy_the_payment(purchase, body)
     chain.mine(3)
     seller = usdc_balance(chain, purchase.parties.seller_account.address)
@@ -295,7 +295,7 @@ def test_a_fee_refund_signed_for_a_failed_payment_a_reorg_reopens_is_cancelled_a
     agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(
         purchase, capture, monkeypatch, refund_confirmed=refund_before_the_reorg == "confirmed")
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     chain.mine(3)
     buyer, seller, fee_recipient, treasury = purchase.balances()
     polls(capture)
@@ -323,7 +323,7 @@ def reverted_to_a_branch_where_it_fails_again(chain, capture, monkeypatch):
     refund."""
     purchase = Purchase(chain)
     agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     spend_the_buyers_funds(purchase)
     chain.mine(3)
     return purchase, agreement, payment, refund
@@ -340,7 +340,7 @@ def test_a_cancelled_fee_refund_whose_old_bytes_are_mined_first_is_shown_and_rep
     purchase = Purchase(chain)
     agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     chain.mine(3)
     buyer, seller, fee_recipient, treasury = purchase.balances()
     old_refund = refund.attempts.get()
@@ -438,7 +438,7 @@ def refund_cancelled_on_the_new_branch(chain, capture, monkeypatch, *, pays: boo
         return reverted_to_a_branch_where_it_fails_again(chain, capture, monkeypatch)
     purchase = Purchase(chain)
     agreement, payment, refund, before_fork = failed_with_its_fee_refund_signed(purchase, capture, monkeypatch)
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     chain.mine(3)
     return purchase, agreement, payment, refund
 
@@ -476,7 +476,7 @@ def test_a_cancelled_fee_refund_whose_old_bytes_a_second_reorg_takes_is_no_longe
     with pytest.raises(CommandError, match="1 mismatch"):
         call_command("reconcile", stdout=io.StringIO())
 
-    chain.revert(before_the_old_refund)
+    chain.reorg(before_the_old_refund)
     chain.mine(3)
     polls(capture)
 
@@ -533,7 +533,7 @@ def test_a_cancelled_fee_refund_whose_fill_a_second_reorg_takes_for_its_old_byte
     assert purchase.parties.agreement(agreement["id"])["buyer_refund_atomic"] == (
         FEE if after_the_fill == "refunded_anew" else None)
 
-    chain.revert(before_the_fill)
+    chain.reorg(before_the_fill)
     chain.w3.eth.send_raw_transaction(refund.attempts.get().raw_transaction)
     chain.mine(3)
     polls(capture)
@@ -581,7 +581,7 @@ def test_a_fee_refund_signed_when_a_reorg_takes_the_fees_collection_is_cancelled
     refund = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE_REFUND)
     assert (payment.status, payment.nonce, refund.status) == (TxStatus.FAILED, None, TxStatus.SUBMITTED)
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     chain.mine(3)
     buyer, seller, fee_recipient, treasury = purchase.balances()
     polls(capture, 5)
@@ -642,12 +642,12 @@ def test_a_reverted_purchase_whose_authorization_a_copy_uses_later_is_paid_by_th
     purchase = Purchase(chain)
     body = purchase.body()
     agreement, _, before_fork = paid_by_a_copy_on_a_branch(purchase, capture, body)
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     second_fork = reverted_on_a_second_branch(purchase, capture, agreement["id"])
     assert_recorded_reverted(purchase, admin_client, agreement["id"])
 
     if copy_mined == "by_a_second_reorg":
-        chain.revert(second_fork)
+        chain.reorg(second_fork)
         before_copy = chain.snapshot()
     else:
         before_copy = chain.snapshot()
@@ -659,7 +659,7 @@ def test_a_reverted_purchase_whose_authorization_a_copy_uses_later_is_paid_by_th
     assert_paid_by(purchase, admin_client, agreement["id"], copy)
     assert usdc_balance(chain, purchase.parties.seller_account.address) == seller  # the copy paid it, once
 
-    chain.revert(before_copy)  # the copy is gone, and the buyer spends its funds first
+    chain.reorg(before_copy)  # the copy is gone, and the buyer spends its funds first
     spend_the_buyers_funds(purchase)
     chain.mine(3)
     polls(capture)
@@ -681,13 +681,13 @@ def test_a_reverted_purchase_a_second_reorg_puts_back_on_the_chain_is_paid_again
     before_fork = chain.snapshot()
     polls(capture, 2)
     assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     second_fork = reverted_on_a_second_branch(purchase, capture, agreement["id"])
     payment = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_PAYMENT)
     assert (payment.status, payment.receipt_status) == (TxStatus.FAILED, 0)
     assert_recorded_reverted(purchase, admin_client, agreement["id"])
 
-    chain.revert(second_fork)
+    chain.reorg(second_fork)
     chain.mine(3)
     polls(capture)
 
@@ -778,7 +778,7 @@ def test_a_reorg_reopening_a_payment_and_its_fee_refund_concluded_lock_the_agree
     assert refund.status == TxStatus.CONFIRMED
     _locks_its_agreement_first(_row_locks(concluding.captured_queries), tx=refund, agreement_id=agreement["id"])
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     chain.mine(3)
     with CaptureQueriesContext(connection) as reopening:
         polls(capture, 1)
@@ -800,7 +800,7 @@ def test_an_acknowledged_outrun_fill_a_deep_reorg_reopens_is_reported_again_when
     call_command("reconcile", "--acknowledge-nonce-fill", str(fill.pk), "--reason", "the platform bears the fee",
                  "--by", "ops", stdout=io.StringIO())
 
-    chain.revert(before_the_old_refund)
+    chain.reorg(before_the_old_refund)
     chain.mine(1)  # the old block's number now holds another block, whatever its timestamp
     chain.w3.eth.send_raw_transaction(refund.attempts.get().raw_transaction)
     mined_what_was_sent()

@@ -210,7 +210,7 @@ def test_reorg_removing_a_proposal_rolls_back_and_applies_the_canonical_events(
     assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
 
     # A different history from the snapshot on: empty blocks, then the seller proposes an older receipt.
-    chain.revert(before_proposal)
+    chain.reorg(before_proposal)
     chain.mine(3)
     result = index(capture)
     assert result.rolled_back == 1

@@ -107,7 +107,7 @@ def test_a_payment_a_reorg_took_after_the_payout_that_cannot_run_again_is_record
                            ChainTransaction.objects.get(purpose=purpose))
     treasury = usdc_balance(chain, market.treasury)
 
-    chain.revert(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1)
+    chain.reorg(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1)
     # Nothing left: the refund's stored bytes, estimated for a balance that was not empty, fill an empty slot.
     spend_all_but(chain, market.buyer.address, keep=0)
     chain.mine(3)
@@ -152,7 +152,7 @@ def test_a_payment_a_reorg_took_that_someone_else_sent_on_the_new_branch_is_paid
     payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
                        ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     copied = chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": payment.to_address,
                                             "data": payment.data, "gas": 200_000})
     mined(chain, copied)
@@ -189,7 +189,7 @@ def test_a_payout_a_reorg_took_that_cannot_run_again_leaves_the_invocation_payin
     settlement = ChainTransaction.objects.get(purpose=purpose)
     assert invocation_of(market, invocation_id)["payment"]["status"] == money
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     spent = spend_all_but(chain, market.treasury)  # the treasury is the relayer wallet: the payout's nonce too
     chain.mine(3)
     polls_until_concluded(capture, settlement)
@@ -225,7 +225,7 @@ def test_a_payment_a_reorg_took_before_the_invocation_ran_holds_the_run_until_it
     payment_tx = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
     assert invocation_of(market, invocation_id)["payment"]["status"] == "held"
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     spend_all_but(chain, market.buyer.address, keep=1)  # less than the price
     chain.mine(3)
     with capture(execute=True):
@@ -253,7 +253,7 @@ def test_a_payment_a_reorg_took_while_the_seller_ran_is_neither_paid_out_nor_ref
     invocation_id, payment_tx, before_fork = paid_and_taken_by_its_worker(market)
     pk = invocation_id.removeprefix("inv_")
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     spend_all_but(chain, market.buyer.address, keep=1)  # less than the price
     chain.mine(3)
     polls_until_concluded(capture, payment_tx)
@@ -297,7 +297,7 @@ def test_a_reverted_payment_the_buyer_never_paid_no_longer_counts_against_its_ow
     assert refused.status_code == 403 and refused.json()["error"]["details"]["spent"] == PRICE
     payment = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     spend_all_but(chain, market.buyer.address, keep=0)
     chain.mine(3)
     polls_until_concluded(capture, payment, ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
@@ -331,7 +331,7 @@ def test_a_payout_not_yet_sent_when_its_payment_is_found_reverted_is_withdrawn_a
     assert settlement.status == TxStatus.QUEUED
     treasury = usdc_balance(chain, market.treasury)
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     spend_all_but(chain, market.buyer.address, keep=0)
     chain.mine(3)
     polls_until_concluded(capture, payment_tx)
@@ -384,7 +384,7 @@ def signed_then_back_where_the_buyer_spent(market, capture, monkeypatch, outcome
     invocation_id, before_fork = signed_not_sent_on_a_branch(market, capture, monkeypatch, outcome)
     payment_tx, settlement = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
                               ChainTransaction.objects.get(purpose=SETTLED[outcome][1]))
-    market.chain.revert(before_fork)
+    market.chain.reorg(before_fork)
     spend_all_but(market.chain, market.buyer.address, keep=0)
     market.chain.mine(3)
     return invocation_id, payment_tx, settlement
@@ -449,7 +449,7 @@ def test_a_signed_payout_cancelled_whose_old_bytes_are_mined_first_is_recorded_a
     payment_tx, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
                           ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     spend_all_but(chain, market.buyer.address, keep=0)
     chain.mine(3)
     treasury = usdc_balance(chain, market.treasury)
@@ -477,7 +477,7 @@ def test_a_payout_the_reorg_took_and_mined_again_when_its_payment_is_found_rever
     # Queued when the depth was 3 (the node may mine an empty block after the payout's: 2 would not hold it mined).
     ChainTransaction.objects.filter(pk=payout.pk).update(confirmations_required=3)
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     spend_all_but(chain, market.buyer.address, keep=0)
     chain.mine(3)
     treasury = usdc_balance(chain, market.treasury)
@@ -558,7 +558,7 @@ def test_a_cancelled_payout_whose_old_bytes_a_second_reorg_takes_is_no_longer_re
     invocation = SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_"))
     assert (invocation.money, invocation.settlement_tx_hash) == (money, settlement.attempts.get().tx_hash)
 
-    chain.revert(before_the_old_bytes)
+    chain.reorg(before_the_old_bytes)
     chain.mine(3)
     for _ in range(3):
         confirm_all(capture)
@@ -591,7 +591,7 @@ def test_a_cancelled_payout_whose_fill_a_second_reorg_takes_for_its_old_bytes_is
     assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).money == "payment_failed"
     treasury = usdc_balance(chain, market.treasury)
 
-    chain.revert(before_the_fill)
+    chain.reorg(before_the_fill)
     old_bytes = settlement.attempts.get()
     chain.w3.eth.send_raw_transaction(old_bytes.raw_transaction)
     chain.mine(3)
@@ -675,7 +675,7 @@ def test_a_payment_counted_paid_by_someone_elses_copy_is_reopened_when_a_reorg_t
     assert invocation_of(market, invocation_id)["payment"]["status"] == "paid_out"
     treasury = usdc_balance(chain, market.treasury)
 
-    chain.revert(before_fork)  # neither the copy nor the payout is on the new branch
+    chain.reorg(before_fork)  # neither the copy nor the payout is on the new branch
     if buyer_spends:
         spend_all_but(chain, market.buyer.address, keep=0)
     chain.mine(3)
@@ -737,7 +737,7 @@ def test_a_payment_that_reverted_on_its_own_and_runs_on_the_new_branch_is_refund
     assert (payment_tx.status, payment_tx.receipt_status) == (TxStatus.FAILED, 0)
     assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_failed"
 
-    chain.revert(before_fork)  # the buyer's spending is not on the new branch
+    chain.reorg(before_fork)  # the buyer's spending is not on the new branch
     chain.mine(3)
     polls_until_concluded(capture, payment_tx)
     refund = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_REFUND)
@@ -762,7 +762,7 @@ def paid_out_then_recorded_reverted(market, capture, admin_client, invocation_id
     confirm_all(capture)  # the payout
     payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
                        ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
-    market.chain.revert(before_fork)
+    market.chain.reorg(before_fork)
     second_fork = reverted_on_a_second_branch(market, capture, payment, payout)
     assert_recorded_reverted(market, admin_client, invocation_id, unacknowledged=1)
     return payment, payout, second_fork
@@ -813,7 +813,7 @@ def test_a_reverted_payment_a_second_reorg_puts_back_on_the_chain_is_paid_again_
                                                                    before_fork)
     assert agent_api.post("/usage-agreements", proposal(market.service)).status_code == 201  # not counted
 
-    chain.revert(second_fork)  # the buyer's spending is not on this branch
+    chain.reorg(second_fork)  # the buyer's spending is not on this branch
     third_fork = chain.snapshot()
     if paid_by == "a_copy":
         mine_a_copy(chain, header)
@@ -836,7 +836,7 @@ def test_a_reverted_payment_a_second_reorg_puts_back_on_the_chain_is_paid_again_
     assert refused.status_code == 403 and refused.json()["error"]["details"]["spent"] == PRICE + 300_000
     assert len(market.upstream.requests) == 1
 
-    chain.revert(third_fork)
+    chain.reorg(third_fork)
     reverted_on_a_second_branch(market, capture, payment, payout)
     assert_recorded_reverted(market, admin_client, invocation_id, unacknowledged=1)
     assert len(market.upstream.requests) == 1
@@ -857,7 +857,7 @@ def test_a_reverted_payment_held_for_a_run_that_ended_meanwhile_is_settled_once_
         response = market.call("translate", header)
     invocation_id = response.json().get("invocation_id") or response.json()["error"]["details"]["invocation_id"]
     payment = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     second_fork = reverted_on_a_second_branch(market, capture, payment)
     with capture(execute=True):
         for callback in settle:  # withdrawn: nothing of it is sent
@@ -865,7 +865,7 @@ def test_a_reverted_payment_held_for_a_run_that_ended_meanwhile_is_settled_once_
     assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).money == "payment_failed"
     assert_recorded_reverted(market, admin_client, invocation_id, unacknowledged=1)
 
-    chain.revert(second_fork)
+    chain.reorg(second_fork)
     chain.mine(3)
     polls_until_concluded(capture, payment)
     [settlement] = ChainTransaction.objects.filter(purpose=purpose).exclude(status=TxStatus.FAILED)
@@ -886,11 +886,11 @@ def test_a_reverted_payment_found_again_while_the_seller_runs_is_held_for_the_ru
     chain, capture = market.chain, django_capture_on_commit_callbacks
     invocation_id, payment, before_fork = paid_and_taken_by_its_worker(market)
     pk = invocation_id.removeprefix("inv_")
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     second_fork = reverted_on_a_second_branch(market, capture, payment)
     assert SkillInvocation.objects.get(pk=pk).money == "payment_failed"
 
-    chain.revert(second_fork)
+    chain.reorg(second_fork)
     chain.mine(3)
     polls_until_concluded(capture, payment)
     assert invocation_of(market, invocation_id)["payment"]["status"] == "held"
@@ -929,7 +929,7 @@ def test_a_reverted_payment_whose_authorization_a_copy_uses_later_is_paid_by_tha
                  stdout=io.StringIO())  # followed all the same while its authorization is valid
 
     if copy_mined == "by_a_second_reorg":
-        chain.revert(second_fork)
+        chain.reorg(second_fork)
         before_copy = chain.snapshot()
     else:
         before_copy = chain.snapshot()
@@ -951,7 +951,7 @@ def test_a_reverted_payment_whose_authorization_a_copy_uses_later_is_paid_by_tha
     assert 'marketplace_invocation_payments_reverted{acknowledged="true"} 0.0' in metrics
     call_command("reconcile", stdout=io.StringIO())
 
-    chain.revert(before_copy)  # the copy is gone, and the buyer's funds with it
+    chain.reorg(before_copy)  # the copy is gone, and the buyer's funds with it
     spend_all_but(chain, market.buyer.address, keep=0)
     chain.mine(3)
     polls_until_concluded(capture, payment, payout)

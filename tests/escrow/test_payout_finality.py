@@ -120,7 +120,7 @@ def test_a_payment_a_deep_reorg_takes_before_its_finality_is_never_paid_out(
     payment, settlement = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
                            ChainTransaction.objects.get(purpose=purpose))
 
-    chain.revert(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1)
+    chain.reorg(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1)
     spend_all_but(chain, market.buyer.address, keep=0)
     chain.mine(ANVIL_FINALITY_LAG + 3)  # the finalized block passes where the payment was
     polls_until_concluded(capture, payment, settlement)
@@ -152,7 +152,7 @@ def test_a_payment_a_deep_reorg_takes_and_mines_again_holds_its_payout_until_the
                        ChainTransaction.objects.get(purpose=purpose))
     old_block = payment.mined_block_number
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     chain.mine(5)  # the new branch is longer; the payment is sent again and mined above the old block
     polls_until_concluded(capture, payment)
     payment.refresh_from_db()
@@ -280,7 +280,7 @@ def test_a_fee_refund_waiting_when_a_reorg_takes_the_fees_collection_is_withdraw
     agreement, _, before_fee = fee_collected_then_payment_refused(purchase, capture)
     refund = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE_REFUND)
 
-    chain.revert(before_fee)
+    chain.reorg(before_fee)
     chain.mine(3)
     buyer, seller, fee_recipient, treasury = purchase.balances()
     for _ in range(6):
@@ -431,7 +431,7 @@ def test_a_reorg_between_the_submits_reads_of_the_node_never_sends_the_payout(
         poll_mined()
 
     def other_branch_wins_and_finalizes():
-        chain.revert(before_fork)
+        chain.reorg(before_fork)
         spend_all_but(chain, market.buyer.address, keep=0)
         chain.mine(ANVIL_FINALITY_LAG + 10)
 

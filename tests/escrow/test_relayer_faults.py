@@ -136,7 +136,7 @@ def test_reorg_before_confirmation_depth_is_noticed(parties, escrow_chain, setti
     mined_hash = tx.mined_block_hash
 
     # Another branch wins: the block with our transaction disappears and the chain grows past it.
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     chain.mine(2)
     confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
@@ -169,7 +169,7 @@ def test_reorg_deeper_than_the_confirmation_depth_reopens_the_confirmed_transact
     mined_hash, mined_tx = tx.mined_block_hash, tx.mined_tx_hash
     nonce_before = relayer_nonce_on_chain(chain)
 
-    chain.revert(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1)
+    chain.reorg(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1)
     chain.mine(3)
     with capture(execute=True):
         assert indexer.index_pass().rolled_back >= 1
@@ -198,7 +198,7 @@ def test_relayer_poll_alone_notices_a_confirmed_transaction_reorged_out(parties,
     assert tx.status == TxStatus.CONFIRMED and tx.outcome_applied  # depth 1 of 1
     assert parties.agreement(agreement["id"])["status"] == "active"
     mined_hash = tx.mined_block_hash
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     chain.mine(3)
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
     confirm_all(capture)  # reopened and rebroadcast in one poll
@@ -336,7 +336,7 @@ def test_a_transaction_that_reverted_on_its_own_is_reopened_when_a_reorg_takes_i
     agreement, activation, before_fork = activation_reverted_on_its_own(parties, chain, capture, monkeypatch)
     assert parties.agreement(agreement["id"])["status"] == "activation_failed"
 
-    chain.revert(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1): the buyer never spent
+    chain.reorg(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1): the buyer never spent
     chain.mine(3)
     later = later_transaction(chain, capture)
     for _ in range(3):
@@ -379,7 +379,7 @@ def test_a_failed_transaction_something_took_the_place_of_is_cancelled_when_a_re
     agreement, failed, successor, before_fork = failed_then_activated_again_on_a_branch(parties, chain, capture,
                                                                                         monkeypatch)
 
-    chain.revert(before_fork)  # neither is on the new branch
+    chain.reorg(before_fork)  # neither is on the new branch
     chain.mine(3)
     for _ in range(3):
         confirm_all(capture)
@@ -415,7 +415,7 @@ def test_the_old_bytes_of_a_cancelled_transaction_mined_first_are_named_by_its_f
     agreement, failed, successor, before_fork = failed_then_activated_again_on_a_branch(parties, chain, capture,
                                                                                         monkeypatch)
 
-    chain.revert(before_fork)
+    chain.reorg(before_fork)
     chain.mine(3)
     assert relayer.transactions_reopen_reorged() == 2
     old_bytes = failed.attempts.get()
@@ -548,3 +548,51 @@ def test_a_node_answering_an_error_for_a_confirmed_payouts_block_is_no_reorg(
     concluded = (tx.status, tx.confirmed_at)
     tx.refresh_from_db()
     assert (tx.status, tx.confirmed_at) == concluded, "reopened and concluded again"
+
+
+def test_a_node_behind_that_has_not_a_confirmed_payouts_block_yet_is_no_reorg(
+        escrow_chain, monkeypatch, django_capture_on_commit_callbacks):
+    """The backend asked for the block of a confirmed payout is behind the one that confirmed it and has no block at
+    that height yet: no other block took its place, so the payout is not reopened (its domain moved back)."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    with django_capture_on_commit_callbacks(execute=True):
+        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED
+    canonical_block_hash = gateway.canonical_block_hash
+    monkeypatch.setattr(gateway, "canonical_block_hash",
+                        lambda number: canonical_block_hash(number) if number < tx.mined_block_number else None)
+    assert relayer.transactions_reopen_reorged() == 0
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED
+
+
+def test_a_node_behind_that_has_not_a_mined_payouts_block_yet_does_not_forget_it(
+        escrow_chain, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """The same lagging backend asked for the block of a payout mined but not yet at the confirmation depth: the
+    receipt is not forgotten (the payout back to submitted, as if a reorg had taken its block); it is concluded once
+    the backend has the block and it is deep enough."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    settings.CHAIN_CONFIRMATIONS = 3
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    with django_capture_on_commit_callbacks(execute=True):
+        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.MINED  # depth 1 of 3
+    mined = (tx.mined_block_number, tx.mined_block_hash)
+    canonical_block_hash = gateway.canonical_block_hash
+    monkeypatch.setattr(gateway, "canonical_block_hash",
+                        lambda number: canonical_block_hash(number) if number < tx.mined_block_number else None)
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert (tx.status, tx.mined_block_number, tx.mined_block_hash) == (TxStatus.MINED, *mined)
+    monkeypatch.undo()
+    chain.mine(2)
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert (tx.status, tx.mined_block_hash, tx.attempts.count()) == (TxStatus.CONFIRMED, mined[1], 1)
