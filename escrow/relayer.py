@@ -12,10 +12,11 @@
   or failed: it reverted) whose block is no longer canonical goes back to submitted, and is then found mined again,
   or rebroadcast with the same signed bytes (same nonce: it cannot run twice), or, when the nonce turns out used by
   someone else, sent again under a new nonce as the rules below say. So does a failed one whose outcome was decided
-  on someone else's transaction (its evidence names that block, EVIDENCE_BLOCK: a copy of an x402 authorization
-  mined first), or back to queued when it never took a nonce. A failed one something took the place of since (an
-  operator's retry, another live one of its agreement and purpose) is not run again: a nonce fill takes its nonce,
-  as it takes that of one signed already that the domain withdraws (`transaction_withdraw`).
+  on someone else's transaction (its evidence names that block, EVIDENCE_BLOCK: a copy of an x402 authorization,
+  or someone else's finalize or reclaim, mined first), or back to queued when it never took a nonce. A failed one
+  something took the place of since (an operator's retry, another live one of its agreement and purpose) is not run
+  again: a nonce fill takes its nonce, as it takes that of one signed already that the domain withdraws
+  (`transaction_withdraw`).
   The indexer runs it after rolling a reorg back (so the agreements are back where the remaining events put them
   before the outcome is applied again); each poll runs it for the blocks the indexer has not applied yet. What no
   contract event records (a skill invocation's payment, payout or refund, a direct purchase's steps, what a failure

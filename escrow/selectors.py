@@ -316,7 +316,11 @@ def finality_wait_of(*, tx: ChainTransaction) -> str:
 
 
 def transactions_failed_recently(*, limit: int):
-    return ChainTransaction.objects.filter(status=TxStatus.FAILED).order_by("-updated_at")[:limit]
+    """Failed transactions, newest first; not those whose evidence names someone else's transaction that did what
+    they would have (relayer.EVIDENCE_BLOCK: a finalize another was mined first, a copy of a payment's
+    authorization): nothing for an operator to look into."""
+    return (ChainTransaction.objects.filter(status=TxStatus.FAILED)
+            .exclude(outcome_evidence__has_key=relayer.EVIDENCE_BLOCK).order_by("-updated_at")[:limit])
 
 
 def nonce_fills_outrun(*, acknowledged: bool = False):

@@ -206,11 +206,43 @@ def _resolve_outcome(tx: ChainTransaction) -> None:
 # --- finalize and reclaim ------------------------------------------------------------------------------------
 
 def _finalize_evidence(tx: ChainTransaction) -> dict:
-    """The payouts, from the Settled event and the token transfers in the receipt."""
+    """The payouts, from the Settled event and the token transfers in the receipt; for one that failed, whoever
+    settled the escrow in its place (`_done_by_another`)."""
     if tx.status != TxStatus.CONFIRMED:
-        return {}
+        return _done_by_another(tx)
     seller_amount, buyer_amount, consistent = _payouts(tx)
     return {"seller_amount": seller_amount, "buyer_amount": buyer_amount, "transfers_match": consistent}
+
+
+def _done_by_another(tx: ChainTransaction) -> dict:
+    """Anyone may call finalize and reclaim: a failed one of ours may have failed because another was mined first
+    (InvalidState: the escrow is settled, or reclaimed), which did what ours would have. Then that transaction and its
+    block (relayer.EVIDENCE_BLOCK: a reorg that takes it reopens ours, sent again) and what its event says; else
+    nothing. The escrow's state is read first, so one that failed for another reason reads no logs."""
+    closed_as, event = _CLOSES[tx.purpose]
+    agreement = tx.agreement
+    terms = selectors.escrow_terms(agreement=agreement)
+    state = chain.call(chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[0]
+    if list(selectors.EscrowState)[state] != closed_as:
+        return {}
+    closed = chain.escrow_closing_event(event, agreement.onchain_id,
+                                        buyer=Web3.to_checksum_address(agreement.buyer_wallet_address))
+    if closed is None:
+        return {}
+    return {DONE_BY: _hex32(closed["transactionHash"]),
+            relayer.EVIDENCE_BLOCK: {"number": closed["blockNumber"], "hash": _hex32(closed["blockHash"])},
+            "event": event, "args": chain.to_json(dict(closed["args"]))}
+
+
+# What a finalize and a reclaim leave the escrow in, and the event that says so.
+_CLOSES = {TxPurpose.FINALIZE: (selectors.EscrowState.SETTLED, "Settled"),
+           TxPurpose.RECLAIM: (selectors.EscrowState.RECLAIMED, "Reclaimed")}
+# The evidence key of a failed finalize or reclaim naming the transaction that did its job (`_done_by_another`).
+DONE_BY = "done_by"
+
+
+def _hex32(value) -> str:
+    return "0x" + bytes(value).hex().removeprefix("0x")
 
 
 def _payouts(tx: ChainTransaction) -> tuple[int, int, bool]:
@@ -234,13 +266,22 @@ def _payouts(tx: ChainTransaction) -> tuple[int, int, bool]:
 
 def _finalize_outcome(tx: ChainTransaction) -> None:
     if tx.status != TxStatus.CONFIRMED:
-        logger.error("finalize failed", extra={"agreement_id": str(tx.agreement_id), "reason": tx.failure_reason})
+        if tx.outcome_evidence.get(DONE_BY):
+            logger.info("finalize not needed: another transaction settled the escrow first",
+                        extra={"agreement_id": str(tx.agreement_id), "done_by": tx.outcome_evidence[DONE_BY]})
+        else:
+            logger.error("finalize failed", extra={"agreement_id": str(tx.agreement_id), "reason": tx.failure_reason})
         return
     payouts = tx.outcome_evidence
     if not payouts["transfers_match"]:
         logger.error("payout transfers do not match the Settled event", extra={"agreement_id": str(tx.agreement_id)})
     agreement_services.agreement_settled(agreement_id=tx.agreement_id, seller_payout=payouts["seller_amount"],
                                          buyer_refund=payouts["buyer_amount"], tx_hash=tx.mined_tx_hash)
+
+
+def _reclaim_evidence(tx: ChainTransaction) -> dict:
+    """For one that failed, whoever reclaimed the escrow in its place (`_done_by_another`)."""
+    return {} if tx.status == TxStatus.CONFIRMED else _done_by_another(tx)
 
 
 def _reclaim_outcome(tx: ChainTransaction) -> None:
@@ -325,4 +366,5 @@ def handlers_register() -> None:
                                      read_evidence=_resolve_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.FINALIZE, on_outcome=_finalize_outcome,
                                      read_evidence=_finalize_evidence)
-    relayer.outcome_handler_register(purpose=TxPurpose.RECLAIM, on_outcome=_reclaim_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.RECLAIM, on_outcome=_reclaim_outcome,
+                                     read_evidence=_reclaim_evidence)

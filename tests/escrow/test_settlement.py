@@ -8,7 +8,7 @@ from django.core.management import call_command
 
 from agreements import metering
 from agreements.models import CallIntent, UsageAgreement, WebhookDelivery
-from escrow import settlement
+from escrow import relayer, selectors, settlement
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from sdk.typed_data import sign_typed_data
 from tests.chain_fixtures import TEST_RECLAIM_GRACE, TOKEN_NAMES
@@ -306,6 +306,71 @@ def test_a_failed_finalize_leaves_the_agreement_settling_until_an_operator_retri
     call_command("reconcile")
 
 
+def finalized_by_the_seller_first(funded, chain, capture):
+    """The challenge window is over and our finalize is queued, but anyone may call finalize and the seller's is
+    mined first, on a branch a snapshot taken just before it can undo. Returns our finalize (failed), the seller's
+    receipt and the snapshot."""
+    call_n(funded, 3)
+    funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
+    tick(capture)
+    chain.increase_time(3601)
+    with capture(execute=False) as submits:
+        assert settlement.settlement_tick()["finalizing"] == 1
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    terms = selectors.escrow_terms(agreement=agreement)
+    before_fork = chain.snapshot()
+    sent = chain.escrow.functions.finalize(agreement.onchain_id, terms).transact(
+        {"from": funded.seller_account.address})
+    settled_in = chain.w3.eth.wait_for_transaction_receipt(sent)
+    assert settled_in["status"] == 1
+    with capture(execute=True):
+        for submit in submits:
+            submit()
+    confirm_all(capture)
+    [finalize] = ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.FINALIZE)
+    return finalize, settled_in, before_fork
+
+
+def test_a_finalize_someone_else_sent_first_is_no_failure_on_the_dashboard(
+        funded, escrow_chain, django_capture_on_commit_callbacks, admin_client):
+    """Ours reverts (InvalidState: the escrow is settled), which is no failure for an operator to look into: the
+    chain shows the escrow settled as ours would have. It names the block of the Settled event, and the agreement is
+    settled once the indexer applies it."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    finalize, settled_in, _ = finalized_by_the_seller_first(funded, chain, capture)
+    assert finalize.status == TxStatus.FAILED and "InvalidState" in finalize.failure_reason
+    failures = admin_client.get("/admin/dashboard/").context["failures"]
+    assert not [failure for failure in failures if failure.subject == funded.agreement_id]
+    assert finalize.outcome_evidence[relayer.EVIDENCE_BLOCK] == {
+        "number": settled_in["blockNumber"], "hash": "0x" + bytes(settled_in["blockHash"]).hex()}
+    index(capture)
+    settled = funded.agreement(funded.agreement_id)
+    assert (settled["status"], settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (
+        "settled", 60_000, 1_940_000)
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_finalize_someone_else_sent_first_is_sent_again_when_a_reorg_takes_theirs(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    """The seller's finalize, that ours counted on, is taken by a deep reorg: ours is reopened and settles the
+    escrow itself."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    finalize, _, before_fork = finalized_by_the_seller_first(funded, chain, capture)
+    index(capture)
+    chain.reorg(before_fork)
+    chain.mine(3)
+    index(capture)
+    for _ in range(2):
+        confirm_all(capture)
+    finalize.refresh_from_db()
+    assert (finalize.status, finalize.outcome_evidence["transfers_match"]) == (TxStatus.CONFIRMED, True)
+    settled = funded.agreement(funded.agreement_id)
+    assert (settled["status"], settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (
+        "settled", 60_000, 1_940_000)
+    assert usdc_balance(chain, chain.addresses["escrow"]) == 0
+    call_command("reconcile", stdout=io.StringIO())
+
+
 # --- nothing proposed by the escrow's reclaimAfter ------------------------------------------------------------------
 #
 # The contract takes a first proposal only before `reclaimAfter` (expiresAt + the reclaim grace at activation:
@@ -352,6 +417,36 @@ def test_a_completion_never_proposed_by_reclaim_after_is_reclaimed_for_the_buyer
     assert not proposals(funded.agreement_id).exists()
     assert_reclaimed_for_the_buyer(funded, chain, funded.agreement_id, seller_unpaid=0)
     assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_reclaim_the_buyer_sent_first_is_no_failure_on_the_dashboard(
+        funded, escrow_chain, django_capture_on_commit_callbacks, admin_client):
+    """Our reclaim of an unused escrow is queued, but the buyer reclaims itself first: ours reverts (InvalidState:
+    reclaimed), no failure for an operator, since the chain shows the deposit back with the buyer as ours would
+    have. It names the block of the Reclaimed event, and the agreement is refunded once the indexer applies it."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    chain.increase_time(reclaim_after(funded.agreement_id) - chain.now())
+    with capture(execute=False) as submits:
+        assert settlement.settlement_tick()["reclaiming"] == 1
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    sent = chain.escrow.functions.reclaim(agreement.onchain_id, selectors.escrow_terms(agreement=agreement)).transact(
+        {"from": funded.buyer_account.address})
+    reclaimed_in = chain.w3.eth.wait_for_transaction_receipt(sent)
+    assert reclaimed_in["status"] == 1
+    with capture(execute=True):
+        for submit in submits:
+            submit()
+    confirm_all(capture)
+
+    [reclaim] = ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RECLAIM)
+    assert reclaim.status == TxStatus.FAILED and "InvalidState" in reclaim.failure_reason
+    failures = admin_client.get("/admin/dashboard/").context["failures"]
+    assert not [failure for failure in failures if failure.subject == funded.agreement_id]
+    assert reclaim.outcome_evidence[relayer.EVIDENCE_BLOCK] == {
+        "number": reclaimed_in["blockNumber"], "hash": "0x" + bytes(reclaimed_in["blockHash"]).hex()}
+    index(capture)
+    assert_reclaimed_for_the_buyer(funded, chain, funded.agreement_id, seller_unpaid=0)
     call_command("reconcile", stdout=io.StringIO())
 
 
