@@ -6,8 +6,8 @@
   (rolled back, the task runs again) or a stored attempt that `transaction_check` rebroadcasts.
 - `transaction_check` (driven by the `poll_confirmations` beat task) finds receipts of any attempt, counts
   confirmations, notices reorgs (another block at the mined block's height: none there yet is a node behind, waited
-  for), rebroadcasts dropped transactions and replaces stuck ones with the same nonce and bumped fees. Final outcomes go to the domain once per time the
-  transaction is mined.
+  for), rebroadcasts dropped transactions and replaces stuck ones with the same nonce and bumped fees. Final
+  outcomes go to the domain once per time the transaction is mined.
 - `transactions_reopen_reorged` notices a reorg deeper than the confirmation depth: a mined transaction (confirmed,
   or failed: it reverted) whose block is no longer canonical goes back to submitted, and is then found mined again,
   or rebroadcast with the same signed bytes (same nonce: it cannot run twice), or, when the nonce turns out used by
