@@ -811,6 +811,21 @@ def agreement_activation_wanted(*, agreement_id) -> bool:
     return not is_closed(_lock(agreement_id))
 
 
+def agreement_activation_retry_begin(*, agreement_id) -> None:
+    """An operator sends a failed activation's signed intent again: the platform moves the buyer's money now, so the
+    buyer's owner policy as it is now must allow it, as at activate-escrow (`_payment_policy_refusal`: else 403
+    naming the rule, and nothing changes); it then counts against the buyer's caps from now. Call inside the
+    transaction that queues the retry."""
+    agreement = _lock(agreement_id)
+    if not can_activate(agreement):
+        return  # funded since (the retry meets AgreementExists and moves nothing) or closed (its retry is refused)
+    refusal = _payment_policy_refusal(agreement)
+    if refusal is not None:
+        raise Forbidden(f"The buyer's owner policy refuses this payment now (rule {refusal.details.get('rule')}): "
+                        f"{refusal.message}", code=refusal.code, details=refusal.details)
+    UsageAgreement.objects.filter(pk=agreement_id).update(funds_moved_at=timezone.now())
+
+
 def agreement_activation_reopened(*, agreement_id, tx_hash: str) -> UsageAgreement:
     """A reorg took the block of the activation `tx_hash` that reverted; the relayer sends the same bytes again:
     activation_failed -> submitting (the buyer starts no other meanwhile) until its outcome is applied again. One

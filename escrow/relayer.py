@@ -70,6 +70,7 @@ _reopened_handlers: dict[str, OutcomeHandler] = {}
 _evidence_readers: dict[str, EvidenceReader] = {}
 RerunCheck = Callable[[ChainTransaction], bool]
 _rerun_checks: dict[str, RerunCheck] = {}
+_retry_handlers: dict[str, OutcomeHandler] = {}
 CancelledHandler = Callable[..., None]
 _cancelled_handlers: dict[str, CancelledHandler] = {}
 _undecided_handlers: dict[str, OutcomeHandler] = {}
@@ -105,6 +106,7 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
                              read_evidence: EvidenceReader | None = None,
                              on_reopened: OutcomeHandler | None = None,
                              rerun_wanted: RerunCheck | None = None,
+                             on_retry: OutcomeHandler | None = None,
                              on_cancelled: CancelledHandler | None = None,
                              on_cancel_undecided: OutcomeHandler | None = None,
                              watch_failed: FailureWatch | None = None) -> None:
@@ -119,7 +121,9 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
     outcome stands (but see below for its old bytes that ran in its nonce fill's place). `rerun_wanted(tx)`, inside
     a DB transaction holding `tx`'s row lock, says whether a failed `tx` may be sent again at all (its block reorged
     out, or an operator's retry): one its domain no longer wants (an activation whose agreement was cancelled since)
-    is cancelled as a superseded one is, and its retry refused.
+    is cancelled as a superseded one is, and its retry refused. `on_retry(tx)` runs in the one that queues an
+    operator's retry of a failed `tx`, after `rerun_wanted`: the domain may refuse it (an ApplicationError: nothing
+    is queued), or record that it is sent again (an activation's retry moves the buyer's money now).
     `on_cancelled(tx, ran_as=...)` tells the domain what came of a cancelled `tx` (`_cancel`): in the one that
     cancels it when it was never signed, else in the one that concludes the nonce fill that took its nonce; `ran_as`
     is the hash under which `tx`'s own old bytes were mined in the fill's place and ran, else None: nothing of it
@@ -141,6 +145,8 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
         _reopened_handlers[purpose] = on_reopened
     if rerun_wanted is not None:
         _rerun_checks[purpose] = rerun_wanted
+    if on_retry is not None:
+        _retry_handlers[purpose] = on_retry
     if on_cancelled is not None:
         _cancelled_handlers[purpose] = on_cancelled
     if on_cancel_undecided is not None:
@@ -839,7 +845,8 @@ def transaction_withdraw(*, transaction_id, reason: str) -> bool:
 def transaction_retry(*, tx: ChainTransaction) -> ChainTransaction:
     """Operator action: a failed transaction is queued again as a new row (the failed one stays for history),
     whose context names the one it retries (`OPERATOR_RETRY_OF`). Not one the domain withdrew (`WITHDRAWN`) or no
-    longer wants run (`rerun_wanted`: an activation whose agreement was closed since)."""
+    longer wants run (`rerun_wanted`: an activation whose agreement was closed since), nor one its domain refuses to
+    send again now (`on_retry`: an activation the buyer's owner policy refuses now)."""
     with transaction.atomic():
         # Once: a plain token transfer (a payout, a refund) retried twice would pay twice.
         tx = ChainTransaction.objects.select_for_update().get(pk=tx.pk)
@@ -854,6 +861,8 @@ def transaction_retry(*, tx: ChainTransaction) -> ChainTransaction:
             raise Conflict("What this transaction was for is closed since (its agreement cancelled, rejected or "
                            "expired): it is not sent again.", code="no_longer_wanted",
                            details={"transaction_id": str(tx.pk)})
+        if tx.purpose in _retry_handlers:
+            _retry_handlers[tx.purpose](tx)
         return transaction_enqueue(purpose=tx.purpose, to=tx.to_address, data=tx.data,
                                    agreement_id=tx.agreement_id, context={**tx.context, OPERATOR_RETRY_OF: str(tx.pk)},
                                    confirmations=tx.confirmations_required)

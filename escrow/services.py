@@ -218,6 +218,10 @@ def _activation_rerun_wanted(tx: ChainTransaction) -> bool:
     return agreement_services.agreement_activation_wanted(agreement_id=tx.agreement_id)
 
 
+def _activation_retry(tx: ChainTransaction) -> None:
+    agreement_services.agreement_activation_retry_begin(agreement_id=tx.agreement_id)
+
+
 def findings_acknowledge(*, findings: QuerySet[ChainEvent] | QuerySet[ChainTransaction], operator: str,
                          reason: str) -> int:
     """Operator action: rows reconcile reports (`findings`: only those it reports) someone looked into and accepted
@@ -242,6 +246,7 @@ def handlers_register() -> None:
     """Called once, from EscrowConfig.ready()."""
     relayer.outcome_handler_register(purpose=TxPurpose.ACTIVATE, on_outcome=_activation_outcome,
                                      on_submitted=_activation_signed, read_evidence=_activation_evidence,
-                                     on_reopened=_activation_reopened, rerun_wanted=_activation_rerun_wanted)
+                                     on_reopened=_activation_reopened, rerun_wanted=_activation_rerun_wanted,
+                                     on_retry=_activation_retry)
     # Fee permits given as signature and deadline only (the Pægents SDK's direct purchase) are read at this nonce.
     agreement_services.permit_nonce_reader_register(reader=_token_nonce)

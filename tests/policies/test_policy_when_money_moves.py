@@ -155,3 +155,37 @@ def test_a_direct_purchase_is_not_paid_at_accept_past_a_cap_lowered_since(escrow
 
     set_policy(parties, {})
     assert purchase.accept(agreement["id"], django_capture_on_commit_callbacks)["status"] == "paying"
+
+
+def test_an_operators_retry_of_a_failed_activation_holds_to_the_buyers_policy(
+        parties, escrow_chain, monkeypatch, admin_client, django_capture_on_commit_callbacks):
+    """The admin's retry re-sends the buyer's signed intent: the platform moves the money then, so the buyer's policy
+    as it is now decides, as at activate-escrow. Refused, the operator is told the rule and nothing is queued;
+    allowed, the agreement counts against the caps from the retry."""
+    from escrow.models import TxPurpose, TxStatus
+    from tests.escrow.test_relayer_faults import spent_by_the_buyer_once_estimated
+
+    capture = django_capture_on_commit_callbacks
+    agreement = parties.accepted_agreement()
+    spent_by_the_buyer_once_estimated(escrow_chain, monkeypatch)
+    parties.activate(agreement["id"], capture)
+    failed = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose=TxPurpose.ACTIVATE)
+    assert failed.status == TxStatus.FAILED
+    set_policy(parties, {"blocked_sellers": [parties.seller.handle]})
+
+    def retry() -> str:
+        with capture(execute=False):
+            return admin_client.post("/admin/escrow/chaintransaction/",
+                                     {"action": "retry_failed", "_selected_action": [str(failed.pk)]},
+                                     follow=True).content.decode()
+
+    refused = retry()
+    assert "Queued 0 transaction(s) again." in refused and "blocked_sellers" in refused
+    assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == 1
+    assert parties.agreement(agreement["id"])["status"] == "activation_failed"
+
+    set_policy(parties, {})
+    before = timezone.now()
+    assert "Queued 1 transaction(s) again." in retry()
+    assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == 2
+    assert UsageAgreement.objects.get(pk=agreement["id"]).funds_moved_at >= before
