@@ -690,6 +690,12 @@ def agreement_direct_fee_refund_reopened(*, agreement_id) -> None:
 
 # --- party actions -------------------------------------------------------------------------------------------
 
+def _last_event_is_refusal(agreement: UsageAgreement, refusal: Forbidden) -> bool:
+    """Whether the agreement's last event records this refusal already (its code and rule)."""
+    last = agreement.events.order_by("-pk").values_list("data", flat=True).first() or {}
+    return last.get("code") == refusal.code and last.get("rule") == refusal.details.get("rule")
+
+
 def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreement:
     _require_party(agreement, seller, "seller")
     problem = _direct_payment_precheck(agreement)  # the chain is asked first: never under the row lock
@@ -705,10 +711,12 @@ def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreem
                                                      details={"status": S.EXPIRED})
         elif direct and current.status == S.PROPOSED and (denied := _payment_policy_refusal(current)):
             # The accept moves the buyer's money: refused, it stays proposed (the seller may accept again once the
-            # buyer's policy allows it), with an event, committed before answering, that tells both parties why.
-            _record_event(current, actor=SYSTEM, from_status=current.status,
-                          reason=f"not paid: the buyer's owner policy refuses it now ({denied.details.get('rule')})",
-                          data={"code": denied.code, **denied.details})
+            # buyer's policy allows it), with an event, committed before answering, that tells both parties why:
+            # once per refusal, so a seller accepting again and again does not write a row (and a webhook) each time.
+            if not _last_event_is_refusal(current, denied):
+                _record_event(current, actor=SYSTEM, from_status=current.status,
+                              reason=f"not paid: the buyer's owner policy refuses it now ({denied.details.get('rule')})",
+                              data={"code": denied.code, **denied.details})
             refusal = denied
         else:
             accepted = _transition(agreement.pk, to=S.ACCEPTED, actor=Actor.agent(seller, "seller"))

@@ -189,3 +189,33 @@ def test_an_operators_retry_of_a_failed_activation_holds_to_the_buyers_policy(
     assert "Queued 1 transaction(s) again." in retry()
     assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == 2
     assert UsageAgreement.objects.get(pk=agreement["id"]).funds_moved_at >= before
+
+
+def test_a_seller_accepting_a_refused_direct_purchase_again_adds_no_event_for_the_same_refusal(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """Each refused accept recorded an event: a seller looping on accept wrote audit rows (and webhooks) without end.
+    A refusal is recorded again only when it differs from the last one (its code or rule)."""
+    purchase = DirectPurchase(escrow_chain)
+    parties = purchase.parties
+    agreement = purchase.propose()
+    events = AgreementEvent.objects.filter(agreement_id=agreement["id"])
+
+    def accept_refused(rule: str) -> None:
+        with django_capture_on_commit_callbacks(execute=True):
+            assert_refused(parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept"), rule)
+
+    set_policy(parties, {"daily_cap_atomic": 1_000_000})
+    accept_refused("daily_cap")
+    recorded = events.count()
+    for _ in range(3):
+        accept_refused("daily_cap")
+    assert events.count() == recorded
+
+    set_policy(parties, {"blocked_sellers": [parties.seller.handle]})
+    accept_refused("blocked_sellers")
+    accept_refused("blocked_sellers")
+    assert events.count() == recorded + 1
+    set_policy(parties, {"daily_cap_atomic": 1_000_000})
+    accept_refused("daily_cap")  # differs from the last one recorded
+    assert events.count() == recorded + 2
+    assert parties.agreement(agreement["id"])["status"] == "proposed"
