@@ -338,7 +338,7 @@ def _check_parties(*, buyer: Agent, service: Service) -> None:
         raise InvalidInput("An agent cannot buy its own service.", code="own_service")
     if service.state != ServiceState.REGISTERED:
         raise InvalidInput("This service is deregistered.", code="service_deregistered")
-    if not service.seller.is_active:  # as search and the skill route hide it; a Masumi purchase is accepted for it
+    if not service.seller.sells:  # it or its owner deactivated: as search and the skill route hide it
         raise InvalidInput("This service's seller is deactivated.", code="seller_deactivated")
 
 

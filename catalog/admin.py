@@ -69,10 +69,10 @@ class ApiKeyInline(admin.TabularInline):
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
     list_display = ("handle", "display_name", "owner", "wallet_address", "is_buyer", "is_seller", "is_active",
-                    "service_count", "created_at")
-    list_filter = ("is_active", "is_buyer", "is_seller")
+                    "owner_is_active", "service_count", "created_at")
+    list_filter = ("is_active", "owner_is_active", "is_buyer", "is_seller")
     search_fields = ("handle", "display_name", "wallet_address", "owner__username", "owner__email")
-    readonly_fields = ("id", "created_at")
+    readonly_fields = ("id", "owner_is_active", "created_at")
     list_select_related = ("owner",)
     autocomplete_fields = ("owner",)
     inlines = [ApiKeyInline]
@@ -80,6 +80,11 @@ class AgentAdmin(admin.ModelAdmin):
 
     def has_revoke_permission(self, request) -> bool:
         return may_operate(request, ApiKey)
+
+    def save_model(self, request, obj, form, change) -> None:
+        super().save_model(request, obj, form, change)
+        # An agent added here, or given to another owner, sells only while that owner is active.
+        services.agents_owner_activity_sync(owner=obj.owner)
 
     def get_queryset(self, request) -> QuerySet[Agent]:
         return super().get_queryset(request).annotate(_service_count=Count("services"))

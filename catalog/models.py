@@ -38,10 +38,21 @@ class Agent(models.Model):
     is_buyer = models.BooleanField(default=True)
     is_seller = models.BooleanField(default=False)
     is_active = models.BooleanField(default=True)
+    # The owner's is_active, copied whenever the owner is saved (catalog.services.agents_owner_activity_sync): the
+    # catalog search's statement reads it on the agent's row it already joins, instead of joining the owners.
+    owner_is_active = models.BooleanField(
+        default=True, editable=False,
+        help_text="Whether the owner's account is active: an agent of a deactivated owner sells nothing, as a "
+                  "deactivated agent (hidden from search, its skills 404, its services refused).")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["handle"]
+
+    @property
+    def sells(self) -> bool:
+        """Whether its services may be found and bought: it and its owner are active."""
+        return self.is_active and self.owner_is_active
 
     def __str__(self) -> str:
         return self.handle

@@ -33,7 +33,7 @@ def agent_get(*, agent_id, owner=None) -> Agent:
 
 
 def agent_get_by_handle(*, handle: str) -> Agent:
-    agent = Agent.objects.filter(handle=handle, is_active=True).first()
+    agent = Agent.objects.filter(handle=handle, is_active=True, owner_is_active=True).first()
     if agent is None:
         raise NotFound("No such agent.", code="agent_not_found")
     return agent
@@ -112,9 +112,11 @@ def services_of_seller(*, seller: Agent) -> QuerySet[Service]:
 
 
 def skill_get(*, handle: str, skill_name: str) -> Skill:
-    """A registered skill of an active agent named by its handle or, as the Services API seed allows, its ID."""
+    """A registered skill of an active agent of an active owner, named by its handle or, as the Services API seed
+    allows, its ID."""
     skills = Skill.objects.select_related("service", "service__seller").filter(
-        service__seller__is_active=True, name=skill_name, service__state=ServiceState.REGISTERED)
+        service__seller__is_active=True, service__seller__owner_is_active=True, name=skill_name,
+        service__state=ServiceState.REGISTERED)
     skill = skills.filter(service__seller__handle=handle).first()
     if skill is None:
         try:
@@ -677,12 +679,14 @@ def _services_and_sellers() -> _Filtered:
 
 
 def _visible_services(search: ServiceSearch) -> _Filtered:
-    """Registered services of active sellers (a Masumi service that said it cannot take jobs is left out until its
-    next availability check says it can), within the search's filters. The postings and visible names hold exactly
-    the services this rule lets through (catalog_service_postings_write, migration 0011): a change to it is a
-    migration there too."""
+    """Registered services of active sellers of active owners (a Masumi service that said it cannot take jobs is left
+    out until its next availability check says it can), within the search's filters. The postings and visible names
+    hold exactly the services this rule lets through (catalog_service_postings_write, migrations 0011 and 0017): a
+    change to it is a migration there too. The owner's activity is read from the seller's row (`owner_is_active`),
+    not by joining the owners."""
     found = _services_and_sellers().where("s.state = %s", ServiceState.REGISTERED).where(
-        "a.is_active = %s", True).where("s.availability <> %s", Availability.UNAVAILABLE)
+        "a.is_active = %s", True).where("a.owner_is_active = %s", True).where(
+        "s.availability <> %s", Availability.UNAVAILABLE)
     quote = connection.ops.quote_name
     # Tag names to ids first (one small read): a tag nobody uses means no results, and the filters below are
     # semi-joins on the (service, tag) index with the ids as constants (matching the names inside the statement

@@ -16,10 +16,10 @@ from django.db import migrations
 from marketplace.migration_operations import PostgreSQLOnlySQL
 
 
-def write_postings(column: str, value: str) -> str:
+def write_postings(column: str, value: str, seller_sells: str = "a.is_active") -> str:
     """The function rewriting the postings and visible names of the given services from their current rows, each
     posting holding `value` (an expression over the service `s` and `entry`, one lexeme of its vector unnested) in
-    `column`.
+    `column`; a service is visible when its seller `a` meets `seller_sells` (its owner's activity too since 0017).
 
     It first waits for any other transaction writing one of these services (a no-op for the services of the
     statement that fired it, already locked by it): a seller's is_active changing while one of its services
@@ -37,7 +37,7 @@ BEGIN
         JOIN catalog_service s ON s.id = changed.id
         JOIN catalog_agent a ON a.id = s.seller_id
         CROSS JOIN unnest(s.search_vector) AS entry
-    WHERE s.state = 'registered' AND a.is_active AND s.availability <> 'unavailable';
+    WHERE s.state = 'registered' AND {seller_sells} AND s.availability <> 'unavailable';
     DELETE FROM catalog_service_visible_name v USING unnest(service_ids) AS changed (id)
         WHERE v.service_id = changed.id;
     INSERT INTO catalog_service_visible_name (name, service_id, created_at, unit_price)
@@ -45,7 +45,7 @@ BEGIN
     FROM unnest(service_ids) AS changed (id)
         JOIN catalog_service s ON s.id = changed.id
         JOIN catalog_agent a ON a.id = s.seller_id
-    WHERE s.state = 'registered' AND a.is_active AND s.availability <> 'unavailable';
+    WHERE s.state = 'registered' AND {seller_sells} AND s.availability <> 'unavailable';
 END $$
 """
 

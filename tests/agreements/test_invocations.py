@@ -20,7 +20,7 @@ from sdk.x402_signing import sign_authorization, sign_payment_required
 from tests.chain_fixtures import TOKEN_NAMES
 from tests.agreements.helpers import proposal, propose
 from tests.catalog.factories import AgentFactory, issue_key, register_service
-from tests.conftest import Api
+from tests.conftest import Api, error_code
 from tests.support.http_server import DribblesItsHead, serving
 from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
 
@@ -437,6 +437,18 @@ def test_unknown_skill_is_404_and_an_unpriced_one_409(market):
     assert market.caller.post("/agents/sol/nope", {"input": {}}).status_code == 404
     assert market.caller.get("/services/inv_nope").status_code == 404
     assert market.call("free").status_code == 409
+
+
+def test_the_skills_of_a_seller_whose_owner_is_deactivated_are_404_as_a_deactivated_agents(market):
+    owner = market.seller.owner
+    owner.is_active = False
+    owner.save()
+    refused = market.call("translate")
+    assert refused.status_code == 404 and error_code(refused) == "skill_not_found"
+
+    owner.is_active = True
+    owner.save()
+    assert market.call("translate").status_code == 402
 
 
 # --- the Services API seed's bare signature ------------------------------------------------------------------

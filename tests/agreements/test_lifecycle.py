@@ -206,6 +206,19 @@ def test_a_deactivated_sellers_service_is_not_sold(buyer_api, seller, service):
     assert not UsageAgreement.objects.exists()
 
 
+def test_the_service_of_a_seller_whose_owner_is_deactivated_is_not_sold(buyer_api, seller, service):
+    """The owner's account deactivated refuses its agents' keys, but their services were still sold by id."""
+    seller.owner.is_active = False
+    seller.owner.save()
+    refused = buyer_api.post("/usage-agreements", proposal(service))
+    assert refused.status_code == 400 and error_code(refused) == "seller_deactivated"
+    assert not UsageAgreement.objects.exists()
+
+    seller.owner.is_active = True
+    seller.owner.save()
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+
+
 def test_seller_only_agents_cannot_buy(seller_api, service):
     other_service = register_service(AgentFactory(is_seller=True), skills=[])
     response = seller_api.post("/usage-agreements", proposal(other_service))

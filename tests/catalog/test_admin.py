@@ -7,6 +7,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 from agreements.models import WebhookSubscription
 from catalog.models import ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
@@ -222,3 +223,26 @@ def test_a_webhook_address_typed_without_a_scheme_is_read_as_https(rf):
     request.user = UserFactory(is_superuser=True, is_staff=True)
     form = admin.site._registry[WebhookSubscription].get_form(request)
     assert form.base_fields["url"].clean("buyer.example/hook") == "https://buyer.example/hook"
+
+
+def _owner_form(owner, *, active: bool) -> dict:
+    """What the admin's change form of a user posts, its account active or not."""
+    joined = timezone.localtime(owner.date_joined)
+    return {"username": owner.username, "date_joined_0": joined.strftime("%Y-%m-%d"),
+            "date_joined_1": joined.strftime("%H:%M:%S"), **({"is_active": "on"} if active else {})}
+
+
+def test_an_owner_deactivated_in_the_admin_has_its_agents_services_hidden_until_reactivated(
+        operator, catalog, buyer_api):
+    """The owner's account deactivated refused its agents' keys, but search still listed its services."""
+    owner = catalog["translator"].seller.owner
+
+    def found() -> list[str]:
+        return sorted(s["name"] for s in buyer_api.post("/catalog/search", {}).json()["results"])
+
+    response = operator.post(_url(type(owner), "change", owner.pk), _owner_form(owner, active=False))
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    assert found() == ["Invoice extractor"]
+    response = operator.post(_url(type(owner), "change", owner.pk), _owner_form(owner, active=True))
+    assert response.status_code == 302
+    assert found() == ["Fast translator", "Invoice extractor"]

@@ -453,6 +453,22 @@ def test_deregistered_services_and_inactive_sellers_are_hidden(seller, seller_ap
     assert search(buyer_api, seller=seller.handle)["results"][0]["id"] == str(visible.pk)
 
 
+@pytest.mark.postgres
+def test_the_services_of_a_seller_whose_owner_is_deactivated_are_hidden_until_it_is_reactivated(seller, buyer_api):
+    """Its keys were refused, but search (text, typo-tolerant, filters) still listed its services."""
+    listing(seller, "Invoice extractor")
+    owner = seller.owner
+    owner.is_active = False
+    owner.save()
+    for body in ({"q": "invoice extractor"}, {"q": "invoce extracter"}, {}, {"seller": seller.handle}):
+        assert names(buyer_api, **body) == [], body
+
+    owner.is_active = True
+    owner.save()
+    for body in ({"q": "invoice extractor"}, {"q": "invoce extracter"}, {}, {"seller": seller.handle}):
+        assert names(buyer_api, **body) == ["Invoice extractor"], body
+
+
 # --- orderings --------------------------------------------------------------------------------------------------
 
 

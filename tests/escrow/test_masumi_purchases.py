@@ -406,6 +406,19 @@ def test_bad_purchases_are_refused(escrow_chain, seller_service, http_server):
     assert unknown.status_code == 404 and error_code(unknown) == "purchase_not_found"
 
 
+def test_a_service_whose_sellers_owner_is_deactivated_is_not_bought(escrow_chain, seller_service):
+    """The seller's owner deactivated (its agents' keys refused): a purchase naming its service was accepted and
+    the job started at its upstream."""
+    parties = Parties(escrow_chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
+    owner = parties.seller.owner
+    owner.is_active = False
+    owner.save()
+    refused = parties.buyer_api.post("/purchase", {"network": "Preprod", "agentIdentifier": str(parties.service.pk),
+                                                   "input_data": INPUT})
+    assert refused.status_code == 400 and error_code(refused) == "seller_deactivated"
+    assert seller_service.started == []
+
+
 def test_purchase_never_funded_by_pay_by_time_expires(escrow_chain, seller_service,
                                                       django_capture_on_commit_callbacks):
     chain = escrow_chain
