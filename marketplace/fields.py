@@ -30,6 +30,13 @@ class TokenAmountField(models.DecimalField):
         value = super().to_python(value)
         return None if value is None else int(value)
 
+    def run_validators(self, value):
+        # Django's digit-count validator reads a Decimal; `to_python` gives an int (every save of an amount in an
+        # admin form was a 500).
+        if value is not None and value < 0:
+            raise ValidationError("Must not be negative: an amount in token base units.", code="negative_amount")
+        super().run_validators(None if value is None else Decimal(value))
+
     def get_db_prep_save(self, value, connection):
         if isinstance(value, int):
             value = Decimal(value)
