@@ -87,6 +87,28 @@ class MoneyRecordInline(admin.TabularInline):
         return False
 
 
+def api_rules_check(form: forms.BaseForm, serializer_class, data: dict, *, field_of=lambda name: name):
+    """What an operator typed in `form`, held to the API's rules (`serializer_class`, which reads `data`): the
+    validated data, or None with each refusal added to the form's field (`field_of(serializer field)`). A value the
+    API refuses with 400 would otherwise be saved here, for the code reading it to fail on."""
+    serializer = serializer_class(data=data)
+    if serializer.is_valid():
+        return serializer.validated_data
+    for name, errors in serializer.errors.items():
+        field = field_of(name)
+        form.add_error(field if field in form.fields else None, "; ".join(_messages(errors)))
+    return None
+
+
+def _messages(errors) -> list[str]:
+    """A serializer's errors (nested lists and dicts, by index for a list's items) as flat messages."""
+    if isinstance(errors, dict):
+        return [f"item {key}: {message}" for key, value in errors.items() for message in _messages(value)]
+    if isinstance(errors, list):
+        return [message for error in errors for message in _messages(error)]
+    return [str(errors)]
+
+
 def may_operate(request, model) -> bool:
     """Whether the user may run an operator action (a service call) on `model`'s rows: Django's change
     permission for it, which the view-only pages no longer use for editing."""

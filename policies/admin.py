@@ -1,9 +1,33 @@
+from django import forms
 from django.contrib import admin, messages
 
-from marketplace.admin import may_operate
+from marketplace.admin import api_rules_check, may_operate
 from marketplace.errors import ApplicationError
 from policies import services
 from policies.models import ApprovalRequest, Policy
+from policies.serializers import PolicySerializer
+
+LIMIT_FIELDS = ("max_per_agreement", "daily_cap", "monthly_cap", "approval_threshold")
+
+
+def _whole(amount):
+    """The form's amount (a Decimal of no decimal places) as the API's JSON integer."""
+    return None if amount is None else int(amount)
+
+
+class PolicyForm(forms.ModelForm):
+    """The policy as `PUT /agents/{id}/policy` takes it (lists of handles, service ids, tags, tokens): any other
+    value saved here (a number, a string) failed every proposal of the agent, or matched what it was not meant to."""
+
+    def clean(self):
+        cleaned = super().clean()
+        if self.errors:
+            return cleaned
+        data = {**{f"{name}_atomic": _whole(cleaned.get(name)) for name in LIMIT_FIELDS},
+                **{name: cleaned.get(name) or [] for name in services.POLICY_FIELDS if name not in LIMIT_FIELDS}}
+        self.policy_data = api_rules_check(self, PolicySerializer, data,
+                                           field_of=lambda name: name.removesuffix("_atomic"))
+        return cleaned
 
 
 @admin.register(Policy)
@@ -11,13 +35,17 @@ class PolicyAdmin(admin.ModelAdmin):
     list_display = ("agent", "max_per_agreement", "daily_cap", "monthly_cap", "approval_threshold", "updated_at",
                     "updated_by")
     search_fields = ("agent__handle",)
+    form = PolicyForm
     readonly_fields = ("updated_at", "updated_by")
     list_select_related = ("agent", "updated_by")
 
+    def get_readonly_fields(self, request, obj=None):
+        # The agent is the policy's key: changed here, it replaced the other agent's policy with this one.
+        return (*self.readonly_fields, "agent") if obj is not None else self.readonly_fields
+
     def save_model(self, request, obj, form, change):
         # Through the service, which takes the lock proposals take, so a cap never changes under a proposal.
-        data = {name: form.cleaned_data.get(name, getattr(obj, name)) for name in services.POLICY_FIELDS}
-        services.policy_set(agent=obj.agent, actor=request.user, data=data)
+        services.policy_set(agent=obj.agent, actor=request.user, data=form.policy_data)
 
 
 def _decide(modeladmin, request, queryset, approve: bool):
