@@ -7,6 +7,7 @@ agreements.services / agreements.invocations; the escrow app's admin adds the ch
 
 import functools
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import F
 from django.urls import reverse
@@ -23,9 +24,12 @@ from agreements.models import (
     WebhookDelivery,
     WebhookSubscription,
 )
+from agreements.serializers import WebhookCreateSerializer
+from marketplace import outbound
 from marketplace.admin import (
     URLS_ASSUME_HTTPS,
     acknowledgement_page,
+    api_rules_check,
     MoneyRecordAdmin,
     MoneyRecordInline,
     address_column,
@@ -37,6 +41,7 @@ from marketplace.admin import (
     short_id_column,
     tx_hash_column,
 )
+from marketplace.errors import ApplicationError
 
 AGREEMENT_PAGE_DELIVERIES = 20
 AGREEMENT_PAGE_USAGE_EVENTS = 50
@@ -234,6 +239,26 @@ class DeliveryInline(MoneyRecordInline):
     show_change_link = True
 
 
+class WebhookSubscriptionForm(forms.ModelForm):
+    """The address and event types as the API takes them: a list of known event types (any other value failed
+    every agreement event of the agent), an address the SSRF guard allows."""
+
+    def clean(self):
+        cleaned = super().clean()
+        if self.errors:
+            return cleaned
+        data = {"url": cleaned.get("url", ""), "event_types": cleaned.get("event_types") or []}
+        validated = api_rules_check(self, WebhookCreateSerializer, data)
+        if validated is None:
+            return cleaned
+        try:
+            outbound.url_check(validated["url"])
+        except ApplicationError as exc:
+            self.add_error("url", f"{exc.message} ({exc.code})")
+        cleaned["event_types"] = validated["event_types"]
+        return cleaned
+
+
 @admin.register(WebhookSubscription)
 class WebhookSubscriptionAdmin(admin.ModelAdmin):
     list_display = ("short_id", "agent", "url", "is_active", "created_at")
@@ -242,10 +267,14 @@ class WebhookSubscriptionAdmin(admin.ModelAdmin):
     readonly_fields = ("secret_hint", "secret_rotation", "created_at")
     exclude = ("secret", "previous_secret", "previous_secret_expires_at")
     formfield_overrides = URLS_ASSUME_HTTPS
+    form = WebhookSubscriptionForm
     inlines = [DeliveryInline]
 
     short_id = short_id_column()
     secret_rotation = rotation_overlap_column("secret")
+
+    def has_add_permission(self, request):
+        return False  # An agent subscribes through the API, which shows the new secret once; here it had none.
 
     @admin.display(description="secret")
     def secret_hint(self, obj):

@@ -3,7 +3,7 @@ action that moves money names who ran it."""
 
 import pytest
 
-from agreements.models import FeeSchedule
+from agreements.models import FeeSchedule, WebhookSubscription
 from policies.models import Policy
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import register_service
@@ -67,3 +67,43 @@ def test_a_policys_agent_is_not_changed_in_the_admin(operator, buyer, seller):
                   {**POLICY_FORM, "agent": seller.pk, "daily_cap": 5_000_000})
 
     assert Policy.objects.get(agent=seller).daily_cap == 1_000
+
+
+SUBSCRIPTION_FORM = {"event_types": "[]", "is_active": "on", "deliveries-TOTAL_FORMS": 0,
+                     "deliveries-INITIAL_FORMS": 0}
+
+
+def test_the_admin_adds_no_webhook_subscription_which_would_sign_with_an_empty_key(operator, seller):
+    """A subscription's secret is shown once, by the API that creates it; one added here had none, and its
+    deliveries were signed with an empty key anybody can sign with."""
+    response = operator.post("/admin/agreements/webhooksubscription/add/",
+                             {**SUBSCRIPTION_FORM, "agent": seller.pk, "url": "https://hooks.example.com/x"})
+
+    assert response.status_code == 403
+    assert not WebhookSubscription.objects.exists()
+
+
+def test_a_webhook_address_an_operator_changes_is_checked_as_the_apis(operator, seller, seller_api, guard_on):
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
+
+    response = operator.post(page, {**SUBSCRIPTION_FORM, "agent": seller.pk, "url": "http://127.0.0.1:6379/"})
+
+    assert response.status_code == 200  # the form again, with the error
+    assert "loopback, private or otherwise internal address" in response.content.decode()
+    assert WebhookSubscription.objects.get(pk=webhook["id"]).url == "https://hooks.example.com/x"
+
+
+def test_webhook_event_types_an_operator_changes_are_checked_as_the_apis(operator, seller, seller_api, buyer_api):
+    """Saved from the admin, event types not a list of names (a number) made every agreement event of the agent a
+    500: its counterparties' proposals failed."""
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
+    service = register_service(seller)
+
+    for event_types in ("5", '["agreement.nonsense"]'):
+        response = operator.post(page, {**SUBSCRIPTION_FORM, "agent": seller.pk, "url": webhook["url"],
+                                        "event_types": event_types})
+        assert response.status_code == 200  # the form again, with the error
+        assert WebhookSubscription.objects.get(pk=webhook["id"]).event_types == []
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
