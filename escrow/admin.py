@@ -79,7 +79,7 @@ def retry_failed(modeladmin, request, queryset):
     retried = 0
     for tx in queryset.filter(status=TxStatus.FAILED):
         try:
-            relayer.transaction_retry(tx=tx)
+            relayer.transaction_retry(tx=tx, operator=request.user.get_username())
         except ApplicationError as exc:
             messages.warning(request, f"{tx.pk}: {exc.message}")
             continue
@@ -131,7 +131,7 @@ class ChainTransactionAdmin(MoneyRecordAdmin):
               "gas_limit", "confirmations_required", "mined_tx_display", "mined_block_number", "mined_block_hash",
               "receipt_status", "failure_reason", "waiting_for", "held_until_block", "fee_cap_reached_at",
               "outcome_applied", "context", "data",
-              "acknowledged_at", "acknowledged_by", "acknowledgement_reason", "created_at", "updated_at",
+              "retry_of", "acknowledged_at", "acknowledged_by", "acknowledgement_reason", "created_at", "updated_at",
               "confirmed_at")
     readonly_fields = fields
 
@@ -155,6 +155,16 @@ class ChainTransactionAdmin(MoneyRecordAdmin):
     def failure_short(self, tx) -> str:
         reason = tx.failure_reason
         return reason if len(reason) <= 60 else f"{reason[:57]}…"
+
+    @admin.display(description="operator's retry")
+    def retry_of(self, tx):
+        context = tx.context or {}
+        if relayer.OPERATOR_RETRY_OF not in context:
+            return "-"
+        failed = context[relayer.OPERATOR_RETRY_OF]
+        return format_html("of {}, retried by {}", short_id_html(
+            failed, url=reverse("admin:escrow_chaintransaction_change", args=[failed])),
+            context.get(relayer.OPERATOR_RETRY_BY) or "an operator not recorded")
 
     @admin.display(description="waiting", ordering="held_until_block")
     def waiting_for(self, tx) -> str:

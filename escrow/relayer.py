@@ -85,8 +85,9 @@ _GAS_HEADROOM_PERCENT = 25
 # writes an empty slot, and 25% of a transfer's ~35,000 gas did not cover it (out of gas, the fee paid). Unused gas
 # is not charged; the limit only bounds what a transaction may spend.
 _SLOT_FILL_GAS = 20_000
-# The context key of an operator's retry: the failed transaction it sends again.
+# The context keys of an operator's retry: the failed transaction it sends again, and the operator who asked.
 OPERATOR_RETRY_OF = "operator_retry_of"
+OPERATOR_RETRY_BY = "operator_retry_by"
 # The context key of a transaction the domain withdrew (`transaction_withdraw`): why.
 WITHDRAWN = "withdrawn"
 # The key under which an evidence reader whose answer rests on a transaction not ours (someone else's copy that did
@@ -842,9 +843,9 @@ def transaction_withdraw(*, transaction_id, reason: str) -> bool:
     return True
 
 
-def transaction_retry(*, tx: ChainTransaction) -> ChainTransaction:
+def transaction_retry(*, tx: ChainTransaction, operator: str) -> ChainTransaction:
     """Operator action: a failed transaction is queued again as a new row (the failed one stays for history),
-    whose context names the one it retries (`OPERATOR_RETRY_OF`). Not one the domain withdrew (`WITHDRAWN`) or no
+    whose context names the one it retries (`OPERATOR_RETRY_OF`) and the operator who asked (`OPERATOR_RETRY_BY`). Not one the domain withdrew (`WITHDRAWN`) or no
     longer wants run (`rerun_wanted`: an activation whose agreement was closed since), nor one its domain refuses to
     send again now (`on_retry`: an activation the buyer's owner policy refuses now)."""
     with transaction.atomic():
@@ -864,5 +865,6 @@ def transaction_retry(*, tx: ChainTransaction) -> ChainTransaction:
         if tx.purpose in _retry_handlers:
             _retry_handlers[tx.purpose](tx)
         return transaction_enqueue(purpose=tx.purpose, to=tx.to_address, data=tx.data,
-                                   agreement_id=tx.agreement_id, context={**tx.context, OPERATOR_RETRY_OF: str(tx.pk)},
+                                   agreement_id=tx.agreement_id, context={**tx.context, OPERATOR_RETRY_OF: str(tx.pk),
+                                                                          OPERATOR_RETRY_BY: operator},
                                    confirmations=tx.confirmations_required)

@@ -203,7 +203,7 @@ def test_a_payout_a_reorg_took_that_cannot_run_again_leaves_the_invocation_payin
     mined(chain, chain.usdc.functions.transfer(market.treasury, spent).transact(  # not from the relayer wallet
         {"from": chain.accounts.stranger.address}))
     with capture(execute=True):
-        retry = relayer.transaction_retry(tx=settlement)
+        retry = relayer.transaction_retry(tx=settlement, operator="operator")
     confirm_all(capture)
     retry.refresh_from_db()
     invocation = invocation_of(market, invocation_id)
@@ -350,7 +350,7 @@ def test_a_payout_not_yet_sent_when_its_payment_is_found_reverted_is_withdrawn_a
     assert invocation["payment"]["settlement_tx_hash"] == ""
     assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).money == "payment_failed"
     with pytest.raises(Conflict) as refused:
-        relayer.transaction_retry(tx=settlement)
+        relayer.transaction_retry(tx=settlement, operator="operator")
     assert refused.value.code == "withdrawn"
     with pytest.raises(CommandError, match="1 mismatch"):
         call_command("reconcile", stdout=io.StringIO())
@@ -430,7 +430,7 @@ def test_a_payout_signed_when_its_payment_is_found_reverted_is_cancelled_by_a_no
     assert (invocation["payment"]["status"], invocation["payment"]["settlement_tx_hash"]) == ("payment_reverted", "")
     assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).money == "payment_failed"
     with pytest.raises(Conflict) as refused:
-        relayer.transaction_retry(tx=settlement)
+        relayer.transaction_retry(tx=settlement, operator="operator")
     assert (refused.value.code, refused.value.status_code) == ("withdrawn", 409)
     out = io.StringIO()
     with pytest.raises(CommandError, match="1 mismatch"):

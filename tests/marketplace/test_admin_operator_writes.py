@@ -4,6 +4,8 @@ action that moves money names who ran it."""
 import pytest
 
 from agreements.models import FeeSchedule, WebhookSubscription
+from escrow import relayer
+from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from policies.models import Policy
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import register_service
@@ -107,3 +109,22 @@ def test_webhook_event_types_an_operator_changes_are_checked_as_the_apis(operato
         assert response.status_code == 200  # the form again, with the error
         assert WebhookSubscription.objects.get(pk=webhook["id"]).event_types == []
     assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+
+
+def test_a_retried_transaction_names_the_operator_who_retried_it(operator, settings,
+                                                                  django_capture_on_commit_callbacks):
+    """A retry of a payout moves money again: who asked for it is kept with the new transaction."""
+    failed = ChainTransaction.objects.create(
+        purpose=TxPurpose.INVOCATION_PAYOUT, to_address="0x" + "11" * 20,
+        data="0xa9059cbb" + "00" * 12 + "22" * 20 + f"{1_000_000:064x}", chain_id=settings.CHAIN_ID,
+        status=TxStatus.FAILED, failure_reason="reverted", context={"to": "0x" + "22" * 20, "amount": 1_000_000})
+
+    with django_capture_on_commit_callbacks(execute=False):
+        operator.post("/admin/escrow/chaintransaction/",
+                      {"action": "retry_failed", "_selected_action": [str(failed.pk)]}, follow=True)
+
+    [retried] = ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_PAYOUT).exclude(pk=failed.pk)
+    assert retried.context[relayer.OPERATOR_RETRY_OF] == str(failed.pk)
+    assert retried.context.get(relayer.OPERATOR_RETRY_BY) == "operator"
+    page = operator.get(f"/admin/escrow/chaintransaction/{retried.pk}/change/").content.decode()
+    assert "retried by operator" in page
