@@ -36,22 +36,23 @@ class CredentialStatusFilter(admin.SimpleListFilter):
         return queryset
 
 
-def _revoke(request, credentials) -> None:
+def _revoke(modeladmin, request, credentials) -> None:
     count = 0
     for credential in credentials:
         services.credential_revoke(credential=credential)
+        modeladmin.log_change(request, credential, "Revoked")  # who shut it out, in the row's admin history
         count += 1
     messages.success(request, f"Revoked {count} credential(s); they stop working at once.")
 
 
 @admin.action(description="Revoke selected credentials", permissions=["revoke"])
 def revoke_credentials(modeladmin, request, queryset):
-    _revoke(request, queryset.filter(revoked_at=None))
+    _revoke(modeladmin, request, queryset.filter(revoked_at=None))
 
 
 @admin.action(description="Revoke every API key of the selected agents", permissions=["revoke"])
 def revoke_agent_keys(modeladmin, request, queryset):
-    _revoke(request, ApiKey.objects.filter(agent__in=queryset, revoked_at=None))
+    _revoke(modeladmin, request, ApiKey.objects.filter(agent__in=queryset, revoked_at=None))
 
 
 class ApiKeyInline(admin.TabularInline):
@@ -142,6 +143,7 @@ def deregister_services(modeladmin, request, queryset):
     count = 0
     for service in queryset.filter(state=ServiceState.REGISTERED):
         services.service_deregister(service=service, actor=None)
+        modeladmin.log_change(request, service, "Deregistered")
         count += 1
     messages.success(request, f"Deregistered {count} service(s).")
 

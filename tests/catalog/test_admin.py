@@ -2,6 +2,7 @@
 
 import pytest
 from django.contrib import admin
+from django.contrib.admin.models import LogEntry
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
@@ -199,6 +200,27 @@ def test_staff_who_may_only_view_keys_cannot_revoke_them(catalog, seller, settin
 
     assert ApiKey.objects.get(pk=key.pk).revoked_at is None
     assert Api(catalog["keys"]["seller"]).get("/agents/me").status_code == 200
+
+
+def test_the_admin_history_names_the_operator_who_revoked_a_credential_or_deregistered_a_service(
+        operator, catalog, seller, owner):
+    """Revoking shuts an agent or owner out, deregistering takes a service off sale: the rows' admin history says who
+    did it (Django's own edits are logged there; these actions were not)."""
+    seller_key = ApiKey.objects.get(agent=seller)
+    owner_token = OwnerToken.objects.get(owner=owner)
+    _run_action(operator, ApiKey, "revoke_credentials", [seller_key])
+    _run_action(operator, OwnerToken, "revoke_credentials", [owner_token])
+    _run_action(operator, Service, "deregister_services", [catalog["translator"]])
+    other_key = ApiKey.objects.get(agent=catalog["extractor"].seller)
+    _run_action(operator, type(seller), "revoke_agent_keys", [catalog["extractor"].seller])
+
+    for row, message in [(seller_key, "Revoked"), (owner_token, "Revoked"), (other_key, "Revoked"),
+                         (catalog["translator"], "Deregistered")]:
+        [entry] = LogEntry.objects.filter(object_id=str(row.pk))
+        assert (entry.user.username, entry.get_change_message()) == ("operator", message)
+
+    _run_action(operator, ApiKey, "revoke_credentials", [seller_key])  # already revoked: nothing done, nothing logged
+    assert LogEntry.objects.filter(object_id=str(seller_key.pk)).count() == 1
 
 
 def test_deregistering_services_hides_them_from_search(operator, catalog, buyer_api):
