@@ -13,6 +13,7 @@ and its second factor: `marketplace.second_factor.OperatorAdminSite`.)
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
 from django.db import models
 from django.db.models import Count
 from django.template.response import TemplateResponse
@@ -252,6 +253,36 @@ class RedeliveredTaskAdmin(MoneyRecordAdmin):
     search_fields = ("task_id", "task_name")
     readonly_fields = ("task_id", "task_name", "args", "kwargs", "redeliveries", "dead_lettered_at", "created_at",
                        "updated_at")
+
+
+# --- operators' and owners' accounts ----------------------------------------------------------------------------
+
+# What makes an account an operator's, and which actions it may run.
+OPERATOR_POWERS = ("is_staff", "is_superuser", "groups", "user_permissions")
+
+
+class AccountAdmin(UserAdmin):
+    """Django's user admin, where staff who may change users (to deactivate an owner) neither give anyone an
+    operator's powers (superuser, staff, groups, permissions: themselves first) nor change a superuser's account (its
+    password among them). Only a superuser does."""
+
+    def get_readonly_fields(self, request, obj=None):
+        readonly = super().get_readonly_fields(request, obj)
+        return readonly if request.user.is_superuser else (*readonly, *OPERATOR_POWERS)
+
+    def has_change_permission(self, request, obj=None):
+        if obj is not None and obj.is_superuser and not request.user.is_superuser:
+            return False
+        return super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and obj.is_superuser and not request.user.is_superuser:
+            return False
+        return super().has_delete_permission(request, obj)
+
+
+admin.site.unregister(get_user_model())
+admin.site.register(get_user_model(), AccountAdmin)
 
 
 # --- the operators' second factors (marketplace.second_factor) ---------------------------------------------------

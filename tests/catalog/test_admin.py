@@ -247,6 +247,37 @@ def test_a_webhook_address_typed_without_a_scheme_is_read_as_https(rf):
     assert form.base_fields["url"].clean("buyer.example/hook") == "https://buyer.example/hook"
 
 
+def test_staff_who_may_change_users_cannot_make_anyone_superuser_or_give_permissions(catalog, settings):
+    """Changing users is how an operator deactivates an owner; with Django's user admin as it comes, such staff
+    ticked superuser on their own account, and had every operator action (retrying payouts, resolving disputes)."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    support = get_user_model().objects.create_user("support", "support@example.com", "support-password",
+                                                   is_staff=True)
+    support.user_permissions.add(*Permission.objects.filter(codename__in=["view_user", "change_user"]))
+    other = get_user_model().objects.create_user("other-staff", is_staff=True)
+    client = operator_client("support", "support-password")
+    every_permission = [str(pk) for pk in Permission.objects.values_list("pk", flat=True)]
+
+    for user in (support, other):
+        response = client.post(reverse("admin:auth_user_change", args=[user.pk]), {
+            **_owner_form(user, active=True), "is_staff": "on", "is_superuser": "on",
+            "user_permissions": every_permission})
+        assert response.status_code == 302, response.content
+
+    for user in (support, other):
+        user = get_user_model().objects.get(pk=user.pk)
+        assert not user.is_superuser
+        assert user.user_permissions.count() == (2 if user == support else 0)
+    assert not get_user_model().objects.get(pk=support.pk).has_perm("escrow.change_chaintransaction")
+
+    # Nor do they change a superuser's account: its password set by them, the account is theirs less its code.
+    superuser = get_user_model().objects.create_superuser("root", "root@example.com", "root-password")
+    password_page = reverse("admin:auth_user_password_change", args=[superuser.pk])
+    response = client.post(password_page, {"password1": "taken-over-1234", "password2": "taken-over-1234"})
+    assert response.status_code == 403
+    assert get_user_model().objects.get(pk=superuser.pk).check_password("root-password")
+
+
 def _owner_form(owner, *, active: bool) -> dict:
     """What the admin's change form of a user posts, its account active or not."""
     joined = timezone.localtime(owner.date_joined)
