@@ -240,21 +240,23 @@ class DeliveryInline(MoneyRecordInline):
 
 
 class WebhookSubscriptionForm(forms.ModelForm):
-    """The address and event types as the API takes them: a list of known event types (any other value failed
-    every agreement event of the agent), an address the SSRF guard allows."""
+    """The address and event types, once changed, as the API takes them: a list of known event types (any other value
+    failed every agreement event of the agent), an address the SSRF guard allows. Unchanged, they are not checked
+    again: a subscription whose name resolves to an internal address since is still deleted by unticking it."""
 
     def clean(self):
         cleaned = super().clean()
-        if self.errors:
+        if self.errors or not {"url", "event_types"} & set(self.changed_data):
             return cleaned
         data = {"url": cleaned.get("url", ""), "event_types": cleaned.get("event_types") or []}
         validated = api_rules_check(self, WebhookCreateSerializer, data)
         if validated is None:
             return cleaned
-        try:
-            outbound.url_check(validated["url"])
-        except ApplicationError as exc:
-            self.add_error("url", f"{exc.message} ({exc.code})")
+        if "url" in self.changed_data:
+            try:
+                outbound.url_check(validated["url"])
+            except ApplicationError as exc:
+                self.add_error("url", f"{exc.message} ({exc.code})")
         cleaned["event_types"] = validated["event_types"]
         return cleaned
 

@@ -96,6 +96,20 @@ def test_a_webhook_address_an_operator_changes_is_checked_as_the_apis(operator, 
     assert WebhookSubscription.objects.get(pk=webhook["id"]).url == "https://hooks.example.com/x"
 
 
+def test_a_subscription_whose_address_the_guard_refuses_now_is_still_deleted_in_the_admin(operator, seller, seller_api,
+                                                                                        guard_on):
+    """The checks are of what the operator changes: unticking a subscription whose name resolves to an internal
+    address since (or that was saved before the check) deletes it, as the operator meant."""
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    WebhookSubscription.objects.filter(pk=webhook["id"]).update(url="http://127.0.0.1:6379/")
+    page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
+    form = {**SUBSCRIPTION_FORM, "agent": seller.pk, "url": "http://127.0.0.1:6379/"}
+    del form["is_active"]
+
+    assert operator.post(page, form).status_code == 302
+    assert not WebhookSubscription.objects.get(pk=webhook["id"]).is_active
+
+
 def test_webhook_event_types_an_operator_changes_are_checked_as_the_apis(operator, seller, seller_api, buyer_api):
     """Saved from the admin, event types not a list of names (a number) made every agreement event of the agent a
     500: its counterparties' proposals failed."""
