@@ -229,7 +229,7 @@ class WebhooksView(APIView):
 
     @extend_schema(operation_id="webhooks_create", tags=["webhooks"], request=WebhookCreateSerializer,
                    summary="Subscribe a URL to agreement events; the signing secret is shown once",
-                   responses={201: WebhookCreatedSerializer, **error_responses(422)})
+                   responses={201: WebhookCreatedSerializer, **error_responses(409, 422)})
     @idempotent()
     def post(self, request):
         body = WebhookCreateSerializer(data=request.data)
@@ -516,7 +516,7 @@ class AgentWebhooksView(APIView):
     @extend_schema(operation_id="agent_webhooks_create", tags=WEBHOOK_TAGS, auth=EITHER,
                    request=AgentWebhookCreateSerializer,
                    summary="Subscribe a URL to the agent's agreement events, optionally with your own secret",
-                   responses={201: AgentWebhookSecretSerializer, **error_responses(404, 422)})
+                   responses={201: AgentWebhookSecretSerializer, **error_responses(404, 409, 422)})
     @idempotent()
     def post(self, request, agent_id):
         agent = acting_agent(request, agent_id, scope=KeyScope.ADMIN)

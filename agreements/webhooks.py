@@ -27,6 +27,7 @@ from agreements.models import (
 )
 from catalog.models import Agent
 from marketplace import outbound, rotation
+from marketplace.errors import Conflict
 from sdk import webhook_signature
 
 _BACKOFF_BASE_SECONDS = 10
@@ -41,9 +42,17 @@ def _new_secret() -> str:
 def subscription_create(*, agent: Agent, url: str, event_types: list[str], secret: str = "") -> WebhookSubscription:
     """`secret`: the receiver's own signing secret (the Pægents SDK lets the caller choose it); else a new one."""
     outbound.url_check(url)
-    return WebhookSubscription.objects.create(
-        agent=agent, url=url, event_types=event_types, secret=secret or _new_secret()
-    )
+    with transaction.atomic():
+        # The agent's row, locked, orders two subscriptions at once, so neither passes the count the other makes.
+        Agent.objects.select_for_update().filter(pk=agent.pk).first()
+        live = WebhookSubscription.objects.filter(agent=agent, is_active=True).count()
+        if live >= settings.WEBHOOK_SUBSCRIPTIONS_PER_AGENT:
+            raise Conflict(f"The agent already has {live} webhook subscriptions; delete one first.",
+                           code="webhook_limit_reached",
+                           details={"max_subscriptions": settings.WEBHOOK_SUBSCRIPTIONS_PER_AGENT})
+        return WebhookSubscription.objects.create(
+            agent=agent, url=url, event_types=event_types, secret=secret or _new_secret()
+        )
 
 
 def subscription_rotate_secret(*, subscription: WebhookSubscription,

@@ -3,9 +3,11 @@
 from dataclasses import dataclass
 from datetime import datetime
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.postgres.search import SearchVector
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from catalog.models import (
@@ -84,10 +86,18 @@ def api_key_issue(*, agent: Agent, scope: str = KeyScope.PAY, name: str = "",
     if expires_at is not None and expires_at <= timezone.now():
         raise InvalidInput("expires_at must be in the future.", code="expiry_in_past")
     issued = issue_secret("mk")
-    key = ApiKey.objects.create(
-        agent=agent, scope=scope, name=name, expires_at=expires_at, prefix=issued.prefix,
-        secret_digest=issued.digest,
-    )
+    with transaction.atomic():
+        # The agent's row, locked, orders two issues at once, so neither passes the count the other makes.
+        Agent.objects.select_for_update().filter(pk=agent.pk).first()
+        now = timezone.now()
+        live = agent.api_keys.filter(Q(expires_at=None) | Q(expires_at__gt=now), revoked_at=None).count()
+        if live >= settings.API_KEYS_PER_AGENT:
+            raise Conflict(f"The agent already holds {live} live API keys; revoke one first.",
+                           code="api_key_limit_reached", details={"max_keys": settings.API_KEYS_PER_AGENT})
+        key = ApiKey.objects.create(
+            agent=agent, scope=scope, name=name, expires_at=expires_at, prefix=issued.prefix,
+            secret_digest=issued.digest,
+        )
     return IssuedCredential(credential=key, secret=issued.plaintext)
 
 

@@ -109,7 +109,7 @@ class AgentApiKeysView(APIView):
 
     @extend_schema(operation_id="api_keys_issue", summary="Issue an API key for an agent (owner); shown once",
                    request=ApiKeyCreateSerializer,
-                   responses={201: ApiKeyIssuedSerializer, **error_responses(404, 422)}, tags=["agents"], auth=OWNER)
+                   responses={201: ApiKeyIssuedSerializer, **error_responses(404, 409, 422)}, tags=["agents"], auth=OWNER)
     @idempotent()
     def post(self, request, agent_id):
         agent = selectors.agent_get(agent_id=agent_id, owner=request.user)

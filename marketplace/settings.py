@@ -270,6 +270,11 @@ INVOCATION_INLINE_CONCURRENCY = env.int("INVOCATION_INLINE_CONCURRENCY", default
 INVOCATION_ORPHAN_AFTER = timedelta(seconds=env.int("INVOCATION_ORPHAN_AFTER_SECONDS", default=60))
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
 WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)
+# Per-agent bounds on what an agent can create at will. Every live webhook subscription is sent each event and each
+# test send, so their number is how many posts one event makes; rate limits count per key, so the number of live keys
+# is how many budgets an agent has.
+WEBHOOK_SUBSCRIPTIONS_PER_AGENT = env.int("WEBHOOK_SUBSCRIPTIONS_PER_AGENT", default=10)
+API_KEYS_PER_AGENT = env.int("API_KEYS_PER_AGENT", default=25)
 CELERY_BEAT_SCHEDULE.update({
     "expire-proposals": {"task": "agreements.tasks.expire_proposals", "schedule": timedelta(minutes=1)},
     "expire-approvals": {"task": "policies.tasks.expire_approvals", "schedule": timedelta(minutes=1)},

@@ -14,7 +14,7 @@ from agreements.models import DeliveryStatus, WebhookDelivery, WebhookSubscripti
 from agreements.tasks import retry_due_webhooks
 from sdk import webhook_signature
 from tests.agreements.helpers import proposal
-from tests.conftest import codes_at
+from tests.conftest import codes_at, error_code
 from tests.support.db_activity import backend_pid, session_state
 from tests.support.http_server import DribblesItsHead, serving
 from tests.support.idempotency import records_hold
@@ -289,3 +289,26 @@ def test_no_lock_or_transaction_is_held_while_posting(buyer_api, seller_api, ser
     watcher.join()
     assert seen and seen[0] != "idle in transaction"
     assert WebhookDelivery.objects.get().status == DeliveryStatus.DELIVERED
+
+
+def test_an_agent_keeps_at_most_the_limits_webhook_subscriptions_so_one_event_is_not_sent_to_a_url_without_bound(
+        seller, seller_api, settings):
+    """Each live subscription gets its own post of every event and of every test send: without a bound, one agent
+    subscribing a victim's URL a thousand times made one `webhooks/test` call a thousand posts to it (each retried)."""
+    settings.WEBHOOK_SUBSCRIPTIONS_PER_AGENT = 3
+    first = subscribe(seller_api, "https://victim.example/hook")
+    subscribe(seller_api, "https://victim.example/hook")
+    assert seller_api.post(f"/agents/{seller.pk}/webhooks", {"url": "https://victim.example/hook"}).status_code == 201
+
+    for route in ("/webhooks", f"/agents/{seller.pk}/webhooks"):
+        refused = seller_api.post(route, {"url": "https://victim.example/hook"})
+        assert refused.status_code == 409, refused.content
+        assert error_code(refused) == "webhook_limit_reached"
+        assert refused.json()["error"]["details"] == {"max_subscriptions": 3}
+    assert WebhookSubscription.objects.filter(agent=seller).count() == 3
+    sent = seller_api.post(f"/agents/{seller.pk}/webhooks/test")
+    assert sent.status_code == 202 and len(sent.json()) == 3
+
+    # A deleted subscription frees its place.
+    assert seller_api.delete(f"/webhooks/{first['id']}").status_code == 204
+    subscribe(seller_api, "https://receiver.example/hook")

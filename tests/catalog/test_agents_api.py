@@ -116,3 +116,27 @@ def test_a_replayed_key_issue_answers_the_key_without_its_secret_which_no_record
 def test_owner_sees_only_own_agents(owner_api, seller):
     assert owner_api.get(f"/agents/{seller.pk}/api-keys").status_code == 404
     assert error_code(owner_api.post(f"/agents/{seller.pk}/api-keys", {})) == "agent_not_found"
+
+
+def test_an_agent_holds_at_most_the_limits_live_api_keys(owner_api, buyer, settings):
+    """Rate limits count per key: an agent minting keys without bound had as many budgets as it liked."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    settings.API_KEYS_PER_AGENT = 3
+    ApiKey.objects.filter(agent=buyer).delete()
+    keys = [owner_api.post(f"/agents/{buyer.pk}/api-keys", {"name": f"k{i}"}) for i in range(3)]
+    assert [k.status_code for k in keys] == [201, 201, 201]
+
+    refused = owner_api.post(f"/agents/{buyer.pk}/api-keys", {"name": "one-more"})
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "api_key_limit_reached"
+    assert refused.json()["error"]["details"] == {"max_keys": 3}
+    assert ApiKey.objects.filter(agent=buyer).count() == 3
+
+    # A revoked or expired key frees its place.
+    assert owner_api.post(f"/agents/{buyer.pk}/api-keys/{keys[0].json()['id']}/revoke").status_code == 200
+    assert owner_api.post(f"/agents/{buyer.pk}/api-keys", {"name": "after-revoke"}).status_code == 201
+    ApiKey.objects.filter(pk=keys[1].json()["id"]).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert owner_api.post(f"/agents/{buyer.pk}/api-keys", {"name": "after-expiry"}).status_code == 201
