@@ -102,6 +102,9 @@ CLOSED_STATUSES = frozenset({S.REJECTED, S.CANCELLED, S.EXPIRED})
 # Accepted, or its activation failed: waiting for the buyer to (again) sign and submit the escrow's funding.
 AWAITING_FUNDING_STATUSES = frozenset(status for status, successors in TRANSITIONS.items()
                                       if S.SUBMITTING in successors)
+# Neither answered nor funded: the buyer has put no money in (the statuses a buyer's unfunded agreements with one
+# seller are counted in, UNFUNDED_AGREEMENTS_PER_SELLER).
+UNFUNDED_OPEN_STATUSES = frozenset({S.PENDING_APPROVAL, S.PROPOSED}) | AWAITING_FUNDING_STATUSES
 # Submitting without a signed transaction for this long is a backend fault, not chain latency.
 BACKEND_FAULT_AFTER = timedelta(minutes=2)
 

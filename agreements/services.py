@@ -41,6 +41,7 @@ from agreements.models import (
     CLOSED_STATUSES,
     NO_PAYMENT_REVERSAL,
     TRANSITIONS,
+    UNFUNDED_OPEN_STATUSES,
     AgreementEvent,
     AgreementStatus,
     FeeSchedule,
@@ -193,13 +194,14 @@ def _require_party(agreement: UsageAgreement, agent: Agent, role: str) -> None:
 
 # --- proposal ------------------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=1)
-def _committed_spends_sql() -> str:
+@lru_cache(maxsize=2)
+def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
     """The SELECT of `_committed_spends`, built once per process (the ORM's Case/Sum/filter expressions cost ~1 ms
-    of CPU to compile at every proposal, most of the statement's cost). Plain SQL that SQLite runs too."""
+    of CPU to compile at every proposal, most of the statement's cost). Plain SQL that SQLite runs too.
+    `unfunded_count`: a third column, the buyer's unanswered or unfunded agreements with one seller."""
     quote, meta, invocation_meta = connection.ops.quote_name, UsageAgreement._meta, SkillInvocation._meta
     column = {name: quote(meta.get_field(name).column)
-              for name in ("id", "status", "infra_fee", "used", "deposit_amount", "buyer", "created_at",
+              for name in ("id", "status", "infra_fee", "used", "deposit_amount", "buyer", "seller", "created_at",
                            "funds_moved_at")}
     invocation = {name: quote(invocation_meta.get_field(name).column)
                   for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at")}
@@ -217,29 +219,45 @@ def _committed_spends_sql() -> str:
               f"FROM {quote(invocation_meta.db_table)} WHERE {invocation['buyer']} = %s "
               f"AND {invocation['created_at']} >= %s AND {invocation['money']} NOT IN ({released}) "
               f"AND {invocation['payment_reverted_at']} IS NULL")
+    unfunded = (f", (SELECT COUNT(*) FROM {quote(meta.db_table)} WHERE {column['buyer']} = %s "  # noqa: S608
+                f"AND {column['seller']} = %s AND {column['status']} IN "
+                f"({', '.join(['%s'] * len(UNFUNDED_OPEN_STATUSES))}))") if unfunded_count else ""
     return ("SELECT COALESCE(SUM(amount) FILTER (WHERE committed_at >= %s), 0), "  # noqa: S608
-            f"COALESCE(SUM(amount), 0) FROM ({spends}) spends")
+            f"COALESCE(SUM(amount), 0){unfunded} FROM ({spends}) spends")
 
 
 _NO_AGREEMENT = uuid.UUID(int=0)
 
 
+@dataclass(frozen=True)
+class CommittedSpends:
+    last_day: int
+    last_month: int
+    unfunded_with_seller: int | None  # counted only when a seller was given
+
+
 def _committed_spends(buyer: Agent, *, day_since: datetime, month_since: datetime,
-                      excluding: uuid.UUID | None = None) -> tuple[int, int]:
+                      excluding: uuid.UUID | None = None, unfunded_with: Agent | None = None) -> CommittedSpends:
     """What the buyer committed since `day_since` and since `month_since` (the earlier), in one statement: its
     agreements (nothing once released, the fee once refunded, fee plus what was used once settled, else fee plus
     deposit), each at the moment the platform moved its money or, until then, at its proposal, but for the agreement
     `excluding` (the one being checked); and its skill invocations (the price, unless the payment failed, was
-    refunded or was reverted)."""
+    refunded or was reverted). With `unfunded_with`, also how many of its agreements with that seller are unanswered
+    or unfunded (`UNFUNDED_OPEN_STATUSES`), in the same statement."""
     committed = [*NOTHING_COMMITTED, S.REFUNDED, S.SETTLED]
     since = connection.ops.adapt_datetimefield_value
-    buyer_id = UsageAgreement._meta.get_field("buyer").get_db_prep_value(buyer.pk, connection)
+    agent_id = UsageAgreement._meta.get_field("buyer").get_db_prep_value
+    buyer_id = agent_id(buyer.pk, connection)
     excluded = UsageAgreement._meta.pk.get_db_prep_value(excluding or _NO_AGREEMENT, connection)
+    unfunded = ([buyer_id, agent_id(unfunded_with.pk, connection), *sorted(UNFUNDED_OPEN_STATUSES)]
+                if unfunded_with is not None else [])
     with prepared_cursor() as cursor:
-        cursor.execute(_committed_spends_sql(), [since(day_since), *committed, buyer_id, excluded, since(month_since),
-                                                 buyer_id, since(month_since), *INVOCATION_NOTHING_COMMITTED])
-        day, month = cursor.fetchone()
-    return int(day), int(month)
+        cursor.execute(_committed_spends_sql(unfunded_count=unfunded_with is not None),
+                       [since(day_since), *unfunded, *committed, buyer_id, excluded, since(month_since),
+                        buyer_id, since(month_since), *INVOCATION_NOTHING_COMMITTED])
+        row = cursor.fetchone()
+    return CommittedSpends(last_day=int(row[0]), last_month=int(row[1]),
+                           unfunded_with_seller=int(row[2]) if unfunded_with is not None else None)
 
 
 @dataclass(frozen=True)
@@ -422,22 +440,32 @@ def agreement_propose(*, proposal: Proposal) -> UsageAgreement:
 def _owner_policy_decision(proposal: Proposal) -> policy_selectors.Decision:
     """The owner's policy on this purchase (fee included); see `_buyer_policy_decision`."""
     return _buyer_policy_decision(buyer=proposal.buyer, service=proposal.service, token=proposal.token,
-                                  amount=proposal.deposit + proposal.fee, at=proposal.proposed_at)
+                                  amount=proposal.deposit + proposal.fee, at=proposal.proposed_at, new_agreement=True)
 
 
 def _buyer_policy_decision(*, buyer: Agent, service: Service, token: str, amount: int, at: datetime,
-                           agreement_id: uuid.UUID | None = None) -> policy_selectors.Decision:
+                           agreement_id: uuid.UUID | None = None,
+                           new_agreement: bool = False) -> policy_selectors.Decision:
     """The buyer's owner policy on a purchase of `amount` from `service`, given what the buyer committed in the
     last day and month (agreements and skill invocations, but the agreement `agreement_id` being paid); a denial is
-    403 with the rule. Call inside the transaction that records the purchase (or moves its money)."""
-    # Serialises this buyer's proposals, payments, invocations and policy edits, so two cannot both slip under a cap.
+    403 with the rule. Call inside the transaction that records the purchase (or moves its money).
+    `new_agreement`: the purchase is a new agreement with the service's seller, refused 409 beyond
+    `UNFUNDED_AGREEMENTS_PER_SELLER` (a proposal costs the buyer nothing until it is funded, and each is in the
+    seller's inbox, listing and webhooks)."""
+    # Serialises this buyer's proposals, payments, invocations and policy edits, so two cannot both slip under a cap
+    # (nor under the bound on unfunded agreements).
     list(Agent.objects.select_for_update().filter(pk=buyer.pk).values_list("pk"))
-    spent_last_day, spent_last_month = _committed_spends(buyer, day_since=at - timedelta(days=1),
-                                                         month_since=at - timedelta(days=30), excluding=agreement_id)
+    spends = _committed_spends(buyer, day_since=at - timedelta(days=1), month_since=at - timedelta(days=30),
+                               excluding=agreement_id, unfunded_with=service.seller if new_agreement else None)
+    limit = settings.UNFUNDED_AGREEMENTS_PER_SELLER
+    if spends.unfunded_with_seller is not None and spends.unfunded_with_seller >= limit:
+        raise Conflict(f"You already have {spends.unfunded_with_seller} agreements with this seller that it has not "
+                       "answered or you have not funded; cancel one or wait for an answer.",
+                       code="unfunded_agreements_limit_reached", details={"max_unfunded_agreements": limit})
     decision = policy_selectors.purchase_decision(
         agent=buyer, seller_handle=service.seller.handle, service_id=str(service.pk),
         tags=frozenset(tag.name for tag in service.tags.all()), token=token,  # prefetched by the selectors
-        amount=amount, spent_last_day=spent_last_day, spent_last_month=spent_last_month,
+        amount=amount, spent_last_day=spends.last_day, spent_last_month=spends.last_month,
     )
     if decision.denied:
         raise Forbidden(decision.message, code="policy_denied", details={"rule": decision.rule, **decision.details})

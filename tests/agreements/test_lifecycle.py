@@ -259,3 +259,28 @@ def test_idempotent_proposal(buyer_api, service):
     two = buyer_api.post("/usage-agreements", body, headers=headers)
     assert one.status_code == two.status_code == 201 and one.json()["id"] == two.json()["id"]
     assert UsageAgreement.objects.count() == 1
+
+
+def test_a_buyer_has_at_most_the_limits_unanswered_or_unfunded_agreements_with_one_seller(
+        buyer, buyer_api, seller, seller_api, service, settings):
+    """An escrow proposal costs the buyer nothing: without a bound, one buyer filled a seller's inbox, its listing
+    and its webhooks with proposals it never meant to fund."""
+    settings.UNFUNDED_AGREEMENTS_PER_SELLER = 2
+    first = propose(buyer_api, service)
+    second = propose(buyer_api, service)
+
+    refused = buyer_api.post("/usage-agreements", proposal(service))
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "unfunded_agreements_limit_reached"
+    assert refused.json()["error"]["details"] == {"max_unfunded_agreements": 2}
+    assert UsageAgreement.objects.filter(buyer=buyer, seller=seller).count() == 2
+
+    # Another seller's services are still bought.
+    other = register_service(AgentFactory(handle="seller-two", is_buyer=False, is_seller=True))
+    propose(buyer_api, other)
+
+    # An accepted agreement waiting for its funding still counts; a rejected or cancelled one no longer does.
+    assert seller_api.put(f"/usage-agreements/{first['id']}/accept").status_code == 200
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 409
+    assert seller_api.put(f"/usage-agreements/{second['id']}/reject", {"reason": "no"}).status_code == 200
+    propose(buyer_api, service)
