@@ -114,6 +114,9 @@ def seed(args, upstream_url: str, chain_node) -> dict:
     seller = catalog_services.agent_create(owner=owner, handle="load-seller", display_name="Load seller",
                                            wallet_address=devchain.DEV_ADDRESSES[4], is_buyer=False, is_seller=True)
     rng = random.Random(7)
+    from django.conf import settings
+
+    settings.SERVICES_PER_SELLER = max(settings.SERVICES_PER_SELLER, args.services + 1)  # one seller lists them all
     for i in range(args.services):
         register(seller, f"{rng.choice(WORDS).title()} service {i}", rng.sample(WORDS, 3),
                  "https://upstream.invalid/api", rng.randrange(1_000, 500_000))

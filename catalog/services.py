@@ -218,13 +218,22 @@ def search_vector_expression():
     )
 
 
+def _check_service_count(seller: Agent) -> None:
+    """Every registered service is in every buyer's search: a seller lists at most SERVICES_PER_SELLER at once."""
+    registered = Service.objects.filter(seller=seller, state=ServiceState.REGISTERED).count()
+    if registered >= settings.SERVICES_PER_SELLER:
+        raise Conflict(f"You already list {registered} services; deregister one first.",
+                       code="service_limit_reached", details={"max_services": settings.SERVICES_PER_SELLER})
+
+
 def service_register(*, seller: Agent, data: dict) -> Service:
     _require_seller(seller)
     outbound.url_check(data["upstream_base_url"])  # resolves DNS: before any lock is taken
     skills = data.get("skills", [])
     with transaction.atomic():
-        Agent.objects.select_for_update().get(pk=seller.pk)  # serialise skill-name checks per seller
+        Agent.objects.select_for_update().get(pk=seller.pk)  # serialise skill-name checks and the count per seller
         _check_skill_names(seller, skills, exclude_service=None)
+        _check_service_count(seller)
         service = Service(seller=seller)
         _apply_fields(service, data)
         service.save()

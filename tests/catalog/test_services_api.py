@@ -239,3 +239,22 @@ def test_a_read_key_of_the_seller_is_not_shown_its_proxy_secret(seller, seller_a
     payer = Api(issue_key(seller, scope="pay"))
     assert payer.get(f"/agents/services/{service.pk}").json()["proxy_secret"] == service.proxy_secret
     assert payer.get("/agents/services").json()["results"][0]["proxy_secret"] == service.proxy_secret
+
+
+def test_a_seller_lists_at_most_the_limits_registered_services(seller, seller_api, settings):
+    """Every registered service is in every buyer's search: without a bound, one seller could register services
+    until search read millions of its rows for everyone."""
+    settings.SERVICES_PER_SELLER = 2
+    first = seller_api.post("/agents/services", service_data(skills=[]))
+    assert first.status_code == 201, first.content
+    assert seller_api.post("/agents/services", service_data(skills=[])).status_code == 201
+
+    refused = seller_api.post("/agents/services", service_data(skills=[]))
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "service_limit_reached"
+    assert refused.json()["error"]["details"] == {"max_services": 2}
+    assert Service.objects.filter(seller=seller).count() == 2
+
+    # A deregistered service frees its place.
+    assert seller_api.delete(f"/agents/services/{first.json()['id']}").status_code == 200
+    assert seller_api.post("/agents/services", service_data(skills=[])).status_code == 201
