@@ -110,12 +110,13 @@ def seed(args, upstream_url: str, chain_node) -> dict:
         body.is_valid(raise_exception=True)
         return catalog_services.service_register(seller=seller, data=body.validated_data)
 
+    from django.conf import settings
+
+    settings.AGENTS_PER_OWNER = max(settings.AGENTS_PER_OWNER, args.buyers + 1)  # one owner holds every bench agent
     owner = get_user_model().objects.create_user("load-bench-owner")
     seller = catalog_services.agent_create(owner=owner, handle="load-seller", display_name="Load seller",
                                            wallet_address=devchain.DEV_ADDRESSES[4], is_buyer=False, is_seller=True)
     rng = random.Random(7)
-    from django.conf import settings
-
     settings.SERVICES_PER_SELLER = max(settings.SERVICES_PER_SELLER, args.services + 1)  # one seller lists them all
     for i in range(args.services):
         register(seller, f"{rng.choice(WORDS).title()} service {i}", rng.sample(WORDS, 3),

@@ -224,6 +224,9 @@ def seed(keys: list) -> list[Activation]:
     from escrow import selectors as escrow_selectors
     from sdk import AgreedTerms, NetworkConfig, sign_activation_package
 
+    from django.conf import settings
+
+    settings.AGENTS_PER_OWNER = max(settings.AGENTS_PER_OWNER, len(keys) + 1)  # one owner holds every bench agent
     owner = get_user_model().objects.create_user("relayer-bench-owner")
     seller = catalog_services.agent_create(owner=owner, handle="bench-seller", display_name="Bench seller",
                                            wallet_address=devchain.DEV_ADDRESSES[4], is_buyer=False, is_seller=True)

@@ -66,6 +66,12 @@ def agent_create(
         # The unique constraint decides, also between two creations at once (no row to lock yet): the second
         # waits for the first to commit, then fails here.
         with transaction.atomic():
+            # The owner's row, locked, orders two creations at once, so neither passes the count the other makes.
+            type(owner).objects.select_for_update().filter(pk=owner.pk).first()
+            owned = Agent.objects.filter(owner=owner).count()
+            if owned >= settings.AGENTS_PER_OWNER:
+                raise Conflict(f"You already have {owned} agents.", code="agent_limit_reached",
+                               details={"max_agents": settings.AGENTS_PER_OWNER})
             return Agent.objects.create(
                 owner=owner,
                 handle=handle,

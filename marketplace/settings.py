@@ -275,6 +275,8 @@ WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)
 # is how many budgets an agent has.
 WEBHOOK_SUBSCRIPTIONS_PER_AGENT = env.int("WEBHOOK_SUBSCRIPTIONS_PER_AGENT", default=10)
 API_KEYS_PER_AGENT = env.int("API_KEYS_PER_AGENT", default=25)
+# Agents an owner may create (handles are one namespace for every tenant).
+AGENTS_PER_OWNER = env.int("AGENTS_PER_OWNER", default=50)
 # Registered services a seller lists at once (each is in every buyer's search).
 SERVICES_PER_SELLER = env.int("SERVICES_PER_SELLER", default=200)
 # A buyer's agreements with one seller that the seller has not answered or the buyer not funded (an escrow proposal

@@ -140,3 +140,21 @@ def test_an_agent_holds_at_most_the_limits_live_api_keys(owner_api, buyer, setti
     assert owner_api.post(f"/agents/{buyer.pk}/api-keys", {"name": "after-revoke"}).status_code == 201
     ApiKey.objects.filter(pk=keys[1].json()["id"]).update(expires_at=timezone.now() - timedelta(seconds=1))
     assert owner_api.post(f"/agents/{buyer.pk}/api-keys", {"name": "after-expiry"}).status_code == 201
+
+
+def test_an_owner_has_at_most_the_limits_agents(owner_api, owner, settings):
+    """Handles are one namespace for every tenant: without a bound, one owner could take handle after handle (and
+    its agent listing, one page, grew without end)."""
+    settings.AGENTS_PER_OWNER = 2
+    Agent.objects.filter(owner=owner).delete()
+
+    def create(handle):
+        return owner_api.post("/agents", {"handle": handle, "display_name": handle, "wallet_address": WALLET,
+                                          "roles": ["buyer"]})
+
+    assert [create("bot-a").status_code, create("bot-b").status_code] == [201, 201]
+    refused = create("bot-c")
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "agent_limit_reached"
+    assert refused.json()["error"]["details"] == {"max_agents": 2}
+    assert not Agent.objects.filter(handle="bot-c").exists()
