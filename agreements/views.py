@@ -566,10 +566,11 @@ AgentWebhookResumeView = _pause_view(paused=False)
 
 class AgentWebhookTestView(APIView):
     permission_classes = [agent_or_owner(KeyScope.ADMIN)]
+    throttle_scope = "webhook_sends"  # each posts to every live subscription's URL, whoever's it is
 
     @extend_schema(operation_id="agent_webhooks_test", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
                    summary="Send a signed `webhook.test` event to each live subscription of the agent",
-                   responses={202: AgentWebhookDeliverySerializer(many=True), **error_responses(404)})
+                   responses={202: AgentWebhookDeliverySerializer(many=True), **error_responses(404, 429)})
     def post(self, request, agent_id):
         agent = acting_agent(request, agent_id, scope=KeyScope.ADMIN)
         deliveries = webhooks.test_event_send(agent=agent)
@@ -596,10 +597,11 @@ class AgentWebhookDeliveriesView(APIView):
 
 class AgentWebhookReplayView(APIView):
     permission_classes = [agent_or_owner(KeyScope.ADMIN)]
+    throttle_scope = "webhook_sends"
 
     @extend_schema(operation_id="agent_webhooks_replay", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
                    summary="Send a delivered or failed event again", responses={
-                       202: AgentWebhookDeliverySerializer, **error_responses(404)})
+                       202: AgentWebhookDeliverySerializer, **error_responses(404, 429)})
     def post(self, request, agent_id, delivery_id):
         agent = acting_agent(request, agent_id, scope=KeyScope.ADMIN)
         delivery = webhooks.delivery_redeliver(delivery=selectors.webhook_delivery_get(agent=agent,

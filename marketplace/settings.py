@@ -432,6 +432,8 @@ REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {
     "api": env.str("API_RATE_LIMIT", default="6000/min"),  # per API key or owner token, every authenticated call
     "proxy": env.str("RATE_LIMIT_PROXY", default="6000/min"),  # per API key, metered-proxy calls
     "payments": env.str("RATE_LIMIT_PAYMENTS", default="600/min"),  # per API key, purchases and payments
+    # per API key or owner token: webhook test sends (one post to each of the agent's live subscriptions) and replays
+    "webhook_sends": env.str("RATE_LIMIT_WEBHOOK_SENDS", default="10/min"),
 }
 # Reverse proxies in front of the app that append the client's address to X-Forwarded-For. Unauthenticated
 # limits count per client address: the one the outermost trusted proxy saw, or with 0 (the default) the

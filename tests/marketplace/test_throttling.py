@@ -212,3 +212,17 @@ def test_a_limit_counted_in_leases_stays_exact(redis_cache, rates, buyer_api):
     statuses = [buyer_api.get("/agents/me").status_code for _ in range(305)]
     assert statuses.count(200) == 300 and statuses[300:] == [429] * 5
     cache.clear()
+
+
+def test_webhook_test_sends_and_replays_are_limited_per_key(limits, seller, seller_api):
+    """Each test send posts to every live subscription of the agent, each replay posts again (retried): without a
+    narrower budget, one key made its subscribed URLs (anyone's) take up to 10 posts per request, API_RATE_LIMIT
+    requests a minute."""
+    limits(webhook_sends="2/day")
+    assert seller_api.post("/webhooks", {"url": "https://victim.example/hook"}).status_code == 201
+    for _ in range(2):
+        assert seller_api.post(f"/agents/{seller.pk}/webhooks/test").status_code == 202
+    assert_rate_limited(seller_api.post(f"/agents/{seller.pk}/webhooks/test"))
+    delivery = seller_api.get(f"/agents/{seller.pk}/webhooks/deliveries").json()["results"][0]
+    assert_rate_limited(seller_api.post(f"/agents/{seller.pk}/webhooks/deliveries/{delivery['id']}/replay"))
+    assert seller_api.get(f"/agents/{seller.pk}/webhooks").status_code == 200  # reads are not sends
