@@ -1,4 +1,5 @@
 import copy
+import json
 from collections.abc import Mapping
 
 from django.conf import settings
@@ -152,6 +153,14 @@ def _alias(data: dict, sdk_name: str, name: str, convert=lambda value: value) ->
 PAEGENTS_PRICE_MODELS = {"per_unit": PricingType.PER_UNIT, "per_call": PricingType.PER_CALL}
 
 
+def _free_form_bounded(value: dict) -> dict:
+    """A free-form field is shown as given in every search result: at most SERVICE_FREE_FORM_MAX_BYTES of JSON."""
+    limit = settings.SERVICE_FREE_FORM_MAX_BYTES
+    if len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()) > limit:
+        raise serializers.ValidationError(f"At most {limit} bytes of JSON.", code="too_large")
+    return value
+
+
 class ServiceWriteSerializer(StrictSerializer):
     """Our fields, or the Pægents SDK's (`service_name`, `category`, `price_model`, `base_price_cents`, `unit`,
     `api_base_url`): both name the same things, and either may be given (not both for one thing)."""
@@ -191,6 +200,12 @@ class ServiceWriteSerializer(StrictSerializer):
 
     def validate_upstream_base_url(self, value):
         return http_base_url(value)
+
+    def validate_capabilities(self, value):
+        return _free_form_bounded(value)
+
+    def validate_metadata(self, value):
+        return _free_form_bounded(value)
 
     def validate_price_model(self, value):
         if value not in PAEGENTS_PRICE_MODELS:

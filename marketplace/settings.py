@@ -277,6 +277,9 @@ WEBHOOK_SUBSCRIPTIONS_PER_AGENT = env.int("WEBHOOK_SUBSCRIPTIONS_PER_AGENT", def
 API_KEYS_PER_AGENT = env.int("API_KEYS_PER_AGENT", default=25)
 # Agents an owner may create (handles are one namespace for every tenant).
 AGENTS_PER_OWNER = env.int("AGENTS_PER_OWNER", default=50)
+# A service's free-form `capabilities` and `metadata`, each at most this many bytes of JSON (shown in every search
+# result).
+SERVICE_FREE_FORM_MAX_BYTES = env.int("SERVICE_FREE_FORM_MAX_BYTES", default=16 * 1024)
 # Registered services a seller lists at once (each is in every buyer's search).
 SERVICES_PER_SELLER = env.int("SERVICES_PER_SELLER", default=200)
 # A buyer's agreements with one seller that the seller has not answered or the buyer not funded (an escrow proposal

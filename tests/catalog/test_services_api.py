@@ -258,3 +258,16 @@ def test_a_seller_lists_at_most_the_limits_registered_services(seller, seller_ap
     # A deregistered service frees its place.
     assert seller_api.delete(f"/agents/services/{first.json()['id']}").status_code == 200
     assert seller_api.post("/agents/services", service_data(skills=[])).status_code == 201
+
+
+@pytest.mark.parametrize("field", ["metadata", "capabilities"])
+def test_a_services_free_form_fields_are_bounded_in_size(seller_api, field, settings):
+    """Both are shown as given in every search result: without a bound, a seller stored a request body's worth (2.5
+    MiB) in each of its services, and a buyer's page of 100 results was hundreds of MB read and sent."""
+    settings.SERVICE_FREE_FORM_MAX_BYTES = 1024
+    fits = seller_api.post("/agents/services", service_data(skills=[], **{field: {"notes": "x" * 900}}))
+    assert fits.status_code == 201, fits.content
+    refused = seller_api.post("/agents/services", service_data(skills=[], **{field: {"notes": "x" * 2000}}))
+    assert "too_large" in codes_at(refused, field)
+    patched = seller_api.patch(f"/agents/services/{fits.json()['id']}", {field: {"notes": "x" * 2000}})
+    assert "too_large" in codes_at(patched, field)
