@@ -274,6 +274,8 @@ def run(args, database_url: str, stack: contextlib.ExitStack) -> int:
         "CHAIN_RPC_URL": node.rpc_url, "CHAIN_ID": str(node.chain_id), "USDC_ADDRESS": addresses["usdc"],
         "USAGE_ESCROW_ADDRESS": addresses["escrow"], "RELAYER_PRIVATE_KEY": devchain.DEV_PRIVATE_KEYS[0],
         "RECEIPT_SIGNER_PRIVATE_KEY": devchain.DEV_PRIVATE_KEYS[9], "FEE_RECIPIENT": devchain.DEV_ADDRESSES[2],
+        # The mix's proposals are never funded: eight buyers make thousands with one seller.
+        "UNFUNDED_AGREEMENTS_PER_SELLER": "100000000",
     }
     os.environ.update(env, CELERY_TASK_ALWAYS_EAGER="true")  # set-up only: the relayer runs in this process
     processes = Processes(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="load-bench-"))))
