@@ -111,13 +111,8 @@ def test_a_direct_payment_executed_by_someone_else_is_paid_and_its_fee_not_refun
     whoever copies it from the relayer's pending transaction. Once the fee is collected, the buyer sends it
     itself: the seller is paid, the relayer's copy reverts (authorization used) and the platform takes that for a
     failed payment, refunding the fee from the treasury and marking the agreement payment_failed."""
-    purchase = Purchase(escrow_chain)
-    fund(escrow_chain, purchase.treasury, USDC)  # the treasury's float for refunds
-    body = purchase.body()
-    agreement = purchase.propose(body)
-    buyer, seller, fee_recipient, treasury = purchase.balances()
-    purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
-    confirm_all(django_capture_on_commit_callbacks)  # permit confirmed; the fee transfer is sent
+    purchase, body, agreement, (buyer, seller, fee_recipient, treasury) = _direct_purchase_accepted(
+        escrow_chain, django_capture_on_commit_callbacks)
 
     payload = decode_payment_signature_header(body["payment_header"]).payload
     auth = payload["authorization"]
@@ -176,20 +171,7 @@ def test_the_escrow_is_found_when_a_front_runner_activated_it_before_our_reverte
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
     parties = Parties(chain, upstream_base_url=http_server.url)
-    agreement = parties.accepted_agreement(quantity=10)
-    chain.rpc("evm_setAutomine", [False])
-    try:
-        with capture(execute=True):
-            response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
-                                              parties.signed_activation(agreement["id"]))
-        assert response.status_code == 202, response.content
-        ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
-        [attempt] = ours.attempts.all()
-        chain.rpc("anvil_dropTransaction", [attempt.tx_hash])  # evicted from the pool
-    finally:
-        chain.rpc("evm_setAutomine", [True])
-    mined(chain, chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
-                                                "data": ours.data, "gas": 1_000_000}))
+    agreement, ours = _activation_copied_by_a_front_runner(chain, parties, capture)
     chain.mine(3)
     confirm_all(capture)  # no receipt: the relayer rebroadcasts its bytes, mined now and reverted
     confirm_all(capture)
@@ -279,13 +261,8 @@ def test_a_direct_payment_whose_nonce_the_buyer_spent_on_a_transfer_to_itself_is
     """As for an invocation: the buyer spends its x402 authorization's nonce on a transfer to a wallet of its own
     once the fee is collected; the relayer's payment reverts (nonce used) and the seller received nothing, so the
     purchase must not be paid. (Before: `paid`, naming the buyer's transfer to itself.)"""
-    purchase = Purchase(escrow_chain)
-    fund(escrow_chain, purchase.treasury, USDC)  # the treasury's float for refunds
-    body = purchase.body()
-    agreement = purchase.propose(body)
-    buyer, seller, fee_recipient, treasury = purchase.balances()
-    purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
-    confirm_all(django_capture_on_commit_callbacks)  # permit confirmed; the fee transfer is sent
+    purchase, body, agreement, (buyer, seller, fee_recipient, treasury) = _direct_purchase_accepted(
+        escrow_chain, django_capture_on_commit_callbacks)
     auth = decode_payment_signature_header(body["payment_header"]).payload["authorization"]
     own_wallet = escrow_chain.accounts.stranger.address
     _spend_nonce_on_a_transfer_to(escrow_chain, purchase.buyer, auth, own_wallet)
@@ -307,19 +284,7 @@ def test_a_front_run_activation_whose_revert_reason_read_times_out_is_not_record
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
     parties = Parties(chain, upstream_base_url=http_server.url)
-    agreement = parties.accepted_agreement(quantity=10)
-    chain.rpc("evm_setAutomine", [False])
-    try:
-        with capture(execute=True):
-            response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
-                                              parties.signed_activation(agreement["id"]))
-        assert response.status_code == 202, response.content
-        ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
-        chain.rpc("anvil_dropTransaction", [ours.attempts.get().tx_hash])
-    finally:
-        chain.rpc("evm_setAutomine", [True])
-    mined(chain, chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
-                                                "data": ours.data, "gas": 1_000_000}))
+    agreement, ours = _activation_copied_by_a_front_runner(chain, parties, capture)
     confirm_all(capture)  # no receipt: the relayer rebroadcasts its bytes, mined now and reverted
     node = gateway.w3().eth
     call = node.call
@@ -337,3 +302,35 @@ def test_a_front_run_activation_whose_revert_reason_read_times_out_is_not_record
     ours.refresh_from_db()
     assert timeouts and ours.status == "failed" and "AgreementExists" in ours.failure_reason, ours.failure_reason
     assert parties.agreement(agreement["id"])["status"] == "active"
+
+
+def _activation_copied_by_a_front_runner(chain, parties, capture):
+    """An accepted agreement whose activation the relayer sent, evicted from the pool before it was mined, and a
+    stranger's copy of its bytes mined instead: (the agreement, our transaction)."""
+    agreement = parties.accepted_agreement(quantity=10)
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        with capture(execute=True):
+            response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                              parties.signed_activation(agreement["id"]))
+        assert response.status_code == 202, response.content
+        ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
+        chain.rpc("anvil_dropTransaction", [ours.attempts.get().tx_hash])  # evicted from the pool
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    mined(chain, chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
+                                                "data": ours.data, "gas": 1_000_000}))
+    return agreement, ours
+
+
+def _direct_purchase_accepted(chain, capture):
+    """A direct purchase proposed and accepted, its fee permit confirmed and the fee's transfer sent: (the purchase,
+    the proposal's body, the agreement, the balances before the accept)."""
+    purchase = Purchase(chain)
+    fund(chain, purchase.treasury, USDC)  # the treasury's float for refunds
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    balances = purchase.balances()
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # permit confirmed; the fee transfer is sent
+    return purchase, body, agreement, balances

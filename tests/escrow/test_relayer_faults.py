@@ -10,8 +10,8 @@ from django.core.management.base import CommandError
 from django.urls import reverse
 from web3.exceptions import Web3RPCError
 
-from escrow import chain as gateway
 from agreements.models import UsageAgreement
+from escrow import chain as gateway
 from escrow import indexer, relayer
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayerAccount, TxAttempt, TxPurpose, TxStatus
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, mined_what_was_sent, onchain_escrow, usdc_balance
@@ -527,12 +527,7 @@ def test_a_node_answering_an_error_for_a_confirmed_payouts_block_is_no_reorg(
     about the block: the confirmed payout is not reopened (its domain told to move back) as if a reorg had taken its
     block, and concluded again."""
     chain, recipient = escrow_chain, escrow_chain.accounts.stranger
-    fund(chain, chain.accounts.deployer.address, 10 * USDC)
-    with django_capture_on_commit_callbacks(execute=True):
-        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
-                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
-    confirm_all(django_capture_on_commit_callbacks)
-    tx.refresh_from_db()
+    tx = _a_transfer_mined(chain, recipient, django_capture_on_commit_callbacks)
     assert tx.status == TxStatus.CONFIRMED
     node = gateway.w3().eth
     get_block = node.get_block
@@ -555,12 +550,7 @@ def test_a_node_behind_that_has_not_a_confirmed_payouts_block_yet_is_no_reorg(
     """The backend asked for the block of a confirmed payout is behind the one that confirmed it and has no block at
     that height yet: no other block took its place, so the payout is not reopened (its domain moved back)."""
     chain, recipient = escrow_chain, escrow_chain.accounts.stranger
-    fund(chain, chain.accounts.deployer.address, 10 * USDC)
-    with django_capture_on_commit_callbacks(execute=True):
-        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
-                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
-    confirm_all(django_capture_on_commit_callbacks)
-    tx.refresh_from_db()
+    tx = _a_transfer_mined(chain, recipient, django_capture_on_commit_callbacks)
     assert tx.status == TxStatus.CONFIRMED
     canonical_block_hash = gateway.canonical_block_hash
     monkeypatch.setattr(gateway, "canonical_block_hash",
@@ -577,12 +567,7 @@ def test_a_node_behind_that_has_not_a_mined_payouts_block_yet_does_not_forget_it
     the backend has the block and it is deep enough."""
     chain, recipient = escrow_chain, escrow_chain.accounts.stranger
     settings.CHAIN_CONFIRMATIONS = 3
-    fund(chain, chain.accounts.deployer.address, 10 * USDC)
-    with django_capture_on_commit_callbacks(execute=True):
-        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
-                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
-    confirm_all(django_capture_on_commit_callbacks)
-    tx.refresh_from_db()
+    tx = _a_transfer_mined(chain, recipient, django_capture_on_commit_callbacks)
     assert tx.status == TxStatus.MINED  # depth 1 of 3
     mined = (tx.mined_block_number, tx.mined_block_hash)
     canonical_block_hash = gateway.canonical_block_hash
@@ -596,3 +581,14 @@ def test_a_node_behind_that_has_not_a_mined_payouts_block_yet_does_not_forget_it
     confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
     assert (tx.status, tx.mined_block_hash, tx.attempts.count()) == (TxStatus.CONFIRMED, mined[1], 1)
+
+
+def _a_transfer_mined(chain, recipient, capture) -> ChainTransaction:
+    """2 USDC sent by the relayer to `recipient` and polled until mined (confirmed at the default depth)."""
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    with capture(execute=True):
+        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+    confirm_all(capture)
+    tx.refresh_from_db()
+    return tx

@@ -314,21 +314,38 @@ def finalized_by_the_seller_first(funded, chain, capture):
     funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
     tick(capture)
     chain.increase_time(3601)
+    return sent_first_by_another(funded, chain, capture, step=TxPurpose.FINALIZE, by=funded.seller_account)
+
+
+def sent_first_by_another(funded, chain, capture, *, step: str, by):
+    """The settlement tick queues our `step` (finalize or reclaim) on the escrow, but `by` calls it first and it is
+    mined, on a branch a snapshot taken just before it can undo; then ours is sent and polled. Returns our
+    transaction, their receipt and the snapshot."""
     with capture(execute=False) as submits:
-        assert settlement.settlement_tick()["finalizing"] == 1
+        queued = settlement.settlement_tick()
+        assert queued["finalizing" if step == TxPurpose.FINALIZE else "reclaiming"] == 1
     agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
-    terms = selectors.escrow_terms(agreement=agreement)
     before_fork = chain.snapshot()
-    sent = chain.escrow.functions.finalize(agreement.onchain_id, terms).transact(
-        {"from": funded.seller_account.address})
-    settled_in = chain.w3.eth.wait_for_transaction_receipt(sent)
-    assert settled_in["status"] == 1
+    sent = getattr(chain.escrow.functions, step)(agreement.onchain_id, selectors.escrow_terms(agreement=agreement)
+                                                 ).transact({"from": by.address})
+    theirs = chain.w3.eth.wait_for_transaction_receipt(sent)
+    assert theirs["status"] == 1
     with capture(execute=True):
         for submit in submits:
             submit()
     confirm_all(capture)
-    [finalize] = ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.FINALIZE)
-    return finalize, settled_in, before_fork
+    [ours] = ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=step)
+    return ours, theirs, before_fork
+
+
+def assert_done_by_another(ours, theirs, funded, admin_client) -> None:
+    """Ours reverted (InvalidState), names the block of their transaction as its evidence, and is no failure on the
+    dashboard."""
+    assert ours.status == TxStatus.FAILED and "InvalidState" in ours.failure_reason
+    failures = admin_client.get("/admin/dashboard/").context["failures"]
+    assert not [failure for failure in failures if failure.subject == funded.agreement_id]
+    assert ours.outcome_evidence[relayer.EVIDENCE_BLOCK] == {
+        "number": theirs["blockNumber"], "hash": "0x" + bytes(theirs["blockHash"]).hex()}
 
 
 def test_a_finalize_someone_else_sent_first_is_no_failure_on_the_dashboard(
@@ -338,11 +355,7 @@ def test_a_finalize_someone_else_sent_first_is_no_failure_on_the_dashboard(
     settled once the indexer applies it."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     finalize, settled_in, _ = finalized_by_the_seller_first(funded, chain, capture)
-    assert finalize.status == TxStatus.FAILED and "InvalidState" in finalize.failure_reason
-    failures = admin_client.get("/admin/dashboard/").context["failures"]
-    assert not [failure for failure in failures if failure.subject == funded.agreement_id]
-    assert finalize.outcome_evidence[relayer.EVIDENCE_BLOCK] == {
-        "number": settled_in["blockNumber"], "hash": "0x" + bytes(settled_in["blockHash"]).hex()}
+    assert_done_by_another(finalize, settled_in, funded, admin_client)
     index(capture)
     settled = funded.agreement(funded.agreement_id)
     assert (settled["status"], settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (
@@ -427,24 +440,9 @@ def test_a_reclaim_the_buyer_sent_first_is_no_failure_on_the_dashboard(
     have. It names the block of the Reclaimed event, and the agreement is refunded once the indexer applies it."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     chain.increase_time(reclaim_after(funded.agreement_id) - chain.now())
-    with capture(execute=False) as submits:
-        assert settlement.settlement_tick()["reclaiming"] == 1
-    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
-    sent = chain.escrow.functions.reclaim(agreement.onchain_id, selectors.escrow_terms(agreement=agreement)).transact(
-        {"from": funded.buyer_account.address})
-    reclaimed_in = chain.w3.eth.wait_for_transaction_receipt(sent)
-    assert reclaimed_in["status"] == 1
-    with capture(execute=True):
-        for submit in submits:
-            submit()
-    confirm_all(capture)
-
-    [reclaim] = ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RECLAIM)
-    assert reclaim.status == TxStatus.FAILED and "InvalidState" in reclaim.failure_reason
-    failures = admin_client.get("/admin/dashboard/").context["failures"]
-    assert not [failure for failure in failures if failure.subject == funded.agreement_id]
-    assert reclaim.outcome_evidence[relayer.EVIDENCE_BLOCK] == {
-        "number": reclaimed_in["blockNumber"], "hash": "0x" + bytes(reclaimed_in["blockHash"]).hex()}
+    reclaim, reclaimed_in, _ = sent_first_by_another(funded, chain, capture, step=TxPurpose.RECLAIM,
+                                                     by=funded.buyer_account)
+    assert_done_by_another(reclaim, reclaimed_in, funded, admin_client)
     index(capture)
     assert_reclaimed_for_the_buyer(funded, chain, funded.agreement_id, seller_unpaid=0)
     call_command("reconcile", stdout=io.StringIO())
