@@ -148,6 +148,11 @@ class UsageUnsigned(UsageVerificationError):
     event, its receipt taken away, would pass for one)."""
 
 
+class UsageMalformed(UsageVerificationError):
+    """An event misses a field or holds a value no receipt could sign: an amount or sequence number that is not a
+    whole number from 0 to 2**256 - 1, a request id or digest that is not text."""
+
+
 class SettlementProposalMismatch(UsageVerificationError):
     """The settlement proposed on-chain is not the last receipt (amount above it, or another digest)."""
 
@@ -171,13 +176,13 @@ def verify_usage(events: Iterable[Mapping[str, Any]], *, escrow: OnchainEscrow, 
     digest, cumulative, expected_seq, count = ZERO_DIGEST, 0, 1, 0
     last_signed, last_signed_amount, last_signed_digest = 0, 0, ZERO_DIGEST
     for event in events:
-        seq, units, cost = int(event["seq"]), int(event["units"]), int(event["cost_atomic"])
+        seq, units, cost, listed_cumulative = _event_numbers(event, position=count + 1)
         if seq != expected_seq:
             raise UsageSequenceGap(f"sequence gap: expected {expected_seq}, got {seq}")
         if price_per_unit is not None and cost != units * price_per_unit:
             raise UsageSumMismatch(f"event {seq}: cost {cost} != {units} units × {price_per_unit}")
         cumulative += cost
-        if int(event["cumulative_atomic"]) != cumulative:
+        if listed_cumulative != cumulative:
             raise UsageSumMismatch(f"event {seq}: cumulative {event['cumulative_atomic']} != {cumulative}")
         if cumulative > escrow.deposit_amount:
             raise UsageAboveDeposit(f"event {seq}: {cumulative} charged, the escrow holds {escrow.deposit_amount}")
@@ -215,3 +220,25 @@ def verify_usage(events: Iterable[Mapping[str, Any]], *, escrow: OnchainEscrow, 
                 f"on-chain proposal {proposed} (digest {escrow.usage_digest}) is not the last receipt "
                 f"{last_signed_amount} (seq {last_signed}, digest {last_signed_digest})")
     return VerifiedUsage(events=count, cumulative_amount=cumulative, usage_digest=digest, last_signed_seq=last_signed)
+
+
+_EVENT_NUMBERS = ("seq", "units", "cost_atomic", "cumulative_atomic")
+
+
+def _event_numbers(event: Any, *, position: int) -> tuple[int, int, int, int]:
+    """An event's (seq, units, cost, cumulative) as listed, or UsageMalformed: JSON integers within uint256 (not a
+    boolean, a float or text), and text for its request id and digest; a malformed listing is refused as a
+    UsageVerificationError like any other, not with whatever int() or the ABI encoder raises."""
+    if not isinstance(event, Mapping):
+        raise UsageMalformed(f"event {position} is not an object")
+    numbers = []
+    for name in _EVENT_NUMBERS:
+        value = event.get(name)
+        if type(value) is not int or not 0 <= value < 2**256:
+            raise UsageMalformed(f"event {position}: {name} is {value!r:.80}, not a whole number from 0 to 2**256 - 1")
+        numbers.append(value)
+    for name in ("request_id", "usage_digest"):
+        if not isinstance(event.get(name), str):
+            raise UsageMalformed(f"event {position}: {name} is not text")
+    seq, units, cost, cumulative = numbers
+    return seq, units, cost, cumulative

@@ -1,7 +1,8 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
-# 0.4.4: verify_usage refuses a listing whose last event carries no receipt (UsageUnsigned) and compares the
-# escrow's last proposal (OnchainEscrow.proposed_amount), not an arbiter's payout, with the last receipt;
+# 0.4.4: verify_usage refuses a listing whose last event carries no receipt (UsageUnsigned) or a malformed event
+# (UsageMalformed), and compares the escrow's last proposal (OnchainEscrow.proposed_amount), not an arbiter's payout,
+# with the last receipt;
 # 0.4.3: verify_usage ends within its timeout (UsageVerificationTimedOut), the rpc_url's key is out of every chain
 # read's error text, the RPC's clock is believed at most rpc_clock_lead ahead when signing;
 # 0.4.2: the deadline covers the pool's wait, answers in gzip or deflate only, waits end at their timeout, empty pages

@@ -82,3 +82,28 @@ def test_an_event_changed_after_signing_is_caught_even_with_its_receipt_taken_aw
     forged[-1]["receipt_signature"] = forged[-1]["receipt_signer"] = ""
     with pytest.raises(receipts.UsageUnsigned):
         verify(forged)
+
+
+@pytest.mark.parametrize("change", [
+    {"cost_atomic": None}, {"seq": "one"}, {"units": -1}, {"units": 2**256}, {"cumulative_atomic": 1.5},
+    {"units": True}, {"request_id": 7}, {"usage_digest": None}, "cost_atomic",
+], ids=["cost null", "seq not a number", "units negative", "units past uint256", "cumulative a float",
+        "units a boolean", "request id a number", "digest null", "cost missing"])
+def test_a_listing_with_a_malformed_event_is_a_usage_verification_error(change):
+    """A compromised marketplace's listing whose event misses a field or holds a value no receipt could sign: refused
+    as a UsageVerificationError (UsageMalformed) naming the event and field, which is what a caller of verify_usage
+    catches (before: KeyError, TypeError, OverflowError, or a plain ValueError from int())."""
+    signer, chain_id, escrow_address = Account.create(), 31337, "0x" + "11" * 20
+    agreement_id, price = "0x" + secrets.token_hex(32), 20_000
+    escrow = OnchainEscrow(state="active", buyer="0x" + "22" * 20, seller="0x" + "33" * 20,
+                           receipt_signer=signer.address, deposit_amount=10**9, settled_amount=0, last_seq=0,
+                           usage_digest=receipts.ZERO_DIGEST)
+    listing = _signed_listing(key=signer, chain_id=chain_id, escrow_address=escrow_address,
+                              agreement_id=agreement_id, batches=[[1, 1]], price=price)
+    if isinstance(change, str):
+        del listing[0][change]
+    else:
+        listing[0].update(change)
+    with pytest.raises(receipts.UsageMalformed, match="event 1"):
+        receipts.verify_usage(listing, escrow=escrow, agreement_id=agreement_id, chain_id=chain_id,
+                              escrow_address=escrow_address, price_per_unit=price)
