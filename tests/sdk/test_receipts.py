@@ -57,18 +57,23 @@ def _signed_listing(*, key, chain_id: int, escrow_address: str, agreement_id: st
     return events
 
 
-def test_an_event_changed_after_signing_is_caught_even_with_its_receipt_taken_away():
-    # A marketplace that inflates its last charge can re-forge the sums and digests, but not the receipt: were a
-    # listing ending in an unsigned event accepted, dropping the receipts from the changed event on would pass.
+def _listing_and_its_check(*, agreement_id: str, batches: list[list[int]], price: int):
+    """A signed listing (`_signed_listing`) on an active escrow holding 1,000 USDC, and `verify_usage` bound to it."""
     signer, chain_id, escrow_address = Account.create(), 31337, "0x" + "11" * 20
-    agreement_id, price = "0x" + secrets.token_hex(32), 20_000
     escrow = OnchainEscrow(state="active", buyer="0x" + "22" * 20, seller="0x" + "33" * 20,
                            receipt_signer=signer.address, deposit_amount=10**9, settled_amount=0, last_seq=0,
                            usage_digest=receipts.ZERO_DIGEST)
     listing = _signed_listing(key=signer, chain_id=chain_id, escrow_address=escrow_address,
-                              agreement_id=agreement_id, batches=[[1, 1], [1, 1]], price=price)
-    verify = functools.partial(receipts.verify_usage, escrow=escrow, agreement_id=agreement_id, chain_id=chain_id,
-                               escrow_address=escrow_address, price_per_unit=price)
+                              agreement_id=agreement_id, batches=batches, price=price)
+    return listing, functools.partial(receipts.verify_usage, escrow=escrow, agreement_id=agreement_id,
+                                      chain_id=chain_id, escrow_address=escrow_address, price_per_unit=price)
+
+
+def test_an_event_changed_after_signing_is_caught_even_with_its_receipt_taken_away():
+    # A marketplace that inflates its last charge can re-forge the sums and digests, but not the receipt: were a
+    # listing ending in an unsigned event accepted, dropping the receipts from the changed event on would pass.
+    agreement_id, price = "0x" + secrets.token_hex(32), 20_000
+    listing, verify = _listing_and_its_check(agreement_id=agreement_id, batches=[[1, 1], [1, 1]], price=price)
     assert verify(listing).cumulative_amount == 80_000
 
     forged = copy.deepcopy(listing)
@@ -93,17 +98,11 @@ def test_a_listing_with_a_malformed_event_is_a_usage_verification_error(change):
     """A compromised marketplace's listing whose event misses a field or holds a value no receipt could sign: refused
     as a UsageVerificationError (UsageMalformed) naming the event and field, which is what a caller of verify_usage
     catches (before: KeyError, TypeError, OverflowError, or a plain ValueError from int())."""
-    signer, chain_id, escrow_address = Account.create(), 31337, "0x" + "11" * 20
-    agreement_id, price = "0x" + secrets.token_hex(32), 20_000
-    escrow = OnchainEscrow(state="active", buyer="0x" + "22" * 20, seller="0x" + "33" * 20,
-                           receipt_signer=signer.address, deposit_amount=10**9, settled_amount=0, last_seq=0,
-                           usage_digest=receipts.ZERO_DIGEST)
-    listing = _signed_listing(key=signer, chain_id=chain_id, escrow_address=escrow_address,
-                              agreement_id=agreement_id, batches=[[1, 1]], price=price)
+    listing, verify = _listing_and_its_check(agreement_id="0x" + secrets.token_hex(32), batches=[[1, 1]],
+                                             price=20_000)
     if isinstance(change, str):
         del listing[0][change]
     else:
         listing[0].update(change)
     with pytest.raises(receipts.UsageMalformed, match="event 1"):
-        receipts.verify_usage(listing, escrow=escrow, agreement_id=agreement_id, chain_id=chain_id,
-                              escrow_address=escrow_address, price_per_unit=price)
+        verify(listing)
