@@ -238,6 +238,8 @@ class UsageAgreement(PaymentReversal):
         null=True, blank=True, help_text="No new charges after this; settlement is proposed once nothing is reserved.")
     completion_reason = models.CharField(max_length=100, blank=True)
     challenge_deadline = models.DateTimeField(null=True, blank=True)
+    proposed_seq = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="The seq of the usage receipt proposed on-chain last (the escrow's lastSeq).")
     seller_payout = TokenAmountField(null=True, blank=True)
     buyer_refund = TokenAmountField(null=True, blank=True)
 

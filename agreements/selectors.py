@@ -8,7 +8,7 @@ from functools import lru_cache
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection
-from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
+from django.db.models import Count, Exists, F, OuterRef, Q, QuerySet, Sum
 from django.db.models.functions import TruncDay, TruncHour
 
 from agreements import x402_protocol
@@ -242,6 +242,13 @@ def agreements_ready_to_propose(*, stale_reservation_before):
     """Active agreements asked to complete, with no call in flight (or only reservations older than any call)."""
     return UsageAgreement.objects.filter(status=AgreementStatus.ACTIVE, completion_requested_at__isnull=False).filter(
         Q(reserved=0) | Q(completion_requested_at__lt=stale_reservation_before))
+
+
+def agreements_proposed_below_their_last_receipt(*, now):
+    """In challenge, the window still open, with a usage receipt of a higher seq than the one proposed on-chain (a
+    seller's proposal of one of its earlier receipts)."""
+    return UsageAgreement.objects.filter(status=AgreementStatus.IN_CHALLENGE, challenge_deadline__gt=now,
+                                         proposed_seq__lt=F("usage_seq"))
 
 
 def agreements_past_expiry(*, now):

@@ -879,15 +879,20 @@ def agreement_settlement_proposed(*, agreement_id, challenge_deadline: datetime,
                                   tx_hash: str) -> UsageAgreement:
     agreement = _lock(agreement_id)
     data = {"amount_atomic": amount, "seq": seq, "tx_hash": tx_hash}
-    if agreement.status == S.IN_CHALLENGE and agreement.challenge_deadline != challenge_deadline:
+    # The chain's proposals only ever go up in seq: a lower one is an earlier proposal told late (the relayer's
+    # receipt and the indexer race).
+    if agreement.status == S.IN_CHALLENGE and agreement.proposed_seq is not None and seq < agreement.proposed_seq:
+        return agreement
+    if agreement.status == S.IN_CHALLENGE and (agreement.challenge_deadline, agreement.proposed_seq) != (
+            challenge_deadline, seq):
         # A receipt with a higher seq replaced the proposal: the contract restarted the window.
-        agreement.challenge_deadline = challenge_deadline
-        agreement.save(update_fields=["challenge_deadline", "updated_at"])
+        agreement.challenge_deadline, agreement.proposed_seq = challenge_deadline, seq
+        agreement.save(update_fields=["challenge_deadline", "proposed_seq", "updated_at"])
         _record_event(agreement, actor=SYSTEM, from_status=S.IN_CHALLENGE, reason="settlement proposed again",
                       data=data)
         return agreement
     return _chain_outcome(agreement_id, to=S.IN_CHALLENGE, actor=SYSTEM, reason="settlement proposed on-chain",
-                          data=data, changes={"challenge_deadline": challenge_deadline})
+                          data=data, changes={"challenge_deadline": challenge_deadline, "proposed_seq": seq})
 
 
 def agreement_disputed(*, agreement_id, reason: str, tx_hash: str) -> UsageAgreement:
@@ -939,7 +944,7 @@ def agreement_chain_rollback(*, agreement_id, produced_by_removed: set[str], bac
         return None
     fields = {name: value for name, value in (changes or {}).items() if getattr(agreement, name) != value}
     if back_to == S.ACTIVE:
-        fields["challenge_deadline"] = None
+        fields.update(challenge_deadline=None, proposed_seq=None)
     if agreement.status in (S.SETTLED, S.REFUNDED) and back_to not in (S.SETTLED, S.REFUNDED):
         fields.update(seller_payout=None, buyer_refund=None, settled_at=None)
     if agreement.status == S.ACTIVE and back_to != S.ACTIVE:

@@ -417,6 +417,7 @@ def _restore(agreement_id, removed: list[ChainEvent], fork_block: int) -> None:
         back_to = _TARGETS[remaining.name][0]
         if remaining.name == "SettlementProposed":
             changes["challenge_deadline"] = _moment(remaining.args["challengeDeadline"])
+            changes["proposed_seq"] = int(remaining.args["seq"])
     else:
         back_to = removed[0].from_status
     names = ", ".join(sorted({event.name for event in removed}))

@@ -85,6 +85,38 @@ def settlement_propose(*, agreement_id, now: int) -> ChainTransaction | None:
                         {"seq": seq, "cumulative": cumulative})
 
 
+@logs_name_the_agreement
+def settlement_repropose(*, agreement_id, now: int) -> ChainTransaction | None:
+    """Queue proposeSettlement with the agreement's last receipt when the proposal on-chain is an earlier one and its
+    window is open. Anyone's proposal with a higher seq restarts the contract's window, so a seller that proposes its
+    own receipts one at a time, each just before the window closes, would hold the buyer's refund for as many
+    windows as it has receipts: once the last receipt is proposed there is none higher, and the escrow settles one
+    window later at what was used (the buyer has that window to challenge the amount). Safe to call repeatedly.
+
+    `now`: the chain's clock, read by the caller."""
+    agreement = UsageAgreement.objects.get(pk=agreement_id)
+    if agreement.status != AgreementStatus.IN_CHALLENGE or selectors.live_transaction(
+            agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT):
+        return None
+    terms = selectors.escrow_terms(agreement=agreement)  # chain reads: before the row lock
+    # The chain, not our copy of it, says what is proposed and until when.
+    state, challenge_deadline, last_seq = chain.call(
+        chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:3]
+    if list(selectors.EscrowState)[state] != selectors.EscrowState.PROPOSED or challenge_deadline <= now:
+        return None
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
+        if agreement.status != AgreementStatus.IN_CHALLENGE or selectors.live_transaction(
+                agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT):
+            return None
+        seq, cumulative, digest, signature = _final_receipt(agreement)
+        if seq <= last_seq or not _proposal_due(selectors.proposal_failures(agreement_id=agreement.pk)):
+            return None
+        return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
+                        [agreement.onchain_id, terms, seq, cumulative, digest, signature],
+                        {"seq": seq, "cumulative": cumulative})
+
+
 def _proposal_period_over(terms: tuple, *, now: int) -> bool:
     """The chain's clock has reached the escrow's reclaimAfter (snapshotted at activation, in its terms): no first
     proposal can run any more, and `reclaim` can."""
@@ -309,6 +341,9 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     stale = agreement_selectors.calls_stale_before(now=timezone.now())
     for agreement in agreement_selectors.agreements_ready_to_propose(stale_reservation_before=stale):
         if settlement_propose(agreement_id=agreement.pk, now=now):
+            done["proposed"] += 1
+    for agreement in agreement_selectors.agreements_proposed_below_their_last_receipt(now=now_dt):
+        if settlement_repropose(agreement_id=agreement.pk, now=now):
             done["proposed"] += 1
     for agreement in agreement_selectors.agreements_in_status(status=AgreementStatus.IN_CHALLENGE).filter(
             challenge_deadline__lte=now_dt):

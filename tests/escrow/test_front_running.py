@@ -9,6 +9,7 @@ import pytest
 import requests
 from django.core.management import call_command
 from django.utils import timezone
+from web3 import Web3
 from x402.http import decode_payment_signature_header
 
 from agreements import invocations
@@ -334,3 +335,29 @@ def _direct_purchase_accepted(chain, capture):
     purchase.accept(agreement["id"], capture)
     confirm_all(capture)  # permit confirmed; the fee transfer is sent
     return purchase, body, agreement, balances
+
+
+def test_a_sellers_proposal_of_an_earlier_receipt_is_replaced_with_the_last_one(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """The seller proposes one of its earlier receipts on-chain itself. The contract restarts the window at each
+    proposal with a higher seq, so a seller holding receipts 1..N can re-propose the next one just before each window
+    closes and keep the buyer's refund locked for N windows (up to 30 days each). The settlement tick proposes the
+    agreement's last receipt while the window is open: the seller then has no higher receipt left, and the escrow
+    settles one window later at what was used."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain, seq=1)
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+
+    with capture(execute=True):
+        settlement.settlement_tick()
+    confirm_all(capture)
+    index(capture)
+
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    onchain = selectors.onchain_escrow(agreement=agreement)
+    assert (onchain["lastSeq"], onchain["settledAmount"]) == (3, 60_000)
+    assert int(agreement.challenge_deadline.timestamp()) == onchain["challengeDeadline"]
+    with pytest.raises(Exception, match=Web3.keccak(text="StaleReceipt(uint256,uint256)")[:4].hex()):
+        seller_proposes_directly(funded, chain, seq=2)
