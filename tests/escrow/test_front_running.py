@@ -16,7 +16,7 @@ from agreements import invocations
 from agreements.models import UsageAgreement
 from escrow import chain as gateway
 from escrow import selectors, settlement, x402_onchain
-from escrow.models import ChainTransaction
+from escrow.models import ChainEvent, ChainTransaction, EventEffect
 from sdk import typed_data as td
 from sdk.typed_data import sign_typed_data
 from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase
@@ -359,5 +359,7 @@ def test_a_sellers_proposal_of_an_earlier_receipt_is_replaced_with_the_last_one(
     onchain = selectors.onchain_escrow(agreement=agreement)
     assert (onchain["lastSeq"], onchain["settledAmount"]) == (3, 60_000)
     assert int(agreement.challenge_deadline.timestamp()) == onchain["challengeDeadline"]
+    assert (agreement.status, agreement.proposed_seq) == ("in_challenge", 3)
+    assert not ChainEvent.objects.filter(agreement_id=agreement.pk, effect=EventEffect.FAILED).exists()
     with pytest.raises(Exception, match=Web3.keccak(text="StaleReceipt(uint256,uint256)")[:4].hex()):
         seller_proposes_directly(funded, chain, seq=2)
