@@ -51,8 +51,15 @@ def signature_headers(secret: str, previous_secret: str, *, agreement_id: str, c
 
 def verify(secret: str, headers: Mapping[str, str], *, method: str, path: str, now: float | None = None) -> bool:
     """Whether `secret` signed the call, in either signature header. `headers` as the seller received them
-    (case-insensitive mapping or plain dict with canonical names)."""
-    lowered = {key.lower(): value for key, value in headers.items()}
+    (case-insensitive mapping or plain dict with canonical names). A marketplace header given twice (in any case)
+    is a refusal: the seller's framework may read the one the signature does not cover (werkzeug's and Starlette's
+    `headers[name]` is the first, `items()` yields both), a replay's call number among them."""
+    lowered: dict[str, str] = {}
+    for key, value in headers.items():
+        name = key.lower()
+        if name in lowered and name.startswith("x-marketplace-"):
+            return False
+        lowered[name] = value
     try:
         agreement_id = lowered["x-marketplace-agreement"]
         call_seq = canonical_int(lowered["x-marketplace-call-seq"])

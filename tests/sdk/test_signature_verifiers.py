@@ -85,3 +85,20 @@ def test_a_webhook_header_reads_one_timestamp_in_its_one_spelling():
                       signature, f"t={now},{signature},junk", ""):
         assert not webhook_signature.verify("whsec_new", BODY, malformed), malformed
     assert webhook_signature.verify("whsec_new", BODY, f"{header},v0=ignored")  # unknown schemes are skipped
+
+
+def test_a_replayed_call_with_a_signed_header_given_twice_is_refused():
+    """A replay of a signed call (within the tolerance) with a second `X-Marketplace-Call-Seq` of a number never
+    served: the seller's framework reads one of the two (werkzeug's and Starlette's `headers[...]` the first,
+    `items()` yields both), so a verifier that checks the other passes a call number the seller then takes as new.
+    Any header the signature covers given twice, in any case, is a refusal."""
+    from werkzeug.datastructures import Headers
+
+    signed = proxied_headers("psk_new")
+    for name in ("X-Marketplace-Call-Seq", "x-marketplace-call-seq", "X-Marketplace-Timestamp",
+                 "X-Marketplace-Agreement"):
+        replayed = Headers([(name, "999"), *signed.items()])
+        assert replayed.get(name) == "999"  # what the seller's dedupe would read
+        assert not verified("psk_new", replayed), name
+        assert not verified("psk_new", {name.lower(): "999", **signed}), name  # a plain dict, two spellings
+    assert verified("psk_new", Headers(list(signed.items())))
