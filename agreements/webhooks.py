@@ -3,7 +3,9 @@
 Deliveries are written in the transaction that records the event (an outbox) and sent by a Celery task after
 commit; failures are retried with exponential backoff, and a beat task picks up anything whose message was lost.
 Signed as `sdk.webhook_signature` describes and checks (like Stripe's `t=..,v1=..`, a second `v1` during a secret
-rotation's overlap); receivers should reject timestamps older than 300 s and dedupe on `Marketplace-Event-Id`.
+rotation's overlap); receivers should reject timestamps older than 300 s and dedupe on the event's id: the body's
+signed `id`, which `Marketplace-Event-Id` repeats (the header is not signed: `verify(..., event_id=...)` holds it to the
+body's).
 """
 
 import json

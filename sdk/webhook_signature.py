@@ -4,7 +4,9 @@ Every delivery carries, like Stripe's:
   Marketplace-Signature   t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>
   Marketplace-Event-Id    the event's id (a delivery may come more than once: dedupe on it)
 The secret is the subscription's, shown when it is created or rotated. Reject timestamps more than 300 s away from
-your clock.
+your clock. The signature covers the body, whose `id` the `Marketplace-Event-Id` header repeats, not the header:
+dedupe on the body's `id`, or pass the header to `verify` as `event_id`, which refuses a delivery whose header is
+not its body's `id` (a delivery replayed within the tolerance under another event id).
 
 While a rotation's overlap runs (POST /agents/{agent_id}/webhooks/{id}/rotate, at most a day) a second `v1=`
 follows the first, signed with the secret the rotation replaced. The first is always the current secret's, so a
@@ -16,6 +18,7 @@ import hashlib
 import hmac
 import time
 
+from sdk import bounded_json
 from sdk.hmac_check import any_signature_matches, canonical_int
 
 SIGNATURE_HEADER = "Marketplace-Signature"
@@ -32,9 +35,12 @@ def sign(secret: str, body: bytes, timestamp: int, *, previous_secret: str = "")
     return f"{header},v1={_mac(previous_secret, body, timestamp)}" if previous_secret else header
 
 
-def verify(secret: str, body: bytes, header: str, *, now: float | None = None) -> bool:
+def verify(secret: str, body: bytes, header: str, *, now: float | None = None, event_id: str | None = None) -> bool:
     """Whether `secret` made one of the header's `v1` signatures of `body`, within the tolerance. Other schemes
-    (`v0=`...) are skipped; a header with no timestamp, two, or one in another spelling than its digits is refused."""
+    (`v0=`...) are skipped; a header with no timestamp, two, or one in another spelling than its digits is refused.
+    With `event_id` (the delivery's `Marketplace-Event-Id`), the body must also be a JSON object whose `id` is it."""
+    if event_id is not None and _body_event_id(body) != event_id:
+        return False
     try:
         items = [item.split("=", 1) for item in header.replace(" ", "").split(",")]
         [timestamp] = [canonical_int(value) for name, value in items if name == "t"]
@@ -43,3 +49,13 @@ def verify(secret: str, body: bytes, header: str, *, now: float | None = None) -
     if abs((now or time.time()) - timestamp) > TOLERANCE_SECONDS:
         return False
     return any_signature_matches(_mac(secret, body, timestamp), [value for name, value in items if name == "v1"])
+
+
+def _body_event_id(body: bytes) -> str | None:
+    """The body's signed `id`, or None when it has none (or is not a JSON object)."""
+    try:
+        event = bounded_json.loads(body)
+    except ValueError:
+        return None
+    event_id = event.get("id") if isinstance(event, dict) else None
+    return event_id if isinstance(event_id, str) else None

@@ -102,3 +102,17 @@ def test_a_replayed_call_with_a_signed_header_given_twice_is_refused():
         assert not verified("psk_new", replayed), name
         assert not verified("psk_new", {name.lower(): "999", **signed}), name  # a plain dict, two spellings
     assert verified("psk_new", Headers(list(signed.items())))
+
+
+def test_a_replayed_webhook_under_another_event_id_header_is_refused():
+    """`Marketplace-Event-Id`, which receivers dedupe on, is outside the signature: a delivery replayed within the
+    tolerance with that header changed passed as a new event. With the header given, `verify` holds it to the
+    body's signed `id`."""
+    header = webhook_signature.sign("whsec_new", BODY, int(time.time()))
+    assert webhook_signature.verify("whsec_new", BODY, header, event_id="evt_1")
+    assert not webhook_signature.verify("whsec_new", BODY, header, event_id="evt_2")
+    assert not webhook_signature.verify("whsec_new", BODY, header, event_id="")
+    for body in (b'{"type":"agreement.active"}', b'["evt_1"]', b'{"id":1}', b"not json", b"[" * 100 + b"]" * 100):
+        signed = webhook_signature.sign("whsec_new", body, int(time.time()))
+        assert webhook_signature.verify("whsec_new", body, signed)  # the signature alone still passes
+        assert not webhook_signature.verify("whsec_new", body, signed, event_id="1"), body
