@@ -498,15 +498,16 @@ class MarketplaceClient:
     # --- Masumi jobs ---------------------------------------------------------------------------------------------
 
     def purchase_masumi_job(self, agent_identifier: AgreementId, input_data: Any, wallet: str | Wallet, *,
-                            network: str = "Preprod", idempotency_key: str | None = None,
-                            max_price_atomic: int | None = None, **purchase_fields: Any) -> dict[str, Any]:
+                            max_price_atomic: int, network: str = "Preprod", idempotency_key: str | None = None,
+                            **purchase_fields: Any) -> dict[str, Any]:
         """Buy one job of a `masumi` service: `POST /purchase`, sign the escrow package here with the buyer
         wallet's key, `POST /purchase/lock-funds`. `purchase_fields` are Masumi's optional fields
         (identifierFromPurchaser, metadata, payByTime, submitResultTime, unlockTime, externalDisputeUnlockTime:
-        unix milliseconds as strings). With `max_price_atomic`, a job priced above it is refused (`SigningRefused`)
-        before anything is signed, as is one whose agreement does not keep the timers given here: its expiry must
-        be submitResultTime, its challenge window last until unlockTime. Returns the purchase (`onChainState` null until the relayer locked the funds;
-        the marketplace then starts the job on the seller). Follow with `wait_for_purchase`."""
+        unix milliseconds as strings). A job priced above `max_price_atomic` (required: the buyer sees the agreement
+        only after its deposit is signed) is refused (`SigningRefused`) before anything is signed, as is one whose
+        agreement does not keep the timers given here: its expiry must be submitResultTime, its challenge window
+        last until unlockTime. Returns the purchase (`onChainState` null until the relayer locked the funds; the
+        marketplace then starts the job on the seller). Follow with `wait_for_purchase`."""
         key = idempotency_key or _new_key()
         created = self._request("POST", "/purchase", json={
             "network": network, "agentIdentifier": str(agent_identifier), "input_data": input_data,
@@ -514,7 +515,7 @@ class MarketplaceClient:
         agreement = self.get_agreement(created["agreementId"])
         require_equal(agreement["service"]["id"], str(agent_identifier), "agreement.service.id")
         require_equal(agreement["quantity"], 1, "agreement.quantity")
-        if max_price_atomic is not None and int(agreement["price_per_unit_atomic"]) > max_price_atomic:
+        if int(agreement["price_per_unit_atomic"]) > max_price_atomic:
             raise SigningRefused("agreement.price_per_unit_atomic", f"at most {max_price_atomic}",
                                  agreement["price_per_unit_atomic"])
         now = self._now()

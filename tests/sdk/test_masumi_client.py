@@ -52,7 +52,8 @@ def test_sdk_buys_a_masumi_job_and_gets_its_result(escrow_chain, django_capture_
             with capture(execute=True):
                 now = max(escrow_chain.now(), int(time.time()))  # the buyer's own timers, which the SDK checks
                 purchase = buyer.purchase_masumi_job(
-                    parties.service.pk, {"text": "hi"}, parties.buyer_account.key, identifierFromPurchaser="sdk-1",
+                    parties.service.pk, {"text": "hi"}, parties.buyer_account.key, max_price_atomic=USDC,
+                    identifierFromPurchaser="sdk-1",
                     submitResultTime=str((now + 3600) * 1000), unlockTime=str((now + 7200) * 1000))
             assert purchase["NextAction"]["requestedAction"] == "FundsLockingInitiated"
             confirm_all(capture)
@@ -83,7 +84,7 @@ def test_a_refund_request_valid_beyond_the_challenge_window_is_refused(escrow_ch
         with in_process_api(issue_key(parties.buyer), escrow_chain, hostile) as buyer:
             with capture(execute=True):
                 purchase = buyer.purchase_masumi_job(parties.service.pk, {"text": "hi"},
-                                                     parties.buyer_account.key)
+                                                     parties.buyer_account.key, max_price_atomic=USDC)
             confirm_all(capture)
             identifier = purchase["blockchainIdentifier"]
             window = buyer.get_agreement(purchase["agreementId"])["challenge_window_seconds"]

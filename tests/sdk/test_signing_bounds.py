@@ -191,7 +191,8 @@ UNLOCK_TIME = SUBMIT_RESULT_TIME + 86_400
 def buy_masumi_job(marketplace: MasumiMarketplace) -> dict[str, Any]:
     with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
                            transport=httpx.MockTransport(marketplace)) as buyer:
-        return buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, submitResultTime=str(SUBMIT_RESULT_TIME * 1000),
+        return buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, max_price_atomic=10**6,
+                                         submitResultTime=str(SUBMIT_RESULT_TIME * 1000),
                                          unlockTime=str(UNLOCK_TIME * 1000))
 
 
@@ -221,6 +222,31 @@ def test_a_masumi_job_off_the_buyers_timers_is_refused_before_signing(alter, fie
     with pytest.raises(SigningRefused) as refusal:
         buy_masumi_job(marketplace)
     assert refusal.value.field == field
+    assert marketplace.locked == []
+
+
+def dearer(agreement: dict[str, Any]) -> None:
+    """The job at 10,000 USDC instead of 1 (deposit and fee to match): the buyer's whole balance, in escrow."""
+    price = 10_000 * 10**6
+    agreement.update(price_per_unit_atomic=price, deposit_amount_atomic=price,
+                     infra_fee_atomic=NETWORK.fee_schedule.fee_for(price))
+
+
+def test_a_masumi_job_is_not_bought_without_the_buyers_price_bound():
+    """`purchase_masumi_job` buys, signs and locks the funds in one call: the buyer never sees the agreement before
+    its permit is signed, so without `max_price_atomic` any price the marketplace chose was signed (an escrow of
+    10,000 USDC for a 1 USDC job). The bound is required, as `propose_direct_purchase`'s and `invoke_skill`'s are."""
+    marketplace = MasumiMarketplace(dearer)
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                           transport=httpx.MockTransport(marketplace)) as buyer:
+        with pytest.raises(TypeError, match="max_price_atomic"):
+            buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, submitResultTime=str(SUBMIT_RESULT_TIME * 1000),
+                                      unlockTime=str(UNLOCK_TIME * 1000))
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, max_price_atomic=10**6,
+                                      submitResultTime=str(SUBMIT_RESULT_TIME * 1000),
+                                      unlockTime=str(UNLOCK_TIME * 1000))
+    assert refusal.value.field == "agreement.price_per_unit_atomic"
     assert marketplace.locked == []
 
 
