@@ -54,7 +54,7 @@ from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, RpcError
 from sdk.receipts import UsageVerificationTimedOut, VerifiedUsage, verify_usage
 from sdk.safety import (DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data,
                         require_equal)
-from sdk.terms import AgreedTerms
+from sdk.terms import AgreedTerms, check_onchain_id
 from sdk.version import VERSION
 from sdk.x402_signing import build_direct_stablecoin_agreement, sign_payment_required
 
@@ -472,12 +472,14 @@ class MarketplaceClient:
     def challenge(self, agreement: Mapping[str, Any], wallet: str | Wallet, reason: str, *, evidence: str = "",
                   idempotency_key: str | None = None) -> dict[str, Any]:
         """Dispute the proposed settlement within the window (buyer): builds the EIP-712 Challenge for this
-        agreement on the pinned escrow, checks the server's challenge package against it, signs it locally."""
+        agreement (its own escrow id, `sdk.terms.check_onchain_id`) on the pinned escrow, checks the server's
+        challenge package against it, signs it locally."""
+        onchain_id = check_onchain_id(agreement)
         package = self._request("GET", f"/usage-agreements/{agreement['id']}/challenge-package")
         deadline = self._challenge_deadline(package.get("deadline"), "deadline",
                                             window_seconds=agreement["challenge_window_seconds"])
         signature = self._sign_challenge(package.get("challenge"), "challenge", wallet,
-                                         agreement_id=agreement["onchain_id"], deadline=deadline)
+                                         agreement_id=onchain_id, deadline=deadline)
         body = {"reason": reason, "evidence": evidence, "deadline": deadline, "signature": signature}
         return self._request("POST", f"/usage-agreements/{agreement['id']}/challenge", json=body,
                              idempotency_key=idempotency_key or _new_key())
@@ -513,6 +515,7 @@ class MarketplaceClient:
             "network": network, "agentIdentifier": str(agent_identifier), "input_data": input_data,
             **purchase_fields}, idempotency_key=key)["data"]
         agreement = self.get_agreement(created["agreementId"])
+        require_equal(str(agreement["id"]), str(created["agreementId"]), "agreement.id")
         require_equal(agreement["service"]["id"], str(agent_identifier), "agreement.service.id")
         require_equal(agreement["quantity"], 1, "agreement.quantity")
         if int(agreement["price_per_unit_atomic"]) > max_price_atomic:

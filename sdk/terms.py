@@ -7,6 +7,7 @@ checks an activation package.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,13 +18,25 @@ from eth_utils import keccak, to_checksum_address
 from sdk.networks import NetworkConfig
 from sdk.safety import SigningRefused, require_equal
 
-__all__ = ["AgreedTerms", "terms_hash"]
+__all__ = ["AgreedTerms", "check_onchain_id", "terms_hash"]
 
 
 def terms_hash(terms: Mapping[str, Any]) -> str:
     """keccak256 of the terms' canonical JSON (sorted keys, no spaces)."""
     canonical = json.dumps(terms, sort_keys=True, separators=(",", ":"), default=str).encode()
     return "0x" + keccak(canonical).hex()
+
+
+def check_onchain_id(agreement: Mapping[str, Any]) -> str:
+    """The agreement's escrow id, `onchain_id`, if it is its own: its UUID `id`, left-padded to bytes32 (the
+    marketplace's definition). Else `SigningRefused` ("agreement.onchain_id"): a signature for another id would
+    fund, or dispute, another agreement's escrow."""
+    try:
+        own = "0x" + uuid.UUID(str(agreement["id"])).hex.rjust(64, "0")
+    except ValueError:
+        raise SigningRefused("agreement.id", "a UUID", agreement["id"]) from None
+    require_equal(agreement["onchain_id"], own, "agreement.onchain_id")
+    return own
 
 
 def _unix(value: Any) -> int:
@@ -56,7 +69,9 @@ class AgreedTerms:
     def from_agreement(cls, agreement: Mapping[str, Any], network: NetworkConfig) -> AgreedTerms:
         """From the agreement the buyer proposed (the `propose_agreement` answer it kept). The deposit must be
         quantity × unit price, the fee the published schedule's, the token and chain the pinned ones; the terms
-        hash is recomputed here, so the intent binds the buyer to exactly these terms."""
+        hash is recomputed here, so the intent binds the buyer to exactly these terms, and the escrow id is the
+        agreement's own (`check_onchain_id`)."""
+        onchain_id = check_onchain_id(agreement)
         quantity, price = int(agreement["quantity"]), int(agreement["price_per_unit_atomic"])
         deposit = quantity * price
         require_equal(agreement["deposit_amount_atomic"], deposit, "agreement.deposit_amount_atomic")
@@ -76,7 +91,7 @@ class AgreedTerms:
             "buyer_wallet_address": agreement["buyer_wallet_address"],
             "seller_wallet_address": agreement["seller_wallet_address"], "fee_recipient": agreement["fee_recipient"],
         }
-        return cls(agreement_id=agreement["onchain_id"], buyer=to_checksum_address(agreement["buyer_wallet_address"]),
+        return cls(agreement_id=onchain_id, buyer=to_checksum_address(agreement["buyer_wallet_address"]),
                    seller=to_checksum_address(agreement["seller_wallet_address"]), quantity=quantity,
                    price_per_unit=price, deposit_amount=deposit, infra_fee=fee,
                    challenge_window=int(agreement["challenge_window_seconds"]), expires_at=expires_at,

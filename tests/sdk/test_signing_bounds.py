@@ -151,6 +151,11 @@ def test_a_masumi_job_priced_above_the_buyers_bound_is_refused_before_signing():
 
 
 
+def onchain_id_of(agreement_id: str) -> str:
+    """The escrow's bytes32 id of an agreement: its UUID, left-padded (the marketplace's definition)."""
+    return "0x" + uuid.UUID(agreement_id).hex.rjust(64, "0")
+
+
 class MasumiMarketplace:
     """A compromised marketplace selling a Masumi job: its agreement as `alter` leaves it, and an activation package
     built for that agreement exactly as the SDK builds its own (so only the agreement's terms can give it away)."""
@@ -162,7 +167,7 @@ class MasumiMarketplace:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         now = self.purchased_at
-        agreement = {"id": "a1", "onchain_id": "0x" + "ab" * 32, "service": {"id": "s1"}, "quantity": 1,
+        agreement = {"id": AGREEMENT_ID, "onchain_id": onchain_id_of(AGREEMENT_ID), "service": {"id": "s1"}, "quantity": 1,
                      "price_per_unit_atomic": 1_000_000, "deposit_amount_atomic": 1_000_000,
                      "infra_fee_atomic": NETWORK.fee_schedule.fee_for(1_000_000), "chain_id": NETWORK.chain_id,
                      "token_address": NETWORK.token_address, "settlement_model": "escrow", "pricing_type": "per_call",
@@ -171,7 +176,7 @@ class MasumiMarketplace:
                      "expires_at": datetime.fromtimestamp(SUBMIT_RESULT_TIME, UTC).isoformat(),
                      "challenge_window_seconds": UNLOCK_TIME - now}
         self.alter(agreement)
-        if request.url.path == "/usage-agreements/a1":
+        if request.url.path == f"/usage-agreements/{AGREEMENT_ID}":
             return httpx.Response(200, json=agreement)
         if request.url.path == "/purchase/lock-funds":
             self.locked.append(json.loads(request.content))
@@ -179,11 +184,12 @@ class MasumiMarketplace:
         package = expected_activation(terms=AgreedTerms.from_agreement(agreement, NETWORK), network=NETWORK,
                                       token_domain=DOMAIN, deadline=now + 600, permit_nonce=0)
         return httpx.Response(201, json={"data": {
-            "agreementId": "a1", "blockchainIdentifier": agreement["onchain_id"],
-            "ActivationPackage": {"agreement_id": "a1", "deadline": now + 600, **package}}})
+            "agreementId": AGREEMENT_ID, "blockchainIdentifier": agreement["onchain_id"],
+            "ActivationPackage": {"agreement_id": AGREEMENT_ID, "deadline": now + 600, **package}}})
 
 
 SELLER = Account.create().address
+AGREEMENT_ID, OTHER_AGREEMENT_ID = str(uuid.uuid4()), str(uuid.uuid4())
 SUBMIT_RESULT_TIME = int(time.time()) + 7200
 UNLOCK_TIME = SUBMIT_RESULT_TIME + 86_400
 
@@ -250,6 +256,39 @@ def test_a_masumi_job_is_not_bought_without_the_buyers_price_bound():
     assert marketplace.locked == []
 
 
+def another_agreements_escrow(agreement: dict[str, Any]) -> None:
+    """The agreement's package made for another escrow id than its own (another agreement's, its buyer's)."""
+    agreement["onchain_id"] = onchain_id_of(OTHER_AGREEMENT_ID)
+
+
+def another_agreement(agreement: dict[str, Any]) -> None:
+    """Another agreement of the buyer's, escrow id and all, answered for the one the purchase created."""
+    agreement.update(id=OTHER_AGREEMENT_ID, onchain_id=onchain_id_of(OTHER_AGREEMENT_ID))
+
+
+def test_an_agreement_under_another_escrow_id_than_its_own_is_not_signed():
+    """An agreement's escrow id is its UUID, left-padded; the SDK signed the intent (and, later, a challenge) for
+    whatever `onchain_id` the marketplace wrote beside it: the buyer's deposit went into an escrow under another
+    agreement's id, and a dispute of this agreement could be signed for that other one."""
+    marketplace = MasumiMarketplace(another_agreements_escrow)
+    with pytest.raises(SigningRefused) as refusal:
+        buy_masumi_job(marketplace)
+    assert refusal.value.field == "agreement.onchain_id"
+    assert marketplace.locked == []
+    marketplace = MasumiMarketplace(another_agreement)
+    with pytest.raises(SigningRefused) as refusal:
+        buy_masumi_job(marketplace)
+    assert refusal.value.field == "agreement.id"
+    assert marketplace.locked == []
+    agreement_id = str(uuid.uuid4())
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                           transport=httpx.MockTransport(lambda request: httpx.Response(500))) as buyer:
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.challenge({"id": agreement_id, "onchain_id": onchain_id_of(str(uuid.uuid4())),
+                             "challenge_window_seconds": 86_400}, KEY, "not this one")
+    assert refusal.value.field == "agreement.onchain_id"
+
+
 # --- scalars and the seller's signature check --------------------------------------------------------------------
 
 def test_a_number_in_other_digits_than_ascii_is_refused_not_crashed_on():
@@ -299,7 +338,8 @@ def rpc_clock_ahead_by(seconds: int) -> type[BaseHTTPRequestHandler]:
 def challenge_through(rpc_url: str, *, ahead: int) -> list[int]:
     """The buyer's challenge of an agreement with a 7-day window, whose package asks for a deadline `ahead` seconds
     past this machine's clock; the deadlines signed."""
-    agreement = {"id": str(uuid.uuid4()), "onchain_id": "0x" + "ab" * 32, "challenge_window_seconds": 7 * 86400}
+    agreement_id = str(uuid.uuid4())
+    agreement = {"id": agreement_id, "onchain_id": onchain_id_of(agreement_id), "challenge_window_seconds": 7 * 86400}
     deadline = int(time.time()) + ahead
     package = {"deadline": deadline, "challenge": typed_data.challenge(
         chain_id=NETWORK.chain_id, escrow_address=NETWORK.escrow_address, agreement_id=agreement["onchain_id"],
