@@ -550,21 +550,34 @@ class MarketplaceClient:
                               f"{timeout:g} s, waiting for {', '.join(sorted(states))}"))
 
     def request_refund(self, blockchain_identifier: str, wallet: str | Wallet, *,
-                       network: str = "Preprod") -> dict[str, Any]:
-        """`PATCH /purchase`: build the purchase's refund request (EIP-712 Challenge of this escrow, valid until
-        its unlockTime, which must lie within the agreement's challenge window from now, as `challenge` checks),
-        check the server's against it, sign it here and submit it."""
+                       agreement_id: AgreementId | None = None, network: str = "Preprod") -> dict[str, Any]:
+        """`PATCH /purchase`: build the purchase's refund request (EIP-712 Challenge of its agreement's escrow, valid
+        until its unlockTime, which must lie within the agreement's challenge window from now, as `challenge`
+        checks), check the server's against it, sign it here and submit it.
+
+        The Challenge names the escrow of the agreement the purchase was bought as: `agreement_id` (the
+        `agreementId` `purchase_masumi_job` returned), which the marketplace's listing must name. Without it,
+        `blockchain_identifier` must be that escrow's id (a purchase paying a seller's payment request is named
+        by the request's id, so its refund needs `agreement_id`). Else `SigningRefused`, nothing signed."""
         purchase = self.get_purchase(blockchain_identifier, network=network)
+        require_equal(purchase.get("blockchainIdentifier"), blockchain_identifier, "purchase.blockchainIdentifier")
+        if agreement_id is not None:
+            require_equal(str(purchase["agreementId"]), str(agreement_id), "purchase.agreementId")
         unlock_time = purchase.get("unlockTime")
         if not isinstance(unlock_time, str) or not unlock_time.isascii() or not unlock_time.isdigit():
             raise DeadlineOutOfRange("unlockTime", "unix milliseconds", unlock_time)
         agreement = self.get_agreement(purchase["agreementId"])
+        require_equal(str(agreement["id"]), str(purchase["agreementId"]), "agreement.id")
+        onchain_id = check_onchain_id(agreement)
+        if agreement_id is None:
+            require_equal(blockchain_identifier, onchain_id, "blockchainIdentifier")
         deadline = self._challenge_deadline(int(unlock_time) // 1000, "unlockTime",
                                             window_seconds=agreement["challenge_window_seconds"])
         signature = self._sign_challenge(purchase.get("refundRequestTypedData"), "refundRequestTypedData", wallet,
-                                         agreement_id=blockchain_identifier, deadline=deadline)
+                                         agreement_id=onchain_id, deadline=deadline)
         return self._request("PATCH", "/purchase", json={
             "network": network, "blockchainIdentifier": blockchain_identifier, "signature": signature})["data"]
+
     # --- skills (x402) -------------------------------------------------------------------------------------------
 
     def invoke_skill(self, handle: str, skill: str, input: Mapping[str, Any], *, private_key: str,

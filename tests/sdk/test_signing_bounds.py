@@ -289,6 +289,60 @@ def test_an_agreement_under_another_escrow_id_than_its_own_is_not_signed():
     assert refusal.value.field == "agreement.onchain_id"
 
 
+class RefundMarketplace:
+    """A Masumi purchase paying a seller's payment request (`blockchainIdentifier` is the request's id, not the
+    escrow's), bought as agreement `agreement_id`; the listing says it belongs to `listed_agreement_id`."""
+
+    def __init__(self, agreement_id: str, listed_agreement_id: str | None = None):
+        self.identifier = onchain_id_of(str(uuid.uuid4()))  # the seller's payment request
+        self.listed = listed_agreement_id or agreement_id
+        self.unlock = int(time.time()) + 3600
+        self.submitted: list[dict[str, Any]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        onchain_id = onchain_id_of(self.listed)
+        if request.method == "GET" and request.url.path == "/purchase":
+            return httpx.Response(200, json={"data": {"Purchases": [{
+                "blockchainIdentifier": self.identifier, "agreementId": self.listed,
+                "unlockTime": str(self.unlock * 1000), "refundRequestTypedData": typed_data.challenge(
+                    chain_id=NETWORK.chain_id, escrow_address=NETWORK.escrow_address, agreement_id=onchain_id,
+                    deadline=self.unlock)}]}})
+        if request.url.path == f"/usage-agreements/{self.listed}":
+            return httpx.Response(200, json={"id": self.listed, "onchain_id": onchain_id,
+                                             "challenge_window_seconds": 86_400})
+        self.submitted.append(json.loads(request.content))
+        return httpx.Response(200, json={"data": {"onChainState": "RefundRequested"}})
+
+
+def refund(marketplace: RefundMarketplace, **options) -> dict[str, Any]:
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                           transport=httpx.MockTransport(marketplace)) as buyer:
+        return buyer.request_refund(marketplace.identifier, KEY, **options)
+
+
+def test_a_refund_of_a_purchase_paying_a_payment_request_is_signed_for_its_agreements_escrow():
+    """A purchase paying a seller's payment request is named by the request's id; its escrow is its agreement's.
+    The SDK signed the refund's Challenge for the request's id, so it refused the marketplace's honest one (for the
+    escrow): the buyer could not ask for its money back. Given the agreement the purchase was bought as (the
+    `agreementId` `purchase_masumi_job` returned), it signs for that agreement's escrow, and for no other."""
+    agreement_id = str(uuid.uuid4())
+    honest = RefundMarketplace(agreement_id)
+    assert refund(honest, agreement_id=agreement_id)["onChainState"] == "RefundRequested"
+    [submitted] = honest.submitted
+    signer = typed_data.recover_typed_data_signer(typed_data.challenge(
+        chain_id=NETWORK.chain_id, escrow_address=NETWORK.escrow_address, agreement_id=onchain_id_of(agreement_id),
+        deadline=honest.unlock), submitted["signature"])
+    assert signer == Account.from_key(KEY).address and submitted["blockchainIdentifier"] == honest.identifier
+    # Without the agreement, the request's id is not the escrow's: refused as before, nothing signed.
+    with pytest.raises(SigningRefused):
+        refund(RefundMarketplace(agreement_id))
+    # A listing that puts the purchase under another of the buyer's agreements is refused.
+    elsewhere = RefundMarketplace(agreement_id, listed_agreement_id=str(uuid.uuid4()))
+    with pytest.raises(SigningRefused) as refusal:
+        refund(elsewhere, agreement_id=agreement_id)
+    assert refusal.value.field == "purchase.agreementId" and elsewhere.submitted == []
+
+
 # --- scalars and the seller's signature check --------------------------------------------------------------------
 
 def test_a_number_in_other_digits_than_ascii_is_refused_not_crashed_on():
