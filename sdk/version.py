@@ -1,5 +1,8 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.5: proxy_signature.verify refuses a marketplace header given twice, webhook_signature.verify holds the
+# Marketplace-Event-Id header to the body's signed id (event_id=), purchase_masumi_job requires max_price_atomic, an
+# activation or challenge is signed only for the agreement's own escrow id, request_refund takes agreement_id;
 # 0.4.4: verify_usage refuses a listing whose last event carries no receipt (UsageUnsigned) or a malformed event
 # (UsageMalformed), and compares the escrow's last proposal (OnchainEscrow.proposed_amount), not an arbiter's payout,
 # with the last receipt;
@@ -9,4 +12,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.4"
+VERSION = "0.4.5"
