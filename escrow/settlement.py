@@ -158,40 +158,107 @@ def challenge_typed_data(*, agreement: UsageAgreement, deadline: int) -> dict:
                                 agreement_id=agreement.onchain_id, deadline=deadline)
 
 
+def _unindexed_proposal(agreement: UsageAgreement) -> dict | None:
+    """A proposal on the escrow that our books do not know of yet: the seller (or anyone with the operator role)
+    called proposeSettlement itself and the indexer, which acts at depth, has not applied it. Read from the chain
+    while the agreement is still active (a node call: outside any database transaction); None when nothing is
+    proposed there either. {"challenge_deadline", "seq", "amount"} of the proposal."""
+    if agreement.status != AgreementStatus.ACTIVE:
+        return None
+    terms = selectors.escrow_terms(agreement=agreement)
+    state, challenge_deadline, seq, amount = chain.call(
+        chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:4]
+    if list(selectors.EscrowState)[state] != selectors.EscrowState.PROPOSED:
+        return None
+    return {"challenge_deadline": int(challenge_deadline), "seq": int(seq), "amount": int(amount)}
+
+
+def _nothing_to_challenge(agreement: UsageAgreement) -> Conflict:
+    return Conflict(f"Nothing to challenge while the agreement is {agreement.status}.", code="invalid_transition",
+                    details={"status": agreement.status})
+
+
+def challenge_deadline(*, agreement: UsageAgreement) -> datetime:
+    """The end of the challenge window the buyer may challenge in now: the books' or, while they still say active,
+    the chain's (`_unindexed_proposal`). Conflict invalid_transition when nothing is proposed."""
+    if can_challenge(agreement):
+        return agreement.challenge_deadline
+    proposal = _unindexed_proposal(agreement)
+    if proposal is None:
+        raise _nothing_to_challenge(agreement)
+    return datetime.fromtimestamp(proposal["challenge_deadline"], tz=UTC)
+
+
 @logs_name_the_agreement
 def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: str, deadline: int,
                          reason: str, evidence: str = "") -> ChainTransaction:
-    """The buyer disputes the proposed amount within the window; submitted on-chain with its signature."""
+    """The buyer disputes the proposed amount within the window; submitted on-chain with its signature.
+
+    A proposal the seller sent itself that the indexer has not applied yet is challenged all the same, within its
+    window on-chain (`_unindexed_proposal`): the transaction carries it, and its confirmation records it first."""
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer challenges a settlement.", code="buyer_only")
+    proposal = None
     if not can_challenge(agreement):  # checked again under the lock; first so that no terms are read for it
-        raise Conflict(f"Nothing to challenge while the agreement is {agreement.status}.",
-                       code="invalid_transition", details={"status": agreement.status})
+        proposal = _unindexed_proposal(agreement)
+        if proposal is None:
+            raise _nothing_to_challenge(agreement)
     now = chain_clock.chain_now_for_request()
     terms = selectors.escrow_terms(agreement=agreement)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if not can_challenge(agreement):
-            raise Conflict(f"Nothing to challenge while the agreement is {agreement.status}.",
-                           code="invalid_transition", details={"status": agreement.status})
-        if agreement.challenge_deadline and agreement.challenge_deadline.timestamp() <= now:
+        if can_challenge(agreement):
+            proposal = None  # the indexer applied it meanwhile: the books say when the window ends
+            window_end = agreement.challenge_deadline
+        elif proposal is not None and agreement.status == AgreementStatus.ACTIVE:
+            window_end = datetime.fromtimestamp(proposal["challenge_deadline"], tz=UTC)
+        else:
+            raise _nothing_to_challenge(agreement)
+        if window_end and window_end.timestamp() <= now:
             raise Conflict("The challenge window has closed.", code="challenge_window_closed",
-                           details={"challenge_deadline": agreement.challenge_deadline.isoformat()})
+                           details={"challenge_deadline": window_end.isoformat()})
         if deadline <= now:
             raise InvalidInput("The signature's deadline has passed.", code="signature_expired")
         signer_require(typed=challenge_typed_data(agreement=agreement, deadline=deadline), signature=signature,
                        expected=agreement.buyer_wallet_address, field="signature")
         if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE):
             raise Conflict("A challenge is already being submitted.", code="challenge_in_progress")
+        context = {"reason": reason, "evidence": evidence}
+        if proposal is not None:
+            context[UNINDEXED_PROPOSAL] = proposal
         return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig",
-                        [agreement.onchain_id, terms, deadline, signature],
-                        {"reason": reason, "evidence": evidence})
+                        [agreement.onchain_id, terms, deadline, signature], context)
+
+
+# The context key of a challenge of a proposal the indexer had not applied when it was queued.
+UNINDEXED_PROPOSAL = "unindexed_proposal"
+DEFAULT_CHALLENGE_REASON = "challenged on-chain by the buyer"
+
+
+def challenge_reason(*, agreement_id, tx_hash: str) -> str:
+    """The reason the buyer gave for the challenge mined in `tx_hash`: that of our challenge transaction sent as
+    `tx_hash`, else of the one of ours under way or done (the buyer's own call mined first), else a generic one. So
+    the indexer applying the Challenged event before the relayer's receipt keeps it."""
+    ours = ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=TxPurpose.CHALLENGE)
+    sent = ours.filter(attempts__tx_hash=tx_hash).first() if tx_hash else None
+    if sent is None:
+        sent = ours.exclude(status=TxStatus.FAILED).order_by("-created_at").first()
+    return (sent.context.get("reason") if sent is not None else "") or DEFAULT_CHALLENGE_REASON
 
 
 def _challenge_outcome(tx: ChainTransaction) -> None:
-    if tx.status == TxStatus.CONFIRMED:
-        agreement_services.agreement_disputed(agreement_id=tx.agreement_id,
-                                              reason=tx.context.get("reason", "challenged"), tx_hash=tx.mined_tx_hash)
+    if tx.status != TxStatus.CONFIRMED:
+        return
+    proposal = tx.context.get(UNINDEXED_PROPOSAL)
+    if proposal and UsageAgreement.objects.select_for_update().get(pk=tx.agreement_id).status == AgreementStatus.ACTIVE:
+        # The seller's own proposal, still not indexed: the challenge that disputed it is proof it was there.
+        agreement_services.agreement_settlement_proposed(
+            agreement_id=tx.agreement_id, challenge_deadline=datetime.fromtimestamp(proposal["challenge_deadline"],
+                                                                                    tz=UTC),
+            amount=proposal["amount"], seq=proposal["seq"], tx_hash="")
+    agreement_services.agreement_disputed(agreement_id=tx.agreement_id,
+                                          reason=tx.context.get("reason") or DEFAULT_CHALLENGE_REASON,
+                                          tx_hash=tx.mined_tx_hash)
 
 
 @logs_name_the_agreement

@@ -14,7 +14,6 @@ from agreements.models import (
     AgreementStatus,
     InvocationStatus,
     SettlementModel,
-    can_challenge,
     is_activation_stuck,
     is_funded,
 )
@@ -165,12 +164,11 @@ class ChallengePackageView(APIView):
                    responses={200: ChallengePackageSerializer, **error_responses(404, 409)})
     def get(self, request, agreement_id):
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
-        if not can_challenge(agreement):
-            raise Conflict("Nothing to challenge now.", code="invalid_transition",
-                           details={"status": agreement.status})
-        deadline = int(agreement.challenge_deadline.timestamp())
+        with chain.unavailable_as_503():  # a proposal not indexed yet is read from the chain
+            challenge_deadline = settlement.challenge_deadline(agreement=agreement)
+        deadline = int(challenge_deadline.timestamp())
         return Response(ChallengePackageSerializer({
-            "deadline": deadline, "challenge_deadline": agreement.challenge_deadline,
+            "deadline": deadline, "challenge_deadline": challenge_deadline,
             "challenge": settlement.challenge_typed_data(agreement=agreement, deadline=deadline),
         }).data)
 
@@ -188,7 +186,8 @@ class ChallengeView(APIView):
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
         body = ChallengeSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        tx = settlement.settlement_challenge(agreement=agreement, buyer=agent, **body.validated_data)
+        with chain.unavailable_as_503():
+            tx = settlement.settlement_challenge(agreement=agreement, buyer=agent, **body.validated_data)
         return Response(ChainTransactionSerializer(transaction_payload(tx, None)).data,
                         status=status.HTTP_202_ACCEPTED)
 
@@ -211,19 +210,17 @@ class DisputeView(APIView):
         body.is_valid(raise_exception=True)
         data = body.validated_data
         if "signature" not in data or "deadline" not in data:
-            if not can_challenge(agreement):
-                raise Conflict(f"Nothing to dispute while the agreement is {agreement.status}: a dispute challenges "
-                               "the settlement proposed on-chain.", code="invalid_transition",
-                               details={"status": agreement.status})
-            deadline = int(agreement.challenge_deadline.timestamp())
+            with chain.unavailable_as_503():  # a proposal not indexed yet is read from the chain
+                deadline = int(settlement.challenge_deadline(agreement=agreement).timestamp())
             raise InvalidInput(
                 "The escrow contract takes a dispute only with the buyer wallet's signature: sign `challenge` "
                 "(EIP-712) and send it as `signature` with this `deadline`.", code="buyer_signature_required",
                 details={"deadline": deadline,
                          "challenge": settlement.challenge_typed_data(agreement=agreement, deadline=deadline)})
-        settlement.settlement_challenge(agreement=agreement, buyer=agent, reason=data["reason"],
-                                        evidence=data.get("evidence", ""), deadline=data["deadline"],
-                                        signature=data["signature"])
+        with chain.unavailable_as_503():
+            settlement.settlement_challenge(agreement=agreement, buyer=agent, reason=data["reason"],
+                                            evidence=data.get("evidence", ""), deadline=data["deadline"],
+                                            signature=data["signature"])
         return Response(agreement_payload(agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)),
                         status=status.HTTP_202_ACCEPTED)
 

@@ -1,0 +1,85 @@
+"""Challenges against a chain the platform's books lag behind: the seller's own proposal not indexed yet, the
+indexer applying the buyer's challenge before the relayer's receipt does."""
+
+import pytest
+from django.core.management import call_command
+
+from escrow.models import ChainEvent, EventEffect
+from sdk.typed_data import sign_typed_data
+from tests.conftest import error_code
+from tests.escrow.conftest import escrow_terms
+from tests.escrow.flow import confirm_all, mined_what_was_sent
+from tests.escrow.test_indexer import call_n, funded, index, seller_proposes_directly, statuses  # noqa: F401
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+REASON = "the last call answered nothing"
+
+
+def challenge_body(parties, package: dict, reason: str = REASON) -> dict:
+    return {"reason": reason, "evidence": "call 3", "deadline": package["deadline"],
+            "signature": sign_typed_data(parties.buyer_account.key, package["challenge"])}
+
+
+def test_a_buyer_challenges_a_proposal_the_seller_sent_itself_before_the_indexer_applied_it(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """The seller called proposeSettlement itself and the indexer has not applied it yet: the window is open
+    on-chain, so the platform reads the escrow from the chain rather than refuse, and the agreement ends disputed
+    with the buyer's reason. The indexer applying both events later moves nothing twice."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain)
+    onchain_deadline = chain.escrow.functions.getEscrow(funded.onchain_id,
+                                                        escrow_terms(chain.escrow, funded.onchain_id)).call()[1]
+    assert funded.agreement(funded.agreement_id)["status"] == "active"  # the indexer has not run
+
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package")
+    assert package.status_code == 200, package.content
+    package = package.json()
+    assert package["deadline"] == onchain_deadline
+    with capture(execute=True):
+        response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge",
+                                         challenge_body(funded, package))
+    assert response.status_code == 202, response.content
+    confirm_all(capture)
+    disputed = funded.agreement(funded.agreement_id)
+    assert (disputed["status"], disputed["status_reason"]) == ("disputed", REASON)
+    assert disputed["challenge_deadline"]
+
+    index(capture)
+    events = {event.name: event for event in ChainEvent.objects.filter(agreement_id=funded.agreement_id)}
+    assert events["SettlementProposed"].effect == EventEffect.ALREADY
+    assert events["Challenged"].effect == EventEffect.ALREADY
+    assert statuses(funded.agreement_id)[-2:] == [("active", "in_challenge"), ("in_challenge", "disputed")]
+    assert funded.agreement(funded.agreement_id)["status_reason"] == REASON
+    call_command("reconcile")
+
+
+def test_a_challenge_with_nothing_proposed_on_chain_either_is_refused(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """Consulting the chain opens no window that is not there: nothing proposed, nothing to challenge."""
+    call_n(funded, 2)
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package")
+    assert package.status_code == 409 and error_code(package) == "invalid_transition"
+
+
+def test_the_buyers_reason_is_kept_when_the_indexer_applies_its_challenge_first(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """The relayer's challenge is mined and the indexer applies its Challenged event before the relayer's poll
+    records the receipt: the agreement is disputed with the reason the buyer gave, not a generic one."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain)
+    index(capture)
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    with capture(execute=True):
+        response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge",
+                                         challenge_body(funded, package))
+    assert response.status_code == 202, response.content
+    mined_what_was_sent()
+    index(capture)  # before the relayer's poll
+    disputed = funded.agreement(funded.agreement_id)
+    assert (disputed["status"], disputed["status_reason"]) == ("disputed", REASON)
+    confirm_all(capture)
+    assert funded.agreement(funded.agreement_id)["status_reason"] == REASON
+    assert ChainEvent.objects.get(agreement_id=funded.agreement_id, name="Challenged").effect == EventEffect.APPLIED
