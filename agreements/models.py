@@ -217,6 +217,10 @@ class UsageAgreement(PaymentReversal):
     note = models.CharField(max_length=1000, blank=True)
 
     activation_tx_hash = Bytes32Field(blank=True, help_text="Hash of the activation transaction once signed.")
+    intent_nonce_round = models.PositiveIntegerField(
+        default=0, help_text="Which of the agreement's activation intent nonces the buyer signs "
+                             "(sdk.activation.activation_intent_nonce): raised when the buyer cancelled the last one "
+                             "on-chain (cancelIntentNonce) and nothing was funded with it.")
 
     # Direct payments (settlement_model direct_payment): the buyer's signed x402 payment and fee permit.
     payment_authorization = models.OneToOneField(

@@ -795,6 +795,23 @@ def agreement_activation_begin(*, agreement_id, buyer: Agent) -> UsageAgreement:
                        changes={"activation_tx_hash": "", "funds_moved_at": timezone.now()})
 
 
+def agreement_intent_nonce_renew(*, agreement_id, from_round: int) -> UsageAgreement:
+    """The buyer cancelled the activation intent nonce of round `from_round` on-chain (`cancelIntentNonce`) and no
+    escrow was funded under the agreement (the caller read both from the chain): the next round's nonce is the one
+    signed from now on, so the agreement can still be funded; the cancelled intent stays dead on-chain and its
+    signature no longer matches the intent the platform checks. Only while the agreement awaits funding and is
+    still at `from_round` (two concurrent readers raise it once). Call inside atomic()."""
+    agreement = _lock(agreement_id)
+    if not can_activate(agreement) or agreement.intent_nonce_round != from_round:
+        return agreement
+    agreement.intent_nonce_round = from_round + 1
+    agreement.save(update_fields=["intent_nonce_round", "updated_at"])
+    _record_event(agreement, actor=SYSTEM, from_status=agreement.status,
+                  reason="the buyer cancelled its activation intent's nonce on-chain: a fresh one is signed",
+                  data={"intent_nonce_round": agreement.intent_nonce_round})
+    return agreement
+
+
 def agreement_activation_signed(*, agreement_id, tx_hash: str) -> None:
     UsageAgreement.objects.filter(pk=agreement_id).update(activation_tx_hash=tx_hash)
 

@@ -51,6 +51,10 @@ class ActivationPackageSerializer(serializers.Serializer):
     deadline = StrictIntegerField(help_text="Unix time (chain clock) until which the signatures are valid.")
     intent = TypedDataSerializer(help_text="EIP-712 ActivationIntent to sign with the buyer wallet.")
     escrow_permit = TypedDataSerializer(help_text="The one EIP-2612 permit, for the deposit plus the infra fee.")
+    intent_nonce_round = StrictIntegerField(
+        required=False, min_value=1,
+        help_text="Present once the buyer cancelled the agreement's first intent nonce on-chain: the intent's nonce is "
+                  "keccak256(\"activation\" ‖ onchain_id ‖ uint256 round) (sdk.activation.activation_intent_nonce).")
 
 
 class SignedPermitSerializer(StrictSerializer):

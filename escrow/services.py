@@ -2,7 +2,8 @@
 
 Activation intent nonce: the contract's intent nonces are unordered, so the platform derives one per agreement
 (`keccak256("activation" ‖ agreementId)`). A reverted activation does not spend it, so re-signing after
-`activation_failed` reuses it, and no two agreements can collide.
+`activation_failed` reuses it, and no two agreements can collide. A buyer who revoked it on-chain
+(`cancelIntentNonce`) is handed the agreement's next one (`intent_nonce_renew`).
 
 Also operators' acknowledgements of what `reconcile` reports on escrow's rows (`findings_acknowledge`).
 """
@@ -35,7 +36,31 @@ def _require_chain() -> None:
 
 
 def intent_nonce(agreement: UsageAgreement) -> int:
-    return activation_intent_nonce(agreement.onchain_id)
+    return activation_intent_nonce(agreement.onchain_id, agreement.intent_nonce_round)
+
+
+def intent_nonce_renew(*, agreement: UsageAgreement) -> UsageAgreement:
+    """Before an activation package is handed out: when the buyer cancelled the agreement's intent nonce on-chain
+    (`cancelIntentNonce`; used, and no escrow of the buyer's under the agreement's id), the agreement moves to a fresh
+    one (`agreement_intent_nonce_renew`), so that the buyer can sign again. A nonce used because its intent funded
+    the escrow (relayed by anyone, not indexed yet) is kept. Chain reads, at one block, before any transaction."""
+    if not can_activate(agreement):
+        return agreement
+    _require_chain()
+    escrow, buyer = chain.escrow_contract(), Web3.to_checksum_address(agreement.buyer_wallet_address)
+    with chain.unavailable_as_503():
+        block = chain.latest_block_number()
+        used = chain.call(lambda: escrow.functions.intentNonceUsed(buyer, intent_nonce(agreement)).call(
+            block_identifier=block))
+        if not used:
+            return agreement
+        funded = chain.call(lambda: escrow.functions.termsDigest(buyer, agreement.onchain_id).call(
+            block_identifier=block))
+    if int.from_bytes(funded, "big"):
+        return agreement
+    with transaction.atomic():
+        return agreement_services.agreement_intent_nonce_renew(agreement_id=agreement.pk,
+                                                               from_round=agreement.intent_nonce_round)
 
 
 def _intent(agreement: UsageAgreement, deadline: int) -> dict:
@@ -108,6 +133,8 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
         "escrow_permit": _permit(agreement, value=agreement.deposit_amount + agreement.infra_fee,
                                  nonce=_permit_nonce(agreement) if permit_nonce is None else permit_nonce,
                                  deadline=deadline),
+        # Only once the buyer cancelled the first nonce: SDKs before 0.4.5 refuse a package with a field they lack.
+        **({"intent_nonce_round": agreement.intent_nonce_round} if agreement.intent_nonce_round else {}),
     }
 
 

@@ -97,6 +97,8 @@ class ActivationPackageView(APIView):
     def get(self, request, agreement_id):
         agent = calling_agent(request)
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        if agreement.buyer_id == agent.pk:  # else refused by activation_package
+            agreement = services.intent_nonce_renew(agreement=agreement)
         return Response(ActivationPackageSerializer(services.activation_package(agreement=agreement,
                                                                                 buyer=agent)).data)
 

@@ -25,25 +25,31 @@ __all__ = ["activation_intent_nonce", "expected_activation", "sign_activation_pa
 
 # The package's own fields; anything else is refused (it could be a second object someone hopes gets signed).
 _PACKAGE_FIELDS = frozenset({"agreement_id", "onchain_id", "chain_id", "escrow_contract", "token_address",
-                             "deposit_amount_atomic", "infra_fee_atomic", "deadline", "intent", "escrow_permit"})
+                             "deposit_amount_atomic", "infra_fee_atomic", "deadline", "intent", "escrow_permit",
+                             "intent_nonce_round"})
 
 
-def activation_intent_nonce(agreement_id: str) -> int:
+def activation_intent_nonce(agreement_id: str, round: int = 0) -> int:
     """The intent nonce of an agreement: `keccak256("activation" ‖ agreementId)` (unordered nonces, one per
-    agreement, reused when an activation is signed again after a failure)."""
-    return int.from_bytes(keccak(b"activation" + bytes.fromhex(agreement_id.removeprefix("0x"))), "big")
+    agreement, reused when an activation is signed again after a failure); after the buyer cancelled it on-chain
+    (`cancelIntentNonce`), the package's `intent_nonce_round` n > 0 names `keccak256("activation" ‖ agreementId ‖
+    uint256 n)`. Any of them names this agreement alone, and the contract funds one escrow per (buyer, agreement)."""
+    seed = b"activation" + bytes.fromhex(agreement_id.removeprefix("0x"))
+    if round:
+        seed += round.to_bytes(32, "big")
+    return int.from_bytes(keccak(seed), "big")
 
 
 def expected_activation(*, terms: AgreedTerms, network: NetworkConfig, token_domain: TokenDomain, deadline: int,
-                        permit_nonce: int) -> dict[str, Any]:
-    """The intent and the combined permit, as the buyer agreed to them."""
+                        permit_nonce: int, intent_nonce_round: int = 0) -> dict[str, Any]:
+    """The intent and the combined permit, as the buyer agreed to them (the intent's nonce of `intent_nonce_round`)."""
     intent = typed_data.activation_intent(
         chain_id=network.chain_id, escrow_address=network.escrow_address, agreement_id=terms.agreement_id,
         buyer=terms.buyer, seller=terms.seller, token=network.token_address, quantity=terms.quantity,
         price_per_unit=terms.price_per_unit, deposit_amount=terms.deposit_amount, infra_fee=terms.infra_fee,
         receipt_signer=network.receipt_signer, challenge_window=terms.challenge_window,
         expires_at=terms.expires_at, terms_hash=terms.terms_hash,
-        nonce=activation_intent_nonce(terms.agreement_id), deadline=deadline)
+        nonce=activation_intent_nonce(terms.agreement_id, intent_nonce_round), deadline=deadline)
     permit = typed_data.erc2612_permit(
         chain_id=network.chain_id, token_address=network.token_address, owner=terms.buyer,
         spender=network.escrow_address, value=terms.total, nonce=permit_nonce, deadline=deadline,
@@ -57,8 +63,9 @@ def sign_activation_package(package: Mapping[str, Any], wallet: str | bytes | Wa
     """Check the package against the agreed terms and sign the SDK's own intent and permit.
 
     `now` is the chain's time when known (else this machine's clock); the package's deadline must lie in
-    [now + 60 s, now + `max_deadline_seconds`]. The token's permit nonce is the one field taken from the server:
-    a wrong nonce only makes the permit invalid. Raises `SigningRefused` (with `.field`) on any difference."""
+    [now + 60 s, now + `max_deadline_seconds`]. The token's permit nonce is taken from the server (a wrong nonce
+    only makes the permit invalid), and so is `intent_nonce_round`: any round's nonce names this agreement alone,
+    and the contract funds at most one escrow per (buyer, agreement). Raises `SigningRefused` (with `.field`) on any difference."""
     wallet = as_wallet(wallet)
     if wallet.address.lower() != terms.buyer.lower():
         raise SigningRefused("intent.message.buyer", wallet.address, terms.buyer, "not this wallet's agreement")
@@ -73,8 +80,12 @@ def sign_activation_package(package: Mapping[str, Any], wallet: str | bytes | Wa
     nonce = permit_message.get("nonce")
     if isinstance(nonce, bool) or not isinstance(nonce, int) or nonce < 0:
         raise SigningRefused("escrow_permit.message.nonce", "the token's nonces(buyer)", nonce)
+    intent_nonce_round = package.get("intent_nonce_round", 0)
+    if isinstance(intent_nonce_round, bool) or not isinstance(intent_nonce_round, int) or not (
+            0 <= intent_nonce_round < 2**32):
+        raise SigningRefused("intent_nonce_round", "a round of the agreement's intent nonce", intent_nonce_round)
     expected = expected_activation(terms=terms, network=network, token_domain=token_domain, deadline=deadline,
-                                   permit_nonce=nonce)
+                                   permit_nonce=nonce, intent_nonce_round=intent_nonce_round)
     for name, typed in expected.items():
         check_typed_data(package[name], typed, name)
     permit = expected["escrow_permit"]["message"]

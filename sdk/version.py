@@ -2,7 +2,9 @@
 
 # 0.4.5: proxy_signature.verify refuses a marketplace header given twice, webhook_signature.verify holds the
 # Marketplace-Event-Id header to the body's signed id (event_id=), purchase_masumi_job requires max_price_atomic, an
-# activation or challenge is signed only for the agreement's own escrow id, request_refund takes agreement_id;
+# activation or challenge is signed only for the agreement's own escrow id, request_refund takes agreement_id,
+# an activation package may name the round of the intent nonce (`intent_nonce_round`), handed out once the
+# buyer cancelled the first on-chain;
 # 0.4.4: verify_usage refuses a listing whose last event carries no receipt (UsageUnsigned) or a malformed event
 # (UsageMalformed), and compares the escrow's last proposal (OnchainEscrow.proposed_amount), not an arbiter's payout,
 # with the last receipt;
