@@ -237,12 +237,13 @@ DEFAULT_CHALLENGE_REASON = "challenged on-chain by the buyer"
 
 def challenge_reason(*, agreement_id, tx_hash: str) -> str:
     """The reason the buyer gave for the challenge mined in `tx_hash`: that of our challenge transaction sent as
-    `tx_hash`, else of the one of ours under way or done (the buyer's own call mined first), else a generic one. So
-    the indexer applying the Challenged event before the relayer's receipt keeps it."""
+    `tx_hash`, else of our latest one (a copy of the buyer's signed challenge mined first, ours reverting; the
+    buyer's own call), else a generic one. An escrow is disputed once, so every challenge the buyer asked us for is
+    of that dispute. So the indexer applying the Challenged event before the relayer's receipt keeps it."""
     ours = ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=TxPurpose.CHALLENGE)
     sent = ours.filter(attempts__tx_hash=tx_hash).first() if tx_hash else None
     if sent is None:
-        sent = ours.exclude(status=TxStatus.FAILED).order_by("-created_at").first()
+        sent = ours.order_by("-created_at", "-pk").first()
     return (sent.context.get("reason") if sent is not None else "") or DEFAULT_CHALLENGE_REASON
 
 

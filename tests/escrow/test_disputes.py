@@ -4,7 +4,7 @@ indexer applying the buyer's challenge before the relayer's receipt does."""
 import pytest
 from django.core.management import call_command
 
-from escrow.models import ChainEvent, EventEffect
+from escrow.models import ChainEvent, ChainTransaction, EventEffect, TxPurpose, TxStatus
 from sdk.typed_data import sign_typed_data
 from tests.conftest import error_code
 from tests.escrow.conftest import escrow_terms
@@ -83,3 +83,32 @@ def test_the_buyers_reason_is_kept_when_the_indexer_applies_its_challenge_first(
     confirm_all(capture)
     assert funded.agreement(funded.agreement_id)["status_reason"] == REASON
     assert ChainEvent.objects.get(agreement_id=funded.agreement_id, name="Challenged").effect == EventEffect.APPLIED
+
+
+def test_the_buyers_reason_is_kept_when_someone_else_sends_its_signed_challenge_first(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """The buyer's signed challenge is bearer: a copy of it (read from the relayer's pending transaction) is mined
+    first, ours reverts. The agreement still ends disputed for the reason the buyer gave."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain)
+    index(capture)
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    body = challenge_body(funded, package)
+    with capture(execute=False) as submits:
+        response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body)
+    assert response.status_code == 202, response.content
+    copied = chain.escrow.functions.challengeWithSig(
+        funded.onchain_id, escrow_terms(chain.escrow, funded.onchain_id), body["deadline"], body["signature"],
+    ).transact({"from": chain.accounts.stranger.address})
+    assert chain.w3.eth.wait_for_transaction_receipt(copied)["status"] == 1
+    with capture(execute=True):
+        for submit in submits:
+            submit()
+    confirm_all(capture)
+    [ours] = ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE)
+    assert ours.status == TxStatus.FAILED
+    index(capture)
+    disputed = funded.agreement(funded.agreement_id)
+    assert (disputed["status"], disputed["status_reason"]) == ("disputed", REASON)
+    call_command("reconcile")
