@@ -158,12 +158,21 @@ def challenge_typed_data(*, agreement: UsageAgreement, deadline: int) -> dict:
                                 agreement_id=agreement.onchain_id, deadline=deadline)
 
 
-def _unindexed_proposal(agreement: UsageAgreement) -> dict | None:
-    """A proposal on the escrow that our books do not know of yet: the seller (or anyone with the operator role)
-    called proposeSettlement itself and the indexer, which acts at depth, has not applied it. Read from the chain
-    while the agreement is still active (a node call: outside any database transaction); None when nothing is
-    proposed there either. {"challenge_deadline", "seq", "amount"} of the proposal."""
-    if agreement.status != AgreementStatus.ACTIVE:
+def _books_may_lag(agreement: UsageAgreement, *, now: int) -> bool:
+    """Whether a proposal may be on the escrow that our books do not hold yet (the indexer acts at depth): the
+    agreement is still active (the seller, or anyone with the operator role, proposed itself), or its window in
+    the books is over (a re-proposal with a higher receipt restarted it on-chain)."""
+    if agreement.status == AgreementStatus.ACTIVE:
+        return True
+    return (can_challenge(agreement) and agreement.challenge_deadline is not None
+            and agreement.challenge_deadline.timestamp() <= now)
+
+
+def _unindexed_proposal(agreement: UsageAgreement, *, now: int) -> dict | None:
+    """The proposal on the escrow, read from the chain where our books may lag behind it (`_books_may_lag`; a node
+    call: outside any database transaction); None when they cannot or nothing is proposed there.
+    {"challenge_deadline", "seq", "amount"} of the proposal."""
+    if not _books_may_lag(agreement, now=now):
         return None
     terms = selectors.escrow_terms(agreement=agreement)
     state, challenge_deadline, seq, amount = chain.call(
@@ -179,14 +188,16 @@ def _nothing_to_challenge(agreement: UsageAgreement) -> Conflict:
 
 
 def challenge_deadline(*, agreement: UsageAgreement) -> datetime:
-    """The end of the challenge window the buyer may challenge in now: the books' or, while they still say active,
-    the chain's (`_unindexed_proposal`). Conflict invalid_transition when nothing is proposed."""
-    if can_challenge(agreement):
-        return agreement.challenge_deadline
-    proposal = _unindexed_proposal(agreement)
-    if proposal is None:
+    """The end of the challenge window the buyer may challenge in now: the books' or, where they may lag behind the
+    chain, the chain's (`_unindexed_proposal`). Conflict invalid_transition when nothing is proposed."""
+    if not can_challenge(agreement) and agreement.status != AgreementStatus.ACTIVE:
         raise _nothing_to_challenge(agreement)
-    return datetime.fromtimestamp(proposal["challenge_deadline"], tz=UTC)
+    proposal = _unindexed_proposal(agreement, now=chain_clock.chain_now_for_request())
+    if proposal is not None:
+        return datetime.fromtimestamp(proposal["challenge_deadline"], tz=UTC)
+    if not can_challenge(agreement):
+        raise _nothing_to_challenge(agreement)
+    return agreement.challenge_deadline
 
 
 @logs_name_the_agreement
@@ -194,24 +205,24 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
                          reason: str, evidence: str = "") -> ChainTransaction:
     """The buyer disputes the proposed amount within the window; submitted on-chain with its signature.
 
-    A proposal the seller sent itself that the indexer has not applied yet is challenged all the same, within its
-    window on-chain (`_unindexed_proposal`): the transaction carries it, and its confirmation records it first."""
+    Where the books may lag behind the chain (`_books_may_lag`: a proposal the seller sent itself, a re-proposal
+    that restarted the window, neither indexed yet) the window is the chain's: the transaction carries the
+    proposal read, and its confirmation records it first when the books still say active."""
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer challenges a settlement.", code="buyer_only")
-    proposal = None
-    if not can_challenge(agreement):  # checked again under the lock; first so that no terms are read for it
-        proposal = _unindexed_proposal(agreement)
-        if proposal is None:
-            raise _nothing_to_challenge(agreement)
+    if not can_challenge(agreement) and agreement.status != AgreementStatus.ACTIVE:
+        raise _nothing_to_challenge(agreement)  # checked again under the lock; first so that nothing is read
     now = chain_clock.chain_now_for_request()
+    proposal = _unindexed_proposal(agreement, now=now)
+    if proposal is None and not can_challenge(agreement):
+        raise _nothing_to_challenge(agreement)
     terms = selectors.escrow_terms(agreement=agreement)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if can_challenge(agreement):
-            proposal = None  # the indexer applied it meanwhile: the books say when the window ends
-            window_end = agreement.challenge_deadline
-        elif proposal is not None and agreement.status == AgreementStatus.ACTIVE:
+        if proposal is not None and (can_challenge(agreement) or agreement.status == AgreementStatus.ACTIVE):
             window_end = datetime.fromtimestamp(proposal["challenge_deadline"], tz=UTC)
+        elif can_challenge(agreement):
+            window_end = agreement.challenge_deadline
         else:
             raise _nothing_to_challenge(agreement)
         if window_end and window_end.timestamp() <= now:

@@ -4,6 +4,7 @@ indexer applying the buyer's challenge before the relayer's receipt does."""
 import pytest
 from django.core.management import call_command
 
+from agreements.models import UsageAgreement
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, TxPurpose, TxStatus
 from sdk.typed_data import sign_typed_data
 from tests.conftest import error_code
@@ -111,4 +112,33 @@ def test_the_buyers_reason_is_kept_when_someone_else_sends_its_signed_challenge_
     index(capture)
     disputed = funded.agreement(funded.agreement_id)
     assert (disputed["status"], disputed["status_reason"]) == ("disputed", REASON)
+    call_command("reconcile")
+
+
+def test_a_buyer_challenges_a_re_proposal_the_indexer_has_not_applied_after_the_first_window_closed(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """The seller re-proposes a higher receipt just before the window closes, which restarts the window on-chain;
+    the books still hold the first deadline, now past. The buyer challenges within the new window: the platform
+    reads the chain's deadline rather than refuse challenge_window_closed."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain, seq=2)
+    index(capture)
+    first = int(UsageAgreement.objects.get(pk=funded.agreement_id).challenge_deadline.timestamp())
+    chain.set_next_timestamp(first - 1)
+    seller_proposes_directly(funded, chain, seq=3)
+    chain.set_next_timestamp(first + 60)
+    chain.mine(1)
+
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package")
+    assert package.status_code == 200, package.content
+    assert package.json()["deadline"] == first - 1 + 3600
+    with capture(execute=True):
+        response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge",
+                                         challenge_body(funded, package.json()))
+    assert response.status_code == 202, response.content
+    confirm_all(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "disputed"
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status_reason"] == REASON
     call_command("reconcile")
