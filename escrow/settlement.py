@@ -258,9 +258,20 @@ def challenge_reason(*, agreement_id, tx_hash: str) -> str:
     return (sent.context.get("reason") if sent is not None else "") or DEFAULT_CHALLENGE_REASON
 
 
+def _challenge_evidence(tx: ChainTransaction) -> dict:
+    """For one that failed, whoever challenged the escrow in its place (`_done_by_another`): the buyer's signed
+    challenge is bearer, and a copy read from our pending transaction, or the buyer's own call, may be mined first."""
+    return {} if tx.status == TxStatus.CONFIRMED else _done_by_another(tx)
+
+
 def _challenge_outcome(tx: ChainTransaction) -> None:
+    mined_as = tx.mined_tx_hash
     if tx.status != TxStatus.CONFIRMED:
-        return
+        mined_as = tx.outcome_evidence.get(DONE_BY)
+        if not mined_as:
+            return
+        logger.info("challenge not needed: another transaction challenged the escrow first",
+                    extra={"agreement_id": str(tx.agreement_id), "done_by": mined_as})
     proposal = tx.context.get(UNINDEXED_PROPOSAL)
     if proposal and UsageAgreement.objects.select_for_update().get(pk=tx.agreement_id).status == AgreementStatus.ACTIVE:
         # The seller's own proposal, still not indexed: the challenge that disputed it is proof it was there.
@@ -270,7 +281,7 @@ def _challenge_outcome(tx: ChainTransaction) -> None:
             amount=proposal["amount"], seq=proposal["seq"], tx_hash="")
     agreement_services.agreement_disputed(agreement_id=tx.agreement_id,
                                           reason=tx.context.get("reason") or DEFAULT_CHALLENGE_REASON,
-                                          tx_hash=tx.mined_tx_hash)
+                                          tx_hash=mined_as)
 
 
 @logs_name_the_agreement
@@ -326,15 +337,15 @@ def _finalize_evidence(tx: ChainTransaction) -> dict:
 
 
 def _done_by_another(tx: ChainTransaction) -> dict:
-    """Anyone may call finalize and reclaim: a failed one of ours may have failed because another was mined first
+    """Anyone may call finalize and reclaim (and send the buyer's signed challenge): a failed one of ours may have failed because another was mined first
     (InvalidState: the escrow is settled, or reclaimed), which did what ours would have. Then that transaction and its
     block (relayer.EVIDENCE_BLOCK: a reorg that takes it reopens ours, sent again) and what its event says; else
     nothing. The escrow's state is read first, so one that failed for another reason reads no logs."""
-    closed_as, event = _CLOSES[tx.purpose]
+    done_states, event = _CLOSES[tx.purpose]
     agreement = tx.agreement
     terms = selectors.escrow_terms(agreement=agreement)
     state = chain.call(chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[0]
-    if list(selectors.EscrowState)[state] != closed_as:
+    if list(selectors.EscrowState)[state] not in done_states:
         return {}
     closed = chain.escrow_closing_event(event, agreement.onchain_id,
                                         buyer=Web3.to_checksum_address(agreement.buyer_wallet_address))
@@ -345,9 +356,12 @@ def _done_by_another(tx: ChainTransaction) -> dict:
             "event": event, "args": chain.to_json(dict(closed["args"]))}
 
 
-# What a finalize and a reclaim leave the escrow in, and the event that says so.
-_CLOSES = {TxPurpose.FINALIZE: (selectors.EscrowState.SETTLED, "Settled"),
-           TxPurpose.RECLAIM: (selectors.EscrowState.RECLAIMED, "Reclaimed")}
+# What a finalize, a reclaim and a challenge leave the escrow in (a disputed escrow may be resolved and settled
+# since), and the event that says so: each happens once to an escrow.
+_CLOSES = {TxPurpose.FINALIZE: ({selectors.EscrowState.SETTLED}, "Settled"),
+           TxPurpose.RECLAIM: ({selectors.EscrowState.RECLAIMED}, "Reclaimed"),
+           TxPurpose.CHALLENGE: ({selectors.EscrowState.DISPUTED, selectors.EscrowState.RESOLVED,
+                                  selectors.EscrowState.SETTLED}, "Challenged")}
 # The evidence key of a failed finalize or reclaim naming the transaction that did its job (`_done_by_another`).
 DONE_BY = "done_by"
 
@@ -475,7 +489,8 @@ def handlers_register() -> None:
     """Called once, from EscrowConfig.ready()."""
     relayer.outcome_handler_register(purpose=TxPurpose.PROPOSE_SETTLEMENT, on_outcome=_proposal_outcome,
                                      read_evidence=_proposal_evidence)
-    relayer.outcome_handler_register(purpose=TxPurpose.CHALLENGE, on_outcome=_challenge_outcome)
+    relayer.outcome_handler_register(purpose=TxPurpose.CHALLENGE, on_outcome=_challenge_outcome,
+                                     read_evidence=_challenge_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.RESOLVE, on_outcome=_resolve_outcome,
                                      read_evidence=_resolve_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.FINALIZE, on_outcome=_finalize_outcome,

@@ -5,6 +5,7 @@ import pytest
 from django.core.management import call_command
 
 from agreements.models import UsageAgreement
+from escrow import selectors, settlement
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, TxPurpose, TxStatus
 from sdk.typed_data import sign_typed_data
 from tests.conftest import error_code
@@ -108,10 +109,14 @@ def test_the_buyers_reason_is_kept_when_someone_else_sends_its_signed_challenge_
             submit()
     confirm_all(capture)
     [ours] = ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE)
-    assert ours.status == TxStatus.FAILED
-    index(capture)
+    assert ours.status == TxStatus.FAILED and "InvalidState" in ours.failure_reason
+    # Done by another: the agreement is disputed at once, and our revert is no failure for an operator.
+    assert ours.outcome_evidence[settlement.DONE_BY] == copied.to_0x_hex()
+    assert ours not in selectors.transactions_failed_recently(limit=10)
     disputed = funded.agreement(funded.agreement_id)
     assert (disputed["status"], disputed["status_reason"]) == ("disputed", REASON)
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status_reason"] == REASON
     call_command("reconcile")
 
 
