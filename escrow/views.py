@@ -163,7 +163,7 @@ class ChallengePackageView(APIView):
 
     @extend_schema(operation_id="escrow_challenge_package", tags=TAGS,
                    summary="What the buyer signs to dispute the proposed settlement",
-                   responses={200: ChallengePackageSerializer, **error_responses(404, 409)})
+                   responses={200: ChallengePackageSerializer, **error_responses(404, 409, 503)})
     def get(self, request, agreement_id):
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
         with chain.unavailable_as_503():  # a proposal not indexed yet is read from the chain
@@ -181,8 +181,8 @@ class ChallengeView(APIView):
     @extend_schema(operation_id="escrow_challenge", tags=TAGS, request=ChallengeSerializer,
                    summary="Dispute the proposed settlement (buyer, within the window); submitted on-chain with "
                            "challengeWithSig. 202; the agreement becomes `disputed` once confirmed",
-                   responses={202: ChainTransactionSerializer, **error_responses(404, 409, 422)})
-    @idempotent(atomic=False)  # reads the chain's clock before it writes
+                   responses={202: ChainTransactionSerializer, **error_responses(404, 409, 422, 503)})
+    @idempotent(atomic=False)  # reads the chain (its clock, the escrow) before it writes
     def post(self, request, agreement_id):
         agent = calling_agent(request)
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
@@ -203,8 +203,8 @@ class DisputeView(APIView):
                 "contract takes a challenge only with the buyer wallet's signature: without `deadline` and "
                 "`signature` the answer is 400 `buyer_signature_required` carrying the typed data to sign. 202 with "
                 "the agreement; it becomes `disputed` once the challenge is confirmed",
-        responses={202: AgreementSerializer, **error_responses(404, 409, 422)})
-    @idempotent()
+        responses={202: AgreementSerializer, **error_responses(404, 409, 422, 503)})
+    @idempotent(atomic=False)  # reads the chain (its clock, the escrow) before it writes
     def post(self, request, agreement_id):
         agent = calling_agent(request)
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)

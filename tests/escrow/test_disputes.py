@@ -147,3 +147,22 @@ def test_a_buyer_challenges_a_re_proposal_the_indexer_has_not_applied_after_the_
     index(capture)
     assert funded.agreement(funded.agreement_id)["status_reason"] == REASON
     call_command("reconcile")
+
+
+def test_a_dispute_in_the_sdks_shape_of_a_proposal_not_indexed_yet(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """POST /dispute without a signature answers what to sign, with the chain's window; with it, it is queued."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain)
+    unsigned = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/dispute", {"reason": REASON})
+    assert unsigned.status_code == 400 and error_code(unsigned) == "buyer_signature_required", unsigned.content
+    details = unsigned.json()["error"]["details"]
+    with capture(execute=True):
+        response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/dispute", {
+            "reason": REASON, "deadline": details["deadline"],
+            "signature": sign_typed_data(funded.buyer_account.key, details["challenge"])})
+    assert response.status_code == 202, response.content
+    confirm_all(capture)
+    disputed = funded.agreement(funded.agreement_id)
+    assert (disputed["status"], disputed["status_reason"]) == ("disputed", REASON)
