@@ -212,7 +212,8 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
         raise Forbidden("Only the buyer challenges a settlement.", code="buyer_only")
     if not can_challenge(agreement) and agreement.status != AgreementStatus.ACTIVE:
         raise _nothing_to_challenge(agreement)  # checked again under the lock; first so that nothing is read
-    now = chain_clock.chain_now_for_request()
+    # The block a transaction sent now gets: the contract refuses a challenge from the deadline's second on.
+    now = chain_clock.chain_now_for_request(next_block=True)
     proposal = _unindexed_proposal(agreement, now=now)
     if proposal is None and not can_challenge(agreement):
         raise _nothing_to_challenge(agreement)

@@ -166,3 +166,21 @@ def test_a_dispute_in_the_sdks_shape_of_a_proposal_not_indexed_yet(
     confirm_all(capture)
     disputed = funded.agreement(funded.agreement_id)
     assert (disputed["status"], disputed["status_reason"]) == ("disputed", REASON)
+
+
+def test_a_challenge_no_block_can_carry_within_the_window_is_refused(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """The latest block is the window's last second: any transaction sent now is mined at or after the deadline,
+    where the contract refuses it (ChallengeWindowClosed). The platform says so (409) instead of answering 202 for
+    a challenge that can only revert while the escrow is finalized."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain)
+    index(capture)
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    chain.set_next_timestamp(package["deadline"] - 1)
+    chain.mine(1)
+    with capture(execute=True):
+        response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge",
+                                         challenge_body(funded, package))
+    assert response.status_code == 409 and error_code(response) == "challenge_window_closed", response.content
