@@ -6,6 +6,8 @@ the contract enforces (escrow.chain_clock).
 """
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
@@ -423,8 +425,10 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     done = {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
     # Active agreements past their end: used ones complete (the proposal below); from the escrow's reclaimAfter on,
     # when nothing can be proposed any more, every one whose escrow has nothing proposed is reclaimed for the buyer.
+    # A chain read that fails for one agreement (a node timing out, an escrow a reorg took) is logged and the others
+    # go on: raised, it would leave every agreement after it undone at every tick.
     for agreement in agreement_selectors.agreements_past_expiry(now=now_dt):
-        with agreement_context(agreement.pk):
+        with agreement_context(agreement.pk), _goes_on_after_chain_error("expiry"):
             terms = selectors.escrow_terms(agreement=agreement)
             if _proposal_period_over(terms, now=now):
                 if _reclaim(agreement, terms=terms):
@@ -434,17 +438,30 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
                 done["expired"] += 1
     stale = agreement_selectors.calls_stale_before(now=timezone.now())
     for agreement in agreement_selectors.agreements_ready_to_propose(stale_reservation_before=stale):
-        if settlement_propose(agreement_id=agreement.pk, now=now):
-            done["proposed"] += 1
+        with agreement_context(agreement.pk), _goes_on_after_chain_error("proposal"):
+            if settlement_propose(agreement_id=agreement.pk, now=now):
+                done["proposed"] += 1
     for agreement in agreement_selectors.agreements_proposed_below_their_last_receipt(now=now_dt):
-        if settlement_repropose(agreement_id=agreement.pk, now=now):
-            done["proposed"] += 1
+        with agreement_context(agreement.pk), _goes_on_after_chain_error("proposal"):
+            if settlement_repropose(agreement_id=agreement.pk, now=now):
+                done["proposed"] += 1
     for agreement in agreement_selectors.agreements_in_status(status=AgreementStatus.IN_CHALLENGE).filter(
             challenge_deadline__lte=now_dt):
-        with agreement_context(agreement.pk):
+        with agreement_context(agreement.pk), _goes_on_after_chain_error("finalize"):
             if _finalize(agreement, now=now):
                 done["finalizing"] += 1
     return done
+
+
+@contextmanager
+def _goes_on_after_chain_error(step: str) -> Iterator[None]:
+    """One agreement's step of the settlement tick: a chain error is logged (with the agreement, from the log
+    context) and the tick goes on; the step is tried again at the next tick."""
+    try:
+        yield
+    except chain.ChainError as error:
+        logger.warning("settlement step not done: the chain read failed", extra={
+            "step": step, "error": f"{type(error).__name__}: {error}"[:500]})
 
 
 def _reclaim(agreement: UsageAgreement, *, terms: tuple) -> ChainTransaction | None:

@@ -5,6 +5,7 @@ import pytest
 from django.core.management import call_command
 
 from agreements.models import UsageAgreement
+from escrow import chain as gateway
 from escrow import selectors, settlement
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, TxPurpose, TxStatus
 from sdk.typed_data import sign_typed_data
@@ -184,3 +185,38 @@ def test_a_challenge_no_block_can_carry_within_the_window_is_refused(
         response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge",
                                          challenge_body(funded, package))
     assert response.status_code == 409 and error_code(response) == "challenge_window_closed", response.content
+
+
+def test_one_agreement_whose_chain_read_fails_does_not_stop_the_settlement_of_the_others(
+        funded, escrow_chain, django_capture_on_commit_callbacks, monkeypatch):  # noqa: F811
+    """The settlement tick walks every agreement due: a chain read that fails for one (a node timing out on its
+    logs, an escrow a reorg took) is logged and the tick goes on with the others, instead of raising at the first
+    and leaving every agreement after it unsettled at every tick."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    second = funded.accepted_agreement(quantity=100)
+    funded.activate(second["id"], capture)
+    for agreement_id in (funded.agreement_id, second["id"]):
+        funded.agreement_id = agreement_id
+        call_n(funded, 2)
+        funded.buyer_api.post(f"/usage-agreements/{agreement_id}/complete")
+    with capture(execute=True):
+        assert settlement.settlement_tick()["proposed"] == 2
+    confirm_all(capture)
+    chain.increase_time(3601)
+
+    real, failing = selectors.escrow_terms, []
+
+    def terms_of(*, agreement):
+        if not failing or failing == [agreement.pk]:
+            failing[:] = [agreement.pk]
+            raise gateway.RpcUnavailable("read timed out")
+        return real(agreement=agreement)
+
+    monkeypatch.setattr(selectors, "escrow_terms", terms_of)
+    with capture(execute=True):
+        done = settlement.settlement_tick()
+    confirm_all(capture)
+    assert done["finalizing"] == 1
+    statuses = {str(agreement.pk): agreement.status for agreement in UsageAgreement.objects.all()}
+    assert statuses[str(failing[0])] == "in_challenge"
+    assert [status for pk, status in statuses.items() if pk != str(failing[0])] == ["settled"]
