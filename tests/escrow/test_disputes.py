@@ -1,5 +1,7 @@
-"""Challenges against a chain the platform's books lag behind: the seller's own proposal not indexed yet, the
-indexer applying the buyer's challenge before the relayer's receipt does."""
+"""Challenges against a chain the platform's books lag behind: the seller's own proposal or re-proposal not indexed
+yet, the indexer applying the buyer's challenge before the relayer's receipt does, a copy of the buyer's signed
+challenge mined first, the window's last second; and a settlement tick that goes on past one agreement's failed
+chain read."""
 
 import pytest
 from django.core.management import call_command
