@@ -872,11 +872,24 @@ def agreement_activation_retry_begin(*, agreement_id) -> None:
     agreement = _lock(agreement_id)
     if not can_activate(agreement):
         return  # funded since (the retry meets AgreementExists and moves nothing) or closed (its retry is refused)
+    _retry_policy_check(agreement)
+
+
+def agreement_direct_payment_retry_begin(*, agreement_id) -> None:
+    """An operator sends a direct purchase's failed fee permit, fee collection or payment again: the platform moves
+    the buyer's money now (the permit's allowance, the x402 authorization), so the buyer's owner policy as it is now
+    must allow it, as at accept (`_payment_policy_refusal`: else 403 naming the rule, and nothing changes); it then
+    counts against the buyer's caps from now. Call inside the transaction that queues the retry."""
+    _retry_policy_check(_lock(agreement_id))
+
+
+def _retry_policy_check(agreement: UsageAgreement) -> None:
+    """An operator's retry moves the buyer's money now: refused (403 naming the rule) unless its policy allows it."""
     refusal = _payment_policy_refusal(agreement)
     if refusal is not None:
         raise Forbidden(f"The buyer's owner policy refuses this payment now (rule {refusal.details.get('rule')}): "
                         f"{refusal.message}", code=refusal.code, details=refusal.details)
-    UsageAgreement.objects.filter(pk=agreement_id).update(funds_moved_at=timezone.now())
+    UsageAgreement.objects.filter(pk=agreement.pk).update(funds_moved_at=timezone.now())
 
 
 def agreement_activation_reopened(*, agreement_id, tx_hash: str) -> UsageAgreement:

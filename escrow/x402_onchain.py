@@ -503,6 +503,11 @@ def _direct_purchase_reopened(tx: ChainTransaction) -> None:
                                                         "purchase it refunds the fee of")
 
 
+def _direct_purchase_retry(tx: ChainTransaction) -> None:
+    """An operator's retry of a failed step moves the buyer's money again: its owner policy decides now."""
+    agreement_services.agreement_direct_payment_retry_begin(agreement_id=tx.agreement_id)
+
+
 def _direct_fee_refund_withdraw(agreement_id, *, reason: str) -> None:
     """The fee's refund not concluded yet is withdrawn: never sent when still queued, its nonce cancelled by a nonce
     fill when signed (`_direct_fee_refund_cancelled` says what came of it). One confirmed stands."""
@@ -573,12 +578,13 @@ def handlers_register() -> None:
                                          on_cancelled=_settlement_cancelled)
         relayer.finality_wait_register(purpose=purpose, spent_block=_invocation_payment_block)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_PERMIT, on_outcome=_direct_fee_permit_outcome,
-                                     read_evidence=_direct_fee_permit_evidence, on_reopened=_direct_purchase_reopened)
+                                     read_evidence=_direct_fee_permit_evidence, on_reopened=_direct_purchase_reopened,
+                                     on_retry=_direct_purchase_retry)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome,
-                                     on_reopened=_direct_purchase_reopened)
+                                     on_reopened=_direct_purchase_reopened, on_retry=_direct_purchase_retry)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome,
                                      read_evidence=_direct_payment_evidence, on_reopened=_direct_purchase_reopened,
-                                     watch_failed=_direct_payments_watched)
+                                     on_retry=_direct_purchase_retry, watch_failed=_direct_payments_watched)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome,
                                      on_reopened=_direct_fee_refund_reopened, on_cancelled=_direct_fee_refund_cancelled,
                                      on_cancel_undecided=_direct_fee_refund_cancel_undecided)

@@ -219,3 +219,52 @@ def test_a_seller_accepting_a_refused_direct_purchase_again_adds_no_event_for_th
     accept_refused("daily_cap")  # differs from the last one recorded
     assert events.count() == recorded + 2
     assert parties.agreement(agreement["id"])["status"] == "proposed"
+
+
+@pytest.mark.parametrize("step", ["direct_fee", "direct_payment"])
+def test_an_operators_retry_of_a_failed_direct_purchase_step_holds_to_the_buyers_policy(
+        escrow_chain, step, admin_client, django_capture_on_commit_callbacks):
+    """The admin's retry of a direct purchase's failed fee collection or payment moves the buyer's money again (the
+    fee permit's allowance, the x402 authorization): the buyer's policy as it is now decides, as at accept. Refused,
+    the operator is told the rule and nothing is queued; allowed, the purchase counts against the caps from the
+    retry."""
+    from escrow.models import TxStatus
+    from tests.escrow.flow import USDC, confirm_all, fund
+
+    capture = django_capture_on_commit_callbacks
+    purchase = DirectPurchase(escrow_chain)
+    parties = purchase.parties
+    fund(escrow_chain, purchase.treasury, USDC)  # the treasury's float for the fee's refund
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    usdc, buyer = escrow_chain.usdc, purchase.buyer.address
+    held = usdc.functions.balanceOf(buyer).call()
+    purchase.accept(agreement["id"], capture)
+    if step == "direct_fee":  # the buyer empties the wallet before the fee is collected
+        usdc.functions.transfer(escrow_chain.accounts.stranger.address, held).transact({"from": buyer})
+    confirm_all(capture)  # permit confirmed; the fee transfer is sent
+    if step == "direct_payment":  # ... and the buyer cancels the payment before it runs
+        purchase.cancel_authorization(body)
+    for _ in range(2):
+        confirm_all(capture)
+    failed = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose=step)
+    assert failed.status == TxStatus.FAILED
+    assert parties.agreement(agreement["id"])["status"] == "payment_failed"
+    sent = ChainTransaction.objects.filter(agreement_id=agreement["id"]).count()
+    set_policy(parties, {"blocked_sellers": [parties.seller.handle]})
+
+    def retry() -> str:
+        with capture(execute=False):
+            return admin_client.post("/admin/escrow/chaintransaction/",
+                                     {"action": "retry_failed", "_selected_action": [str(failed.pk)]},
+                                     follow=True).content.decode()
+
+    refused = retry()
+    assert "Queued 0 transaction(s) again." in refused and "blocked_sellers" in refused
+    assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == sent
+
+    set_policy(parties, {})
+    before = timezone.now()
+    assert "Queued 1 transaction(s) again." in retry()
+    assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == sent + 1
+    assert UsageAgreement.objects.get(pk=agreement["id"]).funds_moved_at >= before
