@@ -300,9 +300,12 @@ def _may_redeliver(modeladmin, request) -> bool:
 
 @admin.action(description="Send selected deliveries again", permissions=["redeliver"])
 def redeliver(modeladmin, request, queryset):
+    count = 0
     for delivery in queryset:
         webhooks.delivery_redeliver(delivery=delivery)
-    messages.success(request, f"Queued {queryset.count()} delivery(ies).")
+        modeladmin.log_change(request, delivery, "Redelivered")  # who sent it again, in the row's admin history
+        count += 1
+    messages.success(request, f"Queued {count} delivery(ies).")
 
 
 @admin.register(WebhookDelivery)

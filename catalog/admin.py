@@ -1,6 +1,7 @@
 """The operators' view of the catalog: agents, credentials, services, skills, tags.
 
 Writes with rules behind them go through catalog.services (revoking, deregistering); the admin only picks rows.
+Credentials are view only, revoked by the action: never edited (scope, expiry) nor deleted.
 Secrets are never shown: a credential's digest stays out of the pages, its prefix identifies it.
 """
 
@@ -106,6 +107,15 @@ class CredentialAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False  # The secret must be shown once at creation, which the API and commands do.
 
+    # A credential's powers (an API key's scope, an expiry) changed on its page changed silently what its holder may
+    # do, and a deleted one left no record of who had it: here one is only revoked (the action, which records who),
+    # and a new one is issued through the API.
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(CredentialAdmin):
@@ -114,8 +124,7 @@ class ApiKeyAdmin(CredentialAdmin):
     search_fields = ("prefix", "name", "agent__handle")
     list_select_related = ("agent",)
     fields = ("agent", "scope", *CREDENTIAL_FIELDS)
-    # A key stays with the agent it was issued to; revoking is the action above, not an edit of `revoked_at`.
-    readonly_fields = ("agent", "prefix", "created_at", "revoked_at", "last_used_at")
+    readonly_fields = fields
 
 
 @admin.register(OwnerToken)
@@ -124,7 +133,7 @@ class OwnerTokenAdmin(CredentialAdmin):
     search_fields = ("prefix", "name", "owner__username", "owner__email")
     list_select_related = ("owner",)
     fields = ("owner", *CREDENTIAL_FIELDS)
-    readonly_fields = ("owner", "prefix", "created_at", "revoked_at", "last_used_at")
+    readonly_fields = fields
 
 
 class SkillInline(admin.TabularInline):

@@ -43,6 +43,11 @@ class PolicyAdmin(admin.ModelAdmin):
         # The agent is the policy's key: changed here, it replaced the other agent's policy with this one.
         return (*self.readonly_fields, "agent") if obj is not None else self.readonly_fields
 
+    def has_delete_permission(self, request, obj=None):
+        # Deleted, the agent's caps and rules were gone with no record of who did it: an operator loosens a policy
+        # through its form, which policy_set records under their name.
+        return False
+
     def save_model(self, request, obj, form, change):
         # Through the service, which takes the lock proposals take, so a cap never changes under a proposal.
         services.policy_set(agent=obj.agent, actor=request.user, data=form.policy_data)
@@ -85,6 +90,9 @@ class ApprovalRequestAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False  # decided by the actions (policies.services), never edited
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # the owner's decision (or the request it waits on) is the audit trail of a payment
 
     def has_decide_permission(self, request) -> bool:
         return may_operate(request, ApprovalRequest)

@@ -1,14 +1,24 @@
 """What an operator writes in the admin is held to the rules the API holds agents and owners to, and an operator's
 action that moves money names who ran it."""
 
-import pytest
+from datetime import timedelta
 
-from agreements.models import FeeSchedule, WebhookSubscription
+import pytest
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+from django.utils import timezone
+
+from agreements.models import DeliveryStatus, FeeSchedule, WebhookDelivery, WebhookSubscription
+from catalog.models import ApiKey, OwnerToken
 from escrow import relayer
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
-from policies.models import Policy
+from policies.models import ApprovalRequest, Policy
 from tests.agreements.helpers import proposal
-from tests.catalog.factories import register_service
+from tests.catalog.factories import issue_key, issue_owner_token, register_service
+from tests.conftest import Api
+from tests.support.operators import operator_client
 
 pytestmark = pytest.mark.django_db
 
@@ -142,3 +152,84 @@ def test_a_retried_transaction_names_the_operator_who_retried_it(operator, setti
     assert retried.context.get(relayer.OPERATOR_RETRY_BY) == "operator"
     page = operator.get(f"/admin/escrow/chaintransaction/{retried.pk}/change/").content.decode()
     assert "retried by operator" in page
+
+
+def staff_client(settings, *codenames: str):
+    """A staff member (not a superuser) with only these permissions, logged in as operators are."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    staff = get_user_model().objects.create_user("staff", "staff@example.com", "staff-password", is_staff=True)
+    staff.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    return operator_client("staff", "staff-password")
+
+
+def test_staff_who_may_change_credentials_cannot_widen_a_keys_scope_nor_extend_its_expiry(settings, seller, owner):
+    """A key's powers changed silently on its admin page: a read key made admin, an expiring key or owner token
+    made everlasting. In the admin a credential is revoked (the action), never edited: a new one is issued through
+    the API, which shows its secret once."""
+    staff = staff_client(settings, "view_apikey", "change_apikey", "delete_apikey", "view_ownertoken",
+                         "change_ownertoken", "delete_ownertoken")
+    expires = timezone.now() + timedelta(days=1)
+    secret = issue_key(seller, scope="read")
+    key = ApiKey.objects.get(agent=seller)
+    ApiKey.objects.filter(pk=key.pk).update(expires_at=expires)
+    issue_owner_token(owner)
+    token = OwnerToken.objects.get(owner=owner)
+    OwnerToken.objects.filter(pk=token.pk).update(expires_at=expires)
+
+    staff.post(f"/admin/catalog/apikey/{key.pk}/change/",
+               {"name": key.name, "scope": "admin", "expires_at_0": "", "expires_at_1": ""})
+    staff.post(f"/admin/catalog/ownertoken/{token.pk}/change/",
+               {"name": token.name, "expires_at_0": "", "expires_at_1": ""})
+    for model, row in ((ApiKey, key), (OwnerToken, token)):
+        staff.post(f"/admin/catalog/{model._meta.model_name}/{row.pk}/delete/", {"post": "yes"})
+        staff.post(f"/admin/catalog/{model._meta.model_name}/",
+                   {"action": "delete_selected", ACTION_CHECKBOX_NAME: [str(row.pk)], "post": "yes"})
+
+    key, token = ApiKey.objects.get(pk=key.pk), OwnerToken.objects.get(pk=token.pk)
+    assert (key.scope, key.expires_at, token.expires_at) == ("read", expires, expires)
+    assert Api(secret).post("/agents/services", {}).status_code == 403  # still a read key
+    page = staff.get(f"/admin/catalog/apikey/{key.pk}/change/").content.decode()
+    assert 'name="scope"' not in page and 'name="expires_at_0"' not in page
+
+    staff.post("/admin/catalog/apikey/", {"action": "revoke_credentials", ACTION_CHECKBOX_NAME: [str(key.pk)]})
+    assert ApiKey.objects.get(pk=key.pk).revoked_at is not None  # revoking is what staff do to a key
+
+
+def test_staff_who_may_delete_policies_and_approvals_cannot_make_their_records_vanish(settings, buyer, buyer_api,
+                                                                                     seller):
+    """A deleted policy freed its agent of every cap and rule with no record of who did it; a deleted approval
+    request took the owner's decision (or the request the owner was to decide) with it. An operator loosens a
+    policy through its form (policy_set records who); requests are decided or expire."""
+    service = register_service(seller)
+    Api(issue_owner_token(buyer.owner)).put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201  # pending approval
+    policy, approval = Policy.objects.get(agent=buyer), ApprovalRequest.objects.get(agent=buyer)
+    staff = staff_client(settings, "view_policy", "change_policy", "delete_policy", "view_approvalrequest",
+                         "change_approvalrequest", "delete_approvalrequest")
+
+    for model, row in ((Policy, policy), (ApprovalRequest, approval)):
+        staff.post(f"/admin/policies/{model._meta.model_name}/{row.pk}/delete/", {"post": "yes"})
+        staff.post(f"/admin/policies/{model._meta.model_name}/",
+                   {"action": "delete_selected", ACTION_CHECKBOX_NAME: [str(row.pk)], "post": "yes"})
+
+    assert Policy.objects.filter(pk=policy.pk).exists() and ApprovalRequest.objects.filter(pk=approval.pk).exists()
+    for model, row in ((Policy, policy), (ApprovalRequest, approval)):
+        page = staff.get(f"/admin/policies/{model._meta.model_name}/{row.pk}/change/").content.decode()
+        assert "/delete/" not in page
+
+
+def test_a_webhook_redelivery_names_the_operator_who_asked_for_it(operator, seller,
+                                                                   django_capture_on_commit_callbacks):
+    """Sending an event again from the admin recorded no one; the retry of a transaction and a revocation do."""
+    subscription = WebhookSubscription.objects.create(agent=seller, url="https://hooks.example.com/x", secret="s")
+    delivery = WebhookDelivery.objects.create(subscription=subscription, event_type="agreement.proposed",
+                                              payload={}, status=DeliveryStatus.FAILED, last_error="HTTP 500",
+                                              next_attempt_at=timezone.now())
+
+    with django_capture_on_commit_callbacks(execute=False):
+        operator.post("/admin/agreements/webhookdelivery/",
+                      {"action": "redeliver", ACTION_CHECKBOX_NAME: [str(delivery.pk)]}, follow=True)
+
+    assert WebhookDelivery.objects.get(pk=delivery.pk).status == DeliveryStatus.PENDING
+    [entry] = LogEntry.objects.filter(object_id=str(delivery.pk))
+    assert (entry.user.username, entry.get_change_message()) == ("operator", "Redelivered")
