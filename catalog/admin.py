@@ -83,11 +83,6 @@ class AgentAdmin(admin.ModelAdmin):
     def has_revoke_permission(self, request) -> bool:
         return may_operate(request, ApiKey)
 
-    def save_model(self, request, obj, form, change) -> None:
-        super().save_model(request, obj, form, change)
-        # An agent added here, or given to another owner, sells only while that owner is active.
-        services.agents_owner_activity_sync(owner=obj.owner)
-
     def get_queryset(self, request) -> QuerySet[Agent]:
         return super().get_queryset(request).annotate(_service_count=Count("services"))
 

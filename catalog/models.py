@@ -38,8 +38,9 @@ class Agent(models.Model):
     is_buyer = models.BooleanField(default=True)
     is_seller = models.BooleanField(default=False)
     is_active = models.BooleanField(default=True)
-    # The owner's is_active, copied whenever the owner is saved (catalog.services.agents_owner_activity_sync): the
-    # catalog search's statement reads it on the agent's row it already joins, instead of joining the owners.
+    # The owner's is_active, kept in step by the database whatever writes the user or the agent (triggers: migration
+    # catalog 0018): the catalog search's statement reads it on the agent's row it already joins, instead of joining
+    # the owners.
     owner_is_active = models.BooleanField(
         default=True, editable=False,
         help_text="Whether the owner's account is active: an agent of a deactivated owner sells nothing, as a "

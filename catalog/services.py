@@ -40,15 +40,6 @@ class IssuedCredential:
     secret: str  # Shown once; only its digest is stored.
 
 
-def agents_owner_activity_sync(*, owner: AbstractBaseUser) -> int:
-    """Copy the owner's is_active onto its agents (`Agent.owner_is_active`, what search, the skill route and
-    proposals read): an owner deactivated stops its agents selling, reactivated lets them sell again. Called when a
-    user is saved (CatalogConfig.ready), in the transaction that saves it when there is one (the admin's); returns
-    how many agents changed."""
-    return Agent.objects.filter(owner=owner).exclude(owner_is_active=owner.is_active).update(
-        owner_is_active=owner.is_active)
-
-
 def agent_create(
     *,
     owner: AbstractBaseUser,

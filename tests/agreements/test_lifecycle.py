@@ -8,7 +8,7 @@ from django.utils import timezone
 from agreements.models import AgreementEvent, UsageAgreement
 from catalog.models import Agent, ServiceState
 from tests.agreements.helpers import propose, proposal
-from tests.catalog.factories import AgentFactory, issue_key, register_service
+from tests.catalog.factories import AgentFactory, UserFactory, issue_key, register_service
 from tests.conftest import Api, codes_at, error_code
 
 pytestmark = pytest.mark.django_db
@@ -217,6 +217,39 @@ def test_the_service_of_a_seller_whose_owner_is_deactivated_is_not_sold(buyer_ap
     seller.owner.is_active = True
     seller.owner.save()
     assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+
+
+def test_the_service_of_a_seller_whose_owner_is_deactivated_by_a_set_based_update_is_not_sold(buyer_api, seller,
+                                                                                             service):
+    """The agents' copy of the owner's activity (`Agent.owner_is_active`) was written by a receiver of the user's
+    save only: an owner deactivated by a set-based update (a shell, a script, a bulk deactivation) kept selling
+    until it was saved again. The database copies it now, whatever writes the user."""
+    owners = type(seller.owner).objects.filter(pk=seller.owner.pk)
+    owners.update(is_active=False)
+    refused = buyer_api.post("/usage-agreements", proposal(service))
+    assert refused.status_code == 400 and error_code(refused) == "seller_deactivated"
+
+    owners.update(is_active=True)
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+
+
+def test_an_agent_saved_from_a_stale_copy_or_given_to_another_owner_sells_as_its_owner_is_active(
+        buyer_api, seller, service):
+    """A save of an agent read before its owner was deactivated wrote the old copy of the owner's activity back, and
+    an agent moved to a deactivated owner by an update kept its old owner's."""
+    stale = Agent.objects.get(pk=seller.pk)
+    type(seller.owner).objects.filter(pk=seller.owner.pk).update(is_active=False)
+    stale.display_name = "Renamed"
+    stale.save()
+    assert not Agent.objects.get(pk=seller.pk).owner_is_active
+
+    active_owner = UserFactory()
+    Agent.objects.filter(pk=seller.pk).update(owner=active_owner)
+    assert Agent.objects.get(pk=seller.pk).owner_is_active
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+    inactive_owner = UserFactory(is_active=False)
+    Agent.objects.filter(pk=seller.pk).update(owner=inactive_owner)
+    assert not Agent.objects.get(pk=seller.pk).owner_is_active
 
 
 def test_seller_only_agents_cannot_buy(seller_api, service):

@@ -453,18 +453,27 @@ def test_deregistered_services_and_inactive_sellers_are_hidden(seller, seller_ap
     assert search(buyer_api, seller=seller.handle)["results"][0]["id"] == str(visible.pk)
 
 
+def _owner_activity_set(owner, active: bool, how: str) -> None:
+    if how == "saved":
+        owner.is_active = active
+        owner.save()
+    else:  # a set-based update (a shell, a data migration, a bulk deactivation): no save, no signal
+        type(owner).objects.filter(pk=owner.pk).update(is_active=active)
+
+
 @pytest.mark.postgres
-def test_the_services_of_a_seller_whose_owner_is_deactivated_are_hidden_until_it_is_reactivated(seller, buyer_api):
-    """Its keys were refused, but search (text, typo-tolerant, filters) still listed its services."""
+@pytest.mark.parametrize("how", ["saved", "updated"])
+def test_the_services_of_a_seller_whose_owner_is_deactivated_are_hidden_until_it_is_reactivated(seller, buyer_api,
+                                                                                                 how):
+    """Its keys were refused, but search (text, typo-tolerant, filters) still listed its services; and when the owner
+    was deactivated by a set-based update rather than a save, until the owner was saved again."""
     listing(seller, "Invoice extractor")
     owner = seller.owner
-    owner.is_active = False
-    owner.save()
+    _owner_activity_set(owner, False, how)
     for body in ({"q": "invoice extractor"}, {"q": "invoce extracter"}, {}, {"seller": seller.handle}):
         assert names(buyer_api, **body) == [], body
 
-    owner.is_active = True
-    owner.save()
+    _owner_activity_set(owner, True, how)
     for body in ({"q": "invoice extractor"}, {"q": "invoce extracter"}, {}, {"seller": seller.handle}):
         assert names(buyer_api, **body) == ["Invoice extractor"], body
 
