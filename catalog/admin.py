@@ -74,11 +74,23 @@ class AgentAdmin(admin.ModelAdmin):
                     "owner_is_active", "service_count", "created_at")
     list_filter = ("is_active", "owner_is_active", "is_buyer", "is_seller")
     search_fields = ("handle", "display_name", "wallet_address", "owner__username", "owner__email")
-    readonly_fields = ("id", "owner_is_active", "created_at")
+    # What the API fixes at an agent's creation stays as it was: its wallet (a seller's next sales are paid to it),
+    # its handle (owners' policies allow and block sellers by it), its owner (who holds its keys and policy), its
+    # roles. Staff deactivate an agent or correct its display name; agents are created through the API (the owner's
+    # limit, reserved handles) and deactivated, never deleted (their keys, policy and approvals are their record).
+    fields = ("id", "handle", "display_name", "owner", "wallet_address", "is_buyer", "is_seller", "is_active",
+              "owner_is_active", "created_at")
+    readonly_fields = ("id", "handle", "owner", "wallet_address", "is_buyer", "is_seller", "owner_is_active",
+                       "created_at")
     list_select_related = ("owner",)
-    autocomplete_fields = ("owner",)
     inlines = [ApiKeyInline]
     actions = [revoke_agent_keys]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
 
     def has_revoke_permission(self, request) -> bool:
         return may_operate(request, ApiKey)
@@ -211,8 +223,21 @@ class SkillAdmin(admin.ModelAdmin):
 
 @admin.register(Tag)
 class TagAdmin(admin.ModelAdmin):
+    """View only: tags come with sellers' listings through the API. Renamed or deleted here, every listing bearing
+    one changed with its search data left as it was, and owners' policies blocking it (`blocked_tags`) no longer
+    matched."""
+
     list_display = ("name", "service_count")
     search_fields = ("name",)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
 
     def get_queryset(self, request) -> QuerySet[Tag]:
         return super().get_queryset(request).annotate(

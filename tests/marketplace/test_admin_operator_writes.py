@@ -233,3 +233,52 @@ def test_a_webhook_redelivery_names_the_operator_who_asked_for_it(operator, sell
     assert WebhookDelivery.objects.get(pk=delivery.pk).status == DeliveryStatus.PENDING
     [entry] = LogEntry.objects.filter(object_id=str(delivery.pk))
     assert (entry.user.username, entry.get_change_message()) == ("operator", "Redelivered")
+
+
+def test_staff_who_may_change_agents_only_deactivate_or_rename_them(settings, buyer, buyer_api, seller):
+    """The change permission on agents is what deactivating one takes; with it, staff rewrote what the API fixes at
+    an agent's creation: its wallet (a seller's next sales paid to whoever typed it), its handle (the name owners'
+    policies allow or block sellers by), its owner (the agent, its keys and its policy handed to another account),
+    its roles; added agents past the owner's limit or under reserved handles; and deleted one with its keys and
+    policy. Only its display name and whether it is active change here now."""
+    service = register_service(seller)
+    Api(issue_owner_token(buyer.owner)).put(f"/agents/{buyer.pk}/policies", {"blocked_sellers": [seller.handle]})
+    staff = staff_client(settings, "view_agent", "change_agent", "add_agent", "delete_agent")
+    other_owner = get_user_model().objects.create_user("other-owner")
+    wallet = seller.wallet_address
+    form = {"handle": "renamed-seller", "display_name": "Renamed", "wallet_address": "0x" + "ab" * 20,
+            "owner": other_owner.pk, "is_buyer": "on", "is_active": "on", "api_keys-TOTAL_FORMS": 0,
+            "api_keys-INITIAL_FORMS": 0}
+
+    staff.post(f"/admin/catalog/agent/{seller.pk}/change/", form)
+    staff.post("/admin/catalog/agent/add/", {**form, "handle": "admin"})
+    staff.post(f"/admin/catalog/agent/{buyer.pk}/delete/", {"post": "yes"})
+
+    seller.refresh_from_db()
+    assert (seller.handle, seller.wallet_address, seller.owner_id, seller.is_buyer, seller.is_seller) == (
+        "seller-one", wallet, seller.owner_id, False, True)
+    assert seller.display_name == "Renamed"
+    assert not type(seller).objects.filter(handle="admin").exists() and type(seller).objects.filter(pk=buyer.pk)
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 403  # still blocked by handle
+
+    response = staff.post(f"/admin/catalog/agent/{seller.pk}/change/", {**form, "is_active": ""})
+    assert response.status_code == 302
+    assert not type(seller).objects.get(pk=seller.pk).is_active
+
+
+def test_staff_who_may_change_tags_cannot_rename_or_delete_one(settings, buyer, buyer_api, seller):
+    """A tag renamed or deleted in the admin changed every listing bearing it with its search data left as it was,
+    and freed buyers of the owners' policies that block it (`blocked_tags` names tags)."""
+    from catalog.models import Tag
+
+    service = register_service(seller, tags=["gambling"])
+    Api(issue_owner_token(buyer.owner)).put(f"/agents/{buyer.pk}/policies", {"blocked_tags": ["gambling"]})
+    tag = Tag.objects.get(name="gambling")
+    staff = staff_client(settings, "view_tag", "change_tag", "delete_tag")
+
+    staff.post(f"/admin/catalog/tag/{tag.pk}/change/", {"name": "games"})
+    staff.post("/admin/catalog/tag/", {"action": "delete_selected", ACTION_CHECKBOX_NAME: [str(tag.pk)],
+                                       "post": "yes"})
+
+    assert list(service.tags.values_list("name", flat=True)) == ["gambling"]
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 403
