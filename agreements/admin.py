@@ -283,10 +283,14 @@ class WebhookSubscriptionAdmin(admin.ModelAdmin):
         return f"{obj.secret[:10]}…" if obj.secret else ""
 
     def get_readonly_fields(self, request, obj=None):
-        # A deleted subscription's secrets are erased: it could only sign with an empty key, so it stays deleted
-        # (its agent subscribes anew).
+        # A subscription stays with its agent: given another, that agent's events went to this one's URL, signed with
+        # this one's secret. A deleted subscription's secrets are erased: it could only sign with an empty key, so it
+        # stays deleted (its agent subscribes anew).
         deleted = obj is not None and not obj.is_active
-        return (*self.readonly_fields, "is_active") if deleted else self.readonly_fields
+        return (*self.readonly_fields, "agent", *(("is_active",) if deleted else ()))
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # deleted by unticking it, as the API deletes it: its secrets erased, its deliveries' log kept
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)

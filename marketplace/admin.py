@@ -263,22 +263,23 @@ OPERATOR_POWERS = ("is_staff", "is_superuser", "groups", "user_permissions")
 
 class AccountAdmin(UserAdmin):
     """Django's user admin, where staff who may change users (to deactivate an owner) neither give anyone an
-    operator's powers (superuser, staff, groups, permissions: themselves first) nor change a superuser's account (its
-    password among them). Only a superuser does."""
+    operator's powers (superuser, staff, groups, permissions: themselves first) nor change another operator's account
+    (a staff or superuser account: its password or e-mail among them). Only a superuser does. No account is deleted
+    here: its admin history would go with it (Django's log entries are deleted with their user), and the policies it
+    set and approvals it decided would name no one; an account is deactivated."""
 
     def get_readonly_fields(self, request, obj=None):
         readonly = super().get_readonly_fields(request, obj)
         return readonly if request.user.is_superuser else (*readonly, *OPERATOR_POWERS)
 
     def has_change_permission(self, request, obj=None):
-        if obj is not None and obj.is_superuser and not request.user.is_superuser:
+        operators_account = obj is not None and (obj.is_superuser or obj.is_staff) and obj.pk != request.user.pk
+        if operators_account and not request.user.is_superuser:
             return False
         return super().has_change_permission(request, obj)
 
     def has_delete_permission(self, request, obj=None):
-        if obj is not None and obj.is_superuser and not request.user.is_superuser:
-            return False
-        return super().has_delete_permission(request, obj)
+        return False
 
 
 admin.site.unregister(get_user_model())

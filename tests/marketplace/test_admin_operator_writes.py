@@ -282,3 +282,58 @@ def test_staff_who_may_change_tags_cannot_rename_or_delete_one(settings, buyer, 
 
     assert list(service.tags.values_list("name", flat=True)) == ["gambling"]
     assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 403
+
+
+def test_a_webhook_subscription_stays_with_its_agent_and_is_not_deleted_with_its_log(operator, buyer, seller,
+                                                                                    seller_api):
+    """Given another agent on its page, a subscription sent that agent's agreement events to the first agent's URL,
+    signed with the first agent's secret; deleted (the page's Delete, "delete selected"), it took its deliveries'
+    log with it. An agent's subscription is deleted by unticking it, as the API deletes it (secrets erased, the log
+    kept)."""
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    subscription = WebhookSubscription.objects.get(pk=webhook["id"])
+    WebhookDelivery.objects.create(subscription=subscription, event_type="agreement.proposed", payload={},
+                                   status=DeliveryStatus.DELIVERED, next_attempt_at=timezone.now())
+    page = f"/admin/agreements/webhooksubscription/{webhook['id']}/"
+
+    operator.post(page + "change/", {**SUBSCRIPTION_FORM, "agent": buyer.pk, "url": webhook["url"]})
+    operator.post(page + "delete/", {"post": "yes"})
+    operator.post("/admin/agreements/webhooksubscription/",
+                  {"action": "delete_selected", ACTION_CHECKBOX_NAME: [webhook["id"]], "post": "yes"})
+
+    subscription = WebhookSubscription.objects.get(pk=webhook["id"])
+    assert subscription.agent_id == seller.pk and subscription.deliveries.count() == 1
+
+
+def test_no_account_is_deleted_in_the_admin_and_staff_accounts_are_changed_by_superusers_only(operator, settings,
+                                                                                            owner):
+    """Deleting an account deleted its admin history with it (Django's log entries go with their user) and left the
+    policies it set and the approvals it decided naming no one: accounts are deactivated. And staff who may change
+    users (to deactivate an owner) set another operator's password or e-mail, which is half of taking the account."""
+    from django.urls import reverse
+
+    from tests.catalog.test_admin import _owner_form
+
+    colleague = get_user_model().objects.create_user("colleague", "colleague@example.com", "colleague-password",
+                                                     is_staff=True)
+    colleague.user_permissions.add(*Permission.objects.filter(codename="change_chaintransaction"))
+    LogEntry.objects.log_actions(user_id=colleague.pk, queryset=get_user_model().objects.filter(pk=owner.pk),
+                                 action_flag=2, change_message="Revoked")
+    for user in (colleague, owner):
+        operator.post(reverse("admin:auth_user_delete", args=[user.pk]), {"post": "yes"})
+        operator.post(reverse("admin:auth_user_changelist"),
+                      {"action": "delete_selected", ACTION_CHECKBOX_NAME: [str(user.pk)], "post": "yes"})
+    assert get_user_model().objects.filter(pk__in=[colleague.pk, owner.pk]).count() == 2
+    assert LogEntry.objects.filter(user=colleague).exists()
+
+    support = staff_client(settings, "view_user", "change_user")
+    password_page = reverse("admin:auth_user_password_change", args=[colleague.pk])
+    support.post(password_page, {"password1": "taken-over-1234", "password2": "taken-over-1234"})
+    support.post(reverse("admin:auth_user_change", args=[colleague.pk]),
+                 {**_owner_form(colleague, active=True), "email": "support@example.com"})
+    colleague = get_user_model().objects.get(pk=colleague.pk)
+    assert colleague.check_password("colleague-password") and colleague.email == "colleague@example.com"
+
+    response = support.post(reverse("admin:auth_user_change", args=[owner.pk]), _owner_form(owner, active=False))
+    assert response.status_code == 302  # an owner's account is still deactivated by such staff
+    assert not get_user_model().objects.get(pk=owner.pk).is_active
