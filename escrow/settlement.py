@@ -289,9 +289,15 @@ def _challenge_outcome(tx: ChainTransaction) -> None:
 
 @logs_name_the_agreement
 def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operator) -> ChainTransaction:
+    """The arbiter's decision of a dispute (`operator`: the staff user deciding, None for the platform's own
+    refunds): not by an operator who owns the buyer or the seller (403 `operator_is_party`), who would decide their
+    own dispute; another operator does."""
     terms = selectors.escrow_terms(agreement=agreement)
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
+        if operator is not None and operator.pk in Agent.objects.filter(
+                pk__in=[agreement.buyer_id, agreement.seller_id]).values_list("owner_id", flat=True):
+            raise Forbidden("You own a party to this dispute: another operator decides it.", code="operator_is_party")
         if not can_resolve(agreement):
             raise Conflict(f"Only a disputed agreement is resolved; this one is {agreement.status}.",
                            code="invalid_transition", details={"status": agreement.status})

@@ -564,3 +564,22 @@ def test_a_reclaim_past_reclaim_after_charges_the_answered_calls_whose_process_d
     assert_reclaimed_for_the_buyer(funded, chain, funded.agreement_id, seller_unpaid=80_000)
     assert UsageAgreement.objects.get(pk=funded.agreement_id).reserved == 0
     assert not CallIntent.objects.filter(agreement_id=funded.agreement_id).exists()
+
+
+def test_an_operator_who_owns_a_party_cannot_resolve_its_dispute(funded, escrow_chain,
+                                                                 django_capture_on_commit_callbacks):
+    """Staff who may resolve disputes and own the seller (or the buyer) decided their own dispute: the whole deposit
+    to themselves. Another operator decides it."""
+    dispute(funded, escrow_chain, django_capture_on_commit_callbacks)
+    for party in (funded.seller, funded.buyer):
+        party.owner.is_staff = True
+        party.owner.save()
+        party.owner.user_permissions.add(*Permission.objects.filter(codename="change_dispute"))
+        refused = Api(issue_owner_token(party.owner)).post(f"/usage-agreements/{funded.agreement_id}/resolve",
+                                                           {"seller_amount_atomic": 0})
+        assert refused.status_code == 403 and error_code(refused) == "operator_is_party", refused.content
+    assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RESOLVE).exists()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert staff_owner_api("change_dispute").post(f"/usage-agreements/{funded.agreement_id}/resolve",
+                                                      {"seller_amount_atomic": 0}).status_code == 202
