@@ -291,8 +291,18 @@ admin.site.register(get_user_model(), AccountAdmin)
 OPERATOR_SEARCH = user_model_search_fields([get_user_model().USERNAME_FIELD, "email"])  # as django-otp's admins
 
 
+class SecondFactorAdmin(admin.ModelAdmin):
+    """Another operator's second factor is a superuser's to delete: staff who may delete devices (for a colleague who
+    lost their phone) deleted every superuser's, locking them out until someone with a shell enrolled them again."""
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and obj.user_id != request.user.pk and not request.user.is_superuser:
+            return False
+        return super().has_delete_permission(request, obj)
+
+
 @admin.register(AuthenticatorAppDevice)
-class OperatorDeviceAdmin(admin.ModelAdmin):
+class OperatorDeviceAdmin(SecondFactorAdmin):
     """Operators' authenticator apps (TOTP devices), listed, and deleted when an operator loses their phone or leaves;
     neither the key nor its sealed form is shown. They are enrolled only by `manage.py admin_totp_enrol`, never here:
     the add form would show the new key, and editing a device would change a credential by hand."""
@@ -313,7 +323,7 @@ class OperatorDeviceAdmin(admin.ModelAdmin):
 
 
 @admin.register(RecoveryCodeDevice)
-class OperatorRecoveryCodesAdmin(admin.ModelAdmin):
+class OperatorRecoveryCodesAdmin(SecondFactorAdmin):
     """An operator's recovery codes, listed with how many are left and deleted as TOTP devices are; the database keeps
     only the codes' digests, so there is nothing to show, and they are issued only by `manage.py admin_totp_enrol`,
     for the reasons devices are."""

@@ -337,3 +337,22 @@ def test_no_account_is_deleted_in_the_admin_and_staff_accounts_are_changed_by_su
     response = support.post(reverse("admin:auth_user_change", args=[owner.pk]), _owner_form(owner, active=False))
     assert response.status_code == 302  # an owner's account is still deactivated by such staff
     assert not get_user_model().objects.get(pk=owner.pk).is_active
+
+
+def test_staff_who_may_delete_second_factors_cannot_delete_another_operators(settings):
+    """Staff who may delete devices (for an operator who lost their phone) deleted every superuser's authenticator
+    app and recovery codes, locking them out of the admin until someone with a shell enrolled them again. Another
+    operator's second factor is a superuser's to delete."""
+    from marketplace.models import AuthenticatorAppDevice, RecoveryCodeDevice
+    from tests.support.operators import enrol
+
+    get_user_model().objects.create_superuser("root", "root@example.com", "root-password")
+    enrol("root")
+    staff = staff_client(settings, "view_authenticatorappdevice", "delete_authenticatorappdevice",
+                         "view_recoverycodedevice", "delete_recoverycodedevice")
+    for model in (AuthenticatorAppDevice, RecoveryCodeDevice):
+        device = model.objects.get(user__username="root")
+        page = f"/admin/marketplace/{model._meta.model_name}/"
+        staff.post(f"{page}{device.pk}/delete/", {"post": "yes"})
+        staff.post(page, {"action": "delete_selected", ACTION_CHECKBOX_NAME: [str(device.pk)], "post": "yes"})
+        assert model.objects.filter(pk=device.pk).exists(), model
