@@ -35,6 +35,7 @@ from marketplace.admin import (
     address_column,
     agreement_link,
     amount_column,
+    SecretsUnfiltered,
     may_operate,
     rotation_overlap_column,
     short_hex_html,
@@ -262,12 +263,13 @@ class WebhookSubscriptionForm(forms.ModelForm):
 
 
 @admin.register(WebhookSubscription)
-class WebhookSubscriptionAdmin(admin.ModelAdmin):
+class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
     list_display = ("short_id", "agent", "url", "is_active", "created_at")
     list_filter = ("is_active",)
     search_fields = ("url", "agent__handle")
     readonly_fields = ("secret_hint", "secret_rotation", "created_at")
     exclude = ("secret", "previous_secret", "previous_secret_expires_at")
+    secret_fields = ("secret", "previous_secret")
     formfield_overrides = URLS_ASSUME_HTTPS
     form = WebhookSubscriptionForm
     inlines = [DeliveryInline]

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from catalog import services
 from catalog.models import Agent, ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
-from marketplace.admin import may_operate, rotation_overlap_column
+from marketplace.admin import SecretsUnfiltered, may_operate, rotation_overlap_column
 
 CREDENTIAL_FIELDS = ("name", "prefix", "created_at", "expires_at", "revoked_at", "last_used_at")
 
@@ -103,8 +103,9 @@ class AgentAdmin(admin.ModelAdmin):
         return agent._service_count
 
 
-class CredentialAdmin(admin.ModelAdmin):
+class CredentialAdmin(SecretsUnfiltered, admin.ModelAdmin):
     list_filter = (CredentialStatusFilter,)
+    secret_fields = ("secret_digest",)
     actions = [revoke_credentials]
     date_hierarchy = "created_at"
 
@@ -165,7 +166,7 @@ def deregister_services(modeladmin, request, queryset):
 
 
 @admin.register(Service)
-class ServiceAdmin(admin.ModelAdmin):
+class ServiceAdmin(SecretsUnfiltered, admin.ModelAdmin):
     list_display = ("name", "seller", "state", "pricing_type", "unit_price", "token", "upstream_protocol",
                     "availability", "created_at")
     list_filter = ("state", "pricing_type", "upstream_protocol", "availability", "token", "seller__is_active")
@@ -173,6 +174,7 @@ class ServiceAdmin(admin.ModelAdmin):
     # The HMAC keys sellers verify proxied calls with stay secret; `secret_rotation` tells whether two sign.
     _hidden = ("search_vector", "proxy_secret", "previous_proxy_secret", "previous_proxy_secret_expires_at")
     exclude = _hidden
+    secret_fields = ("proxy_secret", "previous_proxy_secret")
     list_select_related = ("seller",)
     date_hierarchy = "created_at"
     inlines = [SkillInline]

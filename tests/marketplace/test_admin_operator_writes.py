@@ -356,3 +356,29 @@ def test_staff_who_may_delete_second_factors_cannot_delete_another_operators(set
         staff.post(f"{page}{device.pk}/delete/", {"post": "yes"})
         staff.post(page, {"action": "delete_selected", ACTION_CHECKBOX_NAME: [str(device.pk)], "post": "yes"})
         assert model.objects.filter(pk=device.pk).exists(), model
+
+
+@pytest.mark.parametrize(("page", "field"), [
+    ("catalog/service", "proxy_secret"), ("catalog/service", "previous_proxy_secret"),
+    ("agreements/webhooksubscription", "secret"), ("agreements/webhooksubscription", "previous_secret"),
+    ("catalog/apikey", "secret_digest"), ("catalog/ownertoken", "secret_digest"),
+    ("marketplace/authenticatorappdevice", "sealed_key"),
+])
+def test_the_admin_lists_filter_by_no_secret(operator, seller, seller_api, owner, page, field):
+    """Django's change lists take a filter on any of the model's own fields from the address, e.g.
+    `?proxy_secret__startswith=psk_a`: whether a row is listed told staff the secret the page never shows, a
+    character at a time. A filter on a secret is refused (400), as Django's own user admin refuses one on passwords."""
+    from catalog.models import Service
+
+    register_service(seller)
+    seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"})
+    issue_owner_token(owner)  # and the operator's own authenticator app, enrolled to log in
+    model = {"catalog/service": Service, "agreements/webhooksubscription": WebhookSubscription,
+             "catalog/apikey": ApiKey, "catalog/ownertoken": OwnerToken}.get(page)
+    if model is None:
+        from marketplace.models import AuthenticatorAppDevice as model
+    model.objects.update(**{field: "s3cret"})
+
+    for guess in ("s", "x"):
+        response = operator.get(f"/admin/{page}/", {f"{field}__startswith": guess})
+        assert response.status_code == 400, (guess, response.status_code)
