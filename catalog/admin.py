@@ -194,6 +194,9 @@ class ServiceAdmin(SecretsUnfiltered, admin.ModelAdmin):
     def has_change_permission(self, request, obj=None):
         return False  # every field is read-only: a view page, without a Save button
 
+    def has_delete_permission(self, request, obj=None):
+        return False  # deregistered (the action), kept for history, as the API withdraws a listing
+
     def has_deregister_permission(self, request) -> bool:
         return may_operate(request, Service)
 

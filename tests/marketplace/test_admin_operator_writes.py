@@ -382,3 +382,20 @@ def test_the_admin_lists_filter_by_no_secret(operator, seller, seller_api, owner
     for guess in ("s", "x"):
         response = operator.get(f"/admin/{page}/", {f"{field}__startswith": guess})
         assert response.status_code == 400, (guess, response.status_code)
+
+
+def test_staff_who_may_delete_services_only_deregister_them(settings, seller, buyer_api):
+    """A listing deleted in the admin was gone from the seller's own list with its skills and no state saying why
+    (the API and the admin's action deregister: hidden from search, kept for history)."""
+    from catalog.models import Service
+
+    service = register_service(seller, skills=[])  # one with skills was kept by the skills' own admin
+    staff = staff_client(settings, "view_service", "change_service", "delete_service")
+
+    staff.post(f"/admin/catalog/service/{service.pk}/delete/", {"post": "yes"})
+    staff.post("/admin/catalog/service/", {"action": "delete_selected", ACTION_CHECKBOX_NAME: [str(service.pk)],
+                                           "post": "yes"})
+    assert Service.objects.filter(pk=service.pk).exists()
+
+    staff.post("/admin/catalog/service/", {"action": "deregister_services", ACTION_CHECKBOX_NAME: [str(service.pk)]})
+    assert Service.objects.get(pk=service.pk).state == "deregistered"
