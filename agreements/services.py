@@ -999,6 +999,11 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
     agreement = _lock(subject_id)
     if agreement.status != S.PENDING_APPROVAL:
         return  # cancelled by the buyer meanwhile: nothing left to decide
+    if (outcome == "approved" and actor is not None and actor.pk == agreement.seller.owner_id
+            and actor.pk != agreement.buyer.owner_id):
+        # An operator who owns the seller would consent, for the buyer's owner, to a payment to their own agent.
+        raise Forbidden("You own the seller of this purchase: the buyer's owner, or another operator, approves it.",
+                        code="approver_owns_the_seller")
     changes, reason = None, note or f"owner {outcome}"
     if to == S.PROPOSED:
         now = timezone.now()

@@ -399,3 +399,24 @@ def test_staff_who_may_delete_services_only_deregister_them(settings, seller, bu
 
     staff.post("/admin/catalog/service/", {"action": "deregister_services", ACTION_CHECKBOX_NAME: [str(service.pk)]})
     assert Service.objects.get(pk=service.pk).state == "deregistered"
+
+
+def test_an_operator_who_owns_the_seller_cannot_approve_a_purchase_from_it(operator, buyer, buyer_api, seller):
+    """An approval is the buyer's owner's consent to pay; an operator may give it in the admin. One who owns the
+    seller approved buyers' purchases from their own agent past the caps the buyers' owners set. Refused (the
+    request stays pending); another operator, or the buyer's owner, decides."""
+    from agreements.models import UsageAgreement
+    from catalog.models import Agent
+
+    service = register_service(seller)
+    Api(issue_owner_token(buyer.owner)).put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    agreement = buyer_api.post("/usage-agreements", proposal(service)).json()
+    approval = ApprovalRequest.objects.get(agent=buyer)
+    Agent.objects.filter(pk=seller.pk).update(owner=get_user_model().objects.get(username="operator"))
+
+    page = operator.post("/admin/policies/approvalrequest/",
+                         {"action": "approve_requests", ACTION_CHECKBOX_NAME: [str(approval.pk)]}, follow=True)
+
+    assert "Approved 0 request(s)." in page.content.decode()
+    assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
+    assert UsageAgreement.objects.get(pk=agreement["id"]).status == "pending_approval"
