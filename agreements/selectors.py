@@ -246,9 +246,11 @@ def agreements_ready_to_propose(*, stale_reservation_before):
 
 def agreements_proposed_below_their_last_receipt(*, now):
     """In challenge, the window still open, with a usage receipt of a higher seq than the one proposed on-chain (a
-    seller's proposal of one of its earlier receipts)."""
-    return UsageAgreement.objects.filter(status=AgreementStatus.IN_CHALLENGE, challenge_deadline__gt=now,
-                                         proposed_seq__lt=F("usage_seq"))
+    seller's proposal of one of its earlier receipts), or with receipts and no record of the seq proposed (one in
+    challenge before `proposed_seq` was kept, that agreements 0020 found no evidence for): the re-proposal reads the
+    chain's lastSeq, and proposes only a higher receipt."""
+    return UsageAgreement.objects.filter(status=AgreementStatus.IN_CHALLENGE, challenge_deadline__gt=now).filter(
+        Q(proposed_seq__lt=F("usage_seq")) | Q(proposed_seq__isnull=True, usage_seq__gt=0))
 
 
 def agreements_past_expiry(*, now):
