@@ -734,8 +734,8 @@ def escrow_terms(onchain_id: str, *, buyer: str, from_block: int | None = None) 
 
 
 def escrow_closing_event(name: str, onchain_id: str, *, buyer: str) -> dict | None:
-    """`buyer`'s escrow `onchain_id`'s event `name` that closed it (Settled or Reclaimed: an escrow closes once),
-    decoded; None when there is none on the chain. Searched from the newest span back, so the search ends at the
+    """`buyer`'s escrow `onchain_id`'s event `name` that closed it (Settled or Reclaimed: an escrow closes once; for
+    one that happens more than once, SettlementProposed, the newest), decoded; None when there is none on the chain. Searched from the newest span back, so the search ends at the
     span that holds it."""
     found = _escrow_events(name, onchain_id, buyer, from_block=chainconfig.escrow_deployment_block(),
                            to_block=latest_block_number(), newest_first=True)

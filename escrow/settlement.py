@@ -138,12 +138,45 @@ def _proposal_due(failures: list[ChainTransaction]) -> bool:
 
 def _proposal_evidence(tx: ChainTransaction) -> dict:
     if tx.status != TxStatus.CONFIRMED:
-        return {}
+        return _proposed_by_another(tx)
     return {"challenge_deadline": selectors.onchain_escrow(agreement=tx.agreement)["challengeDeadline"]}
+
+
+def _proposed_by_another(tx: ChainTransaction) -> dict:
+    """The seller (or anyone with the operator role) may propose too: a failed proposal of ours may have failed
+    because theirs of the same or a higher receipt was mined first (StaleReceipt; InvalidState when the escrow was
+    challenged or settled since), which did what ours would have. Then, as `_done_by_another`, the newest
+    SettlementProposed event (its seq is the escrow's lastSeq) with its transaction and block: no failure on the
+    dashboard, none the proposal backoff counts (`selectors.proposal_failures`), and a reorg that takes that block
+    reopens ours. Else nothing. The escrow's state is read first, so one that failed for another reason reads no
+    logs."""
+    agreement = tx.agreement
+    terms = selectors.escrow_terms(agreement=agreement)
+    state, _, last_seq = chain.call(chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:3]
+    if (list(selectors.EscrowState)[state] not in _PROPOSED_SINCE or "seq" not in tx.context
+            or int(last_seq) < int(tx.context["seq"])):
+        return {}
+    proposed = chain.escrow_closing_event("SettlementProposed", agreement.onchain_id,
+                                          buyer=Web3.to_checksum_address(agreement.buyer_wallet_address))
+    if proposed is None or int(proposed["args"]["seq"]) < int(tx.context["seq"]):
+        return {}
+    return {DONE_BY: _hex32(proposed["transactionHash"]),
+            relayer.EVIDENCE_BLOCK: {"number": proposed["blockNumber"], "hash": _hex32(proposed["blockHash"])},
+            "event": "SettlementProposed", "args": chain.to_json(dict(proposed["args"]))}
+
+
+# The escrow states that follow a proposal.
+_PROPOSED_SINCE = {selectors.EscrowState.PROPOSED, selectors.EscrowState.DISPUTED, selectors.EscrowState.RESOLVED,
+                   selectors.EscrowState.SETTLED}
 
 
 def _proposal_outcome(tx: ChainTransaction) -> None:
     if tx.status != TxStatus.CONFIRMED:
+        if tx.outcome_evidence.get(DONE_BY):
+            # The indexer applies their proposal; the tick re-proposes a higher receipt, if any, without backing off.
+            logger.info("settlement proposal not needed: another transaction proposed the receipt first",
+                        extra={"agreement_id": str(tx.agreement_id), "done_by": tx.outcome_evidence[DONE_BY]})
+            return
         logger.error("settlement proposal failed", extra={"agreement_id": str(tx.agreement_id),
                                                           "reason": tx.failure_reason})
         return  # stays active with completion requested: the tick tries again (`_proposal_due`)
