@@ -676,6 +676,17 @@ def logs(*, address: str, from_block: int, to_block: int, topics: list | None = 
         raise classify(exc) from exc
 
 
+def block_logs(*, block_hash: str, addresses: list[str]) -> list:
+    """eth_getLogs of `addresses` in the one block `block_hash` (EIP-234's blockHash filter). A node that has not
+    that block must refuse the query (geth: "unknown block"), where a node behind answers a block range beyond its
+    head with the logs of the blocks it has, and none of the others: an answer here is the block's whole set."""
+    query = {"blockHash": block_hash, "address": [to_checksum_address(address) for address in addresses]}
+    try:
+        return list(w3().eth.get_logs(query))
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+
+
 # --- escrow records ----------------------------------------------------------------------------------------------
 # The contract stores only a digest of an escrow's terms and its packed settlement state: every call after
 # activation carries the terms (`EscrowTerms`), read back here from the escrow's Activated event.

@@ -2,8 +2,9 @@
 
 The relayer only knows its own transactions; anyone may call the contract (the seller's `proposeSettlement`, the
 buyer's `reclaim`, anyone's `finalize`). `index_pass` reads, with `eth_getLogs` in ranges of at most
-INDEXER_BLOCK_RANGE blocks, from the escrow's deployment block up to the block CHAIN_CONFIRMATIONS deep (and
-no newer than the node's `safe` or `finalized` block when INDEXER_HEAD_TAG names one):
+INDEXER_BLOCK_RANGE blocks (following the head, at most INDEXER_LOGS_BY_HASH_BLOCKS new ones: block by block, by
+hash, which a node behind refuses rather than answering empty), from the escrow's deployment block up to the block
+CHAIN_CONFIRMATIONS deep (and no newer than the node's `safe` or `finalized` block when INDEXER_HEAD_TAG names one):
 
 - every escrow event, and every token `Transfer` from or to the escrow, the treasury (relayer) or the fee
   recipient, stored once as a `ChainEvent` (unique by block hash and log index);
@@ -127,11 +128,12 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
                 start = cursor.next_block
                 end = min(start + settings.INDEXER_BLOCK_RANGE - 1, safe)
                 # Up to INDEXER_RESCAN_BLOCKS below the cursor, within INDEXER_BLOCK_RANGE: an eth_getLogs answered
-                # by a node behind the one that named `end` holds no logs of the blocks it lacks (near the head, where
-                # the ranges are short), and they are found by this read of the next range.
+                # by a node behind the one that named `end` holds no logs of the blocks it lacks, and they are found
+                # by this read of the next range. Following the head (at most INDEXER_LOGS_BY_HASH_BLOCKS new), the
+                # new blocks are read by hash, which such a node refuses: complete without it (`_fetch`).
                 read_from = max(start - settings.INDEXER_RESCAN_BLOCKS, end - settings.INDEXER_BLOCK_RANGE + 1,
                                 cursor.start_block)
-                fetched = _fetch(cursor, read_from, end)
+                fetched = _fetch(cursor, read_from, end, new_from=start)
                 if fetched is None:
                     break  # the chain changed while we read: the next pass starts with the reorg check
                 end_hash, logs = fetched
@@ -147,21 +149,54 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
     return result
 
 
-def _fetch(cursor: IndexerCursor, start: int, end: int) -> tuple[str, list] | None:
-    """The logs of [start, end] and the hash of `end`; None when the chain changed while we read (a reorg):
-    `end` must keep its hash across the reads, and the cursor's block must still be canonical after them."""
+def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None = None) -> tuple[str, list] | None:
+    """The logs of [start, end] and the hash of `end`; None when the chain changed while we read (a reorg), or a
+    node has not a block of it yet: `end` must keep its hash across the reads, and the cursor's block must still be
+    canonical after them. With at most INDEXER_LOGS_BY_HASH_BLOCKS new blocks (from `new_from`), those are read one
+    by one by hash (`_block_logs`), and only the rescanned ones below them as a range."""
     end_hash = chain.canonical_block_hash(end)
-    escrow = chainconfig.escrow_address()
-    logs = chain.logs(address=escrow, from_block=start, to_block=end)
-    watched = [chain.address_topic(address) for address in _watched_addresses()]
-    for topics in ([_TRANSFER_TOPIC, watched], [_TRANSFER_TOPIC, None, watched]):
-        logs += chain.logs(address=chainconfig.usdc_address(), from_block=start, to_block=end, topics=topics)
+    by_hash = new_from is not None and 0 < end - new_from + 1 <= settings.INDEXER_LOGS_BY_HASH_BLOCKS
+    range_end = new_from - 1 if by_hash else end
+    logs = _range_logs(start, range_end) if start <= range_end else []
+    if by_hash:
+        for number in range(new_from, end + 1):
+            block_hash = end_hash if number == end else chain.canonical_block_hash(number)
+            if block_hash is None:
+                return None  # this node is behind: the next pass reads it again
+            logs += _block_logs(block_hash)
     if end_hash is None or chain.canonical_block_hash(end) != end_hash:
         return None
     if cursor.last_block is not None and chain.canonical_block_hash(cursor.last_block) != cursor.last_block_hash:
         return None
     unique = {(_hex(log["blockHash"]), log["logIndex"]): log for log in logs}  # a transfer may match both queries
     return end_hash, sorted(unique.values(), key=lambda log: (log["blockNumber"], log["logIndex"]))
+
+
+def _range_logs(start: int, end: int) -> list:
+    escrow = chainconfig.escrow_address()
+    logs = chain.logs(address=escrow, from_block=start, to_block=end)
+    watched = [chain.address_topic(address) for address in _watched_addresses()]
+    for topics in ([_TRANSFER_TOPIC, watched], [_TRANSFER_TOPIC, None, watched]):
+        logs += chain.logs(address=chainconfig.usdc_address(), from_block=start, to_block=end, topics=topics)
+    return logs
+
+
+def _block_logs(block_hash: str) -> list:
+    """The logs `_range_logs` reads, of one block, in one call by its hash: the escrow's, and the token's Transfers
+    from or to a watched address (the token's other logs, filtered out here, are a few dozen a block on Base).
+    A node without the block refuses the call (chain.block_logs), which fails the pass: nothing of the range is
+    applied, and the next pass reads it again."""
+    escrow, token = (Web3.to_checksum_address(address) for address in (chainconfig.escrow_address(),
+                                                                        chainconfig.usdc_address()))
+    watched = {chain.address_topic(address) for address in _watched_addresses()}
+
+    def wanted(log) -> bool:
+        if Web3.to_checksum_address(log["address"]) == escrow:
+            return True
+        topics = [_hex(topic) for topic in log["topics"]]
+        return len(topics) == 3 and topics[0] == _TRANSFER_TOPIC and bool(watched & set(topics[1:]))
+
+    return [log for log in chain.block_logs(block_hash=block_hash, addresses=[escrow, token]) if wanted(log)]
 
 
 def _watched_addresses() -> list[str]:

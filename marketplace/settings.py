@@ -371,6 +371,11 @@ INDEXER_REORG_WINDOW_BLOCKS = env.int("INDEXER_REORG_WINDOW_BLOCKS", default=200
 # Blocks below the cursor read again with each range: the logs a node behind (a load-balanced provider's backend)
 # left out of an answer, having not those blocks yet, are found by a later read (events are stored once).
 INDEXER_RESCAN_BLOCKS = env.int("INDEXER_RESCAN_BLOCKS", default=64)
+# A pass with at most this many new blocks (following the head: a Base block every 2 s, a pass every
+# INDEXER_POLL_SECONDS) reads them one by one, by block hash (eth_getLogs' blockHash filter, which a node without the
+# block refuses rather than answering empty): complete without the rescan. Two calls a block (its hash, its logs);
+# 0: ranges only.
+INDEXER_LOGS_BY_HASH_BLOCKS = env.int("INDEXER_LOGS_BY_HASH_BLOCKS", default=16)
 # /readyz fails when the indexer is further behind the chain head than this (it must exceed the depth).
 INDEXER_MAX_LAG_BLOCKS = env.int("INDEXER_MAX_LAG_BLOCKS", default=100)
 INDEXER_POLL_SECONDS = env.float("INDEXER_POLL_SECONDS", default=2.0)

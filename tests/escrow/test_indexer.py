@@ -356,12 +356,51 @@ def test_a_node_behind_that_has_not_the_indexed_block_yet_is_no_reorg(
     assert not ChainEvent.objects.exclude(removed_at=None).exists()
 
 
+def test_the_newest_blocks_are_read_by_hash_which_a_node_behind_refuses_rather_than_answering_empty(
+        funded, escrow_chain, monkeypatch, django_capture_on_commit_callbacks, settings):
+    """A load-balanced provider whose eth_getLogs backend is behind the one that named the range's last block, and
+    no rescan below the cursor (or one shorter than that backend's lag): a range answered with the logs of the blocks
+    that backend has lost the seller's proposal for good. The newest blocks are read by block hash, which a node
+    without the block refuses (geth: "unknown block"): the pass fails, nothing moves, and the next one applies it."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.INDEXER_RESCAN_BLOCKS = 0
+    call_n(funded, 4)
+    index(capture)
+    seller_proposes_directly(funded, chain)
+    has_up_to = chain.w3.eth.block_number - 1
+    known = {gateway.canonical_block_hash(number) for number in range(has_up_to + 1)}
+    logs, block_logs = gateway.logs, getattr(gateway, "block_logs", None)
+
+    def logs_of_a_node_behind(*, address, from_block, to_block, topics=None):
+        if from_block > has_up_to:
+            return []
+        return logs(address=address, from_block=from_block, to_block=min(to_block, has_up_to), topics=topics)
+
+    def block_logs_of_a_node_behind(*, block_hash, addresses):
+        if block_hash not in known:
+            raise gateway.RpcUnavailable("unknown block")
+        return block_logs(block_hash=block_hash, addresses=addresses)
+
+    monkeypatch.setattr(gateway, "logs", logs_of_a_node_behind)
+    monkeypatch.setattr(gateway, "block_logs", block_logs_of_a_node_behind, raising=False)
+    try:
+        index(capture)
+    except gateway.ChainError:
+        pass
+    monkeypatch.undo()
+    chain.mine(2)
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    assert ChainEvent.objects.filter(agreement_id=funded.agreement_id, name="SettlementProposed").count() == 1
+
+
 def test_logs_a_node_behind_had_not_yet_are_applied_once_it_has_them(
-        funded, escrow_chain, monkeypatch, django_capture_on_commit_callbacks):
+        funded, escrow_chain, monkeypatch, django_capture_on_commit_callbacks, settings):
     """A load-balanced provider: the backend answering eth_getLogs is behind the one that named the range's last
     block, and answers the range with the logs of the blocks it has. The seller's proposal in a block it does not
-    have yet must still be applied once it does, not skipped for good."""
+    have yet must still be applied once it does, not skipped for good (ranges only: the rescan below the cursor)."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.INDEXER_LOGS_BY_HASH_BLOCKS = 0
     call_n(funded, 4)
     index(capture)
     seller_proposes_directly(funded, chain)
