@@ -519,6 +519,38 @@ def nonce_taken_by(address: str, nonce: int, *, used_at: int) -> str | None:
     return None
 
 
+def block_number_at(timestamp: int) -> int:
+    """The newest block whose timestamp is at most `timestamp` (0 when none is): a bisection of block headers, which
+    every full node keeps (not the state, which a non-archive node keeps of its last ~128 blocks only)."""
+    low, high = 0, latest_block_number()
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _block(middle)["timestamp"] <= timestamp:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def block_transaction_hashes(number: int) -> set[str] | None:
+    """The hashes (0x, lowercase) of the transactions in block `number`; None when the node has no block there (one
+    behind)."""
+    try:
+        block = _block(number)
+    except BlockNotFound:
+        return None
+    return {"0x" + bytes(tx_hash).hex() for tx_hash in block["transactions"]}
+
+
+def _block(number: int):
+    try:
+        return w3().eth.get_block(number)
+    except BlockNotFound:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+
+
 def simulate(*, sender: str, to: str, data: str) -> int:
     """eth_call + estimateGas of a transaction; returns the gas estimate or raises Reverted."""
     tx = {"from": to_checksum_address(sender), "to": to_checksum_address(to), "data": data}

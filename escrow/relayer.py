@@ -733,8 +733,18 @@ def _after_nonce_too_low(tx: ChainTransaction) -> ChainTransaction | None:
     # No receipt is no proof: a node behind (one backend of a load-balanced provider) has none for a transaction
     # mined after its head. The transaction that took the nonce is read from its block: only one that is none of
     # ours lets this one go out again (a payout sent again under a new nonce pays twice).
-    taken_by = chain.nonce_taken_by(address, tx.nonce, used_at=depth_block)
-    if taken_by is None or _attempts(tx).filter(tx_hash=taken_by.lower()).exists():
+    try:
+        taken_by = chain.nonce_taken_by(address, tx.nonce, used_at=depth_block)
+        by_another = taken_by is not None and not _attempts(tx).filter(tx_hash=taken_by.lower()).exists()
+    except chain.RpcUnavailable:
+        raise
+    except chain.ChainError as error:
+        # A node that keeps the state of its last blocks only (~128: not an archive node) cannot say the nonce at an
+        # older block. The blocks themselves it keeps.
+        logger.info("the block that took the nonce not found from past nonces: reading the blocks since ours",
+                    extra={"tx_id": str(tx.pk), "nonce": tx.nonce, "error": str(error)[:300]})
+        taken_by, by_another = None, _none_of_ours_mined_by(tx, block=depth_block)
+    if not by_another:
         logger.warning("nonce used, but not shown used by a transaction that is not ours: looking again later",
                        extra={"tx_id": str(tx.pk), "nonce": tx.nonce, "taken_by": taken_by})
         return tx
@@ -752,6 +762,29 @@ def _after_nonce_too_low(tx: ChainTransaction) -> ChainTransaction | None:
         tx.save(update_fields=["status", "nonce", "updated_at"])
         _submit_after_commit(tx.pk)
     return tx
+
+
+def _none_of_ours_mined_by(tx: ChainTransaction, *, block: int) -> bool:
+    """Whether the chain shows that none of `tx`'s attempts was mined up to `block` (at which its nonce is used, so
+    none can be mined after it either: the nonce is another transaction's), read without past state: no attempt's
+    hash is among the transactions of any block from the first attempt's signing (less
+    CHAIN_NONCE_SCAN_CLOCK_MARGIN, for clocks apart; a transaction is in no block before it was signed) to `block`.
+    False when not shown: one of the blocks missing (a node behind), more than CHAIN_NONCE_SCAN_MAX_BLOCKS of them to
+    read (the transaction waits, listed overdue, for an operator), or an attempt of ours among them (its receipt
+    will be found)."""
+    attempts = list(_attempts(tx))
+    ours = {attempt.tx_hash.lower() for attempt in attempts}
+    signed = min(attempt.created_at for attempt in attempts) - settings.CHAIN_NONCE_SCAN_CLOCK_MARGIN
+    start = chain.block_number_at(int(signed.timestamp()))
+    if block - start + 1 > settings.CHAIN_NONCE_SCAN_MAX_BLOCKS:
+        logger.warning("nonce used; too many blocks since the transaction was signed to show none of ours took it",
+                       extra={"tx_id": str(tx.pk), "nonce": tx.nonce, "blocks": block - start + 1})
+        return False
+    for number in range(start, block + 1):
+        hashes = chain.block_transaction_hashes(number)
+        if hashes is None or ours & hashes:
+            return False
+    return True
 
 
 def transactions_poll() -> int:

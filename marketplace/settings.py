@@ -331,6 +331,11 @@ CHAIN_MAX_FEE_PER_GAS = env.int("CHAIN_MAX_FEE_PER_GAS_WEI", default=500 * 10**9
 CHAIN_FEE_BUMP_PERCENT = 13  # nodes accept a replacement at >= +10%; 12.5% rounded up
 CHAIN_REBROADCAST_AFTER = timedelta(seconds=env.int("CHAIN_REBROADCAST_AFTER_SECONDS", default=30))
 CHAIN_REPLACE_AFTER = timedelta(seconds=env.int("CHAIN_REPLACE_AFTER_SECONDS", default=120))
+# A nonce of ours used by a transaction the relayer cannot name from past nonces (a node without old state, not an
+# archive node): the blocks since the transaction was first signed, less this margin for clocks apart, are read (one
+# call each) to show none of its attempts was mined; at most this many, else it waits for an operator (overdue).
+CHAIN_NONCE_SCAN_CLOCK_MARGIN = timedelta(seconds=env.int("CHAIN_NONCE_SCAN_CLOCK_MARGIN_SECONDS", default=300))
+CHAIN_NONCE_SCAN_MAX_BLOCKS = env.int("CHAIN_NONCE_SCAN_MAX_BLOCKS", default=3600)
 # A transaction still queued this long after its last change lost its task message; the sweeper sends it again.
 CHAIN_SWEEP_AFTER = timedelta(seconds=env.int("CHAIN_SWEEP_AFTER_SECONDS", default=30))
 # How long an activation package's signatures stay valid. Well inside the SDK's bound (it refuses deadlines more

@@ -149,6 +149,43 @@ def test_a_nonce_used_by_someone_else_is_sent_again_under_a_new_nonce(
     assert parties.agreement(agreement["id"])["status"] == "active"
 
 
+def test_a_nonce_someone_else_used_long_ago_is_sent_again_with_a_node_that_keeps_recent_state_only(
+        parties, escrow_chain, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """As above, but the relayer looks only after 200 blocks, and its node is no archive node: it keeps the state of
+    its last 128 blocks, and refuses a nonce at an older one ("missing trie node"). Finding the block that took the
+    nonce from past nonces fails; the blocks since our transaction was signed show none of its hashes, so it went
+    out again under a new nonce. (It waited for good, listed overdue.)"""
+    capture = django_capture_on_commit_callbacks
+    agreement, tx, callbacks = queue_activation(parties, capture)
+    escrow_chain.rpc("evm_setAutomine", [False])
+    try:
+        run(callbacks, capture)
+        tx.refresh_from_db()
+        ours = tx.attempts.get()
+        escrow_chain.rpc("anvil_dropTransaction", [ours.tx_hash])
+        escrow_chain.w3.eth.send_transaction({"from": escrow_chain.accounts.deployer.address, "nonce": tx.nonce,
+                                              "to": escrow_chain.accounts.stranger.address, "value": 1})
+        escrow_chain.mine()
+    finally:
+        escrow_chain.rpc("evm_setAutomine", [True])
+    escrow_chain.mine(200)
+    nonce_at = gateway.nonce_at
+
+    def nonce_at_of_a_full_node(address, block):
+        if isinstance(block, int) and block < gateway.latest_block_number() - 127:
+            raise gateway.ChainError("missing trie node 0x5e1b... (path ) state is not available")
+        return nonce_at(address, block)
+
+    monkeypatch.setattr(gateway, "nonce_at", nonce_at_of_a_full_node)
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    confirm_all(capture)
+    confirm_all(capture)
+
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED and tx.nonce == ours.nonce + 1
+    assert parties.agreement(agreement["id"])["status"] == "active"
+
+
 def test_at_the_fee_cap_the_same_bytes_go_out_until_the_wallet_is_topped_up(
         parties, escrow_chain, settings, django_capture_on_commit_callbacks):
     capture = django_capture_on_commit_callbacks
