@@ -1,4 +1,5 @@
 import logging
+import re
 import time
 from base64 import b32encode
 from urllib.parse import quote, urlencode
@@ -12,7 +13,7 @@ from django_otp.models import Device, ThrottlingMixin, TimestampMixin
 from django_otp.oath import TOTP
 
 from marketplace.keys import digest_secret
-from marketplace.totp_keys import TotpKeyUnreadable, totp_key_open
+from marketplace.totp_keys import TotpKeyNotBound, TotpKeyUnreadable, totp_key_open
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +89,9 @@ class AuthenticatorAppDevice(TimestampMixin, ThrottlingMixin, Device):
         verbose_name = "TOTP device"
 
     def key(self) -> bytes:
-        """The key in clear; TotpKeyUnreadable when none of the configured keys opens it."""
-        return totp_key_open(self.sealed_key)
+        """The key in clear; TotpKeyUnreadable when none of the configured keys opens it, TotpKeyNotBound when it
+        was sealed for another device or operator."""
+        return totp_key_open(self.sealed_key, device_id=self.pk, user_id=self.user_id)
 
     @property
     def config_url(self) -> str:
@@ -109,6 +111,15 @@ class AuthenticatorAppDevice(TimestampMixin, ThrottlingMixin, Device):
             return allowed, extra
         try:
             self.key()
+        except TotpKeyNotBound:
+            # Someone wrote the database: another device's sealed key put on this one, or this device moved to
+            # another operator. Its codes are another authenticator's: refused, whoever types them.
+            logger.error("The TOTP key of device %s (user %s) was sealed for another device or operator (or before "
+                         "keys were bound to their device): refused. Someone may have written the database; enrol "
+                         "the operator anew (admin_totp_enrol)", self.pk, self.user_id)
+            return False, {"error_message": (
+                "This server cannot read your authenticator app's key (it was sealed for another device), so its "
+                "codes cannot be checked: a recovery code still logs in, or ask an operator with shell access.")}
         except TotpKeyUnreadable:
             # Not the operator's failure: nothing is counted against the device, and the login form says why.
             logger.error("The TOTP key of device %s (user %s) opens with neither SECOND_FACTOR_KEY (or SECRET_KEY, "
@@ -170,6 +181,16 @@ class RecoveryCodeDevice(TimestampMixin, ThrottlingMixin, Device):
         allowed, _ = self.verify_is_allowed()
         if not allowed:
             return False
+        if not RecoveryCode.of_current_scheme(str(token)):
+            # A code of fewer than 120 bits (django-otp's 8 characters, kept as digests by migration 0005) is never
+            # checked: its SHA-256 is searched from a database read in minutes. Typed, it is deleted all the same
+            # (it never logs in again), and counted as a wrong code.
+            if self.codes.filter(digest=RecoveryCode.digest_of(str(token))).delete()[0]:
+                logger.warning("Recovery code device %s (user %s): a code of an older scheme (fewer than 120 bits) "
+                               "was refused and deleted; enrol the operator anew (admin_totp_enrol)", self.pk,
+                               self.user_id)
+            self.throttle_increment()
+            return False
         # A used code is deleted by the one statement that tells whether it was there: of two logins sending one
         # code at once, the second's DELETE waits for the first's and finds nothing.
         used = self.codes.filter(digest=RecoveryCode.digest_of(str(token))).delete()[0] > 0
@@ -185,7 +206,10 @@ class RecoveryCodeDevice(TimestampMixin, ThrottlingMixin, Device):
 class RecoveryCode(models.Model):
     """One unused recovery code of a device, as its SHA-256 digest. No slow hash is needed: a code is 120 random
     bits (ASVS 6.5.2 allows a fast hash from 112), so searching its digest is hopeless, and the lookup is one index
-    probe. (Codes migrated from django-otp's static device have 40 bits: SECURITY.md, known gaps.)"""
+    probe. Codes migrated from django-otp's static device have 40 bits: they are never checked
+    (`of_current_scheme`), and deleted when typed."""
+
+    SYMBOLS = 24  # base32: 120 bits (marketplace.second_factor.recovery_code_new)
 
     device = models.ForeignKey(RecoveryCodeDevice, on_delete=models.CASCADE, related_name="codes")
     digest = models.CharField(max_length=64, help_text="SHA-256 of the code, lowercase and without separators.")
@@ -196,4 +220,13 @@ class RecoveryCode(models.Model):
     @staticmethod
     def digest_of(code: str) -> str:
         """As it is typed: in any case, with or without the dashes (or spaces) between its groups."""
-        return digest_secret("".join(code.split()).replace("-", "").lower())
+        return digest_secret(RecoveryCode._normalized(code))
+
+    @staticmethod
+    def of_current_scheme(code: str) -> bool:
+        """Whether `code`, as typed, has the shape of the codes issued now: 24 base32 symbols, 120 bits."""
+        return re.fullmatch(f"[a-z2-7]{{{RecoveryCode.SYMBOLS}}}", RecoveryCode._normalized(code)) is not None
+
+    @staticmethod
+    def _normalized(code: str) -> str:
+        return "".join(code.split()).replace("-", "").lower()

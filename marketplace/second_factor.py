@@ -77,10 +77,21 @@ class LoginForm(OTPAdminAuthenticationForm):
             if user is not None and not self.cleaned_data.get("otp_device"):
                 self.cleaned_data["otp_device"] = self._device_for_code(user).persistent_id
             super().clean_otp(user)
-        except ValidationError:
+        except ValidationError as error:
             user_login_failed.send(sender=__name__, credentials={"username": self.cleaned_data.get("username")},
                                    request=self.request)
+            if getattr(error, "code", None) == "invalid_token" and not self._code_of_current_shape():
+                raise ValidationError(
+                    "Invalid token. A recovery code is 24 letters and digits (as `xxxx-xxxx-xxxx-xxxx-xxxx-xxxx`); "
+                    "shorter ones, issued before, log in no more: an operator with shell access runs "
+                    "`%(command)s %(username)s` for new ones.", code="invalid_token",
+                    params={"command": ENROL_COMMAND, "username": user.get_username()}) from error
             raise
+
+    def _code_of_current_shape(self) -> bool:
+        """Whether the code typed has the shape of the app's or of a recovery code issued now."""
+        typed = self.cleaned_data.get("otp_token") or ""
+        return typed.isdigit() or RecoveryCode.of_current_scheme(typed)
 
     def _device_for_code(self, user) -> Device:
         """The device that checks the code typed: the TOTP device for as many digits as it shows, else the recovery
@@ -188,8 +199,10 @@ def devices_enrol(*, user) -> Enrolment:
     recovery_codes = [recovery_code_new() for _ in range(settings.ADMIN_RECOVERY_CODES)]
     RecoveryCode.objects.bulk_create(RecoveryCode(device=recovery, digest=RecoveryCode.digest_of(code))
                                      for code in recovery_codes)
-    app = AuthenticatorAppDevice.objects.create(user=user, name="authenticator app", confirmed=True,
-                                                sealed_key=totp_key_seal(secrets.token_bytes(TOTP_KEY_BYTES)))
+    app = AuthenticatorAppDevice.objects.create(user=user, name="authenticator app", confirmed=True, sealed_key="")
+    # Sealed for this row, whose primary key exists only now (marketplace.totp_keys).
+    app.sealed_key = totp_key_seal(secrets.token_bytes(TOTP_KEY_BYTES), device_id=app.pk, user_id=user.pk)
+    app.save(update_fields=["sealed_key"])
     return Enrolment(device=app, recovery_codes=recovery_codes, replaced=bool(replaced))
 
 
@@ -197,11 +210,11 @@ def devices_enrol(*, user) -> Enrolment:
 def totp_keys_reseal() -> Reseal:
     """Seals every device's TOTP key anew under the current SECOND_FACTOR_KEY, after a rotation (the replaced key
     moved to SECOND_FACTOR_OLD_KEYS), so that the old keys can then be dropped. Devices whose key none of the
-    configured keys opens are left as they are and named."""
+    configured keys opens, or that was sealed for another device, are left as they are and named."""
     resealed, unreadable = 0, []
     for device in AuthenticatorAppDevice.objects.select_for_update(of=("self",)).select_related("user").order_by("pk"):
         try:
-            sealed_key = totp_key_reseal(device.sealed_key)
+            sealed_key = totp_key_reseal(device.sealed_key, device_id=device.pk, user_id=device.user_id)
         except TotpKeyUnreadable:
             unreadable.append(device)
             continue

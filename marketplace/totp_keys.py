@@ -7,6 +7,12 @@ Without SECOND_FACTOR_KEY the sealing key is derived from SECRET_KEY. Either is 
 string works (a long random one: `python -c "import secrets; print(secrets.token_urlsafe(32))"`). Keys listed in
 SECOND_FACTOR_OLD_KEYS still open what they sealed, for a rotation: `manage.py admin_totp_reseal` seals every key
 under the current one, after which the old ones can go.
+
+A sealed key is bound to its row: what is sealed is the device's primary key and its user's, then the key, so
+Fernet's HMAC covers the binding. Whoever can write the database but holds no sealing key cannot put one operator's
+sealed key on another's device (or move a device to another operator) and log in as them with the first one's app:
+`totp_key_open` refuses a key sealed for another device (`TotpKeyNotBound`). Migration marketplace.0007 bound the keys
+sealed before; a key sealed unbound (from a backup of before) is refused alike.
 """
 
 import base64
@@ -20,28 +26,45 @@ from django.conf import settings
 _PURPOSE = b"agent-escrow-marketplace: operators' TOTP keys"
 
 
+# What is sealed: b"<_BOUND><device pk>:<user pk>:" then the key's bytes.
+_BOUND = b"totp-key-bound-v1:"
+
+
 class TotpKeyUnreadable(Exception):
     """None of the configured keys opens a sealed key: another SECOND_FACTOR_KEY (or SECRET_KEY, its fallback) than
     the one it was sealed under, or a value that is not ours."""
 
 
-def totp_key_seal(key: bytes) -> str:
-    return _keys().encrypt(key).decode()
+class TotpKeyNotBound(TotpKeyUnreadable):
+    """A sealed key that opens, but was sealed for another device or user (copied from another operator's row by
+    someone writing the database), or for none (sealed before keys were bound)."""
 
 
-def totp_key_open(sealed: str) -> bytes:
+def totp_key_seal(key: bytes, *, device_id: int, user_id: int) -> str:
+    """`key` sealed for the device `device_id` of the user `user_id` (the row must exist: its primary key counts)."""
+    return _keys().encrypt(_binding(device_id, user_id) + key).decode()
+
+
+def totp_key_open(sealed: str, *, device_id: int, user_id: int) -> bytes:
     try:
-        return _keys().decrypt(sealed.encode())
+        opened = _keys().decrypt(sealed.encode())
     except InvalidToken as error:
         raise TotpKeyUnreadable from error
+    binding = _binding(device_id, user_id)
+    if not opened.startswith(binding):
+        raise TotpKeyNotBound
+    return opened[len(binding):]
 
 
-def totp_key_reseal(sealed: str) -> str:
-    """`sealed` sealed anew under the current key (it may have been sealed under an old one)."""
-    try:
-        return _keys().rotate(sealed.encode()).decode()
-    except InvalidToken as error:
-        raise TotpKeyUnreadable from error
+def totp_key_reseal(sealed: str, *, device_id: int, user_id: int) -> str:
+    """`sealed` sealed anew under the current key (it may have been sealed under an old one), if it is this
+    device's."""
+    return totp_key_seal(totp_key_open(sealed, device_id=device_id, user_id=user_id), device_id=device_id,
+                         user_id=user_id)
+
+
+def _binding(device_id: int, user_id: int) -> bytes:
+    return _BOUND + f"{int(device_id)}:{int(user_id)}:".encode()
 
 
 def _keys() -> MultiFernet:

@@ -21,6 +21,7 @@ import pytest
 from django.apps import apps as django_apps
 from django.contrib import admin
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from axes.handlers.proxy import AxesProxyHandler
 from axes.models import AccessAttempt, AccessLog
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
@@ -435,8 +436,10 @@ def test_the_migration_keeps_django_otps_clear_totp_keys_sealed_with_their_state
                                                     now() - interval '1 hour', 3, '2025-01-02T03:04:05Z', NULL);
         """, [staff.pk, key.hex(), last_step])
         migration = importlib.import_module("marketplace.migrations.0006_totp_keys_kept_sealed")
+        binding = importlib.import_module("marketplace.migrations.0007_totp_keys_bound_to_their_devices")
         with connection.schema_editor() as schema_editor:
             migration.sealed_keys_from_totp_devices(django_apps, schema_editor)
+            binding.totp_keys_bind(django_apps, schema_editor)  # as `migrate` runs them, one after the other
 
         assert "otp_totp_totpdevice" not in connection.introspection.table_names(cursor)  # nor its foreign key
     device = AuthenticatorAppDevice.objects.get(user=staff)
@@ -515,10 +518,13 @@ def test_the_migration_keeps_django_otps_clear_recovery_codes_as_digests_and_dro
     device = RecoveryCodeDevice.objects.get(user=staff)
     assert (device.name, device.created_at.year, device.codes.count()) == ("backup", 2025, 2)
     assert "ab2cd3ef" not in database_text()
-    assert log_in(Client(), "operator", PASSWORD, "ab2cd3ef").url == "/admin/"
-    assert log_in(Client(), "operator", PASSWORD, "ZZ7YY6XX").url == "/admin/"  # in any case now (django-otp matched it exactly)
-    used = log_in(Client(), "operator", PASSWORD, "ab2cd3ef")
-    assert used.status_code == 200 and "Invalid token" in used.content.decode()
+    # 40 bits, searched from their digests in minutes: they log in no more, the operator is told to enrol anew.
+    for legacy in ("ab2cd3ef", "ZZ7YY6XX"):
+        RecoveryCodeDevice.objects.update(throttling_failure_timestamp=None)  # past the wait after a wrong code
+        refused = log_in(Client(), "operator", PASSWORD, legacy)
+        assert refused.status_code == 200 and "admin_totp_enrol" in refused.content.decode()
+    assert device.codes.count() == 0
+    AxesProxyHandler.reset_attempts(username="operator")
     assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"
 
 
@@ -710,3 +716,97 @@ def test_the_second_factor_is_required_by_default_when_debug_is_off(monkeypatch,
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert runpy.run_path(marketplace.settings.__file__)["ADMIN_REQUIRE_SECOND_FACTOR"] is required
+
+
+# A database writer (an SQL injection that writes, a compromised replica promoted, a restored backup edited) who holds
+# no SECOND_FACTOR_KEY: the sealed keys are sealed for one device of one operator, and refused anywhere else.
+
+def two_operators(staff) -> tuple[str, str]:
+    """The otpauth:// URIs of `staff` ("operator") and of a second operator, "colleague"."""
+    get_user_model().objects.create_superuser("colleague", "colleague@example.com", PASSWORD)
+    return enrol("operator"), enrol("colleague")
+
+
+def test_a_sealed_key_copied_onto_another_operators_device_is_refused_with_the_reason(staff, caplog):
+    uri, _ = two_operators(staff)
+    mine = AuthenticatorAppDevice.objects.get(user__username="operator")
+    AuthenticatorAppDevice.objects.filter(user__username="colleague").update(sealed_key=mine.sealed_key)
+
+    refused = log_in(Client(), "colleague", PASSWORD, code(uri))
+
+    assert refused.status_code == 200 and "cannot read your authenticator app&#x27;s key" in refused.content.decode()
+    assert "sealed for another device" in caplog.text
+    colleagues = AuthenticatorAppDevice.objects.get(user__username="colleague")
+    assert colleagues.throttling_failure_count == 0  # not the operator's failure
+    assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"  # the key still logs in where it belongs
+
+
+def test_a_device_moved_to_another_operator_is_refused(staff):
+    uri, _ = two_operators(staff)
+    colleague = get_user_model().objects.get(username="colleague")
+    AuthenticatorAppDevice.objects.filter(user__username="colleague").delete()
+    AuthenticatorAppDevice.objects.filter(user=staff).update(user=colleague)
+
+    refused = log_in(Client(), "colleague", PASSWORD, code(uri))
+
+    assert refused.status_code == 200 and "cannot read your authenticator app&#x27;s key" in refused.content.decode()
+
+
+def test_a_sealed_key_copied_onto_another_device_is_not_sealed_anew_by_the_reseal_command(staff, settings):
+    settings.SECOND_FACTOR_KEY = "the old key"
+    uri, _ = two_operators(staff)
+    mine = AuthenticatorAppDevice.objects.get(user__username="operator")
+    AuthenticatorAppDevice.objects.filter(user__username="colleague").update(sealed_key=mine.sealed_key)
+    settings.SECOND_FACTOR_KEY, settings.SECOND_FACTOR_OLD_KEYS = "the new key", ["the old key"]
+
+    with pytest.raises(CommandError, match=r"colleague"):
+        call_command("admin_totp_reseal", stdout=io.StringIO())
+
+    settings.SECOND_FACTOR_OLD_KEYS = []
+    assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"
+    refused = log_in(Client(), "colleague", PASSWORD, code(uri))
+    assert refused.status_code == 200 and "cannot read your authenticator app&#x27;s key" in refused.content.decode()
+
+
+def unbound_seal(key: bytes) -> str:
+    """A key sealed as before migration marketplace.0007: Fernet over the key alone, valid on any row."""
+    migration = importlib.import_module("marketplace.migrations.0006_totp_keys_kept_sealed")
+    return migration.sealed(key)
+
+
+def test_the_migration_binds_the_sealed_keys_to_their_devices_and_unbound_ones_are_refused(staff):
+    uri, colleagues_uri = two_operators(staff)
+    keys = {}
+    for device in AuthenticatorAppDevice.objects.all():
+        keys[device.pk] = device.key()
+        AuthenticatorAppDevice.objects.filter(pk=device.pk).update(sealed_key=unbound_seal(keys[device.pk]))
+    now = time.time()
+
+    migration = importlib.import_module("marketplace.migrations.0007_totp_keys_bound_to_their_devices")
+    with connection.schema_editor() as schema_editor:
+        migration.totp_keys_bind(django_apps, schema_editor)
+
+    assert log_in(Client(), "operator", PASSWORD, code(uri, at=now)).url == "/admin/"
+    assert log_in(Client(), "colleague", PASSWORD, code(colleagues_uri, at=now)).url == "/admin/"
+    # An unbound seal put back afterwards (from a backup of before, or the writer's own from then) is refused.
+    colleague = AuthenticatorAppDevice.objects.get(user__username="colleague")
+    mine = AuthenticatorAppDevice.objects.get(user=staff)
+    AuthenticatorAppDevice.objects.filter(pk=colleague.pk).update(
+        sealed_key=unbound_seal(keys[mine.pk]), throttling_failure_timestamp=None)
+    refused = log_in(Client(), "colleague", PASSWORD, code(uri, at=now + 30))
+    assert refused.status_code == 200 and "cannot read your authenticator app&#x27;s key" in refused.content.decode()
+
+
+# Recovery codes of an older scheme: django-otp's static device issued 8 characters (40 bits), which migration
+# marketplace.0005 kept as SHA-256 digests: searched from a database read in minutes.
+
+def test_a_recovery_code_of_fewer_than_120_bits_logs_in_no_more(staff):
+    uri, _ = enrolment("operator")
+    device = RecoveryCodeDevice.objects.get(user=staff)
+    RecoveryCode.objects.create(device=device, digest=RecoveryCode.digest_of("ab2cd3ef"))  # as 0005 kept it
+
+    refused = log_in(Client(), "operator", PASSWORD, "ab2cd3ef")
+
+    assert refused.status_code == 200 and "admin_totp_enrol" in refused.content.decode()
+    assert not RecoveryCode.objects.filter(digest=RecoveryCode.digest_of("ab2cd3ef")).exists()  # gone for good
+    assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"

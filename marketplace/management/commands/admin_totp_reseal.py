@@ -16,5 +16,6 @@ class Command(BaseCommand):
         if reseal.unreadable:
             names = ", ".join(f"{device.user.get_username()} (device {device.pk})" for device in reseal.unreadable)
             raise CommandError(
-                f"No configured key opens the TOTP key of {names}: add the key it was sealed under to "
-                "SECOND_FACTOR_OLD_KEYS and run this again, or enrol them anew (`manage.py admin_totp_enrol`).")
+                f"No configured key opens the TOTP key of {names}, or it was sealed for another device (someone "
+                "wrote the database): add the key it was sealed under to SECOND_FACTOR_OLD_KEYS and run this again, "
+                "or enrol them anew (`manage.py admin_totp_enrol`).")
