@@ -13,7 +13,7 @@ from django_otp.models import Device, ThrottlingMixin, TimestampMixin
 from django_otp.oath import TOTP
 
 from marketplace.keys import digest_secret
-from marketplace.totp_keys import TotpKeyNotBound, TotpKeyUnreadable, totp_key_open
+from marketplace.totp_keys import TotpKeyNotBound, TotpKeyUnreadable, recovery_code_digests, totp_key_open
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class AuthenticatorAppDevice(TimestampMixin, ThrottlingMixin, Device):
                          self.user_id)
             return False, {"error_message": (
                 "This server cannot read your authenticator app's key (it was sealed under another key than its "
-                "SECOND_FACTOR_KEY), so its codes cannot be checked: a recovery code still logs in, or ask an "
+                "SECOND_FACTOR_KEY, which keeps the recovery codes too), so its codes cannot be checked: ask an "
                 "operator with shell access.")}
         return True, None
 
@@ -181,11 +181,12 @@ class RecoveryCodeDevice(TimestampMixin, ThrottlingMixin, Device):
         allowed, _ = self.verify_is_allowed()
         if not allowed:
             return False
+        digests = RecoveryCode.digests_of(str(token), device_id=self.pk, user_id=self.user_id)
         if not RecoveryCode.of_current_scheme(str(token)):
             # A code of fewer than 120 bits (django-otp's 8 characters, kept as digests by migration 0005) is never
             # checked: its SHA-256 is searched from a database read in minutes. Typed, it is deleted all the same
             # (it never logs in again), and counted as a wrong code.
-            if self.codes.filter(digest=RecoveryCode.digest_of(str(token))).delete()[0]:
+            if self.codes.filter(digest__in=digests).delete()[0]:
                 logger.warning("Recovery code device %s (user %s): a code of an older scheme (fewer than 120 bits) "
                                "was refused and deleted; enrol the operator anew (admin_totp_enrol)", self.pk,
                                self.user_id)
@@ -193,7 +194,7 @@ class RecoveryCodeDevice(TimestampMixin, ThrottlingMixin, Device):
             return False
         # A used code is deleted by the one statement that tells whether it was there: of two logins sending one
         # code at once, the second's DELETE waits for the first's and finds nothing.
-        used = self.codes.filter(digest=RecoveryCode.digest_of(str(token))).delete()[0] > 0
+        used = self.codes.filter(digest__in=digests).delete()[0] > 0
         if used:
             self.throttle_reset(commit=False)
             self.set_last_used_timestamp(commit=False)
@@ -204,23 +205,29 @@ class RecoveryCodeDevice(TimestampMixin, ThrottlingMixin, Device):
 
 
 class RecoveryCode(models.Model):
-    """One unused recovery code of a device, as its SHA-256 digest. No slow hash is needed: a code is 120 random
-    bits (ASVS 6.5.2 allows a fast hash from 112), so searching its digest is hopeless, and the lookup is one index
-    probe. Codes migrated from django-otp's static device have 40 bits: they are never checked
+    """One unused recovery code of a device, as a keyed digest of its SHA-256 bound to the device and its user
+    (`marketplace.totp_keys.recovery_code_digests`: HMAC-SHA256 under a key derived from SECOND_FACTOR_KEY), so that
+    someone writing the database cannot add a code of their own nor move codes between operators. No slow hash is
+    needed: a code is 120 random bits (ASVS 6.5.2 allows a fast hash from 112), so searching its digest is hopeless,
+    and the lookup is one index probe per configured key. Codes migrated from django-otp's static device have 40 bits: they are never checked
     (`of_current_scheme`), and deleted when typed."""
 
     SYMBOLS = 24  # base32: 120 bits (marketplace.second_factor.recovery_code_new)
 
     device = models.ForeignKey(RecoveryCodeDevice, on_delete=models.CASCADE, related_name="codes")
-    digest = models.CharField(max_length=64, help_text="SHA-256 of the code, lowercase and without separators.")
+    digest = models.CharField(max_length=64, help_text=(
+        "HMAC-SHA256, under a key derived from SECOND_FACTOR_KEY, of the device, its user and the SHA-256 of the code "
+        "(lowercase, without separators)."))
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["device", "digest"], name="recovery_code_unique_digest")]
 
     @staticmethod
-    def digest_of(code: str) -> str:
-        """As it is typed: in any case, with or without the dashes (or spaces) between its groups."""
-        return digest_secret(RecoveryCode._normalized(code))
+    def digests_of(code: str, *, device_id: int, user_id: int) -> list[str]:
+        """What `code` is kept as on the device `device_id` of `user_id`, under the current SECOND_FACTOR_KEY then
+        each old one. As it is typed: in any case, with or without the dashes (or spaces) between its groups."""
+        return recovery_code_digests(digest_secret(RecoveryCode._normalized(code)), device_id=device_id,
+                                     user_id=user_id)
 
     @staticmethod
     def of_current_scheme(code: str) -> bool:

@@ -197,8 +197,9 @@ def devices_enrol(*, user) -> Enrolment:
                    for model in (AuthenticatorAppDevice, RecoveryCodeDevice))
     recovery = RecoveryCodeDevice.objects.create(user=user, name="recovery codes")
     recovery_codes = [recovery_code_new() for _ in range(settings.ADMIN_RECOVERY_CODES)]
-    RecoveryCode.objects.bulk_create(RecoveryCode(device=recovery, digest=RecoveryCode.digest_of(code))
-                                     for code in recovery_codes)
+    RecoveryCode.objects.bulk_create(
+        RecoveryCode(device=recovery, digest=RecoveryCode.digests_of(code, device_id=recovery.pk, user_id=user.pk)[0])
+        for code in recovery_codes)
     app = AuthenticatorAppDevice.objects.create(user=user, name="authenticator app", confirmed=True, sealed_key="")
     # Sealed for this row, whose primary key exists only now (marketplace.totp_keys).
     app.sealed_key = totp_key_seal(secrets.token_bytes(TOTP_KEY_BYTES), device_id=app.pk, user_id=user.pk)

@@ -16,6 +16,8 @@ sealed before; a key sealed unbound (from a backup of before) is refused alike.
 """
 
 import base64
+import hashlib
+import hmac
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
@@ -24,6 +26,8 @@ from django.conf import settings
 
 # Binds the derived key to this use: SECRET_KEY signs sessions too, and never seals anything as it is.
 _PURPOSE = b"agent-escrow-marketplace: operators' TOTP keys"
+_RECOVERY_PURPOSE = b"agent-escrow-marketplace: operators' recovery codes"
+_RECOVERY_BOUND = b"recovery-code-bound-v1:"
 
 
 # What is sealed: b"<_BOUND><device pk>:<user pk>:" then the key's bytes.
@@ -69,10 +73,22 @@ def _binding(device_id: int, user_id: int) -> bytes:
 
 def _keys() -> MultiFernet:
     # Read per call, not at import: HKDF costs microseconds, logins are rare, and a test's settings count.
-    current = settings.SECOND_FACTOR_KEY or settings.SECRET_KEY
-    return MultiFernet([Fernet(_fernet_key(secret)) for secret in (current, *settings.SECOND_FACTOR_OLD_KEYS)])
+    return MultiFernet([Fernet(base64.urlsafe_b64encode(_derived(secret, _PURPOSE))) for secret in _secrets()])
 
 
-def _fernet_key(secret: str) -> bytes:
-    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_PURPOSE).derive(secret.encode())
-    return base64.urlsafe_b64encode(derived)
+def recovery_code_digests(code_sha256: str, *, device_id: int, user_id: int) -> list[str]:
+    """The digests a recovery code whose SHA-256 (hex) is `code_sha256` is kept as on the device `device_id` of the
+    user `user_id`: HMAC-SHA256 under a key derived from SECOND_FACTOR_KEY (the first, which new codes are kept under)
+    and from each of SECOND_FACTOR_OLD_KEYS. A database writer who holds none cannot add a code of their own to an
+    operator's device, nor move another operator's codes (or device) over."""
+    binding = _RECOVERY_BOUND + f"{int(device_id)}:{int(user_id)}:".encode() + code_sha256.encode()
+    return [hmac.new(_derived(secret, _RECOVERY_PURPOSE), binding, hashlib.sha256).hexdigest()
+            for secret in _secrets()]
+
+
+def _secrets() -> list[str]:
+    return [settings.SECOND_FACTOR_KEY or settings.SECRET_KEY, *settings.SECOND_FACTOR_OLD_KEYS]
+
+
+def _derived(secret: str, purpose: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(secret.encode())

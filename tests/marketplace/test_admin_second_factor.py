@@ -8,6 +8,7 @@ client address for a while (django-axes); a recovery code printed by the enrol c
 code."""
 
 import base64
+import hashlib
 import importlib
 import io
 import runpy
@@ -367,7 +368,7 @@ def test_a_code_used_by_two_logins_at_once_logs_in_once(settings):
     assert second.status_code == 200 and "Invalid token" in second.content.decode()
 
 
-def test_under_another_second_factor_key_the_app_is_refused_with_the_reason_and_a_recovery_code_logs_in(
+def test_under_another_second_factor_key_the_app_is_refused_with_the_reason_until_the_old_key_is_listed(
         staff, settings, caplog):
     settings.SECOND_FACTOR_KEY = "the key the devices were sealed under"
     uri, recovery_codes = enrolment("operator")
@@ -378,9 +379,13 @@ def test_under_another_second_factor_key_the_app_is_refused_with_the_reason_and_
     assert refused.status_code == 200 and "cannot read your authenticator app&#x27;s key" in refused.content.decode()
     assert "SECOND_FACTOR_KEY" in caplog.text  # the operator's log says which setting
     assert AuthenticatorAppDevice.objects.get(user=staff).throttling_failure_count == 0  # not the operator's failure
-    assert log_in(Client(), "operator", PASSWORD, recovery_codes[0]).url == "/admin/"
+    # The recovery codes are kept under that key too (so that a database writer cannot add one): refused as well.
+    refused = log_in(Client(), "operator", PASSWORD, recovery_codes[0])
+    assert refused.status_code == 200 and "Invalid token" in refused.content.decode()
     settings.SECOND_FACTOR_OLD_KEYS = ["the key the devices were sealed under"]
     assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"
+    RecoveryCodeDevice.objects.update(throttling_failure_timestamp=None)  # past the wait after a wrong code
+    assert log_in(Client(), "operator", PASSWORD, recovery_codes[0]).url == "/admin/"
 
 
 def test_a_rotated_second_factor_key_keeps_the_old_one_until_the_keys_are_sealed_anew(staff, settings):
@@ -509,8 +514,10 @@ def test_the_migration_keeps_django_otps_clear_recovery_codes_as_digests_and_dro
             INSERT INTO otp_static_statictoken (device_id, token) VALUES (7, 'ab2cd3ef'), (7, 'zz7yy6xx');
         """, [staff.pk])
         migration = importlib.import_module("marketplace.migrations.0005_recovery_codes_kept_as_digests")
+        keyed = importlib.import_module("marketplace.migrations.0008_recovery_codes_keyed_and_bound_to_their_devices")
         with connection.schema_editor() as schema_editor:
             migration.recovery_codes_from_static_devices(django_apps, schema_editor)
+            keyed.recovery_codes_key_and_bind(django_apps, schema_editor)  # as `migrate` runs them
 
         # Dropped, not left behind: their foreign key to the users' table made `flush` fail (bench/proxy.py's).
         assert not {"otp_static_staticdevice", "otp_static_statictoken"} & set(
@@ -803,10 +810,66 @@ def test_the_migration_binds_the_sealed_keys_to_their_devices_and_unbound_ones_a
 def test_a_recovery_code_of_fewer_than_120_bits_logs_in_no_more(staff):
     uri, _ = enrolment("operator")
     device = RecoveryCodeDevice.objects.get(user=staff)
-    RecoveryCode.objects.create(device=device, digest=RecoveryCode.digest_of("ab2cd3ef"))  # as 0005 kept it
+    codes_before = list(device.codes.values_list("pk", flat=True))
+    RecoveryCode.objects.create(device=device, digest=RecoveryCode.digests_of(  # as 0005 then 0008 kept it
+        "ab2cd3ef", device_id=device.pk, user_id=staff.pk)[0])
 
     refused = log_in(Client(), "operator", PASSWORD, "ab2cd3ef")
 
     assert refused.status_code == 200 and "admin_totp_enrol" in refused.content.decode()
-    assert not RecoveryCode.objects.filter(digest=RecoveryCode.digest_of("ab2cd3ef")).exists()  # gone for good
+    assert not device.codes.exclude(pk__in=codes_before).exists()  # gone for good
     assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"
+
+
+
+def test_a_recovery_code_a_database_writer_adds_or_moves_logs_in_no_more(staff):
+    """The database keeps digests: someone writing it (without SECOND_FACTOR_KEY) added the digest of a code of their
+    own to an operator's recovery codes, moved another operator's codes over, or moved a whole device, and logged in
+    with it."""
+    _, my_codes = enrolment("operator")
+    get_user_model().objects.create_superuser("colleague", "colleague@example.com", PASSWORD)
+    _, colleagues_codes = enrolment("colleague")
+    mine = RecoveryCodeDevice.objects.get(user=staff)
+    chosen = "aaaa-bbbb-cccc-dddd-eeee-ffff"
+    RecoveryCode.objects.create(device=mine, digest=hashlib.sha256(chosen.replace("-", "").encode()).hexdigest())
+    colleagues = RecoveryCodeDevice.objects.get(user__username="colleague")
+    RecoveryCode.objects.create(device=mine, digest=colleagues.codes.first().digest)
+    RecoveryCode.objects.bulk_create(RecoveryCode(device=mine, digest=c.digest) for c in colleagues.codes.all()[1:])
+
+    assert log_in(Client(), "operator", PASSWORD, chosen).status_code == 200
+    for code_of_colleague in colleagues_codes[:2]:
+        RecoveryCodeDevice.objects.update(throttling_failure_timestamp=None)  # past the wait after a wrong code
+        assert log_in(Client(), "operator", PASSWORD, code_of_colleague).status_code == 200
+    RecoveryCodeDevice.objects.filter(user__username="colleague").delete()
+    RecoveryCodeDevice.objects.filter(user=staff).update(user=colleagues.user, throttling_failure_timestamp=None)
+    assert log_in(Client(), "colleague", PASSWORD, my_codes[0]).status_code == 200  # the whole device, moved
+    AxesProxyHandler.reset_attempts(username="operator")
+    RecoveryCodeDevice.objects.filter(user=colleagues.user).update(  # back where it belongs
+        user=staff, throttling_failure_timestamp=None)
+    assert log_in(Client(), "operator", PASSWORD, my_codes[0]).url == "/admin/"
+
+
+def test_the_migration_keys_the_recovery_codes_digests_and_binds_them_to_their_devices(staff):
+    _, recovery_codes = enrolment("operator")
+    device = RecoveryCodeDevice.objects.get(user=staff)
+    device.codes.all().delete()
+    RecoveryCode.objects.bulk_create(  # as they were kept before: their bare SHA-256
+        RecoveryCode(device=device, digest=hashlib.sha256(c.replace("-", "").encode()).hexdigest())
+        for c in recovery_codes)
+
+    migration = importlib.import_module("marketplace.migrations.0008_recovery_codes_keyed_and_bound_to_their_devices")
+    with connection.schema_editor() as schema_editor:
+        migration.recovery_codes_key_and_bind(django_apps, schema_editor)
+
+    assert log_in(Client(), "operator", PASSWORD, recovery_codes[0]).url == "/admin/"
+    assert device.codes.count() == len(recovery_codes) - 1
+
+
+def test_recovery_codes_keyed_under_an_old_second_factor_key_log_in_while_it_is_listed(staff, settings):
+    settings.SECOND_FACTOR_KEY = "the old key"
+    _, recovery_codes = enrolment("operator")
+    settings.SECOND_FACTOR_KEY, settings.SECOND_FACTOR_OLD_KEYS = "the new key", ["the old key"]
+    assert log_in(Client(), "operator", PASSWORD, recovery_codes[0]).url == "/admin/"
+    settings.SECOND_FACTOR_OLD_KEYS = []
+    refused = log_in(Client(), "operator", PASSWORD, recovery_codes[1])
+    assert refused.status_code == 200 and "Invalid token" in refused.content.decode()

@@ -13,6 +13,9 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         reseal = second_factor.totp_keys_reseal()
         self.stdout.write(f"Sealed {reseal.resealed} TOTP key(s) under the current SECOND_FACTOR_KEY.")
+        self.stdout.write("Recovery codes stay kept under the key they were issued under (a digest cannot be moved): "
+                          "they log in while it is in SECOND_FACTOR_OLD_KEYS. Enrol every operator anew "
+                          "(`manage.py admin_totp_enrol`) before dropping it.")
         if reseal.unreadable:
             names = ", ".join(f"{device.user.get_username()} (device {device.pk})" for device in reseal.unreadable)
             raise CommandError(
