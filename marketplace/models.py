@@ -85,6 +85,9 @@ class AuthenticatorAppDevice(TimestampMixin, ThrottlingMixin, Device):
     last_t = models.BigIntegerField(
         default=-1, help_text="The t value of the latest verified token. The next token must be at a higher time step.")
 
+    # The most steps either way a code is accepted from (django-otp's default, and what enrolment sets, is 1).
+    MAX_TOLERANCE = 2
+
     class Meta(Device.Meta):
         verbose_name = "TOTP device"
 
@@ -109,6 +112,16 @@ class AuthenticatorAppDevice(TimestampMixin, ThrottlingMixin, Device):
         allowed, extra = super().verify_is_allowed()  # the throttle after wrong codes
         if not allowed:
             return allowed, extra
+        if self.digits not in (6, 8) or self.tolerance > self.MAX_TOLERANCE or self.step < 1:
+            # Set by someone writing the database (nothing here sets them so): one digit, or thousands of steps
+            # either way, make nearly any code right without knowing the key.
+            logger.error("TOTP device %s (user %s) has digits %s, tolerance %s, step %s: a device takes 6 or 8 digits "
+                         "and at most %s steps either way, so it is refused. Someone may have written the database; "
+                         "enrol the operator anew (admin_totp_enrol)", self.pk, self.user_id, self.digits,
+                         self.tolerance, self.step, self.MAX_TOLERANCE)
+            return False, {"error_message": (
+                "This authenticator app's settings on the server are not ones it issues, so its codes cannot be "
+                "checked: a recovery code still logs in, or ask an operator with shell access.")}
         try:
             self.key()
         except TotpKeyNotBound:

@@ -873,3 +873,20 @@ def test_recovery_codes_keyed_under_an_old_second_factor_key_log_in_while_it_is_
     settings.SECOND_FACTOR_OLD_KEYS = []
     refused = log_in(Client(), "operator", PASSWORD, recovery_codes[1])
     assert refused.status_code == 200 and "Invalid token" in refused.content.decode()
+
+
+@pytest.mark.parametrize("weakened", [{"digits": 1, "tolerance": 100}, {"digits": 6, "tolerance": 30000}])
+def test_a_device_a_database_writer_weakened_to_accept_nearly_any_code_is_refused(staff, caplog, weakened):
+    """Without the sealing key, someone writing the database cannot read an operator's key, but could make the
+    device take nearly any code: one digit, or thousands of steps either way."""
+    enrol("operator")
+    AuthenticatorAppDevice.objects.filter(user=staff).update(**weakened)
+    guesses = ["0"] if weakened["digits"] == 1 else [f"{n:06d}" for n in range(3)]
+
+    answers = []
+    for guess in guesses:
+        AuthenticatorAppDevice.objects.update(throttling_failure_timestamp=None)
+        answers.append(log_in(Client(), "operator", PASSWORD, guess).status_code)
+
+    assert 302 not in answers
+    assert "tolerance" in caplog.text or "digits" in caplog.text
