@@ -497,6 +497,9 @@ OTP_TOTP_THROTTLE_FACTOR = 1
 # (`manage.py admin_totp_reseal`).
 SECOND_FACTOR_KEY = env.str("SECOND_FACTOR_KEY", default="")
 SECOND_FACTOR_OLD_KEYS = env.list("SECOND_FACTOR_OLD_KEYS", default=[])
+# How long a logged-in session (only the admin logs one in; it counts at /metrics and in the API too) lasts before
+# the password and a code are asked again: Django's default is two weeks.
+SESSION_COOKIE_AGE = env.int("ADMIN_SESSION_SECONDS", default=12 * 3600)
 # Single-use codes `admin_totp_enrol` prints with the key, each logging in once in place of the app's code.
 ADMIN_RECOVERY_CODES = env.int("ADMIN_RECOVERY_CODES", default=10)
 # Failed logins, a wrong password or the right one with a wrong or missing code, lock that username out from that

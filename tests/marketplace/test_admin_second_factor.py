@@ -890,3 +890,15 @@ def test_a_device_a_database_writer_weakened_to_accept_nearly_any_code_is_refuse
 
     assert 302 not in answers
     assert "tolerance" in caplog.text or "digits" in caplog.text
+
+
+def test_an_operators_session_lasts_admin_session_seconds_not_django_s_two_weeks(staff, settings):
+    """A session verified by the second factor acts with an operator's powers (admin, /metrics, the API) until it
+    expires: Django's default kept it two weeks, with a cookie left on a shared machine or copied from a browser
+    profile counting all that time without a code again."""
+    uri = enrol("operator")
+    client = Client()
+    assert log_in(client, "operator", PASSWORD, code(uri)).url == "/admin/"
+
+    assert client.session.get_expiry_age() == settings.SESSION_COOKIE_AGE == 12 * 3600
+    assert client.cookies[settings.SESSION_COOKIE_NAME]["max-age"] == 12 * 3600
