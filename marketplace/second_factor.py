@@ -64,8 +64,8 @@ class LoginForm(OTPAdminAuthenticationForm):
     verifies nothing for a while (OTP_TOTP_THROTTLE_FACTOR; the recovery codes' device likewise). It asks which
     device once the password is right (since 1.7 it no longer tries each, which would count failures against the
     others); the code's shape tells without asking: the app's digits go to the TOTP device, anything else to the
-    recovery codes. Staff with no device are told how to get one, and only once their password is right (the message
-    tells no one else whether an account exists). The right password with a wrong or missing code is a failed login
+    recovery codes (a device the post names is not taken). Staff with no device are told how to get one, and only
+    once their password is right (the message tells no one else whether an account exists). The right password with a wrong or missing code is a failed login
     all the same, counted towards the lockout as a wrong password is (axes counts `user_login_failed`)."""
 
     # The code an authenticator app shows: phones offer it from their keyboard, browsers fill in no password there.
@@ -74,7 +74,9 @@ class LoginForm(OTPAdminAuthenticationForm):
 
     def clean_otp(self, user):
         try:
-            if user is not None and not self.cleaned_data.get("otp_device"):
+            if user is not None:
+                # Whatever device the post names: django-otp loads any model a persistent id names, and one that is
+                # not a device raised AttributeError (a 500).
                 self.cleaned_data["otp_device"] = self._device_for_code(user).persistent_id
             super().clean_otp(user)
         except ValidationError as error:
