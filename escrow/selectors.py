@@ -202,6 +202,13 @@ def _by_blockchain_identifier(blockchain_identifier: str) -> Q:
     return Q(agreement__pk=uid) | Q(payment_request__pk=uid)
 
 
+def purchase_pay_by_time(*, agreement_id) -> int | None:
+    """The payByTime (unix) of the Masumi purchase bought as this agreement: its activation's deadline; None when the
+    agreement is no purchase."""
+    pay_by = MasumiPurchase.objects.filter(agreement_id=agreement_id).values_list("pay_by_time", flat=True).first()
+    return None if pay_by is None else int(pay_by.timestamp())
+
+
 def purchase_get(*, buyer, blockchain_identifier: str) -> MasumiPurchase:
     """The buyer's purchase with this blockchainIdentifier, else 404."""
     purchase = purchases_of_buyer(buyer=buyer).filter(_by_blockchain_identifier(blockchain_identifier)).first()

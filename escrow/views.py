@@ -99,8 +99,11 @@ class ActivationPackageView(APIView):
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
         if agreement.buyer_id == agent.pk:  # else refused by activation_package
             agreement = services.intent_nonce_renew(agreement=agreement)
-        return Response(ActivationPackageSerializer(services.activation_package(agreement=agreement,
-                                                                                buyer=agent)).data)
+        # A Masumi purchase's package is signed until its payByTime, as lock-funds requires (the buyer fetches it
+        # again here after revoking the intent nonce of the one handed out at purchase).
+        deadline = selectors.purchase_pay_by_time(agreement_id=agreement.pk)
+        return Response(ActivationPackageSerializer(services.activation_package(agreement=agreement, buyer=agent,
+                                                                                deadline=deadline)).data)
 
 
 class ActivateEscrowView(APIView):

@@ -20,6 +20,7 @@ from escrow.models import ChainTransaction, MasumiPurchase, TxPurpose
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import UserFactory, issue_owner_token
 from tests.conftest import Api, error_code
+from tests.escrow.conftest import Escrows
 from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock, pay_fees, sign_activation, usdc_balance
 from tests.support.http_server import RecordingServer
 from tests.support.masumi_service import MasumiService, result_for
@@ -606,3 +607,38 @@ def test_a_purchases_seller_cannot_charge_it_by_reporting_usage(escrow_chain, se
     assert purchase.tick()["started"] == 1
     assert purchase.tick()["results"] == 1  # the result is still the purchase's charge
     assert purchase.get()["onChainState"] == "ResultSubmitted"
+
+
+def test_a_buyer_who_cancelled_its_purchases_intent_nonce_locks_the_funds_with_a_fresh_one(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """The package handed out at purchase creation names the agreement's first intent nonce; a buyer who revoked it
+    on-chain (`cancelIntentNonce`) gets the next one from the agreement's activation package, with the purchase's
+    payByTime as its deadline (what lock-funds requires), and the revoked intent is refused, not relayed to revert."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
+    created = parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
+                                                   "agentIdentifier": str(parties.service.pk)}).json()["data"]
+    agreement = parties.agreement(created["agreementId"])
+    old_signed = sign_activation(chain, created["ActivationPackage"], agreement, parties.buyer_account.key)
+    old_nonce = created["ActivationPackage"]["intent"]["message"]["nonce"]
+    Escrows(chain).tx(chain.escrow.functions.cancelIntentNonce(old_nonce), parties.buyer_account)
+
+    lock = {"network": "Preprod", "blockchainIdentifier": created["blockchainIdentifier"]}
+    with capture(execute=True):
+        refused = parties.buyer_api.post("/purchase/lock-funds", {**lock, **old_signed})
+    assert refused.status_code == 400 and error_code(refused) == "wrong_signer", refused.content
+    assert not ChainTransaction.objects.filter(agreement_id=created["agreementId"]).exists()
+
+    package = parties.buyer_api.get(f"/usage-agreements/{created['agreementId']}/activation-package")
+    assert package.status_code == 200, package.content
+    assert package.json()["intent"]["message"]["nonce"] != old_nonce
+    assert package.json()["deadline"] == created["ActivationPackage"]["deadline"]  # the purchase's payByTime
+    signed = sign_activation(chain, package.json(), agreement, parties.buyer_account.key)
+    with capture(execute=True):
+        locked = parties.buyer_api.post("/purchase/lock-funds", {**lock, **signed})
+    assert locked.status_code == 202, locked.content
+    confirm_all(capture)
+    purchase = parties.buyer_api.get("/purchase", {"network": "Preprod"}).json()["data"]["Purchases"][0]
+    assert purchase["onChainState"] == "FundsLocked", purchase
+    locked_amount = agreement["deposit_amount_atomic"] + agreement["infra_fee_atomic"]
+    assert usdc_balance(chain, chain.addresses["escrow"]) == locked_amount
