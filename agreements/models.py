@@ -229,6 +229,9 @@ class UsageAgreement(PaymentReversal):
                                   help_text="EIP-2612 permit {value, nonce, deadline, signature}; spender: the relayer.")
     fee_tx_hash = Bytes32Field(blank=True, help_text="The transfer of the fee to the fee recipient.")
     payment_tx_hash = Bytes32Field(blank=True, help_text="The x402 payment (transferWithAuthorization) to the seller.")
+    payment_authorization_cancel_tx_hash = Bytes32Field(
+        blank=True, help_text="The buyer's cancelAuthorization of the x402 authorization, relayed once the purchase "
+                              "was off (rejected, cancelled, expired, payment_failed): it can no longer move money.")
     payment_reverted_at = models.DateTimeField(
         null=True, blank=True, help_text="A reorg deeper than the confirmation depth took the payment off the chain "
                                          "after the purchase was counted paid, and it did not run again: the "

@@ -193,6 +193,9 @@ class AgreementSerializer(FieldsBoundOnceSerializer):
     activation_tx_hash = serializers.CharField(allow_blank=True)
     fee_tx_hash = serializers.CharField(allow_blank=True, help_text="direct_payment: the fee's transfer.")
     payment_tx_hash = serializers.CharField(allow_blank=True, help_text="direct_payment: the x402 payment.")
+    payment_authorization_cancel_tx_hash = serializers.CharField(
+        allow_blank=True, help_text="direct_payment: the buyer's cancelAuthorization of the x402 authorization, relayed "
+                                    "once the purchase was off (POST .../cancel-payment-authorization).")
     payment_reverted_at = serializers.DateTimeField(
         allow_null=True, help_text="direct_payment: when a chain reorg took the payment off the chain after the "
                                    "purchase was counted paid and it could not run again (status payment_failed): "

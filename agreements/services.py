@@ -716,6 +716,85 @@ def agreement_direct_fee_refund_reopened(*, agreement_id) -> None:
     UsageAgreement.objects.filter(pk=agreement_id).update(buyer_refund=None, updated_at=timezone.now())
 
 
+# --- a direct purchase's payment authorization once the purchase is off ---------------------------------------
+#
+# The buyer's signed transferWithAuthorization stays valid on-chain until its validBefore (up to a day) whatever
+# becomes of the purchase: anyone holding it (the platform's records, a log) could move the buyer's money to the
+# seller with no purchase. Only the buyer's wallet can revoke it (EIP-3009 cancelAuthorization); the platform relays
+# the buyer's signed cancellation, the buyer holding no gas.
+
+def _payment_authorization_off(agreement: UsageAgreement) -> bool:
+    """Whether the purchase will no longer use its payment authorization: rejected, cancelled, expired, or its payment
+    failed with nothing reversed (one a reorg took after it was counted paid is an operator's to decide)."""
+    if agreement.status == S.PAYMENT_FAILED:
+        return agreement.payment_reverted_at is None
+    return agreement.status in (S.REJECTED, S.CANCELLED, S.EXPIRED)
+
+
+def agreement_payment_authorization_cancel_typed_data(*, agreement: UsageAgreement, buyer: Agent) -> dict:
+    """What the buyer signs to revoke its direct purchase's payment authorization (EIP-3009 CancelAuthorization, in
+    the token's domain): only the buyer, only once the purchase is off (409 `purchase_still_open` before)."""
+    _require_party(agreement, buyer, "buyer")
+    if agreement.settlement_model != SettlementModel.DIRECT_PAYMENT:
+        raise Conflict("Only a direct purchase has a payment authorization.", code="not_a_direct_purchase")
+    if not _payment_authorization_off(agreement):
+        raise Conflict(f"The purchase is {agreement.status}: its payment authorization may still be used.",
+                       code="purchase_still_open", details={"status": agreement.status})
+    record = agreement.payment_authorization
+    token_name, token_version = x402_protocol.token_domain()
+    return typed_data.cancel_authorization(
+        chain_id=settings.CHAIN_ID, token_address=record.token_address, authorizer=record.payer, nonce=record.nonce,
+        token_name=token_name, token_version=token_version)
+
+
+def agreement_payment_authorization_cancel_check(*, agreement: UsageAgreement, buyer: Agent,
+                                                 signature: str) -> x402_protocol.Authorization:
+    """The buyer's signed CancelAuthorization (`agreement_payment_authorization_cancel_typed_data`) checked: the
+    buyer's, of a purchase that is off, signed by the authorization's payer. Returns the authorization."""
+    typed = agreement_payment_authorization_cancel_typed_data(agreement=agreement, buyer=buyer)
+    authorization = selectors.payment_authorization_of(agreement=agreement)
+    signer_require(typed=typed, signature=signature, expected=authorization.payer, field="signature")
+    return authorization
+
+
+def agreement_payment_authorization_cancel_begin(*, agreement_id) -> UsageAgreement:
+    """Lock the purchase and check again that it is off (an operator's retry of a failed payment, or a reorg, may have
+    moved it back to paying since the check). Call inside the transaction that queues the cancellation."""
+    agreement = _lock(agreement_id)
+    if not _payment_authorization_off(agreement):
+        raise Conflict(f"The purchase is {agreement.status}: its payment authorization may still be used.",
+                       code="purchase_still_open", details={"status": agreement.status})
+    return agreement
+
+
+def agreement_payment_authorization_cancelled(*, agreement_id, tx_hash: str) -> None:
+    """The buyer's cancellation ran on-chain: the authorization can no longer move money."""
+    agreement = _lock(agreement_id)
+    agreement.payment_authorization_cancel_tx_hash = tx_hash
+    agreement.save(update_fields=["payment_authorization_cancel_tx_hash", "updated_at"])
+    _record_event(agreement, actor=SYSTEM, from_status=agreement.status, data={"tx_hash": tx_hash},
+                  reason="the buyer's payment authorization was cancelled on-chain")
+
+
+def agreement_payment_authorization_cancel_failed(*, agreement_id, reason: str, used_by: str | None) -> None:
+    """The cancellation reverted: the authorization was cancelled already, or used. Used by `used_by` after the
+    purchase was off, the buyer's money went to the seller with no purchase: logged as an error and recorded on the
+    agreement's events for an operator."""
+    agreement = _lock(agreement_id)
+    if used_by:
+        logger.error("a closed direct purchase's payment authorization was used", extra={
+            "agreement_id": str(agreement_id), "tx_hash": used_by})
+    _record_event(agreement, actor=SYSTEM, from_status=agreement.status, data={"used_by": used_by},
+                  reason=(f"the payment authorization was used by {used_by} after the purchase was {agreement.status}"
+                          if used_by else f"the payment authorization's cancellation reverted: {reason}")[:500])
+
+
+def agreement_payment_authorization_cancel_reopened(*, agreement_id) -> None:
+    """A reorg took the cancellation off the chain: not counted until it is concluded again."""
+    UsageAgreement.objects.filter(pk=agreement_id).update(payment_authorization_cancel_tx_hash="",
+                                                          updated_at=timezone.now())
+
+
 # --- party actions -------------------------------------------------------------------------------------------
 
 def _last_event_is_refusal(agreement: UsageAgreement, refusal: Forbidden) -> bool:

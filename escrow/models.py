@@ -33,6 +33,7 @@ class TxPurpose(models.TextChoices):
     DIRECT_PAYMENT = "direct_payment"
     DIRECT_FEE_PERMIT = "direct_fee_permit"
     DIRECT_FEE_REFUND = "direct_fee_refund"
+    DIRECT_AUTHORIZATION_CANCEL = "direct_auth_cancel"
     INVOCATION_PAYMENT = "invocation_payment"
     INVOCATION_PAYOUT = "invocation_payout"
     INVOCATION_REFUND = "invocation_refund"

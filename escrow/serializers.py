@@ -90,6 +90,23 @@ class ActivationAcceptedSerializer(serializers.Serializer):
     transaction = ChainTransactionSerializer()
 
 
+class PaymentAuthorizationCancelPackageSerializer(serializers.Serializer):
+    agreement_id = serializers.UUIDField()
+    cancel_authorization = TypedDataSerializer(
+        help_text="EIP-712 CancelAuthorization (EIP-3009) of the purchase's x402 authorization, to sign with the buyer "
+                  "wallet: authorizer the buyer, nonce the authorization's, in the token's domain.")
+
+
+class PaymentAuthorizationCancelSerializer(StrictSerializer):
+    signature = _signature()
+
+
+class PaymentAuthorizationCancelAcceptedSerializer(serializers.Serializer):
+    agreement_id = serializers.UUIDField()
+    transaction = ChainTransactionSerializer(help_text="The relayer's cancelAuthorization; confirmed, the agreement "
+                                                       "names it (payment_authorization_cancel_tx_hash).")
+
+
 class EscrowStatusSerializer(serializers.Serializer):
     agreement_id = serializers.UUIDField()
     onchain_id = serializers.CharField()

@@ -17,6 +17,8 @@ urlpatterns = [
     path("usage-agreements/<uuid:agreement_id>/activation-package", views.ActivationPackageView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/activate-escrow", views.ActivateEscrowView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/escrow-status", views.EscrowStatusView.as_view()),
+    path("usage-agreements/<uuid:agreement_id>/cancel-payment-authorization",
+         views.PaymentAuthorizationCancelView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/challenge-package", views.ChallengePackageView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/challenge", views.ChallengeView.as_view()),
     path("usage-agreements/<uuid:agreement_id>/resolve", views.ResolveView.as_view()),

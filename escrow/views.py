@@ -45,6 +45,9 @@ from escrow.serializers import (
     EscrowStatusQuery,
     EscrowStatusSerializer,
     NetworkConfigSerializer,
+    PaymentAuthorizationCancelAcceptedSerializer,
+    PaymentAuthorizationCancelPackageSerializer,
+    PaymentAuthorizationCancelSerializer,
 )
 from marketplace import chainconfig
 from marketplace.errors import Conflict, InvalidInput, error_body
@@ -129,6 +132,45 @@ class ActivateEscrowView(APIView):
             "agreement_id": agreement.pk, "status": AgreementStatus.SUBMITTING,
             "transaction": transaction_payload(tx, None),
         }).data, status=status.HTTP_202_ACCEPTED)
+
+
+class PaymentAuthorizationCancelView(APIView):
+    permission_classes = [agent_scope(KeyScope.PAY)]
+    throttle_scope = "payments"
+
+    @extend_schema(operation_id="direct_payment_authorization_cancel_package", tags=TAGS,
+                   summary="A direct purchase that is off: the EIP-3009 CancelAuthorization its buyer signs to revoke "
+                           "its x402 payment authorization (POST it here)",
+                   responses={200: PaymentAuthorizationCancelPackageSerializer, **error_responses(403, 404, 409)})
+    def get(self, request, agreement_id):
+        agent = calling_agent(request)
+        agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        typed = agreement_services.agreement_payment_authorization_cancel_typed_data(agreement=agreement, buyer=agent)
+        return Response(PaymentAuthorizationCancelPackageSerializer({
+            "agreement_id": agreement.pk, "cancel_authorization": typed}).data)
+
+    @extend_schema(
+        operation_id="direct_payment_authorization_cancel", tags=TAGS, request=PaymentAuthorizationCancelSerializer,
+        summary="A direct purchase that is off (rejected, cancelled, expired, payment_failed): the relayer submits the "
+                "buyer's signed EIP-3009 CancelAuthorization of its x402 payment authorization (valid until its "
+                "validBefore otherwise: anyone holding it could still move the money). 202; asked again, the same "
+                "transaction.",
+        description="Sign `CancelAuthorization(authorizer, nonce)` in the token's EIP-712 domain, `nonce` the "
+                    "authorization's (GET here hands out the typed data; the SDK's `cancel_payment_authorization`). "
+                    "409 `purchase_still_open` while the purchase may still pay, `authorization_already_used` when "
+                    "the token counts it used or cancelled already.",
+        responses={202: PaymentAuthorizationCancelAcceptedSerializer, **error_responses(403, 404, 409, 422, 429, 503)},
+    )
+    @idempotent(atomic=False)  # reads the chain before it writes
+    def post(self, request, agreement_id):
+        agent = calling_agent(request)
+        agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
+        body = PaymentAuthorizationCancelSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        tx = x402_onchain.direct_authorization_cancel(agreement=agreement, buyer=agent, **body.validated_data)
+        return Response(PaymentAuthorizationCancelAcceptedSerializer({
+            "agreement_id": agreement.pk, "transaction": transaction_payload(tx, None)}).data,
+            status=status.HTTP_202_ACCEPTED)
 
 
 class EscrowStatusView(APIView):

@@ -11,7 +11,8 @@
   nothing taken), then `direct_fee_permit` (the buyer's EIP-2612 permit, spender the relayer), `direct_fee`
   (transferFrom buyer -> fee recipient), `direct_payment` (the x402 authorization, buyer -> seller). When the
   payment fails after the fee was taken, `direct_fee_refund` returns the fee from the treasury (once: see
-  `_direct_fee_refund_when_due`).
+  `_direct_fee_refund_when_due`). Once the purchase is off, `direct_authorization_cancel` relays the buyer's signed
+  `cancelAuthorization` (`direct_auth_cancel`), so the authorization can no longer move the buyer's money.
 Every movement is one ChainTransaction; each is queued once, by the state change that calls for it.
 """
 
@@ -38,7 +39,7 @@ from catalog.models import Agent, Skill
 from escrow import chain, chain_clock, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
-from marketplace.errors import DependencyUnavailable
+from marketplace.errors import Conflict, DependencyUnavailable
 from sdk import typed_data
 
 logger = logging.getLogger(__name__)
@@ -561,6 +562,64 @@ def _direct_fee_refund_cancel_undecided(tx: ChainTransaction) -> None:
                                                         "whose old bytes may run")
 
 
+# --- a closed direct purchase's authorization, cancelled for the buyer -----------------------------------------
+
+def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, signature: str) -> ChainTransaction:
+    """Relay the buyer's signed EIP-3009 `cancelAuthorization` of its direct purchase's payment authorization, once
+    the purchase is off (agreements checks who, when, and the signature): no one holding the authorization can then
+    move the buyer's money. Asked again, the cancellation under way or done is answered. An authorization the token
+    counts used or cancelled already is 409 `authorization_already_used` (nothing to cancel), naming the transaction
+    that used it (`used_by`: its transfer to the seller ran with no purchase; logged as an error), else null."""
+    _require_chain()
+    authorization = agreement_services.agreement_payment_authorization_cancel_check(
+        agreement=agreement, buyer=buyer, signature=signature)
+    live = selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
+    if live is not None:
+        return live
+    token = chain.token_contract(agreement.payment_authorization.token_address)
+    payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
+    with chain.unavailable_as_503():
+        spent = chain.call(token.functions.authorizationState(payer, nonce).call)
+    if spent:
+        # Used (the transfer to the seller ran, sent by whoever held it: no purchase paid it), or cancelled already.
+        with chain.unavailable_as_503():
+            used_by = (_authorization_use(authorization) or {}).get("used_by")
+        if used_by:
+            logger.error("a closed direct purchase's payment authorization was used",
+                         extra={"agreement_id": str(agreement.pk), "tx_hash": used_by})
+        raise Conflict("The payment authorization was used or cancelled already.", code="authorization_already_used",
+                       details={"used_by": used_by})
+    v, r, s = typed_data.split_signature(signature)
+    data = token.encode_abi("cancelAuthorization", args=[payer, nonce, v, hex_to_bytes(r), hex_to_bytes(s)])
+    with transaction.atomic():
+        agreement_services.agreement_payment_authorization_cancel_begin(agreement_id=agreement.pk)
+        live = selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
+        return live or relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL, to=token.address,
+                                                   data=data, agreement_id=agreement.pk)
+
+
+def _direct_authorization_cancel_evidence(tx: ChainTransaction) -> dict:
+    """A cancellation that reverted: the authorization was cancelled (by the buyer's own copy, say) or used, by whom."""
+    if tx.status == TxStatus.CONFIRMED:
+        return {}
+    authorization = agreement_selectors.payment_authorization_of(agreement=_agreement(tx))
+    return _authorization_use(authorization) or {"used_by": None}
+
+
+def _direct_authorization_cancel_outcome(tx: ChainTransaction) -> None:
+    if tx.status == TxStatus.CONFIRMED:
+        agreement_services.agreement_payment_authorization_cancelled(agreement_id=tx.agreement_id,
+                                                                     tx_hash=tx.mined_tx_hash)
+    else:
+        agreement_services.agreement_payment_authorization_cancel_failed(
+            agreement_id=tx.agreement_id, reason=tx.failure_reason, used_by=tx.outcome_evidence.get("used_by"))
+
+
+def _direct_authorization_cancel_reopened(tx: ChainTransaction) -> None:
+    if tx.status == TxStatus.CONFIRMED:
+        agreement_services.agreement_payment_authorization_cancel_reopened(agreement_id=tx.agreement_id)
+
+
 def handlers_register() -> None:
     """Called once, from EscrowConfig.ready()."""
     agreement_services.token_domain_reader_register(reader=chain.token_domain)
@@ -589,3 +648,7 @@ def handlers_register() -> None:
                                      on_reopened=_direct_fee_refund_reopened, on_cancelled=_direct_fee_refund_cancelled,
                                      on_cancel_undecided=_direct_fee_refund_cancel_undecided)
     relayer.finality_wait_register(purpose=TxPurpose.DIRECT_FEE_REFUND, spent_block=_direct_fee_block)
+    relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL,
+                                     on_outcome=_direct_authorization_cancel_outcome,
+                                     read_evidence=_direct_authorization_cancel_evidence,
+                                     on_reopened=_direct_authorization_cancel_reopened)

@@ -27,6 +27,7 @@ _AGREEMENT_OPERATIONS = [
     "agreements_get", "agreements_accept", "agreements_reject", "agreements_cancel", "agreements_complete",
     "agreements_events", "agreements_usage", "agreements_record_usage", "escrow_activate",
     "escrow_activation_package", "escrow_challenge", "escrow_challenge_package", "escrow_status",
+    "direct_payment_authorization_cancel", "direct_payment_authorization_cancel_package",
     "metered_proxy_get", "metered_proxy_post", "metered_proxy_put", "metered_proxy_patch", "metered_proxy_delete",
 ]
 _AGENT_OPERATIONS = ["api_keys_list", "api_keys_issue", "approvals_list", "policies_get", "policies_put"]

@@ -301,6 +301,37 @@ class MarketplaceClient:
             validity_seconds=validity_seconds, now=self._now())
         return self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
 
+    def cancel_payment_authorization(self, agreement_id: AgreementId, wallet: str | Wallet, *, wait: bool = False,
+                                     timeout: float = 300.0, poll_interval: float = 2.0,
+                                     idempotency_key: str | None = None) -> dict[str, Any]:
+        """Revoke the x402 authorization of a direct purchase that is off (rejected, cancelled, expired,
+        payment_failed): signed, it stays valid on-chain until its validBefore, and anyone holding it could still move
+        the money. Fetches the EIP-3009 CancelAuthorization, checks it against the one the SDK builds (the pinned
+        token's domain, this wallet as authorizer: only its nonce is the server's), signs it here and has the
+        platform's relayer submit it (202 body). With `wait=True`, polls until the agreement names the mined
+        cancellation (`payment_authorization_cancel_tx_hash`) and returns the agreement."""
+        wallet = as_wallet(wallet)
+        path = f"/usage-agreements/{agreement_id}/cancel-payment-authorization"
+        received = self._request("GET", path).get("cancel_authorization")
+        nonce: Any = received.get("message", {}).get("nonce") if isinstance(received, Mapping) else None
+        domain = self.token_domain()
+        try:
+            expected = typed_data.cancel_authorization(
+                chain_id=self.network.chain_id, token_address=self.network.token_address, authorizer=wallet.address,
+                nonce=nonce, token_name=domain.name, token_version=domain.version)
+        except (TypeError, ValueError) as malformed:
+            raise SigningRefused("cancel_authorization.message.nonce", "a bytes32", nonce) from malformed
+        check_typed_data(received, expected, "cancel_authorization")
+        answer = self._request("POST", path, json={"signature": wallet.sign_typed_data(expected)},
+                               idempotency_key=idempotency_key or _new_key())
+        if not wait:
+            return answer
+        return self._poll(lambda: self.get_agreement(agreement_id),
+                          lambda agreement: bool(agreement.get("payment_authorization_cancel_tx_hash")),
+                          timeout=timeout, poll_interval=poll_interval, late=lambda agreement: (
+                              f"agreement {agreement_id}'s payment authorization is not cancelled on-chain after "
+                              f"{timeout:g} s"))
+
     # --- escrow --------------------------------------------------------------------------------------------------
 
     def activation_package(self, agreement_id: AgreementId) -> dict[str, Any]:

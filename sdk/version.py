@@ -1,5 +1,7 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.6: cancel_payment_authorization revokes a direct purchase's x402 authorization once the purchase is off (the
+# platform relays the buyer's signed EIP-3009 CancelAuthorization);
 # 0.4.5: proxy_signature.verify refuses a marketplace header given twice, webhook_signature.verify holds the
 # Marketplace-Event-Id header to the body's signed id (event_id=), purchase_masumi_job requires max_price_atomic, an
 # activation or challenge is signed only for the agreement's own escrow id, request_refund takes agreement_id,
@@ -14,4 +16,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.5"
+VERSION = "0.4.6"

@@ -8,14 +8,16 @@ import pytest
 from django.utils import timezone
 from x402.http import decode_payment_signature_header
 
+from agreements import services as agreement_services
 from agreements.models import AgreementEvent, UsageAgreement
+from escrow import relayer
 from escrow.models import ChainTransaction
 from sdk import typed_data
 from sdk.x402_signing import build_direct_stablecoin_agreement
 from tests.chain_fixtures import TOKEN_NAMES
 from policies.models import ApprovalRequest
 from tests.catalog.factories import issue_owner_token
-from tests.conftest import Api
+from tests.conftest import Api, error_code
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, network_of, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -336,3 +338,126 @@ def test_a_direct_purchase_approved_once_its_signatures_ran_out_expires(purchase
     assert agreement.status == "expired" and "signatures" in agreement.status_reason
     refused = purchase.parties.seller_api.put(f"/usage-agreements/{held['id']}/accept")
     assert refused.status_code == 409
+
+
+def _submit_authorization(chain, agreement_id: str):
+    """Anyone holding the buyer's signed authorization (the platform's records, a log) sends it to the token."""
+    record = UsageAgreement.objects.select_related("payment_authorization").get(pk=agreement_id).payment_authorization
+    v, r, s = typed_data.split_signature(record.signature)
+    return chain.usdc.functions.transferWithAuthorization(
+        chain.w3.to_checksum_address(record.payer), chain.w3.to_checksum_address(record.pay_to), int(record.amount),
+        int(record.valid_after), int(record.valid_before), bytes.fromhex(record.nonce[2:]), v, bytes.fromhex(r[2:]),
+        bytes.fromhex(s[2:]))
+
+
+def _cancel_signature(purchase: Purchase, agreement_id: str, key: str | None = None) -> str:
+    nonce = UsageAgreement.objects.select_related("payment_authorization").get(pk=agreement_id).payment_authorization.nonce
+    typed = typed_data.cancel_authorization(chain_id=purchase.chain.chain_id, token_address=purchase.chain.usdc.address,
+                                            authorizer=purchase.buyer.address, nonce=nonce)
+    return typed_data.sign_typed_data(key or purchase.buyer.key, typed)
+
+
+@pytest.mark.parametrize("close", ["reject", "cancel", "expire"])
+def test_a_closed_direct_purchases_authorization_is_cancelled_on_chain_for_the_buyer(
+        purchase, close, django_capture_on_commit_callbacks):
+    """Rejected, cancelled or expired, a direct purchase leaves the buyer's signed authorization valid until its
+    validBefore (a day): whoever holds it could move the buyer's money to the seller with no purchase. The buyer's
+    signed CancelAuthorization is relayed by the platform (the buyer holds no gas), and the authorization is dead."""
+    agreement = purchase.propose()
+    path = f"/usage-agreements/{agreement['id']}"
+    if close == "reject":
+        assert purchase.parties.seller_api.put(f"{path}/reject", {"reason": "busy"}).status_code == 200
+    elif close == "cancel":
+        assert purchase.parties.buyer_api.post(f"{path}/cancel", {"reason": "changed my mind"}).status_code == 200
+    else:
+        UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
+        agreement_services.agreements_expire_proposals()
+    assert purchase.parties.agreement(agreement["id"])["status"] in ("rejected", "cancelled", "expired")
+    before = purchase.balances()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        cancelled = purchase.parties.buyer_api.post(f"{path}/cancel-payment-authorization",
+                                                    {"signature": _cancel_signature(purchase, agreement["id"])})
+    assert cancelled.status_code == 202, cancelled.content
+    confirm_all(django_capture_on_commit_callbacks)
+
+    nonce = UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization.nonce
+    assert purchase.chain.usdc.functions.authorizationState(purchase.buyer.address, bytes.fromhex(nonce[2:])).call()
+    with pytest.raises(Exception):  # noqa: B017 - the token refuses it: AuthorizationUsedOrCanceled
+        _submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.chain.accounts.stranger.address})
+    assert purchase.balances() == before
+    assert ChainTransaction.objects.get(agreement_id=agreement["id"]).status == "confirmed"
+    shown = purchase.parties.agreement(agreement["id"])
+    assert shown["payment_authorization_cancel_tx_hash"].startswith("0x"), shown
+
+
+def test_a_payment_authorization_is_cancelled_only_by_its_buyer_and_only_once_the_purchase_is_off(
+        purchase, django_capture_on_commit_callbacks):
+    agreement = purchase.propose()
+    path = f"/usage-agreements/{agreement['id']}/cancel-payment-authorization"
+    signature = _cancel_signature(purchase, agreement["id"])
+    open_purchase = purchase.parties.buyer_api.post(path, {"signature": signature})
+    assert open_purchase.status_code == 409 and error_code(open_purchase) == "purchase_still_open", open_purchase.content
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    by_seller = purchase.parties.seller_api.post(path, {"signature": signature})
+    assert by_seller.status_code in (403, 404), by_seller.content
+    forged = purchase.parties.buyer_api.post(path, {"signature": _cancel_signature(
+        purchase, agreement["id"], key=purchase.chain.accounts.stranger.key)})
+    assert forged.status_code == 400 and error_code(forged) == "wrong_signer", forged.content
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        first = purchase.parties.buyer_api.post(path, {"signature": signature})
+        again = purchase.parties.buyer_api.post(path, {"signature": signature})
+    assert first.status_code == again.status_code == 202, (first.content, again.content)
+    assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == 1
+
+    paid = purchase.propose()
+    purchase.accept(paid["id"], django_capture_on_commit_callbacks)
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+    refused = purchase.parties.buyer_api.post(f"/usage-agreements/{paid['id']}/cancel-payment-authorization",
+                                              {"signature": _cancel_signature(purchase, paid["id"])})
+    assert refused.status_code == 409 and error_code(refused) == "purchase_still_open", refused.content
+
+
+def test_an_authorization_used_after_the_purchase_was_rejected_is_named_when_the_buyer_would_cancel_it(
+        purchase, django_capture_on_commit_callbacks):
+    """Before the buyer revokes it, whoever holds the authorization of a rejected purchase can still send it: the
+    buyer's money goes to the seller with no purchase. The buyer's cancellation is then refused naming that
+    transaction (an operator's matter: the money is with the seller, not the platform)."""
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    buyer, seller, _, _ = purchase.balances()
+    tx_hash = _submit_authorization(purchase.chain, agreement["id"]).transact(
+        {"from": purchase.chain.accounts.stranger.address})
+    assert purchase.balances()[:2] == (buyer - AMOUNT, seller + AMOUNT)
+
+    refused = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
+                                              {"signature": _cancel_signature(purchase, agreement["id"])})
+    assert refused.status_code == 409 and error_code(refused) == "authorization_already_used", refused.content
+    assert refused.json()["error"]["details"]["used_by"] == "0x" + bytes(tx_hash).hex().removeprefix("0x")
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+
+
+def test_a_cancellation_outrun_by_a_use_of_the_authorization_records_that_use(
+        purchase, django_capture_on_commit_callbacks):
+    """The authorization is used between the buyer's cancellation and the relayer's send: the cancellation fails and
+    the agreement's events name the transaction that moved the buyer's money."""
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    with django_capture_on_commit_callbacks(execute=False):  # queued, not sent yet
+        queued = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
+                                                 {"signature": _cancel_signature(purchase, agreement["id"])})
+    assert queued.status_code == 202, queued.content
+    used_by = _submit_authorization(purchase.chain, agreement["id"]).transact(
+        {"from": purchase.chain.accounts.stranger.address})
+    with django_capture_on_commit_callbacks(execute=True):
+        relayer.transaction_submit(transaction_id=queued.json()["transaction"]["id"])
+    for _ in range(2):
+        confirm_all(django_capture_on_commit_callbacks)
+
+    assert ChainTransaction.objects.get(agreement_id=agreement["id"]).status == "failed"
+    event = AgreementEvent.objects.filter(agreement_id=agreement["id"]).order_by("-pk").first()
+    assert event.data["used_by"] == "0x" + bytes(used_by).hex().removeprefix("0x"), event.reason
+    assert purchase.parties.agreement(agreement["id"])["payment_authorization_cancel_tx_hash"] == ""

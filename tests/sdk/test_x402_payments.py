@@ -13,6 +13,7 @@ from x402.mechanisms.evm.exact import ExactEvmScheme
 from x402.mechanisms.evm.signers import EthAccountSigner
 from x402.schemas import PaymentError
 
+from agreements.models import UsageAgreement
 from sdk import MarketplaceError
 from tests.catalog.factories import service_data
 from tests.chain_fixtures import TOKEN_NAMES
@@ -80,6 +81,27 @@ def test_propose_direct_purchase_signs_both_and_gets_paid(seller_and_buyer, escr
     assert paid["payment_tx_hash"] and paid["fee_tx_hash"]
     assert usdc_balance(chain, wallet.address) == before - 2 * USDC - 100_000
 
+
+
+def test_a_rejected_direct_purchases_authorization_is_cancelled_through_the_sdk(seller_and_buyer, escrow_chain):
+    """The buyer's signed authorization outlives a rejected purchase (valid until its validBefore): the SDK signs the
+    token's CancelAuthorization, checked against what it builds itself, and the platform's relayer submits it."""
+    seller, buyer, service = seller_and_buyer
+    chain, wallet = escrow_chain, escrow_chain.accounts.buyer
+    proposed = buyer.propose_direct_purchase(service["id"], 100, wallet=wallet.key, max_unit_price_atomic=20_000,
+                                             expected_seller_wallet_address=service["seller"]["wallet_address"])
+    with pytest.raises(MarketplaceError) as still_open:
+        buyer.cancel_payment_authorization(proposed["id"], wallet.key)
+    assert still_open.value.code == "purchase_still_open"
+    seller.reject_agreement(proposed["id"], "fully booked")
+
+    with relayer_polling():
+        answer = buyer.cancel_payment_authorization(proposed["id"], wallet.key, wait=True, timeout=60,
+                                                    poll_interval=0.2)
+
+    assert answer["payment_authorization_cancel_tx_hash"].startswith("0x")
+    nonce = UsageAgreement.objects.get(pk=proposed["id"]).payment_authorization.nonce
+    assert chain.usdc.functions.authorizationState(wallet.address, bytes.fromhex(nonce[2:])).call()
 
 
 @pytest.mark.parametrize("chain", TOKEN_NAMES, indirect=True)  # "USDC": Base Sepolia's name
