@@ -5,7 +5,8 @@
     network = NetworkConfig.pinned(BASE, escrow_address=..., receipt_signer=..., gas_wallet=...)
     with MarketplaceClient("https://marketplace.example", buyer_api_key, network=network,
                            rpc_url="https://mainnet.base.org") as buyer:
-        agreement = buyer.propose_agreement(service_id, quantity=100)  # keep it: these are the agreed terms
+        agreement = buyer.propose_agreement(service_id, quantity=100,  # keep it: these are the agreed terms
+                                            max_unit_price_atomic=50_000)
         ...  # the seller accepts
         buyer.activate_escrow(agreement, buyer_wallet_key)  # built, checked and signed locally
         buyer.wait_until(agreement["id"])                     # "active": the deposit is in escrow
@@ -37,9 +38,12 @@ carries a `request_nonce` (`call_metered`), for the same reason.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, TypeVar
 
@@ -78,6 +82,13 @@ MASUMI_CLOCK_SKEW_SECONDS = 60
 # blocks run seconds ahead at most; an RPC further ahead (compromised, or another chain's) would let every signature
 # deadline lie that much later.
 RPC_CLOCK_LEAD_MAX_SECONDS = 300
+# What an agreement may carry for a term the buyer left to the marketplace: its documented defaults (an agreement of
+# 7 days, with an hour's slack for clocks; a challenge window of an hour). The buyer allows more with
+# `max_duration_seconds` and `min_challenge_window_seconds`.
+AGREEMENT_DURATION_MAX_SECONDS = 7 * 86400 + 3600
+CHALLENGE_WINDOW_MIN_SECONDS = 3600
+# How many proposals a client remembers (`activate_escrow` holds an agreement to what was proposed).
+_PROPOSALS_REMEMBERED = 4096
 
 
 class MarketplaceError(Exception):
@@ -156,6 +167,8 @@ class MarketplaceClient:
                                   max_answer_bytes=max_answer_bytes) if rpc_url else None
         self._token_domain_read: TokenDomain | None = None
         self._rpc_clock_lead = rpc_clock_lead
+        self._lock = threading.Lock()
+        self._proposed: OrderedDict[str, _Asked] = OrderedDict()  # agreement id -> what its buyer asked for
 
     def close(self) -> None:
         self._http.close()
@@ -228,20 +241,34 @@ class MarketplaceClient:
 
     # --- agreements ----------------------------------------------------------------------------------------------
 
-    def propose_agreement(self, service_id: AgreementId, quantity: int, *, idempotency_key: str | None = None,
-                          max_unit_price_atomic: int | None = None, **terms: Any) -> dict[str, Any]:
-        """Propose to buy `quantity` units of a service (as the buyer). `terms` are the optional fields of
-        `POST /usage-agreements`: settlement_model, token, buyer_wallet_address, expires_at (a datetime or an
-        ISO 8601 string), challenge_window_seconds, note. The agreement comes back `proposed`, or
-        `pending_approval` when the owner's policy wants a human decision.
+    def propose_agreement(self, service_id: AgreementId, quantity: int, *, max_unit_price_atomic: int,
+                          idempotency_key: str | None = None,
+                          max_duration_seconds: int = AGREEMENT_DURATION_MAX_SECONDS,
+                          min_challenge_window_seconds: int = CHALLENGE_WINDOW_MIN_SECONDS,
+                          **terms: Any) -> dict[str, Any]:
+        """Propose to buy `quantity` units of a service (as the buyer), at a unit price of at most
+        `max_unit_price_atomic` (required: the answer's price is what `activate_escrow` signs for). `terms` are the
+        optional fields of `POST /usage-agreements`: settlement_model, token, buyer_wallet_address, expires_at (a
+        datetime or an ISO 8601 string) or expires_in_seconds, challenge_window_seconds, note. The agreement comes
+        back `proposed`, or `pending_approval` when the owner's policy wants a human decision.
 
-        The answer is what `activate_escrow` later signs, so it must carry the service, quantity and every term
-        given here (else `SigningRefused` names the field), and with `max_unit_price_atomic` a unit price of at
-        most that. A term left to the marketplace's default is the marketplace's word."""
+        The answer must carry the service, the quantity and every term given here, a unit price of at most the
+        bound, and for a term left to the marketplace's default, its documented default at most: an expiry within
+        `max_duration_seconds` (7 days and an hour) from now, a challenge window of at least
+        `min_challenge_window_seconds` (an hour) and at most the contract's 30 days. Else `SigningRefused` names the
+        field. `activate_escrow` holds the agreement it signs to the same terms."""
         body = {"service_id": str(service_id), "quantity": quantity,
                 **{name: _jsonable(value) for name, value in terms.items()}}
+        asked = _Asked.of_proposal(body, max_unit_price_atomic=max_unit_price_atomic, now=int(time.time()),
+                                   max_duration_seconds=max_duration_seconds,
+                                   min_challenge_window_seconds=min_challenge_window_seconds)
         answer = self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
-        _check_proposed(answer, body, max_unit_price_atomic=max_unit_price_atomic)
+        asked.check(answer)
+        if "id" in answer:
+            with self._lock:
+                self._proposed[str(answer["id"])] = asked
+                while len(self._proposed) > _PROPOSALS_REMEMBERED:
+                    self._proposed.popitem(last=False)
         return answer
 
     def accept_agreement(self, agreement_id: AgreementId) -> dict[str, Any]:
@@ -346,20 +373,42 @@ class MarketplaceClient:
                              idempotency_key=idempotency_key or _new_key())
 
     def activate_escrow(self, agreement: Mapping[str, Any], wallet: str | Wallet, *,
+                        max_unit_price_atomic: int | None = None, quantity: int | None = None,
+                        max_duration_seconds: int = AGREEMENT_DURATION_MAX_SECONDS,
+                        min_challenge_window_seconds: int = CHALLENGE_WINDOW_MIN_SECONDS,
                         idempotency_key: str | None = None) -> dict[str, Any]:
         """Fetch the activation package, check it against the agreed terms, sign it here and submit it.
 
-        `agreement` is the agreement as the buyer proposed it (the `propose_agreement` answer): its quantity, unit
-        price, window and expiry, with the fee of the pinned schedule, are the terms the intent must carry. The
-        package must match the SDK's own intent and single permit (deposit + fee, spender the pinned escrow)
-        field by field, else `SigningRefused` names the field and nothing is signed.
+        `agreement` is the agreement to fund (the `propose_agreement` answer, kept): its quantity, unit price, window
+        and expiry, with the fee of the pinned schedule, are the terms the intent must carry. They must be what this
+        client's `propose_agreement` asked for (the same bounds), or, for an agreement this client did not propose
+        (a stored answer, a `get_agreement`), the buyer's own: `quantity` and `max_unit_price_atomic` are then
+        required, and the expiry and window are bounded as a proposal's left to the defaults
+        (`max_duration_seconds` from now, `min_challenge_window_seconds`). The package must match the SDK's own
+        intent and single permit (deposit + fee, spender the pinned escrow) field by field. Any difference raises
+        `SigningRefused` naming the field, and nothing is signed.
 
         Returns the 202 body (`status: "submitting"`): the relayer still has to get the transaction mined, so
         follow with `wait_until(agreement["id"])`. The key is only used locally.
         """
-        terms = AgreedTerms.from_agreement(agreement, self.network)
+        network = self.network
+        with self._lock:
+            proposed = self._proposed.get(str(agreement["id"]))
+        now = self._now()
+        if (max_unit_price_atomic is None) != (quantity is None):
+            raise TypeError("activate_escrow: give quantity= and max_unit_price_atomic= together")
+        if max_unit_price_atomic is not None and quantity is not None:
+            _Asked.of_bounds(quantity=quantity, max_unit_price_atomic=max_unit_price_atomic, now=now,
+                             max_duration_seconds=max_duration_seconds,
+                             min_challenge_window_seconds=min_challenge_window_seconds).check(agreement)
+        elif proposed is None:
+            raise TypeError("activate_escrow: an agreement this client did not propose is signed within the buyer's "
+                            "own bounds only: give quantity= and max_unit_price_atomic=")
+        if proposed is not None:
+            proposed.check(agreement)
+        terms = AgreedTerms.from_agreement(agreement, network)
         signed = sign_activation_package(self.activation_package(agreement["id"]), wallet, terms=terms,
-                                         network=self.network, token_domain=self.token_domain(), now=self._now())
+                                         network=network, token_domain=self.token_domain(), now=now)
         return self.submit_activation(agreement["id"], signed, idempotency_key=idempotency_key)
 
     def escrow_status(self, agreement_id: AgreementId, *, verify: bool = False) -> dict[str, Any]:
@@ -730,22 +779,69 @@ class MarketplaceClient:
 _PROPOSED_TERMS = ("settlement_model", "token", "buyer_wallet_address", "challenge_window_seconds")
 
 
-def _check_proposed(answer: Mapping[str, Any], body: Mapping[str, Any], *, max_unit_price_atomic: int | None) -> None:
-    """The marketplace's answer to a proposal carries the terms the buyer later signs (`AgreedTerms`): refuse one
-    that differs from what was proposed (`SigningRefused` naming the field), before anything is signed on it.
-    (An answer without one of them cannot be activated: `AgreedTerms.from_agreement` needs them all.)"""
-    if max_unit_price_atomic is not None and int(answer["price_per_unit_atomic"]) > max_unit_price_atomic:
-        raise SigningRefused("agreement.price_per_unit_atomic", f"at most {max_unit_price_atomic}",
-                             answer["price_per_unit_atomic"])
-    if isinstance(answer.get("service"), Mapping) and "id" in answer["service"]:
-        require_equal(str(answer["service"]["id"]), body["service_id"], "agreement.service.id")
-    if "quantity" in answer:
-        require_equal(answer["quantity"], body["quantity"], "agreement.quantity")
-    for name in _PROPOSED_TERMS:
-        if body.get(name) is not None and name in answer:
-            require_equal(answer[name], body[name], f"agreement.{name}")
-    if body.get("expires_at") is not None and "expires_at" in answer:
-        require_equal(_unix_time(answer["expires_at"]), _unix_time(body["expires_at"]), "agreement.expires_at")
+@dataclass(frozen=True)
+class _Asked:
+    """What a buyer asked for, or allows, in an escrow agreement it signs (`check`)."""
+
+    quantity: int
+    max_unit_price_atomic: int
+    latest_expires_at: int  # the expiry asked for, when the buyer gave one
+    min_challenge_window_seconds: int  # the window asked for, when the buyer gave one
+    max_challenge_window_seconds: int = CHALLENGE_WINDOW_MAX_SECONDS
+    exact: Mapping[str, Any] = field(default_factory=dict)  # the other terms the buyer gave, as given
+
+    @classmethod
+    def of_proposal(cls, body: Mapping[str, Any], *, max_unit_price_atomic: int, now: int,
+                    max_duration_seconds: int, min_challenge_window_seconds: int) -> _Asked:
+        if isinstance(max_unit_price_atomic, bool) or not isinstance(max_unit_price_atomic, int):
+            raise TypeError("max_unit_price_atomic must be an int (token base units)")
+        exact = {name: body[name] for name in ("service_id", *_PROPOSED_TERMS) if body.get(name) is not None}
+        if body.get("expires_at") is not None:
+            exact["expires_at"] = _unix_time(body["expires_at"])
+            latest = exact["expires_at"]
+        elif body.get("expires_in_seconds") is not None:
+            latest = now + int(body["expires_in_seconds"]) + RPC_CLOCK_LEAD_MAX_SECONDS
+        else:
+            latest = now + max_duration_seconds
+        window = body.get("challenge_window_seconds")
+        return cls(quantity=body["quantity"], max_unit_price_atomic=max_unit_price_atomic, latest_expires_at=latest,
+                   min_challenge_window_seconds=min_challenge_window_seconds if window is None else int(window),
+                   exact=exact)
+
+    @classmethod
+    def of_bounds(cls, *, quantity: int, max_unit_price_atomic: int, now: int, max_duration_seconds: int,
+                  min_challenge_window_seconds: int) -> _Asked:
+        return cls.of_proposal({"quantity": quantity}, max_unit_price_atomic=max_unit_price_atomic, now=now,
+                               max_duration_seconds=max_duration_seconds,
+                               min_challenge_window_seconds=min_challenge_window_seconds)
+
+    def check(self, agreement: Mapping[str, Any]) -> None:
+        """Refuse (`SigningRefused` naming the field) an agreement off these terms. A field the answer lacks is not
+        checked here: such an answer cannot be activated (`AgreedTerms.from_agreement` needs them all)."""
+        if isinstance(agreement.get("service"), Mapping) and "id" in agreement["service"] and "service_id" in self.exact:
+            require_equal(str(agreement["service"]["id"]), self.exact["service_id"], "agreement.service.id")
+        if "quantity" in agreement:
+            require_equal(agreement["quantity"], self.quantity, "agreement.quantity")
+        if "price_per_unit_atomic" in agreement and int(agreement["price_per_unit_atomic"]) > self.max_unit_price_atomic:
+            raise SigningRefused("agreement.price_per_unit_atomic", f"at most {self.max_unit_price_atomic}",
+                                 agreement["price_per_unit_atomic"])
+        for name in _PROPOSED_TERMS:
+            if name in self.exact and name in agreement:
+                require_equal(agreement[name], self.exact[name], f"agreement.{name}")
+        if "expires_at" in agreement:
+            expires_at = _unix_time(agreement["expires_at"])
+            if "expires_at" in self.exact:
+                require_equal(expires_at, self.exact["expires_at"], "agreement.expires_at")
+            elif expires_at > self.latest_expires_at:
+                raise SigningRefused("agreement.expires_at", f"at most {self.latest_expires_at} (unix time)",
+                                     agreement["expires_at"], "the deposit would be locked until then")
+        if "challenge_window_seconds" in agreement:
+            window = agreement["challenge_window_seconds"]
+            if isinstance(window, bool) or not isinstance(window, int) or not (
+                    self.min_challenge_window_seconds <= window <= self.max_challenge_window_seconds):
+                raise SigningRefused("agreement.challenge_window_seconds",
+                                     f"from {self.min_challenge_window_seconds} to {self.max_challenge_window_seconds}",
+                                     window)
 
 
 def _check_masumi_timers(agreement: Mapping[str, Any], timers: Mapping[str, Any], *, now: int) -> None:

@@ -70,7 +70,7 @@ def test_propose_accept_activate_and_wait_until_active(live_server, escrow_chain
             agent_client(live_server.url, wallet=seller_wallet.address, buyer=False, seller=True) as seller:
         service = seller.register_service(**service_data())  # 0.02 USDC per call
         assert [found["id"] for found in buyer.search_services("translator")] == [service["id"]]
-        proposed = buyer.propose_agreement(service["id"], 100, expires_at=timezone.now() + timedelta(days=2))
+        proposed = buyer.propose_agreement(service["id"], 100, max_unit_price_atomic=20_000, expires_at=timezone.now() + timedelta(days=2))
         assert proposed["status"] == "proposed"
         assert proposed["deposit_amount_atomic"] == 2 * USDC and proposed["infra_fee_atomic"] == 100_000
         assert seller.accept_agreement(proposed["id"])["status"] == "accepted"
@@ -97,7 +97,7 @@ def test_api_errors_raise_marketplace_error_with_the_api_code(live_server):
     with agent_client(live_server.url) as buyer, \
             agent_client(live_server.url, buyer=False, seller=True) as seller:
         service = seller.register_service(**service_data())
-        proposed = buyer.propose_agreement(service["id"], 10)
+        proposed = buyer.propose_agreement(service["id"], 10, max_unit_price_atomic=20_000)
         seller.reject_agreement(proposed["id"], "not now")
 
         with pytest.raises(MarketplaceError) as illegal:
@@ -110,7 +110,7 @@ def test_api_errors_raise_marketplace_error_with_the_api_code(live_server):
         assert (missing.value.status, missing.value.code) == (404, "agreement_not_found")
 
         with pytest.raises(MarketplaceError) as invalid:
-            buyer.propose_agreement(service["id"], 0)
+            buyer.propose_agreement(service["id"], 0, max_unit_price_atomic=20_000)
         assert (invalid.value.status, invalid.value.code) == (400, "validation_error")
         assert "quantity" in invalid.value.details["fields"]
 
@@ -123,7 +123,7 @@ def test_list_agreements_follows_cursors_lazily(live_server):
     with agent_client(live_server.url) as buyer, \
             agent_client(live_server.url, buyer=False, seller=True) as seller:
         service = seller.register_service(**service_data())
-        proposed = [buyer.propose_agreement(service["id"], quantity)["id"] for quantity in range(1, 6)]
+        proposed = [buyer.propose_agreement(service["id"], quantity, max_unit_price_atomic=20_000)["id"] for quantity in range(1, 6)]
         seller.reject_agreement(proposed[0])
 
         newest_first = list(reversed(proposed))
@@ -141,7 +141,7 @@ def test_transient_failures_are_retried_with_the_same_idempotency_key(http_serve
     unavailable = {"error": {"code": "chain_unavailable", "message": "The chain RPC is unavailable.", "details": {}}}
     http_server.responses.extend([(503, unavailable), (503, unavailable), (201, {"id": "a1", "status": "proposed"})])
     with MarketplaceClient(http_server.url, "mk_key", retry_backoff=0) as client:
-        assert client.propose_agreement("s1", 3)["id"] == "a1"
+        assert client.propose_agreement("s1", 3, max_unit_price_atomic=20_000)["id"] == "a1"
     keys = {request.headers["Idempotency-Key"] for request in http_server.requests}
     assert len(http_server.requests) == 3 and len(keys) == 1
 
@@ -176,7 +176,7 @@ def test_metered_calls_verified_receipts_completion_and_challenge(live_server, e
     with agent_client(live_server.url, wallet=buyer_wallet.address, chain=chain) as buyer, \
             agent_client(live_server.url, wallet=seller_wallet.address, buyer=False, seller=True) as seller:
         service = seller.register_service(**{**service_data(), "upstream_base_url": http_server.url})
-        agreement = buyer.propose_agreement(service["id"], 10)  # 10 calls at 0.02 USDC
+        agreement = buyer.propose_agreement(service["id"], 10, max_unit_price_atomic=20_000)  # 10 calls at 0.02 USDC
         agreement_id = agreement["id"]
         seller.accept_agreement(agreement_id)
         with relayer_polling():
@@ -236,7 +236,7 @@ def test_a_metered_call_with_a_nonce_is_retried_and_charged_once(live_server, es
                       retry_backoff=0.01) as buyer, \
             agent_client(live_server.url, wallet=chain.accounts.seller.address, buyer=False, seller=True) as seller:
         service = seller.register_service(**{**service_data(), "upstream_base_url": http_server.url})
-        agreement = buyer.propose_agreement(service["id"], 10)  # 10 calls at 0.02 USDC
+        agreement = buyer.propose_agreement(service["id"], 10, max_unit_price_atomic=20_000)  # 10 calls at 0.02 USDC
         seller.accept_agreement(agreement["id"])
         with relayer_polling():
             buyer.activate_escrow(agreement, chain.accounts.buyer.key)

@@ -136,7 +136,8 @@ def test_catalog_agreements_metered_calls_and_usage(paegents, live_server, escro
     # Activation signs our escrow's typed data: not the SDK's (see README); done with the marketplace's SDK.
     with MarketplaceClient(live_server.url, buyer_key, timeout=15, network=network_of(chain),
                            rpc_url=chain.node.rpc_url) as client, relayer_polling():
-        client.activate_escrow(client.get_agreement(agreement_id), buyer_wallet.key)
+        client.activate_escrow(client.get_agreement(agreement_id), buyer_wallet.key, quantity=10,
+                               max_unit_price_atomic=20_000)
         client.wait_until(agreement_id, timeout=60, poll_interval=0.2)
 
     # Metered calls; the status sub-path is answered by the marketplace, never forwarded, never charged.

@@ -100,7 +100,7 @@ class ProposalAnswers:
 def propose(alter=lambda answer: None, **terms) -> dict[str, Any]:
     with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
                            transport=httpx.MockTransport(ProposalAnswers(alter))) as buyer:
-        return buyer.propose_agreement(str(uuid.uuid4()), 10, **terms)
+        return buyer.propose_agreement(str(uuid.uuid4()), 10, **{"max_unit_price_atomic": 20_000, **terms})
 
 
 def test_a_proposal_answered_as_asked_is_returned():
@@ -426,3 +426,151 @@ def test_a_clock_far_ahead_on_the_buyers_rpc_is_not_believed_for_signing():
         with pytest.raises(SigningRefused) as refusal:
             challenge_through(rpc_url, ahead=7 * 86400 + 3600)
     assert refusal.value.field == "rpc clock", refusal.value
+
+
+# --- the terms activate_escrow signs: the buyer's, or within the buyer's bounds -------------------------------------
+
+BUYER = Account.from_key(KEY).address
+LISTED_PRICE = 20_000
+
+
+class EscrowMarketplace:
+    """A compromised marketplace selling an escrow agreement: it answers the proposal (and any later read of the
+    agreement) with the terms as `alter` leaves them, and an activation package built for those terms exactly as the
+    SDK builds its own, so only the terms can give it away. `activated` records what the buyer signed."""
+
+    def __init__(self, alter=lambda agreement: None, alter_read=lambda agreement: None):
+        self.alter, self.alter_read = alter, alter_read
+        self.agreement: dict[str, Any] = {}
+        self.activated: list[dict[str, Any]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        now = int(time.time())
+        if request.method == "POST" and request.url.path == "/usage-agreements":
+            asked = json.loads(request.content)
+            agreement_id = str(uuid.uuid4())
+            quantity, price = asked["quantity"], LISTED_PRICE
+            expires_at = asked.get("expires_at") or datetime.fromtimestamp(now + 7 * 86_400, UTC).isoformat()
+            self.agreement = {
+                "id": agreement_id, "onchain_id": onchain_id_of(agreement_id), "status": "proposed",
+                "service": {"id": asked["service_id"]}, "quantity": quantity, "price_per_unit_atomic": price,
+                "deposit_amount_atomic": quantity * price, "infra_fee_atomic": 0, "chain_id": NETWORK.chain_id,
+                "token_address": NETWORK.token_address, "settlement_model": "escrow", "pricing_type": "per_call",
+                "unit_name": "call", "token": "USDC", "buyer_wallet_address": BUYER, "seller_wallet_address": SELLER,
+                "fee_recipient": GAS_WALLET, "expires_at": expires_at,
+                "challenge_window_seconds": asked.get("challenge_window_seconds", 3600)}
+            self.alter(self.agreement)
+            self.settle_amounts(self.agreement)
+            return httpx.Response(201, json=self.agreement)
+        if request.method == "GET" and request.url.path.endswith("/activation-package"):
+            agreement = self.read()
+            package = expected_activation(terms=AgreedTerms.from_agreement(agreement, NETWORK), network=NETWORK,
+                                          token_domain=DOMAIN, deadline=now + 600, permit_nonce=0)
+            return httpx.Response(200, json={"agreement_id": agreement["id"], "deadline": now + 600, **package})
+        if request.method == "GET":
+            return httpx.Response(200, json=self.read())
+        self.activated.append(json.loads(request.content))
+        return httpx.Response(202, json={"status": "submitting"})
+
+    def read(self) -> dict[str, Any]:
+        agreement = json.loads(json.dumps(self.agreement))
+        self.alter_read(agreement)
+        self.settle_amounts(agreement)
+        return agreement
+
+    @staticmethod
+    def settle_amounts(agreement: dict[str, Any]) -> None:
+        """The deposit and fee of the (altered) quantity and price, so that they do not give it away."""
+        deposit = agreement["quantity"] * agreement["price_per_unit_atomic"]
+        agreement.update(deposit_amount_atomic=deposit, infra_fee_atomic=NETWORK.fee_schedule.fee_for(deposit))
+
+
+def escrow_buyer(marketplace: EscrowMarketplace) -> MarketplaceClient:
+    return MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                             transport=httpx.MockTransport(marketplace))
+
+
+def test_an_escrow_on_the_terms_the_buyer_proposed_is_signed():
+    marketplace = EscrowMarketplace()
+    with escrow_buyer(marketplace) as buyer:
+        agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
+        buyer.activate_escrow(agreement, KEY)
+        # The same agreement read back, or kept as JSON and activated by another client, within the buyer's bounds.
+        buyer.activate_escrow(buyer.get_agreement(agreement["id"]), KEY)
+    with escrow_buyer(marketplace) as elsewhere:
+        elsewhere.activate_escrow(json.loads(json.dumps(agreement)), KEY, quantity=10,
+                                  max_unit_price_atomic=LISTED_PRICE)
+    assert len(marketplace.activated) == 3
+
+
+def test_an_escrow_is_not_proposed_without_the_buyers_price_bound():
+    """`max_unit_price_atomic` was optional and `activate_escrow` signed the proposal's answer: the documented flow
+    (propose, accept, activate) signed a permit for any unit price a compromised marketplace answered with."""
+    marketplace = EscrowMarketplace(lambda agreement: agreement.update(price_per_unit_atomic=1000 * LISTED_PRICE))
+    with escrow_buyer(marketplace) as buyer:
+        with pytest.raises(TypeError, match="max_unit_price_atomic"):
+            buyer.propose_agreement(str(uuid.uuid4()), 10)
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
+    assert refusal.value.field == "agreement.price_per_unit_atomic"
+    assert marketplace.activated == []
+
+
+def a_year_long(agreement: dict[str, Any]) -> None:
+    """An expiry a year away: the deposit reclaimable only then, should the seller never settle."""
+    agreement["expires_at"] = datetime.fromtimestamp(int(time.time()) + 365 * 86_400, UTC).isoformat()
+
+
+def a_second_long_window(agreement: dict[str, Any]) -> None:
+    """A challenge window of a second: no buyer can dispute the proposed settlement in it."""
+    agreement["challenge_window_seconds"] = 1
+
+
+@pytest.mark.parametrize(("alter", "field"), [(a_year_long, "agreement.expires_at"),
+                                              (a_second_long_window, "agreement.challenge_window_seconds")])
+def test_an_escrow_on_terms_left_to_the_marketplace_beyond_the_defaults_is_not_signed(alter, field):
+    """A term the buyer left out was the marketplace's word: an expiry a year away (the platform's maximum) or a
+    challenge window of a second was signed. Left out, each must lie within the marketplace's documented default
+    (7 days, an hour), unless the buyer allows more (`max_duration_seconds`, `min_challenge_window_seconds`)."""
+    marketplace = EscrowMarketplace(alter)
+    with escrow_buyer(marketplace) as buyer:
+        with pytest.raises(SigningRefused) as refusal:
+            agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
+            buyer.activate_escrow(agreement, KEY)
+        assert refusal.value.field == field
+        agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE,
+                                            max_duration_seconds=366 * 86_400, min_challenge_window_seconds=1)
+        buyer.activate_escrow(agreement, KEY)
+    assert len(marketplace.activated) == 1
+
+
+def a_hundred_times_the_quantity(agreement: dict[str, Any]) -> None:
+    agreement["quantity"] *= 100
+
+
+def dearer_unit(agreement: dict[str, Any]) -> None:
+    agreement["price_per_unit_atomic"] *= 100
+
+
+@pytest.mark.parametrize(("alter", "field"), [
+    (a_hundred_times_the_quantity, "agreement.quantity"), (dearer_unit, "agreement.price_per_unit_atomic"),
+    (a_year_long, "agreement.expires_at"), (a_second_long_window, "agreement.challenge_window_seconds")])
+def test_an_agreement_read_back_with_other_terms_than_proposed_is_not_signed(alter, field):
+    """`activate_escrow` signed whatever agreement it was handed: one read back from the marketplace
+    (`get_agreement`, or a stored answer) with a hundred times the quantity, a dearer unit, a later expiry or a
+    shorter window was signed. It is held to what this client proposed, or, for an agreement this client did not
+    propose, to the quantity and unit price bound the buyer gives it."""
+    marketplace = EscrowMarketplace(alter_read=alter)
+    with escrow_buyer(marketplace) as buyer:
+        agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.activate_escrow(buyer.get_agreement(agreement["id"]), KEY)
+        assert refusal.value.field == field
+    with escrow_buyer(marketplace) as elsewhere:
+        read_back = elsewhere.get_agreement(agreement["id"])
+        with pytest.raises(TypeError, match="max_unit_price_atomic"):
+            elsewhere.activate_escrow(read_back, KEY)
+        with pytest.raises(SigningRefused) as refusal:
+            elsewhere.activate_escrow(read_back, KEY, quantity=10, max_unit_price_atomic=LISTED_PRICE)
+        assert refusal.value.field == field
+    assert marketplace.activated == []

@@ -117,7 +117,7 @@ def test_a_hostile_activation_package_is_refused_field_by_field(market, hostile,
     buyer, seller, service = market
     chain = escrow_chain
     stranger, seller_address = chain.accounts.stranger.address, chain.accounts.seller.address
-    agreement = buyer.propose_agreement(service["id"], 100)  # 2 USDC deposit + 0.10 fee: one permit of 2.10
+    agreement = buyer.propose_agreement(service["id"], 100, max_unit_price_atomic=20_000)  # 2 USDC deposit + 0.10 fee: one permit of 2.10
     seller.accept_agreement(agreement["id"])
     wallet = RecordingWallet(chain.accounts.buyer.key)
     now = chain.now()
@@ -164,7 +164,7 @@ def test_a_hostile_activation_package_is_refused_field_by_field(market, hostile,
 
 def test_altered_agreed_terms_are_refused(market, hostile, escrow_chain):
     buyer, seller, service = market
-    agreement = buyer.propose_agreement(service["id"], 100)
+    agreement = buyer.propose_agreement(service["id"], 100, max_unit_price_atomic=20_000)
     seller.accept_agreement(agreement["id"])
     wallet = RecordingWallet(escrow_chain.accounts.buyer.key)
     for field, value in (("infra_fee_atomic", 10**12), ("deposit_amount_atomic", 10**12), ("chain_id", 1)):
@@ -218,7 +218,7 @@ def test_a_hostile_service_answer_is_refused_before_a_direct_purchase_is_signed(
 
 def active_in_challenge(buyer, seller, service, chain) -> dict:
     """An agreement with three charged calls, its settlement proposed on-chain (challenge window open)."""
-    agreement = buyer.propose_agreement(service["id"], 10)
+    agreement = buyer.propose_agreement(service["id"], 10, max_unit_price_atomic=20_000)
     seller.accept_agreement(agreement["id"])
     with relayer_polling():
         buyer.activate_escrow(agreement, chain.accounts.buyer.key)

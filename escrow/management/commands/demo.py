@@ -84,7 +84,8 @@ class Command(BaseCommand):
         self._say(f"found '{service['name']}' by {service['seller']['handle']}: {_usdc(price)} per call")
 
         self._step(f"2. The buyer proposes {calls + 2} calls with a {window} s challenge window; the seller accepts")
-        agreement = self.buyer.propose_agreement(service["id"], quantity=calls + 2, challenge_window_seconds=window)
+        agreement = self.buyer.propose_agreement(service["id"], quantity=calls + 2, max_unit_price_atomic=price,
+                                                 challenge_window_seconds=window)
         agreement_id = agreement["id"]
         self._say(f"agreement {agreement_id}: deposit {_usdc(agreement['deposit_amount_atomic'])}, "
                   f"fee {_usdc(agreement['infra_fee_atomic'])}")
