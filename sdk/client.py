@@ -189,12 +189,19 @@ class MarketplaceClient:
         return self._chain
 
     def token_domain(self) -> TokenDomain:
-        """The token's EIP-712 domain: read from the token through the RPC when there is one, else pinned."""
+        """The token's EIP-712 domain: read from the token through the RPC when there is one, else pinned. With
+        both, the one read must be the pinned one (else `SigningRefused` on "token domain"): the RPC would choose
+        the domain of every permit and authorization signed."""
         if self._chain is not None:
             if self._token_domain_read is None:
                 if self._chain.chain_id() != self.network.chain_id:
                     raise SigningRefused("rpc chain id", self.network.chain_id, self._chain.chain_id())
-                self._token_domain_read = self._chain.token_domain(self.network.token_address)
+                read = self._chain.token_domain(self.network.token_address)
+                pinned = self.network.token_domain
+                if pinned is not None and read != pinned:
+                    raise SigningRefused("token domain", pinned, read, "the buyer's RPC reads another domain than "
+                                         "the pinned one")
+                self._token_domain_read = read
             return self._token_domain_read
         if self.network.token_domain is None:
             raise NotConfigured("The token's EIP-712 domain is neither pinned nor readable (pass rpc_url).")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -12,7 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
+from eth_abi import encode
 from eth_account import Account
+from eth_utils import keccak
 from x402 import PaymentRequired, PaymentRequirements
 from x402.http import decode_payment_signature_header, encode_payment_required_header
 
@@ -574,3 +577,61 @@ def test_an_agreement_read_back_with_other_terms_than_proposed_is_not_signed(alt
             elsewhere.activate_escrow(read_back, KEY, quantity=10, max_unit_price_atomic=LISTED_PRICE)
         assert refusal.value.field == field
     assert marketplace.activated == []
+
+
+# --- what the buyer's RPC reads: the token's domain, the permit nonce ---------------------------------------------
+
+def token_node(*, domain: tuple[str, str] = ("USDC", "2"), nonces: list[int] | None = None,
+               chain_id: int = 84532) -> type[BaseHTTPRequestHandler]:
+    """A JSON-RPC node on `chain_id` whose token reads `domain` (EIP-5267) and whose `nonces(buyer)` answers
+    `nonces` in turn (the last one from then on); its clock is this machine's."""
+    answers = list(nonces or [0])
+
+    class Node(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            call = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            method, params = call["method"], call["params"]
+            if method == "eth_chainId":
+                result: Any = hex(chain_id)
+            elif method == "eth_getBlockByNumber":
+                result = {"timestamp": hex(int(time.time()))}
+            elif method == "eth_call" and params[0]["data"].startswith("0x" + keccak(text="eip712Domain()")[:4].hex()):
+                result = "0x" + encode(["bytes1", "string", "string", "uint256", "address", "bytes32", "uint256[]"],
+                                       [b"\x0f", domain[0], domain[1], chain_id, NETWORK.token_address,
+                                        b"\x00" * 32, []]).hex()
+            elif method == "eth_call" and params[0]["data"].startswith("0x" + keccak(text="nonces(address)")[:4].hex()):
+                result = "0x" + encode(["uint256"], [answers.pop(0) if len(answers) > 1 else answers[0]]).hex()
+            else:
+                raise AssertionError(call)
+            body = json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": result}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Node
+
+
+def test_a_token_domain_read_through_the_rpc_is_used_when_it_is_the_pinned_one():
+    with serving(token_node()) as rpc_url, MarketplaceClient("https://marketplace.example", "mk_test",
+                                                             network=NETWORK, rpc_url=rpc_url) as buyer:
+        assert buyer.token_domain() == DOMAIN
+    unpinned = dataclasses.replace(NETWORK, token_domain=None)
+    with serving(token_node(domain=("USD Coin", "2"))) as rpc_url, MarketplaceClient(
+            "https://marketplace.example", "mk_test", network=unpinned, rpc_url=rpc_url) as buyer:
+        assert buyer.token_domain() == TokenDomain("USD Coin", "2")
+
+
+def test_a_token_domain_read_through_the_rpc_other_than_the_pinned_one_is_refused():
+    """The domain read through the buyer's RPC replaced the pinned one unchecked: a hostile RPC chose the domain of
+    every permit and authorization the wallet signed (another token's, whose signatures the pinned token would not
+    check, or a domain the RPC's operator can use elsewhere)."""
+    with serving(token_node(domain=("USD Coin", "2"))) as rpc_url, MarketplaceClient(
+            "https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url) as buyer:
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.token_domain()
+    assert refusal.value.field == "token domain"
