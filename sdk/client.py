@@ -169,6 +169,7 @@ class MarketplaceClient:
         self._rpc_clock_lead = rpc_clock_lead
         self._lock = threading.Lock()
         self._proposed: OrderedDict[str, _Asked] = OrderedDict()  # agreement id -> what its buyer asked for
+        self._fee_permits: dict[str, list[_FeePermit]] = {}  # wallet -> the fee permits signed for its purchases
 
     def close(self) -> None:
         self._http.close()
@@ -314,8 +315,11 @@ class MarketplaceClient:
         answers with must be `service_id`, its unit price at most `max_unit_price_atomic` (what the buyer agreed
         to pay) and, with `expected_seller_wallet_address`, its seller's wallet (the payee) that one; the fee,
         chain, token and gas wallet must be the pinned ones. `permit_nonce` is the token's `nonces(buyer wallet)`,
-        read through the RPC when omitted. Once the seller accepts, the platform collects the fee, then pays:
-        follow with `wait_until(id, statuses={"paid"}, failure={"payment_failed"})`."""
+        read through the RPC when omitted. While a fee permit this client signed is valid (`validity_seconds`), one
+        that could be used besides it is refused (`SigningRefused` on "fee_permit.message.nonce"): one for a lower
+        nonce, or for another nonce than a purchase that failed (`_check_fee_permit_nonce`). Once the seller accepts,
+        the platform collects the fee, then pays: follow with
+        `wait_until(id, statuses={"paid"}, failure={"payment_failed"})`."""
         wallet = as_wallet(wallet)
         service = self._request("GET", f"/agents/services/{service_id}")
         require_equal(str(service.get("id")).lower(), str(service_id).lower(), "service.id")
@@ -328,12 +332,36 @@ class MarketplaceClient:
         requirements = self.payment_requirements(amount_atomic=quantity * unit_price)
         if permit_nonce is None:
             permit_nonce = self._reader().permit_nonce(self.network.token_address, wallet.address)
-        body = build_direct_stablecoin_agreement(
-            service_id=str(service_id), quantity=quantity, unit_price_atomic=unit_price,
-            seller_wallet_address=service["seller"]["wallet_address"], payment_requirements=requirements,
-            wallet=wallet, permit_nonce=permit_nonce, network=self.network, token_domain=self.token_domain(),
-            validity_seconds=validity_seconds, now=self._now())
-        return self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
+        token_domain, now = self.token_domain(), self._now()
+        with self._lock:  # one purchase of a wallet's at a time passes the check and is recorded
+            self._check_fee_permit_nonce(wallet.address.lower(), permit_nonce)
+            body = build_direct_stablecoin_agreement(
+                service_id=str(service_id), quantity=quantity, unit_price_atomic=unit_price,
+                seller_wallet_address=service["seller"]["wallet_address"], payment_requirements=requirements,
+                wallet=wallet, permit_nonce=permit_nonce, network=self.network, token_domain=token_domain,
+                validity_seconds=validity_seconds, now=now)
+            signed = _FeePermit(permit_nonce, int(body["fee_permit"]["deadline"]))
+            self._fee_permits.setdefault(wallet.address.lower(), []).append(signed)
+        answer = self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
+        signed.proposed = True
+        return answer
+
+    def _check_fee_permit_nonce(self, owner: str, nonce: int) -> None:
+        """Refuse a fee permit for `nonce` while another this client signed is valid (its deadline not passed) and
+        would become usable after this one: one for a higher nonce, or one for another nonce whose purchase the
+        marketplace did not take (its proposal failed). A token's nonces only go up, so such a pair means one read
+        was wrong (a hostile or lagging RPC), and the gas wallet could take the fee twice: the first permit becomes
+        valid as soon as the nonces below it are used, the second's included. Its deadline passed, it is harmless."""
+        now = int(time.time())
+        valid = [permit for permit in self._fee_permits.get(owner, []) if permit.deadline >= now]
+        self._fee_permits[owner] = valid
+        for permit in valid:
+            if permit.nonce > nonce or (permit.nonce != nonce and not permit.proposed):
+                raise SigningRefused(
+                    "fee_permit.message.nonce", permit.nonce, nonce,
+                    f"a fee permit for nonce {permit.nonce}, valid until {permit.deadline}, was signed already"
+                    f"{'' if permit.proposed else ' for a purchase that failed'}: the token's nonce read is wrong "
+                    f"now or was then, and both could be used; buy again after {permit.deadline}")
 
     def cancel_payment_authorization(self, agreement_id: AgreementId, wallet: str | Wallet, *, wait: bool = False,
                                      timeout: float = 300.0, poll_interval: float = 2.0,
@@ -784,6 +812,15 @@ class MarketplaceClient:
 
 # What `activate_escrow` takes from the proposal's answer as the agreed terms: each must be what was proposed.
 _PROPOSED_TERMS = ("settlement_model", "token", "buyer_wallet_address", "challenge_window_seconds")
+
+
+@dataclass
+class _FeePermit:
+    """A direct purchase's fee permit this client signed; `proposed` once the marketplace took the purchase."""
+
+    nonce: int
+    deadline: int
+    proposed: bool = False
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from eth_utils import keccak
 from x402 import PaymentRequired, PaymentRequirements
 from x402.http import decode_payment_signature_header, encode_payment_required_header
 
-from sdk import AgreedTerms, MarketplaceClient, SigningRefused, TokenDomain, proxy_signature, typed_data
+from sdk import (AgreedTerms, MarketplaceClient, MarketplaceError, SigningRefused, TokenDomain, proxy_signature,
+                 typed_data)
 from sdk.activation import expected_activation
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
 from sdk.safety import DeadlineOutOfRange, require_equal
@@ -635,3 +636,65 @@ def test_a_token_domain_read_through_the_rpc_other_than_the_pinned_one_is_refuse
         with pytest.raises(SigningRefused) as refusal:
             buyer.token_domain()
     assert refusal.value.field == "token domain"
+
+
+class DirectMarketplace:
+    """A compromised marketplace selling 10 calls at 0.02 USDC directly: it refuses the first `refusals` purchases
+    (as it would one whose fee permit names a nonce the token is not at) and records every fee permit it is sent."""
+
+    def __init__(self, refusals: int = 1):
+        self.refusals = refusals
+        self.fee_permits: list[dict[str, Any]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/agents/services/"):
+            return httpx.Response(200, json={"id": request.url.path.rsplit("/", 1)[1],
+                                             "pricing": {"unit_price_atomic": LISTED_PRICE},
+                                             "seller": {"wallet_address": SELLER}})
+        if request.url.path == "/payment-requirements":
+            amount = int(request.url.params["amount_atomic"])
+            return httpx.Response(200, json={"amount_atomic": amount, "fee_atomic": NETWORK.fee_schedule.fee_for(amount),
+                                             "chain_id": NETWORK.chain_id, "token": {"address": NETWORK.token_address},
+                                             "gas_wallet_address": GAS_WALLET})
+        self.fee_permits.append(json.loads(request.content)["fee_permit"])
+        if len(self.fee_permits) <= self.refusals:
+            return httpx.Response(400, json={"error": {"code": "invalid_permit", "message": "bad nonce"}})
+        return httpx.Response(201, json={"id": str(uuid.uuid4()), "status": "proposed"})
+
+
+def buy_directly_twice(marketplace: DirectMarketplace, rpc_url: str) -> None:
+    """Two direct purchases of the same service by the buyer (the second a retry when the marketplace refused the
+    first)."""
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url,
+                           transport=httpx.MockTransport(marketplace)) as buyer:
+        service_id = str(uuid.uuid4())
+        for attempt in range(2):
+            try:
+                buyer.propose_direct_purchase(service_id, 10, wallet=KEY, max_unit_price_atomic=LISTED_PRICE)
+            except MarketplaceError:
+                assert attempt == 0
+
+
+@pytest.mark.parametrize("nonces", [[1, 0], [0, 1]])
+def test_a_second_fee_permit_usable_with_the_first_is_not_signed(nonces):
+    """A hostile RPC answering the token's nonce one too high failed the direct purchase (its fee permit did not
+    verify); the buyer's retry read the true nonce and signed a second fee permit ([1, 0]). Both were then valid for
+    their hour, the first as soon as the second was used: the gas wallet could take the fee twice. Likewise a
+    retry of a failed purchase under a nonce read one too high ([0, 1]). While a fee permit this client signed is
+    valid, one for a lower nonce, or for another nonce than a failed purchase's, is refused."""
+    marketplace = DirectMarketplace()
+    with serving(token_node(nonces=nonces)) as rpc_url:
+        with pytest.raises(SigningRefused) as refusal:
+            buy_directly_twice(marketplace, rpc_url)
+    assert refusal.value.field == "fee_permit.message.nonce"
+    assert [permit["nonce"] for permit in marketplace.fee_permits] == nonces[:1]
+
+
+@pytest.mark.parametrize(("nonces", "refusals"), [([3, 3], 1), ([3, 4], 0)])
+def test_a_fee_permit_is_signed_again_for_the_same_nonce_or_after_a_purchase_for_the_next(nonces, refusals):
+    """A purchase refused for another reason is bought again under the same nonce (only one of the two permits can
+    ever be used); after a purchase the marketplace took, the next one is signed under the next nonce."""
+    marketplace = DirectMarketplace(refusals=refusals)
+    with serving(token_node(nonces=nonces)) as rpc_url:
+        buy_directly_twice(marketplace, rpc_url)
+    assert [permit["nonce"] for permit in marketplace.fee_permits] == nonces
