@@ -2,6 +2,11 @@
 
 # 0.4.6: cancel_payment_authorization revokes a direct purchase's x402 authorization once the purchase is off (the
 # platform relays the buyer's signed EIP-3009 CancelAuthorization);
+# propose_agreement requires max_unit_price_atomic and bounds a term left to the marketplace (expiry within
+# max_duration_seconds, 7 days + 1 h; challenge window from min_challenge_window_seconds, an hour, to 30 days),
+# activate_escrow holds the agreement to what this client proposed (else to its quantity= and max_unit_price_atomic=),
+# a token domain read through the RPC must be the pinned one, and a direct purchase's fee permit usable besides one
+# still valid (a lower nonce, another than a failed purchase's) is refused;
 # 0.4.5: proxy_signature.verify refuses a marketplace header given twice, webhook_signature.verify holds the
 # Marketplace-Event-Id header to the body's signed id (event_id=), purchase_masumi_job requires max_price_atomic, an
 # activation or challenge is signed only for the agreement's own escrow id, request_refund takes agreement_id,

@@ -2,6 +2,7 @@
 first on-chain), and only one whose intent carries that round's nonce."""
 
 import time
+import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -11,7 +12,8 @@ from sdk import AgreedTerms, SigningRefused
 from sdk.activation import activation_intent_nonce, expected_activation, sign_activation_package
 from tests.sdk.test_signing_bounds import DOMAIN, GAS_WALLET, KEY, NETWORK
 
-ONCHAIN_ID = "0x" + "cd" * 32
+AGREEMENT_ID = str(uuid.uuid4())
+ONCHAIN_ID = "0x" + uuid.UUID(AGREEMENT_ID).hex.rjust(64, "0")  # its own escrow id (sdk.terms.check_onchain_id)
 SELLER = Account.create().address
 EXPIRES_AT = datetime.fromtimestamp(time.time() + 86_400, UTC).isoformat()
 
@@ -19,7 +21,7 @@ EXPIRES_AT = datetime.fromtimestamp(time.time() + 86_400, UTC).isoformat()
 def terms() -> AgreedTerms:
     deposit = 1_000_000
     return AgreedTerms.from_agreement({
-        "id": "a1", "onchain_id": ONCHAIN_ID, "service": {"id": "s1"}, "quantity": 1, "price_per_unit_atomic": deposit,
+        "id": AGREEMENT_ID, "onchain_id": ONCHAIN_ID, "service": {"id": "s1"}, "quantity": 1, "price_per_unit_atomic": deposit,
         "deposit_amount_atomic": deposit, "infra_fee_atomic": NETWORK.fee_schedule.fee_for(deposit),
         "chain_id": NETWORK.chain_id, "token_address": NETWORK.token_address, "settlement_model": "escrow",
         "pricing_type": "per_call", "unit_name": "call", "token": "USDC",
@@ -32,7 +34,7 @@ def package(*, signed_round: int, stated_round) -> dict:
     deadline = int(time.time()) + 600
     built = expected_activation(terms=terms(), network=NETWORK, token_domain=DOMAIN, deadline=deadline,
                                 permit_nonce=0, intent_nonce_round=signed_round)
-    return {"agreement_id": "a1", "onchain_id": ONCHAIN_ID, "deadline": deadline, "intent_nonce_round": stated_round,
+    return {"agreement_id": AGREEMENT_ID, "onchain_id": ONCHAIN_ID, "deadline": deadline, "intent_nonce_round": stated_round,
             **built}
 
 
