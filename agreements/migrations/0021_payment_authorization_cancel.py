@@ -7,7 +7,7 @@ from django.db import migrations
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agreements', '0019_intent_nonce_round'),
+        ('agreements', '0020_proposed_seq_fill'),
     ]
 
     operations = [
