@@ -133,7 +133,9 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
                 # new blocks are read by hash, which such a node refuses: complete without it (`_fetch`).
                 read_from = max(start - settings.INDEXER_RESCAN_BLOCKS, end - settings.INDEXER_BLOCK_RANGE + 1,
                                 cursor.start_block)
-                fetched = _fetch(cursor, read_from, end, new_from=start)
+                # Following the head (at most INDEXER_LOGS_BY_HASH_BLOCKS to go), the new blocks are read by hash.
+                near_head = 0 < safe - start + 1 <= settings.INDEXER_LOGS_BY_HASH_BLOCKS
+                fetched = _fetch(cursor, read_from, end, new_from=start if near_head else None)
                 if fetched is None:
                     break  # the chain changed while we read: the next pass starts with the reorg check
                 end_hash, logs = fetched
@@ -152,13 +154,12 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
 def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None = None) -> tuple[str, list] | None:
     """The logs of [start, end] and the hash of `end`; None when the chain changed while we read (a reorg), or a
     node has not a block of it yet: `end` must keep its hash across the reads, and the cursor's block must still be
-    canonical after them. With at most INDEXER_LOGS_BY_HASH_BLOCKS new blocks (from `new_from`), those are read one
-    by one by hash (`_block_logs`), and only the rescanned ones below them as a range."""
+    canonical after them. With `new_from` (the pass follows the head: at most INDEXER_LOGS_BY_HASH_BLOCKS to go),
+    the blocks from it are read one by one by hash (`_block_logs`), and only the rescanned ones below as a range."""
     end_hash = chain.canonical_block_hash(end)
-    by_hash = new_from is not None and 0 < end - new_from + 1 <= settings.INDEXER_LOGS_BY_HASH_BLOCKS
-    range_end = new_from - 1 if by_hash else end
+    range_end = end if new_from is None else new_from - 1
     logs = _range_logs(start, range_end) if start <= range_end else []
-    if by_hash:
+    if new_from is not None:
         for number in range(new_from, end + 1):
             block_hash = end_hash if number == end else chain.canonical_block_hash(number)
             if block_hash is None:
