@@ -36,7 +36,7 @@ from marketplace.masumi_format import check_network as _check_network
 from marketplace.masumi_format import network_field as _network_field
 from marketplace.masumi_format import timestamp as _timestamp
 from marketplace.pagination import MAX_LIMIT, paginate
-from marketplace.serializers import StrictIntegerField, StrictSerializer, error_responses
+from marketplace.serializers import StrictIntegerField, StrictSerializer, TextOnlySerializer, error_responses
 
 TAGS = ["masumi purchases"]
 SELLER_TAGS = ["masumi payments"]
@@ -110,7 +110,7 @@ def _input_hash_field():
                                   help_text="MIP-004: sha256 of `identifierFromPurchaser;JCS(input_data)`.")
 
 
-class FundsSerializer(serializers.Serializer):
+class FundsSerializer(TextOnlySerializer):
     amount = serializers.CharField(max_length=80)
     unit = serializers.CharField(max_length=250, allow_blank=True)
 

@@ -31,8 +31,55 @@ def _integer_input(field: serializers.Field, data) -> int:
     field.fail("invalid")
 
 
-class StrictSerializer(serializers.Serializer):
-    """Rejects fields it does not know: a typo in a payment request must not be silently ignored."""
+def _is_text_field(field: serializers.Field) -> bool:
+    if isinstance(field, serializers.MultipleChoiceField):
+        return False
+    if isinstance(field, serializers.CharField):
+        return True
+    return isinstance(field, serializers.ChoiceField) and all(isinstance(key, str) for key in field.choices)
+
+
+def _not_a_string() -> list:
+    return [serializers.ErrorDetail("Must be a JSON string.", code="invalid")]
+
+
+def _text_errors(field: serializers.Field, value) -> list | dict | None:
+    """The errors of `value`, given for `field`, where a text field would be handed something other than a JSON
+    string (DRF's CharField reads 5 as "5" and 1.5 as "1.5", a ChoiceField 1 as "1"), or None: the field itself
+    or each item of a list of text (a ListField of one, a MultipleChoiceField)."""
+    items_of = field.child if isinstance(field, serializers.ListField) else (
+        field if isinstance(field, serializers.MultipleChoiceField) else None)
+    if items_of is not None:
+        if isinstance(value, list) and (items_of is field or _is_text_field(items_of)):
+            errors = {index: _not_a_string() for index, item in enumerate(value)
+                      if item is not None and not isinstance(item, str)}
+            return errors or None
+        return None
+    if _is_text_field(field) and value is not None and not isinstance(value, str):
+        return _not_a_string()
+    return None
+
+
+class TextOnlySerializer(serializers.Serializer):
+    """Its text fields take JSON strings only: a number, boolean, object or list where text is due is 400
+    `invalid`, not read as its spelling (SECURITY.md, "Loosely typed input")."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            errors = {}
+            for name, field in self.fields.items():
+                if not field.read_only and name in data:
+                    wrong = _text_errors(field, data[name])
+                    if wrong:
+                        errors[name] = wrong
+            if errors:
+                raise serializers.ValidationError(errors)
+        return super().to_internal_value(data)
+
+
+class StrictSerializer(TextOnlySerializer):
+    """Rejects fields it does not know: a typo in a payment request must not be silently ignored. Text fields take
+    JSON strings only (`TextOnlySerializer`)."""
 
     def to_internal_value(self, data):
         if isinstance(data, dict):

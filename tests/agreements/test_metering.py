@@ -230,3 +230,15 @@ def test_an_escaped_path_reaches_the_seller_escaped(active, http_server):
     assert forwarded.path == "/api/a%3Fb/%06%C3%A9"
     agreement = UsageAgreement.objects.get(pk=active.agreement_id)
     assert (agreement.used, agreement.reserved) == (20_000, 0)
+
+
+@pytest.mark.parametrize("description", [5, 1.5, True, {"text": "job"}, ["job"]])
+def test_a_usage_description_is_a_json_string(active, description):
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    for number, (body, path) in enumerate((({"units": 1, "description": description}, ("description",)),
+                                           ({"events": [{"units": 1, "description": description}]},
+                                            ("events", 0, "description")))):
+        refused = active.seller_api.post(url, body, headers={"Idempotency-Key": f"typed-{number}"})
+
+        assert refused.status_code == 400 and codes_at(refused, *path) == {"invalid"}, refused.content
+    assert not UsageEvent.objects.filter(agreement_id=active.agreement_id).exists()

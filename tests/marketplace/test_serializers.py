@@ -45,3 +45,48 @@ def test_query_strings_still_take_digits(buyer_api):
     assert buyer_api.get("/usage-agreements", {"limit": "5"}).status_code == 200
     for limit in ("5.0", " 5", "５"):
         assert codes_at(buyer_api.get("/usage-agreements", {"limit": limit}), "limit") == {"invalid"}
+
+
+NOT_TEXT = [5, 1.5, True, {"a": "b"}, ["x"]]
+
+
+@pytest.mark.parametrize("value", NOT_TEXT)
+@pytest.mark.parametrize("field", ["name", "description"])
+def test_a_services_text_is_a_json_string(seller_api, field, value):
+    response = seller_api.post("/agents/services", service_data(**{field: value}))
+
+    assert response.status_code == 400 and codes_at(response, field) == {"invalid"}, response.content
+    assert not Service.objects.exists()
+
+
+@pytest.mark.parametrize("value", NOT_TEXT)
+def test_text_nested_in_a_service_or_in_a_list_is_a_json_string(seller_api, value):
+    for body, path in ((service_data(tags=["translation", value]), ("tags",)),
+                       (service_data(capability={"name": value, "version": "1.0.0"}), ("capability", "name")),
+                       (service_data(pricing={"type": "per_call", "unit_name": value, "unit_price_atomic": 20000,
+                                              "token": "USDC"}), ("pricing", "unit_name"))):
+        response = seller_api.post("/agents/services", body)
+
+        assert response.status_code == 400 and codes_at(response, *path) == {"invalid"}, (path, response.content)
+    assert not Service.objects.exists()
+
+
+@pytest.mark.parametrize("value", NOT_TEXT)
+def test_a_proposals_note_is_a_json_string(buyer_api, seller, value):
+    service = register_service(seller)
+
+    response = buyer_api.post("/usage-agreements", proposal(service, note=value))
+
+    assert response.status_code == 400 and codes_at(response, "note") == {"invalid"}, response.content
+    assert not UsageAgreement.objects.exists()
+
+
+@pytest.mark.parametrize("value", NOT_TEXT)
+def test_an_agents_and_a_keys_names_are_json_strings(owner_api, buyer, value):
+    agent = owner_api.post("/agents", {"handle": "new-agent", "display_name": value,
+                                       "wallet_address": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8",
+                                       "roles": ["buyer"]})
+    assert agent.status_code == 400 and codes_at(agent, "display_name") == {"invalid"}, agent.content
+
+    key = owner_api.post(f"/agents/{buyer.id}/api-keys", {"name": value})
+    assert key.status_code == 400 and codes_at(key, "name") == {"invalid"}, key.content
