@@ -93,6 +93,13 @@ class ApiKey(BearerSecret):
 
     class Meta:
         verbose_name = "API key"
+        indexes = [
+            # The owner's listing (catalog.selectors.api_keys_of_agent), a page at a time: unrevoked keys by
+            # default, every key on request (revoked keys are kept for ever, so both are read by range).
+            models.Index(fields=["agent", "-created_at", "-id"], condition=models.Q(revoked_at=None),
+                         name="catalog_apikey_live_listing"),
+            models.Index(fields=["agent", "-created_at", "-id"], name="catalog_apikey_listing"),
+        ]
 
     def __str__(self) -> str:
         return f"mk_{self.prefix}… ({self.agent.handle})"

@@ -43,8 +43,14 @@ def agents_of_owner(*, owner) -> QuerySet[Agent]:
     return Agent.objects.filter(owner=owner)
 
 
-def api_keys_of_agent(*, agent: Agent) -> QuerySet[ApiKey]:
-    return agent.api_keys.order_by("-created_at")
+API_KEY_ORDERING = ["-created_at", "-id"]
+
+
+def api_keys_of_agent(*, agent: Agent, include_revoked: bool = False) -> QuerySet[ApiKey]:
+    """The agent's keys, unrevoked ones only unless `include_revoked` (revoked keys are kept for ever), in
+    `API_KEY_ORDERING` (newest first)."""
+    keys = agent.api_keys.all() if include_revoked else agent.api_keys.filter(revoked_at=None)
+    return keys.order_by(*API_KEY_ORDERING)
 
 
 def api_key_get(*, agent: Agent, key_id: int) -> ApiKey:

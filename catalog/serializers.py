@@ -15,7 +15,7 @@ from catalog.models import (
     PricingType,
     UpstreamProtocol,
 )
-from marketplace.pagination import PageQuerySerializer
+from marketplace.pagination import PageQuerySerializer, page_serializer
 from marketplace.serializers import (
     AddressSerializerField,
     AgentSummarySerializer,
@@ -64,6 +64,15 @@ class ApiKeySerializer(serializers.Serializer):
     expires_at = serializers.DateTimeField(allow_null=True)
     revoked_at = serializers.DateTimeField(allow_null=True)
     last_used_at = serializers.DateTimeField(allow_null=True)
+
+
+class ApiKeyListQuery(PageQuerySerializer, StrictSerializer):
+    include_revoked = serializers.ChoiceField(choices=["true", "false"], required=False, default="false",
+                                              help_text="`true` lists revoked keys too (newest first with the "
+                                                        "others); by default only unrevoked ones.")
+
+
+ApiKeyPageSerializer = page_serializer(ApiKeySerializer, "ApiKeyPage")
 
 
 class ApiKeyIssuedSerializer(ApiKeySerializer):

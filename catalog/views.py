@@ -13,6 +13,8 @@ from catalog.serializers import (
     AgentSerializer,
     ApiKeyCreateSerializer,
     ApiKeyIssuedSerializer,
+    ApiKeyListQuery,
+    ApiKeyPageSerializer,
     ApiKeySerializer,
     OwnServicePageSerializer,
     OwnServiceSerializer,
@@ -101,11 +103,18 @@ class OwnerAgentsView(APIView):
 class AgentApiKeysView(APIView):
     permission_classes = [IsOwner]
 
-    @extend_schema(operation_id="api_keys_list", summary="An agent's API keys (owner)",
-                   responses={200: ApiKeySerializer(many=True), **error_responses(404)}, tags=["agents"], auth=OWNER)
+    @extend_schema(operation_id="api_keys_list", summary="An agent's API keys (owner), newest first, a page at a time",
+                   parameters=[ApiKeyListQuery],
+                   responses={200: ApiKeyPageSerializer, **error_responses(404)}, tags=["agents"], auth=OWNER)
     def get(self, request, agent_id):
         agent = selectors.agent_get(agent_id=agent_id, owner=request.user)
-        return Response([_key_payload(k) for k in selectors.api_keys_of_agent(agent=agent)])
+        query = ApiKeyListQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        keys = selectors.api_keys_of_agent(agent=agent,
+                                           include_revoked=query.validated_data["include_revoked"] == "true")
+        rows, next_cursor = paginate(keys, ordering=selectors.API_KEY_ORDERING,
+                                     cursor=query.validated_data.get("cursor"), limit=query.validated_data["limit"])
+        return Response({"results": [_key_payload(key) for key in rows], "next_cursor": next_cursor})
 
     @extend_schema(operation_id="api_keys_issue", summary="Issue an API key for an agent (owner); shown once",
                    request=ApiKeyCreateSerializer,

@@ -35,7 +35,9 @@ LINKS: dict[str, dict[str, dict[str, str]]] = {
     # source operation -> {target operation: {target path parameter: runtime expression}}
     "agreements_list": {target: {"agreement_id": "$response.body#/results/0/id"} for target in _AGREEMENT_OPERATIONS},
     "agents_list": {target: {"agent_id": "$response.body#/0/id"} for target in _AGENT_OPERATIONS},
-    "api_keys_list": {"api_keys_revoke": {"agent_id": "$request.path.agent_id", "key_id": "$response.body#/0/id"}},
+    "api_keys_list": {
+        "api_keys_revoke": {"agent_id": "$request.path.agent_id", "key_id": "$response.body#/results/0/id"},
+    },
     "approvals_list": {
         target: {"agent_id": "$request.path.agent_id", "request_id": "$response.body#/results/0/id"}
         for target in ("approvals_approve", "approvals_reject")

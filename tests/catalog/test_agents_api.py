@@ -30,7 +30,7 @@ def test_owner_creates_an_agent_and_issues_a_key_shown_once(owner_api):
     assert issued.json()["scopes"] == ["read"]
     assert Api(secret).get("/agents/me").json()["handle"] == "my-bot"
 
-    listed = owner_api.get(f"/agents/{agent['id']}/api-keys").json()
+    listed = owner_api.get(f"/agents/{agent['id']}/api-keys").json()["results"]
     assert "secret" not in listed[0]
 
     revoked = owner_api.post(f"/agents/{agent['id']}/api-keys/{listed[0]['id']}/revoke")
@@ -158,3 +158,36 @@ def test_an_owner_has_at_most_the_limits_agents(owner_api, owner, settings):
     assert error_code(refused) == "agent_limit_reached"
     assert refused.json()["error"]["details"] == {"max_agents": 2}
     assert not Agent.objects.filter(handle="bot-c").exists()
+
+
+def test_an_agents_key_listing_is_paged_and_leaves_revoked_keys_out_unless_asked(owner_api, buyer):
+    """Revoked keys stay in the table for ever (the admin's record): listed whole, an agent that minted and revoked
+    keys all day was answered all of them in one page."""
+    ApiKey.objects.filter(agent=buyer).delete()
+    issued = [owner_api.post(f"/agents/{buyer.pk}/api-keys", {"name": f"k{i}"}).json()["id"] for i in range(5)]
+    for key_id in issued[:2]:
+        assert owner_api.post(f"/agents/{buyer.pk}/api-keys/{key_id}/revoke").status_code == 200
+    live = sorted(issued[2:], reverse=True)  # newest first
+
+    def all_pages(**query) -> list[dict]:
+        keys, cursor = [], None
+        for _ in range(10):
+            page = owner_api.get(f"/agents/{buyer.pk}/api-keys", {**query, "limit": 2,
+                                                                   **({"cursor": cursor} if cursor else {})})
+            assert page.status_code == 200, page.content
+            assert set(page.json()) == {"results", "next_cursor"} and len(page.json()["results"]) <= 2
+            keys += page.json()["results"]
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                return keys
+        raise AssertionError("pages without end")
+
+    assert [key["id"] for key in all_pages()] == live
+    every = all_pages(include_revoked="true")
+    assert [key["id"] for key in every] == sorted(issued, reverse=True)
+    assert [bool(key["revoked_at"]) for key in every] == [False, False, False, True, True]
+    assert "secret" not in every[0]
+
+    for bad in ({"include_revoked": "yes"}, {"limit": "1000"}, {"cursor": "forged"}, {"other": "1"}):
+        refused = owner_api.get(f"/agents/{buyer.pk}/api-keys", bad)
+        assert refused.status_code == 400, (bad, refused.content)
