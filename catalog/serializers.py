@@ -1,5 +1,4 @@
 import copy
-import json
 from collections.abc import Mapping
 
 from django.conf import settings
@@ -27,6 +26,7 @@ from marketplace.serializers import (
     StrictSerializer,
     TagListField,
     cents_of,
+    json_size_bounded,
 )
 
 # --- agents and keys -----------------------------------------------------------------------------------------
@@ -164,10 +164,7 @@ PAEGENTS_PRICE_MODELS = {"per_unit": PricingType.PER_UNIT, "per_call": PricingTy
 
 def _free_form_bounded(value: dict) -> dict:
     """A free-form field is shown as given in every search result: at most SERVICE_FREE_FORM_MAX_BYTES of JSON."""
-    limit = settings.SERVICE_FREE_FORM_MAX_BYTES
-    if len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()) > limit:
-        raise serializers.ValidationError(f"At most {limit} bytes of JSON.", code="too_large")
-    return value
+    return json_size_bounded(value, limit=settings.SERVICE_FREE_FORM_MAX_BYTES)
 
 
 class ServiceWriteSerializer(StrictSerializer):

@@ -36,7 +36,13 @@ from marketplace.masumi_format import check_network as _check_network
 from marketplace.masumi_format import network_field as _network_field
 from marketplace.masumi_format import timestamp as _timestamp
 from marketplace.pagination import MAX_LIMIT, paginate
-from marketplace.serializers import StrictIntegerField, StrictSerializer, TextOnlySerializer, error_responses
+from marketplace.serializers import (
+    StrictIntegerField,
+    StrictSerializer,
+    TextOnlySerializer,
+    error_responses,
+    json_size_bounded,
+)
 
 TAGS = ["masumi purchases"]
 SELLER_TAGS = ["masumi payments"]
@@ -138,6 +144,10 @@ class PurchaseCreateSerializer(StrictSerializer):
     submitResultTime = _millis_field()
     unlockTime = _millis_field()
     externalDisputeUnlockTime = _millis_field()
+
+    def validate_input_data(self, value):
+        """Kept with the purchase and sent to the seller: at most MASUMI_INPUT_DATA_MAX_BYTES of JSON."""
+        return json_size_bounded(value, limit=settings.MASUMI_INPUT_DATA_MAX_BYTES)
 
     def validate(self, attrs):
         if ("input_data" in attrs) == ("blockchainIdentifier" in attrs):

@@ -5,6 +5,7 @@ Numbers are taken as the JSON type the schema documents: an integer field takes 
 query string has only strings: there, ASCII digits.
 """
 
+import json
 import re
 
 from django.http import QueryDict
@@ -75,6 +76,13 @@ class TextOnlySerializer(serializers.Serializer):
             if errors:
                 raise serializers.ValidationError(errors)
         return super().to_internal_value(data)
+
+
+def json_size_bounded(value, *, limit: int):
+    """`value`, refused (`too_large`) when its JSON, as compactly written, is more than `limit` bytes."""
+    if len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()) > limit:
+        raise serializers.ValidationError(f"At most {limit} bytes of JSON.", code="too_large")
+    return value
 
 
 class StrictSerializer(TextOnlySerializer):

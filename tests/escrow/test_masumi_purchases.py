@@ -19,7 +19,7 @@ from escrow import purchases, settlement
 from escrow.models import ChainTransaction, MasumiPurchase, TxPurpose
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import UserFactory, issue_owner_token
-from tests.conftest import Api, error_code
+from tests.conftest import Api, codes_at, error_code
 from tests.escrow.conftest import Escrows
 from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock, pay_fees, sign_activation, usdc_balance
 from tests.support.http_server import RecordingServer
@@ -642,3 +642,19 @@ def test_a_buyer_who_cancelled_its_purchases_intent_nonce_locks_the_funds_with_a
     assert purchase["onChainState"] == "FundsLocked", purchase
     locked_amount = agreement["deposit_amount_atomic"] + agreement["infra_fee_atomic"]
     assert usdc_balance(chain, chain.addresses["escrow"]) == locked_amount
+
+
+def test_a_purchases_input_data_is_bounded_in_size(escrow_chain, seller_service, settings):
+    """Stored with the purchase and sent to the seller's /start_job: bounded by the request body's limit only, a
+    buyer stored 2.5 MiB per purchase (many purchases a minute, each free until funded)."""
+    settings.MASUMI_INPUT_DATA_MAX_BYTES = 1024
+    parties = Parties(escrow_chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
+    body = {"network": "Preprod", "agentIdentifier": str(parties.service.pk)}
+
+    refused = parties.buyer_api.post("/purchase", {**body, "input_data": {"text": "x" * 2000}})
+
+    assert refused.status_code == 400, refused.content
+    assert codes_at(refused, "input_data") == {"too_large"}, refused.content
+    assert not MasumiPurchase.objects.exists()
+    fits = parties.buyer_api.post("/purchase", {**body, "input_data": {"text": "x" * 900}})
+    assert fits.status_code == 200, fits.content
