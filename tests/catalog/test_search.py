@@ -582,7 +582,7 @@ def test_a_tampered_cursor_is_invalid_cursor(cursor, buyer_api, position):
     assert error_code(response) == "invalid_cursor"
 
 
-@pytest.mark.parametrize("garbage", ["not-a-cursor", "e30:abc", ":", "0", 5, "x" * 2000])
+@pytest.mark.parametrize("garbage", ["not-a-cursor", "e30:abc", ":", "0", "x" * 2000])
 def test_a_made_up_cursor_is_invalid_cursor(cursor, buyer_api, garbage):
     response = buyer_api.post("/catalog/search", {"order_by": "price", "cursor": garbage})
     assert response.status_code == 400
@@ -662,18 +662,18 @@ def test_limit_out_of_range_or_not_a_number(buyer_api, limit, code):
     ({"max_unit_price_atomic": True}, ("max_unit_price_atomic",), "invalid"),
     ({"max_unit_price_atomic": 2**256}, ("max_unit_price_atomic",), "too_large"),
     ({"order_by": "popularity"}, ("order_by",), "invalid_choice"),
-    ({"order_by": ["price"]}, ("order_by",), "invalid_choice"),
+    ({"order_by": ["price"]}, ("order_by",), "invalid"),
     ({"protocol": "grpc"}, ("protocol",), "invalid_choice"),
     ({"pricing_type": "flat"}, ("pricing_type",), "invalid_choice"),
     ({"seller": "x" * 65}, ("seller",), "max_length"),
-    ({"capability": 42.5}, None, None),  # numbers are read as text by DRF: accepted
+    ({"capability": 42.5}, ("capability",), "invalid"),  # text is a JSON string (DRF reads 42.5 as "42.5")
+    ({"q": 5}, ("q",), "invalid"),
+    ({"tags_any": ["nlp", 5]}, ("tags_any", 1), "invalid"),
     ({"cursor": ["abc"]}, ("cursor",), "invalid"),
+    ({"cursor": 5}, ("cursor",), "invalid"),
 ])
 def test_a_bad_type_or_value_is_a_400_naming_the_field(buyer_api, body, path, code):
     response = buyer_api.post("/catalog/search", body)
-    if path is None:
-        assert response.status_code == 200
-        return
     assert code in codes_at(response, *path)
 
 
