@@ -234,8 +234,9 @@ class ServiceName(models.Model):
     """Every name a service has been registered or renamed with, once. The typo-tolerant search compares a
     misspelling with these names (pg_trgm word similarity through their trigram index) and then reads the services
     bearing the names it found: names repeat across sellers, so there are far fewer names to compare than services
-    (14,000 for the benchmark's 100,000). Written by catalog.services with the service; a name no service bears any
-    more stays and matches no service."""
+    (14,000 for the benchmark's 100,000). Written by catalog.services with the service; a name no registered
+    service bears any more matches no service until the beat's collection deletes it
+    (catalog.services.search_terms_collect)."""
 
     name = models.CharField(max_length=250, primary_key=True)
 

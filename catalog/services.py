@@ -7,7 +7,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.postgres.search import SearchVector
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from catalog.models import (
@@ -180,13 +180,27 @@ def _apply_fields(service: Service, data: dict) -> None:
         raise InvalidInput("max_quantity must be at least min_quantity.", code="invalid_quantity_bounds")
 
 
+def _terms_held(model: type[Tag] | type[ServiceName], names: list[str]) -> dict:
+    """The primary keys of the rows of `model` (tags, or the lexicon of names; unique by name) named `names`,
+    made where missing, and held (PostgreSQL: FOR KEY SHARE) until the transaction ends: the collection of unused
+    terms (`search_terms_collect`) skips a row held so, and a row it deleted and had not committed when we came is
+    made again once it has (the insert waits for it; the share lock then finds no row). Registrations bearing the
+    same term do not wait on each other."""
+    table, pk = connection.ops.quote_name(model._meta.db_table), connection.ops.quote_name(model._meta.pk.column)
+    held = " FOR KEY SHARE" if connection.vendor == "postgresql" else ""
+    found: dict = {}
+    while missing := sorted(set(names) - found.keys()):
+        model.objects.bulk_create([model(name=name) for name in missing], ignore_conflicts=True)
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT name, {pk} FROM {table} WHERE name IN ({', '.join(['%s'] * len(missing))}) "  # noqa: S608
+                           f"ORDER BY name{held}", missing)
+            found.update(cursor.fetchall())
+    return found
+
+
 def _replace_tags(service: Service, names: list[str]) -> None:
-    existing = {tag.name: tag for tag in Tag.objects.filter(name__in=names)}
-    missing = [Tag(name=name) for name in names if name not in existing]
-    if missing:
-        Tag.objects.bulk_create(missing, ignore_conflicts=True)
-        existing = {tag.name: tag for tag in Tag.objects.filter(name__in=names)}
-    service.tags.set([existing[name] for name in names])
+    tag_ids = _terms_held(Tag, names)
+    service.tags.set([tag_ids[name] for name in names])
 
 
 def _replace_skills(service: Service, skills: list[dict]) -> None:
@@ -200,10 +214,32 @@ def _refresh_search_fields(service: Service) -> None:
     keywords = " ".join([*tags, service.capability_name, *skills]).replace("-", " ")
     Service.objects.filter(pk=service.pk).update(keywords=keywords)
     # The lexicon the typo-tolerant search compares misspellings with (catalog.models.ServiceName).
-    ServiceName.objects.bulk_create([ServiceName(name=service.name)], ignore_conflicts=True)
+    _terms_held(ServiceName, [service.name])
     if connection.vendor == "postgresql":
         Service.objects.filter(pk=service.pk).update(search_vector=search_vector_expression())
     service.keywords = keywords
+
+
+def search_terms_collect(*, batch: int = 1000) -> int:
+    """Delete the names of the lexicon (catalog.models.ServiceName) and the tags no registered service bears (a
+    deregistered service's tags go with them), `batch` at a time; how many. Safe to run twice, and beside
+    registrations: rows a registration holds (`_terms_held`) are skipped, and the rows taken are checked again,
+    in a statement of their own, once no registration can take them any more (one that committed between the two
+    is seen; one that comes later waits, then makes the row again)."""
+    registered = Service.objects.filter(state=ServiceState.REGISTERED)
+    unused_by = {ServiceName: ~Exists(registered.filter(name=OuterRef("name"))),
+                 Tag: ~Exists(registered.filter(tags=OuterRef("pk")))}
+    deleted = 0
+    for model, unused in unused_by.items():
+        while True:
+            with transaction.atomic():
+                taken = list(model.objects.select_for_update(skip_locked=True).filter(unused)
+                             .order_by("pk").values_list("pk", flat=True)[:batch])
+                if taken:
+                    deleted += model.objects.filter(unused, pk__in=taken).delete()[1].get(model._meta.label, 0)
+            if len(taken) < batch:
+                break
+    return deleted
 
 
 def search_vector_expression():

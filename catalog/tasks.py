@@ -10,6 +10,12 @@ def expire_api_keys() -> int:
 
 
 @shared_task
+def collect_unused_search_terms() -> int:
+    """Beat: the names and tags no registered service bears."""
+    return services.search_terms_collect()
+
+
+@shared_task
 def erase_replaced_proxy_secrets() -> int:
     return services.replaced_proxy_secrets_erase()
 

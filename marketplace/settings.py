@@ -195,6 +195,10 @@ CREDENTIAL_CACHE_SECONDS = env.float("CREDENTIAL_CACHE_SECONDS", default=1.0)
 # read no longer gives it) at most this long after (marketplace.rotation).
 REPLACED_SECRET_ERASE_SECONDS = env.int("REPLACED_SECRET_ERASE_SECONDS", default=60)
 CELERY_BEAT_SCHEDULE.update({
+    # The search's names and tags no registered service bears (a seller registering and deregistering services
+    # under new names grew both without bound).
+    "collect-unused-search-terms": {"task": "catalog.tasks.collect_unused_search_terms",
+                                    "schedule": timedelta(hours=1)},
     "erase-replaced-proxy-secrets": {"task": "catalog.tasks.erase_replaced_proxy_secrets",
                                      "schedule": timedelta(seconds=REPLACED_SECRET_ERASE_SECONDS)},
     "erase-replaced-webhook-secrets": {"task": "agreements.tasks.erase_replaced_webhook_secrets",

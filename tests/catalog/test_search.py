@@ -16,10 +16,11 @@ from django.utils import timezone
 from rest_framework.views import APIView
 
 from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, ApiKey, Service, ServiceName, Tag
+from catalog import tasks
 from catalog.selectors import NAMES_SPELT_ALIKE_FUNCTION, names_spelt_alike_plan
 from catalog.services import search_vector_expression
 from marketplace.keys import parse_secret
-from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service
+from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service, service_data
 from tests.conftest import Api, codes_at, error_code
 from tests.support.openapi import assert_documented
 
@@ -207,6 +208,39 @@ def test_a_renamed_service_is_found_misspelt_by_its_new_name_only(seller, seller
 
     assert names(buyer_api, q="wether forcaster") == ["Weather forecaster"]
     assert names(buyer_api, q="invoce extracter") == []
+
+
+@pytest.mark.postgres
+def test_names_and_tags_no_registered_service_bears_are_collected_and_search_still_finds_the_rest(
+        seller, seller_api, buyer_api):
+    """The lexicon of names and the tags only grew: a seller registering and deregistering services under random
+    names and tags (each free) grew both without bound, and every misspelt search compares with every name. The
+    beat's collection removes what no registered service bears; what one does (a deregistered service's name that
+    a registered one shares too) stays."""
+    kept = listing(seller, "Invoice extractor", tags=("finance", "pdf"))
+    listing(seller, "Weather forecaster", tags=("weather",))
+    for number in range(5):
+        body = service_data(name=f"Throwaway {number} zqx", tags=[f"junk-{number}", "finance"], skills=[])
+        registered = seller_api.post("/agents/services", body)
+        assert registered.status_code == 201, registered.content
+        assert seller_api.delete(f"/agents/services/{registered.json()['id']}").status_code == 200
+    shared = seller_api.post("/agents/services", service_data(name="Invoice extractor", tags=["pdf"], skills=[]))
+    assert seller_api.delete(f"/agents/services/{shared.json()['id']}").status_code == 200
+
+    assert tasks.collect_unused_search_terms() == 10  # five names, five tags
+    assert tasks.collect_unused_search_terms() == 0
+
+    assert set(ServiceName.objects.values_list("name", flat=True)) == {"Invoice extractor", "Weather forecaster"}
+    assert set(Tag.objects.values_list("name", flat=True)) == {"finance", "pdf", "weather"}
+    assert names(buyer_api, q="invoce extracter") == ["Invoice extractor"]
+    assert names(buyer_api, q="throwaway zqx") == []
+    assert names(buyer_api, tags_all=["finance", "pdf"]) == ["Invoice extractor"]
+    assert sorted(seller_api.get(f"/agents/services/{kept.pk}").json()["tags"]) == ["finance", "pdf"]
+    # A name and a tag collected are made again by the next service that bears them.
+    again = seller_api.post("/agents/services", service_data(name="Throwaway 1 zqx", tags=["junk-1"], skills=[]))
+    assert again.status_code == 201, again.content
+    assert names(buyer_api, q="throwaway 1 zqxx") == ["Throwaway 1 zqx"]
+    assert names(buyer_api, tags_all=["junk-1"]) == ["Throwaway 1 zqx"]
 
 
 @pytest.mark.postgres
