@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('catalog', '0017_agent_owner_is_active'),
+        ('catalog', '0018_owner_activity_trigger'),
     ]
 
     operations = [
