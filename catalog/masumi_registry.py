@@ -23,6 +23,7 @@ from marketplace.pagination import MAX_LIMIT, paginate
 from marketplace.serializers import (
     MAX_AMOUNT,
     AddressSerializerField,
+    DigitsField,
     StrictIntegerField,
     StrictSerializer,
     TagListField,
@@ -61,7 +62,8 @@ class MasumiExampleOutput(StrictSerializer):
 class MasumiPrice(StrictSerializer):
     unit = serializers.CharField(max_length=250, allow_blank=True,
                                  help_text='Token symbol or address; "" means USDC.')
-    amount = serializers.RegexField(r"^[0-9]{1,78}$", help_text="Base units, as a string of digits.")
+    amount = DigitsField(max_digits=78, help_text="Base units, as a string of digits (a JSON integer is read as its "
+                                                  "digits).")
 
     def validate_amount(self, value):
         # 78 digits also spell numbers above uint256, which no token amount (nor the escrow contract) can hold.

@@ -33,7 +33,7 @@ def _integer_input(field: serializers.Field, data) -> int:
 
 
 def _is_text_field(field: serializers.Field) -> bool:
-    if isinstance(field, serializers.MultipleChoiceField):
+    if isinstance(field, serializers.MultipleChoiceField | DigitsField):
         return False
     if isinstance(field, serializers.CharField):
         return True
@@ -96,6 +96,21 @@ class StrictSerializer(TextOnlySerializer):
                 raise serializers.ValidationError(
                     {name: [serializers.ErrorDetail("Unknown field.", code="unknown_field")] for name in unknown}
                 )
+        return super().to_internal_value(data)
+
+
+class DigitsField(serializers.RegexField):
+    """A whole number written as a string of digits (a wire format's amount), or given as a JSON integer, whose
+    digits it is: unambiguous, unlike a float or a boolean, which stay refused."""
+
+    def __init__(self, *, max_digits: int, **kwargs):
+        super().__init__(rf"^[0-9]{{1,{max_digits}}}$", **kwargs)
+
+    def to_internal_value(self, data):
+        if isinstance(data, int) and not isinstance(data, bool):
+            data = str(data)
+        elif not isinstance(data, str):
+            self.fail("invalid")
         return super().to_internal_value(data)
 
 

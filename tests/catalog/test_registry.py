@@ -120,6 +120,15 @@ def test_an_amount_sent_as_a_json_integer_is_read_as_its_digits(seller, seller_a
     assert data["AgentPricing"]["Pricing"] == [{"unit": "USDC", "amount": "7"}]
 
 
+@pytest.mark.parametrize("amount", [7.0, 7.5, True, [7], "7.0", "-7"])
+def test_an_amount_that_is_not_a_whole_number_of_base_units_is_refused(seller, seller_api, amount):
+    response = seller_api.post("/registry", registration(
+        seller, AgentPricing={"pricingType": "Fixed", "Pricing": [{"unit": "", "amount": amount}]}))
+
+    assert response.status_code == 400, response.content
+    assert not Service.objects.exists()
+
+
 def test_the_wallet_may_be_given_in_lower_case(seller, seller_api):
     data = register(seller_api, seller, sellingWalletVkey=seller.wallet_address.lower())
 
