@@ -21,6 +21,7 @@ from marketplace.serializers import (
     StrictIntegerField,
     StrictSerializer,
     cents_of,
+    json_size_bounded,
 )
 from policies import selectors as policy_selectors
 
@@ -514,7 +515,12 @@ class CompleteSerializer(StrictSerializer):
 
 
 class InvokeSerializer(StrictSerializer):
-    input = serializers.DictField(help_text="Passed to the seller's skill as is.")
+    input = serializers.DictField(help_text="Passed to the seller's skill as is: at most SKILL_INPUT_MAX_BYTES "
+                                            "of JSON (400 `too_large` beyond).")
+
+    def validate_input(self, value):
+        """Kept with the invocation and sent to the seller: at most SKILL_INPUT_MAX_BYTES of JSON."""
+        return json_size_bounded(value, limit=settings.SKILL_INPUT_MAX_BYTES)
 
 
 class InvocationPaymentSerializer(serializers.Serializer):

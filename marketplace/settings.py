@@ -286,6 +286,8 @@ AGENTS_PER_OWNER = env.int("AGENTS_PER_OWNER", default=50)
 SERVICE_FREE_FORM_MAX_BYTES = env.int("SERVICE_FREE_FORM_MAX_BYTES", default=16 * 1024)
 # A Masumi purchase's `input_data`, at most this many bytes of JSON (kept with the purchase, sent to the seller).
 MASUMI_INPUT_DATA_MAX_BYTES = env.int("MASUMI_INPUT_DATA_MAX_BYTES", default=64 * 1024)
+# A skill invocation's `input`, at most this many bytes of JSON (kept with the invocation, sent to the seller).
+SKILL_INPUT_MAX_BYTES = env.int("SKILL_INPUT_MAX_BYTES", default=64 * 1024)
 # Registered services a seller lists at once (each is in every buyer's search).
 SERVICES_PER_SELLER = env.int("SERVICES_PER_SELLER", default=200)
 # A buyer's agreements with one seller that the seller has not answered or the buyer not funded (an escrow proposal

@@ -20,7 +20,7 @@ from sdk.x402_signing import sign_authorization, sign_payment_required
 from tests.chain_fixtures import TOKEN_NAMES
 from tests.agreements.helpers import proposal, propose
 from tests.catalog.factories import AgentFactory, issue_key, register_service
-from tests.conftest import Api, error_code
+from tests.conftest import Api, codes_at, error_code
 from tests.support.http_server import DribblesItsHead, serving
 from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
 
@@ -431,6 +431,19 @@ def test_malformed_payments_are_402_malformed(market, payment):
 
     assert response.status_code == 402
     assert response.json()["error"] == "malformed_payment"
+
+
+def test_a_skill_calls_input_is_bounded_in_size(market, settings):
+    """Kept with the invocation and sent to the seller: bounded by the request body's limit only, an anonymous
+    caller stored 2.5 MiB per call it never paid for (the 402 is answered after the body is read)."""
+    settings.SKILL_INPUT_MAX_BYTES = 1024
+
+    refused = market.caller.post("/agents/sol/translate", {"input": {"text": "x" * 2000}})
+
+    assert refused.status_code == 400, refused.content
+    assert codes_at(refused, "input") == {"too_large"}, refused.content
+    assert market.caller.post("/agents/sol/translate", {"input": {"text": "x" * 900}}).status_code == 402
+    assert market.upstream.requests == []
 
 
 def test_unknown_skill_is_404_and_an_unpriced_one_409(market):
