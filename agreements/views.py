@@ -361,7 +361,7 @@ def _plain_report(request) -> tuple[KeyHolder, dict, dict] | None:
         return None
     try:
         holder = agent_key_holder(request, scope=KeyScope.PAY)
-        data = bounded_json.loads(request.body, max_bytes=settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+        data = bounded_json.loads(request.body, max_bytes=settings.DATA_UPLOAD_MAX_MEMORY_SIZE, duplicate_keys=False)
     except (APIException, ApplicationError, bounded_json.InvalidJSON):  # DRF gives the error
         return None
     report = plain_usage_report(data)

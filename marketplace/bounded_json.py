@@ -22,11 +22,12 @@ __all__ = ["InvalidJSON", "depth", "loads"]
 
 class InvalidJSON(ValueError):
     """Not JSON (`malformed`, NaN and out-of-range numbers included), nested deeper than allowed (`too_deep`), larger
-    than allowed (`too_large`), or holding a NUL character (`nul_character`) or a lone surrogate (`surrogate`).
-    `reason` says which; `path` (keys and indexes) where the offending string is."""
+    than allowed (`too_large`), holding a NUL character (`nul_character`) or a lone surrogate (`surrogate`), or, when
+    refused, an object with a key given twice (`duplicate_key`). `reason` says which; `path` (keys and indexes)
+    where the offending string is; `key` the key given twice."""
 
-    def __init__(self, message: str, *, reason: str, path: tuple = ()):
-        self.reason, self.path = reason, path
+    def __init__(self, message: str, *, reason: str, path: tuple = (), key: str | None = None):
+        self.reason, self.path, self.key = reason, path, key
         super().__init__(message)
 
 
@@ -52,20 +53,21 @@ def _string_path(value, refused) -> tuple | None:
 
 
 def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int | None = None,
-          nul_allowed: bool = False):
+          nul_allowed: bool = False, duplicate_keys: bool = True):
     """`json.loads` that raises `InvalidJSON` instead of recursing without bound. `nul_allowed`: strings are not
     checked for NUL characters and lone surrogates, for answers that are never stored as they are (a chain node's
-    revert message may quote raw bytes)."""
+    revert message may quote raw bytes). `duplicate_keys=False`: an object with a key given twice is refused (a
+    caller's request body: Python keeps the last, other parsers the first, and a payment must mean one thing)."""
     max_depth = settings.JSON_MAX_DEPTH if max_depth is None else max_depth
     if max_bytes is not None and len(data) > max_bytes:
         raise InvalidJSON(f"The JSON is larger than {max_bytes} bytes.", reason="too_large")
     try:
         text = data.decode() if isinstance(data, bytes | bytearray) else data  # once: the checks below read it too
-        value = sdk_json.loads(text, max_depth=max_depth)
+        value = sdk_json.loads(text, max_depth=max_depth, duplicate_keys=duplicate_keys)
     except UnicodeDecodeError as error:
         raise InvalidJSON("The JSON is not valid UTF-8.", reason="malformed") from error
     except sdk_json.InvalidJSON as error:
-        raise InvalidJSON(str(error), reason=error.reason) from None
+        raise InvalidJSON(str(error), reason=error.reason, key=error.key) from None
     if nul_allowed:
         return value
     if "\\u0000" in text and (path := _string_path(value, lambda item: "\x00" in item)) is not None:

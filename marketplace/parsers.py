@@ -1,5 +1,6 @@
 """The request-body parser of every API view: a JSON object, read through `marketplace.bounded_json`, at most
-DATA_UPLOAD_MAX_MEMORY_SIZE bytes.
+DATA_UPLOAD_MAX_MEMORY_SIZE bytes, with no key given twice in an object (400 `duplicate_key`: Python's json keeps
+the last, other parsers the first, and a caller's SDK, proxy or log must not read a payment otherwise than we do).
 
 Every endpoint's body is an object of named fields; anything else (`false`, `[]`, `"x"`) is a client that means
 something we would not read, so it is refused here, once, rather than coerced to "no fields" view by view. The
@@ -21,6 +22,8 @@ def json_refusal(error: bounded_json.InvalidJSON) -> ApplicationError | Validati
     if error.reason == "too_large":
         return PayloadTooLarge(f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.",
                                details={"max_bytes": settings.DATA_UPLOAD_MAX_MEMORY_SIZE})
+    if error.reason == "duplicate_key":
+        return InvalidInput(str(error), code="duplicate_key", details={"key": error.key})
     if error.reason == "malformed":
         return InvalidInput(str(error), code="malformed_json")
     if error.reason in ("nul_character", "surrogate"):
@@ -37,7 +40,7 @@ class BoundedJSONParser(JSONParser):
     def parse(self, stream, media_type=None, parser_context=None):
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         try:
-            data = bounded_json.loads(stream.read(limit + 1), max_bytes=limit)
+            data = bounded_json.loads(stream.read(limit + 1), max_bytes=limit, duplicate_keys=False)
         except bounded_json.InvalidJSON as error:
             raise json_refusal(error) from None
         if not isinstance(data, dict):

@@ -30,12 +30,30 @@ _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 class InvalidJSON(ValueError):
-    """Not JSON (NaN and out-of-range numbers included), or nested deeper than allowed. `reason` says which:
-    `malformed` or `too_deep`."""
+    """Not JSON (NaN and out-of-range numbers included), nested deeper than allowed, or, when refused, an object
+    with a key given twice. `reason` says which: `malformed`, `too_deep` or `duplicate_key` (`key` names it)."""
 
-    def __init__(self, message: str, *, reason: str):
-        self.reason = reason
+    def __init__(self, message: str, *, reason: str, key: str | None = None):
+        self.reason, self.key = reason, key
         super().__init__(message)
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        self.key = key
+        super().__init__(key)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's pairs as a dict, refused when a key comes twice (`json` would keep the last one silently)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return value
 
 
 def depth(text: str) -> int:
@@ -56,8 +74,11 @@ def finite_float(text: str) -> float:
     return value
 
 
-def loads(data: bytes | str, *, max_depth: int = JSON_MAX_DEPTH) -> Any:
-    """`json.loads` that raises `InvalidJSON` instead of recursing without bound (or on anything not JSON)."""
+def loads(data: bytes | str, *, max_depth: int = JSON_MAX_DEPTH, duplicate_keys: bool = True) -> Any:
+    """`json.loads` that raises `InvalidJSON` instead of recursing without bound (or on anything not JSON). With
+    `duplicate_keys=False`, an object with a key given twice is refused too (`duplicate_key`): where another
+    parser reads the same bytes (the marketplace reads a request body the caller signed or checked), the two must
+    not take different values."""
     try:
         text = data.decode() if isinstance(data, bytes | bytearray) else data
     except UnicodeDecodeError as error:
@@ -66,6 +87,10 @@ def loads(data: bytes | str, *, max_depth: int = JSON_MAX_DEPTH) -> Any:
     if text.count("[") + text.count("{") > max_depth and depth(text) > max_depth:
         raise InvalidJSON(f"The JSON is nested deeper than {max_depth} levels.", reason="too_deep")
     try:
-        return json.loads(text, parse_constant=refuse_constant, parse_float=finite_float)
+        return json.loads(text, parse_constant=refuse_constant, parse_float=finite_float,
+                          object_pairs_hook=None if duplicate_keys else _unique_keys)
+    except _DuplicateKey as error:
+        raise InvalidJSON(f"The JSON gives the key {error.key!r} twice in one object.", reason="duplicate_key",
+                          key=error.key) from None
     except (ValueError, RecursionError) as error:
         raise InvalidJSON(f"The JSON is malformed: {error}", reason="malformed") from None

@@ -1,5 +1,6 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.7: bounded_json.loads(duplicate_keys=False) refuses an object with a key given twice (`duplicate_key`);
 # 0.4.6: cancel_payment_authorization revokes a direct purchase's x402 authorization once the purchase is off (the
 # platform relays the buyer's signed EIP-3009 CancelAuthorization);
 # propose_agreement requires max_unit_price_atomic and bounds a term left to the marketplace (expiry within
@@ -21,4 +22,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.6"
+VERSION = "0.4.7"

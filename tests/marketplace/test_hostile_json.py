@@ -132,6 +132,34 @@ def test_nan_infinity_and_numbers_beyond_a_float_are_400_malformed_json_not_500(
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_a_key_given_twice_in_a_body_is_400_duplicate_key(seller_api, caplog, where):
+    """Python's json takes the last of two same-named keys, other parsers (a proxy's, a log's, another SDK's) the
+    first: a payments API must not read a body otherwise than whoever checked or signed it did."""
+    data = service_data()
+    if where == "top":
+        body = json.dumps(data)[:-1] + ', "name": "other-name"}'
+    else:
+        body = json.dumps(data)[:-1] + ', "metadata": {"tier": "gold", "tier": "free"}}'
+
+    response = post_raw(seller_api, "/agents/services", body.encode())
+
+    assert response.status_code == 400, response.content
+    assert error_code(response) == "duplicate_key"
+    assert response.json()["error"]["details"] == {"key": "name" if where == "top" else "tier"}
+    assert not Service.objects.exists()
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert post_raw(seller_api, "/agents/services", json.dumps(data).encode()).status_code == 201
+
+
+def test_the_answers_the_platform_reads_keep_their_duplicate_keys_readable():
+    """Only a caller's request body is refused for them: a seller's or a chain node's answer is read as before."""
+    assert bounded_json.loads(b'{"a": 1, "a": 2}') == {"a": 2}
+    with pytest.raises(bounded_json.InvalidJSON) as refused:
+        bounded_json.loads(b'{"b": {"a": 1, "a": 2}}', duplicate_keys=False)
+    assert refused.value.reason == "duplicate_key" and refused.value.key == "a"
+
+
 def test_a_body_over_the_upload_limit_is_413_without_a_traceback(skill_route, settings, caplog):
     body = json.dumps({"input": {"text": "x" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 10)}}).encode()
     for headers in ({}, {"HTTP_IDEMPOTENCY_KEY": "big-1"}):
