@@ -616,6 +616,8 @@ class MarketplaceClient:
 
     def purchase_masumi_job(self, agent_identifier: AgreementId, input_data: Any, wallet: str | Wallet, *,
                             max_price_atomic: int, network: str = "Preprod", idempotency_key: str | None = None,
+                            max_duration_seconds: int = AGREEMENT_DURATION_MAX_SECONDS,
+                            min_challenge_window_seconds: int = CHALLENGE_WINDOW_MIN_SECONDS,
                             **purchase_fields: Any) -> dict[str, Any]:
         """Buy one job of a `masumi` service: `POST /purchase`, sign the escrow package here with the buyer
         wallet's key, `POST /purchase/lock-funds`. `purchase_fields` are Masumi's optional fields
@@ -623,7 +625,9 @@ class MarketplaceClient:
         unix milliseconds as strings). A job priced above `max_price_atomic` (required: the buyer sees the agreement
         only after its deposit is signed) is refused (`SigningRefused`) before anything is signed, as is one whose
         agreement does not keep the timers given here: its expiry must be submitResultTime, its challenge window
-        last until unlockTime. Returns the purchase (`onChainState` null until the relayer locked the funds; the
+        last until unlockTime. A timer left to the marketplace's defaults is bounded as `propose_agreement` bounds
+        a term left to them: an expiry within `max_duration_seconds` from now, a challenge window of at least
+        `min_challenge_window_seconds`, and of at most the contract's 30 days. Returns the purchase (`onChainState` null until the relayer locked the funds; the
         marketplace then starts the job on the seller). Follow with `wait_for_purchase`."""
         key = idempotency_key or _new_key()
         created = self._request("POST", "/purchase", json={
@@ -637,7 +641,8 @@ class MarketplaceClient:
             raise SigningRefused("agreement.price_per_unit_atomic", f"at most {max_price_atomic}",
                                  agreement["price_per_unit_atomic"])
         now = self._now()
-        _check_masumi_timers(agreement, purchase_fields, now=now)
+        _check_masumi_timers(agreement, purchase_fields, now=now, max_duration_seconds=max_duration_seconds,
+                             min_challenge_window_seconds=min_challenge_window_seconds)
         pay_by = int(purchase_fields["payByTime"]) // 1000 if "payByTime" in purchase_fields else None
         signed = sign_activation_package(
             created["ActivationPackage"], wallet, terms=AgreedTerms.from_agreement(agreement, self.network),
@@ -888,20 +893,32 @@ class _Asked:
                                      window)
 
 
-def _check_masumi_timers(agreement: Mapping[str, Any], timers: Mapping[str, Any], *, now: int) -> None:
+def _check_masumi_timers(agreement: Mapping[str, Any], timers: Mapping[str, Any], *, now: int,
+                         max_duration_seconds: int = AGREEMENT_DURATION_MAX_SECONDS,
+                         min_challenge_window_seconds: int = CHALLENGE_WINDOW_MIN_SECONDS) -> None:
     """A Masumi job's agreement, which the buyer signs, must keep the buyer's own timers (unix milliseconds): its
     expiry (the intent's expiresAt: results accepted until then, the deposit reclaimable after) is
     submitResultTime, and its challenge window, counted from the purchase, lasts until unlockTime (refund requests
-    are taken until then, and the seller is paid no sooner). Else `SigningRefused`, before anything is signed."""
+    are taken until then, and the seller is paid no sooner). A timer the buyer left to the marketplace is bounded
+    as a proposal's default term (`_Asked`): an expiry within `max_duration_seconds` from now, a window of at least
+    `min_challenge_window_seconds`; any window at most the contract's 30 days. Else `SigningRefused`, before
+    anything is signed."""
+    expires_at = _unix_time(agreement["expires_at"])
     if "submitResultTime" in timers:
-        require_equal(_unix_time(agreement["expires_at"]), int(timers["submitResultTime"]) // 1000,
-                      "agreement.expires_at")
-    if "unlockTime" in timers:
-        # The purchase was made before `now`, by the chain's clock, which may run a little ahead of this client's.
-        shortest = int(timers["unlockTime"]) // 1000 - now - MASUMI_CLOCK_SKEW_SECONDS
-        if int(agreement["challenge_window_seconds"]) < shortest:
-            raise SigningRefused("agreement.challenge_window_seconds", f"at least {shortest} (until unlockTime)",
-                                 agreement["challenge_window_seconds"])
+        require_equal(expires_at, int(timers["submitResultTime"]) // 1000, "agreement.expires_at")
+    elif expires_at > now + max_duration_seconds:
+        raise SigningRefused("agreement.expires_at", f"at most {now + max_duration_seconds} (unix time)",
+                             agreement["expires_at"], "the deposit would be locked until then")
+    window = agreement["challenge_window_seconds"]
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise SigningRefused("agreement.challenge_window_seconds", "an integer", window)
+    # The purchase was made before `now`, by the chain's clock, which may run a little ahead of this client's.
+    shortest = (int(timers["unlockTime"]) // 1000 - now - MASUMI_CLOCK_SKEW_SECONDS if "unlockTime" in timers
+                else min_challenge_window_seconds)
+    if not shortest <= window <= CHALLENGE_WINDOW_MAX_SECONDS:
+        raise SigningRefused("agreement.challenge_window_seconds",
+                             f"from {shortest} to {CHALLENGE_WINDOW_MAX_SECONDS}"
+                             f"{' (until unlockTime)' if 'unlockTime' in timers else ''}", window)
 
 
 def _unix_time(value: Any) -> int:

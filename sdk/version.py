@@ -1,6 +1,8 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
 # 0.4.7: bounded_json.loads(duplicate_keys=False) refuses an object with a key given twice (`duplicate_key`);
+# purchase_masumi_job bounds a timer left to the marketplace as propose_agreement bounds a default term
+# (max_duration_seconds, min_challenge_window_seconds);
 # 0.4.6: cancel_payment_authorization revokes a direct purchase's x402 authorization once the purchase is off (the
 # platform relays the buyer's signed EIP-3009 CancelAuthorization);
 # propose_agreement requires max_unit_price_atomic and bounds a term left to the marketplace (expiry within

@@ -235,6 +235,31 @@ def test_a_masumi_job_off_the_buyers_timers_is_refused_before_signing(alter, fie
     assert marketplace.locked == []
 
 
+def buy_masumi_job_on_default_timers(marketplace: MasumiMarketplace) -> dict[str, Any]:
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                           transport=httpx.MockTransport(marketplace)) as buyer:
+        return buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, max_price_atomic=10**6)
+
+
+def minute_window(agreement: dict[str, Any]) -> None:
+    """No time to ask for a refund: the seller is paid a minute after its result."""
+    agreement["challenge_window_seconds"] = 60
+
+
+@pytest.mark.parametrize(("alter", "field"), [(later_expiry, "agreement.expires_at"),
+                                              (minute_window, "agreement.challenge_window_seconds")])
+def test_a_masumi_job_on_the_marketplaces_default_timers_is_bounded_as_a_proposals_defaults(alter, field):
+    """Without submitResultTime and unlockTime, the job's expiry and challenge window were the marketplace's word:
+    a deposit locked for a year, or a window of a minute, was signed, where `propose_agreement` bounds a term left to
+    the marketplace (an expiry within `max_duration_seconds`, a window of at least `min_challenge_window_seconds`)."""
+    assert buy_masumi_job_on_default_timers(MasumiMarketplace())["blockchainIdentifier"]
+    marketplace = MasumiMarketplace(alter)
+    with pytest.raises(SigningRefused) as refusal:
+        buy_masumi_job_on_default_timers(marketplace)
+    assert refusal.value.field == field
+    assert marketplace.locked == []
+
+
 def dearer(agreement: dict[str, Any]) -> None:
     """The job at 10,000 USDC instead of 1 (deposit and fee to match): the buyer's whole balance, in escrow."""
     price = 10_000 * 10**6
