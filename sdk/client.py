@@ -38,6 +38,7 @@ carries a `request_nonce` (`call_metered`), for the same reason.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -264,7 +265,9 @@ class MarketplaceClient:
         bound, and for a term left to the marketplace's default, its documented default at most: an expiry within
         `max_duration_seconds` (7 days and an hour) from now, a challenge window of at least
         `min_challenge_window_seconds` (an hour) and at most the contract's 30 days. Else `SigningRefused` names the
-        field. `activate_escrow` holds the agreement it signs to the same terms."""
+        field. `activate_escrow` holds the agreement it signs to the same terms; an answer naming an agreement this
+        client proposed on other terms is refused (`SigningRefused` on "agreement.id"), so that what is remembered
+        for it stays what its own proposal asked for."""
         body = {"service_id": str(service_id), "quantity": quantity,
                 **{name: _jsonable(value) for name, value in terms.items()}}
         asked = _Asked.of_proposal(body, max_unit_price_atomic=max_unit_price_atomic, now=int(time.time()),
@@ -274,7 +277,12 @@ class MarketplaceClient:
         asked.check(answer)
         if "id" in answer:
             with self._lock:
-                self._proposed[str(answer["id"])] = asked
+                known = self._proposed.get(str(answer["id"]))
+                if known is None:
+                    self._proposed[str(answer["id"])] = asked
+                elif not known.same_proposal(asked):  # what the first proposal asked for stays remembered
+                    raise SigningRefused("agreement.id", "a new agreement, or this proposal's", answer["id"],
+                                         "this client proposed that agreement with other terms")
                 while len(self._proposed) > _PROPOSALS_REMEMBERED:
                     self._proposed.popitem(last=False)
         return answer
@@ -863,6 +871,11 @@ class _Asked:
         return cls.of_proposal({"quantity": quantity}, max_unit_price_atomic=max_unit_price_atomic, now=now,
                                max_duration_seconds=max_duration_seconds,
                                min_challenge_window_seconds=min_challenge_window_seconds)
+
+    def same_proposal(self, other: _Asked) -> bool:
+        """Whether `other` asks for what this does (a replayed proposal): the same terms and bounds, the latest
+        expiry of a term left to the default aside (it counts from when each was asked)."""
+        return dataclasses.replace(other, latest_expires_at=self.latest_expires_at) == self
 
     def check(self, agreement: Mapping[str, Any]) -> None:
         """Refuse (`SigningRefused` naming the field) an agreement off these terms. A field the answer lacks is not

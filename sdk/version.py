@@ -2,7 +2,8 @@
 
 # 0.4.7: bounded_json.loads(duplicate_keys=False) refuses an object with a key given twice (`duplicate_key`);
 # purchase_masumi_job bounds a timer left to the marketplace as propose_agreement bounds a default term
-# (max_duration_seconds, min_challenge_window_seconds);
+# (max_duration_seconds, min_challenge_window_seconds); propose_agreement refuses an answer naming an agreement this
+# client proposed on other terms (what activate_escrow holds that agreement to stays the first proposal's);
 # 0.4.6: cancel_payment_authorization revokes a direct purchase's x402 authorization once the purchase is off (the
 # platform relays the buyer's signed EIP-3009 CancelAuthorization);
 # propose_agreement requires max_unit_price_atomic and bounds a term left to the marketplace (expiry within

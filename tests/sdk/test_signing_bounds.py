@@ -605,6 +605,38 @@ def test_an_agreement_read_back_with_other_terms_than_proposed_is_not_signed(alt
     assert marketplace.activated == []
 
 
+def test_a_proposal_answered_with_another_proposals_agreement_is_refused():
+    """`activate_escrow` holds an agreement to what this client proposed, remembered by the answer's id: a second
+    proposal (an hour's window left to the default) answered with the first's agreement (a day's window asked for)
+    replaced what was remembered for it, and the first agreement, read back with an hour's window, was signed."""
+    marketplace = EscrowMarketplace()
+    first: dict[str, Any] = {}
+
+    def reusing_the_first_id(request: httpx.Request) -> httpx.Response:
+        response = marketplace(request)
+        if request.method == "POST" and request.url.path == "/usage-agreements":
+            if not first:
+                first.update(marketplace.agreement)
+            else:
+                marketplace.agreement.update(id=first["id"], onchain_id=first["onchain_id"])
+            return httpx.Response(201, json=marketplace.agreement)
+        return response
+
+    service_id = str(uuid.uuid4())
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                           transport=httpx.MockTransport(reusing_the_first_id)) as buyer:
+        buyer.propose_agreement(service_id, 10, max_unit_price_atomic=LISTED_PRICE, challenge_window_seconds=86_400)
+        # The same proposal answered again with its agreement (a replay) is that agreement still.
+        buyer.propose_agreement(service_id, 10, max_unit_price_atomic=LISTED_PRICE, challenge_window_seconds=86_400)
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.propose_agreement(service_id, 10, max_unit_price_atomic=LISTED_PRICE)
+        assert refusal.value.field == "agreement.id"
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.activate_escrow(buyer.get_agreement(first["id"]), KEY)
+        assert refusal.value.field == "agreement.challenge_window_seconds"
+    assert marketplace.activated == []
+
+
 # --- what the buyer's RPC reads: the token's domain, the permit nonce ---------------------------------------------
 
 def token_node(*, domain: tuple[str, str] = ("USDC", "2"), nonces: list[int] | None = None,
