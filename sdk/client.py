@@ -277,9 +277,10 @@ class MarketplaceClient:
         asked.check(answer)
         if "id" in answer:
             with self._lock:
-                known = self._proposed.get(str(answer["id"]))
+                key = _proposal_key(answer["id"])
+                known = self._proposed.get(key)
                 if known is None:
-                    self._proposed[str(answer["id"])] = asked
+                    self._proposed[key] = asked
                 elif not known.same_proposal(asked):  # what the first proposal asked for stays remembered
                     raise SigningRefused("agreement.id", "a new agreement, or this proposal's", answer["id"],
                                          "this client proposed that agreement with other terms")
@@ -436,7 +437,7 @@ class MarketplaceClient:
         """
         network = self.network
         with self._lock:
-            proposed = self._proposed.get(str(agreement["id"]))
+            proposed = self._proposed.get(_proposal_key(agreement["id"]))
         now = self._now()
         if (max_unit_price_atomic is None) != (quantity is None):
             raise TypeError("activate_escrow: give quantity= and max_unit_price_atomic= together")
@@ -932,6 +933,15 @@ def _check_masumi_timers(agreement: Mapping[str, Any], timers: Mapping[str, Any]
         raise SigningRefused("agreement.challenge_window_seconds",
                              f"from {shortest} to {CHALLENGE_WINDOW_MAX_SECONDS}"
                              f"{' (until unlockTime)' if 'unlockTime' in timers else ''}", window)
+
+
+def _proposal_key(agreement_id: Any) -> str:
+    """What a proposal is remembered by: its agreement's UUID however spelled (upper case, a URN, no hyphens all
+    name one escrow id, `check_onchain_id`), else the id as given (no escrow is signed for it)."""
+    try:
+        return str(uuid.UUID(str(agreement_id)))
+    except ValueError:
+        return str(agreement_id)
 
 
 def _unix_time(value: Any) -> int:

@@ -605,10 +605,12 @@ def test_an_agreement_read_back_with_other_terms_than_proposed_is_not_signed(alt
     assert marketplace.activated == []
 
 
-def test_a_proposal_answered_with_another_proposals_agreement_is_refused():
+@pytest.mark.parametrize("spelled", [str, str.upper, lambda agreement_id: f"urn:uuid:{agreement_id}"])
+def test_a_proposal_answered_with_another_proposals_agreement_is_refused(spelled):
     """`activate_escrow` holds an agreement to what this client proposed, remembered by the answer's id: a second
     proposal (an hour's window left to the default) answered with the first's agreement (a day's window asked for)
-    replaced what was remembered for it, and the first agreement, read back with an hour's window, was signed."""
+    replaced what was remembered for it, and the first agreement, read back with an hour's window, was signed. The
+    id spelled otherwise (upper case, a URN: the same UUID, so the same escrow id) was another agreement."""
     marketplace = EscrowMarketplace()
     first: dict[str, Any] = {}
 
@@ -617,8 +619,10 @@ def test_a_proposal_answered_with_another_proposals_agreement_is_refused():
         if request.method == "POST" and request.url.path == "/usage-agreements":
             if not first:
                 first.update(marketplace.agreement)
-            else:
-                marketplace.agreement.update(id=first["id"], onchain_id=first["onchain_id"])
+            else:  # a replay of the first proposal is answered with its id as it was
+                replay = json.loads(request.content).get("challenge_window_seconds") is not None
+                marketplace.agreement.update(id=first["id"] if replay else spelled(first["id"]),
+                                             onchain_id=first["onchain_id"])
             return httpx.Response(201, json=marketplace.agreement)
         return response
 
