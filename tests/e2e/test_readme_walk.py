@@ -40,10 +40,12 @@ def readme_walk() -> str:
 @pytest.fixture
 def walk_dir(tmp_path: Path) -> Path:
     """A directory laid out as the repository's root for the walk: `manage.py`, and `.venv/bin/python` running
-    the interpreter of this test (not whatever .venv the checkout has)."""
+    the interpreter of this test (not whatever .venv the checkout has) on this checkout's code: from the walk's
+    directory, `import sdk` found the editable install's checkout instead (a worktree sharing another's .venv ran
+    that one's SDK)."""
     python = tmp_path / ".venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
-    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="{REPO}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{sys.executable}" "$@"\n')
     python.chmod(0o755)
     (tmp_path / "manage.py").symlink_to(REPO / "manage.py")
     return tmp_path
