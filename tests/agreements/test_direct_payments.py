@@ -461,3 +461,34 @@ def test_a_cancellation_outrun_by_a_use_of_the_authorization_records_that_use(
     event = AgreementEvent.objects.filter(agreement_id=agreement["id"]).order_by("-pk").first()
     assert event.data["used_by"] == "0x" + bytes(used_by).hex().removeprefix("0x"), event.reason
     assert purchase.parties.agreement(agreement["id"])["payment_authorization_cancel_tx_hash"] == ""
+
+
+_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+def _high_s(signature: str) -> str:
+    """The same signature with s replaced by n - s (and v flipped): it recovers to the same signer in Python, but the
+    token (OpenZeppelin's ECDSA, as USDC's ECRecover) refuses any s above n/2."""
+    raw = bytes.fromhex(signature[2:])
+    s, v = int.from_bytes(raw[32:64], "big"), raw[64]
+    return "0x" + (raw[:32] + (_SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])).hex()
+
+
+def test_a_cancellation_the_token_would_refuse_is_not_relayed_so_it_cannot_spend_the_relayers_gas_in_a_loop(
+        purchase, django_capture_on_commit_callbacks):
+    """A high-s signature (n - s) recovers to the buyer's wallet in Python, so it passed the check, but the token
+    refuses it: relayed, it reverted at the relayer's expense and left the authorization live, so the buyer could ask
+    again and again, each time costing gas. It is refused before anything is queued."""
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    path = f"/usage-agreements/{agreement['id']}/cancel-payment-authorization"
+    malleable = _high_s(_cancel_signature(purchase, agreement["id"]))
+    assert typed_data.recover_typed_data_signer(typed_data.cancel_authorization(
+        chain_id=purchase.chain.chain_id, token_address=purchase.chain.usdc.address,
+        authorizer=purchase.buyer.address,
+        nonce=UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization.nonce),
+        malleable) == purchase.buyer.address
+    with django_capture_on_commit_callbacks(execute=True):
+        refused = purchase.parties.buyer_api.post(path, {"signature": malleable})
+    assert refused.status_code == 400 and error_code(refused) == "invalid_signature", refused.content
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
