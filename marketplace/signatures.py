@@ -9,7 +9,8 @@ from marketplace.errors import InvalidInput
 from sdk.typed_data import recover_typed_data_signer
 
 # Half the secp256k1 group order: the contracts (OpenZeppelin's ECDSA, USDC's ECRecover) refuse a signature whose s
-# is above it (the malleable twin of a valid one), which Python's recovery takes.
+# is above it (the malleable twin of a valid one), which Python's recovery takes; as they refuse a v other than 27 or
+# 28 in the bytes they are given (a challenge, an activation intent), which Python's recovery reads as 0 or 1.
 _SECP256K1_HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
 
 
@@ -17,12 +18,13 @@ def signer_require(*, typed: dict, signature: str, expected: str, field: str,
                    mismatch_code: str = "wrong_signer") -> None:
     """`signature` must be `expected`'s signature of `typed`. InvalidInput `invalid_signature` when it is not a
     signature at all; `mismatch_code` when it recovers to another address (any change to the signed fields does
-    too, so a permit whose fields the caller states says `invalid_signature`). A high-s signature, which the
-    contracts refuse, is `invalid_signature` too: accepted, it would be relayed to revert at the relayer's expense, as
-    often as the caller asked."""
+    too, so a permit whose fields the caller states says `invalid_signature`). A high-s signature, or one whose v is
+    not 27 or 28, which the contracts refuse, is `invalid_signature` too: accepted, it would be relayed to revert at
+    the relayer's expense, as often as the caller asked."""
     try:
-        if int.from_bytes(bytes.fromhex(signature.removeprefix("0x"))[32:64], "big") > _SECP256K1_HALF_N:
-            raise ValueError("s above n/2: refused by the contracts")
+        raw = bytes.fromhex(signature.removeprefix("0x"))
+        if len(raw) != 65 or raw[64] not in (27, 28) or int.from_bytes(raw[32:64], "big") > _SECP256K1_HALF_N:
+            raise ValueError("not a 65-byte signature with v 27 or 28 and s at most n/2: refused by the contracts")
         signer = recover_typed_data_signer(typed, signature)
     except Exception as exc:  # noqa: BLE001 - any malformed signature is the caller's input error
         raise InvalidInput(f"{field}: not a valid 65-byte signature.", code="invalid_signature",

@@ -222,3 +222,36 @@ def test_one_agreement_whose_chain_read_fails_does_not_stop_the_settlement_of_th
     statuses = {str(agreement.pk): agreement.status for agreement in UsageAgreement.objects.all()}
     assert statuses[str(failing[0])] == "in_challenge"
     assert [status for pk, status in statuses.items() if pk != str(failing[0])] == ["settled"]
+
+
+_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+def _v_zero_or_one(signature: str) -> str:
+    raw = bytes.fromhex(signature[2:])
+    return "0x" + (raw[:64] + bytes([raw[64] - 27])).hex()
+
+
+def _high_s(signature: str) -> str:
+    raw = bytes.fromhex(signature[2:])
+    s = int.from_bytes(raw[32:64], "big")
+    return "0x" + (raw[:32] + (_SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - raw[64]])).hex()
+
+
+@pytest.mark.parametrize("spelling", [_v_zero_or_one, _high_s], ids=["v_0_or_1", "high_s"])
+def test_a_challenge_signature_the_escrow_would_refuse_is_not_relayed(
+        funded, escrow_chain, django_capture_on_commit_callbacks, spelling):  # noqa: F811
+    """Python's recovery takes v as 0/1 and a high s (n - s) as the buyer's signature; the escrow (OpenZeppelin's
+    ECDSA over the bytes as sent) refuses both. Relayed, the challenge reverted at the relayer's expense, the escrow
+    stayed undisputed, and the buyer could send it again, as often as it liked within the window."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain)
+    index(capture)
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    body = challenge_body(funded, package)
+    body["signature"] = spelling(body["signature"])
+    with capture(execute=True):
+        response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body)
+    assert response.status_code == 400 and error_code(response) == "invalid_signature", response.content
+    assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE).exists()
