@@ -266,6 +266,15 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
                            details={"challenge_deadline": window_end.isoformat()})
         if deadline <= now:
             raise InvalidInput("The signature's deadline has passed.", code="signature_expired")
+        # A deadline the relayer's send may not make (SignatureExpired) reverts at its expense and leaves the escrow
+        # undisputed, asked again as often as the buyer likes: the window's end, or at least this far ahead.
+        soonest = now + settings.CHALLENGE_SIGNATURE_MIN_VALIDITY
+        if window_end is not None:
+            soonest = min(soonest, int(window_end.timestamp()))
+        if deadline < soonest:
+            raise InvalidInput(f"The signature's deadline is too soon for the challenge to be mined: sign one at least "
+                               f"{soonest - now} s ahead (the package's deadline, the window's end).",
+                               code="signature_expired", details={"deadline_at_least": soonest})
         signer_require(typed=challenge_typed_data(agreement=agreement, deadline=deadline), signature=signature,
                        expected=agreement.buyer_wallet_address, field="signature")
         if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE):

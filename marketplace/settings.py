@@ -260,6 +260,9 @@ CHALLENGE_WINDOW_DEFAULT = env.int("CHALLENGE_WINDOW_SECONDS", default=3600)
 # within a minute of starting.
 CHALLENGE_WINDOW_MIN = env.int("CHALLENGE_WINDOW_MIN_SECONDS", default=10 if CHAIN_ID == DEV_CHAIN_ID else 60)
 CHALLENGE_WINDOW_MAX = env.int("CHALLENGE_WINDOW_MAX_SECONDS", default=7 * 24 * 3600)
+# A buyer's challenge signature must stay valid at least this long after it is sent (or until the window's end, if
+# sooner): one expiring sooner may revert SignatureExpired in the relayer's queue, at the relayer's expense.
+CHALLENGE_SIGNATURE_MIN_VALIDITY = env.int("CHALLENGE_SIGNATURE_MIN_VALIDITY_SECONDS", default=60)
 # A direct payment's signatures (x402 authorization, fee permit) must stay valid at least this long after
 # proposal, so the seller has time to accept; the proposal expires before they do.
 DIRECT_PAYMENT_MIN_VALIDITY = env.int("DIRECT_PAYMENT_MIN_VALIDITY_SECONDS", default=600)

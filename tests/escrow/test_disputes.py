@@ -255,3 +255,29 @@ def test_a_challenge_signature_the_escrow_would_refuse_is_not_relayed(
         response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body)
     assert response.status_code == 400 and error_code(response) == "invalid_signature", response.content
     assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE).exists()
+
+
+def test_a_challenge_signed_to_expire_before_it_can_be_mined_is_not_relayed(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """The buyer picks the challenge's signature deadline: one a second past the next block passed the check, and
+    reverted SignatureExpired once the relayer's send took longer (a queue, a gas bump, a busy chain), at the
+    relayer's expense, the escrow still undisputed, so the buyer could ask again and again through the window. A
+    deadline that leaves the relayer less than CHALLENGE_SIGNATURE_MIN_VALIDITY_SECONDS (or the window's end, if
+    sooner) is refused; the package's deadline (the window's end) is taken."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain)
+    index(capture)
+    path = f"/usage-agreements/{funded.agreement_id}"
+    package = funded.buyer_api.get(f"{path}/challenge-package").json()
+    soon = chain.w3.eth.get_block("latest")["timestamp"] + 3
+    hurried = {**package, "deadline": soon, "challenge": settlement.challenge_typed_data(
+        agreement=UsageAgreement.objects.get(pk=funded.agreement_id), deadline=soon)}
+    with capture(execute=True):
+        refused = funded.buyer_api.post(f"{path}/challenge", challenge_body(funded, hurried))
+    assert refused.status_code == 400 and error_code(refused) == "signature_expired", refused.content
+    assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE).exists()
+
+    with capture(execute=True):
+        taken = funded.buyer_api.post(f"{path}/challenge", challenge_body(funded, package))
+    assert taken.status_code == 202, taken.content
