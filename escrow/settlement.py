@@ -504,9 +504,12 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
 @contextmanager
 def _goes_on_after_chain_error(step: str) -> Iterator[None]:
     """One agreement's step of the settlement tick: a chain error is logged (with the agreement, from the log
-    context) and the tick goes on; the step is tried again at the next tick."""
+    context) and the tick goes on; the step is tried again at the next tick. A node that cannot be reached at all
+    (RpcUnreachable) stops the tick, as it stops the relayer's poll: walking on, every agreement would wait on it."""
     try:
         yield
+    except chain.RpcUnreachable:
+        raise  # nothing answers: every other agreement's read fails the same way (the task retries later)
     except chain.ChainError as error:
         logger.warning("settlement step not done: the chain read failed", extra={
             "step": step, "error": f"{type(error).__name__}: {error}"[:500]})

@@ -281,3 +281,32 @@ def test_a_challenge_signed_to_expire_before_it_can_be_mined_is_not_relayed(
     with capture(execute=True):
         taken = funded.buyer_api.post(f"{path}/challenge", challenge_body(funded, package))
     assert taken.status_code == 202, taken.content
+
+
+def test_a_node_that_cannot_be_reached_stops_the_settlement_tick_at_once(
+        funded, escrow_chain, django_capture_on_commit_callbacks, monkeypatch):  # noqa: F811
+    """One agreement's failed chain read is logged and the tick goes on; a node that cannot be reached at all
+    (connection refused) fails every read: the tick stops at the first and the task retries later, as the relayer's
+    poll does, rather than walking every agreement due, each waiting on the node, while the next ticks start."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    second = funded.accepted_agreement(quantity=100)
+    funded.activate(second["id"], capture)
+    for agreement_id in (funded.agreement_id, second["id"]):
+        funded.agreement_id = agreement_id
+        call_n(funded, 2)
+        funded.buyer_api.post(f"/usage-agreements/{agreement_id}/complete")
+    with capture(execute=True):
+        assert settlement.settlement_tick()["proposed"] == 2
+    confirm_all(capture)
+    chain.increase_time(3601)
+
+    reads = []
+
+    def unreachable(*, agreement):
+        reads.append(agreement.pk)
+        raise gateway.RpcUnreachable("connection refused")
+
+    monkeypatch.setattr(selectors, "escrow_terms", unreachable)
+    with pytest.raises(gateway.RpcUnreachable):
+        settlement.settlement_tick()
+    assert len(reads) == 1
