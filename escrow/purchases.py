@@ -256,11 +256,10 @@ def purchase_lock_funds(*, purchase: MasumiPurchase, buyer: Agent, intent_signat
         _check_refund_signature(purchase, refund_signature)
         MasumiPurchase.objects.filter(pk=purchase.pk).update(refund_signature=refund_signature,
                                                              updated_at=timezone.now())
-    # As the agreement's activation package does: an intent nonce the buyer revoked on-chain (`cancelIntentNonce`) is
-    # replaced first, so an intent signed under it is refused (wrong_signer), not relayed to revert; the buyer signs
-    # the fresh one (GET /usage-agreements/{agreementId}/activation-package, deadline payByTime).
-    agreement = services.intent_nonce_renew(agreement=purchase.agreement)  # the buyer's purchase (selectors.purchase_get)
-    return services.activation_submit(agreement=agreement, buyer=buyer, intent_signature=intent_signature,
+    # An intent nonce the buyer revoked on-chain (`cancelIntentNonce`) is replaced first (activation_submit), so an
+    # intent signed under it is refused (wrong_signer), not relayed to revert; the buyer signs the fresh one
+    # (GET /usage-agreements/{agreementId}/activation-package, deadline payByTime).
+    return services.activation_submit(agreement=purchase.agreement, buyer=buyer, intent_signature=intent_signature,
                                       deadline=deadline, escrow_permit=escrow_permit)
 
 

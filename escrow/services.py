@@ -150,8 +150,13 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
     """Verify the buyer's signatures off-chain, move to `submitting` and queue `activate` for the relayer.
 
     One permit covers deposit + fee. A permit whose token nonce is already spent (a front-runner submitted it)
-    is accepted while the allowance it granted still covers both: the contract then skips it."""
+    is accepted while the allowance it granted still covers both: the contract then skips it. An intent nonce the
+    buyer revoked on-chain (`cancelIntentNonce`) is replaced first (`intent_nonce_renew`, as the package does), so an
+    intent signed under it is refused (`wrong_signer`), not relayed to revert IntentNonceUsed at the relayer's
+    expense, as often as it is posted."""
     _require_chain()
+    if agreement.buyer_id == buyer.pk:  # else refused at agreement_activation_begin
+        agreement = intent_nonce_renew(agreement=agreement)
     now = chain_clock.chain_now_for_request(next_block=True)
     for field, signature_deadline in (("deadline", deadline), ("escrow_permit.deadline", escrow_permit["deadline"])):
         if signature_deadline <= now:

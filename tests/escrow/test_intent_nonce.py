@@ -75,3 +75,25 @@ def test_a_nonce_spent_by_an_escrow_of_the_agreement_is_not_replaced(
     assert again.status_code == 200, again.content
     assert again.json()["intent"]["message"]["nonce"] == package["intent"]["message"]["nonce"]
     assert "intent_nonce_round" not in again.json()
+
+
+def test_an_intent_whose_nonce_the_buyer_cancelled_is_not_relayed_when_posted_without_a_new_package(
+        escrow_chain, http_server, django_capture_on_commit_callbacks):
+    """The buyer cancels its intent's nonce on-chain (one transaction of its own) and posts the signed intent again
+    without asking for a new package: accepted, it was relayed to revert IntentNonceUsed at the relayer's expense,
+    as often as the buyer posted it. activate-escrow renews the nonce first, as the package does: wrong_signer,
+    nothing queued."""
+    from escrow.models import ChainTransaction, TxPurpose
+
+    chain = escrow_chain
+    esc = Escrows(chain)
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    package, signed = package_and_signature(parties, agreement["id"])
+    esc.tx(chain.escrow.functions.cancelIntentNonce(package["intent"]["message"]["nonce"]), parties.buyer_account)
+
+    with django_capture_on_commit_callbacks(execute=False):
+        refused = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", signed)
+    assert refused.status_code == 400 and error_code(refused) == "wrong_signer", refused.content
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"], purpose=TxPurpose.ACTIVATE).exists()
+    assert parties.agreement(agreement["id"])["status"] == "accepted"
