@@ -141,11 +141,14 @@ class PaymentAuthorizationCancelView(APIView):
     @extend_schema(operation_id="direct_payment_authorization_cancel_package", tags=TAGS,
                    summary="A direct purchase that is off: the EIP-3009 CancelAuthorization its buyer signs to revoke "
                            "its x402 payment authorization (POST it here)",
-                   responses={200: PaymentAuthorizationCancelPackageSerializer, **error_responses(403, 404, 409)})
+                   responses={200: PaymentAuthorizationCancelPackageSerializer,
+                              **error_responses(403, 404, 409, 503)})
     def get(self, request, agreement_id):
         agent = calling_agent(request)
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
-        typed = agreement_services.agreement_payment_authorization_cancel_typed_data(agreement=agreement, buyer=agent)
+        with chain.unavailable_as_503():  # the token's EIP-712 domain, read from the token until cached
+            typed = agreement_services.agreement_payment_authorization_cancel_typed_data(agreement=agreement,
+                                                                                         buyer=agent)
         return Response(PaymentAuthorizationCancelPackageSerializer({
             "agreement_id": agreement.pk, "cancel_authorization": typed}).data)
 
@@ -167,7 +170,8 @@ class PaymentAuthorizationCancelView(APIView):
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=agent)
         body = PaymentAuthorizationCancelSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        tx = x402_onchain.direct_authorization_cancel(agreement=agreement, buyer=agent, **body.validated_data)
+        with chain.unavailable_as_503():  # the token's domain and authorizationState, read from the token
+            tx = x402_onchain.direct_authorization_cancel(agreement=agreement, buyer=agent, **body.validated_data)
         return Response(PaymentAuthorizationCancelAcceptedSerializer({
             "agreement_id": agreement.pk, "transaction": transaction_payload(tx, None)}).data,
             status=status.HTTP_202_ACCEPTED)

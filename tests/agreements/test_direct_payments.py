@@ -492,3 +492,25 @@ def test_a_cancellation_the_token_would_refuse_is_not_relayed_so_it_cannot_spend
         refused = purchase.parties.buyer_api.post(path, {"signature": malleable})
     assert refused.status_code == 400 and error_code(refused) == "invalid_signature", refused.content
     assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+
+
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_a_payment_authorizations_cancellation_is_503_not_500_when_the_token_cannot_be_read(
+        purchase, method, monkeypatch):
+    """The cancellation's typed data is in the token's EIP-712 domain, read from the token (cached once read): a
+    node that does not answer then is 503 chain_unavailable, not a 500."""
+    from escrow import chain as gateway
+
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    signature = _cancel_signature(purchase, agreement["id"])
+
+    def unavailable(*args):
+        raise gateway.RpcUnavailable("read timed out")
+
+    monkeypatch.setattr(gateway, "_token_domain", unavailable)
+    path = f"/usage-agreements/{agreement['id']}/cancel-payment-authorization"
+    api = purchase.parties.buyer_api
+    answer = api.get(path) if method == "get" else api.post(path, {"signature": signature})
+    assert answer.status_code == 503 and error_code(answer) == "chain_unavailable", answer.content
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
