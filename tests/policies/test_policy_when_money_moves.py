@@ -268,3 +268,42 @@ def test_an_operators_retry_of_a_failed_direct_purchase_step_holds_to_the_buyers
     assert "Queued 1 transaction(s) again." in retry()
     assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == sent + 1
     assert UsageAgreement.objects.get(pk=agreement["id"]).funds_moved_at >= before
+
+
+def test_an_operators_retry_of_a_direct_purchase_is_refused_once_its_buyer_asked_to_cancel_the_authorization(
+        escrow_chain, admin_client, django_capture_on_commit_callbacks):
+    """A direct purchase's payment failed (its fee not collected) and the buyer asked the platform to cancel its
+    payment authorization (queued, not mined yet). An operator's retry of the failed step, queued beside it, could be
+    sent first and take the fee and pay the seller against the buyer's revocation: refused while the cancellation is
+    under way or done, the operator told why, nothing queued."""
+    from escrow.models import TxStatus
+    from tests.agreements.test_direct_payments import _cancel_signature
+    from tests.escrow.flow import USDC, confirm_all, fund
+
+    capture = django_capture_on_commit_callbacks
+    purchase = DirectPurchase(escrow_chain)
+    fund(escrow_chain, purchase.treasury, USDC)
+    agreement = purchase.propose(purchase.body())
+    usdc, buyer = escrow_chain.usdc, purchase.buyer.address
+    held = usdc.functions.balanceOf(buyer).call()
+    purchase.accept(agreement["id"], capture)
+    usdc.functions.transfer(escrow_chain.accounts.stranger.address, held).transact({"from": buyer})
+    for _ in range(3):
+        confirm_all(capture)
+    failed = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_fee")
+    assert failed.status == TxStatus.FAILED
+    assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
+    usdc.functions.transfer(buyer, held).transact({"from": escrow_chain.accounts.stranger.address})
+
+    with capture(execute=False):
+        cancel = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
+                                                 {"signature": _cancel_signature(purchase, agreement["id"])})
+    assert cancel.status_code == 202, cancel.content
+    sent = ChainTransaction.objects.filter(agreement_id=agreement["id"]).count()
+    with capture(execute=False):
+        page = admin_client.post("/admin/escrow/chaintransaction/",
+                                 {"action": "retry_failed", "_selected_action": [str(failed.pk)]},
+                                 follow=True).content.decode()
+    assert "Queued 0 transaction(s) again." in page, page[page.find("messagelist"):][:1500]
+    assert "cancel" in page
+    assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == sent
