@@ -43,16 +43,22 @@ def intent_nonce_renew(*, agreement: UsageAgreement) -> UsageAgreement:
     """Before an activation package is handed out: when the buyer cancelled the agreement's intent nonce on-chain
     (`cancelIntentNonce`; used, and no escrow of the buyer's under the agreement's id), the agreement moves to a fresh
     one (`agreement_intent_nonce_renew`), so that the buyer can sign again. A nonce used because its intent funded
-    the escrow (relayed by anyone, not indexed yet) is kept. Chain reads, at one block, before any transaction."""
+    the escrow (relayed by anyone, not indexed yet) is kept. Chain reads before any transaction: one while the nonce
+    is unused (every activation), and a used one is read again with the escrow's terms at one block."""
     if not can_activate(agreement):
         return agreement
     _require_chain()
     escrow, buyer = chain.escrow_contract(), Web3.to_checksum_address(agreement.buyer_wallet_address)
-    with chain.unavailable_as_503():
-        block = chain.latest_block_number()
-        used = chain.call(lambda: escrow.functions.intentNonceUsed(buyer, intent_nonce(agreement)).call(
+
+    def used(block="latest") -> bool:
+        return chain.call(lambda: escrow.functions.intentNonceUsed(buyer, intent_nonce(agreement)).call(
             block_identifier=block))
-        if not used:
+
+    with chain.unavailable_as_503():
+        if not used():
+            return agreement
+        block = chain.latest_block_number()
+        if not used(block):
             return agreement
         funded = chain.call(lambda: escrow.functions.termsDigest(buyer, agreement.onchain_id).call(
             block_identifier=block))
