@@ -189,12 +189,8 @@ def test_a_challenge_no_block_can_carry_within_the_window_is_refused(
     assert response.status_code == 409 and error_code(response) == "challenge_window_closed", response.content
 
 
-def test_one_agreement_whose_chain_read_fails_does_not_stop_the_settlement_of_the_others(
-        funded, escrow_chain, django_capture_on_commit_callbacks, monkeypatch):  # noqa: F811
-    """The settlement tick walks every agreement due: a chain read that fails for one (a node timing out on its
-    logs, an escrow a reorg took) is logged and the tick goes on with the others, instead of raising at the first
-    and leaving every agreement after it unsettled at every tick."""
-    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+def two_agreements_due_to_finalize(funded, chain, capture) -> None:  # noqa: F811
+    """A second funded agreement beside `funded`'s; both used, completed, proposed and past their window."""
     second = funded.accepted_agreement(quantity=100)
     funded.activate(second["id"], capture)
     for agreement_id in (funded.agreement_id, second["id"]):
@@ -205,6 +201,15 @@ def test_one_agreement_whose_chain_read_fails_does_not_stop_the_settlement_of_th
         assert settlement.settlement_tick()["proposed"] == 2
     confirm_all(capture)
     chain.increase_time(3601)
+
+
+def test_one_agreement_whose_chain_read_fails_does_not_stop_the_settlement_of_the_others(
+        funded, escrow_chain, django_capture_on_commit_callbacks, monkeypatch):  # noqa: F811
+    """The settlement tick walks every agreement due: a chain read that fails for one (a node timing out on its
+    logs, an escrow a reorg took) is logged and the tick goes on with the others, instead of raising at the first
+    and leaving every agreement after it unsettled at every tick."""
+    capture = django_capture_on_commit_callbacks
+    two_agreements_due_to_finalize(funded, escrow_chain, capture)
 
     real, failing = selectors.escrow_terms, []
 
@@ -288,17 +293,8 @@ def test_a_node_that_cannot_be_reached_stops_the_settlement_tick_at_once(
     """One agreement's failed chain read is logged and the tick goes on; a node that cannot be reached at all
     (connection refused) fails every read: the tick stops at the first and the task retries later, as the relayer's
     poll does, rather than walking every agreement due, each waiting on the node, while the next ticks start."""
-    chain, capture = escrow_chain, django_capture_on_commit_callbacks
-    second = funded.accepted_agreement(quantity=100)
-    funded.activate(second["id"], capture)
-    for agreement_id in (funded.agreement_id, second["id"]):
-        funded.agreement_id = agreement_id
-        call_n(funded, 2)
-        funded.buyer_api.post(f"/usage-agreements/{agreement_id}/complete")
-    with capture(execute=True):
-        assert settlement.settlement_tick()["proposed"] == 2
-    confirm_all(capture)
-    chain.increase_time(3601)
+    capture = django_capture_on_commit_callbacks
+    two_agreements_due_to_finalize(funded, escrow_chain, capture)
 
     reads = []
 

@@ -123,9 +123,9 @@ def test_a_payout_mined_just_before_its_rebroadcast_pays_the_seller_once(
     assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)  # the seller paid once
 
 
-def test_a_nonce_used_by_someone_else_is_sent_again_under_a_new_nonce(
-        parties, escrow_chain, settings, django_capture_on_commit_callbacks):
-    capture = django_capture_on_commit_callbacks
+def activation_whose_nonce_someone_else_took(parties, escrow_chain, capture):
+    """An activation sent, dropped from the node's pool before it was mined, and its nonce taken by something else
+    the same key sent (another process sharing the wallet): (agreement, its transaction, our attempt)."""
     agreement, tx, callbacks = queue_activation(parties, capture)
     escrow_chain.rpc("evm_setAutomine", [False])
     try:
@@ -133,12 +133,18 @@ def test_a_nonce_used_by_someone_else_is_sent_again_under_a_new_nonce(
         tx.refresh_from_db()
         ours = tx.attempts.get()
         escrow_chain.rpc("anvil_dropTransaction", [ours.tx_hash])
-        # The same key sends something else with that nonce (another process sharing the wallet).
         escrow_chain.w3.eth.send_transaction({"from": escrow_chain.accounts.deployer.address, "nonce": tx.nonce,
                                               "to": escrow_chain.accounts.stranger.address, "value": 1})
         escrow_chain.mine()
     finally:
         escrow_chain.rpc("evm_setAutomine", [True])
+    return agreement, tx, ours
+
+
+def test_a_nonce_used_by_someone_else_is_sent_again_under_a_new_nonce(
+        parties, escrow_chain, settings, django_capture_on_commit_callbacks):
+    capture = django_capture_on_commit_callbacks
+    agreement, tx, ours = activation_whose_nonce_someone_else_took(parties, escrow_chain, capture)
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
     confirm_all(capture)  # nonce too low, no receipt of ours, the nonce is used: queued again, sent again
     confirm_all(capture)
@@ -156,18 +162,7 @@ def test_a_nonce_someone_else_used_long_ago_is_sent_again_with_a_node_that_keeps
     nonce from past nonces fails; the blocks since our transaction was signed show none of its hashes, so it went
     out again under a new nonce. (It waited for good, listed overdue.)"""
     capture = django_capture_on_commit_callbacks
-    agreement, tx, callbacks = queue_activation(parties, capture)
-    escrow_chain.rpc("evm_setAutomine", [False])
-    try:
-        run(callbacks, capture)
-        tx.refresh_from_db()
-        ours = tx.attempts.get()
-        escrow_chain.rpc("anvil_dropTransaction", [ours.tx_hash])
-        escrow_chain.w3.eth.send_transaction({"from": escrow_chain.accounts.deployer.address, "nonce": tx.nonce,
-                                              "to": escrow_chain.accounts.stranger.address, "value": 1})
-        escrow_chain.mine()
-    finally:
-        escrow_chain.rpc("evm_setAutomine", [True])
+    agreement, tx, ours = activation_whose_nonce_someone_else_took(parties, escrow_chain, capture)
     escrow_chain.mine(200)
     nonce_at = gateway.nonce_at
 

@@ -133,6 +133,14 @@ def test_a_masumi_purchase_is_refused_at_lock_funds_by_a_policy_tightened_since(
         seller_service.stop()
 
 
+def operators_retry(admin_client, failed, capture) -> str:
+    """An operator's "retry" of the failed transaction in the admin: the page it answers, nothing run."""
+    with capture(execute=False):
+        return admin_client.post("/admin/escrow/chaintransaction/",
+                                 {"action": "retry_failed", "_selected_action": [str(failed.pk)]},
+                                 follow=True).content.decode()
+
+
 def test_a_direct_purchase_is_not_paid_at_accept_past_a_cap_lowered_since(escrow_chain,
                                                                            django_capture_on_commit_callbacks):
     purchase = DirectPurchase(escrow_chain)
@@ -173,20 +181,14 @@ def test_an_operators_retry_of_a_failed_activation_holds_to_the_buyers_policy(
     assert failed.status == TxStatus.FAILED
     set_policy(parties, {"blocked_sellers": [parties.seller.handle]})
 
-    def retry() -> str:
-        with capture(execute=False):
-            return admin_client.post("/admin/escrow/chaintransaction/",
-                                     {"action": "retry_failed", "_selected_action": [str(failed.pk)]},
-                                     follow=True).content.decode()
-
-    refused = retry()
+    refused = operators_retry(admin_client, failed, capture)
     assert "Queued 0 transaction(s) again." in refused and "blocked_sellers" in refused
     assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == 1
     assert parties.agreement(agreement["id"])["status"] == "activation_failed"
 
     set_policy(parties, {})
     before = timezone.now()
-    assert "Queued 1 transaction(s) again." in retry()
+    assert "Queued 1 transaction(s) again." in operators_retry(admin_client, failed, capture)
     assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == 2
     assert UsageAgreement.objects.get(pk=agreement["id"]).funds_moved_at >= before
 
@@ -253,19 +255,13 @@ def test_an_operators_retry_of_a_failed_direct_purchase_step_holds_to_the_buyers
     sent = ChainTransaction.objects.filter(agreement_id=agreement["id"]).count()
     set_policy(parties, {"blocked_sellers": [parties.seller.handle]})
 
-    def retry() -> str:
-        with capture(execute=False):
-            return admin_client.post("/admin/escrow/chaintransaction/",
-                                     {"action": "retry_failed", "_selected_action": [str(failed.pk)]},
-                                     follow=True).content.decode()
-
-    refused = retry()
+    refused = operators_retry(admin_client, failed, capture)
     assert "Queued 0 transaction(s) again." in refused and "blocked_sellers" in refused
     assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == sent
 
     set_policy(parties, {})
     before = timezone.now()
-    assert "Queued 1 transaction(s) again." in retry()
+    assert "Queued 1 transaction(s) again." in operators_retry(admin_client, failed, capture)
     assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == sent + 1
     assert UsageAgreement.objects.get(pk=agreement["id"]).funds_moved_at >= before
 
