@@ -397,23 +397,30 @@ def test_a_signed_call_verifies_under_its_own_call_number_spelling_only():
 
 # --- the buyer's RPC's clock -------------------------------------------------------------------------------------
 
+class JsonRpcNode(BaseHTTPRequestHandler):
+    """A JSON-RPC node stub's handler: `answer_json` sends a 200 with the body; nothing logged."""
+
+    def answer_json(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
 def rpc_clock_ahead_by(seconds: int) -> type[BaseHTTPRequestHandler]:
     """A JSON-RPC node whose latest block is `seconds` ahead of this machine's clock."""
 
-    class Node(BaseHTTPRequestHandler):
+    class Node(JsonRpcNode):
         def do_POST(self) -> None:
             call = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             assert call["method"] == "eth_getBlockByNumber", call
             body = json.dumps({"jsonrpc": "2.0", "id": call["id"],
                                "result": {"timestamp": hex(int(time.time()) + seconds)}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
+            self.answer_json(body)
 
     return Node
 
@@ -649,7 +656,7 @@ def token_node(*, domain: tuple[str, str] = ("USDC", "2"), nonces: list[int] | N
     `nonces` in turn (the last one from then on); its clock is this machine's."""
     answers = list(nonces or [0])
 
-    class Node(BaseHTTPRequestHandler):
+    class Node(JsonRpcNode):
         def do_POST(self) -> None:
             call = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             method, params = call["method"], call["params"]
@@ -666,14 +673,7 @@ def token_node(*, domain: tuple[str, str] = ("USDC", "2"), nonces: list[int] | N
             else:
                 raise AssertionError(call)
             body = json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": result}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
+            self.answer_json(body)
 
     return Node
 
