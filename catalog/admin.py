@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from catalog import services
 from catalog.models import Agent, ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
-from marketplace.admin import SecretsUnfiltered, may_operate, rotation_overlap_column
+from marketplace.admin import SecretsUnfiltered, ViewOnlyAdmin, may_operate, rotation_overlap_column
 
 CREDENTIAL_FIELDS = ("name", "prefix", "created_at", "expires_at", "revoked_at", "last_used_at")
 
@@ -202,7 +202,7 @@ class ServiceAdmin(SecretsUnfiltered, admin.ModelAdmin):
 
 
 @admin.register(Skill)
-class SkillAdmin(admin.ModelAdmin):
+class SkillAdmin(ViewOnlyAdmin):
     list_display = ("name", "service", "seller", "price", "is_async", "timeout_seconds")
     list_filter = ("is_async", "service__state")
     search_fields = ("name", "description", "service__name", "service__seller__handle")
@@ -216,33 +216,15 @@ class SkillAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request, obj=None):
         return [f.name for f in Skill._meta.fields]
 
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
 
 @admin.register(Tag)
-class TagAdmin(admin.ModelAdmin):
+class TagAdmin(ViewOnlyAdmin):
     """View only: tags come with sellers' listings through the API. Renamed or deleted here, every listing bearing
     one changed with its search data left as it was, and owners' policies blocking it (`blocked_tags`) no longer
     matched."""
 
     list_display = ("name", "service_count")
     search_fields = ("name",)
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     def get_queryset(self, request) -> QuerySet[Tag]:
         return super().get_queryset(request).annotate(

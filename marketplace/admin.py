@@ -46,8 +46,8 @@ class SecretsUnfiltered:
         return super().lookup_allowed(lookup, value, request)
 
 
-class MoneyRecordAdmin(admin.ModelAdmin):
-    """View only: a record of money changes through its app's services, never by hand."""
+class ViewOnlyAdmin(admin.ModelAdmin):
+    """No add, change or delete in the admin: what it shows changes through its app's services."""
 
     def has_add_permission(self, request):
         return False
@@ -57,6 +57,10 @@ class MoneyRecordAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+class MoneyRecordAdmin(ViewOnlyAdmin):
+    """View only: a record of money changes through its app's services, never by hand."""
 
 
 class AcknowledgeForm(forms.Form):
