@@ -172,6 +172,21 @@ def outcome_handlers_check(app_configs=None, **kwargs) -> list[checks.CheckMessa
             for purpose in TxPurpose.values if purpose not in _outcome_handlers]
 
 
+def transaction_preflight(*, to: str, data: str) -> None:
+    """Before a caller's request queues a transaction the relayer pays for (a buyer's signed call relayed): simulate
+    it as the relayer would send it, from the relayer's address. One the chain would refuse, for a reason the
+    request's own checks do not cover (the token paused, the authorization used meanwhile, the escrow's state moved
+    on while the books lag), is 409 `transaction_would_revert` naming the revert (`revert_reason`), nothing queued:
+    relayed, it reverted, and the caller could ask again and again. A node that does not answer is 503."""
+    try:
+        chain.simulate(sender=chain.relayer_account().address, to=to, data=data)
+    except chain.Reverted as reverted:
+        raise Conflict(f"The chain would refuse this transaction: {reverted.reason}", code="transaction_would_revert",
+                       details={"revert_reason": reverted.reason}) from reverted
+    except chain.ChainError as error:
+        raise chain.unavailable() from error
+
+
 def transaction_enqueue(*, purpose: str, to: str, data: str, agreement_id=None, context: dict | None = None,
                         confirmations: int | None = None) -> ChainTransaction:
     """Create the row inside the caller's DB transaction; it is submitted after that transaction commits."""

@@ -253,37 +253,48 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
     if proposal is None and not can_challenge(agreement):
         raise _nothing_to_challenge(agreement)
     terms = selectors.escrow_terms(agreement=agreement)
+    args = [agreement.onchain_id, terms, deadline, signature]
+    _challenge_check(agreement, proposal=proposal, now=now, deadline=deadline, signature=signature)
+    # Checked, then simulated as the relayer would send it, outside any DB transaction (it asks the chain): the escrow
+    # challenged or finalized on-chain while the books lag is 409 transaction_would_revert, nothing queued.
+    relayer.transaction_preflight(to=chainconfig.escrow_address(),
+                                  data=chain.escrow_contract().encode_abi("challengeWithSig", args=args))
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if proposal is not None and (can_challenge(agreement) or agreement.status == AgreementStatus.ACTIVE):
-            window_end = datetime.fromtimestamp(proposal["challenge_deadline"], tz=UTC)
-        elif can_challenge(agreement):
-            window_end = agreement.challenge_deadline
-        else:
-            raise _nothing_to_challenge(agreement)
-        if window_end and window_end.timestamp() <= now:
-            raise Conflict("The challenge window has closed.", code="challenge_window_closed",
-                           details={"challenge_deadline": window_end.isoformat()})
-        if deadline <= now:
-            raise InvalidInput("The signature's deadline has passed.", code="signature_expired")
-        # A deadline the relayer's send may not make (SignatureExpired) reverts at its expense and leaves the escrow
-        # undisputed, asked again as often as the buyer likes: the window's end, or at least this far ahead.
-        soonest = now + settings.CHALLENGE_SIGNATURE_MIN_VALIDITY
-        if window_end is not None:
-            soonest = min(soonest, int(window_end.timestamp()))
-        if deadline < soonest:
-            raise InvalidInput(f"The signature's deadline is too soon for the challenge to be mined: sign one at least "
-                               f"{soonest - now} s ahead (the package's deadline, the window's end).",
-                               code="signature_expired", details={"deadline_at_least": soonest})
-        signer_require(typed=challenge_typed_data(agreement=agreement, deadline=deadline), signature=signature,
-                       expected=agreement.buyer_wallet_address, field="signature")
-        if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE):
-            raise Conflict("A challenge is already being submitted.", code="challenge_in_progress")
+        _challenge_check(agreement, proposal=proposal, now=now, deadline=deadline, signature=signature)
         context = {"reason": reason, "evidence": evidence}
         if proposal is not None:
             context[UNINDEXED_PROPOSAL] = proposal
-        return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig",
-                        [agreement.onchain_id, terms, deadline, signature], context)
+        return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig", args, context)
+
+
+def _challenge_check(agreement: UsageAgreement, *, proposal: dict | None, now: int, deadline: int,
+                     signature: str) -> None:
+    """What `settlement_challenge` refuses before it asks the chain, and again under the agreement's lock."""
+    if proposal is not None and (can_challenge(agreement) or agreement.status == AgreementStatus.ACTIVE):
+        window_end = datetime.fromtimestamp(proposal["challenge_deadline"], tz=UTC)
+    elif can_challenge(agreement):
+        window_end = agreement.challenge_deadline
+    else:
+        raise _nothing_to_challenge(agreement)
+    if window_end and window_end.timestamp() <= now:
+        raise Conflict("The challenge window has closed.", code="challenge_window_closed",
+                       details={"challenge_deadline": window_end.isoformat()})
+    if deadline <= now:
+        raise InvalidInput("The signature's deadline has passed.", code="signature_expired")
+    # A deadline the relayer's send may not make (SignatureExpired) reverts at its expense and leaves the escrow
+    # undisputed, asked again as often as the buyer likes: the window's end, or at least this far ahead.
+    soonest = now + settings.CHALLENGE_SIGNATURE_MIN_VALIDITY
+    if window_end is not None:
+        soonest = min(soonest, int(window_end.timestamp()))
+    if deadline < soonest:
+        raise InvalidInput(f"The signature's deadline is too soon for the challenge to be mined: sign one at least "
+                           f"{soonest - now} s ahead (the package's deadline, the window's end).",
+                           code="signature_expired", details={"deadline_at_least": soonest})
+    signer_require(typed=challenge_typed_data(agreement=agreement, deadline=deadline), signature=signature,
+                   expected=agreement.buyer_wallet_address, field="signature")
+    if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE):
+        raise Conflict("A challenge is already being submitted.", code="challenge_in_progress")
 
 
 # The context key of a challenge of a proposal the indexer had not applied when it was queued.

@@ -161,7 +161,8 @@ class PaymentAuthorizationCancelView(APIView):
         description="Sign `CancelAuthorization(authorizer, nonce)` in the token's EIP-712 domain, `nonce` the "
                     "authorization's (GET here hands out the typed data; the SDK's `cancel_payment_authorization`). "
                     "409 `purchase_still_open` while the purchase may still pay, `authorization_already_used` when "
-                    "the token counts it used or cancelled already.",
+                    "the token counts it used or cancelled already, `transaction_would_revert` when the token would "
+                    "refuse it otherwise (its simulation; `details.revert_reason`).",
         responses={202: PaymentAuthorizationCancelAcceptedSerializer, **error_responses(403, 404, 409, 422, 429, 503)},
     )
     @idempotent(atomic=False)  # reads the chain before it writes
@@ -229,7 +230,8 @@ class ChallengeView(APIView):
 
     @extend_schema(operation_id="escrow_challenge", tags=TAGS, request=ChallengeSerializer,
                    summary="Dispute the proposed settlement (buyer, within the window); submitted on-chain with "
-                           "challengeWithSig. 202; the agreement becomes `disputed` once confirmed",
+                           "challengeWithSig. 202; the agreement becomes `disputed` once confirmed; 409 "
+                           "`transaction_would_revert` when the escrow would refuse it (its simulation)",
                    responses={202: ChainTransactionSerializer, **error_responses(404, 409, 422, 503)})
     @idempotent(atomic=False)  # reads the chain (its clock, the escrow) before it writes
     def post(self, request, agreement_id):

@@ -576,7 +576,8 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
     the purchase is off (agreements checks who, when, and the signature): no one holding the authorization can then
     move the buyer's money. Asked again, the cancellation under way or done is answered. An authorization the token
     counts used or cancelled already is 409 `authorization_already_used` (nothing to cancel), naming the transaction
-    that used it (`used_by`: its transfer to the seller ran with no purchase; logged as an error), else null."""
+    that used it (`used_by`: its transfer to the seller ran with no purchase; logged as an error), else null. One
+    the token would refuse otherwise is 409 `transaction_would_revert` (`relayer.transaction_preflight`)."""
     _require_chain()
     authorization = agreement_services.agreement_payment_authorization_cancel_check(
         agreement=agreement, buyer=buyer, signature=signature)
@@ -598,6 +599,7 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
                        details={"used_by": used_by})
     v, r, s = typed_data.split_signature(signature)
     data = token.encode_abi("cancelAuthorization", args=[payer, nonce, v, hex_to_bytes(r), hex_to_bytes(s)])
+    relayer.transaction_preflight(to=token.address, data=data)  # e.g. the token paused: 409, nothing queued
     with transaction.atomic():
         agreement_services.agreement_payment_authorization_cancel_begin(agreement_id=agreement.pk)
         live = selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)

@@ -514,3 +514,39 @@ def test_a_payment_authorizations_cancellation_is_503_not_500_when_the_token_can
     answer = api.get(path) if method == "get" else api.post(path, {"signature": signature})
     assert answer.status_code == 503 and error_code(answer) == "chain_unavailable", answer.content
     assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+
+
+def test_a_cancellation_the_token_would_revert_for_a_reason_the_api_does_not_check_is_refused_with_nothing_queued(
+        purchase, django_capture_on_commit_callbacks, monkeypatch):
+    """The API checks who, when, the signature and whether the authorization is spent; the token may still refuse
+    (paused, say). Relayed, the cancellation reverted at the relayer's expense, and the buyer could ask again and
+    again. It is simulated from the relayer's address first: a revert is 409 `transaction_would_revert` naming the
+    reason, nothing queued; a node that does not answer is 503."""
+    from escrow import chain as gateway
+
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    path = f"/usage-agreements/{agreement['id']}/cancel-payment-authorization"
+    signature = _cancel_signature(purchase, agreement["id"])
+    simulated = []
+
+    def paused(*, sender, to, data):
+        simulated.append((sender, to))
+        raise gateway.Reverted("Pausable: paused")
+
+    monkeypatch.setattr(gateway, "simulate", paused)
+    with django_capture_on_commit_callbacks(execute=True):
+        refused = purchase.parties.buyer_api.post(path, {"signature": signature})
+    assert refused.status_code == 409 and error_code(refused) == "transaction_would_revert", refused.content
+    assert refused.json()["error"]["details"]["revert_reason"] == "Pausable: paused"
+    assert simulated == [(gateway.relayer_account().address, purchase.chain.usdc.address)]
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+
+    def unreachable(*, sender, to, data):
+        raise gateway.RpcUnavailable("read timed out")
+
+    monkeypatch.setattr(gateway, "simulate", unreachable)
+    answer = purchase.parties.buyer_api.post(path, {"signature": signature})
+    assert answer.status_code == 503 and error_code(answer) == "chain_unavailable", answer.content
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+    assert purchase.parties.agreement(agreement["id"])["status"] == "rejected"

@@ -306,3 +306,28 @@ def test_a_node_that_cannot_be_reached_stops_the_settlement_tick_at_once(
     with pytest.raises(gateway.RpcUnreachable):
         settlement.settlement_tick()
     assert len(reads) == 1
+
+
+def test_a_challenge_the_escrow_would_revert_while_the_books_lag_is_refused_with_nothing_queued(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """The buyer's signed challenge was sent by someone else (or the buyer itself) and the indexer has not applied
+    it: the books still say in_challenge, so the API's checks pass, but the escrow refuses a second challenge
+    (InvalidState). Relayed, it reverted at the relayer's expense, as often as the buyer asked. It is simulated
+    first: 409 `transaction_would_revert` naming the revert, nothing queued."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain)
+    index(capture)
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    body = challenge_body(funded, package)
+    sent = chain.escrow.functions.challengeWithSig(
+        funded.onchain_id, escrow_terms(chain.escrow, funded.onchain_id), body["deadline"], body["signature"],
+    ).transact({"from": chain.accounts.stranger.address})
+    assert chain.w3.eth.wait_for_transaction_receipt(sent)["status"] == 1
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"  # the indexer has not run
+
+    with capture(execute=True):
+        refused = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body)
+    assert refused.status_code == 409 and error_code(refused) == "transaction_would_revert", refused.content
+    assert "InvalidState" in refused.json()["error"]["details"]["revert_reason"]
+    assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE).exists()
