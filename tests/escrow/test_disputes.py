@@ -90,16 +90,21 @@ def test_the_buyers_reason_is_kept_when_the_indexer_applies_its_challenge_first(
     assert ChainEvent.objects.get(agreement_id=funded.agreement_id, name="Challenged").effect == EventEffect.APPLIED
 
 
+def challenge_of_an_indexed_proposal(funded, chain, capture) -> dict:  # noqa: F811
+    """Three calls, the seller's own proposal of them, indexed: the buyer's signed challenge body from its package."""
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain)
+    index(capture)
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    return challenge_body(funded, package)
+
+
 def test_the_buyers_reason_is_kept_when_someone_else_sends_its_signed_challenge_first(
         funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
     """The buyer's signed challenge is bearer: a copy of it (read from the relayer's pending transaction) is mined
     first, ours reverts. The agreement still ends disputed for the reason the buyer gave."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
-    call_n(funded, 3)
-    seller_proposes_directly(funded, chain)
-    index(capture)
-    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
-    body = challenge_body(funded, package)
+    body = challenge_of_an_indexed_proposal(funded, chain, capture)
     with capture(execute=False) as submits:
         response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body)
     assert response.status_code == 202, response.content
@@ -250,11 +255,7 @@ def test_a_challenge_signature_the_escrow_would_refuse_is_not_relayed(
     ECDSA over the bytes as sent) refuses both. Relayed, the challenge reverted at the relayer's expense, the escrow
     stayed undisputed, and the buyer could send it again, as often as it liked within the window."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
-    call_n(funded, 3)
-    seller_proposes_directly(funded, chain)
-    index(capture)
-    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
-    body = challenge_body(funded, package)
+    body = challenge_of_an_indexed_proposal(funded, chain, capture)
     body["signature"] = spelling(body["signature"])
     with capture(execute=True):
         response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body)
@@ -315,11 +316,7 @@ def test_a_challenge_the_escrow_would_revert_while_the_books_lag_is_refused_with
     (InvalidState). Relayed, it reverted at the relayer's expense, as often as the buyer asked. It is simulated
     first: 409 `transaction_would_revert` naming the revert, nothing queued."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
-    call_n(funded, 3)
-    seller_proposes_directly(funded, chain)
-    index(capture)
-    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
-    body = challenge_body(funded, package)
+    body = challenge_of_an_indexed_proposal(funded, chain, capture)
     sent = chain.escrow.functions.challengeWithSig(
         funded.onchain_id, escrow_terms(chain.escrow, funded.onchain_id), body["deadline"], body["signature"],
     ).transact({"from": chain.accounts.stranger.address})
