@@ -138,36 +138,12 @@ def _proposal_due(failures: list[ChainTransaction]) -> bool:
 
 def _proposal_evidence(tx: ChainTransaction) -> dict:
     if tx.status != TxStatus.CONFIRMED:
-        return _proposed_by_another(tx)
+        # The seller (or anyone with the operator role) may propose too: ours failed (StaleReceipt, InvalidState)
+        # because theirs of the same or a higher receipt was mined first, which did what ours would have. Then no
+        # failure on the dashboard, none the proposal backoff counts (`selectors.proposal_failures`).
+        ours = tx.context.get("seq")
+        return _done_by_another(tx, covers=lambda args: ours is not None and int(args["seq"]) >= int(ours))
     return {"challenge_deadline": selectors.onchain_escrow(agreement=tx.agreement)["challengeDeadline"]}
-
-
-def _proposed_by_another(tx: ChainTransaction) -> dict:
-    """The seller (or anyone with the operator role) may propose too: a failed proposal of ours may have failed
-    because theirs of the same or a higher receipt was mined first (StaleReceipt; InvalidState when the escrow was
-    challenged or settled since), which did what ours would have. Then, as `_done_by_another`, the newest
-    SettlementProposed event (its seq is the escrow's lastSeq) with its transaction and block: no failure on the
-    dashboard, none the proposal backoff counts (`selectors.proposal_failures`), and a reorg that takes that block
-    reopens ours. Else nothing. The escrow's state is read first, so one that failed for another reason reads no
-    logs."""
-    agreement = tx.agreement
-    terms = selectors.escrow_terms(agreement=agreement)
-    state, _, last_seq = chain.call(chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:3]
-    if (list(selectors.EscrowState)[state] not in _PROPOSED_SINCE or "seq" not in tx.context
-            or int(last_seq) < int(tx.context["seq"])):
-        return {}
-    proposed = chain.escrow_closing_event("SettlementProposed", agreement.onchain_id,
-                                          buyer=Web3.to_checksum_address(agreement.buyer_wallet_address))
-    if proposed is None or int(proposed["args"]["seq"]) < int(tx.context["seq"]):
-        return {}
-    return {DONE_BY: _hex32(proposed["transactionHash"]),
-            relayer.EVIDENCE_BLOCK: {"number": proposed["blockNumber"], "hash": _hex32(proposed["blockHash"])},
-            "event": "SettlementProposed", "args": chain.to_json(dict(proposed["args"]))}
-
-
-# The escrow states that follow a proposal.
-_PROPOSED_SINCE = {selectors.EscrowState.PROPOSED, selectors.EscrowState.DISPUTED, selectors.EscrowState.RESOLVED,
-                   selectors.EscrowState.SETTLED}
 
 
 def _proposal_outcome(tx: ChainTransaction) -> None:
@@ -398,11 +374,12 @@ def _finalize_evidence(tx: ChainTransaction) -> dict:
     return {"seller_amount": seller_amount, "buyer_amount": buyer_amount, "transfers_match": consistent}
 
 
-def _done_by_another(tx: ChainTransaction) -> dict:
-    """Anyone may call finalize and reclaim (and send the buyer's signed challenge): a failed one of ours may have failed because another was mined first
-    (InvalidState: the escrow is settled, or reclaimed), which did what ours would have. Then that transaction and its
-    block (relayer.EVIDENCE_BLOCK: a reorg that takes it reopens ours, sent again) and what its event says; else
-    nothing. The escrow's state is read first, so one that failed for another reason reads no logs."""
+def _done_by_another(tx: ChainTransaction, *, covers=lambda args: True) -> dict:
+    """Anyone may call finalize and reclaim, propose a receipt and send the buyer's signed challenge: a failed one of
+    ours may have failed because another was mined first (InvalidState: the escrow is settled, or reclaimed), which
+    did what ours would have (`covers` its event's args: a proposal of a receipt as high as ours). Then that
+    transaction and its block (relayer.EVIDENCE_BLOCK: a reorg that takes it reopens ours, sent again) and what its
+    event says; else nothing. The escrow's state is read first, so one that failed for another reason reads no logs."""
     done_states, event = _CLOSES[tx.purpose]
     agreement = tx.agreement
     terms = selectors.escrow_terms(agreement=agreement)
@@ -411,20 +388,23 @@ def _done_by_another(tx: ChainTransaction) -> dict:
         return {}
     closed = chain.escrow_closing_event(event, agreement.onchain_id,
                                         buyer=Web3.to_checksum_address(agreement.buyer_wallet_address))
-    if closed is None:
+    if closed is None or not covers(closed["args"]):
         return {}
     return {DONE_BY: _hex32(closed["transactionHash"]),
             relayer.EVIDENCE_BLOCK: {"number": closed["blockNumber"], "hash": _hex32(closed["blockHash"])},
             "event": event, "args": chain.to_json(dict(closed["args"]))}
 
 
-# What a finalize, a reclaim and a challenge leave the escrow in (a disputed escrow may be resolved and settled
-# since), and the event that says so: each happens once to an escrow.
-_CLOSES = {TxPurpose.FINALIZE: ({selectors.EscrowState.SETTLED}, "Settled"),
+# What a finalize, a reclaim, a challenge and a proposal leave the escrow in (a disputed escrow may be resolved and
+# settled since), and the event that says so (the newest: a proposal's seq is the escrow's lastSeq).
+_CLOSES = {TxPurpose.PROPOSE_SETTLEMENT: ({selectors.EscrowState.PROPOSED, selectors.EscrowState.DISPUTED,
+                                          selectors.EscrowState.RESOLVED, selectors.EscrowState.SETTLED},
+                                         "SettlementProposed"),
+           TxPurpose.FINALIZE: ({selectors.EscrowState.SETTLED}, "Settled"),
            TxPurpose.RECLAIM: ({selectors.EscrowState.RECLAIMED}, "Reclaimed"),
            TxPurpose.CHALLENGE: ({selectors.EscrowState.DISPUTED, selectors.EscrowState.RESOLVED,
                                   selectors.EscrowState.SETTLED}, "Challenged")}
-# The evidence key of a failed finalize or reclaim naming the transaction that did its job (`_done_by_another`).
+# The evidence key of a failed transaction of ours naming the one that did its job (`_done_by_another`).
 DONE_BY = "done_by"
 
 
