@@ -308,7 +308,11 @@ def _may_redeliver(modeladmin, request) -> bool:
 def redeliver(modeladmin, request, queryset):
     count = 0
     for delivery in queryset:
-        webhooks.delivery_redeliver(delivery=delivery)
+        try:
+            webhooks.delivery_redeliver(delivery=delivery)
+        except ApplicationError as exc:
+            messages.warning(request, f"{delivery.pk}: {exc.message}")
+            continue
         modeladmin.log_change(request, delivery, "Redelivered")  # who sent it again, in the row's admin history
         count += 1
     messages.success(request, f"Queued {count} delivery(ies).")

@@ -21,6 +21,7 @@ from marketplace.serializers import (
     StrictIntegerField,
     StrictSerializer,
     cents_of,
+    http_url,
     json_size_bounded,
 )
 from policies import selectors as policy_selectors
@@ -329,6 +330,9 @@ class WebhookCreateSerializer(StrictSerializer):
     url = serializers.URLField(max_length=500)
     event_types = serializers.ListField(child=serializers.ChoiceField(
         choices=[f"agreement.{s}" for s in AgreementStatus.values]), required=False, default=list, max_length=50)
+
+    def validate_url(self, value):
+        return http_url(value)
 
 
 class WebhookSerializer(serializers.Serializer):

@@ -601,7 +601,7 @@ class AgentWebhookReplayView(APIView):
 
     @extend_schema(operation_id="agent_webhooks_replay", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
                    summary="Send a delivered or failed event again", responses={
-                       202: AgentWebhookDeliverySerializer, **error_responses(404, 429)})
+                       202: AgentWebhookDeliverySerializer, **error_responses(404, 409, 429)})
     def post(self, request, agent_id, delivery_id):
         agent = acting_agent(request, agent_id, scope=KeyScope.ADMIN)
         delivery = webhooks.delivery_redeliver(delivery=selectors.webhook_delivery_get(agent=agent,

@@ -115,7 +115,7 @@ def event_payload(agreement: UsageAgreement, event: AgreementEvent, event_type: 
         "created_at": event.created_at.isoformat(),
         "data": {
             "agreement_id": str(agreement.pk),
-            "status": agreement.status,
+            "status": event.to_status,  # the event's, as it was sent: an inbox read later gives the same
             "from_status": event.from_status,
             "reason": event.reason,
             "buyer": agreement.buyer.handle,
@@ -225,7 +225,11 @@ def deliveries_retry_due(*, now: datetime | None = None) -> int:
 
 
 def delivery_redeliver(*, delivery: WebhookDelivery) -> WebhookDelivery:
-    """Operator or agent asks to send a delivered or failed event again."""
+    """Operator or agent asks to send a delivered or failed event again. Not a deleted subscription's: nothing more
+    goes to its URL, and the delivery would stay pending for ever."""
+    if not WebhookSubscription.objects.filter(pk=delivery.subscription_id, is_active=True).exists():
+        raise Conflict("The delivery's webhook subscription was deleted: nothing more is sent to it.",
+                       code="webhook_subscription_deleted")
     WebhookDelivery.objects.filter(pk=delivery.pk).update(
         status=DeliveryStatus.PENDING, next_attempt_at=timezone.now(), attempts=0
     )

@@ -26,6 +26,7 @@ from marketplace.serializers import (
     StrictSerializer,
     TagListField,
     cents_of,
+    http_url,
     json_size_bounded,
 )
 
@@ -143,10 +144,8 @@ class SkillSerializer(StrictSerializer):
 
 
 def http_base_url(value: str) -> str:
-    """An upstream the metered proxy can call: http(s) only (URLField also lets ftp through), no trailing slash."""
-    if not value.lower().startswith(("http://", "https://")):
-        raise serializers.ValidationError("Must be an http(s) URL.", code="invalid_url_scheme")
-    return value.rstrip("/")
+    """An upstream the metered proxy can call: http(s) only, no trailing slash."""
+    return http_url(value).rstrip("/")
 
 
 def _alias(data: dict, sdk_name: str, name: str, convert=lambda value: value) -> None:

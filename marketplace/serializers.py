@@ -22,6 +22,13 @@ ZERO_ADDRESS = "0x" + "0" * 40
 _QUERY_INTEGER = re.compile(r"^-?[0-9]{1,78}$")
 
 
+def http_url(value: str) -> str:
+    """A URL the platform calls (an upstream, a webhook receiver): http(s) only, as URLField also lets ftp through."""
+    if not value.lower().startswith(("http://", "https://")):
+        raise serializers.ValidationError("Must be an http(s) URL.", code="invalid_url_scheme")
+    return value
+
+
 def _integer_input(field: serializers.Field, data) -> int:
     """`data` as an int when it is a JSON integer, or digits in a query string; else the field's `invalid`."""
     if isinstance(data, str) and isinstance(getattr(field.root, "initial_data", None), QueryDict):

@@ -312,3 +312,43 @@ def test_an_agent_keeps_at_most_the_limits_webhook_subscriptions_so_one_event_is
     # A deleted subscription frees its place.
     assert seller_api.delete(f"/webhooks/{first['id']}").status_code == 204
     subscribe(seller_api, "https://receiver.example/hook")
+
+
+@pytest.mark.parametrize("url", ["ftp://receiver.example/hook", "ftps://receiver.example/hook"])
+def test_a_webhook_address_is_http_or_https(seller, seller_api, url):
+    """URLField takes ftp too: such a subscription was saved, and every delivery to it failed (httpx speaks no ftp)."""
+    for route in ("/webhooks", f"/agents/{seller.pk}/webhooks"):
+        assert "invalid_url_scheme" in codes_at(seller_api.post(route, {"url": url}), "url"), route
+    assert not WebhookSubscription.objects.exists()
+
+
+def test_a_deleted_subscriptions_delivery_is_not_replayed_into_a_pending_that_never_goes(
+        buyer_api, seller_api, seller, service, http_server, django_capture_on_commit_callbacks):
+    """A replay made the delivery pending again, and the sweep sends nothing of a deleted subscription: it stayed
+    pending for ever, its log saying it was queued."""
+    subscription = subscribe(seller_api, http_server.url, event_types=["agreement.proposed"])
+    with django_capture_on_commit_callbacks(execute=True):
+        buyer_api.post("/usage-agreements", proposal(service))
+    delivery = WebhookDelivery.objects.get()
+    assert seller_api.delete(f"/webhooks/{subscription['id']}").status_code == 204
+
+    refused = seller_api.post(f"/agents/{seller.pk}/webhooks/deliveries/{delivery.pk}/replay")
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "webhook_subscription_deleted"
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.DELIVERED, 1)
+
+
+def test_an_events_data_is_the_same_in_the_inbox_as_in_its_webhook(buyer_api, seller_api, seller, service,
+                                                                  http_server, django_capture_on_commit_callbacks):
+    """One event id, one body: the inbox gave an event's `status` as the agreement's current one, so a poller read
+    `agreement.proposed` of an accepted agreement as `status: accepted`, unlike its webhook."""
+    subscribe(seller_api, http_server.url, event_types=["agreement.proposed"])
+    with django_capture_on_commit_callbacks(execute=True):
+        agreement = buyer_api.post("/usage-agreements", proposal(service)).json()
+        assert seller_api.put(f"/usage-agreements/{agreement['id']}/accept").status_code == 200
+    [request] = http_server.requests
+    sent = json.loads(request.body)
+    [proposed] = [event for event in seller_api.get(f"/agents/{seller.pk}/events").json()
+                  if event["event_id"] == sent["id"]]
+    assert proposed["payload"] == sent["data"]

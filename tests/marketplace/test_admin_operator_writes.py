@@ -235,6 +235,25 @@ def test_a_webhook_redelivery_names_the_operator_who_asked_for_it(operator, sell
     assert (entry.user.username, entry.get_change_message()) == ("operator", "Redelivered")
 
 
+def test_a_deleted_subscriptions_delivery_is_not_redelivered_from_the_admin(operator, seller,
+                                                                            django_capture_on_commit_callbacks):
+    """The action made it pending again, and nothing of a deleted subscription is sent: pending for ever."""
+    subscription = WebhookSubscription.objects.create(agent=seller, url="https://hooks.example.com/x", secret="s",
+                                                      is_active=False)
+    delivery = WebhookDelivery.objects.create(subscription=subscription, event_type="agreement.proposed",
+                                              payload={}, status=DeliveryStatus.FAILED,
+                                              last_error="the subscription was deleted", next_attempt_at=timezone.now())
+
+    with django_capture_on_commit_callbacks(execute=False):
+        page = operator.post("/admin/agreements/webhookdelivery/",
+                             {"action": "redeliver", ACTION_CHECKBOX_NAME: [str(delivery.pk)]}, follow=True)
+
+    assert page.status_code == 200
+    assert "subscription was deleted" in " ".join(str(message) for message in page.context["messages"])
+    assert WebhookDelivery.objects.get(pk=delivery.pk).status == DeliveryStatus.FAILED
+    assert not LogEntry.objects.filter(object_id=str(delivery.pk)).exists()
+
+
 def test_staff_who_may_change_agents_only_deactivate_or_rename_them(settings, buyer, buyer_api, seller):
     """The change permission on agents is what deactivating one takes; with it, staff rewrote what the API fixes at
     an agent's creation: its wallet (a seller's next sales paid to whoever typed it), its handle (the name owners'
