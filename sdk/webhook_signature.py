@@ -38,7 +38,10 @@ def sign(secret: str, body: bytes, timestamp: int, *, previous_secret: str = "")
 def verify(secret: str, body: bytes, header: str, *, now: float | None = None, event_id: str | None = None) -> bool:
     """Whether `secret` made one of the header's `v1` signatures of `body`, within the tolerance. Other schemes
     (`v0=`...) are skipped; a header with no timestamp, two, or one in another spelling than its digits is refused.
-    With `event_id` (the delivery's `Marketplace-Event-Id`), the body must also be a JSON object whose `id` is it."""
+    With `event_id` (the delivery's `Marketplace-Event-Id`), the body must also be a JSON object whose `id` is it.
+    An empty secret (a setting left unset) verifies nothing: anyone can sign with it."""
+    if not secret:
+        return False
     if event_id is not None and _body_event_id(body) != event_id:
         return False
     try:

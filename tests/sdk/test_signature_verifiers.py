@@ -116,3 +116,10 @@ def test_a_replayed_webhook_under_another_event_id_header_is_refused():
         signed = webhook_signature.sign("whsec_new", body, int(time.time()))
         assert webhook_signature.verify("whsec_new", body, signed)  # the signature alone still passes
         assert not webhook_signature.verify("whsec_new", body, signed, event_id="1"), body
+
+
+def test_a_receiver_with_no_secret_verifies_no_webhook():
+    """A receiver whose secret setting is unset (`os.environ.get("WEBHOOK_SECRET", "")`) verified with the empty key,
+    which anyone can sign with: every forged delivery passed."""
+    forged = webhook_signature.sign("", BODY, int(time.time()))
+    assert not webhook_signature.verify("", BODY, forged)
