@@ -142,12 +142,19 @@ def _is_ip_literal(host: str) -> bool:
 
 
 def url_check(url: str) -> None:
-    """400 `address_not_allowed` when the URL's host is (or resolves to) an address the platform must not call."""
+    """400 `address_not_allowed` when the URL's host is (or resolves to) an address the platform must not call;
+    `invalid_port`, `invalid_url` when it could not be called at all."""
     parts = urlsplit(url)
     try:
         port = parts.port
     except ValueError:  # beyond 65535: urlsplit refuses to read it, and the socket to connect to it
         raise InvalidInput("The URL's port is not one from 0 to 65535.", code="invalid_port") from None
+    # URLField takes any character above U+00A0 in a host, and any xn-- label; httpx refuses those IDNA forbids
+    # when it sends, in reading the URL's host (which decodes an A-label).
+    try:
+        _ = httpx.URL(url).host
+    except (httpx.InvalidURL, UnicodeError):
+        raise InvalidInput("The URL's host is not a name IDNA allows.", code="invalid_url") from None
     if settings.ALLOW_PRIVATE_UPSTREAMS and not settings.OUTBOUND_DENIED_NETWORKS:
         return
     host = (parts.hostname or "").rstrip(".").lower()

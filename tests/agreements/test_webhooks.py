@@ -352,3 +352,30 @@ def test_an_events_data_is_the_same_in_the_inbox_as_in_its_webhook(buyer_api, se
     [proposed] = [event for event in seller_api.get(f"/agents/{seller.pk}/events").json()
                   if event["event_id"] == sent["id"]]
     assert proposed["payload"] == sent["data"]
+
+
+@pytest.mark.parametrize("url", ["http://\u2603.example/hook", "http://\uff41\uff42\uff43.example/hook",
+                                 "http://xn--zz.example/hook"])
+def test_a_webhook_address_whose_host_is_no_idna_name_is_refused(seller, seller_api, url):
+    """URLField takes any character above U+00A0 in a host name; the HTTP client refuses those IDNA forbids
+    (a snowman, full-width letters, a bad punycode label) only when it sends: saved, every delivery then crashed."""
+    for route in ("/webhooks", f"/agents/{seller.pk}/webhooks"):
+        refused = seller_api.post(route, {"url": url})
+        assert refused.status_code == 400, refused.content
+        assert error_code(refused) == "invalid_url"
+    assert subscribe(seller_api, "http://ex\u00e4mple.com/hook")["url"] == "http://ex\u00e4mple.com/hook"
+
+
+@pytest.mark.parametrize("host", ["\u2603.example", "xn--zz.example"])
+def test_a_delivery_to_an_address_saved_before_it_was_checked_fails_as_an_attempt(
+        buyer_api, seller, service, django_capture_on_commit_callbacks, host):
+    """Such an address raised out of the task (InvalidURL, IDNAError: no HTTPError) with the attempt claimed: the
+    delivery stayed pending, each sweep sending it again past WEBHOOK_MAX_ATTEMPTS, for ever."""
+    WebhookSubscription.objects.create(agent=seller, url=f"http://{host}/hook", secret="whsec_saved_before")
+    with django_capture_on_commit_callbacks(execute=False):
+        buyer_api.post("/usage-agreements", proposal(service))
+    delivery = WebhookDelivery.objects.get()
+    webhooks.delivery_attempt(delivery_id=delivery.pk)
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.PENDING, 1)
+    assert delivery.last_error.startswith(("InvalidURL: ", "IDNAError: ")), delivery.last_error
