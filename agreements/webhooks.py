@@ -153,7 +153,8 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
     The attempt is claimed first and committed: `attempts` counts it and `next_attempt_at` moves past the post's
     timeout (a lease), so no other worker sends it meanwhile. The outcome is written only while that claim is
     still the row's. A worker that dies mid-post leaves the lease to run out and the retry sweep sends again:
-    delivery is at least once, and receivers dedupe on `Marketplace-Event-Id`."""
+    delivery is at least once, and receivers dedupe on `Marketplace-Event-Id`. A delivery claimed
+    WEBHOOK_MAX_ATTEMPTS times ends failed at its next claim, whether or not its last attempt wrote an outcome."""
     now = timezone.now()
     with transaction.atomic():
         delivery = (
@@ -164,6 +165,11 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
         )
         if delivery is None:
             return None
+        if delivery.attempts >= settings.WEBHOOK_MAX_ATTEMPTS:  # the last claim ended with no outcome: its worker died
+            delivery.status = DeliveryStatus.FAILED
+            delivery.last_error = f"gave up after {delivery.attempts} attempts, the last with no outcome recorded"
+            delivery.save(update_fields=["status", "last_error"])
+            return delivery
         delivery.attempts += 1
         delivery.next_attempt_at = now + timedelta(seconds=settings.WEBHOOK_TIMEOUT_SECONDS + _LEASE_MARGIN_SECONDS)
         delivery.save(update_fields=["attempts", "next_attempt_at"])

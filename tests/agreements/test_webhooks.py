@@ -379,3 +379,23 @@ def test_a_delivery_to_an_address_saved_before_it_was_checked_fails_as_an_attemp
     delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts) == (DeliveryStatus.PENDING, 1)
     assert delivery.last_error.startswith(("InvalidURL: ", "IDNAError: ")), delivery.last_error
+
+
+def test_a_delivery_whose_every_attempt_died_unrecorded_is_given_up_at_the_max_attempts(
+        buyer_api, seller_api, service, http_server, settings, django_capture_on_commit_callbacks):
+    """`attempts` counts the claims; only an attempt that ends writes whether to give up. One whose worker died (or
+    whose post raised) wrote nothing, and the sweep claimed it again when its lease ran out, past the limit, for as
+    long as that went on."""
+    settings.WEBHOOK_MAX_ATTEMPTS = 3
+    subscribe(seller_api, http_server.url, event_types=["agreement.proposed"])
+    with django_capture_on_commit_callbacks(execute=False):
+        buyer_api.post("/usage-agreements", proposal(service))
+    # As three workers that died mid-post leave it: claimed three times, its lease over, no outcome written.
+    WebhookDelivery.objects.update(attempts=3, next_attempt_at=timezone.now())
+
+    with django_capture_on_commit_callbacks(execute=True):
+        retry_due_webhooks()
+    assert http_server.requests == []
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.FAILED, 3)
+    assert delivery.last_error == "gave up after 3 attempts, the last with no outcome recorded"
