@@ -54,6 +54,8 @@ INTERNAL = [
     "http://[::ffff:0:7f00:1]",  # IPv4-translated loopback (SIIT)
     "http://[::ffff:0:a9fe:a9fe]",  # IPv4-translated metadata address
     "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]",  # Teredo (RFC 4380's example: a public server and client)
+    "http://hooks.example.com@127.0.0.1/",  # a public name as userinfo: the host is what follows the @
+    "http://user:password@169.254.169.254/",
 ]
 
 
@@ -85,9 +87,10 @@ def test_a_masumi_registration_cannot_point_inside(guard_on, seller, seller_api)
     assert error_code(response) == "address_not_allowed"
 
 
-def test_a_webhook_cannot_point_inside(guard_on, seller_api):
-    response = seller_api.post("/webhooks", {"url": "http://169.254.169.254/hook"})
-    assert response.status_code == 400
+@pytest.mark.parametrize("url", INTERNAL)
+def test_a_webhook_cannot_point_inside(guard_on, seller_api, url):
+    response = seller_api.post("/webhooks", {"url": url})
+    assert response.status_code == 400, response.content
     assert error_code(response) == "address_not_allowed"
 
 
