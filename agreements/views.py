@@ -569,7 +569,8 @@ class AgentWebhookTestView(APIView):
     throttle_scope = "webhook_sends"  # each posts to every live subscription's URL, whoever's it is
 
     @extend_schema(operation_id="agent_webhooks_test", tags=WEBHOOK_TAGS, auth=EITHER, request=None,
-                   summary="Send a signed `webhook.test` event to each live subscription of the agent",
+                   summary="Send a signed `webhook.test` event to each live subscription of the agent "
+                           "whose last test is not still being tried",
                    responses={202: AgentWebhookDeliverySerializer(many=True), **error_responses(404, 429)})
     def post(self, request, agent_id):
         agent = acting_agent(request, agent_id, scope=KeyScope.ADMIN)

@@ -17,6 +17,7 @@ import httpx
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from agreements.models import (
@@ -80,11 +81,16 @@ def subscription_pause(*, subscription: WebhookSubscription, paused: bool) -> We
 
 
 def test_event_send(*, agent: Agent) -> list[WebhookDelivery]:
-    """Queue a `webhook.test` event to each of the agent's live subscriptions, signed like any other."""
+    """Queue a `webhook.test` event to each of the agent's live subscriptions, signed like any other; not to one whose
+    last test is still being tried, so that test sends (however many keys make them) keep at most one test delivery,
+    with its retries, per subscription in flight."""
     payload = {"id": f"evt_test_{secrets.token_hex(8)}", "type": "webhook.test",
                "created_at": timezone.now().isoformat(), "data": {"agent_id": str(agent.pk)}}
+    test_pending = WebhookDelivery.objects.filter(subscription=OuterRef("pk"), event_type="webhook.test",
+                                                  status=DeliveryStatus.PENDING)
     deliveries = []
-    for subscription in WebhookSubscription.objects.filter(agent=agent, is_active=True, paused_at=None):
+    for subscription in WebhookSubscription.objects.filter(agent=agent, is_active=True, paused_at=None).exclude(
+            Exists(test_pending)):
         delivery = WebhookDelivery.objects.create(subscription=subscription, event_type="webhook.test",
                                                   payload=payload, next_attempt_at=timezone.now())
         _send_after_commit(delivery.pk)
@@ -231,14 +237,16 @@ def deliveries_retry_due(*, now: datetime | None = None) -> int:
 
 
 def delivery_redeliver(*, delivery: WebhookDelivery) -> WebhookDelivery:
-    """Operator or agent asks to send a delivered or failed event again. Not a deleted subscription's: nothing more
-    goes to its URL, and the delivery would stay pending for ever."""
+    """Operator or agent asks to send a delivered or failed event again. Not a pending one (409): replayed again and
+    again, its attempts reset and a post queued each time, it was posted without end. Not a deleted subscription's:
+    nothing more goes to its URL, and the delivery would stay pending for ever."""
     if not WebhookSubscription.objects.filter(pk=delivery.subscription_id, is_active=True).exists():
         raise Conflict("The delivery's webhook subscription was deleted: nothing more is sent to it.",
                        code="webhook_subscription_deleted")
-    WebhookDelivery.objects.filter(pk=delivery.pk).update(
-        status=DeliveryStatus.PENDING, next_attempt_at=timezone.now(), attempts=0
-    )
+    ended = WebhookDelivery.objects.filter(pk=delivery.pk, status__in=[DeliveryStatus.DELIVERED, DeliveryStatus.FAILED])
+    if not ended.update(status=DeliveryStatus.PENDING, next_attempt_at=timezone.now(), attempts=0):
+        raise Conflict("The delivery is still being tried; replay it once it is delivered or has failed.",
+                       code="webhook_delivery_pending")
     _send_after_commit(delivery.pk)
     delivery.refresh_from_db()
     return delivery

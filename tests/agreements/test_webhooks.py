@@ -399,3 +399,46 @@ def test_a_delivery_whose_every_attempt_died_unrecorded_is_given_up_at_the_max_a
     delivery = WebhookDelivery.objects.get()
     assert (delivery.status, delivery.attempts) == (DeliveryStatus.FAILED, 3)
     assert delivery.last_error == "gave up after 3 attempts, the last with no outcome recorded"
+
+
+def test_a_test_send_adds_no_post_to_a_subscription_whose_last_test_is_still_being_tried(
+        seller, seller_api, http_server, django_capture_on_commit_callbacks):
+    """Each test send queued a post to every subscription, each retried up to WEBHOOK_MAX_ATTEMPTS times for the
+    receiver's whole timeout: with the sends' budget per key (and 25 keys), one agent kept a receiver that never
+    answers, and the outbound workers every tenant's webhooks wait on, busy without bound."""
+    subscribe(seller_api, http_server.url)
+    http_server.responses.append((503, {}))
+    with django_capture_on_commit_callbacks(execute=True):
+        first = seller_api.post(f"/agents/{seller.pk}/webhooks/test")
+    assert first.status_code == 202 and [d["status"] for d in first.json()] == ["pending"]  # a retry is due
+
+    with django_capture_on_commit_callbacks(execute=True):
+        again = seller_api.post(f"/agents/{seller.pk}/webhooks/test")
+    assert again.status_code == 202 and again.json() == []
+    assert len(http_server.requests) == 1 and WebhookDelivery.objects.count() == 1
+
+    WebhookDelivery.objects.update(next_attempt_at=timezone.now())
+    with django_capture_on_commit_callbacks(execute=True):
+        retry_due_webhooks()  # delivered: the next test send goes out
+        assert len(seller_api.post(f"/agents/{seller.pk}/webhooks/test").json()) == 1
+    assert len(http_server.requests) == 3
+
+
+def test_a_pending_delivery_is_not_replayed(buyer_api, seller_api, seller, service, http_server,
+                                            django_capture_on_commit_callbacks):
+    """A replay reset a pending delivery's attempts and queued a post at once: replayed again and again, one delivery
+    to a receiver that never answers was posted without end, each post holding an outbound worker its timeout."""
+    subscribe(seller_api, http_server.url, event_types=["agreement.proposed"])
+    http_server.responses.append((503, {}))
+    with django_capture_on_commit_callbacks(execute=True):
+        buyer_api.post("/usage-agreements", proposal(service))
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.PENDING, 1)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        refused = seller_api.post(f"/agents/{seller.pk}/webhooks/deliveries/{delivery.pk}/replay")
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "webhook_delivery_pending"
+    assert len(http_server.requests) == 1
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.PENDING, 1)
