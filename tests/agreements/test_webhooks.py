@@ -442,3 +442,24 @@ def test_a_pending_delivery_is_not_replayed(buyer_api, seller_api, seller, servi
     assert len(http_server.requests) == 1
     delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts) == (DeliveryStatus.PENDING, 1)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_receivers_redirect_is_a_failed_attempt_not_followed(buyer_api, seller_api, service, http_server,
+                                                               django_capture_on_commit_callbacks, status):
+    """A redirect would take the signed post to an address the guard never saw when the URL was saved (the metadata
+    service, say): it is not followed."""
+    from tests.support.http_server import RecordingServer
+
+    elsewhere = RecordingServer().start()
+    try:
+        subscribe(seller_api, http_server.url, event_types=["agreement.proposed"])
+        http_server.responses.append((status, {}, 0, {"Location": f"{elsewhere.url}/inside"}))
+        with django_capture_on_commit_callbacks(execute=True):
+            buyer_api.post("/usage-agreements", proposal(service))
+        assert elsewhere.requests == [] and len(http_server.requests) == 1
+    finally:
+        elsewhere.stop()
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.status, delivery.last_status_code, delivery.last_error) == (
+        DeliveryStatus.PENDING, status, f"HTTP {status}")
