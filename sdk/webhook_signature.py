@@ -6,7 +6,8 @@ Every delivery carries, like Stripe's:
 The secret is the subscription's, shown when it is created or rotated. Reject timestamps more than 300 s away from
 your clock. The signature covers the body, whose `id` the `Marketplace-Event-Id` header repeats, not the header:
 dedupe on the body's `id`, or pass the header to `verify` as `event_id`, which refuses a delivery whose header is
-not its body's `id` (a delivery replayed within the tolerance under another event id).
+not its body's `id` (a delivery replayed within the tolerance under another event id). Likewise dispatch on the
+body's `type`, or pass `Marketplace-Event-Type` to `verify` as `event_type`.
 
 While a rotation's overlap runs (POST /agents/{agent_id}/webhooks/{id}/rotate, at most a day) a second `v1=`
 follows the first, signed with the secret the rotation replaced. The first is always the current secret's, so a
@@ -35,15 +36,21 @@ def sign(secret: str, body: bytes, timestamp: int, *, previous_secret: str = "")
     return f"{header},v1={_mac(previous_secret, body, timestamp)}" if previous_secret else header
 
 
-def verify(secret: str, body: bytes, header: str, *, now: float | None = None, event_id: str | None = None) -> bool:
+def verify(secret: str, body: bytes, header: str, *, now: float | None = None, event_id: str | None = None,
+           event_type: str | None = None) -> bool:
     """Whether `secret` made one of the header's `v1` signatures of `body`, within the tolerance. Other schemes
     (`v0=`...) are skipped; a header with no timestamp, two, or one in another spelling than its digits is refused.
-    With `event_id` (the delivery's `Marketplace-Event-Id`), the body must also be a JSON object whose `id` is it.
+    With `event_id` (the delivery's `Marketplace-Event-Id`), the body must also be a JSON object whose `id` is it;
+    with `event_type` (its `Marketplace-Event-Type`), one whose `type` is it.
     An empty secret (a setting left unset) verifies nothing: anyone can sign with it."""
     if not secret:
         return False
-    if event_id is not None and _body_event_id(body) != event_id:
-        return False
+    if event_id is not None or event_type is not None:
+        fields = _body_fields(body)
+        if event_id is not None and fields.get("id") != event_id:
+            return False
+        if event_type is not None and fields.get("type") != event_type:
+            return False
     try:
         items = [item.split("=", 1) for item in header.replace(" ", "").split(",")]
         [timestamp] = [canonical_int(value) for name, value in items if name == "t"]
@@ -54,11 +61,12 @@ def verify(secret: str, body: bytes, header: str, *, now: float | None = None, e
     return any_signature_matches(_mac(secret, body, timestamp), [value for name, value in items if name == "v1"])
 
 
-def _body_event_id(body: bytes) -> str | None:
-    """The body's signed `id`, or None when it has none (or is not a JSON object)."""
+def _body_fields(body: bytes) -> dict[str, str]:
+    """The body's signed `id` and `type`, those that are strings (none when it is not a JSON object)."""
     try:
         event = bounded_json.loads(body)
     except ValueError:
-        return None
-    event_id = event.get("id") if isinstance(event, dict) else None
-    return event_id if isinstance(event_id, str) else None
+        return {}
+    if not isinstance(event, dict):
+        return {}
+    return {name: event[name] for name in ("id", "type") if isinstance(event.get(name), str)}

@@ -123,3 +123,17 @@ def test_a_receiver_with_no_secret_verifies_no_webhook():
     which anyone can sign with: every forged delivery passed."""
     forged = webhook_signature.sign("", BODY, int(time.time()))
     assert not webhook_signature.verify("", BODY, forged)
+
+
+def test_a_replayed_webhook_under_another_event_type_header_is_refused():
+    """`Marketplace-Event-Type` is outside the signature too: a receiver dispatching on it took an `agreement.active`
+    replayed within the tolerance under `agreement.settled` for a settlement. With the header given, `verify` holds
+    it to the body's signed `type`."""
+    header = webhook_signature.sign("whsec_new", BODY, int(time.time()))
+    assert webhook_signature.verify("whsec_new", BODY, header, event_id="evt_1", event_type="agreement.active")
+    assert not webhook_signature.verify("whsec_new", BODY, header, event_type="agreement.settled")
+    assert not webhook_signature.verify("whsec_new", BODY, header, event_id="evt_1", event_type="")
+    untyped = b'{"id":"evt_1"}'
+    assert not webhook_signature.verify("whsec_new", untyped, webhook_signature.sign("whsec_new", untyped,
+                                                                                     int(time.time())),
+                                        event_type="agreement.active")
