@@ -378,7 +378,7 @@ def invocation_run(*, invocation_id) -> SkillInvocation:
             result = outbound.json_answer(response, max_bytes=settings.UPSTREAM_ANSWER_MAX_BYTES)
     except httpx.TimeoutException:
         return _finish(invocation_id, to=Status.TIMEOUT, error="the seller did not answer in time")
-    except httpx.HTTPError as error:
+    except outbound.HTTPX_UNREACHABLE as error:
         return _finish(invocation_id, to=Status.FAILED, error=f"the seller is unreachable: {type(error).__name__}")
     except bounded_json.InvalidJSON as error:
         return _finish(invocation_id, to=Status.FAILED, error=f"the seller's answer is not usable JSON: {error}")

@@ -200,7 +200,7 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
                              timeout=settings.WEBHOOK_TIMEOUT_SECONDS) as response):
             status_code = response.status_code
         ok, error = response.is_success, "" if response.is_success else f"HTTP {response.status_code}"
-    except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as exc:  # the last two: an address saved unchecked
+    except outbound.HTTPX_UNREACHABLE as exc:
         ok, error = False, f"{type(exc).__name__}: {exc}"[:500]
     with transaction.atomic():
         claimed = WebhookDelivery.objects.select_for_update().filter(

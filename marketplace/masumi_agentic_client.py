@@ -52,7 +52,7 @@ def _request(method: str, base_url: str, path: str, **kwargs) -> dict:
             if response.status_code >= 300:
                 raise AgenticServiceError(f"{method} {path}: HTTP {response.status_code}")
             body = outbound.json_answer(response, max_bytes=settings.UPSTREAM_ANSWER_MAX_BYTES)
-    except httpx.HTTPError as error:
+    except outbound.HTTPX_UNREACHABLE as error:
         raise AgenticServiceError(f"{method} {path}: {type(error).__name__}: {error}") from error
     except bounded_json.InvalidJSON as error:
         raise AgenticServiceError(f"{method} {path}: the answer is not usable JSON ({error.reason})") from error

@@ -127,6 +127,10 @@ def _address_check() -> Callable[[str], bool]:
 # Every name the platform's outbound connections resolve (seller upstreams, webhooks, skills, Masumi services; the
 # chain's RPC has its own): a lookup that outlasts its connection's timeout keeps its thread until the system resolver
 # gives up.
+# What an httpx call to a saved address raises when the address cannot be reached: its HTTPErrors, and (for one
+# saved before url_check refused hosts IDNA forbids) InvalidURL and the IDNA codec's UnicodeError.
+HTTPX_UNREACHABLE = (httpx.HTTPError, httpx.InvalidURL, UnicodeError)
+
 RESOLVER = BoundedResolver(threads=settings.OUTBOUND_RESOLVER_THREADS, name="outbound")
 # The names of URLs being saved, apart: registering URLs whose names never resolve must not take the threads the
 # connections resolve on. A name not resolved in time, or while these are all taken, is accepted as not yet resolvable.

@@ -53,7 +53,10 @@ def verify(secret: str, headers: Mapping[str, str], *, method: str, path: str, n
     """Whether `secret` signed the call, in either signature header. `headers` as the seller received them
     (case-insensitive mapping or plain dict with canonical names). A marketplace header given twice (in any case)
     is a refusal: the seller's framework may read the one the signature does not cover (werkzeug's and Starlette's
-    `headers[name]` is the first, `items()` yields both), a replay's call number among them."""
+    `headers[name]` is the first, `items()` yields both), a replay's call number among them. An empty secret (a
+    setting left unset) verifies nothing: anyone can sign with it."""
+    if not secret:
+        return False
     lowered: dict[str, str] = {}
     for key, value in headers.items():
         name = key.lower()

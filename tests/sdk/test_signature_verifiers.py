@@ -125,6 +125,12 @@ def test_a_receiver_with_no_secret_verifies_no_webhook():
     assert not webhook_signature.verify("", BODY, forged)
 
 
+def test_a_seller_with_no_proxy_secret_verifies_no_call():
+    """A seller whose proxy secret setting is unset verified with the empty key, which anyone can sign with: every
+    forged call passed as the marketplace's."""
+    assert not verified("", proxied_headers(""))
+
+
 def test_a_replayed_webhook_under_another_event_type_header_is_refused():
     """`Marketplace-Event-Type` is outside the signature too: a receiver dispatching on it took an `agreement.active`
     replayed within the tolerance under `agreement.settled` for a settlement. With the header given, `verify` holds
