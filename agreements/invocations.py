@@ -155,7 +155,8 @@ def _lock(invocation_id) -> SkillInvocation:
 def _run_after_commit(invocation_id) -> None:
     from agreements.tasks import run_invocation
 
-    transaction.on_commit(lambda: run_invocation.delay(str(invocation_id)))
+    # robust: with the broker down the caller still gets its answer; the sweep runs the paid invocation (orphans).
+    transaction.on_commit(lambda: run_invocation.delay(str(invocation_id)), robust=True)
 
 
 # --- payment outcomes (called by the escrow app) -------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 import time
 from datetime import timedelta
 
+import kombu.exceptions
 import pytest
 from django.utils import timezone
 from x402 import PaymentRequired
@@ -12,6 +13,7 @@ from x402.http import decode_payment_required_header, decode_payment_response_he
 
 from agreements import invocations
 from agreements.models import SkillInvocation, UsageAgreement
+from agreements.tasks import run_invocation
 from catalog.models import Service
 from escrow.models import ChainTransaction
 from policies.models import ApprovalRequest
@@ -175,6 +177,34 @@ def test_async_invocation_is_202_then_completed(market, django_capture_on_commit
     assert invocation["result"] == {"url": "https://cdn.example/1.png"}
     assert invocation["created_at"] <= invocation["started_at"] <= invocation["completed_at"]
     assert invocation["payment"]["status"] == "paid_out"
+    assert market.balances()[:2] == (buyer - 50_000, seller + 50_000)
+
+
+def test_an_async_invocation_paid_while_the_broker_is_down_is_202_and_the_sweep_runs_it(
+        market, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """Its run is queued once the payment's outcome commits. With the broker down then (a Redis restart, a failover)
+    the publish raised after that commit: the paid call answered 500, naming no invocation the buyer could follow,
+    and its authorization, used, could not be sent again. The message is lost instead: the sweep runs it."""
+    market.upstream.responses.append((200, {"url": "https://cdn.example/1.png"}))
+    payment = market.pay("render")
+    buyer, seller, _ = market.balances()
+
+    def broker_down(*args, **kwargs):
+        raise kombu.exceptions.OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(run_invocation, "delay", broker_down)
+        with django_capture_on_commit_callbacks(execute=True):  # the commits' callbacks, as the request ran them
+            response = market.call("render", payment)
+
+    assert response.status_code == 202, response.content
+    invocation_id = response.json()["invocation_id"]
+    assert market.upstream.requests == []
+    with django_capture_on_commit_callbacks(execute=True):
+        assert invocations.invocations_sweep(now=timezone.now() + settings.INVOCATION_ORPHAN_AFTER)["orphans"] == 1
+    confirm_all(django_capture_on_commit_callbacks)
+    invocation = market.caller.get(f"/services/{invocation_id}").json()
+    assert invocation["status"] == "completed" and invocation["payment"]["status"] == "paid_out"
     assert market.balances()[:2] == (buyer - 50_000, seller + 50_000)
 
 
