@@ -2,6 +2,10 @@
 tasks: two slow receivers held both workers of `--concurrency 2` while submission, confirmation and settlement
 waited behind them."""
 
+import socket
+import threading
+import time
+
 import pytest
 from django.conf import settings
 
@@ -68,3 +72,44 @@ def test_a_queued_webhook_delivery_waits_on_the_outbound_queue_and_a_transaction
     submit_transaction.apply_async(("transaction-1",), connection=connection)
     assert queued(settings.OUTBOUND_QUEUE) == ["agreements.tasks.deliver_webhook"]
     assert queued(settings.CELERY_TASK_DEFAULT_QUEUE) == ["escrow.tasks.submit_transaction"]
+
+
+@pytest.fixture
+def silent_broker():
+    """A Redis that takes connections and never answers (a primary hung, or lost mid-failover): the URL."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        yield f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    finally:
+        silent.close()
+
+
+@pytest.mark.skipif(not settings.CELERY_BROKER_URL.startswith("redis://"), reason="the Redis transport's options")
+def test_a_publish_to_a_broker_that_never_answers_gives_up_within_seconds(silent_broker):
+    """A task is published after its commit, in the request that committed it (robustly: a broker that refuses is
+    logged, and the sweeps send the message later). A broker that took the connection and answered nothing held the
+    publish, and so the web server's thread, for good: every request that queued a task (an activation, a paid
+    skill call) hung, until the threads ran out and the metered proxy, which needs no broker, hung with them."""
+    app.conf.task_always_eager = False
+    outcome = []
+
+    def publish():
+        try:
+            with app.connection_for_write(silent_broker) as connection:
+                submit_transaction.apply_async(("transaction-1",), connection=connection)
+            outcome.append("published")
+        except Exception as error:  # noqa: BLE001 - what the after-commit hook's `robust` logs
+            outcome.append(type(error).__name__)
+
+    try:
+        started = time.monotonic()
+        publisher = threading.Thread(target=publish, daemon=True)
+        publisher.start()
+        publisher.join(timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        app.conf.task_always_eager = True
+    assert outcome == ["OperationalError"], f"the publish still waited after {elapsed:.0f} s"
+    assert elapsed < settings.CELERY_BROKER_SOCKET_TIMEOUT * 5
