@@ -5,6 +5,7 @@ waited behind them."""
 import socket
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from django.conf import settings
@@ -41,6 +42,21 @@ def test_the_outbound_tasks_have_a_hard_time_limit_past_their_exchanges_deadline
     assert run_invocation.time_limit == 3600 + margin  # the longest skill timeout a seller may set
     assert check_availability.time_limit == settings.MASUMI_SERVICE_TIMEOUT + margin
 
+
+# What finds again the rows whose task message was lost (Redis keeps none across a restart, nor a publish while it is
+# down): submissions left queued, in-flight transactions (and payouts held for their payment's finality), settlement
+# steps, Masumi purchase steps, webhook deliveries due, paid invocations not run, the infra fees. Each must be on the
+# beat: a lost message is otherwise never sent again.
+REDRIVING_TASKS = {"escrow.tasks.sweep_queued", "escrow.tasks.poll_confirmations", "escrow.tasks.settlement_tick",
+                   "escrow.tasks.masumi_purchases_tick", "escrow.tasks.masumi_jobs_tick",
+                   "agreements.tasks.retry_due_webhooks", "agreements.tasks.sweep_invocations"}
+
+
+def test_every_task_finding_again_the_rows_of_lost_messages_is_on_the_beat_at_most_a_minute_apart():
+    every = {entry["task"]: entry["schedule"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
+    assert {name: every.get(name, timedelta.max) <= timedelta(minutes=1) for name in REDRIVING_TASKS} == dict.fromkeys(
+        REDRIVING_TASKS, True)
+    assert every["escrow.tasks.pay_fees"] <= timedelta(minutes=5)  # fees accrue in the escrow meanwhile
 
 @pytest.fixture
 def published():
