@@ -9,7 +9,9 @@ from escrow import chain, fees, indexer, purchases, relayer, settlement
 logger = logging.getLogger(__name__)
 
 
-@shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=2, retry_backoff_max=300, max_retries=20)
+# Retries end (2 + 4 + 8 s) before the sweep sends a row still queued again (CHAIN_SWEEP_AFTER): retries outlasting
+# it added a chain of them per row at every sweep while the node was down.
+@shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=2, max_retries=3)
 def submit_transaction(transaction_id: str) -> None:
     relayer.transaction_submit(transaction_id=transaction_id)
 

@@ -14,6 +14,7 @@ from agreements.models import UsageAgreement
 from escrow import chain as gateway
 from escrow import indexer, relayer
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayerAccount, TxAttempt, TxPurpose, TxStatus
+from escrow.tasks import submit_transaction
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, mined_what_was_sent, onchain_escrow, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -222,6 +223,16 @@ def test_sweeper_requeues_transactions_whose_task_was_lost(parties, django_captu
     confirm_all(django_capture_on_commit_callbacks)
     assert parties.agreement(agreement["id"])["status"] == "active"
 
+
+
+def test_a_submission_retrying_while_the_node_is_down_is_done_retrying_before_the_sweep_sends_it_again(settings):
+    """The sweep sends every transaction queued longer than CHAIN_SWEEP_AFTER, at each run; a submission that finds
+    the node down retries itself, with backoff. Retries outlasting a sweep interval added a chain of them per row at
+    every run: 20 retries spanning an hour, so a node down for an hour left ~120 chains per queued transaction, each
+    retry holding a worker of the default queue for an RPC timeout, ahead of the poll and the settlement."""
+    longest = getattr(submit_transaction, "retry_backoff_max", 600)  # Celery's default (celery.app.autoretry)
+    retries = [min(submit_transaction.retry_backoff * 2 ** n, longest) for n in range(submit_transaction.max_retries)]
+    assert sum(retries) < settings.CHAIN_SWEEP_AFTER.total_seconds()
 
 def test_a_transaction_whose_check_fails_does_not_stop_the_poll_for_the_others(parties, escrow_chain, monkeypatch,
                                                                              django_capture_on_commit_callbacks):
