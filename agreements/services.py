@@ -846,6 +846,9 @@ def agreement_reject(*, agreement: UsageAgreement, seller: Agent, reason: str = 
 def agreement_cancel(*, agreement: UsageAgreement, buyer: Agent, reason: str = "") -> UsageAgreement:
     _require_party(agreement, buyer, "buyer")
     with transaction.atomic():
+        # A pending approval request exists only while the agreement is pending_approval (a decision moves both).
+        policy_services.approval_withdraw(subject_type=APPROVAL_SUBJECT, subject_id=agreement.pk,
+                                          reason=reason or "the buyer cancelled the purchase")
         return _transition(agreement.pk, to=S.CANCELLED, actor=Actor.agent(buyer, "buyer"), reason=reason)
 
 

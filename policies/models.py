@@ -41,6 +41,7 @@ class ApprovalStatus(models.TextChoices):
     APPROVED = "approved"
     REJECTED = "rejected"
     EXPIRED = "expired"
+    CANCELLED = "cancelled"  # the purchase was cancelled while it waited: nothing is left to decide
 
 
 class ApprovalRequest(models.Model):

@@ -81,6 +81,18 @@ def approval_decide(*, approval: ApprovalRequest, actor, approve: bool, note: st
                    details={"status": approval.status})
 
 
+def approval_withdraw(*, subject_type: str, subject_id: UUID, reason: str) -> None:
+    """The subject's app cancels what waits for a decision: its pending request is closed `cancelled`, so the owner
+    is not asked to approve, nor told they approved, a purchase that no longer exists. Call before locking the
+    subject, inside the transaction that cancels it: an owner's decision locks the request, then the subject."""
+    approval = ApprovalRequest.objects.select_for_update().filter(
+        subject_type=subject_type, subject_id=subject_id, status=ApprovalStatus.PENDING).first()
+    if approval is not None:
+        approval.status, approval.decided_at, approval.decision_note = (
+            ApprovalStatus.CANCELLED, timezone.now(), reason[:500])
+        approval.save(update_fields=["status", "decided_at", "decision_note"])
+
+
 def approvals_expire(*, now: datetime | None = None) -> int:
     """Expire pending requests past their deadline, each in its own transaction. Safe to run twice."""
     return sweeps.due_rows_apply(

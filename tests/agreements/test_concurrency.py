@@ -42,3 +42,46 @@ def test_concurrent_proposals_cannot_both_slip_under_a_cap():
     assert sorted(statuses) == [201] * 3 + [403] * 5
     assert UsageAgreement.objects.filter(buyer=buyer).count() == 3
     assert Agent.objects.count() == 2 and Service.objects.count() == 1
+
+
+
+def posted_at_once(*calls: tuple[Api, str]) -> list[int]:
+    """The status codes of POSTs (client, path) sent from one thread each, released together."""
+    barrier = threading.Barrier(len(calls))
+    statuses: list[int] = [0] * len(calls)
+
+    def post(index: int, api: Api, path: str) -> None:
+        try:
+            barrier.wait()
+            statuses[index] = api.post(path).status_code
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=post, args=(index, *call)) for index, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+def test_an_owners_approval_and_the_buyers_cancel_at_once_both_answer_and_agree():
+    """The cancel closes the purchase's approval request (`approval_withdraw`), locking it before the agreement as an
+    approval does: in the other order the two deadlocked, and the approval answered 503."""
+    owner = UserFactory()
+    buyer = AgentFactory(owner=owner, is_buyer=True, is_seller=False)
+    service = register_service(AgentFactory(is_seller=True))
+    owner_api, buyer_api = Api(issue_owner_token(owner)), Api(issue_key(buyer))
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+
+    for _ in range(5):
+        held = buyer_api.post("/usage-agreements", proposal(service)).json()
+        [approval] = owner_api.get(f"/agents/{buyer.pk}/approvals", {"status": "pending"}).json()["results"]
+        approved, cancelled = posted_at_once(
+            (owner_api, f"/agents/{buyer.pk}/approvals/{approval['id']}/approve"),
+            (buyer_api, f"/usage-agreements/{held['id']}/cancel"))
+
+        assert cancelled == 200 and approved in (200, 409), (approved, cancelled)
+        assert UsageAgreement.objects.get(pk=held["id"]).status == "cancelled"
+        decided = owner_api.get(f"/agents/{buyer.pk}/approvals").json()["results"][0]
+        assert decided["status"] == ("approved" if approved == 200 else "cancelled")

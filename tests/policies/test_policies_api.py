@@ -168,13 +168,22 @@ def test_approvals_expire(owner_api, buyer, buyer_api, service):
     assert UsageAgreement.objects.get(pk=other["id"]).status == "expired"
 
 
-def test_buyer_may_cancel_while_waiting_for_approval(owner_api, buyer, buyer_api, service):
+def test_a_purchase_cancelled_while_waiting_for_approval_cancels_its_request_which_is_then_not_approved(
+        owner_api, buyer, buyer_api, service):
+    """The buyer's cancel left the request pending in the owner's queue until it expired, and approving it answered
+    200 `approved`: the owner was told they had consented to a purchase that no longer existed."""
     owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
     held = propose(buyer_api, service)
     assert buyer_api.post(f"/usage-agreements/{held['id']}/cancel").json()["status"] == "cancelled"
-    approval = ApprovalRequest.objects.get(subject_id=held["id"])
-    owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
-    assert UsageAgreement.objects.get(pk=held["id"]).status == "cancelled"  # a late approval changes nothing
+
+    assert owner_api.get(f"/agents/{buyer.pk}/approvals", {"status": "pending"}).json()["results"] == []
+    [approval] = owner_api.get(f"/agents/{buyer.pk}/approvals", {"status": "cancelled"}).json()["results"]
+    assert approval["subject_id"] == held["id"]
+    late = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval['id']}/approve")
+    assert late.status_code == 409 and error_code(late) == "approval_already_decided"
+    assert late.json()["error"]["details"]["status"] == "cancelled"
+    assert buyer_api.get(f"/usage-agreements/{held['id']}").json()["approval"]["status"] == "cancelled"
+    assert UsageAgreement.objects.get(pk=held["id"]).status == "cancelled"
 
 
 def test_the_seller_is_not_told_who_the_buyers_owner_is(owner, owner_api, buyer, buyer_api, seller_api, service):
