@@ -428,6 +428,7 @@ def agreement_propose(*, proposal: Proposal) -> UsageAgreement:
             policy_services.approval_request_create(
                 agent=proposal.buyer, subject_type=APPROVAL_SUBJECT, subject_id=agreement.pk,
                 amount=proposal.deposit + proposal.fee, rule=decision.rule,
+                possible_until=_approval_possible_until(proposal),
                 summary={"service": proposal.service.name, "seller": proposal.service.seller.handle,
                          "deposit_atomic": proposal.deposit, "infra_fee_atomic": proposal.fee,
                          "token": proposal.token},
@@ -435,6 +436,14 @@ def agreement_propose(*, proposal: Proposal) -> UsageAgreement:
         _record_event(agreement, actor=Actor.agent(proposal.buyer, "buyer"), from_status="", reason=decision.rule,
                       data={"policy": decision.outcome.value})
     return agreement
+
+
+def _approval_possible_until(proposal: Proposal) -> datetime:
+    """Until when an approval can still make the purchase: its term, and a direct purchase's signatures (its
+    proposal's deadline, which `_on_approval_decided` keeps)."""
+    if proposal.settlement_model == SettlementModel.DIRECT_PAYMENT:
+        return min(proposal.expires_at, proposal.proposal_expires_at)
+    return proposal.expires_at
 
 
 def _owner_policy_decision(proposal: Proposal) -> policy_selectors.Decision:

@@ -44,10 +44,12 @@ def policy_set(*, agent: Agent, actor, data: dict) -> Policy:
 
 
 def approval_request_create(*, agent: Agent, subject_type: str, subject_id: UUID, amount: int, rule: str,
-                            summary: dict) -> ApprovalRequest:
+                            summary: dict, possible_until: datetime) -> ApprovalRequest:
+    """A request open for APPROVAL_TTL, and never past `possible_until`, when the subject can no longer be bought:
+    a later approval would consent to nothing, and the owner is shown the deadline that really holds."""
     return ApprovalRequest.objects.create(
         agent=agent, subject_type=subject_type, subject_id=subject_id, amount=amount, rule=rule, summary=summary,
-        expires_at=timezone.now() + settings.APPROVAL_TTL,
+        expires_at=min(timezone.now() + settings.APPROVAL_TTL, possible_until),
     )
 
 

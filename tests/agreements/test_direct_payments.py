@@ -322,6 +322,18 @@ def test_an_approved_direct_purchase_is_open_to_accept_no_longer_than_its_signat
     assert agreement.status == "proposed" and agreement.proposal_expires_at <= bound
 
 
+def test_the_approval_request_of_a_direct_purchase_ends_when_its_signatures_can_no_longer_be_accepted(purchase):
+    """The request waited APPROVAL_TTL_HOURS whatever it held: the owner was shown a deadline a day away for a
+    purchase whose signatures ran out in minutes, and approving it then answered 200 `approved` for a purchase that
+    had expired."""
+    owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
+    owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = purchase.propose()
+
+    [approval] = owner_api.get(f"/agents/{purchase.parties.buyer.pk}/approvals").json()["results"]
+    assert approval["expires_at"] == held["proposal_expires_at"]
+
+
 def test_a_direct_purchase_approved_once_its_signatures_ran_out_expires(purchase):
     """Approved when its payment could no longer run in time, it is expired rather than offered to the seller."""
     owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))

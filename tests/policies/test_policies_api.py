@@ -139,6 +139,17 @@ def test_approval_flow(owner_api, buyer, buyer_api, seller_api, service):
     assert seller_api.put(f"/usage-agreements/{held['id']}/accept").json()["status"] == "accepted"
 
 
+def test_the_approval_request_of_an_agreement_ends_with_its_term(owner_api, buyer, buyer_api, service):
+    """The request waited APPROVAL_TTL_HOURS whatever it held: the owner was shown a deadline a day away for an
+    agreement whose term ended in an hour, and approving it then answered 200 `approved` for an agreement that could
+    no longer be funded (activation is 409 `agreement_expired`)."""
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service, expires_at=(timezone.now() + timedelta(hours=1)).isoformat())
+
+    [approval] = owner_api.get(f"/agents/{buyer.pk}/approvals").json()["results"]
+    assert approval["expires_at"] == held["expires_at"]
+
+
 def test_rejected_approval_rejects_the_agreement(owner_api, buyer, buyer_api, service):
     owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
     held = propose(buyer_api, service)
