@@ -239,7 +239,7 @@ class TagListField(serializers.ListField):
     child = serializers.CharField(max_length=50)
     default_error_messages = {
         "min_length": "At least one tag is required.",
-        "max_length": "At most 15 tags are allowed.",
+        "max_length": "At most {max_length} tags are allowed.",
     }
 
     def __init__(self, **kwargs):

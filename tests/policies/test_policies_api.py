@@ -51,6 +51,13 @@ def test_policy_validation(owner_api, buyer, body, field, code):
     assert code in codes_at(owner_api.put(f"/agents/{buyer.pk}/policies", body), field)
 
 
+def test_a_list_of_tags_too_long_for_a_policy_names_the_policys_limit(owner_api, buyer):
+    """The message was a listing's limit (15 tags): an owner told so could trim a block list of 500 to 15."""
+    response = owner_api.put(f"/agents/{buyer.pk}/policies", {"blocked_tags": [f"tag-{n}" for n in range(501)]})
+    [error] = response.json()["error"]["details"]["fields"]["blocked_tags"]
+    assert error["code"] == "max_length" and error["message"] == "At most 500 tags are allowed."
+
+
 def test_only_the_owner_reaches_policies(buyer, buyer_api):
     agent_key = buyer_api.get(f"/agents/{buyer.pk}/policies")
     assert agent_key.status_code == 403 and error_code(agent_key) == "owner_credentials_required"
