@@ -201,13 +201,14 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
     `unfunded_count`: a third column, the buyer's unanswered or unfunded agreements with one seller."""
     quote, meta, invocation_meta = connection.ops.quote_name, UsageAgreement._meta, SkillInvocation._meta
     column = {name: quote(meta.get_field(name).column)
-              for name in ("id", "status", "infra_fee", "used", "deposit_amount", "buyer", "seller", "created_at",
-                           "funds_moved_at")}
+              for name in ("id", "status", "infra_fee", "seller_payout", "used", "deposit_amount", "buyer", "seller",
+                           "created_at", "funds_moved_at")}
     invocation = {name: quote(invocation_meta.get_field(name).column)
                   for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at")}
     committed = (f"CASE WHEN {column['status']} IN ({', '.join(['%s'] * len(NOTHING_COMMITTED))}) THEN 0 "
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} "
-                 f"WHEN {column['status']} = %s THEN {column['infra_fee']} + {column['used']} "
+                 f"WHEN {column['status']} = %s THEN {column['infra_fee']} + "
+                 f"COALESCE({column['seller_payout']}, {column['used']}) "
                  f"ELSE {column['infra_fee']} + {column['deposit_amount']} END")
     released = ", ".join(["%s"] * len(INVOCATION_NOTHING_COMMITTED))
     # An agreement counts from its proposal until the platform moves its money, then from that moment.
@@ -239,8 +240,8 @@ class CommittedSpends:
 def _committed_spends(buyer: Agent, *, day_since: datetime, month_since: datetime,
                       excluding: uuid.UUID | None = None, unfunded_with: Agent | None = None) -> CommittedSpends:
     """What the buyer committed since `day_since` and since `month_since` (the earlier), in one statement: its
-    agreements (nothing once released, the fee once refunded, fee plus what was used once settled, else fee plus
-    deposit), each at the moment the platform moved its money or, until then, at its proposal, but for the agreement
+    agreements (nothing once released, the fee once refunded, fee plus what the seller was paid once settled, which
+    an arbiter may set above what was metered, else fee plus deposit), each at the moment the platform moved its money or, until then, at its proposal, but for the agreement
     `excluding` (the one being checked); and its skill invocations (the price, unless the payment failed, was
     refunded or was reverted). With `unfunded_with`, also how many of its agreements with that seller are unanswered
     or unfunded (`UNFUNDED_OPEN_STATUSES`), in the same statement."""

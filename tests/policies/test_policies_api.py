@@ -103,6 +103,31 @@ def test_an_agreement_whose_activation_failed_still_counts_against_the_caps(owne
     propose(buyer_api, service)
 
 
+def test_a_settled_agreement_counts_what_the_seller_was_paid_not_what_was_metered(owner_api, buyer, buyer_api,
+                                                                                  seller_api, service):
+    """A settled agreement counted its fee and its metered usage, while an arbiter resolving a dispute may pay the
+    seller up to the whole deposit: 200_000 left the wallet, 0 was counted, and the next proposal passed the cap."""
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"daily_cap_atomic": 500_000})  # one proposal of 10 calls: 300_000
+    first = propose(buyer_api, service)
+    seller_api.put(f"/usage-agreements/{first['id']}/accept")
+    with transaction.atomic():
+        agreement_services.agreement_activation_begin(agreement_id=first["id"], buyer=buyer)
+        agreement_services.agreement_activation_confirmed(agreement_id=first["id"], tx_hash="0x" + "a" * 64)
+        agreement_services.agreement_settlement_proposed(
+            agreement_id=first["id"], challenge_deadline=timezone.now() + timedelta(hours=1), amount=0, seq=1,
+            tx_hash="0x" + "b" * 64)
+        agreement_services.agreement_disputed(agreement_id=first["id"], reason="not delivered",
+                                              tx_hash="0x" + "c" * 64)
+        agreement_services.agreement_settling(agreement_id=first["id"], reason="arbiter resolved: 200000 to the seller")
+        agreement_services.agreement_settled(agreement_id=first["id"], seller_payout=200_000, buyer_refund=0,
+                                             tx_hash="0x" + "d" * 64)
+
+    second = buyer_api.post("/usage-agreements", proposal(service))
+    assert second.status_code == 403, second.content
+    assert second.json()["error"]["details"] == {"rule": "daily_cap", "spent": 300_000, "amount": 300_000,
+                                                 "limit": 500_000}
+
+
 def test_spend_caps_count_the_last_day_and_the_last_thirty_days(owner_api, buyer, buyer_api, service):
     # Each proposal of 10 calls commits 200_000 + the 100_000 minimum fee.
     owner_api.put(f"/agents/{buyer.pk}/policies", {"daily_cap_atomic": 600_000, "monthly_cap_atomic": 700_000})
