@@ -167,12 +167,12 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Each connect to, and each answer of, a Redis broker within this: one that takes the connection and answers nothing
 # (hung, or lost mid-failover) held a publish, and so the request that queued a task after its commit, for good. A
 # publish then fails (logged: the sweeps send what it would have sent).
-CELERY_BROKER_SOCKET_TIMEOUT = env.float("CELERY_BROKER_SOCKET_TIMEOUT_SECONDS", default=5.0)
+BROKER_SOCKET_TIMEOUT_SECONDS = env.float("CELERY_BROKER_SOCKET_TIMEOUT_SECONDS", default=5.0)
 if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # A task unacknowledged this long (its worker died) is delivered again; tasks are idempotent.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=600),
-                                       "socket_timeout": CELERY_BROKER_SOCKET_TIMEOUT,
-                                       "socket_connect_timeout": CELERY_BROKER_SOCKET_TIMEOUT}
+                                       "socket_timeout": BROKER_SOCKET_TIMEOUT_SECONDS,
+                                       "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_SECONDS}
 # Tasks that call a webhook receiver or a seller over HTTP run on a queue of their own, served by workers of their
 # own: however slow (or hostile) the third party, they never occupy the workers that submit, confirm and settle
 # money, which serve the default queue. Each is also killed this long past its exchange's deadline (its
