@@ -56,10 +56,10 @@ from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES
                               DeadlineExceeded, deadline_passed, deadline_within, json_answer, time_left)
 from sdk.networks import NetworkConfig, TokenDomain
 from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, RpcError
-from sdk.receipts import UsageVerificationTimedOut, VerifiedUsage, verify_usage
+from sdk.receipts import UsageTermsMismatch, UsageVerificationTimedOut, VerifiedUsage, verify_usage
 from sdk.safety import (DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data,
                         require_equal)
-from sdk.terms import AgreedTerms, check_onchain_id
+from sdk.terms import AgreedTerms, check_onchain_id, stated_terms_hash
 from sdk.version import VERSION
 from sdk.x402_signing import build_direct_stablecoin_agreement, sign_payment_required
 
@@ -519,8 +519,10 @@ class MarketplaceClient:
         """Check every charge against the chain, through the buyer's own RPC: the escrow's on-chain record
         (deposit, receipt signer, proposed amount and digest, state), then the usage listing's gap-free sequence,
         cumulative sums, digest chain (recomputed from the events' fields) and every receipt's signature against
-        the on-chain receipt signer; a proposed settlement must be the last receipt. Raises a subclass of
-        `sdk.receipts.UsageVerificationError` naming the first discrepancy.
+        the on-chain receipt signer; a proposed settlement must be the last receipt. The agreement must be its
+        escrow's: its own escrow id (`sdk.terms.check_onchain_id`), and the terms the escrow's on-chain `termsHash`
+        commits to (`UsageTermsMismatch`), so each cost is checked against the unit price the buyer signed. Raises a
+        subclass of `sdk.receipts.UsageVerificationError` naming the first discrepancy.
 
         The escrow's events are looked for from the block the buyer's RPC puts the agreement's `activation_tx_hash`
         in (pass the agreement as fetched once active), never before the pinned network's `escrow_deployment_block`
@@ -558,6 +560,12 @@ class MarketplaceClient:
                 raise timed_out() from cut_short
 
     def _verify_usage(self, agreement: Mapping[str, Any], events: Iterator[dict[str, Any]]) -> VerifiedUsage:
+        # The escrow is the agreement's own, and the unit price each cost is checked against is the one its buyer
+        # signed: else a listing re-signed at another price, or for another escrow of the buyer, would add up.
+        try:
+            onchain_id, stated = check_onchain_id(agreement), stated_terms_hash(agreement, self.network)
+        except (SigningRefused, KeyError, TypeError, ValueError) as unusable:
+            raise UsageTermsMismatch(f"the agreement's escrow id or terms cannot be checked: {unusable}") from unusable
         reader = self._reader()
         activation_tx = agreement.get("activation_tx_hash")
         try:
@@ -565,11 +573,14 @@ class MarketplaceClient:
         except RpcError:  # a hash the node refuses is no hint
             from_block = None
         deployed = self.network.escrow_deployment_block
-        escrow = reader.escrow(self.network.escrow_address, agreement["onchain_id"],
+        escrow = reader.escrow(self.network.escrow_address, onchain_id,
                                buyer=agreement["buyer_wallet_address"],
                                from_block=deployed if from_block is None else max(from_block, deployed))
         require_equal(escrow.buyer, agreement["buyer_wallet_address"], "escrow.buyer")
-        return verify_usage(events, escrow=escrow, agreement_id=agreement["onchain_id"],
+        if escrow.state != "none" and escrow.terms_hash != stated:
+            raise UsageTermsMismatch(f"the agreement's terms (hash {stated}) are not its escrow's on-chain terms "
+                                     f"(hash {escrow.terms_hash})")
+        return verify_usage(events, escrow=escrow, agreement_id=onchain_id,
                             chain_id=self.network.chain_id, escrow_address=self.network.escrow_address,
                             price_per_unit=int(agreement["price_per_unit_atomic"]))
 

@@ -99,6 +99,8 @@ class OnchainEscrow:
     # The last proposal's cumulative amount (its SettlementProposed event), which an arbiter's resolution leaves as
     # it was; None when nothing was proposed (or not read).
     proposed_amount: int | None = None
+    # The `termsHash` of its Activated event: the terms the buyer signed (`sdk.terms.terms_hash`).
+    terms_hash: str = "0x" + "00" * 32
 
 
 class ChainReader:
@@ -199,7 +201,7 @@ class ChainReader:
                                  settled_amount=0, last_seq=0, usage_digest="0x" + "00" * 32)
         log = activated[0]  # a buyer activates an id once
         buyer, seller = (to_checksum_address("0x" + str(topic)[-40:]) for topic in log["topics"][2:4])
-        token, deposit, _fee, signer, _terms_hash, _expires, reclaim_after, window, nonce = decode(
+        token, deposit, _fee, signer, terms_hash, _expires, reclaim_after, window, nonce = decode(
             list(_ACTIVATED_DATA), self._data(log))
         terms = (buyer, seller, token, signer, deposit, window, reclaim_after, nonce)
         call = _selector(f"getEscrow(bytes32,{_TERMS})") + encode(["bytes32", _TERMS],
@@ -217,4 +219,4 @@ class ChainReader:
         return OnchainEscrow(state=_STATES[state], buyer=buyer, seller=seller,
                              receipt_signer=to_checksum_address(signer), deposit_amount=deposit,
                              settled_amount=settled, last_seq=last_seq, usage_digest="0x" + bytes(usage_digest).hex(),
-                             proposed_amount=proposed_amount)
+                             proposed_amount=proposed_amount, terms_hash="0x" + bytes(terms_hash).hex())

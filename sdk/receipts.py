@@ -153,6 +153,12 @@ class UsageMalformed(UsageVerificationError):
     whole number from 0 to 2**256 - 1, a request id or digest that is not text."""
 
 
+class UsageTermsMismatch(UsageVerificationError):
+    """The agreement verified against is not the escrow's: its escrow id is not its own, or the terms it states (its
+    unit price above all, which each event's cost is checked against) are not those the escrow's on-chain
+    `termsHash` commits to, which the buyer signed."""
+
+
 class SettlementProposalMismatch(UsageVerificationError):
     """The settlement proposed on-chain is not the last receipt (amount above it, or another digest)."""
 

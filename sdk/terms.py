@@ -18,7 +18,7 @@ from eth_utils import keccak, to_checksum_address
 from sdk.networks import NetworkConfig
 from sdk.safety import SigningRefused, require_equal
 
-__all__ = ["AgreedTerms", "check_onchain_id", "terms_hash"]
+__all__ = ["AgreedTerms", "check_onchain_id", "stated_terms_hash", "terms_hash"]
 
 
 def terms_hash(terms: Mapping[str, Any]) -> str:
@@ -37,6 +37,22 @@ def check_onchain_id(agreement: Mapping[str, Any]) -> str:
         raise SigningRefused("agreement.id", "a UUID", agreement["id"]) from None
     require_equal(agreement["onchain_id"], own, "agreement.onchain_id")
     return own
+
+
+def stated_terms_hash(agreement: Mapping[str, Any], network: NetworkConfig) -> str:
+    """The terms hash of the agreement as it states its terms (unit price, quantity, fee, parties...) on the pinned
+    token and chain: what the escrow funded for exactly these terms holds on-chain as its `termsHash`."""
+    quantity, price = int(agreement["quantity"]), int(agreement["price_per_unit_atomic"])
+    return terms_hash({
+        "service_id": str(agreement["service"]["id"]), "settlement_model": "escrow",
+        "pricing_type": agreement["pricing_type"], "unit_name": agreement["unit_name"],
+        "price_per_unit": price, "quantity": quantity, "deposit_amount": quantity * price,
+        "infra_fee": int(agreement["infra_fee_atomic"]), "token": agreement["token"],
+        "token_address": network.token_address, "chain_id": network.chain_id,
+        "challenge_window_seconds": int(agreement["challenge_window_seconds"]),
+        "expires_at": _unix(agreement["expires_at"]), "buyer_wallet_address": agreement["buyer_wallet_address"],
+        "seller_wallet_address": agreement["seller_wallet_address"], "fee_recipient": agreement["fee_recipient"],
+    })
 
 
 def _unix(value: Any) -> int:
@@ -82,17 +98,8 @@ class AgreedTerms:
         if agreement["settlement_model"] != "escrow":
             raise SigningRefused("agreement.settlement_model", "escrow", agreement["settlement_model"])
         expires_at = _unix(agreement["expires_at"])
-        terms = {
-            "service_id": str(agreement["service"]["id"]), "settlement_model": "escrow",
-            "pricing_type": agreement["pricing_type"], "unit_name": agreement["unit_name"],
-            "price_per_unit": price, "quantity": quantity, "deposit_amount": deposit, "infra_fee": fee,
-            "token": agreement["token"], "token_address": network.token_address, "chain_id": network.chain_id,
-            "challenge_window_seconds": int(agreement["challenge_window_seconds"]), "expires_at": expires_at,
-            "buyer_wallet_address": agreement["buyer_wallet_address"],
-            "seller_wallet_address": agreement["seller_wallet_address"], "fee_recipient": agreement["fee_recipient"],
-        }
         return cls(agreement_id=onchain_id, buyer=to_checksum_address(agreement["buyer_wallet_address"]),
                    seller=to_checksum_address(agreement["seller_wallet_address"]), quantity=quantity,
                    price_per_unit=price, deposit_amount=deposit, infra_fee=fee,
                    challenge_window=int(agreement["challenge_window_seconds"]), expires_at=expires_at,
-                   terms_hash=terms_hash(terms))
+                   terms_hash=stated_terms_hash(agreement, network))

@@ -12,6 +12,7 @@ import pytest
 
 from sdk import MarketplaceClient, receipts
 from sdk.onchain import ChainReader
+from sdk.terms import stated_terms_hash
 from tests.escrow.conftest import Escrows, random_bytes32
 from tests.escrow.flow import network_of
 from tests.support.rpc_relay import RpcRelay
@@ -81,6 +82,21 @@ def test_an_escrow_read_walks_bounded_spans_to_the_activation_and_back_from_the_
         reader.close()
 
 
+def activated_agreement(chain, network) -> dict:
+    """An agreement as the marketplace lists it (what `verify_usage` reads of it), its buyer's escrow activated for
+    exactly its terms (`Escrows.intent`'s: 10 units at 0.1 USDC)."""
+    agreement_id = uuid.uuid4()
+    agreement = {"id": str(agreement_id), "onchain_id": "0x" + agreement_id.hex.rjust(64, "0"),
+                 "service": {"id": str(uuid.uuid4())}, "pricing_type": "per_call", "unit_name": "call",
+                 "quantity": 10, "price_per_unit_atomic": "100000", "infra_fee_atomic": "103000", "token": "USDC",
+                 "challenge_window_seconds": 600, "expires_at": chain.now() + 86_400,
+                 "buyer_wallet_address": chain.accounts.buyer.address,
+                 "seller_wallet_address": chain.accounts.seller.address, "fee_recipient": "0x" + "fe" * 20}
+    Escrows(chain).activate(agreement_id=agreement["onchain_id"], expires_at=agreement["expires_at"],
+                            terms_hash=stated_terms_hash(agreement, network))
+    return agreement
+
+
 def test_verify_usage_reads_the_escrow_from_no_earlier_than_its_pinned_deployment(chain, capped_rpc):
     """The marketplace names the activation's transaction, whose block the escrow's events are read from: a
     compromised one naming a transaction older than the escrow had the SDK read every span from there (on Base,
@@ -89,10 +105,9 @@ def test_verify_usage_reads_the_escrow_from_no_earlier_than_its_pinned_deploymen
                  for tx in chain.w3.eth.get_block(number, full_transactions=True)["transactions"])
     chain.mine(10 * SPAN)
     pinned = chain.block_number()  # no escrow event before it: the buyer's network pins it as the deployment
-    typed, _ = Escrows(chain).activate()
     network = replace(network_of(chain), escrow_deployment_block=pinned)
-    agreement = {"id": "a1", "onchain_id": typed["message"]["agreementId"], "price_per_unit_atomic": 1,
-                 "buyer_wallet_address": chain.accounts.buyer.address, "activation_tx_hash": "0x" + older["hash"].hex().removeprefix("0x")}
+    agreement = {**activated_agreement(chain, network),
+                 "activation_tx_hash": "0x" + older["hash"].hex().removeprefix("0x")}
     listing = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": [], "next_cursor": None}))
     with MarketplaceClient("http://marketplace.example", "mk_test", network=network, rpc_url=capped_rpc.url,
                            rpc_log_block_span=SPAN, transport=listing) as buyer:
@@ -124,11 +139,8 @@ class EndlessZeroUnitListing:
 def test_verify_usage_ends_within_its_timeout_however_long_the_listing(chain):
     """Zero-unit events cost nothing, so neither the deposit nor the agreed quantity bounds how many a listing may
     hold: a compromised marketplace listing them without end held verify_usage (and the buyer's CPU) for ever."""
-    typed, _ = Escrows(chain).activate()
-    onchain_id = typed["message"]["agreementId"]
-    agreement = {"id": "a1", "onchain_id": onchain_id, "price_per_unit_atomic": 1,
-                 "buyer_wallet_address": chain.accounts.buyer.address}
-    listing = EndlessZeroUnitListing(onchain_id)
+    agreement = activated_agreement(chain, network_of(chain))
+    listing = EndlessZeroUnitListing(agreement["onchain_id"])
     outcome: dict[str, object] = {}
 
     def verify() -> None:

@@ -343,6 +343,46 @@ def test_verify_usage_checks_the_listing_against_the_chain(market, hostile, escr
         buyer.verify_usage(agreement)
 
 
+def test_verify_usage_holds_the_agreement_to_the_escrows_on_chain_terms(market, hostile, escrow_chain):
+    # A compromised marketplace (its receipt signer with it) lists the buyer's three calls as three units, as the buyer
+    # counted them, at twice the unit price agreed, re-signed: units × the price it states and every receipt add up.
+    # Or it names another agreement's escrow as this one's. Only the escrow's terms hash (the buyer signed it) tells.
+    buyer, seller, service = market
+    chain = escrow_chain
+    agreement = buyer.propose_agreement(service["id"], 10, max_unit_price_atomic=20_000)
+    seller.accept_agreement(agreement["id"])
+    other = buyer.propose_agreement(service["id"], 10, max_unit_price_atomic=20_000)
+    seller.accept_agreement(other["id"])
+    with relayer_polling():
+        for funded in (agreement, other):
+            buyer.activate_escrow(funded, chain.accounts.buyer.key)
+            buyer.wait_until(funded["id"], timeout=60, poll_interval=0.2)
+        for n in range(3):
+            assert buyer.call_metered(agreement["id"], "translate", method="POST", json={"n": n}).status_code == 200
+    onchain_id = agreement["onchain_id"]
+    assert buyer.verify_usage(buyer.get_agreement(agreement["id"])).cumulative_amount == 60_000
+
+    def forged(*, price_factor: int, escrow_id: str) -> Alteration:
+        def forge(body):
+            for event in body["results"]:
+                event["cost_atomic"] *= price_factor
+            _reforge_chain(body["results"], escrow_id, 0)
+            for event in body["results"]:
+                event["receipt_signature"] = receipt_sign(chain.accounts.receipt_signer.key, receipts.usage_receipt_digest(
+                    chain_id=chain.chain_id, escrow_address=chain.addresses["escrow"], agreement_id=escrow_id,
+                    seq=event["seq"], cumulative_amount=event["cumulative_atomic"], usage_digest=event["usage_digest"]))
+        return forge
+
+    hostile.attack("/usage", forged(price_factor=2, escrow_id=onchain_id))
+    with pytest.raises(receipts.UsageTermsMismatch):
+        buyer.verify_usage({**agreement, "price_per_unit_atomic": "40000"})
+    hostile.attack("/usage", forged(price_factor=1, escrow_id=other["onchain_id"]))
+    with pytest.raises(receipts.UsageTermsMismatch):
+        buyer.verify_usage({**agreement, "onchain_id": other["onchain_id"]})
+    hostile.attack("/usage", lambda body: None)
+    assert buyer.verify_usage(agreement).cumulative_amount == 60_000
+
+
 def test_verify_usage_accepts_a_settlement_the_arbiter_decided(market, escrow_chain):
     # After a dispute the arbiter's amount is paid out, not the proposal: an honest listing still verifies, and a
     # tampered one still does not.
