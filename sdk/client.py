@@ -576,10 +576,12 @@ class MarketplaceClient:
         escrow = reader.escrow(self.network.escrow_address, onchain_id,
                                buyer=agreement["buyer_wallet_address"],
                                from_block=deployed if from_block is None else max(from_block, deployed))
-        require_equal(escrow.buyer, agreement["buyer_wallet_address"], "escrow.buyer")
-        if escrow.state != "none" and escrow.terms_hash != stated:
-            raise UsageTermsMismatch(f"the agreement's terms (hash {stated}) are not its escrow's on-chain terms "
-                                     f"(hash {escrow.terms_hash})")
+        # No escrow on-chain (not yet mined, or a reorg took it) holds nothing: any charge listed is above it.
+        if escrow.state != "none":
+            require_equal(escrow.buyer, agreement["buyer_wallet_address"], "escrow.buyer")
+            if escrow.terms_hash != stated:
+                raise UsageTermsMismatch(f"the agreement's terms (hash {stated}) are not its escrow's on-chain terms "
+                                         f"(hash {escrow.terms_hash})")
         return verify_usage(events, escrow=escrow, agreement_id=onchain_id,
                             chain_id=self.network.chain_id, escrow_address=self.network.escrow_address,
                             price_per_unit=int(agreement["price_per_unit_atomic"]))

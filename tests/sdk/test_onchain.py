@@ -82,19 +82,40 @@ def test_an_escrow_read_walks_bounded_spans_to_the_activation_and_back_from_the_
         reader.close()
 
 
-def activated_agreement(chain, network) -> dict:
-    """An agreement as the marketplace lists it (what `verify_usage` reads of it), its buyer's escrow activated for
-    exactly its terms (`Escrows.intent`'s: 10 units at 0.1 USDC)."""
+def listed_agreement(chain) -> dict:
+    """An agreement as the marketplace lists it (what `verify_usage` reads of it): `Escrows.intent`'s terms, 10 units
+    at 0.1 USDC."""
     agreement_id = uuid.uuid4()
-    agreement = {"id": str(agreement_id), "onchain_id": "0x" + agreement_id.hex.rjust(64, "0"),
-                 "service": {"id": str(uuid.uuid4())}, "pricing_type": "per_call", "unit_name": "call",
-                 "quantity": 10, "price_per_unit_atomic": "100000", "infra_fee_atomic": "103000", "token": "USDC",
-                 "challenge_window_seconds": 600, "expires_at": chain.now() + 86_400,
-                 "buyer_wallet_address": chain.accounts.buyer.address,
-                 "seller_wallet_address": chain.accounts.seller.address, "fee_recipient": "0x" + "fe" * 20}
+    return {"id": str(agreement_id), "onchain_id": "0x" + agreement_id.hex.rjust(64, "0"),
+            "service": {"id": str(uuid.uuid4())}, "pricing_type": "per_call", "unit_name": "call",
+            "quantity": 10, "price_per_unit_atomic": "100000", "infra_fee_atomic": "103000", "token": "USDC",
+            "challenge_window_seconds": 600, "expires_at": chain.now() + 86_400,
+            "buyer_wallet_address": chain.accounts.buyer.address,
+            "seller_wallet_address": chain.accounts.seller.address, "fee_recipient": "0x" + "fe" * 20}
+
+
+def activated_agreement(chain, network) -> dict:
+    """A listed agreement whose buyer's escrow is activated for exactly its terms."""
+    agreement = listed_agreement(chain)
     Escrows(chain).activate(agreement_id=agreement["onchain_id"], expires_at=agreement["expires_at"],
                             terms_hash=stated_terms_hash(agreement, network))
     return agreement
+
+
+def test_usage_listed_on_an_agreement_with_no_escrow_on_chain_is_a_usage_verification_error(chain):
+    """The books say active, the chain has no escrow (not yet mined, or a reorg took it): charges listed against
+    nothing are refused as UsageAboveDeposit (the escrow holds 0), not with the SigningRefused of a buyer check."""
+    agreement = listed_agreement(chain)
+    request_id = "req_1:0"
+    digest = receipts.usage_digests(receipts.ZERO_DIGEST, agreement_id=agreement["onchain_id"],
+                                    events=[(1, 1, 100_000, 100_000, request_id)])[0]
+    event = {"seq": 1, "units": 1, "cost_atomic": 100_000, "cumulative_atomic": 100_000, "request_id": request_id,
+             "usage_digest": digest, "receipt_signature": ""}
+    listing = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": [event], "next_cursor": None}))
+    with MarketplaceClient("http://marketplace.example", "mk_test", network=network_of(chain),
+                           rpc_url=chain.node.rpc_url, transport=listing) as buyer:
+        with pytest.raises(receipts.UsageAboveDeposit):
+            buyer.verify_usage(agreement)
 
 
 def test_verify_usage_reads_the_escrow_from_no_earlier_than_its_pinned_deployment(chain, capped_rpc):
