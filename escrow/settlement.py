@@ -46,15 +46,17 @@ def _enqueue(agreement: UsageAgreement, purpose: str, fn_name: str, args: list, 
 
 # --- propose -------------------------------------------------------------------------------------------------
 
-def _final_receipt(agreement: UsageAgreement) -> tuple[int, int, str, str]:
-    """(seq, cumulative, usage digest, signature) of the agreement's last usage event, or a zero receipt."""
+def _final_receipt(agreement: UsageAgreement, *, terms: tuple) -> tuple[int, int, str, str]:
+    """(seq, cumulative, usage digest, signature) of the agreement's last usage event, or a zero receipt, signed by
+    the receipt signer its escrow's `terms` name: the books signed each receipt with the key configured then, which a
+    rotation may have replaced since (`chainconfig.receipt_signer_key`)."""
     last = agreement_selectors.last_usage_event(agreement=agreement)
-    if last is not None:
-        return last.seq, last.cumulative, last.usage_digest, last.receipt_signature
-    digest = receipts.usage_receipt_digest(chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
-                                           agreement_id=agreement.onchain_id, seq=0, cumulative_amount=0,
-                                           usage_digest=receipts.ZERO_DIGEST)
-    return 0, 0, receipts.ZERO_DIGEST, receipt_sign(settings.RECEIPT_SIGNER_PRIVATE_KEY, digest)
+    seq, cumulative, digest = (last.seq, last.cumulative, last.usage_digest) if last is not None else (
+        0, 0, receipts.ZERO_DIGEST)
+    receipt = receipts.usage_receipt_digest(chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
+                                            agreement_id=agreement.onchain_id, seq=seq, cumulative_amount=cumulative,
+                                            usage_digest=digest)
+    return seq, cumulative, digest, receipt_sign(chainconfig.receipt_signer_key(terms[3]), receipt)
 
 
 @logs_name_the_agreement
@@ -81,7 +83,7 @@ def settlement_propose(*, agreement_id, now: int) -> ChainTransaction | None:
         if agreement.reserved:
             # Only reservations of calls that died with their process survive a full proxy timeout.
             agreement_services.reservations_settle_stale(agreement=agreement)
-        seq, cumulative, digest, signature = _final_receipt(agreement)
+        seq, cumulative, digest, signature = _final_receipt(agreement, terms=terms)
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
                         [agreement.onchain_id, terms, seq, cumulative, digest, signature],
                         {"seq": seq, "cumulative": cumulative})
@@ -111,7 +113,7 @@ def settlement_repropose(*, agreement_id, now: int) -> ChainTransaction | None:
         if agreement.status != AgreementStatus.IN_CHALLENGE or selectors.live_transaction(
                 agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT):
             return None
-        seq, cumulative, digest, signature = _final_receipt(agreement)
+        seq, cumulative, digest, signature = _final_receipt(agreement, terms=terms)
         if seq <= last_seq or not _proposal_due(selectors.proposal_failures(agreement_id=agreement.pk)):
             return None
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",

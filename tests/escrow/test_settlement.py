@@ -104,6 +104,26 @@ def dispute(funded, chain, capture) -> None:
     assert disputed["status"] == "disputed" and disputed["status_reason"] == "half of the answers were empty"
 
 
+def test_an_escrow_named_a_receipt_signer_rotated_since_is_proposed_with_a_receipt_of_that_signer(
+        funded, escrow_chain, django_capture_on_commit_callbacks, settings):
+    # The escrow accepts only the receipt signer its activation named; the calls after a rotation are signed with the
+    # new key, and a proposal of their last receipt reverted InvalidReceiptSignature until the reclaim: the seller
+    # unpaid. The retired key, kept for that, signs the proposal's receipt.
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 2)
+    retired = settings.RECEIPT_SIGNER_PRIVATE_KEY
+    settings.RECEIPT_SIGNER_PRIVATE_KEY = chain.accounts.stranger.key
+    settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS = [retired]
+    call_n(funded, 3)
+    assert funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete").status_code == 200
+
+    assert tick(capture)["proposed"] == 1
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    status = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/escrow-status",
+                                  {"verify": "true"}).json()
+    assert status["onchain"]["state"] == "proposed" and int(status["onchain"]["settledAmount"]) == 100_000
+
+
 def test_dispute_resolved_by_an_operator(funded, escrow_chain, django_capture_on_commit_callbacks):
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     dispute(funded, chain, capture)
