@@ -48,15 +48,18 @@ def _enqueue(agreement: UsageAgreement, purpose: str, fn_name: str, args: list, 
 
 def _final_receipt(agreement: UsageAgreement, *, terms: tuple) -> tuple[int, int, str, str]:
     """(seq, cumulative, usage digest, signature) of the agreement's last usage event, or a zero receipt, signed by
-    the receipt signer its escrow's `terms` name: the books signed each receipt with the key configured then, which a
-    rotation may have replaced since (`chainconfig.receipt_signer_key`)."""
+    the receipt signer its escrow's `terms` name when its key is kept (`chainconfig.receipt_signer_key`): the books
+    signed each receipt with the key configured then, which a rotation may have replaced since. Else the books'
+    own signature (or, for the zero receipt, the current key's)."""
     last = agreement_selectors.last_usage_event(agreement=agreement)
-    seq, cumulative, digest = (last.seq, last.cumulative, last.usage_digest) if last is not None else (
-        0, 0, receipts.ZERO_DIGEST)
-    receipt = receipts.usage_receipt_digest(chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
-                                            agreement_id=agreement.onchain_id, seq=seq, cumulative_amount=cumulative,
-                                            usage_digest=digest)
-    return seq, cumulative, digest, receipt_sign(chainconfig.receipt_signer_key(terms[3]), receipt)
+    seq, cumulative, digest, signature = (last.seq, last.cumulative, last.usage_digest, last.receipt_signature) \
+        if last is not None else (0, 0, receipts.ZERO_DIGEST, "")
+    key = chainconfig.receipt_signer_key(terms[3]) or (None if signature else settings.RECEIPT_SIGNER_PRIVATE_KEY)
+    if key is not None:
+        signature = receipt_sign(key, receipts.usage_receipt_digest(
+            chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
+            agreement_id=agreement.onchain_id, seq=seq, cumulative_amount=cumulative, usage_digest=digest))
+    return seq, cumulative, digest, signature
 
 
 @logs_name_the_agreement

@@ -29,13 +29,13 @@ def receipt_signer_address() -> str:
     return _address_of(settings.RECEIPT_SIGNER_PRIVATE_KEY)
 
 
-def receipt_signer_key(address: str) -> str:
+def receipt_signer_key(address: str) -> str | None:
     """The key of receipt signer `address`: the current one, or one rotated out and kept for the escrows naming it
-    (`RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS`); the current one when none is (its receipts are then refused on-chain)."""
-    for key in settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS:
-        if _address_of(key).lower() == address.lower():
+    (`RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS`); None when neither is."""
+    for key in [settings.RECEIPT_SIGNER_PRIVATE_KEY, *settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS]:
+        if key and _address_of(key).lower() == address.lower():
             return key
-    return settings.RECEIPT_SIGNER_PRIVATE_KEY
+    return None
 
 
 def deployment() -> dict:

@@ -124,6 +124,18 @@ def test_an_escrow_named_a_receipt_signer_rotated_since_is_proposed_with_a_recei
     assert status["onchain"]["state"] == "proposed" and int(status["onchain"]["settledAmount"]) == 100_000
 
 
+def test_usage_signed_before_a_rotation_is_proposed_with_its_own_receipt(
+        funded, escrow_chain, django_capture_on_commit_callbacks, settings):
+    # The old key not kept: the books' receipt, signed before the rotation by the signer the escrow names, stands.
+    capture = django_capture_on_commit_callbacks
+    call_n(funded, 2)
+    assert funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete").status_code == 200
+    settings.RECEIPT_SIGNER_PRIVATE_KEY = escrow_chain.accounts.stranger.key
+
+    assert tick(capture)["proposed"] == 1
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+
+
 def test_dispute_resolved_by_an_operator(funded, escrow_chain, django_capture_on_commit_callbacks):
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     dispute(funded, chain, capture)
