@@ -1,5 +1,9 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.8: verify_usage holds the agreement to its escrow (its own escrow id, and the terms the on-chain termsHash
+# commits to: UsageTermsMismatch) and reads an agreement with no escrow on-chain as holding nothing
+# (UsageAboveDeposit); webhook_signature.verify and proxy_signature.verify verify nothing with an empty secret, and
+# webhook_signature.verify holds the Marketplace-Event-Type header to the body's signed type (event_type=);
 # 0.4.7: bounded_json.loads(duplicate_keys=False) refuses an object with a key given twice (`duplicate_key`);
 # purchase_masumi_job bounds a timer left to the marketplace as propose_agreement bounds a default term
 # (max_duration_seconds, min_challenge_window_seconds); propose_agreement refuses an answer naming an agreement this
@@ -25,4 +29,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.7"
+VERSION = "0.4.8"
