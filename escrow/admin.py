@@ -24,7 +24,7 @@ from django.utils.safestring import mark_safe
 from agreements.models import ONCHAIN_STATUSES, AgreementStatus, SettlementModel, UsageAgreement
 from escrow import chain, indexer, purchases, relayer, selectors, services, settlement
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPurchase,
-                           RelayerAccount, TxAttempt, TxStatus)
+                           RelayerAccount, RelayRevert, TxAttempt, TxStatus)
 from marketplace.admin import (
     acknowledgement_page,
     MoneyRecordAdmin,
@@ -307,6 +307,33 @@ class RelayerAccountAdmin(MoneyRecordAdmin):
     readonly_fields = fields
 
     address_display = address_column("address", description="address")
+
+
+@admin.register(RelayRevert)
+class RelayRevertAdmin(MoneyRecordAdmin):
+    """Relayed transactions mined reverted by what their party did (relayer.relay_budget_check): search a party
+    (agent:<id>, wallet:<address>) to see why its relayed actions are refused, and when that ends."""
+
+    list_display = ("party", "purpose", "transaction_link", "agreement", "reason", "reverted_at")
+    list_filter = ("transaction__purpose",)
+    search_fields = ("party", "transaction__id", "transaction__agreement__id")
+    list_select_related = ("transaction",)
+    ordering = ("-reverted_at",)
+    fields = ("party", "purpose", "transaction_link", "agreement", "reason", "reverted_at")
+    readonly_fields = fields
+
+    @admin.display(description="purpose", ordering="transaction__purpose")
+    def purpose(self, obj):
+        return obj.transaction.purpose
+
+    @admin.display(description="transaction")
+    def transaction_link(self, obj):
+        return short_id_html(obj.transaction_id,
+                             url=reverse("admin:escrow_chaintransaction_change", args=[obj.transaction_id]))
+
+    @admin.display(description="agreement")
+    def agreement(self, obj):
+        return agreement_link(obj.transaction.agreement_id)
 
 
 @admin.register(MasumiPurchase)

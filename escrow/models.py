@@ -131,6 +131,26 @@ class ChainTransaction(Acknowledgement):
         return self.status == TxStatus.SUBMITTED and self.fee_cap_reached_at is not None
 
 
+class RelayRevert(models.Model):
+    """A transaction the relayer sent for a party's signed action (a buyer's activation, challenge, payment,
+    cancellation: `relayer.RELAYED_FOR`) that was mined and reverted for a reason the chain names: the party moved
+    its funds or allowance, used its nonce or authorization first, let its deadline pass, after the checks and the
+    simulation. The relayer paid the gas; the party's relayed actions are refused once it has
+    RELAY_REVERTS_PER_PARTY of these within RELAY_REVERT_WINDOW (`relayer.relay_budget_check`). A reorg that takes
+    the block removes the row (the revert is off the chain)."""
+
+    transaction = models.OneToOneField(ChainTransaction, on_delete=models.PROTECT, related_name="relay_revert")
+    party = models.CharField(max_length=80, help_text="agent:<id>, or wallet:<address> for a payer without an agent.")
+    reason = models.CharField(max_length=500, blank=True)
+    reverted_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["party", "reverted_at"], name="relayrevert_party_at_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.party}: {self.transaction.purpose} reverted at {self.reverted_at:%Y-%m-%d %H:%M}"
+
+
 class TxAttempt(models.Model):
     """A signed transaction as broadcast. Every hash is kept: a replaced one may still be the one mined."""
 

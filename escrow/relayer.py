@@ -42,6 +42,7 @@ row at once and the slower one's write is dropped.
 
 import functools
 import logging
+import math
 import operator
 from collections.abc import Callable
 
@@ -55,9 +56,10 @@ from web3 import Web3
 
 from agreements import services as agreement_services
 from escrow import chain
-from escrow.models import ChainTransaction, IndexerCursor, RelayerAccount, TxAttempt, TxPurpose, TxStatus
+from escrow.models import (ChainTransaction, IndexerCursor, RelayerAccount, RelayRevert, TxAttempt, TxPurpose,
+                           TxStatus)
 from marketplace import chainconfig
-from marketplace.errors import Conflict
+from marketplace.errors import Conflict, TooManyRequests
 from marketplace.logging import agreement_context
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,9 @@ WITHDRAWN = "withdrawn"
 EVIDENCE_BLOCK = "block"
 # The context key of a nonce fill that took over the nonce of a transaction cancelled (`_cancel`): that one's id.
 CANCELS = "cancels"
+# The context key of a transaction sent for a party's signed action (`relay_party`): a revert of it mined is that
+# party's (`RelayRevert`), counted against its relay budget (`relay_budget_check`).
+RELAYED_FOR = "relayed_for"
 # What a transfer of nothing to an account without code costs: a nonce fill's gas limit.
 _PLAIN_TRANSFER_GAS = 21_000
 # A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
@@ -172,6 +177,50 @@ def outcome_handlers_check(app_configs=None, **kwargs) -> list[checks.CheckMessa
             for purpose in TxPurpose.values if purpose not in _outcome_handlers]
 
 
+def relay_party(*, agent_id=None, wallet: str = "") -> str:
+    """Whom a relayed action is charged to: the agent that asked, else (an x402 payer without one) its wallet."""
+    return f"agent:{agent_id}" if agent_id is not None else f"wallet:{Web3.to_checksum_address(wallet)}"
+
+
+def relay_budget_check(*, party: str) -> None:
+    """Before a party's signed action is relayed: one whose relayed transactions were mined reverted
+    RELAY_REVERTS_PER_PARTY times within RELAY_REVERT_WINDOW (`RelayRevert`: each one's gas the relayer's) is 429
+    `relay_budget_exhausted`, nothing queued, until the oldest of those leaves the window
+    (`details.retry_after_seconds`, Retry-After). Else a buyer that empties its wallet, spends its permit or
+    authorization, or revokes its allowance between the simulation and the mining has the relayer pay for the
+    revert as often as it asks again."""
+    allowed = settings.RELAY_REVERTS_PER_PARTY
+    if allowed <= 0:
+        return
+    now = timezone.now()
+    recent = list(RelayRevert.objects.filter(party=party, reverted_at__gt=now - settings.RELAY_REVERT_WINDOW)
+                  .order_by("-reverted_at").values_list("reverted_at", flat=True)[:allowed])
+    if len(recent) < allowed:
+        return
+    retry_after = max(1, math.ceil((recent[-1] + settings.RELAY_REVERT_WINDOW - now).total_seconds()))
+    raise TooManyRequests(
+        f"{allowed} transactions the platform sent for you reverted on-chain within "
+        f"{int(settings.RELAY_REVERT_WINDOW.total_seconds())} s (funds, allowance, nonce or authorization changed "
+        "after they were accepted): nothing more is relayed for you until the oldest is out of that window.",
+        code="relay_budget_exhausted", retry_after=retry_after,
+        details={"retry_after_seconds": retry_after, "reverts": allowed})
+
+
+def _revert_attribute(tx: ChainTransaction) -> None:
+    """Inside the DB transaction concluding `tx` failed: a relayed party's transaction mined reverted for a reason
+    the chain names is that party's (`RelayRevert`). Not one whose replay ran through (out of the gas we gave it), nor
+    one decided on someone else's copy mined first (EVIDENCE_BLOCK: anyone may send a public authorization first,
+    and a party is not charged for what others do with it)."""
+    party = tx.context.get(RELAYED_FOR)
+    if (party is None or tx.receipt_status != 0 or tx.failure_reason == chain.REPLAY_RAN_THROUGH
+            or EVIDENCE_BLOCK in tx.outcome_evidence):
+        return
+    RelayRevert.objects.get_or_create(transaction=tx, defaults={
+        "party": party, "reason": tx.failure_reason, "reverted_at": timezone.now()})
+    logger.warning("a relayed party's transaction reverted on-chain at the relayer's gas",
+                   extra={"tx_id": str(tx.pk), "party": party, "purpose": tx.purpose, "reason": tx.failure_reason})
+
+
 def transaction_preflight(*, to: str, data: str) -> None:
     """Before a caller's request queues a transaction the relayer pays for (a buyer's signed call relayed): simulate
     it as the relayer would send it, from the relayer's address. One the chain would refuse, for a reason the
@@ -188,11 +237,15 @@ def transaction_preflight(*, to: str, data: str) -> None:
 
 
 def transaction_enqueue(*, purpose: str, to: str, data: str, agreement_id=None, context: dict | None = None,
-                        confirmations: int | None = None) -> ChainTransaction:
-    """Create the row inside the caller's DB transaction; it is submitted after that transaction commits."""
+                        confirmations: int | None = None, relayed_for: str | None = None) -> ChainTransaction:
+    """Create the row inside the caller's DB transaction; it is submitted after that transaction commits.
+    `relayed_for`: the party (`relay_party`) whose signed action it relays, charged with its revert."""
+    context = context or {}
+    if relayed_for is not None:
+        context = {**context, RELAYED_FOR: relayed_for}
     tx = ChainTransaction.objects.create(
         purpose=purpose, agreement_id=agreement_id, to_address=to, data=data, chain_id=settings.CHAIN_ID,
-        confirmations_required=confirmations or settings.CHAIN_CONFIRMATIONS, context=context or {},
+        confirmations_required=confirmations or settings.CHAIN_CONFIRMATIONS, context=context,
     )
     _submit_after_commit(tx.pk)
     return tx
@@ -261,6 +314,8 @@ def _conclude(tx: ChainTransaction, *, failure: str | None = None) -> ChainTrans
         if not _locked_if_unchanged(tx):
             return None
         tx.save(update_fields=_OUTCOME_FIELDS)
+        if failure is not None:
+            _revert_attribute(tx)
         _apply_outcome(tx)
     return tx
 
@@ -496,6 +551,7 @@ def _reopen(tx: ChainTransaction) -> bool:
     with transaction.atomic():
         if not _locked_if_unchanged(tx):
             return False
+        RelayRevert.objects.filter(transaction=tx).delete()  # its revert is off the chain with its block
         if _superseded(tx):
             _cancel(tx)
             return True
@@ -542,6 +598,7 @@ def _evidence_renewed(tx: ChainTransaction) -> bool:
             return False
         logger.warning("a failed transaction's outcome changed: another transaction did what it would have",
                        extra={"tx_id": str(tx.pk), "evidence": evidence})
+        RelayRevert.objects.filter(transaction=tx).delete()  # not the party's: what it asked for was done
         tx.outcome_evidence, tx.outcome_applied = evidence, False
         tx.save(update_fields=["outcome_evidence", "outcome_applied", "updated_at"])
         _apply_outcome(tx)

@@ -159,8 +159,11 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
     is accepted while the allowance it granted still covers both: the contract then skips it. An intent nonce the
     buyer revoked on-chain (`cancelIntentNonce`) is replaced first (`intent_nonce_renew`, as the package does), so an
     intent signed under it is refused (`wrong_signer`), not relayed to revert IntentNonceUsed at the relayer's
-    expense, as often as it is posted."""
+    expense, as often as it is posted. A buyer whose relayed transactions keep reverting is refused first
+    (`relayer.relay_budget_check`)."""
     _require_chain()
+    party = relayer.relay_party(agent_id=buyer.pk)
+    relayer.relay_budget_check(party=party)
     if agreement.buyer_id == buyer.pk:  # else refused at agreement_activation_begin
         agreement = intent_nonce_renew(agreement=agreement)
     now = chain_clock.chain_now_for_request(next_block=True)
@@ -200,6 +203,7 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
         agreement_services.agreement_activation_begin(agreement_id=agreement.pk, buyer=buyer)
         return relayer.transaction_enqueue(
             purpose=TxPurpose.ACTIVATE, to=chainconfig.escrow_address(), data=data, agreement_id=agreement.pk,
+            relayed_for=party,
         )
 
 

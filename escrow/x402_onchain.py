@@ -39,7 +39,7 @@ from catalog.models import Agent, Skill
 from escrow import chain, chain_clock, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
-from marketplace.errors import Conflict, DependencyUnavailable
+from marketplace.errors import Conflict, DependencyUnavailable, TooManyRequests
 from sdk import typed_data
 
 logger = logging.getLogger(__name__)
@@ -156,13 +156,16 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
     requirements = invocation_requirements(skill)
     authorization = agreement_services.payment_verify(payment.header, requirements, payer=payment.payer,
                                                       holder=payment.holder)
+    party = relayer.relay_party(agent_id=buyer.pk if buyer is not None else None, wallet=authorization.payer)
+    relayer.relay_budget_check(party=party)
     simulate(authorization)
     with transaction.atomic():
         invocation = agreement_services.invocation_create(skill=skill, buyer=buyer, input=input,
                                                           authorization=authorization)
         tx = relayer.transaction_enqueue(
             purpose=TxPurpose.INVOCATION_PAYMENT, to=chainconfig.usdc_address(),
-            data=_transfer_with_authorization_data(authorization), context={"invocation_id": str(invocation.pk)})
+            data=_transfer_with_authorization_data(authorization), context={"invocation_id": str(invocation.pk)},
+            relayed_for=party)
     return invocation, tx
 
 
@@ -302,6 +305,10 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> str | None:
     """Whether an accepted direct payment can run, asked of the chain (registered with agreements, which calls it
     before locking the agreement): the payment's simulation, the fee permit's nonce, the buyer's balance."""
     _require_chain()
+    try:
+        relayer.relay_budget_check(party=relayer.relay_party(agent_id=agreement.buyer_id))
+    except TooManyRequests as exhausted:
+        return f"{exhausted.code}: {exhausted.message}"
     buyer = to_checksum_address(agreement.buyer_wallet_address)
     token = chain.token_contract()
     try:
@@ -328,7 +335,7 @@ def _direct_payment_queue(agreement: UsageAgreement) -> None:
         buyer, to_checksum_address(chainconfig.relayer_address()), permit["value"], permit["deadline"], v,
         hex_to_bytes(r), hex_to_bytes(s)])
     relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_FEE_PERMIT, to=chainconfig.usdc_address(), data=data,
-                                agreement_id=agreement.pk)
+                                agreement_id=agreement.pk, relayed_for=relayer.relay_party(agent_id=agreement.buyer_id))
 
 
 def _agreement(tx: ChainTransaction) -> UsageAgreement:
@@ -366,7 +373,8 @@ def _direct_step_enqueue(agreement: UsageAgreement, purpose: str, data: str) -> 
     is concluded again, and the next one, reopened too, is the same transaction sent again."""
     if selectors.live_transaction(agreement_id=agreement.pk, purpose=purpose) is None:
         relayer.transaction_enqueue(purpose=purpose, to=chainconfig.usdc_address(), data=data,
-                                    agreement_id=agreement.pk)
+                                    agreement_id=agreement.pk,
+                                    relayed_for=relayer.relay_party(agent_id=agreement.buyer_id))
 
 
 def _direct_fee_outcome(tx: ChainTransaction) -> None:
@@ -581,6 +589,8 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
     _require_chain()
     authorization = agreement_services.agreement_payment_authorization_cancel_check(
         agreement=agreement, buyer=buyer, signature=signature)
+    party = relayer.relay_party(agent_id=buyer.pk)
+    relayer.relay_budget_check(party=party)
     live = selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
     if live is not None:
         return live
@@ -604,7 +614,7 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
         agreement_services.agreement_payment_authorization_cancel_begin(agreement_id=agreement.pk)
         live = selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
         return live or relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL, to=token.address,
-                                                   data=data, agreement_id=agreement.pk)
+                                                   data=data, agreement_id=agreement.pk, relayed_for=party)
 
 
 def _direct_authorization_cancel_evidence(tx: ChainTransaction) -> dict:

@@ -72,6 +72,17 @@ class PayloadTooLarge(ApplicationError):
     message = "The request body is too large."
 
 
+class TooManyRequests(ApplicationError):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    code = "rate_limited"
+    message = "Too many requests; retry later."
+
+    def __init__(self, message: str | None = None, *, retry_after: int, code: str | None = None,
+                 details: dict | None = None):
+        super().__init__(message, code=code, details=details)
+        self.retry_after = retry_after
+
+
 class DependencyUnavailable(ApplicationError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     code = "dependency_unavailable"

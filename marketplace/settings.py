@@ -365,6 +365,11 @@ ACTIVATION_SIGNATURE_TTL = env.int("ACTIVATION_SIGNATURE_TTL_SECONDS", default=1
 CHAIN_STALL_SECONDS = env.int("CHAIN_STALL_SECONDS", default=60)
 # Failed payments whose authorization may still be used (relayer.transactions_recheck_watched) read at most per poll.
 CHAIN_WATCHED_CHECKS_PER_POLL = env.int("CHAIN_WATCHED_CHECKS_PER_POLL", default=50)
+# A party (buyer agent, or payer wallet without one) whose relayed transactions were mined reverted this many times
+# (the relayer's gas spent: relayer.relay_budget_check) within the window has its relayed actions refused, 429
+# relay_budget_exhausted, until the oldest of them leaves the window. 0: no limit.
+RELAY_REVERTS_PER_PARTY = env.int("RELAY_REVERTS_PER_PARTY", default=3)
+RELAY_REVERT_WINDOW = timedelta(seconds=env.int("RELAY_REVERT_WINDOW_SECONDS", default=24 * 3600))
 # A settlement proposal that reverts is tried again by the settlement tick after BACKOFF, 2 x BACKOFF, 4 x ...
 # seconds, at most MAX_ATTEMPTS times; then it waits on the dashboard for an operator's retry (which starts over).
 SETTLEMENT_PROPOSE_MAX_ATTEMPTS = env.int("SETTLEMENT_PROPOSE_MAX_ATTEMPTS", default=5)

@@ -14,6 +14,7 @@ from x402.http import decode_payment_required_header, decode_payment_response_he
 from agreements import invocations
 from agreements.models import SkillInvocation, UsageAgreement
 from agreements.tasks import run_invocation
+from escrow import chain as gateway
 from catalog.models import Service
 from escrow.models import ChainTransaction
 from policies.models import ApprovalRequest
@@ -393,15 +394,21 @@ def test_an_authorization_replayed_with_its_nonce_spelled_otherwise_is_refused_a
     assert len(market.upstream.requests) == 1
 
 
-def test_an_authorization_already_used_on_chain_is_refused_by_the_simulation(market):
-    payment = market.pay("translate")
+def cancelled_on_chain(market, payment: str) -> None:
+    """The payer cancels the payment's authorization itself, on-chain (EIP-3009 cancelAuthorization)."""
     nonce = decode_payment_signature_header(payment).payload["authorization"]["nonce"]
     typed = typed_data.cancel_authorization(chain_id=market.chain.chain_id, token_address=market.chain.usdc.address,
                                             authorizer=market.buyer.address, nonce=nonce)
-    market.chain.usdc.functions.cancelAuthorization(
+    cancelled = market.chain.usdc.functions.cancelAuthorization(
         market.buyer.address, bytes.fromhex(nonce[2:]),
         bytes.fromhex(typed_data.sign_typed_data(market.buyer.key, typed)[2:])).transact(
         {"from": market.buyer.address})
+    assert market.chain.w3.eth.wait_for_transaction_receipt(cancelled)["status"] == 1
+
+
+def test_an_authorization_already_used_on_chain_is_refused_by_the_simulation(market):
+    payment = market.pay("translate")
+    cancelled_on_chain(market, payment)
 
     response = market.call("translate", payment)
 
@@ -685,3 +692,43 @@ def test_an_invocation_the_owner_must_approve_is_403_approval_required_and_moves
     _refused(market, response, code="approval_required", rule="approval_threshold", before=before)
     assert response.json()["error"]["details"]["threshold"] == PRICE - 1
     assert not ApprovalRequest.objects.exists()  # a synchronous paid call cannot wait for the owner
+
+
+def cancelled_once_estimated(market, monkeypatch, payment: str) -> None:
+    """The next transaction the relayer estimates reverts when mined: right after the estimate the payer cancels the
+    payment's authorization (in a block before the relayer's), as anyone may change the chain in between."""
+    estimate = gateway.simulate
+
+    def estimate_then_cancel(**transaction):
+        gas = estimate(**transaction)
+        monkeypatch.setattr(gateway, "simulate", estimate)
+        cancelled_on_chain(market, payment)
+        return gas
+
+    monkeypatch.setattr(gateway, "simulate", estimate_then_cancel)
+
+
+def test_a_payer_whose_relayed_payments_keep_reverting_is_refused_relaying_once_its_revert_budget_is_spent(
+        market, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """An anonymous payer's authorization passes the checks and the simulations, then the payer cancels it before
+    the relayer's transferWithAuthorization is mined: the revert costs the relayer's gas, nothing is charged, and the
+    payer signs another. After RELAY_REVERTS_PER_PARTY such reverts of its wallet the next paid call is 429
+    relay_budget_exhausted: nothing is relayed, the seller is not called."""
+    settings.RELAY_REVERTS_PER_PARTY = 2
+    for _ in range(2):
+        payment = market.pay("translate")
+        cancelled_once_estimated(market, monkeypatch, payment)
+        with django_capture_on_commit_callbacks(execute=True):
+            response = market.call("translate", payment)
+        assert response.status_code == 402 and response.json()["error"] == "payment_failed", response.content
+    assert ChainTransaction.objects.filter(purpose="invocation_payment", receipt_status=0).count() == 2
+    buyer, seller, treasury = market.balances()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = market.call("translate", market.pay("translate"))
+
+    assert response.status_code == 429, response.content
+    assert error_code(response) == "relay_budget_exhausted"
+    assert response.json()["error"]["details"]["retry_after_seconds"] > 0
+    assert ChainTransaction.objects.count() == 2 and market.upstream.requests == []
+    assert market.balances() == (buyer, seller, treasury)

@@ -603,3 +603,50 @@ def _a_transfer_mined(chain, recipient, capture) -> ChainTransaction:
     confirm_all(capture)
     tx.refresh_from_db()
     return tx
+
+
+def reverted_activation(parties, chain, capture, monkeypatch, agreement_id: str):
+    """The buyer's activation relayed and mined reverted: the buyer moved its USDC away between the relayer's
+    simulation and the mining, then got it back for the next try. Returns the POST's response."""
+    spent_by_the_buyer_once_estimated(chain, monkeypatch)
+    response = parties.activate(agreement_id, capture)
+    stranger = chain.accounts.stranger.address
+    returned = chain.usdc.functions.transfer(parties.buyer_account.address, usdc_balance(chain, stranger)).transact(
+        {"from": stranger})
+    assert chain.w3.eth.wait_for_transaction_receipt(returned)["status"] == 1
+    return response
+
+
+def test_a_buyer_whose_relayed_activations_keep_reverting_is_refused_relaying_once_its_revert_budget_is_spent(
+        parties, escrow_chain, settings, monkeypatch, admin_client, django_capture_on_commit_callbacks):
+    """Each activation passes the API's checks and the relayer's simulation, then the buyer empties its wallet before
+    it is mined: the revert costs the relayer's gas, and the buyer asks again. The reverts are the buyer's: after
+    RELAY_REVERTS_PER_PARTY of them within RELAY_REVERT_WINDOW the relayer sends nothing more for it (429
+    relay_budget_exhausted, with when to try again), and an operator sees them listed (admin) under the buyer."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.RELAY_REVERTS_PER_PARTY = 2
+    agreement = parties.accepted_agreement()
+    for _ in range(2):
+        assert reverted_activation(parties, chain, capture, monkeypatch, agreement["id"]).status_code == 202
+        shown = parties.agreement(agreement["id"])
+        assert shown["status"] == "activation_failed"
+        assert shown["status_reason"] == "activation reverted: ERC20InsufficientBalance"  # the buyer is told why
+    assert ChainTransaction.objects.filter(agreement_id=agreement["id"], receipt_status=0).count() == 2
+    sent = relayer_nonce_on_chain(chain)
+
+    with capture(execute=True):
+        refused = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                         parties.signed_activation(agreement["id"]))
+    assert refused.status_code == 429, refused.content
+    error = refused.json()["error"]
+    assert error["code"] == "relay_budget_exhausted"
+    window = int(settings.RELAY_REVERT_WINDOW.total_seconds())
+    assert 0 < error["details"]["retry_after_seconds"] <= window
+    assert int(refused["Retry-After"]) == error["details"]["retry_after_seconds"]
+    assert relayer_nonce_on_chain(chain) == sent
+    assert parties.agreement(agreement["id"])["status"] == "activation_failed"
+
+    party = f"agent:{UsageAgreement.objects.get(pk=agreement['id']).buyer_id}"
+    listed = admin_client.get(reverse("admin:escrow_relayrevert_changelist") + f"?q={party}")
+    assert listed.status_code == 200
+    assert listed.context["cl"].result_count == 2
