@@ -10,6 +10,7 @@ from x402.http import decode_payment_signature_header
 
 from agreements import services as agreement_services
 from agreements.models import AgreementEvent, UsageAgreement
+from escrow import chain as gateway
 from escrow import relayer
 from escrow.models import ChainTransaction
 from sdk import typed_data
@@ -132,6 +133,43 @@ def test_a_payment_failing_after_the_fee_was_taken_gets_the_fee_refunded(
     assert failed["buyer_refund_atomic"] == FEE
     assert purchase.balances() == (buyer, seller, fee_recipient + FEE, treasury - FEE)
     assert ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_payment").status == "failed"
+
+
+def test_a_buyer_whose_direct_payment_it_made_revert_at_the_relayers_gas_buys_no_more_until_its_budget_is_back(
+        purchase, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """The buyer cancels its authorization between the relayer's simulation of the payment and its mining: the
+    payment reverts at the relayer's gas, and the treasury refunds the fee at its gas too; the buyer then proposes
+    again. With RELAY_REVERTS_PER_PARTY (here 1) such reverts within the window, its next purchase fails at the
+    seller's accept (payment_failed: relay_budget_exhausted) with nothing sent and nothing charged."""
+    capture = django_capture_on_commit_callbacks
+    settings.RELAY_REVERTS_PER_PARTY = 1
+    fund(purchase.chain, purchase.treasury, USDC)  # the platform treasury's float for refunds
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the permit confirmed; the fee transfer is sent
+    estimate = gateway.simulate
+
+    def estimate_then_cancel(**transaction):
+        gas = estimate(**transaction)
+        monkeypatch.setattr(gateway, "simulate", estimate)
+        purchase.cancel_authorization(body)
+        return gas
+
+    monkeypatch.setattr(gateway, "simulate", estimate_then_cancel)
+    for _ in range(3):  # the fee confirmed -> the payment estimated, cancelled, mined reverted -> the fee refunded
+        confirm_all(capture)
+    assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
+    assert ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_payment").receipt_status == 0
+    before = purchase.balances()
+
+    again = purchase.propose()
+    failed = purchase.accept(again["id"], capture)
+
+    assert failed["status"] == "payment_failed"
+    assert "relay_budget_exhausted" in failed["status_reason"]
+    assert not ChainTransaction.objects.filter(agreement_id=again["id"]).exists()
+    assert purchase.balances() == before
 
 
 @pytest.mark.parametrize("change, status, code", [
@@ -511,7 +549,6 @@ def test_a_payment_authorizations_cancellation_is_503_not_500_when_the_token_can
         purchase, method, monkeypatch):
     """The cancellation's typed data is in the token's EIP-712 domain, read from the token (cached once read): a
     node that does not answer then is 503 chain_unavailable, not a 500."""
-    from escrow import chain as gateway
 
     agreement = purchase.propose()
     assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
@@ -534,7 +571,6 @@ def test_a_cancellation_the_token_would_revert_for_a_reason_the_api_does_not_che
     (paused, say). Relayed, the cancellation reverted at the relayer's expense, and the buyer could ask again and
     again. It is simulated from the relayer's address first: a revert is 409 `transaction_would_revert` naming the
     reason, nothing queued; a node that does not answer is 503."""
-    from escrow import chain as gateway
 
     agreement = purchase.propose()
     assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
