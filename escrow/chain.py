@@ -677,11 +677,6 @@ def canonical_block_hash(number: int) -> str | None:
     return "0x" + block["hash"].hex().removeprefix("0x")
 
 
-# What `revert_reason` says of a reverted transaction whose replay as a call ran through: nothing in the chain's state
-# refused it, so it ran out of the gas we gave it (or its state changed back within the block).
-REPLAY_RAN_THROUGH = "reverted (no reason)"
-
-
 def revert_reason(*, sender: str, to: str, data: str, block_number: int) -> str:
     """Why a mined transaction reverted: replay it as a call at its block. Raises RpcUnavailable when the node did not
     answer (a timeout is no reason: the outcome, which may depend on the reason, waits for an answer)."""
@@ -693,7 +688,7 @@ def revert_reason(*, sender: str, to: str, data: str, block_number: int) -> str:
         if isinstance(error, RpcUnavailable):
             raise error from exc
         return error.args[0] if error.args else "reverted"
-    return REPLAY_RAN_THROUGH
+    return "reverted (no reason)"
 
 
 def to_json(value: Any) -> Any:

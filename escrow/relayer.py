@@ -101,6 +101,8 @@ CANCELS = "cancels"
 # The context key of a transaction sent for a party's signed action (`relay_party`): a revert of it mined is that
 # party's (`RelayRevert`), counted against its relay budget (`relay_budget_check`).
 RELAYED_FOR = "relayed_for"
+# When a party at its in-flight limit may try again: about a block, its confirmations and a poll.
+_IN_FLIGHT_RETRY_AFTER_SECONDS = 10
 # What a transfer of nothing to an account without code costs: a nonce fill's gas limit.
 _PLAIN_TRANSFER_GAS = 21_000
 # A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
@@ -188,7 +190,20 @@ def relay_budget_check(*, party: str) -> None:
     `relay_budget_exhausted`, nothing queued, until the oldest of those leaves the window
     (`details.retry_after_seconds`, Retry-After). Else a buyer that empties its wallet, spends its permit or
     authorization, or revokes its allowance between the simulation and the mining has the relayer pay for the
-    revert as often as it asks again."""
+    revert as often as it asks again.
+
+    Reverts count once mined, so the party's transactions still in flight count too: one with
+    RELAY_IN_FLIGHT_PER_PARTY of them is 429 `relay_in_flight_limit_reached` until one concludes. Else a buyer posts
+    many actions at once (an activation of each of its agreements), all pass the check with no revert recorded yet,
+    and one transfer of its funds makes every one of them revert."""
+    in_flight_allowed = settings.RELAY_IN_FLIGHT_PER_PARTY
+    if in_flight_allowed > 0 and ChainTransaction.objects.filter(
+            status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED],
+            **{f"context__{RELAYED_FOR}": party}).count() >= in_flight_allowed:
+        raise TooManyRequests(
+            f"{in_flight_allowed} transactions the platform sends for you are not concluded yet: wait for one.",
+            code="relay_in_flight_limit_reached", retry_after=_IN_FLIGHT_RETRY_AFTER_SECONDS,
+            details={"retry_after_seconds": _IN_FLIGHT_RETRY_AFTER_SECONDS, "in_flight": in_flight_allowed})
     allowed = settings.RELAY_REVERTS_PER_PARTY
     if allowed <= 0:
         return
@@ -207,13 +222,11 @@ def relay_budget_check(*, party: str) -> None:
 
 
 def _revert_attribute(tx: ChainTransaction) -> None:
-    """Inside the DB transaction concluding `tx` failed: a relayed party's transaction mined reverted for a reason
-    the chain names is that party's (`RelayRevert`). Not one whose replay ran through (out of the gas we gave it), nor
-    one decided on someone else's copy mined first (EVIDENCE_BLOCK: anyone may send a public authorization first,
-    and a party is not charged for what others do with it)."""
+    """Inside the DB transaction concluding `tx` mined reverted within its gas limit (`_reverted_within_gas`): a
+    relayed party's transaction is that party's revert (`RelayRevert`). Not one decided on someone else's copy mined
+    first (EVIDENCE_BLOCK: anyone may send a public authorization first; what the party asked for was done)."""
     party = tx.context.get(RELAYED_FOR)
-    if (party is None or tx.receipt_status != 0 or tx.failure_reason == chain.REPLAY_RAN_THROUGH
-            or EVIDENCE_BLOCK in tx.outcome_evidence):
+    if party is None or EVIDENCE_BLOCK in tx.outcome_evidence:
         return
     RelayRevert.objects.get_or_create(transaction=tx, defaults={
         "party": party, "reason": tx.failure_reason, "reverted_at": timezone.now()})
@@ -303,9 +316,11 @@ _OUTCOME_FIELDS = ["status", "failure_reason", "confirmed_at", "outcome_evidence
                    "mined_block_number", "mined_block_hash", "receipt_status", "updated_at"]
 
 
-def _conclude(tx: ChainTransaction, *, failure: str | None = None) -> ChainTransaction | None:
+def _conclude(tx: ChainTransaction, *, failure: str | None = None,
+              reverted_within_gas: bool = False) -> ChainTransaction | None:
     """Make `tx` confirmed (or failed with `failure`) and tell the domain, once: the evidence is read from the
-    chain first, then one locked write. None when another worker changed the row meanwhile."""
+    chain first, then one locked write. None when another worker changed the row meanwhile. `reverted_within_gas`:
+    it was mined and reverted short of its gas limit, charged to its relayed party (`_revert_attribute`)."""
     tx.status = TxStatus.FAILED if failure is not None else TxStatus.CONFIRMED
     tx.failure_reason = (failure or "").replace("\x00", "")[:500]  # PostgreSQL stores no NUL character
     tx.confirmed_at = timezone.now() if failure is None else None
@@ -314,7 +329,7 @@ def _conclude(tx: ChainTransaction, *, failure: str | None = None) -> ChainTrans
         if not _locked_if_unchanged(tx):
             return None
         tx.save(update_fields=_OUTCOME_FIELDS)
-        if failure is not None:
+        if reverted_within_gas:
             _revert_attribute(tx)
         _apply_outcome(tx)
     return tx
@@ -476,7 +491,17 @@ def _conclude_mined(tx: ChainTransaction) -> ChainTransaction | None:
     if tx.receipt_status == 1:
         return _conclude(tx)
     return _conclude(tx, failure=chain.revert_reason(sender=tx.relayer.address, to=tx.to_address, data=tx.data,
-                                                     block_number=tx.mined_block_number))
+                                                     block_number=tx.mined_block_number),
+                     reverted_within_gas=_reverted_within_gas(tx))
+
+
+def _reverted_within_gas(tx: ChainTransaction) -> bool:
+    """Whether mined-reverted `tx` stopped short of its gas limit: the chain refused it (what its signer changed
+    since the simulation, for a relayed party's action), where one that used all of it ran out of the gas we gave
+    it, our fault. Its replay cannot tell: it runs on the block's end state, which a party that moved its funds out
+    before ours and back after it has restored. False when the receipt is gone (a reorg: concluded again later)."""
+    found = chain.receipt(tx.mined_tx_hash)
+    return found is not None and tx.gas_limit is not None and found.gas_used < tx.gas_limit
 
 
 def _forget_mined(tx: ChainTransaction) -> None:

@@ -13,7 +13,8 @@ from web3.exceptions import Web3RPCError
 from agreements.models import UsageAgreement
 from escrow import chain as gateway
 from escrow import indexer, relayer
-from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayerAccount, TxAttempt, TxPurpose, TxStatus
+from escrow.models import (ChainEvent, ChainTransaction, EventEffect, RelayerAccount, RelayRevert, TxAttempt, TxPurpose,
+                           TxStatus)
 from escrow.tasks import submit_transaction
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, mined_what_was_sent, onchain_escrow, usdc_balance
 
@@ -650,3 +651,56 @@ def test_a_buyer_whose_relayed_activations_keep_reverting_is_refused_relaying_on
     listed = admin_client.get(reverse("admin:escrow_relayrevert_changelist") + f"?q={party}")
     assert listed.status_code == 200
     assert listed.context["cl"].result_count == 2
+
+
+def test_an_activation_that_ran_out_of_the_gas_the_relayer_gave_it_is_not_charged_to_the_buyer(
+        parties, escrow_chain, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """The relayer's gas limit fell short (an estimate too low): the activation is mined out of gas, using all of it.
+    That revert is the relayer's own, not the buyer's: nothing is charged to the buyer, whose next activation is
+    relayed and runs."""
+    capture = django_capture_on_commit_callbacks
+    settings.RELAY_REVERTS_PER_PARTY = 1
+    agreement = parties.accepted_agreement()
+    estimate = gateway.simulate
+
+    def estimated_short(**transaction):
+        monkeypatch.setattr(gateway, "simulate", estimate)
+        return estimate(**transaction) // 2
+
+    monkeypatch.setattr(relayer, "_SLOT_FILL_GAS", 0)
+    monkeypatch.setattr(gateway, "simulate", estimated_short)
+    parties.activate(agreement["id"], capture)
+    failed = ChainTransaction.objects.get(agreement_id=agreement["id"])
+    assert (failed.status, failed.receipt_status) == (TxStatus.FAILED, 0)
+    assert parties.agreement(agreement["id"])["status"] == "activation_failed"
+    assert not RelayRevert.objects.exists()
+
+    assert parties.activate(agreement["id"], capture).status_code == 202
+    assert parties.agreement(agreement["id"])["status"] == "active"
+
+
+def test_a_buyer_with_its_limit_of_relayed_transactions_in_flight_is_refused_another_until_one_concludes(
+        parties, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """Reverts are counted once mined: a buyer posting many activations at once (one per agreement) passed the revert
+    budget with none recorded yet, and one transfer of its funds then made all of them revert at the relayer's gas.
+    Its relayed transactions not concluded yet count: at RELAY_IN_FLIGHT_PER_PARTY the next is 429
+    relay_in_flight_limit_reached, nothing queued, until one concludes."""
+    capture = django_capture_on_commit_callbacks
+    settings.RELAY_IN_FLIGHT_PER_PARTY = 1
+    first, _, submit = queue_activation(parties, capture)
+    second = parties.accepted_agreement()
+
+    refused = parties.buyer_api.post(f"/usage-agreements/{second['id']}/activate-escrow",
+                                     parties.signed_activation(second["id"]))
+
+    assert refused.status_code == 429, refused.content
+    assert refused.json()["error"]["code"] == "relay_in_flight_limit_reached"
+    assert refused.json()["error"]["details"]["retry_after_seconds"] > 0
+    assert not ChainTransaction.objects.filter(agreement_id=second["id"]).exists()
+    with capture(execute=True):
+        for callback in submit:
+            callback()
+    confirm_all(capture)
+    assert parties.agreement(first["id"])["status"] == "active"
+    assert parties.activate(second["id"], capture).status_code == 202
+    assert parties.agreement(second["id"])["status"] == "active"
