@@ -15,6 +15,7 @@ from tests.conftest import error_code
 from tests.escrow.conftest import escrow_terms
 from tests.escrow.flow import confirm_all, mined_what_was_sent
 from tests.escrow.test_indexer import call_n, funded, index, seller_proposes_directly, statuses  # noqa: F401
+from tests.escrow.test_relayer_faults import reverted_activation
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -327,4 +328,22 @@ def test_a_challenge_the_escrow_would_revert_while_the_books_lag_is_refused_with
         refused = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body)
     assert refused.status_code == 409 and error_code(refused) == "transaction_would_revert", refused.content
     assert "InvalidState" in refused.json()["error"]["details"]["revert_reason"]
+    assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE).exists()
+
+
+def test_a_buyer_whose_relayed_transactions_kept_reverting_has_its_challenge_refused_with_nothing_queued(
+        funded, escrow_chain, settings, monkeypatch, django_capture_on_commit_callbacks):  # noqa: F811
+    """The buyer made another of its relayed transactions revert at the relayer's gas (an activation whose funds it
+    moved away before the mining): with RELAY_REVERTS_PER_PARTY (here 1) of them in the window, its challenge is
+    429 relay_budget_exhausted, nothing read or queued, as its other relayed actions are."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.RELAY_REVERTS_PER_PARTY = 1
+    body = challenge_of_an_indexed_proposal(funded, chain, capture)
+    other = funded.accepted_agreement()
+    reverted_activation(funded, chain, capture, monkeypatch, other["id"])
+
+    response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body)
+
+    assert response.status_code == 429, response.content
+    assert error_code(response) == "relay_budget_exhausted"
     assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE).exists()
