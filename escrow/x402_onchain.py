@@ -589,11 +589,11 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
     _require_chain()
     authorization = agreement_services.agreement_payment_authorization_cancel_check(
         agreement=agreement, buyer=buyer, signature=signature)
-    party = relayer.relay_party(agent_id=buyer.pk)
-    relayer.relay_budget_check(party=party)
     live = selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
     if live is not None:
         return live
+    party = relayer.relay_party(agent_id=buyer.pk)
+    relayer.relay_budget_check(party=party)
     token = chain.token_contract(agreement.payment_authorization.token_address)
     payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
     with chain.unavailable_as_503():
