@@ -3,7 +3,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from django.conf import settings
-from django.db.models import Count, Exists, OuterRef, Q
+from django.db.models import Count, Exists, F, OuterRef, Q, Sum
 from web3 import Web3
 
 from agreements import services as agreement_services
@@ -40,6 +40,16 @@ def network_config() -> dict:
 def live_transactions(*, purpose: str):
     """Transactions of `purpose` under way or done, i.e. not failed: an agreement has at most one."""
     return ChainTransaction.objects.filter(purpose=purpose).exclude(status=TxStatus.FAILED)
+
+
+def activations_unmined_amount(*, agreement: UsageAgreement) -> int:
+    """What the activations of the agreement's buyer wallet queued or sent, not mined yet as the books know, will
+    pull from it in the agreement's token (deposit plus fee each): its balance does not show that yet."""
+    return UsageAgreement.objects.filter(
+        buyer_wallet_address=agreement.buyer_wallet_address, token_address=agreement.token_address,
+        chain_transactions__purpose=TxPurpose.ACTIVATE,
+        chain_transactions__status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED],
+    ).exclude(pk=agreement.pk).aggregate(total=Sum(F("deposit_amount") + F("infra_fee")))["total"] or 0
 
 
 def live_transaction(*, agreement_id, purpose: str) -> ChainTransaction | None:

@@ -192,9 +192,13 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
 
     balance = chain.call(chain.token_contract(agreement.token_address or None).functions.balanceOf(
         Web3.to_checksum_address(wallet)).call)
-    if balance < required:
-        raise PaymentRequired("The buyer's wallet holds too little to fund the escrow and fee.",
-                              code="insufficient_balance", details={"balance": balance, "required": required})
+    # Its other activations not mined yet pull from the same balance: each passes the check and the simulation alone,
+    # and all but what the balance covers would revert at the relayer's gas.
+    committed = selectors.activations_unmined_amount(agreement=agreement)
+    if balance - committed < required:
+        raise PaymentRequired("The buyer's wallet holds too little to fund the escrow and fee, besides what its "
+                              "activations under way will take.", code="insufficient_balance",
+                              details={"balance": balance, "required": required, "committed": committed})
 
     data = chain.escrow_contract().encode_abi(
         "activate", args=[typed_data.message_tuple(intent), intent_signature, onchain_permit, typed_data.EMPTY_PERMIT]

@@ -8,7 +8,7 @@ from agreements.models import AgreementEvent, UsageAgreement
 from escrow.models import ChainTransaction, TxStatus
 from tests.chain_fixtures import TOKEN_NAMES
 from tests.conftest import codes_at, error_code
-from tests.escrow.flow import USDC, Parties, confirm_all, pay_fees, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, fund, pay_fees, usdc_balance
 from tests.support.rpc_relay import RpcRelay
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -90,6 +90,35 @@ def test_unfunded_buyer_gets_402(escrow_chain):
     response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
                                       parties.signed_activation(agreement["id"]))
     assert response.status_code == 402 and error_code(response) == "insufficient_balance"
+
+
+def test_a_buyer_funding_one_escrow_is_refused_a_second_while_the_first_activation_is_not_mined(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """The balance covers one escrow: two activations posted at once each passed the balance check and the
+    simulation alone, and the second reverted at the relayer's gas. What its activations not mined yet will take
+    counts: the second is 402 insufficient_balance naming it (`committed`), nothing queued; once the first is mined,
+    the balance says so itself."""
+    parties = Parties(escrow_chain, buyer_funds=0)
+    first, second = parties.accepted_agreement(), parties.accepted_agreement()
+    required = first["deposit_amount_atomic"] + first["infra_fee_atomic"]
+    fund(escrow_chain, parties.buyer_account.address, required + required // 2)
+    with django_capture_on_commit_callbacks(execute=False) as submit:
+        queued = parties.buyer_api.post(f"/usage-agreements/{first['id']}/activate-escrow",
+                                        parties.signed_activation(first["id"]))
+    assert queued.status_code == 202, queued.content
+
+    refused = parties.buyer_api.post(f"/usage-agreements/{second['id']}/activate-escrow",
+                                     parties.signed_activation(second["id"]))
+
+    assert refused.status_code == 402, refused.content
+    assert error_code(refused) == "insufficient_balance"
+    assert refused.json()["error"]["details"]["committed"] == required
+    assert not ChainTransaction.objects.filter(agreement_id=second["id"]).exists()
+    with django_capture_on_commit_callbacks(execute=True):
+        for callback in submit:
+            callback()
+    confirm_all(django_capture_on_commit_callbacks)
+    assert parties.agreement(first["id"])["status"] == "active"
 
 
 def test_two_activations_at_once_send_one_transaction(parties, django_capture_on_commit_callbacks):
