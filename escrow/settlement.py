@@ -226,8 +226,9 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
     proposal read, and its confirmation records it first when the books still say active."""
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer challenges a settlement.", code="buyer_only")
-    party = relayer.relay_party(agent_id=buyer.pk)
-    relayer.relay_budget_check(party=party)
+    # Not refused by, nor charged to, the relay budget (relayer.relay_budget_check): a challenge is the buyer's
+    # defence, and what reverts one after its simulation (mined past its deadline or the window) is mostly not the
+    # buyer's doing; an escrow is disputed once, which bounds them.
     if not can_challenge(agreement) and agreement.status != AgreementStatus.ACTIVE:
         raise _nothing_to_challenge(agreement)  # checked again under the lock; first so that nothing is read
     # The block a transaction sent now gets: the contract refuses a challenge from the deadline's second on.
@@ -248,7 +249,7 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
         context = {"reason": reason, "evidence": evidence}
         if proposal is not None:
             context[UNINDEXED_PROPOSAL] = proposal
-        return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig", args, {**context, relayer.RELAYED_FOR: party})
+        return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig", args, context)
 
 
 def _challenge_check(agreement: UsageAgreement, *, proposal: dict | None, now: int, deadline: int,

@@ -592,8 +592,8 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
     live = selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
     if live is not None:
         return live
-    party = relayer.relay_party(agent_id=buyer.pk)
-    relayer.relay_budget_check(party=party)
+    # Not refused by, nor charged to, the relay budget (relayer.relay_budget_check): the buyer's defence of its money,
+    # once per purchase (a revert's cause, a use of the authorization, makes the next ask 409).
     token = chain.token_contract(agreement.payment_authorization.token_address)
     payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
     with chain.unavailable_as_503():
@@ -614,7 +614,7 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
         agreement_services.agreement_payment_authorization_cancel_begin(agreement_id=agreement.pk)
         live = selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
         return live or relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL, to=token.address,
-                                                   data=data, agreement_id=agreement.pk, relayed_for=party)
+                                                   data=data, agreement_id=agreement.pk)
 
 
 def _direct_authorization_cancel_evidence(tx: ChainTransaction) -> dict:

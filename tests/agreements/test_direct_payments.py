@@ -12,7 +12,7 @@ from agreements import services as agreement_services
 from agreements.models import AgreementEvent, UsageAgreement
 from escrow import chain as gateway
 from escrow import relayer
-from escrow.models import ChainTransaction
+from escrow.models import ChainTransaction, RelayRevert
 from sdk import typed_data
 from sdk.x402_signing import build_direct_stablecoin_agreement
 from tests.chain_fixtures import TOKEN_NAMES
@@ -439,6 +439,30 @@ def test_a_closed_direct_purchases_authorization_is_cancelled_on_chain_for_the_b
     assert ChainTransaction.objects.get(agreement_id=agreement["id"]).status == "confirmed"
     shown = purchase.parties.agreement(agreement["id"])
     assert shown["payment_authorization_cancel_tx_hash"].startswith("0x"), shown
+
+
+def test_a_buyer_past_its_relay_revert_budget_still_cancels_its_payment_authorization(
+        purchase, settings, django_capture_on_commit_callbacks):
+    """The relay budget stops a buyer making its relayed purchases revert at the relayer's gas; the cancellation of
+    a closed purchase's authorization is the buyer's defence of its money (the authorization is bearer until its
+    validBefore), once per purchase. Refused by the budget, the authorization stayed live."""
+    settings.RELAY_REVERTS_PER_PARTY = 1
+    agreement = purchase.propose()
+    path = f"/usage-agreements/{agreement['id']}"
+    assert purchase.parties.seller_api.put(f"{path}/reject", {"reason": "busy"}).status_code == 200
+    buyer_id = UsageAgreement.objects.get(pk=agreement["id"]).buyer_id
+    RelayRevert.objects.create(  # a relayed transaction of the buyer's that it made revert, a minute ago
+        transaction=ChainTransaction.objects.create(purpose="activate", to_address=purchase.chain.usdc.address,
+                                                    data="0x", chain_id=purchase.chain.chain_id, status="failed"),
+        party=relayer.relay_party(agent_id=buyer_id), reverted_at=timezone.now() - timedelta(minutes=1))
+
+    with django_capture_on_commit_callbacks(execute=True):
+        cancelled = purchase.parties.buyer_api.post(f"{path}/cancel-payment-authorization",
+                                                    {"signature": _cancel_signature(purchase, agreement["id"])})
+    assert cancelled.status_code == 202, cancelled.content
+    confirm_all(django_capture_on_commit_callbacks)
+    nonce = UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization.nonce
+    assert purchase.chain.usdc.functions.authorizationState(purchase.buyer.address, bytes.fromhex(nonce[2:])).call()
 
 
 def test_a_payment_authorization_is_cancelled_only_by_its_buyer_and_only_once_the_purchase_is_off(
