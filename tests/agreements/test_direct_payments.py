@@ -100,6 +100,15 @@ def test_direct_purchase_collects_the_fee_then_pays_the_seller(purchase, django_
         "proposed", "accepted", "paying", "paid"]
 
 
+def failed_at_accept(purchase, agreement_id, capture, *, reason: str, balances) -> None:
+    """The seller's accept fails the purchase for `reason` with nothing sent and nothing moved."""
+    failed = purchase.accept(agreement_id, capture)
+    assert failed["status"] == "payment_failed"
+    assert reason in failed["status_reason"]
+    assert not ChainTransaction.objects.filter(agreement_id=agreement_id).exists()
+    assert purchase.balances() == balances
+
+
 def test_a_payment_that_cannot_run_fails_at_accept_with_the_fee_never_taken(
         purchase, django_capture_on_commit_callbacks):
     body = purchase.body()
@@ -107,12 +116,8 @@ def test_a_payment_that_cannot_run_fails_at_accept_with_the_fee_never_taken(
     purchase.cancel_authorization(body)  # the buyer withdraws the x402 authorization before the seller accepts
     before = purchase.balances()
 
-    failed = purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
-
-    assert failed["status"] == "payment_failed"
-    assert "authorization_already_used" in failed["status_reason"]
-    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
-    assert purchase.balances() == before
+    failed_at_accept(purchase, agreement["id"], django_capture_on_commit_callbacks, reason="authorization_already_used",
+                     balances=before)
 
 
 def test_a_payment_failing_after_the_fee_was_taken_gets_the_fee_refunded(
@@ -163,13 +168,7 @@ def test_a_buyer_whose_direct_payment_it_made_revert_at_the_relayers_gas_buys_no
     assert ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_payment").receipt_status == 0
     before = purchase.balances()
 
-    again = purchase.propose()
-    failed = purchase.accept(again["id"], capture)
-
-    assert failed["status"] == "payment_failed"
-    assert "relay_budget_exhausted" in failed["status_reason"]
-    assert not ChainTransaction.objects.filter(agreement_id=again["id"]).exists()
-    assert purchase.balances() == before
+    failed_at_accept(purchase, purchase.propose()["id"], capture, reason="relay_budget_exhausted", balances=before)
 
 
 @pytest.mark.parametrize("change, status, code", [

@@ -286,25 +286,15 @@ def test_a_seller_dribbling_its_answer_head_times_out_at_the_skills_limit_and_is
     assert invocation["status"] == "timeout" and invocation["payment"]["status"] == "refunded"
 
 
-def test_a_failed_async_invocation_is_refunded(market, django_capture_on_commit_callbacks):
-    market.upstream.responses.append((500, {"error": "model crashed"}))
-    payment = market.pay("render")
-    before = market.balances()
-
-    with django_capture_on_commit_callbacks(execute=True):
-        invocation_id = market.call("render", payment).json()["invocation_id"]
-    confirm_all(django_capture_on_commit_callbacks)
-
-    invocation = market.caller.get(f"/services/{invocation_id}").json()
-    assert invocation["status"] == "failed" and invocation["payment"]["status"] == "refunded"
-    assert market.balances() == before
-
-
-def test_an_invocation_of_a_seller_address_saved_before_it_was_checked_fails_and_is_refunded(
-        market, django_capture_on_commit_callbacks):
-    """A host IDNA forbids, saved before such addresses were refused: httpx raised InvalidURL (no HTTPError) out of
-    the run, leaving the paid invocation processing until the sweeper timed it out."""
-    Service.objects.filter(pk=market.service.pk).update(upstream_base_url="http://\u2603.example/api")
+@pytest.mark.parametrize("failure", ["seller_answers_500", "address_saved_before_it_was_checked"])
+def test_a_failed_async_invocation_is_refunded(market, failure, django_capture_on_commit_callbacks):
+    """`address_saved_before_it_was_checked`: a host IDNA forbids, saved before such addresses were refused; httpx
+    raised InvalidURL (no HTTPError) out of the run, leaving the paid invocation processing until the sweeper timed
+    it out."""
+    if failure == "seller_answers_500":
+        market.upstream.responses.append((500, {"error": "model crashed"}))
+    else:
+        Service.objects.filter(pk=market.service.pk).update(upstream_base_url="http://\u2603.example/api")
     payment = market.pay("render")
     before = market.balances()
 
