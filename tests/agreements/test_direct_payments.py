@@ -406,6 +406,18 @@ def _cancel_signature(purchase: Purchase, agreement_id: str, key: str | None = N
     return typed_data.sign_typed_data(key or purchase.buyer.key, typed)
 
 
+def cancelled_on_chain(purchase, agreement_id, capture) -> None:
+    """The buyer's signed cancel of the purchase's payment authorization is relayed, confirmed, and the token counts
+    the authorization used."""
+    with capture(execute=True):
+        cancelled = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement_id}/cancel-payment-authorization",
+                                                    {"signature": _cancel_signature(purchase, agreement_id)})
+    assert cancelled.status_code == 202, cancelled.content
+    confirm_all(capture)
+    nonce = UsageAgreement.objects.get(pk=agreement_id).payment_authorization.nonce
+    assert purchase.chain.usdc.functions.authorizationState(purchase.buyer.address, bytes.fromhex(nonce[2:])).call()
+
+
 @pytest.mark.parametrize("close", ["reject", "cancel", "expire"])
 def test_a_closed_direct_purchases_authorization_is_cancelled_on_chain_for_the_buyer(
         purchase, close, django_capture_on_commit_callbacks):
@@ -424,14 +436,7 @@ def test_a_closed_direct_purchases_authorization_is_cancelled_on_chain_for_the_b
     assert purchase.parties.agreement(agreement["id"])["status"] in ("rejected", "cancelled", "expired")
     before = purchase.balances()
 
-    with django_capture_on_commit_callbacks(execute=True):
-        cancelled = purchase.parties.buyer_api.post(f"{path}/cancel-payment-authorization",
-                                                    {"signature": _cancel_signature(purchase, agreement["id"])})
-    assert cancelled.status_code == 202, cancelled.content
-    confirm_all(django_capture_on_commit_callbacks)
-
-    nonce = UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization.nonce
-    assert purchase.chain.usdc.functions.authorizationState(purchase.buyer.address, bytes.fromhex(nonce[2:])).call()
+    cancelled_on_chain(purchase, agreement["id"], django_capture_on_commit_callbacks)
     with pytest.raises(Exception):  # noqa: B017 - the token refuses it: AuthorizationUsedOrCanceled
         _submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.chain.accounts.stranger.address})
     assert purchase.balances() == before
@@ -455,13 +460,7 @@ def test_a_buyer_past_its_relay_revert_budget_still_cancels_its_payment_authoriz
                                                     data="0x", chain_id=purchase.chain.chain_id, status="failed"),
         party=relayer.relay_party(agent_id=buyer_id), reverted_at=timezone.now() - timedelta(minutes=1))
 
-    with django_capture_on_commit_callbacks(execute=True):
-        cancelled = purchase.parties.buyer_api.post(f"{path}/cancel-payment-authorization",
-                                                    {"signature": _cancel_signature(purchase, agreement["id"])})
-    assert cancelled.status_code == 202, cancelled.content
-    confirm_all(django_capture_on_commit_callbacks)
-    nonce = UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization.nonce
-    assert purchase.chain.usdc.functions.authorizationState(purchase.buyer.address, bytes.fromhex(nonce[2:])).call()
+    cancelled_on_chain(purchase, agreement["id"], django_capture_on_commit_callbacks)
 
 
 def test_a_payment_authorization_is_cancelled_only_by_its_buyer_and_only_once_the_purchase_is_off(
