@@ -12,7 +12,7 @@ from rest_framework.views import APIView
 
 from catalog import selectors, services
 from catalog.authentication import agent_scope, calling_agent
-from catalog.models import KeyScope, MasumiProtocolVersion, PricingType, Service, ServiceState
+from catalog.models import KeyScope, MasumiProtocolVersion, PricingType, Service, ServiceState, UpstreamProtocol
 from catalog.serializers import http_base_url
 from marketplace.errors import InvalidInput
 from marketplace.idempotency import idempotent
@@ -158,7 +158,16 @@ AssetListEnvelope = _envelope("MasumiAssetListEnvelope", type(
 AssetEnvelope = _envelope("MasumiAssetEnvelope", MasumiAsset())
 
 
-def asset(service: Service) -> dict:
+def _api_base_url(service: Service, *, viewer, request) -> str:
+    """Where the service is called: a masumi service's upstream (its buyers call /start_job there) or the viewer's own
+    service's. A proxied service's upstream is where the metered proxy forwards paid calls, shown to its seller only
+    (as /agents/services and search do); others are given its entry in this marketplace."""
+    if service.upstream_protocol == UpstreamProtocol.MASUMI or service.seller_id == viewer.pk:
+        return service.upstream_base_url
+    return request.build_absolute_uri(f"/agents/services/{service.pk}")
+
+
+def asset(service: Service, *, viewer, request) -> dict:
     author = service.author or {}
     legal = service.legal or {}
     return {
@@ -167,7 +176,7 @@ def asset(service: Service) -> dict:
         "agentIdentifier": str(service.pk),
         "name": service.name,
         "description": service.description,
-        "apiBaseUrl": service.upstream_base_url,
+        "apiBaseUrl": _api_base_url(service, viewer=viewer, request=request),
         "state": _STATES[ServiceState(service.state)],
         "Tags": [tag.name for tag in service.tags.all()],
         "Capability": {"name": service.capability_name, "version": service.capability_version},
@@ -242,13 +251,14 @@ class RegistryView(APIView):
         query = RegistryListQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
         _check_network(query.validated_data["network"])
-        services_qs = selectors.registry_services(viewer=calling_agent(request),
-                                                  seller_wallet=query.validated_data.get("walletVKey"))
+        viewer = calling_agent(request)
+        services_qs = selectors.registry_services(viewer=viewer, seller_wallet=query.validated_data.get("walletVKey"))
         cursor_id = query.validated_data.get("cursorId")
         if cursor_id is not None:
             services_qs = services_qs.filter(pk__gt=cursor_id)
         rows, _ = paginate(services_qs, ordering=["id"], cursor=None, limit=query.validated_data["limit"])
-        return Response({"status": "success", "data": {"Assets": [asset(s) for s in rows]}})
+        return Response({"status": "success",
+                         "data": {"Assets": [asset(s, viewer=viewer, request=request) for s in rows]}})
 
     @extend_schema(operation_id="masumi_registry_register", summary="Masumi: register an agentic service",
                    request=RegistryRegisterSerializer, examples=[REGISTER_EXAMPLE], tags=["masumi registry"],
@@ -264,7 +274,7 @@ class RegistryView(APIView):
                                code="wallet_mismatch")
         service = services.service_register(seller=agent, data=_catalog_data(body.validated_data))
         service = selectors.service_get(service_id=service.pk, viewer=agent)
-        return Response({"status": "success", "data": asset(service)})
+        return Response({"status": "success", "data": asset(service, viewer=agent, request=request)})
 
     @extend_schema(operation_id="masumi_registry_deregister", summary="Masumi: deregister an agentic service",
                    request=RegistryDeregisterSerializer, tags=["masumi registry"],
@@ -277,4 +287,5 @@ class RegistryView(APIView):
         service = selectors.service_get(service_id=body.validated_data["agentIdentifier"], viewer=agent)
         services.service_deregister(service=service, actor=agent)
         return Response({"status": "success",
-                         "data": asset(selectors.service_get(service_id=service.pk, viewer=agent))})
+                         "data": asset(selectors.service_get(service_id=service.pk, viewer=agent), viewer=agent,
+                                       request=request)})

@@ -315,6 +315,21 @@ def test_the_list_holds_every_agent_of_the_network_and_the_callers_own_through_a
     assert [a["state"] for a in assets(seller_api, walletVKey=seller.wallet_address)] == ["DeregistrationConfirmed"]
 
 
+def test_another_sellers_proxied_service_is_listed_without_its_upstream(seller, seller_api):
+    """A proxied (http) service's upstream is where the metered proxy forwards paid calls: /agents/services and search
+    show it to its seller only, and so does the registry. A masumi service's is where its buyers call /start_job."""
+    proxied = register_service(seller, name="Proxied", upstream_base_url="https://internal.seller.example/api")
+    masumi = register(seller_api, seller, name="Masumi agent", apiBaseUrl="https://masumi.seller.example")
+    buyer_api = Api(issue_key(AgentFactory(is_seller=False)))
+
+    listed = {a["name"]: a["apiBaseUrl"] for a in assets(buyer_api)}
+    assert "internal.seller.example" not in listed["Proxied"]
+    assert listed["Proxied"] == f"http://testserver/agents/services/{proxied.pk}"
+    assert listed["Masumi agent"] == masumi["apiBaseUrl"] == "https://masumi.seller.example"
+    own = {a["name"]: a["apiBaseUrl"] for a in assets(seller_api)}
+    assert own == {"Proxied": "https://internal.seller.example/api", "Masumi agent": "https://masumi.seller.example"}
+
+
 def test_cursor_id_pages_through_every_registration_once(seller, seller_api):
     registered = {register(seller_api, seller, name=f"Agent {i}")["id"] for i in range(5)}
 
