@@ -36,8 +36,8 @@ PUBLIC = {
     "healthz": "liveness",
     "readyz": "readiness",
     "network_config": "the chain's public configuration",
-    "wallet_recovery_challenge": "a challenge to sign, for anyone",
-    "wallet_recover": "proves wallet ownership by signature (tests/catalog/test_agents_api.py)",
+    "wallet_recovery_challenge": "not offered: 403 wallet_recovery_not_offered to anyone",
+    "wallet_recover": "not offered: 403 wallet_recovery_not_offered to anyone",
     "services_invoke": "x402: anyone pays a listed skill by handle",
     "services_invocation_get": "an invocation by its unguessable public id, the x402 client's receipt",
 }
@@ -390,6 +390,23 @@ def test_a_key_of_the_party_narrower_than_the_operation_takes_is_refused_and_cha
         response = call(api, method, a_path(tenant_a, template), reach)
         expected = "owner_credentials_required" if reach.scope is None else "insufficient_scope"
         assert refusal(response) == (403, expected), (scope, response.content[:300])
+    assert rows() == before
+
+
+# Operations of OWN_ROWS that POST a read (a search, a lookup by body): a `read` key may call them.
+READS_BY_POST = {"catalog_search", "masumi_payment_resolve"}
+
+
+def test_a_read_key_is_refused_every_write_that_names_no_object_and_changes_nothing(tenant_a):
+    read_keys = [Api(issue_key(agent, scope=KeyScope.READ)) for agent in (tenant_a.buyer, tenant_a.seller)]
+    before = rows()
+    for operation_id, (method, path) in sorted(schema_operations().items()):
+        if operation_id not in OWN_ROWS or method == "GET" or operation_id in READS_BY_POST:
+            continue
+        for api in read_keys:
+            response = call(api, method, path, Reach("buyer", None))
+            expected = "owner_credentials_required" if operation_id == "agents_create" else "insufficient_scope"
+            assert refusal(response) == (403, expected), (operation_id, response.content[:300])
     assert rows() == before
 
 
