@@ -133,7 +133,10 @@ class MasumiAsset(serializers.Serializer):
     agentIdentifier = serializers.CharField()
     name = serializers.CharField()
     description = serializers.CharField()
-    apiBaseUrl = serializers.CharField()
+    apiBaseUrl = serializers.CharField(help_text=(
+        "A masumi service's own URL (call /start_job there), and your own services' upstream; another seller's "
+        "proxied service's entry in this marketplace (/agents/services/{id}: its upstream is shown to its seller "
+        "only)."))
     state = serializers.ChoiceField(choices=list(_STATES.values()))
     Tags = serializers.ListField(child=serializers.CharField())
     Capability = MasumiCapability()
