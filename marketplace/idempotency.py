@@ -141,15 +141,23 @@ def _claim_insert(scope: str, key: str, fingerprint: str) -> int | None:
 
 
 def _claim(scope: str, key: str, fingerprint: str) -> int | Response:
-    """Either the id of a fresh claim on the key, or the response to give instead of running the request."""
+    """Either the id of a fresh claim on the key, or the response to give instead of running the request. A key
+    whose record is older than IDEMPOTENCY_KEY_TTL is a new key: its record is taken over."""
     while True:
         claimed = _claim_insert(scope, key, fingerprint)
         if claimed is not None:
             return claimed
         record = IdempotencyRecord.objects.filter(scope=scope, key=key).first()
-        if record is not None:
+        if record is None:
+            continue  # released (its request failed) between the insert and this read: claim it afresh
+        expired_before = timezone.now() - settings.IDEMPOTENCY_KEY_TTL
+        if record.created_at >= expired_before:
             break
-        # Released (its request failed) between the insert and this read: claim it afresh.
+        if IdempotencyRecord.objects.filter(pk=record.pk, created_at__lt=expired_before).update(
+                request_fingerprint=fingerprint, response_status=None, response_body=None, secret_field="",
+                secret_row="", secret_digest="", created_at=timezone.now()):
+            return record.pk
+        # Another request took it over first: read it again.
     if record.request_fingerprint != fingerprint:
         raise Unprocessable(
             "This Idempotency-Key was used with a different request.", code="idempotency_key_reused",
@@ -194,6 +202,20 @@ def _store(claim: int, request, response) -> None:
 
 def _release(claim: int) -> None:
     IdempotencyRecord.objects.filter(pk=claim).delete()
+
+
+def expired_records_purge(*, batch: int = 1000) -> int:
+    """Delete the records older than IDEMPOTENCY_KEY_TTL (they replay nothing), a batch at a time: each POST with a
+    new key adds one, and nothing else deleted them. How many were deleted."""
+    expired_before = timezone.now() - settings.IDEMPOTENCY_KEY_TTL
+    deleted = 0
+    while True:
+        # Only rows still expired when deleted: one taken over meanwhile (`_claim`) is a live claim again.
+        ids = list(IdempotencyRecord.objects.filter(created_at__lt=expired_before)
+                   .order_by("created_at").values_list("pk", flat=True)[:batch])
+        if not ids:
+            return deleted
+        deleted += IdempotencyRecord.objects.filter(pk__in=ids, created_at__lt=expired_before).delete()[0]
 
 
 def idempotent(required: bool = False, atomic: bool = True, prepare: Callable | None = None):

@@ -190,6 +190,8 @@ CELERY_BEAT_SCHEDULE = {
 }
 
 # --- Marketplace ----------------------------------------------------------------------------------------------
+# How long an Idempotency-Key replays its answer; then the key is a new one, and a beat task deletes its record
+# (every POST with a new key adds one).
 IDEMPOTENCY_KEY_TTL = timedelta(hours=env.int("IDEMPOTENCY_KEY_TTL_HOURS", default=24))
 # A claimed key whose request never finished (crashed process) may be taken over after this long.
 IDEMPOTENCY_STALE_CLAIM = timedelta(seconds=env.int("IDEMPOTENCY_STALE_CLAIM_SECONDS", default=60))
@@ -205,6 +207,8 @@ CELERY_BEAT_SCHEDULE.update({
     # under new names grew both without bound).
     "collect-unused-search-terms": {"task": "catalog.tasks.collect_unused_search_terms",
                                     "schedule": timedelta(hours=1)},
+    "purge-expired-idempotency-records": {"task": "marketplace.tasks.purge_expired_idempotency_records",
+                                          "schedule": timedelta(hours=1)},
     "erase-replaced-proxy-secrets": {"task": "catalog.tasks.erase_replaced_proxy_secrets",
                                      "schedule": timedelta(seconds=REPLACED_SECRET_ERASE_SECONDS)},
     "erase-replaced-webhook-secrets": {"task": "agreements.tasks.erase_replaced_webhook_secrets",

@@ -1,7 +1,12 @@
+from datetime import timedelta
+
 import pytest
 from django.core.management import call_command
+from django.db.models import F
 
 from catalog.models import Service
+from marketplace import tasks
+from marketplace.models import IdempotencyRecord
 from tests.catalog.factories import AgentFactory, issue_key, service_data
 from tests.conftest import Api, error_code
 
@@ -78,3 +83,22 @@ def test_seed_demo_is_idempotent(capsys):
     call_command("seed_demo")
     assert "already present" in capsys.readouterr().out
     assert Service.objects.count() == 3
+
+
+def test_an_idempotency_key_replays_for_its_ttl_then_is_forgotten_and_its_record_purged(seller_api, settings):
+    headers = {"Idempotency-Key": "reg-ttl"}
+    assert seller_api.post("/agents/services", service_data(), headers=headers).status_code == 201
+    IdempotencyRecord.objects.update(created_at=F("created_at") - settings.IDEMPOTENCY_KEY_TTL - timedelta(seconds=1))
+
+    # Past its TTL the key is a new one: the request runs, and the key replays it from then on.
+    other = service_data(name="Other", skills=[])
+    again = seller_api.post("/agents/services", other, headers=headers)
+    assert again.status_code == 201 and "Idempotent-Replayed" not in again
+    assert seller_api.post("/agents/services", other, headers=headers)["Idempotent-Replayed"] == "true"
+
+    # Records past their TTL are deleted by a beat task: unique keys do not grow the table for ever.
+    seller_api.post("/agents/services", service_data(name="Third", skills=[]), headers={"Idempotency-Key": "reg-ttl-2"})
+    IdempotencyRecord.objects.filter(key="reg-ttl-2").update(
+        created_at=F("created_at") - settings.IDEMPOTENCY_KEY_TTL - timedelta(seconds=1))
+    assert tasks.purge_expired_idempotency_records() == 1
+    assert list(IdempotencyRecord.objects.values_list("key", flat=True)) == ["reg-ttl"]
