@@ -105,6 +105,9 @@ AWAITING_FUNDING_STATUSES = frozenset(status for status, successors in TRANSITIO
 # Neither answered nor funded: the buyer has put no money in (the statuses a buyer's unfunded agreements with one
 # seller are counted in, UNFUNDED_AGREEMENTS_PER_SELLER).
 UNFUNDED_OPEN_STATUSES = frozenset({S.PENDING_APPROVAL, S.PROPOSED}) | AWAITING_FUNDING_STATUSES
+# Closed unfunded by the buyer, or by time running out (not by the seller's answer): counted against that bound for
+# UNFUNDED_AGREEMENTS_WINDOW_SECONDS after their proposal, else proposing and cancelling in a loop went round it.
+UNFUNDED_LAPSED_STATUSES = frozenset({S.CANCELLED, S.EXPIRED})
 # Submitting without a signed transaction for this long is a backend fault, not chain latency.
 BACKEND_FAULT_AFTER = timedelta(minutes=2)
 

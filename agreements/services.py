@@ -41,6 +41,7 @@ from agreements.models import (
     CLOSED_STATUSES,
     NO_PAYMENT_REVERSAL,
     TRANSITIONS,
+    UNFUNDED_LAPSED_STATUSES,
     UNFUNDED_OPEN_STATUSES,
     AgreementEvent,
     AgreementStatus,
@@ -198,7 +199,8 @@ def _require_party(agreement: UsageAgreement, agent: Agent, role: str) -> None:
 def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
     """The SELECT of `_committed_spends`, built once per process (the ORM's Case/Sum/filter expressions cost ~1 ms
     of CPU to compile at every proposal, most of the statement's cost). Plain SQL that SQLite runs too.
-    `unfunded_count`: a third column, the buyer's unanswered or unfunded agreements with one seller."""
+    `unfunded_count`: a third column, the buyer's unanswered or unfunded agreements with one seller, and those it
+    proposed since a moment that it cancelled or let lapse unfunded."""
     quote, meta, invocation_meta = connection.ops.quote_name, UsageAgreement._meta, SkillInvocation._meta
     column = {name: quote(meta.get_field(name).column)
               for name in ("id", "status", "infra_fee", "seller_payout", "used", "deposit_amount", "buyer", "seller",
@@ -220,9 +222,11 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
               f"FROM {quote(invocation_meta.db_table)} WHERE {invocation['buyer']} = %s "
               f"AND {invocation['created_at']} >= %s AND {invocation['money']} NOT IN ({released}) "
               f"AND {invocation['payment_reverted_at']} IS NULL")
-    unfunded = (f", (SELECT COUNT(*) FROM {quote(meta.db_table)} WHERE {column['buyer']} = %s "  # noqa: S608
-                f"AND {column['seller']} = %s AND {column['status']} IN "
-                f"({', '.join(['%s'] * len(UNFUNDED_OPEN_STATUSES))}))") if unfunded_count else ""
+    with_seller = (f"SELECT COUNT(*) FROM {quote(meta.db_table)} WHERE {column['buyer']} = %s "  # noqa: S608
+                   f"AND {column['seller']} = %s AND {column['status']} IN ")
+    unfunded = (f", ({with_seller}({', '.join(['%s'] * len(UNFUNDED_OPEN_STATUSES))})) + "
+                f"({with_seller}({', '.join(['%s'] * len(UNFUNDED_LAPSED_STATUSES))}) "
+                f"AND {column['created_at']} >= %s)") if unfunded_count else ""
     return ("SELECT COALESCE(SUM(amount) FILTER (WHERE committed_at >= %s), 0), "  # noqa: S608
             f"COALESCE(SUM(amount), 0){unfunded} FROM ({spends}) spends")
 
@@ -238,20 +242,26 @@ class CommittedSpends:
 
 
 def _committed_spends(buyer: Agent, *, day_since: datetime, month_since: datetime,
-                      excluding: uuid.UUID | None = None, unfunded_with: Agent | None = None) -> CommittedSpends:
+                      excluding: uuid.UUID | None = None, unfunded_with: Agent | None = None,
+                      unfunded_since: datetime | None = None) -> CommittedSpends:
     """What the buyer committed since `day_since` and since `month_since` (the earlier), in one statement: its
     agreements (nothing once released, the fee once refunded, fee plus what the seller was paid once settled, which
     an arbiter may set above what was metered, else fee plus deposit), each at the moment the platform moved its money or, until then, at its proposal, but for the agreement
     `excluding` (the one being checked); and its skill invocations (the price, unless the payment failed, was
     refunded or was reverted). With `unfunded_with`, also how many of its agreements with that seller are unanswered
-    or unfunded (`UNFUNDED_OPEN_STATUSES`), in the same statement."""
+    or unfunded (`UNFUNDED_OPEN_STATUSES`), or were proposed since `unfunded_since` and cancelled or expired unfunded
+    (`UNFUNDED_LAPSED_STATUSES`), in the same statement."""
     committed = [*NOTHING_COMMITTED, S.REFUNDED, S.SETTLED]
     since = connection.ops.adapt_datetimefield_value
     agent_id = UsageAgreement._meta.get_field("buyer").get_db_prep_value
     buyer_id = agent_id(buyer.pk, connection)
     excluded = UsageAgreement._meta.pk.get_db_prep_value(excluding or _NO_AGREEMENT, connection)
-    unfunded = ([buyer_id, agent_id(unfunded_with.pk, connection), *sorted(UNFUNDED_OPEN_STATUSES)]
-                if unfunded_with is not None else [])
+    if unfunded_with is not None:
+        seller_id = agent_id(unfunded_with.pk, connection)
+        unfunded = [buyer_id, seller_id, *sorted(UNFUNDED_OPEN_STATUSES), buyer_id, seller_id,
+                    *sorted(UNFUNDED_LAPSED_STATUSES), since(unfunded_since)]
+    else:
+        unfunded = []
     with prepared_cursor() as cursor:
         cursor.execute(_committed_spends_sql(unfunded_count=unfunded_with is not None),
                        [since(day_since), *unfunded, *committed, buyer_id, excluded, since(month_since),
@@ -461,17 +471,22 @@ def _buyer_policy_decision(*, buyer: Agent, service: Service, token: str, amount
     403 with the rule. Call inside the transaction that records the purchase (or moves its money).
     `new_agreement`: the purchase is a new agreement with the service's seller, refused 409 beyond
     `UNFUNDED_AGREEMENTS_PER_SELLER` (a proposal costs the buyer nothing until it is funded, and each is in the
-    seller's inbox, listing and webhooks)."""
+    seller's inbox, listing and webhooks), counting those cancelled or expired unfunded within
+    `UNFUNDED_AGREEMENTS_WINDOW_SECONDS` of their proposal (else proposing and cancelling in a loop went round it)."""
     # Serialises this buyer's proposals, payments, invocations and policy edits, so two cannot both slip under a cap
     # (nor under the bound on unfunded agreements).
     list(Agent.objects.select_for_update().filter(pk=buyer.pk).values_list("pk"))
+    window = settings.UNFUNDED_AGREEMENTS_WINDOW_SECONDS
     spends = _committed_spends(buyer, day_since=at - timedelta(days=1), month_since=at - timedelta(days=30),
-                               excluding=agreement_id, unfunded_with=service.seller if new_agreement else None)
+                               excluding=agreement_id, unfunded_with=service.seller if new_agreement else None,
+                               unfunded_since=at - timedelta(seconds=window))
     limit = settings.UNFUNDED_AGREEMENTS_PER_SELLER
     if spends.unfunded_with_seller is not None and spends.unfunded_with_seller >= limit:
         raise Conflict(f"You already have {spends.unfunded_with_seller} agreements with this seller that it has not "
-                       "answered or you have not funded; cancel one or wait for an answer.",
-                       code="unfunded_agreements_limit_reached", details={"max_unfunded_agreements": limit})
+                       f"answered or you have not funded (those you cancelled or let expire count for {window} "
+                       "seconds after their proposal); wait for an answer, or for the older ones to age out.",
+                       code="unfunded_agreements_limit_reached",
+                       details={"max_unfunded_agreements": limit, "window_seconds": window})
     decision = policy_selectors.purchase_decision(
         agent=buyer, seller_handle=service.seller.handle, service_id=str(service.pk),
         tags=frozenset(tag.name for tag in service.tags.all()), token=token,  # prefetched by the selectors

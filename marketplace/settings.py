@@ -306,6 +306,9 @@ SERVICES_PER_SELLER = env.int("SERVICES_PER_SELLER", default=200)
 # A buyer's agreements with one seller that the seller has not answered or the buyer not funded (an escrow proposal
 # costs the buyer nothing; each is in the seller's inbox and webhooks).
 UNFUNDED_AGREEMENTS_PER_SELLER = env.int("UNFUNDED_AGREEMENTS_PER_SELLER", default=20)
+# Those the buyer cancelled, or let expire, count for this long after their proposal (each proposal and each cancel
+# is an event in the seller's inbox and webhooks: proposing and cancelling in a loop went round the bound).
+UNFUNDED_AGREEMENTS_WINDOW_SECONDS = env.int("UNFUNDED_AGREEMENTS_WINDOW_SECONDS", default=3600)
 CELERY_BEAT_SCHEDULE.update({
     "expire-proposals": {"task": "agreements.tasks.expire_proposals", "schedule": timedelta(minutes=1)},
     "expire-approvals": {"task": "policies.tasks.expire_approvals", "schedule": timedelta(minutes=1)},

@@ -6,6 +6,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from agreements.models import AgreementEvent, UsageAgreement
+from agreements.tasks import expire_proposals
 from catalog.models import Agent, ServiceState
 from tests.agreements.helpers import propose, proposal
 from tests.catalog.factories import AgentFactory, UserFactory, issue_key, register_service
@@ -263,8 +264,6 @@ def test_unanswered_proposals_expire(buyer_api, seller_api, service):
     fresh = propose(buyer_api, service)
     UsageAgreement.objects.filter(pk=stale["id"]).update(proposal_expires_at=timezone.now() - timedelta(seconds=1))
 
-    from agreements.tasks import expire_proposals
-
     assert expire_proposals() == 1
     assert expire_proposals() == 0
     assert UsageAgreement.objects.get(pk=stale["id"]).status == "expired"
@@ -305,15 +304,35 @@ def test_a_buyer_has_at_most_the_limits_unanswered_or_unfunded_agreements_with_o
     refused = buyer_api.post("/usage-agreements", proposal(service))
     assert refused.status_code == 409, refused.content
     assert error_code(refused) == "unfunded_agreements_limit_reached"
-    assert refused.json()["error"]["details"] == {"max_unfunded_agreements": 2}
+    assert refused.json()["error"]["details"] == {"max_unfunded_agreements": 2, "window_seconds": 3600}
     assert UsageAgreement.objects.filter(buyer=buyer, seller=seller).count() == 2
 
     # Another seller's services are still bought.
     other = register_service(AgentFactory(handle="seller-two", is_buyer=False, is_seller=True))
     propose(buyer_api, other)
 
-    # An accepted agreement waiting for its funding still counts; a rejected or cancelled one no longer does.
+    # An accepted agreement waiting for its funding still counts; one the seller rejected no longer does.
     assert seller_api.put(f"/usage-agreements/{first['id']}/accept").status_code == 200
     assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 409
     assert seller_api.put(f"/usage-agreements/{second['id']}/reject", {"reason": "no"}).status_code == 200
+    propose(buyer_api, service)
+
+
+def test_proposals_the_buyer_cancelled_or_let_expire_count_against_the_bound_for_an_hour(
+        buyer, buyer_api, seller, service, settings):
+    """Proposing and cancelling in a loop (or letting proposals lapse) went round the bound: each proposal and each
+    cancel is an event in the seller's inbox, posted to each of its webhook subscriptions."""
+    settings.UNFUNDED_AGREEMENTS_PER_SELLER = 2
+    cancelled, lapsed = propose(buyer_api, service), propose(buyer_api, service)
+    assert buyer_api.post(f"/usage-agreements/{cancelled['id']}/cancel", {}).status_code == 200
+    UsageAgreement.objects.filter(pk=lapsed["id"]).update(proposal_expires_at=timezone.now())
+    assert expire_proposals() == 1
+
+    refused = buyer_api.post("/usage-agreements", proposal(service))
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "unfunded_agreements_limit_reached"
+    assert refused.json()["error"]["details"] == {"max_unfunded_agreements": 2, "window_seconds": 3600}
+
+    # An hour after their proposal they no longer count.
+    UsageAgreement.objects.filter(buyer=buyer).update(created_at=timezone.now() - timedelta(hours=1, seconds=1))
     propose(buyer_api, service)
