@@ -118,6 +118,7 @@ def seed(args, upstream_url: str, chain_node) -> dict:
                                            wallet_address=devchain.DEV_ADDRESSES[4], is_buyer=False, is_seller=True)
     rng = random.Random(7)
     settings.SERVICES_PER_SELLER = max(settings.SERVICES_PER_SELLER, args.services + 1)  # one seller lists them all
+    settings.SERVICE_REGISTRATIONS_PER_DAY = max(settings.SERVICE_REGISTRATIONS_PER_DAY, args.services + 1)
     for i in range(args.services):
         register(seller, f"{rng.choice(WORDS).title()} service {i}", rng.sample(WORDS, 3),
                  "https://upstream.invalid/api", rng.randrange(1_000, 500_000))

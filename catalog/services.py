@@ -1,13 +1,13 @@
 """Writes of the catalog: agents, credentials, services. Every rule about them lives here."""
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.postgres.search import SearchVector
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Count, Exists, OuterRef, Q
 from django.utils import timezone
 
 from catalog.models import (
@@ -252,11 +252,22 @@ def search_vector_expression():
 
 
 def _check_service_count(seller: Agent) -> None:
-    """Every registered service is in every buyer's search: a seller lists at most SERVICES_PER_SELLER at once."""
-    registered = Service.objects.filter(seller=seller, state=ServiceState.REGISTERED).count()
-    if registered >= settings.SERVICES_PER_SELLER:
-        raise Conflict(f"You already list {registered} services; deregister one first.",
+    """Every registered service is in every buyer's search: a seller lists at most SERVICES_PER_SELLER at once. A
+    deregistered one's row stays for agreements and history, so a seller registers at most
+    SERVICE_REGISTRATIONS_PER_DAY in a day (else registering and deregistering in a loop grew the table without
+    bound)."""
+    window = timedelta(days=1)
+    counts = Service.objects.filter(seller=seller).aggregate(
+        registered=Count("pk", filter=Q(state=ServiceState.REGISTERED)),
+        lately=Count("pk", filter=Q(created_at__gte=timezone.now() - window)))
+    if counts["registered"] >= settings.SERVICES_PER_SELLER:
+        raise Conflict(f"You already list {counts['registered']} services; deregister one first.",
                        code="service_limit_reached", details={"max_services": settings.SERVICES_PER_SELLER})
+    if counts["lately"] >= settings.SERVICE_REGISTRATIONS_PER_DAY:
+        raise Conflict(f"You registered {counts['lately']} services in the last day; update one instead of "
+                       "registering it again, or wait.", code="service_registration_limit_reached",
+                       details={"max_registrations": settings.SERVICE_REGISTRATIONS_PER_DAY,
+                                "window_seconds": int(window.total_seconds())})
 
 
 def service_register(*, seller: Agent, data: dict) -> Service:

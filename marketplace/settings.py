@@ -303,6 +303,9 @@ MASUMI_INPUT_DATA_MAX_BYTES = env.int("MASUMI_INPUT_DATA_MAX_BYTES", default=64 
 SKILL_INPUT_MAX_BYTES = env.int("SKILL_INPUT_MAX_BYTES", default=64 * 1024)
 # Registered services a seller lists at once (each is in every buyer's search).
 SERVICES_PER_SELLER = env.int("SERVICES_PER_SELLER", default=200)
+# Services a seller registers in a day, deregistered ones included (a deregistered service's row is kept for
+# agreements and history: registering and deregistering in a loop grew the table without bound).
+SERVICE_REGISTRATIONS_PER_DAY = env.int("SERVICE_REGISTRATIONS_PER_DAY", default=400)
 # A buyer's agreements with one seller that the seller has not answered or the buyer not funded (an escrow proposal
 # costs the buyer nothing; each is in the seller's inbox and webhooks).
 UNFUNDED_AGREEMENTS_PER_SELLER = env.int("UNFUNDED_AGREEMENTS_PER_SELLER", default=20)

@@ -826,6 +826,7 @@ def test_the_search_indexes_exist():
 def _bulk_services(seller, count: int, settings) -> None:
     """Many services at once (`_written_in_bulk`), named "<Word> agent <i>"; the seller may register more after."""
     settings.SERVICES_PER_SELLER = count + 100
+    settings.SERVICE_REGISTRATIONS_PER_DAY = count + 100
     words = ["weather", "invoice", "code", "image", "speech", "data", "legal", "market", "support", "geo"]
     _written_in_bulk([
         Service(seller=seller, name=f"{words[i % 10].title()} agent {i}", description=f"Handles {words[i % 7]} jobs.",

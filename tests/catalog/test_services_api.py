@@ -1,4 +1,7 @@
+from datetime import timedelta
+
 import pytest
+from django.utils import timezone
 
 from catalog.models import Service, ServiceState
 from tests.catalog.factories import AgentFactory, issue_key, register_service, service_data
@@ -254,6 +257,27 @@ def test_a_seller_lists_at_most_the_limits_registered_services(seller, seller_ap
 
     # A deregistered service frees its place.
     assert seller_api.delete(f"/agents/services/{first.json()['id']}").status_code == 200
+    assert seller_api.post("/agents/services", service_data(skills=[])).status_code == 201
+
+
+def test_a_seller_registers_at_most_the_limits_services_a_day_so_deregistering_does_not_grow_the_table(
+        seller, seller_api, settings):
+    """A deregistered service's row stays (with up to 32 KiB of free-form JSON and 50 skills) for agreements and
+    history: registering and deregistering in a loop, two calls each, grew the table without bound."""
+    settings.SERVICE_REGISTRATIONS_PER_DAY = 3
+    for _ in range(3):
+        registered = seller_api.post("/agents/services", service_data(skills=[]))
+        assert registered.status_code == 201, registered.content
+        assert seller_api.delete(f"/agents/services/{registered.json()['id']}").status_code == 200
+
+    refused = seller_api.post("/agents/services", service_data(skills=[]))
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "service_registration_limit_reached"
+    assert refused.json()["error"]["details"] == {"max_registrations": 3, "window_seconds": 86400}
+    assert Service.objects.filter(seller=seller).count() == 3
+
+    # A day after, they no longer count.
+    Service.objects.filter(seller=seller).update(created_at=timezone.now() - timedelta(days=1, seconds=1))
     assert seller_api.post("/agents/services", service_data(skills=[])).status_code == 201
 
 
