@@ -288,8 +288,7 @@ INVOCATION_ORPHAN_AFTER = timedelta(seconds=env.int("INVOCATION_ORPHAN_AFTER_SEC
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
 WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)
 # Per-agent bounds on what an agent can create at will. Every live webhook subscription is sent each event and each
-# test send, so their number is how many posts one event makes; rate limits count per key, so the number of live keys
-# is how many budgets an agent has.
+# test send, so their number is how many posts one event makes. (Rate limits count per agent, whatever its keys.)
 WEBHOOK_SUBSCRIPTIONS_PER_AGENT = env.int("WEBHOOK_SUBSCRIPTIONS_PER_AGENT", default=10)
 API_KEYS_PER_AGENT = env.int("API_KEYS_PER_AGENT", default=25)
 # Agents an owner may create (handles are one namespace for every tenant).
@@ -480,10 +479,10 @@ OUTBOUND_RESOLVER_THREADS = env.int("OUTBOUND_RESOLVER_THREADS", default=16)
 CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://")}
 REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["marketplace.throttling.CredentialRateThrottle"]
 REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {
-    "api": env.str("API_RATE_LIMIT", default="6000/min"),  # per API key or owner token, every authenticated call
-    "proxy": env.str("RATE_LIMIT_PROXY", default="6000/min"),  # per API key, metered-proxy calls
-    "payments": env.str("RATE_LIMIT_PAYMENTS", default="600/min"),  # per API key, purchases and payments
-    # per API key or owner token: webhook test sends (one post to each of the agent's live subscriptions) and replays
+    "api": env.str("API_RATE_LIMIT", default="6000/min"),  # per agent (all its keys) or owner, every authenticated call
+    "proxy": env.str("RATE_LIMIT_PROXY", default="6000/min"),  # per agent, metered-proxy calls
+    "payments": env.str("RATE_LIMIT_PAYMENTS", default="600/min"),  # per agent, purchases and payments
+    # per agent or owner: webhook test sends (one post to each of the agent's live subscriptions) and replays
     "webhook_sends": env.str("RATE_LIMIT_WEBHOOK_SENDS", default="10/min"),
 }
 # Reverse proxies in front of the app that append the client's address to X-Forwarded-For. Unauthenticated

@@ -1,6 +1,8 @@
-"""Rate limits per credential: each API key (or owner token) has its own budget per scope.
+"""Rate limits per agent and per owner: every API key of an agent counts against the agent's one budget per scope
+(counted per key, an agent's API_KEYS_PER_AGENT keys were that many budgets), an owner's tokens and admin session
+against the owner's.
 
-Every authenticated request counts against its credential's `api` budget (API_RATE_LIMIT).
+Every authenticated request counts against its agent's or owner's `api` budget (API_RATE_LIMIT).
 On top of that, a view opts in to a narrower budget with `throttle_scope = "proxy"` (every method) or a mapping such as `{"POST": "payments"}`;
 rates come from `REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]`, read on each request so settings can change them.
 Counts live in the Django cache: set CACHE_URL to Redis in production so every process shares them. An exceeded
@@ -170,8 +172,9 @@ def client_network(request) -> str:
 _ADDRESSES = ScopedRateThrottle()
 
 
-def credential_key(scope: str, credential_prefix: str, kind: str = "ApiKey") -> str:
-    return ScopedRateThrottle.cache_format % {"scope": scope, "ident": f"{kind}:{credential_prefix}"}
+def agent_budget_key(scope: str, agent_id) -> str:
+    """The agent's budget for `scope`, which every API key of the agent counts against: keys do not multiply it."""
+    return ScopedRateThrottle.cache_format % {"scope": scope, "ident": f"agent:{agent_id}"}
 
 
 class CredentialRateThrottle(ScopedRateThrottle):
@@ -196,10 +199,11 @@ class CredentialRateThrottle(ScopedRateThrottle):
         return self.window_ends
 
     def budget_key(self, request, scope: str) -> str:
-        # The credential's prefix, not the owner: two agents of one owner have separate budgets.
-        prefix = getattr(request.auth, "prefix", None)
-        if prefix:
-            return credential_key(scope, prefix, type(request.auth).__name__)
+        # The agent, not its key nor its owner: two agents of one owner have separate budgets, two keys of one agent
+        # share one. An owner's tokens and session share the owner's.
+        agent_id = getattr(request.auth, "agent_id", None)
+        if agent_id is not None:
+            return agent_budget_key(scope, agent_id)
         if request.user and request.user.is_authenticated:
             ident = f"user:{request.user.pk}"
         else:

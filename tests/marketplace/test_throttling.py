@@ -68,6 +68,26 @@ def test_proposals_are_limited_per_key(limits, buyer, buyer_api, seller):
     assert other.post("/usage-agreements", proposal(service)).status_code == 201
 
 
+def test_an_agents_keys_share_its_budgets_so_more_keys_do_not_buy_more_requests(limits, buyer, buyer_api, owner_api,
+                                                                                 seller):
+    """Counted per key, an agent holding API_KEYS_PER_AGENT keys had that many times every budget (25 times its
+    payments and its requests)."""
+    limits(payments="2/day", api="5/day")
+    service = register_service(seller)
+    second_key = Api(issue_key(buyer))
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+    assert second_key.post("/usage-agreements", proposal(service)).status_code == 201
+    assert_rate_limited(second_key.post("/usage-agreements", proposal(service)))
+    assert_rate_limited(Api(issue_key(buyer)).post("/usage-agreements", proposal(service)))
+    assert UsageAgreement.objects.count() == 2
+
+    assert buyer_api.get("/agents/me").status_code == 200  # the agent's 5th request
+    assert_rate_limited(second_key.get("/agents/me"))
+    # Its owner, and another agent of the owner, have budgets of their own.
+    assert owner_api.get(f"/agents/{buyer.pk}/policies").status_code == 200
+    assert Api(issue_key(AgentFactory(owner=buyer.owner, is_seller=False))).get("/agents/me").status_code == 200
+
+
 def test_escrow_activation_is_limited_before_the_body_is_read(limits, buyer_api):
     limits(payments="1/day")
     url = "/usage-agreements/00000000-0000-0000-0000-000000000000/activate-escrow"
