@@ -289,6 +289,9 @@ class UsageAgreement(PaymentReversal):
                          name="agreement_reverted_idx"),
             models.Index(fields=["buyer", "status", "-created_at"], name="agreement_buyer_status_idx"),
             models.Index(fields=["seller", "status", "-created_at"], name="agreement_seller_status_idx"),
+            # An agent's listing in one role, newest first, a page read by range (marketplace.pagination).
+            models.Index(fields=["buyer", "-created_at", "id"], name="agreement_buyer_listing_idx"),
+            models.Index(fields=["seller", "-created_at", "id"], name="agreement_seller_listing_idx"),
             models.Index(fields=["status", "proposal_expires_at"], name="agreement_status_proposal_idx"),
             models.Index(fields=["status", "expires_at"], name="agreement_status_expiry_idx"),
         ]

@@ -5,6 +5,8 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from tests.agreements.helpers import propose
+from tests.catalog.factories import register_service
 from tests.catalog.test_search import listing, search
 
 pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
@@ -31,3 +33,24 @@ def test_a_later_page_starts_at_its_cursor_in_the_index(seller, buyer_api, order
 
     index_conditions = [line for line in _plan(statement).splitlines() if "Index Cond" in line]
     assert any(bound in line for line in index_conditions), index_conditions
+
+
+@pytest.mark.parametrize("role", ["buyer", "seller"])
+def test_a_page_of_an_agents_agreements_in_one_role_is_read_in_an_index_without_sorting_them_all(
+        role, buyer, buyer_api, seller_api, seller):
+    """Listed by role, a page read every agreement the agent ever had in that role and sorted them (a seller's
+    listing, which every buyer's proposals grow, cost a sort of all of them on each page)."""
+    service = register_service(seller)
+    for _ in range(3):
+        propose(buyer_api, service)
+    api = buyer_api if role == "buyer" else seller_api
+    cursor = api.get("/usage-agreements", {"role": role, "limit": 1}).json()["next_cursor"]
+
+    with CaptureQueriesContext(connection) as captured:
+        assert len(api.get("/usage-agreements", {"role": role, "limit": 1, "cursor": cursor}).json()["results"]) == 1
+    statement = next(q["sql"] for q in captured.captured_queries
+                     if 'FROM "agreements_usageagreement"' in q["sql"] and "ORDER BY" in q["sql"])
+
+    plan = _plan(statement)
+    assert "Sort" not in plan, plan
+    assert any("created_at <=" in line for line in plan.splitlines() if "Index Cond" in line), plan
