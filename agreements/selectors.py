@@ -35,6 +35,7 @@ from policies.models import ApprovalRequest
 from marketplace import rotation
 from marketplace.caching import for_a_second
 from marketplace.errors import NotFound
+from marketplace.pagination import cursor_after, paginate
 from marketplace.postgresql import prepared_cursor
 from marketplace.rows import model_columns
 
@@ -51,6 +52,28 @@ def agreements_of_agent(*, agent: Agent, role: str | None = None, status: str | 
     if status:
         agreements = agreements.filter(status=status)
     return _with_relations(agreements)
+
+
+AGREEMENT_LISTING_ORDER = ["-created_at", "id"]
+
+
+def agreements_page_of_agent(*, agent: Agent, role: str | None, status: str | None, cursor: str | None,
+                             limit: int) -> tuple[list[UsageAgreement], str | None]:
+    """A page of the agent's agreements, newest first, and the cursor of the next. Each role's are read by range in
+    that party's index; without a role, "buyer or seller" is in no index's order (a page read and sorted every
+    agreement the agent had), so a page of each role is read and the two merged (no agreement is in both)."""
+    if role:
+        return paginate(agreements_of_agent(agent=agent, role=role, status=status),
+                        ordering=AGREEMENT_LISTING_ORDER, cursor=cursor, limit=limit)
+    pages = [paginate(agreements_of_agent(agent=agent, role=party, status=status),
+                      ordering=AGREEMENT_LISTING_ORDER, cursor=cursor, limit=limit) for party in ("buyer", "seller")]
+    rows = sorted((row for page, _ in pages for row in page), key=lambda row: row.id)
+    rows.sort(key=lambda row: row.created_at, reverse=True)  # stable: newest first, then by id
+    more = len(rows) > limit or any(after is not None for _, after in pages)
+    rows = rows[:limit]
+    if not more or not rows:
+        return rows, None
+    return rows, cursor_after([rows[-1].created_at, rows[-1].id], ordering=AGREEMENT_LISTING_ORDER)
 
 
 def usage_events_of_party(*, agreement_id, agent: Agent) -> QuerySet[UsageEvent]:

@@ -78,12 +78,10 @@ class AgreementsView(APIView):
     def get(self, request):
         query = AgreementListQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
-        agreements = selectors.agreements_of_agent(
+        rows, next_cursor = selectors.agreements_page_of_agent(
             agent=calling_agent(request), role=query.validated_data.get("role"),
-            status=query.validated_data.get("status"),
-        )
-        rows, next_cursor = paginate(agreements, ordering=["-created_at", "id"],
-                                     cursor=query.validated_data.get("cursor"), limit=query.validated_data["limit"])
+            status=query.validated_data.get("status"), cursor=query.validated_data.get("cursor"),
+            limit=query.validated_data["limit"])
         return Response({"results": agreement_payload(rows, many=True), "next_cursor": next_cursor})
 
     @extend_schema(
@@ -487,10 +485,9 @@ class AgentAgreementsView(APIView):
             raise NotFound("No such agent.", code="agent_not_found")
         query = AgreementListQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
-        agreements = selectors.agreements_of_agent(agent=agent, role=query.validated_data.get("role"),
-                                                   status=query.validated_data.get("status"))
-        rows, _ = paginate(agreements, ordering=["-created_at", "id"], cursor=query.validated_data.get("cursor"),
-                           limit=query.validated_data["limit"])
+        rows, _ = selectors.agreements_page_of_agent(
+            agent=agent, role=query.validated_data.get("role"), status=query.validated_data.get("status"),
+            cursor=query.validated_data.get("cursor"), limit=query.validated_data["limit"])
         return Response(agreement_payload(rows, many=True))
 
 

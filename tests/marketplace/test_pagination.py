@@ -35,22 +35,30 @@ def test_a_later_page_starts_at_its_cursor_in_the_index(seller, buyer_api, order
     assert any(bound in line for line in index_conditions), index_conditions
 
 
-@pytest.mark.parametrize("role", ["buyer", "seller"])
-def test_a_page_of_an_agents_agreements_in_one_role_is_read_in_an_index_without_sorting_them_all(
+@pytest.mark.parametrize("role", ["buyer", "seller", None])
+def test_a_page_of_an_agents_agreements_is_read_in_an_index_without_sorting_them_all(
         role, buyer, buyer_api, seller_api, seller):
-    """Listed by role, a page read every agreement the agent ever had in that role and sorted them (a seller's
-    listing, which every buyer's proposals grow, cost a sort of all of them on each page)."""
+    """A page read every agreement the agent ever had (in the role asked, or in both) and sorted them: a seller's
+    listing, which every buyer's proposals grow, cost a sort of all of them on each page. Without a role, "buyer or
+    seller" is in no index's order: each role's page is read in its own and the two merged."""
     service = register_service(seller)
     for _ in range(3):
         propose(buyer_api, service)
-    api = buyer_api if role == "buyer" else seller_api
-    cursor = api.get("/usage-agreements", {"role": role, "limit": 1}).json()["next_cursor"]
-
+    api = seller_api if role == "seller" else buyer_api
+    query = {"limit": 1} if role is None else {"role": role, "limit": 1}
+    first = api.get("/usage-agreements", query).json()
     with CaptureQueriesContext(connection) as captured:
-        assert len(api.get("/usage-agreements", {"role": role, "limit": 1, "cursor": cursor}).json()["results"]) == 1
-    statement = next(q["sql"] for q in captured.captured_queries
-                     if 'FROM "agreements_usageagreement"' in q["sql"] and "ORDER BY" in q["sql"])
+        second = api.get("/usage-agreements", {**query, "cursor": first["next_cursor"]}).json()
+    statements = [q["sql"] for q in captured.captured_queries  # read before the next request clears them
+                  if 'FROM "agreements_usageagreement"' in q["sql"] and "ORDER BY" in q["sql"]]
+    third = api.get("/usage-agreements", {**query, "cursor": second["next_cursor"]}).json()
+    assert third["next_cursor"] is None
+    listed = [page["results"][0]["id"] for page in (first, second, third)]
+    newest_first = api.get("/usage-agreements", {} if role is None else {"role": role}).json()["results"]
+    assert listed == [agreement["id"] for agreement in newest_first]
 
-    plan = _plan(statement)
-    assert "Sort" not in plan, plan
-    assert any("created_at <=" in line for line in plan.splitlines() if "Index Cond" in line), plan
+    assert statements
+    for statement in statements:
+        plan = _plan(statement)
+        assert "Sort" not in plan, plan
+        assert any("created_at <=" in line for line in plan.splitlines() if "Index Cond" in line), plan
