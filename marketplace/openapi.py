@@ -1,22 +1,39 @@
-"""The OpenAPI document view, safe under concurrent requests."""
+"""The OpenAPI document view: generated once per process, safe under concurrent requests."""
 
 import threading
 
+from django.http import HttpResponse
 from drf_spectacular.utils import extend_schema
 from drf_spectacular.views import SCHEMA_KWARGS, SpectacularAPIView
 
 
 class SchemaView(SpectacularAPIView):
-    """drf-spectacular's schema generation is not thread-safe (its lazily loaded extensions and generator stats are
-    shared state; upstream issues tfranzel/drf-spectacular#1122 and #1368): concurrent first requests to a threaded
-    server failed with 500. Generating one schema at a time costs nothing; it is rarely requested."""
+    """The schema, generated once per process and answered from memory after, rendered once per format: it is the
+    same for every request (public, one version: `?version` and `?lang` are not read), and anyone may fetch it,
+    unthrottled; generated per request it took ~0.7 s of CPU under the lock below, so a few clients fetching it in a
+    loop held every web thread. drf-spectacular's generation is not thread-safe (its lazily loaded extensions and
+    generator stats are shared state; upstream issues tfranzel/drf-spectacular#1122 and #1368): concurrent first
+    requests to a threaded server failed with 500, hence one generation at a time."""
 
     _generating = threading.Lock()
+    _schema: dict | None = None
+    _rendered: dict[type, bytes] = {}  # per renderer class (four)
 
     @extend_schema(**SCHEMA_KWARGS)  # what the parent's get() is documented with
     def get(self, request, *args, **kwargs):
+        renderer = request.accepted_renderer
         with self._generating:
-            return super().get(request, *args, **kwargs)
+            if SchemaView._schema is None:
+                generator = self.generator_class(urlconf=self.urlconf, api_version=self.api_version,
+                                                 patterns=self.patterns)
+                SchemaView._schema = generator.get_schema(request=request, public=self.serve_public)
+            content = SchemaView._rendered.get(type(renderer))
+            if content is None:  # with the renderer's own media type: a client's Accept parameters change nothing
+                content = SchemaView._rendered[type(renderer)] = renderer.render(
+                    SchemaView._schema, renderer.media_type, self.get_renderer_context())
+        content_type = f"{renderer.media_type}; charset={renderer.charset}" if renderer.charset else renderer.media_type
+        return HttpResponse(content, content_type=content_type, headers={
+            "Content-Disposition": f'inline; filename="{self._get_filename(request, self.api_version)}"'})
 
 
 # OpenAPI links: which response gives the id another operation takes, so a client (and the schema-driven fuzzer's
