@@ -232,6 +232,13 @@ class MasumiPurchase(models.Model):
     job_status = models.CharField(max_length=50, blank=True, help_text="What the seller's GET /status last said.")
     job_start_claimed_at = models.DateTimeField(null=True, blank=True,
                                                 help_text="Set before calling start_job, so only one call is made.")
+    job_start_acknowledged_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the seller's server asked this node for the job's payment (POST "
+                                         "/payment) while the marketplace started it: the seller has the job, so it "
+                                         "is never started again (the seller submits its result hash itself).")
+    job_starts_unanswered = models.PositiveIntegerField(
+        default=0, help_text="start_job calls whose answer was lost (the tick ended during one), the job started "
+                             "again after each: the seller may have run it that many extra times.")
     job_next_call_at = models.DateTimeField(
         null=True, blank=True, help_text="When the seller's /start_job or /status may next be called (none: now); "
                                          "moved past a call's timeout while it runs, so only one runs at a time.")

@@ -366,7 +366,9 @@ def payment_request_create(*, seller: Agent, service: Service, identifier_from_p
     if input_hash:
         funded = funded.filter(input_hash=input_hash)
     purchase = funded.select_related("agreement").order_by("created_at").first()
-    if purchase is not None:
+    if purchase is not None:  # the seller took the job: should its answer be lost, it is not started again
+        MasumiPurchase.objects.filter(pk=purchase.pk, job_start_acknowledged_at__isnull=True).update(
+            job_start_acknowledged_at=timezone.now())
         return purchase
     deadline_now, chain_now = clock or request_clock()
     at = _timers(deadline_now, timers, chain_now=chain_now)
@@ -451,7 +453,7 @@ def _due_job_calls(now: int) -> list[tuple[Any, Any]]:
     running without a result, while submitResultTime has not passed."""
     # Not once completion is asked for (a purchase funded after it expired is given back): its result is never charged.
     to_start = Q(agreement__status=S.ACTIVE, agreement__completion_requested_at__isnull=True, result_hash="",
-                 job_id="", payment_request__isnull=True)
+                 job_id="", payment_request__isnull=True, job_start_acknowledged_at__isnull=True)
     to_poll = Q(agreement__status__in=[S.ACTIVE, S.IN_CHALLENGE], result="") & ~Q(job_id="")
     due = Q(job_next_call_at__isnull=True) | Q(job_next_call_at__lte=timezone.now())
     return list(MasumiPurchase.objects.filter(to_start | to_poll, due, submit_result_time__gt=_moment(now)).order_by(
@@ -473,13 +475,26 @@ def _job_call_claim(purchase_id, seller_id, *, now: int) -> _JobCall | None:
         return None
     if not purchase.job_id:
         if (status != S.ACTIVE or purchase.agreement.completion_requested_at is not None or purchase.result_hash
-                or purchase.payment_request_id is not None):
+                or purchase.payment_request_id is not None or purchase.job_start_acknowledged_at is not None):
             return None
+        if purchase.job_start_claimed_at is not None:
+            _job_start_answer_lost(purchase)
         # Read by `payment_request_create`: the seller's server asks this node for the payment while starting it.
         MasumiPurchase.objects.filter(pk=purchase_id).update(job_start_claimed_at=wall)
     elif status not in (S.ACTIVE, S.IN_CHALLENGE):
         return None
     return _JobCall(purchase=purchase, seller_id=seller_id)
+
+
+def _job_start_answer_lost(purchase: MasumiPurchase) -> None:
+    """The last start_job's tick ended before its answer was recorded (a failed call clears the claim). MIP-003 has
+    no way to ask the seller for a job by anything but its own job id, so the job is started again: counted and
+    logged for the seller's operators, since the seller, paid once, may run it twice. A masumi-library seller
+    that took the job asked this node for its payment first (`payment_request_create`), and is not called again."""
+    MasumiPurchase.objects.filter(pk=purchase.pk).update(job_starts_unanswered=F("job_starts_unanswered") + 1)
+    logger.error("a seller's start_job answer was lost; starting the job again, which the seller may run twice",
+                 extra={"purchase_id": str(purchase.pk), "agreement_id": str(purchase.agreement_id),
+                        "service_id": str(purchase.agreement.service_id)})
 
 
 def _job_call_failed(call: _JobCall, error: Exception, *, now: int) -> None:

@@ -50,10 +50,10 @@ def run(capture, fn, **kwargs):
 class Purchase:
     """A buyer who bought one job from the Masumi service and got the funds locked."""
 
-    def __init__(self, chain, capture, seller_service, **timers):
+    def __init__(self, chain, capture, seller_service, masumi_protocol_version="1", **timers):
         self.chain, self.capture = chain, capture
         self.parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi",
-                               pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE,
+                               masumi_protocol_version=masumi_protocol_version, pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE,
                                         "token": "USDC"}, skills=[])
         now = deadline_clock(chain)
         self.timers = {"payByTime": now + 600, "submitResultTime": now + 1200, "unlockTime": now + 2400,
@@ -589,6 +589,72 @@ def test_two_ticks_at_once_call_a_purchases_seller_once(
         thread.join()
     assert len(hanging_seller.requests) == 1
     assert row(purchase).job_call_failures == 1
+
+
+class TickKilled(BaseException):
+    """The jobs tick's worker killed (its time limit, a deploy) between the seller's answer and its record."""
+
+
+def killed_after_start_job(capture, monkeypatch) -> None:
+    """One jobs tick killed once the seller answered /start_job, before the job id was saved; then its lease
+    (MASUMI_SERVICE_TIMEOUT + 30 s) passes on our clock."""
+    def killed(*args, **kwargs):
+        raise TickKilled
+
+    with monkeypatch.context() as patched:
+        patched.setattr(purchases, "_job_call_answered", killed)
+        with pytest.raises(TickKilled):
+            run(capture, purchases.purchases_jobs_tick)
+    wall_clock_ahead(monkeypatch, purchases._job_call_lease_seconds() + 1)
+
+
+def test_a_start_job_answer_lost_to_a_killed_tick_is_not_started_again_once_the_seller_took_the_job(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
+    """A masumi-library seller asks this node for the job's payment (POST /payment) from its /start_job, before it
+    answers: the node then knows the seller took the job. Before: the next tick started it again after the lease,
+    the seller running it twice for one payment."""
+    capture = django_capture_on_commit_callbacks
+    purchase = Purchase(escrow_chain, capture, seller_service, masumi_protocol_version="2")
+    killed_after_start_job(capture, monkeypatch)
+    # What the seller's /start_job did before answering (the masumi library's Payment.create_payment_request).
+    asked = purchase.parties.seller_api.post("/payment", {
+        "agentIdentifier": str(purchase.parties.service.pk), "network": "Preprod",
+        "identifierFromPurchaser": "order-17", "inputHash": purchase.created["inputHash"]})
+    assert asked.status_code == 200 and asked.json()["data"]["blockchainIdentifier"] == purchase.id, asked.content
+
+    assert purchase.tick()["started"] == 0
+    assert len(seller_service.started) == 1  # the seller has the job, and submits its result itself
+    submitted = purchase.parties.seller_api.post("/payment/submit-result", {
+        "network": "Preprod", "blockchainIdentifier": purchase.id, "submitResultHash": "c" * 64})
+    assert submitted.status_code == 200, submitted.content
+    assert purchase.get()["onChainState"] == "ResultSubmitted"
+
+
+def test_a_start_job_answer_lost_to_a_killed_tick_is_started_again_when_the_seller_never_took_the_job(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
+    """No payment asked for: a masumi-library seller has no job (it asks before creating one)."""
+    capture = django_capture_on_commit_callbacks
+    purchase = Purchase(escrow_chain, capture, seller_service, masumi_protocol_version="2")
+    killed_after_start_job(capture, monkeypatch)
+    assert purchase.tick()["started"] == 1
+    assert len(seller_service.started) == 2
+    assert row(purchase).job_id
+
+
+def test_a_start_job_answer_lost_to_a_killed_tick_is_recorded_for_operators_before_the_job_is_started_again(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch, caplog):
+    """The seed's /start_job carries nothing the seller could recognise a second call by, and its /status knows only
+    the seller's job id: the job is started again (the buyer still gets a result; the seller, paid once, ran it
+    twice at worst). Before: silently, nothing told the seller's operators."""
+    capture = django_capture_on_commit_callbacks
+    purchase = Purchase(escrow_chain, capture, seller_service)
+    killed_after_start_job(capture, monkeypatch)
+    assert purchase.tick()["started"] == 1
+    assert len(seller_service.started) == 2
+    assert row(purchase).job_starts_unanswered == 1
+    [lost] = [record for record in caplog.records if "start_job answer was lost" in record.getMessage()]
+    assert lost.levelname == "ERROR" and lost.purchase_id == str(row(purchase).pk)
+    assert purchase.tick()["results"] == 1
 
 
 @pytest.mark.parametrize("report", [{"units": 1}, {"events": [{"units": 1}]}, {"units_used": 1, "completed": True}])

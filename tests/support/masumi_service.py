@@ -1,7 +1,8 @@
 """A small real Masumi agentic service (the seed's Agentic Service API) on loopback, for tests.
 
-`POST /start_job` {"input_data"} -> {"job_id", "payment_id"}; `GET /status?job_id=` -> {"job_id", "status",
-"result"?}; `GET /availability` -> {"status", "uptime", "message"}. Behaviour is switched by `mode`:
+`POST /start_job` {"input_data"} -> {"job_id", "payment_id"} (with "identifier_from_purchaser" as well, the masumi
+library's version: -> {"id", "blockchainIdentifier"}); `GET /status?job_id=` -> {"job_id", "status", "result"?};
+`GET /availability` -> {"status", "uptime", "message"}. Behaviour is switched by `mode`:
 - "result": a job is "running" on its first status check, then "completed" with `result_for(input_data)`;
 - "never": jobs stay "running" forever;
 - "unavailable": /availability answers "unavailable" (and start_job 503s).
@@ -55,6 +56,8 @@ class MasumiService:
         job_id = str(uuid.uuid4())
         self.jobs[job_id] = {"input_data": body["input_data"], "status_checks": 0}
         self.started.append(body["input_data"])
+        if "identifier_from_purchaser" in body:
+            return 200, {"id": job_id, "blockchainIdentifier": f"pay-{job_id}"}
         return 200, {"job_id": job_id, "payment_id": f"pay-{job_id}"}
 
     def _availability(self) -> tuple[int, dict]:
