@@ -428,7 +428,7 @@ def payment_payload(payment) -> dict:
         return {**common, "id": str(payment.pk), "blockchainIdentifier": "0x" + payment.pk.hex.rjust(64, "0"),
                 "agentIdentifier": str(service.pk), "resultHash": None, "onChainState": None,
                 "NextAction": {"requestedAction": "WaitingForExternalAction", "errorType": None, "errorNote": None},
-                "RequestedFunds": [{"amount": str(service.unit_price), "unit": service.token}],
+                "RequestedFunds": purchases.payment_request_funds(payment),
                 "sellerVKey": service.seller.wallet_address, "BuyerWallet": None}
     agreement = payment.agreement
     state = purchases.purchase_onchain_state(payment)

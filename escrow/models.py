@@ -182,6 +182,9 @@ class MasumiPaymentRequest(models.Model):
     identifier_from_purchaser = models.CharField(max_length=250)
     input_hash = models.CharField(max_length=64, blank=True, help_text="MIP-004 input hash, if the seller sent it.")
     metadata = models.CharField(max_length=1000, blank=True)
+    unit_price = TokenAmountField(help_text="The service's price when the seller requested the payment: the price "
+                                            "the buyer pays (refused once the service's price changed).")
+    token = models.CharField(max_length=16)
     pay_by_time = models.DateTimeField()
     submit_result_time = models.DateTimeField()
     unlock_time = models.DateTimeField()

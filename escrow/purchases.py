@@ -207,6 +207,11 @@ def purchase_prepare_for_payment(*, buyer: Agent, payment_request: MasumiPayment
     if differ:
         raise InvalidInput("The purchase does not match the seller's payment request.", code="payment_mismatch",
                            details={"fields": differ})
+    if (service.unit_price, service.token) != (payment_request.unit_price, payment_request.token):
+        raise Conflict("The seller changed the service's price since it requested this payment; ask it for a new "
+                       "one.", code="payment_price_changed",
+                       details={"requested": payment_request_funds(payment_request),
+                                "listed": [{"amount": str(service.unit_price), "unit": service.token}]})
     at = {name: _unix(getattr(payment_request, name)) for name in TIMER_NAMES}
     if at["pay_by_time"] <= chain_clock.deadline_clock():
         raise Conflict("The payment request's payByTime has passed.", code="pay_by_time_passed")
@@ -214,6 +219,10 @@ def purchase_prepare_for_payment(*, buyer: Agent, payment_request: MasumiPayment
                         identifier_from_purchaser=identifier_from_purchaser, metadata=metadata, input_data=None,
                         input_hash=given["inputHash"] or "", payment_request=payment_request,
                         permit_nonce=services.buyer_permit_nonce(buyer=buyer))
+
+
+def payment_request_funds(payment_request: MasumiPaymentRequest) -> list[dict]:
+    return [{"amount": str(payment_request.unit_price), "unit": payment_request.token}]
 
 
 def purchase_record(*, plan: PurchasePlan) -> tuple[MasumiPurchase, dict]:
@@ -374,7 +383,8 @@ def payment_request_create(*, seller: Agent, service: Service, identifier_from_p
     at = _timers(deadline_now, timers, chain_now=chain_now)
     return MasumiPaymentRequest.objects.create(
         service=service, identifier_from_purchaser=identifier_from_purchaser, input_hash=input_hash or "",
-        metadata=metadata, **{name: _moment(value) for name, value in at.items()})
+        metadata=metadata, unit_price=service.unit_price, token=service.token,
+        **{name: _moment(value) for name, value in at.items()})
 
 
 def payment_submit_result(*, seller: Agent, purchase: MasumiPurchase, result_hash: str) -> MasumiPurchase:

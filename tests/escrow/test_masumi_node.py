@@ -118,6 +118,24 @@ def test_only_the_seller_requests_payments_for_its_service_at_its_price(parties)
     assert source["SellingWallets"][0]["walletVkey"] == parties.seller_account.address
 
 
+def test_a_payment_request_is_paid_at_the_price_it_requested_not_one_the_seller_set_since(parties, escrow_chain):
+    """The seller hands the buyer a payment request at its listed price, then raises the price: the purchase paying
+    the request was made at the new price (the masumi library's buyer names no amount), and the request showed the
+    new price to whoever resolved it."""
+    payment = payment_request(parties, deadline_clock(escrow_chain) + 600)
+    raised = parties.seller_api.patch(f"/agents/services/{parties.service.pk}", {"pricing": {
+        "type": "per_call", "unit_name": "job", "unit_price_atomic": 100 * PRICE, "token": "USDC"}})
+    assert raised.status_code == 200, raised.content
+
+    refused = parties.buyer_api.post("/purchase/", paying_body(parties, payment))
+    assert refused.status_code == 409 and error_code(refused) == "payment_price_changed", refused.content
+    assert refused.json()["error"]["details"] == {"requested": [{"amount": str(PRICE), "unit": "USDC"}],
+                                                  "listed": [{"amount": str(100 * PRICE), "unit": "USDC"}]}
+    resolved = parties.seller_api.post("/payment/resolve-blockchain-identifier/", {
+        "network": "Preprod", "blockchainIdentifier": payment["blockchainIdentifier"]})
+    assert resolved.json()["data"]["RequestedFunds"] == [{"amount": str(PRICE), "unit": "USDC"}]
+
+
 def test_a_blockchain_identifier_above_128_bits_names_no_purchase_nor_payment(parties):
     """An id of ours is a UUID (128 bits); any other bytes32 (another node's agreementId) matched every purchase
     that pays no payment request, as `agreement IS NULL OR payment_request IS NULL`."""
