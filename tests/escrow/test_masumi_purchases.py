@@ -591,6 +591,24 @@ def test_two_ticks_at_once_call_a_purchases_seller_once(
     assert row(purchase).job_call_failures == 1
 
 
+@pytest.mark.parametrize("named", ["job_id", "id"])  # the seed's field, the masumi library's
+def test_a_status_answer_naming_another_job_is_not_taken_as_this_purchases_result(
+        escrow_chain, seller_service, http_server, django_capture_on_commit_callbacks, named):
+    """A seller's /status answering for another job (a cache keyed wrong, a hostile seller): its result was charged
+    as this purchase's, and shown to this buyer."""
+    purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    moved_to(purchase, http_server)
+    http_server.responses.append((200, {named: "another-buyers-job", "status": "completed",
+                                        "result": "another buyer's report"}))
+
+    assert purchase.tick()["results"] == 0
+    refused = row(purchase)
+    assert (refused.result, refused.result_hash) == ("", "")
+    assert "another job" in refused.last_error and refused.job_call_failures == 1
+    assert not UsageEvent.objects.filter(agreement_id=refused.agreement_id).exists()
+
+
 class TickKilled(BaseException):
     """The jobs tick's worker killed (its time limit, a deploy) between the seller's answer and its record."""
 
