@@ -235,6 +235,22 @@ def test_a_timer_of_zero_is_refused_not_replaced_by_the_default(parties):
                     path, name, value, refused.content)
 
 
+def test_a_seller_cannot_put_a_disputes_release_to_the_buyer_out_of_reach(parties, escrow_chain):
+    """externalDisputeUnlockTime, the buyer's only release from a dispute nobody resolves (the contract has no
+    dispute timeout), was unbounded: a payment request asking for the year 9999, which the masumi library's buyer
+    copies into its purchase, left a disputed buyer's money to the operators alone."""
+    pay_by = deadline_clock(escrow_chain) + 600
+    unlock = pay_by + 7200
+    body = {"agentIdentifier": str(parties.service.pk), "network": "Preprod", "identifierFromPurchaser": "order-9",
+            "payByTime": iso(pay_by), "submitResultTime": iso(pay_by + 3600), "unlockTime": iso(unlock)}
+    for api, path, extra in [(parties.seller_api, "/payment/", {}), (parties.buyer_api, "/purchase/", {"input_data": INPUT})]:
+        far = api.post(path, {**body, **extra, "externalDisputeUnlockTime": "9999-12-31T23:59:59.000Z"})
+        assert far.status_code == 400 and error_code(far) == "invalid_timers", (path, far.content)
+        assert far.json()["error"]["details"]["timer"] == "external_dispute_unlock_time"
+        at_most = api.post(path, {**body, **extra, "externalDisputeUnlockTime": iso(unlock + 30 * 24 * 3600)})
+        assert at_most.status_code == 200, (path, at_most.content)
+
+
 def test_the_seller_side_lists_take_integers_in_ascii_digits_only(parties):
     """`limit` of GET /payment and `take` of GET /payment-source took "1.0" and non-ASCII digits ("٣"), unlike every
     other integer in a query string."""
