@@ -567,7 +567,7 @@ def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -
         purchase.last_error = ""
         purchase.save(update_fields=["result", "result_hash", "result_submitted_at", "last_error", "updated_at"])
         agreement_services.job_result_charge(agreement_id=purchase.agreement_id, result_hash="0x" + result_hash,
-                                             request_id=f"masumi-job:{purchase.job_id or purchase.pk}",
+                                             request_id=f"masumi-job:{purchase.pk}",  # a job id may be 250 characters
                                              chain_now=chain_now)
     # After the commit: the proposal reads the chain, which no row lock may wait on. The charge asked for
     # completion, so should the proposal fail here, settlement_tick proposes it.

@@ -609,6 +609,19 @@ def test_a_status_answer_naming_another_job_is_not_taken_as_this_purchases_resul
     assert not UsageEvent.objects.filter(agreement_id=refused.agreement_id).exists()
 
 
+def test_a_sellers_longest_job_id_is_charged_and_stops_no_tick(escrow_chain, http_server,
+                                                                django_capture_on_commit_callbacks):
+    """A job id may be 250 characters; the result's charge was keyed `masumi-job:<job id>`, beyond the usage
+    event's 128: the database refused it, and the error (no ApplicationError) ended every tick at that answer,
+    the other calls' answers lost, until submitResultTime."""
+    http_server.responses.extend([(200, {"job_id": "j" * 250, "payment_id": "p" * 250}),
+                                  (200, {"job_id": "j" * 250, "status": "completed", "result": "the report"})])
+    purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, http_server)
+    assert purchase.tick()["started"] == 1
+    assert purchase.get()["result"] == "the report"
+    assert purchase.get()["onChainState"] == "ResultSubmitted"
+
+
 class TickKilled(BaseException):
     """The jobs tick's worker killed (its time limit, a deploy) between the seller's answer and its record."""
 
