@@ -528,10 +528,16 @@ def _job_call_failed(call: _JobCall, error: Exception, *, now: int) -> None:
 
 def _job_call_answered(call: _JobCall, answer, *, now: int) -> MasumiPurchase | None:
     """The seller's answer recorded; its next call due at once (the next tick, or this one after a start). A
-    completed job's result is recorded (fetched too when the seller submitted only its hash)."""
+    completed job's result is recorded (fetched too when the seller submitted only its hash). A job id the seller
+    gave another purchase of the service still running is refused (AgenticServiceError), nothing recorded."""
     purchase_id = call.purchase.pk
     schedule = {"job_call_failures": 0, "job_next_call_at": timezone.now(), "updated_at": timezone.now()}
     if call.starts:
+        # One job's result charged to two purchases. Only those still polled: a seller may reuse its old ids.
+        if MasumiPurchase.objects.filter(agreement__service_id=call.purchase.agreement.service_id,
+                                         job_id=answer.job_id, result="",
+                                         agreement__status__in=[S.ACTIVE, S.IN_CHALLENGE]).exists():
+            raise masumi_agentic_client.AgenticServiceError("/start_job: the job id is another purchase's")
         MasumiPurchase.objects.filter(pk=purchase_id).update(job_id=answer.job_id, payment_id=answer.payment_id,
                                                              last_error="", **schedule)
         return None
@@ -615,11 +621,11 @@ def purchases_jobs_tick(*, now: int | None = None) -> dict[str, int]:
                     call = running.pop(future)
                     per_seller[call.seller_id] -= 1
                     try:
-                        answer = future.result()
+                        recorded = _job_call_answered(call, future.result(), now=now)
                     except masumi_agentic_client.AgenticServiceError as error:
                         _job_call_failed(call, error, now=now)
                         continue
-                    if _job_call_answered(call, answer, now=now) is not None:
+                    if recorded is not None:
                         done["results"] += 1
                     if call.starts:
                         done["started"] += 1

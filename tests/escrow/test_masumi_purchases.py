@@ -50,11 +50,13 @@ def run(capture, fn, **kwargs):
 class Purchase:
     """A buyer who bought one job from the Masumi service and got the funds locked."""
 
-    def __init__(self, chain, capture, seller_service, masumi_protocol_version="1", **timers):
+    def __init__(self, chain, capture, seller_service, masumi_protocol_version="1", parties=None, **timers):
+        """`parties`: another purchase's (the same buyer and service); else new ones."""
         self.chain, self.capture = chain, capture
-        self.parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi",
-                               masumi_protocol_version=masumi_protocol_version, pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE,
-                                        "token": "USDC"}, skills=[])
+        self.parties = parties or Parties(
+            chain, upstream_base_url=seller_service.url, upstream_protocol="masumi",
+            masumi_protocol_version=masumi_protocol_version, skills=[],
+            pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE, "token": "USDC"})
         now = deadline_clock(chain)
         self.timers = {"payByTime": now + 600, "submitResultTime": now + 1200, "unlockTime": now + 2400,
                        "externalDisputeUnlockTime": now + 4800, **timers}
@@ -620,6 +622,26 @@ def test_a_sellers_longest_job_id_is_charged_and_stops_no_tick(escrow_chain, htt
     assert purchase.tick()["started"] == 1
     assert purchase.get()["result"] == "the report"
     assert purchase.get()["onChainState"] == "ResultSubmitted"
+
+
+def test_a_job_id_the_seller_gave_another_purchase_is_not_taken_for_a_second_one(
+        escrow_chain, http_server, django_capture_on_commit_callbacks):
+    """A seller answering /start_job with a job id it gave another purchase of the service: both purchases polled
+    that one job, its result charged twice (the seller paid twice for one job) and the first buyer's result shown
+    to the second."""
+    capture = django_capture_on_commit_callbacks
+    first = Purchase(escrow_chain, capture, http_server)
+    http_server.responses.extend([(200, {"job_id": "job-1", "payment_id": "pay-1"}),
+                                  (200, {"job_id": "job-1", "status": "running"})])
+    assert first.tick()["started"] == 1
+    second = Purchase(escrow_chain, capture, http_server, parties=first.parties)
+    # The second's start and the first's status check, in either order.
+    http_server.responses.extend([(200, {"job_id": "job-1", "payment_id": "pay-2", "status": "running"})] * 2)
+
+    assert second.tick()["started"] == 0
+    refused = row(second)
+    assert refused.job_id == "" and "another purchase" in refused.last_error and refused.job_call_failures == 1
+    assert row(first).job_id == "job-1"
 
 
 class TickKilled(BaseException):
