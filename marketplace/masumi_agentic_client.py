@@ -83,11 +83,11 @@ def start_job(*, base_url: str, protocol_version: str, input_data, identifier_fr
 
 
 def job_status(*, base_url: str, job_id: str) -> JobStatus:
-    """An answer naming another job (the seed's `job_id`, the masumi library's `id`) is an error, not this job's."""
+    """An answer naming another job (the seed's `job_id`) is an error, not this job's. (The masumi library's `id`
+    names the status answer, a fresh UUID each time, not the job.)"""
     body = _request("GET", base_url, "/status", params={"job_id": job_id})
-    for name in ("job_id", "id"):
-        if name in body and body[name] != job_id:
-            raise AgenticServiceError(f"/status: the answer is for another job (`{name}` is not the one asked for)")
+    if "job_id" in body and body["job_id"] != job_id:
+        raise AgenticServiceError("/status: the answer is for another job (`job_id` is not the one asked for)")
     result = body.get("result")
     if result is not None and not isinstance(result, str):
         raise AgenticServiceError("/status: `result` is not a string")
