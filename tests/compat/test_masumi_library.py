@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from escrow import purchases, settlement
+from escrow.models import MasumiPurchase
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import AgentFactory, issue_key
 from tests.compat.masumi_env import MasumiSeller, call, masumi_python
@@ -169,6 +170,8 @@ def test_a_stock_masumi_sellers_job_is_bought_and_paid(masumi, stock_seller):
         assert purchases.purchases_jobs_tick()["started"] == 1
         started = node_purchase(masumi, parties, created["blockchainIdentifier"])
         assert started["paymentId"] == created["blockchainIdentifier"] and started["jobId"]
+        # Asked before it answered: a start whose answer is lost is not made again (escrow.purchases).
+        assert MasumiPurchase.objects.get(pk=created["id"]).job_start_acknowledged_at is not None
 
         def polled():
             purchases.purchases_jobs_tick()
