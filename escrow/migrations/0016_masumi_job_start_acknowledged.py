@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('escrow', '0014_payment_authorization_cancel'),
+        ('escrow', '0015_relay_revert'),
     ]
 
     operations = [

@@ -14,7 +14,7 @@ def price_of_the_service(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ("escrow", "0015_masumi_job_start_acknowledged"),
+        ("escrow", "0016_masumi_job_start_acknowledged"),
     ]
 
     operations = [
