@@ -24,10 +24,11 @@ def active_outside_transaction(escrow_chain, http_server):
     return activated_through_the_api(escrow_chain, http_server.url, quantity=5)
 
 
-def activated_through_the_api(chain, upstream_base_url: str, *, quantity: int) -> Parties:
-    """A buyer and a seller (agents of their own) with an active agreement for `quantity` calls at 0.02 USDC to
-    `upstream_base_url`, activated through the API and the chain outside any transaction of the test's."""
-    parties = Parties(chain, upstream_base_url=upstream_base_url)
+def activated_through_the_api(chain, upstream_base_url: str, *, quantity: int, **service_overrides) -> Parties:
+    """A buyer and a seller (agents of their own) with an active agreement for `quantity` calls at 0.02 USDC (or
+    as `service_overrides` price the service) to `upstream_base_url`, activated through the API and the chain
+    outside any transaction of the test's."""
+    parties = Parties(chain, upstream_base_url=upstream_base_url, **service_overrides)
     agreement = parties.accepted_agreement(quantity=quantity)
     assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
                                   parties.signed_activation(agreement["id"])).status_code == 202
