@@ -41,6 +41,9 @@ PER_UNIT_PRICE = 10_000
 PROXY_TIMEOUT = 0.2
 TOO_LATE = 0.45  # the upstream's delay on a call that times out
 EXAMPLES, STEPS = 20, 25
+# What a seller's upstream says it served (X-Usage-Units): a count (of up to 18 digits), or anything else, which
+# counts as 1 unit; never more than the buyer's X-Max-Units.
+UNITS = st.sampled_from(["0", "1", "2", "4", "abc", "-1", "\u00b2", "99999999999999999999"])
 SETTLING_IN = 8  # steps before an example may ask for completion (else most examples complete at once)
 
 
@@ -101,12 +104,15 @@ class Books(RuleBasedStateMachine):
 
     # --- the buyer's calls -----------------------------------------------------------------------------------------
 
-    def proxied(self, *, outcome: str, units: int, max_units: int, nonce: str, path: str):
+    def proxied(self, *, outcome: str, units: str, max_units: int, nonce: str, path: str):
+        """A call whose upstream answers as `outcome` says: "ok" (200) and "rejected" (404: served, so charged)
+        reporting `units` (X-Usage-Units, any text), "failed" (500) or "timeout"."""
         headers = {"X-Max-Units": str(max_units)} if self.per_unit else {}
         if nonce:
             headers["X-Request-Nonce"] = nonce
-        if outcome == "ok":
-            self.upstream.responses.append((200, {"ok": True}, 0, {"X-Usage-Units": str(units)}))
+        if outcome in ("ok", "rejected"):
+            self.upstream.responses.append((200 if outcome == "ok" else 404, {"ok": outcome == "ok"}, 0,
+                                            {"X-Usage-Units": units}))
         elif outcome == "failed":
             self.upstream.responses.append((500, {"error": "boom"}))
         else:
@@ -143,11 +149,13 @@ class Books(RuleBasedStateMachine):
             assert not response.has_header("X-Usage-Event-Id")
             assert UsageEvent.objects.filter(agreement_id=self.id).count() == events
         else:
-            cost = (min(units, max_units) if self.per_unit else 1) * self.price
-            assert response.status_code == 200 and response["X-Usage-Cost"] == str(cost), response.content
+            served = min(int(units) if units.isascii() and units.isdigit() and len(units) <= 18 else 1, max_units)
+            cost = (served if self.per_unit else 1) * self.price
+            status = 200 if outcome == "ok" else 404
+            assert response.status_code == status and response["X-Usage-Cost"] == str(cost), response.content
             event = UsageEvent.objects.get(pk=response["X-Usage-Event-Id"])
             assert (str(event.agreement_id), event.cost, event.upstream_status, event.request_nonce) == (
-                self.id, cost, 200, nonce)
+                self.id, cost, status, nonce)
             assert response["X-Usage-Seq"] == str(event.seq)
             assert response["X-Escrow-Remaining"] == str(self.deposit - event.cumulative)
             self.answered_200[event.pk] = cost
@@ -157,7 +165,7 @@ class Books(RuleBasedStateMachine):
             self.replies[nonce] = {"path": path, "status": response.status_code, "body": response.content,
                                    "cost": response["X-Usage-Cost"]}
 
-    @rule(calls=st.lists(st.tuples(st.sampled_from(["ok", "ok", "ok", "failed", "timeout"]), st.integers(0, 4),
+    @rule(calls=st.lists(st.tuples(st.sampled_from(["ok", "ok", "ok", "rejected", "failed", "timeout"]), UNITS,
                                    st.integers(1, 3), st.booleans()), min_size=1, max_size=4))
     def calls(self, calls):
         """Calls in a row: (what the upstream does, the units it serves, the buyer's X-Max-Units, with a nonce)."""
@@ -166,7 +174,7 @@ class Books(RuleBasedStateMachine):
             self.proxied(outcome=outcome, units=units, max_units=max_units,
                          nonce=f"n-{name}" if with_nonce else "", path=f"/work/{name}")
 
-    @rule(ok=st.booleans(), units=st.integers(0, 4), max_units=st.integers(1, 3))
+    @rule(ok=st.booleans(), units=UNITS, max_units=st.integers(1, 3))
     def a_call_with_a_nonce(self, ok, units, max_units):
         name = next(self.names)
         self.proxied(outcome="ok" if ok else "failed", units=units, max_units=max_units, nonce=f"n-{name}",
@@ -175,14 +183,15 @@ class Books(RuleBasedStateMachine):
     @rule(timeout=st.booleans())
     def a_call_the_upstream_fails(self, timeout):
         name = next(self.names)
-        self.proxied(outcome="timeout" if timeout else "failed", units=1, max_units=1, nonce="", path=f"/work/{name}")
+        self.proxied(outcome="timeout" if timeout else "failed", units="1", max_units=1, nonce="",
+                     path=f"/work/{name}")
 
     @precondition(lambda self: self.replies or self.free_nonces or self.pending_nonces)
     @rule(data=st.data(), elsewhere=st.booleans(), outcome=st.sampled_from(["ok", "failed", "timeout"]))
     def retry_with_a_nonce(self, data, elsewhere, outcome):
         nonce = data.draw(st.sampled_from(sorted([*self.replies, *self.free_nonces, *self.pending_nonces])))
         if nonce in self.free_nonces:  # its call was not answered: a retry is a call of its own
-            self.proxied(outcome=outcome, units=1, max_units=1, nonce=nonce, path=self.free_nonces.pop(nonce))
+            self.proxied(outcome=outcome, units="1", max_units=1, nonce=nonce, path=self.free_nonces.pop(nonce))
             return
         path = (self.replies.get(nonce) or {"path": self.pending_nonces.get(nonce)})["path"]
         events = UsageEvent.objects.filter(agreement_id=self.id).count()
