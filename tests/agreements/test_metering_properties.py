@@ -38,8 +38,8 @@ pytestmark = [pytest.mark.chain, pytest.mark.postgres, pytest.mark.slow, pytest.
 
 PER_CALL_PRICE = 20_000
 PER_UNIT_PRICE = 10_000
-PROXY_TIMEOUT = 0.2
-TOO_LATE = 0.45  # the upstream's delay on a call that times out
+PROXY_TIMEOUT = 0.5  # not less: a loaded machine (`make test`'s workers) must not time out the answers on time
+TOO_LATE = 0.8  # the upstream's delay on a call that times out
 EXAMPLES, STEPS = 20, 25
 # What a seller's upstream says it served (X-Usage-Units): a count (of up to 18 digits), or anything else, which
 # counts as 1 unit; never more than the buyer's X-Max-Units.
