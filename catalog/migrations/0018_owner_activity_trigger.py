@@ -120,6 +120,9 @@ class Migration(migrations.Migration):
 
     dependencies = [
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
+        # After every auth migration: SQLite remakes auth_user for an altered field, which a trigger naming it breaks
+        # (with a later app's migration added, the plan ran auth's after this one: "no such table: main.auth_user").
+        ('auth', '0012_alter_user_first_name_max_length'),
         ('catalog', '0017_agent_owner_is_active'),
     ]
 
