@@ -35,7 +35,7 @@ from marketplace.idempotency import idempotent
 from marketplace.masumi_format import check_network as _check_network
 from marketplace.masumi_format import network_field as _network_field
 from marketplace.masumi_format import timestamp as _timestamp
-from marketplace.pagination import MAX_LIMIT, paginate
+from marketplace.pagination import MAX_LIMIT
 from marketplace.serializers import (
     StrictIntegerField,
     StrictSerializer,
@@ -476,11 +476,8 @@ class PurchaseView(APIView):
         if identifier:
             rows = [selectors.purchase_get(buyer=buyer, blockchain_identifier=identifier)]
         else:
-            queryset = selectors.purchases_of_buyer(buyer=buyer)
-            cursor_id = query.validated_data.get("cursorId")
-            if cursor_id is not None:
-                queryset = queryset.filter(pk__gt=cursor_id)
-            rows, _ = paginate(queryset, ordering=["id"], cursor=None, limit=query.validated_data["limit"])
+            rows = selectors.purchases_page(buyer=buyer, after=query.validated_data.get("cursorId"),
+                                            limit=query.validated_data["limit"])
         return _success({"Purchases": [purchase_payload(p) for p in rows]})
 
     @extend_schema(operation_id="masumi_purchase_create", tags=TAGS, request=PurchaseCreateSerializer,

@@ -4,6 +4,7 @@ from enum import StrEnum
 
 from django.conf import settings
 from django.db.models import Count, Exists, F, OuterRef, Q, Sum
+from django.db.models.functions import Length
 from web3 import Web3
 
 from agreements import services as agreement_services
@@ -202,6 +203,23 @@ def reconciliation_mismatches(*, agreements) -> list[str]:
 def purchases_of_buyer(*, buyer):
     return MasumiPurchase.objects.filter(agreement__buyer=buyer).select_related(
         "agreement", "agreement__service", "agreement__seller")
+
+
+def purchases_page(*, buyer, after=None, limit: int) -> list[MasumiPurchase]:
+    """The buyer's purchases after the one `after`, in id order: at most `limit`, and once their results (a seller's
+    answers, each up to UPSTREAM_ANSWER_MAX_BYTES) reach MASUMI_PURCHASES_PAGE_RESULT_CHARACTERS no more but the
+    first, so that a page never holds a hundred of them in a web process. The sizes are read first, the rows then."""
+    queryset = purchases_of_buyer(buyer=buyer).order_by("id")
+    if after is not None:
+        queryset = queryset.filter(pk__gt=after)
+    ids, total = [], 0
+    for pk, characters in queryset.annotate(result_characters=Length("result")).values_list(
+            "pk", "result_characters")[:limit]:
+        total += characters
+        if ids and total > settings.MASUMI_PURCHASES_PAGE_RESULT_CHARACTERS:
+            break
+        ids.append(pk)
+    return list(queryset.filter(pk__in=ids))
 
 
 def _by_blockchain_identifier(blockchain_identifier: str) -> Q:

@@ -298,6 +298,9 @@ AGENTS_PER_OWNER = env.int("AGENTS_PER_OWNER", default=50)
 SERVICE_FREE_FORM_MAX_BYTES = env.int("SERVICE_FREE_FORM_MAX_BYTES", default=16 * 1024)
 # A Masumi purchase's `input_data`, at most this many bytes of JSON (kept with the purchase, sent to the seller).
 MASUMI_INPUT_DATA_MAX_BYTES = env.int("MASUMI_INPUT_DATA_MAX_BYTES", default=64 * 1024)
+# A page of a buyer's Masumi purchases (GET /purchase) stops once its results (each a seller's answer, up to
+# UPSTREAM_ANSWER_MAX_BYTES) reach this many characters, holding at least one purchase: escrow.selectors.purchases_page.
+MASUMI_PURCHASES_PAGE_RESULT_CHARACTERS = env.int("MASUMI_PURCHASES_PAGE_RESULT_CHARACTERS", default=4 * 1024 * 1024)
 # A skill invocation's `input`, at most this many bytes of JSON (kept with the invocation, sent to the seller).
 SKILL_INPUT_MAX_BYTES = env.int("SKILL_INPUT_MAX_BYTES", default=64 * 1024)
 # Registered services a seller lists at once (each is in every buyer's search).

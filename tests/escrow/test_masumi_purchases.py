@@ -390,6 +390,26 @@ def test_the_refund_by_the_purchases_timers_asks_the_chain_with_no_database_tran
     purchase.assert_moved(seller=0, buyer=PRICE)
 
 
+def test_a_page_of_purchases_holds_a_bounded_amount_of_results(escrow_chain, seller_service, settings,
+                                                             django_capture_on_commit_callbacks):
+    """A result is whatever the seller answered, up to UPSTREAM_ANSWER_MAX_BYTES (2 MiB): a page of 100 purchases
+    was read and rendered whole, ~200 MiB in a web process per request, which a seller's results (its own purchases,
+    say) could make every page. A page stops once its results reach MASUMI_PURCHASES_PAGE_RESULT_CHARACTERS (at
+    least one purchase), and the next page goes on from its last."""
+    settings.MASUMI_PURCHASES_PAGE_RESULT_CHARACTERS = 2_500
+    first = Purchase(escrow_chain, django_capture_on_commit_callbacks, seller_service)
+    bought = [first] + [Purchase(escrow_chain, django_capture_on_commit_callbacks, seller_service,
+                                 parties=first.parties) for _ in range(2)]
+    MasumiPurchase.objects.filter(pk__in=[row(p).pk for p in bought]).update(result="r" * 1_000)
+    query = {"network": "Preprod", "limit": 10}
+
+    page = first.parties.buyer_api.get("/purchase", query).json()["data"]["Purchases"]
+    rest = first.parties.buyer_api.get("/purchase", {**query, "cursorId": page[-1]["id"]}).json()["data"]["Purchases"]
+
+    assert [len(page), len(rest)] == [2, 1]
+    assert {p["id"] for p in page + rest} == {str(row(p).pk) for p in bought}
+
+
 def test_bad_purchases_are_refused(escrow_chain, seller_service, http_server):
     chain = escrow_chain
     parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
