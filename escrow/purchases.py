@@ -74,7 +74,7 @@ from django.utils import timezone
 from agreements import services as agreement_services
 from agreements.models import AWAITING_FUNDING_STATUSES, AgreementStatus, UsageAgreement, can_activate, is_closed
 from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
-from escrow import chain_clock, selectors, services, settlement
+from escrow import chain, chain_clock, selectors, services, settlement
 from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose
 from marketplace import masumi_agentic_client, postgresql
 from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, NotFound
@@ -579,7 +579,7 @@ def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -
     # completion, so should the proposal fail here, settlement_tick proposes it.
     try:
         settlement.settlement_propose(agreement_id=purchase.agreement_id, now=chain_now)
-    except ApplicationError as error:
+    except (ApplicationError, chain.ChainError) as error:  # a node down too: the tick's other answers go on
         logger.warning("settlement proposal after a job result deferred to the settlement tick",
                        extra={"agreement_id": str(purchase.agreement_id), "error": str(error)})
     return purchase

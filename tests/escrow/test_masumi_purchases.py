@@ -15,6 +15,7 @@ from django.core.management import call_command
 
 from agreements.models import UsageEvent
 from catalog.models import Service
+from escrow import chain as gateway
 from escrow import purchases, settlement
 from escrow.models import ChainTransaction, MasumiPurchase, TxPurpose
 from sdk.typed_data import sign_typed_data
@@ -640,6 +641,28 @@ def test_a_sellers_longest_job_id_is_charged_and_stops_no_tick(escrow_chain, htt
     purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, http_server)
     assert purchase.tick()["started"] == 1
     assert purchase.get()["result"] == "the report"
+    assert purchase.get()["onChainState"] == "ResultSubmitted"
+
+
+def test_a_result_whose_proposal_finds_the_node_down_is_charged_and_stops_no_tick(
+        escrow_chain, http_server, monkeypatch, django_capture_on_commit_callbacks):
+    """The proposal right after a recorded result reads the escrow's terms from the chain; a node timing out there
+    raised out of the jobs tick (only an ApplicationError was deferred), the other calls' answers of that tick lost.
+    The settlement tick proposes it later."""
+    http_server.responses.extend([(200, {"job_id": "job-1", "payment_id": "pay-1"}),
+                                  (200, {"job_id": "job-1", "status": "completed", "result": "the report"})])
+    purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, http_server)
+
+    def node_down(**_):
+        raise gateway.RpcUnavailable("read timed out")
+
+    with monkeypatch.context() as patched:  # the job started, then its status polled at once, in one tick
+        patched.setattr(settlement.selectors, "escrow_terms", node_down)
+        done = run(django_capture_on_commit_callbacks, purchases.purchases_jobs_tick)
+
+    assert (done["started"], done["results"]) == (1, 1)
+    assert purchase.get()["result"] == "the report"
+    purchase.settle()
     assert purchase.get()["onChainState"] == "ResultSubmitted"
 
 
