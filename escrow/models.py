@@ -132,10 +132,10 @@ class ChainTransaction(Acknowledgement):
 
 
 class RelayRevert(models.Model):
-    """A transaction the relayer sent for a party's signed action (a buyer's activation, challenge, payment,
-    cancellation: `relayer.RELAYED_FOR`) that was mined and reverted for a reason the chain names: the party moved
-    its funds or allowance, used its nonce or authorization first, let its deadline pass, after the checks and the
-    simulation. The relayer paid the gas; the party's relayed actions are refused once it has
+    """A transaction the relayer sent for a party's signed purchase (a buyer's activation, direct purchase step or
+    skill payment: `relayer.RELAYED_FOR`; not its challenges nor authorization cancels, its defences) that was
+    mined and reverted for a reason the chain names: the party moved its funds or allowance, used its nonce or
+    authorization first, let its deadline pass, after the checks and the simulation. The relayer paid the gas; the party's relayed actions are refused once it has
     RELAY_REVERTS_PER_PARTY of these within RELAY_REVERT_WINDOW (`relayer.relay_budget_check`). A reorg that takes
     the block removes the row (the revert is off the chain)."""
 

@@ -231,9 +231,9 @@ class ChallengeView(APIView):
     @extend_schema(operation_id="escrow_challenge", tags=TAGS, request=ChallengeSerializer,
                    summary="Dispute the proposed settlement (buyer, within the window); submitted on-chain with "
                            "challengeWithSig. 202; the agreement becomes `disputed` once confirmed; 409 "
-                           "`transaction_would_revert` when the escrow would refuse it (its simulation); 429 "
-                           "`relay_budget_exhausted` when the buyer's relayed transactions kept reverting",
-                   responses={202: ChainTransactionSerializer, **error_responses(404, 409, 422, 429, 503)})
+                           "`transaction_would_revert` when the escrow would refuse it (its simulation); never "
+                           "refused by the buyer's relay budget",
+                   responses={202: ChainTransactionSerializer, **error_responses(404, 409, 422, 503)})
     @idempotent(atomic=False)  # reads the chain (its clock, the escrow) before it writes
     def post(self, request, agreement_id):
         agent = calling_agent(request)
