@@ -1111,6 +1111,8 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
         # An operator who owns the seller would consent, for the buyer's owner, to a payment to their own agent.
         raise Forbidden("You own the seller of this purchase: the buyer's owner, or another operator, approves it.",
                         code="approver_owns_the_seller")
+    if outcome == "approved":
+        _approval_policy_check(agreement)
     changes, reason = None, note or f"owner {outcome}"
     if to == S.PROPOSED:
         now = timezone.now()
@@ -1123,6 +1125,21 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
                 to, reason = S.EXPIRED, "owner approved after the payment's signatures ran out"
         changes = {"proposal_expires_at": open_until} if to == S.PROPOSED else None
     _transition(subject_id, to=to, actor=who, reason=reason, changes=changes)
+
+
+def _approval_policy_check(agreement: UsageAgreement) -> None:
+    """An approval consents to a purchase the policy allows but for its threshold: one the policy has since come to
+    deny (a seller blocked, a cap or limit lowered) is 409 `policy_denies_now` with the rule, the request left pending
+    (the owner loosens the policy and approves again, or rejects). The same check as when its money moves
+    (`_payment_policy_refusal`), which still holds then; the buyer is locked after the agreement, as there."""
+    try:
+        _buyer_policy_decision(buyer=agreement.buyer, service=agreement.service, token=agreement.token,
+                               amount=agreement.deposit_amount + agreement.infra_fee, at=timezone.now(),
+                               agreement_id=agreement.pk)
+    except Forbidden as denied:
+        rule = denied.details.get("rule", "")
+        raise Conflict(f"The owner's policy now denies this purchase ({rule}: {denied.message}); change the policy "
+                       "and approve again, or reject it.", code="policy_denies_now", details=denied.details) from None
 
 
 def handlers_register() -> None:

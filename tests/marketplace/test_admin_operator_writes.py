@@ -439,3 +439,25 @@ def test_an_operator_who_owns_the_seller_cannot_approve_a_purchase_from_it(opera
     assert "Approved 0 request(s)." in page.content.decode()
     assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
     assert UsageAgreement.objects.get(pk=agreement["id"]).status == "pending_approval"
+
+
+def test_an_operators_approval_of_a_purchase_the_policy_now_denies_is_refused_and_leaves_it_pending(
+        operator, buyer, buyer_api, seller):
+    """Approved in the admin, a purchase the buyer's policy had since come to deny was offered to the seller and
+    refused only at activation; the operator is told the rule and the request stays pending."""
+    from agreements.models import UsageAgreement
+
+    service = register_service(seller)
+    owner = Api(issue_owner_token(buyer.owner))
+    owner.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    agreement = buyer_api.post("/usage-agreements", proposal(service)).json()
+    approval = ApprovalRequest.objects.get(agent=buyer)
+    owner.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1, "blocked_sellers": [seller.handle]})
+
+    page = operator.post("/admin/policies/approvalrequest/",
+                         {"action": "approve_requests", ACTION_CHECKBOX_NAME: [str(approval.pk)]}, follow=True)
+
+    assert "Approved 0 request(s)." in page.content.decode()
+    assert "blocked_sellers" in page.content.decode()
+    assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
+    assert UsageAgreement.objects.get(pk=agreement["id"]).status == "pending_approval"

@@ -242,3 +242,50 @@ def test_the_seller_is_not_told_who_the_buyers_owner_is(owner, owner_api, buyer,
     decided = [event for event in events.json()["results"] if event["to_status"] == "proposed"]
     assert [event["actor_kind"] for event in decided] == ["owner"]
     assert owner.username not in events.content.decode()
+
+
+@pytest.mark.parametrize(("tightened", "rule"), [
+    ({"blocked_sellers": ["{seller}"]}, "blocked_sellers"),
+    ({"max_per_agreement_atomic": 1}, "max_per_agreement"),
+    ({"daily_cap_atomic": 1}, "daily_cap"),
+    ({"blocked_tags": ["translation"]}, "blocked_tags"),
+])
+def test_approving_a_purchase_the_policy_now_denies_is_409_and_leaves_the_request_pending(
+        owner_api, buyer, buyer_api, seller_api, service, tightened, rule):
+    """The owner approved a request whose purchase the policy had since come to deny (a seller blocked, a cap
+    lowered): 200 `approved`, the purchase offered to the seller, and refused only when its money would move. The
+    owner is told at the decision, the rule named; the request waits for the policy to change, or a rejection."""
+    policy_url = f"/agents/{buyer.pk}/policies"
+    owner_api.put(policy_url, {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    tightened = {name: [service.seller.handle] if value == ["{seller}"] else value
+                 for name, value in tightened.items()}
+    owner_api.put(policy_url, {"approval_threshold_atomic": 1, **tightened})
+
+    refused = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
+
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "policy_denies_now"
+    assert refused.json()["error"]["details"]["rule"] == rule
+    assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
+    assert UsageAgreement.objects.get(pk=held["id"]).status == "pending_approval"
+    assert seller_api.put(f"/usage-agreements/{held['id']}/accept").status_code == 409
+
+    owner_api.put(policy_url, {"approval_threshold_atomic": 1})
+    approved = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
+    assert approved.status_code == 200 and approved.json()["status"] == "approved"
+    assert UsageAgreement.objects.get(pk=held["id"]).status == "proposed"
+
+
+def test_rejecting_a_purchase_the_policy_now_denies_is_allowed(owner_api, buyer, buyer_api, service):
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    owner_api.put(f"/agents/{buyer.pk}/policies",
+                  {"approval_threshold_atomic": 1, "blocked_sellers": [service.seller.handle]})
+
+    rejected = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/reject")
+
+    assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
+    assert UsageAgreement.objects.get(pk=held["id"]).status == "rejected"
