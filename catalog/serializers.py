@@ -29,6 +29,7 @@ from marketplace.serializers import (
     http_url,
     json_size_bounded,
 )
+from marketplace.tags import tag_normalise
 
 # --- agents and keys -----------------------------------------------------------------------------------------
 
@@ -247,7 +248,10 @@ class ServiceWriteSerializer(StrictSerializer):
                 raise serializers.ValidationError({"pricing": [serializers.ErrorDetail(
                     "Required (or price_model and base_price_cents).", code="required")]})
         if "category" in attrs and attrs["category"] and "tags" in attrs:
-            tag = attrs["category"].strip().lower()
+            try:
+                [tag] = TagListField().to_internal_value([attrs["category"]])  # the listing's tags' form and checks
+            except serializers.ValidationError as error:
+                raise serializers.ValidationError({"category": error.detail}) from None
             if tag not in attrs["tags"]:
                 attrs["tags"] = [*attrs["tags"], tag][:15]
         attrs.pop("api_auth_header", None)
@@ -421,7 +425,7 @@ class ServiceSearchSerializer(StrictSerializer, PageQuerySerializer):
         if "offset" in value and value.get("cursor"):
             raise serializers.ValidationError({"offset": [serializers.ErrorDetail(
                 "Give either offset or cursor.", code="duplicate_field")]})
-        category = value.pop("category", "").strip().lower()
+        category = tag_normalise(value.pop("category", ""))
         if category:
             value["tags_all"] = [*value["tags_all"], category]
         if "max_price" in value:

@@ -15,6 +15,7 @@ from rest_framework.fields import SkipField
 from rest_framework.relations import PKOnlyObject
 
 from marketplace import rotation
+from marketplace.tags import tag_mixes_scripts, tag_normalise
 from marketplace.fields import checksum_address
 
 MAX_AMOUNT = 2**256 - 1
@@ -248,8 +249,16 @@ class TagListField(serializers.ListField):
         super().__init__(**kwargs)
 
     def to_internal_value(self, data):
-        tags = super().to_internal_value(data)
-        return list(dict.fromkeys(tag.strip().lower() for tag in tags))
+        tags = [tag_normalise(tag) for tag in super().to_internal_value(data)]
+        if any(not tag or len(tag) > self.child.max_length for tag in tags):  # NFKC may lengthen a tag
+            raise serializers.ValidationError(serializers.ErrorDetail(
+                f"A tag is 1 to {self.child.max_length} characters once normalised (NFKC).", code="invalid_tag"))
+        mixed = [tag for tag in tags if tag_mixes_scripts(tag)]
+        if mixed:
+            raise serializers.ValidationError(serializers.ErrorDetail(
+                f"A tag's letters must be of one script (a look-alike letter of another makes it pass for a tag it "
+                f"is not): {', '.join(mixed)}.", code="tag_mixed_scripts"))
+        return list(dict.fromkeys(tags))
 
 
 CENTS = 10_000  # token base units in one cent (USDC: 6 decimals)

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from marketplace.tags import tag_normalise
 from policies.models import Policy
 
 
@@ -62,10 +63,13 @@ def evaluate(policy: Policy | None, purchase: Purchase, spend: Spend) -> Decisio
         return deny("blocked_services", "The service is blocked by policy.", service=purchase.service_id)
     if policy.allowed_services and purchase.service_id not in policy.allowed_services:
         return deny("allowed_services", "The service is not on the allowed list.", service=purchase.service_id)
-    blocked_tags = sorted(purchase.tags & set(policy.blocked_tags))
+    # Both sides are stored normalised (marketplace.tags); normalised again here, so a row written before that
+    # (or by another path) is compared in the same form.
+    tags = {tag_normalise(tag) for tag in purchase.tags}
+    blocked_tags = sorted(tags & {tag_normalise(tag) for tag in policy.blocked_tags})
     if blocked_tags:
         return deny("blocked_tags", "The service has a blocked tag.", tags=blocked_tags)
-    if policy.allowed_tags and not purchase.tags & set(policy.allowed_tags):
+    if policy.allowed_tags and not tags & {tag_normalise(tag) for tag in policy.allowed_tags}:
         return deny("allowed_tags", "The service has none of the allowed tags.")
     if policy.allowed_tokens and purchase.token not in policy.allowed_tokens:
         return deny("allowed_tokens", "The token is not allowed by policy.", token=purchase.token)

@@ -325,3 +325,36 @@ def test_the_migration_writes_the_postings_of_the_services_already_there():
         cursor.execute(f"TRUNCATE {SERVICE_POSTINGS_TABLE}, {VISIBLE_SERVICE_NAMES_TABLE}")
         cursor.execute(importlib.import_module("catalog.migrations.0012_posting_scores").REWRITE_ALL)
     assert _postings() and _in_step()
+
+
+def test_the_tag_migration_merges_a_styled_tag_into_its_normal_form_and_keeps_search_in_step():
+    """Tags are kept in NFKC, case-folded (marketplace.tags); one stored before (`ｆｉｎａｎｃｅ`) is renamed, or merged
+    into its normal form's tag, and the search data of the services bearing it rebuilt with it."""
+    from django.apps import apps
+
+    from catalog.models import Tag
+
+    plain = register_service(AgentFactory(is_seller=True), tags=["finance"])
+    styled = register_service(AgentFactory(is_seller=True), name="Ledger reader", tags=["nlp"])
+    both = register_service(AgentFactory(is_seller=True), name="Bank reader", tags=["finance"])
+    styled_tag = Tag.objects.create(name="ｆｉｎａｎｃｅ")  # as a listing saved before the normalisation kept it
+    styled.tags.add(styled_tag)
+    both.tags.add(styled_tag)
+    Service.objects.filter(pk=styled.pk).update(keywords="ｆｉｎａｎｃｅ nlp translate translate")
+    Tag.objects.create(name="ＮＥＷ")
+
+    class Editor:
+        pass
+
+    editor = Editor()
+    editor.connection = connection
+    importlib.import_module("catalog.migrations.0020_tags_normalised").normalise_tags(apps, editor)
+
+    assert sorted(Tag.objects.values_list("name", flat=True)) == ["finance", "new", "nlp"]
+    assert sorted(styled.tags.values_list("name", flat=True)) == ["finance", "nlp"]
+    assert list(both.tags.values_list("name", flat=True)) == ["finance"]
+    found, _ = service_search(search=ServiceSearch(tags_all=["finance"]), cursor=None, limit=10)
+    assert {row["id"] for row in orjson.loads(orjson.dumps(found))} == {str(plain.pk), str(styled.pk),
+                                                                                 str(both.pk)}
+    assert "finance" in Service.objects.get(pk=styled.pk).keywords
+    assert _in_step()

@@ -289,3 +289,96 @@ def test_rejecting_a_purchase_the_policy_now_denies_is_allowed(owner_api, buyer,
 
     assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
     assert UsageAgreement.objects.get(pk=held["id"]).status == "rejected"
+
+
+@pytest.mark.parametrize("declared", ["ｆｉｎａｎｃｅ", "FINANCE", "𝐟𝐢𝐧𝐚𝐧𝐜𝐞"])
+def test_a_blocked_tag_is_not_avoided_by_a_full_width_or_styled_spelling(owner_api, buyer, buyer_api, seller,
+                                                                          declared):
+    """Tags were compared after trimming and lower-casing only: a seller declaring `ｆｉｎａｎｃｅ` passed an owner's
+    `blocked_tags: ["finance"]`. Both are kept, and compared, in NFKC and case-folded."""
+    service = register_service(seller, tags=[declared])
+    assert [tag.name for tag in service.tags.all()] == ["finance"]
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"blocked_tags": ["Ｆｉｎａｎｃｅ"]})
+    assert owner_api.get(f"/agents/{buyer.pk}/policies").json()["blocked_tags"] == ["finance"]
+
+    response = buyer_api.post("/usage-agreements", proposal(service))
+
+    assert response.status_code == 403 and error_code(response) == "policy_denied"
+    assert response.json()["error"]["details"] == {"rule": "blocked_tags", "tags": ["finance"]}
+
+
+def test_a_tag_mixing_scripts_is_refused_to_a_listing_and_to_a_policy(owner_api, buyer, seller_api):
+    """A Cyrillic `а` in `finаnce` made a tag that looked like `finance` and matched no owner's `blocked_tags`."""
+    from tests.catalog.factories import service_data
+
+    listing = seller_api.post("/agents/services", service_data(tags=["fin\u0430nce"]))
+    assert listing.status_code == 400 and "tag_mixed_scripts" in codes_at(listing, "tags")
+    policy = owner_api.put(f"/agents/{buyer.pk}/policies", {"blocked_tags": ["fin\u0430nce"]})
+    assert policy.status_code == 400 and "tag_mixed_scripts" in codes_at(policy, "blocked_tags")
+    # One script, or scripts one language writes together, are tags like any other.
+    assert seller_api.post("/agents/services", service_data(tags=["финансы", "東京タワー"])).status_code == 201
+
+
+def test_the_migration_puts_stored_tag_rules_in_the_normal_form(buyer):
+    import importlib
+
+    from django.apps import apps
+
+    from policies.models import Policy
+
+    Policy.objects.create(agent=buyer, blocked_tags=["ｆｉｎａｎｃｅ", "finance", "Gambling"], allowed_tags=["ＡＩ"])
+    importlib.import_module("policies.migrations.0003_policy_tags_normalised").normalise_policy_tags(apps, None)
+    policy = Policy.objects.get(agent=buyer)
+    assert policy.blocked_tags == ["finance", "gambling"] and policy.allowed_tags == ["ai"]
+
+
+def test_a_tag_rule_stored_unnormalised_still_matches(owner_api, buyer, buyer_api, service):
+    """The comparison normalises both sides too: a rule written before the migration, or around the API, holds."""
+    from policies.models import Policy
+
+    Policy.objects.create(agent=buyer, blocked_tags=["ＴＲＡＮＳＬＡＴＩＯＮ"])
+    response = buyer_api.post("/usage-agreements", proposal(service))
+    assert response.status_code == 403 and response.json()["error"]["details"]["rule"] == "blocked_tags"
+
+
+def test_approving_the_purchase_of_a_buyer_deactivated_since_is_409_and_leaves_the_request_pending(
+        owner_api, buyer, buyer_api, service):
+    """A buyer agent deactivated while its purchase waited (its owner stopping it) had the purchase approved (200) and
+    offered to the seller, whose accept of a direct purchase then paid it."""
+    from catalog.models import Agent
+
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    Agent.objects.filter(pk=buyer.pk).update(is_active=False)
+
+    refused = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
+
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "policy_denies_now"
+    assert refused.json()["error"]["details"]["rule"] == "buyer_deactivated"
+    assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
+    assert UsageAgreement.objects.get(pk=held["id"]).status == "pending_approval"
+
+
+@pytest.mark.parametrize("gone", ["service_deregistered", "seller_deactivated"])
+def test_approving_a_purchase_whose_service_or_seller_went_away_since_is_409(owner_api, buyer, buyer_api, service,
+                                                                             gone):
+    """Approved, a purchase of a service deregistered (or from a seller deactivated) while it waited answered 200
+    `approved`: the owner consented to something that can no longer be bought (no new proposal of it is taken)."""
+    from catalog import services as catalog_services
+    from catalog.models import Agent
+
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    if gone == "service_deregistered":
+        catalog_services.service_deregister(service=service, actor=service.seller)
+    else:
+        Agent.objects.filter(pk=service.seller_id).update(is_active=False)
+
+    refused = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
+
+    assert refused.status_code == 409 and error_code(refused) == gone, refused.content
+    assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
+    assert owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/reject").json()["status"] == "rejected"
