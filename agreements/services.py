@@ -1128,10 +1128,23 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
 
 
 def _approval_policy_check(agreement: UsageAgreement) -> None:
-    """An approval consents to a purchase the policy allows but for its threshold: one the policy has since come to
-    deny (a seller blocked, a cap or limit lowered) is 409 `policy_denies_now` with the rule, the request left pending
-    (the owner loosens the policy and approves again, or rejects). The same check as when its money moves
-    (`_payment_policy_refusal`), which still holds then; the buyer is locked after the agreement, as there."""
+    """An approval consents to a purchase that can still be made and that the policy allows but for its threshold.
+    One the policy has since come to deny (a seller blocked, a cap or limit lowered), or of a buyer deactivated since
+    (its owner stopping it), is 409 `policy_denies_now` with the rule; one whose service was deregistered or seller
+    deactivated since is 409 `service_deregistered` / `seller_deactivated`, as a new proposal of it would be. The
+    request is left pending (the owner changes the policy and approves again, or rejects). The policy is checked as
+    when the money moves (`_payment_policy_refusal`), which still holds then; the buyer is locked after the
+    agreement, as there."""
+    buyer, service = agreement.buyer, agreement.service
+    if not (buyer.is_active and buyer.owner_is_active):
+        raise Conflict("The buyer agent is deactivated: its purchases are not approved.", code="policy_denies_now",
+                       details={"rule": "buyer_deactivated"})
+    if service.state != ServiceState.REGISTERED:
+        raise Conflict("This service was deregistered while the purchase waited: reject it.",
+                       code="service_deregistered")
+    if not service.seller.sells:
+        raise Conflict("This service's seller was deactivated while the purchase waited: reject it.",
+                       code="seller_deactivated")
     try:
         _buyer_policy_decision(buyer=agreement.buyer, service=agreement.service, token=agreement.token,
                                amount=agreement.deposit_amount + agreement.infra_fee, at=timezone.now(),
