@@ -85,3 +85,69 @@ def test_an_owners_approval_and_the_buyers_cancel_at_once_both_answer_and_agree(
         assert UsageAgreement.objects.get(pk=held["id"]).status == "cancelled"
         decided = owner_api.get(f"/agents/{buyer.pk}/approvals").json()["results"][0]
         assert decided["status"] == ("approved" if approved == 200 else "cancelled")
+
+
+def test_an_approval_and_a_rejection_at_once_one_wins_and_the_request_and_purchase_agree():
+    """The buyer's owner and an operator (or two sessions of the owner) deciding one request at once: the request's
+    lock orders them, the second answers 409 `approval_already_decided`, and the purchase follows the first."""
+    owner = UserFactory()
+    buyer = AgentFactory(owner=owner, is_buyer=True, is_seller=False)
+    service = register_service(AgentFactory(is_seller=True))
+    owner_api, buyer_api = Api(issue_owner_token(owner)), Api(issue_key(buyer))
+    other_session = Api(issue_owner_token(owner))
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+
+    for _ in range(5):
+        held = buyer_api.post("/usage-agreements", proposal(service)).json()
+        [approval] = owner_api.get(f"/agents/{buyer.pk}/approvals", {"status": "pending"}).json()["results"]
+        url = f"/agents/{buyer.pk}/approvals/{approval['id']}"
+        approved, rejected = posted_at_once((owner_api, f"{url}/approve"), (other_session, f"{url}/reject"))
+
+        assert sorted([approved, rejected]) == [200, 409], (approved, rejected)
+        decided = owner_api.get(f"/agents/{buyer.pk}/approvals").json()["results"][0]
+        assert decided["status"] == ("approved" if approved == 200 else "rejected")
+        assert UsageAgreement.objects.get(pk=held["id"]).status == ("proposed" if approved == 200 else "rejected")
+        buyer_api.post(f"/usage-agreements/{held['id']}/cancel")
+
+
+def test_an_approval_and_a_policy_blocking_the_seller_at_once_never_leave_an_approval_the_policy_denied():
+    """The approval's policy check and the policy's write lock the buyer's row: the approval sees the policy before
+    or after the change, never half of it, and is 409 `policy_denies_now` (left pending) when it comes after."""
+    owner = UserFactory()
+    buyer = AgentFactory(owner=owner, is_buyer=True, is_seller=False)
+    service = register_service(AgentFactory(is_seller=True))
+    owner_api, buyer_api = Api(issue_owner_token(owner)), Api(issue_key(buyer))
+    policy_url = f"/agents/{buyer.pk}/policies"
+
+    for _ in range(5):
+        owner_api.put(policy_url, {"approval_threshold_atomic": 1})
+        held = buyer_api.post("/usage-agreements", proposal(service)).json()
+        [approval] = owner_api.get(f"/agents/{buyer.pk}/approvals", {"status": "pending"}).json()["results"]
+        barrier = threading.Barrier(2)
+        statuses: dict[str, int] = {}
+
+        def approve(approval_id=approval["id"], barrier=barrier, statuses=statuses):
+            try:
+                barrier.wait()
+                statuses["approve"] = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval_id}/approve").status_code
+            finally:
+                connections.close_all()
+
+        def block(barrier=barrier, statuses=statuses):
+            try:
+                barrier.wait()
+                statuses["block"] = Api(issue_owner_token(owner)).put(policy_url, {
+                    "approval_threshold_atomic": 1, "blocked_sellers": [service.seller.handle]}).status_code
+            finally:
+                connections.close_all()
+
+        threads = [threading.Thread(target=approve), threading.Thread(target=block)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        assert statuses["block"] == 200 and statuses["approve"] in (200, 409), statuses
+        status = UsageAgreement.objects.get(pk=held["id"]).status
+        assert status == ("proposed" if statuses["approve"] == 200 else "pending_approval")
+        buyer_api.post(f"/usage-agreements/{held['id']}/cancel")
