@@ -468,14 +468,19 @@ def _buyer_policy_decision(*, buyer: Agent, service: Service, token: str, amount
                            new_agreement: bool = False) -> policy_selectors.Decision:
     """The buyer's owner policy on a purchase of `amount` from `service`, given what the buyer committed in the
     last day and month (agreements and skill invocations, but the agreement `agreement_id` being paid); a denial is
-    403 with the rule. Call inside the transaction that records the purchase (or moves its money).
+    403 with the rule (`buyer_deactivated` when the buyer or its owner was deactivated). Call inside the transaction
+    that records the purchase (or moves its money).
     `new_agreement`: the purchase is a new agreement with the service's seller, refused 409 beyond
     `UNFUNDED_AGREEMENTS_PER_SELLER` (a proposal costs the buyer nothing until it is funded, and each is in the
     seller's inbox, listing and webhooks), counting those cancelled or expired unfunded within
     `UNFUNDED_AGREEMENTS_WINDOW_SECONDS` of their proposal (else proposing and cancelling in a loop went round it)."""
     # Serialises this buyer's proposals, payments, invocations and policy edits, so two cannot both slip under a cap
     # (nor under the bound on unfunded agreements).
-    list(Agent.objects.select_for_update().filter(pk=buyer.pk).values_list("pk"))
+    [(is_active, owner_is_active)] = Agent.objects.select_for_update().filter(pk=buyer.pk).values_list(
+        "is_active", "owner_is_active")
+    if not (is_active and owner_is_active):
+        # Its owner stopped it (or was stopped): nothing it proposed before moves money, nor is approved.
+        raise Forbidden("The buyer agent is deactivated.", code="policy_denied", details={"rule": "buyer_deactivated"})
     window = settings.UNFUNDED_AGREEMENTS_WINDOW_SECONDS
     spends = _committed_spends(buyer, day_since=at - timedelta(days=1), month_since=at - timedelta(days=30),
                                excluding=agreement_id, unfunded_with=service.seller if new_agreement else None,
@@ -1135,10 +1140,7 @@ def _approval_policy_check(agreement: UsageAgreement) -> None:
     request is left pending (the owner changes the policy and approves again, or rejects). The policy is checked as
     when the money moves (`_payment_policy_refusal`), which still holds then; the buyer is locked after the
     agreement, as there."""
-    buyer, service = agreement.buyer, agreement.service
-    if not (buyer.is_active and buyer.owner_is_active):
-        raise Conflict("The buyer agent is deactivated: its purchases are not approved.", code="policy_denies_now",
-                       details={"rule": "buyer_deactivated"})
+    service = agreement.service
     if service.state != ServiceState.REGISTERED:
         raise Conflict("This service was deregistered while the purchase waited: reject it.",
                        code="service_deregistered")

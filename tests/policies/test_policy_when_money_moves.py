@@ -303,3 +303,24 @@ def test_an_operators_retry_of_a_direct_purchase_is_refused_once_its_buyer_asked
     assert "Queued 0 transaction(s) again." in page, page[page.find("messagelist"):][:1500]
     assert "cancel" in page
     assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == sent
+
+
+def test_a_direct_purchase_of_a_buyer_deactivated_since_is_not_paid_at_accept(escrow_chain,
+                                                                              django_capture_on_commit_callbacks):
+    """An owner deactivating its agent stops what it buys: the seller's accept of a direct purchase the agent had
+    proposed before paid it all the same (the policy was checked, not whether the buyer may still buy)."""
+    from catalog.models import Agent
+
+    purchase = DirectPurchase(escrow_chain)
+    parties = purchase.parties
+    agreement = purchase.propose()
+    before = purchase.balances()
+    Agent.objects.filter(pk=parties.buyer.pk).update(is_active=False)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        refused = parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+
+    assert_refused(refused, "buyer_deactivated")
+    assert UsageAgreement.objects.get(pk=agreement["id"]).status == "proposed"
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+    assert purchase.balances() == before
