@@ -382,3 +382,18 @@ def test_approving_a_purchase_whose_service_or_seller_went_away_since_is_409(own
     assert refused.status_code == 409 and error_code(refused) == gone, refused.content
     assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
     assert owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/reject").json()["status"] == "rejected"
+
+
+def test_a_paegents_category_becomes_a_tag_in_the_normal_form_and_a_mixed_script_one_is_refused(
+        owner_api, buyer, buyer_api, seller, seller_api):
+    """A Pægents `category` is also kept as a tag: it was lower-cased only, so `Ｆｉｎａｎｃｅ` passed
+    `blocked_tags: ["finance"]` by that way too."""
+    from tests.catalog.factories import service_data
+
+    service = register_service(seller, category="Ｆｉｎａｎｃｅ")
+    assert "finance" in {tag.name for tag in service.tags.all()}
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"blocked_tags": ["finance"]})
+    assert error_code(buyer_api.post("/usage-agreements", proposal(service))) == "policy_denied"
+
+    mixed = seller_api.post("/agents/services", service_data(category="fin\u0430nce"))
+    assert mixed.status_code == 400 and "tag_mixed_scripts" in codes_at(mixed, "category")
