@@ -65,7 +65,7 @@ _REQUEST_ID_MAX = UsageEvent._meta.get_field("request_id").max_length
 # What extending the usage chain reads under the row lock: no more, so the locked read stays short
 # (`token` labels the charge in the metrics).
 _CHAIN_FIELDS = ("id", "chain_id", "deposit_amount", "used", "reserved", "usage_seq", "usage_digest",
-                 "completion_requested_at", "token")
+                 "completion_requested_at", "token", "receipt_signer")
 
 
 @dataclass(frozen=True)
@@ -477,13 +477,27 @@ def _extend_chain(agreement, charges: list[dict], *, source: str, receipt_each: 
         (row["seq"], row["units"], row["cost"], row["cumulative"], row["request_id"]) for row in rows])
     for row, digest in zip(rows, digests, strict=True):
         row["usage_digest"] = digest
+    key = _receipt_signer_key(agreement)
     for row in rows if receipt_each else rows[-1:]:
         row["receipt_signature"] = signatures.receipt_sign(
-            settings.RECEIPT_SIGNER_PRIVATE_KEY, receipts.usage_receipt_digest(
+            key, receipts.usage_receipt_digest(
                 chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(), agreement_id=onchain_id,
                 seq=row["seq"], cumulative_amount=row["cumulative"], usage_digest=row["usage_digest"]))
     agreement.usage_seq, agreement.used, agreement.usage_digest = seq, cumulative, rows[-1]["usage_digest"]
     return rows
+
+
+def _receipt_signer_key(agreement) -> str:
+    """The key of the receipt signer the agreement's escrow names (a retired one after a rotation): the buyer's SDK and
+    the contract accept no other. 503 when it is not configured: a receipt of another key would be unverifiable."""
+    key = chainconfig.agreement_receipt_signer_key(agreement.receipt_signer)
+    if key is None:
+        logger.error("receipt signer key missing", extra={"agreement_id": str(agreement.pk),
+                                                          "receipt_signer": agreement.receipt_signer})
+        raise DependencyUnavailable("The key of the receipt signer this agreement's escrow names is not configured; "
+                                 "no usage is charged until it is.", code="receipt_signer_key_missing",
+                                 details={"receipt_signer": agreement.receipt_signer})
+    return key
 
 
 # The events of one write share these (`_extend_chain` sets them once for all): sent once, as parameters.
@@ -654,6 +668,7 @@ class _ChainHead:
     usage_seq: int
     usage_digest: str
     completion_requested_at: datetime | None
+    receipt_signer: str
     completion_reason: str = ""
 
     pk = property(lambda self: self.id)
@@ -1332,7 +1347,7 @@ def job_result_charge(*, agreement_id, result_hash: str, request_id: str, chain_
         if agreement.used or agreement.reserved or agreement.completion_requested_at is not None:
             raise Conflict("The agreement already has other usage; a job result is its only charge.",
                            code="agreement_already_used", details={"used_atomic": agreement.used})
-        signature = signatures.receipt_sign(settings.RECEIPT_SIGNER_PRIVATE_KEY, receipts.usage_receipt_digest(
+        signature = signatures.receipt_sign(_receipt_signer_key(agreement), receipts.usage_receipt_digest(
             chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
             agreement_id=agreement.onchain_id, seq=1, cumulative_amount=agreement.deposit_amount,
             usage_digest=result_hash))

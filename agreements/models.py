@@ -220,6 +220,10 @@ class UsageAgreement(PaymentReversal):
     note = models.CharField(max_length=1000, blank=True)
 
     activation_tx_hash = Bytes32Field(blank=True, help_text="Hash of the activation transaction once signed.")
+    receipt_signer = AddressField(
+        blank=True, help_text="The receipt signer the escrow's activation intent names (on-chain, in its terms): every "
+                              "usage receipt of the agreement is signed by it, whatever key signs new activations "
+                              "since (a rotation: RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS). Blank before activation.")
     intent_nonce_round = models.PositiveIntegerField(
         default=0, help_text="Which of the agreement's activation intent nonces the buyer signs "
                              "(sdk.activation.activation_intent_nonce): raised when the buyer cancelled the last one "

@@ -32,7 +32,7 @@ from agreements.models import (
 )
 from catalog.models import Agent, Service
 from policies.models import ApprovalRequest
-from marketplace import rotation
+from marketplace import chainconfig, rotation
 from marketplace.caching import for_a_second
 from marketplace.errors import NotFound
 from marketplace.pagination import cursor_after, paginate
@@ -76,12 +76,20 @@ def agreements_page_of_agent(*, agent: Agent, role: str | None, status: str | No
     return rows, cursor_after([rows[-1].created_at, rows[-1].id], ordering=AGREEMENT_LISTING_ORDER)
 
 
-def usage_events_of_party(*, agreement_id, agent: Agent) -> QuerySet[UsageEvent]:
-    """The usage events of an agreement the agent is party to (404 otherwise, as agreement_get): a check of the
-    parties alone, not a read of the agreement with its parties and service, which was most of a usage page's CPU."""
-    if not agreements_of_agent(agent=agent).filter(pk=agreement_id).exists():  # exists() reads no relation
+def usage_events_and_signer_of_party(*, agreement_id, agent: Agent) -> tuple[QuerySet[UsageEvent], str]:
+    """The usage events of an agreement the agent is party to (404 otherwise, as agreement_get), with the address that
+    signs its receipts (`receipt_signer_of`): one read of the agreement's own row, not of its parties and service,
+    which was most of a usage page's CPU."""
+    found = list(agreements_of_agent(agent=agent).filter(pk=agreement_id).values_list("receipt_signer", flat=True)[:1])
+    if not found:
         raise NotFound("No such agreement.", code="agreement_not_found")
-    return UsageEvent.objects.filter(agreement_id=agreement_id)
+    return UsageEvent.objects.filter(agreement_id=agreement_id), receipt_signer_of(found[0])
+
+
+def receipt_signer_of(receipt_signer: str) -> str:
+    """The address that signs the receipts of an agreement whose escrow names `receipt_signer` (blank: not recorded,
+    the current signer)."""
+    return receipt_signer or chainconfig.receipt_signer_address()
 
 
 def agreement_get(*, agreement_id, agent: Agent | None) -> UsageAgreement:

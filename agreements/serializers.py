@@ -388,7 +388,11 @@ class UsageEventSerializer(serializers.Serializer):
 
 
     def get_receipt_signer(self, event) -> str:
-        return receipt_signer_address() if event.receipt_signature else ""
+        return self._signer() if event.receipt_signature else ""
+
+    def _signer(self) -> str:
+        """Of the agreement's escrow (context `receipt_signer`, what `selectors.receipt_signer_of` answers)."""
+        return self.context.get("receipt_signer") or receipt_signer_address()
 
     def to_representation(self, event) -> dict:
         """The fields above, read directly: DRF's generic walk over 17 fields was most of the CPU of answering a
@@ -398,7 +402,7 @@ class UsageEventSerializer(serializers.Serializer):
             "id": event.id, "seq": event.seq, "source": event.source, "units": event.units,
             "cost_atomic": int(event.cost), "cumulative_atomic": int(event.cumulative),
             "usage_digest": event.usage_digest, "receipt_signature": signature,
-            "receipt_signer": receipt_signer_address() if signature else "", "request_id": event.request_id,
+            "receipt_signer": self._signer() if signature else "", "request_id": event.request_id,
             "description": event.description, "method": event.method, "path": event.path,
             "upstream_status": event.upstream_status, "latency_ms": event.latency_ms,
             "created_at": self._created_at(event.created_at),
@@ -511,7 +515,8 @@ class RecordedUsageSerializer(AgreementSerializer):
     events = serializers.SerializerMethodField()
 
     def get_events(self, agreement) -> UsageEventSerializer(many=True):
-        return UsageEventSerializer(self.context["events"], many=True).data
+        return UsageEventSerializer(self.context["events"], many=True,
+                                    context={"receipt_signer": agreement.receipt_signer}).data
 
 
 class CompleteSerializer(StrictSerializer):

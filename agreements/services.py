@@ -884,9 +884,10 @@ def agreement_cancel(*, agreement: UsageAgreement, buyer: Agent, reason: str = "
 
 # --- escrow activation (called by the escrow app) ----------------------------------------------------------
 
-def agreement_activation_begin(*, agreement_id, buyer: Agent) -> UsageAgreement:
+def agreement_activation_begin(*, agreement_id, buyer: Agent, receipt_signer: str = "") -> UsageAgreement:
     """accepted | activation_failed -> submitting, once the buyer's owner policy allows the money to move now
     (`_payment_policy_refusal`: else 403 and nothing changes). Call inside the transaction that queues the chain work.
+    `receipt_signer`: the one the buyer's signed intent names, which signs every receipt of the agreement.
 
     Unlike other transitions a repeat is 409, not a no-op: the caller must not queue a second transaction.
     """
@@ -904,7 +905,8 @@ def agreement_activation_begin(*, agreement_id, buyer: Agent) -> UsageAgreement:
     if refusal is not None:
         raise refusal
     return _transition(agreement_id, to=S.SUBMITTING, actor=Actor.agent(buyer, "buyer"),
-                       changes={"activation_tx_hash": "", "funds_moved_at": timezone.now()})
+                       changes={"activation_tx_hash": "", "funds_moved_at": timezone.now(),
+                                **({"receipt_signer": receipt_signer} if receipt_signer else {})})
 
 
 def agreement_intent_nonce_renew(*, agreement_id, from_round: int) -> UsageAgreement:
@@ -941,8 +943,12 @@ def _chain_outcome(agreement_id, *, to: str, **kwargs) -> UsageAgreement:
     return _transition(agreement_id, to=to, **kwargs)
 
 
-def agreement_activation_confirmed(*, agreement_id, tx_hash: str) -> UsageAgreement:
+def agreement_activation_confirmed(*, agreement_id, tx_hash: str, receipt_signer: str = "") -> UsageAgreement:
+    """`receipt_signer`: the one the escrow names on-chain (its Activated event), recorded when none was (the buyer
+    relayed its signed intent itself)."""
     agreement = _lock(agreement_id)
+    if receipt_signer and not agreement.receipt_signer:
+        UsageAgreement.objects.filter(pk=agreement_id).update(receipt_signer=receipt_signer)
     if can_activate(agreement):
         # An operator retried a failed activation, or someone relayed the buyer's signed intent themselves.
         _transition(agreement_id, to=S.SUBMITTING, actor=SYSTEM, reason="activation mined",

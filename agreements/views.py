@@ -276,10 +276,12 @@ class UsageView(APIView):
     def get(self, request, agreement_id):
         query = PageQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
-        events = selectors.usage_events_of_party(agreement_id=agreement_id, agent=calling_agent(request))
+        events, signer = selectors.usage_events_and_signer_of_party(agreement_id=agreement_id,
+                                                                    agent=calling_agent(request))
         rows, next_cursor = paginate(events, ordering=["seq"],
                                      cursor=query.validated_data.get("cursor"), limit=query.validated_data["limit"])
-        return Response({"results": UsageEventSerializer(rows, many=True).data, "next_cursor": next_cursor})
+        return Response({"results": UsageEventSerializer(rows, many=True, context={"receipt_signer": signer}).data,
+                         "next_cursor": next_cursor})
 
 
 class RecordUsageView(APIView):
@@ -460,7 +462,7 @@ class CumulativeReceiptsView(APIView):
                    responses={200: CumulativeReceiptPageSerializer, **error_responses(404)})
     def get(self, request, agreement_id):
         agreement, rows, next_cursor = _proof_page(request, agreement_id, signed_only=True)
-        signer = chainconfig.receipt_signer_address()
+        signer = selectors.receipt_signer_of(agreement.receipt_signer)
         items = [{
             "receipt_id": str(event.pk), "agreement_id": agreement.pk,
             "cumulative_units": event.cumulative // agreement.price_per_unit,

@@ -353,7 +353,8 @@ def _on_activated(agreement_id, args: dict, tx_hash: str) -> None:
     if differences:
         raise Conflict(f"The escrow under this agreement's id is not its buyer's intent ({', '.join(differences)} "
                        "differ).", code="escrow_mismatch")
-    agreement_services.agreement_activation_confirmed(agreement_id=agreement_id, tx_hash=tx_hash)
+    agreement_services.agreement_activation_confirmed(agreement_id=agreement_id, tx_hash=tx_hash,
+                                                      receipt_signer=args["receiptSigner"])
 
 
 def _on_settlement_proposed(agreement_id, args: dict, tx_hash: str) -> None:

@@ -204,7 +204,8 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
         "activate", args=[typed_data.message_tuple(intent), intent_signature, onchain_permit, typed_data.EMPTY_PERMIT]
     )
     with transaction.atomic():
-        agreement_services.agreement_activation_begin(agreement_id=agreement.pk, buyer=buyer)
+        agreement_services.agreement_activation_begin(agreement_id=agreement.pk, buyer=buyer,
+                                                      receipt_signer=intent["message"]["receiptSigner"])
         return relayer.transaction_enqueue(
             purpose=TxPurpose.ACTIVATE, to=chainconfig.escrow_address(), data=data, agreement_id=agreement.pk,
             relayed_for=party,
@@ -220,7 +221,9 @@ def intent_differences(agreement: UsageAgreement, onchain: dict) -> list[str]:
     """The fields in which the escrow on-chain differs from the intent this agreement's buyer signs."""
     expected = {
         "buyer": agreement.buyer_wallet_address, "seller": agreement.seller_wallet_address,
-        "token": agreement.token_address or chainconfig.usdc_address(), "receiptSigner": receipt_signer_address(),
+        "token": agreement.token_address or chainconfig.usdc_address(),
+        # The signer of the intent the buyer signed (a rotation since leaves it the escrow's), else the current one.
+        "receiptSigner": agreement.receipt_signer or receipt_signer_address(),
         "depositAmount": agreement.deposit_amount, "infraFee": agreement.infra_fee,
         "challengeWindow": agreement.challenge_window_seconds, "expiresAt": int(agreement.expires_at.timestamp()),
         "termsHash": agreement.terms_hash,

@@ -31,11 +31,54 @@ def receipt_signer_address() -> str:
 
 def receipt_signer_key(address: str) -> str | None:
     """The key of receipt signer `address`: the current one, or one rotated out and kept for the escrows naming it
-    (`RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS`); None when neither is."""
-    for key in [settings.RECEIPT_SIGNER_PRIVATE_KEY, *settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS]:
-        if key and _address_of(key).lower() == address.lower():
-            return key
-    return None
+    (`RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS`); None when neither is (or `address` is blank). Runs for every signed
+    receipt: a dict lookup, the keys' addresses derived once per configuration."""
+    return _signer_keys(settings.RECEIPT_SIGNER_PRIVATE_KEY, tuple(settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS)).get(
+        address.lower()) if address else None
+
+
+def agreement_receipt_signer_key(receipt_signer: str) -> str | None:
+    """The key that signs an agreement's receipts: of the signer its escrow names (`UsageAgreement.receipt_signer`),
+    else (blank: an agreement not activated through this field) the current one. None: that signer's key is not
+    configured, and nothing may be signed for the agreement (a receipt of another key fails the buyer's check and the
+    contract's)."""
+    return receipt_signer_key(receipt_signer) if receipt_signer else settings.RECEIPT_SIGNER_PRIVATE_KEY or None
+
+
+@cache
+def _signer_keys(current: str, retired: tuple[str, ...]) -> dict[str, str]:
+    """{address, lowercase: key} of the configured receipt signer keys, the current one first; a malformed key is
+    left out (`receipt_signer_problems` reports it) rather than failing every signature."""
+    keys: dict[str, str] = {}
+    for key in (current, *retired):
+        address = _address_or_none(key)
+        if address is not None:
+            keys.setdefault(address.lower(), key)
+    return keys
+
+
+def _address_or_none(private_key: str) -> str | None:
+    try:
+        return _address_of(private_key) or None
+    except (ValueError, TypeError):
+        return None
+
+
+def receipt_signer_problems() -> list[str]:
+    """What is wrong with the receipt signer configuration (no key is ever named): an unusable current key, a
+    malformed retired one, the current one also listed as retired."""
+    problems = []
+    current, retired = settings.RECEIPT_SIGNER_PRIVATE_KEY, settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS
+    if current and _address_or_none(current) is None:
+        problems.append("RECEIPT_SIGNER_PRIVATE_KEY is not a valid private key")
+    for position, key in enumerate(retired, start=1):
+        address = _address_or_none(key)
+        if address is None:
+            problems.append(f"RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS: entry {position} is not a valid private key")
+        elif current and address == _address_or_none(current):
+            problems.append(f"RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS: entry {position} is the current "
+                            f"RECEIPT_SIGNER_PRIVATE_KEY ({address}): a rotation that did not change the key")
+    return problems
 
 
 def deployment() -> dict:

@@ -10,12 +10,13 @@ from agreements import metering
 from agreements.models import CallIntent, UsageAgreement, WebhookDelivery
 from escrow import relayer, selectors, settlement
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from sdk import receipts
 from sdk.typed_data import sign_typed_data
 from tests.chain_fixtures import TEST_RECLAIM_GRACE, TOKEN_NAMES
 from tests.catalog.factories import UserFactory, issue_key, issue_owner_token
 from tests.conftest import Api, error_code
 from tests.escrow.conftest import Escrows
-from tests.escrow.flow import USDC, Parties, confirm_all, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, onchain_escrow, usdc_balance
 from tests.escrow.test_indexer import index
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -122,6 +123,29 @@ def test_an_escrow_named_a_receipt_signer_rotated_since_is_proposed_with_a_recei
     status = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/escrow-status",
                                   {"verify": "true"}).json()
     assert status["onchain"]["state"] == "proposed" and int(status["onchain"]["settledAmount"]) == 100_000
+
+
+def test_usage_after_a_rotation_is_signed_by_the_receipt_signer_the_escrow_names(
+        funded, escrow_chain, django_capture_on_commit_callbacks, settings):
+    # The buyer's SDK checks every receipt against the signer its escrow names on-chain: usage charged after a rotation
+    # (proxied calls, the seller's report) must be signed by that retired key, kept for it, not by the new one.
+    chain = escrow_chain
+    call_n(funded, 2)
+    retired = settings.RECEIPT_SIGNER_PRIVATE_KEY
+    settings.RECEIPT_SIGNER_PRIVATE_KEY = chain.accounts.stranger.key
+    settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS = [retired]
+    call_n(funded, 3)
+    assert funded.seller_api.post(f"/usage-agreements/{funded.agreement_id}/record-usage", {"units": 1},
+                                  headers={"Idempotency-Key": "r1"}).status_code == 201
+
+    usage = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/usage").json()["results"]
+    onchain_id = UsageAgreement.objects.get(pk=funded.agreement_id).onchain_id
+    escrow = onchain_escrow(chain, onchain_id)
+    assert escrow.receipt_signer == chain.accounts.receipt_signer.address
+    verified = receipts.verify_usage(usage, escrow=escrow, agreement_id=onchain_id, chain_id=chain.chain_id,
+                                     escrow_address=chain.addresses["escrow"])
+    assert (verified.events, verified.last_signed_seq) == (6, 6)
+    assert {event["receipt_signer"] for event in usage} == {chain.accounts.receipt_signer.address}
 
 
 def test_usage_signed_before_a_rotation_is_proposed_with_its_own_receipt(
