@@ -488,15 +488,21 @@ def _extend_chain(agreement, charges: list[dict], *, source: str, receipt_each: 
 
 
 def _receipt_signer_key(agreement) -> str:
-    """The key of the receipt signer the agreement's escrow names (a retired one after a rotation): the buyer's SDK and
-    the contract accept no other. 503 when it is not configured: a receipt of another key would be unverifiable."""
-    key = chainconfig.agreement_receipt_signer_key(agreement.receipt_signer)
+    return receipt_signer_key_require(agreement_id=agreement.pk, receipt_signer=agreement.receipt_signer)
+
+
+def receipt_signer_key_require(*, agreement_id, receipt_signer: str) -> str:
+    """The key of the receipt signer an agreement's escrow names (a retired one after a rotation): the buyer's SDK and
+    the contract accept no other. 503 `receipt_signer_key_missing` when it is not configured: nothing is charged (a
+    receipt of another key would be unverifiable), and the proxy asks before forwarding, so no call is served
+    unpaid. A dict lookup (`chainconfig.receipt_signer_key`)."""
+    key = chainconfig.agreement_receipt_signer_key(receipt_signer)
     if key is None:
-        logger.error("receipt signer key missing", extra={"agreement_id": str(agreement.pk),
-                                                          "receipt_signer": agreement.receipt_signer})
+        logger.error("receipt signer key missing", extra={"agreement_id": str(agreement_id),
+                                                          "receipt_signer": receipt_signer})
         raise DependencyUnavailable("The key of the receipt signer this agreement's escrow names is not configured; "
-                                 "no usage is charged until it is.", code="receipt_signer_key_missing",
-                                 details={"receipt_signer": agreement.receipt_signer})
+                                    "no usage is charged until it is.", code="receipt_signer_key_missing",
+                                    details={"receipt_signer": receipt_signer})
     return key
 
 

@@ -8,7 +8,7 @@ from prometheus_client import Counter, Histogram
 
 from agreements import selectors
 from agreements.models import AgreementStatus, SkillInvocation, UsageAgreement
-from marketplace import dashboard, metrics, money
+from marketplace import chainconfig, dashboard, health, metrics, money
 
 PROXY_UPSTREAM_SECONDS = Histogram(
     "marketplace_proxy_upstream_seconds", "Time the seller's upstream took to answer a proxied call (headers), "
@@ -112,6 +112,16 @@ def _payments_reverted_gauge_register(*, name: str, documentation: str,
                         for acknowledged, count in selectors.payments_reverted_counts(of=of).items()})
 
 
+def _receipt_signers_configured(timeout: float) -> None:
+    """Every open escrow's receipt signer has its key configured (a retired one taken out too early leaves their
+    usage uncharged), and no configured key is malformed."""
+    problems = chainconfig.receipt_signer_problems() + [
+        f"{escrows} open escrow(s) name receipt signer {signer}, whose key is not configured"
+        for signer, escrows in selectors.escrows_naming_unconfigured_signers().items()]
+    if problems:
+        raise RuntimeError("; ".join(problems))
+
+
 def panels_register() -> None:
     """Called once, from the AppConfig.ready(): metrics, dashboard panels and readiness checks."""
     metrics.scrape_collector_register(
@@ -129,6 +139,7 @@ def panels_register() -> None:
     dashboard.counts_register(title="Agreements by status", counts=selectors.agreement_counts_by_status)
     dashboard.failures_register(recent=_failures)
     dashboard.overdue_register(overdue=_overdue)
+    health.readiness_check_register(name="receipt_signer", check=_receipt_signers_configured)
     dashboard.series_register(title="Metered calls (usage events)",
                               series=lambda since, step: selectors.usage_calls_by_bucket(since=since, step=step))
     dashboard.series_register(title="Usage charged", unit=_usdc,

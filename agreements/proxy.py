@@ -308,6 +308,7 @@ def _proxy_call(request, agreement_id, path: str):
     terms = selectors.agreement_for_call(agreement_id=agreement_id, agent_id=caller.agent_id)
     if terms.buyer_id != caller.agent_id:
         raise Forbidden("Only the buyer calls through the proxy.", code="buyer_only")
+    metering.receipt_signer_key_require(agreement_id=terms.pk, receipt_signer=terms.receipt_signer)
     body = request_body(request)
     query = request.META.get("QUERY_STRING", "")
     if not query.isascii() or not query.isprintable() or " " in query:

@@ -4,7 +4,6 @@ from dataclasses import dataclass
 from datetime import UTC, timedelta
 from functools import lru_cache
 
-
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection
@@ -18,6 +17,8 @@ from agreements.invocations import invocation_price as invocation_price
 from agreements.invocations import invocation_seller_share as invocation_seller_share
 from agreements.models import (
     APPROVAL_SUBJECT,
+    ONCHAIN_STATUSES,
+    TRANSITIONS,
     AgentEventAck,
     AgreementEvent,
     AgreementStatus,
@@ -31,13 +32,13 @@ from agreements.models import (
     WebhookSubscription,
 )
 from catalog.models import Agent, Service
-from policies.models import ApprovalRequest
 from marketplace import chainconfig, rotation
 from marketplace.caching import for_a_second
 from marketplace.errors import NotFound
 from marketplace.pagination import cursor_after, paginate
 from marketplace.postgresql import prepared_cursor
 from marketplace.rows import model_columns
+from policies.models import ApprovalRequest
 
 
 def _with_relations(agreements: QuerySet[UsageAgreement]) -> QuerySet[UsageAgreement]:
@@ -84,6 +85,17 @@ def usage_events_and_signer_of_party(*, agreement_id, agent: Agent) -> tuple[Que
     if not found:
         raise NotFound("No such agreement.", code="agreement_not_found")
     return UsageEvent.objects.filter(agreement_id=agreement_id), receipt_signer_of(found[0])
+
+
+def escrows_naming_unconfigured_signers() -> dict[str, int]:
+    """{receipt signer: open escrows naming it} for the signers whose key is configured neither as
+    RECEIPT_SIGNER_PRIVATE_KEY nor among RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS: their usage cannot be charged (no
+    receipt the buyer or the contract accepts can be signed) and their settlement proposes only the receipts signed
+    before the key went. /readyz, `manage.py check --database default` and `reconcile` report them."""
+    open_statuses = [status for status in ONCHAIN_STATUSES if TRANSITIONS.get(status)]
+    named = (UsageAgreement.objects.filter(status__in=open_statuses).exclude(receipt_signer="")
+             .values("receipt_signer").annotate(escrows=Count("id")).values_list("receipt_signer", "escrows"))
+    return {signer: escrows for signer, escrows in named if chainconfig.receipt_signer_key(signer) is None}
 
 
 def receipt_signer_of(receipt_signer: str) -> str:
@@ -182,10 +194,11 @@ class CallTerms:
     upstream_base_url: str
     proxy_secret: str
     previous_proxy_secret: str  # "" unless a rotation's overlap ran when the terms were read
+    receipt_signer: str  # the escrow's (blank: not recorded, the current one): its key signs the call's receipt
 
 
 _CALL_TERMS_OF_AGREEMENT = ("id", "chain_id", "token", "buyer", "seller", "pricing_type", "price_per_unit",
-                            "deposit_amount")
+                            "deposit_amount", "receipt_signer")
 _CALL_TERMS_OF_SERVICE = ("id", "upstream_base_url", "proxy_secret", "previous_proxy_secret",
                           "previous_proxy_secret_expires_at")
 
@@ -222,7 +235,8 @@ def _call_terms(agreement_id) -> CallTerms | None:
                      pricing_type=agreement.pricing_type, price_per_unit=agreement.price_per_unit,
                      deposit_amount=agreement.deposit_amount, upstream_base_url=service.upstream_base_url,
                      proxy_secret=service.proxy_secret,
-                     previous_proxy_secret=rotation.previous_secret(service, "proxy_secret"))
+                     previous_proxy_secret=rotation.previous_secret(service, "proxy_secret"),
+                     receipt_signer=agreement.receipt_signer)
 
 
 def agreement_for_call(*, agreement_id, agent_id) -> CallTerms:

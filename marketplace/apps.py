@@ -1,5 +1,6 @@
 from django.apps import AppConfig
 from django.contrib.admin import apps as admin_apps
+from django.core import checks
 
 
 class MarketplaceConfig(AppConfig):
@@ -7,10 +8,12 @@ class MarketplaceConfig(AppConfig):
     verbose_name = "Marketplace platform"
 
     def ready(self):
-        from marketplace import dead_letters, metrics
+        from marketplace import chainconfig, dead_letters, metrics
 
         metrics.task_failures_count()
         dead_letters.panels_register()
+        checks.register(chainconfig.receipt_signer_check)
+        checks.register(chainconfig.receipt_signer_check, checks.Tags.database)
 
 
 class OperatorAdminConfig(admin_apps.AdminConfig):

@@ -9,6 +9,7 @@ import json
 from functools import cache
 
 from django.conf import settings
+from django.core import checks
 from eth_account import Account
 
 _deployment_cache: dict = {"mtime": None, "data": {}}
@@ -65,20 +66,38 @@ def _address_or_none(private_key: str) -> str | None:
 
 
 def receipt_signer_problems() -> list[str]:
-    """What is wrong with the receipt signer configuration (no key is ever named): an unusable current key, a
-    malformed retired one, the current one also listed as retired."""
+    """What is wrong with the receipt signer keys configured (no key is ever named): a malformed one signs nothing
+    (and is left out, so the processes still start). `receipt_signer_check` reports them."""
     problems = []
-    current, retired = settings.RECEIPT_SIGNER_PRIVATE_KEY, settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS
-    if current and _address_or_none(current) is None:
+    if settings.RECEIPT_SIGNER_PRIVATE_KEY and _address_or_none(settings.RECEIPT_SIGNER_PRIVATE_KEY) is None:
         problems.append("RECEIPT_SIGNER_PRIVATE_KEY is not a valid private key")
-    for position, key in enumerate(retired, start=1):
-        address = _address_or_none(key)
-        if address is None:
-            problems.append(f"RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS: entry {position} is not a valid private key")
-        elif current and address == _address_or_none(current):
-            problems.append(f"RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS: entry {position} is the current "
-                            f"RECEIPT_SIGNER_PRIVATE_KEY ({address}): a rotation that did not change the key")
+    problems += [f"RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS: entry {position} is not a valid private key"
+                 for position, key in enumerate(settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS, start=1)
+                 if _address_or_none(key) is None]
     return problems
+
+
+def receipt_signer_check(app_configs=None, databases=None, **kwargs) -> list[checks.CheckMessage]:
+    """Django system check: the receipt signer keys are well-formed (E001); the current key is not also listed as
+    retired, a rotation that did not change the key (W002); and with `--database`, no open escrow names a signer
+    whose key is configured nowhere (E003: its usage cannot be charged, `selectors.escrows_naming_unconfigured_signers`)."""
+    messages = [checks.Error(problem, id="marketplace.E001", hint="Each key is 32 bytes of hex, 0x-prefixed or not.")
+                for problem in receipt_signer_problems()]
+    current = _address_or_none(settings.RECEIPT_SIGNER_PRIVATE_KEY)
+    if current and any(_address_or_none(key) == current for key in settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS):
+        messages.append(checks.Warning(
+            f"RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS lists the current RECEIPT_SIGNER_PRIVATE_KEY ({current}).",
+            hint="A rotation sets the new key as RECEIPT_SIGNER_PRIVATE_KEY and moves the old one to the retired list.",
+            id="marketplace.W002"))
+    if databases:
+        from agreements.selectors import escrows_naming_unconfigured_signers
+
+        messages += [checks.Error(
+            f"{escrows} open escrow(s) name receipt signer {signer}, whose key is configured neither as "
+            "RECEIPT_SIGNER_PRIVATE_KEY nor in RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS: their usage cannot be charged.",
+            hint="Put the key back in RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS until those escrows are settled.",
+            id="marketplace.E003") for signer, escrows in escrows_naming_unconfigured_signers().items()]
+    return messages
 
 
 def deployment() -> dict:

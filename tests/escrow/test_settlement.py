@@ -5,11 +5,12 @@ import io
 import pytest
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
+from django.core.management.base import CommandError, SystemCheckError
 
 from agreements import metering
 from agreements.models import CallIntent, UsageAgreement, WebhookDelivery
 from escrow import relayer, selectors, settlement
-from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from escrow.models import ChainEvent, ChainTransaction, TxPurpose, TxStatus
 from sdk import receipts
 from sdk.typed_data import sign_typed_data
 from tests.chain_fixtures import TEST_RECLAIM_GRACE, TOKEN_NAMES
@@ -146,6 +147,76 @@ def test_usage_after_a_rotation_is_signed_by_the_receipt_signer_the_escrow_names
                                      escrow_address=chain.addresses["escrow"])
     assert (verified.events, verified.last_signed_seq) == (6, 6)
     assert {event["receipt_signer"] for event in usage} == {chain.accounts.receipt_signer.address}
+
+
+def test_escrows_naming_a_signer_whose_key_was_dropped_are_refused_loudly_not_signed_with_another_key(
+        funded, escrow_chain, http_server, settings):
+    # The old key dropped from RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS while an escrow still names it: its calls were
+    # charged with receipts of the new key, which neither the buyer's SDK nor the contract accepts, and nothing said
+    # so until the settlement. Now the call is refused before any charge, and /readyz, `check --database` and
+    # `reconcile` name the signer.
+    from agreements import monitoring
+
+    call_n(funded, 1)
+    named = escrow_chain.accounts.receipt_signer.address
+    settings.RECEIPT_SIGNER_PRIVATE_KEY = escrow_chain.accounts.stranger.key
+    settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS = []
+    forwarded = len(http_server.requests)
+    refused = funded.buyer_api.get(f"/metered-proxy/{funded.agreement_id}/work")
+    assert refused.status_code == 503 and error_code(refused) == "receipt_signer_key_missing", refused.content
+    assert len(http_server.requests) == forwarded  # not served unpaid
+    assert [event["seq"] for event in funded.buyer_api.get(
+        f"/usage-agreements/{funded.agreement_id}/usage").json()["results"]] == [1]
+
+    with pytest.raises(RuntimeError, match=f"1 open escrow.*{named}"):
+        monitoring._receipt_signers_configured(1.0)
+    with pytest.raises(SystemCheckError, match=f"marketplace.E003.*{named}"):
+        call_command("check", databases=["default"], stdout=io.StringIO())
+    out = io.StringIO()
+    with pytest.raises(CommandError):
+        call_command("reconcile", stdout=out)
+    assert f"name receipt signer {named}" in out.getvalue()
+
+    settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS = [escrow_chain.accounts.receipt_signer.key]
+    monitoring._receipt_signers_configured(1.0)
+    assert funded.buyer_api.get(f"/metered-proxy/{funded.agreement_id}/work").status_code == 200
+
+
+def test_an_activation_signed_before_a_rotation_and_mined_after_it_activates_the_agreement(
+        escrow_chain, http_server, django_capture_on_commit_callbacks, settings):
+    # The indexer held the escrow's receipt signer to the current key: an intent signed just before a rotation, mined
+    # after it, was refused `escrow_mismatch` (receiptSigner) and the buyer's funded escrow never became active.
+    capture = django_capture_on_commit_callbacks
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    body = parties.signed_activation(agreement["id"])
+    with capture(execute=True):
+        assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                      body).status_code == 202
+    settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS = [settings.RECEIPT_SIGNER_PRIVATE_KEY]
+    settings.RECEIPT_SIGNER_PRIVATE_KEY = escrow_chain.accounts.stranger.key
+    index(capture)  # the Activated event before the relayer's receipt
+    confirm_all(capture)
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert not ChainEvent.objects.filter(name="Activated", error__gt="").exists()
+
+
+def test_a_malformed_retired_key_neither_stops_the_settlement_of_the_others_nor_goes_unreported(
+        funded, escrow_chain, django_capture_on_commit_callbacks, settings):
+    # An operator's typo in RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS: every key lookup raised ValueError, so every
+    # proposal (and the charge) failed for all escrows, the ones whose key is well-formed too.
+    capture = django_capture_on_commit_callbacks
+    call_n(funded, 2)
+    retired = settings.RECEIPT_SIGNER_PRIVATE_KEY
+    settings.RECEIPT_SIGNER_PRIVATE_KEY = escrow_chain.accounts.stranger.key
+    settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS = ["0xnot-a-key", retired]
+    call_n(funded, 1)
+    assert funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete").status_code == 200
+
+    assert tick(capture)["proposed"] == 1
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    with pytest.raises(SystemCheckError, match="marketplace.E001.*entry 1 is not a valid private key"):
+        call_command("check", stdout=io.StringIO())
 
 
 def test_usage_signed_before_a_rotation_is_proposed_with_its_own_receipt(

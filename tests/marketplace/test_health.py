@@ -27,7 +27,8 @@ def test_ready_when_database_broker_and_chain_answer(escrow_chain):
     response = Client().get("/readyz")
     assert response.status_code == 200, response.content
     assert response.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok", "chain": "ok",
-                                                             "indexer": "ok", "payout_finality": "ok"}}
+                                                             "indexer": "ok", "payout_finality": "ok",
+                                                             "receipt_signer": "ok"}}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -41,7 +42,7 @@ def test_not_ready_names_what_failed(settings):
     details = response.json()["error"]["details"]
     # PAYOUT_HEAD_TAG empty (the dev chain's default): no payout waits for the node's tag, which is not asked.
     assert details["checks"] == {"database": "ok", "broker": "failed", "chain": "failed", "indexer": "failed",
-                                 "payout_finality": "ok"}
+                                 "payout_finality": "ok", "receipt_signer": "ok"}
     assert details["failed"] == ["broker", "chain", "indexer"]
 
 
@@ -90,3 +91,12 @@ def test_readiness_leaves_no_database_connection_open(escrow_chain):
         assert left_open == set()
     finally:
         gc.enable()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_not_ready_when_a_receipt_signer_key_is_malformed(settings):
+    # Left out rather than crashing every signature; /readyz says so (and `manage.py check`: marketplace.E001).
+    settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS = ["0x1234"]
+    response = Client().get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["error"]["details"]["checks"]["receipt_signer"] == "failed"

@@ -62,6 +62,13 @@ def _payouts_unreleasable(blocker: str) -> list[str]:
             f"{blocker}; none is sent until the node answers it"]
 
 
+def _receipt_signers_unconfigured() -> list[str]:
+    """Open escrows naming a receipt signer whose key is configured nowhere: their usage cannot be charged."""
+    return [f"{escrows} open escrow(s) name receipt signer {signer}, whose key is configured neither as "
+            f"RECEIPT_SIGNER_PRIVATE_KEY nor in RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS: their usage cannot be charged "
+            f"until it is" for signer, escrows in agreement_selectors.escrows_naming_unconfigured_signers().items()]
+
+
 def _uuids(ids: list[str], what: str) -> list[uuid.UUID]:
     try:
         return [uuid.UUID(each) for each in ids]
@@ -123,6 +130,7 @@ class Command(BaseCommand):
         problems += [_describe_outrun_fill(fill) for fill in selectors.nonce_fills_outrun()]
         tag_block, blocker = selectors.payout_tag_block()  # the node asked once
         problems += _payouts_unreleasable(blocker)
+        problems += _receipt_signers_unconfigured()
         for line in problems:
             self.stdout.write(line)
         for agreement in agreement_selectors.agreements_reclaimed_with_seller_unpaid().iterator():
