@@ -332,7 +332,7 @@ RELAYER_PRIVATE_KEY = env.str("RELAYER_PRIVATE_KEY", default=_ANVIL_DEV_KEY if D
 _ANVIL_DEV_KEY_9 = "0x2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6"
 RECEIPT_SIGNER_PRIVATE_KEY = env.str("RECEIPT_SIGNER_PRIVATE_KEY", default=_ANVIL_DEV_KEY_9 if DEBUG else "")
 # Receipt-signer keys rotated out, kept while escrows naming them are open: each escrow accepts only the signer its
-# activation named, so its settlement receipt is signed with that one (`chainconfig.receipt_signer_key`).
+# activation named, so every receipt of its agreement is signed with that one (`chainconfig.receipt_signer_key`).
 RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS = env.list("RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS", default=[])
 # Seconds for a whole RPC answer, not per read.
 CHAIN_RPC_TIMEOUT = env.float("CHAIN_RPC_TIMEOUT", default=10.0)
