@@ -13,3 +13,4 @@ class AgreementsConfig(AppConfig):
         # What escrow registers for agreements (its ready() runs after this one): checked once all apps are ready.
         checks.register(services.hooks_check)
         checks.register(invocations.settlement_handler_check)
+        checks.register(monitoring.receipt_signers_check, checks.Tags.database)

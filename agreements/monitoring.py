@@ -3,6 +3,7 @@
 from functools import lru_cache
 
 from django.conf import settings
+from django.core import checks
 from django.urls import reverse
 from prometheus_client import Counter, Histogram
 
@@ -120,6 +121,18 @@ def _receipt_signers_configured(timeout: float) -> None:
         for signer, escrows in selectors.escrows_naming_unconfigured_signers().items()]
     if problems:
         raise RuntimeError("; ".join(problems))
+
+
+def receipt_signers_check(app_configs=None, databases=None, **kwargs) -> list[checks.CheckMessage]:
+    """Django system check, with `--database`: no open escrow names a receipt signer whose key is configured nowhere
+    (E003: its usage cannot be charged)."""
+    if not databases:
+        return []
+    return [checks.Error(
+        f"{escrows} open escrow(s) name receipt signer {signer}, whose key is configured neither as "
+        "RECEIPT_SIGNER_PRIVATE_KEY nor in RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS: their usage cannot be charged.",
+        hint="Put the key back in RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS until those escrows are settled.",
+        obj=__name__, id="agreements.E003") for signer, escrows in selectors.escrows_naming_unconfigured_signers().items()]
 
 
 def panels_register() -> None:

@@ -13,7 +13,6 @@ class MarketplaceConfig(AppConfig):
         metrics.task_failures_count()
         dead_letters.panels_register()
         checks.register(chainconfig.receipt_signer_check)
-        checks.register(chainconfig.receipt_signer_check, checks.Tags.database)
 
 
 class OperatorAdminConfig(admin_apps.AdminConfig):

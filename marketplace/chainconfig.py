@@ -77,10 +77,10 @@ def receipt_signer_problems() -> list[str]:
     return problems
 
 
-def receipt_signer_check(app_configs=None, databases=None, **kwargs) -> list[checks.CheckMessage]:
+def receipt_signer_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     """Django system check: the receipt signer keys are well-formed (E001); the current key is not also listed as
-    retired, a rotation that did not change the key (W002); and with `--database`, no open escrow names a signer
-    whose key is configured nowhere (E003: its usage cannot be charged, `selectors.escrows_naming_unconfigured_signers`)."""
+    retired, a rotation that did not change the key (W002). With `--database`, agreements checks that no open escrow
+    names a signer whose key is configured nowhere (`agreements.E003`)."""
     messages = [checks.Error(problem, id="marketplace.E001", hint="Each key is 32 bytes of hex, 0x-prefixed or not.")
                 for problem in receipt_signer_problems()]
     current = _address_or_none(settings.RECEIPT_SIGNER_PRIVATE_KEY)
@@ -89,14 +89,6 @@ def receipt_signer_check(app_configs=None, databases=None, **kwargs) -> list[che
             f"RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS lists the current RECEIPT_SIGNER_PRIVATE_KEY ({current}).",
             hint="A rotation sets the new key as RECEIPT_SIGNER_PRIVATE_KEY and moves the old one to the retired list.",
             id="marketplace.W002"))
-    if databases:
-        from agreements.selectors import escrows_naming_unconfigured_signers
-
-        messages += [checks.Error(
-            f"{escrows} open escrow(s) name receipt signer {signer}, whose key is configured neither as "
-            "RECEIPT_SIGNER_PRIVATE_KEY nor in RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS: their usage cannot be charged.",
-            hint="Put the key back in RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS until those escrows are settled.",
-            id="marketplace.E003") for signer, escrows in escrows_naming_unconfigured_signers().items()]
     return messages
 
 

@@ -170,7 +170,7 @@ def test_escrows_naming_a_signer_whose_key_was_dropped_are_refused_loudly_not_si
 
     with pytest.raises(RuntimeError, match=f"1 open escrow.*{named}"):
         monitoring._receipt_signers_configured(1.0)
-    with pytest.raises(SystemCheckError, match=f"marketplace.E003.*{named}"):
+    with pytest.raises(SystemCheckError, match=f"agreements.E003.*{named}"):
         call_command("check", databases=["default"], stdout=io.StringIO())
     out = io.StringIO()
     with pytest.raises(CommandError):
