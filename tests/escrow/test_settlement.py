@@ -1,5 +1,6 @@
 """Metering to money: complete → challenge window → settled; a dispute; a reclaim — balances checked on-chain."""
 
+import importlib
 import io
 
 import pytest
@@ -165,6 +166,9 @@ def test_escrows_naming_a_signer_whose_key_was_dropped_are_refused_loudly_not_si
     refused = funded.buyer_api.get(f"/metered-proxy/{funded.agreement_id}/work")
     assert refused.status_code == 503 and error_code(refused) == "receipt_signer_key_missing", refused.content
     assert len(http_server.requests) == forwarded  # not served unpaid
+    reported = funded.seller_api.post(f"/usage-agreements/{funded.agreement_id}/record-usage", {"units": 1},
+                                      headers={"Idempotency-Key": "r1"})
+    assert reported.status_code == 503 and error_code(reported) == "receipt_signer_key_missing", reported.content
     assert [event["seq"] for event in funded.buyer_api.get(
         f"/usage-agreements/{funded.agreement_id}/usage").json()["results"]] == [1]
 
@@ -217,6 +221,18 @@ def test_a_malformed_retired_key_neither_stops_the_settlement_of_the_others_nor_
     assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
     with pytest.raises(SystemCheckError, match="marketplace.E001.*entry 1 is not a valid private key"):
         call_command("check", stdout=io.StringIO())
+
+
+def test_the_migration_records_the_receipt_signer_of_agreements_activated_before_it_from_their_activated_event(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    from django.apps import apps
+
+    backfill = importlib.import_module("agreements.migrations.0023_agreement_receipt_signer")
+    index(django_capture_on_commit_callbacks)
+    UsageAgreement.objects.filter(pk=funded.agreement_id).update(receipt_signer="")
+    backfill.receipt_signers_from_activations(apps, None)
+    assert UsageAgreement.objects.get(pk=funded.agreement_id).receipt_signer == \
+        escrow_chain.accounts.receipt_signer.address
 
 
 def test_usage_signed_before_a_rotation_is_proposed_with_its_own_receipt(
