@@ -49,7 +49,7 @@ from agreements.models import NO_PAYMENT_REVERSAL, InvocationMoney, InvocationSt
 from catalog.models import Agent, Skill
 from marketplace import bounded_json, outbound, rotation
 from marketplace.concurrency import Bulkhead
-from marketplace.errors import NotFound
+from marketplace.errors import Conflict, NotFound
 from sdk import proxy_signature
 
 logger = logging.getLogger(__name__)
@@ -94,15 +94,36 @@ def invocation_payment_requirements(skill: Skill, *, pay_to: str, max_timeout_se
 
 
 def invocation_fee(*, amount: int) -> int:
-    """The platform's take on a skill invocation: none; the seller is paid the whole price the buyer paid.
+    """The platform's take on a skill invocation: the fee schedule's percentage and fixed part, as on a direct
+    purchase, at least INVOCATION_FEE_MINIMUM_ATOMIC. `GET /payment-requirements?purpose=skill_invocation` quotes it.
 
-    Why: a skill call is a micro-payment (the demo's cost 0.02 USDC) and the fee schedule's minimum (0.10 USDC)
-    would be several times the price; the x402 "exact" payment moves exactly the price the skill lists, so a fee
-    could only be cut from the seller's payout, unseen by the buyer. The platform earns on escrow agreements (the
-    infra fee) and direct purchases (the fee the buyer permits), and pays the gas of an invocation's two
-    transactions itself. `GET /payment-requirements?purpose=skill_invocation` quotes this, and the payout is the
-    price less this."""
-    return 0
+    Why: each invocation costs the relayer two transactions' gas (the payment to the treasury, then the payout or
+    refund). Without a fee a 1-base-unit skill an owner both sells and buys had the relayer pay that gas for nothing.
+    The x402 "exact" payment moves exactly the price the skill lists, so the fee is cut from the seller's payout
+    (price - fee: the treasury keeps it) and a price the fee would take whole is refused (`invocation_priced_check`).
+    The minimum is its own setting, not the fee schedule's (0.10 USDC, sized for agreements): skills are
+    micro-payments (the demo's cost 0.02 USDC). A failed or timed-out invocation refunds the whole price: the buyer
+    did nothing wrong, and the platform bears that gas as it did (the rate limits and the relay budget bound it)."""
+    from agreements.models import FeeSchedule
+
+    schedule, _ = FeeSchedule.objects.get_or_create(pk=1)
+    percent = -(-amount * schedule.percent_bps // 10_000)  # integer ceiling, as `services.fee_for`
+    return max(percent + schedule.fixed_atomic, settings.INVOCATION_FEE_MINIMUM_ATOMIC)
+
+
+def invocation_priced_check(skill: Skill) -> tuple[int, int]:
+    """The skill's price and fee, before anything is quoted or paid: 409 `skill_not_priced` for a free skill (x402
+    pays positive amounts only), 409 `skill_price_below_fee` for one the fee would take whole (the seller would be
+    paid nothing and the relayer pay the gas)."""
+    price = invocation_price(skill)
+    if not price:
+        raise Conflict("This skill has no price: x402 pays positive amounts only.", code="skill_not_priced")
+    fee = invocation_fee(amount=price)
+    if price <= fee:
+        raise Conflict(f"This skill's price, {price} base units, is not above the platform's fee on it, {fee}: the "
+                       "seller must price it higher.", code="skill_price_below_fee",
+                       details={"price_atomic": price, "fee_atomic": fee})
+    return price, fee
 
 
 PAYMENT_REVERTED = "payment_reverted"
@@ -116,7 +137,7 @@ def invocation_payment_status(invocation: SkillInvocation) -> str:
 
 def invocation_seller_share(invocation: SkillInvocation) -> int:
     """What the treasury forwards to the seller once the invocation completed."""
-    return invocation.amount - invocation_fee(amount=invocation.amount)
+    return invocation.amount - invocation.fee
 
 
 def invocation_pk(public_id: str) -> uuid.UUID | None:
@@ -138,12 +159,13 @@ def invocation_get(*, public_id: str) -> SkillInvocation:
 
 def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict,
                       authorization: x402_protocol.Authorization) -> SkillInvocation:
-    """Record the invocation and its authorization (a replayed nonce raises InvalidPayment). Call inside the
-    transaction that queues the payment."""
+    """Record the invocation, its fee (frozen now: `invocation_priced_check`) and its authorization (a replayed nonce
+    raises InvalidPayment). Call inside the transaction that queues the payment."""
+    _, fee = invocation_priced_check(skill)
     record = x402_protocol.authorization_record(authorization)
     return SkillInvocation.objects.create(
         skill=skill, seller=skill.service.seller, buyer=buyer, input=input, authorization=record,
-        amount=authorization.amount, seller_wallet_address=skill.service.seller.wallet_address,
+        amount=authorization.amount, fee=fee, seller_wallet_address=skill.service.seller.wallet_address,
         is_async=skill.is_async, run_in_background=skill.is_async, timeout_seconds=skill.timeout_seconds,
     )
 

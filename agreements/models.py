@@ -574,6 +574,8 @@ class SkillInvocation(PaymentReversal):
     money = models.CharField(max_length=16, choices=InvocationMoney.choices, default=InvocationMoney.AUTHORIZED)
     authorization = models.OneToOneField(PaymentAuthorization, on_delete=models.PROTECT, related_name="invocation")
     amount = TokenAmountField()
+    fee = TokenAmountField(default=0, help_text="The platform's fee, frozen at invocation: kept by the treasury "
+                                                "when the seller is paid (amount - fee); refunded with the price.")
     seller_wallet_address = AddressField(help_text="Paid on success, frozen at invocation.")
     is_async = models.BooleanField()
     run_in_background = models.BooleanField(
@@ -601,6 +603,7 @@ class SkillInvocation(PaymentReversal):
             models.CheckConstraint(condition=Q(status__in=InvocationStatus.values), name="invocation_status_valid"),
             models.CheckConstraint(condition=Q(money__in=InvocationMoney.values), name="invocation_money_valid"),
             models.CheckConstraint(condition=Q(amount__gt=0), name="invocation_amount_positive"),
+            models.CheckConstraint(condition=Q(fee__gte=0) & Q(fee__lt=F("amount")), name="invocation_fee_below_amount"),
             models.CheckConstraint(condition=Q(payment_reversal_acknowledged_at=None)
                                    | Q(payment_reverted_at__isnull=False),
                                    name="invocation_only_reverted_payment_acknowledged"),

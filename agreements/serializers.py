@@ -535,6 +535,8 @@ class InvokeSerializer(StrictSerializer):
 class InvocationPaymentSerializer(serializers.Serializer):
     amount = serializers.CharField(help_text="In USDC, as the Services API shows it (\"0.02\").")
     amount_atomic = AtomicAmountField()
+    fee_atomic = AtomicAmountField(help_text="The platform's fee, kept from the seller's payout (refunded with the "
+                                             "price when the invocation fails).")
     currency = serializers.CharField()
     tx_hash = serializers.CharField(allow_blank=True, help_text="The buyer's payment to the platform treasury.")
     status = serializers.CharField(help_text="authorized, held, payment_failed, paying_out, paid_out, refunding, "
@@ -581,7 +583,8 @@ class InvocationSerializer(serializers.Serializer):
 def invocation_payment(invocation) -> dict:
     from x402.mechanisms.evm.utils import format_amount
 
-    return {"amount": format_amount(invocation.amount, 6), "amount_atomic": invocation.amount, "currency": "USDC",
+    return {"amount": format_amount(invocation.amount, 6), "amount_atomic": invocation.amount,
+            "fee_atomic": invocation.fee, "currency": "USDC",
             "tx_hash": invocation.payment_tx_hash, "status": selectors.invocation_payment_status(invocation),
             "settlement_tx_hash": invocation.settlement_tx_hash,
             "waiting_for_finality": selectors.invocation_finality_wait(invocation)}

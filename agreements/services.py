@@ -24,6 +24,7 @@ from agreements.invocations import invocation_payment_confirmed as invocation_pa
 from agreements.invocations import invocation_payment_failed as invocation_payment_failed
 from agreements.invocations import invocation_payment_reopened as invocation_payment_reopened
 from agreements.invocations import invocation_payment_requirements as invocation_payment_requirements
+from agreements.invocations import invocation_priced_check as invocation_priced_check
 from agreements.invocations import invocation_refunded as invocation_refunded
 from agreements.invocations import invocation_run as invocation_run
 from agreements.invocations import invocation_run_paid as invocation_run_paid

@@ -416,8 +416,7 @@ class SkillInvokeView(APIView):
     )
     def post(self, request, handle, skill):
         skill = catalog_selectors.skill_get(handle=handle, skill_name=skill)
-        if not agreement_selectors.invocation_price(skill):
-            raise Conflict("This skill has no price: x402 pays positive amounts only.", code="skill_not_priced")
+        agreement_services.invocation_priced_check(skill)
         body = InvokeSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         header = agreement_services.payment_header(request.headers)

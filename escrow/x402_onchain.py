@@ -253,7 +253,7 @@ def _invocation_settle(invocation: SkillInvocation) -> None:
         purpose=TxPurpose.INVOCATION_PAYOUT if payout else TxPurpose.INVOCATION_REFUND,
         to=invocation.seller_wallet_address if payout else invocation.authorization.payer,
         amount=agreement_selectors.invocation_seller_share(invocation) if payout else invocation.amount,
-        context={"invocation_id": str(invocation.pk)})
+        context={"invocation_id": str(invocation.pk), **({"fee": invocation.fee} if payout else {})})
 
 
 def _invocation_payment_block(tx: ChainTransaction) -> tuple[int, str] | None:

@@ -284,6 +284,9 @@ INVOCATION_PAYMENT_WAIT_SECONDS = env.float("INVOCATION_PAYMENT_WAIT_SECONDS", d
 # fewer than INVOCATION_INLINE_CONCURRENCY do in the process; else a worker runs it (202 and the status URL).
 INVOCATION_INLINE_MAX_SECONDS = env.int("INVOCATION_INLINE_MAX_SECONDS", default=60)
 INVOCATION_INLINE_CONCURRENCY = env.int("INVOCATION_INLINE_CONCURRENCY", default=4)
+# A skill invocation's platform fee: the fee schedule's percentage and fixed part, at least this (0.005 USDC: the
+# gas of its two transactions, the payment and the payout). A skill priced at or below it is 409 skill_price_below_fee.
+INVOCATION_FEE_MINIMUM_ATOMIC = env.int("INVOCATION_FEE_MINIMUM_ATOMIC", default=5_000)
 INVOCATION_ORPHAN_AFTER = timedelta(seconds=env.int("INVOCATION_ORPHAN_AFTER_SECONDS", default=60))
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
 WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)

@@ -50,9 +50,13 @@ def test_payment_requirements_validation(buyer_api, params, field, code):
     assert code in codes_at(buyer_api.get("/payment-requirements", params), field)
 
 
-def test_a_skill_invocation_is_quoted_without_a_platform_fee(buyer_api):
+def test_a_skill_invocation_is_quoted_the_platforms_fee_inside_its_price_with_its_own_minimum(buyer_api, settings):
+    """The buyer pays the skill's price exactly (x402's exact scheme); the fee is kept from the seller's payout."""
+    settings.INVOCATION_FEE_MINIMUM_ATOMIC = 5_000
     body = buyer_api.get("/payment-requirements", {"amount_atomic": 20_000, "purpose": "skill_invocation"}).json()
-    assert (body["purpose"], body["fee_atomic"], body["total_atomic"]) == ("skill_invocation", 0, 20_000)
+    assert (body["purpose"], body["fee_atomic"], body["total_atomic"]) == ("skill_invocation", 5_000, 20_000)
+    body = buyer_api.get("/payment-requirements", {"amount_atomic": 1_000_000, "purpose": "skill_invocation"}).json()
+    assert (body["fee_atomic"], body["total_atomic"]) == (23_000, 1_000_000)  # 2% + 0.003 above the minimum
     direct = buyer_api.get("/payment-requirements", {"amount_atomic": 20_000}).json()
     assert (direct["purpose"], direct["fee_atomic"]) == ("direct_purchase", 100_000)  # the fee schedule's minimum
 

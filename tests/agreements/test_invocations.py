@@ -30,6 +30,7 @@ from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
 PRICE = 20_000  # 0.02 USDC
+FEE = 5_000  # the platform's on PRICE and on 50_000 (INVOCATION_FEE_MINIMUM_ATOMIC): kept from the payout
 
 
 class Market:
@@ -153,7 +154,7 @@ def test_paid_call_returns_the_result_and_the_seller_is_paid_on_chain(
     assert proxy_signature.verify(market.service.proxy_secret, request.headers, method="POST", path="/translate")
 
     confirm_all(django_capture_on_commit_callbacks)  # the treasury's payout to the seller
-    assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)
+    assert market.balances() == (buyer - PRICE, seller + PRICE - FEE, treasury + FEE)
     invocation = market.caller.get(f"/services/{body['invocation_id']}").json()
     assert invocation["status"] == "completed"
     assert invocation["payment"]["status"] == "paid_out"
@@ -178,7 +179,7 @@ def test_async_invocation_is_202_then_completed(market, django_capture_on_commit
     assert invocation["result"] == {"url": "https://cdn.example/1.png"}
     assert invocation["created_at"] <= invocation["started_at"] <= invocation["completed_at"]
     assert invocation["payment"]["status"] == "paid_out"
-    assert market.balances()[:2] == (buyer - 50_000, seller + 50_000)
+    assert market.balances()[:2] == (buyer - 50_000, seller + 50_000 - FEE)
 
 
 def test_an_async_invocation_paid_while_the_broker_is_down_is_202_and_the_sweep_runs_it(
@@ -206,7 +207,7 @@ def test_an_async_invocation_paid_while_the_broker_is_down_is_202_and_the_sweep_
     confirm_all(django_capture_on_commit_callbacks)
     invocation = market.caller.get(f"/services/{invocation_id}").json()
     assert invocation["status"] == "completed" and invocation["payment"]["status"] == "paid_out"
-    assert market.balances()[:2] == (buyer - 50_000, seller + 50_000)
+    assert market.balances()[:2] == (buyer - 50_000, seller + 50_000 - FEE)
 
 
 def test_a_sync_skill_whose_limit_is_beyond_the_inline_bound_runs_in_a_worker_not_in_a_web_thread(
@@ -379,7 +380,7 @@ def test_an_authorization_replayed_with_its_nonce_spelled_otherwise_is_refused_a
         confirm_all(capture)
 
     assert first.status_code == 202, first.content
-    assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)
+    assert market.balances() == (buyer - PRICE, seller + PRICE - FEE, treasury + FEE)
     assert replay.status_code == 402 and replay.json()["error"] == "authorization_already_used", replay.content
     assert len(market.upstream.requests) == 1
 
@@ -538,7 +539,7 @@ def test_the_seeds_example_pays_with_a_bare_signature_and_x_payment_from(market,
     assert response.status_code == 200, response.content  # Step 3
     assert response.json()["result"] == {"translation": "bonjour"}
     assert response.json()["payment"]["amount"] == "0.02" and response.json()["payment"]["tx_hash"]
-    assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)
+    assert market.balances() == (buyer - PRICE, seller + PRICE - FEE, treasury + FEE)
     replay = market.caller.post("/agents/sol/translate", {"input": {"text": "hello"}}, headers={
         "X-Payment-Signature": signature, "X-Payment-From": market.buyer.address})
     assert replay.status_code == 402 and replay.json()["error"] == "authorization_already_used"
@@ -722,3 +723,63 @@ def test_a_payer_whose_relayed_payments_keep_reverting_is_refused_relaying_once_
     assert response.json()["error"]["details"]["retry_after_seconds"] > 0
     assert ChainTransaction.objects.count() == 2 and market.upstream.requests == []
     assert market.balances() == (buyer, seller, treasury)
+
+
+# --- the platform's fee, and the gas an invocation makes the relayer spend ---------------------------------------
+
+def test_a_completed_invocation_pays_the_seller_its_price_less_the_platforms_fee_which_the_treasury_keeps(
+        market, settings, django_capture_on_commit_callbacks):
+    """A skill invocation costs the relayer two transactions' gas (the payment, the payout): it carries the fee
+    schedule's percentage and fixed part with a minimum (INVOCATION_FEE_MINIMUM_ATOMIC), quoted by
+    /payment-requirements, recorded with the invocation and kept by the treasury; the seller is paid the rest."""
+    settings.INVOCATION_FEE_MINIMUM_ATOMIC = 5_000
+    fee = 5_000  # max(2% of 20_000 + 3_000, 5_000)
+    quoted = Api(issue_key(market.seller)).get("/payment-requirements",
+                                               {"amount_atomic": PRICE, "purpose": "skill_invocation"})
+    assert quoted.status_code == 200, quoted.content
+    assert quoted.json()["fee_atomic"] == fee
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    buyer, seller, treasury = market.balances()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = market.call("translate", payment)
+    confirm_all(django_capture_on_commit_callbacks)
+
+    assert response.status_code == 200, response.content
+    assert response.json()["payment"]["fee_atomic"] == fee
+    assert market.balances() == (buyer - PRICE, seller + PRICE - fee, treasury + fee)
+    assert SkillInvocation.objects.get().fee == fee
+    shown = market.caller.get(f"/services/{response.json()['invocation_id']}").json()
+    assert shown["payment"]["status"] == "paid_out" and shown["payment"]["fee_atomic"] == fee
+
+
+def test_a_failed_invocation_refunds_the_buyer_its_whole_price_fee_included(
+        market, settings, django_capture_on_commit_callbacks):
+    settings.INVOCATION_FEE_MINIMUM_ATOMIC = 5_000
+    market.upstream.responses.append((500, {"error": "boom"}))
+    payment = market.pay("translate")
+    before = market.balances()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = market.call("translate", payment)
+    confirm_all(django_capture_on_commit_callbacks)
+
+    assert response.status_code == 502, response.content
+    assert market.balances() == before
+    assert SkillInvocation.objects.get().money == "refunded"
+
+
+def test_a_skill_priced_at_or_below_the_minimum_fee_is_409_before_any_quote_or_payment(market, settings):
+    """A skill of 1 base unit let an owner whose agents sell and buy have the relayer pay two transactions' gas per
+    call for nothing: a price the fee would take whole is refused (409 skill_price_below_fee), nothing quoted,
+    nothing relayed, the seller not called; one above it is quoted."""
+    settings.INVOCATION_FEE_MINIMUM_ATOMIC = PRICE
+
+    for payment in (None, "0x" + "ab" * 65):
+        refused = market.call("translate", payment)
+        assert refused.status_code == 409, refused.content
+        assert error_code(refused) == "skill_price_below_fee"
+        assert refused.json()["error"]["details"] == {"price_atomic": PRICE, "fee_atomic": PRICE}
+    assert not ChainTransaction.objects.exists() and market.upstream.requests == []
+    assert market.call("render").status_code == 402  # 50_000: above the fee

@@ -20,6 +20,7 @@ from escrow.models import ChainEvent, ChainTransaction, EventEffect
 from sdk import typed_data as td
 from sdk.typed_data import sign_typed_data
 from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase
+from tests.agreements.test_invocations import FEE as INVOCATION_FEE
 from tests.agreements.test_invocations import PRICE, Market
 from tests.escrow.conftest import escrow_terms
 from tests.escrow.flow import USDC, fund, usdc_balance
@@ -159,7 +160,7 @@ def test_an_invocation_payment_front_run_is_not_kept_by_the_treasury_unaccounted
     for _ in range(2):
         confirm_all(django_capture_on_commit_callbacks)
     # The money did arrive: the paid call runs and the seller is paid, as if our own transaction had carried it.
-    assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)
+    assert market.balances() == (buyer - PRICE, seller + PRICE - INVOCATION_FEE, treasury + INVOCATION_FEE)
 
 
 def test_the_escrow_is_found_when_a_front_runner_activated_it_before_our_reverted_copy(

@@ -22,7 +22,7 @@ from escrow.models import ChainTransaction, RelayerAccount, TxPurpose, TxStatus
 from marketplace.errors import Conflict
 from sdk import typed_data
 from tests.agreements.helpers import proposal
-from tests.agreements.test_invocations import PRICE, Market
+from tests.agreements.test_invocations import FEE, PRICE, Market
 from tests.catalog.factories import AgentFactory, issue_key
 from tests.conftest import Api
 from tests.escrow.flow import USDC, confirm_all, fund, mined_what_was_sent, usdc_balance
@@ -502,7 +502,7 @@ def assert_paid_out_by_the_cancelled_payout(market, invocation_id: str, payout, 
     assert (payout.status, relayer.WITHDRAWN in payout.context) == (TxStatus.FAILED, True)
     assert (fill.status, fill.context, fill.mined_tx_hash) == (
         TxStatus.CONFIRMED, {relayer.CANCELS: str(payout.pk)}, old_payout.tx_hash)
-    assert usdc_balance(market.chain, market.treasury) == treasury - PRICE  # paid out, never paid in
+    assert usdc_balance(market.chain, market.treasury) == treasury - (PRICE - FEE)  # paid out (less the fee), never paid in
     assert relayer_nonce_on_chain(market.chain) == RelayerAccount.objects.get().next_nonce
     invocation = invocation_of(market, invocation_id)
     assert (invocation["payment"]["status"], invocation["payment"]["settlement_tx_hash"]) == (
@@ -600,7 +600,7 @@ def test_a_cancelled_payout_whose_fill_a_second_reorg_takes_for_its_old_bytes_is
 
     fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
     assert (fill.status, fill.mined_tx_hash) == (TxStatus.CONFIRMED, old_bytes.tx_hash)
-    assert usdc_balance(chain, market.treasury) == treasury - PRICE  # paid out, never paid in
+    assert usdc_balance(chain, market.treasury) == treasury - (PRICE - FEE if outcome == "completed" else PRICE)  # paid out, never paid in
     invocation = invocation_of(market, invocation_id)
     assert (invocation["payment"]["status"], invocation["payment"]["settlement_tx_hash"]) == (
         "payment_reverted", old_bytes.tx_hash)
@@ -827,7 +827,7 @@ def test_a_reverted_payment_a_second_reorg_puts_back_on_the_chain_is_paid_again_
     paid_by_hash = payment.mined_tx_hash if paid_by == "ours" else payment.outcome_evidence["used_by"]
     assert paid_by_hash and invocation["payment"]["tx_hash"] == paid_by_hash
     assert invocation["payment"]["settlement_tx_hash"] == ChainTransaction.objects.get(pk=payout.pk).mined_tx_hash
-    assert usdc_balance(chain, market.treasury) == treasury  # paid in, and paid out once on this branch
+    assert usdc_balance(chain, market.treasury) == treasury + FEE  # paid in, and paid out (less the fee) once on this branch
     assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).payment_reverted_reason == ""
     metrics = admin_client.get("/metrics").content.decode()
     assert 'marketplace_invocation_payments_reverted{acknowledged="false"} 0.0' in metrics

@@ -171,7 +171,7 @@ def test_invocation_payments_show_what_they_paid_for(operator, escrow_chain, htt
 
     listing = operator.get("/admin/escrow/chaintransaction/").content.decode()
     assert listing.count("skill translate of sol") == 2  # the payment and the payout
-    assert "0.02 USDC" in listing
+    assert "0.015 USDC" in listing  # the payout: the price less the platform's fee
     authorizations = operator.get("/admin/agreements/paymentauthorization/").content.decode()
     assert "skill translate of sol" in authorizations
 
