@@ -184,41 +184,68 @@ def relay_party(*, agent_id=None, wallet: str = "") -> str:
     return f"agent:{agent_id}" if agent_id is not None else f"wallet:{Web3.to_checksum_address(wallet)}"
 
 
-def relay_budget_check(*, party: str) -> None:
+def _budget_parties(*, party: str, owner_id=None, wallet: str = "") -> list[tuple[str, list[str], int]]:
+    """The bounds a relayed action is counted against: (name, the parties whose reverts count, the setting's limit).
+    An agent's reverts are also its owner's (all its agents together) and its wallet's; a wallet's are those of
+    every party paying from it: the agents holding it (of any owner) and the wallet itself, anonymously."""
+    from catalog.models import Agent
+
+    bounds = [("party", [party], settings.RELAY_REVERTS_PER_PARTY)]
+    if owner_id is not None:
+        agents = Agent.objects.filter(owner_id=owner_id).values_list("pk", flat=True)
+        bounds.append(("owner", [relay_party(agent_id=pk) for pk in agents], settings.RELAY_REVERTS_PER_OWNER))
+    if wallet:
+        holders = Agent.objects.filter(wallet_address__iexact=wallet).values_list("pk", flat=True)
+        bounds.append(("wallet", [relay_party(wallet=wallet), *(relay_party(agent_id=pk) for pk in holders)],
+                       settings.RELAY_REVERTS_PER_WALLET))
+    return bounds
+
+
+def relay_budget_check(*, party: str, owner_id=None, wallet: str = "") -> None:
     """Before a party's signed action is relayed: one whose relayed transactions were mined reverted
     RELAY_REVERTS_PER_PARTY times within RELAY_REVERT_WINDOW (`RelayRevert`: each one's gas the relayer's) is 429
     `relay_budget_exhausted`, nothing queued, until the oldest of those leaves the window
     (`details.retry_after_seconds`, Retry-After). Else a buyer that empties its wallet, spends its permit or
     authorization, or revokes its allowance between the simulation and the mining has the relayer pay for the
-    revert as often as it asks again.
+    revert as often as it asks again. The same for the agent's owner (`owner_id`: its agents' reverts together,
+    RELAY_REVERTS_PER_OWNER; else an owner multiplied the budget by creating agents) and for the paying `wallet`
+    (RELAY_REVERTS_PER_WALLET: whoever pays from it, agents sharing it or an anonymous payer); `details.bound` names
+    the bound reached.
 
     Reverts count once mined, so the party's transactions still in flight count too: one with
-    RELAY_IN_FLIGHT_PER_PARTY of them is 429 `relay_in_flight_limit_reached` until one concludes. Else a buyer posts
+    RELAY_IN_FLIGHT_PER_PARTY of them (its owner's agents together: RELAY_IN_FLIGHT_PER_OWNER) is 429
+    `relay_in_flight_limit_reached` until one concludes. Else a buyer posts
     many actions at once (an activation of each of its agreements), all pass the check with no revert recorded yet,
     and one transfer of its funds makes every one of them revert."""
-    in_flight_allowed = settings.RELAY_IN_FLIGHT_PER_PARTY
-    if in_flight_allowed > 0 and ChainTransaction.objects.filter(
-            status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED],
-            **{f"context__{RELAYED_FOR}": party}).count() >= in_flight_allowed:
-        raise TooManyRequests(
-            f"{in_flight_allowed} transactions the platform sends for you are not concluded yet: wait for one.",
-            code="relay_in_flight_limit_reached", retry_after=_IN_FLIGHT_RETRY_AFTER_SECONDS,
-            details={"retry_after_seconds": _IN_FLIGHT_RETRY_AFTER_SECONDS, "in_flight": in_flight_allowed})
-    allowed = settings.RELAY_REVERTS_PER_PARTY
-    if allowed <= 0:
-        return
+    bounds = _budget_parties(party=party, owner_id=owner_id, wallet=wallet)
+    in_flight_bounds = [(bound, parties, settings.RELAY_IN_FLIGHT_PER_OWNER if bound == "owner"
+                         else settings.RELAY_IN_FLIGHT_PER_PARTY) for bound, parties, _ in bounds[:2]]
+    for bound, parties, in_flight_allowed in in_flight_bounds:
+        if in_flight_allowed > 0 and ChainTransaction.objects.filter(
+                status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED],
+                **{f"context__{RELAYED_FOR}__in": parties}).count() >= in_flight_allowed:
+            whose = "your owner's agents" if bound == "owner" else "you"
+            raise TooManyRequests(
+                f"{in_flight_allowed} transactions the platform sends for {whose} are not concluded yet: wait for one.",
+                code="relay_in_flight_limit_reached", retry_after=_IN_FLIGHT_RETRY_AFTER_SECONDS,
+                details={"retry_after_seconds": _IN_FLIGHT_RETRY_AFTER_SECONDS, "in_flight": in_flight_allowed,
+                         "bound": bound})
     now = timezone.now()
-    recent = list(RelayRevert.objects.filter(party=party, reverted_at__gt=now - settings.RELAY_REVERT_WINDOW)
-                  .order_by("-reverted_at").values_list("reverted_at", flat=True)[:allowed])
-    if len(recent) < allowed:
-        return
-    retry_after = max(1, math.ceil((recent[-1] + settings.RELAY_REVERT_WINDOW - now).total_seconds()))
-    raise TooManyRequests(
-        f"{allowed} transactions the platform sent for you reverted on-chain within "
-        f"{int(settings.RELAY_REVERT_WINDOW.total_seconds())} s (funds, allowance, nonce or authorization changed "
-        "after they were accepted): nothing more is relayed for you until the oldest is out of that window.",
-        code="relay_budget_exhausted", retry_after=retry_after,
-        details={"retry_after_seconds": retry_after, "reverts": allowed})
+    for bound, parties, allowed in bounds:
+        if allowed <= 0:
+            continue
+        recent = list(RelayRevert.objects.filter(party__in=parties, reverted_at__gt=now - settings.RELAY_REVERT_WINDOW)
+                      .order_by("-reverted_at").values_list("reverted_at", flat=True)[:allowed])
+        if len(recent) < allowed:
+            continue
+        retry_after = max(1, math.ceil((recent[-1] + settings.RELAY_REVERT_WINDOW - now).total_seconds()))
+        whose = {"party": "you", "owner": "your owner's agents", "wallet": "your paying wallet"}[bound]
+        raise TooManyRequests(
+            f"{allowed} transactions the platform sent for {whose} reverted on-chain within "
+            f"{int(settings.RELAY_REVERT_WINDOW.total_seconds())} s (funds, allowance, nonce or authorization changed "
+            "after they were accepted): nothing more is relayed for you until the oldest is out of that window.",
+            code="relay_budget_exhausted", retry_after=retry_after,
+            details={"retry_after_seconds": retry_after, "reverts": allowed, "bound": bound})
 
 
 def _revert_attribute(tx: ChainTransaction) -> None:

@@ -8,7 +8,7 @@ from django.db.models.functions import Length
 from web3 import Web3
 
 from agreements import services as agreement_services
-from agreements.models import AgreementStatus, SkillInvocation, UsageAgreement, is_paid_out
+from agreements.models import AgreementStatus, InvocationMoney, SkillInvocation, UsageAgreement, is_paid_out
 from escrow import chain, relayer
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPaymentRequest,
                            MasumiPurchase, TxAttempt, TxPurpose, TxStatus)
@@ -43,14 +43,39 @@ def live_transactions(*, purpose: str):
     return ChainTransaction.objects.filter(purpose=purpose).exclude(status=TxStatus.FAILED)
 
 
+_UNMINED = [TxStatus.QUEUED, TxStatus.SUBMITTED]
+
+
+def _tokens_named(token: str) -> list[str]:
+    """The spellings of `token` on an agreement: its address, or blank for the default token."""
+    default = Web3.to_checksum_address(chain.token_address())
+    token = Web3.to_checksum_address(token or default)
+    return [token, ""] if token == default else [token]
+
+
+def wallet_unmined_amount(*, wallet: str, token: str = "", exclude_agreement=None) -> int:
+    """What the relayed payments of `wallet` queued or sent, not mined yet as the books know, will pull from it in
+    `token` (blank: the default one): its activations (deposit plus fee each, but `exclude_agreement`'s) and its
+    skill invocations' payments. Its balance does not show that yet: each passes its own balance check and
+    simulation alone, and all but what the balance covers would revert at the relayer's gas."""
+    activations = UsageAgreement.objects.filter(
+        buyer_wallet_address__iexact=wallet, token_address__in=_tokens_named(token),
+        chain_transactions__purpose=TxPurpose.ACTIVATE, chain_transactions__status__in=_UNMINED,
+    ).exclude(pk=exclude_agreement).aggregate(total=Sum(F("deposit_amount") + F("infra_fee")))["total"] or 0
+    authorized = {str(pk): amount for pk, amount in SkillInvocation.objects.filter(
+        authorization__payer__iexact=wallet, authorization__token_address__iexact=_tokens_named(token)[0],
+        money=InvocationMoney.AUTHORIZED).values_list("pk", "amount")}
+    paying = ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_PAYMENT, status__in=_UNMINED,
+                                             context__invocation_id__in=list(authorized))
+    return activations + sum(authorized[invocation_id] for invocation_id in
+                             set(paying.values_list("context__invocation_id", flat=True)))
+
+
 def activations_unmined_amount(*, agreement: UsageAgreement) -> int:
-    """What the activations of the agreement's buyer wallet queued or sent, not mined yet as the books know, will
-    pull from it in the agreement's token (deposit plus fee each): its balance does not show that yet."""
-    return UsageAgreement.objects.filter(
-        buyer_wallet_address=agreement.buyer_wallet_address, token_address=agreement.token_address,
-        chain_transactions__purpose=TxPurpose.ACTIVATE,
-        chain_transactions__status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED],
-    ).exclude(pk=agreement.pk).aggregate(total=Sum(F("deposit_amount") + F("infra_fee")))["total"] or 0
+    """What the relayed payments of the agreement's buyer wallet not mined yet will pull from it in the agreement's
+    token (`wallet_unmined_amount`), its own activation aside."""
+    return wallet_unmined_amount(wallet=agreement.buyer_wallet_address, token=agreement.token_address,
+                                 exclude_agreement=agreement.pk)
 
 
 def live_transaction(*, agreement_id, purpose: str) -> ChainTransaction | None:

@@ -163,7 +163,7 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
     (`relayer.relay_budget_check`)."""
     _require_chain()
     party = relayer.relay_party(agent_id=buyer.pk)
-    relayer.relay_budget_check(party=party)
+    relayer.relay_budget_check(party=party, owner_id=buyer.owner_id, wallet=agreement.buyer_wallet_address)
     if agreement.buyer_id == buyer.pk:  # else refused at agreement_activation_begin
         agreement = intent_nonce_renew(agreement=agreement)
     now = chain_clock.chain_now_for_request(next_block=True)

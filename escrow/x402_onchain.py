@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import QuerySet
 from eth_utils import to_checksum_address
 from x402.mechanisms.evm import constants as evm
@@ -157,9 +157,12 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
     authorization = agreement_services.payment_verify(payment.header, requirements, payer=payment.payer,
                                                       holder=payment.holder)
     party = relayer.relay_party(agent_id=buyer.pk if buyer is not None else None, wallet=authorization.payer)
-    relayer.relay_budget_check(party=party)
+    relayer.relay_budget_check(party=party, owner_id=buyer.owner_id if buyer is not None else None,
+                               wallet=authorization.payer)
+    balance = chain.call(chain.token_contract().functions.balanceOf(to_checksum_address(authorization.payer)).call)
     simulate(authorization)
     with transaction.atomic():
+        _payments_in_flight_check(authorization, balance=balance)
         invocation = agreement_services.invocation_create(skill=skill, buyer=buyer, input=input,
                                                           authorization=authorization)
         tx = relayer.transaction_enqueue(
@@ -167,6 +170,25 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
             data=_transfer_with_authorization_data(authorization), context={"invocation_id": str(invocation.pk)},
             relayed_for=party)
     return invocation, tx
+
+
+def _payments_in_flight_check(authorization, *, balance: int) -> None:
+    """Inside the transaction queueing the payment: the payer's relayed payments not mined yet (its other skill
+    payments, its activations: `selectors.wallet_unmined_amount`) pull from the same `balance`, read before. Each
+    passed its simulation alone; queued all, all but what the balance covers would revert at the relayer's gas: 402
+    `insufficient_balance` with `details.committed`. The wallet's concurrent payments take their turn here (a lock
+    for the transaction, keyed by the wallet), so each counts the others queued before it."""
+    wallet = to_checksum_address(authorization.payer)
+    if connection.vendor == "postgresql":  # SQLite (`make run`) has one writer at a time
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"relayed-payments:{wallet}"])
+    committed = selectors.wallet_unmined_amount(wallet=wallet)  # skills are paid in the default token
+    if balance - committed < authorization.amount:
+        raise agreement_services.InvalidPayment(
+            "insufficient_balance",
+            "The payer's wallet holds too little for this payment besides what its payments under way will take.",
+            details={"balance": balance, "required": authorization.amount,
+                                                  "committed": committed})
 
 
 @dataclass(frozen=True)
@@ -306,7 +328,8 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> str | None:
     before locking the agreement): the payment's simulation, the fee permit's nonce, the buyer's balance."""
     _require_chain()
     try:
-        relayer.relay_budget_check(party=relayer.relay_party(agent_id=agreement.buyer_id))
+        relayer.relay_budget_check(party=relayer.relay_party(agent_id=agreement.buyer_id),
+                                   owner_id=agreement.buyer.owner_id, wallet=agreement.buyer_wallet_address)
     except TooManyRequests as exhausted:
         return f"{exhausted.code}: {exhausted.message}"
     buyer = to_checksum_address(agreement.buyer_wallet_address)

@@ -384,10 +384,16 @@ CHAIN_WATCHED_CHECKS_PER_POLL = env.int("CHAIN_WATCHED_CHECKS_PER_POLL", default
 # (the relayer's gas spent: relayer.relay_budget_check) within the window has its relayed actions refused, 429
 # relay_budget_exhausted, until the oldest of them leaves the window. 0: no limit.
 RELAY_REVERTS_PER_PARTY = env.int("RELAY_REVERTS_PER_PARTY", default=3)
+# The same within the window for all the agents of one owner together (else an owner multiplied its budget by
+# creating agents), and for one paying wallet whoever pays from it (its agents, of any owner, and anonymously). 0: none.
+RELAY_REVERTS_PER_OWNER = env.int("RELAY_REVERTS_PER_OWNER", default=6)
+RELAY_REVERTS_PER_WALLET = env.int("RELAY_REVERTS_PER_WALLET", default=3)
 RELAY_REVERT_WINDOW = timedelta(seconds=env.int("RELAY_REVERT_WINDOW_SECONDS", default=24 * 3600))
 # Its relayed transactions not concluded yet (queued, sent, mined short of the confirmation depth) at most: more is
 # 429 relay_in_flight_limit_reached (one transfer of its funds would make all of them revert at once). 0: no limit.
 RELAY_IN_FLIGHT_PER_PARTY = env.int("RELAY_IN_FLIGHT_PER_PARTY", default=10)
+# The same for all the agents of one owner together (else multiplied by creating agents). 0: no limit.
+RELAY_IN_FLIGHT_PER_OWNER = env.int("RELAY_IN_FLIGHT_PER_OWNER", default=20)
 # A settlement proposal that reverts is tried again by the settlement tick after BACKOFF, 2 x BACKOFF, 4 x ...
 # seconds, at most MAX_ATTEMPTS times; then it waits on the dashboard for an operator's retry (which starts over).
 SETTLEMENT_PROPOSE_MAX_ATTEMPTS = env.int("SETTLEMENT_PROPOSE_MAX_ATTEMPTS", default=5)

@@ -783,3 +783,122 @@ def test_a_skill_priced_at_or_below_the_minimum_fee_is_409_before_any_quote_or_p
         assert refused.json()["error"]["details"] == {"price_atomic": PRICE, "fee_atomic": PRICE}
     assert not ChainTransaction.objects.exists() and market.upstream.requests == []
     assert market.call("render").status_code == 402  # 50_000: above the fee
+
+
+def _reverted_payment(market, monkeypatch, capture, *, api: Api | None = None) -> None:
+    """A paid call whose payment the payer cancels between the relayer's simulation and the mining: a revert at the
+    relayer's gas, charged to the caller (its agent, else its wallet)."""
+    payment = market.pay("translate")
+    cancelled_once_estimated(market, monkeypatch, payment)
+    with capture(execute=True):
+        response = market.call("translate", payment, api=api)
+    assert response.status_code == 402 and response.json()["error"] == "payment_failed", response.content
+
+
+def test_an_owner_cannot_multiply_its_relay_revert_budget_by_creating_agents(
+        market, owner, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """The budget counted per agent: an owner with N agents (AGENTS_PER_OWNER) had N times RELAY_REVERTS_PER_PARTY
+    reverts at the relayer's gas. Its agents' reverts also count together, at most RELAY_REVERTS_PER_OWNER: an
+    agent with none of its own is refused (429 relay_budget_exhausted, details.bound owner), nothing relayed."""
+    capture = django_capture_on_commit_callbacks
+    settings.RELAY_REVERTS_PER_PARTY, settings.RELAY_REVERTS_PER_OWNER, settings.RELAY_REVERTS_PER_WALLET = 5, 2, 50
+    agents = [AgentFactory(owner=owner, is_buyer=True, is_seller=False, wallet_address=market.buyer.address)
+              for _ in range(3)]
+    for agent in agents[:2]:
+        _reverted_payment(market, monkeypatch, capture, api=Api(issue_key(agent)))
+    sent = ChainTransaction.objects.count()
+
+    with capture(execute=True):
+        refused = market.call("translate", market.pay("translate"), api=Api(issue_key(agents[2])))
+
+    assert refused.status_code == 429, refused.content
+    assert error_code(refused) == "relay_budget_exhausted"
+    assert refused.json()["error"]["details"]["bound"] == "owner"
+    assert ChainTransaction.objects.count() == sent and market.upstream.requests == []
+
+
+def test_a_wallet_paying_through_other_agents_or_anonymously_shares_one_relay_revert_budget(
+        market, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """A paying wallet is what a revert spends from: the same wallet's reverts count together whoever called, an
+    anonymous payer or agents of different owners, at most RELAY_REVERTS_PER_WALLET (details.bound wallet)."""
+    capture = django_capture_on_commit_callbacks
+    settings.RELAY_REVERTS_PER_PARTY, settings.RELAY_REVERTS_PER_OWNER, settings.RELAY_REVERTS_PER_WALLET = 5, 50, 2
+    first, second = (AgentFactory(is_buyer=True, is_seller=False, wallet_address=market.buyer.address)
+                     for _ in range(2))
+    assert first.owner_id != second.owner_id
+    _reverted_payment(market, monkeypatch, capture)  # anonymous: the wallet's
+    _reverted_payment(market, monkeypatch, capture, api=Api(issue_key(first)))
+    sent = ChainTransaction.objects.count()
+
+    with capture(execute=True):
+        refused = market.call("translate", market.pay("translate"), api=Api(issue_key(second)))
+
+    assert refused.status_code == 429, refused.content
+    assert error_code(refused) == "relay_budget_exhausted"
+    assert refused.json()["error"]["details"]["bound"] == "wallet"
+    assert ChainTransaction.objects.count() == sent and market.upstream.requests == []
+
+
+def test_concurrent_payments_from_one_wallet_are_summed_against_its_balance(
+        market, settings, django_capture_on_commit_callbacks):
+    """Each payment's simulation sees the balance alone: N payments posted at once all passed, and all but what the
+    balance covers reverted at the relayer's gas. The wallet's relayed payments not mined yet count: the next is 402
+    insufficient_balance with details.committed, nothing relayed."""
+    capture = django_capture_on_commit_callbacks
+    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0
+    keep = PRICE + PRICE // 2  # one payment's worth, not two
+    sent_away = market.chain.usdc.functions.transfer(market.chain.accounts.stranger.address,
+                                                     usdc_balance(market.chain, market.buyer.address) - keep
+                                                     ).transact({"from": market.buyer.address})
+    assert market.chain.w3.eth.wait_for_transaction_receipt(sent_away)["status"] == 1
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payments = [market.pay("translate"), market.pay("translate")]
+    market.chain.rpc("evm_setAutomine", [False])
+    try:
+        with capture(execute=True):
+            first = market.call("translate", payments[0])
+        with capture(execute=True):
+            second = market.call("translate", payments[1])
+    finally:
+        market.chain.rpc("evm_setAutomine", [True])
+    market.chain.mine(1)
+    for _ in range(3):
+        confirm_all(capture)
+
+    assert first.status_code == 202, first.content
+    assert second.status_code == 402, second.content
+    assert second.json()["error"] == "insufficient_balance"
+    assert second.json()["details"]["committed"] == PRICE and second.json()["details"]["balance"] == keep
+    assert ChainTransaction.objects.filter(purpose="invocation_payment").count() == 1
+    assert not ChainTransaction.objects.filter(receipt_status=0).exists()
+
+
+def test_an_owners_agents_together_have_at_most_the_owners_relayed_payments_in_flight(
+        market, owner, settings, django_capture_on_commit_callbacks):
+    """Reverts count once mined, so RELAY_IN_FLIGHT_PER_PARTY bounds what one transfer can make revert at once; per
+    agent, an owner's N agents had N times that in flight. They share RELAY_IN_FLIGHT_PER_OWNER: the next is 429
+    relay_in_flight_limit_reached (details.bound owner), nothing relayed."""
+    capture = django_capture_on_commit_callbacks
+    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0
+    settings.RELAY_IN_FLIGHT_PER_PARTY, settings.RELAY_IN_FLIGHT_PER_OWNER = 5, 1
+    first, second = (Api(issue_key(AgentFactory(owner=owner, is_buyer=True, is_seller=False,
+                                                wallet_address=market.buyer.address))) for _ in range(2))
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payments = [market.pay("translate"), market.pay("translate")]
+    market.chain.rpc("evm_setAutomine", [False])
+    try:
+        with capture(execute=True):
+            accepted = market.call("translate", payments[0], api=first)
+        with capture(execute=True):
+            refused = market.call("translate", payments[1], api=second)
+    finally:
+        market.chain.rpc("evm_setAutomine", [True])
+    market.chain.mine(1)
+    for _ in range(3):
+        confirm_all(capture)
+
+    assert accepted.status_code == 202, accepted.content
+    assert refused.status_code == 429, refused.content
+    assert error_code(refused) == "relay_in_flight_limit_reached"
+    assert refused.json()["error"]["details"]["bound"] == "owner"
+    assert ChainTransaction.objects.filter(purpose="invocation_payment").count() == 1
