@@ -295,7 +295,8 @@ class PaymentRequirementsQuery(StrictSerializer):
     purpose = serializers.ChoiceField(
         choices=["direct_purchase", "skill_invocation"], default="direct_purchase",
         help_text="What the amount pays for: a direct purchase (the fee schedule's fee on top) or a skill "
-                  "invocation (no platform fee: the seller is paid the whole price).")
+                  "invocation (the buyer pays the price, total_atomic; the fee, at least INVOCATION_FEE_MINIMUM_ATOMIC, "
+                  "is kept from the seller's payout).")
 
     def validate(self, attrs):
         if ("amount_cents" in attrs) == ("amount_atomic" in attrs):
