@@ -404,15 +404,15 @@ class SkillInvocationAdmin(MoneyRecordAdmin):
     operator looked into is acknowledged (action): it stays here, with who, when and why, and no longer fails
     `reconcile`."""
 
-    list_display = ("short_id", "skill", "seller", "buyer", "status", "money", "amount_display", "created_at",
-                    "completed_at", "payment_reverted_at")
+    list_display = ("short_id", "skill", "seller", "buyer", "status", "money", "amount_display", "fee_display",
+                    "created_at", "completed_at", "payment_reverted_at")
     list_filter = ("status", "money", "is_async", ("payment_reverted_at", admin.EmptyFieldListFilter),
                    ("payment_reversal_acknowledged_at", admin.EmptyFieldListFilter))
     search_fields = ("id", "seller__handle", "buyer__handle", "skill__name", "payment_tx_hash",
                      "settlement_tx_hash", "authorization__payer")
     list_select_related = ("skill", "seller", "buyer")
     date_hierarchy = "created_at"
-    fields = ("id", "skill", "seller", "buyer", "status", "money", "amount_display", "payer_display",
+    fields = ("id", "skill", "seller", "buyer", "status", "money", "amount_display", "fee_display", "payer_display",
               "seller_wallet_display", "payment_tx_display", "settlement_tx_display", "is_async",
               "run_in_background", "timeout_seconds", "input", "result", "error", "created_at", "paid_at",
               "started_at", "deadline_at", "completed_at", "payment_reverted_at", "payment_reverted_reason",
@@ -426,6 +426,7 @@ class SkillInvocationAdmin(MoneyRecordAdmin):
 
     short_id = short_id_column()
     amount_display = amount_column("amount")
+    fee_display = amount_column("fee", description="platform fee")
     seller_wallet_display = address_column("seller_wallet_address", description="seller wallet")
     payment_tx_display = tx_hash_column("payment_tx_hash", description="payment transaction")
     settlement_tx_display = tx_hash_column("settlement_tx_hash", description="payout or refund transaction")

@@ -174,6 +174,8 @@ def test_invocation_payments_show_what_they_paid_for(operator, escrow_chain, htt
     assert "0.015 USDC" in listing  # the payout: the price less the platform's fee
     authorizations = operator.get("/admin/agreements/paymentauthorization/").content.decode()
     assert "skill translate of sol" in authorizations
+    invocations = operator.get("/admin/agreements/skillinvocation/").content.decode()
+    assert "0.005 USDC" in invocations  # the platform's fee the treasury kept
 
 
 def test_branding_and_plurals(operator):
