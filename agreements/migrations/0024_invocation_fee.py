@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agreements', '0022_agreement_listing_indexes'),
+        ('agreements', '0023_agreement_receipt_signer'),
         ('catalog', '0019_api_key_listing_indexes'),
     ]
 
