@@ -8,6 +8,7 @@ signed `id`, which `Marketplace-Event-Id` repeats (the header is not signed: `ve
 body's).
 """
 
+import contextlib
 import json
 import secrets
 import time
@@ -29,12 +30,13 @@ from agreements.models import (
     WebhookSubscription,
 )
 from catalog.models import Agent
-from marketplace import outbound, rotation
+from marketplace import outbound, outbound_slots, rotation
 from marketplace.errors import Conflict
 from sdk import webhook_signature
 
 _BACKOFF_BASE_SECONDS = 10
 _LEASE_MARGIN_SECONDS = 30  # a claimed delivery is not sent by anyone else for its post's timeout plus this
+_jitter = secrets.SystemRandom()  # spreads put-off attempts, so they do not come back all at once
 _client = outbound.guarded_client(timeout=httpx.Timeout(10.0))  # each post passes WEBHOOK_TIMEOUT_SECONDS
 
 
@@ -156,15 +158,32 @@ def _send_after_commit(delivery_id, countdown: float = 0) -> None:
 def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
     """Send one delivery if it is due, with no database lock or transaction held while posting.
 
+    Shared fairly: an attempt is made only while its receiving host and its subscription's owner each have fewer
+    than their share of attempts in flight (WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST, _PER_OWNER; marketplace.outbound_slots);
+    otherwise it is put off by WEBHOOK_PUT_OFF_SECONDS or up to twice that (not counted as an attempt), so that
+    receivers that never answer hold no more than those shares of the outbound workers.
+
     The attempt is claimed first and committed: `attempts` counts it and `next_attempt_at` moves past the post's
     timeout (a lease), so no other worker sends it meanwhile. The outcome is written only while that claim is
     still the row's. A worker that dies mid-post leaves the lease to run out and the retry sweep sends again:
     delivery is at least once, and receivers dedupe on `Marketplace-Event-Id`. A delivery claimed
     WEBHOOK_MAX_ATTEMPTS times ends failed at its next claim, whether or not its last attempt wrote an outcome."""
+    with contextlib.ExitStack() as slots:  # the attempt's slots, given back as it ends
+        return _attempt(delivery_id, slots)
+
+
+def _shares(subscription: WebhookSubscription) -> list[tuple[str, int]]:
+    return [(f"webhook-host:{outbound_slots.host_of(subscription.url)}", settings.WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST),
+            (f"webhook-owner:{subscription.agent.owner_id}", settings.WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_OWNER)]
+
+
+def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None:
     now = timezone.now()
+    lease_seconds = settings.WEBHOOK_TIMEOUT_SECONDS + _LEASE_MARGIN_SECONDS
     with transaction.atomic():
         delivery = (
-            WebhookDelivery.objects.select_for_update(skip_locked=True).select_related("subscription")
+            WebhookDelivery.objects.select_for_update(skip_locked=True, of=("self", "subscription"))
+            .select_related("subscription__agent")
             .filter(pk=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now,
                     # deleted: nothing more goes to its URL; paused: kept pending until it is resumed
                     subscription__is_active=True, subscription__paused_at=None).first()
@@ -176,8 +195,14 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
             delivery.last_error = f"gave up after {delivery.attempts} attempts, the last with no outcome recorded"
             delivery.save(update_fields=["status", "last_error"])
             return delivery
+        if not slots.enter_context(outbound_slots.held(_shares(delivery.subscription), lease_seconds=lease_seconds)):
+            delay = settings.WEBHOOK_PUT_OFF_SECONDS * _jitter.uniform(1, 2)
+            delivery.next_attempt_at = now + timedelta(seconds=delay)
+            delivery.save(update_fields=["next_attempt_at"])
+            _send_after_commit(delivery.pk, countdown=delay)
+            return delivery
         delivery.attempts += 1
-        delivery.next_attempt_at = now + timedelta(seconds=settings.WEBHOOK_TIMEOUT_SECONDS + _LEASE_MARGIN_SECONDS)
+        delivery.next_attempt_at = now + timedelta(seconds=lease_seconds)
         delivery.save(update_fields=["attempts", "next_attempt_at"])
     body = json.dumps(delivery.payload, cls=DjangoJSONEncoder, separators=(",", ":")).encode()
     subscription = delivery.subscription

@@ -290,6 +290,13 @@ INVOCATION_FEE_MINIMUM_ATOMIC = env.int("INVOCATION_FEE_MINIMUM_ATOMIC", default
 INVOCATION_ORPHAN_AFTER = timedelta(seconds=env.int("INVOCATION_ORPHAN_AFTER_SECONDS", default=60))
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
 WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)
+# Webhook attempts in flight at once per receiving host, and per owner of the subscribing agents (all its agents),
+# across every outbound worker (marketplace.outbound_slots; 0: no limit); an attempt beyond either is put off by
+# WEBHOOK_PUT_OFF_SECONDS to twice that, not counted as an attempt. Keep both under the outbound workers' slots (their
+# processes times --concurrency): receivers that never answer then hold no more of them than that.
+WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST = env.int("WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST", default=4)
+WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_OWNER = env.int("WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_OWNER", default=4)
+WEBHOOK_PUT_OFF_SECONDS = env.float("WEBHOOK_PUT_OFF_SECONDS", default=5.0)
 # Per-agent bounds on what an agent can create at will. Every live webhook subscription is sent each event and each
 # test send, so their number is how many posts one event makes. (Rate limits count per agent, whatever its keys.)
 WEBHOOK_SUBSCRIPTIONS_PER_AGENT = env.int("WEBHOOK_SUBSCRIPTIONS_PER_AGENT", default=10)

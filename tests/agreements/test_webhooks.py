@@ -1,8 +1,11 @@
+import contextlib
 import gzip
 import json
+import socket
 import threading
 import time
 import tracemalloc
+from collections import deque
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler
 
@@ -11,10 +14,11 @@ from django.utils import timezone
 
 from agreements import webhooks
 from agreements.models import DeliveryStatus, WebhookDelivery, WebhookSubscription
-from agreements.tasks import retry_due_webhooks
+from agreements.tasks import deliver_webhook, retry_due_webhooks
 from sdk import webhook_signature
 from tests.agreements.helpers import proposal
-from tests.conftest import codes_at, error_code
+from tests.catalog.factories import issue_key
+from tests.conftest import Api, codes_at, error_code
 from tests.support.db_activity import backend_pid, session_state
 from tests.support.http_server import DribblesItsHead, serving
 from tests.support.idempotency import records_hold
@@ -463,3 +467,106 @@ def test_a_receivers_redirect_is_a_failed_attempt_not_followed(buyer_api, seller
     delivery = WebhookDelivery.objects.get()
     assert (delivery.status, delivery.last_status_code, delivery.last_error) == (
         DeliveryStatus.PENDING, status, f"HTTP {status}")
+
+
+class _NeverAnswers:
+    """A receiver on `host` that takes every connection and never answers: each post to it holds its worker for
+    WEBHOOK_TIMEOUT_SECONDS. Each connection it takes is noted in `arrivals`."""
+
+    def __init__(self, host: str, arrivals: list):
+        self.listener = socket.create_server((host, 0))
+        self.url = f"http://{host}:{self.listener.getsockname()[1]}/hook"
+        self.held = []
+        threading.Thread(target=self._take, args=(arrivals,), daemon=True).start()
+
+    def _take(self, arrivals: list) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(connection)
+            arrivals.append(self.url)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for connection in self.held:
+            connection.close()
+
+
+def _outbound_workers(queue: deque, *, workers: int) -> None:
+    """`workers` outbound workers running the queue's deliver_webhook messages in order until it is empty."""
+    from django.db import connection
+
+    def work():
+        try:
+            while True:
+                try:
+                    delivery_id = queue.popleft()
+                except IndexError:
+                    return
+                deliver_webhook(delivery_id)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("receivers, per_host, per_tenant", [
+    ("one host", 1, 0),  # the receiving host's share alone keeps the other agent's delivery from waiting
+    ("a host each", 0, 1),  # the attacking tenant's share alone, however many hosts it points at
+])
+def test_an_agents_receivers_that_never_answer_do_not_hold_every_outbound_worker_from_another_agents_delivery(
+        buyer, buyer_api, seller_api, service, settings, monkeypatch, receivers, per_host, per_tenant):
+    """The outbound workers took deliveries first come first served: a tenant whose four subscriptions point at
+    receivers that never answer had the two workers posting to them for WEBHOOK_TIMEOUT_SECONDS each, twice over,
+    before another agent's delivery, queued behind, was posted. Now an attempt beyond its receiving host's or its
+    owner's share in flight is put off (not counted as an attempt) and the worker goes on with the next message."""
+    settings.WEBHOOK_TIMEOUT_SECONDS = 0.5
+    settings.WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST = per_host
+    settings.WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_OWNER = per_tenant
+    arrivals = []
+
+    class Answers(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            arrivals.append("victim")
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hosts = ["127.0.0.2"] * 4 if receivers == "one host" else ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+    silent = [_NeverAnswers(host, arrivals) for host in dict.fromkeys(hosts)]
+    queue = deque()
+    monkeypatch.setattr(deliver_webhook, "apply_async", lambda args, countdown=0, **_: queue.append(args[0]))
+    try:
+        with serving(Answers) as victim_url:
+            for host in hosts:
+                subscribe(seller_api, next(each.url for each in silent if f"//{host}:" in each.url),
+                          event_types=["agreement.proposed"])
+            subscribe(Api(issue_key(buyer, scope="admin")), victim_url, event_types=["agreement.proposed"])
+            assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+            victims = set(WebhookDelivery.objects.filter(subscription__agent=buyer).values_list("pk", flat=True))
+            queue = deque(sorted(queue, key=lambda pk: pk in {str(v) for v in victims}))  # the attacker's first
+            assert len(queue) == 5
+            _outbound_workers(queue, workers=2)
+    finally:
+        for each in silent:
+            each.close()
+
+    assert "victim" in arrivals
+    assert arrivals.index("victim") == 1, arrivals  # one attacker post under way, not four
+    assert WebhookDelivery.objects.get(pk__in=victims).status == DeliveryStatus.DELIVERED
+    put_off = WebhookDelivery.objects.exclude(pk__in=victims).filter(attempts=0)
+    assert put_off.count() == 3  # not counted as attempts, still pending, due again shortly
+    assert {d.status for d in put_off} == {DeliveryStatus.PENDING}
+    assert all(d.next_attempt_at > timezone.now() for d in put_off)

@@ -1,0 +1,56 @@
+"""Outbound attempts in flight at once per share (a receiving host, a tenant), counted across every worker process.
+
+Why: the outbound workers are shared by every tenant and take their messages first come first served. A receiver
+that never answers holds a worker for the whole timeout of each attempt, so one tenant pointing its subscriptions at
+such receivers (at one host, or a host each) had every worker waiting on them while the other tenants' deliveries
+queued behind. An attempt is made only while each of its shares has a slot free; otherwise its caller puts it off
+(rescheduled, not failed, not counted as an attempt) and the worker goes on with the next message.
+
+A slot is a key in the cache (Redis in production, CACHE_URL, so every process counts the same slots), added only if
+absent, with its holder's token and an expiry: the lease. A worker killed mid-attempt never gives its slot back; the
+lease runs out and the slot is free again. Leases are given for the attempt's deadline and a margin, so a living
+holder always gives its slot back before its lease ends.
+"""
+
+import hashlib
+import math
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+from django.core.cache import cache
+
+
+def host_of(url: str) -> str:
+    """The receiving host a URL names (lower case, no port: every port of a host is one share)."""
+    return (urlsplit(url).hostname or "").lower()
+
+
+def _key(share: str, index: int) -> str:
+    return f"outbound-slot:{hashlib.sha256(share.encode()).hexdigest()[:32]}:{index}"
+
+
+@contextmanager
+def held(shares: list[tuple[str, int]], *, lease_seconds: float) -> Iterator[bool]:
+    """A slot of each `(share, limit)` (limit 0: no limit), held while the block runs (True), or none (False, at
+    once, never waiting) when one of the shares has all its slots held."""
+    token, taken = secrets.token_hex(8), []
+    timeout = math.ceil(lease_seconds)
+    try:
+        for share, limit in shares:
+            if limit <= 0:
+                continue
+            key = next((key for key in (_key(share, index) for index in range(limit))
+                        if cache.add(key, token, timeout=timeout)), None)
+            if key is None:
+                break
+            taken.append(key)
+        else:
+            yield True
+            return
+        yield False
+    finally:
+        for key in taken:
+            if cache.get(key) == token:  # its lease ran out and another holds it now: theirs, left alone
+                cache.delete(key)
