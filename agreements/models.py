@@ -500,6 +500,9 @@ class WebhookDelivery(models.Model):
     last_error = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     delivered_at = models.DateTimeField(null=True, blank=True)
+    # When the retry sweep last queued its message; cleared as a worker takes it. The sweep queues it again only once
+    # that message may be lost (WEBHOOK_REQUEUE_AFTER_SECONDS), not on every run while it waits in the queue.
+    queued_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -596,6 +599,9 @@ class SkillInvocation(PaymentReversal):
                                          "treasury holds nothing for this invocation (a payout or refund it made "
                                          "came from its own funds).")
     updated_at = models.DateTimeField(auto_now=True)
+    # When the sweep last queued its run (a paid invocation whose caller went away): queued again only once that
+    # message may be lost (INVOCATION_ORPHAN_AFTER), not on every run while it waits in the queue.
+    queued_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

@@ -18,7 +18,7 @@ import httpx
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from agreements.models import (
@@ -35,6 +35,7 @@ from marketplace.errors import Conflict
 from sdk import webhook_signature
 
 _BACKOFF_BASE_SECONDS = 10
+RETRY_SWEEP_BATCH = 500  # due deliveries the retry sweep queues a run
 _LEASE_MARGIN_SECONDS = 30  # a claimed delivery is not sent by anyone else for its post's timeout plus this
 _jitter = secrets.SystemRandom()  # spreads put-off attempts, so they do not come back all at once
 _client = outbound.guarded_client(timeout=httpx.Timeout(10.0))  # each post passes WEBHOOK_TIMEOUT_SECONDS
@@ -197,13 +198,13 @@ def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None
             return delivery
         if not slots.enter_context(outbound_slots.held(_shares(delivery.subscription), lease_seconds=lease_seconds)):
             delay = settings.WEBHOOK_PUT_OFF_SECONDS * _jitter.uniform(1, 2)
-            delivery.next_attempt_at = now + timedelta(seconds=delay)
-            delivery.save(update_fields=["next_attempt_at"])
+            delivery.next_attempt_at, delivery.queued_at = now + timedelta(seconds=delay), None
+            delivery.save(update_fields=["next_attempt_at", "queued_at"])
             _send_after_commit(delivery.pk, countdown=delay)
             return delivery
         delivery.attempts += 1
-        delivery.next_attempt_at = now + timedelta(seconds=lease_seconds)
-        delivery.save(update_fields=["attempts", "next_attempt_at"])
+        delivery.next_attempt_at, delivery.queued_at = now + timedelta(seconds=lease_seconds), None
+        delivery.save(update_fields=["attempts", "next_attempt_at", "queued_at"])
     body = json.dumps(delivery.payload, cls=DjangoJSONEncoder, separators=(",", ":")).encode()
     subscription = delivery.subscription
     headers = {
@@ -249,16 +250,26 @@ def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None
 
 
 def deliveries_retry_due(*, now: datetime | None = None) -> int:
-    """Re-enqueue due deliveries whose task message was lost (worker killed, broker restarted)."""
+    """Re-enqueue due deliveries whose task message was lost (worker killed, broker restarted), the longest due first,
+    RETRY_SWEEP_BATCH a run. One this sweep queued is queued again only once no worker took its message within
+    WEBHOOK_REQUEUE_AFTER_SECONDS: while the outbound queue is behind, each run added the same deliveries to it
+    again, and took the same first rows each time."""
     now = now or timezone.now()
-    due = list(WebhookDelivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now,
-                                              subscription__is_active=True, subscription__paused_at=None)
-               .values_list("pk", flat=True)[:500])
+    due = (WebhookDelivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now,
+                                          subscription__is_active=True, subscription__paused_at=None)
+           .filter(Q(queued_at=None)
+                   | Q(queued_at__lte=now - timedelta(seconds=settings.WEBHOOK_REQUEUE_AFTER_SECONDS))))
+    pks = list(due.order_by("next_attempt_at").values_list("pk", flat=True)[:RETRY_SWEEP_BATCH])
+    WebhookDelivery.objects.filter(pk__in=pks).update(queued_at=now)
     from agreements.tasks import deliver_webhook
 
-    for pk in due:
-        deliver_webhook.delay(str(pk))
-    return len(due)
+    for index, pk in enumerate(pks):
+        try:
+            deliver_webhook.delay(str(pk))
+        except Exception:  # the broker refused: what was not queued is due to the next run
+            WebhookDelivery.objects.filter(pk__in=pks[index:], queued_at=now).update(queued_at=None)
+            raise
+    return len(pks)
 
 
 def delivery_redeliver(*, delivery: WebhookDelivery) -> WebhookDelivery:

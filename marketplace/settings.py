@@ -297,6 +297,9 @@ WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)
 WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST = env.int("WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST", default=4)
 WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_OWNER = env.int("WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_OWNER", default=4)
 WEBHOOK_PUT_OFF_SECONDS = env.float("WEBHOOK_PUT_OFF_SECONDS", default=5.0)
+# A due delivery the retry sweep queued is queued again only once no worker took that message within this (it may be
+# lost): not on every run while the outbound queue is behind.
+WEBHOOK_REQUEUE_AFTER_SECONDS = env.int("WEBHOOK_REQUEUE_AFTER_SECONDS", default=120)
 # Per-agent bounds on what an agent can create at will. Every live webhook subscription is sent each event and each
 # test send, so their number is how many posts one event makes. (Rate limits count per agent, whatever its keys.)
 WEBHOOK_SUBSCRIPTIONS_PER_AGENT = env.int("WEBHOOK_SUBSCRIPTIONS_PER_AGENT", default=10)

@@ -570,3 +570,34 @@ def test_an_agents_receivers_that_never_answer_do_not_hold_every_outbound_worker
     assert put_off.count() == 3  # not counted as attempts, still pending, due again shortly
     assert {d.status for d in put_off} == {DeliveryStatus.PENDING}
     assert all(d.next_attempt_at > timezone.now() for d in put_off)
+
+
+def test_the_retry_sweep_queues_a_due_delivery_again_only_once_its_message_may_be_lost_and_the_longest_due_first(
+        seller, seller_api, http_server, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """The sweep (every 30 s) queued every due delivery again on each run, whether or not its message still waited
+    in the queue: with the outbound workers behind, the queue grew by the same deliveries every run (up to 500 a
+    run), and its first 500, in no order, could be the same rows each time while the others waited."""
+    settings.WEBHOOK_REQUEUE_AFTER_SECONDS = 120
+    monkeypatch.setattr(webhooks, "RETRY_SWEEP_BATCH", 2, raising=False)
+    for _ in range(3):
+        subscribe(seller_api, http_server.url)
+    with django_capture_on_commit_callbacks(execute=False):  # their messages lost
+        seller_api.post(f"/agents/{seller.pk}/webhooks/test")
+    oldest, older, newest = WebhookDelivery.objects.all()
+    now = timezone.now()
+    for index, delivery in enumerate((oldest, older, newest)):
+        WebhookDelivery.objects.filter(pk=delivery.pk).update(next_attempt_at=now - timedelta(seconds=10 - index))
+    queued = []
+    monkeypatch.setattr(deliver_webhook, "delay", queued.append)  # the queue, its workers behind
+
+    assert webhooks.deliveries_retry_due(now=now) == 2
+    assert queued == [str(oldest.pk), str(older.pk)]
+    assert webhooks.deliveries_retry_due(now=now + timedelta(seconds=30)) == 1  # the next run: the one left
+    assert webhooks.deliveries_retry_due(now=now + timedelta(seconds=60)) == 0  # theirs wait in the queue
+    assert queued == [str(oldest.pk), str(older.pk), str(newest.pk)]
+
+    deliver_webhook(str(oldest.pk))  # a worker takes one: delivered
+    later = now + timedelta(seconds=30 + 121)  # the others' messages not taken in all that time: lost, queued again
+    assert webhooks.deliveries_retry_due(now=later) == 2
+    assert queued[3:] == [str(older.pk), str(newest.pk)]
+    assert len(http_server.requests) == 1
