@@ -42,6 +42,7 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from agreements import x402_protocol
@@ -446,11 +447,19 @@ def invocations_sweep(*, now: datetime | None = None) -> dict:
     timed_out = [invocation.pk for invocation in overdue[:500]
                  if _finish(invocation.pk, to=Status.TIMEOUT, error="exceeded the skill's time limit").status
                  == Status.TIMEOUT]
+    # One queued here is queued again only once no worker took that message within INVOCATION_ORPHAN_AFTER (lost
+    # too): while the outbound queue is behind, each run added the same invocations to it again.
     orphans = list(SkillInvocation.objects.filter(
+        Q(queued_at=None) | Q(queued_at__lte=now - settings.INVOCATION_ORPHAN_AFTER),
         status=Status.PENDING, money=Money.HELD, paid_at__lte=now - settings.INVOCATION_ORPHAN_AFTER,
-    ).values_list("pk", flat=True)[:500])
+    ).order_by("paid_at").values_list("pk", flat=True)[:500])
+    SkillInvocation.objects.filter(pk__in=orphans).update(queued_at=now)
     from agreements.tasks import run_invocation
 
-    for pk in orphans:
-        run_invocation.delay(str(pk))
+    for index, pk in enumerate(orphans):
+        try:
+            run_invocation.delay(str(pk))
+        except Exception:  # the broker refused: what was not queued is due to the next run
+            SkillInvocation.objects.filter(pk__in=orphans[index:], queued_at=now).update(queued_at=None)
+            raise
     return {"timed_out": len(timed_out), "orphans": len(orphans)}

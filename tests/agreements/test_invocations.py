@@ -210,6 +210,34 @@ def test_an_async_invocation_paid_while_the_broker_is_down_is_202_and_the_sweep_
     assert market.balances()[:2] == (buyer - 50_000, seller + 50_000 - FEE)
 
 
+def test_the_sweep_queues_the_run_of_a_paid_invocation_again_only_once_its_message_may_be_lost(
+        market, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The sweep (every 15 s) queued the run of every paid invocation still pending a minute after its payment, on
+    each run, whether or not its message still waited in the outbound queue: behind a backlog, each such invocation
+    added a message to the queue every 15 s."""
+    market.upstream.responses.append((200, {"url": "https://cdn.example/1.png"}))
+    payment = market.pay("render")
+    queued = []
+    with monkeypatch.context() as patched:
+        patched.setattr(run_invocation, "delay", queued.append)  # the outbound queue, its workers behind
+        with django_capture_on_commit_callbacks(execute=True):
+            response = market.call("render", payment)
+        assert response.status_code == 202, response.content
+        queued_by_the_call = len(queued)
+        later = timezone.now() + settings.INVOCATION_ORPHAN_AFTER
+        assert invocations.invocations_sweep(now=later)["orphans"] == 1  # its message may be lost: queued again
+        assert invocations.invocations_sweep(now=later + timedelta(seconds=15))["orphans"] == 0
+        assert invocations.invocations_sweep(now=later + timedelta(seconds=30))["orphans"] == 0
+        assert len(queued) == queued_by_the_call + 1
+        # No worker took it in all that time: lost too, queued again.
+        assert invocations.invocations_sweep(now=later + settings.INVOCATION_ORPHAN_AFTER)["orphans"] == 1
+    assert market.upstream.requests == []
+    with django_capture_on_commit_callbacks(execute=True):
+        run_invocation(queued[-1])
+    confirm_all(django_capture_on_commit_callbacks)
+    assert market.caller.get(f"/services/{response.json()['invocation_id']}").json()["status"] == "completed"
+
+
 def test_a_sync_skill_whose_limit_is_beyond_the_inline_bound_runs_in_a_worker_not_in_a_web_thread(
         market, settings, django_capture_on_commit_callbacks):
     """A seller chooses its skill's time limit (up to an hour) and whether it is synchronous: run in the request, a
