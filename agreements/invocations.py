@@ -32,6 +32,7 @@ held -> paying_out | refunding change.
 """
 
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -48,7 +49,7 @@ from django.utils import timezone
 from agreements import x402_protocol
 from agreements.models import NO_PAYMENT_REVERSAL, InvocationMoney, InvocationStatus, SkillInvocation
 from catalog.models import Agent, Skill
-from marketplace import bounded_json, outbound, rotation
+from marketplace import bounded_json, outbound, outbound_slots, rotation
 from marketplace.concurrency import Bulkhead
 from marketplace.errors import Conflict, NotFound
 from sdk import proxy_signature
@@ -60,6 +61,7 @@ SettlementHandler = Callable[[SkillInvocation], None]
 _settlement_handler: list[SettlementHandler] = []
 
 # Seller URLs are chosen by sellers: every connection passes the SSRF guard. Each call passes the skill's timeout.
+_jitter = secrets.SystemRandom()  # spreads put-off runs, so they do not come back all at once
 _client = outbound.guarded_client(timeout=httpx.Timeout(30.0, connect=5.0),
                                   limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
 
@@ -379,6 +381,35 @@ def _upstream_request(invocation: SkillInvocation) -> tuple[str, dict]:
     if invocation.buyer_id:
         headers["X-Marketplace-Buyer"] = invocation.buyer.handle
     return service.upstream_base_url.rstrip("/") + path, headers
+
+
+def call_shares(invocation: SkillInvocation) -> list[tuple[str, int]]:
+    """The shares of outbound calls in flight a worker's run of `invocation` takes a slot of (marketplace.outbound_slots):
+    its seller's upstream host, and its seller's owner (all of the owner's agents)."""
+    return [(f"skill-host:{outbound_slots.host_of(invocation.skill.service.upstream_base_url)}",
+             settings.INVOCATION_CALLS_IN_FLIGHT_PER_HOST),
+            (f"skill-seller-owner:{invocation.seller.owner_id}", settings.INVOCATION_CALLS_IN_FLIGHT_PER_SELLER_OWNER)]
+
+
+def invocation_run_in_worker(*, invocation_id) -> SkillInvocation:
+    """An outbound worker's run (`invocation_run`), made only while the seller's host and the seller's owner each
+    have fewer than their share of calls in flight (call_shares); otherwise put off by OUTBOUND_PUT_OFF_SECONDS or up
+    to twice that, still pending: a seller whose skill never answers holds at most those shares of the outbound
+    workers for its timeout each, not every worker while other sellers' buyers wait."""
+    invocation = SkillInvocation.objects.select_related("skill__service", "seller").get(pk=invocation_id)
+    if invocation.status != Status.PENDING or invocation.money != Money.HELD:
+        return invocation  # nothing to run (invocation_run would do nothing either)
+    lease_seconds = invocation.timeout_seconds + settings.OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS
+    with outbound_slots.held(call_shares(invocation), lease_seconds=lease_seconds) as held:
+        if held:
+            return invocation_run(invocation_id=invocation_id)
+    from agreements.tasks import run_invocation
+
+    delay = settings.OUTBOUND_PUT_OFF_SECONDS * _jitter.uniform(1, 2)
+    # Its message is queued: the sweep does not queue another meanwhile.
+    SkillInvocation.objects.filter(pk=invocation_id, status=Status.PENDING).update(queued_at=timezone.now())
+    run_invocation.apply_async((str(invocation_id),), countdown=delay)
+    return invocation
 
 
 def invocation_run(*, invocation_id) -> SkillInvocation:

@@ -27,7 +27,7 @@ def erase_replaced_webhook_secrets() -> int:
 
 @shared_task(time_limit=SKILL_TIMEOUT_MAX_SECONDS + settings.OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS)
 def run_invocation(invocation_id: str) -> None:
-    invocations.invocation_run(invocation_id=invocation_id)
+    invocations.invocation_run_in_worker(invocation_id=invocation_id)
 
 
 @shared_task

@@ -161,7 +161,7 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
 
     Shared fairly: an attempt is made only while its receiving host and its subscription's owner each have fewer
     than their share of attempts in flight (WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST, _PER_OWNER; marketplace.outbound_slots);
-    otherwise it is put off by WEBHOOK_PUT_OFF_SECONDS or up to twice that (not counted as an attempt), so that
+    otherwise it is put off by OUTBOUND_PUT_OFF_SECONDS or up to twice that (not counted as an attempt), so that
     receivers that never answer hold no more than those shares of the outbound workers.
 
     The attempt is claimed first and committed: `attempts` counts it and `next_attempt_at` moves past the post's
@@ -197,7 +197,7 @@ def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None
             delivery.save(update_fields=["status", "last_error"])
             return delivery
         if not slots.enter_context(outbound_slots.held(_shares(delivery.subscription), lease_seconds=lease_seconds)):
-            delay = settings.WEBHOOK_PUT_OFF_SECONDS * _jitter.uniform(1, 2)
+            delay = settings.OUTBOUND_PUT_OFF_SECONDS * _jitter.uniform(1, 2)
             delivery.next_attempt_at, delivery.queued_at = now + timedelta(seconds=delay), None
             delivery.save(update_fields=["next_attempt_at", "queued_at"])
             _send_after_commit(delivery.pk, countdown=delay)

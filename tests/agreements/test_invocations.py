@@ -17,6 +17,7 @@ from agreements.tasks import run_invocation
 from escrow import chain as gateway
 from catalog.models import Service
 from escrow.models import ChainTransaction
+from marketplace import outbound_slots
 from policies.models import ApprovalRequest
 from sdk import proxy_signature, typed_data
 from sdk.x402_signing import sign_authorization, sign_payment_required
@@ -235,6 +236,41 @@ def test_the_sweep_queues_the_run_of_a_paid_invocation_again_only_once_its_messa
     with django_capture_on_commit_callbacks(execute=True):
         run_invocation(queued[-1])
     confirm_all(django_capture_on_commit_callbacks)
+    assert market.caller.get(f"/services/{response.json()['invocation_id']}").json()["status"] == "completed"
+
+
+def test_a_workers_skill_call_beyond_its_sellers_share_in_flight_is_put_off_still_pending_and_runs_once_one_ends(
+        market, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The outbound workers ran invocations first come first served: a seller whose skill never answers (its own
+    buyer's calls, refunded on timeout) held one worker per call for the skill's limit, up to an hour, until every
+    worker waited on it and other sellers' buyers, and every tenant's webhooks, waited behind. A worker's call now
+    takes a slot of its seller's host's and owner's shares, as another worker's call to that seller under way does
+    here; beyond them it is put off, still pending, and queued again shortly."""
+    settings.INVOCATION_CALLS_IN_FLIGHT_PER_HOST = 1
+    market.upstream.responses.append((200, {"url": "https://cdn.example/1.png"}))
+    payment = market.pay("render")
+    queued = []
+    with monkeypatch.context() as patched:
+        patched.setattr(run_invocation, "delay", queued.append)
+        patched.setattr(run_invocation, "apply_async", lambda args, countdown=0, **_: queued.append(args[0]))
+        with django_capture_on_commit_callbacks(execute=True):
+            response = market.call("render", payment)
+        assert response.status_code == 202, response.content
+        invocation = SkillInvocation.objects.select_related("skill__service", "seller").get()
+        queued.clear()
+        with outbound_slots.held(invocations.call_shares(invocation), lease_seconds=60) as held:
+            assert held  # another worker's call to this seller's upstream, under way
+            with django_capture_on_commit_callbacks(execute=True):
+                run_invocation(str(invocation.pk))
+            invocation.refresh_from_db()
+            assert (invocation.status, invocation.started_at) == ("pending", None)
+            assert market.upstream.requests == [] and queued == [str(invocation.pk)]  # queued again, shortly
+            assert invocations.invocations_sweep(
+                now=timezone.now() + timedelta(seconds=30))["orphans"] == 0  # not a second message meanwhile
+    with django_capture_on_commit_callbacks(execute=True):
+        run_invocation(queued[-1])  # that call ended: this one runs
+    confirm_all(django_capture_on_commit_callbacks)
+    assert len(market.upstream.requests) == 1
     assert market.caller.get(f"/services/{response.json()['invocation_id']}").json()["status"] == "completed"
 
 
