@@ -384,11 +384,9 @@ def _upstream_request(invocation: SkillInvocation) -> tuple[str, dict]:
 
 
 def call_shares(invocation: SkillInvocation) -> list[tuple[str, int]]:
-    """The shares of outbound calls in flight a worker's run of `invocation` takes a slot of (marketplace.outbound_slots):
-    its seller's upstream host, and its seller's owner (all of the owner's agents)."""
-    return [(f"skill-host:{outbound_slots.host_of(invocation.skill.service.upstream_base_url)}",
-             settings.INVOCATION_CALLS_IN_FLIGHT_PER_HOST),
-            (f"skill-seller-owner:{invocation.seller.owner_id}", settings.INVOCATION_CALLS_IN_FLIGHT_PER_SELLER_OWNER)]
+    """The shares of calls in flight a worker's run of `invocation` takes a slot of (outbound_slots.seller_shares)."""
+    return outbound_slots.seller_shares(base_url=invocation.skill.service.upstream_base_url,
+                                        owner_id=invocation.seller.owner_id)
 
 
 def invocation_run_in_worker(*, invocation_id) -> SkillInvocation:

@@ -24,7 +24,7 @@ from catalog.models import (
     UpstreamProtocol,
     new_proxy_secret,
 )
-from marketplace import masumi_agentic_client, outbound, rotation
+from marketplace import masumi_agentic_client, outbound, outbound_slots, rotation
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.fields import checksum_address
 from marketplace.keys import issue_secret
@@ -342,10 +342,17 @@ def service_availability_record(*, service_id, available: bool, message: str = "
 
 
 def service_availability_check(*, service_id) -> None:
-    """Ask one registered `masumi` service whether it can take jobs, and store the answer."""
-    service = Service.objects.filter(pk=service_id, state=ServiceState.REGISTERED,
-                                     upstream_protocol=UpstreamProtocol.MASUMI).first()
+    """Ask one registered `masumi` service whether it can take jobs, and store the answer. Only while its seller's
+    upstream host and owner each have fewer than their share of calls in flight (outbound_slots.seller_shares):
+    otherwise skipped, its last answer kept, until the next poll asks again."""
+    service = Service.objects.select_related("seller").filter(
+        pk=service_id, state=ServiceState.REGISTERED, upstream_protocol=UpstreamProtocol.MASUMI).first()
     if service is None:
         return
-    answer = masumi_agentic_client.availability(base_url=service.upstream_base_url)
+    shares = outbound_slots.seller_shares(base_url=service.upstream_base_url, owner_id=service.seller.owner_id)
+    lease_seconds = settings.MASUMI_SERVICE_TIMEOUT + settings.OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS
+    with outbound_slots.held(shares, lease_seconds=lease_seconds) as held:
+        if not held:
+            return
+        answer = masumi_agentic_client.availability(base_url=service.upstream_base_url)
     service_availability_record(service_id=service.pk, available=answer.available, message=answer.message)

@@ -19,12 +19,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
+from django.conf import settings
 from django.core.cache import cache
 
 
 def host_of(url: str) -> str:
     """The receiving host a URL names (lower case, no port: every port of a host is one share)."""
     return (urlsplit(url).hostname or "").lower()
+
+
+def seller_shares(*, base_url: str, owner_id) -> list[tuple[str, int]]:
+    """The shares a call to a seller takes a slot of (a worker's skill call, a Masumi availability check): the
+    seller's upstream host, and the seller's owner (all of the owner's agents)."""
+    return [(f"seller-host:{host_of(base_url)}", settings.SELLER_CALLS_IN_FLIGHT_PER_HOST),
+            (f"seller-owner:{owner_id}", settings.SELLER_CALLS_IN_FLIGHT_PER_OWNER)]
 
 
 def _key(share: str, index: int) -> str:

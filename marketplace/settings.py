@@ -290,16 +290,17 @@ INVOCATION_FEE_MINIMUM_ATOMIC = env.int("INVOCATION_FEE_MINIMUM_ATOMIC", default
 INVOCATION_ORPHAN_AFTER = timedelta(seconds=env.int("INVOCATION_ORPHAN_AFTER_SECONDS", default=60))
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
 WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)
-# Webhook attempts in flight at once per receiving host, and per owner of the subscribing agents (all its agents),
-# and likewise a worker's skill calls per seller upstream host and per seller's owner, across every outbound worker
-# (marketplace.outbound_slots, counted in CACHES' default: Redis in production; 0: no limit). One beyond a share is
-# put off by OUTBOUND_PUT_OFF_SECONDS to twice that (a webhook attempt not counted as one, an invocation still
-# pending). Keep them under the outbound workers' slots (their processes times --concurrency): receivers and skills
-# that never answer then hold no more of them than that.
+# Webhook attempts in flight at once per receiving host, and per owner of the subscribing agents (all its agents);
+# calls to sellers from outbound workers (skill runs, Masumi availability checks) per seller upstream host, and per
+# seller's owner. Counted across every outbound worker (marketplace.outbound_slots, in CACHES' default: Redis in
+# production; 0: no limit). One beyond a share is put off by OUTBOUND_PUT_OFF_SECONDS to twice that (a webhook attempt
+# not counted as one, an invocation still pending), an availability check skipped until the next poll. Keep them
+# under the outbound workers' slots (their processes times --concurrency): receivers and sellers that never answer
+# then hold no more of them than that.
 WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST = env.int("WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST", default=4)
 WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_OWNER = env.int("WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_OWNER", default=4)
-INVOCATION_CALLS_IN_FLIGHT_PER_HOST = env.int("INVOCATION_CALLS_IN_FLIGHT_PER_HOST", default=4)
-INVOCATION_CALLS_IN_FLIGHT_PER_SELLER_OWNER = env.int("INVOCATION_CALLS_IN_FLIGHT_PER_SELLER_OWNER", default=4)
+SELLER_CALLS_IN_FLIGHT_PER_HOST = env.int("SELLER_CALLS_IN_FLIGHT_PER_HOST", default=4)
+SELLER_CALLS_IN_FLIGHT_PER_OWNER = env.int("SELLER_CALLS_IN_FLIGHT_PER_OWNER", default=4)
 OUTBOUND_PUT_OFF_SECONDS = env.float("OUTBOUND_PUT_OFF_SECONDS", default=5.0)
 # A due delivery the retry sweep queued is queued again only once no worker took that message within this (it may be
 # lost): not on every run while the outbound queue is behind.

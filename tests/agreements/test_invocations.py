@@ -246,7 +246,7 @@ def test_a_workers_skill_call_beyond_its_sellers_share_in_flight_is_put_off_stil
     worker waited on it and other sellers' buyers, and every tenant's webhooks, waited behind. A worker's call now
     takes a slot of its seller's host's and owner's shares, as another worker's call to that seller under way does
     here; beyond them it is put off, still pending, and queued again shortly."""
-    settings.INVOCATION_CALLS_IN_FLIGHT_PER_HOST = 1
+    settings.SELLER_CALLS_IN_FLIGHT_PER_HOST = 1
     market.upstream.responses.append((200, {"url": "https://cdn.example/1.png"}))
     payment = market.pay("render")
     queued = []

@@ -292,3 +292,29 @@ def test_a_services_free_form_fields_are_bounded_in_size(seller_api, field, sett
     assert "too_large" in codes_at(refused, field)
     patched = seller_api.patch(f"/agents/services/{fits.json()['id']}", {field: {"notes": "x" * 2000}})
     assert "too_large" in codes_at(patched, field)
+
+
+def test_a_masumi_availability_check_beyond_its_sellers_share_in_flight_is_skipped_until_the_next_poll(
+        seller, http_server, settings):
+    """The poll queues a check of every Masumi service each minute on the outbound workers: a seller registering
+    services whose availability never answers held one worker per service for MASUMI_SERVICE_TIMEOUT each minute,
+    as many as it has services, while other tenants' calls waited. A check beyond its seller's host's or owner's
+    share of calls in flight (as another worker's call to that seller, under way here) is skipped, its last answer
+    kept, and asked again at the next poll."""
+    from catalog.tasks import check_availability
+    from marketplace import outbound_slots
+
+    settings.SELLER_CALLS_IN_FLIGHT_PER_OWNER = 1
+    service = register_service(seller, upstream_protocol="masumi", upstream_base_url=http_server.url)
+    http_server.responses.append((200, {"status": "available"}))
+    shares = outbound_slots.seller_shares(base_url=service.upstream_base_url, owner_id=seller.owner_id)
+    with outbound_slots.held(shares, lease_seconds=60) as held:
+        assert held  # another worker's call to this seller, under way
+        check_availability(str(service.pk))
+    assert http_server.requests == []
+    service.refresh_from_db()
+    assert (service.availability, service.availability_checked_at) == ("unknown", None)
+
+    check_availability(str(service.pk))  # the next poll's
+    service.refresh_from_db()
+    assert len(http_server.requests) == 1 and service.availability == "available"
