@@ -1,18 +1,20 @@
 """Outbound attempts in flight at once per share (a receiving host, a tenant), counted across every worker process.
 
 Why: the outbound workers are shared by every tenant and take their messages first come first served. A receiver
-that never answers holds a worker for the whole timeout of each attempt, so one tenant pointing its subscriptions at
-such receivers (at one host, or a host each) had every worker waiting on them while the other tenants' deliveries
-queued behind. An attempt is made only while each of its shares has a slot free; otherwise its caller puts it off
-(rescheduled, not failed, not counted as an attempt) and the worker goes on with the next message.
+or seller that never answers holds a worker for the whole timeout of each attempt, so one tenant pointing its
+webhooks (or its skills, its Masumi services) at such hosts, one or a host each, had every worker waiting on them
+while the other tenants' deliveries and calls queued behind. An attempt is made only while each of its shares has a
+slot free; otherwise its caller puts it off (a webhook attempt rescheduled, not failed, not counted as an attempt; a
+skill run queued again; an availability check left to the next poll) and the worker goes on with the next message.
 
 A slot is a key in the cache (Redis in production, CACHE_URL, so every process counts the same slots), added only if
 absent, with its holder's token and an expiry: the lease. A worker killed mid-attempt never gives its slot back; the
 lease runs out and the slot is free again. Leases are given for the attempt's deadline and a margin, so a living
-holder always gives its slot back before its lease ends.
+holder always gives its slot back before its lease ends. With the cache down, attempts are made unshared.
 """
 
 import hashlib
+import logging
 import math
 import secrets
 from collections.abc import Iterator
@@ -21,6 +23,8 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.cache import cache
+
+logger = logging.getLogger(__name__)
 
 
 def host_of(url: str) -> str:
@@ -46,19 +50,26 @@ def held(shares: list[tuple[str, int]], *, lease_seconds: float) -> Iterator[boo
     token, taken = secrets.token_hex(8), []
     timeout = math.ceil(lease_seconds)
     try:
-        for share, limit in shares:
-            if limit <= 0:
-                continue
-            key = next((key for key in (_key(share, index) for index in range(limit))
-                        if cache.add(key, token, timeout=timeout)), None)
-            if key is None:
-                break
-            taken.append(key)
-        else:
-            yield True
-            return
-        yield False
+        try:
+            free = all(_take(share, limit, token, timeout, taken) for share, limit in shares if limit > 0)
+        except Exception:  # the cache is down: the attempt is not held back by its shares, nor lost
+            logger.warning("outbound slots unavailable: attempt made without its shares", exc_info=True)
+            free = True
+        yield free
     finally:
         for key in taken:
-            if cache.get(key) == token:  # its lease ran out and another holds it now: theirs, left alone
-                cache.delete(key)
+            try:
+                if cache.get(key) == token:  # its lease ran out and another holds it now: theirs, left alone
+                    cache.delete(key)
+            except Exception:  # the cache is down: the lease runs out
+                logger.warning("outbound slot not given back", exc_info=True)
+
+
+def _take(share: str, limit: int, token: str, timeout: int, taken: list[str]) -> bool:
+    """A free slot of `share` taken (noted in `taken`), or False when all `limit` are held."""
+    for index in range(limit):
+        key = _key(share, index)
+        if cache.add(key, token, timeout=timeout):
+            taken.append(key)
+            return True
+    return False
