@@ -198,7 +198,8 @@ def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None
             return delivery
         if not slots.enter_context(outbound_slots.held(_shares(delivery.subscription), lease_seconds=lease_seconds)):
             delay = settings.OUTBOUND_PUT_OFF_SECONDS * _jitter.uniform(1, 2)
-            delivery.next_attempt_at, delivery.queued_at = now + timedelta(seconds=delay), None
+            # Its message queued again: the sweep does not queue another while it waits.
+            delivery.next_attempt_at, delivery.queued_at = now + timedelta(seconds=delay), now
             delivery.save(update_fields=["next_attempt_at", "queued_at"])
             _send_after_commit(delivery.pk, countdown=delay)
             return delivery

@@ -570,6 +570,10 @@ def test_an_agents_receivers_that_never_answer_do_not_hold_every_outbound_worker
     assert put_off.count() == 3  # not counted as attempts, still pending, due again shortly
     assert {d.status for d in put_off} == {DeliveryStatus.PENDING}
     assert all(d.next_attempt_at > timezone.now() for d in put_off)
+    swept = []  # their messages are queued again: once due, the sweep adds none beside them
+    monkeypatch.setattr(deliver_webhook, "delay", swept.append)
+    webhooks.deliveries_retry_due(now=timezone.now() + timedelta(seconds=30))
+    assert not {str(d.pk) for d in put_off} & set(swept)
 
 
 def test_the_retry_sweep_queues_a_due_delivery_again_only_once_its_message_may_be_lost_and_the_longest_due_first(
