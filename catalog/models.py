@@ -204,6 +204,9 @@ class Service(models.Model):
     availability = models.CharField(max_length=12, choices=Availability.choices, default=Availability.UNKNOWN)
     availability_message = models.CharField(max_length=250, blank=True)
     availability_checked_at = models.DateTimeField(null=True, blank=True)
+    # When the poll last queued its check; cleared as a worker takes it. Queued again only once that message may be
+    # lost (catalog.services.AVAILABILITY_REQUEUE_AFTER), not on every poll while it waits in the queue.
+    availability_queued_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [

@@ -16,7 +16,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, ApiKey, Availability, \
-    Service, ServiceState, Skill, Tag, UpstreamProtocol
+    Service, ServiceState, Skill, Tag
 from marketplace.caching import kept_for_a_second
 from marketplace.errors import InvalidInput, NotFound
 from marketplace.pagination import cursor_after, cursor_issued_for, cursor_values
@@ -105,12 +105,6 @@ def service_get_any_state(*, service_id) -> Service:
     if service is None:
         raise NotFound("No such service.", code="service_not_found")
     return service
-
-
-def masumi_service_ids() -> list:
-    """Registered services driven through the Masumi Agentic Service API (their availability is polled)."""
-    return list(Service.objects.filter(state=ServiceState.REGISTERED, upstream_protocol=UpstreamProtocol.MASUMI)
-                .values_list("pk", flat=True))
 
 
 def services_of_seller(*, seller: Agent) -> QuerySet[Service]:

@@ -7,7 +7,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.postgres.search import SearchVector
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count, Exists, OuterRef, Q
+from django.db.models import Count, Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from catalog.models import (
@@ -341,6 +341,32 @@ def service_availability_record(*, service_id, available: bool, message: str = "
         availability_message=message[:250], availability_checked_at=timezone.now())
 
 
+# A check the poll queued and no worker took within this is queued again (its message may be lost).
+AVAILABILITY_REQUEUE_AFTER = timedelta(minutes=5)
+
+
+def services_availability_poll(*, now: datetime | None = None) -> int:
+    """Queue a check of each registered `masumi` service (beat), but of one whose last check the poll queued still
+    waits in the outbound queue (AVAILABILITY_REQUEUE_AFTER): each poll queued every service again while the queue was
+    behind. How many were queued."""
+    from catalog.tasks import check_availability
+
+    now = now or timezone.now()
+    due = Service.objects.filter(
+        Q(availability_queued_at=None) | Q(availability_queued_at__lte=now - AVAILABILITY_REQUEUE_AFTER),
+        state=ServiceState.REGISTERED, upstream_protocol=UpstreamProtocol.MASUMI)
+    service_ids = list(due.order_by(F("availability_checked_at").asc(nulls_first=True)).values_list("pk", flat=True))
+    Service.objects.filter(pk__in=service_ids).update(availability_queued_at=now)
+    for index, service_id in enumerate(service_ids):
+        try:
+            check_availability.delay(str(service_id))
+        except Exception:  # the broker refused: what was not queued is due to the next poll
+            Service.objects.filter(pk__in=service_ids[index:], availability_queued_at=now).update(
+                availability_queued_at=None)
+            raise
+    return len(service_ids)
+
+
 def service_availability_check(*, service_id) -> None:
     """Ask one registered `masumi` service whether it can take jobs, and store the answer. Only while its seller's
     upstream host and owner each have fewer than their share of calls in flight (outbound_slots.seller_shares):
@@ -349,6 +375,7 @@ def service_availability_check(*, service_id) -> None:
         pk=service_id, state=ServiceState.REGISTERED, upstream_protocol=UpstreamProtocol.MASUMI).first()
     if service is None:
         return
+    Service.objects.filter(pk=service.pk).update(availability_queued_at=None)  # its message is taken
     shares = outbound_slots.seller_shares(base_url=service.upstream_base_url, owner_id=service.seller.owner_id)
     lease_seconds = settings.MASUMI_SERVICE_TIMEOUT + settings.OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS
     with outbound_slots.held(shares, lease_seconds=lease_seconds) as held:

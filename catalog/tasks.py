@@ -1,7 +1,7 @@
 from celery import shared_task
 from django.conf import settings
 
-from catalog import selectors, services
+from catalog import services
 
 
 @shared_task
@@ -23,10 +23,7 @@ def erase_replaced_proxy_secrets() -> int:
 @shared_task
 def poll_availability() -> int:
     """Beat: one check per Masumi service, each its own task, so a slow seller delays no other."""
-    service_ids = selectors.masumi_service_ids()
-    for service_id in service_ids:
-        check_availability.delay(str(service_id))
-    return len(service_ids)
+    return services.services_availability_poll()
 
 
 @shared_task(time_limit=settings.MASUMI_SERVICE_TIMEOUT + settings.OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS)

@@ -318,3 +318,26 @@ def test_a_masumi_availability_check_beyond_its_sellers_share_in_flight_is_skipp
     check_availability(str(service.pk))  # the next poll's
     service.refresh_from_db()
     assert len(http_server.requests) == 1 and service.availability == "available"
+
+
+def test_the_availability_poll_queues_a_services_check_again_only_once_its_message_may_be_lost(
+        seller, http_server, monkeypatch):
+    """The poll (every minute) queued a check of every Masumi service on each run, whether or not the last one still
+    waited in the outbound queue: behind a backlog, the queue grew by every Masumi service (up to 200 per agent)
+    every minute."""
+    from catalog import services, tasks
+
+    service = register_service(seller, upstream_protocol="masumi", upstream_base_url=http_server.url)
+    queued = []
+    monkeypatch.setattr(tasks.check_availability, "delay", queued.append)  # the queue, its workers behind
+    assert tasks.poll_availability() == 1
+    assert tasks.poll_availability() == 0  # the next poll: its check still waits in the queue
+    assert queued == [str(service.pk)]
+
+    tasks.check_availability(str(service.pk))  # a worker takes it
+    now = timezone.now()
+    assert services.services_availability_poll(now=now + timedelta(minutes=2)) == 1
+    # No worker takes that one in five minutes: lost, queued again.
+    assert services.services_availability_poll(now=now + timedelta(minutes=3)) == 0
+    assert services.services_availability_poll(now=now + timedelta(minutes=7)) == 1
+    assert len(queued) == 3 and len(http_server.requests) == 1
