@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('catalog', '0019_api_key_listing_indexes'),
+        ('catalog', '0020_tags_normalised'),
     ]
 
     operations = [
