@@ -1,21 +1,27 @@
 """Slots of outbound shares, held across processes by leases in the cache."""
 
-import os
 import time
 
 import pytest
 
 from marketplace import outbound_slots
+from tests.faults.processes import RedisServer
 
-REDIS = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
-                     "LOCATION": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}}
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(params=["locmem", "redis"])
 def cache_of(request, settings):
-    """The cache the slots live in: a process's own memory, or Redis (as production shares it between processes)."""
+    """The cache the slots live in: a process's own memory, or Redis (as production shares it between processes): a
+    server of this module's own, so that tests run in parallel never see each other's slots."""
     if request.param == "redis":
-        settings.CACHES = REDIS  # each test gives back every slot it takes: nothing else of that database is touched
+        settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                       "LOCATION": request.getfixturevalue("redis_server").url}}
     return request.param
 
 
