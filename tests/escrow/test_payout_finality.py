@@ -19,6 +19,7 @@ import marketplace.settings
 from escrow import relayer
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase
+from tests.agreements.test_invocations import FEE as INVOCATION_FEE
 from tests.agreements.test_invocations import PRICE
 from tests.escrow.flow import USDC, fund, mined_what_was_sent
 from tests.escrow.flow import confirm_all, poll_mined, usdc_balance
@@ -99,7 +100,7 @@ def test_a_payout_waits_for_its_payments_finality_then_is_sent(
     assert invocation["payment"]["settlement_tx_hash"] == settlement.mined_tx_hash
     assert invocation["payment"]["waiting_for_finality"] is None
     if outcome == "completed":
-        assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)
+        assert market.balances() == (buyer - PRICE, seller + PRICE - INVOCATION_FEE, treasury + INVOCATION_FEE)
     else:
         assert market.balances() == (buyer, seller, treasury)
     call_command("reconcile", stdout=io.StringIO())
@@ -169,7 +170,7 @@ def test_a_payment_a_deep_reorg_takes_and_mines_again_holds_its_payout_until_the
     confirm_all(capture)
     assert ChainTransaction.objects.get(pk=payout.pk).status == TxStatus.CONFIRMED
     assert invocation_of(market, invocation_id)["payment"]["status"] == "paid_out"
-    assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)
+    assert market.balances() == (buyer - PRICE, seller + PRICE - INVOCATION_FEE, treasury + INVOCATION_FEE)
     call_command("reconcile", stdout=io.StringIO())
 
 

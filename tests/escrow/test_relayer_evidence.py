@@ -12,7 +12,7 @@ from django.urls import reverse
 from escrow import chain as gateway
 from escrow import settlement
 from escrow.models import ChainTransaction, TxAttempt, TxStatus
-from tests.agreements.test_invocations import PRICE, Market
+from tests.agreements.test_invocations import FEE, PRICE, Market
 from tests.escrow.conftest import Escrows
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, poll_mined, usdc_balance
 from tests.marketplace.conftest import scrape
@@ -120,7 +120,7 @@ def test_a_payout_mined_just_before_its_rebroadcast_pays_the_seller_once(
 
     payout.refresh_from_db()
     assert payout.status == TxStatus.CONFIRMED and payout.attempts.count() == 1
-    assert market.balances() == (buyer - PRICE, seller + PRICE, treasury)  # the seller paid once
+    assert market.balances() == (buyer - PRICE, seller + PRICE - FEE, treasury + FEE)  # the seller paid once
 
 
 def activation_whose_nonce_someone_else_took(parties, escrow_chain, capture):
