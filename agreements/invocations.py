@@ -49,7 +49,7 @@ from django.utils import timezone
 from agreements import x402_protocol
 from agreements.models import NO_PAYMENT_REVERSAL, InvocationMoney, InvocationStatus, SkillInvocation
 from catalog.models import Agent, Skill
-from marketplace import bounded_json, outbound, outbound_slots, rotation
+from marketplace import bounded_json, outbound, outbound_slots, rotation, sweeps
 from marketplace.concurrency import Bulkhead
 from marketplace.errors import Conflict, NotFound
 from sdk import proxy_signature
@@ -482,13 +482,8 @@ def invocations_sweep(*, now: datetime | None = None) -> dict:
         Q(queued_at=None) | Q(queued_at__lte=now - settings.INVOCATION_ORPHAN_AFTER),
         status=Status.PENDING, money=Money.HELD, paid_at__lte=now - settings.INVOCATION_ORPHAN_AFTER,
     ).order_by("paid_at").values_list("pk", flat=True)[:500])
-    SkillInvocation.objects.filter(pk__in=orphans).update(queued_at=now)
     from agreements.tasks import run_invocation
 
-    for index, pk in enumerate(orphans):
-        try:
-            run_invocation.delay(str(pk))
-        except Exception:  # the broker refused: what was not queued is due to the next run
-            SkillInvocation.objects.filter(pk__in=orphans[index:], queued_at=now).update(queued_at=None)
-            raise
+    sweeps.marked_rows_publish(model=SkillInvocation, pks=orphans, marked="queued_at", now=now,
+                               publish=run_invocation.delay)
     return {"timed_out": len(timed_out), "orphans": len(orphans)}

@@ -30,7 +30,7 @@ from agreements.models import (
     WebhookSubscription,
 )
 from catalog.models import Agent
-from marketplace import outbound, outbound_slots, rotation
+from marketplace import outbound, outbound_slots, rotation, sweeps
 from marketplace.errors import Conflict
 from sdk import webhook_signature
 
@@ -261,15 +261,10 @@ def deliveries_retry_due(*, now: datetime | None = None) -> int:
            .filter(Q(queued_at=None)
                    | Q(queued_at__lte=now - timedelta(seconds=settings.WEBHOOK_REQUEUE_AFTER_SECONDS))))
     pks = list(due.order_by("next_attempt_at").values_list("pk", flat=True)[:RETRY_SWEEP_BATCH])
-    WebhookDelivery.objects.filter(pk__in=pks).update(queued_at=now)
     from agreements.tasks import deliver_webhook
 
-    for index, pk in enumerate(pks):
-        try:
-            deliver_webhook.delay(str(pk))
-        except Exception:  # the broker refused: what was not queued is due to the next run
-            WebhookDelivery.objects.filter(pk__in=pks[index:], queued_at=now).update(queued_at=None)
-            raise
+    sweeps.marked_rows_publish(model=WebhookDelivery, pks=pks, marked="queued_at", now=now,
+                               publish=deliver_webhook.delay)
     return len(pks)
 
 

@@ -24,7 +24,7 @@ from catalog.models import (
     UpstreamProtocol,
     new_proxy_secret,
 )
-from marketplace import masumi_agentic_client, outbound, outbound_slots, rotation
+from marketplace import masumi_agentic_client, outbound, outbound_slots, rotation, sweeps
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.fields import checksum_address
 from marketplace.keys import issue_secret
@@ -356,14 +356,8 @@ def services_availability_poll(*, now: datetime | None = None) -> int:
         Q(availability_queued_at=None) | Q(availability_queued_at__lte=now - AVAILABILITY_REQUEUE_AFTER),
         state=ServiceState.REGISTERED, upstream_protocol=UpstreamProtocol.MASUMI)
     service_ids = list(due.order_by(F("availability_checked_at").asc(nulls_first=True)).values_list("pk", flat=True))
-    Service.objects.filter(pk__in=service_ids).update(availability_queued_at=now)
-    for index, service_id in enumerate(service_ids):
-        try:
-            check_availability.delay(str(service_id))
-        except Exception:  # the broker refused: what was not queued is due to the next poll
-            Service.objects.filter(pk__in=service_ids[index:], availability_queued_at=now).update(
-                availability_queued_at=None)
-            raise
+    sweeps.marked_rows_publish(model=Service, pks=service_ids, marked="availability_queued_at", now=now,
+                               publish=check_availability.delay)
     return len(service_ids)
 
 
