@@ -48,6 +48,7 @@ from agreements.models import (
     AgreementStatus,
     FeeSchedule,
     InvocationMoney,
+    ProxyReplay,
     SettlementModel,
     SkillInvocation,
     UsageAgreement,
@@ -1195,3 +1196,23 @@ def agreement_expire_unfunded(*, agreement_id, reason: str) -> UsageAgreement | 
         if not can_activate(agreement):
             return None
         return _transition(agreement_id, to=S.EXPIRED, actor=SYSTEM, reason=reason)
+
+
+# Statuses no proxied call is billed in again (none leads back to active): a stored reply of such an agreement
+# replays nothing a retry could be charged for (reservation_take bills only an active agreement, and a usage event is
+# unique per nonce).
+_CALLS_ENDED_STATUSES = frozenset({S.SETTLED, S.REFUNDED})
+
+
+def proxy_replays_purge(*, now: datetime | None = None, batch: int = 500) -> int:
+    """Delete the replies stored for X-Request-Nonce retries (up to PROXY_REPLAY_MAX_BYTES each, one per call made
+    with a nonce) of agreements settled or refunded more than PROXY_REPLAY_KEEP_DAYS ago, a batch at a time; how
+    many. A retry after that is answered 409 `agreement_not_active`, neither forwarded nor charged. Safe twice; a
+    reorg that reopens the settlement clears settled_at, and its replies stay."""
+    cutoff = (now or timezone.now()) - timedelta(days=settings.PROXY_REPLAY_KEEP_DAYS)
+    expired = ProxyReplay.objects.filter(agreement__status__in=_CALLS_ENDED_STATUSES,
+                                         agreement__settled_at__lt=cutoff)
+    deleted = 0
+    while ids := list(expired.values_list("pk", flat=True)[:batch]):
+        deleted += expired.filter(pk__in=ids).delete()[0]  # the rule again: a reorg may have reopened it meanwhile
+    return deleted

@@ -38,3 +38,8 @@ def sweep_invocations() -> dict:
 @shared_task
 def reap_call_intents() -> dict:
     return metering.intents_reap()
+
+
+@shared_task
+def purge_proxy_replays() -> int:
+    return services.proxy_replays_purge()

@@ -477,6 +477,11 @@ PROXY_SLOW_CALLS = env.int("PROXY_SLOW_CALLS", default=max(1, env.int("WEB_THREA
 PROXY_MAX_UNITS_PER_CALL = env.int("PROXY_MAX_UNITS_PER_CALL", default=1_000_000)
 # Replies stored for X-Request-Nonce retries are capped; larger ones are refused rather than half-stored.
 PROXY_REPLAY_MAX_BYTES = env.int("PROXY_REPLAY_MAX_BYTES", default=10 * 1024 * 1024)
+# ... and deleted by a daily beat task this long after their agreement was settled or refunded (a retry then is 409
+# agreement_not_active, never charged); an agreement still open keeps them all.
+PROXY_REPLAY_KEEP_DAYS = env.int("PROXY_REPLAY_KEEP_DAYS", default=7)
+CELERY_BEAT_SCHEDULE["purge-proxy-replays"] = {"task": "agreements.tasks.purge_proxy_replays",
+                                               "schedule": timedelta(days=1)}
 # A process serving many calls of one agreement reserves up to this many at once and serves them for this long
 # (agreements.metering, "Call leases"); status changes and expiry take effect within that time. 1: no leases.
 PROXY_CALL_LEASE_MAX = env.int("PROXY_CALL_LEASE_MAX", default=16)

@@ -1,0 +1,73 @@
+"""Rows written per proxied call or per event that are operational, not money history: deleted by a beat task once
+their retention has passed, without losing what they guaranteed."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from agreements import tasks
+from agreements.models import AgreementStatus, ProxyReplay, UsageAgreement, UsageEvent
+from tests.conftest import error_code
+from tests.escrow.test_settlement import tick
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+
+def settle(parties, chain, capture) -> None:
+    """Completed, proposed, the challenge window passed, finalized: settled on the chain."""
+    assert parties.buyer_api.post(f"/usage-agreements/{parties.agreement_id}/complete").status_code == 200
+    assert tick(capture)["proposed"] == 1
+    chain.increase_time(3601)
+    assert tick(capture)["finalizing"] == 1
+    assert parties.agreement(parties.agreement_id)["status"] == AgreementStatus.SETTLED
+
+
+def settled_days_ago(agreement_id, days: float) -> None:
+    UsageAgreement.objects.filter(pk=agreement_id).update(settled_at=timezone.now() - timedelta(days=days))
+
+
+def test_the_stored_replies_of_a_settled_agreement_are_deleted_past_their_retention_and_a_retry_is_not_charged(
+        active, http_server, escrow_chain, django_capture_on_commit_callbacks, settings):
+    """A reply stored for X-Request-Nonce retries (up to PROXY_REPLAY_MAX_BYTES per call) was kept for ever, long
+    after its agreement was settled and no retry could be charged."""
+    settings.PROXY_REPLAY_KEEP_DAYS = 7
+    nonce = {"X-Request-Nonce": "call-1"}
+    http_server.responses.append((200, {"n": 1}))
+    assert active.buyer_api.post(f"{active.proxy}/x", {"a": 1}, headers=nonce).status_code == 200
+    settle(active, escrow_chain, django_capture_on_commit_callbacks)
+    settled = UsageAgreement.objects.get(pk=active.agreement_id)
+    assert (settled.used, UsageEvent.objects.filter(agreement=settled).count()) == (20_000, 1)
+
+    settled_days_ago(active.agreement_id, 6)  # within its retention: a retry still gets its answer
+    assert tasks.purge_proxy_replays() == 0
+    replayed = active.buyer_api.post(f"{active.proxy}/x", {"a": 1}, headers=nonce)
+    assert (replayed.status_code, replayed["X-Replayed"]) == (200, "true")
+
+    settled_days_ago(active.agreement_id, 8)
+    assert tasks.purge_proxy_replays() == 1
+    assert not ProxyReplay.objects.filter(agreement_id=active.agreement_id).exists()
+    assert tasks.purge_proxy_replays() == 0  # safe to run twice
+
+    # The retry after the purge is neither forwarded nor charged: the agreement takes no calls.
+    retried = active.buyer_api.post(f"{active.proxy}/x", {"a": 1}, headers=nonce)
+    assert retried.status_code == 409 and error_code(retried) == "agreement_not_active"
+    again = active.buyer_api.post(f"{active.proxy}/x", {"a": 1}, headers=nonce)
+    assert (again.status_code, error_code(again)) == (502, "reply_lost")  # the call was charged once, before
+    assert len(http_server.requests) == 1
+    settled.refresh_from_db()
+    assert (settled.used, settled.reserved, UsageEvent.objects.filter(agreement=settled).count()) == (20_000, 0, 1)
+    tasks.purge_proxy_replays()  # what the retries stored goes the same way
+    assert not ProxyReplay.objects.filter(agreement_id=active.agreement_id).exists()
+
+
+def test_the_stored_replies_of_an_active_agreement_are_kept(active, http_server, settings):
+    """An agreement still taking calls keeps every reply: a retry of an old nonce must replay, never be charged."""
+    settings.PROXY_REPLAY_KEEP_DAYS = 0
+    http_server.responses.append((200, {"n": 1}))
+    assert active.buyer_api.get(f"{active.proxy}/x", headers={"X-Request-Nonce": "old"}).status_code == 200
+    ProxyReplay.objects.update(created_at=timezone.now() - timedelta(days=400))
+    assert tasks.purge_proxy_replays() == 0
+    replayed = active.buyer_api.get(f"{active.proxy}/x", headers={"X-Request-Nonce": "old"})
+    assert (replayed.status_code, replayed["X-Replayed"]) == (200, "true")
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == 20_000
