@@ -21,6 +21,11 @@ def retry_due_webhooks() -> int:
 
 
 @shared_task
+def purge_webhook_deliveries() -> int:
+    return webhooks.deliveries_purge()
+
+
+@shared_task
 def erase_replaced_webhook_secrets() -> int:
     return webhooks.replaced_secrets_erase()
 

@@ -282,3 +282,17 @@ def delivery_redeliver(*, delivery: WebhookDelivery) -> WebhookDelivery:
     _send_after_commit(delivery.pk)
     delivery.refresh_from_db()
     return delivery
+
+
+def deliveries_purge(*, now: datetime | None = None, batch: int = 1000) -> int:
+    """Delete the deliveries delivered or given up whose last attempt was more than WEBHOOK_DELIVERY_KEEP_DAYS ago,
+    a batch at a time; how many (each event makes one per subscription, and nothing else deleted them). Their events
+    stay in the agents' inboxes. A pending one is kept, however late; safe twice."""
+    cutoff = (now or timezone.now()) - timedelta(days=settings.WEBHOOK_DELIVERY_KEEP_DAYS)
+    deleted = 0
+    for status in (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED):  # each a range of delivery_due_idx
+        ended = WebhookDelivery.objects.filter(status=status, next_attempt_at__lt=cutoff)
+        # The rule again on delete: one redelivered meanwhile is pending, with a new next attempt.
+        while ids := list(ended.order_by().values_list("pk", flat=True)[:batch]):
+            deleted += ended.filter(pk__in=ids).delete()[0]
+    return deleted

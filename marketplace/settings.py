@@ -305,6 +305,11 @@ OUTBOUND_PUT_OFF_SECONDS = env.float("OUTBOUND_PUT_OFF_SECONDS", default=5.0)
 # A due delivery the retry sweep queued is queued again only once no worker took that message within this (it may be
 # lost): not on every run while the outbound queue is behind.
 WEBHOOK_REQUEUE_AFTER_SECONDS = env.int("WEBHOOK_REQUEUE_AFTER_SECONDS", default=120)
+# A delivery delivered or given up is deleted by a daily beat task this long after its last attempt (its event stays
+# in the agents' inboxes, GET /agents/{id}/events).
+WEBHOOK_DELIVERY_KEEP_DAYS = env.int("WEBHOOK_DELIVERY_KEEP_DAYS", default=30)
+CELERY_BEAT_SCHEDULE["purge-webhook-deliveries"] = {"task": "agreements.tasks.purge_webhook_deliveries",
+                                                    "schedule": timedelta(days=1)}
 # Per-agent bounds on what an agent can create at will. Every live webhook subscription is sent each event and each
 # test send, so their number is how many posts one event makes. (Rate limits count per agent, whatever its keys.)
 WEBHOOK_SUBSCRIPTIONS_PER_AGENT = env.int("WEBHOOK_SUBSCRIPTIONS_PER_AGENT", default=10)

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from agreements import webhooks
 from agreements.models import DeliveryStatus, WebhookDelivery, WebhookSubscription
-from agreements.tasks import deliver_webhook, retry_due_webhooks
+from agreements.tasks import deliver_webhook, purge_webhook_deliveries, retry_due_webhooks
 from sdk import webhook_signature
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import issue_key
@@ -605,3 +605,38 @@ def test_the_retry_sweep_queues_a_due_delivery_again_only_once_its_message_may_b
     assert webhooks.deliveries_retry_due(now=later) == 2
     assert queued[3:] == [str(older.pk), str(newest.pk)]
     assert len(http_server.requests) == 1
+def test_ended_deliveries_are_deleted_past_their_retention_and_their_events_stay_in_the_inbox(
+        buyer_api, seller_api, seller, service, http_server, settings, django_capture_on_commit_callbacks):
+    """Each event made one delivery (its payload) per subscription, and test sends one each, kept for ever once
+    delivered or given up."""
+    settings.WEBHOOK_DELIVERY_KEEP_DAYS = 30
+    subscription = subscribe(seller_api, http_server.url)
+    with django_capture_on_commit_callbacks(execute=True):
+        buyer_api.post("/usage-agreements", proposal(service))  # delivered
+    http_server.responses.append((503, {}))
+    with django_capture_on_commit_callbacks(execute=True):
+        seller_api.post(f"/agents/{seller.pk}/webhooks/test")  # pending: its retry is due
+    delivered = WebhookDelivery.objects.get(status=DeliveryStatus.DELIVERED)
+    pending = WebhookDelivery.objects.get(status=DeliveryStatus.PENDING)
+    failed = WebhookDelivery.objects.create(subscription_id=subscription["id"], event_type="test", payload={},
+                                            status=DeliveryStatus.FAILED, next_attempt_at=timezone.now())
+    long_ago = timezone.now() - timedelta(days=31)
+    WebhookDelivery.objects.filter(pk__in=[delivered.pk, failed.pk]).update(next_attempt_at=long_ago)
+    WebhookDelivery.objects.filter(pk=pending.pk).update(next_attempt_at=long_ago)  # retried however late
+
+    assert purge_webhook_deliveries() == 2
+    assert list(WebhookDelivery.objects.values_list("pk", flat=True)) == [pending.pk]
+    assert purge_webhook_deliveries() == 0  # safe to run twice
+    [event] = seller_api.get(f"/agents/{seller.pk}/events").json()
+    assert event["type"] == "agreement.proposed"
+
+
+def test_ended_deliveries_within_their_retention_are_kept(buyer_api, seller_api, service, http_server, settings,
+                                                          django_capture_on_commit_callbacks):
+    settings.WEBHOOK_DELIVERY_KEEP_DAYS = 30
+    subscribe(seller_api, http_server.url)
+    with django_capture_on_commit_callbacks(execute=True):
+        buyer_api.post("/usage-agreements", proposal(service))
+    WebhookDelivery.objects.update(next_attempt_at=timezone.now() - timedelta(days=29))
+    assert purge_webhook_deliveries() == 0
+    assert WebhookDelivery.objects.get().status == DeliveryStatus.DELIVERED
