@@ -15,6 +15,7 @@ from functools import lru_cache
 from django.conf import settings
 from django.core import checks
 from django.db import connection, transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from agreements import invocations, selectors, webhooks, x402_protocol
@@ -52,6 +53,7 @@ from agreements.models import (
     SettlementModel,
     SkillInvocation,
     UsageAgreement,
+    UsageEvent,
     can_activate,
     is_closed,
     is_funded,
@@ -1206,13 +1208,26 @@ _CALLS_ENDED_STATUSES = frozenset({S.SETTLED, S.REFUNDED})
 
 def proxy_replays_purge(*, now: datetime | None = None, batch: int = 500) -> int:
     """Delete the replies stored for X-Request-Nonce retries (up to PROXY_REPLAY_MAX_BYTES each, one per call made
-    with a nonce) of agreements settled or refunded more than PROXY_REPLAY_KEEP_DAYS ago, a batch at a time; how
-    many. A retry after that is answered 409 `agreement_not_active`, neither forwarded nor charged. Safe twice; a
-    reorg that reopens the settlement clears settled_at, and its replies stay."""
+    with a nonce) once no retry could be charged for them, PROXY_REPLAY_KEEP_DAYS on; how many. Those of an
+    agreement settled or refunded that long ago (a retry is then 409 `agreement_not_active`), and those of calls not
+    charged (a 5xx) stored that long ago, whatever the agreement's status (a retry is then a new call, charged once).
+    A charged reply of an agreement still open is kept: a retry must replay it. Safe twice.
+
+    A batch of rows at a time in id order, stopping at the first batch stored within the retention (a settled
+    agreement's replies were all stored before its settlement), so a pass reads each older row once."""
     cutoff = (now or timezone.now()) - timedelta(days=settings.PROXY_REPLAY_KEEP_DAYS)
-    expired = ProxyReplay.objects.filter(agreement__status__in=_CALLS_ENDED_STATUSES,
-                                         agreement__settled_at__lt=cutoff)
-    deleted = 0
-    while ids := list(expired.values_list("pk", flat=True)[:batch]):
-        deleted += expired.filter(pk__in=ids).delete()[0]  # the rule again: a reorg may have reopened it meanwhile
+    # By the partial unique index on (agreement, request_nonce), which a nonce's condition selects.
+    charged = UsageEvent.objects.filter(agreement_id=OuterRef("agreement_id"), request_nonce=OuterRef("request_nonce")
+                                        ).exclude(request_nonce="")
+    expired = ProxyReplay.objects.filter(created_at__lt=cutoff).filter(
+        Q(agreement__status__in=_CALLS_ENDED_STATUSES, agreement__settled_at__lt=cutoff)
+        | Q(Q(status_code__isnull=False), ~Exists(charged)))
+    deleted, after = 0, 0
+    while rows := list(ProxyReplay.objects.filter(pk__gt=after).order_by("pk")
+                       .values_list("pk", "created_at")[:batch]):
+        after = rows[-1][0]
+        # The rule again on delete: a reorg may have reopened a settlement meanwhile.
+        deleted += expired.filter(pk__in=[pk for pk, _ in rows]).delete()[0]
+        if rows[0][1] >= cutoff:
+            break
     return deleted

@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from agreements import tasks
+from agreements import services, tasks
 from agreements.models import AgreementStatus, ProxyReplay, UsageAgreement, UsageEvent
 from tests.conftest import error_code
 from tests.escrow.test_settlement import tick
@@ -24,7 +24,10 @@ def settle(parties, chain, capture) -> None:
 
 
 def settled_days_ago(agreement_id, days: float) -> None:
-    UsageAgreement.objects.filter(pk=agreement_id).update(settled_at=timezone.now() - timedelta(days=days))
+    """As if the agreement had settled `days` ago, and its calls were made (their replies stored) before."""
+    settled_at = timezone.now() - timedelta(days=days)
+    UsageAgreement.objects.filter(pk=agreement_id).update(settled_at=settled_at)
+    ProxyReplay.objects.filter(agreement_id=agreement_id).update(created_at=settled_at - timedelta(hours=2))
 
 
 def test_the_stored_replies_of_a_settled_agreement_are_deleted_past_their_retention_and_a_retry_is_not_charged(
@@ -57,7 +60,9 @@ def test_the_stored_replies_of_a_settled_agreement_are_deleted_past_their_retent
     assert len(http_server.requests) == 1
     settled.refresh_from_db()
     assert (settled.used, settled.reserved, UsageEvent.objects.filter(agreement=settled).count()) == (20_000, 0, 1)
-    tasks.purge_proxy_replays()  # what the retries stored goes the same way
+    # What the retries stored (the reply_lost note) goes the same way, its retention on.
+    ProxyReplay.objects.update(created_at=timezone.now() - timedelta(days=8))
+    assert tasks.purge_proxy_replays() == 1
     assert not ProxyReplay.objects.filter(agreement_id=active.agreement_id).exists()
 
 
@@ -71,3 +76,39 @@ def test_the_stored_replies_of_an_active_agreement_are_kept(active, http_server,
     replayed = active.buyer_api.get(f"{active.proxy}/x", headers={"X-Request-Nonce": "old"})
     assert (replayed.status_code, replayed["X-Replayed"]) == (200, "true")
     assert UsageAgreement.objects.get(pk=active.agreement_id).used == 20_000
+
+
+def test_an_uncharged_stored_reply_is_deleted_past_its_retention_even_while_the_agreement_is_open(
+        active, http_server, settings):
+    """A 5xx answer is not charged but was stored for its nonce all the same (up to PROXY_REPLAY_MAX_BYTES) for as
+    long as the agreement lived: a buyer calling its own failing upstream with new nonces stored them for free."""
+    settings.PROXY_REPLAY_KEEP_DAYS = 7
+    http_server.responses.append((503, {"error": "overloaded"}))
+    failed = active.buyer_api.get(f"{active.proxy}/x", headers={"X-Request-Nonce": "failed-1"})
+    assert (failed.status_code, failed["X-Usage-Cost"]) == (503, "0")
+    ProxyReplay.objects.update(created_at=timezone.now() - timedelta(days=8))
+
+    assert tasks.purge_proxy_replays() == 1
+    assert not ProxyReplay.objects.exists()
+    # The nonce may be used again: nothing was charged for it, and the call is charged once now.
+    http_server.responses.append((200, {"n": 1}))
+    retried = active.buyer_api.get(f"{active.proxy}/x", headers={"X-Request-Nonce": "failed-1"})
+    assert retried.status_code == 200 and retried["X-Usage-Cost"] == "20000"
+    again = active.buyer_api.get(f"{active.proxy}/x", headers={"X-Request-Nonce": "failed-1"})
+    assert (again.status_code, again["X-Replayed"]) == (200, "true")
+    assert len(http_server.requests) == 2
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == 20_000
+
+
+def test_the_purge_deletes_a_bounded_batch_per_statement_and_keeps_what_is_within_the_retention(active, settings):
+    settings.PROXY_REPLAY_KEEP_DAYS = 7
+    old, recent = timezone.now() - timedelta(days=8), timezone.now() - timedelta(days=6)
+    for n, created_at in enumerate([old, old, old, recent, old]):  # ids roughly in time order, not exactly
+        ProxyReplay.objects.create(agreement_id=active.agreement_id, request_nonce=f"n{n}", request_fingerprint="f",
+                                   status_code=503)
+        ProxyReplay.objects.filter(request_nonce=f"n{n}").update(created_at=created_at)
+    ProxyReplay.objects.create(agreement_id=active.agreement_id, request_nonce="running", request_fingerprint="f")
+    ProxyReplay.objects.filter(request_nonce="running").update(created_at=old)  # its call is not settled yet
+
+    assert services.proxy_replays_purge(batch=2) == 4
+    assert sorted(ProxyReplay.objects.values_list("request_nonce", flat=True)) == ["n3", "running"]
