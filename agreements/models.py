@@ -455,6 +455,8 @@ class WebhookSubscription(models.Model):
     is_active = models.BooleanField(default=True)
     paused_at = models.DateTimeField(null=True, blank=True,
                                      help_text="Paused: events are not delivered (they stay in the agent's inbox).")
+    deleted_at = models.DateTimeField(null=True, blank=True, editable=False,
+                                      help_text="Deleted (not active): the row goes once its deliveries have gone.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

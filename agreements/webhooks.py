@@ -112,7 +112,7 @@ def subscription_delete(*, subscription: WebhookSubscription) -> None:
     It signs nothing more, so its secrets are erased (a replay of its creation then answers the secret null)."""
     with transaction.atomic():
         WebhookSubscription.objects.filter(pk=subscription.pk).update(
-            is_active=False, secret="", previous_secret="", previous_secret_expires_at=None)
+            is_active=False, deleted_at=timezone.now(), secret="", previous_secret="", previous_secret_expires_at=None)
         WebhookDelivery.objects.filter(subscription_id=subscription.pk, status=DeliveryStatus.PENDING).update(
             status=DeliveryStatus.FAILED, last_error="the subscription was deleted")
 
@@ -286,8 +286,9 @@ def delivery_redeliver(*, delivery: WebhookDelivery) -> WebhookDelivery:
 
 def deliveries_purge(*, now: datetime | None = None, batch: int = 1000) -> int:
     """Delete the deliveries delivered or given up whose last attempt was more than WEBHOOK_DELIVERY_KEEP_DAYS ago,
-    a batch at a time; how many (each event makes one per subscription, and nothing else deleted them). Their events
-    stay in the agents' inboxes. A pending one is kept, however late; safe twice."""
+    then the subscriptions deleted that long ago with no delivery left, a batch at a time; how many rows (each event
+    makes one delivery per subscription, and nothing else deleted them, nor deleted subscriptions). Their events stay
+    in the agents' inboxes. A pending delivery is kept, however late; safe twice."""
     cutoff = (now or timezone.now()) - timedelta(days=settings.WEBHOOK_DELIVERY_KEEP_DAYS)
     deleted = 0
     for status in (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED):  # each a range of delivery_due_idx
@@ -295,4 +296,9 @@ def deliveries_purge(*, now: datetime | None = None, batch: int = 1000) -> int:
         # The rule again on delete: one redelivered meanwhile is pending, with a new next attempt.
         while ids := list(ended.order_by().values_list("pk", flat=True)[:batch]):
             deleted += ended.filter(pk__in=ids).delete()[0]
+    # Deleted that long ago: no event's transaction still holds it as live (a delivery to it would fail its commit).
+    gone = WebhookSubscription.objects.filter(is_active=False, deleted_at__lt=cutoff).exclude(
+        Exists(WebhookDelivery.objects.filter(subscription=OuterRef("pk"))))
+    while ids := list(gone.order_by().values_list("pk", flat=True)[:batch]):
+        deleted += gone.filter(pk__in=ids).delete()[0]
     return deleted

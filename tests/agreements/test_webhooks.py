@@ -5,6 +5,7 @@ import socket
 import threading
 import time
 import tracemalloc
+import uuid
 from collections import deque
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler
@@ -640,3 +641,23 @@ def test_ended_deliveries_within_their_retention_are_kept(buyer_api, seller_api,
     WebhookDelivery.objects.update(next_attempt_at=timezone.now() - timedelta(days=29))
     assert purge_webhook_deliveries() == 0
     assert WebhookDelivery.objects.get().status == DeliveryStatus.DELIVERED
+
+
+def test_a_deleted_subscription_is_deleted_once_its_deliveries_are_past_their_retention(
+        buyer_api, seller_api, service, http_server, settings, django_capture_on_commit_callbacks):
+    """A deleted subscription's row (its secrets erased) was kept for ever: an agent creating and deleting
+    subscriptions in a loop grew the table at its rate limit."""
+    settings.WEBHOOK_DELIVERY_KEEP_DAYS = 30
+    deleted, live = subscribe(seller_api, http_server.url), subscribe(seller_api, http_server.url)
+    with django_capture_on_commit_callbacks(execute=True):
+        buyer_api.post("/usage-agreements", proposal(service))  # one delivery to each
+    assert seller_api.delete(f"/webhooks/{deleted['id']}").status_code == 204
+    assert purge_webhook_deliveries() == 0  # deleted just now: its deliveries are still listed
+
+    long_ago = timezone.now() - timedelta(days=31)
+    WebhookDelivery.objects.update(next_attempt_at=long_ago)
+    WebhookSubscription.objects.filter(pk=deleted["id"]).update(deleted_at=long_ago)
+    assert purge_webhook_deliveries() == 3  # both deliveries, and the deleted subscription
+    assert list(WebhookSubscription.objects.values_list("pk", flat=True)) == [uuid.UUID(live["id"])]
+    assert [s["id"] for s in seller_api.get("/webhooks").json()] == [live["id"]]
+    assert purge_webhook_deliveries() == 0
