@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agreements', '0022_agreement_listing_indexes'),
+        ('agreements', '0025_sweep_queued_at'),
     ]
 
     operations = [
