@@ -262,19 +262,25 @@ def purchase_lock_funds(*, purchase: MasumiPurchase, buyer: Agent, intent_signat
     """Submit the signed package: the relayer activates the escrow (FundsLocked once confirmed).
 
     `refund_signature` (optional): the buyer's signed refundRequestTypedData, kept for a later refund request that
-    comes without one (the masumi library's `request-refund`); it is used only when the buyer asks for a refund."""
+    comes without one (the masumi library's `request-refund`); it is used only when the buyer asks for a refund,
+    and kept only once the activation is queued (a refused lock-funds records nothing).
+
+    A service deregistered, or a seller deactivated, since the purchase is refused (`activation_submit`)."""
     if deadline != _unix(purchase.pay_by_time):
         raise InvalidInput("deadline must be the purchase's payByTime.", code="deadline_mismatch",
                            details={"expected": _unix(purchase.pay_by_time)})
     if refund_signature is not None:
         _check_refund_signature(purchase, refund_signature)
-        MasumiPurchase.objects.filter(pk=purchase.pk).update(refund_signature=refund_signature,
-                                                             updated_at=timezone.now())
     # An intent nonce the buyer revoked on-chain (`cancelIntentNonce`) is replaced first (activation_submit), so an
     # intent signed under it is refused (wrong_signer), not relayed to revert; the buyer signs the fresh one
     # (GET /usage-agreements/{agreementId}/activation-package, deadline payByTime).
-    return services.activation_submit(agreement=purchase.agreement, buyer=buyer, intent_signature=intent_signature,
-                                      deadline=deadline, escrow_permit=escrow_permit)
+    queued = services.activation_submit(agreement=purchase.agreement, buyer=buyer, intent_signature=intent_signature,
+                                        deadline=deadline, escrow_permit=escrow_permit)
+    if refund_signature is not None:
+        MasumiPurchase.objects.filter(pk=purchase.pk).update(refund_signature=refund_signature,
+                                                             updated_at=timezone.now())
+    return queued
+
 
 
 def refund_request_typed_data(*, purchase: MasumiPurchase) -> dict:
@@ -288,14 +294,18 @@ def _check_refund_signature(purchase: MasumiPurchase, signature: str) -> None:
 
 def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature: str | None) -> MasumiPurchase:
     """The buyer asks for its money back (before unlockTime). Idempotent. Without a signature, the one given at
-    lock-funds is used; with neither the request is recorded and the money comes back by reclaim."""
+    lock-funds is used; with neither the request is recorded and the money comes back by reclaim. A request made
+    without one (the masumi library's) takes the signature the buyer sends afterwards, as its NextAction says; a
+    signature that is not the buyer's is refused (`wrong_signer`) whenever it comes."""
     now = chain_clock.chain_now_for_request()
     with transaction.atomic():
         purchase = MasumiPurchase.objects.select_for_update().select_related("agreement").get(pk=purchase.pk)
         agreement = purchase.agreement
         if agreement.buyer_id != buyer.pk:
             raise Forbidden("Only the buyer requests a refund.", code="buyer_only")
-        if purchase.refund_requested_at is not None:
+        if signature is not None:
+            _check_refund_signature(purchase, signature)
+        if purchase.refund_requested_at is not None and (signature is None or purchase.refund_signature):
             return purchase
         if agreement.status not in (S.ACTIVE, S.IN_CHALLENGE):
             raise Conflict(f"No refund can be requested while the escrow is {agreement.status}.",
@@ -304,9 +314,8 @@ def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature
             raise Conflict("unlockTime has passed; the seller's payment can no longer be disputed.",
                            code="unlock_time_passed")
         if signature is not None:
-            _check_refund_signature(purchase, signature)
             purchase.refund_signature = signature
-        purchase.refund_requested_at = timezone.now()
+        purchase.refund_requested_at = purchase.refund_requested_at or timezone.now()
         purchase.save(update_fields=["refund_requested_at", "refund_signature", "updated_at"])
     if agreement.status == S.IN_CHALLENGE and purchase.refund_signature:
         # After the commit: the challenge reads the chain, which no row lock may wait on. Should it fail, the

@@ -17,9 +17,9 @@ from web3 import Web3
 
 from agreements import services as agreement_services
 from agreements.models import UsageAgreement, can_activate
-from catalog.models import Agent
+from catalog.models import Agent, Service, ServiceState
 from escrow import chain, chain_clock, relayer, selectors
-from escrow.models import ChainEvent, ChainTransaction, TxPurpose, TxStatus
+from escrow.models import ChainEvent, ChainTransaction, MasumiPurchase, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.chainconfig import receipt_signer_address
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, PaymentRequired
@@ -162,6 +162,7 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
     expense, as often as it is posted. A buyer whose relayed transactions keep reverting is refused first
     (`relayer.relay_budget_check`)."""
     _require_chain()
+    _purchase_offer_stands(agreement)
     party = relayer.relay_party(agent_id=buyer.pk)
     relayer.relay_budget_check(party=party, owner_id=buyer.owner_id, wallet=agreement.buyer_wallet_address)
     if agreement.buyer_id == buyer.pk:  # else refused at agreement_activation_begin
@@ -210,6 +211,21 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
             purpose=TxPurpose.ACTIVATE, to=chainconfig.escrow_address(), data=data, agreement_id=agreement.pk,
             relayed_for=party,
         )
+
+
+def _purchase_offer_stands(agreement: UsageAgreement) -> None:
+    """A Masumi purchase was accepted on the seller's behalf (a listed service is a standing offer): a service
+    deregistered, or a seller deactivated, before the funds are locked has withdrawn it, and no money is locked for
+    a job the marketplace would start at a service that is gone. (An agreement the seller accepted itself goes on.)"""
+    if not MasumiPurchase.objects.filter(agreement_id=agreement.pk).exists():
+        return
+    service = Service.objects.select_related("seller").get(pk=agreement.service_id)
+    if service.state != ServiceState.REGISTERED:
+        raise Conflict("The service was deregistered since this purchase; its funds are not locked.",
+                       code="service_deregistered")
+    if not service.seller.sells:
+        raise Conflict("The service's seller was deactivated since this purchase; its funds are not locked.",
+                       code="seller_deactivated")
 
 
 def _activation_signed(tx: ChainTransaction) -> None:

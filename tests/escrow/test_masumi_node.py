@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from escrow.models import MasumiPurchase
 from sdk.typed_data import sign_typed_data
 from tests.conftest import Api, error_code
 from tests.escrow.flow import USDC, Parties, deadline_clock
@@ -261,3 +262,73 @@ def test_the_seller_side_lists_take_integers_in_ascii_digits_only(parties):
         assert sources.status_code == 400, (value, sources.content)
     assert parties.seller_api.get("/payment/", {"network": "Preprod", "limit": "3"}).status_code == 200
     assert parties.seller_api.get("/payment-source/", {"take": "3"}).status_code == 200
+
+
+def locked_purchase(parties, capture) -> tuple[dict, dict]:
+    """A purchase with input_data, its funds locked without a refundSignature; (purchase, reference body)."""
+    from tests.escrow.flow import confirm_all
+
+    created = parties.buyer_api.post("/purchase", {"network": "Preprod", "agentIdentifier": str(parties.service.pk),
+                                                  "input_data": INPUT})
+    assert created.status_code == 200, created.content
+    purchase = created.json()["data"]
+    body = {"network": "Preprod", "blockchainIdentifier": purchase["blockchainIdentifier"]}
+    with capture(execute=True):
+        locked = parties.buyer_api.post("/purchase/lock-funds", {**body, **parties.signed_purchase(purchase)})
+    assert locked.status_code == 202, locked.content
+    confirm_all(capture)
+    return purchase, body
+
+
+def test_a_refund_request_made_without_a_signature_takes_the_one_signed_afterwards(
+        parties, escrow_chain, django_capture_on_commit_callbacks):
+    """The masumi library's request-refund has no signature, and its NextAction says to sign refundRequestTypedData
+    and PATCH /purchase: that PATCH was a no-op (200, RefundSignatureMissing still), since a refund already
+    requested returned at once, so the buyer waited for reclaim after the contract's grace; a stranger's signature
+    was answered 200 as well."""
+    purchase, body = locked_purchase(parties, django_capture_on_commit_callbacks)
+    unsigned = parties.buyer_api.post("/purchase/request-refund/", body)
+    assert unsigned.json()["data"]["NextAction"]["errorType"] == "RefundSignatureMissing"
+    stranger = sign_typed_data(escrow_chain.accounts.stranger.key, purchase["refundRequestTypedData"])
+    wrong = parties.buyer_api.patch("/purchase", {**body, "signature": stranger})
+    assert wrong.status_code == 400 and error_code(wrong) == "wrong_signer", wrong.content
+    signed = parties.buyer_api.patch("/purchase", {
+        **body, "signature": sign_typed_data(parties.buyer_account.key, purchase["refundRequestTypedData"])})
+    assert signed.status_code == 200, signed.content
+    data = signed.json()["data"]
+    assert data["NextAction"]["errorType"] is None, data["NextAction"]
+    assert data["onChainState"] == "RefundRequested"
+    assert data["refundRequestedAt"] == unsigned.json()["data"]["refundRequestedAt"]  # the request's own time
+    again = parties.buyer_api.post("/purchase/request-refund", body)  # unsigned again: the signature stays
+    assert again.status_code == 200 and again.json()["data"]["NextAction"]["errorType"] is None
+
+
+def test_the_funds_of_a_purchase_whose_service_was_withdrawn_are_not_locked(
+        parties, escrow_chain, django_capture_on_commit_callbacks):
+    """A purchase is accepted at once on the seller's behalf (a listed service is a standing offer). The seller
+    deregistering the service, or being deactivated, before the buyer locked the funds did not withdraw it:
+    lock-funds was 202, the buyer's money locked and the job started at a service that was gone, the buyer paid back
+    by reclaim after the contract's grace at best."""
+    for withdraw, code in [(lambda: parties.seller_api.delete(f"/agents/services/{parties.service.pk}"),
+                            "service_deregistered"),
+                           (lambda: type(parties.seller).objects.filter(pk=parties.seller.pk).update(
+                               is_active=False), "seller_deactivated")]:
+        if code == "seller_deactivated":
+            parties.service.__class__.objects.filter(pk=parties.service.pk).update(state="registered")
+        created = parties.buyer_api.post("/purchase", {
+            "network": "Preprod", "agentIdentifier": str(parties.service.pk), "input_data": INPUT})
+        assert created.status_code == 200, created.content
+        purchase = created.json()["data"]
+        withdraw()
+        body = {"network": "Preprod", "blockchainIdentifier": purchase["blockchainIdentifier"]}
+        refund = sign_typed_data(parties.buyer_account.key, purchase["refundRequestTypedData"])
+        signed = parties.signed_purchase(purchase)
+        with django_capture_on_commit_callbacks(execute=True):
+            refused = parties.buyer_api.post("/purchase/lock-funds", {**body, **signed, "refundSignature": refund})
+            generic = parties.buyer_api.post(f"/usage-agreements/{purchase['agreementId']}/activate-escrow", signed)
+        assert refused.status_code == 409 and error_code(refused) == code, refused.content
+        assert generic.status_code == 409 and error_code(generic) == code, generic.content
+        assert MasumiPurchase.objects.get(pk=purchase["id"]).refund_signature == ""  # nothing kept
+        after = parties.buyer_api.get(f"/purchase/{purchase['id']}").json()["data"]
+        assert after["CurrentTransaction"] is None and after["onChainState"] is None
+        assert after["NextAction"]["requestedAction"] == "FundsLockingRequested"
