@@ -323,14 +323,17 @@ def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature
         try:
             _dispute(purchase)
         except ApplicationError as error:
-            _record_error(purchase.pk, error)
+            if error.code != "refund_request_withdrawn":  # the buyer's own cancel meanwhile: nothing went wrong
+                _record_error(purchase.pk, error)
     return purchase
 
 
 def purchase_cancel_refund_request(*, purchase: MasumiPurchase, buyer: Agent) -> MasumiPurchase:
-    """Withdraw a refund request that has not reached the chain yet (no challenge submitted)."""
+    """Withdraw a refund request that has not reached the chain yet (no challenge queued). The purchase's row, then
+    its agreement's (as a result's record takes them), is locked: a dispute being queued holds the agreement's."""
     with transaction.atomic():
         purchase = MasumiPurchase.objects.select_for_update().select_related("agreement").get(pk=purchase.pk)
+        purchase.agreement = UsageAgreement.objects.select_for_update().get(pk=purchase.agreement_id)
         if purchase.agreement.buyer_id != buyer.pk:
             raise Forbidden("Only the buyer cancels its refund request.", code="buyer_only")
         if purchase.refund_requested_at is None:
@@ -345,9 +348,19 @@ def purchase_cancel_refund_request(*, purchase: MasumiPurchase, buyer: Agent) ->
 
 
 def _dispute(purchase: MasumiPurchase) -> ChainTransaction:
+    """The refund request challenges the result. Sent outside the request's transaction (it reads the chain): a
+    cancel-refund-request meanwhile is seen under the agreement's lock, which the cancel takes too, so either the
+    request is withdrawn and nothing is queued (409 `refund_request_withdrawn`), or the cancel finds the challenge
+    queued (409 `refund_already_submitted`)."""
+
+    def still_wanted(agreement: UsageAgreement) -> None:
+        if not MasumiPurchase.objects.filter(pk=purchase.pk, refund_requested_at__isnull=False).exists():
+            raise Conflict("The refund request was withdrawn.", code="refund_request_withdrawn")
+
     return settlement.settlement_challenge(
         agreement=purchase.agreement, buyer=purchase.agreement.buyer, signature=purchase.refund_signature,
-        deadline=_unix(purchase.unlock_time), reason="refund requested after the result was submitted")
+        deadline=_unix(purchase.unlock_time), reason="refund requested after the result was submitted",
+        still_wanted=still_wanted)
 
 
 # --- seller actions (the /payment family: this marketplace as the seller's Masumi node) -------------------------
@@ -671,7 +684,8 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
             _dispute(purchase)  # no transaction around it: it reads the chain, then takes its own
             done["disputed"] += 1
         except ApplicationError as error:
-            _record_error(purchase.pk, error)
+            if error.code != "refund_request_withdrawn":
+                _record_error(purchase.pk, error)
     # Disputes nobody resolved by externalDisputeUnlockTime go to the buyer; so do disputes of no result at all.
     for purchase in MasumiPurchase.objects.filter(
             Q(external_dispute_unlock_time__lte=now_dt) | Q(result_hash=""),

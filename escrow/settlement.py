@@ -6,7 +6,7 @@ the contract enforces (escrow.chain_clock).
 """
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -218,12 +218,16 @@ def challenge_deadline(*, agreement: UsageAgreement) -> datetime:
 
 @logs_name_the_agreement
 def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: str, deadline: int,
-                         reason: str, evidence: str = "") -> ChainTransaction:
+                         reason: str, evidence: str = "",
+                         still_wanted: Callable[[UsageAgreement], None] | None = None) -> ChainTransaction:
     """The buyer disputes the proposed amount within the window; submitted on-chain with its signature.
 
     Where the books may lag behind the chain (`_books_may_lag`: a proposal the seller sent itself, a re-proposal
     that restarted the window, neither indexed yet) the window is the chain's: the transaction carries the
-    proposal read, and its confirmation records it first when the books still say active."""
+    proposal read, and its confirmation records it first when the books still say active.
+
+    `still_wanted(agreement)`: called under the agreement's lock before the challenge is queued; raises when what
+    asked for it was withdrawn meanwhile (a Masumi refund request)."""
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer challenges a settlement.", code="buyer_only")
     # Not refused by, nor charged to, the relay budget (relayer.relay_budget_check): a challenge is the buyer's
@@ -246,6 +250,8 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         _challenge_check(agreement, proposal=proposal, now=now, deadline=deadline, signature=signature)
+        if still_wanted is not None:
+            still_wanted(agreement)
         context = {"reason": reason, "evidence": evidence}
         if proposal is not None:
             context[UNINDEXED_PROPOSAL] = proposal

@@ -819,3 +819,41 @@ def test_a_purchases_input_data_is_bounded_in_size(escrow_chain, seller_service,
     assert not MasumiPurchase.objects.exists()
     fits = parties.buyer_api.post("/purchase", {**body, "input_data": {"text": "x" * 900}})
     assert fits.status_code == 200, fits.content
+
+
+def test_a_refund_request_withdrawn_while_its_dispute_is_being_prepared_is_not_disputed(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
+    """The dispute of a refund request after the result is sent once the request is recorded, outside its
+    transaction (it reads the chain). The buyer's cancel-refund-request arriving meanwhile found no challenge queued
+    and answered 200 (the request withdrawn), and the challenge was queued all the same: the payment disputed (and
+    released to the buyer at externalDisputeUnlockTime) after the buyer withdrew its request."""
+    from escrow import relayer
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain, capture, seller_service)
+    assert purchase.tick()["started"] == 1
+    assert purchase.tick()["results"] == 1
+    submitted = purchase.get()
+    body = {"network": "Preprod", "blockchainIdentifier": purchase.id}
+    preflight, withdrawn = relayer.transaction_preflight, []
+
+    def cancel_meanwhile(**kwargs):
+        if not withdrawn:
+            withdrawn.append(purchase.parties.buyer_api.post("/purchase/cancel-refund-request", body))
+        return preflight(**kwargs)
+
+    monkeypatch.setattr(relayer, "transaction_preflight", cancel_meanwhile)
+    with capture(execute=True):
+        requested = purchase.parties.buyer_api.patch("/purchase", {**body, "signature": sign_typed_data(
+            purchase.parties.buyer_account.key, submitted["refundRequestTypedData"])})
+    assert requested.status_code == 200, requested.content
+    [cancelled] = withdrawn
+    assert cancelled.status_code == 200, cancelled.content
+    confirm_all(capture)
+    assert purchase.tick()["disputed"] == 0
+    after = purchase.get()
+    assert after["onChainState"] == "ResultSubmitted" and after["refundRequestedAt"] is None, after
+    assert after["NextAction"]["errorType"] is None, after["NextAction"]
+    assert not ChainTransaction.objects.filter(agreement_id=submitted["agreementId"],
+                                               purpose=TxPurpose.CHALLENGE).exists()
+    assert purchase.onchain()["state"] != "disputed"
