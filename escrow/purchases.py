@@ -313,6 +313,11 @@ def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature
         if now >= _unix(purchase.unlock_time):
             raise Conflict("unlockTime has passed; the seller's payment can no longer be disputed.",
                            code="unlock_time_passed")
+        # The dispute of a result is signed until unlockTime, and a challenge must stay valid this long to be mined.
+        latest = _unix(purchase.unlock_time) - settings.CHALLENGE_SIGNATURE_MIN_VALIDITY
+        if purchase.result_hash and now >= latest:
+            raise Conflict("unlockTime is too close for a dispute of the result to be mined.",
+                           code="unlock_time_too_close", details={"latest": str(latest * 1000)})
         if signature is not None:
             purchase.refund_signature = signature
         purchase.refund_requested_at = purchase.refund_requested_at or timezone.now()

@@ -857,3 +857,26 @@ def test_a_refund_request_withdrawn_while_its_dispute_is_being_prepared_is_not_d
     assert not ChainTransaction.objects.filter(agreement_id=submitted["agreementId"],
                                                purpose=TxPurpose.CHALLENGE).exists()
     assert purchase.onchain()["state"] != "disputed"
+
+
+def test_a_refund_request_too_late_for_its_dispute_to_be_mined_is_refused_not_recorded(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, settings):
+    """A challenge must be signed to stay valid CHALLENGE_SIGNATURE_MIN_VALIDITY_SECONDS (60) ahead, and a refund
+    request's is signed until unlockTime. A refund request after the result in unlockTime's last minute was answered
+    200 RefundRequested, its dispute refused (signature_expired) by every try, and the seller paid at unlockTime:
+    the buyer told its refund was requested when it could no longer be."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain, capture, seller_service)
+    assert purchase.tick()["started"] == 1
+    assert purchase.tick()["results"] == 1
+    submitted = purchase.get()
+    chain.increase_time(purchase.timers["unlockTime"] - chain.now() - settings.CHALLENGE_SIGNATURE_MIN_VALIDITY // 2)
+    body = {"network": "Preprod", "blockchainIdentifier": purchase.id,
+            "signature": sign_typed_data(purchase.parties.buyer_account.key, submitted["refundRequestTypedData"])}
+    with capture(execute=True):
+        late = purchase.parties.buyer_api.patch("/purchase", body)
+    assert late.status_code == 409 and error_code(late) == "unlock_time_too_close", late.content
+    assert late.json()["error"]["details"]["latest"] == (
+        str((purchase.timers["unlockTime"] - settings.CHALLENGE_SIGNATURE_MIN_VALIDITY) * 1000))
+    after = purchase.get()
+    assert after["onChainState"] == "ResultSubmitted" and after["refundRequestedAt"] is None
