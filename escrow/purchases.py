@@ -135,6 +135,13 @@ def _timers(now: int, requested: dict[str, int | None], *, chain_now: int) -> di
                                "unlockTime < externalDisputeUnlockTime.", code="invalid_timers",
                                details={"timer": name, "chain_time": now})
         timers[name] = previous = value
+    # A result submitted at submitResultTime is disputed until unlockTime, by a challenge that must stay valid
+    # CHALLENGE_SIGNATURE_MIN_VALIDITY to be mined: a shorter gap leaves the buyer no dispute of a last-moment result.
+    if timers["unlock_time"] - timers["submit_result_time"] < settings.MASUMI_MIN_DISPUTE_SECONDS:
+        raise InvalidInput("unlockTime must leave time to dispute a result submitted at submitResultTime.",
+                           code="invalid_timers", details={
+                               "timer": "unlock_time",
+                               "min_seconds_after_submit_result_time": settings.MASUMI_MIN_DISPUTE_SECONDS})
     if timers["unlock_time"] - chain_now > MAX_LOCK_SECONDS:
         raise InvalidInput("unlockTime may be at most 30 days ahead.", code="invalid_timers",
                            details={"timer": "unlock_time", "max_seconds": MAX_LOCK_SECONDS})

@@ -458,7 +458,10 @@ CELERY_BEAT_SCHEDULE["index-chain"] = {"task": "escrow.tasks.index_chain",
 # Masumi purchases: timers a buyer leaves out, in seconds from the purchase (payByTime, then each from the last).
 MASUMI_PAY_BY_SECONDS = env.int("MASUMI_PAY_BY_SECONDS", default=600)
 MASUMI_SUBMIT_RESULT_SECONDS = env.int("MASUMI_SUBMIT_RESULT_SECONDS", default=3600)
-MASUMI_UNLOCK_SECONDS = env.int("MASUMI_UNLOCK_SECONDS", default=3600)
+# The least time between a Masumi purchase's submitResultTime and unlockTime: a result submitted at the last moment
+# can still be disputed (a challenge must stay valid CHALLENGE_SIGNATURE_MIN_VALIDITY to be mined; never below it).
+MASUMI_MIN_DISPUTE_SECONDS = max(env.int("MASUMI_MIN_DISPUTE_SECONDS", default=300), CHALLENGE_SIGNATURE_MIN_VALIDITY)
+MASUMI_UNLOCK_SECONDS = max(env.int("MASUMI_UNLOCK_SECONDS", default=3600), MASUMI_MIN_DISPUTE_SECONDS)
 MASUMI_EXTERNAL_DISPUTE_SECONDS = env.int("MASUMI_EXTERNAL_DISPUTE_SECONDS", default=24 * 3600)
 
 # --- Metered proxy --------------------------------------------------------------------------------------------

@@ -332,3 +332,26 @@ def test_the_funds_of_a_purchase_whose_service_was_withdrawn_are_not_locked(
         after = parties.buyer_api.get(f"/purchase/{purchase['id']}").json()["data"]
         assert after["CurrentTransaction"] is None and after["onChainState"] is None
         assert after["NextAction"]["requestedAction"] == "FundsLockingRequested"
+
+
+def test_unlock_time_leaves_the_buyer_time_to_dispute_a_result_submitted_at_submit_result_time(
+        parties, escrow_chain, settings):
+    """A result is accepted until submitResultTime and disputed until unlockTime (a challenge that must stay valid
+    CHALLENGE_SIGNATURE_MIN_VALIDITY_SECONDS to be mined). A purchase, or a seller's payment request that the masumi
+    library's buyer copies, with unlockTime a second after submitResultTime was accepted: a result submitted at the
+    last moment could not be disputed at all, and the seller was paid for it whatever it was."""
+    pay_by = deadline_clock(escrow_chain) + 600
+    submit = pay_by + 3600
+    gap = settings.MASUMI_MIN_DISPUTE_SECONDS
+    assert gap >= settings.CHALLENGE_SIGNATURE_MIN_VALIDITY
+    body = {"agentIdentifier": str(parties.service.pk), "network": "Preprod", "identifierFromPurchaser": "order-9",
+            "payByTime": iso(pay_by), "submitResultTime": iso(submit)}
+    for api, path, extra in [(parties.seller_api, "/payment/", {}),
+                             (parties.buyer_api, "/purchase/", {"input_data": INPUT})]:
+        for unlock in (submit + 1, submit + gap - 1):
+            short = api.post(path, {**body, **extra, "unlockTime": iso(unlock)})
+            assert short.status_code == 400 and error_code(short) == "invalid_timers", (path, short.content)
+            assert short.json()["error"]["details"] == {"timer": "unlock_time", "min_seconds_after_submit_result_time":
+                                                        gap}
+        enough = api.post(path, {**body, **extra, "unlockTime": iso(submit + gap)})
+        assert enough.status_code == 200, (path, enough.content)
