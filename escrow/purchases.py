@@ -273,6 +273,11 @@ def purchase_lock_funds(*, purchase: MasumiPurchase, buyer: Agent, intent_signat
     and kept only once the activation is queued (a refused lock-funds records nothing).
 
     A service deregistered, or a seller deactivated, since the purchase is refused (`activation_submit`)."""
+    agreement = purchase.agreement
+    if agreement.buyer_id == buyer.pk and not can_activate(agreement):  # first: a retry once the funds are locked
+        code = "activation_in_progress" if agreement.status == S.SUBMITTING else "invalid_transition"
+        raise Conflict(f"Cannot lock the funds of a purchase whose escrow is {agreement.status}.", code=code,
+                       details={"status": agreement.status, "requested": S.SUBMITTING})
     if deadline != _unix(purchase.pay_by_time):
         raise InvalidInput("deadline must be the purchase's payByTime.", code="deadline_mismatch",
                            details={"expected": _unix(purchase.pay_by_time)})

@@ -355,3 +355,14 @@ def test_unlock_time_leaves_the_buyer_time_to_dispute_a_result_submitted_at_subm
                                                         gap}
         enough = api.post(path, {**body, **extra, "unlockTime": iso(submit + gap)})
         assert enough.status_code == 200, (path, enough.content)
+
+
+def test_lock_funds_again_once_the_funds_are_locked_is_a_conflict_naming_the_state(
+        parties, escrow_chain, django_capture_on_commit_callbacks):
+    """A buyer retrying lock-funds after the funds were locked (a lost answer, no Idempotency-Key) was told 400
+    wrong_permit_nonce (the permit it signed was spent by the activation), which sends it to sign a new permit for
+    an escrow that is funded already."""
+    purchase, body = locked_purchase(parties, django_capture_on_commit_callbacks)
+    again = parties.buyer_api.post("/purchase/lock-funds", {**body, **parties.signed_purchase(purchase)})
+    assert again.status_code == 409 and error_code(again) == "invalid_transition", again.content
+    assert again.json()["error"]["details"]["status"] == "active"
