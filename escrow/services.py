@@ -162,7 +162,8 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
     expense, as often as it is posted. A buyer whose relayed transactions keep reverting is refused first
     (`relayer.relay_budget_check`)."""
     _require_chain()
-    _purchase_offer_stands(agreement)
+    if agreement.buyer_id == buyer.pk:  # else refused at agreement_activation_begin
+        _purchase_offer_stands(agreement)
     party = relayer.relay_party(agent_id=buyer.pk)
     relayer.relay_budget_check(party=party, owner_id=buyer.owner_id, wallet=agreement.buyer_wallet_address)
     if agreement.buyer_id == buyer.pk:  # else refused at agreement_activation_begin
