@@ -346,11 +346,11 @@ def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature
 
 
 def purchase_cancel_refund_request(*, purchase: MasumiPurchase, buyer: Agent) -> MasumiPurchase:
-    """Withdraw a refund request that has not reached the chain yet (no challenge queued). The purchase's row, then
-    its agreement's (as a result's record takes them), is locked: a dispute being queued holds the agreement's."""
+    """Withdraw a refund request that has not reached the chain yet (no challenge queued). The purchase's row and its
+    agreement's are locked (one statement: FOR UPDATE of the join): a dispute being queued holds the agreement's and
+    checks the request still stands (`_dispute`)."""
     with transaction.atomic():
         purchase = MasumiPurchase.objects.select_for_update().select_related("agreement").get(pk=purchase.pk)
-        purchase.agreement = UsageAgreement.objects.select_for_update().get(pk=purchase.agreement_id)
         if purchase.agreement.buyer_id != buyer.pk:
             raise Forbidden("Only the buyer cancels its refund request.", code="buyer_only")
         if purchase.refund_requested_at is None:
