@@ -1,27 +1,71 @@
 """The one loop of the periodic expiry sweeps (proposals, approval requests), and the one way a sweep queues task
 messages for the rows it found due."""
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 from django.db import transaction
 from django.db.models import Model, QuerySet
 
+logger = logging.getLogger(__name__)
+
 # Rows handled per run; the beat comes back for the rest.
 SWEEP_BATCH = 1000
+
+
+class RowsFailed(Exception):
+    """A sweep's run in which some rows raised: raised at its end, once every other row was done, so that the task
+    fails where monitoring sees it (`marketplace_celery_task_failures_total`), each row's error logged with its id."""
+
+    def __init__(self, *, sweep: str, failed: list, applied: int):
+        self.sweep, self.failed, self.applied = sweep, failed, applied
+        super().__init__(f"{sweep}: {len(failed)} rows failed ({', '.join(map(str, failed[:10]))}"
+                         f"{', ...' if len(failed) > 10 else ''}), {applied} done")
+
+
+class RowFailures:
+    """One sweep's rows, each alone: a row that raises is logged with its id, counted and skipped (what it wrote
+    rolled back), and the sweep goes on; `raise_if_any` at the end. A row that always raised (bad data, a bug,
+    another app's hook refusing it) stopped the run at every beat, and every row after it was never done."""
+
+    def __init__(self, sweep: str):
+        self.sweep, self.failed = sweep, []
+
+    @contextmanager
+    def row(self, row_id, *, reraise: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+        """One row's work in its own transaction (a savepoint inside one). `reraise`: errors that end the run (a
+        node that cannot be reached: every row after it would fail the same way)."""
+        try:
+            with transaction.atomic():
+                yield
+        except reraise:
+            raise
+        except Exception:
+            logger.exception("%s: row %s failed; skipped until the next run", self.sweep, row_id,
+                             extra={"sweep": self.sweep, "row_id": str(row_id)})
+            self.failed.append(row_id)
+
+    def raise_if_any(self, *, applied: int) -> None:
+        if self.failed:
+            raise RowsFailed(sweep=self.sweep, failed=self.failed, applied=applied)
 
 
 def due_rows_apply(*, due: QuerySet, apply: Callable[[Model], None]) -> int:
     """`apply(row)` to each row of `due`, each in its own transaction under the row's lock, once the row is shown
     still due there (a row another worker holds is skipped, so concurrent sweeps never wait on each other). Safe
-    to run twice. Returns how many rows it applied to."""
+    to run twice. Returns how many rows it applied to; a row whose `apply` raises is rolled back, logged and
+    skipped, the others applied, and RowsFailed raised at the end."""
     applied = 0
+    failures = RowFailures(f"{due.model._meta.label} sweep")
     for pk in list(due.values_list("pk", flat=True)[:SWEEP_BATCH]):
-        with transaction.atomic():
+        with failures.row(pk):
             row = due.filter(pk=pk).select_for_update(skip_locked=True).first()
             if row is not None:
                 apply(row)
                 applied += 1
+    failures.raise_if_any(applied=applied)
     return applied
 
 

@@ -5,9 +5,11 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from agreements import services as agreement_services
 from agreements.models import AgreementEvent, UsageAgreement
 from agreements.tasks import expire_proposals
 from catalog.models import Agent, ServiceState
+from marketplace.sweeps import RowsFailed
 from tests.agreements.helpers import propose, proposal
 from tests.catalog.factories import AgentFactory, UserFactory, issue_key, register_service
 from tests.conftest import Api, codes_at, error_code
@@ -270,6 +272,37 @@ def test_unanswered_proposals_expire(buyer_api, seller_api, service):
     assert UsageAgreement.objects.get(pk=fresh["id"]).status == "proposed"
     late = seller_api.put(f"/usage-agreements/{stale['id']}/accept")
     assert late.status_code == 409
+
+
+def test_a_proposal_whose_expiry_raises_is_skipped_and_logged_and_the_others_still_expire(
+        buyer_api, service, monkeypatch, caplog):
+    """One due row whose transition always raised (bad data, a bug, another app's hook refusing it) stopped the
+    sweep at every run: the rows come back in the same order, so none after it ever expired."""
+    due = [propose(buyer_api, service)["id"] for _ in range(3)]
+    UsageAgreement.objects.filter(pk__in=due).update(proposal_expires_at=timezone.now() - timedelta(seconds=1))
+    poisoned = UsageAgreement.objects.filter(pk__in=due).values_list("pk", flat=True).first()  # the sweep's first
+    real_transition = agreement_services._transition
+
+    def transition(agreement_id, **kwargs):
+        done = real_transition(agreement_id, **kwargs)
+        if agreement_id == poisoned:
+            raise RuntimeError("this row always fails")
+        return done
+
+    monkeypatch.setattr(agreement_services, "_transition", transition)
+
+    with pytest.raises(RowsFailed) as failed:
+        expire_proposals()
+    assert failed.value.failed == [poisoned] and failed.value.applied == 2
+    assert UsageAgreement.objects.get(pk=poisoned).status == "proposed"  # its own transaction rolled back
+    assert not AgreementEvent.objects.filter(agreement_id=poisoned, to_status="expired").exists()
+    assert set(UsageAgreement.objects.filter(pk__in=due, status="expired").values_list("pk", flat=True)) == (
+        set(UsageAgreement.objects.filter(pk__in=due).values_list("pk", flat=True)) - {poisoned})
+    assert str(poisoned) in caplog.text and "this row always fails" in caplog.text
+
+    monkeypatch.setattr(agreement_services, "_transition", real_transition)  # its cause fixed: the next run expires it
+    assert expire_proposals() == 1
+    assert UsageAgreement.objects.get(pk=poisoned).status == "expired"
 
 
 def test_accepting_a_proposal_past_its_ttl_expires_it(buyer_api, seller_api, service):

@@ -6,6 +6,7 @@ from django.utils import timezone
 
 from agreements import services as agreement_services
 from agreements.models import UsageAgreement
+from marketplace.sweeps import RowsFailed
 from policies.models import ApprovalRequest
 from tests.agreements.helpers import proposal, propose
 from tests.catalog.factories import UserFactory, issue_owner_token, register_service
@@ -209,6 +210,34 @@ def test_approvals_expire(owner_api, buyer, buyer_api, service):
     assert expire_approvals() == 1
     assert expire_approvals() == 0
     assert UsageAgreement.objects.get(pk=other["id"]).status == "expired"
+
+
+def test_an_approval_request_whose_expiry_raises_is_skipped_and_logged_and_the_others_still_expire(
+        owner_api, buyer, buyer_api, service, monkeypatch, caplog):
+    """The subject's hook refusing one expiry (raising) stopped the sweep, and every request after it stayed pending
+    at every run."""
+    from policies.tasks import expire_approvals
+
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = [propose(buyer_api, service)["id"] for _ in range(3)]
+    ApprovalRequest.objects.filter(subject_id__in=held).update(expires_at=timezone.now() - timedelta(seconds=1))
+    poisoned = ApprovalRequest.objects.filter(subject_id__in=held).values_list("pk", flat=True).first()
+    poisoned_subject = ApprovalRequest.objects.get(pk=poisoned).subject_id
+    real_transition = agreement_services._transition
+
+    def transition(agreement_id, **kwargs):
+        if agreement_id == poisoned_subject:
+            raise RuntimeError("the subject's hook refuses this one")
+        return real_transition(agreement_id, **kwargs)
+
+    monkeypatch.setattr(agreement_services, "_transition", transition)
+    with pytest.raises(RowsFailed) as failed:
+        expire_approvals()
+    assert failed.value.failed == [poisoned] and failed.value.applied == 2
+    assert ApprovalRequest.objects.get(pk=poisoned).status == "pending"  # its own transaction rolled back
+    assert ApprovalRequest.objects.filter(subject_id__in=held, status="expired").count() == 2
+    assert UsageAgreement.objects.filter(pk__in=held, status="expired").count() == 2
+    assert str(poisoned) in caplog.text
 
 
 def test_a_purchase_cancelled_while_waiting_for_approval_cancels_its_request_which_is_then_not_approved(
