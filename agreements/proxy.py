@@ -4,7 +4,8 @@ Reserve the price (one conditional UPDATE) → forward with httpx (pooled, timeo
 when the upstream answered below 500, release it on 5xx, timeout or connection error. Pricing: per call, or per
 unit where the upstream reports the units it served in `X-Usage-Units` (capped by the buyer's `X-Max-Units`,
 default 1, which is what is reserved). A retry carrying the same `X-Request-Nonce` gets the first answer again
-and is charged once; the nonce on any other call (method, path or body) is 422 `nonce_reused`.
+and is charged once (409 `request_in_progress` while the first runs); a retry of a call not charged (a 5xx) is a new
+call. The nonce on any other call (method, path or body) is 422 `nonce_reused`.
 
 Bounds (SECURITY.md, "Hostile input"): the path is percent-decoded, its backslashes read as slashes and its dot
 segments resolved, and must stay under the service's base path (else 400 `invalid_upstream_path`); the body is
@@ -381,7 +382,9 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
         headers["X-Usage-Event-Id"] = str(event.pk)
         headers["X-Usage-Seq"] = str(event.seq)
     if nonce:
-        return _stored_reply(terms.pk, nonce, upstream, waiting, headers)
+        if event is not None:
+            return _stored_reply(terms.pk, nonce, upstream, waiting, headers)
+        _nonce_release(terms.pk, nonce)
     response = StreamingHttpResponse(_BuyerStream(upstream, waiting), status=upstream.status)
     for key, value in headers.items():
         response[key] = value
@@ -421,6 +424,14 @@ def _upstream_answer(request, caller: KeyHolder, terms: selectors.CallTerms, res
         metering.reservation_release(reservation=reservation)  # nothing was served: the hold must not leak
         raise
     return upstream
+
+
+def _nonce_release(agreement_id, nonce: str) -> None:
+    """A call with X-Request-Nonce that was not charged (its upstream answered 5xx): nothing is stored, the nonce is
+    free again once the call has answered, and a retry is a new call (forwarded, charged once if it is served).
+    Stored, its 5xx was replayed to every retry and never forwarded again, and kept up to PROXY_REPLAY_MAX_BYTES
+    for nothing. Until here a retry is 409 `request_in_progress`."""
+    ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=nonce, status_code=None).delete()
 
 
 def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, waiting: "_Waiting",

@@ -1210,7 +1210,8 @@ def proxy_replays_purge(*, now: datetime | None = None, batch: int = 500) -> int
     """Delete the replies stored for X-Request-Nonce retries (up to PROXY_REPLAY_MAX_BYTES each, one per call made
     with a nonce) once no retry could be charged for them, PROXY_REPLAY_KEEP_DAYS on; how many. Those of an
     agreement settled or refunded that long ago (a retry is then 409 `agreement_not_active`), and those of calls not
-    charged (a 5xx) stored that long ago, whatever the agreement's status (a retry is then a new call, charged once).
+    charged (a 5xx) stored that long ago, whatever the agreement's status (a retry is then a new call, charged once):
+    the proxy no longer stores those (it releases their nonce), but an earlier release did.
     A charged reply of an agreement still open is kept: a retry must replay it. Safe twice.
 
     A batch of rows at a time in id order, stopping at the first batch stored within the retention (a settled

@@ -10,7 +10,7 @@ from django.db import connection
 from django.utils import timezone
 
 from agreements import metering
-from agreements.models import UsageAgreement, UsageEvent
+from agreements.models import ProxyReplay, UsageAgreement, UsageEvent
 from sdk import proxy_signature, receipts
 from tests.conftest import codes_at, error_code, read_to_its_end
 from tests.escrow.flow import Parties, onchain_escrow
@@ -109,6 +109,27 @@ def test_request_nonce_replays_without_a_second_charge(active, http_server):
     assert second["X-Usage-Event-Id"] == first["X-Usage-Event-Id"]
     assert len(http_server.requests) == 1
     assert UsageAgreement.objects.get(pk=active.agreement_id).used == 20_000
+
+
+def test_a_nonce_retry_of_an_uncharged_5xx_call_is_a_new_call_forwarded_and_charged_once(active, http_server):
+    """A call with X-Request-Nonce whose upstream answered 5xx was not charged, but its answer was stored whole for
+    replays: a retry got the stored 5xx (X-Replayed) and was never forwarded, the row holding the body for nothing."""
+    http_server.responses.extend([(503, {"error": "overloaded"}), (200, {"n": 1})])
+    nonce = {"X-Request-Nonce": "flaky-1"}
+    failed = active.buyer_api.get(f"{active.proxy}/x", headers=nonce)
+    assert (failed.status_code, failed["X-Usage-Cost"]) == (503, "0")
+    assert json.loads(b"".join(failed.streaming_content)) == {"error": "overloaded"}  # answered as any 5xx
+    assert not ProxyReplay.objects.filter(request_nonce="flaky-1").exists()  # released: nothing stored
+
+    retried = active.buyer_api.get(f"{active.proxy}/x", headers=nonce)
+    assert retried.status_code == 200 and not retried.has_header("X-Replayed")
+    assert (retried.json(), retried["X-Usage-Cost"]) == ({"n": 1}, "20000")
+    again = active.buyer_api.get(f"{active.proxy}/x", headers=nonce)  # charged now: replayed, as any
+    assert (again.status_code, again["X-Replayed"], again.content) == (200, "true", retried.content)
+    assert again["X-Usage-Event-Id"] == retried["X-Usage-Event-Id"]
+    assert len(http_server.requests) == 2
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == 20_000
+    assert UsageEvent.objects.filter(request_nonce="flaky-1").count() == 1
 
 
 def test_a_nonce_retry_of_a_charged_call_whose_answer_failed_is_reply_lost_not_forwarded_again(active, http_server):

@@ -148,6 +148,9 @@ class Books(RuleBasedStateMachine):
             assert response.status_code == 500 and response["X-Usage-Cost"] == "0"
             assert not response.has_header("X-Usage-Event-Id")
             assert UsageEvent.objects.filter(agreement_id=self.id).count() == events
+            if nonce:  # not charged: nothing stored, a retry is a call of its own
+                self.free_nonces[nonce] = path
+            return
         else:
             served = min(int(units) if units.isascii() and units.isdigit() and len(units) <= 18 else 1, max_units)
             cost = (served if self.per_unit else 1) * self.price

@@ -67,3 +67,37 @@ def test_a_retry_while_the_first_call_runs_is_409_request_in_progress_and_charge
     agreement_row = UsageAgreement.objects.get(pk=agreement["id"])
     assert (agreement_row.used, agreement_row.reserved) == (parties.service.unit_price, 0)
     assert UsageEvent.objects.filter(agreement=agreement_row).count() == 1
+
+
+def test_a_retry_while_a_call_that_fails_runs_is_409_and_one_after_its_5xx_is_forwarded_and_charged_once(
+        escrow_chain, http_server, live_server):
+    """The nonce of a call not charged (its upstream answered 5xx) is released once it has answered, not while it
+    runs: a retry meanwhile is still 409 `request_in_progress`."""
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=5)
+    assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                  parties.signed_activation(agreement["id"])).status_code == 202
+    poll_mined()
+    url = f"{live_server.url}/metered-proxy/{agreement['id']}/work"
+    headers = {"Authorization": f"Bearer {parties.buyer_api.secret}", "X-Request-Nonce": "job-8"}
+    http_server.responses.extend([(503, {"error": "busy"}, 5), (200, {"done": True})])
+
+    with httpx.Client(timeout=30) as client, ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(client.get, url, headers=headers)
+        deadline = time.monotonic() + 20
+        while not http_server.requests:
+            assert time.monotonic() < deadline and not first.done(), "the first call never reached the seller"
+            time.sleep(0.05)
+        in_flight = client.get(url, headers=headers)
+        failed = first.result()
+        retried = client.get(url, headers=headers)
+        replayed = client.get(url, headers=headers)
+
+    assert in_flight.status_code == 409 and in_flight.json()["error"]["code"] == "request_in_progress"
+    assert (failed.status_code, failed.headers["X-Usage-Cost"]) == (503, "0")
+    assert retried.status_code == 200 and "X-Replayed" not in retried.headers and retried.json() == {"done": True}
+    assert replayed.status_code == 200 and replayed.headers["X-Replayed"] == "true"
+    assert len(http_server.requests) == 2
+    agreement_row = UsageAgreement.objects.get(pk=agreement["id"])
+    assert (agreement_row.used, agreement_row.reserved) == (parties.service.unit_price, 0)
+    assert UsageEvent.objects.filter(agreement=agreement_row).count() == 1

@@ -78,14 +78,18 @@ def test_the_stored_replies_of_an_active_agreement_are_kept(active, http_server,
     assert UsageAgreement.objects.get(pk=active.agreement_id).used == 20_000
 
 
-def test_an_uncharged_stored_reply_is_deleted_past_its_retention_even_while_the_agreement_is_open(
+def test_an_uncharged_reply_is_not_stored_and_one_stored_before_is_deleted_past_its_retention(
         active, http_server, settings):
     """A 5xx answer is not charged but was stored for its nonce all the same (up to PROXY_REPLAY_MAX_BYTES) for as
-    long as the agreement lived: a buyer calling its own failing upstream with new nonces stored them for free."""
+    long as the agreement lived: a buyer calling its own failing upstream with new nonces stored them for free. Now
+    none is stored (its nonce is released); one stored before that goes at the retention, the agreement open."""
     settings.PROXY_REPLAY_KEEP_DAYS = 7
     http_server.responses.append((503, {"error": "overloaded"}))
     failed = active.buyer_api.get(f"{active.proxy}/x", headers={"X-Request-Nonce": "failed-1"})
     assert (failed.status_code, failed["X-Usage-Cost"]) == (503, "0")
+    assert not ProxyReplay.objects.exists()
+    ProxyReplay.objects.create(agreement_id=active.agreement_id, request_nonce="failed-0", request_fingerprint="f",
+                               status_code=503, body=b'{"error": "overloaded"}')
     ProxyReplay.objects.update(created_at=timezone.now() - timedelta(days=8))
 
     assert tasks.purge_proxy_replays() == 1
