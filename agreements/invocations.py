@@ -470,12 +470,16 @@ def _settle(invocation: SkillInvocation) -> None:
 
 def invocations_sweep(*, now: datetime | None = None) -> dict:
     """The beat task: time out invocations past their deadline (refunded), and have a worker run paid ones whose
-    caller went away before running them."""
+    caller went away before running them. One whose time-out raises is logged and skipped, the others done, and
+    RowsFailed raised at the end (sweeps.RowFailures): it ended the run at every beat, and none after it was done."""
     now = now or timezone.now()
     overdue = SkillInvocation.objects.filter(status=Status.PROCESSING, deadline_at__lte=now)
-    timed_out = [invocation.pk for invocation in overdue[:500]
-                 if _finish(invocation.pk, to=Status.TIMEOUT, error="exceeded the skill's time limit").status
-                 == Status.TIMEOUT]
+    failures, timed_out = sweeps.RowFailures("invocations sweep"), []
+    for invocation_id in list(overdue.values_list("pk", flat=True)[:500]):
+        with failures.row(invocation_id):
+            if _finish(invocation_id, to=Status.TIMEOUT,
+                       error="exceeded the skill's time limit").status == Status.TIMEOUT:
+                timed_out.append(invocation_id)
     # One queued here is queued again only once no worker took that message within INVOCATION_ORPHAN_AFTER (lost
     # too): while the outbound queue is behind, each run added the same invocations to it again.
     orphans = list(SkillInvocation.objects.filter(
@@ -486,4 +490,5 @@ def invocations_sweep(*, now: datetime | None = None) -> dict:
 
     sweeps.marked_rows_publish(model=SkillInvocation, pks=orphans, marked="queued_at", now=now,
                                publish=run_invocation.delay)
+    failures.raise_if_any(applied=len(timed_out) + len(orphans))
     return {"timed_out": len(timed_out), "orphans": len(orphans)}

@@ -51,7 +51,7 @@ from django.utils import timezone
 from agreements import monitoring, selectors
 from agreements.models import AgreementStatus, CallIntent, ProxyReplay, UsageAgreement, UsageEvent, UsageSource
 from catalog.models import UpstreamProtocol
-from marketplace import chainconfig, signatures
+from marketplace import chainconfig, signatures, sweeps
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, PaymentRequired, error_body
 from marketplace.logging import logs_name_the_agreement
 from marketplace.postgresql import prepared_cursor, transaction_in_pipelines
@@ -1201,14 +1201,15 @@ def _intents_settle(*, agreement_id, created_before: datetime) -> tuple[int, int
     return len(answered), len(intents) - len(answered)
 
 
-def _replays_settle(*, created_before: datetime) -> int:
+def _replays_settle(*, created_before: datetime, failures: sweeps.RowFailures) -> int:
     """X-Request-Nonce replays whose first call died unanswered: one that was charged stores a note saying so (its
     answer is lost), any other is dropped so the nonce can be used again."""
     settled = 0
     for replay in ProxyReplay.objects.filter(status_code=None, created_at__lt=created_before)[:500]:
         if CallIntent.objects.filter(agreement_id=replay.agreement_id, request_nonce=replay.request_nonce).exists():
             continue  # its call is not settled yet
-        settled += replay_settle(agreement_id=replay.agreement_id, request_nonce=replay.request_nonce)
+        with failures.row(replay.pk):
+            settled += replay_settle(agreement_id=replay.agreement_id, request_nonce=replay.request_nonce)
     return settled
 
 
@@ -1229,14 +1230,20 @@ def replay_settle(*, agreement_id, request_nonce: str) -> int:
 
 
 def intents_reap(*, now: datetime | None = None) -> dict:
-    """The beat task: settle what dead server processes left (intents, then their nonce replays). Idempotent."""
+    """The beat task: settle what dead server processes left (intents, then their nonce replays). Idempotent. An
+    agreement or a replay whose settling raises is logged and skipped, the others settled, and RowsFailed raised at
+    the end (sweeps.RowFailures): one that always raised left every one after it unsettled, at every run."""
     stale = selectors.calls_stale_before(now=now or timezone.now())
     charged = released = 0
+    failures = sweeps.RowFailures("proxy call reaper")
     agreement_ids = set(CallIntent.objects.filter(created_at__lt=stale).values_list("agreement_id", flat=True)[:500])
     for agreement_id in agreement_ids:
-        done = _intents_settle(agreement_id=agreement_id, created_before=stale)
-        charged, released = charged + done[0], released + done[1]
-    return {"charged": charged, "released": released, "replays": _replays_settle(created_before=stale)}
+        with failures.row(agreement_id):
+            done = _intents_settle(agreement_id=agreement_id, created_before=stale)
+            charged, released = charged + done[0], released + done[1]
+    replays = _replays_settle(created_before=stale, failures=failures)
+    failures.raise_if_any(applied=charged + released + replays)
+    return {"charged": charged, "released": released, "replays": replays}
 
 
 def reservations_settle_stale(*, agreement: UsageAgreement) -> None:

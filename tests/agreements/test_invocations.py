@@ -390,6 +390,37 @@ def test_the_sweeper_times_out_an_invocation_whose_worker_died_and_refunds_it(
     assert market.upstream.requests == []
 
 
+def test_an_overdue_invocation_whose_time_out_raises_is_skipped_and_logged_and_the_others_time_out(
+        market, django_capture_on_commit_callbacks, monkeypatch, caplog):
+    """One overdue invocation whose time-out always raised ended the sweep at every run: none after it was timed
+    out and refunded, nor any paid one queued to run."""
+    from agreements import tasks
+    from marketplace.sweeps import RowsFailed
+
+    overdue = []
+    for _ in range(2):
+        invocation_id = market.call("render", market.pay("render")).json()["invocation_id"].removeprefix("inv_")
+        SkillInvocation.objects.filter(pk=invocation_id).update(
+            status="processing", started_at=timezone.now(), deadline_at=timezone.now())
+        overdue.append(str(SkillInvocation.objects.get(pk=invocation_id).pk))
+    poisoned = str(SkillInvocation.objects.filter(pk__in=overdue).values_list("pk", flat=True).first())
+    real_finish = invocations._finish
+
+    def finish(invocation_id, **kwargs):
+        if str(invocation_id) == poisoned:
+            raise RuntimeError("this invocation always fails")
+        return real_finish(invocation_id, **kwargs)
+
+    monkeypatch.setattr(invocations, "_finish", finish)
+    with django_capture_on_commit_callbacks(execute=True), pytest.raises(RowsFailed) as failed:
+        tasks.sweep_invocations()
+    assert [str(pk) for pk in failed.value.failed] == [poisoned] and failed.value.applied == 1
+    statuses = dict(SkillInvocation.objects.filter(pk__in=overdue).values_list("pk", "status"))
+    assert {str(pk): status for pk, status in statuses.items()} == {
+        poisoned: "processing", **{pk: "timeout" for pk in overdue if pk != poisoned}}
+    assert poisoned in caplog.text
+
+
 def test_a_replayed_authorization_is_refused_and_charged_once(market, django_capture_on_commit_callbacks):
     payment = market.pay("translate")
     buyer = usdc_balance(market.chain, market.buyer.address)

@@ -260,6 +260,34 @@ def test_a_nonce_reused_on_another_call_is_422(active, http_server):
     assert len(http_server.requests) == 1 and books(active) == (PRICE, 0)
 
 
+def test_a_dead_call_the_reaper_cannot_settle_is_logged_and_skipped_and_the_others_are_settled(
+        active, settings, monkeypatch, caplog):
+    """One nonce replay whose settling raised (bad data, a bug) ended the reaper's run at every beat: every replay
+    after it kept its nonce claimed, its retries 409 `request_in_progress` for ever."""
+    from agreements import tasks
+    from marketplace.sweeps import RowsFailed
+
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+    for nonce in ("poisoned", "dead-1", "dead-2"):
+        ProxyReplay.objects.create(agreement=agreement, request_nonce=nonce,
+                                   request_fingerprint=proxy.request_fingerprint("GET", "/work", b""))
+    ProxyReplay.objects.update(created_at=timezone.now() - timedelta(hours=1))
+    real_settle = metering.replay_settle
+
+    def replay_settle(*, agreement_id, request_nonce):
+        if request_nonce == "poisoned":
+            raise RuntimeError("this replay always fails")
+        return real_settle(agreement_id=agreement_id, request_nonce=request_nonce)
+
+    monkeypatch.setattr(metering, "replay_settle", replay_settle)
+    with pytest.raises(RowsFailed) as failed:
+        tasks.reap_call_intents()
+    poisoned = ProxyReplay.objects.get(request_nonce="poisoned")
+    assert failed.value.failed == [poisoned.pk] and failed.value.applied == 2
+    assert list(ProxyReplay.objects.values_list("request_nonce", flat=True)) == ["poisoned"]
+    assert str(poisoned.pk) in caplog.text and "this replay always fails" in caplog.text
+
+
 def test_the_reaper_settles_calls_whose_process_died(active, settings):
     """What a server process that died mid-call leaves: a reservation with its intent, the answer recorded or not,
     a nonce claimed. The reaper charges the answered call, releases the other, and answers the nonces."""
