@@ -30,7 +30,7 @@ from agreements.models import (
 from catalog.models import Agent
 from escrow import chain, chain_clock, relayer, selectors
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
-from marketplace import chainconfig
+from marketplace import chainconfig, sweeps
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.logging import agreement_context, logs_name_the_agreement
 from marketplace.signatures import receipt_sign, signer_require
@@ -476,12 +476,13 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     now = now if now is not None else chain_clock.chain_now()
     now_dt = datetime.fromtimestamp(now, tz=UTC)
     done = {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
+    failures = sweeps.RowFailures("settlement tick")
     # Active agreements past their end: used ones complete (the proposal below); from the escrow's reclaimAfter on,
     # when nothing can be proposed any more, every one whose escrow has nothing proposed is reclaimed for the buyer.
     # A chain read that fails for one agreement (a node timing out, an escrow a reorg took) is logged and the others
     # go on: raised, it would leave every agreement after it undone at every tick.
     for agreement in agreement_selectors.agreements_past_expiry(now=now_dt):
-        with agreement_context(agreement.pk), _goes_on_after_chain_error("expiry"):
+        with agreement_context(agreement.pk), _goes_on_after_chain_error("expiry", agreement.pk, failures):
             terms = selectors.escrow_terms(agreement=agreement)
             if _proposal_period_over(terms, now=now):
                 if _reclaim(agreement, terms=terms):
@@ -491,33 +492,37 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
                 done["expired"] += 1
     stale = agreement_selectors.calls_stale_before(now=timezone.now())
     for agreement in agreement_selectors.agreements_ready_to_propose(stale_reservation_before=stale):
-        with agreement_context(agreement.pk), _goes_on_after_chain_error("proposal"):
+        with agreement_context(agreement.pk), _goes_on_after_chain_error("proposal", agreement.pk, failures):
             if settlement_propose(agreement_id=agreement.pk, now=now):
                 done["proposed"] += 1
     for agreement in agreement_selectors.agreements_proposed_below_their_last_receipt(now=now_dt):
-        with agreement_context(agreement.pk), _goes_on_after_chain_error("proposal"):
+        with agreement_context(agreement.pk), _goes_on_after_chain_error("proposal", agreement.pk, failures):
             if settlement_repropose(agreement_id=agreement.pk, now=now):
                 done["proposed"] += 1
     for agreement in agreement_selectors.agreements_in_status(status=AgreementStatus.IN_CHALLENGE).filter(
             challenge_deadline__lte=now_dt):
-        with agreement_context(agreement.pk), _goes_on_after_chain_error("finalize"):
+        with agreement_context(agreement.pk), _goes_on_after_chain_error("finalize", agreement.pk, failures):
             if _finalize(agreement, now=now):
                 done["finalizing"] += 1
+    failures.raise_if_any(applied=sum(done.values()))
     return done
 
 
 @contextmanager
-def _goes_on_after_chain_error(step: str) -> Iterator[None]:
+def _goes_on_after_chain_error(step: str, agreement_id, failures: sweeps.RowFailures) -> Iterator[None]:
     """One agreement's step of the settlement tick: a chain error is logged (with the agreement, from the log
     context) and the tick goes on; the step is tried again at the next tick. A node that cannot be reached at all
-    (RpcUnreachable) stops the tick, as it stops the relayer's poll: walking on, every agreement would wait on it."""
-    try:
-        yield
-    except chain.RpcUnreachable:
-        raise  # nothing answers: every other agreement's read fails the same way (the task retries later)
-    except chain.ChainError as error:
-        logger.warning("settlement step not done: the chain read failed", extra={
-            "step": step, "error": f"{type(error).__name__}: {error}"[:500]})
+    (RpcUnreachable) stops the tick, as it stops the relayer's poll: walking on, every agreement would wait on it.
+    Any other error is logged with the agreement and counted, the tick goes on, and it raises RowsFailed at its
+    end: raised at once, one agreement that always failed (bad data, a bug) left every one after it unsettled."""
+    with failures.row(agreement_id, reraise=(chain.RpcUnreachable,), atomic=False):
+        try:
+            yield
+        except chain.RpcUnreachable:
+            raise  # nothing answers: every other agreement's read fails the same way (the task retries later)
+        except chain.ChainError as error:
+            logger.warning("settlement step not done: the chain read failed", extra={
+                "step": step, "error": f"{type(error).__name__}: {error}"[:500]})
 
 
 def _reclaim(agreement: UsageAgreement, *, terms: tuple) -> ChainTransaction | None:

@@ -3,7 +3,7 @@ messages for the rows it found due."""
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 
 from django.db import transaction
@@ -34,11 +34,12 @@ class RowFailures:
         self.sweep, self.failed = sweep, []
 
     @contextmanager
-    def row(self, row_id, *, reraise: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-        """One row's work in its own transaction (a savepoint inside one). `reraise`: errors that end the run (a
-        node that cannot be reached: every row after it would fail the same way)."""
+    def row(self, row_id, *, reraise: tuple[type[BaseException], ...] = (), atomic: bool = True) -> Iterator[None]:
+        """One row's work in its own transaction (a savepoint inside one), or, `atomic` False, in the transactions
+        it takes itself (a step that reads the chain outside any). `reraise`: errors that end the run (a node that
+        cannot be reached: every row after it would fail the same way)."""
         try:
-            with transaction.atomic():
+            with transaction.atomic() if atomic else nullcontext():
                 yield
         except reraise:
             raise

@@ -235,6 +235,34 @@ def test_one_agreement_whose_chain_read_fails_does_not_stop_the_settlement_of_th
     assert [status for pk, status in statuses.items() if pk != str(failing[0])] == ["settled"]
 
 
+def test_one_agreement_whose_settlement_step_raises_is_logged_and_skipped_and_the_others_are_settled(
+        funded, escrow_chain, django_capture_on_commit_callbacks, monkeypatch, caplog):  # noqa: F811
+    """Only a chain error let the tick go on: any other error for one agreement (bad data, a bug) raised out of
+    the tick, and every agreement after it was never settled, at every tick."""
+    from marketplace.sweeps import RowsFailed
+
+    capture = django_capture_on_commit_callbacks
+    two_agreements_due_to_finalize(funded, escrow_chain, capture)
+
+    real, failing = selectors.escrow_terms, []
+
+    def terms_of(*, agreement):
+        if not failing or failing == [agreement.pk]:
+            failing[:] = [agreement.pk]
+            raise RuntimeError("this agreement always fails")
+        return real(agreement=agreement)
+
+    monkeypatch.setattr(selectors, "escrow_terms", terms_of)
+    with capture(execute=True), pytest.raises(RowsFailed) as failed:
+        settlement.settlement_tick()
+    confirm_all(capture)
+    assert failed.value.failed == failing and failed.value.applied == 1
+    statuses = {str(agreement.pk): agreement.status for agreement in UsageAgreement.objects.all()}
+    assert statuses[str(failing[0])] == "in_challenge"
+    assert [status for pk, status in statuses.items() if pk != str(failing[0])] == ["settled"]
+    assert str(failing[0]) in caplog.text and "this agreement always fails" in caplog.text
+
+
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
