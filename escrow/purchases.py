@@ -55,6 +55,7 @@ committed), RefundRequested (refund asked, not yet disputed), Disputed, Withdraw
 (buyer refunded), DisputedWithdrawn (a dispute paid out). null until the funds are locked.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -76,7 +77,7 @@ from agreements.models import AWAITING_FUNDING_STATUSES, AgreementStatus, UsageA
 from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
 from escrow import chain, chain_clock, selectors, services, settlement
 from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose
-from marketplace import masumi_agentic_client, postgresql
+from marketplace import masumi_agentic_client, postgresql, sweeps
 from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, NotFound
 from marketplace.signatures import signer_require
 
@@ -677,43 +678,52 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     now = now if now is not None else chain_clock.chain_now()
     now_dt = _moment(now)
     done = {"expired": 0, "disputed": 0, "released": 0, "refunding": 0}
+    # Each purchase alone: one that raises (bad data, a bug) is logged and skipped, the others done, and the tick
+    # raises RowsFailed at its end; a node down (RpcUnavailable) still ends it (the task retries).
+    failures = sweeps.RowFailures("masumi purchases tick")
+    alone = functools.partial(failures.row, reraise=(chain.RpcUnavailable,), atomic=False)
     # Never funded by payByTime: the signed intent can no longer be mined, so the purchase is over.
     unfunded = MasumiPurchase.objects.filter(agreement__status__in=AWAITING_FUNDING_STATUSES,
                                              pay_by_time__lte=now_dt)
     for agreement_id in list(unfunded.values_list("agreement_id", flat=True)[:500]):
-        if agreement_services.agreement_expire_unfunded(agreement_id=agreement_id,
-                                                        reason="payByTime passed before the funds were locked"):
-            done["expired"] += 1
+        with failures.row(agreement_id):
+            if agreement_services.agreement_expire_unfunded(agreement_id=agreement_id,
+                                                            reason="payByTime passed before the funds were locked"):
+                done["expired"] += 1
     # A refund asked for and no result by submitResultTime: paid back now, by the purchase's own timers (a zero
     # proposal the buyer's signed request challenges, then the arbiter's resolve(0)), not the reclaim grace.
     unanswered = MasumiPurchase.objects.filter(
         agreement__status=S.ACTIVE, result_hash="", refund_requested_at__isnull=False,
         submit_result_time__lte=now_dt, unlock_time__gt=now_dt).exclude(refund_signature="")
     for purchase in unanswered.select_related("agreement"):
-        if _zero_proposal(purchase, now=now):
-            done["refunding"] += 1
+        with alone(purchase.agreement_id):
+            if _zero_proposal(purchase, now=now):
+                done["refunding"] += 1
     # A refund asked for before the result: dispute the result once its proposal is on-chain.
     for purchase in MasumiPurchase.objects.filter(refund_requested_at__isnull=False, agreement__status=S.IN_CHALLENGE,
                                                   ).exclude(refund_signature="").select_related("agreement"):
         if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.CHALLENGE):
             continue
-        try:
-            _dispute(purchase)  # no transaction around it: it reads the chain, then takes its own
-            done["disputed"] += 1
-        except ApplicationError as error:
-            if error.code != "refund_request_withdrawn":
-                _record_error(purchase.pk, error)
+        with alone(purchase.agreement_id):
+            try:
+                _dispute(purchase)  # no transaction around it: it reads the chain, then takes its own
+                done["disputed"] += 1
+            except ApplicationError as error:
+                if error.code != "refund_request_withdrawn":
+                    _record_error(purchase.pk, error)
     # Disputes nobody resolved by externalDisputeUnlockTime go to the buyer; so do disputes of no result at all.
     for purchase in MasumiPurchase.objects.filter(
             Q(external_dispute_unlock_time__lte=now_dt) | Q(result_hash=""),
             agreement__status=S.DISPUTED).select_related("agreement"):
         if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
             continue
-        try:
-            settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
-            done["released"] += 1
-        except ApplicationError as error:
-            _record_error(purchase.pk, error)
+        with alone(purchase.agreement_id):
+            try:
+                settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
+                done["released"] += 1
+            except ApplicationError as error:
+                _record_error(purchase.pk, error)
+    failures.raise_if_any(applied=sum(done.values()))
     return done
 
 

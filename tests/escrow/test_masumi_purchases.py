@@ -443,6 +443,36 @@ def test_a_service_whose_sellers_owner_is_deactivated_is_not_bought(escrow_chain
     assert seller_service.started == []
 
 
+def test_an_unfunded_purchase_whose_expiry_raises_is_logged_and_skipped_and_the_others_expire(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch, caplog):
+    """One purchase whose expiry always raised (bad data, a bug) ended the Masumi tick at every run: no purchase
+    after it expired, and no refund, dispute or release below it was done."""
+    from agreements import services as agreement_services
+    from marketplace.sweeps import RowsFailed
+
+    chain = escrow_chain
+    parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
+    created = [parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
+                                                    "agentIdentifier": str(parties.service.pk)}).json()["data"]
+               for _ in range(2)]
+    chain.increase_time(max(c["ActivationPackage"]["deadline"] for c in created) - chain.now())
+    poisoned = MasumiPurchase.objects.values_list("agreement_id", flat=True).first()
+    real_expire = agreement_services.agreement_expire_unfunded
+
+    def expire_unfunded(*, agreement_id, reason):
+        if agreement_id == poisoned:
+            raise RuntimeError("this purchase always fails")
+        return real_expire(agreement_id=agreement_id, reason=reason)
+
+    monkeypatch.setattr(agreement_services, "agreement_expire_unfunded", expire_unfunded)
+    with pytest.raises(RowsFailed) as failed:
+        run(django_capture_on_commit_callbacks, purchases.purchases_tick)
+    assert failed.value.failed == [poisoned] and failed.value.applied == 1
+    statuses = dict(MasumiPurchase.objects.values_list("agreement_id", "agreement__status"))
+    assert statuses.pop(poisoned) != "expired" and list(statuses.values()) == ["expired"]
+    assert str(poisoned) in caplog.text
+
+
 def test_purchase_never_funded_by_pay_by_time_expires(escrow_chain, seller_service,
                                                       django_capture_on_commit_callbacks):
     chain = escrow_chain
