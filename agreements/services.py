@@ -1142,6 +1142,15 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
     _transition(subject_id, to=to, actor=who, reason=reason, changes=changes)
 
 
+def offer_withdrawn_check(service: Service, *, then: str) -> None:
+    """409 `service_deregistered` / `seller_deactivated` when the service's seller withdrew the offer a purchase was
+    made on (the service deregistered, the seller deactivated) since: `then` says when, and what the caller does."""
+    if service.state != ServiceState.REGISTERED:
+        raise Conflict(f"This service was deregistered {then}.", code="service_deregistered")
+    if not service.seller.sells:
+        raise Conflict(f"This service's seller was deactivated {then}.", code="seller_deactivated")
+
+
 def _approval_policy_check(agreement: UsageAgreement) -> None:
     """An approval consents to a purchase that can still be made and that the policy allows but for its threshold.
     One the policy has since come to deny (a seller blocked, a cap or limit lowered), or of a buyer deactivated since
@@ -1150,13 +1159,7 @@ def _approval_policy_check(agreement: UsageAgreement) -> None:
     request is left pending (the owner changes the policy and approves again, or rejects). The policy is checked as
     when the money moves (`_payment_policy_refusal`), which still holds then; the buyer is locked after the
     agreement, as there."""
-    service = agreement.service
-    if service.state != ServiceState.REGISTERED:
-        raise Conflict("This service was deregistered while the purchase waited: reject it.",
-                       code="service_deregistered")
-    if not service.seller.sells:
-        raise Conflict("This service's seller was deactivated while the purchase waited: reject it.",
-                       code="seller_deactivated")
+    offer_withdrawn_check(agreement.service, then="while the purchase waited: reject it")
     try:
         _buyer_policy_decision(buyer=agreement.buyer, service=agreement.service, token=agreement.token,
                                amount=agreement.deposit_amount + agreement.infra_fee, at=timezone.now(),

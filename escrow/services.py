@@ -17,7 +17,7 @@ from web3 import Web3
 
 from agreements import services as agreement_services
 from agreements.models import UsageAgreement, can_activate
-from catalog.models import Agent, Service, ServiceState
+from catalog.models import Agent, Service
 from escrow import chain, chain_clock, relayer, selectors
 from escrow.models import ChainEvent, ChainTransaction, MasumiPurchase, TxPurpose, TxStatus
 from marketplace import chainconfig
@@ -220,13 +220,8 @@ def _purchase_offer_stands(agreement: UsageAgreement) -> None:
     a job the marketplace would start at a service that is gone. (An agreement the seller accepted itself goes on.)"""
     if not MasumiPurchase.objects.filter(agreement_id=agreement.pk).exists():
         return
-    service = Service.objects.select_related("seller").get(pk=agreement.service_id)
-    if service.state != ServiceState.REGISTERED:
-        raise Conflict("The service was deregistered since this purchase; its funds are not locked.",
-                       code="service_deregistered")
-    if not service.seller.sells:
-        raise Conflict("The service's seller was deactivated since this purchase; its funds are not locked.",
-                       code="seller_deactivated")
+    agreement_services.offer_withdrawn_check(Service.objects.select_related("seller").get(pk=agreement.service_id),
+                                             then="since this purchase: its funds are not locked")
 
 
 def _activation_signed(tx: ChainTransaction) -> None:

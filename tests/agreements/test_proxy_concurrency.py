@@ -40,21 +40,12 @@ def test_concurrent_calls_charge_exactly_the_budget(escrow_chain, http_server, l
 
 def test_a_retry_while_the_first_call_runs_is_409_request_in_progress_and_charged_once(
         escrow_chain, http_server, live_server):
-    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
-    agreement = parties.accepted_agreement(quantity=5)
-    assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
-                                  parties.signed_activation(agreement["id"])).status_code == 202
-    poll_mined()
-    url = f"{live_server.url}/metered-proxy/{agreement['id']}/work"
+    parties, agreement, url = _active_agreement_proxy_url(escrow_chain, http_server, live_server)
     headers = {"Authorization": f"Bearer {parties.buyer_api.secret}", "X-Request-Nonce": "job-7"}
     http_server.responses.append((200, {"done": True}, 5))  # the seller takes its time over the first call
 
     with httpx.Client(timeout=30) as client, ThreadPoolExecutor(max_workers=1) as pool:
-        first = pool.submit(client.get, url, headers=headers)
-        deadline = time.monotonic() + 20
-        while not http_server.requests:
-            assert time.monotonic() < deadline and not first.done(), "the first call never reached the seller"
-            time.sleep(0.05)
+        first = _first_call_at_the_seller(pool, client, url, headers, http_server)
         in_flight = client.get(url, headers=headers)
         answered = first.result()
         replayed = client.get(url, headers=headers)
@@ -73,21 +64,12 @@ def test_a_retry_while_a_call_that_fails_runs_is_409_and_one_after_its_5xx_is_fo
         escrow_chain, http_server, live_server):
     """The nonce of a call not charged (its upstream answered 5xx) is released once it has answered, not while it
     runs: a retry meanwhile is still 409 `request_in_progress`."""
-    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
-    agreement = parties.accepted_agreement(quantity=5)
-    assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
-                                  parties.signed_activation(agreement["id"])).status_code == 202
-    poll_mined()
-    url = f"{live_server.url}/metered-proxy/{agreement['id']}/work"
+    parties, agreement, url = _active_agreement_proxy_url(escrow_chain, http_server, live_server)
     headers = {"Authorization": f"Bearer {parties.buyer_api.secret}", "X-Request-Nonce": "job-8"}
     http_server.responses.extend([(503, {"error": "busy"}, 5), (200, {"done": True})])
 
     with httpx.Client(timeout=30) as client, ThreadPoolExecutor(max_workers=1) as pool:
-        first = pool.submit(client.get, url, headers=headers)
-        deadline = time.monotonic() + 20
-        while not http_server.requests:
-            assert time.monotonic() < deadline and not first.done(), "the first call never reached the seller"
-            time.sleep(0.05)
+        first = _first_call_at_the_seller(pool, client, url, headers, http_server)
         in_flight = client.get(url, headers=headers)
         failed = first.result()
         retried = client.get(url, headers=headers)
@@ -101,3 +83,23 @@ def test_a_retry_while_a_call_that_fails_runs_is_409_and_one_after_its_5xx_is_fo
     agreement_row = UsageAgreement.objects.get(pk=agreement["id"])
     assert (agreement_row.used, agreement_row.reserved) == (parties.service.unit_price, 0)
     assert UsageEvent.objects.filter(agreement=agreement_row).count() == 1
+
+
+def _active_agreement_proxy_url(escrow_chain, http_server, live_server):
+    """(parties, agreement, the proxy URL of its `work` path) of an agreement funded on-chain."""
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=5)
+    assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                  parties.signed_activation(agreement["id"])).status_code == 202
+    poll_mined()
+    return parties, agreement, f"{live_server.url}/metered-proxy/{agreement['id']}/work"
+
+
+def _first_call_at_the_seller(pool, client, url, headers, http_server):
+    """The first call, sent on the pool, once it has reached the seller (which takes its time answering it)."""
+    first = pool.submit(client.get, url, headers=headers)
+    deadline = time.monotonic() + 20
+    while not http_server.requests:
+        assert time.monotonic() < deadline and not first.done(), "the first call never reached the seller"
+        time.sleep(0.05)
+    return first
