@@ -6,7 +6,6 @@ from rest_framework import serializers
 
 from agreements import selectors
 from agreements.models import APPROVAL_SUBJECT, AgreementEvent, AgreementStatus, SettlementModel
-from marketplace.chainconfig import receipt_signer_address
 from marketplace.pagination import PageQuerySerializer
 from marketplace.serializers import (
     AddressSerializerField,
@@ -392,8 +391,8 @@ class UsageEventSerializer(serializers.Serializer):
         return self._signer() if event.receipt_signature else ""
 
     def _signer(self) -> str:
-        """Of the agreement's escrow (context `receipt_signer`, what `selectors.receipt_signer_of` answers)."""
-        return self.context.get("receipt_signer") or receipt_signer_address()
+        """Of the agreement's escrow: context `receipt_signer`, as `selectors.receipt_signer_of` answers it."""
+        return self.context["receipt_signer"]
 
     def to_representation(self, event) -> dict:
         """The fields above, read directly: DRF's generic walk over 17 fields was most of the CPU of answering a
@@ -517,7 +516,8 @@ class RecordedUsageSerializer(AgreementSerializer):
 
     def get_events(self, agreement) -> UsageEventSerializer(many=True):
         return UsageEventSerializer(self.context["events"], many=True,
-                                    context={"receipt_signer": agreement.receipt_signer}).data
+                                    context={"receipt_signer": selectors.receipt_signer_of(agreement.receipt_signer)}
+                                    ).data
 
 
 class CompleteSerializer(StrictSerializer):

@@ -134,6 +134,15 @@ def fee_for(*, amount: int, schedule: FeeSchedule | None = None) -> int:
     return max(percent + schedule.fixed_atomic, schedule.minimum_atomic)
 
 
+def fee_and_total_for(*, amount: int, purpose: str, schedule: FeeSchedule) -> tuple[int, int]:
+    """(fee, what the buyer pays) for `amount`: a direct purchase pays the fee on top; a skill invocation's price
+    includes its fee (x402 pays exactly the price; the fee is kept from the seller's payout)."""
+    if purpose == "skill_invocation":
+        return invocations.invocation_fee(amount=amount), amount
+    fee = fee_for(amount=amount, schedule=schedule)
+    return fee, amount + fee
+
+
 def fee_recipient(schedule: FeeSchedule | None = None) -> str:
     schedule = schedule or fee_schedule_current()
     return schedule.fee_recipient or settings.FEE_RECIPIENT

@@ -203,13 +203,10 @@ class PaymentRequirementsView(APIView):
         amount = query.validated_data.get("amount_atomic") or cents * 10_000  # USDC: 6 decimals, 1 cent = 10^4
         schedule = services.fee_schedule_current()
         purpose = query.validated_data["purpose"]
-        # A skill's price includes its fee (x402 pays exactly the price; the fee is kept from the seller's payout).
-        invocation = purpose == "skill_invocation"
-        fee = (invocations.invocation_fee(amount=amount) if invocation
-               else services.fee_for(amount=amount, schedule=schedule))
+        fee, total = services.fee_and_total_for(amount=amount, purpose=purpose, schedule=schedule)
         return Response(PaymentRequirementsSerializer({
             "rail": query.validated_data["rail"], "purpose": purpose, "amount_atomic": amount, "fee_atomic": fee,
-            "total_atomic": amount if invocation else amount + fee, "amount_cents": cents, "fee_cents": -(-fee // 10_000),
+            "total_atomic": total, "amount_cents": cents, "fee_cents": -(-fee // 10_000),
             "token": {"symbol": "USDC", "address": chainconfig.usdc_address(), "decimals": 6},
             "chain_id": settings.CHAIN_ID, "network": settings.CHAIN_NETWORK,
             "fee_recipient": services.fee_recipient(schedule), "gas_wallet_address": relayer_address(),

@@ -16,7 +16,7 @@ from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
 
 from agreements import selectors, views
-from agreements.models import UsageEvent
+from agreements.models import UsageAgreement, UsageEvent
 from agreements.serializers import AgreementSerializer, RecordedUsageSerializer, UsageEventSerializer
 from marketplace.serializers import FieldsBoundOnceSerializer
 from catalog.models import ApiKey
@@ -40,7 +40,9 @@ def active(escrow_chain, django_capture_on_commit_callbacks):
 
 def _as_drf_renders(events) -> list[dict]:
     """The events as DRF's generic Serializer.to_representation renders UsageEventSerializer's declared fields."""
-    generic = [serializers.Serializer.to_representation(UsageEventSerializer(), event) for event in events]
+    signer = selectors.receipt_signer_of(UsageAgreement.objects.get(pk=events[0].agreement_id).receipt_signer)
+    serializer = UsageEventSerializer(context={"receipt_signer": signer})  # as the views give it
+    generic = [serializers.Serializer.to_representation(serializer, event) for event in events]
     return json.loads(JSONRenderer().render(generic))
 
 
