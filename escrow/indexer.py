@@ -6,8 +6,8 @@ INDEXER_BLOCK_RANGE blocks (following the head, at most INDEXER_LOGS_BY_HASH_BLO
 hash, which a node behind refuses rather than answering empty), from the escrow's deployment block up to the block
 CHAIN_CONFIRMATIONS deep (and no newer than the node's `safe` or `finalized` block when INDEXER_HEAD_TAG names one):
 
-- every escrow event, and every token `Transfer` from or to the escrow, the treasury (relayer) or the fee
-  recipient, stored once as a `ChainEvent` (unique by block hash and log index);
+- every escrow event, and every token `Transfer` of a non-zero amount from or to the escrow, the treasury (relayer)
+  or the fee recipient, stored once as a `ChainEvent` (unique by block hash and log index);
 - each escrow event moves its agreement through agreements' services (`_TARGETS`): the same calls the relayer's
   receipts make, so whichever of the two comes first applies the transition and the other is a no-op;
 - an event that cannot be applied (an illegal transition, an escrow that is not this agreement's intent) is
@@ -269,6 +269,8 @@ def _store_and_apply(cursor: IndexerCursor, log) -> None:
     if decoded is None:
         return
     name, args = decoded
+    if name == _TRANSFER and int(args["value"]) == 0:
+        return  # moves nothing, and costs anyone only gas (`transferFrom(watched, x, 0)` needs no allowance)
     IndexedBlock.objects.get_or_create(cursor=cursor, number=log["blockNumber"], defaults={"hash": block_hash})
     event = ChainEvent(cursor=cursor, block_number=log["blockNumber"], block_hash=block_hash, tx_hash=tx_hash,
                        log_index=log["logIndex"], contract=Web3.to_checksum_address(log["address"]), name=name,

@@ -418,3 +418,18 @@ def test_logs_a_node_behind_had_not_yet_are_applied_once_it_has_them(
     chain.mine(2)
     index(capture)
     assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+
+
+def test_zero_value_transfers_anyone_makes_to_or_from_watched_addresses_are_not_stored(escrow_chain, settings):
+    """A token Transfer of 0 costs a stranger only gas (`transfer(treasury, 0)`, and `transferFrom(treasury, x, 0)`
+    needs no allowance): stored, every one was a row (and an indexed block) per log for ever, moving nothing."""
+    chain, stranger = escrow_chain, escrow_chain.accounts.stranger.address
+    watched = [chain.addresses["escrow"], chain.accounts.deployer.address, chain.accounts.fee_recipient.address]
+    for address in watched:
+        mined(chain, chain.usdc.functions.transfer(address, 0).transact({"from": stranger}))
+        mined(chain, chain.usdc.functions.transferFrom(address, stranger, 0).transact({"from": stranger}))
+    mined(chain, chain.usdc.functions.mint(stranger, 1).transact({"from": chain.accounts.deployer.address}))
+    mined(chain, chain.usdc.functions.transfer(chain.addresses["escrow"], 1).transact({"from": stranger}))
+
+    indexer.index_pass()
+    assert [int(event.args["value"]) for event in ChainEvent.objects.filter(name="Transfer")] == [1]
