@@ -32,6 +32,7 @@ held -> paying_out | refunding change.
 """
 
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -47,11 +48,17 @@ from django.db.models import Q
 from django.utils import timezone
 
 from agreements import x402_protocol
-from agreements.models import NO_PAYMENT_REVERSAL, InvocationMoney, InvocationStatus, SkillInvocation
+from agreements.models import (
+    NO_PAYMENT_REVERSAL,
+    InvocationMoney,
+    InvocationSellerFailure,
+    InvocationStatus,
+    SkillInvocation,
+)
 from catalog.models import Agent, Skill
 from marketplace import bounded_json, outbound, outbound_slots, rotation, sweeps
 from marketplace.concurrency import Bulkhead
-from marketplace.errors import Conflict, NotFound
+from marketplace.errors import Conflict, NotFound, TooManyRequests
 from sdk import proxy_signature
 
 logger = logging.getLogger(__name__)
@@ -127,6 +134,42 @@ def invocation_priced_check(skill: Skill) -> tuple[int, int]:
                        "seller must price it higher.", code="skill_price_below_fee",
                        details={"price_atomic": price, "fee_atomic": fee})
     return price, fee
+
+
+def invocation_failures_check(*, seller: Agent, buyer: Agent | None, payer: str = "") -> None:
+    """Before anything is quoted or paid: a buyer party with INVOCATION_FAILURES_PER_BUYER_SELLER invocations of
+    `seller` failed within INVOCATION_FAILURE_WINDOW (`InvocationSellerFailure`: refunded whole, both transactions'
+    gas the relayer's), or INVOCATION_FAILURES_PER_BUYER of every seller's together (a seller under many identities),
+    is 429 `seller_failing_for_you` until the oldest of those leaves the window (`details.retry_after_seconds`,
+    Retry-After; `details.bound`: seller or buyer). Else an owner whose seller agent always fails, called by its own
+    buyer agents, had the relayer pay that gas for nothing at RATE_LIMIT_PAYMENTS per agent.
+
+    The party is the buyer agent's owner (its agents together: creating agents does not multiply the bound), else
+    the anonymous payer's wallet (`payer`; unknown before it signs: then nothing is checked). Counted per party, never
+    per seller alone: a buyer whose input makes a seller fail stops only its own calls, not the seller's other
+    buyers'. A 429 as `relay_budget_exhausted`: a budget of the caller's spent, not the seller unavailable."""
+    if buyer is not None:
+        party = Q(buyer_owner_id=buyer.owner_id)
+    elif payer:
+        party = Q(payer=payer)
+    else:
+        return
+    now, window = timezone.now(), settings.INVOCATION_FAILURE_WINDOW
+    failures = InvocationSellerFailure.objects.filter(party, failed_at__gt=now - window)
+    for bound, counted, allowed in (("seller", failures.filter(seller=seller), settings.INVOCATION_FAILURES_PER_BUYER_SELLER),
+                                    ("buyer", failures, settings.INVOCATION_FAILURES_PER_BUYER)):
+        if allowed <= 0:
+            continue
+        recent = list(counted.order_by("-failed_at").values_list("failed_at", flat=True)[:allowed])
+        if len(recent) < allowed:
+            continue
+        retry_after = max(1, math.ceil((recent[-1] + window - now).total_seconds()))
+        whose = "this seller's skills" if bound == "seller" else "skills"
+        raise TooManyRequests(
+            f"{allowed} of your invocations of {whose} failed within {int(window.total_seconds())} s and were "
+            f"refunded, at the platform's gas: you may invoke {whose} again once the oldest is out of that window.",
+            code="seller_failing_for_you", retry_after=retry_after,
+            details={"bound": bound, "failures": allowed, "retry_after_seconds": retry_after})
 
 
 PAYMENT_REVERTED = "payment_reverted"
@@ -452,7 +495,17 @@ def _finish(invocation_id, *, to: str, result=None, error: str = "") -> SkillInv
         invocation.save(update_fields=["status", "result", "error", "completed_at", "money", "updated_at"])
         if settle:
             _settle(invocation)
+            if to != Status.COMPLETED:
+                _seller_failure_record(invocation)
     return invocation
+
+
+def _seller_failure_record(invocation: SkillInvocation) -> None:
+    """The seller failed `invocation`, refunded whole: counted against its buyer party (invocation_failures_check)."""
+    owner_id = Agent.objects.filter(pk=invocation.buyer_id).values_list("owner_id", flat=True).first()
+    InvocationSellerFailure.objects.create(invocation=invocation, seller_id=invocation.seller_id,
+                                           buyer_owner_id=owner_id, payer=invocation.authorization.payer,
+                                           failed_at=invocation.completed_at)
 
 
 def _settling(status: str) -> str:

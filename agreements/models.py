@@ -1,6 +1,7 @@
 import uuid
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
 
@@ -626,3 +627,25 @@ class SkillInvocation(PaymentReversal):
     @property
     def public_id(self) -> str:
         return f"inv_{self.id.hex}"
+
+
+class InvocationSellerFailure(models.Model):
+    """A skill invocation its seller failed once called (an error, a timeout), whose whole price was refunded: the
+    relayer paid the payment's and the refund's gas for nothing. Counted per buyer party (the buyer agent's owner,
+    else the paying wallet) within INVOCATION_FAILURE_WINDOW: `invocations.invocation_failures_check`."""
+
+    invocation = models.OneToOneField(SkillInvocation, on_delete=models.CASCADE, primary_key=True,
+                                      related_name="seller_failure")
+    seller = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="+")
+    buyer_owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+                                    related_name="+", db_index=False,
+                                    help_text="The buyer agent's owner; none for an anonymous payer.")
+    payer = AddressField(help_text="The authorization's payer.")
+    failed_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["buyer_owner", "failed_at"], name="invocation_failure_owner_idx"),
+                   models.Index(fields=["payer", "failed_at"], name="invocation_failure_payer_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.invocation} failed at {self.failed_at:%Y-%m-%d %H:%M}"

@@ -403,7 +403,12 @@ class SkillInvokeView(APIView):
                     "`policy_denied` with `details.rule`; a price the policy would send to the owner for approval "
                     "is 403 `approval_required` (with `details.rule`): a synchronous paid call cannot wait for an "
                     "approval, so nothing is recorded or charged (propose an agreement instead). Without an API "
-                    "key (the payment alone) no owner and no policy apply.",
+                    "key (the payment alone) no owner and no policy apply. A buyer party (the agent's owner, else "
+                    "the paying wallet) whose invocations of this seller failed and were refunded "
+                    "INVOCATION_FAILURES_PER_BUYER_SELLER times within INVOCATION_FAILURE_WINDOW_SECONDS (or of "
+                    "all sellers INVOCATION_FAILURES_PER_BUYER times) is 429 `seller_failing_for_you` "
+                    "(`details.bound`, `details.retry_after_seconds`, Retry-After) before anything is quoted or "
+                    "paid; the seller's other buyers are unaffected.",
         parameters=[*(OpenApiParameter(name, str, OpenApiParameter.HEADER, required=False,
                                        description="The signed x402 payment.")
                       for name in agreement_services.PAYMENT_HEADERS),
@@ -417,13 +422,15 @@ class SkillInvokeView(APIView):
     def post(self, request, handle, skill):
         skill = catalog_selectors.skill_get(handle=handle, skill_name=skill)
         agreement_services.invocation_priced_check(skill)
+        buyer = request.auth.agent if isinstance(request.auth, ApiKey) else None
+        # An agent's party is known before any quote; an anonymous payer's once its payment is read (invocation_pay).
+        agreement_services.invocation_failures_check(seller=skill.service.seller, buyer=buyer)
         body = InvokeSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         header = agreement_services.payment_header(request.headers)
         if not header:
             return _payment_required_response(request, skill, code="payment_required",
                                               message="Pay for this skill with x402 and retry.")
-        buyer = request.auth.agent if isinstance(request.auth, ApiKey) else None
         payment = x402_onchain.SignedPayment(
             header=header, holder=_quote_holder(request),
             payer=buyer.wallet_address if buyer else request.headers.get(agreement_services.PAYER_HEADER))

@@ -151,11 +151,13 @@ class SignedPayment:
 
 def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: SignedPayment
                    ) -> tuple[SkillInvocation, ChainTransaction]:
-    """Check the signed payment (raises InvalidPayment, nothing recorded), record the invocation and queue the
-    payment to the treasury."""
+    """Check the signed payment (raises InvalidPayment, nothing recorded) and that the buyer party may still invoke
+    this seller (`invocation_failures_check`: its payer is known now), record the invocation and queue the payment
+    to the treasury."""
     requirements = invocation_requirements(skill)
     authorization = agreement_services.payment_verify(payment.header, requirements, payer=payment.payer,
                                                       holder=payment.holder)
+    agreement_services.invocation_failures_check(seller=skill.service.seller, buyer=buyer, payer=authorization.payer)
     party = relayer.relay_party(agent_id=buyer.pk if buyer is not None else None, wallet=authorization.payer)
     relayer.relay_budget_check(party=party, owner_id=buyer.owner_id if buyer is not None else None,
                                wallet=authorization.payer)

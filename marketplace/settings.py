@@ -288,6 +288,14 @@ INVOCATION_INLINE_CONCURRENCY = env.int("INVOCATION_INLINE_CONCURRENCY", default
 # gas of its two transactions, the payment and the payout). A skill priced at or below it is 409 skill_price_below_fee.
 INVOCATION_FEE_MINIMUM_ATOMIC = env.int("INVOCATION_FEE_MINIMUM_ATOMIC", default=5_000)
 INVOCATION_ORPHAN_AFTER = timedelta(seconds=env.int("INVOCATION_ORPHAN_AFTER_SECONDS", default=60))
+# A failed or timed-out invocation refunds the whole price and the relayer pays both transactions' gas: a buyer party
+# (an agent's owner, else the paying wallet) with this many of one seller's invocations failed within the window (or
+# with INVOCATION_FAILURES_PER_BUYER of all sellers' together) is refused that seller's (every seller's) skills until
+# the oldest leaves the window: 429 seller_failing_for_you. Counted per buyer party, so no buyer pauses a seller for
+# the others. 0: no limit.
+INVOCATION_FAILURE_WINDOW = timedelta(seconds=env.int("INVOCATION_FAILURE_WINDOW_SECONDS", default=3600))
+INVOCATION_FAILURES_PER_BUYER_SELLER = env.int("INVOCATION_FAILURES_PER_BUYER_SELLER", default=5)
+INVOCATION_FAILURES_PER_BUYER = env.int("INVOCATION_FAILURES_PER_BUYER", default=20)
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
 WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)
 # Webhook attempts in flight at once per receiving host, and per owner of the subscribing agents (all its agents);

@@ -59,18 +59,19 @@ class Market:
                      (self.buyer.address, self.seller.wallet_address, self.treasury))
 
     def call(self, skill: str, payment: str | None = None, header: str = "X-Payment-Signature",
-             api: Api | None = None):
+             api: Api | None = None, seller: str = "sol"):
         """Anonymous, or as the agent whose key `api` holds."""
-        return (api or self.caller).post(f"/agents/sol/{skill}", {"input": {"text": "hello"}},
+        return (api or self.caller).post(f"/agents/{seller}/{skill}", {"input": {"text": "hello"}},
                                          headers={header: payment} if payment else None)
 
-    def pay(self, skill: str, **overrides) -> str:
-        """Sign what the skill's 402 asks for (with `overrides` applied to its x402 requirements when given)."""
-        required_header = self.call(skill)["PAYMENT-REQUIRED"]
+    def pay(self, skill: str, seller: str = "sol", key: str | None = None, **overrides) -> str:
+        """Sign what the skill's 402 asks for (with `overrides` applied to its x402 requirements when given), from
+        the buyer's wallet unless `key` is another's."""
+        required_header = self.call(skill, seller=seller)["PAYMENT-REQUIRED"]
         if not overrides:
             network = network_of(self.chain)
-            return sign_payment_required(required_header, self.buyer.key, max_amount_atomic=USDC, network=network,
-                                         token_domain=network.token_domain)
+            return sign_payment_required(required_header, key or self.buyer.key, max_amount_atomic=USDC,
+                                         network=network, token_domain=network.token_domain)
         requirements = decode_payment_required_header(required_header).accepts[0]
         valid_before = overrides.pop("valid_before", self.chain.now() + 300)
         return sign_authorization(requirements.model_copy(update=overrides), self.buyer.key,
@@ -997,3 +998,160 @@ def test_an_owners_agents_together_have_at_most_the_owners_relayed_payments_in_f
     assert error_code(refused) == "relay_in_flight_limit_reached"
     assert refused.json()["error"]["details"]["bound"] == "owner"
     assert ChainTransaction.objects.filter(purpose="invocation_payment").count() == 1
+
+
+# --- a seller that fails its buyers: bounded per buyer party, never paused for everyone -------------------------
+
+def _failed_call(market, capture, *, api: Api | None = None, seller: str = "sol", key: str | None = None):
+    """A paid call the seller answers 500: refunded whole, the relayer paying the payment's and the refund's gas."""
+    market.upstream.responses.append((500, {"error": "this seller always fails"}))
+    payment = market.pay("translate", seller=seller, key=key)
+    with capture(execute=True):
+        response = market.call("translate", payment, api=api, seller=seller)
+    confirm_all(capture)  # the treasury's refund
+    assert response.status_code == 502, response.content
+    return response
+
+
+def _served_call(market, capture, *, api: Api | None = None, seller: str = "sol", key: str | None = None):
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate", seller=seller, key=key)
+    with capture(execute=True):
+        response = market.call("translate", payment, api=api, seller=seller)
+    confirm_all(capture)
+    return response
+
+
+def _refused_as_failing(response, settings, *, bound: str, failures: int) -> int:
+    """429 seller_failing_for_you naming the bound reached, with when the oldest counted failure leaves the window."""
+    assert response.status_code == 429, response.content
+    assert error_code(response) == "seller_failing_for_you"
+    details = response.json()["error"]["details"]
+    assert (details["bound"], details["failures"]) == (bound, failures), details
+    assert 0 < details["retry_after_seconds"] <= settings.INVOCATION_FAILURE_WINDOW.total_seconds()
+    assert int(response["Retry-After"]) == details["retry_after_seconds"]
+    return details["retry_after_seconds"]
+
+
+def _failing_seller(market, handle: str, account) -> None:
+    """Another seller agent (another owner: a seller under many identities) whose skill is served by the same
+    failing upstream."""
+    agent = AgentFactory(handle=handle, is_buyer=False, is_seller=True, wallet_address=account.address)
+    register_service(agent, upstream_base_url=market.upstream.url + "/api", skills=[
+        {"name": "translate", "price_atomic": PRICE}])
+
+
+def test_an_owners_buyers_calling_a_seller_that_always_fails_are_refused_before_any_payment_past_the_bound(
+        market, owner, settings, django_capture_on_commit_callbacks):
+    """Each failed invocation is refunded whole and the relayer pays both transactions' gas: an owner whose seller
+    agent always fails, called by its buyer agents, cost the relayer that gas for nothing, at RATE_LIMIT_PAYMENTS
+    per agent. Its agents' failed invocations of that seller count together (creating agents does not multiply
+    them): past INVOCATION_FAILURES_PER_BUYER_SELLER within the window, the next is 429 seller_failing_for_you
+    before anything is quoted or relayed, the seller not called."""
+    capture = django_capture_on_commit_callbacks
+    settings.INVOCATION_FAILURES_PER_BUYER_SELLER, settings.INVOCATION_FAILURES_PER_BUYER = 5, 20
+    agents = [Api(issue_key(AgentFactory(owner=owner, is_buyer=True, is_seller=False,
+                                         wallet_address=market.buyer.address))) for _ in range(3)]
+    for attempt in range(5):
+        _failed_call(market, capture, api=agents[attempt % 2])
+    sent, called = ChainTransaction.objects.count(), len(market.upstream.requests)
+    assert ChainTransaction.objects.filter(purpose="invocation_refund").count() == 5
+    payment = market.pay("translate")
+
+    with capture(execute=True):
+        refused = market.call("translate", payment, api=agents[2])  # an agent with no failure of its own
+
+    _refused_as_failing(refused, settings, bound="seller", failures=5)
+    assert ChainTransaction.objects.count() == sent and len(market.upstream.requests) == called
+    assert SkillInvocation.objects.count() == 5
+    # Nothing is quoted to it either.
+    _refused_as_failing(market.call("translate", api=agents[0]), settings, bound="seller", failures=5)
+
+
+def test_a_seller_failing_one_owners_buyers_still_serves_another_owners(
+        market, owner, settings, django_capture_on_commit_callbacks):
+    """The bound is the buyer party's, not the seller's: a buyer whose input makes the seller fail (or an owner
+    failing its own seller on purpose) cannot take the seller offline for its other buyers."""
+    capture = django_capture_on_commit_callbacks
+    settings.INVOCATION_FAILURES_PER_BUYER_SELLER = 2
+    failing = Api(issue_key(AgentFactory(owner=owner, is_buyer=True, is_seller=False,
+                                         wallet_address=market.buyer.address)))
+    for _ in range(2):
+        _failed_call(market, capture, api=failing)
+    _refused_as_failing(market.call("translate", market.pay("translate"), api=failing), settings,
+                        bound="seller", failures=2)
+    other_wallet = market.chain.accounts.buyer2
+    fund(market.chain, other_wallet.address, USDC)
+    other = Api(issue_key(AgentFactory(is_buyer=True, is_seller=False, wallet_address=other_wallet.address)))
+
+    served = _served_call(market, capture, api=other, key=other_wallet.key)
+    anonymous = _served_call(market, capture, key=other_wallet.key)
+
+    assert served.status_code == 200, served.content
+    assert served.json()["result"] == {"translation": "bonjour"}
+    assert anonymous.status_code == 200, anonymous.content
+    _refused_as_failing(market.call("translate", market.pay("translate"), api=failing), settings,
+                        bound="seller", failures=2)
+
+
+def test_a_buyer_owners_failed_invocations_over_all_sellers_are_bounded_too(
+        market, owner, settings, django_capture_on_commit_callbacks):
+    """A seller under many identities (an agent per failure bound) gets past a bound per seller: a buyer party's
+    failed invocations of all sellers together are bounded by INVOCATION_FAILURES_PER_BUYER (details.bound buyer)."""
+    capture = django_capture_on_commit_callbacks
+    settings.INVOCATION_FAILURES_PER_BUYER_SELLER, settings.INVOCATION_FAILURES_PER_BUYER = 2, 3
+    _failing_seller(market, "sol-two", market.chain.accounts.seller2)
+    _failing_seller(market, "sol-three", market.chain.accounts.spare)
+    buyer = Api(issue_key(AgentFactory(owner=owner, is_buyer=True, is_seller=False,
+                                       wallet_address=market.buyer.address)))
+    for seller in ("sol", "sol", "sol-two"):
+        _failed_call(market, capture, api=buyer, seller=seller)
+    sent, called = ChainTransaction.objects.count(), len(market.upstream.requests)
+
+    for seller in ("sol-three", "sol-two"):
+        with capture(execute=True):
+            refused = market.call("translate", market.pay("translate", seller=seller), api=buyer, seller=seller)
+        _refused_as_failing(refused, settings, bound="buyer", failures=3)
+    _refused_as_failing(market.call("translate", api=buyer), settings, bound="seller", failures=2)
+    assert ChainTransaction.objects.count() == sent and len(market.upstream.requests) == called
+
+
+def test_an_anonymous_payers_failed_invocations_are_counted_per_paying_wallet(
+        market, settings, django_capture_on_commit_callbacks):
+    """Without an API key the buyer party is the authorization's payer: its wallet's failed invocations are bounded
+    (refused once its payment is read, before anything is relayed); another wallet is served."""
+    capture = django_capture_on_commit_callbacks
+    settings.INVOCATION_FAILURES_PER_BUYER_SELLER = 2
+    for _ in range(2):
+        _failed_call(market, capture)
+    sent, called = ChainTransaction.objects.count(), len(market.upstream.requests)
+
+    with capture(execute=True):
+        refused = market.call("translate", market.pay("translate"))
+
+    _refused_as_failing(refused, settings, bound="seller", failures=2)
+    assert ChainTransaction.objects.count() == sent and len(market.upstream.requests) == called
+    other_wallet = market.chain.accounts.buyer2
+    fund(market.chain, other_wallet.address, USDC)
+    served = _served_call(market, capture, key=other_wallet.key)
+    assert served.status_code == 200, served.content
+
+
+def test_the_refusal_of_a_failing_seller_lifts_once_the_oldest_counted_failure_leaves_the_window(
+        market, owner, settings, monkeypatch, django_capture_on_commit_callbacks):
+    capture = django_capture_on_commit_callbacks
+    settings.INVOCATION_FAILURES_PER_BUYER_SELLER = 2
+    settings.INVOCATION_FAILURE_WINDOW = timedelta(seconds=120)
+    buyer = Api(issue_key(AgentFactory(owner=owner, is_buyer=True, is_seller=False,
+                                       wallet_address=market.buyer.address)))
+    for _ in range(2):
+        _failed_call(market, capture, api=buyer)
+    retry_after = _refused_as_failing(market.call("translate", api=buyer), settings, bound="seller", failures=2)
+
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + timedelta(seconds=retry_after - 5))
+    _refused_as_failing(market.call("translate", api=buyer), settings, bound="seller", failures=2)
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + timedelta(seconds=retry_after))
+    served = _served_call(market, capture, api=buyer)
+
+    assert served.status_code == 200, served.content
