@@ -113,7 +113,8 @@ def invocation_fee(*, amount: int) -> int:
     (price - fee: the treasury keeps it) and a price the fee would take whole is refused (`invocation_priced_check`).
     The minimum is its own setting, not the fee schedule's (0.10 USDC, sized for agreements): skills are
     micro-payments (the demo's cost 0.02 USDC). A failed or timed-out invocation refunds the whole price: the buyer
-    did nothing wrong, and the platform bears that gas as it did (the rate limits and the relay budget bound it)."""
+    did nothing wrong, and the platform bears that gas as it did (the rate limits and the relay budget bound it, and
+    per buyer party the failures it may cause: `invocation_failures_check`)."""
     from agreements.models import FeeSchedule
 
     schedule, _ = FeeSchedule.objects.get_or_create(pk=1)
