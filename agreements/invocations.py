@@ -145,20 +145,23 @@ def invocation_failures_check(*, seller: Agent, buyer: Agent | None, payer: str 
     Retry-After; `details.bound`: seller or buyer). Else an owner whose seller agent always fails, called by its own
     buyer agents, had the relayer pay that gas for nothing at RATE_LIMIT_PAYMENTS per agent.
 
-    The party is the buyer agent's owner (its agents together: creating agents does not multiply the bound), else
-    the anonymous payer's wallet (`payer`; unknown before it signs: then nothing is checked). Counted per party, never
-    per seller alone: a buyer whose input makes a seller fail stops only its own calls, not the seller's other
-    buyers'. A 429 as `relay_budget_exhausted`: a budget of the caller's spent, not the seller unavailable."""
+    The party is the buyer agent's owner (its agents together: creating agents does not multiply the bound) and the
+    paying wallet (`payer`, whoever paid from it: an anonymous payer, unknown until it signs, is that alone), as
+    the relay budget counts them. Counted per party, never per seller alone: a buyer whose input makes a seller fail
+    stops only its own calls, not the seller's other buyers'. A 429 as `relay_budget_exhausted`: a budget of the
+    caller's is spent, the seller is not unavailable."""
+    party = Q()
     if buyer is not None:
-        party = Q(buyer_owner_id=buyer.owner_id)
-    elif payer:
-        party = Q(payer=payer)
-    else:
+        party |= Q(buyer_owner_id=buyer.owner_id)
+    if payer:
+        party |= Q(payer=payer)
+    if not party:
         return
     now, window = timezone.now(), settings.INVOCATION_FAILURE_WINDOW
     failures = InvocationSellerFailure.objects.filter(party, failed_at__gt=now - window)
-    for bound, counted, allowed in (("seller", failures.filter(seller=seller), settings.INVOCATION_FAILURES_PER_BUYER_SELLER),
-                                    ("buyer", failures, settings.INVOCATION_FAILURES_PER_BUYER)):
+    bounds = (("seller", failures.filter(seller=seller), settings.INVOCATION_FAILURES_PER_BUYER_SELLER),
+              ("buyer", failures, settings.INVOCATION_FAILURES_PER_BUYER))
+    for bound, counted, allowed in bounds:
         if allowed <= 0:
             continue
         recent = list(counted.order_by("-failed_at").values_list("failed_at", flat=True)[:allowed])

@@ -403,7 +403,7 @@ class SkillInvokeView(APIView):
                     "`policy_denied` with `details.rule`; a price the policy would send to the owner for approval "
                     "is 403 `approval_required` (with `details.rule`): a synchronous paid call cannot wait for an "
                     "approval, so nothing is recorded or charged (propose an agreement instead). Without an API "
-                    "key (the payment alone) no owner and no policy apply. A buyer party (the agent's owner, else "
+                    "key (the payment alone) no owner and no policy apply. A buyer party (the agent's owner, and "
                     "the paying wallet) whose invocations of this seller failed and were refunded "
                     "INVOCATION_FAILURES_PER_BUYER_SELLER times within INVOCATION_FAILURE_WINDOW_SECONDS (or of "
                     "all sellers INVOCATION_FAILURES_PER_BUYER times) is 429 `seller_failing_for_you` "
@@ -424,7 +424,8 @@ class SkillInvokeView(APIView):
         agreement_services.invocation_priced_check(skill)
         buyer = request.auth.agent if isinstance(request.auth, ApiKey) else None
         # An agent's party is known before any quote; an anonymous payer's once its payment is read (invocation_pay).
-        agreement_services.invocation_failures_check(seller=skill.service.seller, buyer=buyer)
+        agreement_services.invocation_failures_check(seller=skill.service.seller, buyer=buyer,
+                                                     payer=buyer.wallet_address if buyer else "")
         body = InvokeSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         header = agreement_services.payment_header(request.headers)

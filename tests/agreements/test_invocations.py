@@ -1119,7 +1119,8 @@ def test_a_buyer_owners_failed_invocations_over_all_sellers_are_bounded_too(
 def test_an_anonymous_payers_failed_invocations_are_counted_per_paying_wallet(
         market, settings, django_capture_on_commit_callbacks):
     """Without an API key the buyer party is the authorization's payer: its wallet's failed invocations are bounded
-    (refused once its payment is read, before anything is relayed); another wallet is served."""
+    (refused once its payment is read, before anything is relayed), and count for an agent paying from that wallet;
+    another wallet is served."""
     capture = django_capture_on_commit_callbacks
     settings.INVOCATION_FAILURES_PER_BUYER_SELLER = 2
     for _ in range(2):
@@ -1130,6 +1131,9 @@ def test_an_anonymous_payers_failed_invocations_are_counted_per_paying_wallet(
         refused = market.call("translate", market.pay("translate"))
 
     _refused_as_failing(refused, settings, bound="seller", failures=2)
+    # An agent paying from that wallet is that wallet's party too, whoever owns it.
+    holder = Api(issue_key(AgentFactory(is_buyer=True, is_seller=False, wallet_address=market.buyer.address)))
+    _refused_as_failing(market.call("translate", api=holder), settings, bound="seller", failures=2)
     assert ChainTransaction.objects.count() == sent and len(market.upstream.requests) == called
     other_wallet = market.chain.accounts.buyer2
     fund(market.chain, other_wallet.address, USDC)
