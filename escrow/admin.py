@@ -312,14 +312,17 @@ class RelayerAccountAdmin(MoneyRecordAdmin):
 @admin.register(RelayRevert)
 class RelayRevertAdmin(MoneyRecordAdmin):
     """Relayed transactions mined reverted by what their party did (relayer.relay_budget_check): search a party
-    (agent:<id>, wallet:<address>) to see why its relayed actions are refused, and when that ends."""
+    (agent:<id>, wallet:<address>), the wallet that paid, the owner or an anonymous payer's client address to see
+    why its relayed actions are refused, and when that ends."""
 
-    list_display = ("party", "purpose", "transaction_link", "agreement", "reason", "reverted_at")
+    list_display = ("party", "wallet", "owner", "client", "purpose", "transaction_link", "agreement", "reason",
+                    "reverted_at")
     list_filter = ("transaction__purpose",)
-    search_fields = ("party", "transaction__id", "transaction__agreement__id")
-    list_select_related = ("transaction",)
+    search_fields = ("party", "wallet", "owner__username", "client", "transaction__id", "transaction__agreement__id")
+    list_select_related = ("transaction", "owner")
     ordering = ("-reverted_at",)
-    fields = ("party", "purpose", "transaction_link", "agreement", "reason", "reverted_at")
+    fields = ("party", "wallet", "owner", "client", "purpose", "transaction_link", "agreement", "reason",
+              "reverted_at")
     readonly_fields = fields
 
     @admin.display(description="purpose", ordering="transaction__purpose")

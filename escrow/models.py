@@ -1,5 +1,6 @@
 import uuid
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
@@ -135,17 +136,30 @@ class RelayRevert(models.Model):
     """A transaction the relayer sent for a party's signed purchase (a buyer's activation, direct purchase step or
     skill payment: `relayer.RELAYED_FOR`; not its challenges nor authorization cancels, its defences) that was
     mined and reverted for a reason the chain names: the party moved its funds or allowance, used its nonce or
-    authorization first, let its deadline pass, after the checks and the simulation. The relayer paid the gas; the party's relayed actions are refused once it has
-    RELAY_REVERTS_PER_PARTY of these within RELAY_REVERT_WINDOW (`relayer.relay_budget_check`). A reorg that takes
-    the block removes the row (the revert is off the chain)."""
+    authorization first, let its deadline pass, after the checks and the simulation. The relayer paid the gas; the
+    party's relayed actions are refused once it has RELAY_REVERTS_PER_PARTY of these within RELAY_REVERT_WINDOW
+    (`relayer.relay_budget_check`), and so are those of the wallet that paid, of the agent's owner and, for an
+    anonymous payer, of its client network, each as recorded here when the transaction was queued. A reorg that
+    takes the block removes the row (the revert is off the chain)."""
 
     transaction = models.OneToOneField(ChainTransaction, on_delete=models.PROTECT, related_name="relay_revert")
     party = models.CharField(max_length=80, help_text="agent:<id>, or wallet:<address> for a payer without an agent.")
+    wallet = AddressField(blank=True, help_text="The wallet that paid (blank: not known for an old row).")
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT,
+                              db_index=False,  # relayrevert_owner_at_idx leads with it
+                              related_name="+", help_text="The agent's owner; none for an anonymous payer.")
+    client = models.CharField(max_length=100, blank=True,
+                              help_text="An anonymous payer's network address (IPv6: its /64).")
     reason = models.CharField(max_length=500, blank=True)
     reverted_at = models.DateTimeField()
 
     class Meta:
-        indexes = [models.Index(fields=["party", "reverted_at"], name="relayrevert_party_at_idx")]
+        indexes = [models.Index(fields=["party", "reverted_at"], name="relayrevert_party_at_idx"),
+                   models.Index(fields=["wallet", "reverted_at"], name="relayrevert_wallet_at_idx"),
+                   models.Index(fields=["owner", "reverted_at"], name="relayrevert_owner_at_idx"),
+                   models.Index(fields=["client", "reverted_at"], name="relayrevert_client_at_idx"),
+                   models.Index(fields=["reverted_at"], condition=Q(party__startswith="wallet:"),
+                                name="relayrevert_anonymous_at_idx")]
 
     def __str__(self) -> str:
         return f"{self.party}: {self.transaction.purpose} reverted at {self.reverted_at:%Y-%m-%d %H:%M}"

@@ -45,12 +45,13 @@ import logging
 import math
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 from web3 import Web3
 
@@ -99,8 +100,14 @@ EVIDENCE_BLOCK = "block"
 # The context key of a nonce fill that took over the nonce of a transaction cancelled (`_cancel`): that one's id.
 CANCELS = "cancels"
 # The context key of a transaction sent for a party's signed action (`relay_party`): a revert of it mined is that
-# party's (`RelayRevert`), counted against its relay budget (`relay_budget_check`).
+# party's (`RelayRevert`), counted against its relay budget (`relay_budget_check`). Beside it, as they were when it
+# was queued (`RelayPayer`): the wallet paying, the party's owner (an agent's), an anonymous payer's client network.
 RELAYED_FOR = "relayed_for"
+RELAYED_WALLET = "relayed_wallet"
+RELAYED_OWNER = "relayed_owner"
+RELAYED_CLIENT = "relayed_client"
+# How an anonymous x402 payer's party (`relay_party` without an agent) begins.
+_ANONYMOUS_PARTY_PREFIX = "wallet:"
 # When a party at its in-flight limit may try again: about a block, its confirmations and a poll.
 _IN_FLIGHT_RETRY_AFTER_SECONDS = 10
 # What a transfer of nothing to an account without code costs: a nonce fill's gas limit.
@@ -181,49 +188,75 @@ def outcome_handlers_check(app_configs=None, **kwargs) -> list[checks.CheckMessa
 
 def relay_party(*, agent_id=None, wallet: str = "") -> str:
     """Whom a relayed action is charged to: the agent that asked, else (an x402 payer without one) its wallet."""
-    return f"agent:{agent_id}" if agent_id is not None else f"wallet:{Web3.to_checksum_address(wallet)}"
+    if agent_id is not None:
+        return f"agent:{agent_id}"
+    return f"{_ANONYMOUS_PARTY_PREFIX}{Web3.to_checksum_address(wallet)}"
 
 
-def _budget_parties(*, party: str, owner_id=None, wallet: str = "") -> list[tuple[str, list[str], int]]:
-    """The bounds a relayed action is counted against: (name, the parties whose reverts count, the setting's limit).
-    An agent's reverts are also its owner's (all its agents together) and its wallet's; a wallet's are those of
-    every party paying from it: the agents holding it (of any owner) and the wallet itself, anonymously."""
-    from catalog.models import Agent
+@dataclass(frozen=True)
+class RelayPayer:
+    """Who a relayed action is charged to (`relay_payer`), recorded with its transaction (RELAYED_*) and its revert
+    (`RelayRevert`) as it is when queued: whoever holds the wallet, or owns the agent, later."""
 
-    bounds = [("party", [party], settings.RELAY_REVERTS_PER_PARTY)]
-    if owner_id is not None:
-        agents = Agent.objects.filter(owner_id=owner_id).values_list("pk", flat=True)
-        bounds.append(("owner", [relay_party(agent_id=pk) for pk in agents], settings.RELAY_REVERTS_PER_OWNER))
-    if wallet:
-        holders = Agent.objects.filter(wallet_address__iexact=wallet).values_list("pk", flat=True)
-        bounds.append(("wallet", [relay_party(wallet=wallet), *(relay_party(agent_id=pk) for pk in holders)],
-                       settings.RELAY_REVERTS_PER_WALLET))
+    party: str  # `relay_party`
+    wallet: str  # the paying wallet, checksummed
+    owner_id: int | None = None  # the agent's owner; None: an anonymous x402 payer
+    client: str = ""  # an anonymous payer's network (marketplace.throttling.client_network)
+
+    @property
+    def anonymous(self) -> bool:
+        return self.owner_id is None
+
+
+def relay_payer(*, wallet: str, agent=None, client: str = "") -> RelayPayer:
+    """The payer of a relayed action paid from `wallet`: the `agent` that asked (and its owner), else the wallet's
+    anonymous x402 payer calling from `client`."""
+    wallet = Web3.to_checksum_address(wallet)
+    if agent is not None:
+        return RelayPayer(party=relay_party(agent_id=agent.pk), wallet=wallet, owner_id=agent.owner_id)
+    return RelayPayer(party=relay_party(wallet=wallet), wallet=wallet, client=client[:100])
+
+
+def _revert_bounds(payer: RelayPayer) -> list[tuple[str, Q, int]]:
+    """The bounds a relayed action is counted against: (name, the reverts that count, the setting's limit), each
+    from what the reverts recorded (`RelayRevert`), not from who holds the wallet or owns the agent now."""
+    anonymous = Q(party__startswith=_ANONYMOUS_PARTY_PREFIX)
+    bounds = [("party", Q(party=payer.party), settings.RELAY_REVERTS_PER_PARTY)]
+    if payer.owner_id is not None:
+        bounds.append(("owner", Q(owner_id=payer.owner_id), settings.RELAY_REVERTS_PER_OWNER))
+    bounds.append(("wallet", Q(wallet=payer.wallet), settings.RELAY_REVERTS_PER_WALLET))
+    if payer.anonymous:
+        if payer.client:
+            bounds.append(("client", anonymous & Q(client=payer.client), settings.RELAY_REVERTS_PER_CLIENT))
+        bounds.append(("anonymous", anonymous, settings.RELAY_REVERTS_ANONYMOUS))
     return bounds
 
 
-def relay_budget_check(*, party: str, owner_id=None, wallet: str = "") -> None:
+def relay_budget_check(payer: RelayPayer) -> None:
     """Before a party's signed action is relayed: one whose relayed transactions were mined reverted
     RELAY_REVERTS_PER_PARTY times within RELAY_REVERT_WINDOW (`RelayRevert`: each one's gas the relayer's) is 429
     `relay_budget_exhausted`, nothing queued, until the oldest of those leaves the window
     (`details.retry_after_seconds`, Retry-After). Else a buyer that empties its wallet, spends its permit or
     authorization, or revokes its allowance between the simulation and the mining has the relayer pay for the
-    revert as often as it asks again. The same for the agent's owner (`owner_id`: its agents' reverts together,
-    RELAY_REVERTS_PER_OWNER; else an owner multiplied the budget by creating agents) and for the paying `wallet`
-    (RELAY_REVERTS_PER_WALLET: whoever pays from it, agents sharing it or an anonymous payer); `details.bound` names
-    the bound reached.
+    revert as often as it asks again. The same for the agent's owner (its agents' reverts together,
+    RELAY_REVERTS_PER_OWNER; else an owner multiplied the budget by creating agents), for the paying wallet
+    (RELAY_REVERTS_PER_WALLET: whoever paid from it, agents then holding it or an anonymous payer), and for an
+    anonymous payer, whose wallets cost nothing to make, its client network (RELAY_REVERTS_PER_CLIENT) and all
+    anonymous payers together (RELAY_REVERTS_ANONYMOUS); `details.bound` names the bound reached. Each revert
+    counts as it was recorded: an agent that changes wallet leaves its reverts with the wallet that paid.
 
     Reverts count once mined, so the party's transactions still in flight count too: one with
     RELAY_IN_FLIGHT_PER_PARTY of them (its owner's agents together: RELAY_IN_FLIGHT_PER_OWNER) is 429
     `relay_in_flight_limit_reached` until one concludes. Else a buyer posts
     many actions at once (an activation of each of its agreements), all pass the check with no revert recorded yet,
     and one transfer of its funds makes every one of them revert."""
-    bounds = _budget_parties(party=party, owner_id=owner_id, wallet=wallet)
-    in_flight_bounds = [(bound, parties, settings.RELAY_IN_FLIGHT_PER_OWNER if bound == "owner"
-                         else settings.RELAY_IN_FLIGHT_PER_PARTY) for bound, parties, _ in bounds[:2]]
-    for bound, parties, in_flight_allowed in in_flight_bounds:
+    in_flight_bounds = [("party", {RELAYED_FOR: payer.party}, settings.RELAY_IN_FLIGHT_PER_PARTY)]
+    if payer.owner_id is not None:
+        in_flight_bounds.append(("owner", {RELAYED_OWNER: payer.owner_id}, settings.RELAY_IN_FLIGHT_PER_OWNER))
+    for bound, recorded, in_flight_allowed in in_flight_bounds:
         if in_flight_allowed > 0 and ChainTransaction.objects.filter(
                 status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED],
-                **{f"context__{RELAYED_FOR}__in": parties}).count() >= in_flight_allowed:
+                **{f"context__{key}": value for key, value in recorded.items()}).count() >= in_flight_allowed:
             whose = "your owner's agents" if bound == "owner" else "you"
             raise TooManyRequests(
                 f"{in_flight_allowed} transactions the platform sends for {whose} are not concluded yet: wait for one.",
@@ -231,15 +264,17 @@ def relay_budget_check(*, party: str, owner_id=None, wallet: str = "") -> None:
                 details={"retry_after_seconds": _IN_FLIGHT_RETRY_AFTER_SECONDS, "in_flight": in_flight_allowed,
                          "bound": bound})
     now = timezone.now()
-    for bound, parties, allowed in bounds:
+    for bound, reverts, allowed in _revert_bounds(payer):
         if allowed <= 0:
             continue
-        recent = list(RelayRevert.objects.filter(party__in=parties, reverted_at__gt=now - settings.RELAY_REVERT_WINDOW)
+        recent = list(RelayRevert.objects.filter(reverts, reverted_at__gt=now - settings.RELAY_REVERT_WINDOW)
                       .order_by("-reverted_at").values_list("reverted_at", flat=True)[:allowed])
         if len(recent) < allowed:
             continue
         retry_after = max(1, math.ceil((recent[-1] + settings.RELAY_REVERT_WINDOW - now).total_seconds()))
-        whose = {"party": "you", "owner": "your owner's agents", "wallet": "your paying wallet"}[bound]
+        whose = {"party": "you", "owner": "your owner's agents", "wallet": "your paying wallet",
+                 "client": "payers without an API key at your network address",
+                 "anonymous": "payers without an API key"}[bound]
         raise TooManyRequests(
             f"{allowed} transactions the platform sent for {whose} reverted on-chain within "
             f"{int(settings.RELAY_REVERT_WINDOW.total_seconds())} s (funds, allowance, nonce or authorization changed "
@@ -256,7 +291,8 @@ def _revert_attribute(tx: ChainTransaction) -> None:
     if party is None or EVIDENCE_BLOCK in tx.outcome_evidence:
         return
     RelayRevert.objects.get_or_create(transaction=tx, defaults={
-        "party": party, "reason": tx.failure_reason, "reverted_at": timezone.now()})
+        "party": party, "wallet": tx.context.get(RELAYED_WALLET, ""), "owner_id": tx.context.get(RELAYED_OWNER),
+        "client": tx.context.get(RELAYED_CLIENT, ""), "reason": tx.failure_reason, "reverted_at": timezone.now()})
     logger.warning("a relayed party's transaction reverted on-chain at the relayer's gas",
                    extra={"tx_id": str(tx.pk), "party": party, "purpose": tx.purpose, "reason": tx.failure_reason})
 
@@ -277,12 +313,13 @@ def transaction_preflight(*, to: str, data: str) -> None:
 
 
 def transaction_enqueue(*, purpose: str, to: str, data: str, agreement_id=None, context: dict | None = None,
-                        confirmations: int | None = None, relayed_for: str | None = None) -> ChainTransaction:
+                        confirmations: int | None = None, relayed_for: RelayPayer | None = None) -> ChainTransaction:
     """Create the row inside the caller's DB transaction; it is submitted after that transaction commits.
-    `relayed_for`: the party (`relay_party`) whose signed action it relays, charged with its revert."""
+    `relayed_for`: the payer (`relay_payer`) whose signed action it relays, charged with its revert."""
     context = context or {}
     if relayed_for is not None:
-        context = {**context, RELAYED_FOR: relayed_for}
+        context = {**context, RELAYED_FOR: relayed_for.party, RELAYED_WALLET: relayed_for.wallet,
+                   RELAYED_OWNER: relayed_for.owner_id, RELAYED_CLIENT: relayed_for.client}
     tx = ChainTransaction.objects.create(
         purpose=purpose, agreement_id=agreement_id, to_address=to, data=data, chain_id=settings.CHAIN_ID,
         confirmations_required=confirmations or settings.CHAIN_CONFIRMATIONS, context=context,

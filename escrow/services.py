@@ -164,8 +164,8 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
     _require_chain()
     if agreement.buyer_id == buyer.pk:  # else refused at agreement_activation_begin
         _purchase_offer_stands(agreement)
-    party = relayer.relay_party(agent_id=buyer.pk)
-    relayer.relay_budget_check(party=party, owner_id=buyer.owner_id, wallet=agreement.buyer_wallet_address)
+    payer = relayer.relay_payer(agent=buyer, wallet=agreement.buyer_wallet_address)
+    relayer.relay_budget_check(payer)
     if agreement.buyer_id == buyer.pk:  # else refused at agreement_activation_begin
         agreement = intent_nonce_renew(agreement=agreement)
     now = chain_clock.chain_now_for_request(next_block=True)
@@ -210,7 +210,7 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
                                                       receipt_signer=intent["message"]["receiptSigner"])
         return relayer.transaction_enqueue(
             purpose=TxPurpose.ACTIVATE, to=chainconfig.escrow_address(), data=data, agreement_id=agreement.pk,
-            relayed_for=party,
+            relayed_for=payer,
         )
 
 

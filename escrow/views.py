@@ -53,7 +53,7 @@ from marketplace import chainconfig
 from marketplace.errors import Conflict, InvalidInput, error_body
 from marketplace.idempotency import idempotent
 from marketplace.serializers import ErrorSerializer, error_responses
-from marketplace.throttling import client_address
+from marketplace.throttling import client_address, client_network
 
 TAGS = ["escrow"]
 WITHDRAW_SIGNATURE = "withdraw(bytes32,(address,address,address,address,uint256,uint64,uint64,uint256))"
@@ -437,7 +437,7 @@ class SkillInvokeView(APIView):
             payer=buyer.wallet_address if buyer else request.headers.get(agreement_services.PAYER_HEADER))
         try:
             outcome = x402_onchain.invocation_invoke(skill=skill, buyer=buyer, input=body.validated_data["input"],
-                                                     payment=payment,
+                                                     payment=payment, client=client_network(request),
                                                      wait_seconds=settings.INVOCATION_PAYMENT_WAIT_SECONDS)
         except agreement_services.InvalidPayment as invalid:
             return _payment_required_response(request, skill, code=invalid.code, message=invalid.message,

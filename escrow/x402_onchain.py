@@ -149,18 +149,18 @@ class SignedPayment:
     holder: str = ""  # whom the 402 quoted (agreements' x402 quote)
 
 
-def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: SignedPayment
+def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: SignedPayment, client: str = ""
                    ) -> tuple[SkillInvocation, ChainTransaction]:
     """Check the signed payment (raises InvalidPayment, nothing recorded) and that the buyer party may still invoke
     this seller (`invocation_failures_check`: its payer is known now), record the invocation and queue the payment
-    to the treasury."""
+    to the treasury. `client`: the network the call came from, an anonymous payer's (no `buyer`) relay budget
+    (`relayer.relay_budget_check`)."""
     requirements = invocation_requirements(skill)
     authorization = agreement_services.payment_verify(payment.header, requirements, payer=payment.payer,
                                                       holder=payment.holder)
     agreement_services.invocation_failures_check(seller=skill.service.seller, buyer=buyer, payer=authorization.payer)
-    party = relayer.relay_party(agent_id=buyer.pk if buyer is not None else None, wallet=authorization.payer)
-    relayer.relay_budget_check(party=party, owner_id=buyer.owner_id if buyer is not None else None,
-                               wallet=authorization.payer)
+    payer = relayer.relay_payer(agent=buyer, wallet=authorization.payer, client=client)
+    relayer.relay_budget_check(payer)
     balance = chain.call(chain.token_contract().functions.balanceOf(to_checksum_address(authorization.payer)).call)
     simulate(authorization)
     with transaction.atomic():
@@ -170,7 +170,7 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
         tx = relayer.transaction_enqueue(
             purpose=TxPurpose.INVOCATION_PAYMENT, to=chainconfig.usdc_address(),
             data=_transfer_with_authorization_data(authorization), context={"invocation_id": str(invocation.pk)},
-            relayed_for=party)
+            relayed_for=payer)
     return invocation, tx
 
 
@@ -201,11 +201,11 @@ class InvocationOutcome:
 
 
 def invocation_invoke(*, skill: Skill, buyer: Agent | None, input: dict, payment: SignedPayment,
-                      wait_seconds: float) -> InvocationOutcome:
+                      wait_seconds: float, client: str = "") -> InvocationOutcome:
     """Pay (see `invocation_pay`), wait up to `wait_seconds` for the payment to confirm, then run a sync skill
     here within the inline bounds (`invocation_run_paid`); an async skill, a payment still confirming, or a sync
     skill beyond those bounds is left to a worker."""
-    invocation, tx = invocation_pay(skill=skill, buyer=buyer, input=input, payment=payment)
+    invocation, tx = invocation_pay(skill=skill, buyer=buyer, input=input, payment=payment, client=client)
     tx = transaction_await(transaction_id=tx.pk, timeout=wait_seconds)
     invocation.refresh_from_db()
     paid = invocation.money == InvocationMoney.HELD  # our transaction, or a copy someone else got mined first
@@ -330,8 +330,7 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> str | None:
     before locking the agreement): the payment's simulation, the fee permit's nonce, the buyer's balance."""
     _require_chain()
     try:
-        relayer.relay_budget_check(party=relayer.relay_party(agent_id=agreement.buyer_id),
-                                   owner_id=agreement.buyer.owner_id, wallet=agreement.buyer_wallet_address)
+        relayer.relay_budget_check(_buyer_payer(agreement))
     except TooManyRequests as exhausted:
         return f"{exhausted.code}: {exhausted.message}"
     buyer = to_checksum_address(agreement.buyer_wallet_address)
@@ -360,7 +359,12 @@ def _direct_payment_queue(agreement: UsageAgreement) -> None:
         buyer, to_checksum_address(chainconfig.relayer_address()), permit["value"], permit["deadline"], v,
         hex_to_bytes(r), hex_to_bytes(s)])
     relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_FEE_PERMIT, to=chainconfig.usdc_address(), data=data,
-                                agreement_id=agreement.pk, relayed_for=relayer.relay_party(agent_id=agreement.buyer_id))
+                                agreement_id=agreement.pk, relayed_for=_buyer_payer(agreement))
+
+
+def _buyer_payer(agreement: UsageAgreement) -> relayer.RelayPayer:
+    """Who a direct purchase's relayed transactions are charged to: its buyer, paying from the agreement's wallet."""
+    return relayer.relay_payer(agent=agreement.buyer, wallet=agreement.buyer_wallet_address)
 
 
 def _agreement(tx: ChainTransaction) -> UsageAgreement:
@@ -399,7 +403,7 @@ def _direct_step_enqueue(agreement: UsageAgreement, purpose: str, data: str) -> 
     if selectors.live_transaction(agreement_id=agreement.pk, purpose=purpose) is None:
         relayer.transaction_enqueue(purpose=purpose, to=chainconfig.usdc_address(), data=data,
                                     agreement_id=agreement.pk,
-                                    relayed_for=relayer.relay_party(agent_id=agreement.buyer_id))
+                                    relayed_for=_buyer_payer(agreement))
 
 
 def _direct_fee_outcome(tx: ChainTransaction) -> None:

@@ -416,6 +416,10 @@ RELAY_REVERTS_PER_PARTY = env.int("RELAY_REVERTS_PER_PARTY", default=3)
 # creating agents), and for one paying wallet whoever pays from it (its agents, of any owner, and anonymously). 0: none.
 RELAY_REVERTS_PER_OWNER = env.int("RELAY_REVERTS_PER_OWNER", default=6)
 RELAY_REVERTS_PER_WALLET = env.int("RELAY_REVERTS_PER_WALLET", default=3)
+# An anonymous x402 payer's (no API key) wallets cost nothing to make: its reverts also count per client network
+# (IPv6: its /64) and, for all anonymous payers together, at most this many within the window. 0: none.
+RELAY_REVERTS_PER_CLIENT = env.int("RELAY_REVERTS_PER_CLIENT", default=3)
+RELAY_REVERTS_ANONYMOUS = env.int("RELAY_REVERTS_ANONYMOUS", default=30)
 RELAY_REVERT_WINDOW = timedelta(seconds=env.int("RELAY_REVERT_WINDOW_SECONDS", default=24 * 3600))
 # Its relayed transactions not concluded yet (queued, sent, mined short of the confirmation depth) at most: more is
 # 429 relay_in_flight_limit_reached (one transfer of its funds would make all of them revert at once). 0: no limit.

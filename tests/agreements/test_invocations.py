@@ -15,7 +15,7 @@ from agreements import invocations
 from agreements.models import SkillInvocation, UsageAgreement
 from agreements.tasks import run_invocation
 from escrow import chain as gateway
-from catalog.models import Service
+from catalog.models import Agent, Service
 from escrow.models import ChainTransaction
 from marketplace import outbound_slots
 from policies.models import ApprovalRequest
@@ -933,6 +933,135 @@ def test_a_wallet_paying_through_other_agents_or_anonymously_shares_one_relay_re
     assert error_code(refused) == "relay_budget_exhausted"
     assert refused.json()["error"]["details"]["bound"] == "wallet"
     assert ChainTransaction.objects.count() == sent and market.upstream.requests == []
+
+
+def _funded(market, *accounts) -> None:
+    """Funded before the relayer sends anything: minting is the relayer's account's transaction too."""
+    for account in accounts:
+        fund(market.chain, account.address, 10 * USDC)
+
+
+def _paying_from(market, account) -> None:
+    """The market's payer (whose key signs `market.pay` and cancels on-chain) is now `account`."""
+    market.buyer = account
+
+
+def _from_client(address: str, secret: str | None = None) -> Api:
+    """A caller at the network address `address` (anonymous, or holding an agent's API key `secret`)."""
+    api = Api(secret)
+    api.client.defaults["REMOTE_ADDR"] = address
+    return api
+
+
+def test_a_wallets_reverts_stay_with_it_when_the_agent_that_paid_from_it_changes_wallet(
+        market, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """A revert is the paying wallet's whoever holds the wallet now: counted through the agents holding it now, an
+    agent that made its wallet's payments revert and then changed wallet left the old one clean to pay from again.
+    The old wallet keeps them: an anonymous payer from it is 429 relay_budget_exhausted (details.bound wallet)."""
+    capture = django_capture_on_commit_callbacks
+    settings.RELAY_REVERTS_PER_PARTY, settings.RELAY_REVERTS_PER_OWNER, settings.RELAY_REVERTS_PER_WALLET = 5, 50, 2
+    agent = AgentFactory(is_buyer=True, is_seller=False, wallet_address=market.buyer.address)
+    for _ in range(2):
+        _reverted_payment(market, monkeypatch, capture, api=Api(issue_key(agent)))
+    Agent.objects.filter(pk=agent.pk).update(wallet_address=market.chain.accounts.buyer2.address)
+    sent = ChainTransaction.objects.count()
+
+    with capture(execute=True):
+        refused = market.call("translate", market.pay("translate"))
+
+    assert refused.status_code == 429, refused.content
+    assert error_code(refused) == "relay_budget_exhausted"
+    assert refused.json()["error"]["details"]["bound"] == "wallet"
+    assert ChainTransaction.objects.count() == sent and market.upstream.requests == []
+
+
+def test_a_wallet_an_agent_moves_to_does_not_take_on_the_agents_past_reverts(
+        market, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """The other side: the wallet an agent moves to inherited the agent's past reverts, and another owner's agent
+    paying from it was refused for what it never did. It is served."""
+    capture = django_capture_on_commit_callbacks
+    settings.RELAY_REVERTS_PER_PARTY, settings.RELAY_REVERTS_PER_OWNER, settings.RELAY_REVERTS_PER_WALLET = 5, 50, 2
+    wallet = market.buyer
+    _funded(market, market.chain.accounts.buyer2)
+    _paying_from(market, market.chain.accounts.buyer2)
+    mover = AgentFactory(is_buyer=True, is_seller=False, wallet_address=market.buyer.address)
+    for _ in range(2):
+        _reverted_payment(market, monkeypatch, capture, api=Api(issue_key(mover)))
+    _paying_from(market, wallet)
+    Agent.objects.filter(pk=mover.pk).update(wallet_address=wallet.address)
+    holder = AgentFactory(is_buyer=True, is_seller=False, wallet_address=wallet.address)
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+
+    with capture(execute=True):
+        served = market.call("translate", market.pay("translate"), api=Api(issue_key(holder)))
+
+    assert served.status_code == 200, served.content
+
+
+def test_an_anonymous_client_paying_from_fresh_wallets_is_refused_at_its_client_bound(
+        market, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """An anonymous payer (no API key) was counted per wallet, which costs nothing to make: the same USDC moved from
+    wallet to wallet passes each one's checks. Its reverts also count per client address (IPv6: its /64), at most
+    RELAY_REVERTS_PER_CLIENT: the next anonymous payment from that client, from any wallet, is 429
+    relay_budget_exhausted (details.bound client), nothing relayed. Another client is served, and so is an agent
+    with an API key calling from that client."""
+    capture = django_capture_on_commit_callbacks
+    settings.RELAY_REVERTS_PER_PARTY, settings.RELAY_REVERTS_PER_WALLET = 5, 5
+    settings.RELAY_REVERTS_PER_CLIENT, settings.RELAY_REVERTS_ANONYMOUS = 2, 50
+    here, same_network, elsewhere = "2001:db8:7:7::1", "2001:db8:7:7:ffff::9", "2001:db8:7:8::1"
+    _funded(market, market.chain.accounts.buyer2, market.chain.accounts.spare)
+    _reverted_payment(market, monkeypatch, capture, api=_from_client(here))
+    _paying_from(market, market.chain.accounts.buyer2)
+    _reverted_payment(market, monkeypatch, capture, api=_from_client(same_network))
+    _paying_from(market, market.chain.accounts.spare)
+    sent = ChainTransaction.objects.count()
+
+    with capture(execute=True):
+        refused = market.call("translate", market.pay("translate"), api=_from_client(here))
+
+    assert refused.status_code == 429, refused.content
+    assert error_code(refused) == "relay_budget_exhausted"
+    assert refused.json()["error"]["details"]["bound"] == "client"
+    assert ChainTransaction.objects.count() == sent and market.upstream.requests == []
+    agent = AgentFactory(is_buyer=True, is_seller=False, wallet_address=market.buyer.address)
+    for caller in (_from_client(elsewhere), _from_client(here, issue_key(agent))):
+        market.upstream.responses.append((200, {"translation": "bonjour"}))
+        with capture(execute=True):
+            served = market.call("translate", market.pay("translate"), api=caller)
+        assert served.status_code == 200, served.content
+
+
+def test_anonymous_payers_together_are_refused_at_the_anonymous_bound_and_agents_with_keys_are_not(
+        market, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """Anonymous payers' reverts count together too, at most RELAY_REVERTS_ANONYMOUS (fresh wallets from fresh
+    addresses): the next anonymous payment is 429 relay_budget_exhausted (details.bound anonymous), while an agent
+    with an API key is served. 0 lifts the bound."""
+    capture = django_capture_on_commit_callbacks
+    settings.RELAY_REVERTS_PER_PARTY, settings.RELAY_REVERTS_PER_WALLET = 5, 50
+    settings.RELAY_REVERTS_PER_CLIENT, settings.RELAY_REVERTS_ANONYMOUS = 50, 2
+    _funded(market, market.chain.accounts.buyer2)
+    _reverted_payment(market, monkeypatch, capture, api=_from_client("198.51.100.1"))
+    _paying_from(market, market.chain.accounts.buyer2)
+    _reverted_payment(market, monkeypatch, capture, api=_from_client("198.51.100.2"))
+    sent = ChainTransaction.objects.count()
+
+    with capture(execute=True):
+        refused = market.call("translate", market.pay("translate"), api=_from_client("198.51.100.3"))
+
+    assert refused.status_code == 429, refused.content
+    assert error_code(refused) == "relay_budget_exhausted"
+    assert refused.json()["error"]["details"]["bound"] == "anonymous"
+    assert ChainTransaction.objects.count() == sent and market.upstream.requests == []
+    agent = AgentFactory(is_buyer=True, is_seller=False, wallet_address=market.buyer.address)
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    with capture(execute=True):
+        served = market.call("translate", market.pay("translate"), api=_from_client("198.51.100.3", issue_key(agent)))
+    assert served.status_code == 200, served.content
+    settings.RELAY_REVERTS_ANONYMOUS = 0
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    with capture(execute=True):
+        served = market.call("translate", market.pay("translate"), api=_from_client("198.51.100.3"))
+    assert served.status_code == 200, served.content
 
 
 def test_concurrent_payments_from_one_wallet_are_summed_against_its_balance(
