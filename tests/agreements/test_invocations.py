@@ -1,12 +1,14 @@
 """Skill invocations paid with x402, end to end: Anvil, the relayer and a real seller upstream."""
 
 import base64
+import importlib
 import json
 import time
 from datetime import timedelta
 
 import kombu.exceptions
 import pytest
+from django.apps import apps
 from django.utils import timezone
 from x402 import PaymentRequired
 from x402.http import decode_payment_required_header, decode_payment_response_header, decode_payment_signature_header
@@ -16,7 +18,7 @@ from agreements.models import SkillInvocation, UsageAgreement
 from agreements.tasks import run_invocation
 from escrow import chain as gateway
 from catalog.models import Agent, Service
-from escrow.models import ChainTransaction
+from escrow.models import ChainTransaction, RelayRevert
 from marketplace import outbound_slots
 from policies.models import ApprovalRequest
 from sdk import proxy_signature, typed_data
@@ -1062,6 +1064,26 @@ def test_anonymous_payers_together_are_refused_at_the_anonymous_bound_and_agents
     with capture(execute=True):
         served = market.call("translate", market.pay("translate"), api=_from_client("198.51.100.3"))
     assert served.status_code == 200, served.content
+
+
+def test_old_skill_payment_reverts_are_filled_with_the_wallet_that_paid_and_the_agents_owner(
+        market, monkeypatch, django_capture_on_commit_callbacks):
+    """The migration that made a relay revert record its payer (escrow 0018) fills the rows from before it from the
+    transaction: a skill payment's from its authorization's payer (the agent's wallet since changed), an anonymous
+    payer's from its party; the owner is the agent's."""
+    capture = django_capture_on_commit_callbacks
+    agent = AgentFactory(is_buyer=True, is_seller=False, wallet_address=market.buyer.address)
+    _reverted_payment(market, monkeypatch, capture, api=Api(issue_key(agent)))
+    _reverted_payment(market, monkeypatch, capture)
+    RelayRevert.objects.update(wallet="", owner=None, client="")
+    Agent.objects.filter(pk=agent.pk).update(wallet_address=market.chain.accounts.buyer2.address)
+
+    importlib.import_module("escrow.migrations.0018_relay_revert_records_wallet_owner_client").relay_payers_fill(
+        apps, None)
+
+    assert set(RelayRevert.objects.values_list("party", "wallet", "owner_id", "client")) == {
+        (f"agent:{agent.pk}", market.buyer.address, agent.owner_id, ""),
+        (f"wallet:{market.buyer.address}", market.buyer.address, None, "")}
 
 
 def test_concurrent_payments_from_one_wallet_are_summed_against_its_balance(
