@@ -250,13 +250,14 @@ def relay_budget_check(payer: RelayPayer) -> None:
     `relay_in_flight_limit_reached` until one concludes. Else a buyer posts
     many actions at once (an activation of each of its agreements), all pass the check with no revert recorded yet,
     and one transfer of its funds makes every one of them revert."""
-    in_flight_bounds = [("party", {RELAYED_FOR: payer.party}, settings.RELAY_IN_FLIGHT_PER_PARTY)]
-    if payer.owner_id is not None:
-        in_flight_bounds.append(("owner", {RELAYED_OWNER: payer.owner_id}, settings.RELAY_IN_FLIGHT_PER_OWNER))
-    for bound, recorded, in_flight_allowed in in_flight_bounds:
+    in_flight_bounds = [("party", Q(**{f"context__{RELAYED_FOR}": payer.party}), settings.RELAY_IN_FLIGHT_PER_PARTY)]
+    if payer.owner_id is not None:  # the owner recorded when queued (RELAYED_OWNER), as reverts count it
+        in_flight_bounds.append(("owner", Q(**{f"context__{RELAYED_OWNER}": payer.owner_id}),
+                                 settings.RELAY_IN_FLIGHT_PER_OWNER))
+    for bound, in_flight, in_flight_allowed in in_flight_bounds:
         if in_flight_allowed > 0 and ChainTransaction.objects.filter(
-                status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED],
-                **{f"context__{key}": value for key, value in recorded.items()}).count() >= in_flight_allowed:
+                in_flight, status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED]
+        ).count() >= in_flight_allowed:
             whose = "your owner's agents" if bound == "owner" else "you"
             raise TooManyRequests(
                 f"{in_flight_allowed} transactions the platform sends for {whose} are not concluded yet: wait for one.",
