@@ -25,6 +25,8 @@ from marketplace.postgresql import prepared_cursor
 from marketplace.rows import model_columns
 
 _KINDS = {"mk": ApiKey, "ot": OwnerToken}
+# What a presented secret is compared with when no credential has its prefix (no secret's digest is this).
+_NO_CREDENTIAL_DIGEST = "0" * 64
 
 
 def _failed(message: str, code: str) -> exceptions.AuthenticationFailed:
@@ -70,7 +72,9 @@ class BearerKeyAuthentication(authentication.BaseAuthentication):
             raise _failed("Malformed credentials.", "invalid_credentials")
         model = _KINDS[parsed[0]]
         credential = credential_with_holders(model, prefix=parsed[1])
-        if credential is None or not secret_matches(secret, credential.secret_digest):
+        # An unknown prefix costs the hash a wrong secret does: the answer's time tells nothing of which exist.
+        digest = credential.secret_digest if credential is not None else _NO_CREDENTIAL_DIGEST
+        if not secret_matches(secret, digest) or credential is None:
             raise _failed("Unknown credentials.", "invalid_credentials")
         user = credential.agent.owner if model is ApiKey else credential.owner
         now = timezone.now()
@@ -153,7 +157,8 @@ class KeyHolder:
 @for_a_second(key=lambda prefix, digest: digest)
 def _key_holder_read(prefix: str, digest: str) -> KeyHolder | None:
     key = credential_with_holders(ApiKey, prefix=prefix)
-    if key is None or not hmac.compare_digest(key.secret_digest, digest):
+    expected = key.secret_digest if key is not None else _NO_CREDENTIAL_DIGEST  # as long a compare either way
+    if not hmac.compare_digest(expected, digest) or key is None:
         return None
     _touch(ApiKey, key.pk, key.last_used_at, timezone.now())
     return KeyHolder(pk=key.pk, prefix=key.prefix, scope=key.scope, agent_id=key.agent_id,

@@ -1,8 +1,10 @@
+import secrets
 from datetime import timedelta
 
 import pytest
 from django.test import RequestFactory
 from django.utils import timezone
+from rest_framework.exceptions import AuthenticationFailed
 
 from catalog import services
 from catalog.authentication import BearerKeyAuthentication
@@ -114,3 +116,35 @@ def test_a_credential_is_read_with_its_holders_in_one_statement(kind, django_ass
     expected = model.objects.select_related("agent__owner" if model is ApiKey else "owner").get(pk=credential.pk)
     assert [getattr(credential, f.attname) for f in model._meta.concrete_fields] == [
         getattr(expected, f.attname) for f in model._meta.concrete_fields]
+
+
+@pytest.mark.parametrize("path", ["BearerKeyAuthentication", "agent_key_holder (the metered proxy)"])
+def test_an_unknown_key_prefix_is_hashed_as_a_known_one_with_a_wrong_secret(path, buyer, monkeypatch,
+                                                                            django_assert_num_queries):
+    """An unknown prefix was refused without hashing the secret, a known one with a wrong secret after hashing it:
+    the time of the answer told whether a prefix exists. Both now cost one hash (against a fixed digest when no key
+    has the prefix) and one read, and write nothing."""
+    from catalog import authentication
+    from marketplace import keys
+
+    hashed = []
+    real_digest = keys.digest_secret
+
+    def digest_secret(plaintext):
+        hashed.append(plaintext)
+        return real_digest(plaintext)
+
+    monkeypatch.setattr(keys, "digest_secret", digest_secret)
+    monkeypatch.setattr(authentication, "digest_secret", digest_secret)
+    known_prefix = keys.parse_secret(issue_key(buyer))[1]
+    unknown_prefix = secrets.token_hex(keys.PREFIX_LENGTH // 2)  # none cached by an earlier run
+    for prefix in (known_prefix, unknown_prefix):
+        secret, hashed[:] = f"mk_{prefix}_{secrets.token_urlsafe(32)}", []
+        request = RequestFactory().get("/agents/me", HTTP_AUTHORIZATION=f"Bearer {secret}")
+        with django_assert_num_queries(1), pytest.raises(AuthenticationFailed) as refused:
+            if path == "BearerKeyAuthentication":
+                BearerKeyAuthentication().authenticate(request)
+            else:
+                authentication.agent_key_holder(request, scope="read")
+        assert refused.value.get_codes() == "invalid_credentials"
+        assert hashed == [secret], prefix
