@@ -552,18 +552,22 @@ def _job_start_answer_lost(purchase: MasumiPurchase) -> None:
                         "service_id": str(purchase.agreement.service_id)})
 
 
-def _job_call_failed(call: _JobCall, error: Exception, *, now: int) -> None:
+def _job_call_failed(call: _JobCall, error: Exception, *, now: int, ours: bool = False) -> None:
     """Recorded, and the next call pushed back: tick x 2^failures, at most JOB_CALL_BACKOFF_MAX_SECONDS, and
-    never so far that a seller back up misses submitResultTime (the last call still fits before it)."""
+    never so far that a seller back up misses submitResultTime (the last call still fits before it). `ours`: the
+    error is not the seller's but the tick's (a bug, bad data, a database error: the tick logs it), so nothing is
+    shown to the buyer, and a start's claim stays: the seller may have taken the job, and its next start is
+    counted as one whose answer was lost (`_job_start_answer_lost`)."""
     failures = call.purchase.job_call_failures + 1
     backoff = min(settings.MASUMI_PURCHASE_TICK_SECONDS * 2 ** min(failures, 16), JOB_CALL_BACKOFF_MAX_SECONDS)
     room = _unix(call.purchase.submit_result_time) - now - _job_call_lease_seconds()
     wait = max(0, min(backoff, room))  # counted by the chain's clock, waited by ours
     changes = {"job_call_failures": failures, "job_next_call_at": timezone.now() + timezone.timedelta(seconds=wait)}
-    if call.starts:
+    if call.starts and not ours:
         changes["job_start_claimed_at"] = None
     MasumiPurchase.objects.filter(pk=call.purchase.pk).update(**changes)
-    _record_error(call.purchase.pk, error)
+    if not ours:
+        _record_error(call.purchase.pk, error)
 
 
 def _job_call_answered(call: _JobCall, answer, *, now: int) -> MasumiPurchase | None:
@@ -630,12 +634,17 @@ def purchases_jobs_tick(*, now: int | None = None) -> dict[str, int]:
     holds the workers that move money): start those due, poll those running, each purchase's calls scheduled by
     its own backoff. Calls run MASUMI_JOB_CALLS_AT_ONCE at a time, JOB_CALLS_AT_ONCE_PER_SELLER per seller, and
     none starts after MASUMI_PURCHASE_TICK_SECONDS: a tick ends within that plus one MASUMI_SERVICE_TIMEOUT, what
-    did not fit waiting for the next. A second tick meanwhile is a no-op (a lock; each call's lease besides)."""
+    did not fit waiting for the next. A second tick meanwhile is a no-op (a lock; each call's lease besides).
+    A purchase whose claim, call or answer's record raises other than a seller's error (a bug, bad data, a database
+    error on its row) is logged and skipped (its claim's lease lapses; a call's backs off as a failed one), the
+    others' answers recorded and their calls made, and RowsFailed raised at the end (sweeps.RowFailures)."""
     now = now if now is not None else chain_clock.chain_now()
     done = {"started": 0, "results": 0}
     with postgresql.alone("escrow-masumi-jobs-tick") as first:  # each call's lease besides (SQLite: alone)
         if not first:
             return done
+        # No transaction around a purchase's steps: a result's proposal reads the chain after its own commit.
+        failures = sweeps.RowFailures("masumi jobs tick")
         starting_ends = time.monotonic() + settings.MASUMI_PURCHASE_TICK_SECONDS
         waiting = _due_job_calls(now)
         running: dict[Future, _JobCall] = {}
@@ -650,26 +659,33 @@ def purchases_jobs_tick(*, now: int | None = None) -> dict[str, int]:
                     if per_seller[seller_id] >= JOB_CALLS_AT_ONCE_PER_SELLER:
                         continue
                     waiting.remove(entry)
-                    call = _job_call_claim(purchase_id, seller_id, now=now)
+                    call = None
+                    with failures.row(purchase_id, atomic=False):
+                        call = _job_call_claim(purchase_id, seller_id, now=now)
                     if call is not None:
                         running[pool.submit(call.exchange)] = call
                         per_seller[seller_id] += 1
                 if not running:
+                    failures.raise_if_any(applied=sum(done.values()))
                     return done
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     call = running.pop(future)
                     per_seller[call.seller_id] -= 1
-                    try:
-                        recorded = _job_call_answered(call, future.result(), now=now)
-                    except masumi_agentic_client.AgenticServiceError as error:
-                        _job_call_failed(call, error, now=now)
-                        continue
-                    if recorded is not None:
-                        done["results"] += 1
-                    if call.starts:
-                        done["started"] += 1
-                        waiting.insert(0, (call.purchase.pk, call.seller_id))  # its first status check at once
+                    with failures.row(call.purchase.pk, atomic=False):
+                        try:
+                            recorded = _job_call_answered(call, future.result(), now=now)
+                        except masumi_agentic_client.AgenticServiceError as error:
+                            _job_call_failed(call, error, now=now)
+                            continue
+                        except Exception as error:
+                            _job_call_failed(call, error, now=now, ours=True)
+                            raise
+                        if recorded is not None:
+                            done["results"] += 1
+                        if call.starts:
+                            done["started"] += 1
+                            waiting.insert(0, (call.purchase.pk, call.seller_id))  # its first status check at once
 
 
 def purchases_tick(*, now: int | None = None) -> dict[str, int]:

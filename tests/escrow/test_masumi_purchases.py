@@ -716,6 +716,52 @@ def test_a_job_id_the_seller_gave_another_purchase_is_not_taken_for_a_second_one
     assert row(first).job_id == "job-1"
 
 
+@pytest.mark.parametrize("raises_in", ["the call", "the answer's record"])
+def test_a_purchase_whose_job_call_raises_is_logged_and_skipped_and_the_others_answers_are_recorded(
+        raises_in, escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch, caplog):
+    """An error other than a seller's (AgenticServiceError) from one purchase's call or from recording its answer (a
+    bug, bad data, a database error on its row) ended the whole jobs tick: the answers of the others' calls already
+    made were lost, and the purchases still due not called, at every tick while that purchase stayed due."""
+    from marketplace.sweeps import RowsFailed
+
+    capture = django_capture_on_commit_callbacks
+    poisoned, healthy = (Purchase(escrow_chain, capture, seller_service) for _ in range(2))
+    confirm_all(capture)  # the last activation is confirmed by a further relayer poll
+    poisoned_id = row(poisoned).pk
+    real_exchange, real_answered = purchases._JobCall.exchange, purchases._job_call_answered
+
+    def exchange(call):
+        if call.purchase.pk == poisoned_id:
+            raise KeyError("job_id")  # e.g. the client library choking on an answer
+        return real_exchange(call)
+
+    def answered(call, answer, *, now):
+        if call.purchase.pk == poisoned_id:
+            raise RuntimeError("this purchase always fails")
+        return real_answered(call, answer, now=now)
+
+    with monkeypatch.context() as patched:
+        if raises_in == "the call":
+            patched.setattr(purchases._JobCall, "exchange", exchange)
+        else:
+            patched.setattr(purchases, "_job_call_answered", answered)
+        with pytest.raises(RowsFailed) as failed:
+            run(capture, purchases.purchases_jobs_tick)
+    assert failed.value.failed == [poisoned_id] and failed.value.applied == 1
+    assert str(poisoned_id) in caplog.text
+    assert row(healthy).job_id and row(healthy).job_status == "running"  # started, and checked at once
+    skipped = row(poisoned)
+    # Backed off as a failed call; nothing shown to the buyer (the error is ours); its start still claimed, so the
+    # next start is counted as one whose answer may have been lost (the seller may have taken the job).
+    assert skipped.job_id == "" and skipped.job_call_failures == 1 and skipped.last_error == ""
+    assert skipped.job_start_claimed_at is not None and skipped.job_next_call_at > timezone.now()
+
+    wall_clock_ahead(monkeypatch, purchases.JOB_CALL_BACKOFF_MAX_SECONDS + 1)
+    assert run(capture, purchases.purchases_jobs_tick) == {"started": 1, "results": 1}
+    assert row(poisoned).job_id and row(poisoned).job_starts_unanswered == 1
+    assert healthy.get()["result"] == result_for(INPUT)
+
+
 class TickKilled(BaseException):
     """The jobs tick's worker killed (its time limit, a deploy) between the seller's answer and its record."""
 
