@@ -59,7 +59,7 @@ from agreements import services as agreement_services
 from escrow import chain
 from escrow.models import (ChainTransaction, IndexerCursor, RelayerAccount, RelayRevert, TxAttempt, TxPurpose,
                            TxStatus)
-from marketplace import chainconfig
+from marketplace import chainconfig, sweeps
 from marketplace.errors import Conflict, TooManyRequests
 from marketplace.logging import agreement_context
 
@@ -582,14 +582,16 @@ def _forget_mined(tx: ChainTransaction) -> None:
                                "receipt_status", "updated_at"])
 
 
-def transactions_reopen_reorged(*, after_block: int | None = None) -> int:
+def transactions_reopen_reorged(*, after_block: int | None = None, failures: sweeps.RowFailures | None = None) -> int:
     """Concluded transactions whose outcome rests on a block (mined after `after_block`, when given) a reorg deeper
     than the confirmation depth took off the chain are reopened; returns how many. One mined rests on its own block,
     whether it ran (confirmed) or reverted (failed: on the new branch its nonce is unused, so every later transaction
     of the relayer waits behind it, and its bytes may run there); a failed one whose evidence names someone else's
     transaction (EVIDENCE_BLOCK) on that transaction's. A block still canonical means its ancestors are too, so the
     newest such block is asked first and, on the usual poll, alone (the walk down goes back at most
-    INDEXER_REORG_WINDOW_BLOCKS). A height the node has no block at yet is not taken (`_replaced`)."""
+    INDEXER_REORG_WINDOW_BLOCKS). A height the node has no block at yet is not taken (`_replaced`). One whose
+    reopening raises other than a chain error (its domain's handler refusing it, bad data) is logged and skipped, the
+    others reopened, in `failures` (the poll's; else RowsFailed raised at the end): it ended every poll there."""
     mined = ChainTransaction.objects.filter(status__in=[TxStatus.CONFIRMED, TxStatus.FAILED],
                                             mined_block_number__isnull=False)
     decided_elsewhere = ChainTransaction.objects.filter(status=TxStatus.FAILED,
@@ -612,12 +614,16 @@ def transactions_reopen_reorged(*, after_block: int | None = None) -> int:
         if not _replaced(number, block_hash):
             break
         gone.append((number, block_hash))
-    reopened = 0
+    reopened, own = 0, failures is None
+    failures = sweeps.RowFailures("reorged transactions reopening") if own else failures
     for number, block_hash in gone:
         for tx in [*mined.filter(mined_block_number=number, mined_block_hash=block_hash),
                    *decided_elsewhere.filter(**{evidence_number: number,
                                                 f"outcome_evidence__{EVIDENCE_BLOCK}__hash": block_hash})]:
-            reopened += _reopen(tx)
+            with failures.row(tx.pk, reraise=(chain.ChainError,), atomic=False):  # it takes its own
+                reopened += _reopen(tx)
+    if own:
+        failures.raise_if_any(applied=reopened)
     return reopened
 
 
@@ -657,7 +663,7 @@ def _reopen(tx: ChainTransaction) -> bool:
     return True
 
 
-def transactions_recheck_watched() -> int:
+def transactions_recheck_watched(*, failures: sweeps.RowFailures | None = None) -> int:
     """Failed transactions their domain watches (`watch_failed`: a failed payment whose authorization is valid)
     have their evidence read again. Such a failure rests on no block of someone else's: it says that nobody used
     the payment's authorization, which anyone holding it may still do, and a reorg may put back a block in which a
@@ -669,13 +675,24 @@ def transactions_recheck_watched() -> int:
     At most CHAIN_WATCHED_CHECKS_PER_POLL of them per poll, a sample drawn anew at each: a buyer chooses how long its
     authorization is valid and can have its payments fail at will, and one RPC call each at every poll would let it
     make every poll as long as it liked. With more watched, each is read every few polls instead. The sample is
-    drawn from every kind at once, so that many of one kind cannot starve the others of reads."""
+    drawn from every kind at once, so that many of one kind cannot starve the others of reads.
+
+    One whose outcome raises other than a chain error (its domain's handler refusing it, bad data) is logged and
+    skipped, the others read, in `failures` (the poll's; else RowsFailed raised at the end): it ended every poll
+    there whenever the sample drew it."""
     if not _failure_watches:
         return 0
     watched = functools.reduce(operator.or_, (watch().filter(purpose=purpose)
                                               for purpose, watch in _failure_watches.items()))
     sample = watched.filter(status=TxStatus.FAILED).exclude(outcome_evidence__has_key=EVIDENCE_BLOCK).order_by("?")
-    return sum(_evidence_renewed(tx) for tx in sample[:settings.CHAIN_WATCHED_CHECKS_PER_POLL])
+    renewed, own = 0, failures is None
+    failures = sweeps.RowFailures("watched failures reading") if own else failures
+    for tx in sample[:settings.CHAIN_WATCHED_CHECKS_PER_POLL]:
+        with failures.row(tx.pk, reraise=(chain.ChainError,), atomic=False):  # it reads the chain, then takes its own
+            renewed += _evidence_renewed(tx)
+    if own:
+        failures.raise_if_any(applied=renewed)
+    return renewed
 
 
 def _evidence_renewed(tx: ChainTransaction) -> bool:
@@ -952,14 +969,18 @@ def _none_of_ours_mined_by(tx: ChainTransaction, *, block: int) -> bool:
 def transactions_poll() -> int:
     """Check every in-flight transaction (the beat task). Returns how many were looked at.
 
-    An RPC failure on one transaction (timeout, 429, 5xx after the per-call retries), or an outcome that cannot be
-    applied (logged with its error: it stays in flight and is tried again), skips only that one. The poll
-    stops early only when the node is unreachable, or when the first several checks all failed (a node that
-    answers nothing is not asked about every row)."""
+    An RPC failure on one transaction (timeout, 429, 5xx after the per-call retries) skips only that one. The poll
+    stops early only when the node is unreachable, or when the first several checks all failed on the chain (a node
+    that answers nothing is not asked about every row). A transaction whose check, reopening or watched outcome
+    raises anything else (an outcome that cannot be applied, bad data) is logged with its id and skipped (it stays
+    as it was and is tried again at the next poll), the others done, and RowsFailed raised at the end
+    (sweeps.RowFailures): such rows counted towards giving up, and since they stay the oldest, a few of them ended
+    every poll before any other transaction was checked; one that raised while reopened ended it at once."""
+    failures = sweeps.RowFailures("chain transactions poll")
     try:
         # What the indexer applied, it checks itself: it reopens those after moving their agreements back.
-        transactions_reopen_reorged(after_block=_indexed_up_to())
-        transactions_recheck_watched()
+        transactions_reopen_reorged(after_block=_indexed_up_to(), failures=failures)
+        transactions_recheck_watched(failures=failures)
     except chain.RpcUnreachable:
         logger.warning("chain RPC unreachable while polling; will retry")
         return 0
@@ -972,24 +993,21 @@ def transactions_poll() -> int:
                        extra={"error": str(error), "tag": settings.PAYOUT_HEAD_TAG})
     pending = list(ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED])
                    .order_by("updated_at").values_list("pk", flat=True)[:500])
-    checked = failed = 0
+    checked = chain_failed = 0
     for tx_id in pending:
-        checked += 1
         try:
-            transaction_check(transaction_id=tx_id)
+            with failures.row(tx_id, reraise=(chain.ChainError,), atomic=False):  # it reads the chain
+                transaction_check(transaction_id=tx_id)
+                checked += 1
         except chain.RpcUnreachable:
             logger.warning("chain RPC unreachable while polling; will retry")
             break
         except chain.ChainError as error:
             logger.warning("chain transaction not checked", extra={"tx_id": str(tx_id), "error": str(error)})
-            failed += 1
-            if failed == checked == _POLL_GIVES_UP_AFTER:
+            chain_failed += 1
+            if chain_failed == _POLL_GIVES_UP_AFTER and checked == 0:
                 break
-        except Exception:  # a row whose outcome cannot be applied is logged, not the end of every poll after it
-            logger.exception("chain transaction check failed", extra={"tx_id": str(tx_id)})
-            failed += 1
-            if failed == checked == _POLL_GIVES_UP_AFTER:
-                break
+    failures.raise_if_any(applied=checked)
     return len(pending)
 
 

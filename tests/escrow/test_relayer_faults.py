@@ -16,6 +16,7 @@ from escrow import indexer, relayer
 from escrow.models import (ChainEvent, ChainTransaction, EventEffect, RelayerAccount, RelayRevert, TxAttempt, TxPurpose,
                            TxStatus)
 from escrow.tasks import submit_transaction
+from marketplace.sweeps import RowsFailed
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, mined_what_was_sent, onchain_escrow, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -258,13 +259,91 @@ def test_a_transaction_whose_check_fails_does_not_stop_the_poll_for_the_others(p
 
     monkeypatch.setattr(relayer, "transaction_check", poisoned)
     for _ in range(2):
-        confirm_all(capture)
+        with pytest.raises(RowsFailed) as failed:  # logged with its id, and the poll's task fails at its end
+            confirm_all(capture)
+        assert failed.value.failed == [first_tx.pk]
     assert parties.agreement(second["id"])["status"] == "active"
     first_tx.refresh_from_db()
     assert first_tx.status == TxStatus.SUBMITTED  # still in flight, tried again at the next poll
     monkeypatch.undo()
     confirm_all(capture)
     assert parties.agreement(first["id"])["status"] == "active"
+
+
+def one_confirmed_and_one_in_flight(parties, capture) -> tuple[ChainTransaction, dict, ChainTransaction]:
+    """The first activation confirmed; the second sent, its receipt not looked up yet."""
+    first, first_tx, first_sent = queue_activation(parties, capture)
+    with capture(execute=True):
+        for callback in first_sent:
+            callback()
+    confirm_all(capture)
+    first_tx.refresh_from_db()
+    assert first_tx.status == TxStatus.CONFIRMED
+    second, second_tx, second_sent = queue_activation(parties, capture)
+    with capture(execute=True):
+        for callback in second_sent:
+            callback()
+    return first_tx, second, second_tx
+
+
+def test_transactions_whose_checks_raise_do_not_count_as_a_node_answering_nothing(
+        parties, escrow_chain, monkeypatch, django_capture_on_commit_callbacks):
+    """The poll gives up when its first _POLL_GIVES_UP_AFTER (5) checks all failed, for a node that answers nothing;
+    rows whose check raised something else (a bug, bad data) counted too. They are polled oldest first and stay the
+    oldest, so five of them ended every poll before any other transaction was checked; and the failures were only
+    logged, the task succeeding."""
+    capture = django_capture_on_commit_callbacks
+    monkeypatch.setattr(relayer, "_POLL_GIVES_UP_AFTER", 1)  # one such row stands for five
+    first, first_tx, first_sent = queue_activation(parties, capture)
+    with capture(execute=True):
+        for callback in first_sent:
+            callback()
+    mined_what_was_sent()  # the second's permit is signed on the token's next nonce
+    second, second_tx, second_sent = queue_activation(parties, capture)
+    with capture(execute=True):
+        for callback in second_sent:
+            callback()
+    ChainTransaction.objects.filter(pk=first_tx.pk).update(updated_at=second_tx.updated_at - timedelta(minutes=1))
+    check = relayer.transaction_check
+
+    def poisoned(*, transaction_id):
+        if transaction_id == first_tx.pk:
+            raise RuntimeError("this outcome cannot be applied")
+        return check(transaction_id=transaction_id)
+
+    monkeypatch.setattr(relayer, "transaction_check", poisoned)
+    with pytest.raises(RowsFailed) as failed:
+        confirm_all(capture)
+    assert failed.value.failed == [first_tx.pk] and failed.value.applied == 1
+    assert parties.agreement(second["id"])["status"] == "active"
+
+
+@pytest.mark.parametrize("step", ["reopening a reorged transaction", "reading a watched failure again"])
+def test_a_transaction_whose_reorg_or_watch_step_raises_does_not_stop_the_poll(
+        step, parties, escrow_chain, monkeypatch, django_capture_on_commit_callbacks, caplog):
+    """Before checking the transactions in flight, the poll reopens those a reorg took the block of, and reads again
+    the evidence of failed ones their domain watches; one of those that raised other than a chain error (a domain's
+    handler refusing it, bad data) ended the whole poll there, at every beat: no transaction was checked any more."""
+    capture = django_capture_on_commit_callbacks
+    first_tx, second, second_tx = one_confirmed_and_one_in_flight(parties, capture)
+
+    def raises(tx, *args, **kwargs):
+        assert tx.pk == first_tx.pk
+        raise RuntimeError("its domain refuses it")
+
+    if step == "reopening a reorged transaction":
+        monkeypatch.setattr(relayer, "_replaced", lambda number, block_hash: number == first_tx.mined_block_number)
+        monkeypatch.setattr(relayer, "_reopen", raises)
+    else:
+        ChainTransaction.objects.filter(pk=first_tx.pk).update(status=TxStatus.FAILED)
+        monkeypatch.setitem(relayer._failure_watches, first_tx.purpose,
+                            lambda: ChainTransaction.objects.filter(pk=first_tx.pk))
+        monkeypatch.setattr(relayer, "_evidence_renewed", raises)
+    with pytest.raises(RowsFailed) as failed:
+        confirm_all(capture)
+    assert failed.value.failed == [first_tx.pk]
+    assert str(first_tx.pk) in caplog.text
+    assert parties.agreement(second["id"])["status"] == "active"
 
 
 def test_a_transfer_whose_recipient_emptied_its_balance_after_the_estimate_is_mined_not_out_of_gas(
