@@ -137,7 +137,7 @@ def invocation_priced_check(skill: Skill) -> tuple[int, int]:
     return price, fee
 
 
-def invocation_failures_check(*, seller: Agent, buyer: Agent | None, payer: str = "") -> None:
+def invocation_failures_check(*, seller: Agent, buyer: Agent | None, payer: str = "", client: str = "") -> None:
     """Before anything is quoted or paid: a buyer party with INVOCATION_FAILURES_PER_BUYER_SELLER invocations of
     `seller` failed within INVOCATION_FAILURE_WINDOW (`InvocationSellerFailure`: refunded whole, both transactions'
     gas the relayer's), or INVOCATION_FAILURES_PER_BUYER of every seller's together (a seller under many identities),
@@ -146,8 +146,8 @@ def invocation_failures_check(*, seller: Agent, buyer: Agent | None, payer: str 
     buyer agents, had the relayer pay that gas for nothing at RATE_LIMIT_PAYMENTS per agent.
 
     The party is the buyer agent's owner (its agents together: creating agents does not multiply the bound) and the
-    paying wallet (`payer`, whoever paid from it: an anonymous payer, unknown until it signs, is that alone), as
-    the relay budget counts them. Counted per party, never per seller alone: a buyer whose input makes a seller fail
+    paying wallet (`payer`, whoever paid from it: an anonymous payer, unknown until it signs), as the relay budget
+    counts them; an anonymous payer's also per `client` network (IPv6: its /64), since fresh wallets cost nothing. Counted per party, never per seller alone: a buyer whose input makes a seller fail
     stops only its own calls, not the seller's other buyers'. A 429 as `relay_budget_exhausted`: a budget of the
     caller's is spent, the seller is not unavailable."""
     party = Q()
@@ -155,6 +155,8 @@ def invocation_failures_check(*, seller: Agent, buyer: Agent | None, payer: str 
         party |= Q(buyer_owner_id=buyer.owner_id)
     if payer:
         party |= Q(payer=payer)
+    if buyer is None and client:
+        party |= Q(anonymous_client=client)
     if not party:
         return
     now, window = timezone.now(), settings.INVOCATION_FAILURE_WINDOW
@@ -207,16 +209,18 @@ def invocation_get(*, public_id: str) -> SkillInvocation:
     return invocation
 
 
-def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict,
-                      authorization: x402_protocol.Authorization) -> SkillInvocation:
+def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict, authorization: x402_protocol.Authorization,
+                      client: str = "") -> SkillInvocation:
     """Record the invocation, its fee (frozen now: `invocation_priced_check`) and its authorization (a replayed nonce
-    raises InvalidPayment). Call inside the transaction that queues the payment."""
+    raises InvalidPayment). `client`: the caller's network, kept for an anonymous payer (invocation_failures_check).
+    Call inside the transaction that queues the payment."""
     _, fee = invocation_priced_check(skill)
     record = x402_protocol.authorization_record(authorization)
     return SkillInvocation.objects.create(
         skill=skill, seller=skill.service.seller, buyer=buyer, input=input, authorization=record,
         amount=authorization.amount, fee=fee, seller_wallet_address=skill.service.seller.wallet_address,
         is_async=skill.is_async, run_in_background=skill.is_async, timeout_seconds=skill.timeout_seconds,
+        anonymous_client=client if buyer is None else "",
     )
 
 
@@ -509,6 +513,7 @@ def _seller_failure_record(invocation: SkillInvocation) -> None:
     owner_id = Agent.objects.filter(pk=invocation.buyer_id).values_list("owner_id", flat=True).first()
     InvocationSellerFailure.objects.create(invocation=invocation, seller_id=invocation.seller_id,
                                            buyer_owner_id=owner_id, payer=invocation.authorization.payer,
+                                           anonymous_client=invocation.anonymous_client,
                                            failed_at=invocation.completed_at)
 
 

@@ -587,6 +587,9 @@ class SkillInvocation(PaymentReversal):
     run_in_background = models.BooleanField(
         default=False, help_text="Run by a worker once paid (async skills, or a caller that stopped waiting).")
     timeout_seconds = models.PositiveIntegerField()
+    anonymous_client = models.CharField(
+        max_length=100, blank=True, help_text="An anonymous payer's (no API key) client network: its failed "
+                                              "invocations count against it (invocations.invocation_failures_check).")
     payment_tx_hash = Bytes32Field(blank=True)
     settlement_tx_hash = Bytes32Field(blank=True, help_text="The payout to the seller or the refund to the buyer.")
     result = models.JSONField(null=True, blank=True)
@@ -632,7 +635,8 @@ class SkillInvocation(PaymentReversal):
 class InvocationSellerFailure(models.Model):
     """A skill invocation its seller failed once called (an error, a timeout), whose whole price was refunded: the
     relayer paid the payment's and the refund's gas for nothing. Counted per buyer party (the buyer agent's owner,
-    else the paying wallet) within INVOCATION_FAILURE_WINDOW: `invocations.invocation_failures_check`."""
+    the paying wallet, an anonymous payer's client network) within INVOCATION_FAILURE_WINDOW:
+    `invocations.invocation_failures_check`."""
 
     invocation = models.OneToOneField(SkillInvocation, on_delete=models.CASCADE, primary_key=True,
                                       related_name="seller_failure")
@@ -641,11 +645,15 @@ class InvocationSellerFailure(models.Model):
                                     related_name="+", db_index=False,
                                     help_text="The buyer agent's owner; none for an anonymous payer.")
     payer = AddressField(help_text="The authorization's payer.")
+    anonymous_client = models.CharField(max_length=100, blank=True,
+                                        help_text="An anonymous payer's client network (IPv6: its /64).")
     failed_at = models.DateTimeField()
 
     class Meta:
         indexes = [models.Index(fields=["buyer_owner", "failed_at"], name="invocation_failure_owner_idx"),
-                   models.Index(fields=["payer", "failed_at"], name="invocation_failure_payer_idx")]
+                   models.Index(fields=["payer", "failed_at"], name="invocation_failure_payer_idx"),
+                   models.Index(fields=["anonymous_client", "failed_at"], name="invocation_failure_client_idx",
+                                condition=~Q(anonymous_client=""))]
 
     def __str__(self) -> str:
         return f"{self.invocation} failed at {self.failed_at:%Y-%m-%d %H:%M}"

@@ -537,7 +537,7 @@ def _payment_policy_refusal(agreement: UsageAgreement) -> Forbidden | None:
 
 
 def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict,
-                      authorization: x402_protocol.Authorization) -> SkillInvocation:
+                      authorization: x402_protocol.Authorization, client: str = "") -> SkillInvocation:
     """Record a skill invocation and its authorization (see `agreements.invocations.invocation_create`) once the
     calling agent's owner policy allows its price, as a direct purchase's: a denial is 403 `policy_denied`, and
     a price the owner must approve is 403 `approval_required` (a synchronous paid call cannot wait for the owner),
@@ -551,7 +551,8 @@ def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict,
                 raise Forbidden("The owner's policy asks for an approval of this payment, which a skill invocation "
                                 "cannot wait for.", code="approval_required",
                                 details={"rule": decision.rule, **decision.details})
-        return invocations.invocation_create(skill=skill, buyer=buyer, input=input, authorization=authorization)
+        return invocations.invocation_create(skill=skill, buyer=buyer, input=input, authorization=authorization,
+                                             client=client)
 
 
 def _agreement_record(proposal: Proposal, *, status: str) -> UsageAgreement:

@@ -154,11 +154,12 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
     """Check the signed payment (raises InvalidPayment, nothing recorded) and that the buyer party may still invoke
     this seller (`invocation_failures_check`: its payer is known now), record the invocation and queue the payment
     to the treasury. `client`: the network the call came from, an anonymous payer's (no `buyer`) relay budget
-    (`relayer.relay_budget_check`)."""
+    (`relayer.relay_budget_check`) and failed invocations' bound."""
     requirements = invocation_requirements(skill)
     authorization = agreement_services.payment_verify(payment.header, requirements, payer=payment.payer,
                                                       holder=payment.holder)
-    agreement_services.invocation_failures_check(seller=skill.service.seller, buyer=buyer, payer=authorization.payer)
+    agreement_services.invocation_failures_check(seller=skill.service.seller, buyer=buyer, payer=authorization.payer,
+                                                 client=client)
     payer = relayer.relay_payer(agent=buyer, wallet=authorization.payer, client=client)
     relayer.relay_budget_check(payer)
     balance = chain.call(chain.token_contract().functions.balanceOf(to_checksum_address(authorization.payer)).call)
@@ -166,7 +167,7 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
     with transaction.atomic():
         _payments_in_flight_check(authorization, balance=balance)
         invocation = agreement_services.invocation_create(skill=skill, buyer=buyer, input=input,
-                                                          authorization=authorization)
+                                                          authorization=authorization, client=client)
         tx = relayer.transaction_enqueue(
             purpose=TxPurpose.INVOCATION_PAYMENT, to=chainconfig.usdc_address(),
             data=_transfer_with_authorization_data(authorization), context={"invocation_id": str(invocation.pk)},

@@ -1271,7 +1271,7 @@ def test_an_anonymous_payers_failed_invocations_are_counted_per_paying_wallet(
         market, settings, django_capture_on_commit_callbacks):
     """Without an API key the buyer party is the authorization's payer: its wallet's failed invocations are bounded
     (refused once its payment is read, before anything is relayed), and count for an agent paying from that wallet;
-    another wallet is served."""
+    another wallet (from another network) is served."""
     capture = django_capture_on_commit_callbacks
     settings.INVOCATION_FAILURES_PER_BUYER_SELLER = 2
     for _ in range(2):
@@ -1286,10 +1286,35 @@ def test_an_anonymous_payers_failed_invocations_are_counted_per_paying_wallet(
     holder = Api(issue_key(AgentFactory(is_buyer=True, is_seller=False, wallet_address=market.buyer.address)))
     _refused_as_failing(market.call("translate", api=holder), settings, bound="seller", failures=2)
     assert ChainTransaction.objects.count() == sent and len(market.upstream.requests) == called
-    other_wallet = market.chain.accounts.buyer2
+    other_wallet = market.chain.accounts.buyer2  # from another network: this one's anonymous payers are bounded too
     fund(market.chain, other_wallet.address, USDC)
-    served = _served_call(market, capture, key=other_wallet.key)
+    served = _served_call(market, capture, key=other_wallet.key, api=_from_client("198.51.100.7"))
     assert served.status_code == 200, served.content
+
+
+def test_an_anonymous_payer_rotating_wallets_is_counted_per_client_network_too(
+        market, settings, django_capture_on_commit_callbacks):
+    """A fresh wallet costs nothing (the same USDC moved on): an anonymous payer's failed invocations also count per
+    client network (IPv6: its /64), so a new wallet from that network is refused before anything is relayed. Another
+    network's anonymous payer, and an agent with an API key calling from that network, are served."""
+    capture = django_capture_on_commit_callbacks
+    settings.INVOCATION_FAILURES_PER_BUYER_SELLER = 2
+    here, same_network, elsewhere = "2001:db8:7:7::1", "2001:db8:7:7:ffff::9", "2001:db8:7:8::1"
+    fresh = [market.chain.accounts.buyer2, market.chain.accounts.spare]
+    _funded(market, *fresh)
+    _failed_call(market, capture, api=_from_client(here))
+    _failed_call(market, capture, api=_from_client(same_network), key=fresh[0].key)
+    sent, called = ChainTransaction.objects.count(), len(market.upstream.requests)
+
+    with capture(execute=True):
+        refused = market.call("translate", market.pay("translate", key=fresh[1].key), api=_from_client(here))
+
+    _refused_as_failing(refused, settings, bound="seller", failures=2)
+    assert ChainTransaction.objects.count() == sent and len(market.upstream.requests) == called
+    agent = AgentFactory(is_buyer=True, is_seller=False, wallet_address=fresh[1].address)
+    for caller in (_from_client(elsewhere), _from_client(here, issue_key(agent))):
+        served = _served_call(market, capture, api=caller, key=fresh[1].key)
+        assert served.status_code == 200, served.content
 
 
 def test_the_refusal_of_a_failing_seller_lifts_once_the_oldest_counted_failure_leaves_the_window(
