@@ -236,20 +236,28 @@ def test_a_submission_retrying_while_the_node_is_down_is_done_retrying_before_th
     retries = [min(submit_transaction.retry_backoff * 2 ** n, longest) for n in range(submit_transaction.max_retries)]
     assert sum(retries) < settings.CHAIN_SWEEP_AFTER.total_seconds()
 
+
+def two_activations_sent(parties, capture) -> tuple[dict, ChainTransaction, dict, ChainTransaction]:
+    """Two agreements' activations sent, their receipts not looked up yet (the first mined before the second is
+    signed: its permit is signed on the token's next nonce)."""
+    first, first_tx, first_sent = queue_activation(parties, capture)
+    with capture(execute=True):
+        for callback in first_sent:
+            callback()
+    mined_what_was_sent()
+    second, second_tx, second_sent = queue_activation(parties, capture)
+    with capture(execute=True):
+        for callback in second_sent:
+            callback()
+    return first, first_tx, second, second_tx
+
+
 def test_a_transaction_whose_check_fails_does_not_stop_the_poll_for_the_others(parties, escrow_chain, monkeypatch,
                                                                              django_capture_on_commit_callbacks):
     """Rows are polled oldest first: one that raised something other than a chain error (an outcome refused by
     the state machine, an integrity error) ended every poll there, and no transaction after it was ever checked."""
     capture = django_capture_on_commit_callbacks
-    first, first_tx, first_sent = queue_activation(parties, capture)
-    with capture(execute=True):
-        for callback in first_sent:
-            callback()
-    mined_what_was_sent()  # the second's permit is signed on the token's next nonce
-    second, second_tx, second_sent = queue_activation(parties, capture)
-    with capture(execute=True):
-        for callback in second_sent:
-            callback()
+    first, first_tx, second, second_tx = two_activations_sent(parties, capture)
     check = relayer.transaction_check
 
     def poisoned(*, transaction_id):
@@ -294,15 +302,7 @@ def test_transactions_whose_checks_raise_do_not_count_as_a_node_answering_nothin
     logged, the task succeeding."""
     capture = django_capture_on_commit_callbacks
     monkeypatch.setattr(relayer, "_POLL_GIVES_UP_AFTER", 1)  # one such row stands for five
-    first, first_tx, first_sent = queue_activation(parties, capture)
-    with capture(execute=True):
-        for callback in first_sent:
-            callback()
-    mined_what_was_sent()  # the second's permit is signed on the token's next nonce
-    second, second_tx, second_sent = queue_activation(parties, capture)
-    with capture(execute=True):
-        for callback in second_sent:
-            callback()
+    first, first_tx, second, second_tx = two_activations_sent(parties, capture)
     ChainTransaction.objects.filter(pk=first_tx.pk).update(updated_at=second_tx.updated_at - timedelta(minutes=1))
     check = relayer.transaction_check
 
