@@ -584,8 +584,17 @@ def _agreement_record(proposal: Proposal, *, status: str) -> UsageAgreement:
 # was taken (the buyer spent or cancelled the authorization in between), the platform treasury refunds the fee
 # (`buyer_refund_atomic`).
 
-DirectPaymentCheck = Callable[[UsageAgreement], str | None]
-DirectPaymentQueue = Callable[[UsageAgreement], None]
+@dataclass(frozen=True)
+class DirectPaymentPreflight:
+    """What the chain says of a direct payment about to be accepted: why it cannot run (None: it can), and the buyer's
+    balance, against which its queueing counts the wallet's other payments under way."""
+
+    problem: str | None
+    buyer_balance: int = 0
+
+
+DirectPaymentCheck = Callable[[UsageAgreement], DirectPaymentPreflight]
+DirectPaymentQueue = Callable[[UsageAgreement, DirectPaymentPreflight], None]
 _direct_payment_executor: list[tuple[DirectPaymentCheck, DirectPaymentQueue]] = []
 PermitNonceReader = Callable[[str], int]
 _permit_nonce_reader: list[PermitNonceReader] = []
@@ -607,9 +616,10 @@ def _fee_permit_completed(fee_permit: dict, *, fee: int, payer: str) -> dict:
 
 
 def direct_payment_executor_register(*, check: DirectPaymentCheck, queue: DirectPaymentQueue) -> None:
-    """`check(agreement)` asks the chain whether the payment can run (why not, or None); it runs before the accept
-    locks the agreement, never under the lock. `queue(agreement)` runs inside the accept transaction and only
-    writes: it queues the on-chain steps."""
+    """`check(agreement)` asks the chain whether the payment can run (`DirectPaymentPreflight`); it runs before the
+    accept locks the agreement, never under the lock. `queue(agreement, preflight)` runs inside the accept transaction
+    and asks the chain nothing: it queues the on-chain steps, or raises (the accept rolled back: the purchase stays
+    proposed) when the buyer's balance does not cover the payment besides the wallet's payments under way."""
     _direct_payment_executor[:] = [(check, queue)]
 
 
@@ -649,9 +659,9 @@ def _direct_authorization_record(authorization: x402_protocol.Authorization):
         raise Conflict(invalid.message, code=invalid.code, details={"field": "payment_header"}) from invalid
 
 
-def _direct_payment_precheck(agreement: UsageAgreement) -> str | None:
-    """Why a direct payment about to be accepted cannot run (None: it can), asked of the chain before the accept
-    takes its row lock. What it checks was fixed at proposal (the signed authorization and fee permit); a chain
+def _direct_payment_precheck(agreement: UsageAgreement) -> DirectPaymentPreflight | None:
+    """Whether a direct payment about to be accepted can run (None: no direct payment is due), asked of the chain
+    before the accept takes its row lock. What it checks was fixed at proposal (the signed authorization and fee permit); a chain
     that changes in between is caught by the relayer's simulation and the fee permit's outcome."""
     if agreement.settlement_model != SettlementModel.DIRECT_PAYMENT or agreement.status != S.PROPOSED:
         return None
@@ -661,14 +671,15 @@ def _direct_payment_precheck(agreement: UsageAgreement) -> str | None:
     return check(agreement)
 
 
-def _direct_payment_start(agreement_id, problem: str | None) -> UsageAgreement:
+def _direct_payment_start(agreement_id, preflight: DirectPaymentPreflight) -> UsageAgreement:
+    problem = preflight.problem
     agreement = _transition(agreement_id, to=S.PAYING, actor=SYSTEM, reason="collecting the fee, then paying",
                             changes=None if problem else {"funds_moved_at": timezone.now()})
     if problem:
         return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM,
                            reason=f"payment cannot run, nothing was charged: {problem}")
     _check, queue = _direct_payment_executor[0]
-    queue(agreement)
+    queue(agreement, preflight)
     return agreement
 
 
@@ -850,7 +861,7 @@ def _last_event_is_refusal(agreement: UsageAgreement, refusal: Forbidden) -> boo
 
 def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreement:
     _require_party(agreement, seller, "seller")
-    problem = _direct_payment_precheck(agreement)  # the chain is asked first: never under the row lock
+    preflight = _direct_payment_precheck(agreement)  # the chain is asked first: never under the row lock
     with transaction.atomic():
         current = _lock(agreement.pk)
         direct = current.settlement_model == SettlementModel.DIRECT_PAYMENT
@@ -870,10 +881,14 @@ def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreem
                               reason=f"not paid: the buyer's owner policy refuses it now ({denied.details.get('rule')})",
                               data={"code": denied.code, **denied.details})
             refusal = denied
+        elif direct and current.status == S.PROPOSED and preflight is None:
+            # Approved by the buyer's owner since it was read: its payment was not asked of the chain.
+            refusal = Conflict("The purchase was approved while being accepted: accept it again.",
+                               code="agreement_changed", details={"status": current.status})
         else:
             accepted = _transition(agreement.pk, to=S.ACCEPTED, actor=Actor.agent(seller, "seller"))
             if direct:
-                return _direct_payment_start(agreement.pk, problem)
+                return _direct_payment_start(agreement.pk, preflight)
             return accepted
     raise refusal
 

@@ -8,7 +8,8 @@ from django.db.models.functions import Length
 from web3 import Web3
 
 from agreements import services as agreement_services
-from agreements.models import AgreementStatus, InvocationMoney, SkillInvocation, UsageAgreement, is_paid_out
+from agreements.models import (AgreementStatus, InvocationMoney, SettlementModel, SkillInvocation, UsageAgreement,
+                               is_paid_out)
 from escrow import chain, relayer
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPaymentRequest,
                            MasumiPurchase, TxAttempt, TxPurpose, TxStatus)
@@ -55,27 +56,29 @@ def _tokens_named(token: str) -> list[str]:
 
 def wallet_unmined_amount(*, wallet: str, token: str = "", exclude_agreement=None) -> int:
     """What the relayed payments of `wallet` queued or sent, not mined yet as the books know, will pull from it in
-    `token` (blank: the default one): its activations (deposit plus fee each, but `exclude_agreement`'s) and its
-    skill invocations' payments. Its balance does not show that yet: each passes its own balance check and
-    simulation alone, and all but what the balance covers would revert at the relayer's gas."""
-    activations = UsageAgreement.objects.filter(
-        buyer_wallet_address__iexact=wallet, token_address__in=_tokens_named(token),
+    `token` (blank: the default one): its activations (deposit plus fee each) and its direct purchases being paid
+    (each step not mined yet: the fee, which its permit lets the relayer collect, and the payment; also while one
+    step is concluded and the next not queued yet), `exclude_agreement`'s aside, and its skill invocations' payments.
+    Its balance does not show that yet: each passes its own balance check and simulation alone, and all but what the
+    balance covers would revert at the relayer's gas. Read under the wallet's lock (`services.wallet_payments_turn`)."""
+    agreements = UsageAgreement.objects.filter(buyer_wallet_address__iexact=wallet,
+                                               token_address__in=_tokens_named(token)).exclude(pk=exclude_agreement)
+    activations = agreements.filter(
         chain_transactions__purpose=TxPurpose.ACTIVATE, chain_transactions__status__in=_UNMINED,
-    ).exclude(pk=exclude_agreement).aggregate(total=Sum(F("deposit_amount") + F("infra_fee")))["total"] or 0
+    ).aggregate(total=Sum(F("deposit_amount") + F("infra_fee")))["total"] or 0
+    paying = agreements.filter(settlement_model=SettlementModel.DIRECT_PAYMENT, status=S.PAYING)
+    direct = 0
+    for purpose, amount in ((TxPurpose.DIRECT_FEE, "infra_fee"), (TxPurpose.DIRECT_PAYMENT, "deposit_amount")):
+        mined = ChainTransaction.objects.filter(agreement_id=OuterRef("pk"), purpose=purpose,
+                                                status__in=[TxStatus.MINED, TxStatus.CONFIRMED])
+        direct += paying.exclude(Exists(mined)).aggregate(total=Sum(amount))["total"] or 0
     authorized = {str(pk): amount for pk, amount in SkillInvocation.objects.filter(
         authorization__payer__iexact=wallet, authorization__token_address__iexact=_tokens_named(token)[0],
         money=InvocationMoney.AUTHORIZED).values_list("pk", "amount")}
-    paying = ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_PAYMENT, status__in=_UNMINED,
-                                             context__invocation_id__in=list(authorized))
-    return activations + sum(authorized[invocation_id] for invocation_id in
-                             set(paying.values_list("context__invocation_id", flat=True)))
-
-
-def activations_unmined_amount(*, agreement: UsageAgreement) -> int:
-    """What the relayed payments of the agreement's buyer wallet not mined yet will pull from it in the agreement's
-    token (`wallet_unmined_amount`), its own activation aside."""
-    return wallet_unmined_amount(wallet=agreement.buyer_wallet_address, token=agreement.token_address,
-                                 exclude_agreement=agreement.pk)
+    invocations = ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_PAYMENT, status__in=_UNMINED,
+                                                  context__invocation_id__in=list(authorized))
+    return activations + direct + sum(authorized[invocation_id] for invocation_id in
+                                      set(invocations.values_list("context__invocation_id", flat=True)))
 
 
 def live_transaction(*, agreement_id, purpose: str) -> ChainTransaction | None:

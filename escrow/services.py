@@ -10,7 +10,7 @@ Also operators' acknowledgements of what `reconcile` reports on escrow's rows (`
 
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 from web3 import Web3
@@ -194,13 +194,6 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
 
     balance = chain.call(chain.token_contract(agreement.token_address or None).functions.balanceOf(
         Web3.to_checksum_address(wallet)).call)
-    # Its other activations not mined yet pull from the same balance: each passes the check and the simulation alone,
-    # and all but what the balance covers would revert at the relayer's gas.
-    committed = selectors.activations_unmined_amount(agreement=agreement)
-    if balance - committed < required:
-        raise PaymentRequired("The buyer's wallet holds too little to fund the escrow and fee, besides what its "
-                              "activations under way will take.", code="insufficient_balance",
-                              details={"balance": balance, "required": required, "committed": committed})
 
     data = chain.escrow_contract().encode_abi(
         "activate", args=[typed_data.message_tuple(intent), intent_signature, onchain_permit, typed_data.EMPTY_PERMIT]
@@ -208,10 +201,38 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
     with transaction.atomic():
         agreement_services.agreement_activation_begin(agreement_id=agreement.pk, buyer=buyer,
                                                       receipt_signer=intent["message"]["receiptSigner"])
+        wallet_balance_require(wallet=wallet, balance=balance, required=required, token=agreement.token_address,
+                               exclude_agreement=agreement.pk)
         return relayer.transaction_enqueue(
             purpose=TxPurpose.ACTIVATE, to=chainconfig.escrow_address(), data=data, agreement_id=agreement.pk,
             relayed_for=payer,
         )
+
+
+def wallet_payments_turn(*, wallet: str, token: str = "", exclude_agreement=None) -> int:
+    """Inside the transaction that queues a relayed payment from `wallet`, before its balance check: what the
+    wallet's relayed payments not mined yet will pull (`selectors.wallet_unmined_amount`, `exclude_agreement`'s
+    aside). The wallet's concurrent payments take their turn here (a lock until the transaction ends, keyed by the
+    wallet, taken after any row lock), so each counts those queued before it."""
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("A wallet's turn lasts until its transaction ends: take it inside one.")
+    wallet = Web3.to_checksum_address(wallet)
+    if connection.vendor == "postgresql":  # SQLite (`make run`) has one writer at a time
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"relayed-payments:{wallet}"])
+    return selectors.wallet_unmined_amount(wallet=wallet, token=token, exclude_agreement=exclude_agreement)
+
+
+def wallet_balance_require(*, wallet: str, balance: int, required: int, token: str = "",
+                           exclude_agreement=None) -> None:
+    """An agreement's payment of `required` from `wallet`, whose `balance` was read before the transaction: 402
+    `insufficient_balance` (`details.committed`) when what its payments under way will take leaves too little
+    (`wallet_payments_turn`, whose lock then covers the queueing)."""
+    committed = wallet_payments_turn(wallet=wallet, token=token, exclude_agreement=exclude_agreement)
+    if balance - committed < required:
+        raise PaymentRequired("The buyer's wallet holds too little for this payment, besides what its payments "
+                              "under way will take.", code="insufficient_balance",
+                              details={"balance": balance, "required": required, "committed": committed})
 
 
 def _purchase_offer_stands(agreement: UsageAgreement) -> None:

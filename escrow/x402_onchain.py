@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import QuerySet
 from eth_utils import to_checksum_address
 from x402.mechanisms.evm import constants as evm
@@ -36,7 +36,7 @@ from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
 from agreements.models import InvocationMoney, SkillInvocation, UsageAgreement
 from catalog.models import Agent, Skill
-from escrow import chain, chain_clock, relayer, selectors
+from escrow import chain, chain_clock, relayer, selectors, services
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.errors import Conflict, DependencyUnavailable, TooManyRequests
@@ -177,21 +177,15 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
 
 def _payments_in_flight_check(authorization, *, balance: int) -> None:
     """Inside the transaction queueing the payment: the payer's relayed payments not mined yet (its other skill
-    payments, its activations: `selectors.wallet_unmined_amount`) pull from the same `balance`, read before. Each
-    passed its simulation alone; queued all, all but what the balance covers would revert at the relayer's gas: 402
-    `insufficient_balance` with `details.committed`. The wallet's concurrent payments take their turn here (a lock
-    for the transaction, keyed by the wallet), so each counts the others queued before it."""
-    wallet = to_checksum_address(authorization.payer)
-    if connection.vendor == "postgresql":  # SQLite (`make run`) has one writer at a time
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"relayed-payments:{wallet}"])
-    committed = selectors.wallet_unmined_amount(wallet=wallet)  # skills are paid in the default token
+    payments, its activations, its direct purchases: `services.wallet_payments_turn`, whose lock covers the queueing)
+    pull from the same `balance`, read before. Each passed its simulation alone; queued all, all but what the balance
+    covers would revert at the relayer's gas: 402 `insufficient_balance` with `details.committed`."""
+    committed = services.wallet_payments_turn(wallet=authorization.payer)  # skills are paid in the default token
     if balance - committed < authorization.amount:
         raise agreement_services.InvalidPayment(
             "insufficient_balance",
             "The payer's wallet holds too little for this payment besides what its payments under way will take.",
-            details={"balance": balance, "required": authorization.amount,
-                                                  "committed": committed})
+            details={"balance": balance, "required": authorization.amount, "committed": committed})
 
 
 @dataclass(frozen=True)
@@ -326,33 +320,44 @@ def _settlement_cancelled(tx: ChainTransaction, *, ran_as: str | None) -> None:
 
 # --- direct payments -----------------------------------------------------------------------------------------
 
-def _direct_payment_preflight(agreement: UsageAgreement) -> str | None:
+def _direct_payment_preflight(agreement: UsageAgreement) -> agreement_services.DirectPaymentPreflight:
     """Whether an accepted direct payment can run, asked of the chain (registered with agreements, which calls it
     before locking the agreement): the payment's simulation, the fee permit's nonce, the buyer's balance."""
     _require_chain()
+
+    def cannot_run(problem: str) -> agreement_services.DirectPaymentPreflight:
+        return agreement_services.DirectPaymentPreflight(problem)
+
     try:
         relayer.relay_budget_check(_buyer_payer(agreement))
     except TooManyRequests as exhausted:
-        return f"{exhausted.code}: {exhausted.message}"
+        return cannot_run(f"{exhausted.code}: {exhausted.message}")
     buyer = to_checksum_address(agreement.buyer_wallet_address)
     token = chain.token_contract()
     try:
         simulate(agreement_selectors.payment_authorization_of(agreement=agreement))
     except agreement_services.InvalidPayment as invalid:
-        return f"{invalid.code}: {invalid.message}"
+        return cannot_run(f"{invalid.code}: {invalid.message}")
     permit = agreement.fee_permit
     nonce = chain.call(token.functions.nonces(buyer).call)
     front_run = permit["nonce"] < nonce and _relayer_allowance(buyer) >= agreement.infra_fee
     if permit["nonce"] != nonce and not front_run:  # a permit someone else submitted granted the allowance
-        return f"fee_permit_stale: the fee permit's nonce is {permit['nonce']}, the token's is now {nonce}"
+        return cannot_run(f"fee_permit_stale: the fee permit's nonce is {permit['nonce']}, the token's is now {nonce}")
     balance = chain.call(token.functions.balanceOf(buyer).call)
     if balance < agreement.deposit_amount + agreement.infra_fee:
-        return f"insufficient_balance: the buyer holds {balance}, needs {agreement.deposit_amount + agreement.infra_fee}"
-    return None
+        return cannot_run(f"insufficient_balance: the buyer holds {balance}, needs "
+                          f"{agreement.deposit_amount + agreement.infra_fee}")
+    return agreement_services.DirectPaymentPreflight(None, buyer_balance=balance)
 
 
-def _direct_payment_queue(agreement: UsageAgreement) -> None:
-    """Queue the fee permit, the first of a direct payment's transactions (in the accept's DB transaction)."""
+def _direct_payment_queue(agreement: UsageAgreement, preflight: agreement_services.DirectPaymentPreflight) -> None:
+    """Queue the fee permit, the first of a direct payment's transactions (in the accept's DB transaction), unless
+    the buyer's balance read at the preflight does not cover its fee and payment besides the wallet's other payments
+    under way (`services.wallet_balance_require`: 402 insufficient_balance, the accept rolled back). A purchase whose
+    balance alone falls short failed at the preflight already."""
+    services.wallet_balance_require(wallet=agreement.buyer_wallet_address, balance=preflight.buyer_balance,
+                                    required=agreement.deposit_amount + agreement.infra_fee,
+                                    token=agreement.token_address, exclude_agreement=agreement.pk)
     buyer = to_checksum_address(agreement.buyer_wallet_address)
     permit = agreement.fee_permit
     v, r, s = typed_data.split_signature(permit["signature"])

@@ -2,9 +2,11 @@
 
 import base64
 import json
+import threading
 from datetime import timedelta
 
 import pytest
+from django.db import connections
 from django.utils import timezone
 from x402.http import decode_payment_signature_header
 
@@ -12,14 +14,15 @@ from agreements import services as agreement_services
 from agreements.models import AgreementEvent, UsageAgreement
 from escrow import chain as gateway
 from escrow import relayer
+from escrow import selectors as escrow_selectors
 from escrow.models import ChainTransaction, RelayRevert
 from sdk import typed_data
-from sdk.x402_signing import build_direct_stablecoin_agreement
+from sdk.x402_signing import build_direct_stablecoin_agreement, sign_payment_required
 from tests.chain_fixtures import TOKEN_NAMES
 from policies.models import ApprovalRequest
-from tests.catalog.factories import issue_owner_token
+from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token
 from tests.conftest import Api, error_code
-from tests.escrow.flow import USDC, Parties, confirm_all, fund, network_of, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, fund, network_of, poll_mined, usdc_balance
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -620,3 +623,170 @@ def test_a_cancellation_the_token_would_revert_for_a_reason_the_api_does_not_che
     assert answer.status_code == 503 and error_code(answer) == "chain_unavailable", answer.content
     assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
     assert purchase.parties.agreement(agreement["id"])["status"] == "rejected"
+
+
+# --- a wallet's payments in flight, summed against its balance --------------------------------------------------
+
+def _keep_only(purchase, amount: int) -> None:
+    """Leave the buyer's wallet holding `amount`, the rest sent away."""
+    chain = purchase.chain
+    sent = chain.usdc.functions.transfer(chain.accounts.stranger.address,
+                                         usdc_balance(chain, purchase.buyer.address) - amount
+                                         ).transact({"from": purchase.buyer.address})
+    assert chain.w3.eth.wait_for_transaction_receipt(sent)["status"] == 1
+
+
+def _accept_unsent(purchase, agreement_id: str, capture) -> list:
+    """The seller's accept, its transactions queued and not sent (what the commit would start is returned)."""
+    with capture(execute=False) as sends:
+        accepted = purchase.parties.seller_api.put(f"/usage-agreements/{agreement_id}/accept")
+    assert accepted.status_code == 200, accepted.content
+    assert accepted.json()["status"] == "paying"
+    return list(sends)
+
+
+def test_a_buyer_funded_for_one_direct_purchase_has_a_second_accepted_before_the_first_is_mined_refused(
+        purchase, django_capture_on_commit_callbacks):
+    """Each accept's simulation and balance check see the balance alone: two purchases accepted back to back both
+    passed, and the second's fee and payment reverted at the relayer's gas. The wallet's payments not mined yet
+    count (the first's fee and payment, which its wallet pays): the second is 402 insufficient_balance naming them
+    (`committed`), nothing queued, and it stays proposed, for the seller to accept again once the funds suffice."""
+    capture = django_capture_on_commit_callbacks
+    first, second = purchase.propose(), purchase.propose()
+    balance = AMOUNT + FEE + AMOUNT // 2
+    _keep_only(purchase, balance)
+    sends = _accept_unsent(purchase, first["id"], capture)
+
+    with capture(execute=True):
+        refused = purchase.parties.seller_api.put(f"/usage-agreements/{second['id']}/accept")
+
+    assert refused.status_code == 402, refused.content
+    assert error_code(refused) == "insufficient_balance"
+    assert refused.json()["error"]["details"] == {"balance": balance, "required": AMOUNT + FEE,
+                                                  "committed": AMOUNT + FEE}
+    assert not ChainTransaction.objects.filter(agreement_id=second["id"]).exists()
+    assert purchase.parties.agreement(second["id"])["status"] == "proposed"
+    with capture(execute=True):
+        for send in sends:
+            send()
+    for _ in range(3):
+        confirm_all(capture)
+    assert purchase.parties.agreement(first["id"])["status"] == "paid"
+    assert not ChainTransaction.objects.filter(receipt_status=0).exists()
+
+
+def test_a_direct_purchase_whose_fee_was_collected_counts_its_payment_alone(
+        purchase, django_capture_on_commit_callbacks):
+    """The first purchase's fee is mined, its payment not yet: what it will still pull is its payment alone."""
+    capture = django_capture_on_commit_callbacks
+    first = purchase.propose()
+    balance = AMOUNT + FEE + AMOUNT // 2
+    _keep_only(purchase, balance)
+    purchase.accept(first["id"], capture)
+    confirm_all(capture)  # the permit confirmed: the fee sent
+    with capture(execute=False):
+        poll_mined()  # the fee confirmed: the payment queued, not sent
+    assert ChainTransaction.objects.get(agreement_id=first["id"], purpose="direct_payment").status == "queued"
+    balance -= FEE
+    second = purchase.propose()  # its fee permit signed at the token's nonce now
+
+    refused = purchase.parties.seller_api.put(f"/usage-agreements/{second['id']}/accept")
+
+    assert refused.status_code == 402, refused.content
+    assert refused.json()["error"]["details"] == {"balance": balance, "required": AMOUNT + FEE, "committed": AMOUNT}
+
+
+def test_an_activation_counts_the_wallets_direct_purchase_in_flight(purchase, django_capture_on_commit_callbacks):
+    capture = django_capture_on_commit_callbacks
+    escrow = purchase.parties.accepted_agreement()
+    required = escrow["deposit_amount_atomic"] + escrow["infra_fee_atomic"]
+    direct = purchase.propose()
+    _keep_only(purchase, AMOUNT + FEE + required // 2)
+    _accept_unsent(purchase, direct["id"], capture)
+
+    with capture(execute=True):
+        refused = purchase.parties.buyer_api.post(f"/usage-agreements/{escrow['id']}/activate-escrow",
+                                                  purchase.parties.signed_activation(escrow["id"]))
+
+    assert refused.status_code == 402, refused.content
+    assert error_code(refused) == "insufficient_balance"
+    assert refused.json()["error"]["details"]["committed"] == AMOUNT + FEE
+    assert not ChainTransaction.objects.filter(agreement_id=escrow["id"]).exists()
+
+
+def test_a_skill_payment_counts_the_wallets_direct_purchase_in_flight(
+        purchase, settings, django_capture_on_commit_callbacks):
+    capture = django_capture_on_commit_callbacks
+    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0
+    direct = purchase.propose()
+    price = 20_000  # the service's skill
+    _keep_only(purchase, AMOUNT + FEE + price // 2)
+    _accept_unsent(purchase, direct["id"], capture)
+    skill = f"/agents/{purchase.parties.seller.handle}/translate"
+    network = network_of(purchase.chain)
+    payment = sign_payment_required(Api().post(skill, {"input": {"text": "hello"}})["PAYMENT-REQUIRED"],
+                                    purchase.buyer.key, max_amount_atomic=USDC, network=network,
+                                    token_domain=network.token_domain)
+
+    with capture(execute=True):
+        refused = Api().post(skill, {"input": {"text": "hello"}}, headers={"X-Payment-Signature": payment})
+
+    assert refused.status_code == 402, refused.content
+    assert refused.json()["error"] == "insufficient_balance"
+    assert refused.json()["details"]["committed"] == AMOUNT + FEE
+    assert not ChainTransaction.objects.filter(purpose="invocation_payment").exists()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_direct_purchases_of_one_wallet_accepted_at_once_are_counted_one_after_the_other(escrow_chain,
+                                                                                            monkeypatch):
+    """Two buyer agents of different owners pay from one wallet (the buyer's lock, which its owner policy's check
+    takes, does not order them). Both accepts asked the chain before either queued anything (the same balance, nothing
+    in flight), and the first to count the wallet's payments under way lingers before queueing: the wallet's lock
+    keeps the second from counting until the first is queued, and it counts it: one paying, one 402
+    insufficient_balance."""
+    purchase = Purchase(escrow_chain)
+    other_buyer = Api(issue_key(AgentFactory(is_buyer=True, is_seller=False, wallet_address=purchase.buyer.address)))
+    proposed = other_buyer.post("/usage-agreements", purchase.body())
+    assert proposed.status_code == 201, proposed.content
+    agreements = [purchase.propose(), proposed.json()]
+    _keep_only(purchase, AMOUNT + FEE + AMOUNT // 2)
+    both_checked, precheck = threading.Barrier(2, timeout=10), agreement_services._direct_payment_precheck
+    second_counted, counts, unmined = threading.Event(), [], escrow_selectors.wallet_unmined_amount
+
+    def precheck_then_wait(agreement):
+        preflight = precheck(agreement)
+        both_checked.wait()
+        return preflight
+
+    def count_then_linger(**arguments):
+        counts.append(unmined(**arguments))
+        if len(counts) == 1:
+            second_counted.wait(timeout=2)  # the lock holds the second off: it counts after the first is queued
+        else:
+            second_counted.set()
+        return counts[-1]
+
+    monkeypatch.setattr(agreement_services, "_direct_payment_precheck", precheck_then_wait)
+    monkeypatch.setattr(escrow_selectors, "wallet_unmined_amount", count_then_linger)
+    answers = {}
+
+    def accept(agreement_id):
+        try:
+            answers[agreement_id] = purchase.parties.seller_api.put(f"/usage-agreements/{agreement_id}/accept")
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=accept, args=(agreement["id"],)) for agreement in agreements]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert sorted(answer.status_code for answer in answers.values()) == [200, 402], answers
+    [refused] = [agreement_id for agreement_id, answer in answers.items() if answer.status_code == 402]
+    assert error_code(answers[refused]) == "insufficient_balance"
+    assert answers[refused].json()["error"]["details"]["committed"] == AMOUNT + FEE
+    assert not ChainTransaction.objects.filter(agreement_id=refused).exists()
+    assert UsageAgreement.objects.get(pk=refused).status == "proposed"
