@@ -147,7 +147,7 @@ class AgreementEventsView(APIView):
 
 
 def _transition_view(*, operation_id: str, summary: str, action, with_reason: bool, method: str,
-                     description: str = ""):
+                     description: str = "", errors: tuple[int, ...] = (404, 409)):
     """A view for one party action (accept, reject, cancel): 200 with the agreement, 409 when illegal."""
 
     def handler(self, request, agreement_id):
@@ -163,7 +163,7 @@ def _transition_view(*, operation_id: str, summary: str, action, with_reason: bo
 
     handler = extend_schema(operation_id=operation_id, summary=summary, description=description or None, tags=TAGS,
                             request=ReasonSerializer if with_reason else None,
-                            responses={200: AgreementSerializer, **error_responses(404, 409)})(handler)
+                            responses={200: AgreementSerializer, **error_responses(*errors)})(handler)
     return type(f"{operation_id.title().replace('_', '')}View", (APIView,), {
         "permission_classes": [agent_scope(KeyScope.PAY)], method: handler,
     })
@@ -174,9 +174,10 @@ AcceptView = _transition_view(
     summary="Accept a proposal (seller); repeating it is harmless",
     description="A direct purchase is paid now: 403 `policy_denied` (with `details.rule`) or `approval_required` "
                 "when the buyer's owner policy, as it is now, refuses that payment; it stays proposed, with an event "
-                "saying why.",
+                "saying why; 402 `insufficient_balance` (`details.committed`) when the buyer's balance covers it "
+                "only without what the wallet's payments under way will take: it stays proposed, nothing sent.",
     action=lambda agreement, agent: services.agreement_accept(agreement=agreement, seller=agent),
-    with_reason=False, method="put")
+    with_reason=False, method="put", errors=(402, 404, 409))
 RejectView = _transition_view(
     operation_id="agreements_reject", summary="Reject a proposal (seller)",
     action=lambda agreement, agent, reason: services.agreement_reject(agreement=agreement, seller=agent,
