@@ -165,9 +165,10 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
     balance = chain.call(chain.token_contract().functions.balanceOf(to_checksum_address(authorization.payer)).call)
     simulate(authorization)
     with transaction.atomic():
-        _payments_in_flight_check(authorization, balance=balance)
+        # The buyer's row lock (its owner policy's check) before the wallet's, as an accept or activation takes them.
         invocation = agreement_services.invocation_create(skill=skill, buyer=buyer, input=input,
                                                           authorization=authorization, client=client)
+        _payments_in_flight_check(authorization, balance=balance)
         tx = relayer.transaction_enqueue(
             purpose=TxPurpose.INVOCATION_PAYMENT, to=chainconfig.usdc_address(),
             data=_transfer_with_authorization_data(authorization), context={"invocation_id": str(invocation.pk)},

@@ -3,6 +3,7 @@
 import base64
 import json
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -790,3 +791,59 @@ def test_two_direct_purchases_of_one_wallet_accepted_at_once_are_counted_one_aft
     assert answers[refused].json()["error"]["details"]["committed"] == AMOUNT + FEE
     assert not ChainTransaction.objects.filter(agreement_id=refused).exists()
     assert UsageAgreement.objects.get(pk=refused).status == "proposed"
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_skill_payment_and_a_direct_purchase_of_one_buyer_at_once_wait_for_each_other_not_deadlock(
+        escrow_chain, settings, monkeypatch):
+    """A skill payment and a direct purchase's accept of one buyer agent take its row (its owner policy's check) and
+    its wallet's lock: the payment, taking the wallet's first, held it while the accept held the buyer and waited
+    for the wallet: a deadlock, one answered 503 `database_unavailable`. Both take the buyer's row first: the accept
+    waits, then counts the payment."""
+    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0
+    purchase = Purchase(escrow_chain)
+    direct = purchase.propose()
+    skill = f"/agents/{purchase.parties.seller.handle}/translate"
+    network = network_of(purchase.chain)
+    payment = sign_payment_required(
+        purchase.parties.buyer_api.post(skill, {"input": {"text": "hello"}})["PAYMENT-REQUIRED"], purchase.buyer.key,
+        max_amount_atomic=USDC, network=network, token_domain=network.token_domain)
+    accept_started, precheck, unmined = threading.Event(), agreement_services._direct_payment_precheck, \
+        escrow_selectors.wallet_unmined_amount
+
+    def precheck_then_go(agreement):
+        preflight = precheck(agreement)
+        accept_started.set()
+        return preflight
+
+    def count_once_the_accept_started(**arguments):
+        if threading.current_thread().name == "payment":
+            accept_started.wait(timeout=5)
+            time.sleep(0.5)  # the accept reaches its locks meanwhile
+        return unmined(**arguments)
+
+    monkeypatch.setattr(agreement_services, "_direct_payment_precheck", precheck_then_go)
+    monkeypatch.setattr(escrow_selectors, "wallet_unmined_amount", count_once_the_accept_started)
+    answers = {}
+
+    def run(name, call):
+        try:
+            answers[name] = call()
+        finally:
+            connections.close_all()
+
+    threads = [
+        threading.Thread(name="payment", target=run, args=("payment", lambda: purchase.parties.buyer_api.post(
+            skill, {"input": {"text": "hello"}}, headers={"X-Payment-Signature": payment}))),
+        threading.Thread(name="accept", target=run, args=("accept", lambda: purchase.parties.seller_api.put(
+            f"/usage-agreements/{direct['id']}/accept"))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert answers["accept"].status_code == 200, answers["accept"].content
+    assert answers["payment"].status_code not in (500, 503), answers["payment"].content
+    assert ChainTransaction.objects.filter(purpose="invocation_payment").count() == 1
