@@ -232,6 +232,19 @@ def _revert_bounds(payer: RelayPayer) -> list[tuple[str, Q, int]]:
     return bounds
 
 
+def _in_flight_bounds(payer: RelayPayer) -> list[tuple[str, Q, int]]:
+    """The bounds on a payer's relayed transactions not concluded: (name, its transactions, the setting's limit),
+    each from what the transaction recorded when queued (RELAYED_*), as reverts count it."""
+    bounds = [("party", Q(**{f"context__{RELAYED_FOR}": payer.party}), settings.RELAY_IN_FLIGHT_PER_PARTY)]
+    if payer.owner_id is not None:
+        bounds.append(("owner", Q(**{f"context__{RELAYED_OWNER}": payer.owner_id}), settings.RELAY_IN_FLIGHT_PER_OWNER))
+    if payer.anonymous and payer.client:  # agents with an API key record no client
+        bounds.append(("client", Q(**{f"context__{RELAYED_FOR}__startswith": _ANONYMOUS_PARTY_PREFIX,
+                                      f"context__{RELAYED_CLIENT}": payer.client}),
+                       settings.RELAY_IN_FLIGHT_PER_CLIENT))
+    return bounds
+
+
 def relay_budget_check(payer: RelayPayer) -> None:
     """Before a party's signed action is relayed: one whose relayed transactions were mined reverted
     RELAY_REVERTS_PER_PARTY times within RELAY_REVERT_WINDOW (`RelayRevert`: each one's gas the relayer's) is 429
@@ -246,19 +259,17 @@ def relay_budget_check(payer: RelayPayer) -> None:
     counts as it was recorded: an agent that changes wallet leaves its reverts with the wallet that paid.
 
     Reverts count once mined, so the party's transactions still in flight count too: one with
-    RELAY_IN_FLIGHT_PER_PARTY of them (its owner's agents together: RELAY_IN_FLIGHT_PER_OWNER) is 429
-    `relay_in_flight_limit_reached` until one concludes. Else a buyer posts
-    many actions at once (an activation of each of its agreements), all pass the check with no revert recorded yet,
-    and one transfer of its funds makes every one of them revert."""
-    in_flight_bounds = [("party", Q(**{f"context__{RELAYED_FOR}": payer.party}), settings.RELAY_IN_FLIGHT_PER_PARTY)]
-    if payer.owner_id is not None:  # the owner recorded when queued (RELAYED_OWNER), as reverts count it
-        in_flight_bounds.append(("owner", Q(**{f"context__{RELAYED_OWNER}": payer.owner_id}),
-                                 settings.RELAY_IN_FLIGHT_PER_OWNER))
-    for bound, in_flight, in_flight_allowed in in_flight_bounds:
+    RELAY_IN_FLIGHT_PER_PARTY of them (its owner's agents together: RELAY_IN_FLIGHT_PER_OWNER; an anonymous payer's
+    client network, whatever its wallets: RELAY_IN_FLIGHT_PER_CLIENT) is 429 `relay_in_flight_limit_reached` until
+    one concludes. Else a buyer posts many actions at once (an activation of each of its agreements, or payments
+    from many funded wallets), all pass the check with no revert recorded yet, and one transfer of its funds makes
+    every one of them revert."""
+    for bound, in_flight, in_flight_allowed in _in_flight_bounds(payer):
         if in_flight_allowed > 0 and ChainTransaction.objects.filter(
                 in_flight, status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED]
         ).count() >= in_flight_allowed:
-            whose = "your owner's agents" if bound == "owner" else "you"
+            whose = {"party": "you", "owner": "your owner's agents",
+                     "client": "payers without an API key at your network address"}[bound]
             raise TooManyRequests(
                 f"{in_flight_allowed} transactions the platform sends for {whose} are not concluded yet: wait for one.",
                 code="relay_in_flight_limit_reached", retry_after=_IN_FLIGHT_RETRY_AFTER_SECONDS,

@@ -1066,6 +1066,50 @@ def test_anonymous_payers_together_are_refused_at_the_anonymous_bound_and_agents
     assert served.status_code == 200, served.content
 
 
+def test_an_anonymous_client_paying_at_once_from_fresh_wallets_is_refused_at_its_in_flight_client_bound(
+        market, settings, django_capture_on_commit_callbacks):
+    """Reverts count once mined, and an anonymous payer's in-flight bound was per wallet, which costs nothing to
+    make: payments posted at once from many funded wallets all passed before any revert was mined. Its relayed
+    transactions not concluded count per client network too (IPv6: its /64), at most RELAY_IN_FLIGHT_PER_CLIENT:
+    the next anonymous payment from that network, from any wallet, is 429 relay_in_flight_limit_reached
+    (details.bound client), nothing queued. Another network is served, and so is an agent with an API key calling
+    from that network."""
+    capture = django_capture_on_commit_callbacks
+    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0
+    settings.RELAY_IN_FLIGHT_PER_PARTY, settings.RELAY_IN_FLIGHT_PER_CLIENT = 5, 2
+    here, same_network, elsewhere = "2001:db8:9:9::1", "2001:db8:9:9:ffff::9", "2001:db8:9:a::1"
+    accounts = market.chain.accounts
+    _funded(market, accounts.buyer2, accounts.spare, accounts.stranger)
+    agent = AgentFactory(is_buyer=True, is_seller=False, wallet_address=accounts.stranger.address)
+    payments = []
+    for account in (market.buyer, accounts.buyer2, accounts.spare, accounts.spare, accounts.stranger):
+        _paying_from(market, account)
+        payments.append(market.pay("translate"))
+    callers = [_from_client(here), _from_client(same_network), _from_client(here), _from_client(elsewhere),
+               _from_client(here, issue_key(agent))]
+    market.upstream.responses.extend([(200, {"translation": "bonjour"})] * 4)
+    market.chain.rpc("evm_setAutomine", [False])
+    try:
+        answers = []
+        for payment, caller in zip(payments, callers, strict=True):
+            with capture(execute=True):
+                answers.append(market.call("translate", payment, api=caller))
+    finally:
+        market.chain.rpc("evm_setAutomine", [True])
+    market.chain.mine(1)
+    for _ in range(3):
+        confirm_all(capture)
+
+    first, second, refused, other_network, agent_here = answers
+    assert [first.status_code, second.status_code] == [202, 202], (first.content, second.content)
+    assert refused.status_code == 429, refused.content
+    assert error_code(refused) == "relay_in_flight_limit_reached"
+    assert refused.json()["error"]["details"]["bound"] == "client"
+    assert other_network.status_code == 202, other_network.content
+    assert agent_here.status_code == 202, agent_here.content
+    assert ChainTransaction.objects.filter(purpose="invocation_payment").count() == 4
+
+
 def test_old_skill_payment_reverts_are_filled_with_the_wallet_that_paid_and_the_agents_owner(
         market, monkeypatch, django_capture_on_commit_callbacks):
     """The migration that made a relay revert record its payer (escrow 0018) fills the rows from before it from the
