@@ -1,7 +1,8 @@
 """The operators' view of agreements, usage, payments and webhooks.
 
 Agreements, their history, usage events (with their signed receipts), payment authorizations and skill
-invocations are records of money: view only (marketplace.admin.MoneyRecordAdmin). They change through
+invocations are records of money: view only (marketplace.admin.MoneyRecordAdmin), as are the sellers' failed
+invocations counted against their buyers. They change through
 agreements.services / agreements.invocations; the escrow app's admin adds the chain side of an agreement's page.
 """
 
@@ -17,6 +18,7 @@ from agreements import selectors, services, webhooks
 from agreements.models import (
     AgreementEvent,
     FeeSchedule,
+    InvocationSellerFailure,
     PaymentAuthorization,
     SkillInvocation,
     UsageAgreement,
@@ -40,6 +42,7 @@ from marketplace.admin import (
     rotation_overlap_column,
     short_hex_html,
     short_id_column,
+    short_id_html,
     tx_hash_column,
 )
 from marketplace.errors import ApplicationError
@@ -395,6 +398,30 @@ def acknowledge_reverted_payment(modeladmin, request, queryset):
         rows=([invocation.public_id, f"{invocation.skill.name} of {invocation.seller.handle}", invocation.money,
                invocation.payment_tx_hash, invocation.payment_reverted_at, invocation.payment_reverted_reason]
               for invocation in reverted))
+
+
+@admin.register(InvocationSellerFailure)
+class InvocationSellerFailureAdmin(MoneyRecordAdmin):
+    """Invocations their seller failed, refunded whole (invocations.invocation_failures_check): search a payer's
+    wallet or a seller's handle to see why a buyer party (the agent's owner, the wallet, an anonymous payer's client
+    network) is refused that seller's skills, and when that ends. Recorded by agreements.invocations only."""
+
+    list_display = ("invocation_link", "seller", "buyer_owner", "payer_display", "anonymous_client", "failed_at")
+    list_filter = (("buyer_owner", admin.EmptyFieldListFilter), ("anonymous_client", admin.EmptyFieldListFilter),
+                   "failed_at")
+    search_fields = ("payer", "seller__handle", "invocation__id", "buyer_owner__username", "anonymous_client")
+    list_select_related = ("invocation", "seller", "buyer_owner")
+    date_hierarchy = "failed_at"
+    ordering = ("-failed_at",)
+    fields = ("invocation_link", "seller", "buyer_owner", "payer_display", "anonymous_client", "failed_at")
+    readonly_fields = fields
+
+    payer_display = address_column("payer", description="payer")
+
+    @admin.display(description="invocation", ordering="invocation_id")
+    def invocation_link(self, failure):
+        return short_id_html(failure.invocation.public_id,
+                             url=reverse("admin:agreements_skillinvocation_change", args=[failure.invocation_id]))
 
 
 @admin.register(SkillInvocation)

@@ -8,13 +8,14 @@ import pytest
 from django.contrib import admin
 from django.utils import timezone
 
-from agreements.models import AgreementStatus, PaymentAuthorization, SkillInvocation, UsageAgreement, UsageEvent
+from agreements.models import (AgreementStatus, InvocationSellerFailure, PaymentAuthorization, SkillInvocation,
+                               UsageAgreement, UsageEvent)
 from escrow.models import ChainTransaction, Dispute, MasumiPurchase, RelayerAccount, TxAttempt, TxPurpose, TxStatus
 from marketplace import money
 from policies.models import ApprovalRequest
 from tests.agreements.helpers import propose
-from tests.agreements.test_invocations import Market
-from tests.catalog.factories import register_service
+from tests.agreements.test_invocations import Market, _failed_call, _from_client
+from tests.catalog.factories import AgentFactory, issue_key, register_service
 from tests.escrow.flow import confirm_all
 from tests.marketplace.conftest import active_agreement
 
@@ -176,6 +177,45 @@ def test_invocation_payments_show_what_they_paid_for(operator, escrow_chain, htt
     assert "skill translate of sol" in authorizations
     invocations = operator.get("/admin/agreements/skillinvocation/").content.decode()
     assert "0.005 USDC" in invocations  # the platform's fee the treasury kept
+
+
+@pytest.mark.chain
+def test_an_operator_browses_the_failed_invocations_counted_against_their_buyers_and_cannot_edit_them(
+        operator, escrow_chain, http_server, django_capture_on_commit_callbacks):
+    """The failures a seller's buyers are refused for (`invocation_failures_check`) are listed under Agreements →
+    Invocation seller failures, searchable by payer and seller handle, and never added, changed or deleted by hand."""
+    capture = django_capture_on_commit_callbacks
+    market = Market(escrow_chain, http_server)
+    agent = AgentFactory(handle="bob", is_buyer=True, is_seller=False, wallet_address=market.buyer.address)
+    _failed_call(market, capture, api=_from_client("198.51.100.7"))
+    _failed_call(market, capture, api=_from_client("198.51.100.8", issue_key(agent)))
+    anonymous = InvocationSellerFailure.objects.get(buyer_owner=None)
+
+    listing = operator.get("/admin/agreements/invocationsellerfailure/")
+
+    assert listing.status_code == 200, listing.status_code
+    page = listing.content.decode()
+    assert "198.51.100.7" in page and agent.owner.username in page and anonymous.invocation.public_id[:12] in page
+    assert "delete_selected" not in page and "addlink" not in page
+    by_payer = operator.get("/admin/agreements/invocationsellerfailure/", {"q": market.buyer.address}).context
+    assert by_payer["cl"].result_count == 2
+    by_seller = operator.get("/admin/agreements/invocationsellerfailure/", {"q": "sol"}).context
+    assert by_seller["cl"].result_count == 2
+    assert operator.get("/admin/agreements/invocationsellerfailure/", {"q": "nobody"}).context["cl"].result_count == 0
+    filtered = operator.get("/admin/agreements/invocationsellerfailure/", {"buyer_owner__isnull": "True"}).context
+    assert filtered["cl"].result_count == 1
+    change_url = f"/admin/agreements/invocationsellerfailure/{anonymous.pk}/change/"
+    detail = operator.get(change_url)
+    assert detail.status_code == 200 and 'name="_save"' not in detail.content.decode()
+    request, failures_admin = operator.get("/admin/").wsgi_request, admin.site._registry[InvocationSellerFailure]
+    assert not failures_admin.has_add_permission(request)
+    assert not failures_admin.has_change_permission(request) and not failures_admin.has_delete_permission(request)
+    assert operator.get("/admin/agreements/invocationsellerfailure/add/").status_code == 403
+    assert operator.post(change_url, {"anonymous_client": "203.0.113.1"}).status_code == 403
+    assert operator.post(f"/admin/agreements/invocationsellerfailure/{anonymous.pk}/delete/",
+                         {"post": "yes"}).status_code == 403
+    anonymous.refresh_from_db()
+    assert anonymous.anonymous_client == "198.51.100.7" and InvocationSellerFailure.objects.count() == 2
 
 
 def test_branding_and_plurals(operator):
