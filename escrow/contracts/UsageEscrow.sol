@@ -22,6 +22,8 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
  *                          |                             |  ^ re-proposal with a higher seq (window restarts)
  *                          |                             +--challenge / challengeWithSig--> Disputed
  *                          |                                          Disputed --resolve--> Resolved --finalize--> Settled
+ *                          |                                          Disputed --(DISPUTE_TIMEOUT over) finalize--> Settled
+ *                          |                                                      (the buyer refunded the whole deposit)
  *                          +--reclaim (after expiresAt + reclaimGrace, nothing proposed)--> Reclaimed
  *
  * Roles (OpenZeppelin AccessControl):
@@ -63,6 +65,12 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
  *   open a receipt with a strictly higher `seq` replaces the proposal and restarts the window.
  * - Window boundaries: a challenge is accepted while `block.timestamp < challengeDeadline`; finalize from
  *   `block.timestamp >= challengeDeadline` on.
+ * - Dispute timeout: a challenge sets the escrow's `challengeDeadline` (no further use once Disputed: same word, no
+ *   extra storage) to `block.timestamp + DISPUTE_TIMEOUT`. The arbiter may `resolve` while `block.timestamp <` that
+ *   moment; from it on `resolve` reverts DisputeTimedOut and anyone may `finalize`, which refunds the buyer the
+ *   whole deposit: the seller's proposal was disputed and never upheld. So a lost, compromised or absent arbiter
+ *   cannot lock a deposit for ever, and the arbiter's decision and the timeout never race (one excludes the other
+ *   by the block's timestamp). `getEscrow` returns the moment as `challengeDeadline` while Disputed.
  * - Payouts are pushed to each party with a non-reverting transfer; a failed transfer (e.g. a USDC-blacklisted
  *   address) credits that party's `claimable` and emits {PayoutDeferred}, and never blocks the other party.
  *   `withdraw(id, terms)` (callable by anyone: the money only ever goes to the party's own address) retries.
@@ -70,7 +78,8 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
  * - Only allowlisted tokens can be escrowed, so payout transfers only ever call known token contracts.
  * - Signatures are checked with SignatureChecker: EOAs (ECDSA, low-s only) and ERC-1271 contract wallets.
  *
- * Known limits: a Disputed escrow waits for the arbiter (there is no dispute timeout). Usage receipts and challenge
+ * Known limits: a Disputed escrow waits up to DISPUTE_TIMEOUT (30 days) for the arbiter; an arbiter who does not
+ * decide in time gives the buyer the whole deposit, whatever the seller was owed. Usage receipts and challenge
  * signatures name the agreement id, not the buyer: a receipt is valid on any escrow under that id whose
  * `receiptSigner` signed it, which moves only that escrow's own deposit (a third party's escrow naming the
  * platform's receipt signer pays its own seller from its own deposit); a challenge signature is checked against
@@ -140,9 +149,11 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
     struct IntentSlot {
         bool used;
         State state;
+        /// @dev Proposed: the challenge window's end. Disputed (and Resolved): the dispute's timeout.
         uint40 challengeDeadline;
         uint72 lastSeq;
-        /// @dev Seller's amount: the proposed cumulative amount, then the arbiter's decision if disputed.
+        /// @dev Seller's amount: the proposed cumulative amount, then the arbiter's decision if disputed (0 when the
+        /// dispute timed out).
         uint128 settledAmount;
     }
 
@@ -155,6 +166,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
     /// @notice An escrow as {getEscrow} returns it; the terms are in the {Activated} event.
     struct EscrowView {
         State state;
+        /// @dev Proposed: the challenge window's end. Disputed: the dispute's timeout (DISPUTE_TIMEOUT).
         uint64 challengeDeadline;
         uint256 lastSeq;
         uint256 settledAmount;
@@ -178,6 +190,9 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
     uint64 public constant MAX_CHALLENGE_WINDOW = 30 days;
     /// @notice Upper bound of the reclaim grace the admin can set.
     uint64 public constant MAX_RECLAIM_GRACE = 90 days;
+    /// @notice How long after its challenge a Disputed escrow waits for the arbiter's `resolve`; from then on
+    /// `finalize` (anyone) refunds the buyer the whole deposit, and `resolve` reverts DisputeTimedOut.
+    uint64 public constant DISPUTE_TIMEOUT = 30 days;
 
     // ---------------------------------------------------------------- storage
 
@@ -262,6 +277,8 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
     error AmountExceedsDeposit(uint256 amount, uint256 depositAmount);
     error ChallengeWindowClosed(uint64 challengeDeadline);
     error ChallengeWindowOpen(uint64 challengeDeadline);
+    error DisputeNotTimedOut(uint64 disputeTimeout);
+    error DisputeTimedOut(uint64 disputeTimeout);
     error SignatureExpired(uint256 deadline);
     error ReclaimNotYetAllowed(uint64 reclaimAfter);
     error NothingToWithdraw(bytes32 agreementId);
@@ -520,18 +537,23 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
         _challenge(id, e, t.buyer);
     }
 
+    /// @dev Proposed -> Disputed; the window's end, of no further use, becomes the dispute's timeout (same word).
     function _challenge(bytes32 id, IntentSlot storage e, address buyer) private {
         if (e.state != State.Proposed) revert InvalidState(id, e.state);
         if (block.timestamp >= e.challengeDeadline) revert ChallengeWindowClosed(e.challengeDeadline);
         e.state = State.Disputed;
+        e.challengeDeadline = SafeCast.toUint40(block.timestamp + DISPUTE_TIMEOUT);
         emit Challenged(id, buyer);
     }
 
     /// @notice The arbiter decides a dispute: the seller gets `sellerAmount`, the buyer the rest of the
-    /// deposit. Disputed -> Resolved; `finalize` then pays out. Reverts AmountExceedsDeposit.
+    /// deposit. Disputed -> Resolved; `finalize` then pays out. Only before the dispute's timeout
+    /// (`block.timestamp < challengeDeadline`, see DISPUTE_TIMEOUT): from then on it reverts DisputeTimedOut and the
+    /// escrow is the buyer's (`finalize`), so a late decision never races the timeout. Reverts AmountExceedsDeposit.
     function resolve(bytes32 id, EscrowTerms calldata t, uint256 sellerAmount) external onlyRole(ARBITER_ROLE) {
         IntentSlot storage e = _escrow(id, t);
         if (e.state != State.Disputed) revert InvalidState(id, e.state);
+        if (block.timestamp >= e.challengeDeadline) revert DisputeTimedOut(e.challengeDeadline);
         if (sellerAmount > t.depositAmount) revert AmountExceedsDeposit(sellerAmount, t.depositAmount);
         e.state = State.Resolved;
         e.settledAmount = uint128(sellerAmount); // <= depositAmount, which fits in 128 bits
@@ -541,18 +563,25 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
     /**
      * @notice Settle: the seller gets `settledAmount`, the buyer `depositAmount - settledAmount`. Anyone may
      * call it once the window is over (Proposed and `block.timestamp >= challengeDeadline`) or after a
-     * resolution (Resolved). -> Settled, exactly once. Each party is paid in its own transfer; one that fails
-     * is credited to that party (PayoutDeferred) and can be collected later with `withdraw`.
+     * resolution (Resolved). A dispute the arbiter did not resolve by its timeout (Disputed and `block.timestamp >=
+     * challengeDeadline`, see DISPUTE_TIMEOUT) settles with the seller getting 0 and the buyer the whole deposit:
+     * the seller's disputed proposal was never upheld (before the timeout: DisputeNotTimedOut). -> Settled, exactly
+     * once. Each party is paid in its own transfer; one that fails is credited to that party (PayoutDeferred) and can
+     * be collected later with `withdraw`.
      */
     function finalize(bytes32 id, EscrowTerms calldata t) external nonReentrant {
         IntentSlot storage e = _escrow(id, t);
         State state = e.state;
+        uint256 sellerAmount = e.settledAmount;
         if (state == State.Proposed) {
             if (block.timestamp < e.challengeDeadline) revert ChallengeWindowOpen(e.challengeDeadline);
+        } else if (state == State.Disputed) {
+            if (block.timestamp < e.challengeDeadline) revert DisputeNotTimedOut(e.challengeDeadline);
+            sellerAmount = 0;
+            e.settledAmount = 0; // what getEscrow says the seller got
         } else if (state != State.Resolved) {
             revert InvalidState(id, state);
         }
-        uint256 sellerAmount = e.settledAmount;
         uint256 buyerAmount = t.depositAmount - sellerAmount;
         e.state = State.Settled;
         emit Settled(id, t.buyer, sellerAmount, buyerAmount);

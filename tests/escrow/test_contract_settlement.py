@@ -208,7 +208,7 @@ def test_buyer_challenges_within_window(esc, active):
     # no more challenges, proposals or finalize while disputed
     esc.reverts(esc.fn("challenge", active["agreementId"]), esc.acc.buyer, "InvalidState")
     esc.reverts(esc.propose_fn(active["agreementId"], 2, 1), esc.acc.operator, "InvalidState")
-    esc.reverts(esc.fn("finalize", active["agreementId"]), esc.acc.operator, "InvalidState")
+    esc.reverts(esc.fn("finalize", active["agreementId"]), esc.acc.operator, "DisputeNotTimedOut")
     esc.reverts(esc.fn("reclaim", active["agreementId"]), esc.acc.operator, "InvalidState")
 
 
@@ -354,6 +354,68 @@ def test_resolve_then_finalize(esc, chain, disputed):
     esc.reverts(esc.fn("finalize", agreement_id), esc.acc.stranger, "InvalidState")
 
 
+# ------------------------------------------------------------------ dispute timeout
+
+
+DISPUTE_TIMEOUT = 30 * 24 * 3600
+
+
+def _challenged_at(esc, disputed) -> int:
+    """When the arbiter's time ran out: the challenge's block + DISPUTE_TIMEOUT, as getEscrow says."""
+    return esc.get(disputed["agreementId"])["challengeDeadline"]
+
+
+def test_dispute_timeout_is_public_and_recorded_at_challenge(esc, active):
+    assert esc.escrow.functions.DISPUTE_TIMEOUT().call() == DISPUTE_TIMEOUT
+    _proposed(esc, active, amount=700_000)
+    receipt = esc.tx(esc.fn("challenge", active["agreementId"]), esc.acc.buyer)
+    block_time = esc.w3.eth.get_block(receipt["blockNumber"])["timestamp"]
+    e = esc.get(active["agreementId"])
+    assert (e["state"], e["challengeDeadline"]) == ("Disputed", block_time + DISPUTE_TIMEOUT)
+
+
+def test_unresolved_dispute_is_finalized_by_anyone_for_the_buyer_after_its_timeout(esc, chain, disputed):
+    agreement_id = disputed["agreementId"]
+    timeout = _challenged_at(esc, disputed)
+    esc.reverts(esc.fn("finalize", agreement_id), esc.acc.stranger, "DisputeNotTimedOut", timeout)
+    chain.set_next_timestamp(timeout - 1)
+    chain.mine()
+    esc.reverts(esc.fn("finalize", agreement_id), esc.acc.stranger, "DisputeNotTimedOut", timeout)
+    seller_before, buyer_before = esc.balance(esc.acc.seller), esc.balance(esc.acc.buyer)
+    chain.set_next_timestamp(timeout)  # the timeout's second is the buyer's, as the window's end is for finalize
+    receipt = esc.tx(esc.fn("finalize", agreement_id), esc.acc.stranger)
+    assert esc.event(receipt, "Settled") == {
+        "agreementId": bytes.fromhex(agreement_id[2:]),
+        "buyer": esc.acc.buyer.address,
+        "sellerAmount": 0,
+        "buyerAmount": 1_000_000,
+    }
+    assert esc.balance(esc.acc.seller) == seller_before  # the disputed 700_000 was never upheld
+    assert esc.balance(esc.acc.buyer) - buyer_before == 1_000_000
+    assert esc.held() == 0
+    e = esc.get(agreement_id)
+    assert (e["state"], e["settledAmount"]) == ("Settled", 0)
+    esc.reverts(esc.fn("finalize", agreement_id), esc.acc.stranger, "InvalidState", agreement_id, 5)
+    esc.reverts(esc.fn("resolve", agreement_id, 1), esc.acc.arbiter, "InvalidState", agreement_id, 5)
+
+
+def test_resolve_after_the_dispute_timeout_reverts(esc, chain, disputed):
+    agreement_id = disputed["agreementId"]
+    timeout = _challenged_at(esc, disputed)
+    chain.set_next_timestamp(timeout)
+    chain.mine()
+    esc.reverts(esc.fn("resolve", agreement_id, 250_000), esc.acc.arbiter, "DisputeTimedOut", timeout)
+    assert esc.state(agreement_id) == "Disputed"
+
+
+def test_resolve_in_the_last_second_before_the_timeout_wins(esc, chain, disputed):
+    agreement_id = disputed["agreementId"]
+    chain.set_next_timestamp(_challenged_at(esc, disputed) - 1)
+    esc.tx(esc.fn("resolve", agreement_id, 250_000), esc.acc.arbiter)
+    receipt = esc.tx(esc.fn("finalize", agreement_id), esc.acc.stranger)
+    assert esc.event(receipt, "Settled")["sellerAmount"] == 250_000
+
+
 # ------------------------------------------------------------------ reclaim
 
 
@@ -424,6 +486,11 @@ def _run(esc, chain, path: str, seller_amount: int):
         esc.tx(esc.fn("challenge", agreement_id), acc.buyer)
         esc.tx(esc.fn("resolve", agreement_id, seller_amount), acc.arbiter)
         esc.tx(esc.fn("finalize", agreement_id), acc.stranger)
+    elif path == "dispute timed out":
+        esc.propose(agreement_id, 1, msg["depositAmount"])
+        esc.tx(esc.fn("challenge", agreement_id), acc.buyer)
+        chain.set_next_timestamp(esc.get(agreement_id)["challengeDeadline"])
+        esc.tx(esc.fn("finalize", agreement_id), acc.stranger)
     elif path == "reclaimed":
         chain.set_next_timestamp(esc.get(agreement_id)["reclaimAfter"])
         esc.tx(esc.fn("reclaim", agreement_id), acc.stranger)
@@ -442,6 +509,7 @@ def _run(esc, chain, path: str, seller_amount: int):
         ("disputed", 0),
         ("disputed", 123_456),
         ("disputed", 864_199),
+        ("dispute timed out", 0),
         ("reclaimed", 0),
     ],
 )
