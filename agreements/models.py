@@ -72,7 +72,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     S.SUBMITTING: frozenset({S.ACTIVE, S.ACTIVATION_FAILED}),
     S.ACTIVE: frozenset({S.IN_CHALLENGE, S.REFUNDED}),
     S.IN_CHALLENGE: frozenset({S.SETTLING, S.DISPUTED}),
-    S.DISPUTED: frozenset({S.SETTLING}),
+    # Settled straight from disputed: anyone's finalize of a dispute the arbiter did not resolve by its timeout
+    # (UsageEscrow.DISPUTE_TIMEOUT), which refunds the buyer the whole deposit.
+    S.DISPUTED: frozenset({S.SETTLING, S.SETTLED}),
     S.SETTLING: frozenset({S.SETTLED}),
     S.PAYING: frozenset({S.PAID, S.PAYMENT_FAILED}),
     # The chain ran the x402 payment after the purchase was counted failed: a step before it failed on the branch a

@@ -1083,9 +1083,14 @@ def agreement_settling(*, agreement_id, reason: str, data: dict | None = None) -
 
 
 def agreement_settled(*, agreement_id, seller_payout: int, buyer_refund: int, tx_hash: str) -> UsageAgreement:
-    if _lock(agreement_id).status == S.IN_CHALLENGE:  # someone else finalized once the window was over
+    """The escrow paid out (its Settled event). From disputed directly: anyone finalized a dispute the arbiter did not
+    resolve by its timeout, the buyer refunded the whole deposit."""
+    status = _lock(agreement_id).status
+    if status == S.IN_CHALLENGE:  # someone else finalized once the window was over
         _transition(agreement_id, to=S.SETTLING, actor=SYSTEM, reason="finalized on-chain")
-    return _chain_outcome(agreement_id, to=S.SETTLED, actor=SYSTEM, reason="escrow paid out on-chain",
+    reason = ("dispute not resolved by its timeout: the whole deposit refunded to the buyer"
+              if status == S.DISPUTED else "escrow paid out on-chain")
+    return _chain_outcome(agreement_id, to=S.SETTLED, actor=SYSTEM, reason=reason,
                           data={"seller_payout_atomic": seller_payout, "buyer_refund_atomic": buyer_refund,
                                 "tx_hash": tx_hash},
                           changes={"seller_payout": seller_payout, "buyer_refund": buyer_refund})

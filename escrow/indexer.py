@@ -60,6 +60,7 @@ _TARGETS = {
     "SettlementProposed": (S.IN_CHALLENGE, S.ACTIVE),
     "Challenged": (S.DISPUTED, S.IN_CHALLENGE),
     "Resolved": (S.SETTLING, S.DISPUTED),
+    # From disputed too (agreement_settled): anyone's finalize of a dispute past its timeout, the buyer refunded whole.
     "Settled": (S.SETTLED, S.SETTLING),
     "Reclaimed": (S.REFUNDED, S.ACTIVE),
 }

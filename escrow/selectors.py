@@ -1,5 +1,6 @@
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
 
 from django.conf import settings
@@ -175,6 +176,10 @@ class EscrowState(StrEnum):
 
 
 ESCROW_CLOSED_STATES = frozenset({EscrowState.SETTLED, EscrowState.RECLAIMED})
+# UsageEscrow.DISPUTE_TIMEOUT: how long after its challenge a dispute waits for the arbiter; from then on `resolve`
+# reverts and `finalize` refunds the buyer the whole deposit. The escrow's own moment is getEscrow's challengeDeadline
+# while Disputed (this only narrows which agreements the settlement tick asks the chain about: a test checks it).
+DISPUTE_TIMEOUT = timedelta(days=30)
 
 
 def onchain_escrow(*, agreement: UsageAgreement) -> dict:

@@ -334,8 +334,15 @@ def _challenge_outcome(tx: ChainTransaction) -> None:
 def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operator) -> ChainTransaction:
     """The arbiter's decision of a dispute (`operator`: the staff user deciding, None for the platform's own
     refunds): not by an operator who owns the buyer or the seller (403 `operator_is_party`), who would decide their
-    own dispute; another operator does."""
+    own dispute; another operator does. Not once the dispute timed out (409 `dispute_timed_out`): the contract's
+    `resolve` reverts from then on, and the escrow is the buyer's (`_finalize_timed_out_dispute`)."""
     terms = selectors.escrow_terms(agreement=agreement)
+    with chain.unavailable_as_503():  # chain reads: before the row lock
+        timeout = _dispute_timeout(agreement, terms=terms)
+        if timeout is not None and timeout <= chain_clock.chain_now(next_block=True):
+            raise Conflict("The dispute timed out: the arbiter may no longer resolve it, and the whole deposit goes "
+                           "back to the buyer.", code="dispute_timed_out",
+                           details={"timed_out_at": datetime.fromtimestamp(timeout, tz=UTC).isoformat()})
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if operator is not None and operator.pk in Agent.objects.filter(
@@ -504,6 +511,10 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
         with agreement_context(agreement.pk), _goes_on_after_chain_error("finalize", agreement.pk, failures):
             if _finalize(agreement, now=now):
                 done["finalizing"] += 1
+    for agreement in _disputes_maybe_timed_out(now=now_dt):
+        with agreement_context(agreement.pk), _goes_on_after_chain_error("dispute timeout", agreement.pk, failures):
+            if _finalize_timed_out_dispute(agreement, now=now):
+                done["finalizing"] += 1
     failures.raise_if_any(applied=sum(done.values()))
     return done
 
@@ -561,6 +572,45 @@ def _finalize(agreement: UsageAgreement, *, now: int) -> ChainTransaction | None
                 agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE):
             return None
         agreement_services.agreement_settling(agreement_id=agreement.pk, reason="challenge window over")
+        return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
+
+
+def _dispute_timeout(agreement: UsageAgreement, *, terms: tuple) -> int | None:
+    """When the escrow's dispute times out (a chain read: outside any database transaction): getEscrow's
+    challengeDeadline while Disputed, which the challenge set to its block's time plus DISPUTE_TIMEOUT. None when the
+    escrow is not Disputed (resolved, or settled, since)."""
+    state, deadline = chain.call(chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:2]
+    return int(deadline) if list(selectors.EscrowState)[state] == selectors.EscrowState.DISPUTED else None
+
+
+def _disputes_maybe_timed_out(*, now: datetime) -> Iterator[UsageAgreement]:
+    """Disputed agreements whose dispute may have timed out by `now` (the chain's clock); the others are not read from
+    the chain at every tick. The challenge came after the escrow's last proposal, which started a window ending no
+    sooner than the one the books hold (the chain's time, from its event): the timeout is at least that end, less the
+    window, plus DISPUTE_TIMEOUT."""
+    for agreement in agreement_selectors.agreements_in_status(status=AgreementStatus.DISPUTED):
+        if (agreement.challenge_deadline is None or agreement.challenge_deadline + selectors.DISPUTE_TIMEOUT
+                - timedelta(seconds=agreement.challenge_window_seconds) <= now):
+            yield agreement
+
+
+def _finalize_timed_out_dispute(agreement: UsageAgreement, *, now: int) -> ChainTransaction | None:
+    """Queue `finalize` of a dispute the arbiter did not resolve by its timeout, by the chain's clock (`now`): the
+    contract refunds the buyer the whole deposit (the seller's disputed proposal was never upheld) and refuses a
+    resolution from then on, so the money moves even when nobody else calls it, and a resolution of ours still in
+    flight reverts rather than race it."""
+    terms = selectors.escrow_terms(agreement=agreement)
+    timeout = _dispute_timeout(agreement, terms=terms)
+    if timeout is None or timeout > now:
+        return None
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
+        if not can_resolve(agreement) or selectors.live_transaction(agreement_id=agreement.pk,
+                                                                    purpose=TxPurpose.FINALIZE):
+            return None
+        agreement_services.agreement_settling(
+            agreement_id=agreement.pk, reason="dispute not resolved by its timeout: the whole deposit goes back to "
+                                              "the buyer", data={"dispute_timed_out_at": timeout})
         return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
 
 

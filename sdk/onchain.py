@@ -93,7 +93,9 @@ class OnchainEscrow:
     seller: str
     receipt_signer: str
     deposit_amount: int
-    settled_amount: int  # the proposed cumulative amount once a settlement is proposed; the arbiter's once resolved
+    # The proposed cumulative amount once a settlement is proposed; the arbiter's once resolved; 0 once a dispute the
+    # arbiter did not resolve by its timeout (the contract's DISPUTE_TIMEOUT) is settled, the buyer refunded whole.
+    settled_amount: int
     last_seq: int
     usage_digest: str
     # The last proposal's cumulative amount (its SettlementProposed event), which an arbiter's resolution leaves as

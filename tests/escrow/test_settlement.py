@@ -11,15 +11,15 @@ from django.core.management.base import CommandError, SystemCheckError
 from agreements import metering
 from agreements.models import CallIntent, UsageAgreement, WebhookDelivery
 from escrow import relayer, selectors, settlement
-from escrow.models import ChainEvent, ChainTransaction, TxPurpose, TxStatus
+from escrow.models import ChainEvent, ChainTransaction, EventEffect, TxPurpose, TxStatus
 from sdk import receipts
 from sdk.typed_data import sign_typed_data
 from tests.chain_fixtures import TEST_RECLAIM_GRACE, TOKEN_NAMES
 from tests.catalog.factories import UserFactory, issue_key, issue_owner_token
 from tests.conftest import Api, error_code
-from tests.escrow.conftest import Escrows
+from tests.escrow.conftest import Escrows, escrow_terms
 from tests.escrow.flow import USDC, Parties, confirm_all, onchain_escrow, usdc_balance
-from tests.escrow.test_indexer import index
+from tests.escrow.test_indexer import index, statuses
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -252,7 +252,7 @@ def test_dispute_resolved_by_an_operator(funded, escrow_chain, django_capture_on
     dispute(funded, chain, capture)
 
     chain.increase_time(3601)
-    assert tick(capture)["finalizing"] == 0  # a dispute is not finalized by the clock
+    assert tick(capture)["finalizing"] == 0  # a dispute is not finalized by the clock before its timeout
 
     not_operator = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/resolve",
                                          {"seller_amount_atomic": 100_000})
@@ -272,6 +272,72 @@ def test_dispute_resolved_by_an_operator(funded, escrow_chain, django_capture_on
     assert usdc_balance(chain, funded.seller_account.address) == funded.balances["seller"] + 100_000
     assert usdc_balance(chain, funded.buyer_account.address) == funded.balances["buyer"] + 1_900_000
     assert usdc_balance(chain, chain.addresses["escrow"]) == 0
+    call_command("reconcile")
+
+
+def dispute_timeout(funded, chain) -> int:
+    """When the disputed escrow's arbiter runs out of time (the contract's DISPUTE_TIMEOUT after the challenge), as
+    getEscrow says."""
+    onchain_id = UsageAgreement.objects.get(pk=funded.agreement_id).onchain_id
+    return chain.escrow.functions.getEscrow(onchain_id, escrow_terms(chain.escrow, onchain_id)).call()[1]
+
+
+def test_a_dispute_nobody_resolves_by_its_timeout_is_settled_for_the_buyer_by_the_settlement_tick(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    """The arbiter (the platform's key) decides nothing in DISPUTE_TIMEOUT: the deposit was locked for ever. From the
+    timeout on, by the chain's clock, the tick finalizes the escrow and the buyer gets the whole deposit back (the
+    seller's disputed proposal was never upheld); a resolution sent then would revert, so it is refused up front."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    dispute(funded, chain, capture)
+    timeout = dispute_timeout(funded, chain)
+    assert selectors.DISPUTE_TIMEOUT.total_seconds() == chain.escrow.functions.DISPUTE_TIMEOUT().call()
+    assert timeout >= chain.now() + selectors.DISPUTE_TIMEOUT.total_seconds() - 60
+
+    chain.increase_time(timeout - chain.now() - 60)
+    assert tick(capture)["finalizing"] == 0  # the arbiter's time is not over
+    assert funded.agreement(funded.agreement_id)["status"] == "disputed"
+
+    chain.increase_time(60)
+    late = staff_owner_api("change_dispute").post(f"/usage-agreements/{funded.agreement_id}/resolve",
+                                                  {"seller_amount_atomic": 100_000})
+    assert late.status_code == 409 and error_code(late) == "dispute_timed_out", late.content
+    assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RESOLVE).exists()
+
+    assert tick(capture)["finalizing"] == 1
+    settled = funded.agreement(funded.agreement_id)
+    assert settled["status"] == "settled"
+    assert (settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (0, 2 * USDC)
+    assert usdc_balance(chain, funded.seller_account.address) == funded.balances["seller"]
+    assert usdc_balance(chain, funded.buyer_account.address) == funded.balances["buyer"] + 2 * USDC
+    assert usdc_balance(chain, chain.addresses["escrow"]) == 0
+    assert statuses(funded.agreement_id)[-2:] == [("disputed", "settling"), ("settling", "settled")]
+    index(capture)
+    assert ChainEvent.objects.get(agreement_id=funded.agreement_id, name="Settled").effect == EventEffect.ALREADY
+    assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
+    call_command("reconcile")
+
+
+def test_a_timed_out_dispute_someone_else_finalized_moves_the_agreement_from_disputed_to_settled(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    """Anyone may finalize a dispute past its timeout (the buyer itself, without the platform): the indexer's Settled
+    event moves the agreement from disputed straight to settled, the buyer refunded the whole deposit."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    dispute(funded, chain, capture)
+    chain.increase_time(dispute_timeout(funded, chain) - chain.now())
+    onchain_id = UsageAgreement.objects.get(pk=funded.agreement_id).onchain_id
+    sent = chain.escrow.functions.finalize(onchain_id, escrow_terms(chain.escrow, onchain_id)).transact(
+        {"from": chain.accounts.stranger.address})
+    assert chain.w3.eth.wait_for_transaction_receipt(sent)["status"] == 1
+
+    index(capture)
+    settled = funded.agreement(funded.agreement_id)
+    assert (settled["status"], settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (
+        "settled", 0, 2 * USDC)
+    event = ChainEvent.objects.get(agreement_id=funded.agreement_id, name="Settled")
+    assert (event.effect, event.from_status, event.to_status) == (EventEffect.APPLIED, "disputed", "settled")
+    assert statuses(funded.agreement_id)[-1] == ("disputed", "settled")
+    assert usdc_balance(chain, funded.buyer_account.address) == funded.balances["buyer"] + 2 * USDC
+    assert tick(capture)["finalizing"] == 0
     call_command("reconcile")
 
 
