@@ -455,7 +455,11 @@ def payment_authorize_refund(*, seller: Agent, purchase: MasumiPurchase) -> Masu
         raise Conflict("Only a disputed payment (a refund requested after the result) is refunded by its seller.",
                        code="no_refund_requested", details={"status": purchase.agreement.status})
     if not selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
-        settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
+        try:
+            settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
+        except Conflict as error:
+            if error.code != settlement.DISPUTE_TIMED_OUT:  # the settlement tick refunds the buyer whole, as this would
+                raise
     return purchase
 
 
@@ -738,7 +742,8 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
                 settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
                 done["released"] += 1
             except ApplicationError as error:
-                _record_error(purchase.pk, error)
+                if error.code != settlement.DISPUTE_TIMED_OUT:  # refunded whole by the settlement tick: no error
+                    _record_error(purchase.pk, error)
     failures.raise_if_any(applied=sum(done.values()))
     return done
 

@@ -330,6 +330,10 @@ def _challenge_outcome(tx: ChainTransaction) -> None:
                                           tx_hash=mined_as)
 
 
+# The code of a resolution refused because the dispute's on-chain timeout is over (the escrow is the buyer's).
+DISPUTE_TIMED_OUT = "dispute_timed_out"
+
+
 @logs_name_the_agreement
 def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operator) -> ChainTransaction:
     """The arbiter's decision of a dispute (`operator`: the staff user deciding, None for the platform's own
@@ -341,7 +345,7 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
         timeout = _dispute_timeout(agreement, terms=terms)
         if timeout is not None and timeout <= chain_clock.chain_now(next_block=True):
             raise Conflict("The dispute timed out: the arbiter may no longer resolve it, and the whole deposit goes "
-                           "back to the buyer.", code="dispute_timed_out",
+                           "back to the buyer.", code=DISPUTE_TIMED_OUT,
                            details={"timed_out_at": datetime.fromtimestamp(timeout, tz=UTC).isoformat()})
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
