@@ -146,7 +146,8 @@ def _timers(now: int, requested: dict[str, int | None], *, chain_now: int) -> di
     if timers["unlock_time"] - chain_now > MAX_LOCK_SECONDS:
         raise InvalidInput("unlockTime may be at most 30 days ahead.", code="invalid_timers",
                            details={"timer": "unlock_time", "max_seconds": MAX_LOCK_SECONDS})
-    # The buyer's only release from a dispute nobody resolves (the contract has no dispute timeout).
+    # The buyer's release from a dispute nobody resolves, as the purchase states it (the contract's DISPUTE_TIMEOUT
+    # releases it 30 days after the challenge at the latest).
     if timers["external_dispute_unlock_time"] - timers["unlock_time"] > MAX_LOCK_SECONDS:
         raise InvalidInput("externalDisputeUnlockTime may be at most 30 days after unlockTime.",
                            code="invalid_timers",

@@ -301,6 +301,25 @@ def test_unresolved_dispute_refunds_the_buyer_after_external_dispute_unlock_time
     call_command("reconcile")
 
 
+def test_a_dispute_past_the_contracts_timeout_before_external_dispute_unlock_time_is_refunded_by_the_timeout(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """externalDisputeUnlockTime up to 30 days after unlockTime may fall after the contract's own dispute timeout (30
+    days from the challenge): the arbiter's `resolve` reverts then. The release does not count it an error (the
+    purchase's last_error stays empty), and the settlement tick refunds the buyer whole, as the release would have."""
+    chain = escrow_chain
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service,
+                        externalDisputeUnlockTime=deadline_clock(chain) + 2400 + 30 * 24 * 3600 - 60)
+    disputed = dispute(purchase)
+    chain.increase_time(purchase.timers["externalDisputeUnlockTime"] - chain.now())
+    assert purchase.tick()["released"] == 0  # the dispute timed out on-chain: no resolution is sent
+    assert MasumiPurchase.objects.get(agreement_id=disputed["agreementId"]).last_error == ""
+    assert not ChainTransaction.objects.filter(agreement_id=disputed["agreementId"], purpose=TxPurpose.RESOLVE).exists()
+    assert purchase.settle()["finalizing"] == 1
+    assert purchase.get()["onChainState"] == "DisputedWithdrawn"
+    purchase.assert_moved(seller=0, buyer=PRICE)
+    call_command("reconcile")
+
+
 def test_refund_requested_before_the_result_disputes_a_late_result(escrow_chain, seller_service,
                                                                    django_capture_on_commit_callbacks):
     chain = escrow_chain
