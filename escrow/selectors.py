@@ -202,7 +202,8 @@ _EXPECTED_STATES = {
     S.ACTIVE: {EscrowState.ACTIVE},
     S.IN_CHALLENGE: {EscrowState.PROPOSED},
     S.DISPUTED: {EscrowState.DISPUTED, EscrowState.RESOLVED},
-    S.SETTLING: {EscrowState.PROPOSED, EscrowState.RESOLVED, EscrowState.SETTLED},
+    # Disputed: a dispute past its timeout, its finalize (for the buyer) in flight.
+    S.SETTLING: {EscrowState.PROPOSED, EscrowState.DISPUTED, EscrowState.RESOLVED, EscrowState.SETTLED},
     S.SETTLED: {EscrowState.SETTLED},
     S.REFUNDED: {EscrowState.RECLAIMED},
 }

@@ -303,7 +303,15 @@ def test_a_dispute_nobody_resolves_by_its_timeout_is_settled_for_the_buyer_by_th
     assert late.status_code == 409 and error_code(late) == "dispute_timed_out", late.content
     assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RESOLVE).exists()
 
-    assert tick(capture)["finalizing"] == 1
+    with capture(execute=False) as submits:
+        assert settlement.settlement_tick()["finalizing"] == 1
+    settling = funded.agreement(funded.agreement_id)
+    assert settling["status"] == "settling" and "timeout" in settling["status_reason"]
+    call_command("reconcile")  # the escrow still Disputed on-chain, its finalize not sent yet: consistent
+    with capture(execute=True):
+        for submit in submits:
+            submit()
+    confirm_all(capture)
     settled = funded.agreement(funded.agreement_id)
     assert settled["status"] == "settled"
     assert (settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (0, 2 * USDC)
