@@ -331,7 +331,9 @@ class ResolveView(APIView):
     permission_classes = [operator_with("escrow.change_dispute")]
 
     @extend_schema(operation_id="escrow_resolve", tags=TAGS, request=ResolveSerializer, auth=[{"OwnerToken": []}],
-                   summary="Decide a dispute (operators): the seller's amount; then the escrow is paid out",
+                   summary="Decide a dispute (operators): the seller's amount; then the escrow is paid out. Only "
+                           "before the dispute's on-chain timeout (30 days after the challenge; then 409 "
+                           "`dispute_timed_out`: the whole deposit goes back to the buyer)",
                    responses={202: ChainTransactionSerializer, **error_responses(404, 409, 422)})
     @idempotent()
     def post(self, request, agreement_id):
