@@ -438,6 +438,25 @@ def token_domain(address: str | None = None) -> tuple[str, str]:
     return _token_domain(settings.CHAIN_RPC_URL, settings.CHAIN_ID, to_checksum_address(address or token_address()))
 
 
+@cache
+def _has_dispute_timeout(rpc_url: str, chain_id: int, address: str) -> bool:
+    try:
+        call(_contract(w3(), address, artifacts.USAGE_ESCROW).functions.DISPUTE_TIMEOUT().call)
+    except RpcUnavailable:
+        raise
+    except ChainError:  # a deployment from before the timeout (no such function): disputes wait for the arbiter
+        return False
+    return True
+
+
+def escrow_has_dispute_timeout(address: str | None = None) -> bool:
+    """Whether the escrow deployment has `DISPUTE_TIMEOUT` (a contract is immutable: one deployed before it keeps a
+    Disputed escrow's `challengeDeadline` at its window's end, and neither times out nor refuses `resolve`). Cached
+    per chain and address."""
+    return _has_dispute_timeout(settings.CHAIN_RPC_URL, settings.CHAIN_ID,
+                                to_checksum_address(address or escrow_address()))
+
+
 def call(fn) -> Any:
     """A contract read, with errors mapped."""
     try:

@@ -582,7 +582,9 @@ def _finalize(agreement: UsageAgreement, *, now: int) -> ChainTransaction | None
 def _dispute_timeout(agreement: UsageAgreement, *, terms: tuple) -> int | None:
     """When the escrow's dispute times out (a chain read: outside any database transaction): getEscrow's
     challengeDeadline while Disputed, which the challenge set to its block's time plus DISPUTE_TIMEOUT. None when the
-    escrow is not Disputed (resolved, or settled, since)."""
+    escrow is not Disputed (resolved, or settled, since), or its deployment predates the timeout."""
+    if not chain.escrow_has_dispute_timeout():
+        return None
     state, deadline = chain.call(chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:2]
     return int(deadline) if list(selectors.EscrowState)[state] == selectors.EscrowState.DISPUTED else None
 

@@ -10,6 +10,7 @@ from django.core.management.base import CommandError, SystemCheckError
 
 from agreements import metering
 from agreements.models import CallIntent, UsageAgreement, WebhookDelivery
+from escrow import chain as gateway
 from escrow import relayer, selectors, settlement
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, TxPurpose, TxStatus
 from sdk import receipts
@@ -347,6 +348,25 @@ def test_a_timed_out_dispute_someone_else_finalized_moves_the_agreement_from_dis
     assert usdc_balance(chain, funded.buyer_account.address) == funded.balances["buyer"] + 2 * USDC
     assert tick(capture)["finalizing"] == 0
     call_command("reconcile")
+
+
+def test_a_deployment_from_before_the_dispute_timeout_leaves_disputes_to_the_arbiter(
+        funded, escrow_chain, django_capture_on_commit_callbacks, monkeypatch):
+    """A contract is immutable: an escrow deployed before DISPUTE_TIMEOUT keeps a Disputed escrow's challengeDeadline
+    at its window's end (long past). Its disputes are neither finalized by the tick (finalize would revert) nor
+    refused to the arbiter."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    assert gateway.escrow_has_dispute_timeout()
+    assert not gateway.escrow_has_dispute_timeout(chain.addresses["usdc"])  # no such function there
+    monkeypatch.setattr(gateway, "escrow_has_dispute_timeout", lambda address=None: False)
+    dispute(funded, chain, capture)
+    chain.increase_time(dispute_timeout(funded, chain) - chain.now())
+    assert tick(capture)["finalizing"] == 0
+    assert funded.agreement(funded.agreement_id)["status"] == "disputed"
+    with capture(execute=False):
+        resolved = staff_owner_api("change_dispute").post(f"/usage-agreements/{funded.agreement_id}/resolve",
+                                                          {"seller_amount_atomic": 100_000})
+    assert resolved.status_code == 202, resolved.content
 
 
 def test_staff_who_may_only_view_disputes_cannot_resolve_one_through_the_api(
