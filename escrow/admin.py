@@ -13,11 +13,13 @@ from datetime import UTC, datetime
 import functools
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
@@ -248,15 +250,24 @@ class AgreementWithChainAdmin(UsageAgreementAdmin):
             if dispute is not None and dispute.resolving:
                 return format_html('<span id="dispute-panel" class="state-warn">Disputed: {}. A resolution has '
                                    'been submitted.</span>', agreement.status_reason or "no reason given")
-            return format_html('<span id="dispute-panel" class="state-warn">Disputed: {}.</span> '
+            return format_html('<span id="dispute-panel" class="state-warn">Disputed: {}.</span> {} '
                                '<a class="button" href="{}">Resolve</a>', agreement.status_reason or
-                               "no reason given", reverse("admin:escrow_dispute_resolve", args=[agreement.pk]))
+                               "no reason given", _times_out(dispute),
+                               reverse("admin:escrow_dispute_resolve", args=[agreement.pk]))
         resolution = agreement.events.filter(from_status=AgreementStatus.DISPUTED).first()
         if resolution is not None:
             return format_html('<span id="dispute-panel">Was disputed; {} by {} at {}: {}</span>',
                                resolution.to_status, resolution.actor,
                                resolution.created_at.strftime("%Y-%m-%d %H:%M:%S %Z"), resolution.reason)
         return mark_safe('<span id="dispute-panel">Not disputed.</span>')
+
+
+def _times_out(dispute) -> str:
+    """An open dispute's timeout, for the agreement's page (the escrow's challengeDeadline above is exact)."""
+    if dispute is None or dispute.times_out_at is None:
+        return ""
+    return (f"Times out about {dispute.times_out_at:%Y-%m-%d %H:%M:%S %Z} "
+            f"({selectors.dispute_time_left(dispute, now=timezone.now())}); then the buyer gets the whole deposit.")
 
 
 admin.site.unregister(UsageAgreement)
@@ -375,16 +386,53 @@ class ResolveForm(forms.Form):
         self.fields["seller_amount_atomic"].widget.attrs["max"] = deposit  # a hint; settlement_resolve decides
 
 
+class DisputeStateFilter(admin.SimpleListFilter):
+    """Open disputes unless asked otherwise: those timing out within DISPUTE_TIMEOUT_WARNING_SECONDS, those that
+    timed out (settled for the buyer), those the arbiter resolved, or all."""
+
+    title = "dispute"
+    parameter_name = "dispute"
+
+    def lookups(self, request, model_admin):
+        warning = settings.DISPUTE_TIMEOUT_WARNING.total_seconds() / 86400
+        return [("timing_out", f"open, times out within {warning:g} days"),
+                ("timed_out", "timed out: settled for the buyer"), ("resolved", "resolved by the arbiter"),
+                ("all", "all")]
+
+    def choices(self, changelist):
+        yield {"selected": self.value() is None, "display": "open",
+               "query_string": changelist.get_query_string(remove=[self.parameter_name])}
+        for lookup, title in self.lookup_choices:
+            yield {"selected": self.value() == lookup, "display": title,
+                   "query_string": changelist.get_query_string({self.parameter_name: lookup})}
+
+    def queryset(self, request, queryset):
+        match self.value():
+            case None:
+                return queryset.filter(status=AgreementStatus.DISPUTED)
+            case "timing_out":
+                return queryset.filter(status=AgreementStatus.DISPUTED,
+                                       times_out_at__lte=timezone.now() + settings.DISPUTE_TIMEOUT_WARNING)
+            case "timed_out":
+                return queryset.filter(timed_out=True)
+            case "resolved":
+                return queryset.exclude(status=AgreementStatus.DISPUTED).filter(timed_out=False)
+        return queryset
+
+
 @admin.register(Dispute)
 class DisputeAdmin(MoneyRecordAdmin):
-    """Disputed agreements, oldest first, each with a form that decides it: the same resolution as
-    `POST /usage-agreements/{id}/resolve` (on-chain `resolve`, then `finalize`), recorded with the operator's name."""
+    """Disputes, the open ones by default, soonest timeout first, each with a form that decides it: the same
+    resolution as `POST /usage-agreements/{id}/resolve` (on-chain `resolve`, then `finalize`), recorded with the
+    operator's name. A dispute nobody resolves by its on-chain timeout (UsageEscrow.DISPUTE_TIMEOUT after the
+    challenge) is settled for the buyer, the whole deposit back: each row shows when that is (the books' estimate,
+    `selectors.disputes_ever`) and how long is left; a closed one, how it ended."""
 
     list_display = ("short_id", "buyer", "seller", "service", "deposit_display", "used_display", "status_reason",
-                    "updated_at", "decision")
+                    "disputed_at_display", "times_out_at_display", "time_left", "decision")
+    list_filter = (DisputeStateFilter,)
     search_fields = ("id", "buyer__handle", "seller__handle", "service__name")
     list_select_related = ("buyer", "seller", "service")
-    ordering = ("updated_at",)
     readonly_fields = [f.name for f in Dispute._meta.fields]
 
     short_id = short_id_column()
@@ -392,10 +440,32 @@ class DisputeAdmin(MoneyRecordAdmin):
     used_display = amount_column("used")
 
     def get_queryset(self, request):
-        return selectors.disputes()
+        return selectors.disputes_ever()
+
+    def get_ordering(self, request):
+        return ("times_out_at", "pk")  # an annotation: `ordering` may name fields only
+
+    @admin.display(description="disputed at", ordering="disputed_at")
+    def disputed_at_display(self, dispute):
+        return dispute.disputed_at
+
+    @admin.display(description="times out at (estimate)", ordering="times_out_at")
+    def times_out_at_display(self, dispute):
+        return dispute.times_out_at
+
+    @admin.display(description="time left")
+    def time_left(self, dispute) -> str:
+        if dispute.status != AgreementStatus.DISPUTED:
+            return "-"
+        return selectors.dispute_time_left(dispute, now=timezone.now())
 
     @admin.display(description="decision")
     def decision(self, dispute) -> str:
+        if dispute.status != AgreementStatus.DISPUTED:
+            if dispute.timed_out:
+                return format_html('<span class="state-warn">timed out: the whole deposit to the buyer</span> ({})',
+                                   dispute.ended_reason)
+            return dispute.ended_reason or dispute.status
         if dispute.resolving:
             return "resolution submitted"
         return format_html('<a class="button" href="{}">Resolve</a>',
@@ -408,7 +478,7 @@ class DisputeAdmin(MoneyRecordAdmin):
     def resolve_view(self, request, agreement_id):
         if not may_operate(request, Dispute):
             raise PermissionDenied
-        dispute = get_object_or_404(self.get_queryset(request), pk=agreement_id)
+        dispute = get_object_or_404(selectors.disputes(), pk=agreement_id)
         form = ResolveForm(request.POST or None, deposit=dispute.deposit_amount)
         if request.method == "POST" and form.is_valid():
             amount = form.cleaned_data["seller_amount_atomic"]

@@ -4,6 +4,7 @@ from collections import Counter
 
 from django.conf import settings
 from django.urls import reverse
+from django.utils import timezone
 
 from escrow import chain, relayer, selectors
 from marketplace import dashboard, health, metrics, money
@@ -82,7 +83,29 @@ def _overdue(now) -> list[dashboard.Overdue]:
     items += [dashboard.Overdue(since=tx.updated_at, kind=f"settlement proposal failed {failures} times, not retried",
                                 subject=str(tx.agreement_id), detail=tx.failure_reason, admin_url=_tx_url(tx))
               for tx, failures in selectors.proposals_given_up(limit=dashboard.OVERDUE_LIMIT)]
-    return _payouts_unreleasable(now) + items + _payouts_held_too_long(now)
+    return _payouts_unreleasable(now) + items + _payouts_held_too_long(now) + _disputes_timing_out(now)
+
+
+def _disputes_timing_out(now) -> list[dashboard.Overdue]:
+    """Disputes within DISPUTE_TIMEOUT_WARNING of their on-chain timeout, due since they entered it: unresolved by
+    then, the buyer gets the whole deposit back, whatever the seller was owed."""
+    warning = settings.DISPUTE_TIMEOUT_WARNING
+    return [dashboard.Overdue(since=dispute.times_out_at - warning,
+                              kind=f"dispute times out: {selectors.dispute_time_left(dispute, now=now)}",
+                              subject=str(dispute.pk),
+                              detail=f"times out about {dispute.times_out_at:%Y-%m-%d %H:%M:%S %Z}; "
+                                     + ("a resolution was submitted" if dispute.resolving else
+                                        "resolve it, or the buyer gets the whole deposit back"),
+                              admin_url=reverse("admin:escrow_dispute_resolve", args=[dispute.pk]))
+            for dispute in selectors.disputes_timing_out(before=now + warning)[:dashboard.OVERDUE_LIMIT]]
+
+
+def _disputes_open() -> dict[tuple, int]:
+    return {(): selectors.disputes().count()}
+
+
+def _disputes_timing_out_count() -> dict[tuple, int]:
+    return {(): selectors.disputes_timing_out(before=timezone.now() + settings.DISPUTE_TIMEOUT_WARNING).count()}
 
 
 def _payouts_unreleasable(now) -> list[dashboard.Overdue]:
@@ -155,6 +178,15 @@ def panels_register() -> None:
                       "(the relayer's receipt came first), recorded (no state to change), failed (not applied).",
         labels=("effect",),
         counts=lambda: {(effect,): count for effect, count in selectors.indexer_event_counts_by_effect().items()})
+    metrics.scrape_collector_register(
+        name="marketplace_disputes_open",
+        documentation="Disputes waiting for the arbiter (the operators) to resolve them.",
+        labels=(), counts=_disputes_open)
+    metrics.scrape_collector_register(
+        name="marketplace_disputes_timing_out",
+        documentation="Open disputes within DISPUTE_TIMEOUT_WARNING_SECONDS of their on-chain timeout (or past it, the "
+                      "settlement tick's finalize pending): unresolved then, the buyer gets the whole deposit back.",
+        labels=(), counts=_disputes_timing_out_count)
     dashboard.counts_register(title="Chain transactions by status", counts=_by_status)
     dashboard.counts_register(title="Payouts and refunds waiting for their payment's finality",
                               counts=lambda: {purpose: count for (purpose,), count

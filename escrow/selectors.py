@@ -4,13 +4,15 @@ from datetime import timedelta
 from enum import StrEnum
 
 from django.conf import settings
-from django.db.models import Count, Exists, F, OuterRef, Q, Sum
-from django.db.models.functions import Length
+from django.utils.timesince import timesince, timeuntil
+from django.db.models import (Count, DateTimeField, Exists, ExpressionWrapper, F, OuterRef, Q, Subquery, Sum,
+                              Value)
+from django.db.models.functions import Coalesce, Least, Length
 from web3 import Web3
 
 from agreements import services as agreement_services
-from agreements.models import (AgreementStatus, InvocationMoney, SettlementModel, SkillInvocation, UsageAgreement,
-                               is_paid_out)
+from agreements.models import (AgreementEvent, AgreementStatus, InvocationMoney, SettlementModel, SkillInvocation,
+                               UsageAgreement, is_paid_out)
 from escrow import chain, relayer
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPaymentRequest,
                            MasumiPurchase, TxAttempt, TxPurpose, TxStatus)
@@ -125,9 +127,52 @@ def proposals_given_up(*, limit: int) -> list[tuple[ChainTransaction, int]]:
 
 
 def disputes():
-    """Disputed agreements, each with `resolving`: whether a resolution has been submitted already."""
+    """Disputed agreements (open disputes), annotated as `disputes_ever`."""
+    return disputes_ever().filter(status=S.DISPUTED)
+
+
+def disputes_ever():
+    """Every agreement ever disputed, for the operators who arbitrate, each with `resolving` (a resolution has been
+    submitted already), `disputed_at` (when the books recorded the challenge), `times_out_at` (the books' estimate of
+    the dispute's on-chain timeout), and how it ended: `ended_reason` and `timed_out` (settled for the buyer because
+    nobody resolved it in time: the settlement tick's finalize, or anyone's).
+
+    `times_out_at` is the challenge plus DISPUTE_TIMEOUT, the challenge taken as the earlier of the moment the books
+    recorded it and the end of the challenge window it was mined in (the chain's time; getEscrow's challengeDeadline
+    while Disputed is the exact timeout, read live on the agreement's page): late by the indexer's delay at most."""
     resolution = live_transactions(purpose=TxPurpose.RESOLVE).filter(agreement_id=OuterRef("pk"))
-    return Dispute.objects.filter(status=S.DISPUTED).annotate(resolving=Exists(resolution))
+    events = AgreementEvent.objects.filter(agreement_id=OuterRef("pk"))
+    challenged = events.filter(to_status=S.DISPUTED).order_by("-id")
+    ended = events.filter(from_status=S.DISPUTED).order_by("id")
+    return Dispute.objects.filter(Q(status=S.DISPUTED) | Exists(challenged)).annotate(
+        resolving=Exists(resolution),
+        disputed_at=Subquery(challenged.values("created_at")[:1]),
+        challenged_by=Least(Coalesce("disputed_at", "challenge_deadline"), Coalesce("challenge_deadline",
+                                                                                     "disputed_at")),
+        times_out_at=ExpressionWrapper(F("challenged_by") + Value(DISPUTE_TIMEOUT), output_field=DateTimeField()),
+        ended_reason=Subquery(ended.values("reason")[:1]),
+        # Settled from disputed directly (anyone's finalize), or finalized by the settlement tick on its timeout.
+        timed_out=Exists(ended.filter(Q(to_status=S.SETTLED) | Q(data__has_key=DISPUTE_TIMED_OUT_AT))))
+
+
+# The data key of the event of the settlement tick's finalize of a dispute past its timeout (its unix time; written by
+# settlement._finalize_timed_out_dispute).
+DISPUTE_TIMED_OUT_AT = "dispute_timed_out_at"
+
+
+def dispute_time_left(dispute, *, now) -> str:
+    """How long the arbiter has left to decide an open dispute from `disputes_ever`, for people."""
+    if dispute.times_out_at is None:
+        return "unknown"
+    if dispute.times_out_at <= now:
+        return f"timed out {timesince(dispute.times_out_at, now)} ago: the buyer gets the whole deposit back"
+    return f"{timeuntil(dispute.times_out_at, now)} left"
+
+
+def disputes_timing_out(*, before):
+    """Open disputes whose (estimated) timeout is before `before`, soonest first: past it, the buyer gets the whole
+    deposit back and the arbiter may no longer resolve."""
+    return disputes().filter(times_out_at__lte=before).order_by("times_out_at", "pk")
 
 
 def transactions_of_agreement(*, agreement_id):

@@ -632,5 +632,9 @@ OVERDUE_SUBMITTING_AFTER = timedelta(seconds=env.int("OVERDUE_SUBMITTING_AFTER_S
 # 15 minutes; one held an hour means the node's tag stalled (or is wrong).
 PAYOUT_HELD_OVERDUE_AFTER = timedelta(seconds=env.int("PAYOUT_HELD_OVERDUE_AFTER_SECONDS", default=3600))
 OVERDUE_FINALIZE_AFTER = timedelta(seconds=env.int("OVERDUE_FINALIZE_AFTER_SECONDS", default=120))
+# A dispute this close to its on-chain timeout (UsageEscrow.DISPUTE_TIMEOUT, 30 days after the challenge) is listed for
+# the operators who arbitrate (dashboard, /metrics, reconcile): past it the buyer gets the whole deposit back and the
+# arbiter may no longer resolve, whatever the seller was owed.
+DISPUTE_TIMEOUT_WARNING = timedelta(seconds=env.int("DISPUTE_TIMEOUT_WARNING_SECONDS", default=7 * 24 * 3600))
 # A task message redelivered this many times because its process died is then a dead letter (marketplace.dead_letters).
 TASK_MAX_REDELIVERIES = env.int("TASK_MAX_REDELIVERIES", default=3)

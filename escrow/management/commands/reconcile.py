@@ -4,7 +4,8 @@ purchases whose payment a reorg took after they were counted paid, the nonce fil
 transaction they cancel were mined in place of, and whether the node answers the PAYOUT_HEAD_TAG block payouts wait
 for; exit 1 on any difference, unapplied event, reverted payment, outrun fill or unanswered tag (the chain is the
 truth). It also lists, without failing, the escrows reclaimed for the buyer with
-usage charged that was never proposed (the seller unpaid: the contract allows nothing else). An operator who looked into one acknowledges it (`--acknowledge ID` for an
+usage charged that was never proposed (the seller unpaid: the contract allows nothing else), and the disputes within
+DISPUTE_TIMEOUT_WARNING_SECONDS of their on-chain timeout (unresolved then, the buyer gets the whole deposit back). An operator who looked into one acknowledges it (`--acknowledge ID` for an
 event, `--acknowledge-invocation INVOCATION_ID` or `--acknowledge-agreement AGREEMENT_ID` for a reverted payment,
 `--acknowledge-nonce-fill TRANSACTION_ID` for a fill, with `--reason ...`; or the admin's actions): it is still
 listed, and no longer fails the command."""
@@ -14,6 +15,7 @@ import uuid
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
 
 from agreements import selectors as agreement_selectors
 from agreements import services as agreement_services
@@ -45,6 +47,13 @@ def _describe_seller_unpaid(agreement: UsageAgreement) -> str:
     return (f"agreement {agreement.pk} (refunded): the seller was not paid the {agreement.used} base units it earned: "
             f"nothing was proposed on-chain before the escrow's reclaimAfter, and the contract gave the whole deposit "
             f"back to the buyer")
+
+
+def _describe_timing_out(dispute, now) -> str:
+    return (f"dispute {dispute.pk}: times out about {dispute.times_out_at:%Y-%m-%d %H:%M:%S %Z} "
+            f"({selectors.dispute_time_left(dispute, now=now)}); "
+            + ("a resolution was submitted" if dispute.resolving else
+               "resolve it (admin: Disputes), or the buyer gets the whole deposit back"))
 
 
 def _describe_outrun_fill(fill: ChainTransaction) -> str:
@@ -135,6 +144,9 @@ class Command(BaseCommand):
             self.stdout.write(line)
         for agreement in agreement_selectors.agreements_reclaimed_with_seller_unpaid().iterator():
             self.stdout.write(_describe_seller_unpaid(agreement))  # agrees with the chain: no mismatch
+        now = timezone.now()
+        for dispute in selectors.disputes_timing_out(before=now + settings.DISPUTE_TIMEOUT_WARNING):
+            self.stdout.write(_describe_timing_out(dispute, now))  # the arbiter's to-do, no mismatch
         acknowledged = [*((event, _describe(event)) for event in selectors.indexer_unapplied_events(acknowledged=True)),
                         *((fill, _describe_outrun_fill(fill)) for fill in selectors.nonce_fills_outrun(acknowledged=True))]
         for row, description in acknowledged:
