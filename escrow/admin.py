@@ -459,7 +459,7 @@ class DisputeAdmin(MoneyRecordAdmin):
             return "-"
         return selectors.dispute_time_left(dispute, now=timezone.now())
 
-    @admin.display(description="decision")
+    @admin.display(description="decision / outcome")
     def decision(self, dispute) -> str:
         if dispute.status != AgreementStatus.DISPUTED:
             if dispute.timed_out:

@@ -128,23 +128,27 @@ def proposals_given_up(*, limit: int) -> list[tuple[ChainTransaction, int]]:
 
 def disputes():
     """Disputed agreements (open disputes), annotated as `disputes_ever`."""
-    return disputes_ever().filter(status=S.DISPUTED)
+    return _dispute_outlines(Dispute.objects.filter(status=S.DISPUTED))
 
 
 def disputes_ever():
     """Every agreement ever disputed, for the operators who arbitrate, each with `resolving` (a resolution has been
     submitted already), `disputed_at` (when the books recorded the challenge), `times_out_at` (the books' estimate of
     the dispute's on-chain timeout), and how it ended: `ended_reason` and `timed_out` (settled for the buyer because
-    nobody resolved it in time: the settlement tick's finalize, or anyone's).
+    nobody resolved it in time: the settlement tick's finalize, or anyone's)."""
+    challenged = AgreementEvent.objects.filter(agreement_id=OuterRef("pk"), to_status=S.DISPUTED)
+    return _dispute_outlines(Dispute.objects.filter(Q(status=S.DISPUTED) | Exists(challenged)))
 
-    `times_out_at` is the challenge plus DISPUTE_TIMEOUT, the challenge taken as the earlier of the moment the books
+
+def _dispute_outlines(queryset):
+    """`times_out_at` is the challenge plus DISPUTE_TIMEOUT, the challenge taken as the earlier of the moment the books
     recorded it and the end of the challenge window it was mined in (the chain's time; getEscrow's challengeDeadline
     while Disputed is the exact timeout, read live on the agreement's page): late by the indexer's delay at most."""
     resolution = live_transactions(purpose=TxPurpose.RESOLVE).filter(agreement_id=OuterRef("pk"))
     events = AgreementEvent.objects.filter(agreement_id=OuterRef("pk"))
     challenged = events.filter(to_status=S.DISPUTED).order_by("-id")
     ended = events.filter(from_status=S.DISPUTED).order_by("id")
-    return Dispute.objects.filter(Q(status=S.DISPUTED) | Exists(challenged)).annotate(
+    return queryset.annotate(
         resolving=Exists(resolution),
         disputed_at=Subquery(challenged.values("created_at")[:1]),
         challenged_by=Least(Coalesce("disputed_at", "challenge_deadline"), Coalesce("challenge_deadline",

@@ -63,6 +63,8 @@ def test_the_disputes_list_shows_each_timeout_soonest_first(operator, buyer_api,
     expected = (timezone.now() - timedelta(days=28) + selectors.DISPUTE_TIMEOUT).strftime("%Y-%m-%d %H:%M")
     assert expected in html
     assert "1\xa0day, 23\xa0hours left" in html  # timeuntil keeps each number with its unit
+    agreement_page = operator.get(f"/admin/agreements/usageagreement/{urgent}/change/").content.decode()
+    assert f"Times out about {expected}" in agreement_page and "1\xa0day, 23\xa0hours left" in agreement_page
 
 
 def test_the_disputes_list_filters_those_timing_out_within_the_warning(operator, buyer_api, seller, settings):
