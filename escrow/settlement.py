@@ -148,7 +148,14 @@ def _proposal_evidence(tx: ChainTransaction) -> dict:
         # failure on the dashboard, none the proposal backoff counts (`selectors.proposal_failures`).
         ours = tx.context.get("seq")
         return _done_by_another(tx, covers=lambda args: ours is not None and int(args["seq"]) >= int(ours))
-    return {"challenge_deadline": selectors.onchain_escrow(agreement=tx.agreement)["challengeDeadline"]}
+    # The window's end from our proposal's own event: the escrow's challengeDeadline word is the dispute's timeout
+    # once the buyer challenged it, which it may have before this receipt is read (the relayer acts at depth).
+    mined = chain.receipt(tx.mined_tx_hash)
+    if mined is None:  # a reorg took it since: the poll checks the transaction again
+        raise chain.ChainError(f"the receipt of {tx.mined_tx_hash} is gone")
+    [proposed] = [event for event in chain.escrow_contract().events.SettlementProposed().process_receipt(
+        {"logs": mined.logs}, errors=DISCARD) if _hex32(event["args"]["agreementId"]) == tx.agreement.onchain_id]
+    return {"challenge_deadline": int(proposed["args"]["challengeDeadline"])}
 
 
 def _proposal_outcome(tx: ChainTransaction) -> None:

@@ -350,6 +350,42 @@ def test_a_timed_out_dispute_someone_else_finalized_moves_the_agreement_from_dis
     call_command("reconcile")
 
 
+def test_a_proposal_challenged_before_its_receipt_is_read_keeps_its_window_end_and_times_out_on_time(
+        funded, escrow_chain, django_capture_on_commit_callbacks, settings):
+    """The indexer applies our proposal, the buyer challenges it at once, and only then the relayer reads the
+    proposal's receipt (each acts at depth, on its own beat). The escrow's challengeDeadline word is the dispute's
+    timeout by then: the books must keep the proposal's window end (its SettlementProposed event), else the
+    settlement tick, which asks the chain only about disputes whose window end plus DISPUTE_TIMEOUT is past, left
+    the buyer's refund ~30 days late."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 10)
+    funded.seller_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
+    settings.CHAIN_CONFIRMATIONS = 2  # a receipt or an event is read once a block is mined on top of it
+    with capture(execute=True):
+        assert settlement.settlement_tick()["proposed"] == 1  # sent and mined, its receipt not read yet
+    chain.mine()
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    onchain_id = UsageAgreement.objects.get(pk=funded.agreement_id).onchain_id
+    terms = escrow_terms(chain.escrow, onchain_id)
+    window_end = chain.escrow.functions.getEscrow(onchain_id, terms).call()[1]
+    sent = chain.escrow.functions.challenge(onchain_id, terms).transact({"from": funded.buyer_account.address})
+    assert chain.w3.eth.wait_for_transaction_receipt(sent)["status"] == 1
+    chain.mine()
+    confirm_all(capture)  # the proposal's receipt, the escrow Disputed now
+    index(capture)
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    assert agreement.status == "disputed"
+    assert int(agreement.challenge_deadline.timestamp()) == window_end
+
+    settings.CHAIN_CONFIRMATIONS = 1
+    chain.increase_time(dispute_timeout(funded, chain) - chain.now())
+    assert tick(capture)["finalizing"] == 1
+    settled = funded.agreement(funded.agreement_id)
+    assert (settled["status"], settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (
+        "settled", 0, 2 * USDC)
+
+
 def test_a_deployment_from_before_the_dispute_timeout_leaves_disputes_to_the_arbiter(
         funded, escrow_chain, django_capture_on_commit_callbacks, monkeypatch):
     """A contract is immutable: an escrow deployed before DISPUTE_TIMEOUT keeps a Disputed escrow's challengeDeadline
