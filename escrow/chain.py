@@ -442,10 +442,9 @@ def token_domain(address: str | None = None) -> tuple[str, str]:
 def _has_dispute_timeout(rpc_url: str, chain_id: int, address: str) -> bool:
     try:
         call(_contract(w3(), address, artifacts.USAGE_ESCROW).functions.DISPUTE_TIMEOUT().call)
-    except RpcUnavailable:
-        raise
-    except ChainError:  # a deployment from before the timeout (no such function): disputes wait for the arbiter
+    except Reverted:  # a deployment from before the timeout (no such function): disputes wait for the arbiter
         return False
+    # Any other error (a node's) raises, never cached: taken for "no timeout", the process kept that answer.
     return True
 
 

@@ -405,6 +405,31 @@ def test_a_deployment_from_before_the_dispute_timeout_leaves_disputes_to_the_arb
     assert resolved.status_code == 202, resolved.content
 
 
+def test_a_node_error_asking_whether_the_escrow_has_a_dispute_timeout_is_not_taken_for_an_old_deployment(
+        funded, escrow_chain, django_capture_on_commit_callbacks, monkeypatch):
+    """Only a revert of DISPUTE_TIMEOUT() says the deployment predates it; the answer is kept for the process. A
+    node's error on that first read (a load-balanced node's "header not found") was taken for "no timeout" and kept:
+    that worker's settlement tick never finalized a timed-out dispute, until restarted."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    dispute(funded, chain, capture)
+    chain.increase_time(dispute_timeout(funded, chain) - chain.now())
+    gateway._has_dispute_timeout.cache_clear()
+    real_call, failed = gateway.call, []
+
+    def node_fails_once(fn):
+        if getattr(getattr(fn, "__self__", None), "fn_name", "") == "DISPUTE_TIMEOUT" and not failed:
+            failed.append(fn)
+            raise gateway.ChainError("header not found")
+        return real_call(fn)
+
+    monkeypatch.setattr(gateway, "call", node_fails_once)
+    tick(capture)  # the read failed: logged, tried again at the next tick
+    assert failed
+    assert tick(capture)["finalizing"] == 1
+    assert funded.agreement(funded.agreement_id)["status"] == "settled"
+    gateway._has_dispute_timeout.cache_clear()
+
+
 def test_staff_who_may_only_view_disputes_cannot_resolve_one_through_the_api(
         funded, escrow_chain, django_capture_on_commit_callbacks):
     """Resolving moves the escrow: through the API, as in the admin's dispute form, it needs the change permission
