@@ -405,6 +405,35 @@ def test_a_deployment_from_before_the_dispute_timeout_leaves_disputes_to_the_arb
     assert resolved.status_code == 202, resolved.content
 
 
+def test_a_resolution_still_queued_when_the_dispute_times_out_fails_cleanly_and_the_buyer_is_refunded_whole(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    """The arbiter decided just before the timeout, but the relayer sent the resolution after it: the contract refuses
+    it (DisputeTimedOut), the tick's finalize refunds the buyer the whole deposit, and the agreement ends settled."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    dispute(funded, chain, capture)
+    chain.increase_time(dispute_timeout(funded, chain) - chain.now() - 60)
+    with capture(execute=False) as resolving:
+        resolved = staff_owner_api("change_dispute").post(f"/usage-agreements/{funded.agreement_id}/resolve",
+                                                          {"seller_amount_atomic": 100_000})
+    assert resolved.status_code == 202, resolved.content
+    chain.increase_time(60)
+    with capture(execute=False) as finalizing:
+        assert settlement.settlement_tick()["finalizing"] == 1
+    with capture(execute=True):
+        for submit in [*resolving, *finalizing]:
+            submit()
+    confirm_all(capture)
+    index(capture)
+    resolve = ChainTransaction.objects.get(agreement_id=funded.agreement_id, purpose=TxPurpose.RESOLVE)
+    assert resolve.status == TxStatus.FAILED and "DisputeTimedOut" in resolve.failure_reason
+    settled = funded.agreement(funded.agreement_id)
+    assert (settled["status"], settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (
+        "settled", 0, 2 * USDC)
+    assert usdc_balance(chain, funded.buyer_account.address) == funded.balances["buyer"] + 2 * USDC
+    assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
+    call_command("reconcile")
+
+
 def test_a_node_error_asking_whether_the_escrow_has_a_dispute_timeout_is_not_taken_for_an_old_deployment(
         funded, escrow_chain, django_capture_on_commit_callbacks, monkeypatch):
     """Only a revert of DISPUTE_TIMEOUT() says the deployment predates it; the answer is kept for the process. A
