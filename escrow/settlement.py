@@ -349,8 +349,8 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
     `resolve` reverts from then on, and the escrow is the buyer's (`_finalize_timed_out_dispute`)."""
     terms = selectors.escrow_terms(agreement=agreement)
     with chain.unavailable_as_503():  # chain reads: before the row lock
-        timeout = _dispute_timeout(agreement, terms=terms)
-        if timeout is not None and timeout <= chain_clock.chain_now(next_block=True):
+        timeout = _dispute_timed_out_at(agreement, terms=terms)
+        if timeout is not None:
             raise Conflict("The dispute timed out: the arbiter may no longer resolve it, and the whole deposit goes "
                            "back to the buyer.", code=DISPUTE_TIMED_OUT,
                            details={"timed_out_at": datetime.fromtimestamp(timeout, tz=UTC).isoformat()})
@@ -594,6 +594,25 @@ def _dispute_timeout(agreement: UsageAgreement, *, terms: tuple) -> int | None:
         return None
     state, deadline = chain.call(chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:2]
     return int(deadline) if list(selectors.EscrowState)[state] == selectors.EscrowState.DISPUTED else None
+
+
+def _dispute_timed_out_at(agreement: UsageAgreement, *, terms: tuple) -> int | None:
+    """When the escrow's dispute timed out, if it did for a resolution sent now (a chain read: outside any database
+    transaction): Disputed and its timeout reached by the next block, or already settled on-chain for the buyer while
+    the books still say disputed (anyone's finalize of the timed-out dispute, not indexed yet: a resolve would revert
+    InvalidState). None otherwise, or for a deployment from before the timeout."""
+    if not chain.escrow_has_dispute_timeout():
+        return None
+    state, deadline, _seq, seller_amount = chain.call(
+        chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:4]
+    state = list(selectors.EscrowState)[state]
+    if state == selectors.EscrowState.DISPUTED and deadline <= chain_clock.chain_now(next_block=True):
+        return int(deadline)
+    # Settled from Disputed with nothing to the seller (the challenge's deadline word still holds the timeout), or a
+    # resolution of 0 finalized, neither indexed yet: the buyer refunded whole either way, and no resolve can run.
+    if state == selectors.EscrowState.SETTLED and seller_amount == 0 and can_resolve(agreement):
+        return int(deadline)
+    return None
 
 
 def _disputes_maybe_timed_out(*, now: datetime) -> Iterator[UsageAgreement]:

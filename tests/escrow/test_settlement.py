@@ -386,6 +386,29 @@ def test_a_proposal_challenged_before_its_receipt_is_read_keeps_its_window_end_a
         "settled", 0, 2 * USDC)
 
 
+def test_a_resolution_asked_for_once_anyone_finalized_the_timed_out_dispute_is_refused_before_it_is_indexed(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    """Anyone finalized the timed-out dispute for the buyer; the indexer (at depth) has not applied it yet, so the books
+    still say disputed. A resolution asked for then is 409 dispute_timed_out, nothing queued: it was 202 and queued a
+    resolve the chain refuses (the Masumi tick's release asked again at every tick until the event was indexed)."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    dispute(funded, chain, capture)
+    chain.increase_time(dispute_timeout(funded, chain) - chain.now())
+    onchain_id = UsageAgreement.objects.get(pk=funded.agreement_id).onchain_id
+    sent = chain.escrow.functions.finalize(onchain_id, escrow_terms(chain.escrow, onchain_id)).transact(
+        {"from": chain.accounts.stranger.address})
+    assert chain.w3.eth.wait_for_transaction_receipt(sent)["status"] == 1
+    assert funded.agreement(funded.agreement_id)["status"] == "disputed"
+
+    with capture(execute=False):
+        late = staff_owner_api("change_dispute").post(f"/usage-agreements/{funded.agreement_id}/resolve",
+                                                      {"seller_amount_atomic": 100_000})
+    assert late.status_code == 409 and error_code(late) == "dispute_timed_out", late.content
+    assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RESOLVE).exists()
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "settled"
+
+
 def test_a_deployment_from_before_the_dispute_timeout_leaves_disputes_to_the_arbiter(
         funded, escrow_chain, django_capture_on_commit_callbacks, monkeypatch):
     """A contract is immutable: an escrow deployed before DISPUTE_TIMEOUT keeps a Disputed escrow's challengeDeadline
