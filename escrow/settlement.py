@@ -642,7 +642,7 @@ def _finalize_timed_out_dispute(agreement: UsageAgreement, *, now: int) -> Chain
             return None
         agreement_services.agreement_settling(
             agreement_id=agreement.pk, reason="dispute not resolved by its timeout: the whole deposit goes back to "
-                                              "the buyer", data={"dispute_timed_out_at": timeout})
+                                              "the buyer", data={selectors.DISPUTE_TIMED_OUT_AT: timeout})
         return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
 
 
