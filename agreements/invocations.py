@@ -489,8 +489,10 @@ def invocation_run(*, invocation_id) -> SkillInvocation:
     return _finish(invocation_id, to=Status.COMPLETED, result=result)
 
 
-def _finish(invocation_id, *, to: str, result=None, error: str = "") -> SkillInvocation:
-    """processing -> `to`, and queue the payout (completed) or the refund (otherwise) of the held payment."""
+def _finish(invocation_id, *, to: str, result=None, error: str = "", seller_failed: bool = True) -> SkillInvocation:
+    """processing -> `to`, and queue the payout (completed) or the refund (otherwise) of the held payment. A run that
+    did not complete counts against the buyer party (`_seller_failure_record`) unless `seller_failed` is False: the
+    sweep's time-out of a run whose worker died (a deploy, a crash), which no call to the seller decided."""
     with transaction.atomic():
         invocation = _lock(invocation_id)
         if invocation.status != Status.PROCESSING:
@@ -503,7 +505,7 @@ def _finish(invocation_id, *, to: str, result=None, error: str = "") -> SkillInv
         invocation.save(update_fields=["status", "result", "error", "completed_at", "money", "updated_at"])
         if settle:
             _settle(invocation)
-            if to != Status.COMPLETED:
+            if to != Status.COMPLETED and seller_failed:
                 _seller_failure_record(invocation)
     return invocation
 
@@ -539,8 +541,10 @@ def invocations_sweep(*, now: datetime | None = None) -> dict:
     failures, timed_out = sweeps.RowFailures("invocations sweep"), []
     for invocation_id in list(overdue.values_list("pk", flat=True)[:500]):
         with failures.row(invocation_id):
-            if _finish(invocation_id, to=Status.TIMEOUT,
-                       error="exceeded the skill's time limit").status == Status.TIMEOUT:
+            # A worker's own call ends at the skill's limit and counts a hang then; one still processing here mostly
+            # died (a hang the sweep times out first, in the same instant, escapes the count).
+            if _finish(invocation_id, to=Status.TIMEOUT, error="exceeded the skill's time limit",
+                       seller_failed=False).status == Status.TIMEOUT:
                 timed_out.append(invocation_id)
     # One queued here is queued again only once no worker took that message within INVOCATION_ORPHAN_AFTER (lost
     # too): while the outbound queue is behind, each run added the same invocations to it again.

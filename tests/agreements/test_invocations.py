@@ -14,7 +14,7 @@ from x402 import PaymentRequired
 from x402.http import decode_payment_required_header, decode_payment_response_header, decode_payment_signature_header
 
 from agreements import invocations
-from agreements.models import SkillInvocation, UsageAgreement
+from agreements.models import InvocationSellerFailure, SkillInvocation, UsageAgreement
 from agreements.tasks import run_invocation
 from escrow import chain as gateway
 from catalog.models import Agent, Service
@@ -391,6 +391,8 @@ def test_the_sweeper_times_out_an_invocation_whose_worker_died_and_refunds_it(
     assert market.caller.get(f"/services/{invocation_id}").json()["status"] == "timeout"
     assert market.balances() == before
     assert market.upstream.requests == []
+    # Its worker died (a deploy, a crash): no fault of the seller's the buyer's party is to be bounded for.
+    assert not InvocationSellerFailure.objects.exists()
 
 
 def test_an_overdue_invocation_whose_time_out_raises_is_skipped_and_logged_and_the_others_time_out(
