@@ -252,20 +252,26 @@ def two_activations_sent(parties, capture) -> tuple[dict, ChainTransaction, dict
     return first, first_tx, second, second_tx
 
 
+def check_raises_for(monkeypatch, poisoned_tx: ChainTransaction) -> None:
+    """The relayer's check of `poisoned_tx` raises what is not a chain error (an outcome the state machine refuses);
+    the others are checked as before."""
+    check = relayer.transaction_check
+
+    def poisoned(*, transaction_id):
+        if transaction_id == poisoned_tx.pk:
+            raise RuntimeError("this outcome cannot be applied")
+        return check(transaction_id=transaction_id)
+
+    monkeypatch.setattr(relayer, "transaction_check", poisoned)
+
+
 def test_a_transaction_whose_check_fails_does_not_stop_the_poll_for_the_others(parties, escrow_chain, monkeypatch,
                                                                              django_capture_on_commit_callbacks):
     """Rows are polled oldest first: one that raised something other than a chain error (an outcome refused by
     the state machine, an integrity error) ended every poll there, and no transaction after it was ever checked."""
     capture = django_capture_on_commit_callbacks
     first, first_tx, second, second_tx = two_activations_sent(parties, capture)
-    check = relayer.transaction_check
-
-    def poisoned(*, transaction_id):
-        if transaction_id == first_tx.pk:
-            raise RuntimeError("this outcome cannot be applied")
-        return check(transaction_id=transaction_id)
-
-    monkeypatch.setattr(relayer, "transaction_check", poisoned)
+    check_raises_for(monkeypatch, first_tx)
     for _ in range(2):
         with pytest.raises(RowsFailed) as failed:  # logged with its id, and the poll's task fails at its end
             confirm_all(capture)
@@ -304,14 +310,7 @@ def test_transactions_whose_checks_raise_do_not_count_as_a_node_answering_nothin
     monkeypatch.setattr(relayer, "_POLL_GIVES_UP_AFTER", 1)  # one such row stands for five
     first, first_tx, second, second_tx = two_activations_sent(parties, capture)
     ChainTransaction.objects.filter(pk=first_tx.pk).update(updated_at=second_tx.updated_at - timedelta(minutes=1))
-    check = relayer.transaction_check
-
-    def poisoned(*, transaction_id):
-        if transaction_id == first_tx.pk:
-            raise RuntimeError("this outcome cannot be applied")
-        return check(transaction_id=transaction_id)
-
-    monkeypatch.setattr(relayer, "transaction_check", poisoned)
+    check_raises_for(monkeypatch, first_tx)
     with pytest.raises(RowsFailed) as failed:
         confirm_all(capture)
     assert failed.value.failed == [first_tx.pk] and failed.value.applied == 1

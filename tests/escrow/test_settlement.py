@@ -326,17 +326,22 @@ def test_a_dispute_nobody_resolves_by_its_timeout_is_settled_for_the_buyer_by_th
     call_command("reconcile")
 
 
-def test_a_timed_out_dispute_someone_else_finalized_moves_the_agreement_from_disputed_to_settled(
-        funded, escrow_chain, django_capture_on_commit_callbacks):
-    """Anyone may finalize a dispute past its timeout (the buyer itself, without the platform): the indexer's Settled
-    event moves the agreement from disputed straight to settled, the buyer refunded the whole deposit."""
-    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+def finalized_by_a_stranger_once_timed_out(funded, chain, capture) -> None:
+    """The agreement disputed, its timeout reached on the chain's clock, and anyone's finalize mined (not indexed)."""
     dispute(funded, chain, capture)
     chain.increase_time(dispute_timeout(funded, chain) - chain.now())
     onchain_id = UsageAgreement.objects.get(pk=funded.agreement_id).onchain_id
     sent = chain.escrow.functions.finalize(onchain_id, escrow_terms(chain.escrow, onchain_id)).transact(
         {"from": chain.accounts.stranger.address})
     assert chain.w3.eth.wait_for_transaction_receipt(sent)["status"] == 1
+
+
+def test_a_timed_out_dispute_someone_else_finalized_moves_the_agreement_from_disputed_to_settled(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    """Anyone may finalize a dispute past its timeout (the buyer itself, without the platform): the indexer's Settled
+    event moves the agreement from disputed straight to settled, the buyer refunded the whole deposit."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    finalized_by_a_stranger_once_timed_out(funded, chain, capture)
 
     index(capture)
     settled = funded.agreement(funded.agreement_id)
@@ -392,12 +397,7 @@ def test_a_resolution_asked_for_once_anyone_finalized_the_timed_out_dispute_is_r
     still say disputed. A resolution asked for then is 409 dispute_timed_out, nothing queued: it was 202 and queued a
     resolve the chain refuses (the Masumi tick's release asked again at every tick until the event was indexed)."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
-    dispute(funded, chain, capture)
-    chain.increase_time(dispute_timeout(funded, chain) - chain.now())
-    onchain_id = UsageAgreement.objects.get(pk=funded.agreement_id).onchain_id
-    sent = chain.escrow.functions.finalize(onchain_id, escrow_terms(chain.escrow, onchain_id)).transact(
-        {"from": chain.accounts.stranger.address})
-    assert chain.w3.eth.wait_for_transaction_receipt(sent)["status"] == 1
+    finalized_by_a_stranger_once_timed_out(funded, chain, capture)
     assert funded.agreement(funded.agreement_id)["status"] == "disputed"
 
     with capture(execute=False):
