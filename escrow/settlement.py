@@ -586,32 +586,31 @@ def _finalize(agreement: UsageAgreement, *, now: int) -> ChainTransaction | None
         return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
 
 
-def _dispute_timeout(agreement: UsageAgreement, *, terms: tuple) -> int | None:
-    """When the escrow's dispute times out (a chain read: outside any database transaction): getEscrow's
-    challengeDeadline while Disputed, which the challenge set to its block's time plus DISPUTE_TIMEOUT. None when the
-    escrow is not Disputed (resolved, or settled, since), or its deployment predates the timeout."""
-    if not chain.escrow_has_dispute_timeout():
-        return None
-    state, deadline = chain.call(chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:2]
-    return int(deadline) if list(selectors.EscrowState)[state] == selectors.EscrowState.DISPUTED else None
-
-
-def _dispute_timed_out_at(agreement: UsageAgreement, *, terms: tuple) -> int | None:
-    """When the escrow's dispute timed out, if it did for a resolution sent now (a chain read: outside any database
-    transaction): Disputed and its timeout reached by the next block, or already settled on-chain for the buyer while
-    the books still say disputed (anyone's finalize of the timed-out dispute, not indexed yet: a resolve would revert
-    InvalidState). None otherwise, or for a deployment from before the timeout."""
+def _escrow_dispute_read(agreement: UsageAgreement, *, terms: tuple) -> tuple[selectors.EscrowState, int, int] | None:
+    """The escrow as the chain has it (a chain read: outside any database transaction): its state, its
+    challengeDeadline (while Disputed, the dispute's timeout: the challenge's block time plus DISPUTE_TIMEOUT) and its
+    seller's amount. None for a deployment from before the timeout, whose disputes wait for the arbiter alone."""
     if not chain.escrow_has_dispute_timeout():
         return None
     state, deadline, _seq, seller_amount = chain.call(
         chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:4]
-    state = list(selectors.EscrowState)[state]
+    return list(selectors.EscrowState)[state], int(deadline), int(seller_amount)
+
+
+def _dispute_timed_out_at(agreement: UsageAgreement, *, terms: tuple) -> int | None:
+    """When the escrow's dispute timed out, if it did for a resolution sent now (`_escrow_dispute_read`): Disputed and
+    its timeout reached by the next block, or already settled on-chain for the buyer while the books still say
+    disputed (anyone's finalize of the timed-out dispute, not indexed yet: a resolve would revert InvalidState)."""
+    read = _escrow_dispute_read(agreement, terms=terms)
+    if read is None:
+        return None
+    state, deadline, seller_amount = read
     if state == selectors.EscrowState.DISPUTED and deadline <= chain_clock.chain_now(next_block=True):
-        return int(deadline)
+        return deadline
     # Settled from Disputed with nothing to the seller (the challenge's deadline word still holds the timeout), or a
     # resolution of 0 finalized, neither indexed yet: the buyer refunded whole either way, and no resolve can run.
     if state == selectors.EscrowState.SETTLED and seller_amount == 0 and can_resolve(agreement):
-        return int(deadline)
+        return deadline
     return None
 
 
@@ -632,9 +631,10 @@ def _finalize_timed_out_dispute(agreement: UsageAgreement, *, now: int) -> Chain
     resolution from then on, so the money moves even when nobody else calls it, and a resolution of ours still in
     flight reverts rather than race it."""
     terms = selectors.escrow_terms(agreement=agreement)
-    timeout = _dispute_timeout(agreement, terms=terms)
-    if timeout is None or timeout > now:
+    read = _escrow_dispute_read(agreement, terms=terms)
+    if read is None or read[0] != selectors.EscrowState.DISPUTED or read[1] > now:
         return None
+    timeout = read[1]
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if not can_resolve(agreement) or selectors.live_transaction(agreement_id=agreement.pk,
