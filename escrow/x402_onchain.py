@@ -39,7 +39,7 @@ from catalog.models import Agent, Skill
 from escrow import chain, chain_clock, relayer, selectors, services
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig
-from marketplace.errors import Conflict, DependencyUnavailable, TooManyRequests
+from marketplace.errors import Conflict, DependencyUnavailable, PaymentRequired, TooManyRequests
 from sdk import typed_data
 
 logger = logging.getLogger(__name__)
@@ -177,16 +177,14 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
 
 
 def _payments_in_flight_check(authorization, *, balance: int) -> None:
-    """Inside the transaction queueing the payment: the payer's relayed payments not mined yet (its other skill
-    payments, its activations, its direct purchases: `services.wallet_payments_turn`, whose lock covers the queueing)
-    pull from the same `balance`, read before. Each passed its simulation alone; queued all, all but what the balance
-    covers would revert at the relayer's gas: 402 `insufficient_balance` with `details.committed`."""
-    committed = services.wallet_payments_turn(wallet=authorization.payer)  # skills are paid in the default token
-    if balance - committed < authorization.amount:
-        raise agreement_services.InvalidPayment(
-            "insufficient_balance",
-            "The payer's wallet holds too little for this payment besides what its payments under way will take.",
-            details={"balance": balance, "required": authorization.amount, "committed": committed})
+    """Inside the transaction queueing the payment: `services.wallet_balance_require` (the payer's other payments not
+    mined yet counted against `balance`, read before, under the wallet's lock), refused as an x402 payment is (402
+    `insufficient_balance` with `details.committed`, answered with a fresh quote). Skills are paid in the default
+    token."""
+    try:
+        services.wallet_balance_require(wallet=authorization.payer, balance=balance, required=authorization.amount)
+    except PaymentRequired as short:
+        raise agreement_services.InvalidPayment(short.code, short.message, details=short.details) from short
 
 
 @dataclass(frozen=True)
