@@ -88,6 +88,8 @@ RPC_CLOCK_LEAD_MAX_SECONDS = 300
 # `max_duration_seconds` and `min_challenge_window_seconds`.
 AGREEMENT_DURATION_MAX_SECONDS = 7 * 86400 + 3600
 CHALLENGE_WINDOW_MIN_SECONDS = 3600
+# How much of a refusal that is not the API's JSON (a proxy's page) a MarketplaceError keeps.
+_ERROR_TEXT_CHARS = 500
 # How many proposals a client remembers (`activate_escrow` holds an agreement to what was proposed).
 _PROPOSALS_REMEMBERED = 4096
 
@@ -105,14 +107,17 @@ class MarketplaceError(Exception):
     @classmethod
     def from_response(cls, response: httpx.Response) -> MarketplaceError:
         """Parse `{"error": {"code", "message", "details"}}`, or a skill's x402 402 (`error` is the code, `message`
-        and `details` beside it); anything else (a proxy's HTML page) keeps its text."""
+        and `details` beside it); anything else (a proxy's HTML page) keeps its first 500 characters, read as UTF-8
+        whatever charset the answer names: Python's codec of that name may be no text coding (punycode decodes in
+        quadratic time, past the deadline; bz2's decoder raises AssertionError)."""
         try:
             body = json_answer(response)
             error = body["error"] if isinstance(body["error"], dict) else {**body, "code": body["error"]}
             return cls(response.status_code, str(error["code"]), str(error.get("message", "")),
                        error.get("details") or {})
         except (ValueError, KeyError, TypeError):
-            return cls(response.status_code, f"http_{response.status_code}", response.text[:500])
+            text = response.content[:_ERROR_TEXT_CHARS * 4].decode("utf-8", errors="replace")[:_ERROR_TEXT_CHARS]
+            return cls(response.status_code, f"http_{response.status_code}", text)
 
     @property
     def transient(self) -> bool:

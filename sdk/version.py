@@ -1,5 +1,6 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.9: a refusal's text is read as UTF-8, not in the codec its charset names;
 # 0.4.8: verify_usage holds the agreement to its escrow (its own escrow id, and the terms the on-chain termsHash
 # commits to: UsageTermsMismatch) and reads an agreement with no escrow on-chain as holding nothing
 # (UsageAboveDeposit); webhook_signature.verify and proxy_signature.verify verify nothing with an empty secret, and
@@ -29,4 +30,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.8"
+VERSION = "0.4.9"

@@ -521,3 +521,19 @@ def test_the_rpc_urls_api_key_is_never_in_an_sdk_error(failure, keyed):
     shown = "".join(traceback.format_exception(outcome.error))  # its causes included
     assert "SECRET-KEY" not in shown, shown
     assert "127.0.0.1" in str(outcome.error) or failure == "refuses connections"  # still says which node failed
+
+
+@pytest.mark.parametrize("charset", ["punycode", "bz2", "zlib"])
+def test_a_refusals_text_in_a_charset_that_is_no_text_coding_is_a_marketplace_error_within_the_deadline(charset):
+    """A refusal that is not the API's JSON keeps its text, decoded as its `Content-Type` charset said: Python's
+    codec of that name, whatever it is. punycode decodes in quadratic time (a few hundred kB held the agent for
+    minutes, past every deadline: the body was read in time, the decoding is after), and bz2's or zlib's decoder
+    raised an AssertionError a caller catching MarketplaceError did not catch. The text is read as UTF-8."""
+    body = b"a" * 150_000 + b"-" + b"9" * 150_000
+    client = MarketplaceClient("http://marketplace.example", "mk_test", retries=0, deadline=DEADLINE,
+                               transport=httpx.MockTransport(lambda request: httpx.Response(
+                                   500, headers={"Content-Type": f"text/plain; charset={charset}"}, content=body)))
+    outcome = run_bounded(client.me, limit=60)
+    assert isinstance(outcome.error, MarketplaceError), repr(outcome.error)
+    assert outcome.error.code == "http_500" and outcome.error.message.startswith("aaa")
+    assert outcome.seconds < DEADLINE, f"{outcome.seconds:.1f} s"
