@@ -175,6 +175,7 @@ class MarketplaceClient:
         self._rpc_clock_lead = rpc_clock_lead
         self._lock = threading.Lock()
         self._proposed: OrderedDict[str, _Asked] = OrderedDict()  # agreement id -> what its buyer asked for
+        self._activated: OrderedDict[str, str] = OrderedDict()  # agreement id -> the wallet that signed its escrow
         self._fee_permits: dict[str, list[_FeePermit]] = {}  # wallet -> the fee permits signed for its purchases
 
     def close(self) -> None:
@@ -458,7 +459,15 @@ class MarketplaceClient:
         terms = AgreedTerms.from_agreement(agreement, network)
         signed = sign_activation_package(self.activation_package(agreement["id"]), wallet, terms=terms,
                                          network=network, token_domain=self.token_domain(), now=now)
+        self._remember_buyer(agreement["id"], terms.buyer)
         return self.submit_activation(agreement["id"], signed, idempotency_key=idempotency_key)
+
+    def _remember_buyer(self, agreement_id: Any, buyer: str) -> None:
+        """The wallet that signed the agreement's escrow: the buyer `verify_usage` reads the escrow of."""
+        with self._lock:
+            self._activated[_proposal_key(agreement_id)] = buyer
+            while len(self._activated) > _PROPOSALS_REMEMBERED:
+                self._activated.popitem(last=False)
 
     def escrow_status(self, agreement_id: AgreementId, *, verify: bool = False) -> dict[str, Any]:
         """Amounts, chain transactions and confirmations; `verify=True` adds the contract's own view."""
@@ -519,7 +528,7 @@ class MarketplaceClient:
         """Every usage event of the agreement, oldest first (lazy, page by page)."""
         return self._pages("GET", f"/usage-agreements/{agreement_id}/usage", {"limit": page_size})
 
-    def verify_usage(self, agreement: Mapping[str, Any], *,
+    def verify_usage(self, agreement: Mapping[str, Any], *, buyer_wallet_address: str | None = None,
                      timeout: float = VERIFY_USAGE_TIMEOUT_SECONDS) -> VerifiedUsage:
         """Check every charge against the chain, through the buyer's own RPC: the escrow's on-chain record
         (deposit, receipt signer, proposed amount and digest, state), then the usage listing's gap-free sequence,
@@ -528,6 +537,12 @@ class MarketplaceClient:
         escrow's: its own escrow id (`sdk.terms.check_onchain_id`), and the terms the escrow's on-chain `termsHash`
         commits to (`UsageTermsMismatch`), so each cost is checked against the unit price the buyer signed. Raises a
         subclass of `sdk.receipts.UsageVerificationError` naming the first discrepancy.
+
+        The escrow read is the buyer's (escrows are keyed by buyer and id, and anyone may open one under an
+        agreement's id): `buyer_wallet_address`, the wallet that funded it, else the one this client signed the
+        agreement's activation with (`activate_escrow`, `purchase_masumi_job`); for an agreement this client did not
+        activate it is required (`TypeError`), never taken from the marketplace. The agreement must state that buyer
+        (`UsageTermsMismatch`).
 
         The escrow's events are looked for from the block the buyer's RPC puts the agreement's `activation_tx_hash`
         in (pass the agreement as fetched once active), never before the pinned network's `escrow_deployment_block`
@@ -540,6 +555,12 @@ class MarketplaceClient:
         list, page after page."""
         if not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds")
+        if buyer_wallet_address is None:
+            with self._lock:
+                buyer_wallet_address = self._activated.get(_proposal_key(agreement["id"]))
+        if buyer_wallet_address is None:
+            raise TypeError("verify_usage: an agreement this client did not activate is verified on its buyer's escrow "
+                            "only: give buyer_wallet_address= (the wallet that funded it)")
         checked = 0
 
         def timed_out() -> UsageVerificationTimedOut:
@@ -558,19 +579,24 @@ class MarketplaceClient:
 
         with deadline_within(timeout):
             try:
-                return self._verify_usage(agreement, within_timeout(self.usage(agreement["id"])))
+                return self._verify_usage(agreement, buyer_wallet_address,
+                                          within_timeout(self.usage(agreement["id"])))
             except DeadlineExceeded as cut_short:
                 if not deadline_passed():
                     raise  # a request's own deadline, sooner than the verification's
                 raise timed_out() from cut_short
 
-    def _verify_usage(self, agreement: Mapping[str, Any], events: Iterator[dict[str, Any]]) -> VerifiedUsage:
-        # The escrow is the agreement's own, and the unit price each cost is checked against is the one its buyer
-        # signed: else a listing re-signed at another price, or for another escrow of the buyer, would add up.
+    def _verify_usage(self, agreement: Mapping[str, Any], buyer: str,
+                      events: Iterator[dict[str, Any]]) -> VerifiedUsage:
+        # The escrow is the buyer's and the agreement's own, and the unit price each cost is checked against is the
+        # one its buyer signed: else a listing re-signed at another price, for another escrow of the buyer, or on
+        # the escrow someone else opened under the agreement's id (its receipt signer theirs), would add up.
         try:
             onchain_id, stated = check_onchain_id(agreement), stated_terms_hash(agreement, self.network)
+            require_equal(agreement["buyer_wallet_address"], buyer, "agreement.buyer_wallet_address")
         except (SigningRefused, KeyError, TypeError, ValueError) as unusable:
-            raise UsageTermsMismatch(f"the agreement's escrow id or terms cannot be checked: {unusable}") from unusable
+            raise UsageTermsMismatch(f"the agreement's escrow id, buyer or terms cannot be checked: {unusable}"
+                                     ) from unusable
         reader = self._reader()
         activation_tx = agreement.get("activation_tx_hash")
         try:
@@ -578,8 +604,7 @@ class MarketplaceClient:
         except RpcError:  # a hash the node refuses is no hint
             from_block = None
         deployed = self.network.escrow_deployment_block
-        escrow = reader.escrow(self.network.escrow_address, onchain_id,
-                               buyer=agreement["buyer_wallet_address"],
+        escrow = reader.escrow(self.network.escrow_address, onchain_id, buyer=buyer,
                                from_block=deployed if from_block is None else max(from_block, deployed))
         # No escrow on-chain (not yet mined, or a reorg took it) holds nothing: any charge listed is above it.
         if escrow.state != "none":
@@ -671,10 +696,11 @@ class MarketplaceClient:
         _check_masumi_timers(agreement, purchase_fields, now=now, max_duration_seconds=max_duration_seconds,
                              min_challenge_window_seconds=min_challenge_window_seconds)
         pay_by = int(purchase_fields["payByTime"]) // 1000 if "payByTime" in purchase_fields else None
+        terms = AgreedTerms.from_agreement(agreement, self.network)
         signed = sign_activation_package(
-            created["ActivationPackage"], wallet, terms=AgreedTerms.from_agreement(agreement, self.network),
-            network=self.network, token_domain=self.token_domain(), now=now,
-            max_deadline_seconds=max(pay_by - now, 0) if pay_by else 3600)
+            created["ActivationPackage"], wallet, terms=terms, network=self.network,
+            token_domain=self.token_domain(), now=now, max_deadline_seconds=max(pay_by - now, 0) if pay_by else 3600)
+        self._remember_buyer(agreement["id"], terms.buyer)
         locked = self._request("POST", "/purchase/lock-funds", json={
             "network": network, "blockchainIdentifier": created["blockchainIdentifier"], **signed},
             idempotency_key=f"{key}:lock-funds")

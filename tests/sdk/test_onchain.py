@@ -115,7 +115,7 @@ def test_usage_listed_on_an_agreement_with_no_escrow_on_chain_is_a_usage_verific
     with MarketplaceClient("http://marketplace.example", "mk_test", network=network_of(chain),
                            rpc_url=chain.node.rpc_url, transport=listing) as buyer:
         with pytest.raises(receipts.UsageAboveDeposit):
-            buyer.verify_usage(agreement)
+            buyer.verify_usage(agreement, buyer_wallet_address=chain.accounts.buyer.address)
 
 
 def test_verify_usage_reads_the_escrow_from_no_earlier_than_its_pinned_deployment(chain, capped_rpc):
@@ -132,7 +132,7 @@ def test_verify_usage_reads_the_escrow_from_no_earlier_than_its_pinned_deploymen
     listing = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": [], "next_cursor": None}))
     with MarketplaceClient("http://marketplace.example", "mk_test", network=network, rpc_url=capped_rpc.url,
                            rpc_log_block_span=SPAN, transport=listing) as buyer:
-        assert buyer.verify_usage(agreement).events == 0
+        assert buyer.verify_usage(agreement, buyer_wallet_address=chain.accounts.buyer.address).events == 0
     assert capped_rpc.log_ranges[0][0] == pinned, f"read from block {capped_rpc.log_ranges[0][0]}, pinned {pinned}"
 
 
@@ -169,7 +169,8 @@ def test_verify_usage_ends_within_its_timeout_however_long_the_listing(chain):
                                rpc_url=chain.node.rpc_url, transport=httpx.MockTransport(listing)) as buyer:
             started = time.monotonic()
             try:
-                outcome["result"] = buyer.verify_usage(agreement, timeout=1.0)
+                outcome["result"] = buyer.verify_usage(agreement, buyer_wallet_address=chain.accounts.buyer.address,
+                                                       timeout=1.0)
             except Exception as error:  # noqa: BLE001 - handed to the test thread
                 outcome["error"] = error
             outcome["seconds"] = time.monotonic() - started
@@ -183,3 +184,34 @@ def test_verify_usage_ends_within_its_timeout_however_long_the_listing(chain):
     error = outcome.get("error")
     assert isinstance(error, receipts.UsageVerificationTimedOut) and isinstance(error, TimeoutError), outcome
     assert f"{error.events} events" in str(error) and error.events > 0, str(error)
+
+
+def test_verify_usage_reads_the_buyers_own_escrow_not_another_buyers_the_marketplace_names(chain):
+    """Escrows are keyed by (buyer, agreement id), and anyone may open one of their own under an agreement's id. A
+    compromised marketplace stating another wallet as the agreement's buyer had verify_usage read that wallet's escrow
+    (opened for exactly the terms stated, its receipt signer the attacker's key), so charges listed and signed by the
+    attacker verified, while the buyer's own escrow was charged as the marketplace pleased. The buyer is the wallet the
+    caller names (or this client activated the agreement with), never the marketplace's word."""
+    network = network_of(chain)
+    escrows = Escrows(chain)
+    agreement = activated_agreement(chain, network)  # the buyer's own escrow, named the platform's receipt signer
+    attacker = chain.accounts.stranger
+    forged = {**agreement, "buyer_wallet_address": chain.accounts.buyer2.address}
+    escrows.activate(buyer=chain.accounts.buyer2, agreement_id=forged["onchain_id"], expires_at=forged["expires_at"],
+                     terms_hash=stated_terms_hash(forged, network), receipt_signer=attacker.address)
+    request_id = "req_1:0"
+    digest = receipts.usage_digests(receipts.ZERO_DIGEST, agreement_id=agreement["onchain_id"],
+                                    events=[(1, 1, 100_000, 100_000, request_id)])[0]
+    event = {"seq": 1, "units": 1, "cost_atomic": 100_000, "cumulative_atomic": 100_000, "request_id": request_id,
+             "usage_digest": digest, "receipt_signer": attacker.address,
+             "receipt_signature": escrows.receipt_sig(agreement["onchain_id"], 1, 100_000, digest, signer=attacker)}
+    listing = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": [event], "next_cursor": None}))
+    with MarketplaceClient("http://marketplace.example", "mk_test", network=network, rpc_url=chain.node.rpc_url,
+                           transport=listing) as buyer:
+        with pytest.raises(TypeError, match="buyer_wallet_address"):  # not activated by this client: name the buyer
+            buyer.verify_usage(forged)
+        with pytest.raises(receipts.UsageTermsMismatch, match="buyer"):
+            buyer.verify_usage(forged, buyer_wallet_address=chain.accounts.buyer.address)
+        # Read on the buyer's own escrow, the attacker's receipt is another signer's.
+        with pytest.raises(receipts.ReceiptSignerMismatch):
+            buyer.verify_usage(agreement, buyer_wallet_address=chain.accounts.buyer.address.lower())
