@@ -547,7 +547,7 @@ class MarketplaceClient:
         The escrow's events are looked for from the block the buyer's RPC puts the agreement's `activation_tx_hash`
         in (pass the agreement as fetched once active), never before the pinned network's `escrow_deployment_block`
         (a hash mined earlier is the marketplace's word against the pinned one), else from that block; a hash mined
-        after the activation finds no escrow, and the verification fails.
+        after the activation finds no escrow from there, and the escrow is read again from that block.
 
         The whole verification, its requests included, ends within `timeout` seconds or raises
         `sdk.receipts.UsageVerificationTimedOut` (a TimeoutError) counting the events verified: zero-unit events
@@ -604,8 +604,12 @@ class MarketplaceClient:
         except RpcError:  # a hash the node refuses is no hint
             from_block = None
         deployed = self.network.escrow_deployment_block
-        escrow = reader.escrow(self.network.escrow_address, onchain_id, buyer=buyer,
-                               from_block=deployed if from_block is None else max(from_block, deployed))
+        start = deployed if from_block is None else max(from_block, deployed)
+        escrow = reader.escrow(self.network.escrow_address, onchain_id, buyer=buyer, from_block=start)
+        if escrow.state == "none" and start > deployed:
+            # The marketplace's hint found nothing: it may name a transaction mined after the activation, which would
+            # hide the escrow (and any settlement proposed on it) behind an empty listing.
+            escrow = reader.escrow(self.network.escrow_address, onchain_id, buyer=buyer, from_block=deployed)
         # No escrow on-chain (not yet mined, or a reorg took it) holds nothing: any charge listed is above it.
         if escrow.state != "none":
             require_equal(escrow.buyer, agreement["buyer_wallet_address"], "escrow.buyer")

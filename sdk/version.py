@@ -1,8 +1,8 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
 # 0.4.9: verify_usage reads the buyer's own escrow (buyer_wallet_address=, or the wallet this client activated the
-# agreement with; required otherwise), never another buyer's the marketplace names; a refusal's text is read as UTF-8,
-# not in the codec its charset names;
+# agreement with; required otherwise), never another buyer's the marketplace names, and again from the deployment
+# block when an activation_tx_hash finds none; a refusal's text is read as UTF-8, not in the codec its charset names;
 # 0.4.8: verify_usage holds the agreement to its escrow (its own escrow id, and the terms the on-chain termsHash
 # commits to: UsageTermsMismatch) and reads an agreement with no escrow on-chain as holding nothing
 # (UsageAboveDeposit); webhook_signature.verify and proxy_signature.verify verify nothing with an empty secret, and

@@ -215,3 +215,19 @@ def test_verify_usage_reads_the_buyers_own_escrow_not_another_buyers_the_marketp
         # Read on the buyer's own escrow, the attacker's receipt is another signer's.
         with pytest.raises(receipts.ReceiptSignerMismatch):
             buyer.verify_usage(agreement, buyer_wallet_address=chain.accounts.buyer.address.lower())
+
+
+def test_an_activation_transaction_named_after_the_escrows_does_not_hide_its_settlement_proposal(chain):
+    """The escrow's events are read from the block of the agreement's `activation_tx_hash`, the marketplace's word. A
+    compromised one naming a transaction mined after the activation (here, its own settlement proposal's) had the
+    escrow read as never activated, and with no usage listed the verification passed, though the escrow's whole
+    deposit was proposed for the seller. The escrow is read again from the pinned deployment then."""
+    network = network_of(chain)
+    agreement = activated_agreement(chain, network)
+    proposal = Escrows(chain).propose(agreement["onchain_id"], 1, 1_000_000)  # the whole deposit, nothing listed
+    named_later = {**agreement, "activation_tx_hash": "0x" + proposal["transactionHash"].hex().removeprefix("0x")}
+    listing = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": [], "next_cursor": None}))
+    with MarketplaceClient("http://marketplace.example", "mk_test", network=network, rpc_url=chain.node.rpc_url,
+                           transport=listing) as buyer:
+        with pytest.raises(receipts.SettlementProposalMismatch):
+            buyer.verify_usage(named_later, buyer_wallet_address=chain.accounts.buyer.address)
