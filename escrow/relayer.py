@@ -411,7 +411,18 @@ def _conclude(tx: ChainTransaction, *, failure: str | None = None,
     return tx
 
 
+def _signs_for(tx: ChainTransaction) -> bool:
+    """Whether the configured relayer key (RELAYER_PRIVATE_KEY) is that of `tx`'s wallet. A nonce is one wallet's:
+    bytes another key signs under it are another wallet's transaction, which those already sent do not exclude, so
+    both may run (a payout made twice)."""
+    return chain.relayer_account().address == tx.relayer.address
+
+
 def _new_attempt(tx: ChainTransaction, fees: chain.Fees) -> TxAttempt:
+    if not _signs_for(tx):
+        raise ImproperlyConfigured(
+            f"RELAYER_PRIVATE_KEY is not the key of {tx.relayer.address}, whose nonce {tx.nonce} chain transaction "
+            f"{tx.pk} holds: only that key can sign in its place.")
     signed = chain.sign(to=tx.to_address, data=tx.data, nonce=tx.nonce, gas=tx.gas_limit, fees=fees)
     return TxAttempt.objects.create(
         transaction=tx, tx_hash=signed.tx_hash, raw_transaction=signed.raw, nonce=tx.nonce,
@@ -872,7 +883,11 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
     now = timezone.now()
     last_fees = chain.Fees(int(last.max_fee_per_gas), int(last.max_priority_fee_per_gas))
     resend = None
-    if now - last.created_at >= settings.CHAIN_REPLACE_AFTER:
+    if now - last.created_at >= settings.CHAIN_REPLACE_AFTER and not _signs_for(tx):
+        # The relayer key was replaced since it was signed: its bytes alone can take its wallet's nonce.
+        logger.error("chain transaction of a replaced relayer key not replaced with higher fees: its signed bytes are "
+                     "sent again", extra={"tx_id": str(tx.pk), "relayer": tx.relayer.address, "nonce": tx.nonce})
+    elif now - last.created_at >= settings.CHAIN_REPLACE_AFTER:
         fees = last_fees.bumped(settings.CHAIN_FEE_BUMP_PERCENT, settings.CHAIN_MAX_FEE_PER_GAS)
         if fees != last_fees:
             resend = _replacement(tx, last, fees)

@@ -5,8 +5,10 @@ import logging
 from datetime import timedelta
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import transaction
 from django.urls import reverse
 from web3.exceptions import Web3RPCError
 
@@ -782,3 +784,59 @@ def test_a_buyer_with_its_limit_of_relayed_transactions_in_flight_is_refused_ano
     assert parties.agreement(first["id"])["status"] == "active"
     assert parties.activate(second["id"], capture).status_code == 202
     assert parties.agreement(second["id"])["status"] == "active"
+
+
+def test_a_payout_in_flight_when_the_relayer_key_is_replaced_is_not_signed_again_by_the_new_key(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """The operators replace RELAYER_PRIVATE_KEY (a new gas wallet and treasury, funded) while a payout signed by the
+    old one waits in the pool. Its nonce is the old wallet's: a replacement signed by the new key is another wallet's
+    transaction, which the old bytes do not exclude, so both ran and the payout was made twice. The old bytes are
+    sent again as they are (only the old wallet's nonce can replace them), and the payout is made once."""
+    chain, recipient, replacement_wallet = escrow_chain, escrow_chain.accounts.stranger, escrow_chain.accounts.spare
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    fund(chain, replacement_wallet.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                             data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+        tx.refresh_from_db()
+        assert tx.status == TxStatus.SUBMITTED
+        # The new wallet has sent as many transactions as the old one had: the old nonce is its next one too.
+        chain.rpc("anvil_setNonce", [replacement_wallet.address, hex(tx.nonce)])
+        settings.RELAYER_PRIVATE_KEY = replacement_wallet.key
+        settings.CHAIN_REPLACE_AFTER = timedelta(0)
+        with django_capture_on_commit_callbacks(execute=True):
+            relayer.transactions_poll()
+        chain.mine()
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    for _ in range(2):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC, "the payout was made twice"
+    assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
+
+
+def test_a_transaction_of_a_replaced_relayer_key_is_not_cancelled_by_a_nonce_fill_the_new_key_signs(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """A fill takes a withdrawn transaction's nonce so that its old bytes cannot run; signed by a new key it is another
+    wallet's transaction, excludes nothing, and the domain told "nothing ran" would send anew beside those bytes. The
+    withdrawal fails loudly instead, nothing written."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                             data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+        settings.RELAYER_PRIVATE_KEY = chain.accounts.spare.key
+        with pytest.raises(ImproperlyConfigured, match="RELAYER_PRIVATE_KEY is not the key of"):
+            with transaction.atomic():
+                relayer.transaction_withdraw(transaction_id=tx.pk, reason="test")
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.SUBMITTED and tx.nonce is not None
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exclude(pk=tx.pk).exists()
