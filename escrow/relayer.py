@@ -888,7 +888,7 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
         logger.error("chain transaction of a replaced relayer key not replaced with higher fees: its signed bytes are "
                      "sent again", extra={"tx_id": str(tx.pk), "relayer": tx.relayer.address, "nonce": tx.nonce})
     elif now - last.created_at >= settings.CHAIN_REPLACE_AFTER:
-        fees = last_fees.bumped(settings.CHAIN_FEE_BUMP_PERCENT, settings.CHAIN_MAX_FEE_PER_GAS)
+        fees = _replacement_fees(last_fees)
         if fees != last_fees:
             resend = _replacement(tx, last, fees)
             if resend is None:
@@ -913,6 +913,15 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
         return tx
     TxAttempt.objects.filter(pk=resend.pk).update(broadcast_at=now, broadcast_error="")
     return tx
+
+
+def _replacement_fees(last: chain.Fees) -> chain.Fees:
+    """The last attempt's fees raised by CHAIN_FEE_BUMP_PERCENT (what a node asks of a replacement), and at least what
+    the chain asks now (`chain.current_fees`), within CHAIN_MAX_FEE_PER_GAS: once the base fee rose past the last max
+    fee, a replacement bumped from it alone stayed out of every block, round after round, a challenge past its window."""
+    bumped, asked = last.bumped(settings.CHAIN_FEE_BUMP_PERCENT, settings.CHAIN_MAX_FEE_PER_GAS), chain.current_fees()
+    max_fee = max(bumped.max_fee_per_gas, asked.max_fee_per_gas)
+    return chain.Fees(max_fee, min(max_fee, max(bumped.max_priority_fee_per_gas, asked.max_priority_fee_per_gas)))
 
 
 def _replacement(tx: ChainTransaction, last: TxAttempt, fees: chain.Fees) -> TxAttempt | None:

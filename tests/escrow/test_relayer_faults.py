@@ -840,3 +840,38 @@ def test_a_transaction_of_a_replaced_relayer_key_is_not_cancelled_by_a_nonce_fil
     tx.refresh_from_db()
     assert tx.status == TxStatus.SUBMITTED and tx.nonce is not None
     assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exclude(pk=tx.pk).exists()
+
+
+def test_a_transaction_the_base_fee_outgrew_is_replaced_at_the_fees_the_chain_asks_now(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """The base fee rose past the transaction's max fee (a spike of demand) and stays there: no block can include
+    it. A replacement 13% above its own fees was still below the base fee, one more every CHAIN_REPLACE_AFTER, so a
+    challenge due within the window, a payout or a refund waited for as many rounds as the spike was high. The
+    replacement pays at least what the chain asks now, and is mined."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                             data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+        first = TxAttempt.objects.get(transaction=tx)
+        spiked = 10 * int(first.max_fee_per_gas)
+        chain.rpc("anvil_setNextBlockBaseFeePerGas", [hex(spiked)])
+        chain.mine()
+        assert chain.w3.eth.get_block("latest")["baseFeePerGas"] == spiked
+        assert gateway.receipt(first.tx_hash) is None  # its max fee is below the base fee: left out
+        settings.CHAIN_REPLACE_AFTER = timedelta(0)
+        with django_capture_on_commit_callbacks(execute=True):
+            relayer.transactions_poll()
+        replacement = TxAttempt.objects.filter(transaction=tx).order_by("created_at", "pk").last()
+        assert replacement.pk != first.pk
+        chain.mine()
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert int(replacement.max_fee_per_gas) > spiked, "replaced below the base fee: still left out of every block"
+    assert (tx.status, tx.mined_tx_hash) == (TxStatus.CONFIRMED, replacement.tx_hash)
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
