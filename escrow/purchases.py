@@ -342,7 +342,7 @@ def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature
         try:
             _dispute(purchase)
         except ApplicationError as error:
-            if error.code != "refund_request_withdrawn":  # the buyer's own cancel meanwhile: nothing went wrong
+            if error.code not in _DISPUTE_NOT_NEEDED:
                 _record_error(purchase.pk, error)
     return purchase
 
@@ -364,6 +364,14 @@ def purchase_cancel_refund_request(*, purchase: MasumiPurchase, buyer: Agent) ->
         purchase.refund_requested_at = None
         purchase.save(update_fields=["refund_requested_at", "updated_at"])
     return purchase
+
+
+# Refusals of a purchase's dispute (its release to the buyer) that are no error, not kept as the purchase's last one
+# (its NextAction's errorType): the buyer's own cancel meanwhile, or the dispute (the resolution) another runner queued
+# since this one read the purchase due (the buyer's request beside a tick, two ticks at once); for a release also a
+# dispute timed out, which the settlement tick refunds whole, as this would.
+_DISPUTE_NOT_NEEDED = frozenset({"refund_request_withdrawn", "challenge_in_progress"})
+_RELEASE_NOT_NEEDED = frozenset({settlement.DISPUTE_TIMED_OUT, "resolution_in_progress"})
 
 
 def _dispute(purchase: MasumiPurchase) -> ChainTransaction:
@@ -730,7 +738,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
                 _dispute(purchase)  # no transaction around it: it reads the chain, then takes its own
                 done["disputed"] += 1
             except ApplicationError as error:
-                if error.code != "refund_request_withdrawn":
+                if error.code not in _DISPUTE_NOT_NEEDED:
                     _record_error(purchase.pk, error)
     # Disputes nobody resolved by externalDisputeUnlockTime go to the buyer; so do disputes of no result at all.
     for purchase in MasumiPurchase.objects.filter(
@@ -743,7 +751,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
                 settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
                 done["released"] += 1
             except ApplicationError as error:
-                if error.code != settlement.DISPUTE_TIMED_OUT:  # refunded whole by the settlement tick: no error
+                if error.code not in _RELEASE_NOT_NEEDED:
                     _record_error(purchase.pk, error)
     failures.raise_if_any(applied=sum(done.values()))
     return done

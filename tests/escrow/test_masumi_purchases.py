@@ -975,3 +975,70 @@ def test_a_refund_request_too_late_for_its_dispute_to_be_mined_is_refused_not_re
         str((purchase.timers["unlockTime"] - settings.CHALLENGE_SIGNATURE_MIN_VALIDITY) * 1000))
     after = purchase.get()
     assert after["onChainState"] == "ResultSubmitted" and after["refundRequestedAt"] is None
+
+
+class TickReadBeforeTheOtherCommitted:
+    """escrow.selectors as a purchases tick saw them just before another runner (the buyer's request, a second tick)
+    committed its challenge or resolution: none under way."""
+
+    def __init__(self, selectors):
+        self._selectors = selectors
+
+    def __getattr__(self, name):
+        return getattr(self._selectors, name)
+
+    def live_transaction(self, *, agreement_id, purpose):
+        return None
+
+
+def test_a_tick_racing_the_buyers_refund_request_to_dispute_the_result_records_no_error(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
+    """The buyer's refund request disputes the result at once; a tick that had read the purchase due meanwhile asks
+    the same: refused (`challenge_in_progress`), which is the dispute under way, not an error. It was kept as the
+    purchase's last error, shown to the buyer as a seller's failure (`SellerServiceError`) for good."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain, capture, seller_service)
+    assert purchase.tick()["started"] == 1
+    assert purchase.tick()["results"] == 1
+    typed = purchase.get()["refundRequestTypedData"]
+    with capture(execute=False) as requests_submission:
+        requested = purchase.parties.buyer_api.patch("/purchase", {
+            "network": "Preprod", "blockchainIdentifier": purchase.id,
+            "signature": sign_typed_data(purchase.parties.buyer_account.key, typed)})
+    assert requested.status_code == 200, requested.content
+    monkeypatch.setattr(purchases, "selectors", TickReadBeforeTheOtherCommitted(purchases.selectors))
+    with capture(execute=True):
+        purchases.purchases_tick()
+    monkeypatch.undo()
+    assert ChainTransaction.objects.filter(agreement_id=purchase.created["agreementId"],
+                                           purpose=TxPurpose.CHALLENGE).count() == 1
+    assert purchase.get()["NextAction"]["errorType"] is None
+    with capture(execute=True):
+        for submit in requests_submission:
+            submit()
+    confirm_all(capture)
+    assert purchase.get()["onChainState"] == "Disputed"
+
+
+def test_two_ticks_releasing_one_unresolved_dispute_to_the_buyer_record_no_error(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
+    """Two ticks at once (a retried one beside the next beat) each read the dispute due for its release to the buyer:
+    the second's resolution is refused (`resolution_in_progress`), the first's under way, which is no error."""
+    chain = escrow_chain
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    dispute(purchase)
+    chain.increase_time(purchase.timers["externalDisputeUnlockTime"] - chain.now())
+    with django_capture_on_commit_callbacks(execute=False) as first_ticks_submission:
+        assert purchases.purchases_tick()["released"] == 1
+    monkeypatch.setattr(purchases, "selectors", TickReadBeforeTheOtherCommitted(purchases.selectors))
+    with django_capture_on_commit_callbacks(execute=True):
+        purchases.purchases_tick()
+    monkeypatch.undo()
+    assert purchase.get()["NextAction"]["errorType"] is None
+    with django_capture_on_commit_callbacks(execute=True):
+        for submit in first_ticks_submission:
+            submit()
+    confirm_all(purchase.capture)  # the resolution, then its finalize
+    confirm_all(purchase.capture)
+    assert purchase.get()["onChainState"] == "DisputedWithdrawn"
+    purchase.assert_moved(seller=0, buyer=PRICE)
