@@ -710,11 +710,16 @@ class AgentWebhookDeliverySerializer(WebhookDeliverySerializer):
     subscription_id = serializers.UUIDField()
 
 
+# An inbox event's id: `evt_` and its AgreementEvent's pk in ASCII digits (`str.isdigit` also takes "²", which `int`
+# refuses).
+EVENT_ID_PATTERN = r"^evt_[0-9]{1,18}$"
+
+
 class InboxQuery(StrictSerializer):
     limit = StrictIntegerField(min_value=1, max_value=100, default=50)
     types = serializers.CharField(max_length=2000, required=False, allow_blank=True,
                                   help_text="Comma-separated event types, e.g. agreement.accepted,agreement.active.")
-    after = serializers.RegexField(r"^evt_[0-9]{1,18}$", required=False, help_text="An event_id: events after it.")
+    after = serializers.RegexField(EVENT_ID_PATTERN, required=False, help_text="An event_id: events after it.")
 
 
 class InboxEventSerializer(serializers.Serializer):

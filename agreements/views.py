@@ -1,3 +1,5 @@
+import re
+
 from django.conf import settings
 from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework import status
@@ -16,6 +18,7 @@ from agreements.serializers import (
     AgentWebhookSerializer,
     CallProofPageSerializer,
     CumulativeReceiptPageSerializer,
+    EVENT_ID_PATTERN,
     EventAckSerializer,
     InboxEventSerializer,
     InboxQuery,
@@ -643,7 +646,7 @@ class AgentEventAckView(APIView):
                    responses={200: EventAckSerializer, **error_responses(403, 404)})
     def post(self, request, agent_id, event_id):
         agent = acting_agent(request, agent_id, scope=KeyScope.PAY)  # a change: not for a read-only key
-        if not event_id.startswith("evt_") or not event_id[4:].isdigit() or len(event_id) > 22:
+        if not re.match(EVENT_ID_PATTERN, event_id):
             raise NotFound("No such event.", code="event_not_found")
         ack = webhooks.event_ack(agent=agent, event=selectors.inbox_event_get(agent=agent,
                                                                               event_id=int(event_id[4:])))

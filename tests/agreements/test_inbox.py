@@ -23,3 +23,11 @@ def test_a_read_only_key_lists_the_inbox_but_cannot_acknowledge_its_events(buyer
 
     assert buyer_api.post(f"/agents/{buyer.pk}/events/{event['event_id']}/ack").status_code == 200
     assert read_only.get(f"/agents/{buyer.pk}/events").json()[0]["status"] == "acked"
+
+
+@pytest.mark.parametrize("event_id", ["evt_\u00b2", "evt_\u2460", "evt_1\u00b3"])
+def test_an_event_id_of_digits_int_cannot_read_is_not_found_not_a_500(buyer, buyer_api, service, event_id):
+    """`str.isdigit` takes superscripts and circled digits, which `int` refuses: such an id was a 500."""
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+    refused = buyer_api.post(f"/agents/{buyer.pk}/events/{event_id}/ack")
+    assert refused.status_code == 404 and error_code(refused) == "event_not_found", refused.content
