@@ -876,11 +876,14 @@ def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreem
             # The accept moves the buyer's money: refused, it stays proposed (the seller may accept again once the
             # buyer's policy allows it), with an event, committed before answering, that tells both parties why:
             # once per refusal, so a seller accepting again and again does not write a row (and a webhook) each time.
+            # Both are told the rule alone: the rest of the refusal (what the buyer committed with every seller, its
+            # owner's limits) is the buyer's, which the seller has no business reading.
+            rule = denied.details.get("rule")
             if not _last_event_is_refusal(current, denied):
                 _record_event(current, actor=SYSTEM, from_status=current.status,
-                              reason=f"not paid: the buyer's owner policy refuses it now ({denied.details.get('rule')})",
-                              data={"code": denied.code, **denied.details})
-            refusal = denied
+                              reason=f"not paid: the buyer's owner policy refuses it now ({rule})",
+                              data={"code": denied.code, "rule": rule})
+            refusal = Forbidden(denied.message, code=denied.code, details={"rule": rule})
         elif direct and current.status == S.PROPOSED and preflight is None:
             # Approved by the buyer's owner since it was read: its payment was not asked of the chain.
             refusal = Conflict("The purchase was approved while being accepted: accept it again.",

@@ -9,7 +9,8 @@ from django.utils import timezone
 from agreements.models import AgreementEvent, UsageAgreement
 from escrow.models import ChainTransaction
 from tests.agreements.test_direct_payments import Purchase as DirectPurchase
-from tests.catalog.factories import issue_owner_token
+from tests.agreements.helpers import proposal
+from tests.catalog.factories import AgentFactory, issue_owner_token, register_service
 from tests.conftest import Api, error_code
 from tests.escrow.flow import Parties, deadline_clock, sign_activation, usdc_balance
 from tests.escrow.test_masumi_purchases import INPUT, PRICE
@@ -221,6 +222,27 @@ def test_a_seller_accepting_a_refused_direct_purchase_again_adds_no_event_for_th
     accept_refused("daily_cap")  # differs from the last one recorded
     assert events.count() == recorded + 2
     assert parties.agreement(agreement["id"])["status"] == "proposed"
+
+
+def test_a_seller_refused_a_direct_purchase_by_the_buyers_policy_is_told_the_rule_not_the_buyers_spend_or_caps(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """The seller's accept is refused by the buyer's owner policy: the seller (its answer, the agreement's events,
+    which both parties read) learns which rule, not what the buyer committed with other sellers nor its owner's
+    limits: a seller accepting again and again read the buyer's spending across the marketplace as it changed."""
+    purchase = DirectPurchase(escrow_chain)
+    parties = purchase.parties
+    agreement = purchase.propose()
+    elsewhere = register_service(AgentFactory(is_seller=True))
+    assert parties.buyer_api.post("/usage-agreements", proposal(elsewhere)).status_code == 201
+    set_policy(parties, {"daily_cap_atomic": 1_000_000})
+
+    with django_capture_on_commit_callbacks(execute=True):
+        refused = parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+
+    assert_refused(refused, "daily_cap")
+    assert refused.json()["error"]["details"] == {"rule": "daily_cap"}, refused.content
+    trail = parties.seller_api.get(f"/usage-agreements/{agreement['id']}/events").json()["results"]
+    assert trail[-1]["data"] == {"code": "policy_denied", "rule": "daily_cap"}
 
 
 @pytest.mark.parametrize("step", ["direct_fee", "direct_payment"])
