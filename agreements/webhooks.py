@@ -107,6 +107,13 @@ def event_ack(*, agent: Agent, event: AgreementEvent) -> AgentEventAck:
     return ack
 
 
+_SUBSCRIPTION_DELETED = "the subscription was deleted"
+# A pending delivery a worker takes: its subscription's, unless paused; or one of a deleted subscription, which is
+# ended as failed. An event's transaction may write a delivery after the deletion that ended the pending ones
+# committed (it read the subscription live before): the delivery's own send, or the retry sweep, ends it.
+_TAKEN = Q(subscription__paused_at=None) | Q(subscription__is_active=False)
+
+
 def subscription_delete(*, subscription: WebhookSubscription) -> None:
     """Nothing more goes to its URL: its pending deliveries end as failed, saying why, rather than pending for ever.
     It signs nothing more, so its secrets are erased (a replay of its creation then answers the secret null)."""
@@ -114,7 +121,7 @@ def subscription_delete(*, subscription: WebhookSubscription) -> None:
         WebhookSubscription.objects.filter(pk=subscription.pk).update(
             is_active=False, deleted_at=timezone.now(), secret="", previous_secret="", previous_secret_expires_at=None)
         WebhookDelivery.objects.filter(subscription_id=subscription.pk, status=DeliveryStatus.PENDING).update(
-            status=DeliveryStatus.FAILED, last_error="the subscription was deleted")
+            status=DeliveryStatus.FAILED, last_error=_SUBSCRIPTION_DELETED)
 
 
 def event_payload(agreement: UsageAgreement, event: AgreementEvent, event_type: str) -> dict:
@@ -185,12 +192,14 @@ def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None
         delivery = (
             WebhookDelivery.objects.select_for_update(skip_locked=True, of=("self", "subscription"))
             .select_related("subscription__agent")
-            .filter(pk=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now,
-                    # deleted: nothing more goes to its URL; paused: kept pending until it is resumed
-                    subscription__is_active=True, subscription__paused_at=None).first()
+            .filter(_TAKEN, pk=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now).first()
         )
         if delivery is None:
             return None
+        if not delivery.subscription.is_active:  # nothing more goes to its URL
+            delivery.status, delivery.last_error = DeliveryStatus.FAILED, _SUBSCRIPTION_DELETED
+            delivery.save(update_fields=["status", "last_error"])
+            return delivery
         if delivery.attempts >= settings.WEBHOOK_MAX_ATTEMPTS:  # the last claim ended with no outcome: its worker died
             delivery.status = DeliveryStatus.FAILED
             delivery.last_error = f"gave up after {delivery.attempts} attempts, the last with no outcome recorded"
@@ -256,8 +265,7 @@ def deliveries_retry_due(*, now: datetime | None = None) -> int:
     WEBHOOK_REQUEUE_AFTER_SECONDS: while the outbound queue is behind, each run added the same deliveries to it
     again, and took the same first rows each time."""
     now = now or timezone.now()
-    due = (WebhookDelivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now,
-                                          subscription__is_active=True, subscription__paused_at=None)
+    due = (WebhookDelivery.objects.filter(_TAKEN, status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
            .filter(Q(queued_at=None)
                    | Q(queued_at__lte=now - timedelta(seconds=settings.WEBHOOK_REQUEUE_AFTER_SECONDS))))
     pks = list(due.order_by("next_attempt_at").values_list("pk", flat=True)[:RETRY_SWEEP_BATCH])

@@ -18,7 +18,7 @@ from agreements.models import DeliveryStatus, WebhookDelivery, WebhookSubscripti
 from agreements.tasks import deliver_webhook, purge_webhook_deliveries, retry_due_webhooks
 from sdk import webhook_signature
 from tests.agreements.helpers import proposal
-from tests.catalog.factories import issue_key
+from tests.catalog.factories import AgentFactory, issue_key
 from tests.conftest import Api, codes_at, error_code
 from tests.support.db_activity import backend_pid, session_state
 from tests.support.http_server import DribblesItsHead, serving
@@ -661,3 +661,39 @@ def test_a_deleted_subscription_is_deleted_once_its_deliveries_are_past_their_re
     assert list(WebhookSubscription.objects.values_list("pk", flat=True)) == [uuid.UUID(live["id"])]
     assert [s["id"] for s in seller_api.get("/webhooks").json()] == [live["id"]]
     assert purge_webhook_deliveries() == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_event_written_while_its_subscription_is_deleted_is_ended_not_left_pending_for_ever(
+        seller, service, http_server, monkeypatch):
+    """The event's transaction read the subscription live, its deletion committed (ending the deliveries pending
+    then), and the event's delivery was written after: nothing sent it nor ended it, and the purge keeps a pending
+    delivery (and so its deleted subscription, URL and all) for ever."""
+    from django.db import connections
+
+    buyer_api = Api(issue_key(AgentFactory(is_buyer=True, is_seller=False)))
+    seller_api = Api(issue_key(seller, scope="admin"))
+    subscription = subscribe(seller_api, http_server.url)
+    create = WebhookDelivery.objects.create
+
+    def deleted_meanwhile(**fields):
+        def delete():
+            try:
+                assert seller_api.delete(f"/webhooks/{subscription['id']}").status_code == 204
+            finally:
+                connections.close_all()
+
+        deleting = threading.Thread(target=delete)
+        deleting.start()
+        deleting.join()
+        return create(**fields)
+
+    monkeypatch.setattr(WebhookDelivery.objects, "create", deleted_meanwhile)
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+    monkeypatch.undo()
+    retry_due_webhooks()
+
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.status, delivery.last_error) == (DeliveryStatus.FAILED, "the subscription was deleted")
+    assert http_server.requests == []
