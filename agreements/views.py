@@ -646,7 +646,7 @@ class AgentEventAckView(APIView):
                    responses={200: EventAckSerializer, **error_responses(403, 404)})
     def post(self, request, agent_id, event_id):
         agent = acting_agent(request, agent_id, scope=KeyScope.PAY)  # a change: not for a read-only key
-        if not re.match(EVENT_ID_PATTERN, event_id):
+        if not re.fullmatch(EVENT_ID_PATTERN, event_id):  # fullmatch: `$` takes a trailing newline
             raise NotFound("No such event.", code="event_not_found")
         ack = webhooks.event_ack(agent=agent, event=selectors.inbox_event_get(agent=agent,
                                                                               event_id=int(event_id[4:])))

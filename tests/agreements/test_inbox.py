@@ -31,3 +31,12 @@ def test_an_event_id_of_digits_int_cannot_read_is_not_found_not_a_500(buyer, buy
     assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
     refused = buyer_api.post(f"/agents/{buyer.pk}/events/{event_id}/ack")
     assert refused.status_code == 404 and error_code(refused) == "event_not_found", refused.content
+
+
+def test_an_event_id_with_a_trailing_newline_is_not_the_event(buyer, buyer_api, service):
+    """A pattern's `$` matches before a final newline: `evt_5%0A` was read as event 5."""
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+    [event] = buyer_api.get(f"/agents/{buyer.pk}/events").json()
+    refused = buyer_api.post(f"/agents/{buyer.pk}/events/{event['event_id']}%0A/ack")
+    assert refused.status_code == 404 and error_code(refused) == "event_not_found", refused.content
+    assert buyer_api.get(f"/agents/{buyer.pk}/events").json()[0]["status"] == "pending"
