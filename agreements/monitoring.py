@@ -117,7 +117,7 @@ def _payments_reverted_gauge_register(*, name: str, documentation: str,
 def _receipt_signers_configured(timeout: float) -> None:
     """Every open escrow's receipt signer has its key configured (a retired one taken out too early leaves their
     usage uncharged), and no configured key is malformed."""
-    problems = chainconfig.receipt_signer_problems() + [
+    problems = chainconfig.signing_key_problems("RECEIPT_SIGNER_PRIVATE_KEY") + [
         f"{escrows} open escrow(s) name receipt signer {signer}, whose key is not configured"
         for signer, escrows in selectors.escrows_naming_unconfigured_signers().items()]
     if problems:

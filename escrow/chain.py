@@ -585,7 +585,7 @@ class SignedTx:
     raw: str
 
 
-def sign(*, to: str, data: str, nonce: int, gas: int, fees: Fees) -> SignedTx:
+def sign(*, key: str, to: str, data: str, nonce: int, gas: int, fees: Fees) -> SignedTx:
     tx = {
         "type": 2,
         "chainId": settings.CHAIN_ID,
@@ -597,7 +597,7 @@ def sign(*, to: str, data: str, nonce: int, gas: int, fees: Fees) -> SignedTx:
         "maxFeePerGas": fees.max_fee_per_gas,
         "maxPriorityFeePerGas": fees.max_priority_fee_per_gas,
     }
-    signed = relayer_account().sign_transaction(tx)
+    signed = Account.sign_transaction(tx, key)
     return SignedTx(tx_hash="0x" + signed.hash.hex().removeprefix("0x"),
                     raw="0x" + signed.raw_transaction.hex().removeprefix("0x"))
 

@@ -74,6 +74,12 @@ def _overdue(now) -> list[dashboard.Overdue]:
                                detail=f"bids the cap of {settings.CHAIN_MAX_FEE_PER_GAS / 10**9:g} gwei; "
                                       f"rebroadcast only", admin_url=_tx_url(tx)) for tx in at_cap]
     capped = {tx.pk for tx in at_cap}
+    items += [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} of a relayer key not configured",
+                                subject=str(tx.agreement_id or tx.pk),
+                                detail=f"{tx.relayer.address}'s key is in neither RELAYER_PRIVATE_KEY nor "
+                                       "RELAYER_RETIRED_PRIVATE_KEYS: rebroadcast only, never replaced or cancelled",
+                                admin_url=_tx_url(tx))
+              for tx in selectors.transactions_of_unconfigured_relayers()[:dashboard.OVERDUE_LIMIT]]
     items += [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} {tx.status}, not confirmed",
                                 subject=str(tx.agreement_id or tx.pk),
                                 detail=f"nonce {tx.nonce}" if tx.nonce is not None else "no nonce yet",

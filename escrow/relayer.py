@@ -411,19 +411,17 @@ def _conclude(tx: ChainTransaction, *, failure: str | None = None,
     return tx
 
 
-def _signs_for(tx: ChainTransaction) -> bool:
-    """Whether the configured relayer key (RELAYER_PRIVATE_KEY) is that of `tx`'s wallet. A nonce is one wallet's:
-    bytes another key signs under it are another wallet's transaction, which those already sent do not exclude, so
-    both may run (a payout made twice)."""
-    return chain.relayer_account().address == tx.relayer.address
-
-
 def _new_attempt(tx: ChainTransaction, fees: chain.Fees) -> TxAttempt:
-    if not _signs_for(tx):
+    """Signed by the key of `tx`'s wallet (`chainconfig.relayer_key`: the current one, or a replaced one kept in
+    RELAYER_RETIRED_PRIVATE_KEYS). A nonce is one wallet's: bytes another key signs under it are another wallet's
+    transaction, which those already sent do not exclude, so both may run (a payout made twice)."""
+    key = chainconfig.relayer_key(tx.relayer.address)
+    if key is None:
         raise ImproperlyConfigured(
-            f"RELAYER_PRIVATE_KEY is not the key of {tx.relayer.address}, whose nonce {tx.nonce} chain transaction "
-            f"{tx.pk} holds: only that key can sign in its place.")
-    signed = chain.sign(to=tx.to_address, data=tx.data, nonce=tx.nonce, gas=tx.gas_limit, fees=fees)
+            f"Neither RELAYER_PRIVATE_KEY nor RELAYER_RETIRED_PRIVATE_KEYS is the key of {tx.relayer.address}, whose "
+            f"nonce {tx.nonce} chain transaction {tx.pk} holds: only that key can sign in its place (put it back in "
+            "RELAYER_RETIRED_PRIVATE_KEYS).")
+    signed = chain.sign(key=key, to=tx.to_address, data=tx.data, nonce=tx.nonce, gas=tx.gas_limit, fees=fees)
     return TxAttempt.objects.create(
         transaction=tx, tx_hash=signed.tx_hash, raw_transaction=signed.raw, nonce=tx.nonce,
         max_fee_per_gas=fees.max_fee_per_gas, max_priority_fee_per_gas=fees.max_priority_fee_per_gas,
@@ -883,8 +881,8 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
     now = timezone.now()
     last_fees = chain.Fees(int(last.max_fee_per_gas), int(last.max_priority_fee_per_gas))
     resend = None
-    if now - last.created_at >= settings.CHAIN_REPLACE_AFTER and not _signs_for(tx):
-        # The relayer key was replaced since it was signed: its bytes alone can take its wallet's nonce.
+    if now - last.created_at >= settings.CHAIN_REPLACE_AFTER and chainconfig.relayer_key(tx.relayer.address) is None:
+        # Its wallet's key was replaced and not kept (RELAYER_RETIRED_PRIVATE_KEYS): its bytes alone can take the nonce.
         logger.error("chain transaction of a replaced relayer key not replaced with higher fees: its signed bytes are "
                      "sent again", extra={"tx_id": str(tx.pk), "relayer": tx.relayer.address, "nonce": tx.nonce})
     elif now - last.created_at >= settings.CHAIN_REPLACE_AFTER:

@@ -516,6 +516,14 @@ def transactions_at_fee_cap():
             .order_by("fee_cap_reached_at"))
 
 
+def transactions_of_unconfigured_relayers():
+    """Submitted transactions whose wallet's key is configured nowhere (a replaced RELAYER_PRIVATE_KEY not kept in
+    RELAYER_RETIRED_PRIVATE_KEYS): their stored bytes are sent again, never replaced with higher fees nor cancelled."""
+    return (ChainTransaction.objects.filter(status=TxStatus.SUBMITTED, relayer__isnull=False)
+            .exclude(relayer__address__in=chainconfig.relayer_addresses()).select_related("relayer")
+            .order_by("updated_at"))
+
+
 def platform_wallet_balances() -> dict[str, int]:
     """The relayer's gas (wei) and the treasury's USDC (base units); the relayer wallet is the treasury
     (invocation payments land there; payouts, refunds and returned fees leave from it). Raises chain.ChainError."""

@@ -12,7 +12,7 @@ class MarketplaceConfig(AppConfig):
 
         metrics.task_failures_count()
         dead_letters.panels_register()
-        checks.register(chainconfig.receipt_signer_check)
+        checks.register(chainconfig.signing_keys_check)
 
 
 class OperatorAdminConfig(admin_apps.AdminConfig):

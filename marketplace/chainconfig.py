@@ -34,7 +34,15 @@ def receipt_signer_key(address: str) -> str | None:
     """The key of receipt signer `address`: the current one, or one rotated out and kept for the escrows naming it
     (`RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS`); None when neither is (or `address` is blank). Runs for every signed
     receipt: a dict lookup, the keys' addresses derived once per configuration."""
-    return _signer_keys(settings.RECEIPT_SIGNER_PRIVATE_KEY, tuple(settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS)).get(
+    return _keys_by_address(settings.RECEIPT_SIGNER_PRIVATE_KEY, tuple(settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS)
+                            ).get(address.lower()) if address else None
+
+
+def relayer_key(address: str) -> str | None:
+    """The key of relayer wallet `address`: RELAYER_PRIVATE_KEY's, or one replaced and kept while transactions its
+    wallet signed are in flight (`RELAYER_RETIRED_PRIVATE_KEYS`); None when neither is. A nonce is one wallet's: a
+    transaction another key signs in its place is another wallet's, which the first does not exclude (both run)."""
+    return _keys_by_address(settings.RELAYER_PRIVATE_KEY, tuple(settings.RELAYER_RETIRED_PRIVATE_KEYS)).get(
         address.lower()) if address else None
 
 
@@ -46,10 +54,16 @@ def agreement_receipt_signer_key(receipt_signer: str) -> str | None:
     return receipt_signer_key(receipt_signer) if receipt_signer else settings.RECEIPT_SIGNER_PRIVATE_KEY or None
 
 
+def relayer_addresses() -> list[str]:
+    """The relayer wallets whose keys are configured (`relayer_key`), checksummed: the current one first."""
+    return [_address_of(key) for key in _keys_by_address(settings.RELAYER_PRIVATE_KEY,
+                                                         tuple(settings.RELAYER_RETIRED_PRIVATE_KEYS)).values()]
+
+
 @cache
-def _signer_keys(current: str, retired: tuple[str, ...]) -> dict[str, str]:
-    """{address, lowercase: key} of the configured receipt signer keys, the current one first; a malformed key is
-    left out (`receipt_signer_problems` reports it) rather than failing every signature."""
+def _keys_by_address(current: str, retired: tuple[str, ...]) -> dict[str, str]:
+    """{address, lowercase: key} of a current key and the retired ones, the current one first; a malformed key is
+    left out (`signing_key_problems` reports it) rather than failing every signature."""
     keys: dict[str, str] = {}
     for key in (current, *retired):
         address = _address_or_none(key)
@@ -65,30 +79,37 @@ def _address_or_none(private_key: str) -> str | None:
         return None
 
 
-def receipt_signer_problems() -> list[str]:
-    """What is wrong with the receipt signer keys configured (no key is ever named): a malformed one signs nothing
-    (and is left out, so the processes still start). `receipt_signer_check` reports them."""
-    problems = []
-    if settings.RECEIPT_SIGNER_PRIVATE_KEY and _address_or_none(settings.RECEIPT_SIGNER_PRIVATE_KEY) is None:
-        problems.append("RECEIPT_SIGNER_PRIVATE_KEY is not a valid private key")
-    problems += [f"RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS: entry {position} is not a valid private key"
-                 for position, key in enumerate(settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS, start=1)
+# Each signing key and the list of those it replaced, kept to finish what they signed.
+_ROTATED_KEYS = (("RECEIPT_SIGNER_PRIVATE_KEY", "RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS"),
+                 ("RELAYER_PRIVATE_KEY", "RELAYER_RETIRED_PRIVATE_KEYS"))
+
+
+def signing_key_problems(current_setting: str) -> list[str]:
+    """What is wrong with a signing key configured and the retired ones beside it (no key is ever named): a
+    malformed one signs nothing (and is left out, so the processes still start). `signing_keys_check` reports them."""
+    retired_setting = dict(_ROTATED_KEYS)[current_setting]
+    current = getattr(settings, current_setting)
+    problems = [f"{current_setting} is not a valid private key"] if current and _address_or_none(current) is None else []
+    problems += [f"{retired_setting}: entry {position} is not a valid private key"
+                 for position, key in enumerate(getattr(settings, retired_setting), start=1)
                  if _address_or_none(key) is None]
     return problems
 
 
-def receipt_signer_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
-    """Django system check: the receipt signer keys are well-formed (E001); the current key is not also listed as
-    retired, a rotation that did not change the key (W002). With `--database`, agreements checks that no open escrow
-    names a signer whose key is configured nowhere (`agreements.E003`)."""
-    messages = [checks.Error(problem, id="marketplace.E001", hint="Each key is 32 bytes of hex, 0x-prefixed or not.")
-                for problem in receipt_signer_problems()]
-    current = _address_or_none(settings.RECEIPT_SIGNER_PRIVATE_KEY)
-    if current and any(_address_or_none(key) == current for key in settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS):
-        messages.append(checks.Warning(
-            f"RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS lists the current RECEIPT_SIGNER_PRIVATE_KEY ({current}).",
-            hint="A rotation sets the new key as RECEIPT_SIGNER_PRIVATE_KEY and moves the old one to the retired list.",
-            id="marketplace.W002"))
+def signing_keys_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """Django system check: the receipt signer and relayer keys are well-formed (E001); a current key is not also
+    listed as retired, a rotation that did not change the key (W002). With `--database`, agreements checks that no
+    open escrow names a signer whose key is configured nowhere (`agreements.E003`)."""
+    messages = []
+    for current_setting, retired_setting in _ROTATED_KEYS:
+        messages += [checks.Error(problem, id="marketplace.E001", hint="Each key is 32 bytes of hex, 0x-prefixed or "
+                                  "not.") for problem in signing_key_problems(current_setting)]
+        current = _address_or_none(getattr(settings, current_setting))
+        if current and any(_address_or_none(key) == current for key in getattr(settings, retired_setting)):
+            messages.append(checks.Warning(
+                f"{retired_setting} lists the current {current_setting} ({current}).",
+                hint=f"A rotation sets the new key as {current_setting} and moves the old one to the retired list.",
+                id="marketplace.W002"))
     return messages
 
 

@@ -359,6 +359,9 @@ CHAIN_RPC_URL = env.str("CHAIN_RPC_URL", default="http://127.0.0.1:8545")
 # Anvil's public development key #0; only ever a default while DEBUG is on. Production sets its own.
 _ANVIL_DEV_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
 RELAYER_PRIVATE_KEY = env.str("RELAYER_PRIVATE_KEY", default=_ANVIL_DEV_KEY if DEBUG else "")
+# Relayer keys replaced, kept while transactions their wallets signed are in flight: a nonce is one wallet's, so
+# only its own key can replace or cancel such a transaction (`chainconfig.relayer_key`).
+RELAYER_RETIRED_PRIVATE_KEYS = env.list("RELAYER_RETIRED_PRIVATE_KEYS", default=[])
 # Signs usage receipts (the buyer names its address in the activation intent). Anvil dev key #9 by default.
 _ANVIL_DEV_KEY_9 = "0x2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6"
 RECEIPT_SIGNER_PRIVATE_KEY = env.str("RECEIPT_SIGNER_PRIVATE_KEY", default=_ANVIL_DEV_KEY_9 if DEBUG else "")

@@ -832,7 +832,7 @@ def test_a_transaction_of_a_replaced_relayer_key_is_not_cancelled_by_a_nonce_fil
             tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
                                              data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
         settings.RELAYER_PRIVATE_KEY = chain.accounts.spare.key
-        with pytest.raises(ImproperlyConfigured, match="RELAYER_PRIVATE_KEY is not the key of"):
+        with pytest.raises(ImproperlyConfigured, match="Neither RELAYER_PRIVATE_KEY nor RELAYER_RETIRED_PRIVATE_KEYS"):
             with transaction.atomic():
                 relayer.transaction_withdraw(transaction_id=tx.pk, reason="test")
     finally:
@@ -875,3 +875,41 @@ def test_a_transaction_the_base_fee_outgrew_is_replaced_at_the_fees_the_chain_as
     assert int(replacement.max_fee_per_gas) > spiked, "replaced below the base fee: still left out of every block"
     assert (tx.status, tx.mined_tx_hash) == (TxStatus.CONFIRMED, replacement.tx_hash)
     assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+
+def test_a_payout_in_flight_when_the_relayer_key_is_replaced_is_replaced_by_the_old_key_kept_as_retired(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """The operators replace RELAYER_PRIVATE_KEY and keep the old one in RELAYER_RETIRED_PRIVATE_KEYS: a payout the
+    old wallet signed, left out of the blocks, is replaced with higher fees signed by the old key (its nonce is that
+    wallet's), and paid once; new transactions go from the new wallet."""
+    chain, recipient, replacement_wallet = escrow_chain, escrow_chain.accounts.stranger, escrow_chain.accounts.spare
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    fund(chain, replacement_wallet.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    old_key = settings.RELAYER_PRIVATE_KEY
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                             data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+        settings.RELAYER_PRIVATE_KEY, settings.RELAYER_RETIRED_PRIVATE_KEYS = replacement_wallet.key, [old_key]
+        settings.CHAIN_REPLACE_AFTER = timedelta(0)
+        with django_capture_on_commit_callbacks(execute=True):
+            relayer.transactions_poll()
+        assert tx.attempts.count() == 2, "not replaced with higher fees"
+        with django_capture_on_commit_callbacks(execute=True):
+            later = relayer.transaction_enqueue(
+                purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                data=chain.usdc.encode_abi("transfer", args=[recipient.address, 1 * USDC]))
+        chain.mine()
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    for _ in range(2):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    later.refresh_from_db()
+    assert usdc_balance(chain, recipient.address) == before + 3 * USDC
+    assert tx.status == TxStatus.CONFIRMED
+    assert chain.w3.eth.get_transaction(tx.mined_tx_hash)["from"] == chain.accounts.deployer.address
+    assert later.status == TxStatus.CONFIRMED and later.relayer.address == replacement_wallet.address
+

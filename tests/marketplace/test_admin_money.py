@@ -11,7 +11,7 @@ from django.utils import timezone
 from agreements.models import (AgreementStatus, InvocationSellerFailure, PaymentAuthorization, SkillInvocation,
                                UsageAgreement, UsageEvent)
 from escrow.models import ChainTransaction, Dispute, MasumiPurchase, RelayerAccount, TxAttempt, TxPurpose, TxStatus
-from marketplace import money
+from marketplace import chainconfig, money
 from policies.models import ApprovalRequest
 from tests.agreements.helpers import propose
 from tests.agreements.test_invocations import Market, _failed_call, _from_client
@@ -254,6 +254,26 @@ def test_the_dashboard_lists_what_is_overdue(operator, buyer_api, seller, settin
     assert html.count('class="overdue-item"') == 3
     assert f"/admin/escrow/chaintransaction/{capped.pk}/change/" in html
 
+
+
+def test_the_dashboard_names_a_transaction_in_flight_whose_relayer_key_is_configured_nowhere(operator, settings):
+    """A relayer key replaced and not kept in RELAYER_RETIRED_PRIVATE_KEYS: the transactions its wallet signed are
+    only sent again (no key can replace or cancel them), and operators are told to put the key back."""
+    old = RelayerAccount.objects.create(address="0x" + "AB" * 20, chain_id=31337, next_nonce=8)
+    in_flight = ChainTransaction.objects.create(purpose=TxPurpose.INVOCATION_PAYOUT, relayer=old, to_address="0x" + "11" * 20,
+                                                data="0x", chain_id=31337, nonce=7, status=TxStatus.SUBMITTED)
+    current = RelayerAccount.objects.create(address=chainconfig.relayer_address(), chain_id=31337, next_nonce=3)
+    ChainTransaction.objects.create(purpose=TxPurpose.INVOCATION_PAYOUT, relayer=current, to_address="0x" + "11" * 20,
+                                    data="0x", chain_id=31337, nonce=2, status=TxStatus.SUBMITTED)
+
+    overdue = [item for item in operator.get("/admin/dashboard/").context["overdue"]
+               if item.kind.endswith("of a relayer key not configured")]
+    assert [item.subject for item in overdue] == [str(in_flight.pk)]
+    assert "RELAYER_RETIRED_PRIVATE_KEYS" in overdue[0].detail
+
+    settings.RELAYER_RETIRED_PRIVATE_KEYS = ["0x" + "01" * 32]  # another wallet's key: still nowhere
+    assert [item.subject for item in operator.get("/admin/dashboard/").context["overdue"]
+            if item.kind.endswith("of a relayer key not configured")] == [str(in_flight.pk)]
 
 @pytest.mark.chain
 def test_the_dashboard_charts_usage_and_volume_and_shows_the_wallets(
