@@ -32,6 +32,14 @@ def agent_get(*, agent_id, owner=None) -> Agent:
     return agent
 
 
+def uuid_or_none(text: str) -> uuid.UUID | None:
+    """`text` as a UUID when it spells one (any spelling Python reads: with or without hyphens), else None."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
+
+
 def agent_get_by_handle(*, handle: str) -> Agent:
     agent = Agent.objects.filter(handle=handle, is_active=True, owner_is_active=True).first()
     if agent is None:
@@ -112,17 +120,17 @@ def services_of_seller(*, seller: Agent) -> QuerySet[Service]:
 
 
 def skill_get(*, handle: str, skill_name: str) -> Skill:
-    """A registered skill of an active agent of an active owner, named by its handle or, as the Services API seed
-    allows, its ID."""
+    """A registered skill of an active agent of an active owner, named by its ID, as the Services API seed allows, or
+    its handle. The ID first: the platform assigns it, while a handle is chosen (one spelling another agent's ID,
+    registered before they were refused, must not take that agent's calls)."""
     skills = Skill.objects.select_related("service", "service__seller").filter(
         service__seller__is_active=True, service__seller__owner_is_active=True, name=skill_name,
         service__state=ServiceState.REGISTERED)
-    skill = skills.filter(service__seller__handle=handle).first()
+    skill = None
+    if (agent_id := uuid_or_none(handle)) is not None:
+        skill = skills.filter(service__seller_id=agent_id).first()
     if skill is None:
-        try:
-            skill = skills.filter(service__seller_id=uuid.UUID(handle)).first()
-        except ValueError:
-            pass
+        skill = skills.filter(service__seller__handle=handle).first()
     if skill is None:
         raise NotFound("No such agent or skill.", code="skill_not_found")
     return skill

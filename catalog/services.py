@@ -10,6 +10,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Exists, F, OuterRef, Q
 from django.utils import timezone
 
+from catalog import selectors
 from catalog.models import (
     Agent,
     ApiKey,
@@ -51,6 +52,9 @@ def agent_create(
 ) -> Agent:
     if handle in RESERVED_HANDLES:
         raise InvalidInput(f"The handle {handle!r} is reserved.", code="handle_reserved")
+    if selectors.uuid_or_none(handle) is not None:
+        # Agents are also named by their id (the skill route): a handle spelling one could pass for another agent.
+        raise InvalidInput("A handle cannot spell an agent id (a UUID).", code="handle_reserved")
     if not (is_buyer or is_seller):
         raise InvalidInput("An agent must be a buyer, a seller or both.", code="no_role")
     try:

@@ -609,6 +609,20 @@ def test_the_skills_of_a_seller_whose_owner_is_deactivated_are_404_as_a_deactiva
     assert market.call("translate").status_code == 402
 
 
+def test_a_skill_named_by_its_sellers_id_is_that_sellers_even_when_another_agents_handle_spells_the_id(market):
+    """A handle is chosen by its owner; an id by the platform. An agent whose handle spelt another seller's id (a
+    handle of lowercase hex and hyphens) took the calls made to that seller by id, quoted at its own price and paid
+    to it."""
+    impostor = AgentFactory(handle=str(market.seller.pk), is_buyer=False, is_seller=True)
+    register_service(impostor, upstream_base_url=market.upstream.url + "/impostor",
+                     skills=[{"name": "translate", "price_atomic": 10 * PRICE}])
+
+    quoted = market.call("translate", seller=str(market.seller.pk))
+
+    assert quoted.status_code == 402
+    assert quoted.json()["accepts"][0]["amount"] == str(PRICE)
+
+
 # --- the Services API seed's bare signature ------------------------------------------------------------------
 
 def _seed_signature(market, required, key: str, payer: str) -> str:

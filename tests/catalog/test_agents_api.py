@@ -64,6 +64,15 @@ def test_handle_taken_and_reserved(owner_api):
     assert reserved.status_code == 400 and error_code(reserved) == "handle_reserved"
 
 
+@pytest.mark.parametrize("spelling", [str, lambda agent_id: agent_id.hex])
+def test_a_handle_spelling_an_agent_id_is_refused(owner_api, seller, spelling):
+    """The skill route names a seller by its handle or its id: a handle spelling another agent's id took its calls."""
+    data = {"handle": spelling(seller.pk), "display_name": "Bot", "wallet_address": WALLET, "roles": ["seller"]}
+    refused = owner_api.post("/agents", data)
+    assert refused.status_code == 400 and error_code(refused) == "handle_reserved"
+    assert not Agent.objects.filter(handle=data["handle"]).exists()
+
+
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_two_owners_creating_one_handle_at_once_get_201_and_409_not_500(monkeypatch):
