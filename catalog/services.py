@@ -7,7 +7,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.postgres.search import SearchVector
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count, Exists, F, OuterRef, Q
+from django.db.models import Count, Exists, F, OuterRef, ProtectedError, Q
 from django.utils import timezone
 
 from catalog import selectors
@@ -207,9 +207,28 @@ def _replace_tags(service: Service, names: list[str]) -> None:
     service.tags.set([tag_ids[name] for name in names])
 
 
+SKILL_FIELDS = ("description", "price", "path", "is_async", "timeout_seconds")
+
+
 def _replace_skills(service: Service, skills: list[dict]) -> None:
-    service.skills.all().delete()
-    Skill.objects.bulk_create([Skill(service=service, **skill) for skill in skills])
+    """The service's skills become `skills`: a skill keeping its name keeps its row, changed in place (its
+    invocations, pending ones included, keep pointing at it); a dropped one is deleted, unless it was invoked (its
+    invocations keep it as their record): 409 `skill_invoked`, and the caller's transaction rolls back."""
+    current = {skill.name: skill for skill in service.skills.all()}
+    wanted = {skill["name"]: skill for skill in skills}
+    try:
+        Skill.objects.filter(service=service, name__in=current.keys() - wanted.keys()).delete()
+    except ProtectedError as protected:
+        names = {skill.pk: name for name, skill in current.items()}
+        invoked = sorted({names[invocation.skill_id] for invocation in protected.protected_objects})
+        raise Conflict(f"Skills already invoked stay listed (their invocations refer to them): {', '.join(invoked)}.",
+                       code="skill_invoked", details={"skills": invoked}) from None
+    kept = [current[name] for name in current.keys() & wanted.keys()]
+    for skill in kept:
+        for field in SKILL_FIELDS:
+            setattr(skill, field, wanted[skill.name][field])
+    Skill.objects.bulk_update(kept, SKILL_FIELDS)
+    Skill.objects.bulk_create([Skill(service=service, **skill) for name, skill in wanted.items() if name not in current])
 
 
 def _refresh_search_fields(service: Service) -> None:

@@ -166,6 +166,38 @@ def test_paid_call_returns_the_result_and_the_seller_is_paid_on_chain(
         purpose="invocation_payout").mined_tx_hash
 
 
+def test_a_seller_changes_the_skills_of_a_service_whose_skills_were_invoked(market, django_capture_on_commit_callbacks):
+    """Invocations keep the skill they paid for; a listing's new skills replaced the old rows, whose invocations
+    protect them: every change of an invoked service's skills was a 500, nothing changed."""
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert market.call("translate", market.pay("translate")).status_code == 200
+    invoked = SkillInvocation.objects.get().skill
+    seller_api = Api(issue_key(market.seller))
+
+    changed = seller_api.patch(f"/agents/services/{market.service.pk}", {"skills": [
+        {"name": "translate", "price_atomic": 2 * PRICE, "description": "Now dearer"},
+        {"name": "summarize", "price_atomic": PRICE}]})
+
+    assert changed.status_code == 200, changed.content
+    assert {(skill["name"], skill["price_atomic"]) for skill in changed.json()["skills"]} == {
+        ("translate", 2 * PRICE), ("summarize", PRICE)}
+    assert market.call("translate").json()["accepts"][0]["amount"] == str(2 * PRICE)
+    assert market.call("render").status_code == 404  # dropped from the listing
+    invocation = market.caller.get(f"/services/{SkillInvocation.objects.get().public_id}")
+    assert invocation.status_code == 200 and invocation.json()["status"] == "completed"
+    invoked.refresh_from_db()  # the invoked skill's row is kept for its invocation's record
+
+    dropped = seller_api.patch(f"/agents/services/{market.service.pk}", {
+        "name": "Renamed", "skills": [{"name": "summarize", "price_atomic": PRICE}]})
+
+    assert dropped.status_code == 409 and error_code(dropped) == "skill_invoked"
+    assert dropped.json()["error"]["details"] == {"skills": ["translate"]}
+    kept = seller_api.get(f"/agents/services/{market.service.pk}").json()
+    assert kept["name"] == market.service.name and {skill["name"] for skill in kept["skills"]} == {
+        "translate", "summarize"}
+
+
 def test_async_invocation_is_202_then_completed(market, django_capture_on_commit_callbacks):
     market.upstream.responses.append((200, {"url": "https://cdn.example/1.png"}))
     payment = market.pay("render")
