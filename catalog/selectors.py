@@ -99,9 +99,11 @@ def service_only_of_seller(*, seller_id) -> Service:
 
 
 def registry_services(*, viewer: Agent, seller_wallet: str | None = None) -> QuerySet[Service]:
-    """The Masumi registry: every registered service of the network, and the viewer's own deregistered ones;
-    `seller_wallet` narrows it to one seller's (an agent's own registrations: its wallet)."""
-    services = Service.objects.filter(Q(state=ServiceState.REGISTERED) | Q(seller=viewer))
+    """The Masumi registry: every registered service of the network whose seller and its owner are active (as search
+    lists them), and the viewer's own in any state; `seller_wallet` narrows it to one seller's (an agent's own
+    registrations: its wallet)."""
+    listed = Q(state=ServiceState.REGISTERED, seller__is_active=True, seller__owner_is_active=True)
+    services = Service.objects.filter(listed | Q(seller=viewer))
     if seller_wallet is not None:
         services = services.filter(seller__wallet_address__iexact=seller_wallet)
     return _with_relations(services)

@@ -315,6 +315,27 @@ def test_the_list_holds_every_agent_of_the_network_and_the_callers_own_through_a
     assert [a["state"] for a in assets(seller_api, walletVKey=seller.wallet_address)] == ["DeregistrationConfirmed"]
 
 
+def test_the_list_leaves_out_the_services_of_a_deactivated_seller_or_owner_as_search_does(seller, seller_api):
+    """Search, the skill route and proposals refuse a deactivated seller's services, or those of a deactivated owner;
+    the registry still listed them to every buyer (a masumi one with the URL its buyers call /start_job at)."""
+    register(seller_api, seller, name="Banned", apiBaseUrl="https://masumi.banned.example")
+    other = AgentFactory(is_seller=True)
+    register(Api(issue_key(other)), other, name="Owner gone")
+    kept = AgentFactory(is_seller=True)
+    register(Api(issue_key(kept)), kept, name="Kept")
+    buyer_api = Api(issue_key(AgentFactory(is_seller=False)))
+    assert sorted(a["name"] for a in assets(buyer_api)) == ["Banned", "Kept", "Owner gone"]
+
+    seller.is_active = False
+    seller.save()
+    other.owner.is_active = False
+    other.owner.save()
+
+    assert [a["name"] for a in assets(buyer_api)] == ["Kept"]
+    assert [a["name"] for a in assets(buyer_api, walletVKey=seller.wallet_address)] == []
+    assert buyer_api.post("/catalog/search", {}).json()["results"][0]["name"] == "Kept"
+
+
 def test_another_sellers_proxied_service_is_listed_without_its_upstream(seller, seller_api):
     """A proxied (http) service's upstream is where the metered proxy forwards paid calls: /agents/services and search
     show it to its seller only, and so does the registry. A masumi service's is where its buyers call /start_job."""
