@@ -151,6 +151,39 @@ def test_an_agent_holds_at_most_the_limits_live_api_keys(owner_api, buyer, setti
     assert owner_api.post(f"/agents/{buyer.pk}/api-keys", {"name": "after-expiry"}).status_code == 201
 
 
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_keys_issued_at_once_at_the_limit_do_not_pass_it_together(monkeypatch, settings):
+    """Each issue counts the agent's live keys and then adds one: two at once at the last place both counted it
+    free, but for the lock on the agent's row that orders them."""
+    settings.API_KEYS_PER_AGENT = 2
+    owner = get_user_model().objects.create_user("key-racer")
+    agent = services.agent_create(owner=owner, handle="key-racer", display_name="Racer", wallet_address=WALLET)
+    services.api_key_issue(agent=agent)
+    token, both_ready, issue_secret = issue_owner_token(owner), threading.Barrier(2, timeout=10), services.issue_secret
+
+    def issued_once_both_are_ready(kind):  # before the count of live keys
+        both_ready.wait()
+        return issue_secret(kind)
+
+    monkeypatch.setattr(services, "issue_secret", issued_once_both_are_ready)
+    answers = []
+
+    def issue():
+        try:
+            answers.append(Api(token).post(f"/agents/{agent.pk}/api-keys", {}))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=issue) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(answer.status_code for answer in answers) == [201, 409], [a.content for a in answers]
+    assert ApiKey.objects.filter(agent=agent, revoked_at=None).count() == 2
+
+
 def test_an_owner_has_at_most_the_limits_agents(owner_api, owner, settings):
     """Handles are one namespace for every tenant: without a bound, one owner could take handle after handle (and
     its agent listing, one page, grew without end)."""

@@ -1,10 +1,14 @@
+import threading
 from datetime import timedelta
 
 import pytest
+from django.db import connections
 from django.utils import timezone
 
+from catalog import services
 from catalog.models import Service, ServiceState
 from tests.catalog.factories import AgentFactory, issue_key, register_service, service_data
+from tests.catalog.test_registry import registration
 from tests.conftest import Api, codes_at, error_code
 from tests.support.idempotency import records_hold
 
@@ -281,6 +285,41 @@ def test_a_seller_registers_at_most_the_limits_services_a_day_so_deregistering_d
     assert seller_api.post("/agents/services", service_data(skills=[])).status_code == 201
 
 
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_registrations_at_once_at_the_days_limit_do_not_pass_it_together(monkeypatch, settings):
+    """Each registration counts the seller's services of the day and then adds one, through either route: two at
+    once at the last place both counted it free, but for the lock on the seller's row that orders them."""
+    settings.SERVICE_REGISTRATIONS_PER_DAY = 2
+    seller = AgentFactory(is_seller=True)
+    register_service(seller, skills=[])
+    key, both_ready, url_check = issue_key(seller), threading.Barrier(2, timeout=10), services.outbound.url_check
+
+    def checked_once_both_are_ready(url):  # before the lock and the count
+        both_ready.wait()
+        url_check(url)
+
+    monkeypatch.setattr(services.outbound, "url_check", checked_once_both_are_ready)
+    answers = []
+
+    def register(path, body):
+        try:
+            answers.append(Api(key).post(path, body))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=register, args=("/agents/services", service_data(skills=[]))),
+               threading.Thread(target=register, args=("/registry", registration(seller)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(answer.status_code for answer in answers) in ([200, 409], [201, 409]), [a.content for a in answers]
+    assert {error_code(answer) for answer in answers if answer.status_code == 409} == {
+        "service_registration_limit_reached"}
+    assert Service.objects.filter(seller=seller).count() == 2
+
+
 @pytest.mark.parametrize("field", ["metadata", "capabilities"])
 def test_a_services_free_form_fields_are_bounded_in_size(seller_api, field, settings):
     """Both are shown as given in every search result: without a bound, a seller stored a request body's worth (2.5
@@ -325,7 +364,7 @@ def test_the_availability_poll_queues_a_services_check_again_only_once_its_messa
     """The poll (every minute) queued a check of every Masumi service on each run, whether or not the last one still
     waited in the outbound queue: behind a backlog, the queue grew by every Masumi service (up to 200 per agent)
     every minute."""
-    from catalog import services, tasks
+    from catalog import tasks
 
     service = register_service(seller, upstream_protocol="masumi", upstream_base_url=http_server.url)
     queued = []
