@@ -30,6 +30,7 @@ from agreements.serializers import WebhookCreateSerializer
 from marketplace import outbound
 from marketplace.admin import (
     URLS_ASSUME_HTTPS,
+    LatestRowsInline,
     acknowledgement_page,
     api_rules_check,
     MoneyRecordAdmin,
@@ -236,8 +237,10 @@ class FeeScheduleAdmin(admin.ModelAdmin):
         return False
 
 
-class DeliveryInline(MoneyRecordInline):
+class DeliveryInline(LatestRowsInline, MoneyRecordInline):
     model = WebhookDelivery
+    verbose_name_plural = f"deliveries (latest {LatestRowsInline.latest_rows}; all under Webhook deliveries)"
+    ordering = ("-created_at",)
     fields = ("created_at", "event_type", "status", "attempts", "last_status_code", "last_error", "delivered_at")
     readonly_fields = fields
     show_change_link = True

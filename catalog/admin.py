@@ -6,12 +6,13 @@ Secrets are never shown: a credential's digest stays out of the pages, its prefi
 """
 
 from django.contrib import admin, messages
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
 
 from catalog import services
 from catalog.models import Agent, ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
-from marketplace.admin import SecretsUnfiltered, ViewOnlyAdmin, may_operate, rotation_overlap_column
+from marketplace.admin import (LatestRowsInline, SecretsUnfiltered, ViewOnlyAdmin, may_operate,
+                               rotation_overlap_column)
 
 CREDENTIAL_FIELDS = ("name", "prefix", "created_at", "expires_at", "revoked_at", "last_used_at")
 
@@ -56,8 +57,13 @@ def revoke_agent_keys(modeladmin, request, queryset):
     _revoke(modeladmin, request, ApiKey.objects.filter(agent__in=queryset, revoked_at=None))
 
 
-class ApiKeyInline(admin.TabularInline):
+class ApiKeyInline(LatestRowsInline, admin.TabularInline):
+    """Its live keys (API_KEYS_PER_AGENT at most) first, then the latest revoked ones (kept for ever)."""
+
     model = ApiKey
+    verbose_name_plural = f"API keys (live ones, then the latest revoked: {LatestRowsInline.latest_rows} at most; " \
+                          "all under API keys)"
+    ordering = (F("revoked_at").desc(nulls_first=True), "-created_at")
     extra = 0
     can_delete = False
     fields = ("name", "prefix", "scope", "created_at", "expires_at", "revoked_at", "last_used_at")

@@ -107,6 +107,29 @@ class MoneyRecordInline(admin.TabularInline):
         return False
 
 
+class LatestRowsInline:
+    """An inline (mixed into an InlineModelAdmin) showing the first `latest_rows` of its parent's rows in its
+    `ordering`, not all: rows an agent makes without bound (its revoked API keys, a subscription's deliveries) made its
+    page take seconds and megabytes, and the page's form send more fields than Django takes
+    (DATA_UPLOAD_MAX_NUMBER_FIELDS), so an operator's Save (deactivating the agent, deleting the subscription) was
+    refused. The rest are on the rows' own list."""
+
+    latest_rows = 50
+
+    def get_formset(self, request, obj=None, **kwargs):
+        formset = super().get_formset(request, obj, **kwargs)
+        latest_rows = self.latest_rows
+
+        class LatestRows(formset):
+            def get_queryset(self):
+                # Sliced after the inline formset's filter on the parent (a sliced queryset cannot be filtered).
+                if not hasattr(self, "_latest_rows"):
+                    self._latest_rows = super().get_queryset()[:latest_rows]
+                return self._latest_rows
+
+        return LatestRows
+
+
 def api_rules_check(form: forms.BaseForm, serializer_class, data: dict, *, field_of=lambda name: name):
     """What an operator typed in `form`, held to the API's rules (`serializer_class`, which reads `data`): the
     validated data, or None with each refusal added to the form's field (`field_of(serializer field)`). A value the

@@ -11,14 +11,14 @@ from django.contrib.auth.models import Permission
 from django.utils import timezone
 
 from agreements.models import DeliveryStatus, FeeSchedule, WebhookDelivery, WebhookSubscription
-from catalog.models import ApiKey, OwnerToken
+from catalog.models import Agent, ApiKey, OwnerToken
 from escrow import relayer
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from policies.models import ApprovalRequest, Policy
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import issue_key, issue_owner_token, register_service
 from tests.conftest import Api
-from tests.support.operators import operator_client
+from tests.support.operators import form_as_shown, operator_client
 
 pytestmark = pytest.mark.django_db
 
@@ -461,3 +461,37 @@ def test_an_operators_approval_of_a_purchase_the_policy_now_denies_is_refused_an
     assert "blocked_sellers" in page.content.decode()
     assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
     assert UsageAgreement.objects.get(pk=agreement["id"]).status == "pending_approval"
+
+
+def test_an_agent_or_a_subscription_with_thousands_of_rows_is_still_shown_quickly_and_deactivated(operator, seller,
+                                                                                                  seller_api, settings):
+    """An agent's page listed every API key it ever had (revoked keys are kept, and an agent issues and revokes them
+    at its rate limit), a subscription's page every delivery it was sent (kept WEBHOOK_DELIVERY_KEEP_DAYS): with
+    thousands, the page took seconds and megabytes, and its form sent more fields than Django takes
+    (DATA_UPLOAD_MAX_NUMBER_FIELDS), so the operator's Save, deactivating the agent or deleting the subscription, was
+    refused (400). The pages list the latest rows; the rest are under API keys and Webhook deliveries."""
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    subscription = WebhookSubscription.objects.get(pk=webhook["id"])
+    many = settings.DATA_UPLOAD_MAX_NUMBER_FIELDS
+    WebhookDelivery.objects.bulk_create(
+        WebhookDelivery(subscription=subscription, event_type="agreement.proposed", payload={},
+                        status=DeliveryStatus.DELIVERED, next_attempt_at=timezone.now()) for _ in range(many))
+    ApiKey.objects.bulk_create(
+        ApiKey(agent=seller, name=f"revoked {i}", prefix=f"rev{i:05d}", secret_digest=f"{i:064x}", scope="read",
+               revoked_at=timezone.now()) for i in range(many))
+    live = ApiKey.objects.get(agent=seller, revoked_at=None)
+    assert live.prefix in operator.get(f"/admin/catalog/agent/{seller.pk}/change/").content.decode()  # live ones first
+
+    for page, deactivated in ((f"/admin/catalog/agent/{seller.pk}/change/", lambda: not Agent.objects.get(
+                                   pk=seller.pk).is_active),
+                              (f"/admin/agreements/webhooksubscription/{subscription.pk}/change/",
+                               lambda: WebhookSubscription.objects.get(pk=subscription.pk).secret == "")):
+        shown = operator.get(page)
+        assert shown.status_code == 200
+        [formset] = shown.context["inline_admin_formsets"]
+        assert formset.formset.initial_form_count() <= 50
+        form = form_as_shown(shown.content.decode(), shown.context["opts"].model_name + "_form")
+        del form["is_active"]  # unticked
+
+        assert operator.post(page, form).status_code == 302
+        assert deactivated()

@@ -6,6 +6,7 @@ import base64
 import io
 import re
 import time
+from html.parser import HTMLParser
 from urllib.parse import parse_qs, urlparse
 
 from django.core.management import call_command
@@ -51,3 +52,47 @@ def operator_client(username: str, password: str) -> Client:
     response = log_in(client, username, password, code(enrol(username)))
     assert response.status_code == 302 and response.url == "/admin/", response.content.decode()
     return client
+
+
+class _FormFields(HTMLParser):
+    def __init__(self, form_id: str):
+        super().__init__()
+        self.form_id, self.inside, self.fields = form_id, False, {}
+        self.select = self.textarea = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "form":
+            self.inside = attrs.get("id") == self.form_id
+        elif not self.inside or "name" not in attrs and tag != "option":
+            return
+        elif tag == "input" and attrs.get("type") not in ("submit", "button", "file") and (
+                attrs.get("type") not in ("checkbox", "radio") or "checked" in attrs):
+            self.fields[attrs["name"]] = attrs.get("value") or ("on" if attrs.get("type") == "checkbox" else "")
+        elif tag == "select":
+            self.select = attrs["name"]
+        elif tag == "option" and self.select and "selected" in attrs:
+            self.fields[self.select] = attrs.get("value", "")
+        elif tag == "textarea":
+            self.textarea = attrs["name"]
+            self.fields[self.textarea] = ""
+
+    def handle_endtag(self, tag):
+        if tag == "form":
+            self.inside = False
+        elif tag == "select":
+            self.select = None
+        elif tag == "textarea":
+            self.textarea = None
+
+    def handle_data(self, data):
+        if self.textarea:
+            self.fields[self.textarea] += data.removeprefix("\n") if not self.fields[self.textarea] else data
+
+
+def form_as_shown(html: str, form_id: str) -> dict[str, str]:
+    """What a browser submits from the page's form `form_id` left as shown: its inputs (a checkbox only when ticked),
+    the selected options and the text areas, no submit button."""
+    parser = _FormFields(form_id)
+    parser.feed(html)
+    return parser.fields
