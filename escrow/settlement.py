@@ -347,8 +347,9 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
     refunds): not by an operator who owns the buyer or the seller (403 `operator_is_party`), who would decide their
     own dispute; another operator does. Not once the dispute timed out (409 `dispute_timed_out`): the contract's
     `resolve` reverts from then on, and the escrow is the buyer's (`_finalize_timed_out_dispute`)."""
-    terms = selectors.escrow_terms(agreement=agreement)
-    with chain.unavailable_as_503():  # chain reads: before the row lock
+    # Chain reads, before the row lock (the terms too: from the node while the indexer has not applied the activation).
+    with chain.unavailable_as_503():
+        terms = selectors.escrow_terms(agreement=agreement)
         timeout = _dispute_timed_out_at(agreement, terms=terms)
         if timeout is not None:
             raise Conflict("The dispute timed out: the arbiter may no longer resolve it, and the whole deposit goes "

@@ -8,10 +8,14 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from django.contrib.auth import get_user_model
+
 from agreements.models import AgreementEvent, AgreementStatus, UsageAgreement
 from escrow import selectors
+from escrow.models import ChainTransaction, TxPurpose
 from tests.agreements.helpers import propose
-from tests.catalog.factories import register_service
+from tests.catalog.factories import issue_owner_token, register_service
+from tests.conftest import Api, error_code
 from tests.marketplace.conftest import scrape
 
 pytestmark = pytest.mark.django_db
@@ -113,3 +117,23 @@ def test_metrics_count_disputes_open_and_timing_out(operator, buyer_api, seller,
     metrics = scrape(operator)
     assert metrics[("marketplace_disputes_open", ())] == 3
     assert metrics[("marketplace_disputes_timing_out", ())] == 2
+
+
+def test_a_resolution_asked_for_while_the_node_is_down_is_refused_as_unavailable_not_a_500(operator, buyer, buyer_api,
+                                                                                           seller, settings):
+    """The escrow's terms are read from the chain when its Activated event is not indexed (the indexer behind): that
+    read was made outside the mapping of node errors to 503, so with the node down the admin's Resolve form and
+    `POST /usage-agreements/{id}/resolve` were a 500. Now the operator is told the chain is unavailable, nothing
+    queued."""
+    agreement_id = disputed(buyer_api, register_service(seller), days_ago=3)
+    UsageAgreement.objects.filter(pk=agreement_id).update(buyer_wallet_address=buyer.wallet_address)
+    settings.USAGE_ESCROW_ADDRESS = "0x" + "12" * 20
+    settings.CHAIN_RPC_URL = "http://127.0.0.1:9"  # nothing listens there
+
+    page = operator.post(f"/admin/escrow/dispute/{agreement_id}/resolve/", {"seller_amount_atomic": 0})
+    assert page.status_code == 200 and "(chain_unavailable)" in page.content.decode()
+    api = Api(issue_owner_token(get_user_model().objects.get(username="operator")))
+    response = api.post(f"/usage-agreements/{agreement_id}/resolve", {"seller_amount_atomic": 0})
+    assert response.status_code == 503 and error_code(response) == "chain_unavailable"
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.RESOLVE).exists()
+    assert UsageAgreement.objects.get(pk=agreement_id).status == S.DISPUTED
