@@ -13,7 +13,8 @@ and its second factor: `marketplace.second_factor.OperatorAdminSite`.)
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
-from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.admin import GroupAdmin, UserAdmin
+from django.contrib.auth.models import Group
 from django.db import models
 from django.db.models import Count
 from django.db.models.constants import LOOKUP_SEP
@@ -326,6 +327,25 @@ class AccountAdmin(UserAdmin):
 
 admin.site.unregister(get_user_model())
 admin.site.register(get_user_model(), AccountAdmin)
+
+
+class OperatorGroupAdmin(GroupAdmin):
+    """Django's group admin, where only a superuser adds, changes or deletes a group: its permissions are operators'
+    powers, and staff who may change groups gave any of them to a group they are in (the user admin keeps them from
+    giving anyone powers, themselves first)."""
+
+    def has_add_permission(self, request):
+        return request.user.is_superuser
+
+    def has_change_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+
+admin.site.unregister(Group)
+admin.site.register(Group, OperatorGroupAdmin)
 
 
 # --- the operators' second factors (marketplace.second_factor) ---------------------------------------------------

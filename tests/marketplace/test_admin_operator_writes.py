@@ -495,3 +495,27 @@ def test_an_agent_or_a_subscription_with_thousands_of_rows_is_still_shown_quickl
 
         assert operator.post(page, form).status_code == 302
         assert deactivated()
+
+
+def test_staff_who_may_change_groups_cannot_give_their_own_group_or_anyone_an_operators_powers(operator, settings):
+    """The user admin keeps staff from giving anyone an operator's powers (groups, permissions: themselves first), but
+    the group admin did not: staff who may change groups added any permission to a group they are in (resolving
+    disputes, retrying payouts, changing users), and had it. Groups' permissions are a superuser's to change."""
+    from django.contrib.auth.models import Group
+
+    support = Group.objects.create(name="support")
+    support.permissions.add(*Permission.objects.filter(codename__in=["view_group", "change_group", "add_group"]))
+    staff = staff_client(settings)
+    get_user_model().objects.get(username="staff").groups.add(support)
+    wanted = list(Permission.objects.filter(codename__in=["view_group", "change_group", "add_group", "view_dispute",
+                                                          "change_dispute"]).values_list("pk", flat=True))
+
+    staff.post(f"/admin/auth/group/{support.pk}/change/", {"name": "support", "permissions": wanted})
+    staff.post("/admin/auth/group/add/", {"name": "arbiters", "permissions": wanted})
+
+    assert not get_user_model().objects.get(username="staff").has_perm("escrow.change_dispute")
+    assert not Group.objects.filter(permissions__codename="change_dispute").exists()
+
+    response = operator.post(f"/admin/auth/group/{support.pk}/change/", {"name": "support", "permissions": wanted})
+    assert response.status_code == 302  # a superuser's to give
+    assert get_user_model().objects.get(username="staff").has_perm("escrow.change_dispute")
