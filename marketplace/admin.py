@@ -85,10 +85,14 @@ def acknowledgement_page(modeladmin, request, queryset, *, acknowledge, what: st
         else:
             messages.success(request, f"Acknowledged {count} {what}.")
             return None
+    # "Select all" is posted back as such (with one row, which Django asks for), not as every row's id: past
+    # DATA_UPLOAD_MAX_NUMBER_FIELDS ids the operator's answer was refused.
+    select_across = request.POST.get("select_across") == "1"
+    selected = queryset.values_list("pk", flat=True)
     context = {**modeladmin.admin_site.each_context(request), "opts": modeladmin.model._meta, "form": form,
                "caption": f"{what.capitalize()} to acknowledge", "columns": columns, "rows": list(rows),
-               "none_left": none_left, "action": request.POST["action"],
-               "selected": queryset.values_list("pk", flat=True),
+               "none_left": none_left, "action": request.POST["action"], "select_across": select_across,
+               "selected": selected[:1] if select_across else selected,
                "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME, "title": f"Acknowledge {what}"}
     return TemplateResponse(request, "admin/acknowledge.html", context)
 

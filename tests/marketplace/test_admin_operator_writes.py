@@ -13,7 +13,7 @@ from django.utils import timezone
 from agreements.models import DeliveryStatus, FeeSchedule, WebhookDelivery, WebhookSubscription
 from catalog.models import Agent, ApiKey, OwnerToken
 from escrow import relayer
-from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from escrow.models import ChainEvent, ChainTransaction, EventEffect, IndexerCursor, TxPurpose, TxStatus
 from policies.models import ApprovalRequest, Policy
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import issue_key, issue_owner_token, register_service
@@ -519,3 +519,22 @@ def test_staff_who_may_change_groups_cannot_give_their_own_group_or_anyone_an_op
     response = operator.post(f"/admin/auth/group/{support.pk}/change/", {"name": "support", "permissions": wanted})
     assert response.status_code == 302  # a superuser's to give
     assert get_user_model().objects.get(username="staff").has_perm("escrow.change_dispute")
+
+
+def test_an_operator_acknowledges_every_failed_event_at_once_however_many(operator, settings):
+    """"Select all" of the failed events (one escrow on other terms each, a few cents of gas to anyone) led to a page
+    asking why that posted every selected id back: past DATA_UPLOAD_MAX_NUMBER_FIELDS the operator's answer was
+    refused (400), and reconcile kept failing until they were acknowledged a page at a time."""
+    cursor = IndexerCursor.objects.create(chain_id=31337, escrow_address="0x" + "12" * 20, start_block=0)
+    failed = ChainEvent.objects.bulk_create(
+        ChainEvent(cursor=cursor, block_number=i, block_hash=f"0x{i:064x}", tx_hash=f"0x{i:064x}", log_index=0,
+                   contract="0x" + "12" * 20, name="Activated", effect=EventEffect.FAILED, error="escrow_mismatch")
+        for i in range(settings.DATA_UPLOAD_MAX_NUMBER_FIELDS + 1))
+    changelist = "/admin/escrow/chainevent/?effect__exact=failed"
+    asked = operator.post(changelist, {"action": "acknowledge_failed", "select_across": "1", "index": "0",
+                                       ACTION_CHECKBOX_NAME: [str(failed[0].pk)]})
+    assert asked.status_code == 200 and "Failed events to acknowledge" in asked.content.decode()
+
+    answer = {**form_as_shown(asked.content.decode(), "acknowledge-form"), "reason": "the buyers' own escrows"}
+    assert operator.post(changelist, answer).status_code == 302
+    assert not ChainEvent.objects.filter(effect=EventEffect.FAILED, acknowledged_at=None).exists()

@@ -68,7 +68,7 @@ class _FormFields(HTMLParser):
             return
         elif tag == "input" and attrs.get("type") not in ("submit", "button", "file") and (
                 attrs.get("type") not in ("checkbox", "radio") or "checked" in attrs):
-            self.fields[attrs["name"]] = attrs.get("value") or ("on" if attrs.get("type") == "checkbox" else "")
+            self._add(attrs["name"], attrs.get("value") or ("on" if attrs.get("type") == "checkbox" else ""))
         elif tag == "select":
             self.select = attrs["name"]
         elif tag == "option" and self.select and "selected" in attrs:
@@ -76,6 +76,15 @@ class _FormFields(HTMLParser):
         elif tag == "textarea":
             self.textarea = attrs["name"]
             self.fields[self.textarea] = ""
+
+    def _add(self, name: str, value: str) -> None:
+        """A name given more than once (the selected rows of an action) is sent with each of its values."""
+        if name not in self.fields:
+            self.fields[name] = value
+        elif isinstance(self.fields[name], list):
+            self.fields[name].append(value)
+        else:
+            self.fields[name] = [self.fields[name], value]
 
     def handle_endtag(self, tag):
         if tag == "form":
@@ -90,9 +99,9 @@ class _FormFields(HTMLParser):
             self.fields[self.textarea] += data.removeprefix("\n") if not self.fields[self.textarea] else data
 
 
-def form_as_shown(html: str, form_id: str) -> dict[str, str]:
+def form_as_shown(html: str, form_id: str) -> dict[str, str | list[str]]:
     """What a browser submits from the page's form `form_id` left as shown: its inputs (a checkbox only when ticked),
-    the selected options and the text areas, no submit button."""
+    the selected options and the text areas, no submit button; a name given more than once, with each value."""
     parser = _FormFields(form_id)
     parser.feed(html)
     return parser.fields
