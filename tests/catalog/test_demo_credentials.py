@@ -3,6 +3,7 @@
 import re
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from eth_account import Account
 
@@ -15,6 +16,24 @@ pytestmark = pytest.mark.django_db
 def secrets_in(output: str) -> dict[str, str]:
     return dict(re.findall(r"^\s+(Owner token|Buyer key \(demo-buyer\)|Seller key \(demo-seller\))\s+(\S+)$",
                            output, re.MULTILINE))
+
+
+def admin_password_in(output: str) -> str:
+    [password] = re.findall(r"^\s+Admin login\s+demo / (\S+)\s", output, re.MULTILINE)
+    return password
+
+
+def test_the_demo_admins_password_is_random_printed_once_and_reissued(capsys):
+    """It was `demo-password` wherever the seed ran, a staging or production database seeded by mistake included:
+    a superuser anyone could log in as."""
+    call_command("seed_demo")
+    first = admin_password_in(capsys.readouterr().out)
+    demo = get_user_model().objects.get(username="demo")
+    assert not demo.check_password("demo-password") and demo.check_password(first) and len(first) >= 16
+    call_command("demo_keys", "--reissue")
+    second = admin_password_in(capsys.readouterr().out)
+    demo.refresh_from_db()
+    assert second != first and demo.check_password(second) and not demo.check_password(first)
 
 
 def test_the_demo_wallets_are_anvils_accounts_with_their_keys():

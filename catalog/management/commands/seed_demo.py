@@ -1,9 +1,12 @@
 """Demo data for `make run`: an owner, a buyer and a seller agent with keys, a few services.
 
-Secrets are stored hashed, so the keys are printed once, when made; `manage.py demo_keys --reissue` revokes them
-and prints new ones. On the local dev chain the seed also prints the demo wallets: Anvil's public development
+Secrets are stored hashed, so the keys and the admin's password are printed once, when made; `manage.py demo_keys
+--reissue` revokes them and prints new ones. The password is random: a known one would be an open superuser
+wherever the seed ran by mistake. On the local dev chain the seed also prints the demo wallets: Anvil's public development
 accounts, whose private keys every Anvil user knows (never use them on a real chain).
 """
+
+import secrets
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -45,14 +48,18 @@ DEMO_SERVICES = [
 
 
 def demo_credentials_issue() -> list[tuple[str, str]]:
-    """Revoke the demo owner's and agents' live demo credentials and issue new ones: (label, secret) lines."""
+    """Revoke the demo owner's and agents' live demo credentials and issue new ones, the admin's password too:
+    (label, secret) lines."""
     owner = get_user_model().objects.get(username="demo")
+    password = secrets.token_urlsafe(12)
+    owner.set_password(password)
+    owner.save(update_fields=["password"])
     buyer, seller = Agent.objects.get(handle="demo-buyer"), Agent.objects.get(handle="demo-seller")
     for credential in [*ApiKey.objects.filter(agent__in=[buyer, seller], name=DEMO_KEY_NAME, revoked_at=None),
                        *OwnerToken.objects.filter(owner=owner, name=DEMO_KEY_NAME, revoked_at=None)]:
         services.credential_revoke(credential=credential)
     return [
-        ("Admin login", "demo / demo-password  (http://127.0.0.1:8000/admin/)"),
+        ("Admin login", f"demo / {password}  (http://127.0.0.1:8000/admin/)"),
         ("Owner token", services.owner_token_issue(owner=owner, name=DEMO_KEY_NAME).secret),
         ("Buyer key (demo-buyer)",
          services.api_key_issue(agent=buyer, scope=KeyScope.PAY, name=DEMO_KEY_NAME).secret),
@@ -95,7 +102,7 @@ class Command(BaseCommand):
                 self.stdout.write(line)
             return
         user_model = get_user_model()
-        owner = user_model.objects.create_superuser("demo", "demo@example.com", "demo-password")
+        owner = user_model.objects.create_superuser("demo", "demo@example.com", None)  # its password: issued below
         services.agent_create(owner=owner, handle="demo-buyer", display_name="Demo buyer",
                               wallet_address=DEMO_BUYER_WALLET, is_buyer=True)
         seller = services.agent_create(owner=owner, handle="demo-seller", display_name="Demo seller",
