@@ -1026,12 +1026,18 @@ def agreement_activation_retry_begin(*, agreement_id) -> None:
     _retry_policy_check(agreement)
 
 
-def agreement_direct_payment_retry_begin(*, agreement_id) -> None:
-    """An operator sends a direct purchase's failed fee permit, fee collection or payment again: the platform moves
-    the buyer's money now (the permit's allowance, the x402 authorization), so the buyer's owner policy as it is now
-    must allow it, as at accept (`_payment_policy_refusal`: else 403 naming the rule, and nothing changes); it then
-    counts against the buyer's caps from now. Call inside the transaction that queues the retry."""
-    _retry_policy_check(_lock(agreement_id))
+def agreement_direct_payment_retry_begin(*, agreement_id, step: str) -> None:
+    """An operator sends a direct purchase's failed `step` (its fee permit, fee collection or payment) again: the
+    platform moves the buyer's money now (the permit's allowance, the x402 authorization), so the buyer's owner policy
+    as it is now must allow it, as at accept (`_payment_policy_refusal`: else 403 naming the rule, and nothing
+    changes). The purchase is then paying again, outside the transition table as after a reorg: payment_failed counts
+    nothing against the caps, and it counts from now while it is paid. Call inside the transaction that queues the
+    retry."""
+    agreement = _lock(agreement_id)
+    _retry_policy_check(agreement)
+    if agreement.status == S.PAYMENT_FAILED:
+        _status_set_outside_table(agreement, to=S.PAYING, reason=f"an operator sent {step} again", fields={},
+                                  data={"operator_retry": True})
 
 
 def _retry_policy_check(agreement: UsageAgreement) -> None:
@@ -1139,13 +1145,20 @@ def agreement_chain_rollback(*, agreement_id, produced_by_removed: set[str], bac
         fields.update(completion_requested_at=None, completion_reason="")
     if agreement.status == back_to and not fields:
         return None
+    return _status_set_outside_table(agreement, to=back_to, reason=reason, fields=fields, data={"reorg": True})
+
+
+def _status_set_outside_table(agreement: UsageAgreement, *, to: str, reason: str, fields: dict,
+                              data: dict) -> UsageAgreement:
+    """Move the locked `agreement` to `to` where the transition table has no edge: back to what a reorg left, or to
+    paying when an operator sends a failed direct purchase's step again."""
     from_status = agreement.status
-    agreement.status = back_to
+    agreement.status = to
     agreement.status_reason = reason[:500]
     for name, value in fields.items():
         setattr(agreement, name, value)
     agreement.save(update_fields=["status", "status_reason", "updated_at", *fields])
-    _record_event(agreement, actor=SYSTEM, from_status=from_status, reason=reason, data={"reorg": True})
+    _record_event(agreement, actor=SYSTEM, from_status=from_status, reason=reason, data=data)
     return agreement
 
 

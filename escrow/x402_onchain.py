@@ -550,7 +550,8 @@ def _direct_purchase_retry(tx: ChainTransaction) -> None:
     """An operator's retry of a failed step moves the buyer's money again: its owner policy decides now. Not once the
     buyer asked for its payment authorization's cancellation (`direct_authorization_cancel`, under way or done): the
     retry, sent first, would take the fee and pay the seller against the buyer's revocation (409)."""
-    agreement_services.agreement_direct_payment_retry_begin(agreement_id=tx.agreement_id)  # locks the agreement
+    agreement_services.agreement_direct_payment_retry_begin(  # locks the agreement
+        agreement_id=tx.agreement_id, step=_DIRECT_STEPS[tx.purpose])
     cancel = selectors.live_transaction(agreement_id=tx.agreement_id, purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
     if cancel is not None:
         raise Conflict("The buyer asked to cancel this purchase's payment authorization: its payment is not sent "

@@ -288,6 +288,48 @@ def test_an_operators_retry_of_a_failed_direct_purchase_step_holds_to_the_buyers
     assert UsageAgreement.objects.get(pk=agreement["id"]).funds_moved_at >= before
 
 
+def test_a_direct_purchase_an_operator_sends_again_counts_against_the_caps_while_it_is_paid(
+        escrow_chain, admin_client, django_capture_on_commit_callbacks):
+    """A failed direct purchase (payment_failed) counts nothing against the caps: its money did not move. An
+    operator's retry of its failed step moves it now: the purchase is paying again and counts from the retry, so the
+    agent's next purchase is held to the cap with it (it stayed payment_failed, counted as nothing, and the agent
+    spent a second cap's worth beside the retried payment)."""
+    from escrow import relayer
+    from escrow.models import TxStatus
+    from tests.agreements.test_direct_payments import AMOUNT, FEE
+    from tests.escrow.flow import USDC, confirm_all, fund
+
+    capture = django_capture_on_commit_callbacks
+    purchase = DirectPurchase(escrow_chain)
+    parties = purchase.parties
+    fund(escrow_chain, purchase.treasury, USDC)
+    agreement = purchase.propose(purchase.body())
+    usdc, buyer = escrow_chain.usdc, purchase.buyer.address
+    held = usdc.functions.balanceOf(buyer).call()
+    purchase.accept(agreement["id"], capture)
+    usdc.functions.transfer(escrow_chain.accounts.stranger.address, held).transact({"from": buyer})
+    for _ in range(3):
+        confirm_all(capture)
+    failed = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_fee")
+    assert failed.status == TxStatus.FAILED
+    assert parties.agreement(agreement["id"])["status"] == "payment_failed"
+    usdc.functions.transfer(buyer, held).transact({"from": escrow_chain.accounts.stranger.address})
+    set_policy(parties, {"daily_cap_atomic": AMOUNT + FEE + ONE_PROPOSAL - 1})
+
+    assert "Queued 1 transaction(s) again." in operators_retry(admin_client, failed, capture)
+    over = parties.buyer_api.post("/usage-agreements", {"service_id": str(parties.service.pk), "quantity": 10})
+    assert_refused(over, "daily_cap")
+    assert over.json()["error"]["details"]["spent"] == AMOUNT + FEE
+    assert parties.agreement(agreement["id"])["status"] == "paying"
+
+    [retry] = ChainTransaction.objects.filter(agreement_id=agreement["id"], purpose="direct_fee",
+                                              status=TxStatus.QUEUED)
+    relayer.transaction_submit(transaction_id=retry.pk)
+    for _ in range(2):  # the fee's collection sent again, then the payment
+        confirm_all(capture)
+    assert parties.agreement(agreement["id"])["status"] == "paid"
+
+
 def test_an_operators_retry_of_a_direct_purchase_is_refused_once_its_buyer_asked_to_cancel_the_authorization(
         escrow_chain, admin_client, django_capture_on_commit_callbacks):
     """A direct purchase's payment failed (its fee not collected) and the buyer asked the platform to cancel its
