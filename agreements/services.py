@@ -375,14 +375,19 @@ def agreement_proposal_prepare(
 
 def _check_parties(*, buyer: Agent, service: Service) -> None:
     """A buyer buys another agent's service, while it is registered and its seller active."""
-    if not buyer.is_buyer:
-        raise Forbidden("Only agents with the buyer role can propose agreements.", code="not_a_buyer")
+    _buyer_role_require(buyer)
     if service.seller_id == buyer.pk:
         raise InvalidInput("An agent cannot buy its own service.", code="own_service")
     if service.state != ServiceState.REGISTERED:
         raise InvalidInput("This service is deregistered.", code="service_deregistered")
     if not service.seller.sells:  # it or its owner deactivated: as search and the skill route hide it
         raise InvalidInput("This service's seller is deactivated.", code="seller_deactivated")
+
+
+def _buyer_role_require(buyer: Agent) -> None:
+    """Its owner made it a buyer: an agent created to sell only buys nothing, by proposal or by skill invocation."""
+    if not buyer.is_buyer:
+        raise Forbidden("Only agents with the buyer role can buy.", code="not_a_buyer")
 
 
 def _check_quantity(*, service: Service, quantity: int) -> None:
@@ -539,12 +544,14 @@ def _payment_policy_refusal(agreement: UsageAgreement) -> Forbidden | None:
 def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict,
                       authorization: x402_protocol.Authorization, client: str = "") -> SkillInvocation:
     """Record a skill invocation and its authorization (see `agreements.invocations.invocation_create`) once the
-    calling agent's owner policy allows its price, as a direct purchase's: a denial is 403 `policy_denied`, and
+    calling agent's owner policy allows its price, as a direct purchase's (and the agent is a buyer: else 403
+    `not_a_buyer`): a denial is 403 `policy_denied`, and
     a price the owner must approve is 403 `approval_required` (a synchronous paid call cannot wait for the owner),
     each with the rule; nothing is recorded. An anonymous caller (no API key) has no owner, hence no policy. Call
     inside the transaction that queues the payment: the buyer stays locked until it commits."""
     with transaction.atomic():
         if buyer is not None:
+            _buyer_role_require(buyer)
             decision = _buyer_policy_decision(buyer=buyer, service=skill.service, token=skill.service.token,
                                               amount=invocations.invocation_price(skill), at=timezone.now())
             if decision.needs_approval:

@@ -831,6 +831,22 @@ def test_an_invocation_the_owner_must_approve_is_403_approval_required_and_moves
     assert not ApprovalRequest.objects.exists()  # a synchronous paid call cannot wait for the owner
 
 
+def test_an_agent_its_owner_made_a_seller_only_buys_no_skill_with_its_key(market, owner, buyer_agent):
+    """An agent created without the buyer role is refused a proposal (403 `not_a_buyer`); its invocation with its API
+    key is a purchase as well, refused the same way, before anything is recorded or moves."""
+    Agent.objects.filter(pk=buyer_agent.pk).update(is_buyer=False, is_seller=True)
+    payment = market.pay("translate")
+    before = market.balances()
+
+    response = market.call("translate", payment, api=Api(issue_key(buyer_agent)))
+
+    assert response.status_code == 403, response.content
+    assert error_code(response) == "not_a_buyer"
+    assert not SkillInvocation.objects.exists()
+    assert not ChainTransaction.objects.filter(purpose="invocation_payment").exists()
+    assert market.upstream.requests == [] and market.balances() == before
+
+
 def cancelled_once_estimated(market, monkeypatch, payment: str) -> None:
     """The next transaction the relayer estimates reverts when mined: right after the estimate the payer cancels the
     payment's authorization (in a block before the relayer's), as anyone may change the chain in between."""
