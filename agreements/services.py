@@ -544,11 +544,11 @@ def _payment_policy_refusal(agreement: UsageAgreement) -> Forbidden | None:
 def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict,
                       authorization: x402_protocol.Authorization, client: str = "") -> SkillInvocation:
     """Record a skill invocation and its authorization (see `agreements.invocations.invocation_create`) once the
-    calling agent's owner policy allows its price, as a direct purchase's (and the agent is a buyer: else 403
-    `not_a_buyer`): a denial is 403 `policy_denied`, and
-    a price the owner must approve is 403 `approval_required` (a synchronous paid call cannot wait for the owner),
-    each with the rule; nothing is recorded. An anonymous caller (no API key) has no owner, hence no policy. Call
-    inside the transaction that queues the payment: the buyer stays locked until it commits."""
+    calling agent is a buyer (else 403 `not_a_buyer`, as its proposals) and its owner policy allows its price, as a
+    direct purchase's: a denial is 403 `policy_denied`, and a price the owner must approve is 403 `approval_required`
+    (a synchronous paid call cannot wait for the owner), each with the rule; nothing is recorded. An anonymous caller
+    (no API key) has no owner, hence no policy. Call inside the transaction that queues the payment: the buyer stays
+    locked until it commits."""
     with transaction.atomic():
         if buyer is not None:
             _buyer_role_require(buyer)
