@@ -214,6 +214,21 @@ def agent_scope(scope: str) -> type[permissions.BasePermission]:
     return HasAgentScope
 
 
+def anyone_or_agent_scope(scope: str) -> type[permissions.BasePermission]:
+    """Permission for a route anyone may call (the x402 skill route: the signed payment is the credential), where an
+    agent API key, when sent, makes that agent the caller: the key must hold `scope`, as on the agent's other routes."""
+
+    class AnyoneOrAgentWithScope(permissions.BasePermission):
+        message = f"An agent API key sent here needs the `{scope}` scope (or send none)."
+        code = "insufficient_scope"
+
+        def has_permission(self, request, view):
+            return not isinstance(request.auth, ApiKey) or request.auth.grants(scope)
+
+    AnyoneOrAgentWithScope.__name__ = f"AnyoneOrAgentWithScope_{scope}"
+    return AnyoneOrAgentWithScope
+
+
 class IsOwner(permissions.BasePermission):
     """A person acting for themselves: an owner token or an admin session; never an agent's key."""
 

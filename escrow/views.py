@@ -27,7 +27,7 @@ from agreements.serializers import (
     invocation_payment,
 )
 from catalog import selectors as catalog_selectors
-from catalog.authentication import agent_scope, calling_agent
+from catalog.authentication import agent_scope, anyone_or_agent_scope, calling_agent
 from catalog.models import ApiKey, KeyScope
 from catalog.authentication import operator_with
 from escrow import chain, selectors, services, settlement, x402_onchain
@@ -374,8 +374,8 @@ def _payment_response_headers(invocation) -> dict[str, str]:
 
 
 class SkillInvokeView(APIView):
-    # x402: the signed payment is the credential. An agent API key, when sent, names the buyer.
-    permission_classes = [AllowAny]
+    # x402: the signed payment is the credential. An agent API key, when sent, names the buyer: it must be able to pay.
+    permission_classes = [anyone_or_agent_scope(KeyScope.PAY)]
     throttle_scope = "payments"  # per key, else per client address
 
     @extend_schema(

@@ -847,6 +847,21 @@ def test_an_agent_its_owner_made_a_seller_only_buys_no_skill_with_its_key(market
     assert market.upstream.requests == [] and market.balances() == before
 
 
+def test_a_read_only_key_of_an_agent_buys_no_skill_in_its_name(market, buyer_agent):
+    """A key without the `pay` scope proposes nothing (403 `insufficient_scope`); at the skill route it named the
+    agent as the buyer all the same: any payment sent with it was counted against the agent's caps and its failures
+    against the agent's standing with the seller. Refused the same way, nothing recorded or moved."""
+    payment = market.pay("translate")
+    before = market.balances()
+
+    response = market.call("translate", payment, api=Api(issue_key(buyer_agent, scope="read")))
+
+    assert response.status_code == 403, response.content
+    assert error_code(response) == "insufficient_scope"
+    assert not SkillInvocation.objects.exists()
+    assert market.upstream.requests == [] and market.balances() == before
+
+
 def cancelled_once_estimated(market, monkeypatch, payment: str) -> None:
     """The next transaction the relayer estimates reverts when mined: right after the estimate the payer cancels the
     payment's authorization (in a block before the relayer's), as anyone may change the chain in between."""
