@@ -1,0 +1,238 @@
+"""UsageEscrow as anyone may call it: attacks a front-runner, a seller, a buyer's counterparty or a fork could try.
+
+Each test plays one attack against the contract and checks that it moves no money that is not the caller's, locks
+none, and leaves the honest path working.
+"""
+
+import pytest
+from web3.exceptions import ContractLogicError
+
+from sdk import typed_data as td
+from tests.escrow.conftest import USDC, random_bytes32
+
+pytestmark = pytest.mark.chain
+
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+WINDOW = 600
+
+
+def _high_s(signature: str) -> str:
+    """The other valid ECDSA signature of the same message by the same key: (r, n - s, v flipped)."""
+    raw = bytes.fromhex(signature[2:])
+    s = int.from_bytes(raw[32:64], "big")
+    return "0x" + (raw[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - raw[64]])).hex()
+
+
+def _proposed(esc, agreement_id: str, seq: int = 1, amount: int = 400_000, sender=None) -> dict:
+    return esc.event(esc.propose(agreement_id, seq, amount, sender=sender), "SettlementProposed")
+
+
+def test_malleated_signatures_are_refused(esc, chain):
+    """The high-s twin of a valid signature (same key, same message) is refused for the intent, the receipt and
+    the challenge, so no signature can be spent twice under another encoding."""
+    typed = esc.intent(challenge_window=WINDOW)
+    agreement_id = typed["message"]["agreementId"]
+    esc.mint(esc.acc.buyer, 10 * USDC)
+    esc.tx(esc.usdc.functions.approve(esc.escrow.address, 10 * USDC), esc.acc.buyer)
+    signature = esc.sign(typed, esc.acc.buyer)
+    assert td.recover_typed_data_signer(typed, _high_s(signature)) == esc.acc.buyer.address
+    esc.reverts(esc.activate_fn(typed, _high_s(signature)), esc.acc.stranger, "InvalidBuyerSignature")
+    esc.tx(esc.activate_fn(typed, signature), esc.acc.stranger)
+
+    digest = random_bytes32()
+    receipt_sig = esc.receipt_sig(agreement_id, 1, 500, digest)
+    fn = esc.fn("proposeSettlement", agreement_id, 1, 500, digest, _high_s(receipt_sig))
+    esc.reverts(fn, esc.acc.operator, "InvalidReceiptSignature")
+    esc.tx(esc.fn("proposeSettlement", agreement_id, 1, 500, digest, receipt_sig), esc.acc.operator)
+
+    deadline = chain.now() + 300
+    challenge_sig = esc.challenge_sig(agreement_id, deadline)
+    fn = esc.fn("challengeWithSig", agreement_id, deadline, _high_s(challenge_sig))
+    esc.reverts(fn, esc.acc.stranger, "InvalidBuyerSignature")
+    esc.tx(esc.fn("challengeWithSig", agreement_id, deadline, challenge_sig), esc.acc.stranger)
+    assert esc.state(agreement_id) == "Disputed"
+
+
+def test_receipts_and_challenges_signed_for_another_chain_or_contract_are_refused(esc, chain):
+    typed, _ = esc.activate(challenge_window=WINDOW)
+    agreement_id = typed["message"]["agreementId"]
+    digest = random_bytes32()
+    for domain in ({"chainId": 1}, {"verifyingContract": esc.usdc.address}):
+        receipt = td.usage_receipt(chain_id=esc.chain_id, escrow_address=esc.escrow.address,
+                                   agreement_id=agreement_id, seq=1, cumulative_amount=500, usage_digest=digest)
+        receipt["domain"] = {**receipt["domain"], **domain}
+        signature = td.sign_typed_data(esc.acc.receipt_signer.key, receipt)
+        fn = esc.fn("proposeSettlement", agreement_id, 1, 500, digest, signature)
+        esc.reverts(fn, esc.acc.operator, "InvalidReceiptSignature")
+    _proposed(esc, agreement_id, amount=500)
+
+    deadline = chain.now() + 300
+    for domain in ({"chainId": 1}, {"verifyingContract": esc.usdc.address}):
+        challenge = td.challenge(chain_id=esc.chain_id, escrow_address=esc.escrow.address,
+                                 agreement_id=agreement_id, deadline=deadline)
+        challenge["domain"] = {**challenge["domain"], **domain}
+        signature = td.sign_typed_data(esc.acc.buyer.key, challenge)
+        esc.reverts(esc.fn("challengeWithSig", agreement_id, deadline, signature), esc.acc.stranger,
+                    "InvalidBuyerSignature")
+    assert esc.state(agreement_id) == "Proposed"
+
+
+def _reverted_with(esc, fn, sender) -> str:
+    """The custom error ``fn`` reverts with as an eth_call (no transaction: the node's chain id changed)."""
+    errors = {"0x" + bytes(esc.w3.keccak(text=f"{e['name']}({','.join(i['type'] for i in e['inputs'])})"))[:4].hex():
+              e["name"] for e in esc.escrow.abi if e["type"] == "error"}
+    with pytest.raises(ContractLogicError) as failure:
+        fn.call({"from": sender.address})
+    return errors.get(str(failure.value.data)[:10], str(failure.value))
+
+
+def test_signatures_made_before_a_fork_changed_the_chain_id_are_refused_after_it(esc, chain):
+    """A chain split that gives one side a new chain id: the contract's EIP-712 domain follows block.chainid, so the
+    buyer's intents, receipts and challenges signed on the old chain do not run on the new one."""
+    old_id = esc.chain_id
+    active, _ = esc.activate(challenge_window=WINDOW)
+    agreement_id = active["message"]["agreementId"]
+    _proposed(esc, agreement_id)
+    pending = esc.intent()  # signed for the old chain id, not yet submitted
+    esc.mint(esc.acc.buyer, 10 * USDC)
+    esc.tx(esc.usdc.functions.approve(esc.escrow.address, 10 * USDC), esc.acc.buyer)
+    intent_sig = esc.sign(pending, esc.acc.buyer)
+    digest = random_bytes32()
+    receipt_sig = esc.receipt_sig(agreement_id, 2, 500, digest)
+    deadline = chain.now() + 300
+    challenge_sig = esc.challenge_sig(agreement_id, deadline)
+    separator = esc.escrow.functions.DOMAIN_SEPARATOR().call()
+    try:
+        chain.rpc("anvil_setChainId", [old_id + 1])
+        assert esc.escrow.functions.DOMAIN_SEPARATOR().call() != separator
+        assert "0x" + esc.escrow.functions.activationIntentDigest(td.message_tuple(pending)).call().hex() == (
+            td.typed_data_digest({**pending, "domain": {**pending["domain"], "chainId": old_id + 1}}))
+        assert _reverted_with(esc, esc.activate_fn(pending, intent_sig), esc.acc.stranger) == "InvalidBuyerSignature"
+        fn = esc.fn("proposeSettlement", agreement_id, 2, 500, digest, receipt_sig)
+        assert _reverted_with(esc, fn, esc.acc.operator) == "InvalidReceiptSignature"
+        fn = esc.fn("challengeWithSig", agreement_id, deadline, challenge_sig)
+        assert _reverted_with(esc, fn, esc.acc.stranger) == "InvalidBuyerSignature"
+    finally:
+        chain.rpc("anvil_setChainId", [old_id])
+    assert esc.escrow.functions.DOMAIN_SEPARATOR().call() == separator
+
+
+def test_a_front_runner_can_neither_spend_nor_block_the_buyers_activation(esc):
+    """A third party who sees the relayer's pending activation sends the intent first without the permit (nothing
+    happens: no allowance, the nonce stays unused), then spends the permit itself: the relayer's activation, its
+    permit now used, still opens exactly the buyer's escrow."""
+    acc = esc.acc
+    typed = esc.intent()
+    message = typed["message"]
+    amount = message["depositAmount"] + message["infraFee"]
+    esc.mint(acc.buyer, amount)
+    signature = esc.sign(typed, acc.buyer)
+    permit = esc.permit(acc.buyer, amount, deadline=message["deadline"])
+
+    esc.reverts(esc.activate_fn(typed, signature), acc.stranger, "InsufficientAllowance", amount, 0)
+    assert not esc.escrow.functions.intentNonceUsed(acc.buyer.address, message["nonce"]).call()
+    esc.submit_permit(acc.buyer, permit, sender=acc.stranger)
+
+    esc.tx(esc.activate_fn(typed, signature, permit), acc.operator)
+    e = esc.get(message["agreementId"], acc.buyer.address)
+    assert (e["state"], e["seller"], e["depositAmount"]) == ("Active", acc.seller.address, message["depositAmount"])
+    assert esc.balance(acc.buyer) == 0 and esc.held() == message["depositAmount"]
+
+
+def test_the_buyer_cannot_cancel_the_nonce_holding_its_escrows_state(esc):
+    """An escrow's settlement state lives in its buyer's word for the intent nonce: cancelling that nonce is refused
+    (the escrow stays Active and is not reset), and another address cancelling the same number touches only its own."""
+    typed, _ = esc.activate()
+    message = typed["message"]
+    esc.reverts(esc.escrow.functions.cancelIntentNonce(message["nonce"]), esc.acc.buyer, "IntentNonceUsed")
+    esc.tx(esc.escrow.functions.cancelIntentNonce(message["nonce"]), esc.acc.stranger)
+    assert esc.state(message["agreementId"]) == "Active"
+    esc.propose(message["agreementId"], 1, 1)
+    assert esc.state(message["agreementId"]) == "Proposed"
+
+
+def test_a_seller_cannot_restart_the_window_without_a_newer_receipt(esc, chain):
+    """Each restart of the challenge window costs the seller a receipt with a higher seq than the last proposed:
+    the relayer's latest receipt ends the restarts, and the buyer may still challenge until the window's end."""
+    typed, _ = esc.activate(challenge_window=WINDOW)
+    agreement_id = typed["message"]["agreementId"]
+    digest = random_bytes32()
+    latest = esc.receipt_sig(agreement_id, 9, 700_000, digest)
+    first = esc.event(esc.tx(esc.fn("proposeSettlement", agreement_id, 9, 700_000, digest, latest),
+                             esc.acc.operator), "SettlementProposed")
+    chain.increase_time(WINDOW - 10)
+    for seq in (9, 8, 1):  # the same receipt again, older ones
+        esc.reverts(esc.propose_fn(agreement_id, seq, 1), esc.acc.seller, "StaleReceipt", seq, 9)
+    esc.reverts(esc.fn("proposeSettlement", agreement_id, 9, 700_000, digest, latest), esc.acc.seller,
+                "StaleReceipt", 9, 9)
+    assert esc.get(agreement_id)["challengeDeadline"] == first["challengeDeadline"]
+    chain.set_next_timestamp(first["challengeDeadline"] - 1)
+    esc.tx(esc.fn("challenge", agreement_id), esc.acc.buyer)
+    assert esc.state(agreement_id) == "Disputed"
+
+
+# EIP-1167: a proxy that DELEGATECALLs every call, with all its gas, to the 20-byte address in the middle, as
+# Circle's FiatTokenProxy does for USDC.
+_PROXY_HEAD, _PROXY_TAIL = "363d3d373d3d3d363d73", "5af43d82803e903d91602b57fd5bf3"
+
+
+def test_a_starved_gas_limit_cannot_force_a_deferral_through_a_proxied_token(esc, chain):
+    """USDC is a proxy: a transfer starved of gas fails two calls deep, and the escrow gets back more than 1/64 of
+    the gas it forwarded. Turning the test token into a proxy of itself (same storage), every gas limit either pays
+    both parties or reverts: no limit leaves a payable party's share deferred."""
+    typed, _ = esc.activate(challenge_window=WINDOW)
+    agreement_id = typed["message"]["agreementId"]
+    event = _proposed(esc, agreement_id)
+    chain.set_next_timestamp(event["challengeDeadline"])
+    chain.mine()
+    implementation = "0x" + "11" * 19 + "67"
+    chain.rpc("anvil_setCode", [implementation, "0x" + esc.w3.eth.get_code(esc.usdc.address).hex()])
+    chain.rpc("anvil_setCode", [esc.usdc.address, "0x" + _PROXY_HEAD + implementation[2:] + _PROXY_TAIL])
+    assert esc.balance(esc.escrow.address) > 0  # the proxy reads the token's own storage
+
+    fn = esc.fn("finalize", agreement_id)
+    needed = fn.estimate_gas({"from": esc.acc.stranger.address})
+    outcomes = set()
+    for gas in [*range(40_000, needed, 500), needed]:
+        snapshot = chain.snapshot()
+        tx_hash = fn.transact({"from": esc.acc.stranger.address, "gas": gas})
+        receipt = esc.w3.eth.wait_for_transaction_receipt(tx_hash, poll_latency=0.01)
+        if receipt["status"] == 1:
+            assert esc.events(receipt, "PayoutDeferred") == [], f"deferred with gas={gas}"
+            outcomes.add("paid")
+        else:
+            outcomes.add("reverted")
+        chain.revert(snapshot)
+    assert outcomes == {"paid", "reverted"}
+
+
+# Runtime code answering every call with 32 zero bytes: a token whose transfer returns false instead of reverting.
+_RETURNS_FALSE = "0x60206000f3"
+
+
+def test_a_token_returning_false_defers_payouts_and_keeps_fees(esc, chain):
+    """A transfer that returns false (no revert) is a failed payout: finalize credits both parties instead of
+    counting them paid, payFees reverts and keeps the fees accrued; once the token transfers again, withdraw and
+    payFees pay exactly what was owed."""
+    typed, _ = esc.activate(challenge_window=WINDOW)
+    agreement_id = typed["message"]["agreementId"]
+    fee = typed["message"]["infraFee"]
+    event = _proposed(esc, agreement_id)
+    chain.set_next_timestamp(event["challengeDeadline"])
+    chain.mine()
+    token_code = "0x" + esc.w3.eth.get_code(esc.usdc.address).hex()
+    chain.rpc("anvil_setCode", [esc.usdc.address, _RETURNS_FALSE])
+
+    receipt = esc.tx(esc.fn("finalize", agreement_id), esc.acc.stranger)
+    assert [(e["party"], e["amount"]) for e in esc.events(receipt, "PayoutDeferred")] == [
+        (esc.acc.seller.address, 400_000), (esc.acc.buyer.address, 600_000)]
+    esc.reverts(esc.escrow.functions.payFees(esc.usdc.address), esc.acc.stranger, "SafeERC20FailedOperation")
+    assert esc.escrow.functions.feesAccrued(esc.usdc.address).call() == fee
+
+    chain.rpc("anvil_setCode", [esc.usdc.address, token_code])
+    seller_before, buyer_before = esc.balance(esc.acc.seller), esc.balance(esc.acc.buyer)
+    esc.tx(esc.fn("withdraw", agreement_id), esc.acc.stranger)
+    assert (esc.balance(esc.acc.seller) - seller_before, esc.balance(esc.acc.buyer) - buyer_before) == (
+        400_000, 600_000)
+    esc.pay_fees()
+    assert esc.balance(esc.escrow.address) == 0
