@@ -395,6 +395,15 @@ def spent_by_the_buyer_once_estimated(chain, monkeypatch) -> None:
     monkeypatch.setattr(gateway, "simulate", estimate_then_buyer_spends)
 
 
+def relayer_transfer(chain, capture, recipient: str, amount: int) -> ChainTransaction:
+    """A payout of the relayer's, as any: a token transfer from its wallet, queued and submitted."""
+    with capture(execute=True):
+        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                         data=chain.usdc.encode_abi("transfer", args=[recipient, amount]))
+    tx.refresh_from_db()
+    return tx
+
+
 def later_transaction(chain, capture) -> ChainTransaction:
     """Any transaction of the relayer's after the reorg (a payout, a settlement): here a transfer of nothing."""
     with capture(execute=True):
@@ -564,9 +573,7 @@ def test_a_payout_whose_receipt_a_lagging_node_does_not_have_yet_is_not_sent_aga
     chain, recipient = escrow_chain, escrow_chain.accounts.stranger
     fund(chain, chain.accounts.deployer.address, 10 * USDC)
     before = usdc_balance(chain, recipient.address)
-    with django_capture_on_commit_callbacks(execute=True):
-        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
-                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
     mined_what_was_sent()
     chain.mine()  # a block on top: the payout's is at the confirmation depth on the fresh backend
     assert usdc_balance(chain, recipient.address) == before + 2 * USDC
@@ -594,10 +601,7 @@ def test_a_payout_whose_nonce_another_transaction_of_the_wallet_took_is_sent_aga
     before = usdc_balance(chain, recipient.address)
     chain.rpc("evm_setAutomine", [False])
     try:
-        with django_capture_on_commit_callbacks(execute=True):
-            tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
-                                             data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
-        tx.refresh_from_db()
+        tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
         chain.rpc("anvil_dropTransaction", [tx.attempts.get().tx_hash])
         chain.w3.eth.send_transaction({"from": chain.accounts.deployer.address, "to": chain.accounts.deployer.address,
                                        "value": 0, "nonce": tx.nonce})
@@ -678,9 +682,7 @@ def test_a_node_behind_that_has_not_a_mined_payouts_block_yet_does_not_forget_it
 def _a_transfer_mined(chain, recipient, capture) -> ChainTransaction:
     """2 USDC sent by the relayer to `recipient` and polled until mined (confirmed at the default depth)."""
     fund(chain, chain.accounts.deployer.address, 10 * USDC)
-    with capture(execute=True):
-        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
-                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+    tx = relayer_transfer(chain, capture, recipient.address, 2 * USDC)
     confirm_all(capture)
     tx.refresh_from_db()
     return tx
@@ -798,10 +800,7 @@ def test_a_payout_in_flight_when_the_relayer_key_is_replaced_is_not_signed_again
     before = usdc_balance(chain, recipient.address)
     chain.rpc("evm_setAutomine", [False])
     try:
-        with django_capture_on_commit_callbacks(execute=True):
-            tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
-                                             data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
-        tx.refresh_from_db()
+        tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
         assert tx.status == TxStatus.SUBMITTED
         # The new wallet has sent as many transactions as the old one had: the old nonce is its next one too.
         chain.rpc("anvil_setNonce", [replacement_wallet.address, hex(tx.nonce)])
@@ -828,9 +827,7 @@ def test_a_transaction_of_a_replaced_relayer_key_is_not_cancelled_by_a_nonce_fil
     fund(chain, chain.accounts.deployer.address, 10 * USDC)
     chain.rpc("evm_setAutomine", [False])
     try:
-        with django_capture_on_commit_callbacks(execute=True):
-            tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
-                                             data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+        tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
         settings.RELAYER_PRIVATE_KEY = chain.accounts.spare.key
         with pytest.raises(ImproperlyConfigured, match="Neither RELAYER_PRIVATE_KEY nor RELAYER_RETIRED_PRIVATE_KEYS"):
             with transaction.atomic():
@@ -853,9 +850,7 @@ def test_a_transaction_the_base_fee_outgrew_is_replaced_at_the_fees_the_chain_as
     before = usdc_balance(chain, recipient.address)
     chain.rpc("evm_setAutomine", [False])
     try:
-        with django_capture_on_commit_callbacks(execute=True):
-            tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
-                                             data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+        tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
         first = TxAttempt.objects.get(transaction=tx)
         spiked = 10 * int(first.max_fee_per_gas)
         chain.rpc("anvil_setNextBlockBaseFeePerGas", [hex(spiked)])
@@ -889,18 +884,13 @@ def test_a_payout_in_flight_when_the_relayer_key_is_replaced_is_replaced_by_the_
     old_key = settings.RELAYER_PRIVATE_KEY
     chain.rpc("evm_setAutomine", [False])
     try:
-        with django_capture_on_commit_callbacks(execute=True):
-            tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
-                                             data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+        tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
         settings.RELAYER_PRIVATE_KEY, settings.RELAYER_RETIRED_PRIVATE_KEYS = replacement_wallet.key, [old_key]
         settings.CHAIN_REPLACE_AFTER = timedelta(0)
         with django_capture_on_commit_callbacks(execute=True):
             relayer.transactions_poll()
         assert tx.attempts.count() == 2, "not replaced with higher fees"
-        with django_capture_on_commit_callbacks(execute=True):
-            later = relayer.transaction_enqueue(
-                purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
-                data=chain.usdc.encode_abi("transfer", args=[recipient.address, 1 * USDC]))
+        later = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 1 * USDC)
         chain.mine()
     finally:
         chain.rpc("evm_setAutomine", [True])
