@@ -242,8 +242,8 @@ REGISTER_EXAMPLE = OpenApiExample("register", request_only=True, value={
 
 class RegistryView(APIView):
     def get_permissions(self):
-        scope = {"GET": KeyScope.READ, "POST": KeyScope.PAY, "DELETE": KeyScope.ADMIN}.get(self.request.method,
-                                                                                         KeyScope.READ)
+        # Writes take `pay`, as /agents/services' (registering, changing and deregistering a listing alike).
+        scope = KeyScope.READ if self.request.method == "GET" else KeyScope.PAY
         return [agent_scope(scope)()]
 
     @extend_schema(operation_id="masumi_registry_list",
@@ -276,7 +276,7 @@ class RegistryView(APIView):
             raise InvalidInput("sellingWalletVkey must be the calling agent's wallet address.",
                                code="wallet_mismatch")
         service = services.service_register(seller=agent, data=_catalog_data(body.validated_data))
-        service = selectors.service_get(service_id=service.pk, viewer=agent)
+        service = selectors.service_shown(service_id=service.pk, viewer=agent)
         return Response({"status": "success", "data": asset(service, viewer=agent, request=request)})
 
     @extend_schema(operation_id="masumi_registry_deregister", summary="Masumi: deregister an agentic service",
@@ -287,8 +287,8 @@ class RegistryView(APIView):
         body.is_valid(raise_exception=True)
         _check_network(body.validated_data["network"])
         agent = calling_agent(request)
-        service = selectors.service_get(service_id=body.validated_data["agentIdentifier"], viewer=agent)
+        service = selectors.service_shown(service_id=body.validated_data["agentIdentifier"], viewer=agent)
         services.service_deregister(service=service, actor=agent)
         return Response({"status": "success",
-                         "data": asset(selectors.service_get(service_id=service.pk, viewer=agent), viewer=agent,
+                         "data": asset(selectors.service_shown(service_id=service.pk, viewer=agent), viewer=agent,
                                        request=request)})

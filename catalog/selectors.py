@@ -77,12 +77,25 @@ def _for_proposal(queryset: QuerySet[Service]) -> QuerySet[Service]:
     return queryset.select_related("seller").prefetch_related("tags")
 
 
+# Where search, the registry and the skill route list a service: registered, its seller and the seller's owner active.
+LISTED = Q(state=ServiceState.REGISTERED, seller__is_active=True, seller__owner_is_active=True)
+
+
 def service_get(*, service_id, viewer: Agent | None = None) -> Service:
     """A registered service, or any service of the viewing seller (its own deregistered ones included)."""
     visible = Q(state=ServiceState.REGISTERED)
     if viewer is not None:
         visible |= Q(seller=viewer)
     service = _with_relations(Service.objects.filter(visible, pk=service_id)).first()
+    if service is None:
+        raise NotFound("No such service.", code="service_not_found")
+    return service
+
+
+def service_shown(*, service_id, viewer: Agent) -> Service:
+    """A service as the catalog shows it: listed (registered, its seller and the seller's owner active: as search,
+    the registry and the skill route list it), or the viewer's own in any state; else 404 `service_not_found`."""
+    service = _with_relations(Service.objects.filter(LISTED | Q(seller=viewer), pk=service_id)).first()
     if service is None:
         raise NotFound("No such service.", code="service_not_found")
     return service
@@ -102,8 +115,7 @@ def registry_services(*, viewer: Agent, seller_wallet: str | None = None) -> Que
     """The Masumi registry: every registered service of the network whose seller and its owner are active (as search
     lists them), and the viewer's own in any state; `seller_wallet` narrows it to one seller's (an agent's own
     registrations: its wallet)."""
-    listed = Q(state=ServiceState.REGISTERED, seller__is_active=True, seller__owner_is_active=True)
-    services = Service.objects.filter(listed | Q(seller=viewer))
+    services = Service.objects.filter(LISTED | Q(seller=viewer))
     if seller_wallet is not None:
         services = services.filter(seller__wallet_address__iexact=seller_wallet)
     return _with_relations(services)

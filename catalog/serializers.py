@@ -247,13 +247,11 @@ class ServiceWriteSerializer(StrictSerializer):
             if missing:
                 raise serializers.ValidationError({"pricing": [serializers.ErrorDetail(
                     "Required (or price_model and base_price_cents).", code="required")]})
-        if "category" in attrs and attrs["category"] and "tags" in attrs:
-            try:
-                [tag] = TagListField().to_internal_value([attrs["category"]])  # the listing's tags' form and checks
+        if attrs.get("category"):
+            try:  # it becomes a tag (catalog.services): the tags' checks
+                TagListField().to_internal_value([attrs["category"]])
             except serializers.ValidationError as error:
                 raise serializers.ValidationError({"category": error.detail}) from None
-            if tag not in attrs["tags"]:
-                attrs["tags"] = [*attrs["tags"], tag][:15]
         attrs.pop("api_auth_header", None)
         low, high = attrs.get("min_quantity"), attrs.get("max_quantity")
         if low is not None and high is not None and high < low:

@@ -25,14 +25,37 @@ from catalog.models import (
     UpstreamProtocol,
     new_proxy_secret,
 )
-from marketplace import masumi_agentic_client, outbound, outbound_slots, rotation, sweeps
+from marketplace import masumi_agentic_client, outbound, outbound_slots, rotation, shown_text, sweeps
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.fields import checksum_address
 from marketplace.keys import issue_secret
+from marketplace.tags import TAGS_PER_LISTING, tag_normalise
 
 # Path segments that routes under /agents/ already use, so they cannot be handles or skill names.
 RESERVED_HANDLES = frozenset({"services", "me"})
 RESERVED_SKILL_NAMES = frozenset({"policies", "approvals", "api-keys", "services", "webhooks", "events"})
+
+
+# The parts of a listing written as prose (line breaks kept); the rest of its text is names (marketplace.shown_text).
+PROSE_FIELDS = frozenset({"description", "legal", "capabilities", "metadata"})
+
+
+def _check_shown_text(value, *, field: str, prose: bool = False) -> None:
+    """Every text in `value` (nested objects and lists too, the keys of free-form ones included), shown to buyers as
+    written: 400 `unsafe_characters` naming the field and the characters (marketplace.shown_text)."""
+    if isinstance(value, str):
+        characters = shown_text.unsafe_characters(value, prose=prose)
+        if characters:
+            raise InvalidInput(shown_text.message(characters), code=shown_text.CODE,
+                               details={"fields": [field], "characters": characters})
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{field}.{key}" if field else str(key)
+            _check_shown_text(key, field=inner, prose=prose)
+            _check_shown_text(item, field=inner, prose=prose or key in PROSE_FIELDS)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_shown_text(item, field=f"{field}.{index}", prose=prose)
 
 
 @dataclass(frozen=True)
@@ -57,6 +80,7 @@ def agent_create(
         raise InvalidInput("A handle cannot spell an agent id (a UUID).", code="handle_reserved")
     if not (is_buyer or is_seller):
         raise InvalidInput("An agent must be a buyer, a seller or both.", code="no_role")
+    _check_shown_text(display_name, field="display_name")
     try:
         # The unique constraint decides, also between two creations at once (no row to lock yet): the second
         # waits for the first to commit, then fails here.
@@ -202,6 +226,19 @@ def _terms_held(model: type[Tag] | type[ServiceName], names: list[str]) -> dict:
     return found
 
 
+def _with_category(tags: list[str], category: str) -> list[str]:
+    """The listing's tags and its category's (README: search by tag finds a category); the serializer checked both
+    are in the tags' form."""
+    tag = tag_normalise(category)
+    if not tag or tag in tags:
+        return tags
+    if len(tags) >= TAGS_PER_LISTING:
+        raise InvalidInput(f"The category is also a tag, and a service has at most {TAGS_PER_LISTING}: drop one.",
+                           code="too_many_tags", details={"fields": ["category", "tags"],
+                                                          "max_tags": TAGS_PER_LISTING})
+    return [*tags, tag]
+
+
 def _replace_tags(service: Service, names: list[str]) -> None:
     tag_ids = _terms_held(Tag, names)
     service.tags.set([tag_ids[name] for name in names])
@@ -295,6 +332,8 @@ def _check_service_count(seller: Agent) -> None:
 
 def service_register(*, seller: Agent, data: dict) -> Service:
     _require_seller(seller)
+    _check_shown_text(data, field="")
+    tags = _with_category(data["tags"], data.get("category", ""))
     outbound.url_check(data["upstream_base_url"])  # resolves DNS: before any lock is taken
     skills = data.get("skills", [])
     with transaction.atomic():
@@ -304,7 +343,7 @@ def service_register(*, seller: Agent, data: dict) -> Service:
         service = Service(seller=seller)
         _apply_fields(service, data)
         service.save()
-        _replace_tags(service, data["tags"])
+        _replace_tags(service, tags)
         _replace_skills(service, skills)
         _refresh_search_fields(service)
     return service
@@ -312,6 +351,7 @@ def service_register(*, seller: Agent, data: dict) -> Service:
 
 def service_update(*, service: Service, actor: Agent, data: dict) -> Service:
     _require_owner(service, actor)
+    _check_shown_text(data, field="")
     if "upstream_base_url" in data:
         outbound.url_check(data["upstream_base_url"])  # resolves DNS: before any lock is taken
     with transaction.atomic():
@@ -324,8 +364,9 @@ def service_update(*, service: Service, actor: Agent, data: dict) -> Service:
             _check_skill_names(actor, data["skills"], exclude_service=service)
         _apply_fields(service, data)
         service.save()
-        if "tags" in data:
-            _replace_tags(service, data["tags"])
+        if "tags" in data or "category" in data:  # the category stays among the tags
+            tags = data["tags"] if "tags" in data else [tag.name for tag in service.tags.all()]
+            _replace_tags(service, _with_category(tags, service.category))
         if "skills" in data:
             _replace_skills(service, data["skills"])
         _refresh_search_fields(service)

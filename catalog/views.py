@@ -176,7 +176,7 @@ class ServicesView(APIView):
         body = ServiceWriteSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         service = services.service_register(seller=calling_agent(request), data=body.validated_data)
-        service = selectors.service_get(service_id=service.pk, viewer=calling_agent(request))
+        service = selectors.service_shown(service_id=service.pk, viewer=calling_agent(request))
         return shown_once(Response(ServiceRegisteredSerializer(service).data, status=status.HTTP_201_CREATED),
                           "proxy_secret", kept_by=service)
 
@@ -192,10 +192,10 @@ class ServiceDetailView(APIView):
             return ServiceSerializer(service).data
         return OwnServiceSerializer(service, context=_secret_context(request)).data
 
-    @extend_schema(operation_id="services_get", summary="A service (registered, or your own in any state)",
+    @extend_schema(operation_id="services_get", summary="A service (listed: registered, its seller and owner active; or your own in any state)",
                    responses={200: ServiceSerializer, **error_responses(404)}, tags=["catalog"])
     def get(self, request, service_id):
-        service = selectors.service_get(service_id=service_id, viewer=calling_agent(request))
+        service = selectors.service_shown(service_id=service_id, viewer=calling_agent(request))
         return Response(self._serialize(request, service))
 
     @extend_schema(operation_id="services_update", summary="Change your service (fields given are replaced)",
@@ -214,20 +214,20 @@ class ServiceDetailView(APIView):
 
     def _update(self, request, service_id):
         agent = calling_agent(request)
-        service = selectors.service_get(service_id=service_id, viewer=agent)
+        service = selectors.service_shown(service_id=service_id, viewer=agent)
         body = ServiceWriteSerializer(data=request.data, partial=True)
         body.is_valid(raise_exception=True)
         services.service_update(service=service, actor=agent, data=body.validated_data)
-        return Response(self._serialize(request, selectors.service_get(service_id=service_id, viewer=agent)))
+        return Response(self._serialize(request, selectors.service_shown(service_id=service_id, viewer=agent)))
 
     @extend_schema(operation_id="services_deregister",
                    summary="Deregister your service: hidden from search, kept for history; idempotent",
                    responses={200: OwnServiceSerializer, **error_responses(404)}, tags=["catalog"])
     def delete(self, request, service_id):
         agent = calling_agent(request)
-        service = selectors.service_get(service_id=service_id, viewer=agent)
+        service = selectors.service_shown(service_id=service_id, viewer=agent)
         services.service_deregister(service=service, actor=agent)
-        return Response(self._serialize(request, selectors.service_get(service_id=service_id, viewer=agent)))
+        return Response(self._serialize(request, selectors.service_shown(service_id=service_id, viewer=agent)))
 
 
 class ServiceProxySecretRotateView(APIView):
@@ -241,7 +241,7 @@ class ServiceProxySecretRotateView(APIView):
     @idempotent()
     def post(self, request, service_id):
         agent = calling_agent(request)
-        service = selectors.service_get(service_id=service_id, viewer=agent)
+        service = selectors.service_shown(service_id=service_id, viewer=agent)
         body = SecretRotationSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         service = services.service_proxy_secret_rotate(service=service, actor=agent, **body.validated_data)

@@ -15,7 +15,7 @@ from rest_framework.fields import SkipField
 from rest_framework.relations import PKOnlyObject
 
 from marketplace import rotation
-from marketplace.tags import tag_mixes_scripts, tag_normalise
+from marketplace.tags import TAGS_PER_LISTING, tag_mixes_scripts, tag_normalise
 from marketplace.fields import checksum_address
 
 MAX_AMOUNT = 2**256 - 1
@@ -245,7 +245,7 @@ class TagListField(serializers.ListField):
 
     def __init__(self, **kwargs):
         kwargs.setdefault("min_length", 1)
-        kwargs.setdefault("max_length", 15)
+        kwargs.setdefault("max_length", TAGS_PER_LISTING)
         super().__init__(**kwargs)
 
     def to_internal_value(self, data):

@@ -8,6 +8,7 @@ import unicodedata
 _SCRIPT_GROUPS = {"CJK": "HAN", "HIRAGANA": "HAN", "KATAKANA": "HAN", "HANGUL": "HAN", "IDEOGRAPHIC": "HAN",
                   "BOPOMOFO": "HAN", "KATAKANA-HIRAGANA": "HAN"}
 _NO_SCRIPT = {"MODIFIER", "UNKNOWN"}  # modifier letters (ʻ, ˈ) are written with several scripts
+TAGS_PER_LISTING = 15
 
 
 def tag_normalise(name: str) -> str:

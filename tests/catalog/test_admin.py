@@ -305,3 +305,19 @@ def test_an_owner_deactivated_in_the_admin_has_its_agents_services_hidden_until_
     response = operator.post(_url(type(owner), "change", owner.pk), _owner_form(owner, active=True))
     assert response.status_code == 302
     assert found() == ["Fast translator", "Invoice extractor"]
+
+
+def test_a_display_name_with_control_or_bidi_characters_is_refused_in_the_admin(operator, seller):
+    """The admin's agent form (staff correct a display name) took what the API refuses: a right-to-left override
+    making the name display as another's, a terminal escape."""
+    form = {"display_name": "Seller \u202eeno", "is_seller": "on", "is_active": "on", "api_keys-TOTAL_FORMS": 0,
+            "api_keys-INITIAL_FORMS": 0}
+    for name in ("Seller \u202eeno", "Seller \x1b[2J"):
+        page = operator.post(f"/admin/catalog/agent/{seller.pk}/change/", {**form, "display_name": name})
+        assert page.status_code == 200
+        assert [error.code for error in page.context["adminform"].form.errors.as_data()["display_name"]] == [
+            "unsafe_characters"]
+    seller.refresh_from_db()
+    assert seller.display_name != "Seller \u202eeno"
+    renamed = operator.post(f"/admin/catalog/agent/{seller.pk}/change/", {**form, "display_name": "Seller \u0935\u093f\u0915\u094d\u200d"})
+    assert renamed.status_code == 302

@@ -431,15 +431,21 @@ def test_deregistering_twice_is_harmless(seller, seller_api):
     assert again.json()["data"]["state"] == "DeregistrationConfirmed"
 
 
-def test_deregistering_needs_the_admin_scope(seller, seller_api):
-    data = register(seller_api, seller)
-    pay_key = Api(issue_key(seller, scope="pay"))
+def test_deregistering_takes_the_pay_scope_as_through_agents_services(seller, seller_api):
+    """DELETE /registry needed an `admin` key while DELETE /agents/services/{id}, deregistering the same service, needed
+    `pay` (which also registers and changes a listing): both take `pay`, and a `read` key neither."""
+    through_registry, through_services = register(seller_api, seller), register(seller_api, seller, name="Other")
+    read_key, pay_key = Api(issue_key(seller, scope="read")), Api(issue_key(seller, scope="pay"))
 
-    response = pay_key.delete("/registry", {"agentIdentifier": data["id"], "network": "Preprod"})
+    for refused in (read_key.delete("/registry", {"agentIdentifier": through_registry["id"], "network": "Preprod"}),
+                    read_key.delete(f"/agents/services/{through_services['id']}")):
+        assert refused.status_code == 403 and error_code(refused) == "insufficient_scope"
+    assert Service.objects.filter(state=ServiceState.REGISTERED).count() == 2
 
-    assert response.status_code == 403
-    assert error_code(response) == "insufficient_scope"
-    assert Service.objects.get(pk=data["id"]).state == ServiceState.REGISTERED
+    response = pay_key.delete("/registry", {"agentIdentifier": through_registry["id"], "network": "Preprod"})
+    assert response.status_code == 200, response.content
+    assert pay_key.delete(f"/agents/services/{through_services['id']}").status_code == 200
+    assert Service.objects.filter(state=ServiceState.DEREGISTERED).count() == 2
 
 
 def test_only_the_registering_seller_may_deregister(seller, seller_api):

@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from catalog import services
 from catalog.models import Service, ServiceState
-from tests.catalog.factories import AgentFactory, issue_key, register_service, service_data
+from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service, service_data
 from tests.catalog.test_registry import registration
 from tests.conftest import Api, codes_at, error_code
 from tests.support.idempotency import records_hold
@@ -380,3 +380,84 @@ def test_the_availability_poll_queues_a_services_check_again_only_once_its_messa
     assert services.services_availability_poll(now=now + timedelta(minutes=3)) == 0
     assert services.services_availability_poll(now=now + timedelta(minutes=7)) == 1
     assert len(queued) == 3 and len(http_server.requests) == 1
+
+
+# --- text shown to others ----------------------------------------------------------------------------------------
+
+# U+202E (right-to-left override) makes "gnp.exe" display as "exe.png"; an isolate (U+2066) or embedding reorders
+# alike; ESC starts a terminal escape sequence (`manage.py reconcile` prints service names); U+200B is invisible
+# (two names look the same); U+E0041 is an invisible tag character (text smuggled to an agent reading the listing).
+UNSAFE_TEXT = {"override": "Acme \u202etranslator", "isolate": "Acme \u2066translator\u2069", "escape": "Acme \x1b[31m",
+               "bell": "Acme\x07", "c1": "Acme\x9b31m", "zero_width_space": "Ac\u200bme", "tag_character": "Acme\U000e0041",
+               "line_break": "Acme\ntranslator"}
+
+
+@pytest.mark.parametrize("text", UNSAFE_TEXT.values(), ids=UNSAFE_TEXT.keys())
+def test_text_shown_to_others_is_refused_with_control_or_invisible_format_characters(seller, seller_api, text):
+    """Names, descriptions, tags and display names took Unicode bidi controls (a name displaying as another seller's),
+    invisible format characters and C0/C1 controls (terminal escapes in what operators' commands print)."""
+    service_id = register_service(seller).pk
+    writes = {
+        "name": lambda: seller_api.post("/agents/services", service_data(name=text, skills=[])),
+        "tags": lambda: seller_api.post("/agents/services", service_data(tags=["nlp", text[:20]], skills=[])),
+        "skill description": lambda: seller_api.post("/agents/services", service_data(
+            name="Other", skills=[{"name": "other", "description": text.replace("\n", "\x1b")}])),
+        "author": lambda: seller_api.post("/agents/services", service_data(author={"name": text}, skills=[])),
+        "update": lambda: seller_api.patch(f"/agents/services/{service_id}", {"name": text}),
+        "paegents category": lambda: seller_api.post("/agents/services", {**PAEGENTS_SERVICE, "category": text[:40]}),
+        "masumi registry": lambda: seller_api.post("/registry", registration(seller, name=text)),
+        "display name": lambda: Api(issue_owner_token(seller.owner)).post("/agents", {
+            "handle": "another-bot", "display_name": text, "wallet_address": seller.wallet_address,
+            "roles": ["seller"]}),
+    }
+    for path, write in writes.items():
+        response = write()
+        assert response.status_code == 400, (path, response.content)
+        assert error_code(response) == "unsafe_characters", (path, response.content)
+    assert Service.objects.count() == 1 and Service.objects.get(pk=service_id).name == "Fast translator"
+
+
+def test_a_description_keeps_its_lines_and_every_script_keeps_its_joiners(seller_api):
+    """What a legitimate text needs stays: line breaks and tabs in a description, the zero-width joiner of an emoji
+    sequence and of Indic conjuncts, the zero-width non-joiner of Persian, right-to-left scripts as written, and the
+    implicit direction marks of right-to-left prose."""
+    name = "\U0001f469\u200d\U0001f4bb \u0915\u094d\u200d\u0937 \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 \u05e9\u05dc\u05d5\u05dd"
+    description = "Line one.\n\tLine two.\r\nשלום (\u200fhello\u200f)."
+    response = seller_api.post("/agents/services", service_data(name=name, description=description,
+                                                                tags=["\u0915\u094d\u200d\u0937"]))
+    assert response.status_code == 201, response.content
+    assert (response.json()["name"], response.json()["description"]) == (name, description)
+
+
+def test_a_category_changed_alone_is_added_to_the_tags(seller_api):
+    """README: a category is also kept as a tag (search by tag finds it). A PATCH giving only `category` left the
+    tags as they were, so search by the new category did not find the service; and one over the tags' limit was
+    silently dropped."""
+    created = seller_api.post("/agents/services", PAEGENTS_SERVICE).json()
+    response = seller_api.patch(f"/agents/services/{created['id']}", {"category": "Legal"})
+    assert response.status_code == 200, response.content
+    assert (response.json()["category"], response.json()["tags"]) == ("Legal", ["legal", "translation"])
+    found = seller_api.post("/catalog/search", {"tags_all": ["legal"]}).json()["results"]
+    assert [service["id"] for service in found] == [created["id"]]
+    mixed = seller_api.patch(f"/agents/services/{created['id']}", {"category": "leg\u0430l"})  # a Cyrillic а
+    assert mixed.status_code == 400 and "tag_mixed_scripts" in codes_at(mixed, "category")
+    retagged = seller_api.patch(f"/agents/services/{created['id']}", {"tags": [f"t{i}" for i in range(14)]})
+    assert retagged.status_code == 200, retagged.content
+    assert retagged.json()["tags"] == sorted(["legal", *(f"t{i}" for i in range(14))])  # the category stays one
+    over = seller_api.patch(f"/agents/services/{created['id']}", {"category": "medicine"})
+    assert over.status_code == 400 and error_code(over) == "too_many_tags", over.content
+
+
+def test_a_deactivated_sellers_service_is_404_to_others_and_shown_to_its_seller(seller, seller_api, buyer_api):
+    """Search, the registry and the skill route hide a deactivated seller's (or owner's) services; GET
+    /agents/services/{id} still showed one to any agent. (Its seller's own keys are refused while it is deactivated;
+    once reactivated, its services are listed again.)"""
+    service = register_service(seller)
+    gone_owner = AgentFactory(is_seller=True)
+    other = register_service(gone_owner, name="Owner gone", skills=[])
+    type(seller).objects.filter(pk=seller.pk).update(is_active=False)
+    type(gone_owner.owner).objects.filter(pk=gone_owner.owner.pk).update(is_active=False)
+    for hidden in (service, other):
+        response = buyer_api.get(f"/agents/services/{hidden.pk}")
+        assert response.status_code == 404 and error_code(response) == "service_not_found", response.content
+    assert buyer_api.post(f"/agents/services/{service.pk}/proxy-secret/rotate", {}).status_code == 404

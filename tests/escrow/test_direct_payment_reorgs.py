@@ -15,14 +15,19 @@ from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 from django.core.management.base import CommandError
 from django.urls import reverse
+from django.utils import timezone
 from x402.http import decode_payment_signature_header
 
 from escrow import chain as gateway
 from agreements import services as agreement_services
+from agreements.models import UsageAgreement
+from catalog.models import Service
 from escrow import relayer
 from escrow.models import ChainTransaction, RelayerAccount, TxPurpose, TxStatus
 from sdk import typed_data
+from tests.agreements.helpers import propose
 from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase
+from tests.catalog.factories import register_service
 from tests.escrow.flow import USDC, confirm_all, fund, mined_what_was_sent, poll_mined, usdc_balance
 from tests.escrow.test_indexer import mined
 from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
@@ -866,3 +871,20 @@ def test_a_reorg_reopening_a_payment_while_its_fee_refund_is_concluded_does_not_
     assert errors == []
     payment.refresh_from_db()
     assert payment.status == TxStatus.SUBMITTED
+
+
+def test_reconcile_prints_a_sellers_text_with_its_control_characters_escaped(escrow_chain, seller, buyer_api):
+    """`reconcile` printed a reverted direct purchase's service name raw: a name a seller stored with a terminal
+    escape sequence (before such names were refused, or by a path that does not check) rewrote the operator's
+    terminal (colours, cleared screen, a forged line), and a bidi control reordered the line."""
+    service = register_service(seller)
+    agreement = propose(buyer_api, service)
+    Service.objects.filter(pk=service.pk).update(name="Evil\x1b[2J\x1b[32mConsistent\u202e\x9b\r")
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(
+        payment_reverted_at=timezone.now(), payment_reverted_reason="taken by a reorg")
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="1 mismatch"):
+        call_command("reconcile", stdout=out)
+    [line] = [line for line in out.getvalue().splitlines() if agreement["id"] in line]
+    assert "(Evil\\x1b[2J\\x1b[32mConsistent\\u202e\\x9b\\r of seller-one," in line, line
+    assert not any(ord(char) < 32 or 0x7f <= ord(char) < 0xa0 or char == "\u202e" for char in line)

@@ -23,6 +23,7 @@ from agreements.models import FUNDED_STATUSES, SettlementModel, SkillInvocation,
 from escrow import indexer, relayer, selectors, services
 from escrow.models import ChainEvent, ChainTransaction
 from marketplace.errors import ApplicationError
+from marketplace.shown_text import printable
 
 def _describe(event: ChainEvent) -> str:
     return (f"event {event.name} in block {event.block_number} (tx {event.tx_hash}, log {event.log_index}) for "
@@ -34,13 +35,14 @@ def _describe_reverted(invocation: SkillInvocation) -> str:
     return (f"invocation {invocation.public_id} ({invocation.skill.name} of {invocation.seller.handle}, "
             f"{invocation.amount} base units): its payment (tx {invocation.payment_tx_hash}) was taken off the chain "
             f"by a reorg after the seller was called{settled}, and could not run again: "
-            f"{invocation.payment_reverted_reason}")
+            f"{printable(invocation.payment_reverted_reason)}")
 
 
 def _describe_reverted_purchase(agreement: UsageAgreement) -> str:
-    return (f"direct purchase {agreement.pk} ({agreement.service.name} of {agreement.seller.handle}, "
+    # The service's name is the seller's text: escaped, it cannot rewrite the operator's terminal.
+    return (f"direct purchase {agreement.pk} ({printable(agreement.service.name)} of {agreement.seller.handle}, "
             f"{agreement.deposit_amount} base units): its payment was taken off the chain by a reorg after it was "
-            f"counted paid, and could not run again: {agreement.payment_reverted_reason}")
+            f"counted paid, and could not run again: {printable(agreement.payment_reverted_reason)}")
 
 
 def _describe_seller_unpaid(agreement: UsageAgreement) -> str:
