@@ -5,12 +5,14 @@ Credentials are view only, revoked by the action: never edited (scope, expiry) n
 Secrets are never shown: a credential's digest stays out of the pages, its prefix identifies it.
 """
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
 
 from catalog import services
 from catalog.models import Agent, ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
+from marketplace import shown_text
 from marketplace.admin import (LatestRowsInline, SecretsUnfiltered, ViewOnlyAdmin, may_operate,
                                rotation_overlap_column)
 
@@ -74,8 +76,19 @@ class ApiKeyInline(LatestRowsInline, admin.TabularInline):
         return False  # Keys are issued through the API or `manage.py issue_api_key`, which show the secret once.
 
 
+class AgentForm(forms.ModelForm):
+    def clean_display_name(self) -> str:
+        """A display name staff change is held to the API's rule (`marketplace.shown_text`); one left as it was is
+        not, so an agent whose name came before the rule can still be deactivated (its name corrected later)."""
+        name = self.cleaned_data["display_name"]
+        if "display_name" in self.changed_data and (characters := shown_text.unsafe_characters(name)):
+            raise forms.ValidationError(shown_text.message(characters), code=shown_text.CODE)
+        return name
+
+
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
+    form = AgentForm
     list_display = ("handle", "display_name", "owner", "wallet_address", "is_buyer", "is_seller", "is_active",
                     "owner_is_active", "service_count", "created_at")
     list_filter = ("is_active", "owner_is_active", "is_buyer", "is_seller")

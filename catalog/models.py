@@ -8,7 +8,6 @@ from django.db import models
 from django.db.models import F, Q
 
 from marketplace.fields import AddressField, TokenAmountField
-from marketplace.shown_text import ShownTextValidator
 
 def new_proxy_secret() -> str:
     return f"psk_{secrets.token_urlsafe(32)}"
@@ -35,7 +34,7 @@ class Agent(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="agents")
     handle = models.CharField(max_length=64, unique=True, validators=[HANDLE_VALIDATOR])
     # Also checked where the API writes it (catalog.services); this check is the admin form's.
-    display_name = models.CharField(max_length=120, validators=[ShownTextValidator()])
+    display_name = models.CharField(max_length=120)
     wallet_address = AddressField()
     is_buyer = models.BooleanField(default=True)
     is_seller = models.BooleanField(default=False)

@@ -15,9 +15,6 @@ descriptions, an agent's display name): it must read as it acts. Refused, wherev
 
 import unicodedata
 
-from django.core.exceptions import ValidationError
-from django.utils.deconstruct import deconstructible
-
 CODE = "unsafe_characters"
 _JOINERS = frozenset("\u200c\u200d")
 _DIRECTION_MARKS = frozenset("\u200e\u200f\u061c")
@@ -41,22 +38,6 @@ def unsafe_characters(text: str, *, prose: bool = False) -> list[str]:
 def message(characters: list[str]) -> str:
     return (f"Control or invisible formatting characters are not allowed in text shown to others: "
             f"{', '.join(characters)}.")
-
-
-@deconstructible
-class ShownTextValidator:
-    """A model field's check (the admin's forms run it) of the rule above."""
-
-    def __init__(self, *, prose: bool = False):
-        self.prose = prose
-
-    def __call__(self, value: str) -> None:
-        characters = unsafe_characters(value, prose=self.prose)
-        if characters:
-            raise ValidationError(message(characters), code=CODE)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, ShownTextValidator) and other.prose == self.prose
 
 
 def printable(text: str) -> str:

@@ -321,3 +321,15 @@ def test_a_display_name_with_control_or_bidi_characters_is_refused_in_the_admin(
     assert seller.display_name != "Seller \u202eeno"
     renamed = operator.post(f"/admin/catalog/agent/{seller.pk}/change/", {**form, "display_name": "Seller \u0935\u093f\u0915\u094d\u200d"})
     assert renamed.status_code == 302
+
+
+def test_an_agent_whose_display_name_came_before_the_rule_is_still_deactivated_in_the_admin(operator, seller):
+    """A display name stored before control and bidi characters were refused: the form holds only a changed name to
+    the rule, so staff can still deactivate the agent (the very agent such a name is likely to belong to)."""
+    type(seller).objects.filter(pk=seller.pk).update(display_name="Seller \u202eeno")
+    form = {"display_name": "Seller \u202eeno", "is_seller": "on", "api_keys-TOTAL_FORMS": 0,
+            "api_keys-INITIAL_FORMS": 0}
+    assert operator.post(f"/admin/catalog/agent/{seller.pk}/change/", form).status_code == 302
+    seller.refresh_from_db()
+    assert not seller.is_active
+
