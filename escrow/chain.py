@@ -52,6 +52,15 @@ class RpcUnavailable(ChainError):
     """The node timed out or answered 429 / 5xx (after the per-call retries): retry later, nothing was decided."""
 
 
+class UntrustedAnswer(RpcUnavailable):
+    """The node answered something other than what was asked (logs of other blocks or contracts, logs marked
+    removed, a receipt of another transaction): nothing of it is used, as if it had not answered."""
+
+
+class WrongChain(ChainError):
+    """The node at CHAIN_RPC_URL is of another chain than CHAIN_ID: nothing it says is about this one."""
+
+
 class RpcUnreachable(RpcUnavailable):
     """Nothing answers at CHAIN_RPC_URL (connection refused): every other call would fail the same way."""
 
@@ -622,6 +631,9 @@ class Receipt:
 
 
 def receipt(tx_hash: str) -> Receipt | None:
+    """The receipt of mined `tx_hash`; None when the node has none (not mined, or not yet on this backend). Raises
+    UntrustedAnswer for a receipt of another transaction (a proxy mixing its answers up): its status, taken for
+    ours, concluded a pending payout failed."""
     try:
         found = w3().eth.get_transaction_receipt(tx_hash)
     except TransactionNotFound:
@@ -630,8 +642,22 @@ def receipt(tx_hash: str) -> Receipt | None:
         raise classify(exc) from exc
     if found is None or found.get("blockNumber") is None:
         return None
+    if _hex_of(found.get("transactionHash") or b"").lower() != tx_hash.lower() or found.get("status") not in (0, 1):
+        raise UntrustedAnswer(f"the node answered the receipt of {tx_hash} with another transaction's")
     return Receipt(block_number=found["blockNumber"], block_hash="0x" + found["blockHash"].hex().removeprefix("0x"),
                    status=found["status"], gas_used=found["gasUsed"], logs=list(found["logs"]))
+
+
+def node_chain_check() -> None:
+    """Raises WrongChain when the node answers another chain id than CHAIN_ID (a provider's URL of another network,
+    where contracts deployed by the same key at the same nonces have the same addresses). Asked once per client
+    (`_client` caches eth_chainId)."""
+    try:
+        answered = int(w3().eth.chain_id)
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+    if answered != settings.CHAIN_ID:
+        raise WrongChain(f"the node at CHAIN_RPC_URL answers chain id {answered}, not CHAIN_ID {settings.CHAIN_ID}")
 
 
 def latest_block_number() -> int:
@@ -716,25 +742,61 @@ def to_json(value: Any) -> Any:
 
 def logs(*, address: str, from_block: int, to_block: int, topics: list | None = None) -> list:
     """eth_getLogs of one contract over [from_block, to_block], both included (keep the range bounded: nodes
-    refuse or time out on large ones)."""
+    refuse or time out on large ones). Raises UntrustedAnswer when a log is not one the query asked for."""
     query = {"address": to_checksum_address(address), "fromBlock": from_block, "toBlock": to_block}
     if topics:
         query["topics"] = topics
     try:
-        return list(w3().eth.get_logs(query))
+        found = list(w3().eth.get_logs(query))
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
+    for log in found:
+        _check_log(log, addresses=[address], topics=topics or [],
+                   asked=lambda log: from_block <= log["blockNumber"] <= to_block)
+    return found
 
 
 def block_logs(*, block_hash: str, addresses: list[str]) -> list:
     """eth_getLogs of `addresses` in the one block `block_hash` (EIP-234's blockHash filter). A node that has not
     that block must refuse the query (geth: "unknown block"), where a node behind answers a block range beyond its
-    head with the logs of the blocks it has, and none of the others: an answer here is the block's whole set."""
+    head with the logs of the blocks it has, and none of the others: an answer here is the block's whole set.
+    Raises UntrustedAnswer when a log is not one the query asked for."""
     query = {"blockHash": block_hash, "address": [to_checksum_address(address) for address in addresses]}
     try:
-        return list(w3().eth.get_logs(query))
+        found = list(w3().eth.get_logs(query))
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
+    for log in found:
+        _check_log(log, addresses=addresses, topics=[],
+                   asked=lambda log: _hex_of(log["blockHash"]).lower() == block_hash.lower())
+    return found
+
+
+def _check_log(log, *, addresses: list[str], topics: list, asked) -> None:
+    """A log of an eth_getLogs answer is one the query asked for (`asked`: its block), of one of `addresses`,
+    matching `topics` (a position's None: any; a list: any of them), mined (blockNumber, logIndex) and not marked
+    removed (eth_getLogs answers the canonical chain; `removed` is a filter's word for a log a reorg took). Anything
+    else is a node answering another question, or a chain other than the one its blocks showed: applied, an event of
+    a block past the confirmation depth, or of none the chain has, moved agreements."""
+    try:
+        wanted = {to_checksum_address(address) for address in addresses}
+        log_topics = [_hex_of(topic).lower() for topic in log["topics"]]
+        matches_topics = len(log_topics) >= len(topics) and all(
+            expected is None or log_topics[i] in ([t.lower() for t in expected] if isinstance(expected, list)
+                                                  else [expected.lower()])
+            for i, expected in enumerate(topics))
+        trusted = (not log.get("removed") and isinstance(log["blockNumber"], int)
+                   and isinstance(log["logIndex"], int) and to_checksum_address(log["address"]) in wanted
+                   and matches_topics and asked(log))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise UntrustedAnswer(f"the node answered a malformed log: {type(error).__name__}") from error
+    if not trusted:
+        raise UntrustedAnswer("the node answered a log the query did not ask for (another block or contract, or "
+                              "one marked removed)")
+
+
+def _hex_of(value) -> str:
+    return value if isinstance(value, str) else "0x" + bytes(value).hex()
 
 
 # --- escrow records ----------------------------------------------------------------------------------------------

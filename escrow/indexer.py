@@ -115,9 +115,10 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
             return result
         cursor = _cursor()
         cursor_pk = cursor.pk
-        result.head = chain.latest_block_number()
-        IndexerCursor.objects.filter(pk=cursor_pk).update(head_block=result.head, head_seen_at=timezone.now())
         try:
+            chain.node_chain_check()  # another chain's events applied to this one's agreements
+            result.head = chain.latest_block_number()
+            IndexerCursor.objects.filter(pk=cursor_pk).update(head_block=result.head, head_seen_at=timezone.now())
             before = cursor.last_block
             cursor, result.rolled_back = _follow_reorg(cursor)
             if cursor is not None and cursor.last_block != before:

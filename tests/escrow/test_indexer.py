@@ -4,6 +4,7 @@ receipts and indexed events converge on one transition, and a reorg rolls back w
 import io
 
 import pytest
+from hexbytes import HexBytes
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import Client
@@ -12,7 +13,7 @@ from django.urls import reverse
 from agreements.models import AgreementEvent, UsageAgreement
 from escrow import chain as gateway
 from escrow import indexer
-from escrow.models import ChainEvent, ChainTransaction, EventEffect
+from escrow.models import ChainEvent, ChainTransaction, EventEffect, IndexerCursor
 from sdk import typed_data as td
 from sdk.typed_data import sign_typed_data
 from tests.conftest import error_code
@@ -433,3 +434,64 @@ def test_zero_value_transfers_anyone_makes_to_or_from_watched_addresses_are_not_
 
     indexer.index_pass()
     assert [int(event.args["value"]) for event in ChainEvent.objects.filter(name="Transfer")] == [1]
+
+
+def _node_answering_get_logs(monkeypatch, answer):
+    """The node's eth_getLogs (the web3 call the gateway makes) answered by `answer(query, honest)`."""
+    eth = gateway.w3().eth
+    honest = eth.get_logs
+    monkeypatch.setattr(eth, "get_logs", lambda query: answer(query, honest))
+
+
+@pytest.mark.parametrize("hostility", ["beyond_the_range", "removed", "another_block_by_hash"])
+def test_logs_a_node_answers_that_the_query_did_not_ask_for_are_not_applied(
+        funded, escrow_chain, monkeypatch, django_capture_on_commit_callbacks, settings, hostility):
+    """A buggy or hostile node's eth_getLogs answer: logs of blocks past the range asked (toBlock ignored: the
+    seller's proposal in a block not yet at the confirmation depth), a log marked removed (of a block reorged out),
+    or, for a query by block hash, the logs of another block (a stale fork's at that height). Applied, the proposal
+    moved the agreement on a block the indexer never checks for a reorg (past its cursor) or that is not the chain's. The answer is refused: the pass fails, nothing moves,
+    and the honest answer of a later pass is applied."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.INDEXER_LOGS_BY_HASH_BLOCKS = 0 if hostility != "another_block_by_hash" else 16
+    call_n(funded, 4)
+    index(capture)
+    if hostility == "beyond_the_range":
+        settings.CHAIN_CONFIRMATIONS = 3
+        chain.mine(5)  # blocks to index below the proposal's, which is not at the confirmation depth yet
+    seller_proposes_directly(funded, chain)
+
+    def hostile(query, honest):
+        if hostility == "beyond_the_range":
+            return honest({**query, "toBlock": "latest"})
+        if hostility == "removed":
+            return [{**log, "removed": True} for log in honest(query)]
+        # A block asked by hash answered with the logs of another block at its height (a stale fork's).
+        return [{**log, "blockHash": HexBytes("0x" + "11" * 32)} for log in honest(query)]
+
+    _node_answering_get_logs(monkeypatch, hostile)
+    with pytest.raises(gateway.ChainError):
+        index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "active"
+    assert not ChainEvent.objects.filter(name="SettlementProposed").exists()
+    monkeypatch.undo()
+    chain.mine(3)
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    assert ChainEvent.objects.filter(name="SettlementProposed").count() == 1
+
+
+def test_a_node_of_another_chain_than_chain_id_is_not_indexed(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """CHAIN_RPC_URL naming a node of another chain than CHAIN_ID (a provider's URL for the testnet, the contracts
+    at the same addresses there: deployed by the same key at the same nonces): its events were applied to this
+    chain's agreements (a proposal or a settlement that never happened here). The node's chain id is checked
+    first: the pass fails loudly, says why on the cursor, and applies nothing."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 4)
+    seller_proposes_directly(funded, chain)
+    settings.CHAIN_ID = 8453  # the node is Anvil's 31337
+    with pytest.raises(gateway.ChainError, match="chain id"):
+        index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "active"
+    assert not ChainEvent.objects.filter(name="SettlementProposed").exists()
+    assert "chain id" in IndexerCursor.objects.get(chain_id=8453).last_error

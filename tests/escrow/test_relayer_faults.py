@@ -903,3 +903,39 @@ def test_a_payout_in_flight_when_the_relayer_key_is_replaced_is_replaced_by_the_
     assert chain.w3.eth.get_transaction(tx.mined_tx_hash)["from"] == chain.accounts.deployer.address
     assert later.status == TxStatus.CONFIRMED and later.relayer.address == replacement_wallet.address
 
+
+
+def test_a_receipt_a_node_answers_for_another_transaction_is_not_taken_for_the_payouts(
+        escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """A buggy node (a caching proxy mixing its answers up) answers the payout's receipt lookup with the receipt of
+    another transaction, which reverted. Taken for the payout's, the payout was concluded failed while it was
+    still pending and then mined: the books said unpaid what the recipient had received (an operator's retry paid
+    it twice). The receipt names the transaction it is of: another's is no answer, and the payout is concluded by
+    its own."""
+    chain, recipient, stranger = escrow_chain, escrow_chain.accounts.stranger, escrow_chain.accounts.stranger.address
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    reverted = chain.w3.eth.send_transaction({"from": stranger, "to": chain.addresses["usdc"], "gas": 100_000,
+                                              "data": chain.usdc.encode_abi("transfer", args=[stranger, 10**30])})
+    assert chain.w3.eth.wait_for_transaction_receipt(reverted)["status"] == 0
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                             data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+        node = gateway.w3().eth
+        monkeypatch.setattr(node, "get_transaction_receipt", lambda tx_hash: chain.w3.eth.get_transaction_receipt(
+            reverted))
+        with django_capture_on_commit_callbacks(execute=True):
+            relayer.transactions_poll()
+        monkeypatch.undo()
+        tx.refresh_from_db()
+        assert tx.status == TxStatus.SUBMITTED
+        chain.mine()
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    for _ in range(2):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
