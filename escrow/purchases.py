@@ -272,7 +272,7 @@ def purchase_lock_funds(*, purchase: MasumiPurchase, buyer: Agent, intent_signat
 
     `refund_signature` (optional): the buyer's signed refundRequestTypedData, kept for a later refund request that
     comes without one (the masumi library's `request-refund`); it is used only when the buyer asks for a refund,
-    and kept only once the activation is queued (a refused lock-funds records nothing).
+    and kept with the activation, in the transaction that queues it (a refused lock-funds records nothing).
 
     A service deregistered, or a seller deactivated, since the purchase is refused (`activation_submit`)."""
     agreement = purchase.agreement
@@ -285,15 +285,17 @@ def purchase_lock_funds(*, purchase: MasumiPurchase, buyer: Agent, intent_signat
                            details={"expected": _unix(purchase.pay_by_time)})
     if refund_signature is not None:
         _check_refund_signature(purchase, refund_signature)
+
+    def refund_signature_keep() -> None:
+        if refund_signature is not None:
+            MasumiPurchase.objects.filter(pk=purchase.pk).update(refund_signature=refund_signature,
+                                                                 updated_at=timezone.now())
+
     # An intent nonce the buyer revoked on-chain (`cancelIntentNonce`) is replaced first (activation_submit), so an
     # intent signed under it is refused (wrong_signer), not relayed to revert; the buyer signs the fresh one
     # (GET /usage-agreements/{agreementId}/activation-package, deadline payByTime).
-    queued = services.activation_submit(agreement=purchase.agreement, buyer=buyer, intent_signature=intent_signature,
-                                        deadline=deadline, escrow_permit=escrow_permit)
-    if refund_signature is not None:
-        MasumiPurchase.objects.filter(pk=purchase.pk).update(refund_signature=refund_signature,
-                                                             updated_at=timezone.now())
-    return queued
+    return services.activation_submit(agreement=purchase.agreement, buyer=buyer, intent_signature=intent_signature,
+                                      deadline=deadline, escrow_permit=escrow_permit, queued_with=refund_signature_keep)
 
 
 

@@ -8,6 +8,7 @@ Activation intent nonce: the contract's intent nonces are unordered, so the plat
 Also operators' acknowledgements of what `reconcile` reports on escrow's rows (`findings_acknowledge`).
 """
 
+from collections.abc import Callable
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -152,7 +153,7 @@ def _allowance(agreement: UsageAgreement) -> int:
 
 @logs_name_the_agreement
 def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signature: str, deadline: int,
-                      escrow_permit: dict) -> ChainTransaction:
+                      escrow_permit: dict, queued_with: Callable[[], None] | None = None) -> ChainTransaction:
     """Verify the buyer's signatures off-chain, move to `submitting` and queue `activate` for the relayer.
 
     One permit covers deposit + fee. A permit whose token nonce is already spent (a front-runner submitted it)
@@ -160,7 +161,10 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
     buyer revoked on-chain (`cancelIntentNonce`) is replaced first (`intent_nonce_renew`, as the package does), so an
     intent signed under it is refused (`wrong_signer`), not relayed to revert IntentNonceUsed at the relayer's
     expense, as often as it is posted. A buyer whose relayed transactions keep reverting is refused first
-    (`relayer.relay_budget_check`)."""
+    (`relayer.relay_budget_check`).
+
+    `queued_with()`: the caller's own writes, made in the transaction that queues the activation, so that they are
+    kept exactly when it is (a worker killed once it committed loses neither)."""
     _require_chain()
     if agreement.buyer_id == buyer.pk:  # else refused at agreement_activation_begin
         _purchase_offer_stands(agreement)
@@ -203,6 +207,8 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
                                                       receipt_signer=intent["message"]["receiptSigner"])
         wallet_balance_require(wallet=wallet, balance=balance, required=required, token=agreement.token_address,
                                exclude_agreement=agreement.pk)
+        if queued_with is not None:
+            queued_with()
         return relayer.transaction_enqueue(
             purpose=TxPurpose.ACTIVATE, to=chainconfig.escrow_address(), data=data, agreement_id=agreement.pk,
             relayed_for=payer,

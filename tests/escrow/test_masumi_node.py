@@ -366,3 +366,40 @@ def test_lock_funds_again_once_the_funds_are_locked_is_a_conflict_naming_the_sta
     again = parties.buyer_api.post("/purchase/lock-funds", {**body, **parties.signed_purchase(purchase)})
     assert again.status_code == 409 and error_code(again) == "invalid_transition", again.content
     assert again.json()["error"]["details"]["status"] == "active"
+
+
+class WorkerKilled(BaseException):
+    """The web worker killed (a deploy, its memory limit) right after the activation's transaction committed."""
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_refund_signature_given_at_lock_funds_is_kept_with_the_activation_whatever_kills_the_worker_after(
+        parties, escrow_chain, monkeypatch):
+    """lock-funds queued the activation (its own transaction), then saved the buyer's refundSignature in another
+    statement: a worker killed in between had the funds locked and the signature lost, and the retry is 409
+    activation_in_progress, so the buyer's later unsigned request-refund (the masumi library's) was paid back by
+    reclaim after the contract's grace, not by the purchase's timers, and a result was not disputed."""
+    from escrow import tasks
+    from escrow.models import ChainTransaction, TxPurpose
+
+    created = parties.buyer_api.post("/purchase", {"network": "Preprod", "agentIdentifier": str(parties.service.pk),
+                                                  "input_data": INPUT})
+    assert created.status_code == 200, created.content
+    purchase = created.json()["data"]
+    body = {"network": "Preprod", "blockchainIdentifier": purchase["blockchainIdentifier"],
+            **parties.signed_purchase(purchase),
+            "refundSignature": sign_typed_data(parties.buyer_account.key, purchase["refundRequestTypedData"])}
+
+    def killed(*args, **kwargs):  # the first thing run once the activation's transaction committed
+        raise WorkerKilled
+
+    monkeypatch.setattr(tasks.submit_transaction, "delay", killed)
+    with pytest.raises(WorkerKilled):
+        parties.buyer_api.post("/purchase/lock-funds", body)
+    monkeypatch.undo()
+    assert ChainTransaction.objects.filter(agreement_id=purchase["agreementId"], purpose=TxPurpose.ACTIVATE).exists()
+    assert MasumiPurchase.objects.get(pk=purchase["id"]).refund_signature == body["refundSignature"]
+    retried = parties.buyer_api.post("/purchase/lock-funds", body)
+    assert retried.status_code == 409 and error_code(retried) == "activation_in_progress", retried.content
+    assert retried.json()["error"]["details"]["status"] == "submitting"
