@@ -450,12 +450,16 @@ def payment_submit_result(*, seller: Agent, purchase: MasumiPurchase, result_has
         raise NotFound("No such payment.", code="payment_not_found")
     if purchase.result_hash:
         if purchase.result_hash != result_hash:
-            raise Conflict("A different result hash was submitted already.", code="result_already_submitted")
+            raise _result_already_submitted()
         return purchase
     if agreement.status != S.ACTIVE:
         raise Conflict(f"No result can be submitted while the escrow is {agreement.status}.",
                        code="funds_not_locked", details={"status": agreement.status})
     return purchase_result_record(purchase_id=purchase.pk, result_hash=result_hash)
+
+
+def _result_already_submitted() -> Conflict:
+    return Conflict("A different result hash was submitted already.", code="result_already_submitted")
 
 
 def payment_authorize_refund(*, seller: Agent, purchase: MasumiPurchase) -> MasumiPurchase:
@@ -613,13 +617,16 @@ def _job_call_answered(call: _JobCall, answer, *, now: int) -> MasumiPurchase | 
 def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -> MasumiPurchase:
     """Keep the result hash (and the result, when the marketplace fetched it), charge the price and propose the
     settlement that commits the hash. A result whose hash differs from one already committed is kept aside as an
-    error (the buyer disputes it); the committed hash never changes. A new result is refused (409
+    error (the buyer disputes it), a seller's different hash alone refused (409 `result_already_submitted`); the
+    committed hash never changes. A new result is refused (409
     `submit_result_time_passed`) once submitResultTime has passed by the chain's clock, however long the seller
     took to answer: `job_result_charge` decides it under the agreement's lock."""
     chain_now = chain_clock.chain_now_for_request()  # before the transaction: no row lock waits on the node
     with transaction.atomic():
         purchase = MasumiPurchase.objects.select_for_update().get(pk=purchase_id)
         if purchase.result_hash:
+            if not result and result_hash != purchase.result_hash:  # the seller's, read before another committed
+                raise _result_already_submitted()
             if result and not purchase.result:
                 if result_hash != purchase.result_hash:
                     raise Conflict("The seller's result does not match the result hash it submitted.",

@@ -403,3 +403,46 @@ def test_a_refund_signature_given_at_lock_funds_is_kept_with_the_activation_what
     retried = parties.buyer_api.post("/purchase/lock-funds", body)
     assert retried.status_code == 409 and error_code(retried) == "activation_in_progress", retried.content
     assert retried.json()["error"]["details"]["status"] == "submitting"
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)  # the two submissions run on connections of their own
+def test_two_different_result_hashes_submitted_at_once_one_is_committed_and_the_other_refused(
+        parties, escrow_chain, monkeypatch, django_capture_on_commit_callbacks):
+    """The seller's submit-result read the purchase without a lock, then recorded the hash under it: a second hash
+    submitted while the first was being recorded was answered 200 (the first hash in its answer, the second dropped),
+    where one submitted after it is 409 result_already_submitted."""
+    import threading
+
+    from django.db import connection
+
+    from escrow import purchases
+
+    purchase, body = locked_purchase(parties, django_capture_on_commit_callbacks)
+    both_read = threading.Barrier(2, timeout=10)
+    record = purchases.purchase_result_record
+
+    def record_once_both_read(**kwargs):
+        both_read.wait()
+        return record(**kwargs)
+
+    monkeypatch.setattr(purchases, "purchase_result_record", record_once_both_read)
+    answers = {}
+
+    def submit(result_hash):
+        try:
+            answers[result_hash] = parties.seller_api.post("/payment/submit-result", {
+                **body, "submitResultHash": result_hash})
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=submit, args=(result_hash,)) for result_hash in ("c" * 64, "d" * 64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    committed = MasumiPurchase.objects.get(pk=purchase["id"]).result_hash
+    assert committed in answers
+    assert answers[committed].status_code == 200, answers[committed].content
+    [other] = [answer for result_hash, answer in answers.items() if result_hash != committed]
+    assert other.status_code == 409 and error_code(other) == "result_already_submitted", other.content
