@@ -463,17 +463,23 @@ def _result_already_submitted() -> Conflict:
 
 
 def payment_authorize_refund(*, seller: Agent, purchase: MasumiPurchase) -> MasumiPurchase:
-    """The seller agrees to refund a disputed purchase: the arbiter resolves it wholly to the buyer."""
+    """The seller agrees to refund a disputed purchase: the arbiter resolves it wholly to the buyer. Idempotent: once
+    such a resolution is queued or done (this call's retry, one at once, the release at externalDisputeUnlockTime),
+    the answer is the purchase, as to the first."""
     if purchase.agreement.seller_id != seller.pk:
         raise NotFound("No such payment.", code="payment_not_found")
+    resolution = selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE)
+    if resolution is not None and resolution.context.get("seller_amount") == 0:
+        return purchase
     if purchase.agreement.status != S.DISPUTED:
         raise Conflict("Only a disputed payment (a refund requested after the result) is refunded by its seller.",
                        code="no_refund_requested", details={"status": purchase.agreement.status})
-    if not selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
+    if resolution is None:
         try:
             settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
         except Conflict as error:
-            if error.code != settlement.DISPUTE_TIMED_OUT:  # the settlement tick refunds the buyer whole, as this would
+            # Queued at once by another (a timed-out dispute: the settlement tick refunds the buyer whole, as this would).
+            if error.code not in _RELEASE_NOT_NEEDED:
                 raise
     return purchase
 

@@ -9,7 +9,7 @@ import pytest
 from escrow.models import MasumiPurchase
 from sdk.typed_data import sign_typed_data
 from tests.conftest import Api, error_code
-from tests.escrow.flow import USDC, Parties, deadline_clock
+from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -446,3 +446,60 @@ def test_two_different_result_hashes_submitted_at_once_one_is_committed_and_the_
     assert answers[committed].status_code == 200, answers[committed].content
     [other] = [answer for result_hash, answer in answers.items() if result_hash != committed]
     assert other.status_code == 409 and error_code(other) == "result_already_submitted", other.content
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)  # the two authorizations run on connections of their own
+def test_a_sellers_refund_authorization_sent_twice_at_once_or_retried_once_done_is_answered_as_the_first(
+        parties, escrow_chain, monkeypatch, django_capture_on_commit_callbacks):
+    """The seller's authorize-refund of a disputed payment: a second one at once was 409 resolution_in_progress, and
+    a retry once the refund was resolved (its answer lost) 409 no_refund_requested ("only a disputed payment is
+    refunded"), for a refund it had authorized."""
+    import threading
+
+    from django.db import connection
+
+    from escrow import settlement
+    from escrow.models import ChainTransaction, TxPurpose
+
+    capture = django_capture_on_commit_callbacks
+    purchase, body = locked_purchase(parties, capture)
+    with capture(execute=True):
+        submitted = parties.seller_api.post("/payment/submit-result", {**body, "submitResultHash": "c" * 64})
+    assert submitted.status_code == 200, submitted.content
+    confirm_all(capture)
+    with capture(execute=True):
+        disputed = parties.buyer_api.patch("/purchase", {**body, "signature": sign_typed_data(
+            parties.buyer_account.key, purchase["refundRequestTypedData"])})
+    assert disputed.status_code == 200, disputed.content
+    confirm_all(capture)
+    assert parties.buyer_api.get(f"/purchase/{purchase['id']}").json()["data"]["onChainState"] == "Disputed"
+
+    both_read = threading.Barrier(2, timeout=10)
+    resolve = settlement.settlement_resolve
+
+    def resolve_once_both_read(**kwargs):  # both found no resolution under way
+        both_read.wait()
+        return resolve(**kwargs)
+
+    monkeypatch.setattr(settlement, "settlement_resolve", resolve_once_both_read)
+    answers = []
+
+    def authorize():
+        try:
+            answers.append(parties.seller_api.post("/payment/authorize-refund", body))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=authorize) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    monkeypatch.undo()
+    assert [answer.status_code for answer in answers] == [200, 200], [answer.content for answer in answers]
+    confirm_all(capture)
+    retried = parties.seller_api.post("/payment/authorize-refund/", body)
+    assert retried.status_code == 200, retried.content
+    assert retried.json()["data"]["onChainState"] in ("Disputed", "DisputedWithdrawn")
+    assert ChainTransaction.objects.filter(agreement_id=purchase["agreementId"], purpose=TxPurpose.RESOLVE).count() == 1
