@@ -43,7 +43,8 @@ Masumi field ↔ contract:
   still arrives is proposed and then challenged with it (→ Disputed). No result by submitResultTime → the refund is
   paid by the purchase's own timers, not the contract's reclaim grace: the platform proposes a zero settlement
   (receipt seq 0), submits the buyer's challenge, and its arbiter resolves `resolve(id, 0)`, then `finalize`: the
-  buyer has everything back a few blocks after submitResultTime, before unlockTime. A request without the buyer's
+  buyer has everything back a few blocks after submitResultTime, before unlockTime (from MASUMI_MIN_DISPUTE_SECONDS
+  before unlockTime on, too late for the challenge, the refund is left to reclaim). A request without the buyer's
   signature (the masumi library's `request-refund` has none) uses the one given at lock-funds
   (`refundSignature`); with neither, the buyer is refunded by `reclaim` after the contract's grace.
 - externalDisputeUnlockTime: a dispute no operator resolved by then is resolved for the buyer: the relayer (which
@@ -735,10 +736,14 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
                                                             reason="payByTime passed before the funds were locked"):
                 done["expired"] += 1
     # A refund asked for and no result by submitResultTime: paid back now, by the purchase's own timers (a zero
-    # proposal the buyer's signed request challenges, then the arbiter's resolve(0)), not the reclaim grace.
+    # proposal the buyer's signed request challenges, then the arbiter's resolve(0)), not the reclaim grace. Only
+    # while that challenge, signed until unlockTime, can still be mined (as for a result submitted at
+    # submitResultTime): a zero proposal left unchallenged holds the money for its window (unlockTime − purchase
+    # time, up to 30 days) and closes the reclaim, which otherwise pays the buyer back after the contract's grace.
     unanswered = MasumiPurchase.objects.filter(
         agreement__status=S.ACTIVE, result_hash="", refund_requested_at__isnull=False,
-        submit_result_time__lte=now_dt, unlock_time__gt=now_dt).exclude(refund_signature="")
+        submit_result_time__lte=now_dt, unlock_time__gte=_moment(now + settings.MASUMI_MIN_DISPUTE_SECONDS),
+    ).exclude(refund_signature="")
     for purchase in unanswered.select_related("agreement"):
         with alone(purchase.agreement_id):
             if _zero_proposal(purchase, now=now):

@@ -242,6 +242,33 @@ def test_refund_requested_and_no_result_by_submit_time_pays_the_buyer_back_by_th
     call_command("reconcile")
 
 
+def test_a_refund_requested_too_close_to_unlock_time_for_its_dispute_is_paid_back_by_reclaim_not_held_a_window(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """No result, a refund asked for in unlockTime's last minute: the tick proposed the zero settlement, whose
+    challenge (signed until unlockTime) could no longer be mined, so the buyer's money waited for the proposal's
+    window (unlockTime − purchase time, up to 30 days), the contract's reclaim being closed to a proposed escrow;
+    left alone, it comes back by reclaim after the contract's grace."""
+    chain = escrow_chain
+    seller_service.mode = "never"
+    submit = deadline_clock(chain) + 2 * chain.reclaim_grace
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service, submitResultTime=submit,
+                        unlockTime=submit + 300, externalDisputeUnlockTime=submit + 3600)
+    assert purchase.tick()["started"] == 1
+
+    chain.increase_time(purchase.timers["unlockTime"] - 50 - chain.now())
+    with purchase.capture(execute=True):
+        requested = purchase.parties.buyer_api.patch("/purchase/", {
+            "network": "Preprod", "blockchainIdentifier": purchase.id, "signature": sign_typed_data(
+                purchase.parties.buyer_account.key, purchase.get()["refundRequestTypedData"])})
+    assert requested.status_code == 200, requested.content
+    assert purchase.tick()["refunding"] == 0  # was 1: the zero proposal, whose challenge was then signature_expired
+    assert row(purchase).last_error == ""
+    chain.increase_time(submit + chain.reclaim_grace - chain.now())
+    assert purchase.settle()["reclaiming"] == 1
+    assert purchase.get()["onChainState"] == "RefundWithdrawn"
+    purchase.assert_moved(seller=0, buyer=PRICE)
+
+
 def dispute(purchase) -> dict:
     assert purchase.tick()["started"] == 1
     assert purchase.tick()["results"] == 1
