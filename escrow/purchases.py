@@ -472,6 +472,10 @@ def payment_authorize_refund(*, seller: Agent, purchase: MasumiPurchase) -> Masu
     resolution = selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE)
     if resolution is not None and resolution.context.get("seller_amount") == 0:
         return purchase
+    if resolution is not None:  # the arbiter decided a split: no refund of the whole is coming
+        raise Conflict("An operator's resolution of this dispute, paying the seller part, is under way.",
+                       code="resolution_in_progress",
+                       details={"seller_amount": str(resolution.context.get("seller_amount"))})
     if purchase.agreement.status != S.DISPUTED:
         raise Conflict("Only a disputed payment (a refund requested after the result) is refunded by its seller.",
                        code="no_refund_requested", details={"status": purchase.agreement.status})

@@ -503,3 +503,29 @@ def test_a_sellers_refund_authorization_sent_twice_at_once_or_retried_once_done_
     assert retried.status_code == 200, retried.content
     assert retried.json()["data"]["onChainState"] in ("Disputed", "DisputedWithdrawn")
     assert ChainTransaction.objects.filter(agreement_id=purchase["agreementId"], purpose=TxPurpose.RESOLVE).count() == 1
+
+
+def test_a_sellers_refund_authorization_while_an_operators_split_resolution_is_under_way_is_refused(
+        parties, escrow_chain, django_capture_on_commit_callbacks):
+    """The arbiter decided part to the seller before the seller's authorize-refund arrived: the call was answered
+    200, as if the refund it asked for were made, while the split was paid."""
+    from escrow import settlement
+    from agreements.models import UsageAgreement
+
+    capture = django_capture_on_commit_callbacks
+    purchase, body = locked_purchase(parties, capture)
+    with capture(execute=True):
+        assert parties.seller_api.post("/payment/submit-result", {**body, "submitResultHash": "c" * 64}
+                                       ).status_code == 200
+    confirm_all(capture)
+    with capture(execute=True):
+        assert parties.buyer_api.patch("/purchase", {**body, "signature": sign_typed_data(
+            parties.buyer_account.key, purchase["refundRequestTypedData"])}).status_code == 200
+    confirm_all(capture)
+    agreement = UsageAgreement.objects.get(pk=purchase["agreementId"])
+    with capture(execute=False):
+        settlement.settlement_resolve(agreement=agreement, seller_amount=agreement.deposit_amount // 2, operator=None)
+
+    refused = parties.seller_api.post("/payment/authorize-refund", body)
+    assert refused.status_code == 409 and error_code(refused) == "resolution_in_progress", refused.content
+
