@@ -811,8 +811,8 @@ def first_logs(*, address: str, topics: list, from_block: int, to_block: int, ne
     for start in reversed(spans) if newest_first else spans:
         end = min(start + settings.INDEXER_BLOCK_RANGE - 1, to_block)
         found = logs(address=address, from_block=start, to_block=end, topics=topics)
-        if found:
-            return found
+        if found:  # in the chain's order: a node may answer in another, and callers take the last as the newest
+            return sorted(found, key=lambda log: (log["blockNumber"], log["logIndex"]))
     return []
 
 

@@ -73,3 +73,16 @@ def test_an_escrow_activated_here_is_read_from_its_activation_block(escrow_chain
     status = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/escrow-status", {"verify": "true"}).json()
     assert status["onchain"]["state"] == "active"
     assert len(capped_rpc.log_ranges) == 1 and within(capped_rpc.log_ranges[0], mined_at)
+
+
+def test_a_span_a_node_answers_out_of_order_is_read_oldest_first(monkeypatch, settings):
+    """Callers take the span's last log as the newest (the latest use of an authorization, the latest proposal):
+    a node answering its logs in another order made an older one the newest."""
+    from escrow import chain
+
+    settings.INDEXER_BLOCK_RANGE = 100
+    answered = [{"blockNumber": 12, "logIndex": 0}, {"blockNumber": 11, "logIndex": 3}, {"blockNumber": 12, "logIndex": 1}]
+    monkeypatch.setattr(chain, "logs", lambda **query: list(answered))
+    found = chain.first_logs(address="0x" + "11" * 20, topics=[], from_block=0, to_block=99, newest_first=True)
+    assert [(log["blockNumber"], log["logIndex"]) for log in found] == [(11, 3), (12, 0), (12, 1)]
+
