@@ -331,11 +331,19 @@ def _require_resource(payload: PaymentPayload, resource: str) -> None:
     """The payload's accepted requirements, and its resource when it names one, must be `resource`'s (a v1
     payload echoes neither, so it cannot pay for a bound resource)."""
     quoted = (payload.accepted.extra or {}).get("resource")
-    named = urlsplit(payload.resource.url).path if payload.resource is not None else resource
+    named = _path_of(payload.resource.url) if payload.resource is not None else resource
     if quoted != resource or named != resource:
         raise InvalidPayment("wrong_resource", f"This payment was quoted for {quoted or named or 'no resource'}, "
                                                f"not {resource}: sign what this resource's 402 asks for.",
                              details={"resource": resource})
+
+
+def _path_of(url: str) -> str | None:
+    """The path of the payload's resource URL; None for one that is no URL (urlsplit raises on "http://[::1")."""
+    try:
+        return urlsplit(url).path
+    except ValueError:
+        return None
 
 
 def _already_used(authorization: Authorization, seen: PaymentAuthorization | None) -> InvalidPayment:

@@ -541,9 +541,43 @@ def blocked(exc: BaseException) -> bool:
 
 
 
+# The content codings a seller's answer may come in: one of these, whose inflation is bounded piece by piece
+# (`_InSmallPieces`). Stacked codings multiply each other's, and brotli or zstandard (decoded by httpx once their
+# packages are installed) inflate further: such an answer is refused undecoded. As the SDK reads answers
+# (sdk.bounded_http).
+DECODED_ENCODINGS = ("gzip", "deflate")
+
+
+class _InSmallPieces(httpx.SyncByteStream):
+    """A response's raw stream in pieces of at most PIECE bytes, what one call of httpx's decoder inflates: gzip makes
+    at most ~1 MiB of one, where a whole 64 KiB network read became 64 MiB before the answer's bound counted it."""
+
+    PIECE = 1024
+
+    def __init__(self, stream: httpx.SyncByteStream):
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._stream:
+            for start in range(0, len(chunk), self.PIECE):
+                yield chunk[start:start + self.PIECE]
+
+    def close(self) -> None:
+        self._stream.close()
+
+
 def json_answer(response: httpx.Response, *, max_bytes: int):
-    """The JSON body of a streamed answer, read up to `max_bytes` (decoded) and parsed by `bounded_json`: a seller's
-    answer can neither exhaust memory nor the parser. Raises `bounded_json.InvalidJSON`."""
+    """The JSON body of a streamed answer, read up to `max_bytes` (decoded: a compressed answer inflated piece by
+    piece, in one of DECODED_ENCODINGS only) and parsed by `bounded_json`: a seller's answer can neither exhaust
+    memory nor the parser. Raises `bounded_json.InvalidJSON`."""
+    codings = [coding for coding in (value.strip().lower() for value in
+                                     response.headers.get_list("Content-Encoding", split_commas=True))
+               if coding not in ("", "identity")]
+    if len(codings) > 1 or any(coding not in DECODED_ENCODINGS for coding in codings):
+        raise bounded_json.InvalidJSON(f"The answer is encoded {', '.join(codings)}; only one of "
+                                       f"{', '.join(DECODED_ENCODINGS)} is decoded.", reason="unsupported_encoding")
+    if codings:
+        response.stream = _InSmallPieces(response.stream)
     chunks, size = [], 0
     for chunk in response.iter_bytes():
         size += len(chunk)

@@ -1,14 +1,18 @@
 """Skill invocations paid with x402, end to end: Anvil, the relayer and a real seller upstream."""
 
 import base64
+import gzip
 import importlib
 import json
+import threading
 import time
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler
 
 import kombu.exceptions
 import pytest
 from django.apps import apps
+from django.db import connections
 from django.utils import timezone
 from x402 import PaymentRequired
 from x402.http import decode_payment_required_header, decode_payment_response_header, decode_payment_signature_header
@@ -1458,3 +1462,146 @@ def test_the_refusal_of_a_failing_seller_lifts_once_the_oldest_counted_failure_l
     served = _served_call(market, capture, api=buyer)
 
     assert served.status_code == 200, served.content
+
+
+def _with_payload(payment: str, change) -> str:
+    """The signed payment with `change(payload)` applied to its decoded JSON (the signature left as it is)."""
+    payload = json.loads(base64.b64decode(payment))
+    change(payload)
+    return _encoded(payload)
+
+
+def _signed_elsewhere(market, **domain) -> str:
+    """A payment for the skill's requirements whose signature is over another EIP-712 domain (chain id, token)."""
+    payment = market.pay("translate")
+    accepted = decode_payment_signature_header(payment).accepted
+    requirements = accepted.model_copy(update={
+        "network": f"eip155:{domain.get('chain_id', market.chain.chain_id)}",
+        "asset": domain.get("token", accepted.asset),
+        "extra": {**accepted.extra, "name": domain.get("name", accepted.extra["name"])}})
+    other = sign_authorization(requirements, market.buyer.key, valid_before=market.chain.now() + 300)
+    return _with_payload(other, lambda p: p.update(accepted=json.loads(base64.b64decode(payment))["accepted"]))
+
+
+def _high_s(payment: str) -> str:
+    """The same authorization signed with the malleable twin of its signature (s' = n - s, v flipped): the same
+    signer recovers from it, and OpenZeppelin's ECDSA (the token's) refuses it."""
+    n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+    signature = bytes.fromhex(decode_payment_signature_header(payment).payload["signature"][2:])
+    s = n - int.from_bytes(signature[32:64], "big")
+    twin = signature[:32] + s.to_bytes(32, "big") + bytes([55 - signature[64]])
+    return _with_payload(payment, lambda p: p["payload"].update(signature="0x" + twin.hex()))
+
+
+@pytest.mark.parametrize("hostile, code", [
+    (lambda m: "%%%" + "A" * 10, "malformed_payment"),
+    (lambda m: base64.b64encode(b"x" * 3_000_000).decode(), "malformed_payment"),  # a 4 MB header
+    (lambda m: _with_payload(m.pay("translate"), lambda p: p.update(resource={"url": "http://[::1/x"})),
+     "wrong_resource"),  # urlsplit raises on it
+    (lambda m: _with_payload(m.pay("translate"), lambda p: p["payload"]["authorization"].update(value="2e4")),
+     "malformed_payment"),
+    (lambda m: _with_payload(m.pay("translate"), lambda p: p["payload"]["authorization"].update(
+        value=str(2**256 + PRICE))), "wrong_amount"),
+    (lambda m: _with_payload(m.pay("translate"), lambda p: p["payload"]["authorization"].update(value=-PRICE)),
+     "wrong_amount"),
+    (lambda m: _with_payload(m.pay("translate"), lambda p: p["accepted"].update(network="eip155:1")),
+     "wrong_network"),
+    (lambda m: _with_payload(m.pay("translate"), lambda p: p["accepted"].update(scheme="upto")),
+     "unsupported_scheme"),
+    (lambda m: _with_payload(m.pay("translate"), lambda p: p["accepted"].update(asset="0x" + "11" * 20)),
+     "wrong_asset"),
+    (lambda m: _with_payload(m.pay("translate"), lambda p: p.update(x402Version=1)), "malformed_payment"),
+    (lambda m: _signed_elsewhere(m, chain_id=1), "invalid_signature"),
+    (lambda m: _signed_elsewhere(m, name="USDC"), "invalid_signature"),
+    (lambda m: _signed_elsewhere(m, token="0x" + "11" * 20), "invalid_signature"),
+    (lambda m: _high_s(m.pay("translate")), "invalid_signature"),
+], ids=["not_base64", "huge", "unparsable_resource_url", "float_amount", "amount_past_uint256", "negative_amount",
+        "other_network", "other_scheme", "other_asset", "x402_v1", "other_chain_id", "other_token_name",
+        "other_token_address", "high_s"])
+def test_hostile_payment_headers_are_402_with_a_code_and_write_nothing(market, hostile, code):
+    payment = hostile(market)
+    before = market.balances()
+
+    response = market.call("translate", payment)
+
+    assert (response.status_code, response.json()["error"]) == (402, code), response.content
+    assert market.upstream.requests == [] and market.balances() == before
+    assert not SkillInvocation.objects.exists() and not ChainTransaction.objects.exists()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_one_signed_payment_posted_twice_at_once_runs_and_charges_once(market):
+    """Both requests pass the replay read and the simulation before either records the authorization: the unique
+    (token, payer, nonce) decides, on PostgreSQL with one connection per thread."""
+    market.upstream.responses.extend([(200, {"translation": "bonjour"})] * 2)
+    payment = market.pay("translate")
+    buyer = usdc_balance(market.chain, market.buyer.address)
+    barrier = threading.Barrier(2)
+    answers: list = [None, None]
+
+    def post(index: int) -> None:
+        try:
+            api = Api()
+            barrier.wait()
+            answers[index] = api.post("/agents/sol/translate", {"input": {"text": "hello"}},
+                                      headers={"X-Payment-Signature": payment})
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=post, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    statuses = sorted((answer.status_code, answer.json().get("error") if answer.status_code == 402 else None)
+                      for answer in answers)
+    assert statuses == [(200, None), (402, "authorization_already_used")], [a.content for a in answers]
+    assert len(market.upstream.requests) == 1
+    assert SkillInvocation.objects.count() == 1 and ChainTransaction.objects.filter(
+        purpose="invocation_payment").count() == 1
+    assert usdc_balance(market.chain, market.buyer.address) == buyer - PRICE
+
+
+class Redirected(BaseHTTPRequestHandler):
+    """Where a hostile seller redirects the platform's call: records whoever comes."""
+
+    requests: list[str] = []
+
+    def do_POST(self):
+        Redirected.requests.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+
+    do_GET = do_POST
+
+
+@pytest.mark.parametrize("answer", ["redirect_to_a_private_address", "invalid_json", "too_large", "gzip_bomb",
+                                    "html_error_page"])
+def test_a_hostile_sellers_answer_fails_the_invocation_refunds_the_buyer_and_pays_the_seller_nothing(
+        market, answer, settings, django_capture_on_commit_callbacks):
+    limit = settings.UPSTREAM_ANSWER_MAX_BYTES
+    with serving(Redirected) as elsewhere:
+        market.upstream.responses.append({
+            "redirect_to_a_private_address": (302, b"", 0, {"Location": f"{elsewhere}/internal"}),
+            "invalid_json": (200, b'{"translation": "bonj'),
+            "too_large": (200, b'{"translation": "' + b"x" * limit + b'"}'),
+            "gzip_bomb": (200, gzip.compress(b'{"translation": "' + b"0" * (32 * limit) + b'"}'), 0,
+                          {"Content-Encoding": "gzip"}),
+            "html_error_page": (200, b"<html>Bad gateway</html>", 0, {"Content-Type": "text/html"}),
+        }[answer])
+        payment = market.pay("translate")
+        before = market.balances()
+
+        with django_capture_on_commit_callbacks(execute=True):
+            response = market.call("translate", payment)
+        confirm_all(django_capture_on_commit_callbacks)  # the treasury's refund
+
+        assert Redirected.requests == []
+    assert (response.status_code, response.json()["error"]["code"]) == (502, "invocation_failed"), response.content
+    assert market.balances() == before
+    assert not ChainTransaction.objects.filter(purpose="invocation_payout").exists()
+    invocation = market.caller.get(f"/services/{response.json()['error']['details']['invocation_id']}").json()
+    assert invocation["status"] == "failed" and invocation["payment"]["status"] == "refunded", invocation
+    assert invocation["result"] is None

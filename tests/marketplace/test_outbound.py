@@ -1,12 +1,16 @@
 """The SSRF guard: seller upstreams and webhook URLs may not point inside the platform's network; the proxy's
 kept-alive connections to upstreams."""
 
+import gzip
+import json
 import os
 import socket
 import ssl
 import struct
 import threading
 import time
+import tracemalloc
+import zlib
 from http.server import BaseHTTPRequestHandler
 
 import httpx
@@ -502,3 +506,49 @@ def test_a_masumi_seller_whose_name_never_resolves_is_unavailable_within_the_ser
         elapsed = time.monotonic() - started
     assert not answer.available and "ConnectTimeout" in answer.message
     assert elapsed < 1.0, f"the check took {elapsed:.1f} s with MASUMI_SERVICE_TIMEOUT=0.5"
+
+
+def _bomb(coding: str) -> bytes:
+    """32 MiB of JSON, compressed to about 32 KiB: one network read."""
+    document = b'{"result": "' + b"0" * (32 * 1024 * 1024) + b'"}'
+    return gzip.compress(document) if coding == "gzip" else zlib.compress(document, 9)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_a_compressed_answer_is_inflated_only_a_little_past_the_answer_bound(http_server, coding):
+    """The bound counted decoded bytes, but httpx inflated each network read whole: ~64 KiB of gzip became 64 MiB
+    (a 2 MiB bound held ~150 MiB) before it was counted, per seller answer being read."""
+    http_server.responses.append((200, _bomb(coding), 0, {"Content-Encoding": coding}))
+    limit = 256 * 1024
+    tracemalloc.start()
+    try:
+        with httpx.Client() as client, client.stream("GET", http_server.url) as response:
+            tracemalloc.reset_peak()
+            with pytest.raises(outbound.bounded_json.InvalidJSON, match="larger than"):
+                outbound.json_answer(response, max_bytes=limit)
+            peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # A 1 KiB piece of gzip inflates to ~1 MiB: that much past the bound, not what a whole network read inflates to.
+    assert peak < limit + 3 * 2**20, f"{peak / 2**20:.0f} MiB held for a {limit // 1024} KiB bound"
+
+
+@pytest.mark.parametrize("codings", ["gzip, gzip", "br", "compress"])
+def test_an_answer_in_codings_whose_inflation_is_unbounded_is_refused_undecoded(http_server, codings):
+    """Stacked codings multiply each other's inflation, and brotli or zstandard (decoded by httpx once their packages
+    are installed) inflate further than a piece-by-piece bound allows: refused, never decoded."""
+    http_server.responses.append((200, b"\x00" * 16, 0, {"Content-Encoding": codings}))
+    with httpx.Client() as client, client.stream("GET", http_server.url) as response:
+        with pytest.raises(outbound.bounded_json.InvalidJSON, match="encoded") as refused:
+            outbound.json_answer(response, max_bytes=1024)
+    assert refused.value.reason == "unsupported_encoding"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "identity"])
+def test_an_honest_compressed_answer_is_read_whole(http_server, coding):
+    document = {"result": "bonjour" * 1000}
+    body = json.dumps(document).encode()
+    body = {"gzip": gzip.compress, "deflate": zlib.compress}.get(coding, bytes)(body)
+    http_server.responses.append((200, body, 0, {"Content-Encoding": coding}))
+    with httpx.Client() as client, client.stream("GET", http_server.url) as response:
+        assert outbound.json_answer(response, max_bytes=64 * 1024) == document
