@@ -134,10 +134,12 @@ def transaction_await(*, transaction_id, timeout: float) -> ChainTransaction:
 # --- skill invocations -----------------------------------------------------------------------------------------
 
 def invocation_requirements(skill: Skill):
-    """What the skill's 402 asks for, bound to the skill (every skill pays the same treasury)."""
+    """What the skill's 402 asks for, bound to the skill (every skill pays the same treasury). They name the token's
+    EIP-712 domain, read from the token once per process: 503 while the node does not answer."""
     _require_chain()
-    return agreement_services.invocation_payment_requirements(
-        skill, pay_to=chainconfig.relayer_address(), max_timeout_seconds=INVOCATION_AUTHORIZATION_SECONDS)
+    with chain.unavailable_as_503():
+        return agreement_services.invocation_payment_requirements(
+            skill, pay_to=chainconfig.relayer_address(), max_timeout_seconds=INVOCATION_AUTHORIZATION_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,8 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
                                                  client=client)
     payer = relayer.relay_payer(agent=buyer, wallet=authorization.payer, client=client)
     relayer.relay_budget_check(payer)
-    balance = chain.call(chain.token_contract().functions.balanceOf(to_checksum_address(authorization.payer)).call)
+    with chain.unavailable_as_503():
+        balance = chain.call(chain.token_contract().functions.balanceOf(to_checksum_address(authorization.payer)).call)
     simulate(authorization)
     with transaction.atomic():
         # The buyer's row lock (its owner policy's check) before the wallet's, as an accept or activation takes them.

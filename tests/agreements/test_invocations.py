@@ -1605,3 +1605,23 @@ def test_a_hostile_sellers_answer_fails_the_invocation_refunds_the_buyer_and_pay
     invocation = market.caller.get(f"/services/{response.json()['error']['details']['invocation_id']}").json()
     assert invocation["status"] == "failed" and invocation["payment"]["status"] == "refunded", invocation
     assert invocation["result"] is None
+
+
+def test_a_paid_call_while_the_node_does_not_answer_is_503_and_records_nothing(market, monkeypatch):
+    """The payment is checked against the chain (the payer's balance, the transfer's simulation) before anything is
+    recorded: a node that does not answer then is 503 chain_unavailable, as everywhere else, not a 500."""
+    payment = market.pay("translate")
+
+    def unavailable(fn):
+        raise gateway.RpcUnavailable("read timed out")
+
+    monkeypatch.setattr(gateway, "call", unavailable)
+    response = market.call("translate", payment)
+
+    assert (response.status_code, error_code(response)) == (503, "chain_unavailable"), response.content
+    # The 402 of a process that has not read the token's EIP-712 domain yet (it names it in `extra`).
+    gateway._token_domain.cache_clear()
+    unpaid = market.call("translate")
+    assert (unpaid.status_code, error_code(unpaid)) == (503, "chain_unavailable"), unpaid.content
+    assert market.upstream.requests == []
+    assert not SkillInvocation.objects.exists() and not ChainTransaction.objects.exists()
