@@ -8,6 +8,7 @@ import threading
 import time
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler
+from types import SimpleNamespace
 
 import kombu.exceptions
 import pytest
@@ -17,7 +18,7 @@ from django.utils import timezone
 from x402 import PaymentRequired
 from x402.http import decode_payment_required_header, decode_payment_response_header, decode_payment_signature_header
 
-from agreements import invocations
+from agreements import invocations, x402_protocol
 from agreements.models import InvocationSellerFailure, SkillInvocation, UsageAgreement
 from agreements.tasks import run_invocation
 from escrow import chain as gateway
@@ -1625,3 +1626,37 @@ def test_a_paid_call_while_the_node_does_not_answer_is_503_and_records_nothing(m
     assert (unpaid.status_code, error_code(unpaid)) == (503, "chain_unavailable"), unpaid.content
     assert market.upstream.requests == []
     assert not SkillInvocation.objects.exists() and not ChainTransaction.objects.exists()
+
+
+@pytest.mark.parametrize("server_clock, window, code", [
+    (-3600, {"valid_before": -60}, "authorization_expired"),  # valid by a server an hour behind, not by the chain
+    (3600, {"valid_after": 1800, "valid_before": 7200}, "authorization_not_yet_valid"),  # a server an hour ahead
+])
+def test_an_authorization_outside_its_window_by_the_chains_clock_is_402_whatever_the_servers_clock_says(
+        market, monkeypatch, server_clock, window, code):
+    chain_now = market.chain.now()
+    payment = market.pay("translate", valid_before=chain_now + window.get("valid_before", 300))
+    if "valid_after" in window:
+        payment = _resigned(market, payment, valid_after=chain_now + window["valid_after"])
+    monkeypatch.setattr(x402_protocol, "time", SimpleNamespace(time=lambda: time.time() + server_clock))
+    before = market.balances()
+
+    response = market.call("translate", payment)
+
+    assert (response.status_code, response.json()["error"]) == (402, code), response.content
+    assert market.upstream.requests == [] and market.balances() == before
+    assert not SkillInvocation.objects.exists() and not ChainTransaction.objects.exists()
+
+
+def _resigned(market, payment: str, **window) -> str:
+    """The payment's authorization with another validity window, signed again by the buyer."""
+    decoded = decode_payment_signature_header(payment)
+    authorization = {**decoded.payload["authorization"], **{
+        {"valid_after": "validAfter", "valid_before": "validBefore"}[name]: str(value) for name, value in window.items()}}
+    typed = typed_data.transfer_with_authorization(
+        chain_id=market.chain.chain_id, token_address=market.chain.usdc.address, from_address=authorization["from"],
+        to_address=authorization["to"], value=int(authorization["value"]), valid_after=int(authorization["validAfter"]),
+        valid_before=int(authorization["validBefore"]), nonce=authorization["nonce"],
+        token_name=decoded.accepted.extra["name"], token_version=decoded.accepted.extra["version"])
+    signature = typed_data.sign_typed_data(market.buyer.key, typed)
+    return _with_payload(payment, lambda p: p["payload"].update(authorization=authorization, signature=signature))
