@@ -123,8 +123,11 @@ def transaction_await(*, transaction_id, timeout: float) -> ChainTransaction:
         try:
             relayer.transaction_submit(transaction_id=transaction_id)
             relayer.transaction_check(transaction_id=transaction_id)
-        except chain.RpcUnavailable:
-            pass  # the worker's submit task and the confirmation poll retry it
+        except chain.ChainError:
+            # The node timed out or answered an error of its own (a provider's JSON-RPC error): the payment is
+            # recorded and queued already, so the caller is answered with its invocation; the worker's submit task
+            # and the confirmation poll retry it.
+            pass
         tx = ChainTransaction.objects.get(pk=transaction_id)
         if tx.status in (TxStatus.CONFIRMED, TxStatus.FAILED) or time.monotonic() >= deadline:
             return tx

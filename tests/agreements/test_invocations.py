@@ -22,6 +22,7 @@ from agreements import invocations, x402_protocol
 from agreements.models import InvocationSellerFailure, SkillInvocation, UsageAgreement
 from agreements.tasks import run_invocation
 from escrow import chain as gateway
+from escrow import relayer
 from catalog.models import Agent, Service
 from escrow.models import ChainTransaction, RelayRevert
 from marketplace import outbound_slots
@@ -1660,3 +1661,30 @@ def _resigned(market, payment: str, **window) -> str:
         token_name=decoded.accepted.extra["name"], token_version=decoded.accepted.extra["version"])
     signature = typed_data.sign_typed_data(market.buyer.key, typed)
     return _with_payload(payment, lambda p: p["payload"].update(authorization=authorization, signature=signature))
+
+
+def test_a_node_error_while_the_paid_call_waits_for_its_payment_is_202_with_the_invocation_not_a_500(
+        market, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The payment is recorded and queued before the request waits for it (submitting it itself): a node answering
+    that wait with an error of its own (a provider's JSON-RPC error, not a time-out) raised out of the view, a 500
+    naming no invocation for a payment that the relayer then sent and the seller ran."""
+    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 1
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    simulate = gateway.simulate
+
+    def node_error(**transaction):
+        raise gateway.ChainError("header not found")
+
+    monkeypatch.setattr(gateway, "simulate", node_error)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = market.call("translate", payment)
+
+    assert response.status_code == 202, response.content
+    invocation_id = response.json()["invocation_id"]
+    monkeypatch.setattr(gateway, "simulate", simulate)
+    with django_capture_on_commit_callbacks(execute=True):  # the worker's submission, the node answering again
+        relayer.transaction_submit(transaction_id=ChainTransaction.objects.get(purpose="invocation_payment").pk)
+    for _ in range(3):  # the payment confirmed, the skill run, its payout
+        confirm_all(django_capture_on_commit_callbacks)
+    assert market.caller.get(f"/services/{invocation_id}").json()["status"] == "completed"
