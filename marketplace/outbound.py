@@ -311,7 +311,9 @@ def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None
     transport = httpx.HTTPTransport(limits=limits or httpx.Limits())
     # httpx does not expose httpcore's network_backend; set it on the pool the transport built.
     transport._pool._network_backend = _GuardedBackend()
-    return httpx.Client(transport=transport, timeout=timeout, follow_redirects=follow_redirects, trust_env=False)
+    # Ask for the codings `json_answer` decodes (httpx's default adds br and zstd once their packages are installed).
+    return httpx.Client(transport=transport, timeout=timeout, follow_redirects=follow_redirects, trust_env=False,
+                        headers={"Accept-Encoding": ", ".join(DECODED_ENCODINGS)})
 
 
 class _GuardedConnection(http.client.HTTPConnection):

@@ -544,6 +544,13 @@ def test_an_answer_in_codings_whose_inflation_is_unbounded_is_refused_undecoded(
     assert refused.value.reason == "unsupported_encoding"
 
 
+def test_the_guarded_client_asks_sellers_only_for_the_codings_it_decodes():
+    """httpx's default Accept-Encoding adds br and zstd once their packages are installed: a seller answering in
+    what the client asked for would then be refused (`unsupported_encoding`), its buyer refunded for nothing."""
+    with outbound.guarded_client(timeout=httpx.Timeout(5.0)) as client:
+        assert client.headers["Accept-Encoding"] == "gzip, deflate"
+
+
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "identity"])
 def test_an_honest_compressed_answer_is_read_whole(http_server, coding):
     document = {"result": "bonjour" * 1000}
