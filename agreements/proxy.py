@@ -441,15 +441,16 @@ def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, waitin
     is streamed on from what was read."""
     limit = settings.PROXY_REPLAY_MAX_BYTES
     stream = iter(upstream)
-    head, size = [], 0
+    # One buffer: a list of the pieces the upstream sent held ~40 bytes of objects per piece (2-byte chunks: 20 times
+    # the bound).
+    head = bytearray()
     for chunk in stream:  # on failure, the caller closes the exchange
-        head.append(chunk)
-        size += len(chunk)
-        if size > limit:
+        head += chunk
+        if len(head) > limit:
             break
-    if size <= limit:  # read to its end
+    if len(head) <= limit:  # read to its end
         upstream.close()
-        body = b"".join(head)
+        body = bytes(head)
         ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=nonce).update(
             status_code=upstream.status, headers=headers, body=body)
         response = HttpResponse(body, status=upstream.status)
@@ -462,7 +463,7 @@ def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, waitin
                   if name.lower() not in {"content-length", "content-encoding", "content-type"}}
         ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=nonce).update(
             status_code=upstream.status, headers={**stored, "Content-Type": "application/json"}, body=note)
-        response = StreamingHttpResponse(_BuyerStream(upstream, waiting, read=head, rest=stream),
+        response = StreamingHttpResponse(_BuyerStream(upstream, waiting, read=[bytes(head)], rest=stream),
                                          status=upstream.status)
     for key, value in headers.items():
         response[key] = value

@@ -316,8 +316,24 @@ def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None
                         headers={"Accept-Encoding": ", ".join(DECODED_ENCODINGS)})
 
 
+class _FinalAnswer(http.client.HTTPResponse):
+    """An answer read past any informational one (1xx but 101), as http.client skips only 100 Continue: a 103 Early
+    Hints or a 102 taken for the answer left the real one unread on a kept-alive connection, for the next call on it
+    (another buyer's) to be given."""
+
+    def _read_status(self):
+        while True:
+            version, status, reason = super()._read_status()
+            if not 101 < status < 200:  # 100: begin() skips it; 101: a protocol switch, refused as an answer
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the informational answer's head, bounded as any head; dropped
+
+
 class _GuardedConnection(http.client.HTTPConnection):
-    """http.client's connection, connecting to the vetted addresses (`vetted_addresses`) of its host."""
+    """http.client's connection, connecting to the vetted addresses (`vetted_addresses`) of its host, its answers
+    read past informational ones (`_FinalAnswer`)."""
+
+    response_class = _FinalAnswer
 
     def __init__(self, host: str, port: int, *, connect_timeout: float, read_timeout: float):
         super().__init__(host, port, timeout=connect_timeout)

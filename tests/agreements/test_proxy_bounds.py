@@ -63,6 +63,10 @@ def books(parties) -> tuple[int, int]:
     return agreement.used, agreement.reserved
 
 
+def _body(response) -> bytes:
+    return b"".join(response.streaming_content) if response.streaming else response.content
+
+
 def no_errors_logged(caplog) -> bool:
     return not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
@@ -377,6 +381,57 @@ def test_a_large_reply_with_a_nonce_is_answered_without_being_held_in_memory(act
     again = raw(active, "get", f"{active.proxy}/archive", HTTP_X_REQUEST_NONCE="archive-1")
     assert again["X-Replayed"] == "true" and error_code(again) == "reply_too_large_to_store"
     assert len(http_server.requests) == 1 and UsageEvent.objects.count() == 1
+
+
+def test_a_reply_in_tiny_chunks_with_a_nonce_holds_about_its_size_not_an_object_per_chunk(escrow_chain, settings,
+                                                                                       django_capture_on_commit_callbacks):
+    """A reply kept for X-Request-Nonce replays was held as the list of the pieces the upstream sent it in: in 2-byte
+    chunks, ~40 bytes of objects per 2 bytes, so PROXY_REPLAY_MAX_BYTES (10 MiB) held ~200 MB per call."""
+    size = 200_000
+    chunked = b"".join(b"2\r\nab\r\n" for _ in range(size // 2)) + b"0\r\n\r\n"
+    with _dribbling(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked,
+                    drip=b"", times=0, pause=0) as upstream_url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, upstream_url)
+        settings.PROXY_REPLAY_MAX_BYTES = size
+        tracemalloc.start()
+        try:
+            first = raw(active, "get", f"{active.proxy}/pieces", HTTP_X_REQUEST_NONCE="pieces-1")
+            held = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert first.status_code == 200 and _body(first) == b"ab" * (size // 2)
+    assert held < 10 * size, f"{held / 2**20:.1f} MiB held for a {size // 1000} kB reply"
+    assert ProxyReplay.objects.get(request_nonce="pieces-1").body == b"ab" * (size // 2)
+
+
+def test_an_upstreams_early_hints_are_skipped_and_each_call_gets_its_own_answer(escrow_chain, settings,
+                                                                              django_capture_on_commit_callbacks):
+    """http.client skips only 100 Continue: a 103 Early Hints (or a 102) was taken for the call's answer, empty, and
+    its connection kept alive with the real answer unread in it, which the next call on that connection, another
+    buyer's of the seller, was then given (and charged for)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def upstream():
+        connection, _ = listener.accept()
+        with connection:
+            for answer in (b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                           b"HTTP/1.1 102 Processing\r\n\r\n"
+                           b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\nfor-the-first",
+                           b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\nfor-the-second"):
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += connection.recv(65536)
+                connection.sendall(answer)
+            connection.recv(1)
+
+    threading.Thread(target=upstream, daemon=True).start()
+    with listener:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks,
+                                  f"http://127.0.0.1:{listener.getsockname()[1]}/api")
+        first, second = (raw(active, "get", f"{active.proxy}/{name}") for name in ("first", "second"))
+    assert (first.status_code, _body(first)) == (200, b"for-the-first")
+    assert (second.status_code, _body(second)) == (200, b"for-the-second")
+    assert books(active) == (2 * PRICE, 0)
 
 
 def test_the_replayed_note_of_a_reply_too_large_to_store_has_its_own_length_and_type(active, http_server, settings):
