@@ -708,7 +708,8 @@ def canonical_block_hash(number: int) -> str | None:
     """The hash of the node's block at height `number`; None when it has none there (beyond its head: a node behind
     another, or a chain a reorg made shorter until it grows again). Raises RpcUnavailable when the node answered with
     an error (rate limited, overloaded): that says nothing of the block, and read as "none there" it passed for a
-    reorg."""
+    reorg; UntrustedAnswer when it answered a block without a hash or of another height (taken for the one asked, it
+    passed for a reorg, and a missing hash ended the indexer's pass and the relayer's poll unrecorded)."""
     try:
         block = w3().eth.get_block(number)
     except BlockNotFound:
@@ -718,7 +719,11 @@ def canonical_block_hash(number: int) -> str | None:
         if isinstance(error, RpcUnavailable):
             raise error from exc
         raise RpcUnavailable(f"block {number} not read: {error}") from exc
-    return "0x" + block["hash"].hex().removeprefix("0x")
+    block_hash = block.get("hash")
+    if block.get("number") != number or not isinstance(block_hash, bytes) or len(block_hash) != 32:
+        raise UntrustedAnswer(f"the node answered block {number} with a block of height {block.get('number')!r} "
+                              f"and hash {block_hash!r:.80}")
+    return "0x" + block_hash.hex().removeprefix("0x")
 
 
 def revert_reason(*, sender: str, to: str, data: str, block_number: int) -> str:

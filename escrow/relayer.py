@@ -455,7 +455,10 @@ def _logs_name_the_agreement(function):
 def transaction_submit(*, transaction_id) -> ChainTransaction | None:
     """Queued -> submitted. A no-op for any other status, so it is safe to run twice."""
     tx = ChainTransaction.objects.filter(pk=transaction_id, status=TxStatus.QUEUED).first()
-    if tx is None or _waits_for_finality(tx):
+    if tx is None:
+        return None
+    chain.node_chain_check()  # another chain's simulation, fees and nonce are not this one's
+    if _waits_for_finality(tx):
         return None
     sender = chain.relayer_account().address
     try:
@@ -556,6 +559,15 @@ def _first_receipt(tx: ChainTransaction) -> tuple[TxAttempt, chain.Receipt] | No
 
 
 def _record_receipt(tx: ChainTransaction, attempt: TxAttempt, found: chain.Receipt) -> ChainTransaction | None:
+    """Mined, and concluded once deep enough: only when the receipt's block is the node's canonical block at its
+    height. A receipt of a block beyond the node's head or off its chain (a backend ahead of the one answering blocks,
+    a stale branch's, a proxy mixing its answers up) is not recorded: counted from its block number alone, its depth
+    concluded a payout that was not mined. The next poll reads it again."""
+    if chain.canonical_block_hash(found.block_number) != found.block_hash:
+        logger.warning("a receipt whose block is not the node's at its height: looked at again at the next poll",
+                       extra={"tx_id": str(tx.pk), "tx_hash": attempt.tx_hash, "block": found.block_number,
+                              "block_hash": found.block_hash})
+        return tx
     tx.status = TxStatus.MINED
     tx.mined_tx_hash = attempt.tx_hash
     tx.mined_block_number = found.block_number
@@ -859,6 +871,7 @@ def transaction_check(*, transaction_id) -> ChainTransaction | None:
           .filter(pk=transaction_id, status__in=[TxStatus.SUBMITTED, TxStatus.MINED]).first())
     if tx is None:
         return None
+    chain.node_chain_check()  # another chain's blocks, receipts and nonces say nothing of this one's
     if tx.status == TxStatus.MINED:
         canonical = chain.canonical_block_hash(tx.mined_block_number)
         if canonical is None:
@@ -1000,7 +1013,8 @@ def _none_of_ours_mined_by(tx: ChainTransaction, *, block: int) -> bool:
 
 
 def transactions_poll() -> int:
-    """Check every in-flight transaction (the beat task). Returns how many were looked at.
+    """Check every in-flight transaction (the beat task). Returns how many were looked at. A node of another chain
+    than CHAIN_ID (`chain.node_chain_check`) has nothing read from it: WrongChain is raised, the task failing loudly.
 
     An RPC failure on one transaction (timeout, 429, 5xx after the per-call retries) skips only that one. The poll
     stops early only when the node is unreachable, or when the first several checks all failed on the chain (a node
@@ -1010,6 +1024,12 @@ def transactions_poll() -> int:
     (sweeps.RowFailures): such rows counted towards giving up, and since they stay the oldest, a few of them ended
     every poll before any other transaction was checked; one that raised while reopened ended it at once."""
     failures = sweeps.RowFailures("chain transactions poll")
+    try:
+        # Another chain's blocks differ from ours at every height: every concluded transaction was taken off the chain.
+        chain.node_chain_check()
+    except chain.RpcUnavailable as error:
+        logger.warning("chain RPC unavailable while polling; will retry", extra={"error": str(error)})
+        return 0
     try:
         # What the indexer applied, it checks itself: it reopens those after moving their agreements back.
         transactions_reopen_reorged(after_block=_indexed_up_to(), failures=failures)

@@ -495,3 +495,35 @@ def test_a_node_of_another_chain_than_chain_id_is_not_indexed(
     assert funded.agreement(funded.agreement_id)["status"] == "active"
     assert not ChainEvent.objects.filter(name="SettlementProposed").exists()
     assert "chain id" in IndexerCursor.objects.get(chain_id=8453).last_error
+
+
+@pytest.mark.parametrize("hostility", ["null_hash", "missing_hash", "another_number"])
+def test_a_node_answering_the_cursors_block_without_its_hash_or_of_another_height_is_an_error_the_cursor_shows(
+        escrow_chain, settings, hostility):
+    """A node (or a proxy mixing its answers up) answers the lookup of the indexer's last block with a block whose
+    hash is null or missing, or with the block of another height. The hash was read outside the gateway's error
+    mapping: KeyError or AttributeError ended the pass with nothing on the cursor; and another height's block,
+    taken for the one asked, passed for a reorg and rolled the indexer back to apply its events again. Such an
+    answer is UntrustedAnswer (a node's failure, retried by the beat), recorded on the cursor; nothing moves."""
+    from tests.support.rpc_relay import RpcRelay
+
+    chain = escrow_chain
+    indexed = indexer.index_pass().indexed_to
+    chain.mine(2)
+    relay = RpcRelay(chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL, settings.CHAIN_RPC_RETRY_BACKOFF = relay.url, 0.01
+    try:
+        def hostile(answer):
+            if hostility == "another_number":
+                return {**answer, "result": relay.node("eth_getBlockByNumber", [hex(indexed - 1), False])}
+            block = {key: value for key, value in answer["result"].items() if key != "hash"}
+            return {**answer, "result": block if hostility == "missing_hash" else {**block, "hash": None}}
+
+        relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == hex(indexed),
+                      hostile)
+        with pytest.raises(gateway.UntrustedAnswer):
+            indexer.index_pass()
+    finally:
+        relay.stop()
+    cursor = IndexerCursor.objects.get()
+    assert cursor.last_error.startswith("UntrustedAnswer") and cursor.last_block == indexed

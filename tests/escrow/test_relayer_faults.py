@@ -939,3 +939,119 @@ def test_a_receipt_a_node_answers_for_another_transaction_is_not_taken_for_the_p
     tx.refresh_from_db()
     assert usdc_balance(chain, recipient.address) == before + 2 * USDC
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
+
+
+@pytest.fixture
+def rpc_relay(escrow_chain, settings):
+    """The marketplace talks to Anvil through a relay the test controls (`rewrite`: the node's answers altered)."""
+    from tests.support.rpc_relay import RpcRelay
+
+    relay = RpcRelay(escrow_chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    settings.CHAIN_RPC_RETRY_BACKOFF = 0.01
+    yield relay
+    relay.stop()
+
+
+def _block_asked(number: int):
+    return lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == hex(number)
+
+
+def _hashless(answer: dict, *, missing: bool) -> dict:
+    block = dict(answer["result"])
+    if missing:
+        del block["hash"]
+    else:
+        block["hash"] = None
+    return {**answer, "result": block}
+
+
+@pytest.mark.parametrize("hostility", ["null_hash", "missing_hash", "another_number"])
+def test_a_node_answering_a_block_without_its_hash_or_of_another_height_ends_no_poll(
+        escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks, hostility):
+    """A node (or a proxy mixing its answers up) answers the lookup of a confirmed payout's block with a block whose
+    hash is null or missing, or with the block of another height. The hash was read outside the gateway's error
+    mapping: KeyError or AttributeError ended the relayer's poll before any transaction was checked; and another
+    height's block, taken for the one asked, passed for a reorg and reopened the payout. Such an answer is no answer
+    (UntrustedAnswer): the payout stays confirmed, and the poll goes on."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    tx = _a_transfer_mined(chain, recipient, django_capture_on_commit_callbacks)
+    assert tx.status == TxStatus.CONFIRMED
+    chain.mine()
+    if hostility == "another_number":
+        other = rpc_relay.node("eth_getBlockByNumber", [hex(tx.mined_block_number + 1), False])
+        rpc_relay.rewrite(_block_asked(tx.mined_block_number), lambda answer: {**answer, "result": other})
+    else:
+        rpc_relay.rewrite(_block_asked(tx.mined_block_number),
+                          lambda answer: _hashless(answer, missing=hostility == "missing_hash"))
+    with django_capture_on_commit_callbacks(execute=True):
+        relayer.transactions_poll()
+    concluded = (tx.status, tx.confirmed_at)
+    tx.refresh_from_db()
+    assert (tx.status, tx.confirmed_at) == concluded, "reopened"
+    with pytest.raises(gateway.UntrustedAnswer):
+        gateway.canonical_block_hash(tx.mined_block_number)
+
+
+@pytest.mark.parametrize("hostility", ["beyond_the_head", "another_block_at_its_height"])
+def test_a_receipt_of_a_block_the_chain_does_not_hold_does_not_conclude_the_payout(
+        escrow_chain, rpc_relay, django_capture_on_commit_callbacks, hostility):
+    """A node (or a proxy mixing its answers up) answers the pending payout's receipt lookup with a receipt of
+    status 1 in a block beyond its head, or in a block that is not the chain's at that height (a stale branch's).
+    Its depth was counted from the receipt's block number alone: the payout was concluded confirmed while it was
+    not mined (its domain told it was paid). A receipt concludes only once its block is the node's canonical block
+    at its height; until then the payout waits, and is concluded by its real receipt."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    head = chain.block_number()
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+        attempt = tx.attempts.get().tx_hash
+        template = rpc_relay.node("eth_getTransactionReceipt",
+                                  [rpc_relay.node("eth_getBlockByNumber", [hex(head), False])["transactions"][0]])
+        forged = {**template, "transactionHash": attempt, "status": "0x1", "logs": [],
+                  "blockNumber": hex(head + 1000) if hostility == "beyond_the_head" else template["blockNumber"],
+                  "blockHash": "0x" + "11" * 32}
+        rpc_relay.rewrite(lambda call: call.get("method") == "eth_getTransactionReceipt"
+                          and call["params"][0] == attempt, lambda answer: {**answer, "result": forged})
+        with django_capture_on_commit_callbacks(execute=True):
+            relayer.transactions_poll()
+        tx.refresh_from_db()
+        assert tx.status == TxStatus.SUBMITTED, "concluded on a receipt of no block of the chain"
+        rpc_relay.rewrite_none()
+        chain.mine()
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    for _ in range(2):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+
+def test_a_relayer_pointed_at_a_node_of_another_chain_signs_and_checks_nothing(
+        escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):
+    """CHAIN_RPC_URL naming a node of another chain than CHAIN_ID: the relayer simulated there (a revert on that
+    chain concluded the payout failed), seeded its wallet's nonce row from that chain's nonce (a gap or a reused
+    nonce on this one), signed and sent there, and its poll read that chain's blocks: every confirmed transaction's
+    block "replaced", reopened. The node's chain id is checked first (asked once per client): WrongChain, loudly,
+    and nothing is signed, concluded or reopened."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    confirmed = _a_transfer_mined(chain, recipient, django_capture_on_commit_callbacks)
+    assert confirmed.status == TxStatus.CONFIRMED
+    settings.CHAIN_ID = 8453  # the node is Anvil's 31337
+    asked = []
+    rpc_relay.observers.append(lambda call: asked.append(call.get("method")))
+    with django_capture_on_commit_callbacks(execute=False):
+        queued = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                             data=chain.usdc.encode_abi("transfer", args=[recipient.address, 1]))
+    with pytest.raises(gateway.WrongChain, match="chain id"):
+        relayer.transaction_submit(transaction_id=queued.pk)
+    with pytest.raises(gateway.WrongChain, match="chain id"):
+        relayer.transactions_poll()
+    queued.refresh_from_db()
+    assert (queued.status, queued.nonce, queued.attempts.count()) == (TxStatus.QUEUED, None, 0)
+    assert not RelayerAccount.objects.filter(chain_id=8453).exists()
+    assert set(asked) <= {"eth_chainId"}
