@@ -147,12 +147,15 @@ def _is_ip_literal(host: str) -> bool:
 
 def url_check(url: str) -> None:
     """400 `address_not_allowed` when the URL's host is (or resolves to) an address the platform must not call;
-    `invalid_port`, `invalid_url` when it could not be called at all."""
+    `invalid_port` (0, or beyond 65535), `invalid_url` when it could not be called at all."""
     parts = urlsplit(url)
     try:
         port = parts.port
     except ValueError:  # beyond 65535: urlsplit refuses to read it, and the socket to connect to it
-        raise InvalidInput("The URL's port is not one from 0 to 65535.", code="invalid_port") from None
+        port = 0
+    # Port 0 is no server's: httpx connects to it and fails every call, the metered proxy reads it as the default.
+    if port == 0:
+        raise InvalidInput("The URL's port is not one from 1 to 65535.", code="invalid_port")
     # URLField takes any character above U+00A0 in a host, and any xn-- label; httpx refuses those IDNA forbids
     # when it sends, in reading the URL's host (which decodes an A-label).
     try:

@@ -108,6 +108,17 @@ def test_a_url_whose_port_is_beyond_65535_is_400_not_500(settings, seller_api, p
     assert webhook.status_code == 400 and error_code(webhook) == "invalid_port", webhook.content
 
 
+@pytest.mark.parametrize("private_allowed", [False, True])
+def test_a_url_whose_port_is_0_is_400_invalid_port_not_called_on_another_port(settings, seller_api, private_allowed):
+    """Port 0 is no port a server listens on: the skill, Masumi and webhook clients failed every call to it (a socket
+    error per attempt), while the metered proxy read it as "no port" and called the scheme's default."""
+    settings.ALLOW_PRIVATE_UPSTREAMS = private_allowed
+    service = seller_api.post("/agents/services", service_data(upstream_base_url="https://example.com:0/api"))
+    assert service.status_code == 400 and error_code(service) == "invalid_port", service.content
+    webhook = seller_api.post("/webhooks", {"url": "https://example.com:00/hook"})
+    assert webhook.status_code == 400 and error_code(webhook) == "invalid_port", webhook.content
+
+
 def test_the_dev_setting_allows_loopback(seller_api):
     response = seller_api.post("/agents/services", service_data(upstream_base_url="http://127.0.0.1:8080"))
     assert response.status_code == 201, response.content
