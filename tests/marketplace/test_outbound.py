@@ -544,6 +544,39 @@ def test_a_compressed_answer_is_inflated_only_a_little_past_the_answer_bound(htt
     assert peak < limit + 3 * 2**20, f"{peak / 2**20:.0f} MiB held for a {limit // 1024} KiB bound"
 
 
+def _answers_in_two_byte_chunks(document: bytes) -> type[BaseHTTPRequestHandler]:
+    wire = b"".join(b"2\r\n" + document[at:at + 2] + b"\r\n" for at in range(0, len(document), 2)) + b"0\r\n\r\n"
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n" + wire)
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
+def test_an_answer_sent_in_tiny_chunks_holds_about_its_bound_not_an_object_per_chunk():
+    """Each chunk of a chunked body is a piece httpx yields: kept as a list of pieces, an answer of 2-byte chunks held
+    a Python object of ~50 bytes per 2 bytes it counted (~128 MiB for the 2 MiB bound, per answer being read)."""
+    limit = 128 * 1024
+    document = b'{"result": "' + b"0" * (limit - 16) + b'"}'
+    with serving(_answers_in_two_byte_chunks(document)) as url:
+        tracemalloc.start()
+        try:
+            with httpx.Client(timeout=60) as client, client.stream("GET", url) as response:
+                tracemalloc.reset_peak()
+                assert outbound.json_answer(response, max_bytes=limit) == json.loads(document)
+                peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 4 * limit, f"{peak / 2**20:.1f} MiB held for a {limit // 1024} KiB answer"
+
+
 @pytest.mark.parametrize("codings", ["gzip, gzip", "br", "compress"])
 def test_an_answer_in_codings_whose_inflation_is_unbounded_is_refused_undecoded(http_server, codings):
     """Stacked codings multiply each other's inflation, and brotli or zstandard (decoded by httpx once their packages
