@@ -50,7 +50,6 @@ from django.utils import timezone
 
 from agreements import monitoring, selectors
 from agreements.models import AgreementStatus, CallIntent, ProxyReplay, UsageAgreement, UsageEvent, UsageSource
-from catalog.models import UpstreamProtocol
 from marketplace import chainconfig, signatures, sweeps
 from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, PaymentRequired, error_body
 from marketplace.logging import logs_name_the_agreement
@@ -79,11 +78,11 @@ class Reservation:
 def _seller_report_require(agreement: UsageAgreement, seller_id: uuid.UUID) -> None:
     """The seller may report usage on the agreement: it is the agreement's seller, and the agreement is not a Masumi
     purchase, which is paid for its job result alone (`job_result_charge`): a report charged the price without one.
-    Only an agreement on a `masumi` service is looked up (its service is read with the report's agreement)."""
+    Whatever its service's protocol is now (its seller may have changed it since the purchase); the purchase is read
+    with the report's agreement (`selectors.agreement_for_report`), else looked up here."""
     if agreement.seller_id != seller_id:
         raise Forbidden("Only the seller reports usage.", code="seller_only")
-    if (agreement.service.upstream_protocol == UpstreamProtocol.MASUMI
-            and UsageAgreement.objects.filter(pk=agreement.pk, masumi_purchase__isnull=False).exists()):
+    if hasattr(agreement, "masumi_purchase"):
         raise Conflict("A Masumi purchase is charged by its job result only; usage cannot be reported on it.",
                        code="job_result_only")
 

@@ -116,15 +116,21 @@ def agreement_get(*, agreement_id, agent: Agent | None) -> UsageAgreement:
 _PARTY_SUMMARY = ("id", "handle", "display_name", "wallet_address")
 
 
+# The reverse side of a Masumi purchase's agreement (escrow's model, reached through the relation, not imported).
+_MASUMI_PURCHASE = UsageAgreement._meta.get_field("masumi_purchase")
+
+
 @lru_cache(maxsize=2)
 def _report_statement(*, lock: bool) -> tuple[str, list]:
     """agreement_for_report's SELECT (by agreement id and party) and the columns of what it reads: built once per
     process (compiling the same query with select_related and only() per request cost more CPU than running it).
     With `lock`, every field of the agreement, under its row lock."""
     quote, agreement_model = connection.ops.quote_name, UsageAgreement
+    purchase = _MASUMI_PURCHASE.related_model._meta
     parts = [model_columns(agreement_model, "a", None if lock else ("id", "buyer", "seller", "service")),
              model_columns(Agent, "b", _PARTY_SUMMARY), model_columns(Agent, "s", _PARTY_SUMMARY),
-             model_columns(Service, "v", ("id", "name", "upstream_protocol")), model_columns(ApprovalRequest, "r")]
+             model_columns(Service, "v", ("id", "name", "upstream_protocol")),
+             model_columns(purchase.model, "m", ("id", "agreement")), model_columns(ApprovalRequest, "r")]
     meta, approval = agreement_model._meta, ApprovalRequest._meta
     column = {name: f"a.{quote(meta.get_field(name).column)}" for name in ("id", "buyer", "seller", "service")}
     agents, services = quote(Agent._meta.db_table), quote(Service._meta.db_table)
@@ -132,6 +138,8 @@ def _report_statement(*, lock: bool) -> tuple[str, list]:
             f"JOIN {agents} b ON b.{quote(Agent._meta.pk.column)} = {column['buyer']} "
             f"JOIN {agents} s ON s.{quote(Agent._meta.pk.column)} = {column['seller']} "
             f"JOIN {services} v ON v.{quote(Service._meta.pk.column)} = {column['service']} "
+            f"LEFT JOIN {quote(purchase.db_table)} m ON m.{quote(purchase.get_field('agreement').column)} = "
+            f"{column['id']} "
             f"LEFT JOIN {quote(approval.db_table)} r ON r.{quote(approval.get_field('subject_type').column)} = %s "
             f"AND r.{quote(approval.get_field('subject_id').column)} = {column['id']} "
             f"WHERE {column['id']} = %s AND ({column['buyer']} = %s OR {column['seller']} = %s)"
@@ -147,7 +155,8 @@ def _row_lock_clause() -> str:
 
 def agreement_for_report(*, agreement_id, agent_id: uuid.UUID, lock: bool = False) -> tuple[UsageAgreement, dict]:
     """What a seller's usage report reads of the agreement, in one statement: the agreement if the agent is party
-    to it (404 otherwise, as agreement_get), with the parties and service its answer names, and its approval
+    to it (404 otherwise, as agreement_get), with the parties and service its answer names, its Masumi purchase if
+    it is one (cached as `masumi_purchase`, None included: a report on one is refused), and its approval
     request ({agreement id: approval}, as `agreement_payload` takes them; no charge changes it).
 
     Without `lock` its own fields are left deferred: `metering.usage_record` (or `usage_record_running_total`)
@@ -155,7 +164,8 @@ def agreement_for_report(*, agreement_id, agent_id: uuid.UUID, lock: bool = Fals
     With `lock` (in a transaction) they are read under the row lock, held to the commit: what
     `metering.usage_record(locked=True)` takes. Half the CPU of agreement_get, in Python and in PostgreSQL's
     planning of the wider join; the statement is built once (`_report_statement`) and prepared on the server."""
-    sql, (agreement_part, buyer_part, seller_part, service_part, approval_part) = _report_statement(lock=lock)
+    sql, (agreement_part, buyer_part, seller_part, service_part, purchase_part, approval_part) = \
+        _report_statement(lock=lock)
     try:
         agreement_pk = UsageAgreement._meta.pk.to_python(agreement_id)
     except ValidationError:
@@ -171,6 +181,9 @@ def agreement_for_report(*, agreement_id, agent_id: uuid.UUID, lock: bool = Fals
     agreement = agreement_part.instance(values)
     for part, relation in ((buyer_part, "buyer"), (seller_part, "seller"), (service_part, "service")):
         UsageAgreement._meta.get_field(relation).set_cached_value(agreement, part.instance(values))
+    # Cached even when there is none, so that `hasattr(agreement, "masumi_purchase")` asks nothing more.
+    purchase = purchase_part.instance(values)
+    _MASUMI_PURCHASE.set_cached_value(agreement, purchase if purchase.pk is not None else None)
     approval = approval_part.instance(values) if row[-len(approval_part.attnames)] is not None else None
     return agreement, {} if approval is None else {agreement.pk: approval}
 

@@ -1069,3 +1069,19 @@ def test_two_ticks_releasing_one_unresolved_dispute_to_the_buyer_record_no_error
     confirm_all(purchase.capture)
     assert purchase.get()["onChainState"] == "DisputedWithdrawn"
     purchase.assert_moved(seller=0, buyer=PRICE)
+
+
+def test_a_purchases_seller_cannot_charge_it_by_reporting_usage_after_moving_its_service_off_masumi(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    # The report's check looked up the purchase only while the agreement's service was still a `masumi` one: a seller
+    # who switched its service to `http` after the sale charged the whole price by a report, with no result.
+    purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, seller_service)
+    agreement_id = purchase.created["agreementId"]
+    moved = purchase.parties.seller_api.patch(f"/agents/services/{purchase.parties.service.pk}",
+                                              {"upstream_protocol": "http"})
+    assert moved.status_code == 200, moved.content
+    refused = purchase.parties.seller_api.post(f"/usage-agreements/{agreement_id}/record-usage", {"units": 1},
+                                               headers={"Idempotency-Key": "no-result"})
+    assert refused.status_code == 409 and error_code(refused) == "job_result_only", refused.content
+    assert not UsageEvent.objects.filter(agreement_id=agreement_id).exists()
+    assert purchase.parties.agreement(agreement_id)["completion_requested_at"] is None
