@@ -847,3 +847,18 @@ def test_a_skill_payment_and_a_direct_purchase_of_one_buyer_at_once_wait_for_eac
     assert answers["accept"].status_code == 200, answers["accept"].content
     assert answers["payment"].status_code not in (500, 503), answers["payment"].content
     assert ChainTransaction.objects.filter(purpose="invocation_payment").count() == 1
+
+
+@pytest.mark.parametrize("report", [{"units": 1}, {"events": [{"units": 1}]}, {"units_used": 1, "completed": True}])
+def test_a_seller_cannot_charge_a_direct_purchase_again_by_reporting_usage(purchase, django_capture_on_commit_callbacks,
+                                                                           report):
+    # Paid whole at accept: no escrow holds anything a report could be charged against, while paying or once paid.
+    agreement = purchase.propose()
+    purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
+    url = f"/usage-agreements/{agreement['id']}/record-usage"
+    for step in range(4):
+        refused = purchase.parties.seller_api.post(url, report, headers={"Idempotency-Key": f"again-{step}"})
+        assert refused.status_code == 409 and error_code(refused) == "agreement_not_active", refused.content
+        confirm_all(django_capture_on_commit_callbacks)
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
+    assert not UsageAgreement.objects.get(pk=agreement["id"]).usage_events.exists()

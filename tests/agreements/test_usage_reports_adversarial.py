@@ -1,0 +1,124 @@
+"""A seller over-reporting what it is paid: bad report bodies, reports on agreements that take none, and the
+listings a buyer verifies."""
+
+import threading
+
+import pytest
+from django.db import connection
+
+from agreements.models import UsageAgreement, UsageEvent
+from escrow import chain_clock, settlement
+from sdk import receipts
+from tests.conftest import error_code, read_to_its_end
+from tests.escrow.flow import Parties, onchain_escrow
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+HUGE_DIGITS = b"9" * 5000
+
+
+def _raw_post(api, url, raw: bytes, key: str):
+    return read_to_its_end(api.client.post(url, raw, content_type="application/json", HTTP_IDEMPOTENCY_KEY=key))
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"units": 0}', b'{"units": -1}', b'{"units": 1.5}', b'{"units": 1e400}', b'{"units": 1.0}',
+    b'{"units": "1"}', b'{"units": 115792089237316195423570985008687907853269984665640564039457584007913129639936}',
+    b'{"units": ' + HUGE_DIGITS + b'}', b'{"events": []}', b'{"events": [{"units": 1}, {"units": -5}]}',
+    b'{"units_used": -1}', b'{"units_used": 1.5}', b'{"units_used": 1e300}', b'{"units": 1, "units_used": 1}',
+    b'{"units": 1, "units": 2}', b'[{"units": 1}]', b'{"units": null}', b'{"units": true}',
+])
+def test_a_malformed_report_is_a_4xx_with_a_code_and_writes_nothing(active, raw):
+    response = _raw_post(active.seller_api, f"/usage-agreements/{active.agreement_id}/record-usage", raw, "bad")
+    assert 400 <= response.status_code < 500 and error_code(response), (response.status_code, response.content)
+    assert not UsageEvent.objects.filter(agreement_id=active.agreement_id).exists()
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == 0
+
+
+@pytest.mark.parametrize("body", [{"units_used": 6}, {"units_used": 10**12}, {"units": 6},
+                                  {"events": [{"units": 10**12}] * 100}, {"events": [{"units": 5}, {"units": 1}]}])
+def test_a_report_past_the_deposit_is_402_and_writes_nothing(active, body):
+    response = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage", body,
+                                      headers={"Idempotency-Key": "over"})
+    assert response.status_code == 402 and error_code(response) == "budget_exhausted", response.content
+    assert not UsageEvent.objects.filter(agreement_id=active.agreement_id).exists()
+
+
+def test_the_same_key_with_another_body_is_refused_and_charges_once(active):
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    first = active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "k"})
+    assert first.status_code == 201
+    for body in ({"units": 4}, {"events": [{"units": 4}]}, {"units": 1, "description": "é"}):
+        other = active.seller_api.post(url, body, headers={"Idempotency-Key": "k"})
+        assert 400 <= other.status_code < 500 and error_code(other), other.content
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == 20_000
+
+
+def test_nobody_else_reads_an_agreements_usage(active, escrow_chain):
+    active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage", {"units": 1},
+                           headers={"Idempotency-Key": "one"})
+    stranger = Parties(escrow_chain)
+    for path in ("usage", "call-proofs", "cumulative-receipts"):
+        response = stranger.buyer_api.get(f"/usage-agreements/{active.agreement_id}/{path}")
+        assert response.status_code == 404 and error_code(response) == "agreement_not_found", (path, response.content)
+
+
+def _at_once(*calls):
+    """Run `calls` on threads of their own, released together; their answers in order."""
+    barrier, answers = threading.Barrier(len(calls)), [None] * len(calls)
+
+    def run(index, call):
+        try:
+            barrier.wait()
+            answers[index] = call()
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(index, call)) for index, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+@pytest.mark.django_db(transaction=True)  # each report in its own request's transaction, side by side
+def test_reports_at_once_charge_no_more_than_the_deposit_on_one_gap_free_chain(active_outside_transaction,
+                                                                               escrow_chain):
+    parties = active_outside_transaction  # 5 calls at 0.02 USDC
+    url = f"/usage-agreements/{parties.agreement_id}/record-usage"
+
+    def report(key, body):
+        return lambda: parties.seller_api.as_(parties.seller_api.secret).post(url, body,
+                                                                              headers={"Idempotency-Key": key})
+
+    answers = _at_once(report("a", {"units": 2}), report("b", {"events": [{"units": 1}, {"units": 1}]}),
+                       report("c", {"units": 2}), report("d", {"units": 2}))
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses.count(201) == 2 and set(statuses) <= {201, 402}, [a.content for a in answers]
+    agreement = UsageAgreement.objects.get(pk=parties.agreement_id)
+    assert agreement.used == 80_000 and agreement.usage_seq == UsageEvent.objects.count()
+    usage = parties.buyer_api.get(f"/usage-agreements/{parties.agreement_id}/usage").json()["results"]
+    receipts.verify_usage(usage, agreement_id=agreement.onchain_id, chain_id=escrow_chain.chain_id,
+                          escrow_address=escrow_chain.addresses["escrow"],
+                          escrow=onchain_escrow(escrow_chain, agreement.onchain_id), price_per_unit=20_000)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_report_racing_the_buyers_completion_is_either_in_the_proposal_or_refused(active_outside_transaction,
+                                                                                    escrow_chain):
+    parties = active_outside_transaction
+    base = f"/usage-agreements/{parties.agreement_id}"
+    seller, buyer = parties.seller_api.as_(parties.seller_api.secret), parties.buyer_api.as_(parties.buyer_api.secret)
+    reported, completed = _at_once(
+        lambda: seller.post(f"{base}/record-usage", {"units": 2}, headers={"Idempotency-Key": "race"}),
+        lambda: buyer.post(f"{base}/complete", {}))
+    assert completed.status_code == 200, completed.content
+    assert (reported.status_code, error_code(reported) if reported.status_code != 201 else "") in (
+        (201, ""), (409, "agreement_completing")), reported.content
+    late = seller.post(f"{base}/record-usage", {"units": 1}, headers={"Idempotency-Key": "late"})
+    assert late.status_code == 409 and error_code(late) == "agreement_completing", late.content
+
+    tx = settlement.settlement_propose(agreement_id=parties.agreement_id, now=chain_clock.chain_now())
+    used = 40_000 if reported.status_code == 201 else 0
+    assert tx.context["cumulative"] == used == UsageAgreement.objects.get(pk=parties.agreement_id).used
