@@ -933,3 +933,40 @@ def test_an_operator_who_owns_a_party_cannot_resolve_its_dispute(funded, escrow_
     with django_capture_on_commit_callbacks(execute=True):
         assert staff_owner_api("change_dispute").post(f"/usage-agreements/{funded.agreement_id}/resolve",
                                                       {"seller_amount_atomic": 0}).status_code == 202
+
+
+def test_seller_reported_usage_is_proposed_and_paid_at_its_last_receipt_and_every_listed_receipt_verifies(
+        funded, escrow_chain, django_capture_on_commit_callbacks):
+    """What a seller reports, mixed with proxied calls, is paid at the last signed receipt's cumulative amount; a
+    report once the settlement is proposed is refused and changes nothing; every receipt the API lists recovers to
+    the escrow's on-chain receipt signer."""
+    chain, capture, agreement_id = escrow_chain, django_capture_on_commit_callbacks, funded.agreement_id
+    report = f"/usage-agreements/{agreement_id}/record-usage"
+    assert funded.seller_api.post(report, {"events": [{"units": 3}, {"units": 4}]},
+                                  headers={"Idempotency-Key": "batch"}).status_code == 201
+    call_n(funded, 2)
+    ended = funded.seller_api.post(report, {"units_used": 10, "completed": True})
+    assert ended.status_code == 201 and ended.json()["used_atomic"] == 12 * 20_000, ended.content
+    assert tick(capture)["proposed"] == 1
+    late = funded.seller_api.post(report, {"units": 1}, headers={"Idempotency-Key": "late"})
+    assert late.status_code == 409 and error_code(late) == "agreement_not_active", late.content
+    assert funded.seller_api.post(report, {"units_used": 11}).status_code == 409
+
+    onchain_id = UsageAgreement.objects.get(pk=agreement_id).onchain_id
+    escrow = onchain_escrow(chain, onchain_id)
+    assert escrow.state == "proposed" and escrow.proposed_amount == 12 * 20_000
+    usage = funded.buyer_api.get(f"/usage-agreements/{agreement_id}/usage").json()["results"]
+    verified = receipts.verify_usage(usage, escrow=escrow, agreement_id=onchain_id, chain_id=chain.chain_id,
+                                     escrow_address=chain.addresses["escrow"], price_per_unit=20_000)
+    assert verified.cumulative_amount == 12 * 20_000
+    listed = funded.buyer_api.get(f"/usage-agreements/{agreement_id}/cumulative-receipts").json()["items"]
+    for item in listed:
+        signable = receipts.usage_receipt_signable(
+            chain_id=chain.chain_id, escrow_address=chain.addresses["escrow"], agreement_id=onchain_id,
+            seq=item["nonce"], cumulative_amount=item["cumulative_amount_atomic"], usage_digest=item["proof_hash"])
+        assert receipts.recover_receipt_signer(signable, item["signature"]) == escrow.receipt_signer == item["signer"]
+    assert max(item["cumulative_amount_atomic"] for item in listed) == escrow.proposed_amount
+
+    chain.increase_time(3601)
+    assert tick(capture)["finalizing"] == 1
+    assert usdc_balance(chain, funded.seller_account.address) == funded.balances["seller"] + 12 * 20_000
