@@ -60,6 +60,7 @@ from marketplace import bounded_json, outbound_networks
 from marketplace.concurrency import Deadlines
 from marketplace.errors import InvalidInput
 from marketplace.metrics import UPSTREAM_REQUESTS_RESENT
+from sdk.bounded_http import ACCEPTED_ENCODINGS, InSmallPieces
 from sdk.name_resolution import BoundedResolver, ResolverBusy
 
 logger = logging.getLogger(__name__)
@@ -316,7 +317,7 @@ def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None
     transport._pool._network_backend = _GuardedBackend()
     # Ask for the codings `json_answer` decodes (httpx's default adds br and zstd once their packages are installed).
     return httpx.Client(transport=transport, timeout=timeout, follow_redirects=follow_redirects, trust_env=False,
-                        headers={"Accept-Encoding": ", ".join(DECODED_ENCODINGS)})
+                        headers={"Accept-Encoding": ", ".join(ACCEPTED_ENCODINGS)})
 
 
 class _FinalAnswer(http.client.HTTPResponse):
@@ -562,43 +563,19 @@ def blocked(exc: BaseException) -> bool:
 
 
 
-# The content codings a seller's answer may come in: one of these, whose inflation is bounded piece by piece
-# (`_InSmallPieces`). Stacked codings multiply each other's, and brotli or zstandard (decoded by httpx once their
-# packages are installed) inflate further: such an answer is refused undecoded. As the SDK reads answers
-# (sdk.bounded_http).
-DECODED_ENCODINGS = ("gzip", "deflate")
-
-
-class _InSmallPieces(httpx.SyncByteStream):
-    """A response's raw stream in pieces of at most PIECE bytes, what one call of httpx's decoder inflates: gzip makes
-    at most ~1 MiB of one, where a whole 64 KiB network read became 64 MiB before the answer's bound counted it."""
-
-    PIECE = 1024
-
-    def __init__(self, stream: httpx.SyncByteStream):
-        self._stream = stream
-
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._stream:
-            for start in range(0, len(chunk), self.PIECE):
-                yield chunk[start:start + self.PIECE]
-
-    def close(self) -> None:
-        self._stream.close()
-
-
 def json_answer(response: httpx.Response, *, max_bytes: int):
     """The JSON body of a streamed answer, read up to `max_bytes` (decoded: a compressed answer inflated piece by
-    piece, in one of DECODED_ENCODINGS only) and parsed by `bounded_json`: a seller's answer can neither exhaust
-    memory nor the parser. Raises `bounded_json.InvalidJSON`."""
+    piece, in one of the SDK's ACCEPTED_ENCODINGS only: stacked codings multiply each other's inflation, and brotli
+    or zstandard, decoded by httpx once their packages are installed, inflate further) and parsed by `bounded_json`:
+    a seller's answer can neither exhaust memory nor the parser. Raises `bounded_json.InvalidJSON`."""
     codings = [coding for coding in (value.strip().lower() for value in
                                      response.headers.get_list("Content-Encoding", split_commas=True))
                if coding not in ("", "identity")]
-    if len(codings) > 1 or any(coding not in DECODED_ENCODINGS for coding in codings):
+    if len(codings) > 1 or any(coding not in ACCEPTED_ENCODINGS for coding in codings):
         raise bounded_json.InvalidJSON(f"The answer is encoded {', '.join(codings)}; only one of "
-                                       f"{', '.join(DECODED_ENCODINGS)} is decoded.", reason="unsupported_encoding")
+                                       f"{', '.join(ACCEPTED_ENCODINGS)} is decoded.", reason="unsupported_encoding")
     if codings:
-        response.stream = _InSmallPieces(response.stream)
+        response.stream = InSmallPieces(response.stream)
     # One buffer, not a list of the pieces: a chunked body yields a piece per chunk, and 2-byte chunks kept as
     # objects held ~50 bytes per 2 counted.
     body = bytearray()

@@ -15,7 +15,7 @@ the SDK's HTTP goes through, enforces
   chunks of the body only;
 - a maximum answer size (`max_answer_bytes`): the body is streamed and the exchange abandoned as soon as it would
   exceed the budget (`AnswerTooLarge`), so an endless answer costs at most that much memory. The budget counts
-  decoded bytes, and a compressed answer reaches httpx's decoder 1 KiB at a time (`_InSmallPieces`): gzip inflates
+  decoded bytes, and a compressed answer reaches httpx's decoder 1 KiB at a time (`InSmallPieces`): gzip inflates
   a piece to at most ~1 MiB, where a whole 64 KiB read could become 64 MiB. So the SDK asks for gzip or deflate
   only (`Accept-Encoding`, `ACCEPTED_ENCODINGS`), and refuses, undecoded, an answer in another coding (brotli and
   zstandard inflate further, and httpx decodes them once their packages are installed) or in several stacked
@@ -38,7 +38,7 @@ import httpx
 from sdk import bounded_json
 from sdk.name_resolution import BoundedResolver
 
-__all__ = ["ACCEPTED_ENCODINGS", "DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "AnswerRefused",
+__all__ = ["ACCEPTED_ENCODINGS", "DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "AnswerRefused", "InSmallPieces",
            "AnswerTooLarge", "BoundedHttp", "DeadlineExceeded", "UnrequestedEncoding", "deadline_passed", "deadline_within",
            "json_answer", "time_left"]
 
@@ -54,7 +54,7 @@ RESOLVER_THREADS = 8
 _RESOLVER = BoundedResolver(threads=RESOLVER_THREADS, name="sdk")
 
 # The content codings the SDK asks for and decodes: one of them, since their expansion is bounded piece by piece
-# (`_InSmallPieces`). httpx would ask for brotli and zstandard too where those packages are installed, and decodes
+# (`InSmallPieces`). httpx would ask for brotli and zstandard too where those packages are installed, and decodes
 # stacked codings, each multiplying the one before, at once.
 ACCEPTED_ENCODINGS = ("gzip", "deflate")
 
@@ -179,7 +179,7 @@ def _with_deadlines(transport: httpx.BaseTransport | None) -> httpx.BaseTranspor
     return transport
 
 
-class _InSmallPieces(httpx.SyncByteStream):
+class InSmallPieces(httpx.SyncByteStream):
     """A response's raw stream in pieces of at most `PIECE` bytes: what one call of httpx's decoder inflates."""
 
     PIECE = 1024
@@ -257,7 +257,7 @@ class BoundedHttp:
                                       f" and decodes nothing else")
         if codings:
             assert isinstance(response.stream, httpx.SyncByteStream)
-            response.stream = _InSmallPieces(response.stream)
+            response.stream = InSmallPieces(response.stream)
         chunks, size = [], 0
         for chunk in response.iter_bytes():
             size += len(chunk)
