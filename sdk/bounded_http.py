@@ -258,18 +258,19 @@ class BoundedHttp:
         if codings:
             assert isinstance(response.stream, httpx.SyncByteStream)
             response.stream = InSmallPieces(response.stream)
-        chunks, size = [], 0
+        # One buffer: a list of the pieces httpx yields (one per chunk of a chunked body) held ~60 bytes of objects per
+        # 2-byte chunk.
+        body = bytearray()
         for chunk in response.iter_bytes():
-            size += len(chunk)
-            if size > self.max_answer_bytes:
+            if len(body) + len(chunk) > self.max_answer_bytes:
                 raise AnswerTooLarge(f"the answer to {response.request.method} {response.request.url} is larger "
                                      f"than {self.max_answer_bytes} bytes")
             if deadline_passed():
                 raise DeadlineExceeded(f"the answer to {response.request.method} {response.request.url} outlasted "
                                        f"the {self.deadline:g} s deadline", request=response.request)
-            chunks.append(chunk)
+            body += chunk
         # What httpx's own `Response.read()` keeps: the decoded body, the answer's headers left as they came.
-        response._content = b"".join(chunks)
+        response._content = bytes(body)
         return response
 
 

@@ -3,6 +3,7 @@
 # 0.4.9: verify_usage reads the buyer's own escrow (buyer_wallet_address=, or the wallet this client activated the
 # agreement with; required otherwise), never another buyer's the marketplace names, and again from the deployment
 # block when an activation_tx_hash finds none; a refusal's text is read as UTF-8, not in the codec its charset names;
+# an answer is gathered in one buffer (a chunked one in 2-byte chunks held ~60 times its size as a list of pieces);
 # 0.4.8: verify_usage holds the agreement to its escrow (its own escrow id, and the terms the on-chain termsHash
 # commits to: UsageTermsMismatch) and reads an agreement with no escrow on-chain as holding nothing
 # (UsageAboveDeposit); webhook_signature.verify and proxy_signature.verify verify nothing with an empty secret, and

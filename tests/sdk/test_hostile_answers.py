@@ -255,6 +255,35 @@ def test_an_answer_larger_than_the_bound_is_abandoned_using_little_memory(handle
     assert handler.sent < 16 * max_answer_bytes  # the SDK stopped reading (what the socket buffers held aside)
 
 
+@functools.cache
+def json_in_two_byte_chunks(size: int) -> bytes:
+    """An answer of `size` bytes of JSON, chunked 2 bytes a chunk (built once, outside the traced window)."""
+    document = b'{"result": "' + b"0" * (size - 16) + b'"}'
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"2\r\n" + document[at:at + 2] + b"\r\n" for at in range(0, len(document), 2)) + b"0\r\n\r\n")
+
+
+class HalfAMegabyteInTwoByteChunks(Hostile):
+    def answer(self) -> Iterator[bytes]:
+        yield json_in_two_byte_chunks(512 * 1024)
+
+
+@pytest.mark.parametrize("call", ["api", "metered call"])
+def test_an_answer_in_tiny_chunks_holds_about_its_size_not_an_object_per_chunk(call):
+    """Within the bound, but each 2-byte chunk a piece httpx yields: kept as a list of pieces, ~40 bytes of objects
+    held per 2 bytes counted (a 1 MiB bound held ~20 MiB)."""
+    max_answer_bytes = 1024 * 1024
+    json_in_two_byte_chunks(512 * 1024)
+    tracemalloc.start()
+    try:
+        with hostile(HalfAMegabyteInTwoByteChunks) as url:
+            run_bounded(lambda: CALLS[call](url, max_answer_bytes=max_answer_bytes), limit=60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * max_answer_bytes, f"{peak / 2**20:.1f} MiB held for a half-megabyte answer"
+
+
 def deep(levels: int) -> bytes:
     return b"[" * levels + b"]" * levels
 
