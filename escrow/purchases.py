@@ -247,8 +247,13 @@ def purchase_record(*, plan: PurchasePlan) -> tuple[MasumiPurchase, dict]:
     with transaction.atomic():
         if payment_request is not None:  # locked: two buyers paying one request, the second is told so
             MasumiPaymentRequest.objects.select_for_update().get(pk=payment_request.pk)
-            if MasumiPurchase.objects.filter(payment_request=payment_request).exists():
-                raise Conflict("This payment request is already being paid.", code="payment_already_purchased")
+            paid_by = (MasumiPurchase.objects.filter(payment_request=payment_request)
+                       .values_list("pk", "agreement__buyer_id").first())
+            if paid_by is not None:
+                # Its own purchase named to the buyer: a retry whose answer was lost (the masumi library sends no
+                # Idempotency-Key) finds it; another buyer is told nothing of it.
+                raise Conflict("This payment request is already being paid.", code="payment_already_purchased",
+                               details={"purchase_id": str(paid_by[0])} if paid_by[1] == buyer.pk else {})
         agreement = agreement_services.agreement_propose(proposal=agreement_services.agreement_proposal_prepare(
             buyer=buyer, service=service, quantity=1, expires_at=_moment(at["submit_result_time"]),
             challenge_window_seconds=at["unlock_time"] - plan.chain_now, note="masumi purchase"))

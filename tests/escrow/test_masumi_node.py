@@ -8,6 +8,7 @@ import pytest
 
 from escrow.models import MasumiPurchase
 from sdk.typed_data import sign_typed_data
+from tests.catalog.factories import AgentFactory, issue_key
 from tests.conftest import Api, error_code
 from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock
 
@@ -89,6 +90,11 @@ def test_a_payment_request_is_paid_by_a_purchase_that_matches_it(parties, escrow
     assert purchase["ActivationPackage"]["deadline"] == pay_by
     again = parties.buyer_api.post("/purchase/", paying_body(parties, payment))
     assert again.status_code == 409 and error_code(again) == "payment_already_purchased"
+    assert again.json()["error"]["details"] == {"purchase_id": purchase["id"]}  # a retry whose answer was lost
+    stranger = Api(issue_key(AgentFactory(owner=parties.buyer.owner, is_buyer=True)))
+    told = stranger.post("/purchase/", paying_body(parties, payment))
+    assert (told.status_code, error_code(told), told.json()["error"]["details"]) == (
+        409, "payment_already_purchased", {})  # another buyer's purchase: not named
 
     seller_view = parties.seller_api.post("/payment/resolve-blockchain-identifier/", {
         "network": "Preprod", "blockchainIdentifier": payment["blockchainIdentifier"], "includeHistory": "false"})
