@@ -203,7 +203,8 @@ def _block_logs(block_hash: str) -> list:
 
 
 def _watched_addresses() -> list[str]:
-    addresses = {chainconfig.escrow_address(), chainconfig.relayer_address(), settings.FEE_RECIPIENT,
+    # Every relayer wallet whose key is kept: one replaced still pays what it had in flight from the treasury's money.
+    addresses = {chainconfig.escrow_address(), *chainconfig.relayer_addresses(), settings.FEE_RECIPIENT,
                  agreement_services.fee_recipient()}
     return sorted(Web3.to_checksum_address(address) for address in addresses if address)
 

@@ -436,6 +436,21 @@ def test_zero_value_transfers_anyone_makes_to_or_from_watched_addresses_are_not_
     assert [int(event.args["value"]) for event in ChainEvent.objects.filter(name="Transfer")] == [1]
 
 
+def test_transfers_of_a_replaced_relayer_wallet_kept_in_the_retired_keys_are_stored(escrow_chain, settings):
+    """The relayer wallet is the treasury: after RELAYER_PRIVATE_KEY is replaced, what its old wallet still pays (the
+    transactions it had in flight, signed by its key kept in RELAYER_RETIRED_PRIVATE_KEYS) moves the treasury's money,
+    and the indexer watched the new wallet only."""
+    chain, stranger = escrow_chain, escrow_chain.accounts.stranger.address
+    old_key = settings.RELAYER_PRIVATE_KEY
+    settings.RELAYER_PRIVATE_KEY, settings.RELAYER_RETIRED_PRIVATE_KEYS = chain.accounts.spare.key, [old_key]
+    mined(chain, chain.usdc.functions.mint(chain.accounts.deployer.address, 5).transact(
+        {"from": chain.accounts.deployer.address}))
+    mined(chain, chain.usdc.functions.transfer(stranger, 3).transact({"from": chain.accounts.deployer.address}))
+
+    indexer.index_pass()
+    assert 3 in [int(event.args["value"]) for event in ChainEvent.objects.filter(name="Transfer")]
+
+
 def _node_answering_get_logs(monkeypatch, answer):
     """The node's eth_getLogs (the web3 call the gateway makes) answered by `answer(query, honest)`."""
     eth = gateway.w3().eth
