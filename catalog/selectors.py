@@ -143,6 +143,9 @@ def skill_get(*, handle: str, skill_name: str) -> Skill:
     skill = None
     if (agent_id := uuid_or_none(handle)) is not None:
         skill = skills.filter(service__seller_id=agent_id).first()
+        if skill is None and Agent.objects.filter(pk=agent_id).exists():
+            # That agent's name, whatever skills it has: never the handle of another that spells it.
+            raise NotFound("No such agent or skill.", code="skill_not_found")
     if skill is None:
         skill = skills.filter(service__seller__handle=handle).first()
     if skill is None:

@@ -661,6 +661,19 @@ def test_a_skill_named_by_its_sellers_id_is_that_sellers_even_when_another_agent
     assert quoted.json()["accepts"][0]["amount"] == str(PRICE)
 
 
+def test_a_skill_named_by_an_agents_id_is_never_another_agents_whose_handle_spells_it(market):
+    """An agent registered before handles spelling an id were refused keeps its handle: when the agent the id names
+    has no skill of the name asked for, the call fell back to the handle, and the impostor's skill took calls made to
+    that agent by id."""
+    impostor = AgentFactory(handle=str(market.seller.pk), is_buyer=False, is_seller=True)
+    register_service(impostor, upstream_base_url=market.upstream.url + "/impostor",
+                     skills=[{"name": "summarize", "price_atomic": 10 * PRICE}])
+
+    refused = market.call("summarize", seller=str(market.seller.pk))
+
+    assert (refused.status_code, error_code(refused)) == (404, "skill_not_found"), refused.content
+
+
 # --- the Services API seed's bare signature ------------------------------------------------------------------
 
 def _seed_signature(market, required, key: str, payer: str) -> str:
