@@ -642,7 +642,7 @@ def receipt(tx_hash: str) -> Receipt | None:
         raise classify(exc) from exc
     if found is None or found.get("blockNumber") is None:
         return None
-    if _hex_of(found.get("transactionHash") or b"").lower() != tx_hash.lower() or found.get("status") not in (0, 1):
+    if hex_text(found.get("transactionHash") or b"").lower() != tx_hash.lower() or found.get("status") not in (0, 1):
         raise UntrustedAnswer(f"the node answered the receipt of {tx_hash} with another transaction's")
     return Receipt(block_number=found["blockNumber"], block_hash="0x" + found["blockHash"].hex().removeprefix("0x"),
                    status=found["status"], gas_used=found["gasUsed"], logs=list(found["logs"]))
@@ -755,9 +755,8 @@ def logs(*, address: str, from_block: int, to_block: int, topics: list | None = 
         found = list(w3().eth.get_logs(query))
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
-    for log in found:
-        _check_log(log, addresses=[address], topics=topics or [],
-                   asked=lambda log: from_block <= log["blockNumber"] <= to_block)
+    _check_logs(found, addresses=[address], topics=topics or [],
+                asked=lambda log: from_block <= log["blockNumber"] <= to_block)
     return found
 
 
@@ -771,36 +770,38 @@ def block_logs(*, block_hash: str, addresses: list[str]) -> list:
         found = list(w3().eth.get_logs(query))
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
-    for log in found:
-        _check_log(log, addresses=addresses, topics=[],
-                   asked=lambda log: _hex_of(log["blockHash"]).lower() == block_hash.lower())
+    _check_logs(found, addresses=addresses, topics=[],
+                asked=lambda log: hex_text(log["blockHash"]).lower() == block_hash.lower())
     return found
 
 
-def _check_log(log, *, addresses: list[str], topics: list, asked) -> None:
-    """A log of an eth_getLogs answer is one the query asked for (`asked`: its block), of one of `addresses`,
+def _check_logs(found: list, *, addresses: list[str], topics: list, asked) -> None:
+    """Each log of an eth_getLogs answer is one the query asked for (`asked`: its block), of one of `addresses`,
     matching `topics` (a position's None: any; a list: any of them), mined (blockNumber, logIndex) and not marked
     removed (eth_getLogs answers the canonical chain; `removed` is a filter's word for a log a reorg took). Anything
     else is a node answering another question, or a chain other than the one its blocks showed: applied, an event of
     a block past the confirmation depth, or of none the chain has, moved agreements."""
-    try:
-        wanted = {to_checksum_address(address) for address in addresses}
-        log_topics = [_hex_of(topic).lower() for topic in log["topics"]]
-        matches_topics = len(log_topics) >= len(topics) and all(
-            expected is None or log_topics[i] in ([t.lower() for t in expected] if isinstance(expected, list)
-                                                  else [expected.lower()])
-            for i, expected in enumerate(topics))
-        trusted = (not log.get("removed") and isinstance(log["blockNumber"], int)
-                   and isinstance(log["logIndex"], int) and to_checksum_address(log["address"]) in wanted
-                   and matches_topics and asked(log))
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise UntrustedAnswer(f"the node answered a malformed log: {type(error).__name__}") from error
-    if not trusted:
-        raise UntrustedAnswer("the node answered a log the query did not ask for (another block or contract, or "
-                              "one marked removed)")
+    wanted = {to_checksum_address(address) for address in addresses}
+    allowed = [None if expected is None else
+               {topic.lower() for topic in (expected if isinstance(expected, list) else [expected])}
+               for expected in topics]
+    for log in found:
+        try:
+            log_topics = [hex_text(topic).lower() for topic in log["topics"]]
+            trusted = (not log.get("removed") and isinstance(log["blockNumber"], int)
+                       and isinstance(log["logIndex"], int) and to_checksum_address(log["address"]) in wanted
+                       and len(log_topics) >= len(allowed)
+                       and all(any_of is None or topic in any_of for topic, any_of in zip(log_topics[:len(allowed)], allowed, strict=True))
+                       and asked(log))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise UntrustedAnswer(f"the node answered a malformed log: {type(error).__name__}") from error
+        if not trusted:
+            raise UntrustedAnswer("the node answered a log the query did not ask for (another block or contract, or "
+                                  "one marked removed)")
 
 
-def _hex_of(value) -> str:
+def hex_text(value) -> str:
+    """A hash, topic or address as an RPC answer holds it (bytes, or text already), as 0x-prefixed text."""
     return value if isinstance(value, str) else "0x" + bytes(value).hex()
 
 

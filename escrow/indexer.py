@@ -171,7 +171,7 @@ def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None 
         return None
     if cursor.last_block is not None and chain.canonical_block_hash(cursor.last_block) != cursor.last_block_hash:
         return None
-    unique = {(_hex(log["blockHash"]), log["logIndex"]): log for log in logs}  # a transfer may match both queries
+    unique = {(chain.hex_text(log["blockHash"]), log["logIndex"]): log for log in logs}  # a transfer may match both queries
     return end_hash, sorted(unique.values(), key=lambda log: (log["blockNumber"], log["logIndex"]))
 
 
@@ -196,7 +196,7 @@ def _block_logs(block_hash: str) -> list:
     def wanted(log) -> bool:
         if Web3.to_checksum_address(log["address"]) == escrow:
             return True
-        topics = [_hex(topic) for topic in log["topics"]]
+        topics = [chain.hex_text(topic) for topic in log["topics"]]
         return len(topics) == 3 and topics[0] == _TRANSFER_TOPIC and bool(watched & set(topics[1:]))
 
     return [log for log in chain.block_logs(block_hash=block_hash, addresses=[escrow, token]) if wanted(log)]
@@ -213,15 +213,11 @@ def _topic(abi: dict) -> str:
     return "0x" + event_abi_to_log_topic(abi).hex().removeprefix("0x")
 
 
-def _hex(value) -> str:
-    return value if isinstance(value, str) else "0x" + bytes(value).hex()
-
-
 def _decode(log) -> tuple[str, dict] | None:
     """(event name, JSON-friendly args) of an escrow event or a token Transfer; None for anything else."""
     is_escrow = Web3.to_checksum_address(log["address"]) == Web3.to_checksum_address(chainconfig.escrow_address())
     contract = chain.escrow_contract() if is_escrow else chain.token_contract()
-    topic0 = _hex(log["topics"][0]) if log["topics"] else ""
+    topic0 = chain.hex_text(log["topics"][0]) if log["topics"] else ""
     for abi in contract.abi:
         if abi["type"] == "event" and _topic(abi) == topic0 and (is_escrow or abi["name"] == _TRANSFER):
             decoded = contract.events[abi["name"]]().process_log(log)
@@ -263,7 +259,7 @@ def _agreement_id(args: dict):
 
 
 def _store_and_apply(cursor: IndexerCursor, log) -> None:
-    block_hash, tx_hash = _hex(log["blockHash"]), _hex(log["transactionHash"])
+    block_hash, tx_hash = chain.hex_text(log["blockHash"]), chain.hex_text(log["transactionHash"])
     same_log = ChainEvent.objects.filter(block_hash=block_hash, log_index=log["logIndex"])
     same_log.exclude(removed_at=None).delete()  # its block was reorged out and is canonical again: apply anew
     if same_log.exists():

@@ -475,22 +475,22 @@ def payment_authorize_refund(*, seller: Agent, purchase: MasumiPurchase) -> Masu
     if purchase.agreement.seller_id != seller.pk:
         raise NotFound("No such payment.", code="payment_not_found")
     resolution = selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE)
-    if resolution is not None and resolution.context.get("seller_amount") == 0:
-        return purchase
-    if resolution is not None:  # the arbiter decided a split: no refund of the whole is coming
+    if resolution is not None:
+        if resolution.context.get("seller_amount") == 0:
+            return purchase
+        # The arbiter decided a split: no refund of the whole is coming.
         raise Conflict("An operator's resolution of this dispute, paying the seller part, is under way.",
                        code="resolution_in_progress",
                        details={"seller_amount": str(resolution.context.get("seller_amount"))})
     if purchase.agreement.status != S.DISPUTED:
         raise Conflict("Only a disputed payment (a refund requested after the result) is refunded by its seller.",
                        code="no_refund_requested", details={"status": purchase.agreement.status})
-    if resolution is None:
-        try:
-            settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
-        except Conflict as error:
-            # Queued at once by another (a timed-out dispute: the settlement tick refunds the buyer whole, as this would).
-            if error.code not in _RELEASE_NOT_NEEDED:
-                raise
+    try:
+        settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
+    except Conflict as error:
+        # Queued at once by another (a timed-out dispute: the settlement tick refunds the buyer whole, as this would).
+        if error.code not in _RELEASE_NOT_NEEDED:
+            raise
     return purchase
 
 

@@ -894,11 +894,13 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
     now = timezone.now()
     last_fees = chain.Fees(int(last.max_fee_per_gas), int(last.max_priority_fee_per_gas))
     resend = None
-    if now - last.created_at >= settings.CHAIN_REPLACE_AFTER and chainconfig.relayer_key(tx.relayer.address) is None:
+    if now - last.created_at < settings.CHAIN_REPLACE_AFTER:
+        pass
+    elif chainconfig.relayer_key(tx.relayer.address) is None:
         # Its wallet's key was replaced and not kept (RELAYER_RETIRED_PRIVATE_KEYS): its bytes alone can take the nonce.
         logger.error("chain transaction of a replaced relayer key not replaced with higher fees: its signed bytes are "
                      "sent again", extra={"tx_id": str(tx.pk), "relayer": tx.relayer.address, "nonce": tx.nonce})
-    elif now - last.created_at >= settings.CHAIN_REPLACE_AFTER:
+    else:
         fees = _replacement_fees(last_fees)
         if fees != last_fees:
             resend = _replacement(tx, last, fees)

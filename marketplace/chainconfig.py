@@ -42,8 +42,7 @@ def relayer_key(address: str) -> str | None:
     """The key of relayer wallet `address`: RELAYER_PRIVATE_KEY's, or one replaced and kept while transactions its
     wallet signed are in flight (`RELAYER_RETIRED_PRIVATE_KEYS`); None when neither is. A nonce is one wallet's: a
     transaction another key signs in its place is another wallet's, which the first does not exclude (both run)."""
-    return _keys_by_address(settings.RELAYER_PRIVATE_KEY, tuple(settings.RELAYER_RETIRED_PRIVATE_KEYS)).get(
-        address.lower()) if address else None
+    return _relayer_keys().get(address.lower()) if address else None
 
 
 def agreement_receipt_signer_key(receipt_signer: str) -> str | None:
@@ -56,8 +55,11 @@ def agreement_receipt_signer_key(receipt_signer: str) -> str | None:
 
 def relayer_addresses() -> list[str]:
     """The relayer wallets whose keys are configured (`relayer_key`), checksummed: the current one first."""
-    return [_address_of(key) for key in _keys_by_address(settings.RELAYER_PRIVATE_KEY,
-                                                         tuple(settings.RELAYER_RETIRED_PRIVATE_KEYS)).values()]
+    return [_address_of(key) for key in _relayer_keys().values()]
+
+
+def _relayer_keys() -> dict[str, str]:
+    return _keys_by_address(settings.RELAYER_PRIVATE_KEY, tuple(settings.RELAYER_RETIRED_PRIVATE_KEYS))
 
 
 @cache
