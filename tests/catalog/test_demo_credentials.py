@@ -7,6 +7,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from eth_account import Account
 
+from catalog.models import Agent
 from marketplace.demo_wallets import DEMO_WALLETS
 from tests.conftest import Api
 
@@ -61,6 +62,22 @@ def test_no_wallet_key_is_printed_off_the_dev_chain(capsys, settings):
     output = capsys.readouterr().out
     assert secrets_in(output) and "Anvil #" not in output
     assert not any(wallet.private_key in output for wallet in DEMO_WALLETS)
+
+
+def test_off_the_dev_chain_the_demo_agents_get_wallets_of_their_own_whose_keys_are_printed_once(capsys, settings):
+    """Off the dev chain the seed gave the demo agents Anvil's public accounts: whatever a buyer paid the demo
+    seller there, or anyone sent the demo buyer, anyone holding Anvil's published keys could take."""
+    settings.CHAIN_ID = 84532
+    call_command("seed_demo")
+    output = capsys.readouterr().out
+    public = {wallet.address.lower() for wallet in DEMO_WALLETS}
+    for handle, label in (("demo-buyer", "Buyer wallet key"), ("demo-seller", "Seller wallet key")):
+        agent = Agent.objects.get(handle=handle)
+        assert agent.wallet_address.lower() not in public
+        [key] = re.findall(rf"^\s+{label}\s+(0x[0-9a-f]{{64}})\s", output, re.MULTILINE)
+        assert Account.from_key(key).address.lower() == agent.wallet_address.lower()
+    call_command("seed_demo")
+    assert "wallet key" not in capsys.readouterr().out
 
 
 def test_demo_keys_reissue_revokes_the_old_keys_and_prints_working_ones(capsys):

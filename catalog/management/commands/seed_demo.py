@@ -2,8 +2,9 @@
 
 Secrets are stored hashed, so the keys and the admin's password are printed once, when made; `manage.py demo_keys
 --reissue` revokes them and prints new ones. The password is random: a known one would be an open superuser
-wherever the seed ran by mistake. On the local dev chain the seed also prints the demo wallets: Anvil's public development
-accounts, whose private keys every Anvil user knows (never use them on a real chain).
+wherever the seed ran by mistake. On the local dev chain the demo agents use Anvil's public development accounts,
+whose private keys every Anvil user knows, and the seed prints them; on any other chain each demo agent gets a wallet of
+its own, made here, whose key is printed once with the other secrets (fund it yourself).
 """
 
 import secrets
@@ -12,6 +13,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
+from eth_account import Account
 
 from catalog import services
 from catalog.models import Agent, ApiKey, KeyScope, OwnerToken
@@ -103,11 +105,23 @@ class Command(BaseCommand):
             return
         user_model = get_user_model()
         owner = user_model.objects.create_superuser("demo", "demo@example.com", None)  # its password: issued below
+        buyer_wallet, seller_wallet, wallet_keys = _demo_agent_wallets()
         services.agent_create(owner=owner, handle="demo-buyer", display_name="Demo buyer",
-                              wallet_address=DEMO_BUYER_WALLET, is_buyer=True)
+                              wallet_address=buyer_wallet, is_buyer=True)
         seller = services.agent_create(owner=owner, handle="demo-seller", display_name="Demo seller",
-                                       wallet_address=DEMO_SELLER_WALLET, is_buyer=False, is_seller=True)
+                                       wallet_address=seller_wallet, is_buyer=False, is_seller=True)
         for data in DEMO_SERVICES:
             services.service_register(seller=seller, data={"upstream_base_url": upstream, **data})
         self.stdout.write(self.style.SUCCESS("Demo data created."))
-        write_credentials(self.stdout, self.style, demo_credentials_issue())
+        write_credentials(self.stdout, self.style, demo_credentials_issue() + wallet_keys)
+
+
+def _demo_agent_wallets() -> tuple[str, str, list[tuple[str, str]]]:
+    """The demo buyer's and seller's wallet addresses, and the lines printing their keys: Anvil's public accounts
+    on the dev chain (`make demo` signs with them; printed with the dev wallets), new wallets anywhere else, where a
+    published key would let anyone take what the wallet holds or is paid."""
+    if settings.CHAIN_ID == settings.DEV_CHAIN_ID:
+        return DEMO_BUYER_WALLET, DEMO_SELLER_WALLET, []
+    buyer, seller = Account.create(), Account.create()
+    return buyer.address, seller.address, [("Buyer wallet key", f"{buyer.key.to_0x_hex()}  {buyer.address}"),
+                                           ("Seller wallet key", f"{seller.key.to_0x_hex()}  {seller.address}")]
