@@ -705,7 +705,9 @@ class PaymentInformationView(APIView):
     def get(self, request):
         query = PaymentInformationQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
-        service = catalog_selectors.service_get(service_id=query.validated_data["agentIdentifier"])
+        # As the catalog shows it: not a deactivated seller's (nor its owner's) service, offered for sale here.
+        service = catalog_selectors.service_shown(service_id=query.validated_data["agentIdentifier"],
+                                                  viewer=calling_agent(request))
         if service.upstream_protocol != UpstreamProtocol.MASUMI:
             raise InvalidInput("Only masumi services are paid through /purchase.", code="not_a_masumi_service")
         after, default_timers = 0, {}
