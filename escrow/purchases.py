@@ -145,8 +145,13 @@ def _timers(now: int, requested: dict[str, int | None], *, chain_now: int) -> di
                                "timer": "unlock_time",
                                "min_seconds_after_submit_result_time": settings.MASUMI_MIN_DISPUTE_SECONDS})
     if timers["unlock_time"] - chain_now > MAX_LOCK_SECONDS:
-        raise InvalidInput("unlockTime may be at most 30 days ahead.", code="invalid_timers",
-                           details={"timer": "unlock_time", "max_seconds": MAX_LOCK_SECONDS})
+        # Named as the caller gave it: an unlockTime left out follows the last timer given, which is the one too far.
+        named = next((name for name in ("unlock_time", "submit_result_time", "pay_by_time")
+                      if requested.get(name) is not None), "unlock_time")
+        message = ("unlockTime may be at most 30 days ahead." if named == "unlock_time" else
+                   f"{TIMER_NAMES[named]} is too far ahead: the unlockTime following it by default would be more "
+                   "than 30 days ahead.")
+        raise InvalidInput(message, code="invalid_timers", details={"timer": named, "max_seconds": MAX_LOCK_SECONDS})
     # The buyer's release from a dispute nobody resolves, as the purchase states it (the contract's DISPUTE_TIMEOUT
     # releases it 30 days after the challenge at the latest).
     if timers["external_dispute_unlock_time"] - timers["unlock_time"] > MAX_LOCK_SECONDS:

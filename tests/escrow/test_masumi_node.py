@@ -557,3 +557,17 @@ def test_a_deactivated_sellers_masumi_service_has_no_payment_information(parties
     assert bought.status_code == 400 and error_code(bought) == "seller_deactivated", bought.content
     assert not MasumiPurchase.objects.exists()
 
+
+
+def test_a_pay_by_time_too_far_ahead_is_refused_naming_pay_by_time(parties, escrow_chain):
+    """A payByTime more than 30 days ahead, the later timers left to their defaults, was refused naming unlockTime
+    (`details.timer: unlock_time`, "unlockTime may be at most 30 days ahead"), a timer the caller never sent."""
+    far = deadline_clock(escrow_chain) + 31 * 24 * 3600
+    for path, api, body in [("/purchase", parties.buyer_api, {"input_data": INPUT}),
+                            ("/payment", parties.seller_api, {"identifierFromPurchaser": "order-9"})]:
+        refused = api.post(path, {"network": "Preprod", "agentIdentifier": str(parties.service.pk), **body,
+                                  "payByTime": str(far * 1000)})
+        assert refused.status_code == 400 and error_code(refused) == "invalid_timers", (path, refused.content)
+        error = refused.json()["error"]
+        assert error["details"]["timer"] == "pay_by_time", (path, error)
+        assert error["message"].startswith("payByTime"), (path, error)
