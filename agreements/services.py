@@ -446,13 +446,17 @@ def _direct_acceptance_deadline(*, valid_before: int, fee_permit: dict) -> datet
     return datetime.fromtimestamp(valid_until, tz=UTC)
 
 
-def agreement_propose(*, proposal: Proposal) -> UsageAgreement:
+def agreement_propose(*, proposal: Proposal, approval_can_wait: bool = True) -> UsageAgreement:
     """Record a prepared proposal (`agreement_proposal_prepare`) as the buyer's owner policy decides: `proposed`, or
     `pending_approval` with an approval request. All or nothing; asks no other service, so it may run inside the
-    caller's transaction."""
+    caller's transaction. `approval_can_wait=False` (a purchase paid at once): a proposal the owner must approve is
+    refused instead, 403 `approval_required` with the rule, and nothing recorded."""
     with transaction.atomic():
         decision = _owner_policy_decision(proposal)
         needs_approval = decision.needs_approval
+        if needs_approval and not approval_can_wait:
+            raise Forbidden("The owner's policy asks for an approval of this purchase, which is paid at once.",
+                            code="approval_required", details={"rule": decision.rule, **decision.details})
         agreement = _agreement_record(proposal, status=S.PENDING_APPROVAL if needs_approval else S.PROPOSED)
         if needs_approval:
             policy_services.approval_request_create(

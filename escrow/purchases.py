@@ -261,11 +261,8 @@ def purchase_record(*, plan: PurchasePlan) -> tuple[MasumiPurchase, dict]:
                                details={"purchase_id": str(paid_by[0])} if paid_by[1] == buyer.pk else {})
         agreement = agreement_services.agreement_propose(proposal=agreement_services.agreement_proposal_prepare(
             buyer=buyer, service=service, quantity=1, expires_at=_moment(at["submit_result_time"]),
-            challenge_window_seconds=at["unlock_time"] - plan.chain_now, note="masumi purchase"))
-        if agreement.status != S.PROPOSED:
-            # A purchase is paid at once; one that needs the owner's approval is refused (and not recorded).
-            raise Forbidden("The buyer's policy requires an owner's approval for this purchase.",
-                            code="approval_required")
+            challenge_window_seconds=at["unlock_time"] - plan.chain_now, note="masumi purchase"),
+            approval_can_wait=False)  # a purchase is paid at once: one the owner must approve is refused
         agreement = agreement_services.agreement_accept(agreement=agreement, seller=service.seller)
         purchase = MasumiPurchase.objects.create(
             agreement=agreement, payment_request=payment_request,

@@ -8,7 +8,7 @@ import pytest
 
 from escrow.models import MasumiPurchase
 from sdk.typed_data import sign_typed_data
-from tests.catalog.factories import AgentFactory, issue_key
+from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token
 from tests.conftest import Api, error_code
 from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock
 
@@ -571,3 +571,16 @@ def test_a_pay_by_time_too_far_ahead_is_refused_naming_pay_by_time(parties, escr
         error = refused.json()["error"]
         assert error["details"]["timer"] == "pay_by_time", (path, error)
         assert error["message"].startswith("payByTime"), (path, error)
+
+
+def test_a_purchase_the_buyers_owner_must_approve_is_refused_naming_the_rule(parties):
+    """A Masumi purchase is paid at once, so one the owner's policy must approve is refused: 403
+    `approval_required`, without the `details.rule` every other policy refusal carries."""
+    owner_api = Api(issue_owner_token(parties.buyer.owner))
+    assert owner_api.put(f"/agents/{parties.buyer.pk}/policies",
+                         {"approval_threshold_atomic": 1}).status_code == 200
+    refused = parties.buyer_api.post("/purchase", {"network": "Preprod", "agentIdentifier": str(parties.service.pk),
+                                                   "input_data": INPUT})
+    assert refused.status_code == 403 and error_code(refused) == "approval_required", refused.content
+    assert refused.json()["error"]["details"].get("rule"), refused.content
+    assert not MasumiPurchase.objects.exists()
