@@ -628,6 +628,10 @@ def _job_call_answered(call: _JobCall, answer, *, now: int) -> MasumiPurchase | 
             return purchase_result_record(purchase_id=purchase_id, result=answer.result, result_hash=result_hash_of(
                 answer.result, call.purchase.identifier_from_purchaser))
         except ApplicationError as error:  # e.g. the agreement was used through the proxy meanwhile
+            if error.code == "result_hash_mismatch":
+                # The seller's answer contradicts the hash it committed: a failed call, backed off as one, not
+                # asked again at every tick until submitResultTime.
+                raise masumi_agentic_client.AgenticServiceError(f"/status: {error.message}") from error
             _record_error(purchase_id, error)
     return None
 

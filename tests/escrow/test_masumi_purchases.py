@@ -1085,3 +1085,33 @@ def test_a_purchases_seller_cannot_charge_it_by_reporting_usage_after_moving_its
     assert refused.status_code == 409 and error_code(refused) == "job_result_only", refused.content
     assert not UsageEvent.objects.filter(agreement_id=agreement_id).exists()
     assert purchase.parties.agreement(agreement_id)["completion_requested_at"] is None
+
+
+def test_a_result_not_matching_the_hash_its_seller_submitted_backs_off_and_is_shown(
+        escrow_chain, http_server, django_capture_on_commit_callbacks):
+    """The seller committed a result hash (POST /payment/submit-result), then its /status answered a result of
+    another hash: refused (`result_hash_mismatch`), but the call counted as a success, so the seller was asked
+    again at every tick until submitResultTime, the same refused answer each time."""
+    capture = django_capture_on_commit_callbacks
+    http_server.responses.extend([(200, {"job_id": "job-1", "payment_id": "pay-1"}),
+                                  (200, {"job_id": "job-1", "status": "running"})])
+    purchase = Purchase(escrow_chain, capture, http_server)
+    assert purchase.tick()["started"] == 1
+    with capture(execute=True):
+        submitted = purchase.parties.seller_api.post("/payment/submit-result", {
+            "network": "Preprod", "blockchainIdentifier": purchase.id, "submitResultHash": "c" * 64})
+    assert submitted.status_code == 200, submitted.content
+    confirm_all(capture)
+    http_server.responses.extend([(200, {"job_id": "job-1", "status": "completed", "result": "the report"})] * 5)
+    calls = len(http_server.requests)
+
+    assert purchase.tick()["results"] == 0
+    assert len(http_server.requests) == calls + 1
+    refused = row(purchase)
+    assert refused.result == "" and refused.result_hash == "c" * 64
+    assert "does not match" in refused.last_error and refused.job_call_failures == 1
+    assert purchase.get()["NextAction"]["errorType"] == "SellerServiceError"
+    assert refused.job_next_call_at >= timezone.now() + timedelta(seconds=15)  # tick interval x 2
+
+    purchase.tick()
+    assert len(http_server.requests) == calls + 1  # not asked again before its backoff
