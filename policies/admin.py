@@ -27,6 +27,12 @@ class PolicyForm(forms.ModelForm):
                 **{name: cleaned.get(name) or [] for name in services.POLICY_FIELDS if name not in LIMIT_FIELDS}}
         self.policy_data = api_rules_check(self, PolicySerializer, data,
                                            field_of=lambda name: name.removesuffix("_atomic"))
+        agent = self.instance.agent if self.instance.agent_id else cleaned.get("agent")
+        if agent is not None:
+            try:
+                services.policy_operator_check(agent=agent, operator=self.operator)
+            except ApplicationError as refused:
+                self.add_error(None, f"{refused.message} ({refused.code})")
         return cleaned
 
 
@@ -48,9 +54,20 @@ class PolicyAdmin(admin.ModelAdmin):
         # through its form, which policy_set records under their name.
         return False
 
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        form.operator = request.user  # whose change the form checks (policy_operator_check)
+        return form
+
     def save_model(self, request, obj, form, change):
         # Through the service, which takes the lock proposals take, so a cap never changes under a proposal.
-        services.policy_set(agent=obj.agent, actor=request.user, data=form.policy_data)
+        form.policy_changes = services.policy_set_by_operator(agent=obj.agent, operator=request.user,
+                                                              data=form.policy_data)
+
+    def construct_change_message(self, request, form, formsets, add=False):
+        # The policy's admin history (with the operator's name): each field changed, from what to what.
+        changes = "; ".join(f"{name}: {before} → {after}" for name, (before, after) in form.policy_changes.items())
+        return f"{'Added' if add else 'Changed'} {changes or 'nothing'}."
 
 
 def _decide(modeladmin, request, queryset, approve: bool):

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from catalog.models import Agent
 from marketplace import sweeps
-from marketplace.errors import Conflict
+from marketplace.errors import Conflict, Forbidden
 from policies.models import ApprovalRequest, ApprovalStatus, Policy
 
 DecisionHandler = Callable[..., None]  # (subject_id=, outcome=, actor=, note=) -> None
@@ -33,14 +33,38 @@ def approval_handler_register(*, subject_type: str, handler: DecisionHandler) ->
 
 def policy_set(*, agent: Agent, actor, data: dict) -> Policy:
     """Replace the agent's policy with `data` (fields left out are reset to 'no limit')."""
+    return _policy_write(agent=agent, actor=actor, data=data)[0]
+
+
+def policy_operator_check(*, agent: Agent, operator) -> None:
+    """403 `operator_owns_a_seller` when an operator who owns a seller agent would change the policy of another
+    owner's agent: loosened, it let that owner's buyer pay their seller past the owner's rules (without the approval
+    `approver_owns_the_seller` refuses them); tightened, it blocked their competitors."""
+    if agent.owner_id != operator.pk and Agent.objects.filter(owner=operator, is_seller=True).exists():
+        raise Forbidden("You own a seller agent: the agent's owner, or another operator, changes this policy.",
+                        code="operator_owns_a_seller")
+
+
+def policy_set_by_operator(*, agent: Agent, operator, data: dict) -> dict[str, tuple]:
+    """`policy_set` for an operator (the admin): refused as `policy_operator_check` says; answers what changed,
+    {field: (before, after)}, read under the lock, for the audit."""
+    policy_operator_check(agent=agent, operator=operator)
+    return _policy_write(agent=agent, actor=operator, data=data)[1]
+
+
+def _policy_write(*, agent: Agent, actor, data: dict) -> tuple[Policy, dict[str, tuple]]:
     with transaction.atomic():
         Agent.objects.select_for_update().get(pk=agent.pk)  # the same lock proposals take: no race with a cap
-        policy, _ = Policy.objects.get_or_create(agent=agent)
+        policy, _ = Policy.objects.get_or_create(agent=agent)  # a new one starts unlimited, as no policy is
+        changes = {}
         for name in POLICY_FIELDS:
-            setattr(policy, name, data.get(name, Policy._meta.get_field(name).get_default()))
+            before, after = getattr(policy, name), data.get(name, Policy._meta.get_field(name).get_default())
+            if before != after:
+                changes[name] = (before, after)
+            setattr(policy, name, after)
         policy.updated_by = actor
         policy.save()
-    return policy
+    return policy, changes
 
 
 def approval_request_create(*, agent: Agent, subject_type: str, subject_id: UUID, amount: int, rule: str,

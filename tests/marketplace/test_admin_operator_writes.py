@@ -538,3 +538,36 @@ def test_an_operator_acknowledges_every_failed_event_at_once_however_many(operat
     answer = {**form_as_shown(asked.content.decode(), "acknowledge-form"), "reason": "the buyers' own escrows"}
     assert operator.post(changelist, answer).status_code == 302
     assert not ChainEvent.objects.filter(effect=EventEffect.FAILED, acknowledged_at=None).exists()
+
+
+def test_staff_who_own_a_seller_cannot_change_another_owners_policy_in_the_admin(settings, buyer, buyer_api, seller):
+    """An operator who may change policies and owns a seller agent unblocked their seller and raised the caps on a
+    buyer's policy (or blocked the competitors): the purchases from their agent then passed the rules the buyer's
+    owner had set, without the approval the approval action refuses them. Refused, on the form; the policy stays."""
+    service = register_service(seller)
+    Policy.objects.create(agent=buyer, daily_cap=1_000, blocked_sellers=[seller.handle])
+    staff = staff_client(settings, "view_policy", "change_policy", "add_policy")
+    Agent.objects.filter(pk=seller.pk).update(owner=get_user_model().objects.get(username="staff"))
+
+    page = staff.post(f"/admin/policies/policy/{buyer.pk}/change/", {**POLICY_FORM, "daily_cap": 900_000_000})
+
+    assert page.status_code == 200 and "You own a seller agent" in page.content.decode()
+    policy = Policy.objects.get(agent=buyer)
+    assert (policy.daily_cap, policy.blocked_sellers, policy.updated_by) == (1_000, [seller.handle], None)
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 403
+
+
+def test_an_operators_policy_change_is_in_the_policys_history_with_before_and_after(operator, buyer, seller):
+    """The admin's history said "Changed Daily cap." and not from what to what: a cap raised a hundredfold and put
+    back read the same as a typo fixed, and the owner's rules before the operator's change were gone."""
+    Policy.objects.create(agent=buyer, daily_cap=5_000_000, blocked_sellers=[seller.handle])
+
+    response = operator.post(f"/admin/policies/policy/{buyer.pk}/change/", {**POLICY_FORM, "daily_cap": 9_000_000})
+
+    assert response.status_code == 302
+    [entry] = LogEntry.objects.filter(object_id=str(buyer.pk))
+    message = entry.get_change_message()
+    assert entry.user.username == "operator"
+    assert "daily_cap: 5000000 → 9000000" in message
+    assert "blocked_sellers: ['seller-one'] → []" in message
+    assert "monthly_cap" not in message  # unchanged
