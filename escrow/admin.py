@@ -28,6 +28,7 @@ from escrow import chain, indexer, purchases, relayer, selectors, services, sett
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPurchase,
                            RelayerAccount, RelayRevert, TxAttempt, TxStatus)
 from marketplace.admin import (
+    across_pages_refused,
     acknowledgement_page,
     MoneyRecordAdmin,
     MoneyRecordInline,
@@ -78,6 +79,8 @@ def _may_retry(modeladmin, request) -> bool:
 
 @admin.action(description="Retry selected failed transactions (as new transactions)", permissions=["retry"])
 def retry_failed(modeladmin, request, queryset):
+    if across_pages_refused(request, "retry"):  # money is sent again for the failures the operator sees
+        return
     retried = 0
     for tx in queryset.filter(status=TxStatus.FAILED):
         try:

@@ -157,6 +157,18 @@ def _messages(errors) -> list[str]:
     return [str(errors)]
 
 
+def across_pages_refused(request, what: str) -> bool:
+    """Whether an action that moves money (`what`: "approve", "retry") was run on "Select all N" across pages, which
+    it then refuses, saying so: that posts the list's filter, not its rows, so a row that entered the filter after the
+    operator looked (a new request, a payout failed since), or sat on a page they never opened, was acted on unseen.
+    Such an action is run on the rows ticked."""
+    if request.POST.get("select_across") != "1":
+        return False
+    messages.error(request, f"Tick the rows to {what}: \"select all\" across pages would {what} rows you have not "
+                            "seen (ones that entered the list since you looked, or on other pages). Nothing was done.")
+    return True
+
+
 def may_operate(request, model) -> bool:
     """Whether the user may run an operator action (a service call) on `model`'s rows: Django's change
     permission for it, which the view-only pages no longer use for editing."""

@@ -1,7 +1,7 @@
 from django import forms
 from django.contrib import admin, messages
 
-from marketplace.admin import api_rules_check, may_operate
+from marketplace.admin import across_pages_refused, api_rules_check, may_operate
 from marketplace.errors import ApplicationError
 from policies import services
 from policies.models import ApprovalRequest, Policy
@@ -83,6 +83,8 @@ def _decide(modeladmin, request, queryset, approve: bool):
 
 @admin.action(description="Approve selected requests", permissions=["decide"])
 def approve_requests(modeladmin, request, queryset):
+    if across_pages_refused(request, "approve"):  # a consent to pay is given to requests the operator sees
+        return
     _decide(modeladmin, request, queryset, approve=True)
 
 

@@ -571,3 +571,45 @@ def test_an_operators_policy_change_is_in_the_policys_history_with_before_and_af
     assert "daily_cap: 5000000 → 9000000" in message
     assert "blocked_sellers: ['seller-one'] → []" in message
     assert "monthly_cap" not in message  # unchanged
+
+
+def test_approving_all_requests_across_pages_approves_none_the_operator_has_not_seen(operator, buyer, buyer_api,
+                                                                                      seller):
+    """"Select all N" posts the list's filter, not the rows: a request that entered the list after the operator
+    looked (or sat on a page they never opened) was approved with the rest, a payment consented to unseen. Approval
+    is of the ticked rows only; the operator is told so."""
+    service = register_service(seller)
+    Api(issue_owner_token(buyer.owner)).put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    buyer_api.post("/usage-agreements", proposal(service))
+    [seen] = ApprovalRequest.objects.filter(agent=buyer)
+    assert operator.get("/admin/policies/approvalrequest/?status__exact=pending").status_code == 200
+    buyer_api.post("/usage-agreements", proposal(service))  # arrives while the operator decides
+    unseen = ApprovalRequest.objects.exclude(pk=seen.pk).get(agent=buyer)
+
+    page = operator.post("/admin/policies/approvalrequest/?status__exact=pending",
+                         {"action": "approve_requests", "select_across": "1", "index": "0",
+                          ACTION_CHECKBOX_NAME: [str(seen.pk)]}, follow=True)
+
+    assert ApprovalRequest.objects.get(pk=unseen.pk).status == "pending"
+    assert "Tick the rows" in page.content.decode()
+
+
+def test_retrying_all_failed_transactions_across_pages_retries_none_the_operator_has_not_seen(
+        operator, settings, django_capture_on_commit_callbacks):
+    """A payout that failed after the operator looked at the failed ones was sent again with them by "select all"."""
+    def failed_payout():
+        return ChainTransaction.objects.create(
+            purpose=TxPurpose.INVOCATION_PAYOUT, to_address="0x" + "11" * 20,
+            data="0xa9059cbb" + "00" * 12 + "22" * 20 + f"{1_000_000:064x}", chain_id=settings.CHAIN_ID,
+            status=TxStatus.FAILED, failure_reason="reverted", context={"to": "0x" + "22" * 20, "amount": 1_000_000})
+
+    seen = failed_payout()
+    failed_payout()  # failed after the operator looked
+
+    with django_capture_on_commit_callbacks(execute=False):
+        page = operator.post("/admin/escrow/chaintransaction/?status__exact=failed",
+                             {"action": "retry_failed", "select_across": "1", "index": "0",
+                              ACTION_CHECKBOX_NAME: [str(seen.pk)]}, follow=True)
+
+    assert ChainTransaction.objects.count() == 2  # nothing queued again
+    assert "Tick the rows" in page.content.decode()
