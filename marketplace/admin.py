@@ -10,6 +10,8 @@ and its second factor: `marketplace.second_factor.OperatorAdminSite`.)
   the chain has one (`marketplace.explorer`); ids are shortened the same way, so list rows stay one line high.
 """
 
+import hashlib
+
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
@@ -72,11 +74,19 @@ class AcknowledgeForm(forms.Form):
 
 
 def acknowledgement_page(modeladmin, request, queryset, *, acknowledge, what: str, columns: list[str], rows,
-                         none_left: str):
+                         none_left: str, findings):
     """An admin action's page asking an operator why the selected failures need no action, then
     `acknowledge(operator=, reason=)` (a service, answering how many it acknowledged): None once done (back to
-    the list), else the page. `rows`: one list of cells per failure still to acknowledge."""
+    the list), else the page. `rows`: one list of cells per failure still to acknowledge; `findings`: those failures
+    (a queryset). On "select all", which posts the list's filter again, not its rows, the answer acknowledges only
+    the failures the page showed: when they changed since (one failed meanwhile), nothing is done and the page shows
+    them again. (Ticked rows are posted as such.)"""
+    select_across = request.POST.get("select_across") == "1"
+    shown = _rows_digest(findings) if select_across else ""
     form = AcknowledgeForm(request.POST if request.POST.get("confirm") else None)
+    if form.is_valid() and request.POST.get("shown", "") != shown:
+        form.add_error(None, f"The {what} to acknowledge changed since this page was shown (some failed meanwhile, or "
+                             "were acknowledged): check them again.")
     if form.is_valid():
         try:
             count = acknowledge(operator=request.user.get_username(), reason=form.cleaned_data["reason"])
@@ -87,14 +97,21 @@ def acknowledgement_page(modeladmin, request, queryset, *, acknowledge, what: st
             return None
     # "Select all" is posted back as such (with one row, which Django asks for), not as every row's id: past
     # DATA_UPLOAD_MAX_NUMBER_FIELDS ids the operator's answer was refused.
-    select_across = request.POST.get("select_across") == "1"
     selected = queryset.values_list("pk", flat=True)
     context = {**modeladmin.admin_site.each_context(request), "opts": modeladmin.model._meta, "form": form,
                "caption": f"{what.capitalize()} to acknowledge", "columns": columns, "rows": list(rows),
                "none_left": none_left, "action": request.POST["action"], "select_across": select_across,
-               "selected": selected[:1] if select_across else selected,
+               "selected": selected[:1] if select_across else selected, "shown": shown,
                "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME, "title": f"Acknowledge {what}"}
     return TemplateResponse(request, "admin/acknowledge.html", context)
+
+
+def _rows_digest(rows) -> str:
+    """Which rows a queryset holds, as one short value a page carries (however many rows)."""
+    digest = hashlib.sha256()
+    for pk in sorted(str(pk) for pk in rows.order_by().values_list("pk", flat=True)):
+        digest.update(pk.encode() + b"\n")
+    return digest.hexdigest()
 
 
 class MoneyRecordInline(admin.TabularInline):

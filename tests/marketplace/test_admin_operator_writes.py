@@ -613,3 +613,31 @@ def test_retrying_all_failed_transactions_across_pages_retries_none_the_operator
 
     assert ChainTransaction.objects.count() == 2  # nothing queued again
     assert "Tick the rows" in page.content.decode()
+
+
+def test_an_acknowledgement_takes_no_failure_that_arrived_after_the_page_asking_why(operator):
+    """"Select all" of the failed events, the page listing them and asking why, then the answer: the answer acted on
+    the filter as it was then, so an event that failed meanwhile was acknowledged (no longer failing reconcile) with a
+    reason given for others, unseen. The list changed: nothing is acknowledged, and the page shows it again."""
+    cursor = IndexerCursor.objects.create(chain_id=31337, escrow_address="0x" + "12" * 20, start_block=0)
+
+    def failed_event(block: int) -> ChainEvent:
+        return ChainEvent.objects.create(
+            cursor=cursor, block_number=block, block_hash=f"0x{block:064x}", tx_hash=f"0x{block:064x}", log_index=0,
+            contract="0x" + "12" * 20, name="Activated", effect=EventEffect.FAILED, error="escrow_mismatch")
+
+    seen = failed_event(1)
+    changelist = "/admin/escrow/chainevent/?effect__exact=failed"
+    asked = operator.post(changelist, {"action": "acknowledge_failed", "select_across": "1", "index": "0",
+                                       ACTION_CHECKBOX_NAME: [str(seen.pk)]})
+    unseen = failed_event(2)  # fails while the operator writes why
+
+    answer = {**form_as_shown(asked.content.decode(), "acknowledge-form"), "reason": "the buyer's own escrow"}
+    again = operator.post(changelist, answer)
+
+    assert ChainEvent.objects.get(pk=unseen.pk).acknowledged_at is None
+    assert ChainEvent.objects.get(pk=seen.pk).acknowledged_at is None
+    assert again.status_code == 200 and "changed since" in again.content.decode()
+    answer = {**form_as_shown(again.content.decode(), "acknowledge-form"), "reason": "the buyers' own escrows"}
+    assert operator.post(changelist, answer).status_code == 302
+    assert not ChainEvent.objects.filter(effect=EventEffect.FAILED, acknowledged_at=None).exists()
