@@ -21,11 +21,15 @@ the SDK's HTTP goes through, enforces
   zstandard inflate further, and httpx decodes them once their packages are installed) or in several stacked
   (each layer multiplies the last): `UnrequestedEncoding`. The head is bounded by httpcore (100 KiB).
 
-JSON answers are parsed by `sdk.bounded_json` (`json_answer`): no nesting deeper than `JSON_MAX_DEPTH`.
+JSON answers are parsed by `sdk.bounded_json` (`json_answer`): no nesting deeper than `JSON_MAX_DEPTH`. An answer's
+text (httpx's `.text`, `iter_text`, `iter_lines`) is decoded in the charset its Content-Type names only if that is a
+charset of text (`text_encoding`), else as UTF-8: the name is the server's (a metered call's, the seller's), and
+Python's codec of that name may be none (punycode decodes in quadratic time, bz2's decoder raises AssertionError).
 """
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import Iterator, Iterable
 from contextlib import contextmanager
@@ -40,7 +44,7 @@ from sdk.name_resolution import BoundedResolver
 
 __all__ = ["ACCEPTED_ENCODINGS", "DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "AnswerRefused", "InSmallPieces",
            "AnswerTooLarge", "BoundedHttp", "DeadlineExceeded", "UnrequestedEncoding", "deadline_passed", "deadline_within",
-           "json_answer", "time_left"]
+           "json_answer", "text_encoding", "time_left"]
 
 # A metered call may take as long as the marketplace lets a seller answer (its PROXY_ANSWER_TIMEOUT_SECONDS, 300).
 DEFAULT_DEADLINE_SECONDS = 300.0
@@ -57,6 +61,14 @@ _RESOLVER = BoundedResolver(threads=RESOLVER_THREADS, name="sdk")
 # (`InSmallPieces`). httpx would ask for brotli and zstandard too where those packages are installed, and decodes
 # stacked codings, each multiplying the one before, at once.
 ACCEPTED_ENCODINGS = ("gzip", "deflate")
+
+# Codecs Python finds by a charset's name that decode no text with replacement, in linear time: punycode is quadratic
+# (and raises on a byte above 127), idna and undefined raise whatever the bytes. The codecs of bytes to bytes (bz2,
+# zlib, base64, hex, ...) and of text to text (rot13) say so themselves (`_is_text_encoding`).
+_NO_TEXT_CODECS = frozenset({"punycode", "idna", "undefined"})
+# Codecs whose incremental decoder (httpx's) raises on a text without a byte order mark; RFC 2781 reads it big-endian.
+_WITHOUT_BOM = {"utf-16": (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, "utf-16-be"),
+                "utf-32": (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, "utf-32-be")}
 
 # When the running request must be over (time.monotonic()), in this thread or task; None outside a request.
 _DEADLINE: ContextVar[float | None] = ContextVar("sdk_http_deadline", default=None)
@@ -271,7 +283,24 @@ class BoundedHttp:
             body += chunk
         # What httpx's own `Response.read()` keeps: the decoded body, the answer's headers left as they came.
         response._content = bytes(body)
+        response.encoding = text_encoding(response.charset_encoding, response._content)
         return response
+
+
+def text_encoding(charset: str | None, content: bytes) -> str:
+    """The codec an answer of `content` whose Content-Type names `charset` is read as text with: that charset's if it
+    is a codec of text decoding any bytes with replacement in linear time (UTF-16 and UTF-32 without a byte order
+    mark as big-endian), else UTF-8."""
+    try:
+        codec = codecs.lookup(charset or "utf-8")
+    except (LookupError, ValueError):  # ValueError: a name with a NUL character
+        return "utf-8"
+    if not codec._is_text_encoding or codec.name in _NO_TEXT_CODECS:
+        return "utf-8"
+    if codec.name in _WITHOUT_BOM:
+        little, big, without_bom = _WITHOUT_BOM[codec.name]
+        return codec.name if content.startswith((little, big)) else without_bom
+    return codec.name
 
 
 def json_answer(response: httpx.Response) -> Any:

@@ -500,7 +500,8 @@ class MarketplaceClient:
                      request_nonce: str | None = None, **request: Any) -> httpx.Response:
         """Call the seller through the metered proxy; `request` takes httpx's arguments (params, json, content,
         headers). Returns the upstream's answer as is, with `X-Usage-Cost`, `X-Escrow-Remaining` and
-        `X-Usage-Event-Id` when the call was charged. A refusal by the marketplace itself (402 budget used up,
+        `X-Usage-Event-Id` when the call was charged; its `.text` is decoded in the charset its Content-Type names
+        only if that is a charset of text, else as UTF-8 (`sdk.bounded_http.text_encoding`). A refusal by the marketplace itself (402 budget used up,
         409 not active) raises `MarketplaceError`.
 
         Without `request_nonce` a call is not retried: the seller may have acted on it. With one (a string unique

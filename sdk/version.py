@@ -1,5 +1,8 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.10: an answer's text (a metered call's `.text`, `iter_text`, `iter_lines`) is decoded in its charset only if that
+# is a charset of text, else as UTF-8 (punycode, bz2, rot13, idna: quadratic time or an exception), UTF-16 and UTF-32
+# without a byte order mark as big-endian;
 # 0.4.9: verify_usage reads the buyer's own escrow (buyer_wallet_address=, or the wallet this client activated the
 # agreement with; required otherwise), never another buyer's the marketplace names, and again from the deployment
 # block when an activation_tx_hash finds none; a refusal's text is read as UTF-8, not in the codec its charset names;
@@ -33,4 +36,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.9"
+VERSION = "0.4.10"

@@ -566,3 +566,42 @@ def test_a_refusals_text_in_a_charset_that_is_no_text_coding_is_a_marketplace_er
     assert isinstance(outcome.error, MarketplaceError), repr(outcome.error)
     assert outcome.error.code == "http_500" and outcome.error.message.startswith("aaa")
     assert outcome.seconds < DEADLINE, f"{outcome.seconds:.1f} s"
+
+
+def metered_answer(content_type: str, body: bytes) -> httpx.Response:
+    client = MarketplaceClient("http://marketplace.example", "mk_test", retries=0, deadline=DEADLINE,
+                               transport=httpx.MockTransport(lambda request: httpx.Response(
+                                   200, headers={"Content-Type": content_type}, content=body)))
+    return client.call_metered(uuid.uuid4(), "run")
+
+
+@pytest.mark.parametrize("charset", ["punycode", "bz2", "zlib", "rot13", "base64", "hex", "uu", "quopri", "idna",
+                                     "undefined"])
+def test_a_metered_answers_text_in_a_charset_that_is_no_text_coding_reads_as_utf8_within_the_deadline(charset):
+    """A metered call's answer is the seller's, its Content-Type too, and httpx's `.text` (`iter_text`,
+    `iter_lines`) decoded it with Python's codec of the charset named, whatever it is: punycode in quadratic time
+    (a few hundred kB held the agent for minutes after the answer was read), bz2, zlib, base64, hex, uu and
+    quopri raised AssertionError, rot13 TypeError, idna and undefined UnicodeError. Read as UTF-8 instead."""
+    body = b"a" * 150_000 + b"-" + b"9" * 150_000
+    answer = metered_answer(f"text/plain; charset={charset}", body)
+    outcome = run_bounded(lambda: (answer.text, list(answer.iter_lines())), limit=10)
+    assert outcome.error is None, repr(outcome.error)
+    assert answer.text == body.decode() and outcome.seconds < DEADLINE, f"{outcome.seconds:.1f} s"
+    assert answer.headers["Content-Type"] == f"text/plain; charset={charset}"  # passed on as it came
+
+
+@pytest.mark.parametrize(("charset", "body", "text"), [
+    ("iso-8859-1", "café".encode("latin-1"), "café"),
+    ("windows-1252", "€ café".encode("cp1252"), "€ café"),
+    ("shift_jis", "日本".encode("shift_jis"), "日本"),
+    ("utf-16", "text".encode("utf-16"), "text"),  # a BOM says its byte order
+    ("utf-16", "text".encode("utf-16-be"), "text"),  # none: big-endian (RFC 2781)
+    ("UTF-32", "text".encode("utf-32-be"), "text"),
+    ("utf-8", b"caf\xc3\xa9 \xff", "café \ufffd"),
+    ("no-such-charset", "café".encode(), "café"),
+])
+def test_a_metered_answers_text_in_a_real_charset_reads_in_it(charset, body, text):
+    """The charsets of text still decode as named; UTF-16 and UTF-32 without a byte order mark raised UnicodeError
+    ("stream does not start with BOM") from httpx's decoder."""
+    answer = metered_answer(f"text/plain; charset={charset}", body)
+    assert answer.text == text and "".join(answer.iter_text()) == text
