@@ -52,6 +52,7 @@ MIDDLEWARE = [
     "marketplace.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "marketplace.middleware.HotPathMiddleware",  # the metered proxy skips what follows
+    "marketplace.middleware.RequestCharsetMiddleware",
     "marketplace.middleware.ApiPathMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

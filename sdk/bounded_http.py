@@ -44,7 +44,7 @@ from sdk.name_resolution import BoundedResolver
 
 __all__ = ["ACCEPTED_ENCODINGS", "DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "AnswerRefused", "InSmallPieces",
            "AnswerTooLarge", "BoundedHttp", "DeadlineExceeded", "UnrequestedEncoding", "deadline_passed", "deadline_within",
-           "json_answer", "text_encoding", "time_left"]
+           "json_answer", "text_codec", "text_encoding", "time_left"]
 
 # A metered call may take as long as the marketplace lets a seller answer (its PROXY_ANSWER_TIMEOUT_SECONDS, 300).
 DEFAULT_DEADLINE_SECONDS = 300.0
@@ -287,20 +287,28 @@ class BoundedHttp:
         return response
 
 
+def text_codec(charset: str) -> str | None:
+    """The codec named `charset` if it is one of text decoding any bytes with replacement in linear time, else None
+    (no such codec, or one of bytes to bytes, text to text, or `_NO_TEXT_CODECS`)."""
+    try:
+        codec = codecs.lookup(charset)
+    except (LookupError, ValueError):  # ValueError: a name with a NUL character
+        return None
+    if not codec._is_text_encoding or codec.name in _NO_TEXT_CODECS:
+        return None
+    return codec.name
+
+
 def text_encoding(charset: str | None, content: bytes) -> str:
     """The codec an answer of `content` whose Content-Type names `charset` is read as text with: that charset's if it
-    is a codec of text decoding any bytes with replacement in linear time (UTF-16 and UTF-32 without a byte order
-    mark as big-endian), else UTF-8."""
-    try:
-        codec = codecs.lookup(charset or "utf-8")
-    except (LookupError, ValueError):  # ValueError: a name with a NUL character
+    is a codec of text (`text_codec`; UTF-16 and UTF-32 without a byte order mark as big-endian), else UTF-8."""
+    codec = text_codec(charset) if charset else None
+    if codec is None:
         return "utf-8"
-    if not codec._is_text_encoding or codec.name in _NO_TEXT_CODECS:
-        return "utf-8"
-    if codec.name in _WITHOUT_BOM:
-        little, big, without_bom = _WITHOUT_BOM[codec.name]
-        return codec.name if content.startswith((little, big)) else without_bom
-    return codec.name
+    if codec in _WITHOUT_BOM:
+        little, big, without_bom = _WITHOUT_BOM[codec]
+        return codec if content.startswith((little, big)) else without_bom
+    return codec
 
 
 def json_answer(response: httpx.Response) -> Any:
