@@ -231,6 +231,16 @@ def verify_usage(events: Iterable[Mapping[str, Any]], *, escrow: OnchainEscrow, 
 _EVENT_NUMBERS = ("seq", "units", "cost_atomic", "cumulative_atomic")
 
 
+def _encodes(text: str) -> bool:
+    """Whether `text` has a UTF-8 encoding (what the request id's hash is of): JSON's `"\\ud800"` is a lone
+    surrogate, which none has (UnicodeEncodeError)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _event_numbers(event: Any, *, position: int) -> tuple[int, int, int, int]:
     """An event's (seq, units, cost, cumulative) as listed, or UsageMalformed: JSON integers within uint256 (not a
     boolean, a float or text), and text for its request id and digest; a malformed listing is refused as a
@@ -244,7 +254,7 @@ def _event_numbers(event: Any, *, position: int) -> tuple[int, int, int, int]:
             raise UsageMalformed(f"event {position}: {name} is {value!r:.80}, not a whole number from 0 to 2**256 - 1")
         numbers.append(value)
     for name in ("request_id", "usage_digest"):
-        if not isinstance(event.get(name), str):
+        if not isinstance(event.get(name), str) or not _encodes(event[name]):
             raise UsageMalformed(f"event {position}: {name} is not text")
     seq, units, cost, cumulative = numbers
     return seq, units, cost, cumulative

@@ -2,7 +2,8 @@
 
 # 0.4.10: an answer's text (a metered call's `.text`, `iter_text`, `iter_lines`) is decoded in its charset only if that
 # is a charset of text, else as UTF-8 (punycode, bz2, rot13, idna: quadratic time or an exception), UTF-16 and UTF-32
-# without a byte order mark as big-endian;
+# without a byte order mark as big-endian; verify_usage refuses an event whose request id is a lone surrogate
+# (UsageMalformed, not UnicodeEncodeError);
 # 0.4.9: verify_usage reads the buyer's own escrow (buyer_wallet_address=, or the wallet this client activated the
 # agreement with; required otherwise), never another buyer's the marketplace names, and again from the deployment
 # block when an activation_tx_hash finds none; a refusal's text is read as UTF-8, not in the codec its charset names;

@@ -91,9 +91,9 @@ def test_an_event_changed_after_signing_is_caught_even_with_its_receipt_taken_aw
 
 @pytest.mark.parametrize("change", [
     {"cost_atomic": None}, {"seq": "one"}, {"units": -1}, {"units": 2**256}, {"cumulative_atomic": 1.5},
-    {"units": True}, {"request_id": 7}, {"usage_digest": None}, "cost_atomic",
+    {"units": True}, {"request_id": 7}, {"usage_digest": None}, "cost_atomic", {"request_id": "req_\ud800"},
 ], ids=["cost null", "seq not a number", "units negative", "units past uint256", "cumulative a float",
-        "units a boolean", "request id a number", "digest null", "cost missing"])
+        "units a boolean", "request id a number", "digest null", "cost missing", "request id a lone surrogate"])
 def test_a_listing_with_a_malformed_event_is_a_usage_verification_error(change):
     """A compromised marketplace's listing whose event misses a field or holds a value no receipt could sign: refused
     as a UsageVerificationError (UsageMalformed) naming the event and field, which is what a caller of verify_usage
