@@ -72,6 +72,15 @@ class LoginForm(OTPAdminAuthenticationForm):
     # No numeric keyboard: a recovery code has letters.
     otp_token = forms.CharField(required=False, widget=forms.TextInput(attrs={"autocomplete": "one-time-code"}))
 
+    def clean_username(self):
+        # Django sets the field's max_length after building it, which adds no validator: a username of any length
+        # reached authenticate(), and django-axes' 255-character column for a failed login's username (a 500).
+        username = self.cleaned_data["username"]
+        if len(username) > self.fields["username"].max_length:
+            raise ValidationError(self.error_messages["invalid_login"], code="invalid_login",
+                                  params={"username": self.username_field.verbose_name})
+        return username
+
     def clean_otp(self, user):
         try:
             if user is not None:

@@ -913,3 +913,11 @@ def test_a_device_the_login_post_names_that_is_no_device_is_refused_not_a_500(st
     answer = client.post("/admin/login/", {"username": "operator", "password": PASSWORD, "otp_token": code(uri),
                                            "otp_device": chosen, "next": "/admin/"})
     assert answer.status_code == 302 and answer.url == "/admin/"
+
+
+@pytest.mark.parametrize("username", ["x" * 256, "x" * 100_000])
+def test_a_login_with_a_username_longer_than_any_is_refused_not_a_500(username):
+    """django-axes writes a failed login's username to a 255-character column: a longer one, which anyone may post
+    to the admin's login form, was a 500 (DataError, value too long) instead of the form's refusal."""
+    response = log_in(Client(), username, "wrong", "123456")
+    assert response.status_code == 200 and b"errornote" in response.content
