@@ -570,12 +570,26 @@ def block_transaction_hashes(number: int) -> set[str] | None:
 
 
 def _block(number: int):
+    """The node's block at height `number` (its header and transaction hashes). Raises BlockNotFound when it has none
+    there; UntrustedAnswer when it answered a block of another height, or one without its hash or timestamp (taken
+    for the one asked, a block without our payout passed for the one that held it, and the payout went out again)."""
     try:
-        return w3().eth.get_block(number)
+        block = w3().eth.get_block(number)
     except BlockNotFound:
         raise
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
+    _check_block(block, number)
+    return block
+
+
+def _check_block(block, number: int) -> None:
+    """`block` is a block at height `number`, with a hash and a timestamp: else UntrustedAnswer."""
+    block_hash = block.get("hash")
+    if (block.get("number") != number or not isinstance(block_hash, bytes) or len(block_hash) != 32
+            or not isinstance(block.get("timestamp"), int) or not isinstance(block.get("transactions"), list)):
+        raise UntrustedAnswer(f"the node answered block {number} with a block of height {block.get('number')!r} "
+                              f"and hash {block_hash!r:.80}")
 
 
 def simulate(*, sender: str, to: str, data: str) -> int:
@@ -719,11 +733,8 @@ def canonical_block_hash(number: int) -> str | None:
         if isinstance(error, RpcUnavailable):
             raise error from exc
         raise RpcUnavailable(f"block {number} not read: {error}") from exc
-    block_hash = block.get("hash")
-    if block.get("number") != number or not isinstance(block_hash, bytes) or len(block_hash) != 32:
-        raise UntrustedAnswer(f"the node answered block {number} with a block of height {block.get('number')!r} "
-                              f"and hash {block_hash!r:.80}")
-    return "0x" + block_hash.hex().removeprefix("0x")
+    _check_block(block, number)
+    return "0x" + block["hash"].hex().removeprefix("0x")
 
 
 def revert_reason(*, sender: str, to: str, data: str, block_number: int) -> str:

@@ -1055,3 +1055,47 @@ def test_a_relayer_pointed_at_a_node_of_another_chain_signs_and_checks_nothing(
     assert (queued.status, queued.nonce, queued.attempts.count()) == (TxStatus.QUEUED, None, 0)
     assert not RelayerAccount.objects.filter(chain_id=8453).exists()
     assert set(asked) <= {"eth_chainId"}
+
+
+def test_a_node_answering_another_heights_block_in_the_nonce_scan_does_not_send_a_mined_payout_again(
+        escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):
+    """A load-balanced provider: the backend answering the receipt lookup is behind (no receipt yet), the node keeps
+    recent state only (it refuses nonces at older blocks), and a proxy answers the lookup of the payout's block with
+    the block of another height (one without the payout). The blocks since the payout was signed were read by
+    number without checking that each answer was the block asked: none of them held the payout, and it went out
+    again under a new nonce (paid twice). Such an answer is no answer (UntrustedAnswer): the payout waits, and is
+    concluded by its own receipt."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+    mined_what_was_sent()
+    attempt = tx.attempts.get().tx_hash
+    mined_in = int(rpc_relay.node("eth_getTransactionReceipt", [attempt])["blockNumber"], 16)
+    chain.mine()  # an empty block after the payout's, which the proxy answers for the payout's
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    other = rpc_relay.node("eth_getBlockByNumber", [hex(mined_in + 1), False])
+    head = int(rpc_relay.node("eth_blockNumber"), 16)
+
+    def refused(answer):
+        return {"jsonrpc": "2.0", "id": answer.get("id"),
+                "error": {"code": -32000, "message": "missing trie node (path ) state is not available"}}
+
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getTransactionReceipt" and call["params"][0] == attempt,
+                      lambda answer: {**answer, "result": None})
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getTransactionCount" and call["params"][1].startswith(
+        "0x") and int(call["params"][1], 16) < head, refused)
+    rpc_relay.rewrite(_block_asked(mined_in), lambda answer: {**answer, "result": other})
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    with django_capture_on_commit_callbacks(execute=True):
+        relayer.transactions_poll()  # rebroadcast: nonce too low; no receipt; the scan meets the other block
+    mined_what_was_sent()
+    rpc_relay.rewrite_none()
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC, "the payout was sent twice"
+    assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
+    with pytest.raises(gateway.UntrustedAnswer):
+        rpc_relay.rewrite(_block_asked(mined_in), lambda answer: {**answer, "result": other})
+        gateway.block_transaction_hashes(mined_in)
