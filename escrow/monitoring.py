@@ -7,7 +7,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from escrow import chain, relayer, selectors
-from marketplace import dashboard, health, metrics, money
+from marketplace import chainconfig, dashboard, health, metrics, money
 
 
 def _by_status() -> dict[str, int]:
@@ -19,6 +19,14 @@ def _by_status() -> dict[str, int]:
 
 def _chain_answers(timeout: float) -> None:
     chain.latest_block_number()  # bounded by CHAIN_RPC_TIMEOUT; /readyz stops waiting after its own timeout
+
+
+def _relayer_keys_usable(timeout: float) -> None:
+    """The relayer's key and the retired ones are well-formed: a malformed one signs nothing (the current: no
+    transaction; a retired one: what its wallet has in flight is never replaced, and its transfers are not indexed)."""
+    problems = chainconfig.signing_key_problems("RELAYER_PRIVATE_KEY")
+    if problems:
+        raise RuntimeError("; ".join(problems))
 
 
 def _payouts_can_be_released(timeout: float) -> None:
@@ -203,3 +211,4 @@ def panels_register() -> None:
     health.readiness_check_register(name="chain", check=_chain_answers)
     health.readiness_check_register(name="indexer", check=_indexer_keeps_up)
     health.readiness_check_register(name="payout_finality", check=_payouts_can_be_released)
+    health.readiness_check_register(name="relayer_keys", check=_relayer_keys_usable)

@@ -6,7 +6,8 @@ tagged block, without which no payout or refund of the treasury is ever sent).
 A load balancer stops routing to an instance whose `/readyz` is 503; an orchestrator restarts one whose
 `/healthz` does not answer. The 503 names the dependencies that failed (details go to the log, not to the
 unauthenticated caller). Apps add their own dependencies with `readiness_check_register` (escrow: the chain,
-the indexer's lag and the payouts' finality tag; agreements: the receipt signer keys the open escrows name).
+the indexer's lag, the payouts' finality tag and the relayer keys; agreements: the receipt signer keys the open
+escrows name).
 """
 
 import contextvars

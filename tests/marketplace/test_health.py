@@ -28,7 +28,7 @@ def test_ready_when_database_broker_and_chain_answer(escrow_chain):
     assert response.status_code == 200, response.content
     assert response.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok", "chain": "ok",
                                                              "indexer": "ok", "payout_finality": "ok",
-                                                             "receipt_signer": "ok"}}
+                                                             "receipt_signer": "ok", "relayer_keys": "ok"}}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -42,7 +42,7 @@ def test_not_ready_names_what_failed(settings):
     details = response.json()["error"]["details"]
     # PAYOUT_HEAD_TAG empty (the dev chain's default): no payout waits for the node's tag, which is not asked.
     assert details["checks"] == {"database": "ok", "broker": "failed", "chain": "failed", "indexer": "failed",
-                                 "payout_finality": "ok", "receipt_signer": "ok"}
+                                 "payout_finality": "ok", "receipt_signer": "ok", "relayer_keys": "ok"}
     assert details["failed"] == ["broker", "chain", "indexer"]
 
 
@@ -100,3 +100,15 @@ def test_not_ready_when_a_receipt_signer_key_is_malformed(settings):
     response = Client().get("/readyz")
     assert response.status_code == 503
     assert response.json()["error"]["details"]["checks"]["receipt_signer"] == "failed"
+
+
+@pytest.mark.chain
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("setting", ["RELAYER_PRIVATE_KEY", "RELAYER_RETIRED_PRIVATE_KEYS"])
+def test_not_ready_when_a_relayer_key_is_malformed(escrow_chain, settings, setting):
+    """A malformed relayer key signs nothing (a retired one: what its wallet has in flight is never replaced, and its
+    transfers are not indexed), which `manage.py check` reports (marketplace.E001) and /readyz said nothing of."""
+    setattr(settings, setting, "0x1234" if setting == "RELAYER_PRIVATE_KEY" else ["0x1234"])
+    response = Client().get("/readyz")
+    assert response.status_code == 503, response.content
+    assert response.json()["error"]["details"]["failed"] == ["relayer_keys"]
