@@ -150,12 +150,29 @@ def _proposal_evidence(tx: ChainTransaction) -> dict:
         return _done_by_another(tx, covers=lambda args: ours is not None and int(args["seq"]) >= int(ours))
     # The window's end from our proposal's own event: the escrow's challengeDeadline word is the dispute's timeout
     # once the buyer challenged it, which it may have before this receipt is read (the relayer acts at depth).
-    mined = chain.receipt(tx.mined_tx_hash)
-    if mined is None:  # a reorg took it since: the poll checks the transaction again
-        raise chain.ChainError(f"the receipt of {tx.mined_tx_hash} is gone")
-    [proposed] = [event for event in chain.escrow_contract().events.SettlementProposed().process_receipt(
-        {"logs": mined.logs}, errors=DISCARD) if _hex32(event["args"]["agreementId"]) == tx.agreement.onchain_id]
+    mined = _mined_receipt(tx)
+    [proposed] = _escrow_events(tx, "SettlementProposed", mined)
     return {"challenge_deadline": int(proposed["args"]["challengeDeadline"])}
+
+
+def _mined_receipt(tx: ChainTransaction) -> chain.Receipt:
+    """The receipt of confirmed `tx` (the gateway's: of that transaction), in the block the relayer concluded it on.
+    Raises ChainError otherwise: a reorg took it since (the poll checks the transaction again), or a node behind or
+    ahead of that block answers another (its events and times are not those the outcome rests on)."""
+    mined = chain.receipt(tx.mined_tx_hash)
+    if mined is None:
+        raise chain.ChainError(f"the receipt of {tx.mined_tx_hash} is gone")
+    if mined.block_hash.lower() != tx.mined_block_hash.lower():
+        raise chain.UntrustedAnswer(f"the receipt of {tx.mined_tx_hash} is of block {mined.block_hash}, not "
+                                    f"{tx.mined_block_hash}")
+    return mined
+
+
+def _escrow_events(tx: ChainTransaction, name: str, mined: chain.Receipt) -> list:
+    """Escrow event `name` in the receipt `mined`, of the escrow contract and `tx`'s agreement."""
+    escrow = chain.escrow_contract()
+    return [event for event in getattr(escrow.events, name)().process_receipt({"logs": mined.logs}, errors=DISCARD)
+            if event["address"] == escrow.address and _hex32(event["args"]["agreementId"]) == tx.agreement.onchain_id]
 
 
 def _proposal_outcome(tx: ChainTransaction) -> None:
@@ -447,15 +464,15 @@ def _hex32(value) -> str:
 
 def _payouts(tx: ChainTransaction) -> tuple[int, int, bool]:
     """(seller amount, buyer amount, whether the token transfers in the receipt account for them)."""
-    receipt = chain.w3().eth.get_transaction_receipt(tx.mined_tx_hash)
+    receipt = _mined_receipt(tx)
     escrow, token = chain.escrow_contract(), chain.token_contract(tx.agreement.token_address or None)
-    [settled] = escrow.events.Settled().process_receipt(receipt, errors=DISCARD)
+    [settled] = _escrow_events(tx, "Settled", receipt)
     seller_amount, buyer_amount = settled["args"]["sellerAmount"], settled["args"]["buyerAmount"]
     moved = {}
-    for transfer in token.events.Transfer().process_receipt(receipt, errors=DISCARD):
-        if transfer["args"]["from"] == escrow.address:
+    for transfer in token.events.Transfer().process_receipt({"logs": receipt.logs}, errors=DISCARD):
+        if transfer["address"] == token.address and transfer["args"]["from"] == escrow.address:
             moved[transfer["args"]["to"]] = moved.get(transfer["args"]["to"], 0) + transfer["args"]["value"]
-    for deferred in escrow.events.PayoutDeferred().process_receipt(receipt, errors=DISCARD):
+    for deferred in _escrow_events(tx, "PayoutDeferred", receipt):
         party = deferred["args"]["party"]
         moved[party] = moved.get(party, 0) + deferred["args"]["amount"]
     seller = Web3.to_checksum_address(tx.agreement.seller_wallet_address)

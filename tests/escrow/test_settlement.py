@@ -970,3 +970,55 @@ def test_seller_reported_usage_is_proposed_and_paid_at_its_last_receipt_and_ever
     chain.increase_time(3601)
     assert tick(capture)["finalizing"] == 1
     assert usdc_balance(chain, funded.seller_account.address) == funded.balances["seller"] + 12 * 20_000
+
+
+def test_the_payouts_of_a_finalize_are_read_from_its_own_receipt_not_another_the_node_answers(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """A caching proxy mixing its answers up answers the finalize's receipt lookup, after the relayer concluded it
+    mined, with the receipt of another escrow's finalize (the same buyer and seller, another amount). The payouts were
+    read from a receipt fetched outside the gateway, which checks that a receipt is of the transaction asked, and the
+    Settled event taken whatever escrow it named: the agreement was recorded settled at the other escrow's amounts,
+    its transfers "matching". The payouts are read from the finalize's own receipt, and its own escrow's event."""
+    from tests.support.rpc_relay import RpcRelay
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    other = funded.accepted_agreement(quantity=100)
+    funded.activate(other["id"], capture)
+    call_n(funded, 20)
+    for _ in range(5):
+        assert funded.buyer_api.get(f"/metered-proxy/{other['id']}/work").status_code == 200
+    for agreement_id in (funded.agreement_id, other["id"]):
+        assert funded.buyer_api.post(f"/usage-agreements/{agreement_id}/complete").status_code == 200
+    assert tick(capture)["proposed"] == 2
+    chain.increase_time(3601)
+    other_id = UsageAgreement.objects.get(pk=other["id"]).onchain_id
+    others_finalize = chain.escrow.functions.finalize(other_id, escrow_terms(chain.escrow, other_id)).transact(
+        {"from": chain.accounts.stranger.address})
+    assert chain.w3.eth.wait_for_transaction_receipt(others_finalize)["status"] == 1
+
+    relay = RpcRelay(chain.node.rpc_url).start()
+    try:
+        settings.CHAIN_RPC_URL, settings.CHAIN_RPC_RETRY_BACKOFF = relay.url, 0.01
+        others_receipt = relay.node("eth_getTransactionReceipt", ["0x" + bytes(others_finalize).hex()])
+        lookups: dict[str, int] = {}
+
+        def mixed_up(call) -> bool:  # every lookup of a receipt after the first answered with the other's
+            if call.get("method") != "eth_getTransactionReceipt":
+                return False
+            asked = call["params"][0].lower()
+            lookups[asked] = lookups.get(asked, 0) + 1
+            return asked != others_receipt["transactionHash"] and lookups[asked] > 1
+
+        relay.rewrite(mixed_up, lambda answer: {**answer, "result": others_receipt})
+        with capture(execute=True):
+            assert settlement.settlement_tick()["finalizing"] == 1
+        for _ in range(3):
+            confirm_all(capture)
+        relay.rewrite_none()
+        for _ in range(2):
+            confirm_all(capture)
+    finally:
+        relay.stop()
+    settled = funded.agreement(funded.agreement_id)
+    assert settled["status"] == "settled"
+    assert (settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (400_000, 1_600_000)
