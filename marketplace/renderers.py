@@ -14,6 +14,8 @@ A search page's results are JSON text PostgreSQL wrote (catalog.selectors._resul
 orjson.Fragment: the same bytes but for the spacing inside the services' own JSON values, written as PostgreSQL
 stores them."""
 
+import json
+
 import orjson
 from django.http import HttpResponse
 from rest_framework import renderers
@@ -34,15 +36,27 @@ class JSONRenderer(renderers.JSONRenderer):
         if rendered is not None and rendered[0] is data and not indented:
             return rendered[1]
         if data is None or indented or self.ensure_ascii or not self.compact:
-            return super().render(data, accepted_media_type, renderer_context)
+            return self._drf_render(data, accepted_media_type, renderer_context)
         try:
             content = orjson.dumps(data, default=_DRF_ENCODER.default, option=_OPTIONS)
         except orjson.JSONEncodeError:
-            return super().render(data, accepted_media_type, renderer_context)
+            return self._drf_render(data, accepted_media_type, renderer_context)
         for raw, escaped in _LINE_SEPARATORS:
             if raw in content:
                 content = content.replace(raw, escaped)
         return content
+
+    def _drf_render(self, data, accepted_media_type, renderer_context):
+        """DRF's own rendering. Its `json.dumps` cannot write an orjson.Fragment (a search page's results): an answer
+        holding one is read back from orjson's rendering first (an indented search page was a 500)."""
+        try:
+            return super().render(data, accepted_media_type, renderer_context)
+        except TypeError as refused:
+            try:
+                written = orjson.dumps(data, default=_DRF_ENCODER.default, option=_OPTIONS)
+            except orjson.JSONEncodeError:
+                raise refused from None
+            return super().render(json.loads(written), accepted_media_type, renderer_context)
 
 
 def render_for_storing(request, data) -> bytes:

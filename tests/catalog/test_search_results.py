@@ -87,3 +87,16 @@ def test_a_page_is_json_that_escapes_what_drf_escapes(varied, buyer_api):
     assert re.fullmatch(r".*T\d\d:\d\d:\d\dZ", result["created_at"])
     assert re.fullmatch(r".*T\d\d:\d\d:\d\d\.\d{6}Z", result["updated_at"])
     assert result["metadata"] == {"text": "a\u2028b", "big": 10**30, "ratio": 1e-7, "list": [1.0, 0, "x"]}
+
+
+@pytest.mark.parametrize("body", [{}, pytest.param({"q": "translator"}, marks=pytest.mark.postgres)])
+def test_a_page_asked_for_indented_is_the_same_results_indented(varied, buyer_api, body):
+    """`Accept: application/json; indent=2` is DRF's own rendering, which could not write the results PostgreSQL
+    wrote (orjson.Fragment): any caller got a 500 for asking."""
+    plain = search(buyer_api, **body)
+
+    response = buyer_api.post("/catalog/search", body, headers={"Accept": "application/json; indent=2"})
+
+    assert response.status_code == 200, response.content
+    assert response.content.startswith(b'{\n  "results": [')
+    assert json.loads(response.content) == plain
