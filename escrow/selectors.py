@@ -17,7 +17,7 @@ from escrow import chain, relayer
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPaymentRequest,
                            MasumiPurchase, TxAttempt, TxPurpose, TxStatus)
 from marketplace import chainconfig
-from marketplace.errors import NotFound
+from marketplace.errors import DependencyUnavailable, NotFound
 
 S = AgreementStatus
 
@@ -27,8 +27,15 @@ def blockchain_identifier_to_agreement_id(blockchain_identifier: str) -> uuid.UU
     return uuid.UUID(int=value) if value < 2**128 else None
 
 
+def chain_configured_require() -> None:
+    if not (chainconfig.escrow_address() and chainconfig.usdc_address()):
+        raise DependencyUnavailable("No escrow contract is configured on this marketplace.",
+                                    code="chain_not_configured")
+
+
 def network_config() -> dict:
     """What an SDK on a dev chain may pin (`NetworkConfig.from_marketplace(url, trust_server=True)`)."""
+    chain_configured_require()
     with chain.unavailable_as_503():
         name, version = chain.token_domain()
     schedule = agreement_services.fee_schedule_current()

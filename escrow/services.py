@@ -23,7 +23,7 @@ from escrow import chain, chain_clock, relayer, selectors
 from escrow.models import ChainEvent, ChainTransaction, MasumiPurchase, TxPurpose, TxStatus
 from marketplace import chainconfig
 from marketplace.chainconfig import receipt_signer_address
-from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, PaymentRequired
+from marketplace.errors import Conflict, Forbidden, InvalidInput, PaymentRequired
 from marketplace.logging import logs_name_the_agreement
 from marketplace.signatures import signer_require
 from sdk import typed_data
@@ -31,9 +31,7 @@ from sdk.activation import activation_intent_nonce
 
 
 def _require_chain() -> None:
-    if not (chainconfig.escrow_address() and chainconfig.usdc_address()):
-        raise DependencyUnavailable("No escrow contract is configured on this marketplace.",
-                                    code="chain_not_configured")
+    selectors.chain_configured_require()
 
 
 def intent_nonce(agreement: UsageAgreement) -> int:

@@ -10,6 +10,7 @@ from agreements import invocations, x402_protocol
 from agreements import services as agreement_services
 from escrow import relayer
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from tests.conftest import error_code
 from tests.escrow.flow import mined_what_was_sent
 
 
@@ -59,3 +60,13 @@ def test_the_relayer_refuses_to_conclude_a_transaction_nobody_handles(escrow_cha
     relayer.transaction_check(transaction_id=tx.pk)
     tx.refresh_from_db()
     assert (tx.status, tx.outcome_applied) == (TxStatus.CONFIRMED, True)
+
+
+def test_network_config_on_a_marketplace_with_no_chain_configured_is_503_chain_not_configured(anon, settings):
+    """As every other chain route answers then (`make run` with no chain): it was a 500, to anyone, unauthenticated."""
+    settings.USDC_ADDRESS = settings.USAGE_ESCROW_ADDRESS = ""
+
+    response = anon.get("/network-config")
+
+    assert response.status_code == 503, response.content
+    assert error_code(response) == "chain_not_configured"
