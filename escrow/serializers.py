@@ -2,7 +2,7 @@ import json
 
 from rest_framework import serializers
 
-from marketplace.serializers import AtomicAmountField, StrictIntegerField, StrictSerializer
+from marketplace.serializers import MAX_AMOUNT, AtomicAmountField, StrictIntegerField, StrictSerializer
 
 
 
@@ -60,13 +60,14 @@ class ActivationPackageSerializer(serializers.Serializer):
 class SignedPermitSerializer(StrictSerializer):
     value = AtomicAmountField()
     nonce = StrictIntegerField(min_value=0)
-    deadline = StrictIntegerField(min_value=0)
+    deadline = StrictIntegerField(min_value=0, max_value=MAX_AMOUNT)  # a uint256 of the signed permit
     signature = _signature()
 
 
 class ActivateEscrowSerializer(StrictSerializer):
     intent_signature = _signature()
-    deadline = StrictIntegerField(min_value=0, help_text="The `deadline` of the package that was signed.")
+    deadline = StrictIntegerField(min_value=0, max_value=MAX_AMOUNT,
+                                  help_text="The `deadline` of the package that was signed.")
     escrow_permit = SignedPermitSerializer(help_text="The signed permit of the deposit plus the infra fee.")
 
 
@@ -135,7 +136,7 @@ class DisputeSerializer(StrictSerializer):
     reason = serializers.CharField(min_length=10, max_length=500)
     evidence = serializers.JSONField(required=False, help_text="Free-form (an object or a text); kept with the "
                                                                "dispute for the arbiter.")
-    deadline = StrictIntegerField(min_value=0, required=False)
+    deadline = StrictIntegerField(min_value=0, max_value=MAX_AMOUNT, required=False)
     signature = _signature(required=False)
 
     def validate_evidence(self, value):
@@ -187,7 +188,7 @@ class ChallengePackageSerializer(serializers.Serializer):
 class ChallengeSerializer(StrictSerializer):
     reason = serializers.CharField(max_length=500)
     evidence = serializers.CharField(max_length=5000, required=False, allow_blank=True, default="")
-    deadline = StrictIntegerField(min_value=0)
+    deadline = StrictIntegerField(min_value=0, max_value=MAX_AMOUNT)
     signature = _signature()
 
 

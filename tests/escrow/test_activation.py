@@ -84,6 +84,24 @@ def test_bad_signatures_are_refused_before_anything_is_queued(parties, escrow_ch
     assert not ChainTransaction.objects.exists()
 
 
+
+@pytest.mark.parametrize("field", ["deadline", "escrow_permit.deadline"])
+def test_a_number_beyond_uint256_in_a_signed_activation_is_400_naming_the_field(parties, field):
+    """The signed messages' numbers are uint256: one beyond was read as an integer and raised out of range while
+    the message was built, a 500."""
+    agreement = parties.accepted_agreement()
+    body = parties.signed_activation(agreement["id"])
+    outer, _, inner = field.rpartition(".")
+    (body[outer] if outer else body)[inner] = 2**256
+
+    response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", body)
+
+    assert response.status_code == 400, response.content
+    fields = response.json()["error"]["details"]["fields"]
+    assert (fields[outer][inner] if outer else fields[inner])[0]["code"] == "max_value"
+    assert UsageAgreement.objects.get(pk=agreement["id"]).status == "accepted"
+    assert not ChainTransaction.objects.exists()
+
 def test_unfunded_buyer_gets_402(escrow_chain):
     parties = Parties(escrow_chain, buyer_funds=0)
     agreement = parties.accepted_agreement()
