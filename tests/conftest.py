@@ -166,6 +166,16 @@ def celery_runs_tasks_inline():
 
 
 @pytest.fixture(autouse=True)
+def task_results_may_be_read():
+    """Celery keeps whether a result may be waited for in one global (not per thread), set while an eager task runs:
+    eager tasks run at once in several threads of a test could leave it set, and a later test's `.get()` in the same
+    process raised "Never call result.get() within a task!"."""
+    from celery._state import _set_task_join_will_block
+
+    _set_task_join_will_block(False)
+
+
+@pytest.fixture(autouse=True)
 def tag_ids_read_afresh():
     """Tag ids are kept per process for a second (catalog.selectors.TAG_IDS); each test's database gives the same
     tag names other ids."""
