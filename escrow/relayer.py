@@ -97,6 +97,10 @@ WITHDRAWN = "withdrawn"
 # what ours would have) names that transaction's block, {"number": n, "hash": "0x..."}: a reorg that takes the block
 # off the chain reopens the concluded transaction, as one that takes a confirmed transaction's own block does.
 EVIDENCE_BLOCK = "block"
+# The key under which an evidence reader says that what a reverted transaction was sent for was done all the same, by
+# a transaction not ours (a front-runner's copy of the activation, the permit someone else submitted): its revert is
+# no revert of its relayed party's (`_revert_attribute`).
+DONE_BY_ANOTHER = "done_by_another"
 # The context key of a nonce fill that took over the nonce of a transaction cancelled (`_cancel`): that one's id.
 CANCELS = "cancels"
 # The context key of a transaction sent for a party's signed action (`relay_party`): a revert of it mined is that
@@ -298,9 +302,10 @@ def relay_budget_check(payer: RelayPayer) -> None:
 def _revert_attribute(tx: ChainTransaction) -> None:
     """Inside the DB transaction concluding `tx` mined reverted within its gas limit (`_reverted_within_gas`): a
     relayed party's transaction is that party's revert (`RelayRevert`). Not one decided on someone else's copy mined
-    first (EVIDENCE_BLOCK: anyone may send a public authorization first; what the party asked for was done)."""
+    first (EVIDENCE_BLOCK, DONE_BY_ANOTHER: anyone may send a public authorization, permit or signed intent first; what
+    the party asked for was done)."""
     party = tx.context.get(RELAYED_FOR)
-    if party is None or EVIDENCE_BLOCK in tx.outcome_evidence:
+    if party is None or EVIDENCE_BLOCK in tx.outcome_evidence or tx.outcome_evidence.get(DONE_BY_ANOTHER):
         return
     RelayRevert.objects.get_or_create(transaction=tx, defaults={
         "party": party, "wallet": tx.context.get(RELAYED_WALLET, ""), "owner_id": tx.context.get(RELAYED_OWNER),

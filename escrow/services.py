@@ -274,8 +274,9 @@ def _activation_evidence(tx: ChainTransaction) -> dict:
     if tx.status != TxStatus.FAILED or "AgreementExists" not in tx.failure_reason:
         return {}
     onchain = selectors.onchain_escrow(agreement=tx.agreement)
-    return {"agreement_exists": {"state": onchain["state"],
-                                 "differences": intent_differences(tx.agreement, onchain)}}
+    differences = intent_differences(tx.agreement, onchain)
+    return {"agreement_exists": {"state": onchain["state"], "differences": differences},
+            relayer.DONE_BY_ANOTHER: not differences}
 
 
 def _activation_outcome(tx: ChainTransaction) -> None:

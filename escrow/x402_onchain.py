@@ -387,7 +387,9 @@ def _direct_fee_permit_evidence(tx: ChainTransaction) -> dict:
     granted the relayer the allowance all the same. Read from the token, outside any DB transaction."""
     if tx.status == TxStatus.CONFIRMED:
         return {}
-    return {"allowance": _relayer_allowance(_agreement(tx).buyer_wallet_address)}
+    agreement = _agreement(tx)
+    allowance = _relayer_allowance(agreement.buyer_wallet_address)
+    return {"allowance": allowance, relayer.DONE_BY_ANOTHER: allowance >= agreement.infra_fee}
 
 
 def _relayer_allowance(buyer: str) -> int:

@@ -16,7 +16,7 @@ from agreements import invocations
 from agreements.models import UsageAgreement
 from escrow import chain as gateway
 from escrow import selectors, settlement, x402_onchain
-from escrow.models import ChainEvent, ChainTransaction, EventEffect
+from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayRevert
 from sdk import typed_data as td
 from sdk.typed_data import sign_typed_data
 from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase
@@ -107,6 +107,37 @@ def test_a_front_run_direct_payment_fee_permit_does_not_fail_the_payment(escrow_
     assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
 
 
+def test_a_fee_permit_a_front_runner_got_mined_first_is_not_charged_to_the_buyers_relay_budget(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """The relayer's `permit` was sent, and a stranger's copy of the permit mined before it: ours reverts within its
+    gas, the allowance is the relayer's all the same and the purchase is paid. The buyer did nothing wrong, yet the
+    revert was charged to it (RelayRevert): a mempool observer spent any buyer's relay budget this way."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    permit = body["fee_permit"]
+    v, r, s = td.split_signature(permit["signature"])
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        purchase.accept(agreement["id"], capture)  # the permit sent, pending
+        ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_fee_permit")
+        chain.rpc("anvil_dropTransaction", [ours.attempts.get().tx_hash])  # evicted; the copy is mined first
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    mined(chain, chain.usdc.functions.permit(
+        purchase.buyer.address, chain.accounts.deployer.address, permit["value"], permit["deadline"], v,
+        bytes.fromhex(r[2:]), bytes.fromhex(s[2:])).transact({"from": chain.accounts.stranger.address}))
+    chain.mine(3)
+    for _ in range(4):
+        confirm_all(capture)  # our bytes rebroadcast, mined reverted; then the fee and the payment
+    ours.refresh_from_db()
+    assert ours.status == "failed" and ours.receipt_status == 0
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
+    assert not RelayRevert.objects.filter(transaction=ours).exists()
+
+
 def test_a_direct_payment_executed_by_someone_else_is_paid_and_its_fee_not_refunded(
         escrow_chain, django_capture_on_commit_callbacks):
     """The x402 authorization (buyer -> seller) can be submitted by anyone who holds it: the buyer itself, or
@@ -183,6 +214,24 @@ def test_the_escrow_is_found_when_a_front_runner_activated_it_before_our_reverte
     assert parties.agreement(agreement["id"])["status"] == "active"
     assert selectors.onchain_escrow(agreement=UsageAgreement.objects.get(pk=agreement["id"]))["state"] == "active"
     call_command("reconcile", stdout=io.StringIO())
+
+
+def test_an_activation_a_front_runner_copied_first_is_not_charged_to_the_buyers_relay_budget(
+        escrow_chain, http_server, settings, django_capture_on_commit_callbacks):
+    """Our copy of the activation mined after a stranger's reverts AgreementExists, within its gas: the escrow is the
+    buyer's, as it signed it. The buyer did nothing wrong, yet the revert was charged to it (RelayRevert): a mempool
+    observer copying every activation of a buyer spent its relay budget, and its next activation was refused 429."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement, ours = _activation_copied_by_a_front_runner(chain, parties, capture)
+    chain.mine(3)
+    confirm_all(capture)
+    confirm_all(capture)
+    ours.refresh_from_db()
+    assert ours.status == "failed" and ours.receipt_status == 0
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert not RelayRevert.objects.filter(transaction=ours).exists()
 
 
 def test_a_seller_re_proposal_just_before_the_window_closes_is_not_finalized_early(
