@@ -135,9 +135,10 @@ class ChainTransaction(Acknowledgement):
 class RelayRevert(models.Model):
     """A transaction the relayer sent for a party's signed purchase (a buyer's activation, direct purchase step or
     skill payment: `relayer.RELAYED_FOR`; not its challenges nor authorization cancels, its defences) that was
-    mined and reverted for a reason the chain names: the party moved its funds or allowance, used its nonce or
-    authorization first, let its deadline pass, after the checks and the simulation. The relayer paid the gas; the
-    party's relayed actions are refused once it has RELAY_REVERTS_PER_PARTY of these within RELAY_REVERT_WINDOW
+    mined and reverted (a direct purchase's fee collection or payment: or refused at the relayer's simulation, the
+    steps before it at the relayer's gas) for a reason the chain names: the party moved its funds or allowance, used
+    its nonce or authorization first, let its deadline pass, after the checks and the simulation. The relayer paid the
+    gas; the party's relayed actions are refused once it has RELAY_REVERTS_PER_PARTY of these within RELAY_REVERT_WINDOW
     (`relayer.relay_budget_check`), and so are those of the wallet that paid, of the agent's owner and, for an
     anonymous payer, of its client network, each as recorded here when the transaction was queued. A reorg that
     takes the block removes the row (the revert is off the chain)."""

@@ -81,6 +81,8 @@ FailureWatch = Callable[[], QuerySet[ChainTransaction]]
 _failure_watches: dict[str, FailureWatch] = {}
 SpentBlock = Callable[[ChainTransaction], tuple[int, str] | None]
 _spent_blocks: dict[str, SpentBlock] = {}
+RefusalCharged = Callable[[ChainTransaction], bool]
+_refusals_charged: dict[str, RefusalCharged] = {}
 _GAS_HEADROOM_PERCENT = 25
 # On top of it: about what filling an empty storage slot costs beyond rewriting a set one (EIP-2200/2929: 22,100
 # against 5,000). The chain may change between the estimate and the mining, and the same signed bytes are sent again after
@@ -128,7 +130,8 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
                              on_retry: OutcomeHandler | None = None,
                              on_cancelled: CancelledHandler | None = None,
                              on_cancel_undecided: OutcomeHandler | None = None,
-                             watch_failed: FailureWatch | None = None) -> None:
+                             watch_failed: FailureWatch | None = None,
+                             refusal_charged: RefusalCharged | None = None) -> None:
     """`on_outcome(tx)` runs in the DB transaction that makes `tx` confirmed or failed; `on_submitted(tx)` in the
     one that signs its first attempt (its hash is then known). `read_evidence(tx)` runs just before, outside any
     DB transaction, and reads from the chain what the outcome depends on; `on_outcome` finds its answer in
@@ -152,7 +155,13 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
     ran): `tx`'s old bytes may run in its place now, and what the domain sent when told nothing ran (a new refund) is
     to be withdrawn before it runs beside them.
     `watch_failed()` names failed transactions of `purpose` whose evidence may still change with no block they rest
-    on taken (`transactions_recheck_watched`); it needs `read_evidence`."""
+    on taken (`transactions_recheck_watched`); it needs `read_evidence`.
+    `refusal_charged(tx)`, outside any DB transaction, says whether a relayed `tx` the chain refuses at the relayer's
+    simulation, never sent, is its party's revert as one mined reverted is (`_revert_attribute`): the steps before it
+    were at the relayer's gas (a direct purchase's fee collection and payment, after its permit), and a party that
+    spent its allowance, funds or authorization in between had them all for nothing, as often as it liked, with no
+    timing to get right. Not when the relayer's own delay is the cause (a signature's deadline passed meanwhile), nor
+    an operator's retry (no step ran for it since the refusal charged already)."""
     if watch_failed is not None and read_evidence is None:
         raise ImproperlyConfigured(f"Watching failed {purpose} chain transactions needs their evidence reader.")
     _outcome_handlers[purpose] = on_outcome
@@ -172,6 +181,8 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
         _undecided_handlers[purpose] = on_cancel_undecided
     if watch_failed is not None:
         _failure_watches[purpose] = watch_failed
+    if refusal_charged is not None:
+        _refusals_charged[purpose] = refusal_charged
 
 
 def finality_wait_register(*, purpose: str, spent_block: SpentBlock) -> None:
@@ -300,7 +311,8 @@ def relay_budget_check(payer: RelayPayer) -> None:
 
 
 def _revert_attribute(tx: ChainTransaction) -> None:
-    """Inside the DB transaction concluding `tx` mined reverted within its gas limit (`_reverted_within_gas`): a
+    """Inside the DB transaction concluding `tx` mined reverted within its gas limit (`_reverted_within_gas`), or
+    refused at its simulation when its purpose says so (`refusal_charged`): a
     relayed party's transaction is that party's revert (`RelayRevert`). Not one decided on someone else's copy mined
     first (EVIDENCE_BLOCK, DONE_BY_ANOTHER: anyone may send a public authorization, permit or signed intent first; what
     the party asked for was done)."""
@@ -401,7 +413,8 @@ def _conclude(tx: ChainTransaction, *, failure: str | None = None,
               reverted_within_gas: bool = False) -> ChainTransaction | None:
     """Make `tx` confirmed (or failed with `failure`) and tell the domain, once: the evidence is read from the
     chain first, then one locked write. None when another worker changed the row meanwhile. `reverted_within_gas`:
-    it was mined and reverted short of its gas limit, charged to its relayed party (`_revert_attribute`)."""
+    it was mined and reverted short of its gas limit (or refused at its simulation, its purpose's `refusal_charged`),
+    charged to its relayed party (`_revert_attribute`)."""
     tx.status = TxStatus.FAILED if failure is not None else TxStatus.CONFIRMED
     tx.failure_reason = (failure or "").replace("\x00", "")[:500]  # PostgreSQL stores no NUL character
     tx.confirmed_at = timezone.now() if failure is None else None
@@ -469,7 +482,9 @@ def transaction_submit(*, transaction_id) -> ChainTransaction | None:
     try:
         gas = chain.simulate(sender=sender, to=tx.to_address, data=tx.data)
     except chain.Reverted as reverted:
-        return _conclude(tx, failure=reverted.reason)
+        charged = (tx.purpose in _refusals_charged and OPERATOR_RETRY_OF not in tx.context
+                   and _refusals_charged[tx.purpose](tx))
+        return _conclude(tx, failure=reverted.reason, reverted_within_gas=charged)
     fees = chain.current_fees()
     _relayer_account_ensure(sender)
     with transaction.atomic():

@@ -486,6 +486,13 @@ def _direct_payment_evidence(tx: ChainTransaction) -> dict:
     return _authorization_use(authorization) or {"used_by": None}
 
 
+def _direct_payment_refusal_charged(tx: ChainTransaction) -> bool:
+    """A payment refused at the relayer's simulation after the fee was taken is the buyer's doing (it cancelled the
+    authorization, moved its funds), unless the authorization ran out while the relayer was getting to it."""
+    authorization = agreement_selectors.payment_authorization_of(agreement=_agreement(tx))
+    return chain_clock.chain_now(next_block=True) < authorization.valid_before
+
+
 def _direct_payment_outcome(tx: ChainTransaction) -> None:
     if paid_by := _paid_by(tx):
         agreement_services.agreement_direct_paid(agreement_id=tx.agreement_id, tx_hash=paid_by)
@@ -702,10 +709,12 @@ def handlers_register() -> None:
                                      read_evidence=_direct_fee_permit_evidence, on_reopened=_direct_purchase_reopened,
                                      on_retry=_direct_purchase_retry)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome,
-                                     on_reopened=_direct_purchase_reopened, on_retry=_direct_purchase_retry)
+                                     on_reopened=_direct_purchase_reopened, on_retry=_direct_purchase_retry,
+                                     refusal_charged=lambda tx: True)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome,
                                      read_evidence=_direct_payment_evidence, on_reopened=_direct_purchase_reopened,
-                                     on_retry=_direct_purchase_retry, watch_failed=_direct_payments_watched)
+                                     on_retry=_direct_purchase_retry, watch_failed=_direct_payments_watched,
+                                     refusal_charged=_direct_payment_refusal_charged)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome,
                                      on_reopened=_direct_fee_refund_reopened, on_cancelled=_direct_fee_refund_cancelled,
                                      on_cancel_undecided=_direct_fee_refund_cancel_undecided)

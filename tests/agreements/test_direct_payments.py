@@ -175,6 +175,71 @@ def test_a_buyer_whose_direct_payment_it_made_revert_at_the_relayers_gas_buys_no
     failed_at_accept(purchase, purchase.propose()["id"], capture, reason="relay_budget_exhausted", balances=before)
 
 
+def test_a_buyer_that_cancels_its_payment_once_the_fee_is_taken_buys_no_more_until_its_budget_is_back(
+        purchase, settings, django_capture_on_commit_callbacks):
+    """The buyer cancels its authorization once the fee is taken, before the relayer sends the payment: the payment
+    fails at the relayer's simulation, nothing mined, but the fee permit and the fee's collection were at the relayer's
+    gas and the treasury refunds the fee at its gas too. Not counted against the buyer (only a revert mined was), it
+    could do so again and again at no cost of its own, with no timing to get right."""
+    capture = django_capture_on_commit_callbacks
+    settings.RELAY_REVERTS_PER_PARTY = 1
+    fund(purchase.chain, purchase.treasury, USDC)  # the platform treasury's float for refunds
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the permit confirmed; the fee transfer is sent
+    purchase.cancel_authorization(body)
+    for _ in range(2):  # the fee confirmed -> the payment refused at its simulation -> the fee refunded
+        confirm_all(capture)
+    failed = purchase.parties.agreement(agreement["id"])
+    assert failed["status"] == "payment_failed" and failed["buyer_refund_atomic"] == FEE
+    before = purchase.balances()
+
+    failed_at_accept(purchase, purchase.propose()["id"], capture, reason="relay_budget_exhausted", balances=before)
+
+
+def test_an_operators_retry_of_a_payment_the_buyer_cancelled_is_not_charged_to_the_buyer_again(
+        purchase, django_capture_on_commit_callbacks):
+    """The refusal of the payment the buyer cancelled once the fee was taken is its revert, once: an operator's retry,
+    refused at the simulation again, ran no step at the relayer's gas for it."""
+    capture = django_capture_on_commit_callbacks
+    fund(purchase.chain, purchase.treasury, USDC)
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)
+    purchase.cancel_authorization(body)
+    for _ in range(2):
+        confirm_all(capture)
+    failed = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_payment")
+    assert RelayRevert.objects.filter(transaction=failed).exists()
+    with capture(execute=True):
+        retry = relayer.transaction_retry(tx=failed, operator="ops@example.com")
+    confirm_all(capture)
+    retry.refresh_from_db()
+    assert retry.status == "failed" and retry.nonce is None
+    assert RelayRevert.objects.count() == 1
+
+
+def test_a_payment_whose_authorization_ran_out_before_the_relayer_sent_it_is_not_charged_to_the_buyer(
+        purchase, django_capture_on_commit_callbacks):
+    """The relayer got to the payment only after its authorization's validBefore (the node down, a queue behind):
+    refused at the simulation for the relayer's delay, not the buyer's doing, so no revert is counted against it."""
+    capture = django_capture_on_commit_callbacks
+    fund(purchase.chain, purchase.treasury, USDC)
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the permit confirmed; the fee transfer is sent
+    valid_before = int(decode_payment_signature_header(body["payment_header"]).payload["authorization"]["validBefore"])
+    purchase.chain.increase_time(valid_before - purchase.chain.now() + 1)
+    for _ in range(2):  # the fee confirmed -> the payment refused at its simulation -> the fee refunded
+        confirm_all(capture)
+    payment = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_payment")
+    assert payment.status == "failed" and payment.nonce is None
+    assert not RelayRevert.objects.filter(transaction=payment).exists()
+
+
 @pytest.mark.parametrize("change, status, code", [
     (lambda p: p.body(seller_wallet_address=p.chain.accounts.stranger.address), 400, "wrong_recipient"),
     (lambda p: {**p.body(), "quantity": QUANTITY + 1}, 400, "wrong_amount"),
