@@ -864,6 +864,14 @@ def _activation(onchain_id: str, buyer: str, *, from_block: int | None, to_block
     return activated[0] if activated else None  # a buyer activates an id once
 
 
+def activation_tx_hash(onchain_id: str, *, buyer: str, from_block: int | None = None) -> str | None:
+    """The transaction whose Activated event funded `buyer`'s escrow `onchain_id` (whoever sent it: the relayer, or
+    anyone relaying the buyer's signed intent), looked for from `from_block`; None when that buyer never activated
+    it."""
+    activated = _activation(onchain_id, buyer, from_block=from_block, to_block=latest_block_number())
+    return None if activated is None else hex_text(activated["transactionHash"])
+
+
 def escrow_terms(onchain_id: str, *, buyer: str, from_block: int | None = None) -> tuple:
     """The `EscrowTerms` tuple every call on `buyer`'s escrow `onchain_id` after activation carries (its Activated
     event looked for from `from_block`, else the deployment block). Raises Reverted when it is not activated."""

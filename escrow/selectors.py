@@ -205,6 +205,13 @@ def escrow_terms(*, agreement: UsageAgreement) -> tuple:
     return chain.escrow_terms(agreement.onchain_id, buyer=buyer, from_block=_activation_search_start(agreement.pk))
 
 
+def activation_tx_hash(*, agreement: UsageAgreement) -> str | None:
+    """The transaction that funded the agreement's escrow on-chain, whoever sent it (raises chain.ChainError when
+    unreachable)."""
+    buyer = Web3.to_checksum_address(agreement.buyer_wallet_address)
+    return chain.activation_tx_hash(agreement.onchain_id, buyer=buyer, from_block=_activation_search_start(agreement.pk))
+
+
 def _activation_search_start(agreement_id) -> int | None:
     """Where the escrow's Activated event can first be, when the relayer saw the activation mined: CHAIN_CONFIRMATIONS
     blocks before that (a reorg no deeper than the confirmation depth can only move it later). None: unknown (the

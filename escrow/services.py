@@ -270,20 +270,23 @@ def intent_differences(agreement: UsageAgreement, onchain: dict) -> list[str]:
 
 def _activation_evidence(tx: ChainTransaction) -> dict:
     """An activation that meets AgreementExists: is the escrow under this id the one this buyer signed for (an
-    earlier attempt mined, or anyone relaying the buyer's signed intent)? Read from the contract."""
+    earlier attempt mined, or anyone relaying the buyer's signed intent), and which transaction funded it
+    (`activated_by`: the agreement's activation, not ours that reverted)? Read from the contract."""
     if tx.status != TxStatus.FAILED or "AgreementExists" not in tx.failure_reason:
         return {}
     onchain = selectors.onchain_escrow(agreement=tx.agreement)
     differences = intent_differences(tx.agreement, onchain)
-    return {"agreement_exists": {"state": onchain["state"], "differences": differences},
+    return {"agreement_exists": {"state": onchain["state"], "differences": differences,
+                                 "activated_by": selectors.activation_tx_hash(agreement=tx.agreement)},
             relayer.DONE_BY_ANOTHER: not differences}
 
 
 def _activation_outcome(tx: ChainTransaction) -> None:
     existing = tx.outcome_evidence.get("agreement_exists")
     if tx.status == TxStatus.CONFIRMED or (existing is not None and not existing["differences"]):
-        agreement_services.agreement_activation_confirmed(agreement_id=tx.agreement_id,
-                                                          tx_hash=tx.mined_tx_hash or tx.agreement.activation_tx_hash)
+        activated_by = (existing or {}).get("activated_by")
+        agreement_services.agreement_activation_confirmed(
+            agreement_id=tx.agreement_id, tx_hash=activated_by or tx.mined_tx_hash or tx.agreement.activation_tx_hash)
     elif existing is not None:
         agreement_services.agreement_activation_failed(
             agreement_id=tx.agreement_id,

@@ -234,6 +234,26 @@ def test_an_activation_a_front_runner_copied_first_is_not_charged_to_the_buyers_
     assert not RelayRevert.objects.filter(transaction=ours).exists()
 
 
+def test_an_escrow_a_front_runner_activated_names_the_copys_transaction_not_our_reverted_one(
+        escrow_chain, http_server, settings, django_capture_on_commit_callbacks):
+    """Our activation reverted AgreementExists after a stranger's copy funded the escrow, and the relayer concluded it
+    before the indexer applied the copy's Activated event: the agreement recorded our reverted transaction as its
+    activation (`activation_tx_hash`, shown to both parties), and the event, finding it active, changed nothing."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement, ours = _activation_copied_by_a_front_runner(chain, parties, capture)
+    chain.mine(3)
+    confirm_all(capture)
+    confirm_all(capture)
+    ours.refresh_from_db()
+    assert ours.status == "failed" and ours.receipt_status == 0
+    index(capture)
+    copy = ChainEvent.objects.get(agreement_id=agreement["id"], name="Activated").tx_hash
+    assert copy != ours.mined_tx_hash
+    assert parties.agreement(agreement["id"])["activation_tx_hash"] == copy
+
+
 def test_a_seller_re_proposal_just_before_the_window_closes_is_not_finalized_early(
         funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
     """The seller re-proposes a higher receipt just before the window closes (the contract restarts the window);
