@@ -1,9 +1,11 @@
 """The relayer: gets ChainTransactions mined exactly once, whatever fails in between.
 
 - `transaction_enqueue` writes the row in the caller's DB transaction and submits after commit.
-- `transaction_submit` simulates, then allocates the nonce from the DB (row lock), signs, stores the attempt's
-  hash and raw bytes, commits, and only then broadcasts: a worker killed at any point leaves either nothing
-  (rolled back, the task runs again) or a stored attempt that `transaction_check` rebroadcasts.
+- `transaction_submit` simulates (one refused because someone else's transaction did its job in a block not yet at
+  its confirmation depth stays queued until that block is: `_done_by_a_copy_not_deep_yet`), then allocates the
+  nonce from the DB (row lock), signs, stores the attempt's hash and raw bytes, commits, and only then broadcasts: a
+  worker killed at any point leaves either nothing (rolled back, the task runs again) or a stored attempt that
+  `transaction_check` rebroadcasts.
 - `transaction_check` (driven by the `poll_confirmations` beat task) finds receipts of any attempt, counts
   confirmations, notices reorgs (another block at the mined block's height: none there yet is a node behind, waited
   for), rebroadcasts dropped transactions and replaces stuck ones with the same nonce and bumped fees. Final
@@ -482,6 +484,8 @@ def transaction_submit(*, transaction_id) -> ChainTransaction | None:
     try:
         gas = chain.simulate(sender=sender, to=tx.to_address, data=tx.data)
     except chain.Reverted as reverted:
+        if _done_by_a_copy_not_deep_yet(tx):
+            return None  # left queued, asked again by the sweep (or a caller awaiting it) until the copy is deep
         charged = (tx.purpose in _refusals_charged and OPERATOR_RETRY_OF not in tx.context
                    and _refusals_charged[tx.purpose](tx))
         return _conclude(tx, failure=reverted.reason, reverted_within_gas=charged)
@@ -504,6 +508,20 @@ def transaction_submit(*, transaction_id) -> ChainTransaction | None:
             _submitted_handlers[tx.purpose](tx)
     _broadcast(attempt)
     return tx
+
+
+def _done_by_a_copy_not_deep_yet(tx: ChainTransaction) -> bool:
+    """Whether queued `tx`, refused at its simulation, is so because someone else's transaction did what it would have
+    (its evidence names that block: EVIDENCE_BLOCK, a copy of a buyer's authorization sent by anyone holding it) in a
+    block not yet at `tx`'s confirmation depth. Concluded now, its outcome rested on a block a shallow reorg may take:
+    a skill's seller was called, a direct purchase counted paid, where ours mined would have waited for the depth.
+    Left queued instead, it is simulated again each time it is sent: concluded on the copy once that is deep enough
+    (a later reorg reopens it, `transactions_reopen_reorged`), or sent itself when a reorg took the copy first."""
+    reader = _evidence_readers.get(tx.purpose)
+    if reader is None:
+        return False
+    block = reader(tx).get(EVIDENCE_BLOCK)
+    return block is not None and not _deep_enough(tx, block_number=block["number"], latest=chain.latest_block_number())
 
 
 def _waits_for_finality(tx: ChainTransaction) -> bool:

@@ -13,9 +13,9 @@ from web3 import Web3
 from x402.http import decode_payment_signature_header
 
 from agreements import invocations
-from agreements.models import UsageAgreement
+from agreements.models import SkillInvocation, UsageAgreement
 from escrow import chain as gateway
-from escrow import selectors, settlement, x402_onchain
+from escrow import relayer, selectors, settlement, x402_onchain
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayRevert
 from sdk import typed_data as td
 from sdk.typed_data import sign_typed_data
@@ -192,6 +192,110 @@ def test_an_invocation_payment_front_run_is_not_kept_by_the_treasury_unaccounted
         confirm_all(django_capture_on_commit_callbacks)
     # The money did arrive: the paid call runs and the seller is paid, as if our own transaction had carried it.
     assert market.balances() == (buyer - PRICE, seller + PRICE - INVOCATION_FEE, treasury + INVOCATION_FEE)
+
+
+def test_an_invocation_paid_by_a_copy_of_its_authorization_runs_only_once_the_copy_is_at_the_confirmation_depth(
+        escrow_chain, http_server, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """Our payment waits for CHAIN_CONFIRMATIONS before the seller is called. A copy of the authorization mined first
+    (the buyer's own, or anyone's) had the relayer's payment refused at its simulation and concluded at once on the
+    copy, one block deep: the seller was called on a payment a shallow reorg could take."""
+    settings.CHAIN_CONFIRMATIONS = 5
+    capture = django_capture_on_commit_callbacks
+    market = Market(escrow_chain, http_server)
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    payload = decode_payment_signature_header(payment).payload
+    auth = payload["authorization"]
+    v, r, s = td.split_signature(payload["signature"])
+    simulate = x402_onchain.simulate
+
+    def simulated_then_front_run(authorization):
+        simulate(authorization)
+        mined(escrow_chain, escrow_chain.usdc.functions.transferWithAuthorization(
+            auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]), int(auth["validBefore"]),
+            bytes.fromhex(auth["nonce"][2:]), v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:]),
+        ).transact({"from": escrow_chain.accounts.stranger.address}))
+
+    monkeypatch.setattr(x402_onchain, "simulate", simulated_then_front_run)
+    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0.5
+    with capture(execute=True):
+        response = market.call("translate", payment)
+    assert response.status_code == 202, response.content  # not run on a copy one block deep
+    payment_tx = ChainTransaction.objects.get(purpose="invocation_payment")
+    assert payment_tx.status == "queued"
+    escrow_chain.mine(4)
+    with capture(execute=True):  # the sweep sends it again: concluded on the copy, now 5 deep
+        relayer.transaction_submit(transaction_id=payment_tx.pk)
+    payment_tx.refresh_from_db()
+    assert payment_tx.status == "failed" and payment_tx.outcome_evidence["used_by"]
+    assert SkillInvocation.objects.get().money != "authorized"
+
+
+def test_an_invocation_waiting_on_a_shallow_copy_a_reorg_takes_is_paid_by_our_own_payment(
+        escrow_chain, http_server, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The payment waiting for a copy of its authorization to be deep enough (above) is sent itself once a reorg took
+    the copy's block: nothing was concluded on the copy, and the seller is called on our payment at the depth."""
+    settings.CHAIN_CONFIRMATIONS = 5
+    capture = django_capture_on_commit_callbacks
+    market = Market(escrow_chain, http_server)
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    payload = decode_payment_signature_header(payment).payload
+    auth = payload["authorization"]
+    v, r, s = td.split_signature(payload["signature"])
+    simulate = x402_onchain.simulate
+    forks = []
+
+    def simulated_then_front_run(authorization):
+        simulate(authorization)
+        forks.append(escrow_chain.snapshot())
+        mined(escrow_chain, escrow_chain.usdc.functions.transferWithAuthorization(
+            auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]), int(auth["validBefore"]),
+            bytes.fromhex(auth["nonce"][2:]), v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:]),
+        ).transact({"from": escrow_chain.accounts.stranger.address}))
+
+    monkeypatch.setattr(x402_onchain, "simulate", simulated_then_front_run)
+    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0.5
+    with capture(execute=True):
+        response = market.call("translate", payment)
+    assert response.status_code == 202, response.content
+    payment_tx = ChainTransaction.objects.get(purpose="invocation_payment")
+    escrow_chain.reorg(forks[0])  # the copy's block is gone
+    with capture(execute=True):  # the sweep sends it again: the authorization is unused, ours goes out
+        relayer.transaction_submit(transaction_id=payment_tx.pk)
+    payment_tx.refresh_from_db()
+    assert payment_tx.status == "submitted"
+    escrow_chain.mine(5)
+    confirm_all(capture)
+    payment_tx.refresh_from_db()
+    assert payment_tx.status == "confirmed"
+    assert SkillInvocation.objects.get().money != "authorized"
+
+
+def test_a_direct_payment_made_by_a_copy_is_paid_only_once_the_copy_is_at_the_confirmation_depth(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """As for an invocation: the buyer's copy of the authorization mined before the relayer's payment had that payment
+    refused at its simulation and the purchase counted paid at once, one block deep, where ours would have waited
+    for CHAIN_CONFIRMATIONS (a shallow reorg may take the copy)."""
+    capture = django_capture_on_commit_callbacks
+    purchase, body, agreement, _ = _direct_purchase_accepted(escrow_chain, capture)
+    settings.CHAIN_CONFIRMATIONS = 5  # the payment's, queued once the fee is collected
+    payload = decode_payment_signature_header(body["payment_header"]).payload
+    auth = payload["authorization"]
+    v, r, s = td.split_signature(payload["signature"])
+    mined(escrow_chain, escrow_chain.usdc.functions.transferWithAuthorization(
+        auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]), int(auth["validBefore"]),
+        bytes.fromhex(auth["nonce"][2:]), v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:]),
+    ).transact({"from": purchase.buyer.address}))
+    for _ in range(2):
+        confirm_all(capture)
+    payment_tx = ChainTransaction.objects.get(purpose="direct_payment")
+    assert payment_tx.status == "queued"
+    assert purchase.parties.agreement(agreement["id"])["status"] != "paid"
+    escrow_chain.mine(4)
+    with capture(execute=True):  # the sweep sends it again: concluded on the copy, now 5 deep
+        relayer.transaction_submit(transaction_id=payment_tx.pk)
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
 
 
 def test_the_escrow_is_found_when_a_front_runner_activated_it_before_our_reverted_copy(
