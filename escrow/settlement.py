@@ -363,7 +363,12 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
     """The arbiter's decision of a dispute (`operator`: the staff user deciding, None for the platform's own
     refunds): not by an operator who owns the buyer or the seller (403 `operator_is_party`), who would decide their
     own dispute; another operator does. Not once the dispute timed out (409 `dispute_timed_out`): the contract's
-    `resolve` reverts from then on, and the escrow is the buyer's (`_finalize_timed_out_dispute`)."""
+    `resolve` reverts from then on, and the escrow is the buyer's (`_finalize_timed_out_dispute`). Not more to the
+    seller than the proposal the buyer disputed (400 `amount_exceeds_proposal`): what its signed receipts add up to
+    is all the seller claimed, and the dispute asks whether that is too much (the contract bounds it by the deposit
+    only)."""
+    if seller_amount > agreement.deposit_amount:
+        raise InvalidInput("The seller amount exceeds the deposit.", code="amount_exceeds_deposit")
     # Chain reads, before the row lock (the terms too: from the node while the indexer has not applied the activation).
     with chain.unavailable_as_503():
         terms = selectors.escrow_terms(agreement=agreement)
@@ -372,6 +377,12 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
             raise Conflict("The dispute timed out: the arbiter may no longer resolve it, and the whole deposit goes "
                            "back to the buyer.", code=DISPUTE_TIMED_OUT,
                            details={"timed_out_at": datetime.fromtimestamp(timeout, tz=UTC).isoformat()})
+        state, _deadline, _seq, proposed = chain.call(
+            chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:4]
+    # While Disputed the escrow's settledAmount is the disputed proposal's cumulative amount.
+    if list(selectors.EscrowState)[state] == selectors.EscrowState.DISPUTED and seller_amount > proposed:
+        raise InvalidInput("The seller amount exceeds the settlement the seller proposed and the buyer disputed.",
+                           code="amount_exceeds_proposal", details={"proposed_atomic": int(proposed)})
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if operator is not None and operator.pk in Agent.objects.filter(
@@ -380,8 +391,6 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
         if not can_resolve(agreement):
             raise Conflict(f"Only a disputed agreement is resolved; this one is {agreement.status}.",
                            code="invalid_transition", details={"status": agreement.status})
-        if seller_amount > agreement.deposit_amount:
-            raise InvalidInput("The seller amount exceeds the deposit.", code="amount_exceeds_deposit")
         if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RESOLVE):
             raise Conflict("A resolution is already being submitted.", code="resolution_in_progress")
         return _enqueue(agreement, TxPurpose.RESOLVE, "resolve",
