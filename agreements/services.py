@@ -1093,9 +1093,10 @@ def agreement_settlement_proposed(*, agreement_id, challenge_deadline: datetime,
                           data=data, changes={"challenge_deadline": challenge_deadline, "proposed_seq": seq})
 
 
-def agreement_disputed(*, agreement_id, reason: str, tx_hash: str) -> UsageAgreement:
+def agreement_disputed(*, agreement_id, reason: str, tx_hash: str, evidence: str = "") -> UsageAgreement:
+    """`evidence`: what the buyer gave with its challenge, kept on the event for the arbiter (`escrow.selectors.dispute_evidence`)."""
     return _chain_outcome(agreement_id, to=S.DISPUTED, actor=Actor(AgreementEvent.ActorKind.BUYER, "buyer"),
-                          reason=reason, data={"tx_hash": tx_hash})
+                          reason=reason, data={"tx_hash": tx_hash, **({"evidence": evidence} if evidence else {})})
 
 
 def agreement_settling(*, agreement_id, reason: str, data: dict | None = None) -> UsageAgreement:

@@ -498,5 +498,6 @@ class DisputeAdmin(MoneyRecordAdmin):
                    "form": form, "title": f"Resolve dispute {str(dispute.pk)[:8]}",
                    "deposit": amount_html(dispute.deposit_amount, dispute.token),
                    "used": amount_html(dispute.used, dispute.token),
+                   "evidence": selectors.dispute_evidence(dispute),
                    "events": dispute.events.order_by("id")}
         return TemplateResponse(request, "admin/escrow/dispute/resolve.html", context)

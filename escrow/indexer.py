@@ -365,10 +365,11 @@ def _on_settlement_proposed(agreement_id, args: dict, tx_hash: str) -> None:
 
 
 def _on_challenged(agreement_id, args: dict, tx_hash: str) -> None:
-    # The reason the buyer gave our API, when the event is applied before the relayer's receipt of our challenge.
-    agreement_services.agreement_disputed(
-        agreement_id=agreement_id, reason=settlement.challenge_reason(agreement_id=agreement_id, tx_hash=tx_hash),
-        tx_hash=tx_hash)
+    # The reason and evidence the buyer gave our API, when the event is applied before the relayer's receipt of our
+    # challenge.
+    reason, evidence = settlement.challenge_statement(agreement_id=agreement_id, tx_hash=tx_hash)
+    agreement_services.agreement_disputed(agreement_id=agreement_id, reason=reason, evidence=evidence,
+                                          tx_hash=tx_hash)
 
 
 def _on_resolved(agreement_id, args: dict, tx_hash: str) -> None:

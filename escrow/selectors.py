@@ -166,6 +166,13 @@ def _dispute_outlines(queryset):
         timed_out=Exists(ended.filter(Q(to_status=S.SETTLED) | Q(data__has_key=DISPUTE_TIMED_OUT_AT))))
 
 
+def dispute_evidence(dispute) -> str:
+    """What the buyer gave as evidence with its challenge (kept on the event that recorded the dispute), for the
+    arbiter."""
+    challenged = dispute.events.filter(to_status=S.DISPUTED).order_by("-id").first()
+    return (challenged.data or {}).get("evidence", "") if challenged is not None else ""
+
+
 # The data key of the event of the settlement tick's finalize of a dispute past its timeout (its unix time; written by
 # settlement._finalize_timed_out_dispute).
 DISPUTE_TIMED_OUT_AT = "dispute_timed_out_at"

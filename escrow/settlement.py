@@ -316,16 +316,18 @@ UNINDEXED_PROPOSAL = "unindexed_proposal"
 DEFAULT_CHALLENGE_REASON = "challenged on-chain by the buyer"
 
 
-def challenge_reason(*, agreement_id, tx_hash: str) -> str:
-    """The reason the buyer gave for the challenge mined in `tx_hash`: that of our challenge transaction sent as
-    `tx_hash`, else of our latest one (a copy of the buyer's signed challenge mined first, ours reverting; the
-    buyer's own call), else a generic one. An escrow is disputed once, so every challenge the buyer asked us for is
-    of that dispute. So the indexer applying the Challenged event before the relayer's receipt keeps it."""
+def challenge_statement(*, agreement_id, tx_hash: str) -> tuple[str, str]:
+    """The reason and the evidence the buyer gave for the challenge mined in `tx_hash`: those of our challenge
+    transaction sent as `tx_hash`, else of our latest one (a copy of the buyer's signed challenge mined first, ours
+    reverting; the buyer's own call), else a generic reason. An escrow is disputed once, so every challenge the buyer
+    asked us for is of that dispute. So the indexer applying the Challenged event before the relayer's receipt keeps
+    them."""
     ours = ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=TxPurpose.CHALLENGE)
     sent = ours.filter(attempts__tx_hash=tx_hash).first() if tx_hash else None
     if sent is None:
         sent = ours.order_by("-created_at", "-pk").first()
-    return (sent.context.get("reason") if sent is not None else "") or DEFAULT_CHALLENGE_REASON
+    context = sent.context if sent is not None else {}
+    return context.get("reason") or DEFAULT_CHALLENGE_REASON, context.get("evidence") or ""
 
 
 def _challenge_evidence(tx: ChainTransaction) -> dict:
@@ -351,7 +353,7 @@ def _challenge_outcome(tx: ChainTransaction) -> None:
             amount=proposal["amount"], seq=proposal["seq"], tx_hash="")
     agreement_services.agreement_disputed(agreement_id=tx.agreement_id,
                                           reason=tx.context.get("reason") or DEFAULT_CHALLENGE_REASON,
-                                          tx_hash=mined_as)
+                                          evidence=tx.context.get("evidence") or "", tx_hash=mined_as)
 
 
 # The code of a resolution refused because the dispute's on-chain timeout is over (the escrow is the buyer's).
