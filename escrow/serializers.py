@@ -140,7 +140,13 @@ class DisputeSerializer(StrictSerializer):
     signature = _signature(required=False)
 
     def validate_evidence(self, value):
-        return value if isinstance(value, str) else json.dumps(value, sort_keys=True)[:5000]
+        if isinstance(value, str):
+            # As POST .../challenge: kept on the challenge and the dispute, so bounded.
+            if len(value) > 5000:
+                raise serializers.ValidationError("Ensure this field has no more than 5000 characters.",
+                                                  code="max_length")
+            return value
+        return json.dumps(value, sort_keys=True)[:5000]
 
 
 class DepositParamsSerializer(serializers.Serializer):

@@ -51,3 +51,20 @@ def test_the_arbiter_sees_the_evidence_of_a_challenge_the_indexer_applied_first(
     assert funded.agreement(funded.agreement_id)["status"] == "disputed"
     page = admin_client.get(f"/admin/escrow/dispute/{funded.agreement_id}/resolve/")
     assert "call 3" in page.content.decode()
+
+
+def test_a_disputes_evidence_as_text_is_bounded_as_a_challenges_is(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """POST .../challenge refuses evidence over 5000 characters; POST .../dispute (the Pægents SDK's shape) cut an
+    object's to that but kept any text whole, stored on the challenge and the dispute for the arbiter."""
+    from escrow.models import ChainTransaction, TxPurpose
+
+    funded.onchain_id = UsageAgreement.objects.get(pk=funded.agreement_id).onchain_id
+    call_n(funded, 3)
+    seller_proposes_directly(funded, escrow_chain)
+    index(django_capture_on_commit_callbacks)
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    body = {**challenge_body(funded, package), "evidence": "x" * 100_000}
+    response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/dispute", body)
+    assert response.status_code == 400, response.status_code
+    assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE).exists()
