@@ -48,11 +48,20 @@ def fees_pay() -> ChainTransaction | None:
 
 
 def _fees_paid_evidence(tx: ChainTransaction) -> dict:
-    """The amount and recipient of the FeesPaid event in the receipt."""
+    """The amount and recipient of the escrow's FeesPaid event for the token paid, in the payment's own receipt (the
+    gateway's: of that transaction) of the block the relayer concluded it on. Raises ChainError otherwise (a reorg
+    took it since, or a node answers another block's or transaction's receipt): read again at the next poll."""
     if tx.status != TxStatus.CONFIRMED:
         return {}
-    receipt = chain.w3().eth.get_transaction_receipt(tx.mined_tx_hash)
-    [paid] = chain.escrow_contract().events.FeesPaid().process_receipt(receipt, errors=DISCARD)
+    mined = chain.receipt(tx.mined_tx_hash)
+    if mined is None:
+        raise chain.ChainError(f"the receipt of {tx.mined_tx_hash} is gone")
+    if mined.block_hash.lower() != tx.mined_block_hash.lower():
+        raise chain.UntrustedAnswer(f"the receipt of {tx.mined_tx_hash} is of block {mined.block_hash}, not "
+                                    f"{tx.mined_block_hash}")
+    escrow = chain.escrow_contract()
+    [paid] = [event for event in escrow.events.FeesPaid().process_receipt({"logs": mined.logs}, errors=DISCARD)
+              if event["address"] == escrow.address and event["args"]["token"] == tx.context["token"]]
     return {"amount": paid["args"]["amount"], "fee_recipient": paid["args"]["feeRecipient"]}
 
 

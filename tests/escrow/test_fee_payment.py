@@ -53,3 +53,52 @@ def test_one_fee_payment_at_a_time(escrow_chain, django_capture_on_commit_callba
     assert _accrued(chain) > 0
     assert tasks.pay_fees() is None
     assert ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES).count() == 1
+
+
+def test_the_fee_paid_is_read_from_the_payments_own_receipt_not_another_the_node_answers(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """A caching proxy mixing its answers up answers the fee payment's receipt lookup, once the relayer concluded it
+    mined, with the receipt of an earlier payFees someone else sent (anyone may). The evidence was read from a receipt
+    fetched outside the gateway, which checks that a receipt is of the transaction asked: the payment was recorded
+    (and logged) as paying the other's amount. It is read from the payment's own receipt, in its own block."""
+    from tests.support.rpc_relay import RpcRelay
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    parties = Parties(chain)
+    _activated(parties, capture)
+    others = chain.escrow.functions.payFees(chain.addresses["usdc"]).transact({"from": chain.accounts.stranger.address})
+    assert chain.w3.eth.wait_for_transaction_receipt(others)["status"] == 1
+    agreement = parties.accepted_agreement(quantity=300)
+    with capture(execute=True):
+        assert parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                      parties.signed_activation(agreement["id"])).status_code == 202
+    confirm_all(capture)
+    accrued = _accrued(chain)
+    assert accrued > 0
+
+    relay = RpcRelay(chain.node.rpc_url).start()
+    try:
+        settings.CHAIN_RPC_URL, settings.CHAIN_RPC_RETRY_BACKOFF = relay.url, 0.01
+        others_receipt = relay.node("eth_getTransactionReceipt", ["0x" + bytes(others).hex()])
+        lookups: dict[str, int] = {}
+
+        def mixed_up(call) -> bool:  # every lookup of a receipt after the first answered with the other's
+            if call.get("method") != "eth_getTransactionReceipt":
+                return False
+            asked = call["params"][0].lower()
+            lookups[asked] = lookups.get(asked, 0) + 1
+            return asked != others_receipt["transactionHash"] and lookups[asked] > 1
+
+        relay.rewrite(mixed_up, lambda answer: {**answer, "result": others_receipt})
+        with capture(execute=True):
+            assert tasks.pay_fees() is not None
+        for _ in range(3):
+            confirm_all(capture)
+        relay.rewrite_none()
+        for _ in range(2):
+            confirm_all(capture)
+    finally:
+        relay.stop()
+    [payment] = ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES)
+    assert payment.status == TxStatus.CONFIRMED and payment.outcome_applied
+    assert payment.outcome_evidence == {"amount": accrued, "fee_recipient": chain.accounts.fee_recipient.address}
