@@ -9,6 +9,9 @@ import re
 from eth_utils import is_checksum_address, to_checksum_address
 
 
+UINT256_MAX = 2**256 - 1
+
+
 class TokenAmountField(models.DecimalField):
     """An unsigned integer amount in token base units (uint256 fits numeric(78,0)); Python sees an int."""
 
@@ -35,6 +38,9 @@ class TokenAmountField(models.DecimalField):
         # admin form was a 500).
         if value is not None and value < 0:
             raise ValidationError("Must not be negative: an amount in token base units.", code="negative_amount")
+        # The column's 78 digits hold more than uint256: no token transfer, permit or intent carries such an amount.
+        if value is not None and value > UINT256_MAX:
+            raise ValidationError(f"Too large: at most {UINT256_MAX} (uint256).", code="amount_too_large")
         super().run_validators(None if value is None else Decimal(value))
 
     def get_db_prep_save(self, value, connection):

@@ -40,6 +40,22 @@ def test_an_operator_changes_the_fee_schedule_in_token_base_units(operator):
 
 
 
+@pytest.mark.parametrize("field", ["fixed_atomic", "minimum_atomic"])
+def test_a_fee_schedule_amount_beyond_uint256_is_refused_not_quoted(operator, buyer_api, field):
+    """An amount above 2**256 - 1 fits the column (78 digits) but no token transfer: the admin saved it, and every
+    quote and proposal then carried a fee no permit or intent can sign (a proposal was 201 with it as its fee)."""
+    schedule = FeeSchedule.objects.create()
+    page = f"/admin/agreements/feeschedule/{schedule.pk}/change/"
+    form = {"percent_bps": 200, "fixed_atomic": 3_000, "minimum_atomic": 100_000, "fee_recipient": ""}
+
+    refused = operator.post(page, {**form, field: 2**256})
+    assert refused.status_code == 200 and "Too large" in refused.content.decode()
+    schedule.refresh_from_db()
+    assert (schedule.fixed_atomic, schedule.minimum_atomic) == (3_000, 100_000)
+    assert buyer_api.get("/payment-requirements", {"amount_atomic": 5}).json()["fee_atomic"] == 100_000
+    assert operator.post(page, {**form, field: 2**256 - 1}).status_code == 302
+
+
 POLICY_FORM = {"allowed_sellers": "[]", "blocked_sellers": "[]", "allowed_services": "[]", "blocked_services": "[]",
                "allowed_tags": "[]", "blocked_tags": "[]", "allowed_tokens": "[]"}
 
