@@ -28,9 +28,19 @@ SECONDS_AND_TIMEZONE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")
 
 @pytest.mark.parametrize(("amount", "shown"), [
     (2_000_000, "2.00 USDC"), (0, "0.00 USDC"), (3_000, "0.003 USDC"), (100_000, "0.10 USDC"),
-    (1_234_567_891, "1,234.567891 USDC"), (1, "0.000001 USDC")])
+    (1_234_567_891, "1,234.567891 USDC"), (1, "0.000001 USDC"), (-300_000, "-0.30 USDC"),
+    # Beyond 28 significant digits (decimal's default precision) the amount was shown rounded: ...985,000,...,000.00
+    (12_345_678_901_234_567_890_123_456_789_012, "12,345,678,901,234,567,890,123,456.789012 USDC"),
+    (2**256 - 1, "115,792,089,237,316,195,423,570,985,008,687,907,853,269,984,665,640,564,039,457,584,007,913,129.639935 "
+                 "USDC")])
 def test_token_units_keep_every_significant_decimal(amount, shown):
     assert money.token_units(amount) == shown
+
+
+def test_native_units_of_any_uint256_balance_are_shown_not_an_error():
+    """A balance of more than 28 significant digits was decimal.InvalidOperation (quantize beyond the precision)."""
+    assert money.native_units(2**256 - 1) == "115792089237316195423570985008687907853269984665640564039457.584008 ETH"
+    assert money.native_units(1_500_000_000_000_000_000) == "1.5 ETH"
 
 
 def test_every_money_record_is_view_only_in_the_admin(operator):
