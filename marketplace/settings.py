@@ -170,8 +170,11 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # publish then fails (logged: the sweeps send what it would have sent).
 BROKER_SOCKET_TIMEOUT_SECONDS = env.float("CELERY_BROKER_SOCKET_TIMEOUT_SECONDS", default=5.0)
 if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
-    # A task unacknowledged this long (its worker died) is delivered again; tasks are idempotent.
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=600),
+    # A task unacknowledged this long (its worker died) is delivered again; tasks are idempotent. Longer than any
+    # task runs (an invocation: a skill's hour plus its margin) or waits for its countdown (a webhook's last retry):
+    # Redis redelivers such a message, to another worker, while the first still holds it, and each redelivery counted
+    # towards a dead letter though no process died. A message a dead worker held is sent again sooner by its sweep.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=7200),
                                        "socket_timeout": BROKER_SOCKET_TIMEOUT_SECONDS,
                                        "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_SECONDS}
 # Tasks that call a webhook receiver or a seller over HTTP run on a queue of their own, served by workers of their

@@ -23,3 +23,20 @@ def test_redeliveries_are_bounded_then_dead_lettered(settings, operator):
     assert listed.status_code == 200 and b"t-1" in listed.content
     samples = scrape(operator)
     assert samples[("marketplace_celery_dead_letters", (("task", "catalog.tasks.check_availability"),))] == 1
+
+
+def test_no_task_runs_or_waits_for_its_countdown_longer_than_the_brokers_visibility_timeout(settings):
+    """Redis delivers a message again, to another worker, once it is unacknowledged for the visibility timeout,
+    whether or not the worker holding it died: while it still runs (an invocation of a skill with an hour's timeout)
+    or still waits for its countdown (a webhook's last retry, 640 s on). Each such redelivery was counted, and past
+    TASK_MAX_REDELIVERIES the message dead-lettered (logged at ERROR, in the metrics) though no process had died."""
+    from agreements import webhooks
+    from marketplace.celery import app
+
+    visibility_timeout = settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]
+    app.loader.import_default_modules()
+    longest_run = max(task.time_limit or 0 for task in app.tasks.values())
+    longest_countdown = max(webhooks._BACKOFF_BASE_SECONDS * 2 ** (settings.WEBHOOK_MAX_ATTEMPTS - 2),
+                            2 * settings.OUTBOUND_PUT_OFF_SECONDS)
+    assert longest_run < visibility_timeout
+    assert longest_countdown < visibility_timeout
