@@ -645,3 +645,10 @@ OVERDUE_FINALIZE_AFTER = timedelta(seconds=env.int("OVERDUE_FINALIZE_AFTER_SECON
 DISPUTE_TIMEOUT_WARNING = timedelta(seconds=env.int("DISPUTE_TIMEOUT_WARNING_SECONDS", default=7 * 24 * 3600))
 # A task message redelivered this many times because its process died is then a dead letter (marketplace.dead_letters).
 TASK_MAX_REDELIVERIES = env.int("TASK_MAX_REDELIVERIES", default=3)
+# Each beat message expires after its period (at least a minute: clocks a little apart drop none): the beat sends one
+# at each period whether or not a worker took the last, so with the workers down (a deploy, a crash) or behind (a slow
+# node outlasting a 3 s poll) polls and ticks piled up, and every stale one ran late, ahead of the submissions queued
+# behind them. A worker drops an expired one unrun; the next does the same work.
+for _entry in CELERY_BEAT_SCHEDULE.values():
+    _entry.setdefault("options", {}).setdefault("expires", max(_entry["schedule"].total_seconds(), 60))
+del _entry

@@ -129,3 +129,28 @@ def test_a_publish_to_a_broker_that_never_answers_gives_up_within_seconds(silent
         app.conf.task_always_eager = True
     assert outcome == ["OperationalError"], f"the publish still waited after {elapsed:.0f} s"
     assert elapsed < settings.BROKER_SOCKET_TIMEOUT_SECONDS * 5
+
+
+def test_a_beat_message_no_worker_took_in_time_is_dropped_not_run_late_in_a_pile():
+    """The beat sends each task at its period whether or not a worker took the last one: with the default queue's
+    workers down (a deploy, a crash) or behind (a slow node: a poll of 500 transactions outlasting its 3 s), polls and
+    ticks piled up by the thousand, and once workers were back every stale one ran, one after another, ahead of the
+    submissions queued behind them. Each beat message now expires after its period (at least a minute, for clocks a
+    little apart): a worker drops it unrun, and the next beat does the same work."""
+    from celery.beat import Scheduler
+
+    for name, entry in settings.CELERY_BEAT_SCHEDULE.items():
+        period = entry["schedule"].total_seconds()
+        assert entry.get("options", {}).get("expires") == max(period, 60), name
+
+    published = []
+    scheduler = Scheduler(app, schedule={}, lazy=True)
+    scheduler.update_from_dict({"poll": settings.CELERY_BEAT_SCHEDULE["poll-confirmations"]})
+    task = app.tasks["escrow.tasks.poll_confirmations"]
+    original = task.apply_async
+    task.apply_async = lambda *args, **options: published.append(options)
+    try:
+        scheduler.apply_async(scheduler.schedule["poll"], producer=None)
+    finally:
+        task.apply_async = original
+    assert published[0]["expires"] == 60
