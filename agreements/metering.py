@@ -1235,7 +1235,10 @@ def intents_reap(*, now: datetime | None = None) -> dict:
     stale = selectors.calls_stale_before(now=now or timezone.now())
     charged = released = 0
     failures = sweeps.RowFailures("proxy call reaper")
-    agreement_ids = set(CallIntent.objects.filter(created_at__lt=stale).values_list("agreement_id", flat=True)[:500])
+    # Up to 500 agreements, not the agreements of the first 500 intents: one agreement's dead calls that fail to
+    # settle (they stay, the oldest) filled that window at every run, and no other agreement's were settled.
+    agreement_ids = list(CallIntent.objects.filter(created_at__lt=stale).order_by().values_list(
+        "agreement_id", flat=True).distinct()[:500])
     for agreement_id in agreement_ids:
         with failures.row(agreement_id):
             done = _intents_settle(agreement_id=agreement_id, created_before=stale)

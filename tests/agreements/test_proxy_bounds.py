@@ -292,6 +292,38 @@ def test_a_dead_call_the_reaper_cannot_settle_is_logged_and_skipped_and_the_othe
     assert str(poisoned.pk) in caplog.text and "this replay always fails" in caplog.text
 
 
+def test_an_agreement_whose_dead_calls_the_reaper_cannot_settle_leaves_the_other_agreements_settled(
+        active, escrow_chain, http_server, monkeypatch):
+    """The reaper took its agreements from the first 500 stale intents, not the first 500 agreements: one agreement
+    with 500 dead calls whose settling raised (bad data, a bug) filled that window at every run, oldest first, and
+    no other agreement's dead call was settled again, its budget reserved and its nonce claimed for ever."""
+    from agreements import tasks
+    from marketplace.sweeps import RowsFailed
+
+    other = Parties(escrow_chain, upstream_base_url=http_server.url + "/base")
+    poisoned = UsageAgreement.objects.get(pk=other.accepted_agreement(quantity=5)["id"])
+    CallIntent.objects.bulk_create(
+        CallIntent(agreement=poisoned, amount=PRICE, call_seq=seq, request_id=f"req-{seq}", method="GET",
+                   path="/work", created_at=timezone.now() - timedelta(hours=2)) for seq in range(1, 501))
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+    metering.reservation_take(agreement=agreement, amount=PRICE, request_id="req-dead", request_nonce="",
+                              method="GET", path="/work")
+    CallIntent.objects.filter(agreement=agreement).update(created_at=timezone.now() - timedelta(hours=1))
+    assert books(active) == (0, PRICE)
+    settle = metering._intents_settle
+
+    def intents_settle(*, agreement_id, created_before):
+        if agreement_id == poisoned.pk:
+            raise RuntimeError("this agreement's dead calls always fail")
+        return settle(agreement_id=agreement_id, created_before=created_before)
+
+    monkeypatch.setattr(metering, "_intents_settle", intents_settle)
+    with pytest.raises(RowsFailed) as failed:
+        tasks.reap_call_intents()
+    assert failed.value.failed == [poisoned.pk]
+    assert books(active) == (0, 0) and not CallIntent.objects.filter(agreement=agreement).exists()
+
+
 def test_the_reaper_settles_calls_whose_process_died(active, settings):
     """What a server process that died mid-call leaves: a reservation with its intent, the answer recorded or not,
     a nonce claimed. The reaper charges the answered call, releases the other, and answers the nonces."""
