@@ -43,7 +43,7 @@ from django.db import (
     connections,
     transaction,
 )
-from django.db.models import F, Sum, signals
+from django.db.models import Exists, F, OuterRef, Sum, signals
 from django.db.models.base import ModelState
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -1204,9 +1204,12 @@ def _replays_settle(*, created_before: datetime, failures: sweeps.RowFailures) -
     """X-Request-Nonce replays whose first call died unanswered: one that was charged stores a note saying so (its
     answer is lost), any other is dropped so the nonce can be used again."""
     settled = 0
-    for replay in ProxyReplay.objects.filter(status_code=None, created_at__lt=created_before)[:500]:
-        if CallIntent.objects.filter(agreement_id=replay.agreement_id, request_nonce=replay.request_nonce).exists():
-            continue  # its call is not settled yet
+    # Not those whose call is not settled yet, in the query: skipped after it, 500 of them (one agreement's dead calls
+    # that fail to settle) filled the window at every run, and no other nonce was answered.
+    call_unsettled = CallIntent.objects.filter(agreement_id=OuterRef("agreement_id"),
+                                               request_nonce=OuterRef("request_nonce"))
+    for replay in ProxyReplay.objects.filter(status_code=None, created_at__lt=created_before).exclude(
+            Exists(call_unsettled))[:500]:
         with failures.row(replay.pk):
             settled += replay_settle(agreement_id=replay.agreement_id, request_nonce=replay.request_nonce)
     return settled

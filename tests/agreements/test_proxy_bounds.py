@@ -324,6 +324,44 @@ def test_an_agreement_whose_dead_calls_the_reaper_cannot_settle_leaves_the_other
     assert books(active) == (0, 0) and not CallIntent.objects.filter(agreement=agreement).exists()
 
 
+def test_nonces_of_dead_calls_the_reaper_cannot_settle_leave_the_other_nonces_answered(
+        active, escrow_chain, http_server, monkeypatch):
+    """The reaper read the first 500 unanswered nonce replays and skipped those whose call was not settled yet: 500
+    of one agreement whose dead calls fail to settle filled that window at every run, and no other agreement's
+    nonce was answered again, its retries 409 `request_in_progress` for ever."""
+    from agreements import tasks
+    from marketplace.sweeps import RowsFailed
+
+    other = Parties(escrow_chain, upstream_base_url=http_server.url + "/base")
+    poisoned = UsageAgreement.objects.get(pk=other.accepted_agreement(quantity=5)["id"])
+    fingerprint = proxy.request_fingerprint("GET", "/work", b"")
+    ProxyReplay.objects.bulk_create(ProxyReplay(agreement=poisoned, request_nonce=f"n-{seq}",
+                                                request_fingerprint=fingerprint) for seq in range(1, 501))
+    CallIntent.objects.bulk_create(
+        CallIntent(agreement=poisoned, amount=PRICE, call_seq=seq, request_id=f"req-{seq}", request_nonce=f"n-{seq}",
+                   method="GET", path="/work", created_at=timezone.now()) for seq in range(1, 501))
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+    ProxyReplay.objects.create(agreement=agreement, request_nonce="dead", request_fingerprint=fingerprint)
+    metering.reservation_take(agreement=agreement, amount=PRICE, request_id="req-dead", request_nonce="dead",
+                              method="GET", path="/work")
+    ProxyReplay.objects.update(created_at=timezone.now() - timedelta(hours=1))
+    CallIntent.objects.update(created_at=timezone.now() - timedelta(hours=1))
+    settle = metering._intents_settle
+
+    def intents_settle(*, agreement_id, created_before):
+        if agreement_id == poisoned.pk:
+            raise RuntimeError("this agreement's dead calls always fail")
+        return settle(agreement_id=agreement_id, created_before=created_before)
+
+    monkeypatch.setattr(metering, "_intents_settle", intents_settle)
+    with pytest.raises(RowsFailed) as failed:
+        tasks.reap_call_intents()
+    assert failed.value.failed == [poisoned.pk]
+    assert books(active) == (0, 0)
+    assert not ProxyReplay.objects.filter(agreement=agreement).exists()  # released: the nonce is free again
+    assert ProxyReplay.objects.filter(agreement=poisoned).count() == 500  # theirs wait for their calls
+
+
 def test_the_reaper_settles_calls_whose_process_died(active, settings):
     """What a server process that died mid-call leaves: a reservation with its intent, the answer recorded or not,
     a nonce claimed. The reaper charges the answered call, releases the other, and answers the nonces."""
