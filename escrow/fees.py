@@ -53,12 +53,7 @@ def _fees_paid_evidence(tx: ChainTransaction) -> dict:
     took it since, or a node answers another block's or transaction's receipt): read again at the next poll."""
     if tx.status != TxStatus.CONFIRMED:
         return {}
-    mined = chain.receipt(tx.mined_tx_hash)
-    if mined is None:
-        raise chain.ChainError(f"the receipt of {tx.mined_tx_hash} is gone")
-    if mined.block_hash.lower() != tx.mined_block_hash.lower():
-        raise chain.UntrustedAnswer(f"the receipt of {tx.mined_tx_hash} is of block {mined.block_hash}, not "
-                                    f"{tx.mined_block_hash}")
+    mined = relayer.concluded_receipt(tx)
     escrow = chain.escrow_contract()
     [paid] = [event for event in escrow.events.FeesPaid().process_receipt({"logs": mined.logs}, errors=DISCARD)
               if event["address"] == escrow.address and event["args"]["token"] == tx.context["token"]]

@@ -471,6 +471,19 @@ def _logs_name_the_agreement(function):
     return wrapper
 
 
+def concluded_receipt(tx: ChainTransaction) -> chain.Receipt:
+    """The receipt of mined `tx` (the gateway's: of that transaction), in the block the relayer concluded it on, for
+    an evidence reader. Raises ChainError otherwise: a reorg took it since (the poll checks the transaction again),
+    or a node behind or ahead of that block answers another (its events are not those the outcome rests on)."""
+    mined = chain.receipt(tx.mined_tx_hash)
+    if mined is None:
+        raise chain.ChainError(f"the receipt of {tx.mined_tx_hash} is gone")
+    if mined.block_hash.lower() != tx.mined_block_hash.lower():
+        raise chain.UntrustedAnswer(f"the receipt of {tx.mined_tx_hash} is of block {mined.block_hash}, not "
+                                    f"{tx.mined_block_hash}")
+    return mined
+
+
 @_logs_name_the_agreement
 def transaction_submit(*, transaction_id) -> ChainTransaction | None:
     """Queued -> submitted. A no-op for any other status, so it is safe to run twice."""

@@ -150,22 +150,9 @@ def _proposal_evidence(tx: ChainTransaction) -> dict:
         return _done_by_another(tx, covers=lambda args: ours is not None and int(args["seq"]) >= int(ours))
     # The window's end from our proposal's own event: the escrow's challengeDeadline word is the dispute's timeout
     # once the buyer challenged it, which it may have before this receipt is read (the relayer acts at depth).
-    mined = _mined_receipt(tx)
+    mined = relayer.concluded_receipt(tx)
     [proposed] = _escrow_events(tx, "SettlementProposed", mined)
     return {"challenge_deadline": int(proposed["args"]["challengeDeadline"])}
-
-
-def _mined_receipt(tx: ChainTransaction) -> chain.Receipt:
-    """The receipt of confirmed `tx` (the gateway's: of that transaction), in the block the relayer concluded it on.
-    Raises ChainError otherwise: a reorg took it since (the poll checks the transaction again), or a node behind or
-    ahead of that block answers another (its events and times are not those the outcome rests on)."""
-    mined = chain.receipt(tx.mined_tx_hash)
-    if mined is None:
-        raise chain.ChainError(f"the receipt of {tx.mined_tx_hash} is gone")
-    if mined.block_hash.lower() != tx.mined_block_hash.lower():
-        raise chain.UntrustedAnswer(f"the receipt of {tx.mined_tx_hash} is of block {mined.block_hash}, not "
-                                    f"{tx.mined_block_hash}")
-    return mined
 
 
 def _escrow_events(tx: ChainTransaction, name: str, mined: chain.Receipt) -> list:
@@ -374,15 +361,15 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
     # Chain reads, before the row lock (the terms too: from the node while the indexer has not applied the activation).
     with chain.unavailable_as_503():
         terms = selectors.escrow_terms(agreement=agreement)
-        timeout = _dispute_timed_out_at(agreement, terms=terms)
+        escrow = _escrow_read(agreement, terms=terms)
+        timeout = _dispute_timed_out_at(agreement, escrow=escrow)
         if timeout is not None:
             raise Conflict("The dispute timed out: the arbiter may no longer resolve it, and the whole deposit goes "
                            "back to the buyer.", code=DISPUTE_TIMED_OUT,
                            details={"timed_out_at": datetime.fromtimestamp(timeout, tz=UTC).isoformat()})
-        state, _deadline, _seq, proposed = chain.call(
-            chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:4]
     # While Disputed the escrow's settledAmount is the disputed proposal's cumulative amount.
-    if list(selectors.EscrowState)[state] == selectors.EscrowState.DISPUTED and seller_amount > proposed:
+    state, _deadline, proposed = escrow
+    if state == selectors.EscrowState.DISPUTED and seller_amount > proposed:
         raise InvalidInput("The seller amount exceeds the settlement the seller proposed and the buyer disputed.",
                            code="amount_exceeds_proposal", details={"proposed_atomic": int(proposed)})
     with transaction.atomic():
@@ -475,7 +462,7 @@ def _hex32(value) -> str:
 
 def _payouts(tx: ChainTransaction) -> tuple[int, int, bool]:
     """(seller amount, buyer amount, whether the token transfers in the receipt account for them)."""
-    receipt = _mined_receipt(tx)
+    receipt = relayer.concluded_receipt(tx)
     escrow, token = chain.escrow_contract(), chain.token_contract(tx.agreement.token_address or None)
     [settled] = _escrow_events(tx, "Settled", receipt)
     seller_amount, buyer_amount = settled["args"]["sellerAmount"], settled["args"]["buyerAmount"]
@@ -615,25 +602,23 @@ def _finalize(agreement: UsageAgreement, *, now: int) -> ChainTransaction | None
         return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
 
 
-def _escrow_dispute_read(agreement: UsageAgreement, *, terms: tuple) -> tuple[selectors.EscrowState, int, int] | None:
+def _escrow_read(agreement: UsageAgreement, *, terms: tuple) -> tuple[selectors.EscrowState, int, int]:
     """The escrow as the chain has it (a chain read: outside any database transaction): its state, its
     challengeDeadline (while Disputed, the dispute's timeout: the challenge's block time plus DISPUTE_TIMEOUT) and its
-    seller's amount. None for a deployment from before the timeout, whose disputes wait for the arbiter alone."""
-    if not chain.escrow_has_dispute_timeout():
-        return None
+    seller's amount (while Disputed, the disputed proposal's)."""
     state, deadline, _seq, seller_amount = chain.call(
         chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:4]
     return list(selectors.EscrowState)[state], int(deadline), int(seller_amount)
 
 
-def _dispute_timed_out_at(agreement: UsageAgreement, *, terms: tuple) -> int | None:
-    """When the escrow's dispute timed out, if it did for a resolution sent now (`_escrow_dispute_read`): Disputed and
-    its timeout reached by the next block, or already settled on-chain for the buyer while the books still say
-    disputed (anyone's finalize of the timed-out dispute, not indexed yet: a resolve would revert InvalidState)."""
-    read = _escrow_dispute_read(agreement, terms=terms)
-    if read is None:
+def _dispute_timed_out_at(agreement: UsageAgreement, *, escrow: tuple[selectors.EscrowState, int, int]) -> int | None:
+    """When the escrow's dispute timed out, if it did for a resolution sent now (`escrow`: `_escrow_read`): Disputed
+    and its timeout reached by the next block, or already settled on-chain for the buyer while the books still say
+    disputed (anyone's finalize of the timed-out dispute, not indexed yet: a resolve would revert InvalidState). None
+    on a deployment from before the timeout, whose disputes wait for the arbiter alone."""
+    if not chain.escrow_has_dispute_timeout():
         return None
-    state, deadline, seller_amount = read
+    state, deadline, seller_amount = escrow
     if state == selectors.EscrowState.DISPUTED and deadline <= chain_clock.chain_now(next_block=True):
         return deadline
     # Settled from Disputed with nothing to the seller (the challenge's deadline word still holds the timeout), or a
@@ -660,10 +645,11 @@ def _finalize_timed_out_dispute(agreement: UsageAgreement, *, now: int) -> Chain
     resolution from then on, so the money moves even when nobody else calls it, and a resolution of ours still in
     flight reverts rather than race it."""
     terms = selectors.escrow_terms(agreement=agreement)
-    read = _escrow_dispute_read(agreement, terms=terms)
-    if read is None or read[0] != selectors.EscrowState.DISPUTED or read[1] > now:
+    if not chain.escrow_has_dispute_timeout():
         return None
-    timeout = read[1]
+    state, timeout, _seller_amount = _escrow_read(agreement, terms=terms)
+    if state != selectors.EscrowState.DISPUTED or timeout > now:
+        return None
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         if not can_resolve(agreement) or selectors.live_transaction(agreement_id=agreement.pk,
