@@ -30,10 +30,6 @@ from sdk import typed_data
 from sdk.activation import activation_intent_nonce
 
 
-def _require_chain() -> None:
-    selectors.chain_configured_require()
-
-
 def intent_nonce(agreement: UsageAgreement) -> int:
     return activation_intent_nonce(agreement.onchain_id, agreement.intent_nonce_round)
 
@@ -46,7 +42,7 @@ def intent_nonce_renew(*, agreement: UsageAgreement) -> UsageAgreement:
     is unused (every activation), and a used one is read again with the escrow's terms at one block."""
     if not can_activate(agreement):
         return agreement
-    _require_chain()
+    selectors.chain_configured_require()
     escrow, buyer = chain.escrow_contract(), Web3.to_checksum_address(agreement.buyer_wallet_address)
 
     def used(block="latest") -> bool:
@@ -118,7 +114,7 @@ def activation_package(*, agreement: UsageAgreement, buyer: Agent, deadline: int
 
     `deadline` (unix time) overrides the default signature lifetime, e.g. a Masumi purchase's payByTime;
     `permit_nonce`, the buyer's token nonce read before the caller's transaction opened (`buyer_permit_nonce`)."""
-    _require_chain()
+    selectors.chain_configured_require()
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer activates the escrow.", code="buyer_only")
     if not can_activate(agreement):
@@ -163,7 +159,7 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
 
     `queued_with()`: the caller's own writes, made in the transaction that queues the activation, so that they are
     kept exactly when it is (a worker killed once it committed loses neither)."""
-    _require_chain()
+    selectors.chain_configured_require()
     if agreement.buyer_id == buyer.pk:  # else refused at agreement_activation_begin
         _purchase_offer_stands(agreement)
     payer = relayer.relay_payer(agent=buyer, wallet=agreement.buyer_wallet_address)
