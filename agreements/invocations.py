@@ -129,12 +129,18 @@ def invocation_priced_check(skill: Skill) -> tuple[int, int]:
     price = invocation_price(skill)
     if not price:
         raise Conflict("This skill has no price: x402 pays positive amounts only.", code="skill_not_priced")
+    return price, invocation_fee_above_price(price=price)
+
+
+def invocation_fee_above_price(*, price: int) -> int:
+    """The fee on a skill priced `price`; 409 `skill_price_below_fee` when it would take the price whole (what the
+    skill route refuses, and `GET /payment-requirements?purpose=skill_invocation` quotes)."""
     fee = invocation_fee(amount=price)
     if price <= fee:
         raise Conflict(f"This skill's price, {price} base units, is not above the platform's fee on it, {fee}: the "
                        "seller must price it higher.", code="skill_price_below_fee",
                        details={"price_atomic": price, "fee_atomic": fee})
-    return price, fee
+    return fee
 
 
 def invocation_failures_check(*, seller: Agent, buyer: Agent | None, payer: str = "", client: str = "") -> None:

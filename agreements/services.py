@@ -137,9 +137,10 @@ def fee_for(*, amount: int, schedule: FeeSchedule | None = None) -> int:
 
 def fee_and_total_for(*, amount: int, purpose: str, schedule: FeeSchedule) -> tuple[int, int]:
     """(fee, what the buyer pays) for `amount`: a direct purchase pays the fee on top; a skill invocation's price
-    includes its fee (x402 pays exactly the price; the fee is kept from the seller's payout)."""
+    includes its fee (x402 pays exactly the price; the fee is kept from the seller's payout), refused as the skill route
+    refuses it when the fee would take it whole (409 `skill_price_below_fee`)."""
     if purpose == "skill_invocation":
-        return invocations.invocation_fee(amount=amount), amount
+        return invocations.invocation_fee_above_price(price=amount), amount
     fee = fee_for(amount=amount, schedule=schedule)
     return fee, amount + fee
 

@@ -61,6 +61,16 @@ def test_a_skill_invocation_is_quoted_the_platforms_fee_inside_its_price_with_it
     assert (direct["purpose"], direct["fee_atomic"]) == ("direct_purchase", 100_000)  # the fee schedule's minimum
 
 
+@pytest.mark.parametrize("amount", [1, 5_000])
+def test_a_skill_invocation_the_fee_would_take_whole_is_refused_as_its_invocation_would_be(buyer_api, settings, amount):
+    """It was quoted 200, a fee above the price it was taken from: a price the skill route refuses with 409."""
+    settings.INVOCATION_FEE_MINIMUM_ATOMIC = 5_000
+    response = buyer_api.get("/payment-requirements", {"amount_atomic": amount, "purpose": "skill_invocation"})
+    assert response.status_code == 409, response.content
+    assert response.json()["error"]["code"] == "skill_price_below_fee"
+    assert response.json()["error"]["details"] == {"price_atomic": amount, "fee_atomic": 5_000}
+
+
 @pytest.mark.chain
 def test_what_a_skill_invocation_charges_is_what_payment_requirements_quotes(
         buyer_api, escrow_chain, http_server, django_capture_on_commit_callbacks):
