@@ -598,11 +598,13 @@ def _agreement_record(proposal: Proposal, *, status: str) -> UsageAgreement:
 
 @dataclass(frozen=True)
 class DirectPaymentPreflight:
-    """What the chain says of a direct payment about to be accepted: why it cannot run (None: it can), and the buyer's
-    balance, against which its queueing counts the wallet's other payments under way."""
+    """What the chain says of a direct payment about to be accepted: why it cannot run (None: it can), the buyer's
+    balance, against which its queueing counts the wallet's other payments under way, and the transaction that used
+    the payment's authorization already (anyone may send it, the buyer too: the price is with the seller), if any."""
 
     problem: str | None
     buyer_balance: int = 0
+    paid_by: str | None = None
 
 
 DirectPaymentCheck = Callable[[UsageAgreement], DirectPaymentPreflight]

@@ -327,7 +327,10 @@ def _settlement_cancelled(tx: ChainTransaction, *, ran_as: str | None) -> None:
 
 def _direct_payment_preflight(agreement: UsageAgreement) -> agreement_services.DirectPaymentPreflight:
     """Whether an accepted direct payment can run, asked of the chain (registered with agreements, which calls it
-    before locking the agreement): the payment's simulation, the fee permit's nonce, the buyer's balance."""
+    before locking the agreement): the payment's simulation, the fee permit's nonce, the buyer's balance. An
+    authorization a transfer used as it says before the accept (anyone may send it, the buyer too) is this purchase's
+    payment, made (`paid_by`): the purchase goes on with the fee, and its payment step concludes on that transfer once
+    it is at the confirmation depth, as on a copy mined after the accept."""
     _require_chain()
 
     def cannot_run(problem: str) -> agreement_services.DirectPaymentPreflight:
@@ -339,20 +342,29 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> agreement_services.D
         return cannot_run(f"{exhausted.code}: {exhausted.message}")
     buyer = to_checksum_address(agreement.buyer_wallet_address)
     token = chain.token_contract()
+    authorization = agreement_selectors.payment_authorization_of(agreement=agreement)
+    paid_by = None
     try:
-        simulate(agreement_selectors.payment_authorization_of(agreement=agreement))
+        simulate(authorization)
     except agreement_services.InvalidPayment as invalid:
-        return cannot_run(f"{invalid.code}: {invalid.message}")
+        paid_by = (_authorization_use(authorization) or {}).get("used_by")
+        if paid_by is None:
+            return cannot_run(f"{invalid.code}: {invalid.message}")
     permit = agreement.fee_permit
     nonce = chain.call(token.functions.nonces(buyer).call)
     front_run = permit["nonce"] < nonce and _relayer_allowance(buyer) >= agreement.infra_fee
     if permit["nonce"] != nonce and not front_run:  # a permit someone else submitted granted the allowance
         return cannot_run(f"fee_permit_stale: the fee permit's nonce is {permit['nonce']}, the token's is now {nonce}")
     balance = chain.call(token.functions.balanceOf(buyer).call)
-    if balance < agreement.deposit_amount + agreement.infra_fee:
-        return cannot_run(f"insufficient_balance: the buyer holds {balance}, needs "
-                          f"{agreement.deposit_amount + agreement.infra_fee}")
-    return agreement_services.DirectPaymentPreflight(None, buyer_balance=balance)
+    required = _direct_payment_required(agreement, paid_by=paid_by)
+    if balance < required:
+        return cannot_run(f"insufficient_balance: the buyer holds {balance}, needs {required}")
+    return agreement_services.DirectPaymentPreflight(None, buyer_balance=balance, paid_by=paid_by)
+
+
+def _direct_payment_required(agreement: UsageAgreement, *, paid_by: str | None) -> int:
+    """What the buyer's wallet must hold for the purchase: its fee, and its price unless paid already."""
+    return agreement.infra_fee + (0 if paid_by else agreement.deposit_amount)
 
 
 def _direct_payment_queue(agreement: UsageAgreement, preflight: agreement_services.DirectPaymentPreflight) -> None:
@@ -361,7 +373,7 @@ def _direct_payment_queue(agreement: UsageAgreement, preflight: agreement_servic
     under way (`services.wallet_balance_require`: 402 insufficient_balance, the accept rolled back). A purchase whose
     balance alone falls short failed at the preflight already."""
     services.wallet_balance_require(wallet=agreement.buyer_wallet_address, balance=preflight.buyer_balance,
-                                    required=agreement.deposit_amount + agreement.infra_fee,
+                                    required=_direct_payment_required(agreement, paid_by=preflight.paid_by),
                                     token=agreement.token_address, exclude_agreement=agreement.pk)
     buyer = to_checksum_address(agreement.buyer_wallet_address)
     permit = agreement.fee_permit

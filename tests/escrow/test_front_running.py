@@ -19,7 +19,7 @@ from escrow import relayer, selectors, settlement, x402_onchain
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayRevert
 from sdk import typed_data as td
 from sdk.typed_data import sign_typed_data
-from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase
+from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase, _keep_only
 from tests.agreements.test_invocations import FEE as INVOCATION_FEE
 from tests.agreements.test_invocations import PRICE, Market
 from tests.escrow.conftest import escrow_terms
@@ -296,6 +296,47 @@ def test_a_direct_payment_made_by_a_copy_is_paid_only_once_the_copy_is_at_the_co
     with capture(execute=True):  # the sweep sends it again: concluded on the copy, now 5 deep
         relayer.transaction_submit(transaction_id=payment_tx.pk)
     assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
+
+
+def test_a_direct_payment_the_buyer_made_itself_before_the_accept_is_paid_and_its_fee_collected(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """Anyone may submit the buyer's signed authorization, the buyer too, before the seller accepts: the seller is
+    paid the price then. The accept's simulation found the authorization used and recorded the purchase
+    payment_failed, "nothing was charged", the seller paid all the same. The transfer with exactly this purchase's
+    authorization is its payment, whoever sent it: the purchase goes on (the fee collected, as when a copy is mined
+    after the accept), counted paid by that transaction once it is at the confirmation depth."""
+    capture = django_capture_on_commit_callbacks
+    purchase = Purchase(escrow_chain)
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    _keep_only(purchase, AMOUNT + FEE)  # what the purchase needs, no more
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    payload = decode_payment_signature_header(body["payment_header"]).payload
+    auth = payload["authorization"]
+    v, r, s = td.split_signature(payload["signature"])
+    copy = escrow_chain.usdc.functions.transferWithAuthorization(
+        auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]), int(auth["validBefore"]),
+        bytes.fromhex(auth["nonce"][2:]), v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:]),
+    ).transact({"from": purchase.buyer.address})
+    mined(escrow_chain, copy)
+
+    accepted = purchase.accept(agreement["id"], capture)
+    assert accepted["status"] == "paying", accepted["status_reason"]
+    confirm_all(capture)  # permit confirmed; the fee transfer is sent
+    settings.CHAIN_CONFIRMATIONS = 5  # the payment's, queued once the fee is collected
+    confirm_all(capture)
+    payment_tx = ChainTransaction.objects.get(purpose="direct_payment")
+    assert payment_tx.status == "queued"  # the copy is not deep enough yet
+    escrow_chain.mine(4)
+    with capture(execute=True):
+        relayer.transaction_submit(transaction_id=payment_tx.pk)
+
+    paid = purchase.parties.agreement(agreement["id"])
+    assert paid["status"] == "paid"
+    assert paid["payment_tx_hash"] == "0x" + bytes(copy).hex().removeprefix("0x")
+    assert paid["buyer_refund_atomic"] is None
+    assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
+    assert not RelayRevert.objects.exists()
 
 
 def test_the_escrow_is_found_when_a_front_runner_activated_it_before_our_reverted_copy(
