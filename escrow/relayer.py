@@ -114,6 +114,11 @@ RELAYED_FOR = "relayed_for"
 RELAYED_WALLET = "relayed_wallet"
 RELAYED_OWNER = "relayed_owner"
 RELAYED_CLIENT = "relayed_client"
+# The context keys of a closed direct purchase's authorization cancel relayed for its buyer (`relay_cancel_budget_check`):
+# its party, paying wallet and owner as they were when queued. Not RELAYED_FOR: its revert is not the buyer's.
+CANCEL_FOR = "cancel_for"
+CANCEL_WALLET = "cancel_wallet"
+CANCEL_OWNER = "cancel_owner"
 # How an anonymous x402 payer's party (`relay_party` without an agent) begins.
 _ANONYMOUS_PARTY_PREFIX = "wallet:"
 # When a party at its in-flight limit may try again: about a block, its confirmations and a poll.
@@ -312,6 +317,38 @@ def relay_budget_check(payer: RelayPayer) -> None:
             details={"retry_after_seconds": retry_after, "reverts": allowed, "bound": bound})
 
 
+def relay_cancel_budget_check(payer: RelayPayer, *, purpose: str) -> None:
+    """Before a buyer's authorization cancel (`purpose`) is relayed: one the platform relayed
+    RELAY_AUTHORIZATION_CANCELS_PER_PARTY times within RELAY_REVERT_WINDOW (each at the relayer's gas, whatever its
+    outcome) is 429 `relay_cancel_budget_exhausted`, nothing queued, until the oldest leaves the window. The same for
+    the agent's owner (RELAY_AUTHORIZATION_CANCELS_PER_OWNER) and the paying wallet (..._PER_WALLET), as recorded
+    when queued (CANCEL_*). Else proposing and cancelling purchases, each cancel relayed, spends the relayer's gas
+    with no end; refused, the buyer sends its signed cancel itself (the token takes it from anyone)."""
+    bounds = [("party", Q(**{f"context__{CANCEL_FOR}": payer.party}), settings.RELAY_AUTHORIZATION_CANCELS_PER_PARTY),
+              ("wallet", Q(**{f"context__{CANCEL_WALLET}": payer.wallet}),
+               settings.RELAY_AUTHORIZATION_CANCELS_PER_WALLET)]
+    if payer.owner_id is not None:
+        bounds.append(("owner", Q(**{f"context__{CANCEL_OWNER}": payer.owner_id}),
+                       settings.RELAY_AUTHORIZATION_CANCELS_PER_OWNER))
+    now = timezone.now()
+    for bound, cancels, allowed in bounds:
+        if allowed <= 0:
+            continue
+        recent = list(ChainTransaction.objects.filter(cancels, purpose=purpose,
+                                                      created_at__gt=now - settings.RELAY_REVERT_WINDOW)
+                      .order_by("-created_at").values_list("created_at", flat=True)[:allowed])
+        if len(recent) < allowed:
+            continue
+        retry_after = max(1, math.ceil((recent[-1] + settings.RELAY_REVERT_WINDOW - now).total_seconds()))
+        whose = {"party": "you", "owner": "your owner's agents", "wallet": "your paying wallet"}[bound]
+        raise TooManyRequests(
+            f"The platform relayed {allowed} authorization cancels for {whose} within "
+            f"{int(settings.RELAY_REVERT_WINDOW.total_seconds())} s: send your signed cancelAuthorization to the token "
+            "yourself (anyone may send it), or ask again once the oldest is out of that window.",
+            code="relay_cancel_budget_exhausted", retry_after=retry_after,
+            details={"retry_after_seconds": retry_after, "cancels": allowed, "bound": bound})
+
+
 def _revert_attribute(tx: ChainTransaction) -> None:
     """Inside the DB transaction concluding `tx` mined reverted within its gas limit (`_reverted_within_gas`), or
     refused at its simulation when its purpose says so (`refusal_charged`): a
@@ -344,10 +381,15 @@ def transaction_preflight(*, to: str, data: str) -> None:
 
 
 def transaction_enqueue(*, purpose: str, to: str, data: str, agreement_id=None, context: dict | None = None,
-                        confirmations: int | None = None, relayed_for: RelayPayer | None = None) -> ChainTransaction:
+                        confirmations: int | None = None, relayed_for: RelayPayer | None = None,
+                        cancel_for: RelayPayer | None = None) -> ChainTransaction:
     """Create the row inside the caller's DB transaction; it is submitted after that transaction commits.
-    `relayed_for`: the payer (`relay_payer`) whose signed action it relays, charged with its revert."""
+    `relayed_for`: the payer (`relay_payer`) whose signed action it relays, charged with its revert. `cancel_for`:
+    the buyer whose authorization cancel it relays, counted by `relay_cancel_budget_check`."""
     context = context or {}
+    if cancel_for is not None:
+        context = {**context, CANCEL_FOR: cancel_for.party, CANCEL_WALLET: cancel_for.wallet,
+                   CANCEL_OWNER: cancel_for.owner_id}
     if relayed_for is not None:
         context = {**context, RELAYED_FOR: relayed_for.party, RELAYED_WALLET: relayed_for.wallet,
                    RELAYED_OWNER: relayed_for.owner_id, RELAYED_CLIENT: relayed_for.client}

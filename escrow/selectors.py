@@ -96,6 +96,12 @@ def live_transaction(*, agreement_id, purpose: str) -> ChainTransaction | None:
     return live_transactions(purpose=purpose).filter(agreement_id=agreement_id).first()
 
 
+def transaction_signed(*, agreement_id, purpose: str) -> bool:
+    """Whether a transaction of the agreement's `purpose` was ever signed (broadcast, perhaps; whatever its status
+    now): its calldata may be public."""
+    return TxAttempt.objects.filter(transaction__agreement_id=agreement_id, transaction__purpose=purpose).exists()
+
+
 def cancelled_may_still_run(*, agreement_id, purpose: str) -> bool:
     """Whether a transaction of the agreement's `purpose` was cancelled (`relayer._cancel`) and the nonce fill that
     took its nonce is not concluded yet: its own old bytes may still be mined in the fill's place."""

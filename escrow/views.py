@@ -162,7 +162,9 @@ class PaymentAuthorizationCancelView(APIView):
                     "authorization's (GET here hands out the typed data; the SDK's `cancel_payment_authorization`). "
                     "409 `purchase_still_open` while the purchase may still pay, `authorization_already_used` when "
                     "the token counts it used or cancelled already, `transaction_would_revert` when the token would "
-                    "refuse it otherwise (its simulation; `details.revert_reason`).",
+                    "refuse it otherwise (its simulation; `details.revert_reason`). 429 `relay_cancel_budget_exhausted` "
+                    "past the cancels relayed for the buyer of purchases whose payment was never sent: send your "
+                    "signed cancel to the token yourself.",
         responses={202: PaymentAuthorizationCancelAcceptedSerializer, **error_responses(403, 404, 409, 422, 429, 503)},
     )
     @idempotent(atomic=False)  # reads the chain before it writes

@@ -655,7 +655,12 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
     if live is not None:
         return live
     # Not refused by, nor charged to, the relay budget (relayer.relay_budget_check): the buyer's defence of its money,
-    # once per purchase (a revert's cause, a use of the authorization, makes the next ask 409).
+    # once per purchase (a revert's cause, a use of the authorization, makes the next ask 409). An authorization only
+    # the platform ever held (its payment never sent) costs the buyer nothing to sign and cancel again and again:
+    # those cancels are bounded per buyer (relayer.relay_cancel_budget_check); past it the buyer sends its own. One
+    # whose payment was sent is public (the mempool, a reverted transaction's calldata): relayed whatever the count.
+    if not selectors.transaction_signed(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_PAYMENT):
+        relayer.relay_cancel_budget_check(_buyer_payer(agreement), purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
     token = chain.token_contract(agreement.payment_authorization.token_address)
     payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
     with chain.unavailable_as_503():
@@ -676,7 +681,8 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
         agreement_services.agreement_payment_authorization_cancel_begin(agreement_id=agreement.pk)
         live = selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
         return live or relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL, to=token.address,
-                                                   data=data, agreement_id=agreement.pk)
+                                                   data=data, agreement_id=agreement.pk,
+                                                   cancel_for=_buyer_payer(agreement))
 
 
 def _direct_authorization_cancel_evidence(tx: ChainTransaction) -> dict:

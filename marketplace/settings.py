@@ -428,6 +428,12 @@ RELAY_REVERTS_PER_WALLET = env.int("RELAY_REVERTS_PER_WALLET", default=3)
 RELAY_REVERTS_PER_CLIENT = env.int("RELAY_REVERTS_PER_CLIENT", default=3)
 RELAY_REVERTS_ANONYMOUS = env.int("RELAY_REVERTS_ANONYMOUS", default=30)
 RELAY_REVERT_WINDOW = timedelta(seconds=env.int("RELAY_REVERT_WINDOW_SECONDS", default=24 * 3600))
+# A closed direct purchase's authorization cancels the relayer sent for one buyer agent within RELAY_REVERT_WINDOW
+# (each at its gas) at most; more is 429 relay_cancel_budget_exhausted: the buyer sends its own. Not counted nor
+# refused: one whose payment was sent. The same for an owner's agents together and for one paying wallet. 0: no limit.
+RELAY_AUTHORIZATION_CANCELS_PER_PARTY = env.int("RELAY_AUTHORIZATION_CANCELS_PER_PARTY", default=3)
+RELAY_AUTHORIZATION_CANCELS_PER_OWNER = env.int("RELAY_AUTHORIZATION_CANCELS_PER_OWNER", default=6)
+RELAY_AUTHORIZATION_CANCELS_PER_WALLET = env.int("RELAY_AUTHORIZATION_CANCELS_PER_WALLET", default=3)
 # Its relayed transactions not concluded yet (queued, sent, mined short of the confirmation depth) at most: more is
 # 429 relay_in_flight_limit_reached (one transfer of its funds would make all of them revert at once). 0: no limit.
 RELAY_IN_FLIGHT_PER_PARTY = env.int("RELAY_IN_FLIGHT_PER_PARTY", default=10)

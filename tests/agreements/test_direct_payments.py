@@ -16,7 +16,7 @@ from agreements.models import AgreementEvent, UsageAgreement
 from escrow import chain as gateway
 from escrow import relayer
 from escrow import selectors as escrow_selectors
-from escrow.models import ChainTransaction, RelayRevert
+from escrow.models import ChainTransaction, RelayRevert, TxAttempt
 from sdk import typed_data
 from sdk.x402_signing import build_direct_stablecoin_agreement, sign_payment_required
 from tests.chain_fixtures import TOKEN_NAMES
@@ -529,6 +529,56 @@ def test_a_buyer_past_its_relay_revert_budget_still_cancels_its_payment_authoriz
                                                     data="0x", chain_id=purchase.chain.chain_id, status="failed"),
         party=relayer.relay_party(agent_id=buyer_id), reverted_at=timezone.now() - timedelta(minutes=1))
 
+    cancelled_on_chain(purchase, agreement["id"], django_capture_on_commit_callbacks)
+
+
+def test_a_buyer_cannot_have_the_relayer_cancel_authorizations_it_proposed_and_cancelled_over_and_over(
+        purchase, settings, django_capture_on_commit_callbacks):
+    """Propose, cancel, have the relayer send the cancelAuthorization: nothing on-chain is the buyer's, each loop is a
+    transaction at the relayer's gas. An authorization only the platform ever held (never sent: the seller never
+    saw it) is cancelled for the buyer at most RELAY_AUTHORIZATION_CANCELS_PER_PARTY times within the window; then
+    429 `relay_cancel_budget_exhausted`, nothing queued, and the buyer cancels it itself from its wallet."""
+    settings.RELAY_AUTHORIZATION_CANCELS_PER_PARTY = 2
+    relayer_address = gateway.relayer_account().address
+    sent_before = purchase.chain.w3.eth.get_transaction_count(relayer_address)
+    for _ in range(2):
+        agreement = purchase.propose()
+        assert purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel").status_code == 200
+        cancelled_on_chain(purchase, agreement["id"], django_capture_on_commit_callbacks)
+    assert purchase.chain.w3.eth.get_transaction_count(relayer_address) == sent_before + 2  # the relayer's gas
+
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    path = f"/usage-agreements/{agreement['id']}"
+    assert purchase.parties.buyer_api.post(f"{path}/cancel").status_code == 200
+    with django_capture_on_commit_callbacks(execute=True):
+        refused = purchase.parties.buyer_api.post(f"{path}/cancel-payment-authorization",
+                                                  {"signature": _cancel_signature(purchase, agreement["id"])})
+    assert refused.status_code == 429 and error_code(refused) == "relay_cancel_budget_exhausted", refused.content
+    assert refused.json()["error"]["details"]["bound"] == "party", refused.content
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+    assert purchase.chain.w3.eth.get_transaction_count(relayer_address) == sent_before + 2
+    purchase.cancel_authorization(body)  # the buyer's defence stays: its own signed cancel, sent by anyone
+    with pytest.raises(Exception):  # noqa: B017 - the token refuses it: AuthorizationUsedOrCanceled
+        _submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.chain.accounts.stranger.address})
+
+
+def test_a_buyer_past_its_relayed_cancels_still_has_an_authorization_its_failed_payment_made_public_cancelled(
+        purchase, settings, django_capture_on_commit_callbacks):
+    """The cancel budget bounds authorizations only the platform held: one whose payment the relayer signed and sent
+    (its calldata public, in the mempool or a reverted transaction) is cancelled for the buyer whatever the count."""
+    settings.RELAY_AUTHORIZATION_CANCELS_PER_PARTY = 1
+    spent = purchase.propose()
+    assert purchase.parties.buyer_api.post(f"/usage-agreements/{spent['id']}/cancel").status_code == 200
+    cancelled_on_chain(purchase, spent["id"], django_capture_on_commit_callbacks)
+
+    agreement = purchase.propose()
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(status="payment_failed")  # its payment was sent, failed
+    sent = ChainTransaction.objects.create(purpose="direct_payment", agreement_id=agreement["id"], data="0x",
+                                           to_address=purchase.chain.usdc.address, chain_id=purchase.chain.chain_id,
+                                           status="failed")
+    TxAttempt.objects.create(transaction=sent, tx_hash="0x" + "ab" * 32, raw_transaction="0x", nonce=0,
+                             max_fee_per_gas=1, max_priority_fee_per_gas=1)
     cancelled_on_chain(purchase, agreement["id"], django_capture_on_commit_callbacks)
 
 
