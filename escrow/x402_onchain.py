@@ -659,8 +659,6 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
     # the platform ever held (its payment never sent) costs the buyer nothing to sign and cancel again and again:
     # those cancels are bounded per buyer (relayer.relay_cancel_budget_check); past it the buyer sends its own. One
     # whose payment was sent is public (the mempool, a reverted transaction's calldata): relayed whatever the count.
-    if not selectors.transaction_signed(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_PAYMENT):
-        relayer.relay_cancel_budget_check(_buyer_payer(agreement), purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
     token = chain.token_contract(agreement.payment_authorization.token_address)
     payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
     with chain.unavailable_as_503():
@@ -674,6 +672,9 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
                          extra={"agreement_id": str(agreement.pk), "tx_hash": used_by})
         raise Conflict("The payment authorization was used or cancelled already.", code="authorization_already_used",
                        details={"used_by": used_by})
+    # After the used check: a buyer past the budget still learns its authorization was used (409, `used_by`).
+    if not selectors.transaction_signed(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_PAYMENT):
+        relayer.relay_cancel_budget_check(_buyer_payer(agreement), purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
     v, r, s = typed_data.split_signature(signature)
     data = token.encode_abi("cancelAuthorization", args=[payer, nonce, v, hex_to_bytes(r), hex_to_bytes(s)])
     relayer.transaction_preflight(to=token.address, data=data)  # e.g. the token paused: 409, nothing queued
