@@ -301,11 +301,9 @@ def relay_budget_check(payer: RelayPayer) -> None:
     for bound, reverts, allowed in _revert_bounds(payer):
         if allowed <= 0:
             continue
-        recent = list(RelayRevert.objects.filter(reverts, reverted_at__gt=now - settings.RELAY_REVERT_WINDOW)
-                      .order_by("-reverted_at").values_list("reverted_at", flat=True)[:allowed])
-        if len(recent) < allowed:
+        retry_after = _window_full_for(RelayRevert.objects.filter(reverts), "reverted_at", allowed=allowed, now=now)
+        if retry_after is None:
             continue
-        retry_after = max(1, math.ceil((recent[-1] + settings.RELAY_REVERT_WINDOW - now).total_seconds()))
         whose = {"party": "you", "owner": "your owner's agents", "wallet": "your paying wallet",
                  "client": "payers without an API key at your network address",
                  "anonymous": "payers without an API key"}[bound]
@@ -315,6 +313,16 @@ def relay_budget_check(payer: RelayPayer) -> None:
             "after they were accepted): nothing more is relayed for you until the oldest is out of that window.",
             code="relay_budget_exhausted", retry_after=retry_after,
             details={"retry_after_seconds": retry_after, "reverts": allowed, "bound": bound})
+
+
+def _window_full_for(rows: QuerySet, moment: str, *, allowed: int, now) -> int | None:
+    """Seconds until the oldest of the latest `allowed` `rows` (by their `moment` field) leaves RELAY_REVERT_WINDOW,
+    when that many are in it; else None."""
+    recent = list(rows.filter(**{f"{moment}__gt": now - settings.RELAY_REVERT_WINDOW})
+                  .order_by(f"-{moment}").values_list(moment, flat=True)[:allowed])
+    if len(recent) < allowed:
+        return None
+    return max(1, math.ceil((recent[-1] + settings.RELAY_REVERT_WINDOW - now).total_seconds()))
 
 
 def relay_cancel_budget_check(payer: RelayPayer, *, purpose: str) -> None:
@@ -334,12 +342,10 @@ def relay_cancel_budget_check(payer: RelayPayer, *, purpose: str) -> None:
     for bound, cancels, allowed in bounds:
         if allowed <= 0:
             continue
-        recent = list(ChainTransaction.objects.filter(cancels, purpose=purpose,
-                                                      created_at__gt=now - settings.RELAY_REVERT_WINDOW)
-                      .order_by("-created_at").values_list("created_at", flat=True)[:allowed])
-        if len(recent) < allowed:
+        retry_after = _window_full_for(ChainTransaction.objects.filter(cancels, purpose=purpose), "created_at",
+                                       allowed=allowed, now=now)
+        if retry_after is None:
             continue
-        retry_after = max(1, math.ceil((recent[-1] + settings.RELAY_REVERT_WINDOW - now).total_seconds()))
         whose = {"party": "you", "owner": "your owner's agents", "wallet": "your paying wallet"}[bound]
         raise TooManyRequests(
             f"The platform relayed {allowed} authorization cancels for {whose} within "
