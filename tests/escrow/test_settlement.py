@@ -999,17 +999,7 @@ def test_the_payouts_of_a_finalize_are_read_from_its_own_receipt_not_another_the
     relay = RpcRelay(chain.node.rpc_url).start()
     try:
         settings.CHAIN_RPC_URL, settings.CHAIN_RPC_RETRY_BACKOFF = relay.url, 0.01
-        others_receipt = relay.node("eth_getTransactionReceipt", ["0x" + bytes(others_finalize).hex()])
-        lookups: dict[str, int] = {}
-
-        def mixed_up(call) -> bool:  # every lookup of a receipt after the first answered with the other's
-            if call.get("method") != "eth_getTransactionReceipt":
-                return False
-            asked = call["params"][0].lower()
-            lookups[asked] = lookups.get(asked, 0) + 1
-            return asked != others_receipt["transactionHash"] and lookups[asked] > 1
-
-        relay.rewrite(mixed_up, lambda answer: {**answer, "result": others_receipt})
+        relay.receipts_answered_with("0x" + bytes(others_finalize).hex())
         with capture(execute=True):
             assert settlement.settlement_tick()["finalizing"] == 1
         for _ in range(3):

@@ -68,6 +68,21 @@ class RpcRelay:
         """Answer each single call `predicate` picks with `answer(the node's answer)`, until `rewrite_none`."""
         self._rewrites.append((predicate, answer))
 
+    def receipts_answered_with(self, tx_hash: str) -> None:
+        """From now on every lookup of a receipt after its first is answered with `tx_hash`'s receipt (a node mixing
+        up which transaction was asked; the first lookup, the relayer's, is answered right)."""
+        others_receipt = self.node("eth_getTransactionReceipt", [tx_hash])
+        lookups: dict[str, int] = {}
+
+        def mixed_up(call) -> bool:
+            if call.get("method") != "eth_getTransactionReceipt":
+                return False
+            asked = call["params"][0].lower()
+            lookups[asked] = lookups.get(asked, 0) + 1
+            return asked != others_receipt["transactionHash"] and lookups[asked] > 1
+
+        self.rewrite(mixed_up, lambda answer: {**answer, "result": others_receipt})
+
     def rewrite_none(self) -> None:
         self._rewrites.clear()
 
