@@ -224,16 +224,18 @@ def test_an_activation_relayed_by_someone_else_makes_the_agreement_active(
     capture = django_capture_on_commit_callbacks
     agreement, tx, callbacks = queue_activation(parties, capture)
     # Anyone holding the buyer's signed activation may submit it first; our own attempt meets AgreementExists.
-    escrow_chain.w3.eth.send_transaction({"from": escrow_chain.accounts.stranger.address,
-                                          "to": escrow_chain.addresses["escrow"], "data": tx.data,
-                                          "gas": 1_000_000})
+    copy = escrow_chain.w3.eth.send_transaction({"from": escrow_chain.accounts.stranger.address,
+                                                 "to": escrow_chain.addresses["escrow"], "data": tx.data,
+                                                 "gas": 1_000_000})
     run(callbacks, capture)
     confirm_all(capture)
 
     tx.refresh_from_db()
     assert tx.status == TxStatus.FAILED and "AgreementExists" in tx.failure_reason
-    assert tx.outcome_evidence["agreement_exists"] == {"state": "active", "differences": []}
-    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert tx.outcome_evidence["agreement_exists"] == {"state": "active", "differences": [],
+                                                      "activated_by": "0x" + bytes(copy).hex()}
+    body = parties.agreement(agreement["id"])
+    assert body["status"] == "active" and body["activation_tx_hash"] == "0x" + bytes(copy).hex()
 
 
 def test_another_escrow_of_the_buyer_under_the_same_id_fails_the_activation_with_the_reason(
