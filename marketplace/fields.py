@@ -9,7 +9,8 @@ import re
 from eth_utils import is_checksum_address, to_checksum_address
 
 
-UINT256_MAX = 2**256 - 1
+# The largest amount a token transfer, permit or signed intent carries (uint256).
+MAX_AMOUNT = 2**256 - 1
 
 
 class TokenAmountField(models.DecimalField):
@@ -39,8 +40,8 @@ class TokenAmountField(models.DecimalField):
         if value is not None and value < 0:
             raise ValidationError("Must not be negative: an amount in token base units.", code="negative_amount")
         # The column's 78 digits hold more than uint256: no token transfer, permit or intent carries such an amount.
-        if value is not None and value > UINT256_MAX:
-            raise ValidationError(f"Too large: at most {UINT256_MAX} (uint256).", code="amount_too_large")
+        if value is not None and value > MAX_AMOUNT:
+            raise ValidationError(f"Too large: at most {MAX_AMOUNT} (uint256).", code="amount_too_large")
         super().run_validators(None if value is None else Decimal(value))
 
     def get_db_prep_save(self, value, connection):

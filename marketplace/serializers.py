@@ -16,9 +16,8 @@ from rest_framework.relations import PKOnlyObject
 
 from marketplace import rotation
 from marketplace.tags import TAGS_PER_LISTING, tag_mixes_scripts, tag_normalise
-from marketplace.fields import checksum_address
+from marketplace.fields import MAX_AMOUNT, checksum_address
 
-MAX_AMOUNT = 2**256 - 1
 ZERO_ADDRESS = "0x" + "0" * 40
 _QUERY_INTEGER = re.compile(r"^-?[0-9]{1,78}$")
 
