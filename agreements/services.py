@@ -653,6 +653,10 @@ def _direct_payment_check(*, payment_header: str, fee_permit: dict, amount: int,
     if fee_permit["value"] < fee:
         raise InvalidInput(f"fee_permit.value must be at least the fee, {fee}.", code="permit_value_too_low",
                            details={"field": "fee_permit", "required": fee})
+    if fee_permit["value"] > fee:
+        # The permit sets the relayer's allowance: whatever the fee's collection leaves of it, the platform could take.
+        raise InvalidInput(f"fee_permit.value must be the fee, {fee}: no more.", code="permit_value_too_high",
+                           details={"field": "fee_permit", "required": fee})
     if fee_permit["deadline"] < timezone.now().timestamp() + settings.DIRECT_PAYMENT_MIN_VALIDITY:
         raise InvalidInput(f"fee_permit.deadline must be at least {settings.DIRECT_PAYMENT_MIN_VALIDITY} s away.",
                            code="signature_expired", details={"field": "fee_permit"})

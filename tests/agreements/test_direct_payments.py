@@ -977,3 +977,25 @@ def test_a_seller_cannot_charge_a_direct_purchase_again_by_reporting_usage(purch
         confirm_all(django_capture_on_commit_callbacks)
     assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
     assert not UsageAgreement.objects.get(pk=agreement["id"]).usage_events.exists()
+
+
+def test_a_fee_permit_for_more_than_the_fee_is_refused_at_proposal(purchase):
+    """The fee permit grants the relayer an allowance of its value: one above the fee left the relayer (the platform
+    treasury) free to take the rest of it from the buyer's wallet once the fee was collected. The buyer grants the
+    fee, exactly: more is 400 `permit_value_too_high`, nothing recorded."""
+    body = purchase.body()
+    permit = body["fee_permit"]
+    token_domain = network_of(purchase.chain).token_domain
+    typed = typed_data.erc2612_permit(
+        chain_id=purchase.chain.chain_id, token_address=purchase.chain.usdc.address, owner=purchase.buyer.address,
+        spender=gateway.relayer_account().address, value=FEE * 10, nonce=permit["nonce"], deadline=permit["deadline"],
+        token_name=token_domain.name, token_version=token_domain.version)
+    body["fee_permit"] = {**permit, "value": FEE * 10,
+                          "signature": typed_data.sign_typed_data(purchase.buyer.key, typed)}
+
+    response = purchase.parties.buyer_api.post("/usage-agreements", body)
+
+    assert response.status_code == 400, response.content
+    assert error_code(response) == "permit_value_too_high"
+    assert response.json()["error"]["details"] == {"field": "fee_permit", "required": FEE}
+    assert not UsageAgreement.objects.filter(buyer__wallet_address__iexact=purchase.buyer.address).exists()
