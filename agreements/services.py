@@ -96,6 +96,7 @@ _TIMESTAMPS = {
 }
 # What an agreement in each status counts against the buyer's spend caps (see `_committed_spends`).
 # Not ACTIVATION_FAILED: it may still be signed again, or its intent relayed by anyone, and become active.
+# PAYMENT_FAILED counts nothing but a fee collected and not refunded yet: that fee is out of the buyer's wallet.
 NOTHING_COMMITTED = (*sorted(CLOSED_STATUSES), S.PAYMENT_FAILED)
 # What a skill invocation counts: its price from the moment its authorization is accepted (authorized, held, paying
 # out or paid out, refunding until the refund is confirmed), nothing once its payment failed or was refunded, nor
@@ -219,10 +220,12 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
     quote, meta, invocation_meta = connection.ops.quote_name, UsageAgreement._meta, SkillInvocation._meta
     column = {name: quote(meta.get_field(name).column)
               for name in ("id", "status", "infra_fee", "seller_payout", "used", "deposit_amount", "buyer", "seller",
-                           "created_at", "funds_moved_at")}
+                           "created_at", "funds_moved_at", "fee_tx_hash", "buyer_refund")}
     invocation = {name: quote(invocation_meta.get_field(name).column)
                   for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at")}
-    committed = (f"CASE WHEN {column['status']} IN ({', '.join(['%s'] * len(NOTHING_COMMITTED))}) THEN 0 "
+    committed = (f"CASE WHEN {column['status']} = %s AND {column['fee_tx_hash']} <> '' "
+                 f"AND {column['buyer_refund']} IS NULL THEN {column['infra_fee']} "
+                 f"WHEN {column['status']} IN ({', '.join(['%s'] * len(NOTHING_COMMITTED))}) THEN 0 "
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} "
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} + "
                  f"COALESCE({column['seller_payout']}, {column['used']}) "
@@ -260,13 +263,14 @@ def _committed_spends(buyer: Agent, *, day_since: datetime, month_since: datetim
                       excluding: uuid.UUID | None = None, unfunded_with: Agent | None = None,
                       unfunded_since: datetime | None = None) -> CommittedSpends:
     """What the buyer committed since `day_since` and since `month_since` (the earlier), in one statement: its
-    agreements (nothing once released, the fee once refunded, fee plus what the seller was paid once settled, which
-    an arbiter may set above what was metered, else fee plus deposit), each at the moment the platform moved its money or, until then, at its proposal, but for the agreement
-    `excluding` (the one being checked); and its skill invocations (the price, unless the payment failed, was
+    agreements (nothing once released, a failed direct purchase's fee collected until it is refunded, the fee once
+    refunded, fee plus what the seller was paid once settled, which an arbiter may set above what was metered, else
+    fee plus deposit), each at the moment the platform moved its money or, until then, at its proposal, but for the
+    agreement `excluding` (the one being checked); and its skill invocations (the price, unless the payment failed, was
     refunded or was reverted). With `unfunded_with`, also how many of its agreements with that seller are unanswered
     or unfunded (`UNFUNDED_OPEN_STATUSES`), or were proposed since `unfunded_since` and cancelled or expired unfunded
     (`UNFUNDED_LAPSED_STATUSES`), in the same statement."""
-    committed = [*NOTHING_COMMITTED, S.REFUNDED, S.SETTLED]
+    committed = [S.PAYMENT_FAILED, *NOTHING_COMMITTED, S.REFUNDED, S.SETTLED]
     since = connection.ops.adapt_datetimefield_value
     agent_id = UsageAgreement._meta.get_field("buyer").get_db_prep_value
     buyer_id = agent_id(buyer.pk, connection)

@@ -388,3 +388,35 @@ def test_a_direct_purchase_of_a_buyer_deactivated_since_is_not_paid_at_accept(es
     assert UsageAgreement.objects.get(pk=agreement["id"]).status == "proposed"
     assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
     assert purchase.balances() == before
+
+
+def test_a_failed_direct_purchases_fee_counts_against_the_caps_until_it_is_refunded(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """The buyer cancels its payment authorization once the fee is taken: the payment fails (payment_failed) and the
+    treasury refunds the fee. Until that refund is mined the fee is out of the buyer's wallet, yet payment_failed
+    counted nothing: the buyer spent past its cap by the fees in flight. It counts the fee until it is refunded."""
+    from tests.agreements.test_direct_payments import FEE
+    from tests.escrow.flow import USDC, confirm_all, fund
+
+    capture = django_capture_on_commit_callbacks
+    purchase = DirectPurchase(escrow_chain)
+    parties = purchase.parties
+    fund(escrow_chain, purchase.treasury, USDC)  # the platform treasury's float for refunds
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the permit confirmed; the fee transfer is sent
+    purchase.cancel_authorization(body)
+    confirm_all(capture)  # the fee confirmed -> the payment refused at its simulation -> the fee's refund sent
+    failed = parties.agreement(agreement["id"])
+    assert failed["status"] == "payment_failed" and failed["buyer_refund_atomic"] is None, failed
+    set_policy(parties, {"daily_cap_atomic": FEE + ONE_PROPOSAL - 1})
+    escrow = {"service_id": str(parties.service.pk), "quantity": 10}
+
+    over = parties.buyer_api.post("/usage-agreements", escrow)
+
+    assert_refused(over, "daily_cap")
+    assert over.json()["error"]["details"]["spent"] == FEE
+    confirm_all(capture)  # the refund mined: the fee is back, and counts no more
+    assert parties.agreement(agreement["id"])["buyer_refund_atomic"] == FEE
+    assert parties.buyer_api.post("/usage-agreements", escrow).status_code == 201
