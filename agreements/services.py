@@ -616,11 +616,29 @@ DirectPaymentQueue = Callable[[UsageAgreement, DirectPaymentPreflight], None]
 _direct_payment_executor: list[tuple[DirectPaymentCheck, DirectPaymentQueue]] = []
 PermitNonceReader = Callable[[str], int]
 _permit_nonce_reader: list[PermitNonceReader] = []
+PaymentAuthorizationUseReader = Callable[[UsageAgreement], str | None]
+_payment_authorization_use_reader: list[PaymentAuthorizationUseReader] = []
 
 
 def permit_nonce_reader_register(*, reader: PermitNonceReader) -> None:
     """`reader(owner)` is the token's EIP-2612 `nonces(owner)`: the escrow app reads it from the chain."""
     _permit_nonce_reader[:] = [reader]
+
+
+def payment_authorization_use_reader_register(*, reader: PaymentAuthorizationUseReader) -> None:
+    """`reader(agreement)` is the hash of the transfer that used the direct purchase's payment authorization as it says
+    (its price paid to the seller), else None: the escrow app reads it from the chain."""
+    _payment_authorization_use_reader[:] = [reader]
+
+
+def _direct_payment_made_by(agreement: UsageAgreement) -> str | None:
+    """The transfer that paid a proposed direct purchase's price to its seller already (the buyer, or anyone holding
+    its authorization, sent it), else None. Asked of the chain: never under the row lock."""
+    if agreement.settlement_model != SettlementModel.DIRECT_PAYMENT or agreement.status != S.PROPOSED:
+        return None
+    if not _payment_authorization_use_reader:
+        raise DependencyUnavailable("Direct payments are not available.", code="direct_payments_unavailable")
+    return _payment_authorization_use_reader[0](agreement)
 
 
 def _fee_permit_completed(fee_permit: dict, *, fee: int, payer: str) -> dict:
@@ -919,12 +937,19 @@ def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreem
 
 
 def agreement_reject(*, agreement: UsageAgreement, seller: Agent, reason: str = "") -> UsageAgreement:
+    """A direct purchase whose price reached the seller already (`_direct_payment_made_by`) is not rejected (409
+    `purchase_paid_already`, naming the transfer): closed, the money stayed with the seller and no purchase was left
+    to account for it. The seller accepts it (paid by that transfer, the fee collected) or settles with the buyer."""
     _require_party(agreement, seller, "seller")
+    paid_by = _direct_payment_made_by(agreement)  # the chain is asked first: never under the row lock
     with transaction.atomic():
         current = _lock(agreement.pk)
         if current.status == S.PENDING_APPROVAL:
             raise Conflict("The buyer's owner has not approved this proposal yet.", code="invalid_transition",
                            details={"status": current.status, "requested": S.REJECTED})
+        if paid_by and current.status == S.PROPOSED:
+            raise Conflict("The buyer's payment of this purchase was made already: accept the purchase, it is paid.",
+                           code="purchase_paid_already", details={"status": current.status, "used_by": paid_by})
         return _transition(agreement.pk, to=S.REJECTED, actor=Actor.agent(seller, "seller"), reason=reason)
 
 

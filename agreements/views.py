@@ -183,9 +183,12 @@ AcceptView = _transition_view(
     with_reason=False, method="put", errors=(402, 404, 409))
 RejectView = _transition_view(
     operation_id="agreements_reject", summary="Reject a proposal (seller)",
+    description="A direct purchase whose payment reached the seller already (the buyer, or anyone holding its "
+                "authorization, sent it) is 409 `purchase_paid_already` naming the transfer (`details.used_by`): "
+                "accept it, it is paid; 503 while the chain cannot be read.",
     action=lambda agreement, agent, reason: services.agreement_reject(agreement=agreement, seller=agent,
                                                                       reason=reason),
-    with_reason=True, method="put")
+    with_reason=True, method="put", errors=(404, 409, 503))
 CancelView = _transition_view(
     operation_id="agreements_cancel", summary="Cancel before activation (buyer)",
     action=lambda agreement, agent, reason: services.agreement_cancel(agreement=agreement, buyer=agent,

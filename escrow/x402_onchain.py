@@ -362,6 +362,15 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> agreement_services.D
     return agreement_services.DirectPaymentPreflight(None, buyer_balance=balance, paid_by=paid_by)
 
 
+def _direct_payment_made_by(agreement: UsageAgreement) -> str | None:
+    """The transfer that used a direct purchase's payment authorization as it says (`_authorization_use`), else None
+    (registered with agreements, which asks it before a seller's reject). A node that does not answer is 503."""
+    _require_chain()
+    with chain.unavailable_as_503():
+        return (_authorization_use(agreement_selectors.payment_authorization_of(agreement=agreement)) or {}).get(
+            "used_by")
+
+
 def _direct_payment_required(agreement: UsageAgreement, *, paid_by: str | None) -> int:
     """What the buyer's wallet must hold for the purchase: its fee, and its price unless paid already."""
     return agreement.infra_fee + (0 if paid_by else agreement.deposit_amount)
@@ -714,6 +723,7 @@ def handlers_register() -> None:
     agreement_services.settlement_handler_register(handler=_invocation_settle)
     agreement_selectors.finality_wait_reader_register(reader=selectors.finality_waits)
     agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
+    agreement_services.payment_authorization_use_reader_register(reader=_direct_payment_made_by)
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome,
                                      read_evidence=_invocation_payment_evidence,
                                      on_reopened=_invocation_payment_reopened,

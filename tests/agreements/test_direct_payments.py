@@ -999,3 +999,28 @@ def test_a_fee_permit_for_more_than_the_fee_is_refused_at_proposal(purchase):
     assert error_code(response) == "permit_value_too_high"
     assert response.json()["error"]["details"] == {"field": "fee_permit", "required": FEE}
     assert not UsageAgreement.objects.filter(buyer__wallet_address__iexact=purchase.buyer.address).exists()
+
+
+def test_a_seller_cannot_reject_a_direct_purchase_the_buyer_paid_itself(purchase, django_capture_on_commit_callbacks):
+    """The buyer (or anyone holding its authorization) sends the payment to the seller before the seller answers:
+    the price is with the seller. A reject then closed the purchase with the money gone and no purchase (the buyer's
+    later cancel 409 `authorization_already_used`, an error logged). The reject is refused 409
+    `purchase_paid_already` naming the transfer; accepted, the purchase is paid by it, as any accept of a payment made
+    before it, and the fee collected."""
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    used_by = _submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address})
+
+    refused = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject", {"reason": "busy"})
+
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "purchase_paid_already"
+    assert refused.json()["error"]["details"]["used_by"] == "0x" + bytes(used_by).hex().removeprefix("0x")
+    assert purchase.parties.agreement(agreement["id"])["status"] == "proposed"
+    assert purchase.accept(agreement["id"], capture)["status"] == "paying"
+    for _ in range(3):
+        confirm_all(capture)
+    paid = purchase.parties.agreement(agreement["id"])
+    assert paid["status"] == "paid", paid
+    assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
