@@ -331,13 +331,22 @@ def relay_cancel_budget_check(payer: RelayPayer, *, purpose: str) -> None:
     outcome) is 429 `relay_cancel_budget_exhausted`, nothing queued, until the oldest leaves the window. The same for
     the agent's owner (RELAY_AUTHORIZATION_CANCELS_PER_OWNER) and the paying wallet (..._PER_WALLET), as recorded
     when queued (CANCEL_*). Else proposing and cancelling purchases, each cancel relayed, spends the relayer's gas
-    with no end; refused, the buyer sends its signed cancel itself (the token takes it from anyone)."""
+    with no end; refused, the buyer sends its signed cancel itself (the token takes it from anyone).
+    Inside the transaction that queues the cancel, the payer's count and queueing are one turn per bound (a lock
+    until it ends), so cancels asked at once cannot all pass with room for one; outside any, a check alone."""
     bounds = [("party", Q(**{f"context__{CANCEL_FOR}": payer.party}), settings.RELAY_AUTHORIZATION_CANCELS_PER_PARTY),
               ("wallet", Q(**{f"context__{CANCEL_WALLET}": payer.wallet}),
                settings.RELAY_AUTHORIZATION_CANCELS_PER_WALLET)]
     if payer.owner_id is not None:
         bounds.append(("owner", Q(**{f"context__{CANCEL_OWNER}": payer.owner_id}),
                        settings.RELAY_AUTHORIZATION_CANCELS_PER_OWNER))
+    connection = transaction.get_connection()
+    if connection.in_atomic_block and connection.vendor == "postgresql":  # SQLite has one writer at a time
+        keys = sorted({f"relay-cancels:party:{payer.party}", f"relay-cancels:wallet:{payer.wallet}",
+                       *([f"relay-cancels:owner:{payer.owner_id}"] if payer.owner_id is not None else [])})
+        with connection.cursor() as cursor:
+            for key in keys:  # one order for every caller: no deadlock
+                cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [key])
     now = timezone.now()
     for bound, cancels, allowed in bounds:
         if allowed <= 0:

@@ -682,7 +682,8 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
         raise Conflict("The payment authorization was used or cancelled already.", code="authorization_already_used",
                        details={"used_by": used_by})
     # After the used check: a buyer past the budget still learns its authorization was used (409, `used_by`).
-    if not selectors.transaction_signed(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_PAYMENT):
+    budgeted = not selectors.transaction_signed(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_PAYMENT)
+    if budgeted:  # refused before the chain is asked; counted again in the buyer's turn, as it is queued
         relayer.relay_cancel_budget_check(_buyer_payer(agreement), purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
     v, r, s = typed_data.split_signature(signature)
     data = token.encode_abi("cancelAuthorization", args=[payer, nonce, v, hex_to_bytes(r), hex_to_bytes(s)])
@@ -690,9 +691,12 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
     with transaction.atomic():
         agreement_services.agreement_payment_authorization_cancel_begin(agreement_id=agreement.pk)
         live = selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
-        return live or relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL, to=token.address,
-                                                   data=data, agreement_id=agreement.pk,
-                                                   cancel_for=_buyer_payer(agreement))
+        if live is not None:
+            return live
+        if budgeted:
+            relayer.relay_cancel_budget_check(_buyer_payer(agreement), purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL)
+        return relayer.transaction_enqueue(purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL, to=token.address,
+                                           data=data, agreement_id=agreement.pk, cancel_for=_buyer_payer(agreement))
 
 
 def _direct_authorization_cancel_evidence(tx: ChainTransaction) -> dict:

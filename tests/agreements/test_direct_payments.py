@@ -1024,3 +1024,47 @@ def test_a_seller_cannot_reject_a_direct_purchase_the_buyer_paid_itself(purchase
     paid = purchase.parties.agreement(agreement["id"])
     assert paid["status"] == "paid", paid
     assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_relayed_authorization_cancels_at_once_stay_within_the_buyers_cancel_budget(escrow_chain, settings,
+                                                                                       monkeypatch):
+    """The buyer asks for the cancel of two closed purchases' authorizations at once, with room in its relayed cancel
+    budget for one: both counted the cancels queued before either was queued, and both were relayed at the relayer's
+    gas (a buyer firing many at once went past the budget by as many). The count and the queueing are one turn per
+    buyer: one is relayed, the other 429 `relay_cancel_budget_exhausted` with nothing queued."""
+    settings.RELAY_AUTHORIZATION_CANCELS_PER_PARTY = 1
+    purchase = Purchase(escrow_chain)
+    agreements = [purchase.propose()["id"] for _ in range(2)]
+    for agreement_id in agreements:
+        assert purchase.parties.buyer_api.post(f"/usage-agreements/{agreement_id}/cancel").status_code == 200
+    signatures = {agreement_id: _cancel_signature(purchase, agreement_id) for agreement_id in agreements}
+    both_checked, preflight = threading.Barrier(2, timeout=10), relayer.transaction_preflight
+
+    def preflight_then_wait(**arguments):
+        preflight(**arguments)
+        both_checked.wait()  # both passed the budget's first check before either queued its cancel
+
+    monkeypatch.setattr(relayer, "transaction_preflight", preflight_then_wait)
+    answers = {}
+
+    def cancel(agreement_id):
+        try:
+            answers[agreement_id] = purchase.parties.buyer_api.post(
+                f"/usage-agreements/{agreement_id}/cancel-payment-authorization",
+                {"signature": signatures[agreement_id]})
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=cancel, args=(agreement_id,)) for agreement_id in agreements]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert sorted(answer.status_code for answer in answers.values()) == [202, 429], answers
+    [refused] = [agreement_id for agreement_id, answer in answers.items() if answer.status_code == 429]
+    assert error_code(answers[refused]) == "relay_cancel_budget_exhausted"
+    assert not ChainTransaction.objects.filter(agreement_id=refused).exists()
+    assert ChainTransaction.objects.filter(purpose="direct_auth_cancel").count() == 1
