@@ -604,7 +604,8 @@ def _agreement_record(proposal: Proposal, *, status: str) -> UsageAgreement:
 class DirectPaymentPreflight:
     """What the chain says of a direct payment about to be accepted: why it cannot run (None: it can), the buyer's
     balance, against which its queueing counts the wallet's other payments under way, and the transaction that used
-    the payment's authorization already (anyone may send it, the buyer too: the price is with the seller), if any."""
+    the payment's authorization already (anyone may send it, the buyer too: the price is with the seller), if any,
+    named also when the rest cannot run (the fee's permit stale, the wallet short of the fee)."""
 
     problem: str | None
     buyer_balance: int = 0
@@ -715,6 +716,11 @@ def _direct_payment_start(agreement_id, preflight: DirectPaymentPreflight) -> Us
     problem = preflight.problem
     agreement = _transition(agreement_id, to=S.PAYING, actor=SYSTEM, reason="collecting the fee, then paying",
                             changes=None if problem else {"funds_moved_at": timezone.now()})
+    if problem and preflight.paid_by:
+        # No status says "paid, fee not collected": failed, but saying so, for the parties and an operator.
+        return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, data={"used_by": preflight.paid_by},
+                           reason=f"the price reached the seller before the accept (tx {preflight.paid_by}), but the "
+                                  f"fee cannot be collected, nothing more was charged: {problem}")
     if problem:
         return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM,
                            reason=f"payment cannot run, nothing was charged: {problem}")

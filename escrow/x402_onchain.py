@@ -332,9 +332,10 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> agreement_services.D
     payment, made (`paid_by`): the purchase goes on with the fee, and its payment step concludes on that transfer once
     it is at the confirmation depth, as on a copy mined after the accept."""
     _require_chain()
+    paid_by = None
 
     def cannot_run(problem: str) -> agreement_services.DirectPaymentPreflight:
-        return agreement_services.DirectPaymentPreflight(problem)
+        return agreement_services.DirectPaymentPreflight(problem, paid_by=paid_by)
 
     try:
         relayer.relay_budget_check(_buyer_payer(agreement))
@@ -343,7 +344,6 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> agreement_services.D
     buyer = to_checksum_address(agreement.buyer_wallet_address)
     token = chain.token_contract()
     authorization = agreement_selectors.payment_authorization_of(agreement=agreement)
-    paid_by = None
     try:
         simulate(authorization)
     except agreement_services.InvalidPayment as invalid:

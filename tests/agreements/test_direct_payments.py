@@ -1068,3 +1068,31 @@ def test_two_relayed_authorization_cancels_at_once_stay_within_the_buyers_cancel
     assert error_code(answers[refused]) == "relay_cancel_budget_exhausted"
     assert not ChainTransaction.objects.filter(agreement_id=refused).exists()
     assert ChainTransaction.objects.filter(purpose="direct_auth_cancel").count() == 1
+
+
+def test_a_purchase_paid_before_the_accept_whose_fee_cannot_be_collected_fails_saying_the_seller_was_paid(
+        purchase, django_capture_on_commit_callbacks):
+    """The buyer sends its payment to the seller itself, then spends its fee permit's nonce: at the accept the fee
+    cannot be collected. No status says "paid, fee not collected" (paid counts the fee taken): the purchase fails, but
+    no longer says nothing was charged; its reason and event name the transfer that paid the seller."""
+    agreement = purchase.propose()
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    used_by = _submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address})
+    usdc, owner, stranger = purchase.chain.usdc, purchase.buyer.address, purchase.chain.accounts.stranger.address
+    domain = network_of(purchase.chain).token_domain
+    typed = typed_data.erc2612_permit(chain_id=purchase.chain.chain_id, token_address=usdc.address, owner=owner,
+                                      spender=stranger, value=0, nonce=usdc.functions.nonces(owner).call(),
+                                      deadline=2**40, token_name=domain.name, token_version=domain.version)
+    v, r, s = typed_data.split_signature(typed_data.sign_typed_data(purchase.buyer.key, typed))
+    usdc.functions.permit(owner, stranger, 0, 2**40, v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:])).transact(
+        {"from": owner})
+
+    failed = purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
+
+    used_by = "0x" + bytes(used_by).hex().removeprefix("0x")
+    assert failed["status"] == "payment_failed"
+    assert used_by in failed["status_reason"] and "fee_permit_stale" in failed["status_reason"], failed
+    assert "nothing was charged" not in failed["status_reason"]
+    assert AgreementEvent.objects.filter(agreement_id=agreement["id"]).order_by("-pk").first().data == {
+        "used_by": used_by}
+    assert purchase.balances() == (buyer - AMOUNT, seller + AMOUNT, fee_recipient, treasury)
