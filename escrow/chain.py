@@ -864,12 +864,15 @@ def _activation(onchain_id: str, buyer: str, *, from_block: int | None, to_block
     return activated[0] if activated else None  # a buyer activates an id once
 
 
-def activation_tx_hash(onchain_id: str, *, buyer: str, from_block: int | None = None) -> str | None:
+def activation_transaction(onchain_id: str, *, buyer: str, from_block: int | None = None) -> dict | None:
     """The transaction whose Activated event funded `buyer`'s escrow `onchain_id` (whoever sent it: the relayer, or
-    anyone relaying the buyer's signed intent), looked for from `from_block`; None when that buyer never activated
-    it."""
+    anyone relaying the buyer's signed intent), looked for from `from_block`: {"tx_hash", "block": {"number",
+    "hash"}}; None when that buyer never activated it."""
     activated = _activation(onchain_id, buyer, from_block=from_block, to_block=latest_block_number())
-    return None if activated is None else hex_text(activated["transactionHash"])
+    if activated is None:
+        return None
+    return {"tx_hash": hex_text(activated["transactionHash"]),
+            "block": {"number": activated["blockNumber"], "hash": hex_text(activated["blockHash"])}}
 
 
 def escrow_terms(onchain_id: str, *, buyer: str, from_block: int | None = None) -> tuple:

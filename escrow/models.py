@@ -98,6 +98,11 @@ class ChainTransaction(Acknowledgement):
         null=True, blank=True, help_text="Queued, not sent before the node's PAYOUT_HEAD_TAG block reaches this block: "
                                          "the block of the payment whose money it forwards (or the head's, while no "
                                          "payment is on the chain), so that no reorg can take that payment after.")
+    copy_deep_at_block = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Queued, refused at its simulation because someone else's transaction did "
+                                         "what it would have, in a block not yet at its confirmation depth: the head "
+                                         "at which it is. The confirmation poll sends it again then (concluded on "
+                                         "that transaction, or sent itself when a reorg took it).")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     confirmed_at = models.DateTimeField(null=True, blank=True)

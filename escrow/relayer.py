@@ -555,7 +555,7 @@ def transaction_submit(*, transaction_id) -> ChainTransaction | None:
         gas = chain.simulate(sender=sender, to=tx.to_address, data=tx.data)
     except chain.Reverted as reverted:
         if _done_by_a_copy_not_deep_yet(tx):
-            return None  # left queued, asked again by the sweep (or a caller awaiting it) until the copy is deep
+            return None  # left queued, asked again by the poll once the copy is deep (or by a caller awaiting it)
         charged = (tx.purpose in _refusals_charged and OPERATOR_RETRY_OF not in tx.context
                    and _refusals_charged[tx.purpose](tx))
         return _conclude(tx, failure=reverted.reason, reverted_within_gas=charged)
@@ -572,8 +572,9 @@ def transaction_submit(*, transaction_id) -> ChainTransaction | None:
         relayer.next_nonce += 1
         relayer.save(update_fields=["next_nonce"])
         attempt = _new_attempt(tx, fees)
-        tx.status, tx.held_until_block = TxStatus.SUBMITTED, None
-        tx.save(update_fields=["relayer", "nonce", "gas_limit", "status", "held_until_block", "updated_at"])
+        tx.status, tx.held_until_block, tx.copy_deep_at_block = TxStatus.SUBMITTED, None, None
+        tx.save(update_fields=["relayer", "nonce", "gas_limit", "status", "held_until_block", "copy_deep_at_block",
+                               "updated_at"])
         if tx.purpose in _submitted_handlers:
             _submitted_handlers[tx.purpose](tx)
     _broadcast(attempt)
@@ -591,7 +592,12 @@ def _done_by_a_copy_not_deep_yet(tx: ChainTransaction) -> bool:
     if reader is None:
         return False
     block = reader(tx).get(EVIDENCE_BLOCK)
-    return block is not None and not _deep_enough(tx, block_number=block["number"], latest=chain.latest_block_number())
+    if block is None or _deep_enough(tx, block_number=block["number"], latest=chain.latest_block_number()):
+        return False
+    # Asked again by the next poll that finds the head there (`transactions_release_copied`), not a sweep later.
+    ChainTransaction.objects.filter(pk=tx.pk, status=TxStatus.QUEUED).update(
+        copy_deep_at_block=block["number"] + tx.confirmations_required - 1, updated_at=timezone.now())
+    return True
 
 
 def _waits_for_finality(tx: ChainTransaction) -> bool:
@@ -648,6 +654,25 @@ def transactions_release_final() -> int:
         for tx_id, block in held.values_list("pk", "held_until_block")[:500]:
             if ChainTransaction.objects.filter(pk=tx_id, status=TxStatus.QUEUED, held_until_block=block).update(
                     held_until_block=None, updated_at=timezone.now()):
+                _submit_after_commit(tx_id)
+                released += 1
+    return released
+
+
+def transactions_release_copied() -> int:
+    """Queued transactions waiting for someone else's copy to reach their confirmation depth
+    (`_done_by_a_copy_not_deep_yet`) whose block the node's head has reached are submitted again, once each (cleared
+    in the DB transaction that enqueues them after commit; a lost message leaves them to the sweeper): concluded on
+    the copy, or sent themselves when a reorg took it. One head call per poll, none when nothing waits."""
+    waiting = ChainTransaction.objects.filter(status=TxStatus.QUEUED, copy_deep_at_block__isnull=False)
+    if not waiting.exists():
+        return 0
+    latest = chain.latest_block_number()
+    released = 0
+    with transaction.atomic():
+        for tx_id, block in waiting.filter(copy_deep_at_block__lte=latest).values_list("pk", "copy_deep_at_block")[:500]:
+            if ChainTransaction.objects.filter(pk=tx_id, status=TxStatus.QUEUED, copy_deep_at_block=block).update(
+                    copy_deep_at_block=None, updated_at=timezone.now()):
                 _submit_after_commit(tx_id)
                 released += 1
     return released
@@ -1154,6 +1179,10 @@ def transactions_poll() -> int:
     except chain.ChainError as error:
         logger.warning("payouts waiting for their payment's finality not released",
                        extra={"error": str(error), "tag": settings.PAYOUT_HEAD_TAG})
+    try:
+        transactions_release_copied()
+    except chain.ChainError as error:
+        logger.warning("transactions waiting for a copy's depth not released", extra={"error": str(error)})
     pending = list(ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED])
                    .order_by("updated_at").values_list("pk", flat=True)[:500])
     checked = chain_failed = 0

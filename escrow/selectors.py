@@ -218,11 +218,12 @@ def escrow_terms(*, agreement: UsageAgreement) -> tuple:
     return chain.escrow_terms(agreement.onchain_id, buyer=buyer, from_block=_activation_search_start(agreement.pk))
 
 
-def activation_tx_hash(*, agreement: UsageAgreement) -> str | None:
-    """The transaction that funded the agreement's escrow on-chain, whoever sent it (raises chain.ChainError when
-    unreachable)."""
+def activation_transaction(*, agreement: UsageAgreement) -> dict | None:
+    """The transaction that funded the agreement's escrow on-chain, whoever sent it, and its block
+    (`chain.activation_transaction`; raises chain.ChainError when unreachable)."""
     buyer = Web3.to_checksum_address(agreement.buyer_wallet_address)
-    return chain.activation_tx_hash(agreement.onchain_id, buyer=buyer, from_block=_activation_search_start(agreement.pk))
+    return chain.activation_transaction(agreement.onchain_id, buyer=buyer,
+                                        from_block=_activation_search_start(agreement.pk))
 
 
 def _activation_search_start(agreement_id) -> int | None:

@@ -267,14 +267,24 @@ def intent_differences(agreement: UsageAgreement, onchain: dict) -> list[str]:
 def _activation_evidence(tx: ChainTransaction) -> dict:
     """An activation that meets AgreementExists: is the escrow under this id the one this buyer signed for (an
     earlier attempt mined, or anyone relaying the buyer's signed intent), and which transaction funded it
-    (`activated_by`: the agreement's activation, not ours that reverted)? Read from the contract."""
-    if tx.status != TxStatus.FAILED or "AgreementExists" not in tx.failure_reason:
+    (`activated_by`: the agreement's activation, not ours that reverted)? Read from the contract. One still queued
+    (refused at its simulation, `relayer._done_by_a_copy_not_deep_yet`) is asked too: the escrow this buyer signed
+    for, funded by a copy, names the copy's block (relayer.EVIDENCE_BLOCK), so that ours is concluded on it only at
+    its confirmation depth (concluded at once, a shallow reorg took the escrow of an agreement made active), and
+    reopened when a reorg takes it."""
+    if tx.status == TxStatus.CONFIRMED or (tx.status == TxStatus.FAILED and "AgreementExists" not in tx.failure_reason):
         return {}
     onchain = selectors.onchain_escrow(agreement=tx.agreement)
+    if tx.status != TxStatus.FAILED and onchain["state"] == selectors.EscrowState.NONE:
+        return {}
     differences = intent_differences(tx.agreement, onchain)
-    return {"agreement_exists": {"state": onchain["state"], "differences": differences,
-                                 "activated_by": selectors.activation_tx_hash(agreement=tx.agreement)},
-            relayer.DONE_BY_ANOTHER: not differences}
+    activation = selectors.activation_transaction(agreement=tx.agreement)
+    evidence = {"agreement_exists": {"state": onchain["state"], "differences": differences,
+                                     "activated_by": activation and activation["tx_hash"]},
+                relayer.DONE_BY_ANOTHER: not differences}
+    if activation is not None and not differences:
+        evidence[relayer.EVIDENCE_BLOCK] = activation["block"]
+    return evidence
 
 
 def _activation_outcome(tx: ChainTransaction) -> None:

@@ -578,3 +578,77 @@ def test_a_sellers_proposal_of_an_earlier_receipt_is_replaced_with_the_last_one(
     assert not ChainEvent.objects.filter(agreement_id=agreement.pk, effect=EventEffect.FAILED).exists()
     with pytest.raises(Exception, match=Web3.keccak(text="StaleReceipt(uint256,uint256)")[:4].hex()):
         seller_proposes_directly(funded, chain, seq=2)
+
+
+def test_an_activation_a_copy_of_the_buyers_intent_ran_before_ours_was_sent_waits_for_the_copys_depth(
+        escrow_chain, http_server, settings, django_capture_on_commit_callbacks):
+    """Anyone holding the buyer's signed intent (the buyer itself, a stranger who saw it) gets it mined before the
+    relayer sends ours: our simulation reverts AgreementExists. Ours mined waits for CHAIN_CONFIRMATIONS; concluded on
+    the copy, it made the agreement active at once, one block deep, where a shallow reorg takes the escrow and the
+    seller serves an agreement nobody funded."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_CONFIRMATIONS = 5
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    with capture(execute=False) as callbacks:
+        response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                          parties.signed_activation(agreement["id"]))
+    assert response.status_code == 202, response.content
+    ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
+    copy_hash = chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
+                                               "data": ours.data, "gas": 1_000_000})
+    mined(chain, copy_hash)
+    copy = chain.w3.eth.get_transaction_receipt(copy_hash)
+    with capture(execute=True):
+        for callback in callbacks:
+            callback()
+    ours.refresh_from_db()
+    assert ours.status == "queued"
+    assert parties.agreement(agreement["id"])["status"] != "active"
+    chain.mine(4)
+    with capture(execute=True):  # the sweep sends it again: concluded on the copy, now 5 deep
+        relayer.transaction_submit(transaction_id=ours.pk)
+    ours.refresh_from_db()
+    assert ours.status == "failed" and ours.outcome_evidence[relayer.EVIDENCE_BLOCK]["number"] == copy["blockNumber"]
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert parties.agreement(agreement["id"])["activation_tx_hash"] == copy["transactionHash"].to_0x_hex()
+    assert not RelayRevert.objects.filter(transaction=ours).exists()
+
+
+def test_an_invocation_waiting_on_a_copy_of_its_authorization_is_concluded_by_the_poll_once_the_copy_is_deep(
+        escrow_chain, http_server, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The payment left queued while the copy of its authorization is shallow (above) was asked again only by the
+    sweep of queued transactions (every CHAIN_SWEEP_AFTER, 30 s), so a call paid by a copy answered up to a sweep
+    after the copy was deep enough. The confirmation poll (every few seconds) sends it again once the copy's block is
+    at the confirmation depth."""
+    settings.CHAIN_CONFIRMATIONS = 5
+    capture = django_capture_on_commit_callbacks
+    market = Market(escrow_chain, http_server)
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    payload = decode_payment_signature_header(payment).payload
+    auth = payload["authorization"]
+    v, r, s = td.split_signature(payload["signature"])
+    simulate = x402_onchain.simulate
+
+    def simulated_then_front_run(authorization):
+        simulate(authorization)
+        mined(escrow_chain, escrow_chain.usdc.functions.transferWithAuthorization(
+            auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]), int(auth["validBefore"]),
+            bytes.fromhex(auth["nonce"][2:]), v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:]),
+        ).transact({"from": escrow_chain.accounts.stranger.address}))
+
+    monkeypatch.setattr(x402_onchain, "simulate", simulated_then_front_run)
+    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0.5
+    with capture(execute=True):
+        response = market.call("translate", payment)
+    assert response.status_code == 202, response.content
+    payment_tx = ChainTransaction.objects.get(purpose="invocation_payment")
+    confirm_all(capture)  # the copy is 1 deep: it waits
+    payment_tx.refresh_from_db()
+    assert payment_tx.status == "queued"
+    escrow_chain.mine(4)
+    confirm_all(capture)  # no sweep: the poll sends it again, concluded on the copy now 5 deep
+    payment_tx.refresh_from_db()
+    assert payment_tx.status == "failed" and payment_tx.outcome_evidence["used_by"]
+    assert SkillInvocation.objects.get().money != "authorized"
