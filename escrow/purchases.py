@@ -681,7 +681,9 @@ def purchases_jobs_tick(*, now: int | None = None) -> dict[str, int]:
     did not fit waiting for the next. A second tick meanwhile is a no-op (a lock; each call's lease besides).
     A purchase whose claim, call or answer's record raises other than a seller's error (a bug, bad data, a database
     error on its row) is logged and skipped (its claim's lease lapses; a call's backs off as a failed one), the
-    others' answers recorded and their calls made, and RowsFailed raised at the end (sweeps.RowFailures)."""
+    others' answers recorded and their calls made, and RowsFailed raised at the end (sweeps.RowFailures). A node of
+    another chain than CHAIN_ID has nothing read from it (`chain.node_chain_check`): its clock started jobs."""
+    chain.node_chain_check()
     now = now if now is not None else chain_clock.chain_now()
     done = {"started": 0, "results": 0}
     with postgresql.alone("escrow-masumi-jobs-tick") as first:  # each call's lease besides (SQLite: alone)
@@ -734,7 +736,9 @@ def purchases_jobs_tick(*, now: int | None = None) -> dict[str, int]:
 
 def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     """Everything else due on Masumi purchases, in one pass (the beat task): no seller is called. Each step is
-    idempotent."""
+    idempotent. A node of another chain than CHAIN_ID has nothing read from it (`chain.node_chain_check`: WrongChain):
+    its clock expired purchases unfunded, its escrows' states moved ours."""
+    chain.node_chain_check()
     now = now if now is not None else chain_clock.chain_now()
     now_dt = _moment(now)
     done = {"expired": 0, "disputed": 0, "released": 0, "refunding": 0}

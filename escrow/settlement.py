@@ -506,7 +506,10 @@ def _reclaim_outcome(tx: ChainTransaction) -> None:
 
 
 def settlement_tick(*, now: int | None = None) -> dict[str, int]:
-    """Everything due, in one pass (the beat task). Each step is idempotent and safe to run concurrently."""
+    """Everything due, in one pass (the beat task). Each step is idempotent and safe to run concurrently. A node of
+    another chain than CHAIN_ID has nothing read from it (`chain.node_chain_check`: WrongChain, the task failing
+    loudly): its escrows' states moved ours (a finalize's agreement to settling, a reclaim's completion asked for)."""
+    chain.node_chain_check()
     now = now if now is not None else chain_clock.chain_now()
     now_dt = datetime.fromtimestamp(now, tz=UTC)
     done = {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}

@@ -1115,3 +1115,20 @@ def test_a_result_not_matching_the_hash_its_seller_submitted_backs_off_and_is_sh
 
     purchase.tick()
     assert len(http_server.requests) == calls + 1  # not asked again before its backoff
+
+
+def test_a_purchases_tick_against_a_node_of_another_chain_expires_nothing(escrow_chain, seller_service, settings,
+                                                                          django_capture_on_commit_callbacks):
+    """CHAIN_RPC_URL naming a node of another chain than CHAIN_ID: the tick took that chain's clock for ours and
+    expired purchases unfunded by it (their buyer's signed intent may still be mined on ours). The node's chain id
+    is checked first: WrongChain, loudly, and nothing moves."""
+    chain = escrow_chain
+    parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
+    created = parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
+                                                   "agentIdentifier": str(parties.service.pk)}).json()["data"]
+    chain.increase_time(created["ActivationPackage"]["deadline"] - chain.now())
+    chain.mine()
+    settings.CHAIN_ID = 8453  # the node is Anvil's 31337
+    with django_capture_on_commit_callbacks(execute=False), pytest.raises(gateway.WrongChain, match="chain id"):
+        purchases.purchases_tick()
+    assert parties.agreement(created["agreementId"])["status"] != "expired"

@@ -21,6 +21,7 @@ from tests.conftest import Api, error_code
 from tests.escrow.conftest import Escrows, escrow_terms
 from tests.escrow.flow import USDC, Parties, confirm_all, onchain_escrow, usdc_balance
 from tests.escrow.test_indexer import index, statuses
+from tests.escrow.test_relayer_faults import rpc_relay  # noqa: F401
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -1012,3 +1013,24 @@ def test_the_payouts_of_a_finalize_are_read_from_its_own_receipt_not_another_the
     settled = funded.agreement(funded.agreement_id)
     assert settled["status"] == "settled"
     assert (settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (400_000, 1_600_000)
+
+
+def test_a_settlement_tick_against_a_node_of_another_chain_reads_and_moves_nothing(
+        funded, escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):  # noqa: F811
+    """CHAIN_RPC_URL naming a node of another chain than CHAIN_ID (a provider's URL of another network, where the same
+    deployer's contracts have the same addresses): the tick read that chain's escrow, found its window over, and moved
+    the agreement to settling (the buyer's challenge on our chain no longer expected), a finalize queued that the
+    relayer never sends there (WrongChain). The node's chain id is checked first: WrongChain, loudly, and nothing
+    moves."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 20)
+    assert funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete").status_code == 200
+    assert tick(capture)["proposed"] == 1
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    chain.increase_time(3601)
+    chain.mine()
+    settings.CHAIN_ID = 8453  # the node is Anvil's 31337
+    with capture(execute=False), pytest.raises(gateway.WrongChain, match="chain id"):
+        settlement.settlement_tick()
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.FINALIZE).exists()
