@@ -534,11 +534,9 @@ def nonce_taken_by(address: str, nonce: int, *, used_at: int) -> str | None:
         else:
             unused_at = middle
     try:
-        block = w3().eth.get_block(taken_in, full_transactions=True)
+        block = _block(taken_in, full_transactions=True)
     except BlockNotFound:
         return None
-    except Exception as exc:  # noqa: BLE001
-        raise classify(exc) from exc
     sender = to_checksum_address(address)
     for transaction in block["transactions"]:
         if to_checksum_address(transaction["from"]) == sender and transaction["nonce"] == nonce:
@@ -569,12 +567,13 @@ def block_transaction_hashes(number: int) -> set[str] | None:
     return {"0x" + bytes(tx_hash).hex() for tx_hash in block["transactions"]}
 
 
-def _block(number: int):
-    """The node's block at height `number` (its header and transaction hashes). Raises BlockNotFound when it has none
-    there; UntrustedAnswer when it answered a block of another height, or one without its hash or timestamp (taken
-    for the one asked, a block without our payout passed for the one that held it, and the payout went out again)."""
+def _block(number: int, *, full_transactions: bool = False):
+    """The node's block at height `number` (its header and transaction hashes, or the transactions themselves). Raises
+    BlockNotFound when it has none there; UntrustedAnswer when it answered a block of another height, or one without
+    its hash or timestamp (taken for the one asked, a block without our payout passed for the one that held it, and
+    the payout went out again)."""
     try:
-        block = w3().eth.get_block(number)
+        block = w3().eth.get_block(number, full_transactions=full_transactions)
     except BlockNotFound:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -1099,3 +1099,70 @@ def test_a_node_answering_another_heights_block_in_the_nonce_scan_does_not_send_
     with pytest.raises(gateway.UntrustedAnswer):
         rpc_relay.rewrite(_block_asked(mined_in), lambda answer: {**answer, "result": other})
         gateway.block_transaction_hashes(mined_in)
+
+
+def test_a_node_answering_another_heights_block_for_the_block_that_took_the_nonce_sends_nothing_again(
+        escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):
+    """The payout was dropped from the pool and another transaction of the relayer's wallet took its nonce; a proxy
+    answers the lookup of the block that took it (`chain.nonce_taken_by`) with the block of another height. That block
+    holds no transaction of the wallet under the nonce: the payout waits, is not sent again on it, and goes out again
+    under a new nonce, once, when the block is answered right."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+        chain.rpc("anvil_dropTransaction", [tx.attempts.get().tx_hash])
+        taker = chain.w3.eth.send_transaction({"from": chain.accounts.deployer.address,
+                                               "to": chain.accounts.deployer.address, "value": 0, "nonce": tx.nonce})
+        chain.mine()
+        chain.mine()
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    taken_in = chain.w3.eth.get_transaction_receipt(taker)["blockNumber"]
+    other = rpc_relay.node("eth_getBlockByNumber", [hex(taken_in + 1), True])
+    rpc_relay.rewrite(_block_asked(taken_in), lambda answer: {**answer, "result": other})
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    for _ in range(2):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert (tx.status, tx.attempts.count()) == (TxStatus.SUBMITTED, 1)
+    assert usdc_balance(chain, recipient.address) == before
+    with pytest.raises(gateway.UntrustedAnswer):
+        gateway.nonce_taken_by(chain.accounts.deployer.address, tx.nonce, used_at=taken_in + 1)
+    rpc_relay.rewrite_none()
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 2
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+
+def test_a_sweep_sending_a_transaction_again_while_its_submission_runs_signs_it_once(
+        parties, escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The sweep sends a queued transaction again without marking it: its submission task, slow, is still between
+    its simulation and its signing when the sweep's submission runs to the end. The signing takes the row's lock and
+    reads it queued again: the slower one finds it submitted and signs nothing (one nonce, one attempt)."""
+    capture = django_capture_on_commit_callbacks
+    agreement, tx, callbacks = queue_activation(parties, capture)
+    simulate, raced = gateway.simulate, []
+
+    def simulated_while_the_sweep_sends_it(**kwargs):
+        gas = simulate(**kwargs)
+        if not raced:
+            raced.append(True)
+            settings.CHAIN_SWEEP_AFTER = timedelta(0)
+            with capture(execute=True):
+                assert relayer.transactions_sweep_queued() == 1
+        return gas
+
+    monkeypatch.setattr(gateway, "simulate", simulated_while_the_sweep_sends_it)
+    with capture(execute=True):
+        for callback in callbacks:
+            callback()
+    tx.refresh_from_db()
+    assert raced and tx.status == TxStatus.SUBMITTED and tx.attempts.count() == 1
+    confirm_all(capture)
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert TxAttempt.objects.filter(transaction__agreement_id=agreement["id"]).count() == 1
