@@ -652,3 +652,37 @@ def test_an_invocation_waiting_on_a_copy_of_its_authorization_is_concluded_by_th
     payment_tx.refresh_from_db()
     assert payment_tx.status == "failed" and payment_tx.outcome_evidence["used_by"]
     assert SkillInvocation.objects.get().money != "authorized"
+
+
+def test_an_activation_waiting_on_a_shallow_copy_a_reorg_takes_is_sent_itself(
+        escrow_chain, http_server, settings, django_capture_on_commit_callbacks):
+    """The activation left queued while the copy of the buyer's intent is shallow (above) goes out itself once a
+    reorg took the copy's block: nothing was concluded on the copy, and the escrow is funded by ours."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_CONFIRMATIONS = 5
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    with capture(execute=False) as callbacks:
+        response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                          parties.signed_activation(agreement["id"]))
+    assert response.status_code == 202, response.content
+    ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
+    fork = chain.snapshot()
+    mined(chain, chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
+                                                "data": ours.data, "gas": 1_000_000}))
+    with capture(execute=True):
+        for callback in callbacks:
+            callback()
+    ours.refresh_from_db()
+    assert ours.status == "queued"
+    chain.reorg(fork)  # the copy's block is gone
+    chain.mine(4)  # the head the copy would have been deep at
+    confirm_all(capture)  # the poll sends it again: the escrow is not funded, ours goes out
+    ours.refresh_from_db()
+    assert ours.status in ("submitted", "mined") and ours.attempts.count() == 1
+    chain.mine(5)
+    confirm_all(capture)
+    ours.refresh_from_db()
+    assert ours.status == "confirmed"
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert parties.agreement(agreement["id"])["activation_tx_hash"] == ours.mined_tx_hash
