@@ -59,7 +59,7 @@ from marketplace.chainconfig import relayer_address
 from marketplace import bounded_json
 from marketplace.errors import ApplicationError, InvalidInput, NotFound, api_exception_handler
 from marketplace.idempotency import HEADER as IDEMPOTENCY_HEADER
-from marketplace.idempotency import MAX_KEY_LENGTH, answer_once, fingerprint_of, idempotent, shown_once
+from marketplace.idempotency import answer_once, fingerprint_of, idempotent, key_acceptable, shown_once
 from marketplace.throttling import agent_budget_key, windows_wait
 from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
 from marketplace.parsers import plain_json_post
@@ -363,7 +363,7 @@ def _plain_report(request) -> tuple[KeyHolder, dict, dict] | None:
     plain report (`plain_usage_report`); None for anything else, which DRF then serves. Nothing is counted or
     written before this decides."""
     key = request.headers.get(IDEMPOTENCY_HEADER)
-    if not plain_json_post(request) or not key or len(key) > MAX_KEY_LENGTH:
+    if not plain_json_post(request) or key is None or not key_acceptable(key):
         return None
     try:
         holder = agent_key_holder(request, scope=KeyScope.PAY)

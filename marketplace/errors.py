@@ -72,6 +72,12 @@ class PayloadTooLarge(ApplicationError):
     message = "The request body is too large."
 
 
+class UnsupportedMediaType(ApplicationError):
+    status_code = status.HTTP_415_UNSUPPORTED_MEDIA_TYPE
+    code = "unsupported_media_type"
+    message = "The request body is in a form this API does not read."
+
+
 class TooManyRequests(ApplicationError):
     status_code = status.HTTP_429_TOO_MANY_REQUESTS
     code = "rate_limited"

@@ -244,9 +244,15 @@ def idempotent(required: bool = False, atomic: bool = True, prepare: Callable | 
     return decorator
 
 
+def key_acceptable(key: str) -> bool:
+    # No NUL: PostgreSQL's text cannot hold one (the claim's insert raised DataError, a 500).
+    return 0 < len(key) <= MAX_KEY_LENGTH and "\x00" not in key
+
+
 def key_check(key: str) -> None:
-    if not key or len(key) > MAX_KEY_LENGTH:
-        raise InvalidInput(f"{HEADER} must be 1-{MAX_KEY_LENGTH} characters.", code="invalid_idempotency_key")
+    if not key_acceptable(key):
+        raise InvalidInput(f"{HEADER} must be 1-{MAX_KEY_LENGTH} characters, none of them NUL.",
+                           code="invalid_idempotency_key")
 
 
 def answer_once(request, *, scope: str, key: str, fingerprint: str, handler: Callable[..., Response],

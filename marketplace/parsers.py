@@ -7,12 +7,15 @@ something we would not read, so it is refused here, once, rather than coerced to
 metered proxy forwards bodies as they are and never parses them.
 """
 
+import codecs
+import json
+
 from django.conf import settings
 from rest_framework.exceptions import ErrorDetail, ValidationError
 from rest_framework.parsers import JSONParser
 
 from marketplace import bounded_json
-from marketplace.errors import ApplicationError, InvalidInput, PayloadTooLarge
+from marketplace.errors import ApplicationError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 
 def json_refusal(error: bounded_json.InvalidJSON) -> ApplicationError | ValidationError:
@@ -36,13 +39,37 @@ def json_refusal(error: bounded_json.InvalidJSON) -> ApplicationError | Validati
     return InvalidInput(str(error), code="invalid_json", details={"max_depth": settings.JSON_MAX_DEPTH})
 
 
+def unread_body_refusal(request, body: bytes) -> UnsupportedMediaType | None:
+    """Why a body that is no JSON as read (UTF-8, as it came) was sent so: compressed (its Content-Encoding), or in
+    another charset than UTF-8, declared or not (JSON is UTF-8, RFC 8259); None when it is just malformed. Asked only
+    of a body that failed: one that reads is read as before, whatever its headers say."""
+    request = getattr(request, "_request", request)  # DRF's request wraps Django's
+    coding = request.headers.get("Content-Encoding", "").strip()
+    if coding and coding.lower() != "identity":
+        return UnsupportedMediaType(f"Content-Encoding {coding} is not read: send the JSON uncompressed.",
+                                    code="unsupported_content_encoding", details={"content_encoding": coding})
+    charset = request.content_params.get("charset") or json.detect_encoding(body)
+    try:
+        utf8 = codecs.lookup(charset).name in ("utf-8", "utf-8-sig")
+    except LookupError:
+        utf8 = False
+    if utf8:
+        return None
+    return UnsupportedMediaType(f"The body is in {charset}: JSON is read in UTF-8 only.", code="unsupported_charset",
+                                details={"charset": charset})
+
+
 class BoundedJSONParser(JSONParser):
     def parse(self, stream, media_type=None, parser_context=None):
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        body = stream.read(limit + 1)
         try:
-            data = bounded_json.loads(stream.read(limit + 1), max_bytes=limit, duplicate_keys=False)
+            data = bounded_json.loads(body, max_bytes=limit, duplicate_keys=False)
         except bounded_json.InvalidJSON as error:
-            raise json_refusal(error) from None
+            # The views that read a body themselves pass the (Django) request as the stream.
+            request = (parser_context or {}).get("request", stream)
+            refusal = unread_body_refusal(request, body) if error.reason == "malformed" else None
+            raise (refusal or json_refusal(error)) from None
         if not isinstance(data, dict):
             kind = _json_type(data)
             raise InvalidInput(f"The request body must be a JSON object, not {kind}.", code="body_not_object",

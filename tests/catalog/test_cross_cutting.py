@@ -66,6 +66,16 @@ def test_over_long_idempotency_key(seller_api):
     assert response.status_code == 400 and error_code(response) == "invalid_idempotency_key"
 
 
+@pytest.mark.parametrize("path", ["/agents/services", "/usage-agreements/00000000-0000-4000-8000-000000000000/record-usage"])
+def test_an_idempotency_key_with_a_nul_character_is_400_not_500(seller_api, path):
+    """PostgreSQL's text holds no NUL: the key's claim raised DataError, a 500, on the generic path and on the plain
+    usage report's own."""
+    body = service_data() if path == "/agents/services" else {"events": [{"units": 1}]}
+    response = seller_api.post(path, body, headers={"Idempotency-Key": "key\x00one"})
+    assert response.status_code == 400 and error_code(response) == "invalid_idempotency_key"
+    assert not IdempotencyRecord.objects.exists()
+
+
 @pytest.mark.slow
 def test_openapi_schema_validates_without_warnings(tmp_path):
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
