@@ -3,13 +3,15 @@ delivered again (acks_late + reject_on_worker_lost); one that kills every proces
 Each redelivery is counted in the database before the task runs (`RedeliveredTask`, committed first, so the count
 survives the crash it is counting); past TASK_MAX_REDELIVERIES the message is a dead letter: recorded, logged,
 acknowledged without running. Dead letters are listed in the admin and counted in the metrics
-(`marketplace_celery_dead_letters`); an operator re-runs one after fixing its cause.
+(`marketplace_celery_dead_letters`); an operator re-runs one after fixing its cause. Each record is deleted
+DEAD_LETTER_KEEP_DAYS after its last redelivery (`records_prune`, a daily beat task).
 
 Only redeliveries are counted (the broker marks them: kombu's Redis transport sets `redelivered`), so a first
 delivery costs no write.
 """
 
 import logging
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -35,6 +37,17 @@ def redelivery_allowed(*, task_id: str, task_name: str, args, kwargs) -> bool:
                              extra={"task": task_name, "task_id": task_id, "redeliveries": record.redeliveries})
             record.save(update_fields=["redeliveries", "dead_lettered_at", "updated_at"])
     return record.dead_lettered_at is None
+
+
+def records_prune(*, batch: int = 1000) -> int:
+    """Delete the records, dead letters or counts, last redelivered more than DEAD_LETTER_KEEP_DAYS ago, a batch at a
+    time (every redelivered message adds one, and nothing else deleted them); how many. Safe twice."""
+    old = RedeliveredTask.objects.filter(updated_at__lt=timezone.now() - timedelta(days=settings.DEAD_LETTER_KEEP_DAYS))
+    deleted = 0
+    # The rule again on delete: a message redelivered meanwhile is counted afresh.
+    while ids := list(old.order_by().values_list("pk", flat=True)[:batch]):
+        deleted += old.filter(pk__in=ids).delete()[0]
+    return deleted
 
 
 def dead_letter_counts() -> dict[tuple[str], int]:

@@ -651,6 +651,12 @@ OVERDUE_FINALIZE_AFTER = timedelta(seconds=env.int("OVERDUE_FINALIZE_AFTER_SECON
 DISPUTE_TIMEOUT_WARNING = timedelta(seconds=env.int("DISPUTE_TIMEOUT_WARNING_SECONDS", default=7 * 24 * 3600))
 # A task message redelivered this many times because its process died is then a dead letter (marketplace.dead_letters).
 TASK_MAX_REDELIVERIES = env.int("TASK_MAX_REDELIVERIES", default=3)
+# ... and its record (a dead letter, or the count of a message that ran at last) is deleted by a daily beat task this
+# long after its last redelivery: an operator has looked at it by then, and the broker redelivers within
+# CELERY_VISIBILITY_TIMEOUT.
+DEAD_LETTER_KEEP_DAYS = env.int("DEAD_LETTER_KEEP_DAYS", default=30)
+CELERY_BEAT_SCHEDULE["prune-dead-letters"] = {"task": "marketplace.tasks.prune_dead_letters",
+                                              "schedule": timedelta(days=1)}
 # Each beat message expires after its period (at least a minute: clocks a little apart drop none): the beat sends one
 # at each period whether or not a worker took the last, so with the workers down (a deploy, a crash) or behind (a slow
 # node outlasting a 3 s poll) polls and ticks piled up, and every stale one ran late, ahead of the submissions queued

@@ -40,3 +40,29 @@ def test_no_task_runs_or_waits_for_its_countdown_longer_than_the_brokers_visibil
                             2 * settings.OUTBOUND_PUT_OFF_SECONDS)
     assert longest_run < visibility_timeout
     assert longest_countdown < visibility_timeout
+
+
+def test_dead_letters_and_redelivery_counts_are_deleted_past_their_retention_by_a_beat_task(settings):
+    """Every redelivered message left a row, and nothing deleted it: the table grew for ever. The daily beat task
+    deletes those whose last redelivery was more than DEAD_LETTER_KEEP_DAYS ago, and keeps the rest."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from marketplace import tasks
+
+    settings.TASK_MAX_REDELIVERIES = 0
+    for task_id in ("old-dead", "old-counted", "recent-dead"):
+        dead_letters.redelivery_allowed(task_id=task_id, task_name="catalog.tasks.check_availability", args=[],
+                                        kwargs={})
+    RedeliveredTask.objects.filter(task_id="old-counted").update(dead_lettered_at=None)  # ran at its next delivery
+    long_ago = timezone.now() - timedelta(days=settings.DEAD_LETTER_KEEP_DAYS, minutes=1)
+    RedeliveredTask.objects.filter(task_id__startswith="old-").update(updated_at=long_ago, dead_lettered_at=None)
+    RedeliveredTask.objects.filter(task_id="old-dead").update(dead_lettered_at=long_ago)
+
+    entry = next(entry for entry in settings.CELERY_BEAT_SCHEDULE.values()
+                 if entry["task"] == "marketplace.tasks.prune_dead_letters")
+    assert entry["schedule"] <= timedelta(days=1)
+    assert tasks.prune_dead_letters.delay().get() == 2
+    assert list(RedeliveredTask.objects.values_list("task_id", flat=True)) == ["recent-dead"]
+    assert tasks.prune_dead_letters.delay().get() == 0  # safe twice
