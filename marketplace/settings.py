@@ -85,8 +85,17 @@ TEMPLATES = [
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'marketplace.sqlite3'}")}
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# A statement running longer than this is cancelled by PostgreSQL (the request answers 503 database_unavailable, a
+# task fails and its sweep does its work again): one slow statement (a plan gone wrong, a lock never released) held
+# its connection, and the web thread or worker slot waiting on it, for ever. 0: none (a long migration may need it).
+DB_STATEMENT_TIMEOUT_SECONDS = env.int("DB_STATEMENT_TIMEOUT_SECONDS", default=30)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["ENGINE"] = "marketplace.postgresql"  # a health check without a round trip
+    # Set as the connection opens (libpq's `options`): no statement of its own. Behind a pooler that refuses startup
+    # options (PgBouncer: ignore_startup_parameters), set it on the database's role instead.
+    _options = DATABASES["default"].setdefault("OPTIONS", {})
+    _options["options"] = " ".join(filter(None, [
+        _options.get("options", ""), f"-c statement_timeout={DB_STATEMENT_TIMEOUT_SECONDS * 1000}"]))
 # The hot statements built once per process (marketplace.postgresql.prepared_cursor) are prepared on the server;
 # off behind a pooler that cannot keep them (PgBouncer before 1.21 in transaction mode). Django's own queries never
 # are (they are bound on the client).
@@ -183,6 +192,16 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
 # `time_limit`), a backstop: the task is then acknowledged, not run again; a webhook's lease runs out and the retry
 # sweep sends it, an invocation left processing is timed out and refunded by its sweep.
 CELERY_TASK_DEFAULT_QUEUE = "celery"
+# Every task of the default queue is killed (its pool process replaced; the message acknowledged, not run again) past
+# this: a node, a lock or a statement that never answers held a worker slot for ever, and the submissions,
+# confirmations and settlements queued behind it waited. Each is built to survive a process dying mid-run (its sweep
+# or the next beat does its work again). Far above a run's bounded work (a sweep's batch, a poll's page, the
+# indexer's ranges, each call within CHAIN_RPC_TIMEOUT), inside CELERY_VISIBILITY_TIMEOUT. Hard only: a soft limit
+# is an exception raised inside the task, which handlers written for a node's failure would take for one
+# (`escrow.chain.call` maps it to RpcUnavailable, then autoretried; the indexer keeps the event it was applying as
+# failed).
+TASK_TIME_LIMIT_SECONDS = env.int("TASK_TIME_LIMIT_SECONDS", default=600)
+CELERY_TASK_TIME_LIMIT = TASK_TIME_LIMIT_SECONDS
 OUTBOUND_QUEUE = "outbound"
 OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS = 60
 CELERY_TASK_ROUTES = {name: {"queue": OUTBOUND_QUEUE} for name in (

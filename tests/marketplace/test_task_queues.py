@@ -154,3 +154,22 @@ def test_a_beat_message_no_worker_took_in_time_is_dropped_not_run_late_in_a_pile
     finally:
         task.apply_async = original
     assert published[0]["expires"] == 60
+
+
+def test_every_task_is_killed_past_a_hard_time_limit_its_queue_sets_inside_the_brokers_visibility_timeout():
+    """A default-queue task had no time limit: one hung on a node, a lock or a statement held its worker slot for
+    ever (two slots a worker by default), and the submissions, confirmations and settlements behind it waited. Each
+    now has TASK_TIME_LIMIT_SECONDS (the outbound tasks their own, past their exchange's deadline), all of them
+    inside the visibility timeout (else Redis delivers a message still running again)."""
+    app.loader.import_default_modules()
+    ours = {name: task for name, task in app.tasks.items() if not name.startswith("celery.")}
+    default_queue = {name for name in ours if _queue(name) == settings.CELERY_TASK_DEFAULT_QUEUE}
+    assert MONEY_TASKS <= default_queue
+    assert {name: ours[name].time_limit for name in default_queue} == dict.fromkeys(
+        default_queue, settings.TASK_TIME_LIMIT_SECONDS)
+    assert all(ours[name].time_limit for name in OUTBOUND_TASKS)
+    visibility_timeout = settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]
+    assert max(task.time_limit for task in ours.values()) < visibility_timeout
+    # The hard limit only: a soft one is an exception raised inside the task, which handlers made for a node's
+    # failure would take for one (chain.call's mapping, then an autoretry; the indexer keeping an event as failed).
+    assert {name for name, task in ours.items() if task.soft_time_limit} == set()
