@@ -438,11 +438,17 @@ def payment_request_create(*, seller: Agent, service: Service, identifier_from_p
         payment_request__isnull=True, job_id="", job_start_claimed_at__isnull=False)
     if input_hash:
         funded = funded.filter(input_hash=input_hash)
-    purchase = funded.select_related("agreement").order_by("created_at").first()
-    if purchase is not None:  # the seller took the job: should its answer be lost, it is not started again
-        MasumiPurchase.objects.filter(pk=purchase.pk, job_start_acknowledged_at__isnull=True).update(
-            job_start_acknowledged_at=timezone.now())
-        return purchase
+    with transaction.atomic():
+        # Each job the marketplace is starting is taken by one request: two purchases of one identifier and input
+        # started at once were both answered with the older (the seller's second job named its blockchainIdentifier,
+        # the newer never marked taken). One already taken answers again only once none is left (a retry).
+        funded = funded.select_related("agreement").order_by("created_at")
+        purchase = (funded.filter(job_start_acknowledged_at__isnull=True)
+                    .select_for_update(of=("self",), skip_locked=True).first() or funded.first())
+        if purchase is not None:  # the seller took the job: should its answer be lost, it is not started again
+            MasumiPurchase.objects.filter(pk=purchase.pk, job_start_acknowledged_at__isnull=True).update(
+                job_start_acknowledged_at=timezone.now())
+            return purchase
     deadline_now, chain_now = clock or request_clock()
     at = _timers(deadline_now, timers, chain_now=chain_now)
     return MasumiPaymentRequest.objects.create(

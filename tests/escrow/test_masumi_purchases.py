@@ -847,6 +847,71 @@ def test_a_start_job_answer_lost_to_a_killed_tick_is_not_started_again_once_the_
     assert purchase.get()["onChainState"] == "ResultSubmitted"
 
 
+def test_two_jobs_bought_under_one_purchaser_identifier_and_started_at_once_are_each_paid_by_their_own_purchase(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
+    """A buyer bought two jobs with one identifierFromPurchaser and one input (Masumi leaves both to the buyer). One
+    tick starts both (two calls per seller at once), and a masumi-library seller asks this node for each job's
+    payment (POST /payment) before it answers either /start_job. Both were answered with the older purchase: the
+    seller's second job named the first purchase's blockchainIdentifier, and the second purchase was never marked
+    taken (a start of it whose answer is lost was made again)."""
+    capture = django_capture_on_commit_callbacks
+    first = Purchase(escrow_chain, capture, seller_service, masumi_protocol_version="2")
+    second = Purchase(escrow_chain, capture, seller_service, parties=first.parties)
+    asked = []
+    answered = purchases._job_call_answered
+
+    def seller_asked_for_both_payments_first(call, answer, **kwargs):
+        if not asked:  # both /start_job in flight, each asking for its job's payment
+            asked.extend(first.parties.seller_api.post("/payment", {
+                "agentIdentifier": str(first.parties.service.pk), "network": "Preprod",
+                "identifierFromPurchaser": "order-17", "inputHash": first.created["inputHash"]}) for _ in range(2))
+        return answered(call, answer, **kwargs)
+
+    monkeypatch.setattr(purchases, "_job_call_answered", seller_asked_for_both_payments_first)
+    assert run(capture, purchases.purchases_jobs_tick)["started"] == 2
+    assert [answer.status_code for answer in asked] == [200, 200]
+    assert sorted(answer.json()["data"]["blockchainIdentifier"] for answer in asked) == sorted([first.id, second.id])
+    assert row(first).job_start_acknowledged_at and row(second).job_start_acknowledged_at
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)  # the seller's two requests run on connections of their own
+def test_two_jobs_of_one_purchaser_identifier_asked_for_at_the_same_moment_are_each_paid_by_their_own_purchase(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
+    """As above, the seller's two POST /payment at the same moment: each takes its own purchase."""
+    capture = django_capture_on_commit_callbacks
+    first = Purchase(escrow_chain, capture, seller_service, masumi_protocol_version="2")
+    second = Purchase(escrow_chain, capture, seller_service, parties=first.parties)
+    both_arrived = threading.Barrier(2, timeout=10)
+    checked = purchases.check_listed_price
+    monkeypatch.setattr(purchases, "check_listed_price", lambda **kwargs: (both_arrived.wait(), checked(**kwargs)))
+    asked = []
+
+    def ask():
+        try:
+            asked.append(first.parties.seller_api.post("/payment", {
+                "agentIdentifier": str(first.parties.service.pk), "network": "Preprod",
+                "identifierFromPurchaser": "order-17", "inputHash": first.created["inputHash"]}))
+        finally:
+            connection.close()
+
+    answered = purchases._job_call_answered
+
+    def seller_asked_for_both_payments_first(call, answer, **kwargs):
+        if not asked:
+            threads = [threading.Thread(target=ask) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        return answered(call, answer, **kwargs)
+
+    monkeypatch.setattr(purchases, "_job_call_answered", seller_asked_for_both_payments_first)
+    assert run(capture, purchases.purchases_jobs_tick)["started"] == 2
+    assert [answer.status_code for answer in asked] == [200, 200]
+    assert sorted(answer.json()["data"]["blockchainIdentifier"] for answer in asked) == sorted([first.id, second.id])
+
+
 def test_a_start_job_answer_lost_to_a_killed_tick_is_started_again_when_the_seller_never_took_the_job(
         escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
     """No payment asked for: a masumi-library seller has no job (it asks before creating one)."""
