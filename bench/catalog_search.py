@@ -286,6 +286,8 @@ def seed(n: int, *, rng: Random, chunk: int = 5_000) -> None:
                 print(f"\r  inserted {min(n, start + chunk):>7} / {n} services", end="", flush=True)
         print(f"\r  inserted {n} services, their tags and skills in {time.perf_counter() - started:.1f} s")
         updating = time.perf_counter()
+        with connection.cursor() as cursor:
+            cursor.execute("SET statement_timeout = 0")  # the seed's statements, not a search's: they take seconds
         # One set-based UPDATE: the same search vector catalog.services writes, and creation times spread over a
         # year (auto_now_add stamped them all "now" during the insert).
         Service.objects.update(
@@ -312,6 +314,7 @@ def vacuum_analyze() -> None:
     vacuuming = time.perf_counter()
     tables = [model._meta.db_table for model in (Service.tags.through, Skill, Service, Tag, ServiceName)]
     with connection.cursor() as cursor:
+        cursor.execute("SET statement_timeout = 0")  # a large table's VACUUM may take longer than a request may
         for table in [*tables, SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE]:
             cursor.execute(f"VACUUM ANALYZE {table}")
     print(f"  VACUUM ANALYZE: {time.perf_counter() - vacuuming:.1f} s")

@@ -87,7 +87,7 @@ DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # A statement running longer than this is cancelled by PostgreSQL (the request answers 503 database_unavailable, a
 # task fails and its sweep does its work again): one slow statement (a plan gone wrong, a lock never released) held
-# its connection, and the web thread or worker slot waiting on it, for ever. 0: none (a long migration may need it).
+# its connection, and the web thread or worker slot waiting on it, for ever. 0: none. `migrate` runs without it.
 DB_STATEMENT_TIMEOUT_SECONDS = env.int("DB_STATEMENT_TIMEOUT_SECONDS", default=30)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["ENGINE"] = "marketplace.postgresql"  # a health check without a round trip

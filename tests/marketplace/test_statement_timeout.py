@@ -35,3 +35,17 @@ def test_a_statement_running_past_the_timeout_is_cancelled_and_the_connection_st
         assert _statement_timeout(other) == "200ms"
     finally:
         other.close()
+
+
+def test_migrations_run_without_the_statement_timeout_and_leave_the_connection_as_it_was(settings, monkeypatch):
+    """A schema change or data migration on a large table takes what it takes: cancelled half-way at the serving
+    processes' timeout, it is rolled back and starts again at every deploy."""
+    from django.core.management import call_command
+    from django.core.management.commands.migrate import Command as DjangoMigrate
+
+    seen = []
+    monkeypatch.setattr(DjangoMigrate, "handle", lambda self, *args, **options: seen.append(
+        _statement_timeout(connection)))
+    call_command("migrate", verbosity=0)
+    assert seen == ["0"]
+    assert _statement_timeout(connection) == f"{settings.DB_STATEMENT_TIMEOUT_SECONDS}s"
