@@ -10,6 +10,7 @@ The result is the body of POST /usage-agreements/{id}/activate-escrow. Nothing h
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,10 +19,10 @@ from eth_utils import keccak
 from sdk import typed_data
 from sdk.networks import NetworkConfig, TokenDomain
 from sdk.safety import (DEADLINE_MAX_SECONDS, SigningRefused, Wallet, as_wallet, check_deadline, check_same,
-                        check_typed_data, typed_message)
+                        check_typed_data, require_equal, typed_message)
 from sdk.terms import AgreedTerms
 
-__all__ = ["activation_intent_nonce", "expected_activation", "sign_activation_package"]
+__all__ = ["activation_intent_nonce", "check_seller", "expected_activation", "sign_activation_package"]
 
 # The package's own fields; anything else is refused (it could be a second object someone hopes gets signed).
 _PACKAGE_FIELDS = frozenset({"agreement_id", "onchain_id", "chain_id", "escrow_contract", "token_address",
@@ -57,21 +58,54 @@ def expected_activation(*, terms: AgreedTerms, network: NetworkConfig, token_dom
     return {"intent": intent, "escrow_permit": permit}
 
 
+def check_seller(terms: AgreedTerms, expected_seller_wallet_address: str | None) -> None:
+    """The agreement's seller wallet (the intent's `seller`, whom the escrow pays) must be the one the buyer expects,
+    when it says which: else it is the marketplace's word, and a compromised one could name its own wallet."""
+    if expected_seller_wallet_address is not None:
+        require_equal(terms.seller, expected_seller_wallet_address, "agreement.seller_wallet_address",
+                      "the deposit would be paid to another wallet than the seller's the buyer expects")
+
+
+def _check_statements(package: Mapping[str, Any], terms: AgreedTerms, network: NetworkConfig) -> None:
+    """What the package states beside the typed data (the agreement, escrow contract, chain, token and amounts it is
+    for) must be the buyer's: one stating another is the marketplace asking for something else."""
+    own = {"onchain_id": terms.agreement_id, "chain_id": network.chain_id, "escrow_contract": network.escrow_address,
+           "token_address": network.token_address, "deposit_amount_atomic": terms.deposit_amount,
+           "infra_fee_atomic": terms.infra_fee}
+    for name, value in own.items():
+        if name in package:
+            require_equal(package[name], value, name, "not the agreement's own, nor the pinned network's")
+    if "agreement_id" in package:
+        try:
+            stated = "0x" + uuid.UUID(str(package["agreement_id"])).hex.rjust(64, "0")
+        except ValueError:
+            stated = None
+        if stated != terms.agreement_id:
+            raise SigningRefused("agreement_id", "the agreement's own", package["agreement_id"],
+                                 f"its escrow id is not {terms.agreement_id}")
+
+
 def sign_activation_package(package: Mapping[str, Any], wallet: str | bytes | Wallet, *, terms: AgreedTerms,
                             network: NetworkConfig, token_domain: TokenDomain, now: int | None = None,
-                            max_deadline_seconds: int = DEADLINE_MAX_SECONDS) -> dict[str, Any]:
+                            max_deadline_seconds: int = DEADLINE_MAX_SECONDS,
+                            expected_seller_wallet_address: str | None = None) -> dict[str, Any]:
     """Check the package against the agreed terms and sign the SDK's own intent and permit.
 
     `now` is the chain's time when known (else this machine's clock); the package's deadline must lie in
     [now + 60 s, now + `max_deadline_seconds`]. The token's permit nonce is taken from the server (a wrong nonce
     only makes the permit invalid), and so is `intent_nonce_round`: any round's nonce names this agreement alone,
-    and the contract funds at most one escrow per (buyer, agreement). Raises `SigningRefused` (with `.field`) on any difference."""
+    and the contract funds at most one escrow per (buyer, agreement). With `expected_seller_wallet_address`, the
+    agreement's seller wallet (the payee) must be that one (`check_seller`). What the package states beside the
+    typed data (agreement, escrow contract, chain, token, deposit, fee) must be the terms' and the pinned network's.
+    Raises `SigningRefused` (with `.field`) on any difference."""
     wallet = as_wallet(wallet)
     if wallet.address.lower() != terms.buyer.lower():
         raise SigningRefused("intent.message.buyer", wallet.address, terms.buyer, "not this wallet's agreement")
+    check_seller(terms, expected_seller_wallet_address)
     for name in package:
         if name not in _PACKAGE_FIELDS:
             raise SigningRefused(name, None, package[name], "unknown field")
+    _check_statements(package, terms, network)
     intent_message = typed_message(package.get("intent"), "intent")
     permit_message = typed_message(package.get("escrow_permit"), "escrow_permit")
     deadline = check_deadline(intent_message.get("deadline"), "intent.message.deadline", now=now,

@@ -51,11 +51,11 @@ from typing import Any, TypeVar
 import httpx
 
 from sdk import typed_data
-from sdk.activation import sign_activation_package
+from sdk.activation import check_seller, sign_activation_package
 from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, AnswerRefused, BoundedHttp,
                               DeadlineExceeded, deadline_passed, deadline_within, json_answer, time_left)
 from sdk.networks import NetworkConfig, TokenDomain
-from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, RpcError
+from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, MalformedAnswer, RpcError
 from sdk.receipts import UsageTermsMismatch, UsageVerificationTimedOut, VerifiedUsage, verify_usage
 from sdk.safety import (DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data,
                         require_equal)
@@ -199,12 +199,21 @@ class MarketplaceClient:
     def token_domain(self) -> TokenDomain:
         """The token's EIP-712 domain: read from the token through the RPC when there is one, else pinned. With
         both, the one read must be the pinned one (else `SigningRefused` on "token domain"): the RPC would choose
-        the domain of every permit and authorization signed."""
+        the domain of every permit and authorization signed. An answer that does not decode refuses too ("rpc chain
+        id", "token domain")."""
         if self._chain is not None:
             if self._token_domain_read is None:
-                if self._chain.chain_id() != self.network.chain_id:
-                    raise SigningRefused("rpc chain id", self.network.chain_id, self._chain.chain_id())
-                read = self._chain.token_domain(self.network.token_address)
+                try:
+                    chain_id = self._chain.chain_id()
+                except MalformedAnswer as unreadable:
+                    raise SigningRefused("rpc chain id", self.network.chain_id, None, str(unreadable)) from unreadable
+                if chain_id != self.network.chain_id:
+                    raise SigningRefused("rpc chain id", self.network.chain_id, chain_id)
+                try:
+                    read = self._chain.token_domain(self.network.token_address)
+                except MalformedAnswer as unreadable:
+                    raise SigningRefused("token domain", self.network.token_domain or "the token's EIP-712 domain",
+                                         None, str(unreadable)) from unreadable
                 pinned = self.network.token_domain
                 if pinned is not None and read != pinned:
                     raise SigningRefused("token domain", pinned, read, "the buyer's RPC reads another domain than "
@@ -222,7 +231,10 @@ class MarketplaceClient:
         wall = int(time.time())
         if self._chain is None:
             return wall
-        chain = self._chain.now()
+        try:
+            chain = self._chain.now()
+        except MalformedAnswer as unreadable:
+            raise SigningRefused("rpc clock", "the latest block's timestamp", None, str(unreadable)) from unreadable
         if chain - wall > self._rpc_clock_lead:
             raise SigningRefused("rpc clock", f"at most {self._rpc_clock_lead:g} s ahead of this machine's ({wall})",
                                  chain, "signature deadlines would lie that far ahead")
@@ -260,7 +272,7 @@ class MarketplaceClient:
                           idempotency_key: str | None = None,
                           max_duration_seconds: int = AGREEMENT_DURATION_MAX_SECONDS,
                           min_challenge_window_seconds: int = CHALLENGE_WINDOW_MIN_SECONDS,
-                          **terms: Any) -> dict[str, Any]:
+                          expected_seller_wallet_address: str | None = None, **terms: Any) -> dict[str, Any]:
         """Propose to buy `quantity` units of a service (as the buyer), at a unit price of at most
         `max_unit_price_atomic` (required: the answer's price is what `activate_escrow` signs for). `terms` are the
         optional fields of `POST /usage-agreements`: settlement_model, token, buyer_wallet_address, expires_at (a
@@ -270,7 +282,8 @@ class MarketplaceClient:
         The answer must carry the service, the quantity and every term given here, a unit price of at most the
         bound, and for a term left to the marketplace's default, its documented default at most: an expiry within
         `max_duration_seconds` (7 days and an hour) from now, a challenge window of at least
-        `min_challenge_window_seconds` (an hour) and at most the contract's 30 days. Else `SigningRefused` names the
+        `min_challenge_window_seconds` (an hour) and at most the contract's 30 days; with
+        `expected_seller_wallet_address`, the seller's wallet the escrow pays. Else `SigningRefused` names the
         field. `activate_escrow` holds the agreement it signs to the same terms; an answer naming an agreement this
         client proposed on other terms is refused (`SigningRefused` on "agreement.id"), so that what is remembered
         for it stays what its own proposal asked for."""
@@ -278,7 +291,8 @@ class MarketplaceClient:
                 **{name: _jsonable(value) for name, value in terms.items()}}
         asked = _Asked.of_proposal(body, max_unit_price_atomic=max_unit_price_atomic, now=int(time.time()),
                                    max_duration_seconds=max_duration_seconds,
-                                   min_challenge_window_seconds=min_challenge_window_seconds)
+                                   min_challenge_window_seconds=min_challenge_window_seconds,
+                                   seller_wallet_address=expected_seller_wallet_address)
         answer = self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
         asked.check(answer)
         if "id" in answer:
@@ -340,7 +354,8 @@ class MarketplaceClient:
         require_equal(str(service.get("id")).lower(), str(service_id).lower(), "service.id")
         if expected_seller_wallet_address is not None:
             require_equal(service["seller"]["wallet_address"], expected_seller_wallet_address,
-                          "seller.wallet_address")
+                          "seller.wallet_address",
+                          "the payment would be made to another wallet than the seller's the buyer expects")
         unit_price = int(service["pricing"]["unit_price_atomic"])
         if unit_price > max_unit_price_atomic:
             raise SigningRefused("pricing.unit_price_atomic", f"at most {max_unit_price_atomic}", unit_price)
@@ -426,7 +441,8 @@ class MarketplaceClient:
                         max_unit_price_atomic: int | None = None, quantity: int | None = None,
                         max_duration_seconds: int = AGREEMENT_DURATION_MAX_SECONDS,
                         min_challenge_window_seconds: int = CHALLENGE_WINDOW_MIN_SECONDS,
-                        idempotency_key: str | None = None) -> dict[str, Any]:
+                        idempotency_key: str | None = None,
+                        expected_seller_wallet_address: str | None = None) -> dict[str, Any]:
         """Fetch the activation package, check it against the agreed terms, sign it here and submit it.
 
         `agreement` is the agreement to fund (the `propose_agreement` answer, kept): its quantity, unit price, window
@@ -435,8 +451,10 @@ class MarketplaceClient:
         (a stored answer, a `get_agreement`), the buyer's own: `quantity` and `max_unit_price_atomic` are then
         required, and the expiry and window are bounded as a proposal's left to the defaults
         (`max_duration_seconds` from now, `min_challenge_window_seconds`). The package must match the SDK's own
-        intent and single permit (deposit + fee, spender the pinned escrow) field by field. Any difference raises
-        `SigningRefused` naming the field, and nothing is signed.
+        intent and single permit (deposit + fee, spender the pinned escrow) field by field. The seller's wallet (whom
+        the escrow pays) is the marketplace's word unless the buyer names it: with `expected_seller_wallet_address`
+        (here, or to `propose_agreement`), the agreement's must be that one (`agreement.seller_wallet_address`). Any
+        difference raises `SigningRefused` naming the field, and nothing is signed.
 
         Returns the 202 body (`status: "submitting"`): the relayer still has to get the transaction mined, so
         follow with `wait_until(agreement["id"])`. The key is only used locally.
@@ -457,6 +475,7 @@ class MarketplaceClient:
         if proposed is not None:
             proposed.check(agreement)
         terms = AgreedTerms.from_agreement(agreement, network)
+        check_seller(terms, expected_seller_wallet_address)
         signed = sign_activation_package(self.activation_package(agreement["id"]), wallet, terms=terms,
                                          network=network, token_domain=self.token_domain(), now=now)
         self._remember_buyer(agreement["id"], terms.buyer)
@@ -675,6 +694,7 @@ class MarketplaceClient:
                             max_price_atomic: int, network: str = "Preprod", idempotency_key: str | None = None,
                             max_duration_seconds: int = AGREEMENT_DURATION_MAX_SECONDS,
                             min_challenge_window_seconds: int = CHALLENGE_WINDOW_MIN_SECONDS,
+                            expected_seller_wallet_address: str | None = None,
                             **purchase_fields: Any) -> dict[str, Any]:
         """Buy one job of a `masumi` service: `POST /purchase`, sign the escrow package here with the buyer
         wallet's key, `POST /purchase/lock-funds`. `purchase_fields` are Masumi's optional fields
@@ -684,7 +704,8 @@ class MarketplaceClient:
         agreement does not keep the timers given here: its expiry must be submitResultTime, its challenge window
         last until unlockTime. A timer left to the marketplace's defaults is bounded as `propose_agreement` bounds
         a term left to them: an expiry within `max_duration_seconds` from now, a challenge window of at least
-        `min_challenge_window_seconds`, and of at most the contract's 30 days. Returns the purchase (`onChainState` null until the relayer locked the funds; the
+        `min_challenge_window_seconds`, and of at most the contract's 30 days. With `expected_seller_wallet_address`,
+        the agreement's seller wallet (whom the escrow pays) must be that one. Returns the purchase (`onChainState` null until the relayer locked the funds; the
         marketplace then starts the job on the seller). Follow with `wait_for_purchase`."""
         key = idempotency_key or _new_key()
         created = self._request("POST", "/purchase", json={
@@ -704,7 +725,8 @@ class MarketplaceClient:
         terms = AgreedTerms.from_agreement(agreement, self.network)
         signed = sign_activation_package(
             created["ActivationPackage"], wallet, terms=terms, network=self.network,
-            token_domain=self.token_domain(), now=now, max_deadline_seconds=max(pay_by - now, 0) if pay_by else 3600)
+            token_domain=self.token_domain(), now=now, max_deadline_seconds=max(pay_by - now, 0) if pay_by else 3600,
+            expected_seller_wallet_address=expected_seller_wallet_address)
         self._remember_buyer(agreement["id"], terms.buyer)
         locked = self._request("POST", "/purchase/lock-funds", json={
             "network": network, "blockchainIdentifier": created["blockchainIdentifier"], **signed},
@@ -896,10 +918,12 @@ class _Asked:
     min_challenge_window_seconds: int  # the window asked for, when the buyer gave one
     max_challenge_window_seconds: int = CHALLENGE_WINDOW_MAX_SECONDS
     exact: Mapping[str, Any] = field(default_factory=dict)  # the other terms the buyer gave, as given
+    seller_wallet_address: str | None = None  # the payee the buyer expects, when it says which
 
     @classmethod
     def of_proposal(cls, body: Mapping[str, Any], *, max_unit_price_atomic: int, now: int,
-                    max_duration_seconds: int, min_challenge_window_seconds: int) -> _Asked:
+                    max_duration_seconds: int, min_challenge_window_seconds: int,
+                    seller_wallet_address: str | None = None) -> _Asked:
         if isinstance(max_unit_price_atomic, bool) or not isinstance(max_unit_price_atomic, int):
             raise TypeError("max_unit_price_atomic must be an int (token base units)")
         exact = {name: body[name] for name in ("service_id", *_PROPOSED_TERMS) if body.get(name) is not None}
@@ -913,7 +937,7 @@ class _Asked:
         window = body.get("challenge_window_seconds")
         return cls(quantity=body["quantity"], max_unit_price_atomic=max_unit_price_atomic, latest_expires_at=latest,
                    min_challenge_window_seconds=min_challenge_window_seconds if window is None else int(window),
-                   exact=exact)
+                   exact=exact, seller_wallet_address=seller_wallet_address)
 
     @classmethod
     def of_bounds(cls, *, quantity: int, max_unit_price_atomic: int, now: int, max_duration_seconds: int,
@@ -940,6 +964,10 @@ class _Asked:
         for name in _PROPOSED_TERMS:
             if name in self.exact and name in agreement:
                 require_equal(agreement[name], self.exact[name], f"agreement.{name}")
+        if self.seller_wallet_address is not None and "seller_wallet_address" in agreement:
+            require_equal(agreement["seller_wallet_address"], self.seller_wallet_address,
+                          "agreement.seller_wallet_address",
+                          "the deposit would be paid to another wallet than the seller's the buyer expects")
         if "expires_at" in agreement:
             expires_at = _unix_time(agreement["expires_at"])
             if "expires_at" in self.exact:

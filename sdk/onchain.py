@@ -23,12 +23,13 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 from eth_abi import decode, encode
+from eth_abi.exceptions import DecodingError
 from eth_utils import keccak, to_checksum_address
 
 from sdk.bounded_http import DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, BoundedHttp, json_answer
 from sdk.networks import TokenDomain
 
-__all__ = ["DEFAULT_LOG_BLOCK_SPAN", "ChainReader", "OnchainEscrow", "RpcError", "redacted"]
+__all__ = ["DEFAULT_LOG_BLOCK_SPAN", "ChainReader", "MalformedAnswer", "OnchainEscrow", "RpcError", "redacted"]
 
 DEFAULT_LOG_BLOCK_SPAN = 2_000  # blocks per eth_getLogs call: within what public Base RPCs serve
 
@@ -47,6 +48,11 @@ def _selector(signature: str) -> bytes:
 
 class RpcError(RuntimeError):
     """The node answered with an error (a revert, an unknown method)."""
+
+
+class MalformedAnswer(RpcError):
+    """The node's answer is not what the call returns: not a hex number, ABI data that does not decode as the
+    function's return type, a string that is not UTF-8. A hostile node chooses it; nothing read from it is used."""
 
 
 def redacted(text: str, rpc_url: str) -> str:
@@ -140,8 +146,15 @@ class ChainReader:
         result = self._rpc("eth_call", [{"to": to_checksum_address(to), "data": "0x" + data.hex()}, "latest"])
         return bytes.fromhex(str(result).removeprefix("0x"))
 
+    def _quantity(self, method: str, value: Any) -> int:
+        """A JSON-RPC quantity (0x-hex) the node answered `method` with."""
+        try:
+            return int(value, 16)
+        except (TypeError, ValueError):
+            raise MalformedAnswer(f"{method}: not a hex number: {str(value)[:100]!r}") from None
+
     def chain_id(self) -> int:
-        return int(self._rpc("eth_chainId", []), 16)
+        return self._quantity("eth_chainId", self._rpc("eth_chainId", []))
 
     def block_number(self) -> int:
         return int(self._rpc("eth_blockNumber", []), 16)
@@ -153,16 +166,23 @@ class ChainReader:
 
     def now(self) -> int:
         """The latest block's timestamp: deadlines are checked against block time."""
-        return int(self._rpc("eth_getBlockByNumber", ["latest", False])["timestamp"], 16)
+        block = self._rpc("eth_getBlockByNumber", ["latest", False])
+        return self._quantity("eth_getBlockByNumber", block.get("timestamp") if isinstance(block, dict) else None)
 
     def token_domain(self, token: str) -> TokenDomain:
+        """The token's EIP-712 domain name and version. An answer that does not decode (a name that is not UTF-8,
+        too few bytes) raises `MalformedAnswer`: they name the domain of every permit and authorization signed."""
         try:
             raw = self._call(token, _selector("eip712Domain()"))
             _, name, version, *_ = decode(["bytes1", "string", "string", "uint256", "address", "bytes32",
                                            "uint256[]"], raw)
-        except (RpcError, ValueError, TypeError):  # no EIP-5267: the ERC-20 name and EIP-2612 version()
-            (name,) = decode(["string"], self._call(token, _selector("name()")))
-            (version,) = decode(["string"], self._call(token, _selector("version()")))
+        except (RpcError, DecodingError, ValueError, TypeError):  # no EIP-5267: the ERC-20 name, EIP-2612 version()
+            try:
+                (name,) = decode(["string"], self._call(token, _selector("name()")))
+                (version,) = decode(["string"], self._call(token, _selector("version()")))
+            except (DecodingError, ValueError, TypeError) as undecodable:  # UnicodeDecodeError is a ValueError
+                raise MalformedAnswer(f"the token's name() or version() is not a UTF-8 string: {undecodable}"
+                                      ) from undecodable
         return TokenDomain(cast(str, name), cast(str, version))
 
     def permit_nonce(self, token: str, owner: str) -> int:

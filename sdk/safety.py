@@ -112,9 +112,9 @@ def check_typed_data(received: Any, expected: dict[str, Any], field: str) -> Non
     check_same(received, ordered, field)
 
 
-def require_equal(received: Any, expected: Any, field: str) -> None:
+def require_equal(received: Any, expected: Any, field: str, reason: str = "") -> None:
     if not _same_scalar(expected, received):
-        raise SigningRefused(field, expected, received)
+        raise SigningRefused(field, expected, received, reason)
 
 
 def check_deadline(received: Any, field: str, *, now: int | None = None, min_seconds: int = DEADLINE_MIN_SECONDS,

@@ -198,12 +198,12 @@ SUBMIT_RESULT_TIME = int(time.time()) + 7200
 UNLOCK_TIME = SUBMIT_RESULT_TIME + 86_400
 
 
-def buy_masumi_job(marketplace: MasumiMarketplace) -> dict[str, Any]:
+def buy_masumi_job(marketplace: MasumiMarketplace, **options: Any) -> dict[str, Any]:
     with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
                            transport=httpx.MockTransport(marketplace)) as buyer:
         return buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, max_price_atomic=10**6,
                                          submitResultTime=str(SUBMIT_RESULT_TIME * 1000),
-                                         unlockTime=str(UNLOCK_TIME * 1000))
+                                         unlockTime=str(UNLOCK_TIME * 1000), **options)
 
 
 def test_a_masumi_job_on_the_buyers_timers_is_signed():

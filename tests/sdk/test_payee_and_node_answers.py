@@ -1,0 +1,224 @@
+"""Who the buyer's money goes to, and what the buyer's RPC node answers, when neither can be trusted: the seller's
+wallet of an escrow is the marketplace's word unless the buyer names it, an activation package's own statements
+(escrow contract, chain, token, amounts) must be the buyer's, and a node's undecodable answer is a refusal, not a
+crash. Without a chain: the marketplace is an httpx `MockTransport`, the node a stub on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+import pytest
+from eth_abi import encode
+from eth_account import Account
+from eth_utils import keccak
+
+from sdk import AgreedTerms, MarketplaceClient, SigningRefused
+from sdk.activation import expected_activation, sign_activation_package
+from sdk.onchain import ChainReader, MalformedAnswer
+from tests.sdk.test_signing_bounds import (DOMAIN, KEY, LISTED_PRICE, NETWORK, SELLER, EscrowMarketplace,
+                                           JsonRpcNode, MasumiMarketplace, buy_masumi_job, escrow_buyer)
+from tests.support.http_server import serving
+
+ATTACKER = Account.create().address
+
+
+def pays_the_attacker(agreement: dict[str, Any]) -> None:
+    """The agreement's payee (the intent's `seller`): the compromised marketplace's own wallet, not the seller's."""
+    agreement["seller_wallet_address"] = ATTACKER
+
+
+# --- the seller's wallet of an escrow ------------------------------------------------------------------------------
+
+def test_an_escrow_paying_another_wallet_than_the_expected_seller_is_not_signed():
+    """An escrow's payee was the marketplace's word: the intent's `seller` (who is paid the deposit used) was taken
+    from the agreement unchecked, and `activate_escrow` had no way to name it. With
+    `expected_seller_wallet_address=` it must be that wallet, as a direct purchase's payee."""
+    marketplace = EscrowMarketplace(pays_the_attacker)
+    with escrow_buyer(marketplace) as buyer:
+        agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.activate_escrow(agreement, KEY, expected_seller_wallet_address=SELLER)
+    assert (refusal.value.field, refusal.value.received) == ("agreement.seller_wallet_address", ATTACKER)
+    assert "paid" in str(refusal.value)
+    assert marketplace.activated == []
+    honest = EscrowMarketplace()
+    with escrow_buyer(honest) as buyer:
+        agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
+        buyer.activate_escrow(agreement, KEY, expected_seller_wallet_address=SELLER.lower())
+    assert len(honest.activated) == 1
+
+
+def test_the_seller_expected_at_the_proposal_holds_the_activation():
+    """Named at the proposal, the seller's wallet is held by the answer and by the agreement activated later (read
+    back with another payee), without naming it again."""
+    with escrow_buyer(EscrowMarketplace(pays_the_attacker)) as buyer:
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE,
+                                    expected_seller_wallet_address=SELLER)
+    assert refusal.value.field == "agreement.seller_wallet_address"
+    marketplace = EscrowMarketplace(alter_read=pays_the_attacker)
+    with escrow_buyer(marketplace) as buyer:
+        agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE,
+                                            expected_seller_wallet_address=SELLER)
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.activate_escrow(buyer.get_agreement(agreement["id"]), KEY)
+        assert refusal.value.field == "agreement.seller_wallet_address"
+    assert marketplace.activated == []
+    honest = EscrowMarketplace()
+    with escrow_buyer(honest) as buyer:
+        agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE,
+                                            expected_seller_wallet_address=SELLER)
+        buyer.activate_escrow(buyer.get_agreement(agreement["id"]), KEY)
+    assert len(honest.activated) == 1
+
+
+def test_a_masumi_job_paying_another_wallet_than_the_expected_seller_is_not_signed():
+    marketplace = MasumiMarketplace(pays_the_attacker)
+    with pytest.raises(SigningRefused) as refusal:
+        buy_masumi_job(marketplace, expected_seller_wallet_address=SELLER)
+    assert refusal.value.field == "agreement.seller_wallet_address"
+    assert marketplace.locked == []
+    assert buy_masumi_job(MasumiMarketplace(), expected_seller_wallet_address=SELLER)
+
+
+# --- what an activation package states beside what is signed -------------------------------------------------------
+
+def honest_package() -> tuple[dict[str, Any], AgreedTerms]:
+    agreement_id = str(uuid.uuid4())
+    now = int(time.time())
+    agreement = {"id": agreement_id, "onchain_id": "0x" + uuid.UUID(agreement_id).hex.rjust(64, "0"),
+                 "service": {"id": str(uuid.uuid4())}, "quantity": 10, "price_per_unit_atomic": LISTED_PRICE,
+                 "deposit_amount_atomic": 10 * LISTED_PRICE, "infra_fee_atomic": NETWORK.fee_schedule.fee_for(
+                     10 * LISTED_PRICE), "chain_id": NETWORK.chain_id, "token_address": NETWORK.token_address,
+                 "settlement_model": "escrow", "pricing_type": "per_call", "unit_name": "call", "token": "USDC",
+                 "buyer_wallet_address": Account.from_key(KEY).address, "seller_wallet_address": SELLER,
+                 "fee_recipient": NETWORK.gas_wallet, "expires_at": now + 86_400, "challenge_window_seconds": 3600}
+    terms = AgreedTerms.from_agreement(agreement, NETWORK)
+    package = {"agreement_id": agreement_id, "onchain_id": terms.agreement_id, "chain_id": NETWORK.chain_id,
+               "escrow_contract": NETWORK.escrow_address, "token_address": NETWORK.token_address,
+               "deposit_amount_atomic": terms.deposit_amount, "infra_fee_atomic": terms.infra_fee,
+               "deadline": now + 600, **expected_activation(terms=terms, network=NETWORK, token_domain=DOMAIN,
+                                                            deadline=now + 600, permit_nonce=0)}
+    return package, terms
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("escrow_contract", ATTACKER),
+    ("chain_id", 8453),
+    ("token_address", ATTACKER),
+    ("deposit_amount_atomic", 10**12),
+    ("infra_fee_atomic", 10**12),
+    ("onchain_id", "0x" + "ab" * 32),
+    ("agreement_id", str(uuid.uuid4())),
+])
+def test_an_activation_package_stating_another_escrow_chain_token_or_amount_is_not_signed(field, value):
+    """The package's own statements (the escrow contract, chain, token, amounts and agreement it is for) were
+    accepted as anything: only the intent and the permit were compared. A package that says the deposit goes to
+    another contract, on another chain, or is another amount, is the marketplace asking for something else."""
+    package, terms = honest_package()
+    assert sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN)
+    with pytest.raises(SigningRefused) as refusal:
+        sign_activation_package({**package, field: value}, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN)
+    assert refusal.value.field == field
+
+
+def test_sign_activation_package_holds_the_expected_seller():
+    package, terms = honest_package()
+    assert sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN,
+                                   expected_seller_wallet_address=SELLER)
+    with pytest.raises(SigningRefused) as refusal:
+        sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN,
+                                expected_seller_wallet_address=ATTACKER)
+    assert refusal.value.field == "agreement.seller_wallet_address"
+
+
+# --- the buyer's RPC node: answers that do not decode -------------------------------------------------------------
+
+NOT_UTF8 = b"USD\xff\xfeCoin"
+
+
+def _selector(signature: str) -> str:
+    return "0x" + keccak(text=signature)[:4].hex()
+
+
+def _abi_string(raw: bytes) -> bytes:
+    """An ABI `string` whose bytes are `raw` (not necessarily UTF-8)."""
+    return encode(["bytes"], [raw])
+
+
+def token_node(*, eip712_domain: bytes | None, name: bytes = b"", chain_id: Any = "0x14a34"
+               ) -> type[BaseHTTPRequestHandler]:
+    """A node whose token answers `eip712Domain()` with `eip712_domain` (reverts when None), `name()` with `name`."""
+
+    class Node(JsonRpcNode):
+        def do_POST(self) -> None:
+            call = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            method, params = call["method"], call["params"]
+            answer: dict[str, Any] = {"jsonrpc": "2.0", "id": call["id"]}
+            if method == "eth_chainId":
+                answer["result"] = chain_id
+            elif method == "eth_getBlockByNumber":
+                answer["result"] = {"timestamp": hex(int(time.time()))}
+            elif params[0]["data"] == _selector("eip712Domain()"):
+                if eip712_domain is None:
+                    answer["error"] = {"code": 3, "message": "execution reverted"}
+                else:
+                    answer["result"] = "0x" + eip712_domain.hex()
+            elif params[0]["data"] == _selector("name()"):
+                answer["result"] = "0x" + name.hex()
+            elif params[0]["data"] == _selector("version()"):
+                answer["result"] = "0x" + _abi_string(b"2").hex()
+            else:
+                raise AssertionError(call)
+            self.answer_json(json.dumps(answer).encode())
+
+    return Node
+
+
+def eip712_domain_named(name: bytes) -> bytes:
+    """An EIP-5267 answer whose name's bytes are `name`: the string's bytes patched in after encoding."""
+    honest = encode(["bytes1", "string", "string", "uint256", "address", "bytes32", "uint256[]"],
+                    [b"\x0f", "x" * len(name), "2", 84532, NETWORK.token_address, b"\x00" * 32, []])
+    return honest.replace(b"x" * len(name), name, 1)
+
+
+@pytest.mark.parametrize("node", [
+    token_node(eip712_domain=eip712_domain_named(NOT_UTF8), name=_abi_string(NOT_UTF8)),
+    token_node(eip712_domain=None, name=_abi_string(NOT_UTF8)),
+    token_node(eip712_domain=b"", name=_abi_string(NOT_UTF8)),  # eip712Domain() answering nothing
+    token_node(eip712_domain=None, name=b"\x00" * 7),  # name() too short to be a string
+], ids=["eip712Domain", "name", "empty eip712Domain", "short name"])
+def test_a_token_name_read_through_the_rpc_that_does_not_decode_is_refused(node):
+    """A hostile node's token `name()` that is not UTF-8 (the EIP-712 domain name of every permit signed) raised
+    UnicodeDecodeError out of the SDK (and an answer too short to be a string, eth_abi's InsufficientDataBytes)."""
+    with serving(node) as rpc_url:
+        with pytest.raises(MalformedAnswer):
+            ChainReader(rpc_url).token_domain(NETWORK.token_address)
+        for network in (NETWORK, dataclasses.replace(NETWORK, token_domain=None)):
+            with MarketplaceClient("https://marketplace.example", "mk_test", network=network,
+                                   rpc_url=rpc_url) as buyer:
+                with pytest.raises(SigningRefused) as refusal:
+                    buyer.token_domain()
+                assert refusal.value.field == "token domain"
+
+
+def test_a_token_domain_falls_back_to_name_when_eip712domain_does_not_decode():
+    with serving(token_node(eip712_domain=eip712_domain_named(NOT_UTF8), name=_abi_string(b"USDC"))) as rpc_url:
+        with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url) as buyer:
+            assert buyer.token_domain() == DOMAIN
+
+
+@pytest.mark.parametrize("chain_id", ["0xzz", ["0x1"], None])
+def test_a_chain_id_that_is_not_a_number_is_refused(chain_id):
+    """The node's chain id, checked against the pinned one before its token domain is believed, raised ValueError
+    or TypeError when it was not a hex number."""
+    with serving(token_node(eip712_domain=eip712_domain_named(b"USDC"), chain_id=chain_id)) as rpc_url:
+        with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url) as buyer:
+            with pytest.raises(SigningRefused) as refusal:
+                buyer.token_domain()
+    assert refusal.value.field == "rpc chain id"
