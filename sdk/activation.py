@@ -112,7 +112,7 @@ def sign_activation_package(package: Mapping[str, Any], wallet: str | bytes | Wa
                               max_seconds=max_deadline_seconds)
     check_same(package.get("deadline"), deadline, "deadline")
     nonce = permit_message.get("nonce")
-    if isinstance(nonce, bool) or not isinstance(nonce, int) or nonce < 0:
+    if isinstance(nonce, bool) or not isinstance(nonce, int) or not 0 <= nonce < 2**256:
         raise SigningRefused("escrow_permit.message.nonce", "the token's nonces(buyer)", nonce)
     intent_nonce_round = package.get("intent_nonce_round", 0)
     if isinstance(intent_nonce_round, bool) or not isinstance(intent_nonce_round, int) or not (

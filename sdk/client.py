@@ -361,7 +361,11 @@ class MarketplaceClient:
             raise SigningRefused("pricing.unit_price_atomic", f"at most {max_unit_price_atomic}", unit_price)
         requirements = self.payment_requirements(amount_atomic=quantity * unit_price)
         if permit_nonce is None:
-            permit_nonce = self._reader().permit_nonce(self.network.token_address, wallet.address)
+            try:
+                permit_nonce = self._reader().permit_nonce(self.network.token_address, wallet.address)
+            except MalformedAnswer as unreadable:
+                raise SigningRefused("fee_permit.message.nonce", "the token's nonces(buyer)", None, str(unreadable)
+                                     ) from unreadable
         token_domain, now = self.token_domain(), self._now()
         with self._lock:  # one purchase of a wallet's at a time passes the check and is recorded
             self._check_fee_permit_nonce(wallet.address.lower(), permit_nonce)

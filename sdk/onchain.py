@@ -144,7 +144,10 @@ class ChainReader:
 
     def _call(self, to: str, data: bytes) -> bytes:
         result = self._rpc("eth_call", [{"to": to_checksum_address(to), "data": "0x" + data.hex()}, "latest"])
-        return bytes.fromhex(str(result).removeprefix("0x"))
+        try:
+            return bytes.fromhex(str(result).removeprefix("0x"))
+        except ValueError:
+            raise MalformedAnswer(f"eth_call: not hex data: {str(result)[:100]!r}") from None
 
     def _quantity(self, method: str, value: Any) -> int:
         """A JSON-RPC quantity (0x-hex) the node answered `method` with."""
@@ -187,7 +190,10 @@ class ChainReader:
 
     def permit_nonce(self, token: str, owner: str) -> int:
         raw = self._call(token, _selector("nonces(address)") + encode(["address"], [to_checksum_address(owner)]))
-        return cast(int, decode(["uint256"], raw)[0])
+        try:
+            return cast(int, decode(["uint256"], raw)[0])
+        except DecodingError as undecodable:
+            raise MalformedAnswer(f"the token's nonces(owner) is not a uint256: {undecodable}") from undecodable
 
     def first_logs(self, address: str, topics: list[str], *, from_block: int, to_block: int,
                    newest_first: bool = False) -> list[dict[str, Any]]:

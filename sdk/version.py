@@ -3,9 +3,10 @@
 # 0.4.11: activate_escrow, propose_agreement and purchase_masumi_job take expected_seller_wallet_address= (the escrow's
 # payee, else the marketplace's word; `agreement.seller_wallet_address`), as propose_direct_purchase does; an
 # activation package stating another escrow contract, chain, token, deposit, fee or agreement than the buyer's is
-# refused; a token name() or version() read through the RPC that does not decode (not UTF-8, too short), a chain id
-# or block timestamp that is not a hex number, refuse signing (SigningRefused; the reader's MalformedAnswer), not
-# UnicodeDecodeError, and an eip712Domain() answer that does not decode falls back to name() and version();
+# refused, as is a permit nonce of 2**256 or more (not ValueError); a token name() or version() read through the RPC
+# that does not decode (not UTF-8, too short), a nonces(buyer) too short, a chain id or block timestamp that is not a
+# hex number, refuse signing (SigningRefused; the reader's MalformedAnswer), not UnicodeDecodeError or eth_abi's
+# InsufficientDataBytes, and an eip712Domain() answer that does not decode falls back to name() and version();
 # 0.4.10: an answer's text (a metered call's `.text`, `iter_text`, `iter_lines`) is decoded in its charset only if that
 # is a charset of text, else as UTF-8 (punycode, bz2, rot13, idna: quadratic time or an exception), UTF-16 and UTF-32
 # without a byte order mark as big-endian; verify_usage refuses an event whose request id is a lone surrogate

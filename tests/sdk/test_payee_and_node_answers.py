@@ -12,6 +12,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+import httpx
 import pytest
 from eth_abi import encode
 from eth_account import Account
@@ -20,8 +21,9 @@ from eth_utils import keccak
 from sdk import AgreedTerms, MarketplaceClient, SigningRefused
 from sdk.activation import expected_activation, sign_activation_package
 from sdk.onchain import ChainReader, MalformedAnswer
-from tests.sdk.test_signing_bounds import (DOMAIN, KEY, LISTED_PRICE, NETWORK, SELLER, EscrowMarketplace,
-                                           JsonRpcNode, MasumiMarketplace, buy_masumi_job, escrow_buyer)
+from tests.sdk.test_signing_bounds import (DOMAIN, KEY, LISTED_PRICE, NETWORK, SELLER, DirectMarketplace,
+                                           EscrowMarketplace, JsonRpcNode, MasumiMarketplace, buy_masumi_job,
+                                           escrow_buyer)
 from tests.support.http_server import serving
 
 ATTACKER = Account.create().address
@@ -222,3 +224,55 @@ def test_a_chain_id_that_is_not_a_number_is_refused(chain_id):
             with pytest.raises(SigningRefused) as refusal:
                 buyer.token_domain()
     assert refusal.value.field == "rpc chain id"
+
+
+def direct_purchase_node(*, nonce_answer: str, timestamp: Any) -> type[BaseHTTPRequestHandler]:
+    """A node whose token's `nonces(buyer)` answers `nonce_answer` (raw ABI data) and whose latest block's timestamp
+    is `timestamp`; its token's domain is the pinned one."""
+    domain = eip712_domain_named(b"USDC")
+
+    class Node(JsonRpcNode):
+        def do_POST(self) -> None:
+            call = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            method, params = call["method"], call["params"]
+            if method == "eth_chainId":
+                result: Any = hex(NETWORK.chain_id)
+            elif method == "eth_getBlockByNumber":
+                result = {"timestamp": timestamp}
+            elif params[0]["data"] == _selector("eip712Domain()"):
+                result = "0x" + domain.hex()
+            elif params[0]["data"].startswith(_selector("nonces(address)")):
+                result = nonce_answer
+            else:
+                raise AssertionError(call)
+            self.answer_json(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": result}).encode())
+
+    return Node
+
+
+@pytest.mark.parametrize(("nonce_answer", "timestamp", "field"), [
+    ("0x", hex(int(time.time())), "fee_permit.message.nonce"),  # nonces(buyer) answering nothing
+    ("0x1234", hex(int(time.time())), "fee_permit.message.nonce"),
+    ("0x" + encode(["uint256"], [0]).hex(), "soon", "rpc clock"),
+    ("0x" + encode(["uint256"], [0]).hex(), None, "rpc clock"),
+])
+def test_a_permit_nonce_or_clock_that_does_not_decode_is_refused(nonce_answer, timestamp, field):
+    """The token's nonce (of the fee permit a direct purchase signs) and the chain's clock (of every deadline) read
+    through a hostile node raised eth_abi's InsufficientDataBytes, ValueError or TypeError out of the SDK."""
+    marketplace = DirectMarketplace(refusals=0)
+    with serving(direct_purchase_node(nonce_answer=nonce_answer, timestamp=timestamp)) as rpc_url:
+        with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url,
+                               transport=httpx.MockTransport(marketplace)) as buyer:
+            with pytest.raises(SigningRefused) as refusal:
+                buyer.propose_direct_purchase(str(uuid.uuid4()), 10, wallet=KEY, max_unit_price_atomic=LISTED_PRICE)
+    assert refusal.value.field == field
+    assert marketplace.fee_permits == []
+
+
+def test_an_activation_package_whose_permit_nonce_is_no_uint256_is_refused():
+    """A permit nonce of 2**256 in the package raised ValueError from the typed-data builder, not SigningRefused."""
+    package, terms = honest_package()
+    package["escrow_permit"]["message"]["nonce"] = 2**256
+    with pytest.raises(SigningRefused) as refusal:
+        sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN)
+    assert refusal.value.field == "escrow_permit.message.nonce"
