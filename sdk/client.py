@@ -59,7 +59,7 @@ from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, MalformedAnswer, Rp
 from sdk.receipts import UsageTermsMismatch, UsageVerificationTimedOut, VerifiedUsage, verify_usage
 from sdk.safety import (DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data,
                         require_equal)
-from sdk.terms import AgreedTerms, check_onchain_id, stated_terms_hash
+from sdk.terms import AgreedTerms, agreed_time, agreed_whole, check_onchain_id, stated_terms_hash
 from sdk.version import VERSION
 from sdk.x402_signing import build_direct_stablecoin_agreement, sign_payment_required
 
@@ -719,7 +719,7 @@ class MarketplaceClient:
         require_equal(str(agreement["id"]), str(created["agreementId"]), "agreement.id")
         require_equal(agreement["service"]["id"], str(agent_identifier), "agreement.service.id")
         require_equal(agreement["quantity"], 1, "agreement.quantity")
-        if int(agreement["price_per_unit_atomic"]) > max_price_atomic:
+        if agreed_whole(agreement, "price_per_unit_atomic") > max_price_atomic:
             raise SigningRefused("agreement.price_per_unit_atomic", f"at most {max_price_atomic}",
                                  agreement["price_per_unit_atomic"])
         now = self._now()
@@ -962,7 +962,8 @@ class _Asked:
             require_equal(str(agreement["service"]["id"]), self.exact["service_id"], "agreement.service.id")
         if "quantity" in agreement:
             require_equal(agreement["quantity"], self.quantity, "agreement.quantity")
-        if "price_per_unit_atomic" in agreement and int(agreement["price_per_unit_atomic"]) > self.max_unit_price_atomic:
+        if "price_per_unit_atomic" in agreement and (
+                agreed_whole(agreement, "price_per_unit_atomic") > self.max_unit_price_atomic):
             raise SigningRefused("agreement.price_per_unit_atomic", f"at most {self.max_unit_price_atomic}",
                                  agreement["price_per_unit_atomic"])
         for name in _PROPOSED_TERMS:
@@ -973,7 +974,7 @@ class _Asked:
                           "agreement.seller_wallet_address",
                           "the deposit would be paid to another wallet than the seller's the buyer expects")
         if "expires_at" in agreement:
-            expires_at = _unix_time(agreement["expires_at"])
+            expires_at = agreed_time(agreement, "expires_at")
             if "expires_at" in self.exact:
                 require_equal(expires_at, self.exact["expires_at"], "agreement.expires_at")
             elif expires_at > self.latest_expires_at:
@@ -998,7 +999,7 @@ def _check_masumi_timers(agreement: Mapping[str, Any], timers: Mapping[str, Any]
     as a proposal's default term (`_Asked`): an expiry within `max_duration_seconds` from now, a window of at least
     `min_challenge_window_seconds`; any window at most the contract's 30 days. Else `SigningRefused`, before
     anything is signed."""
-    expires_at = _unix_time(agreement["expires_at"])
+    expires_at = agreed_time(agreement, "expires_at")
     if "submitResultTime" in timers:
         require_equal(expires_at, int(timers["submitResultTime"]) // 1000, "agreement.expires_at")
     elif expires_at > now + max_duration_seconds:

@@ -18,7 +18,8 @@ from eth_utils import keccak, to_checksum_address
 from sdk.networks import NetworkConfig
 from sdk.safety import SigningRefused, require_equal
 
-__all__ = ["AgreedTerms", "check_onchain_id", "stated_terms_hash", "terms_hash"]
+__all__ = ["AgreedTerms", "agreed_address", "agreed_time", "agreed_whole", "check_onchain_id", "stated_terms_hash",
+           "terms_hash"]
 
 
 def terms_hash(terms: Mapping[str, Any]) -> str:
@@ -42,23 +43,48 @@ def check_onchain_id(agreement: Mapping[str, Any]) -> str:
 def stated_terms_hash(agreement: Mapping[str, Any], network: NetworkConfig) -> str:
     """The terms hash of the agreement as it states its terms (unit price, quantity, fee, parties...) on the pinned
     token and chain: what the escrow funded for exactly these terms holds on-chain as its `termsHash`."""
-    quantity, price = int(agreement["quantity"]), int(agreement["price_per_unit_atomic"])
+    quantity, price = agreed_whole(agreement, "quantity"), agreed_whole(agreement, "price_per_unit_atomic")
     return terms_hash({
         "service_id": str(agreement["service"]["id"]), "settlement_model": "escrow",
         "pricing_type": agreement["pricing_type"], "unit_name": agreement["unit_name"],
         "price_per_unit": price, "quantity": quantity, "deposit_amount": quantity * price,
-        "infra_fee": int(agreement["infra_fee_atomic"]), "token": agreement["token"],
+        "infra_fee": agreed_whole(agreement, "infra_fee_atomic"), "token": agreement["token"],
         "token_address": network.token_address, "chain_id": network.chain_id,
-        "challenge_window_seconds": int(agreement["challenge_window_seconds"]),
-        "expires_at": _unix(agreement["expires_at"]), "buyer_wallet_address": agreement["buyer_wallet_address"],
+        "challenge_window_seconds": agreed_whole(agreement, "challenge_window_seconds"),
+        "expires_at": agreed_time(agreement, "expires_at"), "buyer_wallet_address": agreement["buyer_wallet_address"],
         "seller_wallet_address": agreement["seller_wallet_address"], "fee_recipient": agreement["fee_recipient"],
     })
 
 
-def _unix(value: Any) -> int:
-    if isinstance(value, int):
+def agreed_whole(agreement: Mapping[str, Any], name: str) -> int:
+    """The agreement's term `name` as a whole number (a JSON integer, or decimal ASCII digits), else
+    `SigningRefused` ("agreement.<name>"): int() would round a float, and raise on anything else."""
+    value = agreement.get(name)
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SigningRefused(f"agreement.{name}", "a whole number", value)
+    return value
+
+
+def agreed_time(agreement: Mapping[str, Any], name: str) -> int:
+    """The agreement's term `name` as a unix time (an integer, or an ISO 8601 date), else `SigningRefused`."""
+    value = agreement.get(name)
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    return int(datetime.fromisoformat(str(value)).timestamp())
+    try:
+        return int(datetime.fromisoformat(str(value)).timestamp())
+    except (ValueError, OverflowError):
+        raise SigningRefused(f"agreement.{name}", "a unix time or an ISO 8601 date", value) from None
+
+
+def agreed_address(agreement: Mapping[str, Any], name: str) -> str:
+    """The agreement's term `name` as a checksummed address, else `SigningRefused`."""
+    value = agreement.get(name)
+    try:
+        return to_checksum_address(value)
+    except (TypeError, ValueError):
+        raise SigningRefused(f"agreement.{name}", "an address", value) from None
 
 
 @dataclass(frozen=True)
@@ -88,7 +114,7 @@ class AgreedTerms:
         hash is recomputed here, so the intent binds the buyer to exactly these terms, and the escrow id is the
         agreement's own (`check_onchain_id`)."""
         onchain_id = check_onchain_id(agreement)
-        quantity, price = int(agreement["quantity"]), int(agreement["price_per_unit_atomic"])
+        quantity, price = agreed_whole(agreement, "quantity"), agreed_whole(agreement, "price_per_unit_atomic")
         deposit = quantity * price
         require_equal(agreement["deposit_amount_atomic"], deposit, "agreement.deposit_amount_atomic")
         fee = network.fee_schedule.fee_for(deposit)
@@ -97,9 +123,9 @@ class AgreedTerms:
         require_equal(agreement["token_address"], network.token_address, "agreement.token_address")
         if agreement["settlement_model"] != "escrow":
             raise SigningRefused("agreement.settlement_model", "escrow", agreement["settlement_model"])
-        expires_at = _unix(agreement["expires_at"])
-        return cls(agreement_id=onchain_id, buyer=to_checksum_address(agreement["buyer_wallet_address"]),
-                   seller=to_checksum_address(agreement["seller_wallet_address"]), quantity=quantity,
+        return cls(agreement_id=onchain_id, buyer=agreed_address(agreement, "buyer_wallet_address"),
+                   seller=agreed_address(agreement, "seller_wallet_address"), quantity=quantity,
                    price_per_unit=price, deposit_amount=deposit, infra_fee=fee,
-                   challenge_window=int(agreement["challenge_window_seconds"]), expires_at=expires_at,
+                   challenge_window=agreed_whole(agreement, "challenge_window_seconds"),
+                   expires_at=agreed_time(agreement, "expires_at"),
                    terms_hash=stated_terms_hash(agreement, network))

@@ -90,16 +90,22 @@ def test_a_masumi_job_paying_another_wallet_than_the_expected_seller_is_not_sign
 
 # --- what an activation package states beside what is signed -------------------------------------------------------
 
-def honest_package() -> tuple[dict[str, Any], AgreedTerms]:
+def honest_agreement() -> dict[str, Any]:
+    """An escrow agreement of 10 calls at the listed price, as the marketplace states it."""
     agreement_id = str(uuid.uuid4())
     now = int(time.time())
-    agreement = {"id": agreement_id, "onchain_id": "0x" + uuid.UUID(agreement_id).hex.rjust(64, "0"),
-                 "service": {"id": str(uuid.uuid4())}, "quantity": 10, "price_per_unit_atomic": LISTED_PRICE,
+    return {"id": agreement_id, "onchain_id": "0x" + uuid.UUID(agreement_id).hex.rjust(64, "0"),
+            "service": {"id": str(uuid.uuid4())}, "quantity": 10, "price_per_unit_atomic": LISTED_PRICE,
                  "deposit_amount_atomic": 10 * LISTED_PRICE, "infra_fee_atomic": NETWORK.fee_schedule.fee_for(
                      10 * LISTED_PRICE), "chain_id": NETWORK.chain_id, "token_address": NETWORK.token_address,
                  "settlement_model": "escrow", "pricing_type": "per_call", "unit_name": "call", "token": "USDC",
                  "buyer_wallet_address": Account.from_key(KEY).address, "seller_wallet_address": SELLER,
                  "fee_recipient": NETWORK.gas_wallet, "expires_at": now + 86_400, "challenge_window_seconds": 3600}
+
+
+def honest_package() -> tuple[dict[str, Any], AgreedTerms]:
+    agreement = honest_agreement()
+    agreement_id, now = agreement["id"], int(time.time())
     terms = AgreedTerms.from_agreement(agreement, NETWORK)
     package = {"agreement_id": agreement_id, "onchain_id": terms.agreement_id, "chain_id": NETWORK.chain_id,
                "escrow_contract": NETWORK.escrow_address, "token_address": NETWORK.token_address,
@@ -276,3 +282,36 @@ def test_an_activation_package_whose_permit_nonce_is_no_uint256_is_refused():
     with pytest.raises(SigningRefused) as refusal:
         sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN)
     assert refusal.value.field == "escrow_permit.message.nonce"
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("price_per_unit_atomic", "2e4"),
+    ("price_per_unit_atomic", 20_000.5),  # was signed as 20,000: the marketplace's number, rounded by the SDK
+    ("price_per_unit_atomic", -1),
+    ("expires_at", "tomorrow"),
+    ("expires_at", True),
+    ("seller_wallet_address", "0xnot-an-address"),
+    ("buyer_wallet_address", None),
+    ("challenge_window_seconds", "an hour"),
+])
+def test_an_agreement_with_a_malformed_term_is_refused_not_crashed_on(field, value):
+    """The terms `activate_escrow` signs are the agreement's, as the marketplace states them: a term that is no
+    whole number, date or address raised whatever int(), datetime or eth_utils raised (ValueError, TypeError), or
+    was rounded and signed."""
+    agreement = {**honest_agreement(), field: value}
+    requests: list[httpx.Request] = []
+
+    def marketplace(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(500)
+
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                           transport=httpx.MockTransport(marketplace)) as buyer:
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.activate_escrow(agreement, KEY, quantity=10, max_unit_price_atomic=LISTED_PRICE,
+                                  min_challenge_window_seconds=60)
+    assert refusal.value.field == f"agreement.{field}"
+    assert requests == []
+    with pytest.raises(SigningRefused) as refusal:
+        AgreedTerms.from_agreement(agreement, NETWORK)
+    assert refusal.value.field == f"agreement.{field}"
