@@ -356,7 +356,7 @@ class MarketplaceClient:
             require_equal(service["seller"]["wallet_address"], expected_seller_wallet_address,
                           "seller.wallet_address",
                           "the payment would be made to another wallet than the seller's the buyer expects")
-        unit_price = int(service["pricing"]["unit_price_atomic"])
+        unit_price = agreed_whole(service["pricing"], "unit_price_atomic", where="pricing")
         if unit_price > max_unit_price_atomic:
             raise SigningRefused("pricing.unit_price_atomic", f"at most {max_unit_price_atomic}", unit_price)
         requirements = self.payment_requirements(amount_atomic=quantity * unit_price)

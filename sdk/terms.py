@@ -56,14 +56,15 @@ def stated_terms_hash(agreement: Mapping[str, Any], network: NetworkConfig) -> s
     })
 
 
-def agreed_whole(agreement: Mapping[str, Any], name: str) -> int:
-    """The agreement's term `name` as a whole number (a JSON integer, or decimal ASCII digits), else
-    `SigningRefused` ("agreement.<name>"): int() would round a float, and raise on anything else."""
+def agreed_whole(agreement: Mapping[str, Any], name: str, *, where: str = "agreement") -> int:
+    """The agreement's term `name` (or another answer's, named `where`) as a whole number (a JSON integer, or
+    decimal ASCII digits), else `SigningRefused` ("<where>.<name>"): int() would round a float, and raise on
+    anything else."""
     value = agreement.get(name)
     if isinstance(value, str) and value.isascii() and value.isdigit():
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise SigningRefused(f"agreement.{name}", "a whole number", value)
+        raise SigningRefused(f"{where}.{name}", "a whole number", value)
     return value
 
 

@@ -4,7 +4,8 @@
 # payee, else the marketplace's word; `agreement.seller_wallet_address`), as propose_direct_purchase does; an
 # activation package stating another escrow contract, chain, token, deposit, fee or agreement than the buyer's is
 # refused, as is a permit nonce of 2**256 or more (not ValueError), and an agreement term that is no whole number
-# (a float was rounded and signed), date or address (`agreement.<term>`, not ValueError or TypeError); a token name() or version() read through the RPC
+# (a float was rounded and signed), date or address (`agreement.<term>`, not ValueError or TypeError), and so is a
+# direct purchase's unit price (`pricing.unit_price_atomic`); a token name() or version() read through the RPC
 # that does not decode (not UTF-8, too short), a nonces(buyer) too short, a chain id or block timestamp that is not a
 # hex number, refuse signing (SigningRefused; the reader's MalformedAnswer), not UnicodeDecodeError or eth_abi's
 # InsufficientDataBytes, and an eip712Domain() answer that does not decode falls back to name() and version();

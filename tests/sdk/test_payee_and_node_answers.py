@@ -315,3 +315,32 @@ def test_an_agreement_with_a_malformed_term_is_refused_not_crashed_on(field, val
     with pytest.raises(SigningRefused) as refusal:
         AgreedTerms.from_agreement(agreement, NETWORK)
     assert refusal.value.field == f"agreement.{field}"
+
+
+class PricedDirectMarketplace(DirectMarketplace):
+    """A direct sale whose service states its unit price as `price`."""
+
+    def __init__(self, price: Any):
+        super().__init__(refusals=0)
+        self.price = price
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/agents/services/"):
+            return httpx.Response(200, json={"id": request.url.path.rsplit("/", 1)[1],
+                                             "pricing": {"unit_price_atomic": self.price},
+                                             "seller": {"wallet_address": SELLER}})
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize("price", ["2e4", 20_000.5, -1, None])
+def test_a_direct_purchase_of_a_service_priced_as_no_whole_number_is_refused(price):
+    """The unit price a direct purchase pays was int() of the marketplace's: 20000.5 was rounded and signed, "2e4"
+    raised ValueError, -1 ValueError from the typed-data builder, None TypeError."""
+    marketplace = PricedDirectMarketplace(price)
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                           transport=httpx.MockTransport(marketplace)) as buyer:
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.propose_direct_purchase(str(uuid.uuid4()), 10, wallet=KEY, max_unit_price_atomic=LISTED_PRICE,
+                                          permit_nonce=0)
+    assert refusal.value.field == "pricing.unit_price_atomic"
+    assert marketplace.fee_permits == []
