@@ -6,8 +6,6 @@ invocations counted against their buyers. They change through
 agreements.services / agreements.invocations; the escrow app's admin adds the chain side of an agreement's page.
 """
 
-import functools
-
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import F
@@ -107,7 +105,8 @@ def acknowledge_reverted_direct_payment(modeladmin, request, queryset):
     return acknowledgement_page(
         modeladmin, request, queryset, what="reverted direct payments", none_left="None of the selected agreements "
         "has a reverted payment not acknowledged yet.",
-        acknowledge=functools.partial(services.reverted_payments_acknowledge, payments=queryset), findings=reverted,
+        acknowledge=lambda selected, **answer: services.reverted_payments_acknowledge(payments=selected, **answer),
+        findings=reverted,
         columns=["Agreement", "Service", "Amount", "Reverted", "Reason"],
         rows=([str(agreement.pk), f"{agreement.service.name} of {agreement.seller.handle}", agreement.deposit_amount,
                agreement.payment_reverted_at, agreement.payment_reverted_reason] for agreement in reverted))
@@ -396,7 +395,8 @@ def acknowledge_reverted_payment(modeladmin, request, queryset):
     return acknowledgement_page(
         modeladmin, request, queryset, what="reverted payments", none_left="None of the selected invocations has a "
         "reverted payment not acknowledged yet.",
-        acknowledge=functools.partial(services.reverted_payments_acknowledge, payments=queryset), findings=reverted,
+        acknowledge=lambda selected, **answer: services.reverted_payments_acknowledge(payments=selected, **answer),
+        findings=reverted,
         columns=["Invocation", "Skill", "Money", "Payment transaction", "Reverted", "Reason"],
         rows=([invocation.public_id, f"{invocation.skill.name} of {invocation.seller.handle}", invocation.money,
                invocation.payment_tx_hash, invocation.payment_reverted_at, invocation.payment_reverted_reason]

@@ -10,8 +10,6 @@ cancel (services.nonce_fills_acknowledge). All need the model's change permissio
 
 from datetime import UTC, datetime
 
-import functools
-
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
@@ -101,7 +99,8 @@ def acknowledge_outrun_fills(modeladmin, request, queryset):
         modeladmin, request, queryset, what="outrun nonce fills",
         none_left="None of the selected transactions is a nonce fill outrun by the old bytes it cancels and "
                   "unacknowledged.",
-        acknowledge=functools.partial(services.nonce_fills_acknowledge, fills=queryset), findings=outrun,
+        acknowledge=lambda selected, **answer: services.nonce_fills_acknowledge(fills=selected, **answer),
+        findings=outrun,
         columns=["Fill", "Nonce", "Cancelled transaction", "Mined transaction", "Block"],
         rows=([fill.pk, fill.nonce, fill.context.get(relayer.CANCELS), fill.mined_tx_hash, fill.mined_block_number]
               for fill in outrun))
@@ -285,7 +284,7 @@ def acknowledge_failed(modeladmin, request, queryset):
     return acknowledgement_page(
         modeladmin, request, queryset, what="failed events",
         none_left="None of the selected events is failed and unacknowledged.",
-        acknowledge=functools.partial(indexer.events_acknowledge, events=failed), findings=failed,
+        acknowledge=lambda selected, **answer: indexer.events_acknowledge(events=selected, **answer), findings=failed,
         columns=["Event", "Block", "Transaction", "Agreement", "Error"],
         rows=([event.name, event.block_number, event.tx_hash, event.agreement_id or "-", event.error]
               for event in failed))

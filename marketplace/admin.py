@@ -17,7 +17,7 @@ from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Count
 from django.db.models.constants import LOOKUP_SEP
 from django.template.response import TemplateResponse
@@ -76,20 +76,24 @@ class AcknowledgeForm(forms.Form):
 def acknowledgement_page(modeladmin, request, queryset, *, acknowledge, what: str, columns: list[str], rows,
                          none_left: str, findings):
     """An admin action's page asking an operator why the selected failures need no action, then
-    `acknowledge(operator=, reason=)` (a service, answering how many it acknowledged): None once done (back to
-    the list), else the page. `rows`: one list of cells per failure still to acknowledge; `findings`: those failures
-    (a queryset). On "select all", which posts the list's filter again, not its rows, the answer acknowledges only
-    the failures the page showed: when they changed since (one failed meanwhile), nothing is done and the page shows
-    them again. (Ticked rows are posted as such.)"""
+    `acknowledge(selected, operator=, reason=)` (a service, answering how many of the `selected` rows it
+    acknowledged): None once done (back to the list), else the page. `rows`: one list of cells per failure still to
+    acknowledge; `findings`: those failures (a queryset). On "select all", which posts the list's filter again, not
+    its rows, the answer acknowledges only the failures the page showed: when they changed since (one failed
+    meanwhile), nothing is done and the page shows them again; and the write takes the rows checked, not the filter
+    again, so a failure arriving between the check and the write is not acknowledged unseen either. (Ticked rows are
+    posted as such.)"""
     select_across = request.POST.get("select_across") == "1"
-    shown = _rows_digest(findings) if select_across else ""
+    shown_keys = _row_keys(findings) if select_across else None
+    shown = _digest(shown_keys) if select_across else ""
     form = AcknowledgeForm(request.POST if request.POST.get("confirm") else None)
     if form.is_valid() and request.POST.get("shown", "") != shown:
         form.add_error(None, f"The {what} to acknowledge changed since this page was shown (some failed meanwhile, or "
                              "were acknowledged): check them again.")
     if form.is_valid():
+        answer = {"operator": request.user.get_username(), "reason": form.cleaned_data["reason"]}
         try:
-            count = acknowledge(operator=request.user.get_username(), reason=form.cleaned_data["reason"])
+            count = _acknowledge_selected(acknowledge, queryset, shown_keys, answer)
         except ApplicationError as exc:
             form.add_error(None, f"{exc.message} ({exc.code})")
         else:
@@ -106,10 +110,28 @@ def acknowledgement_page(modeladmin, request, queryset, *, acknowledge, what: st
     return TemplateResponse(request, "admin/acknowledge.html", context)
 
 
-def _rows_digest(rows) -> str:
-    """Which rows a queryset holds, as one short value a page carries (however many rows)."""
+ACKNOWLEDGED_PER_STATEMENT = 10_000  # rows named in one UPDATE's IN list (SQLite takes 32,766 parameters)
+
+
+def _acknowledge_selected(acknowledge, queryset, shown_keys: list[str] | None, answer: dict) -> int:
+    """`acknowledge` of the ticked rows (`shown_keys` None), or of the rows whose keys the check read, in batches,
+    all or none."""
+    if shown_keys is None:
+        return acknowledge(queryset, **answer)
+    with transaction.atomic():
+        return sum(acknowledge(queryset.filter(pk__in=shown_keys[start:start + ACKNOWLEDGED_PER_STATEMENT]), **answer)
+                   for start in range(0, len(shown_keys), ACKNOWLEDGED_PER_STATEMENT))
+
+
+def _row_keys(rows) -> list[str]:
+    """The primary keys of a queryset's rows, sorted as text."""
+    return sorted(str(pk) for pk in rows.order_by().values_list("pk", flat=True))
+
+
+def _digest(keys: list[str]) -> str:
+    """Which rows (their keys) a page showed, as one short value it carries (however many rows)."""
     digest = hashlib.sha256()
-    for pk in sorted(str(pk) for pk in rows.order_by().values_list("pk", flat=True)):
+    for pk in keys:
         digest.update(pk.encode() + b"\n")
     return digest.hexdigest()
 
@@ -175,10 +197,10 @@ def _messages(errors) -> list[str]:
 
 
 def across_pages_refused(request, what: str) -> bool:
-    """Whether an action that moves money (`what`: "approve", "retry") was run on "Select all N" across pages, which
-    it then refuses, saying so: that posts the list's filter, not its rows, so a row that entered the filter after the
-    operator looked (a new request, a payout failed since), or sat on a page they never opened, was acted on unseen.
-    Such an action is run on the rows ticked."""
+    """Whether an action that moves money or decides for an owner (`what`: "approve", "reject", "retry") was run on
+    "Select all N" across pages, which it then refuses, saying so: that posts the list's filter, not its rows, so a
+    row that entered the filter after the operator looked (a new request, a payout failed since), or sat on a page
+    they never opened, was acted on unseen. Such an action is run on the rows ticked."""
     if request.POST.get("select_across") != "1":
         return False
     messages.error(request, f"Tick the rows to {what}: \"select all\" across pages would {what} rows you have not "

@@ -90,6 +90,8 @@ def approve_requests(modeladmin, request, queryset):
 
 @admin.action(description="Reject selected requests", permissions=["decide"])
 def reject_requests(modeladmin, request, queryset):
+    if across_pages_refused(request, "reject"):  # a refusal, too, is the owner's answer: given to requests seen
+        return
     _decide(modeladmin, request, queryset, approve=False)
 
 

@@ -657,3 +657,59 @@ def test_an_acknowledgement_takes_no_failure_that_arrived_after_the_page_asking_
     answer = {**form_as_shown(again.content.decode(), "acknowledge-form"), "reason": "the buyers' own escrows"}
     assert operator.post(changelist, answer).status_code == 302
     assert not ChainEvent.objects.filter(effect=EventEffect.FAILED, acknowledged_at=None).exists()
+
+
+def test_rejecting_all_requests_across_pages_rejects_none_the_operator_has_not_seen(operator, buyer, buyer_api,
+                                                                                    seller):
+    """Reject was the one decision still taken on "select all N": a purchase the buyer's owner had not been asked
+    about yet (it entered the list after the operator looked, or sat on a page they never opened) was rejected
+    unseen, as approve was approved unseen. Both are of the ticked rows only."""
+    service = register_service(seller)
+    Api(issue_owner_token(buyer.owner)).put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    buyer_api.post("/usage-agreements", proposal(service))
+    [seen] = ApprovalRequest.objects.filter(agent=buyer)
+    assert operator.get("/admin/policies/approvalrequest/?status__exact=pending").status_code == 200
+    buyer_api.post("/usage-agreements", proposal(service))  # arrives while the operator decides
+    unseen = ApprovalRequest.objects.exclude(pk=seen.pk).get(agent=buyer)
+
+    page = operator.post("/admin/policies/approvalrequest/?status__exact=pending",
+                         {"action": "reject_requests", "select_across": "1", "index": "0",
+                          ACTION_CHECKBOX_NAME: [str(seen.pk)]}, follow=True)
+
+    assert ApprovalRequest.objects.get(pk=unseen.pk).status == "pending"
+    assert ApprovalRequest.objects.get(pk=seen.pk).status == "pending"
+    assert "Tick the rows" in page.content.decode()
+    operator.post("/admin/policies/approvalrequest/", {"action": "reject_requests", ACTION_CHECKBOX_NAME: [seen.pk]})
+    assert ApprovalRequest.objects.get(pk=seen.pk).status == "rejected"
+
+
+def test_an_acknowledgement_takes_no_failure_that_arrives_between_its_check_and_its_write(operator, monkeypatch):
+    """The answer's check (the failures are those the page showed) and its write were two statements, the write
+    acting on the list's filter again: an event that failed in between was acknowledged unseen, with a reason given
+    for others. The write takes the rows checked, no others."""
+    from escrow import indexer
+
+    cursor = IndexerCursor.objects.create(chain_id=31337, escrow_address="0x" + "12" * 20, start_block=0)
+
+    def failed_event(block: int) -> ChainEvent:
+        return ChainEvent.objects.create(
+            cursor=cursor, block_number=block, block_hash=f"0x{block:064x}", tx_hash=f"0x{block:064x}", log_index=0,
+            contract="0x" + "12" * 20, name="Activated", effect=EventEffect.FAILED, error="escrow_mismatch")
+
+    seen = failed_event(1)
+    changelist = "/admin/escrow/chainevent/?effect__exact=failed"
+    asked = operator.post(changelist, {"action": "acknowledge_failed", "select_across": "1", "index": "0",
+                                       ACTION_CHECKBOX_NAME: [str(seen.pk)]})
+    arrived = []
+    acknowledge = indexer.events_acknowledge
+
+    def a_failure_arrives_first(**kwargs):
+        arrived.append(failed_event(2))  # the indexer commits a failed event after the check
+        return acknowledge(**kwargs)
+
+    monkeypatch.setattr(indexer, "events_acknowledge", a_failure_arrives_first)
+    answer = {**form_as_shown(asked.content.decode(), "acknowledge-form"), "reason": "the buyer's own escrow"}
+
+    assert operator.post(changelist, answer).status_code == 302
+    assert ChainEvent.objects.get(pk=seen.pk).acknowledged_at is not None
+    assert ChainEvent.objects.get(pk=arrived[0].pk).acknowledged_at is None
