@@ -42,6 +42,7 @@ from marketplace.admin import (
     tx_hash_column,
     tx_hash_html,
 )
+from marketplace import money
 from marketplace.errors import ApplicationError
 
 GWEI = 10**9
@@ -383,9 +384,21 @@ class ResolveForm(forms.Form):
         min_value=0, label="Seller amount (base units)",
         help_text="What the seller is paid out of the deposit; the buyer gets the rest back. 1 USDC = 1000000.")
 
-    def __init__(self, *args, deposit: int, **kwargs):
+    def __init__(self, *args, dispute, **kwargs):
+        """The most the seller may be awarded, shown as a hint (settlement_resolve decides, from the chain): the
+        settlement it proposed and the buyer disputed, not the deposit, which it refuses past that
+        (`amount_exceeds_proposal`)."""
         super().__init__(*args, **kwargs)
-        self.fields["seller_amount_atomic"].widget.attrs["max"] = deposit  # a hint; settlement_resolve decides
+        field = self.fields["seller_amount_atomic"]
+        proposed = selectors.dispute_proposed_amount(dispute)
+        if proposed is None:
+            field.widget.attrs["max"] = dispute.deposit_amount
+            return
+        field.widget.attrs["max"] = proposed
+        field.help_text = format_html(
+            "What the seller is paid out of the deposit, at most the settlement it proposed and the buyer disputed: "
+            "{} ({} base units); the buyer gets the rest back. 1 USDC = 1000000.",
+            money.token_units(proposed, dispute.token), proposed)
 
 
 class DisputeStateFilter(admin.SimpleListFilter):
@@ -481,7 +494,7 @@ class DisputeAdmin(MoneyRecordAdmin):
         if not may_operate(request, Dispute):
             raise PermissionDenied
         dispute = get_object_or_404(selectors.disputes(), pk=agreement_id)
-        form = ResolveForm(request.POST or None, deposit=dispute.deposit_amount)
+        form = ResolveForm(request.POST or None, dispute=dispute)
         if request.method == "POST" and form.is_valid():
             amount = form.cleaned_data["seller_amount_atomic"]
             try:

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from django.contrib.auth import get_user_model
 
-from agreements.models import AgreementEvent, AgreementStatus, UsageAgreement
+from agreements.models import AgreementEvent, AgreementStatus, UsageAgreement, UsageEvent
 from escrow import selectors
 from escrow.models import ChainTransaction, TxPurpose
 from tests.agreements.helpers import propose
@@ -137,3 +137,22 @@ def test_a_resolution_asked_for_while_the_node_is_down_is_refused_as_unavailable
     assert response.status_code == 503 and error_code(response) == "chain_unavailable"
     assert not ChainTransaction.objects.filter(purpose=TxPurpose.RESOLVE).exists()
     assert UsageAgreement.objects.get(pk=agreement_id).status == S.DISPUTED
+
+
+def test_the_resolve_form_names_the_disputed_proposal_as_the_most_the_seller_may_be_awarded(operator, buyer_api,
+                                                                                            seller):
+    """The form's hint (its bound and its help) named the deposit, while the resolution refuses more than the
+    settlement the seller proposed and the buyer disputed (400 `amount_exceeds_proposal`): an operator following it
+    typed an award the chain would never take."""
+    agreement_id = disputed(buyer_api, register_service(seller), days_ago=2)
+    UsageAgreement.objects.filter(pk=agreement_id).update(deposit_amount=2_000_000, proposed_seq=2, usage_seq=3)
+    for seq, cumulative in ((1, 100_000), (2, 200_000), (3, 300_000)):  # the 3rd charged after the proposal
+        UsageEvent.objects.create(agreement_id=agreement_id, seq=seq, source="proxy", units=1, cost=100_000,
+                                  cumulative=cumulative, usage_digest="0x" + f"{seq:02x}" * 32, request_id=f"r{seq}")
+
+    page = operator.get(f"/admin/escrow/dispute/{agreement_id}/resolve/")
+
+    assert page.status_code == 200
+    field = page.context["form"]["seller_amount_atomic"]
+    assert field.field.widget.attrs["max"] == 200_000
+    assert "0.20 USDC" in str(field.help_text) and "proposed" in str(field.help_text)
