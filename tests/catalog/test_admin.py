@@ -284,6 +284,40 @@ def test_staff_who_may_change_users_cannot_make_anyone_superuser_or_give_permiss
     assert get_user_model().objects.get(pk=superuser.pk).check_password("root-password")
 
 
+@pytest.mark.parametrize("second_factor", [True, False])
+def test_an_owners_password_set_by_staff_who_may_change_users_does_not_act_as_the_owner(
+        catalog, settings, buyer, buyer_api, seller, second_factor):
+    """Staff who may change users (to deactivate an owner) may set an owner's password too; they own a seller, and
+    the buyer's owner is asked to approve a purchase of it. The password logs into nothing: the admin takes staff
+    only (with or without the second factor), the API takes an owner's token, and a session the admin did not open
+    acts as no one there. The approval stays the owner's."""
+    from policies.models import ApprovalRequest
+    from tests.agreements.helpers import proposal
+    from tests.support.operators import log_in
+
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    support = get_user_model().objects.create_user("support", "support@example.com", "support-password",
+                                                   is_staff=True)
+    support.user_permissions.add(*Permission.objects.filter(codename__in=["view_user", "change_user"]))
+    type(seller).objects.filter(pk=seller.pk).update(owner=support)
+    client = operator_client("support", "support-password")
+    Api(issue_owner_token(buyer.owner)).put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    assert buyer_api.post("/usage-agreements", proposal(catalog["translator"])).status_code == 201
+    [approval] = ApprovalRequest.objects.filter(agent=buyer)
+
+    password_page = reverse("admin:auth_user_password_change", args=[buyer.owner.pk])
+    set_password = client.post(password_page, {"password1": "taken-over-1234", "password2": "taken-over-1234"})
+    assert set_password.status_code == 302
+    settings.ADMIN_REQUIRE_SECOND_FACTOR = second_factor
+    as_owner = Client()
+    login = log_in(as_owner, buyer.owner.username, "taken-over-1234")
+    assert login.status_code == 200  # the form again: not a login
+    approve = as_owner.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve", {}, content_type="application/json")
+
+    assert approve.status_code in (401, 403)
+    assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
+
+
 def _owner_form(owner, *, active: bool) -> dict:
     """What the admin's change form of a user posts, its account active or not."""
     joined = timezone.localtime(owner.date_joined)
