@@ -21,6 +21,7 @@ axes also logs every successful login; a beat task deletes those older than ADMI
 """
 
 import base64
+import functools
 import secrets
 from dataclasses import dataclass
 
@@ -28,8 +29,9 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin
 from django.contrib.admin import AdminSite
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.auth.signals import user_login_failed
-from django.core.exceptions import ValidationError
+from django.core.exceptions import BadRequest, ValidationError
 from django.db import transaction
 from django.shortcuts import render
 from django.utils import timezone
@@ -150,6 +152,31 @@ class OperatorAdminSite(OTPAdminSite):
         if required():
             return super().has_permission(request)
         return AdminSite.has_permission(self, request)
+
+    def admin_view(self, view, cacheable=False):
+        model_admin = getattr(view, "__self__", None)
+        if getattr(view, "__name__", "") == "changelist_view" and isinstance(model_admin, admin.ModelAdmin):
+            view = _action_rows_checked(view, model_admin.model)
+        return super().admin_view(view, cacheable)
+
+
+def _action_rows_checked(changelist_view, model):
+    """A list's view refusing (400) an action posted with rows that are no row's key (a request id that is no UUID,
+    a NUL): Django passes them to the action's query, whose ValidationError or ValueError was a 500."""
+
+    @functools.wraps(changelist_view)
+    def checked(request, *args, **kwargs):
+        if request.method == "POST":
+            for value in request.POST.getlist(ACTION_CHECKBOX_NAME):
+                try:
+                    if "\x00" in value:
+                        raise ValidationError("NUL")
+                    model._meta.pk.to_python(value)
+                except ValidationError:
+                    raise BadRequest(f"The rows selected are not {model._meta.verbose_name_plural}.") from None
+        return changelist_view(request, *args, **kwargs)
+
+    return checked
 
 
 class SessionAuthentication(authentication.SessionAuthentication):

@@ -713,3 +713,17 @@ def test_an_acknowledgement_takes_no_failure_that_arrives_between_its_check_and_
     assert operator.post(changelist, answer).status_code == 302
     assert ChainEvent.objects.get(pk=seen.pk).acknowledged_at is not None
     assert ChainEvent.objects.get(pk=arrived[0].pk).acknowledged_at is None
+
+
+@pytest.mark.parametrize(("changelist", "action", "selected"), [
+    ("/admin/policies/approvalrequest/", "approve_requests", "not-a-request-id"),
+    ("/admin/escrow/chaintransaction/", "retry_failed", "\x00"),
+    ("/admin/catalog/apikey/", "revoke_credentials", "1 OR 1=1"),
+    ("/admin/auth/group/", "delete_selected", "one"),
+])
+def test_an_action_posted_with_rows_that_are_no_rows_keys_is_a_400_not_a_500(operator, changelist, action, selected):
+    """An action's ticked rows are posted as their keys; a value no key can be (a request id that is no UUID, a NUL)
+    reached the action's query, whose ValidationError (or ValueError) was a 500 on every list, Django's own included.
+    It is refused as a bad request, nothing done."""
+    response = operator.post(changelist, {"action": action, "index": "0", ACTION_CHECKBOX_NAME: [selected]})
+    assert response.status_code == 400
