@@ -24,6 +24,8 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
+from axes.admin import AccessAttemptAdmin
+from axes.models import AccessAttempt
 from django_otp.admin import user_model_search_fields
 
 from marketplace import explorer, money, rotation
@@ -401,6 +403,24 @@ class OperatorGroupAdmin(GroupAdmin):
 
 admin.site.unregister(Group)
 admin.site.register(Group, OperatorGroupAdmin)
+
+
+class LockoutAdmin(AccessAttemptAdmin):
+    """axes' list of failed admin logins (the lockouts). Its "Clean up expired attempts" read the time of a login
+    attempt off the request, which only a login has: run from the list it was a 500, whatever was ticked. It deletes
+    the failures whose lockout has passed (as axes does at the next login), and only for staff who may delete them."""
+
+    actions = ["cleanup_expired_attempts"]
+
+    @admin.action(description="Clean up expired attempts", permissions=["delete"])
+    def cleanup_expired_attempts(self, request, queryset):
+        request.axes_attempt_time = None  # axes' "no login attempt": the lockout counted back from now
+        return super().cleanup_expired_attempts(request, queryset)
+
+
+if admin.site.is_registered(AccessAttempt):
+    admin.site.unregister(AccessAttempt)
+    admin.site.register(AccessAttempt, LockoutAdmin)
 
 
 # --- the operators' second factors (marketplace.second_factor) ---------------------------------------------------
