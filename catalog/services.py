@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.postgres.search import SearchVector
 from django.db import IntegrityError, connection, transaction
@@ -86,7 +87,8 @@ def agent_create(
         # waits for the first to commit, then fails here.
         with transaction.atomic():
             # The owner's row, locked, orders two creations at once, so neither passes the count the other makes.
-            type(owner).objects.select_for_update().filter(pk=owner.pk).first()
+            # Through the user model: an admin session's user is a lazy object, whose class has no manager.
+            get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
             owned = Agent.objects.filter(owner=owner).count()
             if owned >= settings.AGENTS_PER_OWNER:
                 raise Conflict(f"You already have {owned} agents.", code="agent_limit_reached",

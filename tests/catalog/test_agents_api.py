@@ -16,6 +16,22 @@ pytestmark = pytest.mark.django_db
 WALLET = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
 
 
+def test_an_operator_creates_an_agent_from_their_admin_session(settings):
+    """An admin session acts in the API as its user, an owner: creating an agent with it was a 500 (the owner's row
+    was locked through the session's lazy user's class, which has no manager)."""
+    from tests.support.operators import operator_client
+
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    get_user_model().objects.create_user("operator", "operator@example.com", "operator-password", is_staff=True)
+    operator = operator_client("operator", "operator-password")
+
+    created = operator.post("/agents", {"handle": "ops-bot", "display_name": "Ops bot", "wallet_address": WALLET,
+                                        "roles": ["buyer"]}, content_type="application/json")
+
+    assert created.status_code == 201, created.content
+    assert Agent.objects.get(handle="ops-bot").owner.username == "operator"
+
+
 def test_owner_creates_an_agent_and_issues_a_key_shown_once(owner_api):
     response = owner_api.post("/agents", {"handle": "my-bot", "display_name": "My bot",
                                           "wallet_address": WALLET.lower(), "roles": ["buyer", "seller"]})
