@@ -20,6 +20,8 @@ class Purchase:
     tags: frozenset[str]
     token: str
     amount: int  # the commitment: everything that can leave the buyer's wallet (max amount + fee)
+    seller_owner_id: int | None = None
+    buyer_owner_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ ALLOW = Decision(Outcome.ALLOW)
 
 
 def evaluate(policy: Policy | None, purchase: Purchase, spend: Spend) -> Decision:
-    """Deny rules first (lists, token, limits, caps), then the approval threshold."""
+    """Deny rules first (lists, token, limits, caps), then approval: of any purchase from a seller whose owner set the
+    policy last (an operator, in the admin, before they owned it), and past the threshold."""
     if policy is None:
         return ALLOW
 
@@ -82,6 +85,11 @@ def evaluate(policy: Policy | None, purchase: Purchase, spend: Spend) -> Decisio
     if policy.monthly_cap is not None and spend.last_month + purchase.amount > policy.monthly_cap:
         return deny("monthly_cap", "The commitment would exceed the monthly spend cap.",
                     spent=spend.last_month, amount=purchase.amount, limit=policy.monthly_cap)
+    if policy.updated_by_id not in (None, purchase.buyer_owner_id) and policy.updated_by_id == purchase.seller_owner_id:
+        # The seller's owner (an operator) set the buyer's rules last: not the buyer's owner's consent to pay them.
+        return Decision(Outcome.NEEDS_APPROVAL, "policy_set_by_seller_owner",
+                        "The policy was last changed by the seller's owner, not the buyer's: the buyer's owner must "
+                        "approve this commitment.", {"amount": purchase.amount})
     if policy.approval_threshold is not None and purchase.amount >= policy.approval_threshold:
         return Decision(Outcome.NEEDS_APPROVAL, "approval_threshold", "The owner must approve this commitment.",
                         {"amount": purchase.amount, "threshold": policy.approval_threshold})

@@ -15,12 +15,13 @@ def policy_of(*, agent: Agent) -> Policy | None:
     return Policy.objects.filter(agent=agent).first()
 
 
-def purchase_decision(*, agent: Agent, seller_handle: str, service_id: str, tags: frozenset[str], token: str,
+def purchase_decision(*, agent: Agent, seller: Agent, service_id: str, tags: frozenset[str], token: str,
                       amount: int, spent_last_day: int, spent_last_month: int) -> Decision:
-    """The agent's owner policy on a purchase of `amount` (everything that can leave the wallet), given what the
-    agent committed in the last day and month."""
+    """The agent's owner policy on a purchase of `amount` (everything that can leave the wallet) from `seller`, given
+    what the agent committed in the last day and month."""
     return evaluate(policy_of(agent=agent),
-                    Purchase(seller_handle=seller_handle, service_id=service_id, tags=tags, token=token, amount=amount),
+                    Purchase(seller_handle=seller.handle, service_id=service_id, tags=tags, token=token, amount=amount,
+                             seller_owner_id=seller.owner_id, buyer_owner_id=agent.owner_id),
                     Spend(last_day=spent_last_day, last_month=spent_last_month))
 
 

@@ -16,7 +16,7 @@ from escrow import relayer
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, IndexerCursor, TxPurpose, TxStatus
 from policies.models import ApprovalRequest, Policy
 from tests.agreements.helpers import proposal
-from tests.catalog.factories import issue_key, issue_owner_token, register_service
+from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service
 from tests.conftest import Api
 from tests.support.operators import form_as_shown, operator_client
 
@@ -727,3 +727,32 @@ def test_an_action_posted_with_rows_that_are_no_rows_keys_is_a_400_not_a_500(ope
     It is refused as a bad request, nothing done."""
     response = operator.post(changelist, {"action": action, "index": "0", ACTION_CHECKBOX_NAME: [selected]})
     assert response.status_code == 400
+
+
+def test_an_operator_who_loosens_a_policy_then_creates_a_seller_is_not_paid_without_the_owners_approval(
+        settings, buyer, buyer_api):
+    """An operator who owns no seller may change another owner's policy (`operator_owns_a_seller` looks at what they
+    own then): they removed the owner's approval of every purchase, then created a seller agent with their admin
+    session, and the buyer's purchases of it went through unasked. A purchase from the seller of whoever set the
+    buyer's policy last, not its owner, waits for the owner's approval (`policy_set_by_seller_owner`), which that
+    operator cannot give."""
+    owner_api = Api(issue_owner_token(buyer.owner))
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    staff = staff_client(settings, "view_policy", "change_policy", "view_approvalrequest", "change_approvalrequest")
+    assert staff.post(f"/admin/policies/policy/{buyer.pk}/change/", POLICY_FORM).status_code == 302
+    created = staff.post("/agents", {"handle": "ops-seller", "display_name": "Ops", "wallet_address": "0x" + "ab" * 20,
+                                     "roles": ["seller"]}, content_type="application/json")
+    assert created.status_code == 201, created.content
+    service = register_service(Agent.objects.get(handle="ops-seller"))
+
+    made = buyer_api.post("/usage-agreements", proposal(service))
+
+    assert made.status_code == 201 and made.json()["status"] == "pending_approval"
+    approval = ApprovalRequest.objects.get(agent=buyer)
+    assert approval.rule == "policy_set_by_seller_owner"
+    staff.post("/admin/policies/approvalrequest/", {"action": "approve_requests", ACTION_CHECKBOX_NAME: [approval.pk]})
+    assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
+    approved = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve", {})
+    assert approved.status_code == 200 and approved.json()["status"] == "approved"
+    other = register_service(AgentFactory(handle="another-seller", is_seller=True))
+    assert buyer_api.post("/usage-agreements", proposal(other)).json()["status"] == "proposed"  # as the policy says

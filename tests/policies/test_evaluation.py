@@ -56,3 +56,19 @@ def test_approval_threshold_is_inclusive_and_comes_after_denials():
     held = decide(approval_threshold=1_000)
     assert (held.outcome, held.rule) == (Outcome.NEEDS_APPROVAL, "approval_threshold")
     assert decide(approval_threshold=1, blocked_sellers=["acme"]).outcome == Outcome.DENY
+
+
+@pytest.mark.parametrize(("updated_by_id", "outcome"), [
+    (7, Outcome.NEEDS_APPROVAL),  # set last by the seller's owner, an operator: the buyer's owner approves
+    (1, Outcome.ALLOW),  # by the buyer's owner, who also owns the seller
+    (3, Outcome.ALLOW),  # by another operator
+    (None, Outcome.ALLOW),
+])
+def test_a_purchase_from_the_seller_of_whoever_set_the_policy_last_needs_approval(updated_by_id, outcome):
+    purchase = Purchase(seller_handle="acme", service_id="svc-1", tags=frozenset(), token="USDC", amount=1_000,
+                        seller_owner_id=1 if updated_by_id == 1 else 7, buyer_owner_id=1)
+    decision = decide(purchase, updated_by_id=updated_by_id)
+    assert decision.outcome == outcome
+    assert decide(purchase, updated_by_id=updated_by_id, blocked_sellers=["acme"]).outcome == Outcome.DENY
+    if outcome == Outcome.NEEDS_APPROVAL:
+        assert decision.rule == "policy_set_by_seller_owner"
