@@ -25,6 +25,7 @@ from agreements.models import ONCHAIN_STATUSES, AgreementStatus, SettlementModel
 from escrow import chain, indexer, purchases, relayer, selectors, services, settlement
 from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, IndexerCursor, MasumiPurchase,
                            RelayerAccount, RelayRevert, TxAttempt, TxStatus)
+from marketplace import money
 from marketplace.admin import (
     across_pages_refused,
     acknowledgement_page,
@@ -42,7 +43,6 @@ from marketplace.admin import (
     tx_hash_column,
     tx_hash_html,
 )
-from marketplace import money
 from marketplace.errors import ApplicationError
 
 GWEI = 10**9

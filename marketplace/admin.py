@@ -12,6 +12,8 @@ and its second factor: `marketplace.second_factor.OperatorAdminSite`.)
 
 import hashlib
 
+from axes.admin import AccessAttemptAdmin
+from axes.models import AccessAttempt
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
@@ -24,8 +26,6 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
-from axes.admin import AccessAttemptAdmin
-from axes.models import AccessAttempt
 from django_otp.admin import user_model_search_fields
 
 from marketplace import explorer, money, rotation
