@@ -224,10 +224,17 @@ class UsageEventAdmin(MoneyRecordAdmin):
 
 @admin.register(FeeSchedule)
 class FeeScheduleAdmin(admin.ModelAdmin):
+    """The rates are staff's to change (with `change_feeschedule`); the wallet the fees are paid to is a superuser's:
+    staff who may change the rates set it to a wallet of their own, and every fee collected went there."""
+
     list_display = ("__str__", "percent_bps", "fixed_display", "minimum_display", "fee_recipient", "updated_at")
 
     fixed_display = amount_column("fixed_atomic", description="fixed")
     minimum_display = amount_column("minimum_atomic", description="minimum")
+
+    def get_readonly_fields(self, request, obj=None):
+        readonly = super().get_readonly_fields(request, obj)
+        return readonly if request.user.is_superuser else (*readonly, "fee_recipient")
 
     def has_add_permission(self, request):
         return not FeeSchedule.objects.exists()

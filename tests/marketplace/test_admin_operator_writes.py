@@ -56,6 +56,23 @@ def test_a_fee_schedule_amount_beyond_uint256_is_refused_not_quoted(operator, bu
     assert operator.post(page, {**form, field: 2**256 - 1}).status_code == 302
 
 
+def test_only_a_superuser_changes_where_the_platforms_fees_are_paid(settings, operator):
+    """Staff who may change the fee schedule (its rates, for the business) set its fee recipient to a wallet of their
+    own, and every fee collected from then on went to them. The recipient is a superuser's to change."""
+    schedule = FeeSchedule.objects.create(fee_recipient="0x" + "fe" * 20)
+    page = f"/admin/agreements/feeschedule/{schedule.pk}/change/"
+    staff = staff_client(settings, "view_feeschedule", "change_feeschedule")
+    form = {"percent_bps": 150, "fixed_atomic": 2_000, "minimum_atomic": 50_000, "fee_recipient": "0x" + "5a" * 20}
+
+    assert staff.post(page, form).status_code == 302
+    schedule.refresh_from_db()
+    assert (schedule.percent_bps, schedule.fee_recipient.lower()) == (150, "0x" + "fe" * 20)
+
+    assert operator.post(page, form).status_code == 302
+    schedule.refresh_from_db()
+    assert schedule.fee_recipient.lower() == "0x" + "5a" * 20
+
+
 POLICY_FORM = {"allowed_sellers": "[]", "blocked_sellers": "[]", "allowed_services": "[]", "blocked_services": "[]",
                "allowed_tags": "[]", "blocked_tags": "[]", "allowed_tokens": "[]"}
 
