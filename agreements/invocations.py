@@ -215,6 +215,15 @@ def invocation_get(*, public_id: str) -> SkillInvocation:
     return invocation
 
 
+def invocation_is_retry(invocation: SkillInvocation, *, buyer: Agent | None, input: dict, client: str = "") -> bool:
+    """Whether a call paying with `invocation`'s authorization again is its caller's retry (its answer lost), which
+    may learn the invocation's id: the same input, from the same buyer agent, or anonymously from the same network.
+    The signed payment proves nothing: the payment's transaction shows it whole to anyone."""
+    if invocation.input != input or invocation.buyer_id != (buyer.pk if buyer else None):
+        return False
+    return buyer is not None or invocation.anonymous_client == client
+
+
 def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict, authorization: x402_protocol.Authorization,
                       client: str = "") -> SkillInvocation:
     """Record the invocation, its fee (frozen now: `invocation_priced_check`) and its authorization (a replayed nonce

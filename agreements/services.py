@@ -21,6 +21,7 @@ from django.utils import timezone
 from agreements import invocations, selectors, webhooks, x402_protocol
 # Skill invocations' and x402 payments' writes the escrow app drives (paying, settling), offered here as well.
 from agreements.invocations import invocation_failures_check as invocation_failures_check
+from agreements.invocations import invocation_is_retry as invocation_is_retry
 from agreements.invocations import invocation_paid_out as invocation_paid_out
 from agreements.invocations import invocation_payment_confirmed as invocation_payment_confirmed
 from agreements.invocations import invocation_payment_failed as invocation_payment_failed

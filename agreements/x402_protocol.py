@@ -48,7 +48,7 @@ from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Pay
 from x402.mechanisms.evm.utils import format_amount, hex_to_bytes
 from x402.mechanisms.evm.verify import verify_eoa_signature
 
-from agreements.models import PaymentAuthorization
+from agreements.models import PaymentAuthorization, SkillInvocation
 from marketplace import bounded_json, chainconfig
 from marketplace.errors import DependencyUnavailable
 from marketplace.fields import is_address
@@ -110,6 +110,8 @@ class Authorization:
     signature: str
 
 
+# Whether a call paying with an authorization already taken is the retry of the invocation it bought.
+RetryCheck = Callable[[SkillInvocation], bool]
 TokenDomainReader = Callable[[], tuple[str, str]]
 _token_domain_reader: list[TokenDomainReader] = []
 
@@ -240,16 +242,17 @@ def quoted_authorization(signature: str, requirements: PaymentRequirements, *, p
                                                     "same caller.", evm.ERR_INVALID_SIGNATURE)
 
 
-def payment_verify(header: str, requirements: PaymentRequirements, *, payer: str | None,
-                   holder: str) -> Authorization:
+def payment_verify(header: str, requirements: PaymentRequirements, *, payer: str | None, holder: str,
+                   is_retry: RetryCheck | None = None) -> Authorization:
     """The authorization a signed payment carries, checked against `requirements` without the chain: an x402
     payment payload, or a bare signature of an authorization quoted to `holder` from `payer`. An authorization
-    the platform already took is refused. Raises InvalidPayment."""
+    the platform already took is refused (naming what it bought when `is_retry` says the call is its caller's
+    retry). Raises InvalidPayment."""
     if is_bare_signature(header):
         authorization = quoted_authorization(header, requirements, payer=payer, holder=holder)
     else:
         authorization = check(decode(header), requirements)
-    authorization_refuse_replay(authorization)
+    authorization_refuse_replay(authorization, is_retry=is_retry)
     return authorization
 
 
@@ -346,23 +349,26 @@ def _path_of(url: str) -> str | None:
         return None
 
 
-def _already_used(authorization: Authorization, seen: PaymentAuthorization | None) -> InvalidPayment:
+def _already_used(authorization: Authorization, seen: PaymentAuthorization | None,
+                  is_retry: RetryCheck | None = None) -> InvalidPayment:
     details = {}
-    # Whoever holds this very signed payment may learn what it bought (a retry after a lost answer).
-    if seen is not None and seen.signature.lower() == authorization.signature.lower():
+    # A retry after a lost answer learns what it bought: the same signed payment, from the same caller with the same
+    # request (`is_retry`). Not the signed payment alone: its transaction's calldata shows it to anyone, who would
+    # read the paid result at the invocation's id.
+    if seen is not None and is_retry is not None and seen.signature.lower() == authorization.signature.lower():
         invocation = getattr(seen, "invocation", None)
-        if invocation is not None:
+        if invocation is not None and is_retry(invocation):
             details["invocation_id"] = invocation.public_id
     return InvalidPayment("authorization_already_used", "This authorization was already submitted; it is executed "
                                                         "once.", evm.ERR_NONCE_ALREADY_USED, details)
 
 
-def authorization_refuse_replay(authorization: Authorization) -> None:
+def authorization_refuse_replay(authorization: Authorization, *, is_retry: RetryCheck | None = None) -> None:
     """Refuse an authorization the platform already took, before asking the chain anything."""
     seen = PaymentAuthorization.objects.filter(token_address=chainconfig.usdc_address(), payer=authorization.payer,
                                                nonce=authorization.nonce).first()
     if seen is not None:
-        raise _already_used(authorization, seen)
+        raise _already_used(authorization, seen, is_retry)
 
 
 def authorization_record(authorization: Authorization) -> PaymentAuthorization:

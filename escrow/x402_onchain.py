@@ -161,8 +161,9 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
     to the treasury. `client`: the network the call came from, an anonymous payer's (no `buyer`) relay budget
     (`relayer.relay_budget_check`) and failed invocations' bound."""
     requirements = invocation_requirements(skill)
-    authorization = agreement_services.payment_verify(payment.header, requirements, payer=payment.payer,
-                                                      holder=payment.holder)
+    authorization = agreement_services.payment_verify(
+        payment.header, requirements, payer=payment.payer, holder=payment.holder,
+        is_retry=lambda seen: agreement_services.invocation_is_retry(seen, buyer=buyer, input=input, client=client))
     agreement_services.invocation_failures_check(seller=skill.service.seller, buyer=buyer, payer=authorization.payer,
                                                  client=client)
     payer = relayer.relay_payer(agent=buyer, wallet=authorization.payer, client=client)

@@ -1,0 +1,65 @@
+"""A skill's paid result is the payer's: what anyone can rebuild from the chain does not read it."""
+
+import pytest
+from x402 import PaymentPayload
+from x402.http import decode_payment_required_header, encode_payment_signature_header
+from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload
+
+from escrow.models import ChainTransaction
+from tests.agreements.test_invocations import Market
+from tests.conftest import Api
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+
+@pytest.fixture
+def market(escrow_chain, http_server):
+    return Market(escrow_chain, http_server)
+
+
+def rebuilt_from_the_chain(market, skill: str = "translate") -> str:
+    """An x402 payment header built by an onlooker from the invocation payment's calldata (transferWithAuthorization's
+    arguments are the signed authorization, its v, r, s the signature) and the skill's public 402."""
+    mined = ChainTransaction.objects.get(purpose="invocation_payment").mined_tx_hash
+    calldata = market.chain.w3.eth.get_transaction(mined)["input"]
+    _, args = market.chain.usdc.decode_function_input(calldata)
+    signature = "0x" + bytes(args["r"]).hex() + bytes(args["s"]).hex() + f"{args['v']:02x}"
+    required = decode_payment_required_header(Api().post(f"/agents/sol/{skill}", {"input": {}})["PAYMENT-REQUIRED"])
+    authorization = ExactEIP3009Authorization(
+        from_address=args["from"], to=args["to"], value=str(args["value"]), valid_after=str(args["validAfter"]),
+        valid_before=str(args["validBefore"]), nonce="0x" + bytes(args["nonce"]).hex())
+    return encode_payment_signature_header(PaymentPayload(
+        payload=ExactEIP3009Payload(authorization, signature).to_dict(), accepted=required.accepts[0],
+        resource=required.resource))
+
+
+def test_a_payment_rebuilt_from_the_chain_does_not_name_the_invocation_it_bought(
+        market, django_capture_on_commit_callbacks):
+    """The payment's transaction shows the whole signed authorization: replayed by anyone within its window, the
+    402 `authorization_already_used` named the invocation, whose result (and input) `GET /services/{id}` shows to
+    whoever holds its id: a paid result for free."""
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    with django_capture_on_commit_callbacks(execute=True):
+        paid = market.caller.post("/agents/sol/translate", {"input": {"text": "my secret letter"}},
+                                  headers={"X-PAYMENT": market.pay("translate")})
+    assert paid.status_code == 200, paid.content
+
+    onlooker = Api()
+    replay = onlooker.post("/agents/sol/translate", {"input": {"text": "anything"}},
+                           headers={"X-PAYMENT": rebuilt_from_the_chain(market)})
+
+    assert (replay.status_code, replay.json()["error"]) == (402, "authorization_already_used"), replay.content
+    assert "invocation_id" not in replay.json()["details"]
+    assert len(market.upstream.requests) == 1
+
+
+def test_the_payers_own_retry_of_the_same_call_still_learns_its_invocation(market, django_capture_on_commit_callbacks):
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    with django_capture_on_commit_callbacks(execute=True):
+        first = market.call("translate", payment, header="X-PAYMENT")
+
+    retry = market.call("translate", payment, header="X-PAYMENT")
+
+    assert (retry.status_code, retry.json()["error"]) == (402, "authorization_already_used")
+    assert retry.json()["details"]["invocation_id"] == first.json()["invocation_id"]
