@@ -7,6 +7,7 @@ from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Pay
 
 from escrow.models import ChainTransaction
 from tests.agreements.test_invocations import Market
+from tests.catalog.factories import AgentFactory, issue_key
 from tests.conftest import Api
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -33,10 +34,14 @@ def rebuilt_from_the_chain(market, skill: str = "translate") -> str:
         resource=required.resource))
 
 
+@pytest.mark.parametrize("onlooker, text", [
+    ("anonymous", "anything"),  # the input is the payer's: unknown to whoever reads the chain
+    ("an_agent", "my secret letter"),  # the input guessed, with another agent's key
+])
 def test_a_payment_rebuilt_from_the_chain_does_not_name_the_invocation_it_bought(
-        market, django_capture_on_commit_callbacks):
+        market, onlooker, text, django_capture_on_commit_callbacks):
     """The payment's transaction shows the whole signed authorization: replayed by anyone within its window, the
-    402 `authorization_already_used` named the invocation, whose result (and input) `GET /services/{id}` shows to
+    402 `authorization_already_used` named the invocation, whose result `GET /services/{id}` shows to
     whoever holds its id: a paid result for free."""
     market.upstream.responses.append((200, {"translation": "bonjour"}))
     with django_capture_on_commit_callbacks(execute=True):
@@ -44,9 +49,9 @@ def test_a_payment_rebuilt_from_the_chain_does_not_name_the_invocation_it_bought
                                   headers={"X-PAYMENT": market.pay("translate")})
     assert paid.status_code == 200, paid.content
 
-    onlooker = Api()
-    replay = onlooker.post("/agents/sol/translate", {"input": {"text": "anything"}},
-                           headers={"X-PAYMENT": rebuilt_from_the_chain(market)})
+    caller = Api(issue_key(AgentFactory(handle="eve"))) if onlooker == "an_agent" else Api()
+    replay = caller.post("/agents/sol/translate", {"input": {"text": text}},
+                         headers={"X-PAYMENT": rebuilt_from_the_chain(market)})
 
     assert (replay.status_code, replay.json()["error"]) == (402, "authorization_already_used"), replay.content
     assert "invocation_id" not in replay.json()["details"]
