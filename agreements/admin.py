@@ -294,7 +294,12 @@ class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
 
     @admin.display(description="secret")
     def secret_hint(self, obj):
-        return f"{obj.secret[:10]}…" if obj.secret else ""
+        # Four characters past the `whsec_` prefix: ten characters showed ten of the sixteen of a secret the agent
+        # chose (it has no prefix).
+        if not obj.secret:
+            return ""
+        prefix = "whsec_" if obj.secret.startswith("whsec_") else ""
+        return f"{prefix}{obj.secret.removeprefix(prefix)[:4]}…"
 
     def get_readonly_fields(self, request, obj=None):
         # A subscription stays with its agent: given another, that agent's events went to this one's URL, signed with

@@ -50,6 +50,18 @@ def test_the_admin_never_shows_the_proxy_or_webhook_secrets(operator, seller, se
     assert webhook["secret"] not in webhook_page.content.decode()
 
 
+def test_the_admin_shows_no_more_of_a_secret_the_agent_chose_than_of_one_it_was_given(operator, seller, seller_api):
+    # A chosen secret has no `whsec_` prefix: a hint of its first ten characters showed ten of its sixteen.
+    chosen = "Kq7rZ2mXv9LpW4tB"
+    webhook = seller_api.post(f"/agents/{seller.pk}/webhooks",
+                              {"url": "https://hooks.example.com/x", "secret": chosen}).json()
+    given = seller_api.post(f"/agents/{seller.pk}/webhooks", {"url": "https://hooks.example.com/y"}).json()
+    for subscription, secret in ((webhook, chosen), (given, given["secret"].removeprefix("whsec_"))):
+        content = operator.get(f"/admin/agreements/webhooksubscription/{subscription['id']}/change/").content.decode()
+        assert secret[:4] in content  # the hint: enough to tell secrets apart
+        assert secret[:5] not in content
+
+
 def test_the_admin_shows_a_rotations_overlap_but_neither_secret(operator, seller, seller_api):
     service = seller_api.post("/agents/services", service_data()).json()
     webhook = seller_api.post(f"/agents/{seller.pk}/webhooks", {"url": "https://hooks.example.com/x"}).json()
