@@ -105,7 +105,7 @@ def _forward_headers(request, caller: KeyHolder, terms: selectors.CallTerms, res
                if value and key.lower() not in dropped and not key.lower().startswith("x-marketplace-")}
     timestamp = int(time.time())
     headers.update({
-        "Host": urlsplit(terms.upstream_base_url).netloc,
+        "Host": urlsplit(terms.upstream_base_url).netloc.rpartition("@")[2],  # no userinfo (RFC 9110 4.2.4)
         "X-Forwarded-For": client_address(request),
         "X-Marketplace-Agreement": str(terms.pk),
         "X-Marketplace-Call-Seq": str(reservation.call_seq),

@@ -159,6 +159,18 @@ def test_hop_by_hop_forwarding_and_cookie_headers_do_not_cross(active, http_serv
     assert response["X-Kept"] == "1"
 
 
+def test_the_host_header_names_the_upstreams_host_not_the_credentials_in_its_url(escrow_chain, http_server,
+                                                                                django_capture_on_commit_callbacks):
+    # RFC 9110 4.2.4: no userinfo in a field value. The Host was the URL's netloc, credentials and all.
+    host = http_server.url.split("//")[1]
+    parties = Parties(escrow_chain, upstream_base_url=f"http://seller:hunter2@{host}/base")
+    agreement = parties.accepted_agreement(quantity=5)
+    assert parties.activate(agreement["id"], django_capture_on_commit_callbacks).status_code == 202
+    assert parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/x").status_code == 200
+    [forwarded] = http_server.requests
+    assert forwarded.headers["Host"] == host
+
+
 def test_behind_a_trusted_proxy_the_seller_is_told_the_clients_address_not_the_balancers(active, http_server,
                                                                                           settings):
     settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "NUM_PROXIES": 1}  # TRUSTED_PROXY_COUNT=1
