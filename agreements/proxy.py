@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import time
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -105,7 +105,7 @@ def _forward_headers(request, caller: KeyHolder, terms: selectors.CallTerms, res
                if value and key.lower() not in dropped and not key.lower().startswith("x-marketplace-")}
     timestamp = int(time.time())
     headers.update({
-        "Host": urlsplit(terms.upstream_base_url).netloc.rpartition("@")[2],  # no userinfo (RFC 9110 4.2.4)
+        "Host": outbound.host_header(terms.upstream_base_url),
         "X-Forwarded-For": client_address(request),
         "X-Marketplace-Agreement": str(terms.pk),
         "X-Marketplace-Call-Seq": str(reservation.call_seq),

@@ -183,6 +183,16 @@ def url_check(url: str) -> None:
         raise refused
 
 
+def host_header(url: str) -> str:
+    """The Host header of a call to `url`: its host as DNS knows it (an international name's A-labels) and its port,
+    never its userinfo (RFC 9110 4.2.4). http.client.HTTPException for a host IDNA forbids (a URL saved before
+    `url_check` refused those)."""
+    try:
+        return httpx.URL(url).netloc.decode("ascii")
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise http.client.HTTPException(f"cannot call {url!r}: {exc}") from None
+
+
 def vetted_addresses(host: str, port: int, *, timeout: float) -> list[str]:
     """The addresses to connect to for `host`, in turn: those it resolves to within `timeout` seconds, once every
     one of them is allowed (`_address_check`). Raises ResolutionTimeout (a TimeoutError) past

@@ -22,6 +22,7 @@ from marketplace.errors import DependencyUnavailable
 from tests.conftest import error_code, read_to_its_end
 from tests.escrow.flow import Parties
 from tests.marketplace.conftest import active_agreement
+from tests.support.public_addresses import routed
 from tests.support.unanswered_names import UNANSWERED, unanswered_names
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -169,6 +170,22 @@ def test_the_host_header_names_the_upstreams_host_not_the_credentials_in_its_url
     assert parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/x").status_code == 200
     [forwarded] = http_server.requests
     assert forwarded.headers["Host"] == host
+
+
+@pytest.mark.parametrize(("name", "a_label"), [("bücher.example", "xn--bcher-kva.example"),
+                                               ("中文.example", "xn--fiq228c.example")])
+def test_the_host_header_of_an_upstream_with_an_international_name_is_its_a_labels(
+        escrow_chain, http_server, django_capture_on_commit_callbacks, name, a_label):
+    # The Host was the name as typed, sent as latin-1 (a "ü" byte) or not at all (any other script: 502).
+    port = http_server.url.rsplit(":", 1)[1]
+    parties = Parties(escrow_chain, upstream_base_url=f"http://{name}:{port}/base")
+    agreement = parties.accepted_agreement(quantity=5)
+    assert parties.activate(agreement["id"], django_capture_on_commit_callbacks).status_code == 202
+    with routed("127.0.0.1", "127.0.0.1", names=(name, a_label)):
+        response = parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/x")
+    assert response.status_code == 200, response.content
+    [forwarded] = http_server.requests
+    assert forwarded.headers["Host"] == f"{a_label}:{port}"
 
 
 def test_behind_a_trusted_proxy_the_seller_is_told_the_clients_address_not_the_balancers(active, http_server,
