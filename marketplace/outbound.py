@@ -174,7 +174,7 @@ def url_check(url: str) -> None:
         addresses = [host]
     else:
         try:
-            addresses = _SAVED_URLS_RESOLVER.stream_addresses(host, port or (443 if parts.scheme == "https" else 80),
+            addresses = _SAVED_URLS_RESOLVER.stream_addresses(dns_name(url), port or (443 if parts.scheme == "https" else 80),
                                                               timeout=settings.PROXY_CONNECT_TIMEOUT)
         except (OSError, UnicodeError):  # a timeout too
             return  # not resolvable now; checked again on every connection
@@ -183,14 +183,26 @@ def url_check(url: str) -> None:
         raise refused
 
 
-def host_header(url: str) -> str:
-    """The Host header of a call to `url`: its host as DNS knows it (an international name's A-labels) and its port,
-    never its userinfo (RFC 9110 4.2.4). http.client.HTTPException for a host IDNA forbids (a URL saved before
-    `url_check` refused those)."""
+def _called_url(url: str) -> httpx.URL:
+    """`url` as httpx reads it; http.client.HTTPException for a host IDNA forbids (a URL saved before `url_check`
+    refused those)."""
     try:
-        return httpx.URL(url).netloc.decode("ascii")
+        return httpx.URL(url)
     except (httpx.InvalidURL, UnicodeError) as exc:
         raise http.client.HTTPException(f"cannot call {url!r}: {exc}") from None
+
+
+def dns_name(url: str) -> str:
+    """The host of `url` as DNS knows it: an international name's A-labels by IDNA 2008, as httpx (the skills' and
+    webhooks' calls) encodes it. Given as text, http.client and the socket module encode it by IDNA 2003, which makes
+    some names other ones (straße.example is strasse.example there)."""
+    return _called_url(url).raw_host.decode("ascii")
+
+
+def host_header(url: str) -> str:
+    """The Host header of a call to `url`: its host as DNS knows it (`dns_name`) and its port, never its userinfo
+    (RFC 9110 4.2.4)."""
+    return _called_url(url).netloc.decode("ascii")
 
 
 def vetted_addresses(host: str, port: int, *, timeout: float) -> list[str]:
@@ -469,7 +481,7 @@ class UpstreamPool:
         ends_by = time.monotonic() + answer_timeout
         parts = urlsplit(url)
         tls = parts.scheme == "https"
-        key = (tls, parts.hostname, parts.port or (443 if tls else 80))
+        key = (tls, dns_name(url), parts.port or (443 if tls else 80))
         target = parts.path + (f"?{parts.query}" if parts.query else "") or "/"
         replayable = method in _REPLAYABLE_METHODS or any(name.lower() in _IDEMPOTENCY_HEADERS for name, _ in headers)
 

@@ -173,7 +173,9 @@ def test_the_host_header_names_the_upstreams_host_not_the_credentials_in_its_url
 
 
 @pytest.mark.parametrize(("name", "a_label"), [("bücher.example", "xn--bcher-kva.example"),
-                                               ("中文.example", "xn--fiq228c.example")])
+                                               ("中文.example", "xn--fiq228c.example"),
+                                               # IDNA 2003 (Python's codec) made it strasse.example, another name
+                                               ("straße.example", "xn--strae-oqa.example")])
 def test_the_host_header_of_an_upstream_with_an_international_name_is_its_a_labels(
         escrow_chain, http_server, django_capture_on_commit_callbacks, name, a_label):
     # The Host was the name as typed, sent as latin-1 (a "ü" byte) or not at all (any other script: 502).
@@ -181,7 +183,7 @@ def test_the_host_header_of_an_upstream_with_an_international_name_is_its_a_labe
     parties = Parties(escrow_chain, upstream_base_url=f"http://{name}:{port}/base")
     agreement = parties.accepted_agreement(quantity=5)
     assert parties.activate(agreement["id"], django_capture_on_commit_callbacks).status_code == 202
-    with routed("127.0.0.1", "127.0.0.1", names=(name, a_label)):
+    with routed("127.0.0.1", "127.0.0.1", names=(a_label,)):  # the name as the skills' calls resolve it
         response = parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/x")
     assert response.status_code == 200, response.content
     [forwarded] = http_server.requests

@@ -26,6 +26,7 @@ from tests.catalog.factories import register_service, service_data
 from tests.catalog.test_registry import registration
 from tests.conftest import error_code
 from tests.marketplace.conftest import active_agreement, refused_by_the_guard
+from tests.support.public_addresses import routed
 from tests.support.http_server import DribblesItsHead, RecordingServer, serving
 from tests.support.unanswered_names import UNANSWERED, unanswered_names
 
@@ -76,6 +77,15 @@ def test_public_and_not_yet_resolvable_upstreams_are_accepted(guard_on, seller_a
     # A name that does not resolve yet is accepted: every connection is checked again when it is made.
     response = seller_api.post("/agents/services", service_data(upstream_base_url=url))
     assert response.status_code == 201, response.content
+
+
+def test_an_international_name_is_checked_as_the_name_that_is_called(guard_on, seller_api):
+    # By IDNA 2008, as httpx encodes it, straße.example is xn--strae-oqa.example; the check resolved the text by
+    # Python's codec (IDNA 2003), another name: strasse.example.
+    with routed("10.0.0.1", "127.0.0.1", names=("xn--strae-oqa.example",)):
+        response = seller_api.post("/agents/services", service_data(upstream_base_url="https://straße.example/api"))
+    assert response.status_code == 400, response.content
+    assert error_code(response) == "address_not_allowed"
 
 
 def test_an_update_cannot_move_the_upstream_inside(guard_on, seller_api):
