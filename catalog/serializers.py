@@ -145,8 +145,12 @@ class SkillSerializer(StrictSerializer):
 
 
 def http_base_url(value: str) -> str:
-    """An upstream the metered proxy can call: http(s) only, no trailing slash."""
-    return http_url(value).rstrip("/")
+    """An upstream the metered proxy can call: http(s) only, no trailing slash; no query or fragment, which the
+    paths called under it (a buyer's, a skill's, /start_job) are appended to, and would end up in."""
+    if "?" in http_url(value) or "#" in value:  # unescaped, each begins the query or the fragment
+        raise serializers.ValidationError("A base URL has no query or fragment: paths are appended to it.",
+                                          code="invalid_base_url")
+    return value.rstrip("/")
 
 
 def _alias(data: dict, sdk_name: str, name: str, convert=lambda value: value) -> None:

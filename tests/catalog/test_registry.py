@@ -184,6 +184,7 @@ def test_another_network_is_wrong_network(seller, seller_api):
     ({"description": "x" * 251}, ("description",), "max_length"),
     ({"apiBaseUrl": "not a url"}, ("apiBaseUrl",), "invalid"),
     ({"apiBaseUrl": "ftp://example.com/agent"}, ("apiBaseUrl",), "invalid_url_scheme"),
+    ({"apiBaseUrl": "https://example.com/agent?key=1"}, ("apiBaseUrl",), "invalid_base_url"),  # /start_job after it
     ({"Capability": {"name": "x"}}, ("Capability", "version"), "required"),
     ({"Author": {"contactEmail": "a@example.com"}}, ("Author", "name"), "required"),
     ({"Author": {"name": "A", "contactEmail": "not-an-email"}}, ("Author", "contactEmail"), "invalid"),

@@ -60,6 +60,9 @@ def test_a_replayed_registration_answers_the_proxy_secret_no_record_keeps_until_
     ({"name": None}, ("name",), "null"),
     ({"upstream_base_url": "not a url"}, ("upstream_base_url",), "invalid"),
     ({"upstream_base_url": "ftp://example.com"}, ("upstream_base_url",), "invalid_url_scheme"),
+    # The proxy appends the buyer's path: after a query it was part of the query, after a fragment never sent.
+    ({"upstream_base_url": "https://example.com/api?key=1"}, ("upstream_base_url",), "invalid_base_url"),
+    ({"upstream_base_url": "https://example.com/api#v1"}, ("upstream_base_url",), "invalid_base_url"),
     ({"upstream_protocol": "grpc"}, ("upstream_protocol",), "invalid_choice"),
     ({"capability": {"name": "x"}}, ("capability", "version"), "required"),
     ({"bogus": True}, ("bogus",), "unknown_field"),
