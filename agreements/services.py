@@ -1116,6 +1116,23 @@ def agreement_activation_reopened(*, agreement_id, tx_hash: str) -> UsageAgreeme
                        changes={"activation_tx_hash": tx_hash})
 
 
+def agreement_activation_undone(*, agreement_id, tx_hash: str) -> UsageAgreement | None:
+    """A reorg deeper than the confirmation depth took the block of the activation `tx_hash` the agreement was made
+    active on (ours, or a copy of the buyer's intent ours was concluded on) before the indexer applied its Activated
+    event (had it, it moved the agreement back itself): back to the status it was activated from (submitting; the
+    closed one of an escrow funded after the close) until the activation the relayer sends again is concluded.
+    Active, it was served against an escrow the chain does not hold. Left alone once it moved on, or when it is
+    active on another activation."""
+    agreement = _lock(agreement_id)
+    if agreement.status != S.ACTIVE or agreement.activation_tx_hash.lower() != tx_hash.lower():
+        return None
+    activated = agreement.events.filter(to_status=S.ACTIVE).order_by("-id").first()
+    return agreement_chain_rollback(
+        agreement_id=agreement_id, produced_by_removed={S.ACTIVE},
+        back_to=(activated and activated.from_status) or S.SUBMITTING,
+        reason="a reorg took the block of the activation the escrow was funded by: waiting for it to be mined again")
+
+
 def agreement_settlement_proposed(*, agreement_id, challenge_deadline: datetime, amount: int, seq: int,
                                   tx_hash: str) -> UsageAgreement:
     agreement = _lock(agreement_id)

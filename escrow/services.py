@@ -304,10 +304,15 @@ def _activation_outcome(tx: ChainTransaction) -> None:
 
 
 def _activation_reopened(tx: ChainTransaction) -> None:
-    """A confirmed activation the indexer moves back itself (its Activated event is removed); a failed one left no
-    event, so the agreement is moved back here."""
+    """A failed activation left no event, so its agreement is moved back here. One that made the agreement active
+    (ours confirmed, or concluded on a copy of the buyer's intent: `activated_by`) the indexer moves back itself once
+    it applied the Activated event; a reorg it had not applied yet leaves that to this handler."""
     if tx.status == TxStatus.FAILED:
         agreement_services.agreement_activation_reopened(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
+    activated_by = (tx.mined_tx_hash if tx.status == TxStatus.CONFIRMED
+                    else (tx.outcome_evidence.get("agreement_exists") or {}).get("activated_by"))
+    if activated_by:
+        agreement_services.agreement_activation_undone(agreement_id=tx.agreement_id, tx_hash=activated_by)
 
 
 def _activation_rerun_wanted(tx: ChainTransaction) -> bool:

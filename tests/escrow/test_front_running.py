@@ -22,6 +22,7 @@ from sdk.typed_data import sign_typed_data
 from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase, _keep_only
 from tests.agreements.test_invocations import FEE as INVOCATION_FEE
 from tests.agreements.test_invocations import PRICE, Market
+from tests.conftest import error_code
 from tests.escrow.conftest import escrow_terms
 from tests.escrow.flow import USDC, fund, usdc_balance
 from tests.escrow.flow import Parties, confirm_all, sign_activation
@@ -680,6 +681,47 @@ def test_an_activation_waiting_on_a_shallow_copy_a_reorg_takes_is_sent_itself(
     confirm_all(capture)  # the poll sends it again: the escrow is not funded, ours goes out
     ours.refresh_from_db()
     assert ours.status in ("submitted", "mined") and ours.attempts.count() == 1
+    chain.mine(5)
+    confirm_all(capture)
+    ours.refresh_from_db()
+    assert ours.status == "confirmed"
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    assert parties.agreement(agreement["id"])["activation_tx_hash"] == ours.mined_tx_hash
+
+
+def test_an_activation_concluded_on_a_copy_a_deep_reorg_takes_leaves_the_agreement_unserved_until_ours_is_mined(
+        escrow_chain, http_server, settings, django_capture_on_commit_callbacks):
+    """An activation concluded on a copy of the buyer's intent at the confirmation depth (above) made the agreement
+    active. A reorg deeper than the depth takes the copy's block before the indexer applied its Activated event (so it
+    has nothing to roll back): the relayer reopens ours and sends it, but the agreement stayed active meanwhile and the
+    proxy served metered calls against an escrow the chain does not hold. It goes back to submitting until ours is
+    confirmed."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_CONFIRMATIONS = 5
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement = parties.accepted_agreement(quantity=10)
+    with capture(execute=False) as callbacks:
+        response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                          parties.signed_activation(agreement["id"]))
+    assert response.status_code == 202, response.content
+    ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
+    fork = chain.snapshot()
+    mined(chain, chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
+                                                "data": ours.data, "gas": 1_000_000}))
+    with capture(execute=True):
+        for callback in callbacks:
+            callback()
+    chain.mine(4)
+    with capture(execute=True):  # concluded on the copy, now 5 deep
+        relayer.transaction_submit(transaction_id=ours.pk)
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    chain.reorg(fork)  # deeper than the depth: the copy's block is gone, the indexer never applied it
+    confirm_all(capture)  # the poll reopens ours and sends it
+    ours.refresh_from_db()
+    assert ours.status in ("submitted", "mined")
+    assert parties.agreement(agreement["id"])["status"] == "submitting"
+    refused = parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/work")
+    assert refused.status_code == 409 and error_code(refused) == "agreement_not_active", refused.content
     chain.mine(5)
     confirm_all(capture)
     ours.refresh_from_db()
