@@ -41,6 +41,18 @@ def chain_now_for_request(*, next_block: bool = False) -> int:
     return chain_now(next_block=next_block)
 
 
+@chain.unavailable_as_503()
+def next_block_clock_for_refusal() -> int:
+    """The next block's `block.timestamp` for a caller's request refused when it is reached (a challenge's window
+    closed, its signature expired): the node's pending block's, believed no further than the later of the latest
+    block's (+1) and our clock. A node answering a pending timestamp in the future (a misbehaving provider) closed a
+    buyer's challenge window early, and the seller's proposal was finalized unchallenged; the latest block is mined
+    (its time the contract saw), and a next block honestly later than both is a clock skew of seconds on a live chain.
+    What the bound lets through that the contract would refuse is refused at the request's simulation, or reverts.
+    503 when the node does not answer."""
+    return min(chain.next_block_timestamp(), max(chain.latest_block_timestamp() + 1, int(time.time())))
+
+
 def deadline_clock() -> int:
     """Where the deadlines handed out to clients count from (activation signatures, a Masumi purchase's timers):
     the later of our clock and the chain's next block. An idle chain (Anvil mining only on transactions) may have

@@ -247,7 +247,7 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
     if not can_challenge(agreement) and agreement.status != AgreementStatus.ACTIVE:
         raise _nothing_to_challenge(agreement)  # checked again under the lock; first so that nothing is read
     # The block a transaction sent now gets: the contract refuses a challenge from the deadline's second on.
-    now = chain_clock.chain_now_for_request(next_block=True)
+    now = chain_clock.next_block_clock_for_refusal()
     proposal = _unindexed_proposal(agreement, now=now)
     if proposal is None and not can_challenge(agreement):
         raise _nothing_to_challenge(agreement)

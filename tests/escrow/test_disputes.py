@@ -379,3 +379,30 @@ def test_a_buyer_past_its_relay_revert_budget_still_challenges_a_settlement(
     assert response.status_code == 202, response.content
     challenge = ChainTransaction.objects.get(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE)
     assert relayer.RELAYED_FOR not in challenge.context
+
+
+def test_a_node_answering_a_pending_block_in_the_future_does_not_close_the_challenge_window_early(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):  # noqa: F811
+    """The challenge API's "now" was the node's pending block's timestamp, unchecked: a node answering one past the
+    window's end (a misbehaving provider, a clock gone wrong) had the buyer's challenge refused 409
+    challenge_window_closed while the chain's window was open, and the seller's proposal finalized unchallenged. The
+    pending timestamp is believed no further than the later of the latest block's and our clock's."""
+    from tests.support.rpc_relay import RpcRelay
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    body = challenge_of_an_indexed_proposal(funded, chain, capture)
+    relay = RpcRelay(escrow_chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    try:
+        def pending_block(call) -> bool:
+            return call.get("method") == "eth_getBlockByNumber" and call["params"][0] == "pending"
+
+        relay.rewrite(pending_block, lambda answer: {**answer, "result": {
+            **answer["result"], "timestamp": hex(body["deadline"] + 3600)}})
+        with capture(execute=True):
+            response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body)
+        assert response.status_code == 202, response.content
+        confirm_all(capture)
+    finally:
+        relay.stop()
+    assert funded.agreement(funded.agreement_id)["status"] == "disputed"
