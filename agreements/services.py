@@ -1197,6 +1197,23 @@ def agreement_refunded(*, agreement_id, amount: int, tx_hash: str) -> UsageAgree
                           changes={"seller_payout": 0, "buyer_refund": amount})
 
 
+def agreement_payout_undone(*, agreement_id, tx_hash: str) -> UsageAgreement | None:
+    """A reorg deeper than the confirmation depth took the block of our finalize or reclaim `tx_hash` the agreement
+    was recorded settled or refunded on, before the indexer applied its event (had it, it moved the agreement back
+    itself): back to the status it was in before, its payouts cleared, until the transaction the relayer sends again
+    is mined. It stayed settled, recording a payout the chain no longer made. Left alone when recorded on another."""
+    agreement = _lock(agreement_id)
+    if agreement.status not in (S.SETTLED, S.REFUNDED):
+        return None
+    closed = agreement.events.filter(to_status=agreement.status).order_by("-id").first()
+    if closed is None or not closed.from_status or str(closed.data.get("tx_hash", "")).lower() != tx_hash.lower():
+        return None
+    return agreement_chain_rollback(
+        agreement_id=agreement_id, produced_by_removed={agreement.status}, back_to=closed.from_status,
+        reason=f"a reorg took the block of the transaction the escrow was {agreement.status} by: waiting for it to "
+               "be mined again")
+
+
 def agreement_chain_rollback(*, agreement_id, produced_by_removed: set[str], back_to: str, reason: str,
                              changes: dict | None = None) -> UsageAgreement | None:
     """A reorg took events off the chain: move the agreement back to `back_to` (what its remaining canonical

@@ -505,6 +505,13 @@ def _reclaim_outcome(tx: ChainTransaction) -> None:
                                               tx_hash=tx.mined_tx_hash)
 
 
+def _payout_reopened(tx: ChainTransaction) -> None:
+    """A confirmed finalize or reclaim whose block a reorg took: the indexer moves its agreement back itself once it
+    applied the Settled or Reclaimed event; a reorg it had not applied yet leaves that to this handler."""
+    if tx.status == TxStatus.CONFIRMED:
+        agreement_services.agreement_payout_undone(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
+
+
 def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     """Everything due, in one pass (the beat task). Each step is idempotent and safe to run concurrently. A node of
     another chain than CHAIN_ID has nothing read from it (`chain.node_chain_check`: WrongChain, the task failing
@@ -673,6 +680,6 @@ def handlers_register() -> None:
     relayer.outcome_handler_register(purpose=TxPurpose.RESOLVE, on_outcome=_resolve_outcome,
                                      read_evidence=_resolve_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.FINALIZE, on_outcome=_finalize_outcome,
-                                     read_evidence=_finalize_evidence)
+                                     read_evidence=_finalize_evidence, on_reopened=_payout_reopened)
     relayer.outcome_handler_register(purpose=TxPurpose.RECLAIM, on_outcome=_reclaim_outcome,
-                                     read_evidence=_reclaim_evidence)
+                                     read_evidence=_reclaim_evidence, on_reopened=_payout_reopened)

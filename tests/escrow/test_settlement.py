@@ -2,6 +2,7 @@
 
 import importlib
 import io
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -733,6 +734,69 @@ def test_a_finalize_someone_else_sent_first_is_sent_again_when_a_reorg_takes_the
         "settled", 60_000, 1_940_000)
     assert usdc_balance(chain, chain.addresses["escrow"]) == 0
     call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_finalize_a_reorg_deeper_than_the_depth_takes_leaves_no_payout_recorded_until_it_is_mined_again(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """Our finalize, confirmed (the agreement settled, the seller's payout recorded), is taken by a reorg deeper than
+    the confirmation depth before the indexer applied its Settled event (so the indexer has nothing to roll back).
+    The relayer reopens it and sends the same bytes again, but the agreement stayed settled meanwhile, recording a
+    payout to the seller that the chain no longer made. It goes back to settling until the finalize is mined again."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
+    tick(capture)
+    chain.increase_time(3601)
+    before_fork = chain.snapshot()
+    assert tick(capture)["finalizing"] == 1
+    assert funded.agreement(funded.agreement_id)["status"] == "settled"
+    finalize = ChainTransaction.objects.get(agreement_id=funded.agreement_id, purpose=TxPurpose.FINALIZE)
+    chain.reorg(before_fork)  # the finalize's block is gone: the escrow holds the deposit again
+    chain.mine(2)
+    confirm_all(capture)
+    finalize.refresh_from_db()
+    assert finalize.status == TxStatus.SUBMITTED
+    assert usdc_balance(chain, funded.seller_account.address) == funded.balances["seller"]
+    unsettled = funded.agreement(funded.agreement_id)
+    assert (unsettled["status"], unsettled["seller_payout_atomic"], unsettled["buyer_refund_atomic"]) == (
+        "settling", None, None)
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    for _ in range(2):  # rebroadcast with the same bytes, then concluded
+        confirm_all(capture)
+    finalize.refresh_from_db()
+    assert finalize.status == TxStatus.CONFIRMED
+    settled = funded.agreement(funded.agreement_id)
+    assert (settled["status"], settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (
+        "settled", 60_000, 1_940_000)
+    assert usdc_balance(chain, funded.seller_account.address) == funded.balances["seller"] + 60_000
+    index(capture)
+    call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_reclaim_a_reorg_deeper_than_the_depth_takes_leaves_no_refund_recorded_until_it_is_mined_again(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """As the finalize above: our reclaim, confirmed (the agreement refunded, the buyer's refund recorded), taken by a
+    deep reorg the indexer had not applied stayed refunded while the escrow held the deposit again."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    chain.increase_time(int(agreement.expires_at.timestamp()) - chain.now() + 10 + chain.reclaim_grace)
+    before_fork = chain.snapshot()
+    assert tick(capture)["reclaiming"] == 1
+    assert funded.agreement(funded.agreement_id)["status"] == "refunded"
+    reclaim = ChainTransaction.objects.get(agreement_id=funded.agreement_id, purpose=TxPurpose.RECLAIM)
+    chain.reorg(before_fork)
+    chain.mine(2)
+    confirm_all(capture)
+    reclaim.refresh_from_db()
+    assert reclaim.status == TxStatus.SUBMITTED
+    unrefunded = funded.agreement(funded.agreement_id)
+    assert unrefunded["status"] != "refunded" and unrefunded["buyer_refund_atomic"] is None, unrefunded
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    for _ in range(2):
+        confirm_all(capture)
+    refunded = funded.agreement(funded.agreement_id)
+    assert (refunded["status"], refunded["buyer_refund_atomic"]) == ("refunded", 2 * USDC)
+    assert usdc_balance(chain, funded.buyer_account.address) == funded.balances["buyer"] + 2 * USDC
 
 
 # --- nothing proposed by the escrow's reclaimAfter ------------------------------------------------------------------
