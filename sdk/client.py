@@ -61,7 +61,7 @@ from sdk.safety import (DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, c
                         require_equal)
 from sdk.terms import AgreedTerms, agreed_time, agreed_whole, check_onchain_id, stated_terms_hash
 from sdk.version import VERSION
-from sdk.x402_signing import build_direct_stablecoin_agreement, sign_payment_required
+from sdk.x402_signing import build_direct_stablecoin_agreement, new_authorization_nonce, sign_payment_required
 
 T = TypeVar("T")
 
@@ -177,6 +177,8 @@ class MarketplaceClient:
         self._proposed: OrderedDict[str, _Asked] = OrderedDict()  # agreement id -> what its buyer asked for
         self._activated: OrderedDict[str, str] = OrderedDict()  # agreement id -> the wallet that signed its escrow
         self._fee_permits: dict[str, list[_FeePermit]] = {}  # wallet -> the fee permits signed for its purchases
+        # agreement id -> (the payer, the nonce) of the payment authorization signed for that direct purchase
+        self._payment_authorizations: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     def close(self) -> None:
         self._http.close()
@@ -338,7 +340,8 @@ class MarketplaceClient:
     def propose_direct_purchase(self, service_id: AgreementId, quantity: int, *, wallet: str | Wallet,
                                 max_unit_price_atomic: int, permit_nonce: int | None = None,
                                 validity_seconds: int = 3600, idempotency_key: str | None = None,
-                                expected_seller_wallet_address: str | None = None) -> dict[str, Any]:
+                                expected_seller_wallet_address: str | None = None,
+                                authorization_nonce: str | None = None) -> dict[str, Any]:
         """Buy `quantity` units without an escrow: signs here (`build_direct_stablecoin_agreement`) the x402 payment
         to the seller and the fee permit to the platform's gas wallet, then proposes. The service the marketplace
         answers with must be `service_id`, its unit price at most `max_unit_price_atomic` (what the buyer agreed
@@ -348,8 +351,11 @@ class MarketplaceClient:
         that could be used besides it is refused (`SigningRefused` on "fee_permit.message.nonce"): one for a lower
         nonce, or for another nonce than a purchase that failed (`_check_fee_permit_nonce`). Once the seller accepts,
         the platform collects the fee, then pays: follow with
-        `wait_until(id, statuses={"paid"}, failure={"payment_failed"})`."""
+        `wait_until(id, statuses={"paid"}, failure={"payment_failed"})`. The payment's authorization is signed under
+        `authorization_nonce` (a bytes32, random when omitted), which this client remembers for the purchase:
+        `cancel_payment_authorization` revokes that one only (keep it to cancel from another client)."""
         wallet = as_wallet(wallet)
+        authorization_nonce = authorization_nonce or new_authorization_nonce()
         service = self._request("GET", f"/agents/services/{service_id}")
         require_equal(str(service.get("id")).lower(), str(service_id).lower(), "service.id")
         if expected_seller_wallet_address is not None:
@@ -373,11 +379,16 @@ class MarketplaceClient:
                 service_id=str(service_id), quantity=quantity, unit_price_atomic=unit_price,
                 seller_wallet_address=service["seller"]["wallet_address"], payment_requirements=requirements,
                 wallet=wallet, permit_nonce=permit_nonce, network=self.network, token_domain=token_domain,
-                validity_seconds=validity_seconds, now=now)
+                validity_seconds=validity_seconds, now=now, authorization_nonce=authorization_nonce)
             signed = _FeePermit(permit_nonce, int(body["fee_permit"]["deadline"]))
             self._fee_permits.setdefault(wallet.address.lower(), []).append(signed)
         answer = self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
         signed.proposed = True
+        if "id" in answer:
+            with self._lock:
+                self._payment_authorizations[_proposal_key(answer["id"])] = (wallet.address, authorization_nonce)
+                while len(self._payment_authorizations) > _PROPOSALS_REMEMBERED:
+                    self._payment_authorizations.popitem(last=False)
         return answer
 
     def _check_fee_permit_nonce(self, owner: str, nonce: int) -> None:
@@ -399,24 +410,36 @@ class MarketplaceClient:
 
     def cancel_payment_authorization(self, agreement_id: AgreementId, wallet: str | Wallet, *, wait: bool = False,
                                      timeout: float = 300.0, poll_interval: float = 2.0,
-                                     idempotency_key: str | None = None) -> dict[str, Any]:
+                                     idempotency_key: str | None = None,
+                                     authorization_nonce: str | None = None) -> dict[str, Any]:
         """Revoke the x402 authorization of a direct purchase that is off (rejected, cancelled, expired,
         payment_failed): signed, it stays valid on-chain until its validBefore, and anyone holding it could still move
         the money. Fetches the EIP-3009 CancelAuthorization, checks it against the one the SDK builds (the pinned
-        token's domain, this wallet as authorizer: only its nonce is the server's), signs it here and has the
-        platform's relayer submit it (202 body). With `wait=True`, polls until the agreement names the mined
-        cancellation (`payment_authorization_cancel_tx_hash`) and returns the agreement."""
+        token's domain, this wallet as authorizer, and the nonce of the authorization signed for this purchase),
+        signs it here and has the platform's relayer submit it (202 body). The nonce is the one this client's
+        `propose_direct_purchase` signed the purchase's payment under, else `authorization_nonce` (required then,
+        `TypeError`): never the marketplace's word, which could name another purchase's authorization, still to be
+        paid (`SigningRefused` on "cancel_authorization.message.nonce"). With `wait=True`, polls until the agreement
+        names the mined cancellation (`payment_authorization_cancel_tx_hash`) and returns the agreement."""
         wallet = as_wallet(wallet)
-        path = f"/usage-agreements/{agreement_id}/cancel-payment-authorization"
-        received = self._request("GET", path).get("cancel_authorization")
-        nonce: Any = received.get("message", {}).get("nonce") if isinstance(received, Mapping) else None
+        with self._lock:
+            signed = self._payment_authorizations.get(_proposal_key(agreement_id))
+        if authorization_nonce is None:
+            if signed is None:
+                raise TypeError("cancel_payment_authorization: a purchase this client did not sign is cancelled under "
+                                "the buyer's own nonce only: give authorization_nonce= (its payment authorization's)")
+            payer, authorization_nonce = signed
+            require_equal(wallet.address, payer, "cancel_authorization.message.authorizer",
+                          "the purchase's payment was authorized by another wallet")
         domain = self.token_domain()
         try:
             expected = typed_data.cancel_authorization(
                 chain_id=self.network.chain_id, token_address=self.network.token_address, authorizer=wallet.address,
-                nonce=nonce, token_name=domain.name, token_version=domain.version)
+                nonce=authorization_nonce, token_name=domain.name, token_version=domain.version)
         except (TypeError, ValueError) as malformed:
-            raise SigningRefused("cancel_authorization.message.nonce", "a bytes32", nonce) from malformed
+            raise ValueError(f"authorization_nonce: {authorization_nonce!r} is no bytes32") from malformed
+        path = f"/usage-agreements/{agreement_id}/cancel-payment-authorization"
+        received = self._request("GET", path).get("cancel_authorization")
         check_typed_data(received, expected, "cancel_authorization")
         answer = self._request("POST", path, json={"signature": wallet.sign_typed_data(expected)},
                                idempotency_key=idempotency_key or _new_key())

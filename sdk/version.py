@@ -1,5 +1,9 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.12: cancel_payment_authorization signs the cancellation of the authorization nonce this client signed the
+# purchase's payment under (propose_direct_purchase, which takes authorization_nonce=), else of the buyer's
+# authorization_nonce= (required then): a compromised marketplace named any nonce, another open purchase's included
+# (SigningRefused on cancel_authorization.message.nonce);
 # 0.4.11: activate_escrow, propose_agreement and purchase_masumi_job take expected_seller_wallet_address= (the escrow's
 # payee, else the marketplace's word; `agreement.seller_wallet_address`), as propose_direct_purchase does; an
 # activation package stating another escrow contract, chain, token, deposit, fee or agreement than the buyer's is
@@ -46,4 +50,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.11"
+VERSION = "0.4.12"

@@ -28,7 +28,8 @@ from sdk import bounded_json, typed_data
 from sdk.networks import NetworkConfig, TokenDomain
 from sdk.safety import DEADLINE_MAX_SECONDS, DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, require_equal
 
-__all__ = ["build_direct_stablecoin_agreement", "sign_payment_required", "sign_authorization"]
+__all__ = ["build_direct_stablecoin_agreement", "new_authorization_nonce", "sign_payment_required",
+           "sign_authorization"]
 
 
 def _check_requirements(requirements: PaymentRequirements, field: str, network: NetworkConfig,
@@ -74,8 +75,10 @@ def sign_payment_required(payment_required_header: str, private_key: str, *, max
     return encode_payment_signature_header(client.create_payment_payload(required))
 
 
-def sign_authorization(requirements: PaymentRequirements, wallet: str | bytes | Wallet, *, valid_before: int) -> str:
-    """A payment header for `requirements` whose authorization stays valid until `valid_before` (unix time).
+def sign_authorization(requirements: PaymentRequirements, wallet: str | bytes | Wallet, *, valid_before: int,
+                       nonce: str | None = None) -> str:
+    """A payment header for `requirements` whose authorization stays valid until `valid_before` (unix time), under
+    the authorization `nonce` (a bytes32; random when omitted).
 
     For payments executed later than x402's usual minutes (a direct purchase waits for the seller's accept).
     The caller has checked `requirements` (chain, token and its domain in `extra`, payee, amount).
@@ -83,7 +86,7 @@ def sign_authorization(requirements: PaymentRequirements, wallet: str | bytes | 
     wallet = as_wallet(wallet)
     authorization = ExactEIP3009Authorization(
         from_address=wallet.address, to=requirements.pay_to, value=requirements.amount, valid_after="0",
-        valid_before=str(valid_before), nonce="0x" + secrets.token_hex(32))
+        valid_before=str(valid_before), nonce=nonce or new_authorization_nonce())
     typed = typed_data.transfer_with_authorization(
         chain_id=int(requirements.network.split(":")[1]), token_address=requirements.asset,
         from_address=wallet.address, to_address=requirements.pay_to, value=int(requirements.amount),
@@ -92,6 +95,11 @@ def sign_authorization(requirements: PaymentRequirements, wallet: str | bytes | 
     signature = wallet.sign_typed_data(typed)
     payload = PaymentPayload(payload=ExactEIP3009Payload(authorization, signature).to_dict(), accepted=requirements)
     return encode_payment_signature_header(payload)
+
+
+def new_authorization_nonce() -> str:
+    """A random EIP-3009 authorization nonce (bytes32), as x402 draws one."""
+    return "0x" + secrets.token_hex(32)
 
 
 def build_direct_stablecoin_agreement(
@@ -107,13 +115,15 @@ def build_direct_stablecoin_agreement(
     token_domain: TokenDomain,
     validity_seconds: int = 3600,
     now: int | None = None,
+    authorization_nonce: str | None = None,
 ) -> dict[str, Any]:
     """The body of `POST /usage-agreements` for a direct stablecoin purchase, both signatures made here.
 
     `payment_requirements` is `GET /payment-requirements?amount_atomic=<quantity × unit price>`; it is only
     compared with what the SDK computes from the pinned `network` (chain, token, the fee from the published
     schedule, the gas wallet the fee permit is for) and refused (`SigningRefused`) on any difference.
-    `permit_nonce` is the token's `nonces(buyer)`. The seller must accept within `validity_seconds`.
+    `permit_nonce` is the token's `nonces(buyer)`. The seller must accept within `validity_seconds`. The payment's
+    authorization is signed under `authorization_nonce` (random when omitted): the one its cancellation revokes.
     """
     wallet = as_wallet(wallet)
     amount = quantity * unit_price_atomic
@@ -141,7 +151,8 @@ def build_direct_stablecoin_agreement(
         "quantity": quantity,
         "settlement_model": "direct_payment",
         "buyer_wallet_address": wallet.address,
-        "payment_header": sign_authorization(requirements, wallet, valid_before=deadline),
+        "payment_header": sign_authorization(requirements, wallet, valid_before=deadline,
+                                             nonce=authorization_nonce),
         "fee_permit": {"value": fee, "nonce": permit_nonce, "deadline": deadline,
                        "signature": wallet.sign_typed_data(permit)},
     }

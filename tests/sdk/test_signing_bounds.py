@@ -15,6 +15,7 @@ import httpx
 import pytest
 from eth_abi import encode
 from eth_account import Account
+from eth_account.messages import encode_typed_data
 from eth_utils import keccak
 from x402 import PaymentRequired, PaymentRequirements
 from x402.http import decode_payment_signature_header, encode_payment_required_header
@@ -759,3 +760,99 @@ def test_a_fee_permit_is_signed_again_for_the_same_nonce_or_after_a_purchase_for
     with serving(token_node(nonces=nonces)) as rpc_url:
         buy_directly_twice(marketplace, rpc_url)
     assert [permit["nonce"] for permit in marketplace.fee_permits] == nonces
+
+
+# --- revoking a direct purchase's payment authorization --------------------------------------------------------
+
+class CancellingMarketplace(DirectMarketplace):
+    """A compromised marketplace taking direct purchases, which answers the buyer's request to revoke one purchase's
+    payment authorization with the CancelAuthorization of `named(agreement id)`'s authorization nonce (by default the
+    purchase's own), and records the cancellations the buyer signs."""
+
+    def __init__(self, named=None):
+        super().__init__(refusals=0)
+        self.nonces: dict[str, str] = {}  # agreement id -> the nonce of its payment authorization, as signed
+        self.named = named or (lambda agreement_id: self.nonces[agreement_id])
+        self.cancelled: list[tuple[str, str]] = []  # (agreement id, the nonce the buyer signed a cancellation of)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.endswith("/cancel-payment-authorization"):
+            agreement_id = path.split("/")[2]
+            typed = typed_data.cancel_authorization(
+                chain_id=NETWORK.chain_id, token_address=NETWORK.token_address, authorizer=BUYER,
+                nonce=self.named(agreement_id), token_name=DOMAIN.name, token_version=DOMAIN.version)
+            if request.method == "GET":
+                return httpx.Response(200, json={"agreement_id": agreement_id, "cancel_authorization": typed})
+            signature = json.loads(request.content)["signature"]
+            assert Account.recover_message(encode_typed_data(full_message=typed),
+                                           signature=bytes.fromhex(signature.removeprefix("0x"))) == BUYER
+            self.cancelled.append((agreement_id, typed["message"]["nonce"]))
+            return httpx.Response(202, json={"status": "submitting"})
+        answer = super().__call__(request)
+        if request.method == "POST" and path == "/usage-agreements":
+            header = json.loads(request.content)["payment_header"]
+            self.nonces[answer.json()["id"]] = decode_payment_signature_header(header).payload["authorization"]["nonce"]
+        return answer
+
+
+def buy_directly(buyer: MarketplaceClient, times: int = 2) -> list[str]:
+    """`times` direct purchases of a service; their agreement ids."""
+    service_id = str(uuid.uuid4())
+    return [buyer.propose_direct_purchase(service_id, 10, wallet=KEY, max_unit_price_atomic=LISTED_PRICE,
+                                          permit_nonce=nonce)["id"] for nonce in range(times)]
+
+
+def direct_buyer(marketplace: DirectMarketplace) -> MarketplaceClient:
+    return MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                             transport=httpx.MockTransport(marketplace))
+
+
+def test_a_purchases_payment_authorization_is_cancelled_under_the_nonce_the_buyer_signed():
+    marketplace = CancellingMarketplace()
+    with direct_buyer(marketplace) as buyer:
+        rejected, _ = buy_directly(buyer)
+        buyer.cancel_payment_authorization(rejected, KEY)
+    assert marketplace.cancelled == [(rejected, marketplace.nonces[rejected])]
+
+
+def test_a_cancellation_of_another_purchases_authorization_is_not_signed():
+    """The marketplace named the nonce the buyer's CancelAuthorization revokes, and the SDK signed any: a compromised
+    marketplace asked to revoke a rejected purchase's authorization had the buyer revoke the authorization of
+    another purchase, still open (its payment then fails). Only the nonce this client signed for the purchase named is
+    cancelled."""
+    marketplace = CancellingMarketplace()
+    marketplace.named = lambda agreement_id: next(
+        nonce for other, nonce in marketplace.nonces.items() if other != agreement_id)
+    with direct_buyer(marketplace) as buyer:
+        rejected, _open = buy_directly(buyer)
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.cancel_payment_authorization(rejected, KEY)
+    assert refusal.value.field == "cancel_authorization.message.nonce"
+    assert marketplace.cancelled == []
+
+
+def test_a_cancellation_for_a_purchase_this_client_did_not_sign_needs_the_buyers_nonce():
+    """A client that did not sign the purchase (another process, a restart) cancels only the nonce the buyer names:
+    the one it kept from `propose_direct_purchase(authorization_nonce=...)`, or read from its own payment header."""
+    marketplace = CancellingMarketplace()
+    with direct_buyer(marketplace) as buyer:
+        rejected, other = buy_directly(buyer)
+    with direct_buyer(marketplace) as elsewhere:
+        with pytest.raises(TypeError, match="authorization_nonce"):
+            elsewhere.cancel_payment_authorization(rejected, KEY)
+        with pytest.raises(SigningRefused) as refusal:
+            elsewhere.cancel_payment_authorization(rejected, KEY, authorization_nonce=marketplace.nonces[other])
+        elsewhere.cancel_payment_authorization(rejected, KEY, authorization_nonce=marketplace.nonces[rejected])
+    assert refusal.value.field == "cancel_authorization.message.nonce"
+    assert marketplace.cancelled == [(rejected, marketplace.nonces[rejected])]
+
+
+def test_a_direct_purchase_signs_its_payment_under_the_nonce_the_buyer_chose():
+    marketplace = CancellingMarketplace()
+    nonce = "0x" + "5a" * 32
+    with direct_buyer(marketplace) as buyer:
+        agreement_id = buyer.propose_direct_purchase(str(uuid.uuid4()), 10, wallet=KEY,
+                                                     max_unit_price_atomic=LISTED_PRICE, permit_nonce=0,
+                                                     authorization_nonce=nonce)["id"]
+    assert marketplace.nonces[agreement_id] == nonce
