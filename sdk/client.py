@@ -59,7 +59,7 @@ from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, MalformedAnswer, Rp
 from sdk.receipts import UsageTermsMismatch, UsageVerificationTimedOut, VerifiedUsage, verify_usage
 from sdk.safety import (DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data,
                         require_equal)
-from sdk.terms import AgreedTerms, agreed_time, agreed_whole, check_onchain_id, stated_terms_hash
+from sdk.terms import AgreedTerms, agreed_time, agreed_whole, check_onchain_id, stated_terms_hash, unix_time
 from sdk.version import VERSION
 from sdk.x402_signing import build_direct_stablecoin_agreement, new_authorization_nonce, sign_payment_required
 
@@ -955,7 +955,10 @@ class _Asked:
             raise TypeError("max_unit_price_atomic must be an int (token base units)")
         exact = {name: body[name] for name in ("service_id", *_PROPOSED_TERMS) if body.get(name) is not None}
         if body.get("expires_at") is not None:
-            exact["expires_at"] = _unix_time(body["expires_at"])
+            try:  # a date without its offset: the marketplace would read it as UTC, this machine in its own time
+                exact["expires_at"] = unix_time(body["expires_at"])
+            except ValueError as unreadable:
+                raise ValueError(f"expires_at: {unreadable}; give it with its UTC offset") from None
             latest = exact["expires_at"]
         elif body.get("expires_in_seconds") is not None:
             latest = now + int(body["expires_in_seconds"]) + RPC_CLOCK_LEAD_MAX_SECONDS
@@ -1047,12 +1050,6 @@ def _proposal_key(agreement_id: Any) -> str:
         return str(uuid.UUID(str(agreement_id)))
     except ValueError:
         return str(agreement_id)
-
-
-def _unix_time(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return int(datetime.fromisoformat(str(value)).timestamp())
 
 
 def _still(answer: Mapping[str, Any] | None, field: str) -> str:

@@ -19,7 +19,7 @@ from sdk.networks import NetworkConfig
 from sdk.safety import SigningRefused, require_equal
 
 __all__ = ["AgreedTerms", "agreed_address", "agreed_time", "agreed_whole", "check_onchain_id", "stated_terms_hash",
-           "terms_hash"]
+           "terms_hash", "unix_time"]
 
 
 def terms_hash(terms: Mapping[str, Any]) -> str:
@@ -68,15 +68,29 @@ def agreed_whole(agreement: Mapping[str, Any], name: str, *, where: str = "agree
     return value
 
 
-def agreed_time(agreement: Mapping[str, Any], name: str) -> int:
-    """The agreement's term `name` as a unix time (an integer, or an ISO 8601 date), else `SigningRefused`."""
-    value = agreement.get(name)
+def unix_time(value: Any) -> int:
+    """`value` as a unix time: an integer, or an ISO 8601 date or datetime with its UTC offset. Else ValueError: a
+    date without one would be read in this machine's local time, which the marketplace's (UTC) is not."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     try:
-        return int(datetime.fromisoformat(str(value)).timestamp())
-    except (ValueError, OverflowError):
-        raise SigningRefused(f"agreement.{name}", "a unix time or an ISO 8601 date", value) from None
+        moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+        if moment.tzinfo is None or moment.utcoffset() is None:
+            raise ValueError(f"{value!r:.80} has no UTC offset")
+        return int(moment.timestamp())
+    except OverflowError as out_of_range:
+        raise ValueError(f"{value!r:.80} is out of range") from out_of_range
+
+
+def agreed_time(agreement: Mapping[str, Any], name: str) -> int:
+    """The agreement's term `name` as a unix time (an integer, or an ISO 8601 date with its UTC offset:
+    `unix_time`), else `SigningRefused`."""
+    value = agreement.get(name)
+    try:
+        return unix_time(value)
+    except ValueError:
+        raise SigningRefused(f"agreement.{name}", "a unix time or an ISO 8601 date with its UTC offset", value
+                             ) from None
 
 
 def agreed_address(agreement: Mapping[str, Any], name: str) -> str:

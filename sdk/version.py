@@ -3,7 +3,9 @@
 # 0.4.12: cancel_payment_authorization signs the cancellation of the authorization nonce this client signed the
 # purchase's payment under (propose_direct_purchase, which takes authorization_nonce=), else of the buyer's
 # authorization_nonce= (required then): a compromised marketplace named any nonce, another open purchase's included
-# (SigningRefused on cancel_authorization.message.nonce);
+# (SigningRefused on cancel_authorization.message.nonce); a date the marketplace states without its UTC offset is
+# refused (SigningRefused on agreement.<term>: it was read in this machine's local time), as is a proposal's expires_at
+# without one (ValueError, before anything is sent);
 # 0.4.11: activate_escrow, propose_agreement and purchase_masumi_job take expected_seller_wallet_address= (the escrow's
 # payee, else the marketplace's word; `agreement.seller_wallet_address`), as propose_direct_purchase does; an
 # activation package stating another escrow contract, chain, token, deposit, fee or agreement than the buyer's is

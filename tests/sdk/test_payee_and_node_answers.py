@@ -9,6 +9,7 @@ import dataclasses
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -315,6 +316,47 @@ def test_an_agreement_with_a_malformed_term_is_refused_not_crashed_on(field, val
     with pytest.raises(SigningRefused) as refusal:
         AgreedTerms.from_agreement(agreement, NETWORK)
     assert refusal.value.field == f"agreement.{field}"
+
+
+@pytest.fixture
+def local_time_14_hours_ahead_of_utc(monkeypatch):
+    """This machine's local time zone: UTC+14 (Kiribati's)."""
+    monkeypatch.setenv("TZ", "Etc/GMT-14")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_an_expiry_without_a_timezone_is_refused_not_read_in_the_machines_local_time(
+        local_time_14_hours_ahead_of_utc):
+    """An agreement's `expires_at` written without an offset was read in this machine's local time: the expiry the
+    buyer's wallet signed, and the terms hash checked against the escrow's, moved by the machine's UTC offset (14
+    hours here), an expiry the marketplace (whose dates are UTC) never stated. A date is read with its offset only,
+    as every other term is read in one spelling."""
+    expires_at = int(time.time()) + 86_400
+    naive = datetime.fromtimestamp(expires_at, UTC).replace(tzinfo=None).isoformat()
+    agreement = {**honest_agreement(), "expires_at": naive}
+    requests: list[httpx.Request] = []
+
+    def marketplace(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(500)
+
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                           transport=httpx.MockTransport(marketplace)) as buyer:
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.activate_escrow(agreement, KEY, quantity=10, max_unit_price_atomic=LISTED_PRICE)
+        assert refusal.value.field == "agreement.expires_at"
+        with pytest.raises(ValueError, match="expires_at"):  # the buyer's own, which the marketplace reads as UTC
+            buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE,
+                                    expires_at=datetime.fromtimestamp(expires_at))
+    assert requests == []
+    with pytest.raises(SigningRefused) as refusal:
+        AgreedTerms.from_agreement(agreement, NETWORK)
+    assert refusal.value.field == "agreement.expires_at"
+    for spelled in (naive + "Z", naive + "+00:00", datetime.fromtimestamp(expires_at).astimezone().isoformat()):
+        assert AgreedTerms.from_agreement({**agreement, "expires_at": spelled}, NETWORK).expires_at == expires_at
 
 
 class PricedDirectMarketplace(DirectMarketplace):
