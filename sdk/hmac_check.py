@@ -1,6 +1,7 @@
 """What the checks of the marketplace's HMAC signatures share (proxied calls, webhook deliveries)."""
 
 import hmac
+import time
 from collections.abc import Iterable
 
 
@@ -17,3 +18,10 @@ def any_signature_matches(expected: str, signatures: Iterable[str]) -> bool:
     new secret's and the replaced one's, and the receiver holds either. A non-ASCII signature matches nothing
     (hmac.compare_digest raises on one)."""
     return any(given.isascii() and hmac.compare_digest(expected, given) for given in signatures)
+
+
+def within_tolerance(timestamp: int, tolerance: int, now: float | None = None) -> bool:
+    """Whether `timestamp` (unix seconds) is at most `tolerance` seconds from `now` (this machine's clock). Compared,
+    not subtracted: a timestamp of hundreds of digits is out of a float's range (OverflowError)."""
+    now = time.time() if now is None else now
+    return now - tolerance <= timestamp <= now + tolerance

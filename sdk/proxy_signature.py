@@ -17,10 +17,9 @@ passes as before; `verify` passes with either secret, so a seller deploys the ne
 
 import hashlib
 import hmac
-import time
 from collections.abc import Mapping
 
-from sdk.hmac_check import any_signature_matches, canonical_int
+from sdk.hmac_check import any_signature_matches, canonical_int, within_tolerance
 
 TOLERANCE_SECONDS = 300
 SIGNATURE_HEADER = "X-Marketplace-Signature"
@@ -70,7 +69,7 @@ def verify(secret: str, headers: Mapping[str, str], *, method: str, path: str, n
         signatures = [lowered[SIGNATURE_HEADER.lower()]]
     except (KeyError, ValueError):
         return False
-    if abs((now or time.time()) - timestamp) > TOLERANCE_SECONDS:
+    if not within_tolerance(timestamp, TOLERANCE_SECONDS, now):
         return False
     if PREVIOUS_SIGNATURE_HEADER.lower() in lowered:
         signatures.append(lowered[PREVIOUS_SIGNATURE_HEADER.lower()])

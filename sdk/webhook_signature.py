@@ -17,10 +17,9 @@ verifier that reads only the first `v1` (the Pægents SDK's `verify_webhook_sign
 
 import hashlib
 import hmac
-import time
 
 from sdk import bounded_json
-from sdk.hmac_check import any_signature_matches, canonical_int
+from sdk.hmac_check import any_signature_matches, canonical_int, within_tolerance
 
 SIGNATURE_HEADER = "Marketplace-Signature"
 TOLERANCE_SECONDS = 300
@@ -56,7 +55,7 @@ def verify(secret: str, body: bytes, header: str, *, now: float | None = None, e
         [timestamp] = [canonical_int(value) for name, value in items if name == "t"]
     except ValueError:  # an item without "=", no "t" or several, a "t" that is not canonical digits
         return False
-    if abs((now or time.time()) - timestamp) > TOLERANCE_SECONDS:
+    if not within_tolerance(timestamp, TOLERANCE_SECONDS, now):
         return False
     return any_signature_matches(_mac(secret, body, timestamp), [value for name, value in items if name == "v1"])
 

@@ -143,3 +143,22 @@ def test_a_replayed_webhook_under_another_event_type_header_is_refused():
     assert not webhook_signature.verify("whsec_new", untyped, webhook_signature.sign("whsec_new", untyped,
                                                                                      int(time.time())),
                                         event_type="agreement.active")
+
+
+def test_a_timestamp_too_large_for_a_float_is_refused_not_crashed_on():
+    """Anyone can post to a webhook receiver or call a seller's upstream: a timestamp of 309 digits or more (within
+    int()'s 4300) raised OverflowError from the tolerance check (`time.time() - timestamp`), a 500 where a forged
+    message is refused."""
+    huge = "9" * 400
+    forged_webhook = f"t={huge},v1={'0' * 64}"
+    assert not webhook_signature.verify("whsec_new", BODY, forged_webhook)
+    forged_call = {**proxied_headers("psk_new"), "X-Marketplace-Timestamp": huge}
+    assert not verified("psk_new", forged_call)
+    # Within the tolerance, counted without rounding: 300 s away passes, 300.5 s away does not.
+    now = int(time.time())
+    header = webhook_signature.sign("whsec_new", BODY, now)
+    assert webhook_signature.verify("whsec_new", BODY, header, now=now + 300)
+    assert not webhook_signature.verify("whsec_new", BODY, header, now=now + 300.5)
+    assert not webhook_signature.verify("whsec_new", BODY, header, now=now - 300.5)
+    assert proxy_signature.verify("psk_new", proxied_headers("psk_new", timestamp=now), method="POST",
+                                  path="/v1/run", now=now - 300)
