@@ -386,7 +386,10 @@ class MarketplaceClient:
         signed.proposed = True
         if "id" in answer:
             with self._lock:
-                self._payment_authorizations[_proposal_key(answer["id"])] = (wallet.address, authorization_nonce)
+                # The first purchase answered with this id keeps it: a later one answered with the same id (an
+                # idempotent replay, or a marketplace passing it off as another purchase) did not sign its payment.
+                self._payment_authorizations.setdefault(_proposal_key(answer["id"]),
+                                                        (wallet.address, authorization_nonce))
                 while len(self._payment_authorizations) > _PROPOSALS_REMEMBERED:
                     self._payment_authorizations.popitem(last=False)
         return answer

@@ -774,6 +774,7 @@ class CancellingMarketplace(DirectMarketplace):
         self.nonces: dict[str, str] = {}  # agreement id -> the nonce of its payment authorization, as signed
         self.named = named or (lambda agreement_id: self.nonces[agreement_id])
         self.cancelled: list[tuple[str, str]] = []  # (agreement id, the nonce the buyer signed a cancellation of)
+        self.signed: list[str] = []  # every purchase's authorization nonce, in order
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -792,7 +793,8 @@ class CancellingMarketplace(DirectMarketplace):
         answer = super().__call__(request)
         if request.method == "POST" and path == "/usage-agreements":
             header = json.loads(request.content)["payment_header"]
-            self.nonces[answer.json()["id"]] = decode_payment_signature_header(header).payload["authorization"]["nonce"]
+            self.signed.append(decode_payment_signature_header(header).payload["authorization"]["nonce"])
+            self.nonces[answer.json()["id"]] = self.signed[-1]
         return answer
 
 
@@ -830,6 +832,36 @@ def test_a_cancellation_of_another_purchases_authorization_is_not_signed():
             buyer.cancel_payment_authorization(rejected, KEY)
     assert refusal.value.field == "cancel_authorization.message.nonce"
     assert marketplace.cancelled == []
+
+
+class OneAgreementMarketplace(CancellingMarketplace):
+    """Answers every purchase with the first one's agreement id."""
+
+    first_id = ""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        answer = super().__call__(request)
+        if request.method == "POST" and request.url.path == "/usage-agreements":
+            self.first_id = self.first_id or answer.json()["id"]
+            return httpx.Response(201, json={"id": self.first_id, "status": "proposed"})
+        return answer
+
+
+def test_a_purchase_answered_with_an_earlier_ones_agreement_id_does_not_move_what_its_cancellation_revokes():
+    """A second purchase answered with the first's agreement id (an idempotent replay, or a marketplace passing one
+    purchase off as another): the nonce remembered for that agreement stays the first purchase's, so its
+    cancellation cannot be turned against the second's authorization."""
+    marketplace = OneAgreementMarketplace()
+    with direct_buyer(marketplace) as buyer:
+        first, again = buy_directly(buyer)
+        assert first == again
+        first_nonce, second_nonce = marketplace.signed
+        marketplace.named = lambda agreement_id: second_nonce
+        with pytest.raises(SigningRefused):
+            buyer.cancel_payment_authorization(first, KEY)
+        marketplace.named = lambda agreement_id: first_nonce
+        buyer.cancel_payment_authorization(first, KEY)
+    assert marketplace.cancelled == [(first, first_nonce)]
 
 
 def test_a_cancellation_for_a_purchase_this_client_did_not_sign_needs_the_buyers_nonce():
