@@ -31,6 +31,9 @@ from sha3 import keccak_256
 from sdk.onchain import OnchainEscrow
 
 ZERO_DIGEST = "0x" + "00" * 32
+# The escrow states that follow a settlement proposal: the contract disputes only a proposal, resolves only a
+# dispute, and settles only a proposal, a resolution or a dispute that timed out.
+_PROPOSAL_STATES = frozenset({"proposed", "disputed", "resolved", "settled"})
 USAGE_RECEIPT_TYPEHASH = keccak(
     text="UsageReceipt(bytes32 agreementId,uint256 seq,uint256 cumulativeAmount,bytes32 usageDigest)"
 )
@@ -218,8 +221,9 @@ def verify_usage(events: Iterable[Mapping[str, Any]], *, escrow: OnchainEscrow, 
     if last_signed != count:
         raise UsageUnsigned(f"event {count}, the last listed, carries no receipt (the last receipt is of event "
                             f"{last_signed})")
-    if escrow.state in ("proposed", "settled"):
-        # The proposal, not the payout: an arbiter's resolution pays out its own amount.
+    if escrow.state in _PROPOSAL_STATES:
+        # The proposal, not the payout: an arbiter's resolution pays out its own amount. Challenged or decided, the
+        # proposal is still the seller's claim, which the buyer's evidence is checked against.
         proposed = escrow.settled_amount if escrow.proposed_amount is None else escrow.proposed_amount
         if proposed != last_signed_amount or escrow.usage_digest != last_signed_digest:
             raise SettlementProposalMismatch(

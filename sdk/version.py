@@ -6,7 +6,9 @@
 # (SigningRefused on cancel_authorization.message.nonce); a date the marketplace states without its UTC offset is
 # refused (SigningRefused on agreement.<term>: it was read in this machine's local time), as is a proposal's expires_at
 # without one (ValueError, before anything is sent); webhook_signature.verify and proxy_signature.verify refuse a
-# timestamp too large for a float (it raised OverflowError: a receiver's 500 for anyone's request);
+# timestamp too large for a float (it raised OverflowError: a receiver's 500 for anyone's request); verify_usage holds
+# the escrow's settlement proposal to the listing's last receipt once disputed or resolved too (it was checked while
+# proposed and once settled only: SettlementProposalMismatch);
 # 0.4.11: activate_escrow, propose_agreement and purchase_masumi_job take expected_seller_wallet_address= (the escrow's
 # payee, else the marketplace's word; `agreement.seller_wallet_address`), as propose_direct_purchase does; an
 # activation package stating another escrow contract, chain, token, deposit, fee or agreement than the buyer's is

@@ -1,6 +1,7 @@
 """The usage digest chain of a batch (`usage_digests`) is the per-event chain, byte for byte."""
 
 import copy
+import dataclasses
 import functools
 import secrets
 
@@ -106,3 +107,21 @@ def test_a_listing_with_a_malformed_event_is_a_usage_verification_error(change):
         listing[0].update(change)
     with pytest.raises(receipts.UsageMalformed, match="event 1"):
         verify(listing)
+
+
+@pytest.mark.parametrize("state", ["proposed", "disputed", "resolved", "settled"])
+def test_a_proposal_beyond_the_listings_last_receipt_is_refused_whatever_became_of_it(state):
+    """The on-chain proposal was held to the listing's last receipt while `proposed` and once `settled` only: once
+    the buyer challenged it (`disputed`), or the arbiter decided (`resolved`), a proposal of a hundred times the
+    listed charges (a receipt the listing does not show) passed verification, so the buyer's evidence of the
+    overcharge read as a clean listing until the escrow settled. The proposal is checked in every state that has
+    one (the arbiter's payout in `settled_amount` aside)."""
+    agreement_id, price = "0x" + secrets.token_hex(32), 20_000
+    listing, verify = _listing_and_its_check(agreement_id=agreement_id, batches=[[1, 1], [1, 1]], price=price)
+    active = verify.keywords["escrow"]
+    honest = dataclasses.replace(active, state=state, proposed_amount=80_000, settled_amount=40_000,
+                                 usage_digest=listing[-1]["usage_digest"], last_seq=4)
+    assert verify(listing, escrow=honest).cumulative_amount == 80_000
+    overcharged = dataclasses.replace(honest, proposed_amount=100 * 80_000, usage_digest="0x" + "ab" * 32, last_seq=5)
+    with pytest.raises(receipts.SettlementProposalMismatch):
+        verify(listing, escrow=overcharged)
