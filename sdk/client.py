@@ -278,7 +278,7 @@ class MarketplaceClient:
         """Propose to buy `quantity` units of a service (as the buyer), at a unit price of at most
         `max_unit_price_atomic` (required: the answer's price is what `activate_escrow` signs for). `terms` are the
         optional fields of `POST /usage-agreements`: settlement_model, token, buyer_wallet_address, expires_at (a
-        datetime or an ISO 8601 string) or expires_in_seconds, challenge_window_seconds, note. The agreement comes
+        datetime or an ISO 8601 string, with its UTC offset: else ValueError) or expires_in_seconds, challenge_window_seconds, note. The agreement comes
         back `proposed`, or `pending_approval` when the owner's policy wants a human decision.
 
         The answer must carry the service, the quantity and every term given here, a unit price of at most the
