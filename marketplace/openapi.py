@@ -80,3 +80,29 @@ def add_links(result, generator, request, public):
                     for target, parameters in targets.items()
                 }
     return result
+
+
+BODY_REFUSALS = {
+    "413": ("The request body is larger than the platform reads", "request_too_large"),
+    "415": ("The body is compressed (`unsupported_content_encoding`), in another charset than UTF-8 "
+            "(`unsupported_charset`) or of another media type", "unsupported_media_type"),
+}
+
+
+def add_body_refusals(result, generator, request, public):
+    """drf-spectacular postprocessing hook: the 413 and 415 every operation reading a body may answer
+    (marketplace.parsers), documented on each such operation that does not list them itself."""
+    for item in result["paths"].values():
+        for operation in item.values():
+            if not isinstance(operation, dict) or "requestBody" not in operation:
+                continue
+            for status_code, (description, code) in BODY_REFUSALS.items():
+                operation["responses"].setdefault(status_code, {
+                    "description": description,
+                    "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/Error"},
+                        "examples": {f"Error{status_code}": {
+                            "value": {"error": {"code": code, "message": "…", "details": {}}},
+                            "summary": f"error_{status_code}"}}}},
+                })
+    return result

@@ -54,3 +54,21 @@ def test_the_schema_is_generated_once_per_process_not_per_request(anon, monkeypa
     assert anon.get("/api/schema/?format=json").content == first.content
     assert "paths:" in anon.get("/api/schema/?format=yaml").content.decode()
     assert len(generated) <= 1  # none when an earlier test of this process generated it
+
+
+@pytest.mark.django_db
+def test_every_operation_taking_a_body_documents_the_body_refusals(anon):
+    """A body larger than the platform reads is 413 `request_too_large`, one compressed or in another charset than
+    UTF-8 415 `unsupported_content_encoding` / `unsupported_charset`, on every operation that reads one; the schema
+    listed neither, so a client generated from it had no type for those answers."""
+    schema = anon.get("/api/schema/?format=json").json()
+    taking_a_body = {(path, method): operation for path, item in schema["paths"].items()
+                     for method, operation in item.items() if isinstance(operation, dict) and "requestBody" in operation}
+    assert len(taking_a_body) > 20
+    for (path, method), operation in taking_a_body.items():
+        for status_code, code in (("413", "request_too_large"), ("415", "unsupported_media_type")):
+            response = operation["responses"].get(status_code)
+            assert response is not None, (method, path, status_code)
+            content = response["content"]["application/json"]
+            assert content["schema"] == {"$ref": "#/components/schemas/Error"}
+            assert [example["value"]["error"]["code"] for example in content["examples"].values()] == [code]
