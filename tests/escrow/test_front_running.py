@@ -162,15 +162,13 @@ def test_a_direct_payment_executed_by_someone_else_is_paid_and_its_fee_not_refun
     assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
 
 
-def test_an_invocation_payment_front_run_is_not_kept_by_the_treasury_unaccounted(
-        escrow_chain, http_server, monkeypatch, django_capture_on_commit_callbacks):
-    """Anyone who sees the relayer's pending transferWithAuthorization (buyer -> treasury) can submit a copy
-    first: the buyer's money reaches the treasury, the relayer's own transaction reverts, and the invocation is
-    recorded as 'payment failed, nothing was charged' with no refund queued: the treasury keeps the price."""
+def _skill_payment_a_stranger_copies(escrow_chain, http_server, monkeypatch, *, forks: list | None = None):
+    """A market and a buyer's signed payment of its "translate" skill whose relayed transfer a stranger front-runs:
+    right after the relayer's simulation, a copy of the authorization is mined from the stranger's account (the
+    chain's snapshot before it appended to `forks`, for a test's reorg)."""
     market = Market(escrow_chain, http_server)
     market.upstream.responses.append((200, {"translation": "bonjour"}))
     payment = market.pay("translate")
-    buyer, seller, treasury = market.balances()
     payload = decode_payment_signature_header(payment).payload
     auth = payload["authorization"]
     v, r, s = td.split_signature(payload["signature"])
@@ -178,12 +176,24 @@ def test_an_invocation_payment_front_run_is_not_kept_by_the_treasury_unaccounted
 
     def simulated_then_front_run(authorization):
         simulate(authorization)
+        if forks is not None:
+            forks.append(escrow_chain.snapshot())
         mined(escrow_chain, escrow_chain.usdc.functions.transferWithAuthorization(
             auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]), int(auth["validBefore"]),
             bytes.fromhex(auth["nonce"][2:]), v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:]),
         ).transact({"from": escrow_chain.accounts.stranger.address}))
 
     monkeypatch.setattr(x402_onchain, "simulate", simulated_then_front_run)
+    return market, payment
+
+
+def test_an_invocation_payment_front_run_is_not_kept_by_the_treasury_unaccounted(
+        escrow_chain, http_server, monkeypatch, django_capture_on_commit_callbacks):
+    """Anyone who sees the relayer's pending transferWithAuthorization (buyer -> treasury) can submit a copy
+    first: the buyer's money reaches the treasury, the relayer's own transaction reverts, and the invocation is
+    recorded as 'payment failed, nothing was charged' with no refund queued: the treasury keeps the price."""
+    market, payment = _skill_payment_a_stranger_copies(escrow_chain, http_server, monkeypatch)
+    buyer, seller, treasury = market.balances()
     with django_capture_on_commit_callbacks(execute=True):
         market.call("translate", payment)
     confirm_all(django_capture_on_commit_callbacks)
@@ -202,22 +212,7 @@ def test_an_invocation_paid_by_a_copy_of_its_authorization_runs_only_once_the_co
     copy, one block deep: the seller was called on a payment a shallow reorg could take."""
     settings.CHAIN_CONFIRMATIONS = 5
     capture = django_capture_on_commit_callbacks
-    market = Market(escrow_chain, http_server)
-    market.upstream.responses.append((200, {"translation": "bonjour"}))
-    payment = market.pay("translate")
-    payload = decode_payment_signature_header(payment).payload
-    auth = payload["authorization"]
-    v, r, s = td.split_signature(payload["signature"])
-    simulate = x402_onchain.simulate
-
-    def simulated_then_front_run(authorization):
-        simulate(authorization)
-        mined(escrow_chain, escrow_chain.usdc.functions.transferWithAuthorization(
-            auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]), int(auth["validBefore"]),
-            bytes.fromhex(auth["nonce"][2:]), v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:]),
-        ).transact({"from": escrow_chain.accounts.stranger.address}))
-
-    monkeypatch.setattr(x402_onchain, "simulate", simulated_then_front_run)
+    market, payment = _skill_payment_a_stranger_copies(escrow_chain, http_server, monkeypatch)
     settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0.5
     with capture(execute=True):
         response = market.call("translate", payment)
@@ -238,24 +233,8 @@ def test_an_invocation_waiting_on_a_shallow_copy_a_reorg_takes_is_paid_by_our_ow
     the copy's block: nothing was concluded on the copy, and the seller is called on our payment at the depth."""
     settings.CHAIN_CONFIRMATIONS = 5
     capture = django_capture_on_commit_callbacks
-    market = Market(escrow_chain, http_server)
-    market.upstream.responses.append((200, {"translation": "bonjour"}))
-    payment = market.pay("translate")
-    payload = decode_payment_signature_header(payment).payload
-    auth = payload["authorization"]
-    v, r, s = td.split_signature(payload["signature"])
-    simulate = x402_onchain.simulate
     forks = []
-
-    def simulated_then_front_run(authorization):
-        simulate(authorization)
-        forks.append(escrow_chain.snapshot())
-        mined(escrow_chain, escrow_chain.usdc.functions.transferWithAuthorization(
-            auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]), int(auth["validBefore"]),
-            bytes.fromhex(auth["nonce"][2:]), v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:]),
-        ).transact({"from": escrow_chain.accounts.stranger.address}))
-
-    monkeypatch.setattr(x402_onchain, "simulate", simulated_then_front_run)
+    market, payment = _skill_payment_a_stranger_copies(escrow_chain, http_server, monkeypatch, forks=forks)
     settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0.5
     with capture(execute=True):
         response = market.call("translate", payment)
@@ -624,22 +603,7 @@ def test_an_invocation_waiting_on_a_copy_of_its_authorization_is_concluded_by_th
     at the confirmation depth."""
     settings.CHAIN_CONFIRMATIONS = 5
     capture = django_capture_on_commit_callbacks
-    market = Market(escrow_chain, http_server)
-    market.upstream.responses.append((200, {"translation": "bonjour"}))
-    payment = market.pay("translate")
-    payload = decode_payment_signature_header(payment).payload
-    auth = payload["authorization"]
-    v, r, s = td.split_signature(payload["signature"])
-    simulate = x402_onchain.simulate
-
-    def simulated_then_front_run(authorization):
-        simulate(authorization)
-        mined(escrow_chain, escrow_chain.usdc.functions.transferWithAuthorization(
-            auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]), int(auth["validBefore"]),
-            bytes.fromhex(auth["nonce"][2:]), v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:]),
-        ).transact({"from": escrow_chain.accounts.stranger.address}))
-
-    monkeypatch.setattr(x402_onchain, "simulate", simulated_then_front_run)
+    market, payment = _skill_payment_a_stranger_copies(escrow_chain, http_server, monkeypatch)
     settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0.5
     with capture(execute=True):
         response = market.call("translate", payment)
