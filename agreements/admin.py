@@ -105,11 +105,13 @@ def acknowledge_reverted_direct_payment(modeladmin, request, queryset):
     return acknowledgement_page(
         modeladmin, request, queryset, what="reverted direct payments", none_left="None of the selected agreements "
         "has a reverted payment not acknowledged yet.",
-        acknowledge=lambda selected, **answer: services.reverted_payments_acknowledge(payments=selected, **answer),
+        acknowledge=lambda selected, **answer: services.reverted_payments_acknowledge(
+            payments=selected, operator_account=request.user, **answer),
         findings=reverted,
         columns=["Agreement", "Service", "Amount", "Reverted", "Reason"],
-        rows=([str(agreement.pk), f"{agreement.service.name} of {agreement.seller.handle}", agreement.deposit_amount,
-               agreement.payment_reverted_at, agreement.payment_reverted_reason] for agreement in reverted))
+        row=lambda agreement: [str(agreement.pk), f"{agreement.service.name} of {agreement.seller.handle}",
+                               agreement.deposit_amount, agreement.payment_reverted_at,
+                               agreement.payment_reverted_reason])
 
 
 @admin.register(UsageAgreement)
@@ -407,12 +409,13 @@ def acknowledge_reverted_payment(modeladmin, request, queryset):
     return acknowledgement_page(
         modeladmin, request, queryset, what="reverted payments", none_left="None of the selected invocations has a "
         "reverted payment not acknowledged yet.",
-        acknowledge=lambda selected, **answer: services.reverted_payments_acknowledge(payments=selected, **answer),
+        acknowledge=lambda selected, **answer: services.reverted_payments_acknowledge(
+            payments=selected, operator_account=request.user, **answer),
         findings=reverted,
         columns=["Invocation", "Skill", "Money", "Payment transaction", "Reverted", "Reason"],
-        rows=([invocation.public_id, f"{invocation.skill.name} of {invocation.seller.handle}", invocation.money,
-               invocation.payment_tx_hash, invocation.payment_reverted_at, invocation.payment_reverted_reason]
-              for invocation in reverted))
+        row=lambda invocation: [invocation.public_id, f"{invocation.skill.name} of {invocation.seller.handle}",
+                                invocation.money, invocation.payment_tx_hash, invocation.payment_reverted_at,
+                                invocation.payment_reverted_reason])
 
 
 @admin.register(InvocationSellerFailure)

@@ -15,7 +15,7 @@ from functools import lru_cache
 from django.conf import settings
 from django.core import checks
 from django.db import connection, transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from agreements import invocations, selectors, webhooks, x402_protocol
@@ -782,15 +782,23 @@ def agreement_direct_payment_reopened(*, agreement_id, what: str, tx_hash: str) 
         changes={"payment_tx_hash": "", "seller_payout": None, "used": 0, "settled_at": None})
 
 
-def reverted_payments_acknowledge(*, payments, operator: str, reason: str) -> int:
+def reverted_payments_acknowledge(*, payments, operator: str, reason: str, operator_account=None) -> int:
     """Operator action: reverted payments (`payments`: a queryset of agreements' direct purchases or of skill
     invocations) someone looked into (the loss accepted, the seller paid another way, or the money recovered from
     the buyer) are kept and stay visible, but no longer fail `reconcile` or the dashboard. Records who, when and why;
-    returns how many were acknowledged now (others, or those acknowledged already, are left)."""
+    returns how many were acknowledged now (others, or those acknowledged already, are left). `operator_account`
+    (the admin's user): 403 `operator_owns_a_party`, nothing acknowledged, when it owns the buyer or the seller of
+    one of them: acknowledging writes off what the buyer never paid and the seller was counted, another operator's
+    decision."""
     reason = reason.strip()
     if not reason:
         raise InvalidInput("Say why the reverted payment is acknowledged.", code="reason_required")
-    return selectors.payments_reverted(of=payments.model).filter(pk__in=payments.values("pk")).update(
+    reverted = selectors.payments_reverted(of=payments.model).filter(pk__in=payments.values("pk"))
+    if operator_account is not None and reverted.filter(
+            Q(buyer__owner=operator_account) | Q(seller__owner=operator_account)).exists():
+        raise Forbidden("You own the buyer or the seller of a selected payment: another operator acknowledges it.",
+                        code="operator_owns_a_party")
+    return reverted.update(
         payment_reversal_acknowledged_at=timezone.now(), payment_reversal_acknowledged_by=operator[:150],
         payment_reversal_acknowledgement_reason=reason[:500])
 

@@ -13,8 +13,9 @@ from django.utils import timezone
 from catalog import services
 from catalog.models import Agent, ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
 from marketplace import shown_text
-from marketplace.admin import (LatestRowsInline, SecretsUnfiltered, ViewOnlyAdmin, may_operate,
-                               rotation_overlap_column)
+from marketplace.admin import (LatestRowsInline, SecretsUnfiltered, ViewOnlyAdmin, across_pages_refused,
+                               activity_change_message, may_operate, rotation_overlap_column)
+from marketplace.errors import ApplicationError
 
 CREDENTIAL_FIELDS = ("name", "prefix", "created_at", "expires_at", "revoked_at", "last_used_at")
 
@@ -77,6 +78,18 @@ class ApiKeyInline(LatestRowsInline, admin.TabularInline):
 
 
 class AgentForm(forms.ModelForm):
+    operator = None  # the staff user saving the form (AgentAdmin.get_form)
+
+    def clean_is_active(self) -> bool:
+        """Reactivating an agent is refused to its owner (`services.agent_reactivation_check`)."""
+        is_active = self.cleaned_data["is_active"]
+        if is_active and "is_active" in self.changed_data:
+            try:
+                services.agent_reactivation_check(agent=self.instance, operator=self.operator)
+            except ApplicationError as refused:
+                raise forms.ValidationError(f"{refused.message} ({refused.code})", code=refused.code) from None
+        return is_active
+
     def clean_display_name(self) -> str:
         """A display name staff change is held to the API's rule (`marketplace.shown_text`); one left as it was is
         not, so an agent whose name came before the rule can still be deactivated (its name corrected later)."""
@@ -113,6 +126,14 @@ class AgentAdmin(admin.ModelAdmin):
 
     def has_revoke_permission(self, request) -> bool:
         return may_operate(request, ApiKey)
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        form.operator = request.user  # whose change the form checks (agent_reactivation_check)
+        return form
+
+    def construct_change_message(self, request, form, formsets, add=False):
+        return activity_change_message(super().construct_change_message(request, form, formsets, add), form)
 
     def get_queryset(self, request) -> QuerySet[Agent]:
         return super().get_queryset(request).annotate(_service_count=Count("services"))
@@ -176,6 +197,10 @@ class SkillInline(admin.TabularInline):
 @admin.action(description="Deregister selected services (hidden from search, kept for history)",
               permissions=["deregister"])
 def deregister_services(modeladmin, request, queryset):
+    # For good (a deregistered service is not changed or listed again; its pending purchases and skill calls are
+    # refused): of the services the operator sees.
+    if across_pages_refused(request, "deregister"):
+        return
     count = 0
     for service in queryset.filter(state=ServiceState.REGISTERED):
         services.service_deregister(service=service, actor=None)

@@ -108,6 +108,14 @@ def agent_create(
         raise
 
 
+def agent_reactivation_check(*, agent: Agent, operator) -> None:
+    """403 `operator_owns_the_agent` when an operator (the admin) would reactivate an agent they own: deactivated by
+    another operator or a superuser (say, for fraud), putting it back on sale is not its owner's call; another
+    operator decides. (Owners never reactivate an agent through the API either.)"""
+    if agent.owner_id == operator.pk:
+        raise Forbidden("You own this agent: another operator reactivates it.", code="operator_owns_the_agent")
+
+
 def api_key_issue(*, agent: Agent, scope: str = KeyScope.PAY, name: str = "",
                   expires_at: datetime | None = None) -> IssuedCredential:
     if expires_at is not None and expires_at <= timezone.now():

@@ -103,8 +103,8 @@ def acknowledge_outrun_fills(modeladmin, request, queryset):
         acknowledge=lambda selected, **answer: services.nonce_fills_acknowledge(fills=selected, **answer),
         findings=outrun,
         columns=["Fill", "Nonce", "Cancelled transaction", "Mined transaction", "Block"],
-        rows=([fill.pk, fill.nonce, fill.context.get(relayer.CANCELS), fill.mined_tx_hash, fill.mined_block_number]
-              for fill in outrun))
+        row=lambda fill: [fill.pk, fill.nonce, fill.context.get(relayer.CANCELS), fill.mined_tx_hash,
+                          fill.mined_block_number])
 
 
 def paid_for_html(tx: ChainTransaction):
@@ -287,8 +287,7 @@ def acknowledge_failed(modeladmin, request, queryset):
         none_left="None of the selected events is failed and unacknowledged.",
         acknowledge=lambda selected, **answer: indexer.events_acknowledge(events=selected, **answer), findings=failed,
         columns=["Event", "Block", "Transaction", "Agreement", "Error"],
-        rows=([event.name, event.block_number, event.tx_hash, event.agreement_id or "-", event.error]
-              for event in failed))
+        row=lambda event: [event.name, event.block_number, event.tx_hash, event.agreement_id or "-", event.error])
 
 
 @admin.register(ChainEvent)

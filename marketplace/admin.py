@@ -11,11 +11,13 @@ and its second factor: `marketplace.second_factor.OperatorAdminSite`.)
 """
 
 import hashlib
+import json
 
 from axes.admin import AccessAttemptAdmin
 from axes.models import AccessAttempt
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.models import LogEntry
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
@@ -75,66 +77,74 @@ class AcknowledgeForm(forms.Form):
                              help_text="Why they need no action (kept with your name and the time).")
 
 
-def acknowledgement_page(modeladmin, request, queryset, *, acknowledge, what: str, columns: list[str], rows,
+def acknowledgement_page(modeladmin, request, queryset, *, acknowledge, what: str, columns: list[str], row,
                          none_left: str, findings):
     """An admin action's page asking an operator why the selected failures need no action, then
     `acknowledge(selected, operator=, reason=)` (a service, answering how many of the `selected` rows it
-    acknowledged): None once done (back to the list), else the page. `rows`: one list of cells per failure still to
-    acknowledge; `findings`: those failures (a queryset). On "select all", which posts the list's filter again, not
-    its rows, the answer acknowledges only the failures the page showed: when they changed since (one failed
-    meanwhile), nothing is done and the page shows them again; and the write takes the rows checked, not the filter
-    again, so a failure arriving between the check and the write is not acknowledged unseen either. (Ticked rows are
-    posted as such.)"""
+    acknowledged): None once done (back to the list), else the page. `findings`: the failures still to acknowledge
+    (a queryset); `row(finding)`: its cells on the page. The answer acknowledges only the failures the page showed,
+    as it showed them (the page carries a digest of each row's key and cells): when they changed since (one failed
+    meanwhile, or failed again for another reason, or was acknowledged), nothing is done and the page shows them
+    again, so no failure is acknowledged unseen or with a reason written for an earlier one. Ticked rows and "select
+    all" alike: "select all" posts the list's filter again, not its rows, and the write takes the rows checked, not the
+    filter again. The rows checked are locked from the check to the write."""
     select_across = request.POST.get("select_across") == "1"
-    shown_keys = _row_keys(findings) if select_across else None
-    shown = _digest(shown_keys) if select_across else ""
     form = AcknowledgeForm(request.POST if request.POST.get("confirm") else None)
-    if form.is_valid() and request.POST.get("shown", "") != shown:
-        form.add_error(None, f"The {what} to acknowledge changed since this page was shown (some failed meanwhile, or "
-                             "were acknowledged): check them again.")
     if form.is_valid():
         answer = {"operator": request.user.get_username(), "reason": form.cleaned_data["reason"]}
         try:
-            count = _acknowledge_selected(acknowledge, queryset, shown_keys, answer)
+            count = _acknowledge_shown(acknowledge, queryset, findings, row, request.POST.get("shown", ""), answer)
         except ApplicationError as exc:
             form.add_error(None, f"{exc.message} ({exc.code})")
         else:
-            messages.success(request, f"Acknowledged {count} {what}.")
-            return None
+            if count is not None:
+                messages.success(request, f"Acknowledged {count} {what}.")
+                return None
+            form.add_error(None, f"The {what} to acknowledge changed since this page was shown (some failed meanwhile, "
+                                 "failed again, or were acknowledged): check them again.")
+    shown_rows = _shown_rows(findings, row)
     # "Select all" is posted back as such (with one row, which Django asks for), not as every row's id: past
     # DATA_UPLOAD_MAX_NUMBER_FIELDS ids the operator's answer was refused.
     selected = queryset.values_list("pk", flat=True)
     context = {**modeladmin.admin_site.each_context(request), "opts": modeladmin.model._meta, "form": form,
-               "caption": f"{what.capitalize()} to acknowledge", "columns": columns, "rows": list(rows),
-               "none_left": none_left, "action": request.POST["action"], "select_across": select_across,
-               "selected": selected[:1] if select_across else selected, "shown": shown,
-               "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME, "title": f"Acknowledge {what}"}
+               "caption": f"{what.capitalize()} to acknowledge", "columns": columns,
+               "rows": [cells for _key, cells in shown_rows], "none_left": none_left, "action": request.POST["action"],
+               "select_across": select_across, "selected": selected[:1] if select_across else selected,
+               "shown": _digest(shown_rows), "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+               "title": f"Acknowledge {what}"}
     return TemplateResponse(request, "admin/acknowledge.html", context)
 
 
-ACKNOWLEDGED_PER_STATEMENT = 10_000  # rows named in one UPDATE's IN list (SQLite takes 32,766 parameters)
+ACKNOWLEDGED_PER_STATEMENT = 10_000  # rows named in one statement's IN list (SQLite takes 32,766 parameters)
 
 
-def _acknowledge_selected(acknowledge, queryset, shown_keys: list[str] | None, answer: dict) -> int:
-    """`acknowledge` of the ticked rows (`shown_keys` None), or of the rows whose keys the check read, in batches,
-    all or none."""
-    if shown_keys is None:
-        return acknowledge(queryset, **answer)
+def _acknowledge_shown(acknowledge, queryset, findings, row, shown: str, answer: dict) -> int | None:
+    """`acknowledge` of the failures among the selected rows (`queryset`) when they are those the page showed
+    (`shown`, their digest), all or none, in batches; None (nothing done) when they changed since."""
     with transaction.atomic():
-        return sum(acknowledge(queryset.filter(pk__in=shown_keys[start:start + ACKNOWLEDGED_PER_STATEMENT]), **answer)
-                   for start in range(0, len(shown_keys), ACKNOWLEDGED_PER_STATEMENT))
+        keys = sorted(str(pk) for pk in findings.order_by().values_list("pk", flat=True))
+        for batch in _batches(keys):  # none of them changes between the check and the write
+            list(findings.model.objects.select_for_update().filter(pk__in=batch).order_by("pk")
+                 .values_list("pk", flat=True))
+        if _digest(_shown_rows(findings, row)) != shown:
+            return None
+        return sum(acknowledge(queryset.filter(pk__in=batch), **answer) for batch in _batches(keys))
 
 
-def _row_keys(rows) -> list[str]:
-    """The primary keys of a queryset's rows, sorted as text."""
-    return sorted(str(pk) for pk in rows.order_by().values_list("pk", flat=True))
+def _batches(keys: list[str]):
+    return (keys[start:start + ACKNOWLEDGED_PER_STATEMENT] for start in range(0, len(keys), ACKNOWLEDGED_PER_STATEMENT))
 
 
-def _digest(keys: list[str]) -> str:
-    """Which rows (their keys) a page showed, as one short value it carries (however many rows)."""
+def _shown_rows(findings, row) -> list[tuple[str, list]]:
+    """(key, cells) of each failure, in its key's order as text."""
+    return sorted(((str(finding.pk), list(row(finding))) for finding in findings), key=lambda shown: shown[0])
+
+
+def _digest(shown_rows: list[tuple[str, list]]) -> str:
+    """What a page showed (each row's key and cells), as one short value it carries (however many rows)."""
     digest = hashlib.sha256()
-    for pk in keys:
-        digest.update(pk.encode() + b"\n")
+    for key, cells in shown_rows:
+        digest.update("\x1f".join([key, *(str(cell) for cell in cells)]).encode() + b"\n")
     return digest.hexdigest()
 
 
@@ -199,10 +209,10 @@ def _messages(errors) -> list[str]:
 
 
 def across_pages_refused(request, what: str) -> bool:
-    """Whether an action that moves money or decides for an owner (`what`: "approve", "reject", "retry") was run on
-    "Select all N" across pages, which it then refuses, saying so: that posts the list's filter, not its rows, so a
-    row that entered the filter after the operator looked (a new request, a payout failed since), or sat on a page
-    they never opened, was acted on unseen. Such an action is run on the rows ticked."""
+    """Whether an action that moves money or decides for an owner (`what`: "approve", "reject", "retry",
+    "deregister") was run on "Select all N" across pages, which it then refuses, saying so: that posts the list's
+    filter, not its rows, so a row that entered the filter after the operator looked (a new request, a payout failed
+    since), or sat on a page they never opened, was acted on unseen. Such an action is run on the rows ticked."""
     if request.POST.get("select_across") != "1":
         return False
     messages.error(request, f"Tick the rows to {what}: \"select all\" across pages would {what} rows you have not "
@@ -380,6 +390,19 @@ class AccountAdmin(UserAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def construct_change_message(self, request, form, formsets, add=False):
+        return activity_change_message(super().construct_change_message(request, form, formsets, add), form)
+
+
+def activity_change_message(message, form):
+    """The admin history's message of a change (`message`, Django's) to a row with `is_active` (an owner's account,
+    an agent), saying first when it deactivated or reactivated it: Django's "Changed Active." read the same either
+    way, so a reactivation (of an agent or owner deactivated for fraud, say) did not stand out in the history."""
+    if "is_active" not in form.changed_data:
+        return message
+    changed = LogEntry(change_message=json.dumps(message)).get_change_message() if message else ""
+    return f"{'Reactivated' if form.instance.is_active else 'Deactivated'}. {changed}".strip()
 
 
 admin.site.unregister(get_user_model())

@@ -367,3 +367,20 @@ def test_an_agent_whose_display_name_came_before_the_rule_is_still_deactivated_i
     seller.refresh_from_db()
     assert not seller.is_active
 
+
+
+def test_deregistering_services_across_pages_deregisters_none_the_operator_has_not_seen(operator, catalog):
+    """"Select all N" of a list posts its filter, not its rows: a service registered after the operator looked (or
+    on a page they never opened) was deregistered unseen, for good (a deregistered service is not changed or listed
+    again, its pending purchases and skill calls refused). Deregistering is of the ticked rows only."""
+    seen = catalog["translator"]
+    assert operator.get(_url(Service, "changelist"), {"q": "translator"}).status_code == 200
+    unseen = register_service(AgentFactory(handle="late-seller", is_seller=True), name="Late translator")
+
+    page = operator.post(_url(Service, "changelist") + "?q=translator",
+                         {"action": "deregister_services", "select_across": "1", "index": "0",
+                          ACTION_CHECKBOX_NAME: [str(seen.pk)]}, follow=True)
+
+    assert Service.objects.get(pk=unseen.pk).state == ServiceState.REGISTERED
+    assert Service.objects.get(pk=seen.pk).state == ServiceState.REGISTERED
+    assert "Tick the rows" in page.content.decode()

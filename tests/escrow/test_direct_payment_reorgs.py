@@ -31,6 +31,7 @@ from tests.catalog.factories import register_service
 from tests.escrow.flow import USDC, confirm_all, fund, mined_what_was_sent, poll_mined, usdc_balance
 from tests.escrow.test_indexer import mined
 from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
+from tests.support.operators import form_as_shown
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -136,7 +137,7 @@ def test_a_purchase_paid_by_a_copy_a_reorg_took_that_cannot_run_again_is_recorde
         selected = {"action": "acknowledge_reverted_direct_payment", "_selected_action": [agreement["id"]]}
         asked = admin_client.post(changelist, selected)
         assert asked.status_code == 200 and agreement["id"] in asked.content.decode()
-        assert admin_client.post(changelist, {**selected, "confirm": "yes", "reason": "seller paid off-chain"}
+        assert admin_client.post(changelist, {**form_as_shown(asked.content.decode(), "acknowledge-form"), "reason": "seller paid off-chain"}
                                  ).status_code == 302
         call_command("reconcile", stdout=out)
         operator = admin_user.username

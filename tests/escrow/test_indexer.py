@@ -19,6 +19,7 @@ from sdk.typed_data import sign_typed_data
 from tests.conftest import error_code
 from tests.escrow.flow import USDC, Parties, confirm_all, sign_activation, usdc_balance
 from tests.escrow.conftest import escrow_terms
+from tests.support.operators import form_as_shown
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -274,11 +275,11 @@ def test_an_operator_acknowledges_unapplied_events_in_the_admin_or_with_reconcil
     asked = admin_client.post(changelist, selected)
     assert asked.status_code == 200 and "Failed events to acknowledge" in asked.content.decode()
     assert first.error.startswith("escrow_mismatch") and "escrow_mismatch" in asked.content.decode()
-    no_reason = admin_client.post(changelist, {**selected, "confirm": "yes", "reason": "  "})
+    no_reason = admin_client.post(changelist, {**form_as_shown(asked.content.decode(), "acknowledge-form"), "reason": "  "})
     assert no_reason.status_code == 200 and "This field is required" in no_reason.content.decode()
     first.refresh_from_db()
     assert first.acknowledged_at is None
-    done = admin_client.post(changelist, {**selected, "confirm": "yes", "reason": "the buyer's own escrow"})
+    done = admin_client.post(changelist, {**form_as_shown(asked.content.decode(), "acknowledge-form"), "reason": "the buyer's own escrow"})
     assert done.status_code == 302
     first.refresh_from_db()
     assert (first.acknowledged_by, first.acknowledgement_reason) == (admin_user.username, "the buyer's own escrow")

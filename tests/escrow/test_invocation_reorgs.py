@@ -28,6 +28,7 @@ from tests.conftest import Api
 from tests.escrow.flow import USDC, confirm_all, fund, mined_what_was_sent, usdc_balance
 from tests.escrow.test_indexer import mined
 from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
+from tests.support.operators import form_as_shown
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -271,7 +272,7 @@ def test_a_payment_a_reorg_took_while_the_seller_ran_is_neither_paid_out_nor_ref
     selected = {"action": "acknowledge_reverted_payment", "_selected_action": [pk]}
     asked = admin_client.post(changelist, selected)
     assert asked.status_code == 200 and invocation_id in asked.content.decode()
-    assert admin_client.post(changelist, {**selected, "confirm": "yes", "reason": "seller paid by hand"}
+    assert admin_client.post(changelist, {**form_as_shown(asked.content.decode(), "acknowledge-form"), "reason": "seller paid by hand"}
                              ).status_code == 302
     acknowledged = SkillInvocation.objects.get(pk=pk)
     assert (acknowledged.payment_reversal_acknowledged_by, acknowledged.payment_reversal_acknowledgement_reason) == (

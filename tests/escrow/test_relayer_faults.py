@@ -20,6 +20,7 @@ from escrow.models import (ChainEvent, ChainTransaction, EventEffect, RelayerAcc
 from escrow.tasks import submit_transaction
 from marketplace.sweeps import RowsFailed
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, mined_what_was_sent, onchain_escrow, usdc_balance
+from tests.support.operators import form_as_shown
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -548,7 +549,7 @@ def test_the_old_bytes_of_a_cancelled_transaction_mined_first_are_named_by_its_f
         selected = {"action": "acknowledge_outrun_fills", "_selected_action": [str(fill.pk), str(successor.pk)]}
         asked = admin_client.post(changelist, selected)
         assert asked.status_code == 200 and old_bytes.tx_hash in asked.content.decode()
-        assert admin_client.post(changelist, {**selected, "confirm": "yes", "reason": "the activation ran once"}
+        assert admin_client.post(changelist, {**form_as_shown(asked.content.decode(), "acknowledge-form"), "reason": "the activation ran once"}
                                  ).status_code == 302
         call_command("reconcile", stdout=out)
         operator = admin_user.username

@@ -773,3 +773,75 @@ def test_an_operator_who_loosens_a_policy_then_creates_a_seller_is_not_paid_with
     assert approved.status_code == 200 and approved.json()["status"] == "approved"
     other = register_service(AgentFactory(handle="another-seller", is_seller=True))
     assert buyer_api.post("/usage-agreements", proposal(other)).json()["status"] == "proposed"  # as the policy says
+
+
+@pytest.mark.parametrize("since", ["failed_again", "failed_since"])
+def test_an_acknowledgement_of_ticked_rows_takes_none_that_changed_since_the_page_asking_why(operator, since):
+    """Ticked rows were posted back as such and acknowledged as they were at the answer: an event shown failed that
+    the indexer tried again and that failed again for another reason (or a ticked one that was not failing when the
+    page was shown) was acknowledged with a reason written for what the page showed. The page carries what it
+    showed: a row changed since is shown again, nothing acknowledged."""
+    cursor = IndexerCursor.objects.create(chain_id=31337, escrow_address="0x" + "12" * 20, start_block=0)
+    event = ChainEvent.objects.create(
+        cursor=cursor, block_number=1, block_hash=f"0x{1:064x}", tx_hash=f"0x{1:064x}", log_index=0,
+        contract="0x" + "12" * 20, name="Activated", error="escrow_mismatch",
+        effect=EventEffect.FAILED if since == "failed_again" else EventEffect.APPLIED)
+    changelist = "/admin/escrow/chainevent/"
+    asked = operator.post(changelist, {"action": "acknowledge_failed", ACTION_CHECKBOX_NAME: [str(event.pk)]})
+    assert asked.status_code == 200
+    ChainEvent.objects.filter(pk=event.pk).update(effect=EventEffect.FAILED,
+                                                  error="invalid_transition: the agreement was cancelled")
+
+    answer = {**form_as_shown(asked.content.decode(), "acknowledge-form"), "reason": "the buyer's own escrow"}
+    again = operator.post(changelist, answer)
+
+    assert ChainEvent.objects.get(pk=event.pk).acknowledged_at is None
+    assert again.status_code == 200 and "changed since" in again.content.decode()
+    assert "the agreement was cancelled" in again.content.decode()
+    answer = {**form_as_shown(again.content.decode(), "acknowledge-form"), "reason": "cancelled: refunded"}
+    assert operator.post(changelist, answer).status_code == 302
+    assert ChainEvent.objects.get(pk=event.pk).acknowledgement_reason == "cancelled: refunded"
+
+
+def test_an_operator_who_owns_an_agent_does_not_reactivate_it(settings, seller):
+    """Staff who may change agents and own a seller deactivated by another operator (say, for fraud) put it back on
+    sale themselves. Refused on the form (their agent stays deactivated); reactivating another owner's agent is
+    allowed, and in the agent's admin history as a reactivation, with who did it."""
+    staff = staff_client(settings, "view_agent", "change_agent")
+    account = get_user_model().objects.get(username="staff")
+    other = AgentFactory(handle="other-seller", is_seller=True, is_active=False)
+    Agent.objects.filter(pk=seller.pk).update(owner=account, is_active=False)
+    form = {"display_name": "Seller", "is_seller": "on", "is_active": "on", "api_keys-TOTAL_FORMS": 0,
+            "api_keys-INITIAL_FORMS": 0}
+
+    refused = staff.post(f"/admin/catalog/agent/{seller.pk}/change/", form)
+
+    assert refused.status_code == 200 and "operator_owns_the_agent" in refused.content.decode()
+    assert not Agent.objects.get(pk=seller.pk).is_active
+    assert staff.post(f"/admin/catalog/agent/{other.pk}/change/", form).status_code == 302
+    assert Agent.objects.get(pk=other.pk).is_active
+    [entry] = LogEntry.objects.filter(object_id=str(other.pk))
+    assert entry.user == account and "Reactivated" in entry.get_change_message()
+
+
+def test_an_operator_does_not_acknowledge_a_reverted_payment_of_an_agent_they_own(settings, seller, buyer_api):
+    """Acknowledging a reverted payment writes off what the buyer never paid and the seller was counted (reconcile no
+    longer fails): staff who own the seller (or the buyer) wrote off their own agent's debt or loss. Refused, nothing
+    acknowledged; another operator does it."""
+    from agreements.models import UsageAgreement
+
+    staff = staff_client(settings, "view_usageagreement", "change_usageagreement")
+    Agent.objects.filter(pk=seller.pk).update(owner=get_user_model().objects.get(username="staff"))
+    agreement = buyer_api.post("/usage-agreements", proposal(register_service(seller))).json()
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(payment_reverted_at=timezone.now(),
+                                                             payment_reverted_reason="taken by a reorg")
+    changelist = "/admin/agreements/usageagreement/"
+    asked = staff.post(changelist, {"action": "acknowledge_reverted_direct_payment",
+                                    ACTION_CHECKBOX_NAME: [agreement["id"]]})
+    assert asked.status_code == 200
+
+    answer = {**form_as_shown(asked.content.decode(), "acknowledge-form"), "reason": "seller paid off-chain"}
+    refused = staff.post(changelist, answer)
+
+    assert refused.status_code == 200 and "operator_owns_a_party" in refused.content.decode()
+    assert UsageAgreement.objects.get(pk=agreement["id"]).payment_reversal_acknowledged_at is None
