@@ -339,6 +339,9 @@ def test_an_owner_deactivated_in_the_admin_has_its_agents_services_hidden_until_
     response = operator.post(_url(type(owner), "change", owner.pk), _owner_form(owner, active=True))
     assert response.status_code == 302
     assert found() == ["Fast translator", "Invoice extractor"]
+    history = [entry.get_change_message() for entry in LogEntry.objects.filter(object_id=str(owner.pk))
+               .order_by("action_time")]
+    assert [message.split(".")[0] for message in history] == ["Deactivated", "Reactivated"]
 
 
 def test_a_display_name_with_control_or_bidi_characters_is_refused_in_the_admin(operator, seller):

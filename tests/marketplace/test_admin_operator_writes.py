@@ -845,3 +845,27 @@ def test_an_operator_does_not_acknowledge_a_reverted_payment_of_an_agent_they_ow
 
     assert refused.status_code == 200 and "operator_owns_a_party" in refused.content.decode()
     assert UsageAgreement.objects.get(pk=agreement["id"]).payment_reversal_acknowledged_at is None
+
+
+def test_a_ticked_payment_reverted_again_since_the_page_is_not_acknowledged_with_the_earlier_reason(
+        operator, seller, buyer_api):
+    """A direct purchase's payment reverted, shown on the page asking why; meanwhile a reorg put it back and another
+    took it again (a new reversal, another reason): the answer, written for the first, acknowledged the second. The
+    page shows it again."""
+    from agreements.models import NO_PAYMENT_REVERSAL, UsageAgreement
+
+    agreement = buyer_api.post("/usage-agreements", proposal(register_service(seller))).json()
+    reverted = UsageAgreement.objects.filter(pk=agreement["id"])
+    reverted.update(payment_reverted_at=timezone.now() - timedelta(hours=1), payment_reverted_reason="first reorg")
+    changelist = "/admin/agreements/usageagreement/"
+    asked = operator.post(changelist, {"action": "acknowledge_reverted_direct_payment",
+                                       ACTION_CHECKBOX_NAME: [agreement["id"]]})
+    reverted.update(**NO_PAYMENT_REVERSAL)
+    reverted.update(payment_reverted_at=timezone.now(), payment_reverted_reason="second reorg")
+
+    answer = {**form_as_shown(asked.content.decode(), "acknowledge-form"), "reason": "seller paid off-chain"}
+    again = operator.post(changelist, answer)
+
+    assert reverted.get().payment_reversal_acknowledged_at is None
+    assert again.status_code == 200 and "changed since" in again.content.decode()
+    assert "second reorg" in again.content.decode()
