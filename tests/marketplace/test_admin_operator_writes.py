@@ -606,11 +606,13 @@ def test_an_operators_policy_change_is_in_the_policys_history_with_before_and_af
     assert "monthly_cap" not in message  # unchanged
 
 
-def test_approving_all_requests_across_pages_approves_none_the_operator_has_not_seen(operator, buyer, buyer_api,
-                                                                                      seller):
+@pytest.mark.parametrize(("action", "decided"), [("approve_requests", "approved"), ("reject_requests", "rejected")])
+def test_deciding_all_requests_across_pages_decides_none_the_operator_has_not_seen(operator, buyer, buyer_api, seller,
+                                                                                   action, decided):
     """"Select all N" posts the list's filter, not the rows: a request that entered the list after the operator
-    looked (or sat on a page they never opened) was approved with the rest, a payment consented to unseen. Approval
-    is of the ticked rows only; the operator is told so."""
+    looked (or sat on a page they never opened) was approved with the rest, a payment consented to unseen, or
+    rejected unseen (reject was the one decision still taken so). Decisions are of the ticked rows only; the operator
+    is told so."""
     service = register_service(seller)
     Api(issue_owner_token(buyer.owner)).put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
     buyer_api.post("/usage-agreements", proposal(service))
@@ -620,11 +622,14 @@ def test_approving_all_requests_across_pages_approves_none_the_operator_has_not_
     unseen = ApprovalRequest.objects.exclude(pk=seen.pk).get(agent=buyer)
 
     page = operator.post("/admin/policies/approvalrequest/?status__exact=pending",
-                         {"action": "approve_requests", "select_across": "1", "index": "0",
+                         {"action": action, "select_across": "1", "index": "0",
                           ACTION_CHECKBOX_NAME: [str(seen.pk)]}, follow=True)
 
     assert ApprovalRequest.objects.get(pk=unseen.pk).status == "pending"
+    assert ApprovalRequest.objects.get(pk=seen.pk).status == "pending"
     assert "Tick the rows" in page.content.decode()
+    operator.post("/admin/policies/approvalrequest/", {"action": action, ACTION_CHECKBOX_NAME: [seen.pk]})
+    assert ApprovalRequest.objects.get(pk=seen.pk).status == decided
 
 
 def test_retrying_all_failed_transactions_across_pages_retries_none_the_operator_has_not_seen(
@@ -674,30 +679,6 @@ def test_an_acknowledgement_takes_no_failure_that_arrived_after_the_page_asking_
     answer = {**form_as_shown(again.content.decode(), "acknowledge-form"), "reason": "the buyers' own escrows"}
     assert operator.post(changelist, answer).status_code == 302
     assert not ChainEvent.objects.filter(effect=EventEffect.FAILED, acknowledged_at=None).exists()
-
-
-def test_rejecting_all_requests_across_pages_rejects_none_the_operator_has_not_seen(operator, buyer, buyer_api,
-                                                                                    seller):
-    """Reject was the one decision still taken on "select all N": a purchase the buyer's owner had not been asked
-    about yet (it entered the list after the operator looked, or sat on a page they never opened) was rejected
-    unseen, as approve was approved unseen. Both are of the ticked rows only."""
-    service = register_service(seller)
-    Api(issue_owner_token(buyer.owner)).put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
-    buyer_api.post("/usage-agreements", proposal(service))
-    [seen] = ApprovalRequest.objects.filter(agent=buyer)
-    assert operator.get("/admin/policies/approvalrequest/?status__exact=pending").status_code == 200
-    buyer_api.post("/usage-agreements", proposal(service))  # arrives while the operator decides
-    unseen = ApprovalRequest.objects.exclude(pk=seen.pk).get(agent=buyer)
-
-    page = operator.post("/admin/policies/approvalrequest/?status__exact=pending",
-                         {"action": "reject_requests", "select_across": "1", "index": "0",
-                          ACTION_CHECKBOX_NAME: [str(seen.pk)]}, follow=True)
-
-    assert ApprovalRequest.objects.get(pk=unseen.pk).status == "pending"
-    assert ApprovalRequest.objects.get(pk=seen.pk).status == "pending"
-    assert "Tick the rows" in page.content.decode()
-    operator.post("/admin/policies/approvalrequest/", {"action": "reject_requests", ACTION_CHECKBOX_NAME: [seen.pk]})
-    assert ApprovalRequest.objects.get(pk=seen.pk).status == "rejected"
 
 
 def test_an_acknowledgement_takes_no_failure_that_arrives_between_its_check_and_its_write(operator, monkeypatch):
