@@ -179,6 +179,8 @@ class MarketplaceClient:
         self._fee_permits: dict[str, list[_FeePermit]] = {}  # wallet -> the fee permits signed for its purchases
         # agreement id -> (the payer, the nonce) of the payment authorization signed for that direct purchase
         self._payment_authorizations: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        # idempotency key -> the direct purchase signed under it, which a repeat of the key sends again
+        self._direct_purchases: OrderedDict[str, _SignedPurchase] = OrderedDict()
 
     def close(self) -> None:
         self._http.close()
@@ -353,8 +355,21 @@ class MarketplaceClient:
         the platform collects the fee, then pays: follow with
         `wait_until(id, statuses={"paid"}, failure={"payment_failed"})`. The payment's authorization is signed under
         `authorization_nonce` (a bytes32, random when omitted), which this client remembers for the purchase:
-        `cancel_payment_authorization` revokes that one only (keep it to cancel from another client)."""
+        `cancel_payment_authorization` revokes that one only (keep it to cancel from another client). A repeat
+        under the same `idempotency_key` (its answer lost) re-sends the payment authorization and fee permit signed
+        the first time, signing nothing new, so no second authorization is left with the marketplace; the same key
+        for another purchase (service, quantity, wallet, bounds or nonces) raises ValueError."""
         wallet = as_wallet(wallet)
+        purchase = _DirectPurchase(str(service_id).lower(), quantity, wallet.address.lower(), max_unit_price_atomic,
+                                   None if expected_seller_wallet_address is None
+                                   else expected_seller_wallet_address.lower())
+        if idempotency_key is not None:
+            with self._lock:
+                sent = self._direct_purchases.get(idempotency_key)
+            if sent is not None:  # a repeat (its answer lost): the very payment signed then, nothing signed anew
+                sent.check_repeat(purchase, idempotency_key, permit_nonce=permit_nonce,
+                                  authorization_nonce=authorization_nonce)
+                return self._send_direct_purchase(sent, idempotency_key)
         authorization_nonce = authorization_nonce or new_authorization_nonce()
         service = self._request("GET", f"/agents/services/{service_id}")
         require_equal(str(service.get("id")).lower(), str(service_id).lower(), "service.id")
@@ -382,14 +397,22 @@ class MarketplaceClient:
                 validity_seconds=validity_seconds, now=now, authorization_nonce=authorization_nonce)
             signed = _FeePermit(permit_nonce, int(body["fee_permit"]["deadline"]))
             self._fee_permits.setdefault(wallet.address.lower(), []).append(signed)
-        answer = self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
-        signed.proposed = True
+            sent = _SignedPurchase(purchase, body, signed, wallet.address, authorization_nonce)
+            if idempotency_key is not None:
+                self._direct_purchases[idempotency_key] = sent
+                while len(self._direct_purchases) > _PROPOSALS_REMEMBERED:
+                    self._direct_purchases.popitem(last=False)
+        return self._send_direct_purchase(sent, idempotency_key or _new_key())
+
+    def _send_direct_purchase(self, sent: _SignedPurchase, idempotency_key: str) -> dict[str, Any]:
+        answer = self._request("POST", "/usage-agreements", json=sent.body, idempotency_key=idempotency_key)
+        sent.fee_permit.proposed = True
         if "id" in answer:
             with self._lock:
                 # The first purchase answered with this id keeps it: a later one answered with the same id (an
                 # idempotent replay, or a marketplace passing it off as another purchase) did not sign its payment.
                 self._payment_authorizations.setdefault(_proposal_key(answer["id"]),
-                                                        (wallet.address, authorization_nonce))
+                                                        (sent.payer, sent.authorization_nonce))
                 while len(self._payment_authorizations) > _PROPOSALS_REMEMBERED:
                     self._payment_authorizations.popitem(last=False)
         return answer
@@ -668,7 +691,8 @@ class MarketplaceClient:
                                          f"(hash {escrow.terms_hash})")
         return verify_usage(events, escrow=escrow, agreement_id=onchain_id,
                             chain_id=self.network.chain_id, escrow_address=self.network.escrow_address,
-                            price_per_unit=int(agreement["price_per_unit_atomic"]))
+                            price_per_unit=int(agreement["price_per_unit_atomic"]),
+                            pinned_receipt_signers=self.network.receipt_signers)
 
     def record_usage(self, agreement_id: AgreementId, events: Sequence[Mapping[str, Any]], *,
                      idempotency_key: str | None = None) -> dict[str, Any]:
@@ -936,6 +960,37 @@ class _FeePermit:
     nonce: int
     deadline: int
     proposed: bool = False
+
+
+@dataclass(frozen=True)
+class _DirectPurchase:
+    """What a buyer asked `propose_direct_purchase` for: a repeat of its idempotency key must ask for the same."""
+
+    service_id: str
+    quantity: int
+    payer: str
+    max_unit_price_atomic: int
+    seller_wallet_address: str | None
+
+
+@dataclass
+class _SignedPurchase:
+    """A direct purchase signed under an idempotency key: the body sent (payment authorization and fee permit)."""
+
+    purchase: _DirectPurchase
+    body: dict[str, Any]
+    fee_permit: _FeePermit
+    payer: str
+    authorization_nonce: str
+
+    def check_repeat(self, purchase: _DirectPurchase, idempotency_key: str, *, permit_nonce: int | None,
+                     authorization_nonce: str | None) -> None:
+        """A repeat of the idempotency key sends this purchase again, so it must ask for this purchase: another
+        under the same key (ValueError) would have the marketplace answer the first's agreement for it."""
+        if purchase != self.purchase or permit_nonce not in (None, self.fee_permit.nonce) or (
+                authorization_nonce not in (None, self.authorization_nonce)):
+            raise ValueError(f"idempotency_key {idempotency_key!r} was used for another direct purchase (or "
+                             "another permit or authorization nonce): a repeat re-sends the payment signed then")
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,8 @@ class NetworkConfig:
     `token_domain` may be None when the client has an RPC URL: the SDK then reads it from the token contract.
     `gas_wallet` is the platform relayer, the only spender a direct purchase's fee permit may name.
     `escrow_deployment_block` is where reads of the escrow's events start when nothing nearer is known.
+    `retired_receipt_signers` are receipt signers the operator rotated out: an escrow activated under one still has
+    its receipts signed by it, and `verify_usage` accepts an escrow naming `receipt_signer` or one of these only.
     """
 
     chain_id: int
@@ -83,18 +85,30 @@ class NetworkConfig:
     token_domain: TokenDomain | None = None
     fee_schedule: FeeSchedule = field(default_factory=FeeSchedule)
     escrow_deployment_block: int = 0
+    retired_receipt_signers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("escrow_address", "token_address", "receipt_signer", "gas_wallet"):
             object.__setattr__(self, name, to_checksum_address(getattr(self, name)))
+        if isinstance(self.retired_receipt_signers, str):
+            raise TypeError("retired_receipt_signers is a sequence of addresses")
+        object.__setattr__(self, "retired_receipt_signers",
+                           tuple(to_checksum_address(signer) for signer in self.retired_receipt_signers))
+
+    @property
+    def receipt_signers(self) -> tuple[str, ...]:
+        """Every receipt signer an escrow may name: the current one, then the retired ones."""
+        return (self.receipt_signer, *self.retired_receipt_signers)
 
     @classmethod
     def pinned(cls, chain: Chain, *, escrow_address: str, receipt_signer: str, gas_wallet: str,
-               fee_schedule: FeeSchedule | None = None, escrow_deployment_block: int = 0) -> NetworkConfig:
+               fee_schedule: FeeSchedule | None = None, escrow_deployment_block: int = 0,
+               retired_receipt_signers: tuple[str, ...] = ()) -> NetworkConfig:
         """A marketplace deployment on a pinned public chain (its USDC and domain come from `chain`)."""
         return cls(chain_id=chain.chain_id, escrow_address=escrow_address, token_address=chain.token_address,
                    receipt_signer=receipt_signer, gas_wallet=gas_wallet, token_domain=chain.token_domain,
-                   fee_schedule=fee_schedule or FeeSchedule(), escrow_deployment_block=escrow_deployment_block)
+                   fee_schedule=fee_schedule or FeeSchedule(), escrow_deployment_block=escrow_deployment_block,
+                   retired_receipt_signers=tuple(retired_receipt_signers))
 
     @classmethod
     def from_marketplace(cls, base_url: str, *, trust_server: bool, transport: httpx.BaseTransport | None = None,
@@ -128,4 +142,5 @@ class NetworkConfig:
                    fee_schedule=FeeSchedule(percent_bps=int(schedule["percent_bps"]),
                                             fixed_atomic=int(schedule["fixed_atomic"]),
                                             minimum_atomic=int(schedule["minimum_atomic"])),
-                   escrow_deployment_block=int(data.get("escrow_deployment_block", 0)))
+                   escrow_deployment_block=int(data.get("escrow_deployment_block", 0)),
+                   retired_receipt_signers=tuple(data.get("retired_receipt_signers") or ()))

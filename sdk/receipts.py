@@ -17,7 +17,7 @@ signature it is tested byte-identical to; signatures are recovered with eth-acco
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -143,7 +143,8 @@ class ReceiptTampered(UsageVerificationError):
 
 
 class ReceiptSignerMismatch(UsageVerificationError):
-    """A receipt was signed by a key other than the escrow's on-chain receipt signer."""
+    """A receipt was signed by a key other than the escrow's on-chain receipt signer, or that signer, as read, is not
+    one the network pins."""
 
 
 class UsageUnsigned(UsageVerificationError):
@@ -177,18 +178,30 @@ class UsageVerificationTimedOut(TimeoutError):
 
 
 def verify_usage(events: Iterable[Mapping[str, Any]], *, escrow: OnchainEscrow, agreement_id: str, chain_id: int,
-                 escrow_address: str, price_per_unit: int | None = None) -> VerifiedUsage:
+                 escrow_address: str, price_per_unit: int,
+                 pinned_receipt_signers: Collection[str] = ()) -> VerifiedUsage:
     """Check a usage listing (`GET /usage-agreements/{id}/usage`, oldest first) against the on-chain `escrow`.
 
-    Receipts must recover to `escrow.receipt_signer`. An event's `receipt_signer` (the address the marketplace
-    says signed it) only tells a tampered receipt from one signed by another key; it is never trusted."""
+    Each cost must be `units × price_per_unit` (required: the unit price the buyer signed for). Receipts must recover
+    to `escrow.receipt_signer`, which, with `pinned_receipt_signers` (the network's pinned signer and any retired one
+    it pins), must be one of them: the escrow is read through an RPC, which could name a key of its own
+    (`ReceiptSignerMismatch`). An event's `receipt_signer` (the address the marketplace says signed it) only tells a
+    tampered receipt from one signed by another key; it is never trusted."""
+    if isinstance(price_per_unit, bool) or not isinstance(price_per_unit, int):
+        raise TypeError(f"price_per_unit must be an int (token base units), not {price_per_unit!r:.40}")
+    if isinstance(pinned_receipt_signers, str):  # one address, not its characters
+        pinned_receipt_signers = (pinned_receipt_signers,)
+    pinned = {str(signer).lower() for signer in pinned_receipt_signers}
+    if pinned and escrow.state != "none" and escrow.receipt_signer.lower() not in pinned:
+        raise ReceiptSignerMismatch(f"the escrow's receipt signer {escrow.receipt_signer}, as the RPC reads it, is "
+                                    f"not a pinned one ({', '.join(sorted(pinned))})")
     digest, cumulative, expected_seq, count = ZERO_DIGEST, 0, 1, 0
     last_signed, last_signed_amount, last_signed_digest = 0, 0, ZERO_DIGEST
     for event in events:
         seq, units, cost, listed_cumulative = _event_numbers(event, position=count + 1)
         if seq != expected_seq:
             raise UsageSequenceGap(f"sequence gap: expected {expected_seq}, got {seq}")
-        if price_per_unit is not None and cost != units * price_per_unit:
+        if cost != units * price_per_unit:
             raise UsageSumMismatch(f"event {seq}: cost {cost} != {units} units × {price_per_unit}")
         cumulative += cost
         if listed_cumulative != cumulative:

@@ -1,5 +1,12 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.13: propose_direct_purchase repeated under the same idempotency_key re-sends the payment authorization and fee
+# permit it signed the first time (a second authorization, under a new nonce, was signed and handed to the
+# marketplace, which only the first's cancellation revoked), and refuses the key for another purchase (ValueError);
+# sdk.receipts.verify_usage requires price_per_unit (without it no cost was checked) and takes
+# pinned_receipt_signers=, which MarketplaceClient.verify_usage passes (NetworkConfig.receipt_signer and the new
+# retired_receipt_signers): an escrow's receipt signer as the RPC reads it must be a pinned one (a hostile RPC named
+# its own key, and receipts signed with it verified: ReceiptSignerMismatch);
 # 0.4.12: cancel_payment_authorization signs the cancellation of the authorization nonce this client signed the
 # purchase's payment under (propose_direct_purchase, which takes authorization_nonce=), else of the buyer's
 # authorization_nonce= (required then): a compromised marketplace named any nonce, another open purchase's included
@@ -55,4 +62,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.12"
+VERSION = "0.4.13"

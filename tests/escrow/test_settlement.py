@@ -144,11 +144,12 @@ def test_usage_after_a_rotation_is_signed_by_the_receipt_signer_the_escrow_names
                                   headers={"Idempotency-Key": "r1"}).status_code == 201
 
     usage = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/usage").json()["results"]
-    onchain_id = UsageAgreement.objects.get(pk=funded.agreement_id).onchain_id
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    onchain_id = agreement.onchain_id
     escrow = onchain_escrow(chain, onchain_id)
     assert escrow.receipt_signer == chain.accounts.receipt_signer.address
     verified = receipts.verify_usage(usage, escrow=escrow, agreement_id=onchain_id, chain_id=chain.chain_id,
-                                     escrow_address=chain.addresses["escrow"])
+                                     escrow_address=chain.addresses["escrow"], price_per_unit=agreement.price_per_unit)
     assert (verified.events, verified.last_signed_seq) == (6, 6)
     assert {event["receipt_signer"] for event in usage} == {chain.accounts.receipt_signer.address}
 

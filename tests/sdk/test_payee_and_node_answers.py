@@ -386,3 +386,46 @@ def test_a_direct_purchase_of_a_service_priced_as_no_whole_number_is_refused(pri
                                           permit_nonce=0)
     assert refusal.value.field == "pricing.unit_price_atomic"
     assert marketplace.fee_permits == []
+
+
+# --- the receipt signer the buyer's node reports --------------------------------------------------------------------
+
+def test_receipts_are_checked_against_the_pinned_receipt_signer_not_only_the_one_the_node_reports(monkeypatch):
+    """Receipts were checked against the escrow's receipt signer as the buyer's RPC read it, never against the
+    network's pinned `receipt_signer`: a hostile node reporting its own key as the escrow's signer (the rest of the
+    escrow as on-chain) had a listing signed with that key, a hundred calls more than made, verify. The escrow's
+    signer must also be a pinned one (`ReceiptSignerMismatch`)."""
+    from sdk import receipts
+    from sdk.onchain import OnchainEscrow
+    from sdk.terms import stated_terms_hash
+    from tests.sdk.test_receipts import _signed_listing
+
+    attacker = Account.from_key(b"\x07" * 32)
+    agreement = honest_agreement()
+    listing = _signed_listing(key=attacker, chain_id=NETWORK.chain_id, escrow_address=NETWORK.escrow_address,
+                              agreement_id=agreement["onchain_id"], batches=[[1] * 10], price=LISTED_PRICE)
+
+    def escrow_read(signer: str) -> OnchainEscrow:
+        return OnchainEscrow(state="active", buyer=agreement["buyer_wallet_address"], seller=SELLER,
+                             receipt_signer=signer, deposit_amount=10 * LISTED_PRICE, settled_amount=0, last_seq=0,
+                             usage_digest=receipts.ZERO_DIGEST, terms_hash=stated_terms_hash(agreement, NETWORK))
+
+    reported = {"signer": attacker.address}
+    monkeypatch.setattr(ChainReader, "escrow", lambda self, *args, **kwargs: escrow_read(reported["signer"]))
+    marketplace = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": listing,
+                                                                                "next_cursor": None}))
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url="http://node.invalid",
+                           transport=marketplace) as buyer:
+        with pytest.raises(receipts.ReceiptSignerMismatch, match="pinned"):
+            buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
+        # The pinned signer's own receipts still verify; a rotated-out signer verifies only when pinned as retired.
+        reported["signer"] = NETWORK.receipt_signer
+        with pytest.raises(receipts.ReceiptSignerMismatch):
+            buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
+    retired = dataclasses.replace(NETWORK, receipt_signer=Account.from_key(b"\x08" * 32).address,
+                                  retired_receipt_signers=(attacker.address,))
+    reported["signer"] = attacker.address
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=retired, rpc_url="http://node.invalid",
+                           transport=marketplace) as buyer:
+        verified = buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
+    assert verified.cumulative_amount == 10 * LISTED_PRICE

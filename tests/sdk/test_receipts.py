@@ -125,3 +125,17 @@ def test_a_proposal_beyond_the_listings_last_receipt_is_refused_whatever_became_
     overcharged = dataclasses.replace(honest, proposed_amount=100 * 80_000, usage_digest="0x" + "ab" * 32, last_seq=5)
     with pytest.raises(receipts.SettlementProposalMismatch):
         verify(listing, escrow=overcharged)
+
+
+def test_the_public_verify_usage_does_not_skip_the_cost_check():
+    """`verify_usage` checked each cost against `units × price_per_unit` only when given the price: a caller of the
+    public function leaving it out had a listing charging a hundred times the agreed price (re-summed, re-signed)
+    verify. The unit price is required."""
+    agreement_id, price = "0x" + secrets.token_hex(32), 20_000
+    listing, verify = _listing_and_its_check(agreement_id=agreement_id, batches=[[1, 1]], price=100 * price)
+    unpriced = functools.partial(receipts.verify_usage, **{
+        name: value for name, value in verify.keywords.items() if name != "price_per_unit"})
+    with pytest.raises(TypeError, match="price_per_unit"):
+        unpriced(listing)
+    with pytest.raises(receipts.UsageSumMismatch):
+        verify(listing, price_per_unit=price)

@@ -888,3 +888,50 @@ def test_a_direct_purchase_signs_its_payment_under_the_nonce_the_buyer_chose():
                                                      max_unit_price_atomic=LISTED_PRICE, permit_nonce=0,
                                                      authorization_nonce=nonce)["id"]
     assert marketplace.nonces[agreement_id] == nonce
+
+
+class AnswerLostMarketplace(CancellingMarketplace):
+    """Takes the first direct purchase, then loses its answer (every attempt the client makes of that request): the
+    buyer does not know whether it was taken, and asks again under the same idempotency key."""
+
+    def __init__(self):
+        super().__init__()
+        self.bodies: list[dict[str, Any]] = []  # every purchase's body, as sent
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        answer = super().__call__(request)
+        if request.method == "POST" and request.url.path == "/usage-agreements":
+            self.bodies.append(json.loads(request.content))
+            if len(self.bodies) == 1:
+                raise httpx.ReadTimeout("the answer was lost", request=request)
+        return answer
+
+
+def test_a_direct_purchase_retried_under_its_idempotency_key_resends_the_payment_it_signed():
+    """A buyer repeating `propose_direct_purchase` under the same idempotency key (its first answer lost) had a second
+    payment authorization signed, under a new nonce, and handed to the marketplace: two authorizations of the payment,
+    either one usable until its validBefore, and only the first revocable by `cancel_payment_authorization`. The repeat
+    re-sends the very authorization (and fee permit) signed the first time; the same key for another purchase is
+    refused before anything is signed."""
+    marketplace = AnswerLostMarketplace()
+    service_id = str(uuid.uuid4())
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, retries=0,
+                           transport=httpx.MockTransport(marketplace)) as buyer:
+        def purchase(**options: Any) -> dict[str, Any]:
+            return buyer.propose_direct_purchase(service_id, 10, wallet=KEY, max_unit_price_atomic=LISTED_PRICE,
+                                                 permit_nonce=0, idempotency_key="purchase-1", **options)
+
+        with pytest.raises(httpx.ReadTimeout):
+            purchase()
+        agreement_id = purchase()["id"]
+        first, again = marketplace.bodies
+        assert again["payment_header"] == first["payment_header"]
+        assert again == first
+        with pytest.raises(ValueError, match="idempotency_key"):
+            buyer.propose_direct_purchase(service_id, 20, wallet=KEY, max_unit_price_atomic=LISTED_PRICE,
+                                          permit_nonce=0, idempotency_key="purchase-1")
+        with pytest.raises(ValueError, match="idempotency_key"):
+            purchase(authorization_nonce="0x" + "5a" * 32)
+        buyer.cancel_payment_authorization(agreement_id, KEY)
+    assert len(marketplace.bodies) == 2
+    assert marketplace.cancelled == [(agreement_id, marketplace.signed[0])]
