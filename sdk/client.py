@@ -689,9 +689,15 @@ class MarketplaceClient:
             if escrow.terms_hash != stated:
                 raise UsageTermsMismatch(f"the agreement's terms (hash {stated}) are not its escrow's on-chain terms "
                                          f"(hash {escrow.terms_hash})")
+            # The deposit the charges are bounded by is the one the buyer signed for (the terms hash commits to
+            # quantity × unit price), not the RPC's word: a node reporting more would let charges past it verify.
+            agreed_deposit = agreed_whole(agreement, "quantity") * agreed_whole(agreement, "price_per_unit_atomic")
+            if escrow.deposit_amount != agreed_deposit:
+                raise UsageTermsMismatch(f"the escrow's deposit as read ({escrow.deposit_amount}) is not the agreed "
+                                         f"deposit ({agreed_deposit})")
         return verify_usage(events, escrow=escrow, agreement_id=onchain_id,
                             chain_id=self.network.chain_id, escrow_address=self.network.escrow_address,
-                            price_per_unit=int(agreement["price_per_unit_atomic"]),
+                            price_per_unit=agreed_whole(agreement, "price_per_unit_atomic"),
                             pinned_receipt_signers=self.network.receipt_signers)
 
     def record_usage(self, agreement_id: AgreementId, events: Sequence[Mapping[str, Any]], *,

@@ -6,7 +6,9 @@
 # sdk.receipts.verify_usage requires price_per_unit (without it no cost was checked) and takes
 # pinned_receipt_signers=, which MarketplaceClient.verify_usage passes (NetworkConfig.receipt_signer and the new
 # retired_receipt_signers): an escrow's receipt signer as the RPC reads it must be a pinned one (a hostile RPC named
-# its own key, and receipts signed with it verified: ReceiptSignerMismatch);
+# its own key, and receipts signed with it verified: ReceiptSignerMismatch), and holds the escrow's deposit as read
+# to the agreed one, quantity × unit price (a node reporting more let charges past the deposit verify:
+# UsageTermsMismatch);
 # 0.4.12: cancel_payment_authorization signs the cancellation of the authorization nonce this client signed the
 # purchase's payment under (propose_direct_purchase, which takes authorization_nonce=), else of the buyer's
 # authorization_nonce= (required then): a compromised marketplace named any nonce, another open purchase's included

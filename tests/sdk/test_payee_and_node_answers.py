@@ -429,3 +429,34 @@ def test_receipts_are_checked_against_the_pinned_receipt_signer_not_only_the_one
                            transport=marketplace) as buyer:
         verified = buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
     assert verified.cumulative_amount == 10 * LISTED_PRICE
+
+
+def test_the_deposit_the_node_reports_is_held_to_the_agreed_terms(monkeypatch):
+    """The deposit the charges are bounded by was the escrow's as the buyer's RPC read it: a hostile node reporting
+    a hundred times the deposit the buyer signed for (the terms hash as on-chain) had a listing charging past the
+    deposit, its receipts signed by the pinned signer's key (a compromised marketplace holds it), verify. The escrow's
+    deposit must be the agreed one, quantity × unit price, which the terms hash commits to (`UsageTermsMismatch`)."""
+    from sdk import receipts
+    from sdk.onchain import OnchainEscrow
+    from sdk.terms import stated_terms_hash
+    from tests.sdk.test_receipts import _signed_listing
+
+    signer = Account.from_key(b"\x09" * 32)
+    network = dataclasses.replace(NETWORK, receipt_signer=signer.address)
+    agreement = honest_agreement()  # 10 calls at the listed price
+    listing = _signed_listing(key=signer, chain_id=network.chain_id, escrow_address=network.escrow_address,
+                              agreement_id=agreement["onchain_id"], batches=[[1] * 11], price=LISTED_PRICE)
+    reported = {"deposit": 100 * 10 * LISTED_PRICE}
+    monkeypatch.setattr(ChainReader, "escrow", lambda self, *args, **kwargs: OnchainEscrow(
+        state="active", buyer=agreement["buyer_wallet_address"], seller=SELLER, receipt_signer=signer.address,
+        deposit_amount=reported["deposit"], settled_amount=0, last_seq=0, usage_digest=receipts.ZERO_DIGEST,
+        terms_hash=stated_terms_hash(agreement, network)))
+    marketplace = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": listing,
+                                                                                "next_cursor": None}))
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=network, rpc_url="http://node.invalid",
+                           transport=marketplace) as buyer:
+        with pytest.raises(receipts.UsageTermsMismatch, match="deposit"):
+            buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
+        reported["deposit"] = 10 * LISTED_PRICE
+        with pytest.raises(receipts.UsageAboveDeposit):
+            buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
