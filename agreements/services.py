@@ -75,7 +75,8 @@ from catalog.models import Agent, Service, ServiceState, Skill
 from marketplace import chainconfig, sweeps
 from sdk import typed_data
 from sdk.terms import terms_hash
-from marketplace.errors import Conflict, DependencyUnavailable, Forbidden, InvalidInput, NotFound
+from marketplace.errors import (ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput,
+                                NotFound)
 from marketplace.postgresql import prepared_cursor
 from marketplace.signatures import signer_require
 from policies import selectors as policy_selectors
@@ -221,11 +222,14 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
     quote, meta, invocation_meta = connection.ops.quote_name, UsageAgreement._meta, SkillInvocation._meta
     column = {name: quote(meta.get_field(name).column)
               for name in ("id", "status", "infra_fee", "seller_payout", "used", "deposit_amount", "buyer", "seller",
-                           "created_at", "funds_moved_at", "fee_tx_hash", "buyer_refund")}
+                           "created_at", "funds_moved_at", "fee_tx_hash", "buyer_refund",
+                           "payment_tx_hash")}
     invocation = {name: quote(invocation_meta.get_field(name).column)
                   for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at")}
     committed = (f"CASE WHEN {column['status']} = %s AND {column['fee_tx_hash']} <> '' "
                  f"AND {column['buyer_refund']} IS NULL THEN {column['infra_fee']} "
+                 f"WHEN {column['status']} IN ({', '.join(['%s'] * len(CLOSED_STATUSES))}) "
+                 f"AND {column['payment_tx_hash']} <> '' THEN {column['deposit_amount']} "
                  f"WHEN {column['status']} IN ({', '.join(['%s'] * len(NOTHING_COMMITTED))}) THEN 0 "
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} "
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} + "
@@ -264,14 +268,15 @@ def _committed_spends(buyer: Agent, *, day_since: datetime, month_since: datetim
                       excluding: uuid.UUID | None = None, unfunded_with: Agent | None = None,
                       unfunded_since: datetime | None = None) -> CommittedSpends:
     """What the buyer committed since `day_since` and since `month_since` (the earlier), in one statement: its
-    agreements (nothing once released, a failed direct purchase's fee collected until it is refunded, the fee once
+    agreements (nothing once released but the price of a direct purchase closed after its buyer's payment reached the
+    seller, a failed direct purchase's fee collected until it is refunded, the fee once
     refunded, fee plus what the seller was paid once settled, which an arbiter may set above what was metered, else
     fee plus deposit), each at the moment the platform moved its money or, until then, at its proposal, but for the
     agreement `excluding` (the one being checked); and its skill invocations (the price, unless the payment failed, was
     refunded or was reverted). With `unfunded_with`, also how many of its agreements with that seller are unanswered
     or unfunded (`UNFUNDED_OPEN_STATUSES`), or were proposed since `unfunded_since` and cancelled or expired unfunded
     (`UNFUNDED_LAPSED_STATUSES`), in the same statement."""
-    committed = [S.PAYMENT_FAILED, *NOTHING_COMMITTED, S.REFUNDED, S.SETTLED]
+    committed = [S.PAYMENT_FAILED, *sorted(CLOSED_STATUSES), *NOTHING_COMMITTED, S.REFUNDED, S.SETTLED]
     since = connection.ops.adapt_datetimefield_value
     agent_id = UsageAgreement._meta.get_field("buyer").get_db_prep_value
     buyer_id = agent_id(buyer.pk, connection)
@@ -701,6 +706,10 @@ def _direct_authorization_record(authorization: x402_protocol.Authorization):
         raise Conflict(invalid.message, code=invalid.code, details={"field": "payment_header"}) from invalid
 
 
+# What a fee permit must have left when the fee's collection is queued, for the relayer to get it mined.
+FEE_PERMIT_MIN_LEFT_SECONDS = 120
+
+
 def _direct_payment_precheck(agreement: UsageAgreement) -> DirectPaymentPreflight | None:
     """Whether a direct payment about to be accepted can run (None: no direct payment is due), asked of the chain
     before the accept takes its row lock. What it checks was fixed at proposal (the signed authorization and fee permit); a chain
@@ -710,7 +719,12 @@ def _direct_payment_precheck(agreement: UsageAgreement) -> DirectPaymentPrefligh
     if not _direct_payment_executor:
         raise DependencyUnavailable("Direct payments are not available.", code="direct_payments_unavailable")
     check, _queue = _direct_payment_executor[0]
-    return check(agreement)
+    preflight = check(agreement)
+    permit_deadline = agreement.fee_permit["deadline"]
+    if preflight.problem is None and permit_deadline < timezone.now().timestamp() + FEE_PERMIT_MIN_LEFT_SECONDS:
+        # Only a purchase paid already is accepted past its acceptance deadline: its fee permit may be running out.
+        return replace(preflight, problem=f"fee_permit_expired: the fee permit's deadline {permit_deadline} is too near")
+    return preflight
 
 
 def _direct_payment_start(agreement_id, preflight: DirectPaymentPreflight) -> UsageAgreement:
@@ -801,6 +815,12 @@ def reverted_payments_acknowledge(*, payments, operator: str, reason: str, opera
     return reverted.update(
         payment_reversal_acknowledged_at=timezone.now(), payment_reversal_acknowledged_by=operator[:150],
         payment_reversal_acknowledgement_reason=reason[:500])
+
+
+def agreement_direct_fee_reopened(*, agreement_id) -> None:
+    """A reorg took the fee's collection off the chain: not counted collected (nor against the buyer's caps) until
+    it is concluded again."""
+    UsageAgreement.objects.filter(pk=agreement_id).update(fee_tx_hash="", updated_at=timezone.now())
 
 
 def agreement_direct_fee_refund_due(*, agreement_id) -> UsageAgreement | None:
@@ -922,8 +942,10 @@ def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreem
         direct = current.settlement_model == SettlementModel.DIRECT_PAYMENT
         if direct and current.status in (S.PAYING, S.PAID, S.PAYMENT_FAILED):
             return current  # a repeated accept: the payment already started
-        if current.status == S.PROPOSED and current.proposal_expires_at <= timezone.now():
-            # Committed before answering, so the seller's late accept leaves the agreement visibly expired.
+        paid_already = preflight is not None and preflight.paid_by is not None
+        if current.status == S.PROPOSED and current.proposal_expires_at <= timezone.now() and not paid_already:
+            # Committed before answering, so the seller's late accept leaves the agreement visibly expired. Not one
+            # whose price reached the seller already: that one is accepted as paid, as the expiry sweep does.
             _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
             refusal: Forbidden | Conflict = Conflict("The proposal expired.", code="proposal_expired",
                                                      details={"status": S.EXPIRED})
@@ -969,11 +991,21 @@ def agreement_reject(*, agreement: UsageAgreement, seller: Agent, reason: str = 
 
 
 def agreement_cancel(*, agreement: UsageAgreement, buyer: Agent, reason: str = "") -> UsageAgreement:
+    """A direct purchase whose price reached the seller already (the buyer, or anyone holding its authorization, sent
+    it: `_direct_payment_made_by`) is cancelled all the same (the buyer's own doing), but the books say where the money
+    went: the cancel's event names the transfer (`used_by`), the purchase keeps it as its payment_tx_hash, and its price
+    counts against the buyer's caps (`_committed_spends`)."""
     _require_party(agreement, buyer, "buyer")
+    paid_by = _direct_payment_made_by(agreement)  # the chain is asked first: never under the row lock
     with transaction.atomic():
         # A pending approval request exists only while the agreement is pending_approval (a decision moves both).
         policy_services.approval_withdraw(subject_type=APPROVAL_SUBJECT, subject_id=agreement.pk,
                                           reason=reason or "the buyer cancelled the purchase")
+        if paid_by and _lock(agreement.pk).status == S.PROPOSED:
+            return _transition(agreement.pk, to=S.CANCELLED, actor=Actor.agent(buyer, "buyer"),
+                               reason=f"{reason} (the buyer's payment reached the seller before the cancel: tx "
+                                      f"{paid_by})".lstrip(), data={"used_by": paid_by},
+                               changes={"payment_tx_hash": paid_by})
         return _transition(agreement.pk, to=S.CANCELLED, actor=Actor.agent(buyer, "buyer"), reason=reason)
 
 
@@ -1330,11 +1362,57 @@ def hooks_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
 
 
 def agreements_expire_proposals(*, now: datetime | None = None) -> int:
-    """Proposals the seller did not answer in time become `expired`. Each in its own transaction; safe twice."""
+    """Proposals the seller did not answer in time become `expired`, but for a direct purchase whose buyer's payment
+    reached the seller already (the buyer, or anyone holding its authorization, sent it): closed, the money stayed with
+    the seller with no purchase to account for it (and a seller that sent it itself had the price with no purchase to
+    deliver and no fee). That one is accepted as paid by the transfer (`_paid_proposal_accept`). The chain is asked
+    of up to DIRECT_PROPOSALS_CHECKED_PER_SWEEP direct proposals a run, before any row is locked; one it could not
+    be asked of waits for the next run. Each in its own transaction; safe twice."""
+    due = UsageAgreement.objects.filter(status=S.PROPOSED, proposal_expires_at__lte=now or timezone.now())
+    checked = _direct_proposals_paid(due.filter(settlement_model=SettlementModel.DIRECT_PAYMENT))
     return sweeps.due_rows_apply(
-        due=UsageAgreement.objects.filter(status=S.PROPOSED, proposal_expires_at__lte=now or timezone.now()),
-        apply=lambda agreement: _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM,
-                                            reason="proposal expired before acceptance"))
+        due=due.filter(~Q(settlement_model=SettlementModel.DIRECT_PAYMENT) | Q(pk__in=list(checked))),
+        apply=lambda agreement: _proposal_expire(agreement, paid=checked.get(agreement.pk)))
+
+
+def _direct_proposals_paid(due) -> dict:
+    """{agreement id: its accept's preflight (`DirectPaymentPreflight`, `paid_by` set) when its payment reached the
+    seller already, else None}, of the direct proposals `due` the chain answered for, the earliest first."""
+    checked: dict = {}
+    for agreement in due.order_by("proposal_expires_at")[:settings.DIRECT_PROPOSALS_CHECKED_PER_SWEEP]:
+        try:
+            preflight = _direct_payment_precheck(agreement) if _direct_payment_made_by(agreement) else None
+        except Exception:  # a node that does not answer: the next run asks again
+            logger.warning("could not tell whether an expiring direct proposal was paid: left proposed",
+                           extra={"agreement_id": str(agreement.pk)}, exc_info=True)
+            continue
+        checked[agreement.pk] = preflight if preflight is not None and preflight.paid_by else None
+    return checked
+
+
+def _proposal_expire(agreement: UsageAgreement, *, paid: DirectPaymentPreflight | None) -> UsageAgreement:
+    if paid is None:
+        return _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
+    return _paid_proposal_accept(agreement.pk, paid)
+
+
+def _paid_proposal_accept(agreement_id, preflight: DirectPaymentPreflight) -> UsageAgreement:
+    """A direct proposal unanswered until it expired whose price reached the seller already (`preflight.paid_by`): the
+    system accepts it, its event naming the transfer, and it goes on as the seller's accept would (its fee collected,
+    paid by that transfer). Where the buyer's owner policy refuses it now, or the fee's collection cannot run (the
+    wallet's other payments under way included), it fails naming the transfer, nothing more charged
+    (`_direct_payment_start`). Call inside the transaction holding the agreement's row lock."""
+    refusal = _payment_policy_refusal(_lock(agreement_id))
+    if refusal is not None:
+        preflight = replace(preflight, problem=f"{refusal.code}: {refusal.details.get('rule')}")
+    _transition(agreement_id, to=S.ACCEPTED, actor=SYSTEM, data={"used_by": preflight.paid_by},
+                reason=f"proposal expired unanswered, but the buyer's payment reached the seller already (tx "
+                       f"{preflight.paid_by}): accepted as paid by it")
+    try:
+        with transaction.atomic():
+            return _direct_payment_start(agreement_id, preflight)
+    except ApplicationError as refused:  # the queue's check of the wallet's payments under way
+        return _direct_payment_start(agreement_id, replace(preflight, problem=f"{refused.code}: {refused.message}"))
 
 
 def agreement_expire_unfunded(*, agreement_id, reason: str) -> UsageAgreement | None:

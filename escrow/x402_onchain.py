@@ -577,6 +577,8 @@ def _direct_purchase_reopened(tx: ChainTransaction) -> None:
     withdrawn: never sent when still queued, its nonce cancelled by a nonce fill when signed, so that a payment that
     runs now does not leave the buyer its fee as well (`_direct_fee_refund_cancelled` says what came of it)."""
     paid_by = _paid_by(tx) if tx.purpose == TxPurpose.DIRECT_PAYMENT else None
+    if tx.purpose == TxPurpose.DIRECT_FEE:
+        agreement_services.agreement_direct_fee_reopened(agreement_id=tx.agreement_id)
     agreement_services.agreement_direct_payment_reopened(agreement_id=tx.agreement_id, what=_DIRECT_STEPS[tx.purpose],
                                                          tx_hash=paid_by or tx.mined_tx_hash)
     _direct_fee_refund_withdraw(tx.agreement_id, reason=f"a reorg took {_DIRECT_STEPS[tx.purpose]} of the failed "

@@ -300,6 +300,9 @@ CHALLENGE_SIGNATURE_MIN_VALIDITY = env.int("CHALLENGE_SIGNATURE_MIN_VALIDITY_SEC
 # A direct payment's signatures (x402 authorization, fee permit) must stay valid at least this long after
 # proposal, so the seller has time to accept; the proposal expires before they do.
 DIRECT_PAYMENT_MIN_VALIDITY = env.int("DIRECT_PAYMENT_MIN_VALIDITY_SECONDS", default=600)
+# The expiry sweep asks the chain whether each expiring direct proposal was paid already (its buyer's authorization
+# used: then accepted as paid, not expired): at most this many a run, the others waiting for the next run.
+DIRECT_PROPOSALS_CHECKED_PER_SWEEP = env.int("DIRECT_PROPOSALS_CHECKED_PER_SWEEP", default=50)
 # Skill invocations (POST /agents/{handle}/{skill}): how long the request waits for the buyer's payment to be
 # confirmed before answering 202 with an invocation id; how long a paid, still pending invocation waits for its
 # caller before a worker runs it.

@@ -1096,3 +1096,86 @@ def test_a_purchase_paid_before_the_accept_whose_fee_cannot_be_collected_fails_s
     assert AgreementEvent.objects.filter(agreement_id=agreement["id"]).order_by("-pk").first().data == {
         "used_by": used_by}
     assert purchase.balances() == (buyer - AMOUNT, seller + AMOUNT, fee_recipient, treasury)
+
+
+def _hash(tx) -> str:
+    return "0x" + bytes(tx).hex().removeprefix("0x")
+
+
+def test_a_direct_proposal_the_buyer_paid_that_expires_unanswered_is_paid_not_expired(
+        purchase, django_capture_on_commit_callbacks):
+    """The buyer (or anyone holding its authorization) sends the payment before the seller answers, and the seller
+    lets the proposal expire: the sweep closed it expired, the price with the seller and no purchase, no record of
+    the transfer, nothing counted against the buyer's caps (a seller that submitted the authorization itself got the
+    money with no purchase to deliver and no fee, what the refused reject closed). The sweep asks the chain first:
+    the purchase is accepted as paid by that transfer, its fee collected, as on the seller's accept."""
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    used_by = _hash(_submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address}))
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
+
+    with capture(execute=True):
+        agreement_services.agreements_expire_proposals()
+    for _ in range(3):
+        confirm_all(capture)
+
+    paid = purchase.parties.agreement(agreement["id"])
+    assert paid["status"] == "paid", paid
+    assert paid["payment_tx_hash"] == used_by
+    assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
+    [accepted] = AgreementEvent.objects.filter(agreement_id=agreement["id"], to_status="accepted")
+    assert accepted.data == {"used_by": used_by} and used_by in accepted.reason
+
+
+def test_a_sellers_late_accept_of_a_direct_proposal_the_buyer_paid_is_paid_not_expired(
+        purchase, django_capture_on_commit_callbacks):
+    """As with the sweep: the seller's accept past the proposal's expiry proceeds as paid by the buyer's transfer."""
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    _submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address})
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
+
+    assert purchase.accept(agreement["id"], capture)["status"] == "paying"
+    for _ in range(2):
+        confirm_all(capture)
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
+
+
+def test_an_expiring_direct_proposal_whose_authorization_the_chain_cannot_say_is_left_for_the_next_sweep(
+        purchase, monkeypatch):
+    """A node that does not answer: the proposal is not expired blind (it may be paid), the next sweep decides."""
+    agreement = purchase.propose()
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
+
+    def unavailable(agreement):
+        raise agreement_services.DependencyUnavailable("node down", code="chain_unavailable")
+
+    monkeypatch.setattr(agreement_services, "_payment_authorization_use_reader", [unavailable])
+    agreement_services.agreements_expire_proposals()
+    assert purchase.parties.agreement(agreement["id"])["status"] == "proposed"
+    monkeypatch.undo()
+    agreement_services.agreements_expire_proposals()
+    assert purchase.parties.agreement(agreement["id"])["status"] == "expired"
+
+
+def test_a_buyers_cancel_of_a_direct_purchase_it_paid_itself_names_the_transfer_and_counts_it(purchase):
+    """The buyer sends its payment to the seller, then cancels its proposal: the money is with the seller. The cancel
+    said nothing of it and the price was counted nowhere (the buyer's caps let it spend it again). The cancel names
+    the transfer (event `used_by`, the purchase's payment_tx_hash) and the price counts against the buyer's caps."""
+    agreement = purchase.propose()
+    used_by = _hash(_submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address}))
+
+    cancelled = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel", {"reason": "oops"})
+
+    assert cancelled.status_code == 200, cancelled.content
+    assert cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["payment_tx_hash"] == used_by
+    event = AgreementEvent.objects.filter(agreement_id=agreement["id"]).order_by("-pk").first()
+    assert event.to_status == "cancelled" and event.data == {"used_by": used_by} and used_by in event.reason
+    owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
+    assert owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies",
+                         {"daily_cap_atomic": AMOUNT + FEE}).status_code == 200
+    refused = purchase.parties.buyer_api.post("/usage-agreements", purchase.body())
+    assert refused.status_code == 403, refused.content
+    assert refused.json()["error"]["details"]["rule"] == "daily_cap"

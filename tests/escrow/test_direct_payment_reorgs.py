@@ -889,3 +889,33 @@ def test_reconcile_prints_a_sellers_text_with_its_control_characters_escaped(esc
     [line] = [line for line in out.getvalue().splitlines() if agreement["id"] in line]
     assert "(Evil\\x1b[2J\\x1b[32mConsistent\\u202e\\x9b\\r of seller-one," in line, line
     assert not any(ord(char) < 32 or 0x7f <= ord(char) < 0xa0 or char == "\u202e" for char in line)
+
+
+def test_a_fee_collection_a_reorg_takes_that_cannot_run_again_is_no_longer_counted_collected(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """The fee was collected (fee_tx_hash set), then a reorg took its block; on the new branch the buyer spent its
+    funds and the fee's collection, sent again, reverts: nothing was charged. fee_tx_hash stayed, so the failed
+    purchase counted its fee against the buyer's caps for 30 days. It is cleared when the reorg takes the fee."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    agreement = purchase.propose()
+    purchase.accept(agreement["id"], capture)
+    with capture(execute=False) as fee_submission:
+        poll_mined()  # the fee permit confirmed; the fee's transfer queued, not sent yet
+    before_fork = chain.snapshot()
+    with capture(execute=True):
+        for callback in fee_submission:
+            callback()
+    polls(capture, 2)
+    assert purchase.parties.agreement(agreement["id"])["fee_tx_hash"]
+
+    chain.reorg(before_fork)
+    spend_the_buyers_funds(purchase)
+    chain.mine(3)
+    polls(capture, 5)
+
+    failed = purchase.parties.agreement(agreement["id"])
+    assert failed["status"] == "payment_failed", failed
+    assert ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE).status == TxStatus.FAILED
+    assert failed["fee_tx_hash"] == "", failed
