@@ -42,7 +42,9 @@ def network_config() -> dict:
     return {
         "chain_id": settings.CHAIN_ID, "escrow_address": chainconfig.escrow_address(),
         "token_address": chainconfig.usdc_address(), "token_domain": {"name": name, "version": version},
-        "receipt_signer": chainconfig.receipt_signer_address(), "gas_wallet": chainconfig.relayer_address(),
+        "receipt_signer": chainconfig.receipt_signer_address(),
+        "retired_receipt_signers": chainconfig.retired_receipt_signer_addresses(),
+        "gas_wallet": chainconfig.relayer_address(),
         "fee_schedule": {"percent_bps": schedule.percent_bps, "fixed_atomic": schedule.fixed_atomic,
                          "minimum_atomic": schedule.minimum_atomic},
         "escrow_deployment_block": chainconfig.escrow_deployment_block(),

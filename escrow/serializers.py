@@ -35,6 +35,9 @@ class NetworkConfigSerializer(serializers.Serializer):
     token_address = serializers.CharField()
     token_domain = TokenDomainSerializer(help_text="The token's EIP-712 domain, read from the token (EIP-5267).")
     receipt_signer = serializers.CharField(help_text="The key that signs usage receipts.")
+    retired_receipt_signers = serializers.ListField(
+        child=serializers.CharField(), help_text="Receipt signers rotated out: an escrow activated under one keeps it, "
+                                                 "and its receipts are signed by it.")
     gas_wallet = serializers.CharField(help_text="The relayer: spender of a direct purchase's fee permit.")
     fee_schedule = FeeScheduleSerializer()
     escrow_deployment_block = serializers.IntegerField(help_text="Where reads of the escrow's events start.")

@@ -11,6 +11,7 @@ from functools import cache
 from django.conf import settings
 from django.core import checks
 from eth_account import Account
+from eth_utils import to_checksum_address
 
 _deployment_cache: dict = {"mtime": None, "data": {}}
 
@@ -28,6 +29,14 @@ def relayer_address() -> str:
 def receipt_signer_address() -> str:
     """The key that signs usage receipts; the buyer names it in the activation intent."""
     return _address_of(settings.RECEIPT_SIGNER_PRIVATE_KEY)
+
+
+def retired_receipt_signer_addresses() -> list[str]:
+    """The receipt signers rotated out (`RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS`) whose keys still sign the receipts of
+    escrows activated under them; a malformed key is left out, as for signing."""
+    current = receipt_signer_address().lower()
+    return [to_checksum_address(address) for address in _keys_by_address(
+        settings.RECEIPT_SIGNER_PRIVATE_KEY, tuple(settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS)) if address != current]
 
 
 def receipt_signer_key(address: str) -> str | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from eth_account import Account
 
 from escrow import settlement
 from marketplace.signatures import receipt_sign
@@ -405,6 +406,20 @@ def test_the_configuration_is_read_from_the_marketplace_only_on_explicit_trust(l
     with pytest.raises(UntrustedConfiguration):
         NetworkConfig.from_marketplace(live_server.url, trust_server=False)
     assert NetworkConfig.from_marketplace(live_server.url, trust_server=True) == network_of(escrow_chain)
+
+
+def test_a_marketplace_that_rotated_its_receipt_signer_names_the_retired_one_in_its_configuration(
+        live_server, escrow_chain, settings):
+    """The SDK accepts an escrow's receipts only from a signer its network names, current or retired (an escrow keeps
+    the signer it was activated under): a configuration read from the marketplace named the current one only, so
+    after a rotation every escrow activated before it failed its usage verification."""
+    retired = Account.create()
+    settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS = [retired.key.hex(), "not a key"]
+
+    network = NetworkConfig.from_marketplace(live_server.url, trust_server=True)
+
+    assert network.retired_receipt_signers == (retired.address,)
+    assert network.receipt_signers == (network_of(escrow_chain).receipt_signer, retired.address)
 
 
 def test_signing_needs_a_pinned_network(live_server):
