@@ -25,7 +25,7 @@ from agreements.models import (
     WebhookSubscription,
 )
 from agreements.serializers import WebhookCreateSerializer
-from marketplace import outbound
+from marketplace import outbound, url_credentials
 from marketplace.admin import (
     URLS_ASSUME_HTTPS,
     LatestRowsInline,
@@ -194,7 +194,7 @@ class UsageAgreementAdmin(MoneyRecordAdmin):
         rows = format_html_join("", '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td>'
                                     '<td>{}</td><td>{}</td></tr>', (
             (reverse("admin:agreements_webhookdelivery_change", args=[d.pk]), d.event_type,
-             d.subscription.agent.handle, d.subscription.url, d.status, d.attempts,
+             d.subscription.agent.handle, url_credentials.credentials_masked(d.subscription.url), d.status, d.attempts,
              d.last_error or d.last_status_code or "") for d in deliveries))
         return format_html('<table class="panel-table" id="agreement-webhook-deliveries"><tr><th>event</th>'
                            '<th>to</th><th>url</th><th>status</th><th>attempts</th><th>last answer</th></tr>{}'
@@ -259,6 +259,12 @@ class WebhookSubscriptionForm(forms.ModelForm):
     failed every agreement event of the agent), an address the SSRF guard allows. Unchanged, they are not checked
     again: a subscription whose name resolves to an internal address since is still deleted by unticking it."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A URL saved with credentials before they were refused is shown, and saved again, as it is called: without.
+        if self.instance.pk and url_credentials.has_credentials(self.instance.url):
+            self.initial["url"] = url_credentials.without_credentials(self.instance.url)
+
     def clean(self):
         cleaned = super().clean()
         if self.errors or not {"url", "event_types"} & set(self.changed_data):
@@ -278,7 +284,7 @@ class WebhookSubscriptionForm(forms.ModelForm):
 
 @admin.register(WebhookSubscription)
 class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
-    list_display = ("short_id", "agent", "url", "is_active", "created_at")
+    list_display = ("short_id", "agent", "url_shown", "is_active", "created_at")
     list_filter = ("is_active",)
     search_fields = ("url", "agent__handle")
     readonly_fields = ("secret_hint", "secret_rotation", "created_at")
@@ -290,6 +296,10 @@ class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
 
     short_id = short_id_column()
     secret_rotation = rotation_overlap_column("secret")
+
+    @admin.display(description="url", ordering="url")
+    def url_shown(self, obj):
+        return url_credentials.credentials_masked(obj.url)
 
     def has_add_permission(self, request):
         return False  # An agent subscribes through the API, which shows the new secret once; here it had none.

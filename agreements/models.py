@@ -7,6 +7,7 @@ from django.db.models import F, Q
 
 from catalog.models import Agent, Service
 from marketplace.fields import AddressField, Bytes32Field, TokenAmountField
+from marketplace.url_credentials import credentials_masked
 
 
 class FeeSchedule(models.Model):
@@ -471,7 +472,7 @@ class WebhookSubscription(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.agent} → {self.url}"
+        return f"{self.agent} → {credentials_masked(self.url)}"
 
 
 class AgentEventAck(models.Model):

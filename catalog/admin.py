@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from catalog import services
 from catalog.models import Agent, ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
-from marketplace import shown_text
+from marketplace import shown_text, url_credentials
 from marketplace.admin import (LatestRowsInline, SecretsUnfiltered, ViewOnlyAdmin, across_pages_refused,
                                activity_change_message, may_operate, rotation_overlap_column)
 from marketplace.errors import ApplicationError
@@ -216,7 +216,8 @@ class ServiceAdmin(SecretsUnfiltered, admin.ModelAdmin):
     list_filter = ("state", "pricing_type", "upstream_protocol", "availability", "token", "seller__is_active")
     search_fields = ("name", "description", "keywords", "seller__handle", "id")
     # The HMAC keys sellers verify proxied calls with stay secret; `secret_rotation` tells whether two sign.
-    _hidden = ("search_vector", "proxy_secret", "previous_proxy_secret", "previous_proxy_secret_expires_at")
+    _hidden = ("search_vector", "proxy_secret", "previous_proxy_secret", "previous_proxy_secret_expires_at",
+               "upstream_base_url")  # shown as `upstream`, credentials saved in it masked
     exclude = _hidden
     secret_fields = ("proxy_secret", "previous_proxy_secret")
     list_select_related = ("seller",)
@@ -228,9 +229,14 @@ class ServiceAdmin(SecretsUnfiltered, admin.ModelAdmin):
 
     # Services change through the API (catalog.services keeps search data in step); operators read and deregister.
     def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in Service._meta.fields if f.name not in self._hidden] + ["tags", "secret_rotation"]
+        return [f.name for f in Service._meta.fields if f.name not in self._hidden] + ["upstream", "tags",
+                                                                                      "secret_rotation"]
 
     secret_rotation = rotation_overlap_column("proxy_secret")
+
+    @admin.display(description="upstream base url")
+    def upstream(self, obj):
+        return url_credentials.credentials_masked(obj.upstream_base_url)
 
     def has_add_permission(self, request):
         return False

@@ -14,6 +14,7 @@ from catalog import selectors, services
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import KeyScope, MasumiProtocolVersion, PricingType, Service, ServiceState, UpstreamProtocol
 from catalog.serializers import http_base_url
+from marketplace import url_credentials
 from marketplace.errors import InvalidInput
 from marketplace.idempotency import idempotent
 from marketplace.masumi_format import check_network as _check_network
@@ -165,8 +166,10 @@ def _api_base_url(service: Service, *, viewer, request) -> str:
     """Where the service is called: a masumi service's upstream (its buyers call /start_job there) or the viewer's own
     service's. A proxied service's upstream is where the metered proxy forwards paid calls, shown to its seller only
     (as /agents/services and search do); others are given its entry in this marketplace."""
-    if service.upstream_protocol == UpstreamProtocol.MASUMI or service.seller_id == viewer.pk:
+    if service.seller_id == viewer.pk:
         return service.upstream_base_url
+    if service.upstream_protocol == UpstreamProtocol.MASUMI:
+        return url_credentials.without_credentials(service.upstream_base_url)  # saved before they were refused
     return request.build_absolute_uri(f"/agents/services/{service.pk}")
 
 

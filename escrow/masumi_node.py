@@ -29,7 +29,7 @@ from catalog.models import KeyScope, UpstreamProtocol
 from escrow import purchases, selectors
 from escrow.models import MasumiPaymentRequest
 from escrow.serializers import ActivateEscrowSerializer, ActivationPackageSerializer, TypedDataSerializer
-from marketplace import chainconfig
+from marketplace import chainconfig, url_credentials
 from marketplace.errors import Conflict, InvalidInput
 from marketplace.idempotency import idempotent
 from marketplace.masumi_format import check_network as _check_network
@@ -718,7 +718,8 @@ class PaymentInformationView(APIView):
             after += seconds
             default_timers[masumi_name] = after
         return _success({
-            "agentIdentifier": str(service.pk), "name": service.name, "apiBaseUrl": service.upstream_base_url,
+            "agentIdentifier": str(service.pk), "name": service.name,
+            "apiBaseUrl": url_credentials.without_credentials(service.upstream_base_url),  # saved before refused
             "masumiProtocolVersion": service.masumi_protocol_version, "sellerVkey": service.seller.wallet_address,
             "AgentPricing": {"pricingType": "Fixed" if service.unit_price else "Free",
                              "Pricing": [{"unit": service.token, "amount": str(service.unit_price)}]},

@@ -57,6 +57,7 @@ import httpx
 from django.conf import settings
 
 from marketplace import bounded_json, outbound_networks
+from marketplace.url_credentials import has_credentials
 from marketplace.concurrency import Deadlines
 from marketplace.errors import InvalidInput
 from marketplace.metrics import UPSTREAM_REQUESTS_RESENT
@@ -148,7 +149,8 @@ def _is_ip_literal(host: str) -> bool:
 
 def url_check(url: str) -> None:
     """400 `address_not_allowed` when the URL's host is (or resolves to) an address the platform must not call;
-    `invalid_port` (0, or beyond 65535), `invalid_url` when it could not be called at all."""
+    `credentials_in_url` when it holds userinfo, which no client sends (`without_credentials`); `invalid_port` (0,
+    or beyond 65535), `invalid_url` when it could not be called at all."""
     parts = urlsplit(url)
     try:
         port = parts.port
@@ -163,6 +165,15 @@ def url_check(url: str) -> None:
         _ = httpx.URL(url).host
     except (httpx.InvalidURL, UnicodeError):
         raise InvalidInput("The URL's host is not a name IDNA allows.", code="invalid_url") from None
+    _address_check_of_saved(url, parts, port)
+    if has_credentials(url):
+        raise InvalidInput("The URL holds credentials (user:password@): the marketplace never sends them; it signs "
+                           "its calls instead (X-Marketplace-Signature, Marketplace-Signature), which the receiver "
+                           "checks with the secret it was given.", code="credentials_in_url")
+
+
+def _address_check_of_saved(url: str, parts, port: int | None) -> None:
+    """url_check's 400 `address_not_allowed`."""
     if settings.ALLOW_PRIVATE_UPSTREAMS and not settings.OUTBOUND_DENIED_NETWORKS:
         return
     host = (parts.hostname or "").rstrip(".").lower()
@@ -334,6 +345,17 @@ class _GuardedBackend(httpcore.SyncBackend):
             raise failure
 
 
+class _WithoutUrlCredentials(httpx.Auth):
+    """A guarded client's auth: the request's URL without its userinfo, which httpx otherwise sends as
+    `Authorization: Basic`; the metered proxy (http.client) sends none either (`url_check` refuses them now, a URL
+    saved before is called as the others are)."""
+
+    def auth_flow(self, request: httpx.Request):
+        if request.url.userinfo:
+            request.url = request.url.copy_with(userinfo=b"")
+        yield request
+
+
 def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None,
                    follow_redirects: bool = False) -> httpx.Client:
     """An httpx client whose every new connection goes through the address check, and whose every exchange runs
@@ -344,6 +366,7 @@ def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None
     transport._pool._network_backend = _GuardedBackend()
     # Ask for the codings `json_answer` decodes (httpx's default adds br and zstd once their packages are installed).
     return httpx.Client(transport=transport, timeout=timeout, follow_redirects=follow_redirects, trust_env=False,
+                        auth=_WithoutUrlCredentials(),
                         headers={"Accept-Encoding": ", ".join(ACCEPTED_ENCODINGS)})
 
 

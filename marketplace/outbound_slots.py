@@ -14,6 +14,7 @@ holder always gives its slot back before its lease ends. With the cache down, at
 """
 
 import hashlib
+import http.client
 import logging
 import math
 import secrets
@@ -24,12 +25,18 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.cache import cache
 
+from marketplace import outbound
+
 logger = logging.getLogger(__name__)
 
 
 def host_of(url: str) -> str:
-    """The receiving host a URL names (lower case, no port: every port of a host is one share)."""
-    return (urlsplit(url).hostname or "").lower()
+    """The receiving host a URL names, as its calls resolve it (`outbound.dns_name`, IDNA 2008: straße.example and
+    xn--strae-oqa.example are one host), no port: every port of a host is one share."""
+    try:
+        return outbound.dns_name(url).rstrip(".").lower()
+    except http.client.HTTPException:  # a host IDNA forbids, saved before url_check refused it: never reached
+        return (urlsplit(url).hostname or "").lower()
 
 
 def seller_shares(*, base_url: str, owner_id) -> list[tuple[str, int]]:

@@ -1,0 +1,123 @@
+"""Credentials written into a URL a user registers (`https://user:password@host/`): refused when saved, never sent
+by any of the marketplace's clients, never shown to anyone but the URL's owner."""
+
+import json
+
+import pytest
+
+from agreements.models import WebhookDelivery, WebhookSubscription
+from catalog.models import Service
+from marketplace import masumi_agentic_client, outbound_slots
+from tests.agreements.helpers import proposal
+from tests.catalog.factories import register_service, service_data
+from tests.catalog.test_registry import assets, register, registration
+from tests.conftest import error_code
+
+pytestmark = pytest.mark.django_db
+
+WITH_CREDENTIALS = "https://seller:hunter2@translator.example.com/api"
+
+
+def test_an_upstream_or_webhook_url_with_credentials_is_refused_with_400_credentials_in_url(seller, seller_api):
+    service = seller_api.post("/agents/services", service_data(upstream_base_url=WITH_CREDENTIALS))
+    assert service.status_code == 400, service.content
+    assert error_code(service) == "credentials_in_url"
+    listed = seller_api.post("/agents/services", service_data()).json()
+    update = seller_api.patch(f"/agents/services/{listed['id']}", {"upstream_base_url": WITH_CREDENTIALS})
+    assert update.status_code == 400 and error_code(update) == "credentials_in_url", update.content
+    masumi = seller_api.post("/registry", registration(seller, apiBaseUrl="https://agent:hunter2@api.example.com"))
+    assert masumi.status_code == 400 and error_code(masumi) == "credentials_in_url", masumi.content
+    for url in ("https://hooks:hunter2@hooks.example.com/x", "https://token@hooks.example.com/x"):
+        webhook = seller_api.post("/webhooks", {"url": url})
+        assert webhook.status_code == 400 and error_code(webhook) == "credentials_in_url", webhook.content
+    assert not WebhookSubscription.objects.exists()
+    assert "hunter2" not in Service.objects.get().upstream_base_url
+
+
+def test_an_operator_cannot_write_credentials_into_a_webhook_url(operator, seller, seller_api):
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
+    response = operator.post(page, {"event_types": "[]", "is_active": "on", "deliveries-TOTAL_FORMS": 0,
+                                    "deliveries-INITIAL_FORMS": 0, "agent": seller.pk,
+                                    "url": "https://hooks:hunter2@hooks.example.com/x"})
+    assert response.status_code == 200  # the form again, with the error
+    assert "credentials_in_url" in response.content.decode()
+    assert WebhookSubscription.objects.get(pk=webhook["id"]).url == "https://hooks.example.com/x"
+
+
+def _with_credentials(url: str) -> str:
+    scheme, rest = url.split("//", 1)
+    return f"{scheme}//seller:hunter2@{rest}"
+
+
+def test_a_stored_webhook_url_with_credentials_is_called_without_them(buyer_api, seller, seller_api, http_server,
+                                                                      django_capture_on_commit_callbacks):
+    # Saved before registration refused them: the proxy (http.client) sent none, the httpx clients Basic.
+    webhook = seller_api.post("/webhooks", {"url": f"{http_server.url}/hooks"}).json()
+    WebhookSubscription.objects.filter(pk=webhook["id"]).update(url=_with_credentials(f"{http_server.url}/hooks"))
+    with django_capture_on_commit_callbacks(execute=True):
+        buyer_api.post("/usage-agreements", proposal(register_service(seller)))
+    [request] = http_server.requests
+    assert "Authorization" not in request.headers, request.headers["Authorization"]
+    assert WebhookDelivery.objects.get().status == "delivered"
+
+
+def test_a_stored_masumi_url_with_credentials_is_called_without_them(http_server):
+    http_server.responses.append((200, json.dumps({"status": "available"}).encode(), 0,
+                                  {"Content-Type": "application/json"}))
+    answer = masumi_agentic_client.availability(base_url=_with_credentials(http_server.url))
+    assert answer.available, answer
+    [request] = http_server.requests
+    assert "Authorization" not in request.headers, request.headers["Authorization"]
+
+
+@pytest.fixture
+def stored_with_credentials(seller, seller_api):
+    """A webhook subscription and a masumi service whose URLs were saved with credentials (before they were
+    refused)."""
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    WebhookSubscription.objects.filter(pk=webhook["id"]).update(url="https://hooks:hunter2@hooks.example.com/x")
+    register(seller_api, seller)
+    service = Service.objects.get()
+    Service.objects.filter(pk=service.pk).update(upstream_base_url="https://agent:hunter2@api.example.com")
+    return webhook, service
+
+
+def test_the_admin_never_shows_the_credentials_in_a_stored_url(operator, stored_with_credentials):
+    webhook, service = stored_with_credentials
+    pages = ["/admin/agreements/webhooksubscription/", "/admin/agreements/webhooksubscription/?q=hooks",
+             f"/admin/agreements/webhooksubscription/{webhook['id']}/change/",
+             f"/admin/catalog/service/{service.pk}/change/"]
+    for page in pages:
+        response = operator.get(page)
+        assert response.status_code == 200, page
+        content = response.content.decode()
+        assert "hunter2" not in content, page
+        assert "hooks.example.com" in content or "api.example.com" in content, page
+
+
+def test_an_operator_saving_a_webhook_with_stored_credentials_keeps_its_address_without_them(
+        operator, seller, stored_with_credentials):
+    webhook, _ = stored_with_credentials
+    page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
+    form = {"event_types": "[]", "deliveries-TOTAL_FORMS": 0, "deliveries-INITIAL_FORMS": 0, "agent": seller.pk,
+            "url": "https://hooks.example.com/x"}  # the form as shown, is_active unticked
+    assert operator.post(page, form).status_code == 302
+    subscription = WebhookSubscription.objects.get(pk=webhook["id"])
+    assert (subscription.url, subscription.is_active) == ("https://hooks.example.com/x", False)
+
+
+def test_other_agents_are_never_shown_the_credentials_in_a_masumi_services_url(buyer_api, stored_with_credentials):
+    [listed] = assets(buyer_api)
+    assert listed["apiBaseUrl"] == "https://api.example.com"
+
+
+@pytest.mark.parametrize(("one", "other"), [("https://straße.example/api", "https://xn--strae-oqa.example/api"),
+                                            ("https://bücher.example/api", "https://XN--BCHER-KVA.example/api")])
+def test_two_spellings_of_one_host_share_its_slots(settings, one, other):
+    # The calls go to the IDNA 2008 name (outbound.dns_name); the share was urlsplit's hostname, another per spelling.
+    settings.SELLER_CALLS_IN_FLIGHT_PER_HOST = 1
+    with outbound_slots.held(outbound_slots.seller_shares(base_url=one, owner_id=1), lease_seconds=30) as first:
+        assert first
+        with outbound_slots.held(outbound_slots.seller_shares(base_url=other, owner_id=2), lease_seconds=30) as second:
+            assert not second
