@@ -516,7 +516,7 @@ class WebhookDelivery(models.Model):
         indexes = [models.Index(fields=["status", "next_attempt_at"], name="delivery_due_idx")]
 
     def __str__(self) -> str:
-        return f"{self.event_type} → {self.subscription.url} ({self.status})"
+        return f"{self.event_type} → {credentials_masked(self.subscription.url)} ({self.status})"
 
 
 

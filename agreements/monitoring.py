@@ -10,7 +10,7 @@ from prometheus_client import Counter, Histogram
 
 from agreements import selectors
 from agreements.models import AgreementStatus, SkillInvocation, UsageAgreement
-from marketplace import chainconfig, dashboard, health, metrics, money
+from marketplace import chainconfig, dashboard, health, metrics, money, url_credentials
 
 PROXY_UPSTREAM_SECONDS = Histogram(
     "marketplace_proxy_upstream_seconds", "Time the seller's upstream took to answer a proxied call (headers), "
@@ -52,7 +52,8 @@ def _failures(limit: int) -> list[dashboard.Failure]:
                                   admin_url=reverse("admin:agreements_usageagreement_change", args=[agreement.pk]))
                 for agreement in selectors.agreements_failed_recently(limit=limit)]
     failures += [dashboard.Failure(at=delivery.created_at, kind="webhook delivery failed",
-                                   subject=f"{delivery.event_type} → {delivery.subscription.url}",
+                                   subject=f"{delivery.event_type} → "
+                                           f"{url_credentials.credentials_masked(delivery.subscription.url)}",
                                    reason=delivery.last_error,
                                    admin_url=reverse("admin:agreements_webhookdelivery_change", args=[delivery.pk]))
                  for delivery in selectors.webhook_deliveries_failed_recently(limit=limit)]

@@ -4,6 +4,7 @@ by any of the marketplace's clients, never shown to anyone but the URL's owner."
 import json
 
 import pytest
+from django.utils import timezone
 
 from agreements.models import WebhookDelivery, WebhookSubscription
 from catalog.models import Service
@@ -85,8 +86,12 @@ def stored_with_credentials(seller, seller_api):
 
 def test_the_admin_never_shows_the_credentials_in_a_stored_url(operator, stored_with_credentials):
     webhook, service = stored_with_credentials
+    delivery = WebhookDelivery.objects.create(subscription_id=webhook["id"], event_type="agreement.proposed",
+                                              payload={}, status="failed", last_error="HTTP 500",
+                                              next_attempt_at=timezone.now())
     pages = ["/admin/agreements/webhooksubscription/", "/admin/agreements/webhooksubscription/?q=hooks",
              f"/admin/agreements/webhooksubscription/{webhook['id']}/change/",
+             f"/admin/agreements/webhookdelivery/{delivery.pk}/change/", "/admin/dashboard/",
              f"/admin/catalog/service/{service.pk}/change/"]
     for page in pages:
         response = operator.get(page)
@@ -108,8 +113,12 @@ def test_an_operator_saving_a_webhook_with_stored_credentials_keeps_its_address_
 
 
 def test_other_agents_are_never_shown_the_credentials_in_a_masumi_services_url(buyer_api, stored_with_credentials):
+    _, service = stored_with_credentials
     [listed] = assets(buyer_api)
     assert listed["apiBaseUrl"] == "https://api.example.com"
+    information = buyer_api.get("/payment-information", {"agentIdentifier": str(service.pk)})
+    assert information.status_code == 200, information.content
+    assert information.json()["data"]["apiBaseUrl"] == "https://api.example.com"
 
 
 @pytest.mark.parametrize(("one", "other"), [("https://straße.example/api", "https://xn--strae-oqa.example/api"),
