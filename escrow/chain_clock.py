@@ -44,7 +44,8 @@ def chain_now_for_request(*, next_block: bool = False) -> int:
 @chain.unavailable_as_503()
 def next_block_clock_for_refusal() -> int:
     """The next block's `block.timestamp` for a caller's request refused when it is reached (a challenge's window
-    closed, its signature expired): the node's pending block's, believed no further than the later of the latest
+    closed, an activation's or a challenge's signature expired, a dispute timed out for the arbiter's resolution):
+    the node's pending block's, believed no further than the later of the latest
     block's (+1) and our clock. A node answering a pending timestamp in the future (a misbehaving provider) closed a
     buyer's challenge window early, and the seller's proposal was finalized unchallenged; the latest block is mined
     (its time the contract saw), and a next block honestly later than both is a clock skew of seconds on a live chain.

@@ -166,7 +166,8 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
     relayer.relay_budget_check(payer)
     if agreement.buyer_id == buyer.pk:  # else refused at agreement_activation_begin
         agreement = intent_nonce_renew(agreement=agreement)
-    now = chain_clock.chain_now_for_request(next_block=True)
+    # Not the node's pending time alone: one it answers in the future refused a valid activation as expired.
+    now = chain_clock.next_block_clock_for_refusal()
     for field, signature_deadline in (("deadline", deadline), ("escrow_permit.deadline", escrow_permit["deadline"])):
         if signature_deadline <= now:
             raise InvalidInput(f"{field} has passed.", code="signature_expired", details={"field": field})

@@ -629,7 +629,9 @@ def _dispute_timed_out_at(agreement: UsageAgreement, *, escrow: tuple[selectors.
     if not chain.escrow_has_dispute_timeout():
         return None
     state, deadline, seller_amount = escrow
-    if state == selectors.EscrowState.DISPUTED and deadline <= chain_clock.chain_now(next_block=True):
+    # Not the node's pending time alone: one it answers in the future refused the arbiter's decision as timed out,
+    # and the seller's upheld share went back to the buyer at the real timeout.
+    if state == selectors.EscrowState.DISPUTED and deadline <= chain_clock.next_block_clock_for_refusal():
         return deadline
     # Settled from Disputed with nothing to the seller (the challenge's deadline word still holds the timeout), or a
     # resolution of 0 finalized, neither indexed yet: the buyer refunded whole either way, and no resolve can run.

@@ -265,3 +265,24 @@ def test_the_nodes_chain_id_is_asked_once_per_client(parties, escrow_chain, sett
     finally:
         relay.stop()
     assert asked["eth_chainId"] <= 1, asked
+
+
+def test_a_node_answering_a_pending_block_in_the_future_does_not_refuse_a_valid_activation_as_expired(
+        parties, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """The activation's signature deadlines were checked against the node's pending block's timestamp, unchecked: a
+    node answering one past the deadline (a misbehaving provider, a clock gone wrong) had the buyer's valid
+    activation refused 400 signature_expired, its escrow never funded. The pending timestamp is believed no further
+    than the later of the latest block's and our clock's, as for a challenge."""
+    agreement = parties.accepted_agreement(quantity=100)
+    body = parties.signed_activation(agreement["id"])
+    relay = RpcRelay(escrow_chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    try:
+        relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == "pending",
+                      lambda answer: {**answer, "result": {**answer["result"],
+                                                           "timestamp": hex(body["deadline"] + 3600)}})
+        response = parties.activate(agreement["id"], django_capture_on_commit_callbacks, body)
+    finally:
+        relay.stop()
+    assert response.status_code == 202, response.content
+    assert parties.agreement(agreement["id"])["status"] == "active"

@@ -412,6 +412,29 @@ def test_a_resolution_asked_for_once_anyone_finalized_the_timed_out_dispute_is_r
     assert funded.agreement(funded.agreement_id)["status"] == "settled"
 
 
+def test_a_node_answering_a_pending_block_in_the_future_does_not_refuse_the_arbiters_resolution_as_timed_out(
+        funded, escrow_chain, rpc_relay, django_capture_on_commit_callbacks):  # noqa: F811
+    """The resolution's refusal for a dispute timed out read the node's pending block's timestamp, unchecked: a node
+    answering one past the dispute's timeout (a misbehaving provider, a clock gone wrong) had the arbiter's decision
+    refused 409 dispute_timed_out while the chain's dispute was open, and the whole deposit went back to the buyer at
+    the real timeout, the seller's upheld share never paid. The pending timestamp is believed no further than the
+    later of the latest block's and our clock's, as for a challenge."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    dispute(funded, chain, capture)
+    timeout = dispute_timeout(funded, chain)
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == "pending",
+                      lambda answer: {**answer, "result": {**answer["result"], "timestamp": hex(timeout + 3600)}})
+    with capture(execute=True):
+        response = staff_owner_api("change_dispute").post(f"/usage-agreements/{funded.agreement_id}/resolve",
+                                                          {"seller_amount_atomic": 100_000})
+    assert response.status_code == 202, response.content
+    confirm_all(capture)  # resolve confirmed -> settling, finalize queued
+    confirm_all(capture)  # finalize confirmed -> settled
+    settled = funded.agreement(funded.agreement_id)
+    assert (settled["status"], settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (
+        "settled", 100_000, 1_900_000)
+
+
 def test_a_deployment_from_before_the_dispute_timeout_leaves_disputes_to_the_arbiter(
         funded, escrow_chain, django_capture_on_commit_callbacks, monkeypatch):
     """A contract is immutable: an escrow deployed before DISPUTE_TIMEOUT keeps a Disputed escrow's challengeDeadline
