@@ -31,6 +31,7 @@ from agreements.models import (
     WebhookDelivery,
     WebhookSubscription,
 )
+from agreements.webhooks import UNDONE_EVENT_TYPE
 from catalog.models import Agent, Service
 from marketplace import chainconfig, rotation
 from marketplace.caching import for_a_second
@@ -454,8 +455,10 @@ def webhook_delivery_get(*, agent: Agent, delivery_id) -> WebhookDelivery:
 def inbox_events(*, agent: Agent, types: list[str], after: int | None, limit: int) -> list[AgreementEvent]:
     """The agent's inbox: events of agreements it is party to, oldest first, each with `acked` set."""
     events = AgreementEvent.objects.filter(Q(agreement__buyer=agent) | Q(agreement__seller=agent))
-    if types:
-        events = events.filter(to_status__in=[t.removeprefix("agreement.") for t in types])
+    if types:  # as a webhook subscription of `types` is sent them (`webhooks.event_types_told`)
+        statuses = [t.removeprefix("agreement.") for t in types if t != UNDONE_EVENT_TYPE]
+        wanted = Q(to_status__in=statuses) | Q(data__reorg=True, from_status__in=statuses)
+        events = events.filter(wanted | Q(data__reorg=True) if UNDONE_EVENT_TYPE in types else wanted)
     if after is not None:
         events = events.filter(pk__gt=after)
     acked = AgentEventAck.objects.filter(agent=agent, event=OuterRef("pk"))

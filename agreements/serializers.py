@@ -6,6 +6,7 @@ from rest_framework import serializers
 
 from agreements import selectors
 from agreements.models import APPROVAL_SUBJECT, AgreementEvent, AgreementStatus, SettlementModel
+from agreements.webhooks import UNDONE_EVENT_TYPE
 from marketplace.pagination import PageQuerySerializer
 from marketplace.serializers import (
     AddressSerializerField,
@@ -329,7 +330,10 @@ class PaymentRequirementsSerializer(serializers.Serializer):
 class WebhookCreateSerializer(StrictSerializer):
     url = serializers.URLField(max_length=500)
     event_types = serializers.ListField(child=serializers.ChoiceField(
-        choices=[f"agreement.{s}" for s in AgreementStatus.values]), required=False, default=list, max_length=50)
+        choices=[*(f"agreement.{s}" for s in AgreementStatus.values), UNDONE_EVENT_TYPE]), required=False,
+        default=list, max_length=50,
+        help_text="`agreement.<status>`, and `agreement.undone` (a reorg undid a status told: also sent to a "
+                  "subscriber of the status undone or of the one the agreement is back in); empty: every event.")
 
     def validate_url(self, value):
         return http_url(value)
@@ -724,7 +728,9 @@ class InboxQuery(StrictSerializer):
 
 class InboxEventSerializer(serializers.Serializer):
     event_id = serializers.CharField(help_text="evt_<n>, the same id as the webhook's event.")
-    type = serializers.CharField(help_text="agreement.<status>")
+    type = serializers.CharField(help_text="agreement.<status>, or agreement.undone: a reorg deeper than the "
+                                           "confirmation depth undid `payload.from_status`, the agreement back in "
+                                           "`payload.status`.")
     payload = serializers.DictField(help_text="The webhook event's `data`.")
     status = serializers.ChoiceField(choices=["pending", "acked"])
     created_at = serializers.DateTimeField()

@@ -636,7 +636,7 @@ class AgentEventsView(APIView):
 
 
 def _inbox_item(event) -> dict:
-    payload = webhooks.event_payload(event.agreement, event, f"agreement.{event.to_status}")
+    payload = webhooks.event_payload(event.agreement, event, webhooks.event_type_of(event))
     return {"event_id": payload["id"], "type": payload["type"], "payload": payload["data"],
             "created_at": event.created_at}
 

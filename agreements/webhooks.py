@@ -124,6 +124,28 @@ def subscription_delete(*, subscription: WebhookSubscription) -> None:
             status=DeliveryStatus.FAILED, last_error=_SUBSCRIPTION_DELETED)
 
 
+# The type of an event saying that a reorg deeper than the confirmation depth undid a status the parties were told of
+# (`agreement_chain_rollback`: an activation, a payout the chain no longer holds): `data.from_status` is the status
+# undone, `data.status` the one the agreement is back in until the chain has it again. Typed by its status, it read as
+# a step forward (`agreement.settling` after `agreement.settled`), and a subscriber of the undone status alone, who may
+# have acted on it, was told nothing.
+UNDONE_EVENT_TYPE = "agreement.undone"
+
+
+def event_type_of(event: AgreementEvent) -> str:
+    """`agreement.<status>`, or `agreement.undone` for a reorg's move back."""
+    return UNDONE_EVENT_TYPE if event.data.get("reorg") else f"agreement.{event.to_status}"
+
+
+def event_types_told(event: AgreementEvent) -> set[str]:
+    """The subscribed types an event is sent for: its own; an undo also to whoever subscribed to the status undone
+    (it may have acted on it) or to the one the agreement is back in."""
+    event_type = event_type_of(event)
+    if event_type != UNDONE_EVENT_TYPE:
+        return {event_type}
+    return {event_type, f"agreement.{event.from_status}", f"agreement.{event.to_status}"}
+
+
 def event_payload(agreement: UsageAgreement, event: AgreementEvent, event_type: str) -> dict:
     return {
         "id": f"evt_{event.pk}",
@@ -142,13 +164,13 @@ def event_payload(agreement: UsageAgreement, event: AgreementEvent, event_type: 
 
 
 def queue_for_event(agreement: UsageAgreement, event: AgreementEvent) -> None:
-    event_type = f"agreement.{event.to_status}"
+    event_type, told = event_type_of(event), event_types_told(event)
     subscriptions = WebhookSubscription.objects.filter(
         agent_id__in=[agreement.buyer_id, agreement.seller_id], is_active=True, paused_at=None
     )
     payload = event_payload(agreement, event, event_type)
     for subscription in subscriptions:
-        if subscription.event_types and event_type not in subscription.event_types:
+        if subscription.event_types and told.isdisjoint(subscription.event_types):
             continue
         delivery = WebhookDelivery.objects.create(
             subscription=subscription, event_type=event_type, payload=payload, next_attempt_at=timezone.now()

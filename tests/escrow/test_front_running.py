@@ -692,3 +692,45 @@ def test_an_activation_concluded_on_a_copy_a_deep_reorg_takes_leaves_the_agreeme
     assert ours.status == "confirmed"
     assert parties.agreement(agreement["id"])["status"] == "active"
     assert parties.agreement(agreement["id"])["activation_tx_hash"] == ours.mined_tx_hash
+
+
+def test_an_activation_a_deep_reorg_undid_is_told_to_the_webhooks_that_were_told_it_was_active(
+        escrow_chain, http_server, settings, django_capture_on_commit_callbacks):
+    """The activation above, told to the parties' webhooks as `agreement.active`, undone by a reorg deeper than the
+    depth (`agreement_activation_undone`): a subscriber of `agreement.active` alone (a seller that starts serving)
+    was told nothing of the undo. It is sent `agreement.undone` (`data.from_status` active, `data.status`
+    submitting)."""
+    from agreements.models import WebhookDelivery
+    from tests.catalog.factories import issue_key
+    from tests.conftest import Api
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_CONFIRMATIONS = 5
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    subscribed = Api(issue_key(parties.seller, scope="admin")).post(
+        "/webhooks", {"url": f"{http_server.url}/hooks", "event_types": ["agreement.active"]})
+    assert subscribed.status_code == 201, subscribed.content
+    agreement = parties.accepted_agreement(quantity=10)
+    with capture(execute=False) as callbacks:
+        response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                          parties.signed_activation(agreement["id"]))
+    assert response.status_code == 202, response.content
+    ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
+    fork = chain.snapshot()
+    mined(chain, chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
+                                                "data": ours.data, "gas": 1_000_000}))
+    with capture(execute=True):
+        for callback in callbacks:
+            callback()
+    chain.mine(4)
+    with capture(execute=True):  # concluded on the copy, now 5 deep
+        relayer.transaction_submit(transaction_id=ours.pk)
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    chain.reorg(fork)
+    confirm_all(capture)
+    assert parties.agreement(agreement["id"])["status"] == "submitting"
+
+    told = [(delivery.event_type, delivery.payload["data"]["from_status"], delivery.payload["data"]["status"])
+            for delivery in WebhookDelivery.objects.filter(subscription_id=subscribed.json()["id"]).order_by(
+                "created_at", "pk")]
+    assert told == [("agreement.active", "submitting", "active"), ("agreement.undone", "active", "submitting")]

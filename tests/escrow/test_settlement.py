@@ -823,6 +823,47 @@ def test_a_reclaim_a_reorg_deeper_than_the_depth_takes_leaves_no_refund_recorded
     assert usdc_balance(chain, funded.buyer_account.address) == funded.balances["buyer"] + 2 * USDC
 
 
+def told(subscription: dict) -> list[tuple[str, str, str]]:
+    """What a webhook subscription was sent: each delivery's type, `data.from_status` and `data.status`."""
+    return [(delivery.event_type, delivery.payload["data"]["from_status"], delivery.payload["data"]["status"])
+            for delivery in WebhookDelivery.objects.filter(subscription_id=subscription["id"]).order_by(
+                "created_at", "pk")]
+
+
+def test_a_payout_a_deep_reorg_undid_is_told_to_the_webhooks_that_were_told_it_was_settled(
+        funded, escrow_chain, http_server, django_capture_on_commit_callbacks):
+    """Our finalize, confirmed and told to the parties' webhooks as `agreement.settled`, is taken by a reorg deeper
+    than the confirmation depth (the agreement back to settling, `agreement_payout_undone`). The undo was recorded as
+    a plain status event: a subscriber of `agreement.settled` alone (an agent acting once it is paid) was told
+    nothing, and one of every event was sent `agreement.settling`, a step forward by its type. Both are sent
+    `agreement.undone` (`data.from_status` the status undone, `data.status` the one the agreement is back in), also
+    listed in the parties' inboxes."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    buyer_admin = Api(issue_key(funded.buyer, scope="admin"))
+    settled_only = funded.seller_api.post("/webhooks", {"url": f"{http_server.url}/hooks",
+                                                        "event_types": ["agreement.settled"]})
+    assert settled_only.status_code == 201, settled_only.content
+    every_event = buyer_admin.post("/webhooks", {"url": f"{http_server.url}/hooks"})
+    assert every_event.status_code == 201, every_event.content
+    call_n(funded, 3)
+    funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
+    tick(capture)
+    chain.increase_time(3601)
+    before_fork = chain.snapshot()
+    assert tick(capture)["finalizing"] == 1
+    assert funded.agreement(funded.agreement_id)["status"] == "settled"
+    chain.reorg(before_fork)
+    chain.mine(2)
+    confirm_all(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "settling"
+
+    undone = ("agreement.undone", "settled", "settling")
+    assert told(settled_only.json()) == [("agreement.settled", "settling", "settled"), undone]
+    assert told(every_event.json())[-2:] == [("agreement.settled", "settling", "settled"), undone]
+    inbox = buyer_admin.get(f"/agents/{funded.buyer.pk}/events", {"types": "agreement.undone"}).json()
+    assert [(item["type"], item["payload"]["from_status"], item["payload"]["status"]) for item in inbox] == [undone]
+
+
 # --- nothing proposed by the escrow's reclaimAfter ------------------------------------------------------------------
 #
 # The contract takes a first proposal only before `reclaimAfter` (expiresAt + the reclaim grace at activation:
