@@ -240,6 +240,37 @@ def test_a_payment_whose_authorization_ran_out_before_the_relayer_sent_it_is_not
     assert not RelayRevert.objects.filter(transaction=payment).exists()
 
 
+def test_a_payment_refused_while_the_node_answers_a_pending_block_past_its_authorization_is_not_charged_to_the_buyer(
+        purchase, settings, django_capture_on_commit_callbacks):
+    """Whether a payment refused at the relayer's simulation is the buyer's revert reads the node's pending block's
+    time uncapped (unlike a refusal of a caller's request, `chain_clock.next_block_clock_for_refusal`): the node's
+    estimate runs in its pending block, so one whose pending time is past validBefore refuses the payment as expired
+    by its own clock, the buyer's doing or not. In doubt the refusal is not counted against the buyer's relay budget:
+    a misbehaving node costs the relayer one purchase's gas, while a charge would refuse an honest buyer's purchases."""
+    from tests.support.rpc_relay import RpcRelay
+
+    capture = django_capture_on_commit_callbacks
+    fund(purchase.chain, purchase.treasury, USDC)
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the permit confirmed; the fee transfer is sent
+    purchase.cancel_authorization(body)  # the payment is refused at its simulation
+    valid_before = int(decode_payment_signature_header(body["payment_header"]).payload["authorization"]["validBefore"])
+    relay = RpcRelay(purchase.chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    try:
+        relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == "pending",
+                      lambda answer: {**answer, "result": {**answer["result"], "timestamp": hex(valid_before + 60)}})
+        for _ in range(2):  # the fee confirmed -> the payment refused at its simulation -> the fee refunded
+            confirm_all(capture)
+    finally:
+        relay.stop()
+    payment = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_payment")
+    assert payment.status == "failed" and payment.nonce is None
+    assert not RelayRevert.objects.filter(transaction=payment).exists()
+
+
 @pytest.mark.parametrize("change, status, code", [
     (lambda p: p.body(seller_wallet_address=p.chain.accounts.stranger.address), 400, "wrong_recipient"),
     (lambda p: {**p.body(), "quantity": QUANTITY + 1}, 400, "wrong_amount"),
