@@ -560,6 +560,27 @@ def test_a_sellers_proposal_of_an_earlier_receipt_is_replaced_with_the_last_one(
         seller_proposes_directly(funded, chain, seq=2)
 
 
+def _activation_a_stranger_copies(parties: Parties, capture) -> tuple[dict, ChainTransaction, str, dict]:
+    """An accepted agreement whose buyer asks for its activation, and a stranger's copy of the relayer's activation
+    (the buyer's signed intent) mined before the relayer sends ours, which then runs its submission: (the agreement,
+    our transaction, the chain's snapshot from before the copy, for a test's reorg, and the copy's receipt)."""
+    chain = parties.chain
+    agreement = parties.accepted_agreement(quantity=10)
+    with capture(execute=False) as callbacks:
+        response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
+                                          parties.signed_activation(agreement["id"]))
+    assert response.status_code == 202, response.content
+    ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
+    fork = chain.snapshot()
+    copy_hash = chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
+                                               "data": ours.data, "gas": 1_000_000})
+    mined(chain, copy_hash)
+    with capture(execute=True):
+        for callback in callbacks:
+            callback()
+    return agreement, ours, fork, chain.w3.eth.get_transaction_receipt(copy_hash)
+
+
 def test_an_activation_a_copy_of_the_buyers_intent_ran_before_ours_was_sent_waits_for_the_copys_depth(
         escrow_chain, http_server, settings, django_capture_on_commit_callbacks):
     """Anyone holding the buyer's signed intent (the buyer itself, a stranger who saw it) gets it mined before the
@@ -569,19 +590,7 @@ def test_an_activation_a_copy_of_the_buyers_intent_ran_before_ours_was_sent_wait
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     settings.CHAIN_CONFIRMATIONS = 5
     parties = Parties(chain, upstream_base_url=http_server.url)
-    agreement = parties.accepted_agreement(quantity=10)
-    with capture(execute=False) as callbacks:
-        response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
-                                          parties.signed_activation(agreement["id"]))
-    assert response.status_code == 202, response.content
-    ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
-    copy_hash = chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
-                                               "data": ours.data, "gas": 1_000_000})
-    mined(chain, copy_hash)
-    copy = chain.w3.eth.get_transaction_receipt(copy_hash)
-    with capture(execute=True):
-        for callback in callbacks:
-            callback()
+    agreement, ours, _fork, copy = _activation_a_stranger_copies(parties, capture)
     ours.refresh_from_db()
     assert ours.status == "queued"
     assert parties.agreement(agreement["id"])["status"] != "active"
@@ -626,18 +635,7 @@ def test_an_activation_waiting_on_a_shallow_copy_a_reorg_takes_is_sent_itself(
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     settings.CHAIN_CONFIRMATIONS = 5
     parties = Parties(chain, upstream_base_url=http_server.url)
-    agreement = parties.accepted_agreement(quantity=10)
-    with capture(execute=False) as callbacks:
-        response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
-                                          parties.signed_activation(agreement["id"]))
-    assert response.status_code == 202, response.content
-    ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
-    fork = chain.snapshot()
-    mined(chain, chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
-                                                "data": ours.data, "gas": 1_000_000}))
-    with capture(execute=True):
-        for callback in callbacks:
-            callback()
+    agreement, ours, fork, _copy = _activation_a_stranger_copies(parties, capture)
     ours.refresh_from_db()
     assert ours.status == "queued"
     chain.reorg(fork)  # the copy's block is gone
@@ -663,18 +661,7 @@ def test_an_activation_concluded_on_a_copy_a_deep_reorg_takes_leaves_the_agreeme
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     settings.CHAIN_CONFIRMATIONS = 5
     parties = Parties(chain, upstream_base_url=http_server.url)
-    agreement = parties.accepted_agreement(quantity=10)
-    with capture(execute=False) as callbacks:
-        response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
-                                          parties.signed_activation(agreement["id"]))
-    assert response.status_code == 202, response.content
-    ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
-    fork = chain.snapshot()
-    mined(chain, chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
-                                                "data": ours.data, "gas": 1_000_000}))
-    with capture(execute=True):
-        for callback in callbacks:
-            callback()
+    agreement, ours, fork, _copy = _activation_a_stranger_copies(parties, capture)
     chain.mine(4)
     with capture(execute=True):  # concluded on the copy, now 5 deep
         relayer.transaction_submit(transaction_id=ours.pk)
@@ -710,18 +697,7 @@ def test_an_activation_a_deep_reorg_undid_is_told_to_the_webhooks_that_were_told
     subscribed = Api(issue_key(parties.seller, scope="admin")).post(
         "/webhooks", {"url": f"{http_server.url}/hooks", "event_types": ["agreement.active"]})
     assert subscribed.status_code == 201, subscribed.content
-    agreement = parties.accepted_agreement(quantity=10)
-    with capture(execute=False) as callbacks:
-        response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow",
-                                          parties.signed_activation(agreement["id"]))
-    assert response.status_code == 202, response.content
-    ours = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="activate")
-    fork = chain.snapshot()
-    mined(chain, chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
-                                                "data": ours.data, "gas": 1_000_000}))
-    with capture(execute=True):
-        for callback in callbacks:
-            callback()
+    agreement, ours, fork, _copy = _activation_a_stranger_copies(parties, capture)
     chain.mine(4)
     with capture(execute=True):  # concluded on the copy, now 5 deep
         relayer.transaction_submit(transaction_id=ours.pk)

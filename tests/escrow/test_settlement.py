@@ -760,13 +760,10 @@ def test_a_finalize_someone_else_sent_first_is_sent_again_when_a_reorg_takes_the
     call_command("reconcile", stdout=io.StringIO())
 
 
-def test_a_finalize_a_reorg_deeper_than_the_depth_takes_leaves_no_payout_recorded_until_it_is_mined_again(
-        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
-    """Our finalize, confirmed (the agreement settled, the seller's payout recorded), is taken by a reorg deeper than
-    the confirmation depth before the indexer applied its Settled event (so the indexer has nothing to roll back).
-    The relayer reopens it and sends the same bytes again, but the agreement stayed settled meanwhile, recording a
-    payout to the seller that the chain no longer made. It goes back to settling until the finalize is mined again."""
-    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+def _settled_then_a_deep_reorg_takes_the_finalize(funded, chain, capture) -> None:
+    """Three metered calls, the buyer's completion, the challenge window past and the finalize confirmed (the
+    agreement settled), then a reorg deeper than the confirmation depth takes the finalize's block (the escrow holds
+    the deposit again) before the indexer applied its Settled event, and the poll runs."""
     call_n(funded, 3)
     funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
     tick(capture)
@@ -774,10 +771,20 @@ def test_a_finalize_a_reorg_deeper_than_the_depth_takes_leaves_no_payout_recorde
     before_fork = chain.snapshot()
     assert tick(capture)["finalizing"] == 1
     assert funded.agreement(funded.agreement_id)["status"] == "settled"
-    finalize = ChainTransaction.objects.get(agreement_id=funded.agreement_id, purpose=TxPurpose.FINALIZE)
-    chain.reorg(before_fork)  # the finalize's block is gone: the escrow holds the deposit again
+    chain.reorg(before_fork)
     chain.mine(2)
     confirm_all(capture)
+
+
+def test_a_finalize_a_reorg_deeper_than_the_depth_takes_leaves_no_payout_recorded_until_it_is_mined_again(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """Our finalize, confirmed (the agreement settled, the seller's payout recorded), is taken by a reorg deeper than
+    the confirmation depth before the indexer applied its Settled event (so the indexer has nothing to roll back).
+    The relayer reopens it and sends the same bytes again, but the agreement stayed settled meanwhile, recording a
+    payout to the seller that the chain no longer made. It goes back to settling until the finalize is mined again."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    _settled_then_a_deep_reorg_takes_the_finalize(funded, chain, capture)
+    finalize = ChainTransaction.objects.get(agreement_id=funded.agreement_id, purpose=TxPurpose.FINALIZE)
     finalize.refresh_from_db()
     assert finalize.status == TxStatus.SUBMITTED
     assert usdc_balance(chain, funded.seller_account.address) == funded.balances["seller"]
@@ -845,16 +852,7 @@ def test_a_payout_a_deep_reorg_undid_is_told_to_the_webhooks_that_were_told_it_w
     assert settled_only.status_code == 201, settled_only.content
     every_event = buyer_admin.post("/webhooks", {"url": f"{http_server.url}/hooks"})
     assert every_event.status_code == 201, every_event.content
-    call_n(funded, 3)
-    funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
-    tick(capture)
-    chain.increase_time(3601)
-    before_fork = chain.snapshot()
-    assert tick(capture)["finalizing"] == 1
-    assert funded.agreement(funded.agreement_id)["status"] == "settled"
-    chain.reorg(before_fork)
-    chain.mine(2)
-    confirm_all(capture)
+    _settled_then_a_deep_reorg_takes_the_finalize(funded, chain, capture)
     assert funded.agreement(funded.agreement_id)["status"] == "settling"
 
     undone = ("agreement.undone", "settled", "settling")
