@@ -651,6 +651,21 @@ def test_an_activation_waiting_on_a_shallow_copy_a_reorg_takes_is_sent_itself(
     assert parties.agreement(agreement["id"])["activation_tx_hash"] == ours.mined_tx_hash
 
 
+def _activation_concluded_on_a_copy_a_deep_reorg_takes(parties: Parties, capture) -> tuple[dict, ChainTransaction]:
+    """Our activation concluded on a stranger's copy at the confirmation depth (5; the agreement active), then a
+    reorg deeper than the depth takes the copy's block before the indexer applied its Activated event, and the poll
+    reopens ours and sends it: (the agreement, our transaction)."""
+    chain = parties.chain
+    agreement, ours, fork, _copy = _activation_a_stranger_copies(parties, capture)
+    chain.mine(4)
+    with capture(execute=True):  # concluded on the copy, now 5 deep
+        relayer.transaction_submit(transaction_id=ours.pk)
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    chain.reorg(fork)  # deeper than the depth: the copy's block is gone, the indexer never applied it
+    confirm_all(capture)  # the poll reopens ours and sends it
+    return agreement, ours
+
+
 def test_an_activation_concluded_on_a_copy_a_deep_reorg_takes_leaves_the_agreement_unserved_until_ours_is_mined(
         escrow_chain, http_server, settings, django_capture_on_commit_callbacks):
     """An activation concluded on a copy of the buyer's intent at the confirmation depth (above) made the agreement
@@ -661,13 +676,7 @@ def test_an_activation_concluded_on_a_copy_a_deep_reorg_takes_leaves_the_agreeme
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     settings.CHAIN_CONFIRMATIONS = 5
     parties = Parties(chain, upstream_base_url=http_server.url)
-    agreement, ours, fork, _copy = _activation_a_stranger_copies(parties, capture)
-    chain.mine(4)
-    with capture(execute=True):  # concluded on the copy, now 5 deep
-        relayer.transaction_submit(transaction_id=ours.pk)
-    assert parties.agreement(agreement["id"])["status"] == "active"
-    chain.reorg(fork)  # deeper than the depth: the copy's block is gone, the indexer never applied it
-    confirm_all(capture)  # the poll reopens ours and sends it
+    agreement, ours = _activation_concluded_on_a_copy_a_deep_reorg_takes(parties, capture)
     ours.refresh_from_db()
     assert ours.status in ("submitted", "mined")
     assert parties.agreement(agreement["id"])["status"] == "submitting"
@@ -697,13 +706,7 @@ def test_an_activation_a_deep_reorg_undid_is_told_to_the_webhooks_that_were_told
     subscribed = Api(issue_key(parties.seller, scope="admin")).post(
         "/webhooks", {"url": f"{http_server.url}/hooks", "event_types": ["agreement.active"]})
     assert subscribed.status_code == 201, subscribed.content
-    agreement, ours, fork, _copy = _activation_a_stranger_copies(parties, capture)
-    chain.mine(4)
-    with capture(execute=True):  # concluded on the copy, now 5 deep
-        relayer.transaction_submit(transaction_id=ours.pk)
-    assert parties.agreement(agreement["id"])["status"] == "active"
-    chain.reorg(fork)
-    confirm_all(capture)
+    agreement, ours = _activation_concluded_on_a_copy_a_deep_reorg_takes(parties, capture)
     assert parties.agreement(agreement["id"])["status"] == "submitting"
 
     told = [(delivery.event_type, delivery.payload["data"]["from_status"], delivery.payload["data"]["status"])

@@ -285,6 +285,17 @@ def test_an_activation_package_whose_permit_nonce_is_no_uint256_is_refused():
     assert refusal.value.field == "escrow_permit.message.nonce"
 
 
+def _recording_marketplace(requests: list[httpx.Request]) -> MarketplaceClient:
+    """A buyer's client of a marketplace that records each request in `requests` and answers it 500: a refusal
+    before anything is sent leaves `requests` empty."""
+    def marketplace(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(500)
+
+    return MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                             transport=httpx.MockTransport(marketplace))
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("price_per_unit_atomic", "2e4"),
     ("price_per_unit_atomic", 20_000.5),  # was signed as 20,000: the marketplace's number, rounded by the SDK
@@ -301,13 +312,7 @@ def test_an_agreement_with_a_malformed_term_is_refused_not_crashed_on(field, val
     was rounded and signed."""
     agreement = {**honest_agreement(), field: value}
     requests: list[httpx.Request] = []
-
-    def marketplace(request: httpx.Request) -> httpx.Response:
-        requests.append(request)
-        return httpx.Response(500)
-
-    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
-                           transport=httpx.MockTransport(marketplace)) as buyer:
+    with _recording_marketplace(requests) as buyer:
         with pytest.raises(SigningRefused) as refusal:
             buyer.activate_escrow(agreement, KEY, quantity=10, max_unit_price_atomic=LISTED_PRICE,
                                   min_challenge_window_seconds=60)
@@ -338,13 +343,7 @@ def test_an_expiry_without_a_timezone_is_refused_not_read_in_the_machines_local_
     naive = datetime.fromtimestamp(expires_at, UTC).replace(tzinfo=None).isoformat()
     agreement = {**honest_agreement(), "expires_at": naive}
     requests: list[httpx.Request] = []
-
-    def marketplace(request: httpx.Request) -> httpx.Response:
-        requests.append(request)
-        return httpx.Response(500)
-
-    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
-                           transport=httpx.MockTransport(marketplace)) as buyer:
+    with _recording_marketplace(requests) as buyer:
         with pytest.raises(SigningRefused) as refusal:
             buyer.activate_escrow(agreement, KEY, quantity=10, max_unit_price_atomic=LISTED_PRICE)
         assert refusal.value.field == "agreement.expires_at"
