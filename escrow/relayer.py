@@ -297,13 +297,10 @@ def relay_budget_check(payer: RelayPayer) -> None:
                 code="relay_in_flight_limit_reached", retry_after=_IN_FLIGHT_RETRY_AFTER_SECONDS,
                 details={"retry_after_seconds": _IN_FLIGHT_RETRY_AFTER_SECONDS, "in_flight": in_flight_allowed,
                          "bound": bound})
-    now = timezone.now()
-    for bound, reverts, allowed in _revert_bounds(payer):
-        if allowed <= 0:
-            continue
-        retry_after = _window_full_for(RelayRevert.objects.filter(reverts), "reverted_at", allowed=allowed, now=now)
-        if retry_after is None:
-            continue
+    full = _first_full_window([(bound, RelayRevert.objects.filter(reverts), allowed)
+                               for bound, reverts, allowed in _revert_bounds(payer)], "reverted_at")
+    if full is not None:
+        bound, allowed, retry_after = full
         whose = {"party": "you", "owner": "your owner's agents", "wallet": "your paying wallet",
                  "client": "payers without an API key at your network address",
                  "anonymous": "payers without an API key"}[bound]
@@ -313,6 +310,17 @@ def relay_budget_check(payer: RelayPayer) -> None:
             "after they were accepted): nothing more is relayed for you until the oldest is out of that window.",
             code="relay_budget_exhausted", retry_after=retry_after,
             details={"retry_after_seconds": retry_after, "reverts": allowed, "bound": bound})
+
+
+def _first_full_window(bounds: list[tuple[str, QuerySet, int]], moment: str) -> tuple[str, int, int] | None:
+    """(bound, allowed, seconds to wait) of the first of `bounds` ((bound, its rows, how many it allows; 0: no
+    bound)) whose rows within RELAY_REVERT_WINDOW (by their `moment` field) are as many as it allows; else None."""
+    now = timezone.now()
+    for bound, rows, allowed in bounds:
+        retry_after = _window_full_for(rows, moment, allowed=allowed, now=now) if allowed > 0 else None
+        if retry_after is not None:
+            return bound, allowed, retry_after
+    return None
 
 
 def _window_full_for(rows: QuerySet, moment: str, *, allowed: int, now) -> int | None:
@@ -347,14 +355,10 @@ def relay_cancel_budget_check(payer: RelayPayer, *, purpose: str) -> None:
         with connection.cursor() as cursor:
             for key in keys:  # one order for every caller: no deadlock
                 cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [key])
-    now = timezone.now()
-    for bound, cancels, allowed in bounds:
-        if allowed <= 0:
-            continue
-        retry_after = _window_full_for(ChainTransaction.objects.filter(cancels, purpose=purpose), "created_at",
-                                       allowed=allowed, now=now)
-        if retry_after is None:
-            continue
+    full = _first_full_window([(bound, ChainTransaction.objects.filter(cancels, purpose=purpose), allowed)
+                               for bound, cancels, allowed in bounds], "created_at")
+    if full is not None:
+        bound, allowed, retry_after = full
         whose = {"party": "you", "owner": "your owner's agents", "wallet": "your paying wallet"}[bound]
         raise TooManyRequests(
             f"The platform relayed {allowed} authorization cancels for {whose} within "
