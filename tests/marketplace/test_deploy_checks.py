@@ -1,0 +1,29 @@
+"""`manage.py check --deploy`: a production configuration that would run but silently lose a guarantee is refused."""
+
+import io
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+
+PER_PROCESS_CACHES = ["django.core.cache.backends.locmem.LocMemCache",  # the default (no CACHE_URL)
+                      "django.core.cache.backends.dummy.DummyCache", "django.core.cache.backends.filebased.FileBasedCache"]
+
+
+@pytest.mark.parametrize("backend", PER_PROCESS_CACHES)
+def test_check_deploy_refuses_a_cache_each_process_counts_in_on_its_own(settings, tmp_path, backend):
+    """The outbound in-flight caps, the rate limits and the x402 quotes are counted in the cache: with one each
+    process keeps (or none), every process counts its own, and a deployment without CACHE_URL lost the limits."""
+    settings.CACHES = {"default": {"BACKEND": backend, "LOCATION": str(tmp_path)}}
+    refused = r"(?s)marketplace.E003\) The default cache \(\w+\) is not shared.*CACHE_URL"
+    with pytest.raises(SystemCheckError, match=refused):
+        call_command("check", deploy=True, stdout=io.StringIO())
+
+
+def test_check_deploy_accepts_redis_and_plain_check_any_cache(settings):
+    """A Redis cache passes `check --deploy`; `check` (as `migrate` and `runserver` run it: `make run`, the tests)
+    asks nothing of the cache."""
+    call_command("check", stdout=io.StringIO())  # the suite's default, local-memory cache
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": "redis://127.0.0.1:6379/0"}}
+    call_command("check", deploy=True, stdout=io.StringIO())
