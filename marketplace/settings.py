@@ -87,15 +87,18 @@ DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # A statement running longer than this is cancelled by PostgreSQL (the request answers 503 database_unavailable, a
 # task fails and its sweep does its work again): one slow statement (a plan gone wrong, a lock never released) held
-# its connection, and the web thread or worker slot waiting on it, for ever. 0: none. `migrate` runs without it.
+# its connection, and the web thread or worker slot waiting on it, for ever. `migrate` runs without it. 0: the app
+# sets none, and the role's or the server's applies (none unless set there).
 DB_STATEMENT_TIMEOUT_SECONDS = env.int("DB_STATEMENT_TIMEOUT_SECONDS", default=30)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["ENGINE"] = "marketplace.postgresql"  # a health check without a round trip
-    # Set as the connection opens (libpq's `options`): no statement of its own. Behind a pooler that refuses startup
-    # options (PgBouncer: ignore_startup_parameters), set it on the database's role instead.
+    # Set as the connection opens (libpq's `options`): no statement of its own. With 0 no option is sent at all:
+    # PgBouncer refuses a connection that sends one ("unsupported startup parameter: options"; its
+    # ignore_startup_parameters drops the timeout instead), so behind it the timeout is set on the database's role.
     _options = DATABASES["default"].setdefault("OPTIONS", {})
-    _options["options"] = " ".join(filter(None, [
-        _options.get("options", ""), f"-c statement_timeout={DB_STATEMENT_TIMEOUT_SECONDS * 1000}"]))
+    if DB_STATEMENT_TIMEOUT_SECONDS:
+        _options["options"] = " ".join(filter(None, [
+            _options.get("options", ""), f"-c statement_timeout={DB_STATEMENT_TIMEOUT_SECONDS * 1000}"]))
 # The hot statements built once per process (marketplace.postgresql.prepared_cursor) are prepared on the server;
 # off behind a pooler that cannot keep them (PgBouncer before 1.21 in transaction mode). Django's own queries never
 # are (they are bound on the client).

@@ -2,9 +2,12 @@
 gone wrong, a lock never released) held its connection, and the web thread or worker slot waiting on it, for ever."""
 
 import copy
+import runpy
 
 import pytest
 from django.db import OperationalError, connection
+
+import marketplace.settings
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db]
 
@@ -49,3 +52,22 @@ def test_migrations_run_without_the_statement_timeout_and_leave_the_connection_a
     call_command("migrate", verbosity=0)
     assert seen == ["0"]
     assert _statement_timeout(connection) == f"{settings.DB_STATEMENT_TIMEOUT_SECONDS}s"
+
+
+@pytest.mark.parametrize(("environment", "options"), [
+    ({}, "-c statement_timeout=30000"),
+    ({"DB_STATEMENT_TIMEOUT_SECONDS": "5"}, "-c statement_timeout=5000"),
+    ({"DATABASE_URL": "postgres://mk@db:5432/mk?options=-c%20search_path%3Dmk"},
+     "-c search_path=mk -c statement_timeout=30000"),
+    # Behind PgBouncer (transaction pooling), which refuses a connection sending startup options ("unsupported
+    # startup parameter: options"): none sent, the timeout set on the database's role (README, Operations).
+    ({"DB_STATEMENT_TIMEOUT_SECONDS": "0"}, None),
+    ({"DB_STATEMENT_TIMEOUT_SECONDS": "0", "DATABASE_URL": "postgres://mk@db:6432/mk?options=-c%20search_path%3Dmk"},
+     "-c search_path=mk"),
+])
+def test_the_statement_timeout_is_a_startup_option_unless_it_is_zero(monkeypatch, environment, options):
+    monkeypatch.delenv("DB_STATEMENT_TIMEOUT_SECONDS", raising=False)
+    monkeypatch.setenv("DATABASE_URL", "postgres://mk@db:6432/mk")
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert runpy.run_path(marketplace.settings.__file__)["DATABASES"]["default"]["OPTIONS"].get("options") == options

@@ -17,4 +17,4 @@ class Command(DjangoMigrate):
             return super().handle(*args, **options)
         finally:
             with connection.cursor() as cursor:
-                cursor.execute("RESET statement_timeout")  # back to the connection's own (its startup options)
+                cursor.execute("RESET statement_timeout")  # back to its startup options' or its role's
