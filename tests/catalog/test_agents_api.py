@@ -60,6 +60,10 @@ def test_owner_creates_an_agent_and_issues_a_key_shown_once(owner_api):
     ({"wallet_address": "0x123"}, "wallet_address", "invalid_address"),
     ({"wallet_address": "0x70997970c51812dc3a010c7d01b50e0d17dc79C8"}, "wallet_address", "invalid_address"),
     ({"handle": "Bad Handle"}, "handle", "invalid_handle"),
+    # Handles are ASCII: none can look like another's in another script or width, nor differ by _ from one with -.
+    ({"handle": "\u0430cme-bot"}, "handle", "invalid_handle"),  # Cyrillic а
+    ({"handle": "\uff41cme-bot"}, "handle", "invalid_handle"),  # fullwidth ａ
+    ({"handle": "acme_bot"}, "handle", "invalid_handle"),
     ({"handle": "x" * 65}, "handle", "max_length"),
     ({"roles": []}, "roles", "empty"),
     ({"extra": 1}, "extra", "unknown_field"),
