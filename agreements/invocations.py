@@ -215,13 +215,16 @@ def invocation_get(*, public_id: str) -> SkillInvocation:
     return invocation
 
 
-def invocation_is_retry(invocation: SkillInvocation, *, buyer: Agent | None, input: dict, client: str = "") -> bool:
+def invocation_is_retry(invocation: SkillInvocation, *, buyer: Agent | None, input: dict,
+                        retry_proof: str = "") -> bool:
     """Whether a call paying with `invocation`'s authorization again is its caller's retry (its answer lost), which
-    may learn the invocation's id: the same input, from the same buyer agent, or anonymously from the same network.
-    The signed payment proves nothing: the payment's transaction shows it whole to anyone."""
+    may learn the invocation's id: the same input, from the same buyer agent (its API key), or anonymously with the
+    payer's `retry_proof` (x402_protocol.RETRY_PROOF_HEADER, signed by the paying wallet's key). The signed payment
+    proves nothing: the payment's transaction shows it whole to anyone. Nor does the caller's network: a shared NAT
+    or proxy puts strangers on it."""
     if invocation.input != input or invocation.buyer_id != (buyer.pk if buyer else None):
         return False
-    return buyer is not None or invocation.anonymous_client == client
+    return buyer is not None or x402_protocol.retry_proof_valid(invocation.authorization, retry_proof)
 
 
 def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict, authorization: x402_protocol.Authorization,

@@ -62,6 +62,7 @@ from agreements.models import (
     statuses_after,
 )
 from agreements.x402_protocol import PAYER_HEADER as PAYER_HEADER
+from agreements.x402_protocol import RETRY_PROOF_HEADER as RETRY_PROOF_HEADER
 from agreements.x402_protocol import PAYMENT_HEADERS as PAYMENT_HEADERS
 from agreements.x402_protocol import Authorization as Authorization
 from agreements.x402_protocol import InvalidPayment as InvalidPayment

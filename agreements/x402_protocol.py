@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.cache import cache
 from django.db import IntegrityError, transaction
+from eth_utils import to_checksum_address
 from pydantic import ValidationError
 from x402 import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
 from x402.http import (
@@ -52,12 +53,15 @@ from agreements.models import PaymentAuthorization, SkillInvocation
 from marketplace import bounded_json, chainconfig
 from marketplace.errors import DependencyUnavailable
 from marketplace.fields import is_address
+from sdk import x402_signing
 
 USDC_DECIMALS = 6
 # Headers a buyer may send its signed payment in: x402 v2, x402 v1, and the Services API seed's name.
 PAYMENT_HEADERS = ("PAYMENT-SIGNATURE", "X-PAYMENT", "X-Payment-Signature")
 # The payer of a bare signature, for a caller without an agent API key.
 PAYER_HEADER = "X-Payment-From"
+# An anonymous payer's proof that a replayed payment is its own retry (sdk.x402_signing.sign_retry_proof).
+RETRY_PROOF_HEADER = x402_signing.RETRY_PROOF_HEADER
 BARE_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
 # The latest validBefore the platform records (its record's bigint): a uint256 the buyer signs, far beyond any real
 # expiry (EIP-3009 takes any).
@@ -369,6 +373,13 @@ def authorization_refuse_replay(authorization: Authorization, *, is_retry: Retry
                                                nonce=authorization.nonce).first()
     if seen is not None:
         raise _already_used(authorization, seen, is_retry)
+
+
+def retry_proof_valid(record: PaymentAuthorization, proof: str) -> bool:
+    """Whether `proof` is the payer's signature of its retry of what `record` paid: only the payer's key makes one,
+    where the signed payment itself is anyone's once its transaction is sent."""
+    return bool(proof) and x402_signing.retry_proof_signer(proof, payer=record.payer, nonce=record.nonce) == \
+        to_checksum_address(record.payer)
 
 
 def authorization_record(authorization: Authorization) -> PaymentAuthorization:

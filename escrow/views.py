@@ -401,7 +401,9 @@ class SkillInvokeView(APIView):
                     "and nothing is charged. The authorization's nonce is the idempotency key: a retry with the "
                     "same signed payment is 402 `authorization_already_used`, naming the `invocation_id` it bought "
                     "to a retry of the same call only (the same input, by the same agent's key, or anonymously "
-                    "from the same network): the payment's transaction shows the signed payment to anyone. "
+                    "with `X-Payment-Retry-Proof`, the paying wallet's EIP-191 signature of \"Retry the skill "
+                    "invocation paid by x402 authorization {nonce} from {payer}\", both lowercase: the SDK's "
+                    "`sign_retry_proof`): the payment's transaction shows the signed payment to anyone. "
                     "Called with an agent's API key, the payment is a purchase by that agent: its owner's policy "
                     "decides on the skill's price as on a direct purchase (blocked or allowed sellers, services "
                     "and tags, token, max per agreement, and the daily and monthly spend caps, which count the "
@@ -420,7 +422,11 @@ class SkillInvokeView(APIView):
                       for name in agreement_services.PAYMENT_HEADERS),
                     OpenApiParameter(agreement_services.PAYER_HEADER, str, OpenApiParameter.HEADER, required=False,
                                      description="The payer of a bare signature, for a caller without an agent "
-                                                 "API key.")],
+                                                 "API key."),
+                    OpenApiParameter(agreement_services.RETRY_PROOF_HEADER, str, OpenApiParameter.HEADER,
+                                     required=False, description="An anonymous payer's retry with the same signed "
+                                                                 "payment: its wallet's signature naming the "
+                                                                 "authorization (see above).")],
         responses={200: InvocationResultSerializer, 202: InvocationAcceptedSerializer,
                    402: X402PaymentRequiredSerializer, 502: ErrorSerializer, 504: ErrorSerializer,
                    **error_responses(403, 404, 409, 429, 503)},
@@ -440,7 +446,8 @@ class SkillInvokeView(APIView):
                                               message="Pay for this skill with x402 and retry.")
         payment = x402_onchain.SignedPayment(
             header=header, holder=_quote_holder(request),
-            payer=buyer.wallet_address if buyer else request.headers.get(agreement_services.PAYER_HEADER))
+            payer=buyer.wallet_address if buyer else request.headers.get(agreement_services.PAYER_HEADER),
+            retry_proof=request.headers.get(agreement_services.RETRY_PROOF_HEADER, ""))
         try:
             outcome = x402_onchain.invocation_invoke(skill=skill, buyer=buyer, input=body.validated_data["input"],
                                                      payment=payment, client=client_network(request),

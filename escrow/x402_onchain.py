@@ -152,6 +152,7 @@ class SignedPayment:
     header: str
     payer: str | None = None  # the calling agent's wallet, else X-Payment-From
     holder: str = ""  # whom the 402 quoted (agreements' x402 quote)
+    retry_proof: str = ""  # an anonymous payer's retry: its signature proving the payment is its own
 
 
 def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: SignedPayment, client: str = ""
@@ -163,7 +164,8 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
     requirements = invocation_requirements(skill)
     authorization = agreement_services.payment_verify(
         payment.header, requirements, payer=payment.payer, holder=payment.holder,
-        is_retry=lambda seen: agreement_services.invocation_is_retry(seen, buyer=buyer, input=input, client=client))
+        is_retry=lambda seen: agreement_services.invocation_is_retry(seen, buyer=buyer, input=input,
+                                                                   retry_proof=payment.retry_proof))
     agreement_services.invocation_failures_check(seller=skill.service.seller, buyer=buyer, payer=authorization.payer,
                                                  client=client)
     payer = relayer.relay_payer(agent=buyer, wallet=authorization.payer, client=client)

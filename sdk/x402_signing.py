@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from eth_account import Account
+from eth_account.messages import encode_defunct
 from x402 import PaymentPayload, PaymentRequirements, x402ClientSync
 from x402.http import decode_payment_required_header, encode_payment_signature_header, safe_base64_decode
 from x402.mechanisms.evm.exact import ExactEvmScheme
@@ -28,8 +29,13 @@ from sdk import bounded_json, typed_data
 from sdk.networks import NetworkConfig, TokenDomain
 from sdk.safety import DEADLINE_MAX_SECONDS, DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, require_equal
 
-__all__ = ["build_direct_stablecoin_agreement", "new_authorization_nonce", "sign_payment_required",
-           "sign_authorization"]
+__all__ = ["RETRY_PROOF_HEADER", "build_direct_stablecoin_agreement", "new_authorization_nonce",
+           "retry_proof_message", "retry_proof_signer", "sign_authorization", "sign_payment_required",
+           "sign_retry_proof"]
+
+# An anonymous payer's retry of a skill call whose answer it lost sends the same payment header and this one: the
+# payer's signature of `retry_proof_message`. The payment itself proves nothing (its transaction shows it whole).
+RETRY_PROOF_HEADER = "X-Payment-Retry-Proof"
 
 
 def _check_requirements(requirements: PaymentRequirements, field: str, network: NetworkConfig,
@@ -95,6 +101,30 @@ def sign_authorization(requirements: PaymentRequirements, wallet: str | bytes | 
     signature = wallet.sign_typed_data(typed)
     payload = PaymentPayload(payload=ExactEIP3009Payload(authorization, signature).to_dict(), accepted=requirements)
     return encode_payment_signature_header(payload)
+
+
+def retry_proof_message(*, payer: str, nonce: str) -> str:
+    """What a payer signs (EIP-191) to retry the skill call its authorization `nonce` paid."""
+    return f"Retry the skill invocation paid by x402 authorization {nonce.lower()} from {payer.lower()}"
+
+
+def sign_retry_proof(payment_header: str, private_key: str | bytes) -> str:
+    """The `RETRY_PROOF_HEADER` value for a retry with `payment_header` (which `private_key` signed): a lost answer's
+    retry is 402 `authorization_already_used` naming the invocation the payment bought only with it (or an agent's
+    API key)."""
+    authorization = PaymentPayload.model_validate_json(safe_base64_decode(payment_header)).payload["authorization"]
+    message = retry_proof_message(payer=authorization["from"], nonce=authorization["nonce"])
+    return "0x" + Account.sign_message(encode_defunct(text=message), private_key).signature.hex()
+
+
+def retry_proof_signer(proof: str, *, payer: str, nonce: str) -> str | None:
+    """The address that signed the retry `proof` for the authorization `nonce` of `payer`; None when it is no
+    signature."""
+    try:
+        return str(Account.recover_message(encode_defunct(text=retry_proof_message(payer=payer, nonce=nonce)),
+                                           signature=bytes.fromhex(proof.removeprefix("0x"))))
+    except (ValueError, TypeError):
+        return None
 
 
 def new_authorization_nonce() -> str:

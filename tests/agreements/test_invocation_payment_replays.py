@@ -6,7 +6,8 @@ from x402.http import decode_payment_required_header, encode_payment_signature_h
 from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload
 
 from escrow.models import ChainTransaction
-from tests.agreements.test_invocations import Market
+from sdk.x402_signing import RETRY_PROOF_HEADER, sign_retry_proof
+from tests.agreements.test_invocations import Market, _from_client
 from tests.catalog.factories import AgentFactory, issue_key
 from tests.conftest import Api
 
@@ -34,15 +35,19 @@ def rebuilt_from_the_chain(market, skill: str = "translate") -> str:
         resource=required.resource))
 
 
-@pytest.mark.parametrize("onlooker, text", [
-    ("anonymous", "anything"),  # the input is the payer's: unknown to whoever reads the chain
-    ("an_agent", "my secret letter"),  # the input guessed, with another agent's key
+@pytest.mark.parametrize("onlooker, text, proof_by", [
+    ("anonymous", "anything", None),  # the input is the payer's: unknown to whoever reads the chain
+    ("an_agent", "my secret letter", None),  # the input guessed, with another agent's key
+    # the input guessed, anonymously from the payer's network (a shared NAT, proxy or forwarded address)
+    ("anonymous", "my secret letter", None),
+    ("anonymous", "my secret letter", "buyer2"),  # ... with a retry proof signed by the onlooker's own wallet
 ])
 def test_a_payment_rebuilt_from_the_chain_does_not_name_the_invocation_it_bought(
-        market, onlooker, text, django_capture_on_commit_callbacks):
+        market, onlooker, text, proof_by, django_capture_on_commit_callbacks):
     """The payment's transaction shows the whole signed authorization: replayed by anyone within its window, the
     402 `authorization_already_used` named the invocation, whose result `GET /services/{id}` shows to
-    whoever holds its id: a paid result for free."""
+    whoever holds its id: a paid result for free. Anonymously it was named to any caller from the payer's network
+    (the same input guessed): only the payer's retry proof names it."""
     market.upstream.responses.append((200, {"translation": "bonjour"}))
     with django_capture_on_commit_callbacks(execute=True):
         paid = market.caller.post("/agents/sol/translate", {"input": {"text": "my secret letter"}},
@@ -50,21 +55,29 @@ def test_a_payment_rebuilt_from_the_chain_does_not_name_the_invocation_it_bought
     assert paid.status_code == 200, paid.content
 
     caller = Api(issue_key(AgentFactory(handle="eve"))) if onlooker == "an_agent" else Api()
-    replay = caller.post("/agents/sol/translate", {"input": {"text": text}},
-                         headers={"X-PAYMENT": rebuilt_from_the_chain(market)})
+    rebuilt = rebuilt_from_the_chain(market)
+    headers = {"X-PAYMENT": rebuilt}
+    if proof_by:
+        headers[RETRY_PROOF_HEADER] = sign_retry_proof(rebuilt, getattr(market.chain.accounts, proof_by).key)
+    replay = caller.post("/agents/sol/translate", {"input": {"text": text}}, headers=headers)
 
     assert (replay.status_code, replay.json()["error"]) == (402, "authorization_already_used"), replay.content
     assert "invocation_id" not in replay.json()["details"]
     assert len(market.upstream.requests) == 1
 
 
-def test_the_payers_own_retry_of_the_same_call_still_learns_its_invocation(market, django_capture_on_commit_callbacks):
+@pytest.mark.parametrize("network", ["the_payers", "another"])
+def test_the_payers_own_retry_of_the_same_call_still_learns_its_invocation(
+        market, network, django_capture_on_commit_callbacks):
+    """An anonymous payer proves the retry its own with its wallet's signature (the SDK's `sign_retry_proof`),
+    from whichever network its retry comes."""
     market.upstream.responses.append((200, {"translation": "bonjour"}))
     payment = market.pay("translate")
     with django_capture_on_commit_callbacks(execute=True):
         first = market.call("translate", payment, header="X-PAYMENT")
 
-    retry = market.call("translate", payment, header="X-PAYMENT")
+    api = _from_client("198.51.100.7") if network == "another" else None
+    retry = market.call("translate", payment, header="X-PAYMENT", api=api, retry_proof_key=market.buyer.key)
 
     assert (retry.status_code, retry.json()["error"]) == (402, "authorization_already_used")
     assert retry.json()["details"]["invocation_id"] == first.json()["invocation_id"]

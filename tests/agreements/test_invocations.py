@@ -28,7 +28,7 @@ from escrow.models import ChainTransaction, RelayRevert
 from marketplace import outbound_slots
 from policies.models import ApprovalRequest
 from sdk import proxy_signature, typed_data
-from sdk.x402_signing import sign_authorization, sign_payment_required
+from sdk.x402_signing import RETRY_PROOF_HEADER, sign_authorization, sign_payment_required, sign_retry_proof
 from tests.chain_fixtures import TOKEN_NAMES
 from tests.agreements.helpers import proposal, propose
 from tests.catalog.factories import AgentFactory, issue_key, register_service
@@ -67,10 +67,13 @@ class Market:
                      (self.buyer.address, self.seller.wallet_address, self.treasury))
 
     def call(self, skill: str, payment: str | None = None, header: str = "X-Payment-Signature",
-             api: Api | None = None, seller: str = "sol"):
-        """Anonymous, or as the agent whose key `api` holds."""
+             api: Api | None = None, seller: str = "sol", retry_proof_key: str | None = None):
+        """Anonymous, or as the agent whose key `api` holds; a retry proven by `retry_proof_key`'s signature."""
+        headers = {header: payment} if payment else {}
+        if retry_proof_key:
+            headers[RETRY_PROOF_HEADER] = sign_retry_proof(payment, retry_proof_key)
         return (api or self.caller).post(f"/agents/{seller}/{skill}", {"input": {"text": "hello"}},
-                                         headers={header: payment} if payment else None)
+                                         headers=headers or None)
 
     def pay(self, skill: str, seller: str = "sol", key: str | None = None, **overrides) -> str:
         """Sign what the skill's 402 asks for (with `overrides` applied to its x402 requirements when given), from
@@ -471,7 +474,7 @@ def test_a_replayed_authorization_is_refused_and_charged_once(market, django_cap
         first = market.call("translate", payment)
     assert first.status_code == 200
 
-    replay = market.call("translate", payment)
+    replay = market.call("translate", payment, retry_proof_key=market.buyer.key)
 
     assert replay.status_code == 402
     assert replay.json()["error"] == "authorization_already_used"
