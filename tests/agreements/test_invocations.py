@@ -395,13 +395,23 @@ def test_a_seller_dribbling_its_answer_head_times_out_at_the_skills_limit_and_is
     assert invocation["status"] == "timeout" and invocation["payment"]["status"] == "refunded"
 
 
-@pytest.mark.parametrize("failure", ["seller_answers_500", "address_saved_before_it_was_checked"])
-def test_a_failed_async_invocation_is_refunded(market, failure, django_capture_on_commit_callbacks):
+HOSTILE_ANSWERS = {  # a seller's answer to a paid call: none may leave it paid but unrefunded, or crash the run
+    "seller_answers_500": (500, {"error": "model crashed"}),
+    "not_json": (200, b"<html>done</html>"),
+    "too_large": (200, {"result": "x" * 4096}),  # above the UPSTREAM_ANSWER_MAX_BYTES the test sets
+    "redirect_to_an_internal_address": (302, b"", 0, {"Location": "http://169.254.169.254/latest/meta-data/"}),
+    "not_the_gzip_it_says": (200, b"\x1f\x8b not gzip at all", 0, {"Content-Encoding": "gzip"}),
+}
+
+
+@pytest.mark.parametrize("failure", [*HOSTILE_ANSWERS, "address_saved_before_it_was_checked"])
+def test_a_failed_async_invocation_is_refunded(market, failure, settings, django_capture_on_commit_callbacks):
     """`address_saved_before_it_was_checked`: a host IDNA forbids, saved before such addresses were refused; httpx
     raised InvalidURL (no HTTPError) out of the run, leaving the paid invocation processing until the sweeper timed
-    it out."""
-    if failure == "seller_answers_500":
-        market.upstream.responses.append((500, {"error": "model crashed"}))
+    it out. A redirect is not followed (to an internal address least of all): the seller failed."""
+    settings.UPSTREAM_ANSWER_MAX_BYTES = 1024
+    if failure in HOSTILE_ANSWERS:
+        market.upstream.responses.append(HOSTILE_ANSWERS[failure])
     else:
         Service.objects.filter(pk=market.service.pk).update(upstream_base_url="http://\u2603.example/api")
     payment = market.pay("render")
@@ -413,7 +423,34 @@ def test_a_failed_async_invocation_is_refunded(market, failure, django_capture_o
 
     invocation = market.caller.get(f"/services/{invocation_id}").json()
     assert invocation["status"] == "failed" and invocation["payment"]["status"] == "refunded", invocation
+    assert invocation["result"] is None
     assert market.balances() == before
+    assert ChainTransaction.objects.filter(purpose="invocation_payout").count() == 0
+
+
+def test_a_sellers_answer_arriving_after_the_sweeper_timed_its_run_out_is_dropped_and_refunded_once(
+        market, monkeypatch, django_capture_on_commit_callbacks):
+    """The seller answers (a result worth paying for) once the sweep has timed the run out and queued the refund:
+    the late result is neither stored nor paid out, the refund made once."""
+    market.upstream.responses.append((200, {"image": "late"}))
+    read_answer = invocations.outbound.json_answer
+
+    def answered_after_the_time_out(response, **kwargs):
+        assert invocations.invocations_sweep(now=timezone.now() + timedelta(hours=1))["timed_out"] == 1
+        return read_answer(response, **kwargs)
+
+    monkeypatch.setattr(invocations.outbound, "json_answer", answered_after_the_time_out)
+    payment = market.pay("render")
+    before = market.balances()
+    with django_capture_on_commit_callbacks(execute=True):
+        invocation_id = market.call("render", payment).json()["invocation_id"]
+    confirm_all(django_capture_on_commit_callbacks)
+
+    invocation = market.caller.get(f"/services/{invocation_id}").json()
+    assert (invocation["status"], invocation["payment"]["status"], invocation["result"]) == ("timeout", "refunded", None)
+    assert market.balances() == before
+    assert [tx.purpose for tx in ChainTransaction.objects.exclude(purpose="invocation_payment")] == [
+        "invocation_refund"]
 
 
 def test_the_sweeper_times_out_an_invocation_whose_worker_died_and_refunds_it(
