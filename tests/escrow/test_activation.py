@@ -9,7 +9,7 @@ from escrow.models import ChainTransaction, TxStatus
 from tests.chain_fixtures import TOKEN_NAMES
 from tests.conftest import codes_at, error_code
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, pay_fees, usdc_balance
-from tests.support.rpc_relay import RpcRelay
+from tests.support.rpc_relay import RpcRelay, node_block_times
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -275,14 +275,7 @@ def test_a_node_answering_a_pending_block_in_the_future_does_not_refuse_a_valid_
     than the later of the latest block's and our clock's, as for a challenge."""
     agreement = parties.accepted_agreement(quantity=100)
     body = parties.signed_activation(agreement["id"])
-    relay = RpcRelay(escrow_chain.node.rpc_url).start()
-    settings.CHAIN_RPC_URL = relay.url
-    try:
-        relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == "pending",
-                      lambda answer: {**answer, "result": {**answer["result"],
-                                                           "timestamp": hex(body["deadline"] + 3600)}})
+    with node_block_times(escrow_chain.node.rpc_url, settings, pending=body["deadline"] + 3600):
         response = parties.activate(agreement["id"], django_capture_on_commit_callbacks, body)
-    finally:
-        relay.stop()
     assert response.status_code == 202, response.content
     assert parties.agreement(agreement["id"])["status"] == "active"

@@ -387,22 +387,13 @@ def test_a_node_answering_a_pending_block_in_the_future_does_not_close_the_chall
     window's end (a misbehaving provider, a clock gone wrong) had the buyer's challenge refused 409
     challenge_window_closed while the chain's window was open, and the seller's proposal finalized unchallenged. The
     pending timestamp is believed no further than the later of the latest block's and our clock's."""
-    from tests.support.rpc_relay import RpcRelay
+    from tests.support.rpc_relay import node_block_times
 
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     body = challenge_of_an_indexed_proposal(funded, chain, capture)
-    relay = RpcRelay(escrow_chain.node.rpc_url).start()
-    settings.CHAIN_RPC_URL = relay.url
-    try:
-        def pending_block(call) -> bool:
-            return call.get("method") == "eth_getBlockByNumber" and call["params"][0] == "pending"
-
-        relay.rewrite(pending_block, lambda answer: {**answer, "result": {
-            **answer["result"], "timestamp": hex(body["deadline"] + 3600)}})
+    with node_block_times(escrow_chain.node.rpc_url, settings, pending=body["deadline"] + 3600):
         with capture(execute=True):
             response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body)
         assert response.status_code == 202, response.content
         confirm_all(capture)
-    finally:
-        relay.stop()
     assert funded.agreement(funded.agreement_id)["status"] == "disputed"

@@ -10,7 +10,8 @@ import json
 import socket
 import threading
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 Call = dict  # one JSON-RPC request: {"method": ..., "params": [...]}
@@ -187,3 +188,20 @@ class RpcRelay:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+@contextmanager
+def node_block_times(upstream_url: str, settings, **timestamps: int) -> Iterator[RpcRelay]:
+    """The marketplace pointed at a relay whose node answers the blocks tagged (`latest=`, `pending=`) with the
+    timestamps given, the rest of each block as it is: a misbehaving provider's clock."""
+    relay = RpcRelay(upstream_url).start()
+    before, settings.CHAIN_RPC_URL = settings.CHAIN_RPC_URL, relay.url
+    for tag, timestamp in timestamps.items():
+        relay.rewrite(lambda call, tag=tag: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == tag,
+                      lambda answer, timestamp=timestamp: {
+                          **answer, "result": {**answer["result"], "timestamp": hex(timestamp)}})
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        settings.CHAIN_RPC_URL = before
