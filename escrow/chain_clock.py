@@ -5,7 +5,7 @@ import logging
 import time
 
 from django.conf import settings
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from escrow import chain
 
@@ -13,6 +13,33 @@ logger = logging.getLogger(__name__)
 
 CHAIN_HEAD_AGE = Gauge("marketplace_chain_head_age_seconds", "Seconds since the latest block, as settlement last "
                        "saw it (settlement and expiry follow the chain's clock).", multiprocess_mode="mostrecent")
+CHAIN_CLOCK_REFUSED = Counter("marketplace_chain_clock_refused_total", "Block timestamps the node answered further "
+                              "ahead of our clock than CHAIN_CLOCK_MAX_LEAD_SECONDS, believed only that far.", ["block"])
+
+
+def _believed(timestamp: int, *, block: str) -> int:
+    """A block's timestamp as the node answers it, believed no further than our clock plus
+    CHAIN_CLOCK_MAX_LEAD_SECONDS (None: unbounded, the dev chain's default, whose tests move its time forward on
+    purpose). A node answering a block far ahead (a misbehaving provider, a clock gone wrong) made everything decided
+    by the chain's clock fall due early: a purchase expired unfunded, a finalize sent that the contract refused (the
+    relayer's gas burnt, the agreement stuck settling). Logged and counted when refused."""
+    lead = settings.CHAIN_CLOCK_MAX_LEAD_SECONDS
+    ours = int(time.time())
+    if lead is None or timestamp <= ours + lead:
+        return timestamp
+    CHAIN_CLOCK_REFUSED.labels(block=block).inc()
+    logger.warning("the node's block time is ahead of our clock by more than CHAIN_CLOCK_MAX_LEAD_SECONDS: "
+                   "believed only that far", extra={"block": block, "lead_seconds": timestamp - ours,
+                                                    "max_lead_seconds": lead})
+    return ours + lead
+
+
+def _latest() -> int:
+    return _believed(chain.latest_block_timestamp(), block="latest")
+
+
+def _next_block() -> int:
+    return _believed(chain.next_block_timestamp(), block="pending")
 
 
 def chain_now(*, next_block: bool = False) -> int:
@@ -23,10 +50,11 @@ def chain_now(*, next_block: bool = False) -> int:
     A stalled chain (no block for CHAIN_STALL_SECONDS) keeps its own time: what falls due waits until blocks
     come again and is never done early. `make run`'s chain mines every 2 s, so it does not stall; on Base a stall
     is a sequencer outage, when nothing could be mined anyway. The age of the latest block is exported
-    (`marketplace_chain_head_age_seconds`) and a stall is logged."""
+    (`marketplace_chain_head_age_seconds`) and a stall is logged. A block time further ahead of our clock than
+    CHAIN_CLOCK_MAX_LEAD_SECONDS is believed only that far (`_believed`)."""
     if next_block:
-        return chain.next_block_timestamp()
-    now = chain.latest_block_timestamp()
+        return _next_block()
+    now = _latest()
     age = time.time() - now
     CHAIN_HEAD_AGE.set(age)
     if age > settings.CHAIN_STALL_SECONDS:
@@ -51,12 +79,20 @@ def next_block_clock_for_refusal() -> int:
     (its time the contract saw), and a next block honestly later than both is a clock skew of seconds on a live chain.
     What the bound lets through that the contract would refuse is refused at the request's simulation, or reverts.
     503 when the node does not answer."""
-    return min(chain.next_block_timestamp(), max(chain.latest_block_timestamp() + 1, int(time.time())))
+    return _next_block_bounded()
+
+
+def _next_block_bounded() -> int:
+    return min(_next_block(), max(_latest() + 1, int(time.time())))
 
 
 def deadline_clock() -> int:
     """Where the deadlines handed out to clients count from (activation signatures, a Masumi purchase's timers):
     the later of our clock and the chain's next block. An idle chain (Anvil mining only on transactions) may have
     a latest block minutes old; a deadline counted from it could be expired when handed out. 503 when the node does
-    not answer."""
-    return max(chain_now_for_request(next_block=True), int(time.time()))
+    not answer.
+
+    The next block's time bounded as for a refusal (`next_block_clock_for_refusal`): a node answering a pending time a
+    year ahead handed out activation signatures valid for a year (refused by the SDK) and a Masumi purchase's timers a
+    year out (refused as more than 30 days ahead, or, its latest block lying too, the buyer's money locked a year)."""
+    return max(next_block_clock_for_refusal(), int(time.time()))

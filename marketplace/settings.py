@@ -439,6 +439,11 @@ CHAIN_SWEEP_AFTER = timedelta(seconds=env.int("CHAIN_SWEEP_AFTER_SECONDS", defau
 ACTIVATION_SIGNATURE_TTL = env.int("ACTIVATION_SIGNATURE_TTL_SECONDS", default=1800)
 # The chain's clock is stalled when its latest block is older than this (see README, "stalled chain").
 CHAIN_STALL_SECONDS = env.int("CHAIN_STALL_SECONDS", default=60)
+# A block's timestamp is believed no further ahead of our clock than this (see README, "Time"): a node answering one
+# far ahead made what the chain's clock decides fall due early. Off (unbounded) by default on the dev chain only,
+# whose tests move its time forward on purpose (evm_increaseTime).
+CHAIN_CLOCK_MAX_LEAD_SECONDS = env.int("CHAIN_CLOCK_MAX_LEAD_SECONDS",
+                                       default=None if CHAIN_ID == DEV_CHAIN_ID else 30)
 # Failed payments whose authorization may still be used (relayer.transactions_recheck_watched) read at most per poll.
 CHAIN_WATCHED_CHECKS_PER_POLL = env.int("CHAIN_WATCHED_CHECKS_PER_POLL", default=50)
 # A party (buyer agent, or payer wallet without one) whose relayed transactions were mined reverted this many times
