@@ -3,10 +3,12 @@ clients count from a pending time bounded as for a refusal; with CHAIN_CLOCK_MAX
 chain but the dev chain, whose tests move its time on purpose) no block's time is believed further than our clock
 plus that lead, so nothing decided off-chain falls due early."""
 
+import runpy
 import time
 
 import pytest
 
+import marketplace.settings
 from escrow import purchases
 from escrow.models import ChainTransaction, TxPurpose
 from tests.escrow.flow import Parties
@@ -79,3 +81,18 @@ def test_a_node_answering_a_latest_block_a_year_ahead_expires_no_masumi_purchase
         with django_capture_on_commit_callbacks(execute=True):
             assert purchases.purchases_tick()["expired"] == 0
     assert parties.agreement(created["agreementId"])["status"] != "expired"
+
+
+@pytest.mark.parametrize(("environment", "lead"), [
+    ({}, None),  # the dev chain (31337): its tests move its time forward on purpose
+    ({"CHAIN_ID": "8453"}, 30),  # Base
+    ({"CHAIN_ID": "84532"}, 30),  # Base Sepolia
+    ({"CHAIN_ID": "8453", "CHAIN_CLOCK_MAX_LEAD_SECONDS": "5"}, 5),
+    ({"CHAIN_CLOCK_MAX_LEAD_SECONDS": "30"}, 30),
+])
+def test_block_times_are_bounded_by_default_off_the_dev_chain(monkeypatch, environment, lead):
+    for name in ("CHAIN_ID", "CHAIN_CLOCK_MAX_LEAD_SECONDS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert runpy.run_path(marketplace.settings.__file__)["CHAIN_CLOCK_MAX_LEAD_SECONDS"] == lead
