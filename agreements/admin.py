@@ -286,10 +286,13 @@ class WebhookSubscriptionForm(forms.ModelForm):
 class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
     list_display = ("short_id", "agent", "url_shown", "is_active", "created_at")
     list_filter = ("is_active",)
-    search_fields = ("url", "agent__handle")
+    # A URL saved with userinfo before it was refused (`marketplace.url_credentials`) is searched by its host,
+    # neither filtered on nor sorted by: whether a row was listed, or where, told its userinfo a character at a time.
+    search_fields = ("url__host_contains", "agent__handle")
+    search_help_text = "An agent's handle, or a host its URL is at."
     readonly_fields = ("secret_hint", "secret_rotation", "created_at")
     exclude = ("secret", "previous_secret", "previous_secret_expires_at")
-    secret_fields = ("secret", "previous_secret")
+    secret_fields = ("secret", "previous_secret", "url")
     formfield_overrides = URLS_ASSUME_HTTPS
     form = WebhookSubscriptionForm
     inlines = [DeliveryInline]
@@ -297,7 +300,7 @@ class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
     short_id = short_id_column()
     secret_rotation = rotation_overlap_column("secret")
 
-    @admin.display(description="url", ordering="url")
+    @admin.display(description="url")
     def url_shown(self, obj):
         return url_credentials.credentials_masked(obj.url)
 
@@ -354,7 +357,7 @@ class WebhookDeliveryAdmin(MoneyRecordAdmin):
     list_display = ("short_id", "event_type", "agreement_short", "subscription_agent", "status", "attempts",
                     "last_status_code", "created_at", "delivered_at")
     list_filter = ("status", "event_type")
-    search_fields = ("id", "subscription__url", "subscription__agent__handle")
+    search_fields = ("id", "subscription__url__host_contains", "subscription__agent__handle")  # as subscriptions
     list_select_related = ("subscription", "subscription__agent")
     actions = [redeliver]
     readonly_fields = [f.name for f in WebhookDelivery._meta.fields]

@@ -219,7 +219,8 @@ class ServiceAdmin(SecretsUnfiltered, admin.ModelAdmin):
     _hidden = ("search_vector", "proxy_secret", "previous_proxy_secret", "previous_proxy_secret_expires_at",
                "upstream_base_url")  # shown as `upstream`, credentials saved in it masked
     exclude = _hidden
-    secret_fields = ("proxy_secret", "previous_proxy_secret")
+    # and the upstream, which may hold credentials saved before they were refused (`marketplace.url_credentials`)
+    secret_fields = ("proxy_secret", "previous_proxy_secret", "upstream_base_url")
     list_select_related = ("seller",)
     date_hierarchy = "created_at"
     inlines = [SkillInline]

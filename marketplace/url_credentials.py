@@ -4,9 +4,16 @@ The marketplace authenticates its calls to sellers and webhook receivers by sign
 Marketplace-Signature), never by a credential the receiver gave it: `outbound.url_check` refuses a URL with userinfo
 (400 `credentials_in_url`), and one saved before is called without it by every client (`without_credentials`),
 shown with it masked to operators and in logs (`credentials_masked`), and without it to anyone but its owner.
+It is searched by its host only (`url__host_contains`): a search on the whole URL told, by whether a row was listed,
+the userinfo a character at a time.
 """
 
+import re
 from urllib.parse import urlsplit
+
+from django.db import models
+from django.db.models import Lookup
+from django.db.models.lookups import IRegex
 
 
 def has_credentials(url: str) -> bool:
@@ -28,3 +35,29 @@ def credentials_masked(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
+# Where a term may match a URL: in its host (and port), past the authority's last `@`, never in its userinfo.
+_NOT_IN_HOST = re.compile(r"[@/?#\\\s]")
+_MATCHES_NOTHING = "^$"  # a URL is never empty
+
+
+@models.URLField.register_lookup
+class HostContains(Lookup):
+    """`url__host_contains=term`: whether the URL's host holds `term` (case-insensitive), on PostgreSQL and SQLite.
+    The admin's lists search URLs with it. A term that could reach past the host (holding `@`, `/`, `?`, `#`) matches
+    nothing: `hunter2@hooks.example.com` would otherwise find `https://user:hunter2@hooks.example.com/`."""
+
+    lookup_name = "host_contains"
+    prepare_rhs = False
+
+    def as_sql(self, compiler, connection):
+        return IRegex(self.lhs, _host_pattern(str(self.rhs))).as_sql(compiler, connection)
+
+
+def _host_pattern(term: str) -> str:
+    if not term or _NOT_IN_HOST.search(term):
+        return _MATCHES_NOTHING
+    # The optional group takes the userinfo up to the authority's last `@`; the term, with what surrounds it, holds
+    # no `@`, so it lies past that one.
+    return rf"^[^:/?#]+://([^/?#]*@)?[^/?#@]*{re.escape(term)}[^/?#@]*([/?#]|$)"

@@ -101,6 +101,31 @@ def test_the_admin_never_shows_the_credentials_in_a_stored_url(operator, stored_
         assert "hooks.example.com" in content or "api.example.com" in content, page
 
 
+def test_staff_cannot_recover_stored_credentials_by_searching_or_filtering_the_admin_lists(
+        settings, stored_with_credentials):
+    """The pages mask a stored URL's userinfo, but the lists searched and filtered on the whole URL: whether a row
+    was still listed for `?q=hooks:h`, `?q=hooks:hu`, … (or `?url__startswith=`, `?upstream_base_url__contains=`)
+    told staff with view permission only the password a character at a time. A URL is searched by its host (the part
+    after any userinfo) and filtered on by nothing."""
+    from tests.marketplace.test_admin_operator_writes import staff_client
+
+    webhook, _ = stored_with_credentials
+    WebhookDelivery.objects.create(subscription_id=webhook["id"], event_type="agreement.proposed", payload={},
+                                   status="failed", last_error="HTTP 500", next_attempt_at=timezone.now())
+    staff = staff_client(settings, "view_webhooksubscription", "view_webhookdelivery", "view_service")
+
+    def listed(page: str, query: dict) -> int | None:
+        response = staff.get(page, query)
+        return response.context["cl"].result_count if response.status_code == 200 else None
+
+    for page in ("/admin/agreements/webhooksubscription/", "/admin/agreements/webhookdelivery/"):
+        assert listed(page, {"q": "hooks.example"}) == 1, page  # by its host, as operators look one up
+        for guess in ("hunter2", "hooks:h", "hunter2@hooks.example.com", "hooks:hunter2@hooks"):
+            assert listed(page, {"q": guess}) == 0, (page, guess)
+    assert listed("/admin/agreements/webhooksubscription/", {"url__startswith": "https://hooks:h"}) is None
+    assert listed("/admin/catalog/service/", {"upstream_base_url__contains": "hunter2"}) is None
+
+
 def test_an_operator_saving_a_webhook_with_stored_credentials_keeps_its_address_without_them(
         operator, seller, stored_with_credentials):
     webhook, _ = stored_with_credentials
