@@ -10,6 +10,7 @@ import threading
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
@@ -21,7 +22,7 @@ from x402.http import decode_payment_signature_header
 from escrow import chain as gateway
 from agreements import services as agreement_services
 from agreements.models import UsageAgreement
-from catalog.models import Service
+from catalog.models import Agent, Service
 from escrow import relayer
 from escrow.models import ChainTransaction, RelayerAccount, TxPurpose, TxStatus
 from sdk import typed_data
@@ -31,7 +32,7 @@ from tests.catalog.factories import register_service
 from tests.escrow.flow import USDC, confirm_all, fund, mined_what_was_sent, poll_mined, usdc_balance
 from tests.escrow.test_indexer import mined
 from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
-from tests.support.operators import form_as_shown
+from tests.support.operators import form_as_shown, staff_account
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -143,7 +144,7 @@ def test_a_purchase_paid_by_a_copy_a_reorg_took_that_cannot_run_again_is_recorde
         operator = admin_user.username
     else:
         call_command("reconcile", "--acknowledge-agreement", agreement["id"], "--reason", "seller paid off-chain",
-                     "--by", "ops", stdout=out)
+                     "--operator", staff_account(), stdout=out)
         assert "Acknowledged 1 reverted direct payment(s)." in out.getvalue()
         operator = "ops"
     assert "Consistent" in out.getvalue() and agreement["id"] in out.getvalue()
@@ -374,7 +375,7 @@ def test_a_cancelled_fee_refund_whose_old_bytes_are_mined_first_is_shown_and_rep
     assert "nonce fill outrun by the bytes it cancels" in dashboard and str(refund.pk) in dashboard
     out = io.StringIO()
     call_command("reconcile", "--acknowledge-nonce-fill", str(fill.pk), "--reason", "the platform bears the fee",
-                 "--by", "ops", stdout=out)
+                 "--operator", staff_account(), stdout=out)
     assert "Consistent" in out.getvalue()
 
 
@@ -804,7 +805,7 @@ def test_an_acknowledged_outrun_fill_a_deep_reorg_reopens_is_reported_again_when
     polls(capture)
     fill = ChainTransaction.objects.get(purpose=TxPurpose.NONCE_FILL)
     call_command("reconcile", "--acknowledge-nonce-fill", str(fill.pk), "--reason", "the platform bears the fee",
-                 "--by", "ops", stdout=io.StringIO())
+                 "--operator", staff_account(), stdout=io.StringIO())
 
     chain.reorg(before_the_old_refund)
     chain.mine(1)  # the old block's number now holds another block, whatever its timestamp
@@ -889,6 +890,35 @@ def test_reconcile_prints_a_sellers_text_with_its_control_characters_escaped(esc
     [line] = [line for line in out.getvalue().splitlines() if agreement["id"] in line]
     assert "(Evil\\x1b[2J\\x1b[32mConsistent\\u202e\\x9b\\r of seller-one," in line, line
     assert not any(ord(char) < 32 or 0x7f <= ord(char) < 0xa0 or char == "\u202e" for char in line)
+
+
+def test_reconcile_acknowledges_a_reverted_payment_only_for_a_staff_operator_who_may_and_owns_no_party(
+        escrow_chain, seller, buyer_api):
+    """Acknowledging a reverted payment writes off what the buyer never paid and the seller was counted. The admin's
+    action takes the change permission and refuses an operator who owns a party (`operator_owns_a_party`); the
+    command recorded whatever `--by` said (the OS user by default) and checked neither. It takes `--operator`, the
+    operator's own account, held to the same rules, and records its username."""
+    agreement = propose(buyer_api, register_service(seller))
+    reverted = UsageAgreement.objects.filter(pk=agreement["id"])
+    reverted.update(payment_reverted_at=timezone.now(), payment_reverted_reason="taken by a reorg")
+    staff_account("viewer", "agreements.view_usageagreement")
+    Agent.objects.filter(pk=seller.pk).update(owner=get_user_model().objects.get(
+        username=staff_account("sellers-owner", "agreements.change_usageagreement")))
+    get_user_model().objects.create_user("customer")  # not staff
+
+    def acknowledge(*operator: str):
+        call_command("reconcile", "--acknowledge-agreement", agreement["id"], "--reason", "seller paid off-chain",
+                     *operator, stdout=io.StringIO())
+
+    for operator, refusal in [((), "--operator USERNAME"), (("--operator", "nobody"), "No active staff account"),
+                              (("--operator", "customer"), "No active staff account"),
+                              (("--operator", "viewer"), "agreements.change_usageagreement"),
+                              (("--operator", "sellers-owner"), "operator_owns_a_party")]:
+        with pytest.raises(CommandError, match=refusal):
+            acknowledge(*operator)
+        assert reverted.get().payment_reversal_acknowledged_at is None, operator
+    acknowledge("--operator", staff_account("colleague", "agreements.change_usageagreement"))
+    assert reverted.get().payment_reversal_acknowledged_by == "colleague"
 
 
 def test_a_fee_collection_a_reorg_takes_that_cannot_run_again_is_no_longer_counted_collected(

@@ -19,7 +19,7 @@ from sdk.typed_data import sign_typed_data
 from tests.conftest import error_code
 from tests.escrow.flow import USDC, Parties, confirm_all, sign_activation, usdc_balance
 from tests.escrow.conftest import escrow_terms
-from tests.support.operators import form_as_shown
+from tests.support.operators import form_as_shown, staff_account
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -288,9 +288,11 @@ def test_an_operator_acknowledges_unapplied_events_in_the_admin_or_with_reconcil
         call_command("reconcile", stdout=io.StringIO())
 
     with pytest.raises(CommandError, match="reason_required"):
-        call_command("reconcile", "--acknowledge", str(second.pk), stdout=io.StringIO())
+        call_command("reconcile", "--acknowledge", str(second.pk), "--operator", staff_account(),
+                     stdout=io.StringIO())
     out = io.StringIO()
-    call_command("reconcile", "--acknowledge", str(second.pk), "--reason", "seen", "--by", "ops", stdout=out)
+    call_command("reconcile", "--acknowledge", str(second.pk), "--reason", "seen", "--operator", staff_account(),
+                 stdout=out)
     assert "Acknowledged 1 unapplied event(s)." in out.getvalue() and "Consistent" in out.getvalue()
     assert "acknowledged by ops at " in out.getvalue() and f"acknowledged by {admin_user.username} at" in out.getvalue()
     # Still visible in the admin, filtered as acknowledged.

@@ -28,7 +28,7 @@ from tests.conftest import Api
 from tests.escrow.flow import USDC, confirm_all, fund, mined_what_was_sent, usdc_balance
 from tests.escrow.test_indexer import mined
 from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
-from tests.support.operators import form_as_shown
+from tests.support.operators import form_as_shown, staff_account
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -137,7 +137,7 @@ def test_a_payment_a_reorg_took_after_the_payout_that_cannot_run_again_is_record
         call_command("reconcile", stdout=io.StringIO())
     out = io.StringIO()
     call_command("reconcile", "--acknowledge-invocation", invocation_id, "--reason", "the platform bears it",
-                 "--by", "ops", stdout=out)
+                 "--operator", staff_account(), stdout=out)
     assert "Acknowledged 1 reverted invocation payment(s)." in out.getvalue() and "Consistent" in out.getvalue()
     assert "acknowledged by ops at " in out.getvalue() and invocation_id in out.getvalue()
     assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_reverted"
@@ -515,7 +515,7 @@ def assert_paid_out_by_the_cancelled_payout(market, invocation_id: str, payout, 
         call_command("reconcile", stdout=out)
     assert invocation_id in out.getvalue() and f"nonce fill {fill.pk}" in out.getvalue()
     call_command("reconcile", "--acknowledge-invocation", invocation_id, "--acknowledge-nonce-fill", str(fill.pk),
-                 "--reason", "the platform bears it", "--by", "ops", stdout=io.StringIO())
+                 "--reason", "the platform bears it", "--operator", staff_account(), stdout=io.StringIO())
     call_command("reconcile", stdout=io.StringIO())
 
 

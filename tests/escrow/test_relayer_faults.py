@@ -20,7 +20,7 @@ from escrow.models import (ChainEvent, ChainTransaction, EventEffect, RelayerAcc
 from escrow.tasks import submit_transaction
 from marketplace.sweeps import RowsFailed
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, mined_what_was_sent, onchain_escrow, usdc_balance
-from tests.support.operators import form_as_shown
+from tests.support.operators import form_as_shown, staff_account
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -542,7 +542,8 @@ def test_the_old_bytes_of_a_cancelled_transaction_mined_first_are_named_by_its_f
     dashboard = admin_client.get("/admin/dashboard/").content.decode()
     assert "nonce fill outrun by the bytes it cancels" in dashboard and str(failed.pk) in dashboard
     with pytest.raises(CommandError, match="reason_required"):
-        call_command("reconcile", "--acknowledge-nonce-fill", str(fill.pk), stdout=io.StringIO())
+        call_command("reconcile", "--acknowledge-nonce-fill", str(fill.pk), "--operator", staff_account(),
+                     stdout=io.StringIO())
     out = io.StringIO()
     if acknowledged_in == "admin":
         changelist = reverse("admin:escrow_chaintransaction_changelist")
@@ -555,7 +556,7 @@ def test_the_old_bytes_of_a_cancelled_transaction_mined_first_are_named_by_its_f
         operator = admin_user.username
     else:
         call_command("reconcile", "--acknowledge-nonce-fill", str(fill.pk), str(successor.pk), "--reason",
-                     "the activation ran once", "--by", "ops", stdout=out)
+                     "the activation ran once", "--operator", staff_account(), stdout=out)
         assert "Acknowledged 1 nonce fill(s)." in out.getvalue()
         operator = "ops"
     assert "Consistent" in out.getvalue()

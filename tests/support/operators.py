@@ -105,3 +105,19 @@ def form_as_shown(html: str, form_id: str) -> dict[str, str | list[str]]:
     parser = _FormFields(form_id)
     parser.feed(html)
     return parser.fields
+
+
+def staff_account(username: str = "ops", *permissions: str):
+    """An active staff account (not a superuser) with these permissions ("app_label.codename"; every one when none
+    is given): the operator `manage.py reconcile --operator` names. Its username."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
+
+    account, _ = get_user_model().objects.get_or_create(username=username, defaults={"is_staff": True})
+    granted = Permission.objects.all()
+    if permissions:
+        granted = granted.filter(
+            pk__in=[Permission.objects.get(content_type__app_label=label, codename=codename).pk
+                    for label, _, codename in (permission.partition(".") for permission in permissions)])
+    account.user_permissions.add(*granted)
+    return account.get_username()

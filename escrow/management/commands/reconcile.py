@@ -7,13 +7,15 @@ truth). It also lists, without failing, the escrows reclaimed for the buyer with
 usage charged that was never proposed (the seller unpaid: the contract allows nothing else), and the disputes within
 DISPUTE_TIMEOUT_WARNING_SECONDS of their on-chain timeout (unresolved then, the buyer gets the whole deposit back). An operator who looked into one acknowledges it (`--acknowledge ID` for an
 event, `--acknowledge-invocation INVOCATION_ID` or `--acknowledge-agreement AGREEMENT_ID` for a reverted payment,
-`--acknowledge-nonce-fill TRANSACTION_ID` for a fill, with `--reason ...`; or the admin's actions): it is still
-listed, and no longer fails the command."""
+`--acknowledge-nonce-fill TRANSACTION_ID` for a fill, with `--reason ...` and `--operator USERNAME`; or the admin's
+actions): it is still listed, and no longer fails the command. `--operator` names the operator's own account, held to
+what the admin's action holds them to: an active staff account with the change permission on what it acknowledges,
+owning neither party of a reverted payment (`operator_owns_a_party`); its username is what the row records."""
 
-import getpass
 import uuid
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
@@ -87,6 +89,29 @@ def _uuids(ids: list[str], what: str) -> list[uuid.UUID]:
         raise CommandError(f"Not {what} id among {' '.join(ids)}") from error
 
 
+# What each acknowledgement takes: the change permission on its rows, as the admin's action (`may_operate`).
+_ACKNOWLEDGE_PERMISSION = {"acknowledge": "escrow.change_chainevent",
+                           "acknowledge_invocation": "agreements.change_skillinvocation",
+                           "acknowledge_agreement": "agreements.change_usageagreement",
+                           "acknowledge_nonce_fill": "escrow.change_chaintransaction"}
+
+
+def _operator(username: str, acknowledging: list[str]):
+    """The account acknowledging (`acknowledging`: the options given): an active staff account with each one's
+    permission. A name typed freely (the OS user by default) recorded anyone, and left the rule that an operator does
+    not write off their own agent's payment with nobody to apply it to."""
+    if not username:
+        raise CommandError("Name your operator account: --operator USERNAME (recorded with the acknowledgement).")
+    account = get_user_model().objects.filter(**{get_user_model().USERNAME_FIELD: username}).first()
+    if account is None or not (account.is_active and account.is_staff):
+        raise CommandError(f"No active staff account {username!r}: --operator names an operator's own account.")
+    missing = sorted({_ACKNOWLEDGE_PERMISSION[option] for option in acknowledging} - {
+        permission for permission in _ACKNOWLEDGE_PERMISSION.values() if account.has_perm(permission)})
+    if missing:
+        raise CommandError(f"{username} may not acknowledge these: the permission {', '.join(missing)} is missing.")
+    return account
+
+
 def _invocation_pks(public_ids: list[str]) -> list:
     pks = [agreement_selectors.invocation_pk(public_id) for public_id in public_ids]
     if None in pks:
@@ -112,21 +137,25 @@ class Command(BaseCommand):
                             help="Acknowledge these nonce fills outrun by the old bytes of the transaction they "
                                  "cancel first (ids as in the admin's Chain transactions); requires --reason.")
         parser.add_argument("--reason", default="", help="Why the acknowledged events or payments need no action.")
-        parser.add_argument("--by", default="", help="Who acknowledges (default: the OS user).")
+        parser.add_argument("--operator", default="", metavar="USERNAME",
+                            help="Your operator account (an active staff user with the change permission on what "
+                                 "you acknowledge): required to acknowledge, recorded with it.")
 
     def handle(self, *args, **options):
-        acknowledged_by = {"operator": options["by"] or getpass.getuser(), "reason": options["reason"]}
+        acknowledging = [option for option in _ACKNOWLEDGE_PERMISSION if options[option]]
+        account = _operator(options["operator"], acknowledging) if acknowledging else None
+        acknowledged_by = {"operator": account.get_username() if account else "", "reason": options["reason"]}
         if options["acknowledge"]:
             self._acknowledge_with(indexer.events_acknowledge, "unapplied event(s)", acknowledged_by,
                                    events=ChainEvent.objects.filter(pk__in=options["acknowledge"]))
         if options["acknowledge_invocation"]:
             self._acknowledge_with(agreement_services.reverted_payments_acknowledge,
-                                   "reverted invocation payment(s)", acknowledged_by,
+                                   "reverted invocation payment(s)", acknowledged_by, operator_account=account,
                                    payments=SkillInvocation.objects.filter(
                                        pk__in=_invocation_pks(options["acknowledge_invocation"])))
         if options["acknowledge_agreement"]:
             self._acknowledge_with(agreement_services.reverted_payments_acknowledge, "reverted direct payment(s)",
-                                   acknowledged_by, payments=UsageAgreement.objects.filter(
+                                   acknowledged_by, operator_account=account, payments=UsageAgreement.objects.filter(
                                        pk__in=_uuids(options["acknowledge_agreement"], "an agreement")))
         if options["acknowledge_nonce_fill"]:
             self._acknowledge_with(services.nonce_fills_acknowledge, "nonce fill(s)", acknowledged_by,
