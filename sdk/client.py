@@ -33,12 +33,14 @@ Retries: a 503 (a dependency such as the chain RPC is down), a connection failur
 here: reads and searches change nothing, accept/reject/cancel are no-ops when repeated, and every request that
 creates something or moves money carries an `Idempotency-Key` that stays the same across its retries, so the
 server answers a repeat with the first response instead of acting twice. A metered call is retried only when it
-carries a `request_nonce` (`call_metered`), for the same reason.
+carries a `request_nonce` (`call_metered`), for the same reason; a skill's paid call only with the payment header
+signed for it (`invoke_skill`), never a new one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 import uuid
@@ -92,6 +94,8 @@ CHALLENGE_WINDOW_MIN_SECONDS = 3600
 _ERROR_TEXT_CHARS = 500
 # How many proposals a client remembers (`activate_escrow` holds an agreement to what was proposed).
 _PROPOSALS_REMEMBERED = 4096
+# An invocation in one of these statuses runs no more: nothing to wait for.
+_INVOCATION_ENDED = frozenset({"completed", "failed", "timeout"})
 
 
 class MarketplaceError(Exception):
@@ -181,6 +185,8 @@ class MarketplaceClient:
         self._payment_authorizations: OrderedDict[str, tuple[str, str]] = OrderedDict()
         # idempotency key -> the direct purchase signed under it, which a repeat of the key sends again
         self._direct_purchases: OrderedDict[str, _SignedPurchase] = OrderedDict()
+        # idempotency key -> the skill call paid under it, whose payment a repeat of the key sends again
+        self._skill_payments: OrderedDict[str, _SignedSkillCall] = OrderedDict()
 
     def close(self) -> None:
         self._http.close()
@@ -842,26 +848,69 @@ class MarketplaceClient:
 
     def invoke_skill(self, handle: str, skill: str, input: Mapping[str, Any], *, private_key: str,
                      max_amount_atomic: int, wait: bool = True, timeout: float = 300.0,
-                     poll_interval: float = 1.0) -> dict[str, Any]:
+                     poll_interval: float = 1.0, idempotency_key: str | None = None) -> dict[str, Any]:
         """Call `POST /agents/{handle}/{skill}`, paying what its 402 asks with the wallet `private_key` (signed here
         with x402, never above `max_amount_atomic` base units), and return the answer.
 
         A sync skill answers `{"result", "payment"}`. An async one answers `{"invocation_id", ...}`; with `wait`
         this polls `GET /services/{invocation_id}` until the invocation is completed, failed or timed out and
-        returns that. A refused payment raises `MarketplaceError` (status 402, its code).
+        returns that. A refused payment raises `MarketplaceError` (status 402, its code), and nothing is signed
+        again.
+
+        One call signs one authorization. The paid POST is retried like the other requests (a connection failure
+        or timeout, a 503) with the same payment header: the marketplace may have taken the payment before the
+        answer was lost, and a second authorization (another nonce) could be settled besides the first. A repeat
+        it answers 402 `authorization_already_used` naming the invocation returns that invocation. A repeat of the
+        call by the caller (after the SDK's retries ran out) under the same `idempotency_key` re-sends the
+        authorization signed the first time, signing nothing new; the same key for another call (skill, input,
+        wallet or bound) raises ValueError. Without a key, each call signs its own payment.
         """
         path = f"/agents/{handle}/{skill}"
-        first = self._http.request("POST", path, json={"input": dict(input)})
-        if first.status_code != 402:
-            return self._answer(first)
-        header = sign_payment_required(first.headers["PAYMENT-REQUIRED"], private_key,
-                                       max_amount_atomic=max_amount_atomic, network=self.network,
-                                       token_domain=self.token_domain())
-        answer = self._answer(self._http.request("POST", path, json={"input": dict(input)},
-                                                 headers={"X-PAYMENT": header}))
-        if "invocation_id" in answer and "result" not in answer and wait:
+        body = {"input": dict(input)}
+        call = _SkillCall(handle, skill, json.dumps(body, sort_keys=True), as_wallet(private_key).address.lower(),
+                          max_amount_atomic)
+        signed = None
+        if idempotency_key is not None:
+            with self._lock:
+                signed = self._skill_payments.get(idempotency_key)
+            if signed is not None:
+                signed.check_repeat(call, idempotency_key)
+        if signed is None:
+            first = self._http.request("POST", path, json=body)
+            if first.status_code != 402:
+                return self._answer(first)
+            header = sign_payment_required(first.headers["PAYMENT-REQUIRED"], private_key,
+                                           max_amount_atomic=max_amount_atomic, network=self.network,
+                                           token_domain=self.token_domain())
+            signed = _SignedSkillCall(call, header)
+            if idempotency_key is not None:
+                with self._lock:  # a concurrent repeat that signed first: its payment is the one sent
+                    signed = self._skill_payments.setdefault(idempotency_key, signed)
+                    while len(self._skill_payments) > _PROPOSALS_REMEMBERED:
+                        self._skill_payments.popitem(last=False)
+                signed.check_repeat(call, idempotency_key)
+        answer = self._send_skill_payment(path, body, signed.payment_header)
+        # A sync skill's answer holds its result; an async one's does not (read once ended), and the invocation a
+        # repeat learns may still run.
+        running = "result" not in answer or answer.get("status", "completed") not in _INVOCATION_ENDED
+        if "invocation_id" in answer and running and wait:
             return self.wait_for_invocation(answer["invocation_id"], timeout=timeout, poll_interval=poll_interval)
         return answer
+
+    def _send_skill_payment(self, path: str, body: Mapping[str, Any], payment_header: str) -> dict[str, Any]:
+        """The paid POST, retried with the same header; a payment the marketplace took already (an earlier attempt's
+        answer lost) reads the invocation it bought."""
+        def send() -> dict[str, Any]:
+            response = self._http.request("POST", path, json=body, headers={"X-PAYMENT": payment_header})
+            if response.is_success:
+                return json_answer(response)
+            error = MarketplaceError.from_response(response)
+            bought = error.details.get("invocation_id")
+            if error.code == "authorization_already_used" and isinstance(bought, str) and bought:
+                return self.get_invocation(bought)
+            raise error
+
+        return self._retrying(send, attempts=self._retries + 1, transient=lambda error: error.transient)
 
     def get_invocation(self, invocation_id: str) -> dict[str, Any]:
         return self._request("GET", f"/services/{invocation_id}")
@@ -997,6 +1046,30 @@ class _SignedPurchase:
                 authorization_nonce not in (None, self.authorization_nonce)):
             raise ValueError(f"idempotency_key {idempotency_key!r} was used for another direct purchase (or "
                              "another permit or authorization nonce): a repeat re-sends the payment signed then")
+
+
+@dataclass(frozen=True)
+class _SkillCall:
+    """What a caller asked `invoke_skill` for: a repeat of its idempotency key must ask for the same."""
+
+    handle: str
+    skill: str
+    body: str  # the request's JSON, canonical
+    payer: str
+    max_amount_atomic: int
+
+
+@dataclass(frozen=True)
+class _SignedSkillCall:
+    """A skill call paid under an idempotency key: the payment header signed for it, which a repeat sends again."""
+
+    call: _SkillCall
+    payment_header: str
+
+    def check_repeat(self, call: _SkillCall, idempotency_key: str) -> None:
+        if call != self.call:
+            raise ValueError(f"idempotency_key {idempotency_key!r} was used for another skill call (skill, input, "
+                             "wallet or max_amount_atomic): a repeat re-sends the payment signed then")
 
 
 @dataclass(frozen=True)

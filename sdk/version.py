@@ -1,5 +1,10 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.14: invoke_skill retries the paid POST (a connection failure or timeout, a 503) with the same payment header and
+# reads the invocation a repeat answered 402 authorization_already_used names; it takes idempotency_key=, whose repeat
+# re-sends the authorization signed the first time (a caller's retry after a lost answer signed a second one, under a
+# new nonce, which a compromised marketplace could settle besides the first), and refuses the key for another call
+# (ValueError);
 # 0.4.13: propose_direct_purchase repeated under the same idempotency_key re-sends the payment authorization and fee
 # permit it signed the first time (a second authorization, under a new nonce, was signed and handed to the
 # marketplace, which only the first's cancellation revoked), and refuses the key for another purchase (ValueError);
@@ -64,4 +69,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.13"
+VERSION = "0.4.14"
