@@ -58,7 +58,8 @@ from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES
                               DeadlineExceeded, deadline_passed, deadline_within, json_answer, time_left)
 from sdk.networks import NetworkConfig, TokenDomain
 from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, MalformedAnswer, RpcError
-from sdk.receipts import UsageTermsMismatch, UsageVerificationTimedOut, VerifiedUsage, verify_usage
+from sdk.receipts import (UsageChainMismatch, UsageTermsMismatch, UsageVerificationTimedOut, VerifiedUsage,
+                          verify_usage)
 from sdk.safety import (DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data,
                         require_equal)
 from sdk.terms import AgreedTerms, agreed_time, agreed_whole, check_onchain_id, stated_terms_hash, unix_time
@@ -614,7 +615,8 @@ class MarketplaceClient:
         cumulative sums, digest chain (recomputed from the events' fields) and every receipt's signature against
         the on-chain receipt signer; a proposed settlement must be the last receipt. The agreement must be its
         escrow's: its own escrow id (`sdk.terms.check_onchain_id`), and the terms the escrow's on-chain `termsHash`
-        commits to (`UsageTermsMismatch`), so each cost is checked against the unit price the buyer signed. Raises a
+        commits to (`UsageTermsMismatch`), so each cost is checked against the unit price the buyer signed. The RPC
+        must serve the pinned network's chain (its `eth_chainId`, asked first: else `UsageChainMismatch`). Raises a
         subclass of `sdk.receipts.UsageVerificationError` naming the first discrepancy.
 
         The escrow read is the buyer's (escrows are keyed by buyer and id, and anyone may open one under an
@@ -677,6 +679,15 @@ class MarketplaceClient:
             raise UsageTermsMismatch(f"the agreement's escrow id, buyer or terms cannot be checked: {unusable}"
                                      ) from unusable
         reader = self._reader()
+        # Asked on every verification, not cached: an RPC URL (a load balancer) may serve another node later.
+        try:
+            served = reader.chain_id()
+        except MalformedAnswer as unreadable:
+            raise UsageChainMismatch(f"the RPC's chain id does not read (the pinned network's is "
+                                     f"{self.network.chain_id}): {unreadable}") from unreadable
+        if served != self.network.chain_id:
+            raise UsageChainMismatch(f"the RPC serves chain {served}, not the pinned network's "
+                                     f"{self.network.chain_id}: its escrow is not the agreement's")
         activation_tx = agreement.get("activation_tx_hash")
         try:
             from_block = reader.transaction_block(activation_tx) if activation_tx else None

@@ -163,6 +163,11 @@ class UsageTermsMismatch(UsageVerificationError):
     `termsHash` commits to, which the buyer signed."""
 
 
+class UsageChainMismatch(UsageVerificationError):
+    """The buyer's RPC serves another chain than the pinned network's (its `eth_chainId`), or its chain id does not
+    read: an escrow read there is not the agreement's."""
+
+
 class SettlementProposalMismatch(UsageVerificationError):
     """The settlement proposed on-chain is not the last receipt (amount above it, or another digest)."""
 

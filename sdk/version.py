@@ -4,7 +4,9 @@
 # reads the invocation a repeat answered 402 authorization_already_used names; it takes idempotency_key=, whose repeat
 # re-sends the authorization signed the first time (a caller's retry after a lost answer signed a second one, under a
 # new nonce, which a compromised marketplace could settle besides the first), and refuses the key for another call
-# (ValueError);
+# (ValueError); MarketplaceClient.verify_usage asks the RPC's eth_chainId first and refuses another chain's than the
+# pinned network's, or one that does not read (sdk.receipts.UsageChainMismatch): the escrow was read on whatever chain
+# the RPC served;
 # 0.4.13: propose_direct_purchase repeated under the same idempotency_key re-sends the payment authorization and fee
 # permit it signed the first time (a second authorization, under a new nonce, was signed and handed to the
 # marketplace, which only the first's cancellation revoked), and refuses the key for another purchase (ValueError);

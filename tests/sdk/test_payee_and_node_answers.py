@@ -411,6 +411,7 @@ def test_receipts_are_checked_against_the_pinned_receipt_signer_not_only_the_one
 
     reported = {"signer": attacker.address}
     monkeypatch.setattr(ChainReader, "escrow", lambda self, *args, **kwargs: escrow_read(reported["signer"]))
+    monkeypatch.setattr(ChainReader, "chain_id", lambda self: NETWORK.chain_id)
     marketplace = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": listing,
                                                                                 "next_cursor": None}))
     with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url="http://node.invalid",
@@ -450,6 +451,7 @@ def test_the_deposit_the_node_reports_is_held_to_the_agreed_terms(monkeypatch):
         state="active", buyer=agreement["buyer_wallet_address"], seller=SELLER, receipt_signer=signer.address,
         deposit_amount=reported["deposit"], settled_amount=0, last_seq=0, usage_digest=receipts.ZERO_DIGEST,
         terms_hash=stated_terms_hash(agreement, network)))
+    monkeypatch.setattr(ChainReader, "chain_id", lambda self: NETWORK.chain_id)
     marketplace = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": listing,
                                                                                 "next_cursor": None}))
     with MarketplaceClient("https://marketplace.example", "mk_test", network=network, rpc_url="http://node.invalid",
@@ -459,3 +461,41 @@ def test_the_deposit_the_node_reports_is_held_to_the_agreed_terms(monkeypatch):
         reported["deposit"] = 10 * LISTED_PRICE
         with pytest.raises(receipts.UsageAboveDeposit):
             buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
+
+
+def another_chain(self: ChainReader) -> int:
+    return 1  # Ethereum mainnet's, not the pinned Base Sepolia's
+
+
+def unreadable_chain(self: ChainReader) -> int:
+    raise MalformedAnswer("eth_chainId: 'soon' is no hex number")
+
+
+@pytest.mark.parametrize("chain_id", [another_chain, unreadable_chain], ids=["another chain", "unreadable"])
+def test_usage_is_not_verified_through_an_rpc_of_another_chain(monkeypatch, chain_id):
+    """verify_usage read the escrow through the buyer's RPC without asking which chain it serves: pointed at a node
+    of another chain (a mistyped URL, a hostile node), the escrow as read there verified the listing. The RPC's
+    eth_chainId must be the pinned network's (`UsageChainMismatch`), before anything else is read."""
+    from sdk import receipts
+    from sdk.onchain import OnchainEscrow
+    from sdk.terms import stated_terms_hash
+    from tests.sdk.test_receipts import _signed_listing
+
+    signer = Account.from_key(b"\x09" * 32)
+    network = dataclasses.replace(NETWORK, receipt_signer=signer.address)
+    agreement = honest_agreement()
+    listing = _signed_listing(key=signer, chain_id=network.chain_id, escrow_address=network.escrow_address,
+                              agreement_id=agreement["onchain_id"], batches=[[1] * 10], price=LISTED_PRICE)
+    monkeypatch.setattr(ChainReader, "escrow", lambda self, *args, **kwargs: OnchainEscrow(
+        state="active", buyer=agreement["buyer_wallet_address"], seller=SELLER, receipt_signer=signer.address,
+        deposit_amount=10 * LISTED_PRICE, settled_amount=0, last_seq=0, usage_digest=receipts.ZERO_DIGEST,
+        terms_hash=stated_terms_hash(agreement, network)))
+    monkeypatch.setattr(ChainReader, "chain_id", chain_id)
+    marketplace = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": listing,
+                                                                                "next_cursor": None}))
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=network, rpc_url="http://node.invalid",
+                           transport=marketplace) as buyer:
+        with pytest.raises(receipts.UsageChainMismatch, match=str(network.chain_id)):
+            buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
+        monkeypatch.setattr(ChainReader, "chain_id", lambda self: network.chain_id)
+        assert buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"]).events == 10
