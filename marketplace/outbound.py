@@ -373,12 +373,15 @@ def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None
 class _FinalAnswer(http.client.HTTPResponse):
     """An answer read past any informational one (1xx but 101), as http.client skips only 100 Continue: a 103 Early
     Hints or a 102 taken for the answer left the real one unread on a kept-alive connection, for the next call on it
-    (another buyer's) to be given."""
+    (another buyer's) to be given. A 101 (a protocol switch nothing here follows) or a status past 599 (which no
+    answer of ours can carry) is no answer: BadStatusLine, as for a status below 100."""
 
     def _read_status(self):
         while True:
             version, status, reason = super()._read_status()
-            if not 101 < status < 200:  # 100: begin() skips it; 101: a protocol switch, refused as an answer
+            if status == 101 or status > 599:
+                raise http.client.BadStatusLine(f"status {status} is not an answer that can be passed on")
+            if not 101 < status < 200:  # 100: begin() skips it
                 return version, status, reason
             http.client.parse_headers(self.fp)  # the informational answer's head, bounded as any head; dropped
 

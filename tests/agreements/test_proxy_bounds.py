@@ -538,6 +538,24 @@ def test_an_upstreams_early_hints_are_skipped_and_each_call_gets_its_own_answer(
     assert books(active) == (2 * PRICE, 0)
 
 
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nnot-http",
+    b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 999 Odd\r\nContent-Length: 2\r\n\r\n{}",
+], ids=["101", "600", "999"])
+def test_an_upstream_status_no_answer_can_carry_is_502_and_charges_nothing(escrow_chain, head,
+                                                                         django_capture_on_commit_callbacks):
+    """A seller's 101 Switching Protocols was charged as served (the buyer given an empty 101, the connection kept
+    for the next call with the other protocol in it), and a status past 599 was a 500 internal_error (Django's
+    answers carry 100-599 only)."""
+    with _dribbling(head, drip=b"", times=0, pause=0) as upstream_url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, upstream_url)
+        answer = raw(active, "get", f"{active.proxy}/switch", HTTP_X_REQUEST_NONCE="switch-1")
+    assert (answer.status_code, error_code(answer)) == (502, "upstream_unavailable"), answer.content
+    assert books(active) == (0, 0) and not UsageEvent.objects.exists()
+    assert not ProxyReplay.objects.exists()
+
+
 def test_the_replayed_note_of_a_reply_too_large_to_store_has_its_own_length_and_type(active, http_server, settings):
     """The note was stored with the upstream body's Content-Length, Content-Encoding and Content-Type."""
     settings.PROXY_REPLAY_MAX_BYTES = 100
