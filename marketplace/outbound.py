@@ -385,6 +385,19 @@ class _FinalAnswer(http.client.HTTPResponse):
                 return version, status, reason
             http.client.parse_headers(self.fp)  # the informational answer's head, bounded as any head; dropped
 
+    def begin(self):
+        """As http.client's, with the body's framing made one (RFC 9112 6.1, 6.3): a Content-Length beside chunked
+        coding is dropped (the chunks frame the body; passed on, it described bytes the caller never gets), and
+        Content-Length values that differ or are no number are refused as a malformed answer (http.client read the
+        body by the first, the proxy passed on the last)."""
+        super().begin()
+        if self.chunked:
+            del self.msg["content-length"]
+            return
+        lengths = {part.strip() for value in self.msg.get_all("content-length", ()) for part in value.split(",")}
+        if len(lengths) > 1 or any(not (length.isascii() and length.isdigit()) for length in lengths):
+            raise http.client.HTTPException(f"Content-Length {sorted(lengths)} frames no body")
+
 
 class _GuardedConnection(http.client.HTTPConnection):
     """http.client's connection, connecting to the vetted addresses (`vetted_addresses`) of its host, its answers

@@ -542,18 +542,32 @@ def test_an_upstreams_early_hints_are_skipped_and_each_call_gets_its_own_answer(
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nnot-http",
     b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\n{}",
     b"HTTP/1.1 999 Odd\r\nContent-Length: 2\r\n\r\n{}",
-], ids=["101", "600", "999"])
-def test_an_upstream_status_no_answer_can_carry_is_502_and_charges_nothing(escrow_chain, head,
-                                                                         django_capture_on_commit_callbacks):
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 60\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\nConnection: close\r\n\r\n{}",
+], ids=["101", "600", "999", "content-lengths-differ", "content-length-no-number"])
+def test_an_upstream_answer_no_reply_can_carry_is_502_and_charges_nothing(escrow_chain, head,
+                                                                        django_capture_on_commit_callbacks):
     """A seller's 101 Switching Protocols was charged as served (the buyer given an empty 101, the connection kept
-    for the next call with the other protocol in it), and a status past 599 was a 500 internal_error (Django's
-    answers carry 100-599 only)."""
+    for the next call with the other protocol in it); a status past 599 was a 500 internal_error (Django's answers
+    carry 100-599 only); Content-Lengths that differ were charged, the body read by the first and the buyer told
+    the last (a client waiting for bytes that never come), as was a length that is no number."""
     with _dribbling(head, drip=b"", times=0, pause=0) as upstream_url:
         active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, upstream_url)
-        answer = raw(active, "get", f"{active.proxy}/switch", HTTP_X_REQUEST_NONCE="switch-1")
+        answer = raw(active, "get", f"{active.proxy}/odd", HTTP_X_REQUEST_NONCE="odd-1")
     assert (answer.status_code, error_code(answer)) == (502, "upstream_unavailable"), answer.content
     assert books(active) == (0, 0) and not UsageEvent.objects.exists()
     assert not ProxyReplay.objects.exists()
+
+
+def test_a_content_length_beside_chunked_coding_is_not_passed_on(escrow_chain, django_capture_on_commit_callbacks):
+    """The proxy passed on the upstream's Content-Length beside `Transfer-Encoding: chunked`, while it streams the
+    body de-chunked: the buyer was told 50 bytes and given 2 (RFC 9112 6.1: the length must be removed)."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 50\r\n\r\n2\r\nab\r\n0\r\n\r\n"
+    with _dribbling(head, drip=b"", times=0, pause=0) as upstream_url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, upstream_url)
+        answer = raw(active, "get", f"{active.proxy}/chunks")
+    assert (answer.status_code, _body(answer), answer.get("Content-Length")) == (200, b"ab", None)
+    assert books(active) == (PRICE, 0)
 
 
 def test_the_replayed_note_of_a_reply_too_large_to_store_has_its_own_length_and_type(active, http_server, settings):
