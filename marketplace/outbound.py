@@ -389,8 +389,12 @@ class _FinalAnswer(http.client.HTTPResponse):
         """As http.client's, with the body's framing made one (RFC 9112 6.1, 6.3): a Content-Length beside chunked
         coding is dropped (the chunks frame the body; passed on, it described bytes the caller never gets), and
         Content-Length values that differ or are no number are refused as a malformed answer (http.client read the
-        body by the first, the proxy passed on the last)."""
+        body by the first, the proxy passed on the last). So is a head the email parser could not read whole (a space
+        before a colon, a first line folded): it took every header after the bad line for a body, and the proxy
+        charged an answer cut off at its timeout."""
         super().begin()
+        if self.msg.defects:
+            raise http.client.HTTPException(f"a head not read whole: {type(self.msg.defects[0]).__name__}")
         if self.chunked:
             del self.msg["content-length"]
             return

@@ -544,13 +544,18 @@ def test_an_upstreams_early_hints_are_skipped_and_each_call_gets_its_own_answer(
     b"HTTP/1.1 999 Odd\r\nContent-Length: 2\r\n\r\n{}",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 60\r\n\r\n{}",
     b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\nConnection: close\r\n\r\n{}",
-], ids=["101", "600", "999", "content-lengths-differ", "content-length-no-number"])
+    b"HTTP/1.1 200 OK\r\nX-Usage-Cost : 999\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\n no-field-name\r\nContent-Length: 2\r\n\r\n{}",
+], ids=["101", "600", "999", "content-lengths-differ", "content-length-no-number", "space-before-colon",
+        "head-opens-with-a-continuation"])
 def test_an_upstream_answer_no_reply_can_carry_is_502_and_charges_nothing(escrow_chain, head,
                                                                         django_capture_on_commit_callbacks):
     """A seller's 101 Switching Protocols was charged as served (the buyer given an empty 101, the connection kept
     for the next call with the other protocol in it); a status past 599 was a 500 internal_error (Django's answers
     carry 100-599 only); Content-Lengths that differ were charged, the body read by the first and the buyer told
-    the last (a client waiting for bytes that never come), as was a length that is no number."""
+    the last (a client waiting for bytes that never come), as was a length that is no number. A header line http.client
+    cannot read (a space before its colon) ended its reading of the head: every header after it was taken for the body,
+    the call charged and the buyer's answer cut off at the answer's timeout."""
     with _dribbling(head, drip=b"", times=0, pause=0) as upstream_url:
         active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, upstream_url)
         answer = raw(active, "get", f"{active.proxy}/odd", HTTP_X_REQUEST_NONCE="odd-1")
