@@ -102,6 +102,8 @@ def sign_activation_package(package: Mapping[str, Any], wallet: str | bytes | Wa
     if wallet.address.lower() != terms.buyer.lower():
         raise SigningRefused("intent.message.buyer", wallet.address, terms.buyer, "not this wallet's agreement")
     check_seller(terms, expected_seller_wallet_address)
+    if not isinstance(package, Mapping):  # the server's JSON: a list, text or null is no package
+        raise SigningRefused("package", "an object", package)
     for name in package:
         if name not in _PACKAGE_FIELDS:
             raise SigningRefused(name, None, package[name], "unknown field")

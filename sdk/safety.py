@@ -74,9 +74,10 @@ def _same_scalar(expected: Any, received: Any) -> bool:
     if isinstance(received, bool) or isinstance(expected, bool):
         return expected is received
     if isinstance(expected, int):
-        # JSON may carry a uint256 as a decimal string.
+        # JSON may carry a uint256 as a decimal string. Compared as digits: int() raises on one of thousands.
         return isinstance(received, int) and received == expected or (
-            isinstance(received, str) and received.isascii() and received.isdigit() and int(received) == expected)
+            isinstance(received, str) and received.isascii() and received.isdigit() and expected >= 0
+            and received.lstrip("0") == str(expected).lstrip("0"))
     if isinstance(expected, str) and isinstance(received, str) and expected.startswith("0x"):
         return expected.lower() == received.lower()  # addresses (checksum case) and hex bytes
     return bool(expected == received)

@@ -66,8 +66,12 @@ def sign_payment_required(payment_required_header: str, private_key: str, *, max
     longer than `max_validity_seconds`, and (x402's spend controls) anything above `max_amount_atomic` base units.
     The header is the server's JSON: nested deeper than `bounded_json.JSON_MAX_DEPTH`, it raises `InvalidJSON`.
     """
-    bounded_json.loads(safe_base64_decode(payment_required_header))  # before x402's json.loads recurses into it
+    # Parsed before x402's json.loads recurses into it; x402 reads any other JSON than an object with .get().
+    if not isinstance(bounded_json.loads(safe_base64_decode(payment_required_header)), dict):
+        raise SigningRefused("payment_required", "an x402 PaymentRequired object", payment_required_header)
     required = decode_payment_required_header(payment_required_header)
+    if not required.accepts:  # x402's client raises its own NoMatchingRequirementsError on none
+        raise SigningRefused("accepts", "at least one payment requirement", required.accepts)
     for index, requirements in enumerate(required.accepts):
         if not isinstance(requirements, PaymentRequirements):  # an x402 v1 shape: not what this SDK pays
             raise SigningRefused(f"accepts[{index}]", "x402 v2 payment requirements", type(requirements).__name__)

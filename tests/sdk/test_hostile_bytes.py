@@ -1,0 +1,197 @@
+"""The SDK's parsers of what a compromised marketplace (or a seller behind its proxy, or whoever calls a seller's
+webhook) sends, fed arbitrary bytes (hypothesis): each returns a value or raises its documented refusal, never
+another exception. Reproducible: derandomized, so CI runs the same examples; the nasty seeds are `@example`s."""
+
+from __future__ import annotations
+
+import base64
+import json
+import string
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from sdk import SigningRefused, bounded_http, bounded_json, proxy_signature, webhook_signature
+from sdk.activation import sign_activation_package
+from sdk.bounded_http import AnswerRefused, BoundedHttp
+from sdk.hmac_check import canonical_int
+from sdk.x402_signing import sign_payment_required
+from tests.sdk.test_payee_and_node_answers import honest_package
+from tests.sdk.test_signing_bounds import DOMAIN, KEY, NETWORK, payment_required
+
+HOSTILE = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+# JSON values as a server may send them: any nesting, any text, integers beyond any machine word.
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**300, max_value=2**300) | st.floats(allow_nan=False,
+                                                                                            allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+# Text close to JSON: its punctuation, escapes and number parts, where a parser's edge cases are.
+json_ish = st.text(alphabet=st.sampled_from(list('{}[]",:\\u0123456789eE+-.tfnrlsaNIyi ') + ["\ufeff", "\x00", "\ud800",
+                                                                                               "\u2028"]), max_size=60)
+NASTY_JSON = [b"\xef\xbb\xbf{}", b"[" * 100_000, b"1" * 5_000, b"1e400", b"-1e400", b"NaN", b"-Infinity",
+              b'"\\ud800"', b'"\\udc00\\ud800"', b"\xed\xa0\x80", b'{"a":1,"a":2}', b'"\\u0000"', b"\xff\xfe[]",
+              b"0" * 5_000 + b".5", b"1e" + b"9" * 5_000, b'"' + b"\\" * 9_999 + b'"']
+
+
+def nasty_examples(values):
+    def decorate(test):
+        for value in values:
+            test = example(value)(test)
+        return test
+    return decorate
+
+
+@HOSTILE
+@nasty_examples(NASTY_JSON)
+@given(st.one_of(st.binary(max_size=200), json_ish.map(lambda text: text.encode("utf-8", "surrogatepass"))))
+def test_bounded_json_parses_or_refuses_any_bytes(data):
+    try:
+        bounded_json.loads(data)
+    except bounded_json.InvalidJSON as refusal:
+        assert refusal.reason in {"malformed", "too_deep"}
+
+
+@HOSTILE
+@given(json_values)
+def test_bounded_json_reads_back_any_json_it_is_sent(value):
+    assert bounded_json.loads(json.dumps(value)) == value
+
+
+@HOSTILE
+@nasty_examples(["", "0", "00", "+1", "1_0", "٣", "²", " 1", "1" * 5_000, "-0"])
+@given(st.text(max_size=30))
+def test_canonical_int_reads_digits_or_refuses(text):
+    try:
+        number = canonical_int(text)
+    except ValueError:
+        return
+    assert str(number) == text
+
+
+HEADER_NAMES = ["X-Marketplace-Agreement", "X-Marketplace-Call-Seq", "X-Marketplace-Timestamp",
+                "X-Marketplace-Signature", "X-Marketplace-Signature-Previous", "x-marketplace-call-seq", "Other"]
+
+
+@HOSTILE
+@example({"X-Marketplace-Agreement": "a", "X-Marketplace-Call-Seq": "1", "X-Marketplace-Timestamp": "9" * 5_000,
+          "X-Marketplace-Signature": "v1=é"})
+@example({"X-Marketplace-Agreement": "a", "X-Marketplace-Call-Seq": "1", "X-Marketplace-Timestamp": "1",
+          "X-Marketplace-Signature": "\ud800"})
+@given(st.dictionaries(st.sampled_from(HEADER_NAMES) | st.text(max_size=10), st.text(max_size=40), max_size=7))
+def test_a_proxied_calls_signature_check_answers_yes_or_no_to_any_headers(headers):
+    assert proxy_signature.verify("secret", headers, method="GET", path="/x") in (True, False)
+
+
+@HOSTILE
+@example(b"{}", "t=" + "9" * 5_000 + ",v1=ab")
+@example(b'{"id": "\\ud800"}', "t=1,v1=\ud800")
+@example(b"[" * 100_000, "t=1,,=,v1")
+@given(st.binary(max_size=100), st.lists(st.sampled_from(list("tv019=, é\ud800") + ["v1=", "t="]), max_size=30)
+       .map("".join))
+def test_a_webhook_signature_check_answers_yes_or_no_to_any_delivery(body, header):
+    assert webhook_signature.verify("secret", body, header, event_id="evt", event_type="t") in (True, False)
+
+
+def answer(content: bytes, headers: dict[str, str]) -> httpx.Response:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, headers=headers, content=content))
+    return BoundedHttp(deadline=10, max_answer_bytes=10_000, transport=transport).request("GET", "http://m/x")
+
+
+@HOSTILE
+@example(b"\x1f\x8b garbage", {"Content-Encoding": "gzip"})
+@example(b"garbage", {"Content-Encoding": "deflate"})
+@example(b"{}", {"Content-Encoding": "br, gzip"})
+@example(b"\xff\xfe{\x00}\x00", {"Content-Type": "application/json; charset=utf-16"})
+@example(b"{}", {"Content-Type": "text/plain; charset=punycode"})
+@example(b"{}", {"Content-Type": "text/plain; charset=bz2_codec"})
+@given(st.binary(max_size=200), st.dictionaries(
+    st.sampled_from(["Content-Encoding", "Content-Type", "Content-Length"]),
+    st.sampled_from(["gzip", "deflate", "identity", "br", "gzip, gzip", "application/json; charset=utf-16",
+                     "text/plain; charset=rot13", "text/plain; charset=\x00", "text/plain; charset=idna"])
+    | st.text(alphabet=string.printable.strip(), max_size=30), max_size=3))
+def test_an_sdk_answer_is_read_parsed_and_decoded_or_refused(content, headers):
+    try:
+        response = answer(content, headers)
+    except (AnswerRefused, httpx.DecodingError):  # DecodingError: a body its Content-Encoding does not decode
+        return
+    response.text  # noqa: B018 - decoded in whatever charset the server names
+    try:
+        bounded_http.json_answer(response)
+    except bounded_json.InvalidJSON:
+        pass
+
+
+@HOSTILE
+@example("text/plain; charset=utf-7", b"+AGEA-+\xff")
+@given(st.text(max_size=30) | st.sampled_from(["utf-16", "utf-32", "punycode", "idna", "rot13", "hex", "base64",
+                                               "zlib", "uu", "undefined", "utf-7", "mbcs", "cp65001"]),
+       st.binary(max_size=100))
+def test_an_answers_text_decodes_in_the_charset_it_names_or_utf8(charset, content):
+    content.decode(bounded_http.text_encoding(charset, content), errors="replace")
+
+
+def package_variants() -> st.SearchStrategy:
+    """An honest activation package with fields replaced by, or added as, arbitrary JSON; or no object at all."""
+    fields = st.sampled_from(["agreement_id", "onchain_id", "chain_id", "escrow_contract", "token_address",
+                              "deposit_amount_atomic", "infra_fee_atomic", "deadline", "intent", "escrow_permit",
+                              "intent_nonce_round"]) | st.text(max_size=8)
+    return st.one_of(st.dictionaries(fields, json_values, max_size=3).map(lambda changes: ("merge", changes)),
+                     json_values.map(lambda value: ("whole", value)))
+
+
+@HOSTILE
+@example(("whole", "agreement_id"))
+@example(("whole", [{}]))
+@example(("whole", None))
+@example(("merge", {"deposit_amount_atomic": "1" * 5_000}))
+@example(("merge", {"agreement_id": "1" * 5_000}))
+@example(("merge", {"intent": {"message": {"deadline": "1" * 5_000}}}))
+@given(package_variants())
+def test_an_activation_package_is_signed_or_refused(variant):
+    honest, terms = honest_package()
+    kind, value = variant
+    package: Any = {**honest, **value} if kind == "merge" else value
+    try:
+        sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN)
+    except SigningRefused:
+        pass
+
+
+def encoded(value: Any) -> str:
+    return base64.b64encode(json.dumps(value).encode()).decode()
+
+
+@HOSTILE
+@example("")
+@example("not base64!")
+@example(base64.b64encode(b"[" * 100_000).decode())
+@example(encoded({"x402Version": 2, "accepts": [{"scheme": "exact", "amount": "1" * 5_000}]}))
+@example(encoded({"x402Version": 2, "accepts": "x"}))
+@example(encoded({"x402Version": 1, "accepts": [{}]}))
+@example(encoded([]))
+@example(encoded({"x402Version": 2, "accepts": []}))
+@example(encoded({"x402Version": 1, "accepts": []}))
+@given(st.one_of(st.text(max_size=60), json_values.map(encoded),
+                 st.dictionaries(st.sampled_from(["x402Version", "accepts", "error", "resource"]), json_values)
+                 .map(encoded)))
+def test_a_402_header_is_signed_or_refused(header):
+    try:
+        sign_payment_required(header, KEY, max_amount_atomic=10**6, network=NETWORK, token_domain=DOMAIN)
+    except ValueError:  # SigningRefused, InvalidJSON, and x402's own refusal of what is no PaymentRequired
+        pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _honest_402_still_signs():
+    """The properties above would pass for a signer that refuses everything."""
+    assert sign_payment_required(payment_required(), KEY, max_amount_atomic=10**6, network=NETWORK,
+                                 token_domain=DOMAIN)
+    honest, terms = honest_package()
+    assert sign_activation_package(honest, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN)
