@@ -28,15 +28,23 @@ def terms_hash(terms: Mapping[str, Any]) -> str:
     return "0x" + keccak(canonical).hex()
 
 
+def stated(agreement: Mapping[str, Any], name: str) -> Any:
+    """The agreement's term `name`, else `SigningRefused` ("agreement.<name>", missing)."""
+    if name not in agreement:
+        raise SigningRefused(f"agreement.{name}", "a value", None, "missing")
+    return agreement[name]
+
+
 def check_onchain_id(agreement: Mapping[str, Any]) -> str:
     """The agreement's escrow id, `onchain_id`, if it is its own: its UUID `id`, left-padded to bytes32 (the
     marketplace's definition). Else `SigningRefused` ("agreement.onchain_id"): a signature for another id would
     fund, or dispute, another agreement's escrow."""
+    agreement_id = stated(agreement, "id")
     try:
-        own = "0x" + uuid.UUID(str(agreement["id"])).hex.rjust(64, "0")
+        own = "0x" + uuid.UUID(str(agreement_id)).hex.rjust(64, "0")
     except ValueError:
-        raise SigningRefused("agreement.id", "a UUID", agreement["id"]) from None
-    require_equal(agreement["onchain_id"], own, "agreement.onchain_id")
+        raise SigningRefused("agreement.id", "a UUID", agreement_id) from None
+    require_equal(stated(agreement, "onchain_id"), own, "agreement.onchain_id")
     return own
 
 
@@ -44,15 +52,20 @@ def stated_terms_hash(agreement: Mapping[str, Any], network: NetworkConfig) -> s
     """The terms hash of the agreement as it states its terms (unit price, quantity, fee, parties...) on the pinned
     token and chain: what the escrow funded for exactly these terms holds on-chain as its `termsHash`."""
     quantity, price = agreed_whole(agreement, "quantity"), agreed_whole(agreement, "price_per_unit_atomic")
+    service = stated(agreement, "service")
+    if not isinstance(service, Mapping) or "id" not in service:
+        raise SigningRefused("agreement.service", "the service, with its id", service)
     return terms_hash({
-        "service_id": str(agreement["service"]["id"]), "settlement_model": "escrow",
-        "pricing_type": agreement["pricing_type"], "unit_name": agreement["unit_name"],
+        "service_id": str(service["id"]), "settlement_model": "escrow",
+        "pricing_type": stated(agreement, "pricing_type"), "unit_name": stated(agreement, "unit_name"),
         "price_per_unit": price, "quantity": quantity, "deposit_amount": quantity * price,
-        "infra_fee": agreed_whole(agreement, "infra_fee_atomic"), "token": agreement["token"],
+        "infra_fee": agreed_whole(agreement, "infra_fee_atomic"), "token": stated(agreement, "token"),
         "token_address": network.token_address, "chain_id": network.chain_id,
         "challenge_window_seconds": agreed_whole(agreement, "challenge_window_seconds"),
-        "expires_at": agreed_time(agreement, "expires_at"), "buyer_wallet_address": agreement["buyer_wallet_address"],
-        "seller_wallet_address": agreement["seller_wallet_address"], "fee_recipient": agreement["fee_recipient"],
+        "expires_at": agreed_time(agreement, "expires_at"),
+        "buyer_wallet_address": stated(agreement, "buyer_wallet_address"),
+        "seller_wallet_address": stated(agreement, "seller_wallet_address"),
+        "fee_recipient": stated(agreement, "fee_recipient"),
     })
 
 
@@ -62,7 +75,10 @@ def agreed_whole(agreement: Mapping[str, Any], name: str, *, where: str = "agree
     anything else."""
     value = agreement.get(name)
     if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # thousands of digits: int() refuses them
+            raise SigningRefused(f"{where}.{name}", "a whole number", value) from None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise SigningRefused(f"{where}.{name}", "a whole number", value)
     return value
@@ -131,13 +147,13 @@ class AgreedTerms:
         onchain_id = check_onchain_id(agreement)
         quantity, price = agreed_whole(agreement, "quantity"), agreed_whole(agreement, "price_per_unit_atomic")
         deposit = quantity * price
-        require_equal(agreement["deposit_amount_atomic"], deposit, "agreement.deposit_amount_atomic")
+        require_equal(agreement.get("deposit_amount_atomic"), deposit, "agreement.deposit_amount_atomic")
         fee = network.fee_schedule.fee_for(deposit)
-        require_equal(agreement["infra_fee_atomic"], fee, "agreement.infra_fee_atomic")
-        require_equal(agreement["chain_id"], network.chain_id, "agreement.chain_id")
-        require_equal(agreement["token_address"], network.token_address, "agreement.token_address")
-        if agreement["settlement_model"] != "escrow":
-            raise SigningRefused("agreement.settlement_model", "escrow", agreement["settlement_model"])
+        require_equal(agreement.get("infra_fee_atomic"), fee, "agreement.infra_fee_atomic")
+        require_equal(agreement.get("chain_id"), network.chain_id, "agreement.chain_id")
+        require_equal(agreement.get("token_address"), network.token_address, "agreement.token_address")
+        if agreement.get("settlement_model") != "escrow":
+            raise SigningRefused("agreement.settlement_model", "escrow", agreement.get("settlement_model"))
         return cls(agreement_id=onchain_id, buyer=agreed_address(agreement, "buyer_wallet_address"),
                    seller=agreed_address(agreement, "seller_wallet_address"), quantity=quantity,
                    price_per_unit=price, deposit_amount=deposit, infra_fee=fee,

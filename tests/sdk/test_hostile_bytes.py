@@ -14,12 +14,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sdk import SigningRefused, bounded_http, bounded_json, proxy_signature, webhook_signature
+from sdk import AgreedTerms, MarketplaceError, SigningRefused, bounded_http, bounded_json, proxy_signature, webhook_signature
 from sdk.activation import sign_activation_package
 from sdk.bounded_http import AnswerRefused, BoundedHttp
 from sdk.hmac_check import canonical_int
 from sdk.x402_signing import sign_payment_required
-from tests.sdk.test_payee_and_node_answers import honest_package
+from tests.sdk.test_payee_and_node_answers import honest_agreement, honest_package
 from tests.sdk.test_signing_bounds import DOMAIN, KEY, NETWORK, payment_required
 
 HOSTILE = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -195,3 +195,45 @@ def _honest_402_still_signs():
                                  token_domain=DOMAIN)
     honest, terms = honest_package()
     assert sign_activation_package(honest, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN)
+
+
+AGREEMENT_FIELDS = ["id", "onchain_id", "service", "quantity", "price_per_unit_atomic", "deposit_amount_atomic",
+                    "infra_fee_atomic", "chain_id", "token_address", "settlement_model", "pricing_type", "unit_name",
+                    "token", "buyer_wallet_address", "seller_wallet_address", "fee_recipient", "expires_at",
+                    "challenge_window_seconds"]
+# Values near what each field holds, where their parsers' edges are (digits beyond int()'s limit, a date without its
+# UTC offset, an address of the wrong length...).
+near_values = json_values | st.sampled_from(["1" * 5_000, "٣", "-1", "1e3", "2026-01-01", "2026-01-01T00:00:00",
+                                             "2026-01-01T00:00:00+99:00", "9999-12-31T23:59:59+00:00", "0x", "0x12",
+                                             "0x" + "g" * 40, str(2**256), "\ud800", {"id": None}, {"id": []}])
+
+
+@HOSTILE
+@example({"quantity": "1" * 5_000})
+@example({"expires_at": "1" * 5_000})
+@example({"service": None})
+@example({"id": None})
+@given(st.dictionaries(st.sampled_from(AGREEMENT_FIELDS), near_values | st.just(...), max_size=3))
+def test_an_agreements_terms_are_read_or_refused(changes):
+    """The marketplace's statement of an agreement (its `propose_agreement` answer): `...` removes the field."""
+    agreement = {**honest_agreement(), **changes}
+    agreement = {name: value for name, value in agreement.items() if value is not ...}
+    try:
+        AgreedTerms.from_agreement(agreement, NETWORK)
+    except SigningRefused:
+        pass
+
+
+@HOSTILE
+@example(b'{"error": {"code": {"a": 1}, "details": [1]}}', 402)
+@example(b'{"error": "x", "details": "y"}', 402)
+@example(b'{"error": null}', 500)
+@example(b"[" * 100_000, 500)
+@example(b"\xff\xfe", 400)
+@given(st.one_of(st.binary(max_size=100), json_values.map(lambda value: json.dumps(value).encode()),
+                 st.dictionaries(st.sampled_from(["error", "code", "message", "details"]), json_values)
+                 .map(lambda value: json.dumps({"error": value} if "error" not in value else value).encode())),
+       st.sampled_from([400, 402, 404, 409, 500, 503]))
+def test_any_refusal_the_marketplace_answers_is_a_marketplace_error(content, status):
+    error = MarketplaceError.from_response(httpx.Response(status, content=content))
+    assert error.status == status and isinstance(error.code, str) and isinstance(error.details, dict)
