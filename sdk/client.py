@@ -1179,7 +1179,7 @@ def _check_masumi_timers(agreement: Mapping[str, Any], timers: Mapping[str, Any]
     elif expires_at > now + max_duration_seconds:
         raise SigningRefused("agreement.expires_at", f"at most {now + max_duration_seconds} (unix time)",
                              agreement["expires_at"], "the deposit would be locked until then")
-    window = agreement["challenge_window_seconds"]
+    window = agreement.get("challenge_window_seconds")  # the marketplace's answer: it may leave it out
     if isinstance(window, bool) or not isinstance(window, int):
         raise SigningRefused("agreement.challenge_window_seconds", "an integer", window)
     # The purchase was made before `now`, by the chain's clock, which may run a little ahead of this client's.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import string
+import time
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from sdk import AgreedTerms, MarketplaceError, SigningRefused, bounded_http, bounded_json, proxy_signature, webhook_signature
 from sdk.activation import sign_activation_package
 from sdk.bounded_http import AnswerRefused, BoundedHttp
+from sdk.client import _check_masumi_timers
 from sdk.hmac_check import canonical_int
 from sdk.x402_signing import sign_payment_required
 from tests.sdk.test_payee_and_node_answers import honest_agreement, honest_package
@@ -237,3 +239,18 @@ def test_an_agreements_terms_are_read_or_refused(changes):
 def test_any_refusal_the_marketplace_answers_is_a_marketplace_error(content, status):
     error = MarketplaceError.from_response(httpx.Response(status, content=content))
     assert error.status == status and isinstance(error.code, str) and isinstance(error.details, dict)
+
+
+@HOSTILE
+@example({"challenge_window_seconds": ...})
+@example({"expires_at": ...})
+@given(st.dictionaries(st.sampled_from(["expires_at", "challenge_window_seconds"]), near_values | st.just(...),
+                       max_size=2))
+def test_a_masumi_jobs_timers_are_checked_or_refused(changes):
+    """The marketplace's agreement for a Masumi job, against the buyer's own timers."""
+    honest = honest_agreement()
+    agreement = {name: value for name, value in {**honest, **changes}.items() if value is not ...}
+    try:
+        _check_masumi_timers(agreement, {"submitResultTime": str(honest["expires_at"] * 1000)}, now=int(time.time()))
+    except SigningRefused:
+        pass
