@@ -4,11 +4,14 @@ seller's upstream answer), fed arbitrary input (hypothesis): each returns a valu
 the same examples; the nasty seeds are `@example`s. The SDK's parsers: tests/sdk/test_hostile_bytes.py."""
 
 import base64
+import gzip
 import http.client
 import io
 import json
 import time
+import zlib
 
+import httpx
 import pytest
 from django.http import StreamingHttpResponse
 from eth_account import Account
@@ -18,7 +21,7 @@ from x402 import PaymentPayload, PaymentRequirements
 
 from agreements import proxy, x402_protocol
 from agreements.x402_protocol import InvalidPayment
-from marketplace import bounded_json
+from marketplace import bounded_json, outbound
 from marketplace.outbound import UPSTREAM_ERRORS, _FinalAnswer
 from tests.catalog.factories import AgentFactory, issue_key
 from tests.conftest import Api, error_code
@@ -202,6 +205,33 @@ def test_an_upstream_answer_is_read_or_is_an_upstream_error(data):
     try:
         read_answer(data)
     except UPSTREAM_ERRORS:
+        pass
+
+
+def streamed(content: bytes, headers: dict[str, str]) -> httpx.Response:
+    """An answer as the guarded client hands it over: its body not read yet."""
+    return httpx.Response(200, headers=headers, stream=httpx.ByteStream(content))
+
+
+@HOSTILE
+@example(zlib.compress(b"[" * 100_000), {"Content-Encoding": "deflate"})
+@example(gzip.compress(b"0" * 200_000), {"Content-Encoding": "gzip"})
+@example(b"\x1f\x8b not gzip", {"Content-Encoding": "gzip"})
+@example(b"{}", {"Content-Encoding": "gzip, gzip"})
+@example(b"{}", {"Content-Encoding": "br"})
+@example(b"{}", {"Content-Encoding": "\xff"})
+@given(st.one_of(st.binary(max_size=200), json_ish.map(lambda text: text.encode("utf-8", "surrogatepass"))
+                 .map(gzip.compress)),
+       st.dictionaries(st.just("Content-Encoding"), st.sampled_from(["gzip", "deflate", "identity", "", "br", "zstd",
+                                                                     "gzip, deflate", "GZIP", " gzip "]), max_size=1))
+def test_a_sellers_json_answer_is_read_within_its_bound_or_refused(content, headers):
+    """The agentic services' and the registry's answers (outbound.json_answer): a value, InvalidJSON, or a body its
+    coding does not decode (httpx.DecodingError, among the errors of an unreachable service)."""
+    try:
+        outbound.json_answer(streamed(content, headers), max_bytes=100_000)
+    except bounded_json.InvalidJSON as refusal:
+        assert refusal.reason in JSON_REFUSALS | {"unsupported_encoding"}
+    except outbound.HTTPX_UNREACHABLE:
         pass
 
 
