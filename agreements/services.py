@@ -101,6 +101,9 @@ _TIMESTAMPS = {
 # Not ACTIVATION_FAILED: it may still be signed again, or its intent relayed by anyone, and become active.
 # PAYMENT_FAILED counts nothing but a fee collected and not refunded yet: that fee is out of the buyer's wallet.
 NOTHING_COMMITTED = (*sorted(CLOSED_STATUSES), S.PAYMENT_FAILED)
+# ... but a direct purchase closed, or failed, after its buyer's payment reached the seller (its payment_tx_hash names
+# the transfer: a cancel, or an accept whose fee could not be collected) counts its price: it left the wallet.
+PRICE_PAID_WHEN_NAMED = NOTHING_COMMITTED
 # What a skill invocation counts: its price from the moment its authorization is accepted (authorized, held, paying
 # out or paid out, refunding until the refund is confirmed), nothing once its payment failed or was refunded, nor
 # once a reorg took its payment and it could not run again (`payment_reverted_at`): the buyer's money never left its
@@ -227,10 +230,11 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
                            "payment_tx_hash")}
     invocation = {name: quote(invocation_meta.get_field(name).column)
                   for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at")}
-    committed = (f"CASE WHEN {column['status']} = %s AND {column['fee_tx_hash']} <> '' "
-                 f"AND {column['buyer_refund']} IS NULL THEN {column['infra_fee']} "
-                 f"WHEN {column['status']} IN ({', '.join(['%s'] * len(CLOSED_STATUSES))}) "
-                 f"AND {column['payment_tx_hash']} <> '' THEN {column['deposit_amount']} "
+    fee_kept = (f"{column['fee_tx_hash']} <> '' AND {column['buyer_refund']} IS NULL")
+    committed = (f"CASE WHEN {column['status']} IN ({', '.join(['%s'] * len(PRICE_PAID_WHEN_NAMED))}) "
+                 f"AND {column['payment_tx_hash']} <> '' THEN {column['deposit_amount']} + "
+                 f"CASE WHEN {fee_kept} THEN {column['infra_fee']} ELSE 0 END "
+                 f"WHEN {column['status']} = %s AND {fee_kept} THEN {column['infra_fee']} "
                  f"WHEN {column['status']} IN ({', '.join(['%s'] * len(NOTHING_COMMITTED))}) THEN 0 "
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} "
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} + "
@@ -269,15 +273,15 @@ def _committed_spends(buyer: Agent, *, day_since: datetime, month_since: datetim
                       excluding: uuid.UUID | None = None, unfunded_with: Agent | None = None,
                       unfunded_since: datetime | None = None) -> CommittedSpends:
     """What the buyer committed since `day_since` and since `month_since` (the earlier), in one statement: its
-    agreements (nothing once released but the price of a direct purchase closed after its buyer's payment reached the
-    seller, a failed direct purchase's fee collected until it is refunded, the fee once
+    agreements (nothing once released but the price of a direct purchase closed or failed after its buyer's payment
+    reached the seller, a failed direct purchase's fee collected until it is refunded, the fee once
     refunded, fee plus what the seller was paid once settled, which an arbiter may set above what was metered, else
     fee plus deposit), each at the moment the platform moved its money or, until then, at its proposal, but for the
     agreement `excluding` (the one being checked); and its skill invocations (the price, unless the payment failed, was
     refunded or was reverted). With `unfunded_with`, also how many of its agreements with that seller are unanswered
     or unfunded (`UNFUNDED_OPEN_STATUSES`), or were proposed since `unfunded_since` and cancelled or expired unfunded
     (`UNFUNDED_LAPSED_STATUSES`), in the same statement."""
-    committed = [S.PAYMENT_FAILED, *sorted(CLOSED_STATUSES), *NOTHING_COMMITTED, S.REFUNDED, S.SETTLED]
+    committed = [*PRICE_PAID_WHEN_NAMED, S.PAYMENT_FAILED, *NOTHING_COMMITTED, S.REFUNDED, S.SETTLED]
     since = connection.ops.adapt_datetimefield_value
     agent_id = UsageAgreement._meta.get_field("buyer").get_db_prep_value
     buyer_id = agent_id(buyer.pk, connection)
@@ -644,6 +648,11 @@ def _direct_payment_made_by(agreement: UsageAgreement) -> str | None:
     its authorization, sent it), else None. Asked of the chain: never under the row lock."""
     if agreement.settlement_model != SettlementModel.DIRECT_PAYMENT or agreement.status != S.PROPOSED:
         return None
+    return _payment_authorization_used_by(agreement)
+
+
+def _payment_authorization_used_by(agreement: UsageAgreement) -> str | None:
+    """The transfer that used the direct purchase's payment authorization, whatever the purchase's status."""
     if not _payment_authorization_use_reader:
         raise DependencyUnavailable("Direct payments are not available.", code="direct_payments_unavailable")
     return _payment_authorization_use_reader[0](agreement)
@@ -717,6 +726,11 @@ def _direct_payment_precheck(agreement: UsageAgreement) -> DirectPaymentPrefligh
     that changes in between is caught by the relayer's simulation and the fee permit's outcome."""
     if agreement.settlement_model != SettlementModel.DIRECT_PAYMENT or agreement.status != S.PROPOSED:
         return None
+    return _direct_payment_preflight(agreement)
+
+
+def _direct_payment_preflight(agreement: UsageAgreement) -> DirectPaymentPreflight:
+    """`_direct_payment_precheck`'s answer, whatever the purchase's status (one closed expired as it was being paid)."""
     if not _direct_payment_executor:
         raise DependencyUnavailable("Direct payments are not available.", code="direct_payments_unavailable")
     check, _queue = _direct_payment_executor[0]
@@ -734,9 +748,11 @@ def _direct_payment_start(agreement_id, preflight: DirectPaymentPreflight) -> Us
                             changes=None if problem else {"funds_moved_at": timezone.now()})
     if problem and preflight.paid_by:
         # No status says "paid, fee not collected": failed, but saying so, for the parties and an operator.
+        # Its payment_tx_hash names the transfer: the price is out of the buyer's wallet, counted against its caps.
         return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, data={"used_by": preflight.paid_by},
                            reason=f"the price reached the seller before the accept (tx {preflight.paid_by}), but the "
-                                  f"fee cannot be collected, nothing more was charged: {problem}")
+                                  f"fee cannot be collected, nothing more was charged: {problem}",
+                           changes={"payment_tx_hash": preflight.paid_by})
     if problem:
         return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM,
                            reason=f"payment cannot run, nothing was charged: {problem}")
@@ -1368,12 +1384,42 @@ def agreements_expire_proposals(*, now: datetime | None = None) -> int:
     the seller with no purchase to account for it (and a seller that sent it itself had the price with no purchase to
     deliver and no fee). That one is accepted as paid by the transfer (`_paid_proposal_accept`). The chain is asked
     of up to DIRECT_PROPOSALS_CHECKED_PER_SWEEP direct proposals a run, before any row is locked; one it could not
-    be asked of waits for the next run. Each in its own transaction; safe twice."""
+    be asked of waits for the next run. A transfer mined after that read, before the row was expired, is found by
+    asking again once it is (`_expired_direct_proposals_recheck`). Each in its own transaction; safe twice."""
     due = UsageAgreement.objects.filter(status=S.PROPOSED, proposal_expires_at__lte=now or timezone.now())
     checked = _direct_proposals_paid(due.filter(settlement_model=SettlementModel.DIRECT_PAYMENT))
-    return sweeps.due_rows_apply(
+    applied = sweeps.due_rows_apply(
         due=due.filter(~Q(settlement_model=SettlementModel.DIRECT_PAYMENT) | Q(pk__in=list(checked))),
         apply=lambda agreement: _proposal_expire(agreement, paid=checked.get(agreement.pk)))
+    _expired_direct_proposals_recheck([pk for pk, paid in checked.items() if paid is None])
+    return applied
+
+
+def _expired_direct_proposals_recheck(agreement_ids: list) -> None:
+    """The chain asked again of direct proposals the sweep expired as unpaid, now that they are closed (never under
+    their row lock): one whose buyer's payment was mined between the sweep's read and its write was closed with the
+    price at the seller and no purchase to account for it. That one is reopened and accepted as paid by the transfer,
+    as if the sweep had read the chain a moment later (`_paid_proposal_accept`). A node that does not answer leaves
+    it expired, logged."""
+    expired = UsageAgreement.objects.filter(pk__in=agreement_ids, status=S.EXPIRED, payment_tx_hash="")
+    for agreement in expired.select_related("payment_authorization"):
+        try:
+            preflight = _direct_payment_preflight(agreement) if _payment_authorization_used_by(agreement) else None
+        except Exception:
+            logger.error("could not tell whether a direct proposal just expired was paid in the meantime",
+                         extra={"agreement_id": str(agreement.pk)}, exc_info=True)
+            continue
+        if preflight is None or not preflight.paid_by:
+            continue
+        with transaction.atomic():
+            current = _lock(agreement.pk)
+            if current.status != S.EXPIRED or current.payment_tx_hash:
+                continue
+            _status_set_outside_table(
+                current, to=S.PROPOSED, fields={"closed_at": None}, data={"used_by": preflight.paid_by},
+                reason=f"the buyer's payment reached the seller while the proposal was being expired (tx "
+                       f"{preflight.paid_by}): reopened, to be accepted as paid by it")
+            _paid_proposal_accept(agreement.pk, preflight)
 
 
 def _direct_proposals_paid(due) -> dict:

@@ -1101,14 +1101,12 @@ def test_two_relayed_authorization_cancels_at_once_stay_within_the_buyers_cancel
     assert ChainTransaction.objects.filter(purpose="direct_auth_cancel").count() == 1
 
 
-def test_a_purchase_paid_before_the_accept_whose_fee_cannot_be_collected_fails_saying_the_seller_was_paid(
-        purchase, django_capture_on_commit_callbacks):
-    """The buyer sends its payment to the seller itself, then spends its fee permit's nonce: at the accept the fee
-    cannot be collected. No status says "paid, fee not collected" (paid counts the fee taken): the purchase fails, but
-    no longer says nothing was charged; its reason and event name the transfer that paid the seller."""
-    agreement = purchase.propose()
-    buyer, seller, fee_recipient, treasury = purchase.balances()
-    used_by = _submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address})
+def _hash(tx) -> str:
+    return "0x" + bytes(tx).hex().removeprefix("0x")
+
+
+def _spend_fee_permit_nonce(purchase: Purchase) -> None:
+    """The buyer signs another permit and gets it mined: its fee permit's nonce is spent, the fee cannot be taken."""
     usdc, owner, stranger = purchase.chain.usdc, purchase.buyer.address, purchase.chain.accounts.stranger.address
     domain = network_of(purchase.chain).token_domain
     typed = typed_data.erc2612_permit(chain_id=purchase.chain.chain_id, token_address=usdc.address, owner=owner,
@@ -1118,9 +1116,29 @@ def test_a_purchase_paid_before_the_accept_whose_fee_cannot_be_collected_fails_s
     usdc.functions.permit(owner, stranger, 0, 2**40, v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:])).transact(
         {"from": owner})
 
+
+def _next_purchase_over_the_daily_cap_refused(purchase: Purchase) -> None:
+    """With a daily cap of one purchase, the buyer's next one is refused: the price that reached the seller counts."""
+    owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
+    assert owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies",
+                         {"daily_cap_atomic": AMOUNT + FEE}).status_code == 200
+    refused = purchase.parties.buyer_api.post("/usage-agreements", purchase.body())
+    assert refused.status_code == 403, refused.content
+    assert refused.json()["error"]["details"]["rule"] == "daily_cap"
+
+
+def test_a_purchase_paid_before_the_accept_whose_fee_cannot_be_collected_fails_saying_the_seller_was_paid(
+        purchase, django_capture_on_commit_callbacks):
+    """The buyer sends its payment to the seller itself, then spends its fee permit's nonce: at the accept the fee
+    cannot be collected. No status says "paid, fee not collected" (paid counts the fee taken): the purchase fails, but
+    no longer says nothing was charged; its reason and event name the transfer that paid the seller."""
+    agreement = purchase.propose()
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    used_by = _hash(_submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address}))
+    _spend_fee_permit_nonce(purchase)
+
     failed = purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
 
-    used_by = "0x" + bytes(used_by).hex().removeprefix("0x")
     assert failed["status"] == "payment_failed"
     assert used_by in failed["status_reason"] and "fee_permit_stale" in failed["status_reason"], failed
     assert "nothing was charged" not in failed["status_reason"]
@@ -1129,8 +1147,6 @@ def test_a_purchase_paid_before_the_accept_whose_fee_cannot_be_collected_fails_s
     assert purchase.balances() == (buyer - AMOUNT, seller + AMOUNT, fee_recipient, treasury)
 
 
-def _hash(tx) -> str:
-    return "0x" + bytes(tx).hex().removeprefix("0x")
 
 
 def test_a_direct_proposal_the_buyer_paid_that_expires_unanswered_is_paid_not_expired(
@@ -1204,9 +1220,48 @@ def test_a_buyers_cancel_of_a_direct_purchase_it_paid_itself_names_the_transfer_
     assert cancelled.json()["payment_tx_hash"] == used_by
     event = AgreementEvent.objects.filter(agreement_id=agreement["id"]).order_by("-pk").first()
     assert event.to_status == "cancelled" and event.data == {"used_by": used_by} and used_by in event.reason
-    owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
-    assert owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies",
-                         {"daily_cap_atomic": AMOUNT + FEE}).status_code == 200
-    refused = purchase.parties.buyer_api.post("/usage-agreements", purchase.body())
-    assert refused.status_code == 403, refused.content
-    assert refused.json()["error"]["details"]["rule"] == "daily_cap"
+    _next_purchase_over_the_daily_cap_refused(purchase)
+
+
+def test_a_purchase_paid_before_the_accept_whose_fee_cannot_be_collected_counts_its_price_against_the_caps(
+        purchase, django_capture_on_commit_callbacks):
+    """Failed for its fee, the purchase's price is with the seller all the same: out of the buyer's wallet, it counted
+    nothing against the buyer's caps (a failed purchase counts only a fee collected), and the buyer spent past them.
+    The failure keeps the transfer as the purchase's payment_tx_hash, and its price counts."""
+    agreement = purchase.propose()
+    used_by = _hash(_submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address}))
+    _spend_fee_permit_nonce(purchase)
+
+    failed = purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
+
+    assert failed["status"] == "payment_failed" and failed["payment_tx_hash"] == used_by, failed
+    _next_purchase_over_the_daily_cap_refused(purchase)
+
+
+def test_a_direct_proposal_paid_while_the_expiry_sweep_closes_it_is_paid_not_expired(
+        purchase, django_capture_on_commit_callbacks, monkeypatch):
+    """The sweep asks the chain whether the buyer's authorization was used, then expires the proposal under its lock:
+    a transfer mined in between was missed, the proposal closed expired with the price at the seller, no record and
+    nothing counted. The sweep asks again once the proposal is closed: it is accepted as paid by that transfer."""
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
+    read_the_chain, sent = agreement_services._direct_proposals_paid, []
+
+    def paid_right_after_the_read(due):
+        checked = read_the_chain(due)
+        sent.append(_hash(_submit_authorization(purchase.chain, agreement["id"]).transact(
+            {"from": purchase.buyer.address})))
+        return checked
+
+    monkeypatch.setattr(agreement_services, "_direct_proposals_paid", paid_right_after_the_read)
+    with capture(execute=True):
+        agreement_services.agreements_expire_proposals()
+    for _ in range(3):
+        confirm_all(capture)
+
+    paid = purchase.parties.agreement(agreement["id"])
+    assert paid["status"] == "paid", paid
+    assert paid["payment_tx_hash"] == sent[0]
+    assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
