@@ -1004,7 +1004,8 @@ def agreement_reject(*, agreement: UsageAgreement, seller: Agent, reason: str = 
         if paid_by and current.status == S.PROPOSED:
             raise Conflict("The buyer's payment of this purchase was made already: accept the purchase, it is paid.",
                            code="purchase_paid_already", details={"status": current.status, "used_by": paid_by})
-        return _transition(agreement.pk, to=S.REJECTED, actor=Actor.agent(seller, "seller"), reason=reason)
+        rejected = _transition(agreement.pk, to=S.REJECTED, actor=Actor.agent(seller, "seller"), reason=reason)
+    return _closed_direct_proposal_recheck(rejected)
 
 
 def agreement_cancel(*, agreement: UsageAgreement, buyer: Agent, reason: str = "") -> UsageAgreement:
@@ -1023,7 +1024,35 @@ def agreement_cancel(*, agreement: UsageAgreement, buyer: Agent, reason: str = "
                                reason=f"{reason} (the buyer's payment reached the seller before the cancel: tx "
                                       f"{paid_by})".lstrip(), data={"used_by": paid_by},
                                changes={"payment_tx_hash": paid_by})
-        return _transition(agreement.pk, to=S.CANCELLED, actor=Actor.agent(buyer, "buyer"), reason=reason)
+        cancelled = _transition(agreement.pk, to=S.CANCELLED, actor=Actor.agent(buyer, "buyer"), reason=reason)
+    return _closed_direct_proposal_recheck(cancelled)
+
+
+def _closed_direct_proposal_recheck(agreement: UsageAgreement) -> UsageAgreement:
+    """A direct proposal just rejected or cancelled as unpaid, asked of the chain again now that it is closed (never
+    under its row lock): a transfer mined between the first read and the close left the price at the seller with
+    nothing to say so. One found names the transfer (an event's `used_by`, its payment_tx_hash), as a cancel of a
+    proposal paid before does, and its price counts against the buyer's caps. A node that does not answer now leaves
+    the close as it is, logged: it is committed already."""
+    if agreement.settlement_model != SettlementModel.DIRECT_PAYMENT or agreement.payment_tx_hash:
+        return agreement
+    try:
+        used_by = _payment_authorization_used_by(agreement)
+    except Exception:
+        logger.error("could not tell whether a direct proposal just closed was paid in the meantime",
+                     extra={"agreement_id": str(agreement.pk)}, exc_info=True)
+        return agreement
+    if not used_by:
+        return agreement
+    with transaction.atomic():
+        current = _lock(agreement.pk)
+        if current.status != agreement.status or current.payment_tx_hash:
+            return current
+        current.payment_tx_hash = used_by
+        current.save(update_fields=["payment_tx_hash", "updated_at"])
+        _record_event(current, actor=SYSTEM, from_status=current.status, data={"used_by": used_by},
+                      reason=f"the buyer's payment reached the seller as the purchase was closed (tx {used_by})")
+    return current
 
 
 # --- escrow activation (called by the escrow app) ----------------------------------------------------------

@@ -1265,3 +1265,32 @@ def test_a_direct_proposal_paid_while_the_expiry_sweep_closes_it_is_paid_not_exp
     assert paid["status"] == "paid", paid
     assert paid["payment_tx_hash"] == sent[0]
     assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
+
+
+@pytest.mark.parametrize(("close", "status"), [("cancel", "cancelled"), ("reject", "rejected")])
+def test_a_direct_proposal_paid_while_it_is_closed_names_the_transfer_and_counts_it(purchase, monkeypatch, close,
+                                                                                     status):
+    """The cancel and the reject ask the chain whether the buyer's payment was made, then close the proposal under its
+    lock: a transfer mined in between left it closed with the price at the seller, no record, nothing counted. Asked
+    again once closed, the purchase names the transfer (an event's `used_by`, its payment_tx_hash) and counts it."""
+    agreement = purchase.propose()
+    read_the_chain, sent = agreement_services._direct_payment_made_by, []
+
+    def paid_right_after_the_read(agreement_read):
+        used_by = read_the_chain(agreement_read)
+        sent.append(_hash(_submit_authorization(purchase.chain, agreement["id"]).transact(
+            {"from": purchase.buyer.address})))
+        return used_by
+
+    monkeypatch.setattr(agreement_services, "_direct_payment_made_by", paid_right_after_the_read)
+    path = f"/usage-agreements/{agreement['id']}/{close}"
+    api = purchase.parties.buyer_api.post if close == "cancel" else purchase.parties.seller_api.put
+    closed = api(path, {"reason": "oops"})
+    monkeypatch.undo()
+
+    assert closed.status_code == 200, closed.content
+    assert purchase.parties.agreement(agreement["id"])["status"] == status
+    assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == sent[0]
+    event = AgreementEvent.objects.filter(agreement_id=agreement["id"]).order_by("-pk").first()
+    assert event.data == {"used_by": sent[0]} and sent[0] in event.reason
+    _next_purchase_over_the_daily_cap_refused(purchase)
