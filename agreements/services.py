@@ -987,6 +987,11 @@ def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreem
             if direct:
                 return _direct_payment_start(agreement.pk, preflight)
             return accepted
+    if direct and refusal.code == "proposal_expired":
+        # Expired as unpaid: a transfer mined since the chain was read goes on as paid by it, as the sweep's does.
+        _expired_direct_proposals_recheck([agreement.pk])
+        if (reopened := UsageAgreement.objects.get(pk=agreement.pk)).status != S.EXPIRED:
+            return reopened
     raise refusal
 
 

@@ -1294,3 +1294,28 @@ def test_a_direct_proposal_paid_while_it_is_closed_names_the_transfer_and_counts
     event = AgreementEvent.objects.filter(agreement_id=agreement["id"]).order_by("-pk").first()
     assert event.data == {"used_by": sent[0]} and sent[0] in event.reason
     _next_purchase_over_the_daily_cap_refused(purchase)
+
+
+def test_a_sellers_late_accept_of_a_direct_proposal_paid_while_it_is_read_is_paid_not_expired(
+        purchase, django_capture_on_commit_callbacks, monkeypatch):
+    """The seller's accept past the proposal's expiry asks the chain, then, under the lock, expires a proposal it found
+    unpaid: a transfer mined in between left it expired with the price at the seller. Asked again once expired, it is
+    reopened and goes on as paid by that transfer, as an accept past the expiry of a proposal paid before does."""
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
+    read_the_chain, sent = agreement_services._direct_payment_precheck, []
+
+    def paid_right_after_the_read(agreement_read):
+        preflight = read_the_chain(agreement_read)
+        sent.append(_hash(_submit_authorization(purchase.chain, agreement["id"]).transact(
+            {"from": purchase.buyer.address})))
+        return preflight
+
+    monkeypatch.setattr(agreement_services, "_direct_payment_precheck", paid_right_after_the_read)
+    assert purchase.accept(agreement["id"], capture)["status"] == "paying"
+    monkeypatch.undo()
+    for _ in range(2):
+        confirm_all(capture)
+    paid = purchase.parties.agreement(agreement["id"])
+    assert paid["status"] == "paid" and paid["payment_tx_hash"] == sent[0], paid
