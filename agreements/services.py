@@ -1033,6 +1033,22 @@ def agreement_cancel(*, agreement: UsageAgreement, buyer: Agent, reason: str = "
     return _closed_direct_proposal_recheck(cancelled)
 
 
+def closed_direct_proposal_recheck(*, agreement_id) -> None:
+    """`_closed_direct_proposal_recheck` of a direct proposal its buyer's owner rejected, or whose approval expired,
+    while it awaited approval (the decision reads no chain: it runs under the approval's lock), run by a task once the
+    decision is committed: the buyer may have sent its payment to the seller meanwhile."""
+    agreement = UsageAgreement.objects.filter(pk=agreement_id, status__in=(S.REJECTED, S.EXPIRED)).first()
+    if agreement is not None:
+        _closed_direct_proposal_recheck(agreement)
+
+
+def _closed_direct_proposal_recheck_after_commit(agreement_id) -> None:
+    from agreements.tasks import recheck_closed_direct_proposal
+
+    # robust: with the broker down the owner still gets its answer; the close stands unchecked (logged).
+    transaction.on_commit(lambda: recheck_closed_direct_proposal.delay(str(agreement_id)), robust=True)
+
+
 def _closed_direct_proposal_recheck(agreement: UsageAgreement) -> UsageAgreement:
     """A direct proposal just rejected or cancelled as unpaid, asked of the chain again now that it is closed (never
     under its row lock): a transfer mined between the first read and the close left the price at the seller with
@@ -1367,6 +1383,8 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
                 to, reason = S.EXPIRED, "owner approved after the payment's signatures ran out"
         changes = {"proposal_expires_at": open_until} if to == S.PROPOSED else None
     _transition(subject_id, to=to, actor=who, reason=reason, changes=changes)
+    if to != S.PROPOSED and agreement.settlement_model == SettlementModel.DIRECT_PAYMENT:
+        _closed_direct_proposal_recheck_after_commit(subject_id)
 
 
 def offer_withdrawn_check(service: Service, *, then: str) -> None:

@@ -1319,3 +1319,23 @@ def test_a_sellers_late_accept_of_a_direct_proposal_paid_while_it_is_read_is_pai
         confirm_all(capture)
     paid = purchase.parties.agreement(agreement["id"])
     assert paid["status"] == "paid" and paid["payment_tx_hash"] == sent[0], paid
+
+
+def test_a_direct_purchase_paid_while_it_awaited_approval_that_the_owner_rejects_names_the_transfer_and_counts_it(
+        purchase, django_capture_on_commit_callbacks):
+    """The buyer sends its payment to the seller while its owner's approval is pending; the owner rejects the purchase:
+    it closed rejected with no chain read, the price at the seller, no record, nothing counted against the caps. Once
+    rejected, the chain is asked: the purchase names the transfer and counts it."""
+    owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
+    owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = purchase.propose()
+    used_by = _hash(_submit_authorization(purchase.chain, held["id"]).transact({"from": purchase.buyer.address}))
+
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    with django_capture_on_commit_callbacks(execute=True):
+        rejected = owner_api.post(f"/agents/{purchase.parties.buyer.pk}/approvals/{approval.pk}/reject")
+    assert rejected.status_code == 200, rejected.content
+
+    agreement = purchase.parties.agreement(held["id"])
+    assert agreement["status"] == "rejected" and agreement["payment_tx_hash"] == used_by, agreement
+    _next_purchase_over_the_daily_cap_refused(purchase)
