@@ -786,11 +786,18 @@ def agreement_direct_paid(*, agreement_id, tx_hash: str) -> UsageAgreement:
                                                            **NO_PAYMENT_REVERSAL})
 
 
-def agreement_direct_payment_failed(*, agreement_id, reason: str) -> UsageAgreement:
+def agreement_direct_payment_failed(*, agreement_id, reason: str, paid_by: str | None = None) -> UsageAgreement:
     """paying -> payment_failed. A purchase counted paid before (a reorg took its payment off the chain since:
     `agreement_direct_payment_reopened`) whose payment could not run again is recorded for an operator
-    (`payment_reverted_at`): its seller was told it was paid. Reconcile fails on it until one acknowledges it."""
+    (`payment_reverted_at`): its seller was told it was paid. Reconcile fails on it until one acknowledges it.
+    `paid_by`: a fee step failed, but the price reached the seller by that transfer (sent before the accept): named
+    as the purchase's payment_tx_hash, its price counts against the buyer's caps, as at an accept that failed so."""
     agreement = _lock(agreement_id)
+    if paid_by and agreement.status == S.PAYING and not agreement.payment_tx_hash:
+        return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, data={"used_by": paid_by},
+                           reason=f"the price reached the seller before the accept (tx {paid_by}), but the fee "
+                                  f"could not be collected: {reason}",
+                           changes={"payment_tx_hash": paid_by})
     if agreement.status != S.PAYING or not AgreementEvent.objects.filter(agreement_id=agreement_id,
                                                                          to_status=S.PAID).exists():
         return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, reason=reason)

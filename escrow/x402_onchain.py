@@ -413,7 +413,17 @@ def _direct_fee_permit_evidence(tx: ChainTransaction) -> dict:
         return {}
     agreement = _agreement(tx)
     allowance = _relayer_allowance(agreement.buyer_wallet_address)
-    return {"allowance": allowance, relayer.DONE_BY_ANOTHER: allowance >= agreement.infra_fee}
+    return {"allowance": allowance, relayer.DONE_BY_ANOTHER: allowance >= agreement.infra_fee,
+            **_direct_fee_evidence(tx)}
+
+
+def _direct_fee_evidence(tx: ChainTransaction) -> dict:
+    """A fee step that failed, of a purchase whose price reached the seller already (the buyer, or anyone holding the
+    authorization, sent it before the accept): that transfer (`paid_by`), for the failure to name and count it."""
+    if tx.status == TxStatus.CONFIRMED:
+        return {}
+    authorization = agreement_selectors.payment_authorization_of(agreement=_agreement(tx))
+    return {"paid_by": (_authorization_use(authorization) or {}).get("used_by")}
 
 
 def _relayer_allowance(buyer: str) -> int:
@@ -426,7 +436,8 @@ def _direct_fee_permit_outcome(tx: ChainTransaction) -> None:
     front_run = tx.outcome_evidence.get("allowance", 0) >= _agreement(tx).infra_fee
     if tx.status != TxStatus.CONFIRMED and not front_run:
         agreement_services.agreement_direct_payment_failed(
-            agreement_id=tx.agreement_id, reason=f"fee permit reverted, nothing was charged: {tx.failure_reason}")
+            agreement_id=tx.agreement_id, paid_by=(paid_by := tx.outcome_evidence.get("paid_by")),
+            reason=f"fee permit reverted{'' if paid_by else ', nothing was charged'}: {tx.failure_reason}")
         return
     agreement = _agreement(tx)
     _direct_step_enqueue(agreement, TxPurpose.DIRECT_FEE, chain.token_contract().encode_abi("transferFrom", args=[
@@ -446,7 +457,8 @@ def _direct_step_enqueue(agreement: UsageAgreement, purpose: str, data: str) -> 
 def _direct_fee_outcome(tx: ChainTransaction) -> None:
     if tx.status != TxStatus.CONFIRMED:
         agreement_services.agreement_direct_payment_failed(
-            agreement_id=tx.agreement_id, reason=f"fee collection reverted, nothing was charged: {tx.failure_reason}")
+            agreement_id=tx.agreement_id, paid_by=(paid_by := tx.outcome_evidence.get("paid_by")),
+            reason=f"fee collection reverted{'' if paid_by else ', nothing was charged'}: {tx.failure_reason}")
         return
     agreement_services.agreement_direct_fee_collected(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
     agreement = _agreement(tx)
@@ -750,7 +762,7 @@ def handlers_register() -> None:
                                      read_evidence=_direct_fee_permit_evidence, on_reopened=_direct_purchase_reopened,
                                      on_retry=_direct_purchase_retry)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE, on_outcome=_direct_fee_outcome,
-                                     on_reopened=_direct_purchase_reopened, on_retry=_direct_purchase_retry,
+                                     read_evidence=_direct_fee_evidence, on_reopened=_direct_purchase_reopened, on_retry=_direct_purchase_retry,
                                      refusal_charged=lambda tx: True)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_PAYMENT, on_outcome=_direct_payment_outcome,
                                      read_evidence=_direct_payment_evidence, on_reopened=_direct_purchase_reopened,

@@ -1339,3 +1339,23 @@ def test_a_direct_purchase_paid_while_it_awaited_approval_that_the_owner_rejects
     agreement = purchase.parties.agreement(held["id"])
     assert agreement["status"] == "rejected" and agreement["payment_tx_hash"] == used_by, agreement
     _next_purchase_over_the_daily_cap_refused(purchase)
+
+
+def test_a_purchase_paid_before_the_accept_whose_fee_collection_reverts_names_the_transfer_and_counts_it(
+        purchase, django_capture_on_commit_callbacks):
+    """Accepted as paid by the buyer's own transfer, the purchase's fee collection reverts (the buyer moved its funds):
+    it failed saying nothing was charged, the price at the seller counted nowhere. It names the transfer and counts it."""
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    used_by = _hash(_submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address}))
+    assert purchase.accept(agreement["id"], capture)["status"] == "paying"
+    usdc, owner = purchase.chain.usdc, purchase.buyer.address
+    usdc.functions.transfer(purchase.chain.accounts.stranger.address, usdc.functions.balanceOf(owner).call()).transact(
+        {"from": owner})
+    for _ in range(3):
+        confirm_all(capture)
+    failed = purchase.parties.agreement(agreement["id"])
+    assert failed["status"] == "payment_failed", failed
+    assert failed["payment_tx_hash"] == used_by and "nothing was charged" not in failed["status_reason"], failed
+    fund(purchase.chain, purchase.buyer.address, 20 * USDC)
+    _next_purchase_over_the_daily_cap_refused(purchase)
