@@ -95,6 +95,8 @@ CHALLENGE_WINDOW_MIN_SECONDS = 3600
 _ERROR_TEXT_CHARS = 500
 # How many proposals a client remembers (`activate_escrow` holds an agreement to what was proposed).
 _PROPOSALS_REMEMBERED = 4096
+# A Masumi timer in unix milliseconds has 13 digits until the year 2286; a uint256's have 78.
+_UNIX_MILLISECONDS_MAX_DIGITS = 78
 # An invocation in one of these statuses runs no more: nothing to wait for.
 _INVOCATION_ENDED = frozenset({"completed", "failed", "timeout"})
 
@@ -744,19 +746,21 @@ class MarketplaceClient:
         challenge package against it, signs it locally."""
         onchain_id = check_onchain_id(agreement)
         package = self._request("GET", f"/usage-agreements/{agreement['id']}/challenge-package")
-        deadline = self._challenge_deadline(package.get("deadline"), "deadline",
-                                            window_seconds=agreement["challenge_window_seconds"])
+        deadline = self._challenge_deadline(package.get("deadline"), "deadline", agreement=agreement)
         signature = self._sign_challenge(package.get("challenge"), "challenge", wallet,
                                          agreement_id=onchain_id, deadline=deadline)
         body = {"reason": reason, "evidence": evidence, "deadline": deadline, "signature": signature}
         return self._request("POST", f"/usage-agreements/{agreement['id']}/challenge", json=body,
                              idempotency_key=idempotency_key or _new_key())
 
-    def _challenge_deadline(self, received: Any, field: str, *, window_seconds: Any) -> int:
+    def _challenge_deadline(self, received: Any, field: str, *, agreement: Mapping[str, Any]) -> int:
         """A Challenge's server-chosen deadline, if it lies within the challenge window from now (the agreement's
-        window, never more than the contract's longest): a signature valid later could be used later."""
+        window, never more than the contract's longest): a signature valid later could be used later. A window
+        that is no whole number (a float, a bool, text, null) refuses (`SigningRefused` on
+        "agreement.challenge_window_seconds"), neither rounded nor raised on by int()."""
+        window = agreed_whole(agreement, "challenge_window_seconds")
         return check_deadline(received, field, now=self._now(), min_seconds=0,
-                              max_seconds=min(int(window_seconds), CHALLENGE_WINDOW_MAX_SECONDS))
+                              max_seconds=min(window, CHALLENGE_WINDOW_MAX_SECONDS))
 
     def _sign_challenge(self, received: Any, field: str, wallet: str | Wallet, *, agreement_id: str,
                         deadline: int) -> str:
@@ -841,15 +845,16 @@ class MarketplaceClient:
         if agreement_id is not None:
             require_equal(str(purchase["agreementId"]), str(agreement_id), "purchase.agreementId")
         unlock_time = purchase.get("unlockTime")
-        if not isinstance(unlock_time, str) or not unlock_time.isascii() or not unlock_time.isdigit():
-            raise DeadlineOutOfRange("unlockTime", "unix milliseconds", unlock_time)
+        if not isinstance(unlock_time, str) or not unlock_time.isascii() or not unlock_time.isdigit() or (
+                len(unlock_time) > _UNIX_MILLISECONDS_MAX_DIGITS):  # longer: no time, and past what int() reads
+            raise DeadlineOutOfRange("unlockTime", "unix milliseconds", unlock_time[:40] if isinstance(
+                unlock_time, str) else unlock_time)
         agreement = self.get_agreement(purchase["agreementId"])
         require_equal(str(agreement["id"]), str(purchase["agreementId"]), "agreement.id")
         onchain_id = check_onchain_id(agreement)
         if agreement_id is None:
             require_equal(blockchain_identifier, onchain_id, "blockchainIdentifier")
-        deadline = self._challenge_deadline(int(unlock_time) // 1000, "unlockTime",
-                                            window_seconds=agreement["challenge_window_seconds"])
+        deadline = self._challenge_deadline(int(unlock_time) // 1000, "unlockTime", agreement=agreement)
         signature = self._sign_challenge(purchase.get("refundRequestTypedData"), "refundRequestTypedData", wallet,
                                          agreement_id=onchain_id, deadline=deadline)
         return self._request("PATCH", "/purchase", json={

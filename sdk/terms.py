@@ -71,14 +71,15 @@ def stated_terms_hash(agreement: Mapping[str, Any], network: NetworkConfig) -> s
 
 def agreed_whole(agreement: Mapping[str, Any], name: str, *, where: str = "agreement") -> int:
     """The agreement's term `name` (or another answer's, named `where`) as a whole number (a JSON integer, or
-    decimal ASCII digits), else `SigningRefused` ("<where>.<name>"): int() would round a float, and raise on
-    anything else."""
+    decimal ASCII digits that int() reads), else `SigningRefused` ("<where>.<name>"): int() would round a float,
+    and raise on anything else."""
     value = agreement.get(name)
     if isinstance(value, str) and value.isascii() and value.isdigit():
         try:
             return int(value)
-        except ValueError:  # thousands of digits: int() refuses them
-            raise SigningRefused(f"{where}.{name}", "a whole number", value) from None
+        except ValueError:  # more digits than int() reads (sys.get_int_max_str_digits): no amount or time is
+            raise SigningRefused(f"{where}.{name}", "a whole number", f"{value[:20]}... ({len(value)} digits)"
+                                 ) from None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise SigningRefused(f"{where}.{name}", "a whole number", value)
     return value

@@ -6,7 +6,10 @@
 # new nonce, which a compromised marketplace could settle besides the first), and refuses the key for another call
 # (ValueError); MarketplaceClient.verify_usage asks the RPC's eth_chainId first and refuses another chain's than the
 # pinned network's, or one that does not read (sdk.receipts.UsageChainMismatch): the escrow was read on whatever chain
-# the RPC served;
+# the RPC served; challenge and request_refund refuse an agreement whose challenge_window_seconds is no whole number
+# (SigningRefused on agreement.challenge_window_seconds: text, null or infinity raised ValueError, TypeError or
+# OverflowError out of int(), a float was rounded and signed), and a number in more digits than int() reads (an
+# agreement term, a compared amount, a refund's unlockTime) is refused, not raised on (ValueError);
 # 0.4.13: propose_direct_purchase repeated under the same idempotency_key re-sends the payment authorization and fee
 # permit it signed the first time (a second authorization, under a new nonce, was signed and handed to the
 # marketplace, which only the first's cancellation revoked), and refuses the key for another purchase (ValueError);

@@ -323,10 +323,12 @@ class RefundMarketplace:
     """A Masumi purchase paying a seller's payment request (`blockchainIdentifier` is the request's id, not the
     escrow's), bought as agreement `agreement_id`; the listing says it belongs to `listed_agreement_id`."""
 
-    def __init__(self, agreement_id: str, listed_agreement_id: str | None = None):
+    def __init__(self, agreement_id: str, listed_agreement_id: str | None = None, *, window: Any = 86_400,
+                 unlock_time: str | None = None):
         self.identifier = onchain_id_of(str(uuid.uuid4()))  # the seller's payment request
         self.listed = listed_agreement_id or agreement_id
         self.unlock = int(time.time()) + 3600
+        self.window, self.unlock_time = window, unlock_time or str(self.unlock * 1000)
         self.submitted: list[dict[str, Any]] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -334,12 +336,12 @@ class RefundMarketplace:
         if request.method == "GET" and request.url.path == "/purchase":
             return httpx.Response(200, json={"data": {"Purchases": [{
                 "blockchainIdentifier": self.identifier, "agreementId": self.listed,
-                "unlockTime": str(self.unlock * 1000), "refundRequestTypedData": typed_data.challenge(
+                "unlockTime": self.unlock_time, "refundRequestTypedData": typed_data.challenge(
                     chain_id=NETWORK.chain_id, escrow_address=NETWORK.escrow_address, agreement_id=onchain_id,
                     deadline=self.unlock)}]}})
         if request.url.path == f"/usage-agreements/{self.listed}":
             return httpx.Response(200, json={"id": self.listed, "onchain_id": onchain_id,
-                                             "challenge_window_seconds": 86_400})
+                                             "challenge_window_seconds": self.window})
         self.submitted.append(json.loads(request.content))
         return httpx.Response(200, json={"data": {"onChainState": "RefundRequested"}})
 
@@ -371,6 +373,66 @@ def test_a_refund_of_a_purchase_paying_a_payment_request_is_signed_for_its_agree
     with pytest.raises(SigningRefused) as refusal:
         refund(elsewhere, agreement_id=agreement_id)
     assert refusal.value.field == "purchase.agreementId" and elsewhere.submitted == []
+
+
+# A challenge window as a compromised marketplace may state it: int() raised ValueError, TypeError or OverflowError
+# on it, or rounded it (a float) and signed.
+MALFORMED_WINDOWS = [pytest.param(value, id=name) for name, value in [
+    ("letters", "abc"), ("null", None), ("float", 7200.5), ("bool", True), ("negative", -3600),
+    ("beyond int()'s digit limit", "1" * 5000)]]
+
+
+def challenge_package_marketplace(agreement_id: str, submitted: list[dict[str, Any]]):
+    """A marketplace answering an honest challenge package (deadline a minute away) and recording what is sent."""
+    deadline = int(time.time()) + 60
+    package = {"deadline": deadline, "challenge": typed_data.challenge(
+        chain_id=NETWORK.chain_id, escrow_address=NETWORK.escrow_address, agreement_id=onchain_id_of(agreement_id),
+        deadline=deadline)}
+
+    def marketplace(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, json=package)
+        submitted.append(json.loads(request.content))
+        return httpx.Response(201, json={"status": "disputed"})
+
+    return marketplace
+
+
+@pytest.mark.parametrize("window", [*MALFORMED_WINDOWS, pytest.param(float("inf"), id="infinite")])
+def test_a_challenge_of_an_agreement_stating_a_malformed_window_is_refused_not_crashed_on(window):
+    agreement_id, submitted = str(uuid.uuid4()), []
+    agreement = {"id": agreement_id, "onchain_id": onchain_id_of(agreement_id), "challenge_window_seconds": window}
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, transport=httpx.MockTransport(
+            challenge_package_marketplace(agreement_id, submitted))) as buyer:
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.challenge(agreement, KEY, "the answers were empty")
+    assert refusal.value.field == "agreement.challenge_window_seconds" and submitted == []
+
+
+@pytest.mark.parametrize("window", MALFORMED_WINDOWS)
+def test_a_refund_of_an_agreement_stating_a_malformed_window_is_refused_not_crashed_on(window):
+    agreement_id = str(uuid.uuid4())
+    marketplace = RefundMarketplace(agreement_id, window=window)
+    with pytest.raises(SigningRefused) as refusal:
+        refund(marketplace, agreement_id=agreement_id)
+    assert refusal.value.field == "agreement.challenge_window_seconds" and marketplace.submitted == []
+
+
+def test_a_refund_whose_unlock_time_is_beyond_int_s_digit_limit_is_refused_not_crashed_on():
+    agreement_id = str(uuid.uuid4())
+    marketplace = RefundMarketplace(agreement_id, unlock_time="9" * 5000)
+    with pytest.raises(DeadlineOutOfRange) as refusal:
+        refund(marketplace, agreement_id=agreement_id)
+    assert refusal.value.field == "unlockTime" and marketplace.submitted == []
+
+
+def test_a_whole_number_beyond_int_s_digit_limit_is_refused_not_crashed_on():
+    with pytest.raises(SigningRefused):
+        require_equal("1" * 5000, 2, "amount")
+    with pytest.raises(SigningRefused) as refusal:
+        AgreedTerms.from_agreement({"id": AGREEMENT_ID, "onchain_id": onchain_id_of(AGREEMENT_ID),
+                                    "quantity": "9" * 5000, "price_per_unit_atomic": 1}, NETWORK)
+    assert refusal.value.field == "agreement.quantity"
 
 
 # --- scalars and the seller's signature check --------------------------------------------------------------------
