@@ -19,11 +19,11 @@ from sdk.bounded_http import AnswerRefused, AnswerTooLarge, DeadlineExceeded, Un
 from sdk.bounded_json import InvalidJSON  # noqa: E402
 from sdk.client import AgreementFailed, MarketplaceClient, MarketplaceError, NotConfigured  # noqa: E402
 from sdk.networks import BASE, BASE_SEPOLIA, FeeSchedule, NetworkConfig, TokenDomain  # noqa: E402
-from sdk.safety import DeadlineOutOfRange, LocalWallet, SigningRefused, Wallet  # noqa: E402
+from sdk.safety import DeadlineOutOfRange, LocalWallet, SellerUnverified, SigningRefused, Wallet  # noqa: E402
 from sdk.terms import AgreedTerms  # noqa: E402
 from sdk.version import VERSION as __version__  # noqa: E402
 
 __all__ = ["BASE", "BASE_SEPOLIA", "AgreedTerms", "AgreementFailed", "AnswerRefused", "AnswerTooLarge",
            "DeadlineExceeded", "DeadlineOutOfRange", "FeeSchedule", "InvalidJSON", "LocalWallet", "MarketplaceClient",
-           "MarketplaceError", "NetworkConfig", "NotConfigured", "SigningRefused", "TokenDomain", "UnrequestedEncoding",
-           "Wallet", "__version__", "sign_activation_package"]
+           "MarketplaceError", "NetworkConfig", "NotConfigured", "SellerUnverified", "SigningRefused", "TokenDomain",
+           "UnrequestedEncoding", "Wallet", "__version__", "sign_activation_package"]

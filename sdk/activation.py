@@ -19,7 +19,7 @@ from eth_utils import keccak
 from sdk import typed_data
 from sdk.networks import NetworkConfig, TokenDomain
 from sdk.safety import (DEADLINE_MAX_SECONDS, SigningRefused, Wallet, as_wallet, check_deadline, check_same,
-                        check_typed_data, require_equal, typed_message)
+                        check_typed_data, require_equal, typed_message, warn_seller_unverified)
 from sdk.terms import AgreedTerms
 
 __all__ = ["activation_intent_nonce", "check_seller", "expected_activation", "sign_activation_package"]
@@ -60,7 +60,8 @@ def expected_activation(*, terms: AgreedTerms, network: NetworkConfig, token_dom
 
 def check_seller(terms: AgreedTerms, expected_seller_wallet_address: str | None) -> None:
     """The agreement's seller wallet (the intent's `seller`, whom the escrow pays) must be the one the buyer expects,
-    when it says which: else it is the marketplace's word, and a compromised one could name its own wallet."""
+    when it says which. Else it is the marketplace's word, and a compromised one could name its own wallet
+    (`sign_activation_package` warns `SellerUnverified` then, once every check has passed)."""
     if expected_seller_wallet_address is not None:
         require_equal(terms.seller, expected_seller_wallet_address, "agreement.seller_wallet_address",
                       "the deposit would be paid to another wallet than the seller's the buyer expects")
@@ -95,7 +96,8 @@ def sign_activation_package(package: Mapping[str, Any], wallet: str | bytes | Wa
     [now + 60 s, now + `max_deadline_seconds`]. The token's permit nonce is taken from the server (a wrong nonce
     only makes the permit invalid), and so is `intent_nonce_round`: any round's nonce names this agreement alone,
     and the contract funds at most one escrow per (buyer, agreement). With `expected_seller_wallet_address`, the
-    agreement's seller wallet (the payee) must be that one (`check_seller`). What the package states beside the
+    agreement's seller wallet (the payee) must be that one (`check_seller`); without it, `SellerUnverified` is
+    warned before signing. What the package states beside the
     typed data (agreement, escrow contract, chain, token, deposit, fee) must be the terms' and the pinned network's.
     Raises `SigningRefused` (with `.field`) on any difference."""
     wallet = as_wallet(wallet)
@@ -124,6 +126,8 @@ def sign_activation_package(package: Mapping[str, Any], wallet: str | bytes | Wa
                                    permit_nonce=nonce, intent_nonce_round=intent_nonce_round)
     for name, typed in expected.items():
         check_typed_data(package[name], typed, name)
+    if expected_seller_wallet_address is None:  # last: a refusal above says more than the warning
+        warn_seller_unverified("agreement.seller_wallet_address", terms.seller)
     permit = expected["escrow_permit"]["message"]
     return {
         "intent_signature": wallet.sign_typed_data(expected["intent"]),

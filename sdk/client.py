@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 import httpx
 
 from sdk import typed_data
-from sdk.activation import check_seller, sign_activation_package
+from sdk.activation import sign_activation_package
 from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, AnswerRefused, BoundedHttp,
                               DeadlineExceeded, deadline_passed, deadline_within, json_answer, time_left)
 from sdk.networks import NetworkConfig, TokenDomain
@@ -61,7 +61,7 @@ from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, MalformedAnswer, Rp
 from sdk.receipts import (UsageChainMismatch, UsageTermsMismatch, UsageVerificationTimedOut, VerifiedUsage,
                           verify_usage)
 from sdk.safety import (DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data,
-                        require_equal)
+                        require_equal, warn_seller_unverified)
 from sdk.terms import AgreedTerms, agreed_time, agreed_whole, check_onchain_id, stated_terms_hash, unix_time
 from sdk.version import VERSION
 from sdk.x402_signing import build_direct_stablecoin_agreement, new_authorization_nonce, sign_payment_required
@@ -356,7 +356,8 @@ class MarketplaceClient:
         """Buy `quantity` units without an escrow: signs here (`build_direct_stablecoin_agreement`) the x402 payment
         to the seller and the fee permit to the platform's gas wallet, then proposes. The service the marketplace
         answers with must be `service_id`, its unit price at most `max_unit_price_atomic` (what the buyer agreed
-        to pay) and, with `expected_seller_wallet_address`, its seller's wallet (the payee) that one; the fee,
+        to pay) and, with `expected_seller_wallet_address`, its seller's wallet (the payee) that one (without it,
+        `sdk.SellerUnverified` is warned before signing); the fee,
         chain, token and gas wallet must be the pinned ones. `permit_nonce` is the token's `nonces(buyer wallet)`,
         read through the RPC when omitted. While a fee permit this client signed is valid (`validity_seconds`), one
         that could be used besides it is refused (`SigningRefused` on "fee_permit.message.nonce"): one for a lower
@@ -399,6 +400,8 @@ class MarketplaceClient:
         token_domain, now = self.token_domain(), self._now()
         with self._lock:  # one purchase of a wallet's at a time passes the check and is recorded
             self._check_fee_permit_nonce(wallet.address.lower(), permit_nonce)
+            if expected_seller_wallet_address is None:  # last: a refusal above says more than the warning
+                warn_seller_unverified("seller.wallet_address", service["seller"]["wallet_address"])
             body = build_direct_stablecoin_agreement(
                 service_id=str(service_id), quantity=quantity, unit_price_atomic=unit_price,
                 seller_wallet_address=service["seller"]["wallet_address"], payment_requirements=requirements,
@@ -515,8 +518,9 @@ class MarketplaceClient:
         (`max_duration_seconds` from now, `min_challenge_window_seconds`). The package must match the SDK's own
         intent and single permit (deposit + fee, spender the pinned escrow) field by field. The seller's wallet (whom
         the escrow pays) is the marketplace's word unless the buyer names it: with `expected_seller_wallet_address`
-        (here, or to `propose_agreement`), the agreement's must be that one (`agreement.seller_wallet_address`). Any
-        difference raises `SigningRefused` naming the field, and nothing is signed.
+        (here, or to `propose_agreement`), the agreement's must be that one (`agreement.seller_wallet_address`);
+        without it, `sdk.SellerUnverified` is warned before signing. Any difference raises `SigningRefused` naming
+        the field, and nothing is signed.
 
         Returns the 202 body (`status: "submitting"`): the relayer still has to get the transaction mined, so
         follow with `wait_until(agreement["id"])`. The key is only used locally.
@@ -536,10 +540,11 @@ class MarketplaceClient:
                             "own bounds only: give quantity= and max_unit_price_atomic=")
         if proposed is not None:
             proposed.check(agreement)
+            expected_seller_wallet_address = expected_seller_wallet_address or proposed.seller_wallet_address
         terms = AgreedTerms.from_agreement(agreement, network)
-        check_seller(terms, expected_seller_wallet_address)
         signed = sign_activation_package(self.activation_package(agreement["id"]), wallet, terms=terms,
-                                         network=network, token_domain=self.token_domain(), now=now)
+                                         network=network, token_domain=self.token_domain(), now=now,
+                                         expected_seller_wallet_address=expected_seller_wallet_address)
         self._remember_buyer(agreement["id"], terms.buyer)
         return self.submit_activation(agreement["id"], signed, idempotency_key=idempotency_key)
 
@@ -786,7 +791,8 @@ class MarketplaceClient:
         last until unlockTime. A timer left to the marketplace's defaults is bounded as `propose_agreement` bounds
         a term left to them: an expiry within `max_duration_seconds` from now, a challenge window of at least
         `min_challenge_window_seconds`, and of at most the contract's 30 days. With `expected_seller_wallet_address`,
-        the agreement's seller wallet (whom the escrow pays) must be that one. Returns the purchase (`onChainState` null until the relayer locked the funds; the
+        the agreement's seller wallet (whom the escrow pays) must be that one (else `sdk.SellerUnverified` is warned
+        before signing). Returns the purchase (`onChainState` null until the relayer locked the funds; the
         marketplace then starts the job on the seller). Follow with `wait_for_purchase`."""
         key = idempotency_key or _new_key()
         created = self._request("POST", "/purchase", json={

@@ -8,7 +8,9 @@ over the SDK's own object, never over the server's.
 
 from __future__ import annotations
 
+import sys
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -16,9 +18,9 @@ from eth_account import Account
 
 from sdk import typed_data
 
-__all__ = ["DEADLINE_MAX_SECONDS", "DEADLINE_MIN_SECONDS", "DeadlineOutOfRange", "LocalWallet", "SigningRefused",
-           "Wallet", "as_wallet", "check_deadline", "check_same", "check_typed_data", "require_equal",
-           "typed_message"]
+__all__ = ["DEADLINE_MAX_SECONDS", "DEADLINE_MIN_SECONDS", "DeadlineOutOfRange", "LocalWallet", "SellerUnverified",
+           "SigningRefused", "Wallet", "as_wallet", "check_deadline", "check_same", "check_typed_data", "require_equal",
+           "typed_message", "warn_seller_unverified"]
 
 # An activation signature must stay usable long enough to be mined, and not lie around for a day.
 DEADLINE_MIN_SECONDS = 60
@@ -41,6 +43,27 @@ class SigningRefused(ValueError):
 
 class DeadlineOutOfRange(SigningRefused):
     """A signature deadline too close (unusable) or too far away (a long-lived authorization)."""
+
+
+class SellerUnverified(UserWarning):
+    """A payment or deposit is about to be signed to the seller's wallet the marketplace names, which the buyer did
+    not name (`expected_seller_wallet_address=`): a compromised marketplace could name its own. `payee` is that
+    wallet, `field` where the marketplace named it. Turn it into an error to sign nothing unverified:
+    `warnings.simplefilter("error", SellerUnverified)`."""
+
+    def __init__(self, field: str, payee: Any):
+        self.field, self.payee = field, payee
+        super().__init__(f"signing a payment to {payee!r}, the seller's wallet as the marketplace names it ({field}), "
+                         "unverified: pass expected_seller_wallet_address= (the seller's own word)")
+
+
+def warn_seller_unverified(field: str, payee: Any) -> None:
+    """Warn (`SellerUnverified`) before signing to a payee the buyer did not name, attributed to the caller's own
+    line (the first frame outside the SDK), so that each call site is reported and filters can name it."""
+    level, frame = 2, sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "sdk":
+        level, frame = level + 1, frame.f_back
+    warnings.warn(SellerUnverified(field, payee), stacklevel=level)
 
 
 class Wallet(Protocol):

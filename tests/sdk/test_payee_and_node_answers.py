@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import uuid
+import warnings
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -19,7 +21,7 @@ from eth_abi import encode
 from eth_account import Account
 from eth_utils import keccak
 
-from sdk import AgreedTerms, MarketplaceClient, SigningRefused
+from sdk import AgreedTerms, MarketplaceClient, SellerUnverified, SigningRefused
 from sdk.activation import expected_activation, sign_activation_package
 from sdk.onchain import ChainReader, MalformedAnswer
 from tests.sdk.test_signing_bounds import (DOMAIN, KEY, LISTED_PRICE, NETWORK, SELLER, DirectMarketplace,
@@ -499,3 +501,73 @@ def test_usage_is_not_verified_through_an_rpc_of_another_chain(monkeypatch, chai
             buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
         monkeypatch.setattr(ChainReader, "chain_id", lambda self: network.chain_id)
         assert buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"]).events == 10
+
+
+# --- a payee the buyer did not name ---------------------------------------------------------------------------------
+
+def escrow_activated_without_naming_the_seller(marketplace: EscrowMarketplace) -> None:
+    with escrow_buyer(marketplace) as buyer:
+        buyer.activate_escrow(buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE), KEY)
+
+
+def direct_purchase_without_naming_the_seller(marketplace: DirectMarketplace) -> None:
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                           transport=httpx.MockTransport(marketplace)) as buyer:
+        buyer.propose_direct_purchase(str(uuid.uuid4()), 10, wallet=KEY, max_unit_price_atomic=LISTED_PRICE,
+                                      permit_nonce=0)
+
+
+class AttackersDirectMarketplace(DirectMarketplace):
+    """A direct sale whose service names the compromised marketplace's own wallet as its seller's."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        answer = super().__call__(request)
+        if request.url.path.startswith("/agents/services/"):
+            return httpx.Response(200, json={**answer.json(), "seller": {"wallet_address": ATTACKER}})
+        return answer
+
+
+UNNAMED_SELLER_PAYMENTS = [
+    pytest.param(lambda: EscrowMarketplace(pays_the_attacker), escrow_activated_without_naming_the_seller,
+                 lambda marketplace: marketplace.activated, id="escrow"),
+    pytest.param(lambda: AttackersDirectMarketplace(refusals=0), direct_purchase_without_naming_the_seller,
+                 lambda marketplace: marketplace.fee_permits, id="direct purchase"),
+    pytest.param(lambda: MasumiMarketplace(pays_the_attacker), buy_masumi_job,
+                 lambda marketplace: marketplace.locked, id="masumi job"),
+]
+
+
+@pytest.mark.parametrize(("marketplace", "pay", "signed"), UNNAMED_SELLER_PAYMENTS)
+def test_a_payment_to_a_seller_the_buyer_did_not_name_warns_before_signing(marketplace, pay, signed):
+    """Without `expected_seller_wallet_address=`, the payee is the marketplace's word: a compromised one named its
+    own wallet, and the SDK signed the deposit or payment to it without a word. It still signs (existing callers
+    keep working), but warns first (`SellerUnverified`, naming the payee), so a buyer that turns the warning into an
+    error signs nothing."""
+    warned = marketplace()
+    with pytest.warns(SellerUnverified, match=ATTACKER) as warnings_seen:
+        pay(warned)
+    # Attributed to the caller's line (here, or the test helper's that called the SDK), not to the SDK's.
+    assert len(warnings_seen) == 1 and warnings_seen[0].filename.startswith(os.path.dirname(__file__))
+    assert len(signed(warned)) == 1
+    demanding = marketplace()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SellerUnverified)
+        with pytest.raises(SellerUnverified):
+            pay(demanding)
+    assert signed(demanding) == []
+
+
+def test_a_seller_the_buyer_named_is_not_warned_about():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SellerUnverified)
+        with escrow_buyer(EscrowMarketplace()) as buyer:
+            proposed = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE,
+                                               expected_seller_wallet_address=SELLER)
+            buyer.activate_escrow(buyer.get_agreement(proposed["id"]), KEY)
+            agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
+            buyer.activate_escrow(agreement, KEY, expected_seller_wallet_address=SELLER)
+        with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                               transport=httpx.MockTransport(DirectMarketplace(refusals=0))) as buyer:
+            buyer.propose_direct_purchase(str(uuid.uuid4()), 10, wallet=KEY, max_unit_price_atomic=LISTED_PRICE,
+                                          permit_nonce=0, expected_seller_wallet_address=SELLER)
+        assert buy_masumi_job(MasumiMarketplace(), expected_seller_wallet_address=SELLER)
