@@ -160,12 +160,14 @@ class ChainReader:
         return self._quantity("eth_chainId", self._rpc("eth_chainId", []))
 
     def block_number(self) -> int:
-        return int(self._rpc("eth_blockNumber", []), 16)
+        return self._quantity("eth_blockNumber", self._rpc("eth_blockNumber", []))
 
     def transaction_block(self, tx_hash: str) -> int | None:
         """The block a transaction was mined in; None when the node knows no such mined transaction."""
         receipt = self._rpc("eth_getTransactionReceipt", [tx_hash])
-        return int(receipt["blockNumber"], 16) if receipt and receipt.get("blockNumber") else None
+        if not receipt or not isinstance(receipt, dict) or not receipt.get("blockNumber"):
+            return None
+        return self._quantity("eth_getTransactionReceipt", receipt["blockNumber"])
 
     def now(self) -> int:
         """The latest block's timestamp: deadlines are checked against block time."""
@@ -239,7 +241,8 @@ class ChainReader:
             ["(uint8,uint64,uint256,uint256,uint256,uint256)"], self._call(escrow_address, call))[0]
         # The last proposal (a later one with a higher seq replaces it): searched from the newest span back.
         proposals = self.first_logs(escrow_address, ["0x" + _PROPOSED.hex(), *topics],
-                                    from_block=int(log["blockNumber"], 16), to_block=latest,
+                                    from_block=self._quantity("eth_getLogs", log.get("blockNumber")),
+                                    to_block=latest,
                                     newest_first=True) if state > 1 else []
         proposed_amount, usage_digest = None, bytes(32)
         if proposals:

@@ -278,6 +278,29 @@ def test_a_permit_nonce_or_clock_that_does_not_decode_is_refused(nonce_answer, t
     assert marketplace.fee_permits == []
 
 
+def node_answering(result: Any) -> ChainReader:
+    """A reader of a node that answers every call with `result`."""
+    return ChainReader("http://node.invalid", transport=httpx.MockTransport(lambda request: httpx.Response(
+        200, json={"jsonrpc": "2.0", "id": json.loads(request.content)["id"], "result": result})))
+
+
+@pytest.mark.parametrize(("read", "result"), [
+    pytest.param(ChainReader.block_number, "soon", id="block number not hex"),
+    pytest.param(ChainReader.block_number, 12, id="block number a JSON number"),
+    pytest.param(lambda reader: reader.transaction_block("0x" + "ab" * 32), {"blockNumber": "soon"},
+                 id="transaction's block not hex"),
+    pytest.param(lambda reader: reader.transaction_block("0x" + "ab" * 32), {"blockNumber": 12},
+                 id="transaction's block a JSON number"),
+])
+def test_a_block_number_that_does_not_decode_is_a_malformed_answer(read, result):
+    """The head's and a transaction's block numbers were int(x, 16) of the node's answer, unchecked: ValueError or
+    TypeError out of `verify_usage` (which falls back from an activation hash the node refuses, `RpcError`)."""
+    reader = node_answering(result)
+    with pytest.raises(MalformedAnswer):
+        read(reader)
+    reader.close()
+
+
 def test_an_activation_package_whose_permit_nonce_is_no_uint256_is_refused():
     """A permit nonce of 2**256 in the package raised ValueError from the typed-data builder, not SigningRefused."""
     package, terms = honest_package()
