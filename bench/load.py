@@ -140,7 +140,8 @@ def seed(args, upstream_url: str, chain_node) -> dict:
         package = escrow_services.activation_package(agreement=agreement, buyer=buyer)
         signed = sign_activation_package(
             package, "0x" + bytes(wallet.key).hex(), network=network, token_domain=network.token_domain,
-            terms=AgreedTerms.from_agreement(AgreementSerializer(agreement).data, network))
+            terms=AgreedTerms.from_agreement(AgreementSerializer(agreement).data, network),
+            expected_seller_wallet_address=seller.wallet_address)
         escrow_services.activation_submit(agreement=agreement, buyer=buyer, **signed)  # the relayer runs inline
         buyers.append({"key": api_key, "agreement": str(agreement.pk)})
     deadline = time.monotonic() + 60

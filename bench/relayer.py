@@ -248,7 +248,8 @@ def seed(keys: list) -> list[Activation]:
         package = escrow_services.activation_package(agreement=agreement, buyer=buyer)
         signed = sign_activation_package(
             package, "0x" + bytes(key.key).hex(), network=network, token_domain=network.token_domain,
-            terms=AgreedTerms.from_agreement(AgreementSerializer(agreement).data, network))
+            terms=AgreedTerms.from_agreement(AgreementSerializer(agreement).data, network),
+            expected_seller_wallet_address=seller.wallet_address)
         activations.append(Activation(agreement_id=str(agreement.pk), api_key=api_key, signed=signed))
     return activations
 

@@ -77,6 +77,11 @@ class Command(BaseCommand):
 
     # --- the walk ------------------------------------------------------------------------------------------------
 
+    def _seller_wallet(self) -> str:
+        """The wallet the buyer expects to pay, named to the SDK (else it warns SellerUnverified): here the demo
+        seller's own; a real buyer learns it from the seller, not from the marketplace it checks."""
+        return self.wallets[1].address
+
     def _escrow_walk(self, *, window: int, calls: int) -> str:
         self._step("1. The buyer searches the catalog")
         service = next(self.buyer.search_services("translator"))
@@ -85,7 +90,8 @@ class Command(BaseCommand):
 
         self._step(f"2. The buyer proposes {calls + 2} calls with a {window} s challenge window; the seller accepts")
         agreement = self.buyer.propose_agreement(service["id"], quantity=calls + 2, max_unit_price_atomic=price,
-                                                 challenge_window_seconds=window)
+                                                 challenge_window_seconds=window,
+                                                 expected_seller_wallet_address=self._seller_wallet())
         agreement_id = agreement["id"]
         self._say(f"agreement {agreement_id}: deposit {_usdc(agreement['deposit_amount_atomic'])}, "
                   f"fee {_usdc(agreement['infra_fee_atomic'])}")
@@ -124,7 +130,8 @@ class Command(BaseCommand):
         self._step("7. A direct one-off purchase (x402 authorization + fee permit, no escrow); the seller accepts")
         service = next(self.buyer.search_services("translator"))
         proposed = self.buyer.propose_direct_purchase(service["id"], 1, wallet=self.buyer_private_key,
-                                                      max_unit_price_atomic=service["pricing"]["unit_price_atomic"])
+                                                      max_unit_price_atomic=service["pricing"]["unit_price_atomic"],
+                                                      expected_seller_wallet_address=self._seller_wallet())
         self.seller.accept_agreement(proposed["id"])
         paid = self.buyer.wait_until(proposed["id"], statuses={AgreementStatus.PAID},
                                      failure={AgreementStatus.PAYMENT_FAILED}, timeout=self.timeout,
