@@ -820,6 +820,19 @@ def agreement_direct_payment_reopened(*, agreement_id, what: str, tx_hash: str) 
         changes={"payment_tx_hash": "", "seller_payout": None, "used": 0, "settled_at": None})
 
 
+def operator_owns_no_party_require(*, operator_account, agreement_ids=(), invocation_ids=()) -> None:
+    """403 `operator_owns_a_party` when the operator acting (the admin's user, reconcile's `--operator`; None: no
+    operator) owns the buyer or the seller of one of these agreements or skill invocations: writing off their money or
+    sending it again is then another operator's decision."""
+    if operator_account is None:
+        return
+    owned = Q(buyer__owner=operator_account) | Q(seller__owner=operator_account)
+    if (UsageAgreement.objects.filter(owned, pk__in=agreement_ids).exists()
+            or SkillInvocation.objects.filter(owned, pk__in=invocation_ids).exists()):
+        raise Forbidden("You own the buyer or the seller of what this decides: another operator does it.",
+                        code="operator_owns_a_party")
+
+
 def reverted_payments_acknowledge(*, payments, operator: str, reason: str, operator_account=None) -> int:
     """Operator action: reverted payments (`payments`: a queryset of agreements' direct purchases or of skill
     invocations) someone looked into (the loss accepted, the seller paid another way, or the money recovered from
@@ -832,10 +845,8 @@ def reverted_payments_acknowledge(*, payments, operator: str, reason: str, opera
     if not reason:
         raise InvalidInput("Say why the reverted payment is acknowledged.", code="reason_required")
     reverted = selectors.payments_reverted(of=payments.model).filter(pk__in=payments.values("pk"))
-    if operator_account is not None and reverted.filter(
-            Q(buyer__owner=operator_account) | Q(seller__owner=operator_account)).exists():
-        raise Forbidden("You own the buyer or the seller of a selected payment: another operator acknowledges it.",
-                        code="operator_owns_a_party")
+    operator_owns_no_party_require(operator_account=operator_account, **{
+        "agreement_ids" if payments.model is UsageAgreement else "invocation_ids": reverted.values("pk")})
     return reverted.update(
         payment_reversal_acknowledged_at=timezone.now(), payment_reversal_acknowledged_by=operator[:150],
         payment_reversal_acknowledgement_reason=reason[:500])

@@ -83,9 +83,9 @@ def retry_failed(modeladmin, request, queryset):
     retried = 0
     for tx in queryset.filter(status=TxStatus.FAILED):
         try:
-            relayer.transaction_retry(tx=tx, operator=request.user.get_username())
+            relayer.transaction_retry(tx=tx, operator=request.user.get_username(), operator_account=request.user)
         except ApplicationError as exc:
-            messages.warning(request, f"{tx.pk}: {exc.message}")
+            messages.warning(request, f"{tx.pk}: {exc.message} ({exc.code})")
             continue
         retried += 1
     messages.success(request, f"Queued {retried} transaction(s) again.")
@@ -100,7 +100,8 @@ def acknowledge_outrun_fills(modeladmin, request, queryset):
         modeladmin, request, queryset, what="outrun nonce fills",
         none_left="None of the selected transactions is a nonce fill outrun by the old bytes it cancels and "
                   "unacknowledged.",
-        acknowledge=lambda selected, **answer: services.nonce_fills_acknowledge(fills=selected, **answer),
+        acknowledge=lambda selected, **answer: services.nonce_fills_acknowledge(
+            fills=selected, operator_account=request.user, **answer),
         findings=outrun,
         columns=["Fill", "Nonce", "Cancelled transaction", "Mined transaction", "Block"],
         row=lambda fill: [fill.pk, fill.nonce, fill.context.get(relayer.CANCELS), fill.mined_tx_hash,
@@ -285,7 +286,8 @@ def acknowledge_failed(modeladmin, request, queryset):
     return acknowledgement_page(
         modeladmin, request, queryset, what="failed events",
         none_left="None of the selected events is failed and unacknowledged.",
-        acknowledge=lambda selected, **answer: indexer.events_acknowledge(events=selected, **answer), findings=failed,
+        acknowledge=lambda selected, **answer: indexer.events_acknowledge(
+            events=selected, operator_account=request.user, **answer), findings=failed,
         columns=["Event", "Block", "Transaction", "Agreement", "Error"],
         row=lambda event: [event.name, event.block_number, event.tx_hash, event.agreement_id or "-", event.error])
 

@@ -1252,14 +1252,29 @@ def transaction_withdraw(*, transaction_id, reason: str) -> bool:
     return True
 
 
-def transaction_retry(*, tx: ChainTransaction, operator: str) -> ChainTransaction:
+def transactions_parties(transactions) -> dict[str, set[str]]:
+    """The agreements and skill invocations (`agreement_ids`, `invocation_ids`) whose money these transactions move:
+    a nonce fill's, those of the transaction it cancels (`CANCELS`), whose old bytes may have run in its place: what an
+    operator who decides about them must own no party of (`agreement_services.operator_owns_no_party_require`)."""
+    transactions = list(transactions)
+    cancelled = [tx.context[CANCELS] for tx in transactions if CANCELS in (tx.context or {})]
+    transactions += ChainTransaction.objects.filter(pk__in=cancelled)
+    return {"agreement_ids": {str(tx.agreement_id) for tx in transactions if tx.agreement_id},
+            "invocation_ids": {tx.context["invocation_id"] for tx in transactions if "invocation_id" in tx.context}}
+
+
+def transaction_retry(*, tx: ChainTransaction, operator: str, operator_account=None) -> ChainTransaction:
     """Operator action: a failed transaction is queued again as a new row (the failed one stays for history),
     whose context names the one it retries (`OPERATOR_RETRY_OF`) and the operator who asked (`OPERATOR_RETRY_BY`). Not one the domain withdrew (`WITHDRAWN`) or no
     longer wants run (`rerun_wanted`: an activation whose agreement was closed since), nor one its domain refuses to
-    send again now (`on_retry`: an activation the buyer's owner policy refuses now)."""
+    send again now (`on_retry`: an activation the buyer's owner policy refuses now). `operator_account` (the admin's
+    user): 403 `operator_owns_a_party` when it owns a party of the money the transaction moves (it pays their seller
+    again)."""
     with transaction.atomic():
         # Once: a plain token transfer (a payout, a refund) retried twice would pay twice.
         tx = ChainTransaction.objects.select_for_update().get(pk=tx.pk)
+        agreement_services.operator_owns_no_party_require(operator_account=operator_account,
+                                                          **transactions_parties([tx]))
         if WITHDRAWN in tx.context:
             raise Conflict(f"This transaction was withdrawn: {tx.context[WITHDRAWN]}",
                            code="withdrawn", details={"transaction_id": str(tx.pk)})

@@ -336,12 +336,17 @@ def findings_acknowledge(*, findings: QuerySet[ChainEvent] | QuerySet[ChainTrans
         acknowledged_at=timezone.now(), acknowledged_by=operator[:150], acknowledgement_reason=reason[:500])
 
 
-def nonce_fills_acknowledge(*, fills: QuerySet[ChainTransaction], operator: str, reason: str) -> int:
+def nonce_fills_acknowledge(*, fills: QuerySet[ChainTransaction], operator: str, reason: str,
+                            operator_account=None) -> int:
     """Operator action: nonce fills the old bytes of the transaction they cancel were mined in place of
     (`selectors.nonce_fills_outrun`; other rows of `fills` are left), once someone checked that what those bytes did
-    is not done twice (a payout and its retry) or dealt with it."""
-    return findings_acknowledge(findings=selectors.nonce_fills_outrun().filter(pk__in=fills.values("pk")),
-                                operator=operator, reason=reason)
+    is not done twice (a payout and its retry) or dealt with it. `operator_account` (the admin's user, reconcile's
+    `--operator`): 403 `operator_owns_a_party`, nothing acknowledged, when it owns a party of the cancelled
+    transaction's money (its seller may have been paid twice)."""
+    outrun = selectors.nonce_fills_outrun().filter(pk__in=fills.values("pk"))
+    agreement_services.operator_owns_no_party_require(operator_account=operator_account,
+                                                      **relayer.transactions_parties(outrun))
+    return findings_acknowledge(findings=outrun, operator=operator, reason=reason)
 
 
 def handlers_register() -> None:

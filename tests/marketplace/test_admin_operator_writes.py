@@ -1,6 +1,7 @@
 """What an operator writes in the admin is held to the rules the API holds agents and owners to, and an operator's
 action that moves money names who ran it."""
 
+import io
 from datetime import timedelta
 
 import pytest
@@ -8,17 +9,18 @@ from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
+from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from agreements.models import DeliveryStatus, FeeSchedule, WebhookDelivery, WebhookSubscription
 from catalog.models import Agent, ApiKey, OwnerToken
 from escrow import relayer
-from escrow.models import ChainEvent, ChainTransaction, EventEffect, IndexerCursor, TxPurpose, TxStatus
+from escrow.models import ChainEvent, ChainTransaction, EventEffect, IndexerCursor, TxAttempt, TxPurpose, TxStatus
 from policies.models import ApprovalRequest, Policy
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service
 from tests.conftest import Api
-from tests.support.operators import form_as_shown, operator_client
+from tests.support.operators import form_as_shown, operator_client, staff_account
 
 pytestmark = pytest.mark.django_db
 
@@ -850,3 +852,73 @@ def test_a_ticked_payment_reverted_again_since_the_page_is_not_acknowledged_with
     assert reverted.get().payment_reversal_acknowledged_at is None
     assert again.status_code == 200 and "changed since" in again.content.decode()
     assert "second reorg" in again.content.decode()
+
+
+def failures_of_an_agreement(agreement_id) -> dict:
+    """What an operator decides about an agreement's money outside its page: a failed transaction to retry (sent
+    again), a nonce fill the old bytes of another of its transactions outran (what they did may be done twice: the
+    seller paid twice), a failed chain event of it; each with its admin change list and action."""
+    def tx(purpose, status, **fields):
+        return ChainTransaction.objects.create(purpose=purpose, agreement_id=agreement_id, to_address="0x" + "11" * 20,
+                                               data="0x", chain_id=31337, status=status, **fields)
+
+    outran = tx(TxPurpose.PROPOSE_SETTLEMENT, TxStatus.FAILED, failure_reason="cancelled by a nonce fill", nonce=4)
+    TxAttempt.objects.create(transaction=outran, tx_hash="0x" + "ab" * 32, raw_transaction="0x", nonce=4,
+                             max_fee_per_gas=2, max_priority_fee_per_gas=1)
+    fill = ChainTransaction.objects.create(
+        purpose=TxPurpose.NONCE_FILL, to_address="0x" + "11" * 20, data="0x", chain_id=31337, nonce=4,
+        status=TxStatus.CONFIRMED, mined_tx_hash="0x" + "ab" * 32, confirmed_at=timezone.now(),
+        context={relayer.CANCELS: str(outran.pk)})
+    cursor = IndexerCursor.objects.create(chain_id=31337, escrow_address="0x" + "12" * 20, start_block=0)
+    event = ChainEvent.objects.create(
+        cursor=cursor, block_number=1, block_hash=f"0x{1:064x}", tx_hash=f"0x{1:064x}", log_index=0,
+        contract="0x" + "12" * 20, name="Finalized", error="escrow_mismatch", effect=EventEffect.FAILED,
+        agreement_id=agreement_id)
+    return {"retry": (tx(TxPurpose.FINALIZE, TxStatus.FAILED, failure_reason="reverted"), "chaintransaction",
+                      "retry_failed"),
+            "fill": (fill, "chaintransaction", "acknowledge_outrun_fills"),
+            "event": (event, "chainevent", "acknowledge_failed")}
+
+
+@pytest.mark.parametrize("what", ["retry", "fill", "event"])
+def test_an_operator_does_not_retry_nor_write_off_the_money_of_an_agreement_whose_party_they_own(
+        settings, seller, buyer_api, what, django_capture_on_commit_callbacks):
+    """Staff who own the seller retried its failed payout or settlement (money sent again), or acknowledged a nonce
+    fill outrun by the old bytes of its transaction (the seller paid twice, written off) or its failed chain event:
+    their own agent's money, decided by them. Refused (`operator_owns_a_party`), nothing done; another operator may."""
+    staff = staff_client(settings, "view_chaintransaction", "change_chaintransaction", "view_chainevent",
+                         "change_chainevent")
+    Agent.objects.filter(pk=seller.pk).update(owner=get_user_model().objects.get(username="staff"))
+    agreement = buyer_api.post("/usage-agreements", proposal(register_service(seller))).json()
+    row, page, action = failures_of_an_agreement(agreement["id"])[what]
+    changelist = f"/admin/escrow/{page}/"
+
+    with django_capture_on_commit_callbacks(execute=False):
+        asked = staff.post(changelist, {"action": action, ACTION_CHECKBOX_NAME: [str(row.pk)]}, follow=True)
+        if what != "retry":
+            answer = {**form_as_shown(asked.content.decode(), "acknowledge-form"), "reason": "seller paid once"}
+            asked = staff.post(changelist, answer)
+
+    assert "operator_owns_a_party" in asked.content.decode()
+    assert not ChainTransaction.objects.filter(context__has_key=relayer.OPERATOR_RETRY_OF).exists()
+    assert type(row).objects.get(pk=row.pk).acknowledged_at is None
+
+
+@pytest.mark.parametrize(("what", "option"), [("fill", "--acknowledge-nonce-fill"), ("event", "--acknowledge")])
+def test_reconcile_does_not_let_an_operator_write_off_the_money_of_an_agreement_whose_party_they_own(
+        seller, buyer_api, what, option):
+    """`reconcile --operator` held the owner of a party to the rule for reverted payments only."""
+    agreement = buyer_api.post("/usage-agreements", proposal(register_service(seller))).json()
+    row, _page, _action = failures_of_an_agreement(agreement["id"])[what]
+    Agent.objects.filter(pk=seller.pk).update(owner=get_user_model().objects.get(username=staff_account(
+        "sellers-owner", "escrow.change_chaintransaction", "escrow.change_chainevent")))
+
+    with pytest.raises(CommandError, match="operator_owns_a_party"):
+        call_command("reconcile", option, str(row.pk), "--reason", "seller paid once", "--operator", "sellers-owner",
+                     stdout=io.StringIO())
+    assert type(row).objects.get(pk=row.pk).acknowledged_at is None
+    with pytest.raises(CommandError, match="1 mismatch"):  # the other failure of the agreement, left
+        call_command("reconcile", option, str(row.pk), "--reason", "seller paid once", "--operator",
+                     staff_account("colleague", "escrow.change_chaintransaction", "escrow.change_chainevent"),
+                     stdout=io.StringIO())
+    assert type(row).objects.get(pk=row.pk).acknowledged_by == "colleague"

@@ -10,7 +10,7 @@ event, `--acknowledge-invocation INVOCATION_ID` or `--acknowledge-agreement AGRE
 `--acknowledge-nonce-fill TRANSACTION_ID` for a fill, with `--reason ...` and `--operator USERNAME`; or the admin's
 actions): it is still listed, and no longer fails the command. `--operator` names the operator's own account, held to
 what the admin's action holds them to: an active staff account with the change permission on what it acknowledges,
-owning neither party of a reverted payment (`operator_owns_a_party`); its username is what the row records."""
+owning neither party of the agreement or invocation whose money it decides (`operator_owns_a_party`); its username is what the row records."""
 
 import uuid
 
@@ -147,6 +147,7 @@ class Command(BaseCommand):
         acknowledged_by = {"operator": account.get_username() if account else "", "reason": options["reason"]}
         if options["acknowledge"]:
             self._acknowledge_with(indexer.events_acknowledge, "unapplied event(s)", acknowledged_by,
+                                   operator_account=account,
                                    events=ChainEvent.objects.filter(pk__in=options["acknowledge"]))
         if options["acknowledge_invocation"]:
             self._acknowledge_with(agreement_services.reverted_payments_acknowledge,
@@ -159,6 +160,7 @@ class Command(BaseCommand):
                                        pk__in=_uuids(options["acknowledge_agreement"], "an agreement")))
         if options["acknowledge_nonce_fill"]:
             self._acknowledge_with(services.nonce_fills_acknowledge, "nonce fill(s)", acknowledged_by,
+                                   operator_account=account,
                                    fills=ChainTransaction.objects.filter(
                                        pk__in=_uuids(options["acknowledge_nonce_fill"], "a transaction")))
         agreements = UsageAgreement.objects.filter(status__in=FUNDED_STATUSES, settlement_model=SettlementModel.ESCROW)
