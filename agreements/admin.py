@@ -194,7 +194,7 @@ class UsageAgreementAdmin(MoneyRecordAdmin):
         rows = format_html_join("", '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td>'
                                     '<td>{}</td><td>{}</td></tr>', (
             (reverse("admin:agreements_webhookdelivery_change", args=[d.pk]), d.event_type,
-             d.subscription.agent.handle, url_credentials.credentials_masked(d.subscription.url), d.status, d.attempts,
+             d.subscription.agent.handle, url_credentials.path_masked(d.subscription.url), d.status, d.attempts,
              d.last_error or d.last_status_code or "") for d in deliveries))
         return format_html('<table class="panel-table" id="agreement-webhook-deliveries"><tr><th>event</th>'
                            '<th>to</th><th>url</th><th>status</th><th>attempts</th><th>last answer</th></tr>{}'
@@ -302,7 +302,12 @@ class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
 
     @admin.display(description="url")
     def url_shown(self, obj):
-        return url_credentials.credentials_masked(obj.url)
+        """Its host: the path of a Slack-style webhook is its credential (`url_credentials.path_masked`); staff who
+        may change the subscription read the address on its form."""
+        return url_credentials.path_masked(obj.url)
+
+    def get_exclude(self, request, obj=None):
+        return (*self.exclude, *(() if self.has_change_permission(request, obj) else ("url",)))
 
     def has_add_permission(self, request):
         return False  # An agent subscribes through the API, which shows the new secret once; here it had none.
@@ -321,7 +326,8 @@ class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
         # this one's secret. A deleted subscription's secrets are erased: it could only sign with an empty key, so it
         # stays deleted (its agent subscribes anew).
         deleted = obj is not None and not obj.is_active
-        return (*self.readonly_fields, "agent", *(("is_active",) if deleted else ()))
+        masked = () if self.has_change_permission(request, obj) else ("url_shown",)
+        return (*self.readonly_fields, "agent", *masked, *(("is_active",) if deleted else ()))
 
     def has_delete_permission(self, request, obj=None):
         return False  # deleted by unticking it, as the API deletes it: its secrets erased, its deliveries' log kept

@@ -7,7 +7,7 @@ from django.db.models import F, Q
 
 from catalog.models import Agent, Service
 from marketplace.fields import AddressField, Bytes32Field, TokenAmountField
-from marketplace.url_credentials import credentials_masked
+from marketplace.url_credentials import path_masked
 
 
 class FeeSchedule(models.Model):
@@ -472,7 +472,7 @@ class WebhookSubscription(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.agent} → {credentials_masked(self.url)}"
+        return f"{self.agent} → {path_masked(self.url)}"
 
 
 class AgentEventAck(models.Model):
@@ -516,7 +516,7 @@ class WebhookDelivery(models.Model):
         indexes = [models.Index(fields=["status", "next_attempt_at"], name="delivery_due_idx")]
 
     def __str__(self) -> str:
-        return f"{self.event_type} → {credentials_masked(self.subscription.url)} ({self.status})"
+        return f"{self.event_type} → {path_masked(self.subscription.url)} ({self.status})"
 
 
 

@@ -53,7 +53,7 @@ def _failures(limit: int) -> list[dashboard.Failure]:
                 for agreement in selectors.agreements_failed_recently(limit=limit)]
     failures += [dashboard.Failure(at=delivery.created_at, kind="webhook delivery failed",
                                    subject=f"{delivery.event_type} → "
-                                           f"{url_credentials.credentials_masked(delivery.subscription.url)}",
+                                           f"{url_credentials.path_masked(delivery.subscription.url)}",
                                    reason=delivery.last_error,
                                    admin_url=reverse("admin:agreements_webhookdelivery_change", args=[delivery.pk]))
                  for delivery in selectors.webhook_deliveries_failed_recently(limit=limit)]

@@ -3,7 +3,9 @@
 The marketplace authenticates its calls to sellers and webhook receivers by signing them (X-Marketplace-Signature,
 Marketplace-Signature), never by a credential the receiver gave it: `outbound.url_check` refuses a URL with userinfo
 (400 `credentials_in_url`), and one saved before is called without it by every client (`without_credentials`),
-shown with it masked to operators and in logs (`credentials_masked`), and without it to anyone but its owner.
+shown with it masked to operators and in logs (`credentials_masked`), and without it to anyone but its owner. A
+webhook's address is shown with its path masked too (`path_masked`) but to staff who may change it: a Slack-style
+webhook's path is its credential.
 It is searched by its host only (`url__host_contains`): a search on the whole URL told, by whether a row was listed,
 the userinfo a character at a time.
 """
@@ -35,6 +37,14 @@ def credentials_masked(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
+def path_masked(url: str) -> str:
+    """`url` as staff who may not change it see it: its scheme and host (its userinfo, if any, as `***@`), and `/***`
+    for whatever follows: a Slack- or Discord-style webhook's path is its credential (whoever reads it posts to it)."""
+    parts = urlsplit(credentials_masked(url))
+    shown = f"{parts.scheme}://{parts.netloc}"
+    return f"{shown}/***" if parts.path.strip("/") or parts.query or parts.fragment else shown
 
 
 # Where a term may match a URL: in its host (and port), past the authority's last `@`, never in its userinfo.

@@ -4,6 +4,8 @@ by any of the marketplace's clients, never shown to anyone but the URL's owner."
 import json
 
 import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.utils import timezone
 
 from agreements.models import WebhookDelivery, WebhookSubscription
@@ -155,3 +157,31 @@ def test_two_spellings_of_one_host_share_its_slots(settings, one, other):
         assert first
         with outbound_slots.held(outbound_slots.seller_shares(base_url=other, owner_id=2), lease_seconds=30) as second:
             assert not second
+
+
+def test_staff_who_may_only_view_a_webhook_subscription_see_its_host_not_its_path(settings, seller, seller_api):
+    """A Slack- or Discord-style webhook's path is its credential (https://hooks.slack.com/services/T…/B…/secret):
+    anyone who reads it posts into the channel. Staff with view permission read it in full on the subscriptions'
+    list, the subscription's page, its deliveries' pages and the dashboard's failures. They see its host and a masked
+    path; staff who may change the subscription see the address on its form."""
+    from tests.marketplace.test_admin_operator_writes import staff_client
+
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    WebhookSubscription.objects.filter(pk=webhook["id"]).update(
+        url="https://hooks.example.com/services/T0001/B0002/slacksecret?token=querysecret")
+    delivery = WebhookDelivery.objects.create(subscription_id=webhook["id"], event_type="agreement.proposed",
+                                              payload={}, status="failed", last_error="HTTP 500",
+                                              next_attempt_at=timezone.now())
+    staff = staff_client(settings, "view_webhooksubscription", "view_webhookdelivery")
+    change_page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
+
+    for page in ["/admin/agreements/webhooksubscription/", change_page, "/admin/agreements/webhookdelivery/",
+                 f"/admin/agreements/webhookdelivery/{delivery.pk}/change/", "/admin/dashboard/"]:
+        response = staff.get(page)
+        assert response.status_code == 200, page
+        content = response.content.decode()
+        assert "slacksecret" not in content and "querysecret" not in content and "T0001" not in content, page
+    assert "https://hooks.example.com/***" in staff.get(change_page).content.decode()
+    get_user_model().objects.get(username="staff").user_permissions.add(
+        Permission.objects.get(codename="change_webhooksubscription"))
+    assert "slacksecret" in staff.get(change_page).content.decode()
