@@ -37,6 +37,8 @@ from marketplace.admin import (
     agreement_link,
     amount_column,
     SecretsUnfiltered,
+    PrivateContentAdmin,
+    content_digest_column,
     may_operate,
     rotation_overlap_column,
     short_hex_html,
@@ -462,7 +464,7 @@ class InvocationSellerFailureAdmin(MoneyRecordAdmin):
 
 
 @admin.register(SkillInvocation)
-class SkillInvocationAdmin(MoneyRecordAdmin):
+class SkillInvocationAdmin(PrivateContentAdmin, MoneyRecordAdmin):
     """Status and money move through agreements.invocations; a stuck payout or refund is retried from its
     ChainTransaction (escrow admin). A payment a reorg took after the seller was called (`payment_reverted_at`) an
     operator looked into is acknowledged (action): it stays here, with who, when and why, and no longer fails
@@ -484,6 +486,10 @@ class SkillInvocationAdmin(MoneyRecordAdmin):
               "payment_reversal_acknowledgement_reason", "updated_at")
     readonly_fields = fields
     actions = [acknowledge_reverted_payment]
+    private_fields = secret_fields = ("input", "result")
+    content_permission = "agreements.view_invocation_content"
+    input_digest = content_digest_column("input")
+    result_digest = content_digest_column("result")
 
     def has_acknowledge_permission(self, request) -> bool:
         return may_operate(request, SkillInvocation)

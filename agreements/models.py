@@ -614,6 +614,8 @@ class SkillInvocation(PaymentReversal):
 
     class Meta:
         ordering = ["-created_at"]
+        # The admin shows the buyer's input and the seller's result as their size and digest but to staff with it.
+        permissions = [("view_invocation_content", "Can view skill invocations' input and result")]
         constraints = [
             models.CheckConstraint(condition=Q(status__in=InvocationStatus.values), name="invocation_status_valid"),
             models.CheckConstraint(condition=Q(money__in=InvocationMoney.values), name="invocation_money_valid"),

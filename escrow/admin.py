@@ -31,11 +31,13 @@ from marketplace.admin import (
     acknowledgement_page,
     MoneyRecordAdmin,
     MoneyRecordInline,
+    PrivateContentAdmin,
     address_column,
     address_html,
     agreement_link,
     amount_column,
     amount_html,
+    content_digest_column,
     may_operate,
     short_hex_html,
     short_id_column,
@@ -355,7 +357,7 @@ class RelayRevertAdmin(MoneyRecordAdmin):
 
 
 @admin.register(MasumiPurchase)
-class MasumiPurchaseAdmin(MoneyRecordAdmin):
+class MasumiPurchaseAdmin(PrivateContentAdmin, MoneyRecordAdmin):
     """Purchases move through escrow.purchases. A dispute is decided on its agreement (resolve)."""
 
     list_display = ("short_id", "agreement_short", "agreement_status", "onchain_state", "job_id", "job_status",
@@ -363,7 +365,11 @@ class MasumiPurchaseAdmin(MoneyRecordAdmin):
     list_filter = ("agreement__status",)
     search_fields = ("id", "agreement__id", "job_id", "payment_id", "input_hash", "result_hash")
     list_select_related = ("agreement",)
-    readonly_fields = [f.name for f in MasumiPurchase._meta.fields]
+    fields = readonly_fields = [f.name for f in MasumiPurchase._meta.fields]
+    private_fields = secret_fields = ("input_data", "result")
+    content_permission = "escrow.view_purchase_content"
+    input_data_digest = content_digest_column("input_data")
+    result_digest = content_digest_column("result")
 
     short_id = short_id_column()
 

@@ -53,6 +53,40 @@ class SecretsUnfiltered:
         return super().lookup_allowed(lookup, value, request)
 
 
+class PrivateContentAdmin(SecretsUnfiltered):
+    """A model admin whose `private_fields` hold what buyers and sellers exchange (a call's input, its result): staff
+    with view permission see each one's size and digest (`<field>_digest`, `content_digest_column`), which tell
+    whether two are the same and whether one is empty or huge; the content takes `content_permission`. No change
+    list filters on them (`SecretsUnfiltered`): whether a row was listed told the content a term at a time. Lists the
+    fields it shows in `fields`."""
+
+    private_fields: tuple[str, ...] = ()
+    content_permission = ""
+
+    def _private_masked(self, request, names) -> list[str]:
+        if request.user.has_perm(self.content_permission):
+            return list(names)
+        return [f"{name}_digest" if name in self.private_fields else name for name in names]
+
+    def get_fields(self, request, obj=None):
+        return self._private_masked(request, super().get_fields(request, obj))
+
+    def get_readonly_fields(self, request, obj=None):
+        return self._private_masked(request, super().get_readonly_fields(request, obj))
+
+
+def content_digest_column(field: str):
+    """`field` (JSON) as its size and SHA-256 digest, encoded with sorted keys (`PrivateContentAdmin`)."""
+    @admin.display(description=f"{field.replace('_', ' ')} (size, digest)")
+    def column(self, obj) -> str:
+        value = getattr(obj, field)
+        if value is None:
+            return "-"
+        encoded = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        return f"{len(encoded)} bytes, sha256 {hashlib.sha256(encoded).hexdigest()}"
+    return column
+
+
 class ViewOnlyAdmin(admin.ModelAdmin):
     """No add, change or delete in the admin: what it shows changes through its app's services."""
 

@@ -6,6 +6,8 @@ from datetime import timedelta
 
 import pytest
 from django.contrib import admin
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.utils import timezone
 
 from agreements.models import (AgreementStatus, InvocationSellerFailure, PaymentAuthorization, SkillInvocation,
@@ -324,3 +326,51 @@ def test_read_only_pages_have_no_save_button_and_their_actions_still_work(operat
     approval.refresh_from_db()
     assert approval.status == "approved"
     assert buyer_api.get(f"/usage-agreements/{proposal['id']}").json()["status"] == "proposed"
+
+
+def _invocation_and_purchase_holding(seller, buyer_api, private: dict):
+    """A skill invocation and a Masumi purchase whose input and result are the buyer's `private` data."""
+    from catalog.models import Skill
+
+    service = register_service(seller)
+    skill = Skill.objects.get(service=service, name="translate")
+    authorization = PaymentAuthorization.objects.create(
+        token_address="0x" + "11" * 20, payer="0x" + "22" * 20, pay_to="0x" + "33" * 20, amount=10, valid_after=0,
+        valid_before=2**40, nonce="0x" + "44" * 32, signature="0x")
+    invocation = SkillInvocation.objects.create(
+        skill=skill, seller=seller, input=private, result=private, authorization=authorization, amount=10,
+        seller_wallet_address="0x" + "33" * 20, is_async=False, timeout_seconds=60)
+    now = timezone.now()
+    purchase = MasumiPurchase.objects.create(
+        agreement_id=propose(buyer_api, service)["id"], input_data=private,
+        result=private, input_hash="ab" * 32, created_chain_time=now, **{
+            timer: now + timedelta(hours=hours) for hours, timer in enumerate(
+                ["pay_by_time", "submit_result_time", "unlock_time", "external_dispute_unlock_time"], start=1)})
+    return invocation, purchase
+
+
+def test_staff_who_may_view_invocations_and_purchases_see_a_digest_of_their_buyers_data_not_the_data(
+        settings, seller, buyer_api):
+    """A skill invocation's input and result, a Masumi purchase's input data and result, are the buyer's (and the
+    seller's answer): staff with view permission read them in full and filtered the lists on them
+    (`?input__icontains=`). They see each one's size and digest; the content takes its own permission
+    (`view_invocation_content`, `view_purchase_content`); a filter on it is refused (400)."""
+    from tests.marketplace.test_admin_operator_writes import staff_client
+
+    private = {"text": "the buyer's medical record"}
+    invocation, purchase = _invocation_and_purchase_holding(seller, buyer_api, private)
+    staff = staff_client(settings, "view_skillinvocation", "view_masumipurchase")
+    pages = {f"/admin/agreements/skillinvocation/{invocation.pk}/change/": "/admin/agreements/skillinvocation/",
+             f"/admin/escrow/masumipurchase/{purchase.pk}/change/": "/admin/escrow/masumipurchase/"}
+
+    for page, changelist in pages.items():
+        content = staff.get(page).content.decode()
+        assert "medical record" not in content and "sha256" in content, page
+        assert staff.get(changelist, {"result__icontains": "medical"}).status_code == 400, changelist
+    assert staff.get("/admin/agreements/skillinvocation/", {"input__icontains": "medical"}).status_code == 400
+    assert staff.get("/admin/escrow/masumipurchase/", {"input_data__icontains": "medical"}).status_code == 400
+
+    get_user_model().objects.get(username="staff").user_permissions.add(*Permission.objects.filter(
+        codename__in=["view_invocation_content", "view_purchase_content"]))
+    for page in pages:
+        assert "medical record" in staff.get(page).content.decode(), page
