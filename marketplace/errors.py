@@ -7,8 +7,9 @@ shape; `handler404`/`handler500` cover requests that never reach a DRF view.
 import logging
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
 from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpResponse, JsonResponse
 from rest_framework import exceptions as drf_exceptions
@@ -125,6 +126,10 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
         exc = DependencyUnavailable("The database is unavailable; retry later.", code="database_unavailable")
     if isinstance(exc, RequestDataTooBig):  # Django refused to read the body (DATA_UPLOAD_MAX_MEMORY_SIZE)
         exc = PayloadTooLarge()
+    if isinstance(exc, TooManyFieldsSent):  # Django refused to read a query string of more fields than it parses
+        exc = InvalidInput(f"The query string has more than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} fields.",
+                           code="too_many_query_fields",
+                           details={"max_fields": settings.DATA_UPLOAD_MAX_NUMBER_FIELDS})
     if isinstance(exc, ApplicationError):
         headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
         return Response(error_body(exc.code, exc.message, exc.details), status=exc.status_code, headers=headers)
