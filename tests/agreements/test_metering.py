@@ -134,7 +134,7 @@ def test_a_nonce_retry_of_an_uncharged_5xx_call_is_a_new_call_forwarded_and_char
 
 def test_a_nonce_retry_of_a_charged_call_whose_answer_failed_is_reply_lost_not_forwarded_again(active, http_server):
     """The nonce of a call charged before its answer failed was freed: the retry was forwarded and charged again."""
-    # Content-Length: 100 first (http.client reads the first), 10 bytes sent, then the connection closes.
+    # Content-Length: 100, 10 bytes sent, then the connection closes.
     http_server.responses.extend([(200, b"x" * 10, 0, {"Content-Length": "100"})] * 2)
     nonce = {"X-Request-Nonce": "cut-1"}
     first = active.buyer_api.get(f"{active.proxy}/x", headers=nonce)

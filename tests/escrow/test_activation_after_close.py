@@ -24,6 +24,7 @@ from escrow import purchases, relayer, settlement
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayerAccount, TxPurpose, TxStatus
 from sdk import typed_data as td
 from sdk.activation import activation_intent_nonce
+from tests.support.operators import staff_account
 from tests.agreements.helpers import propose
 from tests.chain_fixtures import TEST_RECLAIM_GRACE
 from tests.conftest import error_code
@@ -474,7 +475,7 @@ def test_the_old_bytes_of_that_activation_mined_first_give_the_deposit_back(
     with pytest.raises(CommandError, match="1 mismatch"):
         call_command("reconcile", stdout=io.StringIO())
     call_command("reconcile", "--acknowledge-nonce-fill", str(fill.pk), "--reason", "the deposit goes back",
-                 stdout=io.StringIO())
+                 "--operator", staff_account(), stdout=io.StringIO())
     assert_given_back_through_a_settlement_of_nothing(parties, capture, agreement["id"],
                                                       window=agreement["challenge_window_seconds"])
 

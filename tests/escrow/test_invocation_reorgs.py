@@ -927,7 +927,7 @@ def test_a_reverted_payment_whose_authorization_a_copy_uses_later_is_paid_by_tha
                                                                    before_fork)
     assert payment.attempts.exists() == (copy_mined == "later_on_the_same_branch")  # else never sent: no block
     call_command("reconcile", "--acknowledge-invocation", invocation_id, "--reason", "the platform bears it",
-                 stdout=io.StringIO())  # followed all the same while its authorization is valid
+                 "--operator", staff_account(), stdout=io.StringIO())  # followed all the same while it is valid
 
     if copy_mined == "by_a_second_reorg":
         chain.reorg(second_fork)

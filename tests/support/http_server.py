@@ -48,7 +48,8 @@ class RecordingServer:
                 self.send_header("Content-Type", "application/json")
                 for name, value in headers.items():
                     self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
+                if not any(name.lower() == "content-length" for name in headers):  # a test's own: a body cut short
+                    self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
 
