@@ -69,8 +69,14 @@ class AgreementEventInline(MoneyRecordInline):
         return event.actor
 
 
-class UsageEventInline(MoneyRecordInline):
-    """The latest usage events: each charge with the platform-signed receipt for the cumulative amount."""
+def _request_of(event) -> str | None:
+    return f"{event.method} {event.path}".strip() or event.description or None
+
+
+class UsageEventInline(PrivateContentAdmin, MoneyRecordInline):
+    """The latest usage events: each charge with the platform-signed receipt for the cumulative amount. The request
+    (the path the buyer called, the seller's description of the charge) is the buyer's: a digest but to staff with
+    `view_usage_request`."""
 
     model = UsageEvent
     verbose_name_plural = f"usage events (latest {AGREEMENT_PAGE_USAGE_EVENTS}; all under Usage events)"
@@ -86,9 +92,13 @@ class UsageEventInline(MoneyRecordInline):
         return super().get_queryset(request).select_related("agreement").filter(
             seq__gt=F("agreement__usage_seq") - AGREEMENT_PAGE_USAGE_EVENTS)
 
+    private_fields = ("request",)
+    content_permission = "agreements.view_usage_request"
+    request_digest = content_digest_column("request", value_of=_request_of)
+
     @admin.display(description="request")
     def request(self, event) -> str:
-        return f"{event.method} {event.path}".strip() or event.description or "-"
+        return _request_of(event) or "-"
 
     @admin.display(description="usage digest")
     def digest(self, event):
@@ -204,7 +214,7 @@ class UsageAgreementAdmin(MoneyRecordAdmin):
 
 
 @admin.register(UsageEvent)
-class UsageEventAdmin(MoneyRecordAdmin):
+class UsageEventAdmin(PrivateContentAdmin, MoneyRecordAdmin):
     list_display = ("short_id", "agreement_short", "seq", "source", "units", "cost_display", "cumulative_display",
                     "signed", "created_at")
     list_filter = ("source",)
@@ -212,6 +222,12 @@ class UsageEventAdmin(MoneyRecordAdmin):
     list_select_related = ("agreement",)
     date_hierarchy = "created_at"
     show_full_result_count = False
+    fields = readonly_fields = [f.name for f in UsageEvent._meta.fields]
+    # The path the buyer called and the seller's description of the charge are the buyer's (UsageEventInline).
+    private_fields = secret_fields = ("path", "description")
+    content_permission = "agreements.view_usage_request"
+    path_digest = content_digest_column("path")
+    description_digest = content_digest_column("description")
 
     short_id = short_id_column()
     cost_display = amount_column("cost", token_attr="agreement.token")

@@ -352,6 +352,8 @@ class UsageEvent(models.Model):
 
     class Meta:
         ordering = ["agreement", "seq"]
+        # The admin shows the path the buyer called and the charge's description as a digest but to staff with it.
+        permissions = [("view_usage_request", "Can view usage events' request (path and description)")]
         constraints = [
             models.UniqueConstraint(fields=["agreement", "seq"], name="usage_event_gap_free_seq"),
             models.UniqueConstraint(fields=["agreement", "request_nonce"], condition=~Q(request_nonce=""),

@@ -366,10 +366,12 @@ class MasumiPurchaseAdmin(PrivateContentAdmin, MoneyRecordAdmin):
     search_fields = ("id", "agreement__id", "job_id", "payment_id", "input_hash", "result_hash")
     list_select_related = ("agreement",)
     fields = readonly_fields = [f.name for f in MasumiPurchase._meta.fields]
-    private_fields = secret_fields = ("input_data", "result")
+    # The metadata is the buyer's free text, as private as its input.
+    private_fields = secret_fields = ("input_data", "result", "metadata")
     content_permission = "escrow.view_purchase_content"
     input_data_digest = content_digest_column("input_data")
     result_digest = content_digest_column("result")
+    metadata_digest = content_digest_column("metadata")
 
     short_id = short_id_column()
 

@@ -281,7 +281,7 @@ class MasumiPurchase(models.Model):
     class Meta:
         ordering = ["-created_at"]
         # The admin shows the buyer's input and the seller's result as their size and digest but to staff with it.
-        permissions = [("view_purchase_content", "Can view Masumi purchases' input data and result")]
+        permissions = [("view_purchase_content", "Can view Masumi purchases' input data, result and metadata")]
         constraints = [
             models.CheckConstraint(
                 condition=Q(created_chain_time__lt=models.F("pay_by_time"))

@@ -27,6 +27,7 @@ from django.db.models.constants import LOOKUP_SEP
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
 from django.utils.html import format_html
 from django_otp.admin import user_model_search_fields
 
@@ -55,7 +56,7 @@ class SecretsUnfiltered:
 
 class PrivateContentAdmin(SecretsUnfiltered):
     """A model admin whose `private_fields` hold what buyers and sellers exchange (a call's input, its result): staff
-    with view permission see each one's size and digest (`<field>_digest`, `content_digest_column`), which tell
+    with view permission see each one's size and keyed digest (`<field>_digest`, `content_digest_column`), which tell
     whether two are the same and whether one is empty or huge; the content takes `content_permission`. No change
     list filters on them (`SecretsUnfiltered`): whether a row was listed told the content a term at a time. Lists the
     fields it shows in `fields`."""
@@ -75,16 +76,24 @@ class PrivateContentAdmin(SecretsUnfiltered):
         return self._private_masked(request, super().get_readonly_fields(request, obj))
 
 
-def content_digest_column(field: str):
-    """`field` (JSON) as its size and SHA-256 digest, encoded with sorted keys (`PrivateContentAdmin`)."""
+def content_digest_column(field: str, *, value_of=None):
+    """`field` (JSON) as its size and keyed digest, encoded with sorted keys (`PrivateContentAdmin`); `value_of(obj)`
+    gives the value where it is not an attribute of that name."""
     @admin.display(description=f"{field.replace('_', ' ')} (size, digest)")
     def column(self, obj) -> str:
-        value = getattr(obj, field)
+        value = value_of(obj) if value_of else getattr(obj, field)
         if value is None:
             return "-"
         encoded = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        return f"{len(encoded)} bytes, sha256 {hashlib.sha256(encoded).hexdigest()}"
+        return f"{len(encoded)} bytes, hmac-sha256 {content_digest(encoded)}"
     return column
+
+
+def content_digest(encoded: bytes) -> str:
+    """HMAC-SHA256 of private content, under a key derived from SECRET_KEY for this purpose alone: a plain SHA-256
+    of short, predictable content (a yes or no, a small number, a known prompt) is found by hashing candidates
+    offline. Equal content has an equal digest while SECRET_KEY stays."""
+    return salted_hmac("marketplace.admin.content_digest", encoded, algorithm="sha256").hexdigest()
 
 
 class ViewOnlyAdmin(admin.ModelAdmin):

@@ -374,3 +374,56 @@ def test_staff_who_may_view_invocations_and_purchases_see_a_digest_of_their_buye
         codename__in=["view_invocation_content", "view_purchase_content"]))
     for page in pages:
         assert "medical record" in staff.get(page).content.decode(), page
+
+
+def test_the_digest_staff_see_of_private_content_is_keyed_so_short_content_is_not_guessed_offline(
+        settings, seller, buyer_api):
+    """The digest was the plain SHA-256 of the content: that of a yes/no answer, a small number, a known prompt is
+    found by hashing the candidates. It is an HMAC under a key derived from SECRET_KEY: equal content still shows
+    an equal digest."""
+    import hashlib
+
+    from tests.marketplace.test_admin_operator_writes import staff_client
+
+    invocation, _purchase = _invocation_and_purchase_holding(seller, buyer_api, {"answer": "yes"})
+    staff = staff_client(settings, "view_skillinvocation")
+    content = staff.get(f"/admin/agreements/skillinvocation/{invocation.pk}/change/").content.decode()
+
+    assert hashlib.sha256(b'{"answer":"yes"}').hexdigest() not in content
+    input_digest, result_digest = re.findall(r"16 bytes, hmac-sha256 ([0-9a-f]{64})", content)
+    assert input_digest == result_digest  # the input and the result are the same content
+
+
+def test_staff_who_may_view_purchases_and_usage_see_no_buyers_metadata_nor_request_details(
+        settings, seller, buyer_api):
+    """A Masumi purchase's metadata (the buyer's free text) and a usage event's request (the path the buyer called,
+    the seller's description of the charge) were shown in full to any staff with view permission, on the
+    purchase's page, the agreement's usage events and the usage event's page, and filtered on (a term at a time).
+    They are private content like a purchase's input: a digest but to staff with the content permission."""
+    from tests.marketplace.test_admin_operator_writes import staff_client
+
+    _invocation, purchase = _invocation_and_purchase_holding(seller, buyer_api, {"text": "x"})
+    MasumiPurchase.objects.filter(pk=purchase.pk).update(metadata="the buyer's diagnosis")
+    UsageAgreement.objects.filter(pk=purchase.agreement_id).update(usage_seq=1)
+    event = UsageEvent.objects.create(
+        agreement_id=purchase.agreement_id, seq=1, source="proxy", units=1, cost=10, cumulative=10,
+        usage_digest="0x" + "01" * 32, request_id="r1", method="POST", path="/patients/4711/diagnosis",
+        description="lookup of patient 4711")
+    staff = staff_client(settings, "view_masumipurchase", "view_usageagreement", "view_usageevent")
+    pages = [f"/admin/escrow/masumipurchase/{purchase.pk}/change/",
+             f"/admin/agreements/usageagreement/{purchase.agreement_id}/change/",
+             f"/admin/agreements/usageevent/{event.pk}/change/", "/admin/agreements/usageevent/"]
+
+    for page in pages:
+        response = staff.get(page)
+        assert response.status_code == 200, page
+        content = response.content.decode()
+        assert "diagnosis" not in content and "4711" not in content, page
+    assert staff.get("/admin/escrow/masumipurchase/", {"metadata__icontains": "diag"}).status_code == 400
+    for lookup in ("path__contains", "description__icontains"):
+        assert staff.get("/admin/agreements/usageevent/", {lookup: "4711"}).status_code == 400, lookup
+
+    get_user_model().objects.get(username="staff").user_permissions.add(*Permission.objects.filter(
+        codename__in=["view_purchase_content", "view_usage_request"]))
+    for page in pages[:3]:
+        assert re.search("diagnosis|4711", staff.get(page).content.decode()), page
