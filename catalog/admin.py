@@ -230,7 +230,10 @@ class ServiceAdmin(SecretsUnfiltered, admin.ModelAdmin):
 
     # Services change through the API (catalog.services keeps search data in step); operators read and deregister.
     def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in Service._meta.fields if f.name not in self._hidden] + ["upstream", "tags",
+        # The path and query of a seller's upstream may carry a token, as a webhook's may: staff who may not change
+        # services see its host (`url_credentials.path_masked`).
+        upstream = "upstream" if may_operate(request, Service) else "upstream_host"
+        return [f.name for f in Service._meta.fields if f.name not in self._hidden] + [upstream, "tags",
                                                                                       "secret_rotation"]
 
     secret_rotation = rotation_overlap_column("proxy_secret")
@@ -238,6 +241,10 @@ class ServiceAdmin(SecretsUnfiltered, admin.ModelAdmin):
     @admin.display(description="upstream base url")
     def upstream(self, obj):
         return url_credentials.credentials_masked(obj.upstream_base_url)
+
+    @admin.display(description="upstream base url")
+    def upstream_host(self, obj):
+        return url_credentials.path_masked(obj.upstream_base_url)
 
     def has_add_permission(self, request):
         return False

@@ -185,3 +185,23 @@ def test_staff_who_may_only_view_a_webhook_subscription_see_its_host_not_its_pat
     get_user_model().objects.get(username="staff").user_permissions.add(
         Permission.objects.get(codename="change_webhooksubscription"))
     assert "slacksecret" in staff.get(change_page).content.decode()
+
+
+def test_staff_who_may_only_view_a_service_see_its_upstreams_host_not_its_path(settings, seller, seller_api):
+    """A seller's upstream URL may carry a token in its path or query, as a webhook's does: staff with view
+    permission read it in full on the service's page. They see its host and a masked path; staff who may change
+    services read it whole."""
+    from tests.marketplace.test_admin_operator_writes import staff_client
+
+    service = register_service(seller)
+    Service.objects.filter(pk=service.pk).update(
+        upstream_base_url="https://api.example.com/tok_pathsecret/v1?key=querysecret")
+    staff = staff_client(settings, "view_service")
+    page = f"/admin/catalog/service/{service.pk}/change/"
+
+    content = staff.get(page).content.decode()
+    assert "pathsecret" not in content and "querysecret" not in content
+    assert "https://api.example.com/***" in content
+    get_user_model().objects.get(username="staff").user_permissions.add(
+        Permission.objects.get(codename="change_service"))
+    assert "tok_pathsecret" in staff.get(page).content.decode()
