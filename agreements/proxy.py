@@ -9,7 +9,8 @@ call. The nonce on any other call (method, path or body) is 422 `nonce_reused`.
 
 Bounds (SECURITY.md, "Hostile input"): the path is percent-decoded, its backslashes read as slashes and its dot
 segments resolved, and must stay under the service's base path (else 400 `invalid_upstream_path`); the body is
-read up to PROXY_MAX_REQUEST_BYTES (413 beyond), chunked or not, and forwarded with its length; integer headers
+read up to PROXY_MAX_REQUEST_BYTES (413 beyond), chunked or not, and forwarded with its length; the path and query
+string as forwarded are at most PROXY_MAX_URL_BYTES (414 `upstream_url_too_long` beyond); integer headers
 are ASCII digits; headers named in `Connection:` are dropped both ways; the buyer's forwarding headers are
 replaced by the platform's own `X-Forwarded-For`; the upstream's `Set-Cookie` never reaches the buyer (the buyer
 talks to the marketplace, not to the seller's site, and a seller's cookie would be set on the marketplace's host).
@@ -76,6 +77,11 @@ _slow_buyers = SlowPeers("buyer", code="buyer_busy", slowly="reading its answers
 class LengthRequired(ApplicationError):
     status_code = 411
     code = "length_required"
+
+
+class UpstreamUrlTooLong(ApplicationError):
+    status_code = 414
+    code = "upstream_url_too_long"
 
 
 class UpstreamFailed(ApplicationError):
@@ -195,6 +201,19 @@ def upstream_path(path: str) -> str:
     return "/" + quote("/".join(segments), safe=_PATH_SAFE)
 
 
+def _call_path(path: str, query: str) -> str:
+    """The path and query string to call under the service's base URL, at most PROXY_MAX_URL_BYTES (414 beyond).
+    Unbounded, a URL longer than the seller's server reads was forwarded whole and refused there (414, say), and the
+    call was charged as answered below 500. Measured before escaping too, so a huge path is not escaped first."""
+    limit = settings.PROXY_MAX_URL_BYTES
+    if len(path) + len(query) <= limit:
+        call_path = upstream_path(path) + (f"?{query}" if query else "")
+        if len(call_path) <= limit:  # ASCII once escaped: its length is its size in bytes
+            return call_path
+    raise UpstreamUrlTooLong(f"The path and query string forwarded are longer than {limit} bytes.",
+                             details={"max_bytes": limit})
+
+
 def request_body(request) -> bytes:
     """The buyer's body, at most PROXY_MAX_REQUEST_BYTES (413 beyond), whether sent with a length or chunked."""
     limit = settings.PROXY_MAX_REQUEST_BYTES
@@ -265,7 +284,7 @@ def _proxy_method(method: str):
         responses={
             (200, "*/*"): OpenApiResponse(description="The upstream's answer, with X-Usage-Cost, "
                                                       "X-Escrow-Remaining and X-Usage-Event-Id."),
-            **error_responses(402, 404, 409, 413, 422, 429, 503), 502: error_responses(503)[503],
+            **error_responses(402, 404, 409, 413, 414, 422, 429, 503), 502: error_responses(503)[503],
             504: error_responses(503)[503],
         },
     )(handler)
@@ -314,7 +333,7 @@ def _proxy_call(request, agreement_id, path: str):
     query = request.META.get("QUERY_STRING", "")
     if not query.isascii() or not query.isprintable() or " " in query:
         raise InvalidInput("The query string must be percent-encoded ASCII.", code="invalid_upstream_path")
-    call_path = upstream_path(path) + (f"?{query}" if query else "")
+    call_path = _call_path(path, query)
     nonce = request.headers.get("X-Request-Nonce", "")
     if nonce:
         replayed = _claim_nonce(terms.pk, nonce, request_fingerprint(request.method, call_path, body))

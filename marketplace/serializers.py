@@ -326,6 +326,7 @@ _ERROR_DESCRIPTIONS = {
     404: ("No such object (or not visible to you)", "not_found"),
     409: ("Illegal in the object's current state", "invalid_transition"),
     413: ("The request body is larger than the platform reads", "request_too_large"),
+    414: ("The path and query string are longer than the platform forwards", "upstream_url_too_long"),
     422: ("Idempotency-Key reused with another request", "idempotency_key_reused"),
     429: ("Rate limit exceeded", "rate_limited"),
     503: ("A dependency is unavailable", "dependency_unavailable"),

@@ -608,6 +608,9 @@ UPSTREAM_ANSWER_MAX_BYTES = env.int("UPSTREAM_ANSWER_MAX_BYTES", default=2 * 102
 PROXY_INTENT_GRACE_SECONDS = env.int("PROXY_INTENT_GRACE_SECONDS", default=30)
 # Largest request body the metered proxy forwards (Content-Length or chunked); larger is 413.
 PROXY_MAX_REQUEST_BYTES = env.int("PROXY_MAX_REQUEST_BYTES", default=2_621_440)
+# Longest path and query string (escaped, after the service's base URL) the metered proxy forwards; longer is 414
+# upstream_url_too_long, never forwarded (common servers read request lines of about 8 KiB: nginx, Apache).
+PROXY_MAX_URL_BYTES = env.int("PROXY_MAX_URL_BYTES", default=8192)
 # Request bodies are read ahead of the application by at most this many threads of a web process per client address
 # and in all; a request with a body beyond either is answered 503 request_bodies_busy at once, unread
 # (marketplace.request_bodies: granian waits on a stalled body for ever). The defaults: a quarter and half of the

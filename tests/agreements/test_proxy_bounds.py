@@ -655,3 +655,52 @@ def test_once_the_resolvers_threads_all_wait_a_call_to_another_name_is_refused_a
     assert (refused.status_code, error_code(refused)) == (502, "upstream_unavailable")
     assert elapsed < 1.0, f"the call took {elapsed:.1f} s (PROXY_CONNECT_TIMEOUT: {settings.PROXY_CONNECT_TIMEOUT:g})"
     assert books(stuck) == (0, 0)
+
+
+def test_more_query_fields_than_django_reads_are_forwarded_as_they_are(active, http_server, settings, caplog):
+    """The proxy does not parse the query string (the seller does): more fields than Django reads are no 500."""
+    query = "&".join(f"f{n}=1" for n in range(settings.DATA_UPLOAD_MAX_NUMBER_FIELDS + 1))
+    response = raw(active, "get", f"{active.proxy}/work?{query}")
+    assert response.status_code == 200, response.content
+    [forwarded] = http_server.requests
+    assert forwarded.path == f"/base/work?{query}"
+    assert books(active) == (PRICE, 0) and no_errors_logged(caplog)
+
+
+@pytest.mark.parametrize("size", [64 * 1024, 1024 * 1024])
+def test_a_query_string_longer_than_the_proxy_forwards_is_414_and_never_forwarded(active, http_server, size,
+                                                                                   caplog):
+    """It was forwarded whole; the upstream refused it (414) and the call was charged as answered below 500."""
+    response = raw(active, "get", f"{active.proxy}/work", QUERY_STRING="q=" + "a" * size)
+    assert (response.status_code, error_code(response)) == (414, "upstream_url_too_long"), response.content
+    assert http_server.requests == [] and books(active) == (0, 0) and not CallIntent.objects.exists()
+    assert no_errors_logged(caplog)
+
+
+def test_a_path_longer_than_the_proxy_forwards_is_414_and_never_forwarded(active, http_server, caplog):
+    response = raw(active, "get", f"{active.proxy}/" + "%C3%A9/" * 2000)  # 6 bytes a segment once escaped
+    assert (response.status_code, error_code(response)) == (414, "upstream_url_too_long"), response.content
+    assert http_server.requests == [] and books(active) == (0, 0) and no_errors_logged(caplog)
+
+
+@pytest.mark.parametrize(("path", "status", "forwarded_path"), [
+    ("/evil.example/x", 200, "/base//evil.example/x"),  # a path on the seller's host, under its base path
+    ("a%2F..%2F..%2Fx", 400, None),
+    ("a/%0d%0aX-Injected:%201", 404, None),  # no route takes a line break
+    ("a%00b", 200, "/base/a%00b"),
+])
+def test_hostile_paths_stay_under_the_base_path_and_escaped(active, http_server, path, status, forwarded_path,
+                                                            caplog):
+    response = raw(active, "get", f"{active.proxy}/{path}")
+    assert response.status_code == status, response.content
+    assert [forwarded.path for forwarded in http_server.requests] == ([forwarded_path] if forwarded_path else [])
+    assert books(active) == ((PRICE, 0) if forwarded_path else (0, 0)) and no_errors_logged(caplog)
+
+
+@pytest.mark.parametrize("query", ["q=%00", "q=%0d%0aX-Injected:%201", "q=a%26b"])
+def test_percent_encoded_control_characters_in_the_query_are_forwarded_still_encoded(active, http_server, query):
+    response = raw(active, "get", f"{active.proxy}/work?{query}")
+    assert response.status_code == 200, response.content
+    [forwarded] = http_server.requests
+    assert forwarded.path == f"/base/work?{query}" and "X-Injected" not in forwarded.headers
+    assert books(active) == (PRICE, 0)
