@@ -2,6 +2,7 @@
 
 import threading
 
+from django.conf import settings
 from django.http import HttpResponse
 from drf_spectacular.utils import extend_schema
 from drf_spectacular.views import SCHEMA_KWARGS, SpectacularAPIView
@@ -87,6 +88,19 @@ BODY_REFUSALS = {
     "415": ("The body is compressed (`unsupported_content_encoding`), in another charset than UTF-8 "
             "(`unsupported_charset`) or of another media type", "unsupported_media_type"),
 }
+# Operations that forward their query string unread (agreements.proxy): Django never parses it there.
+_QUERY_FORWARDED = "metered_proxy_"
+
+
+def _error_response(status_code: str, description: str, code: str) -> dict:
+    return {
+        "description": description,
+        "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/Error"},
+            "examples": {f"Error{status_code}": {
+                "value": {"error": {"code": code, "message": "…", "details": {}}},
+                "summary": f"error_{status_code}"}}}},
+    }
 
 
 def add_body_refusals(result, generator, request, public):
@@ -97,12 +111,25 @@ def add_body_refusals(result, generator, request, public):
             if not isinstance(operation, dict) or "requestBody" not in operation:
                 continue
             for status_code, (description, code) in BODY_REFUSALS.items():
-                operation["responses"].setdefault(status_code, {
-                    "description": description,
-                    "content": {"application/json": {
-                        "schema": {"$ref": "#/components/schemas/Error"},
-                        "examples": {f"Error{status_code}": {
-                            "value": {"error": {"code": code, "message": "…", "details": {}}},
-                            "summary": f"error_{status_code}"}}}},
-                })
+                operation["responses"].setdefault(status_code, _error_response(status_code, description, code))
+    return result
+
+
+def add_query_refusals(result, generator, request, public):
+    """drf-spectacular postprocessing hook: the 400 `too_many_query_fields` every API view answers to a query string
+    of more fields than Django reads (marketplace.errors: DRF reads the query string before the view runs, whatever
+    the operation's parameters), documented as an example of each operation's 400."""
+    max_fields = settings.DATA_UPLOAD_MAX_NUMBER_FIELDS
+    for item in result["paths"].values():
+        for operation in item.values():
+            if not isinstance(operation, dict) or operation.get("operationId", "").startswith(_QUERY_FORWARDED):
+                continue
+            refusal = operation["responses"].setdefault("400", {
+                "description": "The query string has more fields than the platform reads",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}, "examples": {}}}})
+            refusal["content"]["application/json"]["examples"]["TooManyQueryFields"] = {
+                "value": {"error": {"code": "too_many_query_fields", "message": "…",
+                                    "details": {"max_fields": max_fields}}},
+                "summary": "too_many_query_fields",
+                "description": f"The query string has more than {max_fields} fields (`DATA_UPLOAD_MAX_NUMBER_FIELDS`)."}
     return result

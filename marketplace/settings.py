@@ -162,7 +162,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "marketplace.openapi.add_links",
-                           "marketplace.openapi.add_body_refusals"],
+                           "marketplace.openapi.add_body_refusals", "marketplace.openapi.add_query_refusals"],
 }
 
 # --- Celery ---------------------------------------------------------------------------------------------------

@@ -72,3 +72,25 @@ def test_every_operation_taking_a_body_documents_the_body_refusals(anon):
             content = response["content"]["application/json"]
             assert content["schema"] == {"$ref": "#/components/schemas/Error"}
             assert [example["value"]["error"]["code"] for example in content["examples"].values()] == [code]
+
+
+@pytest.mark.django_db
+def test_every_operation_but_the_proxys_documents_the_too_many_query_fields_refusal(anon, settings):
+    """Every API view answers a query string of more fields than Django reads 400 `too_many_query_fields`, GET
+    operations too (tests/marketplace/test_query_strings.py); the schema documented it on none. The metered proxy
+    forwards its query string unread."""
+    schema = anon.get("/api/schema/?format=json").json()
+    operations = {(path, method): operation for path, item in schema["paths"].items()
+                  for method, operation in item.items() if isinstance(operation, dict)}
+    refusing = {key: operation for key, operation in operations.items()
+                if not operation["operationId"].startswith("metered_proxy_")}
+    assert len(refusing) > 60 and ("/healthz", "get") in refusing and len(refusing) < len(operations)
+    for (path, method), operation in operations.items():
+        content = operation["responses"]["400"]["content"]["application/json"]
+        assert content["schema"] == {"$ref": "#/components/schemas/Error"}, (method, path)
+        examples = {example["value"]["error"]["code"]: example["value"]["error"]["details"]
+                    for example in content["examples"].values()}
+        if (path, method) in refusing:
+            assert examples["too_many_query_fields"] == {"max_fields": settings.DATA_UPLOAD_MAX_NUMBER_FIELDS}
+        else:
+            assert "too_many_query_fields" not in examples, (method, path)

@@ -10,7 +10,7 @@ from tests.conftest import error_code
 pytestmark = pytest.mark.django_db
 
 
-@pytest.mark.parametrize("path", ["/agents/me", "/catalog/search", "/usage-agreements", "/webhooks"])
+@pytest.mark.parametrize("path", ["/agents/me", "/catalog/search", "/usage-agreements", "/webhooks", "/healthz"])
 def test_more_query_fields_than_django_reads_are_400_not_500(settings, buyer_api, path, caplog):
     """DRF reads the query string first thing (content negotiation): Django's TooManyFieldsSent went to the
     exception handler as an unknown error, a 500 `internal_error` logged at ERROR, for any caller with a long URL."""
