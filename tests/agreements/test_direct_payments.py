@@ -1238,6 +1238,21 @@ def test_a_purchase_paid_before_the_accept_whose_fee_cannot_be_collected_counts_
     _next_purchase_over_the_daily_cap_refused(purchase)
 
 
+def _paid_right_after_reading(monkeypatch, purchase, agreement, reader: str) -> list[str]:
+    """The buyer's payment mined right after `agreement_services.<reader>` read the chain (the race these tests
+    make): the hashes of the transfers sent, filled as the reader runs."""
+    read_the_chain, sent = getattr(agreement_services, reader), []
+
+    def paid_right_after_the_read(*args):
+        answer = read_the_chain(*args)
+        sent.append(_hash(_submit_authorization(purchase.chain, agreement["id"]).transact(
+            {"from": purchase.buyer.address})))
+        return answer
+
+    monkeypatch.setattr(agreement_services, reader, paid_right_after_the_read)
+    return sent
+
+
 def test_a_direct_proposal_paid_while_the_expiry_sweep_closes_it_is_paid_not_expired(
         purchase, django_capture_on_commit_callbacks, monkeypatch):
     """The sweep asks the chain whether the buyer's authorization was used, then expires the proposal under its lock:
@@ -1247,15 +1262,7 @@ def test_a_direct_proposal_paid_while_the_expiry_sweep_closes_it_is_paid_not_exp
     agreement = purchase.propose()
     buyer, seller, fee_recipient, treasury = purchase.balances()
     UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
-    read_the_chain, sent = agreement_services._direct_proposals_paid, []
-
-    def paid_right_after_the_read(due):
-        checked = read_the_chain(due)
-        sent.append(_hash(_submit_authorization(purchase.chain, agreement["id"]).transact(
-            {"from": purchase.buyer.address})))
-        return checked
-
-    monkeypatch.setattr(agreement_services, "_direct_proposals_paid", paid_right_after_the_read)
+    sent = _paid_right_after_reading(monkeypatch, purchase, agreement, "_direct_proposals_paid")
     with capture(execute=True):
         agreement_services.agreements_expire_proposals()
     for _ in range(3):
@@ -1274,15 +1281,7 @@ def test_a_direct_proposal_paid_while_it_is_closed_names_the_transfer_and_counts
     lock: a transfer mined in between left it closed with the price at the seller, no record, nothing counted. Asked
     again once closed, the purchase names the transfer (an event's `used_by`, its payment_tx_hash) and counts it."""
     agreement = purchase.propose()
-    read_the_chain, sent = agreement_services._direct_payment_made_by, []
-
-    def paid_right_after_the_read(agreement_read):
-        used_by = read_the_chain(agreement_read)
-        sent.append(_hash(_submit_authorization(purchase.chain, agreement["id"]).transact(
-            {"from": purchase.buyer.address})))
-        return used_by
-
-    monkeypatch.setattr(agreement_services, "_direct_payment_made_by", paid_right_after_the_read)
+    sent = _paid_right_after_reading(monkeypatch, purchase, agreement, "_direct_payment_made_by")
     path = f"/usage-agreements/{agreement['id']}/{close}"
     api = purchase.parties.buyer_api.post if close == "cancel" else purchase.parties.seller_api.put
     closed = api(path, {"reason": "oops"})
@@ -1304,15 +1303,7 @@ def test_a_sellers_late_accept_of_a_direct_proposal_paid_while_it_is_read_is_pai
     capture = django_capture_on_commit_callbacks
     agreement = purchase.propose()
     UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
-    read_the_chain, sent = agreement_services._direct_payment_precheck, []
-
-    def paid_right_after_the_read(agreement_read):
-        preflight = read_the_chain(agreement_read)
-        sent.append(_hash(_submit_authorization(purchase.chain, agreement["id"]).transact(
-            {"from": purchase.buyer.address})))
-        return preflight
-
-    monkeypatch.setattr(agreement_services, "_direct_payment_precheck", paid_right_after_the_read)
+    sent = _paid_right_after_reading(monkeypatch, purchase, agreement, "_direct_payment_precheck")
     assert purchase.accept(agreement["id"], capture)["status"] == "paying"
     monkeypatch.undo()
     for _ in range(2):
