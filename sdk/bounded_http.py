@@ -43,7 +43,8 @@ from sdk import bounded_json
 from sdk.name_resolution import BoundedResolver
 
 __all__ = ["ACCEPTED_ENCODINGS", "DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "AnswerRefused", "InSmallPieces",
-           "AnswerTooLarge", "BoundedHttp", "DeadlineExceeded", "UnrequestedEncoding", "deadline_passed", "deadline_within",
+           "AnswerTooLarge", "BoundedHttp", "DeadlineExceeded", "UndecodableAnswer", "UnexpectedAnswer",
+           "UnrequestedEncoding", "deadline_passed", "deadline_within",
            "json_answer", "text_codec", "text_encoding", "time_left"]
 
 # A metered call may take as long as the marketplace lets a seller answer (its PROXY_ANSWER_TIMEOUT_SECONDS, 300).
@@ -84,6 +85,15 @@ class DeadlineExceeded(AnswerRefused, httpx.TimeoutException):
 
 class AnswerTooLarge(AnswerRefused):
     """The answer's body is larger than the client's `max_answer_bytes`."""
+
+
+class UndecodableAnswer(AnswerRefused, httpx.DecodingError):
+    """The answer's body does not decode in the content coding it names (a gzip or deflate stream that is not one):
+    the same bytes would not decode on a retry either."""
+
+
+class UnexpectedAnswer(AnswerRefused):
+    """The answer is JSON, but not of the shape the SDK reads (a field missing, an object where a list belongs)."""
 
 
 class UnrequestedEncoding(AnswerRefused):
@@ -273,14 +283,18 @@ class BoundedHttp:
         # One buffer: a list of the pieces httpx yields (one per chunk of a chunked body) held ~60 bytes of objects per
         # 2-byte chunk.
         body = bytearray()
-        for chunk in response.iter_bytes():
-            if len(body) + len(chunk) > self.max_answer_bytes:
-                raise AnswerTooLarge(f"the answer to {response.request.method} {response.request.url} is larger "
-                                     f"than {self.max_answer_bytes} bytes")
-            if deadline_passed():
-                raise DeadlineExceeded(f"the answer to {response.request.method} {response.request.url} outlasted "
-                                       f"the {self.deadline:g} s deadline", request=response.request)
-            body += chunk
+        try:
+            for chunk in response.iter_bytes():
+                if len(body) + len(chunk) > self.max_answer_bytes:
+                    raise AnswerTooLarge(f"the answer to {response.request.method} {response.request.url} is larger "
+                                         f"than {self.max_answer_bytes} bytes")
+                if deadline_passed():
+                    raise DeadlineExceeded(f"the answer to {response.request.method} {response.request.url} "
+                                           f"outlasted the {self.deadline:g} s deadline", request=response.request)
+                body += chunk
+        except httpx.DecodingError as undecodable:  # httpx's, which is no transport failure: not retried either
+            raise UndecodableAnswer(f"the answer to {response.request.method} {response.request.url} does not decode "
+                                    f"as {', '.join(codings)}: {undecodable}", request=response.request) from None
         # What httpx's own `Response.read()` keeps: the decoded body, the answer's headers left as they came.
         response._content = bytes(body)
         response.encoding = text_encoding(response.charset_encoding, response._content)

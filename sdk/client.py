@@ -19,12 +19,14 @@ used, and `verify_usage` is unavailable. A wallet is a private key or any object
 `sign_typed_data(typed)` (`sdk.safety.Wallet`).
 
 Every method returns the API's JSON as plain dicts and lists. A refusal by the API raises `MarketplaceError` with
-the API's error code; a network failure that outlasts the retries raises httpx's `TransportError`.
+the API's error code; a network failure that outlasts the retries raises httpx's `TransportError`; an answer of
+another shape than the method reads (a field missing, a list for an object) raises `UnexpectedAnswer`.
 
 Bounds (`sdk.bounded_http`): every request, its retries included, ends within `deadline` seconds (300 by default)
 or raises `DeadlineExceeded` (an httpx `TimeoutException`), however slowly the server answers; an answer larger than
 `max_answer_bytes` (16 MiB by default) is abandoned with `AnswerTooLarge`; an answer in a content coding other than
-the gzip or deflate the SDK asks for, or in several stacked, is refused undecoded with `UnrequestedEncoding`; JSON
+the gzip or deflate the SDK asks for, or in several stacked, is refused undecoded with `UnrequestedEncoding`, and one
+that does not decode in its coding with `UndecodableAnswer`; JSON
 nested deeper than 64 levels, or not JSON, raises `InvalidJSON` (a ValueError). `timeout` still bounds each network
 operation (and the wait for a free connection of the pool) within the deadline.
 
@@ -55,11 +57,12 @@ import httpx
 from sdk import typed_data
 from sdk.activation import sign_activation_package
 from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, AnswerRefused, BoundedHttp,
-                              DeadlineExceeded, deadline_passed, deadline_within, json_answer, time_left)
+                              DeadlineExceeded, UnexpectedAnswer, deadline_passed, deadline_within, json_answer,
+                              time_left)
 from sdk.networks import NetworkConfig, TokenDomain
-from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, MalformedAnswer, RpcError
-from sdk.receipts import (UsageChainMismatch, UsageTermsMismatch, UsageVerificationTimedOut, VerifiedUsage,
-                          verify_usage)
+from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, MalformedAnswer, OnchainEscrow, RpcError
+from sdk.receipts import (UsageChainMismatch, UsageEscrowUnreadable, UsageTermsMismatch, UsageVerificationTimedOut,
+                          VerifiedUsage, verify_usage)
 from sdk.safety import (DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data,
                         require_equal, warn_seller_unverified)
 from sdk.terms import AgreedTerms, agreed_time, agreed_whole, check_onchain_id, stated_terms_hash, unix_time
@@ -142,7 +145,7 @@ class AgreementFailed(Exception):
         self.agreement = dict(agreement)
         self.status: str = agreement["status"]
         self.reason: str = agreement.get("status_reason", "")
-        super().__init__(f"agreement {agreement['id']} is {self.status}: {self.reason or 'no reason given'}")
+        super().__init__(f"agreement {agreement.get('id')} is {self.status}: {self.reason or 'no reason given'}")
 
 
 def _jsonable(value: Any) -> Any:
@@ -306,7 +309,8 @@ class MarketplaceClient:
                                    max_duration_seconds=max_duration_seconds,
                                    min_challenge_window_seconds=min_challenge_window_seconds,
                                    seller_wallet_address=expected_seller_wallet_address)
-        answer = self._request("POST", "/usage-agreements", json=body, idempotency_key=idempotency_key or _new_key())
+        answer = _answered(self._request("POST", "/usage-agreements", json=body,
+                                         idempotency_key=idempotency_key or _new_key()), where="agreement")
         asked.check(answer)
         if "id" in answer:
             with self._lock:
@@ -334,7 +338,7 @@ class MarketplaceClient:
         return self._request("POST", f"/usage-agreements/{agreement_id}/cancel", json={"reason": reason})
 
     def get_agreement(self, agreement_id: AgreementId) -> dict[str, Any]:
-        return self._request("GET", f"/usage-agreements/{agreement_id}")
+        return _answered(self._request("GET", f"/usage-agreements/{agreement_id}"), where="agreement")
 
     def list_agreements(self, *, status: str | None = None, role: str | None = None,
                         page_size: int = 20) -> Iterator[dict[str, Any]]:
@@ -381,13 +385,15 @@ class MarketplaceClient:
                                   authorization_nonce=authorization_nonce)
                 return self._send_direct_purchase(sent, idempotency_key)
         authorization_nonce = authorization_nonce or new_authorization_nonce()
-        service = self._request("GET", f"/agents/services/{service_id}")
+        service = _answered(self._request("GET", f"/agents/services/{service_id}"), where="service")
         require_equal(str(service.get("id")).lower(), str(service_id).lower(), "service.id")
+        payee = _answered(service, "seller", "wallet_address", where="service")
         if expected_seller_wallet_address is not None:
-            require_equal(service["seller"]["wallet_address"], expected_seller_wallet_address,
+            require_equal(payee, expected_seller_wallet_address,
                           "seller.wallet_address",
                           "the payment would be made to another wallet than the seller's the buyer expects")
-        unit_price = agreed_whole(service["pricing"], "unit_price_atomic", where="pricing")
+        unit_price = agreed_whole(_answered(service, "pricing", where="service"), "unit_price_atomic",
+                                  where="pricing")
         if unit_price > max_unit_price_atomic:
             raise SigningRefused("pricing.unit_price_atomic", f"at most {max_unit_price_atomic}", unit_price)
         requirements = self.payment_requirements(amount_atomic=quantity * unit_price)
@@ -401,10 +407,10 @@ class MarketplaceClient:
         with self._lock:  # one purchase of a wallet's at a time passes the check and is recorded
             self._check_fee_permit_nonce(wallet.address.lower(), permit_nonce)
             if expected_seller_wallet_address is None:  # last: a refusal above says more than the warning
-                warn_seller_unverified("seller.wallet_address", service["seller"]["wallet_address"])
+                warn_seller_unverified("seller.wallet_address", payee)
             body = build_direct_stablecoin_agreement(
                 service_id=str(service_id), quantity=quantity, unit_price_atomic=unit_price,
-                seller_wallet_address=service["seller"]["wallet_address"], payment_requirements=requirements,
+                seller_wallet_address=payee, payment_requirements=requirements,
                 wallet=wallet, permit_nonce=permit_nonce, network=self.network, token_domain=token_domain,
                 validity_seconds=validity_seconds, now=now, authorization_nonce=authorization_nonce)
             signed = _FeePermit(permit_nonce, int(body["fee_permit"]["deadline"]))
@@ -417,7 +423,8 @@ class MarketplaceClient:
         return self._send_direct_purchase(sent, idempotency_key or _new_key())
 
     def _send_direct_purchase(self, sent: _SignedPurchase, idempotency_key: str) -> dict[str, Any]:
-        answer = self._request("POST", "/usage-agreements", json=sent.body, idempotency_key=idempotency_key)
+        answer = _answered(self._request("POST", "/usage-agreements", json=sent.body, idempotency_key=idempotency_key),
+                           where="agreement")
         sent.fee_permit.proposed = True
         if "id" in answer:
             with self._lock:
@@ -477,7 +484,7 @@ class MarketplaceClient:
         except (TypeError, ValueError) as malformed:
             raise ValueError(f"authorization_nonce: {authorization_nonce!r} is no bytes32") from malformed
         path = f"/usage-agreements/{agreement_id}/cancel-payment-authorization"
-        received = self._request("GET", path).get("cancel_authorization")
+        received = _answered(self._request("GET", path), where="answer").get("cancel_authorization")
         check_typed_data(received, expected, "cancel_authorization")
         answer = self._request("POST", path, json={"signature": wallet.sign_typed_data(expected)},
                                idempotency_key=idempotency_key or _new_key())
@@ -544,9 +551,21 @@ class MarketplaceClient:
         terms = AgreedTerms.from_agreement(agreement, network)
         signed = sign_activation_package(self.activation_package(agreement["id"]), wallet, terms=terms,
                                          network=network, token_domain=self.token_domain(), now=now,
-                                         expected_seller_wallet_address=expected_seller_wallet_address)
+                                         expected_seller_wallet_address=expected_seller_wallet_address,
+                                         permit_nonce=self._permit_nonce_read(terms.buyer))
         self._remember_buyer(agreement["id"], terms.buyer)
         return self.submit_activation(agreement["id"], signed, idempotency_key=idempotency_key)
+
+    def _permit_nonce_read(self, owner: str) -> int | None:
+        """The token's `nonces(owner)` through the buyer's RPC, None without one: an escrow permit must be for it (a
+        permit for a later nonce becomes usable later, within its deadline). Unreadable: `SigningRefused`."""
+        if self._chain is None:
+            return None
+        try:
+            return self._chain.permit_nonce(self.network.token_address, owner)
+        except MalformedAnswer as unreadable:
+            raise SigningRefused("escrow_permit.message.nonce", "the token's nonces(buyer)", None, str(unreadable)
+                                 ) from unreadable
 
     def _remember_buyer(self, agreement_id: Any, buyer: str) -> None:
         """The wallet that signed the agreement's escrow: the buyer `verify_usage` reads the escrow of."""
@@ -569,9 +588,10 @@ class MarketplaceClient:
         Activation waits for the relayer and for chain confirmations: seconds to minutes are normal.
         """
         def reached(agreement: dict[str, Any]) -> bool:
-            if agreement["status"] in statuses:
+            status = _stated_status(agreement, "status", where="agreement")
+            if status in statuses:
                 return True
-            if agreement["status"] in failure:
+            if status in failure:
                 raise AgreementFailed(agreement)
             return False
 
@@ -702,11 +722,15 @@ class MarketplaceClient:
             from_block = None
         deployed = self.network.escrow_deployment_block
         start = deployed if from_block is None else max(from_block, deployed)
-        escrow = reader.escrow(self.network.escrow_address, onchain_id, buyer=buyer, from_block=start)
-        if escrow.state == "none" and start > deployed:
-            # The marketplace's hint found nothing: it may name a transaction mined after the activation, which would
-            # hide the escrow (and any settlement proposed on it) behind an empty listing.
-            escrow = reader.escrow(self.network.escrow_address, onchain_id, buyer=buyer, from_block=deployed)
+        try:
+            escrow = reader.escrow(self.network.escrow_address, onchain_id, buyer=buyer, from_block=start)
+            if escrow.state == "none" and start > deployed:
+                # The marketplace's hint found nothing: it may name a transaction mined after the activation, which
+                # would hide the escrow (and any settlement proposed on it) behind an empty listing.
+                escrow = reader.escrow(self.network.escrow_address, onchain_id, buyer=buyer, from_block=deployed)
+        except RpcError as unreadable:  # a node's refusal, or an answer that does not decode (MalformedAnswer)
+            raise UsageEscrowUnreadable(f"the escrow's on-chain record does not read through the RPC: {unreadable}"
+                                        ) from unreadable
         # No escrow on-chain (not yet mined, or a reorg took it) holds nothing: any charge listed is above it.
         if escrow.state != "none":
             require_equal(escrow.buyer, agreement["buyer_wallet_address"], "escrow.buyer")
@@ -750,8 +774,10 @@ class MarketplaceClient:
         agreement (its own escrow id, `sdk.terms.check_onchain_id`) on the pinned escrow, checks the server's
         challenge package against it, signs it locally."""
         onchain_id = check_onchain_id(agreement)
-        package = self._request("GET", f"/usage-agreements/{agreement['id']}/challenge-package")
+        package = _answered(self._request("GET", f"/usage-agreements/{agreement['id']}/challenge-package"),
+                            where="challenge package")
         deadline = self._challenge_deadline(package.get("deadline"), "deadline", agreement=agreement)
+        self._check_onchain_challenge_window(deadline, "deadline", onchain_id=onchain_id, wallet=wallet)
         signature = self._sign_challenge(package.get("challenge"), "challenge", wallet,
                                          agreement_id=onchain_id, deadline=deadline)
         body = {"reason": reason, "evidence": evidence, "deadline": deadline, "signature": signature}
@@ -766,6 +792,29 @@ class MarketplaceClient:
         window = agreed_whole(agreement, "challenge_window_seconds")
         return check_deadline(received, field, now=self._now(), min_seconds=0,
                               max_seconds=min(window, CHALLENGE_WINDOW_MAX_SECONDS))
+
+    def _check_onchain_challenge_window(self, deadline: int, field: str, *, onchain_id: str,
+                                        wallet: str | Wallet) -> None:
+        """Through the buyer's RPC (nothing without one), a Challenge's deadline must not lie after the buyer's
+        escrow's own challenge deadline (`getEscrow`, while a settlement is proposed): the agreement's window is the
+        marketplace's word, and a signature valid after the window closes could be used later
+        (`DeadlineOutOfRange`). An escrow with nothing proposed, or a record that does not read, refuses
+        (`SigningRefused` on "escrow.challengeDeadline")."""
+        if self._chain is None:
+            return
+        try:
+            escrow: OnchainEscrow = self._chain.escrow(self.network.escrow_address, onchain_id,
+                                                       buyer=as_wallet(wallet).address,
+                                                       from_block=self.network.escrow_deployment_block)
+        except RpcError as unreadable:
+            raise SigningRefused("escrow.challengeDeadline", "the escrow's on-chain challenge deadline", None,
+                                 str(unreadable)) from unreadable
+        if escrow.state != "proposed":
+            raise SigningRefused("escrow.challengeDeadline", "an escrow with a settlement proposed", escrow.state,
+                                 "nothing on-chain to challenge")
+        if deadline > escrow.challenge_deadline:
+            raise DeadlineOutOfRange(field, f"at most {escrow.challenge_deadline}, the escrow's on-chain challenge "
+                                     "deadline", deadline, "a signature valid after the window closes")
 
     def _sign_challenge(self, received: Any, field: str, wallet: str | Wallet, *, agreement_id: str,
                         deadline: int) -> str:
@@ -795,13 +844,15 @@ class MarketplaceClient:
         before signing). Returns the purchase (`onChainState` null until the relayer locked the funds; the
         marketplace then starts the job on the seller). Follow with `wait_for_purchase`."""
         key = idempotency_key or _new_key()
-        created = self._request("POST", "/purchase", json={
+        created = _answered(self._request("POST", "/purchase", json={
             "network": network, "agentIdentifier": str(agent_identifier), "input_data": input_data,
-            **purchase_fields}, idempotency_key=key)["data"]
-        agreement = self.get_agreement(created["agreementId"])
-        require_equal(str(agreement["id"]), str(created["agreementId"]), "agreement.id")
-        require_equal(agreement["service"]["id"], str(agent_identifier), "agreement.service.id")
-        require_equal(agreement["quantity"], 1, "agreement.quantity")
+            **purchase_fields}, idempotency_key=key), "data", where="purchase", kind=Mapping)
+        agreement_id = _answered(created, "agreementId", where="purchase.data")
+        agreement = self.get_agreement(agreement_id)
+        require_equal(str(_answered(agreement, "id", where="agreement")), str(agreement_id), "agreement.id")
+        require_equal(_answered(agreement, "service", "id", where="agreement"), str(agent_identifier),
+                      "agreement.service.id")
+        require_equal(agreement.get("quantity"), 1, "agreement.quantity")
         if agreed_whole(agreement, "price_per_unit_atomic") > max_price_atomic:
             raise SigningRefused("agreement.price_per_unit_atomic", f"at most {max_price_atomic}",
                                  agreement["price_per_unit_atomic"])
@@ -811,19 +862,21 @@ class MarketplaceClient:
         pay_by = int(purchase_fields["payByTime"]) // 1000 if "payByTime" in purchase_fields else None
         terms = AgreedTerms.from_agreement(agreement, self.network)
         signed = sign_activation_package(
-            created["ActivationPackage"], wallet, terms=terms, network=self.network,
+            created.get("ActivationPackage"), wallet, terms=terms, network=self.network,
             token_domain=self.token_domain(), now=now, max_deadline_seconds=max(pay_by - now, 0) if pay_by else 3600,
-            expected_seller_wallet_address=expected_seller_wallet_address)
+            expected_seller_wallet_address=expected_seller_wallet_address,
+            permit_nonce=self._permit_nonce_read(terms.buyer))
         self._remember_buyer(agreement["id"], terms.buyer)
         locked = self._request("POST", "/purchase/lock-funds", json={
-            "network": network, "blockchainIdentifier": created["blockchainIdentifier"], **signed},
+            "network": network, "blockchainIdentifier": _answered(created, "blockchainIdentifier",
+                                                                  where="purchase.data"), **signed},
             idempotency_key=f"{key}:lock-funds")
-        return locked["data"]
+        return _answered(locked, "data", where="lock-funds answer", kind=Mapping)
 
     def get_purchase(self, blockchain_identifier: str, *, network: str = "Preprod") -> dict[str, Any]:
         page = self._request("GET", "/purchase", params={"network": network,
                                                          "blockchainIdentifier": blockchain_identifier})
-        return page["data"]["Purchases"][0]
+        return _answered(page, "data", "Purchases", 0, where="purchase listing", kind=Mapping)
 
     def wait_for_purchase(self, blockchain_identifier: str, *,
                           states: Collection[str] = frozenset({"ResultSubmitted"}), network: str = "Preprod",
@@ -831,7 +884,8 @@ class MarketplaceClient:
         """Poll the purchase until its `onChainState` is one of `states` (e.g. ResultSubmitted: `result` holds the
         job's output); `TimeoutError` after `timeout` seconds."""
         return self._poll(lambda: self.get_purchase(blockchain_identifier, network=network),
-                          lambda purchase: purchase["onChainState"] in states, timeout=timeout,
+                          lambda purchase: _stated_status(purchase, "onChainState", where="purchase") in states,
+                          timeout=timeout,
                           poll_interval=poll_interval, late=lambda purchase: (
                               f"purchase {blockchain_identifier} is {_still(purchase, 'onChainState')} after "
                               f"{timeout:g} s, waiting for {', '.join(sorted(states))}"))
@@ -848,23 +902,25 @@ class MarketplaceClient:
         by the request's id, so its refund needs `agreement_id`). Else `SigningRefused`, nothing signed."""
         purchase = self.get_purchase(blockchain_identifier, network=network)
         require_equal(purchase.get("blockchainIdentifier"), blockchain_identifier, "purchase.blockchainIdentifier")
+        purchase_agreement_id = _answered(purchase, "agreementId", where="purchase")
         if agreement_id is not None:
-            require_equal(str(purchase["agreementId"]), str(agreement_id), "purchase.agreementId")
+            require_equal(str(purchase_agreement_id), str(agreement_id), "purchase.agreementId")
         unlock_time = purchase.get("unlockTime")
         if not isinstance(unlock_time, str) or not unlock_time.isascii() or not unlock_time.isdigit() or (
                 len(unlock_time) > _UNIX_MILLISECONDS_MAX_DIGITS):  # longer: no time, and past what int() reads
             raise DeadlineOutOfRange("unlockTime", "unix milliseconds", unlock_time[:40] if isinstance(
                 unlock_time, str) else unlock_time)
-        agreement = self.get_agreement(purchase["agreementId"])
-        require_equal(str(agreement["id"]), str(purchase["agreementId"]), "agreement.id")
+        agreement = self.get_agreement(purchase_agreement_id)
+        require_equal(str(agreement.get("id")), str(purchase_agreement_id), "agreement.id")
         onchain_id = check_onchain_id(agreement)
         if agreement_id is None:
             require_equal(blockchain_identifier, onchain_id, "blockchainIdentifier")
         deadline = self._challenge_deadline(int(unlock_time) // 1000, "unlockTime", agreement=agreement)
         signature = self._sign_challenge(purchase.get("refundRequestTypedData"), "refundRequestTypedData", wallet,
                                          agreement_id=onchain_id, deadline=deadline)
-        return self._request("PATCH", "/purchase", json={
-            "network": network, "blockchainIdentifier": blockchain_identifier, "signature": signature})["data"]
+        return _answered(self._request("PATCH", "/purchase", json={
+            "network": network, "blockchainIdentifier": blockchain_identifier, "signature": signature}), "data",
+            where="refund answer")
 
     # --- skills (x402) -------------------------------------------------------------------------------------------
 
@@ -901,6 +957,8 @@ class MarketplaceClient:
             first = self._http.request("POST", path, json=body)
             if first.status_code != 402:
                 return self._answer(first)
+            if "PAYMENT-REQUIRED" not in first.headers:
+                raise UnexpectedAnswer(f"POST {path}: a 402 without the PAYMENT-REQUIRED header")
             header = sign_payment_required(first.headers["PAYMENT-REQUIRED"], private_key,
                                            max_amount_atomic=max_amount_atomic, network=self.network,
                                            token_domain=self.token_domain())
@@ -911,7 +969,7 @@ class MarketplaceClient:
                     while len(self._skill_payments) > _PROPOSALS_REMEMBERED:
                         self._skill_payments.popitem(last=False)
                 signed.check_repeat(call, idempotency_key)
-        answer = self._send_skill_payment(path, body, signed.payment_header)
+        answer = _answered(self._send_skill_payment(path, body, signed.payment_header), where="skill answer")
         # A sync skill's answer holds its result; an async one's does not (read once ended), and the invocation a
         # repeat learns may still run.
         running = "result" not in answer or answer.get("status", "completed") not in _INVOCATION_ENDED
@@ -935,13 +993,14 @@ class MarketplaceClient:
         return self._retrying(send, attempts=self._retries + 1, transient=lambda error: error.transient)
 
     def get_invocation(self, invocation_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/services/{invocation_id}")
+        return _answered(self._request("GET", f"/services/{invocation_id}"), where="invocation")
 
     def wait_for_invocation(self, invocation_id: str, *, timeout: float = 300.0,
                             poll_interval: float = 1.0) -> dict[str, Any]:
         """Poll the invocation until it is completed, failed or timed out; `TimeoutError` after `timeout` seconds."""
         return self._poll(lambda: self.get_invocation(invocation_id),
-                          lambda invocation: invocation["status"] in ("completed", "failed", "timeout"),
+                          lambda invocation: _stated_status(invocation, "status", where="invocation") in
+                          _INVOCATION_ENDED,
                           timeout=timeout, poll_interval=poll_interval, late=lambda invocation: (
                               f"invocation {invocation_id} is {_still(invocation, 'status')} after {timeout:g} s"))
 
@@ -1018,10 +1077,13 @@ class MarketplaceClient:
                 page = self._request(method, path, params=page_query)
             else:
                 page = self._request(method, path, json=page_query)
-            if page["next_cursor"] and not page["results"]:
+            results = _answered(page, "results", where=f"{method} {path}", kind=list)
+            cursor = _answered(page, "next_cursor", where=f"{method} {path}")
+            if cursor is not None and not isinstance(cursor, str):
+                raise UnexpectedAnswer(f"{method} {path}: next_cursor {str(cursor)[:100]!r} is no cursor")
+            if cursor and not results:
                 raise AnswerRefused(f"{method} {path}: a page with no results names a next page")
-            yield from page["results"]
-            cursor = page["next_cursor"]
+            yield from results
             if not cursor:
                 return
 
@@ -1212,7 +1274,36 @@ def _proposal_key(agreement_id: Any) -> str:
 
 
 def _still(answer: Mapping[str, Any] | None, field: str) -> str:
-    return f"still {answer[field]}" if answer is not None else "not read"
+    return f"still {answer.get(field)}" if answer is not None else "not read"
+
+
+def _stated_status(answer: Any, name: str, *, where: str) -> str | None:
+    """The status `name` an answer states (text, or null: not yet any), else `UnexpectedAnswer`."""
+    status = _answered(answer, name, where=where)
+    if status is not None and not isinstance(status, str):
+        raise UnexpectedAnswer(f"{where}.{name}: {str(status)[:100]!r} is no status")
+    return status
+
+
+def _answered(answer: Any, *path: str | int, where: str, kind: type | None = None) -> Any:
+    """`answer[path[0]][path[1]]...` of a server's JSON answer (an object without a path), of type `kind` when
+    given; else `UnexpectedAnswer` naming `where` and the path, never KeyError, IndexError or TypeError."""
+    value, at = answer, where
+    for step in path:
+        if isinstance(step, int):
+            if not isinstance(value, list) or len(value) <= step:
+                raise UnexpectedAnswer(f"{at}: a list of more than {step} items expected, not {str(value)[:100]!r}")
+            at = f"{at}[{step}]"
+        else:
+            if not isinstance(value, Mapping) or step not in value:
+                raise UnexpectedAnswer(f"{at}: an object with {step!r} expected, not {str(value)[:100]!r}")
+            at = f"{at}.{step}"
+        value = value[step]
+    expected = kind if kind is not None else Mapping if not path else None
+    if expected is not None and not isinstance(value, expected):
+        raise UnexpectedAnswer(f"{at}: {'a list' if expected is list else 'an object'} expected, not "
+                               f"{str(value)[:100]!r}")
+    return value
 
 
 def _may_retry(attempt: int, attempts: int, backoff: float) -> bool:

@@ -109,6 +109,8 @@ class OnchainEscrow:
     proposed_amount: int | None = None
     # The `termsHash` of its Activated event: the terms the buyer signed (`sdk.terms.terms_hash`).
     terms_hash: str = "0x" + "00" * 32
+    # `getEscrow`'s challengeDeadline: while proposed, the end of the challenge window (0 before any proposal).
+    challenge_deadline: int = 0
 
 
 class ChainReader:
@@ -135,8 +137,12 @@ class ChainReader:
                                                                     "method": method, "params": params})
             response.raise_for_status()
             answer = json_answer(response)
+            if not isinstance(answer, dict):
+                raise MalformedAnswer(f"{method}: not a JSON-RPC answer: {str(answer)[:100]!r}")
             if answer.get("error"):
-                raise RpcError(f"{method}: {answer['error']}")
+                raise RpcError(f"{method}: {str(answer['error'])[:500]}")
+            if "result" not in answer:
+                raise MalformedAnswer(f"{method}: an answer with neither a result nor an error")
             return answer["result"]
         except Exception as error:
             _redact_error(error, self._url)
@@ -229,25 +235,31 @@ class ChainReader:
             zero = "0x" + "00" * 20
             return OnchainEscrow(state="none", buyer=zero, seller=zero, receipt_signer=zero, deposit_amount=0,
                                  settled_amount=0, last_seq=0, usage_digest="0x" + "00" * 32)
-        log = activated[0]  # a buyer activates an id once
-        buyer, seller = (to_checksum_address("0x" + str(topic)[-40:]) for topic in log["topics"][2:4])
-        token, deposit, _fee, signer, terms_hash, _expires, reclaim_after, window, nonce = decode(
-            list(_ACTIVATED_DATA), self._data(log))
-        terms = (buyer, seller, token, signer, deposit, window, reclaim_after, nonce)
-        call = _selector(f"getEscrow(bytes32,{_TERMS})") + encode(["bytes32", _TERMS],
-                                                                   [bytes.fromhex(agreement_id.removeprefix("0x")),
-                                                                    terms])
-        state, _deadline, last_seq, settled, _buyer_claim, _seller_claim = decode(
-            ["(uint8,uint64,uint256,uint256,uint256,uint256)"], self._call(escrow_address, call))[0]
-        # The last proposal (a later one with a higher seq replaces it): searched from the newest span back.
-        proposals = self.first_logs(escrow_address, ["0x" + _PROPOSED.hex(), *topics],
-                                    from_block=self._quantity("eth_getLogs", log.get("blockNumber")),
-                                    to_block=latest,
-                                    newest_first=True) if state > 1 else []
-        proposed_amount, usage_digest = None, bytes(32)
-        if proposals:
-            _seq, proposed_amount, usage_digest, _deadline = decode(list(_PROPOSED_DATA), self._data(proposals[-1]))
-        return OnchainEscrow(state=_STATES[state], buyer=buyer, seller=seller,
+        try:  # the node's logs and return data, of any shape: what does not decode is a MalformedAnswer
+            log = activated[0]  # a buyer activates an id once
+            buyer, seller = (to_checksum_address("0x" + str(topic)[-40:]) for topic in log["topics"][2:4])
+            token, deposit, _fee, signer, terms_hash, _expires, reclaim_after, window, nonce = decode(
+                list(_ACTIVATED_DATA), self._data(log))
+            terms = (buyer, seller, token, signer, deposit, window, reclaim_after, nonce)
+            call = _selector(f"getEscrow(bytes32,{_TERMS})") + encode(
+                ["bytes32", _TERMS], [bytes.fromhex(agreement_id.removeprefix("0x")), terms])
+            state, challenge_deadline, last_seq, settled, _buyer_claim, _seller_claim = decode(
+                ["(uint8,uint64,uint256,uint256,uint256,uint256)"], self._call(escrow_address, call))[0]
+            state_name = _STATES[state]
+            # The last proposal (a later one with a higher seq replaces it): searched from the newest span back.
+            proposals = self.first_logs(escrow_address, ["0x" + _PROPOSED.hex(), *topics],
+                                        from_block=self._quantity("eth_getLogs", log.get("blockNumber")),
+                                        to_block=latest,
+                                        newest_first=True) if state > 1 else []
+            proposed_amount, usage_digest = None, bytes(32)
+            if proposals:
+                _seq, proposed_amount, usage_digest, _deadline = decode(list(_PROPOSED_DATA),
+                                                                        self._data(proposals[-1]))
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, DecodingError) as undecodable:
+            raise MalformedAnswer(f"the escrow's Activated or SettlementProposed log, or getEscrow, does not decode: "
+                                  f"{str(undecodable)[:200]}") from None
+        return OnchainEscrow(state=state_name, buyer=buyer, seller=seller,
                              receipt_signer=to_checksum_address(signer), deposit_amount=deposit,
                              settled_amount=settled, last_seq=last_seq, usage_digest="0x" + bytes(usage_digest).hex(),
-                             proposed_amount=proposed_amount, terms_hash="0x" + bytes(terms_hash).hex())
+                             proposed_amount=proposed_amount, terms_hash="0x" + bytes(terms_hash).hex(),
+                             challenge_deadline=challenge_deadline)

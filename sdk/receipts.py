@@ -157,6 +157,11 @@ class UsageMalformed(UsageVerificationError):
     whole number from 0 to 2**256 - 1, a request id or digest that is not text."""
 
 
+class UsageEscrowUnreadable(UsageVerificationError):
+    """The escrow's on-chain record does not read through the buyer's RPC: the node refused a read (`RpcError`) or
+    answered what does not decode (`MalformedAnswer`, the cause). Nothing is verified against it."""
+
+
 class UsageTermsMismatch(UsageVerificationError):
     """The agreement verified against is not the escrow's: its escrow id is not its own, or the terms it states (its
     unit price above all, which each event's cost is checked against) are not those the escrow's on-chain

@@ -1,6 +1,16 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
-# 0.4.14: invoke_skill retries the paid POST (a connection failure or timeout, a 503) with the same payment header and
+# 0.4.14: a public method reading a marketplace answer of another shape than it reads (a field missing, a list for
+# an object) raises sdk.UnexpectedAnswer (an AnswerRefused), not KeyError, TypeError, IndexError or AttributeError;
+# a body its gzip or deflate coding does not decode raises sdk.UndecodableAnswer (an AnswerRefused, and still an
+# httpx.DecodingError), not retried; ChainReader.escrow reads logs or getEscrow data that do not decode, and a
+# JSON-RPC answer with neither result nor error, as MalformedAnswer, and verify_usage raises
+# sdk.receipts.UsageEscrowUnreadable where the escrow does not read (it was the reader's RpcError); with rpc_url,
+# activate_escrow and purchase_masumi_job refuse an escrow permit for another nonce than the token's nonces(buyer)
+# (SigningRefused on escrow_permit.message.nonce: a later nonce's permit becomes usable later), and challenge a
+# deadline after the escrow's on-chain challenge deadline (getEscrow; DeadlineOutOfRange), or an escrow with nothing
+# proposed (SigningRefused on escrow.challengeDeadline); OnchainEscrow.challenge_deadline;
+# invoke_skill retries the paid POST (a connection failure or timeout, a 503) with the same payment header and
 # reads the invocation a repeat answered 402 authorization_already_used names; it takes idempotency_key=, whose repeat
 # re-sends the authorization signed the first time (a caller's retry after a lost answer signed a second one, under a
 # new nonce, which a compromised marketplace could settle besides the first), and refuses the key for another call

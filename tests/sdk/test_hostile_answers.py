@@ -32,7 +32,7 @@ import pytest
 from eth_account import Account
 
 from sdk import (AnswerRefused, AnswerTooLarge, DeadlineExceeded, InvalidJSON, MarketplaceClient, MarketplaceError,
-                 UnrequestedEncoding)
+                 UndecodableAnswer, UnrequestedEncoding)
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
 from sdk.onchain import ChainReader
 from tests.support.http_server import serving
@@ -359,6 +359,31 @@ def test_an_answer_within_the_bounds_reads_as_before_compressed_or_not(encoding)
     answer = client.call_metered(uuid.uuid4(), "run")
     assert answer.content == body and answer.json()["handle"] == "buyer"
     assert answer.headers["Content-Encoding"] == encoding and answer.headers["X-Usage-Cost"] == "20000"
+
+
+class UndecodableGzip(Hostile):
+    """Answers every request with a body its Content-Encoding (gzip) does not decode, counting the requests."""
+
+    requests = 0
+
+    def answer(self) -> Iterator[bytes]:
+        type(self).requests += 1
+        body = b"\x1f\x8b not gzip at all"
+        yield (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_an_answer_that_does_not_decode_in_its_content_coding_is_refused_not_retried(call):
+    """httpx's DecodingError (a gzip body that is not gzip) came out of the SDK as is, not as its refusal
+    (`AnswerRefused`): a caller handling the SDK's refusals saw an httpx error no method documents. Answered 503,
+    which the client retries, the same bytes are not asked for again either."""
+    UndecodableGzip.requests = 0
+    with hostile(UndecodableGzip) as url:
+        outcome = run_bounded(lambda: CALLS[call](url), limit=30)
+    assert isinstance(outcome.error, UndecodableAnswer) and isinstance(outcome.error, AnswerRefused), outcome.error
+    assert isinstance(outcome.error, httpx.DecodingError)  # what callers caught before, still caught
+    assert UndecodableGzip.requests == 1
 
 
 class AnswersWhenStopped(Hostile):

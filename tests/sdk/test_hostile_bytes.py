@@ -5,24 +5,29 @@ another exception. Reproducible: derandomized, so CI runs the same examples; the
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import string
 import time
+import warnings
 from typing import Any
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, example, given, settings
+from eth_account import Account
 from hypothesis import strategies as st
 
-from sdk import AgreedTerms, MarketplaceError, SigningRefused, bounded_http, bounded_json, proxy_signature, webhook_signature
+from sdk import (AgreedTerms, AgreementFailed, MarketplaceClient, MarketplaceError, SellerUnverified, SigningRefused,
+                 bounded_http, bounded_json, proxy_signature, webhook_signature)
 from sdk.activation import sign_activation_package
 from sdk.bounded_http import AnswerRefused, BoundedHttp
 from sdk.client import _check_masumi_timers
 from sdk.hmac_check import canonical_int
+from sdk.onchain import ChainReader, RpcError
 from sdk.x402_signing import sign_payment_required
 from tests.sdk.test_payee_and_node_answers import honest_agreement, honest_package
-from tests.sdk.test_signing_bounds import DOMAIN, KEY, NETWORK, payment_required
+from tests.sdk.test_signing_bounds import AGREEMENT_ID, DOMAIN, KEY, NETWORK, onchain_id_of, payment_required
 
 HOSTILE = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -102,7 +107,9 @@ def test_a_webhook_signature_check_answers_yes_or_no_to_any_delivery(body, heade
 
 
 def answer(content: bytes, headers: dict[str, str]) -> httpx.Response:
-    transport = httpx.MockTransport(lambda request: httpx.Response(200, headers=headers, content=content))
+    # A stream, read by the SDK: `content=` would be decoded by httpx.Response in the transport, before the SDK reads.
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, headers=headers,
+                                                                   stream=httpx.ByteStream(content)))
     return BoundedHttp(deadline=10, max_answer_bytes=10_000, transport=transport).request("GET", "http://m/x")
 
 
@@ -121,7 +128,7 @@ def answer(content: bytes, headers: dict[str, str]) -> httpx.Response:
 def test_an_sdk_answer_is_read_parsed_and_decoded_or_refused(content, headers):
     try:
         response = answer(content, headers)
-    except (AnswerRefused, httpx.DecodingError):  # DecodingError: a body its Content-Encoding does not decode
+    except AnswerRefused:  # UndecodableAnswer: a body its Content-Encoding does not decode
         return
     response.text  # noqa: B018 - decoded in whatever charset the server names
     try:
@@ -254,3 +261,113 @@ def test_a_masumi_jobs_timers_are_checked_or_refused(changes):
         _check_masumi_timers(agreement, {"submitResultTime": str(honest["expires_at"] * 1000)}, now=int(time.time()))
     except SigningRefused:
         pass
+
+
+# --- the client's public methods, against a marketplace and a node answering JSON of any shape ----------------------
+
+# Keys the client reads in the marketplace's answers, so that generated objects hold some of them.
+ANSWER_KEYS = ["data", "agreementId", "ActivationPackage", "blockchainIdentifier", "Purchases", "onChainState",
+               "unlockTime", "id", "onchain_id", "service", "status", "quantity", "results", "next_cursor",
+               "invocation_id", "result", "deadline", "challenge", "cancel_authorization", "seller", "pricing",
+               "wallet_address", "unit_price_atomic", "error"]
+shaped_answers = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70) | st.text(max_size=8)
+    | st.sampled_from([AGREEMENT_ID, "s1", "0x" + "00" * 20, "1"]),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(ANSWER_KEYS), children,
+                                                                          max_size=5),
+    max_leaves=16)
+BUYER_KEY_ADDRESS = Account.from_key(KEY).address
+PUBLIC_READS = {
+    "me": lambda client: client.me(),
+    "get_agreement": lambda client: client.get_agreement(AGREEMENT_ID),
+    "search_services": lambda client: list(itertools.islice(client.search_services("x"), 50)),
+    "list_agreements": lambda client: list(itertools.islice(client.list_agreements(), 50)),
+    "usage": lambda client: list(itertools.islice(client.usage(AGREEMENT_ID), 50)),
+    "escrow_status": lambda client: client.escrow_status(AGREEMENT_ID),
+    "payment_requirements": lambda client: client.payment_requirements(amount_atomic=1),
+    "wait_until": lambda client: client.wait_until(AGREEMENT_ID, timeout=0.05, poll_interval=0.01),
+    "get_purchase": lambda client: client.get_purchase("b1"),
+    "wait_for_purchase": lambda client: client.wait_for_purchase("b1", timeout=0.05, poll_interval=0.01),
+    "wait_for_invocation": lambda client: client.wait_for_invocation("i1", timeout=0.05, poll_interval=0.01),
+    "get_invocation": lambda client: client.get_invocation("i1"),
+    "propose_agreement": lambda client: client.propose_agreement("s1", 1, max_unit_price_atomic=10**6),
+    "propose_direct_purchase": lambda client: client.propose_direct_purchase(
+        "s1", 1, wallet=KEY, max_unit_price_atomic=10**6, permit_nonce=0),
+    "cancel_payment_authorization": lambda client: client.cancel_payment_authorization(
+        AGREEMENT_ID, KEY, authorization_nonce="0x" + "11" * 32),
+    "purchase_masumi_job": lambda client: client.purchase_masumi_job("s1", {}, KEY, max_price_atomic=10**6),
+    "request_refund": lambda client: client.request_refund("b1", KEY, agreement_id=AGREEMENT_ID),
+    "challenge": lambda client: client.challenge(
+        {"id": AGREEMENT_ID, "onchain_id": onchain_id_of(AGREEMENT_ID), "challenge_window_seconds": 3600}, KEY, "x"),
+    "activate_escrow": lambda client: client.activate_escrow(honest_agreement(), KEY, quantity=10,
+                                                             max_unit_price_atomic=10**6),
+    "invoke_skill": lambda client: client.invoke_skill("h", "s", {}, private_key=KEY, max_amount_atomic=1,
+                                                       timeout=0.05, poll_interval=0.01),
+}
+# What a public method may raise at a hostile answer: the SDK's documented refusals (and a wait's end).
+REFUSALS = (SigningRefused, AnswerRefused, MarketplaceError, AgreementFailed, TimeoutError, bounded_json.InvalidJSON)
+
+
+@pytest.mark.parametrize("read", sorted(PUBLIC_READS))
+@settings(HOSTILE, max_examples=60)
+@example(status=200, value={"data": {}})
+@example(status=200, value={"data": {"agreementId": AGREEMENT_ID}})
+@example(status=200, value={"data": {"Purchases": [{"agreementId": AGREEMENT_ID, "unlockTime": "1"}]}})
+@example(status=200, value={"results": {}, "next_cursor": None})
+@example(status=200, value={"results": [], "next_cursor": 7})
+@example(status=200, value={"id": AGREEMENT_ID, "service": None})
+@example(status=200, value=[])
+@example(status=402, value={})
+@given(status=st.sampled_from([200, 200, 200, 201, 402, 409]), value=shaped_answers)
+def test_a_public_method_answers_or_refuses_a_marketplace_answering_json_of_any_shape(read, status, value):
+    """Every answer of the marketplace is `value`: the method returns, or raises one of the SDK's refusals, never
+    KeyError, IndexError, TypeError or AttributeError (nor signs what it cannot check)."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, content=json.dumps(value).encode()))
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, transport=transport,
+                           retries=0) as client, warnings.catch_warnings():
+        warnings.simplefilter("ignore", SellerUnverified)
+        try:
+            PUBLIC_READS[read](client)
+        except REFUSALS:
+            pass
+
+
+def escrow_node_answers() -> st.SearchStrategy:
+    """What a node answers the escrow's reads with: an Activated log of any shape (or none), any `getEscrow` data."""
+    hex_data = st.binary(max_size=12 * 32).map(lambda raw: "0x" + raw.hex())
+    topic = st.sampled_from(["0x" + "00" * 32, "0x12", "zz"]) | st.text(max_size=4)
+    log = st.fixed_dictionaries({}, optional={"topics": st.lists(topic, max_size=5) | json_values,
+                                              "data": hex_data | json_values,
+                                              "blockNumber": st.sampled_from(["0x1", "soon"]) | json_values})
+    return st.fixed_dictionaries({"eth_getLogs": st.lists(log, max_size=2) | json_values,
+                                  "eth_call": hex_data | json_values,
+                                  "eth_blockNumber": st.sampled_from(["0x10"]) | json_values,
+                                  "whole": st.none() | st.just(...) | json_values})
+
+
+@settings(HOSTILE, max_examples=150)
+@example({"eth_getLogs": [{"topics": ["0x" + "00" * 32]}], "eth_call": "0x", "eth_blockNumber": "0x10",
+          "whole": None})
+@example({"eth_getLogs": [{"topics": ["0x" + "00" * 32] * 4, "data": "0x" + "00" * 288}],
+          "eth_call": "0x" + "ff" * 192, "eth_blockNumber": "0x10", "whole": None})
+@example({"eth_getLogs": [], "eth_call": "0x", "eth_blockNumber": "0x10", "whole": []})
+@example({"eth_getLogs": [], "eth_call": "0x", "eth_blockNumber": "0x10", "whole": ...})
+@given(escrow_node_answers())
+def test_an_escrow_read_through_a_node_answering_anything_reads_or_is_a_malformed_answer(answers):
+    """`ChainReader.escrow` (what `verify_usage` and `challenge` read) of a node answering each method with the
+    shape drawn; `whole` replaces the whole JSON-RPC answer (`...`: an answer without a result)."""
+    def node(request: httpx.Request) -> httpx.Response:
+        call = json.loads(request.content)
+        if answers["whole"] is ...:
+            return httpx.Response(200, json={"jsonrpc": "2.0", "id": call["id"]})
+        if answers["whole"] is not None:
+            return httpx.Response(200, json=answers["whole"])
+        return httpx.Response(200, json={"jsonrpc": "2.0", "id": call["id"], "result": answers[call["method"]]})
+
+    reader = ChainReader("http://node.invalid", transport=httpx.MockTransport(node))
+    try:
+        reader.escrow(NETWORK.escrow_address, onchain_id_of(AGREEMENT_ID), buyer=BUYER_KEY_ADDRESS)
+    except RpcError:  # MalformedAnswer among them
+        pass
+    finally:
+        reader.close()

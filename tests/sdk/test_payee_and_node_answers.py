@@ -26,7 +26,7 @@ from sdk.activation import expected_activation, sign_activation_package
 from sdk.onchain import ChainReader, MalformedAnswer
 from tests.sdk.test_signing_bounds import (DOMAIN, KEY, LISTED_PRICE, NETWORK, SELLER, DirectMarketplace,
                                            EscrowMarketplace, JsonRpcNode, MasumiMarketplace, buy_masumi_job,
-                                           escrow_buyer)
+                                           escrow_buyer, proposed_escrow)
 from tests.support.http_server import serving
 
 ATTACKER = Account.from_key(b"\x07" * 32).address  # fixed: test ids must be the same in every xdist worker
@@ -594,3 +594,74 @@ def test_a_seller_the_buyer_named_is_not_warned_about():
             buyer.propose_direct_purchase(str(uuid.uuid4()), 10, wallet=KEY, max_unit_price_atomic=LISTED_PRICE,
                                           permit_nonce=0, expected_seller_wallet_address=SELLER)
         assert buy_masumi_job(MasumiMarketplace(), expected_seller_wallet_address=SELLER)
+
+
+# --- what the buyer's own node says, against the marketplace's word -------------------------------------------------
+
+@pytest.mark.parametrize(("token_nonce", "signed"), [(0, True), (5, False)], ids=["the token's", "another"])
+def test_an_escrow_permit_is_signed_for_the_token_nonce_the_buyers_rpc_reads(token_nonce, signed):
+    """activate_escrow signed the permit for the nonce the marketplace's package stated, unchecked against the token's
+    `nonces(buyer)` through the buyer's RPC, whose answer is the buyer's: a nonce ahead of the token's makes a permit
+    usable later, within its deadline (the package states 0 here, the token 0 or 5). A mismatch is refused."""
+    marketplace = EscrowMarketplace()  # its package's permit is for nonce 0
+    nonce_answer = "0x" + encode(["uint256"], [token_nonce]).hex()
+    with serving(direct_purchase_node(nonce_answer=nonce_answer, timestamp=hex(int(time.time())))) as rpc_url:
+        with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url,
+                               transport=httpx.MockTransport(marketplace)) as buyer, warnings.catch_warnings():
+            warnings.simplefilter("ignore", SellerUnverified)
+            agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
+            if signed:
+                buyer.activate_escrow(agreement, KEY)
+            else:
+                with pytest.raises(SigningRefused) as refusal:
+                    buyer.activate_escrow(agreement, KEY)
+                assert refusal.value.field == "escrow_permit.message.nonce"
+                assert (refusal.value.expected, refusal.value.received) == (5, 0)
+    assert len(marketplace.activated) == (1 if signed else 0)
+
+
+def unreadable_escrow(self: ChainReader, *args: Any, **kwargs: Any) -> Any:
+    raise MalformedAnswer("getEscrow: not hex data")
+
+
+@pytest.mark.parametrize(("escrow", "field"), [
+    pytest.param(proposed_escrow(int(time.time()) + 3600), None, id="within the on-chain window"),
+    pytest.param(proposed_escrow(int(time.time()) + 30), "deadline", id="after the on-chain window"),
+    pytest.param(proposed_escrow(0, state="active"), "escrow.challengeDeadline", id="nothing proposed on-chain"),
+    pytest.param(unreadable_escrow, "escrow.challengeDeadline", id="unreadable"),
+])
+def test_a_challenge_deadline_is_bounded_by_the_escrows_on_chain_window(monkeypatch, escrow, field):
+    """challenge() bounded the deadline it signs by the agreement's window as the marketplace states it (here an
+    hour, the package's deadline a minute away): a signature valid after the escrow's own window closes. With the
+    buyer's RPC, the escrow's on-chain challenge deadline (`getEscrow`) bounds it too (`DeadlineOutOfRange`)."""
+    from tests.sdk.test_signing_bounds import challenge_package_marketplace, onchain_id_of
+
+    monkeypatch.setattr(ChainReader, "escrow", escrow)
+    monkeypatch.setattr(ChainReader, "now", lambda self: int(time.time()))
+    agreement_id, submitted = str(uuid.uuid4()), []
+    agreement = {"id": agreement_id, "onchain_id": onchain_id_of(agreement_id), "challenge_window_seconds": 3600}
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url="http://node.invalid",
+                           transport=httpx.MockTransport(challenge_package_marketplace(agreement_id, submitted))
+                           ) as buyer:
+        if field is None:
+            buyer.challenge(agreement, KEY, "the answers were empty")
+        else:
+            with pytest.raises(SigningRefused) as refusal:
+                buyer.challenge(agreement, KEY, "the answers were empty")
+            assert refusal.value.field == field
+    assert len(submitted) == (1 if field is None else 0)
+
+
+def test_an_escrow_record_the_node_cannot_read_is_a_usage_verification_error(monkeypatch):
+    """`ChainReader.escrow`'s RpcError (a refusal, or MalformedAnswer: logs or getEscrow data that do not decode)
+    reached verify_usage's caller as is, not as the usage-verification error it documents."""
+    from sdk import receipts
+
+    agreement = honest_agreement()
+    monkeypatch.setattr(ChainReader, "escrow", unreadable_escrow)
+    monkeypatch.setattr(ChainReader, "chain_id", lambda self: NETWORK.chain_id)
+    marketplace = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": [], "next_cursor": None}))
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url="http://node.invalid",
+                           transport=marketplace) as buyer:
+        with pytest.raises(receipts.UsageEscrowUnreadable):
+            buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])

@@ -24,6 +24,7 @@ from sdk import (AgreedTerms, MarketplaceClient, MarketplaceError, SigningRefuse
                  typed_data)
 from sdk.activation import expected_activation
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
+from sdk.onchain import ChainReader, OnchainEscrow
 from sdk.safety import DeadlineOutOfRange, require_equal
 from sdk.x402_signing import sign_payment_required
 from tests.support.http_server import serving
@@ -488,6 +489,17 @@ def rpc_clock_ahead_by(seconds: int) -> type[BaseHTTPRequestHandler]:
     return Node
 
 
+def proposed_escrow(challenge_deadline: int, state: str = "proposed"):
+    """`ChainReader.escrow` of a node reading the buyer's escrow in `state`, its challenge window ending then."""
+    def escrow(self: ChainReader, *args: Any, **kwargs: Any) -> OnchainEscrow:
+        zero = "0x" + "00" * 20
+        return OnchainEscrow(state=state, buyer=zero, seller=zero, receipt_signer=zero, deposit_amount=0,
+                             settled_amount=0, last_seq=0, usage_digest="0x" + "00" * 32,
+                             challenge_deadline=challenge_deadline)
+
+    return escrow
+
+
 def challenge_through(rpc_url: str, *, ahead: int) -> list[int]:
     """The buyer's challenge of an agreement with a 7-day window, whose package asks for a deadline `ahead` seconds
     past this machine's clock; the deadlines signed."""
@@ -511,9 +523,10 @@ def challenge_through(rpc_url: str, *, ahead: int) -> list[int]:
     return signed
 
 
-def test_a_clock_a_little_ahead_on_the_buyers_rpc_is_believed():
+def test_a_clock_a_little_ahead_on_the_buyers_rpc_is_believed(monkeypatch):
     """An idle chain's clock lags, a busy one's may run a little ahead of this machine's: a challenge valid for the
     whole window by the chain's clock is signed."""
+    monkeypatch.setattr(ChainReader, "escrow", proposed_escrow(int(time.time()) + 7 * 86400 + 60))
     with serving(rpc_clock_ahead_by(60)) as rpc_url:
         assert len(challenge_through(rpc_url, ahead=7 * 86400 + 30)) == 1
 
