@@ -243,6 +243,13 @@ class UsageAgreement(PaymentReversal):
     payment_authorization_cancel_tx_hash = Bytes32Field(
         blank=True, help_text="The buyer's cancelAuthorization of the x402 authorization, relayed once the purchase "
                               "was off (rejected, cancelled, expired, payment_failed): it can no longer move money.")
+    payment_authorization_watched_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the watch of closed direct proposals last read from the chain whether "
+                                         "the buyer's authorization was used after the close (the least recently "
+                                         "read are read first).")
+    payment_authorization_watch_ended_at = models.DateTimeField(
+        null=True, blank=True, help_text="When that watch ended: a use found (payment_tx_hash), or none found once "
+                                         "the authorization's validBefore had passed on the chain's clock.")
     payment_reverted_at = models.DateTimeField(
         null=True, blank=True, help_text="A reorg deeper than the confirmation depth took the payment off the chain "
                                          "after the purchase was counted paid, and it did not run again: the "
@@ -302,6 +309,11 @@ class UsageAgreement(PaymentReversal):
             models.Index(fields=["seller", "-created_at", "id"], name="agreement_seller_listing_idx"),
             models.Index(fields=["status", "proposal_expires_at"], name="agreement_status_proposal_idx"),
             models.Index(fields=["status", "expires_at"], name="agreement_status_expiry_idx"),
+            # The closed direct proposals whose authorization may yet be used, least recently read first.
+            models.Index(fields=["payment_authorization_watched_at", "closed_at"],
+                         condition=Q(settlement_model=SettlementModel.DIRECT_PAYMENT, status__in=sorted(CLOSED_STATUSES),
+                                     payment_tx_hash="", payment_authorization_watch_ended_at=None),
+                         name="agreement_closed_watch_idx"),
         ]
 
     def __str__(self) -> str:

@@ -15,7 +15,7 @@ from functools import lru_cache
 from django.conf import settings
 from django.core import checks
 from django.db import connection, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from agreements import invocations, selectors, webhooks, x402_protocol
@@ -630,6 +630,8 @@ PermitNonceReader = Callable[[str], int]
 _permit_nonce_reader: list[PermitNonceReader] = []
 PaymentAuthorizationUseReader = Callable[[UsageAgreement], str | None]
 _payment_authorization_use_reader: list[PaymentAuthorizationUseReader] = []
+ChainClockReader = Callable[[], int]
+_chain_clock_reader: list[ChainClockReader] = []
 
 
 def permit_nonce_reader_register(*, reader: PermitNonceReader) -> None:
@@ -641,6 +643,11 @@ def payment_authorization_use_reader_register(*, reader: PaymentAuthorizationUse
     """`reader(agreement)` is the hash of the transfer that used the direct purchase's payment authorization as it says
     (its price paid to the seller), else None: the escrow app reads it from the chain."""
     _payment_authorization_use_reader[:] = [reader]
+
+
+def chain_clock_reader_register(*, reader: ChainClockReader) -> None:
+    """`reader()` is the chain's clock (the latest block's timestamp, unix seconds): the escrow app reads it."""
+    _chain_clock_reader[:] = [reader]
 
 
 def _direct_payment_made_by(agreement: UsageAgreement) -> str | None:
@@ -1063,7 +1070,8 @@ def closed_direct_proposal_recheck(*, agreement_id) -> None:
 def _closed_direct_proposal_recheck_after_commit(agreement_id) -> None:
     from agreements.tasks import recheck_closed_direct_proposal
 
-    # robust: with the broker down the owner still gets its answer; the close stands unchecked (logged).
+    # robust: with the broker down the owner still gets its answer; the close is read by the watch of closed direct
+    # proposals instead (`closed_direct_proposals_watch`).
     transaction.on_commit(lambda: recheck_closed_direct_proposal.delay(str(agreement_id)), robust=True)
 
 
@@ -1072,7 +1080,7 @@ def _closed_direct_proposal_recheck(agreement: UsageAgreement) -> UsageAgreement
     under its row lock): a transfer mined between the first read and the close left the price at the seller with
     nothing to say so. One found names the transfer (an event's `used_by`, its payment_tx_hash), as a cancel of a
     proposal paid before does, and its price counts against the buyer's caps. A node that does not answer now leaves
-    the close as it is, logged: it is committed already."""
+    the close as it is, logged (it is committed already): `closed_direct_proposals_watch` reads it again."""
     if agreement.settlement_model != SettlementModel.DIRECT_PAYMENT or agreement.payment_tx_hash:
         return agreement
     try:
@@ -1083,15 +1091,79 @@ def _closed_direct_proposal_recheck(agreement: UsageAgreement) -> UsageAgreement
         return agreement
     if not used_by:
         return agreement
+    return _closed_direct_proposal_paid_record(
+        agreement, used_by=used_by,
+        reason=f"the buyer's payment reached the seller as the purchase was closed (tx {used_by})")
+
+
+def _closed_direct_proposal_paid_record(agreement: UsageAgreement, *, used_by: str, reason: str) -> UsageAgreement:
+    """A closed direct proposal whose buyer's authorization the chain shows used (`used_by`): it names the transfer (its
+    payment_tx_hash, an event's `used_by`, the parties' webhooks) and its price counts against the buyer's caps
+    (`PRICE_PAID_WHEN_NAMED`). A no-op once it names one, or moved since it was read (reopened to be accepted)."""
     with transaction.atomic():
         current = _lock(agreement.pk)
         if current.status != agreement.status or current.payment_tx_hash:
             return current
         current.payment_tx_hash = used_by
-        current.save(update_fields=["payment_tx_hash", "updated_at"])
-        _record_event(current, actor=SYSTEM, from_status=current.status, data={"used_by": used_by},
-                      reason=f"the buyer's payment reached the seller as the purchase was closed (tx {used_by})")
+        current.payment_authorization_watch_ended_at = timezone.now()
+        current.save(update_fields=["payment_tx_hash", "payment_authorization_watch_ended_at", "updated_at"])
+        _record_event(current, actor=SYSTEM, from_status=current.status, data={"used_by": used_by}, reason=reason)
     return current
+
+
+# How long after an authorization's validBefore (by the chain's clock) the watch reads it one last time: a use mined
+# just before it needs the confirmation depth's blocks and a run of the watch to be found (as escrow's watch of
+# failed payments, LATE_USE_MARGIN_SECONDS).
+CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS = 600
+
+
+def closed_direct_proposals_watch() -> int:
+    """The closed direct proposals (rejected, cancelled, expired) whose buyer's authorization may yet be used, read
+    from the chain again; how many were found used. The authorization is bearer until its validBefore whatever became
+    of the purchase, and the platform cannot revoke it (only the buyer's signature can: the buyer's optional
+    cancel), so the close's one read (`_closed_direct_proposal_recheck`, `_expired_direct_proposals_recheck`) missed a
+    use mined after it, a node not answering it, a broker refusing its task: the price at the seller, no purchase
+    naming it, nothing counted against the buyer's caps. One found used names the transfer and counts its price
+    (`_closed_direct_proposal_paid_record`: an expired one is not reopened to be accepted, the seller never did and
+    the proposal's time is over). Up to CLOSED_DIRECT_PROPOSALS_CHECKED_PER_SWEEP a run, the least recently read
+    first; one the node does not answer for keeps its turn. Once its validBefore (and
+    CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS) has passed on the chain's clock, read before the authorization, a read
+    that finds it unused is the last: no use can be mined any more. Safe twice, and beside the close's own read."""
+    watched = list(UsageAgreement.objects.filter(settlement_model=SettlementModel.DIRECT_PAYMENT,
+                                                 status__in=sorted(CLOSED_STATUSES), payment_tx_hash="",
+                                                 payment_authorization_watch_ended_at=None)
+                   .select_related("payment_authorization")
+                   .order_by(F("payment_authorization_watched_at").asc(nulls_first=True), "closed_at", "pk")
+                   [:settings.CLOSED_DIRECT_PROPOSALS_CHECKED_PER_SWEEP])
+    if not watched or not _chain_clock_reader:
+        return 0
+    try:
+        chain_now = _chain_clock_reader[0]()
+    except Exception:  # the node does not answer: the next run reads them all
+        logger.warning("could not read the chain's clock: closed direct proposals left for the next run",
+                       exc_info=True)
+        return 0
+    found = 0
+    for agreement in watched:
+        try:
+            used_by = _payment_authorization_used_by(agreement)
+        except Exception:
+            logger.warning("could not tell whether a closed direct proposal's authorization was used: read next run",
+                           extra={"agreement_id": str(agreement.pk)}, exc_info=True)
+            continue
+        if used_by:
+            paid = _closed_direct_proposal_paid_record(
+                agreement, used_by=used_by,
+                reason=f"the buyer's payment authorization was used after the purchase was {agreement.status} (tx "
+                       f"{used_by}): its price reached the seller")
+            found += paid.payment_tx_hash == used_by
+            continue
+        ran_out = agreement.payment_authorization.valid_before + CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS <= chain_now
+        now = timezone.now()
+        UsageAgreement.objects.filter(pk=agreement.pk, payment_tx_hash="").update(
+            payment_authorization_watched_at=now, payment_authorization_watch_ended_at=now if ran_out else None,
+            updated_at=now)
+    return found
 
 
 # --- escrow activation (called by the escrow app) ----------------------------------------------------------
@@ -1442,7 +1514,8 @@ def hooks_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     """System check: what the escrow app registers for agreements (chain reads and execution) is there."""
     hooks = {"direct payment executor": _direct_payment_executor, "permit nonce reader": _permit_nonce_reader,
              "token domain reader": x402_protocol.token_domain_reader_registered(),
-             "finality wait reader": selectors.finality_wait_reader_registered()}
+             "finality wait reader": selectors.finality_wait_reader_registered(),
+             "chain clock reader": bool(_chain_clock_reader)}
     return [checks.Error(f"No {name} is registered with agreements.", obj=__name__, id="agreements.E001",
                          hint="The escrow app registers it in EscrowConfig.ready().")
             for name, registered in hooks.items() if not registered]
@@ -1470,7 +1543,7 @@ def _expired_direct_proposals_recheck(agreement_ids: list) -> None:
     their row lock): one whose buyer's payment was mined between the sweep's read and its write was closed with the
     price at the seller and no purchase to account for it. That one is reopened and accepted as paid by the transfer,
     as if the sweep had read the chain a moment later (`_paid_proposal_accept`). A node that does not answer leaves
-    it expired, logged."""
+    it expired, logged: a use found later is recorded by `closed_direct_proposals_watch`."""
     expired = UsageAgreement.objects.filter(pk__in=agreement_ids, status=S.EXPIRED, payment_tx_hash="")
     for agreement in expired.select_related("payment_authorization"):
         try:

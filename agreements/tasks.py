@@ -15,6 +15,11 @@ def recheck_closed_direct_proposal(agreement_id: str) -> None:
     services.closed_direct_proposal_recheck(agreement_id=agreement_id)
 
 
+@shared_task
+def watch_closed_direct_proposals() -> int:
+    return services.closed_direct_proposals_watch()
+
+
 @shared_task(time_limit=settings.WEBHOOK_TIMEOUT_SECONDS + settings.OUTBOUND_TASK_TIME_LIMIT_MARGIN_SECONDS)
 def deliver_webhook(delivery_id: str) -> None:
     webhooks.delivery_attempt(delivery_id=delivery_id)

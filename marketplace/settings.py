@@ -306,6 +306,9 @@ DIRECT_PAYMENT_MIN_VALIDITY = env.int("DIRECT_PAYMENT_MIN_VALIDITY_SECONDS", def
 # The expiry sweep asks the chain whether each expiring direct proposal was paid already (its buyer's authorization
 # used: then accepted as paid, not expired): at most this many a run, the others waiting for the next run.
 DIRECT_PROPOSALS_CHECKED_PER_SWEEP = env.int("DIRECT_PROPOSALS_CHECKED_PER_SWEEP", default=50)
+# Closed direct proposals whose buyer's authorization may still be used (bearer until its validBefore) are read from
+# the chain again each minute, the least recently read first: at most this many a run.
+CLOSED_DIRECT_PROPOSALS_CHECKED_PER_SWEEP = env.int("CLOSED_DIRECT_PROPOSALS_CHECKED_PER_SWEEP", default=100)
 # Skill invocations (POST /agents/{handle}/{skill}): how long the request waits for the buyer's payment to be
 # confirmed before answering 202 with an invocation id; how long a paid, still pending invocation waits for its
 # caller before a worker runs it.
@@ -377,6 +380,8 @@ UNFUNDED_AGREEMENTS_PER_SELLER = env.int("UNFUNDED_AGREEMENTS_PER_SELLER", defau
 UNFUNDED_AGREEMENTS_WINDOW_SECONDS = env.int("UNFUNDED_AGREEMENTS_WINDOW_SECONDS", default=3600)
 CELERY_BEAT_SCHEDULE.update({
     "expire-proposals": {"task": "agreements.tasks.expire_proposals", "schedule": timedelta(minutes=1)},
+    "watch-closed-direct-proposals": {"task": "agreements.tasks.watch_closed_direct_proposals",
+                                      "schedule": timedelta(minutes=1)},
     "expire-approvals": {"task": "policies.tasks.expire_approvals", "schedule": timedelta(minutes=1)},
     "retry-webhooks": {"task": "agreements.tasks.retry_due_webhooks", "schedule": timedelta(seconds=30)},
     "sweep-invocations": {"task": "agreements.tasks.sweep_invocations", "schedule": timedelta(seconds=15)},

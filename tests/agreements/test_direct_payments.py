@@ -12,6 +12,7 @@ from django.utils import timezone
 from x402.http import decode_payment_signature_header
 
 from agreements import services as agreement_services
+from agreements import tasks as agreement_tasks
 from agreements.models import AgreementEvent, UsageAgreement
 from escrow import chain as gateway
 from escrow import relayer
@@ -1349,4 +1350,105 @@ def test_a_purchase_paid_before_the_accept_whose_fee_collection_reverts_names_th
     assert failed["status"] == "payment_failed", failed
     assert failed["payment_tx_hash"] == used_by and "nothing was charged" not in failed["status_reason"], failed
     fund(purchase.chain, purchase.buyer.address, 20 * USDC)
+    _next_purchase_over_the_daily_cap_refused(purchase)
+
+
+def _close_unpaid(purchase: Purchase, agreement_id: str, close: str) -> None:
+    """The proposal closed as production closes it, its one read of the chain at the close finding nothing used."""
+    if close == "expire":
+        UsageAgreement.objects.filter(pk=agreement_id).update(proposal_expires_at=timezone.now())
+        agreement_tasks.expire_proposals()
+    elif close == "cancel":
+        assert purchase.parties.buyer_api.post(f"/usage-agreements/{agreement_id}/cancel").status_code == 200
+    else:
+        assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement_id}/reject").status_code == 200
+
+
+@pytest.mark.parametrize(("close", "status"), [("cancel", "cancelled"), ("reject", "rejected"),
+                                               ("expire", "expired")])
+def test_a_closed_direct_proposals_authorization_used_after_the_close_is_found_and_counted(purchase, close, status):
+    """The buyer's signed authorization is bearer until its validBefore: used after the close's one read of the chain
+    (by the buyer, the seller, anyone holding it), the price reached the seller with no purchase naming the transfer
+    and nothing counted against the buyer's caps. The watch (a beat task) reads every closed direct proposal whose
+    authorization may still be used: the purchase names the transfer (an event's `used_by`, its payment_tx_hash) and
+    its price counts; a second run changes nothing."""
+    agreement = purchase.propose()
+    _close_unpaid(purchase, agreement["id"], close)
+    assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == ""
+    used_by = _hash(_submit_authorization(purchase.chain, agreement["id"]).transact(
+        {"from": purchase.chain.accounts.stranger.address}))
+
+    agreement_tasks.watch_closed_direct_proposals()
+    agreement_tasks.watch_closed_direct_proposals()
+
+    closed = purchase.parties.agreement(agreement["id"])
+    assert closed["status"] == status and closed["payment_tx_hash"] == used_by, closed
+    found = AgreementEvent.objects.filter(agreement_id=agreement["id"], data__used_by=used_by)
+    assert found.count() == 1 and used_by in found.get().reason
+    _next_purchase_over_the_daily_cap_refused(purchase)
+
+
+def test_the_closed_proposals_watch_reads_the_oldest_checked_first_and_ends_once_the_authorization_ran_out(
+        purchase, settings, monkeypatch):
+    """Bounded per run (CLOSED_DIRECT_PROPOSALS_CHECKED_PER_SWEEP), the least recently read first, so each is read in
+    turn; a node that does not answer leaves it for the next run; once its validBefore has passed on the chain's
+    clock (and the margin a use needs to be found), one last read, then it is no longer read."""
+    first, second = purchase.propose(), purchase.propose()
+    for agreement in (first, second):
+        _close_unpaid(purchase, agreement["id"], "cancel")
+    reads, read_the_chain = [], agreement_services._payment_authorization_use_reader[0]
+
+    def counted(agreement):
+        reads.append(str(agreement.pk))
+        return read_the_chain(agreement)
+
+    monkeypatch.setattr(agreement_services, "_payment_authorization_use_reader", [counted])
+    settings.CLOSED_DIRECT_PROPOSALS_CHECKED_PER_SWEEP = 1
+    for _ in range(3):
+        agreement_tasks.watch_closed_direct_proposals()
+    assert reads == [first["id"], second["id"], first["id"]]
+
+    def unavailable(agreement):
+        raise agreement_services.DependencyUnavailable("node down", code="chain_unavailable")
+
+    monkeypatch.setattr(agreement_services, "_payment_authorization_use_reader", [unavailable])
+    agreement_tasks.watch_closed_direct_proposals()  # second's turn: not read, so still its turn
+    monkeypatch.setattr(agreement_services, "_payment_authorization_use_reader", [counted])
+    agreement_tasks.watch_closed_direct_proposals()
+    assert reads[-1] == second["id"]
+
+    valid_before = UsageAgreement.objects.get(pk=first["id"]).payment_authorization.valid_before
+    purchase.chain.increase_time(valid_before - purchase.chain.now()
+                                 + agreement_services.CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS + 1)
+    settings.CLOSED_DIRECT_PROPOSALS_CHECKED_PER_SWEEP = 10
+    reads.clear()
+    agreement_tasks.watch_closed_direct_proposals()
+    agreement_tasks.watch_closed_direct_proposals()
+    assert sorted(reads) == sorted([first["id"], second["id"]])
+
+
+def test_a_direct_purchase_paid_while_it_awaited_approval_rejected_with_the_broker_down_is_found_by_the_watch(
+        purchase, django_capture_on_commit_callbacks, monkeypatch):
+    """The owner rejects a purchase the buyer paid while it awaited approval; the broker refuses the task that reads
+    the chain once it is rejected (the owner is answered all the same): the price stayed at the seller with no record.
+    The watch of closed direct proposals reads it: the purchase names the transfer and counts it."""
+    owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
+    owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = purchase.propose()
+    used_by = _hash(_submit_authorization(purchase.chain, held["id"]).transact({"from": purchase.buyer.address}))
+
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(agreement_tasks.recheck_closed_direct_proposal, "delay", broker_down)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    with django_capture_on_commit_callbacks(execute=True):
+        rejected = owner_api.post(f"/agents/{purchase.parties.buyer.pk}/approvals/{approval.pk}/reject")
+    assert rejected.status_code == 200, rejected.content
+    assert purchase.parties.agreement(held["id"])["payment_tx_hash"] == ""
+
+    agreement_tasks.watch_closed_direct_proposals()
+
+    agreement = purchase.parties.agreement(held["id"])
+    assert agreement["status"] == "rejected" and agreement["payment_tx_hash"] == used_by, agreement
     _next_purchase_over_the_daily_cap_refused(purchase)
