@@ -944,7 +944,10 @@ def agreement_payment_authorization_cancelled(*, agreement_id, tx_hash: str) -> 
     """The buyer's cancellation ran on-chain: the authorization can no longer move money."""
     agreement = _lock(agreement_id)
     agreement.payment_authorization_cancel_tx_hash = tx_hash
-    agreement.save(update_fields=["payment_authorization_cancel_tx_hash", "updated_at"])
+    # Dead on-chain: the watch of closed direct proposals has nothing left to find.
+    agreement.payment_authorization_watch_ended_at = timezone.now()
+    agreement.save(update_fields=["payment_authorization_cancel_tx_hash", "payment_authorization_watch_ended_at",
+                                  "updated_at"])
     _record_event(agreement, actor=SYSTEM, from_status=agreement.status, data={"tx_hash": tx_hash},
                   reason="the buyer's payment authorization was cancelled on-chain")
 
@@ -952,20 +955,26 @@ def agreement_payment_authorization_cancelled(*, agreement_id, tx_hash: str) -> 
 def agreement_payment_authorization_cancel_failed(*, agreement_id, reason: str, used_by: str | None) -> None:
     """The cancellation reverted: the authorization was cancelled already, or used. Used by `used_by` after the
     purchase was off, the buyer's money went to the seller with no purchase: logged as an error and recorded on the
-    agreement's events for an operator."""
+    agreement's events for an operator; a closed proposal naming no transfer yet names it (its payment_tx_hash) and
+    its price counts against the buyer's caps, as the watch of closed direct proposals would have it."""
     agreement = _lock(agreement_id)
     if used_by:
         logger.error("a closed direct purchase's payment authorization was used", extra={
             "agreement_id": str(agreement_id), "tx_hash": used_by})
+        if agreement.status in CLOSED_STATUSES and not agreement.payment_tx_hash:
+            agreement.payment_tx_hash = used_by
+            agreement.payment_authorization_watch_ended_at = timezone.now()
+            agreement.save(update_fields=["payment_tx_hash", "payment_authorization_watch_ended_at", "updated_at"])
     _record_event(agreement, actor=SYSTEM, from_status=agreement.status, data={"used_by": used_by},
                   reason=(f"the payment authorization was used by {used_by} after the purchase was {agreement.status}"
                           if used_by else f"the payment authorization's cancellation reverted: {reason}")[:500])
 
 
 def agreement_payment_authorization_cancel_reopened(*, agreement_id) -> None:
-    """A reorg took the cancellation off the chain: not counted until it is concluded again."""
-    UsageAgreement.objects.filter(pk=agreement_id).update(payment_authorization_cancel_tx_hash="",
-                                                          updated_at=timezone.now())
+    """A reorg took the cancellation off the chain: not counted until it is concluded again, and the authorization
+    watched again until then (the watch ends anyway once its validBefore passed)."""
+    UsageAgreement.objects.filter(pk=agreement_id).update(
+        payment_authorization_cancel_tx_hash="", payment_authorization_watch_ended_at=None, updated_at=timezone.now())
 
 
 # --- party actions -------------------------------------------------------------------------------------------

@@ -544,6 +544,7 @@ def test_a_closed_direct_purchases_authorization_is_cancelled_on_chain_for_the_b
     assert ChainTransaction.objects.get(agreement_id=agreement["id"]).status == "confirmed"
     shown = purchase.parties.agreement(agreement["id"])
     assert shown["payment_authorization_cancel_tx_hash"].startswith("0x"), shown
+    assert UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization_watch_ended_at  # dead: not read again
 
 
 def test_a_buyer_past_its_relay_revert_budget_still_cancels_its_payment_authorization(
@@ -683,7 +684,10 @@ def test_a_cancellation_outrun_by_a_use_of_the_authorization_records_that_use(
     assert ChainTransaction.objects.get(agreement_id=agreement["id"]).status == "failed"
     event = AgreementEvent.objects.filter(agreement_id=agreement["id"]).order_by("-pk").first()
     assert event.data["used_by"] == "0x" + bytes(used_by).hex().removeprefix("0x"), event.reason
-    assert purchase.parties.agreement(agreement["id"])["payment_authorization_cancel_tx_hash"] == ""
+    rejected = purchase.parties.agreement(agreement["id"])
+    assert rejected["payment_authorization_cancel_tx_hash"] == ""
+    assert rejected["payment_tx_hash"] == event.data["used_by"], rejected  # the price left the wallet: counted
+    _next_purchase_over_the_daily_cap_refused(purchase)
 
 
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
