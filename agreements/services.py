@@ -1169,7 +1169,9 @@ def closed_direct_proposals_watch() -> int:
             continue
         ran_out = agreement.payment_authorization.valid_before + CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS <= chain_now
         now = timezone.now()
-        UsageAgreement.objects.filter(pk=agreement.pk, payment_tx_hash="").update(
+        # Not one whose watch a confirmed cancel ended meanwhile.
+        UsageAgreement.objects.filter(pk=agreement.pk, payment_tx_hash="", payment_authorization_watch_ended_at=None
+                                      ).update(
             payment_authorization_watched_at=now, payment_authorization_watch_ended_at=now if ran_out else None,
             updated_at=now)
     return found
