@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agreements', '0028_skill_invocation_content_permission'),
+        ('agreements', '0029_usage_event_request_permission'),
         ('catalog', '0021_service_availability_queued_at'),
     ]
 
