@@ -24,7 +24,8 @@ from tests.chain_fixtures import TOKEN_NAMES
 from policies.models import ApprovalRequest
 from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token
 from tests.conftest import Api, error_code
-from tests.escrow.flow import USDC, Parties, confirm_all, fund, network_of, poll_mined, usdc_balance
+from tests.escrow.flow import (USDC, Parties, confirm_all, fund, mined_what_was_sent, network_of, poll_mined,
+                               usdc_balance)
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -74,6 +75,7 @@ class Purchase:
         self.chain.usdc.functions.cancelAuthorization(self.buyer.address, bytes.fromhex(nonce[2:]),
                                                       bytes.fromhex(signature[2:])).transact(
             {"from": self.chain.accounts.stranger.address})
+        mined_what_was_sent()  # before what follows reads the chain (Anvil answers a send before it mines it)
 
 
 @pytest.fixture
@@ -490,14 +492,18 @@ def test_a_direct_purchase_approved_once_its_signatures_ran_out_expires(purchase
     assert refused.status_code == 409
 
 
-def _submit_authorization(chain, agreement_id: str):
-    """Anyone holding the buyer's signed authorization (the platform's records, a log) sends it to the token."""
+def _use_authorization(chain, agreement_id: str, sender: str):
+    """Anyone holding the buyer's signed authorization (the platform's records, a log) sends it to the token, from
+    `sender`; returns the transaction's hash once it is mined. Anvil answers a send before it mines it: a read just
+    after could see the balances before it or, read by read, half of it (the seller paid, the buyer not charged)."""
     record = UsageAgreement.objects.select_related("payment_authorization").get(pk=agreement_id).payment_authorization
     v, r, s = typed_data.split_signature(record.signature)
-    return chain.usdc.functions.transferWithAuthorization(
+    tx_hash = chain.usdc.functions.transferWithAuthorization(
         chain.w3.to_checksum_address(record.payer), chain.w3.to_checksum_address(record.pay_to), int(record.amount),
         int(record.valid_after), int(record.valid_before), bytes.fromhex(record.nonce[2:]), v, bytes.fromhex(r[2:]),
-        bytes.fromhex(s[2:]))
+        bytes.fromhex(s[2:])).transact({"from": sender})
+    mined_what_was_sent()
+    return tx_hash
 
 
 def _cancel_signature(purchase: Purchase, agreement_id: str, key: str | None = None) -> str:
@@ -539,7 +545,7 @@ def test_a_closed_direct_purchases_authorization_is_cancelled_on_chain_for_the_b
 
     cancelled_on_chain(purchase, agreement["id"], django_capture_on_commit_callbacks)
     with pytest.raises(Exception):  # noqa: B017 - the token refuses it: AuthorizationUsedOrCanceled
-        _submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.chain.accounts.stranger.address})
+        _use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address)
     assert purchase.balances() == before
     assert ChainTransaction.objects.get(agreement_id=agreement["id"]).status == "confirmed"
     shown = purchase.parties.agreement(agreement["id"])
@@ -593,7 +599,7 @@ def test_a_buyer_cannot_have_the_relayer_cancel_authorizations_it_proposed_and_c
     assert purchase.chain.w3.eth.get_transaction_count(relayer_address) == sent_before + 2
     purchase.cancel_authorization(body)  # the buyer's defence stays: its own signed cancel, sent by anyone
     with pytest.raises(Exception):  # noqa: B017 - the token refuses it: AuthorizationUsedOrCanceled
-        _submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.chain.accounts.stranger.address})
+        _use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address)
 
 
 def test_a_buyer_past_its_relayed_cancels_still_has_an_authorization_its_failed_payment_made_public_cancelled(
@@ -653,8 +659,7 @@ def test_an_authorization_used_after_the_purchase_was_rejected_is_named_when_the
     agreement = purchase.propose()
     assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
     buyer, seller, _, _ = purchase.balances()
-    tx_hash = _submit_authorization(purchase.chain, agreement["id"]).transact(
-        {"from": purchase.chain.accounts.stranger.address})
+    tx_hash = _use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address)
     assert purchase.balances()[:2] == (buyer - AMOUNT, seller + AMOUNT)
 
     refused = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
@@ -674,8 +679,7 @@ def test_a_cancellation_outrun_by_a_use_of_the_authorization_records_that_use(
         queued = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
                                                  {"signature": _cancel_signature(purchase, agreement["id"])})
     assert queued.status_code == 202, queued.content
-    used_by = _submit_authorization(purchase.chain, agreement["id"]).transact(
-        {"from": purchase.chain.accounts.stranger.address})
+    used_by = _use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address)
     with django_capture_on_commit_callbacks(execute=True):
         relayer.transaction_submit(transaction_id=queued.json()["transaction"]["id"])
     for _ in range(2):
@@ -1046,7 +1050,7 @@ def test_a_seller_cannot_reject_a_direct_purchase_the_buyer_paid_itself(purchase
     capture = django_capture_on_commit_callbacks
     agreement = purchase.propose()
     buyer, seller, fee_recipient, treasury = purchase.balances()
-    used_by = _submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address})
+    used_by = _use_authorization(purchase.chain, agreement["id"], purchase.buyer.address)
 
     refused = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject", {"reason": "busy"})
 
@@ -1120,6 +1124,7 @@ def _spend_fee_permit_nonce(purchase: Purchase) -> None:
     v, r, s = typed_data.split_signature(typed_data.sign_typed_data(purchase.buyer.key, typed))
     usdc.functions.permit(owner, stranger, 0, 2**40, v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:])).transact(
         {"from": owner})
+    mined_what_was_sent()
 
 
 def _next_purchase_over_the_daily_cap_refused(purchase: Purchase) -> None:
@@ -1139,7 +1144,7 @@ def test_a_purchase_paid_before_the_accept_whose_fee_cannot_be_collected_fails_s
     no longer says nothing was charged; its reason and event name the transfer that paid the seller."""
     agreement = purchase.propose()
     buyer, seller, fee_recipient, treasury = purchase.balances()
-    used_by = _hash(_submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address}))
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.buyer.address))
     _spend_fee_permit_nonce(purchase)
 
     failed = purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
@@ -1164,7 +1169,7 @@ def test_a_direct_proposal_the_buyer_paid_that_expires_unanswered_is_paid_not_ex
     capture = django_capture_on_commit_callbacks
     agreement = purchase.propose()
     buyer, seller, fee_recipient, treasury = purchase.balances()
-    used_by = _hash(_submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address}))
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.buyer.address))
     UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
 
     with capture(execute=True):
@@ -1185,7 +1190,7 @@ def test_a_sellers_late_accept_of_a_direct_proposal_the_buyer_paid_is_paid_not_e
     """As with the sweep: the seller's accept past the proposal's expiry proceeds as paid by the buyer's transfer."""
     capture = django_capture_on_commit_callbacks
     agreement = purchase.propose()
-    _submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address})
+    _use_authorization(purchase.chain, agreement["id"], purchase.buyer.address)
     UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
 
     assert purchase.accept(agreement["id"], capture)["status"] == "paying"
@@ -1216,7 +1221,7 @@ def test_a_buyers_cancel_of_a_direct_purchase_it_paid_itself_names_the_transfer_
     said nothing of it and the price was counted nowhere (the buyer's caps let it spend it again). The cancel names
     the transfer (event `used_by`, the purchase's payment_tx_hash) and the price counts against the buyer's caps."""
     agreement = purchase.propose()
-    used_by = _hash(_submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address}))
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.buyer.address))
 
     cancelled = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel", {"reason": "oops"})
 
@@ -1234,7 +1239,7 @@ def test_a_purchase_paid_before_the_accept_whose_fee_cannot_be_collected_counts_
     nothing against the buyer's caps (a failed purchase counts only a fee collected), and the buyer spent past them.
     The failure keeps the transfer as the purchase's payment_tx_hash, and its price counts."""
     agreement = purchase.propose()
-    used_by = _hash(_submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address}))
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.buyer.address))
     _spend_fee_permit_nonce(purchase)
 
     failed = purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
@@ -1250,8 +1255,7 @@ def _paid_right_after_reading(monkeypatch, purchase, agreement, reader: str) -> 
 
     def paid_right_after_the_read(*args):
         answer = read_the_chain(*args)
-        sent.append(_hash(_submit_authorization(purchase.chain, agreement["id"]).transact(
-            {"from": purchase.buyer.address})))
+        sent.append(_hash(_use_authorization(purchase.chain, agreement["id"], purchase.buyer.address)))
         return answer
 
     monkeypatch.setattr(agreement_services, reader, paid_right_after_the_read)
@@ -1325,7 +1329,7 @@ def test_a_direct_purchase_paid_while_it_awaited_approval_that_the_owner_rejects
     owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
     owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies", {"approval_threshold_atomic": 1})
     held = purchase.propose()
-    used_by = _hash(_submit_authorization(purchase.chain, held["id"]).transact({"from": purchase.buyer.address}))
+    used_by = _hash(_use_authorization(purchase.chain, held["id"], purchase.buyer.address))
 
     approval = ApprovalRequest.objects.get(subject_id=held["id"])
     with django_capture_on_commit_callbacks(execute=True):
@@ -1343,11 +1347,12 @@ def test_a_purchase_paid_before_the_accept_whose_fee_collection_reverts_names_th
     it failed saying nothing was charged, the price at the seller counted nowhere. It names the transfer and counts it."""
     capture = django_capture_on_commit_callbacks
     agreement = purchase.propose()
-    used_by = _hash(_submit_authorization(purchase.chain, agreement["id"]).transact({"from": purchase.buyer.address}))
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.buyer.address))
     assert purchase.accept(agreement["id"], capture)["status"] == "paying"
     usdc, owner = purchase.chain.usdc, purchase.buyer.address
     usdc.functions.transfer(purchase.chain.accounts.stranger.address, usdc.functions.balanceOf(owner).call()).transact(
         {"from": owner})
+    mined_what_was_sent()
     for _ in range(3):
         confirm_all(capture)
     failed = purchase.parties.agreement(agreement["id"])
@@ -1379,8 +1384,7 @@ def test_a_closed_direct_proposals_authorization_used_after_the_close_is_found_a
     agreement = purchase.propose()
     _close_unpaid(purchase, agreement["id"], close)
     assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == ""
-    used_by = _hash(_submit_authorization(purchase.chain, agreement["id"]).transact(
-        {"from": purchase.chain.accounts.stranger.address}))
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
 
     agreement_tasks.watch_closed_direct_proposals()
     agreement_tasks.watch_closed_direct_proposals()
@@ -1439,7 +1443,7 @@ def test_a_direct_purchase_paid_while_it_awaited_approval_rejected_with_the_brok
     owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
     owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies", {"approval_threshold_atomic": 1})
     held = purchase.propose()
-    used_by = _hash(_submit_authorization(purchase.chain, held["id"]).transact({"from": purchase.buyer.address}))
+    used_by = _hash(_use_authorization(purchase.chain, held["id"], purchase.buyer.address))
 
     def broker_down(*args, **kwargs):
         raise ConnectionError("broker down")
