@@ -776,30 +776,38 @@ class MarketplaceClient:
         onchain_id = check_onchain_id(agreement)
         package = _answered(self._request("GET", f"/usage-agreements/{agreement['id']}/challenge-package"),
                             where="challenge package")
-        deadline = self._challenge_deadline(package.get("deadline"), "deadline", agreement=agreement)
-        self._check_onchain_challenge_window(deadline, "deadline", onchain_id=onchain_id, wallet=wallet)
+        deadline = self._challenge_deadline(package.get("deadline"), "deadline", agreement=agreement,
+                                            onchain_id=onchain_id, wallet=wallet)
         signature = self._sign_challenge(package.get("challenge"), "challenge", wallet,
                                          agreement_id=onchain_id, deadline=deadline)
         body = {"reason": reason, "evidence": evidence, "deadline": deadline, "signature": signature}
         return self._request("POST", f"/usage-agreements/{agreement['id']}/challenge", json=body,
                              idempotency_key=idempotency_key or _new_key())
 
-    def _challenge_deadline(self, received: Any, field: str, *, agreement: Mapping[str, Any]) -> int:
+    def _challenge_deadline(self, received: Any, field: str, *, agreement: Mapping[str, Any], onchain_id: str,
+                            wallet: str | Wallet, before_proposal: bool = False) -> int:
         """A Challenge's server-chosen deadline, if it lies within the challenge window from now (the agreement's
         window, never more than the contract's longest): a signature valid later could be used later. A window
         that is no whole number (a float, a bool, text, null) refuses (`SigningRefused` on
-        "agreement.challenge_window_seconds"), neither rounded nor raised on by int()."""
+        "agreement.challenge_window_seconds"), neither rounded nor raised on by int(). With the buyer's RPC, the
+        escrow's own window bounds it too (`_check_onchain_challenge_window`)."""
         window = agreed_whole(agreement, "challenge_window_seconds")
-        return check_deadline(received, field, now=self._now(), min_seconds=0,
-                              max_seconds=min(window, CHALLENGE_WINDOW_MAX_SECONDS))
+        now = self._now()
+        deadline = check_deadline(received, field, now=now, min_seconds=0,
+                                  max_seconds=min(window, CHALLENGE_WINDOW_MAX_SECONDS))
+        self._check_onchain_challenge_window(deadline, field, now=now, onchain_id=onchain_id, wallet=wallet,
+                                             before_proposal=before_proposal)
+        return deadline
 
-    def _check_onchain_challenge_window(self, deadline: int, field: str, *, onchain_id: str,
-                                        wallet: str | Wallet) -> None:
+    def _check_onchain_challenge_window(self, deadline: int, field: str, *, now: int, onchain_id: str,
+                                        wallet: str | Wallet, before_proposal: bool) -> None:
         """Through the buyer's RPC (nothing without one), a Challenge's deadline must not lie after the buyer's
         escrow's own challenge deadline (`getEscrow`, while a settlement is proposed): the agreement's window is the
         marketplace's word, and a signature valid after the window closes could be used later
-        (`DeadlineOutOfRange`). An escrow with nothing proposed, or a record that does not read, refuses
-        (`SigningRefused` on "escrow.challengeDeadline")."""
+        (`DeadlineOutOfRange`). `before_proposal` (a Masumi refund request, kept until a result is proposed) signs
+        for an active escrow too, at most its on-chain `challengeWindow` from now: any proposal from now on opens a
+        window at least that long. Any other state, or a record that does not read, refuses (`SigningRefused` on
+        "escrow.challengeDeadline")."""
         if self._chain is None:
             return
         try:
@@ -809,12 +817,16 @@ class MarketplaceClient:
         except RpcError as unreadable:
             raise SigningRefused("escrow.challengeDeadline", "the escrow's on-chain challenge deadline", None,
                                  str(unreadable)) from unreadable
-        if escrow.state != "proposed":
-            raise SigningRefused("escrow.challengeDeadline", "an escrow with a settlement proposed", escrow.state,
-                                 "nothing on-chain to challenge")
-        if deadline > escrow.challenge_deadline:
-            raise DeadlineOutOfRange(field, f"at most {escrow.challenge_deadline}, the escrow's on-chain challenge "
-                                     "deadline", deadline, "a signature valid after the window closes")
+        if escrow.state == "proposed":
+            latest, bound = escrow.challenge_deadline, "the escrow's on-chain challenge deadline"
+        elif escrow.state == "active" and before_proposal:
+            latest, bound = now + escrow.challenge_window, "now + the escrow's on-chain challenge window"
+        else:
+            raise SigningRefused("escrow.challengeDeadline", "an escrow with a settlement proposed" + (
+                ", or an active one" if before_proposal else ""), escrow.state, "nothing on-chain to challenge")
+        if deadline > latest:
+            raise DeadlineOutOfRange(field, f"at most {latest}, {bound}", deadline,
+                                     "a signature valid after the window closes")
 
     def _sign_challenge(self, received: Any, field: str, wallet: str | Wallet, *, agreement_id: str,
                         deadline: int) -> str:
@@ -894,7 +906,9 @@ class MarketplaceClient:
                        agreement_id: AgreementId | None = None, network: str = "Preprod") -> dict[str, Any]:
         """`PATCH /purchase`: build the purchase's refund request (EIP-712 Challenge of its agreement's escrow, valid
         until its unlockTime, which must lie within the agreement's challenge window from now, as `challenge`
-        checks), check the server's against it, sign it here and submit it.
+        checks; with `rpc_url`, also within the escrow's own window on-chain: never after its challenge deadline
+        once a result is proposed, never more than its challengeWindow from now before one), check the server's
+        against it, sign it here and submit it.
 
         The Challenge names the escrow of the agreement the purchase was bought as: `agreement_id` (the
         `agreementId` `purchase_masumi_job` returned), which the marketplace's listing must name. Without it,
@@ -915,7 +929,8 @@ class MarketplaceClient:
         onchain_id = check_onchain_id(agreement)
         if agreement_id is None:
             require_equal(blockchain_identifier, onchain_id, "blockchainIdentifier")
-        deadline = self._challenge_deadline(int(unlock_time) // 1000, "unlockTime", agreement=agreement)
+        deadline = self._challenge_deadline(int(unlock_time) // 1000, "unlockTime", agreement=agreement,
+                                            onchain_id=onchain_id, wallet=wallet, before_proposal=True)
         signature = self._sign_challenge(purchase.get("refundRequestTypedData"), "refundRequestTypedData", wallet,
                                          agreement_id=onchain_id, deadline=deadline)
         return _answered(self._request("PATCH", "/purchase", json={

@@ -111,6 +111,8 @@ class OnchainEscrow:
     terms_hash: str = "0x" + "00" * 32
     # `getEscrow`'s challengeDeadline: while proposed, the end of the challenge window (0 before any proposal).
     challenge_deadline: int = 0
+    # The Activated event's challengeWindow (which getEscrow's terms check): a proposal opens the window that long.
+    challenge_window: int = 0
 
 
 class ChainReader:
@@ -262,4 +264,4 @@ class ChainReader:
                              receipt_signer=to_checksum_address(signer), deposit_amount=deposit,
                              settled_amount=settled, last_seq=last_seq, usage_digest="0x" + bytes(usage_digest).hex(),
                              proposed_amount=proposed_amount, terms_hash="0x" + bytes(terms_hash).hex(),
-                             challenge_deadline=challenge_deadline)
+                             challenge_deadline=challenge_deadline, challenge_window=window)

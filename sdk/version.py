@@ -9,7 +9,10 @@
 # activate_escrow and purchase_masumi_job refuse an escrow permit for another nonce than the token's nonces(buyer)
 # (SigningRefused on escrow_permit.message.nonce: a later nonce's permit becomes usable later), and challenge a
 # deadline after the escrow's on-chain challenge deadline (getEscrow; DeadlineOutOfRange), or an escrow with nothing
-# proposed (SigningRefused on escrow.challengeDeadline); OnchainEscrow.challenge_deadline;
+# proposed (SigningRefused on escrow.challengeDeadline); OnchainEscrow.challenge_deadline; request_refund, with
+# rpc_url, likewise an unlockTime after the escrow's on-chain challenge deadline, or, while the escrow is active (the
+# request kept until a result is proposed), more than its on-chain challengeWindow from now (DeadlineOutOfRange;
+# another state or an unreadable escrow: SigningRefused on escrow.challengeDeadline); OnchainEscrow.challenge_window;
 # invoke_skill retries the paid POST (a connection failure or timeout, a 503) with the same payment header and
 # reads the invocation a repeat answered 402 authorization_already_used names; it takes idempotency_key=, whose repeat
 # re-sends the authorization signed the first time (a caller's retry after a lost answer signed a second one, under a

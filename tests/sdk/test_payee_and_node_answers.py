@@ -652,6 +652,37 @@ def test_a_challenge_deadline_is_bounded_by_the_escrows_on_chain_window(monkeypa
     assert len(submitted) == (1 if field is None else 0)
 
 
+@pytest.mark.parametrize(("escrow", "field"), [
+    pytest.param(proposed_escrow(int(time.time()) + 7200), None, id="within the proposal's on-chain window"),
+    pytest.param(proposed_escrow(int(time.time()) + 30), "unlockTime", id="after the proposal's on-chain window"),
+    pytest.param(proposed_escrow(0, state="active", challenge_window=7200), None,
+                 id="active, within its on-chain window from now"),
+    pytest.param(proposed_escrow(0, state="active", challenge_window=60), "unlockTime",
+                 id="active, beyond its on-chain window from now"),
+    pytest.param(proposed_escrow(0, state="none"), "escrow.challengeDeadline", id="nothing on-chain"),
+    pytest.param(proposed_escrow(0, state="disputed"), "escrow.challengeDeadline", id="disputed already"),
+    pytest.param(unreadable_escrow, "escrow.challengeDeadline", id="unreadable"),
+])
+def test_a_refund_requests_unlock_time_is_bounded_by_the_escrows_on_chain_window(monkeypatch, escrow, field):
+    """request_refund bounded the unlockTime it signs (the Challenge's deadline, an hour away here) by the agreement's
+    window as the marketplace states it (a day): a signature valid after the escrow's own window closes. With the
+    buyer's RPC, as for challenge(), the escrow's on-chain challenge deadline bounds it once a result is proposed,
+    and before one (the request is kept until then) its on-chain challengeWindow from now."""
+    from tests.sdk.test_signing_bounds import RefundMarketplace, refund
+
+    monkeypatch.setattr(ChainReader, "escrow", escrow)
+    monkeypatch.setattr(ChainReader, "now", lambda self: int(time.time()))
+    agreement_id = str(uuid.uuid4())
+    marketplace = RefundMarketplace(agreement_id)
+    if field is None:
+        refund(marketplace, rpc_url="http://node.invalid", agreement_id=agreement_id)
+    else:
+        with pytest.raises(SigningRefused) as refusal:
+            refund(marketplace, rpc_url="http://node.invalid", agreement_id=agreement_id)
+        assert refusal.value.field == field
+    assert len(marketplace.submitted) == (1 if field is None else 0)
+
+
 def test_an_escrow_record_the_node_cannot_read_is_a_usage_verification_error(monkeypatch):
     """`ChainReader.escrow`'s RpcError (a refusal, or MalformedAnswer: logs or getEscrow data that do not decode)
     reached verify_usage's caller as is, not as the usage-verification error it documents."""

@@ -347,8 +347,8 @@ class RefundMarketplace:
         return httpx.Response(200, json={"data": {"onChainState": "RefundRequested"}})
 
 
-def refund(marketplace: RefundMarketplace, **options) -> dict[str, Any]:
-    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+def refund(marketplace: RefundMarketplace, rpc_url: str | None = None, **options) -> dict[str, Any]:
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url,
                            transport=httpx.MockTransport(marketplace)) as buyer:
         return buyer.request_refund(marketplace.identifier, KEY, **options)
 
@@ -489,13 +489,14 @@ def rpc_clock_ahead_by(seconds: int) -> type[BaseHTTPRequestHandler]:
     return Node
 
 
-def proposed_escrow(challenge_deadline: int, state: str = "proposed"):
-    """`ChainReader.escrow` of a node reading the buyer's escrow in `state`, its challenge window ending then."""
+def proposed_escrow(challenge_deadline: int, state: str = "proposed", *, challenge_window: int = 0):
+    """`ChainReader.escrow` of a node reading the buyer's escrow in `state`, its challenge window ending then (and
+    `challenge_window` long, as activated)."""
     def escrow(self: ChainReader, *args: Any, **kwargs: Any) -> OnchainEscrow:
         zero = "0x" + "00" * 20
         return OnchainEscrow(state=state, buyer=zero, seller=zero, receipt_signer=zero, deposit_amount=0,
                              settled_amount=0, last_seq=0, usage_digest="0x" + "00" * 32,
-                             challenge_deadline=challenge_deadline)
+                             challenge_deadline=challenge_deadline, challenge_window=challenge_window)
 
     return escrow
 
