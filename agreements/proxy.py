@@ -7,8 +7,9 @@ default 1, which is what is reserved). A retry carrying the same `X-Request-Nonc
 and is charged once (409 `request_in_progress` while the first runs); a retry of a call not charged (a 5xx) is a new
 call. The nonce on any other call (method, path or body) is 422 `nonce_reused`.
 
-Bounds (SECURITY.md, "Hostile input"): the path is percent-decoded, its backslashes read as slashes and its dot
-segments resolved, and must stay under the service's base path (else 400 `invalid_upstream_path`); the body is
+Bounds (SECURITY.md, "Hostile input"): the path is percent-decoded, its backslashes read as slashes, its dot
+segments resolved and its leading empty segments dropped (never a `//host` target), and must stay under the
+service's base path (else 400 `invalid_upstream_path`); the body is
 read up to PROXY_MAX_REQUEST_BYTES (413 beyond), chunked or not, and forwarded with its length; the path and query
 string as forwarded are at most PROXY_MAX_URL_BYTES (414 `upstream_url_too_long` beyond); integer headers
 are ASCII digits; headers named in `Connection:` are dropped both ways; the buyer's forwarding headers are
@@ -185,8 +186,11 @@ def upstream_path(path: str) -> str:
 
     `path` arrives percent-decoded once (WSGI), so `%2e%2e` is `..` here. Backslashes count as slashes (as some
     servers read them), dot segments are resolved (RFC 3986 5.2.4) and a `..` that would climb above the base path
-    is refused, as is a segment that becomes a dot segment only when decoded once more. The result is escaped
-    again, or an escaped "?" or "#" would change what is called and a control character would make no URL.
+    is refused, as is a segment that becomes a dot segment only when decoded once more. Empty segments at the start
+    are dropped: a target starting with `//` is origin-form (RFC 9112), yet many servers and proxies read it as a
+    host (`//evil.example/x`), and under a base URL with no path it is what the seller's server would get. The
+    result is escaped again, or an escaped "?" or "#" would change what is called and a control character would
+    make no URL.
     """
     segments: list[str] = []
     for segment in path.replace("\\", "/").split("/"):
@@ -198,7 +202,7 @@ def upstream_path(path: str) -> str:
             raise InvalidInput("The path holds an encoded dot segment.", code="invalid_upstream_path")
         elif segment != ".":
             segments.append(segment)
-    return "/" + quote("/".join(segments), safe=_PATH_SAFE)
+    return "/" + quote("/".join(segments).lstrip("/"), safe=_PATH_SAFE)
 
 
 def _call_path(path: str, query: str) -> str:

@@ -30,8 +30,8 @@ pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 PRICE = 20_000
 
 
-def _active(escrow_chain, http_server, capture, **service):
-    parties = Parties(escrow_chain, upstream_base_url=http_server.url + "/base", **service)
+def _active(escrow_chain, http_server, capture, base_path="/base", **service):
+    parties = Parties(escrow_chain, upstream_base_url=http_server.url + base_path, **service)
     agreement = parties.accepted_agreement(quantity=5)
     assert parties.activate(agreement["id"], capture).status_code == 202
     parties.agreement_id = agreement["id"]
@@ -684,7 +684,7 @@ def test_a_path_longer_than_the_proxy_forwards_is_414_and_never_forwarded(active
 
 
 @pytest.mark.parametrize(("path", "status", "forwarded_path"), [
-    ("/evil.example/x", 200, "/base//evil.example/x"),  # a path on the seller's host, under its base path
+    ("/evil.example/x", 200, "/base/evil.example/x"),  # a path on the seller's host, under its base path
     ("a%2F..%2F..%2Fx", 400, None),
     ("a/%0d%0aX-Injected:%201", 404, None),  # no route takes a line break
     ("a%00b", 200, "/base/a%00b"),
@@ -695,6 +695,18 @@ def test_hostile_paths_stay_under_the_base_path_and_escaped(active, http_server,
     assert response.status_code == status, response.content
     assert [forwarded.path for forwarded in http_server.requests] == ([forwarded_path] if forwarded_path else [])
     assert books(active) == ((PRICE, 0) if forwarded_path else (0, 0)) and no_errors_logged(caplog)
+
+
+@pytest.mark.parametrize("base_path", ["", "/base"], ids=["no_base_path", "base_path"])
+@pytest.mark.parametrize("path", ["/evil.example/x", "%2F%2Fevil.example/x", "%5C%5Cevil.example/x",
+                                  "a/..//evil.example/x", "./%2Fevil.example/x"])
+def test_a_path_starting_with_slashes_is_never_forwarded_as_a_scheme_relative_target(
+        escrow_chain, http_server, django_capture_on_commit_callbacks, base_path, path):
+    """`//evil.example/x` is origin-form (RFC 9112), but many servers and proxies read it as a host to call or
+    redirect to: the seller's server, called on its own host when its base URL has no path, could be led there."""
+    parties = _active(escrow_chain, http_server, django_capture_on_commit_callbacks, base_path=base_path)
+    assert raw(parties, "get", f"{parties.proxy}/{path}").status_code == 200
+    assert [forwarded.path for forwarded in http_server.requests] == [f"{base_path}/evil.example/x"]
 
 
 @pytest.mark.parametrize("query", ["q=%00", "q=%0d%0aX-Injected:%201", "q=a%26b"])

@@ -38,7 +38,9 @@ class RecordingServer:
         class Handler(BaseHTTPRequestHandler):
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)
-                recorder.requests.append(Recorded(self.command, self.path, dict(self.headers),
+                # The target as sent: http.server collapses a leading `//` in self.path (its own open-redirect guard).
+                target = self.requestline.split(" ")[1]
+                recorder.requests.append(Recorded(self.command, target, dict(self.headers),
                                                   self.rfile.read(length)))
                 status, body, *more = recorder.responses.popleft() if recorder.responses else (200, {})
                 delay, headers = (more + [0, {}][len(more):])[:2]
