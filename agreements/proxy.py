@@ -9,7 +9,7 @@ call. The nonce on any other call (method, path or body) is 422 `nonce_reused`.
 
 Bounds (SECURITY.md, "Hostile input"): the path is percent-decoded, its backslashes read as slashes, its dot
 segments resolved and its leading empty segments dropped (never a `//host` target), and must stay under the
-service's base path (else 400 `invalid_upstream_path`); the body is
+service's base path and hold no CR or LF (else 400 `invalid_upstream_path`); the body is
 read up to PROXY_MAX_REQUEST_BYTES (413 beyond), chunked or not, and forwarded with its length; the path and query
 string as forwarded are at most PROXY_MAX_URL_BYTES (414 `upstream_url_too_long` beyond); integer headers
 are ASCII digits; headers named in `Connection:` are dropped both ways; the buyer's forwarding headers are
@@ -186,12 +186,14 @@ def upstream_path(path: str) -> str:
 
     `path` arrives percent-decoded once (WSGI), so `%2e%2e` is `..` here. Backslashes count as slashes (as some
     servers read them), dot segments are resolved (RFC 3986 5.2.4) and a `..` that would climb above the base path
-    is refused, as is a segment that becomes a dot segment only when decoded once more. Empty segments at the start
-    are dropped: a target starting with `//` is origin-form (RFC 9112), yet many servers and proxies read it as a
-    host (`//evil.example/x`), and under a base URL with no path it is what the seller's server would get. The
-    result is escaped again, or an escaped "?" or "#" would change what is called and a control character would
-    make no URL.
+    is refused, as is a segment that becomes a dot segment only when decoded once more, and a CR or LF (never
+    forwarded, even escaped, as when no route took them). Empty segments at the start are dropped: a target
+    starting with `//` is origin-form (RFC 9112), yet many servers and proxies read it as a host
+    (`//evil.example/x`), and under a base URL with no path it is what the seller's server would get. The result is
+    escaped again, or an escaped "?" or "#" would change what is called and a control character would make no URL.
     """
+    if "\n" in path or "\r" in path:
+        raise InvalidInput("The path holds a line break.", code="invalid_upstream_path")
     segments: list[str] = []
     for segment in path.replace("\\", "/").split("/"):
         if segment == "..":
