@@ -232,8 +232,9 @@ def base_sepolia_deployed() -> Iterator[Deployed]:
             value = deployed.w3.eth.get_storage_at(built, slot)
             if any(value):
                 node.rpc("anvil_setStorageAt", [BASE_SEPOLIA_USDC, hex(slot), "0x" + value.hex().rjust(64, "0")])
-        deployed.escrow.functions.setTokenAllowed(BASE_SEPOLIA_USDC, True).transact(
+        allowed = deployed.escrow.functions.setTokenAllowed(BASE_SEPOLIA_USDC, True).transact(
             {"from": deployed.accounts.deployer.address})
+        deployed.w3.eth.wait_for_transaction_receipt(allowed)  # Anvil answers a send before it mines it
         deployed.addresses = {**deployed.addresses, "usdc": BASE_SEPOLIA_USDC}
         deployed.usdc = devchain.usdc_contract(deployed.w3, BASE_SEPOLIA_USDC)
         yield deployed

@@ -298,6 +298,7 @@ def wire_marketplace(chain, settings):
     settings.FEE_RECIPIENT = accounts.fee_recipient.address
     # The relayer also arbitrates disputes here (production may use a separate arbiter key through the same role).
     arbiter_role = chain.escrow.functions.ARBITER_ROLE().call()
-    chain.escrow.functions.grantRole(arbiter_role, accounts.deployer.address).transact(
+    granted = chain.escrow.functions.grantRole(arbiter_role, accounts.deployer.address).transact(
         {"from": accounts.deployer.address})
+    chain.w3.eth.wait_for_transaction_receipt(granted)  # Anvil answers a send before it mines it
     return chain

@@ -8,7 +8,7 @@ from agreements.models import AgreementEvent, UsageAgreement
 from escrow.models import ChainTransaction, TxStatus
 from tests.chain_fixtures import TOKEN_NAMES
 from tests.conftest import codes_at, error_code
-from tests.escrow.flow import USDC, Parties, confirm_all, fund, pay_fees, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, fund, mined_what_was_sent, pay_fees, usdc_balance
 from tests.support.rpc_relay import RpcRelay, node_block_times
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -182,6 +182,7 @@ def test_reverted_activation_fails_with_reason_and_can_be_signed_again(parties, 
                                       body).status_code == 202
     chain.usdc.functions.transfer(chain.accounts.spare.address, balance).transact(
         {"from": parties.buyer_account.address})
+    mined_what_was_sent()  # before the relayer simulates the pull (Anvil answers a send before it mines it)
     for callback in callbacks:
         callback()
     failed = parties.agreement(agreement["id"])
@@ -203,6 +204,7 @@ def _front_run(chain, signed: dict) -> None:
     v, r, s = split_signature(permit["signature"])
     chain.usdc.functions.permit(chain.accounts.buyer.address, chain.addresses["escrow"], permit["value"],
                                 permit["deadline"], v, r, s).transact({"from": chain.accounts.stranger.address})
+    mined_what_was_sent()  # before the activation reads the permit's nonce (Anvil answers a send before it mines it)
 
 
 def test_a_permit_front_run_before_submission_still_activates(parties, escrow_chain,
@@ -244,6 +246,7 @@ def test_a_spent_permit_without_the_allowance_is_refused(parties, escrow_chain):
     body = parties.signed_activation(agreement["id"])
     _front_run(chain, body)
     chain.usdc.functions.approve(chain.addresses["escrow"], 0).transact({"from": parties.buyer_account.address})
+    mined_what_was_sent()
     response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", body)
     assert response.status_code == 400 and error_code(response) == "wrong_permit_nonce"
 

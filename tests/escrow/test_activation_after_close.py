@@ -29,7 +29,8 @@ from tests.agreements.helpers import propose
 from tests.chain_fixtures import TEST_RECLAIM_GRACE
 from tests.conftest import error_code
 from tests.escrow.conftest import Escrows
-from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock, fund, pay_fees, sign_activation, usdc_balance
+from tests.escrow.flow import (USDC, Parties, confirm_all, deadline_clock, fund, mined_what_was_sent, pay_fees,
+                               sign_activation, usdc_balance)
 from tests.escrow.test_indexer import index, mined, statuses
 from tests.escrow.test_masumi_purchases import FEE, INPUT, PRICE, run
 from tests.escrow.test_relayer_faults import relayer_nonce_on_chain, spent_by_the_buyer_once_estimated
@@ -461,6 +462,7 @@ def test_the_old_bytes_of_that_activation_mined_first_give_the_deposit_back(
     assert relayer.transactions_reopen_reorged() == 1
     old_bytes = failed.attempts.get()
     chain.w3.eth.send_raw_transaction(old_bytes.raw_transaction)
+    mined_what_was_sent()  # before the relayer's polls read its nonce (Anvil answers a send before it mines it)
     with caplog.at_level(logging.ERROR):
         for _ in range(3):
             confirm_all(capture)

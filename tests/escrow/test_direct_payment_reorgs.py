@@ -542,6 +542,7 @@ def test_a_cancelled_fee_refund_whose_fill_a_second_reorg_takes_for_its_old_byte
 
     chain.reorg(before_the_fill)
     chain.w3.eth.send_raw_transaction(refund.attempts.get().raw_transaction)
+    mined_what_was_sent()
     chain.mine(3)
     polls(capture)
     with capture(execute=True):

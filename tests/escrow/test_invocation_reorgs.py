@@ -595,6 +595,7 @@ def test_a_cancelled_payout_whose_fill_a_second_reorg_takes_for_its_old_bytes_is
     chain.reorg(before_the_fill)
     old_bytes = settlement.attempts.get()
     chain.w3.eth.send_raw_transaction(old_bytes.raw_transaction)
+    mined_what_was_sent()
     chain.mine(3)
     for _ in range(3):
         confirm_all(capture)

@@ -14,7 +14,7 @@ from escrow import settlement
 from escrow.models import ChainTransaction, TxAttempt, TxStatus
 from tests.agreements.test_invocations import FEE, PRICE, Market
 from tests.escrow.conftest import Escrows
-from tests.escrow.flow import USDC, Parties, confirm_all, fund, poll_mined, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, fund, mined_what_was_sent, poll_mined, usdc_balance
 from tests.marketplace.conftest import scrape
 from tests.support.db_activity import backend_pid, session_state
 from tests.support.operators import operator_client
@@ -227,6 +227,7 @@ def test_an_activation_relayed_by_someone_else_makes_the_agreement_active(
     copy = escrow_chain.w3.eth.send_transaction({"from": escrow_chain.accounts.stranger.address,
                                                  "to": escrow_chain.addresses["escrow"], "data": tx.data,
                                                  "gas": 1_000_000})
+    mined_what_was_sent()  # before our simulation reads the escrow (Anvil answers a send before it mines it)
     run(callbacks, capture)
     confirm_all(capture)
 

@@ -522,6 +522,7 @@ def test_the_old_bytes_of_a_cancelled_transaction_mined_first_are_named_by_its_f
     assert relayer.transactions_reopen_reorged() == 2
     old_bytes = failed.attempts.get()
     chain.w3.eth.send_raw_transaction(old_bytes.raw_transaction)
+    mined_what_was_sent()  # before the relayer's polls read its nonce (Anvil answers a send before it mines it)
     with caplog.at_level(logging.ERROR, logger="escrow.relayer"):
         for _ in range(4):
             confirm_all(capture)

@@ -20,7 +20,7 @@ from tests.chain_fixtures import TEST_RECLAIM_GRACE, TOKEN_NAMES
 from tests.catalog.factories import UserFactory, issue_key, issue_owner_token
 from tests.conftest import Api, error_code
 from tests.escrow.conftest import Escrows, escrow_terms
-from tests.escrow.flow import USDC, Parties, confirm_all, onchain_escrow, usdc_balance
+from tests.escrow.flow import USDC, Parties, confirm_all, mined_what_was_sent, onchain_escrow, usdc_balance
 from tests.escrow.test_indexer import index, statuses
 from tests.escrow.test_relayer_faults import rpc_relay  # noqa: F401
 
@@ -593,6 +593,7 @@ def spare_admin(escrow_chain):
     escrow, accounts = escrow_chain.escrow, escrow_chain.accounts
     escrow.functions.grantRole(escrow.functions.DEFAULT_ADMIN_ROLE().call(), accounts.spare.address).transact(
         {"from": accounts.deployer.address})
+    mined_what_was_sent()  # Anvil answers a send before it mines it
     return accounts.spare
 
 
@@ -601,6 +602,7 @@ def set_relayer_operator(chain, spare, *, allowed: bool) -> None:
     role = chain.escrow.functions.OPERATOR_ROLE().call()
     change = chain.escrow.functions.grantRole if allowed else chain.escrow.functions.revokeRole
     change(role, chain.accounts.deployer.address).transact({"from": spare.address})
+    mined_what_was_sent()  # before the relayer's next send (Anvil answers a send before it mines it)
 
 
 def proposals(agreement_id):
@@ -1012,6 +1014,7 @@ def test_the_reclaim_waits_for_the_escrows_own_reclaim_after_whatever_the_grace_
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     chain.escrow.functions.setReclaimGrace(TEST_RECLAIM_GRACE + grace_change).transact(
         {"from": spare_admin.address})
+    mined_what_was_sent()
     chain.increase_time(reclaim_after(funded.agreement_id) - 60 - chain.now())
     assert tick(capture)["reclaiming"] == 0
     assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RECLAIM).exists()

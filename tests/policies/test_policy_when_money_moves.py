@@ -12,7 +12,7 @@ from tests.agreements.test_direct_payments import Purchase as DirectPurchase
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import AgentFactory, issue_owner_token, register_service
 from tests.conftest import Api, error_code
-from tests.escrow.flow import Parties, deadline_clock, sign_activation, usdc_balance
+from tests.escrow.flow import Parties, deadline_clock, mined_what_was_sent, sign_activation, usdc_balance
 from tests.escrow.test_masumi_purchases import INPUT, PRICE
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -266,6 +266,7 @@ def test_an_operators_retry_of_a_failed_direct_purchase_step_holds_to_the_buyers
     purchase.accept(agreement["id"], capture)
     if step == "direct_fee":  # the buyer empties the wallet before the fee is collected
         usdc.functions.transfer(escrow_chain.accounts.stranger.address, held).transact({"from": buyer})
+        mined_what_was_sent()  # before the relayer reads the balance (Anvil answers a send before it mines it)
     confirm_all(capture)  # permit confirmed; the fee transfer is sent
     if step == "direct_payment":  # ... and the buyer cancels the payment before it runs
         purchase.cancel_authorization(body)
@@ -308,12 +309,14 @@ def test_a_direct_purchase_an_operator_sends_again_counts_against_the_caps_while
     held = usdc.functions.balanceOf(buyer).call()
     purchase.accept(agreement["id"], capture)
     usdc.functions.transfer(escrow_chain.accounts.stranger.address, held).transact({"from": buyer})
+    mined_what_was_sent()  # before the relayer reads the balance (Anvil answers a send before it mines it)
     for _ in range(3):
         confirm_all(capture)
     failed = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_fee")
     assert failed.status == TxStatus.FAILED
     assert parties.agreement(agreement["id"])["status"] == "payment_failed"
     usdc.functions.transfer(buyer, held).transact({"from": escrow_chain.accounts.stranger.address})
+    mined_what_was_sent()
     set_policy(parties, {"daily_cap_atomic": AMOUNT + FEE + ONE_PROPOSAL - 1})
 
     assert "Queued 1 transaction(s) again." in operators_retry(admin_client, failed, capture)
@@ -348,12 +351,14 @@ def test_an_operators_retry_of_a_direct_purchase_is_refused_once_its_buyer_asked
     held = usdc.functions.balanceOf(buyer).call()
     purchase.accept(agreement["id"], capture)
     usdc.functions.transfer(escrow_chain.accounts.stranger.address, held).transact({"from": buyer})
+    mined_what_was_sent()  # before the relayer reads the balance (Anvil answers a send before it mines it)
     for _ in range(3):
         confirm_all(capture)
     failed = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_fee")
     assert failed.status == TxStatus.FAILED
     assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
     usdc.functions.transfer(buyer, held).transact({"from": escrow_chain.accounts.stranger.address})
+    mined_what_was_sent()
 
     with capture(execute=False):
         cancel = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
