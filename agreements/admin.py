@@ -226,8 +226,6 @@ class UsageEventAdmin(PrivateContentAdmin, MoneyRecordAdmin):
     # The path the buyer called and the seller's description of the charge are the buyer's (UsageEventInline).
     private_fields = secret_fields = ("path", "description")
     content_permission = "agreements.view_usage_request"
-    path_digest = content_digest_column("path")
-    description_digest = content_digest_column("description")
 
     short_id = short_id_column()
     cost_display = amount_column("cost", token_attr="agreement.token")
@@ -504,8 +502,6 @@ class SkillInvocationAdmin(PrivateContentAdmin, MoneyRecordAdmin):
     actions = [acknowledge_reverted_payment]
     private_fields = secret_fields = ("input", "result")
     content_permission = "agreements.view_invocation_content"
-    input_digest = content_digest_column("input")
-    result_digest = content_digest_column("result")
 
     def has_acknowledge_permission(self, request) -> bool:
         return may_operate(request, SkillInvocation)

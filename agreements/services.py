@@ -961,13 +961,14 @@ def agreement_payment_authorization_cancel_failed(*, agreement_id, reason: str, 
     if used_by:
         logger.error("a closed direct purchase's payment authorization was used", extra={
             "agreement_id": str(agreement_id), "tx_hash": used_by})
+        reason = f"the payment authorization was used by {used_by} after the purchase was {agreement.status}"
         if agreement.status in CLOSED_STATUSES and not agreement.payment_tx_hash:
-            agreement.payment_tx_hash = used_by
-            agreement.payment_authorization_watch_ended_at = timezone.now()
-            agreement.save(update_fields=["payment_tx_hash", "payment_authorization_watch_ended_at", "updated_at"])
+            _closed_direct_proposal_paid_record(agreement, used_by=used_by, reason=reason)
+            return
+    else:
+        reason = f"the payment authorization's cancellation reverted: {reason}"
     _record_event(agreement, actor=SYSTEM, from_status=agreement.status, data={"used_by": used_by},
-                  reason=(f"the payment authorization was used by {used_by} after the purchase was {agreement.status}"
-                          if used_by else f"the payment authorization's cancellation reverted: {reason}")[:500])
+                  reason=reason[:500])
 
 
 def agreement_payment_authorization_cancel_reopened(*, agreement_id) -> None:

@@ -37,7 +37,6 @@ from marketplace.admin import (
     agreement_link,
     amount_column,
     amount_html,
-    content_digest_column,
     may_operate,
     short_hex_html,
     short_id_column,
@@ -369,9 +368,6 @@ class MasumiPurchaseAdmin(PrivateContentAdmin, MoneyRecordAdmin):
     # The metadata is the buyer's free text, as private as its input.
     private_fields = secret_fields = ("input_data", "result", "metadata")
     content_permission = "escrow.view_purchase_content"
-    input_data_digest = content_digest_column("input_data")
-    result_digest = content_digest_column("result")
-    metadata_digest = content_digest_column("metadata")
 
     short_id = short_id_column()
 

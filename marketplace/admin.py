@@ -56,13 +56,20 @@ class SecretsUnfiltered:
 
 class PrivateContentAdmin(SecretsUnfiltered):
     """A model admin whose `private_fields` hold what buyers and sellers exchange (a call's input, its result): staff
-    with view permission see each one's size and keyed digest (`<field>_digest`, `content_digest_column`), which tell
+    with view permission see each one's size and keyed digest (`<field>_digest`: `content_digest_column`'s, unless a
+    subclass names its own), which tell
     whether two are the same and whether one is empty or huge; the content takes `content_permission`. No change
     list filters on them (`SecretsUnfiltered`): whether a row was listed told the content a term at a time. Lists the
     fields it shows in `fields`."""
 
     private_fields: tuple[str, ...] = ()
     content_permission = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in cls.private_fields:  # `<field>_digest` of a model field; a subclass names one of its own
+            if not hasattr(cls, f"{name}_digest"):
+                setattr(cls, f"{name}_digest", content_digest_column(name))
 
     def _private_masked(self, request, names) -> list[str]:
         if request.user.has_perm(self.content_permission):

@@ -315,14 +315,10 @@ class MarketplaceClient:
         if "id" in answer:
             with self._lock:
                 key = _proposal_key(answer["id"])
-                known = self._proposed.get(key)
-                if known is None:
-                    self._proposed[key] = asked
-                elif not known.same_proposal(asked):  # what the first proposal asked for stays remembered
+                known = _remembered(self._proposed, key, asked)  # what the first proposal asked for stays
+                if not known.same_proposal(asked):
                     raise SigningRefused("agreement.id", "a new agreement, or this proposal's", answer["id"],
                                          "this client proposed that agreement with other terms")
-                while len(self._proposed) > _PROPOSALS_REMEMBERED:
-                    self._proposed.popitem(last=False)
         return answer
 
     def accept_agreement(self, agreement_id: AgreementId) -> dict[str, Any]:
@@ -417,9 +413,7 @@ class MarketplaceClient:
             self._fee_permits.setdefault(wallet.address.lower(), []).append(signed)
             sent = _SignedPurchase(purchase, body, signed, wallet.address, authorization_nonce)
             if idempotency_key is not None:
-                self._direct_purchases[idempotency_key] = sent
-                while len(self._direct_purchases) > _PROPOSALS_REMEMBERED:
-                    self._direct_purchases.popitem(last=False)
+                _remembered(self._direct_purchases, idempotency_key, sent, replace=True)
         return self._send_direct_purchase(sent, idempotency_key or _new_key())
 
     def _send_direct_purchase(self, sent: _SignedPurchase, idempotency_key: str) -> dict[str, Any]:
@@ -430,10 +424,8 @@ class MarketplaceClient:
             with self._lock:
                 # The first purchase answered with this id keeps it: a later one answered with the same id (an
                 # idempotent replay, or a marketplace passing it off as another purchase) did not sign its payment.
-                self._payment_authorizations.setdefault(_proposal_key(answer["id"]),
-                                                        (sent.payer, sent.authorization_nonce))
-                while len(self._payment_authorizations) > _PROPOSALS_REMEMBERED:
-                    self._payment_authorizations.popitem(last=False)
+                _remembered(self._payment_authorizations, _proposal_key(answer["id"]),
+                            (sent.payer, sent.authorization_nonce))
         return answer
 
     def _check_fee_permit_nonce(self, owner: str, nonce: int) -> None:
@@ -570,9 +562,7 @@ class MarketplaceClient:
     def _remember_buyer(self, agreement_id: Any, buyer: str) -> None:
         """The wallet that signed the agreement's escrow: the buyer `verify_usage` reads the escrow of."""
         with self._lock:
-            self._activated[_proposal_key(agreement_id)] = buyer
-            while len(self._activated) > _PROPOSALS_REMEMBERED:
-                self._activated.popitem(last=False)
+            _remembered(self._activated, _proposal_key(agreement_id), buyer, replace=True)
 
     def escrow_status(self, agreement_id: AgreementId, *, verify: bool = False) -> dict[str, Any]:
         """Amounts, chain transactions and confirmations; `verify=True` adds the contract's own view."""
@@ -980,9 +970,7 @@ class MarketplaceClient:
             signed = _SignedSkillCall(call, header)
             if idempotency_key is not None:
                 with self._lock:  # a concurrent repeat that signed first: its payment is the one sent
-                    signed = self._skill_payments.setdefault(idempotency_key, signed)
-                    while len(self._skill_payments) > _PROPOSALS_REMEMBERED:
-                        self._skill_payments.popitem(last=False)
+                    signed = _remembered(self._skill_payments, idempotency_key, signed)
                 signed.check_repeat(call, idempotency_key)
         answer = _answered(self._send_skill_payment(path, body, signed.payment_header), where="skill answer")
         # A sync skill's answer holds its result; an async one's does not (read once ended), and the invocation a
@@ -1277,6 +1265,18 @@ def _check_masumi_timers(agreement: Mapping[str, Any], timers: Mapping[str, Any]
         raise SigningRefused("agreement.challenge_window_seconds",
                              f"from {shortest} to {CHALLENGE_WINDOW_MAX_SECONDS}"
                              f"{' (until unlockTime)' if 'unlockTime' in timers else ''}", window)
+
+
+def _remembered(store: OrderedDict[Any, T], key: Any, value: T, *, replace: bool = False) -> T:
+    """What `store` remembers under `key`: the value there first (`value` when none), or `value` with `replace`; the
+    oldest entries forgotten past _PROPOSALS_REMEMBERED. Call holding the client's lock."""
+    if replace:
+        store[key] = value
+    else:
+        value = store.setdefault(key, value)
+    while len(store) > _PROPOSALS_REMEMBERED:
+        store.popitem(last=False)
+    return value
 
 
 def _proposal_key(agreement_id: Any) -> str:
