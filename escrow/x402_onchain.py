@@ -526,10 +526,11 @@ def _direct_payment_refusal_charged(tx: ChainTransaction) -> bool:
     """A payment refused at the relayer's simulation after the fee was taken is the buyer's doing (it cancelled the
     authorization, moved its funds), unless the authorization ran out while the relayer was getting to it."""
     authorization = agreement_selectors.payment_authorization_of(agreement=_agreement(tx))
-    # The node's pending time uncapped (not `next_block_clock_for_refusal`): its estimate ran in that pending block,
-    # so one answering a time past validBefore refused the payment as expired by its own clock. In doubt the buyer is
-    # not charged: a misbehaving node costs the relayer one purchase's gas; a charge would refuse an honest buyer.
-    return chain_clock.chain_now(next_block=True) < authorization.valid_before
+    # The node's pending time as it answers it, bounded by nothing (not `next_block_clock_for_refusal`, nor
+    # `chain_clock`'s CHAIN_CLOCK_MAX_LEAD_SECONDS): its estimate ran in that pending block, so one answering a time
+    # past validBefore refused the payment as expired by its own clock. In doubt the buyer is not charged: a
+    # misbehaving node costs the relayer one purchase's gas; a charge would refuse an honest buyer.
+    return chain.next_block_timestamp() < authorization.valid_before
 
 
 def _direct_payment_outcome(tx: ChainTransaction) -> None:

@@ -243,14 +243,18 @@ def test_a_payment_whose_authorization_ran_out_before_the_relayer_sent_it_is_not
     assert not RelayRevert.objects.filter(transaction=payment).exists()
 
 
+@pytest.mark.parametrize("max_lead", [None, 30], ids=["clock_unbounded", "clock_bounded"])
 def test_a_payment_refused_while_the_node_answers_a_pending_block_past_its_authorization_is_not_charged_to_the_buyer(
-        purchase, settings, django_capture_on_commit_callbacks):
+        purchase, settings, django_capture_on_commit_callbacks, max_lead):
     """Whether a payment refused at the relayer's simulation is the buyer's revert reads the node's pending block's
     time uncapped (unlike a refusal of a caller's request, `chain_clock.next_block_clock_for_refusal`): the node's
     estimate runs in its pending block, so one whose pending time is past validBefore refuses the payment as expired
     by its own clock, the buyer's doing or not. In doubt the refusal is not counted against the buyer's relay budget:
-    a misbehaving node costs the relayer one purchase's gas, while a charge would refuse an honest buyer's purchases."""
+    a misbehaving node costs the relayer one purchase's gas, while a charge would refuse an honest buyer's purchases.
+    Nor bounded by CHAIN_CLOCK_MAX_LEAD_SECONDS (on off the dev chain), which would read that time as now + the lead."""
     from tests.support.rpc_relay import RpcRelay
+
+    settings.CHAIN_CLOCK_MAX_LEAD_SECONDS = max_lead
 
     capture = django_capture_on_commit_callbacks
     fund(purchase.chain, purchase.treasury, USDC)
