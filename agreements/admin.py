@@ -127,10 +127,11 @@ def acknowledge_reverted_direct_payment(modeladmin, request, queryset):
 
 
 @admin.register(UsageAgreement)
-class UsageAgreementAdmin(MoneyRecordAdmin):
+class UsageAgreementAdmin(PrivateContentAdmin, MoneyRecordAdmin):
     """Status and counters change only through agreements.services (each transition audited). A direct purchase
     whose payment a reorg took after it was counted paid (`payment_reverted_at`) an operator looked into is
-    acknowledged (action): it stays here, with who, when and why, and no longer fails `reconcile`."""
+    acknowledged (action): it stays here, with who, when and why, and no longer fails `reconcile`. The note is the
+    buyer's free text: a digest but to staff with `view_agreement_note`."""
 
     list_display = ("short_id", "status", "buyer", "seller", "service", "deposit_display", "used_display",
                     "created_at")
@@ -160,6 +161,9 @@ class UsageAgreementAdmin(MoneyRecordAdmin):
         ("Webhook deliveries", {"fields": ("webhook_deliveries",)}),
     ]
     readonly_fields = [name for _title, options in fieldsets for name in options["fields"]]
+
+    private_fields = secret_fields = ("note",)
+    content_permission = "agreements.view_agreement_note"
 
     def has_acknowledge_permission(self, request) -> bool:
         return may_operate(request, UsageAgreement)

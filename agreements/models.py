@@ -285,6 +285,7 @@ class UsageAgreement(PaymentReversal):
 
     class Meta:
         ordering = ["-created_at"]
+        permissions = [("view_agreement_note", "Can view agreements' note (the buyer's free text)")]
         constraints = [
             models.CheckConstraint(condition=Q(status__in=AgreementStatus.values), name="agreement_status_valid"),
             models.CheckConstraint(condition=Q(settlement_model__in=SettlementModel.values),

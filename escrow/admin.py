@@ -441,7 +441,7 @@ class DisputeStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(Dispute)
-class DisputeAdmin(MoneyRecordAdmin):
+class DisputeAdmin(PrivateContentAdmin, MoneyRecordAdmin):
     """Disputes, the open ones by default, soonest timeout first, each with a form that decides it: the same
     resolution as `POST /usage-agreements/{id}/resolve` (on-chain `resolve`, then `finalize`), recorded with the
     operator's name. A dispute nobody resolves by its on-chain timeout (UsageEscrow.DISPUTE_TIMEOUT after the
@@ -454,6 +454,8 @@ class DisputeAdmin(MoneyRecordAdmin):
     search_fields = ("id", "buyer__handle", "seller__handle", "service__name")
     list_select_related = ("buyer", "seller", "service")
     readonly_fields = [f.name for f in Dispute._meta.fields]
+    private_fields = secret_fields = UsageAgreementAdmin.private_fields  # the agreement's page's
+    content_permission = UsageAgreementAdmin.content_permission
 
     short_id = short_id_column()
     deposit_display = amount_column("deposit_amount", description="deposit")

@@ -60,7 +60,7 @@ class PrivateContentAdmin(SecretsUnfiltered):
     subclass names its own), which tell
     whether two are the same and whether one is empty or huge; the content takes `content_permission`. No change
     list filters on them (`SecretsUnfiltered`): whether a row was listed told the content a term at a time. Lists the
-    fields it shows in `fields`."""
+    fields it shows in `fields` or `fieldsets`."""
 
     private_fields: tuple[str, ...] = ()
     content_permission = ""
@@ -81,6 +81,10 @@ class PrivateContentAdmin(SecretsUnfiltered):
 
     def get_readonly_fields(self, request, obj=None):
         return self._private_masked(request, super().get_readonly_fields(request, obj))
+
+    def get_fieldsets(self, request, obj=None):
+        return [(title, {**options, "fields": self._private_masked(request, options["fields"])})
+                for title, options in super().get_fieldsets(request, obj)]
 
 
 def content_digest_column(field: str, *, value_of=None):

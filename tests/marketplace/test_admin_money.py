@@ -427,3 +427,29 @@ def test_staff_who_may_view_purchases_and_usage_see_no_buyers_metadata_nor_reque
         codename__in=["view_purchase_content", "view_usage_request"]))
     for page in pages[:3]:
         assert re.search("diagnosis|4711", staff.get(page).content.decode()), page
+
+
+def test_staff_who_may_view_agreements_and_disputes_see_no_note_the_buyer_wrote(settings, seller, buyer_api):
+    """An agreement's note (free text the buyer wrote with its proposal) was shown in full to any staff with view
+    permission, on the agreement's page and the dispute's, while every other text a party writes takes a content
+    permission. It is a digest but to staff with `view_agreement_note`; a filter on it is refused (400)."""
+    from tests.marketplace.test_admin_operator_writes import staff_client
+
+    agreement_id = propose(buyer_api, register_service(seller), quantity=1)["id"]
+    UsageAgreement.objects.filter(pk=agreement_id).update(note="for the patient 4711's diagnosis",
+                                                           status=AgreementStatus.DISPUTED)
+    staff = staff_client(settings, "view_usageagreement", "view_dispute")
+    pages = [f"/admin/agreements/usageagreement/{agreement_id}/change/", f"/admin/escrow/dispute/{agreement_id}/change/"]
+
+    for page in pages:
+        response = staff.get(page)
+        assert response.status_code == 200, page
+        content = response.content.decode()
+        assert "4711" not in content and "hmac-sha256" in content, page
+    for changelist in ("/admin/agreements/usageagreement/", "/admin/escrow/dispute/"):
+        assert staff.get(changelist, {"note__icontains": "4711"}).status_code == 400, changelist
+
+    get_user_model().objects.get(username="staff").user_permissions.add(
+        Permission.objects.get(codename="view_agreement_note"))
+    for page in pages:
+        assert "4711" in staff.get(page).content.decode(), page

@@ -205,3 +205,41 @@ def test_staff_who_may_only_view_a_service_see_its_upstreams_host_not_its_path(s
     get_user_model().objects.get(username="staff").user_permissions.add(
         Permission.objects.get(codename="change_service"))
     assert "tok_pathsecret" in staff.get(page).content.decode()
+
+
+def test_the_admin_history_written_before_webhook_paths_were_masked_shows_them_masked(settings, seller, seller_api):
+    """The admin's history entries keep the name of the row they are about (`object_repr`), as its `__str__` read
+    then: a subscription's or a delivery's entries written before its address was masked (a redelivery, a save) hold
+    its whole URL, its path a Slack-style webhook's credential, and the admin's "Recent actions" showed it to staff
+    who may no longer read it. Those entries are masked (migration), as new ones are written."""
+    import importlib
+
+    from django.apps import apps
+    from django.contrib.admin.models import CHANGE, LogEntry
+    from django.contrib.contenttypes.models import ContentType
+
+    from tests.marketplace.test_admin_operator_writes import staff_client
+
+    url = "https://user:pass@hooks.example.com/services/T0001/B0002/slacksecret?token=querysecret"
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    WebhookSubscription.objects.filter(pk=webhook["id"]).update(url=url)
+    delivery = WebhookDelivery.objects.create(subscription_id=webhook["id"], event_type="agreement.proposed",
+                                              payload={}, status="failed", next_attempt_at=timezone.now())
+    staff = staff_client(settings, "view_webhooksubscription", "view_webhookdelivery", "change_webhookdelivery")
+    account = get_user_model().objects.get(username="staff")
+    for row, written_then in ((delivery, f"agreement.proposed → {url} (failed)"),
+                              (WebhookSubscription.objects.get(pk=webhook["id"]), f"{seller.handle} → {url}")):
+        LogEntry.objects.create(user=account, content_type=ContentType.objects.get_for_model(row),
+                                object_id=str(row.pk), object_repr=written_then, action_flag=CHANGE,
+                                change_message="Redelivered")
+    # A delivery kept no longer: its history entry stays, naming the URL.
+    LogEntry.objects.create(user=account, content_type=ContentType.objects.get_for_model(WebhookDelivery),
+                            object_id="999999", object_repr=f"agreement.settled → {url} (delivered)",
+                            action_flag=CHANGE, change_message="Redelivered")
+
+    importlib.import_module("agreements.migrations.0032_admin_history_webhook_urls_masked").history_masked(apps, None)
+
+    content = staff.get("/admin/").content.decode()
+    assert "https://***@hooks.example.com/***" in content
+    assert "slacksecret" not in content and "querysecret" not in content and "T0001" not in content
+    assert not LogEntry.objects.filter(object_repr__contains="slacksecret").exists()
