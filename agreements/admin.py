@@ -118,7 +118,7 @@ def acknowledge_reverted_direct_payment(modeladmin, request, queryset):
         modeladmin, request, queryset, what="reverted direct payments", none_left="None of the selected agreements "
         "has a reverted payment not acknowledged yet.",
         acknowledge=lambda selected, **answer: services.reverted_payments_acknowledge(
-            payments=selected, operator_account=request.user, **answer),
+            payments=selected, **answer),
         findings=reverted,
         columns=["Agreement", "Service", "Amount", "Reverted", "Reason"],
         row=lambda agreement: [str(agreement.pk), f"{agreement.service.name} of {agreement.seller.handle}",
@@ -449,7 +449,7 @@ def acknowledge_reverted_payment(modeladmin, request, queryset):
         modeladmin, request, queryset, what="reverted payments", none_left="None of the selected invocations has a "
         "reverted payment not acknowledged yet.",
         acknowledge=lambda selected, **answer: services.reverted_payments_acknowledge(
-            payments=selected, operator_account=request.user, **answer),
+            payments=selected, **answer),
         findings=reverted,
         columns=["Invocation", "Skill", "Money", "Payment transaction", "Reverted", "Reason"],
         row=lambda invocation: [invocation.public_id, f"{invocation.skill.name} of {invocation.seller.handle}",

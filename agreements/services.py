@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.core import checks
 from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef, Q
@@ -827,35 +828,35 @@ def agreement_direct_payment_reopened(*, agreement_id, what: str, tx_hash: str) 
         changes={"payment_tx_hash": "", "seller_payout": None, "used": 0, "settled_at": None})
 
 
-def operator_owns_no_party_require(*, operator_account, agreement_ids=(), invocation_ids=()) -> None:
-    """403 `operator_owns_a_party` when the operator acting (the admin's user, reconcile's `--operator`; None: no
-    operator) owns the buyer or the seller of one of these agreements or skill invocations: writing off their money or
-    sending it again is then another operator's decision."""
-    if operator_account is None:
+def operator_owns_no_party_require(*, operator: AbstractBaseUser | None, agreement_ids=(), invocation_ids=()) -> None:
+    """403 `operator_owns_a_party` when the operator acting (the admin's user, reconcile's `--operator`; None: the
+    platform itself) owns the buyer or the seller of one of these agreements or skill invocations: deciding a dispute
+    of theirs, writing off their money or sending it again is then another operator's decision."""
+    if operator is None:
         return
-    owned = Q(buyer__owner=operator_account) | Q(seller__owner=operator_account)
+    owned = Q(buyer__owner=operator) | Q(seller__owner=operator)
     if (UsageAgreement.objects.filter(owned, pk__in=agreement_ids).exists()
             or SkillInvocation.objects.filter(owned, pk__in=invocation_ids).exists()):
         raise Forbidden("You own the buyer or the seller of what this decides: another operator does it.",
                         code="operator_owns_a_party")
 
 
-def reverted_payments_acknowledge(*, payments, operator: str, reason: str, operator_account=None) -> int:
+def reverted_payments_acknowledge(*, payments, operator: AbstractBaseUser, reason: str) -> int:
     """Operator action: reverted payments (`payments`: a queryset of agreements' direct purchases or of skill
     invocations) someone looked into (the loss accepted, the seller paid another way, or the money recovered from
     the buyer) are kept and stay visible, but no longer fail `reconcile` or the dashboard. Records who, when and why;
-    returns how many were acknowledged now (others, or those acknowledged already, are left). `operator_account`
-    (the admin's user): 403 `operator_owns_a_party`, nothing acknowledged, when it owns the buyer or the seller of
+    returns how many were acknowledged now (others, or those acknowledged already, are left). `operator` (the
+    admin's user, reconcile's `--operator`): 403 `operator_owns_a_party`, nothing acknowledged, when it owns the buyer or the seller of
     one of them: acknowledging writes off what the buyer never paid and the seller was counted, another operator's
     decision."""
     reason = reason.strip()
     if not reason:
         raise InvalidInput("Say why the reverted payment is acknowledged.", code="reason_required")
     reverted = selectors.payments_reverted(of=payments.model).filter(pk__in=payments.values("pk"))
-    operator_owns_no_party_require(operator_account=operator_account, **{
+    operator_owns_no_party_require(operator=operator, **{
         "agreement_ids" if payments.model is UsageAgreement else "invocation_ids": reverted.values("pk")})
     return reverted.update(
-        payment_reversal_acknowledged_at=timezone.now(), payment_reversal_acknowledged_by=operator[:150],
+        payment_reversal_acknowledged_at=timezone.now(), payment_reversal_acknowledged_by=operator.get_username()[:150],
         payment_reversal_acknowledgement_reason=reason[:500])
 
 

@@ -84,7 +84,7 @@ def retry_failed(modeladmin, request, queryset):
     retried = 0
     for tx in queryset.filter(status=TxStatus.FAILED):
         try:
-            relayer.transaction_retry(tx=tx, operator=request.user.get_username(), operator_account=request.user)
+            relayer.transaction_retry(tx=tx, operator=request.user)
         except ApplicationError as exc:
             messages.warning(request, f"{tx.pk}: {exc.message} ({exc.code})")
             continue
@@ -102,7 +102,7 @@ def acknowledge_outrun_fills(modeladmin, request, queryset):
         none_left="None of the selected transactions is a nonce fill outrun by the old bytes it cancels and "
                   "unacknowledged.",
         acknowledge=lambda selected, **answer: services.nonce_fills_acknowledge(
-            fills=selected, operator_account=request.user, **answer),
+            fills=selected, **answer),
         findings=outrun,
         columns=["Fill", "Nonce", "Cancelled transaction", "Mined transaction", "Block"],
         row=lambda fill: [fill.pk, fill.nonce, fill.context.get(relayer.CANCELS), fill.mined_tx_hash,
@@ -288,7 +288,7 @@ def acknowledge_failed(modeladmin, request, queryset):
         modeladmin, request, queryset, what="failed events",
         none_left="None of the selected events is failed and unacknowledged.",
         acknowledge=lambda selected, **answer: indexer.events_acknowledge(
-            events=selected, operator_account=request.user, **answer), findings=failed,
+            events=selected, **answer), findings=failed,
         columns=["Event", "Block", "Transaction", "Agreement", "Error"],
         row=lambda event: [event.name, event.block_number, event.tx_hash, event.agreement_id or "-", event.error])
 

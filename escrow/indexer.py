@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import InterfaceError, OperationalError, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -398,16 +399,16 @@ _HANDLERS = {
 }
 
 
-def events_acknowledge(*, events, operator: str, reason: str, operator_account=None) -> int:
+def events_acknowledge(*, events, operator: AbstractBaseUser, reason: str) -> int:
     """Operator action: failed events someone looked into and accepted (say, the buyer's own escrow on
     other terms under an agreement's id) are kept and stay visible, but no longer fail `reconcile` or the dashboard. Records who, when
     and why; returns how many were acknowledged now (events not failed, or acknowledged already, are left).
-    `operator_account` (the admin's user, reconcile's `--operator`): 403 `operator_owns_a_party`, nothing
+    `operator` (the admin's user, reconcile's `--operator`): 403 `operator_owns_a_party`, nothing
     acknowledged, when it owns a party of a failed event's agreement."""
     failed = ChainEvent.objects.filter(pk__in=events.values("pk"), effect=EventEffect.FAILED)
     agreement_services.operator_owns_no_party_require(
-        operator_account=operator_account, agreement_ids=failed.exclude(agreement=None).values("agreement_id"))
-    return services.findings_acknowledge(findings=failed, operator=operator, reason=reason)
+        operator=operator, agreement_ids=failed.exclude(agreement=None).values("agreement_id"))
+    return services.findings_acknowledge(findings=failed, operator=operator.get_username(), reason=reason)
 
 
 # --- reorgs ------------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
@@ -1263,18 +1264,17 @@ def transactions_parties(transactions) -> dict[str, set[str]]:
             "invocation_ids": {tx.context["invocation_id"] for tx in transactions if "invocation_id" in tx.context}}
 
 
-def transaction_retry(*, tx: ChainTransaction, operator: str, operator_account=None) -> ChainTransaction:
+def transaction_retry(*, tx: ChainTransaction, operator: AbstractBaseUser) -> ChainTransaction:
     """Operator action: a failed transaction is queued again as a new row (the failed one stays for history),
     whose context names the one it retries (`OPERATOR_RETRY_OF`) and the operator who asked (`OPERATOR_RETRY_BY`). Not one the domain withdrew (`WITHDRAWN`) or no
     longer wants run (`rerun_wanted`: an activation whose agreement was closed since), nor one its domain refuses to
-    send again now (`on_retry`: an activation the buyer's owner policy refuses now). `operator_account` (the admin's
-    user): 403 `operator_owns_a_party` when it owns a party of the money the transaction moves (it pays their seller
+    send again now (`on_retry`: an activation the buyer's owner policy refuses now). `operator` (the admin's user):
+    403 `operator_owns_a_party` when it owns a party of the money the transaction moves (it pays their seller
     again)."""
     with transaction.atomic():
         # Once: a plain token transfer (a payout, a refund) retried twice would pay twice.
         tx = ChainTransaction.objects.select_for_update().get(pk=tx.pk)
-        agreement_services.operator_owns_no_party_require(operator_account=operator_account,
-                                                          **transactions_parties([tx]))
+        agreement_services.operator_owns_no_party_require(operator=operator, **transactions_parties([tx]))
         if WITHDRAWN in tx.context:
             raise Conflict(f"This transaction was withdrawn: {tx.context[WITHDRAWN]}",
                            code="withdrawn", details={"transaction_id": str(tx.pk)})
@@ -1290,5 +1290,5 @@ def transaction_retry(*, tx: ChainTransaction, operator: str, operator_account=N
             _retry_handlers[tx.purpose](tx)
         return transaction_enqueue(purpose=tx.purpose, to=tx.to_address, data=tx.data,
                                    agreement_id=tx.agreement_id, context={**tx.context, OPERATOR_RETRY_OF: str(tx.pk),
-                                                                          OPERATOR_RETRY_BY: operator},
+                                                                          OPERATOR_RETRY_BY: operator.get_username()},
                                    confirmations=tx.confirmations_required)

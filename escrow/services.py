@@ -11,6 +11,7 @@ Also operators' acknowledgements of what `reconcile` reports on escrow's rows (`
 from collections.abc import Callable
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -336,17 +337,15 @@ def findings_acknowledge(*, findings: QuerySet[ChainEvent] | QuerySet[ChainTrans
         acknowledged_at=timezone.now(), acknowledged_by=operator[:150], acknowledgement_reason=reason[:500])
 
 
-def nonce_fills_acknowledge(*, fills: QuerySet[ChainTransaction], operator: str, reason: str,
-                            operator_account=None) -> int:
+def nonce_fills_acknowledge(*, fills: QuerySet[ChainTransaction], operator: AbstractBaseUser, reason: str) -> int:
     """Operator action: nonce fills the old bytes of the transaction they cancel were mined in place of
     (`selectors.nonce_fills_outrun`; other rows of `fills` are left), once someone checked that what those bytes did
-    is not done twice (a payout and its retry) or dealt with it. `operator_account` (the admin's user, reconcile's
+    is not done twice (a payout and its retry) or dealt with it. `operator` (the admin's user, reconcile's
     `--operator`): 403 `operator_owns_a_party`, nothing acknowledged, when it owns a party of the cancelled
     transaction's money (its seller may have been paid twice)."""
     outrun = selectors.nonce_fills_outrun().filter(pk__in=fills.values("pk"))
-    agreement_services.operator_owns_no_party_require(operator_account=operator_account,
-                                                      **relayer.transactions_parties(outrun))
-    return findings_acknowledge(findings=outrun, operator=operator, reason=reason)
+    agreement_services.operator_owns_no_party_require(operator=operator, **relayer.transactions_parties(outrun))
+    return findings_acknowledge(findings=outrun, operator=operator.get_username(), reason=reason)
 
 
 def handlers_register() -> None:

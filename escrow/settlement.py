@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 from web3 import Web3
@@ -348,10 +349,11 @@ DISPUTE_TIMED_OUT = "dispute_timed_out"
 
 
 @logs_name_the_agreement
-def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operator) -> ChainTransaction:
+def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int,
+                       operator: AbstractBaseUser | None) -> ChainTransaction:
     """The arbiter's decision of a dispute (`operator`: the staff user deciding, None for the platform's own
-    refunds): not by an operator who owns the buyer or the seller (403 `operator_is_party`), who would decide their
-    own dispute; another operator does. Not once the dispute timed out (409 `dispute_timed_out`): the contract's
+    refunds): not by an operator who owns the buyer or the seller (403 `operator_owns_a_party`,
+    `agreement_services.operator_owns_no_party_require`), who would decide their own dispute; another operator does. Not once the dispute timed out (409 `dispute_timed_out`): the contract's
     `resolve` reverts from then on, and the escrow is the buyer's (`_finalize_timed_out_dispute`). Not more to the
     seller than the proposal the buyer disputed (400 `amount_exceeds_proposal`): what its signed receipts add up to
     is all the seller claimed, and the dispute asks whether that is too much (the contract bounds it by the deposit
@@ -374,9 +376,7 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int, operato
                            code="amount_exceeds_proposal", details={"proposed_atomic": int(proposed)})
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
-        if operator is not None and operator.pk in Agent.objects.filter(
-                pk__in=[agreement.buyer_id, agreement.seller_id]).values_list("owner_id", flat=True):
-            raise Forbidden("You own a party to this dispute: another operator decides it.", code="operator_is_party")
+        agreement_services.operator_owns_no_party_require(operator=operator, agreement_ids=[agreement.pk])
         if not can_resolve(agreement):
             raise Conflict(f"Only a disputed agreement is resolved; this one is {agreement.status}.",
                            code="invalid_transition", details={"status": agreement.status})

@@ -145,7 +145,7 @@ def acknowledgement_page(modeladmin, request, queryset, *, acknowledge, what: st
     select_across = request.POST.get("select_across") == "1"
     form = AcknowledgeForm(request.POST if request.POST.get("confirm") else None)
     if form.is_valid():
-        answer = {"operator": request.user.get_username(), "reason": form.cleaned_data["reason"]}
+        answer = {"operator": request.user, "reason": form.cleaned_data["reason"]}
         try:
             count = _acknowledge_shown(acknowledge, queryset, findings, row, request.POST.get("shown", ""), answer)
         except ApplicationError as exc:

@@ -7,6 +7,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.db import connections
 from django.utils import timezone
 from x402.http import decode_payment_signature_header
@@ -24,6 +25,7 @@ from tests.chain_fixtures import TOKEN_NAMES
 from policies.models import ApprovalRequest
 from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token
 from tests.conftest import Api, error_code
+from tests.support.operators import staff_account
 from tests.escrow.flow import (USDC, Parties, confirm_all, fund, mined_what_was_sent, network_of, poll_mined,
                                usdc_balance)
 
@@ -217,7 +219,7 @@ def test_an_operators_retry_of_a_payment_the_buyer_cancelled_is_not_charged_to_t
     failed = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_payment")
     assert RelayRevert.objects.filter(transaction=failed).exists()
     with capture(execute=True):
-        retry = relayer.transaction_retry(tx=failed, operator="ops@example.com")
+        retry = relayer.transaction_retry(tx=failed, operator=get_user_model().objects.get(username=staff_account()))
     confirm_all(capture)
     retry.refresh_from_db()
     assert retry.status == "failed" and retry.nonce is None

@@ -8,6 +8,7 @@ import logging
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.urls import reverse
@@ -204,7 +205,7 @@ def test_a_payout_a_reorg_took_that_cannot_run_again_leaves_the_invocation_payin
     mined(chain, chain.usdc.functions.transfer(market.treasury, spent).transact(  # not from the relayer wallet
         {"from": chain.accounts.stranger.address}))
     with capture(execute=True):
-        retry = relayer.transaction_retry(tx=settlement, operator="operator")
+        retry = relayer.transaction_retry(tx=settlement, operator=get_user_model().objects.get(username=staff_account()))
     confirm_all(capture)
     retry.refresh_from_db()
     invocation = invocation_of(market, invocation_id)
@@ -351,7 +352,7 @@ def test_a_payout_not_yet_sent_when_its_payment_is_found_reverted_is_withdrawn_a
     assert invocation["payment"]["settlement_tx_hash"] == ""
     assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).money == "payment_failed"
     with pytest.raises(Conflict) as refused:
-        relayer.transaction_retry(tx=settlement, operator="operator")
+        relayer.transaction_retry(tx=settlement, operator=get_user_model().objects.get(username=staff_account()))
     assert refused.value.code == "withdrawn"
     with pytest.raises(CommandError, match="1 mismatch"):
         call_command("reconcile", stdout=io.StringIO())
@@ -431,7 +432,7 @@ def test_a_payout_signed_when_its_payment_is_found_reverted_is_cancelled_by_a_no
     assert (invocation["payment"]["status"], invocation["payment"]["settlement_tx_hash"]) == ("payment_reverted", "")
     assert SkillInvocation.objects.get(pk=invocation_id.removeprefix("inv_")).money == "payment_failed"
     with pytest.raises(Conflict) as refused:
-        relayer.transaction_retry(tx=settlement, operator="operator")
+        relayer.transaction_retry(tx=settlement, operator=get_user_model().objects.get(username=staff_account()))
     assert (refused.value.code, refused.value.status_code) == ("withdrawn", 409)
     out = io.StringIO()
     with pytest.raises(CommandError, match="1 mismatch"):

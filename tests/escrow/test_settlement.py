@@ -1058,7 +1058,7 @@ def test_an_operator_who_owns_a_party_cannot_resolve_its_dispute(funded, escrow_
         party.owner.user_permissions.add(*Permission.objects.filter(codename="change_dispute"))
         refused = Api(issue_owner_token(party.owner)).post(f"/usage-agreements/{funded.agreement_id}/resolve",
                                                            {"seller_amount_atomic": 0})
-        assert refused.status_code == 403 and error_code(refused) == "operator_is_party", refused.content
+        assert refused.status_code == 403 and error_code(refused) == "operator_owns_a_party", refused.content
     assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RESOLVE).exists()
 
     with django_capture_on_commit_callbacks(execute=True):

@@ -144,23 +144,21 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         acknowledging = [option for option in _ACKNOWLEDGE_PERMISSION if options[option]]
         account = _operator(options["operator"], acknowledging) if acknowledging else None
-        acknowledged_by = {"operator": account.get_username() if account else "", "reason": options["reason"]}
+        acknowledged_by = {"operator": account, "reason": options["reason"]}
         if options["acknowledge"]:
             self._acknowledge_with(indexer.events_acknowledge, "unapplied event(s)", acknowledged_by,
-                                   operator_account=account,
                                    events=ChainEvent.objects.filter(pk__in=options["acknowledge"]))
         if options["acknowledge_invocation"]:
             self._acknowledge_with(agreement_services.reverted_payments_acknowledge,
-                                   "reverted invocation payment(s)", acknowledged_by, operator_account=account,
+                                   "reverted invocation payment(s)", acknowledged_by,
                                    payments=SkillInvocation.objects.filter(
                                        pk__in=_invocation_pks(options["acknowledge_invocation"])))
         if options["acknowledge_agreement"]:
             self._acknowledge_with(agreement_services.reverted_payments_acknowledge, "reverted direct payment(s)",
-                                   acknowledged_by, operator_account=account, payments=UsageAgreement.objects.filter(
+                                   acknowledged_by, payments=UsageAgreement.objects.filter(
                                        pk__in=_uuids(options["acknowledge_agreement"], "an agreement")))
         if options["acknowledge_nonce_fill"]:
             self._acknowledge_with(services.nonce_fills_acknowledge, "nonce fill(s)", acknowledged_by,
-                                   operator_account=account,
                                    fills=ChainTransaction.objects.filter(
                                        pk__in=_uuids(options["acknowledge_nonce_fill"], "a transaction")))
         agreements = UsageAgreement.objects.filter(status__in=FUNDED_STATUSES, settlement_model=SettlementModel.ESCROW)
