@@ -243,3 +243,18 @@ def test_the_admin_history_written_before_webhook_paths_were_masked_shows_them_m
     assert "https://***@hooks.example.com/***" in content
     assert "slacksecret" not in content and "querysecret" not in content and "T0001" not in content
     assert not LogEntry.objects.filter(object_repr__contains="slacksecret").exists()
+
+
+def test_an_operators_save_of_a_webhook_writes_its_admin_history_with_the_path_masked(operator, seller, seller_api):
+    """New history entries name the subscription as its `__str__` does: its host and `/***`, never the path."""
+    from django.contrib.admin.models import LogEntry
+
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
+    form = {"event_types": "[]", "deliveries-TOTAL_FORMS": 0, "deliveries-INITIAL_FORMS": 0, "agent": seller.pk,
+            "is_active": "on", "url": "https://hooks.example.com/services/T0001/B0002/slacksecret"}
+
+    assert operator.post(page, form).status_code == 302
+    [entry] = LogEntry.objects.filter(object_id=webhook["id"])
+    assert entry.object_repr == f"{seller.handle} → https://hooks.example.com/***"
+    assert "slacksecret" not in entry.change_message
