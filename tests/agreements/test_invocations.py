@@ -877,6 +877,42 @@ def test_an_invocation_counts_against_a_later_proposals_cap(market, owner_api, b
     assert not UsageAgreement.objects.exists()
 
 
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_invocation_and_a_proposal_at_once_cannot_both_slip_under_the_daily_cap(market, owner_api, buyer_agent,
+                                                                                  agent_api):
+    """Each alone fits the cap, together they pass it. Sent at once, one connection per thread on PostgreSQL: both
+    take the buyer's row lock before reading what it committed, so one is refused."""
+    _policy(owner_api, buyer_agent, daily_cap_atomic=300_000 + PRICE - 1)  # a proposal of 10 calls, or one call
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    barrier = threading.Barrier(2)
+    answers: dict = {}
+
+    def send(name: str, call) -> None:
+        try:
+            barrier.wait()
+            answers[name] = call()
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=send, args=("invocation", lambda: market.call(
+                   "translate", payment, api=Api(agent_api.secret)))),
+               threading.Thread(target=send, args=("proposal", lambda: Api(agent_api.secret).post(
+                   "/usage-agreements", proposal(market.service))))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    statuses = {name: answer.status_code for name, answer in answers.items()}
+    assert statuses in ({"invocation": 200, "proposal": 403}, {"invocation": 403, "proposal": 201}), [
+        answer.content for answer in answers.values()]
+    refused = next(answer for answer in answers.values() if answer.status_code == 403)
+    assert refused.json()["error"]["details"]["rule"] == "daily_cap"
+    assert SkillInvocation.objects.count() + UsageAgreement.objects.count() == 1
+
+
 def test_an_invocation_the_owner_must_approve_is_403_approval_required_and_moves_nothing(
         market, owner_api, buyer_agent, agent_api):
     _policy(owner_api, buyer_agent, approval_threshold_atomic=PRICE - 1)

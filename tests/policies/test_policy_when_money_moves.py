@@ -1,9 +1,11 @@
 """The owner's policy holds again when the platform moves the buyer's money (escrow activation, a Masumi purchase's
 lock-funds, a direct purchase's payment at accept), not only when the agreement is proposed."""
 
+import threading
 from datetime import timedelta
 
 import pytest
+from django.db import connections
 from django.utils import timezone
 
 from agreements.models import AgreementEvent, UsageAgreement
@@ -425,3 +427,40 @@ def test_a_failed_direct_purchases_fee_counts_against_the_caps_until_it_is_refun
     confirm_all(capture)  # the refund mined: the fee is back, and counts no more
     assert parties.agreement(agreement["id"])["buyer_refund_atomic"] == FEE
     assert parties.buyer_api.post("/usage-agreements", escrow).status_code == 201
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_escrow_activation_and_a_new_proposal_at_once_cannot_both_slip_under_the_daily_cap(parties):
+    """Each alone fits the cap (the agreement activated was proposed two days ago, out of the window); together
+    they are twice it. Sent at once, one connection per thread on PostgreSQL: the buyer's row lock, which both take
+    before reading what it committed, lets one through."""
+    set_policy(parties, {"daily_cap_atomic": ONE_PROPOSAL})
+    old = proposed_days_ago(parties, 2)
+    activation = parties.signed_activation(old["id"])
+    barrier = threading.Barrier(2)
+    answers: dict = {}
+
+    def send(name: str, call) -> None:
+        try:
+            barrier.wait()
+            answers[name] = call()
+        finally:
+            connections.close_all()
+
+    threads = [
+        threading.Thread(target=send, args=("activation", lambda: Api(parties.buyer_api.secret).post(
+            f"/usage-agreements/{old['id']}/activate-escrow", activation))),
+        threading.Thread(target=send, args=("proposal", lambda: Api(parties.buyer_api.secret).post(
+            "/usage-agreements", proposal(parties.service)))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    statuses = {name: answer.status_code for name, answer in answers.items()}
+    assert statuses in ({"activation": 202, "proposal": 403}, {"activation": 403, "proposal": 201}), [
+        answer.content for answer in answers.values()]
+    refused = next(answer for answer in answers.values() if answer.status_code == 403)
+    assert refused.json()["error"]["details"]["rule"] == "daily_cap"
