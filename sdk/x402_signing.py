@@ -12,6 +12,7 @@ eth-account key that never leaves the process. Two uses:
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -19,6 +20,8 @@ from typing import Any
 
 from eth_account import Account
 from eth_account.messages import encode_defunct
+from eth_keys.exceptions import BadSignature
+from eth_utils.exceptions import ValidationError as EthValidationError
 from x402 import PaymentPayload, PaymentRequirements, x402ClientSync
 from x402.http import decode_payment_required_header, encode_payment_signature_header, safe_base64_decode
 from x402.mechanisms.evm.exact import ExactEvmScheme
@@ -36,6 +39,7 @@ __all__ = ["RETRY_PROOF_HEADER", "build_direct_stablecoin_agreement", "new_autho
 # An anonymous payer's retry of a skill call whose answer it lost sends the same payment header and this one: the
 # payer's signature of `retry_proof_message`. The payment itself proves nothing (its transaction shows it whole).
 RETRY_PROOF_HEADER = "X-Payment-Retry-Proof"
+_RECOVERABLE_SIGNATURE = re.compile(r"0x[0-9a-fA-F]{130}")
 
 
 def _check_requirements(requirements: PaymentRequirements, field: str, network: NetworkConfig,
@@ -123,11 +127,13 @@ def sign_retry_proof(payment_header: str, private_key: str | bytes) -> str:
 
 def retry_proof_signer(proof: str, *, payer: str, nonce: str) -> str | None:
     """The address that signed the retry `proof` for the authorization `nonce` of `payer`; None when it is no
-    signature."""
+    signature (not 65 bytes of hex, or no key recovers from it: eth-keys raises BadSignature, not ValueError)."""
+    if not _RECOVERABLE_SIGNATURE.fullmatch(proof):
+        return None
     try:
         return str(Account.recover_message(encode_defunct(text=retry_proof_message(payer=payer, nonce=nonce)),
-                                           signature=bytes.fromhex(proof.removeprefix("0x"))))
-    except (ValueError, TypeError):
+                                           signature=bytes.fromhex(proof[2:])))
+    except (BadSignature, EthValidationError, ValueError):
         return None
 
 

@@ -81,3 +81,25 @@ def test_the_payers_own_retry_of_the_same_call_still_learns_its_invocation(
 
     assert (retry.status_code, retry.json()["error"]) == (402, "authorization_already_used")
     assert retry.json()["details"]["invocation_id"] == first.json()["invocation_id"]
+
+
+@pytest.mark.parametrize("proof", [
+    "0x" + "00" * 65,  # r = s = 0: no public key recovers from it
+    "0x" + "ff" * 65,  # r and s past the curve's order
+    "0x" + "ab" * 20_000,  # a huge proof
+    "0x١٢",  # not hex
+], ids=["zero", "past_the_curve_order", "huge", "unicode_digits"])
+def test_a_hostile_retry_proof_is_no_retry_and_no_500(market, proof, django_capture_on_commit_callbacks):
+    """A replay of the payment (its transaction shows it) with a retry proof no key made: eth-keys raised
+    BadSignature out of the recovery, a 500."""
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert market.call("translate", payment, header="X-PAYMENT").status_code == 200
+
+    replay = market.caller.post("/agents/sol/translate", {"input": {"text": "hello"}},
+                                headers={"X-PAYMENT": payment, RETRY_PROOF_HEADER: proof})
+
+    assert (replay.status_code, replay.json()["error"]) == (402, "authorization_already_used"), replay.content
+    assert "invocation_id" not in replay.json()["details"]
+    assert len(market.upstream.requests) == 1
