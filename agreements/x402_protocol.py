@@ -288,15 +288,16 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, min_val
         evm_payload = ExactEIP3009Payload.from_dict(payload.payload)
         authorization = evm_payload.authorization
         nonce = hex_to_bytes(authorization.nonce)
+        signature = hex_to_bytes(evm_payload.signature or "")
         values = Authorization(
             payer=authorization.from_address, pay_to=authorization.to, amount=int(authorization.value),
             valid_after=int(authorization.valid_after), valid_before=int(authorization.valid_before),
-            # One spelling per bytes32 (0x, lowercase, no spaces): the nonce keys the replay check, and the chain
-            # reads "ab..", "0xAB.." and "0xab .." alike.
-            nonce="0x" + nonce.hex(), signature=evm_payload.signature or "",
+            # One spelling per byte string (0x, lowercase, no spaces): the nonce keys the replay check, the
+            # signature is recorded (a spelling padded with spaces outgrew its column) and compared by a retry;
+            # the chain reads "ab..", "0xAB.." and "0xab .." alike.
+            nonce="0x" + nonce.hex(), signature="0x" + signature.hex() if signature else "",
         )
         nonce_length = len(nonce)
-        hex_to_bytes(values.signature)
     except (AttributeError, TypeError, ValueError) as exc:
         raise InvalidPayment("malformed_payment", "The authorization's fields are not valid numbers/hex.") from exc
     if not (is_address(values.payer) and is_address(values.pay_to)):

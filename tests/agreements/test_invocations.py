@@ -642,6 +642,23 @@ def _encoded(value) -> str:
     return base64.b64encode(json.dumps(value).encode()).decode()
 
 
+def test_a_signature_spelled_with_whitespace_is_recorded_as_its_65_bytes(market, django_capture_on_commit_callbacks):
+    """bytes.fromhex reads "0xab cd.." as the same signature: it verified, and its spelling, 2 KB of spaces, was
+    written into the record's 2000-character column: a 500 (DataError) after the checks and the simulation."""
+    market.upstream.responses.append((200, {"translation": "bonjour"}))
+    payment = market.pay("translate")
+    signature = decode_payment_signature_header(payment).payload["signature"]
+    pairs = [signature[i:i + 2] for i in range(2, len(signature), 2)]
+    spaced = _with_payload(payment, lambda p: p["payload"].update(signature="0x" + (" " * 32).join(pairs)))
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = market.call("translate", spaced)
+
+    assert response.status_code == 200, response.content
+    assert SkillInvocation.objects.get().authorization.signature == signature.lower()
+    assert len(market.upstream.requests) == 1
+
+
 @pytest.mark.parametrize("payment", [
     "0x" + "ab" * 64,  # not a signature
     _encoded([1, 2]),
