@@ -39,7 +39,7 @@ __all__ = ["RETRY_PROOF_HEADER", "build_direct_stablecoin_agreement", "new_autho
 # An anonymous payer's retry of a skill call whose answer it lost sends the same payment header and this one: the
 # payer's signature of `retry_proof_message`. The payment itself proves nothing (its transaction shows it whole).
 RETRY_PROOF_HEADER = "X-Payment-Retry-Proof"
-_RECOVERABLE_SIGNATURE = re.compile(r"0x[0-9a-fA-F]{130}")
+_RECOVERABLE_SIGNATURE = re.compile(r"(0x)?[0-9a-fA-F]{130}")
 
 
 def _check_requirements(requirements: PaymentRequirements, field: str, network: NetworkConfig,
@@ -127,12 +127,13 @@ def sign_retry_proof(payment_header: str, private_key: str | bytes) -> str:
 
 def retry_proof_signer(proof: str, *, payer: str, nonce: str) -> str | None:
     """The address that signed the retry `proof` for the authorization `nonce` of `payer`; None when it is no
-    signature (not 65 bytes of hex, or no key recovers from it: eth-keys raises BadSignature, not ValueError)."""
+    signature: not 65 bytes of hex (0x or not), or none a key recovers from (eth-keys raises BadSignature, not
+    ValueError)."""
     if not _RECOVERABLE_SIGNATURE.fullmatch(proof):
         return None
     try:
         return str(Account.recover_message(encode_defunct(text=retry_proof_message(payer=payer, nonce=nonce)),
-                                           signature=bytes.fromhex(proof[2:])))
+                                           signature=bytes.fromhex(proof.removeprefix("0x"))))
     except (BadSignature, EthValidationError, ValueError):
         return None
 

@@ -66,18 +66,21 @@ def test_a_payment_rebuilt_from_the_chain_does_not_name_the_invocation_it_bought
     assert len(market.upstream.requests) == 1
 
 
-@pytest.mark.parametrize("network", ["the_payers", "another"])
+@pytest.mark.parametrize("network, proof_spelling", [("the_payers", "0x"), ("another", "0x"),
+                                                    ("the_payers", "bare_hex")])
 def test_the_payers_own_retry_of_the_same_call_still_learns_its_invocation(
-        market, network, django_capture_on_commit_callbacks):
-    """An anonymous payer proves the retry its own with its wallet's signature (the SDK's `sign_retry_proof`),
-    from whichever network its retry comes."""
+        market, network, proof_spelling, django_capture_on_commit_callbacks):
+    """An anonymous payer proves the retry its own with its wallet's signature (the SDK's `sign_retry_proof`, or
+    its hex without 0x), from whichever network its retry comes."""
     market.upstream.responses.append((200, {"translation": "bonjour"}))
     payment = market.pay("translate")
     with django_capture_on_commit_callbacks(execute=True):
         first = market.call("translate", payment, header="X-PAYMENT")
 
-    api = _from_client("198.51.100.7") if network == "another" else None
-    retry = market.call("translate", payment, header="X-PAYMENT", api=api, retry_proof_key=market.buyer.key)
+    api = _from_client("198.51.100.7") if network == "another" else Api()
+    proof = sign_retry_proof(payment, market.buyer.key)
+    retry = api.post("/agents/sol/translate", {"input": {"text": "hello"}}, headers={
+        "X-PAYMENT": payment, RETRY_PROOF_HEADER: proof if proof_spelling == "0x" else proof.removeprefix("0x")})
 
     assert (retry.status_code, retry.json()["error"]) == (402, "authorization_already_used")
     assert retry.json()["details"]["invocation_id"] == first.json()["invocation_id"]
