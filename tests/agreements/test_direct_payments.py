@@ -345,6 +345,21 @@ def test_a_payment_valid_beyond_what_the_database_records_is_400_not_500(purchas
     assert response.json()["error"]["code"] == "malformed_payment"
 
 
+def test_a_payment_signature_spelled_with_whitespace_is_recorded_as_its_65_bytes(purchase):
+    """bytes.fromhex reads "0xab  cd.." as the signature: it verified, and was recorded as written, padded past the
+    record's 2000-character column (a 500)."""
+    body = purchase.body()
+    payload = json.loads(base64.b64decode(body["payment_header"]))
+    signature = payload["payload"]["signature"]
+    payload["payload"]["signature"] = "0x" + (" " * 32).join(signature[i:i + 2] for i in range(2, len(signature), 2))
+
+    response = purchase.parties.buyer_api.post("/usage-agreements", {
+        **body, "payment_header": base64.b64encode(json.dumps(payload).encode()).decode()})
+
+    assert response.status_code == 201, response.content
+    assert UsageAgreement.objects.get().payment_authorization.signature == signature.lower()
+
+
 def test_direct_payment_needs_its_signatures_and_escrow_refuses_them(purchase):
     body = purchase.body()
     missing = {k: v for k, v in body.items() if k != "fee_permit"}
