@@ -99,6 +99,10 @@ class UpstreamTimeout(UpstreamFailed):
     code = "upstream_timeout"
 
 
+class UpstreamAnswerCutShort(UpstreamFailed):
+    code = "upstream_answer_cut_short"
+
+
 def _named_in_connection(headers) -> set[str]:
     """Headers the sender declared hop-by-hop by naming them in `Connection:` (RFC 9110 7.6.1)."""
     return {token.strip().lower() for token in headers.get("connection", "").split(",")} - {""}
@@ -469,10 +473,13 @@ def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, waitin
     # One buffer: a list of the pieces the upstream sent held ~40 bytes of objects per piece (2-byte chunks: 20 times
     # the bound).
     head = bytearray()
-    for chunk in stream:  # on failure, the caller closes the exchange
-        head += chunk
-        if len(head) > limit:
-            break
+    try:
+        for chunk in stream:
+            head += chunk
+            if len(head) > limit:
+                break
+    except outbound.UPSTREAM_ERRORS as exc:  # a timeout too
+        return _cut_short(agreement_id, nonce, upstream, headers, exc)
     if len(head) <= limit:  # read to its end
         upstream.close()
         body = bytes(head)
@@ -492,6 +499,23 @@ def _stored_reply(agreement_id, nonce, upstream: outbound.UpstreamAnswer, waitin
                                          status=upstream.status)
     for key, value in headers.items():
         response[key] = value
+    return response
+
+
+def _cut_short(agreement_id, nonce, upstream: outbound.UpstreamAnswer, headers: dict, exc: Exception) -> HttpResponse:
+    """The answer to a charged call with X-Request-Nonce whose upstream failed before its body was read whole (reset,
+    closed short of its length or last chunk, past PROXY_ANSWER_TIMEOUT): 502 with the charge's headers and event, so
+    that the buyer knows what it paid for and which event to dispute (the seller answered: charged, as a body cut off
+    mid-stream is). Its retries are answered `reply_lost`."""
+    upstream.close()
+    metering.replay_settle(agreement_id=agreement_id, request_nonce=nonce)
+    logger.warning("upstream answer cut short", extra={"agreement_id": str(agreement_id), "error": repr(exc)})
+    event_id = headers["X-Usage-Event-Id"]
+    response = error_response(UpstreamAnswerCutShort(
+        "The seller's service failed before its answer was read whole; the call was charged (the seller answered): "
+        "dispute the usage event if it was not served.", details={"usage_event_id": int(event_id)}))
+    for name in ("X-Usage-Cost", "X-Escrow-Remaining", "X-Usage-Event-Id", "X-Usage-Seq"):
+        response[name] = headers[name]
     return response
 
 

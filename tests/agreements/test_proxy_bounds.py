@@ -4,6 +4,7 @@ no malformed header or body turns into a 500 or leaves budget reserved, no heade
 import json
 import logging
 import socket
+import struct
 import threading
 import time
 import tracemalloc
@@ -242,9 +243,10 @@ def test_a_query_string_not_percent_encoded_is_400_and_never_forwarded(active, h
 
 
 @contextmanager
-def _dribbling(head: bytes, *, drip: bytes, times: int, pause: float, tail: bytes = b"") -> Iterator[str]:
-    """An upstream answering one call with `head`, then `drip` every `pause` seconds `times` times, then `tail`;
-    yields its base URL."""
+def _dribbling(head: bytes, *, drip: bytes, times: int, pause: float, tail: bytes = b"",
+               reset: bool = False) -> Iterator[str]:
+    """An upstream answering one call with `head`, then `drip` every `pause` seconds `times` times, then `tail`,
+    then closing the connection (resetting it when `reset`); yields its base URL."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def dribble():
@@ -257,6 +259,8 @@ def _dribbling(head: bytes, *, drip: bytes, times: int, pause: float, tail: byte
                     time.sleep(pause)
                     upstream.sendall(drip)
                 upstream.sendall(tail)
+                if reset:  # closed with a RST rather than a FIN
+                    upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             except OSError:
                 pass  # cut off
 
@@ -664,7 +668,7 @@ def test_more_query_fields_than_django_reads_are_forwarded_as_they_are(active, h
     assert response.status_code == 200, response.content
     [forwarded] = http_server.requests
     assert forwarded.path == f"/base/work?{query}"
-    assert books(active) == (PRICE, 0) and no_errors_logged(caplog)
+    assert books(active) == (PRICE, 0) and not [record for record in caplog.records if record.exc_info]  # no traceback
 
 
 @pytest.mark.parametrize("size", [64 * 1024, 1024 * 1024])
@@ -717,4 +721,54 @@ def test_percent_encoded_control_characters_in_the_query_are_forwarded_still_enc
     assert response.status_code == 200, response.content
     [forwarded] = http_server.requests
     assert forwarded.path == f"/base/work?{query}" and "X-Injected" not in forwarded.headers
+    assert books(active) == (PRICE, 0)
+
+
+# Upstreams that die after their answer's head: the call is charged once the head is in (the seller answered), and
+# the body is cut short.
+_CUT_SHORT = {
+    "chunked_cut_before_its_last_chunk": dict(head=b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                                             drip=b"", times=0, pause=0),
+    "shorter_than_its_content_length": dict(head=b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello", drip=b"",
+                                            times=0, pause=0),
+    "reset_after_its_head": dict(head=b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello", drip=b"", times=0,
+                                 pause=0, reset=True),
+    "stalled_past_the_answer_timeout": dict(head=b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello",
+                                            drip=b"a", times=15, pause=0.1),
+}
+
+
+@pytest.mark.parametrize("upstream", list(_CUT_SHORT))
+def test_an_answer_cut_short_after_its_head_is_a_502_naming_the_charge_for_a_call_with_a_nonce(
+        escrow_chain, settings, django_capture_on_commit_callbacks, caplog, upstream):
+    """A call with X-Request-Nonce is answered once its reply is read (to store it): an upstream dying mid-body
+    was answered 500 `internal_error` with a traceback logged, nothing saying the call was charged (X-Usage-Cost)
+    nor which event to dispute, though it was."""
+    with _dribbling(**_CUT_SHORT[upstream]) as upstream_url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, upstream_url)
+        settings.PROXY_ANSWER_TIMEOUT = 0.8
+        first = raw(active, "get", f"{active.proxy}/x", HTTP_X_REQUEST_NONCE="cut-1")
+    event = UsageEvent.objects.get()
+    assert (first.status_code, error_code(first)) == (502, "upstream_answer_cut_short"), first.content
+    assert json.loads(first.content)["error"]["details"] == {"usage_event_id": event.pk}
+    assert (first["X-Usage-Cost"], first["X-Usage-Event-Id"], first["X-Escrow-Remaining"]) == (
+        str(PRICE), str(event.pk), str(5 * PRICE - PRICE))
+    assert books(active) == (PRICE, 0) and not [record for record in caplog.records if record.exc_info]  # no traceback
+    again = raw(active, "get", f"{active.proxy}/x", HTTP_X_REQUEST_NONCE="cut-1")
+    assert (again.status_code, error_code(again), again["X-Usage-Event-Id"]) == (502, "reply_lost", str(event.pk))
+
+
+@pytest.mark.parametrize("upstream", list(_CUT_SHORT))
+def test_an_answer_cut_short_after_its_head_is_streamed_cut_short_never_as_whole(
+        escrow_chain, settings, django_capture_on_commit_callbacks, upstream):
+    """Without a nonce the head (and its charge) is on its way to the buyer before the body is read: the body then
+    ends in an error, on which the web server closes the connection without the last chunk (or short of the
+    Content-Length), so the buyer's client raises rather than take the part for the whole."""
+    with _dribbling(**_CUT_SHORT[upstream]) as upstream_url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, upstream_url)
+        settings.PROXY_ANSWER_TIMEOUT = 0.8
+        response = unread(active, "get", f"{active.proxy}/x")
+        assert (response.status_code, response["X-Usage-Cost"]) == (200, str(PRICE))
+        with pytest.raises(outbound.UPSTREAM_ERRORS):
+            b"".join(response.streaming_content)
     assert books(active) == (PRICE, 0)

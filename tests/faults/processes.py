@@ -141,9 +141,16 @@ DEEP_JSON = b"[" * 100_000 + b"]" * 100_000  # 200 kB nested 100,000 deep
 LARGE_JSON = b'"' + b"x" * 16_000_000 + b'"'  # more than the sockets between the caller and the upstream buffer
 
 
+# Answers whose body ends before its framing says (before the last chunk, short of its Content-Length).
+CUT_SHORT = {
+    "cut_chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    "cut_length": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello",
+}
+
+
 class Upstream:
     """The seller's service: answers 200, or hangs (until released), or resets the connection, or answers JSON
-    nested 100,000 deep, or 16 MB of JSON, as told."""
+    nested 100,000 deep, or 16 MB of JSON, or an answer cut short after its head (CUT_SHORT), as told."""
 
     def __init__(self):
         self.mode = "ok"
@@ -187,6 +194,10 @@ class Upstream:
                     return
                 if mode == "hang":
                     upstream._release.wait(timeout=60)
+                if mode in CUT_SHORT:  # a head, part of the body, then the connection closed
+                    self.close_connection = True
+                    self.wfile.write(CUT_SHORT[mode])
+                    return
                 payload = {"deep": DEEP_JSON, "large": LARGE_JSON}.get(mode, b'{"ok": true}')
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

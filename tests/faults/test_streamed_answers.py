@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.faults.conftest import assert_books_balance
+from tests.faults.processes import CUT_SHORT
 from tests.faults.processes import wait_until
 from tests.faults.test_dependencies_down import active_agreement
 
@@ -53,4 +54,24 @@ def test_answers_read_whole_or_abandoned_midway_leave_no_wait_behind(stack, part
     upstream.set_mode("ok")
     wait_until(lambda: all(call_read_whole() == 200 for _ in range(CALLS)), timeout=20,
                what="every call admitted again once the abandoned answers were closed")
+    assert_books_balance(agreement["id"])
+
+
+def test_an_answer_cut_short_by_its_upstream_is_never_handed_to_the_buyer_as_whole(stack, parties, upstream):
+    """The call is charged once its upstream's head is in (the seller answered). A body the upstream then cuts short
+    must not reach the buyer as a whole answer: the server closes the connection without the last chunk or short
+    of the Content-Length, so the buyer's client raises; a call with X-Request-Nonce, whose reply is read before it
+    is answered, is 502 `upstream_answer_cut_short` naming the charge."""
+    headers = {"Authorization": f"Bearer {parties.buyer_api.secret}"}
+    with stack.api(parties.buyer_api.secret) as api:
+        agreement = active_agreement(stack, api, parties, quantity=2 * len(CUT_SHORT) + 2)
+    url = f"{stack.url}/metered-proxy/{agreement['id']}/work"
+    with httpx.Client(headers=headers, timeout=30) as client:
+        for mode in CUT_SHORT:
+            upstream.set_mode(mode)
+            with pytest.raises(httpx.RemoteProtocolError):
+                client.get(url)
+            answer = client.get(url, headers={"X-Request-Nonce": f"nonce-{mode}"})
+            assert (answer.status_code, answer.json()["error"]["code"]) == (502, "upstream_answer_cut_short")
+            assert int(answer.headers["X-Usage-Cost"]) > 0
     assert_books_balance(agreement["id"])
