@@ -435,7 +435,7 @@ def _upstream_answer(request, caller: KeyHolder, terms: selectors.CallTerms, res
             request.method, terms.upstream_base_url + upstream_path, body=body,
             headers=_forward_headers(request, caller, terms, reservation, max_units, upstream_path, body),
             connect_timeout=settings.PROXY_CONNECT_TIMEOUT, read_timeout=settings.PROXY_TIMEOUT,
-            answer_timeout=settings.PROXY_ANSWER_TIMEOUT, meanwhile=charge_ahead)
+            answer_timeout=settings.PROXY_ANSWER_TIMEOUT, meanwhile=charge_ahead, partition=caller.agent_id)
     except TimeoutError as exc:
         metering.reservation_release(reservation=reservation)
         _observe_upstream("timeout", started)

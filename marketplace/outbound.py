@@ -510,6 +510,11 @@ class UpstreamPool:
     for IDLE_SECONDS); one that closes as a request reaches it sends the request again on a new connection when it
     was not written whole, or when it may be repeated (_REPLAYABLE_METHODS, _IDEMPOTENCY_HEADERS).
 
+    Connections are kept apart by the request's `partition` (the metered proxy's: the buyer): a host that does not
+    read a request's body (and keeps the connection) reads it as the next request, and its answer to that went to
+    the next call sent down the connection, whoever made it. Idle connections of every partition are closed once
+    idle for IDLE_SECONDS, swept at most once per IDLE_SECONDS as connections are given back.
+
     Errors: TimeoutError when connecting, a read or the whole answer head took longer than its timeout, or the whole
     answer longer than its `answer_timeout` (reading its body), else one of UPSTREAM_ERRORS."""
 
@@ -517,10 +522,11 @@ class UpstreamPool:
         self.max_idle_per_upstream = max_idle_per_upstream
         self._idle: dict[tuple, list[tuple[float, _GuardedConnection]]] = {}
         self._lock = threading.Lock()
+        self._next_sweep = 0.0  # time.monotonic()
 
     def request(self, method: str, url: str, *, headers: list[tuple[str, str]], body: bytes,
                 connect_timeout: float, read_timeout: float, answer_timeout: float,
-                meanwhile: Callable[[], Any] | None = None) -> UpstreamAnswer:
+                meanwhile: Callable[[], Any] | None = None, partition: object = None) -> UpstreamAnswer:
         """`meanwhile` is called once the request is sent, before its answer is read: work that overlaps the
         upstream's, whose result is the answer's `meanwhile`. It must not raise (what it raises is not the
         upstream's error); if it does, the connection is closed and the error propagates. It is called once,
@@ -529,7 +535,7 @@ class UpstreamPool:
         ends_by = time.monotonic() + answer_timeout
         parts = urlsplit(url)
         tls = parts.scheme == "https"
-        key = (tls, dns_name(url), parts.port or (443 if tls else 80))
+        key = (tls, dns_name(url), parts.port or (443 if tls else 80), partition)
         target = parts.path + (f"?{parts.query}" if parts.query else "") or "/"
         replayable = method in _REPLAYABLE_METHODS or any(name.lower() in _IDEMPOTENCY_HEADERS for name, _ in headers)
 
@@ -588,12 +594,31 @@ class UpstreamPool:
         return None
 
     def give_back(self, key: tuple, connection: _GuardedConnection) -> None:
+        now = time.monotonic()
+        expired: list[_GuardedConnection] = []
         with self._lock:
+            if now >= self._next_sweep:
+                self._next_sweep = now + IDLE_SECONDS
+                expired = self._expired(now)
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.max_idle_per_upstream:
-                idle.append((time.monotonic(), connection))
-                return
-        connection.close()
+                idle.append((now, connection))
+            else:
+                expired.append(connection)
+        for each in expired:
+            each.close()
+
+    def _expired(self, now: float) -> list[_GuardedConnection]:
+        """Takes out the connections idle for IDLE_SECONDS, and the partitions left with none (under the lock)."""
+        expired = []
+        for key, idle in list(self._idle.items()):
+            fresh = [(since, connection) for since, connection in idle if now - since < IDLE_SECONDS]
+            expired.extend(connection for since, connection in idle if now - since >= IDLE_SECONDS)
+            if fresh:
+                idle[:] = fresh
+            else:
+                del self._idle[key]
+        return expired
 
 
 # The socket's timeout bounds each read only: an upstream sending its answer's head a byte at a time would hold the

@@ -23,6 +23,7 @@ from marketplace import outbound
 from marketplace.errors import DependencyUnavailable
 from tests.conftest import error_code, read_to_its_end
 from tests.escrow.flow import Parties
+from tests.agreements.test_proxy_slow_buyers import another_buyer
 from tests.marketplace.conftest import active_agreement
 from tests.support.public_addresses import routed
 from tests.support.unanswered_names import UNANSWERED, unanswered_names
@@ -772,3 +773,57 @@ def test_an_answer_cut_short_after_its_head_is_streamed_cut_short_never_as_whole
         with pytest.raises(outbound.UPSTREAM_ERRORS):
             b"".join(response.streaming_content)
     assert books(active) == (PRICE, 0)
+
+
+@contextmanager
+def _reading_no_bodies() -> Iterator[str]:
+    """A seller's host that answers each request once its head is in, never reading its body (a handler that does
+    not read it, on a server that keeps the connection alive): the bytes of a body are read as the next request. Its
+    answer's body is the path it was asked for; `/smuggled` is answered after 0.5 s. Yields its base URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(connection):
+        with connection:
+            received = b""
+            while True:
+                while b"\r\n\r\n" not in received:
+                    more = connection.recv(65536)
+                    if not more:
+                        return
+                    received += more
+                head, received = received.split(b"\r\n\r\n", 1)
+                path = head.split(b" ")[1]
+                if path.endswith(b"/smuggled"):
+                    time.sleep(0.5)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+
+    def accept():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    with listener:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/api"
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)  # two agreements activated on the chain
+def test_a_request_smuggled_in_one_buyers_body_is_never_answered_to_another_buyer(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """Kept-alive connections to a seller's host were shared by every call to that host: where the host reads no
+    body (and keeps the connection), a buyer's body holding a request is answered on the connection after its own
+    call, and that answer went to the next call sent down it, another buyer's (another seller's on a shared host),
+    who was charged for the answer to the attacker's request."""
+    with _reading_no_bodies() as upstream_url:
+        attacker = active_agreement(escrow_chain, django_capture_on_commit_callbacks, upstream_url)
+        victim = another_buyer(escrow_chain, attacker)
+        victim.proxy = f"/metered-proxy/{victim.agreement_id}"
+        smuggled = b"GET /api/smuggled HTTP/1.1\r\nHost: seller.example\r\n\r\n"
+        first = raw(attacker, "post", f"{attacker.proxy}/x", data=smuggled, content_type="text/plain")
+        assert (first.status_code, _body(first)) == (200, b"/api/x")
+        answer = raw(victim, "get", f"{victim.proxy}/mine")
+    assert (answer.status_code, _body(answer)) == (200, b"/api/mine")

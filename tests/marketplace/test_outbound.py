@@ -367,6 +367,28 @@ def test_a_connection_idle_too_long_is_not_used_again(settings, monkeypatch):
     assert handler.received == ["POST", "POST"]  # the second on a new connection: none closed on it
 
 
+def test_partitions_never_share_a_connection_and_idle_ones_of_every_partition_are_closed(settings, monkeypatch):
+    """Connections kept apart per buyer: one that stops calling left its idle connections open until its next call
+    (they were closed only as a call of the same partition took one)."""
+    settings.ALLOW_PRIVATE_UPSTREAMS = True
+    monkeypatch.setattr(outbound, "IDLE_SECONDS", 0.05)
+    pool = outbound.UpstreamPool(max_idle_per_upstream=1)
+    with serving(_closes_as_the_next_request_arrives()) as url:
+        def call(partition: str):
+            answer = pool.request("POST", f"{url}/work", headers=[("Content-Length", "2")], body=b"{}",
+                                  connect_timeout=5, read_timeout=5, answer_timeout=5, partition=partition)
+            connection = answer._connection
+            assert answer.status == 200 and b"".join(answer) == b"{}"
+            answer.close()
+            return connection
+
+        first = call("buyer-a")
+        assert call("buyer-b") is not first and first.sock is not None  # kept for buyer-a alone
+        time.sleep(0.1)
+        call("buyer-c")
+    assert first.sock is None  # closed, though buyer-a never called again
+
+
 class _ResetsOnceAnswered(BaseHTTPRequestHandler):
     """Answers as HTTP/1.1 without `Connection: close`, then resets the connection."""
 
