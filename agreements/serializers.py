@@ -47,6 +47,11 @@ class PaymentMethodSerializer(StrictSerializer):
 SETTLEMENT_MODEL_ALIASES = {"bilateral_escrow": SettlementModel.ESCROW}
 
 
+# The most units one agreement may buy: also the most a seller's running total may reach (each unit costs at least
+# one base unit), whatever AGREEMENT_MAX_AMOUNT allows.
+AGREEMENT_QUANTITY_MAX = 10**18
+
+
 class ProposalSerializer(StrictSerializer):
     """Our fields, or the Pægents SDK's: `seller_agent_id`, `unit` and `price_per_unit_cents` restate the service's
     terms (checked against them), `payment_method.payment_header` is `payment_header`, `expires_in_seconds` sets
@@ -76,7 +81,7 @@ class ProposalSerializer(StrictSerializer):
     client_proposal_id = serializers.CharField(max_length=255, required=False,
                                                help_text="The Pægents SDK's idempotency key (it also sends it as "
                                                          "Idempotency-Key); not stored.")
-    quantity = StrictIntegerField(min_value=1, max_value=10**18,
+    quantity = StrictIntegerField(min_value=1, max_value=AGREEMENT_QUANTITY_MAX,
                                   help_text="Units bought; the deposit is quantity × unit price.")
     token = serializers.CharField(max_length=16, required=False, help_text="Defaults to the service's token.")
     buyer_wallet_address = AddressSerializerField(required=False,
@@ -485,7 +490,7 @@ class RecordUsageSerializer(StrictSerializer):
                                         default="")
     events = UsageEntrySerializer(many=True, required=False, min_length=1, max_length=USAGE_BATCH_MAX)
     units_used = StrictIntegerField(
-        min_value=0, max_value=10**12, required=False,
+        min_value=0, max_value=AGREEMENT_QUANTITY_MAX, required=False,
         help_text="All units the seller has reported so far (not counting proxied calls, which the marketplace "
                   "meters): the difference from the last total is charged; the same total again charges nothing.")
     completed = StrictBooleanField(required=False, default=False,

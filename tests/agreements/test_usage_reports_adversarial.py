@@ -44,6 +44,25 @@ def test_a_report_past_the_deposit_is_402_and_writes_nothing(active, body):
     assert not UsageEvent.objects.filter(agreement_id=active.agreement_id).exists()
 
 
+def test_a_running_total_past_a_trillion_units_charges_what_the_deposit_holds(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """A deposit of more than 10**12 base units (AGREEMENT_MAX_AMOUNT raised) at 1 base unit per unit: the running
+    total was bounded at 10**12 units, so the seller could report no further than that by it (400), and not at all
+    once its reports per event had passed it."""
+    settings.AGREEMENT_MAX_AMOUNT = 3 * 10**12
+    parties = Parties(escrow_chain, buyer_funds=4 * 10**12,
+                      pricing={"type": "per_unit", "unit_name": "token", "unit_price_atomic": 1, "token": "USDC"})
+    agreement = parties.accepted_agreement(quantity=3 * 10**12)
+    assert parties.activate(agreement["id"], django_capture_on_commit_callbacks).status_code == 202
+    url = f"/usage-agreements/{agreement['id']}/record-usage"
+    for units_used in (10**12, 2 * 10**12 + 1):
+        response = parties.seller_api.post(url, {"units_used": units_used})
+        assert response.status_code == 201, response.content
+    over = parties.seller_api.post(url, {"units_used": 3 * 10**12 + 1})
+    assert over.status_code == 402 and error_code(over) == "budget_exhausted", over.content
+    assert UsageAgreement.objects.get(pk=agreement["id"]).used == 2 * 10**12 + 1
+
+
 def test_the_same_key_with_another_body_is_refused_and_charges_once(active):
     url = f"/usage-agreements/{active.agreement_id}/record-usage"
     first = active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "k"})
