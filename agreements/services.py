@@ -146,9 +146,11 @@ def fee_for(*, amount: int, schedule: FeeSchedule | None = None) -> int:
 def fee_and_total_for(*, amount: int, purpose: str, schedule: FeeSchedule) -> tuple[int, int]:
     """(fee, what the buyer pays) for `amount`: a direct purchase pays the fee on top; a skill invocation's price
     includes its fee (x402 pays exactly the price; the fee is kept from the seller's payout), refused as the skill route
-    refuses it when the fee would take it whole (409 `skill_price_below_fee`)."""
+    refuses it when the fee would take it whole (409 `skill_price_below_fee`), and a direct purchase above
+    AGREEMENT_MAX_AMOUNT as its proposal refuses it (400 `amount_too_large`)."""
     if purpose == "skill_invocation":
         return invocations.invocation_fee_above_price(price=amount), amount
+    _amount_within_limit(amount)  # as its proposal would refuse it
     fee = fee_for(amount=amount, schedule=schedule)
     return fee, amount + fee
 
@@ -439,10 +441,14 @@ def _deposit(*, service: Service, quantity: int) -> int:
     deposit = quantity * service.unit_price
     if deposit <= 0:
         raise InvalidInput("The agreement's amount must be positive.", code="amount_zero")
-    if deposit > settings.AGREEMENT_MAX_AMOUNT:
+    _amount_within_limit(deposit)
+    return deposit
+
+
+def _amount_within_limit(amount: int) -> None:
+    if amount > settings.AGREEMENT_MAX_AMOUNT:
         raise InvalidInput("The agreement's amount is above the platform limit.", code="amount_too_large",
                            details={"max_amount_atomic": settings.AGREEMENT_MAX_AMOUNT})
-    return deposit
 
 
 def _with_direct_payment(proposal: Proposal, *, payment_header: str, fee_permit: dict) -> Proposal:

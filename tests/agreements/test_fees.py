@@ -71,6 +71,17 @@ def test_a_skill_invocation_the_fee_would_take_whole_is_refused_as_its_invocatio
     assert response.json()["error"]["details"] == {"price_atomic": amount, "fee_atomic": 5_000}
 
 
+@pytest.mark.parametrize("params", [{"amount_atomic": 10**12 + 1}, {"amount_atomic": 2**256 - 1},
+                                    {"amount_cents": 10**12}])
+def test_a_direct_purchase_above_the_platform_limit_is_refused_as_its_proposal_would_be(buyer_api, params):
+    """It was quoted 200 for a purchase its proposal refuses (`amount_too_large`), at 2**256 - 1 with a total past
+    uint256, which no token transfer or permit carries."""
+    response = buyer_api.get("/payment-requirements", params)
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] == "amount_too_large"
+    assert response.json()["error"]["details"] == {"max_amount_atomic": 10**12}
+
+
 @pytest.mark.chain
 def test_what_a_skill_invocation_charges_is_what_payment_requirements_quotes(
         buyer_api, escrow_chain, http_server, django_capture_on_commit_callbacks):
