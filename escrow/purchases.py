@@ -84,7 +84,7 @@ from marketplace.signatures import signer_require
 
 logger = logging.getLogger(__name__)
 S = AgreementStatus
-MAX_LOCK_SECONDS = 30 * 24 * 3600  # the contract's MAX_CHALLENGE_WINDOW bounds unlockTime − purchase time
+MAX_LOCK_SECONDS = settings.ESCROW_CHALLENGE_WINDOW_MAX  # it bounds unlockTime − purchase time
 COMPLETED = "completed"
 
 

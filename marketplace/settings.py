@@ -297,6 +297,18 @@ CHALLENGE_WINDOW_DEFAULT = env.int("CHALLENGE_WINDOW_SECONDS", default=3600)
 # within a minute of starting.
 CHALLENGE_WINDOW_MIN = env.int("CHALLENGE_WINDOW_MIN_SECONDS", default=10 if CHAIN_ID == DEV_CHAIN_ID else 60)
 CHALLENGE_WINDOW_MAX = env.int("CHALLENGE_WINDOW_MAX_SECONDS", default=7 * 24 * 3600)
+# The escrow contract's bounds (UsageEscrow.activate): a deposit fits 128 bits, a challenge window is 1 s to its
+# MAX_CHALLENGE_WINDOW. Terms past them would be proposed and signed, and their activation reverted.
+ESCROW_DEPOSIT_MAX = 2**128 - 1
+ESCROW_CHALLENGE_WINDOW_MAX = 30 * 24 * 3600
+if not 1 <= AGREEMENT_MAX_AMOUNT <= ESCROW_DEPOSIT_MAX:
+    raise ImproperlyConfigured(f"AGREEMENT_MAX_AMOUNT must be from 1 to {ESCROW_DEPOSIT_MAX} (the escrow's deposit "
+                               f"bound, 2**128 - 1), not {AGREEMENT_MAX_AMOUNT}.")
+if not 1 <= CHALLENGE_WINDOW_MIN <= CHALLENGE_WINDOW_DEFAULT <= CHALLENGE_WINDOW_MAX <= ESCROW_CHALLENGE_WINDOW_MAX:
+    raise ImproperlyConfigured(
+        "CHALLENGE_WINDOW_MIN_SECONDS <= CHALLENGE_WINDOW_SECONDS <= CHALLENGE_WINDOW_MAX_SECONDS must lie from 1 to "
+        f"{ESCROW_CHALLENGE_WINDOW_MAX} (the escrow's MAX_CHALLENGE_WINDOW), not {CHALLENGE_WINDOW_MIN}, "
+        f"{CHALLENGE_WINDOW_DEFAULT}, {CHALLENGE_WINDOW_MAX}.")
 # A buyer's challenge signature must stay valid at least this long after it is sent (or until the window's end, if
 # sooner): one expiring sooner may revert SignatureExpired in the relayer's queue, at the relayer's expense.
 CHALLENGE_SIGNATURE_MIN_VALIDITY = env.int("CHALLENGE_SIGNATURE_MIN_VALIDITY_SECONDS", default=60)

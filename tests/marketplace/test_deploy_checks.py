@@ -1,6 +1,10 @@
 """`manage.py check --deploy`: a production configuration that would run but silently lose a guarantee is refused."""
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
@@ -27,3 +31,22 @@ def test_check_deploy_accepts_redis_and_plain_check_any_cache(settings):
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
                                    "LOCATION": "redis://127.0.0.1:6379/0"}}
     call_command("check", deploy=True, stdout=io.StringIO())
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("environment", [
+    {"AGREEMENT_MAX_AMOUNT": str(2**128)},  # the escrow's depositAmount is at most 2**128 - 1 (InvalidDeposit)
+    {"CHALLENGE_WINDOW_MAX_SECONDS": str(30 * 86400 + 1)},  # its MAX_CHALLENGE_WINDOW (InvalidChallengeWindow)
+    {"CHALLENGE_WINDOW_MIN_SECONDS": "0"},  # nor a window of 0
+    {"CHALLENGE_WINDOW_SECONDS": str(8 * 86400)},  # the default window above the largest one a buyer may ask
+])
+def test_startup_refuses_agreement_bounds_the_escrow_contract_refuses(environment):
+    """Each process started, and proposals were recorded on terms whose activation the contract refuses: the buyer
+    signed an intent the relayer could not get mined."""
+    started = subprocess.run([sys.executable, "-c", "import django; django.setup()"], cwd=ROOT,
+                             env={**os.environ, "DJANGO_SETTINGS_MODULE": "marketplace.settings", **environment},
+                             capture_output=True, text=True, timeout=120)
+    assert started.returncode != 0, started.stderr
+    assert "ImproperlyConfigured" in started.stderr and next(iter(environment)) in started.stderr, started.stderr
