@@ -244,11 +244,27 @@ class UsageEventAdmin(PrivateContentAdmin, MoneyRecordAdmin):
         return bool(event.receipt_signature)
 
 
+class FeeScheduleForm(forms.ModelForm):
+    """Each amount within uint256 (the field), and the fee they make with the largest agreement too."""
+
+    def clean(self):
+        cleaned = super().clean()
+        if not self.errors:
+            # The form's fields give Decimals, which round past 28 digits: the amounts as exact ints.
+            schedule = FeeSchedule(**{name: int(cleaned[name]) for name in ("percent_bps", "fixed_atomic",
+                                                                            "minimum_atomic")})
+            problem = services.fee_schedule_problem(schedule)
+            if problem:
+                raise forms.ValidationError(problem, code="fee_too_large")
+        return cleaned
+
+
 @admin.register(FeeSchedule)
 class FeeScheduleAdmin(admin.ModelAdmin):
     """The rates are staff's to change (with `change_feeschedule`); the wallet the fees are paid to is a superuser's:
     staff who may change the rates set it to a wallet of their own, and every fee collected went there."""
 
+    form = FeeScheduleForm
     list_display = ("__str__", "percent_bps", "fixed_display", "minimum_display", "fee_recipient", "updated_at")
 
     fixed_display = amount_column("fixed_atomic", description="fixed")

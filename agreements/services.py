@@ -79,6 +79,7 @@ from sdk import typed_data
 from sdk.terms import terms_hash
 from marketplace.errors import (ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput,
                                 NotFound)
+from marketplace.fields import MAX_AMOUNT
 from marketplace.postgresql import prepared_cursor
 from marketplace.signatures import signer_require
 from policies import selectors as policy_selectors
@@ -141,6 +142,17 @@ def fee_for(*, amount: int, schedule: FeeSchedule | None = None) -> int:
     schedule = schedule or fee_schedule_current()
     percent = -(-amount * schedule.percent_bps // 10_000)  # integer ceiling: exact for any amount
     return max(percent + schedule.fixed_atomic, schedule.minimum_atomic)
+
+
+def fee_schedule_problem(schedule: FeeSchedule) -> str | None:
+    """Why `schedule` cannot price agreements, or None: the largest agreement (AGREEMENT_MAX_AMOUNT) and its fee must
+    fit a uint256 together, as the buyer's permit and the escrow's activation carry deposit + fee (a fee grows with
+    the amount, so every smaller agreement's fits then too)."""
+    largest = settings.AGREEMENT_MAX_AMOUNT
+    if largest + fee_for(amount=largest, schedule=schedule) > MAX_AMOUNT:
+        return (f"The fee on the largest agreement ({largest} base units, AGREEMENT_MAX_AMOUNT) with that agreement "
+                "does not fit a uint256, which the buyer's permit and the escrow's activation carry.")
+    return None
 
 
 def fee_and_total_for(*, amount: int, purpose: str, schedule: FeeSchedule) -> tuple[int, int]:

@@ -55,7 +55,22 @@ def test_a_fee_schedule_amount_beyond_uint256_is_refused_not_quoted(operator, bu
     schedule.refresh_from_db()
     assert (schedule.fixed_atomic, schedule.minimum_atomic) == (3_000, 100_000)
     assert buyer_api.get("/payment-requirements", {"amount_atomic": 5}).json()["fee_atomic"] == 100_000
-    assert operator.post(page, {**form, field: 2**256 - 1}).status_code == 302
+    assert operator.post(page, {**form, field: 2**255}).status_code == 302
+
+
+@pytest.mark.parametrize("field", ["fixed_atomic", "minimum_atomic"])
+def test_a_fee_schedule_whose_fee_with_its_agreement_passes_uint256_is_refused(operator, buyer_api, field):
+    """Each amount within uint256, the fee with the deposit past it (2**256 - 1 fixed: the fee itself): the admin
+    saved it, a proposal was 201 with that fee and its activation package a 500 (the permit of deposit + fee)."""
+    schedule = FeeSchedule.objects.create()
+    page = f"/admin/agreements/feeschedule/{schedule.pk}/change/"
+    form = {"percent_bps": 200, "fixed_atomic": 3_000, "minimum_atomic": 100_000, "fee_recipient": ""}
+
+    refused = operator.post(page, {**form, field: 2**256 - 1})
+    assert refused.status_code == 200 and "does not fit" in refused.content.decode()
+    schedule.refresh_from_db()
+    assert (schedule.fixed_atomic, schedule.minimum_atomic) == (3_000, 100_000)
+    assert buyer_api.get("/payment-requirements", {"amount_atomic": 5}).json()["fee_atomic"] == 100_000
 
 
 def test_only_a_superuser_changes_where_the_platforms_fees_are_paid(settings, operator):
