@@ -80,7 +80,8 @@ def settlement_propose(*, agreement_id, now: int) -> ChainTransaction | None:
         if not can_propose_settlement(agreement) or agreement.completion_requested_at is None:
             return None
         if (selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT)
-                or selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM)):
+                or selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM)
+                or _challenge_under_way(agreement)):
             return None
         if not _proposal_due(selectors.proposal_failures(agreement_id=agreement.pk)):
             return None
@@ -103,8 +104,7 @@ def settlement_repropose(*, agreement_id, now: int) -> ChainTransaction | None:
 
     `now`: the chain's clock, read by the caller."""
     agreement = UsageAgreement.objects.get(pk=agreement_id)
-    if agreement.status != AgreementStatus.IN_CHALLENGE or selectors.live_transaction(
-            agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT):
+    if not _repropose_may_run(agreement):
         return None
     terms = selectors.escrow_terms(agreement=agreement)  # chain reads: before the row lock
     # The chain, not our copy of it, says what is proposed and until when.
@@ -114,8 +114,7 @@ def settlement_repropose(*, agreement_id, now: int) -> ChainTransaction | None:
         return None
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
-        if agreement.status != AgreementStatus.IN_CHALLENGE or selectors.live_transaction(
-                agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT):
+        if not _repropose_may_run(agreement):
             return None
         seq, cumulative, digest, signature = _final_receipt(agreement, terms=terms)
         if seq <= last_seq or not _proposal_due(selectors.proposal_failures(agreement_id=agreement.pk)):
@@ -123,6 +122,17 @@ def settlement_repropose(*, agreement_id, now: int) -> ChainTransaction | None:
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
                         [agreement.onchain_id, terms, seq, cumulative, digest, signature],
                         {"seq": seq, "cumulative": cumulative})
+
+
+def _repropose_may_run(agreement: UsageAgreement) -> bool:
+    return agreement.status == AgreementStatus.IN_CHALLENGE and not selectors.live_transaction(
+        agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT) and not _challenge_under_way(agreement)
+
+
+def _challenge_under_way(agreement: UsageAgreement) -> bool:
+    """The buyer's challenge is being sent: it disputes whatever is proposed when it is mined, and a proposal of ours
+    mined after it reverts (InvalidState: disputed) at the relayer's gas. One that fails leaves the way open again."""
+    return selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE) is not None
 
 
 def _proposal_period_over(terms: tuple, *, now: int) -> bool:

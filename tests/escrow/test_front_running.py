@@ -713,3 +713,41 @@ def test_an_activation_a_deep_reorg_undid_is_told_to_the_webhooks_that_were_told
             for delivery in WebhookDelivery.objects.filter(subscription_id=subscribed.json()["id"]).order_by(
                 "created_at", "pk")]
     assert told == [("agreement.active", "submitting", "active"), ("agreement.undone", "active", "submitting")]
+
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["re_proposal", "first_proposal_of_a_completion"])
+def test_no_proposal_is_sent_while_the_buyers_challenge_is_under_way(
+        funded, escrow_chain, django_capture_on_commit_callbacks, indexed):  # noqa: F811
+    """The seller proposes one of its earlier receipts; the buyer challenges it through the API, and the settlement
+    tick runs while that challenge is sent and not yet mined: it re-proposes the last receipt (the seller's proposal
+    indexed), or proposes it for the completion the buyer asked for (not indexed yet). That proposal is mined after
+    the challenge and reverts (InvalidState: the escrow is disputed) at the relayer's gas, a failed proposal on the
+    dashboard; it could change nothing: the challenge disputes whatever is proposed when it is mined."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain, seq=1)
+    if indexed:
+        index(capture)
+    else:
+        with capture(execute=False):
+            assert funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete").status_code == 200
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    body = {"reason": "one call answered nothing", "deadline": package["deadline"],
+            "signature": sign_typed_data(funded.buyer_account.key, package["challenge"])}
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        with capture(execute=True):
+            response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body)
+        assert response.status_code == 202, response.content
+        with capture(execute=True):
+            settlement.settlement_tick()
+        chain.mine(1)
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    confirm_all(capture)
+    index(capture)
+
+    assert funded.agreement(funded.agreement_id)["status"] == "disputed"
+    proposals = ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose="propose_settlement")
+    assert list(proposals.values_list("status", "receipt_status")) == []
