@@ -688,6 +688,17 @@ def latest_block_timestamp() -> int:
         raise classify(exc) from exc
 
 
+def head() -> tuple[int, int]:
+    """The latest block's number and timestamp, from one answer. A read made at that number sees the chain as of that
+    time, where a read `at latest` may reach another backend of a provider's pool, one behind (a window restarted in a
+    block it lacks read as closed by the other's clock)."""
+    try:
+        block = w3().eth.get_block("latest")
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+    return int(block["number"]), int(block["timestamp"])
+
+
 def tagged_block_number(tag: str) -> int:
     """The number of the node's `safe` or `finalized` block."""
     try:

@@ -5,6 +5,7 @@ agreement when each transaction confirms. Deadlines are compared with the chain'
 the contract enforces (escrow.chain_clock).
 """
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -608,10 +609,10 @@ def _reclaim(agreement: UsageAgreement, *, terms: tuple) -> ChainTransaction | N
 def _finalize(agreement: UsageAgreement, *, now: int) -> ChainTransaction | None:
     terms = selectors.escrow_terms(agreement=agreement)
     # The chain, not our copy of it, says whether the window is over: a challenge the buyer sent itself, or a
-    # re-proposal that restarted the window, may be mined and not indexed yet (the indexer acts at depth).
-    state, challenge_deadline = chain.call(
-        chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:2]
-    if list(selectors.EscrowState)[state] != selectors.EscrowState.PROPOSED or challenge_deadline > now:
+    # re-proposal that restarted the window, may be mined and not indexed yet (the indexer acts at depth). Read at one
+    # block, by that block's clock (`_escrow_at_head`).
+    state, challenge_deadline, _seller_amount, clock = _escrow_at_head(agreement, terms=terms, now=now)
+    if state != selectors.EscrowState.PROPOSED or challenge_deadline > clock:
         return None
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
@@ -622,13 +623,25 @@ def _finalize(agreement: UsageAgreement, *, now: int) -> ChainTransaction | None
         return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
 
 
-def _escrow_read(agreement: UsageAgreement, *, terms: tuple) -> tuple[selectors.EscrowState, int, int]:
-    """The escrow as the chain has it (a chain read: outside any database transaction): its state, its
+def _escrow_read(agreement: UsageAgreement, *, terms: tuple,
+                 block: int | str = "latest") -> tuple[selectors.EscrowState, int, int]:
+    """The escrow as the chain has it at `block` (a chain read: outside any database transaction): its state, its
     challengeDeadline (while Disputed, the dispute's timeout: the challenge's block time plus DISPUTE_TIMEOUT) and its
     seller's amount (while Disputed, the disputed proposal's)."""
-    state, deadline, _seq, seller_amount = chain.call(
-        chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:4]
+    state, deadline, _seq, seller_amount = chain.call(functools.partial(
+        chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call, block_identifier=block))[:4]
     return list(selectors.EscrowState)[state], int(deadline), int(seller_amount)
+
+
+def _escrow_at_head(agreement: UsageAgreement, *, terms: tuple, now: int) -> tuple[selectors.EscrowState, int, int,
+                                                                                   int]:
+    """`_escrow_read` at the node's latest block, and the clock to judge its deadline by: that block's time, no later
+    than `now`. Before a step the contract refuses while a window is open (finalize): the escrow read `at latest` and
+    the clock from separate answers may come from two backends of a provider's pool, the clock past the window's end
+    and the escrow from one lacking the re-proposal that restarted it, and the agreement was left settling with its
+    finalize reverted (ChallengeWindowOpen) while the chain's window was open. A backend without the block refuses."""
+    number, timestamp = chain.head()
+    return (*_escrow_read(agreement, terms=terms, block=number), min(now, timestamp))
 
 
 def _dispute_timed_out_at(agreement: UsageAgreement, *, escrow: tuple[selectors.EscrowState, int, int]) -> int | None:
@@ -669,8 +682,8 @@ def _finalize_timed_out_dispute(agreement: UsageAgreement, *, now: int) -> Chain
     terms = selectors.escrow_terms(agreement=agreement)
     if not chain.escrow_has_dispute_timeout():
         return None
-    state, timeout, _seller_amount = _escrow_read(agreement, terms=terms)
-    if state != selectors.EscrowState.DISPUTED or timeout > now:
+    state, timeout, _seller_amount, clock = _escrow_at_head(agreement, terms=terms, now=now)
+    if state != selectors.EscrowState.DISPUTED or timeout > clock:
         return None
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)

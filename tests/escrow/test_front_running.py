@@ -751,3 +751,49 @@ def test_no_proposal_is_sent_while_the_buyers_challenge_is_under_way(
     assert funded.agreement(funded.agreement_id)["status"] == "disputed"
     proposals = ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose="propose_settlement")
     assert list(proposals.values_list("status", "receipt_status")) == []
+
+
+def test_a_re_proposal_a_lagging_backend_has_not_seen_does_not_leave_the_agreement_settling(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):  # noqa: F811
+    """The seller re-proposes a higher receipt just before the window closes (the contract restarts it). The node is a
+    provider's pool of backends: the latest block, past the old window's end, comes from one, and the escrow read
+    `at latest` from another that lacks the re-proposal's block. The tick took the old window for over and moved the
+    agreement to settling: its finalize reverts (ChallengeWindowOpen) and the books stay settling while the chain's
+    window is open, the buyer unable to challenge through the API (the indexer's proposal changes nothing there)."""
+    from tests.support.rpc_relay import RpcRelay
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain, seq=2)
+    index(capture)
+    deadline = int(UsageAgreement.objects.get(pk=funded.agreement_id).challenge_deadline.timestamp())
+    behind = hex(chain.block_number())
+    chain.set_next_timestamp(deadline - 1)
+    seller_proposes_directly(funded, chain, seq=3)
+    chain.set_next_timestamp(deadline)
+    chain.mine(1)
+
+    get_escrow = chain.escrow.functions.getEscrow(funded.onchain_id, escrow_terms(chain.escrow, funded.onchain_id))
+    selector = get_escrow._encode_transaction_data()[:10]
+    relay = RpcRelay(escrow_chain.node.rpc_url).start()
+    node, settings.CHAIN_RPC_URL = settings.CHAIN_RPC_URL, relay.url
+    asked = []
+
+    def escrow_read_at_latest(call) -> bool:
+        if call.get("method") == "eth_call" and call["params"][1] == "latest" and call["params"][0].get(
+                "data", "").startswith(selector):
+            asked.append(call["params"][0])
+            return True
+        return False
+
+    relay.rewrite(escrow_read_at_latest,
+                  lambda answer: {**answer, "result": relay.node("eth_call", [asked[-1], behind])})
+    try:
+        with capture(execute=True):
+            settlement.settlement_tick()
+        confirm_all(capture)
+    finally:
+        relay.stop()
+        settings.CHAIN_RPC_URL = node
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"

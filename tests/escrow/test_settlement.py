@@ -657,15 +657,19 @@ def test_a_proposal_that_keeps_reverting_backs_off_stops_and_waits_for_an_operat
 
 
 def test_a_failed_finalize_leaves_the_agreement_settling_until_an_operator_retries(
-        funded, escrow_chain, django_capture_on_commit_callbacks, admin_client):
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks, admin_client):
+    from tests.support.rpc_relay import node_block_times
+
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     call_n(funded, 3)
     funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
     tick(capture)
     deadline = UsageAgreement.objects.get(pk=funded.agreement_id).challenge_deadline
-    with capture(execute=True):  # our side counts the window as over; the chain's clock does not yet
-        assert settlement.settlement_tick(now=int(deadline.timestamp()) + 1)["finalizing"] == 1
-    confirm_all(capture)
+    # The node's latest block counts the window as over; the chain's clock, which mines the finalize, does not yet.
+    with node_block_times(escrow_chain.node.rpc_url, settings, latest=int(deadline.timestamp()) + 1):
+        with capture(execute=True):
+            assert settlement.settlement_tick()["finalizing"] == 1
+        confirm_all(capture)
     [finalize] = ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.FINALIZE)
     assert finalize.status == TxStatus.FAILED and "ChallengeWindowOpen" in finalize.failure_reason
     agreement = funded.agreement(funded.agreement_id)
