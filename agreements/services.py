@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from typing import Protocol
 
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -647,7 +648,12 @@ DirectPaymentQueue = Callable[[UsageAgreement, DirectPaymentPreflight], None]
 _direct_payment_executor: list[tuple[DirectPaymentCheck, DirectPaymentQueue]] = []
 PermitNonceReader = Callable[[str], int]
 _permit_nonce_reader: list[PermitNonceReader] = []
-PaymentAuthorizationUseReader = Callable[[UsageAgreement], str | None]
+
+
+class PaymentAuthorizationUseReader(Protocol):
+    def __call__(self, agreement: UsageAgreement, *, confirmed: bool = False) -> str | None: ...
+
+
 _payment_authorization_use_reader: list[PaymentAuthorizationUseReader] = []
 ChainClockReader = Callable[[], int]
 _chain_clock_reader: list[ChainClockReader] = []
@@ -659,8 +665,9 @@ def permit_nonce_reader_register(*, reader: PermitNonceReader) -> None:
 
 
 def payment_authorization_use_reader_register(*, reader: PaymentAuthorizationUseReader) -> None:
-    """`reader(agreement)` is the hash of the transfer that used the direct purchase's payment authorization as it says
-    (its price paid to the seller), else None: the escrow app reads it from the chain."""
+    """`reader(agreement, confirmed=...)` is the hash of the transfer that used the direct purchase's payment
+    authorization as it says (its price paid to the seller), else None; `confirmed`: only a use mined at the
+    confirmation depth. The escrow app reads it from the chain."""
     _payment_authorization_use_reader[:] = [reader]
 
 
@@ -669,19 +676,21 @@ def chain_clock_reader_register(*, reader: ChainClockReader) -> None:
     _chain_clock_reader[:] = [reader]
 
 
-def _direct_payment_made_by(agreement: UsageAgreement) -> str | None:
+def _direct_payment_made_by(agreement: UsageAgreement, *, confirmed: bool = False) -> str | None:
     """The transfer that paid a proposed direct purchase's price to its seller already (the buyer, or anyone holding
     its authorization, sent it), else None. Asked of the chain: never under the row lock."""
     if agreement.settlement_model != SettlementModel.DIRECT_PAYMENT or agreement.status != S.PROPOSED:
         return None
-    return _payment_authorization_used_by(agreement)
+    return _payment_authorization_used_by(agreement, confirmed=confirmed)
 
 
-def _payment_authorization_used_by(agreement: UsageAgreement) -> str | None:
-    """The transfer that used the direct purchase's payment authorization, whatever the purchase's status."""
+def _payment_authorization_used_by(agreement: UsageAgreement, *, confirmed: bool = False) -> str | None:
+    """The transfer that used the direct purchase's payment authorization, whatever the purchase's status.
+    `confirmed`: only one at the confirmation depth, for what a closed purchase records for good (a reorg takes back a
+    newer one, and nothing would undo the record)."""
     if not _payment_authorization_use_reader:
         raise DependencyUnavailable("Direct payments are not available.", code="direct_payments_unavailable")
-    return _payment_authorization_use_reader[0](agreement)
+    return _payment_authorization_use_reader[0](agreement, confirmed=confirmed)
 
 
 def _fee_permit_completed(fee_permit: dict, *, fee: int, payer: str) -> dict:
@@ -715,6 +724,11 @@ def _direct_payment_check(*, payment_header: str, fee_permit: dict, amount: int,
     if authorization.payer.lower() != payer.lower():
         raise InvalidInput(f"payment_header: the payment must come from the buyer's wallet {payer}.",
                            code="wrong_payer", details={"field": "payment_header"})
+    if authorization.valid_before > timezone.now().timestamp() + settings.DIRECT_PAYMENT_MAX_VALIDITY:
+        # Bearer until then whatever becomes of the purchase: watched from the chain that long once it is closed.
+        raise InvalidInput(f"payment_header: validBefore must be at most {settings.DIRECT_PAYMENT_MAX_VALIDITY} s "
+                           "away.", code="payment_valid_too_long",
+                           details={"field": "payment_header", "max_seconds": settings.DIRECT_PAYMENT_MAX_VALIDITY})
     if fee_permit["value"] < fee:
         raise InvalidInput(f"fee_permit.value must be at least the fee, {fee}.", code="permit_value_too_low",
                            details={"field": "fee_permit", "required": fee})
@@ -1073,7 +1087,9 @@ def agreement_cancel(*, agreement: UsageAgreement, buyer: Agent, reason: str = "
     went: the cancel's event names the transfer (`used_by`), the purchase keeps it as its payment_tx_hash, and its price
     counts against the buyer's caps (`_committed_spends`)."""
     _require_party(agreement, buyer, "buyer")
-    paid_by = _direct_payment_made_by(agreement)  # the chain is asked first: never under the row lock
+    # The chain is asked first, never under the row lock, for a use at the confirmation depth: a newer one is recorded
+    # by the watch of closed direct proposals once it is that deep.
+    paid_by = _direct_payment_made_by(agreement, confirmed=True)
     with transaction.atomic():
         # A pending approval request exists only while the agreement is pending_approval (a decision moves both).
         policy_services.approval_withdraw(subject_type=APPROVAL_SUBJECT, subject_id=agreement.pk,
@@ -1113,7 +1129,7 @@ def _closed_direct_proposal_recheck(agreement: UsageAgreement) -> UsageAgreement
     if agreement.settlement_model != SettlementModel.DIRECT_PAYMENT or agreement.payment_tx_hash:
         return agreement
     try:
-        used_by = _payment_authorization_used_by(agreement)
+        used_by = _payment_authorization_used_by(agreement, confirmed=True)
     except Exception:
         logger.error("could not tell whether a direct proposal just closed was paid in the meantime",
                      extra={"agreement_id": str(agreement.pk)}, exc_info=True)
@@ -1175,7 +1191,7 @@ def closed_direct_proposals_watch() -> int:
     found = 0
     for agreement in watched:
         try:
-            used_by = _payment_authorization_used_by(agreement)
+            used_by = _payment_authorization_used_by(agreement, confirmed=True)
         except Exception:
             logger.warning("could not tell whether a closed direct proposal's authorization was used: read next run",
                            extra={"agreement_id": str(agreement.pk)}, exc_info=True)

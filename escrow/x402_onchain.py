@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import QuerySet
 from eth_utils import to_checksum_address
@@ -365,13 +366,14 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> agreement_services.D
     return agreement_services.DirectPaymentPreflight(None, buyer_balance=balance, paid_by=paid_by)
 
 
-def _direct_payment_made_by(agreement: UsageAgreement) -> str | None:
+def _direct_payment_made_by(agreement: UsageAgreement, *, confirmed: bool = False) -> str | None:
     """The transfer that used a direct purchase's payment authorization as it says (`_authorization_use`), else None
-    (registered with agreements, which asks it before a seller's reject). A node that does not answer is 503."""
+    (registered with agreements, which asks it before a seller's reject). `confirmed`: only one mined at the
+    confirmation depth, which no reorg the platform waits out takes back. A node that does not answer is 503."""
     _require_chain()
     with chain.unavailable_as_503():
-        return (_authorization_use(agreement_selectors.payment_authorization_of(agreement=agreement)) or {}).get(
-            "used_by")
+        return (_authorization_use(agreement_selectors.payment_authorization_of(agreement=agreement),
+                                   confirmed=confirmed) or {}).get("used_by")
 
 
 def _direct_payment_required(agreement: UsageAgreement, *, paid_by: str | None) -> int:
@@ -466,13 +468,14 @@ def _direct_fee_outcome(tx: ChainTransaction) -> None:
                          _transfer_with_authorization_data(agreement.payment_authorization))
 
 
-def _authorization_use(authorization) -> dict | None:
+def _authorization_use(authorization, *, confirmed: bool = False) -> dict | None:
     """The transaction that used the x402 authorization (its transfer ran: AuthorizationUsed), as evidence: its
     hash (`used_by`) and block (relayer.EVIDENCE_BLOCK); None when none did (unused, cancelled:
     AuthorizationCanceled, or its nonce spent on another transfer: `_transferred_as_authorized`). Anyone holding it
     may submit it. The token's
     `authorizationState` says whether either happened; only then are its logs read, newest first, so the search
-    ends at the span that holds the latest of them (not a scan from the deployment block)."""
+    ends at the span that holds the latest of them (not a scan from the deployment block). `confirmed`: the logs
+    up to the block CHAIN_CONFIRMATIONS deep only (a use in a newer block is None until it is that deep)."""
     token = chain.token_contract()
     payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
     if not chain.call(token.functions.authorizationState(payer, nonce).call):
@@ -482,7 +485,8 @@ def _authorization_use(authorization) -> dict | None:
     found = chain.first_logs(
         address=token.address, topics=[[used, cancelled], chain.address_topic(payer), "0x" + nonce.hex()],
         from_block=chainconfig.escrow_deployment_block(),
-        to_block=chain.latest_block_number(), newest_first=True)
+        to_block=chain.latest_block_number() - (max(settings.CHAIN_CONFIRMATIONS, 1) - 1 if confirmed else 0),
+        newest_first=True)
     if not found or _topic_of(found[-1]) != used or not _transferred_as_authorized(found[-1], authorization):
         return None
     latest = found[-1]

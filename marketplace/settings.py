@@ -315,6 +315,9 @@ CHALLENGE_SIGNATURE_MIN_VALIDITY = env.int("CHALLENGE_SIGNATURE_MIN_VALIDITY_SEC
 # A direct payment's signatures (x402 authorization, fee permit) must stay valid at least this long after
 # proposal, so the seller has time to accept; the proposal expires before they do.
 DIRECT_PAYMENT_MIN_VALIDITY = env.int("DIRECT_PAYMENT_MIN_VALIDITY_SECONDS", default=600)
+# ... and at most this long (a day, as the SDK signs, and 10 minutes for the buyer's clock): the authorization stays
+# usable until its validBefore whatever becomes of the purchase, and is watched from the chain until then.
+DIRECT_PAYMENT_MAX_VALIDITY = env.int("DIRECT_PAYMENT_MAX_VALIDITY_SECONDS", default=24 * 3600 + 600)
 # The expiry sweep asks the chain whether each expiring direct proposal was paid already (its buyer's authorization
 # used: then accepted as paid, not expired): at most this many a run, the others waiting for the next run.
 DIRECT_PROPOSALS_CHECKED_PER_SWEEP = env.int("DIRECT_PROPOSALS_CHECKED_PER_SWEEP", default=50)

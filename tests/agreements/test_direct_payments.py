@@ -325,21 +325,25 @@ def test_a_payment_header_replayed_with_its_nonce_spelled_otherwise_is_refused(p
     assert response.json()["error"]["code"] == "authorization_already_used"
 
 
-def test_a_payment_valid_beyond_what_the_database_records_is_400_not_500(purchase):
-    """validBefore is a uint256 the buyer signs; one past 2^63 - 1 failed the record's insert (500)."""
+def _signed_valid_until(purchase: Purchase, valid_before: int) -> dict:
+    """A proposal's body whose payment authorization the buyer signed valid until `valid_before` (the SDK signs at
+    most a day: a client of its own signs what it likes)."""
     body = purchase.body()
     payload = json.loads(base64.b64decode(body["payment_header"]))
-    authorization = {**payload["payload"]["authorization"], "validBefore": str(2**63)}
+    authorization = {**payload["payload"]["authorization"], "validBefore": str(valid_before)}
     typed = typed_data.transfer_with_authorization(
         chain_id=purchase.chain.chain_id, token_address=purchase.chain.usdc.address,
         from_address=authorization["from"], to_address=authorization["to"], value=int(authorization["value"]),
-        valid_after=int(authorization["validAfter"]), valid_before=2**63, nonce=authorization["nonce"],
+        valid_after=int(authorization["validAfter"]), valid_before=valid_before, nonce=authorization["nonce"],
         token_name=purchase.chain.usdc.functions.name().call())
     payload["payload"] = {"authorization": authorization,
                           "signature": typed_data.sign_typed_data(purchase.buyer.key, typed)}
+    return {**body, "payment_header": base64.b64encode(json.dumps(payload).encode()).decode()}
 
-    response = purchase.parties.buyer_api.post("/usage-agreements", {
-        **body, "payment_header": base64.b64encode(json.dumps(payload).encode()).decode()})
+
+def test_a_payment_valid_beyond_what_the_database_records_is_400_not_500(purchase):
+    """validBefore is a uint256 the buyer signs; one past 2^63 - 1 failed the record's insert (500)."""
+    response = purchase.parties.buyer_api.post("/usage-agreements", _signed_valid_until(purchase, 2**63))
 
     assert response.status_code == 400, response.content
     assert response.json()["error"]["code"] == "malformed_payment"
@@ -358,6 +362,25 @@ def test_a_payment_signature_spelled_with_whitespace_is_recorded_as_its_65_bytes
 
     assert response.status_code == 201, response.content
     assert UsageAgreement.objects.get().payment_authorization.signature == signature.lower()
+
+
+def test_a_payment_authorization_valid_for_longer_than_a_day_is_refused(purchase, settings):
+    """A closed proposal's authorization is watched until its validBefore (and a failed payment's, by the relayer):
+    one signed valid for years was read from the chain at every turn of the watch for years, never ended, each such
+    proposal (a cancel away for the buyer) lengthening every other's turn. Refused at proposal (400
+    `payment_valid_too_long`, nothing recorded), as the SDK refuses to sign one."""
+    ten_years = purchase.chain.now() + 10 * 365 * 24 * 3600
+
+    response = purchase.parties.buyer_api.post("/usage-agreements", _signed_valid_until(purchase, ten_years))
+
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "payment_valid_too_long", error
+    assert error["details"] == {"field": "payment_header", "max_seconds": settings.DIRECT_PAYMENT_MAX_VALIDITY}
+    assert not UsageAgreement.objects.filter(buyer=purchase.parties.buyer).exists()
+    day = purchase.parties.buyer_api.post("/usage-agreements",
+                                          _signed_valid_until(purchase, purchase.chain.now() + 24 * 3600))
+    assert day.status_code == 201, day.content
 
 
 def test_direct_payment_needs_its_signatures_and_escrow_refuses_them(purchase):
@@ -1226,7 +1249,7 @@ def test_an_expiring_direct_proposal_whose_authorization_the_chain_cannot_say_is
     agreement = purchase.propose()
     UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
 
-    def unavailable(agreement):
+    def unavailable(agreement, **kwargs):
         raise agreement_services.DependencyUnavailable("node down", code="chain_unavailable")
 
     monkeypatch.setattr(agreement_services, "_payment_authorization_use_reader", [unavailable])
@@ -1274,8 +1297,8 @@ def _paid_right_after_reading(monkeypatch, purchase, agreement, reader: str) -> 
     make): the hashes of the transfers sent, filled as the reader runs."""
     read_the_chain, sent = getattr(agreement_services, reader), []
 
-    def paid_right_after_the_read(*args):
-        answer = read_the_chain(*args)
+    def paid_right_after_the_read(*args, **kwargs):
+        answer = read_the_chain(*args, **kwargs)
         sent.append(_hash(_use_authorization(purchase.chain, agreement["id"], purchase.buyer.address)))
         return answer
 
@@ -1427,9 +1450,9 @@ def test_the_closed_proposals_watch_reads_the_oldest_checked_first_and_ends_once
         _close_unpaid(purchase, agreement["id"], "cancel")
     reads, read_the_chain = [], agreement_services._payment_authorization_use_reader[0]
 
-    def counted(agreement):
+    def counted(agreement, **kwargs):
         reads.append(str(agreement.pk))
-        return read_the_chain(agreement)
+        return read_the_chain(agreement, **kwargs)
 
     monkeypatch.setattr(agreement_services, "_payment_authorization_use_reader", [counted])
     settings.CLOSED_DIRECT_PROPOSALS_CHECKED_PER_SWEEP = 1
@@ -1437,7 +1460,7 @@ def test_the_closed_proposals_watch_reads_the_oldest_checked_first_and_ends_once
         agreement_tasks.watch_closed_direct_proposals()
     assert reads == [first["id"], second["id"], first["id"]]
 
-    def unavailable(agreement):
+    def unavailable(agreement, **kwargs):
         raise agreement_services.DependencyUnavailable("node down", code="chain_unavailable")
 
     monkeypatch.setattr(agreement_services, "_payment_authorization_use_reader", [unavailable])
@@ -1481,3 +1504,34 @@ def test_a_direct_purchase_paid_while_it_awaited_approval_rejected_with_the_brok
     agreement = purchase.parties.agreement(held["id"])
     assert agreement["status"] == "rejected" and agreement["payment_tx_hash"] == used_by, agreement
     _next_purchase_over_the_daily_cap_refused(purchase)
+
+
+@pytest.mark.parametrize("found_by", ["watch", "cancel"])
+def test_a_use_of_a_closed_proposals_authorization_a_reorg_takes_is_not_recorded(purchase, settings, found_by):
+    """The watch of closed direct proposals, and a cancel's reads, asked the chain's head: a use mined in a block not
+    yet at the confirmation depth was recorded for good (the purchase named the transfer, its price counted against
+    the buyer's caps, the watch ended), and a reorg that took it left the purchase naming a transaction the chain
+    never had, the price counted while it stayed in the buyer's wallet. A use is recorded once at the confirmation
+    depth; until then the watch goes on, and records it once it is."""
+    settings.CHAIN_CONFIRMATIONS = 3
+    agreement = purchase.propose()
+    if found_by == "watch":
+        _close_unpaid(purchase, agreement["id"], "cancel")
+    before_the_use = purchase.chain.snapshot()
+    _use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address)
+    if found_by == "cancel":
+        _close_unpaid(purchase, agreement["id"], "cancel")
+    agreement_tasks.watch_closed_direct_proposals()
+
+    purchase.chain.reorg(before_the_use)
+    agreement_tasks.watch_closed_direct_proposals()
+
+    closed = purchase.parties.agreement(agreement["id"])
+    assert (closed["status"], closed["payment_tx_hash"]) == ("cancelled", ""), closed
+    assert UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization_watch_ended_at is None
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
+    agreement_tasks.watch_closed_direct_proposals()
+    assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == ""  # not deep enough yet
+    purchase.chain.mine(settings.CHAIN_CONFIRMATIONS - 1)
+    agreement_tasks.watch_closed_direct_proposals()
+    assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == used_by
