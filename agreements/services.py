@@ -292,7 +292,8 @@ def _committed_spends(buyer: Agent, *, day_since: datetime, month_since: datetim
     agreements (nothing once released but the price of a direct purchase closed or failed after its buyer's payment
     reached the seller, a failed direct purchase's fee collected until it is refunded, the fee once
     refunded, fee plus what the seller was paid once settled, which an arbiter may set above what was metered, else
-    fee plus deposit), each at the moment the platform moved its money or, until then, at its proposal, but for the
+    fee plus deposit), each at the moment the platform moved its money (or found its price paid) or, until then, at its
+    proposal, but for the
     agreement `excluding` (the one being checked); and its skill invocations (the price, unless the payment failed, was
     refunded or was reverted). With `unfunded_with`, also how many of its agreements with that seller are unanswered
     or unfunded (`UNFUNDED_OPEN_STATUSES`), or were proposed since `unfunded_since` and cancelled or expired unfunded
@@ -784,8 +785,9 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> DirectPaymentPreflig
 
 def _direct_payment_start(agreement_id, preflight: DirectPaymentPreflight) -> UsageAgreement:
     problem = preflight.problem
+    # One paid already counts from now too, failed or not: the price left the buyer's wallet.
     agreement = _transition(agreement_id, to=S.PAYING, actor=SYSTEM, reason="collecting the fee, then paying",
-                            changes=None if problem else {"funds_moved_at": timezone.now()})
+                            changes=None if problem and not preflight.paid_by else {"funds_moved_at": timezone.now()})
     if problem and preflight.paid_by:
         # No status says "paid, fee not collected": failed, but saying so, for the parties and an operator.
         # Its payment_tx_hash names the transfer: the price is out of the buyer's wallet, counted against its caps.
@@ -1004,6 +1006,22 @@ def agreement_payment_authorization_cancel_failed(*, agreement_id, reason: str, 
                   reason=reason[:500])
 
 
+def agreement_payment_authorization_use_reopened(*, agreement_id, used_by: str) -> None:
+    """A reorg took the use of a closed direct proposal's authorization that outran its cancellation
+    (`agreement_payment_authorization_cancel_failed`): the price is back in the buyer's wallet on the new branch. The
+    purchase no longer names that transfer nor counts it, told to the parties as a reorg's undo, and is watched again
+    (`closed_direct_proposals_watch`): the cancellation is sent again, or the authorization used again."""
+    agreement = _lock(agreement_id)
+    if agreement.status not in CLOSED_STATUSES or agreement.payment_tx_hash != used_by:
+        return
+    agreement.payment_tx_hash = ""
+    agreement.payment_authorization_watch_ended_at = None
+    agreement.save(update_fields=["payment_tx_hash", "payment_authorization_watch_ended_at", "updated_at"])
+    _record_event(agreement, actor=SYSTEM, from_status=agreement.status, data={"reorg": True, "used_by": used_by},
+                  reason=f"a reorg took the transfer that used the payment authorization (tx {used_by}): its price "
+                         "is no longer counted")
+
+
 def agreement_payment_authorization_cancel_reopened(*, agreement_id) -> None:
     """A reorg took the cancellation off the chain: not counted until it is concluded again, and the authorization
     watched again until then (the watch ends anyway once its validBefore passed)."""
@@ -1098,7 +1116,7 @@ def agreement_cancel(*, agreement: UsageAgreement, buyer: Agent, reason: str = "
             return _transition(agreement.pk, to=S.CANCELLED, actor=Actor.agent(buyer, "buyer"),
                                reason=f"{reason} (the buyer's payment reached the seller before the cancel: tx "
                                       f"{paid_by})".lstrip(), data={"used_by": paid_by},
-                               changes={"payment_tx_hash": paid_by})
+                               changes={"payment_tx_hash": paid_by, "funds_moved_at": timezone.now()})
         cancelled = _transition(agreement.pk, to=S.CANCELLED, actor=Actor.agent(buyer, "buyer"), reason=reason)
     return _closed_direct_proposal_recheck(cancelled)
 
@@ -1150,8 +1168,11 @@ def _closed_direct_proposal_paid_record(agreement: UsageAgreement, *, used_by: s
         if current.status != agreement.status or current.payment_tx_hash:
             return current
         current.payment_tx_hash = used_by
-        current.payment_authorization_watch_ended_at = timezone.now()
-        current.save(update_fields=["payment_tx_hash", "payment_authorization_watch_ended_at", "updated_at"])
+        # Counted against the caps from now, not from the proposal: its authorization valid for a day, a use found
+        # a day after it would be out of the day's window at once.
+        current.funds_moved_at = current.payment_authorization_watch_ended_at = timezone.now()
+        current.save(update_fields=["payment_tx_hash", "funds_moved_at", "payment_authorization_watch_ended_at",
+                                    "updated_at"])
         _record_event(current, actor=SYSTEM, from_status=current.status, data={"used_by": used_by}, reason=reason)
     return current
 

@@ -742,8 +742,11 @@ def _direct_authorization_cancel_outcome(tx: ChainTransaction) -> None:
 
 
 def _direct_authorization_cancel_reopened(tx: ChainTransaction) -> None:
+    """A reorg took the cancellation's block, or, of one a use outran, that use's block: what it recorded is undone."""
     if tx.status == TxStatus.CONFIRMED:
         agreement_services.agreement_payment_authorization_cancel_reopened(agreement_id=tx.agreement_id)
+    elif used_by := tx.outcome_evidence.get("used_by"):
+        agreement_services.agreement_payment_authorization_use_reopened(agreement_id=tx.agreement_id, used_by=used_by)
 
 
 def handlers_register() -> None:

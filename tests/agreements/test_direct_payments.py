@@ -738,6 +738,40 @@ def test_a_cancellation_outrun_by_a_use_of_the_authorization_records_that_use(
     _next_purchase_over_the_daily_cap_refused(purchase)
 
 
+def test_a_cancellation_outrun_by_a_use_a_reorg_takes_names_no_transfer_and_the_cancellation_that_ran(
+        purchase, django_capture_on_commit_callbacks):
+    """The use that outran the buyer's cancellation is named by the purchase (payment_tx_hash) and counted against
+    its caps; a reorg takes the use's block (and the failed cancellation's after it): the relayer sends the
+    cancellation again and it runs on the new branch. The purchase went on naming a transfer the chain no longer had,
+    its price counted though it never left the buyer's wallet. It names none, and the cancellation."""
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    buyer_balance = purchase.balances()[0]
+    with capture(execute=False):  # queued, not sent yet
+        queued = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
+                                                 {"signature": _cancel_signature(purchase, agreement["id"])})
+    before_the_use = purchase.chain.snapshot()
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
+    with capture(execute=True):
+        relayer.transaction_submit(transaction_id=queued.json()["transaction"]["id"])
+    for _ in range(2):
+        confirm_all(capture)
+    assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == used_by
+
+    purchase.chain.reorg(before_the_use)
+    for _ in range(3):
+        confirm_all(capture)
+
+    rejected = purchase.parties.agreement(agreement["id"])
+    cancel = ChainTransaction.objects.get(agreement_id=agreement["id"])
+    assert cancel.status == "confirmed" and purchase.balances()[0] == buyer_balance
+    assert (rejected["payment_tx_hash"], rejected["payment_authorization_cancel_tx_hash"]) == (
+        "", cancel.mined_tx_hash), rejected
+    event = AgreementEvent.objects.filter(agreement_id=agreement["id"], data__reorg=True).get()
+    assert used_by in event.reason
+
+
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
@@ -1535,3 +1569,24 @@ def test_a_use_of_a_closed_proposals_authorization_a_reorg_takes_is_not_recorded
     purchase.chain.mine(settings.CHAIN_CONFIRMATIONS - 1)
     agreement_tasks.watch_closed_direct_proposals()
     assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == used_by
+
+
+@pytest.mark.parametrize("found_by", ["watch", "cancel"])
+def test_a_closed_direct_proposals_price_found_paid_a_day_after_its_proposal_counts_in_the_days_cap(
+        purchase, found_by):
+    """A closed proposal found paid counted its price from its proposal (no funds_moved_at): its authorization valid
+    for a day and more, a use found a day after the proposal was out of the day's window at once, and the buyer's
+    daily cap let it spend as much again on top of the price that had just left its wallet. It counts from when the
+    transfer was found."""
+    agreement = purchase.propose()
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(
+        created_at=timezone.now() - timedelta(hours=24, minutes=5))
+    if found_by == "watch":
+        _close_unpaid(purchase, agreement["id"], "cancel")
+    _use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address)
+    if found_by == "cancel":
+        _close_unpaid(purchase, agreement["id"], "cancel")
+    agreement_tasks.watch_closed_direct_proposals()
+    assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"]
+
+    _next_purchase_over_the_daily_cap_refused(purchase)
