@@ -4,6 +4,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
+from django.db.models.functions import Coalesce
 
 from catalog.models import Agent, Service
 from marketplace.fields import AddressField, Bytes32Field, TokenAmountField
@@ -310,8 +311,9 @@ class UsageAgreement(PaymentReversal):
             models.Index(fields=["seller", "-created_at", "id"], name="agreement_seller_listing_idx"),
             models.Index(fields=["status", "proposal_expires_at"], name="agreement_status_proposal_idx"),
             models.Index(fields=["status", "expires_at"], name="agreement_status_expiry_idx"),
-            # The closed direct proposals whose authorization may yet be used, least recently read first.
-            models.Index(fields=["payment_authorization_watched_at", "closed_at"],
+            # The closed direct proposals whose authorization may yet be used, least recently read first (one never
+            # read by the watch: from its close).
+            models.Index(Coalesce("payment_authorization_watched_at", "closed_at"), F("id"),
                          condition=Q(settlement_model=SettlementModel.DIRECT_PAYMENT, status__in=sorted(CLOSED_STATUSES),
                                      payment_tx_hash="", payment_authorization_watch_ended_at=None),
                          name="agreement_closed_watch_idx"),

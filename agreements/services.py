@@ -17,7 +17,8 @@ from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core import checks
 from django.db import connection, transaction
-from django.db.models import Exists, F, OuterRef, Q
+from django.db.models import Exists, OuterRef, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agreements import invocations, selectors, webhooks, x402_protocol
@@ -1192,14 +1193,16 @@ def closed_direct_proposals_watch() -> int:
     naming it, nothing counted against the buyer's caps. One found used names the transfer and counts its price
     (`_closed_direct_proposal_paid_record`: an expired one is not reopened to be accepted, the seller never did and
     the proposal's time is over). Up to CLOSED_DIRECT_PROPOSALS_CHECKED_PER_SWEEP a run, the least recently read
-    first; one the node does not answer for keeps its turn. Once its validBefore (and
+    first, one the watch never read counted read at its close (the close's own read): not ahead of all, or proposals
+    closed faster than the watch reads would keep one read before from its turn for good. One the node does not
+    answer for keeps its turn. Once its validBefore (and
     CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS) has passed on the chain's clock, read before the authorization, a read
     that finds it unused is the last: no use can be mined any more. Safe twice, and beside the close's own read."""
     watched = list(UsageAgreement.objects.filter(settlement_model=SettlementModel.DIRECT_PAYMENT,
                                                  status__in=sorted(CLOSED_STATUSES), payment_tx_hash="",
                                                  payment_authorization_watch_ended_at=None)
                    .select_related("payment_authorization")
-                   .order_by(F("payment_authorization_watched_at").asc(nulls_first=True), "closed_at", "pk")
+                   .order_by(Coalesce("payment_authorization_watched_at", "closed_at"), "pk")
                    [:settings.CLOSED_DIRECT_PROPOSALS_CHECKED_PER_SWEEP])
     if not watched or not _chain_clock_reader:
         return 0

@@ -1590,3 +1590,29 @@ def test_a_closed_direct_proposals_price_found_paid_a_day_after_its_proposal_cou
     assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"]
 
     _next_purchase_over_the_daily_cap_refused(purchase)
+
+
+def test_closed_direct_proposals_closed_run_after_run_do_not_starve_one_read_before(purchase, settings, monkeypatch):
+    """The watch read those it never read first (payment_authorization_watched_at nulls first): proposals closed
+    faster than it reads them (any buyer's, a cancel away each) kept an older one from ever being read again, its
+    authorization free to be used unseen. One never read by the watch takes its turn from its close (the close's own
+    read), so the one read before it, and not since, is read next."""
+    settings.CLOSED_DIRECT_PROPOSALS_CHECKED_PER_SWEEP = 1
+    reads, read_the_chain = [], agreement_services._payment_authorization_use_reader[0]
+
+    def counted(agreement, **kwargs):
+        reads.append(str(agreement.pk))
+        return read_the_chain(agreement, **kwargs)
+
+    monkeypatch.setattr(agreement_services, "_payment_authorization_use_reader", [counted])
+    first = purchase.propose()
+    _close_unpaid(purchase, first["id"], "cancel")
+    agreement_tasks.watch_closed_direct_proposals()
+    for _ in range(2):
+        newer = purchase.propose()
+        _close_unpaid(purchase, newer["id"], "cancel")
+        reads.clear()
+        agreement_tasks.watch_closed_direct_proposals()
+        if reads == [first["id"]]:
+            return
+    pytest.fail(f"the proposal read first was not read again while newer ones closed: {reads}")
