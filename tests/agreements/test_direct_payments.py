@@ -14,7 +14,7 @@ from x402.http import decode_payment_signature_header
 
 from agreements import services as agreement_services
 from agreements import tasks as agreement_tasks
-from agreements.models import AgreementEvent, UsageAgreement
+from agreements.models import AgreementEvent, UsageAgreement, WebhookDelivery, WebhookSubscription
 from escrow import chain as gateway
 from escrow import relayer
 from escrow import selectors as escrow_selectors
@@ -1616,3 +1616,23 @@ def test_closed_direct_proposals_closed_run_after_run_do_not_starve_one_read_bef
         if reads == [first["id"]]:
             return
     pytest.fail(f"the proposal read first was not read again while newer ones closed: {reads}")
+
+
+def test_the_parties_webhooks_name_the_transfer_that_paid_a_closed_proposal(purchase):
+    """Found paid after its close, the purchase was sent to both parties' webhooks as its close again
+    (`agreement.cancelled` from cancelled), the transfer named only in the reason's prose: a receiver could not tell
+    "the price reached you" from a repeat of the close. The event's `data.used_by` names it, in the inbox alike."""
+    for agent in (purchase.parties.buyer, purchase.parties.seller):
+        WebhookSubscription.objects.create(agent=agent, url="https://hooks.example/agreements", secret="whsec_test")
+    agreement = purchase.propose()
+    _close_unpaid(purchase, agreement["id"], "cancel")
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
+
+    agreement_tasks.watch_closed_direct_proposals()
+
+    found = WebhookDelivery.objects.filter(payload__data__agreement_id=agreement["id"]).order_by("-created_at")[:2]
+    assert {delivery.subscription.agent_id for delivery in found} == {purchase.parties.buyer.pk,
+                                                                      purchase.parties.seller.pk}
+    assert [delivery.payload["data"].get("used_by") for delivery in found] == [used_by, used_by]
+    inbox = purchase.parties.seller_api.get(f"/agents/{purchase.parties.seller.pk}/events").json()
+    assert any(item["payload"].get("used_by") == used_by for item in inbox), inbox
