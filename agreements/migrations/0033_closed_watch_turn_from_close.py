@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agreements', '0030_closed_direct_proposal_authorization_watch'),
+        ('agreements', '0032_admin_history_webhook_urls_masked'),
         ('catalog', '0021_service_availability_queued_at'),
     ]
 
