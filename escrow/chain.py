@@ -495,7 +495,9 @@ def current_fees() -> Fees:
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
     tip = max(tip, settings.CHAIN_MIN_PRIORITY_FEE)
-    return Fees(max_fee_per_gas=min(2 * base + tip, settings.CHAIN_MAX_FEE_PER_GAS), max_priority_fee_per_gas=tip)
+    max_fee = min(2 * base + tip, settings.CHAIN_MAX_FEE_PER_GAS)
+    # A tip above the max fee is no transaction a node accepts: a suggested tip past the cap is capped with it.
+    return Fees(max_fee_per_gas=max_fee, max_priority_fee_per_gas=min(tip, max_fee))
 
 
 def relayer_account():

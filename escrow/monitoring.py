@@ -74,14 +74,20 @@ def _tx_url(tx) -> str:
 
 
 def _overdue(now) -> list[dashboard.Overdue]:
-    """Transactions unconfirmed for too long, those stuck at the fee cap, and settlement proposals given up on."""
+    """Transactions unconfirmed for too long, those stuck at the fee cap or refused for the relayer's gas, and
+    settlement proposals given up on."""
     at_cap = list(selectors.transactions_at_fee_cap()
                   [:dashboard.OVERDUE_LIMIT])
     items = [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} stuck at the fee cap",
                                subject=str(tx.agreement_id or tx.pk),
                                detail=f"bids the cap of {settings.CHAIN_MAX_FEE_PER_GAS / 10**9:g} gwei; "
                                       f"rebroadcast only", admin_url=_tx_url(tx)) for tx in at_cap]
-    capped = {tx.pk for tx in at_cap}
+    unfunded = list(selectors.transactions_unfunded()[:dashboard.OVERDUE_LIMIT])
+    items += [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} refused: the relayer's wallet cannot pay its gas",
+                                subject=str(tx.agreement_id or tx.pk),
+                                detail=f"top up {tx.relayer.address}: nonce {tx.nonce} and those after it wait, "
+                                       "sent again as signed", admin_url=_tx_url(tx)) for tx in unfunded]
+    capped = {tx.pk for tx in at_cap + unfunded}
     items += [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} of a relayer key not configured",
                                 subject=str(tx.agreement_id or tx.pk),
                                 detail=f"{tx.relayer.address}'s key is in neither RELAYER_PRIVATE_KEY nor "

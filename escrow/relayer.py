@@ -126,6 +126,8 @@ _ANONYMOUS_PARTY_PREFIX = "wallet:"
 _IN_FLIGHT_RETRY_AFTER_SECONDS = 10
 # What a transfer of nothing to an account without code costs: a nonce fill's gas limit.
 _PLAIN_TRANSFER_GAS = 21_000
+# How a broadcast the node refused because the wallet cannot pay its gas is recorded (`TxAttempt.broadcast_error`).
+UNFUNDED_BROADCAST_ERROR = chain.InsufficientFunds.__name__
 # A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
 _POLL_GIVES_UP_AFTER = 5
 
@@ -516,9 +518,22 @@ def _broadcast(attempt: TxAttempt) -> None:
         chain.broadcast(attempt.raw_transaction)
     except chain.ChainError as error:
         logger.warning("broadcast failed", extra={"tx_hash": attempt.tx_hash, "error": str(error)})
-        TxAttempt.objects.filter(pk=attempt.pk).update(broadcast_error=f"{type(error).__name__}: {error}"[:500])
+        _broadcast_refused(attempt, error)
         return
     TxAttempt.objects.filter(pk=attempt.pk).update(broadcast_at=timezone.now(), broadcast_error="")
+
+
+def _broadcast_refused(attempt: TxAttempt, error: chain.ChainError) -> None:
+    """Record why the node refused `attempt`; the wallet unable to pay its gas is an operator's to fix (said once)."""
+    if isinstance(error, chain.InsufficientFunds) and not _unfunded(attempt):
+        logger.error("the relayer's wallet cannot pay a transaction's gas: top it up",
+                     extra={"tx_id": str(attempt.transaction_id), "tx_hash": attempt.tx_hash, "nonce": attempt.nonce})
+    TxAttempt.objects.filter(pk=attempt.pk).update(broadcast_error=f"{type(error).__name__}: {error}"[:500])
+
+
+def _unfunded(attempt: TxAttempt) -> bool:
+    """Whether the node refused `attempt`'s last broadcast because the wallet cannot pay its gas."""
+    return attempt.broadcast_error.startswith(UNFUNDED_BROADCAST_ERROR)
 
 
 def _logs_name_the_agreement(function):
@@ -1034,6 +1049,10 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
     resend = None
     if now - last.created_at < settings.CHAIN_REPLACE_AFTER:
         pass
+    elif _unfunded(last):
+        # Higher fees ask the wallet for more still: a top-up covering these bytes left the replacement refused, and
+        # the one mined paid the tip of the round it reached. These bytes wait for the top-up (the dashboard says so).
+        pass
     elif chainconfig.relayer_key(tx.relayer.address) is None:
         # Its wallet's key was replaced and not kept (RELAYER_RETIRED_PRIVATE_KEYS): its bytes alone can take the nonce.
         logger.error("chain transaction of a replaced relayer key not replaced with higher fees: its signed bytes are "
@@ -1060,7 +1079,7 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
     except chain.RpcUnavailable:
         raise
     except chain.ChainError as error:
-        TxAttempt.objects.filter(pk=resend.pk).update(broadcast_error=f"{type(error).__name__}: {error}"[:500])
+        _broadcast_refused(resend, error)
         return tx
     TxAttempt.objects.filter(pk=resend.pk).update(broadcast_at=now, broadcast_error="")
     return tx

@@ -558,6 +558,15 @@ def transactions_at_fee_cap():
             .order_by("fee_cap_reached_at"))
 
 
+def transactions_unfunded():
+    """Submitted transactions the node refused because the relayer's wallet cannot pay their gas: their signed bytes
+    are sent again, not replaced with higher fees, until an operator tops the wallet up."""
+    refused = TxAttempt.objects.filter(transaction=OuterRef("pk"),
+                                       broadcast_error__startswith=relayer.UNFUNDED_BROADCAST_ERROR)
+    return (ChainTransaction.objects.filter(status=TxStatus.SUBMITTED).filter(Exists(refused))
+            .select_related("relayer").order_by("updated_at"))
+
+
 def transactions_of_unconfigured_relayers():
     """Submitted transactions whose wallet's key is configured nowhere (a replaced RELAYER_PRIVATE_KEY not kept in
     RELAYER_RETIRED_PRIVATE_KEYS): their stored bytes are sent again, never replaced with higher fees nor cancelled."""

@@ -1169,3 +1169,57 @@ def test_a_sweep_sending_a_transaction_again_while_its_submission_runs_signs_it_
     confirm_all(capture)
     assert parties.agreement(agreement["id"])["status"] == "active"
     assert TxAttempt.objects.filter(transaction__agreement_id=agreement["id"]).count() == 1
+
+
+def test_a_tip_the_node_suggests_above_the_fee_cap_does_not_make_the_first_attempt_invalid(
+        escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):
+    """A spike of demand (or a node overstating it) makes the node suggest a priority fee above CHAIN_MAX_FEE_PER_GAS.
+    The max fee was capped, the tip not: the first attempt was signed with a tip above its max fee, which no node
+    accepts, and the payout waited CHAIN_REPLACE_AFTER for a replacement, its nonce holding every later transaction
+    back. The tip is capped at the max fee: the first attempt is valid and mined."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    base_fee = chain.w3.eth.get_block("latest")["baseFeePerGas"]
+    settings.CHAIN_MAX_FEE_PER_GAS = 4 * base_fee + 10**9
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_maxPriorityFeePerGas",
+                      lambda answer: {**answer, "result": hex(2 * settings.CHAIN_MAX_FEE_PER_GAS)})
+    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    first = tx.attempts.get()
+    assert first.broadcast_error == "" and first.max_priority_fee_per_gas <= first.max_fee_per_gas
+    assert (tx.status, tx.mined_tx_hash) == (TxStatus.CONFIRMED, first.tx_hash)
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+
+def test_a_relayer_wallet_out_of_gas_keeps_its_bytes_shows_why_and_sends_them_once_topped_up(
+        escrow_chain, admin_client, settings, django_capture_on_commit_callbacks):
+    """The relayer's wallet cannot pay a payout's gas: the node refuses it (insufficient funds). Each round replaced it
+    with fees 13% higher, which asked the wallet for more still, up to the fee cap: a top-up covering what the
+    payout costs at the chain's fees left it refused, and once mined it paid the tip of the round it reached. The
+    dashboard said "stuck at the fee cap", not why. The signed bytes are kept and sent again (no replacement while
+    the wallet cannot pay them), the dashboard says the wallet cannot pay its gas, and a top-up sends them as signed."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    relayer_address = chain.accounts.deployer.address
+    fund(chain, relayer_address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    chain.rpc("anvil_setBalance", [relayer_address, hex(10**9)])  # one gwei's worth of gas: nothing
+    settings.CHAIN_REBROADCAST_AFTER = settings.CHAIN_REPLACE_AFTER = timedelta(0)
+    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+    first = tx.attempts.get()
+    assert first.broadcast_error.startswith("InsufficientFunds")
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.SUBMITTED
+    assert tx.attempts.count() == 1, "replaced with higher fees while the wallet cannot pay the first"
+    overdue = admin_client.get("/admin/dashboard/").context["overdue"]
+    assert f"{tx.purpose} refused: the relayer's wallet cannot pay its gas" in [item.kind for item in overdue]
+
+    chain.rpc("anvil_setBalance", [relayer_address, hex(tx.gas_limit * int(first.max_fee_per_gas))])
+    confirm_all(django_capture_on_commit_callbacks)
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert (tx.status, tx.mined_tx_hash, tx.attempts.count()) == (TxStatus.CONFIRMED, first.tx_hash, 1)
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
