@@ -109,6 +109,7 @@ _ERROR_PATTERNS: list[tuple[str, type[ChainError]]] = [
     ("nonce has already been used", NonceTooLow),
     ("already known", AlreadyKnown),
     ("known transaction", AlreadyKnown),
+    ("transaction already imported", AlreadyKnown),  # Anvil's
     ("replacement transaction underpriced", ReplacementUnderpriced),
     ("transaction underpriced", ReplacementUnderpriced),
     ("insufficient funds", InsufficientFunds),

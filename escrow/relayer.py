@@ -1059,12 +1059,14 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
                      "sent again", extra={"tx_id": str(tx.pk), "relayer": tx.relayer.address, "nonce": tx.nonce})
     else:
         fees = _replacement_fees(last_fees)
-        if fees != last_fees:
+        if fees.max_fee_per_gas > last_fees.max_fee_per_gas:
             resend = _replacement(tx, last, fees)
             if resend is None:
                 return None
         elif tx.fee_cap_reached_at is None:
-            # A replacement would sign to the same bytes: keep sending these until the wallet or the fees allow.
+            # The max fee is at the cap: keep sending these bytes until the wallet or the fees allow. Not a tip raised
+            # alone: nodes refuse it as a replacement, it gets nothing past a base fee above the cap, and it is paid
+            # once mined (bid up round after round, up to the cap per gas when the spike is over).
             logger.error("chain transaction stuck at the fee cap", extra={"tx_id": str(tx.pk),
                                                                           "max_fee_per_gas": fees.max_fee_per_gas})
             ChainTransaction.objects.filter(pk=tx.pk).update(fee_cap_reached_at=now)

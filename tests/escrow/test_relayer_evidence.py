@@ -181,36 +181,39 @@ def test_a_nonce_someone_else_used_long_ago_is_sent_again_with_a_node_that_keeps
     assert parties.agreement(agreement["id"])["status"] == "active"
 
 
-def test_at_the_fee_cap_the_same_bytes_go_out_until_the_wallet_is_topped_up(
+def test_at_the_fee_cap_the_same_bytes_go_out_until_they_are_mined(
         parties, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """No block takes the activation (the node mines nothing): each round replaces it with higher fees up to the
+    cap, then the same capped bytes are rebroadcast and the row shows stuck at the fee cap until they are mined.
+    (A wallet that cannot pay the gas is not bid up: test_relayer_faults, the relayer wallet out of gas.)"""
     capture = django_capture_on_commit_callbacks
     agreement, tx, callbacks = queue_activation(parties, capture)
-    relayer_address = escrow_chain.accounts.deployer.address
     settings.CHAIN_MAX_FEE_PER_GAS = gateway.current_fees().max_fee_per_gas * 2
     settings.CHAIN_REPLACE_AFTER = settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
-    escrow_chain.rpc("anvil_setBalance", [relayer_address, "0x0"])  # the gas wallet ran dry
-    run(callbacks, capture)
-    for _ in range(100):
-        confirm_all(capture)  # bumps, then rebroadcasts the capped bytes; never an IntegrityError
-        tx.refresh_from_db()
-        if tx.fee_cap_reached_at is not None:
-            break
-    assert tx.stuck_at_fee_cap
-    attempts = tx.attempts.count()
-    confirm_all(capture)
-    confirm_all(capture)
-    assert tx.attempts.count() == attempts  # the same bytes, rebroadcast
-    assert "InsufficientFunds" in tx.attempts.order_by("created_at").last().broadcast_error
-    last = TxAttempt.objects.filter(transaction=tx).order_by("created_at").last()
-    assert last.max_fee_per_gas == settings.CHAIN_MAX_FEE_PER_GAS
+    escrow_chain.rpc("evm_setAutomine", [False])
+    try:
+        run(callbacks, capture)
+        for _ in range(100):
+            confirm_all(capture)  # bumps, then rebroadcasts the capped bytes; never an IntegrityError
+            tx.refresh_from_db()
+            if tx.fee_cap_reached_at is not None:
+                break
+        assert tx.stuck_at_fee_cap
+        attempts = tx.attempts.count()
+        confirm_all(capture)
+        confirm_all(capture)
+        assert tx.attempts.count() == attempts  # the same bytes, rebroadcast
+        last = TxAttempt.objects.filter(transaction=tx).order_by("created_at").last()
+        assert last.max_fee_per_gas == settings.CHAIN_MAX_FEE_PER_GAS and last.broadcast_error == ""
 
-    get_user_model().objects.create_superuser("operator", "op@example.com", "pw")
-    client = operator_client("operator", "pw")
-    listing = client.get(reverse("admin:escrow_chaintransaction_changelist") + "?fee_cap_reached_at__isempty=0")
-    assert listing.status_code == 200 and str(tx.pk) in listing.content.decode()
-    assert scrape(client)[("marketplace_chain_transactions_stuck_at_fee_cap", (("purpose", "activate"),))] == 1
-
-    escrow_chain.rpc("anvil_setBalance", [relayer_address, hex(10**21)])  # topped up
+        get_user_model().objects.create_superuser("operator", "op@example.com", "pw")
+        client = operator_client("operator", "pw")
+        listing = client.get(reverse("admin:escrow_chaintransaction_changelist") + "?fee_cap_reached_at__isempty=0")
+        assert listing.status_code == 200 and str(tx.pk) in listing.content.decode()
+        assert scrape(client)[("marketplace_chain_transactions_stuck_at_fee_cap", (("purpose", "activate"),))] == 1
+        escrow_chain.mine()
+    finally:
+        escrow_chain.rpc("evm_setAutomine", [True])
     confirm_all(capture)
     confirm_all(capture)
     tx.refresh_from_db()

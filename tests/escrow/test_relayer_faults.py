@@ -1223,3 +1223,39 @@ def test_a_relayer_wallet_out_of_gas_keeps_its_bytes_shows_why_and_sends_them_on
     tx.refresh_from_db()
     assert (tx.status, tx.mined_tx_hash, tx.attempts.count()) == (TxStatus.CONFIRMED, first.tx_hash, 1)
     assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+
+def test_a_payout_priced_out_by_a_base_fee_above_the_cap_does_not_bid_its_tip_up_to_the_cap(
+        escrow_chain, admin_client, settings, django_capture_on_commit_callbacks):
+    """The base fee spikes above CHAIN_MAX_FEE_PER_GAS: the payout's max fee is pinned at the cap, and no tip gets it
+    into a block (nor is a replacement raising the tip alone accepted beside bytes a node holds). Each round replaced
+    it all the same with a tip 13% higher, round after round up to the cap (a hundred attempts at the defaults), and
+    once the spike was over it was mined paying that tip, up to the cap per gas where the chain asked a fraction of it.
+    A replacement that cannot raise the max fee is not signed: the payout is stuck at the fee cap from the first round
+    (the dashboard says so), and mined as first signed once the base fee falls back."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    base_fee = chain.w3.eth.get_block("latest")["baseFeePerGas"]
+    settings.CHAIN_MAX_FEE_PER_GAS = 4 * base_fee + 10**9
+    chain.rpc("anvil_setNextBlockBaseFeePerGas", [hex(10 * settings.CHAIN_MAX_FEE_PER_GAS)])
+    chain.mine()
+    settings.CHAIN_REBROADCAST_AFTER = settings.CHAIN_REPLACE_AFTER = timedelta(0)
+    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+    first = tx.attempts.get()
+    assert first.max_fee_per_gas == settings.CHAIN_MAX_FEE_PER_GAS and first.broadcast_error  # below the base fee
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert [attempt.max_priority_fee_per_gas for attempt in tx.attempts.order_by("created_at", "pk")] == [
+        first.max_priority_fee_per_gas], "its tip bid up while only the base fee kept it out"
+    overdue = admin_client.get("/admin/dashboard/").context["overdue"]
+    assert f"{tx.purpose} stuck at the fee cap" in [item.kind for item in overdue]
+
+    chain.rpc("anvil_setNextBlockBaseFeePerGas", [hex(base_fee)])
+    chain.mine()
+    confirm_all(django_capture_on_commit_callbacks)
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert (tx.status, tx.mined_tx_hash) == (TxStatus.CONFIRMED, first.tx_hash)
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
