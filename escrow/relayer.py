@@ -1053,6 +1053,10 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
         # Higher fees ask the wallet for more still: a top-up covering these bytes left the replacement refused, and
         # the one mined paid the tip of the round it reached. These bytes wait for the top-up (the dashboard says so).
         pass
+    elif chain.nonce_at(tx.relayer.address, "latest") < tx.nonce:
+        # An earlier nonce of the wallet is not mined: this one waits for it whatever it pays (bid up meanwhile, it
+        # was mined paying the fees of every round it waited). The one holding the next nonce is replaced.
+        pass
     elif chainconfig.relayer_key(tx.relayer.address) is None:
         # Its wallet's key was replaced and not kept (RELAYER_RETIRED_PRIVATE_KEYS): its bytes alone can take the nonce.
         logger.error("chain transaction of a replaced relayer key not replaced with higher fees: its signed bytes are "

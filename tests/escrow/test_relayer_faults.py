@@ -1259,3 +1259,34 @@ def test_a_payout_priced_out_by_a_base_fee_above_the_cap_does_not_bid_its_tip_up
     tx.refresh_from_db()
     assert (tx.status, tx.mined_tx_hash) == (TxStatus.CONFIRMED, first.tx_hash)
     assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+
+def test_a_payout_waiting_behind_an_earlier_nonce_is_not_bid_up_while_it_waits(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """A payout dropped from the node's pool holds its nonce; the next one, signed under the nonce after it, cannot be
+    mined before it whatever it pays. It was replaced with fees 13% higher every CHAIN_REPLACE_AFTER all the same (up
+    to the cap while the first stayed stuck) and, once the first went through, mined paying them. Only the
+    transaction holding the wallet's next nonce is replaced; those behind it are sent again as signed."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    capture = django_capture_on_commit_callbacks
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        first = relayer_transfer(chain, capture, recipient.address, USDC)
+        behind = relayer_transfer(chain, capture, recipient.address, 2 * USDC)
+        assert behind.nonce == first.nonce + 1
+        chain.rpc("anvil_dropTransaction", [first.attempts.get().tx_hash])  # evicted from the pool
+        settings.CHAIN_REBROADCAST_AFTER = settings.CHAIN_REPLACE_AFTER = timedelta(0)
+        for _ in range(2):
+            confirm_all(capture)
+        assert behind.attempts.count() == 1, "bid up while it can only wait for the nonce before it"
+        chain.mine()
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    confirm_all(capture)
+    first.refresh_from_db()
+    behind.refresh_from_db()
+    assert (first.status, behind.status) == (TxStatus.CONFIRMED, TxStatus.CONFIRMED)
+    assert behind.mined_tx_hash == behind.attempts.get().tx_hash
+    assert usdc_balance(chain, recipient.address) == before + 3 * USDC
