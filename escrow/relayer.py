@@ -126,6 +126,7 @@ _ANONYMOUS_PARTY_PREFIX = "wallet:"
 _IN_FLIGHT_RETRY_AFTER_SECONDS = 10
 # What a transfer of nothing to an account without code costs: a nonce fill's gas limit.
 _PLAIN_TRANSFER_GAS = 21_000
+_UNCAPPED = 2**256 - 1  # a fee bump's cap that binds nothing
 # How a broadcast the node refused because the wallet cannot pay its gas is recorded (`TxAttempt.broadcast_error`).
 UNFUNDED_BROADCAST_ERROR = chain.InsufficientFunds.__name__
 # A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
@@ -933,8 +934,10 @@ def _cancel(tx: ChainTransaction) -> None:
         _tell_cancelled(tx, ran_as=None)
         return
     last = tx.attempts.order_by("-created_at", "-pk").first()
+    # Not capped (one bump past CHAIN_MAX_FEE_PER_GAS at most, for 21,000 gas): capped, a fill of an attempt at the cap
+    # bid the same max fee, which no node takes as a replacement, and the cancelled bytes it held ran instead.
     fees = chain.Fees(int(last.max_fee_per_gas), int(last.max_priority_fee_per_gas)).bumped(
-        settings.CHAIN_FEE_BUMP_PERCENT, settings.CHAIN_MAX_FEE_PER_GAS)
+        settings.CHAIN_FEE_BUMP_PERCENT, cap=_UNCAPPED)
     fill = ChainTransaction.objects.create(
         purpose=TxPurpose.NONCE_FILL, relayer=tx.relayer, nonce=cancelled_nonce, gas_limit=_PLAIN_TRANSFER_GAS,
         to_address=tx.relayer.address, data="0x", chain_id=tx.chain_id, status=TxStatus.SUBMITTED,

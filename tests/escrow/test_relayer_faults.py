@@ -1290,3 +1290,33 @@ def test_a_payout_waiting_behind_an_earlier_nonce_is_not_bid_up_while_it_waits(
     assert (first.status, behind.status) == (TxStatus.CONFIRMED, TxStatus.CONFIRMED)
     assert behind.mined_tx_hash == behind.attempts.get().tx_hash
     assert usdc_balance(chain, recipient.address) == before + 3 * USDC
+
+
+def test_a_payout_at_the_fee_cap_withdrawn_is_cancelled_by_its_nonce_fill_not_run(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """A payout whose max fee is at the cap, still in the node's pool, is withdrawn (its domain no longer wants it: a
+    reorg took the payment it forwards). Its nonce fill bumped its fees within the cap: the same max fee, which no
+    node takes as a replacement, so the node kept the payout's bytes and mined them in the fill's place (paid when
+    the platform said withdrawn). The fill, 21,000 gas, may bid one bump past the cap: it takes the nonce."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    capture = django_capture_on_commit_callbacks
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    settings.CHAIN_MAX_FEE_PER_GAS = gateway.current_fees().max_fee_per_gas // 2
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        payout = relayer_transfer(chain, capture, recipient.address, 2 * USDC)
+        assert payout.attempts.get().max_fee_per_gas == settings.CHAIN_MAX_FEE_PER_GAS
+        assert payout.attempts.get().broadcast_error == ""  # in the pool
+        with transaction.atomic():
+            assert relayer.transaction_withdraw(transaction_id=payout.pk, reason="its payment was taken by a reorg")
+        fill = ChainTransaction.objects.get(context__cancels=str(payout.pk))
+        confirm_all(capture)  # the fill broadcast
+        assert fill.attempts.get().broadcast_error == "", "the node kept the payout's bytes"
+        chain.mine()
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    confirm_all(capture)
+    fill.refresh_from_db()
+    assert (fill.status, fill.mined_tx_hash) == (TxStatus.CONFIRMED, fill.attempts.get().tx_hash)
+    assert usdc_balance(chain, recipient.address) == before
