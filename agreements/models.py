@@ -121,6 +121,13 @@ def can_transition(agreement: "UsageAgreement", *, to: str) -> bool:
     return to in TRANSITIONS.get(agreement.status, ())
 
 
+def acceptance_deadline(agreement: "UsageAgreement") -> datetime:
+    """The seller accepts a proposal before this: its window, never past the agreement's term (an escrow past its
+    expiresAt cannot be funded). A proposal records it bounded so; the bound is applied again here for those
+    recorded before it was."""
+    return min(agreement.proposal_expires_at, agreement.expires_at)
+
+
 def can_activate(agreement: "UsageAgreement") -> bool:
     return agreement.status in AWAITING_FUNDING_STATUSES
 

@@ -45,6 +45,7 @@ from agreements.metering import job_result_charge as job_result_charge
 from agreements.metering import reservations_settle_stale as reservations_settle_stale
 from agreements.models import (
     APPROVAL_SUBJECT,
+    AWAITING_FUNDING_STATUSES,
     CLOSED_STATUSES,
     NO_PAYMENT_REVERSAL,
     TRANSITIONS,
@@ -59,6 +60,7 @@ from agreements.models import (
     SkillInvocation,
     UsageAgreement,
     UsageEvent,
+    acceptance_deadline,
     can_activate,
     is_closed,
     is_funded,
@@ -102,12 +104,17 @@ _TIMESTAMPS = {
     S.PAID: "settled_at",
 }
 # What an agreement in each status counts against the buyer's spend caps (see `_committed_spends`).
-# Not ACTIVATION_FAILED: it may still be signed again, or its intent relayed by anyone, and become active.
+# Not ACTIVATION_FAILED: within its term it may still be signed again, or its intent relayed by anyone, and become
+# active.
 # PAYMENT_FAILED counts nothing but a fee collected and not refunded yet: that fee is out of the buyer's wallet.
 NOTHING_COMMITTED = (*sorted(CLOSED_STATUSES), S.PAYMENT_FAILED)
 # ... but a direct purchase closed, or failed, after its buyer's payment reached the seller (its payment_tx_hash names
 # the transfer: a cancel, or an accept whose fee could not be collected) counts its price: it left the wallet.
 PRICE_PAID_WHEN_NAMED = NOTHING_COMMITTED
+# ... nor does an escrow agreement still unfunded once its term ended: the contract refuses an escrow past its
+# expiresAt (InvalidExpiry), so it can no longer be activated (the sweep expires it; a chain whose clock lags ours
+# that funds it all the same makes it active, counted again from then).
+UNFUNDED_PAST_TERM = tuple(sorted(UNFUNDED_OPEN_STATUSES))
 # What a skill invocation counts: its price from the moment its authorization is accepted (authorized, held, paying
 # out or paid out, refunding until the refund is confirmed), nothing once its payment failed or was refunded, nor
 # once a reorg took its payment and it could not run again (`payment_reverted_at`): the buyer's money never left its
@@ -244,7 +251,7 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
     column = {name: quote(meta.get_field(name).column)
               for name in ("id", "status", "infra_fee", "seller_payout", "used", "deposit_amount", "buyer", "seller",
                            "created_at", "funds_moved_at", "fee_tx_hash", "buyer_refund",
-                           "payment_tx_hash")}
+                           "payment_tx_hash", "settlement_model", "expires_at")}
     invocation = {name: quote(invocation_meta.get_field(name).column)
                   for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at")}
     fee_kept = (f"{column['fee_tx_hash']} <> '' AND {column['buyer_refund']} IS NULL")
@@ -253,6 +260,8 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
                  f"CASE WHEN {fee_kept} THEN {column['infra_fee']} ELSE 0 END "
                  f"WHEN {column['status']} = %s AND {fee_kept} THEN {column['infra_fee']} "
                  f"WHEN {column['status']} IN ({', '.join(['%s'] * len(NOTHING_COMMITTED))}) THEN 0 "
+                 f"WHEN {column['settlement_model']} = %s AND {column['expires_at']} <= %s "
+                 f"AND {column['status']} IN ({', '.join(['%s'] * len(UNFUNDED_PAST_TERM))}) THEN 0 "
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} "
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} + "
                  f"COALESCE({column['seller_payout']}, {column['used']}) "
@@ -286,20 +295,21 @@ class CommittedSpends:
     unfunded_with_seller: int | None  # counted only when a seller was given
 
 
-def _committed_spends(buyer: Agent, *, day_since: datetime, month_since: datetime,
+def _committed_spends(buyer: Agent, *, at: datetime, day_since: datetime, month_since: datetime,
                       excluding: uuid.UUID | None = None, unfunded_with: Agent | None = None,
                       unfunded_since: datetime | None = None) -> CommittedSpends:
     """What the buyer committed since `day_since` and since `month_since` (the earlier), in one statement: its
     agreements (nothing once released but the price of a direct purchase closed or failed after its buyer's payment
     reached the seller, a failed direct purchase's fee collected until it is refunded, the fee once
     refunded, fee plus what the seller was paid once settled, which an arbiter may set above what was metered, else
-    fee plus deposit), each at the moment the platform moved its money (or found its price paid) or, until then, at its
-    proposal, but for the
+    fee plus deposit; nothing for an escrow agreement still unfunded once its term ended by `at`), each at the moment
+    the platform moved its money (or found its price paid) or, until then, at its proposal, but for the
     agreement `excluding` (the one being checked); and its skill invocations (the price, unless the payment failed, was
     refunded or was reverted). With `unfunded_with`, also how many of its agreements with that seller are unanswered
     or unfunded (`UNFUNDED_OPEN_STATUSES`), or were proposed since `unfunded_since` and cancelled or expired unfunded
     (`UNFUNDED_LAPSED_STATUSES`), in the same statement."""
-    committed = [*PRICE_PAID_WHEN_NAMED, S.PAYMENT_FAILED, *NOTHING_COMMITTED, S.REFUNDED, S.SETTLED]
+    committed = [*PRICE_PAID_WHEN_NAMED, S.PAYMENT_FAILED, *NOTHING_COMMITTED, SettlementModel.ESCROW,
+                 connection.ops.adapt_datetimefield_value(at), *UNFUNDED_PAST_TERM, S.REFUNDED, S.SETTLED]
     since = connection.ops.adapt_datetimefield_value
     agent_id = UsageAgreement._meta.get_field("buyer").get_db_prep_value
     buyer_id = agent_id(buyer.pk, connection)
@@ -400,7 +410,7 @@ def agreement_proposal_prepare(
     proposal = Proposal(
         buyer=buyer, service=service, proposed_at=now, settlement_model=settlement_model, quantity=quantity,
         deposit=deposit, fee=fee, token=token, challenge_window_seconds=window, expires_at=expires_at,
-        proposal_expires_at=now + settings.PROPOSAL_TTL, terms=terms, note=note,
+        proposal_expires_at=min(now + settings.PROPOSAL_TTL, expires_at), terms=terms, note=note,
     )
     if settlement_model == SettlementModel.DIRECT_PAYMENT:
         return _with_direct_payment(proposal, payment_header=payment_header, fee_permit=fee_permit or {})
@@ -543,7 +553,7 @@ def _buyer_policy_decision(*, buyer: Agent, service: Service, token: str, amount
         # Its owner stopped it (or was stopped): nothing it proposed before moves money, nor is approved.
         raise Forbidden("The buyer agent is deactivated.", code="policy_denied", details={"rule": "buyer_deactivated"})
     window = settings.UNFUNDED_AGREEMENTS_WINDOW_SECONDS
-    spends = _committed_spends(buyer, day_since=at - timedelta(days=1), month_since=at - timedelta(days=30),
+    spends = _committed_spends(buyer, at=at, day_since=at - timedelta(days=1), month_since=at - timedelta(days=30),
                                excluding=agreement_id, unfunded_with=service.seller if new_agreement else None,
                                unfunded_since=at - timedelta(seconds=window))
     limit = settings.UNFUNDED_AGREEMENTS_PER_SELLER
@@ -1047,7 +1057,7 @@ def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreem
         if direct and current.status in (S.PAYING, S.PAID, S.PAYMENT_FAILED):
             return current  # a repeated accept: the payment already started
         paid_already = preflight is not None and preflight.paid_by is not None
-        if current.status == S.PROPOSED and current.proposal_expires_at <= timezone.now() and not paid_already:
+        if current.status == S.PROPOSED and acceptance_deadline(current) <= timezone.now() and not paid_already:
             # Committed before answering, so the seller's late accept leaves the agreement visibly expired. Not one
             # whose price reached the seller already: that one is accepted as paid, as the expiry sweep does.
             _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
@@ -1535,8 +1545,11 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
     changes, reason = None, note or f"owner {outcome}"
     if to == S.PROPOSED:
         now = timezone.now()
-        open_until = now + settings.PROPOSAL_TTL
-        if agreement.settlement_model == SettlementModel.DIRECT_PAYMENT:
+        # Never past the term, as at proposal: an escrow past its expiresAt cannot be funded.
+        open_until = min(now + settings.PROPOSAL_TTL, agreement.expires_at)
+        if open_until <= now:
+            to, reason = S.EXPIRED, "owner approved after the agreement's term ended"
+        elif agreement.settlement_model == SettlementModel.DIRECT_PAYMENT:
             # Never past what its signatures allow, as at proposal: the seller must accept while the payment runs.
             open_until = min(open_until, _direct_acceptance_deadline(
                 valid_before=agreement.payment_authorization.valid_before, fee_permit=agreement.fee_permit))
@@ -1600,13 +1613,27 @@ def agreements_expire_proposals(*, now: datetime | None = None) -> int:
     of up to DIRECT_PROPOSALS_CHECKED_PER_SWEEP direct proposals a run, before any row is locked; one it could not
     be asked of waits for the next run. A transfer mined after that read, before the row was expired, is found by
     asking again once it is (`_expired_direct_proposals_recheck`). Each in its own transaction; safe twice."""
-    due = UsageAgreement.objects.filter(status=S.PROPOSED, proposal_expires_at__lte=now or timezone.now())
+    now = now or timezone.now()
+    # The term bounds the window (`acceptance_deadline`), also of proposals recorded before it did.
+    due = UsageAgreement.objects.filter(Q(proposal_expires_at__lte=now) | Q(expires_at__lte=now), status=S.PROPOSED)
     checked = _direct_proposals_paid(due.filter(settlement_model=SettlementModel.DIRECT_PAYMENT))
     applied = sweeps.due_rows_apply(
         due=due.filter(~Q(settlement_model=SettlementModel.DIRECT_PAYMENT) | Q(pk__in=list(checked))),
         apply=lambda agreement: _proposal_expire(agreement, paid=checked.get(agreement.pk)))
     _expired_direct_proposals_recheck([pk for pk, paid in checked.items() if paid is None])
     return applied
+
+
+def agreements_expire_unfunded_past_term(*, now: datetime | None = None) -> int:
+    """Escrow agreements accepted (or whose activation failed) and still unfunded when their term ended become
+    `expired`: the contract refuses an escrow past its expiresAt (InvalidExpiry), so they could never be activated,
+    and left accepted they waited for the buyer's cancel. One the chain funds all the same (its clock behind ours)
+    becomes active (expired -> active). Each in its own transaction; safe twice."""
+    return sweeps.due_rows_apply(
+        due=UsageAgreement.objects.filter(settlement_model=SettlementModel.ESCROW, status__in=AWAITING_FUNDING_STATUSES,
+                                          expires_at__lte=now or timezone.now()),
+        apply=lambda agreement: agreement_expire_unfunded(agreement_id=agreement.pk,
+                                                          reason="its term ended before its escrow was funded"))
 
 
 def _expired_direct_proposals_recheck(agreement_ids: list) -> None:

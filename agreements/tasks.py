@@ -11,6 +11,11 @@ def expire_proposals() -> int:
 
 
 @shared_task
+def expire_unfunded_past_term() -> int:
+    return services.agreements_expire_unfunded_past_term()
+
+
+@shared_task
 def recheck_closed_direct_proposal(agreement_id: str) -> None:
     services.closed_direct_proposal_recheck(agreement_id=agreement_id)
 

@@ -156,7 +156,7 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
     buyer revoked on-chain (`cancelIntentNonce`) is replaced first (`intent_nonce_renew`, as the package does), so an
     intent signed under it is refused (`wrong_signer`), not relayed to revert IntentNonceUsed at the relayer's
     expense, as often as it is posted. A buyer whose relayed transactions keep reverting is refused first
-    (`relayer.relay_budget_check`).
+    (`relayer.relay_budget_check`). An agreement whose term ended on the chain's clock is 409 `agreement_expired`.
 
     `queued_with()`: the caller's own writes, made in the transaction that queues the activation, so that they are
     kept exactly when it is (a worker killed once it committed loses neither)."""
@@ -169,6 +169,11 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
         agreement = intent_nonce_renew(agreement=agreement)
     # Not the node's pending time alone: one it answers in the future refused a valid activation as expired.
     now = chain_clock.next_block_clock_for_refusal()
+    if agreement.buyer_id == buyer.pk and can_activate(agreement) and agreement.expires_at.timestamp() <= now:
+        # The contract refuses an escrow past its expiresAt by the chain's clock (InvalidExpiry), which may be ahead
+        # of ours (agreement_activation_begin's): refused here, before the relayer is given it.
+        raise Conflict("The agreement's term has ended on the chain's clock.", code="agreement_expired",
+                       details={"status": agreement.status})
     for field, signature_deadline in (("deadline", deadline), ("escrow_permit.deadline", escrow_permit["deadline"])):
         if signature_deadline <= now:
             raise InvalidInput(f"{field} has passed.", code="signature_expired", details={"field": field})

@@ -395,6 +395,8 @@ UNFUNDED_AGREEMENTS_PER_SELLER = env.int("UNFUNDED_AGREEMENTS_PER_SELLER", defau
 UNFUNDED_AGREEMENTS_WINDOW_SECONDS = env.int("UNFUNDED_AGREEMENTS_WINDOW_SECONDS", default=3600)
 CELERY_BEAT_SCHEDULE.update({
     "expire-proposals": {"task": "agreements.tasks.expire_proposals", "schedule": timedelta(minutes=1)},
+    "expire-unfunded-past-term": {"task": "agreements.tasks.expire_unfunded_past_term",
+                                  "schedule": timedelta(minutes=1)},
     "watch-closed-direct-proposals": {"task": "agreements.tasks.watch_closed_direct_proposals",
                                       "schedule": timedelta(minutes=1)},
     "expire-approvals": {"task": "policies.tasks.expire_approvals", "schedule": timedelta(minutes=1)},

@@ -51,7 +51,7 @@ class PolicyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         # Deleted, the agent's caps and rules were gone with no record of who did it: an operator loosens a policy
-        # through its form, which policy_set records under their name.
+        # through its form, which policy_set_by_operator records under their name.
         return False
 
     def get_form(self, request, obj=None, change=False, **kwargs):

@@ -15,36 +15,39 @@ _LIMITS = {
 
 
 def _limit_field(help_text: str):
-    return AtomicAmountField(required=False, allow_null=True, default=None, help_text=f"{help_text} Null: none.")
+    return AtomicAmountField(required=False, allow_null=True, help_text=f"{help_text} Null: none.")
 
 
 class PolicySerializer(StrictSerializer):
-    """The whole policy: a PUT replaces it; a field left out means 'no limit' / 'empty list'."""
+    """The policy. A PUT changes the fields it gives and keeps those it leaves out (null: no limit, []: no list), so
+    a client that leaves a cap out never lifts it; a body giving none is 400 `empty_policy_update`."""
 
     max_per_agreement_atomic = _limit_field(_LIMITS["max_per_agreement"])
     daily_cap_atomic = _limit_field(_LIMITS["daily_cap"])
     monthly_cap_atomic = _limit_field(_LIMITS["monthly_cap"])
     approval_threshold_atomic = _limit_field(_LIMITS["approval_threshold"])
     allowed_sellers = serializers.ListField(child=serializers.CharField(max_length=64, validators=[HANDLE_VALIDATOR]),
-                                           required=False, default=list, max_length=500)
+                                           required=False, max_length=500)
     blocked_sellers = serializers.ListField(child=serializers.CharField(max_length=64, validators=[HANDLE_VALIDATOR]),
-                                           required=False, default=list, max_length=500)
+                                           required=False, max_length=500)
     allowed_services = serializers.ListField(child=serializers.UUIDField(format="hex_verbose"), required=False,
-                                             default=list, max_length=500)
+                                             max_length=500)
     blocked_services = serializers.ListField(child=serializers.UUIDField(format="hex_verbose"), required=False,
-                                             default=list, max_length=500)
-    allowed_tags = TagListField(required=False, min_length=0, max_length=500, default=list)
-    blocked_tags = TagListField(required=False, min_length=0, max_length=500, default=list)
+                                             max_length=500)
+    allowed_tags = TagListField(required=False, min_length=0, max_length=500)
+    blocked_tags = TagListField(required=False, min_length=0, max_length=500)
     allowed_tokens = serializers.ListField(child=serializers.ChoiceField(choices=settings.SUPPORTED_TOKENS),
-                                           required=False, default=list)
+                                           required=False)
     updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
 
     def to_internal_value(self, data):
         value = super().to_internal_value(data)
         for name in _LIMITS:
-            value[name] = value.pop(f"{name}_atomic")
+            if f"{name}_atomic" in value:
+                value[name] = value.pop(f"{name}_atomic")
         for name in ("allowed_services", "blocked_services"):
-            value[name] = [str(service_id) for service_id in value[name]]
+            if name in value:
+                value[name] = [str(service_id) for service_id in value[name]]
         return value
 
     def to_representation(self, policy):

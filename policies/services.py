@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from catalog.models import Agent
 from marketplace import sweeps
-from marketplace.errors import Conflict, Forbidden
+from marketplace.errors import Conflict, Forbidden, InvalidInput
 from policies.models import ApprovalRequest, ApprovalStatus, Policy
 
 DecisionHandler = Callable[..., None]  # (subject_id=, outcome=, actor=, note=) -> None
@@ -31,9 +31,14 @@ def approval_handler_register(*, subject_type: str, handler: DecisionHandler) ->
     _handlers[subject_type] = handler
 
 
-def policy_set(*, agent: Agent, actor, data: dict) -> Policy:
-    """Replace the agent's policy with `data` (fields left out are reset to 'no limit')."""
-    return _policy_write(agent=agent, actor=actor, data=data)[0]
+def policy_update(*, agent: Agent, actor, changes: dict) -> Policy:
+    """Change the fields of the agent's policy that `changes` gives (None: no limit, []: no list) and keep the others:
+    a field left out never lifts a cap. Nothing to change is 400 `empty_policy_update` (a client's empty body sent by
+    mistake wiped every cap the owner had set when it replaced the policy)."""
+    if not changes:
+        raise InvalidInput("Give the policy fields to change (null lifts a limit, [] empties a list).",
+                           code="empty_policy_update", details={"fields": list(POLICY_FIELDS)})
+    return _policy_write(agent=agent, actor=actor, data=changes, keep_missing=True)[0]
 
 
 def policy_operator_check(*, agent: Agent, operator) -> None:
@@ -46,19 +51,22 @@ def policy_operator_check(*, agent: Agent, operator) -> None:
 
 
 def policy_set_by_operator(*, agent: Agent, operator, data: dict) -> dict[str, tuple]:
-    """`policy_set` for an operator (the admin): refused as `policy_operator_check` says; answers what changed,
-    {field: (before, after)}, read under the lock, for the audit."""
+    """The agent's policy replaced with `data` (the admin form's every field) for an operator: refused as
+    `policy_operator_check` says; answers what changed, {field: (before, after)}, read under the lock, for the
+    audit."""
     policy_operator_check(agent=agent, operator=operator)
     return _policy_write(agent=agent, actor=operator, data=data)[1]
 
 
-def _policy_write(*, agent: Agent, actor, data: dict) -> tuple[Policy, dict[str, tuple]]:
+def _policy_write(*, agent: Agent, actor, data: dict, keep_missing: bool = False) -> tuple[Policy, dict[str, tuple]]:
+    """`data`'s fields written; those it leaves out kept (`keep_missing`) or reset to 'no limit'."""
     with transaction.atomic():
         Agent.objects.select_for_update().get(pk=agent.pk)  # the same lock proposals take: no race with a cap
         policy, _ = Policy.objects.get_or_create(agent=agent)  # a new one starts unlimited, as no policy is
         changes = {}
         for name in POLICY_FIELDS:
-            before, after = getattr(policy, name), data.get(name, Policy._meta.get_field(name).get_default())
+            before = getattr(policy, name)
+            after = data.get(name, before if keep_missing else Policy._meta.get_field(name).get_default())
             if before != after:
                 changes[name] = (before, after)
             setattr(policy, name, after)

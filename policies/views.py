@@ -35,13 +35,16 @@ class PolicyView(APIView):
         # to_representation, not .data: DRF's .data ignores an instance of None (no policy yet).
         return Response(PolicySerializer().to_representation(selectors.policy_of(agent=agent)))
 
-    @extend_schema(operation_id="policies_put", summary="Replace the agent's policy (owner)", tags=TAGS, auth=OWNER,
-                   request=PolicySerializer, responses={200: PolicySerializer, **error_responses(404)})
+    @extend_schema(operation_id="policies_put", summary="Change the fields given of the agent's policy (owner)",
+                   description="Fields left out are kept (null lifts a limit, [] empties a list); a body giving none "
+                               "is 400 `empty_policy_update`.",
+                   tags=TAGS, auth=OWNER, request=PolicySerializer,
+                   responses={200: PolicySerializer, **error_responses(404)})
     def put(self, request, agent_id):
         agent = _owned_agent(request, agent_id)
         body = PolicySerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        policy = services.policy_set(agent=agent, actor=request.user, data=body.validated_data)
+        policy = services.policy_update(agent=agent, actor=request.user, changes=body.validated_data)
         return Response(PolicySerializer(policy).data)
 
 

@@ -10,6 +10,7 @@ from catalog.models import Agent, Service
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token, register_service
 from tests.conftest import Api
+from tests.policies.helpers import whole_policy
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -120,7 +121,7 @@ def test_an_approval_and_a_policy_blocking_the_seller_at_once_never_leave_an_app
     policy_url = f"/agents/{buyer.pk}/policies"
 
     for _ in range(5):
-        owner_api.put(policy_url, {"approval_threshold_atomic": 1})
+        owner_api.put(policy_url, whole_policy({"approval_threshold_atomic": 1}))
         held = buyer_api.post("/usage-agreements", proposal(service)).json()
         [approval] = owner_api.get(f"/agents/{buyer.pk}/approvals", {"status": "pending"}).json()["results"]
         barrier = threading.Barrier(2)

@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from agreements import services as agreement_services
 from agreements.models import AgreementEvent, UsageAgreement
-from agreements.tasks import expire_proposals
+from agreements.tasks import expire_proposals, expire_unfunded_past_term
 from catalog.models import Agent, ServiceState
 from marketplace.sweeps import RowsFailed
 from tests.agreements.helpers import propose, proposal
@@ -369,3 +369,44 @@ def test_proposals_the_buyer_cancelled_or_let_expire_count_against_the_bound_for
     # An hour after their proposal they no longer count.
     UsageAgreement.objects.filter(buyer=buyer).update(created_at=timezone.now() - timedelta(hours=1, seconds=1))
     propose(buyer_api, service)
+
+
+def _time_passes(agreement_id, by: timedelta) -> None:
+    """The agreement's moments moved `by` into the past: as if `by` had passed since its proposal."""
+    agreement = UsageAgreement.objects.get(pk=agreement_id)
+    UsageAgreement.objects.filter(pk=agreement_id).update(
+        created_at=agreement.created_at - by, expires_at=agreement.expires_at - by,
+        proposal_expires_at=agreement.proposal_expires_at - by)
+
+
+def test_a_proposal_cannot_be_accepted_after_its_term_ends(buyer_api, seller_api, service):
+    """The acceptance window was 72 hours whatever the term: a seller accepted an agreement whose term had ended,
+    which then stayed accepted, could not be activated, and counted against the buyer's caps until cancelled."""
+    agreement = propose(buyer_api, service, expires_at=(timezone.now() + timedelta(hours=1)).isoformat())
+    assert agreement["proposal_expires_at"] == agreement["expires_at"]
+
+    _time_passes(agreement["id"], timedelta(hours=2))
+    late = seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+    assert late.status_code == 409, late.content
+    assert error_code(late) == "proposal_expired"
+    assert UsageAgreement.objects.get(pk=agreement["id"]).status == "expired"
+
+
+def test_a_proposal_whose_term_ended_unanswered_expires_at_the_sweep(buyer_api, service):
+    agreement = propose(buyer_api, service, expires_at=(timezone.now() + timedelta(hours=1)).isoformat())
+    _time_passes(agreement["id"], timedelta(hours=2))
+    assert expire_proposals() == 1
+    assert UsageAgreement.objects.get(pk=agreement["id"]).status == "expired"
+
+
+def test_an_accepted_agreement_whose_term_ended_unfunded_expires_at_the_sweep(buyer_api, seller_api, service):
+    """Accepted and never funded, it stayed accepted after its term: it could never be activated (the contract
+    refuses an escrow past its expiry) and only the buyer's cancel closed it."""
+    agreement = propose(buyer_api, service)
+    assert seller_api.put(f"/usage-agreements/{agreement['id']}/accept").status_code == 200
+    _time_passes(agreement["id"], timedelta(days=3))
+    assert expire_unfunded_past_term() == 1
+    assert expire_unfunded_past_term() == 0
+    expired = buyer_api.get(f"/usage-agreements/{agreement['id']}").json()
+    assert expired["status"] == "expired"
+    assert statuses(agreement["id"])[-1] == ("accepted", "expired")

@@ -1,8 +1,10 @@
 """Escrow activation through the API against the real contracts on Anvil."""
 
 from collections import Counter
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 
 from agreements.models import AgreementEvent, UsageAgreement
 from escrow.models import ChainTransaction, TxStatus
@@ -282,3 +284,18 @@ def test_a_node_answering_a_pending_block_in_the_future_does_not_refuse_a_valid_
         response = parties.activate(agreement["id"], django_capture_on_commit_callbacks, body)
     assert response.status_code == 202, response.content
     assert parties.agreement(agreement["id"])["status"] == "active"
+
+
+def test_an_agreement_whose_term_ended_on_the_chains_clock_is_refused_before_anything_is_queued(parties,
+                                                                                                escrow_chain):
+    """Activation compared the term with our clock only: the chain's, ahead of it, had passed the escrow's
+    expiresAt, the contract refuses such an escrow (InvalidExpiry), and the relayer was given it all the same."""
+    agreement = parties.accepted_agreement(expires_at=(timezone.now() + timedelta(minutes=10)).isoformat())
+    body = parties.signed_activation(agreement["id"])  # valid for ACTIVATION_SIGNATURE_TTL (30 minutes)
+    escrow_chain.increase_time(15 * 60)
+
+    response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", body)
+    assert response.status_code == 409, response.content
+    assert error_code(response) == "agreement_expired"
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+    assert parties.agreement(agreement["id"])["status"] == "accepted"

@@ -249,7 +249,7 @@ def test_staff_who_may_delete_policies_and_approvals_cannot_make_their_records_v
                                                                                      seller):
     """A deleted policy freed its agent of every cap and rule with no record of who did it; a deleted approval
     request took the owner's decision (or the request the owner was to decide) with it. An operator loosens a
-    policy through its form (policy_set records who); requests are decided or expire."""
+    policy through its form (policy_set_by_operator records who); requests are decided or expire."""
     service = register_service(seller)
     Api(issue_owner_token(buyer.owner)).put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
     assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201  # pending approval

@@ -11,6 +11,7 @@ from policies.models import ApprovalRequest
 from tests.agreements.helpers import proposal, propose
 from tests.catalog.factories import UserFactory, issue_owner_token, register_service
 from tests.conftest import Api, codes_at, error_code
+from tests.policies.helpers import whole_policy
 from tests.support.openapi import assert_documented
 
 pytestmark = pytest.mark.django_db
@@ -29,8 +30,8 @@ def test_get_default_and_put_policy(owner_api, buyer):
     assert response.status_code == 200, response.content
     assert response.json()["daily_cap_atomic"] == 5_000_000
     assert response.json()["blocked_tags"] == ["gambling"]
-    # PUT replaces: what is left out is reset.
-    assert owner_api.put(url, {"monthly_cap_atomic": 1}).json()["daily_cap_atomic"] is None
+    # What a PUT leaves out is kept (it was reset: `test_a_policy_put_changes_the_fields_given_and_keeps_the_others`).
+    assert owner_api.put(url, {"monthly_cap_atomic": 1}).json()["daily_cap_atomic"] == 5_000_000
 
 
 def test_the_default_policy_has_every_documented_field(owner_api, buyer):
@@ -290,7 +291,7 @@ def test_approving_a_purchase_the_policy_now_denies_is_409_and_leaves_the_reques
     approval = ApprovalRequest.objects.get(subject_id=held["id"])
     tightened = {name: [service.seller.handle] if value == ["{seller}"] else value
                  for name, value in tightened.items()}
-    owner_api.put(policy_url, {"approval_threshold_atomic": 1, **tightened})
+    owner_api.put(policy_url, whole_policy({"approval_threshold_atomic": 1, **tightened}))
 
     refused = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
 
@@ -301,7 +302,7 @@ def test_approving_a_purchase_the_policy_now_denies_is_409_and_leaves_the_reques
     assert UsageAgreement.objects.get(pk=held["id"]).status == "pending_approval"
     assert seller_api.put(f"/usage-agreements/{held['id']}/accept").status_code == 409
 
-    owner_api.put(policy_url, {"approval_threshold_atomic": 1})
+    owner_api.put(policy_url, whole_policy({"approval_threshold_atomic": 1}))
     approved = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
     assert approved.status_code == 200 and approved.json()["status"] == "approved"
     assert UsageAgreement.objects.get(pk=held["id"]).status == "proposed"
@@ -426,3 +427,82 @@ def test_a_paegents_category_becomes_a_tag_in_the_normal_form_and_a_mixed_script
 
     mixed = seller_api.post("/agents/services", service_data(category="fin\u0430nce"))
     assert mixed.status_code == 400 and "tag_mixed_scripts" in codes_at(mixed, "category")
+
+
+def _term_ended(agreement_id) -> None:
+    """The agreement's term ended a minute ago (its proposal's window with it)."""
+    ended = timezone.now() - timedelta(minutes=1)
+    UsageAgreement.objects.filter(pk=agreement_id).update(expires_at=ended, proposal_expires_at=ended)
+
+
+@pytest.mark.parametrize("accepted", [False, True], ids=["proposed", "accepted"])
+def test_an_agreement_whose_term_ended_unfunded_no_longer_counts_against_the_caps(
+        owner_api, buyer, buyer_api, seller_api, service, accepted):
+    """An agreement whose term ended before it was funded can no longer be activated (the contract refuses an
+    escrow past its expiry), yet it counted against the buyer's caps for 30 days, until the buyer cancelled it."""
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"daily_cap_atomic": 300_000})  # one proposal of 10 calls
+    first = propose(buyer_api, service)
+    if accepted:
+        assert seller_api.put(f"/usage-agreements/{first['id']}/accept").status_code == 200
+    refused = buyer_api.post("/usage-agreements", proposal(service))
+    assert refused.status_code == 403 and refused.json()["error"]["details"]["rule"] == "daily_cap"
+
+    _term_ended(first["id"])
+    assert propose(buyer_api, service)["status"] == "proposed"
+
+
+def test_approving_a_purchase_near_its_term_end_leaves_the_seller_no_time_past_it(owner_api, buyer, buyer_api,
+                                                                                    seller_api, service):
+    """An approval opened the seller's acceptance for 72 hours whatever the term: approved an hour before its end,
+    the purchase could be accepted days after it, when it could no longer be funded."""
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service, expires_at=(timezone.now() + timedelta(hours=1)).isoformat())
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    assert owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve").status_code == 200
+    approved = buyer_api.get(f"/usage-agreements/{held['id']}").json()
+    assert approved["status"] == "proposed"
+    assert approved["proposal_expires_at"] == approved["expires_at"]
+
+
+def test_approving_a_purchase_whose_term_ended_is_409(owner_api, buyer, buyer_api, service):
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service, expires_at=(timezone.now() + timedelta(hours=1)).isoformat())
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    _term_ended(held["id"])
+    ApprovalRequest.objects.filter(pk=approval.pk).update(expires_at=timezone.now() - timedelta(minutes=1))
+
+    late = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
+    assert late.status_code == 409 and error_code(late) == "approval_already_decided"
+    assert late.json()["error"]["details"] == {"status": "expired"}
+    assert buyer_api.get(f"/usage-agreements/{held['id']}").json()["status"] == "expired"
+
+
+@pytest.mark.parametrize("body", [None, {}], ids=["no_body", "empty_object"])
+def test_an_empty_policy_put_is_400_and_leaves_the_caps(owner_api, buyer, body):
+    """PUT replaced the whole policy, every field left out reset to 'no limit': a client sending an empty body by
+    mistake wiped every cap the owner had set."""
+    url = f"/agents/{buyer.pk}/policies"
+    caps = {"daily_cap_atomic": 5_000_000, "monthly_cap_atomic": 20_000_000, "blocked_sellers": ["seller-one"]}
+    assert owner_api.put(url, caps).status_code == 200
+
+    response = owner_api.put(url, body)
+    assert response.status_code == 400, response.content
+    assert error_code(response) == "empty_policy_update"
+    kept = owner_api.get(url).json()
+    assert {name: kept[name] for name in caps} == caps
+
+
+def test_a_policy_put_changes_the_fields_given_and_keeps_the_others(owner_api, buyer):
+    """A field left out was reset to 'no limit': an owner (or the Pægents SDK's update_agent_policies) setting one
+    cap lifted all the others. Null is the explicit 'no limit', [] the explicit empty list."""
+    url = f"/agents/{buyer.pk}/policies"
+    owner_api.put(url, {"daily_cap_atomic": 5_000_000, "monthly_cap_atomic": 20_000_000, "allowed_tokens": ["USDC"]})
+
+    changed = owner_api.put(url, {"daily_cap_atomic": 1_000_000})
+    assert changed.status_code == 200, changed.content
+    assert changed.json()["daily_cap_atomic"] == 1_000_000
+    assert changed.json()["monthly_cap_atomic"] == 20_000_000 and changed.json()["allowed_tokens"] == ["USDC"]
+
+    lifted = owner_api.put(url, {"monthly_cap_atomic": None, "allowed_tokens": []}).json()
+    assert lifted["monthly_cap_atomic"] is None and lifted["allowed_tokens"] == []
+    assert lifted["daily_cap_atomic"] == 1_000_000

@@ -16,6 +16,7 @@ from tests.catalog.factories import AgentFactory, issue_owner_token, register_se
 from tests.conftest import Api, error_code
 from tests.escrow.flow import Parties, deadline_clock, mined_what_was_sent, sign_activation, usdc_balance
 from tests.escrow.test_masumi_purchases import INPUT, PRICE
+from tests.policies.helpers import whole_policy
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -29,7 +30,7 @@ def parties(escrow_chain):
 
 def set_policy(parties: Parties, body: dict) -> None:
     owner_api = Api(issue_owner_token(parties.buyer.owner))
-    response = owner_api.put(f"/agents/{parties.buyer.pk}/policies", body)
+    response = owner_api.put(f"/agents/{parties.buyer.pk}/policies", whole_policy(body))
     assert response.status_code == 200, response.content
 
 
