@@ -506,3 +506,16 @@ def test_a_policy_put_changes_the_fields_given_and_keeps_the_others(owner_api, b
     lifted = owner_api.put(url, {"monthly_cap_atomic": None, "allowed_tokens": []}).json()
     assert lifted["monthly_cap_atomic"] is None and lifted["allowed_tokens"] == []
     assert lifted["daily_cap_atomic"] == 1_000_000
+
+
+def test_an_approval_landing_as_the_term_ends_expires_the_purchase(owner_api, buyer, buyer_api, seller_api, service):
+    """The request's deadline is the term's, read a moment before the purchase is moved: an approval in between
+    opened a window already closed. The purchase expires instead (the owner's decision stays recorded)."""
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    _term_ended(held["id"])  # the request's own deadline not reached yet: the moment in between
+
+    assert owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve").status_code == 200
+    assert buyer_api.get(f"/usage-agreements/{held['id']}").json()["status"] == "expired"
+    assert seller_api.put(f"/usage-agreements/{held['id']}/accept").status_code == 409
