@@ -31,7 +31,7 @@ from agreements.models import (
 )
 from catalog.models import Agent
 from marketplace import outbound, outbound_slots, rotation, sweeps
-from marketplace.errors import Conflict
+from marketplace.errors import Conflict, NotFound
 from sdk import webhook_signature
 
 _BACKOFF_BASE_SECONDS = 10
@@ -64,9 +64,14 @@ def subscription_create(*, agent: Agent, url: str, event_types: list[str], secre
 def subscription_rotate_secret(*, subscription: WebhookSubscription,
                                previous_secret_valid_for_seconds: int) -> WebhookSubscription:
     """A new signing secret, used from the next delivery on; the replaced one signs beside it for the seconds given
-    (marketplace.rotation)."""
-    rotation.rotate(subscription, secret_field="secret", new_secret=_new_secret(),
-                    overlap_seconds=previous_secret_valid_for_seconds)
+    (marketplace.rotation). 404 once deleted: a deletion committed since the subscription was read erased its
+    secrets, which a rotation written after it would give back to a row that signs nothing."""
+    with transaction.atomic():
+        # The live row, locked: a deletion waits for the rotation, or the rotation sees it deleted.
+        if not WebhookSubscription.objects.select_for_update().filter(pk=subscription.pk, is_active=True).exists():
+            raise NotFound("No such webhook subscription.", code="webhook_not_found")
+        rotation.rotate(subscription, secret_field="secret", new_secret=_new_secret(),
+                        overlap_seconds=previous_secret_valid_for_seconds)
     return subscription
 
 
