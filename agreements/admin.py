@@ -369,8 +369,13 @@ class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
         return False  # deleted by unticking it, as the API deletes it: its secrets erased, its deliveries' log kept
 
     def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
-        if change and "is_active" in form.changed_data and not obj.is_active:
+        # Only the columns the operator changed: the row was read as the post began, and written whole it undid what
+        # the API committed since (a rotation: the replaced secret signing again; a deletion: the row live again, its
+        # erased secret back).
+        changed = [name for name in form.changed_data if name in {field.name for field in obj._meta.concrete_fields}]
+        if changed:
+            obj.save(update_fields=changed)
+        if change and "is_active" in changed and not obj.is_active:
             webhooks.subscription_delete(subscription=obj)  # as the API's delete: secrets erased, deliveries ended
 
 

@@ -12,6 +12,8 @@ from django.contrib.auth.models import Permission
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
+from agreements import webhooks
+from agreements.admin import WebhookSubscriptionForm
 from agreements.models import DeliveryStatus, FeeSchedule, WebhookDelivery, WebhookSubscription
 from catalog.models import Agent, ApiKey, OwnerToken
 from escrow import relayer
@@ -155,6 +157,38 @@ def test_a_webhook_address_an_operator_changes_is_checked_as_the_apis(operator, 
     assert "loopback, private or otherwise internal address" in response.content.decode()
     assert WebhookSubscription.objects.get(pk=webhook["id"]).url == "https://hooks.example.com/x"
 
+
+
+@pytest.mark.parametrize("meanwhile", ["rotated", "deleted"])
+def test_an_operators_change_to_a_subscription_keeps_what_the_api_did_to_it_meanwhile(operator, seller, seller_api,
+                                                                                   monkeypatch, meanwhile):
+    """The admin saved every column of the row it read as the operator's post began: a rotation the agent made
+    meanwhile was undone (the replaced, maybe leaked, secret signing again, the new one shown to the agent signing
+    nothing), and a deletion too (the subscription live again, its erased secret back). Only what the operator
+    changed is written."""
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    subscription = WebhookSubscription.objects.get(pk=webhook["id"])
+    page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
+    checked = WebhookSubscriptionForm.clean
+
+    def checked_while_the_agent_acts(form):
+        if meanwhile == "rotated":  # the agent's own request, committed between the admin's read and its write
+            webhooks.subscription_rotate_secret(subscription=subscription, previous_secret_valid_for_seconds=0)
+        else:
+            webhooks.subscription_delete(subscription=subscription)
+        return checked(form)
+
+    monkeypatch.setattr(WebhookSubscriptionForm, "clean", checked_while_the_agent_acts)
+    response = operator.post(page, {**SUBSCRIPTION_FORM, "agent": seller.pk, "url": webhook["url"],
+                                    "event_types": '["agreement.settled"]'})
+    assert response.status_code == 302, response.content
+
+    row = WebhookSubscription.objects.get(pk=webhook["id"])
+    if meanwhile == "rotated":
+        assert row.secret == subscription.secret != webhook["secret"]
+        assert row.event_types == ["agreement.settled"]
+    else:
+        assert (row.is_active, row.secret) == (False, "")
 
 def test_a_subscription_whose_address_the_guard_refuses_now_is_still_deleted_in_the_admin(operator, seller, seller_api,
                                                                                         guard_on):
