@@ -318,6 +318,9 @@ class WebhookSubscriptionForm(forms.ModelForm):
         return cleaned
 
 
+_SUBSCRIPTION_FIELDS_THE_API_KEEPS = ("url", "event_types")  # set at creation, never changed by the API
+
+
 @admin.register(WebhookSubscription)
 class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
     list_display = ("short_id", "agent", "url_shown", "is_active", "created_at")
@@ -369,10 +372,13 @@ class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
         return False  # deleted by unticking it, as the API deletes it: its secrets erased, its deliveries' log kept
 
     def save_model(self, request, obj, form, change):
-        # Only the columns the operator changed: the row was read as the post began, and written whole it undid what
-        # the API committed since (a rotation: the replaced secret signing again; a deletion: the row live again, its
-        # erased secret back).
-        changed = [name for name in form.changed_data if name in {field.name for field in obj._meta.concrete_fields}]
+        # The row was read as the post began, and written whole it undid what the API committed since (a rotation:
+        # the replaced secret signing again; a deletion: the row live again, its erased secret back). So the columns
+        # the API changes (secrets, is_active, paused_at) are written only when the operator changed them; the address
+        # and event types, which only the operator changes, as the form has them (a stored address without its
+        # credentials).
+        changed = [name for name in form.fields
+                   if name in _SUBSCRIPTION_FIELDS_THE_API_KEEPS or name in form.changed_data]
         if changed:
             obj.save(update_fields=changed)
         if change and "is_active" in changed and not obj.is_active:
