@@ -690,8 +690,10 @@ class CumulativeReceiptPageSerializer(serializers.Serializer):
 
 
 class AgentWebhookCreateSerializer(WebhookCreateSerializer):
-    secret = serializers.CharField(min_length=16, max_length=100, required=False,
-                                   help_text="Your own signing secret; a new one is made when absent.")
+    # Kept as given: a secret trimmed would sign with one the agent does not hold.
+    secret = serializers.CharField(min_length=16, max_length=100, required=False, trim_whitespace=False,
+                                   help_text="Your own signing secret, used exactly as given; a new one is made "
+                                             "when absent.")
 
 
 class AgentWebhookSerializer(WebhookSerializer):

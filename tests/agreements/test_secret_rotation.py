@@ -350,3 +350,16 @@ def test_a_narrower_key_of_the_agent_cannot_replay_an_admin_keys_request_for_its
     replayed = rotate_webhook(seller, narrower, created.json(), OVERLAP, **{"Idempotency-Key": "rotate-once"})
     assert replayed.status_code == 403 and error_code(replayed) == "insufficient_scope"
     assert rotated.json()["secret"] not in replayed.content.decode()
+
+
+def test_an_agents_own_webhook_secret_signs_as_given_spaces_and_all(seller, seller_api, http_server,
+                                                                      django_capture_on_commit_callbacks):
+    """DRF trims a CharField's whitespace: a secret given with a space at either end was stored trimmed, and the
+    deliveries were signed with a secret the agent does not hold (every signature failed its check)."""
+    secret = "  my-own-secret-0123456789\t"
+    created = seller_api.post(f"/agents/{seller.pk}/webhooks", {"url": f"{http_server.url}/hooks", "secret": secret})
+    assert created.status_code == 201, created.content
+
+    body, header = delivered(seller, seller_api, http_server, django_capture_on_commit_callbacks)
+
+    assert first_v1_verifies(secret, body, header)
