@@ -29,7 +29,7 @@ from catalog.models import KeyScope, UpstreamProtocol
 from escrow import purchases, selectors
 from escrow.models import MasumiPaymentRequest
 from escrow.serializers import ActivateEscrowSerializer, ActivationPackageSerializer, TypedDataSerializer
-from marketplace import chainconfig, url_credentials
+from marketplace import chainconfig, exact_json, url_credentials
 from marketplace.errors import Conflict, InvalidInput
 from marketplace.idempotency import idempotent
 from marketplace.masumi_format import check_network as _check_network
@@ -146,8 +146,14 @@ class PurchaseCreateSerializer(StrictSerializer):
     externalDisputeUnlockTime = _millis_field()
 
     def validate_input_data(self, value):
-        """Kept with the purchase and sent to the seller: at most MASUMI_INPUT_DATA_MAX_BYTES of JSON."""
-        return json_size_bounded(value, limit=settings.MASUMI_INPUT_DATA_MAX_BYTES)
+        """Kept with the purchase and sent to the seller: at most MASUMI_INPUT_DATA_MAX_BYTES of JSON, as stored
+        (a float such as 1e308 is stored positionally, 309 digits). Hashed (inputHash): minus zero, which the database
+        cannot keep, is refused."""
+        if exact_json.holds_minus_zero(value):
+            raise serializers.ValidationError("-0.0 cannot be kept as given (it is stored as 0): send 0.",
+                                              code="minus_zero")
+        return json_size_bounded(value, limit=settings.MASUMI_INPUT_DATA_MAX_BYTES,
+                                 encoder=exact_json.ExactNumbersEncoder)
 
     def validate(self, attrs):
         if ("input_data" in attrs) == ("blockchainIdentifier" in attrs):

@@ -5,6 +5,7 @@ from django.db import models
 from django.db.models import Q
 
 from agreements.models import UsageAgreement
+from marketplace.exact_json import ExactNumbersEncoder
 from marketplace.fields import AddressField, Bytes32Field, TokenAmountField
 
 
@@ -241,7 +242,7 @@ class MasumiPurchase(models.Model):
         help_text="The seller's payment request this purchase pays (the buyer started the job itself).")
     identifier_from_purchaser = models.CharField(max_length=250, blank=True)
     metadata = models.CharField(max_length=1000, blank=True)
-    input_data = models.JSONField(null=True, blank=True,
+    input_data = models.JSONField(null=True, blank=True, encoder=ExactNumbersEncoder,  # hashed: read back exactly
                                   help_text="Sent to the seller's POST /start_job once the funds are locked; none "
                                             "when the buyer started the job itself (payment_request).")
     input_hash = models.CharField(max_length=64, help_text="MIP-004: sha256 of `identifierFromPurchaser;JCS(input)`.")

@@ -85,9 +85,10 @@ class TextOnlySerializer(serializers.Serializer):
         return super().to_internal_value(data)
 
 
-def json_size_bounded(value, *, limit: int):
-    """`value`, refused (`too_large`) when its JSON, as compactly written, is more than `limit` bytes."""
-    if len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()) > limit:
+def json_size_bounded(value, *, limit: int, encoder: type[json.JSONEncoder] | None = None):
+    """`value`, refused (`too_large`) when its JSON, as compactly written (by `encoder`, the one it is stored with,
+    if given), is more than `limit` bytes."""
+    if len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, cls=encoder).encode()) > limit:
         raise serializers.ValidationError(f"At most {limit} bytes of JSON.", code="too_large")
     return value
 

@@ -51,7 +51,8 @@ def run(capture, fn, **kwargs):
 class Purchase:
     """A buyer who bought one job from the Masumi service and got the funds locked."""
 
-    def __init__(self, chain, capture, seller_service, masumi_protocol_version="1", parties=None, **timers):
+    def __init__(self, chain, capture, seller_service, masumi_protocol_version="1", parties=None, input_data=INPUT,
+                 **timers):
         """`parties`: another purchase's (the same buyer and service); else new ones."""
         self.chain, self.capture = chain, capture
         self.parties = parties or Parties(
@@ -63,7 +64,7 @@ class Purchase:
                        "externalDisputeUnlockTime": now + 4800, **timers}
         self.balances = self.read_balances()
         created = self.parties.buyer_api.post("/purchase", {
-            "network": "Preprod", "agentIdentifier": str(self.parties.service.pk), "input_data": INPUT,
+            "network": "Preprod", "agentIdentifier": str(self.parties.service.pk), "input_data": input_data,
             "identifierFromPurchaser": "order-17",
             **{name: str(seconds * 1000) for name, seconds in self.timers.items()}})
         assert created.status_code == 200, created.content
@@ -1197,3 +1198,37 @@ def test_a_purchases_tick_against_a_node_of_another_chain_expires_nothing(escrow
     with django_capture_on_commit_callbacks(execute=False), pytest.raises(gateway.WrongChain, match="chain id"):
         purchases.purchases_tick()
     assert parties.agreement(created["agreementId"])["status"] != "expired"
+
+
+@pytest.mark.parametrize("number", ["6.02e23", "1e16", "1e-05"])
+def test_the_seller_is_sent_the_input_the_buyer_hashed_and_paid_for(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, number):
+    """MIP-004: the seller checks the input it is sent against the purchase's inputHash (the masumi library's seller
+    asks for its payment by it). A float written with an exponent came back from the database as another number
+    (jsonb keeps numbers as decimals: 6.02e+23 read back as the integer 602000000000000000000000), so the seller was
+    sent an input whose hash was not the one the buyer paid for."""
+    input_data = {"quantity": json.loads(number), "unit": "mol"}
+    purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, seller_service, input_data=input_data)
+    assert purchase.created["inputHash"] == purchases.input_hash_of(input_data, "order-17")
+    purchase.tick()
+    [sent] = seller_service.started
+    assert purchases.input_hash_of(sent, "order-17") == purchase.created["inputHash"]
+    assert json.dumps(sent, sort_keys=True) == json.dumps(input_data, sort_keys=True)
+
+
+def test_an_input_the_database_cannot_keep_as_hashed_is_refused_and_floats_are_bounded_as_stored(
+        escrow_chain, seller_service, settings):
+    """Minus zero is stored as 0 (another inputHash): 400, nothing recorded. A float stored positionally (1e308: 309
+    digits) counts at its stored size against MASUMI_INPUT_DATA_MAX_BYTES."""
+    settings.MASUMI_INPUT_DATA_MAX_BYTES = 1000
+    parties = Parties(escrow_chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[],
+                      pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE, "token": "USDC"})
+    body = {"network": "Preprod", "agentIdentifier": str(parties.service.pk)}
+    minus_zero = parties.buyer_api.post("/purchase", {**body, "input_data": {"offset": [1.5, -0.0]}})
+    assert minus_zero.status_code == 400, minus_zero.content
+    assert codes_at(minus_zero, "input_data") == {"minus_zero"}, minus_zero.content
+    huge_floats = parties.buyer_api.post("/purchase", {**body, "input_data": [1e308] * 4})
+    assert huge_floats.status_code == 400, huge_floats.content
+    assert codes_at(huge_floats, "input_data") == {"too_large"}, huge_floats.content
+    assert not MasumiPurchase.objects.exists()
+    assert parties.buyer_api.post("/purchase", {**body, "input_data": [1e308] * 3}).status_code == 200
