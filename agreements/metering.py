@@ -87,6 +87,17 @@ def _seller_report_require(agreement: UsageAgreement, seller_id: uuid.UUID) -> N
                        code="job_result_only")
 
 
+def party_completion_request(*, agreement: UsageAgreement, reason: str) -> UsageAgreement:
+    """A party ends the agreement (`POST /usage-agreements/{id}/complete`). Not a Masumi purchase: it ends by its job
+    result (`job_result_charge` asks for completion) or its timers, and a completion asked for before the result
+    refused the result and proposed nothing charged: the buyer refunded whole, without the dispute a refund request
+    is, for a job the seller was told was paid."""
+    if hasattr(agreement, "masumi_purchase"):
+        raise Conflict("A Masumi purchase ends by its job result or its timers; request a refund instead.",
+                       code="job_result_only")
+    return completion_request(agreement=agreement, reason=reason)
+
+
 def _not_chargeable(agreement: UsageAgreement) -> Conflict:
     return Conflict(f"The agreement is {agreement.status}; calls are billed only while it is active.",
                     code="agreement_not_active", details={"status": agreement.status})

@@ -387,8 +387,8 @@ class CompleteView(APIView):
         body = CompleteSerializer(data=request.data or {})
         body.is_valid(raise_exception=True)
         role = "buyer" if agreement.buyer_id == agent.pk else "seller"
-        metering.completion_request(agreement=agreement,
-                                    reason=body.validated_data["reason"] or f"completed by the {role}")
+        metering.party_completion_request(agreement=agreement,
+                                          reason=body.validated_data["reason"] or f"completed by the {role}")
         return Response(agreement_payload(selectors.agreement_get(agreement_id=agreement_id, agent=agent)))
 
 

@@ -1232,3 +1232,24 @@ def test_an_input_the_database_cannot_keep_as_hashed_is_refused_and_floats_are_b
     assert codes_at(huge_floats, "input_data") == {"too_large"}, huge_floats.content
     assert not MasumiPurchase.objects.exists()
     assert parties.buyer_api.post("/purchase", {**body, "input_data": [1e308] * 3}).status_code == 200
+
+
+@pytest.mark.parametrize("party", ["buyer", "seller"])
+def test_a_purchase_is_not_ended_unpaid_by_completing_its_agreement(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, party):
+    """A purchase ends by its job result or its timers (a refund request disputes the result). The buyer's
+    `POST /usage-agreements/{id}/complete` once the funds were locked (the seller told FundsLocked, running the job)
+    asked for completion with nothing charged: the seller's result was refused (`agreement_already_used`) and a zero
+    settlement proposed, the buyer refunded whole with no dispute, the result (a masumi-library seller's /status)
+    its own."""
+    purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, seller_service)
+    agreement_id = purchase.created["agreementId"]
+    api = purchase.parties.buyer_api if party == "buyer" else purchase.parties.seller_api
+    refused = api.post(f"/usage-agreements/{agreement_id}/complete", {})
+    assert refused.status_code == 409 and error_code(refused) == "job_result_only", refused.content
+    assert purchase.parties.agreement(agreement_id)["completion_requested_at"] is None
+
+    assert purchase.tick()["started"] == 1
+    assert purchase.tick()["results"] == 1  # the result is the purchase's end
+    assert purchase.get()["onChainState"] == "ResultSubmitted"
+
