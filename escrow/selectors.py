@@ -362,6 +362,12 @@ def purchase_pay_by_time(*, agreement_id) -> int | None:
     return None if pay_by is None else int(pay_by.timestamp())
 
 
+def purchase_unlock_time(*, agreement_id) -> int | None:
+    """The unlockTime (unix) of the Masumi purchase bought as this agreement; None when the agreement is no purchase."""
+    unlock = MasumiPurchase.objects.filter(agreement_id=agreement_id).values_list("unlock_time", flat=True).first()
+    return None if unlock is None else int(unlock.timestamp())
+
+
 def purchase_get(*, buyer, blockchain_identifier: str) -> MasumiPurchase:
     """The buyer's purchase with this blockchainIdentifier, else 404."""
     purchase = purchases_of_buyer(buyer=buyer).filter(_by_blockchain_identifier(blockchain_identifier)).first()

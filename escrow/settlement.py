@@ -260,6 +260,7 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
         raise _nothing_to_challenge(agreement)  # checked again under the lock; first so that nothing is read
     # The block a transaction sent now gets: the contract refuses a challenge from the deadline's second on.
     now = chain_clock.next_block_clock_for_refusal()
+    _purchase_unlock_check(agreement, now=now)
     proposal = _unindexed_proposal(agreement, now=now)
     if proposal is None and not can_challenge(agreement):
         raise _nothing_to_challenge(agreement)
@@ -279,6 +280,16 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
         if proposal is not None:
             context[UNINDEXED_PROPOSAL] = proposal
         return _enqueue(agreement, TxPurpose.CHALLENGE, "challengeWithSig", args, context)
+
+
+def _purchase_unlock_check(agreement: UsageAgreement, *, now: int) -> None:
+    """A Masumi purchase's seller is paid from its unlockTime on (its refund requests end there). The window of a
+    result's proposal runs unlockTime − purchase time from the proposal, past unlockTime by as long as the result
+    took: a dispute there, through these endpoints, took a delivered result's payment to the buyer."""
+    unlock = selectors.purchase_unlock_time(agreement_id=agreement.pk)
+    if unlock is not None and now >= unlock:
+        raise Conflict("unlockTime has passed; the seller's payment can no longer be disputed.",
+                       code="unlock_time_passed", details={"unlock_time": unlock})
 
 
 def _challenge_check(agreement: UsageAgreement, *, proposal: dict | None, now: int, deadline: int,

@@ -1253,3 +1253,31 @@ def test_a_purchase_is_not_ended_unpaid_by_completing_its_agreement(
     assert purchase.tick()["results"] == 1  # the result is the purchase's end
     assert purchase.get()["onChainState"] == "ResultSubmitted"
 
+
+
+@pytest.mark.parametrize("path", ["dispute", "challenge"])
+def test_a_purchases_result_is_not_disputed_after_unlock_time_through_the_escrow_endpoints(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, path):
+    """Masumi: the seller's payment is unlocked at unlockTime; a refund request after it is 409 `unlock_time_passed`.
+    The proposal of a result that came after the purchase opens its window past unlockTime (by as long as the
+    result took), and the escrow endpoints' dispute was accepted there (202, disputed): the seller's delivered
+    result then released to the buyer at externalDisputeUnlockTime."""
+    chain = escrow_chain
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    chain.increase_time(900)  # the job takes a while: its proposal's window ends ~900 s past unlockTime
+    assert purchase.tick()["results"] == 1
+    assert purchase.get()["onChainState"] == "ResultSubmitted"
+    agreement_id = purchase.created["agreementId"]
+    chain.increase_time(purchase.timers["unlockTime"] + 60 - chain.now())
+
+    asked = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement_id}/dispute",
+                                            {"reason": "the summary is wrong"})
+    assert asked.status_code == 400 and error_code(asked) == "buyer_signature_required", asked.content
+    details = asked.json()["error"]["details"]
+    signature = sign_typed_data(purchase.parties.buyer_account.key, details["challenge"])
+    with purchase.capture(execute=True):
+        refused = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement_id}/{path}", {
+            "reason": "the summary is wrong", "deadline": details["deadline"], "signature": signature})
+    assert refused.status_code == 409 and error_code(refused) == "unlock_time_passed", refused.content
+    assert not ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=TxPurpose.CHALLENGE).exists()
