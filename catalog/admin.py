@@ -6,6 +6,7 @@ Secrets are never shown: a credential's digest stays out of the pages, its prefi
 """
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
@@ -47,7 +48,8 @@ def _revoke(modeladmin, request, credentials) -> None:
         services.credential_revoke(credential=credential)
         modeladmin.log_change(request, credential, "Revoked")  # who shut it out, in the row's admin history
         count += 1
-    messages.success(request, f"Revoked {count} credential(s); they stop working at once.")
+    messages.success(request, f"Revoked {count} credential(s); they stop working within "
+                             f"{settings.CREDENTIAL_CACHE_SECONDS} s (CREDENTIAL_CACHE_SECONDS).")
 
 
 @admin.action(description="Revoke selected credentials", permissions=["revoke"])
