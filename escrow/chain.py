@@ -61,6 +61,11 @@ class WrongChain(ChainError):
     """The node at CHAIN_RPC_URL is of another chain than CHAIN_ID: nothing it says is about this one."""
 
 
+class LogQueryTooLarge(ChainError):
+    """The node refused an eth_getLogs as over its cap: too many blocks, or too many logs or bytes in its answer
+    (a smaller range may be answered)."""
+
+
 class RpcUnreachable(RpcUnavailable):
     """Nothing answers at CHAIN_RPC_URL (connection refused): every other call would fail the same way."""
 
@@ -769,16 +774,41 @@ def to_json(value: Any) -> Any:
     return json.loads(Web3.to_json(value))
 
 
+# How providers refuse an eth_getLogs over their cap (Infura's -32005 "query returned more than 10000 results",
+# QuickNode's "limited to a 10000 range", geth's "exceed maximum block range", Alchemy's "Log response size exceeded",
+# Ankr's "block range is too wide"); -32005 alone is also some providers' rate limit.
+_LOG_QUERY_TOO_LARGE = ("query returned more than", "limited to a", "block range", "response size exceeded",
+                        "range is too", "range too", "too many results", "too many logs")
+
+
 def logs(*, address: str, from_block: int, to_block: int, topics: list | None = None) -> list:
     """eth_getLogs of one contract over [from_block, to_block], both included (keep the range bounded: nodes
-    refuse or time out on large ones). Raises UntrustedAnswer when a log is not one the query asked for."""
+    refuse or time out on large ones). A range the node refuses as too large (`LogQueryTooLarge`: its block cap,
+    or a range anyone can fill with token transfers past its results cap) is asked again in halves, down to one
+    block: asked whole at every pass, it stalled the indexer for good. Raises UntrustedAnswer when a log is not one
+    the query asked for."""
+    try:
+        return _logs(address=address, from_block=from_block, to_block=to_block, topics=topics)
+    except LogQueryTooLarge:
+        if from_block >= to_block:
+            raise
+    middle = (from_block + to_block) // 2
+    return (logs(address=address, from_block=from_block, to_block=middle, topics=topics)
+            + logs(address=address, from_block=middle + 1, to_block=to_block, topics=topics))
+
+
+def _logs(*, address: str, from_block: int, to_block: int, topics: list | None) -> list:
     query = {"address": to_checksum_address(address), "fromBlock": from_block, "toBlock": to_block}
     if topics:
         query["topics"] = topics
     try:
         found = list(w3().eth.get_logs(query))
     except Exception as exc:  # noqa: BLE001
-        raise classify(exc) from exc
+        error = classify(exc)
+        if isinstance(exc, NodeAnswerTooLarge) or (
+                type(error) is ChainError and any(words in str(error).lower() for words in _LOG_QUERY_TOO_LARGE)):
+            raise LogQueryTooLarge(str(error)) from exc
+        raise error from exc
     _check_logs(found, addresses=[address], topics=topics or [],
                 asked=lambda log: from_block <= log["blockNumber"] <= to_block)
     return found

@@ -172,8 +172,20 @@ def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None 
         return None
     if cursor.last_block is not None and chain.canonical_block_hash(cursor.last_block) != cursor.last_block_hash:
         return None
+    _range_logs_check([log for log in logs if new_from is None or log["blockNumber"] < new_from])
     unique = {(chain.hex_text(log["blockHash"]), log["logIndex"]): log for log in logs}  # a transfer may match both queries
     return end_hash, sorted(unique.values(), key=lambda log: (log["blockNumber"], log["logIndex"]))
+
+
+def _range_logs_check(logs: list) -> None:
+    """The logs of a range read are of the chain's blocks at their heights, as `end`'s hash, checked after them,
+    says it is: UntrustedAnswer otherwise. A load-balanced provider's backend still on a fork a reorg left answers
+    its blocks' logs; stored under a block of the fork (which no reorg check compares with the chain, the cursor's
+    block being canonical), its event stayed applied for good. (Logs read by block hash are the hash's already.)"""
+    for number, block_hash in {(log["blockNumber"], chain.hex_text(log["blockHash"]).lower()) for log in logs}:
+        if (chain.canonical_block_hash(number) or "").lower() != block_hash:
+            raise chain.UntrustedAnswer(f"the node answered logs of block {number} under hash {block_hash:.80}, "
+                                        "not the chain's block at that height")
 
 
 def _range_logs(start: int, end: int) -> list:

@@ -461,16 +461,19 @@ def _node_answering_get_logs(monkeypatch, answer):
     monkeypatch.setattr(eth, "get_logs", lambda query: answer(query, honest))
 
 
-@pytest.mark.parametrize("hostility", ["beyond_the_range", "removed", "another_block_by_hash"])
+@pytest.mark.parametrize("hostility", ["beyond_the_range", "removed", "another_block_by_hash",
+                                       "another_block_in_a_range"])
 def test_logs_a_node_answers_that_the_query_did_not_ask_for_are_not_applied(
         funded, escrow_chain, monkeypatch, django_capture_on_commit_callbacks, settings, hostility):
     """A buggy or hostile node's eth_getLogs answer: logs of blocks past the range asked (toBlock ignored: the
     seller's proposal in a block not yet at the confirmation depth), a log marked removed (of a block reorged out),
-    or, for a query by block hash, the logs of another block (a stale fork's at that height). Applied, the proposal
+    or, for a query by block hash or a range, the logs of another block (a stale fork's at that height: a
+    load-balanced provider's backend on the fork a reorg left; over a range, the log was stored under that block, which
+    the reorg check never compared with the chain's, and stayed applied). Applied, the proposal
     moved the agreement on a block the indexer never checks for a reorg (past its cursor) or that is not the chain's. The answer is refused: the pass fails, nothing moves,
     and the honest answer of a later pass is applied."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
-    settings.INDEXER_LOGS_BY_HASH_BLOCKS = 0 if hostility != "another_block_by_hash" else 16
+    settings.INDEXER_LOGS_BY_HASH_BLOCKS = 16 if hostility == "another_block_by_hash" else 0
     call_n(funded, 4)
     index(capture)
     if hostility == "beyond_the_range":
@@ -483,7 +486,7 @@ def test_logs_a_node_answers_that_the_query_did_not_ask_for_are_not_applied(
             return honest({**query, "toBlock": "latest"})
         if hostility == "removed":
             return [{**log, "removed": True} for log in honest(query)]
-        # A block asked by hash answered with the logs of another block at its height (a stale fork's).
+        # A block asked by hash, or a range, answered with the logs of another block at their height (a stale fork's).
         return [{**log, "blockHash": HexBytes("0x" + "11" * 32)} for log in honest(query)]
 
     _node_answering_get_logs(monkeypatch, hostile)
@@ -545,3 +548,43 @@ def test_a_node_answering_the_cursors_block_without_its_hash_or_of_another_heigh
         relay.stop()
     cursor = IndexerCursor.objects.get()
     assert cursor.last_error.startswith("UntrustedAnswer") and cursor.last_block == indexed
+
+
+@pytest.mark.parametrize("refusal", [(-32005, "query returned more than 10000 results"),
+                                     (-32600, "eth_getLogs is limited to a 8 range"),
+                                     (-32000, "exceed maximum block range: 8")],
+                         ids=["too_many_results", "range_limit", "block_range_exceeded"])
+def test_a_range_the_node_refuses_as_too_large_is_read_in_halves_not_retried_for_ever(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks, refusal):
+    """Providers refuse an eth_getLogs whose range or answer is over their cap (Infura's -32005 "query returned
+    more than 10000 results": anyone can fill a range with token transfers of 1 unit to the treasury). The
+    indexer asked the same range at every pass, failing each time: stalled for good, the seller's proposal never
+    applied. A range refused as too large is read again in halves, down to one block; no block is skipped."""
+    from tests.support.rpc_relay import RpcRelay
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.INDEXER_LOGS_BY_HASH_BLOCKS, settings.INDEXER_BLOCK_RANGE, settings.INDEXER_RESCAN_BLOCKS = 0, 64, 0
+    call_n(funded, 4)
+    index(capture)
+    chain.mine(20)
+    seller_proposes_directly(funded, chain)
+    chain.mine(20)
+    relay = RpcRelay(chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    code, message = refusal
+
+    def over_the_cap(call) -> bool:
+        if call.get("method") != "eth_getLogs":
+            return False
+        query = call["params"][0]
+        return int(query["toBlock"], 16) - int(query["fromBlock"], 16) + 1 > 8
+
+    relay.rewrite(over_the_cap, lambda answer: {"jsonrpc": "2.0", "id": answer.get("id"),
+                                                "error": {"code": code, "message": message}})
+    try:
+        result = index(capture)
+    finally:
+        relay.stop()
+    assert result.indexed_to == chain.block_number()
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    assert ChainEvent.objects.filter(name="SettlementProposed").count() == 1
