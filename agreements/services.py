@@ -1431,6 +1431,18 @@ def agreement_settlement_proposed(*, agreement_id, challenge_deadline: datetime,
                           data=data, changes={"challenge_deadline": challenge_deadline, "proposed_seq": seq})
 
 
+def agreement_challenge_failed(*, agreement_id, transaction_id, failure: str) -> UsageAgreement:
+    """The buyer's challenge the platform relayed was refused by the chain (mined or simulated once the window had
+    closed, its signature expired) and nothing else disputed the escrow: the status does not move, but the buyer,
+    told 202 and then nothing until the seller's amount was finalized, is sent an event saying so (webhook, inbox).
+    Call inside a DB transaction."""
+    agreement = _lock(agreement_id)
+    _record_event(agreement, actor=SYSTEM, from_status=agreement.status,
+                  reason=f"the buyer's challenge failed on-chain: {failure}",
+                  data={"challenge_failed": str(transaction_id)})
+    return agreement
+
+
 def agreement_disputed(*, agreement_id, reason: str, tx_hash: str, evidence: str = "") -> UsageAgreement:
     """`evidence`: what the buyer gave with its challenge, kept on the event for the arbiter (`escrow.selectors.dispute_evidence`)."""
     return _chain_outcome(agreement_id, to=S.DISPUTED, actor=Actor(AgreementEvent.ActorKind.BUYER, "buyer"),

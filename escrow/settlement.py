@@ -351,6 +351,8 @@ def _challenge_outcome(tx: ChainTransaction) -> None:
     if tx.status != TxStatus.CONFIRMED:
         mined_as = tx.outcome_evidence.get(DONE_BY)
         if not mined_as:
+            agreement_services.agreement_challenge_failed(agreement_id=tx.agreement_id, transaction_id=tx.pk,
+                                                          failure=tx.failure_reason)
             return
         logger.info("challenge not needed: another transaction challenged the escrow first",
                     extra={"agreement_id": str(tx.agreement_id), "done_by": mined_as})

@@ -397,3 +397,32 @@ def test_a_node_answering_a_pending_block_in_the_future_does_not_close_the_chall
         assert response.status_code == 202, response.content
         confirm_all(capture)
     assert funded.agreement(funded.agreement_id)["status"] == "disputed"
+
+
+def test_a_challenge_accepted_in_the_windows_last_seconds_that_the_chain_refuses_is_told_to_the_buyer(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """The API takes the buyer's challenge (202) in the window's last seconds; the relayer gets to it after the window
+    closed and the chain refuses it. The failed transaction changed nothing the buyer is sent: the agreement stayed
+    in_challenge, no event, no webhook, until the seller's amount was finalized ("challenge window over"), as if the
+    buyer had never challenged. The failure is an event of the agreement (its webhook and inbox), with the reason."""
+    from agreements.models import AgreementEvent
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    body = challenge_of_an_indexed_proposal(funded, chain, capture)
+    with capture(execute=False) as submits:
+        response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body)
+    assert response.status_code == 202, response.content
+    window_end = UsageAgreement.objects.get(pk=funded.agreement_id).challenge_deadline.timestamp()
+    chain.increase_time(int(window_end) - chain.now() + 1)
+    with capture(execute=True):
+        for submit in submits:
+            submit()
+    confirm_all(capture)
+
+    challenge = ChainTransaction.objects.get(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE)
+    assert challenge.status == TxStatus.FAILED
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    told = AgreementEvent.objects.filter(agreement_id=funded.agreement_id,
+                                         data__challenge_failed=str(challenge.pk)).get()
+    assert (told.from_status, told.to_status) == ("in_challenge", "in_challenge")
+    assert "challenge" in told.reason and challenge.failure_reason in told.reason
