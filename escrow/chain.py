@@ -742,6 +742,13 @@ def canonical_block_hash(number: int) -> str | None:
     an error (rate limited, overloaded): that says nothing of the block, and read as "none there" it passed for a
     reorg; UntrustedAnswer when it answered a block without a hash or of another height (taken for the one asked, it
     passed for a reorg, and a missing hash ended the indexer's pass and the relayer's poll unrecorded)."""
+    hashes = canonical_block_hashes(number)
+    return None if hashes is None else hashes[0]
+
+
+def canonical_block_hashes(number: int) -> tuple[str, str] | None:
+    """(hash, parent hash) of the node's block at height `number`, as `canonical_block_hash` reads it; None when it
+    has none there."""
     try:
         block = w3().eth.get_block(number)
     except BlockNotFound:
@@ -752,7 +759,10 @@ def canonical_block_hash(number: int) -> str | None:
             raise error from exc
         raise RpcUnavailable(f"block {number} not read: {error}") from exc
     _check_block(block, number)
-    return "0x" + block["hash"].hex().removeprefix("0x")
+    parent = block.get("parentHash")
+    if not isinstance(parent, bytes) or len(parent) != 32:
+        raise UntrustedAnswer(f"the node answered block {number} without its parent's hash")
+    return "0x" + block["hash"].hex().removeprefix("0x"), "0x" + parent.hex().removeprefix("0x")
 
 
 def revert_reason(*, sender: str, to: str, data: str, block_number: int) -> str:

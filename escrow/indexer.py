@@ -158,16 +158,25 @@ def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None 
     """The logs of [start, end] and the hash of `end`; None when the chain changed while we read (a reorg), or a
     node has not a block of it yet: `end` must keep its hash across the reads, and the cursor's block must still be
     canonical after them. With `new_from` (the pass follows the head: at most INDEXER_LOGS_BY_HASH_BLOCKS to go),
-    the blocks from it are read one by one by hash (`_block_logs`), and only the rescanned ones below as a range."""
+    the blocks from it are read one by one by hash (`_block_logs`), and only the rescanned ones below as a range.
+    Those must be a chain, each block the parent of the next, from the cursor's to `end`'s: a load-balanced
+    provider's backend that has not followed a reorg answers a height with the block of the fork the chain left,
+    whose events no reorg check would compare again (the cursor's block being canonical)."""
     end_hash = chain.canonical_block_hash(end)
     range_end = end if new_from is None else new_from - 1
     logs = _range_logs(start, range_end) if start <= range_end else []
     if new_from is not None:
+        parent = cursor.last_block_hash if cursor.last_block == new_from - 1 else None
         for number in range(new_from, end + 1):
-            block_hash = end_hash if number == end else chain.canonical_block_hash(number)
-            if block_hash is None:
+            hashes = chain.canonical_block_hashes(number)
+            if hashes is None:
                 return None  # this node is behind: the next pass reads it again
-            logs += _block_logs(block_hash)
+            if parent is not None and hashes[1] != parent:
+                return None  # not one chain: a reorg while we read, or a backend still on another fork
+            parent = hashes[0]
+            logs += _block_logs(parent)
+        if parent != end_hash:
+            return None
     if end_hash is None or chain.canonical_block_hash(end) != end_hash:
         return None
     if cursor.last_block is not None and chain.canonical_block_hash(cursor.last_block) != cursor.last_block_hash:

@@ -588,3 +588,44 @@ def test_a_range_the_node_refuses_as_too_large_is_read_in_halves_not_retried_for
     assert result.indexed_to == chain.block_number()
     assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
     assert ChainEvent.objects.filter(name="SettlementProposed").count() == 1
+
+
+def test_a_block_of_a_dead_fork_a_backend_behind_answers_among_the_newest_is_not_applied(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """Following the head, the newest blocks are read one by one, by the hash the node gives for each height. A
+    load-balanced provider's backend that has not followed a reorg yet answers one height with the block of the
+    fork the chain left (the seller's proposal in it), the others, the range's last included, with the chain's:
+    the dead fork's proposal was applied, in a block no reorg check compares again (the cursor's is canonical).
+    The blocks read by hash must be a chain, each the parent of the next up to the range's last: else nothing
+    is applied, and a later pass reads the chain's."""
+    from tests.support.rpc_relay import RpcRelay
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 4)
+    index(capture)
+    before_proposal = chain.snapshot()
+    seller_proposes_directly(funded, chain)
+    proposed_in = chain.block_number()
+    relay = RpcRelay(chain.node.rpc_url).start()
+    dead_block = relay.node("eth_getBlockByNumber", [hex(proposed_in), False])
+    dead_logs = relay.node("eth_getLogs", [{"blockHash": dead_block["hash"]}])
+    assert dead_logs
+    chain.reorg(before_proposal)
+    chain.mine(2)
+    settings.CHAIN_RPC_URL = relay.url
+    relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == hex(proposed_in),
+                  lambda answer: {**answer, "result": dead_block})
+    relay.rewrite(lambda call: call.get("method") == "eth_getLogs" and call["params"][0].get("blockHash") == dead_block[
+        "hash"], lambda answer: {"jsonrpc": "2.0", "id": answer.get("id"), "result": dead_logs})
+    try:
+        try:
+            index(capture)
+        except gateway.ChainError:
+            pass
+        assert funded.agreement(funded.agreement_id)["status"] == "active"
+        assert not ChainEvent.objects.filter(name="SettlementProposed").exists()
+        relay.rewrite_none()
+        assert index(capture).indexed_to == chain.block_number()
+    finally:
+        relay.stop()
+    assert funded.agreement(funded.agreement_id)["status"] == "active"
