@@ -762,8 +762,8 @@ def test_an_answer_cut_short_after_its_head_is_a_502_naming_the_charge_for_a_cal
 @pytest.mark.parametrize("upstream", list(_CUT_SHORT))
 def test_an_answer_cut_short_after_its_head_is_streamed_cut_short_never_as_whole(
         escrow_chain, settings, django_capture_on_commit_callbacks, upstream):
-    """Without a nonce the head (and its charge) is on its way to the buyer before the body is read: the body then
-    ends in an error, on which the web server closes the connection without the last chunk (or short of the
+    """Without a nonce the head (and its charge) is on its way to the buyer once the body's first piece is read: the
+    body then ends in an error, on which the web server closes the connection without the last chunk (or short of the
     Content-Length), so the buyer's client raises rather than take the part for the whole."""
     with _dribbling(**_CUT_SHORT[upstream]) as upstream_url:
         active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, upstream_url)
@@ -772,6 +772,28 @@ def test_an_answer_cut_short_after_its_head_is_streamed_cut_short_never_as_whole
         assert (response.status_code, response["X-Usage-Cost"]) == (200, str(PRICE))
         with pytest.raises(outbound.UPSTREAM_ERRORS):
             b"".join(response.streaming_content)
+    assert books(active) == (PRICE, 0)
+
+
+@pytest.mark.parametrize("upstream", ["reset_before_any_body", "closed_before_any_body", "stalled_before_any_body"])
+def test_an_answer_cut_short_before_any_body_is_a_502_naming_the_charge_without_a_nonce_too(
+        escrow_chain, settings, django_capture_on_commit_callbacks, upstream):
+    """Its head was handed to the web server and the body failed at once: granian drops a head it has not written
+    yet when the body fails (tests/faults/test_streamed_answers.py), so the buyer saw no answer, its charge unnamed.
+    The first piece of body is read before the head goes out: an upstream failing before it is a 502 naming the
+    charge."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+    shape = {"reset_before_any_body": dict(drip=b"", times=0, pause=0, reset=True),
+             "closed_before_any_body": dict(drip=b"", times=0, pause=0),
+             "stalled_before_any_body": dict(drip=b"", times=1, pause=2)}[upstream]
+    with _dribbling(head, **shape) as upstream_url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, upstream_url)
+        settings.PROXY_ANSWER_TIMEOUT = 0.8
+        response = raw(active, "get", f"{active.proxy}/x")
+    event = UsageEvent.objects.get()
+    assert (response.status_code, error_code(response)) == (502, "upstream_answer_cut_short")
+    assert json.loads(response.content)["error"]["details"] == {"usage_event_id": event.pk}
+    assert (response["X-Usage-Cost"], response["X-Usage-Event-Id"]) == (str(PRICE), str(event.pk))
     assert books(active) == (PRICE, 0)
 
 

@@ -146,11 +146,17 @@ CUT_SHORT = {
     "cut_chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
     "cut_length": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello",
 }
+# Answers whose connection is reset (RST) right after their head and a first piece of body, or right after the head.
+RESET_EARLY = {
+    "reset_after_a_piece": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    "reset_after_the_head": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+}
 
 
 class Upstream:
     """The seller's service: answers 200, or hangs (until released), or resets the connection, or answers JSON
-    nested 100,000 deep, or 16 MB of JSON, or an answer cut short after its head (CUT_SHORT), as told."""
+    nested 100,000 deep, or 16 MB of JSON, or an answer cut short after its head (CUT_SHORT) or reset right after
+    it (RESET_EARLY), as told."""
 
     def __init__(self):
         self.mode = "ok"
@@ -187,7 +193,10 @@ class Upstream:
                 mode = upstream.mode
                 if mode != "ok":
                     upstream.arrived.set()
-                if mode == "reset":  # RST instead of an answer
+                if mode in RESET_EARLY:
+                    self.wfile.write(RESET_EARLY[mode])
+                    self.wfile.flush()
+                if mode == "reset" or mode in RESET_EARLY:  # RST instead of an answer, or of its rest
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                     self.connection.close()
                     self.close_connection = True
