@@ -66,6 +66,8 @@ BARE_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
 # The latest validBefore the platform records (its record's bigint): a uint256 the buyer signs, far beyond any real
 # expiry (EIP-3009 takes any).
 MAX_VALID_BEFORE = 2**63 - 1
+# How much further than a 402's maxTimeoutSeconds a payer's validBefore may be (its clock ahead of ours).
+VALIDITY_DRIFT_SECONDS = 600
 # Authorizations quoted per caller and resource that a bare signature is checked against (newest first).
 QUOTES_KEPT = 16
 
@@ -239,7 +241,8 @@ def quoted_authorization(signature: str, requirements: PaymentRequirements, *, p
             valid_after=str(quote["validAfter"]), valid_before=str(quote["validBefore"]), nonce=quote["nonce"])
         if _signed_by(authorization, signature, asset=requirements.asset):
             return check(PaymentPayload(payload=ExactEIP3009Payload(authorization, signature).to_dict(),
-                                        accepted=requirements), requirements)
+                                        accepted=requirements), requirements,
+                         max_validity_seconds=_validity_asked(requirements))
     raise InvalidPayment("no_quoted_authorization", "This signature is not the payer's over any authorization "
                                                     "this resource quoted you: sign the 402's nonce and window "
                                                     "(X-Payment-Nonce, -Valid-After, -Valid-Before), from the "
@@ -255,9 +258,15 @@ def payment_verify(header: str, requirements: PaymentRequirements, *, payer: str
     if is_bare_signature(header):
         authorization = quoted_authorization(header, requirements, payer=payer, holder=holder)
     else:
-        authorization = check(decode(header), requirements)
+        authorization = check(decode(header), requirements, max_validity_seconds=_validity_asked(requirements))
     authorization_refuse_replay(authorization, is_retry=is_retry)
     return authorization
+
+
+def _validity_asked(requirements: PaymentRequirements) -> int:
+    """How far a payment's validBefore may be: what the 402 asked for (x402 clients sign now + maxTimeoutSeconds),
+    give or take a clock's drift."""
+    return requirements.max_timeout_seconds + VALIDITY_DRIFT_SECONDS
 
 
 def decode(header: str) -> PaymentPayload:
@@ -275,9 +284,12 @@ def decode(header: str) -> PaymentPayload:
         scheme=payload.scheme, network=payload.network, asset="", amount="0", pay_to="", max_timeout_seconds=0))
 
 
-def check(payload: PaymentPayload, requirements: PaymentRequirements, *, min_validity_seconds: int = 6,
-          now: int | None = None) -> Authorization:
-    """Everything but the chain: scheme, network, recipient, amount, validity window and the payer's signature."""
+def check(payload: PaymentPayload, requirements: PaymentRequirements, *, max_validity_seconds: int,
+          min_validity_seconds: int = 6, now: int | None = None) -> Authorization:
+    """Everything but the chain: scheme, network, recipient, amount, validity window and the payer's signature.
+    `max_validity_seconds`: the furthest validBefore may be (400/402 `payment_valid_too_long` beyond): an authorization
+    is bearer until then whatever becomes of its purchase, and a closed or failed one is watched from the chain that
+    long."""
     if payload.accepted.scheme != evm.SCHEME_EXACT:
         raise _reject(evm.ERR_UNSUPPORTED_SCHEME, "Only the x402 'exact' scheme is accepted.")
     if payload.accepted.network not in (requirements.network, settings.CHAIN_NETWORK):
@@ -320,6 +332,9 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, min_val
                       f"validBefore must be at least {min_validity_seconds} s in the future.")
     if values.valid_after > now:
         raise _reject(evm.ERR_VALID_AFTER_FUTURE, "validAfter is in the future.")
+    if values.valid_before > now + max_validity_seconds:
+        raise InvalidPayment("payment_valid_too_long", f"validBefore must be at most {max_validity_seconds} s away.",
+                             details={"max_seconds": max_validity_seconds})
     if not _signed_by(authorization, values.signature, asset=requirements.asset):
         raise _reject(evm.ERR_INVALID_SIGNATURE, "The signature is not the payer's over this authorization.")
     return values

@@ -376,7 +376,8 @@ def test_a_payment_authorization_valid_for_longer_than_a_day_is_refused(purchase
     assert response.status_code == 400, response.content
     error = response.json()["error"]
     assert error["code"] == "payment_valid_too_long", error
-    assert error["details"] == {"field": "payment_header", "max_seconds": settings.DIRECT_PAYMENT_MAX_VALIDITY}
+    assert error["details"] == {"field": "payment_header", "x402_reason": "",
+                                "max_seconds": settings.DIRECT_PAYMENT_MAX_VALIDITY}
     assert not UsageAgreement.objects.filter(buyer=purchase.parties.buyer).exists()
     day = purchase.parties.buyer_api.post("/usage-agreements",
                                           _signed_valid_until(purchase, purchase.chain.now() + 24 * 3600))

@@ -1736,8 +1736,8 @@ def test_a_paid_call_while_the_node_does_not_answer_is_503_and_records_nothing(m
 
 
 @pytest.mark.parametrize("server_clock, window, code", [
-    (-3600, {"valid_before": -60}, "authorization_expired"),  # valid by a server an hour behind, not by the chain
-    (3600, {"valid_after": 1800, "valid_before": 7200}, "authorization_not_yet_valid"),  # a server an hour ahead
+    (-600, {"valid_before": -60}, "authorization_expired"),  # valid by a server 10 min behind, not by the chain
+    (3600, {"valid_after": 1800, "valid_before": 3700}, "authorization_not_yet_valid"),  # a server an hour ahead
 ])
 def test_an_authorization_outside_its_window_by_the_chains_clock_is_402_whatever_the_servers_clock_says(
         market, monkeypatch, server_clock, window, code):
@@ -1794,3 +1794,18 @@ def test_a_node_error_while_the_paid_call_waits_for_its_payment_is_202_with_the_
     for _ in range(3):  # the payment confirmed, the skill run, its payout
         confirm_all(django_capture_on_commit_callbacks)
     assert market.caller.get(f"/services/{invocation_id}").json()["status"] == "completed"
+
+
+def test_a_payment_valid_far_longer_than_the_402_asked_is_refused(market):
+    """A skill's 402 asks for an authorization valid INVOCATION_AUTHORIZATION_SECONDS (what x402 clients sign); one
+    valid for years was taken, and a failed payment's authorization is watched by the relayer until its validBefore:
+    for years. Refused (402 `payment_valid_too_long`), nothing recorded, as a direct purchase's is."""
+    before = market.balances()
+    payment = market.pay("translate", valid_before=market.chain.now() + 10 * 365 * 24 * 3600)
+
+    response = market.call("translate", payment)
+
+    assert (response.status_code, response.json()["error"]) == (402, "payment_valid_too_long"), \
+        response.content
+    assert market.upstream.requests == [] and market.balances() == before
+    assert not SkillInvocation.objects.exists() and not ChainTransaction.objects.exists()

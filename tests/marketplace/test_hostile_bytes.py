@@ -118,7 +118,7 @@ def tampered_payloads() -> st.SearchStrategy:
 
 def verify_or_refuse(header: str) -> None:
     try:
-        x402_protocol.check(x402_protocol.decode(header), requirements())
+        x402_protocol.check(x402_protocol.decode(header), requirements(), max_validity_seconds=3600)
     except InvalidPayment as refusal:
         assert refusal.code and refusal.message
 
@@ -148,7 +148,7 @@ def test_a_tampered_payment_payload_is_refused_with_a_code(payload):
 def test_the_honest_payload_passes_every_check_but_its_signature():
     """The tampered payloads above start from one that only its (made-up) signature fails."""
     with pytest.raises(InvalidPayment) as refusal:
-        x402_protocol.check(x402_protocol.decode(header_of(honest_payload())), requirements())
+        x402_protocol.check(x402_protocol.decode(header_of(honest_payload())), requirements(), max_validity_seconds=3600)
     assert refusal.value.code == "invalid_signature"
     assert isinstance(x402_protocol.decode(header_of(honest_payload())), PaymentPayload)
 
