@@ -273,6 +273,9 @@ class MasumiPurchase(models.Model):
                                    help_text="MIP-004: sha256 of `identifierFromPurchaser;result` (JSON-escaped).")
     result_submitted_at = models.DateTimeField(null=True, blank=True)
     refund_requested_at = models.DateTimeField(null=True, blank=True)
+    disputed_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the result's dispute was mined (its block's time): one from unlockTime "
+                                         "on is resolved for the seller, whose payment Masumi unlocks then.")
     refund_signature = models.CharField(max_length=132, blank=True,
                                         help_text="The buyer's EIP-712 Challenge{agreementId, unlockTime}.")
     last_error = models.CharField(max_length=500, blank=True)

@@ -49,7 +49,9 @@ Masumi field ↔ contract:
   (`refundSignature`); with neither, the buyer is refunded by `reclaim` after the contract's grace.
 - externalDisputeUnlockTime: a dispute no operator resolved by then is resolved for the buyer: the relayer (which
   must hold ARBITER_ROLE) sends `resolve(id, 0)` then `finalize`. Before it an operator decides through
-  `POST /usage-agreements/{id}/resolve` (or the admin) with any split.
+  `POST /usage-agreements/{id}/resolve` (or the admin) with any split. A result's dispute is dated by its block
+  (`disputed_at`): the contract's window runs past unlockTime, where the buyer's own `challenge` still lands, and
+  one from unlockTime on is resolved for the seller at once (`resolve(id, proposed amount)`), as Masumi pays it.
 
 onChainState (Masumi's names): FundsLocked (active, no result), ResultSubmitted (result committed or being
 committed), RefundRequested (refund asked, not yet disputed), Disputed, Withdrawn (seller paid), RefundWithdrawn
@@ -747,7 +749,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     chain.node_chain_check()
     now = now if now is not None else chain_clock.chain_now()
     now_dt = _moment(now)
-    done = {"expired": 0, "disputed": 0, "released": 0, "refunding": 0}
+    done = {"expired": 0, "disputed": 0, "released": 0, "refunding": 0}  # released: disputes resolved, either way
     # Each purchase alone: one that raises (bad data, a bug) is logged and skipped, the others done, and the tick
     # raises RowsFailed at its end; a node down (RpcUnavailable) still ends it (the task retries).
     failures = sweeps.RowFailures("masumi purchases tick")
@@ -785,9 +787,26 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
             except ApplicationError as error:
                 if error.code not in _DISPUTE_NOT_NEEDED:
                     _record_error(purchase.pk, error)
+    # A result's dispute is dated by its block: a result's proposal opens its window past unlockTime (by as long as
+    # the result took), where our endpoints refuse a dispute (409 `unlock_time_passed`) but the contract takes the
+    # buyer's own `challenge`. Masumi pays the seller from unlockTime on: such a dispute is resolved for the seller.
+    disputed_results = MasumiPurchase.objects.filter(agreement__status=S.DISPUTED).exclude(result_hash="")
+    for purchase in disputed_results.filter(disputed_at=None).select_related("agreement"):
+        with alone(purchase.agreement_id):
+            _dispute_date(purchase)
+    for purchase in disputed_results.filter(disputed_at__gte=F("unlock_time")).select_related("agreement"):
+        if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
+            continue
+        with alone(purchase.agreement_id):
+            try:
+                settlement.settlement_uphold(agreement=purchase.agreement)
+                done["released"] += 1
+            except ApplicationError as error:
+                if error.code not in _RELEASE_NOT_NEEDED:
+                    _record_error(purchase.pk, error)
     # Disputes nobody resolved by externalDisputeUnlockTime go to the buyer; so do disputes of no result at all.
     for purchase in MasumiPurchase.objects.filter(
-            Q(external_dispute_unlock_time__lte=now_dt) | Q(result_hash=""),
+            Q(external_dispute_unlock_time__lte=now_dt, disputed_at__lt=F("unlock_time")) | Q(result_hash=""),
             agreement__status=S.DISPUTED).select_related("agreement"):
         if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
             continue
@@ -800,6 +819,19 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
                     _record_error(purchase.pk, error)
     failures.raise_if_any(applied=sum(done.values()))
     return done
+
+
+def _dispute_date(purchase: MasumiPurchase) -> None:
+    """Records when the purchase's escrow was challenged, by the chain (none found yet: left for the next tick)."""
+    agreement = purchase.agreement
+    challenged_at = chain.escrow_challenged_at(agreement.onchain_id, buyer=agreement.buyer_wallet_address)
+    if challenged_at is None:
+        return
+    MasumiPurchase.objects.filter(pk=purchase.pk, disputed_at=None).update(disputed_at=_moment(challenged_at))
+    if challenged_at >= _unix(purchase.unlock_time):
+        logger.warning("masumi purchase's result disputed after its unlockTime: resolved for the seller",
+                       extra={"agreement_id": str(agreement.pk), "disputed_at": challenged_at,
+                              "unlock_time": _unix(purchase.unlock_time)})
 
 
 def _zero_proposal(purchase: MasumiPurchase, *, now: int) -> ChainTransaction | None:

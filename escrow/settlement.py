@@ -411,6 +411,14 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int,
                         {"seller_amount": seller_amount, "operator": getattr(operator, "username", "")})
 
 
+def settlement_uphold(*, agreement: UsageAgreement) -> ChainTransaction:
+    """The platform's decision of a dispute for the seller: the arbiter resolves it with the whole proposal the buyer
+    disputed (the escrow's settledAmount while Disputed), refused as `settlement_resolve` refuses."""
+    with chain.unavailable_as_503():
+        _state, _deadline, proposed = _escrow_read(agreement, terms=selectors.escrow_terms(agreement=agreement))
+    return settlement_resolve(agreement=agreement, seller_amount=proposed, operator=None)
+
+
 def settlement_resolved(*, agreement_id, seller_amount: int, tx_hash: str, terms: tuple, operator: str = "") -> None:
     """The arbiter's resolution is on-chain (our relayer's or anyone's): settling, and finalize queued once, with
     the escrow's `terms` (read before: no chain call here). Call inside a DB transaction."""

@@ -16,12 +16,12 @@ from django.core.management import call_command
 from agreements.models import UsageEvent
 from catalog.models import Service
 from escrow import chain as gateway
-from escrow import purchases, settlement
+from escrow import indexer, purchases, settlement
 from escrow.models import ChainTransaction, MasumiPurchase, TxPurpose
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import UserFactory, issue_owner_token
 from tests.conftest import Api, codes_at, error_code
-from tests.escrow.conftest import Escrows
+from tests.escrow.conftest import Escrows, escrow_terms
 from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock, pay_fees, sign_activation, usdc_balance
 from tests.support.http_server import RecordingServer
 from tests.support.masumi_service import MasumiService, result_for
@@ -1281,3 +1281,61 @@ def test_a_purchases_result_is_not_disputed_after_unlock_time_through_the_escrow
             "reason": "the summary is wrong", "deadline": details["deadline"], "signature": signature})
     assert refused.status_code == 409 and error_code(refused) == "unlock_time_passed", refused.content
     assert not ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=TxPurpose.CHALLENGE).exists()
+
+
+def _buyer_challenges_onchain_itself(purchase) -> None:
+    """The buyer's own wallet calls the contract's `challenge` (its gas), then the indexer applies the event."""
+    chain = purchase.chain
+    agreement_onchain_id = MasumiPurchase.objects.get(agreement_id=purchase.created["agreementId"]).agreement.onchain_id
+    sent = chain.escrow.functions.challenge(agreement_onchain_id, escrow_terms(chain.escrow, agreement_onchain_id)
+                                            ).transact({"from": purchase.parties.buyer_account.address})
+    assert chain.w3.eth.wait_for_transaction_receipt(sent, poll_latency=0.01)["status"] == 1
+    with purchase.capture(execute=True):
+        indexer.index_pass()
+    assert purchase.get()["onChainState"] == "Disputed"
+
+
+def test_a_buyers_own_onchain_challenge_after_unlock_time_does_not_take_the_sellers_payment(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """Masumi: from unlockTime on the seller's payment is unlocked, a refund request is 409 `unlock_time_passed` and
+    so is a dispute through the escrow endpoints. The contract's window of a result's proposal runs past unlockTime
+    (by as long as the result took), and the buyer may call `challenge` there with its own wallet: the dispute is
+    dated by its block and resolved for the seller (the arbiter upholds the proposal), not released to the buyer at
+    externalDisputeUnlockTime."""
+    chain = escrow_chain
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    chain.increase_time(900)  # the job takes a while: its proposal's window ends ~900 s past unlockTime
+    assert purchase.tick()["results"] == 1
+    chain.increase_time(purchase.timers["unlockTime"] + 60 - chain.now())
+    _buyer_challenges_onchain_itself(purchase)
+    assert purchase.tick()["released"] == 1  # resolved at once, the seller's payment unlocked since unlockTime
+    disputed_at = MasumiPurchase.objects.get(agreement_id=purchase.created["agreementId"]).disputed_at
+    assert disputed_at.timestamp() >= purchase.timers["unlockTime"]
+
+    chain.increase_time(purchase.timers["externalDisputeUnlockTime"] - chain.now() + 60)
+    purchase.tick()
+    purchase.settle()
+    confirm_all(purchase.capture)
+    assert purchase.get()["onChainState"] == "Withdrawn"
+    purchase.assert_moved(seller=PRICE, buyer=0)
+    call_command("reconcile")
+
+
+def test_a_buyers_own_onchain_challenge_before_unlock_time_is_released_to_it_at_external_dispute_unlock_time(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """The buyer's own `challenge` before unlockTime is a dispute as a refund request is: unresolved, it goes to the
+    buyer at externalDisputeUnlockTime."""
+    chain = escrow_chain
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    assert purchase.tick()["results"] == 1
+    chain.increase_time(purchase.timers["unlockTime"] - 120 - chain.now())
+    _buyer_challenges_onchain_itself(purchase)
+    assert purchase.tick()["released"] == 0
+
+    chain.increase_time(purchase.timers["externalDisputeUnlockTime"] - chain.now())
+    assert purchase.tick()["released"] == 1
+    confirm_all(purchase.capture)
+    assert purchase.get()["onChainState"] == "RefundWithdrawn"
+    purchase.assert_moved(seller=0, buyer=PRICE)
