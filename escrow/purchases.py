@@ -51,7 +51,8 @@ Masumi field ↔ contract:
   must hold ARBITER_ROLE) sends `resolve(id, 0)` then `finalize`. Before it an operator decides through
   `POST /usage-agreements/{id}/resolve` (or the admin) with any split. A result's dispute is dated by its block
   (`disputed_at`): the contract's window runs past unlockTime, where the buyer's own `challenge` still lands, and
-  one from unlockTime on is resolved for the seller at once (`resolve(id, proposed amount)`), as Masumi pays it.
+  one from unlockTime on is resolved for the seller at once (`resolve(id, proposed amount)`), as Masumi pays it,
+  unless a refund was requested before unlockTime (an unsigned request the buyer's own challenge carries out).
 
 onChainState (Masumi's names): FundsLocked (active, no result), ResultSubmitted (result committed or being
 committed), RefundRequested (refund asked, not yet disputed), Disputed, Withdrawn (seller paid), RefundWithdrawn
@@ -384,6 +385,8 @@ def purchase_cancel_refund_request(*, purchase: MasumiPurchase, buyer: Agent) ->
 # dispute timed out, which the settlement tick refunds whole, as this would.
 _DISPUTE_NOT_NEEDED = frozenset({"refund_request_withdrawn", "challenge_in_progress"})
 _RELEASE_NOT_NEEDED = frozenset({settlement.DISPUTE_TIMED_OUT, "resolution_in_progress"})
+# A result's dispute (dated: `disputed_at`) the buyer may win: mined before unlockTime, or asked for before it.
+_DISPUTED_IN_TIME = Q(disputed_at__lt=F("unlock_time")) | Q(refund_requested_at__lt=F("unlock_time"))
 
 
 def _dispute(purchase: MasumiPurchase) -> ChainTransaction:
@@ -789,12 +792,14 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
                     _record_error(purchase.pk, error)
     # A result's dispute is dated by its block: a result's proposal opens its window past unlockTime (by as long as
     # the result took), where our endpoints refuse a dispute (409 `unlock_time_passed`) but the contract takes the
-    # buyer's own `challenge`. Masumi pays the seller from unlockTime on: such a dispute is resolved for the seller.
+    # buyer's own `challenge`. Masumi pays the seller from unlockTime on: such a dispute is resolved for the seller,
+    # unless it carries out a refund request made in time (an unsigned one, or its challenge mined at unlockTime).
     disputed_results = MasumiPurchase.objects.filter(agreement__status=S.DISPUTED).exclude(result_hash="")
     for purchase in disputed_results.filter(disputed_at=None).select_related("agreement"):
         with alone(purchase.agreement_id):
             _dispute_date(purchase)
-    for purchase in disputed_results.filter(disputed_at__gte=F("unlock_time")).select_related("agreement"):
+    for purchase in disputed_results.exclude(_DISPUTED_IN_TIME).filter(disputed_at__isnull=False).select_related(
+            "agreement"):
         if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
             continue
         with alone(purchase.agreement_id):
@@ -806,7 +811,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
                     _record_error(purchase.pk, error)
     # Disputes nobody resolved by externalDisputeUnlockTime go to the buyer; so do disputes of no result at all.
     for purchase in MasumiPurchase.objects.filter(
-            Q(external_dispute_unlock_time__lte=now_dt, disputed_at__lt=F("unlock_time")) | Q(result_hash=""),
+            Q(_DISPUTED_IN_TIME, external_dispute_unlock_time__lte=now_dt) | Q(result_hash=""),
             agreement__status=S.DISPUTED).select_related("agreement"):
         if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
             continue
@@ -828,7 +833,7 @@ def _dispute_date(purchase: MasumiPurchase) -> None:
     if challenged_at is None:
         return
     MasumiPurchase.objects.filter(pk=purchase.pk, disputed_at=None).update(disputed_at=_moment(challenged_at))
-    if challenged_at >= _unix(purchase.unlock_time):
+    if challenged_at >= _unix(purchase.unlock_time) and purchase.refund_requested_at is None:
         logger.warning("masumi purchase's result disputed after its unlockTime: resolved for the seller",
                        extra={"agreement_id": str(agreement.pk), "disputed_at": challenged_at,
                               "unlock_time": _unix(purchase.unlock_time)})

@@ -1339,3 +1339,28 @@ def test_a_buyers_own_onchain_challenge_before_unlock_time_is_released_to_it_at_
     confirm_all(purchase.capture)
     assert purchase.get()["onChainState"] == "RefundWithdrawn"
     purchase.assert_moved(seller=0, buyer=PRICE)
+
+
+def test_a_refund_requested_in_time_and_challenged_by_the_buyer_itself_after_unlock_time_stays_the_buyers(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """A refund requested before unlockTime stands (Masumi): one without the buyer's signature is not sent, and the
+    buyer's own `challenge` after unlockTime carries it out; unresolved, it goes to the buyer at
+    externalDisputeUnlockTime, not to the seller."""
+    chain = escrow_chain
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    chain.increase_time(900)
+    assert purchase.tick()["results"] == 1
+    requested = purchase.parties.buyer_api.post("/purchase/request-refund/", {
+        "network": "Preprod", "blockchainIdentifier": purchase.id})
+    assert requested.status_code == 200, requested.content
+    assert requested.json()["data"]["NextAction"]["errorType"] == "RefundSignatureMissing"
+    chain.increase_time(purchase.timers["unlockTime"] + 60 - chain.now())
+    _buyer_challenges_onchain_itself(purchase)
+    assert purchase.tick()["released"] == 0
+
+    chain.increase_time(purchase.timers["externalDisputeUnlockTime"] - chain.now())
+    assert purchase.tick()["released"] == 1
+    confirm_all(purchase.capture)
+    assert purchase.get()["onChainState"] == "DisputedWithdrawn"
+    purchase.assert_moved(seller=0, buyer=PRICE)
