@@ -35,6 +35,7 @@ from tests.catalog.factories import AgentFactory, issue_key, register_service
 from tests.conftest import Api, codes_at, error_code
 from tests.support.http_server import DribblesItsHead, serving
 from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
+from tests.support.at_once import answered_at_once
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -903,24 +904,10 @@ def test_an_invocation_and_a_proposal_at_once_cannot_both_slip_under_the_daily_c
     _policy(owner_api, buyer_agent, daily_cap_atomic=300_000 + PRICE - 1)  # a proposal of 10 calls, or one call
     market.upstream.responses.append((200, {"translation": "bonjour"}))
     payment = market.pay("translate")
-    barrier = threading.Barrier(2)
-    answers: dict = {}
 
-    def send(name: str, call) -> None:
-        try:
-            barrier.wait()
-            answers[name] = call()
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=send, args=("invocation", lambda: market.call(
-                   "translate", payment, api=Api(agent_api.secret)))),
-               threading.Thread(target=send, args=("proposal", lambda: Api(agent_api.secret).post(
-                   "/usage-agreements", proposal(market.service))))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = answered_at_once({
+        "invocation": lambda: market.call("translate", payment, api=Api(agent_api.secret)),
+        "proposal": lambda: Api(agent_api.secret).post("/usage-agreements", proposal(market.service))})
 
     statuses = {name: answer.status_code for name, answer in answers.items()}
     assert statuses in ({"invocation": 200, "proposal": 403}, {"invocation": 403, "proposal": 201}), [

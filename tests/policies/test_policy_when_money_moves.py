@@ -1,11 +1,9 @@
 """The owner's policy holds again when the platform moves the buyer's money (escrow activation, a Masumi purchase's
 lock-funds, a direct purchase's payment at accept), not only when the agreement is proposed."""
 
-import threading
 from datetime import timedelta
 
 import pytest
-from django.db import connections
 from django.utils import timezone
 
 from agreements.models import AgreementEvent, UsageAgreement
@@ -17,6 +15,7 @@ from tests.conftest import Api, error_code
 from tests.escrow.flow import Parties, deadline_clock, mined_what_was_sent, sign_activation, usdc_balance
 from tests.escrow.test_masumi_purchases import INPUT, PRICE
 from tests.policies.helpers import whole_policy
+from tests.support.at_once import answered_at_once
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -439,26 +438,11 @@ def test_an_escrow_activation_and_a_new_proposal_at_once_cannot_both_slip_under_
     set_policy(parties, {"daily_cap_atomic": ONE_PROPOSAL})
     old = proposed_days_ago(parties, 2)
     activation = parties.signed_activation(old["id"])
-    barrier = threading.Barrier(2)
-    answers: dict = {}
 
-    def send(name: str, call) -> None:
-        try:
-            barrier.wait()
-            answers[name] = call()
-        finally:
-            connections.close_all()
-
-    threads = [
-        threading.Thread(target=send, args=("activation", lambda: Api(parties.buyer_api.secret).post(
-            f"/usage-agreements/{old['id']}/activate-escrow", activation))),
-        threading.Thread(target=send, args=("proposal", lambda: Api(parties.buyer_api.secret).post(
-            "/usage-agreements", proposal(parties.service)))),
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = answered_at_once({
+        "activation": lambda: Api(parties.buyer_api.secret).post(f"/usage-agreements/{old['id']}/activate-escrow",
+                                                                 activation),
+        "proposal": lambda: Api(parties.buyer_api.secret).post("/usage-agreements", proposal(parties.service))})
 
     statuses = {name: answer.status_code for name, answer in answers.items()}
     assert statuses in ({"activation": 202, "proposal": 403}, {"activation": 403, "proposal": 201}), [
