@@ -783,6 +783,11 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> DirectPaymentPreflig
         raise DependencyUnavailable("Direct payments are not available.", code="direct_payments_unavailable")
     check, _queue = _direct_payment_executor[0]
     preflight = check(agreement)
+    if preflight.paid_by and _payment_authorization_used_by(agreement, confirmed=True) != preflight.paid_by:
+        # Not acted on until it is at the confirmation depth: what an accept of a purchase paid so records stays for
+        # good (a failure naming the transfer, a closed proposal reopened as paid by it), and a reorg may yet take it.
+        raise Conflict("The buyer's payment of this purchase is not final on the chain yet: accept it again shortly.",
+                       code="payment_not_final", details={"used_by": preflight.paid_by})
     permit_deadline = agreement.fee_permit["deadline"]
     if preflight.problem is None and permit_deadline < timezone.now().timestamp() + FEE_PERMIT_MIN_LEFT_SECONDS:
         # Only a purchase paid already is accepted past its acceptance deadline: its fee permit may be running out.
@@ -1653,7 +1658,8 @@ def _expired_direct_proposals_recheck(agreement_ids: list) -> None:
     expired = UsageAgreement.objects.filter(pk__in=agreement_ids, status=S.EXPIRED, payment_tx_hash="")
     for agreement in expired.select_related("payment_authorization"):
         try:
-            preflight = _direct_payment_preflight(agreement) if _payment_authorization_used_by(agreement) else None
+            used = _payment_authorization_used_by(agreement, confirmed=True)  # a newer use: the watch records it
+            preflight = _direct_payment_preflight(agreement) if used else None
         except Exception:
             logger.error("could not tell whether a direct proposal just expired was paid in the meantime",
                          extra={"agreement_id": str(agreement.pk)}, exc_info=True)

@@ -178,7 +178,9 @@ AcceptView = _transition_view(
     description="A direct purchase is paid now: 403 `policy_denied` (with `details.rule`) or `approval_required` "
                 "when the buyer's owner policy, as it is now, refuses that payment; it stays proposed, with an event "
                 "saying why; 402 `insufficient_balance` (`details.committed`) when the buyer's balance covers it "
-                "only without what the wallet's payments under way will take: it stays proposed, nothing sent.",
+                "only without what the wallet's payments under way will take: it stays proposed, nothing sent; "
+                "409 `payment_not_final` when the buyer's payment reached the seller already but is not yet at the "
+                "confirmation depth: accept again shortly.",
     action=lambda agreement, agent: services.agreement_accept(agreement=agreement, seller=agent),
     with_reason=False, method="put", errors=(402, 404, 409))
 RejectView = _transition_view(

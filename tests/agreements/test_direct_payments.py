@@ -1637,3 +1637,54 @@ def test_the_parties_webhooks_name_the_transfer_that_paid_a_closed_proposal(purc
     assert [delivery.payload["data"].get("used_by") for delivery in found] == [used_by, used_by]
     inbox = purchase.parties.seller_api.get(f"/agents/{purchase.parties.seller.pk}/events").json()
     assert any(item["payload"].get("used_by") == used_by for item in inbox), inbox
+
+
+def test_a_direct_proposal_found_paid_as_it_expires_by_a_use_a_reorg_takes_stays_expired(
+        purchase, django_capture_on_commit_callbacks, monkeypatch, settings):
+    """The expiry sweep's second read (once the proposal is closed) asked the chain's head: a use mined right after
+    its first read, not yet at the confirmation depth, reopened the expired proposal and accepted it as paid by that
+    transfer; a reorg took the transfer, and the purchase went on all the same, the relayer paying the seller with the
+    buyer's authorization (and taking the fee) for a proposal that expired unanswered and unpaid. The second read
+    counts a use at the confirmation depth only; a newer one is the watch of closed direct proposals' to record."""
+    settings.CHAIN_CONFIRMATIONS = 3
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    balances = purchase.balances()
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
+    before_the_use = purchase.chain.snapshot()
+    _paid_right_after_reading(monkeypatch, purchase, agreement, "_direct_proposals_paid")
+    with capture(execute=True):
+        agreement_services.agreements_expire_proposals()
+    monkeypatch.undo()
+
+    purchase.chain.reorg(before_the_use)
+    for _ in range(3):
+        confirm_all(capture)
+    agreement_tasks.watch_closed_direct_proposals()
+
+    expired = purchase.parties.agreement(agreement["id"])
+    assert (expired["status"], expired["payment_tx_hash"]) == ("expired", ""), expired
+    assert purchase.balances() == balances
+
+
+def test_an_accept_of_a_purchase_paid_by_a_use_a_reorg_takes_whose_fee_cannot_be_collected_names_no_transfer(
+        purchase, django_capture_on_commit_callbacks, settings):
+    """An accept of a purchase whose price reached the seller already but whose fee cannot be collected fails naming
+    the transfer (its payment_tx_hash, counted against the buyer's caps). Read at the chain's head, a use a reorg took
+    stayed named for good: a transaction the chain never had, its price counted while it is in the buyer's wallet.
+    A use not yet at the confirmation depth is not acted on: the accept is 409 `payment_not_final`, to be sent again."""
+    settings.CHAIN_CONFIRMATIONS = 3
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    _spend_fee_permit_nonce(purchase)
+    before_the_use = purchase.chain.snapshot()
+    _use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address)
+    with capture(execute=True):
+        early = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+    assert (early.status_code, error_code(early)) == (409, "payment_not_final"), early.content
+
+    purchase.chain.reorg(before_the_use)
+    failed = purchase.accept(agreement["id"], capture)
+
+    assert (failed["status"], failed["payment_tx_hash"]) == ("payment_failed", ""), failed
+    assert "nothing was charged" in failed["status_reason"], failed
