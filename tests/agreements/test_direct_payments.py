@@ -1688,3 +1688,23 @@ def test_an_accept_of_a_purchase_paid_by_a_use_a_reorg_takes_whose_fee_cannot_be
 
     assert (failed["status"], failed["payment_tx_hash"]) == ("payment_failed", ""), failed
     assert "nothing was charged" in failed["status_reason"], failed
+
+
+def test_an_expiring_direct_proposal_paid_by_a_use_not_yet_final_is_accepted_as_paid_once_it_is(
+        purchase, django_capture_on_commit_callbacks, settings):
+    """The sweep's first read finds the buyer's payment at the chain's head, not yet at the confirmation depth: the
+    proposal is neither expired (its price is at the seller) nor accepted on a use a reorg may take; it is left
+    proposed, and the run that finds the use final accepts it as paid by that transfer."""
+    settings.CHAIN_CONFIRMATIONS = 3
+    agreement = purchase.propose()
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.buyer.address))
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
+    agreement_services.agreements_expire_proposals()
+    assert purchase.parties.agreement(agreement["id"])["status"] == "proposed"
+
+    purchase.chain.mine(settings.CHAIN_CONFIRMATIONS - 1)
+    with django_capture_on_commit_callbacks(execute=True):
+        agreement_services.agreements_expire_proposals()
+    [accepted] = AgreementEvent.objects.filter(agreement_id=agreement["id"], to_status="accepted")
+    assert accepted.data == {"used_by": used_by}
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paying"
