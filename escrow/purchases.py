@@ -40,13 +40,15 @@ Masumi field ↔ contract:
   the chain while the window is open.
 - PATCH /purchase (refund request): the buyer's EIP-712 `Challenge{agreementId, deadline: unlockTime}`. After a
   result it is submitted at once with `challengeWithSig` (→ Disputed). Before a result it is kept: a result that
-  still arrives is proposed and then challenged with it (→ Disputed). No result by submitResultTime → the refund is
-  paid by the purchase's own timers, not the contract's reclaim grace: the platform proposes a zero settlement
-  (receipt seq 0), submits the buyer's challenge, and its arbiter resolves `resolve(id, 0)`, then `finalize`: the
-  buyer has everything back a few blocks after submitResultTime, before unlockTime (from MASUMI_MIN_DISPUTE_SECONDS
-  before unlockTime on, too late for the challenge, the refund is left to reclaim). A request without the buyer's
-  signature (the masumi library's `request-refund` has none) uses the one given at lock-funds
-  (`refundSignature`); with neither, the buyer is refunded by `reclaim` after the contract's grace.
+  still arrives is proposed and then challenged with it (→ Disputed), proposed only while unlockTime is
+  MASUMI_MIN_DISPUTE_SECONDS away (later, delayed, it could no longer be disputed: the escrow is reclaimed). No
+  result by submitResultTime → the refund is paid by the purchase's own timers, not the contract's reclaim grace:
+  the platform proposes a zero settlement (receipt seq 0), submits the buyer's challenge, and its arbiter resolves
+  `resolve(id, 0)`, then `finalize`: the buyer has everything back a few blocks after submitResultTime, before
+  unlockTime (from MASUMI_MIN_DISPUTE_SECONDS before unlockTime on, too late for the challenge, the refund is left
+  to reclaim). A request without the buyer's signature (the masumi library's `request-refund` has none) uses the
+  one given at lock-funds (`refundSignature`); with neither, the buyer is refunded by `reclaim` after the
+  contract's grace.
 - externalDisputeUnlockTime: a dispute no operator resolved by then is resolved for the buyer: the relayer (which
   must hold ARBITER_ROLE) sends `resolve(id, 0)` then `finalize`. Before it an operator decides through
   `POST /usage-agreements/{id}/resolve` (or the admin) with any split. A result's dispute is dated by its block

@@ -362,6 +362,14 @@ def purchase_pay_by_time(*, agreement_id) -> int | None:
     return None if pay_by is None else int(pay_by.timestamp())
 
 
+def purchase_signed_refund_unlock_time(*, agreement_id) -> int | None:
+    """The unlockTime (unix) of the Masumi purchase bought as this agreement when its buyer's refund request, signed
+    until then, waits to dispute the result's proposal; None otherwise."""
+    unlock = MasumiPurchase.objects.filter(agreement_id=agreement_id, refund_requested_at__isnull=False).exclude(
+        refund_signature="").values_list("unlock_time", flat=True).first()
+    return None if unlock is None else int(unlock.timestamp())
+
+
 def purchase_unlock_time(*, agreement_id) -> int | None:
     """The unlockTime (unix) of the Masumi purchase bought as this agreement; None when the agreement is no purchase."""
     unlock = MasumiPurchase.objects.filter(agreement_id=agreement_id).values_list("unlock_time", flat=True).first()

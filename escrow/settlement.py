@@ -73,6 +73,8 @@ def settlement_propose(*, agreement_id, now: int) -> ChainTransaction | None:
     agreement = UsageAgreement.objects.get(pk=agreement_id)
     if not can_propose_settlement(agreement) or agreement.completion_requested_at is None:
         return None
+    if _refund_request_stranded(agreement, now=now):
+        return None
     terms = selectors.escrow_terms(agreement=agreement)  # a chain read: before the row lock
     if _proposal_period_over(terms, now=now):
         return None
@@ -93,6 +95,16 @@ def settlement_propose(*, agreement_id, now: int) -> ChainTransaction | None:
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
                         [agreement.onchain_id, terms, seq, cumulative, digest, signature],
                         {"seq": seq, "cumulative": cumulative})
+
+
+def _refund_request_stranded(agreement: UsageAgreement, *, now: int) -> bool:
+    """A Masumi purchase whose buyer asked for its refund before the result, its challenge signed until unlockTime
+    (the SDK signs no later: DESIGN 8b): a result's proposal from MASUMI_MIN_DISPUTE_SECONDS before unlockTime on
+    (delayed: the node down) can no longer be disputed with it (`signature_expired`, then `unlock_time_passed`), and
+    would pay the seller at its window's end. Left unproposed, the escrow is reclaimed for the buyer after the
+    contract's grace, as a refund without a result that late is (`purchases_tick`)."""
+    unlock = selectors.purchase_signed_refund_unlock_time(agreement_id=agreement.pk)
+    return unlock is not None and now + settings.MASUMI_MIN_DISPUTE_SECONDS > unlock
 
 
 @logs_name_the_agreement

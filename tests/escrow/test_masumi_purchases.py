@@ -1364,3 +1364,41 @@ def test_a_refund_requested_in_time_and_challenged_by_the_buyer_itself_after_unl
     confirm_all(purchase.capture)
     assert purchase.get()["onChainState"] == "DisputedWithdrawn"
     purchase.assert_moved(seller=0, buyer=PRICE)
+
+
+
+@pytest.mark.parametrize("node_back_after_unlock_time", [-20, 60], ids=["in_its_last_seconds", "past_it"])
+def test_a_refund_requested_before_the_result_stays_the_buyers_when_the_results_proposal_is_delayed_to_unlock_time(
+        escrow_chain, seller_service, monkeypatch, django_capture_on_commit_callbacks, node_back_after_unlock_time):
+    """A refund requested (signed until unlockTime) before the result is carried out by disputing the result's
+    proposal. The proposal delayed (the node down) until unlockTime's last seconds, or past it, was still sent; its
+    dispute was then refused (`signature_expired`, past unlockTime `unlock_time_passed`) at every tick, and the
+    seller was paid at the proposal's window end: the buyer who asked in time lost its refund. Not proposed, the
+    escrow is reclaimed for the buyer after the contract's grace."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    seller_service.mode = "never"
+    purchase = Purchase(chain, capture, seller_service)
+    assert purchase.tick()["started"] == 1
+    typed = purchase.get()["refundRequestTypedData"]
+    requested = purchase.parties.buyer_api.patch("/purchase", {
+        "network": "Preprod", "blockchainIdentifier": purchase.id,
+        "signature": sign_typed_data(purchase.parties.buyer_account.key, typed)})
+    assert requested.status_code == 200 and requested.json()["data"]["onChainState"] == "RefundRequested"
+    seller_service.mode = "result"
+
+    def node_down(**_):
+        raise gateway.RpcUnavailable("read timed out")
+
+    with monkeypatch.context() as patched:  # the result recorded, its proposal deferred to the settlement tick
+        patched.setattr(settlement.selectors, "escrow_terms", node_down)
+        assert run(capture, purchases.purchases_jobs_tick)["results"] == 1
+    chain.increase_time(purchase.timers["unlockTime"] + node_back_after_unlock_time - chain.now())
+    assert purchase.settle()["proposed"] == 0  # was 1, its dispute then refused
+    assert purchase.tick()["disputed"] == 0
+    assert row(purchase).last_error == ""
+
+    chain.increase_time(purchase.timers["submitResultTime"] + chain.reclaim_grace - chain.now())
+    assert purchase.settle()["reclaiming"] == 1
+    assert purchase.get()["onChainState"] == "RefundWithdrawn"
+    purchase.assert_moved(seller=0, buyer=PRICE)
+    call_command("reconcile")
