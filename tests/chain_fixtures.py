@@ -211,6 +211,9 @@ def reverted(deployed: Deployed) -> Iterator[Chain]:
         yield handle
     finally:
         handle.revert(snapshot_id)
+        # A transaction sent and not mined yet survives evm_revert (the pool says empty) and is mined in the next
+        # block: in the next test's chain, its nonce taken there.
+        handle.rpc("anvil_dropAllTransactions")
 
 
 # Base Sepolia as x402's and the Pægents SDK's asset tables pin it: the chain id, and USDC's address and name.

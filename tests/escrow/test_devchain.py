@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from eth_account import Account
-from web3.exceptions import ContractLogicError
+from web3.exceptions import ContractLogicError, TransactionNotFound
 
 from escrow import artifacts, devchain
 from tests.chain_fixtures import reverted
@@ -93,6 +93,23 @@ def test_each_test_starts_with_the_chain_clock_on_ours(deployed):
         assert handle.now() >= before
         handle.mine()
         assert handle.now() >= before
+
+
+def test_a_transaction_a_test_left_unmined_is_not_mined_in_the_next_tests_chain(deployed):
+    """Anvil keeps a transaction sent but not yet mined across evm_revert (its pool says empty) and mines it in the
+    next block: one a test left unmined (automine off, or a send Anvil answered before mining it, under load) ran in
+    the next test's chain, its nonce taken there ("nonce too low" for the relayer's next send)."""
+    with reverted(deployed) as handle:
+        sender, recipient = handle.w3.eth.accounts[:2]
+        nonce = handle.w3.eth.get_transaction_count(sender)
+        handle.rpc("evm_setAutomine", [False])  # as a send not mined yet when the test ends
+        left = handle.w3.eth.send_transaction({"from": sender, "to": recipient, "value": 1})
+    handle.rpc("evm_setAutomine", [True])
+    with reverted(deployed) as handle:
+        handle.mine()
+        assert handle.w3.eth.get_transaction_count(sender) == nonce
+        with pytest.raises(TransactionNotFound):
+            handle.w3.eth.get_transaction_receipt(left)
 
 
 def test_artifacts():
