@@ -777,13 +777,16 @@ def _direct_payment_precheck(agreement: UsageAgreement) -> DirectPaymentPrefligh
     return _direct_payment_preflight(agreement)
 
 
-def _direct_payment_preflight(agreement: UsageAgreement) -> DirectPaymentPreflight:
-    """`_direct_payment_precheck`'s answer, whatever the purchase's status (one closed expired as it was being paid)."""
+def _direct_payment_preflight(agreement: UsageAgreement, *, confirmed_use: str | None = None
+                              ) -> DirectPaymentPreflight:
+    """`_direct_payment_precheck`'s answer, whatever the purchase's status (one closed expired as it was being paid).
+    `confirmed_use`: the use at the confirmation depth its caller read already (not read again)."""
     if not _direct_payment_executor:
         raise DependencyUnavailable("Direct payments are not available.", code="direct_payments_unavailable")
     check, _queue = _direct_payment_executor[0]
     preflight = check(agreement)
-    if preflight.paid_by and _payment_authorization_used_by(agreement, confirmed=True) != preflight.paid_by:
+    if preflight.paid_by and preflight.paid_by != confirmed_use and \
+            _payment_authorization_used_by(agreement, confirmed=True) != preflight.paid_by:
         # Not acted on until it is at the confirmation depth: what an accept of a purchase paid so records stays for
         # good (a failure naming the transfer, a closed proposal reopened as paid by it), and a reorg may yet take it.
         raise Conflict("The buyer's payment of this purchase is not final on the chain yet: accept it again shortly.",
@@ -1659,7 +1662,7 @@ def _expired_direct_proposals_recheck(agreement_ids: list) -> None:
     for agreement in expired.select_related("payment_authorization"):
         try:
             used = _payment_authorization_used_by(agreement, confirmed=True)  # a newer use: the watch records it
-            preflight = _direct_payment_preflight(agreement) if used else None
+            preflight = _direct_payment_preflight(agreement, confirmed_use=used) if used else None
         except Exception:
             logger.error("could not tell whether a direct proposal just expired was paid in the meantime",
                          extra={"agreement_id": str(agreement.pk)}, exc_info=True)

@@ -162,21 +162,20 @@ def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None 
     Those must be a chain, each block the parent of the next, from the cursor's to `end`'s: a load-balanced
     provider's backend that has not followed a reorg answers a height with the block of the fork the chain left,
     whose events no reorg check would compare again (the cursor's block being canonical)."""
-    end_hash = chain.canonical_block_hash(end)
+    end_hashes = chain.canonical_block_hashes(end)
+    end_hash = None if end_hashes is None else end_hashes[0]
     range_end = end if new_from is None else new_from - 1
     logs = _range_logs(start, range_end) if start <= range_end else []
     if new_from is not None:
         parent = cursor.last_block_hash if cursor.last_block == new_from - 1 else None
         for number in range(new_from, end + 1):
-            hashes = chain.canonical_block_hashes(number)
+            hashes = end_hashes if number == end else chain.canonical_block_hashes(number)
             if hashes is None:
                 return None  # this node is behind: the next pass reads it again
             if parent is not None and hashes[1] != parent:
                 return None  # not one chain: a reorg while we read, or a backend still on another fork
             parent = hashes[0]
             logs += _block_logs(parent)
-        if parent != end_hash:
-            return None
     if end_hash is None or chain.canonical_block_hash(end) != end_hash:
         return None
     if cursor.last_block is not None and chain.canonical_block_hash(cursor.last_block) != cursor.last_block_hash:
