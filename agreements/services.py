@@ -1545,12 +1545,20 @@ def _status_set_outside_table(agreement: UsageAgreement, *, to: str, reason: str
     return agreement
 
 
-def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
+# The agreement's reason for an owner's decision, which both parties read (its trail, the inbox, webhooks): the
+# owner's note is theirs (kept on the approval request), not the seller's to read.
+_DECIDED_REASONS = {"approved": "approved by the buyer's owner", "rejected": "rejected by the buyer's owner"}
+
+
+def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> Conflict | None:
+    """The owner's decision carried out under the agreement's lock; an approval that could no longer make the
+    purchase (its term, or a direct purchase's signatures, ended) expires it instead and answers the refusal the
+    caller raises once that is committed."""
     to = {"approved": S.PROPOSED, "rejected": S.REJECTED, "expired": S.EXPIRED}[outcome]
     who = Actor.person(actor) if actor else SYSTEM
     agreement = _lock(subject_id)
     if agreement.status != S.PENDING_APPROVAL:
-        return  # cancelled by the buyer meanwhile: nothing left to decide
+        return None  # cancelled by the buyer meanwhile: nothing left to decide
     if (outcome == "approved" and actor is not None and actor.pk == agreement.seller.owner_id
             and actor.pk != agreement.buyer.owner_id):
         # An operator who owns the seller would consent, for the buyer's owner, to a payment to their own agent.
@@ -1558,23 +1566,28 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> None:
                         code="approver_owns_the_seller")
     if outcome == "approved":
         _approval_policy_check(agreement)
-    changes, reason = None, note or f"owner {outcome}"
+    changes, reason, refusal = None, _DECIDED_REASONS.get(outcome) or note or f"owner {outcome}", None
     if to == S.PROPOSED:
         now = timezone.now()
         # Never past the term, as at proposal: an escrow past its expiresAt cannot be funded.
         open_until = min(now + settings.PROPOSAL_TTL, agreement.expires_at)
         if open_until <= now:
             to, reason = S.EXPIRED, "owner approved after the agreement's term ended"
+            refusal = Conflict("The agreement's term ended before the approval: it expired.",
+                               code="agreement_expired", details={"status": S.EXPIRED})
         elif agreement.settlement_model == SettlementModel.DIRECT_PAYMENT:
             # Never past what its signatures allow, as at proposal: the seller must accept while the payment runs.
             open_until = min(open_until, _direct_acceptance_deadline(
                 valid_before=agreement.payment_authorization.valid_before, fee_permit=agreement.fee_permit))
             if open_until <= now:
                 to, reason = S.EXPIRED, "owner approved after the payment's signatures ran out"
+                refusal = Conflict("The purchase's payment signatures ran out before the approval: it expired.",
+                                   code="proposal_expired", details={"status": S.EXPIRED})
         changes = {"proposal_expires_at": open_until} if to == S.PROPOSED else None
     _transition(subject_id, to=to, actor=who, reason=reason, changes=changes)
     if to != S.PROPOSED and agreement.settlement_model == SettlementModel.DIRECT_PAYMENT:
         _closed_direct_proposal_recheck_after_commit(subject_id)
+    return refusal
 
 
 def offer_withdrawn_check(service: Service, *, then: str) -> None:

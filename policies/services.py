@@ -18,7 +18,9 @@ from marketplace import sweeps
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from policies.models import ApprovalRequest, ApprovalStatus, Policy
 
-DecisionHandler = Callable[..., None]  # (subject_id=, outcome=, actor=, note=) -> None
+# (subject_id=, outcome=, actor=, note=) -> None, or the Conflict to answer when the subject could no longer be
+# decided so and ended instead (its request then ends `expired`, committed before the Conflict is raised).
+DecisionHandler = Callable[..., Conflict | None]
 _handlers: dict[str, DecisionHandler] = {}
 
 POLICY_FIELDS = (
@@ -85,7 +87,9 @@ def approval_request_create(*, agent: Agent, subject_type: str, subject_id: UUID
     )
 
 
-def _decide(request: ApprovalRequest, *, status: str, actor, note: str) -> ApprovalRequest:
+def _decide(request: ApprovalRequest, *, status: str, actor, note: str) -> Conflict | None:
+    """The decision recorded and carried out; the handler's refusal (the subject ended instead) leaves the request
+    `expired`, the owner's note kept."""
     request.status = status
     request.decided_at = timezone.now()
     request.decided_by = actor
@@ -95,8 +99,11 @@ def _decide(request: ApprovalRequest, *, status: str, actor, note: str) -> Appro
     if handler is None:
         raise ImproperlyConfigured(f"No approval handler for {request.subject_type}: the app that owns it registers "
                                    "one in its AppConfig.ready().")
-    handler(subject_id=request.subject_id, outcome=status, actor=actor, note=note)
-    return request
+    refusal = handler(subject_id=request.subject_id, outcome=status, actor=actor, note=note)
+    if refusal is not None:
+        request.status = ApprovalStatus.EXPIRED
+        request.save(update_fields=["status"])
+    return refusal
 
 
 def approval_decide(*, approval: ApprovalRequest, actor, approve: bool, note: str = "") -> ApprovalRequest:
@@ -104,13 +111,19 @@ def approval_decide(*, approval: ApprovalRequest, actor, approve: bool, note: st
     wanted = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
     with transaction.atomic():
         approval = ApprovalRequest.objects.select_for_update().get(pk=approval.pk)
+        refusal = None
         if approval.status == wanted:
             return approval
         if approval.status == ApprovalStatus.PENDING and approval.expires_at > timezone.now():
-            return _decide(approval, status=wanted, actor=actor, note=note)
-        if approval.status == ApprovalStatus.PENDING:
+            # Committed before answering: an approval that came too late for its subject leaves both expired.
+            refusal = _decide(approval, status=wanted, actor=actor, note=note)
+            if refusal is None:
+                return approval
+        elif approval.status == ApprovalStatus.PENDING:
             # Committed before answering: a late decision leaves the request (and its subject) visibly expired.
             _decide(approval, status=ApprovalStatus.EXPIRED, actor=None, note="expired before the decision")
+    if refusal is not None:
+        raise refusal
     raise Conflict(f"This approval request is already {approval.status}.", code="approval_already_decided",
                    details={"status": approval.status})
 

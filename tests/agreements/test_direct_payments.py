@@ -520,7 +520,8 @@ def test_the_approval_request_of_a_direct_purchase_ends_when_its_signatures_can_
 
 
 def test_a_direct_purchase_approved_once_its_signatures_ran_out_expires(purchase):
-    """Approved when its payment could no longer run in time, it is expired rather than offered to the seller."""
+    """Approved when its payment could no longer run in time, it is expired rather than offered to the seller, and the
+    owner is told so (it answered 200 `approved`)."""
     owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
     owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies", {"approval_threshold_atomic": 1})
     held = purchase.propose()
@@ -530,7 +531,9 @@ def test_a_direct_purchase_approved_once_its_signatures_ran_out_expires(purchase
 
     approval = ApprovalRequest.objects.get(subject_id=held["id"])
     approved = owner_api.post(f"/agents/{purchase.parties.buyer.pk}/approvals/{approval.pk}/approve")
-    assert approved.status_code == 200 and approved.json()["status"] == "approved"
+    assert approved.status_code == 409 and error_code(approved) == "proposal_expired", approved.content
+    assert approved.json()["error"]["details"] == {"status": "expired"}
+    assert ApprovalRequest.objects.get(pk=approval.pk).status == "expired"
     agreement = UsageAgreement.objects.get(pk=held["id"])
     assert agreement.status == "expired" and "signatures" in agreement.status_reason
     refused = purchase.parties.seller_api.put(f"/usage-agreements/{held['id']}/accept")

@@ -189,9 +189,34 @@ def test_rejected_approval_rejects_the_agreement(owner_api, buyer, buyer_api, se
     held = propose(buyer_api, service)
     approval = ApprovalRequest.objects.get(subject_id=held["id"])
     response = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/reject", {"note": "too pricey"})
-    assert response.json()["status"] == "rejected"
+    assert response.json()["status"] == "rejected" and response.json()["decision_note"] == "too pricey"
     agreement = buyer_api.get(f"/usage-agreements/{held['id']}").json()
-    assert agreement["status"] == "rejected" and agreement["status_reason"] == "too pricey"
+    assert agreement["status"] == "rejected" and agreement["status_reason"] == "rejected by the buyer's owner"
+
+
+@pytest.mark.parametrize("decision", ["approve", "reject"])
+def test_the_owners_decision_note_is_not_told_to_the_seller(owner_api, buyer, buyer_api, seller, seller_api, service,
+                                                            decision):
+    """The buyer's owner's note on their decision (an internal note: "their price is twice the other's") became the
+    agreement's reason, which the seller read on the agreement, its audit trail, its inbox and its webhooks. The seller
+    is told the owner decided; the owner keeps the note on the approval request."""
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    note = "internal: their price is twice the other seller's"
+    decided = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/{decision}", {"note": note})
+    assert decided.status_code == 200 and decided.json()["decision_note"] == note
+
+    seen_by_seller = [seller_api.get(f"/usage-agreements/{held['id']}"),
+                      seller_api.get(f"/usage-agreements/{held['id']}/events"),
+                      seller_api.get(f"/agents/{seller.pk}/events")]
+    for response in seen_by_seller:
+        assert response.status_code == 200, response.content
+        assert "internal" not in response.content.decode()
+    outcome = {"approve": "approved", "reject": "rejected"}[decision]
+    assert seen_by_seller[0].json()["status_reason"] == f"{outcome} by the buyer's owner"
+    [kept] = owner_api.get(f"/agents/{buyer.pk}/approvals").json()["results"]
+    assert kept["decision_note"] == note
 
 
 def test_approvals_expire(owner_api, buyer, buyer_api, service):
@@ -516,6 +541,13 @@ def test_an_approval_landing_as_the_term_ends_expires_the_purchase(owner_api, bu
     approval = ApprovalRequest.objects.get(subject_id=held["id"])
     _term_ended(held["id"])  # the request's own deadline not reached yet: the moment in between
 
-    assert owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve").status_code == 200
+    late = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
+    # It answered 200 `approved` for a purchase that expired instead: the owner was told the purchase went ahead.
+    assert late.status_code == 409 and error_code(late) == "agreement_expired", late.content
+    assert late.json()["error"]["details"] == {"status": "expired"}
     assert buyer_api.get(f"/usage-agreements/{held['id']}").json()["status"] == "expired"
     assert seller_api.put(f"/usage-agreements/{held['id']}/accept").status_code == 409
+    [closed] = owner_api.get(f"/agents/{buyer.pk}/approvals").json()["results"]
+    assert closed["status"] == "expired"
+    again = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")  # a retry is told the same
+    assert again.status_code == 409 and again.json()["error"]["details"] == {"status": "expired"}
