@@ -81,11 +81,17 @@ def replaced_secrets_erase(*, now: datetime | None = None) -> int:
 
 
 def subscription_pause(*, subscription: WebhookSubscription, paused: bool) -> WebhookSubscription:
-    """Paused: events are not delivered (the agent's inbox, GET /agents/{id}/events, still has them). Idempotent."""
-    WebhookSubscription.objects.filter(pk=subscription.pk, paused_at__isnull=paused).update(
-        paused_at=timezone.now() if paused else None)
-    subscription.refresh_from_db()
-    return subscription
+    """Paused: events are not delivered (the agent's inbox, GET /agents/{id}/events, still has them). Idempotent.
+    404 once deleted: a deletion committed since the subscription was read left nothing to pause or resume."""
+    with transaction.atomic():
+        # The live row, locked: a deletion waits for the pause, or the pause sees it deleted.
+        live = WebhookSubscription.objects.select_for_update().filter(pk=subscription.pk, is_active=True).first()
+        if live is None:
+            raise NotFound("No such webhook subscription.", code="webhook_not_found")
+        if (live.paused_at is None) == paused:
+            live.paused_at = timezone.now() if paused else None
+            live.save(update_fields=["paused_at"])
+    return live
 
 
 def test_event_send(*, agent: Agent) -> list[WebhookDelivery]:
