@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
 from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
@@ -146,7 +147,13 @@ def _charts(period: Period, now: datetime) -> list[dict]:
     return charts
 
 
+DASHBOARD_PERMISSION = "marketplace.view_dashboard"
+
+
 def dashboard_view(request):
+    # Not every staff account: its failures show every agent's status reasons and delivery errors.
+    if not request.user.has_perm(DASHBOARD_PERMISSION):
+        raise PermissionDenied
     now = timezone.now()
     period = PERIODS.get(request.GET.get("period", ""), PERIODS["24h"])
     tables = []

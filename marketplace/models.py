@@ -59,6 +59,8 @@ class RedeliveredTask(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["dead_lettered_at"], name="redelivered_task_dead_idx")]
+        # The operators' dashboard (marketplace.dashboard) has no model of its own; its permission is kept here.
+        permissions = [("view_dashboard", "Can view the operators' dashboard")]
 
     def __str__(self) -> str:
         return f"{self.task_name}[{self.task_id}] ×{self.redeliveries}"

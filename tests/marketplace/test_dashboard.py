@@ -1,6 +1,8 @@
 """The operators' dashboard in the admin: live counts per status and recent failures."""
 
 import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.test import Client
 from django.utils import timezone
 
@@ -8,6 +10,7 @@ from agreements.models import DeliveryStatus, WebhookDelivery, WebhookSubscripti
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from tests.agreements.helpers import propose
 from tests.catalog.factories import register_service
+from tests.support.operators import operator_client
 
 pytestmark = pytest.mark.django_db
 
@@ -23,6 +26,21 @@ def test_the_dashboard_is_for_staff_only(owner):
     client = Client()
     client.force_login(owner)
     assert client.get("/admin/dashboard/").status_code == 302
+
+
+@pytest.mark.parametrize("granted", [False, True], ids=["staff_alone", "with_the_permission"])
+def test_the_dashboard_needs_its_permission(settings, granted):
+    """It opened for any staff account, whatever it may view elsewhere: its failures list the status reasons and
+    delivery errors of every agent's agreements and webhooks. A staff account needs `marketplace.view_dashboard`."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    staff = get_user_model().objects.create_user("clerk", "clerk@example.com", "clerk-password", is_staff=True)
+    if granted:
+        staff.user_permissions.add(Permission.objects.get(content_type__app_label="marketplace",
+                                                          codename="view_dashboard"))
+    page = operator_client("clerk", "clerk-password").get("/admin/dashboard/")
+    assert page.status_code == (200 if granted else 403)
+    index = operator_client("clerk", "clerk-password").get("/admin/")
+    assert (b'href="/admin/dashboard/"' in index.content) == granted
 
 
 def test_the_dashboard_counts_by_status_and_lists_recent_failures(operator, owner_api, buyer, buyer_api, seller):

@@ -172,7 +172,7 @@ def test_staff_who_may_only_view_a_webhook_subscription_see_its_host_not_its_pat
     delivery = WebhookDelivery.objects.create(subscription_id=webhook["id"], event_type="agreement.proposed",
                                               payload={}, status="failed", last_error="HTTP 500",
                                               next_attempt_at=timezone.now())
-    staff = staff_client(settings, "view_webhooksubscription", "view_webhookdelivery")
+    staff = staff_client(settings, "view_webhooksubscription", "view_webhookdelivery", "view_dashboard")
     change_page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
 
     for page in ["/admin/agreements/webhooksubscription/", change_page, "/admin/agreements/webhookdelivery/",
