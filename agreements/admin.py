@@ -318,9 +318,6 @@ class WebhookSubscriptionForm(forms.ModelForm):
         return cleaned
 
 
-_SUBSCRIPTION_FIELDS_THE_API_KEEPS = ("url", "event_types")  # set at creation, never changed by the API
-
-
 @admin.register(WebhookSubscription)
 class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
     list_display = ("short_id", "agent", "url_shown", "is_active", "created_at")
@@ -372,17 +369,9 @@ class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
         return False  # deleted by unticking it, as the API deletes it: its secrets erased, its deliveries' log kept
 
     def save_model(self, request, obj, form, change):
-        # The row was read as the post began, and written whole it undid what the API committed since (a rotation:
-        # the replaced secret signing again; a deletion: the row live again, its erased secret back). So the columns
-        # the API changes (secrets, is_active, paused_at) are written only when the operator changed them; the address
-        # and event types, which only the operator changes, as the form has them (a stored address without its
-        # credentials).
-        changed = [name for name in form.fields
-                   if name in _SUBSCRIPTION_FIELDS_THE_API_KEEPS or name in form.changed_data]
-        if changed:
-            obj.save(update_fields=changed)
-        if change and "is_active" in changed and not obj.is_active:
-            webhooks.subscription_delete(subscription=obj)  # as the API's delete: secrets erased, deliveries ended
+        # Which columns an operator's save writes is the webhooks service's rule (never the secrets; is_active and
+        # paused_at only when changed). The admin adds none (has_add_permission).
+        webhooks.subscription_update_by_operator(subscription=obj, changed=form.changed_data)
 
 
 def _may_redeliver(modeladmin, request) -> bool:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import secrets
 import time
+from collections.abc import Collection
 from datetime import datetime, timedelta
 
 import httpx
@@ -116,6 +117,23 @@ def event_ack(*, agent: Agent, event: AgreementEvent) -> AgentEventAck:
     """Mark an inbox event handled. Idempotent."""
     ack, _ = AgentEventAck.objects.get_or_create(agent=agent, event=event)
     return ack
+
+
+# Set at creation and changed by operators alone: written as the operator's form has them.
+_OPERATOR_FIELDS = ("url", "event_types")
+# Changed by the API too: written only when the operator changed them, else a save of the row read as the operator's
+# post began undid what the API committed since (a deletion: the row live again; a pause or resume).
+_OPERATOR_TOGGLES = ("is_active", "paused_at")
+
+
+def subscription_update_by_operator(*, subscription: WebhookSubscription, changed: Collection[str]) -> None:
+    """An operator's save (the admin's form) of `subscription`, whose fields hold the form's values; `changed` names
+    those the operator changed. Never its secrets (a rotation committed since stays); a subscription unticked is
+    deleted as the API deletes it (its secrets erased, its deliveries ended)."""
+    fields = [*_OPERATOR_FIELDS, *(name for name in _OPERATOR_TOGGLES if name in changed)]
+    subscription.save(update_fields=fields)
+    if "is_active" in fields and not subscription.is_active:
+        subscription_delete(subscription=subscription)
 
 
 _SUBSCRIPTION_DELETED = "the subscription was deleted"
