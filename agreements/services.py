@@ -1564,6 +1564,8 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> Confl
         # An operator who owns the seller would consent, for the buyer's owner, to a payment to their own agent.
         raise Forbidden("You own the seller of this purchase: the buyer's owner, or another operator, approves it.",
                         code="approver_owns_the_seller")
+    if actor is not None:  # nor does one who owns another seller decide (a rejection blocked their competitors)
+        policy_services.policy_operator_check(agent=agreement.buyer, operator=actor, does="decides this purchase")
     if outcome == "approved":
         _approval_policy_check(agreement)
     changes, reason, refusal = None, _DECIDED_REASONS.get(outcome) or note or f"owner {outcome}", None

@@ -43,12 +43,13 @@ def policy_update(*, agent: Agent, actor, changes: dict) -> Policy:
     return _policy_write(agent=agent, actor=actor, data=changes, keep_missing=True)[0]
 
 
-def policy_operator_check(*, agent: Agent, operator) -> None:
+def policy_operator_check(*, agent: Agent, operator, does: str = "changes this policy") -> None:
     """403 `operator_owns_a_seller` when an operator who owns a seller agent would change the policy of another
-    owner's agent: loosened, it let that owner's buyer pay their seller past the owner's rules (without the approval
-    `approver_owns_the_seller` refuses them); tightened, it blocked their competitors."""
+    owner's agent, or decide its approval requests (`does` says which): loosened, it let that owner's buyer pay their
+    seller past the owner's rules (without the approval `approver_owns_the_seller` refuses them); tightened, or a
+    purchase rejected, it blocked their competitors."""
     if agent.owner_id != operator.pk and Agent.objects.filter(owner=operator, is_seller=True).exists():
-        raise Forbidden("You own a seller agent: the agent's owner, or another operator, changes this policy.",
+        raise Forbidden(f"You own a seller agent: the agent's owner, or another operator, {does}.",
                         code="operator_owns_a_seller")
 
 

@@ -525,6 +525,30 @@ def test_an_operator_who_owns_the_seller_cannot_approve_a_purchase_from_it(opera
     assert UsageAgreement.objects.get(pk=agreement["id"]).status == "pending_approval"
 
 
+@pytest.mark.parametrize("action", ["approve_requests", "reject_requests"])
+def test_an_operator_who_owns_another_seller_decides_no_other_owners_purchase(operator, buyer, buyer_api, seller,
+                                                                              action):
+    """An operator who owns a seller agent changes no other owner's policy (`operator_owns_a_seller`: tightened, it
+    blocked their competitors), yet rejected, in the admin, other owners' purchases from their competitors (and
+    approved them, past the caps). Refused as the policy is (the request stays pending); the buyer's owner, or
+    another operator, decides."""
+    from agreements.models import UsageAgreement
+
+    service = register_service(seller)
+    Api(issue_owner_token(buyer.owner)).put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    agreement = buyer_api.post("/usage-agreements", proposal(service)).json()
+    approval = ApprovalRequest.objects.get(agent=buyer)
+    AgentFactory(handle="operators-seller", is_seller=True, owner=get_user_model().objects.get(username="operator"))
+
+    page = operator.post("/admin/policies/approvalrequest/",
+                         {"action": action, ACTION_CHECKBOX_NAME: [str(approval.pk)]}, follow=True)
+
+    assert "You own a seller agent: the agent&#x27;s owner, or another operator, decides this purchase." in (
+        page.content.decode())
+    assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
+    assert UsageAgreement.objects.get(pk=agreement["id"]).status == "pending_approval"
+
+
 def test_an_operators_approval_of_a_purchase_the_policy_now_denies_is_refused_and_leaves_it_pending(
         operator, buyer, buyer_api, seller):
     """Approved in the admin, a purchase the buyer's policy had since come to deny was offered to the seller and
