@@ -412,6 +412,22 @@ class _GuardedConnection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, *, connect_timeout: float, read_timeout: float):
         super().__init__(host, port, timeout=connect_timeout)
         self.read_timeout = read_timeout
+        self.written = 0  # bytes of the request being sent that the socket took (reset by `_send`)
+        self.waited = False  # whether they waited on the upstream to read them (reset by `_send`)
+
+    def send(self, data: bytes) -> None:
+        """As http.client's (bytes only), counting in `written` what the socket took: a request that failed before
+        any byte of it was taken never reached the upstream; one that failed after may have (sendall tells neither).
+        A large piece is sent in parts, each noting in `waited` whether the socket had room for it at once."""
+        if self.sock is None:
+            self.connect()  # http.client's auto_open
+        sock, view = self.sock, memoryview(data)
+        while view:
+            if len(view) > _PART and not self.waited and not _ready(sock, select.POLLOUT):
+                self.waited = True
+            taken = sock.send(view[:_PART])
+            self.written += taken
+            view = view[taken:]
 
     def connect(self) -> None:
         """Resolves the host and connects to its vetted addresses in turn, all within the connect timeout."""
@@ -557,13 +573,25 @@ class UpstreamPool:
                 except _CLOSED_UNANSWERED:
                     if not reused:
                         raise
-                    resent = _RESENT_NOT_WRITTEN  # closed before the request was written whole: not received
+                    if not connection.written:
+                        resent = _RESENT_NOT_WRITTEN  # closed before any byte of the request was taken: not received
+                    elif replayable:  # some of it may have reached the upstream, which may have acted on it
+                        resent = _RESENT_REPLAYABLE
+                    else:
+                        raise
                 else:
+                    # A body the upstream kept waiting, and an answer readable as soon as it is written: the upstream
+                    # answered before it had read the body, whose bytes it may read as the next request and answer
+                    # that to the next call down the connection. (An answer to a body written at once arrives after
+                    # it, early or not: that cannot be told, see SECURITY.md.)
+                    answered_early = connection.waited and _ready(connection.sock, select.POLLIN)
                     if not sent:
                         sent, done_meanwhile = True, None if meanwhile is None else meanwhile()
                     try:
-                        return UpstreamAnswer(self, key, connection, _response_within(connection, read_timeout),
-                                              done_meanwhile, ends_by)
+                        response = _response_within(connection, read_timeout)
+                        if answered_early:
+                            response.will_close = True  # closed once answered, never given back
+                        return UpstreamAnswer(self, key, connection, response, done_meanwhile, ends_by)
                     except _CLOSED_UNANSWERED:
                         if not (reused and replayable):
                             raise
@@ -635,6 +663,7 @@ def _response_within(connection: _GuardedConnection, seconds: float) -> http.cli
 
 def _send(connection: _GuardedConnection, method: str, target: str, headers: list[tuple[str, str]],
           body: bytes) -> None:
+    connection.written, connection.waited = 0, False
     try:
         connection.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
         for name, value in headers:
@@ -644,12 +673,21 @@ def _send(connection: _GuardedConnection, method: str, target: str, headers: lis
         raise http.client.HTTPException(str(exc)) from exc
 
 
+_PART = 65536  # bytes sent at a time, of a request's large body
+
+
+def _ready(sock: socket.socket, event: int) -> bool:
+    """Whether the socket is ready for `event` (select.POLLIN: something to read, or closed by its peer; POLLOUT:
+    room to write) at once."""
+    poller = select.poll()
+    poller.register(sock, event)
+    return bool(poller.poll(0))
+
+
 def _closed_by_peer(sock: socket.socket) -> bool:
     """Whether an idle kept-alive connection can no longer be used: readable while no request is outstanding means
     the upstream closed it (or sent what nobody asked for)."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
+    return _ready(sock, select.POLLIN)
 
 
 def blocked(exc: BaseException) -> bool:

@@ -1,0 +1,132 @@
+"""The metered proxy against sellers' hosts that answer before reading what they were sent: a request that may have
+reached the upstream is never sent again, and a connection whose upstream answered early is not used again."""
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from agreements.models import UsageAgreement, UsageEvent
+from tests.conftest import error_code, read_to_its_end
+from tests.marketplace.conftest import active_agreement
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+PRICE = 20_000
+BIG = 12 * 2**20  # past what the sockets' buffers hold (4 MiB ours at most): the proxy is still writing it
+
+
+def _call(parties, method: str, path: str, **extra):
+    response = getattr(parties.buyer_api.client, method)(
+        path, HTTP_AUTHORIZATION=f"Bearer {parties.buyer_api.secret}", **extra)
+    return read_to_its_end(response)
+
+
+def _body(response) -> bytes:
+    return b"".join(response.streaming_content) if response.streaming else response.content
+
+
+def _head(connection: socket.socket, received: bytes) -> tuple[bytes, bytes] | None:
+    """(the next request's head, what was received after it), or None once the connection is closed."""
+    while b"\r\n\r\n" not in received:
+        more = connection.recv(65536)
+        if not more:
+            return None
+        received += more
+    head, rest = received.split(b"\r\n\r\n", 1)
+    return head, rest
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+@contextmanager
+def _upstream(serve) -> Iterator[str]:
+    """A raw upstream on loopback, `serve(connection, number)` on each connection (numbered from 1) in a thread of its
+    own; its receive buffer small, so a large body waits on it. Yields its base URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+
+    def accept():
+        for number in range(1, 100):
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(connection, number), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    with listener:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/api"
+
+
+def test_a_request_that_reached_the_upstream_on_a_reused_connection_is_never_sent_again(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """The upstream answers the first call and keeps its connection; the second call, down that connection, it
+    answers as soon as its head is in and closes without reading its body (a reset: the body unread). The proxy,
+    still writing the body, took the reset for a connection closed before the request reached the upstream and
+    sent it again on a new one: the seller acted on it twice."""
+    settings.PROXY_MAX_REQUEST_BYTES = settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * BIG
+    heads: list[bytes] = []
+
+    def serve(connection, number):
+        with connection:
+            received = b""
+            while (request := _head(connection, received)) is not None:
+                head, received = request
+                heads.append(head.split(b"\r\n")[0])
+                if head.startswith(b"POST /api/act "):  # answered early, then closed on the unread body
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+                    time.sleep(0.3)
+                    return
+                length = _content_length(head)
+                while len(received) < length:
+                    received += connection.recv(65536)
+                received = received[length:]
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    with _upstream(serve) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        first = _call(active, "post", f"{active.proxy}/first", data=b"{}", content_type="application/json")
+        assert (first.status_code, _body(first)) == (200, b"{}")
+        second = _call(active, "post", f"{active.proxy}/act", data=b"x" * BIG, content_type="text/plain")
+    assert heads.count(b"POST /api/act HTTP/1.1") == 1, heads  # never sent again
+    assert (second.status_code, error_code(second)) == (502, "upstream_unavailable")
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+    assert (agreement.used, agreement.reserved) == (PRICE, 0)  # the first call only
+
+
+def test_a_connection_whose_upstream_answered_before_the_body_was_written_is_not_used_again(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """A host answering each request once its head is in, and reading the body that follows as the next request
+    (a handler that does not read it, on a server that keeps the connection alive): its answer to what the body held
+    went to the buyer's next call down the connection, which was charged for it."""
+    settings.PROXY_MAX_REQUEST_BYTES = settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * BIG
+
+    def serve(connection, number):
+        with connection:
+            received = b""
+            while (request := _head(connection, received)) is not None:
+                head, received = request
+                path = head.split(b" ")[1]
+                if path.endswith(b"/smuggled"):
+                    time.sleep(0.5)  # past the check of the connection before it is used again
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+                if path.endswith(b"/x"):
+                    time.sleep(0.3)  # the body still on its way
+
+    smuggled = b"GET /api/smuggled HTTP/1.1\r\nHost: seller.example\r\n\r\n"
+    with _upstream(serve) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        first = _call(active, "post", f"{active.proxy}/x", data=b"x" * BIG + smuggled, content_type="text/plain")
+        assert (first.status_code, _body(first)) == (200, b"/api/x")
+        second = _call(active, "get", f"{active.proxy}/mine")
+    assert (second.status_code, _body(second)) == (200, b"/api/mine")
+    assert UsageEvent.objects.count() == 2
