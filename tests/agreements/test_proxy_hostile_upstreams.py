@@ -1,6 +1,7 @@
 """The metered proxy against sellers' hosts that answer before reading what they were sent: a request that may have
 reached the upstream is never sent again, and a connection whose upstream answered early is not used again."""
 
+import hashlib
 import socket
 import threading
 import time
@@ -9,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from agreements.models import UsageAgreement, UsageEvent
+from agreements.models import ProxyReplay, UsageAgreement, UsageEvent
 from tests.conftest import error_code, read_to_its_end
 from tests.marketplace.conftest import active_agreement
 
@@ -130,3 +131,21 @@ def test_a_connection_whose_upstream_answered_before_the_body_was_written_is_not
         second = _call(active, "get", f"{active.proxy}/mine")
     assert (second.status_code, _body(second)) == (200, b"/api/mine")
     assert UsageEvent.objects.count() == 2
+
+
+def test_a_stored_nonce_fingerprint_does_not_confirm_a_guessed_body_of_its_call(
+        escrow_chain, http_server, django_capture_on_commit_callbacks):
+    """The fingerprint kept with a nonce's reply (for PROXY_REPLAY_KEEP_DAYS past the agreement's settlement) was a
+    plain SHA-256 of the call's method, path and body: a reader of the database could test guesses of a body (a
+    password or key the buyer passes to the seller's service) offline, as with the Idempotency-Key table's once."""
+    active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, f"{http_server.url}/base")
+    body = b'{"api_key": "sk-1234"}'
+    answer = _call(active, "post", f"{active.proxy}/login", data=body, content_type="application/json",
+                   HTTP_X_REQUEST_NONCE="login-1")
+    assert answer.status_code == 200
+    stored = ProxyReplay.objects.get(request_nonce="login-1").request_fingerprint
+    assert stored != hashlib.sha256(b"POST /base/login\n" + body).hexdigest()
+    assert stored != hashlib.sha256(b"POST /login\n" + body).hexdigest()
+    again = _call(active, "post", f"{active.proxy}/login", data=body, content_type="application/json",
+                  HTTP_X_REQUEST_NONCE="login-1")
+    assert (again.status_code, again["X-Replayed"]) == (200, "true")
