@@ -446,13 +446,16 @@ class _GuardedConnection(http.client.HTTPConnection):
 
 
 class _GuardedTLSConnection(_GuardedConnection):
-    """The same over TLS: the certificate is verified for the host's name, whatever address it was reached at."""
+    """The same over TLS: the certificate is verified for the host's name, whatever address it was reached at. The
+    connection closed without TLS's close_notify is an error (ssl.SSLEOFError), not the end of what was read: an
+    answer delimited by its connection's close (neither Content-Length nor chunked) cut there is incomplete (RFC 9112
+    8, 9.8), whoever cut it."""
 
     _context = ssl.create_default_context()
 
     def connect(self) -> None:
         super().connect()
-        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host, suppress_ragged_eofs=False)
 
 
 # What UpstreamPool raises, TimeoutError aside, for a call left without an answer: the address check refused it
@@ -501,8 +504,9 @@ class UpstreamAnswer:
 
 
 # A connection the upstream closed as our request reached it (its keep-alive timeout ran out on the way): the
-# request went unanswered. RemoteDisconnected is a ConnectionResetError.
-_CLOSED_UNANSWERED = (ConnectionResetError, BrokenPipeError)
+# request went unanswered. RemoteDisconnected is a ConnectionResetError; over TLS, a close without close_notify is an
+# SSLEOFError.
+_CLOSED_UNANSWERED = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)
 # Requests sent again on a new connection when a kept-alive one closed unanswered after they were written: the
 # upstream may have acted on them. As Go's HTTP client: the safe methods, or a request that carries its own key.
 _REPLAYABLE_METHODS = {"GET", "HEAD", "OPTIONS", "TRACE"}

@@ -3,14 +3,17 @@ reached the upstream is never sent again, and a connection whose upstream answer
 
 import hashlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+import trustme
 
 from agreements.models import ProxyReplay, UsageAgreement, UsageEvent
+from marketplace import outbound
 from tests.conftest import error_code, read_to_its_end
 from tests.marketplace.conftest import active_agreement
 
@@ -149,3 +152,52 @@ def test_a_stored_nonce_fingerprint_does_not_confirm_a_guessed_body_of_its_call(
     again = _call(active, "post", f"{active.proxy}/login", data=body, content_type="application/json",
                   HTTP_X_REQUEST_NONCE="login-1")
     assert (again.status_code, again["X-Replayed"]) == (200, "true")
+
+
+@contextmanager
+def _tls_upstream(monkeypatch, answer: bytes, *, close_notify: bool) -> Iterator[str]:
+    """An HTTPS upstream answering one call with `answer`, then closing: with TLS's close_notify, or cutting the TCP
+    connection under it. Yields its base URL; the proxy trusts its certificate."""
+    authority = trustme.CA()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    authority.issue_cert("localhost").configure_cert(context)
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+    monkeypatch.setattr(outbound._GuardedTLSConnection, "_context", trusting)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        raw_connection, _ = listener.accept()
+        try:
+            connection = context.wrap_socket(raw_connection, server_side=True)
+            _head(connection, b"")
+            connection.sendall(answer)
+            if close_notify:
+                connection.unwrap()
+        except OSError:
+            pass
+        finally:
+            raw_connection.close()  # no close_notify unless unwrapped
+
+    threading.Thread(target=serve, daemon=True).start()
+    with listener:
+        yield f"https://localhost:{listener.getsockname()[1]}/api"
+
+
+@pytest.mark.parametrize("close_notify", [True, False], ids=["closed_by_tls", "cut_under_tls"])
+def test_a_tls_answer_delimited_by_its_close_is_whole_only_when_tls_says_so(
+        escrow_chain, monkeypatch, django_capture_on_commit_callbacks, close_notify):
+    """An answer with neither Content-Length nor chunked coding ends where its connection does (RFC 9112 6.3); over
+    TLS, a close without close_notify is an incomplete one (RFC 9112 8, 9.8): whoever cut the connection (a middlebox,
+    an attacker on the path) cut the answer. Python reads it as the end (suppress_ragged_eofs), so a truncated answer
+    was passed on, stored for the nonce's replays, and charged as whole."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nthe first half"
+    with _tls_upstream(monkeypatch, answer, close_notify=close_notify) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        response = _call(active, "get", f"{active.proxy}/report", HTTP_X_REQUEST_NONCE="report-1")
+    if close_notify:
+        assert (response.status_code, _body(response)) == (200, b"the first half")
+    else:
+        assert (response.status_code, error_code(response)) == (502, "upstream_answer_cut_short")
+        assert ProxyReplay.objects.get(request_nonce="report-1").body != b"the first half"
+    assert UsageEvent.objects.count() == 1  # the seller answered: charged either way, the cut named to the buyer
