@@ -507,7 +507,7 @@ class UpstreamAnswer:
 # request went unanswered. RemoteDisconnected is a ConnectionResetError; over TLS, a close without close_notify is an
 # SSLEOFError.
 _CLOSED_UNANSWERED = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)
-# Requests sent again on a new connection when a kept-alive one closed unanswered after they were written: the
+# Requests sent again on a new connection when a kept-alive one closed unanswered after any byte of them was written: the
 # upstream may have acted on them. As Go's HTTP client: the safe methods, or a request that carries its own key.
 _REPLAYABLE_METHODS = {"GET", "HEAD", "OPTIONS", "TRACE"}
 _IDEMPOTENCY_HEADERS = {"idempotency-key", "x-idempotency-key"}
@@ -527,8 +527,10 @@ class UpstreamPool:
     64 KiB a line) and decodes chunked bodies.
 
     A kept-alive connection that the upstream closed is never used (checked before each use, and closed once idle
-    for IDLE_SECONDS); one that closes as a request reaches it sends the request again on a new connection when it
-    was not written whole, or when it may be repeated (_REPLAYABLE_METHODS, _IDEMPOTENCY_HEADERS).
+    for IDLE_SECONDS); one that closes as a request reaches it sends the request again on a new connection when no
+    byte of it was written (any byte may have reached the upstream, which may act on it), or when it may be repeated
+    (_REPLAYABLE_METHODS, _IDEMPOTENCY_HEADERS). One whose upstream answered before reading a body it kept waiting
+    is closed once answered, not used again.
 
     Connections are kept apart by the request's `partition` (the metered proxy's: the buyer): a host that does not
     read a request's body (and keeps the connection) reads it as the next request, and its answer to that went to
