@@ -374,14 +374,23 @@ class _FinalAnswer(http.client.HTTPResponse):
     """An answer read past any informational one (1xx but 101), as http.client skips only 100 Continue: a 103 Early
     Hints or a 102 taken for the answer left the real one unread on a kept-alive connection, for the next call on it
     (another buyer's) to be given. A 101 (a protocol switch nothing here follows) or a status past 599 (which no
-    answer of ours can carry) is no answer: BadStatusLine, as for a status below 100."""
+    answer of ours can carry) is no answer: BadStatusLine, as for a status below 100. So are more than
+    MAX_INFORMATIONAL informational answers (as Go's client reads): skipped without bound, an upstream sending them
+    endlessly kept the thread parsing heads (the GIL held) until the head's timeout."""
+
+    MAX_INFORMATIONAL = 5
 
     def _read_status(self):
         while True:
             version, status, reason = super()._read_status()
             if status == 101 or status > 599:
                 raise http.client.BadStatusLine(f"status {status} is not an answer that can be passed on")
-            if not 101 < status < 200:  # 100: begin() skips it
+            if not 100 <= status < 200:
+                return version, status, reason
+            self.informational = getattr(self, "informational", 0) + 1
+            if self.informational > self.MAX_INFORMATIONAL:
+                raise http.client.HTTPException(f"more than {self.MAX_INFORMATIONAL} informational answers")
+            if status == 100:  # begin() skips its head
                 return version, status, reason
             http.client.parse_headers(self.fp)  # the informational answer's head, bounded as any head; dropped
 
@@ -507,8 +516,9 @@ class UpstreamAnswer:
 # request went unanswered. RemoteDisconnected is a ConnectionResetError; over TLS, a close without close_notify is an
 # SSLEOFError.
 _CLOSED_UNANSWERED = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)
-# Requests sent again on a new connection when a kept-alive one closed unanswered after any byte of them was written: the
-# upstream may have acted on them. As Go's HTTP client: the safe methods, or a request that carries its own key.
+# Requests sent again on a new connection when a kept-alive one closed unanswered after any byte of them was
+# written: the upstream may have acted on them. As Go's HTTP client: the safe methods, or a request that carries its
+# own key.
 _REPLAYABLE_METHODS = {"GET", "HEAD", "OPTIONS", "TRACE"}
 _IDEMPOTENCY_HEADERS = {"idempotency-key", "x-idempotency-key"}
 # A connection idle longer than this is closed rather than used again: under the shortest keep-alive timeout common

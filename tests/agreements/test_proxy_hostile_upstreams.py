@@ -201,3 +201,32 @@ def test_a_tls_answer_delimited_by_its_close_is_whole_only_when_tls_says_so(
         assert (response.status_code, error_code(response)) == (502, "upstream_answer_cut_short")
         assert ProxyReplay.objects.get(request_nonce="report-1").body != b"the first half"
     assert UsageEvent.objects.count() == 1  # the seller answered: charged either way, the cut named to the buyer
+
+
+def test_an_upstream_flooding_informational_answers_is_502_at_once_and_charges_nothing(
+        escrow_chain, settings, django_capture_on_commit_callbacks):
+    """Informational answers (103 Early Hints) were skipped without bound: an upstream sending them endlessly kept the
+    web thread parsing heads, holding the GIL, until PROXY_TIMEOUT (60 s), then 504. Past five, as Go's client reads,
+    the answer is refused."""
+    settings.PROXY_TIMEOUT = 2
+    sent = []
+
+    def serve(connection, number):
+        with connection:
+            _head(connection, b"")
+            try:
+                while True:
+                    connection.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" * 100)
+                    sent.append(100)
+            except OSError:
+                pass
+
+    with _upstream(serve) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        started = time.monotonic()
+        response = _call(active, "get", f"{active.proxy}/hints")
+        took = time.monotonic() - started
+    assert (response.status_code, error_code(response)) == (502, "upstream_unavailable")
+    assert took < 1
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+    assert (agreement.used, agreement.reserved) == (0, 0)
