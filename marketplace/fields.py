@@ -50,12 +50,12 @@ class TokenAmountField(models.DecimalField):
         return super().get_db_prep_save(value, connection)
 
 
-_HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_HEX_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
 def is_address(value) -> bool:
     """Lower/upper-case hex, or mixed case only with a valid EIP-55 checksum (a typo must not pass)."""
-    if not isinstance(value, str) or not _HEX_ADDRESS.match(value):
+    if not isinstance(value, str) or not _HEX_ADDRESS.fullmatch(value):
         return False
     body = value[2:]
     return body == body.lower() or body == body.upper() or is_checksum_address(value)

@@ -7,7 +7,7 @@ from marketplace.errors import handler404
 from marketplace.logging import agreement_id_var, request_id_var
 from sdk.bounded_http import text_codec
 
-_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class RequestIdMiddleware:
@@ -18,7 +18,7 @@ class RequestIdMiddleware:
 
     def __call__(self, request):
         supplied = request.headers.get("X-Request-Id", "")
-        request_id = supplied if _CLIENT_REQUEST_ID.match(supplied) else f"req_{secrets.token_hex(16)}"
+        request_id = supplied if _CLIENT_REQUEST_ID.fullmatch(supplied) else f"req_{secrets.token_hex(16)}"
         request.request_id = request_id
         # Not reset afterwards: Django logs the finished request (django.request) after middleware returns.
         request_id_var.set(request_id)

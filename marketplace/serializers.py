@@ -185,6 +185,7 @@ class AddressSerializerField(serializers.CharField):
 
     def __init__(self, **kwargs):
         kwargs.setdefault("max_length", 42)
+        kwargs["trim_whitespace"] = False  # "0x…\n" is not an address: refused, not trimmed into one
         super().__init__(**kwargs)
 
     def to_internal_value(self, data):

@@ -126,7 +126,7 @@ CANCEL_AUTHORIZATION_TYPE = [
     {"name": "nonce", "type": "bytes32"},
 ]
 
-_BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_BYTES32 = re.compile(r"0x[0-9a-fA-F]{64}")
 
 
 # ------------------------------------------------------------------ validation helpers
@@ -144,7 +144,7 @@ def _bytes32(value: str | bytes, field: str) -> str:
         if len(value) != 32:
             raise ValueError(f"{field}: expected 32 bytes, got {len(value)}")
         return "0x" + bytes(value).hex()
-    if not isinstance(value, str) or not _BYTES32.match(value):
+    if not isinstance(value, str) or not _BYTES32.fullmatch(value):
         raise ValueError(f"{field}: expected a 0x-prefixed 32-byte hex string, got {value!r}")
     return value.lower()
 

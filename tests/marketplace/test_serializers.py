@@ -90,3 +90,32 @@ def test_an_agents_and_a_keys_names_are_json_strings(owner_api, buyer, value):
 
     key = owner_api.post(f"/agents/{buyer.id}/api-keys", {"name": value})
     assert key.status_code == 400 and codes_at(key, "name") == {"invalid"}, key.content
+
+
+@pytest.mark.parametrize("padding", ["\n", " ", "\t"], ids=["newline", "space", "tab"])
+def test_an_address_with_whitespace_after_it_is_refused_not_trimmed(buyer_api, seller, buyer, padding):
+    """An address is 0x and 40 hex digits, nothing after them: a trailing newline passed the pattern (`$` matches
+    before one) or was trimmed away, and the request went on with an address it did not send."""
+    service = register_service(seller)
+
+    response = buyer_api.post("/usage-agreements", proposal(service, buyer_wallet_address=buyer.wallet_address
+                                                            + padding))
+
+    assert response.status_code == 400, response.content
+    assert codes_at(response, "buyer_wallet_address") == {"invalid_address"}
+    assert not UsageAgreement.objects.exists()
+
+
+def test_is_address_refuses_a_trailing_newline():
+    from marketplace.fields import is_address
+    assert is_address("0x" + "ab" * 20) and not is_address("0x" + "ab" * 20 + "\n")
+
+
+@pytest.mark.parametrize("request_id", ["call-44\n", "call-44\r\n"], ids=["newline", "crlf"])
+def test_a_request_id_with_a_line_break_after_it_is_replaced_not_echoed(buyer_api, request_id):
+    """`$` matches before a trailing newline: the caller's id passed as well-formed and was echoed as a response
+    header, which Django refuses to write (BadHeaderError: a 500)."""
+    response = buyer_api.get("/usage-agreements", headers={"X-Request-Id": request_id})
+
+    assert response.status_code == 200
+    assert response["X-Request-Id"].startswith("req_")

@@ -1011,3 +1011,11 @@ def test_a_direct_purchase_retried_under_its_idempotency_key_resends_the_payment
         buyer.cancel_payment_authorization(agreement_id, KEY)
     assert len(marketplace.bodies) == 2
     assert marketplace.cancelled == [(agreement_id, marketplace.signed[0])]
+
+
+def test_a_nonce_with_a_trailing_newline_is_refused_before_signing():
+    """A server's nonce "0x<64 hex>\\n" passed the SDK's bytes32 check (`$` matches before a newline): the terms went
+    on to the signer, which failed deep in eth_abi, not saying which field was wrong."""
+    with pytest.raises(ValueError, match="nonce: expected a 0x-prefixed 32-byte hex string"):
+        typed_data.cancel_authorization(chain_id=1, token_address="0x" + "11" * 20, authorizer="0x" + "22" * 20,
+                                        nonce="0x" + "ab" * 32 + "\n")
