@@ -421,11 +421,18 @@ def _direct_fee_permit_evidence(tx: ChainTransaction) -> dict:
 
 def _direct_fee_evidence(tx: ChainTransaction) -> dict:
     """A fee step that failed, of a purchase whose price reached the seller already (the buyer, or anyone holding the
-    authorization, sent it before the accept): that transfer (`paid_by`), for the failure to name and count it."""
+    authorization, sent it before the accept or since): that transfer (`paid_by`), for the failure to name and count
+    it, read at the confirmation depth (a use at the chain's head a reorg may take, named, stayed named for good). A
+    step refused at its simulation is asked first, still queued: a use of the authorization not yet that deep (its
+    EVIDENCE_BLOCK) holds it queued until it is (`relayer._done_by_a_copy_not_deep_yet`), then it is concluded naming
+    the use, or simulated again (and may run) when a reorg took it."""
     if tx.status == TxStatus.CONFIRMED:
         return {}
     authorization = agreement_selectors.payment_authorization_of(agreement=_agreement(tx))
-    return {"paid_by": (_authorization_use(authorization) or {}).get("used_by")}
+    if tx.status == TxStatus.QUEUED:
+        use = _authorization_use(authorization) or {}
+        return {relayer.EVIDENCE_BLOCK: use[relayer.EVIDENCE_BLOCK]} if use else {}
+    return {"paid_by": (_authorization_use(authorization, confirmed=True) or {}).get("used_by")}
 
 
 def _relayer_allowance(buyer: str) -> int:

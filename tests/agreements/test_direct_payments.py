@@ -1711,3 +1711,53 @@ def test_an_expiring_direct_proposal_paid_by_a_use_not_yet_final_is_accepted_as_
     [accepted] = AgreementEvent.objects.filter(agreement_id=agreement["id"], to_status="accepted")
     assert accepted.data == {"used_by": used_by}
     assert purchase.parties.agreement(agreement["id"])["status"] == "paying"
+
+
+@pytest.mark.parametrize("then", ["reorg", "final"])
+@pytest.mark.parametrize("step", ["fee_permit", "fee"])
+def test_a_fee_step_refused_after_a_use_not_yet_final_waits_for_it(
+        purchase, django_capture_on_commit_callbacks, settings, step, then):
+    """A use of the buyer's authorization mined after the seller's accept makes the fee step fail (`fee_permit`: the
+    buyer spent the permit's nonce too; `fee`: the use left the buyer less than the fee). The failure's evidence read
+    the use at the chain's head: a reorg that took it left the purchase failed naming, and counting, a transfer the
+    chain no longer has. The step waits, queued, until the use is at the confirmation depth (`final`: then it fails
+    naming it), or a reorg took it (`reorg`: then it is simulated again, and the purchase goes on as it can)."""
+    settings.CHAIN_CONFIRMATIONS = 3
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    sends = _accept_unsent(purchase, agreement["id"], capture)
+    if step == "fee":
+        with capture(execute=True):
+            for send in sends:
+                send()
+        mined_what_was_sent()
+        purchase.chain.mine(settings.CHAIN_CONFIRMATIONS - 1)
+        with capture(execute=False) as held:
+            poll_mined()  # the fee permit confirmed; the fee's transfer queued, not sent yet
+        sends = list(held)
+        assert ChainTransaction.objects.filter(agreement_id=agreement["id"], purpose="direct_fee").exists()
+        _keep_only(purchase, AMOUNT)
+    else:
+        _spend_fee_permit_nonce(purchase)
+    before_the_use = purchase.chain.snapshot()
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
+    with capture(execute=True):
+        for send in sends:
+            send()
+    confirm_all(capture)
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paying"  # the use is not final yet
+
+    if then == "reorg":
+        purchase.chain.reorg(before_the_use)
+    else:
+        purchase.chain.mine(settings.CHAIN_CONFIRMATIONS - 1)
+    for _ in range(4):
+        confirm_all(capture)
+        purchase.chain.mine(settings.CHAIN_CONFIRMATIONS - 1)
+
+    after = purchase.parties.agreement(agreement["id"])
+    if then == "final":
+        assert (after["status"], after["payment_tx_hash"]) == ("payment_failed", used_by), after
+    else:  # `fee`: the buyer's funds are back, the fee is collected, the payment is short of funds and reverts
+        assert (after["status"], after["payment_tx_hash"]) == ("payment_failed", ""), after
+        assert {"fee_permit": "nothing was charged", "fee": "the fee is refunded"}[step] in after["status_reason"]
