@@ -71,7 +71,7 @@ from sdk.x402_signing import build_direct_stablecoin_agreement, new_authorizatio
 
 T = TypeVar("T")
 
-__all__ = ["AgreementFailed", "MarketplaceClient", "MarketplaceError", "NotConfigured"]
+__all__ = ["AgreementFailed", "MarketplaceClient", "MarketplaceError", "NotConfigured", "PaymentAuthorizationUsed"]
 
 AgreementId = str | uuid.UUID
 
@@ -100,6 +100,9 @@ _ERROR_TEXT_CHARS = 500
 _PROPOSALS_REMEMBERED = 4096
 # A Masumi timer in unix milliseconds has 13 digits until the year 2286; a uint256's have 78.
 _UNIX_MILLISECONDS_MAX_DIGITS = 78
+# How long a seller's accept of a direct purchase waits, by default, for the buyer's payment that reached it already
+# to reach the chain's confirmation depth (409 `payment_not_final`): 10 blocks on Base, about 20 s, and slack.
+PAYMENT_FINAL_WAIT_SECONDS = 60.0
 # An invocation in one of these statuses runs no more: nothing to wait for.
 _INVOCATION_ENDED = frozenset({"completed", "failed", "timeout"})
 
@@ -146,6 +149,26 @@ class AgreementFailed(Exception):
         self.status: str = agreement["status"]
         self.reason: str = agreement.get("status_reason", "")
         super().__init__(f"agreement {agreement.get('id')} is {self.status}: {self.reason or 'no reason given'}")
+
+
+class PaymentAuthorizationUsed(Exception):
+    """`cancel_payment_authorization(wait=True)`: the authorization was used before the cancellation ran (anyone
+    holding it may send it): the buyer's money went to the seller by `used_by`, which the agreement now names
+    (`payment_tx_hash`); the cancellation reverted and never will run."""
+
+    def __init__(self, agreement: Mapping[str, Any], used_by: str):
+        self.agreement = dict(agreement)
+        self.used_by = used_by
+        super().__init__(f"agreement {agreement.get('id')}'s payment authorization was used by {used_by} before its "
+                         "cancellation ran: the money went to the seller")
+
+
+def _retry_after(refused: MarketplaceError, default: float) -> float:
+    """The wait a refusal names (`details.retry_after_seconds`, a positive number), else `default`."""
+    named = refused.details.get("retry_after_seconds")
+    if isinstance(named, (int, float)) and not isinstance(named, bool) and 0 < named < float("inf"):
+        return float(named)
+    return default
 
 
 def _jsonable(value: Any) -> Any:
@@ -321,9 +344,22 @@ class MarketplaceClient:
                                          "this client proposed that agreement with other terms")
         return answer
 
-    def accept_agreement(self, agreement_id: AgreementId) -> dict[str, Any]:
-        """Accept a proposal (as the seller)."""
-        return self._request("PUT", f"/usage-agreements/{agreement_id}/accept")
+    def accept_agreement(self, agreement_id: AgreementId, *, payment_final_wait: float = PAYMENT_FINAL_WAIT_SECONDS,
+                         poll_interval: float = 2.0) -> dict[str, Any]:
+        """Accept a proposal (as the seller). A direct purchase whose buyer's payment reached the seller already, not
+        yet at the chain's confirmation depth, is 409 `payment_not_final` (`details.used_by`: the transfer; about
+        20 s on Base): accepted again every `poll_interval` seconds (or the `details.retry_after_seconds` the answer
+        names, within the wait) until `payment_final_wait` seconds have passed (0: not at all), then that refusal is
+        raised."""
+        give_up = time.monotonic() + max(0.0, payment_final_wait)
+        while True:
+            try:
+                return self._request("PUT", f"/usage-agreements/{agreement_id}/accept")
+            except MarketplaceError as refused:
+                left = give_up - time.monotonic()
+                if refused.code != "payment_not_final" or left <= 0:
+                    raise
+                time.sleep(min(_retry_after(refused, poll_interval), left))
 
     def reject_agreement(self, agreement_id: AgreementId, reason: str = "") -> dict[str, Any]:
         """Reject a proposal (as the seller)."""
@@ -457,7 +493,9 @@ class MarketplaceClient:
         `propose_direct_purchase` signed the purchase's payment under, else `authorization_nonce` (required then,
         `TypeError`): never the marketplace's word, which could name another purchase's authorization, still to be
         paid (`SigningRefused` on "cancel_authorization.message.nonce"). With `wait=True`, polls until the agreement
-        names the mined cancellation (`payment_authorization_cancel_tx_hash`) and returns the agreement."""
+        names the mined cancellation (`payment_authorization_cancel_tx_hash`) and returns the agreement, or raises
+        `PaymentAuthorizationUsed` as soon as it names a transfer that used the authorization first
+        (`payment_tx_hash`: the cancellation reverted, the money went to the seller)."""
         wallet = as_wallet(wallet)
         with self._lock:
             signed = self._payment_authorizations.get(_proposal_key(agreement_id))
@@ -478,15 +516,25 @@ class MarketplaceClient:
         path = f"/usage-agreements/{agreement_id}/cancel-payment-authorization"
         received = _answered(self._request("GET", path), where="answer").get("cancel_authorization")
         check_typed_data(received, expected, "cancel_authorization")
+        paid_before = self.get_agreement(agreement_id).get("payment_tx_hash") if wait else None
         answer = self._request("POST", path, json={"signature": wallet.sign_typed_data(expected)},
                                idempotency_key=idempotency_key or _new_key())
         if not wait:
             return answer
-        return self._poll(lambda: self.get_agreement(agreement_id),
-                          lambda agreement: bool(agreement.get("payment_authorization_cancel_tx_hash")),
-                          timeout=timeout, poll_interval=poll_interval, late=lambda agreement: (
-                              f"agreement {agreement_id}'s payment authorization is not cancelled on-chain after "
-                              f"{timeout:g} s"))
+
+        def used_by(agreement: dict[str, Any]) -> str | None:
+            paid = agreement.get("payment_tx_hash")
+            return paid if paid and paid != paid_before else None
+
+        agreement = self._poll(lambda: self.get_agreement(agreement_id),
+                               lambda agreement: bool(agreement.get("payment_authorization_cancel_tx_hash")
+                                                      or used_by(agreement)),
+                               timeout=timeout, poll_interval=poll_interval, late=lambda agreement: (
+                                   f"agreement {agreement_id}'s payment authorization is not cancelled on-chain after "
+                                   f"{timeout:g} s"))
+        if not agreement.get("payment_authorization_cancel_tx_hash"):
+            raise PaymentAuthorizationUsed(agreement, str(used_by(agreement)))
+        return agreement
 
     # --- escrow --------------------------------------------------------------------------------------------------
 

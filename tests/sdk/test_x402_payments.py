@@ -2,6 +2,8 @@
 and a direct stablecoin purchase."""
 
 import asyncio
+import threading
+import time
 
 import httpx
 import pytest
@@ -14,7 +16,8 @@ from x402.mechanisms.evm.signers import EthAccountSigner
 from x402.schemas import PaymentError
 
 from agreements.models import UsageAgreement
-from sdk import MarketplaceError
+from escrow import relayer
+from sdk import MarketplaceError, PaymentAuthorizationUsed
 from tests.catalog.factories import service_data
 from tests.chain_fixtures import TOKEN_NAMES
 from tests.escrow.flow import USDC, fund, usdc_balance
@@ -142,3 +145,88 @@ def test_a_refused_payment_raises_with_the_402s_code(seller_and_buyer, escrow_ch
 
     assert (refused.value.status, refused.value.code) == (402, "insufficient_balance")
     assert refused.value.details["x402_reason"] and http_server.requests == []
+
+
+def _use_the_authorization(chain, agreement_id: str) -> str:
+    """Anyone holding the buyer's signed authorization (a stranger here) gets it mined; its hash."""
+    from tests.agreements.test_direct_payments import _hash, _use_authorization
+    return _hash(_use_authorization(chain, agreement_id, chain.accounts.stranger.address))
+
+
+def _mine_later(chain, blocks: int, after: float) -> threading.Thread:
+    def mine() -> None:
+        time.sleep(after)
+        chain.mine(blocks)
+
+    miner = threading.Thread(target=mine, name="miner", daemon=True)
+    miner.start()
+    return miner
+
+
+def test_a_sellers_accept_of_a_purchase_paid_by_a_use_not_yet_final_is_sent_again_once_it_is(
+        seller_and_buyer, escrow_chain, settings):
+    """The buyer's payment reached the seller before the accept, not yet at the confirmation depth: the accept is 409
+    `payment_not_final` (accept again shortly, ~20 s on Base). The SDK raised it to the seller's code at once; it
+    accepts again, within a bounded wait, until the use is final."""
+    settings.CHAIN_CONFIRMATIONS = 3
+    seller, buyer, service = seller_and_buyer
+    proposed = buyer.propose_direct_purchase(service["id"], 100, wallet=escrow_chain.accounts.buyer.key,
+                                             max_unit_price_atomic=20_000,
+                                             expected_seller_wallet_address=service["seller"]["wallet_address"])
+    _use_the_authorization(escrow_chain, proposed["id"])
+    miner = _mine_later(escrow_chain, settings.CHAIN_CONFIRMATIONS - 1, after=1.0)
+
+    started = time.monotonic()
+    accepted = seller.accept_agreement(proposed["id"], payment_final_wait=30, poll_interval=0.2)
+
+    miner.join()
+    assert accepted["status"] == "paying" and time.monotonic() - started < 30, accepted
+
+
+def test_a_sellers_accept_waits_for_a_payment_to_be_final_no_longer_than_it_is_told(
+        seller_and_buyer, escrow_chain, settings):
+    settings.CHAIN_CONFIRMATIONS = 3
+    seller, buyer, service = seller_and_buyer
+    proposed = buyer.propose_direct_purchase(service["id"], 100, wallet=escrow_chain.accounts.buyer.key,
+                                             max_unit_price_atomic=20_000,
+                                             expected_seller_wallet_address=service["seller"]["wallet_address"])
+    used_by = _use_the_authorization(escrow_chain, proposed["id"])
+
+    started = time.monotonic()
+    with pytest.raises(MarketplaceError) as not_final:
+        seller.accept_agreement(proposed["id"], payment_final_wait=1.5, poll_interval=0.2)
+
+    assert 1.5 <= time.monotonic() - started < 10
+    assert (not_final.value.code, not_final.value.details["used_by"]) == ("payment_not_final", used_by)
+    with pytest.raises(MarketplaceError) as at_once:
+        seller.accept_agreement(proposed["id"], payment_final_wait=0)
+    assert at_once.value.code == "payment_not_final"
+
+
+def test_a_cancellation_a_use_of_the_authorization_outran_is_told_at_once_naming_the_use(
+        seller_and_buyer, escrow_chain, monkeypatch):
+    """The authorization of a rejected purchase is used between the buyer's cancellation and the relayer's send: the
+    cancellation reverts, and the agreement names the transfer (payment_tx_hash). `wait=True` polled for a
+    cancellation that never comes until its timeout; it raises `PaymentAuthorizationUsed` naming the use at once."""
+    seller, buyer, service = seller_and_buyer
+    chain, wallet = escrow_chain, escrow_chain.accounts.buyer
+    proposed = buyer.propose_direct_purchase(service["id"], 100, wallet=wallet.key, max_unit_price_atomic=20_000,
+                                             expected_seller_wallet_address=service["seller"]["wallet_address"])
+    seller.reject_agreement(proposed["id"], "fully booked")
+    used: list[str] = []
+    submit = relayer.transaction_submit
+
+    def used_first(*, transaction_id):
+        if not used:
+            used.append(_use_the_authorization(chain, proposed["id"]))
+        return submit(transaction_id=transaction_id)
+
+    monkeypatch.setattr(relayer, "transaction_submit", used_first)
+
+    started = time.monotonic()
+    with relayer_polling(), pytest.raises(PaymentAuthorizationUsed) as outrun:
+        buyer.cancel_payment_authorization(proposed["id"], wallet.key, wait=True, timeout=60, poll_interval=0.2)
+
+    assert time.monotonic() - started < 30
+    assert outrun.value.used_by == used[0] and used[0] in str(outrun.value)
+    assert outrun.value.agreement["payment_tx_hash"] == used[0]
