@@ -65,6 +65,12 @@ def intent_nonce_renew(*, agreement: UsageAgreement) -> UsageAgreement:
                                                                from_round=agreement.intent_nonce_round)
 
 
+def escrow_expires_at(agreement: UsageAgreement) -> int:
+    """The escrow's expiresAt (unix seconds): the agreement's term rounded down to its second, as its buyer's intent
+    carries it."""
+    return int(agreement.expires_at.timestamp())
+
+
 def _intent(agreement: UsageAgreement, deadline: int) -> dict:
     return typed_data.activation_intent(
         chain_id=settings.CHAIN_ID, escrow_address=chainconfig.escrow_address(), agreement_id=agreement.onchain_id,
@@ -72,7 +78,7 @@ def _intent(agreement: UsageAgreement, deadline: int) -> dict:
         token=agreement.token_address or chainconfig.usdc_address(), quantity=agreement.quantity,
         price_per_unit=agreement.price_per_unit, deposit_amount=agreement.deposit_amount,
         infra_fee=agreement.infra_fee, receipt_signer=receipt_signer_address(),
-        challenge_window=agreement.challenge_window_seconds, expires_at=int(agreement.expires_at.timestamp()),
+        challenge_window=agreement.challenge_window_seconds, expires_at=escrow_expires_at(agreement),
         terms_hash=agreement.terms_hash, nonce=intent_nonce(agreement), deadline=deadline,
     )
 
@@ -169,9 +175,10 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
         agreement = intent_nonce_renew(agreement=agreement)
     # Not the node's pending time alone: one it answers in the future refused a valid activation as expired.
     now = chain_clock.next_block_clock_for_refusal()
-    if agreement.buyer_id == buyer.pk and can_activate(agreement) and agreement.expires_at.timestamp() <= now:
+    if agreement.buyer_id == buyer.pk and can_activate(agreement) and escrow_expires_at(agreement) <= now:
         # The contract refuses an escrow past its expiresAt by the chain's clock (InvalidExpiry), which may be ahead
-        # of ours (agreement_activation_begin's): refused here, before the relayer is given it.
+        # of ours (agreement_activation_begin's): refused here, before the relayer is given it. Its expiresAt, in
+        # whole seconds: the term's fraction of a second is no time the contract gives.
         raise Conflict("The agreement's term has ended on the chain's clock.", code="agreement_expired",
                        details={"status": agreement.status})
     for field, signature_deadline in (("deadline", deadline), ("escrow_permit.deadline", escrow_permit["deadline"])):
@@ -265,7 +272,7 @@ def intent_differences(agreement: UsageAgreement, onchain: dict) -> list[str]:
         # The signer of the intent the buyer signed (a rotation since leaves it the escrow's), else the current one.
         "receiptSigner": agreement.receipt_signer or receipt_signer_address(),
         "depositAmount": agreement.deposit_amount, "infraFee": agreement.infra_fee,
-        "challengeWindow": agreement.challenge_window_seconds, "expiresAt": int(agreement.expires_at.timestamp()),
+        "challengeWindow": agreement.challenge_window_seconds, "expiresAt": escrow_expires_at(agreement),
         "termsHash": agreement.terms_hash,
     }
     return [field for field, value in expected.items() if str(onchain[field]).lower() != str(value).lower()]

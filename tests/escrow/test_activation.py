@@ -1,7 +1,8 @@
 """Escrow activation through the API against the real contracts on Anvil."""
 
 from collections import Counter
-from datetime import timedelta
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.utils import timezone
@@ -299,3 +300,21 @@ def test_an_agreement_whose_term_ended_on_the_chains_clock_is_refused_before_any
     assert error_code(response) == "agreement_expired"
     assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
     assert parties.agreement(agreement["id"])["status"] == "accepted"
+
+
+def test_an_activation_in_the_last_fraction_of_a_second_of_its_term_is_refused_before_anything_is_queued(
+        parties, escrow_chain):
+    """The escrow's expiresAt is the term in whole seconds, rounded down (the intent's `expiresAt`). At that second
+    on the chain's clock the term's fraction still lay ahead, so the activation was queued, and the contract refused
+    it (InvalidExpiry: expiresAt <= block.timestamp) at the relayer's expense."""
+    start = max(escrow_chain.now(), int(time.time()))
+    expires_at = datetime.fromtimestamp(start + 600, tz=UTC) + timedelta(milliseconds=900)
+    agreement = parties.accepted_agreement(expires_at=expires_at.isoformat())
+    body = parties.signed_activation(agreement["id"])
+    escrow_chain.set_next_timestamp(start + 599)
+    escrow_chain.mine()  # the next block's time: start + 600, the escrow's expiresAt
+
+    response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", body)
+    assert response.status_code == 409, response.content
+    assert error_code(response) == "agreement_expired"
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
