@@ -813,6 +813,13 @@ def transactions_reopen_reorged(*, after_block: int | None = None, failures: swe
     return reopened
 
 
+def evidence_block_replaced(tx: ChainTransaction) -> bool:
+    """Whether a reorg took the block of someone else's transaction that `tx`'s outcome names (EVIDENCE_BLOCK); not
+    when the outcome names none, or the node has no block at that height yet."""
+    block = tx.outcome_evidence.get(EVIDENCE_BLOCK)
+    return block is not None and _replaced(block["number"], block["hash"])
+
+
 def _replaced(number: int, block_hash: str) -> bool:
     """Whether the node holds another block than `block_hash` at height `number`: a reorg took it. None there is no
     reorg but a node behind (a load-balanced provider's backend behind the one that answered before): nothing took

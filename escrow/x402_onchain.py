@@ -749,10 +749,12 @@ def _direct_authorization_cancel_outcome(tx: ChainTransaction) -> None:
 
 
 def _direct_authorization_cancel_reopened(tx: ChainTransaction) -> None:
-    """A reorg took the cancellation's block, or, of one a use outran, that use's block: what it recorded is undone."""
+    """A reorg took the cancellation's block, or, of one a use outran, that use's block: what it recorded is undone.
+    Not the use, when only the block of the cancellation that reverted after it was taken: it stands (the cancellation,
+    sent again, fails again)."""
     if tx.status == TxStatus.CONFIRMED:
         agreement_services.agreement_payment_authorization_cancel_reopened(agreement_id=tx.agreement_id)
-    elif used_by := tx.outcome_evidence.get("used_by"):
+    elif (used_by := tx.outcome_evidence.get("used_by")) and relayer.evidence_block_replaced(tx):
         agreement_services.agreement_payment_authorization_use_reopened(agreement_id=tx.agreement_id, used_by=used_by)
 
 

@@ -776,6 +776,49 @@ def test_a_cancellation_outrun_by_a_use_a_reorg_takes_names_no_transfer_and_the_
     assert used_by in event.reason
 
 
+
+def test_a_reorg_that_takes_the_failed_cancellations_block_but_not_the_use_before_it_keeps_the_use_named(
+        purchase, django_capture_on_commit_callbacks, monkeypatch):
+    """The use that outran the buyer's cancellation was mined a block before it, and stays on the chain; a reorg
+    takes only the block of the cancellation that reverted after it. The purchase stopped naming the use and counting
+    its price, and both parties were told that a reorg took the transfer, of a use that still stands. Only a reorg
+    that takes the use's block undoes it."""
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    with capture(execute=False):  # queued, not sent yet
+        queued = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
+                                                 {"signature": _cancel_signature(purchase, agreement["id"])})
+    send, seen = gateway.broadcast, {}
+
+    def use_first(raw):  # mined between the relayer's simulation of the cancellation and its broadcast
+        if not seen:
+            seen["used_by"] = _hash(_use_authorization(purchase.chain, agreement["id"],
+                                                       purchase.chain.accounts.stranger.address))
+            seen["after_the_use"] = purchase.chain.snapshot()
+        return send(raw)
+
+    monkeypatch.setattr(gateway, "broadcast", use_first)
+    with capture(execute=True):
+        relayer.transaction_submit(transaction_id=queued.json()["transaction"]["id"])
+    monkeypatch.setattr(gateway, "broadcast", send)
+    for _ in range(2):
+        confirm_all(capture)
+    cancel = ChainTransaction.objects.get(agreement_id=agreement["id"])
+    assert cancel.status == "failed" and cancel.mined_block_number is not None, cancel.failure_reason
+    assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == seen["used_by"]
+
+    purchase.chain.reorg(seen["after_the_use"])  # the cancellation's block taken, the use's kept
+    with capture(execute=True):
+        assert relayer.transactions_reopen_reorged() == 1
+
+    assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == seen["used_by"]
+    for _ in range(3):  # the cancellation is sent again
+        confirm_all(capture)
+    assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == seen["used_by"]
+    assert not AgreementEvent.objects.filter(agreement_id=agreement["id"], data__reorg=True).exists()
+
+
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
