@@ -98,6 +98,48 @@ def test_a_purchase_paid_by_a_copy_a_reorg_took_is_paid_by_our_payment_sent_agai
     call_command("reconcile", stdout=io.StringIO())
 
 
+
+def test_a_reorg_that_takes_only_the_block_of_our_payment_that_reverted_after_the_copy_leaves_the_purchase_paid(
+        escrow_chain, django_capture_on_commit_callbacks, monkeypatch):
+    """The copy of the authorization was mined a block before our payment, which reverted; a reorg takes only our
+    payment's block, the copy stays on the chain (the seller paid by it). The purchase is still paid by the copy: a
+    reorg of a block its outcome does not rest on undoes nothing."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain)
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    send, seen = gateway.broadcast, {}
+
+    def copy_first(raw):  # mined between the relayer's simulation of our payment and its broadcast
+        ours = ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_PAYMENT, attempts__raw_transaction=raw)
+        if not seen and ours.exists():
+            seen["copy"] = copy_the_payment(purchase, body)
+            seen["after_the_copy"] = chain.snapshot()
+        return send(raw)
+
+    monkeypatch.setattr(gateway, "broadcast", copy_first)
+    purchase.accept(agreement["id"], capture)
+    polls(capture)
+    monkeypatch.setattr(gateway, "broadcast", send)
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_PAYMENT)
+    assert payment.status == TxStatus.FAILED and payment.mined_block_number is not None, payment.failure_reason
+    paid = purchase.parties.agreement(agreement["id"])
+    assert (paid["status"], paid["payment_tx_hash"]) == ("paid", seen["copy"])
+
+    chain.reorg(seen["after_the_copy"])  # our payment's block taken, the copy's kept
+    with capture(execute=True):
+        assert relayer.transactions_reopen_reorged() == 1
+
+    paid = purchase.parties.agreement(agreement["id"])
+    assert (paid["status"], paid["payment_tx_hash"]) == ("paid", seen["copy"])
+    seller = usdc_balance(chain, purchase.parties.seller_account.address)
+    polls(capture)  # ours, sent again, reverts again
+    paid = purchase.parties.agreement(agreement["id"])
+    assert (paid["status"], paid["payment_tx_hash"]) == ("paid", seen["copy"])
+    assert usdc_balance(chain, purchase.parties.seller_account.address) == seller
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).exists()
+
+
 @pytest.mark.parametrize("acknowledged_in", ["reconcile", "admin"])
 def test_a_purchase_paid_by_a_copy_a_reorg_took_that_cannot_run_again_is_recorded_until_acknowledged(
         escrow_chain, acknowledged_in, admin_client, admin_user, django_capture_on_commit_callbacks):
