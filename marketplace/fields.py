@@ -11,6 +11,17 @@ from eth_utils import is_checksum_address, to_checksum_address
 
 # The largest amount a token transfer, permit or signed intent carries (uint256).
 MAX_AMOUNT = 2**256 - 1
+# The largest an amount column of the embedded SQLite default holds exactly: its integers are signed 64-bit, and a
+# larger value is kept as a float (2**64 + 1 came back as 2**64).
+SQLITE_AMOUNT_MAX = 2**63 - 1
+
+
+def amount_column_max(connection=None) -> int:
+    """The largest amount the database's columns keep exactly: uint256 in PostgreSQL's numeric(78, 0), less in
+    SQLite's."""
+    if connection is None:
+        from django.db import connection
+    return SQLITE_AMOUNT_MAX if connection.vendor == "sqlite" else MAX_AMOUNT
 
 
 class TokenAmountField(models.DecimalField):
@@ -45,6 +56,10 @@ class TokenAmountField(models.DecimalField):
         super().run_validators(None if value is None else Decimal(value))
 
     def get_db_prep_save(self, value, connection):
+        # The API refuses such an amount first (400 `amount_too_large`); one computed past it must not be kept rounded.
+        if value is not None and abs(int(value)) > amount_column_max(connection):
+            raise ValidationError(f"Too large for this database: at most {amount_column_max(connection)}.",
+                                  code="amount_too_large")
         if isinstance(value, int):
             value = Decimal(value)
         return super().get_db_prep_save(value, connection)

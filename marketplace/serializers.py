@@ -16,7 +16,7 @@ from rest_framework.relations import PKOnlyObject
 
 from marketplace import rotation
 from marketplace.tags import TAGS_PER_LISTING, tag_mixes_scripts, tag_normalise
-from marketplace.fields import MAX_AMOUNT, checksum_address
+from marketplace.fields import MAX_AMOUNT, amount_column_max, checksum_address
 
 ZERO_ADDRESS = "0x" + "0" * 40
 _QUERY_INTEGER = re.compile(r"^-?[0-9]{1,78}$")
@@ -153,6 +153,7 @@ class AtomicAmountField(serializers.Field):
         "negative": "Must not be negative.",
         "too_small": "Must be at least {min_value}.",
         "too_large": "Too large.",
+        "amount_too_large": "Too large for this database: at most {max_amount_atomic}.",
     }
 
     def __init__(self, *, min_value: int = 0, max_value: int = MAX_AMOUNT, **kwargs):
@@ -168,6 +169,8 @@ class AtomicAmountField(serializers.Field):
             self.fail("too_small", min_value=self.min_value)
         if data > self.max_value:
             self.fail("too_large")
+        if data > amount_column_max():  # the embedded SQLite default keeps 63 bits exactly, not uint256
+            self.fail("amount_too_large", max_amount_atomic=amount_column_max())
         return data
 
     def to_representation(self, value):

@@ -104,6 +104,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
 # are (they are bound on the client).
 DATABASE_PREPARED_STATEMENTS = env.bool("DB_PREPARED_STATEMENTS", default=True)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["ENGINE"] = "marketplace.sqlite3"  # token amounts read exactly (no 15-digit float context)
     # Several processes (server, worker, beat) share the file: wait for locks instead of failing at once.
     DATABASES["default"].setdefault("OPTIONS", {}).update({"timeout": 20, "transaction_mode": "IMMEDIATE"})
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
