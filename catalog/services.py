@@ -216,6 +216,16 @@ def _apply_fields(service: Service, data: dict) -> None:
         service.unit_name = data["unit"]
     if service.max_quantity is not None and service.max_quantity < service.min_quantity:
         raise InvalidInput("max_quantity must be at least min_quantity.", code="invalid_quantity_bounds")
+    _price_within_limit(service.unit_price, field="unit_price_atomic")
+
+
+def _price_within_limit(price: int | None, *, field: str) -> None:
+    """A price no agreement may hold is not published: the largest an agreement holds (AGREEMENT_MAX_AMOUNT) is the
+    platform's ceiling, as the agreement's proposal refuses more (and a JSON integer past 2**53 is read as another
+    number by a JavaScript client)."""
+    if price is not None and price > settings.AGREEMENT_MAX_AMOUNT:
+        raise InvalidInput("The price is above the platform limit.", code="amount_too_large",
+                           details={"max_amount_atomic": settings.AGREEMENT_MAX_AMOUNT, "field": field})
 
 
 def _terms_held(model: type[Tag] | type[ServiceName], names: list[str]) -> dict:
@@ -261,6 +271,8 @@ def _replace_skills(service: Service, skills: list[dict]) -> None:
     """The service's skills become `skills`: a skill keeping its name keeps its row, changed in place (its
     invocations, pending ones included, keep pointing at it); a dropped one is deleted, unless it was invoked (its
     invocations keep it as their record): 409 `skill_invoked`, and the caller's transaction rolls back."""
+    for skill in skills:
+        _price_within_limit(skill["price"], field="price_atomic")
     current = {skill.name: skill for skill in service.skills.all()}
     wanted = {skill["name"]: skill for skill in skills}
     try:

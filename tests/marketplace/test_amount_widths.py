@@ -3,7 +3,9 @@ embedded SQLite default (`make run`), whose columns hold a signed 64-bit integer
 
 import pytest
 
-from tests.conftest import codes_at
+from catalog.models import Service
+from tests.catalog.factories import register_service, service_data
+from tests.conftest import codes_at, error_code
 from tests.support.on_sqlite import ran_again_on_sqlite
 
 pytestmark = pytest.mark.django_db
@@ -31,3 +33,38 @@ def test_an_amount_sqlite_cannot_hold_is_refused_before_the_database(owner_api, 
     assert "amount_too_large" in codes_at(owner_api.put(url, {"daily_cap_atomic": SQLITE_INTEGER_MAX + 1}),
                                           "daily_cap_atomic")
     assert owner_api.get(url).json()["daily_cap_atomic"] is None
+
+
+LIMIT = 10**12  # settings.AGREEMENT_MAX_AMOUNT's default: 1,000,000 USDC
+
+
+def _pricing(price: int) -> dict:
+    return {"type": "per_call", "unit_name": "call", "unit_price_atomic": price, "token": "USDC"}
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (lambda: service_data(pricing=_pricing(LIMIT + 1)), "unit_price_atomic"),
+    (lambda: service_data(skills=[{"name": "translate", "price_atomic": 2**53 + 1}]), "price_atomic"),
+    (lambda: service_data(skills=[{"name": "translate", "price_atomic": LIMIT + 1}]), "price_atomic"),
+], ids=["unit_price", "skill_price_past_2_53", "skill_price_past_the_limit"])
+def test_a_price_above_the_platform_limit_is_not_published(seller, seller_api, body, field):
+    """A price no agreement may hold (AGREEMENT_MAX_AMOUNT) was published, up to uint256: past 2**53 a JavaScript
+    client reads another number than the one it would pay."""
+    response = seller_api.post("/agents/services", body())
+    assert response.status_code == 400, response.content
+    assert error_code(response) == "amount_too_large"
+    assert response.json()["error"]["details"] == {"max_amount_atomic": LIMIT, "field": field}
+    assert not Service.objects.exists()
+
+
+def test_a_price_raised_above_the_platform_limit_is_refused_and_the_old_one_kept(seller, seller_api):
+    service = register_service(seller)
+    response = seller_api.patch(f"/agents/services/{service.pk}", {"pricing": _pricing(LIMIT + 1)})
+    assert response.status_code == 400 and error_code(response) == "amount_too_large"
+    skills = seller_api.patch(f"/agents/services/{service.pk}",
+                              {"skills": [{"name": "translate", "price_atomic": LIMIT + 1}]})
+    assert skills.status_code == 400 and error_code(skills) == "amount_too_large"
+    service.refresh_from_db()
+    assert service.unit_price == 20_000 and list(service.skills.values_list("price", flat=True)) == [20_000]
+    at_the_limit = seller_api.patch(f"/agents/services/{service.pk}", {"pricing": _pricing(LIMIT)})
+    assert at_the_limit.status_code == 200, at_the_limit.content
