@@ -14,3 +14,4 @@ class AgreementsConfig(AppConfig):
         checks.register(services.hooks_check)
         checks.register(invocations.settlement_handler_check)
         checks.register(monitoring.receipt_signers_check, checks.Tags.database)
+        checks.register(services.fee_schedule_check, checks.Tags.database)

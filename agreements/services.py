@@ -16,7 +16,7 @@ from typing import Protocol
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core import checks
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -83,7 +83,7 @@ from sdk import typed_data
 from sdk.terms import terms_hash
 from marketplace.errors import (ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput,
                                 NotFound)
-from marketplace.fields import MAX_AMOUNT
+from marketplace.fields import MAX_AMOUNT, amount_column_max
 from marketplace.postgresql import prepared_cursor
 from marketplace.signatures import signer_require
 from policies import selectors as policy_selectors
@@ -158,10 +158,41 @@ def fee_schedule_problem(schedule: FeeSchedule) -> str | None:
     fit a uint256 together, as the buyer's permit and the escrow's activation carry deposit + fee (a fee grows with
     the amount, so every smaller agreement's fits then too)."""
     largest = settings.AGREEMENT_MAX_AMOUNT
-    if largest + fee_for(amount=largest, schedule=schedule) > MAX_AMOUNT:
+    fee = fee_for(amount=largest, schedule=schedule)
+    if largest + fee > MAX_AMOUNT:
         return (f"The fee on the largest agreement ({largest} base units, AGREEMENT_MAX_AMOUNT) with that agreement "
                 "does not fit a uint256, which the buyer's permit and the escrow's activation carry.")
+    if fee > amount_column_max():
+        return (f"The fee on the largest agreement ({largest} base units, AGREEMENT_MAX_AMOUNT) is above what this "
+                f"database's amount columns hold exactly ({amount_column_max()}).")
     return None
+
+
+def fee_schedule_check(app_configs=None, databases=None, **kwargs) -> list[checks.CheckMessage]:
+    """Django system check, with `--database` (as `migrate` runs it): the saved fee schedule still prices the largest
+    agreement (E004), which AGREEMENT_MAX_AMOUNT may have raised since the schedule was saved and checked."""
+    if not databases:
+        return []
+    try:
+        schedule = FeeSchedule.objects.filter(pk=1).first()
+    except DatabaseError:  # before `migrate` made the table
+        return []
+    problem = schedule and fee_schedule_problem(schedule)
+    if not problem:
+        return []
+    return [checks.Error(problem, obj=__name__, id="agreements.E004",
+                         hint="Lower the fee schedule's fixed or minimum fee in the admin, or AGREEMENT_MAX_AMOUNT.")]
+
+
+def _fee_within_bounds(*, amount: int, schedule: FeeSchedule) -> int:
+    """The fee on `amount`, refused (503 `fee_schedule_invalid`) when it cannot be carried with the amount: a schedule
+    saved under a lower AGREEMENT_MAX_AMOUNT (system check agreements.E004), never a purchase the buyer may sign."""
+    fee = fee_for(amount=amount, schedule=schedule)
+    if amount + fee > MAX_AMOUNT or fee > amount_column_max():
+        logger.error("fee schedule cannot price %s base units: %s", amount, fee_schedule_problem(schedule))
+        raise DependencyUnavailable("The platform's fee schedule cannot price this amount; an operator must correct "
+                                    "it.", code="fee_schedule_invalid")
+    return fee
 
 
 def fee_and_total_for(*, amount: int, purpose: str, schedule: FeeSchedule) -> tuple[int, int]:
@@ -172,7 +203,7 @@ def fee_and_total_for(*, amount: int, purpose: str, schedule: FeeSchedule) -> tu
     if purpose == "skill_invocation":
         return invocations.invocation_fee_above_price(price=amount), amount
     _amount_within_limit(amount)  # as its proposal would refuse it
-    fee = fee_for(amount=amount, schedule=schedule)
+    fee = _fee_within_bounds(amount=amount, schedule=schedule)
     return fee, amount + fee
 
 
@@ -396,7 +427,7 @@ def agreement_proposal_prepare(
     expires_at = _agreement_expiry(expires_at=expires_at, now=now)
     deposit = _deposit(service=service, quantity=quantity)
     schedule = fee_schedule_current()
-    fee = fee_for(amount=deposit, schedule=schedule)
+    fee = _fee_within_bounds(amount=deposit, schedule=schedule)
     window = challenge_window_seconds or settings.CHALLENGE_WINDOW_DEFAULT
     terms = {
         "service_id": str(service.pk), "settlement_model": settlement_model, "pricing_type": service.pricing_type,

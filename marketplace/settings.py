@@ -305,6 +305,10 @@ ESCROW_CHALLENGE_WINDOW_MAX = 30 * 24 * 3600
 if not 1 <= AGREEMENT_MAX_AMOUNT <= ESCROW_DEPOSIT_MAX:
     raise ImproperlyConfigured(f"AGREEMENT_MAX_AMOUNT must be from 1 to {ESCROW_DEPOSIT_MAX} (the escrow's deposit "
                                f"bound, 2**128 - 1), not {AGREEMENT_MAX_AMOUNT}.")
+# The embedded SQLite default keeps an amount exactly up to 2**63 - 1 (marketplace.fields.SQLITE_AMOUNT_MAX).
+if DATABASES["default"]["ENGINE"] == "marketplace.sqlite3" and AGREEMENT_MAX_AMOUNT > 2**63 - 1:
+    raise ImproperlyConfigured(f"AGREEMENT_MAX_AMOUNT must be at most {2**63 - 1} on SQLite (its integers are 64-bit; "
+                               f"a larger amount would be kept rounded), not {AGREEMENT_MAX_AMOUNT}.")
 if not 1 <= CHALLENGE_WINDOW_MIN <= CHALLENGE_WINDOW_DEFAULT <= CHALLENGE_WINDOW_MAX <= ESCROW_CHALLENGE_WINDOW_MAX:
     raise ImproperlyConfigured(
         "CHALLENGE_WINDOW_MIN_SECONDS <= CHALLENGE_WINDOW_SECONDS <= CHALLENGE_WINDOW_MAX_SECONDS must lie from 1 to "

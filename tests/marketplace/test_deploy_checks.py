@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("environment", [
     {"AGREEMENT_MAX_AMOUNT": str(2**128)},  # the escrow's depositAmount is at most 2**128 - 1 (InvalidDeposit)
+    {"AGREEMENT_MAX_AMOUNT": str(2**63), "DATABASE_URL": "sqlite:///:memory:"},  # SQLite's integers are 64-bit
     {"CHALLENGE_WINDOW_MAX_SECONDS": str(30 * 86400 + 1)},  # its MAX_CHALLENGE_WINDOW (InvalidChallengeWindow)
     {"CHALLENGE_WINDOW_MIN_SECONDS": "0"},  # nor a window of 0
     {"CHALLENGE_WINDOW_SECONDS": str(8 * 86400)},  # the default window above the largest one a buyer may ask
