@@ -19,7 +19,7 @@ from marketplace.tags import TAGS_PER_LISTING, tag_mixes_scripts, tag_normalise
 from marketplace.fields import MAX_AMOUNT, amount_column_max, checksum_address
 
 ZERO_ADDRESS = "0x" + "0" * 40
-_QUERY_INTEGER = re.compile(r"^-?[0-9]{1,78}$")
+_QUERY_INTEGER = re.compile(r"-?[0-9]{1,78}")  # fullmatch: `$` also matches before a final newline
 
 
 def http_url(value: str) -> str:
@@ -32,7 +32,7 @@ def http_url(value: str) -> str:
 def _integer_input(field: serializers.Field, data) -> int:
     """`data` as an int when it is a JSON integer, or digits in a query string; else the field's `invalid`."""
     if isinstance(data, str) and isinstance(getattr(field.root, "initial_data", None), QueryDict):
-        if _QUERY_INTEGER.match(data):
+        if _QUERY_INTEGER.fullmatch(data):
             return int(data)
     elif isinstance(data, int) and not isinstance(data, bool):
         return data
@@ -112,12 +112,16 @@ class DigitsField(serializers.RegexField):
     digits it is: unambiguous, unlike a float or a boolean, which stay refused."""
 
     def __init__(self, *, max_digits: int, **kwargs):
+        # Digits and nothing else: not trimmed (" 5" is not a number's spelling), and the whole of it, as the
+        # pattern's `$` (kept for the schema) also matches before a final newline ("5\n" was read as 5).
+        kwargs.setdefault("trim_whitespace", False)
         super().__init__(rf"^[0-9]{{1,{max_digits}}}$", **kwargs)
+        self.digits = re.compile(rf"[0-9]{{1,{max_digits}}}")
 
     def to_internal_value(self, data):
         if isinstance(data, int) and not isinstance(data, bool):
             data = str(data)
-        elif not isinstance(data, str):
+        elif not isinstance(data, str) or not self.digits.fullmatch(data):
             self.fail("invalid")
         return super().to_internal_value(data)
 

@@ -68,3 +68,33 @@ def test_a_price_raised_above_the_platform_limit_is_refused_and_the_old_one_kept
     assert service.unit_price == 20_000 and list(service.skills.values_list("price", flat=True)) == [20_000]
     at_the_limit = seller_api.patch(f"/agents/services/{service.pk}", {"pricing": _pricing(LIMIT)})
     assert at_the_limit.status_code == 200, at_the_limit.content
+
+
+@pytest.mark.parametrize("amount", ["20000\n", "+20000", "2_0000", " 20000", "2e4", "٢٠٠٠٠"],
+                         ids=["trailing_newline", "plus_sign", "underscore", "leading_space", "exponent",
+                              "arabic_digits"])
+def test_a_masumi_amount_is_ascii_digits_only(seller, seller_api, amount):
+    """`$` also matches before a final newline: "20000\\n" was read as 20000 (int() also reads "+", "_", spaces and
+    other scripts' digits)."""
+    from tests.catalog.test_registry import registration
+
+    response = seller_api.post("/registry", registration(seller, AgentPricing={
+        "pricingType": "Fixed", "Pricing": [{"unit": "", "amount": amount}]}))
+    assert "invalid" in codes_at(response, "AgentPricing", "Pricing", 0, "amount")
+    assert not Service.objects.exists()
+
+
+@pytest.mark.parametrize("amount", ["20000\n", "+20000", "2_0000", " 20000", "2e4", "٢٠٠٠٠", "20000.0"],
+                         ids=["trailing_newline", "plus_sign", "underscore", "leading_space", "exponent",
+                              "arabic_digits", "fraction"])
+def test_an_amount_in_a_query_string_is_ascii_digits_only(buyer_api, amount):
+    response = buyer_api.get("/payment-requirements", {"amount_atomic": amount})
+    assert "invalid" in codes_at(response, "amount_atomic")
+
+
+@pytest.mark.parametrize(("amount", "code"), [(1e6, "invalid"), (-1, "negative"), ("1000000", "invalid"),
+                                              (True, "invalid")],
+                         ids=["exponent", "negative", "string", "boolean"])
+def test_a_price_in_a_body_is_a_json_integer(seller_api, amount, code):
+    response = seller_api.post("/agents/services", service_data(pricing=_pricing(amount)))
+    assert code in codes_at(response, "pricing", "unit_price_atomic")
