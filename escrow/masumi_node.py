@@ -138,7 +138,9 @@ class PurchaseCreateSerializer(StrictSerializer):
                               help_text="masumi-crewai sends it: must be the listed price.")
     inputHash = _input_hash_field()
     identifierFromPurchaser = serializers.CharField(max_length=250, required=False, allow_blank=True, default="",
-                                                    help_text="Generated (26 hex digits) when not given.")
+                                                    trim_whitespace=False,  # hashed as given (inputHash)
+                                                    help_text="Generated (26 hex digits) when not given; kept "
+                                                              "exactly as given (spaces too).")
     metadata = serializers.CharField(max_length=1000, required=False, allow_blank=True, default="")
     payByTime = _millis_field()
     submitResultTime = _millis_field()
@@ -269,7 +271,8 @@ class PaymentCreateSerializer(StrictSerializer):
     network = _network_field()
     agentIdentifier = serializers.UUIDField(help_text="Your service's registry id.")
     paymentType = _payment_type_field()
-    identifierFromPurchaser = serializers.CharField(max_length=250)
+    identifierFromPurchaser = serializers.CharField(max_length=250, trim_whitespace=False,
+                                                    help_text="Kept exactly as given (spaces too): it is hashed.")
     inputHash = _input_hash_field()
     metadata = serializers.CharField(max_length=1000, required=False, allow_blank=True, default="")
     RequestedFunds = FundsSerializer(many=True, required=False, max_length=1,

@@ -53,8 +53,9 @@ Masumi field ↔ contract:
   must hold ARBITER_ROLE) sends `resolve(id, 0)` then `finalize`. Before it an operator decides through
   `POST /usage-agreements/{id}/resolve` (or the admin) with any split. A result's dispute is dated by its block
   (`disputed_at`): the contract's window runs past unlockTime, where the buyer's own `challenge` still lands, and
-  one from unlockTime on is resolved for the seller at once (`resolve(id, proposed amount)`), as Masumi pays it,
-  unless a refund was requested before unlockTime (an unsigned request the buyer's own challenge carries out).
+  one mined after unlockTime (the signed refund request is valid through its second) is resolved for the seller at
+  once (`resolve(id, proposed amount)`), as Masumi pays it, unless a refund was requested before unlockTime (an
+  unsigned request the buyer's own challenge carries out).
 
 onChainState (Masumi's names): FundsLocked (active, no result), ResultSubmitted (result committed or being
 committed), RefundRequested (refund asked, not yet disputed), Disputed, Withdrawn (seller paid), RefundWithdrawn
@@ -140,7 +141,7 @@ def _timers(now: int, requested: dict[str, int | None], *, chain_now: int) -> di
         if value <= previous:
             raise InvalidInput("Timers must be in the future and in order: payByTime < submitResultTime < "
                                "unlockTime < externalDisputeUnlockTime.", code="invalid_timers",
-                               details={"timer": name, "chain_time": now})
+                               details={"timer": name, "chain_time": str(now * 1000)})  # ms, as the timers
         timers[name] = previous = value
     # A result submitted at submitResultTime is disputed until unlockTime, by a challenge that must stay valid
     # CHALLENGE_SIGNATURE_MIN_VALIDITY to be mined: a shorter gap leaves the buyer no dispute of a last-moment result.
@@ -387,8 +388,9 @@ def purchase_cancel_refund_request(*, purchase: MasumiPurchase, buyer: Agent) ->
 # dispute timed out, which the settlement tick refunds whole, as this would.
 _DISPUTE_NOT_NEEDED = frozenset({"refund_request_withdrawn", "challenge_in_progress"})
 _RELEASE_NOT_NEEDED = frozenset({settlement.DISPUTE_TIMED_OUT, "resolution_in_progress"})
-# A result's dispute (dated: `disputed_at`) the buyer may win: mined before unlockTime, or asked for before it.
-_DISPUTED_IN_TIME = Q(disputed_at__lt=F("unlock_time")) | Q(refund_requested_at__lt=F("unlock_time"))
+# A result's dispute (dated: `disputed_at`) the buyer may win: mined by unlockTime, or asked for before it.
+# The refund request's challenge is signed until unlockTime, which the contract takes while block.timestamp <= it.
+_DISPUTED_IN_TIME = Q(disputed_at__lte=F("unlock_time")) | Q(refund_requested_at__lt=F("unlock_time"))
 
 
 def _dispute(purchase: MasumiPurchase) -> ChainTransaction:
@@ -835,7 +837,7 @@ def _dispute_date(purchase: MasumiPurchase) -> None:
     if challenged_at is None:
         return
     MasumiPurchase.objects.filter(pk=purchase.pk, disputed_at=None).update(disputed_at=_moment(challenged_at))
-    if challenged_at >= _unix(purchase.unlock_time) and purchase.refund_requested_at is None:
+    if challenged_at > _unix(purchase.unlock_time) and purchase.refund_requested_at is None:
         logger.warning("masumi purchase's result disputed after its unlockTime: resolved for the seller",
                        extra={"agreement_id": str(agreement.pk), "disputed_at": challenged_at,
                               "unlock_time": _unix(purchase.unlock_time)})

@@ -584,3 +584,33 @@ def test_a_purchase_the_buyers_owner_must_approve_is_refused_naming_the_rule(par
     assert refused.status_code == 403 and error_code(refused) == "approval_required", refused.content
     assert refused.json()["error"]["details"].get("rule"), refused.content
     assert not MasumiPurchase.objects.exists()
+
+
+def test_invalid_timers_name_the_chain_time_in_milliseconds_as_the_timers_are(parties, escrow_chain):
+    """The API's timers are strings of Unix milliseconds; a timer in the past was refused with `chain_time` in
+    seconds, a thousand times earlier than any timer the caller could compare it with."""
+    now = deadline_clock(escrow_chain)
+    for path, api, body in [("/purchase", parties.buyer_api, {"input_data": INPUT}),
+                            ("/payment", parties.seller_api, {"identifierFromPurchaser": "order-9"})]:
+        refused = api.post(path, {"network": "Preprod", "agentIdentifier": str(parties.service.pk), **body,
+                                  "payByTime": str((now - 60) * 1000)})
+        assert refused.status_code == 400 and error_code(refused) == "invalid_timers", (path, refused.content)
+        chain_time = refused.json()["error"]["details"]["chain_time"]
+        assert chain_time.isdigit() and abs(int(chain_time) - now * 1000) <= 60_000, (path, chain_time)
+
+
+@pytest.mark.parametrize("identifier", [" order-9", "order-9 ", "\torder-9\n"], ids=["leading", "trailing", "both"])
+def test_an_identifier_from_purchaser_with_spaces_is_kept_as_the_buyer_hashed_it(parties, identifier):
+    """identifierFromPurchaser was trimmed before the input hash was checked: the buyer's own MIP-004 hash of
+    `identifier;JCS(input)` then answered 400 `input_hash_mismatch`."""
+    from escrow import purchases
+
+    bought = parties.buyer_api.post("/purchase", {
+        "network": "Preprod", "agentIdentifier": str(parties.service.pk), "input_data": INPUT,
+        "identifierFromPurchaser": identifier, "inputHash": purchases.input_hash_of(INPUT, identifier)})
+    assert bought.status_code == 200, bought.content
+    assert bought.json()["data"]["identifierFromPurchaser"] == identifier
+    requested = parties.seller_api.post("/payment", {
+        "network": "Preprod", "agentIdentifier": str(parties.service.pk), "identifierFromPurchaser": identifier})
+    assert requested.status_code == 200, requested.content
+    assert requested.json()["data"]["identifierFromPurchaser"] == identifier

@@ -1402,3 +1402,35 @@ def test_a_refund_requested_before_the_result_stays_the_buyers_when_the_results_
     assert purchase.get()["onChainState"] == "RefundWithdrawn"
     purchase.assert_moved(seller=0, buyer=PRICE)
     call_command("reconcile")
+
+
+def test_the_buyers_signed_refund_request_mined_at_unlock_time_itself_is_in_time(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """The refund request handed out (`refundRequestTypedData`) is signed until unlockTime, and the contract takes it
+    while `block.timestamp <= deadline`: sent by the buyer itself (no PATCH /purchase) and mined at unlockTime's very
+    second, its dispute was dated late (`disputed_at >= unlockTime`) and resolved for the seller at once."""
+    chain = escrow_chain
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    chain.increase_time(900)  # the result's proposal opens its window past unlockTime
+    assert purchase.tick()["results"] == 1
+    typed = purchase.get()["refundRequestTypedData"]
+    signature = sign_typed_data(purchase.parties.buyer_account.key, typed)
+    unlock = purchase.timers["unlockTime"]
+    onchain_id = row(purchase).agreement.onchain_id
+    chain.increase_time(unlock - 30 - chain.now())
+    chain.set_next_timestamp(unlock)
+    sent = chain.escrow.functions.challengeWithSig(
+        onchain_id, escrow_terms(chain.escrow, onchain_id), unlock, signature,
+    ).transact({"from": purchase.parties.buyer_account.address})
+    assert chain.w3.eth.wait_for_transaction_receipt(sent, poll_latency=0.01)["status"] == 1
+    with purchase.capture(execute=True):
+        indexer.index_pass()
+    assert purchase.get()["onChainState"] == "Disputed"
+    assert purchase.tick()["released"] == 0  # was 1: upheld for the seller
+    assert row(purchase).disputed_at.timestamp() == unlock
+
+    chain.increase_time(purchase.timers["externalDisputeUnlockTime"] - chain.now())
+    assert purchase.tick()["released"] == 1
+    confirm_all(purchase.capture)
+    purchase.assert_moved(seller=0, buyer=PRICE)
