@@ -27,6 +27,8 @@ class RelayerAccount(models.Model):
 class TxPurpose(models.TextChoices):
     ACTIVATE = "activate"
     PROPOSE_SETTLEMENT = "propose_settlement"
+    # A zero proposal above a Masumi result's, carrying out a refund requested before it (`settlement_propose_refund`).
+    MASUMI_REFUND_PROPOSAL = "masumi_refund"
     FINALIZE = "finalize"
     CHALLENGE = "challenge"
     RESOLVE = "resolve"

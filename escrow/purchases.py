@@ -388,9 +388,16 @@ def purchase_cancel_refund_request(*, purchase: MasumiPurchase, buyer: Agent) ->
 # dispute timed out, which the settlement tick refunds whole, as this would.
 _DISPUTE_NOT_NEEDED = frozenset({"refund_request_withdrawn", "challenge_in_progress"})
 _RELEASE_NOT_NEEDED = frozenset({settlement.DISPUTE_TIMED_OUT, "resolution_in_progress"})
+# Refusals of a refund request's dispute because the result's proposal was mined too late for its signature.
+_DISPUTE_TOO_LATE = frozenset({"signature_expired", "unlock_time_passed"})
 # A result's dispute (dated: `disputed_at`) the buyer may win: mined by unlockTime, or asked for before it.
 # The refund request's challenge is signed until unlockTime, which the contract takes while block.timestamp <= it.
 _DISPUTED_IN_TIME = Q(disputed_at__lte=F("unlock_time")) | Q(refund_requested_at__lt=F("unlock_time"))
+
+
+def _asked_before_the_result(purchase: MasumiPurchase) -> bool:
+    return purchase.refund_requested_at is not None and (
+        purchase.result_submitted_at is None or purchase.refund_requested_at < purchase.result_submitted_at)
 
 
 def _dispute(purchase: MasumiPurchase) -> ChainTransaction:
@@ -782,7 +789,8 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
         with alone(purchase.agreement_id):
             if _zero_proposal(purchase, now=now):
                 done["refunding"] += 1
-    # A refund asked for before the result: dispute the result once its proposal is on-chain.
+    # A refund asked for before the result: dispute the result once its proposal is on-chain. One the relayer mined
+    # too late for the buyer's challenge (signed until unlockTime) is refunded by a zero proposal above it.
     for purchase in MasumiPurchase.objects.filter(refund_requested_at__isnull=False, agreement__status=S.IN_CHALLENGE,
                                                   ).exclude(refund_signature="").select_related("agreement"):
         if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.CHALLENGE):
@@ -792,7 +800,10 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
                 _dispute(purchase)  # no transaction around it: it reads the chain, then takes its own
                 done["disputed"] += 1
             except ApplicationError as error:
-                if error.code not in _DISPUTE_NOT_NEEDED:
+                if error.code in _DISPUTE_TOO_LATE and _asked_before_the_result(purchase):
+                    if settlement.settlement_propose_refund(agreement_id=purchase.agreement_id, now=now):
+                        done["refunding"] += 1
+                elif error.code not in _DISPUTE_NOT_NEEDED:
                     _record_error(purchase.pk, error)
     # A result's dispute is dated by its block: a result's proposal opens its window past unlockTime (by as long as
     # the result took), where our endpoints refuse a dispute (409 `unlock_time_passed`) but the contract takes the

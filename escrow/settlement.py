@@ -108,6 +108,48 @@ def _refund_request_stranded(agreement: UsageAgreement, *, now: int) -> bool:
 
 
 @logs_name_the_agreement
+def settlement_propose_refund(*, agreement_id, now: int) -> ChainTransaction | None:
+    """A Masumi purchase whose buyer asked for its refund before the result, the result's proposal queued in time
+    but mined by the relayer too late for the buyer's challenge (signed until unlockTime) to dispute it: the
+    platform proposes a zero receipt above it (the receipt signer's, seq + 1), which restarts the window, and at its
+    end `finalize` pays the buyer the whole deposit, as the reclaim of a proposal never sent that late does
+    (`_refund_request_stranded`). Once; None when nothing is left to do (`now`: the chain's clock)."""
+    agreement = UsageAgreement.objects.get(pk=agreement_id)
+    if not _refund_proposal_may_run(agreement):
+        return None
+    terms = selectors.escrow_terms(agreement=agreement)  # chain reads: before the row lock
+    state, deadline, last_seq, amount = chain.call(
+        chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[:4]
+    if list(selectors.EscrowState)[state] != selectors.EscrowState.PROPOSED or deadline <= now or amount == 0:
+        return None
+    key = chainconfig.receipt_signer_key(terms[3])
+    if key is None:
+        logger.error("masumi refund proposal not sent: the escrow's receipt signer key is not kept",
+                     extra={"agreement_id": str(agreement.pk), "receipt_signer": terms[3]})
+        return None
+    seq = int(last_seq) + 1
+    signature = receipt_sign(key, receipts.usage_receipt_digest(
+        chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(), agreement_id=agreement.onchain_id,
+        seq=seq, cumulative_amount=0, usage_digest=receipts.ZERO_DIGEST))
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
+        if not _refund_proposal_may_run(agreement):
+            return None
+        return _enqueue(agreement, TxPurpose.MASUMI_REFUND_PROPOSAL, "proposeSettlement",
+                        [agreement.onchain_id, terms, seq, 0, receipts.ZERO_DIGEST, signature],
+                        {"seq": seq, "cumulative": 0})
+
+
+def _refund_proposal_may_run(agreement: UsageAgreement) -> bool:
+    """In the window, no challenge nor proposal under way, and no refund proposal sent before (once)."""
+    return (agreement.status == AgreementStatus.IN_CHALLENGE and not _challenge_under_way(agreement)
+            and not ChainTransaction.objects.filter(
+                agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT,
+                status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED]).exists()
+            and not selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.MASUMI_REFUND_PROPOSAL))
+
+
+@logs_name_the_agreement
 def settlement_repropose(*, agreement_id, now: int) -> ChainTransaction | None:
     """Queue proposeSettlement with the agreement's last receipt when the proposal on-chain is an earlier one and its
     window is open. Anyone's proposal with a higher seq restarts the contract's window, so a seller that proposes its
@@ -496,6 +538,7 @@ _CLOSES = {TxPurpose.PROPOSE_SETTLEMENT: ({selectors.EscrowState.PROPOSED, selec
            TxPurpose.RECLAIM: ({selectors.EscrowState.RECLAIMED}, "Reclaimed"),
            TxPurpose.CHALLENGE: ({selectors.EscrowState.DISPUTED, selectors.EscrowState.RESOLVED,
                                   selectors.EscrowState.SETTLED}, "Challenged")}
+_CLOSES[TxPurpose.MASUMI_REFUND_PROPOSAL] = _CLOSES[TxPurpose.PROPOSE_SETTLEMENT]
 # The evidence key of a failed transaction of ours naming the one that did its job (`_done_by_another`).
 DONE_BY = "done_by"
 
@@ -732,6 +775,8 @@ def _finalize_timed_out_dispute(agreement: UsageAgreement, *, now: int) -> Chain
 def handlers_register() -> None:
     """Called once, from EscrowConfig.ready()."""
     relayer.outcome_handler_register(purpose=TxPurpose.PROPOSE_SETTLEMENT, on_outcome=_proposal_outcome,
+                                     read_evidence=_proposal_evidence)
+    relayer.outcome_handler_register(purpose=TxPurpose.MASUMI_REFUND_PROPOSAL, on_outcome=_proposal_outcome,
                                      read_evidence=_proposal_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.CHALLENGE, on_outcome=_challenge_outcome,
                                      read_evidence=_challenge_evidence)

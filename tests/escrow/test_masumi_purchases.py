@@ -16,7 +16,7 @@ from django.core.management import call_command
 from agreements.models import UsageEvent
 from catalog.models import Service
 from escrow import chain as gateway
-from escrow import indexer, purchases, settlement
+from escrow import indexer, purchases, relayer, settlement
 from escrow.models import ChainTransaction, MasumiPurchase, TxPurpose
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import UserFactory, issue_owner_token
@@ -1434,3 +1434,39 @@ def test_the_buyers_signed_refund_request_mined_at_unlock_time_itself_is_in_time
     assert purchase.tick()["released"] == 1
     confirm_all(purchase.capture)
     purchase.assert_moved(seller=0, buyer=PRICE)
+
+
+@pytest.mark.parametrize("mined_after_unlock_time", [-20, 60], ids=["in_its_last_seconds", "past_it"])
+def test_a_refund_requested_before_the_result_stays_the_buyers_when_a_slow_relayer_mines_the_proposal_late(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, mined_after_unlock_time):
+    """The result's proposal queued in time (unlockTime far enough for its dispute), but the relayer sent it only in
+    unlockTime's last seconds, or past it: its dispute was then refused (`signature_expired`, `unlock_time_passed`)
+    at every tick and the seller was paid at the proposal's window end, the buyer who asked first losing its refund.
+    The platform proposes a zero receipt above it instead: at that window's end the buyer has everything back."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    seller_service.mode = "never"
+    purchase = Purchase(chain, capture, seller_service)
+    assert purchase.tick()["started"] == 1
+    requested = purchase.parties.buyer_api.patch("/purchase", {
+        "network": "Preprod", "blockchainIdentifier": purchase.id,
+        "signature": sign_typed_data(purchase.parties.buyer_account.key, purchase.get()["refundRequestTypedData"])})
+    assert requested.status_code == 200 and requested.json()["data"]["onChainState"] == "RefundRequested"
+    seller_service.mode = "result"
+    with capture(execute=False):  # the proposal queued, its submission not run: a relayer behind
+        assert purchases.purchases_jobs_tick()["results"] == 1
+    [proposal] = ChainTransaction.objects.filter(agreement_id=purchase.created["agreementId"],
+                                                 purpose=TxPurpose.PROPOSE_SETTLEMENT)
+    chain.increase_time(purchase.timers["unlockTime"] + mined_after_unlock_time - chain.now())
+    with capture(execute=True):
+        relayer.transaction_submit(transaction_id=proposal.pk)
+    confirm_all(capture)
+    assert purchase.get()["onChainState"] == "RefundRequested"
+
+    assert purchase.tick()["refunding"] == 1  # was 0: the dispute refused, the seller paid at the window's end
+    assert purchase.tick()["refunding"] == 0  # once
+    chain.increase_time(2 * (purchase.timers["unlockTime"] - purchase.timers["payByTime"]))
+    assert purchase.settle()["finalizing"] == 1
+    confirm_all(capture)
+    assert purchase.get()["onChainState"] in ("RefundWithdrawn", "DisputedWithdrawn")
+    purchase.assert_moved(seller=0, buyer=PRICE)
+    call_command("reconcile")
