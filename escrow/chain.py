@@ -946,12 +946,17 @@ def escrow_closing_event(name: str, onchain_id: str, *, buyer: str) -> dict | No
     return found[-1] if found else None
 
 
-def escrow_challenged_at(onchain_id: str, *, buyer: str) -> int | None:
-    """When `buyer`'s escrow `onchain_id` was challenged (an escrow is, once): the timestamp of the block holding its
-    Challenged event, whoever sent it (the relayer, or the buyer's own wallet); None when it never was."""
-    found = _escrow_events("Challenged", onchain_id, buyer, from_block=chainconfig.escrow_deployment_block(),
-                           to_block=latest_block_number(), newest_first=True)
-    return int(_block(found[-1]["blockNumber"])["timestamp"]) if found else None
+def escrow_challenged_at(onchain_id: str, *, buyer: str, from_block: int, to_block: int) -> dict | None:
+    """When `buyer`'s escrow `onchain_id` was challenged (an escrow is, once), looked for in [from_block, to_block]:
+    {"timestamp", "number", "hash"} of the block holding its Challenged event, whoever sent it (the relayer, or the
+    buyer's own wallet); None when none is there."""
+    found = _escrow_events("Challenged", onchain_id, buyer, from_block=from_block, to_block=to_block,
+                           newest_first=True)
+    if not found:
+        return None
+    block = _block(found[-1]["blockNumber"])
+    return {"timestamp": int(block["timestamp"]), "number": int(found[-1]["blockNumber"]),
+            "hash": hex_text(found[-1]["blockHash"])}
 
 
 def terms_of_activation(args: dict) -> tuple:

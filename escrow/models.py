@@ -278,6 +278,13 @@ class MasumiPurchase(models.Model):
     disputed_at = models.DateTimeField(
         null=True, blank=True, help_text="When the result's dispute was mined (its block's time): one from unlockTime "
                                          "on is resolved for the seller, whose payment Masumi unlocks then.")
+    disputed_block_number = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="The block of the challenge `disputed_at` dates (a reorg that takes it: "
+                                         "dated again).")
+    disputed_block_hash = models.CharField(max_length=66, blank=True)
+    dispute_searched_block = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="The last block searched for the challenge: the next search starts there "
+                                         "(less the reorg window).")
     refund_signature = models.CharField(max_length=132, blank=True,
                                         help_text="The buyer's EIP-712 Challenge{agreementId, unlockTime}.")
     last_error = models.CharField(max_length=500, blank=True)

@@ -84,7 +84,7 @@ from agreements.models import AWAITING_FUNDING_STATUSES, AgreementStatus, UsageA
 from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
 from escrow import chain, chain_clock, selectors, services, settlement
 from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose
-from marketplace import masumi_agentic_client, postgresql, sweeps
+from marketplace import chainconfig, masumi_agentic_client, postgresql, sweeps
 from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, NotFound
 from marketplace.signatures import signer_require
 
@@ -810,6 +810,12 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     # buyer's own `challenge`. Masumi pays the seller from unlockTime on: such a dispute is resolved for the seller,
     # unless it carries out a refund request made in time (an unsigned one, or its challenge mined at unlockTime).
     disputed_results = MasumiPurchase.objects.filter(agreement__status=S.DISPUTED).exclude(result_hash="")
+    dated = disputed_results.filter(disputed_at__isnull=False)
+    if dated.exists():  # a date whose block a reorg took is dated again (below) by the challenge the chain has now
+        reorg_reach = chain.latest_block_number() - settings.INDEXER_REORG_WINDOW_BLOCKS
+        for purchase in dated.filter(Q(disputed_block_number=None) | Q(disputed_block_number__gt=reorg_reach)):
+            with alone(purchase.agreement_id):
+                _dispute_date_check(purchase)
     for purchase in disputed_results.filter(disputed_at=None).select_related("agreement"):
         with alone(purchase.agreement_id):
             _dispute_date(purchase)
@@ -842,16 +848,40 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
 
 
 def _dispute_date(purchase: MasumiPurchase) -> None:
-    """Records when the purchase's escrow was challenged, by the chain (none found yet: left for the next tick)."""
+    """Records when the purchase's escrow was challenged, by the chain, and in which block (none found yet: left for
+    the next tick, which searches from the last block searched, less the reorg window, not the whole chain again)."""
     agreement = purchase.agreement
-    challenged_at = chain.escrow_challenged_at(agreement.onchain_id, buyer=agreement.buyer_wallet_address)
-    if challenged_at is None:
+    latest = chain.latest_block_number()
+    start = chainconfig.escrow_deployment_block()
+    if purchase.dispute_searched_block is not None:
+        start = max(start, purchase.dispute_searched_block - settings.INDEXER_REORG_WINDOW_BLOCKS)
+    found = chain.escrow_challenged_at(agreement.onchain_id, buyer=agreement.buyer_wallet_address,
+                                       from_block=start, to_block=latest)
+    undated = MasumiPurchase.objects.filter(pk=purchase.pk, disputed_at=None)
+    if found is None:
+        undated.update(dispute_searched_block=latest)
         return
-    MasumiPurchase.objects.filter(pk=purchase.pk, disputed_at=None).update(disputed_at=_moment(challenged_at))
+    challenged_at = found["timestamp"]
+    undated.update(disputed_at=_moment(challenged_at), disputed_block_number=found["number"],
+                   disputed_block_hash=found["hash"], dispute_searched_block=latest)
     if challenged_at > _unix(purchase.unlock_time) and purchase.refund_requested_at is None:
         logger.warning("masumi purchase's result disputed after its unlockTime: resolved for the seller",
                        extra={"agreement_id": str(agreement.pk), "disputed_at": challenged_at,
                               "unlock_time": _unix(purchase.unlock_time)})
+
+
+def _dispute_date_check(purchase: MasumiPurchase) -> None:
+    """A dispute's date stands while its challenge's block is canonical; one a reorg took (or a date from before
+    blocks were kept) is cleared, to be dated again by the challenge the chain has now."""
+    if purchase.disputed_block_number is not None:
+        canonical = chain.canonical_block_hash(purchase.disputed_block_number)
+        if canonical is None or canonical.lower() == purchase.disputed_block_hash.lower():  # None: a node behind
+            return
+        logger.warning("masumi purchase's dispute date taken by a reorg: dated again",
+                       extra={"agreement_id": str(purchase.agreement_id),
+                              "block_number": purchase.disputed_block_number})
+    MasumiPurchase.objects.filter(pk=purchase.pk, disputed_at=purchase.disputed_at).update(
+        disputed_at=None, disputed_block_number=None, disputed_block_hash="")
 
 
 def _zero_proposal(purchase: MasumiPurchase, *, now: int) -> ChainTransaction | None:

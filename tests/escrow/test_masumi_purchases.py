@@ -1470,3 +1470,59 @@ def test_a_refund_requested_before_the_result_stays_the_buyers_when_a_slow_relay
     assert purchase.get()["onChainState"] in ("RefundWithdrawn", "DisputedWithdrawn")
     purchase.assert_moved(seller=0, buyer=PRICE)
     call_command("reconcile")
+
+
+def test_a_dispute_dated_by_a_challenge_a_reorg_takes_is_dated_again_by_the_one_on_the_new_branch(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """`disputed_at` stayed the block time of a challenge a reorg took: the buyer's challenge on the new branch, mined
+    after unlockTime, counted as one before it and the seller's payment went to the buyer at
+    externalDisputeUnlockTime."""
+    chain = escrow_chain
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    chain.increase_time(900)  # the result's proposal opens its window past unlockTime
+    assert purchase.tick()["results"] == 1
+    unlock = purchase.timers["unlockTime"]
+    chain.increase_time(unlock - 120 - chain.now())
+    before_the_challenge = chain.snapshot()
+    _buyer_challenges_onchain_itself(purchase)
+    assert purchase.tick()["released"] == 0
+    assert row(purchase).disputed_at.timestamp() < unlock
+
+    chain.reorg(before_the_challenge)
+    chain.increase_time(unlock + 60 - chain.now())
+    _buyer_challenges_onchain_itself(purchase)  # the indexer rolls the first back, applies this one
+    assert purchase.tick()["released"] == 1  # was 0: dated by the challenge the reorg took
+    assert row(purchase).disputed_at.timestamp() > unlock
+    confirm_all(purchase.capture)
+    assert purchase.get()["onChainState"] == "Withdrawn"
+    purchase.assert_moved(seller=PRICE, buyer=0)
+
+
+def test_a_dispute_whose_challenge_is_not_found_is_looked_for_from_where_the_last_tick_stopped(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch, settings):
+    """Books disputed and no Challenged event found (a node whose logs lag): each tick searched the chain's logs
+    from the escrow's deployment block again, a cost growing with the chain for as long as it lasted."""
+    chain = escrow_chain
+    settings.INDEXER_REORG_WINDOW_BLOCKS = 2
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    searched_from = []
+    challenged = gateway.event_topic(gateway.escrow_contract().events.Challenged())
+    first_logs = gateway.first_logs
+
+    def logs_lagging(**kwargs):
+        if kwargs["topics"][0] == challenged:
+            searched_from.append(kwargs["from_block"])
+            return []
+        return first_logs(**kwargs)
+
+    monkeypatch.setattr(gateway, "first_logs", logs_lagging)
+    dispute(purchase)
+    chain.mine(10)
+    purchase.tick()
+    chain.mine(10)
+    purchase.tick()
+    assert row(purchase).disputed_at is None
+    assert len(searched_from) >= 2
+    assert searched_from[-1] > chain.addresses["escrow_block"]  # was the deployment block at every tick
+    assert searched_from[-1] > searched_from[0]
