@@ -41,7 +41,9 @@ Masumi field ↔ contract:
 - PATCH /purchase (refund request): the buyer's EIP-712 `Challenge{agreementId, deadline: unlockTime}`. After a
   result it is submitted at once with `challengeWithSig` (→ Disputed). Before a result it is kept: a result that
   still arrives is proposed and then challenged with it (→ Disputed), proposed only while unlockTime is
-  MASUMI_MIN_DISPUTE_SECONDS away (later, delayed, it could no longer be disputed: the escrow is reclaimed). No
+  MASUMI_MIN_DISPUTE_SECONDS away (later, delayed, it could no longer be disputed: the escrow is reclaimed; one
+  queued in time that the relayer mined too late to be disputed is outbid by a zero proposal, paying the buyer
+  everything at its window's end: `settlement.settlement_propose_refund`). No
   result by submitResultTime → the refund is paid by the purchase's own timers, not the contract's reclaim grace:
   the platform proposes a zero settlement (receipt seq 0), submits the buyer's challenge, and its arbiter resolves
   `resolve(id, 0)`, then `finalize`: the buyer has everything back a few blocks after submitResultTime, before
