@@ -554,11 +554,17 @@ def nonce_taken_by(address: str, nonce: int, *, used_at: int) -> str | None:
 
 def block_number_at(timestamp: int) -> int:
     """The newest block whose timestamp is at most `timestamp` (0 when none is): a bisection of block headers, which
-    every full node keeps (not the state, which a non-archive node keeps of its last ~128 blocks only)."""
+    every full node keeps (not the state, which a non-archive node keeps of its last ~128 blocks only). Raises
+    RpcUnavailable when the node has not a block below the head it named (a backend of a provider's pool behind
+    another): web3's BlockNotFound, no ChainError, failed the relayer's poll as a broken row."""
     low, high = 0, latest_block_number()
     while low < high:
         middle = (low + high + 1) // 2
-        if _block(middle)["timestamp"] <= timestamp:
+        try:
+            block = _block(middle)
+        except BlockNotFound as error:
+            raise RpcUnavailable(f"block {middle} not read: the node is behind the head it named") from error
+        if block["timestamp"] <= timestamp:
             low = middle
         else:
             high = middle - 1

@@ -1320,3 +1320,42 @@ def test_a_payout_at_the_fee_cap_withdrawn_is_cancelled_by_its_nonce_fill_not_ru
     fill.refresh_from_db()
     assert (fill.status, fill.mined_tx_hash) == (TxStatus.CONFIRMED, fill.attempts.get().tx_hash)
     assert usdc_balance(chain, recipient.address) == before
+
+
+def test_a_backend_without_a_block_the_nonce_scan_bisects_leaves_the_payout_waiting_without_failing_the_poll(
+        escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):
+    """A load-balanced provider: the backend answering the receipt lookup is behind (no receipt yet), the node keeps
+    recent state only (it refuses nonces at older blocks), and the backend asked for the blocks the scan's bisection
+    reads (`chain.block_number_at`: the first block since the payout was signed) has none of them. web3's BlockNotFound
+    escaped it, no ChainError: the poll took it for a bug in the row (RowsFailed, the task failing, the row logged as
+    broken). It is a node behind: the payout waits, the poll ends cleanly, and its receipt concludes it later."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+    mined_what_was_sent()
+    attempt = tx.attempts.get().tx_hash
+    chain.mine()
+    head = int(rpc_relay.node("eth_blockNumber"), 16)
+
+    def refused(answer):
+        return {"jsonrpc": "2.0", "id": answer.get("id"),
+                "error": {"code": -32000, "message": "missing trie node (path ) state is not available"}}
+
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getTransactionReceipt" and call["params"][0] == attempt,
+                      lambda answer: {**answer, "result": None})
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getTransactionCount" and call["params"][1].startswith(
+        "0x") and int(call["params"][1], 16) < head, refused)
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0].startswith("0x"),
+                      lambda answer: {**answer, "result": None})
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    with django_capture_on_commit_callbacks(execute=True):
+        relayer.transactions_poll()  # rebroadcast: nonce too low; no receipt; no block for the bisection
+    tx.refresh_from_db()
+    assert (tx.status, tx.attempts.count()) == (TxStatus.SUBMITTED, 1)
+    rpc_relay.rewrite_none()
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
