@@ -616,7 +616,7 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
         with agreement_context(agreement.pk), _goes_on_after_chain_error("expiry", agreement.pk, failures):
             terms = selectors.escrow_terms(agreement=agreement)
             if _proposal_period_over(terms, now=now):
-                if _reclaim(agreement, terms=terms):
+                if _reclaim(agreement, terms=terms, now=now):
                     done["reclaiming"] += 1
             elif (agreement.used or agreement.reserved) and agreement.completion_requested_at is None:
                 agreement_services.completion_request(agreement=agreement, reason="expired")
@@ -660,17 +660,19 @@ def _goes_on_after_chain_error(step: str, agreement_id, failures: sweeps.RowFail
                 "step": step, "error": f"{type(error).__name__}: {error}"[:500]})
 
 
-def _reclaim(agreement: UsageAgreement, *, terms: tuple) -> ChainTransaction | None:
-    """Queue `reclaim` for an escrow past its reclaimAfter on which nothing was proposed, whatever we know of the
-    agreement (completion asked for, usage charged): the contract allows nothing else, and the seller's pay for
-    usage never proposed is lost (`agreement_refunded` records it). A proposal of ours still in flight cannot
-    run any more (ProposalPeriodOver)."""
+def _reclaim(agreement: UsageAgreement, *, terms: tuple, now: int) -> ChainTransaction | None:
+    """Queue `reclaim` for an escrow past its reclaimAfter (by the chain's clock, `now`) on which nothing was
+    proposed, whatever we know of the agreement (completion asked for, usage charged): the contract allows nothing
+    else, and the seller's pay for usage never proposed is lost (`agreement_refunded` records it). A proposal of
+    ours still in flight cannot run any more (ProposalPeriodOver)."""
     if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM):
         return None  # under way: no chain read at every tick (checked again under the lock)
     # The chain, not our copy of it, says whether anything was proposed: one mined before reclaimAfter may not be
-    # indexed yet (the indexer acts at depth), and a reclaim then reverts.
-    state = chain.call(chain.escrow_contract().functions.getEscrow(agreement.onchain_id, terms).call)[0]
-    if list(selectors.EscrowState)[state] != selectors.EscrowState.ACTIVE:
+    # indexed yet (the indexer acts at depth), and a reclaim then reverts. Read at one block, by that block's clock
+    # (`_escrow_at_head`): `now` and an escrow read `at latest` may come from two backends, the escrow from one
+    # lacking the proposal mined just before reclaimAfter.
+    state, _deadline, _seller_amount, clock = _escrow_at_head(agreement, terms=terms, now=now)
+    if state != selectors.EscrowState.ACTIVE or not _proposal_period_over(terms, now=clock):
         return None
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)

@@ -1168,3 +1168,43 @@ def test_a_settlement_tick_against_a_node_of_another_chain_reads_and_moves_nothi
         settlement.settlement_tick()
     assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
     assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.FINALIZE).exists()
+
+
+def test_a_proposal_a_lagging_backend_has_not_seen_by_reclaim_after_is_not_reclaimed_over(
+        funded, escrow_chain, rpc_relay, django_capture_on_commit_callbacks):
+    """The seller proposes its receipt in the last block before reclaimAfter; the node is a provider's pool of
+    backends: the latest block, at reclaimAfter, comes from one, and the escrow read `at latest` from another that
+    lacks the proposal's block. The tick took the escrow for one with nothing proposed and sent a reclaim the contract
+    refused (InvalidState: proposed), at the relayer's gas. The escrow is read at the block whose clock judged it
+    (as finalize reads it): nothing is reclaimed, and the proposal settles at its window's end."""
+    from tests.escrow.test_indexer import seller_proposes_directly
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    funded.onchain_id = UsageAgreement.objects.get(pk=funded.agreement_id).onchain_id
+    due = reclaim_after(funded.agreement_id)
+    behind = hex(chain.block_number())
+    chain.set_next_timestamp(due - 1)
+    seller_proposes_directly(funded, chain)
+    chain.set_next_timestamp(due)
+    chain.mine(1)
+
+    get_escrow = chain.escrow.functions.getEscrow(funded.onchain_id, escrow_terms(chain.escrow, funded.onchain_id))
+    selector = get_escrow._encode_transaction_data()[:10]
+    asked = []
+
+    def escrow_read_at_latest(call) -> bool:
+        if call.get("method") == "eth_call" and call["params"][1] == "latest" and call["params"][0].get(
+                "data", "").startswith(selector):
+            asked.append(call["params"][0])
+            return True
+        return False
+
+    rpc_relay.rewrite(escrow_read_at_latest,
+                      lambda answer: {**answer, "result": rpc_relay.node("eth_call", [asked[-1], behind])})
+    assert tick(capture)["reclaiming"] == 0
+    rpc_relay.rewrite_none()
+    assert list(ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RECLAIM)
+                .values_list("status", flat=True)) == []
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
