@@ -179,6 +179,11 @@ def panels_register() -> None:
                       "rebroadcast until mined (top the relayer up, or wait for lower base fees).",
         labels=("purpose",), counts=selectors.transaction_counts_stuck_at_fee_cap)
     metrics.scrape_collector_register(
+        name="marketplace_chain_transactions_unfunded",
+        documentation="Submitted chain transactions the node refused because the relayer's wallet cannot pay their "
+                      "gas: their signed bytes are sent again, not bid up, until the wallet is topped up.",
+        labels=("purpose",), counts=selectors.transaction_counts_unfunded)
+    metrics.scrape_collector_register(
         name="marketplace_chain_transactions_waiting_for_finality",
         documentation="Queued payouts and refunds held until the block of the payment they forward is at or below "
                       "the node's PAYOUT_HEAD_TAG block (one growing while no block finalizes: the node's tag stalled).",

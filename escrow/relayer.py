@@ -1072,8 +1072,9 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
         logger.error("chain transaction of a replaced relayer key not replaced with higher fees: its signed bytes are "
                      "sent again", extra={"tx_id": str(tx.pk), "relayer": tx.relayer.address, "nonce": tx.nonce})
     else:
-        fees = _replacement_fees(last_fees)
-        if fees.max_fee_per_gas > last_fees.max_fee_per_gas:
+        fees = _replacement_fees(last_fees, tip_refused=_tip_refused(last))
+        if fees.max_fee_per_gas > last_fees.max_fee_per_gas or (
+                _tip_refused(last) and fees.max_priority_fee_per_gas > last_fees.max_priority_fee_per_gas):
             resend = _replacement(tx, last, fees)
             if resend is None:
                 return None
@@ -1101,13 +1102,27 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
     return tx
 
 
-def _replacement_fees(last: chain.Fees) -> chain.Fees:
+def _replacement_fees(last: chain.Fees, *, tip_refused: bool = False) -> chain.Fees:
     """The last attempt's fees raised by CHAIN_FEE_BUMP_PERCENT (what a node asks of a replacement), and at least what
     the chain asks now (`chain.current_fees`), within CHAIN_MAX_FEE_PER_GAS: once the base fee rose past the last max
-    fee, a replacement bumped from it alone stayed out of every block, round after round, a challenge past its window."""
+    fee, a replacement bumped from it alone stayed out of every block, round after round, a challenge past its window.
+    With `tip_refused` (`_tip_refused`), the tip doubled: a provider's minimum far above what the node suggests was
+    reached after the max fee's cap, 12.5% a round."""
     bumped, asked = last.bumped(settings.CHAIN_FEE_BUMP_PERCENT, settings.CHAIN_MAX_FEE_PER_GAS), chain.current_fees()
     max_fee = max(bumped.max_fee_per_gas, asked.max_fee_per_gas)
-    return chain.Fees(max_fee, min(max_fee, max(bumped.max_priority_fee_per_gas, asked.max_priority_fee_per_gas)))
+    tip = max(bumped.max_priority_fee_per_gas, asked.max_priority_fee_per_gas)
+    if tip_refused:
+        tip = max(tip, 2 * last.max_priority_fee_per_gas)
+    return chain.Fees(max_fee, min(max_fee, tip))
+
+
+def _tip_refused(attempt: TxAttempt) -> bool:
+    """Whether the node refused `attempt`'s last broadcast as underpriced, not as a replacement ("transaction
+    underpriced": a tip below the provider's minimum). It is in no pool: a successor raising its tip alone is no
+    replacement a node refuses, and no max fee at the cap makes it acceptable (it is not stuck at the fee cap)."""
+    error = attempt.broadcast_error
+    return error.startswith(chain.ReplacementUnderpriced.__name__) and "replacement" not in error.lower().split(
+        ":", 1)[-1]
 
 
 def _replacement(tx: ChainTransaction, last: TxAttempt, fees: chain.Fees) -> TxAttempt | None:

@@ -432,6 +432,12 @@ def transaction_counts_stuck_at_fee_cap() -> dict[tuple[str], int]:
     return {(purpose,): count for purpose, count in rows}
 
 
+def transaction_counts_unfunded() -> dict[tuple[str], int]:
+    """`transactions_unfunded`, by purpose."""
+    rows = transactions_unfunded().select_related(None).order_by().values_list("purpose").annotate(count=Count("pk"))
+    return {(purpose,): count for purpose, count in rows}
+
+
 def transactions_waiting_for_finality():
     """Queued transactions held until the block of the payment they forward is at or below the node's PAYOUT_HEAD_TAG
     block (relayer._waits_for_finality), oldest hold first."""

@@ -9,6 +9,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import transaction
+from django.test import Client
 from django.urls import reverse
 from web3.exceptions import Web3RPCError
 
@@ -19,6 +20,7 @@ from escrow.models import (ChainEvent, ChainTransaction, EventEffect, RelayerAcc
                            TxStatus)
 from escrow.tasks import submit_transaction
 from marketplace.sweeps import RowsFailed
+from tests.marketplace.conftest import scrape
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, mined_what_was_sent, onchain_escrow, usdc_balance
 from tests.support.operators import form_as_shown, staff_account
 
@@ -1216,12 +1218,17 @@ def test_a_relayer_wallet_out_of_gas_keeps_its_bytes_shows_why_and_sends_them_on
     assert tx.attempts.count() == 1, "replaced with higher fees while the wallet cannot pay the first"
     overdue = admin_client.get("/admin/dashboard/").context["overdue"]
     assert f"{tx.purpose} refused: the relayer's wallet cannot pay its gas" in [item.kind for item in overdue]
+    # Alerting sees it too, not the dashboard and the log alone.
+    settings.METRICS_TOKEN = "metrics-token"
+    unfunded = ("marketplace_chain_transactions_unfunded", (("purpose", tx.purpose),))
+    assert scrape(Client(), HTTP_AUTHORIZATION="Bearer metrics-token").get(unfunded) == 1
 
     chain.rpc("anvil_setBalance", [relayer_address, hex(tx.gas_limit * int(first.max_fee_per_gas))])
     confirm_all(django_capture_on_commit_callbacks)
     confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
     assert (tx.status, tx.mined_tx_hash, tx.attempts.count()) == (TxStatus.CONFIRMED, first.tx_hash, 1)
+    assert not scrape(Client(), HTTP_AUTHORIZATION="Bearer metrics-token").get(unfunded)
     assert usdc_balance(chain, recipient.address) == before + 2 * USDC
 
 
@@ -1358,4 +1365,49 @@ def test_a_backend_without_a_block_the_nonce_scan_bisects_leaves_the_payout_wait
         confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+
+def test_a_first_attempt_refused_for_a_tip_below_the_providers_minimum_raises_its_tip_not_shown_stuck_at_the_cap(
+        escrow_chain, rpc_relay, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The provider refuses any transaction tipping below its own minimum ("transaction underpriced": Polygon's
+    30 gwei, some providers' pools), above what the node suggests. Each round bumped both fees 12.5%: the max fee
+    reached CHAIN_MAX_FEE_PER_GAS first, the tip still below the minimum, and from then on the same refused bytes were
+    sent again and the payout shown "stuck at the fee cap", which raising the cap would not cure. An attempt the node
+    refused as underpriced is in no pool, so no replacement rule binds its successor: its tip is raised alone, within
+    the max fee, until the provider takes it."""
+    from eth_account.typed_transactions import TypedTransaction
+    from hexbytes import HexBytes
+
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    base_fee = chain.w3.eth.get_block("latest")["baseFeePerGas"]
+    settings.CHAIN_MIN_PRIORITY_FEE = 1
+    settings.CHAIN_MAX_FEE_PER_GAS = 4 * base_fee + 10**9
+    minimum_tip = settings.CHAIN_MAX_FEE_PER_GAS // 2  # far above the node's suggestion
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_maxPriorityFeePerGas",
+                      lambda answer: {**answer, "result": hex(1000)})
+    broadcast = gateway.broadcast
+
+    def provider(raw: str) -> None:
+        if TypedTransaction.from_bytes(HexBytes(raw)).as_dict()["maxPriorityFeePerGas"] < minimum_tip:
+            raise gateway.classify(Web3RPCError("{'code': -32000, 'message': 'transaction underpriced'}"))
+        broadcast(raw)
+
+    monkeypatch.setattr(gateway, "broadcast", provider)
+    settings.CHAIN_REBROADCAST_AFTER = settings.CHAIN_REPLACE_AFTER = timedelta(0)
+    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+    assert tx.attempts.get().broadcast_error.startswith("ReplacementUnderpriced")
+    for _ in range(40):
+        confirm_all(django_capture_on_commit_callbacks)
+        tx.refresh_from_db()
+        if tx.status != TxStatus.SUBMITTED:
+            break
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert (tx.status, tx.fee_cap_reached_at) == (TxStatus.CONFIRMED, None), [
+        (attempt.max_fee_per_gas, attempt.max_priority_fee_per_gas, attempt.broadcast_error[:40])
+        for attempt in tx.attempts.order_by("created_at", "pk")][-3:]
     assert usdc_balance(chain, recipient.address) == before + 2 * USDC
