@@ -1106,13 +1106,15 @@ def _replacement_fees(last: chain.Fees, *, tip_refused: bool = False) -> chain.F
     """The last attempt's fees raised by CHAIN_FEE_BUMP_PERCENT (what a node asks of a replacement), and at least what
     the chain asks now (`chain.current_fees`), within CHAIN_MAX_FEE_PER_GAS: once the base fee rose past the last max
     fee, a replacement bumped from it alone stayed out of every block, round after round, a challenge past its window.
-    With `tip_refused` (`_tip_refused`), the tip doubled: a provider's minimum far above what the node suggests was
-    reached after the max fee's cap, 12.5% a round."""
+    With `tip_refused` (`_tip_refused`), the tip doubled and the max fee raised to carry it over the base fee: a
+    provider's minimum far above what the node suggests was reached after the max fee's cap, 12.5% a round."""
     bumped, asked = last.bumped(settings.CHAIN_FEE_BUMP_PERCENT, settings.CHAIN_MAX_FEE_PER_GAS), chain.current_fees()
     max_fee = max(bumped.max_fee_per_gas, asked.max_fee_per_gas)
     tip = max(bumped.max_priority_fee_per_gas, asked.max_priority_fee_per_gas)
     if tip_refused:
         tip = max(tip, 2 * last.max_priority_fee_per_gas)
+        max_fee = max(max_fee, min(settings.CHAIN_MAX_FEE_PER_GAS,
+                                   asked.max_fee_per_gas - asked.max_priority_fee_per_gas + tip))
     return chain.Fees(max_fee, min(max_fee, tip))
 
 
