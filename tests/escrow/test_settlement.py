@@ -1171,7 +1171,7 @@ def test_a_settlement_tick_against_a_node_of_another_chain_reads_and_moves_nothi
 
 
 def test_a_proposal_a_lagging_backend_has_not_seen_by_reclaim_after_is_not_reclaimed_over(
-        funded, escrow_chain, rpc_relay, django_capture_on_commit_callbacks):
+        funded, escrow_chain, rpc_relay, django_capture_on_commit_callbacks):  # noqa: F811
     """The seller proposes its receipt in the last block before reclaimAfter; the node is a provider's pool of
     backends: the latest block, at reclaimAfter, comes from one, and the escrow read `at latest` from another that
     lacks the proposal's block. The tick took the escrow for one with nothing proposed and sent a reclaim the contract
