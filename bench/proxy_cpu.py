@@ -17,7 +17,7 @@ own, migrated by its own code). Each prints, per call, the CPU of its thread and
 (/proc), and the checks that every call was answered 200 (and, for a proxy, charged its price).
 
 Uses PostgreSQL on 127.0.0.1:5432 (databases marketplace_bench_proxy_cpu and marketplace_bench_proxy_cpu_against,
-created when missing, migrated and flushed) and Redis on 127.0.0.1:6379 (rate limits), as bench/proxy.py does.
+or $BENCH_PROXY_CPU_DATABASE and its `_against`, created when missing, migrated and flushed) and Redis on 127.0.0.1:6379 (rate limits), as bench/proxy.py does.
 Exit status: 0 when every call was answered as expected, 1 otherwise, 2 when a contender failed to start.
 """
 
@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATABASE = "postgres://postgres@127.0.0.1:5432/marketplace_bench_proxy_cpu"
+# BENCH_PROXY_CPU_DATABASE: another name, for two comparisons running at once on one PostgreSQL.
+DATABASE = os.environ.get("BENCH_PROXY_CPU_DATABASE", "postgres://postgres@127.0.0.1:5432/marketplace_bench_proxy_cpu")
 PRICE = 1_000
 
 
