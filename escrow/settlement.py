@@ -169,7 +169,8 @@ def settlement_repropose(*, agreement_id, now: int) -> ChainTransaction | None:
         return None
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
-        if not _repropose_may_run(agreement):
+        if not _repropose_may_run(agreement) or _challenge_goes_first(agreement, window_end=challenge_deadline,
+                                                                      now=now):
             return None
         seq, cumulative, digest, signature = _final_receipt(agreement, terms=terms)
         if seq <= last_seq or not _proposal_due(selectors.proposal_failures(agreement_id=agreement.pk)):
@@ -181,7 +182,18 @@ def settlement_repropose(*, agreement_id, now: int) -> ChainTransaction | None:
 
 def _repropose_may_run(agreement: UsageAgreement) -> bool:
     return agreement.status == AgreementStatus.IN_CHALLENGE and not selectors.live_transaction(
-        agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT) and not _challenge_under_way(agreement)
+        agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT)
+
+
+def _challenge_goes_first(agreement: UsageAgreement, *, window_end: int, now: int) -> bool:
+    """The buyer's challenge is under way (`_challenge_under_way`) and may still be mined in the window ending at
+    `window_end` (the chain's): until CHALLENGE_REPROPOSE_MARGIN_SECONDS (at most half the agreement's window) before
+    its end, by the chain's clock `now`. It was held back until the window closed: a challenge stuck in the relayer
+    (a gas spike, the node down, the fee cap) had the seller's lower proposal finalized, though it held receipts for
+    more. From then on the re-proposal goes: it restarts the window, and the challenge mined after it disputes it (a
+    signature expired meanwhile fails, told to the buyer, who has the new window to challenge again)."""
+    margin = min(settings.CHALLENGE_REPROPOSE_MARGIN_SECONDS, agreement.challenge_window_seconds // 2)
+    return now < window_end - margin and _challenge_under_way(agreement)
 
 
 def _challenge_under_way(agreement: UsageAgreement) -> bool:

@@ -317,6 +317,11 @@ if not 1 <= CHALLENGE_WINDOW_MIN <= CHALLENGE_WINDOW_DEFAULT <= CHALLENGE_WINDOW
 # A buyer's challenge signature must stay valid at least this long after it is sent (or until the window's end, if
 # sooner): one expiring sooner may revert SignatureExpired in the relayer's queue, at the relayer's expense.
 CHALLENGE_SIGNATURE_MIN_VALIDITY = env.int("CHALLENGE_SIGNATURE_MIN_VALIDITY_SECONDS", default=60)
+# A buyer's challenge in the relayer's queue holds back the re-proposal of the seller's higher receipt until this long
+# (at most half the agreement's window) before the window's end; not mined by then, the re-proposal goes (it restarts
+# the window, and the challenge disputes it once mined): a challenge stuck until the window closed had the seller's
+# lower proposal finalized.
+CHALLENGE_REPROPOSE_MARGIN_SECONDS = env.int("CHALLENGE_REPROPOSE_MARGIN_SECONDS", default=300)
 # A direct payment's signatures (x402 authorization, fee permit) must stay valid at least this long after
 # proposal, so the seller has time to accept; the proposal expires before they do.
 DIRECT_PAYMENT_MIN_VALIDITY = env.int("DIRECT_PAYMENT_MIN_VALIDITY_SECONDS", default=600)

@@ -426,3 +426,44 @@ def test_a_challenge_accepted_in_the_windows_last_seconds_that_the_chain_refuses
                                          data__challenge_failed=str(challenge.pk)).get()
     assert (told.from_status, told.to_status) == ("in_challenge", "in_challenge")
     assert "challenge" in told.reason and challenge.failure_reason in told.reason
+
+
+def test_a_challenge_stuck_in_the_relayer_does_not_hold_back_the_sellers_higher_receipt_until_the_window_closes(
+        funded, escrow_chain, django_capture_on_commit_callbacks, settings):  # noqa: F811
+    """The seller proposed its first receipt of three; the buyer challenges through the API and the relayer does not
+    get the challenge mined (its queue stuck: a gas spike, the node down, the fee cap). A challenge in flight held
+    back the re-proposal of the seller's last receipt until the window closed, and the first receipt's amount was
+    finalized: the seller underpaid though it held receipts for more. The challenge goes first while it can still land
+    in the window; from CHALLENGE_REPROPOSE_MARGIN_SECONDS before its end the higher receipt is proposed (restarting
+    the window), and the buyer's challenge, mined after it, disputes that one: both keep their right."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHALLENGE_REPROPOSE_MARGIN_SECONDS = 60
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain, seq=1)
+    index(capture)
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    with capture(execute=False) as stuck:  # the relayer never gets to send it in time
+        response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge",
+                                         challenge_body(funded, package))
+    assert response.status_code == 202, response.content
+    window_end = int(UsageAgreement.objects.get(pk=funded.agreement_id).challenge_deadline.timestamp())
+
+    with capture(execute=True):
+        assert settlement.settlement_tick()["proposed"] == 0, "a re-proposal raced a challenge that can still land"
+    chain.increase_time(window_end - 60 - chain.now())
+    with capture(execute=True):
+        assert settlement.settlement_tick()["proposed"] == 1, "the higher receipt was held back by a stuck challenge"
+    confirm_all(capture)
+    terms = escrow_terms(chain.escrow, funded.onchain_id)
+    state, deadline, last_seq, amount = chain.escrow.functions.getEscrow(funded.onchain_id, terms).call()[:4]
+    events = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/usage").json()["results"]
+    third = next(event for event in events if event["seq"] == 3)
+    assert (last_seq, amount) == (3, int(third["cumulative_atomic"])) and deadline > window_end
+
+    with capture(execute=True):  # the relayer gets to the buyer's challenge at last: it disputes the higher receipt
+        for submit in stuck:
+            submit()
+    confirm_all(capture)
+    state, _deadline, last_seq, amount = chain.escrow.functions.getEscrow(funded.onchain_id, terms).call()[:4]
+    assert (list(selectors.EscrowState)[state], last_seq) == (selectors.EscrowState.DISPUTED, 3)
+    assert funded.agreement(funded.agreement_id)["status"] == "disputed"
