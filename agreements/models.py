@@ -104,6 +104,21 @@ FUNDED_STATUSES = frozenset({S.ACTIVE}) | statuses_after(S.ACTIVE)
 ONCHAIN_STATUSES = frozenset({S.SUBMITTING}) | statuses_after(S.SUBMITTING)
 # Closed before its escrow was funded: the seller rejected it, the buyer cancelled it, or its time ran out.
 CLOSED_STATUSES = frozenset({S.REJECTED, S.CANCELLED, S.EXPIRED})
+# The direct purchases whose buyer's authorization may still move its money with no purchase to show for it, which
+# the watch of closed direct proposals reads (agreements.services.closed_direct_proposals_watch): closed, or failed
+# before their payment was sent (no fee collected: a fee step failed, or it could not run at its accept; one whose
+# payment was sent is the relayer's watch, its failed transaction's evidence, and one a reorg took after it was
+# counted paid an operator's). `authorization_watched` says the same of one agreement.
+AUTHORIZATION_WATCHED = (Q(status__in=sorted(CLOSED_STATUSES))
+                         | Q(status=S.PAYMENT_FAILED, fee_tx_hash="", payment_reverted_at=None))
+
+
+def authorization_watched(agreement) -> bool:
+    """Whether `agreement` is one of AUTHORIZATION_WATCHED."""
+    return agreement.status in CLOSED_STATUSES or (
+        agreement.status == S.PAYMENT_FAILED and not agreement.fee_tx_hash and agreement.payment_reverted_at is None)
+
+
 # Accepted, or its activation failed: waiting for the buyer to (again) sign and submit the escrow's funding.
 AWAITING_FUNDING_STATUSES = frozenset(status for status, successors in TRANSITIONS.items()
                                       if S.SUBMITTING in successors)
@@ -318,10 +333,10 @@ class UsageAgreement(PaymentReversal):
             models.Index(fields=["seller", "-created_at", "id"], name="agreement_seller_listing_idx"),
             models.Index(fields=["status", "proposal_expires_at"], name="agreement_status_proposal_idx"),
             models.Index(fields=["status", "expires_at"], name="agreement_status_expiry_idx"),
-            # The closed direct proposals whose authorization may yet be used, least recently read first (one never
-            # read by the watch: from its close).
-            models.Index(Coalesce("payment_authorization_watched_at", "closed_at"), F("id"),
-                         condition=Q(settlement_model=SettlementModel.DIRECT_PAYMENT, status__in=sorted(CLOSED_STATUSES),
+            # The closed (or failed unsent) direct purchases whose authorization may yet be used, least recently read
+            # first (one never read by the watch: from its close, a failed one from its accept).
+            models.Index(Coalesce("payment_authorization_watched_at", "closed_at", "accepted_at"), F("id"),
+                         condition=Q(AUTHORIZATION_WATCHED, settlement_model=SettlementModel.DIRECT_PAYMENT,
                                      payment_tx_hash="", payment_authorization_watch_ended_at=None),
                          name="agreement_closed_watch_idx"),
         ]

@@ -45,6 +45,7 @@ from agreements.metering import job_result_charge as job_result_charge
 from agreements.metering import reservations_settle_stale as reservations_settle_stale
 from agreements.models import (
     APPROVAL_SUBJECT,
+    AUTHORIZATION_WATCHED,
     AWAITING_FUNDING_STATUSES,
     CLOSED_STATUSES,
     NO_PAYMENT_REVERSAL,
@@ -60,6 +61,7 @@ from agreements.models import (
     SkillInvocation,
     UsageAgreement,
     UsageEvent,
+    authorization_watched,
     acceptance_deadline,
     can_activate,
     is_closed,
@@ -1036,14 +1038,15 @@ def agreement_payment_authorization_cancelled(*, agreement_id, tx_hash: str) -> 
 def agreement_payment_authorization_cancel_failed(*, agreement_id, reason: str, used_by: str | None) -> None:
     """The cancellation reverted: the authorization was cancelled already, or used. Used by `used_by` after the
     purchase was off, the buyer's money went to the seller with no purchase: logged as an error and recorded on the
-    agreement's events for an operator; a closed proposal naming no transfer yet names it (its payment_tx_hash) and
-    its price counts against the buyer's caps, as the watch of closed direct proposals would have it."""
+    agreement's events for an operator; a closed proposal (or one failed before its payment was sent) naming no
+    transfer yet names it (its payment_tx_hash) and its price counts against the buyer's caps, as the watch of closed
+    direct proposals would have it."""
     agreement = _lock(agreement_id)
     if used_by:
         logger.error("a closed direct purchase's payment authorization was used", extra={
             "agreement_id": str(agreement_id), "tx_hash": used_by})
         reason = f"the payment authorization was used by {used_by} after the purchase was {agreement.status}"
-        if agreement.status in CLOSED_STATUSES and not agreement.payment_tx_hash:
+        if authorization_watched(agreement) and not agreement.payment_tx_hash:
             _closed_direct_proposal_paid_record(agreement, used_by=used_by, reason=reason)
             return
     else:
@@ -1058,7 +1061,7 @@ def agreement_payment_authorization_use_reopened(*, agreement_id, used_by: str) 
     purchase no longer names that transfer nor counts it, told to the parties as a reorg's undo, and is watched again
     (`closed_direct_proposals_watch`): the cancellation is sent again, or the authorization used again."""
     agreement = _lock(agreement_id)
-    if agreement.status not in CLOSED_STATUSES or agreement.payment_tx_hash != used_by:
+    if not authorization_watched(agreement) or agreement.payment_tx_hash != used_by:
         return
     agreement.payment_tx_hash = ""
     agreement.payment_authorization_watch_ended_at = None
@@ -1211,7 +1214,7 @@ def _closed_direct_proposal_paid_record(agreement: UsageAgreement, *, used_by: s
     (`PRICE_PAID_WHEN_NAMED`). A no-op once it names one, or moved since it was read (reopened to be accepted)."""
     with transaction.atomic():
         current = _lock(agreement.pk)
-        if current.status != agreement.status or current.payment_tx_hash:
+        if current.status != agreement.status or current.payment_tx_hash or not authorization_watched(current):
             return current
         current.payment_tx_hash = used_by
         # Counted against the caps from now, not from the proposal: its authorization valid for a day, a use found
@@ -1230,8 +1233,9 @@ CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS = 600
 
 
 def closed_direct_proposals_watch() -> int:
-    """The closed direct proposals (rejected, cancelled, expired) whose buyer's authorization may yet be used, read
-    from the chain again; how many were found used. The authorization is bearer until its validBefore whatever became
+    """The closed direct proposals (rejected, cancelled, expired), and the direct purchases that failed before their
+    payment was sent (`AUTHORIZATION_WATCHED`), whose buyer's authorization may yet be used, read from the chain
+    again; how many were found used. The authorization is bearer until its validBefore whatever became
     of the purchase, and the platform cannot revoke it (only the buyer's signature can: the buyer's optional
     cancel), so the close's one read (`_closed_direct_proposal_recheck`, `_expired_direct_proposals_recheck`) missed a
     use mined after it, a node not answering it, a broker refusing its task: the price at the seller, no purchase
@@ -1243,11 +1247,10 @@ def closed_direct_proposals_watch() -> int:
     answer for keeps its turn. Once its validBefore (and
     CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS) has passed on the chain's clock, read before the authorization, a read
     that finds it unused is the last: no use can be mined any more. Safe twice, and beside the close's own read."""
-    watched = list(UsageAgreement.objects.filter(settlement_model=SettlementModel.DIRECT_PAYMENT,
-                                                 status__in=sorted(CLOSED_STATUSES), payment_tx_hash="",
-                                                 payment_authorization_watch_ended_at=None)
+    watched = list(UsageAgreement.objects.filter(AUTHORIZATION_WATCHED, settlement_model=SettlementModel.DIRECT_PAYMENT,
+                                                 payment_tx_hash="", payment_authorization_watch_ended_at=None)
                    .select_related("payment_authorization")
-                   .order_by(Coalesce("payment_authorization_watched_at", "closed_at"), "pk")
+                   .order_by(Coalesce("payment_authorization_watched_at", "closed_at", "accepted_at"), "pk")
                    [:settings.CLOSED_DIRECT_PROPOSALS_CHECKED_PER_SWEEP])
     if not watched or not _chain_clock_reader:
         return 0

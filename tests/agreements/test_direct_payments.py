@@ -1804,3 +1804,67 @@ def test_a_fee_step_refused_after_a_use_not_yet_final_waits_for_it(
     else:  # `fee`: the buyer's funds are back, the fee is collected, the payment is short of funds and reverts
         assert (after["status"], after["payment_tx_hash"]) == ("payment_failed", ""), after
         assert {"fee_permit": "nothing was charged", "fee": "the fee is refunded"}[step] in after["status_reason"]
+
+
+def _fee_step_fails(purchase: Purchase, agreement_id: str, capture, failed_at: str) -> None:
+    """The purchase fails before its payment is sent, nothing charged: `fee_permit` (the buyer spent its permit's nonce
+    after the accept), `fee` (its wallet short of the fee once the permit ran), `accept` (its permit's nonce spent
+    before the accept: nothing sent). The buyer's authorization is left valid, and public once the seller accepted."""
+    if failed_at == "accept":
+        _spend_fee_permit_nonce(purchase)
+        assert purchase.accept(agreement_id, capture)["status"] == "payment_failed"
+        return
+    sends = _accept_unsent(purchase, agreement_id, capture)
+    if failed_at == "fee":
+        with capture(execute=True):
+            for send in sends:
+                send()
+        with capture(execute=False) as held:
+            poll_mined()  # the fee permit confirmed; the fee's transfer queued, not sent yet
+        sends = list(held)
+        _keep_only(purchase, 0)
+    else:
+        _spend_fee_permit_nonce(purchase)
+    with capture(execute=True):
+        for send in sends:
+            send()
+    for _ in range(2):
+        confirm_all(capture)
+    failed = purchase.parties.agreement(agreement_id)
+    assert (failed["status"], failed["payment_tx_hash"]) == ("payment_failed", ""), failed
+    assert not ChainTransaction.objects.filter(agreement_id=agreement_id, purpose="direct_payment").exists()
+    fund(purchase.chain, purchase.buyer.address, 20 * USDC)
+
+
+@pytest.mark.parametrize("failed_at", ["fee_permit", "fee", "accept"])
+def test_a_failed_direct_purchases_authorization_used_after_the_failure_is_found_and_counted(
+        purchase, django_capture_on_commit_callbacks, failed_at):
+    """A purchase that failed before its payment was sent leaves the buyer's authorization valid until its validBefore:
+    the buyer, or anyone holding it (the seller saw it), gets it mined after the failure, and the price reaches the
+    seller. Only a failed payment was watched (the relayer's watch of its failed transaction): this purchase named no
+    transfer and its price counted nowhere, found a day after its accept. The watch of closed direct proposals (a beat
+    task) reads it too: the purchase names the transfer, its price counts from when it was found, the parties told."""
+    capture = django_capture_on_commit_callbacks
+    for agent in (purchase.parties.buyer, purchase.parties.seller):
+        WebhookSubscription.objects.create(agent=agent, url="https://hooks.example/agreements", secret="whsec_test")
+    agreement = purchase.propose()
+    _fee_step_fails(purchase, agreement["id"], capture, failed_at)
+    a_day_ago = timezone.now() - timedelta(hours=24, minutes=5)
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(created_at=a_day_ago, accepted_at=a_day_ago,
+                                                             funds_moved_at=a_day_ago)
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
+
+    for _ in range(2):  # as beat runs them: the relayer's poll, the watch
+        confirm_all(capture)
+        with capture(execute=True):
+            agreement_tasks.watch_closed_direct_proposals()
+
+    failed = purchase.parties.agreement(agreement["id"])
+    assert (failed["status"], failed["payment_tx_hash"]) == ("payment_failed", used_by), failed
+    found = AgreementEvent.objects.filter(agreement_id=agreement["id"], data__used_by=used_by)
+    assert found.count() == 1 and used_by in found.get().reason
+    told = WebhookDelivery.objects.filter(payload__data__agreement_id=agreement["id"], payload__data__used_by=used_by)
+    assert {delivery.subscription.agent_id for delivery in told} == {purchase.parties.buyer.pk,
+                                                                     purchase.parties.seller.pk}
+    assert UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization_watch_ended_at  # found: not read again
+    _next_purchase_over_the_daily_cap_refused(purchase)
