@@ -19,7 +19,7 @@ from sdk.bounded_http import (AnswerRefused, AnswerTooLarge, DeadlineExceeded, U
                                UnexpectedAnswer, UnrequestedEncoding)
 from sdk.bounded_json import InvalidJSON  # noqa: E402
 from sdk.client import (AgreementFailed, MarketplaceClient, MarketplaceError, NotConfigured,  # noqa: E402
-                        PaymentAuthorizationUsed)
+                        PaymentAuthorizationCancelFailed, PaymentAuthorizationUsed)
 from sdk.networks import BASE, BASE_SEPOLIA, FeeSchedule, NetworkConfig, TokenDomain  # noqa: E402
 from sdk.safety import DeadlineOutOfRange, LocalWallet, SellerUnverified, SigningRefused, Wallet  # noqa: E402
 from sdk.terms import AgreedTerms  # noqa: E402
@@ -27,6 +27,7 @@ from sdk.version import VERSION as __version__  # noqa: E402
 
 __all__ = ["BASE", "BASE_SEPOLIA", "AgreedTerms", "AgreementFailed", "AnswerRefused", "AnswerTooLarge",
            "DeadlineExceeded", "DeadlineOutOfRange", "FeeSchedule", "InvalidJSON", "LocalWallet", "MarketplaceClient",
-           "MarketplaceError", "NetworkConfig", "NotConfigured", "PaymentAuthorizationUsed", "SellerUnverified",
+           "MarketplaceError", "NetworkConfig", "NotConfigured", "PaymentAuthorizationCancelFailed",
+           "PaymentAuthorizationUsed", "SellerUnverified",
            "SigningRefused", "TokenDomain", "UndecodableAnswer", "UnexpectedAnswer", "UnrequestedEncoding", "Wallet",
            "__version__", "sign_activation_package"]

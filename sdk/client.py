@@ -163,6 +163,18 @@ class PaymentAuthorizationUsed(Exception):
                          "cancellation ran: the money went to the seller")
 
 
+class PaymentAuthorizationCancelFailed(Exception):
+    """`cancel_payment_authorization(wait=True)`: the relayed cancellation failed for a reason other than a use the
+    agreement names (the buyer cancelled the authorization on-chain itself already, say): `reason`, the relayer's
+    failure reason; the authorization is not named cancelled by this purchase and the cancellation will not run."""
+
+    def __init__(self, agreement: Mapping[str, Any], reason: str):
+        self.agreement = dict(agreement)
+        self.reason = reason
+        super().__init__(f"agreement {agreement.get('id')}'s payment authorization cancellation failed: "
+                         f"{reason or 'no reason given'}")
+
+
 def _retry_after(refused: MarketplaceError, default: float) -> float:
     """The wait a refusal names (`details.retry_after_seconds`, a positive number), else `default`."""
     named = refused.details.get("retry_after_seconds")
@@ -495,7 +507,9 @@ class MarketplaceClient:
         paid (`SigningRefused` on "cancel_authorization.message.nonce"). With `wait=True`, polls until the agreement
         names the mined cancellation (`payment_authorization_cancel_tx_hash`) and returns the agreement, or raises
         `PaymentAuthorizationUsed` as soon as it names a transfer that used the authorization first
-        (`payment_tx_hash`: the cancellation reverted, the money went to the seller)."""
+        (`payment_tx_hash`: the cancellation reverted, the money went to the seller), or
+        `PaymentAuthorizationCancelFailed` as soon as the cancellation failed otherwise (its transaction in
+        `escrow_status`, with its reason: the buyer cancelled the authorization on-chain itself already, say)."""
         wallet = as_wallet(wallet)
         with self._lock:
             signed = self._payment_authorizations.get(_proposal_key(agreement_id))
@@ -526,15 +540,36 @@ class MarketplaceClient:
             paid = agreement.get("payment_tx_hash")
             return paid if paid and paid != paid_before else None
 
-        agreement = self._poll(lambda: self.get_agreement(agreement_id),
-                               lambda agreement: bool(agreement.get("payment_authorization_cancel_tx_hash")
-                                                      or used_by(agreement)),
+        def concluded(agreement: dict[str, Any]) -> bool:
+            return bool(agreement.get("payment_authorization_cancel_tx_hash") or used_by(agreement))
+
+        sent = answer.get("transaction") if isinstance(answer, dict) else None
+        cancel_id = sent.get("id") if isinstance(sent, dict) else None
+        failure: list[str] = []
+
+        def fetch() -> dict[str, Any]:
+            """The agreement; when it names neither, whether the cancellation failed (the relayer concludes it and
+            the agreement in one write: the agreement read after that answer names a use that failed it)."""
+            agreement = self.get_agreement(agreement_id)
+            if concluded(agreement) or cancel_id is None:
+                return agreement
+            status = self.escrow_status(agreement_id)
+            transactions = status.get("transactions") if isinstance(status, dict) else None
+            for tx in transactions if isinstance(transactions, list) else []:
+                if isinstance(tx, dict) and tx.get("id") == cancel_id and tx.get("status") == "failed":
+                    failure.append(str(tx.get("failure_reason") or "reverted"))
+                    return self.get_agreement(agreement_id)
+            return agreement
+
+        agreement = self._poll(fetch, lambda agreement: concluded(agreement) or bool(failure),
                                timeout=timeout, poll_interval=poll_interval, late=lambda agreement: (
                                    f"agreement {agreement_id}'s payment authorization is not cancelled on-chain after "
                                    f"{timeout:g} s"))
-        if not agreement.get("payment_authorization_cancel_tx_hash"):
-            raise PaymentAuthorizationUsed(agreement, str(used_by(agreement)))
-        return agreement
+        if agreement.get("payment_authorization_cancel_tx_hash"):
+            return agreement
+        if used := used_by(agreement):
+            raise PaymentAuthorizationUsed(agreement, used)
+        raise PaymentAuthorizationCancelFailed(agreement, failure[-1])
 
     # --- escrow --------------------------------------------------------------------------------------------------
 

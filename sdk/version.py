@@ -27,7 +27,9 @@
 # before signing to a payee the buyer did not name (expected_seller_wallet_address=): a compromised marketplace's own
 # wallet was signed to without a word; simplefilter("error", SellerUnverified) makes it a refusal; ChainReader reads
 # a block number that is no hex number (the head's, a transaction's, an Activated log's) as MalformedAnswer, not
-# ValueError or TypeError out of int(x, 16);
+# ValueError or TypeError out of int(x, 16); cancel_payment_authorization(wait=True) raises
+# sdk.PaymentAuthorizationCancelFailed (its `reason`) as soon as the relayed cancellation failed with no use named
+# (the buyer cancelled the authorization on-chain itself already): it waited out its whole timeout;
 # 0.4.13: propose_direct_purchase repeated under the same idempotency_key re-sends the payment authorization and fee
 # permit it signed the first time (a second authorization, under a new nonce, was signed and handed to the
 # marketplace, which only the first's cancellation revoked), and refuses the key for another purchase (ValueError);

@@ -17,10 +17,10 @@ from x402.schemas import PaymentError
 
 from agreements.models import UsageAgreement
 from escrow import relayer
-from sdk import MarketplaceError, PaymentAuthorizationUsed
+from sdk import MarketplaceError, PaymentAuthorizationCancelFailed, PaymentAuthorizationUsed, typed_data
 from tests.catalog.factories import service_data
 from tests.chain_fixtures import TOKEN_NAMES
-from tests.escrow.flow import USDC, fund, usdc_balance
+from tests.escrow.flow import USDC, fund, mined_what_was_sent, network_of, usdc_balance
 from tests.sdk.test_client import agent_client, relayer_polling
 
 pytestmark = pytest.mark.chain
@@ -230,3 +230,44 @@ def test_a_cancellation_a_use_of_the_authorization_outran_is_told_at_once_naming
     assert time.monotonic() - started < 30
     assert outrun.value.used_by == used[0] and used[0] in str(outrun.value)
     assert outrun.value.agreement["payment_tx_hash"] == used[0]
+
+
+def test_a_cancellation_that_reverts_for_another_reason_is_told_at_once_naming_why(
+        seller_and_buyer, escrow_chain, monkeypatch):
+    """The buyer cancels the authorization of its rejected purchase on-chain itself (its own copy of the signed
+    cancellation, say) between its relayed cancellation and the relayer's send: the relayed one fails, and the agreement
+    names neither a cancellation nor a use. `wait=True` polled for them until its timeout; it raises
+    `PaymentAuthorizationCancelFailed` at once, naming the failure's reason."""
+    seller, buyer, service = seller_and_buyer
+    chain, wallet = escrow_chain, escrow_chain.accounts.buyer
+    proposed = buyer.propose_direct_purchase(service["id"], 100, wallet=wallet.key, max_unit_price_atomic=20_000,
+                                             expected_seller_wallet_address=service["seller"]["wallet_address"])
+    seller.reject_agreement(proposed["id"], "fully booked")
+    cancelled: list[bool] = []
+    submit = relayer.transaction_submit
+
+    def cancelled_first(*, transaction_id):
+        if not cancelled:
+            nonce = UsageAgreement.objects.get(pk=proposed["id"]).payment_authorization.nonce
+            typed = typed_data.cancel_authorization(chain_id=chain.chain_id, token_address=chain.usdc.address,
+                                                    authorizer=wallet.address, nonce=nonce,
+                                                    token_name=network_of(chain).token_domain.name,
+                                                    token_version=network_of(chain).token_domain.version)
+            signature = typed_data.sign_typed_data(wallet.key, typed)
+            chain.usdc.functions.cancelAuthorization(wallet.address, bytes.fromhex(nonce[2:]),
+                                                     bytes.fromhex(signature[2:])).transact(
+                {"from": chain.accounts.stranger.address})
+            mined_what_was_sent()
+            cancelled.append(True)
+        return submit(transaction_id=transaction_id)
+
+    monkeypatch.setattr(relayer, "transaction_submit", cancelled_first)
+
+    started = time.monotonic()
+    with relayer_polling(), pytest.raises(PaymentAuthorizationCancelFailed) as failed:
+        buyer.cancel_payment_authorization(proposed["id"], wallet.key, wait=True, timeout=60, poll_interval=0.2)
+
+    assert time.monotonic() - started < 30
+    assert cancelled and failed.value.reason and failed.value.reason in str(failed.value)
+    assert failed.value.agreement["payment_authorization_cancel_tx_hash"] == ""
+    assert failed.value.agreement["payment_tx_hash"] == ""
