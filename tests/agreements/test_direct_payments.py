@@ -1868,3 +1868,29 @@ def test_a_failed_direct_purchases_authorization_used_after_the_failure_is_found
                                                                      purchase.parties.seller.pk}
     assert UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization_watch_ended_at  # found: not read again
     _next_purchase_over_the_daily_cap_refused(purchase)
+
+
+def test_the_watch_of_a_failed_purchases_authorization_ends_once_it_ran_out(
+        purchase, django_capture_on_commit_callbacks, monkeypatch):
+    """A purchase whose fee step failed is read by the watch while its authorization may be used; once its validBefore
+    (and the margin a use needs to be found) has passed on the chain's clock, one last read, then it is read no more."""
+    agreement = purchase.propose()
+    _fee_step_fails(purchase, agreement["id"], django_capture_on_commit_callbacks, "fee_permit")
+    reads, read_the_chain = [], agreement_services._payment_authorization_use_reader[0]
+
+    def counted(agreement, **kwargs):
+        reads.append(str(agreement.pk))
+        return read_the_chain(agreement, **kwargs)
+
+    monkeypatch.setattr(agreement_services, "_payment_authorization_use_reader", [counted])
+    agreement_tasks.watch_closed_direct_proposals()
+    assert reads == [agreement["id"]]
+    valid_before = UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization.valid_before
+    purchase.chain.increase_time(valid_before - purchase.chain.now()
+                                 + agreement_services.CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS + 1)
+
+    for _ in range(2):
+        agreement_tasks.watch_closed_direct_proposals()
+
+    assert reads == [agreement["id"]] * 2
+    assert UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization_watch_ended_at
