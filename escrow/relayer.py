@@ -22,7 +22,8 @@
   The indexer runs it after rolling a reorg back (so the agreements are back where the remaining events put them
   before the outcome is applied again); each poll runs it for the blocks the indexer has not applied yet. What no
   contract event records (a skill invocation's payment, payout or refund, a direct purchase's steps, what a failure
-  did) its purpose's `on_reopened` handler moves back.
+  did) its purpose's `on_reopened` handler moves back; not what a failed one's evidence says someone else's
+  transaction did, when that transaction's block is still canonical (the reorg took only ours, later: `_outcome_stands`).
 - `transactions_release_final`: a transaction that forwards money another one brought in (a skill invocation's
   payout or refund of its payment, a direct purchase's refund of its fee: `finality_wait_register`) is, under PAYOUT_HEAD_TAG, not signed until that
   payment's block is at or below the node's tagged block and still canonical. `transaction_submit` leaves it queued
@@ -150,8 +151,9 @@ def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
     concluded `tx` whose outcome a reorg took off the chain back to submitted (or queued), before its outcome is
     cleared: a mined one, confirmed or failed (`tx.mined_tx_hash` is the hash no longer canonical), or a failed one
     whose evidence names the block of someone else's transaction (EVIDENCE_BLOCK) that is no longer canonical; its
-    outcome is applied again once it is concluded again. Not for a failed one cancelled instead (`_cancel`): its
-    outcome stands (but see below for its old bytes that ran in its nonce fill's place). `rerun_wanted(tx)`, inside
+    outcome is applied again once it is concluded again (so it must be a no-op where the domain already is). Not for
+    a failed one whose evidence's block is still canonical, the reorg having taken only its own later block
+    (`_outcome_stands`), nor for a failed one cancelled instead (`_cancel`): its outcome stands (but see below for its old bytes that ran in its nonce fill's place). `rerun_wanted(tx)`, inside
     a DB transaction holding `tx`'s row lock, says whether a failed `tx` may be sent again at all (its block reorged
     out, or an operator's retry): one its domain no longer wants (an activation whose agreement was cancelled since)
     is cancelled as a superseded one is, and its retry refused. `on_retry(tx)` runs in the one that queues an
@@ -813,11 +815,15 @@ def transactions_reopen_reorged(*, after_block: int | None = None, failures: swe
     return reopened
 
 
-def evidence_block_replaced(tx: ChainTransaction) -> bool:
-    """Whether a reorg took the block of someone else's transaction that `tx`'s outcome names (EVIDENCE_BLOCK); not
-    when the outcome names none, or the node has no block at that height yet."""
+def _outcome_stands(tx: ChainTransaction) -> bool:
+    """A failed transaction whose outcome rests on the block of someone else's transaction (EVIDENCE_BLOCK: it did
+    what ours would, first: a copy of an x402 authorization or of a buyer's signed intent, someone else's finalize or
+    reclaim) that is still on the chain: a reorg that took only our own, later, block undid none of it (a reorg takes
+    every block from its fork on), so its `on_reopened` handler moves nothing back, and the outcome, concluded again
+    on the same evidence, is applied again where it already is. Not when the node has no block at that height yet
+    (`_replaced`): nothing took it."""
     block = tx.outcome_evidence.get(EVIDENCE_BLOCK)
-    return block is not None and _replaced(block["number"], block["hash"])
+    return tx.status == TxStatus.FAILED and block is not None and not _replaced(block["number"], block["hash"])
 
 
 def _replaced(number: int, block_hash: str) -> bool:
@@ -833,10 +839,13 @@ def _reopen(tx: ChainTransaction) -> bool:
     again when it is concluded again (the domain's transitions are no-ops where the agreement already is, and a
     reorg the indexer saw moved the agreement back; what no contract event records, such as a skill invocation's
     payment or payout, or a failure the domain recorded, its `on_reopened` handler moves back). A failed one
-    something took the place of since (`_superseded`) is not: its nonce is cancelled instead (`_cancel`)."""
+    something took the place of since (`_superseded`) is not: its nonce is cancelled instead (`_cancel`). A failed one
+    whose outcome rests on someone else's transaction still on the chain (`_outcome_stands`) has nothing moved back:
+    the reorg took only its own block, and its bytes, sent again, revert again."""
     logger.warning("reorg below the confirmation depth: a block a concluded transaction's outcome rests on is no "
                    "longer canonical", extra={"tx_id": str(tx.pk), "block": tx.mined_block_number,
                                               "tx_hash": tx.mined_tx_hash, "status": tx.status})
+    stands = _outcome_stands(tx)  # a chain read: before the row lock (the lock checks `tx` is unchanged since)
     with transaction.atomic():
         if not _locked_if_unchanged(tx):
             return False
@@ -844,7 +853,7 @@ def _reopen(tx: ChainTransaction) -> bool:
         if _superseded(tx):
             _cancel(tx)
             return True
-        if tx.purpose in _reopened_handlers:
+        if tx.purpose in _reopened_handlers and not stands:
             _reopened_handlers[tx.purpose](tx)
         tx.status = TxStatus.SUBMITTED if tx.nonce is not None else TxStatus.QUEUED
         tx.mined_tx_hash = tx.mined_block_hash = tx.failure_reason = ""

@@ -599,24 +599,14 @@ _DIRECT_STEPS = {TxPurpose.DIRECT_FEE_PERMIT: "the fee permit", TxPurpose.DIRECT
                  TxPurpose.DIRECT_PAYMENT: "the payment"}
 
 
-def _outcome_stands(tx: ChainTransaction) -> bool:
-    """A failed transaction whose outcome rests on the block of someone else's transaction (relayer.EVIDENCE_BLOCK:
-    it did what ours would, first) that is still on the chain: a reorg that took only our own block undid none of it
-    (ours, sent again, reverts again)."""
-    return (tx.status == TxStatus.FAILED and relayer.EVIDENCE_BLOCK in tx.outcome_evidence
-            and not relayer.evidence_block_replaced(tx))
-
-
 def _direct_purchase_reopened(tx: ChainTransaction) -> None:
     """A reorg took a step of a direct purchase (confirmed, or failed on its own or because the authorization was
     used by a copy the reorg took): the purchase goes back to paying while the step is sent again. The fee's refund
     for a failed payment, not concluded (a confirmed one's block the reorg took too, newer: it was reopened first), is
     withdrawn: never sent when still queued, its nonce cancelled by a nonce fill when signed, so that a payment that
-    runs now does not leave the buyer its fee as well (`_direct_fee_refund_cancelled` says what came of it). Nothing,
-    when the reorg took only the block of a step that reverted after someone else's transaction did it (a copy of the
-    authorization): that transaction, still on the chain, is what the outcome rests on (`_outcome_stands`)."""
-    if _outcome_stands(tx):
-        return
+    runs now does not leave the buyer its fee as well (`_direct_fee_refund_cancelled` says what came of it). Not
+    called when the reorg took only the block of a step that reverted after a copy of the authorization did it: the
+    copy, still on the chain, is what the outcome rests on (`relayer._outcome_stands`)."""
     paid_by = _paid_by(tx) if tx.purpose == TxPurpose.DIRECT_PAYMENT else None
     if tx.purpose == TxPurpose.DIRECT_FEE:
         agreement_services.agreement_direct_fee_reopened(agreement_id=tx.agreement_id)
@@ -762,11 +752,11 @@ def _direct_authorization_cancel_outcome(tx: ChainTransaction) -> None:
 
 def _direct_authorization_cancel_reopened(tx: ChainTransaction) -> None:
     """A reorg took the cancellation's block, or, of one a use outran, that use's block: what it recorded is undone.
-    Not the use, when only the block of the cancellation that reverted after it was taken: it stands (the cancellation,
-    sent again, fails again)."""
+    Not called when only the block of the cancellation that reverted after the use was taken: the use stands
+    (`relayer._outcome_stands`; the cancellation, sent again, fails again)."""
     if tx.status == TxStatus.CONFIRMED:
         agreement_services.agreement_payment_authorization_cancel_reopened(agreement_id=tx.agreement_id)
-    elif (used_by := tx.outcome_evidence.get("used_by")) and not _outcome_stands(tx):
+    elif used_by := tx.outcome_evidence.get("used_by"):
         agreement_services.agreement_payment_authorization_use_reopened(agreement_id=tx.agreement_id, used_by=used_by)
 
 

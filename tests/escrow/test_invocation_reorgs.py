@@ -1123,3 +1123,44 @@ def test_the_budget_is_shared_by_every_kind_of_watched_payment(monkeypatch, sett
         relayer.transactions_recheck_watched()
     assert len(read) == 40
     assert one.pk in read  # sampled in 20 polls but with a chance of (1/2) ** 20
+
+
+def test_a_reorg_that_takes_only_the_block_of_our_payment_that_reverted_after_the_copy_leaves_the_invocation_paid(
+        market, monkeypatch, django_capture_on_commit_callbacks):
+    """Someone's copy of the authorization was mined a block before our payment, which reverted; the invocation is
+    paid by the copy, its run not started yet. A reorg takes only our payment's block, the copy stays on the chain
+    (the treasury holds the price): the invocation is still paid by the copy, and ours, sent again, reverts again."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    payment = market.pay("render")
+    broadcast, seen = relayer._broadcast, {}
+
+    def copy_first(attempt):  # mined between the relayer's simulation of our payment and its broadcast
+        if attempt.transaction.purpose == TxPurpose.INVOCATION_PAYMENT and not seen:
+            seen["copy"] = mine_a_copy(chain, payment)
+            seen["after_the_copy"] = chain.snapshot()
+        broadcast(attempt)
+
+    monkeypatch.setattr(relayer, "_broadcast", copy_first)
+    with capture(execute=False):  # its worker's run is queued, never run here
+        invocation_id = market.call("render", payment).json()["invocation_id"]
+    monkeypatch.undo()
+    payment_tx = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
+    assert payment_tx.status == TxStatus.FAILED and payment_tx.receipt_status == 0, payment_tx.failure_reason
+    assert payment_tx.outcome_evidence["used_by"] == seen["copy"]
+    held = invocation_of(market, invocation_id)["payment"]
+    assert (held["status"], held["tx_hash"]) == ("held", seen["copy"])
+    treasury = usdc_balance(chain, market.treasury)
+
+    chain.reorg(seen["after_the_copy"])  # our payment's block taken, the copy's kept
+    with capture(execute=True):
+        assert relayer.transactions_reopen_reorged() == 1
+
+    held = invocation_of(market, invocation_id)["payment"]
+    assert (held["status"], held["tx_hash"]) == ("held", seen["copy"])
+    polls_until_concluded(capture, payment_tx)  # ours, sent again, reverts again
+    payment_tx.refresh_from_db()
+    assert payment_tx.status == TxStatus.FAILED and payment_tx.outcome_evidence["used_by"] == seen["copy"]
+    held = invocation_of(market, invocation_id)["payment"]
+    assert (held["status"], held["tx_hash"]) == ("held", seen["copy"])
+    assert usdc_balance(chain, market.treasury) == treasury
+    assert not ChainTransaction.objects.exclude(purpose=TxPurpose.INVOCATION_PAYMENT).exists()

@@ -932,6 +932,74 @@ def test_a_reclaim_the_buyer_sent_first_is_no_failure_on_the_dashboard(
     call_command("reconcile", stdout=io.StringIO())
 
 
+@pytest.mark.parametrize("step", [TxPurpose.FINALIZE, TxPurpose.RECLAIM])
+def test_a_reorg_that_takes_only_the_block_of_our_payout_that_reverted_after_theirs_leaves_the_agreement_closed(
+        funded, escrow_chain, step, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The seller's finalize (the buyer's own reclaim) is mined between the relayer's simulation of ours and its
+    broadcast: ours reverts in the next block (InvalidState), the escrow paid out by theirs. A reorg takes only our
+    block, theirs stays on the chain: the agreement stays settled (refunded) by their transaction, ours, sent again,
+    reverts again, and nothing is paid twice."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)  # a reopened transaction is sent again at the next poll
+    if step == TxPurpose.FINALIZE:
+        call_n(funded, 3)
+        funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
+        tick(capture)
+        chain.increase_time(3601)
+        by, closed_as = funded.seller_account, "settled"
+    else:
+        chain.increase_time(reclaim_after(funded.agreement_id) - chain.now())
+        by, closed_as = funded.buyer_account, "refunded"
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    broadcast, seen = relayer._broadcast, {}
+
+    def theirs_first(attempt):
+        if attempt.transaction.purpose == step and not seen:
+            sent = getattr(chain.escrow.functions, step)(
+                agreement.onchain_id, selectors.escrow_terms(agreement=agreement)).transact({"from": by.address})
+            seen["theirs"] = chain.w3.eth.wait_for_transaction_receipt(sent)
+            seen["after_theirs"] = chain.snapshot()
+        broadcast(attempt)
+
+    monkeypatch.setattr(relayer, "_broadcast", theirs_first)
+    tick(capture)
+    monkeypatch.undo()
+    ours, theirs = ChainTransaction.objects.get(agreement_id=funded.agreement_id, purpose=step), seen["theirs"]
+    theirs_hash = "0x" + bytes(theirs["transactionHash"]).hex()
+    assert ours.status == TxStatus.FAILED and ours.receipt_status == 0 and "InvalidState" in ours.failure_reason
+    assert ours.mined_block_number > theirs["blockNumber"]
+    assert ours.outcome_evidence[settlement.DONE_BY] == theirs_hash
+    index(capture)
+
+    def closed_by_theirs():
+        shown = funded.agreement(funded.agreement_id)
+        events = funded.seller_api.get(f"/usage-agreements/{funded.agreement_id}/events").json()["results"]
+        [closed] = [event for event in events if event["to_status"] == closed_as]
+        return shown["status"], shown["seller_payout_atomic"], shown["buyer_refund_atomic"], closed["data"]["tx_hash"]
+
+    closed = closed_by_theirs()
+    assert closed[0] == closed_as and closed[3] == theirs_hash
+    balances = {address: usdc_balance(chain, address) for address in (
+        funded.buyer_account.address, funded.seller_account.address, chain.accounts.fee_recipient.address)}
+
+    chain.reorg(seen["after_theirs"])  # our block taken, theirs kept
+    chain.mine(3)
+    index(capture)
+    with capture(execute=True):
+        relayer.transactions_reopen_reorged()
+    assert closed_by_theirs() == closed
+    for _ in range(3):  # ours, sent again, reverts again
+        confirm_all(capture)
+        index(capture)
+    ours.refresh_from_db()
+    assert ours.status == TxStatus.FAILED and ours.outcome_evidence[settlement.DONE_BY] == theirs_hash
+    assert closed_by_theirs() == closed
+    assert {address: usdc_balance(chain, address) for address in balances} == balances
+    assert usdc_balance(chain, chain.addresses["escrow"]) == 0
+    assert ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=step).count() == 1
+    call_command("reconcile", stdout=io.StringIO())
+
+
 def test_a_proposal_the_relayer_gets_to_after_reclaim_after_gives_way_to_a_reclaim(
         funded, escrow_chain, django_capture_on_commit_callbacks):
     """The seller asks for completion a minute before reclaimAfter; the tick queues the proposal, which the relayer
