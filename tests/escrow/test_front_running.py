@@ -379,6 +379,42 @@ def test_an_escrow_a_front_runner_activated_names_the_copys_transaction_not_our_
     assert parties.agreement(agreement["id"])["activation_tx_hash"] == copy
 
 
+def test_a_reorg_that_takes_only_the_block_of_our_activation_that_reverted_after_the_copy_leaves_the_agreement_active(
+        escrow_chain, http_server, settings, django_capture_on_commit_callbacks):
+    """Our activation reverted AgreementExists a few blocks after a stranger's copy funded the escrow, and was
+    concluded on the copy: the agreement is active by it. A reorg takes only our activation's block, the copy stays on
+    the chain (the escrow funded): the agreement stays active by the copy, and ours, sent again, reverts again."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement, ours = _activation_copied_by_a_front_runner(chain, parties, capture)
+    after_the_copy = chain.snapshot()
+    chain.mine(3)
+    confirm_all(capture)
+    confirm_all(capture)
+    ours.refresh_from_db()
+    assert ours.status == "failed" and ours.receipt_status == 0
+    copy = ours.outcome_evidence["agreement_exists"]["activated_by"]
+    assert copy != ours.mined_tx_hash
+    active = parties.agreement(agreement["id"])
+    assert (active["status"], active["activation_tx_hash"]) == ("active", copy)
+
+    chain.reorg(after_the_copy)  # our activation's block taken, the copy's kept
+    with capture(execute=True):
+        assert relayer.transactions_reopen_reorged() == 1
+    active = parties.agreement(agreement["id"])
+    assert (active["status"], active["activation_tx_hash"]) == ("active", copy)
+    chain.mine(3)
+    for _ in range(2):  # ours, sent again, reverts again
+        confirm_all(capture)
+    ours.refresh_from_db()
+    assert ours.status == "failed" and ours.outcome_evidence["agreement_exists"]["activated_by"] == copy
+    active = parties.agreement(agreement["id"])
+    assert (active["status"], active["activation_tx_hash"]) == ("active", copy)
+    index(capture)
+    assert parties.agreement(agreement["id"])["status"] == "active"
+
+
 def test_a_seller_re_proposal_just_before_the_window_closes_is_not_finalized_early(
         funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
     """The seller re-proposes a higher receipt just before the window closes (the contract restarts the window);
