@@ -56,6 +56,8 @@ class TokenAmountField(models.DecimalField):
         super().run_validators(None if value is None else Decimal(value))
 
     def get_db_prep_save(self, value, connection):
+        if hasattr(value, "as_sql"):  # an expression (F("reserved") - n): the database computes it
+            return value
         # The API refuses such an amount first (400 `amount_too_large`); one computed past it must not be kept rounded.
         if value is not None and abs(int(value)) > amount_column_max(connection):
             raise ValidationError(f"Too large for this database: at most {amount_column_max(connection)}.",

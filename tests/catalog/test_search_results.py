@@ -31,10 +31,11 @@ def _as_drf_renders(results: list[dict]) -> list[dict]:
 
 
 @pytest.fixture
-def varied(seller):
+def varied(seller, settings):
     """Services that differ in everything a result shows: prices in and not in whole cents, nested JSON (the
     factory's author, legal and example outputs too), skills with and without their own price, bounded and unbounded
-    quantities, a Masumi service checked for availability."""
+    quantities, a Masumi service checked for availability. One price past 2**53, on a platform whose limit allows it."""
+    settings.AGREEMENT_MAX_AMOUNT = 10**20
     listing(seller, "Plain translator", tags=["translation", "nlp", "api"], price=20_000, skills=[])
     register_service(
         seller, name="Odd priced translator", tags=["translation"],
