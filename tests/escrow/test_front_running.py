@@ -813,17 +813,7 @@ def test_a_re_proposal_a_lagging_backend_has_not_seen_does_not_leave_the_agreeme
     selector = get_escrow._encode_transaction_data()[:10]
     relay = RpcRelay(escrow_chain.node.rpc_url).start()
     node, settings.CHAIN_RPC_URL = settings.CHAIN_RPC_URL, relay.url
-    asked = []
-
-    def escrow_read_at_latest(call) -> bool:
-        if call.get("method") == "eth_call" and call["params"][1] == "latest" and call["params"][0].get(
-                "data", "").startswith(selector):
-            asked.append(call["params"][0])
-            return True
-        return False
-
-    relay.rewrite(escrow_read_at_latest,
-                  lambda answer: {**answer, "result": relay.node("eth_call", [asked[-1], behind])})
+    relay.latest_calls_answered_at(selector, behind)
     try:
         with capture(execute=True):
             settlement.settlement_tick()

@@ -1082,14 +1082,7 @@ def test_a_node_answering_another_heights_block_in_the_nonce_scan_does_not_send_
     other = rpc_relay.node("eth_getBlockByNumber", [hex(mined_in + 1), False])
     head = int(rpc_relay.node("eth_blockNumber"), 16)
 
-    def refused(answer):
-        return {"jsonrpc": "2.0", "id": answer.get("id"),
-                "error": {"code": -32000, "message": "missing trie node (path ) state is not available"}}
-
-    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getTransactionReceipt" and call["params"][0] == attempt,
-                      lambda answer: {**answer, "result": None})
-    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getTransactionCount" and call["params"][1].startswith(
-        "0x") and int(call["params"][1], 16) < head, refused)
+    rpc_relay.receipt_hidden_and_state_pruned(attempt, below=head)
     rpc_relay.rewrite(_block_asked(mined_in), lambda answer: {**answer, "result": other})
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
     with django_capture_on_commit_callbacks(execute=True):
@@ -1345,14 +1338,7 @@ def test_a_backend_without_a_block_the_nonce_scan_bisects_leaves_the_payout_wait
     chain.mine()
     head = int(rpc_relay.node("eth_blockNumber"), 16)
 
-    def refused(answer):
-        return {"jsonrpc": "2.0", "id": answer.get("id"),
-                "error": {"code": -32000, "message": "missing trie node (path ) state is not available"}}
-
-    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getTransactionReceipt" and call["params"][0] == attempt,
-                      lambda answer: {**answer, "result": None})
-    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getTransactionCount" and call["params"][1].startswith(
-        "0x") and int(call["params"][1], 16) < head, refused)
+    rpc_relay.receipt_hidden_and_state_pruned(attempt, below=head)
     rpc_relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0].startswith("0x"),
                       lambda answer: {**answer, "result": None})
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)

@@ -1259,17 +1259,7 @@ def test_a_proposal_a_lagging_backend_has_not_seen_by_reclaim_after_is_not_recla
 
     get_escrow = chain.escrow.functions.getEscrow(funded.onchain_id, escrow_terms(chain.escrow, funded.onchain_id))
     selector = get_escrow._encode_transaction_data()[:10]
-    asked = []
-
-    def escrow_read_at_latest(call) -> bool:
-        if call.get("method") == "eth_call" and call["params"][1] == "latest" and call["params"][0].get(
-                "data", "").startswith(selector):
-            asked.append(call["params"][0])
-            return True
-        return False
-
-    rpc_relay.rewrite(escrow_read_at_latest,
-                      lambda answer: {**answer, "result": rpc_relay.node("eth_call", [asked[-1], behind])})
+    rpc_relay.latest_calls_answered_at(selector, behind)
     assert tick(capture)["reclaiming"] == 0
     rpc_relay.rewrite_none()
     assert list(ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RECLAIM)

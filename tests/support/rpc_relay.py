@@ -69,6 +69,30 @@ class RpcRelay:
         """Answer each single call `predicate` picks with `answer(the node's answer)`, until `rewrite_none`."""
         self._rewrites.append((predicate, answer))
 
+    def latest_calls_answered_at(self, data_prefix: str, block: str) -> None:
+        """Answer each `eth_call` at `latest` whose data starts with `data_prefix` (a function's selector) with the
+        node's answer at `block` (a backend of a provider's pool behind the one that named the head)."""
+        asked: list[dict] = []
+
+        def at_latest(call) -> bool:
+            if call.get("method") == "eth_call" and call["params"][1] == "latest" and call["params"][0].get(
+                    "data", "").startswith(data_prefix):
+                asked.append(call["params"][0])
+                return True
+            return False
+
+        self.rewrite(at_latest, lambda answer: {**answer, "result": self.node("eth_call", [asked[-1], block])})
+
+    def receipt_hidden_and_state_pruned(self, tx_hash: str, *, below: int) -> None:
+        """`tx_hash`'s receipt answered as none (not mined, as a lagging backend says) and the nonce of any account
+        at a block below `below` refused as a non-archive node does ("missing trie node")."""
+        self.rewrite(lambda call: call.get("method") == "eth_getTransactionReceipt" and call["params"][0] == tx_hash,
+                     lambda answer: {**answer, "result": None})
+        self.rewrite(lambda call: call.get("method") == "eth_getTransactionCount" and call["params"][1].startswith(
+            "0x") and int(call["params"][1], 16) < below,
+                     lambda answer: {"jsonrpc": "2.0", "id": answer.get("id"), "error": {
+                         "code": -32000, "message": "missing trie node (path ) state is not available"}})
+
     def receipts_answered_with(self, tx_hash: str) -> None:
         """From now on every lookup of a receipt after its first is answered with `tx_hash`'s receipt (a node mixing
         up which transaction was asked; the first lookup, the relayer's, is answered right)."""
