@@ -1,5 +1,7 @@
 import pytest
 
+from agreements import selectors, webhooks
+
 from tests.catalog.factories import register_service
 from tests.escrow.flow import Parties, poll_mined
 from tests.marketplace.conftest import active_agreement
@@ -38,3 +40,19 @@ def activated_through_the_api(chain, upstream_base_url: str, *, quantity: int, *
             break
     parties.agreement_id = agreement["id"]
     return parties
+
+
+@pytest.fixture
+def deleted_once_read(monkeypatch):
+    """Call it, and the next read of a webhook subscription is followed by its deletion (another request's DELETE,
+    committed meanwhile)."""
+    def install():
+        read = selectors.webhook_subscription_get
+
+        def read_then_deleted(**kwargs):
+            found = read(**kwargs)
+            webhooks.subscription_delete(subscription=found)
+            return found
+
+        monkeypatch.setattr(selectors, "webhook_subscription_get", read_then_deleted)
+    return install

@@ -11,7 +11,6 @@ from uuid import UUID
 import pytest
 from django.utils import timezone
 
-from agreements import selectors, webhooks
 from agreements.models import WebhookSubscription
 from agreements.tasks import erase_replaced_webhook_secrets
 from catalog.models import Service
@@ -190,18 +189,11 @@ def test_only_the_subscriptions_agent_or_owner_rotates_its_secret(seller, seller
 
 
 def test_a_subscription_deleted_while_its_rotation_runs_gets_no_new_secret(seller, seller_api, http_server,
-                                                                          monkeypatch):
+                                                                          deleted_once_read):
     """A DELETE committed between the rotation's read of the live subscription and its write: the rotation gave the
     deleted row (its secrets erased, signing nothing) a new secret, kept in the database and shown to the caller."""
     subscription = subscribe(seller, seller_api, f"{http_server.url}/hooks")
-    read = selectors.webhook_subscription_get
-
-    def read_then_deleted(**kwargs):
-        found = read(**kwargs)
-        webhooks.subscription_delete(subscription=found)  # another request's DELETE, committed meanwhile
-        return found
-
-    monkeypatch.setattr(selectors, "webhook_subscription_get", read_then_deleted)
+    deleted_once_read()
     response = rotate_webhook(seller, seller_api, subscription, OVERLAP)
     assert response.status_code == 404 and error_code(response) == "webhook_not_found", response.content
     row = WebhookSubscription.objects.get(pk=subscription["id"])

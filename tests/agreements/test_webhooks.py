@@ -700,22 +700,13 @@ def test_an_event_written_while_its_subscription_is_deleted_is_ended_not_left_pe
 
 
 @pytest.mark.parametrize("verb", ["pause", "resume"])
-def test_pausing_a_subscription_deleted_meanwhile_is_404(seller, seller_api, http_server, monkeypatch, verb):
+def test_pausing_a_subscription_deleted_meanwhile_is_404(seller, seller_api, http_server, deleted_once_read, verb):
     """A DELETE committed between the pause's (or resume's) read of the live subscription and its write: it answered
     200 with the subscription, as though it were still there to pause or resume."""
-    from agreements import selectors
-
     subscription = subscribe(seller_api, f"{http_server.url}/hooks")
     if verb == "resume":
         assert seller_api.post(f"/agents/{seller.pk}/webhooks/{subscription['id']}/pause").status_code == 200
-    read = selectors.webhook_subscription_get
-
-    def read_then_deleted(**kwargs):
-        found = read(**kwargs)
-        webhooks.subscription_delete(subscription=found)  # another request's DELETE, committed meanwhile
-        return found
-
-    monkeypatch.setattr(selectors, "webhook_subscription_get", read_then_deleted)
+    deleted_once_read()
     response = seller_api.post(f"/agents/{seller.pk}/webhooks/{subscription['id']}/{verb}")
     assert response.status_code == 404 and error_code(response) == "webhook_not_found", response.content
     assert not WebhookSubscription.objects.get(pk=subscription["id"]).is_active

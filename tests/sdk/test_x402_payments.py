@@ -203,25 +203,37 @@ def test_a_sellers_accept_waits_for_a_payment_to_be_final_no_longer_than_it_is_t
     assert at_once.value.code == "payment_not_final"
 
 
+def _rejected_purchase(seller_and_buyer, wallet) -> tuple:
+    """The buyer's direct purchase of 100 calls, proposed through the SDK and rejected by the seller."""
+    seller, buyer, service = seller_and_buyer
+    proposed = buyer.propose_direct_purchase(service["id"], 100, wallet=wallet.key, max_unit_price_atomic=20_000,
+                                             expected_seller_wallet_address=service["seller"]["wallet_address"])
+    seller.reject_agreement(proposed["id"], "fully booked")
+    return buyer, proposed
+
+
+def _before_the_relayers_first_send(monkeypatch, action) -> None:
+    """`action` runs once, right before the relayer sends its first transaction."""
+    submit, done = relayer.transaction_submit, []
+
+    def action_first(*, transaction_id):
+        if not done:
+            action()
+            done.append(True)
+        return submit(transaction_id=transaction_id)
+
+    monkeypatch.setattr(relayer, "transaction_submit", action_first)
+
+
 def test_a_cancellation_a_use_of_the_authorization_outran_is_told_at_once_naming_the_use(
         seller_and_buyer, escrow_chain, monkeypatch):
     """The authorization of a rejected purchase is used between the buyer's cancellation and the relayer's send: the
     cancellation reverts, and the agreement names the transfer (payment_tx_hash). `wait=True` polled for a
     cancellation that never comes until its timeout; it raises `PaymentAuthorizationUsed` naming the use at once."""
-    seller, buyer, service = seller_and_buyer
     chain, wallet = escrow_chain, escrow_chain.accounts.buyer
-    proposed = buyer.propose_direct_purchase(service["id"], 100, wallet=wallet.key, max_unit_price_atomic=20_000,
-                                             expected_seller_wallet_address=service["seller"]["wallet_address"])
-    seller.reject_agreement(proposed["id"], "fully booked")
+    buyer, proposed = _rejected_purchase(seller_and_buyer, wallet)
     used: list[str] = []
-    submit = relayer.transaction_submit
-
-    def used_first(*, transaction_id):
-        if not used:
-            used.append(_use_the_authorization(chain, proposed["id"]))
-        return submit(transaction_id=transaction_id)
-
-    monkeypatch.setattr(relayer, "transaction_submit", used_first)
+    _before_the_relayers_first_send(monkeypatch, lambda: used.append(_use_the_authorization(chain, proposed["id"])))
 
     started = time.monotonic()
     with relayer_polling(), pytest.raises(PaymentAuthorizationUsed) as outrun:
@@ -238,30 +250,24 @@ def test_a_cancellation_that_reverts_for_another_reason_is_told_at_once_naming_w
     cancellation, say) between its relayed cancellation and the relayer's send: the relayed one fails, and the agreement
     names neither a cancellation nor a use. `wait=True` polled for them until its timeout; it raises
     `PaymentAuthorizationCancelFailed` at once, naming the failure's reason."""
-    seller, buyer, service = seller_and_buyer
     chain, wallet = escrow_chain, escrow_chain.accounts.buyer
-    proposed = buyer.propose_direct_purchase(service["id"], 100, wallet=wallet.key, max_unit_price_atomic=20_000,
-                                             expected_seller_wallet_address=service["seller"]["wallet_address"])
-    seller.reject_agreement(proposed["id"], "fully booked")
+    buyer, proposed = _rejected_purchase(seller_and_buyer, wallet)
     cancelled: list[bool] = []
-    submit = relayer.transaction_submit
 
-    def cancelled_first(*, transaction_id):
-        if not cancelled:
-            nonce = UsageAgreement.objects.get(pk=proposed["id"]).payment_authorization.nonce
-            typed = typed_data.cancel_authorization(chain_id=chain.chain_id, token_address=chain.usdc.address,
-                                                    authorizer=wallet.address, nonce=nonce,
-                                                    token_name=network_of(chain).token_domain.name,
-                                                    token_version=network_of(chain).token_domain.version)
-            signature = typed_data.sign_typed_data(wallet.key, typed)
-            chain.usdc.functions.cancelAuthorization(wallet.address, bytes.fromhex(nonce[2:]),
-                                                     bytes.fromhex(signature[2:])).transact(
-                {"from": chain.accounts.stranger.address})
-            mined_what_was_sent()
-            cancelled.append(True)
-        return submit(transaction_id=transaction_id)
+    def cancelled_on_chain_by_the_buyer():
+        nonce = UsageAgreement.objects.get(pk=proposed["id"]).payment_authorization.nonce
+        typed = typed_data.cancel_authorization(chain_id=chain.chain_id, token_address=chain.usdc.address,
+                                                authorizer=wallet.address, nonce=nonce,
+                                                token_name=network_of(chain).token_domain.name,
+                                                token_version=network_of(chain).token_domain.version)
+        signature = typed_data.sign_typed_data(wallet.key, typed)
+        chain.usdc.functions.cancelAuthorization(wallet.address, bytes.fromhex(nonce[2:]),
+                                                 bytes.fromhex(signature[2:])).transact(
+            {"from": chain.accounts.stranger.address})
+        mined_what_was_sent()
+        cancelled.append(True)
 
-    monkeypatch.setattr(relayer, "transaction_submit", cancelled_first)
+    _before_the_relayers_first_send(monkeypatch, cancelled_on_chain_by_the_buyer)
 
     started = time.monotonic()
     with relayer_polling(), pytest.raises(PaymentAuthorizationCancelFailed) as failed:
