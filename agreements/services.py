@@ -1402,8 +1402,13 @@ def agreement_direct_payment_retry_begin(*, agreement_id, step: str) -> None:
     as it is now must allow it, as at accept (`_payment_policy_refusal`: else 403 naming the rule, and nothing
     changes). The purchase is then paying again, outside the transition table as after a reorg: payment_failed counts
     nothing against the caps, and it counts from now while it is paid. Call inside the transaction that queues the
-    retry."""
+    retry. Refused (409 `purchase_paid_already`) once the purchase names a transfer (its payment_tx_hash: the watch
+    found the buyer's authorization used after the failure): the chain shows the price paid, a retry pays it again."""
     agreement = _lock(agreement_id)
+    if agreement.payment_tx_hash:
+        raise Conflict(f"The chain shows this purchase paid (tx {agreement.payment_tx_hash}): {step} is not sent "
+                       "again.", code="purchase_paid_already",
+                       details={"agreement_id": str(agreement.pk), "payment_tx_hash": agreement.payment_tx_hash})
     _retry_policy_check(agreement)
     if agreement.status == S.PAYMENT_FAILED:
         _status_set_outside_table(agreement, to=S.PAYING, reason=f"an operator sent {step} again", fields={},

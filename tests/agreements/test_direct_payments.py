@@ -1894,3 +1894,37 @@ def test_the_watch_of_a_failed_purchases_authorization_ends_once_it_ran_out(
 
     assert reads == [agreement["id"]] * 2
     assert UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization_watch_ended_at
+
+
+@pytest.mark.parametrize("failed_at", ["fee_permit", "fee"])
+def test_an_operators_retry_of_a_failed_purchase_whose_authorization_was_used_since_is_refused(
+        purchase, django_capture_on_commit_callbacks, settings, failed_at):
+    """A purchase failed at a fee step, then the watch found its buyer's authorization used (it names that transfer,
+    its payment_tx_hash): the chain shows the seller paid. An operator's retry of the failed step took the fee again
+    and sent a payment the token refuses (or paid twice had the buyer signed anew): refused, 409
+    `purchase_paid_already`, nothing queued, the purchase left as it is."""
+    from tests.support.operators import operator_client
+
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    _fee_step_fails(purchase, agreement["id"], capture, failed_at)
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
+    for _ in range(2):
+        confirm_all(capture)
+        with capture(execute=True):
+            agreement_tasks.watch_closed_direct_proposals()
+    assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == used_by
+    failed = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose=f"direct_{failed_at}", status="failed")
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    get_user_model().objects.create_superuser("operator", "operator@example.com", "operator-password")
+    operator = operator_client("operator", "operator-password")
+
+    with capture(execute=True):
+        page = operator.post("/admin/escrow/chaintransaction/",
+                             {"action": "retry_failed", "_selected_action": [str(failed.pk)]}, follow=True)
+
+    told = [str(message) for message in page.context["messages"]]
+    assert "Queued 0 transaction(s) again." in told and any("(purchase_paid_already)" in m for m in told), told
+    assert ChainTransaction.objects.filter(agreement_id=agreement["id"], purpose=f"direct_{failed_at}").count() == 1
+    after = purchase.parties.agreement(agreement["id"])
+    assert (after["status"], after["payment_tx_hash"]) == ("payment_failed", used_by), after
