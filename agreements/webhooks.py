@@ -335,14 +335,20 @@ def delivery_redeliver(*, delivery: WebhookDelivery) -> WebhookDelivery:
     """Operator or agent asks to send a delivered or failed event again. Not a pending one (409): replayed again and
     again, its attempts reset and a post queued each time, it was posted without end. Not a deleted subscription's:
     nothing more goes to its URL, and the delivery would stay pending for ever."""
-    if not WebhookSubscription.objects.filter(pk=delivery.subscription_id, is_active=True).exists():
-        raise Conflict("The delivery's webhook subscription was deleted: nothing more is sent to it.",
-                       code="webhook_subscription_deleted")
-    ended = WebhookDelivery.objects.filter(pk=delivery.pk, status__in=[DeliveryStatus.DELIVERED, DeliveryStatus.FAILED])
-    if not ended.update(status=DeliveryStatus.PENDING, next_attempt_at=timezone.now(), attempts=0):
-        raise Conflict("The delivery is still being tried; replay it once it is delivered or has failed.",
-                       code="webhook_delivery_pending")
-    _send_after_commit(delivery.pk)
+    with transaction.atomic():
+        # The subscription's row held until the delivery is pending: a deletion committed between the check and the
+        # write left it pending (the 202 saying queued) for a subscription that sends nothing. A deletion now waits,
+        # then ends it failed as it ends every pending one; one committed first is seen here.
+        if not WebhookSubscription.objects.select_for_update().filter(
+                pk=delivery.subscription_id, is_active=True).values_list("pk", flat=True):
+            raise Conflict("The delivery's webhook subscription was deleted: nothing more is sent to it.",
+                           code="webhook_subscription_deleted")
+        ended = WebhookDelivery.objects.filter(pk=delivery.pk,
+                                               status__in=[DeliveryStatus.DELIVERED, DeliveryStatus.FAILED])
+        if not ended.update(status=DeliveryStatus.PENDING, next_attempt_at=timezone.now(), attempts=0):
+            raise Conflict("The delivery is still being tried; replay it once it is delivered or has failed.",
+                           code="webhook_delivery_pending")
+        _send_after_commit(delivery.pk)
     delivery.refresh_from_db()
     return delivery
 

@@ -710,3 +710,41 @@ def test_pausing_a_subscription_deleted_meanwhile_is_404(seller, seller_api, htt
     response = seller_api.post(f"/agents/{seller.pk}/webhooks/{subscription['id']}/{verb}")
     assert response.status_code == 404 and error_code(response) == "webhook_not_found", response.content
     assert not WebhookSubscription.objects.get(pk=subscription["id"]).is_active
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_replay_racing_its_subscriptions_deletion_leaves_no_delivery_pending(
+        seller, service, http_server, monkeypatch):
+    """The replay checked the subscription live, its deletion committed (ending the deliveries pending then, not this
+    one, delivered), and the replay's write made it pending after: queued for a subscription that sends nothing (the 202 said
+    queued), which a worker ended as failed later. The replay holds the subscription's row: the deletion waits for it, then ends it."""
+    from django.db import connections
+
+    buyer_api = Api(issue_key(AgentFactory(is_buyer=True, is_seller=False)))
+    seller_api = Api(issue_key(seller, scope="admin"))
+    subscription = subscribe(seller_api, http_server.url, event_types=["agreement.proposed"])
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+    delivery = WebhookDelivery.objects.get()
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(status=DeliveryStatus.DELIVERED)
+    deleting = threading.Thread(target=lambda: (
+        seller_api.delete(f"/webhooks/{subscription['id']}"), connections.close_all()))
+    filter_deliveries = WebhookDelivery.objects.filter
+
+    def deleted_before_the_write(*args, **kwargs):
+        if "status__in" in kwargs and not deleting.is_alive() and deleting.ident is None:
+            deleting.start()
+            deleting.join(timeout=2)  # done unless it waits for a lock the replay holds
+        return filter_deliveries(*args, **kwargs)
+
+    monkeypatch.setattr(WebhookDelivery.objects, "filter", deleted_before_the_write)
+    # No worker: the state the two requests leave is what is read (a worker's send ended it failed later).
+    monkeypatch.setattr(webhooks, "_send_after_commit", lambda delivery_id: None)
+    replayed = seller_api.post(f"/agents/{seller.pk}/webhooks/deliveries/{delivery.pk}/replay")
+    monkeypatch.undo()
+    deleting.join(timeout=10)
+
+    assert replayed.status_code == 202, replayed.content  # it took the row first; the deletion came after
+    assert not WebhookSubscription.objects.get(pk=subscription["id"]).is_active
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.last_error) == (DeliveryStatus.FAILED, "the subscription was deleted")
