@@ -244,8 +244,11 @@ def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None
     now = timezone.now()
     lease_seconds = settings.WEBHOOK_TIMEOUT_SECONDS + _LEASE_MARGIN_SECONDS
     with transaction.atomic():
+        # The delivery's row alone: its subscription's too (skip-locked) made a claim of another delivery to it at
+        # the same moment, a common pair (two events of one commit), skip it until the retry sweep. A deletion or
+        # pause committed meanwhile is read by the next claim; one committed before is seen here.
         delivery = (
-            WebhookDelivery.objects.select_for_update(skip_locked=True, of=("self", "subscription"))
+            WebhookDelivery.objects.select_for_update(skip_locked=True, of=("self",))
             .select_related("subscription__agent")
             .filter(_TAKEN, pk=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now).first()
         )

@@ -748,3 +748,35 @@ def test_a_replay_racing_its_subscriptions_deletion_leaves_no_delivery_pending(
     assert not WebhookSubscription.objects.get(pk=subscription["id"]).is_active
     delivery.refresh_from_db()
     assert (delivery.status, delivery.last_error) == (DeliveryStatus.FAILED, "the subscription was deleted")
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_deliveries_of_one_subscription_taken_at_once_are_both_sent(seller, http_server, monkeypatch):
+    """A worker's claim of a delivery locked its subscription's row too, skip-locked: the other outbound worker's
+    claim of another delivery to the same subscription meanwhile (two events of one commit: 14 and 18 pairs in 20,
+    measured with two workers) found it locked and did nothing, the delivery left for the retry sweep (every 30 s).
+    The claim locks the delivery alone: one delivery is still never sent by two workers at once."""
+    from django.db import connections
+
+    subscription = WebhookSubscription.objects.create(agent=seller, url=f"{http_server.url}/hooks", secret="s")
+    first, second = (WebhookDelivery.objects.create(subscription=subscription, event_type="agreement.accepted",
+                                                    payload={"id": f"evt_{n}"}, next_attempt_at=timezone.now())
+                     for n in (1, 2))
+    monkeypatch.setattr(deliver_webhook, "apply_async", lambda *args, **kwargs: None)  # no retry message: no worker
+    held = webhooks.outbound_slots.held
+
+    @contextlib.contextmanager
+    def the_other_worker_meanwhile(shares, **kwargs):
+        if not other.is_alive() and other.ident is None:  # inside the first claim's transaction
+            other.start()
+            other.join(timeout=10)
+        with held(shares, **kwargs) as free:
+            yield free
+
+    other = threading.Thread(target=lambda: (deliver_webhook(str(second.pk)), connections.close_all()))
+    monkeypatch.setattr(webhooks.outbound_slots, "held", the_other_worker_meanwhile)
+    deliver_webhook(str(first.pk))
+
+    assert sorted(WebhookDelivery.objects.values_list("status", flat=True)) == [DeliveryStatus.DELIVERED] * 2
+    assert len(http_server.requests) == 2
