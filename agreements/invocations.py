@@ -56,7 +56,7 @@ from agreements.models import (
     SkillInvocation,
 )
 from catalog.models import Agent, Skill
-from marketplace import bounded_json, outbound, outbound_slots, rotation, sweeps
+from marketplace import bounded_json, money, outbound, outbound_slots, rotation, sweeps
 from marketplace.concurrency import Bulkhead
 from marketplace.errors import Conflict, NotFound, TooManyRequests
 from sdk import proxy_signature
@@ -123,12 +123,14 @@ def invocation_fee(*, amount: int) -> int:
 
 
 def invocation_priced_check(skill: Skill) -> tuple[int, int]:
-    """The skill's price and fee, before anything is quoted or paid: 409 `skill_not_priced` for a free skill (x402
+    """The skill's price and fee, before anything is quoted or paid: 400 `amount_too_large` for a price above the
+    platform's ceiling (lowered since it was published), 409 `skill_not_priced` for a free skill (x402
     pays positive amounts only), 409 `skill_price_below_fee` for one the fee would take whole (the seller would be
     paid nothing and the relayer pay the gas)."""
     price = invocation_price(skill)
     if not price:
         raise Conflict("This skill has no price: x402 pays positive amounts only.", code="skill_not_priced")
+    money.amount_within_limit(price)
     return price, invocation_fee_above_price(price=price)
 
 

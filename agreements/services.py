@@ -80,7 +80,7 @@ from agreements.x402_protocol import payment_verify as payment_verify
 from agreements.x402_protocol import simulation_rejection as simulation_rejection
 from agreements.x402_protocol import token_domain_reader_register as token_domain_reader_register
 from catalog.models import Agent, Service, ServiceState, Skill
-from marketplace import chainconfig, sweeps
+from marketplace import chainconfig, money, sweeps
 from sdk import typed_data
 from sdk.terms import terms_hash
 from marketplace.errors import (ApplicationError, Conflict, DependencyUnavailable, Forbidden, InvalidInput,
@@ -200,11 +200,11 @@ def _fee_within_bounds(*, amount: int, schedule: FeeSchedule) -> int:
 def fee_and_total_for(*, amount: int, purpose: str, schedule: FeeSchedule) -> tuple[int, int]:
     """(fee, what the buyer pays) for `amount`: a direct purchase pays the fee on top; a skill invocation's price
     includes its fee (x402 pays exactly the price; the fee is kept from the seller's payout), refused as the skill route
-    refuses it when the fee would take it whole (409 `skill_price_below_fee`), and a direct purchase above
-    AGREEMENT_MAX_AMOUNT as its proposal refuses it (400 `amount_too_large`)."""
+    refuses it when the fee would take it whole (409 `skill_price_below_fee`), and either above AGREEMENT_MAX_AMOUNT
+    as its proposal or the skill's call refuses it (400 `amount_too_large`)."""
+    money.amount_within_limit(amount)  # as its proposal or the skill's call would refuse it
     if purpose == "skill_invocation":
         return invocations.invocation_fee_above_price(price=amount), amount
-    _amount_within_limit(amount)  # as its proposal would refuse it
     fee = _fee_within_bounds(amount=amount, schedule=schedule)
     return fee, amount + fee
 
@@ -499,14 +499,8 @@ def _deposit(*, service: Service, quantity: int) -> int:
     deposit = quantity * service.unit_price
     if deposit <= 0:
         raise InvalidInput("The agreement's amount must be positive.", code="amount_zero")
-    _amount_within_limit(deposit)
+    money.amount_within_limit(deposit)
     return deposit
-
-
-def _amount_within_limit(amount: int) -> None:
-    if amount > settings.AGREEMENT_MAX_AMOUNT:
-        raise InvalidInput("The agreement's amount is above the platform limit.", code="amount_too_large",
-                           details={"max_amount_atomic": settings.AGREEMENT_MAX_AMOUNT})
 
 
 def _with_direct_payment(proposal: Proposal, *, payment_header: str, fee_permit: dict) -> Proposal:

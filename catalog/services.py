@@ -26,7 +26,7 @@ from catalog.models import (
     UpstreamProtocol,
     new_proxy_secret,
 )
-from marketplace import masumi_agentic_client, outbound, outbound_slots, rotation, shown_text, sweeps
+from marketplace import masumi_agentic_client, money, outbound, outbound_slots, rotation, shown_text, sweeps
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.fields import checksum_address
 from marketplace.keys import issue_secret
@@ -223,9 +223,8 @@ def _price_within_limit(price: int | None, *, field: str) -> None:
     """A price no agreement may hold is not published: the largest an agreement holds (AGREEMENT_MAX_AMOUNT) is the
     platform's ceiling, as the agreement's proposal refuses more (and a JSON integer past 2**53 is read as another
     number by a JavaScript client)."""
-    if price is not None and price > settings.AGREEMENT_MAX_AMOUNT:
-        raise InvalidInput("The price is above the platform limit.", code="amount_too_large",
-                           details={"max_amount_atomic": settings.AGREEMENT_MAX_AMOUNT, "field": field})
+    if price is not None:
+        money.amount_within_limit(price, field=field)
 
 
 def _terms_held(model: type[Tag] | type[ServiceName], names: list[str]) -> dict:

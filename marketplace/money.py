@@ -1,10 +1,15 @@
 """Amounts for people: token units with the symbol, beside the exact integer base units the system keeps.
 
-Money is stored and computed in integer base units (USDC: 6 decimals, 1 USDC = 1_000_000); this module only
-renders it. Nothing here rounds: 0.003 USDC stays 0.003 USDC, so what an operator reads is what moved.
+Money is stored and computed in integer base units (USDC: 6 decimals, 1 USDC = 1_000_000); this module renders it
+and holds the platform's ceiling on one payment. Nothing here rounds: 0.003 USDC stays 0.003 USDC, so what an operator
+reads is what moved.
 """
 
 from decimal import Decimal, localcontext
+
+from django.conf import settings
+
+from marketplace.errors import InvalidInput
 
 # Decimals of the tokens services may be priced in (settings.SUPPORTED_TOKENS); unknown symbols get USDC's.
 TOKEN_DECIMALS = {"USDC": 6}
@@ -28,3 +33,16 @@ def native_units(wei: int) -> str:
     with localcontext(prec=100):  # any uint256 (78 digits): the default 28 digits cannot quantize one
         value = Decimal(int(wei)).scaleb(-NATIVE_DECIMALS).quantize(Decimal("0.000001"))
         return f"{value.normalize():f} {NATIVE_SYMBOL}"
+
+
+def amount_within_limit(amount: int, *, field: str | None = None) -> None:
+    """The platform's ceiling on one payment (AGREEMENT_MAX_AMOUNT), 400 `amount_too_large`: checked where a price is
+    published and again where a stored price becomes money (a proposal's deposit, a skill's quote and payment), as the
+    operator may have lowered the ceiling since the price was published. `field`: the published field, named in the
+    details."""
+    if amount > settings.AGREEMENT_MAX_AMOUNT:
+        details: dict = {"max_amount_atomic": settings.AGREEMENT_MAX_AMOUNT}
+        if field:
+            details["field"] = field
+        raise InvalidInput("The amount is above the platform limit (AGREEMENT_MAX_AMOUNT).", code="amount_too_large",
+                           details=details)

@@ -72,10 +72,12 @@ def test_a_skill_invocation_the_fee_would_take_whole_is_refused_as_its_invocatio
 
 
 @pytest.mark.parametrize("params", [{"amount_atomic": 10**12 + 1}, {"amount_atomic": 2**256 - 1},
-                                    {"amount_cents": 10**12}])
-def test_a_direct_purchase_above_the_platform_limit_is_refused_as_its_proposal_would_be(buyer_api, params):
+                                    {"amount_cents": 10**12},
+                                    {"amount_atomic": 10**12 + 1, "purpose": "skill_invocation"}],
+                         ids=["atomic", "uint256_max", "cents", "skill_invocation"])
+def test_an_amount_above_the_platform_limit_is_refused_as_its_proposal_or_invocation_would_be(buyer_api, params):
     """It was quoted 200 for a purchase its proposal refuses (`amount_too_large`), at 2**256 - 1 with a total past
-    uint256, which no token transfer or permit carries."""
+    uint256, which no token transfer or permit carries; and for a skill price its call refuses."""
     response = buyer_api.get("/payment-requirements", params)
     assert response.status_code == 400, response.content
     assert response.json()["error"]["code"] == "amount_too_large"

@@ -1796,3 +1796,21 @@ def test_a_payment_valid_far_longer_than_the_402_asked_is_refused(market):
         response.content
     assert market.upstream.requests == [] and market.balances() == before
     assert not SkillInvocation.objects.exists() and not ChainTransaction.objects.exists()
+
+
+def test_a_skill_priced_above_a_since_lowered_platform_limit_is_400_before_any_quote_or_payment(market, settings):
+    """A price published under a higher AGREEMENT_MAX_AMOUNT was still quoted and paid once the operator lowered it:
+    only publishing checked the ceiling. Refused as a proposal above it is (400 `amount_too_large`), nothing
+    recorded, relayed or sent to the seller."""
+    payment = market.pay("translate")  # signed while the price was within the limit
+    settings.AGREEMENT_MAX_AMOUNT = PRICE - 1
+
+    for signed in (None, payment):
+        refused = market.call("translate", signed)
+        assert refused.status_code == 400, refused.content
+        assert error_code(refused) == "amount_too_large"
+        assert refused.json()["error"]["details"] == {"max_amount_atomic": PRICE - 1}
+    assert not SkillInvocation.objects.exists() and not ChainTransaction.objects.exists()
+    assert market.upstream.requests == []
+    settings.AGREEMENT_MAX_AMOUNT = PRICE
+    assert market.call("translate").status_code == 402  # at the limit: quoted
