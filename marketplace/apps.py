@@ -8,12 +8,13 @@ class MarketplaceConfig(AppConfig):
     verbose_name = "Marketplace platform"
 
     def ready(self):
-        from marketplace import caching, chainconfig, dead_letters, metrics
+        from marketplace import caching, chainconfig, dead_letters, metrics, money
 
         metrics.task_failures_count()
         dead_letters.panels_register()
         checks.register(chainconfig.signing_keys_check)
         checks.register(caching.shared_cache_check, deploy=True)
+        checks.register(money.amount_limit_check)
 
 
 class OperatorAdminConfig(admin_apps.AdminConfig):

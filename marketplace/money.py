@@ -8,8 +8,13 @@ reads is what moved.
 from decimal import Decimal, localcontext
 
 from django.conf import settings
+from django.core import checks
 
 from marketplace.errors import InvalidInput
+
+# The largest integer a JavaScript client's JSON.parse reads exactly (Number.MAX_SAFE_INTEGER): the API's amounts are
+# JSON integers, and one past it reads as a neighbouring number, silently.
+JAVASCRIPT_EXACT_MAX = 2**53 - 1
 
 # Decimals of the tokens services may be priced in (settings.SUPPORTED_TOKENS); unknown symbols get USDC's.
 TOKEN_DECIMALS = {"USDC": 6}
@@ -46,3 +51,16 @@ def amount_within_limit(amount: int, *, field: str | None = None) -> None:
             details["field"] = field
         raise InvalidInput("The amount is above the platform limit (AGREEMENT_MAX_AMOUNT).", code="amount_too_large",
                            details=details)
+
+
+def amount_limit_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """Django system check (W003): AGREEMENT_MAX_AMOUNT within what a JavaScript client reads exactly. A warning, not
+    an error: the server and the SDK read every amount exactly, and a token of 18 decimals needs a ceiling past 2**53
+    base units (0.009 of it); with USDC's 6 decimals that ceiling is above 9 billion USDC, most likely a typo."""
+    if settings.AGREEMENT_MAX_AMOUNT <= JAVASCRIPT_EXACT_MAX:
+        return []
+    return [checks.Warning(
+        f"AGREEMENT_MAX_AMOUNT ({settings.AGREEMENT_MAX_AMOUNT}) is above {JAVASCRIPT_EXACT_MAX} (2**53 - 1): the API "
+        "gives amounts as JSON integers, which a JavaScript client (JSON.parse) reads inexactly past it.",
+        hint="Lower AGREEMENT_MAX_AMOUNT, or have JavaScript clients parse amounts as BigInt.", obj=__name__,
+        id="marketplace.W003")]

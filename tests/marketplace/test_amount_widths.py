@@ -1,7 +1,10 @@
 """Token amounts end to end: what the API takes is what the database keeps and gives back, on PostgreSQL and on the
 embedded SQLite default (`make run`), whose columns hold a signed 64-bit integer exactly and no more."""
 
+import io
+
 import pytest
+from django.core.management import call_command
 
 from catalog.models import Service
 from tests.catalog.factories import register_service, service_data
@@ -98,3 +101,20 @@ def test_an_amount_in_a_query_string_is_ascii_digits_only(buyer_api, amount):
 def test_a_price_in_a_body_is_a_json_integer(seller_api, amount, code):
     response = seller_api.post("/agents/services", service_data(pricing=_pricing(amount)))
     assert code in codes_at(response, "pricing", "unit_price_atomic")
+
+
+JAVASCRIPT_EXACT_MAX = 2**53 - 1  # Number.MAX_SAFE_INTEGER
+
+
+def test_a_ceiling_past_what_javascript_reads_exactly_is_a_system_check_warning(settings):
+    """The API's amounts are JSON integers: with AGREEMENT_MAX_AMOUNT above 2**53 - 1 a price or deposit the API
+    accepts reads as another number in a JavaScript client (JSON.parse), silently, and `check` said nothing."""
+    settings.AGREEMENT_MAX_AMOUNT = JAVASCRIPT_EXACT_MAX + 1
+    out = io.StringIO()
+    call_command("check", stdout=out, stderr=out)
+    assert "marketplace.W003" in out.getvalue() and str(JAVASCRIPT_EXACT_MAX) in out.getvalue(), out.getvalue()
+
+    settings.AGREEMENT_MAX_AMOUNT = JAVASCRIPT_EXACT_MAX
+    out = io.StringIO()
+    call_command("check", stdout=out, stderr=out)
+    assert "marketplace.W003" not in out.getvalue()
