@@ -191,10 +191,10 @@ def payment_response_header(authorization: Authorization, *, tx_hash: str) -> di
 
 
 def payment_required_quote(requirements: PaymentRequirements, *, holder: str, url: str, description: str,
-                           error: str) -> tuple[PaymentRequired, dict[str, str]]:
-    """x402's 402 for `requirements`, with an authorization quoted for `holder` (`quote_issue`): its
-    `PaymentRequired` body and headers."""
-    quoted = quote_issue(requirements, holder=holder)
+                           error: str, now: int | None = None) -> tuple[PaymentRequired, dict[str, str]]:
+    """x402's 402 for `requirements`, with an authorization quoted for `holder` (`quote_issue`, its window counted
+    from `now`): its `PaymentRequired` body and headers."""
+    quoted = quote_issue(requirements, holder=holder, now=now)
     required = payment_required(requirements=quoted, url=url, description=description, error=error)
     return required, payment_required_headers(requirements=quoted, required=required)
 
@@ -228,7 +228,7 @@ def is_bare_signature(header: str) -> bool:
 
 
 def quoted_authorization(signature: str, requirements: PaymentRequirements, *, payer: str | None,
-                         holder: str) -> Authorization:
+                         holder: str, chain_clock: Callable[[], int] | None = None) -> Authorization:
     """The authorization a bare signature signs: one that this resource's 402 quoted `holder`, from `payer`."""
     if not payer:
         raise InvalidPayment("payer_unknown", f"A bare signature needs its payer: call with your agent's API key, "
@@ -242,7 +242,7 @@ def quoted_authorization(signature: str, requirements: PaymentRequirements, *, p
         if _signed_by(authorization, signature, asset=requirements.asset):
             return check(PaymentPayload(payload=ExactEIP3009Payload(authorization, signature).to_dict(),
                                         accepted=requirements), requirements,
-                         max_validity_seconds=_validity_asked(requirements))
+                         max_validity_seconds=_validity_asked(requirements), chain_clock=chain_clock)
     raise InvalidPayment("no_quoted_authorization", "This signature is not the payer's over any authorization "
                                                     "this resource quoted you: sign the 402's nonce and window "
                                                     "(X-Payment-Nonce, -Valid-After, -Valid-Before), from the "
@@ -250,15 +250,17 @@ def quoted_authorization(signature: str, requirements: PaymentRequirements, *, p
 
 
 def payment_verify(header: str, requirements: PaymentRequirements, *, payer: str | None, holder: str,
-                   is_retry: RetryCheck | None = None) -> Authorization:
-    """The authorization a signed payment carries, checked against `requirements` without the chain: an x402
-    payment payload, or a bare signature of an authorization quoted to `holder` from `payer`. An authorization
-    the platform already took is refused (naming what it bought when `is_retry` says the call is its caller's
-    retry). Raises InvalidPayment."""
+                   is_retry: RetryCheck | None = None, chain_clock: Callable[[], int] | None = None) -> Authorization:
+    """The authorization a signed payment carries, checked against `requirements` without the chain (but its clock,
+    `chain_clock`, when ours refuses the window: see `check`): an x402 payment payload, or a bare signature of an
+    authorization quoted to `holder` from `payer`. An authorization the platform already took is refused (naming
+    what it bought when `is_retry` says the call is its caller's retry). Raises InvalidPayment."""
     if is_bare_signature(header):
-        authorization = quoted_authorization(header, requirements, payer=payer, holder=holder)
+        authorization = quoted_authorization(header, requirements, payer=payer, holder=holder,
+                                             chain_clock=chain_clock)
     else:
-        authorization = check(decode(header), requirements, max_validity_seconds=_validity_asked(requirements))
+        authorization = check(decode(header), requirements, max_validity_seconds=_validity_asked(requirements),
+                              chain_clock=chain_clock)
     authorization_refuse_replay(authorization, is_retry=is_retry)
     return authorization
 
@@ -285,11 +287,13 @@ def decode(header: str) -> PaymentPayload:
 
 
 def check(payload: PaymentPayload, requirements: PaymentRequirements, *, max_validity_seconds: int,
-          min_validity_seconds: int = 6, now: int | None = None) -> Authorization:
+          min_validity_seconds: int = 6, now: int | None = None,
+          chain_clock: Callable[[], int] | None = None) -> Authorization:
     """Everything but the chain: scheme, network, recipient, amount, validity window and the payer's signature.
     `max_validity_seconds`: the furthest validBefore may be (400/402 `payment_valid_too_long` beyond): an authorization
     is bearer until then whatever becomes of its purchase, and a closed or failed one is watched from the chain that
-    long."""
+    long. The window is checked at `now` (our clock by default); refused there, at `chain_clock()` (the next block's
+    time) when given, which decides."""
     if payload.accepted.scheme != evm.SCHEME_EXACT:
         raise _reject(evm.ERR_UNSUPPORTED_SCHEME, "Only the x402 'exact' scheme is accepted.")
     if payload.accepted.network not in (requirements.network, settings.CHAIN_NETWORK):
@@ -326,18 +330,31 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, max_val
     if values.amount != int(requirements.amount):
         raise _reject(evm.ERR_AUTHORIZATION_VALUE_MISMATCH,
                       f"The authorization must be for exactly {requirements.amount} base units.")
-    now = int(time.time()) if now is None else now
-    if values.valid_before < now + min_validity_seconds:
-        raise _reject(evm.ERR_VALID_BEFORE_EXPIRED,
-                      f"validBefore must be at least {min_validity_seconds} s in the future.")
-    if values.valid_after > now:
-        raise _reject(evm.ERR_VALID_AFTER_FUTURE, "validAfter is in the future.")
-    if values.valid_before > now + max_validity_seconds:
-        raise InvalidPayment("payment_valid_too_long", f"validBefore must be at most {max_validity_seconds} s away.",
-                             details={"max_seconds": max_validity_seconds})
+    window = dict(min_validity_seconds=min_validity_seconds, max_validity_seconds=max_validity_seconds)
+    refused = _window_refusal(values, now=int(time.time()) if now is None else now, **window)
+    if refused is not None and chain_clock is not None:
+        # Our clock may have drifted from the chain's, the one the token contract checks the window against (and the
+        # buyer signed by): it decides. Read only when ours refuses, so a paid call asks the node nothing more.
+        refused = _window_refusal(values, now=chain_clock(), **window)
+    if refused is not None:
+        raise refused
     if not _signed_by(authorization, values.signature, asset=requirements.asset):
         raise _reject(evm.ERR_INVALID_SIGNATURE, "The signature is not the payer's over this authorization.")
     return values
+
+
+def _window_refusal(values: Authorization, *, now: int, min_validity_seconds: int,
+                    max_validity_seconds: int) -> InvalidPayment | None:
+    """Why the authorization's validity window is refused at `now`, or None."""
+    if values.valid_before < now + min_validity_seconds:
+        return _reject(evm.ERR_VALID_BEFORE_EXPIRED,
+                       f"validBefore must be at least {min_validity_seconds} s in the future.")
+    if values.valid_after > now:
+        return _reject(evm.ERR_VALID_AFTER_FUTURE, "validAfter is in the future.")
+    if values.valid_before > now + max_validity_seconds:
+        return InvalidPayment("payment_valid_too_long", f"validBefore must be at most {max_validity_seconds} s away.",
+                              details={"max_seconds": max_validity_seconds})
+    return None
 
 
 def _signed_by(authorization: ExactEIP3009Authorization, signature: str, *, asset: str) -> bool:

@@ -359,10 +359,8 @@ def _payment_required_response(request, skill, *, code: str, message: str, reaso
                                details: dict | None = None) -> Response:
     """x402 v2's 402: its `PaymentRequired` body (`error` is our code, as x402's error string; `message` and
     `details` beside it) and PAYMENT-REQUIRED header, with an authorization quoted for a bare signature."""
-    requirements = x402_onchain.invocation_requirements(skill)
-    required, headers = agreement_services.payment_required_quote(
-        requirements, holder=_quote_holder(request), url=request.build_absolute_uri(requirements.extra["resource"]),
-        description=skill.description or skill.name, error=code)
+    required, headers = x402_onchain.invocation_payment_required(
+        skill, holder=_quote_holder(request), absolute_url=request.build_absolute_uri, error=code)
     body = {**required.model_dump(mode="json", by_alias=True, exclude_none=True), "message": message,
             "details": {**({"x402_reason": reason} if reason else {}), **(details or {})}}
     return Response(body, status=status.HTTP_402_PAYMENT_REQUIRED, headers=headers)

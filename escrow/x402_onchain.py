@@ -18,6 +18,7 @@ Every movement is one ChainTransaction; each is queued once, by the state change
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -146,6 +147,17 @@ def invocation_requirements(skill: Skill):
             skill, pay_to=chainconfig.relayer_address(), max_timeout_seconds=INVOCATION_AUTHORIZATION_SECONDS)
 
 
+def invocation_payment_required(skill: Skill, *, holder: str, absolute_url: Callable[[str], str], error: str):
+    """The skill's 402 (`PaymentRequired` body and headers, its resource's URL made by `absolute_url`), its
+    authorization quoted for `holder` valid from the chain's clock (`deadline_clock`): the token checks the window by
+    it, and a quote counted from our clock, behind the chain's by more than the window, had expired on the chain when
+    handed out."""
+    requirements = invocation_requirements(skill)
+    return agreement_services.payment_required_quote(
+        requirements, holder=holder, url=absolute_url(requirements.extra["resource"]),
+        description=skill.description or skill.name, error=error, now=chain_clock.deadline_clock())
+
+
 @dataclass(frozen=True)
 class SignedPayment:
     """What a paid request carries: the payment header, and for a bare signature who pays and who was quoted."""
@@ -165,6 +177,7 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
     requirements = invocation_requirements(skill)
     authorization = agreement_services.payment_verify(
         payment.header, requirements, payer=payment.payer, holder=payment.holder,
+        chain_clock=chain_clock.next_block_clock_for_refusal,
         is_retry=lambda seen: agreement_services.invocation_is_retry(seen, buyer=buyer, input=input,
                                                                    retry_proof=payment.retry_proof))
     agreement_services.invocation_failures_check(seller=skill.service.seller, buyer=buyer, payer=authorization.payer,
