@@ -96,3 +96,11 @@ def deadline_clock() -> int:
     year ahead handed out activation signatures valid for a year (refused by the SDK) and a Masumi purchase's timers a
     year out (refused as more than 30 days ahead, or, its latest block lying too, the buyer's money locked a year)."""
     return max(next_block_clock_for_refusal(), int(time.time()))
+
+
+@chain.unavailable_as_503()
+def quote_clock() -> int:
+    """`deadline_clock` in one read of the node, for what is handed out on every unpaid request (a skill's 402 quote):
+    the later of our clock and the latest block's next second, which is what `deadline_clock` comes to on an honest
+    node, without its pending block's two reads. 503 when the node does not answer."""
+    return max(_latest() + 1, int(time.time()))

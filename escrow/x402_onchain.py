@@ -149,13 +149,13 @@ def invocation_requirements(skill: Skill):
 
 def invocation_payment_required(skill: Skill, *, holder: str, absolute_url: Callable[[str], str], error: str):
     """The skill's 402 (`PaymentRequired` body and headers, its resource's URL made by `absolute_url`), its
-    authorization quoted for `holder` valid from the chain's clock (`deadline_clock`): the token checks the window by
-    it, and a quote counted from our clock, behind the chain's by more than the window, had expired on the chain when
-    handed out."""
+    authorization quoted for `holder` valid from the chain's clock (`chain_clock.quote_clock`): the token checks the
+    window by it, and a quote counted from our clock, behind the chain's by more than the window, had expired on the
+    chain when handed out."""
     requirements = invocation_requirements(skill)
     return agreement_services.payment_required_quote(
         requirements, holder=holder, url=absolute_url(requirements.extra["resource"]),
-        description=skill.description or skill.name, error=error, now=chain_clock.deadline_clock())
+        description=skill.description or skill.name, error=error, now=chain_clock.quote_clock())
 
 
 @dataclass(frozen=True)
