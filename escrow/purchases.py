@@ -366,17 +366,20 @@ def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature
 
 
 def purchase_cancel_refund_request(*, purchase: MasumiPurchase, buyer: Agent) -> MasumiPurchase:
-    """Withdraw a refund request that has not reached the chain yet (no challenge queued). The purchase's row and its
-    agreement's are locked (one statement: FOR UPDATE of the join): a dispute being queued holds the agreement's and
-    checks the request still stands (`_dispute`)."""
+    """Withdraw a refund request that has not reached the chain yet (no challenge, nor zero proposal carrying it out,
+    queued). The purchase's row and its agreement's are locked (one statement: FOR UPDATE of the join): a dispute (a
+    zero proposal) being queued holds the agreement's and checks the request still stands (`_dispute`,
+    `_refund_proposal`)."""
     with transaction.atomic():
         purchase = MasumiPurchase.objects.select_for_update().select_related("agreement").get(pk=purchase.pk)
         if purchase.agreement.buyer_id != buyer.pk:
             raise Forbidden("Only the buyer cancels its refund request.", code="buyer_only")
         if purchase.refund_requested_at is None:
             return purchase
-        if purchase.agreement.status not in (S.ACTIVE, S.IN_CHALLENGE) or selectors.live_transaction(
-                agreement_id=purchase.agreement_id, purpose=TxPurpose.CHALLENGE):
+        # On the chain once its challenge, or the zero proposal that carries it out (`_refund_proposal`), is queued.
+        if purchase.agreement.status not in (S.ACTIVE, S.IN_CHALLENGE) or any(
+                selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=purpose)
+                for purpose in (TxPurpose.CHALLENGE, TxPurpose.MASUMI_REFUND_PROPOSAL)):
             raise Conflict("The refund request is already on-chain.", code="refund_already_submitted",
                            details={"status": purchase.agreement.status})
         purchase.refund_requested_at = None
@@ -400,6 +403,18 @@ _DISPUTED_IN_TIME = Q(disputed_at__lte=F("unlock_time")) | Q(refund_requested_at
 def _asked_before_the_result(purchase: MasumiPurchase) -> bool:
     return purchase.refund_requested_at is not None and (
         purchase.result_submitted_at is None or purchase.refund_requested_at < purchase.result_submitted_at)
+
+
+def _refund_proposal(purchase: MasumiPurchase, *, now: int) -> ChainTransaction | None:
+    """The zero proposal carrying out a refund request the result's late proposal left no dispute for
+    (`settlement.settlement_propose_refund`). Like `_dispute`, it reads the chain outside the request's lock: a
+    cancel-refund-request meanwhile is seen under the agreement's lock, and nothing is proposed; once it is queued,
+    the cancel is refused (409 `refund_already_submitted`)."""
+
+    def still_wanted(agreement: UsageAgreement) -> bool:
+        return MasumiPurchase.objects.filter(pk=purchase.pk, refund_requested_at__isnull=False).exists()
+
+    return settlement.settlement_propose_refund(agreement_id=purchase.agreement_id, now=now, still_wanted=still_wanted)
 
 
 def _dispute(purchase: MasumiPurchase) -> ChainTransaction:
@@ -803,7 +818,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
                 done["disputed"] += 1
             except ApplicationError as error:
                 if error.code in _DISPUTE_TOO_LATE and _asked_before_the_result(purchase):
-                    if settlement.settlement_propose_refund(agreement_id=purchase.agreement_id, now=now):
+                    if _refund_proposal(purchase, now=now):
                         done["refunding"] += 1
                 elif error.code not in _DISPUTE_NOT_NEEDED:
                     _record_error(purchase.pk, error)

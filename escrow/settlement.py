@@ -108,12 +108,16 @@ def _refund_request_stranded(agreement: UsageAgreement, *, now: int) -> bool:
 
 
 @logs_name_the_agreement
-def settlement_propose_refund(*, agreement_id, now: int) -> ChainTransaction | None:
+def settlement_propose_refund(*, agreement_id, now: int,
+                              still_wanted: Callable[[UsageAgreement], bool] = lambda agreement: True
+                              ) -> ChainTransaction | None:
     """A Masumi purchase whose buyer asked for its refund before the result, the result's proposal queued in time
     but mined by the relayer too late for the buyer's challenge (signed until unlockTime) to dispute it: the
     platform proposes a zero receipt above it (the receipt signer's, seq + 1), which restarts the window, and at its
     end `finalize` pays the buyer the whole deposit, as the reclaim of a proposal never sent that late does
-    (`_refund_request_stranded`). Once; None when nothing is left to do (`now`: the chain's clock)."""
+    (`_refund_request_stranded`). Once; None when nothing is left to do (`now`: the chain's clock), or when
+    `still_wanted(agreement)`, asked under the agreement's lock, says what asked for it was withdrawn meanwhile (the
+    buyer's refund request, whose withdrawal takes that lock too)."""
     agreement = UsageAgreement.objects.get(pk=agreement_id)
     if not _refund_proposal_may_run(agreement):
         return None
@@ -133,7 +137,7 @@ def settlement_propose_refund(*, agreement_id, now: int) -> ChainTransaction | N
         seq=seq, cumulative_amount=0, usage_digest=receipts.ZERO_DIGEST))
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
-        if not _refund_proposal_may_run(agreement):
+        if not _refund_proposal_may_run(agreement) or not still_wanted(agreement):
             return None
         return _enqueue(agreement, TxPurpose.MASUMI_REFUND_PROPOSAL, "proposeSettlement",
                         [agreement.onchain_id, terms, seq, 0, receipts.ZERO_DIGEST, signature],

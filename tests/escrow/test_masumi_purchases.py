@@ -1526,3 +1526,73 @@ def test_a_dispute_whose_challenge_is_not_found_is_looked_for_from_where_the_las
     assert len(searched_from) >= 2
     assert searched_from[-1] > chain.addresses["escrow_block"]  # was the deployment block at every tick
     assert searched_from[-1] > searched_from[0]
+
+
+def _result_proposal_mined_past_unlock_time(chain, capture, seller_service) -> Purchase:
+    """A refund asked for before the result; the result's proposal queued in time but mined by a slow relayer past
+    unlockTime, where the buyer's signed dispute can no longer run (the zero refund proposal's case)."""
+    seller_service.mode = "never"
+    purchase = Purchase(chain, capture, seller_service)
+    assert purchase.tick()["started"] == 1
+    requested = purchase.parties.buyer_api.patch("/purchase", {
+        "network": "Preprod", "blockchainIdentifier": purchase.id,
+        "signature": sign_typed_data(purchase.parties.buyer_account.key, purchase.get()["refundRequestTypedData"])})
+    assert requested.status_code == 200, requested.content
+    seller_service.mode = "result"
+    with capture(execute=False):  # the proposal queued, its submission not run: a relayer behind
+        assert purchases.purchases_jobs_tick()["results"] == 1
+    [proposal] = ChainTransaction.objects.filter(agreement_id=purchase.created["agreementId"],
+                                                 purpose=TxPurpose.PROPOSE_SETTLEMENT)
+    chain.increase_time(purchase.timers["unlockTime"] + 60 - chain.now())
+    with capture(execute=True):
+        relayer.transaction_submit(transaction_id=proposal.pk)
+    confirm_all(capture)
+    return purchase
+
+
+def test_a_refund_request_carried_out_by_a_zero_proposal_cannot_be_withdrawn(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """The zero proposal that carries out a refund request is that request on the chain: withdrawn after it was
+    queued, the buyer was answered 200 (its request withdrawn, the seller to be paid for the result) and the zero
+    proposal refunded it all the same. 409 `refund_already_submitted`, as once its challenge is queued."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = _result_proposal_mined_past_unlock_time(chain, capture, seller_service)
+    assert purchase.tick()["refunding"] == 1
+
+    withdrawn = purchase.parties.buyer_api.post("/purchase/cancel-refund-request", {
+        "network": "Preprod", "blockchainIdentifier": purchase.id})
+    assert (withdrawn.status_code, error_code(withdrawn)) == (409, "refund_already_submitted"), withdrawn.content
+    assert purchase.get()["refundRequestedAt"] is not None
+    chain.increase_time(2 * (purchase.timers["unlockTime"] - purchase.timers["payByTime"]))
+    assert purchase.settle()["finalizing"] == 1
+    confirm_all(capture)
+    purchase.assert_moved(seller=0, buyer=PRICE)
+
+
+def test_a_refund_request_withdrawn_while_its_zero_proposal_is_prepared_is_not_proposed(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
+    """The zero proposal reads the escrow before it takes the agreement's lock; the buyer's cancel-refund-request
+    arriving meanwhile found nothing queued and answered 200, and the zero proposal was queued all the same: the
+    buyer refunded after it withdrew its request, the seller unpaid for its result. Withdrawn, nothing is proposed
+    and the result's proposal pays the seller at its window's end."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = _result_proposal_mined_past_unlock_time(chain, capture, seller_service)
+    escrow_terms_of, withdrawn = settlement.selectors.escrow_terms, []
+
+    def withdrawn_meanwhile(**kwargs):
+        if not withdrawn:
+            withdrawn.append(purchase.parties.buyer_api.post("/purchase/cancel-refund-request", {
+                "network": "Preprod", "blockchainIdentifier": purchase.id}))
+        return escrow_terms_of(**kwargs)
+
+    monkeypatch.setattr(settlement.selectors, "escrow_terms", withdrawn_meanwhile)
+    assert purchase.tick()["refunding"] == 0
+    monkeypatch.undo()
+    [cancelled] = withdrawn
+    assert cancelled.status_code == 200, cancelled.content
+    assert not ChainTransaction.objects.filter(agreement_id=purchase.created["agreementId"],
+                                               purpose=TxPurpose.MASUMI_REFUND_PROPOSAL).exists()
+    chain.increase_time(2 * (purchase.timers["unlockTime"] - purchase.timers["payByTime"]))
+    assert purchase.settle()["finalizing"] == 1
+    confirm_all(capture)
+    purchase.assert_moved(seller=PRICE, buyer=0)
