@@ -113,12 +113,12 @@ def cancelled_may_still_run(*, agreement_id, purpose: str) -> bool:
             "pk", flat=True)]}).exclude(status__in=[TxStatus.CONFIRMED, TxStatus.FAILED]).exists()
 
 
-def proposal_failures(*, agreement_id) -> list[ChainTransaction]:
-    """The agreement's failed settlement proposals since an operator last retried one (that retry included),
-    newest first: the attempts the settlement tick counts against SETTLEMENT_PROPOSE_MAX_ATTEMPTS. Not those another's
-    proposal of the same or a higher receipt, mined first, made fail (their evidence names its block,
-    relayer.EVIDENCE_BLOCK: `settlement._proposed_by_another`)."""
-    proposals = ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=TxPurpose.PROPOSE_SETTLEMENT)
+def proposal_failures(*, agreement_id, purpose: str = TxPurpose.PROPOSE_SETTLEMENT) -> list[ChainTransaction]:
+    """The agreement's failed settlement proposals (of `purpose`: a Masumi refund's zero proposal counts its own)
+    since an operator last retried one (that retry included), newest first: the attempts the settlement tick counts
+    against SETTLEMENT_PROPOSE_MAX_ATTEMPTS. Not those another's proposal of the same or a higher receipt, mined
+    first, made fail (their evidence names its block, relayer.EVIDENCE_BLOCK: `settlement._proposed_by_another`)."""
+    proposals = ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=purpose)
     last_retry = proposals.filter(context__has_key=relayer.OPERATOR_RETRY_OF).order_by("-created_at").first()
     if last_retry is not None:
         proposals = proposals.filter(created_at__gte=last_retry.created_at)

@@ -145,12 +145,16 @@ def settlement_propose_refund(*, agreement_id, now: int,
 
 
 def _refund_proposal_may_run(agreement: UsageAgreement) -> bool:
-    """In the window, no challenge nor proposal under way, and no refund proposal sent before (once)."""
+    """In the window, no challenge nor proposal under way, and no refund proposal sent before (once). One that failed
+    is sent again as a settlement proposal is (`_proposal_due`): one reverting for good (the relayer's key without
+    the operator role) was queued again at every tick, a failed transaction a tick for the whole window."""
     return (agreement.status == AgreementStatus.IN_CHALLENGE and not _challenge_under_way(agreement)
             and not ChainTransaction.objects.filter(
                 agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT,
                 status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED]).exists()
-            and not selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.MASUMI_REFUND_PROPOSAL))
+            and not selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.MASUMI_REFUND_PROPOSAL)
+            and _proposal_due(selectors.proposal_failures(agreement_id=agreement.pk,
+                                                          purpose=TxPurpose.MASUMI_REFUND_PROPOSAL)))
 
 
 @logs_name_the_agreement

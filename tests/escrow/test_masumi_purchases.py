@@ -1596,3 +1596,25 @@ def test_a_refund_request_withdrawn_while_its_zero_proposal_is_prepared_is_not_p
     assert purchase.settle()["finalizing"] == 1
     confirm_all(capture)
     purchase.assert_moved(seller=PRICE, buyer=0)
+
+
+def test_a_zero_refund_proposal_that_keeps_failing_is_sent_again_with_the_proposals_backoff(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, settings):
+    """The zero proposal carrying out a refund request reverts (the relayer's key lost the escrow's operator role, say):
+    each tick of the purchases (every few seconds) queued another, a failed transaction a tick for as long as the
+    result's window lasted (unlockTime less the purchase's time, up to 30 days). It waits as a settlement proposal's
+    retry does (SETTLEMENT_PROPOSE_BACKOFF_SECONDS, doubling; none after SETTLEMENT_PROPOSE_MAX_ATTEMPTS)."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.SETTLEMENT_PROPOSE_BACKOFF_SECONDS = 3600
+    purchase = _result_proposal_mined_past_unlock_time(chain, capture, seller_service)
+    role = chain.escrow.functions.OPERATOR_ROLE().call()
+    relayer_address = gateway.relayer_account().address
+    chain.escrow.functions.revokeRole(role, relayer_address).transact({"from": chain.accounts.deployer.address})
+
+    for _ in range(3):
+        purchase.tick()
+
+    refunds = ChainTransaction.objects.filter(agreement_id=purchase.created["agreementId"],
+                                              purpose=TxPurpose.MASUMI_REFUND_PROPOSAL)
+    assert list(refunds.values_list("status", flat=True)) == ["failed"]  # was three
+    assert "NotOperatorOrSeller" in refunds.get().failure_reason
