@@ -15,6 +15,8 @@ string as forwarded are at most PROXY_MAX_URL_BYTES (414 `upstream_url_too_long`
 are ASCII digits; headers named in `Connection:` are dropped both ways; the buyer's forwarding headers are
 replaced by the platform's own `X-Forwarded-For`; the upstream's `Set-Cookie` never reaches the buyer (the buyer
 talks to the marketplace, not to the seller's site, and a seller's cookie would be set on the marketplace's host).
+The upstream's answer head is read up to PROXY_MAX_ANSWER_HEAD_BYTES (502 `upstream_answer_head_too_large` beyond)
+and its body framed as RFC 9112 says, or it is no answer (502 `upstream_unavailable`); neither is charged.
 """
 
 import functools
@@ -102,6 +104,10 @@ class UpstreamTimeout(UpstreamFailed):
 
 class UpstreamAnswerCutShort(UpstreamFailed):
     code = "upstream_answer_cut_short"
+
+
+class UpstreamAnswerHeadTooLarge(UpstreamFailed):
+    code = "upstream_answer_head_too_large"
 
 
 def _named_in_connection(headers) -> set[str]:
@@ -458,11 +464,20 @@ def _upstream_answer(request, caller: KeyHolder, terms: selectors.CallTerms, res
             request.method, terms.upstream_base_url + upstream_path, body=body,
             headers=_forward_headers(request, caller, terms, reservation, max_units, upstream_path, body),
             connect_timeout=settings.PROXY_CONNECT_TIMEOUT, read_timeout=settings.PROXY_TIMEOUT,
-            answer_timeout=settings.PROXY_ANSWER_TIMEOUT, meanwhile=charge_ahead, partition=caller.agent_id)
+            answer_timeout=settings.PROXY_ANSWER_TIMEOUT, max_head_bytes=settings.PROXY_MAX_ANSWER_HEAD_BYTES,
+            meanwhile=charge_ahead, partition=caller.agent_id)
     except TimeoutError as exc:
         metering.reservation_release(reservation=reservation)
         _observe_upstream("timeout", started)
         raise UpstreamTimeout("The seller's service did not answer in time; nothing was charged.") from exc
+    except outbound.AnswerHeadTooLarge as exc:
+        metering.reservation_release(reservation=reservation)
+        _observe_upstream("unreachable", started)
+        logger.warning("upstream answer head too large", extra={"agreement_id": str(terms.pk)})
+        limit = settings.PROXY_MAX_ANSWER_HEAD_BYTES
+        raise UpstreamAnswerHeadTooLarge(f"The seller's service answered with a head (status line and headers) "
+                                         f"larger than {limit} bytes; nothing was charged.",
+                                         details={"max_bytes": limit}) from exc
     except outbound.UPSTREAM_ERRORS as exc:
         metering.reservation_release(reservation=reservation)
         _observe_upstream("blocked" if outbound.blocked(exc) else "unreachable", started)

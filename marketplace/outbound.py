@@ -370,6 +370,30 @@ def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None
                         headers={"Accept-Encoding": ", ".join(ACCEPTED_ENCODINGS)})
 
 
+class AnswerHeadTooLarge(http.client.HTTPException):
+    """An answer whose head is larger than the call allows."""
+
+
+class _BoundedHead:
+    """An answer's socket file while its head is read (http.client reads it by lines): at most `max_bytes` in all,
+    AnswerHeadTooLarge past them, never reading beyond."""
+
+    __slots__ = ("_fp", "_left", "_max_bytes")
+
+    def __init__(self, fp, max_bytes: int):
+        self._fp, self._left, self._max_bytes = fp, max_bytes, max_bytes
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self._fp.readline(self._left + 1 if limit < 0 else min(limit, self._left + 1))
+        self._left -= len(line)
+        if self._left < 0:
+            raise AnswerHeadTooLarge(f"an answer head larger than {self._max_bytes} bytes")
+        return line
+
+    def close(self) -> None:
+        self._fp.close()
+
+
 class _FinalAnswer(http.client.HTTPResponse):
     """An answer read past any informational one (1xx but 101), as http.client skips only 100 Continue: a 103 Early
     Hints or a 102 taken for the answer left the real one unread on a kept-alive connection, for the next call on it
@@ -379,6 +403,10 @@ class _FinalAnswer(http.client.HTTPResponse):
     endlessly kept the thread parsing heads (the GIL held) until the head's timeout."""
 
     MAX_INFORMATIONAL = 5
+
+    def __init__(self, sock, debuglevel=0, method=None, url=None, *, max_head_bytes: int):
+        super().__init__(sock, debuglevel, method, url)
+        self.max_head_bytes = max_head_bytes
 
     def _read_status(self):
         while True:
@@ -395,34 +423,66 @@ class _FinalAnswer(http.client.HTTPResponse):
             http.client.parse_headers(self.fp)  # the informational answer's head, bounded as any head; dropped
 
     def begin(self):
-        """As http.client's, with the body's framing made one (RFC 9112 6.1, 6.3): a Content-Length beside chunked
-        coding is dropped (the chunks frame the body; passed on, it described bytes the caller never gets), and
-        Content-Length values that differ or are no number are refused as a malformed answer (http.client read the
-        body by the first, the proxy passed on the last). So is a head the email parser could not read whole (a space
-        before a colon, a first line folded): it took every header after the bad line for a body, and the proxy
-        charged an answer cut off at its timeout."""
-        super().begin()
+        """As http.client's, with the head bounded and the body's framing made one (RFC 9112 6.1, 6.3).
+
+        The head, informational answers' included, is read up to `max_head_bytes` (AnswerHeadTooLarge beyond):
+        http.client bounds only its lines (64 KiB) and their count (100), ~6.4 MB per answer. An answer with a
+        Transfer-Encoding is framed by chunked coding alone (`_framed_by_chunks`). Content-Length values that differ
+        or are no number are refused as a malformed answer (http.client read the body by the first, the proxy passed
+        on the last). So is a head the email parser could not read whole (a space before a colon, a first line
+        folded): it took every header after the bad line for a body, and the proxy charged an answer cut off at its
+        timeout."""
+        fp = self.fp
+        self.fp = _BoundedHead(fp, self.max_head_bytes)
+        try:
+            super().begin()
+        finally:
+            if self.fp is not None:  # None once http.client closed it (a status line that is no HTTP)
+                self.fp = fp
         if self.msg.defects:
             raise http.client.HTTPException(f"a head not read whole: {type(self.msg.defects[0]).__name__}")
-        if self.chunked:
-            del self.msg["content-length"]
+        if "transfer-encoding" in self.msg:
+            self._framed_by_chunks()
             return
         lengths = {part.strip() for value in self.msg.get_all("content-length", ()) for part in value.split(",")}
         if len(lengths) > 1 or any(not (length.isascii() and length.isdigit()) for length in lengths):
             raise http.client.HTTPException(f"Content-Length {sorted(lengths)} frames no body")
+
+    def _framed_by_chunks(self) -> None:
+        """An answer with a Transfer-Encoding: its body read by its chunks, `chunked` in any case with spaces around
+        it (http.client compared the field as it came: `chunked ` was no coding, the body read to the close with its
+        chunk sizes in it). Any other coding, or `chunked` not alone (`gzip, chunked`, `chunked, gzip`, two fields),
+        is a malformed answer, as for Go's client and nginx: http.client read those by their Content-Length, which
+        RFC 9112 6.3 says to ignore beside a Transfer-Encoding, and left the rest of the body on the kept-alive
+        connection as the next call's answer. An answer RFC 9112 says to close the connection after (chunked beside a
+        Content-Length, a Transfer-Encoding in HTTP/1.0 or on an answer without a body) leaves its connection unused
+        again; that Content-Length is dropped (passed on, it described bytes the caller never gets)."""
+        codings = [coding for coding in (part.strip().lower() for value in self.msg.get_all("transfer-encoding")
+                                         for part in value.split(",")) if coding]  # empty list elements ignored
+        if codings != ["chunked"]:
+            raise http.client.HTTPException(f"Transfer-Encoding {codings} frames no body read here")
+        beside_length = "content-length" in self.msg
+        del self.msg["content-length"]
+        # A 204, a 304 or the answer to a HEAD ends with its head, whatever it says (RFC 9112 6.3).
+        no_body = self.status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or self._method == "HEAD"
+        self.chunked, self.chunk_left, self.length = not no_body, None, 0 if no_body else None
+        self.will_close = self._check_close() or beside_length or self.version != 11 or no_body
 
 
 class _GuardedConnection(http.client.HTTPConnection):
     """http.client's connection, connecting to the vetted addresses (`vetted_addresses`) of its host, its answers
     read past informational ones (`_FinalAnswer`)."""
 
-    response_class = _FinalAnswer
-
     def __init__(self, host: str, port: int, *, connect_timeout: float, read_timeout: float):
         super().__init__(host, port, timeout=connect_timeout)
         self.read_timeout = read_timeout
+        self.max_head_bytes = 0  # the answer's head, at most: each call's (set by `_response_within`)
         self.written = 0  # bytes of the request being sent that the socket took (reset by `_send`)
         self.waited = False  # whether they waited on the upstream to read them (reset by `_send`)
+
+    def response_class(self, sock: socket.socket, debuglevel: int = 0, method: str | None = None) -> _FinalAnswer:
+        """What http.client's `getresponse` reads the answer with: a _FinalAnswer bounded by this call's head bound."""
+        return _FinalAnswer(sock, debuglevel, method, max_head_bytes=self.max_head_bytes)
 
     def send(self, data: bytes) -> None:
         """As http.client's (bytes only), counting in `written` what the socket took: a request that failed before
@@ -534,7 +594,7 @@ class UpstreamPool:
     through the address check. The metered proxy's client: httpcore (with h11, in Python) and urllib3 each cost
     0.15-0.25 ms of CPU per call on loopback, 0.65-0.8 ms when the upstream takes 20 ms; http.client 0.07 and
     0.38-0.47 ms (bench/HISTORY.md). http.client also bounds what it reads of an answer's head (100 headers,
-    64 KiB a line) and decodes chunked bodies.
+    64 KiB a line; `_FinalAnswer` bounds it in all) and decodes chunked bodies.
 
     A kept-alive connection that the upstream closed is never used (checked before each use, and closed once idle
     for IDLE_SECONDS); one that closes as a request reaches it sends the request again on a new connection when no
@@ -558,12 +618,13 @@ class UpstreamPool:
 
     def request(self, method: str, url: str, *, headers: list[tuple[str, str]], body: bytes,
                 connect_timeout: float, read_timeout: float, answer_timeout: float,
+                max_head_bytes: int = 64 * 1024,
                 meanwhile: Callable[[], Any] | None = None, partition: object = None) -> UpstreamAnswer:
         """`meanwhile` is called once the request is sent, before its answer is read: work that overlaps the
         upstream's, whose result is the answer's `meanwhile`. It must not raise (what it raises is not the
         upstream's error); if it does, the connection is closed and the error propagates. It is called once,
         even when the request is sent again. The whole answer, head and body, must be read within `answer_timeout`
-        of now."""
+        of now; its head (informational answers' included) is at most `max_head_bytes`, else AnswerHeadTooLarge."""
         ends_by = time.monotonic() + answer_timeout
         parts = urlsplit(url)
         tls = parts.scheme == "https"
@@ -604,7 +665,7 @@ class UpstreamPool:
                     if not sent:
                         sent, done_meanwhile = True, None if meanwhile is None else meanwhile()
                     try:
-                        response = _response_within(connection, read_timeout)
+                        response = _response_within(connection, read_timeout, max_head_bytes)
                         if answered_early:
                             response.will_close = True  # closed once answered, never given back
                         return UpstreamAnswer(self, key, connection, response, done_meanwhile, ends_by)
@@ -671,8 +732,11 @@ class UpstreamPool:
 _ANSWERS = Deadlines("upstream answer")
 
 
-def _response_within(connection: _GuardedConnection, seconds: float) -> http.client.HTTPResponse:
-    """The answer's head, read within `seconds` in all, else TimeoutError (the connection is then unusable)."""
+def _response_within(connection: _GuardedConnection, seconds: float,
+                     max_head_bytes: int) -> http.client.HTTPResponse:
+    """The answer's head, read within `seconds` in all, else TimeoutError, and at most `max_head_bytes`, else
+    AnswerHeadTooLarge (the connection is then unusable)."""
+    connection.max_head_bytes = max_head_bytes
     with _ANSWERS.bound(connection.sock, seconds):
         return connection.getresponse()
 

@@ -643,6 +643,9 @@ PROXY_MAX_REQUEST_BYTES = env.int("PROXY_MAX_REQUEST_BYTES", default=2_621_440)
 # Longest path and query string (escaped, after the service's base URL) the metered proxy forwards; longer is 414
 # upstream_url_too_long, never forwarded (common servers read request lines of about 8 KiB: nginx, Apache).
 PROXY_MAX_URL_BYTES = env.int("PROXY_MAX_URL_BYTES", default=8192)
+# Largest head (status line and headers, informational answers' included) of a seller's answer the metered proxy
+# reads; larger is 502 upstream_answer_head_too_large, nothing charged. http.client alone reads 100 lines of 64 KiB.
+PROXY_MAX_ANSWER_HEAD_BYTES = env.int("PROXY_MAX_ANSWER_HEAD_BYTES", default=64 * 1024)
 # Request bodies are read ahead of the application by at most this many threads of a web process per client address
 # and in all; a request with a body beyond either is answered 503 request_bodies_busy at once, unread
 # (marketplace.request_bodies: granian waits on a stalled body for ever). The defaults: a quarter and half of the

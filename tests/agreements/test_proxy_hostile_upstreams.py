@@ -6,6 +6,7 @@ import socket
 import ssl
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -230,3 +231,212 @@ def test_an_upstream_flooding_informational_answers_is_502_at_once_and_charges_n
     assert took < 1
     agreement = UsageAgreement.objects.get(pk=active.agreement_id)
     assert (agreement.used, agreement.reserved) == (0, 0)
+
+
+def _books(parties) -> tuple[int, int]:
+    agreement = UsageAgreement.objects.get(pk=parties.agreement_id)
+    return agreement.used, agreement.reserved
+
+
+def _framed_upstream(first_answer: bytes, rest: bytes, connections: list[int]):
+    """An upstream answering the call to `/framed` with `first_answer` and, once the next request on the same
+    connection is in (past the pool's check that an idle connection holds nothing unread), `rest` before that
+    request's own answer (its path, with a Content-Length); every other call with its own answer. Notes in
+    `connections` the number of the connection each request came on."""
+
+    def serve(connection, number):
+        with connection:
+            received, pending = b"", b""
+            while (request := _head(connection, received)) is not None:
+                head, received = request
+                connections.append(number)
+                path = head.split(b" ")[1]
+                if path.endswith(b"/framed"):
+                    connection.sendall(first_answer)
+                    if not rest:
+                        return  # an answer delimited by its close
+                    pending = rest
+                    continue
+                connection.sendall(pending + b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+                pending = b""
+
+    return _upstream(serve)
+
+
+_CHUNKED_BODY = b"5\r\nfirst\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize("framing, length", [
+    (b"Transfer-Encoding: gzip, chunked", 8),
+    (b"Transfer-Encoding: chunked, gzip", 8),
+    (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked", 8),
+    (b"Transfer-Encoding: chunked, chunked", 8),
+    (b"Transfer-Encoding: gzip, chunked", None),
+    (b"Transfer-Encoding: chunked, gzip", None),
+], ids=["gzip-chunked-with-length", "chunked-gzip-with-length", "two-fields-with-length", "chunked-twice-with-length",
+        "gzip-chunked-to-close", "chunked-gzip-to-close"])
+def test_an_answer_framed_by_transfer_codings_other_than_chunked_alone_is_502_charges_nothing_and_desyncs_nothing(
+        escrow_chain, django_capture_on_commit_callbacks, framing, length):
+    """http.client takes an answer as chunked only when its first Transfer-Encoding is exactly `chunked`: any other
+    (`gzip, chunked`, `chunked, gzip`, two fields) was read by its Content-Length, which RFC 9112 6.3 says to ignore
+    beside a Transfer-Encoding, or to its close, and passed on with its chunk sizes and transfer coding in it,
+    charged. Read by a Content-Length, the rest of the body stayed on the kept-alive connection and was read as the
+    answer to the buyer's next call (a 502 for it here; any answer a seller puts there). Go's client and nginx read
+    `chunked` alone; so does the proxy now."""
+    head = b"HTTP/1.1 200 OK\r\n" + framing + (b"\r\nContent-Length: %d" % length if length else b"") + b"\r\n\r\n"
+    first_answer, rest = (head + _CHUNKED_BODY[:length], _CHUNKED_BODY[length:]) if length else (
+        head + _CHUNKED_BODY, b"")
+    connections: list[int] = []
+    with _framed_upstream(first_answer, rest, connections) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        framed = _call(active, "get", f"{active.proxy}/framed")
+        assert framed.status_code == 502, (framed.status_code, _body(framed), _books(active))
+        assert error_code(framed) == "upstream_unavailable"
+        assert _books(active) == (0, 0) and not UsageEvent.objects.exists()
+        mine = _call(active, "get", f"{active.proxy}/mine")
+    assert (mine.status_code, _body(mine)) == (200, b"/api/mine")
+    assert connections == [1, 2]  # the connection of the refused answer was not used again
+    assert _books(active) == (PRICE, 0)
+
+
+@pytest.mark.parametrize("coding", [b"chunked", b"Chunked", b"CHUNKED", b"  chunked", b"chunked \t", b"chunked,"],
+                         ids=["lower", "capitalised", "upper", "spaces-before", "spaces-after", "empty-list-element"])
+def test_chunked_coding_in_any_case_or_spacing_frames_the_answer_on_a_kept_alive_connection(
+        escrow_chain, settings, django_capture_on_commit_callbacks, coding):
+    """A coding name is case-insensitive and a field's value may end in spaces (RFC 9110 5.5): http.client compared
+    the value with `chunked` as it came, spaces after it included, and read such an answer to its connection's close
+    with its chunk sizes in it (the call waiting out PROXY_TIMEOUT on a connection kept alive)."""
+    settings.PROXY_TIMEOUT = 1
+    connections: list[int] = []
+
+    def serve(connection, number):
+        with connection:
+            received = b""
+            while (request := _head(connection, received)) is not None:
+                head, received = request
+                connections.append(number)
+                path = head.split(b" ")[1]
+                connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n"
+                                   + b"%x\r\n%s\r\n0\r\n\r\n" % (len(path), path))
+
+    with _upstream(serve) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        first, second = (_call(active, "get", f"{active.proxy}/{name}") for name in ("first", "second"))
+    assert (first.status_code, _body(first), second.status_code, _body(second)) == (
+        200, b"/api/first", 200, b"/api/second")
+    assert connections == [1, 1]
+    assert _books(active) == (2 * PRICE, 0)
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 50\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n",
+], ids=["chunked-beside-a-length", "chunked-in-http-1.0"])
+def test_an_answer_whose_framing_rfc_9112_says_to_close_after_is_passed_on_and_its_connection_not_used_again(
+        escrow_chain, django_capture_on_commit_callbacks, head):
+    """Chunked coding beside a Content-Length (a sign of request smuggling or response splitting) and a
+    Transfer-Encoding in an HTTP/1.0 answer: RFC 9112 6.1 and 6.3 read the body by its chunks, then close the
+    connection. The proxy kept it alive for the buyer's next call."""
+    connections: list[int] = []
+
+    def serve(connection, number):
+        with connection:
+            received = b""
+            while (request := _head(connection, received)) is not None:
+                _, received = request
+                connections.append(number)
+                connection.sendall(head + b"2\r\nab\r\n0\r\n\r\n")
+
+    with _upstream(serve) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        first, second = (_call(active, "get", f"{active.proxy}/{name}") for name in ("first", "second"))
+    assert (first.status_code, _body(first), first.get("Content-Length")) == (200, b"ab", None)
+    assert (second.status_code, _body(second)) == (200, b"ab")
+    assert connections == [1, 2]
+    assert _books(active) == (2 * PRICE, 0)
+
+
+def test_a_204_with_chunked_coding_ends_with_its_head(escrow_chain, settings, django_capture_on_commit_callbacks):
+    """A 204 has no body, whatever its head says (RFC 9112 6.3): http.client read chunks after a 204 that named
+    chunked coding, and the call waited for them until PROXY_TIMEOUT: 502 upstream_answer_cut_short, charged."""
+    settings.PROXY_TIMEOUT = 1
+    connections: list[int] = []
+
+    def serve(connection, number):
+        with connection:
+            received = b""
+            while (request := _head(connection, received)) is not None:
+                head, received = request
+                connections.append(number)
+                path = head.split(b" ")[1]
+                connection.sendall(b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                   if path.endswith(b"/empty") else
+                                   b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+
+    with _upstream(serve) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        started = time.monotonic()
+        empty = _call(active, "get", f"{active.proxy}/empty")
+        took = time.monotonic() - started
+        mine = _call(active, "get", f"{active.proxy}/mine")
+    assert (empty.status_code, _body(empty)) == (204, b"") and took < 1
+    assert (mine.status_code, _body(mine)) == (200, b"/api/mine")
+    assert connections == [1, 2]  # a 204 naming a transfer coding (RFC 9112 6.1: a server must not) is not trusted
+    assert _books(active) == (2 * PRICE, 0)
+
+
+def _answering_with(answer: bytes):
+    """An upstream answering every call with `answer` (on a connection kept alive)."""
+
+    def serve(connection, number):
+        with connection:
+            received = b""
+            try:
+                while (request := _head(connection, received)) is not None:
+                    received = request[1]
+                    connection.sendall(answer)
+            except OSError:
+                pass  # closed before the answer was read whole
+
+    return _upstream(serve)
+
+
+_PADDED_HEAD = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-Pad-%02d: %s\r\n" % (number, b"a" * 65_000) for number in range(98))
+
+
+def test_an_answer_head_larger_than_the_proxy_reads_is_502_charges_nothing_and_holds_about_the_bound(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """http.client bounds an answer's head by its lines only (100 of 64 KiB): a seller answering with 98 headers of
+    64 KB had its ~6.4 MB read, parsed and passed on to the buyer, and was charged: 51 MB held at the peak of one call
+    (tracemalloc, the test client's copy included), times the web threads; 0.2 MB now."""
+    answer = _PADDED_HEAD + b"Content-Length: 2\r\n\r\n{}"
+    with _answering_with(answer) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        tracemalloc.start()
+        try:
+            response = _call(active, "get", f"{active.proxy}/headers")
+            held = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert response.status_code == 502, (response.status_code, len(response.serialize_headers()), held)
+    assert (error_code(response), response.json()["error"]["details"]) == (
+        "upstream_answer_head_too_large", {"max_bytes": 64 * 1024})
+    assert held < 2_000_000, f"{held / 2**20:.1f} MiB held for a {len(answer) / 2**20:.1f} MiB head"
+    assert _books(active) == (0, 0) and not UsageEvent.objects.exists()
+
+
+@pytest.mark.parametrize("informational", [False, True], ids=["final-head", "with-early-hints"])
+def test_an_answer_head_is_read_up_to_proxy_max_answer_head_bytes_exactly(
+        escrow_chain, settings, django_capture_on_commit_callbacks, informational):
+    """The bound counts the whole head, status lines and informational answers' heads included, to the byte."""
+    head = (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" if informational else b"") + (
+        b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 3000 + b"\r\nContent-Length: 2\r\n\r\n")
+    with _answering_with(head + b"{}") as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        settings.PROXY_MAX_ANSWER_HEAD_BYTES = len(head)
+        whole = _call(active, "get", f"{active.proxy}/fits")
+        settings.PROXY_MAX_ANSWER_HEAD_BYTES = len(head) - 1
+        over = _call(active, "get", f"{active.proxy}/over")
+    assert (whole.status_code, _body(whole)) == (200, b"{}")
+    assert (over.status_code, error_code(over)) == (502, "upstream_answer_head_too_large")
+    assert _books(active) == (PRICE, 0)
