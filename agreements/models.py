@@ -410,8 +410,10 @@ class ProxyReplay(models.Model):
 
     agreement = models.ForeignKey(UsageAgreement, on_delete=models.CASCADE, related_name="+")
     request_nonce = models.CharField(max_length=128)
-    request_fingerprint = models.CharField(max_length=64, help_text="sha256 of the call's method, path and body: "
-                                                                     "the nonce is refused on any other call.")
+    request_fingerprint = models.CharField(max_length=64, help_text="HMAC-SHA256 under SECRET_KEY of the call's "
+                                                                     "method, path and body (a plain hash would let "
+                                                                     "a reader test guesses of the body): the nonce "
+                                                                     "is refused on any other call.")
     status_code = models.PositiveSmallIntegerField(null=True, help_text="Null while the first call is running.")
     headers = models.JSONField(default=dict)
     body = models.BinaryField(default=b"")
