@@ -188,6 +188,9 @@ class AnvilProcess:
     chain_id: int
     log_path: Path | None = None
     _w3: Web3 | None = field(default=None, repr=False)
+    # how it was started, for restart()
+    args: tuple[str, ...] = field(default=(), repr=False)
+    die_with_parent: bool = field(default=True, repr=False)
 
     @property
     def rpc_url(self) -> str:
@@ -217,6 +220,15 @@ class AnvilProcess:
     def rpc(self, method: str, params: list | None = None) -> Any:
         """A raw JSON-RPC call (e.g. ``anvil_setBalance``)."""
         return _rpc(self.rpc_url, method, params, timeout=30.0)
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop the node and start a new one with the same arguments on the same port: a chain from genesis under the
+        URL whoever holds this node already has. Raises :class:`AnvilStartError` if the port was taken meanwhile."""
+        self.stop()
+        if _port_in_use(self.host, self.port):
+            raise AnvilStartError(f"port {self.port} on {self.host} was taken while Anvil restarted")
+        fresh = _launch(list(self.args), self.host, self.port, self.chain_id, timeout, self.die_with_parent)
+        self.process, self.log_path, self._w3 = fresh.process, fresh.log_path, None
 
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate Anvil (SIGTERM, then SIGKILL after ``timeout`` s). Idempotent."""
@@ -288,27 +300,37 @@ def start_anvil(
             if mine_each_transaction:
                 args.append("--mixed-mining")
         args += list(extra_args)
-        log = tempfile.NamedTemporaryFile(prefix="anvil-", suffix=".log", delete=False)
-        log_path = Path(log.name)
-        process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if die_with_parent and sys.platform.startswith("linux") else None,
-        )
-        log.close()
-        node = AnvilProcess(process=process, host=host, port=chosen, chain_id=chain_id, log_path=log_path)
         try:
-            _wait_until_ready(node, timeout)
-            time.sleep(0.05)
-            if not node.running:  # lost a race for the port: the answer came from another process
-                raise AnvilStartError(f"Anvil exited right after start on port {chosen}")
-            return node
+            return _launch(args, host, chosen, chain_id, timeout, die_with_parent)
         except AnvilStartError as exc:
             last_error = exc
-            node.stop()
     raise last_error or AnvilStartError("Anvil did not start")
+
+
+def _launch(args: list[str], host: str, port: int, chain_id: int, timeout: float,
+            die_with_parent: bool) -> AnvilProcess:
+    """Run Anvil with `args` (which listen on `port`) and wait until it answers; stopped again if it does not."""
+    log = tempfile.NamedTemporaryFile(prefix="anvil-", suffix=".log", delete=False)
+    log_path = Path(log.name)
+    process = subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent if die_with_parent and sys.platform.startswith("linux") else None,
+    )
+    log.close()
+    node = AnvilProcess(process=process, host=host, port=port, chain_id=chain_id, log_path=log_path,
+                        args=tuple(args), die_with_parent=die_with_parent)
+    try:
+        _wait_until_ready(node, timeout)
+        time.sleep(0.05)
+        if not node.running:  # lost a race for the port: the answer came from another process
+            raise AnvilStartError(f"Anvil exited right after start on port {port}")
+        return node
+    except AnvilStartError:
+        node.stop()
+        raise
 
 
 def start_dev_chain(*, port: int | None, chain_id: int = DEFAULT_CHAIN_ID, state: Path | None = None,

@@ -11,6 +11,10 @@ Register it once in the root conftest (``pytest_plugins = ["tests.chain_fixtures
   indirectly with a token name to run a test against either deployment
   (``@pytest.mark.parametrize("chain", TOKEN_NAMES, indirect=True)``).
 
+After each test's revert the fixture checks that the node answers a block at every height up to its head, as it did
+before the test. If not, it restarts that node, deploys on it again what was deployed there, and fails the test that
+left it so (:class:`NodeLostBlocks`): the tests after it get a whole chain.
+
 None of them touches the Django database.
 """
 
@@ -20,7 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from web3 import Web3
@@ -32,6 +36,13 @@ from escrow import devchain
 TEST_RECLAIM_GRACE = 3600
 # The token names a test can run `chain` under: Base's USDC and Base Sepolia's.
 TOKEN_NAMES = (devchain.TOKEN_NAME_BASE, devchain.TOKEN_NAME_BASE_SEPOLIA)
+# How long a revert waits for the node to mine the transactions in its pool (see Chain.settle).
+SETTLE_TIMEOUT = 5.0
+
+
+class NodeLostBlocks(AssertionError):
+    """After a test's revert the node did not answer a block at every height up to its head, or its head is not the
+    block the test started from."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +117,45 @@ class Chain:
         return self.rpc("evm_snapshot")
 
     def revert(self, snapshot_id: str) -> None:
+        self.settle()
         if not self.rpc("evm_revert", [snapshot_id]):
             raise RuntimeError(f"evm_revert({snapshot_id}) failed")
+
+    def settle(self) -> None:
+        """Wait until an automining node has mined the transactions ready in its pool. Anvil's evm_revert does not
+        wait for a block being mined (foundry-rs/foundry#4843): one mining a send it answered before mining it lands
+        after the revert, on the branch the revert removed, and the node's head is then above heights it has no
+        block at, for every later test (tests/escrow/test_devchain.py, ..._leaves_no_block_missing). A transaction
+        stays in the pool until its block is stored, so an empty pool means no block is being mined. With automine
+        off, nothing mines on its own."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while time.monotonic() < deadline:
+            automine, pool = (answer["result"] for answer in self.w3.provider.make_batch_request(
+                [("anvil_getAutomine", []), ("txpool_status", [])]))
+            if not automine or int(pool["pending"], 16) == 0:
+                return
+            time.sleep(0.005)
+
+    def lost_blocks(self, head: dict, *also: tuple[str, list]) -> str:
+        """What the node lacks of its chain up to ``head`` (a block it had, as eth_getBlockByNumber answers it): "" if
+        ``head`` is its head and it answers a block at every height. One batched request (a few milliseconds at the
+        test chain's height), which also makes the calls in ``also``."""
+        def blocks(heights: range) -> list:
+            return [answer.get("result") for answer in self.w3.provider.make_batch_request(
+                [("eth_getBlockByNumber", [hex(height), False]) for height in heights])]
+
+        height = int(head["number"], 16)
+        answers = self.w3.provider.make_batch_request(
+            [*also, ("eth_blockNumber", [])] + [("eth_getBlockByNumber", [hex(n), False]) for n in range(height + 1)])
+        answers = answers[len(also):]
+        number, below = int(answers[0]["result"], 16), [answer.get("result") for answer in answers[1:]]
+        above = blocks(range(height + 1, number + 1)) if number > height else []
+        missing = [n for n, block in enumerate(below + above) if not block]
+        if missing:
+            return f"no block at heights {missing}, its head {number}"
+        if number != height or below[-1]["hash"] != head["hash"]:
+            return f"its head is block {number}, not block {height} ({head['hash']})"
+        return ""
 
     def reorg(self, snapshot_id: str) -> None:
         """Another branch wins from the snapshot on: the chain goes back to it and grows again, in empty blocks, to
@@ -150,6 +198,23 @@ def anvil() -> Iterator[devchain.AnvilProcess]:
         node.stop()
 
 
+# Each node's deployments in the order they were made, with how to make each again (see recover_node).
+_DEPLOYMENTS: dict[int, list[tuple[Deployed, Callable[[], Deployed]]]] = {}
+
+
+def _remember(deployed: Deployed, make: Callable[[], Deployed]) -> Deployed:
+    _DEPLOYMENTS.setdefault(id(deployed.node), []).append((deployed, make))
+    return deployed
+
+
+def recover_node(node: devchain.AnvilProcess) -> None:
+    """Restart `node` (same URL, a chain from genesis) and make its deployments again, in their order, each into the
+    Deployed the session fixtures handed out."""
+    node.restart()
+    for deployed, make in _DEPLOYMENTS.get(id(node), []):
+        vars(deployed).update(vars(make()))
+
+
 def _deploy(anvil: devchain.AnvilProcess, token_name: str) -> Deployed:
     accounts = DevAccounts.from_anvil()
     w3 = anvil.w3()
@@ -177,13 +242,14 @@ def _deploy(anvil: devchain.AnvilProcess, token_name: str) -> Deployed:
 def deployed(anvil: devchain.AnvilProcess) -> Deployed:
     """MockUSDC ("USD Coin") + UsageEscrow deployed once per session; tests must use ``chain`` to get a clean
     state."""
-    return _deploy(anvil, devchain.TOKEN_NAME_BASE)
+    return _remember(_deploy(anvil, devchain.TOKEN_NAME_BASE), lambda: _deploy(anvil, devchain.TOKEN_NAME_BASE))
 
 
 @pytest.fixture(scope="session")
 def deployed_base_sepolia_token(anvil: devchain.AnvilProcess) -> Deployed:
     """MockUSDC under Base Sepolia's name ("USDC") + its own UsageEscrow, on the same node."""
-    return _deploy(anvil, devchain.TOKEN_NAME_BASE_SEPOLIA)
+    return _remember(_deploy(anvil, devchain.TOKEN_NAME_BASE_SEPOLIA),
+                     lambda: _deploy(anvil, devchain.TOKEN_NAME_BASE_SEPOLIA))
 
 
 @pytest.fixture
@@ -192,16 +258,19 @@ def chain(request: pytest.FixtureRequest) -> Iterator[Chain]:
     "USD Coin", or what the test parametrizes it with (one of TOKEN_NAMES)."""
     token_name = getattr(request, "param", devchain.TOKEN_NAME_BASE)
     with reverted(request.getfixturevalue(
-            "deployed" if token_name == devchain.TOKEN_NAME_BASE else "deployed_base_sepolia_token")) as handle:
+            "deployed" if token_name == devchain.TOKEN_NAME_BASE else "deployed_base_sepolia_token"),
+            test=request.node.nodeid) as handle:
         yield handle
 
 
 @contextmanager
-def reverted(deployed: Deployed) -> Iterator[Chain]:
+def reverted(deployed: Deployed, test: str = "the test") -> Iterator[Chain]:
     """A handle on `deployed` whose latest block is one mined now, by our clock; the chain is reverted to where it
-    was once the block ends."""
+    was once the block ends. Raises NodeLostBlocks, naming `test`, if the node then lacks a block up to its head (it
+    is recovered first: recover_node)."""
     handle = Chain(deployed)
-    snapshot_id = handle.snapshot()
+    start, snapshot_id = (answer["result"] for answer in handle.w3.provider.make_batch_request(
+        [("eth_getBlockByNumber", ["latest", False]), ("evm_snapshot", [])]))
     # evm_revert also turns the node's clock back to the snapshot's latest block, so each test would leave the chain
     # further behind ours, until deadlines a test counts from chain.now() are past by ours. Each test sets it to ours
     # and starts from a block mined at that time (after the snapshot: the chain does not grow from test to test).
@@ -212,8 +281,19 @@ def reverted(deployed: Deployed) -> Iterator[Chain]:
     finally:
         handle.revert(snapshot_id)
         # A transaction sent and not mined yet survives evm_revert (the pool says empty) and is mined in the next
-        # block: in the next test's chain, its nonce taken there.
-        handle.rpc("anvil_dropAllTransactions")
+        # block: in the next test's chain, its nonce taken there. (Dropped in the same request as the check.)
+        _check_whole(handle, start, test, ("anvil_dropAllTransactions", []))
+
+
+def _check_whole(handle: Chain, start: dict, test: str, *also: tuple[str, list]) -> None:
+    """The node is back at `start` (the block the test began from) with a block at every height below it; if not,
+    recover it for the tests after this one and fail this one."""
+    found = handle.lost_blocks(start, *also)
+    if not found:
+        return
+    recover_node(handle.node)
+    raise NodeLostBlocks(f"{test} left the chain node broken after its revert ({found}); the node was restarted and "
+                         f"its contracts deployed again for the tests after it")
 
 
 # Base Sepolia as x402's and the Pægents SDK's asset tables pin it: the chain id, and USDC's address and name.
@@ -228,25 +308,29 @@ def base_sepolia_deployed() -> Iterator[Deployed]:
     clients that sign only for Base Sepolia's USDC (the Pægents SDK)."""
     node = devchain.start_anvil(chain_id=BASE_SEPOLIA_CHAIN_ID)
     try:
-        deployed = _deploy(node, devchain.TOKEN_NAME_BASE_SEPOLIA)
-        built = deployed.addresses["usdc"]
-        node.rpc("anvil_setCode", [BASE_SEPOLIA_USDC, "0x" + deployed.w3.eth.get_code(built).hex()])
-        for slot in range(32):  # the constructor's writes are in the first slots; its mappings are empty
-            value = deployed.w3.eth.get_storage_at(built, slot)
-            if any(value):
-                node.rpc("anvil_setStorageAt", [BASE_SEPOLIA_USDC, hex(slot), "0x" + value.hex().rjust(64, "0")])
-        allowed = deployed.escrow.functions.setTokenAllowed(BASE_SEPOLIA_USDC, True).transact(
-            {"from": deployed.accounts.deployer.address})
-        deployed.w3.eth.wait_for_transaction_receipt(allowed)  # Anvil answers a send before it mines it
-        deployed.addresses = {**deployed.addresses, "usdc": BASE_SEPOLIA_USDC}
-        deployed.usdc = devchain.usdc_contract(deployed.w3, BASE_SEPOLIA_USDC)
-        yield deployed
+        yield _remember(_deploy_at_base_sepolia_usdc(node), lambda: _deploy_at_base_sepolia_usdc(node))
     finally:
         node.stop()
 
 
+def _deploy_at_base_sepolia_usdc(node: devchain.AnvilProcess) -> Deployed:
+    deployed = _deploy(node, devchain.TOKEN_NAME_BASE_SEPOLIA)
+    built = deployed.addresses["usdc"]
+    node.rpc("anvil_setCode", [BASE_SEPOLIA_USDC, "0x" + deployed.w3.eth.get_code(built).hex()])
+    for slot in range(32):  # the constructor's writes are in the first slots; its mappings are empty
+        value = deployed.w3.eth.get_storage_at(built, slot)
+        if any(value):
+            node.rpc("anvil_setStorageAt", [BASE_SEPOLIA_USDC, hex(slot), "0x" + value.hex().rjust(64, "0")])
+    allowed = deployed.escrow.functions.setTokenAllowed(BASE_SEPOLIA_USDC, True).transact(
+        {"from": deployed.accounts.deployer.address})
+    deployed.w3.eth.wait_for_transaction_receipt(allowed)  # Anvil answers a send before it mines it
+    deployed.addresses = {**deployed.addresses, "usdc": BASE_SEPOLIA_USDC}
+    deployed.usdc = devchain.usdc_contract(deployed.w3, BASE_SEPOLIA_USDC)
+    return deployed
+
+
 @pytest.fixture
-def base_sepolia_chain(base_sepolia_deployed: Deployed) -> Iterator[Chain]:
+def base_sepolia_chain(base_sepolia_deployed: Deployed, request: pytest.FixtureRequest) -> Iterator[Chain]:
     """`base_sepolia_deployed`, reverted after the test."""
-    with reverted(base_sepolia_deployed) as handle:
+    with reverted(base_sepolia_deployed, test=request.node.nodeid) as handle:
         yield handle
