@@ -3,6 +3,7 @@ import uuid
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 from agreements.models import UsageAgreement
 from marketplace.exact_json import ExactNumbersEncoder
@@ -106,6 +107,10 @@ class ChainTransaction(Acknowledgement):
                                          "what it would have, in a block not yet at its confirmation depth: the head "
                                          "at which it is. The confirmation poll sends it again then (concluded on "
                                          "that transaction, or sent itself when a reorg took it).")
+    polled_at = models.DateTimeField(
+        default=timezone.now, help_text="Last time the relayer's poll checked it (before: when it was created). The "
+                                        "poll goes round by it, not by updated_at, which a check that only sends "
+                                        "the same bytes again leaves as is.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     confirmed_at = models.DateTimeField(null=True, blank=True)
@@ -127,6 +132,10 @@ class ChainTransaction(Acknowledgement):
                                    name="chaintx_only_nonce_fill_acknowledged"),
         ]
         indexes = [models.Index(fields=["status", "updated_at"], name="chaintx_status_updated_idx"),
+                   # each relayer poll reads the in-flight transactions least recently polled
+                   models.Index(fields=["polled_at"],
+                                condition=Q(status__in=[TxStatus.SUBMITTED, TxStatus.MINED]),
+                                name="chaintx_in_flight_polled_idx"),
                    # each relayer poll asks for the newest block holding a concluded transaction (deep reorgs)
                    models.Index(fields=["mined_block_number"],
                                 condition=Q(status__in=[TxStatus.CONFIRMED, TxStatus.FAILED]),
@@ -185,6 +194,9 @@ class TxAttempt(models.Model):
     max_priority_fee_per_gas = TokenAmountField()
     broadcast_at = models.DateTimeField(null=True, blank=True, help_text="Last time the node accepted it.")
     broadcast_error = models.CharField(max_length=500, blank=True)
+    refused_at = models.DateTimeField(null=True, blank=True,
+                                      help_text="Last time the node refused it (broadcast_error says why): sent again "
+                                                "CHAIN_REBROADCAST_AFTER later, as an accepted one is.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -132,6 +132,9 @@ _UNCAPPED = 2**256 - 1  # a fee bump's cap that binds nothing
 UNFUNDED_BROADCAST_ERROR = chain.InsufficientFunds.__name__
 # A poll whose first this-many checks all failed on the RPC stops there; the next poll tries again.
 _POLL_GIVES_UP_AFTER = 5
+# How many in-flight transactions one poll checks at most, those least recently polled (`polled_at`): each is
+# checked once every ceil(in flight / POLL_BATCH) polls.
+POLL_BATCH = 500
 
 
 def outcome_handler_register(*, purpose: str, on_outcome: OutcomeHandler,
@@ -527,11 +530,15 @@ def _broadcast(attempt: TxAttempt) -> None:
 
 
 def _broadcast_refused(attempt: TxAttempt, error: chain.ChainError) -> None:
-    """Record why the node refused `attempt`; the wallet unable to pay its gas is an operator's to fix (said once)."""
+    """Record why the node refused `attempt` and when (it is sent again CHAIN_REBROADCAST_AFTER later); the wallet
+    unable to pay its gas is an operator's to fix (said once)."""
     if isinstance(error, chain.InsufficientFunds) and not _unfunded(attempt):
         logger.error("the relayer's wallet cannot pay a transaction's gas: top it up",
                      extra={"tx_id": str(attempt.transaction_id), "tx_hash": attempt.tx_hash, "nonce": attempt.nonce})
-    TxAttempt.objects.filter(pk=attempt.pk).update(broadcast_error=f"{type(error).__name__}: {error}"[:500])
+    recorded = {"broadcast_error": f"{type(error).__name__}: {error}"[:500]}
+    if not isinstance(error, chain.RpcUnavailable):  # no answer is no refusal: sent again at the next poll
+        recorded["refused_at"] = timezone.now()
+    TxAttempt.objects.filter(pk=attempt.pk).update(**recorded)
 
 
 def _unfunded(attempt: TxAttempt) -> bool:
@@ -1081,9 +1088,10 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
         logger.error("chain transaction of a replaced relayer key not replaced with higher fees: its signed bytes are "
                      "sent again", extra={"tx_id": str(tx.pk), "relayer": tx.relayer.address, "nonce": tx.nonce})
     else:
-        fees = _replacement_fees(last_fees, tip_refused=_tip_refused(last))
+        tip_refused = _tip_refused(last)
+        fees = _replacement_fees(last_fees, tip_refused=tip_refused)
         if fees.max_fee_per_gas > last_fees.max_fee_per_gas or (
-                _tip_refused(last) and fees.max_priority_fee_per_gas > last_fees.max_priority_fee_per_gas):
+                tip_refused and fees.max_priority_fee_per_gas > last_fees.max_priority_fee_per_gas):
             resend = _replacement(tx, last, fees)
             if resend is None:
                 return None
@@ -1095,7 +1103,9 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
                                                                           "max_fee_per_gas": fees.max_fee_per_gas})
             ChainTransaction.objects.filter(pk=tx.pk).update(fee_cap_reached_at=now)
     if resend is None:
-        if last.broadcast_at is not None and now - last.broadcast_at < settings.CHAIN_REBROADCAST_AFTER:
+        # Refused bytes wait as accepted ones do: sent at every poll, each stuck transaction cost a call per poll.
+        sent_at = max((moment for moment in (last.broadcast_at, last.refused_at) if moment is not None), default=None)
+        if sent_at is not None and now - sent_at < settings.CHAIN_REBROADCAST_AFTER:
             return tx
         resend = last
     try:
@@ -1214,7 +1224,8 @@ def _none_of_ours_mined_by(tx: ChainTransaction, *, block: int) -> bool:
 
 
 def transactions_poll() -> int:
-    """Check every in-flight transaction (the beat task). Returns how many were looked at. A node of another chain
+    """Check in-flight transactions (the beat task): at most POLL_BATCH, those least recently polled, so that each is
+    checked once every ceil(in flight / POLL_BATCH) polls. Returns how many were looked at. A node of another chain
     than CHAIN_ID (`chain.node_chain_check`) has nothing read from it: WrongChain is raised, the task failing loudly.
 
     An RPC failure on one transaction (timeout, 429, 5xx after the per-call retries) skips only that one. The poll
@@ -1249,22 +1260,32 @@ def transactions_poll() -> int:
         transactions_release_copied()
     except chain.ChainError as error:
         logger.warning("transactions waiting for a copy's depth not released", extra={"error": str(error)})
-    pending = list(ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED])
-                   .order_by("updated_at").values_list("pk", flat=True)[:500])
-    checked = chain_failed = 0
-    for tx_id in pending:
-        try:
-            with failures.row(tx_id, reraise=(chain.ChainError,), atomic=False):  # it reads the chain
-                transaction_check(transaction_id=tx_id)
-                checked += 1
-        except chain.RpcUnreachable:
-            logger.warning("chain RPC unreachable while polling; will retry")
-            break
-        except chain.ChainError as error:
-            logger.warning("chain transaction not checked", extra={"tx_id": str(tx_id), "error": str(error)})
-            chain_failed += 1
-            if chain_failed == _POLL_GIVES_UP_AFTER and checked == 0:
+    # The POLL_BATCH least recently polled (round by round; by updated_at alone, rows whose check writes nothing of
+    # the row, such as bytes sent again or a wallet's earlier nonce waited for, stayed the oldest, and with more of
+    # them than a poll reads, those behind were never checked), then checked least recently written first, as before.
+    batch = ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED]).order_by("polled_at", "pk")
+    pending = [pk for pk, _ in sorted(batch.values_list("pk", "updated_at")[:POLL_BATCH],
+                                      key=operator.itemgetter(1))]
+    checked = chain_failed = tried = 0
+    try:
+        for tx_id in pending:
+            tried += 1
+            try:
+                with failures.row(tx_id, reraise=(chain.ChainError,), atomic=False):  # it reads the chain
+                    transaction_check(transaction_id=tx_id)
+                    checked += 1
+            except chain.RpcUnreachable:
+                tried -= 1  # not checked: first at the next poll
+                logger.warning("chain RPC unreachable while polling; will retry")
                 break
+            except chain.ChainError as error:
+                logger.warning("chain transaction not checked", extra={"tx_id": str(tx_id), "error": str(error)})
+                chain_failed += 1
+                if chain_failed == _POLL_GIVES_UP_AFTER and checked == 0:
+                    break
+    finally:
+        # update(), not save(): updated_at is the row's version (`_locked_if_unchanged`), a poll is no change of it.
+        ChainTransaction.objects.filter(pk__in=pending[:tried]).update(polled_at=timezone.now())
     failures.raise_if_any(applied=checked)
     return len(pending)
 

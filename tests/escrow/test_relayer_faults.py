@@ -1397,3 +1397,65 @@ def test_a_first_attempt_refused_for_a_tip_below_the_providers_minimum_raises_it
         (attempt.max_fee_per_gas, attempt.max_priority_fee_per_gas, attempt.broadcast_error[:40])
         for attempt in tx.attempts.order_by("created_at", "pk")][-3:]
     assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+
+def test_a_transaction_behind_more_stuck_ones_than_a_poll_reads_is_confirmed_within_a_few_polls(
+        escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """Each poll read the POLL_BATCH in-flight transactions least recently updated, and a check that only sends the
+    same bytes again (or waits) writes the attempt, not the transaction: with more stuck ones than that (a replaced
+    key's payouts its wallet cannot pay the gas of), a payout of the new wallet behind them, mined, was never
+    looked at, so never confirmed. Every in-flight transaction is checked within a few polls (one cursor per row)."""
+    chain, recipient, replacement_wallet = escrow_chain, escrow_chain.accounts.stranger, escrow_chain.accounts.spare
+    old_wallet, old_key = chain.accounts.deployer.address, settings.RELAYER_PRIVATE_KEY
+    fund(chain, old_wallet, 10 * USDC)
+    fund(chain, replacement_wallet.address, 10 * USDC)
+    monkeypatch.setattr(relayer, "POLL_BATCH", 3)
+    capture = django_capture_on_commit_callbacks
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        stuck = [relayer_transfer(chain, capture, recipient.address, USDC) for _ in range(4)]
+        for tx in stuck:
+            chain.rpc("anvil_dropTransaction", [tx.attempts.get().tx_hash])  # evicted from the pool
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    chain.rpc("anvil_setBalance", [old_wallet, hex(10**9)])  # nor can the old wallet pay their gas again
+    settings.RELAYER_PRIVATE_KEY, settings.RELAYER_RETIRED_PRIVATE_KEYS = replacement_wallet.key, [old_key]
+    payout = relayer_transfer(chain, capture, recipient.address, 2 * USDC)
+    assert payout.relayer.address == replacement_wallet.address
+    for _ in range(3):
+        confirm_all(capture)
+    payout.refresh_from_db()
+    assert payout.status == TxStatus.CONFIRMED, "never checked: the stuck transactions filled every poll"
+    assert [tx.status for tx in ChainTransaction.objects.filter(pk__in=[tx.pk for tx in stuck])] == [
+        TxStatus.SUBMITTED] * 4
+
+
+def test_an_attempt_the_node_refused_is_sent_again_after_the_rebroadcast_delay_not_at_every_poll(
+        escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):
+    """An attempt the node refused (here the wallet cannot pay its gas) was never accepted, and only an accepted one
+    waited CHAIN_REBROADCAST_AFTER: the refused bytes were sent again at every poll, one call per stuck transaction
+    per poll to a provider that bills or rate-limits them. They wait as accepted ones do, and go once the cause is
+    gone and the delay passed."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    relayer_address = chain.accounts.deployer.address
+    fund(chain, relayer_address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    chain.rpc("anvil_setBalance", [relayer_address, hex(10**9)])
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(seconds=300)
+    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+    first = tx.attempts.get()
+    assert first.broadcast_error.startswith("InsufficientFunds")
+    sent: list[dict] = []
+    rpc_relay.observers.append(lambda call: call.get("method") == "eth_sendRawTransaction" and sent.append(call))
+    for _ in range(4):
+        confirm_all(django_capture_on_commit_callbacks)
+    assert len(sent) == 0, f"the refused bytes were sent {len(sent)} times in 4 polls within CHAIN_REBROADCAST_AFTER"
+
+    chain.rpc("anvil_setBalance", [relayer_address, hex(tx.gas_limit * int(first.max_fee_per_gas))])
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)  # the delay passed
+    confirm_all(django_capture_on_commit_callbacks)
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert (tx.status, tx.mined_tx_hash, tx.attempts.count()) == (TxStatus.CONFIRMED, first.tx_hash, 1)
+    assert len(sent) == 1
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
