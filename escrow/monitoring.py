@@ -7,8 +7,12 @@ from django.urls import reverse
 from django.utils import timezone
 
 from escrow import chain, relayer, selectors
+from escrow.models import TxPurpose
 from marketplace import chainconfig, dashboard, health, metrics, money
 
+# How the dashboard names a proposal the ticks gave up on (`selectors.proposals_given_up`).
+_PROPOSAL_KINDS = {TxPurpose.PROPOSE_SETTLEMENT: "settlement proposal",
+                   TxPurpose.MASUMI_REFUND_PROPOSAL: "masumi refund proposal"}
 
 def _by_status() -> dict[str, int]:
     totals = Counter()
@@ -100,7 +104,7 @@ def _overdue(now) -> list[dashboard.Overdue]:
                                 admin_url=_tx_url(tx))
               for tx in selectors.transactions_unconfirmed_since(before=now - settings.OVERDUE_SUBMITTING_AFTER)
               [:dashboard.OVERDUE_LIMIT] if tx.pk not in capped]
-    items += [dashboard.Overdue(since=tx.updated_at, kind=f"settlement proposal failed {failures} times, not retried",
+    items += [dashboard.Overdue(since=tx.updated_at, kind=f"{_PROPOSAL_KINDS[tx.purpose]} failed {failures} times, not retried",
                                 subject=str(tx.agreement_id), detail=tx.failure_reason, admin_url=_tx_url(tx))
               for tx, failures in selectors.proposals_given_up(limit=dashboard.OVERDUE_LIMIT)]
     return _payouts_unreleasable(now) + items + _payouts_held_too_long(now) + _disputes_timing_out(now)

@@ -113,11 +113,16 @@ def cancelled_may_still_run(*, agreement_id, purpose: str) -> bool:
             "pk", flat=True)]}).exclude(status__in=[TxStatus.CONFIRMED, TxStatus.FAILED]).exists()
 
 
+# The proposals a failure of which waits the proposal backoff, and the agreement status in which each is sent.
+_PROPOSALS_BACKED_OFF = {TxPurpose.PROPOSE_SETTLEMENT: AgreementStatus.ACTIVE,
+                         TxPurpose.MASUMI_REFUND_PROPOSAL: AgreementStatus.IN_CHALLENGE}
+
+
 def proposal_failures(*, agreement_id, purpose: str = TxPurpose.PROPOSE_SETTLEMENT) -> list[ChainTransaction]:
-    """The agreement's failed settlement proposals (of `purpose`: a Masumi refund's zero proposal counts its own)
-    since an operator last retried one (that retry included), newest first: the attempts the settlement tick counts
-    against SETTLEMENT_PROPOSE_MAX_ATTEMPTS. Not those another's proposal of the same or a higher receipt, mined
-    first, made fail (their evidence names its block, relayer.EVIDENCE_BLOCK: `settlement._proposed_by_another`)."""
+    """The agreement's failed proposals of `purpose` (a settlement's, or a Masumi refund's zero one) since an operator
+    last retried one (that retry included), newest first: the attempts the ticks count against
+    SETTLEMENT_PROPOSE_MAX_ATTEMPTS. Not those another's proposal of the same or a higher receipt, mined first, made
+    fail (their evidence names its block, relayer.EVIDENCE_BLOCK: `settlement._proposed_by_another`)."""
     proposals = ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=purpose)
     last_retry = proposals.filter(context__has_key=relayer.OPERATOR_RETRY_OF).order_by("-created_at").first()
     if last_retry is not None:
@@ -127,17 +132,18 @@ def proposal_failures(*, agreement_id, purpose: str = TxPurpose.PROPOSE_SETTLEME
 
 
 def proposals_given_up(*, limit: int) -> list[tuple[ChainTransaction, int]]:
-    """Settlement proposals the tick no longer tries (SETTLEMENT_PROPOSE_MAX_ATTEMPTS failed since an operator's
-    last retry): (the latest failed transaction, the failures) per active agreement, oldest first."""
-    live = live_transactions(purpose=TxPurpose.PROPOSE_SETTLEMENT).filter(agreement_id=OuterRef("agreement_id"))
-    candidates = (ChainTransaction.objects.filter(purpose=TxPurpose.PROPOSE_SETTLEMENT, status=TxStatus.FAILED,
-                                                  agreement__status=AgreementStatus.ACTIVE)
-                  .exclude(Exists(live)).order_by().values_list("agreement_id", flat=True).distinct())
+    """Proposals the ticks no longer try (SETTLEMENT_PROPOSE_MAX_ATTEMPTS failed since an operator's last retry): (the
+    latest failed transaction, the failures) per agreement still where they are sent (`_PROPOSALS_BACKED_OFF`),
+    oldest first."""
     given_up = []
-    for agreement_id in candidates:
-        failures = proposal_failures(agreement_id=agreement_id)
-        if len(failures) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS:
-            given_up.append((failures[0], len(failures)))
+    for purpose, status in _PROPOSALS_BACKED_OFF.items():
+        live = live_transactions(purpose=purpose).filter(agreement_id=OuterRef("agreement_id"))
+        candidates = (ChainTransaction.objects.filter(purpose=purpose, status=TxStatus.FAILED, agreement__status=status)
+                      .exclude(Exists(live)).order_by().values_list("agreement_id", flat=True).distinct())
+        for agreement_id in candidates:
+            failures = proposal_failures(agreement_id=agreement_id, purpose=purpose)
+            if len(failures) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS:
+                given_up.append((failures[0], len(failures)))
     return sorted(given_up, key=lambda item: item[0].updated_at)[:limit]
 
 
