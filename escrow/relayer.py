@@ -536,7 +536,9 @@ def _broadcast_refused(attempt: TxAttempt, error: chain.ChainError) -> None:
         logger.error("the relayer's wallet cannot pay a transaction's gas: top it up",
                      extra={"tx_id": str(attempt.transaction_id), "tx_hash": attempt.tx_hash, "nonce": attempt.nonce})
     recorded = {"broadcast_error": f"{type(error).__name__}: {error}"[:500]}
-    if not isinstance(error, chain.RpcUnavailable):  # no answer is no refusal: sent again at the next poll
+    # No answer is no refusal, and "nonce too low" is resolved by the next check's resend (`_after_nonce_too_low`):
+    # both are sent again at the next poll.
+    if not isinstance(error, chain.RpcUnavailable | chain.NonceTooLow):
         recorded["refused_at"] = timezone.now()
     TxAttempt.objects.filter(pk=attempt.pk).update(**recorded)
 
