@@ -2,6 +2,7 @@
 on its own PostgreSQL connection."""
 
 import threading
+import uuid
 import time
 from datetime import timedelta
 
@@ -119,3 +120,33 @@ def test_a_claim_released_between_a_retrys_insert_and_its_read_is_claimed_afresh
     response = Api(key).post("/usage-agreements", proposal(service), headers={"Idempotency-Key": "released"})
     assert response.status_code == 201, response.content
     assert len(inserts) == 2 and UsageAgreement.objects.filter(buyer=buyer).count() == 1
+
+
+def test_an_answer_whose_commit_fails_is_not_stored_and_its_effects_roll_back():
+    """The request's transaction is committed together with storing its answer (one round trip): a COMMIT that fails
+    (here a deferred foreign key, checked at COMMIT) raises, keeps none of the handler's writes, and releases the key
+    so that a corrected retry runs; a handler whose COMMIT succeeds has its answer stored for replays."""
+    from django.db import IntegrityError
+    from django.test import RequestFactory
+    from rest_framework.response import Response
+
+    from agreements.models import UsageEvent
+
+    def request():
+        return RequestFactory().post("/usage-agreements/x/record-usage", {}, content_type="application/json")
+
+    def dangling_event():
+        UsageEvent.objects.create(agreement_id=uuid.uuid4(), seq=1, source="seller_report", units=1, cost=1,
+                                  cumulative=1, usage_digest="0x" + "00" * 32, request_id="r")
+        return Response({"recorded": True}, status=201)
+
+    with pytest.raises(IntegrityError):
+        idempotency.answer_once(request(), scope="agent:x", key="commit-fails", fingerprint="f", handler=dangling_event)
+
+    assert not UsageEvent.objects.exists()
+    assert not IdempotencyRecord.objects.filter(key="commit-fails").exists()
+    answer = idempotency.answer_once(request(), scope="agent:x", key="commit-fails", fingerprint="f",
+                                     handler=lambda: Response({"recorded": True}, status=201))
+    assert answer.status_code == 201
+    stored = IdempotencyRecord.objects.get(key="commit-fails")
+    assert (stored.response_status, stored.response_body) == (201, {"recorded": True})
