@@ -13,6 +13,7 @@ import zlib
 
 import httpx
 import pytest
+from django.conf import settings as django_settings
 from django.http import StreamingHttpResponse
 from eth_account import Account
 from hypothesis import HealthCheck, example, given, settings
@@ -168,7 +169,7 @@ class _Received:
 def read_answer(data: bytes) -> None:
     """As the proxy reads an upstream's answer (UpstreamPool, UpstreamAnswer): its head past informational ones,
     its headers, then its body in pieces to its announced end."""
-    response = _FinalAnswer(_Received(data), method="POST")
+    response = _FinalAnswer(_Received(data), method="POST", max_head_bytes=django_settings.PROXY_MAX_ANSWER_HEAD_BYTES)
     response.begin()
     passed_on = StreamingHttpResponse(iter(()))
     for name, value in response.getheaders():  # as the proxy passes them to the buyer
