@@ -176,9 +176,10 @@ class PaymentAuthorizationCancelFailed(Exception):
 
 
 def _retry_after(refused: MarketplaceError, default: float) -> float:
-    """The wait a refusal names (`details.retry_after_seconds`, a positive number), else `default`."""
+    """The wait a refusal names (`details.retry_after_seconds`, a number) when longer than `default`, else `default`:
+    a compromised server naming a nanosecond had the client send again in a tight loop."""
     named = refused.details.get("retry_after_seconds")
-    if isinstance(named, (int, float)) and not isinstance(named, bool) and 0 < named < float("inf"):
+    if isinstance(named, (int, float)) and not isinstance(named, bool) and default < named < float("inf"):
         return float(named)
     return default
 
@@ -360,8 +361,8 @@ class MarketplaceClient:
                          poll_interval: float = 2.0) -> dict[str, Any]:
         """Accept a proposal (as the seller). A direct purchase whose buyer's payment reached the seller already, not
         yet at the chain's confirmation depth, is 409 `payment_not_final` (`details.used_by`: the transfer; about
-        20 s on Base): accepted again every `poll_interval` seconds (or the `details.retry_after_seconds` the answer
-        names, within the wait) until `payment_final_wait` seconds have passed (0: not at all), then that refusal is
+        20 s on Base): accepted again every `poll_interval` seconds (or the longer `details.retry_after_seconds` the
+        answer names, within the wait) until `payment_final_wait` seconds have passed (0: not at all), then that refusal is
         raised."""
         give_up = time.monotonic() + max(0.0, payment_final_wait)
         while True:

@@ -630,3 +630,18 @@ def test_a_metered_answers_text_in_a_real_charset_reads_in_it(charset, body, tex
     ("stream does not start with BOM") from httpx's decoder."""
     answer = metered_answer(f"text/plain; charset={charset}", body)
     assert answer.text == text and "".join(answer.iter_text()) == text
+
+
+def test_an_accept_a_server_asks_to_retry_at_once_waits_its_poll_interval(http_server):
+    """A compromised server naming a retry_after_seconds of a nanosecond on every `payment_not_final` made the SDK's
+    accept send again in a tight loop for the whole wait: the named wait is taken only when longer than the
+    client's own `poll_interval`."""
+    refusal = (409, {"error": {"code": "payment_not_final", "message": "not final",
+                               "details": {"retry_after_seconds": 1e-9}}})
+    http_server.responses.extend([refusal] * 1_000)
+
+    with pytest.raises(MarketplaceError) as refused:
+        marketplace(http_server.url).accept_agreement(uuid.uuid4(), payment_final_wait=1.0, poll_interval=0.25)
+
+    assert refused.value.code == "payment_not_final"
+    assert len(http_server.requests) <= 6, f"{len(http_server.requests)} accepts sent in a 1 s wait"
