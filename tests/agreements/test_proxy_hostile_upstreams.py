@@ -72,6 +72,21 @@ def _upstream(serve) -> Iterator[str]:
         yield f"http://127.0.0.1:{listener.getsockname()[1]}/api"
 
 
+def _answering_each(answer, connections: list[int]):
+    """An upstream answering each call with `answer(its path)` on a connection kept alive; notes in `connections` the
+    number of the connection each request came on."""
+
+    def serve(connection, number):
+        with connection:
+            received = b""
+            while (request := _head(connection, received)) is not None:
+                head, received = request
+                connections.append(number)
+                connection.sendall(answer(head.split(b" ")[1]))
+
+    return _upstream(serve)
+
+
 def test_a_request_that_reached_the_upstream_on_a_reused_connection_is_never_sent_again(
         escrow_chain, settings, django_capture_on_commit_callbacks):
     """The upstream answers the first call and keeps its connection; the second call, down that connection, it
@@ -309,17 +324,11 @@ def test_chunked_coding_in_any_case_or_spacing_frames_the_answer_on_a_kept_alive
     settings.PROXY_TIMEOUT = 1
     connections: list[int] = []
 
-    def serve(connection, number):
-        with connection:
-            received = b""
-            while (request := _head(connection, received)) is not None:
-                head, received = request
-                connections.append(number)
-                path = head.split(b" ")[1]
-                connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n"
-                                   + b"%x\r\n%s\r\n0\r\n\r\n" % (len(path), path))
+    def chunked(path: bytes) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n"
+                + b"%x\r\n%s\r\n0\r\n\r\n" % (len(path), path))
 
-    with _upstream(serve) as url:
+    with _answering_each(chunked, connections) as url:
         active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
         first, second = (_call(active, "get", f"{active.proxy}/{name}") for name in ("first", "second"))
     assert (first.status_code, _body(first), second.status_code, _body(second)) == (
@@ -339,15 +348,7 @@ def test_an_answer_whose_framing_rfc_9112_says_to_close_after_is_passed_on_and_i
     connection. The proxy kept it alive for the buyer's next call."""
     connections: list[int] = []
 
-    def serve(connection, number):
-        with connection:
-            received = b""
-            while (request := _head(connection, received)) is not None:
-                _, received = request
-                connections.append(number)
-                connection.sendall(head + b"2\r\nab\r\n0\r\n\r\n")
-
-    with _upstream(serve) as url:
+    with _answering_each(lambda path: head + b"2\r\nab\r\n0\r\n\r\n", connections) as url:
         active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
         first, second = (_call(active, "get", f"{active.proxy}/{name}") for name in ("first", "second"))
     assert (first.status_code, _body(first), first.get("Content-Length")) == (200, b"ab", None)
@@ -362,18 +363,11 @@ def test_a_204_with_chunked_coding_ends_with_its_head(escrow_chain, settings, dj
     settings.PROXY_TIMEOUT = 1
     connections: list[int] = []
 
-    def serve(connection, number):
-        with connection:
-            received = b""
-            while (request := _head(connection, received)) is not None:
-                head, received = request
-                connections.append(number)
-                path = head.split(b" ")[1]
-                connection.sendall(b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                   if path.endswith(b"/empty") else
-                                   b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+    def empty_or_path(path: bytes) -> bytes:
+        return (b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n" if path.endswith(b"/empty")
+                else b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
 
-    with _upstream(serve) as url:
+    with _answering_each(empty_or_path, connections) as url:
         active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
         started = time.monotonic()
         empty = _call(active, "get", f"{active.proxy}/empty")

@@ -1444,22 +1444,8 @@ def test_a_refund_requested_before_the_result_stays_the_buyers_when_a_slow_relay
     at every tick and the seller was paid at the proposal's window end, the buyer who asked first losing its refund.
     The platform proposes a zero receipt above it instead: at that window's end the buyer has everything back."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
-    seller_service.mode = "never"
-    purchase = Purchase(chain, capture, seller_service)
-    assert purchase.tick()["started"] == 1
-    requested = purchase.parties.buyer_api.patch("/purchase", {
-        "network": "Preprod", "blockchainIdentifier": purchase.id,
-        "signature": sign_typed_data(purchase.parties.buyer_account.key, purchase.get()["refundRequestTypedData"])})
-    assert requested.status_code == 200 and requested.json()["data"]["onChainState"] == "RefundRequested"
-    seller_service.mode = "result"
-    with capture(execute=False):  # the proposal queued, its submission not run: a relayer behind
-        assert purchases.purchases_jobs_tick()["results"] == 1
-    [proposal] = ChainTransaction.objects.filter(agreement_id=purchase.created["agreementId"],
-                                                 purpose=TxPurpose.PROPOSE_SETTLEMENT)
-    chain.increase_time(purchase.timers["unlockTime"] + mined_after_unlock_time - chain.now())
-    with capture(execute=True):
-        relayer.transaction_submit(transaction_id=proposal.pk)
-    confirm_all(capture)
+    purchase = _result_proposal_mined_past_unlock_time(chain, capture, seller_service,
+                                                       mined_after_unlock_time=mined_after_unlock_time)
     assert purchase.get()["onChainState"] == "RefundRequested"
 
     assert purchase.tick()["refunding"] == 1  # was 0: the dispute refused, the seller paid at the window's end
@@ -1528,9 +1514,11 @@ def test_a_dispute_whose_challenge_is_not_found_is_looked_for_from_where_the_las
     assert searched_from[-1] > searched_from[0]
 
 
-def _result_proposal_mined_past_unlock_time(chain, capture, seller_service) -> Purchase:
-    """A refund asked for before the result; the result's proposal queued in time but mined by a slow relayer past
-    unlockTime, where the buyer's signed dispute can no longer run (the zero refund proposal's case)."""
+def _result_proposal_mined_past_unlock_time(chain, capture, seller_service, *,
+                                            mined_after_unlock_time: int = 60) -> Purchase:
+    """A refund asked for before the result; the result's proposal queued in time but mined by a slow relayer
+    `mined_after_unlock_time` seconds after unlockTime (or before it, when negative), where the buyer's signed dispute
+    can no longer run (the zero refund proposal's case)."""
     seller_service.mode = "never"
     purchase = Purchase(chain, capture, seller_service)
     assert purchase.tick()["started"] == 1
@@ -1543,7 +1531,7 @@ def _result_proposal_mined_past_unlock_time(chain, capture, seller_service) -> P
         assert purchases.purchases_jobs_tick()["results"] == 1
     [proposal] = ChainTransaction.objects.filter(agreement_id=purchase.created["agreementId"],
                                                  purpose=TxPurpose.PROPOSE_SETTLEMENT)
-    chain.increase_time(purchase.timers["unlockTime"] + 60 - chain.now())
+    chain.increase_time(purchase.timers["unlockTime"] + mined_after_unlock_time - chain.now())
     with capture(execute=True):
         relayer.transaction_submit(transaction_id=proposal.pk)
     confirm_all(capture)
