@@ -180,7 +180,9 @@ def test_verify_usage_ends_within_its_timeout_however_long_the_listing(chain):
     thread.join(timeout=10)
     listing.stop.set()  # a verification still running ends on the next page
     thread.join(timeout=10)
-    assert "seconds" in outcome and outcome["seconds"] < 2, f"verify_usage ran for more than 10 s: {outcome}"
+    # The listing ends only once the first join gave up (10 s): a verification that ended well before ended by its
+    # own timeout (1 s), whatever a loaded machine added to it.
+    assert "seconds" in outcome and outcome["seconds"] < 5, f"verify_usage outlasted its timeout: {outcome}"
     error = outcome.get("error")
     assert isinstance(error, receipts.UsageVerificationTimedOut) and isinstance(error, TimeoutError), outcome
     assert f"{error.events} events" in str(error) and error.events > 0, str(error)
