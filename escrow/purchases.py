@@ -410,11 +410,14 @@ def _refund_proposal(purchase: MasumiPurchase, *, now: int) -> ChainTransaction 
     (`settlement.settlement_propose_refund`). Like `_dispute`, it reads the chain outside the request's lock: a
     cancel-refund-request meanwhile is seen under the agreement's lock, and nothing is proposed; once it is queued,
     the cancel is refused (409 `refund_already_submitted`)."""
+    return settlement.settlement_propose_refund(agreement_id=purchase.agreement_id, now=now,
+                                                still_wanted=lambda: _refund_still_requested(purchase))
 
-    def still_wanted(agreement: UsageAgreement) -> bool:
-        return MasumiPurchase.objects.filter(pk=purchase.pk, refund_requested_at__isnull=False).exists()
 
-    return settlement.settlement_propose_refund(agreement_id=purchase.agreement_id, now=now, still_wanted=still_wanted)
+def _refund_still_requested(purchase: MasumiPurchase) -> bool:
+    """Whether the buyer's refund request stands (not withdrawn by cancel-refund-request): asked under the agreement's
+    lock, which the cancel takes too."""
+    return MasumiPurchase.objects.filter(pk=purchase.pk, refund_requested_at__isnull=False).exists()
 
 
 def _dispute(purchase: MasumiPurchase) -> ChainTransaction:
@@ -422,15 +425,10 @@ def _dispute(purchase: MasumiPurchase) -> ChainTransaction:
     cancel-refund-request meanwhile is seen under the agreement's lock, which the cancel takes too, so either the
     request is withdrawn and nothing is queued (409 `refund_request_withdrawn`), or the cancel finds the challenge
     queued (409 `refund_already_submitted`)."""
-
-    def still_wanted(agreement: UsageAgreement) -> None:
-        if not MasumiPurchase.objects.filter(pk=purchase.pk, refund_requested_at__isnull=False).exists():
-            raise Conflict("The refund request was withdrawn.", code="refund_request_withdrawn")
-
     return settlement.settlement_challenge(
         agreement=purchase.agreement, buyer=purchase.agreement.buyer, signature=purchase.refund_signature,
         deadline=_unix(purchase.unlock_time), reason="refund requested after the result was submitted",
-        still_wanted=still_wanted)
+        still_wanted=lambda: _refund_still_requested(purchase))
 
 
 # --- seller actions (the /payment family: this marketplace as the seller's Masumi node) -------------------------

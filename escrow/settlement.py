@@ -109,14 +109,14 @@ def _refund_request_stranded(agreement: UsageAgreement, *, now: int) -> bool:
 
 @logs_name_the_agreement
 def settlement_propose_refund(*, agreement_id, now: int,
-                              still_wanted: Callable[[UsageAgreement], bool] = lambda agreement: True
+                              still_wanted: Callable[[], bool] = lambda: True
                               ) -> ChainTransaction | None:
     """A Masumi purchase whose buyer asked for its refund before the result, the result's proposal queued in time
     but mined by the relayer too late for the buyer's challenge (signed until unlockTime) to dispute it: the
     platform proposes a zero receipt above it (the receipt signer's, seq + 1), which restarts the window, and at its
     end `finalize` pays the buyer the whole deposit, as the reclaim of a proposal never sent that late does
     (`_refund_request_stranded`). Once; None when nothing is left to do (`now`: the chain's clock), or when
-    `still_wanted(agreement)`, asked under the agreement's lock, says what asked for it was withdrawn meanwhile (the
+    `still_wanted()`, asked under the agreement's lock, says what asked for it was withdrawn meanwhile (the
     buyer's refund request, whose withdrawal takes that lock too)."""
     agreement = UsageAgreement.objects.get(pk=agreement_id)
     if not _refund_proposal_may_run(agreement):
@@ -137,7 +137,7 @@ def settlement_propose_refund(*, agreement_id, now: int,
         seq=seq, cumulative_amount=0, usage_digest=receipts.ZERO_DIGEST))
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
-        if not _refund_proposal_may_run(agreement) or not still_wanted(agreement):
+        if not _refund_proposal_may_run(agreement) or not still_wanted():
             return None
         return _enqueue(agreement, TxPurpose.MASUMI_REFUND_PROPOSAL, "proposeSettlement",
                         [agreement.onchain_id, terms, seq, 0, receipts.ZERO_DIGEST, signature],
@@ -316,15 +316,15 @@ def challenge_deadline(*, agreement: UsageAgreement) -> datetime:
 @logs_name_the_agreement
 def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: str, deadline: int,
                          reason: str, evidence: str = "",
-                         still_wanted: Callable[[UsageAgreement], None] | None = None) -> ChainTransaction:
+                         still_wanted: Callable[[], bool] = lambda: True) -> ChainTransaction:
     """The buyer disputes the proposed amount within the window; submitted on-chain with its signature.
 
     Where the books may lag behind the chain (`_books_may_lag`: a proposal the seller sent itself, a re-proposal
     that restarted the window, neither indexed yet) the window is the chain's: the transaction carries the
     proposal read, and its confirmation records it first when the books still say active.
 
-    `still_wanted(agreement)`: called under the agreement's lock before the challenge is queued; raises when what
-    asked for it was withdrawn meanwhile (a Masumi refund request)."""
+    `still_wanted()`: asked under the agreement's lock before the challenge is queued; false when what asked for it
+    was withdrawn meanwhile (a Masumi refund request: 409 `refund_request_withdrawn`, nothing queued)."""
     if agreement.buyer_id != buyer.pk:
         raise Forbidden("Only the buyer challenges a settlement.", code="buyer_only")
     # Not refused by, nor charged to, the relay budget (relayer.relay_budget_check): a challenge is the buyer's
@@ -348,8 +348,8 @@ def settlement_challenge(*, agreement: UsageAgreement, buyer: Agent, signature: 
     with transaction.atomic():
         agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
         _challenge_check(agreement, proposal=proposal, now=now, deadline=deadline, signature=signature)
-        if still_wanted is not None:
-            still_wanted(agreement)
+        if not still_wanted():
+            raise Conflict("The refund request was withdrawn.", code="refund_request_withdrawn")
         context = {"reason": reason, "evidence": evidence}
         if proposal is not None:
             context[UNINDEXED_PROPOSAL] = proposal
