@@ -9,7 +9,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Protocol
 
@@ -507,18 +507,22 @@ def _with_direct_payment(proposal: Proposal, *, payment_header: str, fee_permit:
     """The buyer's payment and fee permit checked; the seller must accept while both can still be executed."""
     payer = proposal.terms["buyer_wallet_address"]
     fee_permit = _fee_permit_completed(fee_permit, fee=proposal.fee, payer=payer)
+    chain_now = _chain_next_block_now()
     direct = _direct_payment_check(payment_header=payment_header, fee_permit=fee_permit, amount=proposal.deposit,
-                                   fee=proposal.fee, payer=payer, seller=proposal.terms["seller_wallet_address"])
+                                   fee=proposal.fee, payer=payer, seller=proposal.terms["seller_wallet_address"],
+                                   chain_now=chain_now)
     return replace(proposal, direct=direct, fee_permit=fee_permit, proposal_expires_at=min(
-        proposal.proposal_expires_at, _direct_acceptance_deadline(valid_before=direct.valid_before,
-                                                                  fee_permit=fee_permit)))
+        proposal.proposal_expires_at, _direct_acceptance_deadline(
+            valid_before=direct.valid_before, fee_permit=fee_permit, chain_now=chain_now, now=proposal.proposed_at)))
 
 
-def _direct_acceptance_deadline(*, valid_before: int, fee_permit: dict) -> datetime:
-    """The last moment a direct purchase may be accepted: its payment and fee permit must still run for half the
-    minimum validity after."""
+def _direct_acceptance_deadline(*, valid_before: int, fee_permit: dict, chain_now: int, now: datetime) -> datetime:
+    """The last moment a direct purchase may be accepted, on our clock: its payment and fee permit must still run
+    for half the minimum validity after. Their times are the chain's clock's (`chain_now`, read at `now`): the
+    seconds left by it, counted from our `now`, so a clock of ours drifted from the chain's neither closes the
+    proposal before the signatures run out nor keeps it open after."""
     valid_until = min(valid_before, fee_permit["deadline"]) - settings.DIRECT_PAYMENT_MIN_VALIDITY // 2
-    return datetime.fromtimestamp(valid_until, tz=UTC)
+    return now + timedelta(seconds=valid_until - chain_now)
 
 
 def agreement_propose(*, proposal: Proposal, approval_can_wait: bool = True) -> UsageAgreement:
@@ -696,6 +700,7 @@ class PaymentAuthorizationUseReader(Protocol):
 _payment_authorization_use_reader: list[PaymentAuthorizationUseReader] = []
 ChainClockReader = Callable[[], int]
 _chain_clock_reader: list[ChainClockReader] = []
+_next_block_clock_reader: list[ChainClockReader] = []
 
 
 def permit_nonce_reader_register(*, reader: PermitNonceReader) -> None:
@@ -710,9 +715,22 @@ def payment_authorization_use_reader_register(*, reader: PaymentAuthorizationUse
     _payment_authorization_use_reader[:] = [reader]
 
 
-def chain_clock_reader_register(*, reader: ChainClockReader) -> None:
-    """`reader()` is the chain's clock (the latest block's timestamp, unix seconds): the escrow app reads it."""
+def chain_clock_reader_register(*, reader: ChainClockReader, next_block_reader: ChainClockReader) -> None:
+    """`reader()` is the chain's clock (the latest block's timestamp, unix seconds); `next_block_reader()` the
+    `block.timestamp` a transaction sent now would get, bounded as for refusing a caller's request (503 when the
+    node does not answer). The escrow app reads them."""
     _chain_clock_reader[:] = [reader]
+    _next_block_clock_reader[:] = [next_block_reader]
+
+
+def _chain_next_block_now() -> int:
+    """The time a direct purchase's signatures meet when relayed now: the token checks their windows (validAfter,
+    validBefore, the fee permit's deadline) by the chain's clock, which the buyer signs by, not by ours. Read on
+    every direct proposal and accept, which nothing simulates on the chain before it is recorded (where a skill's
+    payment is judged by our clock first, `x402_protocol.check`, its simulation catching what ours let through)."""
+    if not _next_block_clock_reader:
+        raise DependencyUnavailable("Direct payments are not available.", code="direct_payments_unavailable")
+    return _next_block_clock_reader[0]()
 
 
 def _direct_payment_made_by(agreement: UsageAgreement, *, confirmed: bool = False) -> str | None:
@@ -751,13 +769,15 @@ def direct_payment_executor_register(*, check: DirectPaymentCheck, queue: Direct
 
 
 def _direct_payment_check(*, payment_header: str, fee_permit: dict, amount: int, fee: int, payer: str,
-                          seller: str) -> x402_protocol.Authorization:
+                          seller: str, chain_now: int) -> x402_protocol.Authorization:
+    """The buyer's payment and fee permit checked without the chain, but for its clock (`chain_now`,
+    `_chain_next_block_now`) their windows are judged by."""
     requirements = x402_protocol.payment_requirements(amount=amount, pay_to=seller,
                                                      max_timeout_seconds=settings.DIRECT_PAYMENT_MIN_VALIDITY)
     try:
         authorization = x402_protocol.check(x402_protocol.decode(payment_header), requirements,
                                            min_validity_seconds=settings.DIRECT_PAYMENT_MIN_VALIDITY,
-                                           max_validity_seconds=settings.DIRECT_PAYMENT_MAX_VALIDITY)
+                                           max_validity_seconds=settings.DIRECT_PAYMENT_MAX_VALIDITY, now=chain_now)
     except x402_protocol.InvalidPayment as invalid:
         raise InvalidInput(f"payment_header: {invalid.message}", code=invalid.code, details={
             "field": "payment_header", "x402_reason": invalid.reason, **invalid.details}) from invalid
@@ -771,7 +791,7 @@ def _direct_payment_check(*, payment_header: str, fee_permit: dict, amount: int,
         # The permit sets the relayer's allowance: whatever the fee's collection leaves of it, the platform could take.
         raise InvalidInput(f"fee_permit.value must be the fee, {fee}: no more.", code="permit_value_too_high",
                            details={"field": "fee_permit", "required": fee})
-    if fee_permit["deadline"] < timezone.now().timestamp() + settings.DIRECT_PAYMENT_MIN_VALIDITY:
+    if fee_permit["deadline"] < chain_now + settings.DIRECT_PAYMENT_MIN_VALIDITY:
         raise InvalidInput(f"fee_permit.deadline must be at least {settings.DIRECT_PAYMENT_MIN_VALIDITY} s away.",
                            code="signature_expired", details={"field": "fee_permit"})
     token_name, token_version = x402_protocol.token_domain()
@@ -819,7 +839,7 @@ def _direct_payment_preflight(agreement: UsageAgreement, *, confirmed_use: str |
         raise Conflict("The buyer's payment of this purchase is not final on the chain yet: accept it again shortly.",
                        code="payment_not_final", details={"used_by": preflight.paid_by})
     permit_deadline = agreement.fee_permit["deadline"]
-    if preflight.problem is None and permit_deadline < timezone.now().timestamp() + FEE_PERMIT_MIN_LEFT_SECONDS:
+    if preflight.problem is None and permit_deadline < _chain_next_block_now() + FEE_PERMIT_MIN_LEFT_SECONDS:
         # Only a purchase paid already is accepted past its acceptance deadline: its fee permit may be running out.
         return replace(preflight, problem=f"fee_permit_expired: the fee permit's deadline {permit_deadline} is too near")
     return preflight
@@ -1611,9 +1631,9 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> Confl
             refusal = Conflict("The agreement's term ended before the approval: it expired.",
                                code="agreement_expired", details={"status": S.EXPIRED})
         elif agreement.settlement_model == SettlementModel.DIRECT_PAYMENT:
-            # Never past what its signatures allow, as at proposal: the seller must accept while the payment runs.
-            open_until = min(open_until, _direct_acceptance_deadline(
-                valid_before=agreement.payment_authorization.valid_before, fee_permit=agreement.fee_permit))
+            # Never past what its signatures allow, as at proposal (`_direct_acceptance_deadline`, kept while it
+            # awaited the approval, counted on our clock from the chain's, which is not read under the row lock).
+            open_until = min(open_until, agreement.proposal_expires_at)
             if open_until <= now:
                 to, reason = S.EXPIRED, "owner approved after the payment's signatures ran out"
                 refusal = Conflict("The purchase's payment signatures ran out before the approval: it expired.",

@@ -780,7 +780,8 @@ def handlers_register() -> None:
     agreement_selectors.finality_wait_reader_register(reader=selectors.finality_waits)
     agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
     agreement_services.payment_authorization_use_reader_register(reader=_direct_payment_made_by)
-    agreement_services.chain_clock_reader_register(reader=chain_clock.chain_now)
+    agreement_services.chain_clock_reader_register(reader=chain_clock.chain_now,
+                                                   next_block_reader=chain_clock.next_block_clock_for_refusal)
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome,
                                      read_evidence=_invocation_payment_evidence,
                                      on_reopened=_invocation_payment_reopened,

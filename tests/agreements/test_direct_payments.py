@@ -26,6 +26,7 @@ from policies.models import ApprovalRequest
 from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token
 from tests.conftest import Api, error_code
 from tests.support.operators import staff_account
+from tests.support.server_clock import SERVER_CLOCK_DRIFT, server_clock_drifted
 from tests.escrow.flow import (USDC, Parties, confirm_all, fund, mined_what_was_sent, network_of, poll_mined,
                                usdc_balance)
 
@@ -525,9 +526,8 @@ def test_a_direct_purchase_approved_once_its_signatures_ran_out_expires(purchase
     owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
     owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies", {"approval_threshold_atomic": 1})
     held = purchase.propose()
-    authorization = UsageAgreement.objects.get(pk=held["id"]).payment_authorization
-    type(authorization).objects.filter(pk=authorization.pk).update(
-        valid_before=int((timezone.now() + timedelta(seconds=60)).timestamp()))
+    # Its signatures' acceptance deadline, counted on our clock at proposal, passed (the approval still open: racing).
+    UsageAgreement.objects.filter(pk=held["id"]).update(proposal_expires_at=timezone.now() - timedelta(seconds=1))
 
     approval = ApprovalRequest.objects.get(subject_id=held["id"])
     approved = owner_api.post(f"/agents/{purchase.parties.buyer.pk}/approvals/{approval.pk}/approve")
@@ -1928,3 +1928,79 @@ def test_an_operators_retry_of_a_failed_purchase_whose_authorization_was_used_si
     assert ChainTransaction.objects.filter(agreement_id=agreement["id"], purpose=f"direct_{failed_at}").count() == 1
     after = purchase.parties.agreement(agreement["id"])
     assert (after["status"], after["payment_tx_hash"]) == ("payment_failed", used_by), after
+
+
+# --- the chain's clock decides a direct purchase's signatures, not ours ------------------------------------------
+
+@pytest.mark.parametrize("drift, validity", [(-SERVER_CLOCK_DRIFT, 24 * 3600), (SERVER_CLOCK_DRIFT, 800)],
+                         ids=["server_behind", "server_ahead"])
+def test_a_direct_purchase_valid_on_the_chains_clock_is_paid_whatever_the_servers_clock_says(
+        purchase, monkeypatch, drift, validity, django_capture_on_commit_callbacks):
+    """The payment's window and the fee permit's deadline were judged by the server's clock alone: one 700 s behind
+    the chain's (which the token checks them by, and the SDK signs by) refused the SDK's day-long signatures, 400
+    `payment_valid_too_long`; one 700 s ahead refused signatures valid 800 s, 400 `authorization_expired`, then
+    `signature_expired` for the fee permit, then at the accept the proposal counted expired (409 `proposal_expired`:
+    its acceptance deadline, the signatures' time on the chain's clock, was read on ours), then `fee_permit_expired`."""
+    body = purchase.body(validity_seconds=validity)
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    server_clock_drifted(monkeypatch, drift)
+
+    agreement = purchase.propose(body)
+    assert purchase.accept(agreement["id"], django_capture_on_commit_callbacks)["status"] == "paying"
+    for _ in range(3):  # fee permit, fee transfer, x402 payment
+        confirm_all(django_capture_on_commit_callbacks)
+
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
+    assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
+
+
+def test_a_direct_payment_expired_on_the_chains_clock_is_refused_though_the_server_clock_is_behind(
+        purchase, monkeypatch):
+    """By the chain's clock the payment has 500 s left, less than the 600 s a seller needs to accept it; by the
+    server's, 700 s behind, 1200 s: the proposal was recorded (201) and a seller's accept could only fail."""
+    body = purchase.body(validity_seconds=900)
+    server_clock_drifted(monkeypatch, -SERVER_CLOCK_DRIFT)
+    purchase.chain.increase_time(400)
+
+    response = purchase.parties.buyer_api.post("/usage-agreements", body)
+
+    assert response.status_code == 400 and error_code(response) == "authorization_expired", response.content
+    assert not UsageAgreement.objects.exists() and not ChainTransaction.objects.exists()
+
+
+def test_a_fee_permit_expired_on_the_chains_clock_is_refused_though_the_server_clock_is_behind(
+        purchase, monkeypatch):
+    """The fee permit's deadline is 300 s away by the chain's clock (less than the 600 s required), 1000 s by the
+    server's, 700 s behind: the proposal was recorded (201), its fee permit one the token refuses at the accept."""
+    body = purchase.body()
+    network = network_of(purchase.chain)
+    permit = {**body["fee_permit"], "deadline": purchase.chain.now() + 300}
+    permit["signature"] = typed_data.sign_typed_data(purchase.buyer.key, typed_data.erc2612_permit(
+        chain_id=network.chain_id, token_address=network.token_address, owner=purchase.buyer.address,
+        spender=network.gas_wallet, value=permit["value"], nonce=permit["nonce"], deadline=permit["deadline"],
+        token_name=network.token_domain.name, token_version=network.token_domain.version))
+    server_clock_drifted(monkeypatch, -SERVER_CLOCK_DRIFT)
+
+    response = purchase.parties.buyer_api.post("/usage-agreements", {**body, "fee_permit": permit})
+
+    assert response.status_code == 400 and error_code(response) == "signature_expired", response.content
+    assert not UsageAgreement.objects.exists()
+
+
+def test_a_direct_purchase_the_owner_approves_with_the_servers_clock_ahead_of_the_chains_is_offered_to_the_seller(
+        purchase, monkeypatch):
+    """The approval bounded the reopened proposal by its signatures' times read on our clock: 700 s ahead of the
+    chain's, a payment with 800 s left on it counted run out, and the approved purchase expired (409
+    `proposal_expired`)."""
+    owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
+    owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    body = purchase.body(validity_seconds=800)
+    server_clock_drifted(monkeypatch, SERVER_CLOCK_DRIFT)
+    held = purchase.propose(body)
+    assert held["status"] == "pending_approval"
+
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    approved = owner_api.post(f"/agents/{purchase.parties.buyer.pk}/approvals/{approval.pk}/approve")
+
+    assert approved.status_code == 200, approved.content
+    assert UsageAgreement.objects.get(pk=held["id"]).status == "proposed"
