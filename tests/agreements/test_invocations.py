@@ -36,6 +36,7 @@ from tests.conftest import Api, codes_at, error_code
 from tests.support.http_server import DribblesItsHead, serving
 from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
 from tests.support.at_once import answered_at_once
+from tests.support.server_clock import SERVER_CLOCK_DRIFT, server_clock_drifted
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -1816,9 +1817,6 @@ def test_a_skill_priced_above_a_since_lowered_platform_limit_is_400_before_any_q
     assert market.call("translate").status_code == 402  # at the limit: quoted
 
 
-SERVER_CLOCK_DRIFT = 700  # seconds: past VALIDITY_DRIFT_SECONDS (600) and the 402's maxTimeoutSeconds (300)
-
-
 @pytest.mark.parametrize("drift", [-SERVER_CLOCK_DRIFT, SERVER_CLOCK_DRIFT], ids=["server_behind", "server_ahead"])
 def test_a_payment_valid_on_the_chains_clock_is_taken_whatever_the_servers_clock_says(
         market, monkeypatch, drift, django_capture_on_commit_callbacks):
@@ -1828,8 +1826,7 @@ def test_a_payment_valid_on_the_chains_clock_is_taken_whatever_the_servers_clock
     market.upstream.responses.append((200, {"translation": "bonjour"}))
     payment = market.pay("translate", valid_before=market.chain.now() + 300)  # as x402 clients sign: now + 300
     buyer, seller, treasury = market.balances()
-    real_time = time.time
-    monkeypatch.setattr(time, "time", lambda: real_time() + drift)
+    server_clock_drifted(monkeypatch, drift)
 
     with django_capture_on_commit_callbacks(execute=True):
         response = market.call("translate", payment)
@@ -1840,8 +1837,7 @@ def test_a_payment_valid_on_the_chains_clock_is_taken_whatever_the_servers_clock
 
 def test_a_payment_expired_on_the_chains_clock_is_refused_though_the_server_clock_is_behind(market, monkeypatch):
     payment = market.pay("translate", valid_before=market.chain.now() + 3)
-    real_time = time.time
-    monkeypatch.setattr(time, "time", lambda: real_time() - SERVER_CLOCK_DRIFT)
+    server_clock_drifted(monkeypatch, -SERVER_CLOCK_DRIFT)
     market.chain.increase_time(10)
 
     response = market.call("translate", payment)
@@ -1854,8 +1850,7 @@ def test_a_bare_signature_of_a_quote_made_by_a_server_clock_behind_the_chains_pa
     """The 402 quoted validBefore from the server's clock: 700 s behind the chain's, the quote had expired on the
     chain before it was handed out, and its bare signature was refused (402 `authorization_expired`)."""
     market.upstream.responses.append((200, {"translation": "bonjour"}))
-    real_time = time.time
-    monkeypatch.setattr(time, "time", lambda: real_time() - SERVER_CLOCK_DRIFT)
+    server_clock_drifted(monkeypatch, -SERVER_CLOCK_DRIFT)
     required = market.call("translate")
     assert int(required["X-Payment-Valid-Before"]) >= market.chain.now() + 300 - 5
     signature = _seed_signature(market, required, market.buyer.key, market.buyer.address)
