@@ -56,6 +56,7 @@ from agreements.models import (
     AgreementStatus,
     FeeSchedule,
     InvocationMoney,
+    PaymentAuthorization,
     ProxyReplay,
     SettlementModel,
     SkillInvocation,
@@ -108,7 +109,9 @@ _TIMESTAMPS = {
 # What an agreement in each status counts against the buyer's spend caps (see `_committed_spends`).
 # Not ACTIVATION_FAILED: within its term it may still be signed again, or its intent relayed by anyone, and become
 # active.
-# PAYMENT_FAILED counts nothing but a fee collected and not refunded yet: that fee is out of the buyer's wallet.
+# PAYMENT_FAILED counts nothing but a fee collected and not refunded yet (that fee is out of the buyer's wallet), once
+# its authorization can no longer pay; until then (unused, valid, not cancelled) its price too: the platform tried to
+# move that money, and anyone holding the authorization (its calldata is public once a payment reverted) may still.
 NOTHING_COMMITTED = (*sorted(CLOSED_STATUSES), S.PAYMENT_FAILED)
 # ... but a direct purchase closed, or failed, after its buyer's payment reached the seller (its payment_tx_hash names
 # the transfer: a cancel, or an accept whose fee could not be collected) counts its price: it left the wallet.
@@ -281,16 +284,28 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
     `unfunded_count`: a third column, the buyer's unanswered or unfunded agreements with one seller, and those it
     proposed since a moment that it cancelled or let lapse unfunded."""
     quote, meta, invocation_meta = connection.ops.quote_name, UsageAgreement._meta, SkillInvocation._meta
+    authorization_meta = PaymentAuthorization._meta
     column = {name: quote(meta.get_field(name).column)
               for name in ("id", "status", "infra_fee", "seller_payout", "used", "deposit_amount", "buyer", "seller",
                            "created_at", "funds_moved_at", "fee_tx_hash", "buyer_refund",
-                           "payment_tx_hash", "settlement_model", "expires_at")}
+                           "payment_tx_hash", "settlement_model", "expires_at", "payment_authorization",
+                           "payment_authorization_cancel_tx_hash", "payment_authorization_watch_ended_at",
+                           "payment_reverted_at")}
     invocation = {name: quote(invocation_meta.get_field(name).column)
                   for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at")}
     fee_kept = (f"{column['fee_tx_hash']} <> '' AND {column['buyer_refund']} IS NULL")
+    fee_if_kept = f"CASE WHEN {fee_kept} THEN {column['infra_fee']} ELSE 0 END"
+    # A failed payment's authorization that may still pay (see `_committed_spends`): valid until %s (unix seconds).
+    authorization_may_pay = (
+        f"{column['payment_reverted_at']} IS NULL AND {column['payment_authorization_cancel_tx_hash']} = '' "
+        f"AND {column['payment_authorization_watch_ended_at']} IS NULL "
+        f"AND (SELECT a.{quote(authorization_meta.get_field('valid_before').column)} "  # noqa: S608
+        f"FROM {quote(authorization_meta.db_table)} a WHERE a.{quote(authorization_meta.pk.column)} = "
+        f"{column['payment_authorization']}) > %s")
     committed = (f"CASE WHEN {column['status']} IN ({', '.join(['%s'] * len(PRICE_PAID_WHEN_NAMED))}) "
-                 f"AND {column['payment_tx_hash']} <> '' THEN {column['deposit_amount']} + "
-                 f"CASE WHEN {fee_kept} THEN {column['infra_fee']} ELSE 0 END "
+                 f"AND {column['payment_tx_hash']} <> '' THEN {column['deposit_amount']} + {fee_if_kept} "
+                 f"WHEN {column['status']} = %s AND {authorization_may_pay} "
+                 f"THEN {column['deposit_amount']} + {fee_if_kept} "
                  f"WHEN {column['status']} = %s AND {fee_kept} THEN {column['infra_fee']} "
                  f"WHEN {column['status']} IN ({', '.join(['%s'] * len(NOTHING_COMMITTED))}) THEN 0 "
                  f"WHEN {column['settlement_model']} = %s AND {column['expires_at']} <= %s "
@@ -333,7 +348,9 @@ def _committed_spends(buyer: Agent, *, at: datetime, day_since: datetime, month_
                       unfunded_since: datetime | None = None) -> CommittedSpends:
     """What the buyer committed since `day_since` and since `month_since` (the earlier), in one statement: its
     agreements (nothing once released but the price of a direct purchase closed or failed after its buyer's payment
-    reached the seller, a failed direct purchase's fee collected until it is refunded, the fee once
+    reached the seller, a failed direct purchase's price while its authorization may still pay (unused, not
+    cancelled through the platform, its validBefore not past by CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS) and its fee
+    collected until it is refunded, the fee once
     refunded, fee plus what the seller was paid once settled, which an arbiter may set above what was metered, else
     fee plus deposit; nothing for an escrow agreement still unfunded once its term ended by `at`), each at the moment
     the platform moved its money (or found its price paid) or, until then, at its proposal, but for the
@@ -341,7 +358,10 @@ def _committed_spends(buyer: Agent, *, at: datetime, day_since: datetime, month_
     refunded or was reverted). With `unfunded_with`, also how many of its agreements with that seller are unanswered
     or unfunded (`UNFUNDED_OPEN_STATUSES`), or were proposed since `unfunded_since` and cancelled or expired unfunded
     (`UNFUNDED_LAPSED_STATUSES`), in the same statement."""
-    committed = [*PRICE_PAID_WHEN_NAMED, S.PAYMENT_FAILED, *NOTHING_COMMITTED, SettlementModel.ESCROW,
+    # Its validBefore, with the margin the watch of closed proposals gives a use to reach the confirmation depth.
+    may_pay_until = int(at.timestamp()) - CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS
+    committed = [*PRICE_PAID_WHEN_NAMED, S.PAYMENT_FAILED, may_pay_until, S.PAYMENT_FAILED, *NOTHING_COMMITTED,
+                 SettlementModel.ESCROW,
                  connection.ops.adapt_datetimefield_value(at), *UNFUNDED_PAST_TERM, S.REFUNDED, S.SETTLED]
     since = connection.ops.adapt_datetimefield_value
     agent_id = UsageAgreement._meta.get_field("buyer").get_db_prep_value
@@ -1047,6 +1067,20 @@ def agreement_payment_authorization_cancelled(*, agreement_id, tx_hash: str) -> 
                                   "updated_at"])
     _record_event(agreement, actor=SYSTEM, from_status=agreement.status, data={"tx_hash": tx_hash},
                   reason="the buyer's payment authorization was cancelled on-chain")
+
+
+def agreement_payment_authorization_found_cancelled(*, agreement_id) -> None:
+    """The token counts the purchase's payment authorization spent, with no transfer of it (the buyer cancelled it
+    itself, outside the platform): it can no longer move money, so a failed payment's price no longer counts against
+    the buyer's caps (`_committed_spends`), and the watch of closed direct proposals has nothing left to find."""
+    with transaction.atomic():
+        agreement = _lock(agreement_id)
+        if agreement.payment_tx_hash or agreement.payment_authorization_watch_ended_at is not None:
+            return
+        agreement.payment_authorization_watch_ended_at = timezone.now()
+        agreement.save(update_fields=["payment_authorization_watch_ended_at", "updated_at"])
+        _record_event(agreement, actor=SYSTEM, from_status=agreement.status, data={},
+                      reason="the buyer's payment authorization was found cancelled on-chain")
 
 
 def agreement_payment_authorization_cancel_failed(*, agreement_id, reason: str, used_by: str | None) -> None:

@@ -726,6 +726,8 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
         if used_by:
             logger.error("a closed direct purchase's payment authorization was used",
                          extra={"agreement_id": str(agreement.pk), "tx_hash": used_by})
+        else:  # cancelled by the buyer itself: recorded, its failed payment's price no longer held against its caps
+            agreement_services.agreement_payment_authorization_found_cancelled(agreement_id=agreement.pk)
         raise Conflict("The payment authorization was used or cancelled already.", code="authorization_already_used",
                        details={"used_by": used_by})
     # After the used check: a buyer past the budget still learns its authorization was used (409, `used_by`).

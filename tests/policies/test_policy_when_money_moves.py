@@ -417,6 +417,12 @@ def test_a_failed_direct_purchases_fee_counts_against_the_caps_until_it_is_refun
     confirm_all(capture)  # the fee confirmed -> the payment refused at its simulation -> the fee's refund sent
     failed = parties.agreement(agreement["id"])
     assert failed["status"] == "payment_failed" and failed["buyer_refund_atomic"] is None, failed
+    # Cancelled on-chain by the buyer itself: the platform counts its price until told (or its validBefore passed).
+    # Asked to cancel it, it finds it cancelled already, and no longer counts the price.
+    from tests.agreements.test_direct_payments import _cancel_signature
+    again = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
+                                   {"signature": _cancel_signature(purchase, agreement["id"])})
+    assert again.status_code == 409 and error_code(again) == "authorization_already_used", again.content
     set_policy(parties, {"daily_cap_atomic": FEE + ONE_PROPOSAL - 1})
     escrow = {"service_id": str(parties.service.pk), "quantity": 10}
 
@@ -449,3 +455,63 @@ def test_an_escrow_activation_and_a_new_proposal_at_once_cannot_both_slip_under_
         answer.content for answer in answers.values()]
     refused = next(answer for answer in answers.values() if answer.status_code == 403)
     assert refused.json()["error"]["details"]["rule"] == "daily_cap"
+
+
+def test_a_direct_purchase_whose_payment_reverted_counts_its_price_while_its_authorization_can_still_pay(
+        escrow_chain, monkeypatch, django_capture_on_commit_callbacks):
+    """The buyer's wallet is emptied between the relayer's simulation of the payment and its mining: the payment
+    reverts (payment_failed) and the fee is refunded, but the signed authorization is unused and valid, its calldata
+    public, and anyone may get it mined once the wallet holds funds again (the seller is paid then). Its price was
+    released at the revert: the buyer bought a cap's worth more, and the late use took the price on top, past the cap.
+    It counts until the authorization can no longer pay: cancelled through the platform (or past its validBefore)."""
+    from tests.agreements.test_direct_payments import AMOUNT, FEE, _cancel_signature, _use_authorization
+    from tests.escrow.flow import USDC, confirm_all, fund
+
+    from escrow import chain as gateway
+
+    capture = django_capture_on_commit_callbacks
+    purchase = DirectPurchase(escrow_chain)
+    parties = purchase.parties
+    fund(escrow_chain, purchase.treasury, USDC)  # the platform treasury's float for refunds
+    set_policy(parties, {"daily_cap_atomic": AMOUNT + FEE})  # one direct purchase a day
+    agreement = purchase.propose()
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the permit confirmed; the fee transfer is sent
+    stranger = escrow_chain.accounts.stranger.address
+    estimate = gateway.simulate
+
+    def estimate_then_empty_the_wallet(**transaction):
+        gas = estimate(**transaction)
+        monkeypatch.setattr(gateway, "simulate", estimate)
+        held = usdc_balance(escrow_chain, purchase.buyer.address)
+        escrow_chain.usdc.functions.transfer(stranger, held).transact({"from": purchase.buyer.address})
+        mined_what_was_sent()
+        return gas
+
+    monkeypatch.setattr(gateway, "simulate", estimate_then_empty_the_wallet)
+    for _ in range(3):  # the fee confirmed -> the payment estimated, the wallet emptied, mined reverted -> refunded
+        confirm_all(capture)
+    failed = parties.agreement(agreement["id"])
+    assert failed["status"] == "payment_failed" and failed["buyer_refund_atomic"] == FEE, failed
+    assert ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_payment").receipt_status == 0
+    escrow_chain.usdc.functions.transfer(purchase.buyer.address, usdc_balance(escrow_chain, stranger)).transact(
+        {"from": stranger})  # the wallet holds funds again
+    mined_what_was_sent()
+
+    over = parties.buyer_api.post("/usage-agreements", purchase.body())
+
+    assert_refused(over, "daily_cap")
+    assert over.json()["error"]["details"]["spent"] == AMOUNT
+    # Anyone may still get it paid, which is why it counted.
+    before = usdc_balance(escrow_chain, parties.seller_account.address)
+    snapshot = escrow_chain.w3.provider.make_request("evm_snapshot", [])["result"]
+    _use_authorization(escrow_chain, agreement["id"], stranger)
+    assert usdc_balance(escrow_chain, parties.seller_account.address) == before + AMOUNT
+    escrow_chain.w3.provider.make_request("evm_revert", [snapshot])
+    # Cancelled through the platform, it can no longer pay: the budget is back.
+    with capture(execute=True):
+        cancelled = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
+                                           {"signature": _cancel_signature(purchase, agreement["id"])})
+    assert cancelled.status_code == 202, cancelled.content
+    confirm_all(capture)
+    assert parties.buyer_api.post("/usage-agreements", purchase.body()).status_code == 201
