@@ -217,7 +217,10 @@ def _store(claim: int, request, response, *, commit: bool = False) -> None:
 
 
 def _release(claim: int) -> None:
-    IdempotencyRecord.objects.filter(pk=claim).delete()
+    # Not a claim holding its answer: a COMMIT that reached the server but whose reply was lost raises as a failed
+    # one does, and releasing its answer had the client's retry run the request again. (Its row lock, held until
+    # that transaction ends, makes this wait for it.)
+    IdempotencyRecord.objects.filter(pk=claim, response_status__isnull=True).delete()
 
 
 def expired_records_purge(*, batch: int = 1000) -> int:

@@ -150,3 +150,26 @@ def test_an_answer_whose_commit_fails_is_not_stored_and_its_effects_roll_back():
     assert answer.status_code == 201
     stored = IdempotencyRecord.objects.get(key="commit-fails")
     assert (stored.response_status, stored.response_body) == (201, {"recorded": True})
+
+
+def test_a_request_whose_commit_answer_is_lost_after_it_committed_replays_and_is_not_run_again(monkeypatch):
+    """The COMMIT that stores the answer (in the request's pipeline) reached the server, which committed, but its
+    answer was lost (the connection dropped): the error released the key anyway, deleting the committed answer, and
+    the client's retry with the same Idempotency-Key ran the request a second time (two agreements for one key)."""
+    from django.db import OperationalError
+
+    proposals = Proposals("commit-answer-lost")
+    store = idempotency._store
+
+    def committed_then_connection_lost(*args, **kwargs):
+        store(*args, **kwargs)
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(idempotency, "_store", committed_then_connection_lost)
+    assert proposals.replay().status_code == 503  # database_unavailable: the client retries
+    monkeypatch.setattr(idempotency, "_store", store)
+
+    retry = proposals.replay()
+    assert retry.status_code == 201, retry.content
+    assert UsageAgreement.objects.filter(buyer=proposals.buyer).count() == 1
+    assert retry.json()["id"] == str(UsageAgreement.objects.get(buyer=proposals.buyer).pk)
