@@ -332,13 +332,17 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, max_val
                       f"The authorization must be for exactly {requirements.amount} base units.")
     window = dict(min_validity_seconds=min_validity_seconds, max_validity_seconds=max_validity_seconds)
     refused = _window_refusal(values, now=int(time.time()) if now is None else now, **window)
+    signed = None
     if refused is not None and chain_clock is not None:
         # Our clock may have drifted from the chain's, the one the token contract checks the window against (and the
-        # buyer signed by): it decides. Read only when ours refuses, so a paid call asks the node nothing more.
-        refused = _window_refusal(values, now=chain_clock(), **window)
+        # buyer signed by): it decides. Read only when ours refuses, so a paid call asks the node nothing more; and
+        # only for an authorization its payer signed, so a forged one (anyone's to send) makes it read nothing.
+        signed = _signed_by(authorization, values.signature, asset=requirements.asset)
+        if signed:
+            refused = _window_refusal(values, now=chain_clock(), **window)
     if refused is not None:
         raise refused
-    if not _signed_by(authorization, values.signature, asset=requirements.asset):
+    if not (signed or _signed_by(authorization, values.signature, asset=requirements.asset)):
         raise _reject(evm.ERR_INVALID_SIGNATURE, "The signature is not the payer's over this authorization.")
     return values
 

@@ -185,6 +185,15 @@ def tag_ids_read_afresh():
 
 
 @pytest.fixture(autouse=True)
+def quote_clock_read_afresh():
+    """The latest block's time is kept per process for a second for x402 quotes (escrow.chain_clock): each test's
+    chain may be at another time."""
+    from escrow.chain_clock import _latest_for_quotes
+
+    _latest_for_quotes.cache_clear()
+
+
+@pytest.fixture(autouse=True)
 def private_upstreams_allowed(settings):
     """Test upstreams and webhook receivers run on loopback; tests of the SSRF guard switch it back on."""
     settings.ALLOW_PRIVATE_UPSTREAMS = True

@@ -1859,3 +1859,28 @@ def test_a_bare_signature_of_a_quote_made_by_a_server_clock_behind_the_chains_pa
         response = market.caller.post("/agents/sol/translate", {"input": {"text": "hello"}}, headers={
             "X-Payment-Signature": signature, "X-Payment-From": market.buyer.address})
     assert response.status_code == 200, response.content
+
+
+def test_unpaid_and_forged_calls_do_not_each_make_the_server_read_the_chain(market, monkeypatch):
+    """Anyone may call a skill without paying, or with a payment it did not sign. Each unpaid call's 402 read the
+    latest block (its quote counted from the chain's clock), and a forged payment whose window our clock refused read
+    the node's pending and latest blocks before its signature was checked: an anonymous client made the server call
+    the node once to four times per request, as fast as the rate limit let it. The quote's clock is read at most once
+    a second per process, and the chain's clock is asked only about an authorization its payer signed."""
+    from x402.http import encode_payment_signature_header
+
+    payment = decode_payment_signature_header(market.pay("translate", valid_before=market.chain.now() - 60))
+    signature = payment.payload["signature"]
+    payment.payload["signature"] = signature[:-4] + ("00" if signature[-4:-2] != "00" else "11") + signature[-2:]
+    forged = encode_payment_signature_header(payment)
+    reads = []
+    for name in ("latest_block_timestamp", "next_block_timestamp"):
+        read = getattr(gateway, name)
+        monkeypatch.setattr(gateway, name, lambda read=read, name=name: reads.append(name) or read())
+
+    for _ in range(5):
+        assert market.call("translate").status_code == 402
+        refused = market.call("translate", forged)
+        assert refused.status_code == 402 and refused.json()["error"] == "authorization_expired", refused.content
+
+    assert len(reads) <= 1, reads
