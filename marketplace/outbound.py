@@ -429,7 +429,7 @@ class _FinalAnswer(http.client.HTTPResponse):
         http.client bounds only its lines (64 KiB) and their count (100), ~6.4 MB per answer. An answer with a
         Transfer-Encoding is framed by chunked coding alone (`_framed_by_chunks`). Content-Length values that differ
         or are no number are refused as a malformed answer (http.client read the body by the first, the proxy passed
-        on the last). So is a head the email parser could not read whole (a space before a colon, a first line
+        on the last); one value repeated (`9, 9`) is the length. So is a head the email parser could not read whole (a space before a colon, a first line
         folded): it took every header after the bad line for a body, and the proxy charged an answer cut off at its
         timeout."""
         fp = self.fp
@@ -447,6 +447,10 @@ class _FinalAnswer(http.client.HTTPResponse):
         lengths = {part.strip() for value in self.msg.get_all("content-length", ()) for part in value.split(",")}
         if len(lengths) > 1 or any(not (length.isascii() and length.isdigit()) for length in lengths):
             raise http.client.HTTPException(f"Content-Length {sorted(lengths)} frames no body")
+        if lengths and self.length is None:
+            # One value listed more than once (`9, 9`, RFC 9110 8.6): http.client read the field as one integer, found
+            # none, and read the body to the connection's close (a kept-alive one's never came).
+            self.length, self.will_close = int(lengths.pop()), self._check_close()
 
     def _framed_by_chunks(self) -> None:
         """An answer with a Transfer-Encoding: its body read by its chunks, `chunked` in any case with spaces around

@@ -434,3 +434,27 @@ def test_an_answer_head_is_read_up_to_proxy_max_answer_head_bytes_exactly(
     assert (whole.status_code, _body(whole)) == (200, b"{}")
     assert (over.status_code, error_code(over)) == (502, "upstream_answer_head_too_large")
     assert _books(active) == (PRICE, 0)
+
+
+@pytest.mark.parametrize("length", [b"%d, %d", b"%d,%d"], ids=["list", "list-unspaced"])
+def test_an_answer_whose_content_length_repeats_one_value_in_a_list_is_read_by_it_on_a_kept_alive_connection(
+        escrow_chain, settings, django_capture_on_commit_callbacks, length):
+    """`Content-Length: 9, 9` (one value repeated, as a proxy merging two fields writes it) passed the framing
+    check as one length, but http.client read the field as a single integer, found none, and read the body to the
+    connection's close: on a connection kept alive the buyer had a 200 whose body never ended (the stream broke at
+    PROXY_TIMEOUT), for each of the seller's honest answers. RFC 9110 8.6 lets the recipient take the
+    repeated value as the length: the proxy reads the body by it."""
+    settings.PROXY_TIMEOUT = 1
+    connections: list[int] = []
+
+    def repeated_length(path: bytes) -> bytes:
+        field = length % ((len(path),) * length.count(b"%d"))
+        return b"HTTP/1.1 200 OK\r\nContent-Length: " + field + b"\r\n\r\n" + path
+
+    with _answering_each(repeated_length, connections) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        first, second = (_call(active, "get", f"{active.proxy}/{name}") for name in ("first", "second"))
+    assert (first.status_code, _body(first), second.status_code, _body(second)) == (
+        200, b"/api/first", 200, b"/api/second"), (_body(first), _body(second))
+    assert connections == [1, 1]
+    assert _books(active) == (2 * PRICE, 0)
