@@ -31,7 +31,7 @@ from agreements.models import (
 )
 from catalog.models import Agent
 from escrow import chain, chain_clock, relayer, selectors
-from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from escrow.models import ChainTransaction, MasumiPurchase, TxPurpose, TxStatus
 from marketplace import chainconfig, sweeps
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.logging import agreement_context, logs_name_the_agreement
@@ -794,12 +794,22 @@ def _finalize_timed_out_dispute(agreement: UsageAgreement, *, now: int) -> Chain
         return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
 
 
+def _refund_still_requested(tx: ChainTransaction) -> bool:
+    """A failed zero refund proposal is sent again (an operator's retry) only while the buyer's refund request it
+    carries out stands: withdrawn since (cancel-refund-request, allowed once the proposal failed), the retry refunded
+    the buyer in full against its withdrawal, the seller unpaid for its result. Locks the agreement until the caller's
+    transaction ends, as the withdrawal does: one arriving meanwhile finds the retry queued (409
+    `refund_already_submitted`)."""
+    list(UsageAgreement.objects.select_for_update().filter(pk=tx.agreement_id).values_list("pk", flat=True))
+    return MasumiPurchase.objects.filter(agreement_id=tx.agreement_id, refund_requested_at__isnull=False).exists()
+
+
 def handlers_register() -> None:
     """Called once, from EscrowConfig.ready()."""
     relayer.outcome_handler_register(purpose=TxPurpose.PROPOSE_SETTLEMENT, on_outcome=_proposal_outcome,
                                      read_evidence=_proposal_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.MASUMI_REFUND_PROPOSAL, on_outcome=_proposal_outcome,
-                                     read_evidence=_proposal_evidence)
+                                     read_evidence=_proposal_evidence, rerun_wanted=_refund_still_requested)
     relayer.outcome_handler_register(purpose=TxPurpose.CHALLENGE, on_outcome=_challenge_outcome,
                                      read_evidence=_challenge_evidence)
     relayer.outcome_handler_register(purpose=TxPurpose.RESOLVE, on_outcome=_resolve_outcome,

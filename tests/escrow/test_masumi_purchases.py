@@ -1606,3 +1606,39 @@ def test_a_zero_refund_proposal_that_keeps_failing_is_sent_again_with_the_propos
                                               purpose=TxPurpose.MASUMI_REFUND_PROPOSAL)
     assert list(refunds.values_list("status", flat=True)) == ["failed"]  # was three
     assert "NotOperatorOrSeller" in refunds.get().failure_reason
+
+
+def test_an_operators_retry_of_a_failed_zero_refund_proposal_is_refused_once_the_buyer_withdrew_its_request(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """The zero proposal carrying out a refund request failed (the relayer's key without the escrow's operator role);
+    the buyer then withdrew its request (200: nothing of it on the chain), and the dashboard listed the failed
+    proposal as given up. An operator's retry of it queued the zero proposal all the same: the buyer refunded in full
+    after it withdrew its request, the seller unpaid for its result. 409 `no_longer_wanted`, and the result's
+    proposal pays the seller at its window's end."""
+    from django.contrib.auth import get_user_model
+
+    from tests.support.operators import staff_account
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = _result_proposal_mined_past_unlock_time(chain, capture, seller_service)
+    role = chain.escrow.functions.OPERATOR_ROLE().call()
+    relayer_address = gateway.relayer_account().address
+    chain.escrow.functions.revokeRole(role, relayer_address).transact({"from": chain.accounts.deployer.address})
+    purchase.tick()
+    [failed] = ChainTransaction.objects.filter(agreement_id=purchase.created["agreementId"],
+                                               purpose=TxPurpose.MASUMI_REFUND_PROPOSAL, status="failed")
+    chain.escrow.functions.grantRole(role, relayer_address).transact({"from": chain.accounts.deployer.address})
+    withdrawn = purchase.parties.buyer_api.post("/purchase/cancel-refund-request", {
+        "network": "Preprod", "blockchainIdentifier": purchase.id})
+    assert withdrawn.status_code == 200, withdrawn.content
+
+    with pytest.raises(relayer.Conflict) as refused:
+        relayer.transaction_retry(tx=failed, operator=get_user_model().objects.get(username=staff_account()))
+    assert refused.value.code == "no_longer_wanted"
+    assert not ChainTransaction.objects.filter(agreement_id=purchase.created["agreementId"],
+                                               purpose=TxPurpose.MASUMI_REFUND_PROPOSAL).exclude(pk=failed.pk).exists()
+    confirm_all(capture)
+    chain.increase_time(2 * (purchase.timers["unlockTime"] - purchase.timers["payByTime"]))
+    assert purchase.settle()["finalizing"] == 1
+    confirm_all(capture)
+    purchase.assert_moved(seller=PRICE, buyer=0)
