@@ -642,6 +642,13 @@ def _direct_purchase_retry(tx: ChainTransaction) -> None:
                        details={"cancel_transaction_id": str(cancel.pk)})
 
 
+def _direct_fee_refund_rerun_wanted(tx: ChainTransaction) -> bool:
+    """A failed fee refund is sent again (an operator's retry) only while the agreement says the fee is to go back
+    (`agreement_direct_fee_refund_due`, which locks it): a purchase found paid since (its authorization used after
+    the payment failed) keeps its fee, and the retry gave it back to the buyer."""
+    return agreement_services.agreement_direct_fee_refund_due(agreement_id=tx.agreement_id) is not None
+
+
 def _direct_fee_refund_withdraw(agreement_id, *, reason: str) -> None:
     """The fee's refund not concluded yet is withdrawn: never sent when still queued, its nonce cancelled by a nonce
     fill when signed (`_direct_fee_refund_cancelled` says what came of it). One confirmed stands."""
@@ -806,6 +813,7 @@ def handlers_register() -> None:
                                      refusal_charged=_direct_payment_refusal_charged)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_FEE_REFUND, on_outcome=_direct_fee_refund_outcome,
                                      on_reopened=_direct_fee_refund_reopened, on_cancelled=_direct_fee_refund_cancelled,
+                                     rerun_wanted=_direct_fee_refund_rerun_wanted,
                                      on_cancel_undecided=_direct_fee_refund_cancel_undecided)
     relayer.finality_wait_register(purpose=TxPurpose.DIRECT_FEE_REFUND, spent_block=_direct_fee_block)
     relayer.outcome_handler_register(purpose=TxPurpose.DIRECT_AUTHORIZATION_CANCEL,

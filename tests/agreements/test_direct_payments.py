@@ -2004,3 +2004,39 @@ def test_a_direct_purchase_the_owner_approves_with_the_servers_clock_ahead_of_th
 
     assert approved.status_code == 200, approved.content
     assert UsageAgreement.objects.get(pk=held["id"]).status == "proposed"
+def test_an_operators_retry_of_a_failed_fee_refund_is_refused_once_the_purchase_was_found_paid(
+        purchase, django_capture_on_commit_callbacks):
+    """The payment failed (the buyer's wallet emptied once the fee was taken), the fee's refund failed too (the
+    treasury without its float), then the buyer's authorization was found used (the purchase paid, the fee the
+    platform's). An operator's retry of the failed refund queued it all the same: the buyer had its fee back on a paid
+    purchase. Refused, 409 `no_longer_wanted`, nothing queued."""
+    capture = django_capture_on_commit_callbacks
+    chain = purchase.chain
+    agreement = purchase.propose()
+    buyer_funds = usdc_balance(chain, purchase.buyer.address)
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the permit confirmed; the fee's transfer sent
+    _keep_only(purchase, 0)
+    for _ in range(2):  # the fee confirmed -> the payment refused -> the fee's refund refused (no float)
+        confirm_all(capture)
+    [refund] = ChainTransaction.objects.filter(agreement_id=agreement["id"], purpose="direct_fee_refund")
+    assert (ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_payment").status,
+            refund.status) == ("failed", "failed")
+    back = chain.usdc.functions.transfer(purchase.buyer.address, buyer_funds - FEE).transact(
+        {"from": chain.accounts.stranger.address})
+    assert chain.w3.eth.wait_for_transaction_receipt(back)["status"] == 1
+    _use_authorization(chain, agreement["id"], chain.accounts.stranger.address)
+    for _ in range(2):
+        confirm_all(capture)
+        with capture(execute=True):
+            relayer.transactions_recheck_watched()
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
+    fund(chain, purchase.treasury, USDC)
+    before = usdc_balance(chain, purchase.buyer.address)
+
+    with pytest.raises(relayer.Conflict) as refused:
+        relayer.transaction_retry(tx=refund, operator=get_user_model().objects.get(username=staff_account()))
+    assert refused.value.code == "no_longer_wanted"
+    confirm_all(capture)
+    assert ChainTransaction.objects.filter(agreement_id=agreement["id"], purpose="direct_fee_refund").count() == 1
+    assert usdc_balance(chain, purchase.buyer.address) == before
