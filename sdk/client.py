@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import threading
 import time
 import uuid
@@ -180,7 +181,7 @@ def _retry_after(refused: MarketplaceError, default: float) -> float:
     a compromised server naming a nanosecond had the client send again in a tight loop."""
     named = refused.details.get("retry_after_seconds")
     if isinstance(named, (int, float)) and not isinstance(named, bool) and default < named < float("inf"):
-        return float(named)
+        return float(min(named, sys.float_info.max))  # a JSON integer may be past any float (OverflowError)
     return default
 
 

@@ -645,3 +645,17 @@ def test_an_accept_a_server_asks_to_retry_at_once_waits_its_poll_interval(http_s
 
     assert refused.value.code == "payment_not_final"
     assert len(http_server.requests) <= 6, f"{len(http_server.requests)} accepts sent in a 1 s wait"
+
+
+def test_an_accept_a_server_asks_to_retry_after_an_integer_past_any_float_ends_with_the_servers_refusal(http_server):
+    """A compromised server naming a retry_after_seconds too large for a float (a JSON integer of 400 digits) made
+    the SDK's accept raise OverflowError (`float()` of it) instead of waiting within `payment_final_wait` and
+    raising the server's refusal."""
+    refusal = (409, {"error": {"code": "payment_not_final", "message": "not final",
+                               "details": {"retry_after_seconds": 10**400}}})
+    http_server.responses.extend([refusal] * 100)
+
+    with pytest.raises(MarketplaceError) as refused:
+        marketplace(http_server.url).accept_agreement(uuid.uuid4(), payment_final_wait=0.3, poll_interval=0.1)
+
+    assert refused.value.code == "payment_not_final"
