@@ -2004,6 +2004,8 @@ def test_a_direct_purchase_the_owner_approves_with_the_servers_clock_ahead_of_th
 
     assert approved.status_code == 200, approved.content
     assert UsageAgreement.objects.get(pk=held["id"]).status == "proposed"
+
+
 def test_an_operators_retry_of_a_failed_fee_refund_is_refused_once_the_purchase_was_found_paid(
         purchase, django_capture_on_commit_callbacks):
     """The payment failed (the buyer's wallet emptied once the fee was taken), the fee's refund failed too (the
