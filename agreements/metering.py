@@ -103,6 +103,14 @@ def _not_chargeable(agreement: UsageAgreement) -> Conflict:
                     code="agreement_not_active", details={"status": agreement.status})
 
 
+def _autocommit_postgresql() -> bool:
+    """PostgreSQL, outside any transaction of the caller's. The thread's connection looked up once: each attribute
+    read through `django.db.connection` looks it up again (asgiref's Local, ~3.5 us a read in a slow phase of this
+    machine kind), and a proxied call asked this three times over, twice each."""
+    db = connections[DEFAULT_DB_ALIAS]
+    return db.vendor == "postgresql" and not db.in_atomic_block
+
+
 @contextmanager
 def _transaction_without_flush_wait():
     """One transaction for a reservation change whose COMMIT does not wait for the WAL flush, so the agreement's
@@ -164,9 +172,9 @@ def reservation_take(*, agreement, amount: int, request_id: str, request_nonce: 
     (`_CallLeases`)."""
     now, clock = timezone.now(), time.monotonic()
     intent = [amount, request_id, request_nonce, method, path[:500], now]
-    row = None
-    if connection.vendor == "postgresql":
-        leasing = not connection.in_atomic_block and settings.PROXY_CALL_LEASE_MAX > 1
+    row, db = None, connections[DEFAULT_DB_ALIAS]
+    if db.vendor == "postgresql":
+        leasing = not db.in_atomic_block and settings.PROXY_CALL_LEASE_MAX > 1
         calls = 1
         if leasing:
             leased, calls = _leased_call(agreement.pk, amount)
@@ -424,8 +432,7 @@ def reservation_answered(*, reservation: Reservation, charge: dict) -> bool:
     process die before the charge is written, the reaper charges the call from this record. False when the database
     went away before it was recorded."""
     # One statement, its own transaction; on PostgreSQL set_config(..., true) lets its commit skip the flush wait.
-    statement = _answered_statement(
-        reservation, charge, skip_flush_wait=connection.vendor == "postgresql" and not connection.in_atomic_block)
+    statement = _answered_statement(reservation, charge, skip_flush_wait=_autocommit_postgresql())
     try:
         with connection.cursor() as cursor:
             cursor.execute(*statement)
@@ -594,15 +601,22 @@ def _counters_update_sql(counters: tuple[str, ...]) -> str:
             + f" WHERE {quote(meta.pk.column)} = %s)")
 
 
+@lru_cache(maxsize=1)
+def _event_attnames() -> tuple[list[str], set[str]]:
+    """UsageEvent's columns' attribute names, and those but the id."""
+    attnames = [field.attname for field in UsageEvent._meta.concrete_fields]
+    return attnames, set(attnames) - {"id"}
+
+
 def _events_saved(rows: list[dict], ids: dict[int, int]) -> list[UsageEvent]:
     """The written rows as UsageEvent instances, given their ids by seq: what `UsageEvent.from_db` builds, without
     Model.__init__'s walk over every field per instance (most of the CPU of answering a batch of 100 in Python).
     With an init signal receiver for UsageEvent, the instances are built by `from_db`, which sends it."""
-    alias, attnames = connection.alias, [field.attname for field in UsageEvent._meta.concrete_fields]
+    alias, (attnames, columns) = DEFAULT_DB_ALIAS, _event_attnames()  # `connection`'s alias
     if signals.pre_init.has_listeners(UsageEvent) or signals.post_init.has_listeners(UsageEvent):
         return [UsageEvent.from_db(alias, attnames, [ids[row["seq"]] if name == "id" else row[name]
                                                      for name in attnames]) for row in rows]
-    events, columns = [], set(attnames) - {"id"}
+    events = []
     for row in rows:
         event = UsageEvent.__new__(UsageEvent)
         # A row holds exactly the other columns (`_extend_chain`); anything else would not be an attribute.
@@ -871,7 +885,7 @@ def charge_ahead(*, reservation: Reservation, units: int, cost: int, request_id:
     outside PostgreSQL's autocommit, no head known, another call of the agreement chained ahead or its charge running
     here. Never raises: a charge not chained ahead is chained when it is charged."""
     agreement_id = reservation.agreement_id
-    if connection.vendor != "postgresql" or connection.in_atomic_block:
+    if not _autocommit_postgresql():
         return None
     with _charging_ahead_lock:
         known = _known_heads.get(agreement_id)
@@ -994,10 +1008,16 @@ class _QueuedCharge:
     charge: dict
     answered: bool = False  # its answer is recorded on its intent
     ahead: ChargeAhead | None = None  # its event, chained while the upstream answered: used when charged alone
-    settled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # Set when its outcome is in, or when it is to lead. A waiter's only: a call that leads its queue from the
+    # start is never waited for (so a lone call creates none, ~5 us).
+    settled: threading.Event | None = None
     leads: bool = False  # woken to charge the queue, not with its own outcome
     event: UsageEvent | None = None
     error: BaseException | None = None
+
+    def wake(self) -> None:
+        if self.settled is not None:
+            self.settled.set()
 
     def outcome(self) -> UsageEvent:
         error, self.error = self.error, None
@@ -1020,6 +1040,8 @@ def _queued(mine: _QueuedCharge) -> deque:
     if queue is None:
         queue = _charge_queues[mine.reservation.agreement_id] = deque()
         mine.leads = True
+    else:
+        mine.settled = threading.Event()
     queue.append(mine)
     return queue
 
@@ -1046,7 +1068,7 @@ def _charge_queued(reservation: Reservation, charge: dict, ahead: ChargeAhead | 
         with _charge_queues_lock:
             _lead_pass(queue, reservation.agreement_id)
         for queued in batch:
-            queued.settled.set()
+            queued.wake()
     return mine.outcome()
 
 
@@ -1066,7 +1088,7 @@ def _lead_pass(queue: deque, agreement_id: uuid.UUID) -> None:
     agreement's queue ends."""
     if queue:
         queue[0].leads = True
-        queue[0].settled.set()
+        queue[0].wake()
     else:
         del _charge_queues[agreement_id]
 
@@ -1081,16 +1103,19 @@ def _wait_settled(mine: _QueuedCharge, queue: deque) -> None:
     """Wait for the call's outcome, or to lead its queue. Still waiting after QUEUED_ANSWER_AFTER_SECONDS, it
     records its answer; still queued after PROXY_TIMEOUT (the charge ahead of it does not end), it leaves the queue
     to be charged alone."""
-    if not mine.settled.wait(QUEUED_ANSWER_AFTER_SECONDS):
+    settled = mine.settled
+    if settled is None:  # it leads its queue from the start (`_queued`): nothing to wait for
+        return
+    if not settled.wait(QUEUED_ANSWER_AFTER_SECONDS):
         # Its batch may be charging it meanwhile: then the intent is gone (nothing to record), or the answer is
         # recorded twice, the same. Whatever fails here leaves the call queued: its charge records the answer.
         try:
             mine.answered = reservation_answered(reservation=mine.reservation, charge=mine.charge)
         except Exception:
             logger.exception("recording a queued call's answer failed; its charge records it")
-    while not mine.settled.wait(settings.PROXY_TIMEOUT):
+    while not settled.wait(settings.PROXY_TIMEOUT):
         with _charge_queues_lock:
-            if mine.settled.is_set():
+            if settled.is_set():
                 return
             if mine in queue:  # not taken into a batch yet (one taken gets its outcome when the batch ends)
                 queue.remove(mine)
@@ -1152,7 +1177,7 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
         charge = _charge_fields(units=units, cost=cost, request_id=request_id, request_nonce=request_nonce,
                                 method=method, path=path, upstream_status=upstream_status, latency_ms=latency_ms,
                                 call_seq=reservation.call_seq)
-        if connection.vendor == "postgresql" and not connection.in_atomic_block:
+        if _autocommit_postgresql():
             event = _charge_queued(reservation, charge, ahead)
         else:
             reservation_answered(reservation=reservation, charge=charge)
