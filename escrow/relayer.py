@@ -43,6 +43,7 @@ and write only if nobody changed it meanwhile (`updated_at` is the version), so 
 row at once and the slower one's write is dropped.
 """
 
+import contextvars
 import functools
 import logging
 import math
@@ -55,7 +56,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
-from django.db.models import Q, QuerySet
+from django.db.models import Max, Q, QuerySet
 from django.utils import timezone
 from web3 import Web3
 
@@ -741,6 +742,10 @@ def _record_receipt(tx: ChainTransaction, attempt: TxAttempt, found: chain.Recei
     latest = max(chain.latest_block_number(), found.block_number)
     if _deep_enough(tx, block_number=found.block_number, latest=latest):
         return _conclude_mined(tx)
+    return _save_mined(tx)
+
+
+def _save_mined(tx: ChainTransaction) -> ChainTransaction | None:
     with transaction.atomic():
         if not _locked_if_unchanged(tx):
             return None
@@ -749,9 +754,18 @@ def _record_receipt(tx: ChainTransaction, attempt: TxAttempt, found: chain.Recei
     return tx
 
 
+# Within a poll's first pass (`transactions_poll`), the ids of transactions mined-reverted at their depth, whose
+# failure waits for the second pass: it is recorded mined meanwhile.
+_failures_deferred: contextvars.ContextVar[list | None] = contextvars.ContextVar("failures_deferred", default=None)
+
+
 def _conclude_mined(tx: ChainTransaction) -> ChainTransaction | None:
     if tx.receipt_status == 1:
         return _conclude(tx)
+    deferred = _failures_deferred.get()
+    if deferred is not None:
+        deferred.append(tx.pk)
+        return _save_mined(tx)
     return _conclude(tx, failure=chain.revert_reason(sender=tx.relayer.address, to=tx.to_address, data=tx.data,
                                                      block_number=tx.mined_block_number),
                      reverted_within_gas=_reverted_within_gas(tx))
@@ -1268,7 +1282,29 @@ def transactions_poll() -> int:
     batch = ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED]).order_by("polled_at", "pk")
     pending = [pk for pk, _ in sorted(batch.values_list("pk", "updated_at")[:POLL_BATCH],
                                       key=operator.itemgetter(1))]
+    tried, checked, unread, deferred = _check_each(pending, failures)
+    # Then the failures: one's outcome may withdraw other transactions (a reverted payment withdraws its payout),
+    # which the chain may show mined already. Checked first, it cancelled a payout made at its depth with a nonce
+    # fill, reported then as outrun by the payout's bytes; checked after, the payout is confirmed and stands.
+    for tx_id in _failures_decidable(deferred, unread=[*unread, *pending[tried:]]):
+        try:
+            with failures.row(tx_id, reraise=(chain.ChainError,), atomic=False):
+                transaction_check(transaction_id=tx_id)
+        except chain.ChainError as error:
+            logger.warning("chain transaction's failure not concluded", extra={"tx_id": str(tx_id),
+                                                                               "error": str(error)})
+    failures.raise_if_any(applied=checked)
+    return len(pending)
+
+
+def _check_each(pending: list, failures: sweeps.RowFailures) -> tuple[int, int, list, list]:
+    """The poll's first pass: each of `pending` checked, a failure at its depth recorded mined only
+    (`_failures_deferred`). Returns how many were tried and checked, those whose check failed on the chain, and the
+    deferred failures."""
     checked = chain_failed = tried = 0
+    unread: list = []
+    deferred: list = []
+    deferring = _failures_deferred.set(deferred)
     try:
         for tx_id in pending:
             tried += 1
@@ -1282,14 +1318,30 @@ def transactions_poll() -> int:
                 break
             except chain.ChainError as error:
                 logger.warning("chain transaction not checked", extra={"tx_id": str(tx_id), "error": str(error)})
+                unread.append(tx_id)
                 chain_failed += 1
                 if chain_failed == _POLL_GIVES_UP_AFTER and checked == 0:
                     break
     finally:
+        _failures_deferred.reset(deferring)
         # update(), not save(): updated_at is the row's version (`_locked_if_unchanged`), a poll is no change of it.
         ChainTransaction.objects.filter(pk__in=pending[:tried]).update(polled_at=timezone.now())
-    failures.raise_if_any(applied=checked)
-    return len(pending)
+    return tried, checked, unread, deferred
+
+
+def _failures_decidable(deferred: list, *, unread: list) -> list:
+    """The deferred failures whose wallet's later nonces were all read in this poll: what a failure withdraws came
+    after it, under a later nonce of the wallet (a payout after its payment). One whose later transaction's check
+    failed (a timeout after the node answered, say) waits for a poll that reads both."""
+    if not deferred:
+        return []
+    if not unread:
+        return deferred
+    unread_latest = dict(ChainTransaction.objects.filter(pk__in=unread, nonce__isnull=False)
+                         .values("relayer_id").annotate(latest=Max("nonce")).values_list("relayer_id", "latest"))
+    return [tx_id for tx_id, relayer_id, nonce in
+            ChainTransaction.objects.filter(pk__in=deferred).values_list("pk", "relayer_id", "nonce")
+            if unread_latest.get(relayer_id, -1) < nonce]
 
 
 def _indexed_up_to() -> int | None:

@@ -94,14 +94,44 @@ def paid_and_settled_on_a_branch(market, capture, outcome: str, api=None) -> tup
     return invocation_id, before_fork
 
 
+def polls_checking_first(capture, first: ChainTransaction, *transactions: ChainTransaction) -> None:
+    """`polls_until_concluded`, each poll checking `first` before the others (a poll checks the transactions it
+    reads least recently written first)."""
+    for _ in range(4):
+        ChainTransaction.objects.filter(pk=first.pk).update(updated_at=timezone.now() - timedelta(days=1))
+        confirm_all(capture)
+        if all(ChainTransaction.objects.get(pk=tx.pk).status in (TxStatus.CONFIRMED, TxStatus.FAILED)
+               for tx in (first, *transactions)):
+            return
+    raise AssertionError("the reopened transactions were not concluded after 4 polls")
+
+
+def settlement_check_times_out_once_mined(monkeypatch, settlement: ChainTransaction) -> None:
+    """The first check of `settlement` once the node has its receipt raises a timeout (after the node answered)."""
+    check = relayer.transaction_check
+    timed_out = []
+
+    def check_or_time_out(*, transaction_id):
+        if (transaction_id == settlement.pk and not timed_out
+                and relayer._first_receipt(ChainTransaction.objects.get(pk=settlement.pk)) is not None):
+            timed_out.append(transaction_id)
+            raise gateway.RpcUnavailable("read timed out")
+        return check(transaction_id=transaction_id)
+
+    monkeypatch.setattr(relayer, "transaction_check", check_or_time_out)
+
+
+@pytest.mark.parametrize("checked_first", ["payment", "settlement", "payment_settlement_timed_out"])
 @pytest.mark.parametrize("outcome", ["completed", "failed"])
 def test_a_payment_a_reorg_took_after_the_payout_that_cannot_run_again_is_recorded_until_acknowledged(
-        market, outcome, caplog, admin_client, django_capture_on_commit_callbacks):
+        market, outcome, checked_first, monkeypatch, caplog, admin_client, django_capture_on_commit_callbacks):
     """The new branch has neither the payment nor its payout (or refund); there the buyer spends its USDC before
     the relayer sends the payment again, which reverts, while the payout, sent again too, pays the seller (or the
     buyer) from the treasury's float. The treasury paid out money it never received: the invocation says so, an
     error is logged, the dashboard and the metrics show it and reconcile fails until an operator acknowledges it.
-    Nothing runs or pays again."""
+    Nothing runs or pays again. Whichever of the two a poll checks first, and when the payout's check times out:
+    the payment's failure, concluded first, withdrew the payout the chain already had at its depth, and a nonce fill
+    of its nonce reported its bytes as run in the fill's place (reconcile's second mismatch)."""
     chain, capture = market.chain, django_capture_on_commit_callbacks
     invocation_id, before_fork = paid_and_settled_on_a_branch(market, capture, outcome)
     _, purpose, money = SETTLED[outcome]
@@ -113,8 +143,12 @@ def test_a_payment_a_reorg_took_after_the_payout_that_cannot_run_again_is_record
     # Nothing left: the refund's stored bytes, estimated for a balance that was not empty, fill an empty slot.
     spend_all_but(chain, market.buyer.address, keep=0)
     chain.mine(3)
+    first, other = (settlement, payment) if checked_first == "settlement" else (payment, settlement)
+    if checked_first == "payment_settlement_timed_out":
+        settlement_check_times_out_once_mined(monkeypatch, settlement)
     with caplog.at_level(logging.ERROR, logger="agreements.invocations"):
-        polls_until_concluded(capture, payment, settlement)
+        polls_checking_first(capture, first, other)
+    confirm_all(capture)  # what the outcome sent (a nonce fill), concluded
 
     payment.refresh_from_db()
     settlement.refresh_from_db()
@@ -129,6 +163,7 @@ def test_a_payment_a_reorg_took_after_the_payout_that_cannot_run_again_is_record
     assert logged.invocation_id == invocation_id and logged.tx_hash == payment.mined_tx_hash
     assert len(market.upstream.requests) == 1  # the seller was called once
     assert ChainTransaction.objects.filter(purpose=purpose).count() == 1  # and nothing paid out again
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exists()
 
     dashboard = admin_client.get("/admin/dashboard/").content.decode()
     assert "skill invocation payment reverted" in dashboard and invocation_id in dashboard
