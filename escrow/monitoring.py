@@ -104,10 +104,16 @@ def _overdue(now) -> list[dashboard.Overdue]:
                                 admin_url=_tx_url(tx))
               for tx in selectors.transactions_unconfirmed_since(before=now - settings.OVERDUE_SUBMITTING_AFTER)
               [:dashboard.OVERDUE_LIMIT] if tx.pk not in capped]
-    items += [dashboard.Overdue(since=tx.updated_at, kind=f"{_PROPOSAL_KINDS[tx.purpose]} failed {failures} times, not retried",
+    items += [dashboard.Overdue(since=tx.updated_at, kind=_proposal_given_up_kind(tx, failures),
                                 subject=str(tx.agreement_id), detail=tx.failure_reason, admin_url=_tx_url(tx))
               for tx, failures in selectors.proposals_given_up(limit=dashboard.OVERDUE_LIMIT)]
     return _payouts_unreleasable(now) + items + _payouts_held_too_long(now) + _disputes_timing_out(now)
+
+
+def _proposal_given_up_kind(tx, failures: int) -> str:
+    if selectors.proposal_unsignable([tx]):
+        return f"{_PROPOSAL_KINDS[tx.purpose]} not signed: its receipt signer's key is not kept"
+    return f"{_PROPOSAL_KINDS[tx.purpose]} failed {failures} times, not retried"
 
 
 def _disputes_timing_out(now) -> list[dashboard.Overdue]:

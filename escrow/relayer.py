@@ -100,6 +100,9 @@ OPERATOR_RETRY_OF = "operator_retry_of"
 OPERATOR_RETRY_BY = "operator_retry_by"
 # The context key of a transaction the domain withdrew (`transaction_withdraw`): why.
 WITHDRAWN = "withdrawn"
+# The context key of a transaction its domain could not build, recorded failed and never sent
+# (`transaction_record_unsent`): why.
+UNSENT = "unsent"
 # The key under which an evidence reader whose answer rests on a transaction not ours (someone else's copy that did
 # what ours would have) names that transaction's block, {"number": n, "hash": "0x..."}: a reorg that takes the block
 # off the chain reopens the concluded transaction, as one that takes a confirmed transaction's own block does.
@@ -428,6 +431,17 @@ def transaction_enqueue(*, purpose: str, to: str, data: str, agreement_id=None, 
     )
     _submit_after_commit(tx.pk)
     return tx
+
+
+def transaction_record_unsent(*, purpose: str, to: str, agreement_id, reason: str,
+                              context: dict | None = None) -> ChainTransaction:
+    """A transaction its domain cannot build now (a signature whose key is not configured): recorded failed, never
+    sent and its outcome applied (the caller recorded it), so that it is listed where its purpose's failures are.
+    Its domain builds it anew once it can; an operator's retry is refused (`transaction_retry`: nothing to send)."""
+    return ChainTransaction.objects.create(
+        purpose=purpose, agreement_id=agreement_id, to_address=to, data="0x", chain_id=settings.CHAIN_ID,
+        confirmations_required=settings.CHAIN_CONFIRMATIONS, status=TxStatus.FAILED, failure_reason=reason[:500],
+        outcome_applied=True, context={**(context or {}), UNSENT: reason[:500]})
 
 
 def _submit_after_commit(tx_id) -> None:
@@ -1404,7 +1418,8 @@ def transaction_retry(*, tx: ChainTransaction, operator: AbstractBaseUser) -> Ch
     """Operator action: a failed transaction is queued again as a new row (the failed one stays for history),
     whose context names the one it retries (`OPERATOR_RETRY_OF`) and the operator who asked (`OPERATOR_RETRY_BY`). Not one the domain withdrew (`WITHDRAWN`) or no
     longer wants run (`rerun_wanted`: an activation whose agreement was closed since), nor one its domain refuses to
-    send again now (`on_retry`: an activation the buyer's owner policy refuses now). `operator` (the admin's user):
+    send again now (`on_retry`: an activation the buyer's owner policy refuses now), nor one never built
+    (`UNSENT`: its domain builds it anew once it can). `operator` (the admin's user):
     403 `operator_owns_a_party` when it owns a party of the money the transaction moves (it pays their seller
     again)."""
     with transaction.atomic():
@@ -1414,6 +1429,9 @@ def transaction_retry(*, tx: ChainTransaction, operator: AbstractBaseUser) -> Ch
         if WITHDRAWN in tx.context:
             raise Conflict(f"This transaction was withdrawn: {tx.context[WITHDRAWN]}",
                            code="withdrawn", details={"transaction_id": str(tx.pk)})
+        if UNSENT in tx.context:
+            raise Conflict(f"This transaction was never built, so there is nothing to send again: {tx.context[UNSENT]}",
+                           code="never_built", details={"transaction_id": str(tx.pk)})
         if tx.status != TxStatus.FAILED or ChainTransaction.objects.filter(
                 **{f"context__{OPERATOR_RETRY_OF}": str(tx.pk)}).exists():
             raise Conflict("This transaction was retried already (retry its retry if that failed too).",

@@ -118,6 +118,19 @@ _PROPOSALS_BACKED_OFF = {TxPurpose.PROPOSE_SETTLEMENT: AgreementStatus.ACTIVE,
                          TxPurpose.MASUMI_REFUND_PROPOSAL: AgreementStatus.IN_CHALLENGE}
 
 
+# The context key of a proposal never built because the receipt signer its escrow names has no key configured
+# (`settlement.settlement_propose_refund`): that signer's address.
+RECEIPT_SIGNER_MISSING = "receipt_signer_missing"
+
+
+def proposal_unsignable(failures: list[ChainTransaction]) -> str | None:
+    """The receipt signer whose key the newest of `failures` (`proposal_failures`) could not be signed without, while
+    that key is still not configured: nothing is tried until it is (put back in RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS),
+    and the dashboard lists it (`proposals_given_up`). None otherwise."""
+    signer = failures[0].context.get(RECEIPT_SIGNER_MISSING) if failures else None
+    return signer if signer and chainconfig.receipt_signer_key(signer) is None else None
+
+
 def proposal_failures(*, agreement_id, purpose: str = TxPurpose.PROPOSE_SETTLEMENT) -> list[ChainTransaction]:
     """The agreement's failed proposals of `purpose` (a settlement's, or a Masumi refund's zero one) since an operator
     last retried one (that retry included), newest first: the attempts the ticks count against
@@ -132,7 +145,8 @@ def proposal_failures(*, agreement_id, purpose: str = TxPurpose.PROPOSE_SETTLEME
 
 
 def proposals_given_up(*, limit: int) -> list[tuple[ChainTransaction, int]]:
-    """Proposals the ticks no longer try (SETTLEMENT_PROPOSE_MAX_ATTEMPTS failed since an operator's last retry): (the
+    """Proposals the ticks no longer try (SETTLEMENT_PROPOSE_MAX_ATTEMPTS failed since an operator's last retry, or
+    one whose receipt signer's key is missing: `proposal_unsignable`): (the
     latest failed transaction, the failures) per agreement still where they are sent (`_PROPOSALS_BACKED_OFF`),
     oldest first."""
     given_up = []
@@ -142,7 +156,7 @@ def proposals_given_up(*, limit: int) -> list[tuple[ChainTransaction, int]]:
                       .exclude(Exists(live)).order_by().values_list("agreement_id", flat=True).distinct())
         for agreement_id in candidates:
             failures = proposal_failures(agreement_id=agreement_id, purpose=purpose)
-            if len(failures) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS:
+            if len(failures) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS or proposal_unsignable(failures):
                 given_up.append((failures[0], len(failures)))
     return sorted(given_up, key=lambda item: item[0].updated_at)[:limit]
 

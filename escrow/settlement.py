@@ -128,8 +128,7 @@ def settlement_propose_refund(*, agreement_id, now: int,
         return None
     key = chainconfig.receipt_signer_key(terms[3])
     if key is None:
-        logger.error("masumi refund proposal not sent: the escrow's receipt signer key is not kept",
-                     extra={"agreement_id": str(agreement.pk), "receipt_signer": terms[3]})
+        _refund_proposal_unsignable(agreement_id, signer=terms[3], still_wanted=still_wanted)
         return None
     seq = int(last_seq) + 1
     signature = receipt_sign(key, receipts.usage_receipt_digest(
@@ -144,17 +143,39 @@ def settlement_propose_refund(*, agreement_id, now: int,
                         {"seq": seq, "cumulative": 0})
 
 
+def _refund_proposal_unsignable(agreement_id, *, signer: str, still_wanted: Callable[[], bool]) -> None:
+    """No key of `signer`, the receipt signer the escrow names (rotated away, not kept in
+    RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS), signs the zero proposal: recorded once as a proposal never built, which the
+    dashboard lists until the key is configured again; the ticks try nothing meanwhile (`_refund_proposal_may_run`).
+    Each logged an error and did nothing, for the whole window. Nothing is queued: the buyer may still withdraw its
+    request, and the key put back, the next tick proposes."""
+    with transaction.atomic():
+        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement_id)
+        if not _refund_proposal_may_run(agreement) or not still_wanted():
+            return
+        reason = (f"the escrow's receipt signer {signer} has no key configured (RECEIPT_SIGNER_PRIVATE_KEY or "
+                  "RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS): the zero proposal refunding the buyer cannot be signed, and "
+                  "the result's proposal pays the seller at its window's end")
+        relayer.transaction_record_unsent(purpose=TxPurpose.MASUMI_REFUND_PROPOSAL, to=chainconfig.escrow_address(),
+                                          agreement_id=agreement.pk, reason=reason,
+                                          context={selectors.RECEIPT_SIGNER_MISSING: signer})
+    logger.error("masumi refund proposal not sent: the escrow's receipt signer key is not kept",
+                 extra={"agreement_id": str(agreement_id), "receipt_signer": signer})
+
+
 def _refund_proposal_may_run(agreement: UsageAgreement) -> bool:
     """In the window, no challenge nor proposal under way, and no refund proposal sent before (once). One that failed
     is sent again as a settlement proposal is (`_proposal_due`): one reverting for good (the relayer's key without
-    the operator role) was queued again at every tick, a failed transaction a tick for the whole window."""
-    return (agreement.status == AgreementStatus.IN_CHALLENGE and not _challenge_under_way(agreement)
-            and not ChainTransaction.objects.filter(
+    the operator role) was queued again at every tick, a failed transaction a tick for the whole window. None while
+    the receipt signer's key it lacked is still missing (`selectors.proposal_unsignable`)."""
+    if (agreement.status != AgreementStatus.IN_CHALLENGE or _challenge_under_way(agreement)
+            or ChainTransaction.objects.filter(
                 agreement_id=agreement.pk, purpose=TxPurpose.PROPOSE_SETTLEMENT,
                 status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED]).exists()
-            and not selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.MASUMI_REFUND_PROPOSAL)
-            and _proposal_due(selectors.proposal_failures(agreement_id=agreement.pk,
-                                                          purpose=TxPurpose.MASUMI_REFUND_PROPOSAL)))
+            or selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.MASUMI_REFUND_PROPOSAL)):
+        return False
+    failures = selectors.proposal_failures(agreement_id=agreement.pk, purpose=TxPurpose.MASUMI_REFUND_PROPOSAL)
+    return _proposal_due(failures) and not selectors.proposal_unsignable(failures)
 
 
 @logs_name_the_agreement

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -1642,3 +1643,45 @@ def test_an_operators_retry_of_a_failed_zero_refund_proposal_is_refused_once_the
     assert purchase.settle()["finalizing"] == 1
     confirm_all(capture)
     purchase.assert_moved(seller=PRICE, buyer=0)
+
+
+def test_a_zero_refund_proposal_whose_receipt_signer_key_is_gone_is_shown_once_and_sent_once_the_key_is_back(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, settings, caplog, admin_client):
+    """The escrow names a receipt signer whose key was rotated away and not kept (RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS):
+    the zero proposal carrying out the refund request cannot be signed. Each tick logged an error and did nothing,
+    for the whole window, and no operator's view showed it. Recorded once (a failed proposal never sent, one error
+    logged) and listed on the dashboard while the key is missing; nothing is queued or sent, and the buyer may still
+    withdraw its request. The key put back, the next tick proposes, and the buyer is refunded."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.SETTLEMENT_PROPOSE_BACKOFF_SECONDS = 0
+    purchase = _result_proposal_mined_past_unlock_time(chain, capture, seller_service)
+    signer_key = settings.RECEIPT_SIGNER_PRIVATE_KEY
+    settings.RECEIPT_SIGNER_PRIVATE_KEY, settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS = "0x" + "42" * 32, []
+    refunds = ChainTransaction.objects.filter(agreement_id=purchase.created["agreementId"],
+                                              purpose=TxPurpose.MASUMI_REFUND_PROPOSAL)
+
+    with caplog.at_level(logging.ERROR, logger="escrow.settlement"):
+        for _ in range(3):
+            assert purchase.tick()["refunding"] == 0
+    assert len([record for record in caplog.records if record.name == "escrow.settlement"]) == 1  # was one a tick
+    [unsigned] = refunds
+    assert (unsigned.status, unsigned.nonce, unsigned.attempts.count()) == ("failed", None, 0)
+    assert "receipt signer" in unsigned.failure_reason
+    dashboard = admin_client.get("/admin/dashboard/")
+    [shown] = [item for item in dashboard.context["overdue"] if item.subject == purchase.created["agreementId"]]
+    assert shown.kind == "masumi refund proposal not signed: its receipt signer's key is not kept"
+    assert shown.admin_url == f"/admin/escrow/chaintransaction/{unsigned.pk}/change/"
+    retried = admin_client.post("/admin/escrow/chaintransaction/",
+                                {"action": "retry_failed", "_selected_action": [str(unsigned.pk)]}, follow=True)
+    assert "Queued 1 transaction(s) again." not in retried.content.decode()  # the key, not a retry, sends it
+
+    settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS = [signer_key]
+    assert purchase.tick()["refunding"] == 1
+    confirm_all(capture)
+    assert refunds.filter(status="confirmed").count() == 1
+    dashboard = admin_client.get("/admin/dashboard/")
+    assert not [item for item in dashboard.context["overdue"] if item.subject == purchase.created["agreementId"]]
+    chain.increase_time(2 * (purchase.timers["unlockTime"] - purchase.timers["payByTime"]))
+    assert purchase.settle()["finalizing"] == 1
+    confirm_all(capture)
+    purchase.assert_moved(seller=0, buyer=PRICE)
