@@ -510,6 +510,10 @@ def relayer_account():
     return Account.from_key(settings.RELAYER_PRIVATE_KEY)
 
 
+def balance_wei(address: str) -> int:
+    return call(lambda: w3().eth.get_balance(to_checksum_address(address)))
+
+
 def pending_nonce(address: str) -> int:
     return nonce_at(address, "pending")
 

@@ -197,6 +197,9 @@ class TxAttempt(models.Model):
     refused_at = models.DateTimeField(null=True, blank=True,
                                       help_text="Last time the node refused it (broadcast_error says why): sent again "
                                                 "CHAIN_REBROADCAST_AFTER later, as an accepted one is.")
+    refused_balance_wei = TokenAmountField(
+        null=True, blank=True, help_text="The wallet's balance read when the node last refused it for its gas: a top-up "
+                                         "above it that covers its max cost sends it at the next poll.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

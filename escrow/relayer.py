@@ -551,11 +551,38 @@ def _broadcast_refused(attempt: TxAttempt, error: chain.ChainError) -> None:
         logger.error("the relayer's wallet cannot pay a transaction's gas: top it up",
                      extra={"tx_id": str(attempt.transaction_id), "tx_hash": attempt.tx_hash, "nonce": attempt.nonce})
     recorded = {"broadcast_error": f"{type(error).__name__}: {error}"[:500]}
+    if isinstance(error, chain.InsufficientFunds):
+        recorded["refused_balance_wei"] = _balance_or_none(attempt.transaction.relayer.address)
     # No answer is no refusal, and "nonce too low" is resolved by the next check's resend (`_after_nonce_too_low`):
     # both are sent again at the next poll.
     if not isinstance(error, chain.RpcUnavailable | chain.NonceTooLow):
         recorded["refused_at"] = timezone.now()
     TxAttempt.objects.filter(pk=attempt.pk).update(**recorded)
+
+
+def _balance_or_none(address: str) -> int | None:
+    """The wallet's balance, once per poll (`_wallet_balances`); None when the node does not answer it."""
+    balances = _wallet_balances.get()
+    if balances is not None and address in balances:
+        return balances[address]
+    try:
+        balance = chain.balance_wei(address)
+    except chain.ChainError:
+        balance = None
+    if balances is not None:
+        balances[address] = balance
+    return balance
+
+
+def _topped_up_since_refused(tx: ChainTransaction, attempt: TxAttempt) -> bool:
+    """Whether `attempt`, refused because the wallet could not pay its gas, may go before CHAIN_REBROADCAST_AFTER:
+    the wallet's balance now covers its max cost and is above the one read at its refusal (a top-up since). Refused
+    again, its balance then is the new mark: a node that keeps refusing it is asked once per top-up, not each poll."""
+    if not _unfunded(attempt) or attempt.refused_balance_wei is None:
+        return False
+    balance = _balance_or_none(tx.relayer.address)
+    return (balance is not None and balance > int(attempt.refused_balance_wei)
+            and balance >= (tx.gas_limit or 0) * int(attempt.max_fee_per_gas))
 
 
 def _unfunded(attempt: TxAttempt) -> bool:
@@ -766,6 +793,11 @@ def _save_mined(tx: ChainTransaction) -> ChainTransaction | None:
         tx.save(update_fields=["status", "mined_tx_hash", "mined_block_number", "mined_block_hash", "receipt_status",
                                "updated_at"])
     return tx
+
+
+# Within a poll, each relayer wallet's balance (wei; None: not answered), read once, when an attempt refused for
+# its gas waits (`_topped_up_since_refused`).
+_wallet_balances: contextvars.ContextVar[dict | None] = contextvars.ContextVar("wallet_balances", default=None)
 
 
 # Within a poll's first pass (`transactions_poll`), the ids of transactions mined-reverted at their depth, whose
@@ -1135,7 +1167,8 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
     if resend is None:
         # Refused bytes wait as accepted ones do: sent at every poll, each stuck transaction cost a call per poll.
         sent_at = max((moment for moment in (last.broadcast_at, last.refused_at) if moment is not None), default=None)
-        if sent_at is not None and now - sent_at < settings.CHAIN_REBROADCAST_AFTER:
+        if (sent_at is not None and now - sent_at < settings.CHAIN_REBROADCAST_AFTER
+                and not _topped_up_since_refused(tx, last)):
             return tx
         resend = last
     try:
@@ -1296,7 +1329,11 @@ def transactions_poll() -> int:
     batch = ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED]).order_by("polled_at", "pk")
     pending = [pk for pk, _ in sorted(batch.values_list("pk", "updated_at")[:POLL_BATCH],
                                       key=operator.itemgetter(1))]
-    tried, checked, unread, deferred = _check_each(pending, failures)
+    balances = _wallet_balances.set({})
+    try:
+        tried, checked, unread, deferred = _check_each(pending, failures)
+    finally:
+        _wallet_balances.reset(balances)
     # Then the failures: one's outcome may withdraw other transactions (a reverted payment withdraws its payout),
     # which the chain may show mined already. Checked first, it cancelled a payout made at its depth with a nonce
     # fill, reported then as outrun by the payout's bytes; checked after, the payout is confirmed and stands.

@@ -1459,3 +1459,43 @@ def test_an_attempt_the_node_refused_is_sent_again_after_the_rebroadcast_delay_n
     assert (tx.status, tx.mined_tx_hash, tx.attempts.count()) == (TxStatus.CONFIRMED, first.tx_hash, 1)
     assert len(sent) == 1
     assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+
+def test_an_attempt_refused_for_the_wallets_gas_goes_at_the_next_poll_once_a_top_up_covers_it(
+        escrow_chain, rpc_relay, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """An attempt the node refused because the relayer's wallet could not pay its gas waited CHAIN_REBROADCAST_AFTER
+    (here 300 s) from its refusal even once the wallet was topped up. The wallet's balance, read once per poll while
+    such an attempt waits, covering its max cost and above what it was at the refusal lets it go at the next poll. A
+    node that refuses it again all the same is not asked at every poll: once per top-up, else after the delay."""
+    chain, recipient, capture = escrow_chain, escrow_chain.accounts.stranger, django_capture_on_commit_callbacks
+    relayer_address = chain.accounts.deployer.address
+    fund(chain, relayer_address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    chain.rpc("anvil_setBalance", [relayer_address, hex(10**9)])
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(seconds=300)
+    tx = relayer_transfer(chain, capture, recipient.address, 2 * USDC)
+    first = tx.attempts.get()
+    assert first.broadcast_error.startswith("InsufficientFunds")
+    max_cost = tx.gas_limit * int(first.max_fee_per_gas)
+    broadcast, sent = gateway.broadcast, []
+
+    def node_still_refusing(raw):
+        sent.append(raw)
+        raise gateway.InsufficientFunds("insufficient funds for gas * price + value")
+
+    monkeypatch.setattr(gateway, "broadcast", node_still_refusing)
+    confirm_all(capture)
+    assert sent == []  # nothing changed: it waits
+    chain.rpc("anvil_setBalance", [relayer_address, hex(max_cost)])
+    for _ in range(3):
+        confirm_all(capture)
+    assert len(sent) == 1, f"sent {len(sent)} times in 3 polls: once for the top-up, then the delay"
+
+    monkeypatch.setattr(gateway, "broadcast", broadcast)
+    chain.rpc("anvil_setBalance", [relayer_address, hex(2 * max_cost)])  # topped up again; the node takes it now
+    confirm_all(capture)
+    confirm_all(capture)
+    tx.refresh_from_db()
+    assert (tx.status, tx.mined_tx_hash, tx.attempts.count()) == (TxStatus.CONFIRMED, first.tx_hash, 1), \
+        "it waited CHAIN_REBROADCAST_AFTER from its refusal though the wallet was topped up"
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
