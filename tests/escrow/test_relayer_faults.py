@@ -581,7 +581,7 @@ def test_a_payout_whose_receipt_a_lagging_node_does_not_have_yet_is_not_sent_aga
     tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
     mined_what_was_sent()
     chain.mine()  # a block on top: the payout's is at the confirmation depth on the fresh backend
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
     monkeypatch.setattr(gateway, "receipt", lambda tx_hash: None)  # the lagging backend: not mined yet
     settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
@@ -592,7 +592,7 @@ def test_a_payout_whose_receipt_a_lagging_node_does_not_have_yet_is_not_sent_aga
     for _ in range(3):
         confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC, "the payout was sent twice"
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC, "the payout was sent twice"
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
 
 
@@ -619,7 +619,7 @@ def test_a_payout_whose_nonce_another_transaction_of_the_wallet_took_is_sent_aga
         confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 2
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
 
 def test_a_node_answering_an_error_for_a_confirmed_payouts_block_is_no_reorg(
@@ -819,7 +819,7 @@ def test_a_payout_in_flight_when_the_relayer_key_is_replaced_is_not_signed_again
     for _ in range(2):
         confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC, "the payout was made twice"
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC, "the payout was made twice"
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
 
 
@@ -874,7 +874,7 @@ def test_a_transaction_the_base_fee_outgrew_is_replaced_at_the_fees_the_chain_as
     tx.refresh_from_db()
     assert int(replacement.max_fee_per_gas) > spiked, "replaced below the base fee: still left out of every block"
     assert (tx.status, tx.mined_tx_hash) == (TxStatus.CONFIRMED, replacement.tx_hash)
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
 
 def test_a_payout_in_flight_when_the_relayer_key_is_replaced_is_replaced_by_the_old_key_kept_as_retired(
@@ -942,7 +942,7 @@ def test_a_receipt_a_node_answers_for_another_transaction_is_not_taken_for_the_p
     for _ in range(2):
         confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
 
 
@@ -1033,7 +1033,7 @@ def test_a_receipt_of_a_block_the_chain_does_not_hold_does_not_conclude_the_payo
         confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
 
 def test_a_relayer_pointed_at_a_node_of_another_chain_signs_and_checks_nothing(
@@ -1078,7 +1078,7 @@ def test_a_node_answering_another_heights_block_in_the_nonce_scan_does_not_send_
     attempt = tx.attempts.get().tx_hash
     mined_in = int(rpc_relay.node("eth_getTransactionReceipt", [attempt])["blockNumber"], 16)
     chain.mine()  # an empty block after the payout's, which the proxy answers for the payout's
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
     other = rpc_relay.node("eth_getBlockByNumber", [hex(mined_in + 1), False])
     head = int(rpc_relay.node("eth_blockNumber"), 16)
 
@@ -1092,7 +1092,7 @@ def test_a_node_answering_another_heights_block_in_the_nonce_scan_does_not_send_
     for _ in range(3):
         confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC, "the payout was sent twice"
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC, "the payout was sent twice"
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
     with pytest.raises(gateway.UntrustedAnswer):
         rpc_relay.rewrite(_block_asked(mined_in), lambda answer: {**answer, "result": other})
@@ -1134,7 +1134,7 @@ def test_a_node_answering_another_heights_block_for_the_block_that_took_the_nonc
         confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 2
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
 
 def test_a_sweep_sending_a_transaction_again_while_its_submission_runs_signs_it_once(
@@ -1185,7 +1185,7 @@ def test_a_tip_the_node_suggests_above_the_fee_cap_does_not_make_the_first_attem
     first = tx.attempts.get()
     assert first.broadcast_error == "" and first.max_priority_fee_per_gas <= first.max_fee_per_gas
     assert (tx.status, tx.mined_tx_hash) == (TxStatus.CONFIRMED, first.tx_hash)
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
 
 def test_a_relayer_wallet_out_of_gas_keeps_its_bytes_shows_why_and_sends_them_once_topped_up(
@@ -1222,7 +1222,7 @@ def test_a_relayer_wallet_out_of_gas_keeps_its_bytes_shows_why_and_sends_them_on
     tx.refresh_from_db()
     assert (tx.status, tx.mined_tx_hash, tx.attempts.count()) == (TxStatus.CONFIRMED, first.tx_hash, 1)
     assert not scrape(Client(), HTTP_AUTHORIZATION="Bearer metrics-token").get(unfunded)
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
 
 def test_a_payout_priced_out_by_a_base_fee_above_the_cap_does_not_bid_its_tip_up_to_the_cap(
@@ -1258,7 +1258,7 @@ def test_a_payout_priced_out_by_a_base_fee_above_the_cap_does_not_bid_its_tip_up
     confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
     assert (tx.status, tx.mined_tx_hash) == (TxStatus.CONFIRMED, first.tx_hash)
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
 
 def test_a_payout_waiting_behind_an_earlier_nonce_is_not_bid_up_while_it_waits(
@@ -1351,7 +1351,7 @@ def test_a_backend_without_a_block_the_nonce_scan_bisects_leaves_the_payout_wait
         confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
 
 def test_a_first_attempt_refused_for_a_tip_below_the_providers_minimum_raises_its_tip_not_shown_stuck_at_the_cap(
@@ -1396,7 +1396,7 @@ def test_a_first_attempt_refused_for_a_tip_below_the_providers_minimum_raises_it
     assert (tx.status, tx.fee_cap_reached_at) == (TxStatus.CONFIRMED, None), [
         (attempt.max_fee_per_gas, attempt.max_priority_fee_per_gas, attempt.broadcast_error[:40])
         for attempt in tx.attempts.order_by("created_at", "pk")][-3:]
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
 
 def test_a_transaction_behind_more_stuck_ones_than_a_poll_reads_is_confirmed_within_a_few_polls(
@@ -1430,21 +1430,28 @@ def test_a_transaction_behind_more_stuck_ones_than_a_poll_reads_is_confirmed_wit
         TxStatus.SUBMITTED] * 4
 
 
+def refused_for_its_gas(chain, capture, settings) -> tuple[ChainTransaction, int]:
+    """A transfer of 2 USDC to the stranger that the relayer's wallet cannot pay the gas of: the node refused it, and
+    it waits CHAIN_REBROADCAST_AFTER (300 s). Returns it and the stranger's balance before."""
+    relayer_address, recipient = chain.accounts.deployer.address, chain.accounts.stranger.address
+    fund(chain, relayer_address, 10 * USDC)
+    before = usdc_balance(chain, recipient)
+    chain.rpc("anvil_setBalance", [relayer_address, hex(10**9)])
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(seconds=300)
+    tx = relayer_transfer(chain, capture, recipient, 2 * USDC)
+    assert tx.attempts.get().broadcast_error.startswith("InsufficientFunds")
+    return tx, before
+
+
 def test_an_attempt_the_node_refused_is_sent_again_after_the_rebroadcast_delay_not_at_every_poll(
         escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):
     """An attempt the node refused (here the wallet cannot pay its gas) was never accepted, and only an accepted one
     waited CHAIN_REBROADCAST_AFTER: the refused bytes were sent again at every poll, one call per stuck transaction
     per poll to a provider that bills or rate-limits them. They wait as accepted ones do, and go once the cause is
     gone and the delay passed."""
-    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
-    relayer_address = chain.accounts.deployer.address
-    fund(chain, relayer_address, 10 * USDC)
-    before = usdc_balance(chain, recipient.address)
-    chain.rpc("anvil_setBalance", [relayer_address, hex(10**9)])
-    settings.CHAIN_REBROADCAST_AFTER = timedelta(seconds=300)
-    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+    chain, relayer_address = escrow_chain, escrow_chain.accounts.deployer.address
+    tx, before = refused_for_its_gas(chain, django_capture_on_commit_callbacks, settings)
     first = tx.attempts.get()
-    assert first.broadcast_error.startswith("InsufficientFunds")
     sent: list[dict] = []
     rpc_relay.observers.append(lambda call: call.get("method") == "eth_sendRawTransaction" and sent.append(call))
     for _ in range(4):
@@ -1458,24 +1465,19 @@ def test_an_attempt_the_node_refused_is_sent_again_after_the_rebroadcast_delay_n
     tx.refresh_from_db()
     assert (tx.status, tx.mined_tx_hash, tx.attempts.count()) == (TxStatus.CONFIRMED, first.tx_hash, 1)
     assert len(sent) == 1
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
 
 def test_an_attempt_refused_for_the_wallets_gas_goes_at_the_next_poll_once_a_top_up_covers_it(
-        escrow_chain, rpc_relay, settings, monkeypatch, django_capture_on_commit_callbacks):
+        escrow_chain, settings, monkeypatch, django_capture_on_commit_callbacks):
     """An attempt the node refused because the relayer's wallet could not pay its gas waited CHAIN_REBROADCAST_AFTER
     (here 300 s) from its refusal even once the wallet was topped up. The wallet's balance, read once per poll while
     such an attempt waits, covering its max cost and above what it was at the refusal lets it go at the next poll. A
     node that refuses it again all the same is not asked at every poll: once per top-up, else after the delay."""
-    chain, recipient, capture = escrow_chain, escrow_chain.accounts.stranger, django_capture_on_commit_callbacks
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
     relayer_address = chain.accounts.deployer.address
-    fund(chain, relayer_address, 10 * USDC)
-    before = usdc_balance(chain, recipient.address)
-    chain.rpc("anvil_setBalance", [relayer_address, hex(10**9)])
-    settings.CHAIN_REBROADCAST_AFTER = timedelta(seconds=300)
-    tx = relayer_transfer(chain, capture, recipient.address, 2 * USDC)
+    tx, before = refused_for_its_gas(chain, capture, settings)
     first = tx.attempts.get()
-    assert first.broadcast_error.startswith("InsufficientFunds")
     max_cost = tx.gas_limit * int(first.max_fee_per_gas)
     broadcast, sent = gateway.broadcast, []
 
@@ -1498,4 +1500,4 @@ def test_an_attempt_refused_for_the_wallets_gas_goes_at_the_next_poll_once_a_top
     tx.refresh_from_db()
     assert (tx.status, tx.mined_tx_hash, tx.attempts.count()) == (TxStatus.CONFIRMED, first.tx_hash, 1), \
         "it waited CHAIN_REBROADCAST_AFTER from its refusal though the wallet was topped up"
-    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
