@@ -31,9 +31,9 @@
   and sends those it passed (the submit checks again). A reorg that takes the payment first leaves nothing to undo:
   the domain withdraws the payout, never signed. A node that cannot be believed on the tag (it refuses it, answers
   nothing, names a block beyond its head: `chain.final_block_number`) releases nothing: what waits stays held.
-- `transactions_recheck_watched` reads again, at each poll, the evidence of failed transactions the domain watches
-  (`watch_failed`: a failed payment, whose authorization someone may still get mined, or a reorg put
-  back in a copy's block): once it names someone else's transaction at the confirmation depth, the outcome is
+- `transactions_recheck_watched` reads again, at each poll (after its checks), the evidence of failed transactions
+  the domain watches (`watch_failed`: a failed payment, whose authorization someone may still get mined, or a reorg
+  put back in a copy's block): once it names someone else's transaction at the confirmation depth, the outcome is
   applied again on it.
 
 Evidence before action: every hash ever broadcast is kept and looked up; a transaction goes out under a new nonce
@@ -1308,7 +1308,6 @@ def transactions_poll() -> int:
     try:
         # What the indexer applied, it checks itself: it reopens those after moving their agreements back.
         transactions_reopen_reorged(after_block=_indexed_up_to(), failures=failures)
-        transactions_recheck_watched(failures=failures)
     except chain.RpcUnreachable:
         logger.warning("chain RPC unreachable while polling; will retry")
         return 0
@@ -1344,6 +1343,14 @@ def transactions_poll() -> int:
         except chain.ChainError as error:
             logger.warning("chain transaction's failure not concluded", extra={"tx_id": str(tx_id),
                                                                                "error": str(error)})
+    try:
+        # After the checks, as the failures: a watched failure's outcome renewed may withdraw what they found mined
+        # (a failed direct payment found paid by a copy withdraws its fee's refund, which stands once confirmed).
+        transactions_recheck_watched(failures=failures)
+    except chain.RpcUnreachable:
+        logger.warning("chain RPC unreachable while polling; will retry")
+    except chain.ChainError as error:
+        logger.warning("watched failures not read again", extra={"error": str(error)})
     failures.raise_if_any(applied=checked)
     return len(pending)
 

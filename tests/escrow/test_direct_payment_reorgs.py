@@ -748,15 +748,18 @@ def test_a_reverted_purchase_a_second_reorg_puts_back_on_the_chain_is_paid_again
 
 # --- an ordinary failure whose authorization is used later ----------------------------------------------------------
 
-@pytest.mark.parametrize("fee_refund", ["queued", "confirmed"])
+@pytest.mark.parametrize("fee_refund", ["queued", "mined", "confirmed"])
 def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use(
         escrow_chain, fee_refund, monkeypatch, django_capture_on_commit_callbacks):
     """The payment reverted on its own (the buyer lacked the funds then): the purchase failed and its fee's refund
-    was queued (`queued`: not yet sent; `confirmed`: the fee back with the buyer). The signed authorization is still
+    was queued (`queued`: not yet sent; `mined`: sent and mined, not yet polled; `confirmed`: the fee back with the
+    buyer). The signed authorization is still
     valid and public in the reverted transaction: once the buyer holds funds, anyone (here the buyer's own software)
     gets it mined, and the seller is paid. The purchase follows the chain: paid by that transaction once it is at the
     confirmation depth. A refund not yet sent is withdrawn (the fee is kept, as for any paid purchase); one already
-    made stands (the platform bore the fee, shown refunded)."""
+    made stands (the platform bore the fee, shown refunded), also when the poll that finds the copy has not read the
+    refund's receipt yet: the watched payment was read again before the checks, withdrew the refund the chain had at
+    its depth and gave its nonce to a nonce fill that its bytes then outran (reconcile failed on it)."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     purchase = Purchase(chain)
     fund(chain, purchase.treasury, USDC)  # the treasury's float for refunds
@@ -769,13 +772,16 @@ def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use
     confirm_all(capture)  # the fee confirmed; the payment is sent, and reverts
     with capture(execute=False) as refund_submission:
         poll_mined()  # the payment failed; the fee's refund is queued, its submit task not run yet
-    if fee_refund == "confirmed":
+    if fee_refund != "queued":
         with capture(execute=True):
             for callback in refund_submission:
                 callback()
+        mined_what_was_sent()
+    if fee_refund == "confirmed":
         polls(capture, 1)
     refund = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE_REFUND)
-    assert refund.status == {"queued": TxStatus.QUEUED, "confirmed": TxStatus.CONFIRMED}[fee_refund]
+    assert refund.status == {"queued": TxStatus.QUEUED, "mined": TxStatus.SUBMITTED,
+                             "confirmed": TxStatus.CONFIRMED}[fee_refund]
     assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
 
     fund(chain, purchase.buyer.address, 10 * USDC)
@@ -791,12 +797,13 @@ def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use
 
     paid = purchase.parties.agreement(agreement["id"])
     assert (paid["status"], paid["payment_tx_hash"], paid["buyer_refund_atomic"]) == (
-        "paid", copy, {"queued": None, "confirmed": FEE}[fee_refund])
+        "paid", copy, {"queued": None, "mined": FEE, "confirmed": FEE}[fee_refund])
     assert purchase.balances() == (buyer - AMOUNT, seller + AMOUNT, fee_recipient, treasury)
     refund.refresh_from_db()
     if fee_refund == "queued":
         assert (refund.status, refund.attempts.exists()) == (TxStatus.FAILED, False)  # withdrawn: never sent
     assert ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).count() == 1
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exists()
     call_command("reconcile", stdout=io.StringIO())
 
 
