@@ -450,7 +450,10 @@ class _FinalAnswer(http.client.HTTPResponse):
         if lengths and self.length is None:
             # One value listed more than once (`9, 9`, RFC 9110 8.6): http.client read the field as one integer, found
             # none, and read the body to the connection's close (a kept-alive one's never came).
-            self.length, self.will_close = int(lengths.pop()), self._check_close()
+            (length,) = lengths
+            if len(length) > 18:  # no body a call carries; int() of thousands of digits raises ValueError
+                raise http.client.HTTPException(f"Content-Length {length[:20]}... frames no body")
+            self.length, self.will_close = int(length), self._check_close()
 
     def _framed_by_chunks(self) -> None:
         """An answer with a Transfer-Encoding: its body read by its chunks, `chunked` in any case with spaces around
