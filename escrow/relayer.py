@@ -56,7 +56,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
-from django.db.models import Max, Q, QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 from web3 import Web3
 
@@ -934,7 +934,7 @@ def _reopen(tx: ChainTransaction) -> bool:
     return True
 
 
-def transactions_recheck_watched(*, failures: sweeps.RowFailures | None = None) -> int:
+def transactions_recheck_watched(*, failures: sweeps.RowFailures | None = None, unread: list | None = None) -> int:
     """Failed transactions their domain watches (`watch_failed`: a failed payment whose authorization is valid)
     have their evidence read again. Such a failure rests on no block of someone else's: it says that nobody used
     the payment's authorization, which anyone holding it may still do, and a reorg may put back a block in which a
@@ -950,7 +950,8 @@ def transactions_recheck_watched(*, failures: sweeps.RowFailures | None = None) 
 
     One whose outcome raises other than a chain error (its domain's handler refusing it, bad data) is logged and
     skipped, the others read, in `failures` (the poll's; else RowsFailed raised at the end): it ended every poll
-    there whenever the sample drew it."""
+    there whenever the sample drew it. One that could withdraw a transaction the poll left `unread` waits, as a
+    failure concluded in the poll does (`_failures_decidable`)."""
     if not _failure_watches:
         return 0
     watched = functools.reduce(operator.or_, (watch().filter(purpose=purpose)
@@ -958,7 +959,9 @@ def transactions_recheck_watched(*, failures: sweeps.RowFailures | None = None) 
     sample = watched.filter(status=TxStatus.FAILED).exclude(outcome_evidence__has_key=EVIDENCE_BLOCK).order_by("?")
     renewed, own = 0, failures is None
     failures = sweeps.RowFailures("watched failures reading") if own else failures
-    for tx in sample[:settings.CHAIN_WATCHED_CHECKS_PER_POLL]:
+    drawn = list(sample[:settings.CHAIN_WATCHED_CHECKS_PER_POLL])
+    decidable = set(_failures_decidable([tx.pk for tx in drawn], unread=unread or []))
+    for tx in (tx for tx in drawn if tx.pk in decidable):
         with failures.row(tx.pk, reraise=(chain.ChainError,), atomic=False):  # it reads the chain, then takes its own
             renewed += _evidence_renewed(tx)
     if own:
@@ -1336,7 +1339,8 @@ def transactions_poll() -> int:
     # Then the failures: one's outcome may withdraw other transactions (a reverted payment withdraws its payout),
     # which the chain may show mined already. Checked first, it cancelled a payout made at its depth with a nonce
     # fill, reported then as outrun by the payout's bytes; checked after, the payout is confirmed and stands.
-    for tx_id in _failures_decidable(deferred, unread=[*unread, *pending[tried:]]):
+    unread = [*unread, *pending[tried:]]
+    for tx_id in _failures_decidable(deferred, unread=unread):
         try:
             with failures.row(tx_id, reraise=(chain.ChainError,), atomic=False):
                 transaction_check(transaction_id=tx_id)
@@ -1344,9 +1348,10 @@ def transactions_poll() -> int:
             logger.warning("chain transaction's failure not concluded", extra={"tx_id": str(tx_id),
                                                                                "error": str(error)})
     try:
-        # After the checks, as the failures: a watched failure's outcome renewed may withdraw what they found mined
-        # (a failed direct payment found paid by a copy withdraws its fee's refund, which stands once confirmed).
-        transactions_recheck_watched(failures=failures)
+        # After the checks, as the failures, and under the same rule: a watched failure's outcome renewed may withdraw
+        # what they found mined (a failed direct payment found paid by a copy withdraws its fee's refund, which stands
+        # once confirmed).
+        transactions_recheck_watched(failures=failures, unread=unread)
     except chain.RpcUnreachable:
         logger.warning("chain RPC unreachable while polling; will retry")
     except chain.ChainError as error:
@@ -1387,19 +1392,18 @@ def _check_each(pending: list, failures: sweeps.RowFailures) -> tuple[int, int, 
     return tried, checked, unread, deferred
 
 
-def _failures_decidable(deferred: list, *, unread: list) -> list:
-    """The deferred failures whose wallet's later nonces were all read in this poll: what a failure withdraws came
-    after it, under a later nonce of the wallet (a payout after its payment). One whose later transaction's check
-    failed (a timeout after the node answered, say) waits for a poll that reads both."""
-    if not deferred:
-        return []
-    if not unread:
-        return deferred
-    unread_latest = dict(ChainTransaction.objects.filter(pk__in=unread, nonce__isnull=False)
-                         .values("relayer_id").annotate(latest=Max("nonce")).values_list("relayer_id", "latest"))
-    return [tx_id for tx_id, relayer_id, nonce in
-            ChainTransaction.objects.filter(pk__in=deferred).values_list("pk", "relayer_id", "nonce")
-            if unread_latest.get(relayer_id, -1) < nonce]
+def _failures_decidable(failures: list, *, unread: list) -> list:
+    """Of `failures` (ids of failed transactions whose outcome is to be applied), those that can withdraw nothing
+    this poll left unread (`unread`: a check that failed on the chain, a timeout after the node answered, say, or
+    that the poll did not reach). What a failure's outcome withdraws is of its own agreement or skill invocation
+    (`transactions_parties`: a reverted payment's payout, a direct purchase's fee refund), from whichever wallet
+    (one sent after a relayer key's replacement is the new wallet's), and the chain may hold it at its depth: such a
+    failure waits for a poll that reads both."""
+    if not failures or not unread:
+        return list(failures)
+    unread_parties = transactions_parties(ChainTransaction.objects.filter(pk__in=unread))
+    return [tx.pk for tx in ChainTransaction.objects.filter(pk__in=failures)
+            if not any(unread_parties[kind] & parties for kind, parties in transactions_parties([tx]).items())]
 
 
 def _indexed_up_to() -> int | None:

@@ -111,6 +111,21 @@ class Parties:
         return self.buyer_api.get(f"/usage-agreements/{agreement_id}").json()
 
 
+def check_times_out_once_mined(monkeypatch, tx) -> None:
+    """The relayer's first check of `tx` once the node has its receipt raises a timeout (after the node answered)."""
+    check = relayer.transaction_check
+    timed_out = []
+
+    def check_or_time_out(*, transaction_id):
+        if (transaction_id == tx.pk and not timed_out
+                and relayer._first_receipt(type(tx).objects.get(pk=tx.pk)) is not None):
+            timed_out.append(transaction_id)
+            raise gateway.RpcUnavailable("read timed out")
+        return check(transaction_id=transaction_id)
+
+    monkeypatch.setattr(relayer, "transaction_check", check_or_time_out)
+
+
 def confirm_all(capture) -> None:
     """One poll of the relayer once the node mined what it was sent, running whatever it queues after commit."""
     with capture(execute=True):

@@ -29,7 +29,8 @@ from sdk import typed_data
 from tests.agreements.helpers import propose
 from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase
 from tests.catalog.factories import register_service
-from tests.escrow.flow import USDC, confirm_all, fund, mined_what_was_sent, poll_mined, usdc_balance
+from tests.escrow.flow import (USDC, check_times_out_once_mined, confirm_all, fund, mined_what_was_sent, poll_mined,
+                               usdc_balance)
 from tests.escrow.test_indexer import mined
 from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
 from tests.support.operators import form_as_shown, staff_account
@@ -748,7 +749,7 @@ def test_a_reverted_purchase_a_second_reorg_puts_back_on_the_chain_is_paid_again
 
 # --- an ordinary failure whose authorization is used later ----------------------------------------------------------
 
-@pytest.mark.parametrize("fee_refund", ["queued", "mined", "confirmed"])
+@pytest.mark.parametrize("fee_refund", ["queued", "mined", "mined_check_timed_out", "confirmed"])
 def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use(
         escrow_chain, fee_refund, monkeypatch, django_capture_on_commit_callbacks):
     """The payment reverted on its own (the buyer lacked the funds then): the purchase failed and its fee's refund
@@ -759,7 +760,8 @@ def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use
     confirmation depth. A refund not yet sent is withdrawn (the fee is kept, as for any paid purchase); one already
     made stands (the platform bore the fee, shown refunded), also when the poll that finds the copy has not read the
     refund's receipt yet: the watched payment was read again before the checks, withdrew the refund the chain had at
-    its depth and gave its nonce to a nonce fill that its bytes then outran (reconcile failed on it)."""
+    its depth and gave its nonce to a nonce fill that its bytes then outran (reconcile failed on it). The same when
+    that poll's check of the refund timed out (`mined_check_timed_out`): the payment is read again at a later poll."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     purchase = Purchase(chain)
     fund(chain, purchase.treasury, USDC)  # the treasury's float for refunds
@@ -781,13 +783,15 @@ def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use
         polls(capture, 1)
     refund = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE_REFUND)
     assert refund.status == {"queued": TxStatus.QUEUED, "mined": TxStatus.SUBMITTED,
-                             "confirmed": TxStatus.CONFIRMED}[fee_refund]
+                             "mined_check_timed_out": TxStatus.SUBMITTED, "confirmed": TxStatus.CONFIRMED}[fee_refund]
     assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
 
     fund(chain, purchase.buyer.address, 10 * USDC)
     buyer, seller, fee_recipient, treasury = purchase.balances()
     copy = copy_the_payment(purchase, body)
     chain.mine(3)
+    if fee_refund == "mined_check_timed_out":
+        check_times_out_once_mined(monkeypatch, refund)
     polls(capture)
     if fee_refund == "queued":
         with capture(execute=True):
@@ -797,7 +801,7 @@ def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use
 
     paid = purchase.parties.agreement(agreement["id"])
     assert (paid["status"], paid["payment_tx_hash"], paid["buyer_refund_atomic"]) == (
-        "paid", copy, {"queued": None, "mined": FEE, "confirmed": FEE}[fee_refund])
+        "paid", copy, None if fee_refund == "queued" else FEE)
     assert purchase.balances() == (buyer - AMOUNT, seller + AMOUNT, fee_recipient, treasury)
     refund.refresh_from_db()
     if fee_refund == "queued":

@@ -26,7 +26,7 @@ from tests.agreements.helpers import proposal
 from tests.agreements.test_invocations import FEE, PRICE, Market
 from tests.catalog.factories import AgentFactory, issue_key
 from tests.conftest import Api
-from tests.escrow.flow import USDC, confirm_all, fund, mined_what_was_sent, usdc_balance
+from tests.escrow.flow import USDC, check_times_out_once_mined, confirm_all, fund, mined_what_was_sent, usdc_balance
 from tests.escrow.test_indexer import mined
 from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
 from tests.support.operators import form_as_shown, staff_account
@@ -106,21 +106,6 @@ def polls_checking_first(capture, first: ChainTransaction, *transactions: ChainT
     raise AssertionError("the reopened transactions were not concluded after 4 polls")
 
 
-def settlement_check_times_out_once_mined(monkeypatch, settlement: ChainTransaction) -> None:
-    """The first check of `settlement` once the node has its receipt raises a timeout (after the node answered)."""
-    check = relayer.transaction_check
-    timed_out = []
-
-    def check_or_time_out(*, transaction_id):
-        if (transaction_id == settlement.pk and not timed_out
-                and relayer._first_receipt(ChainTransaction.objects.get(pk=settlement.pk)) is not None):
-            timed_out.append(transaction_id)
-            raise gateway.RpcUnavailable("read timed out")
-        return check(transaction_id=transaction_id)
-
-    monkeypatch.setattr(relayer, "transaction_check", check_or_time_out)
-
-
 @pytest.mark.parametrize("checked_first", ["payment", "settlement", "payment_settlement_timed_out"])
 @pytest.mark.parametrize("outcome", ["completed", "failed"])
 def test_a_payment_a_reorg_took_after_the_payout_that_cannot_run_again_is_recorded_until_acknowledged(
@@ -145,7 +130,7 @@ def test_a_payment_a_reorg_took_after_the_payout_that_cannot_run_again_is_record
     chain.mine(3)
     first, other = (settlement, payment) if checked_first == "settlement" else (payment, settlement)
     if checked_first == "payment_settlement_timed_out":
-        settlement_check_times_out_once_mined(monkeypatch, settlement)
+        check_times_out_once_mined(monkeypatch, settlement)
     with caplog.at_level(logging.ERROR, logger="agreements.invocations"):
         polls_checking_first(capture, first, other)
     confirm_all(capture)  # what the outcome sent (a nonce fill), concluded
@@ -177,6 +162,53 @@ def test_a_payment_a_reorg_took_after_the_payout_that_cannot_run_again_is_record
     assert "Acknowledged 1 reverted invocation payment(s)." in out.getvalue() and "Consistent" in out.getvalue()
     assert "acknowledged by ops at " in out.getvalue() and invocation_id in out.getvalue()
     assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_reverted"
+
+
+def settlements_sent_from_a_new_relayer_wallet(chain, settings, monkeypatch) -> str:
+    """The operators replace the relayer key (the old one kept retired) once the invocation's payment is signed: its
+    payout or refund goes from the new wallet, a treasury with a float. Returns the new wallet's address."""
+    new_wallet, old_key = chain.accounts.spare, settings.RELAYER_PRIVATE_KEY
+    fund(chain, new_wallet.address, USDC)
+    submit = relayer.transaction_submit
+
+    def rotate_then_submit(*, transaction_id):
+        if ChainTransaction.objects.get(pk=transaction_id).purpose != TxPurpose.INVOCATION_PAYMENT:
+            settings.RELAYER_PRIVATE_KEY, settings.RELAYER_RETIRED_PRIVATE_KEYS = new_wallet.key, [old_key]
+        return submit(transaction_id=transaction_id)
+
+    monkeypatch.setattr(relayer, "transaction_submit", rotate_then_submit)
+    return new_wallet.address
+
+
+def test_a_payment_a_reorg_took_after_a_payout_of_the_new_relayer_wallet_leaves_that_payout_confirmed(
+        market, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """As above, the relayer key replaced between the payment (the old wallet's) and the payout (the new wallet's),
+    and the poll that finds the payment reverted at its depth times out on the payout's check. The payment's failure
+    waited only for its own wallet's later nonces: concluded in that poll, it withdrew the payout the chain had at its
+    depth, and a nonce fill of the new wallet was given its nonce. It waits for what it can withdraw, whatever the
+    wallet: the payout is confirmed and stands."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    new_wallet = settlements_sent_from_a_new_relayer_wallet(chain, settings, monkeypatch)
+    invocation_id, before_fork = paid_and_settled_on_a_branch(market, capture, "completed")
+    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                       ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
+    assert (payment.relayer.address, payout.relayer.address) == (market.treasury, new_wallet)
+
+    chain.reorg(before_fork)
+    spend_all_but(chain, market.buyer.address, keep=0)
+    chain.mine(3)
+    check_times_out_once_mined(monkeypatch, payout)
+    polls_checking_first(capture, payment, payout)
+    confirm_all(capture)
+
+    payment.refresh_from_db()
+    payout.refresh_from_db()
+    assert (payment.status, payment.receipt_status) == (TxStatus.FAILED, 0)
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exists()
+    assert payout.status == TxStatus.CONFIRMED
+    invocation = invocation_of(market, invocation_id)
+    assert invocation["payment"]["status"] == "payment_reverted"
+    assert invocation["payment"]["settlement_tx_hash"] == payout.mined_tx_hash
 
 
 def test_a_payment_a_reorg_took_that_someone_else_sent_on_the_new_branch_is_paid_by_that_transaction(
