@@ -34,7 +34,8 @@
 - `transactions_recheck_watched` reads again, at each poll (after its checks), the evidence of failed transactions
   the domain watches (`watch_failed`: a failed payment, whose authorization someone may still get mined, or a reorg
   put back in a copy's block): once it names someone else's transaction at the confirmation depth, the outcome is
-  applied again on it.
+  applied again on it, unless the poll left a transaction of its agreement or invocation unread
+  (`_failures_decidable`, as for a failure the poll concludes): that may be mined, and the outcome withdraw it.
 
 Evidence before action: every hash ever broadcast is kept and looked up; a transaction goes out under a new nonce
 only once its nonce is shown used, at the required depth, by a transaction that is none of its attempts. No
