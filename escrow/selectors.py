@@ -116,6 +116,10 @@ def cancelled_may_still_run(*, agreement_id, purpose: str) -> bool:
 # The proposals a failure of which waits the proposal backoff, and the agreement status in which each is sent.
 _PROPOSALS_BACKED_OFF = {TxPurpose.PROPOSE_SETTLEMENT: AgreementStatus.ACTIVE,
                          TxPurpose.MASUMI_REFUND_PROPOSAL: AgreementStatus.IN_CHALLENGE}
+# What else must hold for one given up to be worth an operator's retry: a zero refund proposal carries out a refund
+# request the buyer may withdraw since, and then its retry is refused (`settlement._refund_still_requested`).
+_PROPOSALS_STILL_WANTED = {
+    TxPurpose.MASUMI_REFUND_PROPOSAL: Q(agreement__masumi_purchase__refund_requested_at__isnull=False)}
 
 
 # The context key of a proposal never built because the receipt signer its escrow names has no key configured
@@ -147,12 +151,13 @@ def proposal_failures(*, agreement_id, purpose: str = TxPurpose.PROPOSE_SETTLEME
 def proposals_given_up(*, limit: int) -> list[tuple[ChainTransaction, int]]:
     """Proposals the ticks no longer try (SETTLEMENT_PROPOSE_MAX_ATTEMPTS failed since an operator's last retry, or
     one whose receipt signer's key is missing: `proposal_unsignable`): (the
-    latest failed transaction, the failures) per agreement still where they are sent (`_PROPOSALS_BACKED_OFF`),
-    oldest first."""
+    latest failed transaction, the failures) per agreement still where they are sent (`_PROPOSALS_BACKED_OFF`) and
+    still wanted (`_PROPOSALS_STILL_WANTED`), oldest first."""
     given_up = []
     for purpose, status in _PROPOSALS_BACKED_OFF.items():
         live = live_transactions(purpose=purpose).filter(agreement_id=OuterRef("agreement_id"))
-        candidates = (ChainTransaction.objects.filter(purpose=purpose, status=TxStatus.FAILED, agreement__status=status)
+        candidates = (ChainTransaction.objects.filter(_PROPOSALS_STILL_WANTED.get(purpose, Q()), purpose=purpose,
+                                                      status=TxStatus.FAILED, agreement__status=status)
                       .exclude(Exists(live)).order_by().values_list("agreement_id", flat=True).distinct())
         for agreement_id in candidates:
             failures = proposal_failures(agreement_id=agreement_id, purpose=purpose)

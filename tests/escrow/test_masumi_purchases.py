@@ -1610,12 +1610,12 @@ def test_a_zero_refund_proposal_that_keeps_failing_is_sent_again_with_the_propos
 
 
 def test_an_operators_retry_of_a_failed_zero_refund_proposal_is_refused_once_the_buyer_withdrew_its_request(
-        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, settings, admin_client):
     """The zero proposal carrying out a refund request failed (the relayer's key without the escrow's operator role);
-    the buyer then withdrew its request (200: nothing of it on the chain), and the dashboard listed the failed
-    proposal as given up. An operator's retry of it queued the zero proposal all the same: the buyer refunded in full
-    after it withdrew its request, the seller unpaid for its result. 409 `no_longer_wanted`, and the result's
-    proposal pays the seller at its window's end."""
+    the buyer then withdrew its request (200: nothing of it on the chain), and the dashboard still listed the failed
+    proposal as given up, for an operator to retry. Its retry queued the zero proposal all the same: the buyer
+    refunded in full after it withdrew its request, the seller unpaid for its result. 409 `no_longer_wanted`, the
+    dashboard lists it no more, and the result's proposal pays the seller at its window's end."""
     from django.contrib.auth import get_user_model
 
     from tests.support.operators import staff_account
@@ -1629,9 +1629,17 @@ def test_an_operators_retry_of_a_failed_zero_refund_proposal_is_refused_once_the
     [failed] = ChainTransaction.objects.filter(agreement_id=purchase.created["agreementId"],
                                                purpose=TxPurpose.MASUMI_REFUND_PROPOSAL, status="failed")
     chain.escrow.functions.grantRole(role, relayer_address).transact({"from": chain.accounts.deployer.address})
+    settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS = 1
+
+    def listed() -> list[str]:
+        return [item.kind for item in admin_client.get("/admin/dashboard/").context["overdue"]
+                if item.subject == purchase.created["agreementId"]]
+
+    assert listed() == ["masumi refund proposal failed 1 times, not retried"]
     withdrawn = purchase.parties.buyer_api.post("/purchase/cancel-refund-request", {
         "network": "Preprod", "blockchainIdentifier": purchase.id})
     assert withdrawn.status_code == 200, withdrawn.content
+    assert listed() == []
 
     with pytest.raises(relayer.Conflict) as refused:
         relayer.transaction_retry(tx=failed, operator=get_user_model().objects.get(username=staff_account()))
