@@ -410,14 +410,9 @@ def _refund_proposal(purchase: MasumiPurchase, *, now: int) -> ChainTransaction 
     (`settlement.settlement_propose_refund`). Like `_dispute`, it reads the chain outside the request's lock: a
     cancel-refund-request meanwhile is seen under the agreement's lock, and nothing is proposed; once it is queued,
     the cancel is refused (409 `refund_already_submitted`)."""
-    return settlement.settlement_propose_refund(agreement_id=purchase.agreement_id, now=now,
-                                                still_wanted=lambda: _refund_still_requested(purchase))
-
-
-def _refund_still_requested(purchase: MasumiPurchase) -> bool:
-    """Whether the buyer's refund request stands (not withdrawn by cancel-refund-request): asked under the agreement's
-    lock, which the cancel takes too."""
-    return MasumiPurchase.objects.filter(pk=purchase.pk, refund_requested_at__isnull=False).exists()
+    return settlement.settlement_propose_refund(
+        agreement_id=purchase.agreement_id, now=now,
+        still_wanted=lambda: selectors.masumi_refund_requested(agreement_id=purchase.agreement_id))
 
 
 def _dispute(purchase: MasumiPurchase) -> ChainTransaction:
@@ -428,7 +423,7 @@ def _dispute(purchase: MasumiPurchase) -> ChainTransaction:
     return settlement.settlement_challenge(
         agreement=purchase.agreement, buyer=purchase.agreement.buyer, signature=purchase.refund_signature,
         deadline=_unix(purchase.unlock_time), reason="refund requested after the result was submitted",
-        still_wanted=lambda: _refund_still_requested(purchase))
+        still_wanted=lambda: selectors.masumi_refund_requested(agreement_id=purchase.agreement_id))
 
 
 # --- seller actions (the /payment family: this marketplace as the seller's Masumi node) -------------------------

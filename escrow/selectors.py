@@ -117,9 +117,16 @@ def cancelled_may_still_run(*, agreement_id, purpose: str) -> bool:
 _PROPOSALS_BACKED_OFF = {TxPurpose.PROPOSE_SETTLEMENT: AgreementStatus.ACTIVE,
                          TxPurpose.MASUMI_REFUND_PROPOSAL: AgreementStatus.IN_CHALLENGE}
 # What else must hold for one given up to be worth an operator's retry: a zero refund proposal carries out a refund
-# request the buyer may withdraw since, and then its retry is refused (`settlement._refund_still_requested`).
+# request the buyer may withdraw since (`masumi_refund_requested`), and then its retry is refused.
 _PROPOSALS_STILL_WANTED = {
     TxPurpose.MASUMI_REFUND_PROPOSAL: Q(agreement__masumi_purchase__refund_requested_at__isnull=False)}
+
+
+def masumi_refund_requested(*, agreement_id) -> bool:
+    """Whether the buyer of the Masumi purchase paid through this agreement asked for its refund and has not
+    withdrawn the request (cancel-refund-request). Asked under the agreement's lock, which the withdrawal takes too,
+    by what carries the request out: the challenge, the zero proposal, an operator's retry of it."""
+    return MasumiPurchase.objects.filter(agreement_id=agreement_id, refund_requested_at__isnull=False).exists()
 
 
 # The context key of a proposal never built because the receipt signer its escrow names has no key configured

@@ -31,7 +31,7 @@ from agreements.models import (
 )
 from catalog.models import Agent
 from escrow import chain, chain_clock, relayer, selectors
-from escrow.models import ChainTransaction, MasumiPurchase, TxPurpose, TxStatus
+from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig, sweeps
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.logging import agreement_context, logs_name_the_agreement
@@ -821,8 +821,8 @@ def _refund_still_requested(tx: ChainTransaction) -> bool:
     the buyer in full against its withdrawal, the seller unpaid for its result. Locks the agreement until the caller's
     transaction ends, as the withdrawal does: one arriving meanwhile finds the retry queued (409
     `refund_already_submitted`)."""
-    list(UsageAgreement.objects.select_for_update().filter(pk=tx.agreement_id).values_list("pk", flat=True))
-    return MasumiPurchase.objects.filter(agreement_id=tx.agreement_id, refund_requested_at__isnull=False).exists()
+    UsageAgreement.objects.select_for_update().get(pk=tx.agreement_id)
+    return selectors.masumi_refund_requested(agreement_id=tx.agreement_id)
 
 
 def handlers_register() -> None:

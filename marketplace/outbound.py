@@ -429,9 +429,9 @@ class _FinalAnswer(http.client.HTTPResponse):
         http.client bounds only its lines (64 KiB) and their count (100), ~6.4 MB per answer. An answer with a
         Transfer-Encoding is framed by chunked coding alone (`_framed_by_chunks`). Content-Length values that differ
         or are no number are refused as a malformed answer (http.client read the body by the first, the proxy passed
-        on the last); one value repeated (`9, 9`) is the length. So is a head the email parser could not read whole (a space before a colon, a first line
-        folded): it took every header after the bad line for a body, and the proxy charged an answer cut off at its
-        timeout."""
+        on the last); one value repeated (`9, 9`) is the length. So is a head the email parser could not read whole
+        (a space before a colon, a first line folded): it took every header after the bad line for a body, and the
+        proxy charged an answer cut off at its timeout."""
         fp = self.fp
         self.fp = _BoundedHead(fp, self.max_head_bytes)
         try:

@@ -363,8 +363,8 @@ class MarketplaceClient:
         """Accept a proposal (as the seller). A direct purchase whose buyer's payment reached the seller already, not
         yet at the chain's confirmation depth, is 409 `payment_not_final` (`details.used_by`: the transfer; about
         20 s on Base): accepted again every `poll_interval` seconds (or the longer `details.retry_after_seconds` the
-        answer names, within the wait) until `payment_final_wait` seconds have passed (0: not at all), then that refusal is
-        raised."""
+        answer names, within the wait) until `payment_final_wait` seconds have passed (0: not at all), then that
+        refusal is raised."""
         give_up = time.monotonic() + max(0.0, payment_final_wait)
         while True:
             try:
