@@ -34,8 +34,9 @@
 - `transactions_recheck_watched` reads again, at each poll (after its checks), the evidence of failed transactions
   the domain watches (`watch_failed`: a failed payment, whose authorization someone may still get mined, or a reorg
   put back in a copy's block): once it names someone else's transaction at the confirmation depth, the outcome is
-  applied again on it, unless the poll left a transaction of its agreement or invocation unread
-  (`_failures_decidable`, as for a failure the poll concludes): that may be mined, and the outcome withdraw it.
+  applied again on it, unless a transaction of its agreement or invocation in flight was not read without an error
+  in that poll (`_failures_decidable`, as for a failure the poll concludes): that may be mined, and the outcome
+  withdraw it.
 
 Evidence before action: every hash ever broadcast is kept and looked up; a transaction goes out under a new nonce
 only once its nonce is shown used, at the required depth, by a transaction that is none of its attempts. No
@@ -57,7 +58,9 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
-from django.db.models import Q, QuerySet
+from django.db.models import CharField, Q, QuerySet
+from django.db.models.fields.json import KeyTextTransform
+from django.db.models.functions import Cast
 from django.utils import timezone
 from web3 import Web3
 
@@ -935,7 +938,7 @@ def _reopen(tx: ChainTransaction) -> bool:
     return True
 
 
-def transactions_recheck_watched(*, failures: sweeps.RowFailures | None = None, unread: list | None = None) -> int:
+def transactions_recheck_watched(*, failures: sweeps.RowFailures | None = None, read: list | None = None) -> int:
     """Failed transactions their domain watches (`watch_failed`: a failed payment whose authorization is valid)
     have their evidence read again. Such a failure rests on no block of someone else's: it says that nobody used
     the payment's authorization, which anyone holding it may still do, and a reorg may put back a block in which a
@@ -951,8 +954,9 @@ def transactions_recheck_watched(*, failures: sweeps.RowFailures | None = None, 
 
     One whose outcome raises other than a chain error (its domain's handler refusing it, bad data) is logged and
     skipped, the others read, in `failures` (the poll's; else RowsFailed raised at the end): it ended every poll
-    there whenever the sample drew it. One that could withdraw a transaction the poll left `unread` waits, as a
-    failure concluded in the poll does (`_failures_decidable`)."""
+    there whenever the sample drew it. Within a poll (`read`: what it checked without an error), one that could
+    withdraw a transaction of its agreement or invocation the poll did not read waits, as a failure concluded in the
+    poll does (`_failures_decidable`)."""
     if not _failure_watches:
         return 0
     watched = functools.reduce(operator.or_, (watch().filter(purpose=purpose)
@@ -961,7 +965,7 @@ def transactions_recheck_watched(*, failures: sweeps.RowFailures | None = None, 
     renewed, own = 0, failures is None
     failures = sweeps.RowFailures("watched failures reading") if own else failures
     drawn = list(sample[:settings.CHAIN_WATCHED_CHECKS_PER_POLL])
-    decidable = set(_failures_decidable([tx.pk for tx in drawn], unread=unread or []))
+    decidable = set(_failures_decidable([tx.pk for tx in drawn], read=read))
     for tx in (tx for tx in drawn if tx.pk in decidable):
         with failures.row(tx.pk, reraise=(chain.ChainError,), atomic=False):  # it reads the chain, then takes its own
             renewed += _evidence_renewed(tx)
@@ -1332,16 +1336,23 @@ def transactions_poll() -> int:
     batch = ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED]).order_by("polled_at", "pk")
     pending = [pk for pk, _ in sorted(batch.values_list("pk", "updated_at")[:POLL_BATCH],
                                       key=operator.itemgetter(1))]
-    balances = _wallet_balances.set({})
+    balances, looked_at = _wallet_balances.set({}), len(pending)
     try:
-        tried, checked, unread, deferred = _check_each(pending, failures)
+        tried, checked, read, deferred = _check_each(pending, failures)
+        if tried == len(pending) and deferred:
+            # The failures' agreements' and invocations' transactions the batch left out (more in flight than a
+            # poll takes up), read now: else the failures waited for a poll whose batch held them all, which the
+            # rotation by polled_at may never bring.
+            left_out = _left_out_of_the_poll(deferred, polled=pending)
+            _, more_checked, more_read, more_deferred = _check_each(left_out, failures)
+            looked_at, checked = looked_at + len(left_out), checked + more_checked
+            read, deferred = [*read, *more_read], [*deferred, *more_deferred]
     finally:
         _wallet_balances.reset(balances)
     # Then the failures: one's outcome may withdraw other transactions (a reverted payment withdraws its payout),
     # which the chain may show mined already. Checked first, it cancelled a payout made at its depth with a nonce
     # fill, reported then as outrun by the payout's bytes; checked after, the payout is confirmed and stands.
-    unread = [*unread, *pending[tried:]]
-    for tx_id in _failures_decidable(deferred, unread=unread):
+    for tx_id in _failures_decidable(deferred, read=read):
         try:
             with failures.row(tx_id, reraise=(chain.ChainError,), atomic=False):
                 transaction_check(transaction_id=tx_id)
@@ -1352,21 +1363,21 @@ def transactions_poll() -> int:
         # After the checks, as the failures, and under the same rule: a watched failure's outcome renewed may withdraw
         # what they found mined (a failed direct payment found paid by a copy withdraws its fee's refund, which stands
         # once confirmed).
-        transactions_recheck_watched(failures=failures, unread=unread)
+        transactions_recheck_watched(failures=failures, read=read)
     except chain.RpcUnreachable:
         logger.warning("chain RPC unreachable while polling; will retry")
     except chain.ChainError as error:
         logger.warning("watched failures not read again", extra={"error": str(error)})
     failures.raise_if_any(applied=checked)
-    return len(pending)
+    return looked_at
 
 
 def _check_each(pending: list, failures: sweeps.RowFailures) -> tuple[int, int, list, list]:
     """The poll's first pass: each of `pending` checked, a failure at its depth recorded mined only
-    (`_failures_deferred`). Returns how many were tried and checked, those whose check failed on the chain, and the
-    deferred failures."""
+    (`_failures_deferred`). Returns how many were tried and checked, those checked without an error (neither the
+    chain's nor any other: `failures.row` logs and skips those), and the deferred failures."""
     checked = chain_failed = tried = 0
-    unread: list = []
+    read: list = []
     deferred: list = []
     deferring = _failures_deferred.set(deferred)
     try:
@@ -1376,13 +1387,13 @@ def _check_each(pending: list, failures: sweeps.RowFailures) -> tuple[int, int, 
                 with failures.row(tx_id, reraise=(chain.ChainError,), atomic=False):  # it reads the chain
                     transaction_check(transaction_id=tx_id)
                     checked += 1
+                    read.append(tx_id)
             except chain.RpcUnreachable:
                 tried -= 1  # not checked: first at the next poll
                 logger.warning("chain RPC unreachable while polling; will retry")
                 break
             except chain.ChainError as error:
                 logger.warning("chain transaction not checked", extra={"tx_id": str(tx_id), "error": str(error)})
-                unread.append(tx_id)
                 chain_failed += 1
                 if chain_failed == _POLL_GIVES_UP_AFTER and checked == 0:
                     break
@@ -1390,21 +1401,44 @@ def _check_each(pending: list, failures: sweeps.RowFailures) -> tuple[int, int, 
         _failures_deferred.reset(deferring)
         # update(), not save(): updated_at is the row's version (`_locked_if_unchanged`), a poll is no change of it.
         ChainTransaction.objects.filter(pk__in=pending[:tried]).update(polled_at=timezone.now())
-    return tried, checked, unread, deferred
+    return tried, checked, read, deferred
 
 
-def _failures_decidable(failures: list, *, unread: list) -> list:
+def _in_flight_of(parties: dict[str, set[str]]) -> QuerySet[ChainTransaction]:
+    """The transactions in flight (submitted or mined) that move the money of these agreements and skill invocations
+    (`transactions_parties`), nonce fills cancelling one of theirs included: one query, whatever their number."""
+    theirs = (Q(agreement_id__in=sorted(parties["agreement_ids"]))
+              | Q(context__invocation_id__in=sorted(parties["invocation_ids"])))
+    their_ids = ChainTransaction.objects.filter(theirs).annotate(pk_text=Cast("pk", CharField())).values("pk_text")
+    return (ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED])
+            .annotate(cancels=KeyTextTransform(CANCELS, "context"))
+            .filter(theirs | Q(purpose=TxPurpose.NONCE_FILL, cancels__in=their_ids)))
+
+
+def _left_out_of_the_poll(failures: list, *, polled: list) -> list:
+    """The in-flight transactions of `failures`' agreements and invocations that are not in `polled` (this poll's
+    batch), at most POLL_BATCH of them, least recently written first as a batch is checked."""
+    parties = transactions_parties(ChainTransaction.objects.filter(pk__in=failures))
+    left_out = _in_flight_of(parties).exclude(pk__in=polled).order_by("updated_at", "pk")
+    return list(left_out.values_list("pk", flat=True)[:POLL_BATCH])
+
+
+def _failures_decidable(failures: list, *, read: list | None) -> list:
     """Of `failures` (ids of failed transactions whose outcome is to be applied), those that can withdraw nothing
-    this poll left unread (`unread`: a check that failed on the chain, a timeout after the node answered, say, or
-    that the poll did not reach). What a failure's outcome withdraws is of its own agreement or skill invocation
-    (`transactions_parties`: a reverted payment's payout, a direct purchase's fee refund), from whichever wallet
-    (one sent after a relayer key's replacement is the new wallet's), and the chain may hold it at its depth: such a
-    failure waits for a poll that reads both."""
-    if not failures or not unread:
-        return list(failures)
-    unread_parties = transactions_parties(ChainTransaction.objects.filter(pk__in=unread))
-    return [tx.pk for tx in ChainTransaction.objects.filter(pk__in=failures)
-            if not any(unread_parties[kind] & parties for kind, parties in transactions_parties([tx]).items())]
+    that this poll did not read: every in-flight transaction of their agreement or skill invocation is among `read`
+    (checked without an error in this poll; None: not in a poll, nothing to wait for). What a failure's outcome
+    withdraws is of its own agreement or skill invocation (`transactions_parties`: a reverted payment's payout, a
+    direct purchase's fee refund), from whichever wallet (one sent after a relayer key's replacement is the new
+    wallet's), and the chain may hold it at its depth: such a failure waits for a poll that reads both. Any other
+    way of being unread counts alike: a check that failed on the chain (a timeout after the node answered), one
+    that raised anything else (logged and skipped), one the poll did not reach or did not take up. Two queries
+    (three with nonce fills among the failures), whatever the number of failures."""
+    failing = list(ChainTransaction.objects.filter(pk__in=failures))
+    if read is None or not failing:
+        return [tx.pk for tx in failing]
+    unread = transactions_parties(_in_flight_of(transactions_parties(failing)).exclude(pk__in=read))
+    return [tx.pk for tx in failing
+            if not any(unread[kind] & parties for kind, parties in transactions_parties([tx]).items())]
 
 
 def _indexed_up_to() -> int | None:

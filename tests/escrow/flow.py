@@ -113,17 +113,22 @@ class Parties:
 
 def check_times_out_once_mined(monkeypatch, tx) -> None:
     """The relayer's first check of `tx` once the node has its receipt raises a timeout (after the node answered)."""
-    check = relayer.transaction_check
-    timed_out = []
+    check_raises_once_mined(monkeypatch, tx, gateway.RpcUnavailable("read timed out"))
 
-    def check_or_time_out(*, transaction_id):
-        if (transaction_id == tx.pk and not timed_out
+
+def check_raises_once_mined(monkeypatch, tx, error: Exception) -> None:
+    """The relayer's first check of `tx` once the node has its receipt raises `error`."""
+    check = relayer.transaction_check
+    raised = []
+
+    def check_or_raise(*, transaction_id):
+        if (transaction_id == tx.pk and not raised
                 and relayer._first_receipt(type(tx).objects.get(pk=tx.pk)) is not None):
-            timed_out.append(transaction_id)
-            raise gateway.RpcUnavailable("read timed out")
+            raised.append(transaction_id)
+            raise error
         return check(transaction_id=transaction_id)
 
-    monkeypatch.setattr(relayer, "transaction_check", check_or_time_out)
+    monkeypatch.setattr(relayer, "transaction_check", check_or_raise)
 
 
 def confirm_all(capture) -> None:

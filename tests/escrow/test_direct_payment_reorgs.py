@@ -25,12 +25,13 @@ from agreements.models import UsageAgreement
 from catalog.models import Agent, Service
 from escrow import relayer
 from escrow.models import ChainTransaction, RelayerAccount, TxPurpose, TxStatus
+from marketplace.sweeps import RowsFailed
 from sdk import typed_data
 from tests.agreements.helpers import propose
 from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase
 from tests.catalog.factories import register_service
-from tests.escrow.flow import (USDC, check_times_out_once_mined, confirm_all, fund, mined_what_was_sent, poll_mined,
-                               usdc_balance)
+from tests.escrow.flow import (USDC, check_raises_once_mined, check_times_out_once_mined, confirm_all, fund,
+                               mined_what_was_sent, poll_mined, usdc_balance)
 from tests.escrow.test_indexer import mined
 from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
 from tests.support.operators import form_as_shown, staff_account
@@ -749,7 +750,7 @@ def test_a_reverted_purchase_a_second_reorg_puts_back_on_the_chain_is_paid_again
 
 # --- an ordinary failure whose authorization is used later ----------------------------------------------------------
 
-@pytest.mark.parametrize("fee_refund", ["queued", "mined", "mined_check_timed_out", "confirmed"])
+@pytest.mark.parametrize("fee_refund", ["queued", "mined", "mined_check_timed_out", "mined_check_raised", "confirmed"])
 def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use(
         escrow_chain, fee_refund, monkeypatch, django_capture_on_commit_callbacks):
     """The payment reverted on its own (the buyer lacked the funds then): the purchase failed and its fee's refund
@@ -761,7 +762,9 @@ def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use
     made stands (the platform bore the fee, shown refunded), also when the poll that finds the copy has not read the
     refund's receipt yet: the watched payment was read again before the checks, withdrew the refund the chain had at
     its depth and gave its nonce to a nonce fill that its bytes then outran (reconcile failed on it). The same when
-    that poll's check of the refund timed out (`mined_check_timed_out`): the payment is read again at a later poll."""
+    that poll's check of the refund timed out (`mined_check_timed_out`), or raised other than a chain error
+    (`mined_check_raised`: logged and skipped, the refund was not among those the poll counted unread, and its
+    nonce went to a nonce fill): the payment is read again at a later poll."""
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     purchase = Purchase(chain)
     fund(chain, purchase.treasury, USDC)  # the treasury's float for refunds
@@ -783,7 +786,8 @@ def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use
         polls(capture, 1)
     refund = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE_REFUND)
     assert refund.status == {"queued": TxStatus.QUEUED, "mined": TxStatus.SUBMITTED,
-                             "mined_check_timed_out": TxStatus.SUBMITTED, "confirmed": TxStatus.CONFIRMED}[fee_refund]
+                             "mined_check_timed_out": TxStatus.SUBMITTED, "mined_check_raised": TxStatus.SUBMITTED,
+                             "confirmed": TxStatus.CONFIRMED}[fee_refund]
     assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
 
     fund(chain, purchase.buyer.address, 10 * USDC)
@@ -792,6 +796,11 @@ def test_a_failed_purchase_whose_authorization_is_used_later_is_paid_by_that_use
     chain.mine(3)
     if fee_refund == "mined_check_timed_out":
         check_times_out_once_mined(monkeypatch, refund)
+    if fee_refund == "mined_check_raised":
+        check_raises_once_mined(monkeypatch, refund, RuntimeError("this outcome cannot be applied"))
+        with pytest.raises(RowsFailed) as failed:
+            confirm_all(capture)
+        assert failed.value.failed == [refund.pk]
     polls(capture)
     if fee_refund == "queued":
         with capture(execute=True):

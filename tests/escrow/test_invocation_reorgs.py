@@ -21,12 +21,14 @@ from escrow import chain as gateway
 from escrow import relayer, x402_onchain
 from escrow.models import ChainTransaction, RelayerAccount, TxPurpose, TxStatus
 from marketplace.errors import Conflict
+from marketplace.sweeps import RowsFailed
 from sdk import typed_data
 from tests.agreements.helpers import proposal
 from tests.agreements.test_invocations import FEE, PRICE, Market
 from tests.catalog.factories import AgentFactory, issue_key
 from tests.conftest import Api
-from tests.escrow.flow import USDC, check_times_out_once_mined, confirm_all, fund, mined_what_was_sent, usdc_balance
+from tests.escrow.flow import (USDC, check_raises_once_mined, check_times_out_once_mined, confirm_all, fund,
+                               mined_what_was_sent, usdc_balance)
 from tests.escrow.test_indexer import mined
 from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
 from tests.support.operators import form_as_shown, staff_account
@@ -203,6 +205,55 @@ def test_a_payment_a_reorg_took_after_a_payout_of_the_new_relayer_wallet_leaves_
 
     payment.refresh_from_db()
     payout.refresh_from_db()
+    assert (payment.status, payment.receipt_status) == (TxStatus.FAILED, 0)
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exists()
+    assert payout.status == TxStatus.CONFIRMED
+    invocation = invocation_of(market, invocation_id)
+    assert invocation["payment"]["status"] == "payment_reverted"
+    assert invocation["payment"]["settlement_tx_hash"] == payout.mined_tx_hash
+
+
+@pytest.mark.parametrize("payout_unread", ["out_of_the_polls_batch", "its_check_raised"])
+def test_a_payment_a_reorg_took_after_a_payout_the_poll_did_not_read_leaves_that_payout_confirmed(
+        market, payout_unread, monkeypatch, django_capture_on_commit_callbacks):
+    """As above, the payment and its payout both sent again on the new branch and mined there at their depth, and the
+    poll that finds the payment reverted does not read the payout: it is not among the POLL_BATCH least recently
+    polled that the poll takes up (more in flight than that, here a batch of one that never holds the payout), or its
+    check raised other than a chain error (logged and skipped). The payment's failure waited only for a payout whose
+    check failed on the chain: concluded in that poll, it withdrew the payout the chain had at its depth, and a nonce
+    fill was given its nonce. It waits until every in-flight transaction of its invocation was read in its poll, which
+    reads those of a failure's agreement or invocation that its batch left out: the payout is confirmed and stands."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    invocation_id, before_fork = paid_and_settled_on_a_branch(market, capture, "completed")
+    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                       ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
+
+    chain.reorg(before_fork)
+    spend_all_but(chain, market.buyer.address, keep=0)
+    chain.mine(3)
+    confirm_all(capture)  # both reopened and their bytes sent again: the node mines them
+    mined_what_was_sent()
+    assert all(relayer._first_receipt(ChainTransaction.objects.get(pk=tx.pk)) for tx in (payment, payout))
+    if payout_unread == "out_of_the_polls_batch":
+        monkeypatch.setattr(relayer, "POLL_BATCH", 1)
+    else:
+        check_raises_once_mined(monkeypatch, payout, RuntimeError("this outcome cannot be applied"))
+    rows_failed = []
+    for _ in range(4):
+        # The payment is the least recently polled, so the batch of one is the payment alone at every poll.
+        ChainTransaction.objects.filter(pk=payment.pk).update(polled_at=timezone.now() - timedelta(days=1),
+                                                              updated_at=timezone.now() - timedelta(days=1))
+        try:
+            confirm_all(capture)
+        except RowsFailed as failed:
+            rows_failed.append(failed.failed)
+        if ChainTransaction.objects.get(pk=payment.pk).status == TxStatus.FAILED:
+            break
+    confirm_all(capture)
+
+    payment.refresh_from_db()
+    payout.refresh_from_db()
+    assert rows_failed == ([[payout.pk]] if payout_unread == "its_check_raised" else [])
     assert (payment.status, payment.receipt_status) == (TxStatus.FAILED, 0)
     assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exists()
     assert payout.status == TxStatus.CONFIRMED
