@@ -1296,7 +1296,9 @@ def _none_of_ours_mined_by(tx: ChainTransaction, *, block: int) -> bool:
 
 def transactions_poll() -> int:
     """Check in-flight transactions (the beat task): at most POLL_BATCH, those least recently polled, so that each is
-    checked once every ceil(in flight / POLL_BATCH) polls. Returns how many were looked at. A node of another chain
+    checked once every ceil(in flight / POLL_BATCH) polls; then, when some reverted at their depth, the in-flight
+    transactions of their agreements and invocations that the batch left out (at most POLL_BATCH more), which their
+    failures wait for (`_failures_decidable`). Returns how many were looked at. A node of another chain
     than CHAIN_ID (`chain.node_chain_check`) has nothing read from it: WrongChain is raised, the task failing loudly.
 
     An RPC failure on one transaction (timeout, 429, 5xx after the per-call retries) skips only that one. The poll
