@@ -58,9 +58,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
-from django.db.models import CharField, Q, QuerySet
-from django.db.models.fields.json import KeyTextTransform
-from django.db.models.functions import Cast
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 from web3 import Web3
 
@@ -1408,13 +1406,17 @@ def _check_each(pending: list, failures: sweeps.RowFailures) -> tuple[int, int, 
 
 def _in_flight_of(parties: dict[str, set[str]]) -> QuerySet[ChainTransaction]:
     """The transactions in flight (submitted or mined) that move the money of these agreements and skill invocations
-    (`transactions_parties`), nonce fills cancelling one of theirs included: one query, whatever their number."""
+    (`transactions_parties`), nonce fills cancelling one of theirs included. Read among those in flight only (the
+    status index): the invocation is a key of `context`, which no index covers, and the table keeps every
+    transaction ever sent."""
+    in_flight = ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED])
     theirs = (Q(agreement_id__in=sorted(parties["agreement_ids"]))
               | Q(context__invocation_id__in=sorted(parties["invocation_ids"])))
-    their_ids = ChainTransaction.objects.filter(theirs).annotate(pk_text=Cast("pk", CharField())).values("pk_text")
-    return (ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED])
-            .annotate(cancels=KeyTextTransform(CANCELS, "context"))
-            .filter(theirs | Q(purpose=TxPurpose.NONCE_FILL, cancels__in=their_ids)))
+    fills = {tx.pk: tx.context[CANCELS] for tx in in_flight.filter(purpose=TxPurpose.NONCE_FILL).only("context")
+             if CANCELS in tx.context}
+    cancelled_theirs = {str(pk) for pk in ChainTransaction.objects.filter(theirs, pk__in=set(fills.values()))
+                        .values_list("pk", flat=True)} if fills else set()
+    return in_flight.filter(theirs | Q(pk__in=[pk for pk, cancels in fills.items() if cancels in cancelled_theirs]))
 
 
 def _left_out_of_the_poll(failures: list, *, polled: list) -> list:
