@@ -349,12 +349,15 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, max_val
 
 def _window_refusal(values: Authorization, *, now: int, min_validity_seconds: int,
                     max_validity_seconds: int) -> InvalidPayment | None:
-    """Why the authorization's validity window is refused at `now`, or None."""
+    """Why the authorization's validity window is refused at `now` (the earliest `block.timestamp` a transaction
+    sent now meets), or None. The token takes an authorization only in a block strictly after its validAfter: one
+    valid from `now` itself reverts in a block mined at `now`."""
     if values.valid_before < now + min_validity_seconds:
         return _reject(evm.ERR_VALID_BEFORE_EXPIRED,
                        f"validBefore must be at least {min_validity_seconds} s in the future.")
-    if values.valid_after > now:
-        return _reject(evm.ERR_VALID_AFTER_FUTURE, "validAfter is in the future.")
+    if values.valid_after >= now:
+        return _reject(evm.ERR_VALID_AFTER_FUTURE, "validAfter must be in the past: the token takes the "
+                                                   "authorization only after it.")
     if values.valid_before > now + max_validity_seconds:
         return InvalidPayment("payment_valid_too_long", f"validBefore must be at most {max_validity_seconds} s away.",
                               details={"max_seconds": max_validity_seconds})

@@ -2042,3 +2042,81 @@ def test_an_operators_retry_of_a_failed_fee_refund_is_refused_once_the_purchase_
     confirm_all(capture)
     assert ChainTransaction.objects.filter(agreement_id=agreement["id"], purpose="direct_fee_refund").count() == 1
     assert usdc_balance(chain, purchase.buyer.address) == before
+
+
+# --- a payment not yet valid, and the platform's ceiling lowered since the proposal --------------------------------
+
+def _signed_valid_after(purchase: Purchase, valid_after: int) -> dict:
+    """A proposal's body whose payment authorization the buyer signed valid only after `valid_after` (the SDK signs
+    validAfter 0: a client of its own signs what it likes)."""
+    body = purchase.body()
+    payload = json.loads(base64.b64decode(body["payment_header"]))
+    authorization = {**payload["payload"]["authorization"], "validAfter": str(valid_after)}
+    typed = typed_data.transfer_with_authorization(
+        chain_id=purchase.chain.chain_id, token_address=purchase.chain.usdc.address,
+        from_address=authorization["from"], to_address=authorization["to"], value=int(authorization["value"]),
+        valid_after=valid_after, valid_before=int(authorization["validBefore"]), nonce=authorization["nonce"],
+        token_name=purchase.chain.usdc.functions.name().call())
+    payload["payload"] = {"authorization": authorization,
+                          "signature": typed_data.sign_typed_data(purchase.buyer.key, typed)}
+    return {**body, "payment_header": base64.b64encode(json.dumps(payload).encode()).decode()}
+
+
+def _approval_asked(purchase: Purchase) -> Api:
+    owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
+    owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    return owner_api
+
+
+@pytest.mark.parametrize("approval", [False, True], ids=["no_approval", "owner_approves"])
+@pytest.mark.parametrize("drift", [0, -SERVER_CLOCK_DRIFT, SERVER_CLOCK_DRIFT],
+                         ids=["clocks_agree", "server_behind", "server_ahead"])
+def test_a_direct_payment_not_yet_valid_on_the_chains_clock_is_refused_with_nothing_recorded(
+        purchase, monkeypatch, drift, approval):
+    """A payment valid only from 300 s ahead on the chain's clock (by which the token checks validAfter; by the
+    server's clock, 700 s ahead, it would be valid already): relayed at the accept it reverts, the fee taken and
+    refunded at the treasury's gas. Refused at proposal, 400 `authorization_not_yet_valid` naming the field, nothing
+    recorded (no purchase, no authorization, no approval request for the owner)."""
+    if approval:
+        _approval_asked(purchase)
+    body = _signed_valid_after(purchase, purchase.chain.now() + 300)
+    server_clock_drifted(monkeypatch, drift)
+
+    response = purchase.parties.buyer_api.post("/usage-agreements", body)
+
+    assert response.status_code == 400 and error_code(response) == "authorization_not_yet_valid", response.content
+    assert response.json()["error"]["details"]["field"] == "payment_header"
+    assert not UsageAgreement.objects.exists() and not ApprovalRequest.objects.exists()
+    assert not ChainTransaction.objects.exists()
+
+
+def test_a_direct_payment_valid_only_from_the_next_block_is_refused_and_one_valid_before_it_is_paid(
+        purchase, django_capture_on_commit_callbacks):
+    """The token takes an authorization in a block whose timestamp is strictly after validAfter. The proposal
+    refused validAfter only past the next block's time, so one valid from exactly that time was recorded (201),
+    though a payment mined in that block reverts. Refused (400 `authorization_not_yet_valid`); one valid from the
+    second before is recorded and paid, its payment mined, never reverted."""
+    chain = purchase.chain
+    # The chain's clock ahead of ours: the server's next block is the latest block's next second, whatever the wall
+    # clock does meanwhile (`chain_clock.next_block_clock_for_refusal`).
+    latest = chain.increase_time(1000)
+    next_block = latest + 1
+
+    at = purchase.parties.buyer_api.post("/usage-agreements", _signed_valid_after(purchase, next_block))
+    assert at.status_code == 400 and error_code(at) == "authorization_not_yet_valid", at.content
+    assert not UsageAgreement.objects.exists()
+
+    agreement = purchase.propose(_signed_valid_after(purchase, next_block - 1))
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    # That next block mined before the accept (a live chain's come every few seconds): the accept's simulation runs
+    # at the latest block's time, which an idle chain would leave at validAfter itself (leftover: it fails the
+    # purchase, nothing charged, where a transaction sent then would be mined valid).
+    chain.set_next_timestamp(next_block)
+    chain.mine()
+    accepted = purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
+    assert accepted["status"] == "paying", accepted
+    for _ in range(3):  # fee permit, fee transfer, x402 payment
+        confirm_all(django_capture_on_commit_callbacks)
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
+    assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
+    assert not RelayRevert.objects.exists()
