@@ -629,7 +629,11 @@ def _payment_policy_refusal(agreement: UsageAgreement) -> Forbidden | None:
     allows it): its deny rules and caps as at proposal, counting every agreement at the moment its money moved (until
     then at its proposal) but this one. An approval given at proposal stands; one the policy asks for only now is
     refused, as a skill invocation's: no payment waits for the owner. Call inside the transaction that moves the
-    money, with the agreement locked: the buyer is locked too, until it commits."""
+    money, with the agreement locked: the buyer is locked too, until it commits.
+    Raises 400 `amount_too_large` (`money.amount_within_limit`) for an amount above the platform's ceiling in force
+    now: an operator who lowered AGREEMENT_MAX_AMOUNT since the proposal expects it to bind when the money moves (an
+    accept, an activation, an operator's retry), as it does a skill's payment, not only at the proposal."""
+    money.amount_within_limit(agreement.deposit_amount)
     at = timezone.now()
     try:
         decision = _buyer_policy_decision(buyer=agreement.buyer, service=agreement.service, token=agreement.token,
@@ -1337,7 +1341,8 @@ def closed_direct_proposals_watch() -> int:
 
 def agreement_activation_begin(*, agreement_id, buyer: Agent, receipt_signer: str = "") -> UsageAgreement:
     """accepted | activation_failed -> submitting, once the buyer's owner policy allows the money to move now
-    (`_payment_policy_refusal`: else 403 and nothing changes). Call inside the transaction that queues the chain work.
+    (`_payment_policy_refusal`: else 403, or 400 `amount_too_large` above the platform's ceiling in force now, and
+    nothing changes). Call inside the transaction that queues the chain work.
     `receipt_signer`: the one the buyer's signed intent names, which signs every receipt of the agreement.
 
     Unlike other transitions a repeat is 409, not a no-op: the caller must not queue a second transaction.
@@ -1809,9 +1814,12 @@ def _paid_proposal_accept(agreement_id, preflight: DirectPaymentPreflight) -> Us
     paid by that transfer). Where the buyer's owner policy refuses it now, or the fee's collection cannot run (the
     wallet's other payments under way included), it fails naming the transfer, nothing more charged
     (`_direct_payment_start`). Call inside the transaction holding the agreement's row lock."""
-    refusal = _payment_policy_refusal(_lock(agreement_id))
+    try:
+        refusal: ApplicationError | None = _payment_policy_refusal(_lock(agreement_id))
+    except InvalidInput as above_limit:  # the ceiling lowered since: the fee is not collected either
+        refusal = above_limit
     if refusal is not None:
-        preflight = replace(preflight, problem=f"{refusal.code}: {refusal.details.get('rule')}")
+        preflight = replace(preflight, problem=f"{refusal.code}: {refusal.details.get('rule') or refusal.message}")
     _transition(agreement_id, to=S.ACCEPTED, actor=SYSTEM, data={"used_by": preflight.paid_by},
                 reason=f"proposal expired unanswered, but the buyer's payment reached the seller already (tx "
                        f"{preflight.paid_by}): accepted as paid by it")

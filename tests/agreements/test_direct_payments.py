@@ -2120,3 +2120,59 @@ def test_a_direct_payment_valid_only_from_the_next_block_is_refused_and_one_vali
     assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
     assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
     assert not RelayRevert.objects.exists()
+
+
+@pytest.mark.parametrize("approval", [False, True], ids=["no_approval", "owner_approved"])
+def test_a_direct_purchase_above_a_since_lowered_platform_limit_is_refused_at_accept_with_nothing_moved(
+        purchase, settings, approval, django_capture_on_commit_callbacks):
+    """Proposed (and approved) under a higher AGREEMENT_MAX_AMOUNT, a direct purchase was still paid at the accept
+    once the operator lowered it: only the proposal checked the ceiling. The ceiling in force when the money moves
+    binds: the accept is 400 `amount_too_large` (as a proposal or a skill's payment above it), the purchase stays
+    proposed, nothing queued or moved, the buyer's authorization unused; at the limit it is paid."""
+    capture = django_capture_on_commit_callbacks
+    if approval:
+        owner_api = _approval_asked(purchase)
+    agreement = purchase.propose()
+    if approval:
+        approval_request = ApprovalRequest.objects.get(subject_id=agreement["id"])
+        approved = owner_api.post(f"/agents/{purchase.parties.buyer.pk}/approvals/{approval_request.pk}/approve")
+        assert approved.status_code == 200, approved.content
+    events = AgreementEvent.objects.filter(agreement_id=agreement["id"]).count()
+    before = purchase.balances()
+    settings.AGREEMENT_MAX_AMOUNT = AMOUNT - 1
+
+    with capture(execute=True):
+        refused = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+
+    assert refused.status_code == 400 and error_code(refused) == "amount_too_large", refused.content
+    assert refused.json()["error"]["details"] == {"max_amount_atomic": AMOUNT - 1}
+    after = UsageAgreement.objects.get(pk=agreement["id"])
+    assert (after.status, after.funds_moved_at) == ("proposed", None)
+    assert AgreementEvent.objects.filter(agreement_id=agreement["id"]).count() == events
+    assert not ChainTransaction.objects.exists() and purchase.balances() == before
+    assert purchase.parties.agreement(agreement["id"])["status"] == "proposed"
+    settings.AGREEMENT_MAX_AMOUNT = AMOUNT
+    assert purchase.accept(agreement["id"], capture)["status"] == "paying"
+
+
+def test_a_direct_proposal_the_buyer_paid_above_a_since_lowered_limit_expires_failed_naming_the_transfer(
+        purchase, settings, django_capture_on_commit_callbacks):
+    """The buyer sent its payment itself, the operator lowered AGREEMENT_MAX_AMOUNT below its price, and the seller
+    let the proposal expire: the sweep accepts a paid proposal to collect its fee, but the ceiling in force binds the
+    money the platform moves. It fails naming the transfer (the price is at the seller, counted against the buyer's
+    caps), no fee collected, nothing queued."""
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.buyer.address))
+    before = purchase.balances()
+    settings.AGREEMENT_MAX_AMOUNT = AMOUNT - 1
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
+
+    with capture(execute=True):
+        agreement_services.agreements_expire_proposals()
+
+    failed = purchase.parties.agreement(agreement["id"])
+    assert (failed["status"], failed["payment_tx_hash"]) == ("payment_failed", used_by), failed
+    assert "amount_too_large" in failed["status_reason"]
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+    assert purchase.balances() == before

@@ -318,3 +318,27 @@ def test_an_activation_in_the_last_fraction_of_a_second_of_its_term_is_refused_b
     assert response.status_code == 409, response.content
     assert error_code(response) == "agreement_expired"
     assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+
+
+def test_an_escrow_above_a_since_lowered_platform_limit_is_refused_at_activation_with_nothing_moved(
+        parties, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """Proposed and accepted under a higher AGREEMENT_MAX_AMOUNT, an escrow was still funded once the operator
+    lowered it: only the proposal checked the ceiling. The ceiling in force when the money moves binds: activate-escrow
+    is 400 `amount_too_large`, the agreement stays accepted, nothing queued or moved; at the limit it is funded."""
+    agreement = parties.accepted_agreement(quantity=100)  # deposit 2 USDC
+    body = parties.signed_activation(agreement["id"])
+    before = usdc_balance(escrow_chain, parties.buyer_account.address)
+    settings.AGREEMENT_MAX_AMOUNT = 2 * USDC - 1
+
+    with django_capture_on_commit_callbacks(execute=True):
+        refused = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", body)
+
+    assert refused.status_code == 400 and error_code(refused) == "amount_too_large", refused.content
+    assert refused.json()["error"]["details"] == {"max_amount_atomic": 2 * USDC - 1}
+    after = UsageAgreement.objects.get(pk=agreement["id"])
+    assert (after.status, after.funds_moved_at) == ("accepted", None)
+    assert not ChainTransaction.objects.exists()
+    assert usdc_balance(escrow_chain, parties.buyer_account.address) == before
+    settings.AGREEMENT_MAX_AMOUNT = 2 * USDC
+    assert parties.activate(agreement["id"], django_capture_on_commit_callbacks, body).status_code == 202
+    assert parties.agreement(agreement["id"])["status"] == "active"
