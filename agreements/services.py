@@ -741,8 +741,9 @@ def payment_authorization_use_reader_register(*, reader: PaymentAuthorizationUse
 
 def chain_clock_reader_register(*, reader: ChainClockReader, next_block_reader: ChainClockReader) -> None:
     """`reader()` is the chain's clock (the latest block's timestamp, unix seconds); `next_block_reader()` the
-    `block.timestamp` a transaction sent now would get, bounded as for refusing a caller's request (503 when the
-    node does not answer). The escrow app reads them."""
+    `block.timestamp` a transaction sent now would get, as a payment authorization's window is judged by it (503
+    when the node does not answer, or is behind the chain: `chain_clock.signature_window_clock`). The escrow app
+    reads them."""
     _chain_clock_reader[:] = [reader]
     _next_block_clock_reader[:] = [next_block_reader]
 

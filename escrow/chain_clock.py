@@ -9,6 +9,7 @@ from prometheus_client import Counter, Gauge
 
 from escrow import chain
 from marketplace import caching
+from marketplace.errors import DependencyUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,28 @@ def chain_now(*, next_block: bool = False) -> int:
 def chain_now_for_request(*, next_block: bool = False) -> int:
     """`chain_now` on a caller's request: 503 `chain_unavailable` when the node does not answer."""
     return chain_now(next_block=next_block)
+
+
+@chain.unavailable_as_503()
+def signature_window_clock() -> int:
+    """The next block's time a payment authorization's window is judged by (an x402 payment's validAfter and
+    validBefore, a fee permit's deadline), as `next_block_clock_for_refusal` reads it, from a node no further behind
+    our clock than CHAIN_CLOCK_MAX_LAG_SECONDS (None: unbounded): else 503 `chain_unavailable` (`details.reason`
+    `node_behind`), logged. A node behind the chain answers an old clock, by which an authorization the chain has
+    expired still runs, and its simulations run at that time too: the relayer sent it, to revert at its gas (a skill's
+    payment refused by our clock; a direct purchase judged by the chain's alone). Not a bound on the chain's time where
+    a refusal falls due (a challenge's window, a dispute's timeout): a chain catching up after an outage is behind
+    honestly, and a buyer's challenge refused early by our clock would be lost."""
+    latest = _latest()
+    lag = settings.CHAIN_CLOCK_MAX_LAG_SECONDS
+    ours = int(time.time())
+    if lag is not None and latest < ours - lag:
+        logger.warning("the node's latest block is further behind our clock than CHAIN_CLOCK_MAX_LAG_SECONDS: no "
+                       "payment authorization is judged by it", extra={"lag_seconds": ours - latest,
+                                                                      "max_lag_seconds": lag})
+        raise DependencyUnavailable("The chain RPC is behind the chain: retry shortly.", code="chain_unavailable",
+                                    details={"reason": "node_behind", "max_lag_seconds": lag})
+    return min(_next_block(), max(latest + 1, ours))
 
 
 @chain.unavailable_as_503()

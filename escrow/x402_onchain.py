@@ -177,7 +177,7 @@ def invocation_pay(*, skill: Skill, buyer: Agent | None, input: dict, payment: S
     requirements = invocation_requirements(skill)
     authorization = agreement_services.payment_verify(
         payment.header, requirements, payer=payment.payer, holder=payment.holder,
-        chain_clock=chain_clock.next_block_clock_for_refusal,
+        chain_clock=chain_clock.signature_window_clock,
         is_retry=lambda seen: agreement_services.invocation_is_retry(seen, buyer=buyer, input=input,
                                                                    retry_proof=payment.retry_proof))
     agreement_services.invocation_failures_check(seller=skill.service.seller, buyer=buyer, payer=authorization.payer,
@@ -790,7 +790,7 @@ def handlers_register() -> None:
     agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
     agreement_services.payment_authorization_use_reader_register(reader=_direct_payment_made_by)
     agreement_services.chain_clock_reader_register(reader=chain_clock.chain_now,
-                                                   next_block_reader=chain_clock.next_block_clock_for_refusal)
+                                                   next_block_reader=chain_clock.signature_window_clock)
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome,
                                      read_evidence=_invocation_payment_evidence,
                                      on_reopened=_invocation_payment_reopened,

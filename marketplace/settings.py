@@ -476,6 +476,12 @@ CHAIN_STALL_SECONDS = env.int("CHAIN_STALL_SECONDS", default=60)
 # whose tests move its time forward on purpose (evm_increaseTime).
 CHAIN_CLOCK_MAX_LEAD_SECONDS = env.int("CHAIN_CLOCK_MAX_LEAD_SECONDS",
                                        default=None if CHAIN_ID == DEV_CHAIN_ID else 30)
+# A node whose latest block is further behind our clock than this (a provider's backend that fell behind) does not
+# judge a payment authorization's window (`chain_clock.signature_window_clock`: 503): its old clock, and its
+# simulations run at it, passed authorizations the chain had expired, which reverted at the relayer's gas. Off
+# (unbounded) by default on the dev chain only, idle between transactions (its latest block minutes old).
+CHAIN_CLOCK_MAX_LAG_SECONDS = env.int("CHAIN_CLOCK_MAX_LAG_SECONDS",
+                                      default=None if CHAIN_ID == DEV_CHAIN_ID else 30)
 # Failed payments whose authorization may still be used (relayer.transactions_recheck_watched) read at most per poll.
 CHAIN_WATCHED_CHECKS_PER_POLL = env.int("CHAIN_WATCHED_CHECKS_PER_POLL", default=50)
 # A party (buyer agent, or payer wallet without one) whose relayed transactions were mined reverted this many times

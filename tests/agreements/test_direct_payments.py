@@ -2176,3 +2176,23 @@ def test_a_direct_proposal_the_buyer_paid_above_a_since_lowered_limit_expires_fa
     assert "amount_too_large" in failed["status_reason"]
     assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
     assert purchase.balances() == before
+
+
+def test_a_direct_purchase_is_not_judged_by_a_node_behind_the_chain(purchase, settings):
+    """The proposal judges the payment's window by the chain's clock alone: a node 900 s behind the chain took a
+    payment with 500 s left (201), counted its acceptance deadline 900 s too late, and simulated the accept's payment
+    at its old time, so that the fee was taken and the payment reverted on the chain (the treasury refunding the fee,
+    every step at the relayer's gas). A node further behind our clock than CHAIN_CLOCK_MAX_LAG_SECONDS judges none:
+    503 `chain_unavailable` (`node_behind`), nothing recorded; once it is back, the purchase is taken."""
+    from tests.support.rpc_relay import node_behind
+
+    settings.CHAIN_CLOCK_MAX_LAG_SECONDS = 30
+    body = purchase.body(validity_seconds=500)
+
+    with node_behind(purchase.chain.node.rpc_url, settings, 900):
+        response = purchase.parties.buyer_api.post("/usage-agreements", body)
+
+    assert (response.status_code, error_code(response)) == (503, "chain_unavailable"), response.content
+    assert response.json()["error"]["details"]["reason"] == "node_behind"
+    assert not UsageAgreement.objects.exists() and not ChainTransaction.objects.exists()
+    assert purchase.parties.buyer_api.post("/usage-agreements", purchase.body()).status_code == 201

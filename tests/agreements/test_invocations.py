@@ -36,6 +36,7 @@ from tests.conftest import Api, codes_at, error_code
 from tests.support.http_server import DribblesItsHead, serving
 from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
 from tests.support.at_once import answered_at_once
+from tests.support.rpc_relay import node_behind
 from tests.support.server_clock import SERVER_CLOCK_DRIFT, server_clock_drifted
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -1884,3 +1885,24 @@ def test_unpaid_and_forged_calls_do_not_each_make_the_server_read_the_chain(mark
         assert refused.status_code == 402 and refused.json()["error"] == "authorization_expired", refused.content
 
     assert len(reads) <= 1, reads
+
+
+def test_a_node_behind_the_chain_has_no_payment_expired_on_the_chain_relayed_to_revert(
+        market, settings, django_capture_on_commit_callbacks):
+    """A payment expired a minute ago, refused by our clock, was judged again by the node's clock, which had a bound
+    ahead (CHAIN_CLOCK_MAX_LEAD_SECONDS) but none behind: a node 900 s behind the chain took it, its simulation ran
+    at that old time and passed, and the relayer sent it to be mined by the chain, where it reverted (the relayer's
+    gas spent, the revert counted against the buyer). A node further behind our clock than CHAIN_CLOCK_MAX_LAG_SECONDS
+    judges no authorization: 503 `chain_unavailable` (`node_behind`), nothing recorded or sent."""
+    settings.CHAIN_CLOCK_MAX_LAG_SECONDS = 30
+    payment = market.pay("translate", valid_before=max(market.chain.now(), int(time.time())) - 60)
+    before = market.balances()
+
+    with node_behind(market.chain.node.rpc_url, settings, 900), django_capture_on_commit_callbacks(execute=True):
+        response = market.call("translate", payment)
+
+    assert (response.status_code, error_code(response)) == (503, "chain_unavailable"), [
+        (tx.status, tx.mined_tx_hash, tx.failure_reason) for tx in ChainTransaction.objects.all()] or response.content
+    assert response.json()["error"]["details"] == {"reason": "node_behind", "max_lag_seconds": 30}
+    assert not ChainTransaction.objects.exists() and not RelayRevert.objects.exists()
+    assert market.upstream.requests == [] and market.balances() == before

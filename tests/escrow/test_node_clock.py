@@ -91,8 +91,10 @@ def test_a_node_answering_a_latest_block_a_year_ahead_expires_no_masumi_purchase
     ({"CHAIN_CLOCK_MAX_LEAD_SECONDS": "30"}, 30),
 ])
 def test_block_times_are_bounded_by_default_off_the_dev_chain(monkeypatch, environment, lead):
-    for name in ("CHAIN_ID", "CHAIN_CLOCK_MAX_LEAD_SECONDS"):
+    for name in ("CHAIN_ID", "CHAIN_CLOCK_MAX_LEAD_SECONDS", "CHAIN_CLOCK_MAX_LAG_SECONDS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    assert runpy.run_path(marketplace.settings.__file__)["CHAIN_CLOCK_MAX_LEAD_SECONDS"] == lead
+    configured = runpy.run_path(marketplace.settings.__file__)
+    assert configured["CHAIN_CLOCK_MAX_LEAD_SECONDS"] == lead
+    assert configured["CHAIN_CLOCK_MAX_LAG_SECONDS"] == (None if configured["CHAIN_ID"] == 31337 else 30)

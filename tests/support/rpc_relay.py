@@ -40,6 +40,7 @@ class RpcRelay:
         self.max_log_span: int | None = None
         self.log_ranges: list[tuple[int, int]] = []  # every eth_getLogs's (fromBlock, toBlock), tags resolved
         self._rewrites: list[tuple[Callable[[Call], bool], Callable[[dict], dict]]] = []
+        self._request_rewrites: list[Callable[[Call], Call]] = []
 
     @property
     def url(self) -> str:
@@ -111,6 +112,11 @@ class RpcRelay:
     def rewrite_none(self) -> None:
         self._rewrites.clear()
 
+    def ask_instead(self, rewrite: Callable[[Call], Call]) -> None:
+        """Forward each single call as `rewrite(call)` makes it: the node asked something else than the caller asked
+        (the answer goes back as the caller's)."""
+        self._request_rewrites.append(rewrite)
+
     def _rewritten(self, call: Call, payload: bytes) -> bytes:
         for predicate, answer in list(self._rewrites):
             if predicate(call):
@@ -180,6 +186,11 @@ class RpcRelay:
                     if any(predicate(call) for call in calls):
                         relay._before.remove(hook)
                         action()
+                if isinstance(parsed, dict) and relay._request_rewrites:
+                    asked = parsed
+                    for rewrite in list(relay._request_rewrites):
+                        asked = rewrite(asked)
+                    body = json.dumps(asked).encode()
                 payload = relay._forward(body)
                 if isinstance(parsed, dict):
                     payload = relay._rewritten(parsed, payload)
@@ -224,6 +235,38 @@ def node_block_times(upstream_url: str, settings, **timestamps: int) -> Iterator
         relay.rewrite(lambda call, tag=tag: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == tag,
                       lambda answer, timestamp=timestamp: {
                           **answer, "result": {**answer["result"], "timestamp": hex(timestamp)}})
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        settings.CHAIN_RPC_URL = before
+
+
+@contextmanager
+def node_behind(upstream_url: str, settings, seconds: int) -> Iterator[RpcRelay]:
+    """The marketplace pointed at a relay whose node is `seconds` behind the chain (a provider's backend that fell
+    behind, while the transactions sent through it still reach the chain, as a rollup's nodes forward them to the
+    sequencer): it answers its latest and pending blocks that much earlier, and runs calls and gas estimates (every
+    simulation) at that time; what is sent is mined by the chain, at the chain's time."""
+    relay = RpcRelay(upstream_url).start()
+    before, settings.CHAIN_RPC_URL = settings.CHAIN_RPC_URL, relay.url
+
+    def earlier(answer: dict) -> dict:
+        return {**answer, "result": {**answer["result"], "timestamp": hex(int(answer["result"]["timestamp"], 16)
+                                                                            - seconds)}}
+
+    def at_its_time(call: Call) -> Call:
+        if call.get("method") not in ("eth_call", "eth_estimateGas"):
+            return call
+        latest = int(relay.node("eth_getBlockByNumber", ["latest", False])["timestamp"], 16)
+        params = list(call.get("params") or []) + [None] * 3
+        transaction, block, state, overrides = params[:4]
+        return {**call, "params": [transaction, block or "latest", state or {},
+                                   {**(overrides or {}), "time": hex(latest - seconds)}]}
+
+    relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] in (
+        "latest", "pending"), earlier)
+    relay.ask_instead(at_its_time)
     try:
         yield relay
     finally:
