@@ -196,6 +196,33 @@ def test_an_operators_retry_of_a_failed_activation_holds_to_the_buyers_policy(
     assert UsageAgreement.objects.get(pk=agreement["id"]).funds_moved_at >= before
 
 
+def test_an_operators_retry_of_a_failed_activation_holds_to_the_platform_limit_in_force(
+        parties, escrow_chain, monkeypatch, settings, admin_client, django_capture_on_commit_callbacks):
+    """The admin's retry re-sends the buyer's signed intent: the platform moves the money then, so the ceiling in
+    force then (AGREEMENT_MAX_AMOUNT, lowered since the proposal) binds, as at activate-escrow: the operator is told
+    `amount_too_large` and nothing is queued; at the limit it is sent again."""
+    from escrow.models import TxPurpose, TxStatus
+    from tests.escrow.test_relayer_faults import spent_by_the_buyer_once_estimated
+
+    capture = django_capture_on_commit_callbacks
+    agreement = parties.accepted_agreement()
+    spent_by_the_buyer_once_estimated(escrow_chain, monkeypatch)
+    parties.activate(agreement["id"], capture)
+    failed = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose=TxPurpose.ACTIVATE)
+    assert failed.status == TxStatus.FAILED
+    deposit = UsageAgreement.objects.get(pk=agreement["id"]).deposit_amount
+    settings.AGREEMENT_MAX_AMOUNT = deposit - 1
+
+    refused = operators_retry(admin_client, failed, capture)
+    assert "Queued 0 transaction(s) again." in refused and "amount_too_large" in refused
+    assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == 1
+    assert parties.agreement(agreement["id"])["status"] == "activation_failed"
+
+    settings.AGREEMENT_MAX_AMOUNT = deposit
+    assert "Queued 1 transaction(s) again." in operators_retry(admin_client, failed, capture)
+    assert ChainTransaction.objects.filter(agreement_id=agreement["id"]).count() == 2
+
+
 def test_a_seller_accepting_a_refused_direct_purchase_again_adds_no_event_for_the_same_refusal(
         escrow_chain, django_capture_on_commit_callbacks):
     """Each refused accept recorded an event: a seller looping on accept wrote audit rows (and webhooks) without end.
