@@ -1075,8 +1075,9 @@ def agreement_payment_authorization_cancelled(*, agreement_id, tx_hash: str) -> 
 
 
 def agreement_payment_authorization_found_cancelled(*, agreement_id) -> None:
-    """The token counts the purchase's payment authorization spent, with no transfer of it (the buyer cancelled it
-    itself, outside the platform): it can no longer move money, so a failed payment's price no longer counts against
+    """The chain shows the purchase's payment authorization cancelled at its confirmation depth (the buyer cancelled
+    it itself, outside the platform; the escrow app reads the cancellation, not just a spent nonce with no use found,
+    which a node behind on its logs answers for a use): it can no longer move money, so a failed payment's price no longer counts against
     the buyer's caps (`_committed_spends`), and the watch of closed direct proposals has nothing left to find."""
     with transaction.atomic():
         agreement = _lock(agreement_id)

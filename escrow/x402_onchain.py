@@ -500,18 +500,37 @@ def _authorization_use(authorization, *, confirmed: bool = False) -> dict | None
     payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
     if not chain.call(token.functions.authorizationState(payer, nonce).call):
         return None
-    used, cancelled = (chain.event_topic(token.events.AuthorizationUsed()),
-                       chain.event_topic(token.events.AuthorizationCanceled()))
-    found = chain.first_logs(
-        address=token.address, topics=[[used, cancelled], chain.address_topic(payer), "0x" + nonce.hex()],
-        from_block=chainconfig.escrow_deployment_block(),
-        to_block=chain.latest_block_number() - (max(settings.CHAIN_CONFIRMATIONS, 1) - 1 if confirmed else 0),
-        newest_first=True)
+    found = _authorization_logs(authorization, confirmed=confirmed)
+    used = chain.event_topic(token.events.AuthorizationUsed())
     if not found or _topic_of(found[-1]) != used or not _transferred_as_authorized(found[-1], authorization):
         return None
     latest = found[-1]
     return {"used_by": _hex32(latest["transactionHash"]),
             relayer.EVIDENCE_BLOCK: {"number": latest["blockNumber"], "hash": _hex32(latest["blockHash"])}}
+
+
+def _authorization_logs(authorization, *, confirmed: bool) -> list:
+    """The span of the token's AuthorizationUsed and AuthorizationCanceled logs of the authorization's payer and nonce
+    that holds the latest of them, oldest first (`chain.first_logs`); `confirmed`: up to the block CHAIN_CONFIRMATIONS
+    deep only."""
+    token = chain.token_contract()
+    payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
+    return chain.first_logs(
+        address=token.address, topics=[[chain.event_topic(token.events.AuthorizationUsed()),
+                                        chain.event_topic(token.events.AuthorizationCanceled())],
+                                       chain.address_topic(payer), "0x" + nonce.hex()],
+        from_block=chainconfig.escrow_deployment_block(),
+        to_block=chain.latest_block_number() - (max(settings.CHAIN_CONFIRMATIONS, 1) - 1 if confirmed else 0),
+        newest_first=True)
+
+
+def _authorization_cancelled(authorization) -> bool:
+    """Whether the chain shows the authorization cancelled (its latest log an AuthorizationCanceled) at the
+    confirmation depth. A spent nonce whose use is not found is no cancellation: the node answering the logs may be
+    behind the one that answered `authorizationState` (a load-balanced provider), and one found in a newer block a
+    reorg may take, the authorization valid again."""
+    found = _authorization_logs(authorization, confirmed=True)
+    return bool(found) and _topic_of(found[-1]) == chain.event_topic(chain.token_contract().events.AuthorizationCanceled())
 
 
 def _transferred_as_authorized(used_log, authorization) -> bool:
@@ -730,10 +749,11 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
         # Used (the transfer to the seller ran, sent by whoever held it: no purchase paid it), or cancelled already.
         with chain.unavailable_as_503():
             used_by = (_authorization_use(authorization) or {}).get("used_by")
+            cancelled = not used_by and _authorization_cancelled(authorization)
         if used_by:
             logger.error("a closed direct purchase's payment authorization was used",
                          extra={"agreement_id": str(agreement.pk), "tx_hash": used_by})
-        else:  # cancelled by the buyer itself: recorded, its failed payment's price no longer held against its caps
+        elif cancelled:  # by the buyer itself: recorded, its failed payment's price no longer held against its caps
             agreement_services.agreement_payment_authorization_found_cancelled(agreement_id=agreement.pk)
         raise Conflict("The payment authorization was used or cancelled already.", code="authorization_already_used",
                        details={"used_by": used_by})

@@ -717,6 +717,30 @@ def test_an_authorization_used_after_the_purchase_was_rejected_is_named_when_the
     assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
 
 
+def test_a_use_a_lagging_node_does_not_show_yet_when_the_buyer_would_cancel_does_not_end_the_watch(
+        purchase, monkeypatch, django_capture_on_commit_callbacks):
+    """A stranger uses a rejected purchase's authorization; the buyer's cancellation is asked of a provider whose node
+    answering the logs is a block behind the one answering `authorizationState` (a load-balanced RPC): spent, but
+    no use found. That was taken for the buyer's own cancellation: the watch of closed direct proposals ended, so the
+    transfer to the seller was never named nor counted against the buyer's caps. Only a cancellation the chain shows
+    ends it; the watch finds the use once the node catches up."""
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
+    latest = gateway.latest_block_number
+    monkeypatch.setattr(gateway, "latest_block_number", lambda: latest() - 1)
+
+    refused = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
+                                              {"signature": _cancel_signature(purchase, agreement["id"])})
+
+    assert refused.status_code == 409 and error_code(refused) == "authorization_already_used", refused.content
+    monkeypatch.setattr(gateway, "latest_block_number", latest)  # the node caught up
+    agreement_tasks.watch_closed_direct_proposals()
+    rejected = purchase.parties.agreement(agreement["id"])
+    assert rejected["payment_tx_hash"] == used_by, rejected
+    _next_purchase_over_the_daily_cap_refused(purchase)
+
+
 def test_a_cancellation_outrun_by_a_use_of_the_authorization_records_that_use(
         purchase, django_capture_on_commit_callbacks):
     """The authorization is used between the buyer's cancellation and the relayer's send: the cancellation fails and
