@@ -1506,7 +1506,8 @@ def transaction_retry(*, tx: ChainTransaction, operator: AbstractBaseUser) -> Ch
     whose context names the one it retries (`OPERATOR_RETRY_OF`) and the operator who asked (`OPERATOR_RETRY_BY`). Not one the domain withdrew (`WITHDRAWN`) or no
     longer wants run (`rerun_wanted`: an activation whose agreement was closed since), nor one its domain refuses to
     send again now (`on_retry`: an activation the buyer's owner policy refuses now), nor one never built
-    (`UNSENT`: its domain builds it anew once it can). `operator` (the admin's user):
+    (`UNSENT`: its domain builds it anew once it can), nor one whose agreement has another of its purpose under way
+    or done (409 `superseded`). `operator` (the admin's user):
     403 `operator_owns_a_party` when it owns a party of the money the transaction moves (it pays their seller
     again)."""
     with transaction.atomic():
@@ -1523,13 +1524,40 @@ def transaction_retry(*, tx: ChainTransaction, operator: AbstractBaseUser) -> Ch
                 **{f"context__{OPERATOR_RETRY_OF}": str(tx.pk)}).exists():
             raise Conflict("This transaction was retried already (retry its retry if that failed too).",
                            code="already_retried", details={"transaction_id": str(tx.pk)})
+        live = _live_of_its_agreement(tx)
+        if live is not None:
+            raise _retry_superseded(tx, live)
         if tx.purpose in _rerun_checks and not _rerun_checks[tx.purpose](tx):
             raise Conflict("What this transaction was for is closed since (its agreement cancelled, rejected or "
                            "expired): it is not sent again.", code="no_longer_wanted",
                            details={"transaction_id": str(tx.pk)})
         if tx.purpose in _retry_handlers:
             _retry_handlers[tx.purpose](tx)
-        return transaction_enqueue(purpose=tx.purpose, to=tx.to_address, data=tx.data,
-                                   agreement_id=tx.agreement_id, context={**tx.context, OPERATOR_RETRY_OF: str(tx.pk),
-                                                                          OPERATOR_RETRY_BY: operator.get_username()},
-                                   confirmations=tx.confirmations_required)
+        try:
+            with transaction.atomic():  # a savepoint: one queued meanwhile (a tick, another retry) is the Conflict below
+                return transaction_enqueue(
+                    purpose=tx.purpose, to=tx.to_address, data=tx.data, agreement_id=tx.agreement_id,
+                    context={**tx.context, OPERATOR_RETRY_OF: str(tx.pk), OPERATOR_RETRY_BY: operator.get_username()},
+                    confirmations=tx.confirmations_required)
+        except IntegrityError:
+            live = _live_of_its_agreement(tx)
+            if live is None:
+                raise
+            raise _retry_superseded(tx, live) from None
+
+
+def _live_of_its_agreement(tx: ChainTransaction) -> ChainTransaction | None:
+    """Its agreement's transaction of its purpose under way or done (not failed), if any."""
+    if tx.agreement_id is None:
+        return None
+    return ChainTransaction.objects.filter(agreement_id=tx.agreement_id, purpose=tx.purpose).exclude(
+        status=TxStatus.FAILED).first()
+
+
+def _retry_superseded(tx: ChainTransaction, live: ChainTransaction) -> Conflict:
+    """The retry of `tx` refused: its agreement has a transaction of the same purpose under way or done (`live`; the
+    domain sent one anew since, as a fee refund once a reorg's payment failed again), at most one of which may be
+    (chaintx_one_live_per_agreement_purpose: the retry's insert raised IntegrityError, a 500)."""
+    return Conflict("Another transaction for the same purpose of this agreement is under way or done: this one is not "
+                    "sent again.", code="superseded",
+                    details={"transaction_id": str(tx.pk), "live_transaction_id": str(live.pk)})

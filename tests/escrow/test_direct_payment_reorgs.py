@@ -1012,3 +1012,48 @@ def test_a_fee_collection_a_reorg_takes_that_cannot_run_again_is_no_longer_count
     assert failed["status"] == "payment_failed", failed
     assert ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_FEE).status == TxStatus.FAILED
     assert failed["fee_tx_hash"] == "", failed
+
+
+def test_an_operators_retry_of_a_failed_fee_refund_is_409_while_another_refund_of_the_fee_is_under_way(
+        escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """The payment reverted on its own and the fee's refund failed (the treasury without its float). A reorg takes the
+    payment's block; on the new branch it reverts again, and the purchase, failed for good, has its fee's refund
+    queued anew. An operator's retry of the refund that failed first, wanted as far as the agreement says (no refund
+    counted yet), raised IntegrityError out of the one-live-refund constraint (the admin's retry action a 500).
+    Refused, 409 `superseded` naming the refund under way, nothing queued; the buyer gets its fee back once."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    purchase = Purchase(chain)
+    agreement = purchase.propose()
+    purchase.accept(agreement["id"], capture)
+    confirm_all(capture)  # the fee permit confirmed; the fee's transfer is sent
+    mined_what_was_sent()  # and mined before the fork
+    before_fork = chain.snapshot()
+    buyer_spends_once_the_payment_is_estimated(purchase, monkeypatch)
+    confirm_all(capture)  # the fee confirmed; the payment is sent, and reverts
+    confirm_all(capture)  # the payment failed; the fee's refund refused (no float)
+    payment = ChainTransaction.objects.get(purpose=TxPurpose.DIRECT_PAYMENT)
+    [failed_refund] = ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND)
+    assert (payment.status, failed_refund.status) == (TxStatus.FAILED, TxStatus.FAILED)
+    chain.reorg(before_fork)
+    spend_the_buyers_funds(purchase)
+    chain.mine(3)
+    buyer = usdc_balance(chain, purchase.buyer.address)
+    fund(chain, purchase.treasury, USDC)  # the treasury's float, back
+    assert relayer.transactions_reopen_reorged() == 1
+    with capture(execute=True):
+        for _ in range(2):  # the payment, sent again, reverts again: failed for good, its fee's refund queued anew
+            mined_what_was_sent()
+            relayer.transaction_check(transaction_id=payment.pk)
+    assert purchase.parties.agreement(agreement["id"])["status"] == "payment_failed"
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).exclude(
+        status=TxStatus.FAILED).count() == 1
+
+    with pytest.raises(relayer.Conflict) as refused:
+        relayer.transaction_retry(tx=failed_refund, operator=get_user_model().objects.get(username=staff_account()))
+    polls(capture)
+
+    assert refused.value.code == "superseded"
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).count() == 2  # the failed one, and one
+    assert usdc_balance(chain, purchase.buyer.address) == buyer + FEE
+    assert purchase.parties.agreement(agreement["id"])["buyer_refund_atomic"] == FEE
