@@ -289,15 +289,15 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
               for name in ("id", "status", "infra_fee", "seller_payout", "used", "deposit_amount", "buyer", "seller",
                            "created_at", "funds_moved_at", "fee_tx_hash", "buyer_refund",
                            "payment_tx_hash", "settlement_model", "expires_at", "payment_authorization",
-                           "payment_authorization_cancel_tx_hash", "payment_authorization_watch_ended_at",
-                           "payment_reverted_at")}
+                           "payment_authorization_cancel_tx_hash", "payment_authorization_watch_ended_at")}
     invocation = {name: quote(invocation_meta.get_field(name).column)
                   for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at")}
     fee_kept = (f"{column['fee_tx_hash']} <> '' AND {column['buyer_refund']} IS NULL")
     fee_if_kept = f"CASE WHEN {fee_kept} THEN {column['infra_fee']} ELSE 0 END"
     # A failed payment's authorization that may still pay (see `_committed_spends`): valid until %s (unix seconds).
+    # One a reorg took after it was counted paid (payment_reverted_at) too: the bytes that paid are public.
     authorization_may_pay = (
-        f"{column['payment_reverted_at']} IS NULL AND {column['payment_authorization_cancel_tx_hash']} = '' "
+        f"{column['payment_authorization_cancel_tx_hash']} = '' "
         f"AND {column['payment_authorization_watch_ended_at']} IS NULL "
         f"AND (SELECT a.{quote(authorization_meta.get_field('valid_before').column)} "  # noqa: S608
         f"FROM {quote(authorization_meta.db_table)} a WHERE a.{quote(authorization_meta.pk.column)} = "
@@ -349,7 +349,8 @@ def _committed_spends(buyer: Agent, *, at: datetime, day_since: datetime, month_
     """What the buyer committed since `day_since` and since `month_since` (the earlier), in one statement: its
     agreements (nothing once released but the price of a direct purchase closed or failed after its buyer's payment
     reached the seller, a failed direct purchase's price while its authorization may still pay (unused, not
-    cancelled through the platform, its validBefore not past by CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS) and its fee
+    cancelled, its validBefore not past by CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS; one whose payment a reorg took
+    after it was counted paid too) and its fee
     collected until it is refunded, the fee once
     refunded, fee plus what the seller was paid once settled, which an arbiter may set above what was metered, else
     fee plus deposit; nothing for an escrow agreement still unfunded once its term ended by `at`), each at the moment

@@ -1057,3 +1057,34 @@ def test_an_operators_retry_of_a_failed_fee_refund_is_409_while_another_refund_o
     assert ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_REFUND).count() == 2  # the failed one, and one
     assert usdc_balance(chain, purchase.buyer.address) == buyer + FEE
     assert purchase.parties.agreement(agreement["id"])["buyer_refund_atomic"] == FEE
+
+
+def test_a_purchase_paid_by_a_copy_a_reorg_took_counts_its_price_while_the_copy_may_run_again(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """A reorg took the copy of the authorization that paid the purchase, and on the new branch the buyer's wallet
+    cannot pay it again: payment_failed, recorded reverted. The copy's bytes are public (the old branch had them) and
+    the authorization unused and valid: anyone may get them mined once the wallet holds funds. Its price was no longer
+    counted against the buyer's caps (a failed payment's authorization that may pay counted, but not a reverted one):
+    the buyer bought another cap's worth, and the copy mined again paid on top. It counts as any failed payment's."""
+    from tests.catalog.factories import issue_owner_token
+    from tests.conftest import Api
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain)
+    agreement, copy, before_fork = paid_by_a_copy_on_a_branch(purchase, capture)
+    chain.reorg(before_fork)
+    spend_the_buyers_funds(purchase)
+    chain.mine(3)
+    polls(capture)
+    failed = purchase.parties.agreement(agreement["id"])
+    assert failed["status"] == "payment_failed" and failed["payment_reverted_at"] is not None, failed
+    owner_api = Api(issue_owner_token(purchase.parties.buyer.owner))
+    # Room for one more purchase beside the fee kept, not beside the price too.
+    assert owner_api.put(f"/agents/{purchase.parties.buyer.pk}/policies",
+                         {"daily_cap_atomic": AMOUNT + 2 * FEE}).status_code == 200
+
+    over = purchase.parties.buyer_api.post("/usage-agreements", purchase.body())
+
+    assert over.status_code == 403, over.content
+    assert over.json()["error"]["details"]["rule"] == "daily_cap"
+    assert over.json()["error"]["details"]["spent"] == AMOUNT + FEE
