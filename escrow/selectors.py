@@ -142,6 +142,14 @@ def proposal_unsignable(failures: list[ChainTransaction]) -> str | None:
     return signer if signer and chainconfig.receipt_signer_key(signer) is None else None
 
 
+def proposal_attempts(failures: list[ChainTransaction]) -> list[ChainTransaction]:
+    """Of `failures` (`proposal_failures`), those sent: the attempts SETTLEMENT_PROPOSE_MAX_ATTEMPTS and the backoff
+    count. Not one never built (`relayer.UNSENT`: its receipt signer's key missing), which `proposal_unsignable`
+    holds back while the key is missing: counted, the key put back at the last attempt, the ticks sent nothing and
+    the operator's retry the dashboard offered was refused (nothing to send)."""
+    return [tx for tx in failures if relayer.UNSENT not in tx.context]
+
+
 def proposal_failures(*, agreement_id, purpose: str = TxPurpose.PROPOSE_SETTLEMENT) -> list[ChainTransaction]:
     """The agreement's failed proposals of `purpose` (a settlement's, or a Masumi refund's zero one) since an operator
     last retried one (that retry included), newest first: the attempts the ticks count against
@@ -168,8 +176,11 @@ def proposals_given_up(*, limit: int) -> list[tuple[ChainTransaction, int]]:
                       .exclude(Exists(live)).order_by().values_list("agreement_id", flat=True).distinct())
         for agreement_id in candidates:
             failures = proposal_failures(agreement_id=agreement_id, purpose=purpose)
-            if len(failures) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS or proposal_unsignable(failures):
-                given_up.append((failures[0], len(failures)))
+            attempts = proposal_attempts(failures)
+            if proposal_unsignable(failures):
+                given_up.append((failures[0], len(attempts)))
+            elif len(attempts) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS:  # the latest sent: the one to retry
+                given_up.append((attempts[0], len(attempts)))
     return sorted(given_up, key=lambda item: item[0].updated_at)[:limit]
 
 

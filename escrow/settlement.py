@@ -239,13 +239,15 @@ def _proposal_period_over(terms: tuple, *, now: int) -> bool:
 
 def _proposal_due(failures: list[ChainTransaction]) -> bool:
     """After a failed proposal the next waits SETTLEMENT_PROPOSE_BACKOFF_SECONDS, doubling each time; after
-    SETTLEMENT_PROPOSE_MAX_ATTEMPTS failures none is sent until an operator retries (the dashboard lists it)."""
-    if not failures:
+    SETTLEMENT_PROPOSE_MAX_ATTEMPTS failures none is sent until an operator retries (the dashboard lists it). Only
+    those sent count (`selectors.proposal_attempts`)."""
+    attempts = selectors.proposal_attempts(failures)
+    if not attempts:
         return True
-    if len(failures) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS:
+    if len(attempts) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS:
         return False
-    backoff = settings.SETTLEMENT_PROPOSE_BACKOFF_SECONDS * 2 ** (len(failures) - 1)
-    return timezone.now() >= failures[0].updated_at + timedelta(seconds=backoff)
+    backoff = settings.SETTLEMENT_PROPOSE_BACKOFF_SECONDS * 2 ** (len(attempts) - 1)
+    return timezone.now() >= attempts[0].updated_at + timedelta(seconds=backoff)
 
 
 def _proposal_evidence(tx: ChainTransaction) -> dict:

@@ -1693,3 +1693,33 @@ def test_a_zero_refund_proposal_whose_receipt_signer_key_is_gone_is_shown_once_a
     assert purchase.settle()["finalizing"] == 1
     confirm_all(capture)
     purchase.assert_moved(seller=0, buyer=PRICE)
+
+
+def test_a_zero_refund_proposal_never_built_for_a_missing_key_is_no_attempt_once_the_key_is_back(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, settings, admin_client):
+    """The record of a zero proposal never built (its receipt signer's key missing) counted as one of the
+    SETTLEMENT_PROPOSE_MAX_ATTEMPTS failed attempts: at the last one, with the key put back, the ticks sent nothing,
+    the dashboard offered that record for an operator's retry, and the retry was refused (409 `never_built`: nothing
+    to send). Nothing else sent it: the result's proposal paid the seller at its window's end, the buyer's refund
+    request unanswered. A record never sent is no attempt: the key back, the next tick proposes."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.SETTLEMENT_PROPOSE_BACKOFF_SECONDS = 0
+    settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS = 1
+    purchase = _result_proposal_mined_past_unlock_time(chain, capture, seller_service)
+    signer_key = settings.RECEIPT_SIGNER_PRIVATE_KEY
+    settings.RECEIPT_SIGNER_PRIVATE_KEY, settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS = "0x" + "42" * 32, []
+    refunds = ChainTransaction.objects.filter(agreement_id=purchase.created["agreementId"],
+                                              purpose=TxPurpose.MASUMI_REFUND_PROPOSAL)
+    assert purchase.tick()["refunding"] == 0
+    assert list(refunds.values_list("status", flat=True)) == ["failed"]  # recorded, never sent
+
+    settings.RECEIPT_SIGNER_RETIRED_PRIVATE_KEYS = [signer_key]
+    proposed = purchase.tick()["refunding"]
+
+    assert proposed == 1, [item.kind for item in admin_client.get("/admin/dashboard/").context["overdue"]]
+    confirm_all(capture)
+    assert refunds.filter(status="confirmed").count() == 1
+    chain.increase_time(2 * (purchase.timers["unlockTime"] - purchase.timers["payByTime"]))
+    assert purchase.settle()["finalizing"] == 1
+    confirm_all(capture)
+    purchase.assert_moved(seller=0, buyer=PRICE)
