@@ -15,8 +15,8 @@ importlib.import_module("py_ecc")
 sys.setrecursionlimit(_RECURSION_LIMIT)
 
 from sdk.activation import sign_activation_package  # noqa: E402
-from sdk.bounded_http import (AnswerRefused, AnswerTooLarge, DeadlineExceeded, UndecodableAnswer,  # noqa: E402
-                               UnexpectedAnswer, UnrequestedEncoding)
+from sdk.bounded_http import (AnswerRefused, AnswerTooLarge, DeadlineExceeded, InsecureUrl,  # noqa: E402
+                               UndecodableAnswer, UnexpectedAnswer, UnrequestedEncoding)
 from sdk.bounded_json import InvalidJSON  # noqa: E402
 from sdk.client import (AgreementFailed, MarketplaceClient, MarketplaceError, NotConfigured,  # noqa: E402
                         PaymentAuthorizationCancelFailed, PaymentAuthorizationUsed)
@@ -26,8 +26,8 @@ from sdk.terms import AgreedTerms  # noqa: E402
 from sdk.version import VERSION as __version__  # noqa: E402
 
 __all__ = ["BASE", "BASE_SEPOLIA", "AgreedTerms", "AgreementFailed", "AnswerRefused", "AnswerTooLarge",
-           "DeadlineExceeded", "DeadlineOutOfRange", "FeeSchedule", "InvalidJSON", "LocalWallet", "MarketplaceClient",
-           "MarketplaceError", "NetworkConfig", "NotConfigured", "PaymentAuthorizationCancelFailed",
-           "PaymentAuthorizationUsed", "SellerUnverified",
-           "SigningRefused", "TokenDomain", "UndecodableAnswer", "UnexpectedAnswer", "UnrequestedEncoding", "Wallet",
-           "__version__", "sign_activation_package"]
+           "DeadlineExceeded", "DeadlineOutOfRange", "FeeSchedule", "InsecureUrl", "InvalidJSON", "LocalWallet",
+           "MarketplaceClient", "MarketplaceError", "NetworkConfig", "NotConfigured",
+           "PaymentAuthorizationCancelFailed", "PaymentAuthorizationUsed", "SellerUnverified", "SigningRefused",
+           "TokenDomain", "UndecodableAnswer", "UnexpectedAnswer", "UnrequestedEncoding", "Wallet", "__version__",
+           "sign_activation_package"]

@@ -30,6 +30,7 @@ Python's codec of that name may be none (punycode decodes in quadratic time, bz2
 from __future__ import annotations
 
 import codecs
+import ipaddress
 import time
 from collections.abc import Iterator, Iterable
 from contextlib import contextmanager
@@ -43,9 +44,9 @@ from sdk import bounded_json
 from sdk.name_resolution import BoundedResolver
 
 __all__ = ["ACCEPTED_ENCODINGS", "DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "AnswerRefused", "InSmallPieces",
-           "AnswerTooLarge", "BoundedHttp", "DeadlineExceeded", "UndecodableAnswer", "UnexpectedAnswer",
-           "UnrequestedEncoding", "deadline_passed", "deadline_within",
-           "json_answer", "text_codec", "text_encoding", "time_left"]
+           "AnswerTooLarge", "BoundedHttp", "DeadlineExceeded", "InsecureUrl", "UndecodableAnswer", "UnexpectedAnswer",
+           "UnrequestedEncoding", "deadline_passed", "deadline_within", "json_answer", "require_https", "text_codec",
+           "text_encoding", "time_left"]
 
 # A metered call may take as long as the marketplace lets a seller answer (its PROXY_ANSWER_TIMEOUT_SECONDS, 300).
 DEFAULT_DEADLINE_SECONDS = 300.0
@@ -99,6 +100,39 @@ class UnexpectedAnswer(AnswerRefused):
 class UnrequestedEncoding(AnswerRefused):
     """The answer is encoded otherwise than the SDK asked for (`Accept-Encoding`): in a coding whose expansion it does
     not bound, or in several stacked. It was not decoded."""
+
+
+class InsecureUrl(ValueError):
+    """A server's URL that is not https, and not plain http to this machine (loopback): nothing was sent to it."""
+
+
+def require_https(url: str | httpx.URL, *, what: str, allow_insecure_http: bool) -> None:
+    """Refuse (`InsecureUrl`) a URL the SDK would talk to in clear across a network: plain http (or any scheme but
+    https) to a host other than this machine's loopback (localhost, *.localhost, 127.0.0.0/8, ::1), unless the caller
+    says `allow_insecure_http=True`. In clear, the marketplace's API key (a bearer token) is anyone's on the path, and
+    any answer the SDK checks a signature against (a package, a 402, the token's nonces, the chain's clock, the
+    network configuration) could be rewritten on the way. The error names the scheme and host only: an RPC URL's
+    path, query and user info often hold its provider's key (`sdk.onchain.redacted`)."""
+    if allow_insecure_http:
+        return
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        raise InsecureUrl(f"{what}: not a URL") from None
+    if parsed.scheme == "https" or parsed.scheme == "http" and _is_loopback(parsed.host):
+        return
+    server = parsed.host if parsed.port is None else f"{parsed.host}:{parsed.port}"
+    raise InsecureUrl(f"{what}: {parsed.scheme or 'no scheme'}://{server} is not https (plain http is for this "
+                      "machine only): pass allow_insecure_http=True to send to it anyway")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: resolved to loopback only
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @contextmanager

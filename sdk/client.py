@@ -59,7 +59,7 @@ from sdk import typed_data
 from sdk.activation import sign_activation_package
 from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, AnswerRefused, BoundedHttp,
                               DeadlineExceeded, UnexpectedAnswer, deadline_passed, deadline_within, json_answer,
-                              time_left)
+                              require_https, time_left)
 from sdk.networks import NetworkConfig, TokenDomain
 from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, MalformedAnswer, OnchainEscrow, RpcError
 from sdk.receipts import (UsageChainMismatch, UsageEscrowUnreadable, UsageTermsMismatch, UsageVerificationTimedOut,
@@ -199,7 +199,10 @@ class MarketplaceClient:
     `transport` is passed to httpx (e.g. a transport with other TLS settings or a proxy). `timeout` bounds each
     network operation, `deadline` a whole request (retries included) and `max_answer_bytes` its answer, for the
     marketplace and the RPC alike (module docstring). `rpc_clock_lead` is how many seconds ahead of this machine's
-    clock the RPC's is believed when signing (300; raise it for a dev chain moved forward in time). Safe to share
+    clock the RPC's is believed when signing (300; raise it for a dev chain moved forward in time).
+    `base_url` and `rpc_url` must be https, or plain http to this machine (localhost, 127.0.0.0/8, ::1), else
+    `sdk.InsecureUrl` (a ValueError) before anything is sent: in clear the API key is anyone's on the path, and an
+    answer the SDK signs against anyone's to rewrite. `allow_insecure_http=True` sends to them anyway. Safe to share
     between threads; close it (or use it as a context manager) to release its connections.
     """
 
@@ -207,7 +210,8 @@ class MarketplaceClient:
                  rpc_url: str | None = None, timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
                  retries: int = 2, retry_backoff: float = 0.5, rpc_log_block_span: int = DEFAULT_LOG_BLOCK_SPAN,
                  deadline: float = DEFAULT_DEADLINE_SECONDS, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
-                 rpc_clock_lead: float = RPC_CLOCK_LEAD_MAX_SECONDS):
+                 rpc_clock_lead: float = RPC_CLOCK_LEAD_MAX_SECONDS, allow_insecure_http: bool = False):
+        require_https(base_url, what="base_url", allow_insecure_http=allow_insecure_http)
         self._http = BoundedHttp(
             deadline=deadline, max_answer_bytes=max_answer_bytes, base_url=base_url, timeout=timeout,
             transport=transport,
@@ -217,7 +221,8 @@ class MarketplaceClient:
         self._retry_backoff = retry_backoff
         self._network = network
         self._chain = ChainReader(rpc_url, timeout=timeout, log_block_span=rpc_log_block_span, deadline=deadline,
-                                  max_answer_bytes=max_answer_bytes) if rpc_url else None
+                                  max_answer_bytes=max_answer_bytes, allow_insecure_http=allow_insecure_http
+                                  ) if rpc_url else None
         self._token_domain_read: TokenDomain | None = None
         self._rpc_clock_lead = rpc_clock_lead
         self._lock = threading.Lock()

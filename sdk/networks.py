@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 from eth_utils import to_checksum_address
 
-from sdk.bounded_http import DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, BoundedHttp, json_answer
+from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, BoundedHttp, json_answer,
+                              require_https)
 
 __all__ = ["BASE", "BASE_SEPOLIA", "Chain", "FeeSchedule", "NetworkConfig", "TokenDomain", "UntrustedConfiguration"]
 
@@ -113,14 +114,17 @@ class NetworkConfig:
     @classmethod
     def from_marketplace(cls, base_url: str, *, trust_server: bool, transport: httpx.BaseTransport | None = None,
                          deadline: float = DEFAULT_DEADLINE_SECONDS,
-                         max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> NetworkConfig:
+                         max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+                         allow_insecure_http: bool = False) -> NetworkConfig:
         """Read the configuration from the marketplace's `GET /network-config`: for dev chains only.
 
         A compromised marketplace would then choose what the SDK checks against, so this refuses unless the
-        caller says `trust_server=True`. The request is bounded as the client's are (`sdk.bounded_http`)."""
+        caller says `trust_server=True`. The request is bounded as the client's are (`sdk.bounded_http`), and sent
+        in plain http to this machine only, unless `allow_insecure_http=True` (`sdk.bounded_http.require_https`)."""
         if trust_server is not True:
             raise UntrustedConfiguration("Reading the configuration from the marketplace trusts the marketplace: "
                                          "pin a NetworkConfig, or pass trust_server=True on a dev chain.")
+        require_https(base_url, what="base_url", allow_insecure_http=allow_insecure_http)
         http = BoundedHttp(deadline=deadline, max_answer_bytes=max_answer_bytes, base_url=base_url,
                            transport=transport, timeout=15)
         try:

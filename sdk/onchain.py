@@ -26,7 +26,8 @@ from eth_abi import decode, encode
 from eth_abi.exceptions import DecodingError
 from eth_utils import keccak, to_checksum_address
 
-from sdk.bounded_http import DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, BoundedHttp, json_answer
+from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, BoundedHttp, json_answer,
+                              require_https)
 from sdk.networks import TokenDomain
 
 __all__ = ["DEFAULT_LOG_BLOCK_SPAN", "ChainReader", "MalformedAnswer", "OnchainEscrow", "RpcError", "redacted"]
@@ -117,11 +118,14 @@ class OnchainEscrow:
 
 class ChainReader:
     """A minimal JSON-RPC client for the reads above; `log_block_span` bounds each `eth_getLogs` call's blocks,
-    `deadline` and `max_answer_bytes` each call and its answer (`sdk.bounded_http`)."""
+    `deadline` and `max_answer_bytes` each call and its answer (`sdk.bounded_http`). `rpc_url` is https, or plain
+    http to this machine, unless `allow_insecure_http=True` (`sdk.bounded_http.require_https`): in clear, a node's
+    answers (the token's nonces and domain, the chain's clock, the escrow's record) are anyone's to rewrite."""
 
     def __init__(self, rpc_url: str, *, timeout: float = 15.0, transport: httpx.BaseTransport | None = None,
                  log_block_span: int = DEFAULT_LOG_BLOCK_SPAN, deadline: float = DEFAULT_DEADLINE_SECONDS,
-                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES):
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES, allow_insecure_http: bool = False):
+        require_https(rpc_url, what="rpc_url", allow_insecure_http=allow_insecure_http)
         if log_block_span < 1:
             raise ValueError("log_block_span must be at least 1 block")
         self._http = BoundedHttp(deadline=deadline, max_answer_bytes=max_answer_bytes, timeout=timeout,

@@ -1,5 +1,8 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.15: MarketplaceClient, ChainReader and NetworkConfig.from_marketplace refuse a base_url or rpc_url in plain http
+# (or any scheme but https) to another host than this machine's loopback (sdk.InsecureUrl, a ValueError, before
+# anything is sent; allow_insecure_http=True sends anyway): the API key went in clear to any host;
 # 0.4.14: a public method reading a marketplace answer of another shape than it reads (a field missing, a list for
 # an object) raises sdk.UnexpectedAnswer (an AnswerRefused), not KeyError, TypeError, IndexError or AttributeError;
 # a body its gzip or deflate coding does not decode raises sdk.UndecodableAnswer (an AnswerRefused, and still an
@@ -94,4 +97,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.14"
+VERSION = "0.4.15"

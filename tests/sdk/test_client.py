@@ -256,7 +256,7 @@ def test_a_metered_call_with_a_nonce_is_retried_and_charged_once(live_server, es
 
 def test_the_sdk_names_its_own_version_to_the_marketplace():
     seen = []
-    client = MarketplaceClient("http://marketplace.example", "mk_test", transport=httpx.MockTransport(
+    client = MarketplaceClient("https://marketplace.example", "mk_test", transport=httpx.MockTransport(
         lambda request: seen.append(request.headers["User-Agent"]) or httpx.Response(200, json={})))
     client.me()
     assert seen == [f"agent-escrow-marketplace-sdk/{sdk.__version__}"]  # it said 0.1 whatever its version

@@ -31,10 +31,10 @@ import httpx
 import pytest
 from eth_account import Account
 
-from sdk import (AnswerRefused, AnswerTooLarge, DeadlineExceeded, InvalidJSON, MarketplaceClient, MarketplaceError,
-                 UndecodableAnswer, UnrequestedEncoding)
+from sdk import (AnswerRefused, AnswerTooLarge, DeadlineExceeded, InsecureUrl, InvalidJSON, MarketplaceClient,
+                 MarketplaceError, UndecodableAnswer, UnrequestedEncoding)
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
-from sdk.onchain import ChainReader
+from sdk.onchain import ChainReader, RpcError
 from tests.support.http_server import serving
 from tests.support.unanswered_names import UNANSWERED, unanswered_names
 
@@ -164,7 +164,7 @@ def test_a_server_whose_name_never_resolves_ends_at_the_deadline(call):
     held the call for as long as the system resolver kept asking, whatever the deadline."""
     deadline = READ_TIMEOUT - EPSILON  # httpx's connect timeout is READ_TIMEOUT
     with unanswered_names() as lookups:
-        outcome = run_bounded(lambda: CALLS[call](f"http://{UNANSWERED}", deadline=deadline), limit=DEADLINE + 5)
+        outcome = run_bounded(lambda: CALLS[call](f"https://{UNANSWERED}", deadline=deadline), limit=DEADLINE + 5)
         assert lookups.began == 1
     assert isinstance(outcome.error, DeadlineExceeded), outcome.error
     assert outcome.seconds < deadline + EPSILON, f"the call took {outcome.seconds:.1f} s"
@@ -172,7 +172,7 @@ def test_a_server_whose_name_never_resolves_ends_at_the_deadline(call):
 
 def test_the_connect_timeout_bounds_resolving_the_servers_name_too():
     with unanswered_names():
-        outcome = run_bounded(lambda: marketplace(f"http://{UNANSWERED}", deadline=DEADLINE).call_metered(
+        outcome = run_bounded(lambda: marketplace(f"https://{UNANSWERED}", deadline=DEADLINE).call_metered(
             uuid.uuid4(), "run"), limit=DEADLINE + 5)
     assert isinstance(outcome.error, httpx.ConnectTimeout), outcome.error
     assert str(outcome.error) == f"resolving {UNANSWERED} took longer than {READ_TIMEOUT:g} s"
@@ -188,7 +188,7 @@ def test_a_deadline_bounds_a_request_and_its_retries_together():
         time.sleep(0.4)
         return httpx.Response(503, json={"error": {"code": "chain_unavailable", "message": "down"}})
 
-    client = MarketplaceClient("http://marketplace.example", "mk_test", retries=10, retry_backoff=0.1, deadline=1.0,
+    client = MarketplaceClient("https://marketplace.example", "mk_test", retries=10, retry_backoff=0.1, deadline=1.0,
                                transport=httpx.MockTransport(unavailable))
     started = time.monotonic()
     with pytest.raises((MarketplaceError, DeadlineExceeded)):
@@ -309,7 +309,7 @@ def test_hostile_json_is_refused_as_invalid_json(handler, call):
 
 
 def test_a_refusal_nested_too_deep_is_a_marketplace_error_with_its_text():
-    client = MarketplaceClient("http://marketplace.example", "mk_test", retries=0, transport=httpx.MockTransport(
+    client = MarketplaceClient("https://marketplace.example", "mk_test", retries=0, transport=httpx.MockTransport(
         lambda request: httpx.Response(400, content=deep(100_000))))
     with pytest.raises(MarketplaceError) as refusal:
         client.me()
@@ -319,7 +319,7 @@ def test_a_refusal_nested_too_deep_is_a_marketplace_error_with_its_text():
 def test_a_402_whose_payment_header_nests_too_deep_is_refused_before_signing():
     """The PAYMENT-REQUIRED header is base64 JSON the x402 package parses: 75 kB of `[` fit in a head."""
     header = base64.b64encode(deep(30_000)).decode()
-    client = MarketplaceClient("http://marketplace.example", "mk_test", network=NETWORK, transport=httpx.MockTransport(
+    client = MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, transport=httpx.MockTransport(
         lambda request: httpx.Response(402, headers={"PAYMENT-REQUIRED": header}, json={"error": "payment_required"})))
     with pytest.raises(InvalidJSON):
         client.invoke_skill("seller", "translate", {}, private_key=Account.create().key.hex(), max_amount_atomic=1)
@@ -335,7 +335,7 @@ limit = sys.getrecursionlimit()
 import httpx
 from sdk import InvalidJSON, MarketplaceClient
 body = b"[" * 100_000 + b"]" * 100_000
-client = MarketplaceClient("http://marketplace.example", "mk_test",
+client = MarketplaceClient("https://marketplace.example", "mk_test",
                            transport=httpx.MockTransport(lambda request: httpx.Response(200, content=body)))
 try:
     client.me()
@@ -353,7 +353,7 @@ def test_an_answer_within_the_bounds_reads_as_before_compressed_or_not(encoding)
     body = b'{"handle": "buyer", "pad": "' + b"a" * 100_000 + b'"}'
     headers = {"Content-Encoding": encoding, "X-Usage-Cost": "20000"}
     content = {"gzip": gzip.compress, "deflate": zlib.compress}.get(encoding.split(", ")[-1].lower(), bytes)(body)
-    client = MarketplaceClient("http://marketplace.example", "mk_test", transport=httpx.MockTransport(
+    client = MarketplaceClient("https://marketplace.example", "mk_test", transport=httpx.MockTransport(
         lambda request: httpx.Response(200, headers=headers, content=content)))
     assert client.me()["handle"] == "buyer"
     answer = client.call_metered(uuid.uuid4(), "run")
@@ -584,7 +584,7 @@ def test_a_refusals_text_in_a_charset_that_is_no_text_coding_is_a_marketplace_er
     minutes, past every deadline: the body was read in time, the decoding is after), and bz2's or zlib's decoder
     raised an AssertionError a caller catching MarketplaceError did not catch. The text is read as UTF-8."""
     body = b"a" * 150_000 + b"-" + b"9" * 150_000
-    client = MarketplaceClient("http://marketplace.example", "mk_test", retries=0, deadline=DEADLINE,
+    client = MarketplaceClient("https://marketplace.example", "mk_test", retries=0, deadline=DEADLINE,
                                transport=httpx.MockTransport(lambda request: httpx.Response(
                                    500, headers={"Content-Type": f"text/plain; charset={charset}"}, content=body)))
     outcome = run_bounded(client.me, limit=60)
@@ -594,7 +594,7 @@ def test_a_refusals_text_in_a_charset_that_is_no_text_coding_is_a_marketplace_er
 
 
 def metered_answer(content_type: str, body: bytes) -> httpx.Response:
-    client = MarketplaceClient("http://marketplace.example", "mk_test", retries=0, deadline=DEADLINE,
+    client = MarketplaceClient("https://marketplace.example", "mk_test", retries=0, deadline=DEADLINE,
                                transport=httpx.MockTransport(lambda request: httpx.Response(
                                    200, headers={"Content-Type": content_type}, content=body)))
     return client.call_metered(uuid.uuid4(), "run")
@@ -659,3 +659,64 @@ def test_an_accept_a_server_asks_to_retry_after_an_integer_past_any_float_ends_w
         marketplace(http_server.url).accept_agreement(uuid.uuid4(), payment_final_wait=0.3, poll_interval=0.1)
 
     assert refused.value.code == "payment_not_final"
+
+
+# --- plain http ----------------------------------------------------------------------------------------------------
+
+def recorded(sent: list[httpx.Request]) -> httpx.MockTransport:
+    """A server answering every request with an empty object, `sent` the requests that reached it."""
+    return httpx.MockTransport(lambda request: sent.append(request) or httpx.Response(200, json={}))
+
+
+# Every client the SDK makes, at `url`, in plain http: what it sends first there.
+PLAIN_HTTP: dict[str, Callable[..., Any]] = {
+    "api": lambda url, transport, **options: MarketplaceClient(url, "mk_SECRET", transport=transport, retries=0,
+                                                               **options).me(),
+    "rpc": lambda url, transport, **options: ChainReader(url, transport=transport, **options).chain_id(),
+    "network config": lambda url, transport, **options: NetworkConfig.from_marketplace(
+        url, trust_server=True, transport=transport, **options),
+}
+
+
+@pytest.mark.parametrize("url", ["http://marketplace.example", "http://10.0.0.5:8000", "http://localhost.example",
+                                 "http://127.0.0.1.nip.io", "HTTP://marketplace.example", "ftp://marketplace.example"])
+@pytest.mark.parametrize("client", PLAIN_HTTP)
+def test_plain_http_to_another_machine_is_refused_before_anything_is_sent(client, url):
+    """The SDK sent its requests in plain http to any host it was given: the marketplace's API key (a bearer token)
+    crossed the network in clear, and every answer the SDK checks a signature against (a package, a 402, the token's
+    nonces and domain, the chain's clock, the whole network configuration) could be rewritten on the way."""
+    sent: list[httpx.Request] = []
+    with pytest.raises(InsecureUrl) as refused:
+        PLAIN_HTTP[client](url, recorded(sent))
+    assert sent == []
+    assert "allow_insecure_http" in str(refused.value)
+
+
+def test_an_rpc_url_in_plain_http_is_refused_without_its_key_in_the_error():
+    with pytest.raises(InsecureUrl) as refused:
+        MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                          rpc_url="http://node.example/v2/SECRET-KEY?apikey=SECRET-KEY")
+    shown = "".join(traceback.format_exception(refused.value))
+    assert "SECRET-KEY" not in shown and "node.example" in shown
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://127.8.9.10", "http://localhost:8000",
+                                 "http://[::1]:8000", "http://api.localhost", "https://marketplace.example"])
+@pytest.mark.parametrize("client", PLAIN_HTTP)
+def test_https_and_plain_http_to_this_machine_are_sent(client, url):
+    sent: list[httpx.Request] = []
+    try:
+        PLAIN_HTTP[client](url, recorded(sent))
+    except (KeyError, TypeError, ValueError, AnswerRefused, RpcError):  # the empty answer: not what each reads
+        pass
+    assert len(sent) == 1
+
+
+@pytest.mark.parametrize("client", PLAIN_HTTP)
+def test_plain_http_to_another_machine_is_sent_when_the_caller_allows_it(client):
+    sent: list[httpx.Request] = []
+    try:
+        PLAIN_HTTP[client]("http://marketplace.example", recorded(sent), allow_insecure_http=True)
+    except (KeyError, TypeError, ValueError, AnswerRefused, RpcError):
+        pass
+    assert len(sent) == 1

@@ -364,7 +364,7 @@ def test_an_escrow_read_through_a_node_answering_anything_reads_or_is_a_malforme
             return httpx.Response(200, json=answers["whole"])
         return httpx.Response(200, json={"jsonrpc": "2.0", "id": call["id"], "result": answers[call["method"]]})
 
-    reader = ChainReader("http://node.invalid", transport=httpx.MockTransport(node))
+    reader = ChainReader("https://node.invalid", transport=httpx.MockTransport(node))
     try:
         reader.escrow(NETWORK.escrow_address, onchain_id_of(AGREEMENT_ID), buyer=BUYER_KEY_ADDRESS)
     except RpcError:  # MalformedAnswer among them

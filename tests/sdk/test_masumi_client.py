@@ -31,8 +31,8 @@ def in_process_api(api_key: str, chain, hostile: HostileMarketplace | None = Non
     transport: httpx.BaseTransport = httpx.WSGITransport(app=get_wsgi_application())
     if hostile is not None:
         hostile._inner, transport = transport, hostile
-    client = MarketplaceClient("http://testserver", api_key, retries=0, network=network_of(chain),
-                               rpc_url=chain.node.rpc_url, transport=transport)
+    client = MarketplaceClient("http://testserver", api_key, retries=0, network=network_of(chain),  # in-process
+                               rpc_url=chain.node.rpc_url, transport=transport, allow_insecure_http=True)
     try:
         yield client
     finally:

@@ -112,7 +112,7 @@ def test_usage_listed_on_an_agreement_with_no_escrow_on_chain_is_a_usage_verific
     event = {"seq": 1, "units": 1, "cost_atomic": 100_000, "cumulative_atomic": 100_000, "request_id": request_id,
              "usage_digest": digest, "receipt_signature": ""}
     listing = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": [event], "next_cursor": None}))
-    with MarketplaceClient("http://marketplace.example", "mk_test", network=network_of(chain),
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=network_of(chain),
                            rpc_url=chain.node.rpc_url, transport=listing) as buyer:
         with pytest.raises(receipts.UsageAboveDeposit):
             buyer.verify_usage(agreement, buyer_wallet_address=chain.accounts.buyer.address)
@@ -130,7 +130,7 @@ def test_verify_usage_reads_the_escrow_from_no_earlier_than_its_pinned_deploymen
     agreement = {**activated_agreement(chain, network),
                  "activation_tx_hash": "0x" + older["hash"].hex().removeprefix("0x")}
     listing = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": [], "next_cursor": None}))
-    with MarketplaceClient("http://marketplace.example", "mk_test", network=network, rpc_url=capped_rpc.url,
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=network, rpc_url=capped_rpc.url,
                            rpc_log_block_span=SPAN, transport=listing) as buyer:
         assert buyer.verify_usage(agreement, buyer_wallet_address=chain.accounts.buyer.address).events == 0
     assert capped_rpc.log_ranges[0][0] == pinned, f"read from block {capped_rpc.log_ranges[0][0]}, pinned {pinned}"
@@ -165,7 +165,7 @@ def test_verify_usage_ends_within_its_timeout_however_long_the_listing(chain):
     outcome: dict[str, object] = {}
 
     def verify() -> None:
-        with MarketplaceClient("http://marketplace.example", "mk_test", network=network_of(chain),
+        with MarketplaceClient("https://marketplace.example", "mk_test", network=network_of(chain),
                                rpc_url=chain.node.rpc_url, transport=httpx.MockTransport(listing)) as buyer:
             started = time.monotonic()
             try:
@@ -208,7 +208,7 @@ def test_verify_usage_reads_the_buyers_own_escrow_not_another_buyers_the_marketp
              "usage_digest": digest, "receipt_signer": attacker.address,
              "receipt_signature": escrows.receipt_sig(agreement["onchain_id"], 1, 100_000, digest, signer=attacker)}
     listing = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": [event], "next_cursor": None}))
-    with MarketplaceClient("http://marketplace.example", "mk_test", network=network, rpc_url=chain.node.rpc_url,
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=network, rpc_url=chain.node.rpc_url,
                            transport=listing) as buyer:
         with pytest.raises(TypeError, match="buyer_wallet_address"):  # not activated by this client: name the buyer
             buyer.verify_usage(forged)
@@ -229,7 +229,7 @@ def test_an_activation_transaction_named_after_the_escrows_does_not_hide_its_set
     proposal = Escrows(chain).propose(agreement["onchain_id"], 1, 1_000_000)  # the whole deposit, nothing listed
     named_later = {**agreement, "activation_tx_hash": "0x" + proposal["transactionHash"].hex().removeprefix("0x")}
     listing = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": [], "next_cursor": None}))
-    with MarketplaceClient("http://marketplace.example", "mk_test", network=network, rpc_url=chain.node.rpc_url,
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=network, rpc_url=chain.node.rpc_url,
                            transport=listing) as buyer:
         with pytest.raises(receipts.SettlementProposalMismatch):
             buyer.verify_usage(named_later, buyer_wallet_address=chain.accounts.buyer.address)

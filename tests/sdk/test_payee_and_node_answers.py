@@ -280,7 +280,7 @@ def test_a_permit_nonce_or_clock_that_does_not_decode_is_refused(nonce_answer, t
 
 def node_answering(result: Any) -> ChainReader:
     """A reader of a node that answers every call with `result`."""
-    return ChainReader("http://node.invalid", transport=httpx.MockTransport(lambda request: httpx.Response(
+    return ChainReader("https://node.invalid", transport=httpx.MockTransport(lambda request: httpx.Response(
         200, json={"jsonrpc": "2.0", "id": json.loads(request.content)["id"], "result": result})))
 
 
@@ -439,7 +439,7 @@ def test_receipts_are_checked_against_the_pinned_receipt_signer_not_only_the_one
     monkeypatch.setattr(ChainReader, "chain_id", lambda self: NETWORK.chain_id)
     marketplace = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": listing,
                                                                                 "next_cursor": None}))
-    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url="http://node.invalid",
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url="https://node.invalid",
                            transport=marketplace) as buyer:
         with pytest.raises(receipts.ReceiptSignerMismatch, match="pinned"):
             buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
@@ -450,7 +450,7 @@ def test_receipts_are_checked_against_the_pinned_receipt_signer_not_only_the_one
     retired = dataclasses.replace(NETWORK, receipt_signer=Account.from_key(b"\x08" * 32).address,
                                   retired_receipt_signers=(attacker.address,))
     reported["signer"] = attacker.address
-    with MarketplaceClient("https://marketplace.example", "mk_test", network=retired, rpc_url="http://node.invalid",
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=retired, rpc_url="https://node.invalid",
                            transport=marketplace) as buyer:
         verified = buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
     assert verified.cumulative_amount == 10 * LISTED_PRICE
@@ -479,7 +479,7 @@ def test_the_deposit_the_node_reports_is_held_to_the_agreed_terms(monkeypatch):
     monkeypatch.setattr(ChainReader, "chain_id", lambda self: NETWORK.chain_id)
     marketplace = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": listing,
                                                                                 "next_cursor": None}))
-    with MarketplaceClient("https://marketplace.example", "mk_test", network=network, rpc_url="http://node.invalid",
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=network, rpc_url="https://node.invalid",
                            transport=marketplace) as buyer:
         with pytest.raises(receipts.UsageTermsMismatch, match="deposit"):
             buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
@@ -518,7 +518,7 @@ def test_usage_is_not_verified_through_an_rpc_of_another_chain(monkeypatch, chai
     monkeypatch.setattr(ChainReader, "chain_id", chain_id)
     marketplace = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": listing,
                                                                                 "next_cursor": None}))
-    with MarketplaceClient("https://marketplace.example", "mk_test", network=network, rpc_url="http://node.invalid",
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=network, rpc_url="https://node.invalid",
                            transport=marketplace) as buyer:
         with pytest.raises(receipts.UsageChainMismatch, match=str(network.chain_id)):
             buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
@@ -640,7 +640,7 @@ def test_a_challenge_deadline_is_bounded_by_the_escrows_on_chain_window(monkeypa
     monkeypatch.setattr(ChainReader, "now", lambda self: int(time.time()))
     agreement_id, submitted = str(uuid.uuid4()), []
     agreement = {"id": agreement_id, "onchain_id": onchain_id_of(agreement_id), "challenge_window_seconds": 3600}
-    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url="http://node.invalid",
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url="https://node.invalid",
                            transport=httpx.MockTransport(challenge_package_marketplace(agreement_id, submitted))
                            ) as buyer:
         if field is None:
@@ -675,10 +675,10 @@ def test_a_refund_requests_unlock_time_is_bounded_by_the_escrows_on_chain_window
     agreement_id = str(uuid.uuid4())
     marketplace = RefundMarketplace(agreement_id)
     if field is None:
-        refund(marketplace, rpc_url="http://node.invalid", agreement_id=agreement_id)
+        refund(marketplace, rpc_url="https://node.invalid", agreement_id=agreement_id)
     else:
         with pytest.raises(SigningRefused) as refusal:
-            refund(marketplace, rpc_url="http://node.invalid", agreement_id=agreement_id)
+            refund(marketplace, rpc_url="https://node.invalid", agreement_id=agreement_id)
         assert refusal.value.field == field
     assert len(marketplace.submitted) == (1 if field is None else 0)
 
@@ -692,7 +692,7 @@ def test_an_escrow_record_the_node_cannot_read_is_a_usage_verification_error(mon
     monkeypatch.setattr(ChainReader, "escrow", unreadable_escrow)
     monkeypatch.setattr(ChainReader, "chain_id", lambda self: NETWORK.chain_id)
     marketplace = httpx.MockTransport(lambda request: httpx.Response(200, json={"results": [], "next_cursor": None}))
-    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url="http://node.invalid",
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url="https://node.invalid",
                            transport=marketplace) as buyer:
         with pytest.raises(receipts.UsageEscrowUnreadable):
             buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])

@@ -518,7 +518,7 @@ def challenge_through(rpc_url: str, *, ahead: int) -> list[int]:
         signed.append(json.loads(request.content)["deadline"])
         return httpx.Response(200, json={"status": "disputed"})
 
-    with MarketplaceClient("http://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url,
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url,
                            transport=httpx.MockTransport(marketplace)) as buyer:
         buyer.challenge(agreement, KEY, "the answers were empty")
     return signed

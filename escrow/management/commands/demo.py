@@ -52,9 +52,11 @@ class Command(BaseCommand):
         buyer_key, seller_key = self._demo_keys()
         # The buyer's SDK checks everything it signs against this configuration. On a dev chain it may be read from
         # the marketplace, by explicit trust; a production agent pins it (README, "Wallet safety").
-        network = NetworkConfig.from_marketplace(url, trust_server=True)
-        self.buyer = MarketplaceClient(url, buyer_key, network=network, rpc_url=settings.CHAIN_RPC_URL)
-        self.seller = MarketplaceClient(url, seller_key)
+        # Plain http to a dev stack on another host (a container's name) is allowed: its keys are Anvil's, public.
+        network = NetworkConfig.from_marketplace(url, trust_server=True, allow_insecure_http=True)
+        self.buyer = MarketplaceClient(url, buyer_key, network=network, rpc_url=settings.CHAIN_RPC_URL,
+                                       allow_insecure_http=True)
+        self.seller = MarketplaceClient(url, seller_key, allow_insecure_http=True)
         buyer_wallet = self.buyer.me()["wallet_address"]
         self.buyer_private_key = _dev_key_of(buyer_wallet)
         self.wallets = [
