@@ -66,7 +66,8 @@ from sdk.receipts import (UsageChainMismatch, UsageEscrowUnreadable, UsageTermsM
                           VerifiedUsage, verify_usage)
 from sdk.safety import (DeadlineOutOfRange, SigningRefused, Wallet, as_wallet, check_deadline, check_typed_data,
                         require_equal, warn_seller_unverified)
-from sdk.terms import AgreedTerms, agreed_time, agreed_whole, check_onchain_id, stated_terms_hash, unix_time
+from sdk.terms import (AgreedTerms, agreed_address, agreed_time, agreed_whole, check_onchain_id, stated_terms_hash,
+                       unix_time)
 from sdk.version import VERSION
 from sdk.x402_signing import build_direct_stablecoin_agreement, new_authorization_nonce, sign_payment_required
 
@@ -438,11 +439,12 @@ class MarketplaceClient:
         authorization_nonce = authorization_nonce or new_authorization_nonce()
         service = _answered(self._request("GET", f"/agents/services/{service_id}"), where="service")
         require_equal(str(service.get("id")).lower(), str(service_id).lower(), "service.id")
-        payee = _answered(service, "seller", "wallet_address", where="service")
+        seller = _answered(service, "seller", where="service", kind=Mapping)
         if expected_seller_wallet_address is not None:
-            require_equal(payee, expected_seller_wallet_address,
+            require_equal(seller.get("wallet_address"), expected_seller_wallet_address,
                           "seller.wallet_address",
                           "the payment would be made to another wallet than the seller's the buyer expects")
+        payee = agreed_address(seller, "wallet_address", where="seller")
         unit_price = agreed_whole(_answered(service, "pricing", where="service"), "unit_price_atomic",
                                   where="pricing")
         if unit_price > max_unit_price_atomic:

@@ -110,13 +110,14 @@ def agreed_time(agreement: Mapping[str, Any], name: str) -> int:
                              ) from None
 
 
-def agreed_address(agreement: Mapping[str, Any], name: str) -> str:
-    """The agreement's term `name` as a checksummed address, else `SigningRefused`."""
+def agreed_address(agreement: Mapping[str, Any], name: str, *, where: str = "agreement") -> str:
+    """The agreement's term `name` (or another answer's, named `where`) as a checksummed address, else
+    `SigningRefused` ("<where>.<name>")."""
     value = agreement.get(name)
     try:
         return to_checksum_address(value)
     except (TypeError, ValueError):
-        raise SigningRefused(f"agreement.{name}", "an address", value) from None
+        raise SigningRefused(f"{where}.{name}", "an address", value) from None
 
 
 @dataclass(frozen=True)

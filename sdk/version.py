@@ -2,7 +2,11 @@
 
 # 0.4.15: MarketplaceClient, ChainReader and NetworkConfig.from_marketplace refuse a base_url or rpc_url in plain http
 # (or any scheme but https) to another host than this machine's loopback (sdk.InsecureUrl, a ValueError, before
-# anything is sent; allow_insecure_http=True sends anyway): the API key went in clear to any host;
+# anything is sent; allow_insecure_http=True sends anyway): the API key went in clear to any host; a 402 above
+# max_amount_atomic, or not in ASCII digits, is SigningRefused on accepts[i].amount (x402's
+# NoMatchingRequirementsError before; fullwidth digits were signed); propose_direct_purchase refuses payment
+# requirements of another shape or missing a field (SigningRefused on payment_requirements.<field>, not TypeError or
+# KeyError) and a payee that is no address (seller.wallet_address, not ValueError or pydantic's ValidationError);
 # 0.4.14: a public method reading a marketplace answer of another shape than it reads (a field missing, a list for
 # an object) raises sdk.UnexpectedAnswer (an AnswerRefused), not KeyError, TypeError, IndexError or AttributeError;
 # a body its gzip or deflate coding does not decode raises sdk.UndecodableAnswer (an AnswerRefused, and still an

@@ -21,6 +21,7 @@ from typing import Any
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_keys.exceptions import BadSignature
+from eth_utils import to_checksum_address
 from eth_utils.exceptions import ValidationError as EthValidationError
 from x402 import PaymentPayload, PaymentRequirements, x402ClientSync
 from x402.http import decode_payment_required_header, encode_payment_signature_header, safe_base64_decode
@@ -40,14 +41,24 @@ __all__ = ["RETRY_PROOF_HEADER", "build_direct_stablecoin_agreement", "new_autho
 # payer's signature of `retry_proof_message`. The payment itself proves nothing (its transaction shows it whole).
 RETRY_PROOF_HEADER = "X-Payment-Retry-Proof"
 _RECOVERABLE_SIGNATURE = re.compile(r"(0x)?[0-9a-fA-F]{130}")
+# A uint256 has at most 78 decimal digits; int() raises past 4300.
+_AMOUNT_MAX_DIGITS = 78
 
 
 def _check_requirements(requirements: PaymentRequirements, field: str, network: NetworkConfig,
-                        token_domain: TokenDomain, *, pay_to: str, max_validity_seconds: int) -> None:
+                        token_domain: TokenDomain, *, pay_to: str, max_validity_seconds: int,
+                        max_amount_atomic: int) -> None:
     """A 402's payment requirement must be for the pinned chain and token, with the token's real domain, paid to
     `pay_to` (a skill pays the platform treasury: the pinned gas wallet), valid for at most `max_validity_seconds`
     (x402 signs validBefore = now + maxTimeoutSeconds), and signed as the token's own EIP-3009 authorization: x402
-    signs a Permit2 transfer instead when `extra.assetTransferMethod` says "permit2"."""
+    signs a Permit2 transfer instead when `extra.assetTransferMethod` says "permit2". Its amount must be ASCII
+    digits, at most `max_amount_atomic`: x402's own cap raised its NoMatchingRequirementsError (no SDK refusal),
+    and let through digits of other scripts, which int() reads."""
+    amount = requirements.amount
+    if not (amount.isascii() and amount.isdigit() and len(amount) <= _AMOUNT_MAX_DIGITS
+            and int(amount) <= max_amount_atomic):
+        raise SigningRefused(f"{field}.amount", f"at most {max_amount_atomic} (base units, in ASCII digits)",
+                             amount if len(amount) <= 100 else f"{amount[:20]}... ({len(amount)} characters)")
     require_equal(requirements.network, f"eip155:{network.chain_id}", f"{field}.network")
     require_equal(requirements.asset, network.token_address, f"{field}.asset")
     extra = requirements.extra or {}
@@ -67,7 +78,8 @@ def sign_payment_required(payment_required_header: str, private_key: str, *, max
 
     Refuses (`SigningRefused`) a requirement for another chain, token or token domain than the pinned ones, for
     another payee than `pay_to` (by default the pinned gas wallet, the platform treasury every skill pays), valid
-    longer than `max_validity_seconds`, and (x402's spend controls) anything above `max_amount_atomic` base units.
+    longer than `max_validity_seconds`, or for an amount above `max_amount_atomic` base units or not in ASCII digits
+    (field "accepts[i].amount"; x402's spend controls hold the same cap behind).
     The header is the server's JSON: nested deeper than `bounded_json.JSON_MAX_DEPTH`, it raises `InvalidJSON`.
     """
     # Parsed before x402's json.loads recurses into it; x402 reads any other JSON than an object with .get().
@@ -80,7 +92,8 @@ def sign_payment_required(payment_required_header: str, private_key: str, *, max
         if not isinstance(requirements, PaymentRequirements):  # an x402 v1 shape: not what this SDK pays
             raise SigningRefused(f"accepts[{index}]", "x402 v2 payment requirements", type(requirements).__name__)
         _check_requirements(requirements, f"accepts[{index}]", network, token_domain,
-                            pay_to=pay_to or network.gas_wallet, max_validity_seconds=max_validity_seconds)
+                            pay_to=pay_to or network.gas_wallet, max_validity_seconds=max_validity_seconds,
+                            max_amount_atomic=max_amount_atomic)
     client = x402ClientSync()
     client.register(f"eip155:{network.chain_id}", ExactEvmScheme(EthAccountSigner(Account.from_key(private_key))))
     client.set_spend_controls({"allowed_assets": [
@@ -143,6 +156,14 @@ def new_authorization_nonce() -> str:
     return "0x" + secrets.token_hex(32)
 
 
+def _stated(answer: Any, path: str) -> Any:
+    """`answer`'s value at the dotted `path`, None where the server's JSON has none (another shape, a field missing):
+    compared, that is a refusal naming the field, not a KeyError or TypeError."""
+    for step in path.split("."):
+        answer = answer.get(step) if isinstance(answer, Mapping) else None
+    return answer
+
+
 def build_direct_stablecoin_agreement(
     *,
     service_id: str,
@@ -162,20 +183,22 @@ def build_direct_stablecoin_agreement(
 
     `payment_requirements` is `GET /payment-requirements?amount_atomic=<quantity × unit price>`; it is only
     compared with what the SDK computes from the pinned `network` (chain, token, the fee from the published
-    schedule, the gas wallet the fee permit is for) and refused (`SigningRefused`) on any difference.
+    schedule, the gas wallet the fee permit is for) and refused (`SigningRefused`) on any difference, a field
+    missing or an answer of another shape included. `seller_wallet_address` must be an address (else
+    `SigningRefused` on "seller_wallet_address").
     `permit_nonce` is the token's `nonces(buyer)`. The seller must accept within `validity_seconds`. The payment's
     authorization is signed under `authorization_nonce` (random when omitted): the one its cancellation revokes.
     """
     wallet = as_wallet(wallet)
     amount = quantity * unit_price_atomic
     fee = network.fee_schedule.fee_for(amount)
-    require_equal(payment_requirements["amount_atomic"], amount, "payment_requirements.amount_atomic")
-    require_equal(payment_requirements["fee_atomic"], fee, "payment_requirements.fee_atomic")
-    require_equal(payment_requirements["chain_id"], network.chain_id, "payment_requirements.chain_id")
-    require_equal(payment_requirements["token"]["address"], network.token_address,
-                  "payment_requirements.token.address")
-    require_equal(payment_requirements["gas_wallet_address"], network.gas_wallet,
-                  "payment_requirements.gas_wallet_address")
+    for path, expected in (("amount_atomic", amount), ("fee_atomic", fee), ("chain_id", network.chain_id),
+                           ("token.address", network.token_address), ("gas_wallet_address", network.gas_wallet)):
+        require_equal(_stated(payment_requirements, path), expected, f"payment_requirements.{path}")
+    try:
+        seller_wallet_address = to_checksum_address(seller_wallet_address)
+    except (TypeError, ValueError):
+        raise SigningRefused("seller_wallet_address", "an address", seller_wallet_address) from None
     if not 0 < validity_seconds <= 24 * 3600:
         raise SigningRefused("validity_seconds", "at most a day", validity_seconds)
     deadline = (now or int(time.time())) + validity_seconds

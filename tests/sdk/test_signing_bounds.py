@@ -7,6 +7,7 @@ import dataclasses
 import json
 import time
 import uuid
+import warnings
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -20,8 +21,8 @@ from eth_utils import keccak
 from x402 import PaymentRequired, PaymentRequirements
 from x402.http import decode_payment_signature_header, encode_payment_required_header
 
-from sdk import (AgreedTerms, MarketplaceClient, MarketplaceError, SigningRefused, TokenDomain, proxy_signature,
-                 typed_data)
+from sdk import (AgreedTerms, MarketplaceClient, MarketplaceError, SellerUnverified, SigningRefused, TokenDomain,
+                 proxy_signature, typed_data)
 from sdk.activation import expected_activation
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
 from sdk.onchain import ChainReader, OnchainEscrow
@@ -71,6 +72,22 @@ def test_a_402_valid_for_longer_than_an_hour_or_not_at_all_is_not_signed(timeout
     with pytest.raises(DeadlineOutOfRange) as refusal:
         sign(payment_required(max_timeout_seconds=timeout))
     assert refusal.value.field == "accepts[0].max_timeout_seconds"
+
+
+@pytest.mark.parametrize("amount", [str(10**6 + 1), str(2**256), "1" * 5_000, "-1", "\uff12\uff10\uff10\uff10\uff10",
+                                    "\u0662\u0660\u0660\u0660\u0660", "1e3", "0x10", " 20000", "20000 ", ""])
+def test_a_402_for_more_than_the_callers_bound_or_no_amount_is_refused_by_the_sdk(amount):
+    """x402's spend controls refused a quote above `max_amount_atomic` with its own NoMatchingRequirementsError, not
+    the SDK's refusal (a caller catching `SigningRefused` did not catch it), an amount in more digits than int()
+    reads with ValueError, and signed one in other digits than ASCII (fullwidth, Arabic-Indic: int() reads them),
+    the header carrying the server's text as the amount. Only ASCII digits up to the bound are signed."""
+    with pytest.raises(SigningRefused) as refusal:
+        sign(payment_required(amount=amount))
+    assert refusal.value.field == "accepts[0].amount"
+
+
+def test_a_402_for_exactly_the_callers_bound_is_signed():
+    assert sign(payment_required(amount=str(10**6)))["value"] == str(10**6)
 
 
 def test_a_402_asking_for_a_permit2_transfer_instead_of_the_tokens_authorization_is_not_signed():
@@ -798,6 +815,49 @@ class DirectMarketplace:
         if len(self.fee_permits) <= self.refusals:
             return httpx.Response(400, json={"error": {"code": "invalid_permit", "message": "bad nonce"}})
         return httpx.Response(201, json={"id": str(uuid.uuid4()), "status": "proposed"})
+
+
+class ReshapingMarketplace(DirectMarketplace):
+    """`DirectMarketplace` answering the service (`"service"`) or the payment requirements (`"requirements"`) with
+    `reshape(its honest answer)`."""
+
+    def __init__(self, answer: str, reshape):
+        super().__init__(refusals=0)
+        self.answer, self.reshape = answer, reshape
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        honest = super().__call__(request)
+        answered = "service" if request.url.path.startswith("/agents/services/") else (
+            "requirements" if request.url.path == "/payment-requirements" else None)
+        return httpx.Response(200, json=self.reshape(honest.json())) if answered == self.answer else honest
+
+
+@pytest.mark.parametrize(("answer", "reshape", "field"), [
+    ("requirements", lambda requirements: [], "payment_requirements.amount_atomic"),
+    ("requirements", lambda requirements: None, "payment_requirements.amount_atomic"),
+    ("requirements", lambda requirements: {name: value for name, value in requirements.items() if name != "fee_atomic"},
+     "payment_requirements.fee_atomic"),
+    ("requirements", lambda requirements: {**requirements, "token": "USDC"}, "payment_requirements.token.address"),
+    ("requirements", lambda requirements: {**requirements, "token": None}, "payment_requirements.token.address"),
+    ("service", lambda service: {**service, "seller": {"wallet_address": "0x" + "g" * 40}}, "seller.wallet_address"),
+    ("service", lambda service: {**service, "seller": {"wallet_address": "0x" + "\uff11" * 40}},
+     "seller.wallet_address"),
+    ("service", lambda service: {**service, "seller": {"wallet_address": SELLER + " "}}, "seller.wallet_address"),
+    ("service", lambda service: {**service, "seller": {"wallet_address": 123}}, "seller.wallet_address"),
+    ("service", lambda service: {**service, "seller": {"wallet_address": None}}, "seller.wallet_address"),
+])
+def test_a_direct_purchase_answered_in_another_shape_is_refused_before_signing(answer, reshape, field):
+    """Payment requirements of another shape than an object of the fields the SDK compares (a list, null, a field
+    missing, a token that is no object), and a payee that is no address (not hex, fullwidth digits, a space, a
+    number, null), raised TypeError, KeyError, the SDK's ValueError or pydantic's ValidationError out of the purchase:
+    nothing was signed, but a caller catching the SDK's refusals (`SigningRefused`) did not catch them."""
+    marketplace = ReshapingMarketplace(answer, reshape)
+    with direct_buyer(marketplace) as buyer, warnings.catch_warnings(), pytest.raises(SigningRefused) as refused:
+        warnings.simplefilter("ignore", SellerUnverified)
+        buyer.propose_direct_purchase(str(uuid.uuid4()), 10, wallet=KEY, max_unit_price_atomic=LISTED_PRICE,
+                                      permit_nonce=0)
+    assert refused.value.field == field
+    assert marketplace.fee_permits == []  # nothing sent
 
 
 def buy_directly_twice(marketplace: DirectMarketplace, rpc_url: str) -> None:

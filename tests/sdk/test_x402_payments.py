@@ -13,11 +13,11 @@ from x402.http import x402HTTPClient
 from x402.http.clients import x402HttpxClient
 from x402.mechanisms.evm.exact import ExactEvmScheme
 from x402.mechanisms.evm.signers import EthAccountSigner
-from x402.schemas import PaymentError
 
 from agreements.models import UsageAgreement
 from escrow import relayer
-from sdk import MarketplaceError, PaymentAuthorizationCancelFailed, PaymentAuthorizationUsed, typed_data
+from sdk import (MarketplaceError, PaymentAuthorizationCancelFailed, PaymentAuthorizationUsed, SigningRefused,
+                 typed_data)
 from tests.catalog.factories import service_data
 from tests.chain_fixtures import TOKEN_NAMES
 from tests.escrow.flow import USDC, fund, mined_what_was_sent, network_of, usdc_balance
@@ -62,9 +62,10 @@ def test_invoke_skill_pays_the_402_and_returns_the_result(seller_and_buyer, escr
 def test_invoke_skill_never_signs_above_the_callers_cap(seller_and_buyer, escrow_chain, http_server):
     seller, buyer, _ = seller_and_buyer
 
-    with pytest.raises(PaymentError):
+    with pytest.raises(SigningRefused) as refusal:
         buyer.invoke_skill(seller.me()["handle"], "translate", {"text": "hi"},
                            private_key=escrow_chain.accounts.buyer.key, max_amount_atomic=19_999)
+    assert refusal.value.field == "accepts[0].amount"
     assert http_server.requests == []
 
 
