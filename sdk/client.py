@@ -422,8 +422,9 @@ class MarketplaceClient:
         `wait_until(id, statuses={"paid"}, failure={"payment_failed"})`. The payment's authorization is signed under
         `authorization_nonce` (a bytes32, random when omitted), which this client remembers for the purchase:
         `cancel_payment_authorization` revokes that one only (keep it to cancel from another client). A repeat
-        under the same `idempotency_key` (its answer lost) re-sends the payment authorization and fee permit signed
-        the first time, signing nothing new, so no second authorization is left with the marketplace; the same key
+        under the same `idempotency_key` (its answer lost, or while the first call still runs) re-sends the payment
+        authorization and fee permit signed first under it, signing nothing new, so no second authorization is left
+        with the marketplace; the same key
         for another purchase (service, quantity, wallet, bounds or nonces) raises ValueError."""
         wallet = as_wallet(wallet)
         purchase = _DirectPurchase(str(service_id).lower(), quantity, wallet.address.lower(), max_unit_price_atomic,
@@ -436,6 +437,7 @@ class MarketplaceClient:
                 sent.check_repeat(purchase, idempotency_key, permit_nonce=permit_nonce,
                                   authorization_nonce=authorization_nonce)
                 return self._send_direct_purchase(sent, idempotency_key)
+        asked_permit_nonce, asked_authorization_nonce = permit_nonce, authorization_nonce
         authorization_nonce = authorization_nonce or new_authorization_nonce()
         service = _answered(self._request("GET", f"/agents/services/{service_id}"), where="service")
         require_equal(str(service.get("id")).lower(), str(service_id).lower(), "service.id")
@@ -458,19 +460,28 @@ class MarketplaceClient:
                                      ) from unreadable
         token_domain, now = self.token_domain(), self._now()
         with self._lock:  # one purchase of a wallet's at a time passes the check and is recorded
-            self._check_fee_permit_nonce(wallet.address.lower(), permit_nonce)
-            if expected_seller_wallet_address is None:  # last: a refusal above says more than the warning
-                warn_seller_unverified("seller.wallet_address", payee)
-            body = build_direct_stablecoin_agreement(
-                service_id=str(service_id), quantity=quantity, unit_price_atomic=unit_price,
-                seller_wallet_address=payee, payment_requirements=requirements,
-                wallet=wallet, permit_nonce=permit_nonce, network=self.network, token_domain=token_domain,
-                validity_seconds=validity_seconds, now=now, authorization_nonce=authorization_nonce)
-            signed = _FeePermit(permit_nonce, int(body["fee_permit"]["deadline"]))
-            self._fee_permits.setdefault(wallet.address.lower(), []).append(signed)
-            sent = _SignedPurchase(purchase, body, signed, wallet.address, authorization_nonce)
+            # A repeat of the key that ran meanwhile (a caller's retry while this call still ran) signed first: its
+            # payment is the one sent, else the marketplace would hold two authorizations of one purchase.
+            sent = None
             if idempotency_key is not None:
-                _remembered(self._direct_purchases, idempotency_key, sent, replace=True)
+                sent = self._direct_purchases.get(idempotency_key)
+                if sent is not None:
+                    sent.check_repeat(purchase, idempotency_key, permit_nonce=asked_permit_nonce,
+                                      authorization_nonce=asked_authorization_nonce)
+            if sent is None:
+                self._check_fee_permit_nonce(wallet.address.lower(), permit_nonce)
+                if expected_seller_wallet_address is None:  # last: a refusal above says more than the warning
+                    warn_seller_unverified("seller.wallet_address", payee)
+                body = build_direct_stablecoin_agreement(
+                    service_id=str(service_id), quantity=quantity, unit_price_atomic=unit_price,
+                    seller_wallet_address=payee, payment_requirements=requirements,
+                    wallet=wallet, permit_nonce=permit_nonce, network=self.network, token_domain=token_domain,
+                    validity_seconds=validity_seconds, now=now, authorization_nonce=authorization_nonce)
+                signed = _FeePermit(permit_nonce, int(body["fee_permit"]["deadline"]))
+                self._fee_permits.setdefault(wallet.address.lower(), []).append(signed)
+                sent = _SignedPurchase(purchase, body, signed, wallet.address, authorization_nonce)
+                if idempotency_key is not None:
+                    _remembered(self._direct_purchases, idempotency_key, sent)
         return self._send_direct_purchase(sent, idempotency_key or _new_key())
 
     def _send_direct_purchase(self, sent: _SignedPurchase, idempotency_key: str) -> dict[str, Any]:

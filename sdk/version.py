@@ -7,6 +7,8 @@
 # NoMatchingRequirementsError before; fullwidth digits were signed); propose_direct_purchase refuses payment
 # requirements of another shape or missing a field (SigningRefused on payment_requirements.<field>, not TypeError or
 # KeyError) and a payee that is no address (seller.wallet_address, not ValueError or pydantic's ValidationError);
+# propose_direct_purchase repeated under its idempotency_key while the first call still runs (another thread) sends
+# the purchase signed first under the key (both signed a payment authorization, under two nonces);
 # 0.4.14: a public method reading a marketplace answer of another shape than it reads (a field missing, a list for
 # an object) raises sdk.UnexpectedAnswer (an AnswerRefused), not KeyError, TypeError, IndexError or AttributeError;
 # a body its gzip or deflate coding does not decode raises sdk.UndecodableAnswer (an AnswerRefused, and still an

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -1071,6 +1073,39 @@ def test_a_direct_purchase_retried_under_its_idempotency_key_resends_the_payment
         buyer.cancel_payment_authorization(agreement_id, KEY)
     assert len(marketplace.bodies) == 2
     assert marketplace.cancelled == [(agreement_id, marketplace.signed[0])]
+
+
+class ConcurrentMarketplace(CancellingMarketplace):
+    """Answers the service to no purchase before `callers` purchases have asked for it: they all read it, and sign,
+    at once."""
+
+    def __init__(self, callers: int):
+        super().__init__()
+        self.all_asked = threading.Barrier(callers, timeout=5)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/agents/services/"):
+            self.all_asked.wait()
+        return super().__call__(request)
+
+
+def test_a_direct_purchase_repeated_while_it_runs_sends_one_payment_authorization():
+    """A caller repeating a purchase under its idempotency key while the first call still ran (its own timeout, in
+    another thread) had both sign a payment authorization, each under a new nonce: the key was looked up before
+    signing, and the second signed purchase replaced the first under it. The marketplace, answering both with one
+    agreement, held two authorizations of the payment, and `cancel_payment_authorization` revoked one. The purchase
+    signed first under the key is the one every call under it sends."""
+    marketplace = ConcurrentMarketplace(callers=2)
+    service_id = str(uuid.uuid4())
+    with direct_buyer(marketplace) as buyer, ThreadPoolExecutor(2) as pool, warnings.catch_warnings():
+        warnings.simplefilter("ignore", SellerUnverified)
+        calls = [pool.submit(buyer.propose_direct_purchase, service_id, 10, wallet=KEY,
+                             max_unit_price_atomic=LISTED_PRICE, permit_nonce=0, idempotency_key="purchase-1")
+                 for _ in range(2)]
+        for call in calls:
+            call.result(timeout=10)
+    assert len(marketplace.signed) == 2  # both sent
+    assert len(set(marketplace.signed)) == 1, "two payment authorizations of one purchase left the process"
 
 
 def test_a_nonce_with_a_trailing_newline_is_refused_before_signing():
