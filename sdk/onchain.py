@@ -7,7 +7,8 @@ those of an escrow someone else opened under the same id), a token's EIP-712 dom
 
 The RPC URL often holds the buyer's API key with its provider (in its path, query or user info): those parts are
 taken out of the text of every error a read raises, its causes' too (`redacted`), since an agent logs or shows its
-errors; the node's host and port stay, to say which node failed.
+errors, and out of httpx's log record of each request (a filter on the "httpx" logger); the node's host and port
+stay, to say which node failed.
 
 Events are read in block spans of at most `log_block_span` blocks (`ChainReader.first_logs`): public RPCs refuse
 an `eth_getLogs` over more than a few thousand blocks, and an escrow's history on Base grows without bound.
@@ -16,6 +17,7 @@ an `eth_getLogs` over more than a few thousand blocks, and an escrow's history o
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
@@ -82,6 +84,34 @@ def _url_secrets(url: str) -> tuple[str, ...]:
     return tuple(sorted(filter(None, candidates), key=len, reverse=True))
 
 
+class _RpcUrlRedaction(logging.Filter):
+    """Takes the secrets of every RPC URL a `ChainReader` was made with out of httpx's log records: httpx logs each
+    request's URL whole at INFO ("HTTP Request: POST <url> ..."), and an agent logging at INFO wrote its provider's
+    key to its logs with every chain read. Other records pass as they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._urls: dict[str, None] = {}  # insertion-ordered set; read while others add (a copy is iterated)
+
+    def add(self, rpc_url: str) -> None:
+        if any(_url_secrets(rpc_url)):
+            self._urls[rpc_url] = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._urls:
+            message = record.getMessage()
+            shown = message
+            for url in tuple(self._urls):
+                shown = redacted(shown, url)
+            if shown != message:
+                record.msg, record.args = shown, ()
+        return True
+
+
+_LOG_REDACTION = _RpcUrlRedaction()
+logging.getLogger("httpx").addFilter(_LOG_REDACTION)
+
+
 def _redact_error(error: BaseException | None, rpc_url: str) -> None:
     """Take `rpc_url`'s secrets out of `error`'s text and out of its causes' (a traceback shows them all)."""
     seen: set[int] = set()
@@ -131,6 +161,7 @@ class ChainReader:
         self._http = BoundedHttp(deadline=deadline, max_answer_bytes=max_answer_bytes, timeout=timeout,
                                  transport=transport)
         self._url = rpc_url
+        _LOG_REDACTION.add(rpc_url)
         self._ids = itertools.count(1)
         self._log_block_span = log_block_span
 

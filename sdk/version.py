@@ -9,6 +9,8 @@
 # KeyError) and a payee that is no address (seller.wallet_address, not ValueError or pydantic's ValidationError);
 # propose_direct_purchase repeated under its idempotency_key while the first call still runs (another thread) sends
 # the purchase signed first under the key (both signed a payment authorization, under two nonces);
+# httpx's INFO log record of each request ("HTTP Request: POST <url>") has the RPC URL's secrets taken out (the
+# provider's key was logged with every chain read);
 # 0.4.14: a public method reading a marketplace answer of another shape than it reads (a field missing, a list for
 # an object) raises sdk.UnexpectedAnswer (an AnswerRefused), not KeyError, TypeError, IndexError or AttributeError;
 # a body its gzip or deflate coding does not decode raises sdk.UndecodableAnswer (an AnswerRefused, and still an

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import gzip
+import logging
 import socket
 import subprocess
 import sys
@@ -720,3 +721,20 @@ def test_plain_http_to_another_machine_is_sent_when_the_caller_allows_it(client)
     except (KeyError, TypeError, ValueError, AnswerRefused, RpcError):
         pass
     assert len(sent) == 1
+
+
+@pytest.mark.parametrize("keyed", KEYED_URLS)
+def test_the_rpc_urls_api_key_is_never_in_a_log_record(keyed, caplog):
+    """httpx logs every request at INFO ("HTTP Request: POST <url> ..."), the RPC's URL whole, its provider's key
+    with it: an agent logging at INFO wrote the key of every chain read its SDK made to its logs, which the SDK's
+    errors keep it out of."""
+    rpc_url = KEYED_URLS[keyed]("https://node.example")
+    node = httpx.MockTransport(lambda request: httpx.Response(200, json={"jsonrpc": "2.0", "id": 1, "result": "0x1"}))
+    with caplog.at_level(logging.DEBUG, logger="httpx"), caplog.at_level(logging.DEBUG, logger="httpcore"):
+        assert ChainReader(rpc_url, transport=node).chain_id() == 1
+        with MarketplaceClient("https://marketplace.example", "mk_test", transport=recorded([])) as client:
+            client.me()
+    shown = "\n".join(record.getMessage() for record in caplog.records)
+    assert "HTTP Request: POST https://" in shown and "node.example" in shown  # still logged, saying which node
+    assert "HTTP Request: GET https://marketplace.example/agents/me" in shown  # other requests as they were
+    assert "SECRET-KEY" not in shown, shown
