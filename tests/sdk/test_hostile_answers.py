@@ -738,3 +738,26 @@ def test_the_rpc_urls_api_key_is_never_in_a_log_record(keyed, caplog):
     assert "HTTP Request: POST https://" in shown and "node.example" in shown  # still logged, saying which node
     assert "HTTP Request: GET https://marketplace.example/agents/me" in shown  # other requests as they were
     assert "SECRET-KEY" not in shown, shown
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_to_another_host_is_not_followed(status):
+    """A compromised marketplace redirecting the SDK elsewhere (to have its API key, or a signed payment, sent to
+    another host) gets a `MarketplaceError`: httpx follows no redirect unless told, and the SDK does not tell it."""
+    sent: list[httpx.Request] = []
+
+    def marketplace(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(status, headers={"Location": f"https://elsewhere.example{request.url.path}"})
+
+    with MarketplaceClient("https://marketplace.example", "mk_SECRET", network=NETWORK, retries=0,
+                           transport=httpx.MockTransport(marketplace)) as client:
+        for call in (client.me, lambda: client.invoke_skill("seller", "translate", {}, private_key=KEY_FOR_SKILLS,
+                                                            max_amount_atomic=1)):
+            with pytest.raises(MarketplaceError) as refused:
+                call()
+            assert refused.value.code == f"http_{status}"
+    assert {request.url.host for request in sent} == {"marketplace.example"}
+
+
+KEY_FOR_SKILLS = Account.create().key.hex()
