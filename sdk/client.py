@@ -258,16 +258,18 @@ class MarketplaceClient:
     def token_domain(self) -> TokenDomain:
         """The token's EIP-712 domain: read from the token through the RPC when there is one, else pinned. With
         both, the one read must be the pinned one (else `SigningRefused` on "token domain"): the RPC would choose
-        the domain of every permit and authorization signed. An answer that does not decode refuses too ("rpc chain
-        id", "token domain")."""
+        the domain of every permit and authorization signed. Every signing asks for it, and with an RPC, asks the
+        RPC's chain id each time (not cached: an RPC URL, a load balancer, may serve another chain later, whose
+        nonces and clock would be signed with): another chain's than the pinned network's refuses ("rpc chain
+        id"). An answer that does not decode refuses too ("rpc chain id", "token domain")."""
         if self._chain is not None:
+            try:
+                chain_id = self._chain.chain_id()
+            except MalformedAnswer as unreadable:
+                raise SigningRefused("rpc chain id", self.network.chain_id, None, str(unreadable)) from unreadable
+            if chain_id != self.network.chain_id:
+                raise SigningRefused("rpc chain id", self.network.chain_id, chain_id)
             if self._token_domain_read is None:
-                try:
-                    chain_id = self._chain.chain_id()
-                except MalformedAnswer as unreadable:
-                    raise SigningRefused("rpc chain id", self.network.chain_id, None, str(unreadable)) from unreadable
-                if chain_id != self.network.chain_id:
-                    raise SigningRefused("rpc chain id", self.network.chain_id, chain_id)
                 try:
                     read = self._chain.token_domain(self.network.token_address)
                 except MalformedAnswer as unreadable:
@@ -452,13 +454,14 @@ class MarketplaceClient:
         if unit_price > max_unit_price_atomic:
             raise SigningRefused("pricing.unit_price_atomic", f"at most {max_unit_price_atomic}", unit_price)
         requirements = self.payment_requirements(amount_atomic=quantity * unit_price)
+        token_domain = self.token_domain()  # first: with an RPC, its chain is asked before its nonces are read
         if permit_nonce is None:
             try:
                 permit_nonce = self._reader().permit_nonce(self.network.token_address, wallet.address)
             except MalformedAnswer as unreadable:
                 raise SigningRefused("fee_permit.message.nonce", "the token's nonces(buyer)", None, str(unreadable)
                                      ) from unreadable
-        token_domain, now = self.token_domain(), self._now()
+        now = self._now()
         with self._lock:  # one purchase of a wallet's at a time passes the check and is recorded
             # A repeat of the key that ran meanwhile (a caller's retry while this call still ran) signed first: its
             # payment is the one sent, else the marketplace would hold two authorizations of one purchase.

@@ -11,6 +11,8 @@
 # the purchase signed first under the key (both signed a payment authorization, under two nonces);
 # httpx's INFO log record of each request ("HTTP Request: POST <url>") has the RPC URL's secrets taken out (the
 # provider's key was logged with every chain read);
+# with an RPC, every signing asks its eth_chainId (it was asked once per client, with the token's domain): an RPC URL
+# serving another chain later had its nonces and clock signed with (SigningRefused on "rpc chain id");
 # 0.4.14: a public method reading a marketplace answer of another shape than it reads (a field missing, a list for
 # an object) raises sdk.UnexpectedAnswer (an AnswerRefused), not KeyError, TypeError, IndexError or AttributeError;
 # a body its gzip or deflate coding does not decode raises sdk.UndecodableAnswer (an AnswerRefused, and still an

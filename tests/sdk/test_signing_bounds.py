@@ -747,17 +747,19 @@ def test_a_proposal_answered_with_another_proposals_agreement_is_refused(spelled
 # --- what the buyer's RPC reads: the token's domain, the permit nonce ---------------------------------------------
 
 def token_node(*, domain: tuple[str, str] = ("USDC", "2"), nonces: list[int] | None = None,
-               chain_id: int = 84532) -> type[BaseHTTPRequestHandler]:
+               chain_id: int = 84532, chain_ids: list[int] | None = None) -> type[BaseHTTPRequestHandler]:
     """A JSON-RPC node on `chain_id` whose token reads `domain` (EIP-5267) and whose `nonces(buyer)` answers
-    `nonces` in turn (the last one from then on); its clock is this machine's."""
+    `nonces` in turn (the last one from then on); its clock is this machine's. With `chain_ids`, `eth_chainId`
+    answers them in turn (the last one from then on)."""
     answers = list(nonces or [0])
+    chain_answers = list(chain_ids or [chain_id])
 
     class Node(JsonRpcNode):
         def do_POST(self) -> None:
             call = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             method, params = call["method"], call["params"]
             if method == "eth_chainId":
-                result: Any = hex(chain_id)
+                result: Any = hex(chain_answers.pop(0) if len(chain_answers) > 1 else chain_answers[0])
             elif method == "eth_getBlockByNumber":
                 result = {"timestamp": hex(int(time.time()))}
             elif method == "eth_call" and params[0]["data"].startswith("0x" + keccak(text="eip712Domain()")[:4].hex()):
@@ -782,6 +784,24 @@ def test_a_token_domain_read_through_the_rpc_is_used_when_it_is_the_pinned_one()
     with serving(token_node(domain=("USD Coin", "2"))) as rpc_url, MarketplaceClient(
             "https://marketplace.example", "mk_test", network=unpinned, rpc_url=rpc_url) as buyer:
         assert buyer.token_domain() == TokenDomain("USD Coin", "2")
+
+
+def test_a_purchase_signed_after_the_buyers_rpc_moved_to_another_chain_is_refused():
+    """The RPC's chain id was asked once per client, with the token's domain, then taken as read: an RPC URL serving
+    the pinned chain first and another later (a load balancer, a node reconfigured, a hostile one) had every later
+    purchase sign a fee permit for the nonce another chain's token reads (7 here: a permit usable later on the
+    pinned chain, once the buyer's nonces reach it), and signatures timed by its clock. Each signing asks again, as
+    `verify_usage` does."""
+    marketplace = DirectMarketplace(refusals=0)
+    with serving(token_node(chain_ids=[84532, 1], nonces=[0, 7])) as rpc_url, MarketplaceClient(
+            "https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url,
+            transport=httpx.MockTransport(marketplace)) as buyer, warnings.catch_warnings():
+        warnings.simplefilter("ignore", SellerUnverified)
+        buyer.propose_direct_purchase(str(uuid.uuid4()), 10, wallet=KEY, max_unit_price_atomic=LISTED_PRICE)
+        with pytest.raises(SigningRefused) as refused:
+            buyer.propose_direct_purchase(str(uuid.uuid4()), 10, wallet=KEY, max_unit_price_atomic=LISTED_PRICE)
+    assert (refused.value.field, refused.value.received) == ("rpc chain id", 1)
+    assert [permit["nonce"] for permit in marketplace.fee_permits] == [0]
 
 
 def test_a_token_domain_read_through_the_rpc_other_than_the_pinned_one_is_refused():
