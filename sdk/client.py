@@ -1178,8 +1178,10 @@ class MarketplaceClient:
     def _pages(self, method: str, path: str, query: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Follow `next_cursor` (a query parameter on GET, a body field on POST) until it is null. The marketplace
         names a next page only after a full one: an empty page naming one is refused (`AnswerRefused`), else such
-        pages could be followed for ever without anything to yield."""
+        pages could be followed for ever without anything to yield; so is a page naming a cursor already followed
+        (a page read before: reading the listing whole would never end)."""
         cursor = None
+        followed: set[str] = set()
         while True:
             page_query = {**query, "cursor": cursor} if cursor else query
             if method == "GET":
@@ -1192,6 +1194,10 @@ class MarketplaceClient:
                 raise UnexpectedAnswer(f"{method} {path}: next_cursor {str(cursor)[:100]!r} is no cursor")
             if cursor and not results:
                 raise AnswerRefused(f"{method} {path}: a page with no results names a next page")
+            if cursor in followed:
+                raise AnswerRefused(f"{method} {path}: a page names as the next one a page already read")
+            if cursor:
+                followed.add(cursor)
             yield from results
             if not cursor:
                 return

@@ -13,6 +13,7 @@
 # provider's key was logged with every chain read);
 # with an RPC, every signing asks its eth_chainId (it was asked once per client, with the token's domain): an RPC URL
 # serving another chain later had its nonces and clock signed with (SigningRefused on "rpc chain id");
+# a listing's page naming as the next one a page already read is AnswerRefused (it was read again for ever);
 # 0.4.14: a public method reading a marketplace answer of another shape than it reads (a field missing, a list for
 # an object) raises sdk.UnexpectedAnswer (an AnswerRefused), not KeyError, TypeError, IndexError or AttributeError;
 # a body its gzip or deflate coding does not decode raises sdk.UndecodableAnswer (an AnswerRefused, and still an

@@ -531,6 +531,36 @@ def test_an_empty_page_naming_a_next_one_is_refused(listing):
     assert "no results" in str(outcome.error)
 
 
+class RepeatedPages(Hostile):
+    """The same full page for ever, naming itself as the next one (or the one before it: a cycle of two)."""
+
+    cycle = ("a",)
+    served = 0
+
+    def answer(self) -> Iterator[bytes]:
+        cursor = self.cycle[type(self).served % len(self.cycle)]
+        type(self).served += 1
+        body = b'{"results": [{"id": "1"}], "next_cursor": "%s"}' % cursor.encode()
+        yield b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+@pytest.mark.parametrize("cycle", [("a",), ("a", "b")], ids=["itself", "a cycle of two"])
+@pytest.mark.parametrize("listing", ["services", "agreements", "usage"])
+def test_a_page_naming_a_cursor_already_followed_is_refused(listing, cycle):
+    """A compromised marketplace naming, as the next page, a page already read had the SDK read it again for ever:
+    reading a listing whole (`list(client.usage(id))`, a caller's own check of its charges) never returned, holding
+    ever more memory, each request within the deadline."""
+    RepeatedPages.cycle, RepeatedPages.served = cycle, 0
+    every = {"services": lambda client: list(client.search_services("translate")),
+             "agreements": lambda client: list(client.list_agreements()),
+             "usage": lambda client: list(client.usage(uuid.uuid4()))}[listing]
+    with hostile(RepeatedPages) as url:
+        outcome = run_bounded(lambda: every(marketplace(url)), limit=10)
+    assert isinstance(outcome.error, AnswerRefused), outcome.error
+    assert "already" in str(outcome.error)
+    assert RepeatedPages.served == len(cycle) + 1
+
+
 class Unavailable(Hostile):
     def answer(self) -> Iterator[bytes]:
         yield b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
