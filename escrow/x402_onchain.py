@@ -342,12 +342,14 @@ def _settlement_cancelled(tx: ChainTransaction, *, ran_as: str | None) -> None:
 
 # --- direct payments -----------------------------------------------------------------------------------------
 
+@chain.unavailable_as_503()
 def _direct_payment_preflight(agreement: UsageAgreement) -> agreement_services.DirectPaymentPreflight:
     """Whether an accepted direct payment can run, asked of the chain (registered with agreements, which calls it
     before locking the agreement): the payment's simulation, the fee permit's nonce, the buyer's balance. An
     authorization a transfer used as it says before the accept (anyone may send it, the buyer too) is this purchase's
     payment, made (`paid_by`): the purchase goes on with the fee, and its payment step concludes on that transfer once
-    it is at the confirmation depth, as on a copy mined after the accept."""
+    it is at the confirmation depth, as on a copy mined after the accept. A node that does not answer, or answers no
+    verdict (`_authorization_use`), is 503: nothing is decided (the accept's purchase stays proposed)."""
     _require_chain()
     paid_by = None
 
@@ -495,13 +497,20 @@ def _authorization_use(authorization, *, confirmed: bool = False) -> dict | None
     may submit it. The token's
     `authorizationState` says whether either happened; only then are its logs read, newest first, so the search
     ends at the span that holds the latest of them (not a scan from the deployment block). `confirmed`: the logs
-    up to the block CHAIN_CONFIRMATIONS deep only (a use in a newer block is None until it is that deep)."""
+    up to the block CHAIN_CONFIRMATIONS deep only (a use in a newer block is None until it is that deep).
+
+    Spent, with neither event found up to the head the node names, is no answer (UntrustedAnswer): the state and the
+    head came from two backends of a provider's pool, the head's behind the use. Taken for "none", it failed a
+    purchase the buyer had paid as "nothing charged", and recorded a used authorization cancelled, ending its watch."""
     token = chain.token_contract()
     payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
     if not chain.call(token.functions.authorizationState(payer, nonce).call):
         return None
     found = _authorization_logs(authorization, confirmed=confirmed)
     used = chain.event_topic(token.events.AuthorizationUsed())
+    if not found and not confirmed:
+        raise chain.UntrustedAnswer("the token counts the authorization spent, but the node shows no use nor cancel of "
+                                    "it up to the head it names (a backend behind)")
     if not found or _topic_of(found[-1]) != used or not _transferred_as_authorized(found[-1], authorization):
         return None
     latest = found[-1]
@@ -537,14 +546,15 @@ def _transferred_as_authorized(used_log, authorization) -> bool:
     """Whether the use `used_log` (an AuthorizationUsed) moved what the authorization says. The event names the payer
     and the nonce only, and the payer may sign another transfer under the same nonce (to a wallet of its own, or a
     smaller amount) and get it mined first: the token marks the nonce used alike, and the relayer's copy reverts, but
-    nothing reached payTo. EIP-3009's token emits the transfer's Transfer right after AuthorizationUsed."""
+    nothing reached payTo. EIP-3009's token emits the transfer's Transfer right after AuthorizationUsed. The use's
+    block is read by its hash (`chain.block_logs`), which a node without that block refuses: asked by number, a
+    backend behind answered it empty, and the use was taken for a transfer elsewhere (none)."""
     token = chain.token_contract()
-    transfers = chain.logs(address=token.address, from_block=used_log["blockNumber"],
-                           to_block=used_log["blockNumber"], topics=[
-                               chain.event_topic(token.events.Transfer()), chain.address_topic(authorization.payer),
-                               chain.address_topic(authorization.pay_to)])
-    return any(log["transactionHash"] == used_log["transactionHash"] and log["blockHash"] == used_log["blockHash"]
-               and log["logIndex"] == used_log["logIndex"] + 1
+    transfer = [chain.event_topic(token.events.Transfer()), chain.address_topic(authorization.payer),
+                chain.address_topic(authorization.pay_to)]
+    transfers = [log for log in chain.block_logs(block_hash=_hex32(used_log["blockHash"]), addresses=[token.address])
+                 if [chain.hex_text(topic).lower() for topic in log["topics"][:3]] == transfer]
+    return any(log["transactionHash"] == used_log["transactionHash"] and log["logIndex"] == used_log["logIndex"] + 1
                and int.from_bytes(bytes(log["data"]), "big") == int(authorization.amount) for log in transfers)
 
 

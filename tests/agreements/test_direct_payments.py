@@ -10,6 +10,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.db import connections
 from django.utils import timezone
+from web3 import Web3
 from x402.http import decode_payment_signature_header
 
 from agreements import services as agreement_services
@@ -739,6 +740,103 @@ def test_a_use_a_lagging_node_does_not_show_yet_when_the_buyer_would_cancel_does
     rejected = purchase.parties.agreement(agreement["id"])
     assert rejected["payment_tx_hash"] == used_by, rejected
     _next_purchase_over_the_daily_cap_refused(purchase)
+
+
+def test_a_cancel_read_from_a_backend_behind_the_use_of_the_authorization_does_not_record_it_cancelled(
+        purchase, settings):
+    """The token counts the rejected purchase's authorization spent (its use, in the newest block, sent by whoever
+    held it), and the head the node names for the search of that use is a backend's one block behind: no use found
+    below it. Taken for the buyer's own cancel, the agreement recorded the authorization cancelled and its watch
+    ended, so the transfer to the seller was never named nor counted against the buyer's caps. No verdict instead:
+    503, nothing recorded, and asked again once the node answers alike, 409 naming the use."""
+    from tests.support.rpc_relay import RpcRelay
+
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
+    path = f"/usage-agreements/{agreement['id']}/cancel-payment-authorization"
+    relay = RpcRelay(purchase.chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    try:
+        relay.head_named_behind(1)
+        behind = purchase.parties.buyer_api.post(path, {"signature": _cancel_signature(purchase, agreement["id"])})
+        assert behind.status_code == 503 and error_code(behind) == "chain_unavailable", behind.content
+        watched = UsageAgreement.objects.get(pk=agreement["id"])
+        assert watched.payment_authorization_watch_ended_at is None and not watched.payment_tx_hash
+
+        relay.rewrite_none()
+        refused = purchase.parties.buyer_api.post(path, {"signature": _cancel_signature(purchase, agreement["id"])})
+    finally:
+        relay.stop()
+    assert refused.status_code == 409 and error_code(refused) == "authorization_already_used", refused.content
+    assert refused.json()["error"]["details"]["used_by"] == used_by
+
+
+def test_a_cancel_whose_search_of_the_uses_transfer_reaches_a_backend_without_its_block_does_not_record_it_cancelled(
+        purchase, settings):
+    """The use of the rejected purchase's authorization is found (AuthorizationUsed), and whether it moved what the
+    authorization says is read from the Transfer logs of its block, which the backend answering that call lacks: asked
+    by block number, it answered none, and the use was taken for a transfer elsewhere, the authorization recorded
+    cancelled and its watch ended. Asked by the block's hash, that backend refuses: 503, nothing recorded."""
+    from tests.support.rpc_relay import RpcRelay
+
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    receipt = purchase.chain.w3.eth.get_transaction_receipt(
+        _use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
+    block_hash = _hash(receipt["blockHash"]).lower()
+    transfer = _hash(Web3.keccak(text="Transfer(address,address,uint256)"))
+    relay = RpcRelay(purchase.chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    try:
+        # The backend lacking the block: asked for it by hash, it refuses; over a range, it answers the others' logs.
+        relay.rewrite(lambda call: call.get("method") == "eth_getLogs"
+                      and call["params"][0].get("blockHash", "").lower() == block_hash,
+                      lambda answer: {"jsonrpc": "2.0", "id": answer.get("id"),
+                                      "error": {"code": -32000, "message": "unknown block"}})
+        relay.rewrite(lambda call: call.get("method") == "eth_getLogs"
+                      and (call["params"][0].get("topics") or [None])[0] == transfer,
+                      lambda answer: {**answer, "result": [log for log in answer["result"]
+                                                           if log["blockHash"].lower() != block_hash]})
+        behind = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
+                                                 {"signature": _cancel_signature(purchase, agreement["id"])})
+    finally:
+        relay.stop()
+    assert behind.status_code == 503 and error_code(behind) == "chain_unavailable", behind.content
+    watched = UsageAgreement.objects.get(pk=agreement["id"])
+    assert watched.payment_authorization_watch_ended_at is None and not watched.payment_tx_hash
+
+
+def test_a_sellers_accept_read_from_a_backend_behind_the_buyers_payment_does_not_fail_the_purchase_it_paid(
+        purchase, settings, django_capture_on_commit_callbacks):
+    """The buyer sent its payment to the seller before the accept (in the newest block): the purchase goes on as paid
+    by it. Asked of a node whose answers come from two backends, the token's simulation refusing the authorization as
+    used and the head named for the search of that use one block behind, no use was found: the accept failed the
+    purchase, "nothing was charged", the price with the seller for good. No verdict instead: 503, the purchase still
+    proposed, and accepted again once the node answers alike, paid by the buyer's transfer."""
+    from tests.support.rpc_relay import RpcRelay
+
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    buyer, seller, fee_recipient, treasury = purchase.balances()
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.buyer.address))
+    relay = RpcRelay(purchase.chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    try:
+        relay.head_named_behind(1)
+        behind = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+        assert behind.status_code == 503 and error_code(behind) == "chain_unavailable", behind.content
+        assert purchase.parties.agreement(agreement["id"])["status"] == "proposed"
+    finally:
+        relay.stop()
+        settings.CHAIN_RPC_URL = purchase.chain.node.rpc_url
+
+    assert purchase.accept(agreement["id"], capture)["status"] == "paying"
+    for _ in range(2):
+        confirm_all(capture)
+    paid = purchase.parties.agreement(agreement["id"])
+    assert paid["status"] == "paid" and paid["payment_tx_hash"] == used_by, paid
+    assert purchase.balances() == (buyer - AMOUNT - FEE, seller + AMOUNT, fee_recipient + FEE, treasury)
 
 
 def test_a_cancellation_outrun_by_a_use_of_the_authorization_records_that_use(

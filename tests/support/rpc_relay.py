@@ -84,6 +84,12 @@ class RpcRelay:
 
         self.rewrite(at_latest, lambda answer: {**answer, "result": self.node("eth_call", [asked[-1], block])})
 
+    def head_named_behind(self, blocks: int) -> None:
+        """Answer `eth_blockNumber` with the node's head less `blocks` (a backend of a provider's pool behind the one
+        answering the calls at `latest`: the head it names lacks their newest blocks)."""
+        self.rewrite(lambda call: call.get("method") == "eth_blockNumber",
+                     lambda answer: {**answer, "result": hex(max(0, int(answer["result"], 16) - blocks))})
+
     def receipt_hidden_and_state_pruned(self, tx_hash: str, *, below: int) -> None:
         """`tx_hash`'s receipt answered as none (not mined, as a lagging backend says) and the nonce of any account
         at a block below `below` refused as a non-archive node does ("missing trie node")."""
