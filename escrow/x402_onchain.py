@@ -77,18 +77,23 @@ def _require_chain() -> None:
 
 
 def simulate(authorization: agreement_services.Authorization) -> None:
-    """Raise InvalidPayment when `transferWithAuthorization` would revert now (used nonce, low balance, ...)."""
+    """Raise InvalidPayment when `transferWithAuthorization` would revert now (used nonce, low balance, ...); 503
+    `chain_unavailable` when the node gives no verdict (no answer, an error of its own)."""
     parsed = ParsedEIP3009Authorization(
         from_address=to_checksum_address(authorization.payer), to=to_checksum_address(authorization.pay_to),
         value=authorization.amount, valid_after=authorization.valid_after, valid_before=authorization.valid_before,
         nonce=hex_to_bytes(authorization.nonce))
-    with chain.unavailable_as_503(chain.RpcUnavailable):
+    with chain.unavailable_as_503():
         ok, error = simulate_eip3009_transfer_result(ChainReader(), chainconfig.usdc_address(), parsed,
                                                      parse_erc6492_signature(hex_to_bytes(authorization.signature)))
     if ok:
         return
-    # x402 hands back what the read raised (a multicall wraps it): a node that did not answer is no verdict.
-    if isinstance(error, chain.RpcUnavailable) or isinstance(error.__cause__, chain.RpcUnavailable):
+    # x402 hands back what the read raised (a multicall wraps it). A revert reaches it as the RuntimeError
+    # `ChainReader.read_contract` makes of it (its cause the Reverted); any other chain error is the node's (no answer, a
+    # JSON-RPC error of its own, a malformed answer): no verdict. Taken for one, a provider's -32603 failed a direct
+    # purchase at its accept for good.
+    if any(isinstance(raised, chain.ChainError) and not isinstance(raised, chain.Reverted)
+           for raised in (error, error.__cause__)):
         raise chain.unavailable() from error
     reason = parse_eip3009_transfer_error(error)
     if reason == evm.ERR_TRANSACTION_FAILED:

@@ -742,6 +742,36 @@ def test_a_use_a_lagging_node_does_not_show_yet_when_the_buyer_would_cancel_does
     _next_purchase_over_the_daily_cap_refused(purchase)
 
 
+def test_a_node_error_answering_the_accepts_simulation_of_the_payment_does_not_fail_the_purchase(
+        purchase, settings, django_capture_on_commit_callbacks):
+    """The node answers the simulation of the buyer's transferWithAuthorization with a JSON-RPC error of its own (an
+    overloaded provider's -32603), no revert: taken for the token refusing the payment, the accept failed the
+    purchase for good ("payment cannot run"). No verdict instead: 503, the purchase still proposed, and accepted
+    once the node answers."""
+    from tests.support.rpc_relay import RpcRelay
+
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    relay = RpcRelay(purchase.chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    try:
+        relay.rewrite(lambda call: call.get("method") == "eth_call"
+                      and call["params"][0].get("data", "").startswith("0xe3ee160e"),  # transferWithAuthorization
+                      lambda answer: {"jsonrpc": "2.0", "id": answer.get("id"),
+                                      "error": {"code": -32603, "message": "internal error"}})
+        erred = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+        assert erred.status_code == 503 and error_code(erred) == "chain_unavailable", erred.content
+        assert purchase.parties.agreement(agreement["id"])["status"] == "proposed"
+    finally:
+        relay.stop()
+        settings.CHAIN_RPC_URL = purchase.chain.node.rpc_url
+
+    assert purchase.accept(agreement["id"], capture)["status"] == "paying"
+    for _ in range(3):
+        confirm_all(capture)
+    assert purchase.parties.agreement(agreement["id"])["status"] == "paid"
+
+
 def test_a_cancel_read_from_a_backend_behind_the_use_of_the_authorization_does_not_record_it_cancelled(
         purchase, settings):
     """The token counts the rejected purchase's authorization spent (its use, in the newest block, sent by whoever
