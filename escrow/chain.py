@@ -664,7 +664,7 @@ class Receipt:
 def receipt(tx_hash: str) -> Receipt | None:
     """The receipt of mined `tx_hash`; None when the node has none (not mined, or not yet on this backend). Raises
     UntrustedAnswer for a receipt of another transaction (a proxy mixing its answers up): its status, taken for
-    ours, concluded a pending payout failed."""
+    ours, concluded a pending payout failed; and for one without its block hash, gas used or logs."""
     try:
         found = w3().eth.get_transaction_receipt(tx_hash)
     except TransactionNotFound:
@@ -675,8 +675,14 @@ def receipt(tx_hash: str) -> Receipt | None:
         return None
     if hex_text(found.get("transactionHash") or b"").lower() != tx_hash.lower() or found.get("status") not in (0, 1):
         raise UntrustedAnswer(f"the node answered the receipt of {tx_hash} with another transaction's")
-    return Receipt(block_number=found["blockNumber"], block_hash="0x" + found["blockHash"].hex().removeprefix("0x"),
-                   status=found["status"], gas_used=found["gasUsed"], logs=list(found["logs"]))
+    block_hash, gas_used, logs = found.get("blockHash"), found.get("gasUsed"), found.get("logs")
+    if (not isinstance(found["blockNumber"], int) or not isinstance(block_hash, bytes) or len(block_hash) != 32
+            or not isinstance(gas_used, int) or not isinstance(logs, list | tuple)):
+        # Read past the error mapping, a missing one failed the relayer's check of the row as a broken one (KeyError,
+        # AttributeError), not as the node's: counted as read for what the poll concluded beside it.
+        raise UntrustedAnswer(f"the node answered the receipt of {tx_hash} without its block hash, gas used or logs")
+    return Receipt(block_number=found["blockNumber"], block_hash="0x" + block_hash.hex().removeprefix("0x"),
+                   status=found["status"], gas_used=gas_used, logs=list(logs))
 
 
 def node_chain_check() -> None:

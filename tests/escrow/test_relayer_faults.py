@@ -1036,6 +1036,46 @@ def test_a_receipt_of_a_block_the_chain_does_not_hold_does_not_conclude_the_payo
     assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
 
+@pytest.mark.parametrize("hostility", ["null_block_hash", "missing_block_hash", "missing_gas_used", "missing_logs"])
+def test_a_receipt_missing_its_block_hash_gas_or_logs_ends_no_poll_and_concludes_nothing(
+        escrow_chain, rpc_relay, django_capture_on_commit_callbacks, hostility):
+    """A node (or a proxy) answers a mined payout's receipt without its block hash (null or missing), its gas used or
+    its logs. They were read past the gateway's error mapping: AttributeError or KeyError, the poll's row failing
+    (RowsFailed), not a chain error, so the payout counted as read for whatever the poll concluded beside it. Such a
+    receipt is no answer (UntrustedAnswer): the payout waits, and is concluded by its real receipt, once."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+    attempt = tx.attempts.get().tx_hash
+    field = {"null_block_hash": "blockHash", "missing_block_hash": "blockHash", "missing_gas_used": "gasUsed",
+             "missing_logs": "logs"}[hostility]
+
+    def malformed(answer: dict) -> dict:
+        receipt = dict(answer["result"])
+        if hostility == "null_block_hash":
+            receipt[field] = None
+        else:
+            del receipt[field]
+        return {**answer, "result": receipt}
+
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getTransactionReceipt" and call["params"][0] == attempt,
+                      malformed)
+    mined_what_was_sent()
+    with django_capture_on_commit_callbacks(execute=True):
+        relayer.transactions_poll()
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.SUBMITTED
+    with pytest.raises(gateway.UntrustedAnswer):
+        gateway.receipt(attempt)
+    rpc_relay.rewrite_none()
+    for _ in range(2):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+
 def test_a_relayer_pointed_at_a_node_of_another_chain_signs_and_checks_nothing(
         escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):
     """CHAIN_RPC_URL naming a node of another chain than CHAIN_ID: the relayer simulated there (a revert on that
