@@ -180,9 +180,10 @@ AcceptView = _transition_view(
                 "saying why; 402 `insufficient_balance` (`details.committed`) when the buyer's balance covers it "
                 "only without what the wallet's payments under way will take: it stays proposed, nothing sent; "
                 "409 `payment_not_final` when the buyer's payment reached the seller already but is not yet at the "
-                "confirmation depth: accept again shortly.",
+                "confirmation depth: accept again shortly; 503 `chain_unavailable` while the chain cannot be read or "
+                "gives no verdict on the payment (a node's error, backends apart): it stays proposed.",
     action=lambda agreement, agent: services.agreement_accept(agreement=agreement, seller=agent),
-    with_reason=False, method="put", errors=(402, 404, 409))
+    with_reason=False, method="put", errors=(402, 404, 409, 503))
 RejectView = _transition_view(
     operation_id="agreements_reject", summary="Reject a proposal (seller)",
     description="A direct purchase whose payment reached the seller already (the buyer, or anyone holding its "
