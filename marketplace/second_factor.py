@@ -162,10 +162,14 @@ class OperatorAdminSite(OTPAdminSite):
 
 def _action_rows_checked(changelist_view, model):
     """A list's view refusing (400) an action posted with rows that are no row's key (a request id that is no UUID,
-    a NUL): Django passes them to the action's query, whose ValidationError or ValueError was a 500."""
+    a NUL): Django passes them to the action's query, whose ValidationError or ValueError was a 500. And a list
+    asked with a NUL in its address (a filter's value, the search): PostgreSQL's text holds none, so the filter's
+    query raised DataError, a 500 on every list filtered on a text column."""
 
     @functools.wraps(changelist_view)
     def checked(request, *args, **kwargs):
+        if any("\x00" in key or "\x00" in value for key, values in request.GET.lists() for value in values):
+            raise BadRequest("The list's filters and search may not hold a NUL character.")
         if request.method == "POST":
             for value in request.POST.getlist(ACTION_CHECKBOX_NAME):
                 try:

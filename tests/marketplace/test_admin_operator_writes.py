@@ -995,3 +995,16 @@ def test_reconcile_does_not_let_an_operator_write_off_the_money_of_an_agreement_
                      staff_account("colleague", "escrow.change_chaintransaction", "escrow.change_chainevent"),
                      stdout=io.StringIO())
     assert type(row).objects.get(pk=row.pk).acknowledged_by == "colleague"
+
+
+@pytest.mark.parametrize("query", [
+    "status__exact=%00", "purpose__exact=a%00b", "q=%00", "status__exact=active&q=x%00y", "o=1%00",
+])
+@pytest.mark.parametrize("changelist", [
+    "/admin/escrow/chaintransaction/", "/admin/agreements/usageagreement/", "/admin/agreements/skillinvocation/",
+    "/admin/agreements/webhookdelivery/", "/admin/policies/approvalrequest/", "/admin/escrow/dispute/",
+])
+def test_a_list_asked_with_a_nul_in_its_filter_or_search_is_a_400_not_a_500(operator, changelist, query):
+    """A filter's value is compared with a text column: a NUL in it (`?status__exact=%00`) reached PostgreSQL,
+    which cannot hold one in text (DataError), and every list with a filter on a text column answered 500."""
+    assert operator.get(f"{changelist}?{query}").status_code == 400
