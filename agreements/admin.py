@@ -421,6 +421,8 @@ class PaymentAuthorizationAdmin(MoneyRecordAdmin):
     """Signed x402 payments (EIP-3009) the platform accepted, for direct purchases and skill invocations."""
 
     list_display = ("id", "payer_display", "pay_to_display", "amount_display", "paid_for", "created_at")
+    # What each row paid for (`paid_for_html`) with the row, not four statements more per row.
+    list_select_related = ("invocation__skill", "invocation__seller", "agreement__service", "agreement__seller")
     search_fields = ("payer", "pay_to", "nonce")
     date_hierarchy = "created_at"
     fields = ("id", "paid_for", "amount_display", "payer_display", "pay_to_display", "token_address_display",

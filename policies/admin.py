@@ -43,6 +43,7 @@ class PolicyAdmin(admin.ModelAdmin):
     search_fields = ("agent__handle",)
     form = PolicyForm
     readonly_fields = ("updated_at", "updated_by")
+    raw_id_fields = ("agent",)  # the agent's id (with Django's lookup), not a select of every agent
     list_select_related = ("agent", "updated_by")
 
     def get_readonly_fields(self, request, obj=None):
