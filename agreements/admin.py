@@ -25,9 +25,13 @@ from agreements.models import (
     WebhookSubscription,
 )
 from agreements.serializers import WebhookCreateSerializer
+
 from marketplace import outbound, url_credentials
 from marketplace.admin import (
     URLS_ASSUME_HTTPS,
+    IndexedSearch,
+    known_values_filter,
+    supported_tokens,
     LatestRowsInline,
     acknowledgement_page,
     api_rules_check,
@@ -49,6 +53,8 @@ from marketplace.admin import (
 from marketplace.errors import ApplicationError
 
 AGREEMENT_PAGE_DELIVERIES = 20
+# What a delivery's event type may be: the types a subscription may name (`WebhookCreateSerializer`).
+EVENT_TYPES = WebhookCreateSerializer().fields["event_types"].child.choices
 AGREEMENT_PAGE_USAGE_EVENTS = 50
 
 
@@ -127,7 +133,7 @@ def acknowledge_reverted_direct_payment(modeladmin, request, queryset):
 
 
 @admin.register(UsageAgreement)
-class UsageAgreementAdmin(PrivateContentAdmin, MoneyRecordAdmin):
+class UsageAgreementAdmin(IndexedSearch, PrivateContentAdmin, MoneyRecordAdmin):
     """Status and counters change only through agreements.services (each transition audited). A direct purchase
     whose payment a reorg took after it was counted paid (`payment_reverted_at`) an operator looked into is
     acknowledged (action): it stays here, with who, when and why, and no longer fails `reconcile`. The note is the
@@ -135,12 +141,12 @@ class UsageAgreementAdmin(PrivateContentAdmin, MoneyRecordAdmin):
 
     list_display = ("short_id", "status", "buyer", "seller", "service", "deposit_display", "used_display",
                     "created_at")
-    list_filter = ("status", "settlement_model", "token", ("payment_reverted_at", admin.EmptyFieldListFilter),
-                   ("payment_reversal_acknowledged_at", admin.EmptyFieldListFilter))
+    list_filter = ("status", "settlement_model", known_values_filter("token", supported_tokens),
+                   ("payment_reverted_at", admin.EmptyFieldListFilter),
+                   ("payment_reversal_acknowledged_at", admin.EmptyFieldListFilter), "created_at")
     actions = [acknowledge_reverted_direct_payment]
-    search_fields = ("id", "buyer__handle", "seller__handle", "service__name", "terms_hash")
+    search_fields = ("id", "buyer__handle", "seller__handle", "service__name")
     list_select_related = ("buyer", "seller", "service")
-    date_hierarchy = "created_at"
     inlines = [AgreementEventInline, UsageEventInline]
     fieldsets = [
         (None, {"fields": ("id", "status", "status_reason", "settlement_model", "buyer", "seller", "service",
@@ -218,14 +224,12 @@ class UsageAgreementAdmin(PrivateContentAdmin, MoneyRecordAdmin):
 
 
 @admin.register(UsageEvent)
-class UsageEventAdmin(PrivateContentAdmin, MoneyRecordAdmin):
+class UsageEventAdmin(IndexedSearch, PrivateContentAdmin, MoneyRecordAdmin):
     list_display = ("short_id", "agreement_short", "seq", "source", "units", "cost_display", "cumulative_display",
                     "signed", "created_at")
-    list_filter = ("source",)
-    search_fields = ("agreement__id", "request_id", "request_nonce")
+    list_filter = ("source", "created_at")
+    search_fields = ("agreement__id", "id")
     list_select_related = ("agreement",)
-    date_hierarchy = "created_at"
-    show_full_result_count = False
     fields = readonly_fields = [f.name for f in UsageEvent._meta.fields]
     # The path the buyer called and the seller's description of the charge are the buyer's (UsageEventInline).
     private_fields = secret_fields = ("path", "description")
@@ -398,7 +402,7 @@ class WebhookDeliveryAdmin(MoneyRecordAdmin):
 
     list_display = ("short_id", "event_type", "agreement_short", "subscription_agent", "status", "attempts",
                     "last_status_code", "created_at", "delivered_at")
-    list_filter = ("status", "event_type")
+    list_filter = ("status", known_values_filter("event_type", lambda: EVENT_TYPES, title="event type"))
     search_fields = ("id", "subscription__url__host_contains", "subscription__agent__handle")  # as subscriptions
     list_select_related = ("subscription", "subscription__agent")
     actions = [redeliver]
@@ -417,14 +421,15 @@ class WebhookDeliveryAdmin(MoneyRecordAdmin):
 
 
 @admin.register(PaymentAuthorization)
-class PaymentAuthorizationAdmin(MoneyRecordAdmin):
+class PaymentAuthorizationAdmin(IndexedSearch, MoneyRecordAdmin):
     """Signed x402 payments (EIP-3009) the platform accepted, for direct purchases and skill invocations."""
 
     list_display = ("id", "payer_display", "pay_to_display", "amount_display", "paid_for", "created_at")
     # What each row paid for (`paid_for_html`) with the row, not four statements more per row.
     list_select_related = ("invocation__skill", "invocation__seller", "agreement__service", "agreement__seller")
-    search_fields = ("payer", "pay_to", "nonce")
-    date_hierarchy = "created_at"
+    # Not a date hierarchy: it asked for the distinct days of every row on each view of the list.
+    list_filter = ("created_at",)
+    search_fields = ("id", "invocation__id", "agreement__id")
     fields = ("id", "paid_for", "amount_display", "payer_display", "pay_to_display", "token_address_display",
               "valid_after", "valid_before", "nonce_display", "signature", "created_at")
     readonly_fields = fields
@@ -486,7 +491,6 @@ class InvocationSellerFailureAdmin(MoneyRecordAdmin):
                    "failed_at")
     search_fields = ("payer", "seller__handle", "invocation__id", "buyer_owner__username", "anonymous_client")
     list_select_related = ("invocation", "seller", "buyer_owner")
-    date_hierarchy = "failed_at"
     ordering = ("-failed_at",)
     fields = ("invocation_link", "seller", "buyer_owner", "payer_display", "anonymous_client", "failed_at")
     readonly_fields = fields
@@ -500,7 +504,7 @@ class InvocationSellerFailureAdmin(MoneyRecordAdmin):
 
 
 @admin.register(SkillInvocation)
-class SkillInvocationAdmin(PrivateContentAdmin, MoneyRecordAdmin):
+class SkillInvocationAdmin(IndexedSearch, PrivateContentAdmin, MoneyRecordAdmin):
     """Status and money move through agreements.invocations; a stuck payout or refund is retried from its
     ChainTransaction (escrow admin). A payment a reorg took after the seller was called (`payment_reverted_at`) an
     operator looked into is acknowledged (action): it stays here, with who, when and why, and no longer fails
@@ -509,11 +513,9 @@ class SkillInvocationAdmin(PrivateContentAdmin, MoneyRecordAdmin):
     list_display = ("short_id", "skill", "seller", "buyer", "status", "money", "amount_display", "fee_display",
                     "created_at", "completed_at", "payment_reverted_at")
     list_filter = ("status", "money", "is_async", ("payment_reverted_at", admin.EmptyFieldListFilter),
-                   ("payment_reversal_acknowledged_at", admin.EmptyFieldListFilter))
-    search_fields = ("id", "seller__handle", "buyer__handle", "skill__name", "payment_tx_hash",
-                     "settlement_tx_hash", "authorization__payer")
+                   ("payment_reversal_acknowledged_at", admin.EmptyFieldListFilter), "created_at")
+    search_fields = ("id", "seller__handle", "buyer__handle")
     list_select_related = ("skill", "seller", "buyer")
-    date_hierarchy = "created_at"
     fields = ("id", "skill", "seller", "buyer", "status", "money", "amount_display", "fee_display", "payer_display",
               "seller_wallet_display", "payment_tx_display", "settlement_tx_display", "is_async",
               "run_in_background", "timeout_seconds", "input", "result", "error", "created_at", "paid_at",

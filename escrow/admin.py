@@ -27,6 +27,7 @@ from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, I
                            RelayerAccount, RelayRevert, TxAttempt, TxStatus)
 from marketplace import money
 from marketplace.admin import (
+    IndexedSearch,
     across_pages_refused,
     acknowledgement_page,
     MoneyRecordAdmin,
@@ -122,14 +123,15 @@ def paid_for_html(tx: ChainTransaction):
 
 
 @admin.register(ChainTransaction)
-class ChainTransactionAdmin(MoneyRecordAdmin):
+class ChainTransactionAdmin(IndexedSearch, MoneyRecordAdmin):
     # What a held payout waits for is on its page and behind the "held until block" filter: one column more made the
     # list scroll sideways on an operator's screen.
     list_display = ("short_id", "purpose", "status", "paid_for", "amount", "nonce", "mined_tx_display",
                     "mined_block_number", "failure_short", "updated_at")
     list_filter = ("status", "purpose", ("fee_cap_reached_at", admin.EmptyFieldListFilter),
                    ("held_until_block", admin.EmptyFieldListFilter))
-    search_fields = ("id", "agreement__id", "mined_tx_hash", "attempts__tx_hash")
+    # The mined transaction's hash is one of its attempts' (a unique index).
+    search_fields = ("id", "agreement__id", "attempts__tx_hash")
     list_select_related = ("agreement",)
     list_per_page = 50
     inlines = [TxAttemptInline]
@@ -441,7 +443,7 @@ class DisputeStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(Dispute)
-class DisputeAdmin(PrivateContentAdmin, MoneyRecordAdmin):
+class DisputeAdmin(IndexedSearch, PrivateContentAdmin, MoneyRecordAdmin):
     """Disputes, the open ones by default, soonest timeout first, each with a form that decides it: the same
     resolution as `POST /usage-agreements/{id}/resolve` (on-chain `resolve`, then `finalize`), recorded with the
     operator's name. A dispute nobody resolves by its on-chain timeout (UsageEscrow.DISPUTE_TIMEOUT after the
