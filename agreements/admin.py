@@ -228,6 +228,9 @@ class UsageEventAdmin(IndexedSearch, PrivateContentAdmin, MoneyRecordAdmin):
     list_display = ("short_id", "agreement_short", "seq", "source", "units", "cost_display", "cumulative_display",
                     "signed", "created_at")
     list_filter = ("source", "created_at")
+    # Newest first by the key's index: the model's order (by agreement, the agreement's own order, then seq) joined
+    # and sorted every event of every agreement for each page.
+    ordering = ("-id",)
     search_fields = ("agreement__id", "id")
     list_select_related = ("agreement",)
     fields = readonly_fields = [f.name for f in UsageEvent._meta.fields]

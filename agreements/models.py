@@ -333,6 +333,9 @@ class UsageAgreement(PaymentReversal):
             models.Index(fields=["seller", "-created_at", "id"], name="agreement_seller_listing_idx"),
             models.Index(fields=["status", "proposal_expires_at"], name="agreement_status_proposal_idx"),
             models.Index(fields=["status", "expires_at"], name="agreement_status_expiry_idx"),
+            # The operators' list (the admin), newest first as Django orders it (then by the key, for a total order):
+            # a page read from the index, not sorted out of every row.
+            models.Index(fields=["-created_at", "-id"], name="agreement_newest_idx"),
             # The closed (or failed unsent) direct purchases whose authorization may yet be used, least recently read
             # first (one never read by the watch: from its close, a failed one from its accept).
             models.Index(Coalesce("payment_authorization_watched_at", "closed_at", "accepted_at"), F("id"),
@@ -667,6 +670,8 @@ class SkillInvocation(PaymentReversal):
                                    name="invocation_only_reverted_payment_acknowledged"),
         ]
         indexes = [models.Index(fields=["status", "deadline_at"], name="invocation_status_deadline_idx"),
+                   # the operators' list (the admin), newest first: a page read from the index, not sorted
+                   models.Index(fields=["-created_at", "-id"], name="invocation_newest_idx"),
                    models.Index(fields=["payment_reverted_at"], condition=Q(payment_reverted_at__isnull=False),
                                 name="invocation_reverted_idx")]
 

@@ -132,6 +132,8 @@ class ChainTransaction(Acknowledgement):
                                    name="chaintx_only_nonce_fill_acknowledged"),
         ]
         indexes = [models.Index(fields=["status", "updated_at"], name="chaintx_status_updated_idx"),
+                   # the operators' list (the admin), newest first: a page read from the index, not sorted
+                   models.Index(fields=["-created_at", "-id"], name="chaintx_newest_idx"),
                    # each relayer poll reads the in-flight transactions least recently polled
                    models.Index(fields=["polled_at"],
                                 condition=Q(status__in=[TxStatus.SUBMITTED, TxStatus.MINED]),

@@ -144,3 +144,30 @@ def test_the_agents_list_counts_the_services_of_the_agents_it_shows_only(operato
     assert [query["sql"] for query in queries.captured_queries if 'GROUP BY "catalog_agent"."id"' in query["sql"]] == []
     row = next(agent for agent in page.context["cl"].result_list if agent.pk == seller.pk)
     assert row._service_count == Service.objects.filter(seller=seller).count() > 0
+
+
+@pytest.mark.parametrize("changelist", ["/admin/agreements/usageagreement/", "/admin/agreements/skillinvocation/",
+                                        "/admin/escrow/chaintransaction/", "/admin/agreements/usageevent/"])
+def test_a_big_tables_list_reads_its_page_in_order_from_an_index(operator, changelist):
+    """A list newest first sorted every row of the table for each page (0.2-0.4 s with 100,000 rows; a usage event's
+    order, by its agreement's, joined the agreements too): the page is read in order from an index. Asked with
+    sorting made as dear as PostgreSQL allows, so a plan that still sorts had no index to read."""
+    rows_added(FEW, owner=get_user_model().objects.create(username="rows-owner"))
+    table = admin.site._registry[_model_of(changelist)].model._meta.db_table
+    with CaptureQueriesContext(connection) as queries:
+        assert operator.get(changelist).status_code == 200
+    page = next(query["sql"] for query in queries.captured_queries
+                if query["sql"].startswith("SELECT") and f'FROM "{table}"' in query["sql"] and "ORDER BY" in query["sql"])
+
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_sort = off")
+        cursor.execute(f"EXPLAIN {page.split(' LIMIT ')[0]} LIMIT 100")
+        plan = "\n".join(line for (line,) in cursor.fetchall())
+
+    assert "Sort" not in plan, (page, plan)
+
+
+def _model_of(changelist: str):
+    app_label, model_name = changelist.strip("/").split("/")[1:3]
+    return next(model for model in admin.site._registry if (model._meta.app_label, model._meta.model_name) == (
+        app_label, model_name))
