@@ -13,8 +13,8 @@ and its second factor: `marketplace.second_factor.OperatorAdminSite`.)
 import hashlib
 import json
 
-from axes.admin import AccessAttemptAdmin
-from axes.models import AccessAttempt
+from axes.admin import AccessAttemptAdmin, AccessFailureLogAdmin, AccessLogAdmin
+from axes.models import AccessAttempt, AccessFailureLog, AccessLog
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.models import LogEntry
@@ -598,6 +598,21 @@ class LockoutAdmin(AccessAttemptAdmin):
 if admin.site.is_registered(AccessAttempt):
     admin.site.unregister(AccessAttempt)
     admin.site.register(AccessAttempt, LockoutAdmin)
+
+
+class LoginRecordAdmin:
+    """axes' records of operators' logins (successes, failures): deleted by the daily beat task after
+    ADMIN_ACCESS_LOG_KEEP_DAYS, never here, where staff who may delete them (a superuser among them) deleted the record
+    of their own login, or of someone's who used their password."""
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+for _model, _admin in ((AccessLog, AccessLogAdmin), (AccessFailureLog, AccessFailureLogAdmin)):
+    if admin.site.is_registered(_model):
+        admin.site.unregister(_model)
+        admin.site.register(_model, type(_admin.__name__, (LoginRecordAdmin, _admin), {"__doc__": _admin.__doc__}))
 
 
 # --- the operators' second factors (marketplace.second_factor) ---------------------------------------------------

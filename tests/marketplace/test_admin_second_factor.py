@@ -23,7 +23,7 @@ from django.apps import apps as django_apps
 from django.contrib import admin
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from axes.handlers.proxy import AxesProxyHandler
-from axes.models import AccessAttempt, AccessLog
+from axes.models import AccessAttempt, AccessFailureLog, AccessLog
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from django.db import connection, connections, transaction
@@ -680,6 +680,24 @@ def test_an_operator_clears_a_lockout_in_the_admin(staff, settings):
 
     assert not AccessAttempt.objects.exists()
     assert log_in(Client(), "operator", PASSWORD, code(uri)).url == "/admin/"
+
+
+def test_an_operators_login_records_are_not_deleted_in_the_admin(staff, settings):
+    """The records of operators' logins (axes' access logs and failure logs) were deletable by staff who may delete
+    them, a superuser among them: the record of their own login, or of whoever logged in with their password, gone.
+    They are deleted by the daily beat task after ADMIN_ACCESS_LOG_KEEP_DAYS only."""
+    get_user_model().objects.create_superuser("colleague", "colleague@example.com", PASSWORD)
+    colleague = operator_client("colleague", PASSWORD)
+    login = AccessLog.objects.get(username="colleague")
+    # As axes writes it when its failure log is on (AXES_ENABLE_ACCESS_FAILURE_LOG).
+    failure = AccessFailureLog.objects.create(username="colleague", ip_address="203.0.113.7", user_agent="a browser",
+                                              path_info="/admin/login/", http_accept="text/html")
+
+    for changelist, record in [("/admin/axes/accesslog/", login), ("/admin/axes/accessfailurelog/", failure)]:
+        assert "delete_selected" not in colleague.get(changelist).content.decode()
+        colleague.post(changelist, {"action": "delete_selected", ACTION_CHECKBOX_NAME: [str(record.pk)], "post": "yes"})
+        assert colleague.post(f"{changelist}{record.pk}/delete/", {"post": "yes"}).status_code == 403
+        assert type(record).objects.filter(pk=record.pk).exists()
 
 
 def test_an_operator_cleans_up_expired_lockouts_in_the_admin_without_a_500(staff, settings):
