@@ -121,10 +121,16 @@ PRICE_PAID_WHEN_NAMED = NOTHING_COMMITTED
 # that funds it all the same makes it active, counted again from then).
 UNFUNDED_PAST_TERM = tuple(sorted(UNFUNDED_OPEN_STATUSES))
 # What a skill invocation counts: its price from the moment its authorization is accepted (authorized, held, paying
-# out or paid out, refunding until the refund is confirmed), nothing once its payment failed or was refunded, nor
-# once a reorg took its payment and it could not run again (`payment_reverted_at`): the buyer's money never left its
-# wallet. What the treasury paid out on it is the platform's loss, which reconcile shows the operator.
-INVOCATION_NOTHING_COMMITTED = (InvocationMoney.PAYMENT_FAILED, InvocationMoney.REFUNDED)
+# out or paid out, refunding until the refund is confirmed), nothing once refunded. One whose payment failed, or a
+# reorg took it and it could not run again (`payment_reverted_at`), has not taken the buyer's money, but its
+# authorization may still pay until its validBefore (with CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS): its signed bytes
+# are public once sent, and anyone may get them mined once the wallet holds funds (the treasury then holds the price:
+# paid out to a seller called already, else refunded once found). It counts its price until then, as a failed direct
+# purchase does; the platform offers no cancellation of an invocation's authorization, whose window is short (the
+# 402's maxTimeoutSeconds). What the treasury paid out on a reverted payment is the platform's loss, which reconcile
+# shows the operator.
+INVOCATION_RELEASED = InvocationMoney.REFUNDED
+INVOCATION_PAYMENT_FAILED = InvocationMoney.PAYMENT_FAILED
 
 
 @dataclass(frozen=True)
@@ -291,7 +297,14 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
                            "payment_tx_hash", "settlement_model", "expires_at", "payment_authorization",
                            "payment_authorization_cancel_tx_hash", "payment_authorization_watch_ended_at")}
     invocation = {name: quote(invocation_meta.get_field(name).column)
-                  for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at")}
+                  for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at", "authorization")}
+
+    def valid_before_of(authorization: str) -> str:
+        """The validBefore of the payment authorization whose key is the column `authorization`."""
+        return (f"(SELECT a.{quote(authorization_meta.get_field('valid_before').column)} "  # noqa: S608
+                f"FROM {quote(authorization_meta.db_table)} a WHERE a.{quote(authorization_meta.pk.column)} = "
+                f"{authorization})")
+
     fee_kept = (f"{column['fee_tx_hash']} <> '' AND {column['buyer_refund']} IS NULL")
     fee_if_kept = f"CASE WHEN {fee_kept} THEN {column['infra_fee']} ELSE 0 END"
     # A failed payment's authorization that may still pay (see `_committed_spends`): valid until %s (unix seconds).
@@ -299,9 +312,7 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
     authorization_may_pay = (
         f"{column['payment_authorization_cancel_tx_hash']} = '' "
         f"AND {column['payment_authorization_watch_ended_at']} IS NULL "
-        f"AND (SELECT a.{quote(authorization_meta.get_field('valid_before').column)} "  # noqa: S608
-        f"FROM {quote(authorization_meta.db_table)} a WHERE a.{quote(authorization_meta.pk.column)} = "
-        f"{column['payment_authorization']}) > %s")
+        f"AND {valid_before_of(column['payment_authorization'])} > %s")
     committed = (f"CASE WHEN {column['status']} IN ({', '.join(['%s'] * len(PRICE_PAID_WHEN_NAMED))}) "
                  f"AND {column['payment_tx_hash']} <> '' THEN {column['deposit_amount']} + {fee_if_kept} "
                  f"WHEN {column['status']} = %s AND {authorization_may_pay} "
@@ -314,7 +325,6 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
                  f"WHEN {column['status']} = %s THEN {column['infra_fee']} + "
                  f"COALESCE({column['seller_payout']}, {column['used']}) "
                  f"ELSE {column['infra_fee']} + {column['deposit_amount']} END")
-    released = ", ".join(["%s"] * len(INVOCATION_NOTHING_COMMITTED))
     # An agreement counts from its proposal until the platform moves its money, then from that moment.
     counted_at = f"COALESCE({column['funds_moved_at']}, {column['created_at']})"
     spends = (f"SELECT {counted_at} AS committed_at, {committed} AS amount "  # noqa: S608
@@ -322,8 +332,10 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
               f"AND {counted_at} >= %s "
               f"UNION ALL SELECT {invocation['created_at']}, {invocation['amount']} "
               f"FROM {quote(invocation_meta.db_table)} WHERE {invocation['buyer']} = %s "
-              f"AND {invocation['created_at']} >= %s AND {invocation['money']} NOT IN ({released}) "
-              f"AND {invocation['payment_reverted_at']} IS NULL")
+              f"AND {invocation['created_at']} >= %s AND {invocation['money']} <> %s "
+              # One whose payment failed or was reverted while its authorization may still pay (valid until %s).
+              f"AND (({invocation['money']} <> %s AND {invocation['payment_reverted_at']} IS NULL) "
+              f"OR {valid_before_of(invocation['authorization'])} > %s)")
     with_seller = (f"SELECT COUNT(*) FROM {quote(meta.db_table)} WHERE {column['buyer']} = %s "  # noqa: S608
                    f"AND {column['seller']} = %s AND {column['status']} IN ")
     unfunded = (f", ({with_seller}({', '.join(['%s'] * len(UNFUNDED_OPEN_STATUSES))})) + "
@@ -350,14 +362,14 @@ def _committed_spends(buyer: Agent, *, at: datetime, day_since: datetime, month_
     agreements (nothing once released but the price of a direct purchase closed or failed after its buyer's payment
     reached the seller, a failed direct purchase's price while its authorization may still pay (unused, not
     cancelled, its validBefore not past by CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS; one whose payment a reorg took
-    after it was counted paid too) and its fee
-    collected until it is refunded, the fee once
-    refunded, fee plus what the seller was paid once settled, which an arbiter may set above what was metered, else
-    fee plus deposit; nothing for an escrow agreement still unfunded once its term ended by `at`), each at the moment
-    the platform moved its money (or found its price paid) or, until then, at its proposal, but for the
-    agreement `excluding` (the one being checked); and its skill invocations (the price, unless the payment failed, was
-    refunded or was reverted). With `unfunded_with`, also how many of its agreements with that seller are unanswered
-    or unfunded (`UNFUNDED_OPEN_STATUSES`), or were proposed since `unfunded_since` and cancelled or expired unfunded
+    after it was counted paid too) and its fee collected until it is refunded, the fee once refunded, fee plus what
+    the seller was paid once settled, which an arbiter may set above what was metered, else fee plus deposit; nothing
+    for an escrow agreement still unfunded once its term ended by `at`), each at the moment the platform moved its
+    money (or found its price paid) or, until then, at its proposal, but for the agreement `excluding` (the one being
+    checked); and its skill invocations (the price, unless refunded, or unless the payment failed or was reverted and
+    its authorization can no longer pay: its validBefore past by CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS). With
+    `unfunded_with`, also how many of its agreements with that seller are unanswered or unfunded
+    (`UNFUNDED_OPEN_STATUSES`), or were proposed since `unfunded_since` and cancelled or expired unfunded
     (`UNFUNDED_LAPSED_STATUSES`), in the same statement."""
     # Its validBefore, with the margin the watch of closed proposals gives a use to reach the confirmation depth.
     may_pay_until = int(at.timestamp()) - CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS
@@ -377,7 +389,8 @@ def _committed_spends(buyer: Agent, *, at: datetime, day_since: datetime, month_
     with prepared_cursor() as cursor:
         cursor.execute(_committed_spends_sql(unfunded_count=unfunded_with is not None),
                        [since(day_since), *unfunded, *committed, buyer_id, excluded, since(month_since),
-                        buyer_id, since(month_since), *INVOCATION_NOTHING_COMMITTED])
+                        buyer_id, since(month_since), INVOCATION_RELEASED, INVOCATION_PAYMENT_FAILED,
+                        may_pay_until])
         row = cursor.fetchone()
     return CommittedSpends(last_day=int(row[0]), last_month=int(row[1]),
                            unfunded_with_seller=int(row[2]) if unfunded_with is not None else None)

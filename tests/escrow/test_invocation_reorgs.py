@@ -31,6 +31,7 @@ from tests.escrow.flow import (USDC, check_raises_once_mined, check_times_out_on
                                mined_what_was_sent, usdc_balance)
 from tests.escrow.test_indexer import mined
 from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
+from tests.support.server_clock import server_clock_drifted
 from tests.support.operators import form_as_shown, staff_account
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -400,34 +401,125 @@ def test_a_payment_a_reorg_took_while_the_seller_ran_is_neither_paid_out_nor_ref
     assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_reverted"
 
 
-def test_a_reverted_payment_the_buyer_never_paid_no_longer_counts_against_its_owners_spend_cap(
-        market, owner_api, owner, django_capture_on_commit_callbacks):
-    """The buyer's agent pays an invocation with its API key, and the payment is then taken off the chain and
-    cannot run again, after the seller was paid out: the money never left the buyer's wallet, so the owner's cap
-    has room for it again. The treasury's loss stays in front of the operator (reconcile fails until
-    acknowledged)."""
-    chain, capture = market.chain, django_capture_on_commit_callbacks
+def capped_buyer_agent(market, owner, owner_api, *, daily_cap: int) -> Api:
+    """The buyer's wallet as an agent of `owner`, whose policy caps its day at `daily_cap`; its API."""
     agent = AgentFactory(owner=owner, handle="buyer-one", is_buyer=True, is_seller=False,
                          wallet_address=market.buyer.address)
-    agent_api = Api(issue_key(agent))
-    # A proposal of 10 calls commits 200_000 and the 100_000 minimum fee: the cap's whole day.
-    assert owner_api.put(f"/agents/{agent.pk}/policies", {"daily_cap_atomic": 300_000}).status_code == 200
-    invocation_id, before_fork = paid_and_settled_on_a_branch(market, capture, "completed", api=agent_api)
-    refused = agent_api.post("/usage-agreements", proposal(market.service))
-    assert refused.status_code == 403 and refused.json()["error"]["details"]["spent"] == PRICE
-    payment = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT)
+    assert owner_api.put(f"/agents/{agent.pk}/policies", {"daily_cap_atomic": daily_cap}).status_code == 200
+    return Api(issue_key(agent))
 
+
+def assert_over_the_cap(response, *, spent: int) -> None:
+    assert response.status_code == 403, response.content
+    assert response.json()["error"]["details"]["rule"] == "daily_cap"
+    assert response.json()["error"]["details"]["spent"] == spent
+
+
+def authorization_ran_out(market, invocation_id: str, monkeypatch) -> None:
+    """The chain's clock, and ours, past the invocation's authorization's validBefore by the margin a late use needs
+    to be found at the confirmation depth: it can no longer pay."""
+    valid_before = SkillInvocation.objects.select_related("authorization").get(
+        pk=invocation_id.removeprefix("inv_")).authorization.valid_before
+    later = valid_before - market.chain.now() + x402_onchain.LATE_USE_MARGIN_SECONDS + 1
+    market.chain.increase_time(later)
+    market.chain.mine(1)
+    server_clock_drifted(monkeypatch, later)
+
+
+def test_a_reverted_payment_counts_against_its_owners_spend_cap_while_its_authorization_may_still_pay(
+        market, owner_api, owner, monkeypatch, django_capture_on_commit_callbacks):
+    """The buyer's agent pays an invocation with its API key, the seller is paid out, then a reorg takes the payment
+    off the chain and it cannot run again (the buyer's funds spent first on the new branch): the money has not left
+    the buyer's wallet. But the signed authorization is unused and valid, its bytes public (they paid once), and
+    anyone may get it mined once the wallet holds funds again: the price reaches the treasury, which paid the seller
+    already. Released at the reversal, the buyer called again a cap's worth, and a stranger's copy of the first took
+    the first price on top, past the cap. It counts until the authorization can no longer pay (its validBefore past
+    by the margin a use needs to be found); the treasury's loss stays in front of the operator meanwhile."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    agent_api = capped_buyer_agent(market, owner, owner_api, daily_cap=PRICE)  # one call a day
+    market.upstream.responses.append(SETTLED["completed"][0])
+    first = market.pay("translate")
+    before_fork = chain.snapshot()
+    with capture(execute=True):
+        invocation_id = market.call("translate", first, api=agent_api).json()["invocation_id"]
+    confirm_all(capture)  # the payout
+    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                       ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
     chain.reorg(before_fork)
     spend_all_but(chain, market.buyer.address, keep=0)
     chain.mine(3)
-    polls_until_concluded(capture, payment, ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
+    polls_until_concluded(capture, payment, payout)
     assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_reverted"
-
-    response = agent_api.post("/usage-agreements", proposal(market.service))
-
-    assert response.status_code == 201, response.content
     with pytest.raises(CommandError, match="1 mismatch"):
         call_command("reconcile", stdout=io.StringIO())
+    fund(chain, market.buyer.address, 10 * USDC)  # the wallet holds funds again
+    market.upstream.responses.append(SETTLED["completed"][0])
+
+    with capture(execute=True):
+        second = market.call("translate", market.pay("translate"), api=agent_api)
+
+    assert_over_the_cap(second, spent=PRICE)
+    # Anyone may still get it paid, which is why it counts: the buyer pays the price the seller was paid.
+    before_copy = chain.snapshot()
+    buyer = usdc_balance(chain, market.buyer.address)
+    mine_a_copy(chain, first)
+    assert usdc_balance(chain, market.buyer.address) == buyer - PRICE
+    chain.reorg(before_copy)
+    # Past its validBefore, with the margin, it can no longer pay: the budget is back.
+    authorization_ran_out(market, invocation_id, monkeypatch)
+    with capture(execute=True):
+        assert market.call("translate", market.pay("translate"), api=agent_api).status_code == 200
+
+
+def test_a_failed_payment_counts_against_its_owners_spend_cap_while_its_authorization_may_still_pay(
+        market, owner_api, owner, monkeypatch, django_capture_on_commit_callbacks):
+    """The buyer's wallet is emptied between the relayer's estimate of the payment and its mining: the payment reverts
+    and the invocation fails, nothing charged. Its authorization is unused and valid, its calldata public in the
+    reverted transaction: anyone may get it mined once the wallet holds funds again, and the price leaves the wallet
+    (the treasury refunds it once the relayer finds the copy at the confirmation depth). Released at the failure,
+    the buyer called again a cap's worth, and the copy took the first price on top, past the cap. It counts while
+    the authorization may pay; once found used and refunded it counts nothing."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    agent_api = capped_buyer_agent(market, owner, owner_api, daily_cap=PRICE)  # one call a day
+    first = market.pay("translate")
+    invocation_id, _ = failed_on_its_own(market, monkeypatch, capture, first, api=agent_api)
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_failed"
+    fund(chain, market.buyer.address, 10 * USDC)  # the wallet holds funds again
+    market.upstream.responses.append(SETTLED["completed"][0])
+
+    with capture(execute=True):
+        second = market.call("translate", market.pay("translate"), api=agent_api)
+
+    assert_over_the_cap(second, spent=PRICE)
+    buyer = usdc_balance(chain, market.buyer.address)
+    mine_a_copy(chain, first)  # a stranger gets it mined: the price leaves the wallet
+    assert usdc_balance(chain, market.buyer.address) == buyer - PRICE
+    chain.mine(3)
+    confirm_all(capture)
+    with capture(execute=True):  # still counted while the refund is under way
+        assert_over_the_cap(market.call("translate", market.pay("translate"), api=agent_api), spent=PRICE)
+    polls_until_concluded(capture, ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_REFUND))
+    assert invocation_of(market, invocation_id)["payment"]["status"] == "refunded"
+    assert usdc_balance(chain, market.buyer.address) == buyer
+    market.upstream.responses.append(SETTLED["completed"][0])
+    with capture(execute=True):
+        assert market.call("translate", market.pay("translate"), api=agent_api).status_code == 200
+
+
+def test_a_failed_payment_no_longer_counts_against_its_owners_spend_cap_once_its_authorization_ran_out(
+        market, owner_api, owner, monkeypatch, django_capture_on_commit_callbacks):
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    agent_api = capped_buyer_agent(market, owner, owner_api, daily_cap=PRICE)
+    invocation_id, _ = failed_on_its_own(market, monkeypatch, capture, market.pay("translate"), api=agent_api)
+    fund(chain, market.buyer.address, 10 * USDC)
+    with capture(execute=True):
+        assert_over_the_cap(market.call("translate", market.pay("translate"), api=agent_api), spent=PRICE)
+
+    authorization_ran_out(market, invocation_id, monkeypatch)
+
+    market.upstream.responses.append(SETTLED["completed"][0])
+    with capture(execute=True):
+        assert market.call("translate", market.pay("translate"), api=agent_api).status_code == 200
 
 
 @pytest.mark.parametrize("outcome", ["completed", "failed"])
@@ -917,8 +1009,9 @@ def test_a_reverted_payment_a_second_reorg_puts_back_on_the_chain_is_paid_again_
     buyer had spent its funds first. A second deep reorg takes that branch: on the one that wins, the buyer never
     spent, and the payment runs (our bytes sent again, or someone's copy of the authorization mined first). The
     treasury has the money: the invocation is paid out again, naming that transaction, its reversal no longer
-    recorded, counted against the buyer's owner's cap again, reconcile consistent and the gauge down. A third reorg
-    that takes the payment once more, where it cannot run, records it again."""
+    recorded, counted against the buyer's owner's cap (as it was while recorded reverted: its authorization could
+    still pay), reconcile consistent and the gauge down. A third reorg that takes the payment once more, where it
+    cannot run, records it again."""
     chain, capture = market.chain, django_capture_on_commit_callbacks
     agent = AgentFactory(owner=owner, handle="buyer-one", is_buyer=True, is_seller=False,
                          wallet_address=market.buyer.address)
@@ -932,7 +1025,8 @@ def test_a_reverted_payment_a_second_reorg_puts_back_on_the_chain_is_paid_again_
         invocation_id = market.call("translate", header, api=agent_api).json()["invocation_id"]
     payment, payout, second_fork = paid_out_then_recorded_reverted(market, capture, admin_client, invocation_id,
                                                                    before_fork)
-    assert agent_api.post("/usage-agreements", proposal(market.service)).status_code == 201  # not counted
+    refused = agent_api.post("/usage-agreements", proposal(market.service))  # counted: its authorization may pay
+    assert refused.status_code == 403 and refused.json()["error"]["details"]["spent"] == PRICE
 
     chain.reorg(second_fork)  # the buyer's spending is not on this branch
     third_fork = chain.snapshot()
@@ -954,7 +1048,7 @@ def test_a_reverted_payment_a_second_reorg_puts_back_on_the_chain_is_paid_again_
     assert 'marketplace_invocation_payments_reverted{acknowledged="false"} 0.0' in metrics
     call_command("reconcile", stdout=io.StringIO())
     refused = agent_api.post("/usage-agreements", proposal(market.service))
-    assert refused.status_code == 403 and refused.json()["error"]["details"]["spent"] == PRICE + 300_000
+    assert refused.status_code == 403 and refused.json()["error"]["details"]["spent"] == PRICE  # paid: counted
     assert len(market.upstream.requests) == 1
 
     chain.reorg(third_fork)
@@ -1082,12 +1176,12 @@ def test_a_reverted_payment_whose_authorization_a_copy_uses_later_is_paid_by_tha
 
 # --- an ordinary failure whose authorization is used later ----------------------------------------------------------
 
-def failed_on_its_own(market, monkeypatch, capture, header: str, *, how: str = "reverted"
+def failed_on_its_own(market, monkeypatch, capture, header: str, *, how: str = "reverted", api: Api | None = None
                       ) -> tuple[str, ChainTransaction]:
     """The buyer spends its funds after the platform's check: between the relayer's estimate and the mining
     (`reverted`: our payment is mined and reverts), or before the relayer's estimate (`failed_its_simulation`: ours
-    is never sent). The invocation fails with nothing charged, its seller never called. Returns its id and the
-    payment."""
+    is never sent). The invocation fails with nothing charged, its seller never called. Called anonymously, or as the
+    agent whose key `api` holds. Returns its id and the payment."""
     if how == "reverted":
         estimate = gateway.simulate
 
@@ -1107,7 +1201,7 @@ def failed_on_its_own(market, monkeypatch, capture, header: str, *, how: str = "
 
         monkeypatch.setattr(x402_onchain, "simulate", checked_then_buyer_spends)
     with capture(execute=True):
-        response = market.call("translate", header)
+        response = market.call("translate", header, api=api)
     monkeypatch.undo()
     assert response.status_code == 402 and response.json()["error"] == "payment_failed", response.content
     payment = ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_PAYMENT).latest("created_at")
