@@ -108,10 +108,10 @@ class InsecureUrl(ValueError):
 
 def require_https(url: str | httpx.URL, *, what: str, allow_insecure_http: bool) -> None:
     """Refuse (`InsecureUrl`) a URL the SDK would talk to in clear across a network: plain http (or any scheme but
-    https) to a host other than this machine's loopback (localhost, *.localhost, 127.0.0.0/8, ::1), unless the caller
-    says `allow_insecure_http=True`. In clear, the marketplace's API key (a bearer token) is anyone's on the path, and
-    any answer the SDK checks a signature against (a package, a 402, the token's nonces, the chain's clock, the
-    network configuration) could be rewritten on the way. The error names the scheme and host only: an RPC URL's
+    https) to a host other than this machine's loopback (`_is_loopback`: localhost, *.localhost, 127.0.0.0/8, ::1),
+    unless the caller says `allow_insecure_http=True`. In clear, the marketplace's API key (a bearer token) is
+    anyone's on the path, and any answer the SDK checks a signature against (a package, a 402, the token's nonces,
+    the chain's clock, the network configuration) could be rewritten on the way. The error names the scheme and host only: an RPC URL's
     path, query and user info often hold its provider's key (`sdk.onchain.redacted`)."""
     if allow_insecure_http:
         return
@@ -127,12 +127,18 @@ def require_https(url: str | httpx.URL, *, what: str, allow_insecure_http: bool)
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: resolved to loopback only
+    """Whether `host` names this machine's loopback only: localhost and its subdomains, fully qualified too (a
+    trailing dot; RFC 6761: resolved to loopback only), a loopback address, an IPv4-mapped one included
+    (`::ffff:127.0.0.1`, as a dual-stack server names itself)."""
+    name = host.lower().removesuffix(".")
+    if name == "localhost" or name.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 @contextmanager

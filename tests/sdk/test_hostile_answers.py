@@ -743,6 +743,22 @@ def test_https_and_plain_http_to_this_machine_are_sent(client, url):
     assert len(sent) == 1
 
 
+@pytest.mark.parametrize("url", ["http://localhost.:8000", "http://LocalHost.:8000", "http://api.localhost.:8000",
+                                 "http://[::ffff:127.0.0.1]:8000", "http://[::ffff:7f00:1]:8545"])
+@pytest.mark.parametrize("client", PLAIN_HTTP)
+def test_plain_http_to_this_machine_spelled_otherwise_is_sent(client, url):
+    """This machine's loopback named as a fully qualified name (`localhost.`, which resolves to loopback only, RFC
+    6761) or as an IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`, what a dual-stack server prints) was refused as
+    another machine (InsecureUrl): a local marketplace or dev chain so named could not be used without
+    allow_insecure_http, which also lets plain http to any host through."""
+    sent: list[httpx.Request] = []
+    try:
+        PLAIN_HTTP[client](url, recorded(sent))
+    except (KeyError, TypeError, ValueError, AnswerRefused, RpcError):  # the empty answer: not what each reads
+        pass
+    assert len(sent) == 1
+
+
 @pytest.mark.parametrize("client", PLAIN_HTTP)
 def test_plain_http_to_another_machine_is_sent_when_the_caller_allows_it(client):
     sent: list[httpx.Request] = []
