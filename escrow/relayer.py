@@ -1507,7 +1507,7 @@ def transaction_retry(*, tx: ChainTransaction, operator: AbstractBaseUser) -> Ch
     longer wants run (`rerun_wanted`: an activation whose agreement was closed since), nor one its domain refuses to
     send again now (`on_retry`: an activation the buyer's owner policy refuses now), nor one never built
     (`UNSENT`: its domain builds it anew once it can), nor one whose agreement has another of its purpose under way
-    or done (409 `superseded`). `operator` (the admin's user):
+    or done, nor a fee payment while another is under way (409 `superseded`). `operator` (the admin's user):
     403 `operator_owns_a_party` when it owns a party of the money the transaction moves (it pays their seller
     again)."""
     with transaction.atomic():
@@ -1547,17 +1547,23 @@ def transaction_retry(*, tx: ChainTransaction, operator: AbstractBaseUser) -> Ch
 
 
 def _live_of_its_agreement(tx: ChainTransaction) -> ChainTransaction | None:
-    """Its agreement's transaction of its purpose under way or done (not failed), if any."""
-    if tx.agreement_id is None:
-        return None
-    return ChainTransaction.objects.filter(agreement_id=tx.agreement_id, purpose=tx.purpose).exclude(
-        status=TxStatus.FAILED).first()
+    """Its agreement's transaction of its purpose under way or done (not failed), if any; for a fee payment (no
+    agreement), another fee payment under way (chaintx_one_fee_payment_under_way: the pay-fees task queues one
+    while fees are accrued), as `_superseded` reads them."""
+    if tx.agreement_id is not None:
+        return ChainTransaction.objects.filter(agreement_id=tx.agreement_id, purpose=tx.purpose).exclude(
+            status=TxStatus.FAILED).first()
+    if tx.purpose == TxPurpose.PAY_FEES:
+        return ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES, status__in=[
+            TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED]).exclude(pk=tx.pk).first()
+    return None
 
 
 def _retry_superseded(tx: ChainTransaction, live: ChainTransaction) -> Conflict:
     """The retry of `tx` refused: its agreement has a transaction of the same purpose under way or done (`live`; the
     domain sent one anew since, as a fee refund once a reorg's payment failed again), at most one of which may be
-    (chaintx_one_live_per_agreement_purpose: the retry's insert raised IntegrityError, a 500)."""
-    return Conflict("Another transaction for the same purpose of this agreement is under way or done: this one is not "
-                    "sent again.", code="superseded",
+    (chaintx_one_live_per_agreement_purpose: the retry's insert raised IntegrityError, a 500); or, for a fee
+    payment, another under way (chaintx_one_fee_payment_under_way)."""
+    return Conflict("Another transaction for the same purpose (of this agreement, or a fee payment) is under way or "
+                    "done: this one is not sent again.", code="superseded",
                     details={"transaction_id": str(tx.pk), "live_transaction_id": str(live.pk)})

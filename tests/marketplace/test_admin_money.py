@@ -453,3 +453,24 @@ def test_staff_who_may_view_agreements_and_disputes_see_no_note_the_buyer_wrote(
         Permission.objects.get(codename="view_agreement_note"))
     for page in pages:
         assert "4711" in staff.get(page).content.decode(), page
+
+
+def test_a_failed_fee_payments_retry_is_409_while_the_beat_task_has_another_under_way(
+        operator, settings, django_capture_on_commit_callbacks):
+    """A payFees that failed, and the pay-fees task queued another since (it does while fees are accrued): the
+    operator's retry of the failed one inserted a second live fee payment, which the one-under-way constraint refused
+    with IntegrityError, a 500 out of the admin's retry action (the `superseded` refusal knew only an agreement's
+    transactions). Refused, 409 `superseded` naming the one under way, nothing queued."""
+    payfees = dict(purpose=TxPurpose.PAY_FEES, to_address="0x" + "11" * 20, data="0x8b56e24d" + "00" * 32,
+                   chain_id=settings.CHAIN_ID, context={"token": "0x" + "33" * 20, "accrued": 100_000})
+    failed = ChainTransaction.objects.create(**payfees, status=TxStatus.FAILED, failure_reason="reverted")
+    under_way = ChainTransaction.objects.create(**payfees)
+
+    with django_capture_on_commit_callbacks(execute=False):
+        response = operator.post("/admin/escrow/chaintransaction/",
+                                 {"action": "retry_failed", "_selected_action": [str(failed.pk)]}, follow=True)
+
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "Queued 0 transaction(s) again." in page and "(superseded)" in page
+    assert set(ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES)) == {failed, under_way}
