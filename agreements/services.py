@@ -638,16 +638,24 @@ def _buyer_policy_decision(*, buyer: Agent, service: Service, token: str, amount
     return decision
 
 
+def _platform_limit_check(agreement: UsageAgreement) -> None:
+    """400 `amount_too_large` (`money.amount_within_limit`) for an agreement whose amount is above the platform's
+    ceiling in force now: an operator who lowered AGREEMENT_MAX_AMOUNT since the proposal expects it to bind at every
+    step that leads to its money moving (the owner's approval, the seller's accept) as when it moves (an accept, an
+    activation, an operator's retry), not let the parties go one step further to learn it at the last. Nothing is
+    written: the agreement stays where it was, and proceeds once the ceiling allows it again."""
+    money.amount_within_limit(agreement.deposit_amount)
+
+
 def _payment_policy_refusal(agreement: UsageAgreement) -> Forbidden | None:
     """Why the buyer's owner policy, as it is now, refuses the platform moving this agreement's money now (None: it
     allows it): its deny rules and caps as at proposal, counting every agreement at the moment its money moved (until
     then at its proposal) but this one. An approval given at proposal stands; one the policy asks for only now is
     refused, as a skill invocation's: no payment waits for the owner. Call inside the transaction that moves the
     money, with the agreement locked: the buyer is locked too, until it commits.
-    Raises 400 `amount_too_large` (`money.amount_within_limit`) for an amount above the platform's ceiling in force
-    now: an operator who lowered AGREEMENT_MAX_AMOUNT since the proposal expects it to bind when the money moves (an
-    accept, an activation, an operator's retry), as it does a skill's payment, not only at the proposal."""
-    money.amount_within_limit(agreement.deposit_amount)
+    Raises 400 `amount_too_large` for an amount above the platform's ceiling in force now (`_platform_limit_check`),
+    as it does a skill's payment, not only at the proposal."""
+    _platform_limit_check(agreement)
     at = timezone.now()
     try:
         decision = _buyer_policy_decision(buyer=agreement.buyer, service=agreement.service, token=agreement.token,
@@ -1163,7 +1171,10 @@ def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreem
         if direct and current.status in (S.PAYING, S.PAID, S.PAYMENT_FAILED):
             return current  # a repeated accept: the payment already started
         paid_already = preflight is not None and preflight.paid_by is not None
-        if current.status == S.PROPOSED and acceptance_deadline(current) <= timezone.now() and not paid_already:
+        expired = current.status == S.PROPOSED and acceptance_deadline(current) <= timezone.now() and not paid_already
+        if current.status == S.PROPOSED and not expired:
+            _platform_limit_check(current)  # escrow or direct alike: nothing written, it stays proposed
+        if expired:
             # Committed before answering, so the seller's late accept leaves the agreement visibly expired. Not one
             # whose price reached the seller already: that one is accepted as paid, as the expiry sweep does.
             _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
@@ -1718,6 +1729,7 @@ def _approval_policy_check(agreement: UsageAgreement) -> None:
     when the money moves (`_payment_policy_refusal`), which still holds then; the buyer is locked after the
     agreement, as there."""
     offer_withdrawn_check(agreement.service, then="while the purchase waited: reject it")
+    _platform_limit_check(agreement)  # 400 `amount_too_large`: the request left pending, as the accept would refuse
     try:
         _buyer_policy_decision(buyer=agreement.buyer, service=agreement.service, token=agreement.token,
                                amount=agreement.deposit_amount + agreement.infra_fee, at=timezone.now(),

@@ -86,6 +86,26 @@ def test_accept_is_idempotent_and_audited(buyer_api, seller_api, service):
         ("", "proposed", "buyer"), ("proposed", "accepted", "seller")]
 
 
+def test_an_escrow_above_a_since_lowered_platform_limit_is_refused_at_the_sellers_accept_with_nothing_written(
+        buyer_api, seller_api, service, settings):
+    """Proposed under a higher AGREEMENT_MAX_AMOUNT, an escrow was still accepted once the operator lowered it, and
+    refused only at activation: the parties went one step further for nothing. The ceiling in force binds at the
+    accept, as at a direct purchase's: 400 `amount_too_large`, the agreement stays proposed, no event written; at the
+    limit it is accepted."""
+    agreement = propose(buyer_api, service)
+    deposit = int(agreement["deposit_amount_atomic"])
+    settings.AGREEMENT_MAX_AMOUNT = deposit - 1
+
+    refused = seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+
+    assert refused.status_code == 400 and error_code(refused) == "amount_too_large", refused.content
+    assert refused.json()["error"]["details"] == {"max_amount_atomic": deposit - 1}
+    assert statuses(agreement["id"]) == [("", "proposed")]
+    settings.AGREEMENT_MAX_AMOUNT = deposit
+    accepted = seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+    assert accepted.status_code == 200 and accepted.json()["status"] == "accepted", accepted.content
+
+
 def test_reject_with_reason(buyer_api, seller_api, service):
     agreement = propose(buyer_api, service)
     response = seller_api.put(f"/usage-agreements/{agreement['id']}/reject", {"reason": "fully booked"})

@@ -551,3 +551,28 @@ def test_an_approval_landing_as_the_term_ends_expires_the_purchase(owner_api, bu
     assert closed["status"] == "expired"
     again = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")  # a retry is told the same
     assert again.status_code == 409 and again.json()["error"]["details"] == {"status": "expired"}
+
+
+def test_approving_a_purchase_above_a_since_lowered_platform_limit_is_400_and_leaves_the_request_pending(
+        owner_api, buyer, buyer_api, seller_api, service, settings):
+    """The owner approved a purchase whose price the operator had since put above AGREEMENT_MAX_AMOUNT: 200, the
+    purchase offered to the seller, refused only when its money would move. The ceiling in force binds at the
+    approval, as at the seller's accept: 400 `amount_too_large`, nothing written (the request pending, the purchase
+    awaiting it); at the limit it is approved."""
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    deposit = int(held["deposit_amount_atomic"])
+    settings.AGREEMENT_MAX_AMOUNT = deposit - 1
+
+    refused = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
+
+    assert refused.status_code == 400 and error_code(refused) == "amount_too_large", refused.content
+    assert refused.json()["error"]["details"] == {"max_amount_atomic": deposit - 1}
+    assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
+    assert UsageAgreement.objects.get(pk=held["id"]).status == "pending_approval"
+    assert UsageAgreement.objects.get(pk=held["id"]).events.count() == 1
+    settings.AGREEMENT_MAX_AMOUNT = deposit
+    approved = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
+    assert approved.status_code == 200 and approved.json()["status"] == "approved", approved.content
+    assert UsageAgreement.objects.get(pk=held["id"]).status == "proposed"
