@@ -346,6 +346,17 @@ def _payment_reverted(invocation: SkillInvocation, *, reason: str) -> None:
     invocation.save(update_fields=["payment_reverted_at", "payment_reverted_reason", "money", "updated_at"])
 
 
+def invocation_payment_authorization_closed(*, invocation_id, closed_by: str) -> None:
+    """The chain shows the authorization of the invocation's failed (or reverted) payment closed at the confirmation
+    depth by `closed_by` (the buyer's cancelAuthorization, or another transfer under its nonce): nobody can get it
+    mined any more, so its price no longer counts against the buyer's caps (`services._committed_spends_sql`) before
+    its validBefore. Recorded once. A reorg deeper than the confirmation depth that took the close is not undone here:
+    the watch of failed payments keeps reading the authorization until its validBefore all the same, and a use it finds
+    is applied as the payment made, which counts again."""
+    SkillInvocation.objects.filter(pk=invocation_id, authorization_closed_by="").update(
+        authorization_closed_by=closed_by, updated_at=timezone.now())
+
+
 def invocation_payment_reopened(*, invocation_id, tx_hash: str) -> None:
     """A reorg took the confirmed payment `tx_hash` off the chain; the relayer sends it again. An invocation not run
     yet waits for it (authorized again: the run claims held invocations only); one run already is left as it is

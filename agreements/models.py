@@ -639,6 +639,10 @@ class SkillInvocation(PaymentReversal):
                                               "invocations count against it (invocations.invocation_failures_check).")
     payment_tx_hash = Bytes32Field(blank=True)
     settlement_tx_hash = Bytes32Field(blank=True, help_text="The payout to the seller or the refund to the buyer.")
+    authorization_closed_by = Bytes32Field(
+        blank=True, help_text="The transaction that closed the authorization of a failed payment on the token, at the "
+                              "confirmation depth (the buyer's cancelAuthorization, or another transfer under its "
+                              "nonce): it can no longer pay, and no longer counts against the buyer's caps.")
     result = models.JSONField(null=True, blank=True)
     error = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

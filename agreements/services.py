@@ -26,6 +26,7 @@ from agreements import invocations, selectors, webhooks, x402_protocol
 from agreements.invocations import invocation_failures_check as invocation_failures_check
 from agreements.invocations import invocation_is_retry as invocation_is_retry
 from agreements.invocations import invocation_paid_out as invocation_paid_out
+from agreements.invocations import invocation_payment_authorization_closed as invocation_payment_authorization_closed
 from agreements.invocations import invocation_payment_confirmed as invocation_payment_confirmed
 from agreements.invocations import invocation_payment_failed as invocation_payment_failed
 from agreements.invocations import invocation_payment_reopened as invocation_payment_reopened
@@ -297,7 +298,8 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
                            "payment_tx_hash", "settlement_model", "expires_at", "payment_authorization",
                            "payment_authorization_cancel_tx_hash", "payment_authorization_watch_ended_at")}
     invocation = {name: quote(invocation_meta.get_field(name).column)
-                  for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at", "authorization")}
+                  for name in ("money", "amount", "buyer", "created_at", "payment_reverted_at", "authorization",
+                               "authorization_closed_by")}
 
     def valid_before_of(authorization: str) -> str:
         """The validBefore of the payment authorization whose key is the column `authorization`."""
@@ -333,9 +335,11 @@ def _committed_spends_sql(*, unfunded_count: bool = False) -> str:
               f"UNION ALL SELECT {invocation['created_at']}, {invocation['amount']} "
               f"FROM {quote(invocation_meta.db_table)} WHERE {invocation['buyer']} = %s "
               f"AND {invocation['created_at']} >= %s AND {invocation['money']} <> %s "
-              # One whose payment failed or was reverted while its authorization may still pay (valid until %s).
+              # One whose payment failed or was reverted while its authorization may still pay (valid until %s, and
+              # not closed on the token since: `invocation_payment_authorization_closed`).
               f"AND (({invocation['money']} <> %s AND {invocation['payment_reverted_at']} IS NULL) "
-              f"OR {valid_before_of(invocation['authorization'])} > %s)")
+              f"OR ({valid_before_of(invocation['authorization'])} > %s "
+              f"AND {invocation['authorization_closed_by']} = ''))")
     with_seller = (f"SELECT COUNT(*) FROM {quote(meta.db_table)} WHERE {column['buyer']} = %s "  # noqa: S608
                    f"AND {column['seller']} = %s AND {column['status']} IN ")
     unfunded = (f", ({with_seller}({', '.join(['%s'] * len(UNFUNDED_OPEN_STATUSES))})) + "

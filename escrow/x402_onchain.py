@@ -253,7 +253,12 @@ def _invocation_payment_evidence(tx: ChainTransaction) -> dict:
     if tx.status == TxStatus.CONFIRMED:
         return {}
     invocation = SkillInvocation.objects.select_related("authorization").get(pk=_invocation_id(tx))
-    return _authorization_use(invocation.authorization) or {"used_by": None}
+    if use := _authorization_use(invocation.authorization):
+        return use
+    if not invocation.authorization_closed_by and (closed_by := _authorization_closed_by(invocation.authorization)):
+        # Nobody can get it mined any more: its price stops counting against the buyer's caps before its validBefore.
+        agreement_services.invocation_payment_authorization_closed(invocation_id=invocation.pk, closed_by=closed_by)
+    return {"used_by": None}
 
 
 def _paid_by(tx: ChainTransaction) -> str | None:
@@ -545,6 +550,26 @@ def _authorization_cancelled(authorization) -> bool:
     reorg may take, the authorization valid again."""
     found = _authorization_logs(authorization, confirmed=True)
     return bool(found) and _topic_of(found[-1]) == chain.event_topic(chain.token_contract().events.AuthorizationCanceled())
+
+
+def _authorization_closed_by(authorization) -> str | None:
+    """The transaction that closed the authorization without its transfer at the confirmation depth, if one did: the
+    payer's cancelAuthorization (AuthorizationCanceled), or another transfer it signed under the same nonce (an
+    AuthorizationUsed that did not move what the authorization says: `_transferred_as_authorized`). None while it is
+    unused, used as authorized, or closed in a block a reorg may still take. The token's `authorizationState` is read
+    first, so an unused one costs no log search."""
+    token = chain.token_contract()
+    payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
+    if not chain.call(token.functions.authorizationState(payer, nonce).call):
+        return None
+    found = _authorization_logs(authorization, confirmed=True)
+    if not found:
+        return None
+    latest = found[-1]
+    if _topic_of(latest) == chain.event_topic(token.events.AuthorizationUsed()) and _transferred_as_authorized(
+            latest, authorization):
+        return None
+    return _hex32(latest["transactionHash"])
 
 
 def _transferred_as_authorized(used_log, authorization) -> bool:

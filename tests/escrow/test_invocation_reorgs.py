@@ -24,7 +24,7 @@ from marketplace.errors import Conflict
 from marketplace.sweeps import RowsFailed
 from sdk import typed_data
 from tests.agreements.helpers import proposal
-from tests.agreements.test_invocations import FEE, PRICE, Market
+from tests.agreements.test_invocations import FEE, PRICE, Market, cancelled_on_chain
 from tests.catalog.factories import AgentFactory, issue_key
 from tests.conftest import Api
 from tests.escrow.flow import (USDC, check_raises_once_mined, check_times_out_once_mined, confirm_all, fund,
@@ -520,6 +520,56 @@ def test_a_failed_payment_no_longer_counts_against_its_owners_spend_cap_once_its
     market.upstream.responses.append(SETTLED["completed"][0])
     with capture(execute=True):
         assert market.call("translate", market.pay("translate"), api=agent_api).status_code == 200
+
+
+@pytest.mark.parametrize("how", ["cancelled", "used_elsewhere"])
+def test_a_failed_payment_no_longer_counts_against_its_owners_spend_cap_once_its_authorization_is_closed_on_chain(
+        market, owner_api, owner, monkeypatch, settings, how, django_capture_on_commit_callbacks):
+    """The payment failed and its authorization, valid for hours yet, counted against the buyer's cap until then. The
+    buyer closes it on the token itself: EIP-3009's cancelAuthorization (`cancelled`), or another transfer it signed
+    under the same nonce, to a wallet of its own (`used_elsewhere`). Nobody can get it mined any more, yet the watch
+    of failed payments recorded nothing and the budget stayed held until its validBefore. Once the poll finds the
+    close at the confirmation depth, the cap is free; before that depth it still counts (a reorg may take it)."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    agent_api = capped_buyer_agent(market, owner, owner_api, daily_cap=PRICE)
+    first = market.pay("translate")
+    failed_on_its_own(market, monkeypatch, capture, first, api=agent_api)
+    fund(chain, market.buyer.address, 10 * USDC)
+    with capture(execute=True):
+        assert_over_the_cap(market.call("translate", market.pay("translate"), api=agent_api), spent=PRICE)
+
+    confirmations, settings.CHAIN_CONFIRMATIONS = settings.CHAIN_CONFIRMATIONS, 3
+    if how == "cancelled":
+        cancelled_on_chain(market, first)
+    else:
+        used_elsewhere(market, first)
+    confirm_all(capture)  # the watch reads it in a block a reorg may still take: it still counts
+    with capture(execute=True):
+        assert_over_the_cap(market.call("translate", market.pay("translate"), api=agent_api), spent=PRICE)
+    chain.mine(2)
+    settings.CHAIN_CONFIRMATIONS = confirmations
+    confirm_all(capture)
+
+    market.upstream.responses.append(SETTLED["completed"][0])
+    with capture(execute=True):
+        freed = market.call("translate", market.pay("translate"), api=agent_api)
+    assert freed.status_code == 200, freed.content
+
+
+def used_elsewhere(market, payment: str) -> None:
+    """The payer signs another transfer under the payment's nonce, to itself, and gets it mined: the nonce is spent,
+    nothing reached payTo."""
+    authorization = decode_payment_signature_header(payment).payload["authorization"]
+    valid_before = int(authorization["validBefore"])
+    typed = typed_data.transfer_with_authorization(
+        chain_id=market.chain.chain_id, token_address=market.chain.usdc.address, from_address=market.buyer.address,
+        to_address=market.buyer.address, value=1, valid_after=0, valid_before=valid_before, nonce=authorization["nonce"])
+    signature = bytes.fromhex(typed_data.sign_typed_data(market.buyer.key, typed)[2:])
+    sent = market.chain.usdc.get_function_by_signature(
+        "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)")(
+        market.buyer.address, market.buyer.address, 1, 0, valid_before, bytes.fromhex(authorization["nonce"][2:]),
+        signature).transact({"from": market.buyer.address})
+    assert market.chain.w3.eth.wait_for_transaction_receipt(sent)["status"] == 1
 
 
 @pytest.mark.parametrize("outcome", ["completed", "failed"])
