@@ -400,13 +400,15 @@ def redeliver(modeladmin, request, queryset):
 
 
 @admin.register(WebhookDelivery)
-class WebhookDeliveryAdmin(MoneyRecordAdmin):
+class WebhookDeliveryAdmin(IndexedSearch, MoneyRecordAdmin):
     """A log of what was sent; sending again is the action, which writes a new attempt."""
 
     list_display = ("short_id", "event_type", "agreement_short", "subscription_agent", "status", "attempts",
                     "last_status_code", "created_at", "delivered_at")
     list_filter = ("status", known_values_filter("event_type", lambda: EVENT_TYPES, title="event type"))
-    search_fields = ("id", "subscription__url__host_contains", "subscription__agent__handle")  # as subscriptions
+    # As subscriptions (IndexedSearch): a delivery's id, the handle of the agent it went to, a host its URL is at
+    # (the few subscriptions at it looked up first, their deliveries by their key: deliveries grow with every event).
+    search_fields = ("id", "subscription__url__host_contains", "subscription__agent__handle")
     list_select_related = ("subscription", "subscription__agent")
     actions = [redeliver]
     readonly_fields = [f.name for f in WebhookDelivery._meta.fields]
@@ -484,7 +486,7 @@ def acknowledge_reverted_payment(modeladmin, request, queryset):
 
 
 @admin.register(InvocationSellerFailure)
-class InvocationSellerFailureAdmin(MoneyRecordAdmin):
+class InvocationSellerFailureAdmin(IndexedSearch, MoneyRecordAdmin):
     """Invocations their seller failed, refunded whole (invocations.invocation_failures_check): search a payer's
     wallet or a seller's handle to see why a buyer party (the agent's owner, the wallet, an anonymous payer's client
     network) is refused that seller's skills, and when that ends. Recorded by agreements.invocations only."""

@@ -336,6 +336,9 @@ class UsageAgreement(PaymentReversal):
             # The operators' list (the admin), newest first as Django orders it (then by the key, for a total order):
             # a page read from the index, not sorted out of every row.
             models.Index(fields=["-created_at", "-id"], name="agreement_newest_idx"),
+            # The dashboard's volume chart reads the deposits activated in its window, not every agreement.
+            models.Index(fields=["activated_at"], condition=Q(activated_at__isnull=False),
+                         name="agreement_activated_idx"),
             # The closed (or failed unsent) direct purchases whose authorization may yet be used, least recently read
             # first (one never read by the watch: from its close, a failed one from its accept).
             models.Index(Coalesce("payment_authorization_watched_at", "closed_at", "accepted_at"), F("id"),
@@ -478,6 +481,11 @@ class AgreementEvent(models.Model):
 
     class Meta:
         ordering = ["id"]
+        indexes = [
+            # The agreements ever disputed (escrow.selectors.disputes_ever: the operators' disputes list), read from
+            # their challenge events, not by looking up every agreement's events.
+            models.Index(fields=["agreement"], condition=Q(to_status="disputed"), name="agreement_event_disputed_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.from_status or '∅'} → {self.to_status}"
@@ -557,7 +565,9 @@ class WebhookDelivery(models.Model):
     class Meta:
         ordering = ["-created_at"]
         verbose_name_plural = "webhook deliveries"
-        indexes = [models.Index(fields=["status", "next_attempt_at"], name="delivery_due_idx")]
+        indexes = [models.Index(fields=["status", "next_attempt_at"], name="delivery_due_idx"),
+                   # The operators' list, newest first (then the key): a page read from the index, not sorted.
+                   models.Index(fields=["-created_at", "-id"], name="delivery_newest_idx")]
 
     def __str__(self) -> str:
         return f"{self.event_type} → {path_masked(self.subscription.url)} ({self.status})"
@@ -676,6 +686,8 @@ class SkillInvocation(PaymentReversal):
         indexes = [models.Index(fields=["status", "deadline_at"], name="invocation_status_deadline_idx"),
                    # the operators' list (the admin), newest first: a page read from the index, not sorted
                    models.Index(fields=["-created_at", "-id"], name="invocation_newest_idx"),
+                   # the dashboard's volume chart: the payments confirmed in its window, not every invocation
+                   models.Index(fields=["paid_at"], condition=Q(paid_at__isnull=False), name="invocation_paid_idx"),
                    models.Index(fields=["payment_reverted_at"], condition=Q(payment_reverted_at__isnull=False),
                                 name="invocation_reverted_idx")]
 
@@ -706,6 +718,8 @@ class InvocationSellerFailure(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["buyer_owner", "failed_at"], name="invocation_failure_owner_idx"),
+                   # The operators' list, newest first (then the key): a page read from the index, not sorted.
+                   models.Index(fields=["-failed_at", "-invocation"], name="invocation_failure_newest_idx"),
                    models.Index(fields=["payer", "failed_at"], name="invocation_failure_payer_idx"),
                    models.Index(fields=["anonymous_client", "failed_at"], name="invocation_failure_client_idx",
                                 condition=~Q(anonymous_client=""))]

@@ -7,11 +7,14 @@ What it does, in order:
 1. Uses its own database (BENCH_DATABASE_URL, default postgres://postgres@127.0.0.1:5432/marketplace_admin_bench):
    created when missing, always migrated. Never the development or test database.
 2. Seeds `--rows` services, agreements, usage events, chain transactions and skill invocations (with their payment
-   authorizations), `--rows // 5` agents, with bulk inserts (not service calls), unless the database already holds
-   this seed (same seed version and row count).
+   authorizations), `--rows // 5` agents, and as many rows of the tables that grow with traffic (chain events,
+   webhook deliveries, relay reverts, invocation seller failures, approval requests), with bulk inserts (not service
+   calls), unless the database already holds this seed (same seed version and row count); a seed of before the
+   traffic tables gets them added.
 3. Asks each page as a superuser (the test client, in this process, DEBUG off): every change list plain, searched,
    filtered and sorted, and a change page of each big table; prints per page the best of `--repeat` answers' time,
-   its SQL statements and their time, and the slowest statement. Exits 1 when a page is not a 200.
+   its SQL statements and their time, and the slowest statement; under the dashboard's line (many statements), its
+   `--statements` slowest. Exits 1 when a page is not a 200.
 The number to read is the statement count: it must not grow with the rows (tests/marketplace/test_admin_scale.py
 holds it constant); a page's time grows with the rows only where a statement reads them all.
 """
@@ -31,8 +34,10 @@ from bench import harness  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/marketplace_admin_bench"
 SEED_VERSION = 1
+TRAFFIC_SEED_VERSION = 1  # the tables that grow with traffic (`traffic_rows_added`), added to a seed that lacks them
 BATCH = 5_000
 SLOW_PAGE_SECONDS = 1.0
+STATEMENTS_SHOWN = ("dashboard",)  # pages of many statements: each of their slowest is printed under their line
 
 
 def _database(url: str) -> None:
@@ -63,15 +68,33 @@ def seed(rows: int) -> None:
     from django.core.management import call_command
     from django.db import connection, transaction
 
+    from agreements.models import SkillInvocation, UsageAgreement
+    from escrow.models import ChainTransaction
+
+    users = get_user_model().objects
     marker = f"bench-admin-v{SEED_VERSION}-{rows}"
-    if get_user_model().objects.filter(username=marker).exists():
-        print(f"seed {marker} present: reused")
+    traffic_marker = f"bench-admin-traffic-v{TRAFFIC_SEED_VERSION}-{rows}"
+    if users.filter(username=traffic_marker).exists():
+        print(f"seed {marker} and {traffic_marker} present: reused")
         return
-    print(f"seeding {marker} ...", flush=True)
     started = time.monotonic()
-    call_command("flush", interactive=False, verbosity=0)
-    with transaction.atomic():
-        rows_added(rows, owner=get_user_model().objects.create(username=marker))
+    if users.filter(username=marker).exists():  # a seed of before the traffic tables: those added to it
+        print(f"seed {marker} present: adding {traffic_marker} ...", flush=True)
+        owner = users.get(username=marker)
+        with transaction.atomic():
+            traffic_rows_added(
+                owner=owner,
+                agreements=list(UsageAgreement.objects.order_by("created_at", "id").only("id", "buyer_id")),
+                transactions=list(ChainTransaction.objects.order_by("created_at", "id").only("id", "agreement_id")),
+                invocations=list(SkillInvocation.objects.order_by("created_at", "id").only(
+                    "id", "seller_id", "buyer_id")))
+            users.create(username=traffic_marker)
+    else:
+        print(f"seeding {marker} ...", flush=True)
+        call_command("flush", interactive=False, verbosity=0)
+        with transaction.atomic():
+            rows_added(rows, owner=users.create(username=marker))
+            users.create(username=traffic_marker)
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE")
     print(f"seeded in {time.monotonic() - started:.0f} s", flush=True)
@@ -80,8 +103,9 @@ def seed(rows: int) -> None:
 def rows_added(rows: int, *, owner, first: int = 0) -> None:
     """`rows` services, agreements (active, each with its activation transaction), usage events (100 per agreement
     from the first), chain transactions and skill invocations (each with its payment authorization), `rows // 5`
-    agents (2 at least), all owned by `owner`. `first`: where this batch's numbering starts, so that batches added one
-    after another (tests/marketplace/test_admin_scale.py) share no unique value."""
+    agents (2 at least), all owned by `owner`, and the tables that grow with traffic (`traffic_rows_added`).
+    `first`: where this batch's numbering starts, so that batches added one after another
+    (tests/marketplace/test_admin_scale.py) share no unique value."""
     from django.utils import timezone
 
     from agreements.models import PaymentAuthorization, SkillInvocation, UsageAgreement, UsageEvent
@@ -127,11 +151,51 @@ def rows_added(rows: int, *, owner, first: int = 0) -> None:
                               pay_to=_address(97), amount=10_000, valid_after=0, valid_before=2**40,
                               nonce=_hex(2 * 10**9 + n), signature="0x" + "ab" * 65) for n in numbers],
         batch_size=BATCH)
-    SkillInvocation.objects.bulk_create(
+    invocations = SkillInvocation.objects.bulk_create(
         [SkillInvocation(skill=skills[n % len(skills)], seller=skills[n % len(skills)].service.seller,
                          buyer=agents[n % agents_count], authorization=authorizations[n - first], amount=10_000,
                          fee=100, seller_wallet_address=_address(5), is_async=False, timeout_seconds=30,
                          status="completed", money="paid_out") for n in numbers], batch_size=BATCH)
+    traffic_rows_added(owner=owner, agreements=agreements, transactions=transactions, invocations=invocations,
+                       first=first)
+
+
+def traffic_rows_added(*, owner, agreements, transactions, invocations, first: int = 0) -> None:
+    """One chain event per agreement (its activation), one webhook delivery per agreement (to one subscription of
+    the first agreement's buyer), one relay revert per chain transaction, one seller failure per invocation and one
+    approval request per agreement: the operators' lists that grow with traffic."""
+    from django.utils import timezone
+
+    from agreements.models import InvocationSellerFailure, WebhookDelivery, WebhookSubscription
+    from escrow.models import ChainEvent, IndexerCursor, RelayRevert
+    from policies.models import ApprovalRequest
+
+    now = timezone.now()
+    cursor, _ = IndexerCursor.objects.get_or_create(chain_id=31337, escrow_address=_address(96),
+                                                    defaults={"start_block": 0})
+    ChainEvent.objects.bulk_create(
+        [ChainEvent(cursor=cursor, block_number=first + i + 1, block_hash=_hex(3 * 10**9 + first + i),
+                    tx_hash=_hex(4 * 10**9 + first + i), log_index=0, contract=_address(96), name="Activated",
+                    agreement=agreement, effect="applied", to_status="active")
+         for i, agreement in enumerate(agreements)], batch_size=BATCH)
+    subscription = WebhookSubscription.objects.create(
+        agent_id=agreements[0].buyer_id, url=f"https://hooks{first}.example/in", secret=f"whsec_bench{first}")
+    WebhookDelivery.objects.bulk_create(
+        [WebhookDelivery(subscription=subscription, event_type="agreement.activated",
+                         payload={"data": {"agreement_id": str(agreement.pk)}}, status="delivered", attempts=1,
+                         next_attempt_at=now, delivered_at=now) for agreement in agreements], batch_size=BATCH)
+    RelayRevert.objects.bulk_create(
+        [RelayRevert(transaction=tx, party=f"wallet:{_address(2 * 10**7 + first + i)}",
+                     wallet=_address(2 * 10**7 + first + i), owner=owner, reason="reverted", reverted_at=now)
+         for i, tx in enumerate(transactions)], batch_size=BATCH)
+    InvocationSellerFailure.objects.bulk_create(
+        [InvocationSellerFailure(invocation=invocation, seller_id=invocation.seller_id, buyer_owner=owner,
+                                 payer=_address(3 * 10**7 + first + i), failed_at=now)
+         for i, invocation in enumerate(invocations)], batch_size=BATCH)
+    ApprovalRequest.objects.bulk_create(
+        [ApprovalRequest(agent_id=agreement.buyer_id,
+                         subject_type="agreement", subject_id=agreement.pk, amount=100_000, rule="max_per_agreement",
+                         expires_at=now) for agreement in agreements], batch_size=BATCH)
 
 
 def pages() -> list[tuple[str, str]]:
@@ -153,6 +217,11 @@ def pages() -> list[tuple[str, str]]:
         "skills": "/admin/catalog/skill/",
         "tags": "/admin/catalog/tag/",
         "masumi purchases": "/admin/escrow/masumipurchase/",
+        "chain events": "/admin/escrow/chainevent/",
+        "webhook deliveries": "/admin/agreements/webhookdelivery/",
+        "relay reverts": "/admin/escrow/relayrevert/",
+        "invocation failures": "/admin/agreements/invocationsellerfailure/",
+        "approval requests": "/admin/policies/approvalrequest/",
     }
     found = []
     for name, path in listed.items():
@@ -179,7 +248,7 @@ def pages() -> list[tuple[str, str]]:
     return found
 
 
-def measure(repeat: int) -> int:
+def measure(repeat: int, slowest_shown: int = 6) -> int:
     from django.contrib.auth import get_user_model
     from django.db import connection
     from django.test import Client
@@ -207,6 +276,9 @@ def measure(repeat: int) -> int:
         flag = " SLOW" if elapsed > SLOW_PAGE_SECONDS else ""
         print(f"{name:<40} {status:>6} {elapsed:>8.3f} {len(captured):>8} {sql_seconds:>7.3f}  "
               f"{float(slowest['time']):.3f} {slowest['sql'][:110]}{flag}", flush=True)
+        if name in STATEMENTS_SHOWN:
+            for query in sorted(captured, key=lambda query: float(query["time"]), reverse=True)[:slowest_shown]:
+                print(f"{'':<66}{float(query['time']):.3f} {query['sql'][:300]}", flush=True)
     return 1 if failed else 0
 
 
@@ -214,6 +286,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--statements", type=int, default=6,
+                        help="how many of the slowest statements of the dashboard to print")
     args = parser.parse_args()
     url, problem = harness.bench_database_url(DEFAULT_DATABASE_URL)
     if problem:
@@ -232,7 +306,7 @@ def main() -> int:
     settings.SECURE_SSL_REDIRECT = False
     call_command("migrate", verbosity=0)
     seed(args.rows)
-    return measure(args.repeat)
+    return measure(args.repeat, args.statements)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from escrow.models import (ChainEvent, ChainTransaction, Dispute, EventEffect, I
                            RelayerAccount, RelayRevert, TxAttempt, TxStatus)
 from marketplace import money
 from marketplace.admin import (
+    known_values_filter,
     IndexedSearch,
     across_pages_refused,
     acknowledgement_page,
@@ -296,17 +297,23 @@ def acknowledge_failed(modeladmin, request, queryset):
 
 
 @admin.register(ChainEvent)
-class ChainEventAdmin(MoneyRecordAdmin):
+class ChainEventAdmin(IndexedSearch, MoneyRecordAdmin):
     """What the indexer read. A failed event an operator looked into is acknowledged (action): it stays here, with
     who, when and why, and no longer fails `reconcile`."""
 
-    list_display = ("name", "block_number", "log_index", "agreement", "effect", "from_status", "to_status", "error",
-                    "removed_at", "acknowledged_at", "acknowledged_by")
-    list_filter = ("effect", "name", ("removed_at", admin.EmptyFieldListFilter),
-                   ("acknowledged_at", admin.EmptyFieldListFilter))
+    # The agreement as its linked id (`agreement_link`): its name read its buyer, seller and service, three
+    # statements for each row listed.
+    list_display = ("name", "block_number", "log_index", "agreement_short", "effect", "from_status", "to_status",
+                    "error", "removed_at", "acknowledged_at", "acknowledged_by")
+    # The event names the indexer keeps, not `SELECT DISTINCT name` of every event on each view of the list.
+    list_filter = ("effect", known_values_filter("name", indexer.event_names),
+                   ("removed_at", admin.EmptyFieldListFilter), ("acknowledged_at", admin.EmptyFieldListFilter))
     search_fields = ("tx_hash", "block_hash", "agreement__id")
-    list_select_related = ("agreement",)
     actions = [acknowledge_failed]
+
+    @admin.display(description="agreement", ordering="agreement")
+    def agreement_short(self, event):
+        return agreement_link(event.agreement_id)
 
     def has_acknowledge_permission(self, request) -> bool:
         return may_operate(request, ChainEvent)
@@ -328,7 +335,7 @@ class RelayerAccountAdmin(MoneyRecordAdmin):
 
 
 @admin.register(RelayRevert)
-class RelayRevertAdmin(MoneyRecordAdmin):
+class RelayRevertAdmin(IndexedSearch, MoneyRecordAdmin):
     """Relayed transactions mined reverted by what their party did (relayer.relay_budget_check): search a party
     (agent:<id>, wallet:<address>), the wallet that paid, the owner or an anonymous payer's client address to see
     why its relayed actions are refused, and when that ends."""

@@ -46,7 +46,7 @@ from web3 import Web3
 
 from agreements import services as agreement_services
 from agreements.models import AgreementStatus, SettlementModel, UsageAgreement
-from escrow import chain, relayer, selectors, services, settlement
+from escrow import artifacts, chain, relayer, selectors, services, settlement
 from escrow.models import ChainEvent, EventEffect, IndexedBlock, IndexerCursor
 from marketplace import chainconfig, postgresql
 from marketplace.errors import ApplicationError, Conflict
@@ -232,6 +232,12 @@ def _watched_addresses() -> list[str]:
 
 def _topic(abi: dict) -> str:
     return "0x" + event_abi_to_log_topic(abi).hex().removeprefix("0x")
+
+
+def event_names() -> list[str]:
+    """The names of the events the indexer keeps (`_decode`): the escrow's, and the token's Transfer."""
+    return sorted({abi["name"] for abi in artifacts.abi(artifacts.USAGE_ESCROW) if abi["type"] == "event"}
+                  | {_TRANSFER})
 
 
 def _decode(log) -> tuple[str, dict] | None:

@@ -175,6 +175,8 @@ class RelayRevert(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["party", "reverted_at"], name="relayrevert_party_at_idx"),
+                   # The operators' list, newest first (then the key): a page read from the index, not sorted.
+                   models.Index(fields=["-reverted_at", "-id"], name="relayrevert_newest_idx"),
                    models.Index(fields=["wallet", "reverted_at"], name="relayrevert_wallet_at_idx"),
                    models.Index(fields=["owner", "reverted_at"], name="relayrevert_owner_at_idx"),
                    models.Index(fields=["client", "reverted_at"], name="relayrevert_client_at_idx"),
@@ -418,6 +420,10 @@ class ChainEvent(Acknowledgement):
         indexes = [
             models.Index(fields=["agreement", "block_number", "log_index"], name="chain_event_agreement_idx"),
             models.Index(fields=["effect"], condition=Q(removed_at=None), name="chain_event_live_effect_idx"),
+            # The operators' search by a transaction's hash (marketplace.admin.IndexedSearch).
+            models.Index(fields=["tx_hash"], name="chain_event_tx_hash_idx"),
+            # The operators' list in its order (then the key, as Django adds it): a page read from the index.
+            models.Index(fields=["-block_number", "-log_index", "-id"], name="chain_event_newest_idx"),
         ]
 
     def __str__(self) -> str:

@@ -194,8 +194,11 @@ def disputes_ever():
     submitted already), `disputed_at` (when the books recorded the challenge), `times_out_at` (the books' estimate of
     the dispute's on-chain timeout), and how it ended: `ended_reason` and `timed_out` (settled for the buyer because
     nobody resolved it in time: the settlement tick's finalize, or anyone's)."""
-    challenged = AgreementEvent.objects.filter(agreement_id=OuterRef("pk"), to_status=S.DISPUTED)
-    return _dispute_outlines(Dispute.objects.filter(Q(status=S.DISPUTED) | Exists(challenged)))
+    # The agreements a challenge event names (a partial index of those events), with those disputed now, by key: an
+    # OR of the status and an EXISTS per agreement was a scan of every agreement (1.2 s with 100,000).
+    challenged = AgreementEvent.objects.filter(to_status=S.DISPUTED).order_by().values("agreement_id")
+    disputed_now = Dispute.objects.filter(status=S.DISPUTED).order_by().values("pk")
+    return _dispute_outlines(Dispute.objects.filter(pk__in=challenged.union(disputed_now)))
 
 
 def _dispute_outlines(queryset):

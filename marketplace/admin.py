@@ -23,7 +23,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.conf import settings
 from django.contrib.auth.models import Group
-from django.core.exceptions import ValidationError
+from django.core.exceptions import FieldDoesNotExist, ValidationError
 from django.db import models, transaction
 from django.db.models import Count, Q
 from django.db.models.constants import LOOKUP_SEP
@@ -120,7 +120,9 @@ class IndexedSearch:
     address with an address column, a hash in lower case), each the first column of an index
     (tests/marketplace/test_admin_scale.py checks it); a term valid for none of them matches nothing. Whole values
     (an id, a handle, a hash), as an operator copies them from a page's tooltip or a log. A `@<search vector>` entry
-    matches the term's words too, as the catalog's search reads them (English, web search syntax: its GIN index)."""
+    matches the term's words too, as the catalog's search reads them (English, web search syntax: its GIN index). An
+    entry ending with a lookup of a small related table (`subscription__url__host_contains`) is asked of that table
+    first, with the term as typed, and its rows matched by their key."""
 
     search_help_text = "Whole values only: an id, a handle, a transaction hash (as shown in full in a tooltip)."
 
@@ -134,7 +136,7 @@ class IndexedSearch:
             if term.startswith(('"', "'")) and term[0] == term[-1]:
                 term = unescape_string_literal(term)
             matches = [_search_match(self.model, path, value) for path, field in fields.items()
-                       if (value := _search_value(field, term)) is not None]
+                       if (value := _search_value(field, term, lookup=_lookup_at(self.model, path))) is not None]
             matches += [Q(**{vector: SearchQuery(term, config="english", search_type="websearch")})
                         for vector in vectors]
             if not matches:
@@ -163,16 +165,36 @@ def _search_match(model, path: str, value) -> Q:
 
 
 def _field_at(model, path: str):
-    """The model field at the end of `path` ("agreement__id"), following relations."""
+    """The model field at the end of `path` ("agreement__id"), following relations; before its lookup, when it ends
+    with one ("subscription__url__host_contains": the subscription's url)."""
     field = None
     for name in path.split(LOOKUP_SEP):
+        if field is not None and _lookup_at(model, name):
+            break
         field = model._meta.pk if name == "pk" else model._meta.get_field(name)
         model = field.related_model or model
     return field
 
 
-def _search_value(field, term: str):
-    """`term` as a value of `field`, None when it is none (not a UUID, a number out of range, too long)."""
+def _lookup_at(model, path: str) -> str:
+    """The lookup `path` ends with ("host_contains" of "subscription__url__host_contains"), "" when it names a field:
+    such an entry is matched in the (small) related table first, its rows by their key (`_search_match`)."""
+    name = path.split(LOOKUP_SEP)[-1]
+    for step in path.split(LOOKUP_SEP)[:-1]:
+        field = model._meta.pk if step == "pk" else model._meta.get_field(step)
+        model = field.related_model or model
+    try:
+        model._meta.get_field(name)
+    except FieldDoesNotExist:  # a lookup
+        return "" if name == "pk" else name
+    return ""
+
+
+def _search_value(field, term: str, *, lookup: str = ""):
+    """`term` as a value of `field`, None when it is none (not a UUID, a number out of range, too long); the term
+    as typed for a `lookup` (a host a URL is at)."""
+    if lookup:
+        return term
     try:
         value = field.to_python(term)
         field.run_validators(value)

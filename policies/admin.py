@@ -1,7 +1,7 @@
 from django import forms
 from django.contrib import admin, messages
 
-from marketplace.admin import across_pages_refused, api_rules_check, may_operate
+from marketplace.admin import IndexedSearch, across_pages_refused, api_rules_check, may_operate
 from marketplace.errors import ApplicationError
 from policies import services
 from policies.models import ApprovalRequest, Policy
@@ -97,7 +97,8 @@ def reject_requests(modeladmin, request, queryset):
 
 
 @admin.register(ApprovalRequest)
-class ApprovalRequestAdmin(admin.ModelAdmin):
+class ApprovalRequestAdmin(IndexedSearch, admin.ModelAdmin):
+    show_full_result_count = False  # a searched list counts the rows it shows, not every request again
     list_display = ("id", "agent", "amount", "rule", "status", "created_at", "expires_at", "decided_by")
     list_filter = ("status", "rule")
     search_fields = ("id", "subject_id", "agent__handle")

@@ -68,7 +68,11 @@ class ApprovalRequest(models.Model):
             models.CheckConstraint(condition=Q(status__in=ApprovalStatus.values), name="approval_status_valid"),
             models.UniqueConstraint(fields=["subject_type", "subject_id"], name="approval_one_per_subject"),
         ]
-        indexes = [models.Index(fields=["status", "expires_at"], name="approval_status_expiry_idx")]
+        indexes = [models.Index(fields=["status", "expires_at"], name="approval_status_expiry_idx"),
+                   # The operators' search by what asked for approval (marketplace.admin.IndexedSearch).
+                   models.Index(fields=["subject_id"], name="approval_subject_idx"),
+                   # The operators' list, newest first (then the key): a page read from the index, not sorted.
+                   models.Index(fields=["-created_at", "-id"], name="approval_newest_idx")]
 
     def __str__(self) -> str:
         return f"approval {self.pk} ({self.status})"
