@@ -623,7 +623,8 @@ def test_a_seller_hanging_on_three_purchases_holds_a_tick_one_timeout_and_waits_
         moved_to(purchase, hanging_seller)
 
     ticked, seconds = timed_jobs_tick(capture)
-    assert seconds < 2 * settings.MASUMI_SERVICE_TIMEOUT < HANG_SECONDS  # in turn: 3 x 1 s at least
+    # In turn it takes 3 x 1 s at least; at once one timeout, and a loaded machine's slack (2.25 s seen in CI).
+    assert seconds < 3 * settings.MASUMI_SERVICE_TIMEOUT <= HANG_SECONDS
     assert ticked["results"] == 1 and honest.get()["result"] == result_for(INPUT)  # not delayed by the others
     assert len(hanging_seller.requests) == 3
     for purchase in slow:
