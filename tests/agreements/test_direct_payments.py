@@ -27,6 +27,7 @@ from policies.models import ApprovalRequest
 from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token
 from tests.conftest import Api, error_code
 from tests.support.operators import staff_account
+from tests.support.rpc_relay import node_relayed
 from tests.support.server_clock import SERVER_CLOCK_DRIFT, server_clock_drifted
 from tests.escrow.flow import (USDC, Parties, confirm_all, fund, mined_what_was_sent, network_of, poll_mined,
                                usdc_balance)
@@ -256,8 +257,6 @@ def test_a_payment_refused_while_the_node_answers_a_pending_block_past_its_autho
     by its own clock, the buyer's doing or not. In doubt the refusal is not counted against the buyer's relay budget:
     a misbehaving node costs the relayer one purchase's gas, while a charge would refuse an honest buyer's purchases.
     Nor bounded by CHAIN_CLOCK_MAX_LEAD_SECONDS (on off the dev chain), which would read that time as now + the lead."""
-    from tests.support.rpc_relay import RpcRelay
-
     settings.CHAIN_CLOCK_MAX_LEAD_SECONDS = max_lead
 
     capture = django_capture_on_commit_callbacks
@@ -268,15 +267,11 @@ def test_a_payment_refused_while_the_node_answers_a_pending_block_past_its_autho
     confirm_all(capture)  # the permit confirmed; the fee transfer is sent
     purchase.cancel_authorization(body)  # the payment is refused at its simulation
     valid_before = int(decode_payment_signature_header(body["payment_header"]).payload["authorization"]["validBefore"])
-    relay = RpcRelay(purchase.chain.node.rpc_url).start()
-    settings.CHAIN_RPC_URL = relay.url
-    try:
+    with node_relayed(purchase.chain.node.rpc_url, settings) as relay:
         relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == "pending",
                       lambda answer: {**answer, "result": {**answer["result"], "timestamp": hex(valid_before + 60)}})
         for _ in range(2):  # the fee confirmed -> the payment refused at its simulation -> the fee refunded
             confirm_all(capture)
-    finally:
-        relay.stop()
     payment = ChainTransaction.objects.get(agreement_id=agreement["id"], purpose="direct_payment")
     assert payment.status == "failed" and payment.nonce is None
     assert not RelayRevert.objects.filter(transaction=payment).exists()
@@ -437,11 +432,7 @@ def test_accepting_asks_the_chain_with_no_database_transaction_open(escrow_chain
     """The accept's checks against the chain (simulation, nonce, balance) run before the agreement's row is locked:
     no row lock ever waits on the node."""
     from tests.support.db_activity import backend_pid, session_state
-    from tests.support.rpc_relay import RpcRelay
-
-    relay = RpcRelay(escrow_chain.node.rpc_url).start()
-    settings.CHAIN_RPC_URL = relay.url
-    try:
+    with node_relayed(escrow_chain.node.rpc_url, settings) as relay:
         purchase = Purchase(escrow_chain)
         agreement = purchase.propose()
         pid = backend_pid()
@@ -450,8 +441,6 @@ def test_accepting_asks_the_chain_with_no_database_transaction_open(escrow_chain
                                and asked_inside_a_transaction.append(call["method"]))
         assert purchase.accept(agreement["id"], django_capture_on_commit_callbacks)["status"] == "paying"
         assert asked_inside_a_transaction == []
-    finally:
-        relay.stop()
 
 
 @pytest.mark.postgres
@@ -461,11 +450,7 @@ def test_proposing_with_a_paegents_fee_permit_asks_the_chain_with_no_database_tr
     """The fee permit given as signature and deadline only is completed with the token's nonce, read from the
     chain before the idempotent request's transaction opens; the replay answers the same without asking again."""
     from tests.support.db_activity import backend_pid, session_state
-    from tests.support.rpc_relay import RpcRelay
-
-    relay = RpcRelay(escrow_chain.node.rpc_url).start()
-    settings.CHAIN_RPC_URL = relay.url
-    try:
+    with node_relayed(escrow_chain.node.rpc_url, settings) as relay:
         purchase = Purchase(escrow_chain)
         ours = purchase.body()
         body = {key: value for key, value in ours.items() if key != "fee_permit"}
@@ -488,8 +473,6 @@ def test_proposing_with_a_paegents_fee_permit_asks_the_chain_with_no_database_tr
         assert replay.status_code == 201 and replay["Idempotent-Replayed"] == "true"
         assert replay.json() == first.json()
         assert asked == []
-    finally:
-        relay.stop()
 
 
 def test_an_approved_direct_purchase_is_open_to_accept_no_longer_than_its_signatures_allow(purchase):
@@ -749,13 +732,9 @@ def test_a_node_error_answering_the_accepts_simulation_of_the_payment_does_not_f
     overloaded provider's -32603), no revert: taken for the token refusing the payment, the accept failed the
     purchase for good ("payment cannot run"). No verdict instead: 503, the purchase still proposed, and accepted
     once the node answers."""
-    from tests.support.rpc_relay import RpcRelay
-
     capture = django_capture_on_commit_callbacks
     agreement = purchase.propose()
-    relay = RpcRelay(purchase.chain.node.rpc_url).start()
-    settings.CHAIN_RPC_URL = relay.url
-    try:
+    with node_relayed(purchase.chain.node.rpc_url, settings) as relay:
         relay.rewrite(lambda call: call.get("method") == "eth_call"
                       and call["params"][0].get("data", "").startswith("0xe3ee160e"),  # transferWithAuthorization
                       lambda answer: {"jsonrpc": "2.0", "id": answer.get("id"),
@@ -763,9 +742,6 @@ def test_a_node_error_answering_the_accepts_simulation_of_the_payment_does_not_f
         erred = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
         assert erred.status_code == 503 and error_code(erred) == "chain_unavailable", erred.content
         assert purchase.parties.agreement(agreement["id"])["status"] == "proposed"
-    finally:
-        relay.stop()
-        settings.CHAIN_RPC_URL = purchase.chain.node.rpc_url
 
     assert purchase.accept(agreement["id"], capture)["status"] == "paying"
     for _ in range(3):
@@ -780,15 +756,11 @@ def test_a_cancel_read_from_a_backend_behind_the_use_of_the_authorization_does_n
     below it. Taken for the buyer's own cancel, the agreement recorded the authorization cancelled and its watch
     ended, so the transfer to the seller was never named nor counted against the buyer's caps. No verdict instead:
     503, nothing recorded, and asked again once the node answers alike, 409 naming the use."""
-    from tests.support.rpc_relay import RpcRelay
-
     agreement = purchase.propose()
     assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
     used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
     path = f"/usage-agreements/{agreement['id']}/cancel-payment-authorization"
-    relay = RpcRelay(purchase.chain.node.rpc_url).start()
-    settings.CHAIN_RPC_URL = relay.url
-    try:
+    with node_relayed(purchase.chain.node.rpc_url, settings) as relay:
         relay.head_named_behind(1)
         behind = purchase.parties.buyer_api.post(path, {"signature": _cancel_signature(purchase, agreement["id"])})
         assert behind.status_code == 503 and error_code(behind) == "chain_unavailable", behind.content
@@ -797,8 +769,6 @@ def test_a_cancel_read_from_a_backend_behind_the_use_of_the_authorization_does_n
 
         relay.rewrite_none()
         refused = purchase.parties.buyer_api.post(path, {"signature": _cancel_signature(purchase, agreement["id"])})
-    finally:
-        relay.stop()
     assert refused.status_code == 409 and error_code(refused) == "authorization_already_used", refused.content
     assert refused.json()["error"]["details"]["used_by"] == used_by
 
@@ -809,17 +779,13 @@ def test_a_cancel_whose_search_of_the_uses_transfer_reaches_a_backend_without_it
     authorization says is read from the Transfer logs of its block, which the backend answering that call lacks: asked
     by block number, it answered none, and the use was taken for a transfer elsewhere, the authorization recorded
     cancelled and its watch ended. Asked by the block's hash, that backend refuses: 503, nothing recorded."""
-    from tests.support.rpc_relay import RpcRelay
-
     agreement = purchase.propose()
     assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
     receipt = purchase.chain.w3.eth.get_transaction_receipt(
         _use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
     block_hash = _hash(receipt["blockHash"]).lower()
     transfer = _hash(Web3.keccak(text="Transfer(address,address,uint256)"))
-    relay = RpcRelay(purchase.chain.node.rpc_url).start()
-    settings.CHAIN_RPC_URL = relay.url
-    try:
+    with node_relayed(purchase.chain.node.rpc_url, settings) as relay:
         # The backend lacking the block: asked for it by hash, it refuses; over a range, it answers the others' logs.
         relay.rewrite(lambda call: call.get("method") == "eth_getLogs"
                       and call["params"][0].get("blockHash", "").lower() == block_hash,
@@ -831,8 +797,6 @@ def test_a_cancel_whose_search_of_the_uses_transfer_reaches_a_backend_without_it
                                                            if log["blockHash"].lower() != block_hash]})
         behind = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
                                                  {"signature": _cancel_signature(purchase, agreement["id"])})
-    finally:
-        relay.stop()
     assert behind.status_code == 503 and error_code(behind) == "chain_unavailable", behind.content
     watched = UsageAgreement.objects.get(pk=agreement["id"])
     assert watched.payment_authorization_watch_ended_at is None and not watched.payment_tx_hash
@@ -845,22 +809,15 @@ def test_a_sellers_accept_read_from_a_backend_behind_the_buyers_payment_does_not
     used and the head named for the search of that use one block behind, no use was found: the accept failed the
     purchase, "nothing was charged", the price with the seller for good. No verdict instead: 503, the purchase still
     proposed, and accepted again once the node answers alike, paid by the buyer's transfer."""
-    from tests.support.rpc_relay import RpcRelay
-
     capture = django_capture_on_commit_callbacks
     agreement = purchase.propose()
     buyer, seller, fee_recipient, treasury = purchase.balances()
     used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.buyer.address))
-    relay = RpcRelay(purchase.chain.node.rpc_url).start()
-    settings.CHAIN_RPC_URL = relay.url
-    try:
+    with node_relayed(purchase.chain.node.rpc_url, settings) as relay:
         relay.head_named_behind(1)
         behind = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
         assert behind.status_code == 503 and error_code(behind) == "chain_unavailable", behind.content
         assert purchase.parties.agreement(agreement["id"])["status"] == "proposed"
-    finally:
-        relay.stop()
-        settings.CHAIN_RPC_URL = purchase.chain.node.rpc_url
 
     assert purchase.accept(agreement["id"], capture)["status"] == "paying"
     for _ in range(2):

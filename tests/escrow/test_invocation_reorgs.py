@@ -97,6 +97,20 @@ def paid_and_settled_on_a_branch(market, capture, outcome: str, api=None) -> tup
     return invocation_id, before_fork
 
 
+def payout_stands_after_its_payment_reverted(market, invocation_id: str, payment: ChainTransaction,
+                                             payout: ChainTransaction) -> None:
+    """The payment failed reverted, its payout confirmed (no nonce fill took its nonce), the invocation recorded
+    payment_reverted with that payout's transaction."""
+    payment.refresh_from_db()
+    payout.refresh_from_db()
+    assert (payment.status, payment.receipt_status) == (TxStatus.FAILED, 0)
+    assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exists()
+    assert payout.status == TxStatus.CONFIRMED
+    invocation = invocation_of(market, invocation_id)
+    assert invocation["payment"]["status"] == "payment_reverted"
+    assert invocation["payment"]["settlement_tx_hash"] == payout.mined_tx_hash
+
+
 def polls_checking_first(capture, first: ChainTransaction, *transactions: ChainTransaction) -> None:
     """`polls_until_concluded`, each poll checking `first` before the others (a poll checks the transactions it
     reads least recently written first)."""
@@ -204,14 +218,7 @@ def test_a_payment_a_reorg_took_after_a_payout_of_the_new_relayer_wallet_leaves_
     polls_checking_first(capture, payment, payout)
     confirm_all(capture)
 
-    payment.refresh_from_db()
-    payout.refresh_from_db()
-    assert (payment.status, payment.receipt_status) == (TxStatus.FAILED, 0)
-    assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exists()
-    assert payout.status == TxStatus.CONFIRMED
-    invocation = invocation_of(market, invocation_id)
-    assert invocation["payment"]["status"] == "payment_reverted"
-    assert invocation["payment"]["settlement_tx_hash"] == payout.mined_tx_hash
+    payout_stands_after_its_payment_reverted(market, invocation_id, payment, payout)
 
 
 @pytest.mark.parametrize("payout_unread", ["out_of_the_polls_batch", "its_check_raised"])
@@ -252,15 +259,8 @@ def test_a_payment_a_reorg_took_after_a_payout_the_poll_did_not_read_leaves_that
             break
     confirm_all(capture)
 
-    payment.refresh_from_db()
-    payout.refresh_from_db()
     assert rows_failed == ([[payout.pk]] if payout_unread == "its_check_raised" else [])
-    assert (payment.status, payment.receipt_status) == (TxStatus.FAILED, 0)
-    assert not ChainTransaction.objects.filter(purpose=TxPurpose.NONCE_FILL).exists()
-    assert payout.status == TxStatus.CONFIRMED
-    invocation = invocation_of(market, invocation_id)
-    assert invocation["payment"]["status"] == "payment_reverted"
-    assert invocation["payment"]["settlement_tx_hash"] == payout.mined_tx_hash
+    payout_stands_after_its_payment_reverted(market, invocation_id, payment, payout)
 
 
 def test_a_payment_a_reorg_took_that_someone_else_sent_on_the_new_branch_is_paid_by_that_transaction(

@@ -232,15 +232,11 @@ class RpcRelay:
 
 
 @contextmanager
-def node_block_times(upstream_url: str, settings, **timestamps: int) -> Iterator[RpcRelay]:
-    """The marketplace pointed at a relay whose node answers the blocks tagged (`latest=`, `pending=`) with the
-    timestamps given, the rest of each block as it is: a misbehaving provider's clock."""
+def node_relayed(upstream_url: str, settings) -> Iterator[RpcRelay]:
+    """The marketplace pointed at a relay of the node at `upstream_url` for the block's duration (CHAIN_RPC_URL put
+    back after it), which the test tells how to misbehave."""
     relay = RpcRelay(upstream_url).start()
     before, settings.CHAIN_RPC_URL = settings.CHAIN_RPC_URL, relay.url
-    for tag, timestamp in timestamps.items():
-        relay.rewrite(lambda call, tag=tag: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == tag,
-                      lambda answer, timestamp=timestamp: {
-                          **answer, "result": {**answer["result"], "timestamp": hex(timestamp)}})
     try:
         yield relay
     finally:
@@ -249,13 +245,24 @@ def node_block_times(upstream_url: str, settings, **timestamps: int) -> Iterator
 
 
 @contextmanager
+def node_block_times(upstream_url: str, settings, **timestamps: int) -> Iterator[RpcRelay]:
+    """The marketplace pointed at a relay whose node answers the blocks tagged (`latest=`, `pending=`) with the
+    timestamps given, the rest of each block as it is: a misbehaving provider's clock."""
+    with node_relayed(upstream_url, settings) as relay:
+        for tag, timestamp in timestamps.items():
+            relay.rewrite(lambda call, tag=tag: call.get("method") == "eth_getBlockByNumber"
+                          and call["params"][0] == tag,
+                          lambda answer, timestamp=timestamp: {
+                              **answer, "result": {**answer["result"], "timestamp": hex(timestamp)}})
+        yield relay
+
+
+@contextmanager
 def node_behind(upstream_url: str, settings, seconds: int) -> Iterator[RpcRelay]:
     """The marketplace pointed at a relay whose node is `seconds` behind the chain (a provider's backend that fell
     behind, while the transactions sent through it still reach the chain, as a rollup's nodes forward them to the
     sequencer): it answers its latest and pending blocks that much earlier, and runs calls and gas estimates (every
     simulation) at that time; what is sent is mined by the chain, at the chain's time."""
-    relay = RpcRelay(upstream_url).start()
-    before, settings.CHAIN_RPC_URL = settings.CHAIN_RPC_URL, relay.url
 
     def earlier(answer: dict) -> dict:
         return {**answer, "result": {**answer["result"], "timestamp": hex(int(answer["result"]["timestamp"], 16)
@@ -270,11 +277,8 @@ def node_behind(upstream_url: str, settings, seconds: int) -> Iterator[RpcRelay]
         return {**call, "params": [transaction, block or "latest", state or {},
                                    {**(overrides or {}), "time": hex(latest - seconds)}]}
 
-    relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] in (
-        "latest", "pending"), earlier)
-    relay.ask_instead(at_its_time)
-    try:
+    with node_relayed(upstream_url, settings) as relay:
+        relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] in (
+            "latest", "pending"), earlier)
+        relay.ask_instead(at_its_time)
         yield relay
-    finally:
-        relay.stop()
-        settings.CHAIN_RPC_URL = before
