@@ -576,3 +576,33 @@ def test_approving_a_purchase_above_a_since_lowered_platform_limit_is_400_and_le
     approved = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
     assert approved.status_code == 200 and approved.json()["status"] == "approved", approved.content
     assert UsageAgreement.objects.get(pk=held["id"]).status == "proposed"
+
+
+@pytest.mark.parametrize(("rules", "rule"), [
+    ({"blocked_services": ["{service_id_upper}"]}, "blocked_services"),
+    ({"blocked_services": ["{service_id_hex}"]}, "blocked_services"),
+    ({"blocked_sellers": ["SELLER-ONE"]}, "blocked_sellers"),
+    ({"blocked_sellers": [" seller-one"]}, "blocked_sellers"),
+    ({"allowed_sellers": "seller-one-trusted"}, "allowed_sellers"),
+    ({"allowed_services": "{service_id}0"}, "allowed_services"),
+    ({"allowed_sellers": 5}, "allowed_sellers"),
+    ({"blocked_tags": "translation"}, "blocked_tags"),
+])
+def test_a_seller_or_service_rule_stored_in_another_spelling_still_holds(buyer, buyer_api, service, rules, rule):
+    """Rules written in the admin before its form was checked (`api_rules_check`) or around the API: an id in capitals
+    or without hyphens, a handle in capitals or spaced, blocked nothing (201); a lone string where a list goes allowed
+    any seller or service whose name it contains, and blocked no tag (201); a number made every proposal a 500."""
+    from policies.models import Policy
+
+    spellings = {"service_id": str(service.pk), "service_id_upper": str(service.pk).upper(),
+                 "service_id_hex": service.pk.hex}
+    def spelt(values):
+        if isinstance(values, list):
+            return [value.format(**spellings) for value in values]
+        return values.format(**spellings) if isinstance(values, str) else values
+
+    Policy.objects.create(agent=buyer, **{name: spelt(values) for name, values in rules.items()})
+    response = buyer_api.post("/usage-agreements", proposal(service))
+    assert response.status_code == 403, response.content
+    assert response.json()["error"]["details"]["rule"] == rule
+    assert not UsageAgreement.objects.exists()
