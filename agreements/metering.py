@@ -453,13 +453,22 @@ def agreement_used(*, agreement_id) -> int:
     return UsageAgreement.objects.filter(pk=agreement_id).values_list("used", flat=True).get()
 
 
-def _resolve_unknown_commit(*, reservation: Reservation) -> UsageEvent | None:
+def _call_event(reservation: Reservation, charge: dict) -> UsageEvent | None:
+    """The call's event, whoever charged it (this process, or the reaper from the answer recorded on its intent): by
+    its call number and its request. Not by the number alone: a crash of the database can lose a lease (its commit
+    does not wait for the flush) with the numbers it took, which later calls take again while the process that
+    leased them still serves them; the event under such a number is another call's."""
+    return UsageEvent.objects.filter(agreement_id=reservation.agreement_id, call_seq=reservation.call_seq,
+                                     request_id=charge["request_id"], request_nonce=charge["request_nonce"]).first()
+
+
+def _resolve_unknown_commit(*, reservation: Reservation, charge: dict) -> UsageEvent | None:
     """After a commit whose outcome is unknown (the database connection was lost): the call's event when the commit
     went through, else None with the reservation released — never both, never neither."""
     connection.close()  # the database dropped it; the next query opens a new connection
     with transaction.atomic():
         UsageAgreement.objects.select_for_update().filter(pk=reservation.agreement_id).first()
-        event = UsageEvent.objects.filter(agreement_id=reservation.agreement_id, call_seq=reservation.call_seq).first()
+        event = _call_event(reservation, charge)
         if event is None:
             reservation_release(reservation=reservation)
     return event
@@ -1173,10 +1182,10 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
     `cost` (<= the reservation); the rest is released. When the charge cannot be written the whole reservation is
     released instead (503 `database_unavailable` when the database went away), so a failed commit never leaves
     budget held. `ahead`: what `charge_ahead` chained for the call, if anything."""
+    charge = _charge_fields(units=units, cost=cost, request_id=request_id, request_nonce=request_nonce, method=method,
+                            path=path, upstream_status=upstream_status, latency_ms=latency_ms,
+                            call_seq=reservation.call_seq)
     try:
-        charge = _charge_fields(units=units, cost=cost, request_id=request_id, request_nonce=request_nonce,
-                                method=method, path=path, upstream_status=upstream_status, latency_ms=latency_ms,
-                                call_seq=reservation.call_seq)
         if _autocommit_postgresql():
             event = _charge_queued(reservation, charge, ahead)
         else:
@@ -1190,13 +1199,13 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
                 _observe_after_commit(agreement, [event], source=UsageSource.PROXY)
     except _SettledByTheReaper:
         _leases_give_back(reservation.agreement_id)  # its other leased calls may be gone too
-        event = UsageEvent.objects.filter(agreement_id=reservation.agreement_id, call_seq=reservation.call_seq).first()
+        event = _call_event(reservation, charge)
         if event is None:
             raise DependencyUnavailable("The call took too long to record and was released; nothing was charged.",
                                         code="call_expired") from None
     except (OperationalError, InterfaceError):
         _leases_give_back()
-        event = _resolve_unknown_commit(reservation=reservation)
+        event = _resolve_unknown_commit(reservation=reservation, charge=charge)
         if event is None:
             raise DependencyUnavailable("The call could not be recorded; nothing was charged.",
                                         code="database_unavailable") from None

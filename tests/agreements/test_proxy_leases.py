@@ -253,3 +253,40 @@ def test_leases_are_kept_for_a_bounded_number_of_agreements(monkeypatch):
         metering._leases_keep(uuid.uuid4(), PRICE, [(1, 1, 10**9, timezone.now() + timedelta(days=1))],
                               now=timezone.now(), clock=time.monotonic())
     assert len(metering._call_leases) <= 3
+
+
+def test_a_leased_call_a_database_crash_lost_is_not_answered_with_another_calls_charge(escrow_chain, http_server,
+                                                                                       monkeypatch):
+    """A lease's commit does not wait for the flush: a crash of the database loses it (its intents, and the call
+    numbers it took), while the process that took it still serves calls from it until it next meets the database.
+    The call numbers come back: another process's calls take them and are charged. A call from the lost lease then
+    finds its intent gone; it was charged by nobody, and the event under its call number is another call's."""
+    parties = agreement_for(escrow_chain, http_server, 2_000)
+    served(parties, 3)  # leases of 1 and 2: the next one reserves 4 calls
+    terms = UsageAgreement.objects.get(pk=parties.agreement_id)
+    leasing = metering.reservation_take(agreement=terms, amount=PRICE, request_id="req-leasing", request_nonce="",
+                                        method="GET", path="/work")
+    assert leasing.call_seq == 4 and reserved_calls(parties) == 4
+    # The database crashes before any commit flushed that lease: it never happened there.
+    CallIntent.objects.filter(agreement_id=terms.pk, call_seq__gte=4).delete()
+    UsageAgreement.objects.filter(pk=terms.pk).update(call_counter=3, reserved=0)
+
+    first_process = metering._call_leases
+    monkeypatch.setattr(metering, "_call_leases", {})  # another process, after the restart: calls 4 and 5
+    other = [parties.buyer_api.get(f"/metered-proxy/{parties.agreement_id}/work",
+                                   headers={"X-Request-Id": f"req-other-{n}"}) for n in (1, 2)]
+    assert [response.status_code for response in other] == [200, 200]
+    other_event = UsageEvent.objects.get(agreement_id=terms.pk, call_seq=5)
+    assert other_event.request_id == "req-other-2"
+    metering._leases_give_back()  # that process's own lease (call 6), out of the way
+
+    monkeypatch.setattr(metering, "_call_leases", first_process)  # back in the first process: call 5 from its lease
+    lost = parties.buyer_api.get(f"/metered-proxy/{parties.agreement_id}/work", headers={"X-Request-Id": "req-lost"})
+    assert http_server.requests[-1].headers["X-Marketplace-Call-Seq"] == "5"
+    # Not charged: not answered as if it had been, naming the other call's charge.
+    assert (lost.status_code, lost.get("X-Usage-Event-Id")) == (503, None), (lost.status_code, dict(lost.items()))
+    assert error_code(lost) == "call_expired"
+    assert not UsageEvent.objects.filter(agreement_id=terms.pk, request_id="req-lost").exists()
+    metering._leases_give_back()
+    lapsed(parties)
+    assert_books_exact(parties, escrow_chain, calls=5)
