@@ -62,7 +62,9 @@ _REQUEST_DROPPED = _HOP_BY_HOP | _FORWARDING | {"authorization", "token", "cooki
                                                 "idempotency-key", "content-length"}
 _RESPONSE_DROPPED = _HOP_BY_HOP | {"set-cookie"}
 # The marketplace's own answer headers: a seller's copy of one (in any case) never reaches the buyer.
-_MARKETPLACE_ANSWER_HEADERS = {"x-usage-cost", "x-escrow-remaining", "x-usage-event-id", "x-usage-seq", "x-replayed"}
+# X-Usage-Units among them: the units charged, not the seller's claim (capped by X-Max-Units, or no count at all).
+_MARKETPLACE_ANSWER_HEADERS = {"x-usage-cost", "x-usage-units", "x-escrow-remaining", "x-usage-event-id", "x-usage-seq",
+                               "x-replayed"}
 # A header value we cannot pass on: a line break (an obs-fold http.client keeps) or a NUL (PostgreSQL stores none).
 _UNSAFE_HEADER_VALUE = re.compile(r"[\x00\r\n]")
 UNITS_HEADER = "X-Usage-Units"
@@ -428,6 +430,7 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
     used = event.cumulative if event else metering.agreement_used(agreement_id=terms.pk)
     headers["X-Escrow-Remaining"] = str(terms.deposit_amount - used)
     if event is not None:
+        headers["X-Usage-Units"] = str(event.units)
         headers["X-Usage-Event-Id"] = str(event.pk)
         headers["X-Usage-Seq"] = str(event.seq)
     if nonce:
@@ -553,7 +556,7 @@ def _cut_short(agreement_id, nonce, upstream: outbound.UpstreamAnswer, headers: 
     response = error_response(UpstreamAnswerCutShort(
         "The seller's service failed before its answer was read whole; the call was charged (the seller answered): "
         "dispute the usage event if it was not served.", details={"usage_event_id": int(event_id)}))
-    for name in ("X-Usage-Cost", "X-Escrow-Remaining", "X-Usage-Event-Id", "X-Usage-Seq"):
+    for name in ("X-Usage-Cost", "X-Usage-Units", "X-Escrow-Remaining", "X-Usage-Event-Id", "X-Usage-Seq"):
         response[name] = headers[name]
     return response
 

@@ -459,6 +459,24 @@ def test_per_unit_calls_charge_the_units_served_never_more_than_x_max_units(per_
     assert refused.status_code == 402 and len(http_server.requests) == 2
 
 
+def test_the_units_a_buyer_is_told_are_the_units_it_was_charged_not_the_sellers_claim(per_unit, http_server):
+    """X-Usage-Units on the buyer's answer is the charge's, as X-Usage-Cost is: the seller's own header (more than
+    the buyer allowed, or no count at all) passed on beside the cost of what was charged, and stored for the nonce's
+    replays, told the buyer it was served other units than its usage event says."""
+    http_server.responses.append((200, {}, 0, {"X-Usage-Units": "9"}))  # more than the buyer allowed
+    http_server.responses.append((200, {}, 0, {"X-Usage-Units": "²"}))  # no count: one unit
+    http_server.responses.append((500, {}, 0, {"X-Usage-Units": "3"}))  # not charged
+    capped = raw(per_unit, "get", f"{per_unit.proxy}/pages", HTTP_X_MAX_UNITS="2", HTTP_X_REQUEST_NONCE="pages-1")
+    replayed = raw(per_unit, "get", f"{per_unit.proxy}/pages", HTTP_X_MAX_UNITS="2", HTTP_X_REQUEST_NONCE="pages-1")
+    uncounted = raw(per_unit, "get", f"{per_unit.proxy}/pages", HTTP_X_MAX_UNITS="2")
+    failed = raw(per_unit, "get", f"{per_unit.proxy}/pages", HTTP_X_MAX_UNITS="2")
+    units = {event.pk: event.units for event in UsageEvent.objects.all()}
+    assert [(response.status_code, response.get("X-Usage-Units"), response["X-Usage-Cost"])
+            for response in (capped, replayed, uncounted, failed)] == [
+        (200, "2", "20000"), (200, "2", "20000"), (200, "1", "10000"), (500, None, "0")]
+    assert [units[int(response["X-Usage-Event-Id"])] for response in (capped, uncounted)] == [2, 1]
+
+
 def test_a_reply_too_large_to_store_is_answered_in_full_once_and_charged_once(active, http_server, settings):
     settings.PROXY_REPLAY_MAX_BYTES = 100
     http_server.responses.append((200, {"text": "x" * 500}))
