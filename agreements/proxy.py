@@ -360,6 +360,9 @@ def _proxy_call(request, agreement_id, path: str):
     terms = selectors.agreement_for_call(agreement_id=agreement_id, agent_id=caller.agent_id)
     if terms.buyer_id != caller.agent_id:
         raise Forbidden("Only the buyer calls through the proxy.", code="buyer_only")
+    if terms.masumi_purchase:  # one call charged its whole price, and the seller's result was then refused
+        raise Conflict("A Masumi purchase is paid for its job result alone; it takes no calls through the metered "
+                       "proxy.", code="job_result_only")
     metering.receipt_signer_key_require(agreement_id=terms.pk, receipt_signer=terms.receipt_signer)
     body = request_body(request)
     query = request.META.get("QUERY_STRING", "")

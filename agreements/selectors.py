@@ -209,6 +209,7 @@ class CallTerms:
     proxy_secret: str
     previous_proxy_secret: str  # "" unless a rotation's overlap ran when the terms were read
     receipt_signer: str  # the escrow's (blank: not recorded, the current one): its key signs the call's receipt
+    masumi_purchase: bool  # a Masumi purchase's agreement: paid for by its job result alone, no proxied call
 
 
 _CALL_TERMS_OF_AGREEMENT = ("id", "chain_id", "token", "buyer", "seller", "pricing_type", "price_per_unit",
@@ -225,9 +226,14 @@ def _call_terms_statement() -> tuple[str, list]:
     quote, meta = connection.ops.quote_name, UsageAgreement._meta
     parts = [model_columns(UsageAgreement, "a", _CALL_TERMS_OF_AGREEMENT),
              model_columns(Service, "v", _CALL_TERMS_OF_SERVICE)]
-    return (f"SELECT {', '.join(part.select for part in parts)} FROM {quote(meta.db_table)} a "  # noqa: S608
+    purchase = meta.get_field("masumi_purchase")  # escrow's MasumiPurchase (one at most), by its relation
+    purchases = purchase.related_model._meta
+    columns = f"{', '.join(part.select for part in parts)}, p.{quote(purchases.pk.column)} IS NOT NULL"
+    return (f"SELECT {columns} FROM {quote(meta.db_table)} a "  # noqa: S608
             f"JOIN {quote(Service._meta.db_table)} v ON v.{quote(Service._meta.pk.column)} = "
-            f"a.{quote(meta.get_field('service').column)} WHERE a.{quote(meta.pk.column)} = %s", parts)
+            f"a.{quote(meta.get_field('service').column)} "
+            f"LEFT JOIN {quote(purchases.db_table)} p ON p.{quote(purchase.field.column)} = a.{quote(meta.pk.column)} "
+            f"WHERE a.{quote(meta.pk.column)} = %s", parts)
 
 
 @for_a_second(key=lambda agreement_id: agreement_id)
@@ -250,7 +256,7 @@ def _call_terms(agreement_id) -> CallTerms | None:
                      deposit_amount=agreement.deposit_amount, upstream_base_url=service.upstream_base_url,
                      proxy_secret=service.proxy_secret,
                      previous_proxy_secret=rotation.previous_secret(service, "proxy_secret"),
-                     receipt_signer=agreement.receipt_signer)
+                     receipt_signer=agreement.receipt_signer, masumi_purchase=bool(next(values)))
 
 
 def agreement_for_call(*, agreement_id, agent_id) -> CallTerms:

@@ -1236,6 +1236,24 @@ def test_an_input_the_database_cannot_keep_as_hashed_is_refused_and_floats_are_b
     assert parties.buyer_api.post("/purchase", {**body, "input_data": [1e308] * 3}).status_code == 200
 
 
+def test_a_purchase_is_not_charged_by_a_call_through_the_metered_proxy(escrow_chain, seller_service,
+                                                                     django_capture_on_commit_callbacks):
+    """A purchase is paid for its job result alone. Its buyer's call through the metered proxy (its agreement is an
+    escrow agreement like any other, and its service's upstream the Masumi service) was forwarded and charged the
+    job's whole price as one call: the budget used up, the seller's result then refused (`agreement_already_used`)
+    and that call proposed for settlement, the buyer charged for no job."""
+    purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, seller_service)
+    agreement_id = purchase.created["agreementId"]
+    called = purchase.parties.buyer_api.get(f"/metered-proxy/{agreement_id}/availability")
+    assert (called.status_code, called.get("X-Usage-Cost")) == (409, None)
+    assert error_code(called) == "job_result_only"
+    assert not UsageEvent.objects.filter(agreement_id=agreement_id).exists()
+
+    assert purchase.tick()["started"] == 1
+    assert purchase.tick()["results"] == 1  # the result is the purchase's charge
+    assert purchase.get()["onChainState"] == "ResultSubmitted"
+
+
 @pytest.mark.parametrize("party", ["buyer", "seller"])
 def test_a_purchase_is_not_ended_unpaid_by_completing_its_agreement(
         escrow_chain, seller_service, django_capture_on_commit_callbacks, party):
