@@ -288,6 +288,9 @@ class UsageAgreement(PaymentReversal):
     challenge_deadline = models.DateTimeField(null=True, blank=True)
     proposed_seq = models.PositiveBigIntegerField(
         null=True, blank=True, help_text="The seq of the usage receipt proposed on-chain last (the escrow's lastSeq).")
+    proposed_amount = TokenAmountField(
+        null=True, blank=True, help_text="The amount proposed on-chain last (the escrow's settledAmount while proposed): "
+                                         "what finalize pays the seller, whoever proposed it.")
     seller_payout = TokenAmountField(null=True, blank=True)
     buyer_refund = TokenAmountField(null=True, blank=True)
 

@@ -71,7 +71,17 @@ def _failures(limit: int) -> list[dashboard.Failure]:
                                    subject=str(agreement.pk), reason=agreement.status_reason,
                                    admin_url=_agreement_url(agreement))
                  for agreement in selectors.agreements_reclaimed_with_seller_unpaid()[:limit]]
+    failures += [dashboard.Failure(at=agreement.updated_at, kind="settlement proposed above the recorded usage",
+                                   subject=str(agreement.pk), reason=_above_usage_detail(agreement),
+                                   admin_url=_agreement_url(agreement))
+                 for agreement in selectors.agreements_proposed_above_their_usage()[:limit]]
     return failures
+
+
+def _above_usage_detail(agreement) -> str:
+    paid = agreement.seller_payout if agreement.status == AgreementStatus.SETTLED else None
+    amount = f"paid the seller {paid}" if paid is not None else f"proposed {agreement.proposed_amount}"
+    return f"{agreement.status}: {amount} base units on-chain, usage recorded {agreement.used}"
 
 
 def _agreement_url(agreement) -> str:

@@ -328,6 +328,15 @@ def agreements_reclaimed_with_seller_unpaid():
     return UsageAgreement.objects.filter(status=AgreementStatus.REFUNDED, used__gt=0).order_by("-settled_at")
 
 
+def agreements_proposed_above_their_usage():
+    """Agreements whose escrow has a proposal above the usage recorded (`services.agreement_settlement_proposed`),
+    or paid the seller more than it: backed by no receipt of the books. Newest first."""
+    return UsageAgreement.objects.filter(
+        Q(status__in=[AgreementStatus.IN_CHALLENGE, AgreementStatus.DISPUTED, AgreementStatus.SETTLING],
+          proposed_amount__gt=F("used")) | Q(status=AgreementStatus.SETTLED, seller_payout__gt=F("used")),
+    ).order_by("-updated_at")
+
+
 def agreements_in_status(*, status: str):
     return UsageAgreement.objects.filter(status=status)
 

@@ -210,6 +210,11 @@ class AgreementSerializer(FieldsBoundOnceSerializer):
     completion_requested_at = serializers.DateTimeField(allow_null=True)
     completion_reason = serializers.CharField(allow_blank=True)
     challenge_deadline = serializers.DateTimeField(allow_null=True)
+    proposed_atomic = AtomicAmountField(
+        source="proposed_amount", allow_null=True,
+        help_text="The settlement proposed on-chain last, whoever proposed it: what finalize pays the seller at the "
+                  "challenge window's end (the buyer the rest). Above used_atomic, no usage receipt backs it: "
+                  "challenge it. Null before any proposal.")
     seller_payout_atomic = AtomicAmountField(source="seller_payout", allow_null=True)
     buyer_refund_atomic = AtomicAmountField(source="buyer_refund", allow_null=True)
     buyer_refund_waiting_for_finality = serializers.SerializerMethodField(

@@ -1540,22 +1540,47 @@ def agreement_activation_undone(*, agreement_id, tx_hash: str) -> UsageAgreement
 
 def agreement_settlement_proposed(*, agreement_id, challenge_deadline: datetime, amount: int, seq: int,
                                   tx_hash: str) -> UsageAgreement:
+    """A proposal on-chain (ours, the seller's, anyone's with the operator role). One above the usage recorded is
+    backed by no receipt of the books (a receipt signer's key misused, the books restored from an older backup), and
+    finalize would pay it at the window's end: its event says so to both parties (webhooks, inbox: the buyer
+    challenges it within the window), it is logged as an error and the dashboard lists it
+    (`selectors.agreements_proposed_above_their_usage`)."""
     agreement = _lock(agreement_id)
     data = {"amount_atomic": amount, "seq": seq, "tx_hash": tx_hash}
     # The chain's proposals only ever go up in seq: a lower one is an earlier proposal told late (the relayer's
     # receipt and the indexer race).
     if agreement.status == S.IN_CHALLENGE and agreement.proposed_seq is not None and seq < agreement.proposed_seq:
         return agreement
-    if agreement.status == S.IN_CHALLENGE and (agreement.challenge_deadline, agreement.proposed_seq) != (
-            challenge_deadline, seq):
+    changes = {"challenge_deadline": challenge_deadline, "proposed_seq": seq, "proposed_amount": amount}
+    if agreement.status == S.IN_CHALLENGE:
+        if (agreement.challenge_deadline, agreement.proposed_seq) == (challenge_deadline, seq):
+            return agreement  # told already (the relayer's receipt and the indexer race)
         # A receipt with a higher seq replaced the proposal: the contract restarted the window.
-        agreement.challenge_deadline, agreement.proposed_seq = challenge_deadline, seq
-        agreement.save(update_fields=["challenge_deadline", "proposed_seq", "updated_at"])
-        _record_event(agreement, actor=SYSTEM, from_status=S.IN_CHALLENGE, reason="settlement proposed again",
-                      data=data)
+        for name, value in changes.items():
+            setattr(agreement, name, value)
+        agreement.save(update_fields=[*changes, "updated_at"])
+        _record_event(agreement, actor=SYSTEM, from_status=S.IN_CHALLENGE, data=data,
+                      reason=_proposal_checked("settlement proposed again", agreement, amount=amount, data=data))
         return agreement
-    return _chain_outcome(agreement_id, to=S.IN_CHALLENGE, actor=SYSTEM, reason="settlement proposed on-chain",
-                          data=data, changes={"challenge_deadline": challenge_deadline, "proposed_seq": seq})
+    if agreement.status in statuses_after(S.IN_CHALLENGE):
+        return agreement  # the other path got there first and the agreement has moved on since
+    return _transition(agreement_id, to=S.IN_CHALLENGE, actor=SYSTEM, data=data, changes=changes,
+                       reason=_proposal_checked("settlement proposed on-chain", agreement, amount=amount, data=data))
+
+
+def _proposal_checked(reason: str, agreement: UsageAgreement, *, amount: int, data: dict) -> str:
+    """The reason of the event recording a proposal of `amount`, and its `data` completed, once the proposal is
+    compared with the usage recorded: every receipt the books sign is of usage they recorded first, so a proposal
+    backed by one is never above it."""
+    above = amount - agreement.used
+    if above <= 0:
+        return reason
+    data["above_usage_atomic"] = above
+    logger.error("settlement proposed on-chain above the usage recorded", extra={
+        "agreement_id": str(agreement.pk), "amount": amount, "used": agreement.used, "seq": data["seq"],
+        "tx_hash": data["tx_hash"]})
+    return (f"{reason} for {amount} base units, {above} above the usage recorded ({agreement.used}): no usage receipt "
+            "of the books backs it; the buyer may challenge it until the window's end")
 
 
 def agreement_challenge_failed(*, agreement_id, transaction_id, failure: str) -> UsageAgreement:
@@ -1642,7 +1667,7 @@ def agreement_chain_rollback(*, agreement_id, produced_by_removed: set[str], bac
         return None
     fields = {name: value for name, value in (changes or {}).items() if getattr(agreement, name) != value}
     if back_to == S.ACTIVE:
-        fields.update(challenge_deadline=None, proposed_seq=None)
+        fields.update(challenge_deadline=None, proposed_seq=None, proposed_amount=None)
     if agreement.status in (S.SETTLED, S.REFUNDED) and back_to not in (S.SETTLED, S.REFUNDED):
         fields.update(seller_payout=None, buyer_refund=None, settled_at=None)
     if agreement.status == S.ACTIVE and back_to != S.ACTIVE:

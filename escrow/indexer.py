@@ -489,6 +489,7 @@ def _restore(agreement_id, removed: list[ChainEvent], fork_block: int) -> None:
         if remaining.name == "SettlementProposed":
             changes["challenge_deadline"] = _moment(remaining.args["challengeDeadline"])
             changes["proposed_seq"] = int(remaining.args["seq"])
+            changes["proposed_amount"] = int(remaining.args["cumulativeAmount"])
     else:
         back_to = removed[0].from_status
     names = ", ".join(sorted({event.name for event in removed}))

@@ -228,9 +228,11 @@ def dispute_evidence(dispute) -> str:
 
 
 def dispute_proposed_amount(dispute) -> int | None:
-    """The settlement the seller proposed and the buyer disputed, by the books (the receipt of `proposed_seq`, which
-    the indexer follows): the most the arbiter may award the seller (`settlement_resolve` reads it from the chain).
-    None while the books know no proposal."""
+    """The settlement the seller proposed and the buyer disputed, as the indexer followed it (`proposed_amount`; for
+    an agreement proposed before that was kept, the books' receipt of `proposed_seq`): the most the arbiter may award
+    the seller (`settlement_resolve` reads it from the chain). None while the books know no proposal."""
+    if dispute.proposed_amount is not None:
+        return dispute.proposed_amount
     if dispute.proposed_seq is None:
         return None
     if dispute.proposed_seq == 0:

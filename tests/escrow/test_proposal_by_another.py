@@ -6,12 +6,17 @@ import importlib
 
 import pytest
 from django.apps import apps
+from django.conf import settings as django_settings
 
 from agreements.models import UsageAgreement
 from escrow import relayer, selectors, settlement
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
-from tests.escrow.flow import confirm_all
-from tests.escrow.test_indexer import call_n, funded, index, seller_proposes_directly  # noqa: F401
+from marketplace.signatures import receipt_sign
+from sdk import receipts
+from sdk.typed_data import sign_typed_data
+from tests.escrow.conftest import escrow_terms
+from tests.escrow.flow import USDC, confirm_all
+from tests.escrow.test_indexer import call_n, funded, index, mined, seller_proposes_directly  # noqa: F401
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -91,3 +96,61 @@ def test_our_proposal_the_seller_sent_first_is_done_by_another_not_a_failure(
     index(capture)
     agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
     assert (agreement.status, agreement.proposed_seq) == ("in_challenge", 3)
+
+
+def seller_proposes_a_receipt_the_books_do_not_hold(funded, chain, *, seq: int, amount: int):  # noqa: F811
+    """The seller proposes a receipt the receipt signer signed that no usage event of the books is (a signing key
+    misused, the database restored from a backup older than the receipts handed out)."""
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    digest = "0x" + "ab" * 32
+    signature = receipt_sign(django_settings.RECEIPT_SIGNER_PRIVATE_KEY, receipts.usage_receipt_digest(
+        chain_id=agreement.chain_id, escrow_address=chain.addresses["escrow"], agreement_id=agreement.onchain_id,
+        seq=seq, cumulative_amount=amount, usage_digest=digest))
+    mined(chain, chain.escrow.functions.proposeSettlement(
+        agreement.onchain_id, escrow_terms(chain.escrow, agreement.onchain_id), seq, amount, digest, signature,
+    ).transact({"from": funded.seller_account.address}))
+
+
+def test_a_proposal_above_the_recorded_usage_is_surfaced_and_the_buyer_challenges_it_in_time(
+        funded, escrow_chain, django_capture_on_commit_callbacks, admin_client):  # noqa: F811
+    """The seller proposes on-chain the whole deposit under a receipt the books do not hold, 3 calls (60_000) being
+    all the usage recorded. The agreement went in_challenge and the escrow would pay it at the window's end, with
+    nothing telling the buyer or an operator that the amount is not the recorded usage (only `reconcile`, run by
+    hand, compared it): the agreement shows the amount proposed beside the usage, its event says the proposal is
+    above the usage, the dashboard lists it, and the buyer's challenge through the API disputes it."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_a_receipt_the_books_do_not_hold(funded, chain, seq=4, amount=2 * USDC)
+    index(capture)
+
+    agreement = funded.agreement(funded.agreement_id)
+    assert (agreement["status"], agreement["used_atomic"], agreement["proposed_atomic"]) == (
+        "in_challenge", 60_000, 2 * USDC)
+    events = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/events").json()["results"]
+    [proposed] = [event for event in events if event["to_status"] == "in_challenge"]
+    assert proposed["data"]["above_usage_atomic"] == 2 * USDC - 60_000
+    assert "above the usage recorded" in proposed["reason"]
+    failures = admin_client.get("/admin/dashboard/").context["failures"]
+    assert [failure.kind for failure in failures if failure.subject == funded.agreement_id] == [
+        "settlement proposed above the recorded usage"]
+
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    body = {"reason": "not my usage", "deadline": package["deadline"],
+            "signature": sign_typed_data(funded.buyer_account.key, package["challenge"])}
+    with capture(execute=True):
+        response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge", body)
+    assert response.status_code == 202, response.content
+    confirm_all(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "disputed"
+
+
+def test_a_proposal_of_an_earlier_receipt_is_not_above_the_recorded_usage(
+        funded, escrow_chain, django_capture_on_commit_callbacks, admin_client):  # noqa: F811
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain, seq=2)
+    index(capture)
+    agreement = funded.agreement(funded.agreement_id)
+    assert (agreement["status"], agreement["proposed_atomic"]) == ("in_challenge", 40_000)
+    failures = admin_client.get("/admin/dashboard/").context["failures"]
+    assert not [failure for failure in failures if failure.subject == funded.agreement_id]
