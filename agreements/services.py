@@ -1562,6 +1562,17 @@ def agreement_settlement_proposed(*, agreement_id, challenge_deadline: datetime,
         _record_event(agreement, actor=SYSTEM, from_status=S.IN_CHALLENGE, data=data,
                       reason=_proposal_checked("settlement proposed again", agreement, amount=amount, data=data))
         return agreement
+    if agreement.status in (S.DISPUTED, S.SETTLING) and agreement.proposed_seq is not None and seq > agreement.proposed_seq:
+        # A re-proposal told after the challenge or the window's end that it came before (the chain takes none after
+        # either): the relayer's receipt of a challenge recorded the proposal read when it was queued, and the
+        # challenge disputed this one. The amount the arbiter may award and finalize pays is this one's.
+        for name, value in changes.items():
+            setattr(agreement, name, value)
+        agreement.save(update_fields=[*changes, "updated_at"])
+        _record_event(agreement, actor=SYSTEM, from_status=agreement.status, data=data, reason=_proposal_checked(
+            f"settlement proposed again before the agreement was {agreement.status}", agreement, amount=amount,
+            data=data))
+        return agreement
     if agreement.status in statuses_after(S.IN_CHALLENGE):
         return agreement  # the other path got there first and the agreement has moved on since
     return _transition(agreement_id, to=S.IN_CHALLENGE, actor=SYSTEM, data=data, changes=changes,

@@ -10,7 +10,7 @@ from django.db.models import (Count, DateTimeField, Exists, ExpressionWrapper, F
 from django.db.models.functions import Coalesce, Least, Length
 from web3 import Web3
 
-from agreements import selectors as agreement_selectors, services as agreement_services
+from agreements import services as agreement_services
 from agreements.models import (AgreementEvent, AgreementStatus, InvocationMoney, SettlementModel, SkillInvocation,
                                UsageAgreement, is_paid_out)
 from escrow import chain, relayer
@@ -228,17 +228,11 @@ def dispute_evidence(dispute) -> str:
 
 
 def dispute_proposed_amount(dispute) -> int | None:
-    """The settlement the seller proposed and the buyer disputed, as the indexer followed it (`proposed_amount`; for
-    an agreement proposed before that was kept, the books' receipt of `proposed_seq`): the most the arbiter may award
-    the seller (`settlement_resolve` reads it from the chain). None while the books know no proposal."""
-    if dispute.proposed_amount is not None:
-        return dispute.proposed_amount
-    if dispute.proposed_seq is None:
-        return None
-    if dispute.proposed_seq == 0:
-        return 0  # the zero receipt: nothing charged
-    return agreement_selectors.usage_events(agreement=dispute).filter(seq=dispute.proposed_seq).values_list(
-        "cumulative", flat=True).first()
+    """The settlement the seller proposed and the buyer disputed, as the chain has it (`proposed_amount`, which the
+    indexer and the relayer's receipts follow; not the books' receipt of its seq: a proposal may be above the usage
+    recorded): the most the arbiter may award the seller (`settlement_resolve` reads it from the chain). None while
+    the books know no proposal."""
+    return dispute.proposed_amount
 
 
 # The data key of the event of the settlement tick's finalize of a dispute past its timeout (its unix time; written by

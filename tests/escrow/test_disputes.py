@@ -467,3 +467,36 @@ def test_a_challenge_stuck_in_the_relayer_does_not_hold_back_the_sellers_higher_
     state, _deadline, last_seq, amount = chain.escrow.functions.getEscrow(funded.onchain_id, terms).call()[:4]
     assert (list(selectors.EscrowState)[state], last_seq) == (selectors.EscrowState.DISPUTED, 3)
     assert funded.agreement(funded.agreement_id)["status"] == "disputed"
+
+
+def test_a_dispute_of_a_re_proposal_mined_before_the_challenge_shows_the_amount_the_chain_disputes(
+        funded, escrow_chain, django_capture_on_commit_callbacks, admin_client):  # noqa: F811
+    """The seller proposes its second receipt itself and the buyer challenges it through the API before the indexer
+    applied it; the seller's re-proposal of its third receipt is mined before the relayer's challenge, which disputes
+    whatever is proposed: the third. The relayer's receipt records the proposal it read when the challenge was queued
+    (the second) and the agreement disputed, and the indexer, applying the third proposal after, left it there: the
+    books showed the buyer, the seller and the arbiter's form the second receipt's amount and window while the chain
+    disputes the third's."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain, seq=2)
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    with capture(execute=False) as submits:
+        response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge",
+                                         challenge_body(funded, package))
+    assert response.status_code == 202, response.content
+    seller_proposes_directly(funded, chain, seq=3)
+    with capture(execute=True):
+        for submit in submits:
+            submit()
+    confirm_all(capture)
+    index(capture)
+
+    terms = escrow_terms(chain.escrow, funded.onchain_id)
+    assert tuple(chain.escrow.functions.getEscrow(funded.onchain_id, terms).call()[2:4]) == (3, 60_000)
+    disputed = funded.agreement(funded.agreement_id)
+    assert (disputed["status"], disputed["proposed_atomic"]) == ("disputed", 60_000)
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    assert agreement.proposed_seq == 3
+    assert selectors.dispute_proposed_amount(agreement) == 60_000
+    call_command("reconcile")

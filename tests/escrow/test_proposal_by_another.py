@@ -154,3 +154,15 @@ def test_a_proposal_of_an_earlier_receipt_is_not_above_the_recorded_usage(
     assert (agreement["status"], agreement["proposed_atomic"]) == ("in_challenge", 40_000)
     failures = admin_client.get("/admin/dashboard/").context["failures"]
     assert not [failure for failure in failures if failure.subject == funded.agreement_id]
+
+
+def test_the_data_migration_fills_proposed_amount_from_the_chain_events(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain, seq=2)
+    index(capture)
+    UsageAgreement.objects.filter(pk=funded.agreement_id).update(proposed_amount=None)
+    fill = importlib.import_module("agreements.migrations.0040_proposed_amount_fill").proposed_amount_fill
+    fill(apps, None)
+    assert UsageAgreement.objects.get(pk=funded.agreement_id).proposed_amount == 40_000

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from django.contrib.auth import get_user_model
 
-from agreements.models import AgreementEvent, AgreementStatus, UsageAgreement, UsageEvent
+from agreements.models import AgreementEvent, AgreementStatus, UsageAgreement
 from escrow import selectors
 from escrow.models import ChainTransaction, TxPurpose
 from tests.agreements.helpers import propose
@@ -145,10 +145,9 @@ def test_the_resolve_form_names_the_disputed_proposal_as_the_most_the_seller_may
     settlement the seller proposed and the buyer disputed (400 `amount_exceeds_proposal`): an operator following it
     typed an award the chain would never take."""
     agreement_id = disputed(buyer_api, register_service(seller), days_ago=2)
-    UsageAgreement.objects.filter(pk=agreement_id).update(deposit_amount=2_000_000, proposed_seq=2, usage_seq=3)
-    for seq, cumulative in ((1, 100_000), (2, 200_000), (3, 300_000)):  # the 3rd charged after the proposal
-        UsageEvent.objects.create(agreement_id=agreement_id, seq=seq, source="proxy", units=1, cost=100_000,
-                                  cumulative=cumulative, usage_digest="0x" + f"{seq:02x}" * 32, request_id=f"r{seq}")
+    # The 2nd of 3 receipts proposed (the 3rd charged after the proposal).
+    UsageAgreement.objects.filter(pk=agreement_id).update(deposit_amount=2_000_000, proposed_seq=2,
+                                                          proposed_amount=200_000, usage_seq=3, used=300_000)
 
     page = operator.get(f"/admin/escrow/dispute/{agreement_id}/resolve/")
 
