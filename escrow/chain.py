@@ -962,6 +962,16 @@ def escrow_closing_event(name: str, onchain_id: str, *, buyer: str) -> dict | No
     return found[-1] if found else None
 
 
+def fees_paid_after(token: str, *, block: int) -> dict | None:
+    """The escrow's newest FeesPaid event of `token` (anyone's payFees) in a block after `block`, decoded; None when
+    there is none."""
+    contract = escrow_contract()
+    event = contract.events.FeesPaid()
+    found = first_logs(address=contract.address, topics=[event_topic(event), address_topic(token)],
+                       from_block=block + 1, to_block=latest_block_number(), newest_first=True)
+    return event.process_log(found[-1]) if found else None
+
+
 def escrow_challenged_at(onchain_id: str, *, buyer: str, from_block: int, to_block: int) -> dict | None:
     """When `buyer`'s escrow `onchain_id` was challenged (an escrow is, once), looked for in [from_block, to_block]:
     {"timestamp", "number", "hash"} of the block holding its Challenged event, whoever sent it (the relayer, or the

@@ -2,6 +2,7 @@
 its fee recipient in one `payFees(token)`. `fees_pay` (a beat task) queues that call through the relayer when a
 token's accrued fee is above zero, one call under way at a time (a database constraint keeps it so)."""
 
+import functools
 import logging
 
 from django.db import IntegrityError, transaction
@@ -11,6 +12,7 @@ from web3.logs import DISCARD
 from agreements.models import UsageAgreement
 from escrow import chain, relayer
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
+from escrow.settlement import DONE_BY
 from marketplace import chainconfig
 
 logger = logging.getLogger(__name__)
@@ -33,26 +35,44 @@ def fees_pay() -> ChainTransaction | None:
     if _fee_payment_under_way():
         return None
     escrow = chain.escrow_contract()
+    # Chain reads, before any transaction; at one block, which a payment someone else makes after it is looked for from
+    # (`_fees_paid_evidence`).
+    block = chain.latest_block_number()
     for token in _fee_tokens():
-        accrued = chain.call(escrow.functions.feesAccrued(token).call)  # a chain read: before any transaction
+        accrued = chain.call(functools.partial(escrow.functions.feesAccrued(token).call, block_identifier=block))
         if accrued == 0:
             continue
         try:
             with transaction.atomic():
                 return relayer.transaction_enqueue(
                     purpose=TxPurpose.PAY_FEES, to=chainconfig.escrow_address(),
-                    data=escrow.encode_abi("payFees", args=[token]), context={"token": token, "accrued": accrued})
+                    data=escrow.encode_abi("payFees", args=[token]),
+                    context={"token": token, "accrued": accrued, _READ_AT_BLOCK: block})
         except IntegrityError:
             return None  # another tick queued one meanwhile
     return None
 
 
+# The context key of the block the fee accrued was read at.
+_READ_AT_BLOCK = "read_at_block"
+
+
 def _fees_paid_evidence(tx: ChainTransaction) -> dict:
     """The amount and recipient of the escrow's FeesPaid event for the token paid, in the payment's own receipt (the
     gateway's: of that transaction) of the block the relayer concluded it on. Raises ChainError otherwise (a reorg
-    took it since, or a node answers another block's or transaction's receipt): read again at the next poll."""
+    took it since, or a node answers another block's or transaction's receipt): read again at the next poll. For one
+    that failed, the payment someone else made of the token's fee after it was read accrued (anyone may call payFees):
+    that transaction and its block (relayer.EVIDENCE_BLOCK: no failure for an operator; a reorg that takes it reopens
+    ours), else nothing."""
     if tx.status != TxStatus.CONFIRMED:
-        return {}
+        if _READ_AT_BLOCK not in tx.context:
+            return {}  # queued before the block was kept
+        paid = chain.fees_paid_after(tx.context["token"], block=tx.context[_READ_AT_BLOCK])
+        if paid is None:
+            return {}
+        return {DONE_BY: chain.hex_text(paid["transactionHash"]),
+                relayer.EVIDENCE_BLOCK: {"number": paid["blockNumber"], "hash": chain.hex_text(paid["blockHash"])},
+                "amount": paid["args"]["amount"], "fee_recipient": paid["args"]["feeRecipient"]}
     mined = relayer.concluded_receipt(tx)
     escrow = chain.escrow_contract()
     [paid] = [event for event in escrow.events.FeesPaid().process_receipt({"logs": mined.logs}, errors=DISCARD)
@@ -63,7 +83,10 @@ def _fees_paid_evidence(tx: ChainTransaction) -> dict:
 def _fees_paid_outcome(tx: ChainTransaction) -> None:
     if tx.status == TxStatus.CONFIRMED:
         logger.info("infra fees paid", extra={"token": tx.context["token"], **tx.outcome_evidence})
-    else:  # the next run queues another while fees are accrued (e.g. someone else paid them: nothing to do)
+    elif tx.outcome_evidence.get(DONE_BY):
+        logger.info("infra fees paid by another transaction first", extra={"token": tx.context["token"],
+                                                                           **tx.outcome_evidence})
+    else:  # the next run queues another while fees are accrued
         logger.warning("infra fee payment failed", extra={"token": tx.context["token"],
                                                           "reason": tx.failure_reason})
 

@@ -92,3 +92,43 @@ def test_the_fee_paid_is_read_from_the_payments_own_receipt_not_another_the_node
     [payment] = ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES)
     assert payment.status == TxStatus.CONFIRMED and payment.outcome_applied
     assert payment.outcome_evidence == {"amount": accrued, "fee_recipient": chain.accounts.fee_recipient.address}
+
+
+@pytest.mark.parametrize("sent", ["before our simulation", "before ours is mined"])
+def test_fees_someone_else_paid_first_are_no_failure_on_the_dashboard(
+        escrow_chain, django_capture_on_commit_callbacks, admin_client, sent):
+    """Anyone may call payFees (the money only goes to the fee recipient), and someone's is mined after the fee task
+    read the fee accrued and before ours: ours reverts (NothingToWithdraw), at its simulation or mined. It did what
+    ours would have, yet it was listed among the dashboard's failures as a finalize or a reclaim someone else sent
+    first is not, so anyone could fill the operators' list of failures at every fee run."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    _activated(Parties(chain), capture)
+    fee_recipient, before = chain.accounts.fee_recipient.address, usdc_balance(chain, chain.accounts.fee_recipient.address)
+    accrued = _accrued(chain)
+    pay = chain.escrow.functions.payFees(chain.addresses["usdc"])
+    with capture(execute=False) as submits:
+        assert tasks.pay_fees() is not None
+    if sent == "before our simulation":
+        theirs = pay.transact({"from": chain.accounts.stranger.address})
+    else:
+        chain.rpc("evm_setAutomine", [False])
+    try:
+        with capture(execute=True):
+            for submit in submits:
+                submit()
+        if sent == "before ours is mined":  # theirs, with a higher tip, mined ahead of ours in the next block
+            theirs = pay.transact({"from": chain.accounts.stranger.address, "gas": 200_000,
+                                   "maxFeePerGas": 10**12, "maxPriorityFeePerGas": 10**11})
+            chain.mine(1)
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    assert chain.w3.eth.wait_for_transaction_receipt(theirs)["status"] == 1
+    for _ in range(2):
+        confirm_all(capture)
+
+    [ours] = ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES)
+    assert ours.status == TxStatus.FAILED and "NothingToWithdraw" in ours.failure_reason
+    assert ours.outcome_evidence["done_by"] == "0x" + bytes(theirs).hex()
+    failures = admin_client.get("/admin/dashboard/").context["failures"]
+    assert not [failure for failure in failures if "pay_fees" in failure.kind]
+    assert usdc_balance(chain, fee_recipient) == before + accrued  # paid once
