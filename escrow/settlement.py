@@ -741,6 +741,10 @@ def _finalize(agreement: UsageAgreement, *, now: int) -> ChainTransaction | None
                 agreement_id=agreement.pk, purpose=TxPurpose.CHALLENGE):
             return None
         agreement_services.agreement_settling(agreement_id=agreement.pk, reason="challenge window over")
+        if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.FINALIZE):
+            # Ours, whose block a deep reorg took after the indexer applied its Settled event (whose rollback put the
+            # agreement back in challenge), sent again by the relayer: settling on it, not on a second one.
+            return None
         return _enqueue(agreement, TxPurpose.FINALIZE, "finalize", [agreement.onchain_id, terms])
 
 

@@ -810,6 +810,40 @@ def test_a_finalize_a_reorg_deeper_than_the_depth_takes_leaves_no_payout_recorde
     call_command("reconcile", stdout=io.StringIO())
 
 
+def test_a_finalize_a_deep_reorg_took_after_its_settled_event_was_indexed_is_not_sent_twice(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """As above, but the indexer had applied the Settled event: its rollback puts the agreement back in challenge (the
+    proposal is its newest remaining event), its window over, while the relayer sends our reopened finalize again.
+    The settlement tick took it for one still to finalize and queued a second finalize, of which one reverts at the
+    relayer's gas."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete")
+    tick(capture)
+    chain.increase_time(3601)
+    before_fork = chain.snapshot()
+    assert tick(capture)["finalizing"] == 1
+    index(capture)
+    chain.reorg(before_fork)
+    chain.mine(3)
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    with capture(execute=False):  # the relayer's poll reopens ours; it is not mined again yet
+        relayer.transactions_reopen_reorged()
+    assert tick(capture)["finalizing"] == 0
+    assert funded.agreement(funded.agreement_id)["status"] == "settling"  # on the finalize under way
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    for _ in range(2):
+        confirm_all(capture)
+    index(capture)
+    finalizes = ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.FINALIZE)
+    assert list(finalizes.values_list("status", flat=True)) == [TxStatus.CONFIRMED]
+    settled = funded.agreement(funded.agreement_id)
+    assert (settled["status"], settled["seller_payout_atomic"], settled["buyer_refund_atomic"]) == (
+        "settled", 60_000, 1_940_000)
+    call_command("reconcile", stdout=io.StringIO())
+
+
 def test_a_reclaim_a_reorg_deeper_than_the_depth_takes_leaves_no_refund_recorded_until_it_is_mined_again(
         funded, escrow_chain, settings, django_capture_on_commit_callbacks):
     """As the finalize above: our reclaim, confirmed (the agreement refunded, the buyer's refund recorded), taken by a
