@@ -121,7 +121,8 @@ def require_https(url: str | httpx.URL, *, what: str, allow_insecure_http: bool)
         raise InsecureUrl(f"{what}: not a URL") from None
     if parsed.scheme == "https" or parsed.scheme == "http" and _is_loopback(parsed.host):
         return
-    server = parsed.host if parsed.port is None else f"{parsed.host}:{parsed.port}"
+    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host  # an IPv6 address, bracketed as in a URL
+    server = host if parsed.port is None else f"{host}:{parsed.port}"
     raise InsecureUrl(f"{what}: {parsed.scheme or 'no scheme'}://{server} is not https (plain http is for this "
                       "machine only): pass allow_insecure_http=True to send to it anyway")
 

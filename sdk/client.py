@@ -42,6 +42,7 @@ signed for it (`invoke_skill`), never a new one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import threading
@@ -73,7 +74,8 @@ from sdk.x402_signing import build_direct_stablecoin_agreement, new_authorizatio
 
 T = TypeVar("T")
 
-__all__ = ["AgreementFailed", "MarketplaceClient", "MarketplaceError", "NotConfigured", "PaymentAuthorizationUsed"]
+__all__ = ["AgreementFailed", "ListingTooLong", "MarketplaceClient", "MarketplaceError", "NotConfigured",
+           "PaymentAuthorizationUsed"]
 
 AgreementId = str | uuid.UUID
 
@@ -105,6 +107,10 @@ _UNIX_MILLISECONDS_MAX_DIGITS = 78
 # How long a seller's accept of a direct purchase waits, by default, for the buyer's payment that reached it already
 # to reach the chain's confirmation depth (409 `payment_not_final`): 10 blocks on Base, about 20 s, and slack.
 PAYMENT_FINAL_WAIT_SECONDS = 60.0
+# How many items a listing yields at most by default (`max_items`): a compromised marketplace can name a fresh next
+# page after every full one for ever. Well above an agent's agreements or a search's useful results, and a usage
+# listing of 1,000 pages of 100 events; a longer one is read with a larger bound.
+LISTING_MAX_ITEMS = 100_000
 # An invocation in one of these statuses runs no more: nothing to wait for.
 _INVOCATION_ENDED = frozenset({"completed", "failed", "timeout"})
 
@@ -137,6 +143,15 @@ class MarketplaceError(Exception):
     @property
     def transient(self) -> bool:
         return self.status in _TRANSIENT_STATUSES or self.code in _TRANSIENT_CODES
+
+
+class ListingTooLong(AnswerRefused):
+    """A listing went on past the `max_items` the caller bounded it to (`LISTING_MAX_ITEMS` by default): the first
+    `max_items` were yielded, and the pages naming more are not followed."""
+
+    def __init__(self, message: str, *, max_items: int):
+        super().__init__(message)
+        self.max_items = max_items
 
 
 class NotConfigured(RuntimeError):
@@ -322,10 +337,12 @@ class MarketplaceClient:
                 "upstream_base_url": upstream_base_url, **fields}
         return self._request("POST", "/agents/services", json=body, idempotency_key=idempotency_key or _new_key())
 
-    def search_services(self, q: str = "", *, page_size: int = 20, **filters: Any) -> Iterator[dict[str, Any]]:
+    def search_services(self, q: str = "", *, page_size: int = 20, max_items: int = LISTING_MAX_ITEMS,
+                        **filters: Any) -> Iterator[dict[str, Any]]:
         """Registered services matching `q` and `filters` (tags_all, tags_any, capability, max_unit_price_atomic,
-        seller, protocol, order_by), best first. Lazy: fetches the next page only when the iteration gets there."""
-        return self._pages("POST", "/catalog/search", {"q": q, "limit": page_size, **filters})
+        seller, protocol, order_by), best first. Lazy: fetches the next page only when the iteration gets there.
+        Past `max_items`, `ListingTooLong`."""
+        return self._pages("POST", "/catalog/search", {"q": q, "limit": page_size, **filters}, max_items=max_items)
 
     # --- agreements ----------------------------------------------------------------------------------------------
 
@@ -394,11 +411,13 @@ class MarketplaceClient:
     def get_agreement(self, agreement_id: AgreementId) -> dict[str, Any]:
         return _answered(self._request("GET", f"/usage-agreements/{agreement_id}"), where="agreement")
 
-    def list_agreements(self, *, status: str | None = None, role: str | None = None,
-                        page_size: int = 20) -> Iterator[dict[str, Any]]:
-        """This agent's agreements, newest first, as buyer and seller (or one `role`). Lazy, page by page."""
+    def list_agreements(self, *, status: str | None = None, role: str | None = None, page_size: int = 20,
+                        max_items: int = LISTING_MAX_ITEMS) -> Iterator[dict[str, Any]]:
+        """This agent's agreements, newest first, as buyer and seller (or one `role`). Lazy, page by page. Past
+        `max_items`, `ListingTooLong`."""
         params = {"status": status, "role": role, "limit": page_size}
-        return self._pages("GET", "/usage-agreements", {k: v for k, v in params.items() if v is not None})
+        return self._pages("GET", "/usage-agreements", {k: v for k, v in params.items() if v is not None},
+                           max_items=max_items)
 
     def payment_requirements(self, *, amount_cents: int | None = None, amount_atomic: int | None = None,
                              rail: str = "stablecoin") -> dict[str, Any]:
@@ -727,12 +746,16 @@ class MarketplaceClient:
         return self._retrying(call, attempts=1 if request_nonce is None else self._retries + 1,
                               transient=lambda error: error.code == "request_in_progress")
 
-    def usage(self, agreement_id: AgreementId, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
-        """Every usage event of the agreement, oldest first (lazy, page by page)."""
-        return self._pages("GET", f"/usage-agreements/{agreement_id}/usage", {"limit": page_size})
+    def usage(self, agreement_id: AgreementId, *, page_size: int = 100,
+              max_items: int = LISTING_MAX_ITEMS) -> Iterator[dict[str, Any]]:
+        """Every usage event of the agreement, oldest first (lazy, page by page). Past `max_items`,
+        `ListingTooLong`."""
+        return self._pages("GET", f"/usage-agreements/{agreement_id}/usage", {"limit": page_size},
+                           max_items=max_items)
 
     def verify_usage(self, agreement: Mapping[str, Any], *, buyer_wallet_address: str | None = None,
-                     timeout: float = VERIFY_USAGE_TIMEOUT_SECONDS) -> VerifiedUsage:
+                     timeout: float = VERIFY_USAGE_TIMEOUT_SECONDS,
+                     max_events: int = LISTING_MAX_ITEMS) -> VerifiedUsage:
         """Check every charge against the chain, through the buyer's own RPC: the escrow's on-chain record
         (deposit, receipt signer, proposed amount and digest, state), then the usage listing's gap-free sequence,
         cumulative sums, digest chain (recomputed from the events' fields) and every receipt's signature against
@@ -756,7 +779,8 @@ class MarketplaceClient:
         The whole verification, its requests included, ends within `timeout` seconds or raises
         `sdk.receipts.UsageVerificationTimedOut` (a TimeoutError) counting the events verified: zero-unit events
         cost nothing, so neither the deposit nor the agreed quantity bounds how many a compromised marketplace may
-        list, page after page."""
+        list, page after page. A listing of more than `max_events` events raises `ListingTooLong` (`usage`'s
+        `max_items`)."""
         if not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds")
         if buyer_wallet_address is None:
@@ -784,7 +808,7 @@ class MarketplaceClient:
         with deadline_within(timeout):
             try:
                 return self._verify_usage(agreement, buyer_wallet_address,
-                                          within_timeout(self.usage(agreement["id"])))
+                                          within_timeout(self.usage(agreement["id"], max_items=max_events)))
             except DeadlineExceeded as cut_short:
                 if not deadline_passed():
                     raise  # a request's own deadline, sooner than the verification's
@@ -1175,13 +1199,18 @@ class MarketplaceClient:
                 raise TimeoutError(late(last)) from cut_short
         raise TimeoutError(late(last))
 
-    def _pages(self, method: str, path: str, query: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _pages(self, method: str, path: str, query: dict[str, Any], *, max_items: int) -> Iterator[dict[str, Any]]:
         """Follow `next_cursor` (a query parameter on GET, a body field on POST) until it is null. The marketplace
         names a next page only after a full one: an empty page naming one is refused (`AnswerRefused`), else such
         pages could be followed for ever without anything to yield; so is a page naming a cursor already followed
-        (a page read before: reading the listing whole would never end)."""
+        (a page read before: reading the listing whole would never end). Fresh cursors, a full page each, could be
+        named for ever too: past `max_items` items, `ListingTooLong`. The cursors followed are held as digests, the
+        server choosing their length."""
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
         cursor = None
-        followed: set[str] = set()
+        followed: set[bytes] = set()
+        yielded = 0
         while True:
             page_query = {**query, "cursor": cursor} if cursor else query
             if method == "GET":
@@ -1194,11 +1223,17 @@ class MarketplaceClient:
                 raise UnexpectedAnswer(f"{method} {path}: next_cursor {str(cursor)[:100]!r} is no cursor")
             if cursor and not results:
                 raise AnswerRefused(f"{method} {path}: a page with no results names a next page")
-            if cursor in followed:
+            digest = hashlib.sha256(cursor.encode("utf-8", "surrogatepass")).digest() if cursor else None
+            if digest in followed:
                 raise AnswerRefused(f"{method} {path}: a page names as the next one a page already read")
-            if cursor:
-                followed.add(cursor)
-            yield from results
+            if digest:
+                followed.add(digest)
+            for item in results:
+                if yielded == max_items:
+                    raise ListingTooLong(f"{method} {path}: the listing goes on past max_items={max_items} items "
+                                         "(pass a larger max_items= to read on)", max_items=max_items)
+                yielded += 1
+                yield item
             if not cursor:
                 return
 

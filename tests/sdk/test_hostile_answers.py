@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import gc
 import gzip
 import logging
 import socket
@@ -32,8 +33,9 @@ import httpx
 import pytest
 from eth_account import Account
 
-from sdk import (AnswerRefused, AnswerTooLarge, DeadlineExceeded, InsecureUrl, InvalidJSON, MarketplaceClient,
-                 MarketplaceError, UndecodableAnswer, UnrequestedEncoding)
+from sdk import (AnswerRefused, AnswerTooLarge, DeadlineExceeded, InsecureUrl, InvalidJSON, ListingTooLong,
+                 MarketplaceClient, MarketplaceError, UndecodableAnswer, UnrequestedEncoding)
+from sdk.client import LISTING_MAX_ITEMS
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
 from sdk.onchain import ChainReader, RpcError
 from tests.support.http_server import serving
@@ -561,6 +563,70 @@ def test_a_page_naming_a_cursor_already_followed_is_refused(listing, cycle):
     assert RepeatedPages.served == len(cycle) + 1
 
 
+class FreshCursors(Hostile):
+    """Full pages for ever, each naming a next one never named before (`results` items a page, the cursor
+    `cursor_bytes` long): no page is empty and no cursor repeats, so neither refusal above applies."""
+
+    results = 1
+    cursor_bytes = 32
+    served = 0
+
+    def answer(self) -> Iterator[bytes]:
+        type(self).served += 1
+        cursor = b"%d-" % self.served + b"c" * self.cursor_bytes
+        items = b",".join([b'{"id": "1"}'] * self.results)
+        body = b'{"results": [%s], "next_cursor": "%s"}' % (items, cursor)
+        yield b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+BOUNDED_LISTINGS: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
+    "services": lambda client, **bound: client.search_services("translate", **bound),
+    "agreements": lambda client, **bound: client.list_agreements(**bound),
+    "usage": lambda client, **bound: client.usage(uuid.uuid4(), **bound),
+}
+
+
+@pytest.mark.parametrize("listing", BOUNDED_LISTINGS)
+def test_a_listing_naming_fresh_pages_for_ever_ends_at_its_max_items(listing):
+    """A compromised marketplace naming a new cursor after every full page had the SDK follow it for ever: reading
+    a listing whole never returned (only an empty page or a cursor named twice was refused), holding every cursor
+    followed and every item yielded. Past `max_items` the listing raises `ListingTooLong` (an `AnswerRefused`)."""
+    FreshCursors.results, FreshCursors.cursor_bytes, FreshCursors.served = 1, 32, 0
+    read: list[dict[str, Any]] = []
+    with hostile(FreshCursors) as url:
+        outcome = run_bounded(lambda: read.extend(BOUNDED_LISTINGS[listing](marketplace(url), max_items=5)), limit=10)
+    assert isinstance(outcome.error, ListingTooLong), outcome.error
+    assert isinstance(outcome.error, AnswerRefused)
+    assert "max_items" in str(outcome.error) and "5" in str(outcome.error)
+    assert len(read) == 5
+    assert FreshCursors.served == 6
+
+
+def test_a_listing_is_bounded_by_default():
+    FreshCursors.results, FreshCursors.cursor_bytes, FreshCursors.served = 1000, 32, 0
+    with hostile(FreshCursors) as url:
+        outcome = run_bounded(lambda: sum(1 for _ in marketplace(url).usage(uuid.uuid4())), limit=60)
+    assert isinstance(outcome.error, ListingTooLong), outcome.error
+    assert FreshCursors.served == LISTING_MAX_ITEMS // 1000 + 1
+
+
+def test_the_cursors_a_listing_followed_are_not_held_whole():
+    """Every cursor followed was kept whole to refuse one named again: a listing under way held a megabyte more each
+    page that named a megabyte's cursor (the server chooses their length), whatever its bound."""
+    FreshCursors.results, FreshCursors.cursor_bytes, FreshCursors.served = 1, 1024 * 1024, 0
+    with hostile(FreshCursors) as url:
+        listing = marketplace(url).search_services("translate")
+        tracemalloc.start()
+        try:
+            outcome = run_bounded(lambda: [next(listing) for _ in range(30)], limit=60)
+            gc.collect()
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert outcome.error is None, outcome.error
+    assert held < 8 * 1024 * 1024, f"{held / 2**20:.0f} MiB held after 30 pages"
+
+
 class Unavailable(Hostile):
     def answer(self) -> Iterator[bytes]:
         yield b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
@@ -721,6 +787,19 @@ def test_plain_http_to_another_machine_is_refused_before_anything_is_sent(client
         PLAIN_HTTP[client](url, recorded(sent))
     assert sent == []
     assert "allow_insecure_http" in str(refused.value)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("http://[2001:db8::1]:8545/v2/SECRET-KEY", "http://[2001:db8::1]:8545 is not https"),
+    ("http://user:SECRET-KEY@[2001:db8::1]/", "http://[2001:db8::1] is not https"),
+    ("http://node.example:8545/SECRET-KEY", "http://node.example:8545 is not https"),
+])
+def test_an_insecure_urls_refusal_names_its_host_as_a_url_would(url, shown):
+    """An IPv6 host was shown unbracketed ("http://2001:db8::1:8545"), which reads as another address and port."""
+    with pytest.raises(InsecureUrl) as refused:
+        ChainReader(url)
+    assert shown in str(refused.value)
+    assert "SECRET-KEY" not in str(refused.value)
 
 
 def test_an_rpc_url_in_plain_http_is_refused_without_its_key_in_the_error():
