@@ -141,7 +141,8 @@ def seed(args, upstream_url: str, chain_node) -> dict:
         signed = sign_activation_package(
             package, "0x" + bytes(wallet.key).hex(), network=network, token_domain=network.token_domain,
             terms=AgreedTerms.from_agreement(AgreementSerializer(agreement).data, network),
-            expected_seller_wallet_address=seller.wallet_address)
+            expected_seller_wallet_address=seller.wallet_address,
+            permit_nonce=package["escrow_permit"]["message"]["nonce"])  # its own server's word, as its network
         escrow_services.activation_submit(agreement=agreement, buyer=buyer, **signed)  # the relayer runs inline
         buyers.append({"key": api_key, "agreement": str(agreement.pk)})
     deadline = time.monotonic() + 60

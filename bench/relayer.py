@@ -249,7 +249,8 @@ def seed(keys: list) -> list[Activation]:
         signed = sign_activation_package(
             package, "0x" + bytes(key.key).hex(), network=network, token_domain=network.token_domain,
             terms=AgreedTerms.from_agreement(AgreementSerializer(agreement).data, network),
-            expected_seller_wallet_address=seller.wallet_address)
+            expected_seller_wallet_address=seller.wallet_address,
+            permit_nonce=package["escrow_permit"]["message"]["nonce"])  # its own server's word, as its network
         activations.append(Activation(agreement_id=str(agreement.pk), api_key=api_key, signed=signed))
     return activations
 

@@ -90,13 +90,14 @@ def sign_activation_package(package: Mapping[str, Any], wallet: str | bytes | Wa
                             network: NetworkConfig, token_domain: TokenDomain, now: int | None = None,
                             max_deadline_seconds: int = DEADLINE_MAX_SECONDS,
                             expected_seller_wallet_address: str | None = None,
-                            permit_nonce: int | None = None) -> dict[str, Any]:
+                            permit_nonce: int) -> dict[str, Any]:
     """Check the package against the agreed terms and sign the SDK's own intent and permit.
 
     `now` is the chain's time when known (else this machine's clock); the package's deadline must lie in
-    [now + 60 s, now + `max_deadline_seconds`]. The token's permit nonce is taken from the server unless the buyer
-    read it (`permit_nonce`, the token's `nonces(buyer)`), which the package's must then be: a nonce ahead of the
-    token's is not invalid, it makes the permit usable later, once the nonces below it are used. So is `intent_nonce_round`: any round's nonce names this agreement alone,
+    [now + 60 s, now + `max_deadline_seconds`]. `permit_nonce` is the token's `nonces(buyer)` as the buyer reads it
+    (required: the package's is the marketplace's word), which the package's must be: a nonce ahead of the
+    token's is not invalid, it makes the permit usable later, once the nonces below it are used. Not so
+    `intent_nonce_round`: any round's nonce names this agreement alone,
     and the contract funds at most one escrow per (buyer, agreement). With `expected_seller_wallet_address`, the
     agreement's seller wallet (the payee) must be that one (`check_seller`); without it, `SellerUnverified` is
     warned before signing. What the package states beside the
@@ -120,10 +121,9 @@ def sign_activation_package(package: Mapping[str, Any], wallet: str | bytes | Wa
     nonce = permit_message.get("nonce")
     if isinstance(nonce, bool) or not isinstance(nonce, int) or not 0 <= nonce < 2**256:
         raise SigningRefused("escrow_permit.message.nonce", "the token's nonces(buyer)", nonce)
-    if permit_nonce is not None:
-        require_equal(nonce, permit_nonce, "escrow_permit.message.nonce",
-                      "the token's nonces(buyer) as the buyer's RPC reads it: a permit for a later nonce is usable "
-                      "later, until its deadline")
+    require_equal(nonce, permit_nonce, "escrow_permit.message.nonce",
+                  "the token's nonces(buyer) as the buyer reads it: a permit for a later nonce is usable later, "
+                  "until its deadline")
     intent_nonce_round = package.get("intent_nonce_round", 0)
     if isinstance(intent_nonce_round, bool) or not isinstance(intent_nonce_round, int) or not (
             0 <= intent_nonce_round < 2**32):

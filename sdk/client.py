@@ -15,7 +15,8 @@ Signing: the client signs only what it builds itself from the agreed terms and t
 (`sdk.networks`); a server answer that differs raises `SigningRefused` naming the field, and nothing is
 signed. `rpc_url` (the buyer's own node) is where the token's EIP-712 domain, the chain's clock, permit nonces and
 the escrow's on-chain record (`verify_usage`) are read; without it the pinned domain and this machine's clock are
-used, and `verify_usage` is unavailable. A wallet is a private key or any object with `address` and
+used, a permit's nonce is the buyer's to give (`permit_nonce=`, never the marketplace's word), and `verify_usage`
+is unavailable. A wallet is a private key or any object with `address` and
 `sign_typed_data(typed)` (`sdk.safety.Wallet`).
 
 Every method returns the API's JSON as plain dicts and lists. A refusal by the API raises `MarketplaceError` with
@@ -551,7 +552,11 @@ class MarketplaceClient:
         `PaymentAuthorizationUsed` as soon as it names a transfer that used the authorization first
         (`payment_tx_hash`: the cancellation reverted, the money went to the seller), or
         `PaymentAuthorizationCancelFailed` as soon as the cancellation failed otherwise (its transaction in
-        `escrow_status`, with its reason: the buyer cancelled the authorization on-chain itself already, say)."""
+        `escrow_status`, with its reason: the buyer cancelled the authorization on-chain itself already, say). With
+        `rpc_url`, the cancellation named must be on-chain as the buyer's RPC reads it (the token's
+        AuthorizationCanceled of this wallet and nonce in that transaction), else the wait goes on (`TimeoutError`
+        naming it): the marketplace naming any transaction kept the authorization valid, the buyer believing it
+        revoked. Without one, that is the marketplace's word."""
         wallet = as_wallet(wallet)
         with self._lock:
             signed = self._payment_authorizations.get(_proposal_key(agreement_id))
@@ -582,8 +587,24 @@ class MarketplaceClient:
             paid = agreement.get("payment_tx_hash")
             return paid if paid and paid != paid_before else None
 
+        cancelled: list[dict[str, Any]] = []  # the last agreement read, when its cancellation holds
+
+        def read() -> dict[str, Any]:
+            """The agreement, and whether the cancellation it names holds: through the buyer's RPC when there is
+            one (the token's AuthorizationCanceled of this wallet and nonce, in that transaction)."""
+            agreement = self.get_agreement(agreement_id)
+            named = agreement.get("payment_authorization_cancel_tx_hash")
+            if named and self._chain is not None:
+                try:
+                    named = self._chain.authorization_cancelled(str(named), token=self.network.token_address,
+                                                                authorizer=wallet.address, nonce=authorization_nonce)
+                except RpcError:  # a node that does not show it (yet): waited for, as one that shows nothing
+                    named = False
+            cancelled[:] = [agreement] if named else []
+            return agreement
+
         def concluded(agreement: dict[str, Any]) -> bool:
-            return bool(agreement.get("payment_authorization_cancel_tx_hash") or used_by(agreement))
+            return bool(cancelled) or bool(used_by(agreement))
 
         sent = answer.get("transaction") if isinstance(answer, dict) else None
         cancel_id = sent.get("id") if isinstance(sent, dict) else None
@@ -592,7 +613,7 @@ class MarketplaceClient:
         def fetch() -> dict[str, Any]:
             """The agreement; when it names neither, whether the cancellation failed (the relayer concludes it and
             the agreement in one write: the agreement read after that answer names a use that failed it)."""
-            agreement = self.get_agreement(agreement_id)
+            agreement = read()
             if concluded(agreement) or cancel_id is None:
                 return agreement
             status = self.escrow_status(agreement_id)
@@ -600,14 +621,19 @@ class MarketplaceClient:
             for tx in transactions if isinstance(transactions, list) else []:
                 if isinstance(tx, dict) and tx.get("id") == cancel_id and tx.get("status") == "failed":
                     failure.append(str(tx.get("failure_reason") or "reverted"))
-                    return self.get_agreement(agreement_id)
+                    return read()
             return agreement
 
+        def late(agreement: dict[str, Any] | None) -> str:
+            named = agreement.get("payment_authorization_cancel_tx_hash") if isinstance(agreement, dict) else None
+            shown = f" (the marketplace names {str(named)[:80]}, which the buyer's RPC does not show cancelling it)" \
+                if named else ""
+            return (f"agreement {agreement_id}'s payment authorization is not cancelled on-chain after {timeout:g} s"
+                    f"{shown}")
+
         agreement = self._poll(fetch, lambda agreement: concluded(agreement) or bool(failure),
-                               timeout=timeout, poll_interval=poll_interval, late=lambda agreement: (
-                                   f"agreement {agreement_id}'s payment authorization is not cancelled on-chain after "
-                                   f"{timeout:g} s"))
-        if agreement.get("payment_authorization_cancel_tx_hash"):
+                               timeout=timeout, poll_interval=poll_interval, late=late)
+        if cancelled:
             return agreement
         if used := used_by(agreement):
             raise PaymentAuthorizationUsed(agreement, used)
@@ -631,7 +657,8 @@ class MarketplaceClient:
                         max_duration_seconds: int = AGREEMENT_DURATION_MAX_SECONDS,
                         min_challenge_window_seconds: int = CHALLENGE_WINDOW_MIN_SECONDS,
                         idempotency_key: str | None = None,
-                        expected_seller_wallet_address: str | None = None) -> dict[str, Any]:
+                        expected_seller_wallet_address: str | None = None,
+                        permit_nonce: int | None = None) -> dict[str, Any]:
         """Fetch the activation package, check it against the agreed terms, sign it here and submit it.
 
         `agreement` is the agreement to fund (the `propose_agreement` answer, kept): its quantity, unit price, window
@@ -643,13 +670,16 @@ class MarketplaceClient:
         intent and single permit (deposit + fee, spender the pinned escrow) field by field. The seller's wallet (whom
         the escrow pays) is the marketplace's word unless the buyer names it: with `expected_seller_wallet_address`
         (here, or to `propose_agreement`), the agreement's must be that one (`agreement.seller_wallet_address`);
-        without it, `sdk.SellerUnverified` is warned before signing. Any difference raises `SigningRefused` naming
-        the field, and nothing is signed.
+        without it, `sdk.SellerUnverified` is warned before signing. The permit's nonce must be the token's
+        `nonces(buyer)`: `permit_nonce`, else read through `rpc_url`; with neither, `NotConfigured` before anything is
+        asked (the package's is the marketplace's word, and a permit for a later nonce becomes usable later). Any
+        difference raises `SigningRefused` naming the field, and nothing is signed.
 
         Returns the 202 body (`status: "submitting"`): the relayer still has to get the transaction mined, so
         follow with `wait_until(agreement["id"])`. The key is only used locally.
         """
         network = self.network
+        self._check_permit_nonce_known(permit_nonce)
         with self._lock:
             proposed = self._proposed.get(_proposal_key(agreement["id"]))
         now = self._now()
@@ -669,17 +699,26 @@ class MarketplaceClient:
         signed = sign_activation_package(self.activation_package(agreement["id"]), wallet, terms=terms,
                                          network=network, token_domain=self.token_domain(), now=now,
                                          expected_seller_wallet_address=expected_seller_wallet_address,
-                                         permit_nonce=self._permit_nonce_read(terms.buyer))
+                                         permit_nonce=self._escrow_permit_nonce(terms.buyer, permit_nonce))
         self._remember_buyer(agreement["id"], terms.buyer)
         return self.submit_activation(agreement["id"], signed, idempotency_key=idempotency_key)
 
-    def _permit_nonce_read(self, owner: str) -> int | None:
-        """The token's `nonces(owner)` through the buyer's RPC, None without one: an escrow permit must be for it (a
-        permit for a later nonce becomes usable later, within its deadline). Unreadable: `SigningRefused`."""
-        if self._chain is None:
-            return None
+    def _check_permit_nonce_known(self, given: int | None) -> None:
+        """Refuse (`NotConfigured`), before anything is asked, an escrow permit whose nonce only the marketplace would
+        state: as the token's domain and the chain's clock, the token's `nonces(buyer)` is the buyer's to give or to
+        read through its own RPC."""
+        if given is None and self._chain is None:
+            raise NotConfigured("An escrow permit is signed for the token's nonces(buyer wallet), which the "
+                                "marketplace may state ahead (a permit usable later): pass permit_nonce= (read from "
+                                "the token) or MarketplaceClient(..., rpc_url=...).")
+
+    def _escrow_permit_nonce(self, owner: str, given: int | None) -> int:
+        """The nonce an escrow permit must be for: the buyer's `given`, else the token's `nonces(owner)` through the
+        buyer's RPC (`_check_permit_nonce_known` asked for one of them). Unreadable: `SigningRefused`."""
+        if given is not None:
+            return given
         try:
-            return self._chain.permit_nonce(self.network.token_address, owner)
+            return self._reader().permit_nonce(self.network.token_address, owner)
         except MalformedAnswer as unreadable:
             raise SigningRefused("escrow_permit.message.nonce", "the token's nonces(buyer)", None, str(unreadable)
                                  ) from unreadable
@@ -961,7 +1000,7 @@ class MarketplaceClient:
                             max_price_atomic: int, network: str = "Preprod", idempotency_key: str | None = None,
                             max_duration_seconds: int = AGREEMENT_DURATION_MAX_SECONDS,
                             min_challenge_window_seconds: int = CHALLENGE_WINDOW_MIN_SECONDS,
-                            expected_seller_wallet_address: str | None = None,
+                            expected_seller_wallet_address: str | None = None, permit_nonce: int | None = None,
                             **purchase_fields: Any) -> dict[str, Any]:
         """Buy one job of a `masumi` service: `POST /purchase`, sign the escrow package here with the buyer
         wallet's key, `POST /purchase/lock-funds`. `purchase_fields` are Masumi's optional fields
@@ -973,8 +1012,11 @@ class MarketplaceClient:
         a term left to them: an expiry within `max_duration_seconds` from now, a challenge window of at least
         `min_challenge_window_seconds`, and of at most the contract's 30 days. With `expected_seller_wallet_address`,
         the agreement's seller wallet (whom the escrow pays) must be that one (else `sdk.SellerUnverified` is warned
-        before signing). Returns the purchase (`onChainState` null until the relayer locked the funds; the
-        marketplace then starts the job on the seller). Follow with `wait_for_purchase`."""
+        before signing). The escrow permit's nonce is `permit_nonce`, else the token's read through `rpc_url`, as
+        `activate_escrow`'s (neither: `NotConfigured`, before the purchase is asked for). Returns the purchase
+        (`onChainState` null until the relayer locked the funds; the marketplace then starts the job on the seller).
+        Follow with `wait_for_purchase`."""
+        self._check_permit_nonce_known(permit_nonce)
         key = idempotency_key or _new_key()
         created = _answered(self._request("POST", "/purchase", json={
             "network": network, "agentIdentifier": str(agent_identifier), "input_data": input_data,
@@ -997,7 +1039,7 @@ class MarketplaceClient:
             created.get("ActivationPackage"), wallet, terms=terms, network=self.network,
             token_domain=self.token_domain(), now=now, max_deadline_seconds=max(pay_by - now, 0) if pay_by else 3600,
             expected_seller_wallet_address=expected_seller_wallet_address,
-            permit_nonce=self._permit_nonce_read(terms.buyer))
+            permit_nonce=self._escrow_permit_nonce(terms.buyer, permit_nonce))
         self._remember_buyer(agreement["id"], terms.buyer)
         locked = self._request("POST", "/purchase/lock-funds", json={
             "network": network, "blockchainIdentifier": _answered(created, "blockchainIdentifier",

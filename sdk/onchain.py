@@ -42,6 +42,8 @@ _ACTIVATED = keccak(text="Activated(bytes32,address,address,address,uint256,uint
 _ACTIVATED_DATA = ("address", "uint256", "uint256", "address", "bytes32", "uint64", "uint64", "uint64", "uint256")
 _PROPOSED = keccak(text="SettlementProposed(bytes32,address,uint256,uint256,bytes32,uint64)")
 _PROPOSED_DATA = ("uint256", "uint256", "bytes32", "uint64")
+# EIP-3009's event of an authorization revoked by its authorizer (USDC's, and the dev chain's MockUSDC's).
+_AUTHORIZATION_CANCELED = keccak(text="AuthorizationCanceled(address,bytes32)")
 _STATES = ("none", "active", "proposed", "disputed", "resolved", "settled", "reclaimed")
 
 
@@ -211,6 +213,24 @@ class ChainReader:
         if not receipt or not isinstance(receipt, dict) or not receipt.get("blockNumber"):
             return None
         return self._quantity("eth_getTransactionReceipt", receipt["blockNumber"])
+
+    def authorization_cancelled(self, tx_hash: str, *, token: str, authorizer: str, nonce: str) -> bool:
+        """Whether the transaction `tx_hash` is mined, succeeded, and revoked `authorizer`'s EIP-3009 authorization
+        `nonce` on `token` (the token's own AuthorizationCanceled log of them). False when the node knows no such
+        transaction."""
+        receipt = self._rpc("eth_getTransactionReceipt", [tx_hash])
+        if receipt is None:
+            return False
+        logs = receipt.get("logs") if isinstance(receipt, dict) else None
+        if not isinstance(logs, list):
+            raise MalformedAnswer(f"eth_getTransactionReceipt: not a receipt: {str(receipt)[:100]!r}")
+        if receipt.get("status") != "0x1" or not receipt.get("blockNumber"):
+            return False
+        wanted = ["0x" + _AUTHORIZATION_CANCELED.hex(), "0x" + authorizer.lower().removeprefix("0x").rjust(64, "0"),
+                  nonce.lower()]
+        return any(isinstance(log, dict) and str(log.get("address")).lower() == token.lower()
+                   and isinstance(log.get("topics"), list) and [str(topic).lower() for topic in log["topics"]] == wanted
+                   for log in logs)
 
     def now(self) -> int:
         """The latest block's timestamp: deadlines are checked against block time."""

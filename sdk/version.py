@@ -1,5 +1,16 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.16: a listing (search_services, list_agreements, usage; verify_usage's) yields at most max_items (100,000 by
+# default; verify_usage's max_events) and then raises sdk.ListingTooLong (an AnswerRefused): a marketplace naming a
+# fresh next page after every full one was followed for ever, every cursor held whole (now as digests);
+# activate_escrow and purchase_masumi_job sign the escrow permit for the buyer's permit_nonce=, else the token's
+# nonces(buyer) read through rpc_url, and with neither raise NotConfigured before anything is asked (the package's
+# nonce, the marketplace's word, was signed: a later nonce's permit becomes usable later);
+# sign_activation_package requires permit_nonce; a 402 of another scheme than "exact" is SigningRefused on
+# accepts[i].scheme (x402's NoMatchingRequirementsError before); with rpc_url, cancel_payment_authorization(wait=True)
+# returns a cancellation only once the buyer's RPC shows its transaction emitting the token's AuthorizationCanceled
+# of the wallet and nonce (ChainReader.authorization_cancelled; any hash the marketplace named was taken as revoked);
+# InsecureUrl shows an IPv6 host in brackets;
 # 0.4.15: MarketplaceClient, ChainReader and NetworkConfig.from_marketplace refuse a base_url or rpc_url in plain http
 # (or any scheme but https) to another host than this machine's loopback (sdk.InsecureUrl, a ValueError, before
 # anything is sent; allow_insecure_http=True sends anyway): the API key went in clear to any host; a 402 above
@@ -108,4 +119,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.15"
+VERSION = "0.4.16"

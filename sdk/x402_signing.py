@@ -50,8 +50,9 @@ def _check_requirements(requirements: PaymentRequirements, field: str, network: 
                         max_amount_atomic: int) -> None:
     """A 402's payment requirement must be for the pinned chain and token, with the token's real domain, paid to
     `pay_to` (a skill pays the platform treasury: the pinned gas wallet), valid for at most `max_validity_seconds`
-    (x402 signs validBefore = now + maxTimeoutSeconds), and signed as the token's own EIP-3009 authorization: x402
-    signs a Permit2 transfer instead when `extra.assetTransferMethod` says "permit2". Its amount must be ASCII
+    (x402 signs validBefore = now + maxTimeoutSeconds), and signed as the token's own EIP-3009 authorization in
+    the "exact" scheme (the one x402 is given; another raised x402's NoMatchingRequirementsError): x402 signs a
+    Permit2 transfer instead when `extra.assetTransferMethod` says "permit2". Its amount must be ASCII
     digits, at most `max_amount_atomic`: x402's own cap raised its NoMatchingRequirementsError (no SDK refusal),
     and let through digits of other scripts, which int() reads."""
     amount = requirements.amount
@@ -59,6 +60,7 @@ def _check_requirements(requirements: PaymentRequirements, field: str, network: 
             and int(amount) <= max_amount_atomic):
         raise SigningRefused(f"{field}.amount", f"at most {max_amount_atomic} (base units, in ASCII digits)",
                              amount if len(amount) <= 100 else f"{amount[:20]}... ({len(amount)} characters)")
+    require_equal(requirements.scheme, "exact", f"{field}.scheme")  # x402 is given this scheme only to sign with
     require_equal(requirements.network, f"eip155:{network.chain_id}", f"{field}.network")
     require_equal(requirements.asset, network.token_address, f"{field}.asset")
     extra = requirements.extra or {}

@@ -1,8 +1,9 @@
 """README's curl walk, run as written: its shell blocks between the `readme-walk` markers, verbatim, in one bash
 (stopping at the first failing command) against a live stack, from registering the agents to `settled`.
 
-Only the two addresses the walk reads from the environment differ from `make run`'s (`API`, `UPSTREAM`); the
-walk's `.venv/bin/python` is this interpreter, so it runs this checkout's code.
+Only the addresses the walk reads from the environment differ from `make run`'s (`API`, `UPSTREAM`, and the
+stack's `CHAIN_RPC_URL`, the buyer's RPC); the walk's `.venv/bin/python` is this interpreter, so it runs this
+checkout's code.
 """
 
 import ast

@@ -30,10 +30,12 @@ def deadline_clock(chain) -> int:
 
 
 def sign_activation(chain, package: dict, agreement: dict, key: str, **options) -> dict:
-    """The SDK's checked signing of an activation package, for the agreement the buyer holds."""
+    """The SDK's checked signing of an activation package, for the agreement the buyer holds: its permit for the
+    token's nonces(buyer) as the buyer's RPC reads it, unless the test gives `permit_nonce`."""
     network = network_of(chain)
-    return sign_activation_package(package, key, terms=AgreedTerms.from_agreement(agreement, network),
-                                   network=network, token_domain=network.token_domain,
+    terms = AgreedTerms.from_agreement(agreement, network)
+    options.setdefault("permit_nonce", chain.usdc.functions.nonces(terms.buyer).call())
+    return sign_activation_package(package, key, terms=terms, network=network, token_domain=network.token_domain,
                                    now=deadline_clock(chain), **options)
 
 
@@ -89,13 +91,13 @@ class Parties:
         return sign_activation(self.chain, package.json(), self.agreement(agreement_id),
                                self.buyer_account.key)
 
-    def signed_purchase(self, purchase: dict) -> dict:
+    def signed_purchase(self, purchase: dict, **options) -> dict:
         """The SDK's checked signing of a Masumi purchase's escrow package, whose deadline is the purchase's payByTime
         (as `MarketplaceClient.purchase_masumi_job` bounds it)."""
         package = purchase["ActivationPackage"]
         now = deadline_clock(self.chain)
         return sign_activation(self.chain, package, self.agreement(purchase["agreementId"]), self.buyer_account.key,
-                               max_deadline_seconds=max(package["deadline"] - now, 0))
+                               max_deadline_seconds=max(package["deadline"] - now, 0), **options)
 
     def activate(self, agreement_id: str, capture, body: dict | None = None):
         """POST activate-escrow with after-commit work run, then let the relayer confirm, and the accrued fee be

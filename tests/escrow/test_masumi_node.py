@@ -369,7 +369,10 @@ def test_lock_funds_again_once_the_funds_are_locked_is_a_conflict_naming_the_sta
     wrong_permit_nonce (the permit it signed was spent by the activation), which sends it to sign a new permit for
     an escrow that is funded already."""
     purchase, body = locked_purchase(parties, django_capture_on_commit_callbacks)
-    again = parties.buyer_api.post("/purchase/lock-funds", {**body, **parties.signed_purchase(purchase)})
+    # The package signed again as it was (its permit's nonce spent since: read from the token, the SDK refuses it).
+    spent = purchase["ActivationPackage"]["escrow_permit"]["message"]["nonce"]
+    again = parties.buyer_api.post("/purchase/lock-funds",
+                                   {**body, **parties.signed_purchase(purchase, permit_nonce=spent)})
     assert again.status_code == 409 and error_code(again) == "invalid_transition", again.content
     assert again.json()["error"]["details"]["status"] == "active"
 

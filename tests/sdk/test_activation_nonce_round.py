@@ -39,7 +39,7 @@ def package(*, signed_round: int, stated_round) -> dict:
 
 
 def sign(body: dict) -> dict:
-    return sign_activation_package(body, KEY, terms=terms(), network=NETWORK, token_domain=DOMAIN)
+    return sign_activation_package(body, KEY, terms=terms(), network=NETWORK, token_domain=DOMAIN, permit_nonce=0)
 
 
 def test_the_rounds_nonces_differ_and_round_zero_is_the_first():

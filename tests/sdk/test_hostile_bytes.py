@@ -168,7 +168,7 @@ def test_an_activation_package_is_signed_or_refused(variant):
     kind, value = variant
     package: Any = {**honest, **value} if kind == "merge" else value
     try:
-        sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN)
+        sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN, permit_nonce=0)
     except SigningRefused:
         pass
 
@@ -203,7 +203,7 @@ def _honest_402_still_signs():
     assert sign_payment_required(payment_required(), KEY, max_amount_atomic=10**6, network=NETWORK,
                                  token_domain=DOMAIN)
     honest, terms = honest_package()
-    assert sign_activation_package(honest, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN)
+    assert sign_activation_package(honest, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN, permit_nonce=0)
 
 
 AGREEMENT_FIELDS = ["id", "onchain_id", "service", "quantity", "price_per_unit_atomic", "deposit_amount_atomic",
@@ -295,12 +295,13 @@ PUBLIC_READS = {
         "s1", 1, wallet=KEY, max_unit_price_atomic=10**6, permit_nonce=0),
     "cancel_payment_authorization": lambda client: client.cancel_payment_authorization(
         AGREEMENT_ID, KEY, authorization_nonce="0x" + "11" * 32),
-    "purchase_masumi_job": lambda client: client.purchase_masumi_job("s1", {}, KEY, max_price_atomic=10**6),
+    "purchase_masumi_job": lambda client: client.purchase_masumi_job("s1", {}, KEY, max_price_atomic=10**6,
+                                                                     permit_nonce=0),
     "request_refund": lambda client: client.request_refund("b1", KEY, agreement_id=AGREEMENT_ID),
     "challenge": lambda client: client.challenge(
         {"id": AGREEMENT_ID, "onchain_id": onchain_id_of(AGREEMENT_ID), "challenge_window_seconds": 3600}, KEY, "x"),
     "activate_escrow": lambda client: client.activate_escrow(honest_agreement(), KEY, quantity=10,
-                                                             max_unit_price_atomic=10**6),
+                                                             max_unit_price_atomic=10**6, permit_nonce=0),
     "invoke_skill": lambda client: client.invoke_skill("h", "s", {}, private_key=KEY, max_amount_atomic=1,
                                                        timeout=0.05, poll_interval=0.01),
 }

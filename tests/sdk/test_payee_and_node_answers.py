@@ -21,7 +21,7 @@ from eth_abi import encode
 from eth_account import Account
 from eth_utils import keccak
 
-from sdk import AgreedTerms, MarketplaceClient, SellerUnverified, SigningRefused
+from sdk import AgreedTerms, MarketplaceClient, NotConfigured, SellerUnverified, SigningRefused
 from sdk.activation import expected_activation, sign_activation_package
 from sdk.onchain import ChainReader, MalformedAnswer
 from tests.sdk.test_signing_bounds import (DOMAIN, KEY, LISTED_PRICE, NETWORK, SELLER, DirectMarketplace,
@@ -47,14 +47,14 @@ def test_an_escrow_paying_another_wallet_than_the_expected_seller_is_not_signed(
     with escrow_buyer(marketplace) as buyer:
         agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
         with pytest.raises(SigningRefused) as refusal:
-            buyer.activate_escrow(agreement, KEY, expected_seller_wallet_address=SELLER)
+            buyer.activate_escrow(agreement, KEY, permit_nonce=0, expected_seller_wallet_address=SELLER)
     assert (refusal.value.field, refusal.value.received) == ("agreement.seller_wallet_address", ATTACKER)
     assert "paid" in str(refusal.value)
     assert marketplace.activated == []
     honest = EscrowMarketplace()
     with escrow_buyer(honest) as buyer:
         agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
-        buyer.activate_escrow(agreement, KEY, expected_seller_wallet_address=SELLER.lower())
+        buyer.activate_escrow(agreement, KEY, permit_nonce=0, expected_seller_wallet_address=SELLER.lower())
     assert len(honest.activated) == 1
 
 
@@ -71,14 +71,14 @@ def test_the_seller_expected_at_the_proposal_holds_the_activation():
         agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE,
                                             expected_seller_wallet_address=SELLER)
         with pytest.raises(SigningRefused) as refusal:
-            buyer.activate_escrow(buyer.get_agreement(agreement["id"]), KEY)
+            buyer.activate_escrow(buyer.get_agreement(agreement["id"]), KEY, permit_nonce=0)
         assert refusal.value.field == "agreement.seller_wallet_address"
     assert marketplace.activated == []
     honest = EscrowMarketplace()
     with escrow_buyer(honest) as buyer:
         agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE,
                                             expected_seller_wallet_address=SELLER)
-        buyer.activate_escrow(buyer.get_agreement(agreement["id"]), KEY)
+        buyer.activate_escrow(buyer.get_agreement(agreement["id"]), KEY, permit_nonce=0)
     assert len(honest.activated) == 1
 
 
@@ -132,19 +132,20 @@ def test_an_activation_package_stating_another_escrow_chain_token_or_amount_is_n
     accepted as anything: only the intent and the permit were compared. A package that says the deposit goes to
     another contract, on another chain, or is another amount, is the marketplace asking for something else."""
     package, terms = honest_package()
-    assert sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN)
+    assert sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN, permit_nonce=0)
     with pytest.raises(SigningRefused) as refusal:
-        sign_activation_package({**package, field: value}, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN)
+        sign_activation_package({**package, field: value}, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN,
+                                permit_nonce=0)
     assert refusal.value.field == field
 
 
 def test_sign_activation_package_holds_the_expected_seller():
     package, terms = honest_package()
     assert sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN,
-                                   expected_seller_wallet_address=SELLER)
+                                   expected_seller_wallet_address=SELLER, permit_nonce=0)
     with pytest.raises(SigningRefused) as refusal:
         sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN,
-                                expected_seller_wallet_address=ATTACKER)
+                                expected_seller_wallet_address=ATTACKER, permit_nonce=0)
     assert refusal.value.field == "agreement.seller_wallet_address"
 
 
@@ -306,7 +307,7 @@ def test_an_activation_package_whose_permit_nonce_is_no_uint256_is_refused():
     package, terms = honest_package()
     package["escrow_permit"]["message"]["nonce"] = 2**256
     with pytest.raises(SigningRefused) as refusal:
-        sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN)
+        sign_activation_package(package, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN, permit_nonce=0)
     assert refusal.value.field == "escrow_permit.message.nonce"
 
 
@@ -339,7 +340,7 @@ def test_an_agreement_with_a_malformed_term_is_refused_not_crashed_on(field, val
     requests: list[httpx.Request] = []
     with _recording_marketplace(requests) as buyer:
         with pytest.raises(SigningRefused) as refusal:
-            buyer.activate_escrow(agreement, KEY, quantity=10, max_unit_price_atomic=LISTED_PRICE,
+            buyer.activate_escrow(agreement, KEY, permit_nonce=0, quantity=10, max_unit_price_atomic=LISTED_PRICE,
                                   min_challenge_window_seconds=60)
     assert refusal.value.field == f"agreement.{field}"
     assert requests == []
@@ -370,7 +371,7 @@ def test_an_expiry_without_a_timezone_is_refused_not_read_in_the_machines_local_
     requests: list[httpx.Request] = []
     with _recording_marketplace(requests) as buyer:
         with pytest.raises(SigningRefused) as refusal:
-            buyer.activate_escrow(agreement, KEY, quantity=10, max_unit_price_atomic=LISTED_PRICE)
+            buyer.activate_escrow(agreement, KEY, permit_nonce=0, quantity=10, max_unit_price_atomic=LISTED_PRICE)
         assert refusal.value.field == "agreement.expires_at"
         with pytest.raises(ValueError, match="expires_at"):  # the buyer's own, which the marketplace reads as UTC
             buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE,
@@ -530,7 +531,8 @@ def test_usage_is_not_verified_through_an_rpc_of_another_chain(monkeypatch, chai
 
 def escrow_activated_without_naming_the_seller(marketplace: EscrowMarketplace) -> None:
     with escrow_buyer(marketplace) as buyer:
-        buyer.activate_escrow(buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE), KEY)
+        buyer.activate_escrow(buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE), KEY,
+                              permit_nonce=0)
 
 
 def direct_purchase_without_naming_the_seller(marketplace: DirectMarketplace) -> None:
@@ -586,9 +588,9 @@ def test_a_seller_the_buyer_named_is_not_warned_about():
         with escrow_buyer(EscrowMarketplace()) as buyer:
             proposed = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE,
                                                expected_seller_wallet_address=SELLER)
-            buyer.activate_escrow(buyer.get_agreement(proposed["id"]), KEY)
+            buyer.activate_escrow(buyer.get_agreement(proposed["id"]), KEY, permit_nonce=0)
             agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
-            buyer.activate_escrow(agreement, KEY, expected_seller_wallet_address=SELLER)
+            buyer.activate_escrow(agreement, KEY, permit_nonce=0, expected_seller_wallet_address=SELLER)
         with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
                                transport=httpx.MockTransport(DirectMarketplace(refusals=0))) as buyer:
             buyer.propose_direct_purchase(str(uuid.uuid4()), 10, wallet=KEY, max_unit_price_atomic=LISTED_PRICE,
@@ -618,6 +620,58 @@ def test_an_escrow_permit_is_signed_for_the_token_nonce_the_buyers_rpc_reads(tok
                 assert refusal.value.field == "escrow_permit.message.nonce"
                 assert (refusal.value.expected, refusal.value.received) == (5, 0)
     assert len(marketplace.activated) == (1 if signed else 0)
+
+
+AHEAD = 7  # the permit nonce a compromised marketplace states, the buyer's token nonce being 0
+
+
+def test_without_an_rpc_an_escrow_permit_is_signed_for_the_nonce_the_buyer_gives_only():
+    """Without rpc_url, activate_escrow signed the permit for whatever nonce the marketplace's package stated (7
+    here, the buyer's token nonce 0), and the buyer had no way to say which: a permit for a later nonce is not
+    invalid, it becomes usable once the nonces below it are used, within its deadline. The nonce is now the buyer's
+    word (`permit_nonce=`) or its RPC's, as the token's domain and the chain's clock are: else `NotConfigured`,
+    nothing signed."""
+    marketplace = EscrowMarketplace(permit_nonce=AHEAD)
+    with escrow_buyer(marketplace) as buyer, warnings.catch_warnings():
+        warnings.simplefilter("ignore", SellerUnverified)
+        agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
+        with pytest.raises(NotConfigured) as unconfigured:
+            buyer.activate_escrow(agreement, KEY)
+        assert "permit_nonce" in str(unconfigured.value) and "rpc_url" in str(unconfigured.value)
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.activate_escrow(agreement, KEY, permit_nonce=0)
+        assert (refusal.value.field, refusal.value.expected, refusal.value.received) == (
+            "escrow_permit.message.nonce", 0, AHEAD)
+        assert marketplace.activated == []
+        buyer.activate_escrow(agreement, KEY, permit_nonce=AHEAD)
+    assert len(marketplace.activated) == 1
+
+
+def test_without_an_rpc_a_masumi_jobs_permit_is_signed_for_the_nonce_the_buyer_gives_only():
+    marketplace = MasumiMarketplace(permit_nonce=AHEAD)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SellerUnverified)
+        with pytest.raises(NotConfigured):
+            buy_masumi_job(marketplace, permit_nonce=None)
+        with pytest.raises(SigningRefused) as refusal:
+            buy_masumi_job(marketplace, permit_nonce=0)
+        assert refusal.value.field == "escrow_permit.message.nonce"
+        assert marketplace.locked == []
+        assert buy_masumi_job(marketplace, permit_nonce=AHEAD)
+    assert len(marketplace.locked) == 1
+
+
+def test_sign_activation_package_signs_for_the_nonce_the_buyer_gives_only():
+    """`sign_activation_package` took the package's nonce when not given one: the marketplace's word, signed."""
+    package, terms = honest_package()
+    ahead = {**package, **expected_activation(terms=terms, network=NETWORK, token_domain=DOMAIN,
+                                              deadline=package["deadline"], permit_nonce=AHEAD)}
+    with pytest.raises(TypeError):
+        sign_activation_package(ahead, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN)  # type: ignore[call-arg]
+    with pytest.raises(SigningRefused) as refusal:
+        sign_activation_package(ahead, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN, permit_nonce=0)
+    assert refusal.value.field == "escrow_permit.message.nonce"
+    assert sign_activation_package(ahead, KEY, terms=terms, network=NETWORK, token_domain=DOMAIN, permit_nonce=AHEAD)
 
 
 def unreadable_escrow(self: ChainReader, *args: Any, **kwargs: Any) -> Any:

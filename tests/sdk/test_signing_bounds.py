@@ -103,6 +103,26 @@ def test_a_402_asking_for_a_permit2_transfer_instead_of_the_tokens_authorization
     assert refusal.value.field == "accepts[0].extra.assetTransferMethod"
 
 
+@pytest.mark.parametrize("scheme", ["upto", "EXACT", ""])
+def test_a_402_for_another_scheme_than_exact_is_refused_by_the_sdk_before_anything_is_paid(scheme):
+    """x402's client, holding the "exact" scheme only, raised its own NoMatchingRequirementsError (no ValueError, not
+    the SDK's refusal: a caller catching `SigningRefused` did not catch it) for a 402 of another scheme."""
+    paid: list[httpx.Request] = []
+
+    def marketplace(request: httpx.Request) -> httpx.Response:
+        if "X-PAYMENT" in request.headers:
+            paid.append(request)
+            return httpx.Response(200, json={"result": {}})
+        return httpx.Response(402, headers={"PAYMENT-REQUIRED": payment_required(scheme=scheme)}, json={})
+
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                           transport=httpx.MockTransport(marketplace)) as buyer:
+        with pytest.raises(SigningRefused) as refusal:
+            buyer.invoke_skill("seller", "translate", {"text": "hi"}, private_key=KEY, max_amount_atomic=10**6)
+    assert refusal.value.field == "accepts[0].scheme"
+    assert paid == []
+
+
 # --- a proposal's answer, which activate_escrow later signs ------------------------------------------------------
 
 class ProposalAnswers:
@@ -171,7 +191,7 @@ def test_a_masumi_job_priced_above_the_buyers_bound_is_refused_before_signing():
     with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
                            transport=httpx.MockTransport(marketplace)) as buyer:
         with pytest.raises(SigningRefused) as refusal:
-            buyer.purchase_masumi_job(service_id, {"text": "hi"}, KEY, max_price_atomic=1_000_000)
+            buyer.purchase_masumi_job(service_id, {"text": "hi"}, KEY, permit_nonce=0, max_price_atomic=1_000_000)
     assert refusal.value.field == "agreement.price_per_unit_atomic"
 
 
@@ -185,8 +205,8 @@ class MasumiMarketplace:
     """A compromised marketplace selling a Masumi job: its agreement as `alter` leaves it, and an activation package
     built for that agreement exactly as the SDK builds its own (so only the agreement's terms can give it away)."""
 
-    def __init__(self, alter=lambda agreement: None):
-        self.alter = alter
+    def __init__(self, alter=lambda agreement: None, *, permit_nonce: int = 0):
+        self.alter, self.permit_nonce = alter, permit_nonce
         self.locked: list[dict[str, Any]] = []
         self.purchased_at = int(time.time())
 
@@ -207,7 +227,7 @@ class MasumiMarketplace:
             self.locked.append(json.loads(request.content))
             return httpx.Response(200, json={"data": {"blockchainIdentifier": agreement["onchain_id"]}})
         package = expected_activation(terms=AgreedTerms.from_agreement(agreement, NETWORK), network=NETWORK,
-                                      token_domain=DOMAIN, deadline=now + 600, permit_nonce=0)
+                                      token_domain=DOMAIN, deadline=now + 600, permit_nonce=self.permit_nonce)
         return httpx.Response(201, json={"data": {
             "agreementId": AGREEMENT_ID, "blockchainIdentifier": agreement["onchain_id"],
             "ActivationPackage": {"agreement_id": AGREEMENT_ID, "deadline": now + 600, **package}}})
@@ -219,10 +239,11 @@ SUBMIT_RESULT_TIME = int(time.time()) + 7200
 UNLOCK_TIME = SUBMIT_RESULT_TIME + 86_400
 
 
-def buy_masumi_job(marketplace: MasumiMarketplace, **options: Any) -> dict[str, Any]:
+def buy_masumi_job(marketplace: MasumiMarketplace, *, permit_nonce: int | None = 0, **options: Any) -> dict[str, Any]:
+    """The job bought without an RPC, the escrow permit's nonce the buyer's `permit_nonce` (the package's 0)."""
     with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
                            transport=httpx.MockTransport(marketplace)) as buyer:
-        return buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, max_price_atomic=10**6,
+        return buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, max_price_atomic=10**6, permit_nonce=permit_nonce,
                                          submitResultTime=str(SUBMIT_RESULT_TIME * 1000),
                                          unlockTime=str(UNLOCK_TIME * 1000), **options)
 
@@ -259,7 +280,7 @@ def test_a_masumi_job_off_the_buyers_timers_is_refused_before_signing(alter, fie
 def buy_masumi_job_on_default_timers(marketplace: MasumiMarketplace) -> dict[str, Any]:
     with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
                            transport=httpx.MockTransport(marketplace)) as buyer:
-        return buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, max_price_atomic=10**6)
+        return buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, permit_nonce=0, max_price_atomic=10**6)
 
 
 def minute_window(agreement: dict[str, Any]) -> None:
@@ -296,10 +317,11 @@ def test_a_masumi_job_is_not_bought_without_the_buyers_price_bound():
     with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
                            transport=httpx.MockTransport(marketplace)) as buyer:
         with pytest.raises(TypeError, match="max_price_atomic"):
-            buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, submitResultTime=str(SUBMIT_RESULT_TIME * 1000),
+            buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, permit_nonce=0,
+                                      submitResultTime=str(SUBMIT_RESULT_TIME * 1000),
                                       unlockTime=str(UNLOCK_TIME * 1000))
         with pytest.raises(SigningRefused) as refusal:
-            buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, max_price_atomic=10**6,
+            buyer.purchase_masumi_job("s1", {"text": "hi"}, KEY, permit_nonce=0, max_price_atomic=10**6,
                                       submitResultTime=str(SUBMIT_RESULT_TIME * 1000),
                                       unlockTime=str(UNLOCK_TIME * 1000))
     assert refusal.value.field == "agreement.price_per_unit_atomic"
@@ -571,8 +593,8 @@ class EscrowMarketplace:
     agreement) with the terms as `alter` leaves them, and an activation package built for those terms exactly as the
     SDK builds its own, so only the terms can give it away. `activated` records what the buyer signed."""
 
-    def __init__(self, alter=lambda agreement: None, alter_read=lambda agreement: None):
-        self.alter, self.alter_read = alter, alter_read
+    def __init__(self, alter=lambda agreement: None, alter_read=lambda agreement: None, *, permit_nonce: int = 0):
+        self.alter, self.alter_read, self.permit_nonce = alter, alter_read, permit_nonce
         self.agreement: dict[str, Any] = {}
         self.activated: list[dict[str, Any]] = []
 
@@ -597,7 +619,7 @@ class EscrowMarketplace:
         if request.method == "GET" and request.url.path.endswith("/activation-package"):
             agreement = self.read()
             package = expected_activation(terms=AgreedTerms.from_agreement(agreement, NETWORK), network=NETWORK,
-                                          token_domain=DOMAIN, deadline=now + 600, permit_nonce=0)
+                                          token_domain=DOMAIN, deadline=now + 600, permit_nonce=self.permit_nonce)
             return httpx.Response(200, json={"agreement_id": agreement["id"], "deadline": now + 600, **package})
         if request.method == "GET":
             return httpx.Response(200, json=self.read())
@@ -626,11 +648,11 @@ def test_an_escrow_on_the_terms_the_buyer_proposed_is_signed():
     marketplace = EscrowMarketplace()
     with escrow_buyer(marketplace) as buyer:
         agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
-        buyer.activate_escrow(agreement, KEY)
+        buyer.activate_escrow(agreement, KEY, permit_nonce=0)
         # The same agreement read back, or kept as JSON and activated by another client, within the buyer's bounds.
-        buyer.activate_escrow(buyer.get_agreement(agreement["id"]), KEY)
+        buyer.activate_escrow(buyer.get_agreement(agreement["id"]), KEY, permit_nonce=0)
     with escrow_buyer(marketplace) as elsewhere:
-        elsewhere.activate_escrow(json.loads(json.dumps(agreement)), KEY, quantity=10,
+        elsewhere.activate_escrow(json.loads(json.dumps(agreement)), KEY, permit_nonce=0, quantity=10,
                                   max_unit_price_atomic=LISTED_PRICE)
     assert len(marketplace.activated) == 3
 
@@ -668,11 +690,11 @@ def test_an_escrow_on_terms_left_to_the_marketplace_beyond_the_defaults_is_not_s
     with escrow_buyer(marketplace) as buyer:
         with pytest.raises(SigningRefused) as refusal:
             agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
-            buyer.activate_escrow(agreement, KEY)
+            buyer.activate_escrow(agreement, KEY, permit_nonce=0)
         assert refusal.value.field == field
         agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE,
                                             max_duration_seconds=366 * 86_400, min_challenge_window_seconds=1)
-        buyer.activate_escrow(agreement, KEY)
+        buyer.activate_escrow(agreement, KEY, permit_nonce=0)
     assert len(marketplace.activated) == 1
 
 
@@ -696,14 +718,14 @@ def test_an_agreement_read_back_with_other_terms_than_proposed_is_not_signed(alt
     with escrow_buyer(marketplace) as buyer:
         agreement = buyer.propose_agreement(str(uuid.uuid4()), 10, max_unit_price_atomic=LISTED_PRICE)
         with pytest.raises(SigningRefused) as refusal:
-            buyer.activate_escrow(buyer.get_agreement(agreement["id"]), KEY)
+            buyer.activate_escrow(buyer.get_agreement(agreement["id"]), KEY, permit_nonce=0)
         assert refusal.value.field == field
     with escrow_buyer(marketplace) as elsewhere:
         read_back = elsewhere.get_agreement(agreement["id"])
         with pytest.raises(TypeError, match="max_unit_price_atomic"):
-            elsewhere.activate_escrow(read_back, KEY)
+            elsewhere.activate_escrow(read_back, KEY, permit_nonce=0)
         with pytest.raises(SigningRefused) as refusal:
-            elsewhere.activate_escrow(read_back, KEY, quantity=10, max_unit_price_atomic=LISTED_PRICE)
+            elsewhere.activate_escrow(read_back, KEY, permit_nonce=0, quantity=10, max_unit_price_atomic=LISTED_PRICE)
         assert refusal.value.field == field
     assert marketplace.activated == []
 
@@ -739,7 +761,7 @@ def test_a_proposal_answered_with_another_proposals_agreement_is_refused(spelled
             buyer.propose_agreement(service_id, 10, max_unit_price_atomic=LISTED_PRICE)
         assert refusal.value.field == "agreement.id"
         with pytest.raises(SigningRefused) as refusal:
-            buyer.activate_escrow(buyer.get_agreement(first["id"]), KEY)
+            buyer.activate_escrow(buyer.get_agreement(first["id"]), KEY, permit_nonce=0)
         assert refusal.value.field == "agreement.challenge_window_seconds"
     assert marketplace.activated == []
 
@@ -1036,6 +1058,93 @@ def test_a_cancellation_for_a_purchase_this_client_did_not_sign_needs_the_buyers
         elsewhere.cancel_payment_authorization(rejected, KEY, authorization_nonce=marketplace.nonces[rejected])
     assert refusal.value.field == "cancel_authorization.message.nonce"
     assert marketplace.cancelled == [(rejected, marketplace.nonces[rejected])]
+
+
+CANCELLED_NONCE = "0x" + "5c" * 32  # the authorization the buyer revokes
+CANCEL_TX = "0x" + "c1" * 32  # the transaction the marketplace names as its cancellation
+AUTHORIZATION_CANCELED = "0x" + keccak(text="AuthorizationCanceled(address,bytes32)").hex()
+
+
+class CancelClaimingMarketplace:
+    """A compromised marketplace relaying the buyer's cancellation of `CANCELLED_NONCE`, then naming `CANCEL_TX` as
+    its mined cancellation, whatever the chain holds."""
+
+    def __init__(self) -> None:
+        self.relayed = False
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        agreement_id = request.url.path.split("/")[2]
+        if request.url.path.endswith("/cancel-payment-authorization"):
+            if request.method == "GET":
+                return httpx.Response(200, json={"cancel_authorization": typed_data.cancel_authorization(
+                    chain_id=NETWORK.chain_id, token_address=NETWORK.token_address, authorizer=BUYER,
+                    nonce=CANCELLED_NONCE, token_name=DOMAIN.name, token_version=DOMAIN.version)})
+            self.relayed = True
+            return httpx.Response(202, json={"status": "submitting", "transaction": {"id": "t1"}})
+        return httpx.Response(200, json={"id": agreement_id, "status": "rejected", "payment_tx_hash": None,
+                                         "payment_authorization_cancel_tx_hash": CANCEL_TX if self.relayed else None})
+
+
+def cancellation_log(*, address: str = NETWORK.token_address, nonce: str = CANCELLED_NONCE) -> dict[str, Any]:
+    return {"address": address.lower(), "data": "0x",
+            "topics": [AUTHORIZATION_CANCELED, "0x" + BUYER[2:].lower().rjust(64, "0"), nonce]}
+
+
+def cancellation_node(receipt: dict[str, Any] | None) -> type[BaseHTTPRequestHandler]:
+    """A JSON-RPC node on the pinned chain whose token reads the pinned domain and whose receipt of `CANCEL_TX` is
+    `receipt` (None: no such transaction)."""
+
+    class Node(JsonRpcNode):
+        def do_POST(self) -> None:
+            call = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            method, params = call["method"], call["params"]
+            if method == "eth_chainId":
+                result: Any = hex(NETWORK.chain_id)
+            elif method == "eth_call":
+                result = "0x" + encode(["bytes1", "string", "string", "uint256", "address", "bytes32", "uint256[]"],
+                                       [b"\x0f", DOMAIN.name, DOMAIN.version, NETWORK.chain_id,
+                                        NETWORK.token_address, b"\x00" * 32, []]).hex()
+            elif method == "eth_getTransactionReceipt":
+                result = receipt if params[0] == CANCEL_TX else None
+            else:
+                raise AssertionError(call)
+            self.answer_json(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": result}).encode())
+
+    return Node
+
+
+def cancel_through(receipt: dict[str, Any] | None) -> dict[str, Any]:
+    with serving(cancellation_node(receipt)) as rpc_url, MarketplaceClient(
+            "https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url,
+            transport=httpx.MockTransport(CancelClaimingMarketplace())) as buyer:
+        return buyer.cancel_payment_authorization(str(uuid.uuid4()), KEY, authorization_nonce=CANCELLED_NONCE,
+                                                  wait=True, timeout=1.0, poll_interval=0.05)
+
+
+def mined(*logs: dict[str, Any], status: str = "0x1") -> dict[str, Any]:
+    return {"transactionHash": CANCEL_TX, "blockNumber": "0x10", "status": status, "logs": list(logs)}
+
+
+@pytest.mark.parametrize("receipt", [
+    None,  # no such transaction
+    mined(),  # a transaction that cancelled nothing
+    mined(cancellation_log(nonce="0x" + "77" * 32)),  # another authorization's cancellation
+    mined(cancellation_log(address=SELLER)),  # the same event from another contract than the token
+    mined(cancellation_log(), status="0x0"),  # reverted
+], ids=["unknown", "no log", "another nonce", "another contract", "reverted"])
+def test_a_cancellation_the_buyers_rpc_does_not_show_is_not_taken_on_the_marketplaces_word(receipt):
+    """`cancel_payment_authorization(wait=True)` returned as soon as the marketplace named a cancellation
+    transaction, though the buyer's own RPC could show whether it cancelled anything: a compromised marketplace
+    naming any hash kept the buyer's authorization valid (to settle later, within its validBefore) while the buyer
+    took it as revoked. With rpc_url, the transaction must have emitted the token's AuthorizationCanceled of this
+    authorizer and nonce, else the wait goes on to its timeout."""
+    with pytest.raises(TimeoutError) as late:
+        cancel_through(receipt)
+    assert CANCEL_TX in str(late.value)
+
+
+def test_a_cancellation_the_buyers_rpc_shows_is_returned():
+    assert cancel_through(mined(cancellation_log()))["payment_authorization_cancel_tx_hash"] == CANCEL_TX
 
 
 def test_a_direct_purchase_signs_its_payment_under_the_nonce_the_buyer_chose():
