@@ -1100,19 +1100,21 @@ def agreement_payment_authorization_cancelled(*, agreement_id, tx_hash: str) -> 
                   reason="the buyer's payment authorization was cancelled on-chain")
 
 
-def agreement_payment_authorization_found_cancelled(*, agreement_id) -> None:
-    """The chain shows the purchase's payment authorization cancelled at its confirmation depth (the buyer cancelled
-    it itself, outside the platform; the escrow app reads the cancellation, not just a spent nonce with no use found,
-    which a node behind on its logs answers for a use): it can no longer move money, so a failed payment's price no longer counts against
-    the buyer's caps (`_committed_spends`), and the watch of closed direct proposals has nothing left to find."""
+def agreement_payment_authorization_found_closed(*, agreement_id, closed_by: str) -> None:
+    """The chain shows the purchase's payment authorization closed at its confirmation depth by `closed_by`: the
+    buyer's own cancelAuthorization, outside the platform, or another transfer it signed under the same nonce (the
+    escrow app reads that transaction, not just a spent nonce with no use found, which a node behind on its logs
+    answers for a use). It can no longer move money, so a failed payment's price no longer counts against the buyer's
+    caps (`_committed_spends`), and the watch of closed direct proposals has nothing left to find."""
     with transaction.atomic():
         agreement = _lock(agreement_id)
         if agreement.payment_tx_hash or agreement.payment_authorization_watch_ended_at is not None:
             return
         agreement.payment_authorization_watch_ended_at = timezone.now()
         agreement.save(update_fields=["payment_authorization_watch_ended_at", "updated_at"])
-        _record_event(agreement, actor=SYSTEM, from_status=agreement.status, data={},
-                      reason="the buyer's payment authorization was found cancelled on-chain")
+        _record_event(agreement, actor=SYSTEM, from_status=agreement.status, data={"closed_by": closed_by},
+                      reason=f"the buyer's payment authorization was found closed on-chain (tx {closed_by}): "
+                             "cancelled, or its nonce spent on another transfer")
 
 
 def agreement_payment_authorization_cancel_failed(*, agreement_id, reason: str, used_by: str | None) -> None:

@@ -253,9 +253,12 @@ def _invocation_payment_evidence(tx: ChainTransaction) -> dict:
     if tx.status == TxStatus.CONFIRMED:
         return {}
     invocation = SkillInvocation.objects.select_related("authorization").get(pk=_invocation_id(tx))
-    if use := _authorization_use(invocation.authorization):
+    authorization = invocation.authorization
+    if not _authorization_spent(authorization):  # read once per poll of the watch, before any log search
+        return {"used_by": None}
+    if use := _spent_authorization_use(authorization):
         return use
-    if not invocation.authorization_closed_by and (closed_by := _authorization_closed_by(invocation.authorization)):
+    if not invocation.authorization_closed_by and (closed_by := _authorization_closed_by(authorization)):
         # Nobody can get it mined any more: its price stops counting against the buyer's caps before its validBefore.
         agreement_services.invocation_payment_authorization_closed(invocation_id=invocation.pk, closed_by=closed_by)
     return {"used_by": None}
@@ -500,28 +503,37 @@ def _direct_fee_outcome(tx: ChainTransaction) -> None:
                          _transfer_with_authorization_data(agreement.payment_authorization))
 
 
+def _authorization_spent(authorization) -> bool:
+    """The token's `authorizationState`: whether the authorization was used or cancelled. Read before its logs, so
+    that an unused one costs no log search."""
+    token = chain.token_contract()
+    return chain.call(token.functions.authorizationState(to_checksum_address(authorization.payer),
+                                                         hex_to_bytes(authorization.nonce)).call)
+
+
 def _authorization_use(authorization, *, confirmed: bool = False) -> dict | None:
     """The transaction that used the x402 authorization (its transfer ran: AuthorizationUsed), as evidence: its
-    hash (`used_by`) and block (relayer.EVIDENCE_BLOCK); None when none did (unused, cancelled:
-    AuthorizationCanceled, or its nonce spent on another transfer: `_transferred_as_authorized`). Anyone holding it
-    may submit it. The token's
-    `authorizationState` says whether either happened; only then are its logs read, newest first, so the search
-    ends at the span that holds the latest of them (not a scan from the deployment block). `confirmed`: the logs
-    up to the block CHAIN_CONFIRMATIONS deep only (a use in a newer block is None until it is that deep).
+    hash (`used_by`) and block (relayer.EVIDENCE_BLOCK); None when none did (unused, or closed:
+    `_authorization_closed_by`). Anyone holding it may submit it. See `_spent_authorization_use`."""
+    return _spent_authorization_use(authorization, confirmed=confirmed) if _authorization_spent(authorization) else None
+
+
+def _spent_authorization_use(authorization, *, confirmed: bool = False) -> dict | None:
+    """`_authorization_use` of an authorization the token counts spent (`_authorization_spent`): its logs are read,
+    newest first, so the search ends at the span that holds the latest of them (not a scan from the deployment
+    block). `confirmed`: the logs up to the block CHAIN_CONFIRMATIONS deep only (a use in a newer block is None
+    until it is that deep).
 
     Spent, with neither event found up to the head the node names, is no answer (UntrustedAnswer): the state and the
-    head came from two backends of a provider's pool, the head's behind the use. Taken for "none", it failed a
-    purchase the buyer had paid as "nothing charged", and recorded a used authorization cancelled, ending its watch."""
-    token = chain.token_contract()
-    payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
-    if not chain.call(token.functions.authorizationState(payer, nonce).call):
-        return None
+    head came from two backends of a provider's pool, the head's behind the use, or the node prunes old logs. Taken
+    for "none", it failed a purchase the buyer had paid as "nothing charged", and recorded a used authorization
+    cancelled, ending its watch."""
     found = _authorization_logs(authorization, confirmed=confirmed)
-    used = chain.event_topic(token.events.AuthorizationUsed())
     if not found and not confirmed:
         raise chain.UntrustedAnswer("the token counts the authorization spent, but the node shows no use nor cancel of "
-                                    "it up to the head it names (a backend behind)")
-    if not found or _topic_of(found[-1]) != used or not _transferred_as_authorized(found[-1], authorization):
+                                    "it up to the head it names (a backend behind, or old logs pruned)")
+    if not found or _topic_of(found[-1]) != chain.event_topic(chain.token_contract().events.AuthorizationUsed()) \
+            or not _transferred_as_authorized(found[-1], authorization):
         return None
     latest = found[-1]
     return {"used_by": _hex32(latest["transactionHash"]),
@@ -543,31 +555,20 @@ def _authorization_logs(authorization, *, confirmed: bool) -> list:
         newest_first=True)
 
 
-def _authorization_cancelled(authorization) -> bool:
-    """Whether the chain shows the authorization cancelled (its latest log an AuthorizationCanceled) at the
-    confirmation depth. A spent nonce whose use is not found is no cancellation: the node answering the logs may be
-    behind the one that answered `authorizationState` (a load-balanced provider), and one found in a newer block a
-    reorg may take, the authorization valid again."""
-    found = _authorization_logs(authorization, confirmed=True)
-    return bool(found) and _topic_of(found[-1]) == chain.event_topic(chain.token_contract().events.AuthorizationCanceled())
-
-
 def _authorization_closed_by(authorization) -> str | None:
-    """The transaction that closed the authorization without its transfer at the confirmation depth, if one did: the
-    payer's cancelAuthorization (AuthorizationCanceled), or another transfer it signed under the same nonce (an
-    AuthorizationUsed that did not move what the authorization says: `_transferred_as_authorized`). None while it is
-    unused, used as authorized, or closed in a block a reorg may still take. The token's `authorizationState` is read
-    first, so an unused one costs no log search."""
-    token = chain.token_contract()
-    payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
-    if not chain.call(token.functions.authorizationState(payer, nonce).call):
-        return None
+    """Of an authorization the token counts spent (`_authorization_spent`): the transaction that closed it without its
+    transfer, if the latest of its logs at the confirmation depth is such a one: the payer's cancelAuthorization
+    (AuthorizationCanceled), or another transfer it signed under the same nonce (an AuthorizationUsed that did not
+    move what the authorization says: `_transferred_as_authorized`). None while it is used as authorized, or closed
+    in a block a reorg may still take, or no log of it is found: a spent nonce whose use is not found is never
+    closed (the node answering the logs may be behind the one that answered `authorizationState`, a load-balanced
+    provider, or prune old logs)."""
     found = _authorization_logs(authorization, confirmed=True)
     if not found:
         return None
     latest = found[-1]
-    if _topic_of(latest) == chain.event_topic(token.events.AuthorizationUsed()) and _transferred_as_authorized(
-            latest, authorization):
+    if _topic_of(latest) == chain.event_topic(chain.token_contract().events.AuthorizationUsed()) and \
+            _transferred_as_authorized(latest, authorization):
         return None
     return _hex32(latest["transactionHash"])
 
@@ -784,17 +785,18 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
     token = chain.token_contract(agreement.payment_authorization.token_address)
     payer, nonce = to_checksum_address(authorization.payer), hex_to_bytes(authorization.nonce)
     with chain.unavailable_as_503():
-        spent = chain.call(token.functions.authorizationState(payer, nonce).call)
+        spent = _authorization_spent(authorization)
     if spent:
-        # Used (the transfer to the seller ran, sent by whoever held it: no purchase paid it), or cancelled already.
+        # Used (the transfer to the seller ran, sent by whoever held it: no purchase paid it), or closed already.
         with chain.unavailable_as_503():
-            used_by = (_authorization_use(authorization) or {}).get("used_by")
-            cancelled = not used_by and _authorization_cancelled(authorization)
+            used_by = (_spent_authorization_use(authorization) or {}).get("used_by")
+            closed_by = None if used_by else _authorization_closed_by(authorization)
         if used_by:
             logger.error("a closed direct purchase's payment authorization was used",
                          extra={"agreement_id": str(agreement.pk), "tx_hash": used_by})
-        elif cancelled:  # by the buyer itself: recorded, its failed payment's price no longer held against its caps
-            agreement_services.agreement_payment_authorization_found_cancelled(agreement_id=agreement.pk)
+        elif closed_by:  # by the buyer itself: recorded, its failed payment's price no longer held against its caps
+            agreement_services.agreement_payment_authorization_found_closed(agreement_id=agreement.pk,
+                                                                            closed_by=closed_by)
         raise Conflict("The payment authorization was used or cancelled already.", code="authorization_already_used",
                        details={"used_by": used_by})
     # After the used check: a buyer past the budget still learns its authorization was used (409, `used_by`).

@@ -701,6 +701,39 @@ def test_an_authorization_used_after_the_purchase_was_rejected_is_named_when_the
     assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
 
 
+def test_an_authorization_whose_nonce_the_buyer_spent_on_another_transfer_is_found_closed_when_it_would_cancel_it(
+        purchase):
+    """After the purchase was rejected, the buyer signs another transfer under its authorization's nonce, to a wallet
+    of its own, and gets it mined: the token counts the nonce used (AuthorizationUsed), nothing reached the seller,
+    and nobody can move the buyer's money with the authorization any more. Asked to cancel it, the platform answers
+    409 naming no use, and records it closed by that transfer (the watch of closed direct proposals ends), as for the
+    buyer's own cancelAuthorization. (Before: only a cancel counted as closed there, where the skill invocations'
+    watch counted both: this one was read again at every run of the watch until its validBefore.)"""
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    record = UsageAgreement.objects.select_related("payment_authorization").get(pk=agreement["id"]).payment_authorization
+    own_wallet = purchase.chain.accounts.stranger.address
+    typed = typed_data.transfer_with_authorization(
+        chain_id=purchase.chain.chain_id, token_address=purchase.chain.usdc.address, from_address=purchase.buyer.address,
+        to_address=own_wallet, value=USDC, valid_after=0, valid_before=int(record.valid_before), nonce=record.nonce,
+        token_name=purchase.chain.usdc.functions.name().call())
+    v, r, s = typed_data.split_signature(typed_data.sign_typed_data(purchase.buyer.key, typed))
+    closed_by = _hash(purchase.chain.usdc.functions.transferWithAuthorization(
+        purchase.buyer.address, own_wallet, USDC, 0, int(record.valid_before), bytes.fromhex(record.nonce[2:]), v,
+        bytes.fromhex(r[2:]), bytes.fromhex(s[2:])).transact({"from": purchase.buyer.address}))
+    mined_what_was_sent()
+
+    refused = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
+                                              {"signature": _cancel_signature(purchase, agreement["id"])})
+
+    assert refused.status_code == 409 and error_code(refused) == "authorization_already_used", refused.content
+    assert refused.json()["error"]["details"]["used_by"] is None
+    closed = UsageAgreement.objects.get(pk=agreement["id"])
+    assert closed.payment_authorization_watch_ended_at is not None and not closed.payment_tx_hash
+    assert AgreementEvent.objects.filter(agreement_id=agreement["id"], data__closed_by=closed_by).exists()
+    assert not ChainTransaction.objects.filter(agreement_id=agreement["id"]).exists()
+
+
 def test_a_use_a_lagging_node_does_not_show_yet_when_the_buyer_would_cancel_does_not_end_the_watch(
         purchase, monkeypatch, django_capture_on_commit_callbacks):
     """A stranger uses a rejected purchase's authorization; the buyer's cancellation is asked of a provider whose node

@@ -31,6 +31,7 @@ from tests.escrow.flow import (USDC, check_raises_once_mined, check_times_out_on
                                mined_what_was_sent, usdc_balance)
 from tests.escrow.test_indexer import mined
 from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
+from tests.support.rpc_relay import node_relayed
 from tests.support.server_clock import server_clock_drifted
 from tests.support.operators import form_as_shown, staff_account
 
@@ -554,6 +555,25 @@ def test_a_failed_payment_no_longer_counts_against_its_owners_spend_cap_once_its
     with capture(execute=True):
         freed = market.call("translate", market.pay("translate"), api=agent_api)
     assert freed.status_code == 200, freed.content
+
+
+def test_a_poll_of_a_watched_payment_reads_its_authorizations_state_once(
+        market, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """A failed payment's authorization the buyer cancelled, the cancel not yet at the confirmation depth: the watch
+    asks the token's `authorizationState` once per poll, the use and the close then read from its logs. (Before: twice,
+    once for the use and once again for the close.)"""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    first = market.pay("translate")
+    failed_on_its_own(market, monkeypatch, capture, first)
+    settings.CHAIN_CONFIRMATIONS = 3
+    cancelled_on_chain(market, first)
+    state_reads = []
+    with node_relayed(chain.node.rpc_url, settings) as relay:
+        relay.observers.append(lambda call: state_reads.append(call) if call.get("method") == "eth_call" and call[
+            "params"][0].get("data", "").startswith("0xe94a0102") else None)  # authorizationState(address,bytes32)
+        confirm_all(capture)
+    assert len(state_reads) == 1
+    assert SkillInvocation.objects.get().authorization_closed_by == ""  # not at the confirmation depth yet
 
 
 def used_elsewhere(market, payment: str) -> None:
@@ -1332,8 +1352,9 @@ def test_a_failed_payment_is_watched_only_until_its_authorization_expires_at_the
     chain, capture = market.chain, django_capture_on_commit_callbacks
     invocation_id, _ = failed_on_its_own(market, monkeypatch, capture, market.pay("translate"))
     reads = []
-    authorization_use = x402_onchain._authorization_use
-    monkeypatch.setattr(x402_onchain, "_authorization_use", lambda auth: reads.append(auth) or authorization_use(auth))
+    authorization_spent = x402_onchain._authorization_spent
+    monkeypatch.setattr(x402_onchain, "_authorization_spent",
+                        lambda auth: reads.append(auth) or authorization_spent(auth))
     confirm_all(capture)
     assert len(reads) == 1
 
@@ -1355,8 +1376,9 @@ def test_a_poll_reads_at_most_its_budget_of_watched_payments(market, monkeypatch
         fund(chain, market.buyer.address, 10 * USDC)
         failed_on_its_own(market, monkeypatch, capture, market.pay("translate"), how="failed_its_simulation")
     reads = []
-    authorization_use = x402_onchain._authorization_use
-    monkeypatch.setattr(x402_onchain, "_authorization_use", lambda auth: reads.append(auth) or authorization_use(auth))
+    authorization_spent = x402_onchain._authorization_spent
+    monkeypatch.setattr(x402_onchain, "_authorization_spent",
+                        lambda auth: reads.append(auth) or authorization_spent(auth))
     settings.CHAIN_WATCHED_CHECKS_PER_POLL = 2
     confirm_all(capture)
     assert len(reads) == 2
@@ -1426,3 +1448,4 @@ def test_a_reorg_that_takes_only_the_block_of_our_payment_that_reverted_after_th
     assert (held["status"], held["tx_hash"]) == ("held", seen["copy"])
     assert usdc_balance(chain, market.treasury) == treasury
     assert not ChainTransaction.objects.exclude(purpose=TxPurpose.INVOCATION_PAYMENT).exists()
+
