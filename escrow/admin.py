@@ -130,7 +130,7 @@ class ChainTransactionAdmin(IndexedSearch, MoneyRecordAdmin):
     list_display = ("short_id", "purpose", "status", "paid_for", "amount", "nonce", "mined_tx_display",
                     "mined_block_number", "failure_short", "updated_at")
     list_filter = ("status", "purpose", ("fee_cap_reached_at", admin.EmptyFieldListFilter),
-                   ("held_until_block", admin.EmptyFieldListFilter))
+                   ("held_until_block", admin.EmptyFieldListFilter), ("undecided_since", admin.EmptyFieldListFilter))
     # The mined transaction's hash is one of its attempts' (a unique index).
     search_fields = ("id", "agreement__id", "attempts__tx_hash")
     list_select_related = ("agreement",)
@@ -140,7 +140,7 @@ class ChainTransactionAdmin(IndexedSearch, MoneyRecordAdmin):
     fields = ("id", "purpose", "status", "paid_for", "amount", "chain_id", "to_display", "relayer", "nonce",
               "gas_limit", "confirmations_required", "mined_tx_display", "mined_block_number", "mined_block_hash",
               "receipt_status", "failure_reason", "waiting_for", "held_until_block", "fee_cap_reached_at",
-              "outcome_applied", "context", "data",
+              "undecided_since", "undecided_reason", "outcome_applied", "context", "data",
               "retry_of", "acknowledged_at", "acknowledged_by", "acknowledgement_reason", "created_at", "updated_at",
               "confirmed_at")
     readonly_fields = fields

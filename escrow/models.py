@@ -107,6 +107,12 @@ class ChainTransaction(Acknowledgement):
                                          "what it would have, in a block not yet at its confirmation depth: the head "
                                          "at which it is. The confirmation poll sends it again then (concluded on "
                                          "that transaction, or sent itself when a reorg took it).")
+    undecided_since = models.DateTimeField(
+        null=True, blank=True, help_text="Its outcome's evidence cannot be read: the node's answers contradict each "
+                                         "other (the token counts a payment's authorization spent, yet shows no log "
+                                         "of it: a backend behind, old logs pruned). Nothing is guessed: it is read "
+                                         "again at each poll until a node decides it (cleared then).")
+    undecided_reason = models.CharField(max_length=500, blank=True)
     polled_at = models.DateTimeField(
         default=timezone.now, help_text="Last time the relayer's poll checked it (before: when it was created). The "
                                         "poll goes round by it, not by updated_at, which a check that only sends "

@@ -78,8 +78,8 @@ def _tx_url(tx) -> str:
 
 
 def _overdue(now) -> list[dashboard.Overdue]:
-    """Transactions unconfirmed for too long, those stuck at the fee cap or refused for the relayer's gas, and
-    settlement proposals given up on."""
+    """Transactions unconfirmed for too long, those stuck at the fee cap or refused for the relayer's gas, those whose
+    outcome the node leaves undecided, and settlement proposals given up on."""
     at_cap = list(selectors.transactions_at_fee_cap()
                   [:dashboard.OVERDUE_LIMIT])
     items = [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} stuck at the fee cap",
@@ -91,7 +91,14 @@ def _overdue(now) -> list[dashboard.Overdue]:
                                 subject=str(tx.agreement_id or tx.pk),
                                 detail=f"top up {tx.relayer.address}: nonce {tx.nonce} and those after it wait, "
                                        "sent again as signed", admin_url=_tx_url(tx)) for tx in unfunded]
-    capped = {tx.pk for tx in at_cap + unfunded}
+    undecided = list(selectors.transactions_undecided().filter(
+        undecided_since__lt=now - settings.OVERDUE_SUBMITTING_AFTER)[:dashboard.OVERDUE_LIMIT])
+    items += [dashboard.Overdue(since=tx.undecided_since, kind=f"{tx.purpose} outcome undecided",
+                                subject=str(tx.agreement_id or tx.context.get("invocation_id") or tx.pk),
+                                detail=f"{tx.undecided_reason}; read again at each poll, nothing guessed: a node that "
+                                       "keeps the logs (CHAIN_RPC_URL) decides it", admin_url=_tx_url(tx))
+              for tx in undecided]
+    capped = {tx.pk for tx in at_cap + unfunded + undecided}
     items += [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} of a relayer key not configured",
                                 subject=str(tx.agreement_id or tx.pk),
                                 detail=f"{tx.relayer.address}'s key is in neither RELAYER_PRIVATE_KEY nor "
@@ -193,6 +200,12 @@ def panels_register() -> None:
         documentation="Submitted chain transactions the node refused because the relayer's wallet cannot pay their "
                       "gas: their signed bytes are sent again, not bid up, until the wallet is topped up.",
         labels=("purpose",), counts=selectors.transaction_counts_unfunded)
+    metrics.scrape_collector_register(
+        name="marketplace_chain_transactions_undecided",
+        documentation="Chain transactions whose outcome the node's answers cannot decide (the token counts a payment's "
+                      "authorization spent, yet shows no log of it: a backend behind, old logs pruned): read again at "
+                      "each poll, nothing guessed, until a node that keeps the logs answers.",
+        labels=("purpose",), counts=selectors.transaction_counts_undecided)
     metrics.scrape_collector_register(
         name="marketplace_chain_transactions_waiting_for_finality",
         documentation="Queued payouts and refunds held until the block of the payment they forward is at or below "

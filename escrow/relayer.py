@@ -477,8 +477,31 @@ def _locked_if_unchanged(tx: ChainTransaction) -> bool:
 
 
 def _read_evidence(tx: ChainTransaction) -> None:
+    tx.outcome_evidence = _evidence_of(tx)
+
+
+def _evidence_of(tx: ChainTransaction) -> dict:
+    """What its purpose's `read_evidence` reads of `tx` from the chain ({} without one). A node whose answers
+    contradict each other (UntrustedAnswer: the token counts an authorization spent, yet shows no log of it) decides
+    nothing: the row is marked undecided (`undecided_since`, once, logged) for the dashboard, the metrics
+    and the admin, and read again at the next poll; the read that decides it clears the mark."""
     reader = _evidence_readers.get(tx.purpose)
-    tx.outcome_evidence = reader(tx) if reader is not None else {}
+    if reader is None:
+        return {}
+    try:
+        evidence = reader(tx)
+    except chain.UntrustedAnswer as error:
+        # update(), not save(): updated_at is the row's version (`_locked_if_unchanged`), and nothing of it changed.
+        if ChainTransaction.objects.filter(pk=tx.pk, undecided_since=None).update(
+                undecided_since=timezone.now(), undecided_reason=str(error)[:500]):
+            # A warning: a backend behind clears it at the next poll; one that stays is overdue on the dashboard.
+            logger.warning("chain transaction's outcome undecided: the node's answers contradict each other",
+                           extra={"tx_id": str(tx.pk), "purpose": tx.purpose, "error": str(error)})
+        raise
+    if tx.undecided_since is not None:
+        ChainTransaction.objects.filter(pk=tx.pk).update(undecided_since=None, undecided_reason="")
+        tx.undecided_since, tx.undecided_reason = None, ""
+    return evidence
 
 
 def _apply_outcome(tx: ChainTransaction) -> None:
@@ -664,10 +687,9 @@ def _done_by_a_copy_not_deep_yet(tx: ChainTransaction) -> bool:
     a skill's seller was called, a direct purchase counted paid, where ours mined would have waited for the depth.
     Left queued instead, it is simulated again each time it is sent: concluded on the copy once that is deep enough
     (a later reorg reopens it, `transactions_reopen_reorged`), or sent itself when a reorg took the copy first."""
-    reader = _evidence_readers.get(tx.purpose)
-    if reader is None:
+    if tx.purpose not in _evidence_readers:
         return False
-    block = reader(tx).get(EVIDENCE_BLOCK)
+    block = _evidence_of(tx).get(EVIDENCE_BLOCK)
     if block is None or _deep_enough(tx, block_number=block["number"], latest=chain.latest_block_number()):
         return False
     # Asked again by the next poll that finds the head there (`transactions_release_copied`), not a sweep later.
@@ -952,28 +974,36 @@ def transactions_recheck_watched(*, failures: sweeps.RowFailures | None = None, 
 
     One whose outcome raises other than a chain error (its domain's handler refusing it, bad data) is logged and
     skipped, the others read, in `failures` (the poll's; else RowsFailed raised at the end): it ended every poll
-    there whenever the sample drew it. Within a poll (`read`: what it checked without an error), one that could
-    withdraw a transaction of its agreement or invocation the poll did not read waits, as a failure concluded in the
-    poll does (`_failures_decidable`)."""
+    there whenever the sample drew it. One the node leaves undecided (`_evidence_of`) is skipped alike, and watched
+    past its domain's window until a read decides it. Within a poll (`read`: what it checked without an error), one
+    that could withdraw a transaction of its agreement or invocation the poll did not read waits, as a failure
+    concluded in the poll does (`_failures_decidable`)."""
     if not _failure_watches:
         return 0
+    # With those left undecided (`_evidence_of`), whose authorization's window may be over: dropped then, a use no log
+    # was found of stayed unrecorded for good.
     watched = functools.reduce(operator.or_, (watch().filter(purpose=purpose)
-                                              for purpose, watch in _failure_watches.items()))
+                                              for purpose, watch in _failure_watches.items()),
+                               ChainTransaction.objects.filter(purpose__in=list(_failure_watches),
+                                                               undecided_since__isnull=False))
     sample = watched.filter(status=TxStatus.FAILED).exclude(outcome_evidence__has_key=EVIDENCE_BLOCK).order_by("?")
     renewed, own = 0, failures is None
     failures = sweeps.RowFailures("watched failures reading") if own else failures
     drawn = list(sample[:settings.CHAIN_WATCHED_CHECKS_PER_POLL])
     decidable = set(_failures_decidable([tx.pk for tx in drawn], read=read))
     for tx in (tx for tx in drawn if tx.pk in decidable):
-        with failures.row(tx.pk, reraise=(chain.ChainError,), atomic=False):  # it reads the chain, then takes its own
-            renewed += _evidence_renewed(tx)
+        try:
+            with failures.row(tx.pk, reraise=(chain.ChainError,), atomic=False):  # it reads the chain, then locks
+                renewed += _evidence_renewed(tx)
+        except chain.UntrustedAnswer as error:  # this one's answers only (marked undecided): the others are read
+            logger.warning("watched failure undecided", extra={"tx_id": str(tx.pk), "error": str(error)})
     if own:
         failures.raise_if_any(applied=renewed)
     return renewed
 
 
 def _evidence_renewed(tx: ChainTransaction) -> bool:
-    evidence = _evidence_readers[tx.purpose](tx)
+    evidence = _evidence_of(tx)
     block = evidence.get(EVIDENCE_BLOCK)
     if block is None or not _deep_enough(tx, block_number=block["number"], latest=chain.latest_block_number()):
         return False

@@ -620,6 +620,17 @@ def transactions_at_fee_cap():
             .order_by("fee_cap_reached_at"))
 
 
+def transactions_undecided():
+    """Transactions whose outcome's evidence the node cannot be believed on (`relayer._evidence_of`): read again at
+    each poll, nothing guessed, until a node decides it. Oldest first."""
+    return ChainTransaction.objects.filter(undecided_since__isnull=False).order_by("undecided_since")
+
+
+def transaction_counts_undecided() -> dict[tuple[str], int]:
+    rows = transactions_undecided().order_by().values_list("purpose").annotate(count=Count("pk"))
+    return {(purpose,): count for purpose, count in rows}
+
+
 def transactions_unfunded():
     """Submitted transactions the node refused because the relayer's wallet cannot pay their gas: their signed bytes
     are sent again, not replaced with higher fees, until an operator tops the wallet up."""

@@ -31,6 +31,7 @@ from tests.escrow.flow import (USDC, check_raises_once_mined, check_times_out_on
                                mined_what_was_sent, usdc_balance)
 from tests.escrow.test_indexer import mined
 from tests.escrow.test_relayer_faults import relayer_nonce_on_chain
+from tests.marketplace.conftest import scrape
 from tests.support.rpc_relay import node_relayed
 from tests.support.server_clock import server_clock_drifted
 from tests.support.operators import form_as_shown, staff_account
@@ -1449,3 +1450,50 @@ def test_a_reorg_that_takes_only_the_block_of_our_payment_that_reverted_after_th
     assert usdc_balance(chain, market.treasury) == treasury
     assert not ChainTransaction.objects.exclude(purpose=TxPurpose.INVOCATION_PAYMENT).exists()
 
+
+def test_a_watched_payment_whose_authorization_the_node_shows_spent_with_no_log_is_surfaced_until_decided(
+        market, monkeypatch, settings, admin_client, django_capture_on_commit_callbacks):
+    """The payment failed; a copy of its authorization is mined later (the treasury holds the price). The provider
+    answers no log of it (it prunes old ranges, or a backend is behind): the token counts the authorization spent, no
+    use nor cancel is found, and nothing may be guessed. That was a warning in the logs at each poll, nothing on the
+    dashboard, the metrics or the admin, and once the authorization's validBefore (and the margin) passed, the watch
+    dropped it: the price stayed in the treasury with nothing naming it. Now the payment is marked undecided (why,
+    since when), shown as overdue on the dashboard, counted in a metric and filtered in the admin, and still watched
+    past its window, until a node that has the logs decides it (the copy found: refunded) and the mark is cleared."""
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    header = market.pay("translate")
+    invocation_id, payment = failed_on_its_own(market, monkeypatch, capture, header)
+    fund(chain, market.buyer.address, 10 * USDC)
+    buyer = usdc_balance(chain, market.buyer.address)
+    copy = mine_a_copy(chain, header)
+    chain.mine(3)
+    settings.OVERDUE_SUBMITTING_AFTER = timedelta(0)
+    undecided = ("marketplace_chain_transactions_undecided", (("purpose", TxPurpose.INVOCATION_PAYMENT),))
+    with node_relayed(chain.node.rpc_url, settings) as relay:
+        relay.rewrite(lambda call: call.get("method") == "eth_getLogs", lambda answer: {**answer, "result": []})
+        confirm_all(capture)
+        payment.refresh_from_db()
+        assert payment.status == TxStatus.FAILED and payment.undecided_since is not None
+        assert "no use nor cancel" in payment.undecided_reason
+        overdue = admin_client.get("/admin/dashboard/").context["overdue"]
+        assert f"{TxPurpose.INVOCATION_PAYMENT} outcome undecided" in [item.kind for item in overdue]
+        assert scrape(admin_client)[undecided] == 1
+        listing = admin_client.get(reverse("admin:escrow_chaintransaction_changelist") + "?undecided_since__isempty=0")
+        assert listing.status_code == 200 and str(payment.pk) in listing.content.decode()
+        assert invocation_of(market, invocation_id)["payment"]["status"] == "payment_failed"  # nothing guessed
+
+        valid_before = SkillInvocation.objects.select_related("authorization").get().authorization.valid_before
+        chain.increase_time(valid_before - chain.now() + x402_onchain.LATE_USE_MARGIN_SECONDS)
+        chain.mine(1)
+        confirm_all(capture)  # past its window: still read, still undecided
+        assert ChainTransaction.objects.get(pk=payment.pk).undecided_since is not None
+
+    confirm_all(capture)  # a node that has the logs
+    refund = ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_REFUND)
+    polls_until_concluded(capture, refund)
+    invocation = invocation_of(market, invocation_id)
+    assert (invocation["payment"]["status"], invocation["payment"]["tx_hash"]) == ("refunded", copy)
+    assert usdc_balance(chain, market.buyer.address) == buyer
+    payment.refresh_from_db()
+    assert payment.undecided_since is None and payment.undecided_reason == ""
+    assert not scrape(admin_client).get(undecided)
