@@ -527,9 +527,10 @@ def _spent_authorization_use(authorization, *, confirmed: bool = False) -> dict 
     Spent, with neither event found up to the head the node names, is no answer (UntrustedAnswer): the state and the
     head came from two backends of a provider's pool, the head's behind the use, or the node prunes old logs. Taken
     for "none", it failed a purchase the buyer had paid as "nothing charged", and recorded a used authorization
-    cancelled, ending its watch."""
+    cancelled, ending its watch. `confirmed` alike: none at the depth is None only when one is found above it (a use
+    not that deep yet); else the closed proposals' watch ended on it, a use whose logs were pruned taken for none."""
     found = _authorization_logs(authorization, confirmed=confirmed)
-    if not found and not confirmed:
+    if not found and (not confirmed or not _authorization_logs(authorization, confirmed=False)):
         raise chain.UntrustedAnswer("the token counts the authorization spent, but the node shows no use nor cancel of "
                                     "it up to the head it names (a backend behind, or old logs pruned)")
     if not found or _topic_of(found[-1]) != chain.event_topic(chain.token_contract().events.AuthorizationUsed()) \

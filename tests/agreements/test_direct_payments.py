@@ -1703,6 +1703,30 @@ def test_the_closed_proposals_watch_reads_the_oldest_checked_first_and_ends_once
     assert sorted(reads) == sorted([first["id"], second["id"]])
 
 
+def test_a_closed_proposals_use_a_node_that_pruned_its_logs_does_not_show_is_not_taken_for_none_when_the_watch_ends(
+        purchase, settings):
+    """A stranger uses a rejected purchase's authorization. The provider answers no log of it (it prunes old ranges)
+    while the token counts it spent. The watch's last read, once the authorization ran out, took "spent, no use found
+    at the confirmation depth" for "not used" and ended the watch: the price at the seller, no purchase naming it, never
+    counted. Spent with no log of it even up to the head is no answer: the watch is not ended, and names the use once
+    a node that has the logs answers."""
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
+    valid_before = UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization.valid_before
+    purchase.chain.increase_time(valid_before - purchase.chain.now()
+                                 + agreement_services.CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS + 1)
+    purchase.chain.mine(1)
+    with node_relayed(purchase.chain.node.rpc_url, settings) as relay:
+        relay.rewrite(lambda call: call.get("method") == "eth_getLogs", lambda answer: {**answer, "result": []})
+        agreement_tasks.watch_closed_direct_proposals()
+    watched = UsageAgreement.objects.get(pk=agreement["id"])
+    assert watched.payment_authorization_watch_ended_at is None and not watched.payment_tx_hash
+
+    agreement_tasks.watch_closed_direct_proposals()
+    assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == used_by
+
+
 def test_a_direct_purchase_paid_while_it_awaited_approval_rejected_with_the_broker_down_is_found_by_the_watch(
         purchase, django_capture_on_commit_callbacks, monkeypatch):
     """The owner rejects a purchase the buyer paid while it awaited approval; the broker refuses the task that reads
