@@ -113,6 +113,12 @@ AUTHORIZATION_WATCHED = (Q(status__in=sorted(CLOSED_STATUSES))
                          | Q(status=S.PAYMENT_FAILED, fee_tx_hash="", payment_reverted_at=None))
 
 
+# How long after an authorization's validBefore (by the chain's clock) the watch reads it one last time: a use mined
+# just before it needs the confirmation depth's blocks and a run of the watch to be found (as escrow's watch of
+# failed payments, LATE_USE_MARGIN_SECONDS).
+CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS = 600
+
+
 def authorization_watched(agreement) -> bool:
     """Whether `agreement` is one of AUTHORIZATION_WATCHED."""
     return agreement.status in CLOSED_STATUSES or (

@@ -1,15 +1,17 @@
 """What operators watch of agreements: Prometheus metrics and the admin dashboard's panels."""
 
+from datetime import UTC, datetime
 from functools import lru_cache
 
 from django.conf import settings
 from django.core import checks
 from django.db import DatabaseError
 from django.urls import reverse
+from django.utils import timezone
 from prometheus_client import Counter, Histogram
 
 from agreements import selectors
-from agreements.models import AgreementStatus, SkillInvocation, UsageAgreement
+from agreements.models import CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS, AgreementStatus, SkillInvocation, UsageAgreement
 from marketplace import chainconfig, dashboard, health, metrics, money, url_credentials
 
 PROXY_UPSTREAM_SECONDS = Histogram(
@@ -97,7 +99,8 @@ def _stuck_detail(agreement) -> str:
 
 
 def _overdue(now) -> list[dashboard.Overdue]:
-    """Past the challenge deadline and not finalized; submitting or settling for too long."""
+    """Past the challenge deadline and not finalized; submitting or settling for too long; a direct purchase's
+    authorization the node leaves undecided past its validBefore."""
     late = selectors.agreements_in_challenge_past_deadline(deadline_before=now - settings.OVERDUE_FINALIZE_AFTER)
     items = [dashboard.Overdue(since=agreement.challenge_deadline, kind="challenge window over, not finalized",
                                subject=str(agreement.pk),
@@ -110,7 +113,26 @@ def _overdue(now) -> list[dashboard.Overdue]:
                                 subject=str(agreement.pk), detail=_stuck_detail(agreement),
                                 admin_url=_agreement_url(agreement))
               for agreement in stuck[:dashboard.OVERDUE_LIMIT]]
+    items += [dashboard.Overdue(since=ran_out, kind="direct purchase's authorization undecided",
+                                subject=str(agreement.pk),
+                                detail="watched past its validBefore: the node shows no verdict on its use (spent, yet "
+                                       "no log of it: a node without old logs?); nothing recorded until one does",
+                                admin_url=_agreement_url(agreement))
+              for agreement, ran_out in _direct_authorizations_undecided(now)]
     return items
+
+
+def _direct_authorizations_undecided(now) -> list[tuple[UsageAgreement, datetime]]:
+    """The first of `_direct_authorizations_watched_past`, with when each ran out."""
+    return [(agreement, datetime.fromtimestamp(agreement.payment_authorization.valid_before
+                                               + CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS, tz=UTC))
+            for agreement in _direct_authorizations_watched_past(now)[:dashboard.OVERDUE_LIMIT]]
+
+
+def _direct_authorizations_watched_past(now):
+    """`selectors.direct_authorizations_watched_past` for more than OVERDUE_SUBMITTING_AFTER."""
+    margin = CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS + int(settings.OVERDUE_SUBMITTING_AFTER.total_seconds())
+    return selectors.direct_authorizations_watched_past(ran_out_before=int(now.timestamp()) - margin)
 
 
 def _usdc(amount: int) -> str:
@@ -168,6 +190,12 @@ def panels_register() -> None:
         name="marketplace_direct_payments_reverted", of=UsageAgreement,
         documentation="Direct purchases whose payment a chain reorg took after they were counted paid (the seller "
                       "holds nothing for them), by whether an operator acknowledged them.")
+    metrics.scrape_collector_register(
+        name="marketplace_direct_authorizations_undecided",
+        documentation="Direct purchases whose buyer's authorization is watched past its validBefore for more than "
+                      "OVERDUE_SUBMITTING_AFTER_SECONDS: the node shows no verdict on its use (spent, yet no log of "
+                      "it: a node without old logs?), nothing recorded until one does (at scrape time).",
+        labels=(), counts=lambda: {(): _direct_authorizations_watched_past(timezone.now()).count()})
     dashboard.counts_register(title="Agreements by status", counts=selectors.agreement_counts_by_status)
     dashboard.failures_register(recent=_failures)
     dashboard.overdue_register(overdue=_overdue)

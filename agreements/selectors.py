@@ -17,6 +17,7 @@ from agreements.invocations import invocation_price as invocation_price
 from agreements.invocations import invocation_seller_share as invocation_seller_share
 from agreements.models import (
     APPROVAL_SUBJECT,
+    AUTHORIZATION_WATCHED,
     ONCHAIN_STATUSES,
     TRANSITIONS,
     AgentEventAck,
@@ -392,6 +393,17 @@ def payments_failed_watched(*, of: type[SkillInvocation] | type[UsageAgreement],
     # Unordered: SQLite (`make run`) refuses an ORDER BY (the models' default ordering) in a UNION's parts.
     return list(unacknowledged.order_by().values_list("pk", flat=True).union(
         usable.order_by().values_list("pk", flat=True)))
+
+
+def direct_authorizations_watched_past(*, ran_out_before: int) -> QuerySet[UsageAgreement]:
+    """Direct purchases whose buyer's authorization the watch of closed direct proposals still reads, though its
+    validBefore (and the margin a use needs to be found) was over before `ran_out_before` (unix seconds): the read after
+    that ends the watch once the chain decides, used or not, so the node has left it undecided (the token counts it
+    spent, yet shows no log of it: old logs pruned) or answered nothing since. Oldest first."""
+    return (UsageAgreement.objects.filter(AUTHORIZATION_WATCHED, settlement_model=SettlementModel.DIRECT_PAYMENT,
+                                          payment_tx_hash="", payment_authorization_watch_ended_at=None,
+                                          payment_authorization__valid_before__lt=ran_out_before)
+            .select_related("payment_authorization").order_by("payment_authorization__valid_before"))
 
 
 def payments_reverted_counts(*, of: type[SkillInvocation] | type[UsageAgreement]) -> dict[bool, int]:

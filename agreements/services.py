@@ -48,6 +48,7 @@ from agreements.models import (
     APPROVAL_SUBJECT,
     AUTHORIZATION_WATCHED,
     AWAITING_FUNDING_STATUSES,
+    CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS,
     CLOSED_STATUSES,
     NO_PAYMENT_REVERSAL,
     TRANSITIONS,
@@ -1309,12 +1310,6 @@ def _closed_direct_proposal_paid_record(agreement: UsageAgreement, *, used_by: s
                                     "updated_at"])
         _record_event(current, actor=SYSTEM, from_status=current.status, data={"used_by": used_by}, reason=reason)
     return current
-
-
-# How long after an authorization's validBefore (by the chain's clock) the watch reads it one last time: a use mined
-# just before it needs the confirmation depth's blocks and a run of the watch to be found (as escrow's watch of
-# failed payments, LATE_USE_MARGIN_SECONDS).
-CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS = 600
 
 
 def closed_direct_proposals_watch() -> int:

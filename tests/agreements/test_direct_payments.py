@@ -28,6 +28,7 @@ from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token
 from tests.conftest import Api, error_code
 from tests.support.operators import staff_account
 from tests.support.rpc_relay import node_relayed
+from tests.marketplace.conftest import scrape
 from tests.support.server_clock import SERVER_CLOCK_DRIFT, server_clock_drifted
 from tests.escrow.flow import (USDC, Parties, confirm_all, fund, mined_what_was_sent, network_of, poll_mined,
                                usdc_balance)
@@ -1704,12 +1705,13 @@ def test_the_closed_proposals_watch_reads_the_oldest_checked_first_and_ends_once
 
 
 def test_a_closed_proposals_use_a_node_that_pruned_its_logs_does_not_show_is_not_taken_for_none_when_the_watch_ends(
-        purchase, settings):
+        purchase, settings, monkeypatch, admin_client):
     """A stranger uses a rejected purchase's authorization. The provider answers no log of it (it prunes old ranges)
     while the token counts it spent. The watch's last read, once the authorization ran out, took "spent, no use found
     at the confirmation depth" for "not used" and ended the watch: the price at the seller, no purchase naming it, never
-    counted. Spent with no log of it even up to the head is no answer: the watch is not ended, and names the use once
-    a node that has the logs answers."""
+    counted. Spent with no log of it even up to the head is no answer: the watch is not ended, the dashboard lists the
+    purchase's authorization as undecided (and a gauge counts it), and the watch names the use once a node that has
+    the logs answers."""
     agreement = purchase.propose()
     assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
     used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
@@ -1722,9 +1724,17 @@ def test_a_closed_proposals_use_a_node_that_pruned_its_logs_does_not_show_is_not
         agreement_tasks.watch_closed_direct_proposals()
     watched = UsageAgreement.objects.get(pk=agreement["id"])
     assert watched.payment_authorization_watch_ended_at is None and not watched.payment_tx_hash
+    server_clock_drifted(monkeypatch, purchase.chain.now() - time.time())  # our clock where the chain's went
+    settings.OVERDUE_SUBMITTING_AFTER = timedelta(0)
+    undecided = ("marketplace_direct_authorizations_undecided", ())
+    overdue = admin_client.get("/admin/dashboard/").context["overdue"]
+    assert [item.subject for item in overdue if item.kind == "direct purchase's authorization undecided"] == [
+        agreement["id"]]
+    assert scrape(admin_client)[undecided] == 1
 
     agreement_tasks.watch_closed_direct_proposals()
     assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == used_by
+    assert scrape(admin_client)[undecided] == 0
 
 
 def test_a_direct_purchase_paid_while_it_awaited_approval_rejected_with_the_broker_down_is_found_by_the_watch(
