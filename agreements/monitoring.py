@@ -196,7 +196,8 @@ def panels_register() -> None:
                       "OVERDUE_SUBMITTING_AFTER_SECONDS: the node shows no verdict on its use (spent, yet no log of "
                       "it: a node without old logs?), nothing recorded until one does (at scrape time).",
         labels=(), counts=lambda: {(): _direct_authorizations_watched_past(timezone.now()).count()})
-    dashboard.counts_register(title="Agreements by status", counts=selectors.agreement_counts_by_status)
+    dashboard.counts_register(title="Agreements by status", counts=lambda: dashboard.counts_up_to_limit(
+        UsageAgreement.objects, field="status", values=AgreementStatus.values))
     dashboard.failures_register(recent=_failures)
     dashboard.overdue_register(overdue=_overdue)
     health.readiness_check_register(name="receipt_signer", check=_receipt_signers_configured)

@@ -194,7 +194,7 @@ def traffic_rows_added(*, owner, agreements, transactions, invocations, first: i
          for i, invocation in enumerate(invocations)], batch_size=BATCH)
     ApprovalRequest.objects.bulk_create(
         [ApprovalRequest(agent_id=agreement.buyer_id,
-                         subject_type="agreement", subject_id=agreement.pk, amount=100_000, rule="max_per_agreement",
+                         subject_type="agreement", subject_id=agreement.pk, amount=100_000, rule="approval_threshold",
                          expires_at=now) for agreement in agreements], batch_size=BATCH)
 
 

@@ -104,12 +104,16 @@ class AgentForm(forms.ModelForm):
 
 
 @admin.register(Agent)
-class AgentAdmin(admin.ModelAdmin):
+class AgentAdmin(IndexedSearch, admin.ModelAdmin):
     form = AgentForm
     list_display = ("handle", "display_name", "owner", "wallet_address", "is_buyer", "is_seller", "is_active",
                     "owner_is_active", "service_count", "created_at")
     list_filter = ("is_active", "owner_is_active", "is_buyer", "is_seller")
-    search_fields = ("handle", "display_name", "wallet_address", "owner__username", "owner__email")
+    # Part of a handle, a name, an owner's username or email (their trigram indexes on PostgreSQL: migration 0022),
+    # the owners looked up first; a wallet whole.
+    search_fields = ("handle__icontains", "display_name__icontains", "wallet_address", "owner__username__icontains",
+                     "owner__email__icontains")
+    search_help_text = "Part of a handle, a display name, an owner's username or email; or a whole wallet address."
     # What the API fixes at an agent's creation stays as it was: its wallet (a seller's next sales are paid to it),
     # its handle (owners' policies allow and block sellers by it), its owner (who holds its keys and policy), its
     # roles. Staff deactivate an agent or correct its display name; agents are created through the API (the owner's
@@ -269,10 +273,13 @@ class ServiceAdmin(IndexedSearch, SecretsUnfiltered, admin.ModelAdmin):
 
 
 @admin.register(Skill)
-class SkillAdmin(ViewOnlyAdmin):
+class SkillAdmin(IndexedSearch, ViewOnlyAdmin):
     list_display = ("name", "service", "seller", "price", "is_async", "timeout_seconds")
     list_filter = ("is_async", "service__state")
-    search_fields = ("name", "description", "service__name", "service__seller__handle")
+    # Part of a skill's name or description (trigram indexes on PostgreSQL: migration 0022); its service's name or
+    # seller's handle whole (their b-tree indexes), not part of them in every one of 100,000 services.
+    search_fields = ("name__icontains", "description__icontains", "service__name", "service__seller__handle")
+    search_help_text = "Part of a skill's name or description; or its service's whole name or its seller's handle."
     list_select_related = ("service", "service__seller")
 
     @admin.display(description="seller", ordering="service__seller__handle")

@@ -50,6 +50,8 @@ class Agent(models.Model):
 
     class Meta:
         ordering = ["handle"]
+        # The operators' search by wallet (marketplace.admin.IndexedSearch).
+        indexes = [models.Index(fields=["wallet_address"], name="agent_wallet_idx")]
 
     @property
     def sells(self) -> bool:

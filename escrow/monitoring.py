@@ -1,25 +1,16 @@
 """What operators watch of the escrow: chain transactions in Prometheus and on the admin dashboard."""
 
-from collections import Counter
-
 from django.conf import settings
 from django.urls import reverse
 from django.utils import timezone
 
 from escrow import chain, relayer, selectors
-from escrow.models import TxPurpose
+from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from marketplace import chainconfig, dashboard, health, metrics, money
 
 # How the dashboard names a proposal the ticks gave up on (`selectors.proposals_given_up`).
 _PROPOSAL_KINDS = {TxPurpose.PROPOSE_SETTLEMENT: "settlement proposal",
                    TxPurpose.MASUMI_REFUND_PROPOSAL: "masumi refund proposal"}
-
-def _by_status() -> dict[str, int]:
-    totals = Counter()
-    for (_purpose, status), count in selectors.transaction_counts_by_purpose_and_status().items():
-        totals[status] += count
-    return dict(totals)
-
 
 def _chain_answers(timeout: float) -> None:
     chain.latest_block_number()  # bounded by CHAIN_RPC_TIMEOUT; /readyz stops waiting after its own timeout
@@ -235,7 +226,8 @@ def panels_register() -> None:
         documentation="Open disputes within DISPUTE_TIMEOUT_WARNING_SECONDS of their on-chain timeout (or past it, the "
                       "settlement tick's finalize pending): unresolved then, the buyer gets the whole deposit back.",
         labels=(), counts=_disputes_timing_out_count)
-    dashboard.counts_register(title="Chain transactions by status", counts=_by_status)
+    dashboard.counts_register(title="Chain transactions by status", counts=lambda: dashboard.counts_up_to_limit(
+        ChainTransaction.objects, field="status", values=TxStatus.values))
     dashboard.counts_register(title="Payouts and refunds waiting for their payment's finality",
                               counts=lambda: {purpose: count for (purpose,), count
                                               in selectors.transaction_counts_waiting_for_finality().items()})

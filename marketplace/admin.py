@@ -24,6 +24,7 @@ from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.core.exceptions import FieldDoesNotExist, ValidationError
+from django.core.paginator import Paginator
 from django.db import models, transaction
 from django.db.models import Count, Q
 from django.db.models.constants import LOOKUP_SEP
@@ -112,8 +113,29 @@ def content_digest(encoded: bytes) -> str:
     return salted_hmac("marketplace.admin.content_digest", encoded, algorithm="sha256").hexdigest()
 
 
+class KeysFirstPaginator(Paginator):
+    """A page deep in a list found by its rows' keys first, then those rows read: `OFFSET n` read the n rows before
+    the page whole (every column, from the table), 1.1 s for the last page of 100,000 agreements; the keys alone are
+    read from the index the list's order is (`-created_at, -id`), not the table. The same rows, in the same order.
+    The first pages (and a DISTINCT list, whose keys would carry its order's columns) are read directly."""
+
+    keys_first_from = 1_000  # rows before the page
+
+    def page(self, number):
+        number = self.validate_number(number)
+        bottom = (number - 1) * self.per_page
+        if bottom < self.keys_first_from or self.object_list.query.distinct:
+            return super().page(number)
+        top = bottom + self.per_page
+        if top + self.orphans >= self.count:
+            top = self.count
+        keys = self.object_list.values("pk")[bottom:top]
+        return self._get_page(self.object_list.filter(pk__in=keys), number, self)
+
+
 class IndexedSearch:
-    """A model admin of a big table whose search reads indexes, not every row: Django's search compares each term with
+    """A model admin of a big table whose search reads indexes, not every row (and a page deep in its list, its keys
+    first: `KeysFirstPaginator`): Django's search compares each term with
     every `search_fields` column by `icontains` (`UPPER(col) LIKE '%term%'`, over the joins too), which no index
     serves, and took seconds on 100,000 agreements or invocations. Here each term is compared by equality with
     the `search_fields` columns it is a valid value of (a UUID with a UUID column, a number with a number column, an
@@ -125,6 +147,7 @@ class IndexedSearch:
     first, with the term as typed, and its rows matched by their key."""
 
     search_help_text = "Whole values only: an id, a handle, a transaction hash (as shown in full in a tooltip)."
+    paginator = KeysFirstPaginator
 
     def get_search_results(self, request, queryset, search_term):
         fields = {path: _field_at(self.model, path) for path in self.get_search_fields(request)

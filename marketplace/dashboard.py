@@ -12,12 +12,14 @@ from datetime import datetime, timedelta
 
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
 from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 RECENT_FAILURES = 20
 OVERDUE_LIMIT = 50
+COUNT_LIMIT = 10_000  # a count by status stops past this many rows: "more than 10000"
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,16 @@ _series: list[tuple[str, Series, Callable[[int], str]]] = []
 def counts_register(*, title: str, counts: Callable[[], dict[str, int]]) -> None:
     """A table on the dashboard: `counts()` gives label -> count."""
     _counts.append((title, counts))
+
+
+def counts_up_to_limit(rows: QuerySet, *, field: str, values) -> dict[str, int]:
+    """`rows` per value of `field` among `values` (those with none left out), each counted up to COUNT_LIMIT + 1 rows
+    (the dashboard shows "more than COUNT_LIMIT") from an index leading with `field`. A GROUP BY counted every row of
+    the table on each view of the dashboard (35-65 ms a table with 100,000 rows, growing with them); this stops at the
+    limit, so a status of a few rows (failed, pending) is still counted exactly."""
+    counted = {value: rows.order_by().filter(**{field: value}).values(field)[:COUNT_LIMIT + 1].count()
+               for value in values}
+    return {value: count for value, count in counted.items() if count}
 
 
 def failures_register(*, recent: Callable[[int], list[Failure]]) -> None:
@@ -159,12 +171,16 @@ def dashboard_view(request):
     tables = []
     for title, counts in _counts:
         rows = counts()
-        tables.append({"title": title, "rows": sorted(rows.items()), "total": sum(rows.values())})
+        # Past the limit, a count and the total are "more than" what was counted.
+        tables.append({"title": title, "rows": sorted(rows.items()),
+                       "total": sum(min(count, COUNT_LIMIT) for count in rows.values()),
+                       "total_more": any(count > COUNT_LIMIT for count in rows.values())})
     failures = sorted((f for recent in _failures for f in recent(RECENT_FAILURES)), key=lambda f: f.at,
                       reverse=True)[:RECENT_FAILURES]
     overdue = sorted((item for source in _overdue for item in source(now)), key=lambda item: item.since)
     context = {**admin.site.each_context(request), "title": "Marketplace dashboard", "tables": tables,
                "failures": failures, "overdue": overdue[:OVERDUE_LIMIT], "overdue_total": len(overdue),
                "gauges": [gauge for source in _gauges for gauge in source()],
-               "charts": _charts(period, now), "period": period, "periods": PERIODS.values(), "now": now}
+               "charts": _charts(period, now), "period": period, "periods": PERIODS.values(), "now": now,
+               "count_limit": COUNT_LIMIT}
     return TemplateResponse(request, "admin/marketplace_dashboard.html", context)

@@ -1,9 +1,10 @@
 from django import forms
 from django.contrib import admin, messages
 
-from marketplace.admin import IndexedSearch, across_pages_refused, api_rules_check, may_operate
+from marketplace.admin import (IndexedSearch, across_pages_refused, api_rules_check, known_values_filter,
+                               may_operate)
 from marketplace.errors import ApplicationError
-from policies import services
+from policies import evaluation, services
 from policies.models import ApprovalRequest, Policy
 from policies.serializers import PolicySerializer
 
@@ -100,7 +101,8 @@ def reject_requests(modeladmin, request, queryset):
 class ApprovalRequestAdmin(IndexedSearch, admin.ModelAdmin):
     show_full_result_count = False  # a searched list counts the rows it shows, not every request again
     list_display = ("id", "agent", "amount", "rule", "status", "created_at", "expires_at", "decided_by")
-    list_filter = ("status", "rule")
+    # The rules the code names, not a `SELECT DISTINCT rule` of every request on each view of the list.
+    list_filter = ("status", known_values_filter("rule", lambda: evaluation.APPROVAL_RULES))
     search_fields = ("id", "subject_id", "agent__handle")
     list_select_related = ("agent", "decided_by")
     actions = [approve_requests, reject_requests]

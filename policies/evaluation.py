@@ -49,6 +49,11 @@ class Decision:
 
 ALLOW = Decision(Outcome.ALLOW)
 
+# The rules that hold a purchase for its owner's approval: an ApprovalRequest's `rule` (the admin's filter offers them).
+RULE_SET_BY_SELLER_OWNER = "policy_set_by_seller_owner"
+RULE_APPROVAL_THRESHOLD = "approval_threshold"
+APPROVAL_RULES = (RULE_SET_BY_SELLER_OWNER, RULE_APPROVAL_THRESHOLD)
+
 
 def evaluate(policy: Policy | None, purchase: Purchase, spend: Spend) -> Decision:
     """Deny rules first (lists, token, limits, caps), then approval: of any purchase from a seller whose owner set the
@@ -88,11 +93,11 @@ def evaluate(policy: Policy | None, purchase: Purchase, spend: Spend) -> Decisio
                     spent=spend.last_month, amount=purchase.amount, limit=policy.monthly_cap)
     if policy.updated_by_id not in (None, purchase.buyer_owner_id) and policy.updated_by_id == purchase.seller_owner_id:
         # The seller's owner (an operator) set the buyer's rules last: not the buyer's owner's consent to pay them.
-        return Decision(Outcome.NEEDS_APPROVAL, "policy_set_by_seller_owner",
+        return Decision(Outcome.NEEDS_APPROVAL, RULE_SET_BY_SELLER_OWNER,
                         "The policy was last changed by the seller's owner, not the buyer's: the buyer's owner must "
                         "approve this commitment.", {"amount": purchase.amount})
     if policy.approval_threshold is not None and purchase.amount >= policy.approval_threshold:
-        return Decision(Outcome.NEEDS_APPROVAL, "approval_threshold", "The owner must approve this commitment.",
+        return Decision(Outcome.NEEDS_APPROVAL, RULE_APPROVAL_THRESHOLD, "The owner must approve this commitment.",
                         {"amount": purchase.amount, "threshold": policy.approval_threshold})
     return ALLOW
 

@@ -2,6 +2,7 @@
 
 from marketplace import dashboard, metrics
 from policies import selectors
+from policies.models import ApprovalRequest, ApprovalStatus
 
 
 def panels_register() -> None:
@@ -10,4 +11,5 @@ def panels_register() -> None:
         name="marketplace_approval_requests", documentation="Approval requests by status (counted at scrape time).",
         labels=("status",),
         counts=lambda: {(status,): count for status, count in selectors.approval_counts_by_status().items()})
-    dashboard.counts_register(title="Approval requests by status", counts=selectors.approval_counts_by_status)
+    dashboard.counts_register(title="Approval requests by status", counts=lambda: dashboard.counts_up_to_limit(
+        ApprovalRequest.objects, field="status", values=ApprovalStatus.values))
