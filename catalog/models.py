@@ -276,6 +276,9 @@ class Skill(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["service", "name"], name="skill_unique_per_service")]
         ordering = ["name"]
+        # The operators' list in its order (then the key, as the admin adds it): a page read from the index, not every
+        # skill joined to its service and seller and sorted.
+        indexes = [models.Index(fields=["name", "-id"], name="skill_listing_idx")]
 
     def __str__(self) -> str:
         return self.name

@@ -1,7 +1,8 @@
 """The operators' searches of agents and skills (catalog.admin): Django's `icontains` compared each term with every
 search column of every agent (through a join to their owners) and every skill. Each column is now asked on its own
 (the owners first, their keys then), through the very expression Django writes for `icontains`
-(`UPPER(col::text) LIKE UPPER('%term%')`) in a trigram index; an agent's wallet through a b-tree.
+(`UPPER(col::text) LIKE UPPER('%term%')`) in a trigram index; an agent's wallet through a b-tree. The skills' list
+reads its page in its order (name, then the key) from an index.
 
 The trigram indexes on PostgreSQL only (pg_trgm: migration 0002); the embedded SQLite default searches without them.
 """
@@ -32,6 +33,10 @@ class Migration(migrations.Migration):
         migrations.AddIndex(
             model_name="agent",
             index=models.Index(fields=["wallet_address"], name="agent_wallet_idx"),
+        ),
+        migrations.AddIndex(
+            model_name="skill",
+            index=models.Index(fields=["name", "-id"], name="skill_listing_idx"),
         ),
         PostgreSQLOnlySQL(
             ["CREATE EXTENSION IF NOT EXISTS pg_trgm"]

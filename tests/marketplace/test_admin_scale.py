@@ -181,7 +181,7 @@ def test_the_agents_list_counts_the_services_of_the_agents_it_shows_only(operato
                                         "/admin/escrow/chaintransaction/", "/admin/agreements/usageevent/",
                                         "/admin/escrow/chainevent/", "/admin/agreements/webhookdelivery/",
                                         "/admin/escrow/relayrevert/", "/admin/agreements/invocationsellerfailure/",
-                                        "/admin/policies/approvalrequest/"])
+                                        "/admin/policies/approvalrequest/", "/admin/catalog/skill/"])
 def test_a_big_tables_list_reads_its_page_in_order_from_an_index(operator, changelist):
     """A list newest first sorted every row of the table for each page (0.2-0.4 s with 100,000 rows; a usage event's
     order, by its agreement's, joined the agreements too): the page is read in order from an index. Asked with
