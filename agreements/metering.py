@@ -1296,11 +1296,14 @@ def intents_reap(*, now: datetime | None = None) -> dict:
     return {"charged": charged, "released": released, "replays": replays}
 
 
-def reservations_settle_stale(*, agreement: UsageAgreement) -> None:
+def reservations_settle_stale(*, agreement: UsageAgreement) -> bool:
     """Settle every call still reserved on an agreement whose completion waited out the proxy's timeout (their
-    processes died), by the reaper's rule: holding them would block the settlement forever."""
+    processes died), by the reaper's rule: holding them would block the settlement forever. False when a call was
+    left to its own process, whose charge or release holds the call's intent right now (and waits for the agreement's
+    row, which the caller holds): its usage is not final until that lands."""
     _intents_settle(agreement_id=agreement.pk, created_before=timezone.now())
     agreement.refresh_from_db()
+    return not CallIntent.objects.filter(agreement_id=agreement.pk).exists()
 
 
 @lru_cache(maxsize=1)

@@ -88,9 +88,14 @@ def settlement_propose(*, agreement_id, now: int) -> ChainTransaction | None:
             return None
         if not _proposal_due(selectors.proposal_failures(agreement_id=agreement.pk)):
             return None
-        if agreement.reserved:
-            # Only reservations of calls that died with their process survive a full proxy timeout.
-            agreement_services.reservations_settle_stale(agreement=agreement)
+        # Only reservations of calls that died with their process survive a full proxy timeout, but for a call a
+        # stalled process is settling right now: proposed without it, its charge landed after the receipt proposed,
+        # and an agreement's proposal is sent once (the escrow paid the seller less than the books charged). It waits
+        # for the next tick: the call's charge goes on once this transaction ends (were it never to end, the reclaim
+        # at reclaimAfter says what the seller lost).
+        if agreement.reserved and not agreement_services.reservations_settle_stale(agreement=agreement):
+            logger.info("settlement proposal waits: a call of the agreement is being charged or released")
+            return None
         seq, cumulative, digest, signature = _final_receipt(agreement, terms=terms)
         return _enqueue(agreement, TxPurpose.PROPOSE_SETTLEMENT, "proposeSettlement",
                         [agreement.onchain_id, terms, seq, cumulative, digest, signature],
