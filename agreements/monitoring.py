@@ -77,6 +77,13 @@ def _failures(limit: int) -> list[dashboard.Failure]:
                                    subject=str(agreement.pk), reason=_above_usage_detail(agreement),
                                    admin_url=_agreement_url(agreement))
                  for agreement in selectors.agreements_proposed_above_their_usage()[:limit]]
+    failures += [dashboard.Failure(at=agreement.settled_at, kind="escrow settled below the usage charged",
+                                   subject=str(agreement.pk),
+                                   reason=f"the escrow paid the seller {agreement.seller_payout} of the {agreement.used} "
+                                          f"base units charged: receipt {agreement.proposed_seq} of "
+                                          f"{agreement.usage_seq} was the last proposed",
+                                   admin_url=_agreement_url(agreement))
+                 for agreement in selectors.agreements_settled_below_their_usage()[:limit]]
     return failures
 
 

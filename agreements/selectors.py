@@ -338,6 +338,17 @@ def agreements_proposed_above_their_usage():
     ).order_by("-updated_at")
 
 
+def agreements_settled_below_their_usage():
+    """Settled agreements whose escrow paid the seller less than the books charged, at an earlier receipt than their
+    last (`proposed_seq`, the last proposal on-chain): a seller's proposal of one of its earlier receipts not
+    re-proposed before the window closed (the settlement tick not run meanwhile). Not those an arbiter decided (a
+    dispute's outcome is its own). Newest first."""
+    disputed = AgreementEvent.objects.filter(agreement_id=OuterRef("pk"), to_status=AgreementStatus.DISPUTED)
+    return UsageAgreement.objects.filter(status=AgreementStatus.SETTLED, seller_payout__lt=F("used"),
+                                         proposed_seq__lt=F("usage_seq")).exclude(Exists(disputed)).order_by(
+        "-settled_at")
+
+
 def agreements_in_status(*, status: str):
     return UsageAgreement.objects.filter(status=status)
 

@@ -3,10 +3,12 @@ ours, and agreements already in challenge when `proposed_seq` was added (agreeme
 proposed on-chain was left empty."""
 
 import importlib
+import io
 
 import pytest
 from django.apps import apps
 from django.conf import settings as django_settings
+from django.core.management import call_command
 
 from agreements.models import UsageAgreement
 from escrow import relayer, selectors, settlement
@@ -166,3 +168,31 @@ def test_the_data_migration_fills_proposed_amount_from_the_chain_events(
     fill = importlib.import_module("agreements.migrations.0040_proposed_amount_fill").proposed_amount_fill
     fill(apps, None)
     assert UsageAgreement.objects.get(pk=funded.agreement_id).proposed_amount == 40_000
+
+
+def test_an_escrow_settled_at_an_earlier_receipt_than_the_books_last_is_a_failure_on_the_dashboard(
+        funded, escrow_chain, django_capture_on_commit_callbacks, admin_client):  # noqa: F811
+    """Three calls charged (60000); the seller proposes its first receipt (20000) itself, and the window closes before
+    a settlement tick re-proposes the last one (the beat down for the window). The escrow pays the seller 20000 for
+    60000 the books charged the buyer: settled, and nothing said so, while a reclaim with the seller unpaid is listed.
+    It is listed the same way, with what was paid, charged and proposed."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain, seq=1)
+    index(capture)
+    chain.increase_time(3601)
+    with capture(execute=True):
+        assert settlement.settlement_tick()["finalizing"] == 1
+    confirm_all(capture)
+    settled = UsageAgreement.objects.get(pk=funded.agreement_id)
+    assert (settled.status, settled.seller_payout, settled.used) == ("settled", 20_000, 60_000)
+
+    failures = admin_client.get("/admin/dashboard/").context["failures"]
+    [below] = [failure for failure in failures if failure.subject == funded.agreement_id]
+    assert below.kind == "escrow settled below the usage charged"
+    assert below.reason == ("the escrow paid the seller 20000 of the 60000 base units charged: receipt 1 of 3 was "
+                            "the last proposed")
+    out = io.StringIO()
+    call_command("reconcile", stdout=out)
+    assert (f"agreement {funded.agreement_id} (settled): the escrow paid the seller 20000 of the 60000 base units "
+            "charged: receipt 1 of 3 was the last proposed before the window closed") in out.getvalue()

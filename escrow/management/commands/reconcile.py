@@ -53,6 +53,12 @@ def _describe_seller_unpaid(agreement: UsageAgreement) -> str:
             f"back to the buyer")
 
 
+def _describe_settled_below_usage(agreement: UsageAgreement) -> str:
+    return (f"agreement {agreement.pk} (settled): the escrow paid the seller {agreement.seller_payout} of the "
+            f"{agreement.used} base units charged: receipt {agreement.proposed_seq} of {agreement.usage_seq} was the "
+            f"last proposed before the window closed")
+
+
 def _describe_timing_out(dispute, now) -> str:
     return (f"dispute {dispute.pk}: times out about {dispute.times_out_at:%Y-%m-%d %H:%M:%S %Z} "
             f"({selectors.dispute_time_left(dispute, now=now)}); "
@@ -175,6 +181,8 @@ class Command(BaseCommand):
             self.stdout.write(line)
         for agreement in agreement_selectors.agreements_reclaimed_with_seller_unpaid().iterator():
             self.stdout.write(_describe_seller_unpaid(agreement))  # agrees with the chain: no mismatch
+        for agreement in agreement_selectors.agreements_settled_below_their_usage().iterator():
+            self.stdout.write(_describe_settled_below_usage(agreement))  # the chain's payout, recorded: no mismatch
         now = timezone.now()
         for dispute in selectors.disputes_timing_out(before=now + settings.DISPUTE_TIMEOUT_WARNING):
             self.stdout.write(_describe_timing_out(dispute, now))  # the arbiter's to-do, no mismatch
