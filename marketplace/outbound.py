@@ -10,9 +10,11 @@ A seller could point its upstream or webhook at the platform's own network (the 
   host name), so a DNS answer that changes after registration (DNS rebinding) cannot reach inside.
 
 Allowed means globally routable unicast: no loopback, private, link-local, shared (CGNAT), multicast,
-reserved or unspecified address. An IPv6 address that carries an IPv4 one (IPv4-mapped `::ffff:a.b.c.d`,
-IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d` and under the hosts' network's own NAT64 prefixes,
-OUTBOUND_NAT64_PREFIXES, decoded per RFC 6052, 6to4 `2002:aabb:ccdd::`) is judged by the IPv4 address it reaches;
+reserved or unspecified address, nor one IANA marks not globally reachable that `ipaddress` calls global
+(`_NOT_GLOBAL`: 192.0.0.192, a cloud's metadata service, say). An IPv6 address that carries an IPv4 one
+(IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d` and under the hosts' network's
+own NAT64 prefixes, OUTBOUND_NAT64_PREFIXES, decoded per RFC 6052, 6to4 `2002:aabb:ccdd::`) is judged by the IPv4
+address it reaches;
 local-use NAT64 (64:ff9b:1::/48, unless it is one of those prefixes) and Teredo (2001::/32) are refused.
 `ALLOW_PRIVATE_UPSTREAMS` turns these checks off for development and tests, whose upstreams run on loopback.
 
@@ -72,6 +74,12 @@ _IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT (RFC 6145): r
 # A translator inside someone's network (local-use NAT64, unless it is one of the hosts' own NAT64 prefixes), and a
 # Teredo tunnel (reaching its client's IPv4 address through whichever relay answers): refused, whatever they embed.
 _REACHING_UNKNOWN = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network("2001::/32"))
+# Blocks IANA's special-purpose registries mark not globally reachable that `ipaddress` (its tables as of Python
+# 3.11) calls global: the IETF protocol assignments but their two anycast addresses (Oracle Cloud Classic's metadata
+# service is 192.0.0.192), IPv6's documentation prefix (RFC 9637), SRv6 SIDs (RFC 9602) and the dummy prefix (RFC 9780).
+_NOT_GLOBAL = tuple(ipaddress.ip_network(block) for block in ("192.0.0.0/24", "3fff::/20", "5f00::/16",
+                                                              "100:0:0:1::/64"))
+_GLOBAL_IN_NOT_GLOBAL = frozenset(ipaddress.ip_address(address) for address in ("192.0.0.9", "192.0.0.10"))
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -107,7 +115,7 @@ def _operator_networks(denied: tuple[str, ...], nat64_prefixes: tuple[str, ...])
 def _address_check() -> Callable[[str], bool]:
     """Whether the platform may connect to an address, by the settings as they are now: read once for all the
     addresses a host resolves to. Allowed means globally routable unicast (no loopback, private, link-local, shared,
-    multicast, reserved, unspecified or site-local address) or any address while ALLOW_PRIVATE_UPSTREAMS is on,
+    multicast, reserved, unspecified, site-local or `_NOT_GLOBAL` address) or any address while ALLOW_PRIVATE_UPSTREAMS is on,
     judged by the address it reaches; and outside OUTBOUND_DENIED_NETWORKS, itself and the address it reaches."""
     denied, nat64_prefixes = _operator_networks(tuple(settings.OUTBOUND_DENIED_NETWORKS),
                                                 tuple(settings.OUTBOUND_NAT64_PREFIXES))
@@ -121,7 +129,8 @@ def _address_check() -> Callable[[str], bool]:
         if private_allowed:
             return True
         return (reached is not None and reached.is_global and not reached.is_multicast
-                and not (reached.version == 6 and reached.is_site_local))
+                and not (reached.version == 6 and reached.is_site_local)
+                and (reached in _GLOBAL_IN_NOT_GLOBAL or not any(reached in block for block in _NOT_GLOBAL)))
 
     return allowed
 

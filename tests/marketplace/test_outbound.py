@@ -129,6 +129,42 @@ def test_a_url_whose_port_is_0_is_400_invalid_port_not_called_on_another_port(se
     assert webhook.status_code == 400 and error_code(webhook) == "invalid_port", webhook.content
 
 
+# Special-purpose blocks IANA's registries mark not globally reachable that this Python's `ipaddress` (3.11) still
+# calls global: the IETF protocol assignments block (192.0.0.0/24; Oracle Cloud Classic's metadata service is
+# 192.0.0.192), IPv6's documentation prefix of RFC 9637 and SRv6's SIDs (RFC 9602).
+NOT_GLOBAL_BUT_FOR_IPADDRESS = ["192.0.0.192", "192.0.0.8", "3fff::1", "5f00::1"]
+
+
+@pytest.mark.parametrize("address", NOT_GLOBAL_BUT_FOR_IPADDRESS)
+def test_special_purpose_addresses_ipaddress_calls_global_are_refused_when_saved(guard_on, seller_api, address):
+    url = f"http://[{address}]/hook" if ":" in address else f"http://{address}/hook"
+    service = seller_api.post("/agents/services", service_data(upstream_base_url=url))
+    assert service.status_code == 400 and error_code(service) == "address_not_allowed", service.content
+    webhook = seller_api.post("/webhooks", {"url": url})
+    assert webhook.status_code == 400 and error_code(webhook) == "address_not_allowed", webhook.content
+
+
+@pytest.mark.parametrize("allowed_by_iana", ["192.0.0.9", "192.0.0.10"])  # PCP anycast, TURN anycast: global
+def test_the_global_addresses_of_the_ietf_protocol_block_are_accepted(guard_on, seller_api, allowed_by_iana):
+    response = seller_api.post("/webhooks", {"url": f"http://{allowed_by_iana}/hook"})
+    assert response.status_code == 201, response.content
+
+
+def test_a_webhook_whose_name_moved_to_the_metadata_address_192_0_0_192_is_not_posted_to(
+        settings, seller, seller_api, buyer_api, http_server, django_capture_on_commit_callbacks):
+    service = register_service(seller)
+    port = http_server.url.rsplit(":", 1)[1]
+    # Saved while its name resolved elsewhere; it now resolves to Oracle Cloud Classic's metadata address.
+    assert seller_api.post("/webhooks", {"url": f"http://meta.hooks.example:{port}/hooks"}).status_code == 201
+    settings.ALLOW_PRIVATE_UPSTREAMS = False
+    with (routed("192.0.0.192", "127.0.0.1", names=("meta.hooks.example",)),
+          django_capture_on_commit_callbacks(execute=True)):
+        assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+    assert http_server.requests == []
+    [delivery] = WebhookDelivery.objects.all()
+    assert "not allowed" in delivery.last_error and delivery.status == "pending", delivery.last_error
+
+
 def test_the_dev_setting_allows_loopback(seller_api):
     response = seller_api.post("/agents/services", service_data(upstream_base_url="http://127.0.0.1:8080"))
     assert response.status_code == 201, response.content
