@@ -14,7 +14,8 @@ read up to PROXY_MAX_REQUEST_BYTES (413 beyond), chunked or not, and forwarded w
 string as forwarded are at most PROXY_MAX_URL_BYTES (414 `upstream_url_too_long` beyond); integer headers
 are ASCII digits; headers named in `Connection:` are dropped both ways; the buyer's forwarding headers are
 replaced by the platform's own `X-Forwarded-For`; the upstream's `Set-Cookie` never reaches the buyer (the buyer
-talks to the marketplace, not to the seller's site, and a seller's cookie would be set on the marketplace's host).
+talks to the marketplace, not to the seller's site, and a seller's cookie would be set on the marketplace's host), nor
+do the orders a web server in front acts on (`X-Accel-*`, `X-Sendfile`).
 The upstream's answer head is read up to PROXY_MAX_ANSWER_HEAD_BYTES (502 `upstream_answer_head_too_large` beyond)
 and its body framed as RFC 9112 says, or it is no answer (502 `upstream_unavailable`); neither is charged.
 """
@@ -60,7 +61,20 @@ _FORWARDING = {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-
 # forwarded as bytes: httpx sets it).
 _REQUEST_DROPPED = _HOP_BY_HOP | _FORWARDING | {"authorization", "token", "cookie", "x-request-nonce", "x-max-units",
                                                 "idempotency-key", "content-length"}
+# Orders a web server in front (README, Operations) takes from the application's answer and acts on, never passing
+# them on: nginx's X-Accel-* (an internal redirect to any of its locations, `internal` ones too, with the buyer's
+# request and credentials; a rate; buffering; a cache time), Apache's and lighttpd's files of its disk. A seller's
+# copy of one is the seller ordering the platform's web server.
+_FRONT_SERVER_ORDERS = {"x-sendfile", "x-sendfile2", "x-lighttpd-send-file"}
 _RESPONSE_DROPPED = _HOP_BY_HOP | {"set-cookie"}
+
+
+def _front_server_order(lowercase_name: str) -> bool:
+    """Whether an answer header is an order to the web server in front: dropped from every answer, and from the
+    replies stored before it was."""
+    return lowercase_name in _FRONT_SERVER_ORDERS or lowercase_name.startswith("x-accel-")
+
+
 # The marketplace's own answer headers: a seller's copy of one (in any case) never reaches the buyer.
 # X-Usage-Units among them: the units charged, not the seller's claim (capped by X-Max-Units, or no count at all).
 _MARKETPLACE_ANSWER_HEADERS = {"x-usage-cost", "x-usage-units", "x-escrow-remaining", "x-usage-event-id", "x-usage-seq",
@@ -293,7 +307,8 @@ def _claim_nonce(agreement_id, nonce: str, fingerprint: str) -> HttpResponse | N
         raise Conflict("A call with this X-Request-Nonce is still running.", code="request_in_progress")
     response = HttpResponse(bytes(replay.body), status=replay.status_code)
     for key, value in replay.headers.items():
-        response[key] = value
+        if not _front_server_order(key.lower()):
+            response[key] = value
     response["X-Replayed"] = "true"
     return response
 
@@ -428,7 +443,8 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
     dropped = (_RESPONSE_DROPPED | _MARKETPLACE_ANSWER_HEADERS
                | _named_in_connection({name.lower(): value for name, value in upstream_headers}))
     headers = {name: value for name, value in upstream_headers
-               if name.lower() not in dropped and not _UNSAFE_HEADER_VALUE.search(value)}
+               if name.lower() not in dropped and not _front_server_order(name.lower())
+               and not _UNSAFE_HEADER_VALUE.search(value)}
     headers["X-Usage-Cost"] = str(cost)
     used = event.cumulative if event else metering.agreement_used(agreement_id=terms.pk)
     headers["X-Escrow-Remaining"] = str(terms.deposit_amount - used)

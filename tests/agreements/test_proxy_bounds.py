@@ -163,6 +163,32 @@ def test_hop_by_hop_forwarding_and_cookie_headers_do_not_cross(active, http_serv
     assert response["X-Kept"] == "1"
 
 
+# What a web server in front (nginx, Apache, lighttpd: README, Operations) takes from the application's answer as an
+# order: an internal redirect to any of its locations (`internal` ones too) with the buyer's request and credentials,
+# a file of its disk, a crawl of a rate, buffering off, a cache time.
+FRONT_SERVER_ORDERS = {"X-Accel-Redirect": "/internal/keys", "X-Accel-Limit-Rate": "1", "X-Accel-Buffering": "no",
+                       "X-Accel-Expires": "86400", "X-Accel-Charset": "utf-7", "X-Sendfile": "/etc/passwd",
+                       "X-Sendfile2": "/etc/passwd 0-", "X-LIGHTTPD-send-file": "/etc/passwd"}
+
+
+@pytest.mark.parametrize("nonce", ["", "front-orders-1"])
+def test_a_sellers_answer_gives_no_order_to_the_web_server_in_front(active, http_server, nonce):
+    http_server.responses.append((200, {}, 0, {**FRONT_SERVER_ORDERS, "X-Kept": "1"}))
+    extra = {"HTTP_X_REQUEST_NONCE": nonce} if nonce else {}
+    response = raw(active, "get", f"{active.proxy}/x", **extra)
+    assert response.status_code == 200, response.content
+    assert [name for name in FRONT_SERVER_ORDERS if response.has_header(name)] == []
+    assert response["X-Kept"] == "1"
+    if nonce:  # the stored reply, answered to a retry; one stored with them before they were dropped, too
+        stored = ProxyReplay.objects.get(request_nonce=nonce)
+        assert [name for name in FRONT_SERVER_ORDERS if name in stored.headers] == []
+        stored.headers = {**stored.headers, **FRONT_SERVER_ORDERS}
+        stored.save(update_fields=["headers"])
+        again = raw(active, "get", f"{active.proxy}/x", **extra)
+        assert again["X-Replayed"] == "true" and again["X-Kept"] == "1"
+        assert [name for name in FRONT_SERVER_ORDERS if again.has_header(name)] == []
+
+
 def test_the_host_header_names_the_upstreams_host_not_the_credentials_in_its_url(escrow_chain, http_server,
                                                                                 django_capture_on_commit_callbacks):
     # RFC 9110 4.2.4: no userinfo in a field value. The Host was the URL's netloc, credentials and all. (A URL saved
