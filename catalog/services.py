@@ -420,10 +420,12 @@ def service_deregister(*, service: Service, actor: Agent | None) -> Service:
 
 
 def service_availability_record(*, service_id, available: bool, message: str = "") -> None:
-    """Store what a Masumi service answered on `GET /availability`; unavailable ones drop out of search."""
+    """Store what a Masumi service answered on `GET /availability`; unavailable ones drop out of search. Its message
+    is seller text shown to buyers (a purchase's 409) that no listing's rule checked: its control and invisible
+    format characters are kept escaped (`\\u202e`), as they cannot be refused."""
     Service.objects.filter(pk=service_id).update(
         availability=Availability.AVAILABLE if available else Availability.UNAVAILABLE,
-        availability_message=message[:250], availability_checked_at=timezone.now())
+        availability_message=shown_text.printable(message)[:250], availability_checked_at=timezone.now())
 
 
 # A check the poll queued and no worker took within this is queued again (its message may be lost).

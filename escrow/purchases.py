@@ -86,7 +86,7 @@ from agreements.models import AWAITING_FUNDING_STATUSES, AgreementStatus, UsageA
 from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
 from escrow import chain, chain_clock, selectors, services, settlement
 from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose
-from marketplace import chainconfig, masumi_agentic_client, postgresql, sweeps
+from marketplace import chainconfig, masumi_agentic_client, postgresql, shown_text, sweeps
 from marketplace.errors import ApplicationError, Conflict, Forbidden, InvalidInput, NotFound
 from marketplace.signatures import signer_require
 
@@ -654,7 +654,9 @@ def _job_call_answered(call: _JobCall, answer, *, now: int) -> MasumiPurchase | 
         MasumiPurchase.objects.filter(pk=purchase_id).update(job_id=answer.job_id, payment_id=answer.payment_id,
                                                              last_error="", **schedule)
         return None
-    MasumiPurchase.objects.filter(pk=purchase_id).update(job_status=answer.status[:50], **schedule)
+    # Seller text the buyer reads (`jobStatus`), which no rule of a listing's checked: its invisible characters escaped.
+    MasumiPurchase.objects.filter(pk=purchase_id).update(job_status=shown_text.printable(answer.status)[:50],
+                                                         **schedule)
     if answer.status == COMPLETED and answer.result is not None:
         try:
             return purchase_result_record(purchase_id=purchase_id, result=answer.result, result_hash=result_hash_of(

@@ -115,8 +115,9 @@ def _operator_networks(denied: tuple[str, ...], nat64_prefixes: tuple[str, ...])
 def _address_check() -> Callable[[str], bool]:
     """Whether the platform may connect to an address, by the settings as they are now: read once for all the
     addresses a host resolves to. Allowed means globally routable unicast (no loopback, private, link-local, shared,
-    multicast, reserved, unspecified, site-local or `_NOT_GLOBAL` address) or any address while ALLOW_PRIVATE_UPSTREAMS is on,
-    judged by the address it reaches; and outside OUTBOUND_DENIED_NETWORKS, itself and the address it reaches."""
+    multicast, reserved, unspecified, site-local or `_NOT_GLOBAL` address) or any address while
+    ALLOW_PRIVATE_UPSTREAMS is on, judged by the address it reaches; and outside OUTBOUND_DENIED_NETWORKS, itself and
+    the address it reaches."""
     denied, nat64_prefixes = _operator_networks(tuple(settings.OUTBOUND_DENIED_NETWORKS),
                                                 tuple(settings.OUTBOUND_NAT64_PREFIXES))
     private_allowed = settings.ALLOW_PRIVATE_UPSTREAMS

@@ -19,6 +19,7 @@ from catalog.models import Service
 from escrow import chain as gateway
 from escrow import indexer, purchases, relayer, settlement
 from escrow.models import ChainTransaction, MasumiPurchase, TxPurpose
+from marketplace import shown_text
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import UserFactory, issue_owner_token
 from tests.conftest import Api, codes_at, error_code
@@ -1742,3 +1743,16 @@ def test_a_zero_refund_proposal_never_built_for_a_missing_key_is_no_attempt_once
     assert purchase.settle()["finalizing"] == 1
     confirm_all(capture)
     purchase.assert_moved(seller=0, buyer=PRICE)
+
+
+@pytest.mark.chain
+def test_a_sellers_job_status_is_shown_to_the_buyer_with_its_invisible_characters_escaped(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """`GET /status`'s `status` is seller text the buyer reads (`jobStatus`): stored as answered, a bidi override
+    or a terminal escape in it reached the buyer, which every listing field refuses (marketplace.shown_text)."""
+    purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, seller_service)
+    seller_service._status = lambda job_id: (200, {"job_id": job_id, "status": "running\u202e\x1b[2Jdone"})
+    purchase.tick()
+    job_status = purchase.get()["jobStatus"]
+    assert shown_text.unsafe_characters(job_status) == [], job_status
+    assert job_status == "running\\u202e\\x1b[2Jdone"
