@@ -1,6 +1,10 @@
 """UsageEscrow deployment, roles, admin settings, EIP-712 domain, and the SDK's digests vs the contract's."""
 
+import io
+import json
+
 import pytest
+from django.core.management import CommandError, call_command
 from eth_utils import keccak
 from web3.exceptions import ContractLogicError
 
@@ -170,3 +174,21 @@ def test_deploy_contracts_with_existing_token_and_operator(chain):
     assert not escrow.functions.hasRole(operator_role, acc.spare.address).call()
     assert escrow.functions.hasRole(ADMIN_ROLE, acc.spare.address).call()
     assert escrow.functions.isTokenAllowed(chain.usdc.address).call()
+
+
+@pytest.mark.django_db
+def test_deploy_contracts_keeps_the_rpc_urls_key_out_of_its_deployment_file_and_output(chain, settings, tmp_path):
+    """The key CHAIN_RPC_URL holds was written whole into CHAIN_DEPLOYMENT_FILE (which nothing reads it from) and
+    printed when no node answered: a file copied between hosts and a deploy's CI log held the provider's key."""
+    settings.CHAIN_ID, settings.CHAIN_DEPLOYMENT_FILE = chain.chain_id, tmp_path / "deployment.json"
+    settings.CHAIN_RPC_URL = f"{chain.node.rpc_url.rstrip('/')}/?apikey=key-in-the-query"
+    out = io.StringIO()
+    call_command("deploy_contracts", deployer_key=chain.accounts.spare.key, stdout=out)
+    written = settings.CHAIN_DEPLOYMENT_FILE.read_text()
+    assert "escrow" in json.loads(written) and "key-in-the" not in written + out.getvalue(), written
+
+    # An RPC provider's URL, its key in the path, the query and the user info; no node answers there.
+    settings.CHAIN_RPC_URL = "http://user:key-in-the-userinfo@127.0.0.1:9/v2/key-in-the-path?apikey=key-in-the-query"
+    with pytest.raises(CommandError) as refused:
+        call_command("deploy_contracts", deployer_key=chain.accounts.spare.key)
+    assert "No chain answers" in str(refused.value) and "key-in-the" not in str(refused.value), refused.value

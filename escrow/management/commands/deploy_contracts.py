@@ -7,14 +7,14 @@ from django.core.management.base import BaseCommand, CommandError
 from eth_account import Account
 from web3 import Web3
 
-from escrow import devchain
+from escrow import chain, devchain
 from marketplace.chainconfig import relayer_address
 
 
-def write_deployment(addresses: dict, *, chain_id: int, rpc_url: str) -> None:
+def write_deployment(addresses: dict, *, chain_id: int) -> None:
+    """The addresses and the chain, not the node's URL: an RPC provider's holds its key, and nothing reads it here."""
     settings.CHAIN_DEPLOYMENT_FILE.parent.mkdir(parents=True, exist_ok=True)
-    settings.CHAIN_DEPLOYMENT_FILE.write_text(json.dumps({"chain_id": chain_id, "rpc_url": rpc_url, **addresses},
-                                                         indent=2) + "\n")
+    settings.CHAIN_DEPLOYMENT_FILE.write_text(json.dumps({"chain_id": chain_id, **addresses}, indent=2) + "\n")
 
 
 class Command(BaseCommand):
@@ -35,7 +35,8 @@ class Command(BaseCommand):
             raise CommandError("No deployer key: pass --deployer-key or set RELAYER_PRIVATE_KEY.")
         w3 = Web3(Web3.HTTPProvider(settings.CHAIN_RPC_URL))
         if not w3.is_connected():
-            raise CommandError(f"No chain answers at {settings.CHAIN_RPC_URL}.")
+            # The URL without its key (path, query, user info), as every chain error names it (chain.redacted).
+            raise CommandError(f"No chain answers at {chain.redacted(settings.CHAIN_RPC_URL)}.")
         if w3.eth.chain_id != settings.CHAIN_ID:
             raise CommandError(f"The node's chain id is {w3.eth.chain_id}, CHAIN_ID says {settings.CHAIN_ID}.")
         from agreements.services import fee_recipient
@@ -45,5 +46,5 @@ class Command(BaseCommand):
             w3, key, fee_recipient=fee_recipient(), arbiter=arbiter or deployer, reclaim_grace=reclaim_grace,
             operator=relayer_address(), usdc_address=usdc, token_name=token_name,
         )
-        write_deployment(addresses, chain_id=settings.CHAIN_ID, rpc_url=settings.CHAIN_RPC_URL)
+        write_deployment(addresses, chain_id=settings.CHAIN_ID)
         self.stdout.write(self.style.SUCCESS(f"Deployed: {json.dumps(addresses)} -> {settings.CHAIN_DEPLOYMENT_FILE}"))
