@@ -101,6 +101,15 @@ def service_shown(*, service_id, viewer: Agent) -> Service:
     return service
 
 
+def service_of_seller(*, seller: Agent, service_id) -> Service:
+    """The seller's own service, in any state; another's, listed or not, is 404 `service_not_found` as an id nobody
+    has (before anything is asked of the chain for it)."""
+    service = services_of_seller(seller=seller).filter(pk=service_id).first()
+    if service is None:
+        raise NotFound("No such service of yours.", code="service_not_found")
+    return service
+
+
 def service_only_of_seller(*, seller_id) -> Service:
     """The seller's one registered service, for a proposal that names only the seller (the Pægents SDK may)."""
     found = list(_for_proposal(Service.objects.filter(seller_id=seller_id, state=ServiceState.REGISTERED))[:2])

@@ -633,7 +633,7 @@ def _payment_prepared(request) -> dict:
     data = _request_body(PaymentCreateSerializer, request)
     _check_payment_type(data.get("paymentType"))
     seller = calling_agent(request)
-    service = catalog_selectors.service_get(service_id=data["agentIdentifier"], viewer=seller)
+    service = catalog_selectors.service_of_seller(seller=seller, service_id=data["agentIdentifier"])
     return {"seller": seller, "service": service, "identifier_from_purchaser": data["identifierFromPurchaser"],
             "input_hash": data.get("inputHash"), "metadata": data["metadata"], "timers": _timer_arguments(data),
             "requested_funds": data.get("RequestedFunds"), "clock": purchases.request_clock()}

@@ -8,10 +8,12 @@ so a caller learns nothing of A's objects, and no row of the apps changes. Tenan
 (the matrix is not vacuous). Every operation of the schema is classified (PUBLIC, OWN_ROWS or OBJECTS, with the
 party and narrowest key scope that reach it): one added to the API without a row here fails
 `test_every_operation_is_classified`, a routed view left out of the schema
-`test_every_routed_view_is_in_the_schema_or_named_outside_it`.
+`test_every_routed_view_is_in_the_schema_or_named_outside_it`. Objects named in a body or a query (REFERENCES,
+every such field of the schema) are held to the same rule, or said why they name no tenant's object.
 """
 
 import functools
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -26,6 +28,7 @@ from drf_spectacular.generators import EndpointEnumerator, SchemaGenerator
 from agreements.models import AgreementEvent, WebhookDelivery
 from catalog import services
 from catalog.models import SCOPE_RANK, ApiKey, KeyScope
+from escrow.models import MasumiPaymentRequest, MasumiPurchase
 from policies.models import ApprovalRequest
 from tests.agreements.helpers import propose
 from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token, register_service
@@ -69,7 +72,7 @@ OWN_ROWS = {
     "masumi_purchase_cancel_refund_request": "purchase_get(buyer=caller) by body id",
     "masumi_purchase_lock_funds": "purchase_get(buyer=caller) by body id",
     "masumi_payment_list": "payments_of_seller(seller=caller)",
-    "masumi_payment_create": "service_get(viewer=caller) by body id",
+    "masumi_payment_create": "service_of_seller(seller=caller) by body id",
     "masumi_payment_resolve": "payment_get(seller=caller) by body id",
     "masumi_payment_submit_result": "payment_get(seller=caller) by body id",
     "masumi_payment_authorize_refund": "payment_get(seller=caller) by body id",
@@ -175,11 +178,16 @@ NOT_IN_SCHEMA = {"metrics", "/api/schema/", "/api/docs/"}
 
 
 @functools.cache
+def published_schema() -> dict:
+    """The API's schema, as drf-spectacular publishes it (generated once: ~0.2 s each)."""
+    return SchemaGenerator().get_schema(request=None, public=True)
+
+
+@functools.cache
 def schema_operations() -> dict[str, tuple[str, str]]:
-    """operationId: (method, path template), as drf-spectacular publishes them (generated once: ~0.2 s each)."""
-    schema = SchemaGenerator().get_schema(request=None, public=True)
+    """operationId: (method, path template)."""
     return {operation["operationId"]: (method.upper(), path)
-            for path, operations in schema["paths"].items() for method, operation in operations.items()}
+            for path, operations in published_schema()["paths"].items() for method, operation in operations.items()}
 
 
 def test_every_operation_is_classified():
@@ -471,3 +479,156 @@ def test_unusable_credentials_are_refused_on_every_operation_that_takes_credenti
             assert refusal(response) == (401, code), (operation_id, name, response.content[:300])
     assert rows() == before
 
+
+
+# --- objects named in a body or a query ---------------------------------------------------------------------------
+
+# A request field or query parameter naming an object: an id, a registry id, a blockchainIdentifier, a wallet.
+REFERENCE = re.compile(r"(^|_)id$|Identifier$|^(seller|buyer|agent|after|cursorId)$|vkey$|_(sellers|services)$",
+                       re.IGNORECASE)
+# Body fields drf-spectacular leaves out of the schema (it publishes no body for a DELETE).
+UNPUBLISHED_REFERENCES = {("masumi_registry_deregister", "agentIdentifier")}
+
+
+@dataclass(frozen=True)
+class Named:
+    """How an operation treats another tenant's object named in `field`: `refused`, the same refusal as for an
+    object nobody has (A's object of the kind `a_ref`; the rest of the body or query in `rest`), while A's `party`
+    gets past the lookup;
+    `listed`, a filter whose answer names none of A's unlisted objects; else `why` it names no tenant's object."""
+
+    a_ref: str = ""
+    rest: dict = field(default_factory=dict)
+    party: str = ""  # tenant A's agent whose own call gets past the lookup (none: it cannot either)
+    listed: bool = False
+    why: str = ""
+
+
+NETWORK = {"network": "Preprod"}
+PERMIT = {"intent_signature": "0x" + "1" * 130, "deadline": 1,
+          "escrow_permit": {"value": 1, "nonce": 0, "deadline": 1, "signature": "0x" + "1" * 130}}
+REFERENCES = {
+    ("agreements_propose", "service_id"): Named(why="the public catalog; a deregistered service or a deactivated "
+                                                    "seller is named as such (README, Catalog)"),
+    ("agreements_propose", "seller_agent_id"): Named(why="the public catalog: the seller's one listed service"),
+    ("agreements_propose", "client_proposal_id"): Named(why="the caller's own label, kept in the terms"),
+    ("policies_put", "allowed_sellers"): Named(why="the caller's own policy, matched against purchases, never read"),
+    ("policies_put", "blocked_sellers"): Named(why="the caller's own policy, matched against purchases, never read"),
+    ("policies_put", "allowed_services"): Named(why="the caller's own policy, matched against purchases, never read"),
+    ("policies_put", "blocked_services"): Named(why="the caller's own policy, matched against purchases, never read"),
+    ("agent_events", "after"): Named(why="a position in the caller's own inbox"),
+    ("masumi_purchase_list", "cursorId"): Named(why="a position in the caller's own purchases"),
+    ("masumi_registry_list", "cursorId"): Named(why="a position in the registry's listing"),
+    ("masumi_payment_source_list", "cursorId"): Named(why="a position in the node's one payment source"),
+    ("masumi_registry_register", "sellingWalletVkey"): Named(why="must be the caller's own wallet (wallet_mismatch)"),
+    ("masumi_purchase_create", "blockchainIdentifier"): Named(why="a seller's payment request: a bearer reference "
+                                                                  "(Masumi), for the buyer who pays it"),
+    ("masumi_purchase_create", "sellerVkey"): Named(why="checked against the payment request's seller"),
+    ("catalog_search", "seller"): Named(listed=True),
+    ("masumi_registry_list", "walletVKey"): Named(listed=True),
+    ("masumi_payment_information", "agentIdentifier"): Named("unlisted", party="seller"),
+    ("masumi_purchase_list", "blockchainIdentifier"): Named("purchase", NETWORK, "buyer"),
+    ("masumi_purchase_create", "agentIdentifier"): Named("unlisted", {**NETWORK, "input_data": {"text": "hi"},
+                                                                      "identifierFromPurchaser": "b-job"}),
+    ("masumi_purchase_request_refund", "blockchainIdentifier"): Named("purchase", NETWORK, "buyer"),
+    ("masumi_purchase_request_refund_post", "blockchainIdentifier"): Named("purchase", NETWORK, "buyer"),
+    ("masumi_purchase_cancel_refund_request", "blockchainIdentifier"): Named("purchase", NETWORK, "buyer"),
+    ("masumi_purchase_lock_funds", "blockchainIdentifier"): Named("purchase", {**NETWORK, **PERMIT}, "buyer"),
+    ("masumi_payment_create", "agentIdentifier"): Named("service", {**NETWORK, "identifierFromPurchaser": "b-job"}, "seller"),
+    ("masumi_payment_resolve", "blockchainIdentifier"): Named("purchase", NETWORK, "seller"),
+    ("masumi_payment_submit_result", "blockchainIdentifier"): Named("purchase", {**NETWORK,
+                                                                                 "submitResultHash": "c" * 64},
+                                                                   "seller"),
+    ("masumi_payment_authorize_refund", "blockchainIdentifier"): Named("purchase", NETWORK, "seller"),
+    ("masumi_registry_deregister", "agentIdentifier"): Named("unlisted", NETWORK, "seller"),
+}
+
+
+def published_references() -> set[tuple[str, str]]:
+    """(operationId, field) for each query parameter or top-level body field of the schema that names an object."""
+    schema = published_schema()
+    components = schema["components"]["schemas"]
+    found = set()
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            names = [p["name"] for p in operation.get("parameters", []) if p["in"] == "query"]
+            for content in operation.get("requestBody", {}).get("content", {}).values():
+                ref = content["schema"].get("$ref", "")
+                names += list(components.get(ref.rsplit("/", 1)[-1], {}).get("properties", {}))
+            found |= {(operation["operationId"], name) for name in names if REFERENCE.search(name)}
+    return found
+
+
+def test_every_object_named_in_a_body_or_a_query_is_classified():
+    assert set(REFERENCES) == published_references() | UNPUBLISHED_REFERENCES
+    assert all(bool(n.a_ref) + n.listed + bool(n.why) == 1 for n in REFERENCES.values())
+
+
+def blockchain_identifier(pk: uuid.UUID) -> str:
+    return "0x" + pk.hex.rjust(64, "0")
+
+
+@pytest.fixture
+def masumi_a(tenant_a):
+    """Tenant A's Masumi rows, as the chain-backed flows leave them (tests/escrow/test_masumi_node.py makes them
+    through the API): a purchase of its buyer's from its seller, and its seller's payment request."""
+    now = timezone.now()
+    timers = {name: now + timedelta(hours=hours) for hours, name in enumerate(
+        ["pay_by_time", "submit_result_time", "unlock_time", "external_dispute_unlock_time"], start=1)}
+    MasumiPurchase.objects.create(agreement_id=tenant_a.agreement_id, input_hash="ab" * 32, created_chain_time=now,
+                                  **timers)
+    request = MasumiPaymentRequest.objects.create(service=tenant_a.service, identifier_from_purchaser="a-job",
+                                                  unit_price=1, token="USDC", **timers)
+    return {"purchase": blockchain_identifier(uuid.UUID(str(tenant_a.agreement_id))),
+            "request": blockchain_identifier(request.pk), "unlisted": str(tenant_a.unlisted.pk),
+            "service": str(tenant_a.service.pk)}
+
+
+def sent(api: Api, method: str, path: str, data: dict):
+    """`data` as the query of a GET, else as the body."""
+    return api.get(path, data) if method == "GET" else call(api, method, path, Reach("buyer", None, data))
+
+
+def test_another_tenants_object_named_in_a_body_or_a_query_gets_the_refusal_of_an_object_nobody_has(
+        tenant_a, tenant_b, masumi_a):
+    a_values = masumi_a
+    nobodys = {"purchase": blockchain_identifier(uuid.UUID(int=8)), "unlisted": str(uuid.UUID(int=9)),
+               "service": str(uuid.UUID(int=9))}
+    principals = b_principals(tenant_b)
+    for (operation_id, name), named in sorted(REFERENCES.items()):
+        if not named.a_ref:
+            continue
+        method = "DELETE" if (operation_id, name) in UNPUBLISHED_REFERENCES else schema_operations()[operation_id][0]
+        path = schema_operations()[operation_id][1]
+        refs = [a_values[named.a_ref]] + ([a_values["request"]] if named.a_ref == "purchase" else [])
+        before = rows()
+        for principal, api in principals.items():
+            nobodys_answer = sent(api, method, path, {**named.rest, name: nobodys[named.a_ref]})
+            for ref in refs:
+                theirs = sent(api, method, path, {**named.rest, name: ref})
+                assert theirs.status_code in (403, 404), (operation_id, principal, ref, theirs.content[:300])
+                assert refusal(theirs) == refusal(nobodys_answer), (operation_id, principal, ref,
+                                                                    theirs.content[:300], nobodys_answer.content[:300])
+        assert rows() == before, f"another tenant's call of {operation_id} naming A's {name} changed rows"
+        if named.party:
+            party = tenant_a.buyer_api if named.party == "buyer" else tenant_a.seller_api
+            with transaction.atomic():  # what A's own call changes is undone for the next operation
+                own = sent(party, method, path, {**named.rest, name: refs[0]})
+                transaction.set_rollback(True)
+            assert refusal(own) != refusal(nobodys_answer), (operation_id, own.content[:300])
+
+
+def test_a_filter_naming_another_tenant_lists_none_of_its_unlisted_objects(tenant_a, tenant_b):
+    a = tenant_a
+    hidden = {str(a.unlisted.pk), a.upstream}
+    filters = {("catalog_search", "seller"): [a.seller.handle, str(a.seller.pk)],
+               ("masumi_registry_list", "walletVKey"): [a.seller.wallet_address]}
+    assert set(filters) == {key for key, named in REFERENCES.items() if named.listed}
+    for (operation_id, name), values in filters.items():
+        method, path = schema_operations()[operation_id]
+        for principal, api in b_principals(tenant_b).items():
+            for value in values:
+                response = sent(api, method, path,
+                                {**NETWORK, name: value} if operation_id.startswith("masumi") else {name: value})
+                text = response.content.decode()
+                assert not {h for h in hidden if h in text}, (operation_id, principal, value, text[:300])
