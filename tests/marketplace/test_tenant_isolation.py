@@ -92,14 +92,12 @@ OPERATOR = "operator"
 @dataclass(frozen=True)
 class Reach:
     """How tenant A reaches an object operation: its principal (`buyer`, `seller`, `owner` or `operator`) and the
-    narrowest key scope the operation takes (None: an owner's credentials only); `reached` False where A's own call
-    cannot get past the lookup without the chain (said why)."""
+    narrowest key scope the operation takes (None: an owner's credentials only)."""
 
     party: str
     scope: str | None
     body: dict = field(default_factory=dict)
     headers: dict = field(default_factory=dict)
-    reached: bool = True
 
 
 READ, PAY, ADMIN = KeyScope.READ, KeyScope.PAY, KeyScope.ADMIN
@@ -161,7 +159,7 @@ OBJECTS = {
     "metered_proxy_put": Reach("buyer", PAY),
     "metered_proxy_patch": Reach("buyer", PAY),
     "metered_proxy_delete": Reach("buyer", PAY),
-    "masumi_purchase_get": Reach("buyer", READ, reached=False),  # a purchase needs the chain: test_masumi_purchases
+    "masumi_purchase_get": Reach("buyer", READ),
 }
 
 # Operations for one party of an agreement: the other party's key (admin scope) is refused with the code.
@@ -258,6 +256,16 @@ def tenant_a(http_server):
                                                                        "price_atomic": 1}],
                                   upstream_base_url=a.upstream)
     assert a.seller_api.delete(f"/agents/services/{a.unlisted.pk}").status_code == 200
+    # Its Masumi rows, as the chain-backed flows leave them (tests/escrow/test_masumi_node.py makes them through the
+    # API): a purchase of its buyer's from its seller, and its seller's payment request.
+    now = timezone.now()
+    timers = {name: now + timedelta(hours=hours) for hours, name in enumerate(
+        ["pay_by_time", "submit_result_time", "unlock_time", "external_dispute_unlock_time"], start=1)}
+    a.purchase_agreement_id = uuid.UUID(propose(a.buyer_api, a.service)["id"])
+    a.purchase_id = MasumiPurchase.objects.create(agreement_id=a.purchase_agreement_id, input_hash="ab" * 32,
+                                                  created_chain_time=now, **timers).pk
+    a.payment_request_id = MasumiPaymentRequest.objects.create(
+        service=a.service, identifier_from_purchaser="a-job", unit_price=1, token="USDC", **timers).pk
     return a
 
 
@@ -279,7 +287,7 @@ def path_values(a: Tenant, template: str, *, agent_id) -> dict:
     subscription_id = a.seller_subscription_id if template.startswith("/webhooks/") else a.subscription_id
     return {"agent_id": agent_id, "key_id": a.key_id, "request_id": a.approval_id, "event_id": f"evt_{a.event_id}",
             "subscription_id": subscription_id, "delivery_id": a.delivery_id, "agreement_id": a.agreement_id,
-            "service_id": a.unlisted.pk, "purchase_ref": a.agreement_id, "path": "translate"}
+            "service_id": a.unlisted.pk, "purchase_ref": a.purchase_id, "path": "translate"}
 
 
 def a_path(a: Tenant, template: str) -> str:
@@ -342,14 +350,13 @@ def test_another_tenant_gets_the_same_refusal_as_for_an_object_nobody_has(tenant
                 assert refusal(theirs) == refusal(nobodys), (operation_id, name, agent_id, theirs.content[:300],
                                                              nobodys.content[:300])
         assert rows() == before, f"another tenant's call of {operation_id} changed rows"
-        if reach.reached:
-            party = {"buyer": a.buyer_api, "seller": a.seller_api, "owner": a.owner_api}.get(reach.party)
-            path = a_path(a, template)
-            with transaction.atomic():  # what A's own call changes is undone for the next operation
-                own = (admin_client.generic(method, path, content_type="application/json") if party is None
-                       else call(party, method, path, reach))
-                transaction.set_rollback(True)
-            assert own.status_code != 404, (operation_id, own.content[:300])
+        party = {"buyer": a.buyer_api, "seller": a.seller_api, "owner": a.owner_api}.get(reach.party)
+        path = a_path(a, template)
+        with transaction.atomic():  # what A's own call changes is undone for the next operation
+            own = (admin_client.generic(method, path, content_type="application/json") if party is None
+                   else call(party, method, path, reach))
+            transaction.set_rollback(True)
+        assert own.status_code != 404, (operation_id, own.content[:300])
 
 
 def test_another_seller_reads_a_listed_service_as_the_catalog_shows_it_and_cannot_change_it(tenant_a, tenant_b):
@@ -369,22 +376,33 @@ def test_another_seller_reads_a_listed_service_as_the_catalog_shows_it_and_canno
     assert tenant_a.upstream not in shown.content.decode()
 
 
-def test_another_tenants_listings_name_none_of_its_objects_nor_its_upstream(tenant_a, tenant_b):
+def widening_filters(a: Tenant) -> dict:
+    """Filters a listing might take to name another tenant's rows: each listing refuses them as unknown (400) or
+    ignores them (a view reading no query)."""
+    return {"buyer": a.buyer.pk, "seller": a.seller.pk, "agent": a.buyer.pk, "agent_id": a.buyer.pk,
+            "buyer_id": a.buyer.pk, "seller_id": a.seller.pk, "owner": a.owner.pk}
+
+
+@pytest.mark.parametrize("widened", [False, True], ids=["plain", "with another tenant's ids as filters"])
+def test_another_tenants_listings_name_none_of_its_objects_nor_its_upstream(tenant_a, tenant_b, widened):
     a = tenant_a  # its registered service is the public catalog's; its unlisted one is not
     a_ids = {str(i) for i in (a.buyer.pk, a.seller.pk, a.agreement_id, a.subscription_id, a.seller_subscription_id,
                               a.unlisted.pk, a.approval_id, a.delivery_id)}
     own_paths = [f"/agents/{tenant_b.buyer.pk}/{tail}"
                  for tail in ("webhooks", "events", "approvals", "webhooks/deliveries", "api-keys", "policies")]
     own_paths.append(f"/usage-agreements/agents/{tenant_b.buyer.pk}/agreements")
+    extra = widening_filters(a) if widened else {}
     answered = set()
     for name, api in b_principals(tenant_b).items():
-        for response in [api.get(path, query) for path, query in LISTINGS.items()] + [api.get(p) for p in own_paths]:
+        responses = [api.get(path, {**query, **extra}) for path, query in LISTINGS.items()]
+        for response in responses + [api.get(p, extra) for p in own_paths]:
             if response.status_code == 200:
                 answered.add(response.wsgi_request.path)
             text = response.content.decode()
             assert not {i for i in a_ids if i in text}, (name, response.wsgi_request.path, text[:300])
             assert a.upstream not in text, (name, response.wsgi_request.path)
-    assert answered == set(LISTINGS) | set(own_paths)  # each read by some principal of B's
+    if not widened:
+        assert answered == set(LISTINGS) | set(own_paths)  # each read by some principal of B's
 
 
 def test_the_table_gives_no_read_only_key_a_write():
@@ -493,7 +511,7 @@ UNPUBLISHED_REFERENCES = {("masumi_registry_deregister", "agentIdentifier")}
 @dataclass(frozen=True)
 class Named:
     """How an operation treats another tenant's object named in `field`: `refused`, the same refusal as for an
-    object nobody has (A's object of the kind `a_ref`; the rest of the body or query in `rest`), while A's `party`
+    object nobody has (A's object of the kind `a_ref`: a purchase's blockchainIdentifier is checked with its payment request's too; the rest of the body or query in `rest`), while A's `party`
     gets past the lookup;
     `listed`, a filter whose answer names none of A's unlisted objects; else `why` it names no tenant's object."""
 
@@ -568,30 +586,17 @@ def blockchain_identifier(pk: uuid.UUID) -> str:
     return "0x" + pk.hex.rjust(64, "0")
 
 
-@pytest.fixture
-def masumi_a(tenant_a):
-    """Tenant A's Masumi rows, as the chain-backed flows leave them (tests/escrow/test_masumi_node.py makes them
-    through the API): a purchase of its buyer's from its seller, and its seller's payment request."""
-    now = timezone.now()
-    timers = {name: now + timedelta(hours=hours) for hours, name in enumerate(
-        ["pay_by_time", "submit_result_time", "unlock_time", "external_dispute_unlock_time"], start=1)}
-    MasumiPurchase.objects.create(agreement_id=tenant_a.agreement_id, input_hash="ab" * 32, created_chain_time=now,
-                                  **timers)
-    request = MasumiPaymentRequest.objects.create(service=tenant_a.service, identifier_from_purchaser="a-job",
-                                                  unit_price=1, token="USDC", **timers)
-    return {"purchase": blockchain_identifier(uuid.UUID(str(tenant_a.agreement_id))),
-            "request": blockchain_identifier(request.pk), "unlisted": str(tenant_a.unlisted.pk),
-            "service": str(tenant_a.service.pk)}
-
-
 def sent(api: Api, method: str, path: str, data: dict):
     """`data` as the query of a GET, else as the body."""
     return api.get(path, data) if method == "GET" else call(api, method, path, Reach("buyer", None, data))
 
 
 def test_another_tenants_object_named_in_a_body_or_a_query_gets_the_refusal_of_an_object_nobody_has(
-        tenant_a, tenant_b, masumi_a):
-    a_values = masumi_a
+        tenant_a, tenant_b):
+    a = tenant_a
+    a_values = {"purchase": blockchain_identifier(a.purchase_agreement_id),
+                "request": blockchain_identifier(a.payment_request_id), "unlisted": str(a.unlisted.pk),
+                "service": str(a.service.pk)}
     nobodys = {"purchase": blockchain_identifier(uuid.UUID(int=8)), "unlisted": str(uuid.UUID(int=9)),
                "service": str(uuid.UUID(int=9))}
     principals = b_principals(tenant_b)
