@@ -62,9 +62,9 @@ BUDGET_USED_UP = "budget_used_up"
 _BASE_TYPE = re.compile(r"\(.*\)")  # varchar(16) -> varchar, numeric(78, 0) -> numeric
 _REQUEST_ID_MAX = UsageEvent._meta.get_field("request_id").max_length
 # What extending the usage chain reads under the row lock: no more, so the locked read stays short
-# (`token` labels the charge in the metrics).
+# (`token` labels the charge in the metrics, `status` tells a refunded agreement: `_released_if_refunded`).
 _CHAIN_FIELDS = ("id", "chain_id", "deposit_amount", "used", "reserved", "usage_seq", "usage_digest",
-                 "completion_requested_at", "token", "receipt_signer")
+                 "completion_requested_at", "token", "receipt_signer", "status")
 
 
 @dataclass(frozen=True)
@@ -708,6 +708,7 @@ class _ChainHead:
     usage_digest: str
     completion_requested_at: datetime | None
     receipt_signer: str
+    status: str
     completion_reason: str = ""
 
     pk = property(lambda self: self.id)
@@ -733,6 +734,19 @@ def _locked_for_charge(reservation: Reservation) -> _ChainHead | None:
                                                                                       connection)])
             row = cursor.fetchone()
     return _agreement_read(reservation, row) if closed else None
+
+
+def _released_if_refunded(agreement: _ChainHead, reservations: list[Reservation]) -> bool:
+    """Release the calls instead of charging them when their charge, which closed their intents and then waited for
+    the agreement's row, finds it refunded: the escrow was reclaimed meanwhile (`agreement_refunded`, which settles
+    every call whose intent it can lock, not those), the whole deposit went back to the buyer and the refund's event
+    said what the seller was not paid. Charged after it, the books' used passed that, charging the buyer for money
+    the chain refunded. In the caller's transaction, under the row lock."""
+    if agreement.status != S.REFUNDED:
+        return False
+    UsageAgreement.objects.filter(pk=agreement.pk).update(
+        reserved=F("reserved") - sum(reservation.amount for reservation in reservations))
+    return True
 
 
 def _charge_prepare(agreement: _ChainHead, reservations: list[Reservation],
@@ -956,6 +970,9 @@ def _charge_in_two_round_trips(reservations: list[Reservation], charges: list[di
             control.execute("COMMIT")
             return [None] * len(reservations)
         agreement = _agreement_read(reservations[0], row)
+        if _released_if_refunded(agreement, [reservation for reservation, _ in charged]):
+            control.execute("COMMIT")
+            return [None] * len(reservations)
         rows, fields = _charge_prepare(agreement, [reservation for reservation, _ in charged],
                                        [charge for _, charge in charged])
         with pipeline():
@@ -1192,11 +1209,13 @@ def reservation_commit(*, reservation: Reservation, units: int, cost: int, reque
             reservation_answered(reservation=reservation, charge=charge)
             with transaction.atomic():
                 agreement = _locked_for_charge(reservation)
-                if agreement is None:
-                    raise _SettledByTheReaper
-                rows, fields = _charge_prepare(agreement, [reservation], [charge])
-                [event] = _write_events(agreement, rows, counters=fields)
-                _observe_after_commit(agreement, [event], source=UsageSource.PROXY)
+                charging = agreement is not None and not _released_if_refunded(agreement, [reservation])
+                if charging:
+                    rows, fields = _charge_prepare(agreement, [reservation], [charge])
+                    [event] = _write_events(agreement, rows, counters=fields)
+                    _observe_after_commit(agreement, [event], source=UsageSource.PROXY)
+            if not charging:
+                raise _SettledByTheReaper
     except _SettledByTheReaper:
         _leases_give_back(reservation.agreement_id)  # its other leased calls may be gone too
         event = _call_event(reservation, charge)

@@ -1633,7 +1633,8 @@ def agreement_refunded(*, agreement_id, amount: int, tx_hash: str) -> UsageAgree
     nothing for it from then on: the event says so (`seller_unpaid_atomic`), to the parties' webhooks, and the
     dashboard and `reconcile` list it (`selectors.agreements_reclaimed_with_seller_unpaid`). Calls still reserved
     (past reclaimAfter, their processes died) are settled first, by the reaper's rule, so that what it says the seller
-    lost counts the answered ones and nothing merely reserved."""
+    lost counts the answered ones and nothing merely reserved; a call whose charge holds its intent right now is
+    released by that charge once it finds the agreement refunded (`metering._released_if_refunded`)."""
     agreement = _lock(agreement_id)
     if agreement.reserved:
         reservations_settle_stale(agreement=agreement)

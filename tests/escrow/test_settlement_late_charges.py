@@ -1,4 +1,5 @@
-"""The boundary between metered calls and the settlement: a call still being charged when the proposal is read."""
+"""The boundary between metered calls and the settlement: a call still being charged when the proposal is read,
+or when the reclaim's refund is recorded."""
 
 import threading
 import time
@@ -9,10 +10,19 @@ from django.utils import timezone
 
 from agreements import metering
 from agreements import selectors as agreement_selectors
+from agreements import services as agreement_services
 from agreements.models import CallIntent, UsageAgreement
 from escrow import settlement
 from escrow.models import ChainTransaction, TxPurpose
-from tests.escrow.test_settlement import call_n, funded, tick  # noqa: F401
+from marketplace.errors import DependencyUnavailable
+from tests.escrow.flow import confirm_all
+from tests.escrow.test_settlement import (  # noqa: F401
+    assert_reclaimed_for_the_buyer,
+    call_n,
+    funded,
+    reclaim_after,
+    tick,
+)
 from tests.support.db_activity import sessions_waiting_for_a_lock
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]  # the charge runs on a connection of its own
@@ -89,3 +99,56 @@ def test_a_call_charged_while_the_settlement_is_proposed_is_in_the_proposal_not_
     assert tick(capture)["finalizing"] == 1
     settled = funded.agreement(funded.agreement_id)
     assert (settled["status"], settled["seller_payout_atomic"]) == ("settled", 80_000)
+
+
+def test_a_call_charged_while_the_escrow_is_reclaimed_is_released_not_charged_after_the_refund(
+        funded, escrow_chain, django_capture_on_commit_callbacks, monkeypatch, settings):  # noqa: F811
+    """3 calls charged (60000), then a 4th (20000, answered) whose charge is under way (its intent closed, waiting for
+    the agreement's row) when the escrow, never proposed by its reclaimAfter, is reclaimed for the buyer. The refund
+    settled every call it could lock but skipped that one and said the seller was not paid 60000; the charge landed
+    just after it, the books saying 80000 used on an escrow that paid the seller nothing and the buyer everything.
+    The charge now finds the agreement refunded and releases the call: nothing charged that the chain refunded."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.PROXY_CALL_LEASE_MAX = 1  # no calls leased ahead: the only open intent is the stalled call's
+    call_n(funded, 3)
+    reservation = metering.reservation_take(agreement=UsageAgreement.objects.get(pk=funded.agreement_id),
+                                            amount=20_000, request_id="req-stalled", request_nonce="stalled",
+                                            method="GET", path="/work")
+    metering._known_heads.pop(reservation.agreement_id, None)  # charged in two round trips: intent first, then row
+    chain.increase_time(reclaim_after(funded.agreement_id) - chain.now())
+    with capture(execute=True):
+        assert settlement.settlement_tick()["reclaiming"] == 1
+
+    outcome: list = []
+    real = agreement_services.reservations_settle_stale
+
+    def charge() -> None:
+        try:
+            outcome.append(metering.reservation_commit(
+                reservation=reservation, units=1, cost=20_000, request_id="req-stalled", request_nonce="stalled",
+                method="GET", path="/work", upstream_status=200, latency_ms=5))
+        except DependencyUnavailable as error:
+            outcome.append(error)
+        finally:
+            from django.db import connection
+            connection.close()
+
+    def settle_with_the_charge_under_way(*, agreement):
+        thread = threading.Thread(target=charge)
+        thread.start()
+        outcome.append(thread)
+        deadline = time.monotonic() + 10
+        while sessions_waiting_for_a_lock() < 1:
+            assert time.monotonic() < deadline, "the charge never waited for the agreement's row lock"
+            time.sleep(0.01)
+        monkeypatch.setattr(agreement_services, "reservations_settle_stale", real)
+        return real(agreement=agreement)
+
+    monkeypatch.setattr(agreement_services, "reservations_settle_stale", settle_with_the_charge_under_way)
+    confirm_all(capture)
+    outcome[0].join(10)
+    assert isinstance(outcome[1], DependencyUnavailable) and outcome[1].code == "call_expired", outcome[1]
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    assert (agreement.used, agreement.reserved) == (60_000, 0)
+    assert not agreement.usage_events.filter(request_id="req-stalled").exists()
+    assert_reclaimed_for_the_buyer(funded, chain, funded.agreement_id, seller_unpaid=60_000)
