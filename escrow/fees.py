@@ -4,8 +4,10 @@ token's accrued fee is above zero, one call under way at a time (a database cons
 
 import functools
 import logging
+from datetime import UTC, datetime
 
 from django.db import IntegrityError, transaction
+from django.db.models import Max
 from web3 import Web3
 from web3.logs import DISCARD
 
@@ -19,10 +21,18 @@ logger = logging.getLogger(__name__)
 
 
 def _fee_tokens() -> list[str]:
-    """The tokens agreements were made in (a blank token is the default one), checksummed, in a stable order."""
+    """The tokens agreements were made in (a blank token is the default one), checksummed, those never sent a payment
+    first, then by their last payment's age: a token whose payFees keeps reverting (the fee recipient blacklisted by
+    it, as USDC can) takes its turn after the others, not before them at every run."""
     addresses = UsageAgreement.objects.values_list("token_address", flat=True).distinct()
-    return sorted({Web3.to_checksum_address(address or chain.token_address()) for address in addresses}
-                  | {Web3.to_checksum_address(chain.token_address())})
+    tokens = ({Web3.to_checksum_address(address or chain.token_address()) for address in addresses}
+              | {Web3.to_checksum_address(chain.token_address())})
+    last_sent = dict(ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES).values_list("context__token")
+                     .annotate(last=Max("created_at")).order_by())
+    return sorted(tokens, key=lambda token: (last_sent.get(token, _NEVER), token))
+
+
+_NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 def _fee_payment_under_way() -> bool:
@@ -31,7 +41,8 @@ def _fee_payment_under_way() -> bool:
 
 
 def fees_pay() -> ChainTransaction | None:
-    """Queue `payFees` for the first token with an accrued fee, unless one is under way. Safe to call repeatedly."""
+    """Queue `payFees` for the first token with an accrued fee (`_fee_tokens`' order), unless one is under way. Safe
+    to call repeatedly."""
     if _fee_payment_under_way():
         return None
     escrow = chain.escrow_contract()

@@ -2,8 +2,10 @@
 through the relayer, against the real contracts on Anvil."""
 
 import pytest
+from web3 import Web3
 
-from escrow import tasks
+from agreements.models import UsageAgreement
+from escrow import artifacts, devchain, tasks
 from escrow.models import ChainTransaction, TxPurpose, TxStatus
 from tests.escrow.flow import Parties, confirm_all, usdc_balance
 
@@ -132,3 +134,57 @@ def test_fees_someone_else_paid_first_are_no_failure_on_the_dashboard(
     failures = admin_client.get("/admin/dashboard/").context["failures"]
     assert not [failure for failure in failures if "pay_fees" in failure.kind]
     assert usdc_balance(chain, fee_recipient) == before + accrued  # paid once
+
+
+def _another_token(chain, escrow_holds: int) -> str:
+    """A second MockUSDC the escrow allows (the token of an earlier or a later USDC_ADDRESS), `escrow_holds` of it
+    minted to the escrow. Sent from the deployer before the relayer (the same account) sends anything: the relayer
+    counts its own nonces."""
+    deployer = chain.accounts.deployer
+    other = devchain.deploy_contract(chain.w3, deployer.key, artifacts.MOCK_USDC, deployer.address, "USD Coin")
+    chain.w3.eth.wait_for_transaction_receipt(chain.escrow.functions.setTokenAllowed(other, True).transact(
+        {"from": deployer.address}))
+    devchain.mint_usdc(chain.w3, other, deployer.key, chain.addresses["escrow"], escrow_holds)
+    return other
+
+
+def _fee_accrued_in(chain, token: str, amount: int) -> None:
+    """`amount` accrued as fees in `token` (which the escrow holds): written into the escrow's `feesAccrued` slot for
+    it, found from the first token's, whose fee an activation accrued (a mapping: keccak(key . slot))."""
+    def slot_of(address: str, index: int) -> bytes:
+        return Web3.solidity_keccak(["uint256", "uint256"], [int(address, 16), index])
+
+    escrow = chain.addresses["escrow"]
+    [index] = [index for index in range(64) if int.from_bytes(chain.w3.eth.get_storage_at(
+        escrow, slot_of(chain.addresses["usdc"], index))) == _accrued(chain)]
+    chain.rpc("anvil_setStorageAt", [escrow, "0x" + slot_of(token, index).hex(), "0x" + amount.to_bytes(32).hex()])
+    assert chain.escrow.functions.feesAccrued(token).call() == amount
+
+
+def test_a_token_whose_fee_payment_keeps_failing_does_not_hold_back_another_tokens_fees(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """Fees accrued in two tokens, and the first in the fee task's order blacklists the fee recipient (USDC can): its
+    payFees reverts at every run. The task took the first token with a fee accrued at every run, so the other's fees
+    were never paid. It now takes the token whose payment was sent least recently first."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    other = _another_token(chain, escrow_holds=70_000)
+    fee_recipient = chain.accounts.fee_recipient.address
+    blocked, paid = sorted([Web3.to_checksum_address(chain.addresses["usdc"]), other])
+    chain.w3.eth.wait_for_transaction_receipt(devchain.usdc_contract(chain.w3, blocked).functions.blacklist(
+        fee_recipient).transact({"from": chain.accounts.deployer.address}))
+    parties = Parties(chain)
+    _activated(parties, capture)
+    _fee_accrued_in(chain, other, 70_000)
+    UsageAgreement.objects.filter(pk=parties.accepted_agreement(quantity=100)["id"]).update(token_address=other)
+    accrued = chain.escrow.functions.feesAccrued(paid).call()
+    before = devchain.usdc_contract(chain.w3, paid).functions.balanceOf(fee_recipient).call()
+
+    for _ in range(2):
+        with capture(execute=True):
+            tasks.pay_fees()
+        confirm_all(capture)
+
+    payments = [(payment.context["token"], payment.status) for payment in
+                ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES).order_by("created_at")]
+    assert payments == [(blocked, TxStatus.FAILED), (paid, TxStatus.CONFIRMED)]
+    assert devchain.usdc_contract(chain.w3, paid).functions.balanceOf(fee_recipient).call() == before + accrued
