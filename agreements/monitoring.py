@@ -122,8 +122,9 @@ def _overdue(now) -> list[dashboard.Overdue]:
               for agreement in stuck[:dashboard.OVERDUE_LIMIT]]
     items += [dashboard.Overdue(since=ran_out, kind="direct purchase's authorization undecided",
                                 subject=str(agreement.pk),
-                                detail="watched past its validBefore: the node shows no verdict on its use (spent, yet "
-                                       "no log of it: a node without old logs?); nothing recorded until one does",
+                                detail=f"{'proposed' if agreement.status == AgreementStatus.PROPOSED else 'watched'} "
+                                       "past its validBefore: the node shows no verdict on its use (spent, yet no log "
+                                       "of it: a node without old logs?); nothing recorded until one does",
                                 admin_url=_agreement_url(agreement))
               for agreement, ran_out in _direct_authorizations_undecided(now)]
     return items
@@ -199,9 +200,10 @@ def panels_register() -> None:
                       "holds nothing for them), by whether an operator acknowledged them.")
     metrics.scrape_collector_register(
         name="marketplace_direct_authorizations_undecided",
-        documentation="Direct purchases whose buyer's authorization is watched past its validBefore for more than "
-                      "OVERDUE_SUBMITTING_AFTER_SECONDS: the node shows no verdict on its use (spent, yet no log of "
-                      "it: a node without old logs?), nothing recorded until one does (at scrape time).",
+        documentation="Direct purchases whose buyer's authorization is watched (or still proposed) past its "
+                      "validBefore for more than OVERDUE_SUBMITTING_AFTER_SECONDS: the node shows no verdict on its "
+                      "use (spent, yet no log of it: a node without old logs?), nothing recorded until one does (at "
+                      "scrape time).",
         labels=(), counts=lambda: {(): _direct_authorizations_watched_past(timezone.now()).count()})
     dashboard.counts_register(title="Agreements by status", counts=lambda: dashboard.counts_up_to_limit(
         UsageAgreement.objects, field="status", values=AgreementStatus.values))

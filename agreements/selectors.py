@@ -410,8 +410,11 @@ def direct_authorizations_watched_past(*, ran_out_before: int) -> QuerySet[Usage
     """Direct purchases whose buyer's authorization the watch of closed direct proposals still reads, though its
     validBefore (and the margin a use needs to be found) was over before `ran_out_before` (unix seconds): the read after
     that ends the watch once the chain decides, used or not, so the node has left it undecided (the token counts it
-    spent, yet shows no log of it: old logs pruned) or answered nothing since. Oldest first."""
-    return (UsageAgreement.objects.filter(AUTHORIZATION_WATCHED, settlement_model=SettlementModel.DIRECT_PAYMENT,
+    spent, yet shows no log of it: old logs pruned) or answered nothing since. With them the proposals still proposed
+    past it: the expiry sweep expires one only once the node says whether its buyer paid it already, so one left
+    proposed so long is one the node leaves undecided alike. Oldest first."""
+    return (UsageAgreement.objects.filter(AUTHORIZATION_WATCHED | Q(status=AgreementStatus.PROPOSED),
+                                          settlement_model=SettlementModel.DIRECT_PAYMENT,
                                           payment_tx_hash="", payment_authorization_watch_ended_at=None,
                                           payment_authorization__valid_before__lt=ran_out_before)
             .select_related("payment_authorization").order_by("payment_authorization__valid_before"))

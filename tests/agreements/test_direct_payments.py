@@ -1737,6 +1737,66 @@ def test_a_closed_proposals_use_a_node_that_pruned_its_logs_does_not_show_is_not
     assert scrape(admin_client)[undecided] == 0
 
 
+def _node_erroring(answer: dict) -> dict:
+    return {"jsonrpc": "2.0", "id": answer.get("id"), "error": {"code": -32603, "message": "internal error"}}
+
+
+def test_a_sellers_accept_past_the_deadline_with_the_node_erroring_is_proposal_expired_nothing_written(
+        purchase, settings):
+    """The seller accepts a direct proposal past its acceptance deadline while the node errors. The chain was asked
+    (whether the buyer paid it already) before the deadline was looked at: 503 until a sweep ran with the node back.
+    The deadline is the server's to decide: 409 proposal_expired. Nothing is written (an expiry unread by the chain
+    is the sweep's, the proposal may be paid), no event, and the accept is answered the same once the node is back."""
+    agreement = purchase.propose()
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
+    events = AgreementEvent.objects.filter(agreement_id=agreement["id"]).count()
+
+    with node_relayed(purchase.chain.node.rpc_url, settings) as relay:
+        relay.rewrite(lambda call: True, _node_erroring)
+        late = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+
+    assert late.status_code == 409, late.content
+    assert error_code(late) == "proposal_expired"
+    assert purchase.parties.agreement(agreement["id"])["status"] == "proposed"
+    assert AgreementEvent.objects.filter(agreement_id=agreement["id"]).count() == events
+    again = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+    assert again.status_code == 409 and error_code(again) == "proposal_expired"
+    assert purchase.parties.agreement(agreement["id"])["status"] == "expired"
+
+
+
+def test_an_expiring_proposals_use_a_node_that_pruned_its_logs_does_not_show_is_surfaced_not_guessed(
+        purchase, settings, monkeypatch, admin_client):
+    """A stranger uses a direct proposal's authorization; the provider answers no log of it (old ranges pruned) while
+    the token counts it spent. The expiry sweep leaves the proposal proposed (no verdict: it may be paid) with a
+    warning each run, and nothing told an operator, even long past the authorization's validBefore. It is listed as
+    the closed proposals' undecided authorizations are (the dashboard's overdue item, the gauge), nothing guessed; a
+    node with the logs decides it."""
+    agreement = purchase.propose()
+    used_by = _hash(_use_authorization(purchase.chain, agreement["id"], purchase.chain.accounts.stranger.address))
+    UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
+    valid_before = UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization.valid_before
+    purchase.chain.increase_time(valid_before - purchase.chain.now()
+                                 + agreement_services.CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS + 1)
+    purchase.chain.mine(1)
+    with node_relayed(purchase.chain.node.rpc_url, settings) as relay:
+        relay.rewrite(lambda call: call.get("method") == "eth_getLogs", lambda answer: {**answer, "result": []})
+        agreement_tasks.expire_proposals()
+    assert purchase.parties.agreement(agreement["id"])["status"] == "proposed"
+    server_clock_drifted(monkeypatch, purchase.chain.now() - time.time())  # our clock where the chain's went
+    settings.OVERDUE_SUBMITTING_AFTER = timedelta(0)
+    undecided = ("marketplace_direct_authorizations_undecided", ())
+    overdue = admin_client.get("/admin/dashboard/").context["overdue"]
+    assert [item.subject for item in overdue if item.kind == "direct purchase's authorization undecided"] == [
+        agreement["id"]]
+    assert scrape(admin_client)[undecided] == 1
+
+    agreement_tasks.expire_proposals()
+    decided = purchase.parties.agreement(agreement["id"])
+    assert decided["status"] != "proposed" and decided["payment_tx_hash"] == used_by, decided
+    assert scrape(admin_client)[undecided] == 0
+
+
 def test_a_direct_purchase_paid_while_it_awaited_approval_rejected_with_the_broker_down_is_found_by_the_watch(
         purchase, django_capture_on_commit_callbacks, monkeypatch):
     """The owner rejects a purchase the buyer paid while it awaited approval; the broker refuses the task that reads
