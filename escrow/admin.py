@@ -140,7 +140,7 @@ class ChainTransactionAdmin(IndexedSearch, MoneyRecordAdmin):
     fields = ("id", "purpose", "status", "paid_for", "amount", "chain_id", "to_display", "relayer", "nonce",
               "gas_limit", "confirmations_required", "mined_tx_display", "mined_block_number", "mined_block_hash",
               "receipt_status", "failure_reason", "waiting_for", "held_until_block", "fee_cap_reached_at",
-              "undecided_since", "undecided_reason", "outcome_applied", "context", "data",
+              "undecided_since", "undecided_reason", "submit_error", "outcome_applied", "context", "data",
               "retry_of", "acknowledged_at", "acknowledged_by", "acknowledgement_reason", "created_at", "updated_at",
               "confirmed_at")
     readonly_fields = fields

@@ -113,6 +113,9 @@ class ChainTransaction(Acknowledgement):
                                          "of it: a backend behind, old logs pruned). Nothing is guessed: it is read "
                                          "again at each poll until a node decides it (cleared then).")
     undecided_reason = models.CharField(max_length=500, blank=True)
+    submit_error = models.CharField(
+        max_length=500, blank=True, help_text="What the node answered the last attempt to send it while queued (its "
+                                              "simulation or gas estimate erred, not reverted): cleared once sent.")
     polled_at = models.DateTimeField(
         default=timezone.now, help_text="Last time the relayer's poll checked it (before: when it was created). The "
                                         "poll goes round by it, not by updated_at, which a check that only sends "

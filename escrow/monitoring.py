@@ -98,7 +98,8 @@ def _overdue(now) -> list[dashboard.Overdue]:
               for tx in selectors.transactions_of_unconfigured_relayers()[:dashboard.OVERDUE_LIMIT]]
     items += [dashboard.Overdue(since=tx.updated_at, kind=f"{tx.purpose} {tx.status}, not confirmed",
                                 subject=str(tx.agreement_id or tx.pk),
-                                detail=f"nonce {tx.nonce}" if tx.nonce is not None else "no nonce yet",
+                                detail=f"nonce {tx.nonce}" if tx.nonce is not None else
+                                "; ".join(filter(None, ["no nonce yet", tx.submit_error])),
                                 admin_url=_tx_url(tx))
               for tx in selectors.transactions_unconfirmed_since(before=now - settings.OVERDUE_SUBMITTING_AFTER)
               [:dashboard.OVERDUE_LIMIT] if tx.pk not in capped]

@@ -658,6 +658,12 @@ def transaction_submit(*, transaction_id) -> ChainTransaction | None:
         charged = (tx.purpose in _refusals_charged and OPERATOR_RETRY_OF not in tx.context
                    and _refusals_charged[tx.purpose](tx))
         return _conclude(tx, failure=reverted.reason, reverted_within_gas=charged)
+    except chain.ChainError as erred:
+        # Kept for the dashboard's overdue item: a row the node errs on each time stays queued, sent again by the
+        # sweep. updated_at is left as is: it dates the overdue item.
+        ChainTransaction.objects.filter(pk=tx.pk, status=TxStatus.QUEUED).update(
+            submit_error=f"{type(erred).__name__}: {erred}"[:500])
+        raise
     fees = chain.current_fees()
     _relayer_account_ensure(sender)
     with transaction.atomic():
@@ -672,8 +678,9 @@ def transaction_submit(*, transaction_id) -> ChainTransaction | None:
         relayer.save(update_fields=["next_nonce"])
         attempt = _new_attempt(tx, fees)
         tx.status, tx.held_until_block, tx.copy_deep_at_block = TxStatus.SUBMITTED, None, None
+        tx.submit_error = ""
         tx.save(update_fields=["relayer", "nonce", "gas_limit", "status", "held_until_block", "copy_deep_at_block",
-                               "updated_at"])
+                               "submit_error", "updated_at"])
         if tx.purpose in _submitted_handlers:
             _submitted_handlers[tx.purpose](tx)
     _broadcast(attempt)

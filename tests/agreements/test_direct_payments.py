@@ -1764,6 +1764,26 @@ def test_a_sellers_accept_past_the_deadline_with_the_node_erroring_is_proposal_e
     assert purchase.parties.agreement(agreement["id"])["status"] == "expired"
 
 
+def test_a_queued_direct_payment_step_the_node_errors_on_shows_why_on_the_dashboard(
+        purchase, settings, admin_client):
+    """The node errors on every gas estimate of a direct purchase's first step: it stays queued, sent again by the
+    sweep, and the dashboard named it only "queued, not confirmed" (no nonce yet), the node's error nowhere an
+    operator looks. The overdue item says what the last attempt to send it met."""
+    agreement = purchase.propose()
+    response = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")  # its task not run
+    assert response.status_code == 200, response.content
+    [queued] = ChainTransaction.objects.filter(agreement_id=agreement["id"], status="queued")
+    with node_relayed(purchase.chain.node.rpc_url, settings) as relay:
+        relay.rewrite(lambda call: call.get("method") == "eth_estimateGas", _node_erroring)
+        with pytest.raises(Exception, match="internal error"):
+            relayer.transaction_submit(transaction_id=queued.pk)
+    assert ChainTransaction.objects.get(pk=queued.pk).status == "queued"
+
+    settings.OVERDUE_SUBMITTING_AFTER = timedelta(0)
+    overdue = admin_client.get("/admin/dashboard/").context["overdue"]
+    [item] = [item for item in overdue if item.subject == agreement["id"] and "queued, not confirmed" in item.kind]
+    assert "internal error" in item.detail, item.detail
+
 
 def test_an_expiring_proposals_use_a_node_that_pruned_its_logs_does_not_show_is_surfaced_not_guessed(
         purchase, settings, monkeypatch, admin_client):
