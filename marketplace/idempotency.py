@@ -29,6 +29,7 @@ import hmac
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from django.apps import apps
 from django.conf import settings
@@ -121,8 +122,16 @@ def _scope(request) -> str:
     return f"agent:{agent.pk}" if agent is not None else f"owner:{request.user.pk}"
 
 
-def _claim_insert(scope: str, key: str, fingerprint: str) -> int | None:
-    """Claim the key: the new record's id, or None when the key is taken. One statement in its own transaction.
+@dataclass(frozen=True)
+class _Claim:
+    """A request's hold on its key: the record, and when this request claimed it. Taking a stale or expired claim over
+    dates the record anew, so the request that held it before releases nothing (`_release`)."""
+    pk: int
+    at: datetime
+
+
+def _claim_insert(scope: str, key: str, fingerprint: str) -> _Claim | None:
+    """Claim the key, or None when it is taken. One statement in its own transaction.
 
     On PostgreSQL its commit does not wait for the WAL flush: a claim is no money, and WAL is flushed in order, so
     the request's own (synchronous) commit, which stores its answer on this record, makes the claim durable with
@@ -130,23 +139,25 @@ def _claim_insert(scope: str, key: str, fingerprint: str) -> int | None:
     if connection.vendor != "postgresql":
         try:
             with transaction.atomic():
-                return IdempotencyRecord.objects.create(scope=scope, key=key, request_fingerprint=fingerprint).pk
+                record = IdempotencyRecord.objects.create(scope=scope, key=key, request_fingerprint=fingerprint)
         except IntegrityError:
             return None
+        return _Claim(record.pk, record.created_at)
+    now = timezone.now()
     quote = connection.ops.quote_name
     flush = "" if connection.in_atomic_block else " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS flush"
     with prepared_cursor() as cursor:
         cursor.execute(f"INSERT INTO {quote(IdempotencyRecord._meta.db_table)} "  # noqa: S608
                        f"({quote('scope')}, {quote('key')}, {quote('request_fingerprint')}, {quote('created_at')}) "
                        f"SELECT %s, %s, %s, %s{flush} ON CONFLICT ({quote('scope')}, {quote('key')}) DO NOTHING "
-                       f"RETURNING {quote('id')}", [scope, key, fingerprint, timezone.now()])
+                       f"RETURNING {quote('id')}", [scope, key, fingerprint, now])
         row = cursor.fetchone()
-    return None if row is None else row[0]
+    return None if row is None else _Claim(row[0], now)
 
 
-def _claim(scope: str, key: str, fingerprint: str) -> int | Response:
-    """Either the id of a fresh claim on the key, or the response to give instead of running the request. A key
-    whose record is older than IDEMPOTENCY_KEY_TTL is a new key: its record is taken over."""
+def _claim(scope: str, key: str, fingerprint: str) -> _Claim | Response:
+    """Either a fresh claim on the key, or the response to give instead of running the request. A key whose record is
+    older than IDEMPOTENCY_KEY_TTL is a new key: its record is taken over."""
     while True:
         claimed = _claim_insert(scope, key, fingerprint)
         if claimed is not None:
@@ -154,13 +165,14 @@ def _claim(scope: str, key: str, fingerprint: str) -> int | Response:
         record = IdempotencyRecord.objects.filter(scope=scope, key=key).first()
         if record is None:
             continue  # released (its request failed) between the insert and this read: claim it afresh
-        expired_before = timezone.now() - settings.IDEMPOTENCY_KEY_TTL
+        now = timezone.now()
+        expired_before = now - settings.IDEMPOTENCY_KEY_TTL
         if record.created_at >= expired_before:
             break
         if IdempotencyRecord.objects.filter(pk=record.pk, created_at__lt=expired_before).update(
                 request_fingerprint=fingerprint, response_status=None, response_body=None, secret_field="",
-                secret_row="", secret_digest="", created_at=timezone.now()):
-            return record.pk
+                secret_row="", secret_digest="", created_at=now):
+            return _Claim(record.pk, now)
         # Another request took it over first: read it again.
     if record.request_fingerprint != fingerprint:
         raise Unprocessable(
@@ -168,17 +180,18 @@ def _claim(scope: str, key: str, fingerprint: str) -> int | Response:
         )
     if record.response_status is not None:
         return _replay(record)
-    stale_before = timezone.now() - settings.IDEMPOTENCY_STALE_CLAIM
+    now = timezone.now()
+    stale_before = now - settings.IDEMPOTENCY_STALE_CLAIM
     # A claim left by a process that died mid-request: its transaction rolled back, so it is safe to take over.
     taken = IdempotencyRecord.objects.filter(pk=record.pk, response_status=None, created_at__lt=stale_before).update(
-        created_at=timezone.now()
+        created_at=now
     )
     if taken:
-        return record.pk
+        return _Claim(record.pk, now)
     raise Conflict("A request with this Idempotency-Key is still in progress.", code="idempotency_in_progress")
 
 
-def _store(claim: int, request, response, *, commit: bool = False) -> None:
+def _store(claim: _Claim, request, response, *, commit: bool = False) -> None:
     """The answer onto its claim, in the request's transaction (one statement, no ORM query compilation). On
     PostgreSQL the answer goes as the JSON the response will send (`render_for_storing`: encoded once for both), as
     text cast to jsonb: psycopg's Jsonb adapter took three times as long to quote the ~45 kB answer to a batch of
@@ -208,19 +221,20 @@ def _store(claim: int, request, response, *, commit: bool = False) -> None:
     sql = f"UPDATE {quote(fields.db_table)} SET {', '.join(assignments)} WHERE {quote(fields.pk.column)} = %s"  # noqa: S608
     if not (commit and connection.vendor == "postgresql"):
         with prepared_cursor() as cursor:
-            cursor.execute(sql, [*values, claim])
+            cursor.execute(sql, [*values, claim.pk])
         return
     with prepared_cursor() as cursor, prepared_cursor() as control, connection.wrap_database_errors, \
             connection.connection.pipeline():
-        cursor.execute(sql, [*values, claim])
+        cursor.execute(sql, [*values, claim.pk])
         control.execute("COMMIT")
 
 
-def _release(claim: int) -> None:
+def _release(claim: _Claim) -> None:
     # Not a claim holding its answer: a COMMIT that reached the server but whose reply was lost raises as a failed
     # one does, and releasing its answer had the client's retry run the request again. (Its row lock, held until
-    # that transaction ends, makes this wait for it.)
-    IdempotencyRecord.objects.filter(pk=claim, response_status__isnull=True).delete()
+    # that transaction ends, makes this wait for it.) Nor one a retry took over since (dated anew): releasing it left
+    # the retry's answer unstored, and the next retry with the key ran the request again.
+    IdempotencyRecord.objects.filter(pk=claim.pk, created_at=claim.at, response_status__isnull=True).delete()
 
 
 def expired_records_purge(*, batch: int = 1000) -> int:
@@ -290,7 +304,7 @@ def answer_once(request, *, scope: str, key: str, fingerprint: str, handler: Cal
             if atomic:
                 # Held until the answer is stored: a retry that finds the claim stale waits for this transaction
                 # (then replays, or takes over a claim whose request rolled back) instead of running it twice.
-                list(IdempotencyRecord.objects.select_for_update().filter(pk=claim).values_list("pk", flat=True))
+                list(IdempotencyRecord.objects.select_for_update().filter(pk=claim.pk).values_list("pk", flat=True))
             response = handler(**prepared)
             if response.status_code >= 500:
                 raise _DoNotStore(response)

@@ -173,3 +173,59 @@ def test_a_request_whose_commit_answer_is_lost_after_it_committed_replays_and_is
     assert retry.status_code == 201, retry.content
     assert UsageAgreement.objects.filter(buyer=proposals.buyer).count() == 1
     assert retry.json()["id"] == str(UsageAgreement.objects.get(buyer=proposals.buyer).pk)
+
+
+def test_a_first_request_failing_after_its_stale_claim_was_taken_over_leaves_the_retrys_claim(settings, monkeypatch):
+    """The client gave up on a request still running (its claim stale, IDEMPOTENCY_STALE_CLAIM) and retried with the
+    same key: the retry took the claim over once the first request's transaction ended. That request had failed (a
+    5xx), and its release of the key deleted the claim the retry now held: the retry's answer was never stored, and
+    the next retry with the key (its answer lost too) ran the proposal a second time."""
+    from agreements import services as agreement_services
+    from agreements import views as agreement_views
+
+    settings.IDEMPOTENCY_STALE_CLAIM = timedelta(0)  # every claim is stale at once: no waiting in the test
+    proposals = Proposals("stale-then-failed")
+    first_inside, fail_first, first_done = threading.Event(), threading.Event(), threading.Event()
+    propose, prepare = agreement_services.agreement_propose, agreement_views._proposal_prepared
+
+    def first_fails_midway(**kwargs):
+        if threading.current_thread().name != "first":
+            return propose(**kwargs)
+        first_inside.set()
+        assert fail_first.wait(60)
+        raise RuntimeError("the first request fails once its client retried")
+
+    def retry_prepared_once_the_first_ended(request):
+        if threading.current_thread().name == "retry":
+            assert first_done.wait(60)
+        return prepare(request)
+
+    monkeypatch.setattr(agreement_services, "agreement_propose", first_fails_midway)
+    monkeypatch.setattr(agreement_views, "_proposal_prepared", retry_prepared_once_the_first_ended)
+    answers: dict = {}
+
+    def send(name: str) -> None:
+        try:
+            answers[name] = proposals.replay()
+        finally:
+            if name == "first":
+                first_done.set()
+            connections.close_all()
+
+    first = threading.Thread(target=send, args=("first",), name="first")
+    first.start()
+    assert first_inside.wait(60)
+    retry = threading.Thread(target=send, args=("retry",), name="retry")
+    retry.start()
+    # The retry takes the stale claim over once the first request's transaction (holding the claim's row) ends.
+    wait_until(lambda: sessions_waiting_for_a_lock() == 1, timeout=60, what="the retry to wait for the claim")
+    fail_first.set()
+    first.join(60)
+    retry.join(60)
+
+    assert answers["first"].status_code == 500
+    assert answers["retry"].status_code == 201, answers["retry"].content
+    again = proposals.replay()
+    assert again.status_code == 201 and again.get("Idempotent-Replayed") == "true", again.content
+    assert again.json() == answers["retry"].json()
+    assert UsageAgreement.objects.filter(buyer=proposals.buyer).count() == 1
