@@ -1171,16 +1171,7 @@ def _last_event_is_refusal(agreement: UsageAgreement, refusal: Forbidden) -> boo
 
 def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreement:
     _require_party(agreement, seller, "seller")
-    # The deadline is the server's to decide: past it, a node down or erroring is not 503 but the refusal the deadline
-    # makes. Nothing is written then: only the chain tells one the buyer paid already (accepted as paid, not
-    # expired), so expiring it is the sweep's, once the node answers.
-    past_deadline = agreement.status == S.PROPOSED and acceptance_deadline(agreement) <= timezone.now()
-    try:
-        preflight = _direct_payment_precheck(agreement)  # the chain is asked first: never under the row lock
-    except DependencyUnavailable:
-        if not past_deadline:
-            raise
-        raise Conflict("The proposal expired.", code="proposal_expired", details={"status": agreement.status}) from None
+    preflight = _direct_payment_precheck(agreement)  # the chain is asked first: never under the row lock
     with transaction.atomic():
         current = _lock(agreement.pk)
         direct = current.settlement_model == SettlementModel.DIRECT_PAYMENT

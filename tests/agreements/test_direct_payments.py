@@ -1741,50 +1741,6 @@ def _node_erroring(answer: dict) -> dict:
     return {"jsonrpc": "2.0", "id": answer.get("id"), "error": {"code": -32603, "message": "internal error"}}
 
 
-def test_a_sellers_accept_past_the_deadline_with_the_node_erroring_is_proposal_expired_nothing_written(
-        purchase, settings):
-    """The seller accepts a direct proposal past its acceptance deadline while the node errors. The chain was asked
-    (whether the buyer paid it already) before the deadline was looked at: 503 until a sweep ran with the node back.
-    The deadline is the server's to decide: 409 proposal_expired. Nothing is written (an expiry unread by the chain
-    is the sweep's, the proposal may be paid), no event, and the accept is answered the same once the node is back."""
-    agreement = purchase.propose()
-    UsageAgreement.objects.filter(pk=agreement["id"]).update(proposal_expires_at=timezone.now())
-    events = AgreementEvent.objects.filter(agreement_id=agreement["id"]).count()
-
-    with node_relayed(purchase.chain.node.rpc_url, settings) as relay:
-        relay.rewrite(lambda call: True, _node_erroring)
-        late = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
-
-    assert late.status_code == 409, late.content
-    assert error_code(late) == "proposal_expired"
-    assert purchase.parties.agreement(agreement["id"])["status"] == "proposed"
-    assert AgreementEvent.objects.filter(agreement_id=agreement["id"]).count() == events
-    again = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
-    assert again.status_code == 409 and error_code(again) == "proposal_expired"
-    assert purchase.parties.agreement(agreement["id"])["status"] == "expired"
-
-
-def test_a_queued_direct_payment_step_the_node_errors_on_shows_why_on_the_dashboard(
-        purchase, settings, admin_client):
-    """The node errors on every gas estimate of a direct purchase's first step: it stays queued, sent again by the
-    sweep, and the dashboard named it only "queued, not confirmed" (no nonce yet), the node's error nowhere an
-    operator looks. The overdue item says what the last attempt to send it met."""
-    agreement = purchase.propose()
-    response = purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")  # its task not run
-    assert response.status_code == 200, response.content
-    [queued] = ChainTransaction.objects.filter(agreement_id=agreement["id"], status="queued")
-    with node_relayed(purchase.chain.node.rpc_url, settings) as relay:
-        relay.rewrite(lambda call: call.get("method") == "eth_estimateGas", _node_erroring)
-        with pytest.raises(Exception, match="internal error"):
-            relayer.transaction_submit(transaction_id=queued.pk)
-    assert ChainTransaction.objects.get(pk=queued.pk).status == "queued"
-
-    settings.OVERDUE_SUBMITTING_AFTER = timedelta(0)
-    overdue = admin_client.get("/admin/dashboard/").context["overdue"]
-    [item] = [item for item in overdue if item.subject == agreement["id"] and "queued, not confirmed" in item.kind]
-    assert "internal error" in item.detail, item.detail
-
-
 def test_an_expiring_proposals_use_a_node_that_pruned_its_logs_does_not_show_is_surfaced_not_guessed(
         purchase, settings, monkeypatch, admin_client):
     """A stranger uses a direct proposal's authorization; the provider answers no log of it (old ranges pruned) while
