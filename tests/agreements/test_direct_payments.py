@@ -1704,6 +1704,20 @@ def test_the_closed_proposals_watch_reads_the_oldest_checked_first_and_ends_once
     assert sorted(reads) == sorted([first["id"], second["id"]])
 
 
+_UNDECIDED = ("marketplace_direct_authorizations_undecided", ())
+
+
+def _assert_listed_undecided(purchase, agreement_id, monkeypatch, settings, admin_client) -> None:
+    """The purchase's authorization is listed undecided: the dashboard's overdue item (our clock where the chain's
+    went, overdue at once) and the gauge."""
+    server_clock_drifted(monkeypatch, purchase.chain.now() - time.time())
+    settings.OVERDUE_SUBMITTING_AFTER = timedelta(0)
+    overdue = admin_client.get("/admin/dashboard/").context["overdue"]
+    assert [item.subject for item in overdue if item.kind == "direct purchase's authorization undecided"] == [
+        agreement_id]
+    assert scrape(admin_client)[_UNDECIDED] == 1
+
+
 def test_a_closed_proposals_use_a_node_that_pruned_its_logs_does_not_show_is_not_taken_for_none_when_the_watch_ends(
         purchase, settings, monkeypatch, admin_client):
     """A stranger uses a rejected purchase's authorization. The provider answers no log of it (it prunes old ranges)
@@ -1724,17 +1738,11 @@ def test_a_closed_proposals_use_a_node_that_pruned_its_logs_does_not_show_is_not
         agreement_tasks.watch_closed_direct_proposals()
     watched = UsageAgreement.objects.get(pk=agreement["id"])
     assert watched.payment_authorization_watch_ended_at is None and not watched.payment_tx_hash
-    server_clock_drifted(monkeypatch, purchase.chain.now() - time.time())  # our clock where the chain's went
-    settings.OVERDUE_SUBMITTING_AFTER = timedelta(0)
-    undecided = ("marketplace_direct_authorizations_undecided", ())
-    overdue = admin_client.get("/admin/dashboard/").context["overdue"]
-    assert [item.subject for item in overdue if item.kind == "direct purchase's authorization undecided"] == [
-        agreement["id"]]
-    assert scrape(admin_client)[undecided] == 1
+    _assert_listed_undecided(purchase, agreement["id"], monkeypatch, settings, admin_client)
 
     agreement_tasks.watch_closed_direct_proposals()
     assert purchase.parties.agreement(agreement["id"])["payment_tx_hash"] == used_by
-    assert scrape(admin_client)[undecided] == 0
+    assert scrape(admin_client)[_UNDECIDED] == 0
 
 
 def _node_erroring(answer: dict) -> dict:
@@ -1759,18 +1767,12 @@ def test_an_expiring_proposals_use_a_node_that_pruned_its_logs_does_not_show_is_
         relay.rewrite(lambda call: call.get("method") == "eth_getLogs", lambda answer: {**answer, "result": []})
         agreement_tasks.expire_proposals()
     assert purchase.parties.agreement(agreement["id"])["status"] == "proposed"
-    server_clock_drifted(monkeypatch, purchase.chain.now() - time.time())  # our clock where the chain's went
-    settings.OVERDUE_SUBMITTING_AFTER = timedelta(0)
-    undecided = ("marketplace_direct_authorizations_undecided", ())
-    overdue = admin_client.get("/admin/dashboard/").context["overdue"]
-    assert [item.subject for item in overdue if item.kind == "direct purchase's authorization undecided"] == [
-        agreement["id"]]
-    assert scrape(admin_client)[undecided] == 1
+    _assert_listed_undecided(purchase, agreement["id"], monkeypatch, settings, admin_client)
 
     agreement_tasks.expire_proposals()
     decided = purchase.parties.agreement(agreement["id"])
     assert decided["status"] != "proposed" and decided["payment_tx_hash"] == used_by, decided
-    assert scrape(admin_client)[undecided] == 0
+    assert scrape(admin_client)[_UNDECIDED] == 0
 
 
 def test_a_direct_purchase_paid_while_it_awaited_approval_rejected_with_the_broker_down_is_found_by_the_watch(

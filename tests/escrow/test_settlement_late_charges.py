@@ -41,17 +41,21 @@ def _stalled_call(agreement_id) -> metering.Reservation:
     return reservation
 
 
-def _charge_locking_the_intent_during_the_proposal(monkeypatch, reservation, charged: list) -> None:
-    """Once the proposal holds the agreement's row lock, the call's charge starts in two round trips (no chain head
-    known here): its first closes the intent (a DELETE: the intent's row lock) and waits for the agreement's row."""
+def _charge_under_way_while_calls_are_settled(monkeypatch, reservation, outcome: list) -> None:
+    """Once the settlement (a proposal, a refund) holds the agreement's row lock and settles its reserved calls, the
+    call's charge starts in two round trips (no chain head known here): its first closes the intent (a DELETE: the
+    intent's row lock) and waits for the agreement's row. `outcome` gets the charge's thread, then its event or the
+    DependencyUnavailable it raised."""
     metering._known_heads.pop(reservation.agreement_id, None)
-    real = settlement.agreement_services.reservations_settle_stale
+    real = agreement_services.reservations_settle_stale
 
     def charge() -> None:
         try:
-            charged.append(metering.reservation_commit(
+            outcome.append(metering.reservation_commit(
                 reservation=reservation, units=1, cost=20_000, request_id="req-stalled", request_nonce="stalled",
                 method="GET", path="/work", upstream_status=200, latency_ms=5))
+        except DependencyUnavailable as error:
+            outcome.append(error)
         finally:
             from django.db import connection
             connection.close()
@@ -59,15 +63,15 @@ def _charge_locking_the_intent_during_the_proposal(monkeypatch, reservation, cha
     def settle_with_the_charge_under_way(*, agreement):
         thread = threading.Thread(target=charge)
         thread.start()
-        charged.append(thread)
+        outcome.append(thread)
         deadline = time.monotonic() + 10
         while sessions_waiting_for_a_lock() < 1:
             assert time.monotonic() < deadline, "the charge never waited for the agreement's row lock"
             time.sleep(0.01)
-        monkeypatch.setattr(settlement.agreement_services, "reservations_settle_stale", real)
+        monkeypatch.setattr(agreement_services, "reservations_settle_stale", real)
         return real(agreement=agreement)
 
-    monkeypatch.setattr(settlement.agreement_services, "reservations_settle_stale", settle_with_the_charge_under_way)
+    monkeypatch.setattr(agreement_services, "reservations_settle_stale", settle_with_the_charge_under_way)
 
 
 def test_a_call_charged_while_the_settlement_is_proposed_is_in_the_proposal_not_after_it(
@@ -83,7 +87,7 @@ def test_a_call_charged_while_the_settlement_is_proposed_is_in_the_proposal_not_
     call_n(funded, 3)
     reservation = _stalled_call(funded.agreement_id)
     charged: list = []
-    _charge_locking_the_intent_during_the_proposal(monkeypatch, reservation, charged)
+    _charge_under_way_while_calls_are_settled(monkeypatch, reservation, charged)
 
     first = tick(capture)
     charged[0].join(10)
@@ -114,37 +118,12 @@ def test_a_call_charged_while_the_escrow_is_reclaimed_is_released_not_charged_af
     reservation = metering.reservation_take(agreement=UsageAgreement.objects.get(pk=funded.agreement_id),
                                             amount=20_000, request_id="req-stalled", request_nonce="stalled",
                                             method="GET", path="/work")
-    metering._known_heads.pop(reservation.agreement_id, None)  # charged in two round trips: intent first, then row
     chain.increase_time(reclaim_after(funded.agreement_id) - chain.now())
     with capture(execute=True):
         assert settlement.settlement_tick()["reclaiming"] == 1
 
     outcome: list = []
-    real = agreement_services.reservations_settle_stale
-
-    def charge() -> None:
-        try:
-            outcome.append(metering.reservation_commit(
-                reservation=reservation, units=1, cost=20_000, request_id="req-stalled", request_nonce="stalled",
-                method="GET", path="/work", upstream_status=200, latency_ms=5))
-        except DependencyUnavailable as error:
-            outcome.append(error)
-        finally:
-            from django.db import connection
-            connection.close()
-
-    def settle_with_the_charge_under_way(*, agreement):
-        thread = threading.Thread(target=charge)
-        thread.start()
-        outcome.append(thread)
-        deadline = time.monotonic() + 10
-        while sessions_waiting_for_a_lock() < 1:
-            assert time.monotonic() < deadline, "the charge never waited for the agreement's row lock"
-            time.sleep(0.01)
-        monkeypatch.setattr(agreement_services, "reservations_settle_stale", real)
-        return real(agreement=agreement)
-
-    monkeypatch.setattr(agreement_services, "reservations_settle_stale", settle_with_the_charge_under_way)
+    _charge_under_way_while_calls_are_settled(monkeypatch, reservation, outcome)
     confirm_all(capture)
     outcome[0].join(10)
     assert isinstance(outcome[1], DependencyUnavailable) and outcome[1].code == "call_expired", outcome[1]
