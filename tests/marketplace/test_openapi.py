@@ -94,3 +94,17 @@ def test_every_operation_but_the_proxys_documents_the_too_many_query_fields_refu
             assert examples["too_many_query_fields"] == {"max_fields": settings.DATA_UPLOAD_MAX_NUMBER_FIELDS}
         else:
             assert "too_many_query_fields" not in examples, (method, path)
+
+
+@pytest.mark.django_db
+def test_the_masumi_registry_deregistration_publishes_its_body(anon):
+    """`DELETE /registry/` takes agentIdentifier and network in its body (Masumi's wire format); drf-spectacular
+    publishes no body for a DELETE, so a client generated from the schema could not send them. A DELETE without a
+    declared body publishes none still."""
+    schema = anon.get("/api/schema/?format=json").json()
+    deletes = {item["delete"]["operationId"]: item["delete"] for item in schema["paths"].values() if "delete" in item}
+    body = deletes.pop("masumi_registry_deregister")["requestBody"]
+    assert body["required"] is True
+    ref = body["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert {"agentIdentifier", "network"} <= set(schema["components"]["schemas"][ref]["required"])
+    assert deletes and [o for o in deletes.values() if "requestBody" in o] == []
