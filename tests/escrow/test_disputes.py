@@ -3,6 +3,8 @@ yet, the indexer applying the buyer's challenge before the relayer's receipt doe
 challenge mined first, the window's last second; and a settlement tick that goes on past one agreement's failed
 chain read."""
 
+import io
+
 import pytest
 from django.core.management import call_command
 
@@ -16,6 +18,7 @@ from tests.escrow.conftest import escrow_terms
 from tests.escrow.flow import confirm_all, mined_what_was_sent
 from tests.escrow.test_indexer import call_n, funded, index, seller_proposes_directly, statuses  # noqa: F401
 from tests.escrow.test_relayer_faults import reverted_activation
+from tests.escrow.test_settlement import staff_owner_api
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -98,6 +101,39 @@ def challenge_of_an_indexed_proposal(funded, chain, capture) -> dict:  # noqa: F
     index(capture)
     package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
     return challenge_body(funded, package)
+
+
+def test_an_escrow_an_arbiter_settled_below_the_usage_charged_is_no_failure_on_the_dashboard(
+        funded, escrow_chain, django_capture_on_commit_callbacks, admin_client):  # noqa: F811
+    """Three calls charged (60000); the seller proposes its first receipt (20000), the buyer disputes it and the
+    arbiter awards the seller 10000: settled below the usage at an earlier receipt than the last, as the failure
+    "escrow settled below the usage charged" is, but a dispute's outcome is its own, so neither the dashboard nor
+    reconcile lists it."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 3)
+    seller_proposes_directly(funded, chain, seq=1)
+    index(capture)
+    package = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/challenge-package").json()
+    with capture(execute=True):
+        response = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/challenge",
+                                         challenge_body(funded, package))
+    assert response.status_code == 202, response.content
+    confirm_all(capture)
+    with capture(execute=True):
+        response = staff_owner_api("change_dispute").post(f"/usage-agreements/{funded.agreement_id}/resolve",
+                                                          {"seller_amount_atomic": 10_000})
+    assert response.status_code == 202, response.content
+    confirm_all(capture)  # resolve confirmed: settling, finalize queued
+    confirm_all(capture)  # finalize confirmed: settled
+    settled = UsageAgreement.objects.get(pk=funded.agreement_id)
+    assert (settled.status, settled.seller_payout, settled.used, settled.proposed_seq, settled.usage_seq) == (
+        "settled", 10_000, 60_000, 1, 3)
+
+    failures = admin_client.get("/admin/dashboard/").context["failures"]
+    assert [failure.kind for failure in failures if failure.subject == funded.agreement_id] == []
+    out = io.StringIO()
+    call_command("reconcile", stdout=out)
+    assert str(funded.agreement_id) not in out.getvalue()
 
 
 def test_the_buyers_reason_is_kept_when_someone_else_sends_its_signed_challenge_first(
