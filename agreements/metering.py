@@ -1291,7 +1291,8 @@ def replay_settle(*, agreement_id, request_nonce: str) -> int:
                       {"usage_event_id": event.pk})
     return ProxyReplay.objects.filter(agreement_id=agreement_id, request_nonce=request_nonce, status_code=None).update(
         status_code=502, headers={"Content-Type": "application/json", "X-Usage-Cost": str(event.cost),
-                                  "X-Usage-Event-Id": str(event.pk)},
+                                  "X-Usage-Units": str(event.units), "X-Usage-Event-Id": str(event.pk),
+                                  "X-Usage-Seq": str(event.seq)},
         body=json.dumps(body).encode())
 
 

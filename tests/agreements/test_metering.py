@@ -141,7 +141,11 @@ def test_a_nonce_retry_of_a_charged_call_whose_answer_failed_is_reply_lost_not_f
     assert first.status_code >= 500 and UsageEvent.objects.count() == 1  # charged: the head came whole
     again = active.buyer_api.get(f"{active.proxy}/x", headers=nonce)
     assert (again.status_code, error_code(again), again["X-Replayed"]) == (502, "reply_lost", "true")
-    assert again["X-Usage-Event-Id"] == str(UsageEvent.objects.get().pk)
+    event = UsageEvent.objects.get()
+    # The charge's headers, as the first answer's (the seq and units too, to match the usage event and its receipt).
+    charge = ("X-Usage-Cost", "X-Usage-Units", "X-Usage-Event-Id", "X-Usage-Seq")
+    assert [again[name] for name in charge] == [first[name] for name in charge] == [
+        "20000", "1", str(event.pk), str(event.seq)]
     assert len(http_server.requests) == 1
     assert UsageAgreement.objects.get(pk=active.agreement_id).used == 20_000
 
