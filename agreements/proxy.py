@@ -443,7 +443,7 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
     dropped = (_RESPONSE_DROPPED | _MARKETPLACE_ANSWER_HEADERS
                | _named_in_connection({name.lower(): value for name, value in upstream_headers}))
     headers = {name: value for name, value in upstream_headers
-               if name.lower() not in dropped and not _front_server_order(name.lower())
+               if (lower := name.lower()) not in dropped and not _front_server_order(lower)
                and not _UNSAFE_HEADER_VALUE.search(value)}
     headers["X-Usage-Cost"] = str(cost)
     used = event.cumulative if event else metering.agreement_used(agreement_id=terms.pk)

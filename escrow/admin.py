@@ -404,7 +404,7 @@ class ResolveForm(forms.Form):
         (`amount_exceeds_proposal`)."""
         super().__init__(*args, **kwargs)
         field = self.fields["seller_amount_atomic"]
-        proposed = selectors.dispute_proposed_amount(dispute)
+        proposed = dispute.proposed_amount  # as the chain has it: the indexer and the relayer's receipts follow it
         if proposed is None:
             field.widget.attrs["max"] = dispute.deposit_amount
             return

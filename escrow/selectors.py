@@ -227,14 +227,6 @@ def dispute_evidence(dispute) -> str:
     return (challenged.data or {}).get("evidence", "") if challenged is not None else ""
 
 
-def dispute_proposed_amount(dispute) -> int | None:
-    """The settlement the seller proposed and the buyer disputed, as the chain has it (`proposed_amount`, which the
-    indexer and the relayer's receipts follow; not the books' receipt of its seq: a proposal may be above the usage
-    recorded): the most the arbiter may award the seller (`settlement_resolve` reads it from the chain). None while
-    the books know no proposal."""
-    return dispute.proposed_amount
-
-
 # The data key of the event of the settlement tick's finalize of a dispute past its timeout (its unix time; written by
 # settlement._finalize_timed_out_dispute).
 DISPUTE_TIMED_OUT_AT = "dispute_timed_out_at"

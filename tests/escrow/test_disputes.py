@@ -534,5 +534,5 @@ def test_a_dispute_of_a_re_proposal_mined_before_the_challenge_shows_the_amount_
     assert (disputed["status"], disputed["proposed_atomic"]) == ("disputed", 60_000)
     agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
     assert agreement.proposed_seq == 3
-    assert selectors.dispute_proposed_amount(agreement) == 60_000
+    assert agreement.proposed_amount == 60_000
     call_command("reconcile")
