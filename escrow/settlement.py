@@ -9,6 +9,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
@@ -475,18 +476,34 @@ DISPUTE_TIMED_OUT = "dispute_timed_out"
 
 
 @logs_name_the_agreement
+@dataclass(frozen=True)
+class Resolution:
+    """An arbiter's decision checked against the chain (`settlement_resolution_prepare`): what
+    `settlement_resolution_record` queues, with the escrow's terms it is sent with."""
+
+    agreement: UsageAgreement
+    seller_amount: int
+    terms: tuple
+
+
 def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int,
                        operator: AbstractBaseUser | None) -> ChainTransaction:
-    """The arbiter's decision of a dispute (`operator`: the staff user deciding, None for the platform's own
-    refunds): not by an operator who owns the buyer or the seller (403 `operator_owns_a_party`,
-    `agreement_services.operator_owns_no_party_require`), who would decide their own dispute; another operator does. Not once the dispute timed out (409 `dispute_timed_out`): the contract's
+    """The arbiter's decision of a dispute: `settlement_resolution_prepare` (reads the chain: call outside any
+    database transaction), then `settlement_resolution_record`."""
+    return settlement_resolution_record(
+        resolution=settlement_resolution_prepare(agreement=agreement, seller_amount=seller_amount), operator=operator)
+
+
+def settlement_resolution_prepare(*, agreement: UsageAgreement, seller_amount: int) -> Resolution:
+    """The arbiter's decision of a dispute checked against the chain (a chain read: before any database transaction
+    opens, an idempotent request's too). Not once the dispute timed out (409 `dispute_timed_out`): the contract's
     `resolve` reverts from then on, and the escrow is the buyer's (`_finalize_timed_out_dispute`). Not more to the
     seller than the proposal the buyer disputed (400 `amount_exceeds_proposal`): what its signed receipts add up to
     is all the seller claimed, and the dispute asks whether that is too much (the contract bounds it by the deposit
     only)."""
     if seller_amount > agreement.deposit_amount:
         raise InvalidInput("The seller amount exceeds the deposit.", code="amount_exceeds_deposit")
-    # Chain reads, before the row lock (the terms too: from the node while the indexer has not applied the activation).
+    # The terms too from the chain: from the node while the indexer has not applied the activation.
     with chain.unavailable_as_503():
         terms = selectors.escrow_terms(agreement=agreement)
         escrow = _escrow_read(agreement, terms=terms)
@@ -500,8 +517,17 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int,
     if state == selectors.EscrowState.DISPUTED and seller_amount > proposed:
         raise InvalidInput("The seller amount exceeds the settlement the seller proposed and the buyer disputed.",
                            code="amount_exceeds_proposal", details={"proposed_atomic": int(proposed)})
+    return Resolution(agreement=agreement, seller_amount=seller_amount, terms=terms)
+
+
+def settlement_resolution_record(*, resolution: Resolution, operator: AbstractBaseUser | None) -> ChainTransaction:
+    """The resolve transaction queued (no chain call: inside an idempotent request's transaction too). Not by an
+    operator who owns the buyer or the seller (403 `operator_owns_a_party`,
+    `agreement_services.operator_owns_no_party_require`), who would decide their own dispute (`operator`: the staff
+    user deciding, None for the platform's own refunds); another operator does."""
+    seller_amount = resolution.seller_amount
     with transaction.atomic():
-        agreement = UsageAgreement.objects.select_for_update().get(pk=agreement.pk)
+        agreement = UsageAgreement.objects.select_for_update().get(pk=resolution.agreement.pk)
         agreement_services.operator_owns_no_party_require(operator=operator, agreement_ids=[agreement.pk])
         if not can_resolve(agreement):
             raise Conflict(f"Only a disputed agreement is resolved; this one is {agreement.status}.",
@@ -509,7 +535,7 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int,
         if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RESOLVE):
             raise Conflict("A resolution is already being submitted.", code="resolution_in_progress")
         return _enqueue(agreement, TxPurpose.RESOLVE, "resolve",
-                        [agreement.onchain_id, terms, seller_amount],
+                        [agreement.onchain_id, resolution.terms, seller_amount],
                         {"seller_amount": seller_amount, "operator": getattr(operator, "username", "")})
 
 

@@ -337,15 +337,21 @@ class ResolveView(APIView):
                            "before the dispute's on-chain timeout (30 days after the challenge; then 409 "
                            "`dispute_timed_out`: the whole deposit goes back to the buyer)",
                    responses={202: ChainTransactionSerializer, **error_responses(404, 409, 422)})
-    @idempotent()
-    def post(self, request, agreement_id):
-        agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=None)
-        body = ResolveSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        tx = settlement.settlement_resolve(agreement=agreement, operator=request.user,
-                                           seller_amount=body.validated_data["seller_amount_atomic"])
+    @idempotent(prepare=lambda view, request, agreement_id: _resolution_prepared(request, agreement_id))
+    def post(self, request, agreement_id, prepared: settlement.Resolution):
+        tx = settlement.settlement_resolution_record(resolution=prepared, operator=request.user)
         return Response(ChainTransactionSerializer(transaction_payload(tx, None)).data,
                         status=status.HTTP_202_ACCEPTED)
+
+
+def _resolution_prepared(request, agreement_id) -> settlement.Resolution:
+    """The decision checked against the chain (the escrow, its clock) before the idempotent request's transaction
+    opens: no transaction stays open while the node answers."""
+    agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=None)
+    body = ResolveSerializer(data=request.data)
+    body.is_valid(raise_exception=True)
+    return settlement.settlement_resolution_prepare(agreement=agreement,
+                                                    seller_amount=body.validated_data["seller_amount_atomic"])
 
 
 def _quote_holder(request) -> str:

@@ -279,6 +279,37 @@ def test_dispute_resolved_by_an_operator(funded, escrow_chain, django_capture_on
     call_command("reconcile")
 
 
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_operators_resolution_asks_the_chain_with_no_database_transaction_open(
+        funded, escrow_chain, rpc_relay, django_capture_on_commit_callbacks):  # noqa: F811
+    """The resolution reads the escrow and the chain's clock (dispute timed out? more than the proposal?): it did so
+    inside the Idempotency-Key's transaction, holding the key's row lock and a transaction open for as long as the
+    node took to answer. A retry with the same key is answered the same, asking the chain nothing."""
+    from tests.support.db_activity import backend_pid, session_state
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    dispute(funded, chain, capture)
+    pid = backend_pid()
+    asked, asked_inside_a_transaction = [], []
+    rpc_relay.observers.append(lambda call: asked.append(call["method"]))
+    rpc_relay.observers.append(lambda call: session_state(pid) == "idle in transaction"
+                               and asked_inside_a_transaction.append(call["method"]))
+    operator, headers = staff_owner_api("change_dispute"), {"Idempotency-Key": "resolve-once"}
+    with capture(execute=False):
+        first = operator.post(f"/usage-agreements/{funded.agreement_id}/resolve", {"seller_amount_atomic": 100_000},
+                              headers=headers)
+    assert first.status_code == 202, first.content
+    assert asked and asked_inside_a_transaction == []
+
+    asked.clear()
+    replay = operator.post(f"/usage-agreements/{funded.agreement_id}/resolve", {"seller_amount_atomic": 100_000},
+                           headers=headers)
+    assert replay.status_code == 202 and replay["Idempotent-Replayed"] == "true"
+    assert replay.json() == first.json() and asked == []
+    assert ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RESOLVE).count() == 1
+
+
 def dispute_timeout(funded, chain) -> int:
     """When the disputed escrow's arbiter runs out of time (the contract's DISPUTE_TIMEOUT after the challenge), as
     getEscrow says."""
