@@ -120,6 +120,9 @@ class ChainTransaction(Acknowledgement):
         default=timezone.now, help_text="Last time the relayer's poll checked it (before: when it was created). The "
                                         "poll goes round by it, not by updated_at, which a check that only sends "
                                         "the same bytes again leaves as is.")
+    submit_queued_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the sweeper last sent its submission while it was queued: cleared once "
+                                         "a worker takes that message. Sent again only once it may be lost.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     confirmed_at = models.DateTimeField(null=True, blank=True)

@@ -52,6 +52,7 @@ import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -646,6 +647,8 @@ def transaction_submit(*, transaction_id) -> ChainTransaction | None:
     tx = ChainTransaction.objects.filter(pk=transaction_id, status=TxStatus.QUEUED).first()
     if tx is None:
         return None
+    if tx.submit_queued_at is not None:  # the sweep's message is taken: a row this run leaves queued is swept again
+        ChainTransaction.objects.filter(pk=tx.pk).update(submit_queued_at=None)
     chain.node_chain_check()  # another chain's simulation, fees and nonce are not this one's
     if _waits_for_finality(tx):
         return None
@@ -1490,17 +1493,24 @@ def _indexed_up_to() -> int | None:
             .values_list("last_block", flat=True).first())
 
 
-def transactions_sweep_queued() -> int:
-    """Re-enqueue rows stuck in queued (their task message was lost, or never sent while the broker was down); not
-    those held for a payment's finality: the poll releases them (`transactions_release_final`)."""
+SWEEP_QUEUED_BATCH = 500
+
+
+def transactions_sweep_queued(*, now: datetime | None = None) -> int:
+    """Re-enqueue rows stuck in queued (their task message was lost, or never sent while the broker was down), the
+    longest queued first, SWEEP_QUEUED_BATCH a run; not those held for a payment's finality: the poll releases them
+    (`transactions_release_final`). One this sweep sent is sent again only once no worker took its message within
+    CHAIN_SUBMIT_REQUEUE_AFTER: while the default queue was behind (a node that hangs holds each submission for its
+    RPC timeout), each run added every queued row to it again, and took the same first rows each time."""
     from escrow.tasks import submit_transaction
 
-    cutoff = timezone.now() - settings.CHAIN_SWEEP_AFTER
-    stuck = list(ChainTransaction.objects.filter(status=TxStatus.QUEUED, updated_at__lt=cutoff,
+    now = now or timezone.now()
+    stuck = list(ChainTransaction.objects.filter(status=TxStatus.QUEUED, updated_at__lt=now - settings.CHAIN_SWEEP_AFTER,
                                                  held_until_block__isnull=True)
-                 .values_list("pk", flat=True)[:500])
-    for tx_id in stuck:
-        submit_transaction.delay(str(tx_id))
+                 .filter(Q(submit_queued_at=None) | Q(submit_queued_at__lte=now - settings.CHAIN_SUBMIT_REQUEUE_AFTER))
+                 .order_by("updated_at").values_list("pk", flat=True)[:SWEEP_QUEUED_BATCH])
+    sweeps.marked_rows_publish(model=ChainTransaction, pks=stuck, marked="submit_queued_at", now=now,
+                               publish=submit_transaction.delay)
     return len(stuck)
 
 

@@ -466,6 +466,9 @@ CHAIN_NONCE_SCAN_CLOCK_MARGIN = timedelta(seconds=env.int("CHAIN_NONCE_SCAN_CLOC
 CHAIN_NONCE_SCAN_MAX_BLOCKS = env.int("CHAIN_NONCE_SCAN_MAX_BLOCKS", default=3600)
 # A transaction still queued this long after its last change lost its task message; the sweeper sends it again.
 CHAIN_SWEEP_AFTER = timedelta(seconds=env.int("CHAIN_SWEEP_AFTER_SECONDS", default=30))
+# A transaction the sweeper sent is sent again only once no worker took that message within this (it may be lost):
+# not on every sweep while the default queue is behind.
+CHAIN_SUBMIT_REQUEUE_AFTER = timedelta(seconds=env.int("CHAIN_SUBMIT_REQUEUE_AFTER_SECONDS", default=120))
 # How long an activation package's signatures stay valid. Well inside the SDK's bound (it refuses deadlines more
 # than 1 h away), with room for the difference between our clock and the buyer's.
 ACTIVATION_SIGNATURE_TTL = env.int("ACTIVATION_SIGNATURE_TTL_SECONDS", default=1800)

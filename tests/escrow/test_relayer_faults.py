@@ -11,6 +11,7 @@ from django.core.management.base import CommandError
 from django.db import transaction
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 from web3.exceptions import Web3RPCError
 
 from agreements.models import UsageAgreement
@@ -1541,3 +1542,32 @@ def test_an_attempt_refused_for_the_wallets_gas_goes_at_the_next_poll_once_a_top
     assert (tx.status, tx.mined_tx_hash, tx.attempts.count()) == (TxStatus.CONFIRMED, first.tx_hash, 1), \
         "it waited CHAIN_REBROADCAST_AFTER from its refusal though the wallet was topped up"
     assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
+
+
+def test_the_queued_sweep_sends_a_transaction_again_only_once_its_message_may_be_lost_and_the_oldest_first(
+        parties, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """The sweep (every 30 s) sent a submission for every transaction still queued, whether or not the last one it
+    sent still waited in the queue: with the default queue behind (a node that hangs holds each submission for its
+    RPC timeout), each run added every queued row again, up to 500, ahead of the poll and the settlement ticks, and
+    its first 500, in no order, could be the same rows each time while the others waited."""
+    monkeypatch.setattr(relayer, "SWEEP_QUEUED_BATCH", 2)
+    queued_rows = [queue_activation(parties, django_capture_on_commit_callbacks)[1] for _ in range(3)]  # lost
+    now = timezone.now()
+    for age, tx in zip((300, 200, 100), queued_rows, strict=True):
+        ChainTransaction.objects.filter(pk=tx.pk).update(updated_at=now - timedelta(seconds=age))
+    oldest, older, newest = queued_rows
+    sent = []
+    monkeypatch.setattr(submit_transaction, "delay", sent.append)  # the queue, its workers behind
+
+    assert relayer.transactions_sweep_queued(now=now) == 2
+    assert sent == [str(oldest.pk), str(older.pk)]
+    assert relayer.transactions_sweep_queued(now=now + timedelta(seconds=30)) == 1  # the next run: the one left
+    assert relayer.transactions_sweep_queued(now=now + timedelta(seconds=60)) == 0  # theirs wait in the queue
+    assert sent == [str(oldest.pk), str(older.pk), str(newest.pk)]
+
+    with django_capture_on_commit_callbacks(execute=True):
+        submit_transaction(str(oldest.pk))  # a worker takes one: sent
+    later = now + timedelta(seconds=60) + settings.CHAIN_SUBMIT_REQUEUE_AFTER  # the others not taken: lost
+    assert relayer.transactions_sweep_queued(now=later) == 2
+    assert sent[3:] == [str(older.pk), str(newest.pk)]
+    assert ChainTransaction.objects.get(pk=oldest.pk).status == TxStatus.SUBMITTED
