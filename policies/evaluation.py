@@ -1,10 +1,10 @@
 """The policy decision, as a pure function: no database, no clock. Tested rule by rule."""
 
-import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from marketplace.tags import tag_normalise
+from policies import rules
 from policies.models import Policy
 
 
@@ -64,23 +64,27 @@ def evaluate(policy: Policy | None, purchase: Purchase, spend: Spend) -> Decisio
     def deny(rule: str, message: str, **details) -> Decision:
         return Decision(Outcome.DENY, rule, message, details)
 
-    # Each rule read in the form the API stores (`_entries`, `_handles`, `_service_ids`, `tag_normalise`), so one written
-    # before the admin's form was checked, or around the API, holds as the owner meant it.
-    if purchase.seller_handle in _handles(policy.blocked_sellers):
+    # A rule stored in a form the API does not write (around the API and the admin's form, after migration 0005
+    # rewrote the others): what its owner meant is not guessed; it denies (a misread one let purchases through).
+    for name in rules.LIST_RULES:
+        if not rules.rule_is_canonical(name, getattr(policy, name)):
+            return deny(name, "The policy's rule is stored in a form it cannot be read in: its owner must set it "
+                              "again.", reason="rule_unreadable")
+    if purchase.seller_handle in policy.blocked_sellers:
         return deny("blocked_sellers", "The seller is blocked by policy.", seller=purchase.seller_handle)
-    if policy.allowed_sellers and purchase.seller_handle not in _handles(policy.allowed_sellers):
+    if policy.allowed_sellers and purchase.seller_handle not in policy.allowed_sellers:
         return deny("allowed_sellers", "The seller is not on the allowed list.", seller=purchase.seller_handle)
-    if purchase.service_id in _service_ids(policy.blocked_services):
+    if purchase.service_id in policy.blocked_services:
         return deny("blocked_services", "The service is blocked by policy.", service=purchase.service_id)
-    if policy.allowed_services and purchase.service_id not in _service_ids(policy.allowed_services):
+    if policy.allowed_services and purchase.service_id not in policy.allowed_services:
         return deny("allowed_services", "The service is not on the allowed list.", service=purchase.service_id)
     tags = {tag_normalise(tag) for tag in purchase.tags}
-    blocked_tags = sorted(tags & {tag_normalise(tag) for tag in _entries(policy.blocked_tags)})
+    blocked_tags = sorted(tags & set(policy.blocked_tags))
     if blocked_tags:
         return deny("blocked_tags", "The service has a blocked tag.", tags=blocked_tags)
-    if policy.allowed_tags and not tags & {tag_normalise(tag) for tag in _entries(policy.allowed_tags)}:
+    if policy.allowed_tags and not tags & set(policy.allowed_tags):
         return deny("allowed_tags", "The service has none of the allowed tags.")
-    if policy.allowed_tokens and purchase.token not in _entries(policy.allowed_tokens):
+    if policy.allowed_tokens and purchase.token not in policy.allowed_tokens:
         return deny("allowed_tokens", "The token is not allowed by policy.", token=purchase.token)
     if policy.max_per_agreement is not None and purchase.amount > policy.max_per_agreement:
         return deny("max_per_agreement", "The commitment exceeds the maximum per agreement.",
@@ -101,26 +105,3 @@ def evaluate(policy: Policy | None, purchase: Purchase, spend: Spend) -> Decisio
                         {"amount": purchase.amount, "threshold": policy.approval_threshold})
     return ALLOW
 
-
-def _entries(rule) -> list[str]:
-    """A list rule's entries as text. A lone value stored where the list goes (the admin saved what was typed before
-    its form was checked) is one entry: as a string, `in` matched every handle or id it contains, and an allow list
-    of a number let nothing be bought with a 500."""
-    return [str(entry) for entry in (rule if isinstance(rule, list) else [rule])]
-
-
-def _handles(rule) -> set[str]:
-    """A seller rule's handles as handles are written (lowercase, no spaces): `Seller-One` blocked no one."""
-    return {entry.strip().lower() for entry in _entries(rule)}
-
-
-def _service_ids(rule) -> set[str]:
-    """A service rule's ids in the form `Purchase.service_id` has (hyphenated lowercase): one in capitals or without
-    hyphens matched no service. Text that is no id stays as it is, matching none."""
-    ids = set()
-    for entry in _entries(rule):
-        try:
-            ids.add(str(uuid.UUID(entry.strip())))
-        except ValueError:
-            ids.add(entry)
-    return ids

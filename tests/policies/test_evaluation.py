@@ -5,7 +5,8 @@ import pytest
 from policies.evaluation import Outcome, Purchase, Spend, evaluate
 from policies.models import Policy
 
-PURCHASE = Purchase(seller_handle="acme", service_id="svc-1", tags=frozenset({"nlp", "translation"}), token="USDC",
+SERVICE_1, SERVICE_2 = "6f1c3a52-0000-4000-8000-000000000001", "6f1c3a52-0000-4000-8000-000000000002"
+PURCHASE = Purchase(seller_handle="acme", service_id=SERVICE_1, tags=frozenset({"nlp", "translation"}), token="USDC",
                     amount=1_000)
 NO_SPEND = Spend(last_day=0, last_month=0)
 
@@ -22,8 +23,8 @@ def test_no_policy_allows():
 @pytest.mark.parametrize(("policy", "rule"), [
     ({"blocked_sellers": ["acme"]}, "blocked_sellers"),
     ({"allowed_sellers": ["other"]}, "allowed_sellers"),
-    ({"blocked_services": ["svc-1"]}, "blocked_services"),
-    ({"allowed_services": ["svc-2"]}, "allowed_services"),
+    ({"blocked_services": [SERVICE_1]}, "blocked_services"),
+    ({"allowed_services": [SERVICE_2]}, "allowed_services"),
     ({"blocked_tags": ["nlp"]}, "blocked_tags"),
     ({"allowed_tags": ["images"]}, "allowed_tags"),
     ({"allowed_tokens": ["EURC"]}, "allowed_tokens"),
@@ -35,7 +36,7 @@ def test_each_deny_rule(policy, rule):
 
 
 @pytest.mark.parametrize("policy", [
-    {"allowed_sellers": ["acme"]}, {"allowed_services": ["svc-1"]}, {"allowed_tags": ["nlp", "x"]},
+    {"allowed_sellers": ["acme"]}, {"allowed_services": [SERVICE_1]}, {"allowed_tags": ["nlp", "x"]},
     {"allowed_tokens": ["USDC"]}, {"max_per_agreement": 1_000}, {"blocked_sellers": ["other"]},
 ])
 def test_allow_lists_and_limits_that_admit(policy):
@@ -65,10 +66,26 @@ def test_approval_threshold_is_inclusive_and_comes_after_denials():
     (None, Outcome.ALLOW),
 ])
 def test_a_purchase_from_the_seller_of_whoever_set_the_policy_last_needs_approval(updated_by_id, outcome):
-    purchase = Purchase(seller_handle="acme", service_id="svc-1", tags=frozenset(), token="USDC", amount=1_000,
+    purchase = Purchase(seller_handle="acme", service_id=SERVICE_1, tags=frozenset(), token="USDC", amount=1_000,
                         seller_owner_id=1 if updated_by_id == 1 else 7, buyer_owner_id=1)
     decision = decide(purchase, updated_by_id=updated_by_id)
     assert decision.outcome == outcome
     assert decide(purchase, updated_by_id=updated_by_id, blocked_sellers=["acme"]).outcome == Outcome.DENY
     if outcome == Outcome.NEEDS_APPROVAL:
         assert decision.rule == "policy_set_by_seller_owner"
+
+
+@pytest.mark.parametrize(("policy", "rule"), [
+    ({"blocked_sellers": ["OTHER"]}, "blocked_sellers"),
+    ({"blocked_sellers": "other"}, "blocked_sellers"),
+    ({"allowed_sellers": 5}, "allowed_sellers"),
+    ({"blocked_services": [SERVICE_2.upper()]}, "blocked_services"),
+    ({"allowed_services": ["svc-1"]}, "allowed_services"),
+    ({"blocked_tags": [{"tag": "nlp"}]}, "blocked_tags"),
+    ({"allowed_tags": ["NLP"]}, "allowed_tags"),
+    ({"allowed_tokens": [None]}, "allowed_tokens"),
+])
+def test_a_rule_not_in_the_form_the_api_writes_denies_whatever_it_names(policy, rule):
+    """Not read as its owner may have meant (migration 0005 rewrote those it could): it fails closed, naming itself."""
+    decision = decide(**policy)
+    assert (decision.outcome, decision.rule, decision.details) == (Outcome.DENY, rule, {"reason": "rule_unreadable"})

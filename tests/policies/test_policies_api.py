@@ -1,3 +1,4 @@
+import importlib
 from datetime import timedelta
 
 import pytest
@@ -578,6 +579,19 @@ def test_approving_a_purchase_above_a_since_lowered_platform_limit_is_400_and_le
     assert UsageAgreement.objects.get(pk=held["id"]).status == "proposed"
 
 
+def _rules_canonical_migration():
+    return importlib.import_module("policies.migrations.0005_policy_rules_canonical")
+
+
+def _spelt(values, service):
+    spellings = {"service_id": str(service.pk), "service_id_upper": str(service.pk).upper(),
+                 "service_id_hex": service.pk.hex}
+    if isinstance(values, list):
+        return [_spelt(value, service) for value in values]
+    return values.format(**spellings) if isinstance(values, str) else values
+
+
+@pytest.mark.parametrize("migrated", [False, True], ids=["stored_after_the_migration", "migrated"])
 @pytest.mark.parametrize(("rules", "rule"), [
     ({"blocked_services": ["{service_id_upper}"]}, "blocked_services"),
     ({"blocked_services": ["{service_id_hex}"]}, "blocked_services"),
@@ -587,22 +601,50 @@ def test_approving_a_purchase_above_a_since_lowered_platform_limit_is_400_and_le
     ({"allowed_services": "{service_id}0"}, "allowed_services"),
     ({"allowed_sellers": 5}, "allowed_sellers"),
     ({"blocked_tags": "translation"}, "blocked_tags"),
+    ({"blocked_sellers": {"seller-one": True}}, "blocked_sellers"),
+    ({"blocked_sellers": [["seller-one"]]}, "blocked_sellers"),
+    ({"blocked_services": [None]}, "blocked_services"),
 ])
-def test_a_seller_or_service_rule_stored_in_another_spelling_still_holds(buyer, buyer_api, service, rules, rule):
+def test_a_seller_or_service_rule_stored_in_another_spelling_still_holds(buyer, buyer_api, service, rules, rule,
+                                                                         migrated):
     """Rules written in the admin before its form was checked (`api_rules_check`) or around the API: an id in capitals
     or without hyphens, a handle in capitals or spaced, blocked nothing (201); a lone string where a list goes allowed
-    any seller or service whose name it contains, and blocked no tag (201); a number made every proposal a 500."""
+    any seller or service whose name it contains, and blocked no tag (201); a number made every proposal a 500; a
+    mapping or a list nested in a blocked list blocked nothing (201). Migrated (0005: rewritten in the form the API
+    writes, or left as it was when it cannot be), or written so after the migration, each still holds: a rule not in
+    the form the API writes denies every purchase (fails closed)."""
+    from django.apps import apps
+
     from policies.models import Policy
 
-    spellings = {"service_id": str(service.pk), "service_id_upper": str(service.pk).upper(),
-                 "service_id_hex": service.pk.hex}
-    def spelt(values):
-        if isinstance(values, list):
-            return [value.format(**spellings) for value in values]
-        return values.format(**spellings) if isinstance(values, str) else values
-
-    Policy.objects.create(agent=buyer, **{name: spelt(values) for name, values in rules.items()})
+    Policy.objects.create(agent=buyer, **{name: _spelt(values, service) for name, values in rules.items()})
+    if migrated:
+        _rules_canonical_migration().policy_rules_canonical(apps, None)
     response = buyer_api.post("/usage-agreements", proposal(service))
     assert response.status_code == 403, response.content
     assert response.json()["error"]["details"]["rule"] == rule
     assert not UsageAgreement.objects.exists()
+
+
+def test_the_migration_rewrites_each_rule_in_the_form_the_api_writes_and_flags_what_it_cannot(buyer, service,
+                                                                                              caplog):
+    """0005: each list rule as `PUT /agents/{id}/policies` writes it (a lone string a list of it, handles lowercase and
+    trimmed, service ids hyphenated lowercase, tags normalised); a rule that cannot be (a number, a mapping, an entry
+    that is no text or no service id) is left as it was, logged, and denies every purchase (above)."""
+    from django.apps import apps
+
+    from policies.models import Policy
+
+    Policy.objects.create(
+        agent=buyer, allowed_sellers="Seller-One ", blocked_sellers=["SELLER-TWO", "seller-two"],
+        allowed_services=[str(service.pk).upper(), service.pk.hex], blocked_services=5, allowed_tags="Ｎlp",
+        blocked_tags=[{"tag": "x"}], allowed_tokens=["USDC"])
+    with caplog.at_level("WARNING", logger="policies"):
+        _rules_canonical_migration().policy_rules_canonical(apps, None)
+    policy = Policy.objects.get(agent=buyer)
+    assert (policy.allowed_sellers, policy.blocked_sellers, policy.allowed_services, policy.allowed_tags,
+            policy.allowed_tokens) == (["seller-one"], ["seller-two"], [str(service.pk)], ["nlp"], ["USDC"])
+    assert (policy.blocked_services, policy.blocked_tags) == (5, [{"tag": "x"}])
+    flagged = [record for record in caplog.records if record.getMessage().startswith("policy rule not normalised")]
+    assert sorted(record.rule for record in flagged) == ["blocked_services", "blocked_tags"]
+    assert {record.agent_id for record in flagged} == {str(buyer.pk)}

@@ -1,0 +1,66 @@
+"""A policy's list rules in the one form `PUT /agents/{id}/policies` writes them (and the admin's form, through the
+same serializer): lists of text, handles lowercase, service ids hyphenated lowercase, tags as `tag_normalise` keeps
+them. Migration 0005 rewrote the rules stored otherwise; evaluation denies by a rule in any other form (fails
+closed) rather than guess what its owner meant."""
+
+import uuid
+from collections.abc import Callable
+
+from marketplace.tags import tag_normalise
+
+
+class RuleNotNormalisable(ValueError):
+    """A rule whose meaning cannot be told: no list of text nor one text (a number, a mapping), or an entry that
+    is no text, or no service id where one goes."""
+
+
+def _handle(entry: str) -> str:
+    return entry.strip().lower()
+
+
+def _service_id(entry: str) -> str:
+    try:
+        return str(uuid.UUID(entry.strip()))
+    except ValueError:
+        raise RuleNotNormalisable(f"{entry!r} is no service id") from None
+
+
+def _tag(entry: str) -> str:
+    tag = tag_normalise(entry)
+    if not tag:
+        raise RuleNotNormalisable("an empty tag")
+    return tag
+
+
+def _token(entry: str) -> str:
+    return entry
+
+
+_ENTRY_FORMS: dict[str, Callable[[str], str]] = {
+    "allowed_sellers": _handle, "blocked_sellers": _handle,
+    "allowed_services": _service_id, "blocked_services": _service_id,
+    "allowed_tags": _tag, "blocked_tags": _tag,
+    "allowed_tokens": _token,
+}
+LIST_RULES = tuple(_ENTRY_FORMS)
+
+
+def rule_normalised(name: str, value) -> list[str]:
+    """The list rule `name` as the API writes it: a lone text is a list of it; duplicates once each. Raises
+    RuleNotNormalisable."""
+    entries = [value] if isinstance(value, str) else value
+    if not isinstance(entries, list):
+        raise RuleNotNormalisable(f"a {type(value).__name__} where a list goes")
+    if not all(isinstance(entry, str) for entry in entries):
+        raise RuleNotNormalisable("an entry that is no text")
+    return list(dict.fromkeys(_ENTRY_FORMS[name](entry) for entry in entries))
+
+
+def rule_is_canonical(name: str, value) -> bool:
+    """Whether the list rule `name` is stored as the API writes it (a repeated entry aside: the API keeps it)."""
+    if not isinstance(value, list):
+        return False
+    try:
+        return all(rule_normalised(name, [entry]) == [entry] for entry in value)
+    except RuleNotNormalisable:
+        return False
