@@ -648,3 +648,17 @@ def test_the_migration_rewrites_each_rule_in_the_form_the_api_writes_and_flags_w
     flagged = [record for record in caplog.records if record.getMessage().startswith("policy rule not normalised")]
     assert sorted(record.rule for record in flagged) == ["blocked_services", "blocked_tags"]
     assert {record.agent_id for record in flagged} == {str(buyer.pk)}
+
+
+def test_the_api_writes_each_list_rule_in_the_form_evaluation_reads(owner_api, buyer, service):
+    """What a PUT stores (the admin's form stores it through the same serializer) is what evaluation takes as read."""
+    from policies import rules
+    from policies.models import Policy
+
+    response = owner_api.put(f"/agents/{buyer.pk}/policies", {
+        "allowed_sellers": ["seller-one"], "blocked_sellers": ["seller-two"],
+        "allowed_services": [str(service.pk).upper()], "blocked_services": [service.pk.hex],
+        "allowed_tags": ["Ｎlp", "nlp"], "blocked_tags": ["Gambling"], "allowed_tokens": ["USDC"]})
+    assert response.status_code == 200, response.content
+    policy = Policy.objects.get(agent=buyer)
+    assert all(rules.rule_is_canonical(name, getattr(policy, name)) for name in rules.LIST_RULES)
