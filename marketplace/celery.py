@@ -1,18 +1,25 @@
 import os
+import time
 
 from celery import Celery, Task
-from celery.signals import task_prerun
+from celery.signals import before_task_publish, task_prerun
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
 
 
 class BoundedRedeliveryTask(Task):
     """Every task: a message redelivered because its process died runs at most TASK_MAX_REDELIVERIES more times,
-    then is a dead letter (marketplace.dead_letters)."""
+    then is a dead letter (marketplace.dead_letters); a beat task's message published before a run of it started is
+    dropped (marketplace.beat_runs)."""
 
     def __call__(self, *args, **kwargs):
         if self.request.called_directly:  # a plain function call, not a delivered message
             return super().__call__(*args, **kwargs)
+        if not self.request.is_eager:
+            from marketplace import beat_runs
+
+            if beat_runs.superseded(task_name=self.name, published_at=self.request.get("published_at")):
+                return None
         if not self.request.is_eager and (self.request.delivery_info or {}).get("redelivered"):
             from marketplace import dead_letters
 
@@ -26,6 +33,13 @@ class BoundedRedeliveryTask(Task):
 app = Celery("marketplace", task_cls=BoundedRedeliveryTask)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@before_task_publish.connect
+def _messages_carry_when_they_were_published(headers=None, **kwargs):
+    """Each publish stamped with its own time (a retry's anew), for marketplace.beat_runs."""
+    if headers is not None:
+        headers["published_at"] = time.time()
 
 
 @task_prerun.connect

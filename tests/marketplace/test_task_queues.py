@@ -90,6 +90,52 @@ def test_a_queued_webhook_delivery_waits_on_the_outbound_queue_and_a_transaction
     assert queued(settings.CELERY_TASK_DEFAULT_QUEUE) == ["escrow.tasks.submit_transaction"]
 
 
+
+def _worker_runs(connection, queue: str) -> int:
+    """Each message waiting on `queue` taken and run as a worker runs it (its headers its request): how many."""
+    from celery.app.trace import build_tracer
+
+    simple, taken = connection.SimpleQueue(queue), 0
+    try:
+        while True:
+            try:
+                message = simple.get(block=False)
+            except simple.Empty:
+                return taken
+            args, kwargs, _ = message.decode()
+            task = app.tasks[message.headers["task"]]
+            build_tracer(task.name, task, app=app, propagate=True)(
+                message.headers["id"], args, kwargs, {**message.headers, "delivery_info": {}})
+            message.ack()
+            taken += 1
+    finally:
+        simple.close()
+
+
+def test_beat_messages_that_piled_up_while_no_worker_took_them_run_once_not_each(published, monkeypatch, settings):
+    """The beat sends a poll every 3 s (a settlement tick every 10, ...) whether or not a worker took the last: with
+    the default queue's workers down or behind, up to a minute of them (their expiry) waited, and once a worker was
+    free each ran in turn, the same full pass twenty times over (500 transactions read from the node each), ahead of
+    the submissions queued behind them. A beat message published before a run of its task started is dropped: that
+    run did its work."""
+    from escrow import relayer
+    from escrow.tasks import poll_confirmations
+
+    settings.BEAT_SUPERSEDED_MARGIN_SECONDS = 0  # the beat's clock and the worker's one (one host here)
+    connection, _ = published
+    polls = []
+    monkeypatch.setattr(relayer, "transactions_poll", lambda: polls.append(1) or 0)
+    for _ in range(20):  # a minute of the beat's polls, no worker taking them
+        poll_confirmations.apply_async(connection=connection, expires=60)
+    assert _worker_runs(connection, settings.CELERY_TASK_DEFAULT_QUEUE) == 20
+    assert len(polls) == 1
+
+    poll_confirmations.apply_async(connection=connection, expires=60)  # the next beat, once the pile is done
+    submit_transaction.apply_async(("transaction-1",), connection=connection)  # no beat task: never dropped
+    monkeypatch.setattr(relayer, "transaction_submit", lambda **kwargs: polls.append("submit"))
+    assert _worker_runs(connection, settings.CELERY_TASK_DEFAULT_QUEUE) == 2
+    assert polls == [1, 1, "submit"]
+
 @pytest.fixture
 def silent_broker():
     """A Redis that takes connections and never answers (a primary hung, or lost mid-failover): the URL."""
