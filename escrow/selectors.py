@@ -398,9 +398,13 @@ def purchase_pay_by_time(*, agreement_id) -> int | None:
 
 def purchase_signed_refund_unlock_time(*, agreement_id) -> int | None:
     """The unlockTime (unix) of the Masumi purchase bought as this agreement when its buyer's refund request, signed
-    until then, waits to dispute the result's proposal; None otherwise."""
-    unlock = MasumiPurchase.objects.filter(agreement_id=agreement_id, refund_requested_at__isnull=False).exclude(
-        refund_signature="").values_list("unlock_time", flat=True).first()
+    until then and asked before the result, waits to dispute the result's proposal; None otherwise. Not one asked
+    after the result: the result submitted in time is the seller's claim, proposed however late (left unproposed, the
+    escrow was reclaimed for the buyer holding the result); that request disputes it while it still can."""
+    unlock = MasumiPurchase.objects.filter(
+        Q(result_submitted_at=None) | Q(refund_requested_at__lt=F("result_submitted_at")),
+        agreement_id=agreement_id, refund_requested_at__isnull=False,
+    ).exclude(refund_signature="").values_list("unlock_time", flat=True).first()
     return None if unlock is None else int(unlock.timestamp())
 
 

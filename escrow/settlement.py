@@ -108,7 +108,8 @@ def _refund_request_stranded(agreement: UsageAgreement, *, now: int) -> bool:
     (the SDK signs no later: DESIGN 8b): a result's proposal from MASUMI_MIN_DISPUTE_SECONDS before unlockTime on
     (delayed: the node down) can no longer be disputed with it (`signature_expired`, then `unlock_time_passed`), and
     would pay the seller at its window's end. Left unproposed, the escrow is reclaimed for the buyer after the
-    contract's grace, as a refund without a result that late is (`purchases_tick`)."""
+    contract's grace, as a refund without a result that late is (`purchases_tick`). Not a request asked after the
+    result (`selectors.purchase_signed_refund_unlock_time`): the result is the seller's claim, proposed."""
     unlock = selectors.purchase_signed_refund_unlock_time(agreement_id=agreement.pk)
     return unlock is not None and now + settings.MASUMI_MIN_DISPUTE_SECONDS > unlock
 

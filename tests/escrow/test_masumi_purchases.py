@@ -1425,6 +1425,50 @@ def test_a_refund_requested_before_the_result_stays_the_buyers_when_the_results_
     call_command("reconcile")
 
 
+@pytest.mark.parametrize(("node_back_after_unlock_time", "outcome"), [(-200, "Disputed"), (60, "Withdrawn")],
+                         ids=["while_its_dispute_can_be_mined", "past_it"])
+def test_a_refund_requested_after_the_result_does_not_take_the_sellers_pay_when_the_results_proposal_is_delayed(
+        escrow_chain, seller_service, monkeypatch, django_capture_on_commit_callbacks, node_back_after_unlock_time,
+        outcome):
+    """The seller's result recorded before submitResultTime, its proposal deferred (the node down), and the buyer,
+    holding the result, asks for its refund (signed) before the proposal is sent. The node back in unlockTime's last
+    minutes, the proposal was held back as for a refund asked before the result (`_refund_request_stranded`), and the
+    escrow reclaimed for the buyer after the contract's grace: the seller's work delivered in time went unpaid and
+    undisputed. The result is the seller's claim: it is proposed, and the buyer's request disputes it while its
+    signature can still be mined (an operator decides, as for a prompt proposal); past that, the buyer's own
+    challenge is its recourse, and the seller is paid at the window's end."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain, capture, seller_service)
+    assert purchase.tick()["started"] == 1
+
+    def node_down(**_):
+        raise gateway.RpcUnavailable("read timed out")
+
+    with monkeypatch.context() as patched:  # the result recorded, its proposal deferred to the settlement tick
+        patched.setattr(settlement.selectors, "escrow_terms", node_down)
+        assert run(capture, purchases.purchases_jobs_tick)["results"] == 1
+    assert purchase.get()["result"]  # the buyer has it
+    typed = purchase.get()["refundRequestTypedData"]
+    requested = purchase.parties.buyer_api.patch("/purchase", {
+        "network": "Preprod", "blockchainIdentifier": purchase.id,
+        "signature": sign_typed_data(purchase.parties.buyer_account.key, typed)})
+    assert requested.status_code == 200 and requested.json()["data"]["onChainState"] == "RefundRequested"
+
+    chain.increase_time(purchase.timers["unlockTime"] + node_back_after_unlock_time - chain.now())
+    assert purchase.settle()["proposed"] == 1  # was 0: held back, then reclaimed for the buyer
+    purchase.tick()
+    assert purchase.get()["onChainState"] == ("Disputed" if outcome == "Disputed" else "RefundRequested")
+    chain.increase_time(purchase.timers["submitResultTime"] + chain.reclaim_grace - chain.now())
+    assert purchase.settle()["reclaiming"] == 0
+    if outcome == "Withdrawn":
+        chain.increase_time(2 * (purchase.timers["unlockTime"] - purchase.timers["payByTime"]))
+        assert purchase.settle()["finalizing"] == 1
+        confirm_all(capture)
+        purchase.assert_moved(seller=PRICE, buyer=0)
+    assert purchase.onchain()["state"] != "reclaimed"
+    call_command("reconcile")
+
+
 def test_the_buyers_signed_refund_request_mined_at_unlock_time_itself_is_in_time(
         escrow_chain, seller_service, django_capture_on_commit_callbacks):
     """The refund request handed out (`refundRequestTypedData`) is signed until unlockTime, and the contract takes it
