@@ -189,10 +189,11 @@ class ApiKeyAdmin(CredentialAdmin):
 
 @admin.register(OwnerToken)
 class OwnerTokenAdmin(CredentialAdmin):
-    list_display = ("prefix", "owner", "name", "created_at", "expires_at", "revoked_at", "last_used_at")
+    list_display = ("prefix", "owner", "name", "scope", "created_at", "expires_at", "revoked_at", "last_used_at")
+    list_filter = (CredentialStatusFilter, "scope")
     search_fields = ("prefix", "name", "owner__username", "owner__email")
     list_select_related = ("owner",)
-    fields = ("owner", *CREDENTIAL_FIELDS)
+    fields = ("owner", "scope", *CREDENTIAL_FIELDS)
     readonly_fields = fields
 
 

@@ -17,7 +17,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
 from catalog import selectors
-from catalog.models import SCOPE_RANK, ApiKey, KeyScope, OwnerToken
+from catalog.models import OWNER_SCOPE_OF_KEY_SCOPE, SCOPE_RANK, ApiKey, KeyScope, OwnerScope, OwnerToken
 from marketplace.caching import for_a_second
 from marketplace.errors import Forbidden, NotFound
 from marketplace.keys import digest_secret, parse_secret, secret_matches
@@ -241,6 +241,39 @@ class IsOwner(permissions.BasePermission):
         return request.auth is None and request.user.is_authenticated
 
 
+def owner_scope(scope: str) -> type[permissions.BasePermission]:
+    """Permission (IsOwner) whose owner token holds `scope` (read < approve < admin): 403 `insufficient_scope`
+    otherwise. An admin session (a person signed in) acts with every scope."""
+
+    class IsOwnerWithScope(IsOwner):
+        def has_permission(self, request, view):
+            if not super().has_permission(request, view):
+                return False
+            owner_token_scope_check(request, scope)
+            return True
+
+    IsOwnerWithScope.__name__ = f"IsOwnerWithScope_{scope}"
+    return IsOwnerWithScope
+
+
+def owner_scope_by_method(*, read: str = OwnerScope.READ, write: str) -> type[permissions.BasePermission]:
+    """owner_scope(read) for GET and HEAD, owner_scope(write) for the other methods."""
+
+    class IsOwnerWithScopeOfMethod(IsOwner):
+        def has_permission(self, request, view):
+            scope = read if request.method in permissions.SAFE_METHODS else write
+            return owner_scope(scope)().has_permission(request, view)
+
+    IsOwnerWithScopeOfMethod.__name__ = f"IsOwnerWithScopeOfMethod_{read}_{write}"
+    return IsOwnerWithScopeOfMethod
+
+
+def owner_token_scope_check(request, scope: str) -> None:
+    if isinstance(request.auth, OwnerToken) and not request.auth.grants(scope):
+        raise Forbidden(f"This endpoint needs an owner token with the `{scope}` scope.", code="insufficient_scope",
+                        details={"scope_needed": scope, "token_scopes": request.auth.scopes})
+
+
 class IsAgentOrOwner(permissions.BasePermission):
     """An agent API key or its owner's credentials, for routes under /agents/{agent_id}/ that either may use (the
     Pægents SDK calls them with the agent's key, or with an owner token); `acting_agent` checks which agent."""
@@ -262,7 +295,10 @@ def agent_or_owner(scope: str) -> type[permissions.BasePermission]:
             if isinstance(request.auth, ApiKey):
                 acting_agent(request, view.kwargs["agent_id"], scope=scope)  # 404 or 403 as the handler says
                 return True
-            return super().has_permission(request, view)
+            if not super().has_permission(request, view):
+                return False
+            owner_token_scope_check(request, OWNER_SCOPE_OF_KEY_SCOPE[KeyScope(scope)])
+            return True
 
     IsAgentWithScopeOrOwner.__name__ = f"IsAgentWithScopeOrOwner_{scope}"
     return IsAgentWithScopeOrOwner
@@ -285,7 +321,10 @@ class IsOperator(permissions.BasePermission):
     code = "operator_required"
 
     def has_permission(self, request, view):
-        return IsOwner().has_permission(request, view) and request.user.is_staff
+        if not (IsOwner().has_permission(request, view) and request.user.is_staff):
+            return False
+        owner_token_scope_check(request, OwnerScope.ADMIN)  # an operator's narrower token acts as an owner only
+        return True
 
 
 def operator_with(permission: str) -> type[permissions.BasePermission]:

@@ -1,5 +1,6 @@
 import secrets
 import uuid
+from typing import ClassVar
 
 from django.conf import settings
 from django.contrib.postgres.search import SearchVectorField
@@ -77,6 +78,21 @@ class KeyScope(models.TextChoices):
 SCOPE_RANK = {KeyScope.READ: 0, KeyScope.PAY: 1, KeyScope.ADMIN: 2}
 
 
+class OwnerScope(models.TextChoices):
+    """An owner token's powers, hierarchical: admin (agents, keys, policies, webhooks, tokens) includes approve
+    (deciding held purchases), approve includes read."""
+
+    READ = "read"
+    APPROVE = "approve"
+    ADMIN = "admin"
+
+
+OWNER_SCOPE_RANK = {OwnerScope.READ: 0, OwnerScope.APPROVE: 1, OwnerScope.ADMIN: 2}
+# What an owner token needs on a route an agent's key of the given scope may call (catalog.authentication.agent_or_owner).
+OWNER_SCOPE_OF_KEY_SCOPE = {KeyScope.READ: OwnerScope.READ, KeyScope.PAY: OwnerScope.APPROVE,
+                            KeyScope.ADMIN: OwnerScope.ADMIN}
+
+
 class BearerSecret(models.Model):
     name = models.CharField(max_length=100, blank=True)
     prefix = models.CharField(max_length=16, unique=True, editable=False)
@@ -85,14 +101,23 @@ class BearerSecret(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    scope_rank: ClassVar[dict[str, int]]  # of the `scope` field each subclass declares
 
     class Meta:
         abstract = True
+
+    @property
+    def scopes(self) -> list[str]:
+        return [scope for scope, rank in self.scope_rank.items() if rank <= self.scope_rank[self.scope]]
+
+    def grants(self, scope: str) -> bool:
+        return self.scope_rank[self.scope] >= self.scope_rank[scope]
 
 
 class ApiKey(BearerSecret):
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="api_keys")
     scope = models.CharField(max_length=8, choices=KeyScope.choices, default=KeyScope.PAY)
+    scope_rank = SCOPE_RANK
 
     class Meta:
         verbose_name = "API key"
@@ -107,18 +132,17 @@ class ApiKey(BearerSecret):
     def __str__(self) -> str:
         return f"mk_{self.prefix}… ({self.agent.handle})"
 
-    @property
-    def scopes(self) -> list[str]:
-        return [s.value for s, rank in SCOPE_RANK.items() if rank <= SCOPE_RANK[KeyScope(self.scope)]]
-
-    def grants(self, scope: str) -> bool:
-        return SCOPE_RANK[KeyScope(self.scope)] >= SCOPE_RANK[KeyScope(scope)]
-
 
 class OwnerToken(BearerSecret):
-    """Lets an owner (a person) act through the API: policies, approvals."""
+    """Lets an owner (a person) act through the API: agents, keys, policies, approvals, within its scope."""
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="owner_tokens")
+    # Tokens issued before scopes existed could do everything: they keep `admin`.
+    scope = models.CharField(max_length=8, choices=OwnerScope.choices, default=OwnerScope.ADMIN)
+    scope_rank = OWNER_SCOPE_RANK
+
+    class Meta:
+        indexes = [models.Index(fields=["owner", "-created_at", "-id"], name="catalog_ownertoken_listing")]
 
     def __str__(self) -> str:
         return f"ot_{self.prefix}… ({self.owner})"

@@ -16,7 +16,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, ApiKey, Availability, \
-    Service, ServiceState, Skill, Tag
+    OwnerToken, Service, ServiceState, Skill, Tag
 from marketplace.caching import kept_for_a_second
 from marketplace.errors import InvalidInput, NotFound
 from marketplace.pagination import cursor_after, cursor_issued_for, cursor_values
@@ -66,6 +66,20 @@ def api_key_get(*, agent: Agent, key_id: int) -> ApiKey:
     if key is None:
         raise NotFound("No such API key.", code="api_key_not_found")
     return key
+
+
+def owner_tokens_of(*, owner, include_revoked: bool = False) -> QuerySet[OwnerToken]:
+    """The owner's tokens, unrevoked ones only unless `include_revoked`, in `API_KEY_ORDERING` (newest first)."""
+    tokens = OwnerToken.objects.filter(owner=owner)
+    return (tokens if include_revoked else tokens.filter(revoked_at=None)).order_by(*API_KEY_ORDERING)
+
+
+def owner_token_get(*, owner, token_id: int) -> OwnerToken:
+    """The owner's token `token_id`; 404 for another owner's, as for one that does not exist."""
+    token = OwnerToken.objects.filter(owner=owner, pk=token_id).first()
+    if token is None:
+        raise NotFound("No such owner token.", code="owner_token_not_found")
+    return token
 
 
 def _with_relations(queryset: QuerySet[Service]) -> QuerySet[Service]:

@@ -11,6 +11,7 @@ from catalog.models import (
     Availability,
     KeyScope,
     MasumiProtocolVersion,
+    OwnerScope,
     PricingType,
     UpstreamProtocol,
 )
@@ -77,10 +78,35 @@ class ApiKeyListQuery(PageQuerySerializer, StrictSerializer):
 ApiKeyPageSerializer = page_serializer(ApiKeySerializer, "ApiKeyPage")
 
 
+def _issued_secret_field(what: str) -> serializers.CharField:
+    return serializers.CharField(allow_null=True, help_text=(
+        f"The {what} itself, shown once: store it now. Null on an idempotent replay of this request (the platform "
+        f"keeps only its digest; header `Idempotent-Secret-Withheld: not_kept`)."))
+
+
 class ApiKeyIssuedSerializer(ApiKeySerializer):
-    secret = serializers.CharField(allow_null=True, help_text=(
-        "The key itself, shown once: store it now. Null on an idempotent replay of this request (the platform keeps "
-        "only the key's digest; header `Idempotent-Secret-Withheld: not_kept`)."))
+    secret = _issued_secret_field("key")
+
+
+class OwnerTokenCreateSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=100, required=False, default="")
+    scope = serializers.ChoiceField(choices=OwnerScope.choices, default=OwnerScope.READ, help_text=(
+        "`read` sees agents, keys, policies and approvals; `approve` also decides held purchases; `admin` also "
+        "changes them (agents, keys, policies, webhooks, owner tokens). Least power by default."))
+    expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
+
+
+class OwnerTokenSerializer(ApiKeySerializer):
+    """An owner token as its owner sees it: the same fields as an agent's API key, with the owner's scopes."""
+
+    is_this_token = serializers.BooleanField(help_text="Whether this is the token the request was made with.")
+
+
+class OwnerTokenIssuedSerializer(OwnerTokenSerializer):
+    secret = _issued_secret_field("token")
+
+
+OwnerTokenPageSerializer = page_serializer(OwnerTokenSerializer, "OwnerTokenPage")
 
 
 # --- services ------------------------------------------------------------------------------------------------

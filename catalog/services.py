@@ -136,12 +136,22 @@ def api_key_issue(*, agent: Agent, scope: str = KeyScope.PAY, name: str = "",
     return IssuedCredential(credential=key, secret=issued.plaintext)
 
 
-def owner_token_issue(*, owner: AbstractBaseUser, name: str = "", expires_at: datetime | None = None
+def owner_token_issue(*, owner: AbstractBaseUser, scope: str, name: str = "", expires_at: datetime | None = None
                       ) -> IssuedCredential:
+    if expires_at is not None and expires_at <= timezone.now():
+        raise InvalidInput("expires_at must be in the future.", code="expiry_in_past")
     issued = issue_secret("ot")
-    token = OwnerToken.objects.create(
-        owner=owner, name=name, expires_at=expires_at, prefix=issued.prefix, secret_digest=issued.digest
-    )
+    with transaction.atomic():
+        # The owner's row, locked, orders two issues at once, so neither passes the count the other makes.
+        type(owner).objects.select_for_update().filter(pk=owner.pk).first()
+        now = timezone.now()
+        live = OwnerToken.objects.filter(Q(expires_at=None) | Q(expires_at__gt=now), owner=owner,
+                                         revoked_at=None).count()
+        if live >= settings.OWNER_TOKENS_PER_OWNER:
+            raise Conflict(f"You already hold {live} live owner tokens; revoke one first.",
+                           code="owner_token_limit_reached", details={"max_tokens": settings.OWNER_TOKENS_PER_OWNER})
+        token = OwnerToken.objects.create(owner=owner, scope=scope, name=name, expires_at=expires_at,
+                                          prefix=issued.prefix, secret_digest=issued.digest)
     return IssuedCredential(credential=token, secret=issued.plaintext)
 
 

@@ -6,8 +6,16 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from catalog import selectors, services
-from catalog.authentication import IsOwner, agent_key_holder, agent_scope, calling_agent, presents_agent_key
-from catalog.models import KeyScope
+from catalog.authentication import (
+    agent_key_holder,
+    agent_scope,
+    calling_agent,
+    owner_scope,
+    owner_scope_by_method,
+    owner_token_scope_check,
+    presents_agent_key,
+)
+from catalog.models import KeyScope, OwnerScope, OwnerToken
 from catalog.serializers import (
     AgentCreateSerializer,
     AgentSerializer,
@@ -16,6 +24,10 @@ from catalog.serializers import (
     ApiKeyListQuery,
     ApiKeyPageSerializer,
     ApiKeySerializer,
+    OwnerTokenCreateSerializer,
+    OwnerTokenIssuedSerializer,
+    OwnerTokenPageSerializer,
+    OwnerTokenSerializer,
     OwnServicePageSerializer,
     OwnServiceSerializer,
     OwnServicesQuery,
@@ -81,7 +93,7 @@ class MyAgentView(APIView):
 
 
 class OwnerAgentsView(APIView):
-    permission_classes = [IsOwner]
+    permission_classes = [owner_scope_by_method(write=OwnerScope.ADMIN)]
 
     @extend_schema(operation_id="agents_list", summary="Your agents (owner)", responses={
         200: AgentSerializer(many=True), **error_responses()}, tags=["agents"], auth=OWNER)
@@ -101,7 +113,7 @@ class OwnerAgentsView(APIView):
 
 
 class AgentApiKeysView(APIView):
-    permission_classes = [IsOwner]
+    permission_classes = [owner_scope_by_method(write=OwnerScope.ADMIN)]
 
     @extend_schema(operation_id="api_keys_list", summary="An agent's API keys (owner), newest first, a page at a time",
                    parameters=[ApiKeyListQuery],
@@ -131,7 +143,7 @@ class AgentApiKeysView(APIView):
 
 
 class AgentApiKeyRevokeView(APIView):
-    permission_classes = [IsOwner]
+    permission_classes = [owner_scope(OwnerScope.ADMIN)]
 
     @extend_schema(operation_id="api_keys_revoke", summary="Revoke an API key (owner); idempotent", request=None,
                    responses={200: ApiKeySerializer, **error_responses(404)}, tags=["agents"], auth=OWNER)
@@ -139,6 +151,64 @@ class AgentApiKeyRevokeView(APIView):
         agent = selectors.agent_get(agent_id=agent_id, owner=request.user)
         key = selectors.api_key_get(agent=agent, key_id=key_id)
         return Response(_key_payload(services.credential_revoke(credential=key)))
+
+
+def _is_presented(request, token) -> bool:
+    return isinstance(request.auth, OwnerToken) and request.auth.pk == token.pk
+
+
+def _token_payload(request, token, secret: str | None = None) -> dict:
+    fields = ("id", "name", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at")
+    data = {**{f: getattr(token, f) for f in fields}, "is_this_token": _is_presented(request, token)}
+    if secret is None:
+        return OwnerTokenSerializer(data).data
+    return OwnerTokenIssuedSerializer({**data, "secret": secret}).data
+
+
+class OwnerTokensView(APIView):
+    permission_classes = [owner_scope_by_method(write=OwnerScope.ADMIN)]
+
+    @extend_schema(operation_id="owner_tokens_list", summary="Your owner tokens (owner), newest first, a page at a time",
+                   parameters=[ApiKeyListQuery], responses={200: OwnerTokenPageSerializer, **error_responses()},
+                   tags=["owners"], auth=OWNER)
+    def get(self, request):
+        query = ApiKeyListQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        tokens = selectors.owner_tokens_of(owner=request.user,
+                                           include_revoked=query.validated_data["include_revoked"] == "true")
+        rows, next_cursor = paginate(tokens, ordering=selectors.API_KEY_ORDERING,
+                                     cursor=query.validated_data.get("cursor"), limit=query.validated_data["limit"])
+        return Response({"results": [_token_payload(request, token) for token in rows], "next_cursor": next_cursor})
+
+    @extend_schema(operation_id="owner_tokens_issue",
+                   summary="Issue an owner token (owner, `admin` scope); shown once",
+                   description="A narrower token for what needs less: `read` for a dashboard, `approve` for an "
+                               "approvals app. The first token of an owner is issued by an operator "
+                               "(`manage.py owner_token_issue`).",
+                   request=OwnerTokenCreateSerializer,
+                   responses={201: OwnerTokenIssuedSerializer, **error_responses(409, 422)}, tags=["owners"],
+                   auth=OWNER)
+    @idempotent()
+    def post(self, request):
+        body = OwnerTokenCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        issued = services.owner_token_issue(owner=request.user, **body.validated_data)
+        return shown_once(Response(_token_payload(request, issued.credential, issued.secret),
+                                   status=status.HTTP_201_CREATED), "secret")
+
+
+class OwnerTokenRevokeView(APIView):
+    permission_classes = [owner_scope(OwnerScope.READ)]
+
+    @extend_schema(operation_id="owner_tokens_revoke",
+                   summary="Revoke an owner token (owner: `admin` scope, or any token revoking itself); idempotent",
+                   request=None, responses={200: OwnerTokenSerializer, **error_responses(404)}, tags=["owners"],
+                   auth=OWNER)
+    def post(self, request, token_id):
+        token = selectors.owner_token_get(owner=request.user, token_id=token_id)
+        if not _is_presented(request, token):
+            owner_token_scope_check(request, OwnerScope.ADMIN)
+        return Response(_token_payload(request, services.credential_revoke(credential=token)))
 
 
 def _secret_context(request) -> dict:

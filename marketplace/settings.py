@@ -380,6 +380,7 @@ CELERY_BEAT_SCHEDULE["purge-webhook-deliveries"] = {"task": "agreements.tasks.pu
 # test send, so their number is how many posts one event makes. (Rate limits count per agent, whatever its keys.)
 WEBHOOK_SUBSCRIPTIONS_PER_AGENT = env.int("WEBHOOK_SUBSCRIPTIONS_PER_AGENT", default=10)
 API_KEYS_PER_AGENT = env.int("API_KEYS_PER_AGENT", default=25)
+OWNER_TOKENS_PER_OWNER = env.int("OWNER_TOKENS_PER_OWNER", default=25)
 # Agents an owner may create (handles are one namespace for every tenant).
 AGENTS_PER_OWNER = env.int("AGENTS_PER_OWNER", default=50)
 # A service's free-form `capabilities` and `metadata`, each at most this many bytes of JSON (shown in every search

@@ -3,7 +3,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from catalog import selectors as catalog_selectors
-from catalog.authentication import IsOwner
+from catalog.authentication import owner_scope, owner_scope_by_method
+from catalog.models import OwnerScope
 from marketplace.errors import InvalidInput
 from marketplace.pagination import page_serializer, paginate
 from marketplace.serializers import error_responses
@@ -26,7 +27,7 @@ def _owned_agent(request, agent_id):
 
 
 class PolicyView(APIView):
-    permission_classes = [IsOwner]
+    permission_classes = [owner_scope_by_method(write=OwnerScope.ADMIN)]
 
     @extend_schema(operation_id="policies_get", summary="The agent's policy (owner)", tags=TAGS, auth=OWNER,
                    responses={200: PolicySerializer, **error_responses(404)})
@@ -49,7 +50,7 @@ class PolicyView(APIView):
 
 
 class ApprovalsView(APIView):
-    permission_classes = [IsOwner]
+    permission_classes = [owner_scope(OwnerScope.READ)]
 
     @extend_schema(operation_id="approvals_list", summary="Approval requests of the agent, newest first (owner)",
                    tags=TAGS, auth=OWNER, parameters=[ApprovalListQuery],
@@ -88,7 +89,8 @@ def _decision_view(approve: bool):
                                             note=note or reason)
         return Response(ApprovalSerializer(approval).data)
 
-    return type(f"Approval{verb.title()}View", (APIView,), {"permission_classes": [IsOwner], "post": post})
+    return type(f"Approval{verb.title()}View", (APIView,), {"permission_classes": [owner_scope(OwnerScope.APPROVE)],
+                                                                   "post": post})
 
 
 ApproveView = _decision_view(approve=True)

@@ -30,8 +30,8 @@ def issue_key(agent, scope="pay") -> str:
     return services.api_key_issue(agent=agent, scope=scope).secret
 
 
-def issue_owner_token(owner) -> str:
-    return services.owner_token_issue(owner=owner).secret
+def issue_owner_token(owner, scope="admin") -> str:
+    return services.owner_token_issue(owner=owner, scope=scope).secret
 
 
 def service_data(**overrides) -> dict:

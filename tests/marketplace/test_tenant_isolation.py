@@ -54,6 +54,8 @@ OWN_ROWS = {
     "masumi_payment_information": "how to pay a listed service: the public catalog, for any key",
     "agents_list": "agents_of_owner(owner=caller)",
     "agents_create": "creates an agent of the caller",
+    "owner_tokens_list": "owner_tokens_of(owner=caller)",
+    "owner_tokens_issue": "issues a token of the caller",
     "agent_me": "the calling key's agent",
     "services_list_own": "services_of_seller(seller=caller)",
     "services_register": "creates a service of the caller",
@@ -82,7 +84,7 @@ OWN_ROWS = {
 # GET operations of OWN_ROWS that list rows (with their required query): tenant B's answer must name none of
 # tenant A's objects.
 MASUMI_QUERY = {"network": "Preprod"}
-LISTINGS = {"/agents": {}, "/agents/me": {}, "/agents/services": {}, "/usage-agreements": {}, "/webhooks": {},
+LISTINGS = {"/agents": {}, "/owner-tokens": {}, "/agents/me": {}, "/agents/services": {}, "/usage-agreements": {}, "/webhooks": {},
             "/registry/": MASUMI_QUERY, "/purchase/": MASUMI_QUERY, "/payment/": MASUMI_QUERY}
 
 
@@ -109,6 +111,7 @@ OBJECTS = {
     "api_keys_list": Reach("owner", None),
     "api_keys_issue": Reach("owner", None, {"scope": "read"}),
     "api_keys_revoke": Reach("owner", None),
+    "owner_tokens_revoke": Reach("owner", None),
     "approvals_list": Reach("owner", None),
     "approvals_approve": Reach("owner", None),
     "approvals_reject": Reach("owner", None),
@@ -251,6 +254,7 @@ def tenant_a(http_server):
     a.delivery_id = WebhookDelivery.objects.filter(subscription_id=a.subscription_id).first().pk
     a.event_id = AgreementEvent.objects.filter(agreement_id=a.agreement_id).first().pk
     a.key_id = a.buyer.api_keys.first().pk
+    a.token_id = a.owner.owner_tokens.first().pk
     # A service of A's taken off the catalog: only its seller sees it.
     a.unlisted = register_service(a.seller, name="Unlisted", skills=[{"name": "hidden", "description": "Hidden",
                                                                        "price_atomic": 1}],
@@ -285,7 +289,7 @@ def path_values(a: Tenant, template: str, *, agent_id) -> dict:
     """Tenant A's objects for the path `template`: its seller's subscription under /webhooks/ (an agent key's own),
     its buyer's under /agents/{agent_id}/webhooks/."""
     subscription_id = a.seller_subscription_id if template.startswith("/webhooks/") else a.subscription_id
-    return {"agent_id": agent_id, "key_id": a.key_id, "request_id": a.approval_id, "event_id": f"evt_{a.event_id}",
+    return {"agent_id": agent_id, "key_id": a.key_id, "token_id": a.token_id, "request_id": a.approval_id, "event_id": f"evt_{a.event_id}",
             "subscription_id": subscription_id, "delivery_id": a.delivery_id, "agreement_id": a.agreement_id,
             "service_id": a.unlisted.pk, "purchase_ref": a.purchase_id, "path": "translate"}
 
@@ -295,7 +299,7 @@ def a_path(a: Tenant, template: str) -> str:
     return filled(template, path_values(a, template, agent_id=a.buyer.pk))
 
 
-NOBODYS = {"agent_id": uuid.UUID(int=1), "key_id": 2**31 - 1, "request_id": uuid.UUID(int=2),
+NOBODYS = {"agent_id": uuid.UUID(int=1), "key_id": 2**31 - 1, "token_id": 2**31 - 1, "request_id": uuid.UUID(int=2),
            "event_id": "evt_999999999", "subscription_id": uuid.UUID(int=3), "delivery_id": uuid.UUID(int=4),
            "agreement_id": uuid.UUID(int=5), "service_id": uuid.UUID(int=6), "purchase_ref": uuid.UUID(int=7),
            "path": "translate"}
@@ -441,7 +445,8 @@ def test_a_read_key_is_refused_every_write_that_names_no_object_and_changes_noth
             continue
         for api in read_keys:
             response = call(api, method, path, Reach("buyer", None))
-            expected = "owner_credentials_required" if operation_id == "agents_create" else "insufficient_scope"
+            expected = ("owner_credentials_required" if operation_id in ("agents_create", "owner_tokens_issue")
+                        else "insufficient_scope")
             assert refusal(response) == (403, expected), (operation_id, response.content[:300])
     assert rows() == before
 

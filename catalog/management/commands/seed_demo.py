@@ -16,7 +16,7 @@ from django.db import transaction
 from eth_account import Account
 
 from catalog import services
-from catalog.models import Agent, ApiKey, KeyScope, OwnerToken
+from catalog.models import Agent, ApiKey, KeyScope, OwnerScope, OwnerToken
 from marketplace.demo_wallets import DEMO_BUYER_WALLET, DEMO_SELLER_WALLET, DEMO_WALLETS
 
 DEMO_KEY_NAME = "demo"
@@ -62,7 +62,8 @@ def demo_credentials_issue() -> list[tuple[str, str]]:
         services.credential_revoke(credential=credential)
     return [
         ("Admin login", f"demo / {password}  (http://127.0.0.1:8000/admin/)"),
-        ("Owner token", services.owner_token_issue(owner=owner, name=DEMO_KEY_NAME).secret),
+        ("Owner token", services.owner_token_issue(owner=owner, scope=OwnerScope.ADMIN,
+                                                        name=DEMO_KEY_NAME).secret),
         ("Buyer key (demo-buyer)",
          services.api_key_issue(agent=buyer, scope=KeyScope.PAY, name=DEMO_KEY_NAME).secret),
         ("Seller key (demo-seller)",
