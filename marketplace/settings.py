@@ -744,5 +744,6 @@ for _entry in CELERY_BEAT_SCHEDULE.values():
     _entry.setdefault("options", {}).setdefault("expires", max(_entry["schedule"].total_seconds(), 60))
 del _entry
 # ... and one published more than this before a run of its task started (that run did its work) is dropped unrun by
-# the worker (marketplace.beat_runs): the minute's pile ran as twenty polls. The beat's and the workers' clocks apart.
+# the worker (marketplace.beat_runs): the minute's pile ran as twenty polls. Above the beat's and the workers' clocks
+# apart: a worker's clock further ahead drops the next fresh message too (its work then done a period later).
 BEAT_SUPERSEDED_MARGIN_SECONDS = env.float("BEAT_SUPERSEDED_MARGIN_SECONDS", default=1.0)
