@@ -81,7 +81,8 @@ def seller_with_service(*, handle: str, upstream_base_url: str, unit_price: int,
 
     owner = get_user_model().objects.create_user(f"{handle}-owner")
     seller = catalog_services.agent_create(owner=owner, handle=handle, display_name="Bench seller",
-                                           wallet_address=devchain.DEV_ADDRESSES[4], is_buyer=False, is_seller=True)
+                                           wallet_address=devchain.DEV_ADDRESSES[4], wallet_proof=None,
+                                           unproven_allowed=True, is_buyer=False, is_seller=True)
     body = ServiceWriteSerializer(data={
         "name": "Bench service", "tags": ["bench"], "capability": {"name": "bench", "version": "1.0.0"},
         "pricing": {"type": pricing_type, "unit_name": "call" if pricing_type == "per_call" else "token", "unit_price_atomic": unit_price, "token": "USDC"},
@@ -101,7 +102,8 @@ def buyer_with_key(*, handle: str):
 
     owner = get_user_model().objects.create_user(f"{handle}-owner")
     buyer = catalog_services.agent_create(owner=owner, handle=handle, display_name="Bench buyer",
-                                          wallet_address=devchain.DEV_ADDRESSES[5])
+                                          wallet_address=devchain.DEV_ADDRESSES[5], wallet_proof=None,
+                                          unproven_allowed=True)
     return buyer, catalog_services.api_key_issue(agent=buyer, scope=KeyScope.PAY).secret
 
 

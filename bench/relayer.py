@@ -229,7 +229,8 @@ def seed(keys: list) -> list[Activation]:
     settings.AGENTS_PER_OWNER = max(settings.AGENTS_PER_OWNER, len(keys) + 1)  # one owner holds every bench agent
     owner = get_user_model().objects.create_user("relayer-bench-owner")
     seller = catalog_services.agent_create(owner=owner, handle="bench-seller", display_name="Bench seller",
-                                           wallet_address=devchain.DEV_ADDRESSES[4], is_buyer=False, is_seller=True)
+                                           wallet_address=devchain.DEV_ADDRESSES[4], wallet_proof=None,
+                                           unproven_allowed=True, is_buyer=False, is_seller=True)
     body = ServiceWriteSerializer(data={
         "name": "Bench translator", "tags": ["bench"], "capability": {"name": "translate", "version": "1.0.0"},
         "pricing": {"type": "per_call", "unit_name": "call", "unit_price_atomic": UNIT_PRICE, "token": "USDC"},
@@ -240,7 +241,8 @@ def seed(keys: list) -> list[Activation]:
     activations = []
     for i, key in enumerate(keys):
         buyer = catalog_services.agent_create(owner=owner, handle=f"bench-buyer-{i:04d}",
-                                              display_name=f"Bench buyer {i}", wallet_address=key.address)
+                                              display_name=f"Bench buyer {i}", wallet_address=key.address,
+                                              wallet_proof=None, unproven_allowed=True)
         api_key = catalog_services.api_key_issue(agent=buyer, scope=KeyScope.PAY).secret
         agreement = agreement_services.agreement_propose(proposal=agreement_services.agreement_proposal_prepare(
             buyer=buyer, service=service, quantity=QUANTITY))

@@ -118,10 +118,10 @@ class AgentAdmin(IndexedSearch, admin.ModelAdmin):
     # its handle (owners' policies allow and block sellers by it), its owner (who holds its keys and policy), its
     # roles. Staff deactivate an agent or correct its display name; agents are created through the API (the owner's
     # limit, reserved handles) and deactivated, never deleted (their keys, policy and approvals are their record).
-    fields = ("id", "handle", "display_name", "owner", "wallet_address", "is_buyer", "is_seller", "is_active",
-              "owner_is_active", "created_at")
-    readonly_fields = ("id", "handle", "owner", "wallet_address", "is_buyer", "is_seller", "owner_is_active",
-                       "created_at")
+    fields = ("id", "handle", "display_name", "owner", "wallet_address", "wallet_proven_at", "is_buyer", "is_seller",
+              "is_active", "owner_is_active", "created_at")
+    readonly_fields = ("id", "handle", "owner", "wallet_address", "wallet_proven_at", "is_buyer", "is_seller",
+                       "owner_is_active", "created_at")
     list_select_related = ("owner",)
     inlines = [ApiKeyInline]
     actions = [revoke_agent_keys]

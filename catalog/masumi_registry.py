@@ -15,7 +15,7 @@ from catalog.authentication import agent_scope, calling_agent
 from catalog.models import KeyScope, MasumiProtocolVersion, PricingType, Service, ServiceState, UpstreamProtocol
 from catalog.serializers import http_base_url
 from marketplace import url_credentials
-from marketplace.errors import InvalidInput
+from marketplace.errors import Forbidden, InvalidInput
 from marketplace.idempotency import idempotent
 from marketplace.masumi_format import check_network as _check_network
 from marketplace.masumi_format import network_field as _network_field
@@ -278,6 +278,10 @@ class RegistryView(APIView):
         if body.validated_data["sellingWalletVkey"] != agent.wallet_address:
             raise InvalidInput("sellingWalletVkey must be the calling agent's wallet address.",
                                code="wallet_mismatch")
+        if agent.wallet_proven_at is None:  # Masumi names a seller by its wallet: only one proven its
+            raise Forbidden("Your agent's wallet is unproven: Masumi names a seller by its wallet, so only an agent "
+                            "created with its wallet's proof (POST /agents, wallet_proof) registers here.",
+                            code="wallet_unproven")
         service = services.service_register(seller=agent, data=_catalog_data(body.validated_data))
         service = selectors.service_shown(service_id=service.pk, viewer=agent)
         return Response({"status": "success", "data": asset(service, viewer=agent, request=request)})

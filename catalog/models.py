@@ -37,6 +37,9 @@ class Agent(models.Model):
     # Also checked where the API writes it (catalog.services); this check is the admin form's.
     display_name = models.CharField(max_length=120)
     wallet_address = AddressField()
+    # When the wallet signed that it is this agent's (catalog.services.agent_create); null for agents created before
+    # proofs were asked for, which nothing finds by that wallet (the registry's filter, the Masumi registration).
+    wallet_proven_at = models.DateTimeField(null=True, blank=True, editable=False)
     is_buyer = models.BooleanField(default=True)
     is_seller = models.BooleanField(default=False)
     is_active = models.BooleanField(default=True)

@@ -136,11 +136,13 @@ def service_only_of_seller(*, seller_id) -> Service:
 
 def registry_services(*, viewer: Agent, seller_wallet: str | None = None) -> QuerySet[Service]:
     """The Masumi registry: every registered service of the network whose seller and its owner are active (as search
-    lists them), and the viewer's own in any state; `seller_wallet` narrows it to one seller's (an agent's own
-    registrations: its wallet)."""
+    lists them), and the viewer's own in any state; `seller_wallet` narrows it to the sellers that proved that wallet
+    theirs (an agent's own registrations: its wallet, proven or not): an agent merely naming another's wallet is
+    not listed as that wallet's."""
     services = Service.objects.filter(LISTED | Q(seller=viewer))
     if seller_wallet is not None:
-        services = services.filter(seller__wallet_address__iexact=seller_wallet)
+        services = services.filter(Q(seller__wallet_proven_at__isnull=False) | Q(seller=viewer),
+                                   seller__wallet_address__iexact=seller_wallet)
     return _with_relations(services)
 
 

@@ -35,10 +35,21 @@ from marketplace.tags import tag_normalise
 # --- agents and keys -----------------------------------------------------------------------------------------
 
 
+class WalletProofSerializer(StrictSerializer):
+    signature = serializers.RegexField(r"^0x[0-9a-fA-F]{130}$", help_text=(
+        "The wallet's EIP-712 signature (65 bytes, 0x-hex) of `WalletProof {handle, wallet, ownerId, expiresAt}` in "
+        "the domain `{name, version: \"1\", chainId}` (the Python SDK's `sign_wallet_proof`); a request without "
+        "`wallet_proof` is 400 `wallet_proof_required` whose `details.typed_data` is the message to sign."))
+    expires_at = StrictIntegerField(min_value=0, help_text="`expiresAt` as signed: unix seconds, at most a day away.")
+
+
 class AgentCreateSerializer(StrictSerializer):
     handle = serializers.CharField(max_length=64, validators=[HANDLE_VALIDATOR])
     display_name = serializers.CharField(max_length=120)
     wallet_address = AddressSerializerField()
+    wallet_proof = WalletProofSerializer(required=False, help_text=(
+        "The wallet's proof that it is this agent's: required (400 `wallet_proof_required` without it); a wallet "
+        "another owner's active agent proved is 409 `wallet_taken`."))
     roles = serializers.MultipleChoiceField(choices=["buyer", "seller"], allow_empty=False)
 
 
@@ -47,6 +58,9 @@ class AgentSerializer(serializers.Serializer):
     handle = serializers.CharField()
     display_name = serializers.CharField()
     wallet_address = serializers.CharField()
+    wallet_proven_at = serializers.DateTimeField(allow_null=True, help_text=(
+        "When the wallet signed that it is this agent's; null for an agent from before proofs were asked for, which "
+        "nothing finds by its wallet (the registry's `walletVKey`) and which cannot register through `/registry`."))
     roles = serializers.ListField(child=serializers.ChoiceField(choices=["buyer", "seller"]))
     is_active = serializers.BooleanField()
     created_at = serializers.DateTimeField()

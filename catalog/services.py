@@ -30,7 +30,9 @@ from marketplace import masumi_agentic_client, money, outbound, outbound_slots, 
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.fields import checksum_address
 from marketplace.keys import issue_secret
+from marketplace.signatures import signer_require
 from marketplace.tags import TAGS_PER_LISTING, tag_normalise
+from sdk.typed_data import wallet_proof
 
 # Path segments that routes under /agents/ already use, so they cannot be handles or skill names.
 RESERVED_HANDLES = frozenset({"services", "me"})
@@ -65,15 +67,76 @@ class IssuedCredential:
     secret: str  # Shown once; only its digest is stored.
 
 
+# A proof is good for a day at most: a leaked one serves its handle and owner only, and not for long.
+WALLET_PROOF_MAX_VALIDITY = timedelta(days=1)
+# The proof a 400 `wallet_proof_required` asks for is good this long.
+WALLET_PROOF_OFFERED_VALIDITY = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class WalletProof:
+    """The wallet's EIP-712 signature of `wallet_proof_typed_data` until `expires_at` (unix seconds)."""
+    signature: str
+    expires_at: int
+
+
+def wallet_proof_typed_data(*, owner: AbstractBaseUser, handle: str, wallet_address: str, expires_at: int) -> dict:
+    """What a wallet signs to be the agent `handle`'s of `owner` on this chain (sdk.typed_data.wallet_proof)."""
+    return wallet_proof(chain_id=settings.CHAIN_ID, handle=handle, wallet=wallet_address, owner_id=owner.pk,
+                        expires_at=expires_at, domain_name=settings.WALLET_PROOF_DOMAIN_NAME)
+
+
+def _wallet_proof_check(*, owner: AbstractBaseUser, handle: str, wallet_address: str,
+                        proof: WalletProof | None) -> None:
+    """400 unless `wallet_address` signed that it is the wallet of `handle` of `owner` on this chain, still valid:
+    an agent named by a wallet its owner does not hold (another seller's, to pass for it; a typo, whose key nobody
+    holds, to be paid to nobody) is refused. The handle is unique and never freed, so a proof serves once."""
+    now = int(timezone.now().timestamp())
+    if proof is None:
+        offered = wallet_proof_typed_data(owner=owner, handle=handle, wallet_address=wallet_address,
+                                          expires_at=now + int(WALLET_PROOF_OFFERED_VALIDITY.total_seconds()))
+        raise InvalidInput("wallet_proof: the wallet must sign (EIP-712) that it is this agent's; sign "
+                           "details.typed_data with it.", code="wallet_proof_required",
+                           details={"field": "wallet_proof", "typed_data": offered})
+    if proof.expires_at <= now:
+        raise InvalidInput("wallet_proof has expired.", code="wallet_proof_expired",
+                           details={"field": "wallet_proof.expires_at"})
+    if proof.expires_at > now + WALLET_PROOF_MAX_VALIDITY.total_seconds():
+        raise InvalidInput("wallet_proof.expires_at is more than a day away.", code="wallet_proof_too_long",
+                           details={"field": "wallet_proof.expires_at",
+                                    "max_seconds": int(WALLET_PROOF_MAX_VALIDITY.total_seconds())})
+    signer_require(typed=wallet_proof_typed_data(owner=owner, handle=handle, wallet_address=wallet_address,
+                                                 expires_at=proof.expires_at),
+                   signature=proof.signature, expected=wallet_address, field="wallet_proof.signature",
+                   mismatch_code="wallet_proof_mismatch")
+
+
+def _wallet_proven_by_another_owner_refuse(*, owner: AbstractBaseUser, wallet_address: str) -> None:
+    """409 `wallet_taken` when an active agent of another owner proved the wallet: one wallet would answer for two
+    owners (its listing, its payouts, its policies). An owner's own agents may share one, each proving it."""
+    if connection.vendor == "postgresql":  # SQLite (`make run`) has one writer at a time
+        with connection.cursor() as cursor:  # two owners proving one wallet at once: the second sees the first
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"wallet-proof:{wallet_address}"])
+    if Agent.objects.filter(wallet_address=wallet_address, wallet_proven_at__isnull=False,
+                            is_active=True).exclude(owner=owner).exists():
+        raise Conflict("Another owner's agent has proven this wallet.", code="wallet_taken",
+                       details={"wallet_address": wallet_address})
+
+
 def agent_create(
     *,
     owner: AbstractBaseUser,
     handle: str,
     display_name: str,
     wallet_address: str,
+    wallet_proof: WalletProof | None,
+    unproven_allowed: bool = False,
     is_buyer: bool = True,
     is_seller: bool = False,
 ) -> Agent:
+    """The agent, its wallet proven by `wallet_proof` (400 `wallet_proof_*`, 409 `wallet_taken`). Only the
+    operator's own scripts (the benches) create one without a proof (`unproven_allowed`), unproven as agents from
+    before proofs: nothing finds it by its wallet."""
     if handle in RESERVED_HANDLES:
         raise InvalidInput(f"The handle {handle!r} is reserved.", code="handle_reserved")
     if selectors.uuid_or_none(handle) is not None:
@@ -82,6 +145,9 @@ def agent_create(
     if not (is_buyer or is_seller):
         raise InvalidInput("An agent must be a buyer, a seller or both.", code="no_role")
     _check_shown_text(display_name, field="display_name")
+    wallet_address = checksum_address(wallet_address)
+    if wallet_proof is not None or not unproven_allowed:
+        _wallet_proof_check(owner=owner, handle=handle, wallet_address=wallet_address, proof=wallet_proof)
     try:
         # The unique constraint decides, also between two creations at once (no row to lock yet): the second
         # waits for the first to commit, then fails here.
@@ -93,11 +159,14 @@ def agent_create(
             if owned >= settings.AGENTS_PER_OWNER:
                 raise Conflict(f"You already have {owned} agents.", code="agent_limit_reached",
                                details={"max_agents": settings.AGENTS_PER_OWNER})
+            if wallet_proof is not None:
+                _wallet_proven_by_another_owner_refuse(owner=owner, wallet_address=wallet_address)
             return Agent.objects.create(
                 owner=owner,
                 handle=handle,
                 display_name=display_name,
-                wallet_address=checksum_address(wallet_address),
+                wallet_address=wallet_address,
+                wallet_proven_at=timezone.now() if wallet_proof is not None else None,
                 is_buyer=is_buyer,
                 is_seller=is_seller,
                 owner_is_active=owner.is_active,
@@ -111,9 +180,12 @@ def agent_create(
 def agent_reactivation_check(*, agent: Agent, operator) -> None:
     """403 `operator_owns_the_agent` when an operator (the admin) would reactivate an agent they own: deactivated by
     another operator or a superuser (say, for fraud), putting it back on sale is not its owner's call; another
-    operator decides. (Owners never reactivate an agent through the API either.)"""
+    operator decides. (Owners never reactivate an agent through the API either.) 409 `wallet_taken` when another
+    owner's agent proved its wallet while it was inactive."""
     if agent.owner_id == operator.pk:
         raise Forbidden("You own this agent: another operator reactivates it.", code="operator_owns_the_agent")
+    if agent.wallet_proven_at is not None:  # its wallet may have gone to another owner while it was inactive
+        _wallet_proven_by_another_owner_refuse(owner=agent.owner, wallet_address=agent.wallet_address)
 
 
 def api_key_issue(*, agent: Agent, scope: str = KeyScope.PAY, name: str = "",

@@ -70,8 +70,8 @@ SERVICE_EXAMPLE = OpenApiExample(
 
 def _agent_payload(agent) -> dict:
     return AgentSerializer(
-        {**{f: getattr(agent, f) for f in ("id", "handle", "display_name", "wallet_address", "is_active",
-                                           "created_at")}, "roles": agent.roles}
+        {**{f: getattr(agent, f) for f in ("id", "handle", "display_name", "wallet_address",
+                                           "wallet_proven_at", "is_active", "created_at")}, "roles": agent.roles}
     ).data
 
 
@@ -107,7 +107,9 @@ class OwnerAgentsView(APIView):
         body = AgentCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         roles = body.validated_data.pop("roles")
+        proof = body.validated_data.pop("wallet_proof", None)
         agent = services.agent_create(owner=request.user, is_buyer="buyer" in roles, is_seller="seller" in roles,
+                                      wallet_proof=services.WalletProof(**proof) if proof else None,
                                       **body.validated_data)
         return Response(_agent_payload(agent), status=status.HTTP_201_CREATED)
 

@@ -383,6 +383,9 @@ API_KEYS_PER_AGENT = env.int("API_KEYS_PER_AGENT", default=25)
 OWNER_TOKENS_PER_OWNER = env.int("OWNER_TOKENS_PER_OWNER", default=25)
 # Agents an owner may create (handles are one namespace for every tenant).
 AGENTS_PER_OWNER = env.int("AGENTS_PER_OWNER", default=50)
+# The EIP-712 domain name of the proof that a wallet is an agent's (catalog.services.wallet_proof_typed_data): a
+# deployment sharing a chain with another names itself, so no proof made for one serves the other.
+WALLET_PROOF_DOMAIN_NAME = env.str("WALLET_PROOF_DOMAIN_NAME", default="Agent escrow marketplace")
 # A service's free-form `capabilities` and `metadata`, each at most this many bytes of JSON (shown in every search
 # result).
 SERVICE_FREE_FORM_MAX_BYTES = env.int("SERVICE_FREE_FORM_MAX_BYTES", default=16 * 1024)

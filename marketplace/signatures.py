@@ -30,7 +30,7 @@ def signer_require(*, typed: dict, signature: str, expected: str, field: str,
         raise InvalidInput(f"{field}: not a valid 65-byte signature.", code="invalid_signature",
                            details={"field": field}) from exc
     if signer.lower() != expected.lower():
-        raise InvalidInput(f"{field} was signed by {signer}, not by the buyer's wallet {expected}.",
+        raise InvalidInput(f"{field} was signed by {signer}, not by the wallet {expected}.",
                            code=mismatch_code, details={"field": field, "signer": signer, "expected": expected})
 
 

@@ -24,10 +24,11 @@ from sdk.networks import BASE, BASE_SEPOLIA, FeeSchedule, NetworkConfig, TokenDo
 from sdk.safety import DeadlineOutOfRange, LocalWallet, SellerUnverified, SigningRefused, Wallet  # noqa: E402
 from sdk.terms import AgreedTerms  # noqa: E402
 from sdk.version import VERSION as __version__  # noqa: E402
+from sdk.wallet_proof import sign_wallet_proof  # noqa: E402
 
 __all__ = ["BASE", "BASE_SEPOLIA", "AgreedTerms", "AgreementFailed", "AnswerRefused", "AnswerTooLarge",
            "DeadlineExceeded", "DeadlineOutOfRange", "FeeSchedule", "InsecureUrl", "InvalidJSON", "ListingTooLong", "LocalWallet",
            "MarketplaceClient", "MarketplaceError", "NetworkConfig", "NotConfigured",
            "PaymentAuthorizationCancelFailed", "PaymentAuthorizationUsed", "SellerUnverified", "SigningRefused",
            "TokenDomain", "UndecodableAnswer", "UnexpectedAnswer", "UnrequestedEncoding", "Wallet", "__version__",
-           "sign_activation_package"]
+           "sign_activation_package", "sign_wallet_proof"]

@@ -43,6 +43,8 @@ __all__ = [
     "TRANSFER_WITH_AUTHORIZATION_TYPE",
     "RECEIVE_WITH_AUTHORIZATION_TYPE",
     "CANCEL_AUTHORIZATION_TYPE",
+    "WALLET_PROOF_DOMAIN_NAME",
+    "WALLET_PROOF_TYPE",
     "escrow_domain",
     "token_domain",
     "activation_intent",
@@ -52,6 +54,7 @@ __all__ = [
     "transfer_with_authorization",
     "receive_with_authorization",
     "cancel_authorization",
+    "wallet_proof",
     "typed_data_digest",
     "sign_typed_data",
     "recover_typed_data_signer",
@@ -65,6 +68,8 @@ ESCROW_DOMAIN_NAME = "UsageEscrow"
 ESCROW_DOMAIN_VERSION = "1"
 USDC_DOMAIN_NAME = "USD Coin"
 USDC_DOMAIN_VERSION = "2"
+WALLET_PROOF_DOMAIN_NAME = "Agent escrow marketplace"
+WALLET_PROOF_DOMAIN_VERSION = "1"
 
 _DOMAIN_TYPE = [
     {"name": "name", "type": "string"},
@@ -95,6 +100,14 @@ USAGE_RECEIPT_TYPE = [
     {"name": "seq", "type": "uint256"},
     {"name": "cumulativeAmount", "type": "uint256"},
     {"name": "usageDigest", "type": "bytes32"},
+]
+
+# A wallet's proof that it is an agent's: what the marketplace asks before it names an agent by that wallet.
+WALLET_PROOF_TYPE = [
+    {"name": "handle", "type": "string"},
+    {"name": "wallet", "type": "address"},
+    {"name": "ownerId", "type": "uint256"},
+    {"name": "expiresAt", "type": "uint256"},
 ]
 
 CHALLENGE_TYPE = [
@@ -401,6 +414,26 @@ def cancel_authorization(
     message = {"authorizer": _address(authorizer, "authorizer"), "nonce": _bytes32(nonce, "nonce")}
     domain = token_domain(chain_id=chain_id, token_address=token_address, name=token_name, version=token_version)
     return _full("CancelAuthorization", CANCEL_AUTHORIZATION_TYPE, domain, message)
+
+
+def wallet_proof(*, chain_id: int, handle: str, wallet: str, owner_id: int, expires_at: int,
+                 domain_name: str = WALLET_PROOF_DOMAIN_NAME) -> dict[str, Any]:
+    """``WalletProof``: `wallet` is the wallet of the agent `handle` of owner `owner_id` on `chain_id`, until
+    `expires_at` (unix seconds). Signed by `wallet`, it is the ``wallet_proof.signature`` of ``POST /agents``; bound
+    to the handle, the owner and the chain, it proves nothing for another agent, owner or network, and none is
+    accepted for more than a day. The domain has no verifying contract (no contract checks it): its name is the
+    marketplace's (``WALLET_PROOF_DOMAIN_NAME`` unless the deployment names itself otherwise, as the typed data of
+    its 400 ``wallet_proof_required`` says)."""
+    message = {"handle": handle, "wallet": _address(wallet, "wallet"), "ownerId": _uint(owner_id, "owner_id"),
+               "expiresAt": _uint(expires_at, "expires_at")}
+    domain = {"name": domain_name, "version": WALLET_PROOF_DOMAIN_VERSION, "chainId": _uint(chain_id, "chain_id")}
+    return {
+        "types": {"EIP712Domain": [dict(f) for f in _DOMAIN_TYPE if f["name"] != "verifyingContract"],
+                  "WalletProof": [dict(f) for f in WALLET_PROOF_TYPE]},
+        "primaryType": "WalletProof",
+        "domain": domain,
+        "message": message,
+    }
 
 
 # ------------------------------------------------------------------ signing helpers

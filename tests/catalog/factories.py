@@ -1,5 +1,8 @@
+import time
+
 import factory
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 from eth_account import Account
 
 from catalog import services
@@ -22,8 +25,30 @@ class AgentFactory(factory.django.DjangoModelFactory):
     handle = factory.Sequence(lambda n: f"agent-{n:04d}")
     display_name = factory.LazyAttribute(lambda o: o.handle.title())
     wallet_address = factory.LazyFunction(lambda: Account.create().address)
+    # As if created with its wallet's proof (POST /agents); None: an agent from before proofs were asked for.
+    wallet_proven_at = factory.LazyFunction(timezone.now)
     is_buyer = True
     is_seller = True
+
+
+def signed_wallet_proof(account, *, handle: str, owner, expires_at: int | None = None,
+                        chain_id: int | None = None) -> dict:
+    """The `wallet_proof` of POST /agents: `account` signs that it is the wallet of `handle` of `owner` (the SDK's
+    `sign_wallet_proof`)."""
+    from django.conf import settings
+
+    from sdk import sign_wallet_proof
+
+    return sign_wallet_proof("0x" + bytes(account.key).hex(), chain_id=chain_id or settings.CHAIN_ID, handle=handle,
+                             owner_id=owner.pk, domain_name=settings.WALLET_PROOF_DOMAIN_NAME,
+                             expires_at=expires_at if expires_at is not None else int(time.time()) + 600)
+
+
+def agent_body(handle: str, *, owner, account=None, roles=("buyer",), **overrides) -> dict:
+    """A valid body for POST /agents by `owner`, its wallet (`account`'s, else a new one) proven."""
+    account = account or Account.create()
+    return {"handle": handle, "display_name": handle, "wallet_address": account.address, "roles": list(roles),
+            "wallet_proof": signed_wallet_proof(account, handle=handle, owner=owner), **overrides}
 
 
 def issue_key(agent, scope="pay") -> str:

@@ -8,7 +8,9 @@ from django.db import connections
 from catalog import services
 from catalog.models import Agent, ApiKey
 from marketplace.models import IdempotencyRecord
-from tests.catalog.factories import issue_owner_token
+from eth_account import Account
+
+from tests.catalog.factories import AgentFactory, agent_body, issue_owner_token
 from tests.conftest import Api, codes_at, error_code
 
 pytestmark = pytest.mark.django_db
@@ -22,22 +24,23 @@ def test_an_operator_creates_an_agent_from_their_admin_session(settings):
     from tests.support.operators import operator_client
 
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    get_user_model().objects.create_user("operator", "operator@example.com", "operator-password", is_staff=True)
+    user = get_user_model().objects.create_user("operator", "operator@example.com", "operator-password",
+                                                is_staff=True)
     operator = operator_client("operator", "operator-password")
 
-    created = operator.post("/agents", {"handle": "ops-bot", "display_name": "Ops bot", "wallet_address": WALLET,
-                                        "roles": ["buyer"]}, content_type="application/json")
+    created = operator.post("/agents", agent_body("ops-bot", owner=user), content_type="application/json")
 
     assert created.status_code == 201, created.content
     assert Agent.objects.get(handle="ops-bot").owner.username == "operator"
 
 
-def test_owner_creates_an_agent_and_issues_a_key_shown_once(owner_api):
-    response = owner_api.post("/agents", {"handle": "my-bot", "display_name": "My bot",
-                                          "wallet_address": WALLET.lower(), "roles": ["buyer", "seller"]})
+def test_owner_creates_an_agent_and_issues_a_key_shown_once(owner, owner_api):
+    wallet = Account.create()
+    response = owner_api.post("/agents", agent_body("my-bot", owner=owner, account=wallet, roles=["buyer", "seller"],
+                                                    wallet_address=wallet.address.lower()))
     assert response.status_code == 201, response.content
     agent = response.json()
-    assert agent["wallet_address"] == WALLET  # stored checksummed
+    assert agent["wallet_address"] == wallet.address  # stored checksummed
     assert sorted(agent["roles"]) == ["buyer", "seller"]
 
     issued = owner_api.post(f"/agents/{agent['id']}/api-keys", {"name": "ci", "scope": "read"})
@@ -75,8 +78,8 @@ def test_agent_validation(owner_api, body, field, code):
     assert not Agent.objects.exists()
 
 
-def test_handle_taken_and_reserved(owner_api):
-    data = {"handle": "my-bot", "display_name": "My bot", "wallet_address": WALLET, "roles": ["buyer"]}
+def test_handle_taken_and_reserved(owner, owner_api):
+    data = agent_body("my-bot", owner=owner)
     assert owner_api.post("/agents", data).status_code == 201
     taken = owner_api.post("/agents", data)
     assert taken.status_code == 409 and error_code(taken) == "handle_taken"
@@ -104,17 +107,16 @@ def test_two_owners_creating_one_handle_at_once_get_201_and_409_not_500(monkeypa
         return checksum_address(address)
 
     monkeypatch.setattr(services, "checksum_address", after_the_handle_check)
-    tokens = [issue_owner_token(get_user_model().objects.create_user(f"owner-{n}")) for n in range(2)]
-    data = {"handle": "same-handle", "display_name": "Bot", "wallet_address": WALLET, "roles": ["buyer"]}
+    owners = [get_user_model().objects.create_user(f"owner-{n}") for n in range(2)]
     answers = []
 
-    def create(token):
+    def create(owner):
         try:
-            answers.append(Api(token).post("/agents", data))
+            answers.append(Api(issue_owner_token(owner)).post("/agents", agent_body("same-handle", owner=owner)))
         finally:
             connections.close_all()
 
-    threads = [threading.Thread(target=create, args=(token,)) for token in tokens]
+    threads = [threading.Thread(target=create, args=(owner,)) for owner in owners]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -178,7 +180,7 @@ def test_keys_issued_at_once_at_the_limit_do_not_pass_it_together(monkeypatch, s
     free, but for the lock on the agent's row that orders them."""
     settings.API_KEYS_PER_AGENT = 2
     owner = get_user_model().objects.create_user("key-racer")
-    agent = services.agent_create(owner=owner, handle="key-racer", display_name="Racer", wallet_address=WALLET)
+    agent = AgentFactory(owner=owner, handle="key-racer")
     services.api_key_issue(agent=agent)
     token, both_ready, issue_secret = issue_owner_token(owner), threading.Barrier(2, timeout=10), services.issue_secret
 
@@ -210,9 +212,10 @@ def test_an_owner_has_at_most_the_limits_agents(owner_api, owner, settings):
     settings.AGENTS_PER_OWNER = 2
     Agent.objects.filter(owner=owner).delete()
 
-    def create(handle):
-        return owner_api.post("/agents", {"handle": handle, "display_name": handle, "wallet_address": WALLET,
-                                          "roles": ["buyer"]})
+    wallet = Account.create()
+
+    def create(handle):  # one wallet: an owner's agents may share it
+        return owner_api.post("/agents", agent_body(handle, owner=owner, account=wallet))
 
     assert [create("bot-a").status_code, create("bot-b").status_code] == [201, 201]
     refused = create("bot-c")

@@ -412,7 +412,7 @@ def test_text_shown_to_others_is_refused_with_control_or_invisible_format_charac
         "masumi registry": lambda: seller_api.post("/registry", registration(seller, name=text)),
         "display name": lambda: Api(issue_owner_token(seller.owner)).post("/agents", {
             "handle": "another-bot", "display_name": text, "wallet_address": seller.wallet_address,
-            "roles": ["seller"]}),
+            "roles": ["seller"]}),  # refused before its wallet's proof is asked for
     }
     for path, write in writes.items():
         response = write()

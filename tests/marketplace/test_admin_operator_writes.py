@@ -20,7 +20,7 @@ from escrow import relayer
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, IndexerCursor, TxAttempt, TxPurpose, TxStatus
 from policies.models import ApprovalRequest, Policy
 from tests.agreements.helpers import proposal
-from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service
+from tests.catalog.factories import AgentFactory, agent_body, issue_key, issue_owner_token, register_service
 from tests.conftest import Api
 from tests.support.operators import form_as_shown, operator_client, staff_account
 
@@ -813,8 +813,9 @@ def test_an_operator_who_loosens_a_policy_then_creates_a_seller_is_not_paid_with
     owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
     staff = staff_client(settings, "view_policy", "change_policy", "view_approvalrequest", "change_approvalrequest")
     assert staff.post(f"/admin/policies/policy/{buyer.pk}/change/", POLICY_FORM).status_code == 302
-    created = staff.post("/agents", {"handle": "ops-seller", "display_name": "Ops", "wallet_address": "0x" + "ab" * 20,
-                                     "roles": ["seller"]}, content_type="application/json")
+    operator = get_user_model().objects.get(username="staff")
+    created = staff.post("/agents", agent_body("ops-seller", owner=operator, roles=["seller"]),
+                         content_type="application/json")
     assert created.status_code == 201, created.content
     service = register_service(Agent.objects.get(handle="ops-seller"))
 
@@ -1008,3 +1009,18 @@ def test_a_list_asked_with_a_nul_in_its_filter_or_search_is_a_400_not_a_500(oper
     """A filter's value is compared with a text column: a NUL in it (`?status__exact=%00`) reached PostgreSQL,
     which cannot hold one in text (DataError), and every list with a filter on a text column answered 500."""
     assert operator.get(f"{changelist}?{query}").status_code == 400
+
+
+def test_an_agent_is_not_reactivated_onto_a_wallet_another_owner_has_proven_since(settings):
+    """A proven agent deactivated, its wallet free: another owner proves it. Reactivated, the first would make that
+    wallet two owners' again (listed under it, its payouts): refused on the form, as POST /agents refuses it."""
+    staff = staff_client(settings, "view_agent", "change_agent")
+    dormant = AgentFactory(handle="dormant-seller", is_seller=True, is_active=False)
+    AgentFactory(handle="new-holder", is_seller=True, wallet_address=dormant.wallet_address)
+    form = {"display_name": "Seller", "is_seller": "on", "is_active": "on", "api_keys-TOTAL_FORMS": 0,
+            "api_keys-INITIAL_FORMS": 0}
+
+    refused = staff.post(f"/admin/catalog/agent/{dormant.pk}/change/", form)
+
+    assert refused.status_code == 200 and "wallet_taken" in refused.content.decode()
+    assert not Agent.objects.get(pk=dormant.pk).is_active

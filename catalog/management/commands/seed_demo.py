@@ -8,16 +8,19 @@ its own, made here, whose key is printed once with the other secrets (fund it yo
 """
 
 import secrets
+import time
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 
 from catalog import services
 from catalog.models import Agent, ApiKey, KeyScope, OwnerScope, OwnerToken
-from marketplace.demo_wallets import DEMO_BUYER_WALLET, DEMO_SELLER_WALLET, DEMO_WALLETS
+from marketplace.demo_wallets import DEMO_WALLETS
+from sdk import sign_wallet_proof
 
 DEMO_KEY_NAME = "demo"
 
@@ -108,21 +111,31 @@ class Command(BaseCommand):
         owner = user_model.objects.create_superuser("demo", "demo@example.com", None)  # its password: issued below
         buyer_wallet, seller_wallet, wallet_keys = _demo_agent_wallets()
         services.agent_create(owner=owner, handle="demo-buyer", display_name="Demo buyer",
-                              wallet_address=buyer_wallet, is_buyer=True)
+                              wallet_address=buyer_wallet.address,
+                              wallet_proof=_wallet_proof(buyer_wallet, handle="demo-buyer", owner=owner), is_buyer=True)
         seller = services.agent_create(owner=owner, handle="demo-seller", display_name="Demo seller",
-                                       wallet_address=seller_wallet, is_buyer=False, is_seller=True)
+                                       wallet_address=seller_wallet.address,
+                                       wallet_proof=_wallet_proof(seller_wallet, handle="demo-seller", owner=owner),
+                                       is_buyer=False, is_seller=True)
         for data in DEMO_SERVICES:
             services.service_register(seller=seller, data={"upstream_base_url": upstream, **data})
         self.stdout.write(self.style.SUCCESS("Demo data created."))
         write_credentials(self.stdout, self.style, demo_credentials_issue() + wallet_keys)
 
 
-def _demo_agent_wallets() -> tuple[str, str, list[tuple[str, str]]]:
-    """The demo buyer's and seller's wallet addresses, and the lines printing their keys: Anvil's public accounts
-    on the dev chain (`make demo` signs with them; printed with the dev wallets), new wallets anywhere else, where a
-    published key would let anyone take what the wallet holds or is paid."""
+def _wallet_proof(wallet: LocalAccount, *, handle: str, owner) -> services.WalletProof:
+    """The wallet's proof that it is the demo agent `handle`'s, as an owner makes it (the SDK's)."""
+    proof = sign_wallet_proof(bytes(wallet.key), chain_id=settings.CHAIN_ID, handle=handle, owner_id=owner.pk,
+                              expires_at=int(time.time()) + 600, domain_name=settings.WALLET_PROOF_DOMAIN_NAME)
+    return services.WalletProof(signature=str(proof["signature"]), expires_at=int(proof["expires_at"]))
+
+
+def _demo_agent_wallets() -> tuple[LocalAccount, LocalAccount, list[tuple[str, str]]]:
+    """The demo buyer's and seller's wallets (each signs its agent's wallet proof), and the lines printing their
+    keys: Anvil's public accounts on the dev chain (`make demo` signs with them; printed with the dev wallets), new
+    wallets anywhere else, where a published key would let anyone take what the wallet holds or is paid."""
     if settings.CHAIN_ID == settings.DEV_CHAIN_ID:
-        return DEMO_BUYER_WALLET, DEMO_SELLER_WALLET, []
+        return Account.from_key(DEMO_WALLETS[1].private_key), Account.from_key(DEMO_WALLETS[2].private_key), []
     buyer, seller = Account.create(), Account.create()
-    return buyer.address, seller.address, [("Buyer wallet key", f"{buyer.key.to_0x_hex()}  {buyer.address}"),
+    return buyer, seller, [("Buyer wallet key", f"{buyer.key.to_0x_hex()}  {buyer.address}"),
                                            ("Seller wallet key", f"{seller.key.to_0x_hex()}  {seller.address}")]

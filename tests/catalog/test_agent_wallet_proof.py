@@ -1,0 +1,141 @@
+"""An agent's wallet is proven: the wallet signs (EIP-712) the agent's handle, the wallet, the owner and the chain,
+for a while only, before an agent is created with it; a wallet another owner proved is refused. Agents from before
+proofs were asked for stay on as unproven, and nothing finds them by that wallet."""
+
+import time
+
+import pytest
+from django.conf import settings
+from eth_account import Account
+
+from catalog.models import Agent
+from sdk.typed_data import wallet_proof
+from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token, signed_wallet_proof
+from tests.catalog.test_registry import assets, registration
+from tests.conftest import Api, error_code
+
+pytestmark = pytest.mark.django_db
+
+
+def signed_proof(account, *, handle: str, owner, wallet: str | None = None, **bounds) -> dict:
+    """`account`'s proof for its own wallet (the SDK's), or signed for `wallet` (another address: a typo)."""
+    if wallet is None:
+        return signed_wallet_proof(account, handle=handle, owner=owner, **bounds)
+    expires_at = int(time.time()) + 600
+    typed = wallet_proof(chain_id=settings.CHAIN_ID, handle=handle, wallet=wallet, owner_id=owner.pk,
+                         expires_at=expires_at)
+    return {"signature": "0x" + bytes(Account.sign_typed_data(account.key, full_message=typed).signature).hex(),
+            "expires_at": expires_at}
+
+
+def agent_body(handle: str, wallet: str, proof: dict | None = None, roles=("seller",)) -> dict:
+    body = {"handle": handle, "display_name": handle, "wallet_address": wallet, "roles": list(roles)}
+    if proof is not None:
+        body["wallet_proof"] = proof
+    return body
+
+
+def test_an_agent_claiming_a_wallet_without_its_proof_is_refused_and_told_what_to_sign(owner, owner_api):
+    victim = AgentFactory(is_seller=True)
+
+    refused = owner_api.post("/agents", agent_body("copycat", victim.wallet_address))
+
+    assert refused.status_code == 400, refused.content
+    assert error_code(refused) == "wallet_proof_required"
+    typed = refused.json()["error"]["details"]["typed_data"]
+    assert typed["primaryType"] == "WalletProof" and typed["domain"]["chainId"] == settings.CHAIN_ID
+    assert typed["message"]["handle"] == "copycat" and typed["message"]["ownerId"] == owner.pk
+    assert typed["message"]["wallet"] == victim.wallet_address
+    assert not Agent.objects.filter(handle="copycat").exists()
+
+
+def test_an_impersonator_is_not_listed_under_the_victims_wallet_in_the_registry(owner_api):
+    """Before: the attacker's agent took the victim's wallet on its word, registered under it (sellingWalletVkey),
+    and the victim's own registry filter listed the attacker's service as the victim's."""
+    victim = AgentFactory(is_seller=True)
+    victim_api = Api(issue_key(victim, scope="admin"))
+    assert victim_api.post("/registry", registration(victim, name="Genuine")).status_code == 200
+
+    created = owner_api.post("/agents", agent_body("copycat", victim.wallet_address))
+    assert created.status_code == 400, created.content
+    # An agent from before proofs, claiming the victim's wallet: it sells on, but not under that wallet.
+    legacy = AgentFactory(is_seller=True, wallet_address=victim.wallet_address, wallet_proven_at=None)
+    legacy_api = Api(issue_key(legacy, scope="admin"))
+    unproven = legacy_api.post("/registry", registration(legacy, name="Copycat"))
+    assert unproven.status_code == 403 and error_code(unproven) == "wallet_unproven"
+
+    assert [a["name"] for a in assets(victim_api, walletVKey=victim.wallet_address)] == ["Genuine"]
+
+
+def test_an_agent_created_with_its_wallets_proof_is_proven(owner, owner_api):
+    wallet = Account.create()
+    created = owner_api.post("/agents", agent_body("my-seller", wallet.address,
+                                                   signed_proof(wallet, handle="my-seller", owner=owner)))
+    assert created.status_code == 201, created.content
+    assert created.json()["wallet_address"] == wallet.address and created.json()["wallet_proven_at"]
+    assert Agent.objects.get(handle="my-seller").wallet_proven_at is not None
+
+
+def test_a_typo_in_the_wallet_is_refused_as_not_signed_by_it(owner, owner_api):
+    """A typo'd wallet, whose key nobody holds, cannot sign: buyers' money never goes to it."""
+    wallet = Account.create()
+    typo = wallet.address[:-1] + ("0" if wallet.address[-1] != "0" else "1")
+    proof = signed_proof(wallet, handle="my-seller", owner=owner, wallet=typo)
+
+    refused = owner_api.post("/agents", agent_body("my-seller", typo.lower(), proof))
+
+    assert refused.status_code == 400 and error_code(refused) == "wallet_proof_mismatch", refused.content
+    assert not Agent.objects.exists()
+
+
+@pytest.mark.parametrize("replay", ["another_owner", "another_handle", "another_chain", "expired", "too_long"])
+def test_a_proof_serves_one_handle_of_one_owner_on_one_chain_for_a_while(owner, owner_api, replay):
+    wallet, other_owner = Account.create(), UserFactory()
+    now = int(time.time())
+    proof, handle, api = {
+        "another_owner": (signed_proof(wallet, handle="my-seller", owner=owner), "my-seller",
+                          Api(issue_owner_token(other_owner))),
+        "another_handle": (signed_proof(wallet, handle="my-seller", owner=owner), "other-seller", owner_api),
+        "another_chain": (signed_proof(wallet, handle="my-seller", owner=owner, chain_id=8453), "my-seller",
+                          owner_api),
+        "expired": (signed_proof(wallet, handle="my-seller", owner=owner, expires_at=now - 1), "my-seller",
+                    owner_api),
+        "too_long": (signed_proof(wallet, handle="my-seller", owner=owner, expires_at=now + 2 * 86400),
+                     "my-seller", owner_api),
+    }[replay]
+
+    refused = api.post("/agents", agent_body(handle, wallet.address, proof))
+
+    expected = {"expired": "wallet_proof_expired", "too_long": "wallet_proof_too_long"}.get(replay,
+                                                                                          "wallet_proof_mismatch")
+    assert refused.status_code == 400 and error_code(refused) == expected, refused.content
+    assert not Agent.objects.exists()
+
+
+def test_a_wallet_another_owner_proved_is_409_and_the_same_owner_may_share_it(owner, owner_api):
+    """The wallet's holder signing for a second owner too would make one wallet two owners' (its policies, its
+    payouts): refused. An owner's own buyer and seller may share a wallet, each proving it."""
+    wallet, first_owner = Account.create(), UserFactory()
+    first_api = Api(issue_owner_token(first_owner))
+    first = first_api.post("/agents", agent_body("first", wallet.address,
+                                                 signed_proof(wallet, handle="first", owner=first_owner)))
+    assert first.status_code == 201, first.content
+
+    taken = owner_api.post("/agents", agent_body("second", wallet.address,
+                                                 signed_proof(wallet, handle="second", owner=owner)))
+    assert taken.status_code == 409 and error_code(taken) == "wallet_taken", taken.content
+    assert taken.json()["error"]["details"] == {"wallet_address": wallet.address}
+
+    shared = first_api.post("/agents", agent_body("first-buyer", wallet.address,
+                                                  signed_proof(wallet, handle="first-buyer", owner=first_owner),
+                                                  roles=("buyer",)))
+    assert shared.status_code == 201, shared.content
+
+
+def test_a_wallet_whose_proving_agent_was_deactivated_may_be_proven_by_another_owner(owner, owner_api):
+    wallet = Account.create()
+    AgentFactory(wallet_address=wallet.address, is_active=False)
+
+    created = owner_api.post("/agents", agent_body("mine", wallet.address,
+                                                   signed_proof(wallet, handle="mine", owner=owner)))
+    assert created.status_code == 201, created.content
