@@ -2,6 +2,7 @@
 for a while only, before an agent is created with it; a wallet another owner proved is refused. Agents from before
 proofs were asked for stay on as unproven, and nothing finds them by that wallet."""
 
+import threading
 import time
 
 import pytest
@@ -139,3 +140,40 @@ def test_a_wallet_whose_proving_agent_was_deactivated_may_be_proven_by_another_o
     created = owner_api.post("/agents", agent_body("mine", wallet.address,
                                                    signed_proof(wallet, handle="mine", owner=owner)))
     assert created.status_code == 201, created.content
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_owners_proving_one_wallet_at_once_get_201_and_409(monkeypatch):
+    """Both look for another owner's proof at once: without the wallet's lock both found none and were 201, the
+    wallet two owners'."""
+    from django.contrib.auth import get_user_model
+    from django.db import connections
+
+    from catalog import services
+
+    both_ready, refuse = threading.Barrier(2, timeout=10), services._wallet_proven_by_another_owner_refuse
+
+    def both_check_at_once(**kwargs):  # inside each creation's transaction, its owner's row locked
+        both_ready.wait()
+        refuse(**kwargs)
+
+    monkeypatch.setattr(services, "_wallet_proven_by_another_owner_refuse", both_check_at_once)
+    wallet, owners = Account.create(), [get_user_model().objects.create_user(f"owner-{n}") for n in range(2)]
+    answers = []
+
+    def create(owner):
+        try:
+            answers.append(Api(issue_owner_token(owner)).post("/agents", agent_body(
+                f"agent-of-{owner.username}", wallet.address, signed_proof(wallet, handle=f"agent-of-{owner.username}",
+                                                                           owner=owner))))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=create, args=(owner,)) for owner in owners]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(answer.status_code for answer in answers) == [201, 409], [a.content for a in answers]
+    assert {error_code(answer) for answer in answers if answer.status_code == 409} == {"wallet_taken"}
