@@ -62,6 +62,7 @@ def test_an_impersonator_is_not_listed_under_the_victims_wallet_in_the_registry(
     # An agent from before proofs, claiming the victim's wallet: it sells on, but not under that wallet.
     legacy = AgentFactory(is_seller=True, wallet_address=victim.wallet_address, wallet_proven_at=None)
     legacy_api = Api(issue_key(legacy, scope="admin"))
+    assert legacy_api.get("/agents/me").json()["wallet_proven_at"] is None
     unproven = legacy_api.post("/registry", registration(legacy, name="Copycat"))
     assert unproven.status_code == 403 and error_code(unproven) == "wallet_unproven"
 
