@@ -1,5 +1,7 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.17: sign_wallet_proof (sdk.wallet_proof), the wallet's EIP-712 WalletProof that POST /agents asks for;
+# sdk.typed_data.wallet_proof builds it.
 # 0.4.16: a listing (search_services, list_agreements, usage; verify_usage's) yields at most max_items (100,000 by
 # default; verify_usage's max_events) and then raises sdk.ListingTooLong (an AnswerRefused): a marketplace naming a
 # fresh next page after every full one was followed for ever, every cursor held whole (now as digests);
@@ -119,4 +121,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.16"
+VERSION = "0.4.17"
