@@ -36,7 +36,7 @@ from marketplace.tags import tag_normalise
 
 
 class WalletProofSerializer(StrictSerializer):
-    signature = serializers.RegexField(r"^0x[0-9a-fA-F]{130}$", help_text=(
+    signature = serializers.RegexField(r"\A0x[0-9a-fA-F]{130}\Z", help_text=(
         "The wallet's EIP-712 signature (65 bytes, 0x-hex) of `WalletProof {handle, wallet, ownerId, expiresAt}` in "
         "the domain `{name, version: \"1\", chainId}` (the Python SDK's `sign_wallet_proof`); a request without "
         "`wallet_proof` is 400 `wallet_proof_required` whose `details.typed_data` is the message to sign."))

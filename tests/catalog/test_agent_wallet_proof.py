@@ -178,3 +178,18 @@ def test_two_owners_proving_one_wallet_at_once_get_201_and_409(monkeypatch):
         thread.join(30)
     assert sorted(answer.status_code for answer in answers) == [201, 409], [a.content for a in answers]
     assert {error_code(answer) for answer in answers if answer.status_code == 409} == {"wallet_taken"}
+
+
+@pytest.mark.parametrize(("signature", "code"), [
+    ("0x" + "00" * 65, "invalid_signature"),  # v 0: refused as the contracts refuse it
+    ("0x" + "ab" * 64, "validation_error"),  # 64 bytes
+    ("0x" + "zz" * 65, "validation_error"),
+])
+def test_a_proof_that_is_no_signature_is_400(owner, owner_api, signature, code):
+    wallet = Account.create()
+    proof = {**signed_proof(wallet, handle="mine", owner=owner), "signature": signature}
+
+    refused = owner_api.post("/agents", agent_body("mine", wallet.address, proof))
+
+    assert refused.status_code == 400 and error_code(refused) == code, refused.content
+    assert not Agent.objects.exists()
