@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('catalog', '0022_admin_agent_skill_search_indexes'),
+        ('catalog', '0023_owner_token_scope'),
     ]
 
     operations = [
