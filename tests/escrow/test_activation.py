@@ -142,6 +142,35 @@ def test_a_buyer_funding_one_escrow_is_refused_a_second_while_the_first_activati
     assert parties.agreement(first["id"])["status"] == "active"
 
 
+def test_a_second_activation_signed_while_the_wallets_first_is_not_mined_is_refused_not_reverted(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """Both packages fetched before either activation is mined carry the same token permit nonce: the first's permit
+    spends it and its pull the allowance, so the second was queued and reverted InsufficientAllowance at the relayer's
+    gas (the agreement `activation_failed`, a revert charged to the buyer). The second is 409
+    `wallet_activation_in_progress`, nothing queued; signed again once the first is mined, it activates."""
+    parties = Parties(escrow_chain)
+    first, second = parties.accepted_agreement(), parties.accepted_agreement()
+    bodies = {agreement["id"]: parties.signed_activation(agreement["id"]) for agreement in (first, second)}
+    assert bodies[first["id"]]["escrow_permit"]["nonce"] == bodies[second["id"]]["escrow_permit"]["nonce"]
+    with django_capture_on_commit_callbacks(execute=False) as submit:
+        queued = parties.buyer_api.post(f"/usage-agreements/{first['id']}/activate-escrow", bodies[first["id"]])
+        refused = parties.buyer_api.post(f"/usage-agreements/{second['id']}/activate-escrow", bodies[second["id"]])
+    assert queued.status_code == 202, queued.content
+    with django_capture_on_commit_callbacks(execute=True):
+        for callback in submit:
+            callback()
+    confirm_all(django_capture_on_commit_callbacks)
+
+    assert parties.agreement(second["id"])["status"] == "accepted", parties.agreement(second["id"])
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "wallet_activation_in_progress"
+    assert refused.json()["error"]["details"]["agreement_id"] == first["id"]
+    assert not ChainTransaction.objects.filter(agreement_id=second["id"]).exists()
+    assert parties.agreement(first["id"])["status"] == "active"
+    assert parties.activate(second["id"], django_capture_on_commit_callbacks).status_code == 202
+    assert parties.agreement(second["id"])["status"] == "active"
+
+
 def test_two_activations_at_once_send_one_transaction(parties, django_capture_on_commit_callbacks):
     agreement = parties.accepted_agreement()
     body = parties.signed_activation(agreement["id"])
