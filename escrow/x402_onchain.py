@@ -819,27 +819,47 @@ def direct_authorization_cancel(*, agreement: UsageAgreement, buyer: Agent, sign
 
 
 def _direct_authorization_cancel_evidence(tx: ChainTransaction) -> dict:
-    """A cancellation that reverted: the authorization was cancelled (by the buyer's own copy, say) or used, by whom."""
+    """A cancellation that reverted: the authorization was used, by whom, or cancelled by whom (`CANCELLED_BY`)."""
     if tx.status == TxStatus.CONFIRMED:
         return {}
     authorization = agreement_selectors.payment_authorization_of(agreement=_agreement(tx))
-    return _authorization_use(authorization) or {"used_by": None}
+    return _authorization_use(authorization) or _authorization_cancel(authorization) or {"used_by": None}
+
+
+def _authorization_cancel(authorization) -> dict | None:
+    """The transaction that cancelled the authorization, when the latest of its logs is an AuthorizationCanceled (the
+    buyer's signed cancel: ours, copied from the pending transaction and mined first by anyone, or one the buyer sent
+    itself), as evidence of a cancellation of ours that reverted: it was done all the same (relayer.DONE_BY_ANOTHER),
+    in that block (relayer.EVIDENCE_BLOCK: a reorg that takes it reopens ours, sent again)."""
+    found = _authorization_logs(authorization, confirmed=False)
+    if not found or _topic_of(found[-1]) != chain.event_topic(chain.token_contract().events.AuthorizationCanceled()):
+        return None
+    latest = found[-1]
+    return {CANCELLED_BY: _hex32(latest["transactionHash"]), relayer.DONE_BY_ANOTHER: True,
+            relayer.EVIDENCE_BLOCK: {"number": latest["blockNumber"], "hash": _hex32(latest["blockHash"])}}
+
+
+# The evidence key of a cancellation of ours that reverted because the authorization was cancelled by another
+# transaction first: that transaction's hash.
+CANCELLED_BY = "cancelled_by"
 
 
 def _direct_authorization_cancel_outcome(tx: ChainTransaction) -> None:
-    if tx.status == TxStatus.CONFIRMED:
-        agreement_services.agreement_payment_authorization_cancelled(agreement_id=tx.agreement_id,
-                                                                     tx_hash=tx.mined_tx_hash)
+    if tx.status == TxStatus.CONFIRMED or tx.outcome_evidence.get(CANCELLED_BY):
+        agreement_services.agreement_payment_authorization_cancelled(
+            agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash if tx.status == TxStatus.CONFIRMED
+            else tx.outcome_evidence[CANCELLED_BY])
     else:
         agreement_services.agreement_payment_authorization_cancel_failed(
             agreement_id=tx.agreement_id, reason=tx.failure_reason, used_by=tx.outcome_evidence.get("used_by"))
 
 
 def _direct_authorization_cancel_reopened(tx: ChainTransaction) -> None:
-    """A reorg took the cancellation's block, or, of one a use outran, that use's block: what it recorded is undone.
+    """A reorg took the cancellation's block (ours, or the copy of it that outran ours), or, of one a use outran, that
+    use's block: what it recorded is undone.
     Not called when only the block of the cancellation that reverted after the use was taken: the use stands
     (`relayer._outcome_stands`; the cancellation, sent again, fails again)."""
-    if tx.status == TxStatus.CONFIRMED:
+    if tx.status == TxStatus.CONFIRMED or tx.outcome_evidence.get(CANCELLED_BY):
         agreement_services.agreement_payment_authorization_cancel_reopened(agreement_id=tx.agreement_id)
     elif used_by := tx.outcome_evidence.get("used_by"):
         agreement_services.agreement_payment_authorization_use_reopened(agreement_id=tx.agreement_id, used_by=used_by)

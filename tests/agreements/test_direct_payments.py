@@ -886,6 +886,72 @@ def test_a_cancellation_outrun_by_a_use_of_the_authorization_records_that_use(
     _next_purchase_over_the_daily_cap_refused(purchase)
 
 
+def test_a_cancellation_a_strangers_copy_of_it_ran_first_is_recorded_done_not_failed(
+        purchase, django_capture_on_commit_callbacks):
+    """The relayed cancelAuthorization is bearer: a stranger copies the buyer's signed cancel from the relayer's
+    pending transaction and gets it mined first, so ours reverts. The authorization is dead all the same, by the
+    copy: the purchase names the copy as its cancellation (and the watch of closed proposals ends), and the revert
+    is no failure on the operators' list. It was recorded as "the payment authorization's cancellation reverted",
+    no cancellation named, and listed as a failed transaction."""
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    with capture(execute=False):  # queued, not sent yet
+        queued = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
+                                                 {"signature": _cancel_signature(purchase, agreement["id"])})
+    assert queued.status_code == 202, queued.content
+    ours = ChainTransaction.objects.get(pk=queued.json()["transaction"]["id"])
+    chain = purchase.chain
+    copy = _hash(chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
+                                                "data": ours.data}))
+    mined_what_was_sent()
+    with capture(execute=True):
+        relayer.transaction_submit(transaction_id=ours.pk)
+    for _ in range(2):
+        confirm_all(capture)
+
+    ours.refresh_from_db()
+    assert ours.status == "failed" and ours.mined_tx_hash != copy
+    rejected = purchase.parties.agreement(agreement["id"])
+    assert (rejected["payment_tx_hash"], rejected["payment_authorization_cancel_tx_hash"]) == ("", copy), rejected
+    assert UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization_watch_ended_at is not None
+    assert ours not in escrow_selectors.transactions_failed_recently(limit=50)
+
+
+def test_a_cancellation_concluded_on_a_strangers_copy_a_reorg_takes_is_sent_again_and_named(
+        purchase, django_capture_on_commit_callbacks):
+    """The copy of the buyer's signed cancel that outran ours is named as the purchase's cancellation; a reorg takes
+    the copy's block: nothing cancels the authorization on the new branch, so the purchase names no cancellation,
+    is watched again, and ours, sent again, runs and is named."""
+    capture = django_capture_on_commit_callbacks
+    agreement = purchase.propose()
+    assert purchase.parties.seller_api.put(f"/usage-agreements/{agreement['id']}/reject").status_code == 200
+    with capture(execute=False):
+        queued = purchase.parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/cancel-payment-authorization",
+                                                 {"signature": _cancel_signature(purchase, agreement["id"])})
+    ours = ChainTransaction.objects.get(pk=queued.json()["transaction"]["id"])
+    chain = purchase.chain
+    before_the_copy = chain.snapshot()
+    copy = _hash(chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
+                                                "data": ours.data}))
+    mined_what_was_sent()
+    with capture(execute=True):
+        relayer.transaction_submit(transaction_id=ours.pk)
+    for _ in range(2):
+        confirm_all(capture)
+    assert purchase.parties.agreement(agreement["id"])["payment_authorization_cancel_tx_hash"] == copy
+
+    chain.reorg(before_the_copy)
+    for _ in range(3):
+        confirm_all(capture)
+
+    ours.refresh_from_db()
+    assert ours.status == "confirmed", (ours.status, ours.failure_reason)
+    assert purchase.parties.agreement(agreement["id"])["payment_authorization_cancel_tx_hash"] == ours.mined_tx_hash
+    nonce = UsageAgreement.objects.get(pk=agreement["id"]).payment_authorization.nonce
+    assert chain.usdc.functions.authorizationState(purchase.buyer.address, bytes.fromhex(nonce[2:])).call()
+
+
 def test_a_cancellation_outrun_by_a_use_a_reorg_takes_names_no_transfer_and_the_cancellation_that_ran(
         purchase, django_capture_on_commit_callbacks):
     """The use that outran the buyer's cancellation is named by the purchase (payment_tx_hash) and counted against
