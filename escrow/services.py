@@ -157,7 +157,7 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
                       escrow_permit: dict, queued_with: Callable[[], None] | None = None) -> ChainTransaction:
     """Verify the buyer's signatures off-chain, move to `submitting` and queue `activate` for the relayer.
 
-    One permit covers deposit + fee. A permit whose token nonce is already spent (a front-runner submitted it)
+    One permit covers deposit + fee, exactly. A permit whose token nonce is already spent (a front-runner submitted it)
     is accepted while the allowance it granted still covers both: the contract then skips it. An intent nonce the
     buyer revoked on-chain (`cancelIntentNonce`) is replaced first (`intent_nonce_renew`, as the package does), so an
     intent signed under it is refused (`wrong_signer`), not relayed to revert IntentNonceUsed at the relayer's
@@ -192,6 +192,11 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
     if escrow_permit["value"] < required:
         raise InvalidInput(f"escrow_permit.value must be at least the deposit plus the fee, {required}.",
                            code="permit_value_too_low", details={"field": "escrow_permit", "required": required})
+    if escrow_permit["value"] > required:
+        # The permit sets the escrow's allowance: what activation leaves of it, anyone can spend with another intent
+        # the buyer signed (a reverted one, public; one of an agreement closed since), sent with no permit.
+        raise InvalidInput(f"escrow_permit.value must be the deposit plus the fee, {required}: no more.",
+                           code="permit_value_too_high", details={"field": "escrow_permit", "required": required})
     chain_nonce = _permit_nonce(agreement)
     front_run = escrow_permit["nonce"] < chain_nonce and _allowance(agreement) >= required
     if escrow_permit["nonce"] != chain_nonce and not front_run:

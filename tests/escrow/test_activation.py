@@ -11,7 +11,8 @@ from agreements.models import AgreementEvent, UsageAgreement
 from escrow.models import ChainTransaction, TxStatus
 from tests.chain_fixtures import TOKEN_NAMES
 from tests.conftest import codes_at, error_code
-from tests.escrow.flow import USDC, Parties, confirm_all, fund, mined_what_was_sent, pay_fees, usdc_balance
+from tests.escrow.flow import (USDC, Parties, confirm_all, fund, mined_what_was_sent, network_of, pay_fees,
+                               usdc_balance)
 from tests.support.rpc_relay import RpcRelay, node_block_times
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -86,6 +87,35 @@ def test_bad_signatures_are_refused_before_anything_is_queued(parties, escrow_ch
     assert UsageAgreement.objects.get(pk=agreement["id"]).status == "accepted"
     assert not ChainTransaction.objects.exists()
 
+
+
+def test_an_escrow_permit_for_more_than_the_deposit_and_fee_is_refused(parties, escrow_chain):
+    """The permit sets the escrow's allowance from the buyer's wallet: what activation leaves of one above the deposit
+    plus the fee is a standing allowance anyone can spend by sending another intent the buyer signed (one whose
+    activation reverted and is public, one of an agreement cancelled since: the escrow funded after its close, its
+    fee kept) with no permit. The buyer grants the deposit plus the fee, exactly: more is 400 `permit_value_too_high`,
+    nothing queued (as a direct purchase's fee permit)."""
+    from sdk import typed_data
+
+    agreement = parties.accepted_agreement()
+    body = parties.signed_activation(agreement["id"])
+    required = agreement["deposit_amount_atomic"] + agreement["infra_fee_atomic"]
+    permit = body["escrow_permit"]
+    domain = network_of(escrow_chain).token_domain
+    typed = typed_data.erc2612_permit(
+        chain_id=escrow_chain.chain_id, token_address=escrow_chain.addresses["usdc"],
+        owner=parties.buyer_account.address, spender=escrow_chain.addresses["escrow"], value=required * 10,
+        nonce=permit["nonce"], deadline=permit["deadline"], token_name=domain.name, token_version=domain.version)
+    body["escrow_permit"] = {**permit, "value": required * 10,
+                             "signature": typed_data.sign_typed_data(parties.buyer_account.key, typed)}
+
+    response = parties.buyer_api.post(f"/usage-agreements/{agreement['id']}/activate-escrow", body)
+
+    assert response.status_code == 400, response.content
+    assert error_code(response) == "permit_value_too_high"
+    assert response.json()["error"]["details"] == {"field": "escrow_permit", "required": required}
+    assert UsageAgreement.objects.get(pk=agreement["id"]).status == "accepted"
+    assert not ChainTransaction.objects.exists()
 
 
 @pytest.mark.parametrize("field", ["deadline", "escrow_permit.deadline"])
