@@ -552,7 +552,8 @@ class MarketplaceClient:
         `PaymentAuthorizationUsed` as soon as it names a transfer that used the authorization first
         (`payment_tx_hash`: the cancellation reverted, the money went to the seller), or
         `PaymentAuthorizationCancelFailed` as soon as the cancellation failed otherwise (its transaction in
-        `escrow_status`, with its reason: the buyer cancelled the authorization on-chain itself already, say). With
+        `escrow_status`, with its reason; one the buyer, or anyone with a copy, cancelled on-chain first is named as
+        the agreement's cancellation). With
         `rpc_url`, the cancellation named must be on-chain as the buyer's RPC reads it (the token's
         AuthorizationCanceled of this wallet and nonce in that transaction), else the wait goes on (`TimeoutError`
         naming it): the marketplace naming any transaction kept the authorization valid, the buyer believing it

@@ -15,6 +15,7 @@ from x402.mechanisms.evm.exact import ExactEvmScheme
 from x402.mechanisms.evm.signers import EthAccountSigner
 
 from agreements.models import UsageAgreement
+from escrow import chain as gateway
 from escrow import relayer
 from sdk import (MarketplaceError, PaymentAuthorizationCancelFailed, PaymentAuthorizationUsed, SigningRefused,
                  typed_data)
@@ -247,13 +248,37 @@ def test_a_cancellation_a_use_of_the_authorization_outran_is_told_at_once_naming
 
 def test_a_cancellation_that_reverts_for_another_reason_is_told_at_once_naming_why(
         seller_and_buyer, escrow_chain, monkeypatch):
+    """The token refuses the relayed cancellation at the relayer's send (paused, say): the agreement names neither a
+    cancellation nor a use. `wait=True` polled for them until its timeout; it raises `PaymentAuthorizationCancelFailed`
+    at once, naming the failure's reason."""
+    wallet = escrow_chain.accounts.buyer
+    buyer, proposed = _rejected_purchase(seller_and_buyer, wallet)
+
+    def paused(**_):
+        raise gateway.Reverted("Pausable: paused")
+
+    _before_the_relayers_first_send(monkeypatch, lambda: monkeypatch.setattr(gateway, "simulate", paused))
+
+    started = time.monotonic()
+    with relayer_polling(), pytest.raises(PaymentAuthorizationCancelFailed) as failed:
+        buyer.cancel_payment_authorization(proposed["id"], wallet.key, wait=True, timeout=60, poll_interval=0.2)
+
+    assert time.monotonic() - started < 30
+    assert failed.value.reason == "Pausable: paused" and failed.value.reason in str(failed.value)
+    assert failed.value.agreement["payment_authorization_cancel_tx_hash"] == ""
+    assert failed.value.agreement["payment_tx_hash"] == ""
+
+
+def test_a_cancellation_the_buyer_ran_on_chain_itself_first_is_returned_as_the_agreements_cancellation(
+        seller_and_buyer, escrow_chain, monkeypatch):
     """The buyer cancels the authorization of its rejected purchase on-chain itself (its own copy of the signed
-    cancellation, say) between its relayed cancellation and the relayer's send: the relayed one fails, and the agreement
-    names neither a cancellation nor a use. `wait=True` polled for them until its timeout; it raises
-    `PaymentAuthorizationCancelFailed` at once, naming the failure's reason."""
+    cancellation, say) between its relayed cancellation and the relayer's send: the relayed one fails, and the
+    agreement named neither a cancellation nor a use (`wait=True` raised `PaymentAuthorizationCancelFailed`) though
+    the authorization was dead. The failure's evidence names the buyer's own cancellation, which the agreement names:
+    `wait=True` returns it, at once."""
     chain, wallet = escrow_chain, escrow_chain.accounts.buyer
     buyer, proposed = _rejected_purchase(seller_and_buyer, wallet)
-    cancelled: list[bool] = []
+    cancelled: list[str] = []
 
     def cancelled_on_chain_by_the_buyer():
         nonce = UsageAgreement.objects.get(pk=proposed["id"]).payment_authorization.nonce
@@ -262,19 +287,19 @@ def test_a_cancellation_that_reverts_for_another_reason_is_told_at_once_naming_w
                                                 token_name=network_of(chain).token_domain.name,
                                                 token_version=network_of(chain).token_domain.version)
         signature = typed_data.sign_typed_data(wallet.key, typed)
-        chain.usdc.functions.cancelAuthorization(wallet.address, bytes.fromhex(nonce[2:]),
-                                                 bytes.fromhex(signature[2:])).transact(
+        tx_hash = chain.usdc.functions.cancelAuthorization(wallet.address, bytes.fromhex(nonce[2:]),
+                                                           bytes.fromhex(signature[2:])).transact(
             {"from": chain.accounts.stranger.address})
         mined_what_was_sent()
-        cancelled.append(True)
+        cancelled.append("0x" + bytes(tx_hash).hex().removeprefix("0x"))
 
     _before_the_relayers_first_send(monkeypatch, cancelled_on_chain_by_the_buyer)
 
     started = time.monotonic()
-    with relayer_polling(), pytest.raises(PaymentAuthorizationCancelFailed) as failed:
-        buyer.cancel_payment_authorization(proposed["id"], wallet.key, wait=True, timeout=60, poll_interval=0.2)
+    with relayer_polling():
+        agreement = buyer.cancel_payment_authorization(proposed["id"], wallet.key, wait=True, timeout=60,
+                                                       poll_interval=0.2)
 
     assert time.monotonic() - started < 30
-    assert cancelled and failed.value.reason and failed.value.reason in str(failed.value)
-    assert failed.value.agreement["payment_authorization_cancel_tx_hash"] == ""
-    assert failed.value.agreement["payment_tx_hash"] == ""
+    assert cancelled and agreement["payment_authorization_cancel_tx_hash"] == cancelled[0]
+    assert agreement["payment_tx_hash"] == ""
