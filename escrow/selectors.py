@@ -93,16 +93,21 @@ def wallet_unmined_amount(*, wallet: str, token: str = "", exclude_agreement=Non
                                       set(invocations.values_list("context__invocation_id", flat=True)))
 
 
-def wallet_activation_permit_pending(*, wallet: str, token: str = "", token_nonce: int, exclude_agreement=None):
-    """The id of an agreement whose activation from `wallet` in `token` is queued or sent, not mined yet as the books
-    know, and carries a permit the token has not spent (its nonce `>= token_nonce`, the token's `nonces(wallet)` read
-    before), `exclude_agreement` aside; else None. Once run, that permit sets the wallet's allowance to the escrow
-    anew and its pull takes it: a permit signed meanwhile for the same nonce is void, and an allowance granted
-    meanwhile gone. Read under the wallet's lock (`services.wallet_payments_turn`)."""
-    return ChainTransaction.objects.filter(
-        purpose=TxPurpose.ACTIVATE, status__in=_UNMINED, agreement__buyer_wallet_address__iexact=wallet,
-        agreement__token_address__in=_tokens_named(token), **{f"context__{ACTIVATION_PERMIT_NONCE}__gte": token_nonce},
-    ).exclude(agreement_id=exclude_agreement).values_list("agreement_id", flat=True).first()
+def wallet_permit_pending(*, wallet: str, token: str = "", token_nonce: int, exclude_agreement=None):
+    """The id of an agreement whose relayed permit from `wallet` in `token` is queued or sent, not mined yet as the
+    books know, and not spent by the token (its nonce `>= token_nonce`, the token's `nonces(wallet)` read before):
+    an activation's (its nonce in the context) or a direct purchase's fee permit; `exclude_agreement` aside; else
+    None. A permit signed meanwhile carries the same nonce, so whichever runs first voids the other (and an
+    activation's sets the escrow's allowance anew, which its pull takes). Read under the wallet's lock
+    (`services.wallet_payments_turn`)."""
+    unmined = {"status__in": _UNMINED, "agreement__buyer_wallet_address__iexact": wallet,
+               "agreement__token_address__in": _tokens_named(token)}
+    activations = ChainTransaction.objects.filter(
+        purpose=TxPurpose.ACTIVATE, **unmined, **{f"context__{ACTIVATION_PERMIT_NONCE}__gte": token_nonce})
+    fee_permits = ChainTransaction.objects.filter(purpose=TxPurpose.DIRECT_FEE_PERMIT, **unmined,
+                                                  agreement__fee_permit__nonce__gte=token_nonce)
+    return (activations | fee_permits).exclude(
+        agreement_id=exclude_agreement).values_list("agreement_id", flat=True).first()
 
 
 # The context key of an activation's token permit nonce (the one the buyer's permit carries).

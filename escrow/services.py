@@ -230,17 +230,18 @@ def activation_submit(*, agreement: UsageAgreement, buyer: Agent, intent_signatu
 
 
 def _wallet_permit_alone_require(agreement: UsageAgreement, *, token_nonce: int) -> None:
-    """Under the wallet's lock (`wallet_payments_turn`): 409 `wallet_activation_in_progress` while another activation
-    from the buyer's wallet is not mined and its permit not spent (`token_nonce`: the token's `nonces(buyer)` read
-    before). A package signed meanwhile carries that permit's nonce, or counts on an allowance that permit replaces
-    and its pull takes: relayed, it reverted InsufficientAllowance at the relayer's gas. Signed again once the other
-    is mined, it carries the next nonce."""
-    pending = selectors.wallet_activation_permit_pending(
+    """Under the wallet's lock (`wallet_payments_turn`): 409 `wallet_activation_in_progress` while another activation,
+    or a direct purchase's fee permit, from the buyer's wallet is not mined and its permit not spent (`token_nonce`:
+    the token's `nonces(buyer)` read before). A package signed meanwhile carries that permit's nonce, or counts on an
+    allowance that permit replaces: relayed, it reverted InsufficientAllowance at the relayer's gas. Signed again once
+    the other is mined, it carries the next nonce."""
+    pending = selectors.wallet_permit_pending(
         wallet=agreement.buyer_wallet_address, token=agreement.token_address, token_nonce=token_nonce,
         exclude_agreement=agreement.pk)
     if pending is not None:
-        raise Conflict("Another activation from this wallet is not mined yet: its permit spends the token nonce this "
-                       "one was signed with. Fetch a new package and sign it once that one is mined.",
+        raise Conflict("Another permit from this wallet (an activation's, a direct purchase's fee permit) is not mined "
+                       "yet: it spends the token nonce this one was signed with. Fetch a new package and sign it once "
+                       "that one is mined.",
                        code="wallet_activation_in_progress", details={"agreement_id": str(pending)})
 
 

@@ -1205,6 +1205,37 @@ def test_an_activation_counts_the_wallets_direct_purchase_in_flight(purchase, dj
     assert not ChainTransaction.objects.filter(agreement_id=escrow["id"]).exists()
 
 
+def test_an_activation_signed_while_a_direct_purchases_fee_permit_is_in_flight_is_refused_not_reverted(
+        purchase, django_capture_on_commit_callbacks):
+    """The accepted direct purchase's fee permit, queued and not mined, carries the token's current permit nonce; an
+    activation signed meanwhile carries it too: whichever runs first voids the other (the fee permit first: the
+    activation reverted InsufficientAllowance, `activation_failed`). The activation is 409
+    `wallet_activation_in_progress` naming the purchase, nothing queued; signed again once the purchase is paid, it
+    activates."""
+    capture = django_capture_on_commit_callbacks
+    escrow = purchase.parties.accepted_agreement()
+    direct = purchase.propose()
+    submit = _accept_unsent(purchase, direct["id"], capture)
+
+    with capture(execute=False) as activation:
+        refused = purchase.parties.buyer_api.post(f"/usage-agreements/{escrow['id']}/activate-escrow",
+                                                  purchase.parties.signed_activation(escrow["id"]))
+    for callback in [*submit, *activation]:
+        with capture(execute=True):
+            callback()
+    for _ in range(3):
+        confirm_all(capture)
+
+    assert purchase.parties.agreement(direct["id"])["status"] == "paid"
+    assert purchase.parties.agreement(escrow["id"])["status"] == "accepted"
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "wallet_activation_in_progress"
+    assert refused.json()["error"]["details"]["agreement_id"] == direct["id"]
+    assert not ChainTransaction.objects.filter(agreement_id=escrow["id"]).exists()
+    assert purchase.parties.activate(escrow["id"], capture).status_code == 202
+    assert purchase.parties.agreement(escrow["id"])["status"] == "active"
+
+
 def test_a_skill_payment_counts_the_wallets_direct_purchase_in_flight(
         purchase, settings, django_capture_on_commit_callbacks):
     capture = django_capture_on_commit_callbacks
