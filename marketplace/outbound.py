@@ -465,6 +465,18 @@ class _FinalAnswer(http.client.HTTPResponse):
                 raise http.client.HTTPException(f"Content-Length {length[:20]}... frames no body")
             self.length, self.will_close = int(length), self._check_close()
 
+    def _read_and_discard_trailer(self) -> None:
+        """The trailer section after a chunked body's last chunk, dropped, read up to `max_head_bytes` as a head is:
+        http.client read its lines without bound, and an upstream sending them endlessly kept the thread parsing them
+        (the GIL held) until the answer's timeout, then cut the answer short. Beyond the bound the body, whole by then,
+        ends there, and the connection, the rest of the section unread in it, is not used again."""
+        section = _BoundedHead(self.fp, self.max_head_bytes)
+        try:
+            while section.readline() not in (b"\r\n", b"\n", b""):
+                pass
+        except AnswerHeadTooLarge:
+            self.will_close = True
+
     def _framed_by_chunks(self) -> None:
         """An answer with a Transfer-Encoding: its body read by its chunks, `chunked` in any case with spaces around
         it (http.client compared the field as it came: `chunked ` was no coding, the body read to the close with its

@@ -458,3 +458,36 @@ def test_an_answer_whose_content_length_repeats_one_value_in_a_list_is_read_by_i
         200, b"/api/first", 200, b"/api/second"), (_body(first), _body(second))
     assert connections == [1, 1]
     assert _books(active) == (2 * PRICE, 0)
+
+
+@pytest.mark.parametrize("nonce", [False, True], ids=["streamed", "stored"])
+def test_an_upstream_flooding_its_answers_trailer_section_is_cut_at_the_head_bound_not_read_until_the_timeout(
+        escrow_chain, settings, django_capture_on_commit_callbacks, nonce):
+    """After a chunked body's last chunk, http.client read trailer lines without bound (dropping each): an upstream
+    sending them endlessly kept the web thread parsing lines, holding the GIL, until PROXY_ANSWER_TIMEOUT (300 s), as
+    informational answers did before they were bounded. The trailer section is read up to PROXY_MAX_ANSWER_HEAD_BYTES,
+    as a head: the body, whole by then, is the answer, and the connection is not used again."""
+    settings.PROXY_ANSWER_TIMEOUT = 3
+    sent = []
+
+    def serve(connection, number):
+        with connection:
+            _head(connection, b"")
+            try:
+                connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n")
+                while True:
+                    connection.sendall(b"X: y\r\n" * 1000)
+                    sent.append(1000)
+            except OSError:
+                pass
+
+    with _upstream(serve) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        started = time.monotonic()
+        response = _call(active, "get", f"{active.proxy}/trailers",
+                         **({"HTTP_X_REQUEST_NONCE": "n-1"} if nonce else {}))
+        body = _body(response)
+        took = time.monotonic() - started
+    assert (response.status_code, body) == (200, b"{}")
+    assert took < 1, f"{took:.1f} s, {sum(sent)} trailer lines sent"
+    assert _books(active) == (PRICE, 0) and UsageEvent.objects.count() == 1
