@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import h11
 import httpcore
 import httpx
 from django.conf import settings
@@ -366,14 +367,63 @@ class _WithoutUrlCredentials(httpx.Auth):
         yield request
 
 
+class _FinalAnswerHTTP11(httpcore.HTTP11Connection):
+    """httpcore's HTTP/1.1 connection, its answers read past at most `_FinalAnswer.MAX_INFORMATIONAL` informational
+    ones (as the metered proxy's): httpcore skipped them without bound, and a seller or receiver sending 103 Early
+    Hints endlessly kept the thread (a web thread, for a synchronous skill) parsing heads, the GIL held, until the
+    exchange's deadline (a skill's limit, up to an hour in a worker)."""
+
+    _informational = 0  # informational answers to the request being answered
+
+    def _receive_event(self, timeout: float | None = None):
+        event = super()._receive_event(timeout=timeout)
+        if isinstance(event, h11.InformationalResponse):
+            self._informational += 1
+            if self._informational > _FinalAnswer.MAX_INFORMATIONAL:
+                raise httpcore.RemoteProtocolError(
+                    f"more than {_FinalAnswer.MAX_INFORMATIONAL} informational answers")
+        elif isinstance(event, h11.Response):
+            self._informational = 0
+        return event
+
+
+class _GuardedHTTPConnection(httpcore.HTTPConnection):
+    """httpcore's connection, speaking HTTP/1.1 through `_FinalAnswerHTTP11` (a guarded client never asks for
+    HTTP/2)."""
+
+    def handle_request(self, request: httpcore.Request) -> httpcore.Response:
+        with self._request_lock:
+            if self._connection is None:
+                try:
+                    stream = self._connect(request)
+                except BaseException:
+                    self._connect_failed = True
+                    raise
+                self._connection = _FinalAnswerHTTP11(origin=self._origin, stream=stream,
+                                                      keepalive_expiry=self._keepalive_expiry)
+        return super().handle_request(request)
+
+
+class _GuardedPool(httpcore.ConnectionPool):
+    """The pool of a guarded client: its connections are `_GuardedHTTPConnection`s (no proxy: trust_env is off)."""
+
+    def create_connection(self, origin: httpcore.Origin) -> httpcore.ConnectionInterface:
+        return _GuardedHTTPConnection(
+            origin=origin, ssl_context=self._ssl_context, keepalive_expiry=self._keepalive_expiry, http1=self._http1,
+            http2=self._http2, retries=self._retries, local_address=self._local_address, uds=self._uds,
+            network_backend=self._network_backend, socket_options=self._socket_options)
+
+
 def guarded_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None,
                    follow_redirects: bool = False) -> httpx.Client:
     """An httpx client whose every new connection goes through the address check, and whose every exchange runs
     inside `deadline(seconds)` (a RuntimeError otherwise). `timeout` still bounds each operation and the wait for
     a pooled connection."""
     transport = httpx.HTTPTransport(limits=limits or httpx.Limits())
-    # httpx does not expose httpcore's network_backend; set it on the pool the transport built.
+    # httpx does not expose httpcore's pool: its network backend, and its class (which makes its connections), are set
+    # on the pool the transport built.
     transport._pool._network_backend = _GuardedBackend()
+    transport._pool.__class__ = _GuardedPool
     # Ask for the codings `json_answer` decodes (httpx's default adds br and zstd once their packages are installed).
     return httpx.Client(transport=transport, timeout=timeout, follow_redirects=follow_redirects, trust_env=False,
                         auth=_WithoutUrlCredentials(),

@@ -23,7 +23,7 @@ from agreements.models import InvocationSellerFailure, SkillInvocation, UsageAgr
 from agreements.tasks import run_invocation
 from escrow import chain as gateway
 from escrow import relayer
-from catalog.models import Agent, Service
+from catalog.models import Agent, Service, Skill
 from escrow.models import ChainTransaction, RelayRevert
 from marketplace import outbound_slots
 from policies.models import ApprovalRequest
@@ -33,7 +33,7 @@ from tests.chain_fixtures import TOKEN_NAMES
 from tests.agreements.helpers import proposal, propose
 from tests.catalog.factories import AgentFactory, issue_key, register_service
 from tests.conftest import Api, codes_at, error_code
-from tests.support.http_server import DribblesItsHead, serving
+from tests.support.http_server import DribblesItsHead, FloodsEarlyHints, serving
 from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
 from tests.support.at_once import answered_at_once
 from tests.support.rpc_relay import node_behind
@@ -396,6 +396,30 @@ def test_a_seller_dribbling_its_answer_head_times_out_at_the_skills_limit_and_is
     assert market.balances() == before
     invocation = market.caller.get(f"/services/{response.json()['error']['details']['invocation_id']}").json()
     assert invocation["status"] == "timeout" and invocation["payment"]["status"] == "refunded"
+
+
+def test_a_seller_flooding_informational_answers_fails_the_invocation_at_once_and_is_refunded(
+        market, django_capture_on_commit_callbacks):
+    """httpcore skips informational answers (103 Early Hints) without bound: a seller sending them endlessly kept the
+    web thread of a synchronous call (a worker's for an asynchronous one) parsing heads, holding the GIL, until the
+    skill's limit (up to INVOCATION_INLINE_MAX_SECONDS in a web thread, an hour in a worker), and was refunded for
+    it. Past five, as the metered proxy reads them, the answer is refused."""
+    Skill.objects.filter(service=market.service, name="translate").update(timeout_seconds=5)
+    payment = market.pay("translate")
+    before = market.balances()
+    with serving(FloodsEarlyHints) as url:
+        Service.objects.filter(pk=market.service.pk).update(upstream_base_url=f"{url}/api")
+        started = time.monotonic()
+        with django_capture_on_commit_callbacks(execute=True):
+            response = market.call("translate", payment)
+        elapsed = time.monotonic() - started
+
+    assert (response.status_code, error_code(response)) == (502, "invocation_failed"), (response.content, elapsed)
+    assert elapsed < 2.5, f"the invocation took {elapsed:.1f} s with a 5 s limit"
+    confirm_all(django_capture_on_commit_callbacks)  # the treasury's refund
+    assert market.balances() == before
+    invocation = market.caller.get(f"/services/{response.json()['error']['details']['invocation_id']}").json()
+    assert invocation["status"] == "failed" and invocation["payment"]["status"] == "refunded", invocation
 
 
 HOSTILE_ANSWERS = {  # a seller's answer to a paid call: none may leave it paid but unrefunded, or crash the run

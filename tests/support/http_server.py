@@ -104,3 +104,23 @@ class DribblesItsHead(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+class FloodsEarlyHints(BaseHTTPRequestHandler):
+    """A hostile seller or receiver: answers with informational answers (103 Early Hints) without end, each whole at
+    once. Neither a read timeout nor a deadline's time is what should stop reading them."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _handle(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            while True:
+                self.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" * 100)
+        except OSError:
+            pass  # cut off
+
+    do_GET = do_POST = _handle
+
+    def log_message(self, *args):
+        pass
