@@ -507,13 +507,18 @@ class _FinalAnswer(http.client.HTTPResponse):
         lengths = {part.strip() for value in self.msg.get_all("content-length", ()) for part in value.split(",")}
         if len(lengths) > 1 or any(not (length.isascii() and length.isdigit()) for length in lengths):
             raise http.client.HTTPException(f"Content-Length {sorted(lengths)} frames no body")
-        if lengths and self.length is None:
-            # One value listed more than once (`9, 9`, RFC 9110 8.6): http.client read the field as one integer, found
-            # none, and read the body to the connection's close (a kept-alive one's never came).
+        if lengths:
             (length,) = lengths
-            if len(length) > 18:  # no body a call carries; int() of thousands of digits raises ValueError
-                raise http.client.HTTPException(f"Content-Length {length[:20]}... frames no body")
-            self.length, self.will_close = int(length), self._check_close()
+            if self.length is None:
+                # One value listed more than once (`9, 9`, RFC 9110 8.6): http.client read the field as one integer,
+                # found none, and read the body to the connection's close (a kept-alive one's never came).
+                if len(length) > 18:  # no body a call carries; int() of thousands of digits raises ValueError
+                    raise http.client.HTTPException(f"Content-Length {length[:20]}... frames no body")
+                self.length, self.will_close = int(length), self._check_close()
+            # Passed on as one field of that one value: `9, 9` is no length to Python's http.client, Go's client or
+            # nginx, and granian writes the field as the application gives it.
+            del self.msg["content-length"]
+            self.msg["Content-Length"] = length
 
     def _read_and_discard_trailer(self) -> None:
         """The trailer section after a chunked body's last chunk, dropped, read up to `max_head_bytes` as a head is:

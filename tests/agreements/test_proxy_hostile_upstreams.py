@@ -461,6 +461,31 @@ def test_an_answer_whose_content_length_repeats_one_value_in_a_list_is_read_by_i
 
 
 @pytest.mark.parametrize("nonce", [False, True], ids=["streamed", "stored"])
+@pytest.mark.parametrize("fields", [b"Content-Length: %d, %d\r\n", b"Content-Length: %d\r\ncontent-length: %d\r\n"],
+                         ids=["list", "two-fields"])
+def test_a_content_length_repeating_one_value_reaches_the_buyer_as_that_one_value(
+        escrow_chain, django_capture_on_commit_callbacks, nonce, fields):
+    """The proxy reads `Content-Length: 9, 9` as the length 9 (RFC 9110 8.6), and passed the field on as the seller
+    wrote it; granian writes an answer's headers as the application gives them. To Python's http.client, Go's
+    client and nginx `9, 9` is no length: the buyer, charged, had a 200 whose body never ended on a kept-alive
+    connection (as the proxy had before it read such a field), or a 502 from a proxy in front. The buyer is told
+    the one value, once, for the answer and for its replays."""
+    connections: list[int] = []
+
+    def repeated_length(path: bytes) -> bytes:
+        return b"HTTP/1.1 200 OK\r\n" + fields % (len(path), len(path)) + b"\r\n" + path
+
+    extra = {"HTTP_X_REQUEST_NONCE": "n-1"} if nonce else {}
+    with _answering_each(repeated_length, connections) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        answers = [_call(active, "get", f"{active.proxy}/first", **extra) for _ in range(2 if nonce else 1)]
+    for answer in answers:
+        assert (answer.status_code, _body(answer)) == (200, b"/api/first")
+        assert [value for name, value in answer.items() if name.lower() == "content-length"] == ["10"]
+    assert _books(active) == (PRICE, 0)
+
+
+@pytest.mark.parametrize("nonce", [False, True], ids=["streamed", "stored"])
 def test_an_upstream_flooding_its_answers_trailer_section_is_cut_at_the_head_bound_not_read_until_the_timeout(
         escrow_chain, settings, django_capture_on_commit_callbacks, nonce):
     """After a chunked body's last chunk, http.client read trailer lines without bound (dropping each): an upstream
