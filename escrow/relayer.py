@@ -790,6 +790,27 @@ def _deep_enough(tx: ChainTransaction, *, block_number: int, latest: int) -> boo
     return latest - block_number + 1 >= tx.confirmations_required
 
 
+def _mined_deep_enough(tx: ChainTransaction, *, block_number: int, block_hash: str, latest: int) -> bool:
+    """Whether `tx`'s own block (`block_hash` at `block_number`) is at its confirmation depth: the head `latest` is that
+    far above it and the blocks up to that depth descend from it, each the parent of the next. The head's number
+    alone, from a backend of a load-balanced provider other than the one that answered the receipt and the block (one
+    left on a branch the chain dropped), counted a depth of blocks that do not hold the transaction: a payout on no
+    chain concluded confirmed. A block missing or of another branch is no depth yet: looked at again at the next poll
+    (a backend that shows the branch gone has the transaction forgotten as mined)."""
+    if not _deep_enough(tx, block_number=block_number, latest=latest):
+        return False
+    parent = block_hash.lower()
+    for number in range(block_number + 1, block_number + tx.confirmations_required):
+        above = chain.canonical_block_hashes(number)
+        if above is None or above[1].lower() != parent:
+            logger.warning("the blocks above a mined transaction's do not descend from it: its depth is not counted",
+                           extra={"tx_id": str(tx.pk), "block": block_number, "block_hash": block_hash,
+                                  "above": number})
+            return False
+        parent = above[0].lower()
+    return True
+
+
 def _first_receipt(tx: ChainTransaction) -> tuple[TxAttempt, chain.Receipt] | None:
     """A receipt of any attempt ever broadcast (a replaced one may be the one mined), read fresh from the DB."""
     for attempt in _attempts(tx):
@@ -815,7 +836,7 @@ def _record_receipt(tx: ChainTransaction, attempt: TxAttempt, found: chain.Recei
     tx.mined_block_hash = found.block_hash
     tx.receipt_status = found.status
     latest = max(chain.latest_block_number(), found.block_number)
-    if _deep_enough(tx, block_number=found.block_number, latest=latest):
+    if _mined_deep_enough(tx, block_number=found.block_number, block_hash=found.block_hash, latest=latest):
         return _conclude_mined(tx)
     return _save_mined(tx)
 
@@ -1164,7 +1185,8 @@ def transaction_check(*, transaction_id) -> ChainTransaction | None:
         if canonical is None:
             return tx  # a node behind, without the block yet: no reorg, looked at again at the next poll
         if canonical == tx.mined_block_hash:
-            if _deep_enough(tx, block_number=tx.mined_block_number, latest=chain.latest_block_number()):
+            if _mined_deep_enough(tx, block_number=tx.mined_block_number, block_hash=tx.mined_block_hash,
+                                  latest=chain.latest_block_number()):
                 return _conclude_mined(tx)
             return tx
         _forget_mined(tx)

@@ -19,7 +19,7 @@ from escrow import chain as gateway
 from escrow import indexer, relayer
 from escrow.models import (ChainEvent, ChainTransaction, EventEffect, RelayerAccount, RelayRevert, TxAttempt, TxPurpose,
                            TxStatus)
-from escrow.tasks import submit_transaction
+from escrow.tasks import poll_confirmations, submit_transaction
 from marketplace.sweeps import RowsFailed
 from tests.marketplace.conftest import scrape
 from tests.escrow.flow import USDC, Parties, confirm_all, fund, mined_what_was_sent, onchain_escrow, usdc_balance
@@ -1035,6 +1035,57 @@ def test_a_receipt_of_a_block_the_chain_does_not_hold_does_not_conclude_the_payo
     tx.refresh_from_db()
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
     assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
+
+
+def stale_backend_answers(relay, attempt: str, receipt: dict, block: dict) -> None:
+    """A backend of a load-balanced provider left on a branch the chain dropped answers `attempt`'s receipt and the
+    block at its height as that branch has them; the others (the head's number, the blocks above) are the chain's."""
+    relay.rewrite(lambda call: call.get("method") == "eth_getTransactionReceipt" and call["params"][0] == attempt,
+                  lambda answer: {**answer, "result": receipt})
+    relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == block["number"],
+                  lambda answer: {**answer, "result": block})
+
+
+def test_a_payout_mined_on_a_branch_only_a_stale_backend_holds_is_not_confirmed_by_the_chains_head(
+        escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):
+    """A load-balanced provider: one backend still on a branch the chain dropped (the payout mined there, in its head
+    block), the others on the chain, which grew past it without the payout. The receipt and the block at its height
+    came from the stale backend, the head's number from a fresh one: the depth counted from that number concluded the
+    payout confirmed (its domain told it was paid) with no payout on the chain. The depth is counted only over blocks
+    that descend from the payout's, each the parent of the next; the payout waits, and goes out again once every
+    backend shows the branch gone."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    settings.CHAIN_CONFIRMATIONS = 3
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        fork = chain.snapshot()
+        tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+        attempt = tx.attempts.get().tx_hash
+        chain.mine()
+        receipt = rpc_relay.node("eth_getTransactionReceipt", [attempt])
+        block = rpc_relay.node("eth_getBlockByNumber", [receipt["blockNumber"], False])
+        chain.revert(fork)  # the chain drops that branch and grows another, without the payout
+        chain.rpc("anvil_dropTransaction", [attempt])
+        chain.mine(3)
+        assert usdc_balance(chain, recipient.address) == before
+        stale_backend_answers(rpc_relay, attempt, receipt, block)
+        for _ in range(2):
+            with django_capture_on_commit_callbacks(execute=True):
+                poll_confirmations()
+        tx.refresh_from_db()
+        assert tx.status != TxStatus.CONFIRMED, "confirmed on a stale backend's branch: no payout on the chain"
+        rpc_relay.rewrite_none()
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    for _ in range(4):
+        confirm_all(django_capture_on_commit_callbacks)
+        chain.mine()
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
 
 
 @pytest.mark.parametrize("hostility", ["null_block_hash", "missing_block_hash", "missing_gas_used", "missing_logs"])
