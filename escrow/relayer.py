@@ -700,7 +700,8 @@ def _done_by_a_copy_not_deep_yet(tx: ChainTransaction) -> bool:
     if tx.purpose not in _evidence_readers:
         return False
     block = _evidence_of(tx).get(EVIDENCE_BLOCK)
-    if block is None or _deep_enough(tx, block_number=block["number"], latest=chain.latest_block_number()):
+    if block is None or _block_deep_enough(tx, block_number=block["number"], block_hash=block["hash"],
+                                           latest=chain.latest_block_number()):
         return False
     # Asked again by the next poll that finds the head there (`transactions_release_copied`), not a sweep later.
     ChainTransaction.objects.filter(pk=tx.pk, status=TxStatus.QUEUED).update(
@@ -786,26 +787,24 @@ def transactions_release_copied() -> int:
     return released
 
 
-def _deep_enough(tx: ChainTransaction, *, block_number: int, latest: int) -> bool:
-    return latest - block_number + 1 >= tx.confirmations_required
-
-
-def _mined_deep_enough(tx: ChainTransaction, *, block_number: int, block_hash: str, latest: int) -> bool:
-    """Whether `tx`'s own block (`block_hash` at `block_number`) is at its confirmation depth: the head `latest` is that
-    far above it and the blocks up to that depth descend from it, each the parent of the next. The head's number
-    alone, from a backend of a load-balanced provider other than the one that answered the receipt and the block (one
-    left on a branch the chain dropped), counted a depth of blocks that do not hold the transaction: a payout on no
-    chain concluded confirmed. A block missing or of another branch is no depth yet: looked at again at the next poll
-    (a backend that shows the branch gone has the transaction forgotten as mined)."""
-    if not _deep_enough(tx, block_number=block_number, latest=latest):
+def _block_deep_enough(tx: ChainTransaction, *, block_number: int, block_hash: str, latest: int) -> bool:
+    """Whether a block `tx`'s outcome rests on (`block_hash` at `block_number`: its own, or that of someone else's copy
+    its evidence names, EVIDENCE_BLOCK) is at `tx`'s confirmation depth: the head `latest` is that far above it and
+    the blocks up to that depth descend from it, each the parent of the next. The head's number alone, from a backend
+    of a load-balanced provider other than the one that answered the receipt or the logs and the block (one left on a
+    branch the chain dropped), counted a depth of blocks that do not hold the transaction: a payout on no chain
+    concluded confirmed, a payment concluded on a copy on no chain. A block missing or of another branch is no depth
+    yet: looked at again at the next poll (a backend that shows the branch gone has a mined transaction forgotten as
+    such, a copy no longer found)."""
+    if latest - block_number + 1 < tx.confirmations_required:
         return False
     parent = block_hash.lower()
     for number in range(block_number + 1, block_number + tx.confirmations_required):
         above = chain.canonical_block_hashes(number)
         if above is None or above[1].lower() != parent:
-            logger.warning("the blocks above a mined transaction's do not descend from it: its depth is not counted",
-                           extra={"tx_id": str(tx.pk), "block": block_number, "block_hash": block_hash,
-                                  "above": number})
+            logger.warning("the blocks above the block a transaction's outcome rests on do not descend from it: its "
+                           "depth is not counted", extra={"tx_id": str(tx.pk), "block": block_number,
+                                                          "block_hash": block_hash, "above": number})
             return False
         parent = above[0].lower()
     return True
@@ -836,7 +835,7 @@ def _record_receipt(tx: ChainTransaction, attempt: TxAttempt, found: chain.Recei
     tx.mined_block_hash = found.block_hash
     tx.receipt_status = found.status
     latest = max(chain.latest_block_number(), found.block_number)
-    if _mined_deep_enough(tx, block_number=found.block_number, block_hash=found.block_hash, latest=latest):
+    if _block_deep_enough(tx, block_number=found.block_number, block_hash=found.block_hash, latest=latest):
         return _conclude_mined(tx)
     return _save_mined(tx)
 
@@ -1036,7 +1035,8 @@ def transactions_recheck_watched(*, failures: sweeps.RowFailures | None = None, 
 def _evidence_renewed(tx: ChainTransaction) -> bool:
     evidence = _evidence_of(tx)
     block = evidence.get(EVIDENCE_BLOCK)
-    if block is None or not _deep_enough(tx, block_number=block["number"], latest=chain.latest_block_number()):
+    if block is None or not _block_deep_enough(tx, block_number=block["number"], block_hash=block["hash"],
+                                               latest=chain.latest_block_number()):
         return False
     with transaction.atomic():
         if not _locked_if_unchanged(tx):
@@ -1185,7 +1185,7 @@ def transaction_check(*, transaction_id) -> ChainTransaction | None:
         if canonical is None:
             return tx  # a node behind, without the block yet: no reorg, looked at again at the next poll
         if canonical == tx.mined_block_hash:
-            if _mined_deep_enough(tx, block_number=tx.mined_block_number, block_hash=tx.mined_block_hash,
+            if _block_deep_enough(tx, block_number=tx.mined_block_number, block_hash=tx.mined_block_hash,
                                   latest=chain.latest_block_number()):
                 return _conclude_mined(tx)
             return tx

@@ -17,6 +17,7 @@ from agreements.models import SkillInvocation, UsageAgreement
 from escrow import chain as gateway
 from escrow import relayer, selectors, settlement, x402_onchain
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, RelayRevert
+from escrow.tasks import submit_transaction
 from sdk import typed_data as td
 from sdk.typed_data import sign_typed_data
 from tests.agreements.test_direct_payments import AMOUNT, FEE, Purchase, _keep_only
@@ -222,6 +223,43 @@ def test_an_invocation_paid_by_a_copy_of_its_authorization_runs_only_once_the_co
     escrow_chain.mine(4)
     with capture(execute=True):  # the sweep sends it again: concluded on the copy, now 5 deep
         relayer.transaction_submit(transaction_id=payment_tx.pk)
+    payment_tx.refresh_from_db()
+    assert payment_tx.status == "failed" and payment_tx.outcome_evidence["used_by"]
+    assert SkillInvocation.objects.get().money != "authorized"
+
+
+def test_an_invocation_paid_by_a_copy_only_a_stale_backend_holds_does_not_run_on_a_fresh_backends_head(
+        escrow_chain, http_server, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """A load-balanced provider: the backend answering the calls, logs and blocks is still on a branch the chain
+    dropped, where a copy of the authorization was mined (at its head), and another names the head of the chain,
+    grown 4 blocks past that height without the copy. The copy's depth counted from that head concluded the payment on
+    it (the seller called) with no payment on the chain. Only blocks that descend from the copy's count: it waits, and
+    is concluded on the copy once blocks on top of it make it deep."""
+    from tests.support.rpc_relay import RpcRelay
+
+    settings.CHAIN_CONFIRMATIONS = 5
+    capture = django_capture_on_commit_callbacks
+    market, payment = _skill_payment_a_stranger_copies(escrow_chain, http_server, monkeypatch)
+    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0.5
+    with capture(execute=True):
+        response = market.call("translate", payment)
+    assert response.status_code == 202, response.content
+    payment_tx = ChainTransaction.objects.get(purpose="invocation_payment")
+    relay = RpcRelay(escrow_chain.node.rpc_url).start()
+    node, settings.CHAIN_RPC_URL = settings.CHAIN_RPC_URL, relay.url
+    relay.head_named_ahead(4)
+    try:
+        with capture(execute=True):  # the sweep sends it again
+            submit_transaction(str(payment_tx.pk))
+    finally:
+        relay.stop()
+        settings.CHAIN_RPC_URL = node
+    payment_tx.refresh_from_db()
+    assert payment_tx.status == "queued", "concluded on a copy 1 block deep, by a head whose blocks do not hold it"
+    assert SkillInvocation.objects.get().money == "authorized"
+    escrow_chain.mine(4)
+    with capture(execute=True):
+        submit_transaction(str(payment_tx.pk))
     payment_tx.refresh_from_db()
     assert payment_tx.status == "failed" and payment_tx.outcome_evidence["used_by"]
     assert SkillInvocation.objects.get().money != "authorized"

@@ -90,6 +90,13 @@ class RpcRelay:
         self.rewrite(lambda call: call.get("method") == "eth_blockNumber",
                      lambda answer: {**answer, "result": hex(max(0, int(answer["result"], 16) - blocks))})
 
+    def head_named_ahead(self, blocks: int) -> None:
+        """Answer `eth_blockNumber` with the node's head plus `blocks` (a backend of a provider's pool on the chain,
+        which grew past a branch it dropped, where the node answering the blocks, the logs and the calls is still on
+        that branch, at its head: the blocks the head it names counts are not the node's)."""
+        self.rewrite(lambda call: call.get("method") == "eth_blockNumber",
+                     lambda answer: {**answer, "result": hex(int(answer["result"], 16) + blocks)})
+
     def receipt_hidden_and_state_pruned(self, tx_hash: str, *, below: int) -> None:
         """`tx_hash`'s receipt answered as none (not mined, as a lagging backend says) and the nonce of any account
         at a block below `below` refused as a non-archive node does ("missing trie node")."""
