@@ -142,6 +142,8 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
                 if fetched is None:
                     break  # the chain changed while we read: the next pass starts with the reorg check
                 end_hash, logs = fetched
+                if end == safe and not _confirmed_above(end, end_hash):
+                    break  # the head named is not on top of `end`: the next pass reads it again
                 cursor = _apply_range(cursor, end, end_hash, logs)
                 result.ranges += 1
                 result.events += sum(log["blockNumber"] >= start for log in logs)
@@ -152,6 +154,21 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
         IndexerCursor.objects.filter(pk=cursor_pk).exclude(last_error="").update(last_error="")
         result.indexed_to = IndexerCursor.objects.values_list("last_block", flat=True).get(pk=cursor_pk)
     return result
+
+
+def _confirmed_above(number: int, block_hash: str) -> bool:
+    """Whether the blocks up to the confirmation depth above block `number` (`block_hash`) descend from it, each the
+    parent of the next. The head's number alone, from a backend of a load-balanced provider other than the one that
+    answered the blocks and logs (one still on a branch the chain dropped, at its head), counted a depth of blocks
+    that do not hold them: the branch's events were applied 1 block deep, on no chain. Asked of a pass's last range
+    (the newest blocks: below them, a branch the chain dropped is a reorg deeper than the depth, `_follow_reorg`)."""
+    parent = block_hash.lower()
+    for above in range(number + 1, number + max(settings.CHAIN_CONFIRMATIONS, 1)):
+        hashes = chain.canonical_block_hashes(above)
+        if hashes is None or hashes[1].lower() != parent:
+            return False
+        parent = hashes[0].lower()
+    return True
 
 
 def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None = None) -> tuple[str, list] | None:

@@ -590,6 +590,39 @@ def test_a_range_the_node_refuses_as_too_large_is_read_in_halves_not_retried_for
     assert ChainEvent.objects.filter(name="SettlementProposed").count() == 1
 
 
+def test_a_proposal_only_a_stale_backend_holds_is_not_applied_at_a_fresh_backends_depth(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """A load-balanced provider: the backend answering the blocks and logs is still on a branch the chain dropped,
+    the seller's proposal mined there at its head, and another names the head of the chain, grown 2 blocks past that
+    height without it. The range up to the confirmation depth counted from that head ended at the proposal's block:
+    the proposal was applied 1 block deep, on no chain (the agreement in challenge, its webhooks sent). Only blocks
+    that descend from the range's last count towards its depth: the pass applies nothing, and a later one, once the
+    blocks on top are there, applies it."""
+    from escrow.tasks import index_chain
+    from tests.support.rpc_relay import RpcRelay
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_CONFIRMATIONS = 3
+    call_n(funded, 4)
+    chain.mine(3)
+    index(capture)
+    seller_proposes_directly(funded, chain)
+    relay = RpcRelay(chain.node.rpc_url).start()
+    node, settings.CHAIN_RPC_URL = settings.CHAIN_RPC_URL, relay.url
+    relay.head_named_ahead(2)
+    try:
+        with capture(execute=True):
+            index_chain()
+    finally:
+        relay.stop()
+        settings.CHAIN_RPC_URL = node
+    assert not ChainEvent.objects.filter(name="SettlementProposed").exists(), "applied on a head whose blocks lack it"
+    assert funded.agreement(funded.agreement_id)["status"] == "active"
+    chain.mine(2)
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+
+
 def test_a_block_of_a_dead_fork_a_backend_behind_answers_among_the_newest_is_not_applied(
         funded, escrow_chain, settings, django_capture_on_commit_callbacks):
     """Following the head, the newest blocks are read one by one, by the hash the node gives for each height. A
