@@ -900,7 +900,8 @@ def transactions_reopen_reorged(*, after_block: int | None = None, failures: swe
     of the relayer waits behind it, and its bytes may run there); a failed one whose evidence names someone else's
     transaction (EVIDENCE_BLOCK) on that transaction's. A block still canonical means its ancestors are too, so the
     newest such block is asked first and, on the usual poll, alone (the walk down goes back at most
-    INDEXER_REORG_WINDOW_BLOCKS). A height the node has no block at yet is not taken (`_replaced`). One whose
+    INDEXER_REORG_WINDOW_BLOCKS). A height the node has no block at yet is not taken (`_replaced`), nor a mined
+    one's block while the node still answers its receipt in it (`_receipt_still_in_its_block`). One whose
     reopening raises other than a chain error (its domain's handler refusing it, bad data) is logged and skipped, the
     others reopened, in `failures` (the poll's; else RowsFailed raised at the end): it ended every poll there."""
     mined = ChainTransaction.objects.filter(status__in=[TxStatus.CONFIRMED, TxStatus.FAILED],
@@ -932,10 +933,26 @@ def transactions_reopen_reorged(*, after_block: int | None = None, failures: swe
                    *decided_elsewhere.filter(**{evidence_number: number,
                                                 f"outcome_evidence__{EVIDENCE_BLOCK}__hash": block_hash})]:
             with failures.row(tx.pk, reraise=(chain.ChainError,), atomic=False):  # it takes its own
+                if tx.mined_block_hash == block_hash and _receipt_still_in_its_block(tx):
+                    continue
                 reopened += _reopen(tx)
     if own:
         failures.raise_if_any(applied=reopened)
     return reopened
+
+
+def _receipt_still_in_its_block(tx: ChainTransaction) -> bool:
+    """Whether the node still answers mined `tx`'s receipt in its block, which another answer had replaced: a
+    load-balanced provider's backend stuck on a branch the chain dropped answers that height with the branch's block,
+    and the concluded transaction was reopened (its domain told to move back what it recorded) on that alone. A real
+    reorg takes the receipt with the block; until the node's answers agree, nothing is reopened."""
+    found = chain.receipt(tx.mined_tx_hash)
+    if found is None or found.block_hash.lower() != tx.mined_block_hash.lower():
+        return False
+    logger.warning("a block a concluded transaction was mined in answered replaced, its receipt still in it: not "
+                   "reopened until the node's answers agree", extra={"tx_id": str(tx.pk), "block": tx.mined_block_number,
+                                                                    "block_hash": tx.mined_block_hash})
+    return True
 
 
 def _outcome_stands(tx: ChainTransaction) -> bool:

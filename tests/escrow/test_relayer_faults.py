@@ -338,6 +338,7 @@ def test_a_transaction_whose_reorg_or_watch_step_raises_does_not_stop_the_poll(
 
     if step == "reopening a reorged transaction":
         monkeypatch.setattr(relayer, "_replaced", lambda number, block_hash: number == first_tx.mined_block_number)
+        monkeypatch.setattr(relayer, "_receipt_still_in_its_block", lambda tx: False)  # the reorg took it too
         monkeypatch.setattr(relayer, "_reopen", raises)
     else:
         ChainTransaction.objects.filter(pk=first_tx.pk).update(status=TxStatus.FAILED)
@@ -1083,6 +1084,37 @@ def test_a_payout_mined_on_a_branch_only_a_stale_backend_holds_is_not_confirmed_
     for _ in range(4):
         confirm_all(django_capture_on_commit_callbacks)
         chain.mine()
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+
+def test_a_confirmed_payouts_block_a_stale_backend_answers_with_another_branchs_is_not_reopened(
+        escrow_chain, rpc_relay, django_capture_on_commit_callbacks):
+    """A load-balanced provider: one backend stuck on a branch the chain dropped answers the confirmed payout's height
+    with that branch's block, while the others still hold the payout's block and its receipt. Taken for a reorg
+    deeper than the confirmation depth, the payout was reopened (its domain told to move back what it recorded of it)
+    and concluded again a poll later. A block another answers at that height reopens nothing while the node still
+    answers the payout's receipt in its own block: a real reorg takes both."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    fork = chain.snapshot()
+    chain.mine()
+    stale = rpc_relay.node("eth_getBlockByNumber", ["latest", False])  # the dropped branch's block
+    chain.revert(fork)
+    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED and hex(tx.mined_block_number) == stale["number"]
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == stale["number"],
+                      lambda answer: {**answer, "result": stale})
+    with django_capture_on_commit_callbacks(execute=True):
+        poll_confirmations()
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED, "reopened on a stale backend's block while its receipt stands"
+    rpc_relay.rewrite_none()
+    confirm_all(django_capture_on_commit_callbacks)
     tx.refresh_from_db()
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
     assert usdc_balance(chain, recipient.address) == before + 2 * USDC
